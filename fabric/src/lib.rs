@@ -1,0 +1,3 @@
+//! Tasman's control plane (controller, store, admin API) and the `tasman` command line.
+
+pub mod cli;

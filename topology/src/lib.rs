@@ -1,0 +1,9 @@
+//! Tasman's pure topology core: the model, YAML loading and validation, the graph, route
+//! selection and diff. This crate never does I/O and never awaits: callers hand it text and
+//! state, it hands back values. That keeps everything here testable in microseconds.
+
+pub mod model;
+pub mod units;
+
+pub use model::*;
+pub use units::{Bandwidth, Latency, UnitError};

@@ -1,0 +1,333 @@
+//! The validated topology model: plain data, no spans, no I/O.
+//!
+//! Values of these types only come out of [`crate::load`] (or are built by tests and
+//! benchmarks), so every id they name exists and every unit is in range. The YAML layer
+//! (`crate::yaml`) keeps the source positions; this layer does not need them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use ipnetwork::IpNetwork;
+use serde::{Deserialize, Serialize};
+
+use crate::units::{Bandwidth, Latency};
+
+macro_rules! id_newtype {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(Arc<str>);
+
+        impl $name {
+            pub fn new(s: impl AsRef<str>) -> Self {
+                $name(Arc::from(s.as_ref()))
+            }
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+        impl From<&str> for $name {
+            fn from(s: &str) -> Self {
+                $name::new(s)
+            }
+        }
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+    };
+}
+
+id_newtype!(
+    /// A node's id, e.g. `syd-edge-1`. Also the name in its certificate.
+    NodeId
+);
+id_newtype!(
+    /// An inference service's name, e.g. `llm-chat`.
+    ServiceName
+);
+id_newtype!(
+    /// A region name, e.g. `au-east`.
+    Region
+);
+id_newtype!(
+    /// An address pool's name, e.g. `circuit-vips`.
+    PoolName
+);
+
+/// ISO 3166-1 alpha-2 country code, upper case (`AU`, `NZ`, `SG`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct CountryCode([u8; 2]);
+
+impl CountryCode {
+    pub fn parse(s: &str) -> Option<Self> {
+        let b = s.as_bytes();
+        (b.len() == 2 && b.iter().all(|c| c.is_ascii_uppercase())).then(|| CountryCode([b[0], b[1]]))
+    }
+    pub fn as_str(&self) -> &str {
+        // Both bytes are ASCII upper case by construction.
+        std::str::from_utf8(&self.0).unwrap_or("??")
+    }
+}
+impl TryFrom<String> for CountryCode {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        CountryCode::parse(&s).ok_or_else(|| format!("{s:?} is not a two-letter upper-case country code (e.g. AU)"))
+    }
+}
+impl From<CountryCode> for String {
+    fn from(c: CountryCode) -> String {
+        c.as_str().to_string()
+    }
+}
+impl fmt::Display for CountryCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeKind {
+    /// Accepts client TCP connections and carries them over QUIC.
+    Edge,
+    /// Relays streams between neighbours.
+    Transit,
+    /// Terminates streams at local inference backends.
+    Site,
+}
+
+impl fmt::Display for NodeKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NodeKind::Edge => "edge",
+            NodeKind::Transit => "transit",
+            NodeKind::Site => "site",
+        })
+    }
+}
+
+/// Operator's administrative state of a node or link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminState {
+    #[default]
+    Up,
+    /// Used only when no path without drained elements exists.
+    Drain,
+    /// Never used.
+    Down,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Location {
+    pub lat: f64,
+    pub lon: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    pub id: NodeId,
+    pub kind: NodeKind,
+    pub region: Region,
+    pub country: CountryCode,
+    pub location: Location,
+    /// The UDP address this node's QUIC endpoint listens on.
+    pub address: SocketAddr,
+    #[serde(default)]
+    pub state: AdminState,
+    /// Edge only: the IP on which service listeners accept clients (each service's `port`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_address: Option<IpAddr>,
+    /// Edge only: the port that iptables REDIRECT sends transparent traffic to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transparent_port: Option<u16>,
+    /// Site only: the services this site serves.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub serves: Vec<SiteService>,
+}
+
+/// A service as served at one site.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiteService {
+    pub service: ServiceName,
+    /// The local inference backend (TCP).
+    pub backend: SocketAddr,
+    /// Concurrent streams the backend accepts before the site counts as full.
+    pub capacity: u32,
+    /// Relative weight among equal-cost sites (default 100).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+pub fn default_weight() -> u32 {
+    100
+}
+
+/// An undirected link; latency is one-way and the same both ways.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Link {
+    pub a: NodeId,
+    pub b: NodeId,
+    pub latency: Latency,
+    pub capacity: Bandwidth,
+    #[serde(default)]
+    pub state: AdminState,
+}
+
+impl Link {
+    /// The link's name, as used by `--down` and in diffs: `a--b` with the ends in sorted order.
+    pub fn id(&self) -> LinkId {
+        LinkId::new(&self.a, &self.b)
+    }
+    pub fn other_end(&self, n: &NodeId) -> Option<&NodeId> {
+        if &self.a == n {
+            Some(&self.b)
+        } else if &self.b == n {
+            Some(&self.a)
+        } else {
+            None
+        }
+    }
+}
+
+/// An unordered pair of node ids naming a link, printed `a--b` (sorted).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub struct LinkId(pub NodeId, pub NodeId);
+
+impl LinkId {
+    pub fn new(a: &NodeId, b: &NodeId) -> Self {
+        if a <= b { LinkId(a.clone(), b.clone()) } else { LinkId(b.clone(), a.clone()) }
+    }
+    /// Parses `a--b` (either order). Node ids never contain `--`.
+    pub fn parse(s: &str) -> Option<Self> {
+        let (a, b) = s.split_once("--")?;
+        (!a.is_empty() && !b.is_empty() && !b.contains("--")).then(|| LinkId::new(&NodeId::new(a), &NodeId::new(b)))
+    }
+}
+impl fmt::Display for LinkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}--{}", self.0, self.1)
+    }
+}
+impl From<LinkId> for String {
+    fn from(l: LinkId) -> String {
+        l.to_string()
+    }
+}
+impl TryFrom<String> for LinkId {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        LinkId::parse(&s).ok_or_else(|| format!("{s:?} is not a link name (expected NODE--NODE)"))
+    }
+}
+
+/// A virtual IP (or a prefix of them) and the port on which a service is reached there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Vip {
+    pub prefix: IpNetwork,
+    pub port: u16,
+}
+
+impl Vip {
+    pub fn contains(&self, addr: SocketAddr) -> bool {
+        self.port == addr.port() && self.prefix.contains(addr.ip())
+    }
+    pub fn overlaps(&self, other: &Vip) -> bool {
+        self.port == other.port
+            && (self.prefix.contains(other.prefix.network()) || other.prefix.contains(self.prefix.network()))
+    }
+}
+
+/// Where a service's traffic may be served. Empty lists mean "anywhere".
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Residency {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub regions: Vec<Region>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub countries: Vec<CountryCode>,
+}
+
+impl Residency {
+    pub fn is_unrestricted(&self) -> bool {
+        self.regions.is_empty() && self.countries.is_empty()
+    }
+    /// A site is allowed when it matches every non-empty list.
+    pub fn allows(&self, node: &Node) -> bool {
+        (self.regions.is_empty() || self.regions.contains(&node.region))
+            && (self.countries.is_empty() || self.countries.contains(&node.country))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    pub name: ServiceName,
+    /// The TCP port each edge listens on (on its `client_address`) for this service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// VIP:port pairs that transparent mode maps to this service.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vips: Vec<Vip>,
+    /// Client source prefixes allowed to use the service (empty: any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clients: Vec<IpNetwork>,
+    #[serde(default)]
+    pub residency: Residency,
+    /// Only clients that match a provisioned circuit may use the service.
+    #[serde(default)]
+    pub requires_circuit: bool,
+}
+
+/// An address pool from which the controller allocates circuit VIPs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pool {
+    pub name: PoolName,
+    pub prefix: IpNetwork,
+}
+
+/// A whole, validated topology.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Topology {
+    pub nodes: Vec<Node>,
+    pub links: Vec<Link>,
+    pub services: Vec<Service>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pools: Vec<Pool>,
+}
+
+impl Topology {
+    pub fn node(&self, id: &str) -> Option<&Node> {
+        self.nodes.iter().find(|n| n.id.as_str() == id)
+    }
+    pub fn service(&self, name: &str) -> Option<&Service> {
+        self.services.iter().find(|s| s.name.as_str() == name)
+    }
+    pub fn link(&self, id: &LinkId) -> Option<&Link> {
+        self.links.iter().find(|l| &l.id() == id)
+    }
+    /// Sites that serve `service`, with their per-site settings.
+    pub fn sites_serving<'a>(&'a self, service: &'a str) -> impl Iterator<Item = (&'a Node, &'a SiteService)> + 'a {
+        self.nodes.iter().filter(|n| n.kind == NodeKind::Site).filter_map(move |n| {
+            n.serves.iter().find(|s| s.service.as_str() == service).map(|s| (n, s))
+        })
+    }
+    /// Links incident to `node`.
+    pub fn links_of<'a>(&'a self, node: &'a NodeId) -> impl Iterator<Item = &'a Link> + 'a {
+        self.links.iter().filter(move |l| &l.a == node || &l.b == node)
+    }
+    /// Map of node id to node, for callers that look up many ids.
+    pub fn node_index(&self) -> BTreeMap<&NodeId, &Node> {
+        self.nodes.iter().map(|n| (&n.id, n)).collect()
+    }
+}

@@ -1,0 +1,272 @@
+//! Units as types. One parser per unit, shared by the YAML loader, the CLI and the controller API.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Why a unit string was refused. The message says what would be valid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnitError {
+    #[error("empty value (expected {expected})")]
+    Empty { expected: &'static str },
+    #[error("{value:?} has no unit (expected {expected})")]
+    MissingUnit { value: String, expected: &'static str },
+    #[error("unknown unit {unit:?} in {value:?} (expected {expected})")]
+    UnknownUnit { value: String, unit: String, expected: &'static str },
+    #[error("{value:?} is not a number (expected {expected})")]
+    BadNumber { value: String, expected: &'static str },
+    #[error("{value:?} must be greater than zero")]
+    NotPositive { value: String },
+    #[error("{value:?} is out of range (at most {max})")]
+    OutOfRange { value: String, max: &'static str },
+}
+
+const LATENCY_UNITS: &str = "a positive number with a unit: ns, us, ms or s, e.g. \"12ms\" or \"850us\"";
+const BANDWIDTH_UNITS: &str =
+    "a positive number with a unit: bps, Kbps, Mbps, Gbps or Tbps, e.g. \"10Gbps\" or \"500Mbps\"";
+
+/// Splits "12.5ms" into (12.5, "ms"). Accepts optional whitespace between number and unit.
+fn split_number<'a>(s: &'a str, expected: &'static str) -> Result<(f64, &'a str), UnitError> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err(UnitError::Empty { expected });
+    }
+    let end = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-' || c == '+' || c == '_'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(end);
+    let unit = unit.trim();
+    if unit.is_empty() {
+        return Err(UnitError::MissingUnit { value: s.to_string(), expected });
+    }
+    let cleaned: String = num.chars().filter(|c| *c != '_').collect();
+    let n: f64 = cleaned
+        .parse()
+        .map_err(|_| UnitError::BadNumber { value: s.to_string(), expected })?;
+    if !n.is_finite() {
+        return Err(UnitError::BadNumber { value: s.to_string(), expected });
+    }
+    Ok((n, unit))
+}
+
+/// A one-way link latency (or a path cost, which is a sum of them). Always positive when it
+/// comes from a parsed string; a path cost of zero (an edge that is also the site) is allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Latency(Duration);
+
+impl Latency {
+    pub const ZERO: Latency = Latency(Duration::ZERO);
+    /// Upper bound accepted from operator input: one minute one-way is certainly a typo.
+    pub const MAX: Latency = Latency(Duration::from_secs(60));
+
+    pub const fn from_duration(d: Duration) -> Self {
+        Latency(d)
+    }
+    pub const fn from_micros(us: u64) -> Self {
+        Latency(Duration::from_micros(us))
+    }
+    pub const fn from_nanos(ns: u64) -> Self {
+        Latency(Duration::from_nanos(ns))
+    }
+    pub fn from_millis_f64(ms: f64) -> Self {
+        Latency(Duration::from_secs_f64((ms / 1000.0).max(0.0)))
+    }
+    pub const fn as_duration(self) -> Duration {
+        self.0
+    }
+    pub fn as_nanos(self) -> u64 {
+        u64::try_from(self.0.as_nanos()).unwrap_or(u64::MAX)
+    }
+    pub fn as_micros(self) -> u64 {
+        u64::try_from(self.0.as_micros()).unwrap_or(u64::MAX)
+    }
+    pub fn as_millis_f64(self) -> f64 {
+        self.0.as_secs_f64() * 1000.0
+    }
+    pub fn saturating_add(self, other: Latency) -> Latency {
+        Latency(self.0.saturating_add(other.0))
+    }
+}
+
+impl FromStr for Latency {
+    type Err = UnitError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (n, unit) = split_number(s, LATENCY_UNITS)?;
+        let secs = match unit {
+            "ns" => n / 1e9,
+            "us" | "µs" => n / 1e6,
+            "ms" => n / 1e3,
+            "s" => n,
+            other => {
+                return Err(UnitError::UnknownUnit {
+                    value: s.trim().to_string(),
+                    unit: other.to_string(),
+                    expected: LATENCY_UNITS,
+                });
+            }
+        };
+        if secs <= 0.0 {
+            return Err(UnitError::NotPositive { value: s.trim().to_string() });
+        }
+        if secs > Latency::MAX.0.as_secs_f64() {
+            return Err(UnitError::OutOfRange { value: s.trim().to_string(), max: "60s" });
+        }
+        let d = Duration::from_secs_f64(secs);
+        if d.is_zero() {
+            return Err(UnitError::NotPositive { value: s.trim().to_string() });
+        }
+        Ok(Latency(d))
+    }
+}
+
+impl fmt::Display for Latency {
+    /// The shortest exact form: "12ms", "850us", "1.5ms", "250ns".
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ns = self.as_nanos();
+        if ns == 0 {
+            write!(f, "0ms")
+        } else if ns % 1_000_000_000 == 0 {
+            write!(f, "{}s", ns / 1_000_000_000)
+        } else if ns % 1_000_000 == 0 {
+            write!(f, "{}ms", ns / 1_000_000)
+        } else if ns >= 1_000_000 && ns % 1_000 == 0 {
+            write!(f, "{}ms", ns as f64 / 1e6)
+        } else if ns % 1_000 == 0 {
+            write!(f, "{}us", ns / 1_000)
+        } else {
+            write!(f, "{ns}ns")
+        }
+    }
+}
+
+impl Serialize for Latency {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Latency {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A link capacity or a circuit rate, in bits per second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Bandwidth(u64);
+
+impl Bandwidth {
+    pub const ZERO: Bandwidth = Bandwidth(0);
+
+    pub const fn from_bps(bps: u64) -> Self {
+        Bandwidth(bps)
+    }
+    pub const fn from_mbps(mbps: u64) -> Self {
+        Bandwidth(mbps.saturating_mul(1_000_000))
+    }
+    pub const fn bps(self) -> u64 {
+        self.0
+    }
+    /// Bytes per second, for token buckets.
+    pub const fn bytes_per_sec(self) -> u64 {
+        self.0 / 8
+    }
+    pub fn checked_sub(self, other: Bandwidth) -> Option<Bandwidth> {
+        self.0.checked_sub(other.0).map(Bandwidth)
+    }
+    pub fn saturating_sub(self, other: Bandwidth) -> Bandwidth {
+        Bandwidth(self.0.saturating_sub(other.0))
+    }
+    pub fn saturating_add(self, other: Bandwidth) -> Bandwidth {
+        Bandwidth(self.0.saturating_add(other.0))
+    }
+}
+
+impl FromStr for Bandwidth {
+    type Err = UnitError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (n, unit) = split_number(s, BANDWIDTH_UNITS)?;
+        let mult: f64 = match unit.to_ascii_lowercase().as_str() {
+            "bps" => 1.0,
+            "kbps" => 1e3,
+            "mbps" => 1e6,
+            "gbps" => 1e9,
+            "tbps" => 1e12,
+            _ => {
+                return Err(UnitError::UnknownUnit {
+                    value: s.trim().to_string(),
+                    unit: unit.to_string(),
+                    expected: BANDWIDTH_UNITS,
+                });
+            }
+        };
+        let bps = n * mult;
+        if bps < 1.0 {
+            return Err(UnitError::NotPositive { value: s.trim().to_string() });
+        }
+        // 1 Pbps: far above any link we model, far below u64 overflow.
+        if bps > 1e15 {
+            return Err(UnitError::OutOfRange { value: s.trim().to_string(), max: "1000Tbps" });
+        }
+        Ok(Bandwidth(bps.round() as u64))
+    }
+}
+
+impl fmt::Display for Bandwidth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        for (div, unit) in [(1_000_000_000_000, "Tbps"), (1_000_000_000, "Gbps"), (1_000_000, "Mbps"), (1_000, "Kbps")] {
+            if b >= div {
+                return if b % div == 0 {
+                    write!(f, "{}{unit}", b / div)
+                } else {
+                    write!(f, "{}{unit}", b as f64 / div as f64)
+                };
+            }
+        }
+        write!(f, "{b}bps")
+    }
+}
+
+impl Serialize for Bandwidth {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Bandwidth {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_parses_and_prints() {
+        assert_eq!("12ms".parse::<Latency>().unwrap(), Latency::from_micros(12_000));
+        assert_eq!("850us".parse::<Latency>().unwrap(), Latency::from_micros(850));
+        assert_eq!("1.5ms".parse::<Latency>().unwrap().to_string(), "1.5ms");
+        assert_eq!("850us".parse::<Latency>().unwrap().to_string(), "850us");
+        assert!(matches!("0ms".parse::<Latency>(), Err(UnitError::NotPositive { .. })));
+        assert!(matches!("-3ms".parse::<Latency>(), Err(UnitError::NotPositive { .. })));
+        assert!(matches!("12".parse::<Latency>(), Err(UnitError::MissingUnit { .. })));
+        assert!(matches!("12 parsecs".parse::<Latency>(), Err(UnitError::UnknownUnit { .. })));
+        assert!(matches!("99999s".parse::<Latency>(), Err(UnitError::OutOfRange { .. })));
+    }
+
+    #[test]
+    fn bandwidth_parses_and_prints() {
+        assert_eq!("10Gbps".parse::<Bandwidth>().unwrap().bps(), 10_000_000_000);
+        assert_eq!("500Mbps".parse::<Bandwidth>().unwrap().to_string(), "500Mbps");
+        assert_eq!("1.5Gbps".parse::<Bandwidth>().unwrap().to_string(), "1.5Gbps");
+        assert!(matches!("10GB".parse::<Bandwidth>(), Err(UnitError::UnknownUnit { .. })));
+        assert!(matches!("0Mbps".parse::<Bandwidth>(), Err(UnitError::NotPositive { .. })));
+    }
+}

@@ -29,7 +29,7 @@ use serde::Serialize;
 use crate::controller::{Controller, ControllerError};
 
 /// Largest request body: a topology document (the loader's own bound) plus JSON overhead.
-pub const MAX_BODY: usize = topology::MAX_DOCUMENT_BYTES * 2 + 64 * 1024;
+pub const MAX_BODY: usize = ::topology::MAX_DOCUMENT_BYTES * 2 + 64 * 1024;
 
 /// Shared by every handler.
 #[derive(Clone)]
@@ -91,7 +91,7 @@ pub struct ApiError {
     pub status: StatusCode,
     pub error: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub diagnostics: Vec<::topology::Diagnostic>,
+    pub diagnostics: Vec<Diag>,
 }
 
 impl ApiError {
@@ -116,9 +116,31 @@ impl From<ControllerError> for ApiError {
         };
         let msg = e.to_string();
         let diagnostics = match e {
-            ControllerError::Invalid(d) => d,
+            ControllerError::Invalid(d) => d.iter().map(Diag::from).collect(),
             _ => Vec::new(),
         };
         ApiError { status, error: msg, diagnostics }
+    }
+}
+
+/// A loader diagnostic as JSON: 1-based line and column (0 when about the whole document).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Diag {
+    pub line: usize,
+    pub column: usize,
+    pub severity: String,
+    pub message: String,
+}
+
+impl From<&::topology::Diagnostic> for Diag {
+    fn from(d: &::topology::Diagnostic) -> Self {
+        Diag { line: d.line, column: d.column, severity: d.severity.to_string(), message: d.message.clone() }
+    }
+}
+
+impl Diag {
+    /// `FILE:LINE:COL: severity: message`, as the loader prints it.
+    pub fn display(&self, file: &str) -> String {
+        format!("{file}:{}:{}: {}: {}", self.line, self.column, self.severity, self.message)
     }
 }

@@ -1,5 +1,11 @@
 //! The `tasman` command line. Each area has its own module; this one only dispatches.
 
+pub mod admin_client;
+pub mod controller;
+pub mod status;
+pub mod topology;
+pub mod topology_admin;
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -12,11 +18,47 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum Command {}
+pub enum Command {
+    /// Run the controller daemon.
+    Controller(controller::ControllerArgs),
+    /// Topology work: get, apply, history, rollback, edit.
+    #[command(subcommand)]
+    Topology(topology::TopologyCmd),
+    /// Routers, per-service choices and the live RTT matrix.
+    Status(status::StatusArgs),
+}
 
 /// Entry point of the binary. Exit codes: 0 success, 1 a domain failure (invalid input,
 /// refused request), 2 unreadable input or usage error.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {}
+    match cli.command {
+        Command::Controller(a) => controller::run(a),
+        Command::Topology(c) => topology::run(c),
+        Command::Status(a) => status::run(a),
+    }
+}
+
+/// Logs to stderr; `RUST_LOG` overrides the default `info`.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn,rustls=warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// `2026-11-29 02:37:23` (UTC) from unix milliseconds.
+pub fn fmt_time(unix_ms: u64) -> String {
+    let secs = unix_ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, (rem % 3600) / 60, rem % 60)
 }

@@ -117,8 +117,10 @@ async fn session(
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     heartbeat.reset();
     let mut force_full = true;
+    let mut changed = false;
     loop {
-        if force_full || rx.has_changed().unwrap_or(false) {
+        if force_full || changed {
+            changed = false;
             let p = rx.borrow_and_update().clone();
             if ctl.nacked(node) != Some(p.version) && (force_full || sent != Some(p.version)) {
                 let bytes = match &p.delta {
@@ -136,11 +138,11 @@ async fn session(
             force_full = false;
         }
         tokio::select! {
-            changed = rx.changed() => {
-                if changed.is_err() {
+            res = rx.changed() => {
+                if res.is_err() {
                     return Ok(());
                 }
-                // handled at the top of the loop
+                changed = true; // sent at the top of the loop
             }
             frame = proto::read_frame(recv, MAX_FROM_ROUTER) => {
                 let Some(payload) = frame? else { return Ok(()) };

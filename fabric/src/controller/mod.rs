@@ -79,13 +79,13 @@ pub struct RouterLive {
 }
 
 /// The result of an apply or a dry run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct ApplyOutcome {
     /// The new version (None for a dry run or when nothing changed).
     pub version: Option<u64>,
     pub previous_version: u64,
     pub dry_run: bool,
-    pub warnings: Vec<Diagnostic>,
+    pub warnings: Vec<crate::admin::Diag>,
     pub plan: crate::plan::Plan,
 }
 
@@ -216,7 +216,7 @@ impl Controller {
         }
         let plan = crate::plan::Plan::compute(&old.topology, &topology, &live);
         if dry_run {
-            return Ok(ApplyOutcome { version: None, previous_version: old.record.version, dry_run, warnings, plan });
+            return Ok(ApplyOutcome { version: None, previous_version: old.record.version, dry_run, warnings: diags(&warnings), plan });
         }
         let store = self.store.clone();
         let (text2, topo2, author2, message2) = (text.to_string(), topology.clone(), author.to_string(), message.to_string());
@@ -235,7 +235,7 @@ impl Controller {
             self.publish_locked(&mut inner, true)?;
         }
         tracing::info!(version, author, "topology applied");
-        Ok(ApplyOutcome { version: Some(version), previous_version: old.record.version, dry_run, warnings, plan })
+        Ok(ApplyOutcome { version: Some(version), previous_version: old.record.version, dry_run, warnings: diags(&warnings), plan })
     }
 
     /// Applies the text of an earlier version as a new version.
@@ -427,6 +427,10 @@ impl Controller {
     pub fn node_ids(&self) -> Vec<NodeId> {
         lock(&self.inner).current.topology.nodes.iter().map(|n| n.id.clone()).collect()
     }
+}
+
+fn diags(d: &[Diagnostic]) -> Vec<crate::admin::Diag> {
+    d.iter().map(crate::admin::Diag::from).collect()
 }
 
 fn encode(version: u64, cur: &Current, live: LiveState, base: Option<u64>) -> Result<Published, ControllerError> {

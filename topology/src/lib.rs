@@ -2,8 +2,15 @@
 //! selection and diff. This crate never does I/O and never awaits: callers hand it text and
 //! state, it hands back values. That keeps everything here testable in microseconds.
 
+pub mod diag;
 pub mod model;
+#[doc(hidden)]
+pub mod synth;
 pub mod units;
+mod validate;
+pub mod yaml;
 
+pub use diag::{Diagnostic, Severity};
 pub use model::*;
 pub use units::{Bandwidth, Latency, UnitError};
+pub use yaml::{Loaded, MAX_DOCUMENT_BYTES, load, to_yaml};

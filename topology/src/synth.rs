@@ -87,9 +87,9 @@ pub fn topology(p: &Params) -> Topology {
         })
         .collect();
     let kind_of = |i: usize| {
-        if i % p.site_every.max(2) == 0 {
+        if i.is_multiple_of(p.site_every.max(2)) {
             NodeKind::Site
-        } else if i % p.transit_every.max(2) == 0 {
+        } else if i.is_multiple_of(p.transit_every.max(2)) {
             NodeKind::Transit
         } else {
             NodeKind::Edge

@@ -2,6 +2,7 @@
 //! selection and diff. This crate never does I/O and never awaits: callers hand it text and
 //! state, it hands back values. That keeps everything here testable in microseconds.
 
+pub mod circuit;
 pub mod model;
 pub mod units;
 

@@ -26,6 +26,7 @@ use std::sync::Arc;
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 
+use crate::graph::Graph;
 use crate::model::{
     AdminState, LinkId, NodeId, NodeKind, Pool, PoolName, Region, ServiceName, Topology,
 };
@@ -272,9 +273,6 @@ fn constraint_suffix(regions: &[Region], sites: &[NodeId]) -> String {
     }
 }
 
-/// Cost added to a drained node or link so that it is only used when nothing else fits.
-const DRAIN_PENALTY_NS: u64 = 3_600 * 1_000_000_000;
-
 /// Finds the lowest-latency path from the request's edge to an eligible site with `rate` free on
 /// every link, given the reservations already held. On failure, names the link that blocks.
 pub fn place(
@@ -490,91 +488,96 @@ fn eligible_sites(
     Ok(out)
 }
 
-/// Graph view for the searches below: adjacency over usable (not down) links, and which nodes
-/// may relay (transit nodes that are not down).
-struct View<'a> {
-    adj: BTreeMap<&'a NodeId, Vec<(&'a NodeId, LinkId, u64 /* cost ns */)>>,
-    relays: BTreeSet<&'a NodeId>,
+/// The searches below run over [`Graph`] (shared with route selection) with two rules of their
+/// own: only transit nodes relay (the start is the A-end edge), and a link is crossed only when
+/// a caller-given predicate on its id holds (capacity admission). Costs are (drained elements
+/// crossed, latency ns), lexicographic, as in `route`: drained elements only when unavoidable.
+struct View {
+    graph: Graph,
+    /// Link index (position in `Topology::links`) -> id.
+    link_ids: Vec<LinkId>,
 }
 
-impl<'a> View<'a> {
-    fn new(topo: &'a Topology) -> Self {
-        let index = topo.node_index();
-        let up = |id: &NodeId| index.get(id).is_some_and(|n| n.state != AdminState::Down);
-        let drained = |id: &NodeId| index.get(id).is_some_and(|n| n.state == AdminState::Drain);
-        let mut adj: BTreeMap<&NodeId, Vec<(&NodeId, LinkId, u64)>> = BTreeMap::new();
-        for l in &topo.links {
-            if l.state == AdminState::Down || !up(&l.a) || !up(&l.b) {
-                continue;
-            }
-            let mut cost = l.latency.as_nanos().max(1);
-            if l.state == AdminState::Drain {
-                cost = cost.saturating_add(DRAIN_PENALTY_NS);
-            }
-            // A drained node costs its penalty on the way in.
-            let into = |n: &NodeId| {
-                if drained(n) {
-                    cost.saturating_add(DRAIN_PENALTY_NS)
-                } else {
-                    cost
-                }
-            };
-            adj.entry(&l.a)
-                .or_default()
-                .push((&l.b, l.id(), into(&l.b)));
-            adj.entry(&l.b)
-                .or_default()
-                .push((&l.a, l.id(), into(&l.a)));
+impl View {
+    fn new(topo: &Topology) -> Self {
+        View {
+            graph: Graph::new(topo),
+            link_ids: topo.links.iter().map(|l| l.id()).collect(),
         }
-        let relays = topo
-            .nodes
-            .iter()
-            .filter(|n| n.kind == NodeKind::Transit && n.state != AdminState::Down)
-            .map(|n| &n.id)
-            .collect();
-        View { adj, relays }
     }
 
-    /// Dijkstra from `from` over links for which `fits` holds; returns the best path to any of
-    /// `targets` (lowest cost, ties broken by node id for determinism).
+    fn targets(&self, sites: &BTreeSet<NodeId>) -> Vec<bool> {
+        let mut t = vec![false; self.graph.node_count()];
+        for s in sites {
+            if let Some(i) = self.graph.index(s.as_str()) {
+                t[i as usize] = true;
+            }
+        }
+        t
+    }
+
+    /// May the search continue from node `u` (reached from `from`)? Only the start and transit
+    /// nodes relay; sites and other edges are ends.
+    fn relays(&self, u: u32, from: u32) -> bool {
+        u == from || self.graph.node_kind(u) == NodeKind::Transit
+    }
+
+    /// Usable neighbours of `u`: links and nodes not down.
+    fn usable(&self, u: u32) -> impl Iterator<Item = &crate::graph::Edge> + '_ {
+        self.graph.neighbours(u).iter().filter(|e| {
+            self.graph.link_state(e.link) != AdminState::Down
+                && self.graph.node_state(e.to) != AdminState::Down
+        })
+    }
+
+    /// Dijkstra from `from` over links for which `fits` holds; the best path to any of
+    /// `targets`.
     fn shortest(
         &self,
-        from: &'a NodeId,
+        from: &NodeId,
         targets: &BTreeSet<NodeId>,
         fits: impl Fn(&LinkId) -> bool,
     ) -> Option<Vec<NodeId>> {
-        let mut dist: BTreeMap<&NodeId, u64> = BTreeMap::new();
-        let mut prev: BTreeMap<&NodeId, &NodeId> = BTreeMap::new();
+        let g = &self.graph;
+        let origin = g.index(from.as_str())?;
+        let is_target = self.targets(targets);
+        let n = g.node_count();
+        let mut dist = vec![(u32::MAX, u64::MAX); n];
+        let mut prev = vec![u32::MAX; n];
         let mut heap = BinaryHeap::new();
-        dist.insert(from, 0);
-        heap.push(Reverse((0u64, from)));
-        while let Some(Reverse((d, n))) = heap.pop() {
-            if dist.get(n).is_some_and(|best| d > *best) {
+        dist[origin as usize] = (0, 0);
+        heap.push(Reverse(((0u32, 0u64), origin)));
+        while let Some(Reverse((d, u))) = heap.pop() {
+            if d > dist[u as usize] {
                 continue;
             }
-            if targets.contains(n) {
-                let mut path = vec![n.clone()];
-                let mut cur = n;
-                while let Some(p) = prev.get(cur) {
-                    path.push((*p).clone());
-                    cur = p;
+            if is_target[u as usize] {
+                let mut path = vec![g.id(u).clone()];
+                let mut cur = u;
+                while prev[cur as usize] != u32::MAX {
+                    cur = prev[cur as usize];
+                    path.push(g.id(cur).clone());
                 }
                 path.reverse();
                 return Some(path);
             }
-            // Only the start and transit nodes relay; sites and other edges are ends.
-            if n != from && !self.relays.contains(n) {
+            if !self.relays(u, origin) {
                 continue;
             }
-            for (m, link, cost) in self.adj.get(n).into_iter().flatten() {
-                if !fits(link) {
+            for e in self.usable(u) {
+                if !fits(&self.link_ids[e.link as usize]) {
                     continue;
                 }
-                let nd = d.saturating_add(*cost);
-                if dist.get(m).is_none_or(|best| nd < *best) {
-                    dist.insert(m, nd);
-                    prev.insert(m, n);
-                    heap.push(Reverse((nd, m)));
+                let drained = u32::from(g.link_state(e.link) == AdminState::Drain)
+                    + u32::from(g.node_state(e.to) == AdminState::Drain);
+                let nd = (
+                    d.0.saturating_add(drained),
+                    d.1.saturating_add(e.latency_ns),
+                );
+                if nd < dist[e.to as usize] {
+                    dist[e.to as usize] = nd;
+                    prev[e.to as usize] = u;
+                    heap.push(Reverse((nd, e.to)));
                 }
             }
         }
@@ -585,45 +588,44 @@ impl<'a> View<'a> {
     /// rate that some path could carry, with the link that limits it.
     fn widest(
         &self,
-        from: &'a NodeId,
+        from: &NodeId,
         targets: &BTreeSet<NodeId>,
         width: impl Fn(&LinkId) -> u64,
     ) -> Option<(u64, LinkId)> {
-        let mut best: BTreeMap<&NodeId, (u64, Option<LinkId>)> = BTreeMap::new();
+        let g = &self.graph;
+        let origin = g.index(from.as_str())?;
+        let is_target = self.targets(targets);
+        // Per node: the best bottleneck width found and the link that sets it.
+        let mut best: Vec<(u64, u32)> = vec![(0, u32::MAX); g.node_count()];
         let mut heap = BinaryHeap::new();
-        best.insert(from, (u64::MAX, None));
-        heap.push((u64::MAX, from));
-        let mut answer: Option<(u64, LinkId)> = None;
-        while let Some((w, n)) = heap.pop() {
-            if best.get(n).is_some_and(|(b, _)| w < *b) {
+        best[origin as usize] = (u64::MAX, u32::MAX);
+        heap.push((u64::MAX, origin));
+        let mut answer: Option<(u64, u32)> = None;
+        while let Some((w, u)) = heap.pop() {
+            if w < best[u as usize].0 {
                 continue;
             }
-            if targets.contains(n) {
-                if let Some((_, Some(l))) = best.get(n)
-                    && answer.as_ref().is_none_or(|(aw, _)| w > *aw)
-                {
-                    answer = Some((w, l.clone()));
+            if is_target[u as usize] {
+                let limit = best[u as usize].1;
+                if limit != u32::MAX && answer.is_none_or(|(aw, _)| w > aw) {
+                    answer = Some((w, limit));
                 }
                 continue;
             }
-            if n != from && !self.relays.contains(n) {
+            if !self.relays(u, origin) {
                 continue;
             }
-            let limit = best.get(n).and_then(|(_, l)| l.clone());
-            for (m, link, _) in self.adj.get(n).into_iter().flatten() {
-                let lw = width(link);
-                let (nw, nl) = if lw < w {
-                    (lw, Some(link.clone()))
-                } else {
-                    (w, limit.clone())
-                };
-                if best.get(m).is_none_or(|(b, _)| nw > *b) {
-                    best.insert(m, (nw, nl));
-                    heap.push((nw, m));
+            let limit = best[u as usize].1;
+            for e in self.usable(u) {
+                let lw = width(&self.link_ids[e.link as usize]);
+                let next = if lw < w { (lw, e.link) } else { (w, limit) };
+                if next.0 > best[e.to as usize].0 {
+                    best[e.to as usize] = next;
+                    heap.push((next.0, e.to));
                 }
             }
         }
-        answer
+        answer.map(|(w, l)| (w, self.link_ids[l as usize].clone()))
     }
 }
 
@@ -634,12 +636,7 @@ fn place_with(
 ) -> Result<Placement, PlacementError> {
     let sites = eligible_sites(topo, &req.edge, &req.b_end)?;
     let view = View::new(topo);
-    let Some(edge) = topo.nodes.iter().map(|n| &n.id).find(|id| **id == req.edge) else {
-        return Err(PlacementError::UnknownEdge {
-            node: req.edge.clone(),
-            known: Vec::new(),
-        });
-    };
+    let edge = &req.edge;
     let free = |l: &LinkId| room.get(l).map_or(Bandwidth::ZERO, |h| h.free);
     if let Some(path) = view.shortest(edge, &sites, |l| free(l) >= req.rate) {
         let site = path.last().cloned().unwrap_or_else(|| req.edge.clone());

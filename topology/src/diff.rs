@@ -339,7 +339,8 @@ mod tests {
             ["s3"]
         );
         assert!(d.nodes.removed.is_empty());
-        let changed: Vec<(&str, Vec<(&str, &Value, &Value)>)> = d
+        type Fields<'a> = Vec<(&'a str, &'a Value, &'a Value)>;
+        let changed: Vec<(&str, Fields)> = d
             .nodes
             .changed
             .iter()

@@ -1,2 +1,3 @@
 //! Tasman's data plane: one router daemon whose role (edge, transit, site) comes from its node's
 //! kind in the topology.
+pub mod netem;

@@ -3,6 +3,7 @@
 //! state, it hands back values. That keeps everything here testable in microseconds.
 
 pub mod builder;
+pub mod circuit;
 pub mod diff;
 pub mod graph;
 pub mod model;

@@ -5,6 +5,7 @@
 pub mod builder;
 pub mod circuit;
 pub mod diag;
+pub mod diff;
 pub mod graph;
 pub mod model;
 pub mod route;

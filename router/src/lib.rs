@@ -22,6 +22,7 @@ pub mod header;
 mod inbound;
 pub mod metrics;
 mod neighbours;
+pub mod netem;
 pub mod orig_dst;
 pub mod pki;
 pub mod probe;

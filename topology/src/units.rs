@@ -127,13 +127,13 @@ impl fmt::Display for Latency {
         let ns = self.as_nanos();
         if ns == 0 {
             write!(f, "0ms")
-        } else if ns % 1_000_000_000 == 0 {
+        } else if ns.is_multiple_of(1_000_000_000) {
             write!(f, "{}s", ns / 1_000_000_000)
-        } else if ns % 1_000_000 == 0 {
+        } else if ns.is_multiple_of(1_000_000) {
             write!(f, "{}ms", ns / 1_000_000)
-        } else if ns >= 1_000_000 && ns % 1_000 == 0 {
+        } else if ns >= 1_000_000 && ns.is_multiple_of(1_000) {
             write!(f, "{}ms", ns as f64 / 1e6)
-        } else if ns % 1_000 == 0 {
+        } else if ns.is_multiple_of(1_000) {
             write!(f, "{}us", ns / 1_000)
         } else {
             write!(f, "{ns}ns")
@@ -220,7 +220,7 @@ impl fmt::Display for Bandwidth {
         let b = self.0;
         for (div, unit) in [(1_000_000_000_000, "Tbps"), (1_000_000_000, "Gbps"), (1_000_000, "Mbps"), (1_000, "Kbps")] {
             if b >= div {
-                return if b % div == 0 {
+                return if b.is_multiple_of(div) {
                     write!(f, "{}{unit}", b / div)
                 } else {
                     write!(f, "{}{unit}", b as f64 / div as f64)

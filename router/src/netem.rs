@@ -1,0 +1,931 @@
+//! A user-space link emulator: a UDP relay on loopback that gives a link one-way delay, jitter and
+//! loss in both directions (kernel netem is not available where Tasman's tests and demo run).
+//!
+//! ```text
+//!  node A ──udp──▶ [listen]  LinkEmulator  [upstream socket per A-side peer] ──udp──▶ target (node B)
+//!         ◀──────────────── delay/jitter/loss applied to each direction ◀──────────────
+//! ```
+//!
+//! A peer dials the emulator's `listen` address instead of the target; every distinct source address
+//! gets its own upstream socket, so the target sees one peer per client and replies find their way
+//! back. Delivery times come from one sorted queue per emulator (a binary heap keyed by due time and
+//! arrival order), drained by a single task with tokio's timer (millisecond resolution: a packet is
+//! late by at most about 1 ms, which is noise next to the tens of milliseconds being emulated).
+//!
+//! Ordering: each direction keeps a monotonic base time, so with zero jitter packets leave in the
+//! order they arrived, even across a live profile change, and with jitter J two packets can only swap
+//! when they arrived less than J apart. The queue is bounded; a packet that finds it full is dropped
+//! and counted, as a real router's buffer would.
+//!
+//! Hot path: each reader receives into a shared `BytesMut` slab and hands the scheduler a frozen
+//! `Bytes` slice of it (no per-packet allocation while slabs are recycled); the profile is read
+//! lock-free through `ArcSwap`.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::{Bytes, BytesMut};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use topology::Latency;
+
+/// Largest datagram relayed. QUIC never sends more than 64 KiB in one datagram.
+const MAX_DATAGRAM: usize = 64 * 1024;
+/// Receive slab size: many datagrams share one allocation until they have all been sent.
+const SLAB: usize = 512 * 1024;
+
+/// What a link does to each packet, per direction.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LinkProfile {
+    /// One-way delay added to every packet.
+    pub delay: Latency,
+    /// Extra delay drawn uniformly from `[0, jitter]` per packet.
+    pub jitter: Latency,
+    /// Probability in `[0, 1]` that a packet is dropped.
+    pub loss: f64,
+}
+
+impl LinkProfile {
+    /// A link with a fixed one-way delay, no jitter, no loss.
+    pub fn delay(delay: Latency) -> Self {
+        LinkProfile {
+            delay,
+            jitter: Latency::ZERO,
+            loss: 0.0,
+        }
+    }
+
+    /// A link that drops everything (a cut fibre).
+    pub fn cut() -> Self {
+        LinkProfile {
+            delay: Latency::ZERO,
+            jitter: Latency::ZERO,
+            loss: 1.0,
+        }
+    }
+
+    fn sanitized(mut self) -> Self {
+        self.loss = if self.loss.is_nan() {
+            0.0
+        } else {
+            self.loss.clamp(0.0, 1.0)
+        };
+        self
+    }
+}
+
+impl Default for LinkProfile {
+    fn default() -> Self {
+        LinkProfile::delay(Latency::ZERO)
+    }
+}
+
+/// Knobs that are not part of the link's physics.
+#[derive(Debug, Clone)]
+pub struct EmulatorOptions {
+    /// Most packets queued (both directions together) before new ones are dropped.
+    pub queue_limit: usize,
+    /// Most distinct client source addresses; packets from further ones are dropped.
+    pub max_flows: usize,
+    /// A flow with no packet in either direction for this long is forgotten.
+    pub flow_idle_timeout: Duration,
+    /// Seed for the loss and jitter draws (reproducible tests); `None` seeds from the OS.
+    pub seed: Option<u64>,
+}
+
+impl Default for EmulatorOptions {
+    fn default() -> Self {
+        EmulatorOptions {
+            queue_limit: 16 * 1024,
+            max_flows: 1024,
+            flow_idle_timeout: Duration::from_secs(300),
+            seed: None,
+        }
+    }
+}
+
+/// Counters of one emulator, both directions together.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkStats {
+    /// Packets received from either side.
+    pub received: u64,
+    /// Packets handed to the kernel on the other side.
+    pub forwarded: u64,
+    /// Packets dropped by the loss draw.
+    pub dropped_loss: u64,
+    /// Packets dropped because the queue was full (or the flow table was).
+    pub dropped_queue_full: u64,
+    /// Packets the kernel refused to send.
+    pub send_errors: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    received: AtomicU64,
+    forwarded: AtomicU64,
+    dropped_loss: AtomicU64,
+    dropped_queue_full: AtomicU64,
+    send_errors: AtomicU64,
+}
+
+/// Where a queued packet goes.
+enum Dest {
+    /// Towards the target, on the flow's own upstream socket (connected).
+    Upstream(Arc<UdpSocket>),
+    /// Back to a client, from the listen socket.
+    Client(SocketAddr),
+}
+
+struct Queued {
+    due: Instant,
+    seq: u64,
+    dest: Dest,
+    data: Bytes,
+}
+
+impl PartialEq for Queued {
+    fn eq(&self, other: &Self) -> bool {
+        (self.due, self.seq) == (other.due, other.seq)
+    }
+}
+impl Eq for Queued {}
+impl PartialOrd for Queued {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Queued {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.due, self.seq).cmp(&(other.due, other.seq))
+    }
+}
+
+/// State shared by the emulator's tasks.
+struct Shared {
+    profile: ArcSwap<LinkProfile>,
+    counters: Counters,
+    queued: AtomicUsize,
+    options: EmulatorOptions,
+    seq: AtomicU64,
+    /// Seeds handed to per-direction RNGs, derived from the options' seed.
+    next_seed: AtomicU64,
+    target: SocketAddr,
+}
+
+impl Shared {
+    fn rng(&self) -> SmallRng {
+        match self.options.seed {
+            Some(seed) => {
+                let n = self.next_seed.fetch_add(1, Ordering::Relaxed);
+                SmallRng::seed_from_u64(seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+            }
+            None => SmallRng::from_os_rng(),
+        }
+    }
+}
+
+/// Per-direction scheduling state, owned by the direction's reader task.
+struct Direction {
+    rng: SmallRng,
+    /// Due time without jitter of the last packet: never goes backwards, so zero jitter keeps order.
+    base: Instant,
+}
+
+impl Direction {
+    fn new(rng: SmallRng) -> Self {
+        Direction {
+            rng,
+            base: Instant::now(),
+        }
+    }
+
+    /// Decides a packet's fate: `None` when the loss draw drops it, else its due time.
+    fn schedule(&mut self, profile: &LinkProfile, now: Instant) -> Option<Instant> {
+        if profile.loss > 0.0 && self.rng.random::<f64>() < profile.loss {
+            return None;
+        }
+        self.base = self.base.max(now + profile.delay.as_duration());
+        let jitter = profile.jitter.as_nanos();
+        let extra = if jitter == 0 {
+            0
+        } else {
+            self.rng.random_range(0..=jitter)
+        };
+        Some(self.base + Duration::from_nanos(extra))
+    }
+}
+
+/// A running link emulator. Dropping the handle stops it too.
+pub struct LinkHandle {
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl LinkHandle {
+    /// The address peers dial instead of the target.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The address packets are relayed to.
+    pub fn target(&self) -> SocketAddr {
+        self.shared.target
+    }
+
+    /// Changes the link's delay, jitter and loss; packets received from now on use it.
+    pub fn set_profile(&self, profile: LinkProfile) {
+        self.shared.profile.store(Arc::new(profile.sanitized()));
+    }
+
+    /// The profile in force.
+    pub fn profile(&self) -> LinkProfile {
+        **self.shared.profile.load()
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> LinkStats {
+        let c = &self.shared.counters;
+        LinkStats {
+            received: c.received.load(Ordering::Relaxed),
+            forwarded: c.forwarded.load(Ordering::Relaxed),
+            dropped_loss: c.dropped_loss.load(Ordering::Relaxed),
+            dropped_queue_full: c.dropped_queue_full.load(Ordering::Relaxed),
+            send_errors: c.send_errors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stops every task of the emulator; queued packets are discarded.
+    pub fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+}
+
+impl Drop for LinkHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl std::fmt::Debug for LinkHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkHandle")
+            .field("local_addr", &self.local_addr)
+            .field("target", &self.shared.target)
+            .field("profile", &self.profile())
+            .finish()
+    }
+}
+
+/// The link emulator. See the module documentation.
+pub struct LinkEmulator;
+
+impl LinkEmulator {
+    /// Binds `listen` and relays to `target` with `profile`, with default options.
+    pub async fn spawn(
+        listen: SocketAddr,
+        target: SocketAddr,
+        profile: LinkProfile,
+    ) -> io::Result<LinkHandle> {
+        Self::spawn_with(listen, target, profile, EmulatorOptions::default()).await
+    }
+
+    /// Binds `listen` and relays to `target` with `profile` and `options`. Must run in a tokio
+    /// runtime with the time driver enabled.
+    pub async fn spawn_with(
+        listen: SocketAddr,
+        target: SocketAddr,
+        profile: LinkProfile,
+        options: EmulatorOptions,
+    ) -> io::Result<LinkHandle> {
+        let socket = Arc::new(UdpSocket::bind(listen).await?);
+        let local_addr = socket.local_addr()?;
+        let shared = Arc::new(Shared {
+            profile: ArcSwap::from_pointee(profile.sanitized()),
+            counters: Counters::default(),
+            queued: AtomicUsize::new(0),
+            seq: AtomicU64::new(0),
+            next_seed: AtomicU64::new(0),
+            target,
+            options,
+        });
+        let (shutdown, stop) = watch::channel(false);
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(scheduler(socket.clone(), shared.clone(), rx, stop.clone()));
+        tokio::spawn(client_reader(socket, shared.clone(), tx, stop));
+        Ok(LinkHandle {
+            local_addr,
+            shared,
+            shutdown,
+        })
+    }
+}
+
+/// One client's upstream socket and its activity clock (for idle expiry).
+struct Flow {
+    upstream: Arc<UdpSocket>,
+    last_seen: Arc<AtomicU64>,
+}
+
+/// Milliseconds since `epoch`, for cheap activity stamps.
+fn stamp(epoch: Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Reads packets from clients on the listen socket and queues them towards the target.
+async fn client_reader(
+    socket: Arc<UdpSocket>,
+    shared: Arc<Shared>,
+    tx: mpsc::UnboundedSender<Queued>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let flows: Arc<Mutex<HashMap<SocketAddr, Flow>>> = Arc::default();
+    let epoch = Instant::now();
+    let mut dir = Direction::new(shared.rng());
+    let mut slab = BytesMut::with_capacity(SLAB);
+    loop {
+        if slab.capacity() < MAX_DATAGRAM {
+            // Reclaims the slab in place once every datagram cut from it has been sent.
+            slab.reserve(SLAB);
+        }
+        let (_, from) = tokio::select! {
+            _ = stop.changed() => return,
+            r = socket.recv_buf_from(&mut slab) => match r {
+                Ok(r) => r,
+                // ICMP errors from earlier sends surface here on some systems; keep serving.
+                Err(_) => { slab.clear(); continue; }
+            },
+        };
+        let data = slab.split().freeze();
+        shared.counters.received.fetch_add(1, Ordering::Relaxed);
+        let upstream = {
+            // Never held across an await: flows are created with a synchronous bind.
+            let mut map = flows.lock().unwrap_or_else(|e| e.into_inner());
+            match map.get(&from) {
+                Some(flow) => {
+                    flow.last_seen.store(stamp(epoch), Ordering::Relaxed);
+                    Some(flow.upstream.clone())
+                }
+                None if map.len() >= shared.options.max_flows => None,
+                None => match new_flow(&shared, &socket, from, &flows, epoch, &stop, &tx) {
+                    Ok(flow) => {
+                        let up = flow.upstream.clone();
+                        map.insert(from, flow);
+                        Some(up)
+                    }
+                    Err(_) => None,
+                },
+            }
+        };
+        let Some(upstream) = upstream else {
+            shared
+                .counters
+                .dropped_queue_full
+                .fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        enqueue(&shared, &tx, &mut dir, Dest::Upstream(upstream), data);
+    }
+}
+
+/// Binds a client's upstream socket and spawns the task that relays the target's replies.
+fn new_flow(
+    shared: &Arc<Shared>,
+    listen: &Arc<UdpSocket>,
+    client: SocketAddr,
+    flows: &Arc<Mutex<HashMap<SocketAddr, Flow>>>,
+    epoch: Instant,
+    stop: &watch::Receiver<bool>,
+    tx: &mpsc::UnboundedSender<Queued>,
+) -> io::Result<Flow> {
+    let local_ip = match (listen.local_addr()?.ip(), shared.target.ip()) {
+        // Same family as the target; the listen address when it is concrete and of that family.
+        (ip @ IpAddr::V4(v4), IpAddr::V4(_)) if !v4.is_unspecified() => ip,
+        (ip @ IpAddr::V6(v6), IpAddr::V6(_)) if !v6.is_unspecified() => ip,
+        (_, IpAddr::V4(_)) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        (_, IpAddr::V6(_)) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+    };
+    let std_sock = std::net::UdpSocket::bind(SocketAddr::new(local_ip, 0))?;
+    std_sock.connect(shared.target)?;
+    std_sock.set_nonblocking(true)?;
+    let upstream = Arc::new(UdpSocket::from_std(std_sock)?);
+    let last_seen = Arc::new(AtomicU64::new(stamp(epoch)));
+    tokio::spawn(upstream_reader(UpstreamTask {
+        upstream: upstream.clone(),
+        client,
+        shared: shared.clone(),
+        flows: flows.clone(),
+        last_seen: last_seen.clone(),
+        epoch,
+        stop: stop.clone(),
+        tx: tx.clone(),
+    }));
+    Ok(Flow {
+        upstream,
+        last_seen,
+    })
+}
+
+struct UpstreamTask {
+    upstream: Arc<UdpSocket>,
+    client: SocketAddr,
+    shared: Arc<Shared>,
+    flows: Arc<Mutex<HashMap<SocketAddr, Flow>>>,
+    last_seen: Arc<AtomicU64>,
+    epoch: Instant,
+    stop: watch::Receiver<bool>,
+    tx: mpsc::UnboundedSender<Queued>,
+}
+
+/// Reads the target's replies on one flow's upstream socket and queues them back to the client.
+async fn upstream_reader(mut t: UpstreamTask) {
+    let idle = t.shared.options.flow_idle_timeout;
+    let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+    let mut dir = Direction::new(t.shared.rng());
+    let mut slab = BytesMut::with_capacity(SLAB);
+    loop {
+        if slab.capacity() < MAX_DATAGRAM {
+            slab.reserve(SLAB);
+        }
+        let r = tokio::select! {
+            _ = t.stop.changed() => return,
+            r = tokio::time::timeout(idle, t.upstream.recv_buf(&mut slab)) => r,
+        };
+        match r {
+            Ok(Ok(_)) => {}
+            // Connection refused (target not listening yet or gone): keep the flow, it may return.
+            Ok(Err(_)) => {
+                slab.clear();
+                continue;
+            }
+            Err(_elapsed) => {
+                if stamp(t.epoch).saturating_sub(t.last_seen.load(Ordering::Relaxed)) >= idle_ms {
+                    let mut map = t.flows.lock().unwrap_or_else(|e| e.into_inner());
+                    // Only forget the flow if it is still this one.
+                    if map
+                        .get(&t.client)
+                        .is_some_and(|f| Arc::ptr_eq(&f.upstream, &t.upstream))
+                    {
+                        map.remove(&t.client);
+                    }
+                    return;
+                }
+                continue;
+            }
+        }
+        let data = slab.split().freeze();
+        t.last_seen.store(stamp(t.epoch), Ordering::Relaxed);
+        t.shared.counters.received.fetch_add(1, Ordering::Relaxed);
+        enqueue(&t.shared, &t.tx, &mut dir, Dest::Client(t.client), data);
+    }
+}
+
+/// Applies loss and the queue bound, then hands the packet to the scheduler with its due time.
+fn enqueue(
+    shared: &Shared,
+    tx: &mpsc::UnboundedSender<Queued>,
+    dir: &mut Direction,
+    dest: Dest,
+    data: Bytes,
+) {
+    let profile = shared.profile.load();
+    let now = Instant::now();
+    let Some(due) = dir.schedule(&profile, now) else {
+        shared.counters.dropped_loss.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    // Reserve a queue slot; give it back if the queue was already full.
+    if shared.queued.fetch_add(1, Ordering::AcqRel) >= shared.options.queue_limit {
+        shared.queued.fetch_sub(1, Ordering::AcqRel);
+        shared
+            .counters
+            .dropped_queue_full
+            .fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let seq = shared.seq.fetch_add(1, Ordering::Relaxed);
+    if tx
+        .send(Queued {
+            due,
+            seq,
+            dest,
+            data,
+        })
+        .is_err()
+    {
+        shared.queued.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Sends every queued packet when it is due.
+async fn scheduler(
+    listen: Arc<UdpSocket>,
+    shared: Arc<Shared>,
+    mut rx: mpsc::UnboundedReceiver<Queued>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut heap: BinaryHeap<Reverse<Queued>> = BinaryHeap::new();
+    loop {
+        // Send everything due.
+        let now = Instant::now();
+        while heap.peek().is_some_and(|Reverse(q)| q.due <= now) {
+            let Some(Reverse(q)) = heap.pop() else { break };
+            shared.queued.fetch_sub(1, Ordering::AcqRel);
+            send(&listen, &shared, q).await;
+        }
+        let next = heap.peek().map(|Reverse(q)| q.due);
+        tokio::select! {
+            biased;
+            _ = stop.changed() => return,
+            msg = rx.recv() => match msg {
+                Some(q) => {
+                    heap.push(Reverse(q));
+                    // Take whatever else is already waiting, without another trip through select.
+                    while let Ok(q) = rx.try_recv() {
+                        heap.push(Reverse(q));
+                    }
+                }
+                None => return,
+            },
+            _ = sleep_until_opt(next) => {}
+        }
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn send(listen: &UdpSocket, shared: &Shared, q: Queued) {
+    let r = match &q.dest {
+        Dest::Upstream(sock) => match sock.try_send(&q.data) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => sock.send(&q.data).await,
+            r => r,
+        },
+        Dest::Client(addr) => match listen.try_send_to(&q.data, *addr) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => listen.send_to(&q.data, *addr).await,
+            r => r,
+        },
+    };
+    match r {
+        Ok(_) => shared.counters.forwarded.fetch_add(1, Ordering::Relaxed),
+        Err(_) => shared.counters.send_errors.fetch_add(1, Ordering::Relaxed),
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn ms(n: u64) -> Latency {
+        Latency::from_duration(Duration::from_millis(n))
+    }
+
+    fn lo() -> SocketAddr {
+        "127.0.0.1:0".parse().expect("literal address")
+    }
+
+    /// A UDP echo server on loopback; returns its address.
+    async fn echo_server() -> SocketAddr {
+        let sock = UdpSocket::bind(lo()).await.expect("bind echo");
+        let addr = sock.local_addr().expect("echo addr");
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+                let _ = sock.send_to(&buf[..n], from).await;
+            }
+        });
+        addr
+    }
+
+    /// Sends one datagram through `link` and waits for its echo; returns the round-trip time.
+    async fn rtt(client: &UdpSocket, link: SocketAddr, tag: u32) -> Duration {
+        let start = std::time::Instant::now();
+        client
+            .send_to(&tag.to_be_bytes(), link)
+            .await
+            .expect("send");
+        let mut buf = [0u8; 64];
+        loop {
+            let (n, _) = tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buf))
+                .await
+                .expect("echo within 5 s")
+                .expect("recv");
+            if n == 4 && buf[..4] == tag.to_be_bytes() {
+                return start.elapsed();
+            }
+        }
+    }
+
+    /// Polls `cond` until it holds or `deadline` passes.
+    async fn eventually(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
+        let end = std::time::Instant::now() + deadline;
+        while std::time::Instant::now() < end {
+            if cond() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        cond()
+    }
+
+    #[tokio::test]
+    async fn delay_is_applied_in_both_directions() {
+        let echo = echo_server().await;
+        let link = LinkEmulator::spawn(lo(), echo, LinkProfile::delay(ms(25)))
+            .await
+            .expect("spawn");
+        let client = UdpSocket::bind(lo()).await.expect("bind client");
+        for i in 0..5 {
+            let rtt = rtt(&client, link.local_addr(), i).await;
+            // 25 ms each way; generous upper bound for a loaded CI machine.
+            assert!(
+                rtt >= Duration::from_millis(50),
+                "rtt {rtt:?} shorter than two one-way delays"
+            );
+            assert!(
+                rtt < Duration::from_millis(400),
+                "rtt {rtt:?} far above 50 ms"
+            );
+        }
+        assert_eq!(link.stats().forwarded, 10);
+    }
+
+    #[tokio::test]
+    async fn live_profile_change_takes_effect() {
+        let echo = echo_server().await;
+        let link = LinkEmulator::spawn(lo(), echo, LinkProfile::delay(ms(2)))
+            .await
+            .expect("spawn");
+        let client = UdpSocket::bind(lo()).await.expect("bind client");
+        let before = rtt(&client, link.local_addr(), 1).await;
+        assert!(
+            before < Duration::from_millis(80),
+            "rtt {before:?} with a 2 ms link"
+        );
+        link.set_profile(LinkProfile::delay(ms(60)));
+        assert_eq!(link.profile().delay, ms(60));
+        let after = rtt(&client, link.local_addr(), 2).await;
+        assert!(
+            after >= Duration::from_millis(120),
+            "rtt {after:?} after raising the delay to 60 ms"
+        );
+        link.set_profile(LinkProfile::cut());
+        client
+            .send_to(b"lost", link.local_addr())
+            .await
+            .expect("send");
+        assert!(eventually(Duration::from_secs(5), || link.stats().dropped_loss == 1).await);
+    }
+
+    #[tokio::test]
+    async fn loss_rate_is_roughly_honoured() {
+        let sink = UdpSocket::bind(lo()).await.expect("bind sink");
+        let profile = LinkProfile {
+            delay: Latency::ZERO,
+            jitter: Latency::ZERO,
+            loss: 0.3,
+        };
+        let options = EmulatorOptions {
+            seed: Some(7),
+            ..EmulatorOptions::default()
+        };
+        let link =
+            LinkEmulator::spawn_with(lo(), sink.local_addr().expect("addr"), profile, options)
+                .await
+                .expect("spawn");
+        let client = UdpSocket::bind(lo()).await.expect("bind client");
+        const N: u64 = 2000;
+        let sent = async {
+            for i in 0..N {
+                client
+                    .send_to(&i.to_be_bytes(), link.local_addr())
+                    .await
+                    .expect("send");
+                if i % 64 == 0 {
+                    // Leave the relay time to drain so that the kernel's buffers never overflow.
+                    tokio::task::yield_now().await;
+                }
+            }
+        };
+        let received = async {
+            let mut got = 0u64;
+            let mut buf = [0u8; 16];
+            loop {
+                let s = link.stats();
+                if s.forwarded + s.dropped_loss == N && got == s.forwarded {
+                    return got;
+                }
+                match tokio::time::timeout(Duration::from_secs(5), sink.recv_from(&mut buf)).await {
+                    Ok(_) => got += 1,
+                    Err(_) => return got,
+                }
+            }
+        };
+        let ((), got) = tokio::join!(sent, received);
+        let stats = link.stats();
+        assert_eq!(
+            stats.received, N,
+            "every datagram reached the relay: {stats:?}"
+        );
+        assert_eq!(stats.forwarded + stats.dropped_loss, N, "{stats:?}");
+        assert_eq!(
+            got, stats.forwarded,
+            "what was forwarded arrived: {stats:?}"
+        );
+        let rate = stats.dropped_loss as f64 / N as f64;
+        assert!(
+            (0.25..=0.35).contains(&rate),
+            "loss rate {rate} far from 0.3"
+        );
+    }
+
+    #[tokio::test]
+    async fn order_is_preserved_without_jitter_even_across_a_delay_drop() {
+        let sink = UdpSocket::bind(lo()).await.expect("bind sink");
+        let link = LinkEmulator::spawn(
+            lo(),
+            sink.local_addr().expect("addr"),
+            LinkProfile::delay(ms(40)),
+        )
+        .await
+        .expect("spawn");
+        let client = UdpSocket::bind(lo()).await.expect("bind client");
+        for i in 0u32..100 {
+            if i == 50 {
+                // Later packets must not overtake the ones still held for 40 ms.
+                link.set_profile(LinkProfile::delay(ms(1)));
+            }
+            client
+                .send_to(&i.to_be_bytes(), link.local_addr())
+                .await
+                .expect("send");
+        }
+        let mut buf = [0u8; 16];
+        for want in 0u32..100 {
+            let (n, _) = tokio::time::timeout(Duration::from_secs(5), sink.recv_from(&mut buf))
+                .await
+                .expect("packet within 5 s")
+                .expect("recv");
+            assert_eq!(n, 4);
+            let got = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+            assert_eq!(got, want, "packet {got} arrived in place of {want}");
+        }
+    }
+
+    #[tokio::test]
+    async fn jitter_reorders_no_further_than_the_jitter() {
+        let sink = UdpSocket::bind(lo()).await.expect("bind sink");
+        let profile = LinkProfile {
+            delay: ms(5),
+            jitter: ms(10),
+            loss: 0.0,
+        };
+        let options = EmulatorOptions {
+            seed: Some(3),
+            ..EmulatorOptions::default()
+        };
+        let link =
+            LinkEmulator::spawn_with(lo(), sink.local_addr().expect("addr"), profile, options)
+                .await
+                .expect("spawn");
+        let client = UdpSocket::bind(lo()).await.expect("bind client");
+        // Two bursts 100 ms apart: far more than the jitter, so no packet of the second burst may
+        // arrive before one of the first.
+        for i in 0u32..100 {
+            if i == 50 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            client
+                .send_to(&i.to_be_bytes(), link.local_addr())
+                .await
+                .expect("send");
+        }
+        let mut order = Vec::new();
+        let mut buf = [0u8; 16];
+        while order.len() < 100 {
+            let (_, _) = tokio::time::timeout(Duration::from_secs(5), sink.recv_from(&mut buf))
+                .await
+                .expect("packet within 5 s")
+                .expect("recv");
+            order.push(u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]));
+        }
+        let first_burst_done = order
+            .iter()
+            .rposition(|&i| i < 50)
+            .expect("first burst arrived");
+        let second_burst_start = order
+            .iter()
+            .position(|&i| i >= 50)
+            .expect("second burst arrived");
+        assert!(
+            first_burst_done < second_burst_start,
+            "bursts interleaved: {order:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn each_client_gets_its_own_flow_and_its_own_replies() {
+        let echo = echo_server().await;
+        let link = LinkEmulator::spawn(lo(), echo, LinkProfile::delay(ms(3)))
+            .await
+            .expect("spawn");
+        let mut clients = Vec::new();
+        for _ in 0..8 {
+            clients.push(UdpSocket::bind(lo()).await.expect("bind client"));
+        }
+        for (i, c) in clients.iter().enumerate() {
+            c.send_to(&(i as u32).to_be_bytes(), link.local_addr())
+                .await
+                .expect("send");
+        }
+        for (i, c) in clients.iter().enumerate() {
+            let mut buf = [0u8; 16];
+            let (n, from) = tokio::time::timeout(Duration::from_secs(5), c.recv_from(&mut buf))
+                .await
+                .expect("reply within 5 s")
+                .expect("recv");
+            assert_eq!(
+                from,
+                link.local_addr(),
+                "replies come from the emulator's address"
+            );
+            assert_eq!(
+                &buf[..n],
+                &(i as u32).to_be_bytes(),
+                "client {i} got another client's reply"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_drops_and_counts() {
+        let sink = UdpSocket::bind(lo()).await.expect("bind sink");
+        let options = EmulatorOptions {
+            queue_limit: 10,
+            ..EmulatorOptions::default()
+        };
+        let link = LinkEmulator::spawn_with(
+            lo(),
+            sink.local_addr().expect("addr"),
+            LinkProfile::delay(ms(300)),
+            options,
+        )
+        .await
+        .expect("spawn");
+        let client = UdpSocket::bind(lo()).await.expect("bind client");
+        for i in 0u32..50 {
+            client
+                .send_to(&i.to_be_bytes(), link.local_addr())
+                .await
+                .expect("send");
+        }
+        assert!(
+            eventually(Duration::from_secs(5), || link.stats().received == 50).await,
+            "{:?}",
+            link.stats()
+        );
+        let stats = link.stats();
+        assert_eq!(stats.dropped_queue_full, 40, "{stats:?}");
+        assert!(
+            eventually(Duration::from_secs(5), || link.stats().forwarded == 10).await,
+            "{:?}",
+            link.stats()
+        );
+    }
+
+    #[tokio::test]
+    async fn shutdown_stops_relaying() {
+        let echo = echo_server().await;
+        let link = LinkEmulator::spawn(lo(), echo, LinkProfile::default())
+            .await
+            .expect("spawn");
+        let client = UdpSocket::bind(lo()).await.expect("bind client");
+        rtt(&client, link.local_addr(), 1).await;
+        let addr = link.local_addr();
+        link.shutdown();
+        // The listen socket is released once its tasks have stopped.
+        let mut rebound = false;
+        for _ in 0..200 {
+            if std::net::UdpSocket::bind(addr).is_ok() {
+                rebound = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(rebound, "listen address {addr} still bound after shutdown");
+    }
+}

@@ -1,0 +1,346 @@
+//! The routing view of a [`Topology`]: a compact, immutable graph built once per topology
+//! version and shared by every routing-table build.
+//!
+//! Nodes get dense `u32` indices in **sorted id order**, so everything derived from the graph
+//! (tie-breaks included) depends only on ids, never on the order of the YAML. Adjacency is
+//! CSR: `offsets[i]..offsets[i + 1]` indexes `edges`, each edge carrying its neighbour, the
+//! link's position in `Topology::links` and the declared one-way latency. The per-service list
+//! of serving sites (already filtered by the service's residency) is precomputed too, so a
+//! table build does no string work beyond reading the live state.
+
+use std::collections::BTreeMap;
+
+use crate::model::{AdminState, LinkId, NodeId, NodeKind, ServiceName, Topology};
+
+/// One direction of a link in the adjacency array.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Edge {
+    /// The neighbour's node index.
+    pub to: u32,
+    /// The link's index (its position in `Topology::links`).
+    pub link: u32,
+    /// Declared one-way latency in nanoseconds (at least 1).
+    pub latency_ns: u64,
+}
+
+/// A site that serves a service and is allowed by the service's residency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServingSite {
+    pub node: u32,
+    /// The declared capacity (concurrent streams) of this service at this site.
+    pub capacity: u32,
+}
+
+/// The sites that may serve one service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceSites {
+    pub name: ServiceName,
+    /// Node indices in ascending order (= ascending id order).
+    pub sites: Vec<ServingSite>,
+}
+
+/// Compact adjacency over a topology. Build with [`Graph::new`]; it never changes afterwards.
+#[derive(Debug, Clone)]
+pub struct Graph {
+    /// Node index -> id, sorted ascending.
+    ids: Vec<NodeId>,
+    /// Node index -> position in `Topology::nodes`.
+    topo_index: Vec<u32>,
+    node_state: Vec<AdminState>,
+    node_kind: Vec<NodeKind>,
+    /// CSR row starts, `ids.len() + 1` entries.
+    offsets: Vec<u32>,
+    edges: Vec<Edge>,
+    /// Link index -> (end a, end b) as node indices.
+    link_ends: Vec<(u32, u32)>,
+    link_state: Vec<AdminState>,
+    link_latency_ns: Vec<u64>,
+    /// Sorted by `LinkId`, for `--down a--b` and live-state lookups.
+    link_by_id: Vec<(LinkId, u32)>,
+    /// Sorted by service name. Services no site may serve still appear, with no sites.
+    services: Vec<ServiceSites>,
+}
+
+/// Latencies are kept in nanoseconds, clamped to at least 1 ns: a zero-weight edge would make
+/// equal-cost tie-breaking ambiguous (see `route`), and a measured 0 is a measurement artefact.
+pub(crate) fn weight_ns(l: crate::units::Latency) -> u64 {
+    l.as_nanos().max(1)
+}
+
+impl Graph {
+    /// Builds the graph. The topology is expected to be validated (unique ids, links between
+    /// known nodes); a link naming an unknown node is skipped rather than trusted, and of two
+    /// nodes with the same id the first wins.
+    pub fn new(topo: &Topology) -> Graph {
+        let mut order: Vec<u32> = (0..topo.nodes.len() as u32).collect();
+        order.sort_by(|&a, &b| {
+            topo.nodes[a as usize]
+                .id
+                .cmp(&topo.nodes[b as usize].id)
+                .then(a.cmp(&b))
+        });
+        order.dedup_by(|b, a| topo.nodes[*a as usize].id == topo.nodes[*b as usize].id);
+
+        let ids: Vec<NodeId> = order
+            .iter()
+            .map(|&i| topo.nodes[i as usize].id.clone())
+            .collect();
+        let node_state = order
+            .iter()
+            .map(|&i| topo.nodes[i as usize].state)
+            .collect();
+        let node_kind = order.iter().map(|&i| topo.nodes[i as usize].kind).collect();
+        let lookup = |id: &NodeId| ids.binary_search(id).ok().map(|i| i as u32);
+
+        let mut link_ends = Vec::with_capacity(topo.links.len());
+        let mut link_state = Vec::with_capacity(topo.links.len());
+        let mut link_latency_ns = Vec::with_capacity(topo.links.len());
+        let mut link_by_id = Vec::with_capacity(topo.links.len());
+        let mut degree = vec![0u32; ids.len() + 1];
+        for (li, link) in topo.links.iter().enumerate() {
+            let ends = match (lookup(&link.a), lookup(&link.b)) {
+                (Some(a), Some(b)) if a != b => Some((a, b)),
+                _ => None,
+            };
+            // Keep link indices aligned with `Topology::links` even for skipped links.
+            link_ends.push(ends.unwrap_or((u32::MAX, u32::MAX)));
+            link_state.push(if ends.is_some() {
+                link.state
+            } else {
+                AdminState::Down
+            });
+            link_latency_ns.push(weight_ns(link.latency));
+            if let Some((a, b)) = ends {
+                degree[a as usize] += 1;
+                degree[b as usize] += 1;
+                link_by_id.push((link.id(), li as u32));
+            }
+        }
+        link_by_id.sort();
+        link_by_id.dedup_by(|b, a| a.0 == b.0);
+
+        let mut offsets = Vec::with_capacity(ids.len() + 1);
+        let mut acc = 0u32;
+        for d in &degree[..ids.len()] {
+            offsets.push(acc);
+            acc += d;
+        }
+        offsets.push(acc);
+        let mut fill: Vec<u32> = offsets[..ids.len()].to_vec();
+        let mut edges = vec![
+            Edge {
+                to: 0,
+                link: 0,
+                latency_ns: 0
+            };
+            acc as usize
+        ];
+        for (li, &(a, b)) in link_ends.iter().enumerate() {
+            if a == u32::MAX {
+                continue;
+            }
+            let latency_ns = link_latency_ns[li];
+            for (from, to) in [(a, b), (b, a)] {
+                edges[fill[from as usize] as usize] = Edge {
+                    to,
+                    link: li as u32,
+                    latency_ns,
+                };
+                fill[from as usize] += 1;
+            }
+        }
+        // Neighbours in index order: relaxation order (and so every tie) depends on ids only.
+        for i in 0..ids.len() {
+            edges[offsets[i] as usize..offsets[i + 1] as usize].sort_by_key(|e| (e.to, e.link));
+        }
+
+        let mut services: BTreeMap<&str, Vec<ServingSite>> = topo
+            .services
+            .iter()
+            .map(|s| (s.name.as_str(), Vec::new()))
+            .collect();
+        for (gi, &ti) in order.iter().enumerate() {
+            let node = &topo.nodes[ti as usize];
+            if node.kind != NodeKind::Site {
+                continue;
+            }
+            for served in &node.serves {
+                let Some(svc) = topo.service(served.service.as_str()) else {
+                    continue;
+                };
+                if !svc.residency.allows(node) {
+                    continue;
+                }
+                if let Some(list) = services.get_mut(served.service.as_str())
+                    && list.last().is_none_or(|s| s.node != gi as u32)
+                {
+                    list.push(ServingSite {
+                        node: gi as u32,
+                        capacity: served.capacity,
+                    });
+                }
+            }
+        }
+        let services = services
+            .into_iter()
+            .map(|(name, sites)| ServiceSites {
+                name: ServiceName::new(name),
+                sites,
+            })
+            .collect();
+
+        Graph {
+            ids,
+            topo_index: order,
+            node_state,
+            node_kind,
+            offsets,
+            edges,
+            link_ends,
+            link_state,
+            link_latency_ns,
+            link_by_id,
+            services,
+        }
+    }
+
+    pub fn node_count(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Number of links, including any skipped because they named an unknown node.
+    pub fn link_count(&self) -> usize {
+        self.link_ends.len()
+    }
+
+    /// The dense index of a node id.
+    pub fn index(&self, id: &str) -> Option<u32> {
+        self.ids
+            .binary_search_by(|n| n.as_str().cmp(id))
+            .ok()
+            .map(|i| i as u32)
+    }
+
+    /// The id of a node index. Panics on an index not from this graph (a programming error).
+    pub fn id(&self, index: u32) -> &NodeId {
+        &self.ids[index as usize]
+    }
+
+    /// All node ids, sorted (index order).
+    pub fn ids(&self) -> &[NodeId] {
+        &self.ids
+    }
+
+    /// The node's position in `Topology::nodes`.
+    pub fn topology_position(&self, index: u32) -> usize {
+        self.topo_index[index as usize] as usize
+    }
+
+    pub fn node_state(&self, index: u32) -> AdminState {
+        self.node_state[index as usize]
+    }
+
+    pub fn node_kind(&self, index: u32) -> NodeKind {
+        self.node_kind[index as usize]
+    }
+
+    /// The edges leaving a node, in neighbour index order.
+    pub fn neighbours(&self, index: u32) -> &[Edge] {
+        let i = index as usize;
+        &self.edges[self.offsets[i] as usize..self.offsets[i + 1] as usize]
+    }
+
+    /// The link index of `a--b` (either order).
+    pub fn link_index(&self, id: &LinkId) -> Option<u32> {
+        self.link_by_id
+            .binary_search_by(|(l, _)| l.cmp(id))
+            .ok()
+            .map(|i| self.link_by_id[i].1)
+    }
+
+    /// The two ends of a link, or `None` if it was skipped (unknown end).
+    pub fn link_ends(&self, link: u32) -> Option<(u32, u32)> {
+        self.link_ends
+            .get(link as usize)
+            .copied()
+            .filter(|(a, _)| *a != u32::MAX)
+    }
+
+    pub fn link_state(&self, link: u32) -> AdminState {
+        self.link_state[link as usize]
+    }
+
+    /// Declared one-way latency of a link, in nanoseconds.
+    pub fn link_latency_ns(&self, link: u32) -> u64 {
+        self.link_latency_ns[link as usize]
+    }
+
+    /// All link ids (sorted), as accepted by `--down`.
+    pub fn link_ids(&self) -> impl Iterator<Item = &LinkId> + '_ {
+        self.link_by_id.iter().map(|(l, _)| l)
+    }
+
+    /// Services, sorted by name, each with the sites that may serve it.
+    pub fn services(&self) -> &[ServiceSites] {
+        &self.services
+    }
+
+    pub fn service(&self, name: &str) -> Option<&ServiceSites> {
+        self.services
+            .binary_search_by(|s| s.name.as_str().cmp(name))
+            .ok()
+            .map(|i| &self.services[i])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::builder::{TopologyBuilder, ms};
+
+    #[test]
+    fn indices_follow_sorted_ids_and_adjacency_is_symmetric() {
+        let t = TopologyBuilder::new()
+            .node("c", NodeKind::Edge)
+            .node("a", NodeKind::Site)
+            .node("b", NodeKind::Transit)
+            .link("c", "b", ms(5.0))
+            .link("b", "a", ms(7.0))
+            .build();
+        let g = Graph::new(&t);
+        assert_eq!(
+            g.ids().iter().map(|i| i.as_str()).collect::<Vec<_>>(),
+            ["a", "b", "c"]
+        );
+        assert_eq!(g.index("c"), Some(2));
+        assert_eq!(g.index("zz"), None);
+        assert_eq!(g.topology_position(0), 1);
+        let b = g.index("b").unwrap();
+        let n: Vec<_> = g
+            .neighbours(b)
+            .iter()
+            .map(|e| (g.id(e.to).as_str(), e.latency_ns))
+            .collect();
+        assert_eq!(n, [("a", 7_000_000), ("c", 5_000_000)]);
+        assert_eq!(g.neighbours(0).len(), 1);
+        let l = g.link_index(&LinkId::parse("a--b").unwrap()).unwrap();
+        assert_eq!(l, 1);
+        assert_eq!(g.link_index(&LinkId::parse("b--a").unwrap()), Some(1));
+        assert_eq!(g.link_index(&LinkId::parse("a--c").unwrap()), None);
+    }
+
+    #[test]
+    fn links_to_unknown_nodes_are_skipped_not_trusted() {
+        let t = TopologyBuilder::new()
+            .node("a", NodeKind::Edge)
+            .node("b", NodeKind::Site)
+            .link("a", "ghost", ms(1.0))
+            .link("a", "b", ms(2.0))
+            .build();
+        let g = Graph::new(&t);
+        assert_eq!(g.link_count(), 2);
+        assert_eq!(g.link_ends(0), None);
+        assert_eq!(g.link_ends(1), Some((0, 1)));
+        assert_eq!(g.neighbours(0).len(), 1);
+    }
+}

@@ -1,0 +1,768 @@
+//! Route selection: for one node (normally an edge) and every service, the ranked list of
+//! candidate sites with their paths and costs, precomputed into a [`RoutingTable`] so that a
+//! connection's lookup does no graph work.
+//!
+//! # How a table is built
+//! One Dijkstra run (binary heap) from `from` over the [`Graph`], with:
+//! - link weight = the measured one-way latency from [`LiveState::link_latency`] if present,
+//!   else the declared latency (both clamped to at least 1 ns);
+//! - down nodes and links (admin `down`, or listed in the live state) never entered;
+//! - drained nodes and links (admin `drain`) usable, but the path cost is lexicographic
+//!   `(drained elements on the path, latency)`: a path with a drained element is chosen only
+//!   when the site cannot be reached without one, and such a candidate has `drained: true`;
+//! - ties between equal-cost paths resolved by the smallest predecessor id at each hop (node
+//!   indices are in id order), so the result depends on ids and numbers only, never on the
+//!   order of the YAML.
+//!
+//! Then, per service, every serving site that is allowed by the service's residency, not down,
+//! reachable, and eligible by load ([`SiteLoad::penalty`]) becomes a [`Candidate`]. Candidates
+//! are ranked by `(drained, cost, site id, path)`: every drain-free candidate comes before
+//! every drained one, then lower cost (latency + load penalty) wins.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use crate::graph::{Graph, weight_ns};
+use crate::model::{AdminState, LinkId, NodeId, ServiceName, Topology};
+use crate::units::Latency;
+
+/// What the router or controller knows beyond the YAML. Entries naming nodes or links that the
+/// topology does not have are ignored (telemetry may lag a topology change).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LiveState {
+    pub down_nodes: BTreeSet<NodeId>,
+    pub down_links: BTreeSet<LinkId>,
+    /// Measured one-way latency (RTT/2: links are declared one-way); replaces the declared one.
+    pub link_latency: BTreeMap<LinkId, Latency>,
+    pub site_load: BTreeMap<NodeId, SiteLoad>,
+}
+
+/// A site's reported load. A site with no entry in [`LiveState::site_load`] counts as healthy
+/// and unloaded (no telemetry yet).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiteLoad {
+    pub active_streams: u32,
+    /// Concurrent streams the site accepts; 0 means "not reported": the service's declared
+    /// capacity at that site is used instead.
+    pub capacity: u32,
+    pub healthy: bool,
+}
+
+/// Penalty per unit of the load curve (see [`SiteLoad::penalty`]).
+pub const LOAD_PENALTY_SCALE: Latency = Latency::from_micros(10_000);
+/// Upper bound of the load penalty.
+pub const LOAD_PENALTY_MAX: Latency = Latency::from_micros(1_000_000);
+
+impl SiteLoad {
+    /// The cost added to a site's path latency for its load, or `None` when the site is not
+    /// eligible: unhealthy, or at/over capacity.
+    ///
+    /// With utilisation `u = active / capacity`, the penalty is `0` for `u <= 0.5` and
+    /// `LOAD_PENALTY_SCALE * (u - 0.5) / (1 - u)` above, capped at `LOAD_PENALTY_MAX`. This is the
+    /// shape of an M/M/1 queue's expected wait (`u / (1 - u)`), shifted so that a half-loaded site
+    /// costs nothing: 10 ms at 75 %, 40 ms at 90 %, 490 ms at 99 %. A nearby site therefore keeps
+    /// its traffic until it is genuinely busy, then sheds it smoothly to the next one.
+    /// `declared_capacity` is used when the report has `capacity == 0`.
+    pub fn penalty(&self, declared_capacity: u32) -> Option<Latency> {
+        if !self.healthy {
+            return None;
+        }
+        let capacity = if self.capacity > 0 {
+            self.capacity
+        } else {
+            declared_capacity
+        };
+        load_penalty(self.active_streams, capacity)
+    }
+}
+
+/// The load curve of [`SiteLoad::penalty`], for a healthy site. `None` when `active >= capacity`
+/// (a site with capacity 0 is always full).
+pub fn load_penalty(active: u32, capacity: u32) -> Option<Latency> {
+    if active >= capacity {
+        return None;
+    }
+    let (a, c) = (u64::from(active), u64::from(capacity));
+    if 2 * a <= c {
+        return Some(Latency::ZERO);
+    }
+    // SCALE * (a/c - 1/2) / (1 - a/c) = SCALE * (2a - c) / (2 (c - a)); all in u64 ns, no overflow:
+    // SCALE is 1e7 ns and 2a - c < 2^33.
+    let ns = LOAD_PENALTY_SCALE.as_nanos().saturating_mul(2 * a - c) / (2 * (c - a));
+    Some(Latency::from_nanos(ns.min(LOAD_PENALTY_MAX.as_nanos())))
+}
+
+/// One way to serve a service: a site and the path to it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Candidate {
+    pub site: NodeId,
+    /// `from..=site`; just `[from]` when the node is itself the site.
+    pub path: Vec<NodeId>,
+    /// Sum of the (measured or declared) one-way link latencies along the path.
+    pub latency: Latency,
+    /// The site's load penalty.
+    pub penalty: Latency,
+    /// `latency + penalty`: the ranking key (after `drained`).
+    pub cost: Latency,
+    /// The path crosses a drained node or link (or the site is drained): used only because no
+    /// drain-free path to this site exists.
+    pub drained: bool,
+}
+
+impl Candidate {
+    /// The first hop after `from`, or `None` when `from` is the site.
+    pub fn next_hop(&self) -> Option<&NodeId> {
+        self.path.get(1)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error("unknown node {node:?} (known: {})", list(known))]
+    UnknownNode { node: String, known: Vec<String> },
+    #[error("unknown service {service:?} (known: {})", list(known))]
+    UnknownService { service: String, known: Vec<String> },
+    #[error(
+        "the graph does not belong to this topology ({graph_nodes} nodes and {graph_links} links \
+         in the graph, {topology_nodes} and {topology_links} in the topology)"
+    )]
+    GraphMismatch {
+        graph_nodes: usize,
+        graph_links: usize,
+        topology_nodes: usize,
+        topology_links: usize,
+    },
+}
+
+/// "a, b, c" for error messages; long lists are cut with a count.
+fn list(items: &[String]) -> String {
+    const SHOWN: usize = 20;
+    let mut s = items
+        .iter()
+        .take(SHOWN)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if items.is_empty() {
+        s.push_str("none");
+    } else if items.len() > SHOWN {
+        let _ = write!(s, ", ... and {} more", items.len() - SHOWN);
+    }
+    s
+}
+
+/// A node's ranked candidates for every service, from one shortest-path run.
+///
+/// Compact: service names are stored once (sorted, for a binary search), every candidate of
+/// every service lives in one `Vec`, and each service owns a range of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoutingTable {
+    from: NodeId,
+    /// Sorted by name; `(name, start, end)` into `candidates`.
+    services: Vec<(ServiceName, u32, u32)>,
+    candidates: Vec<Candidate>,
+}
+
+const UNREACHED: (u32, u64) = (u32::MAX, u64::MAX);
+const NO_PREV: u32 = u32::MAX;
+
+impl RoutingTable {
+    /// Builds `from`'s table. `graph` must be `Graph::new(topo)`. If `from` is itself down,
+    /// every service has no candidates.
+    pub fn build(
+        topo: &Topology,
+        graph: &Graph,
+        from: &NodeId,
+        live: &LiveState,
+    ) -> Result<RoutingTable, RouteError> {
+        if graph.link_count() != topo.links.len() || graph.node_count() > topo.nodes.len() {
+            return Err(RouteError::GraphMismatch {
+                graph_nodes: graph.node_count(),
+                graph_links: graph.link_count(),
+                topology_nodes: topo.nodes.len(),
+                topology_links: topo.links.len(),
+            });
+        }
+        let Some(origin) = graph.index(from.as_str()) else {
+            return Err(RouteError::UnknownNode {
+                node: from.to_string(),
+                known: graph.ids().iter().map(|i| i.to_string()).collect(),
+            });
+        };
+        let n = graph.node_count();
+        let m = graph.link_count();
+
+        let mut node_blocked: Vec<bool> = (0..n as u32)
+            .map(|i| graph.node_state(i) == AdminState::Down)
+            .collect();
+        for id in &live.down_nodes {
+            if let Some(i) = graph.index(id.as_str()) {
+                node_blocked[i as usize] = true;
+            }
+        }
+        let mut link_blocked: Vec<bool> = (0..m as u32)
+            .map(|l| graph.link_state(l) == AdminState::Down)
+            .collect();
+        for id in &live.down_links {
+            if let Some(l) = graph.link_index(id) {
+                link_blocked[l as usize] = true;
+            }
+        }
+        let overrides: Option<Vec<u64>> = (!live.link_latency.is_empty()).then(|| {
+            let mut w: Vec<u64> = (0..m as u32).map(|l| graph.link_latency_ns(l)).collect();
+            for (id, lat) in &live.link_latency {
+                if let Some(l) = graph.link_index(id) {
+                    w[l as usize] = weight_ns(*lat);
+                }
+            }
+            w
+        });
+
+        // Dijkstra over (drained count, latency ns), lexicographic.
+        let mut dist = vec![UNREACHED; n];
+        let mut prev = vec![NO_PREV; n];
+        let mut done = vec![false; n];
+        let mut heap = BinaryHeap::new();
+        if !node_blocked[origin as usize] {
+            dist[origin as usize] = (0, 0);
+            heap.push(Reverse((0u32, 0u64, origin)));
+        }
+        while let Some(Reverse((d, l, u))) = heap.pop() {
+            if std::mem::replace(&mut done[u as usize], true) {
+                continue;
+            }
+            for e in graph.neighbours(u) {
+                let v = e.to as usize;
+                if link_blocked[e.link as usize] || node_blocked[v] {
+                    continue;
+                }
+                let w = overrides
+                    .as_ref()
+                    .map_or(e.latency_ns, |o| o[e.link as usize]);
+                let drained = u32::from(graph.link_state(e.link) == AdminState::Drain)
+                    + u32::from(graph.node_state(e.to) == AdminState::Drain);
+                let cand = (d.saturating_add(drained), l.saturating_add(w));
+                if cand < dist[v] {
+                    dist[v] = cand;
+                    prev[v] = u;
+                    heap.push(Reverse((cand.0, cand.1, e.to)));
+                } else if cand == dist[v] && u < prev[v] {
+                    // Weights are >= 1 ns, so every equal-cost predecessor is settled before
+                    // `v` is, and this rule cannot create a cycle.
+                    prev[v] = u;
+                }
+            }
+        }
+
+        let mut services = Vec::with_capacity(graph.services().len());
+        let mut candidates = Vec::new();
+        for svc in graph.services() {
+            let start = candidates.len();
+            for site in &svc.sites {
+                let (drained, latency_ns) = dist[site.node as usize];
+                if (drained, latency_ns) == UNREACHED {
+                    continue;
+                }
+                let id = graph.id(site.node);
+                let penalty = match live.site_load.get(id.as_str()) {
+                    None => Latency::ZERO,
+                    Some(load) => match load.penalty(site.capacity) {
+                        Some(p) => p,
+                        None => continue,
+                    },
+                };
+                let latency = Latency::from_nanos(latency_ns);
+                candidates.push(Candidate {
+                    site: id.clone(),
+                    path: path_to(graph, &prev, origin, site.node),
+                    latency,
+                    penalty,
+                    cost: latency.saturating_add(penalty),
+                    drained: drained > 0,
+                });
+            }
+            candidates[start..].sort_by(|a, b| {
+                (a.drained, a.cost, &a.site, &a.path).cmp(&(b.drained, b.cost, &b.site, &b.path))
+            });
+            services.push((svc.name.clone(), start as u32, candidates.len() as u32));
+        }
+        Ok(RoutingTable {
+            from: from.clone(),
+            services,
+            candidates,
+        })
+    }
+
+    /// The ranked candidates for `service`, best first; empty for an unknown service or when no
+    /// site is eligible. Hot path: a binary search over the service names, no allocation.
+    pub fn candidates(&self, service: &str) -> &[Candidate] {
+        match self
+            .services
+            .binary_search_by(|(name, _, _)| name.as_str().cmp(service))
+        {
+            Ok(i) => {
+                let (_, start, end) = &self.services[i];
+                &self.candidates[*start as usize..*end as usize]
+            }
+            Err(_) => &[],
+        }
+    }
+
+    /// The best candidate for `service`, if any.
+    pub fn best(&self, service: &str) -> Option<&Candidate> {
+        self.candidates(service).first()
+    }
+
+    /// The node this table routes from.
+    pub fn from(&self) -> &NodeId {
+        &self.from
+    }
+
+    /// Every service of the topology (sorted by name) with its candidates.
+    pub fn services(&self) -> impl Iterator<Item = (&ServiceName, &[Candidate])> + '_ {
+        self.services
+            .iter()
+            .map(|(name, s, e)| (name, &self.candidates[*s as usize..*e as usize]))
+    }
+}
+
+fn path_to(graph: &Graph, prev: &[u32], origin: u32, site: u32) -> Vec<NodeId> {
+    let mut rev = vec![site];
+    let mut at = site;
+    while at != origin {
+        at = prev[at as usize];
+        if at == NO_PREV {
+            // Unreachable for a settled node; an empty-ended path is better than a hang.
+            break;
+        }
+        rev.push(at);
+    }
+    rev.iter().rev().map(|&i| graph.id(i).clone()).collect()
+}
+
+/// Convenience for one-off questions (the CLI, tests): builds the graph and `from`'s table and
+/// returns the candidates for `service`, best first. Routers keep a [`RoutingTable`] instead.
+pub fn route(
+    topo: &Topology,
+    from: &NodeId,
+    service: &str,
+    live: &LiveState,
+) -> Result<Vec<Candidate>, RouteError> {
+    let graph = Graph::new(topo);
+    if graph.service(service).is_none() {
+        return Err(RouteError::UnknownService {
+            service: service.to_string(),
+            known: graph
+                .services()
+                .iter()
+                .map(|s| s.name.to_string())
+                .collect(),
+        });
+    }
+    let table = RoutingTable::build(topo, &graph, from, live)?;
+    Ok(table.candidates(service).to_vec())
+}
+
+/// Anti-flap rule for changing an established preference (Tailscale's DERP home rule): switch
+/// only if the challenger is better by at least `absolute` **and** costs less than `relative`
+/// times the incumbent. Defaults: 10 ms and 2/3.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Hysteresis {
+    pub absolute: Latency,
+    pub relative: f64,
+}
+
+impl Default for Hysteresis {
+    fn default() -> Self {
+        Hysteresis {
+            absolute: Latency::from_micros(10_000),
+            relative: 2.0 / 3.0,
+        }
+    }
+}
+
+impl Hysteresis {
+    /// Whether to move from the incumbent to the challenger. Only for a live incumbent: when the
+    /// incumbent is no longer a candidate at all, the caller switches regardless.
+    pub fn should_switch(&self, incumbent_cost: Latency, challenger_cost: Latency) -> bool {
+        let (inc, ch) = (incumbent_cost.as_nanos(), challenger_cost.as_nanos());
+        ch.saturating_add(self.absolute.as_nanos()) <= inc
+            && (ch as f64) < self.relative * inc as f64
+    }
+
+    /// Picks from ranked `candidates`, keeping `incumbent` (a site id) while it is still a
+    /// candidate and the best one does not beat it by the margins. A drained incumbent yields
+    /// to any drain-free best.
+    pub fn select<'a>(
+        &self,
+        incumbent: Option<&NodeId>,
+        candidates: &'a [Candidate],
+    ) -> Option<&'a Candidate> {
+        let best = candidates.first()?;
+        let Some(current) = incumbent.and_then(|id| candidates.iter().find(|c| &c.site == id))
+        else {
+            return Some(best);
+        };
+        if current.drained && !best.drained {
+            return Some(best);
+        }
+        if self.should_switch(current.cost, best.cost) {
+            Some(best)
+        } else {
+            Some(current)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::builder::{TopologyBuilder, country, ms};
+    use crate::model::{NodeKind, Region, Residency};
+
+    fn ids(c: &[Candidate]) -> Vec<&str> {
+        c.iter().map(|c| c.site.as_str()).collect()
+    }
+    fn path(c: &Candidate) -> Vec<&str> {
+        c.path.iter().map(|n| n.as_str()).collect()
+    }
+    fn nid(s: &str) -> NodeId {
+        NodeId::new(s)
+    }
+
+    /// edge -- t1 (5) -- s1 (1); edge -- t2 (2) -- s2 (20); t1 -- t2 (1)
+    fn small() -> TopologyBuilder {
+        let mut b = TopologyBuilder::new();
+        b.node("edge", NodeKind::Edge)
+            .node("t1", NodeKind::Transit)
+            .node("t2", NodeKind::Transit)
+            .node("s1", NodeKind::Site)
+            .node("s2", NodeKind::Site)
+            .link("edge", "t1", ms(5.0))
+            .link("t1", "s1", ms(1.0))
+            .link("edge", "t2", ms(2.0))
+            .link("t2", "s2", ms(20.0))
+            .link("t1", "t2", ms(1.0))
+            .service("chat")
+            .serve("s1", "chat", 100)
+            .serve("s2", "chat", 100);
+        b
+    }
+
+    #[test]
+    fn ranks_sites_by_shortest_path_latency() {
+        let t = small().build();
+        let c = route(&t, &nid("edge"), "chat", &LiveState::default()).unwrap();
+        assert_eq!(ids(&c), ["s1", "s2"]);
+        // edge-t2-t1-s1 = 4ms beats edge-t1-s1 = 6ms.
+        assert_eq!(path(&c[0]), ["edge", "t2", "t1", "s1"]);
+        assert_eq!(c[0].latency, ms(4.0));
+        assert_eq!(c[0].cost, ms(4.0));
+        assert_eq!(c[0].next_hop().map(|n| n.as_str()), Some("t2"));
+        assert_eq!(c[1].latency, ms(22.0));
+        assert!(!c[0].drained && !c[1].drained);
+    }
+
+    #[test]
+    fn measured_latency_replaces_declared() {
+        let t = small().build();
+        let mut live = LiveState::default();
+        live.link_latency
+            .insert(LinkId::new(&nid("t1"), &nid("t2")), ms(10.0));
+        let c = route(&t, &nid("edge"), "chat", &live).unwrap();
+        assert_eq!(path(&c[0]), ["edge", "t1", "s1"]);
+        assert_eq!(c[0].latency, ms(6.0));
+    }
+
+    #[test]
+    fn down_nodes_and_links_are_never_crossed() {
+        let t = small().build();
+        let mut live = LiveState::default();
+        live.down_nodes.insert(nid("t2"));
+        let c = route(&t, &nid("edge"), "chat", &live).unwrap();
+        assert_eq!(path(&c[0]), ["edge", "t1", "s1"]);
+        assert!(c.iter().all(|c| !c.path.contains(&nid("t2"))));
+        assert_eq!(ids(&c), ["s1"]);
+
+        let mut live = LiveState::default();
+        live.down_links.insert(LinkId::parse("t1--s1").unwrap());
+        let c = route(&t, &nid("edge"), "chat", &live).unwrap();
+        assert_eq!(ids(&c), ["s2"]);
+
+        let mut b = small();
+        b.node_state("s1", AdminState::Down);
+        let c = route(&b.build(), &nid("edge"), "chat", &LiveState::default()).unwrap();
+        assert_eq!(ids(&c), ["s2"]);
+    }
+
+    #[test]
+    fn drained_link_is_used_only_when_nothing_else_exists() {
+        let mut b = small();
+        // Drain t2--t1: s1 is still reachable drain-free via edge--t1 (6ms > 4ms drained path).
+        let mut t = b.build();
+        t.links[4].state = AdminState::Drain;
+        let c = route(&t, &nid("edge"), "chat", &LiveState::default()).unwrap();
+        assert_eq!(path(&c[0]), ["edge", "t1", "s1"]);
+        assert!(!c[0].drained);
+
+        // Drain t1--s1 as well: s1 is only reachable over a drained link; s2 (22ms) wins.
+        t.links[1].state = AdminState::Drain;
+        let c = route(&t, &nid("edge"), "chat", &LiveState::default()).unwrap();
+        assert_eq!(ids(&c), ["s2", "s1"]);
+        assert!(!c[0].drained);
+        assert!(c[1].drained);
+        assert_eq!(path(&c[1]), ["edge", "t1", "s1"]);
+
+        // A drained site ranks after every drain-free one.
+        b.node_state("s1", AdminState::Drain);
+        let c = route(&b.build(), &nid("edge"), "chat", &LiveState::default()).unwrap();
+        assert_eq!(ids(&c), ["s2", "s1"]);
+        assert!(c[1].drained);
+    }
+
+    #[test]
+    fn residency_excludes_sites_outside_allowed_countries_and_regions() {
+        let mut b = TopologyBuilder::new();
+        b.node_in("edge", NodeKind::Edge, "au-east", country("AU"))
+            .node_in("sg", NodeKind::Site, "ap-se", country("SG"))
+            .node_in("nz", NodeKind::Site, "nz", country("NZ"))
+            .node_in("mel", NodeKind::Site, "au-south", country("AU"))
+            .link("edge", "sg", ms(1.0))
+            .link("edge", "nz", ms(12.0))
+            .link("edge", "mel", ms(6.0))
+            .service_with(
+                "anz",
+                Residency {
+                    regions: vec![],
+                    countries: vec![country("AU"), country("NZ")],
+                },
+            )
+            .service_with(
+                "east",
+                Residency {
+                    regions: vec![Region::new("au-east"), Region::new("nz")],
+                    countries: vec![],
+                },
+            )
+            .service("any");
+        for s in ["sg", "nz", "mel"] {
+            b.serve(s, "anz", 10)
+                .serve(s, "east", 10)
+                .serve(s, "any", 10);
+        }
+        let t = b.build();
+        let live = LiveState::default();
+        assert_eq!(
+            ids(&route(&t, &nid("edge"), "anz", &live).unwrap()),
+            ["mel", "nz"]
+        );
+        assert_eq!(
+            ids(&route(&t, &nid("edge"), "east", &live).unwrap()),
+            ["nz"]
+        );
+        assert_eq!(
+            ids(&route(&t, &nid("edge"), "any", &live).unwrap()),
+            ["sg", "mel", "nz"]
+        );
+    }
+
+    #[test]
+    fn load_penalty_is_zero_to_half_then_grows_like_a_queue() {
+        assert_eq!(load_penalty(0, 100), Some(Latency::ZERO));
+        assert_eq!(load_penalty(50, 100), Some(Latency::ZERO));
+        assert_eq!(load_penalty(75, 100), Some(ms(10.0)));
+        assert_eq!(load_penalty(90, 100), Some(ms(40.0)));
+        assert_eq!(load_penalty(99, 100), Some(ms(490.0)));
+        assert_eq!(load_penalty(9_999, 10_000), Some(LOAD_PENALTY_MAX));
+        assert_eq!(load_penalty(100, 100), None);
+        assert_eq!(load_penalty(0, 0), None);
+        assert_eq!(load_penalty(u32::MAX - 1, u32::MAX), Some(LOAD_PENALTY_MAX));
+        let mut last = Latency::ZERO;
+        for a in 0..100 {
+            let p = load_penalty(a, 100).unwrap();
+            assert!(p >= last, "monotone at {a}");
+            last = p;
+        }
+    }
+
+    #[test]
+    fn site_load_makes_sites_ineligible_or_penalised() {
+        let t = small().build();
+        let mut live = LiveState::default();
+        // s1 at 90 % of its reported capacity: 4ms + 40ms > s2's 22ms.
+        live.site_load.insert(
+            nid("s1"),
+            SiteLoad {
+                active_streams: 90,
+                capacity: 100,
+                healthy: true,
+            },
+        );
+        let c = route(&t, &nid("edge"), "chat", &live).unwrap();
+        assert_eq!(ids(&c), ["s2", "s1"]);
+        assert_eq!(c[1].penalty, ms(40.0));
+        assert_eq!(c[1].cost, ms(44.0));
+        assert_eq!(c[1].latency, ms(4.0));
+
+        // capacity 0 in the report: the declared capacity (100) applies; full -> ineligible.
+        live.site_load.insert(
+            nid("s1"),
+            SiteLoad {
+                active_streams: 100,
+                capacity: 0,
+                healthy: true,
+            },
+        );
+        assert_eq!(
+            ids(&route(&t, &nid("edge"), "chat", &live).unwrap()),
+            ["s2"]
+        );
+
+        live.site_load.insert(
+            nid("s1"),
+            SiteLoad {
+                active_streams: 0,
+                capacity: 100,
+                healthy: false,
+            },
+        );
+        assert_eq!(
+            ids(&route(&t, &nid("edge"), "chat", &live).unwrap()),
+            ["s2"]
+        );
+    }
+
+    #[test]
+    fn from_a_site_itself_costs_zero_and_down_origin_has_no_candidates() {
+        let t = small().build();
+        let c = route(&t, &nid("s2"), "chat", &LiveState::default()).unwrap();
+        assert_eq!(ids(&c), ["s2", "s1"]);
+        assert_eq!(c[0].cost, Latency::ZERO);
+        assert_eq!(path(&c[0]), ["s2"]);
+        assert_eq!(c[0].next_hop(), None);
+
+        let mut live = LiveState::default();
+        live.down_nodes.insert(nid("edge"));
+        assert!(route(&t, &nid("edge"), "chat", &live).unwrap().is_empty());
+    }
+
+    #[test]
+    fn equal_costs_break_ties_by_site_id_then_smallest_predecessor() {
+        let mut b = TopologyBuilder::new();
+        b.node("e", NodeKind::Edge)
+            .node("tb", NodeKind::Transit)
+            .node("ta", NodeKind::Transit)
+            .node("zs", NodeKind::Site)
+            .node("as", NodeKind::Site)
+            .link("e", "tb", ms(1.0))
+            .link("e", "ta", ms(1.0))
+            .link("tb", "zs", ms(1.0))
+            .link("ta", "zs", ms(1.0))
+            .link("e", "as", ms(2.0))
+            .service("x")
+            .serve("zs", "x", 1)
+            .serve("as", "x", 1);
+        let t = b.build();
+        let c = route(&t, &nid("e"), "x", &LiveState::default()).unwrap();
+        assert_eq!(ids(&c), ["as", "zs"]);
+        assert_eq!(path(&c[1]), ["e", "ta", "zs"]);
+        // Same answer whatever the declaration order.
+        let mut rev = t.clone();
+        rev.nodes.reverse();
+        rev.links.reverse();
+        assert_eq!(
+            route(&rev, &nid("e"), "x", &LiveState::default()).unwrap(),
+            c
+        );
+    }
+
+    #[test]
+    fn table_lookup_and_errors() {
+        let t = small().build();
+        let g = Graph::new(&t);
+        let table = RoutingTable::build(&t, &g, &nid("edge"), &LiveState::default()).unwrap();
+        assert_eq!(table.from().as_str(), "edge");
+        assert_eq!(ids(table.candidates("chat")), ["s1", "s2"]);
+        assert!(table.candidates("nope").is_empty());
+        assert_eq!(table.best("chat").map(|c| c.site.as_str()), Some("s1"));
+        assert_eq!(table.services().count(), 1);
+
+        let err = RoutingTable::build(&t, &g, &nid("mars"), &LiveState::default()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            r#"unknown node "mars" (known: edge, s1, s2, t1, t2)"#
+        );
+        let err = route(&t, &nid("edge"), "video", &LiveState::default()).unwrap_err();
+        assert_eq!(err.to_string(), r#"unknown service "video" (known: chat)"#);
+        let other = TopologyBuilder::new().build();
+        assert!(matches!(
+            RoutingTable::build(&other, &g, &nid("edge"), &LiveState::default()),
+            Err(RouteError::GraphMismatch { .. })
+        ));
+        // Live entries for things the topology lacks are ignored.
+        let mut live = LiveState::default();
+        live.down_nodes.insert(nid("ghost"));
+        live.down_links
+            .insert(LinkId::parse("ghost--edge").unwrap());
+        live.link_latency
+            .insert(LinkId::parse("ghost--s1").unwrap(), ms(1.0));
+        assert_eq!(
+            RoutingTable::build(&t, &g, &nid("edge"), &live).unwrap(),
+            table
+        );
+    }
+
+    #[test]
+    fn hysteresis_needs_both_absolute_and_relative_margins() {
+        let h = Hysteresis::default();
+        // 30 -> 15: better by 15ms and 15 < 20: switch.
+        assert!(h.should_switch(ms(30.0), ms(15.0)));
+        // 30 -> 21: better by 9ms: stay.
+        assert!(!h.should_switch(ms(30.0), ms(21.0)));
+        // 100 -> 70: better by 30ms but 70 >= 66.7: stay.
+        assert!(!h.should_switch(ms(100.0), ms(70.0)));
+        // 100 -> 66: both margins met.
+        assert!(h.should_switch(ms(100.0), ms(66.0)));
+        // Exactly 10ms better and under 2/3: switch (">= absolute").
+        assert!(h.should_switch(ms(30.0), ms(19.999)));
+        assert!(
+            !h.should_switch(ms(30.0), ms(20.0)),
+            "20 is not < 2/3 of 30"
+        );
+        assert!(!h.should_switch(ms(5.0), ms(0.0)), "never for a 5ms gain");
+        assert!(!h.should_switch(ms(10.0), ms(10.0)));
+    }
+
+    #[test]
+    fn hysteresis_select_keeps_a_live_incumbent_within_margins() {
+        let t = small().build();
+        let c = route(&t, &nid("edge"), "chat", &LiveState::default()).unwrap();
+        let h = Hysteresis::default();
+        // s1 (4ms) vs s2 (22ms): 18ms better and 4 < 14.7: move to s1.
+        assert_eq!(h.select(Some(&nid("s2")), &c).unwrap().site.as_str(), "s1");
+        assert_eq!(h.select(None, &c).unwrap().site.as_str(), "s1");
+        assert_eq!(
+            h.select(Some(&nid("gone")), &c).unwrap().site.as_str(),
+            "s1"
+        );
+        let mut close = c.clone();
+        close[1].cost = ms(9.0);
+        assert_eq!(
+            h.select(Some(&nid("s2")), &close).unwrap().site.as_str(),
+            "s2"
+        );
+        let mut drained_inc = close.clone();
+        drained_inc[1].drained = true;
+        assert_eq!(
+            h.select(Some(&nid("s2")), &drained_inc)
+                .unwrap()
+                .site
+                .as_str(),
+            "s1"
+        );
+        assert!(h.select(None, &[]).is_none());
+    }
+}

@@ -132,7 +132,11 @@ impl Code {
     pub fn marks_site_down(self) -> bool {
         matches!(
             self,
-            Code::BackendRefused | Code::SiteFull | Code::ServiceNotServed | Code::NextHopUnreachable | Code::ShuttingDown
+            Code::BackendRefused
+                | Code::SiteFull
+                | Code::ServiceNotServed
+                | Code::NextHopUnreachable
+                | Code::ShuttingDown
         )
     }
 }

@@ -23,7 +23,10 @@ use crate::splice::{self, Side, TCP_BUF};
 use crate::{RouterError, Shared};
 
 /// Binds the edge's listeners (none for other roles) and spawns their accept loops.
-pub(crate) async fn bind_listeners(shared: &Arc<Shared>, me: &Node) -> Result<Vec<JoinHandle<()>>, RouterError> {
+pub(crate) async fn bind_listeners(
+    shared: &Arc<Shared>,
+    me: &Node,
+) -> Result<Vec<JoinHandle<()>>, RouterError> {
     let mut tasks = Vec::new();
     if me.kind != NodeKind::Edge {
         return Ok(tasks);
@@ -33,13 +36,21 @@ pub(crate) async fn bind_listeners(shared: &Arc<Shared>, me: &Node) -> Result<Ve
     for svc in &snap.topology.services {
         let Some(port) = svc.port else { continue };
         let addr = SocketAddr::new(ip, port);
-        let l = TcpListener::bind(addr).await.map_err(|source| RouterError::Bind { addr, source })?;
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|source| RouterError::Bind { addr, source })?;
         tracing::info!(node = %shared.node, service = %svc.name, %addr, "service listener");
-        tasks.push(tokio::spawn(accept_loop(shared.clone(), l, Some(svc.name.clone()))));
+        tasks.push(tokio::spawn(accept_loop(
+            shared.clone(),
+            l,
+            Some(svc.name.clone()),
+        )));
     }
     if let Some(port) = me.transparent_port {
         let addr = SocketAddr::new(ip, port);
-        let l = TcpListener::bind(addr).await.map_err(|source| RouterError::Bind { addr, source })?;
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|source| RouterError::Bind { addr, source })?;
         tracing::info!(node = %shared.node, %addr, "transparent listener");
         tasks.push(tokio::spawn(accept_loop(shared.clone(), l, None)));
     }
@@ -80,7 +91,12 @@ enum Attempt {
 }
 
 /// HOT PATH (per connection): one table load, one stream open, one header write.
-async fn handle_client(shared: Arc<Shared>, mut tcp: TcpStream, client: SocketAddr, service: ServiceName) {
+async fn handle_client(
+    shared: Arc<Shared>,
+    mut tcp: TcpStream,
+    client: SocketAddr,
+    service: ServiceName,
+) {
     let _ = tcp.set_nodelay(true);
     let Some(cands) = shared.routes.load().candidates(service.as_str()) else {
         shared.metrics.error(Code::NoRoute);
@@ -88,14 +104,29 @@ async fn handle_client(shared: Arc<Shared>, mut tcp: TcpStream, client: SocketAd
         return;
     };
     let mut buf = vec![0u8; TCP_BUF];
-    let mut replay = Replay { data: BytesMut::new(), overflow: false, limit: shared.replay_limit, eof: false };
+    let mut replay = Replay {
+        data: BytesMut::new(),
+        overflow: false,
+        limit: shared.replay_limit,
+        eof: false,
+    };
     let mut last = Code::NoRoute;
     for (i, cand) in cands.iter().take(shared.max_tries).enumerate() {
         if i > 0 {
             shared.metrics.failovers_total.fetch_add(1, Relaxed);
             tracing::info!(node = %shared.node, %service, site = %cand.site, code = %last, "retrying on next candidate");
         }
-        match attempt(&shared, cand, &service, client, &mut tcp, &mut buf, &mut replay).await {
+        match attempt(
+            &shared,
+            cand,
+            &service,
+            client,
+            &mut tcp,
+            &mut buf,
+            &mut replay,
+        )
+        .await
+        {
             Attempt::Accepted(send, recv) => {
                 drop(replay);
                 splice::tcp_quic_with(&shared, tcp, send, recv, Side::Edge, &mut buf).await;
@@ -105,7 +136,11 @@ async fn handle_client(shared: Arc<Shared>, mut tcp: TcpStream, client: SocketAd
                 last = code;
                 shared.metrics.error(code);
                 if code.marks_site_down() {
-                    shared.evidence.mark_site_down(&cand.site, &service, Instant::now() + shared.probe.hold_down);
+                    shared.evidence.mark_site_down(
+                        &cand.site,
+                        &service,
+                        Instant::now() + shared.probe.hold_down,
+                    );
                     shared.changed.notify_one();
                 }
                 if replay.overflow {
@@ -140,7 +175,11 @@ fn read_code(e: &ReadError) -> Code {
 }
 
 fn classify(code: Code) -> Attempt {
-    if code.retryable() { Attempt::Retry(code) } else { Attempt::Fatal(code) }
+    if code.retryable() {
+        Attempt::Retry(code)
+    } else {
+        Attempt::Fatal(code)
+    }
 }
 
 async fn attempt(
@@ -152,8 +191,15 @@ async fn attempt(
     buf: &mut [u8],
     replay: &mut Replay,
 ) -> Attempt {
-    let Some(first) = cand.next_hop() else { return Attempt::Retry(Code::WrongRole) };
-    let Some(conn) = shared.neighbours.load().get(first).and_then(|n| n.connection()) else {
+    let Some(first) = cand.next_hop() else {
+        return Attempt::Retry(Code::WrongRole);
+    };
+    let Some(conn) = shared
+        .neighbours
+        .load()
+        .get(first)
+        .and_then(|n| n.connection())
+    else {
         return Attempt::Retry(Code::NextHopUnreachable);
     };
     let (mut send, mut recv) = match conn.open_bi().await {

@@ -71,7 +71,10 @@ pub enum HeaderError {
     #[error("unknown header flags 0x{0:02x}")]
     Flags(u8),
     #[error("bad {field}: {reason}")]
-    Field { field: &'static str, reason: &'static str },
+    Field {
+        field: &'static str,
+        reason: &'static str,
+    },
     #[error("{0} trailing bytes after the header body")]
     Trailing(usize),
     #[error("{0} hops (at most {MAX_HOPS})")]
@@ -91,21 +94,37 @@ impl HeaderError {
 }
 
 fn need(buf: &impl Buf, n: usize) -> Result<(), HeaderError> {
-    if buf.remaining() < n { Err(HeaderError::Truncated { needed: n, had: buf.remaining() }) } else { Ok(()) }
+    if buf.remaining() < n {
+        Err(HeaderError::Truncated {
+            needed: n,
+            had: buf.remaining(),
+        })
+    } else {
+        Ok(())
+    }
 }
 
 fn get_name(buf: &mut impl Buf, field: &'static str) -> Result<String, HeaderError> {
     need(buf, 1)?;
     let len = buf.get_u8() as usize;
     if len == 0 || len > MAX_NAME_LEN {
-        return Err(HeaderError::Field { field, reason: "length out of range" });
+        return Err(HeaderError::Field {
+            field,
+            reason: "length out of range",
+        });
     }
     need(buf, len)?;
     let mut raw = [0u8; MAX_NAME_LEN];
     buf.copy_to_slice(&mut raw[..len]);
-    let s = std::str::from_utf8(&raw[..len]).map_err(|_| HeaderError::Field { field, reason: "not UTF-8" })?;
+    let s = std::str::from_utf8(&raw[..len]).map_err(|_| HeaderError::Field {
+        field,
+        reason: "not UTF-8",
+    })?;
     if s.chars().any(char::is_control) {
-        return Err(HeaderError::Field { field, reason: "control character" });
+        return Err(HeaderError::Field {
+            field,
+            reason: "control character",
+        });
     }
     Ok(s.to_string())
 }
@@ -118,7 +137,13 @@ fn put_name(out: &mut BytesMut, s: &str) {
 
 impl Header {
     pub fn data(service: ServiceName, hops: Vec<NodeId>, client: Option<SocketAddr>) -> Self {
-        Header { kind: Kind::Data, service, hops, client, circuit: None }
+        Header {
+            kind: Kind::Data,
+            service,
+            hops,
+            client,
+            circuit: None,
+        }
     }
 
     /// Validates the 4-byte prefix and returns the body length that follows it.
@@ -179,32 +204,57 @@ impl Header {
                     need(b, 16)?;
                     IpAddr::V6(Ipv6Addr::from(b.get_u128()))
                 }
-                _ => return Err(HeaderError::Field { field: "client", reason: "unknown address family" }),
+                _ => {
+                    return Err(HeaderError::Field {
+                        field: "client",
+                        reason: "unknown address family",
+                    });
+                }
             };
             need(b, 2)?;
             Some(SocketAddr::new(ip, b.get_u16()))
         } else {
             None
         };
-        let circuit = if flags & FLAG_CIRCUIT != 0 { Some(get_name(b, "circuit")?) } else { None };
-        Ok(Header { kind: Kind::Data, service, hops, client, circuit })
+        let circuit = if flags & FLAG_CIRCUIT != 0 {
+            Some(get_name(b, "circuit")?)
+        } else {
+            None
+        };
+        Ok(Header {
+            kind: Kind::Data,
+            service,
+            hops,
+            client,
+            circuit,
+        })
     }
 
     /// Checks the limits that `decode` enforces, so that `encode` never writes a header the peer
     /// would refuse.
     pub fn validate(&self) -> Result<(), HeaderError> {
-        let name_ok = |s: &str| !s.is_empty() && s.len() <= MAX_NAME_LEN && !s.chars().any(char::is_control);
+        let name_ok =
+            |s: &str| !s.is_empty() && s.len() <= MAX_NAME_LEN && !s.chars().any(char::is_control);
         if !name_ok(self.service.as_str()) {
-            return Err(HeaderError::Field { field: "service", reason: "length out of range" });
+            return Err(HeaderError::Field {
+                field: "service",
+                reason: "length out of range",
+            });
         }
         if self.hops.len() > MAX_HOPS {
             return Err(HeaderError::TooManyHops(self.hops.len()));
         }
         if !self.hops.iter().all(|h| name_ok(h.as_str())) {
-            return Err(HeaderError::Field { field: "hop", reason: "length out of range" });
+            return Err(HeaderError::Field {
+                field: "hop",
+                reason: "length out of range",
+            });
         }
         if self.circuit.as_deref().is_some_and(|c| !name_ok(c)) {
-            return Err(HeaderError::Field { field: "circuit", reason: "length out of range" });
+            return Err(HeaderError::Field {
+                field: "circuit",
+                reason: "length out of range",
+            });
         }
         Ok(())
     }
@@ -303,13 +353,19 @@ mod tests {
         sample().encode(&mut b).unwrap();
         for i in 0..b.len() {
             let mut s = &b[..i];
-            assert!(Header::decode(&mut s).is_err(), "prefix of {i} bytes decoded");
+            assert!(
+                Header::decode(&mut s).is_err(),
+                "prefix of {i} bytes decoded"
+            );
         }
     }
 
     #[test]
     fn oversize_and_bad_fields_are_refused() {
-        assert_eq!(Header::body_len([1, 1, 0xff, 0xff]), Err(HeaderError::TooLarge(0xffff + 4)));
+        assert_eq!(
+            Header::body_len([1, 1, 0xff, 0xff]),
+            Err(HeaderError::TooLarge(0xffff + 4))
+        );
         assert_eq!(Header::body_len([2, 1, 0, 1]), Err(HeaderError::Version(2)));
         assert_eq!(Header::body_len([1, 9, 0, 1]), Err(HeaderError::Kind(9)));
         let mut trailing = BytesMut::new();
@@ -317,8 +373,14 @@ mod tests {
         trailing.put_u8(0);
         let len = (trailing.len() - PREFIX_LEN) as u16;
         trailing[2..4].copy_from_slice(&len.to_be_bytes());
-        assert_eq!(Header::decode(&mut trailing.freeze()), Err(HeaderError::Trailing(1)));
-        let too_many = Header { hops: vec!["a".into(); MAX_HOPS + 1], ..sample() };
+        assert_eq!(
+            Header::decode(&mut trailing.freeze()),
+            Err(HeaderError::Trailing(1))
+        );
+        let too_many = Header {
+            hops: vec!["a".into(); MAX_HOPS + 1],
+            ..sample()
+        };
         assert!(too_many.encode(&mut BytesMut::new()).is_err());
     }
 

@@ -35,7 +35,10 @@ async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
     };
     let Some(peer) = tls::peer_name(&conn, &shared.peers) else {
         shared.metrics.refused_peers_total.fetch_add(1, Relaxed);
-        conn.close(quinn::VarInt::from_u32(close::NOT_ALLOWED), b"certificate name is not a node of the topology");
+        conn.close(
+            quinn::VarInt::from_u32(close::NOT_ALLOWED),
+            b"certificate name is not a node of the topology",
+        );
         return;
     };
     tracing::debug!(node = %shared.node, %peer, remote = %conn.remote_address(), "peer connected");
@@ -62,13 +65,21 @@ async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
 /// Reads a stream's header: 4-byte prefix, then the announced body, bounded and timed.
 pub(crate) async fn read_header(recv: &mut RecvStream) -> Result<Header, HeaderError> {
     let mut prefix = [0u8; PREFIX_LEN];
-    recv.read_exact(&mut prefix).await.map_err(|_| HeaderError::Truncated { needed: PREFIX_LEN, had: 0 })?;
+    recv.read_exact(&mut prefix)
+        .await
+        .map_err(|_| HeaderError::Truncated {
+            needed: PREFIX_LEN,
+            had: 0,
+        })?;
     let n = Header::body_len(prefix)?;
     let mut buf = [0u8; MAX_HEADER_LEN];
     buf[..PREFIX_LEN].copy_from_slice(&prefix);
     recv.read_exact(&mut buf[PREFIX_LEN..PREFIX_LEN + n])
         .await
-        .map_err(|_| HeaderError::Truncated { needed: PREFIX_LEN + n, had: 0 })?;
+        .map_err(|_| HeaderError::Truncated {
+            needed: PREFIX_LEN + n,
+            had: 0,
+        })?;
     Header::decode(&mut &buf[..PREFIX_LEN + n])
 }
 
@@ -94,7 +105,12 @@ async fn serve_stream(shared: Arc<Shared>, mut send: SendStream, mut recv: RecvS
 }
 
 /// Transit: forward to the next hop named in the header.
-async fn relay(shared: Arc<Shared>, mut header: Header, mut send: SendStream, mut recv: RecvStream) {
+async fn relay(
+    shared: Arc<Shared>,
+    mut header: Header,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
     let next = header.hops.remove(0);
     let Some(nb) = shared.neighbours.load().get(&next).cloned() else {
         return refuse(&shared, &mut send, &mut recv, Code::NotANeighbour);

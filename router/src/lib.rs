@@ -61,7 +61,11 @@ pub struct ProbeConfig {
 
 impl Default for ProbeConfig {
     fn default() -> Self {
-        ProbeConfig { interval: Duration::from_millis(100), misses: 3, hold_down: Duration::from_secs(1) }
+        ProbeConfig {
+            interval: Duration::from_millis(100),
+            misses: 3,
+            hold_down: Duration::from_secs(1),
+        }
     }
 }
 
@@ -92,7 +96,11 @@ pub struct RouterConfig {
 }
 
 impl RouterConfig {
-    pub fn new(node: NodeId, tls: tls::TlsIdentity, snapshots: watch::Receiver<Arc<Snapshot>>) -> Self {
+    pub fn new(
+        node: NodeId,
+        tls: tls::TlsIdentity,
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+    ) -> Self {
         RouterConfig {
             node,
             tls,
@@ -120,7 +128,10 @@ pub enum RouterError {
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
     #[error("bind {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// State shared by all tasks of one router. Data-path reads are lock-free (`ArcSwap` loads);
@@ -156,12 +167,21 @@ impl Shared {
             .neighbours
             .load()
             .values()
-            .map(|n| telemetry::NeighbourReport { id: n.id.clone(), rtt_us: n.rtt_us(), up: n.is_up() })
+            .map(|n| telemetry::NeighbourReport {
+                id: n.id.clone(),
+                rtt_us: n.rtt_us(),
+                up: n.is_up(),
+            })
             .collect();
         neighbours.sort_by(|a, b| a.id.cmp(&b.id));
         let mut sites: Vec<_> = self.sites.load().values().map(|s| s.report()).collect();
         sites.sort_by(|a, b| a.service.cmp(&b.service));
-        TelemetryReport { node: self.node.clone(), snapshot_version: self.snapshot.load().version, neighbours, sites }
+        TelemetryReport {
+            node: self.node.clone(),
+            snapshot_version: self.snapshot.load().version,
+            neighbours,
+            sites,
+        }
     }
 }
 
@@ -180,15 +200,28 @@ impl Router {
     /// once everything is bound (so callers can connect right away).
     pub async fn spawn(mut cfg: RouterConfig) -> Result<RouterHandle, RouterError> {
         let first = cfg.snapshots.borrow_and_update().clone();
-        let me = first.topology.node(cfg.node.as_str()).ok_or_else(|| RouterError::UnknownNode(cfg.node.clone()))?.clone();
-        let mut names: Vec<String> = first.topology.nodes.iter().map(|n| n.id.to_string()).collect();
+        let me = first
+            .topology
+            .node(cfg.node.as_str())
+            .ok_or_else(|| RouterError::UnknownNode(cfg.node.clone()))?
+            .clone();
+        let mut names: Vec<String> = first
+            .topology
+            .nodes
+            .iter()
+            .map(|n| n.id.to_string())
+            .collect();
         names.extend(cfg.extra_peer_names.iter().cloned());
         let peers = tls::PeerNames::new(names);
         let transport = transport::shared_transport();
         let server = tls::server_config(&cfg.tls, &peers, transport.clone())?;
         let client = tls::client_config(&cfg.tls, &peers, transport)?;
-        let endpoint = transport::endpoint(me.address, server, client)
-            .map_err(|source| RouterError::Bind { addr: me.address, source })?;
+        let endpoint = transport::endpoint(me.address, server, client).map_err(|source| {
+            RouterError::Bind {
+                addr: me.address,
+                source,
+            }
+        })?;
         let (shutdown_tx, shutdown) = watch::channel(false);
         let shared = Arc::new(Shared {
             node: cfg.node.clone(),
@@ -222,7 +255,9 @@ impl Router {
         tasks.push(tokio::spawn(inbound::accept_loop(shared.clone())));
         tasks.extend(edge::bind_listeners(&shared, &me).await?);
         if let Some(addr) = cfg.metrics_addr {
-            let listener = metrics::bind(addr).await.map_err(|source| RouterError::Bind { addr, source })?;
+            let listener = metrics::bind(addr)
+                .await
+                .map_err(|source| RouterError::Bind { addr, source })?;
             let s = shared.clone();
             let report = Arc::new(move || {
                 let t = s.telemetry();
@@ -232,7 +267,11 @@ impl Router {
             tasks.push(tokio::spawn(metrics::serve(listener, report)));
         }
         tracing::info!(node = %cfg.node, kind = %me.kind, addr = %me.address, "router started");
-        Ok(RouterHandle { shared, shutdown_tx, tasks })
+        Ok(RouterHandle {
+            shared,
+            shutdown_tx,
+            tasks,
+        })
     }
 }
 
@@ -260,11 +299,21 @@ impl RouterHandle {
             t.abort();
         }
         let deadline = Instant::now() + Duration::from_secs(2);
-        while self.shared.metrics.streams_active.load(std::sync::atomic::Ordering::Relaxed) > 0 && Instant::now() < deadline {
+        while self
+            .shared
+            .metrics
+            .streams_active
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+            && Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        self.shared.endpoint.close(quinn::VarInt::from_u32(codes::close::NORMAL), b"shutdown");
-        let _ = tokio::time::timeout(Duration::from_millis(500), self.shared.endpoint.wait_idle()).await;
+        self.shared
+            .endpoint
+            .close(quinn::VarInt::from_u32(codes::close::NORMAL), b"shutdown");
+        let _ = tokio::time::timeout(Duration::from_millis(500), self.shared.endpoint.wait_idle())
+            .await;
         tracing::info!(node = %self.shared.node, "router stopped");
     }
 }

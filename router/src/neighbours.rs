@@ -29,7 +29,13 @@ pub(crate) struct Neighbour {
 
 impl Neighbour {
     pub fn new(id: NodeId, addr: SocketAddr) -> Self {
-        Neighbour { id, addr, conn: ArcSwapOption::empty(), up: AtomicBool::new(false), rtt_us: AtomicU64::new(0) }
+        Neighbour {
+            id,
+            addr,
+            conn: ArcSwapOption::empty(),
+            up: AtomicBool::new(false),
+            rtt_us: AtomicU64::new(0),
+        }
     }
     /// Hot path: one atomic load. `None` while the neighbour is down.
     pub fn connection(&self) -> Option<Arc<quinn::Connection>> {
@@ -58,7 +64,10 @@ pub(crate) async fn run_dialer(shared: Arc<Shared>, nb: Arc<Neighbour>) {
     loop {
         let attempt = async {
             let connecting = shared.endpoint.connect(nb.addr, nb.id.as_str()).ok()?;
-            tokio::time::timeout(CONNECT_TIMEOUT, connecting).await.ok()?.ok()
+            tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+                .await
+                .ok()?
+                .ok()
         };
         if let Some(conn) = attempt.await {
             backoff = BACKOFF_MIN;
@@ -80,7 +89,12 @@ pub(crate) async fn run_dialer(shared: Arc<Shared>, nb: Arc<Neighbour>) {
 
 /// Probes the connection every interval; returns when the neighbour is declared down (no sign
 /// of life for `interval * misses`) or the connection closes.
-async fn probe_until_down(shared: &Shared, nb: &Neighbour, conn: &quinn::Connection, down_since: &mut Option<Instant>) {
+async fn probe_until_down(
+    shared: &Shared,
+    nb: &Neighbour,
+    conn: &quinn::Connection,
+    down_since: &mut Option<Instant>,
+) {
     let p = shared.probe;
     let detect = p.interval * p.misses.max(1);
     let mut tick = tokio::time::interval(p.interval);

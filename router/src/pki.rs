@@ -14,8 +14,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-    KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
 };
 
 /// File names inside a PKI directory.
@@ -25,7 +25,10 @@ pub const CA_KEY: &str = "ca.key";
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} already exists (refusing to overwrite a CA; remove it first)")]
     Exists { path: PathBuf },
     #[error("{name:?} is not a valid node name (letters, digits, '-', '.', at most 63 bytes)")]
@@ -37,14 +40,19 @@ pub enum PkiError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
-    move |source| PkiError::Io { path: path.to_path_buf(), source }
+    move |source| PkiError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Whether `name` can be a node identity (a DNS name label sequence, no wildcards).
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
         && !name.starts_with(['-', '.'])
         && !name.ends_with(['-', '.'])
         && !name.contains("..")
@@ -57,7 +65,11 @@ fn ca_params() -> CertificateParams {
     dn.push(DnType::OrganizationName, "Tasman");
     p.distinguished_name = dn;
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     p.not_before = rcgen::date_time_ymd(2024, 1, 1);
     p.not_after = rcgen::date_time_ymd(2124, 1, 1);
     p
@@ -97,14 +109,18 @@ pub fn init(dir: &Path) -> Result<(), PkiError> {
 /// and `<name>.key`. Overwrites an earlier certificate for the same name (re-issue).
 pub fn issue(dir: &Path, name: &str) -> Result<(PathBuf, PathBuf), PkiError> {
     if !valid_name(name) {
-        return Err(PkiError::BadName { name: name.to_string() });
+        return Err(PkiError::BadName {
+            name: name.to_string(),
+        });
     }
     let key_path = dir.join(CA_KEY);
     let ca_pem_path = dir.join(CA_CERT);
     let ca_key_pem = fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
     let ca_pem = fs::read_to_string(&ca_pem_path).map_err(io_err(&ca_pem_path))?;
-    let ca_key = KeyPair::from_pem(&ca_key_pem)
-        .map_err(|e| PkiError::BadKey { path: key_path.clone(), reason: e.to_string() })?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| PkiError::BadKey {
+        path: key_path.clone(),
+        reason: e.to_string(),
+    })?;
     let issuer = Issuer::new(ca_params(), ca_key);
 
     let mut params = CertificateParams::new(vec![name.to_string()])?;
@@ -114,7 +130,10 @@ pub fn issue(dir: &Path, name: &str) -> Result<(PathBuf, PathBuf), PkiError> {
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     // A node is both a QUIC server (accepts neighbours) and a client (dials them).
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
     params.not_before = rcgen::date_time_ymd(2024, 1, 1);
     params.not_after = rcgen::date_time_ymd(2124, 1, 1);
     let key = KeyPair::generate()?;
@@ -139,7 +158,13 @@ mod tests {
         init(d.path()).unwrap();
         assert!(matches!(init(d.path()), Err(PkiError::Exists { .. })));
         let (c, k) = issue(d.path(), "syd-edge-1").unwrap();
-        assert!(fs::read_to_string(c).unwrap().matches("BEGIN CERTIFICATE").count() == 2);
+        assert!(
+            fs::read_to_string(c)
+                .unwrap()
+                .matches("BEGIN CERTIFICATE")
+                .count()
+                == 2
+        );
         assert!(fs::read_to_string(k).unwrap().contains("PRIVATE KEY"));
     }
 
@@ -148,7 +173,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         init(d.path()).unwrap();
         for n in ["", "../x", "a b", "*.x", "-a", &"x".repeat(64)] {
-            assert!(matches!(issue(d.path(), n), Err(PkiError::BadName { .. })), "{n}");
+            assert!(
+                matches!(issue(d.path(), n), Err(PkiError::BadName { .. })),
+                "{n}"
+            );
         }
     }
 }

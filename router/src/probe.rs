@@ -55,7 +55,11 @@ impl Entry {
         self.origin == other.origin
             && self.services == other.services
             && self.neighbours.len() == other.neighbours.len()
-            && self.neighbours.iter().zip(&other.neighbours).all(|(a, b)| a.id == b.id && a.up == b.up)
+            && self
+                .neighbours
+                .iter()
+                .zip(&other.neighbours)
+                .all(|(a, b)| a.id == b.id && a.up == b.up)
     }
 }
 
@@ -78,7 +82,11 @@ pub enum ProbeError {
 }
 
 fn need(b: &impl Buf, n: usize) -> Result<(), ProbeError> {
-    if b.remaining() < n { Err(ProbeError::Truncated) } else { Ok(()) }
+    if b.remaining() < n {
+        Err(ProbeError::Truncated)
+    } else {
+        Ok(())
+    }
 }
 
 fn get_name(b: &mut impl Buf) -> Result<String, ProbeError> {
@@ -90,7 +98,9 @@ fn get_name(b: &mut impl Buf) -> Result<String, ProbeError> {
     need(b, n)?;
     let mut raw = [0u8; MAX_NAME];
     b.copy_to_slice(&mut raw[..n]);
-    std::str::from_utf8(&raw[..n]).map(str::to_string).map_err(|_| ProbeError::Name)
+    std::str::from_utf8(&raw[..n])
+        .map(str::to_string)
+        .map_err(|_| ProbeError::Name)
 }
 
 fn put_name(out: &mut BytesMut, s: &str) {
@@ -102,7 +112,11 @@ fn put_name(out: &mut BytesMut, s: &str) {
 fn get_len(b: &mut impl Buf) -> Result<usize, ProbeError> {
     need(b, 1)?;
     let n = b.get_u8() as usize;
-    if n > MAX_LIST { Err(ProbeError::TooLong) } else { Ok(n) }
+    if n > MAX_LIST {
+        Err(ProbeError::TooLong)
+    } else {
+        Ok(n)
+    }
 }
 
 impl Entry {
@@ -135,16 +149,30 @@ impl Entry {
         for _ in 0..n {
             let id = NodeId::new(get_name(b)?);
             need(b, 5)?;
-            neighbours.push(NeighbourState { id, up: b.get_u8() != 0, rtt_us: b.get_u32() });
+            neighbours.push(NeighbourState {
+                id,
+                up: b.get_u8() != 0,
+                rtt_us: b.get_u32(),
+            });
         }
         let s = get_len(b)?;
         let mut services = Vec::with_capacity(s);
         for _ in 0..s {
             let service = ServiceName::new(get_name(b)?);
             need(b, 9)?;
-            services.push(ServiceState { service, healthy: b.get_u8() != 0, active: b.get_u32(), capacity: b.get_u32() });
+            services.push(ServiceState {
+                service,
+                healthy: b.get_u8() != 0,
+                active: b.get_u32(),
+                capacity: b.get_u32(),
+            });
         }
-        Ok(Entry { origin, generation, neighbours, services })
+        Ok(Entry {
+            origin,
+            generation,
+            neighbours,
+            services,
+        })
     }
 }
 
@@ -158,7 +186,11 @@ impl Probe {
 
     /// Encodes a pong with as many of `entries` as fit in `max_len` bytes (the first entry,
     /// the responder's own, always goes first).
-    pub fn encode_pong<'a>(seq: u64, entries: impl IntoIterator<Item = &'a Entry>, max_len: usize) -> Bytes {
+    pub fn encode_pong<'a>(
+        seq: u64,
+        entries: impl IntoIterator<Item = &'a Entry>,
+        max_len: usize,
+    ) -> Bytes {
         let mut out = BytesMut::with_capacity(max_len.min(1500));
         out.put_u8(PONG);
         out.put_u64(seq);
@@ -209,8 +241,17 @@ mod tests {
         Entry {
             origin: origin.into(),
             generation: 42,
-            neighbours: vec![NeighbourState { id: "t1".into(), up: false, rtt_us: 1500 }],
-            services: vec![ServiceState { service: "chat".into(), healthy: true, active: 3, capacity: 10 }],
+            neighbours: vec![NeighbourState {
+                id: "t1".into(),
+                up: false,
+                rtt_us: 1500,
+            }],
+            services: vec![ServiceState {
+                service: "chat".into(),
+                healthy: true,
+                active: 3,
+                capacity: 10,
+            }],
         }
     }
 
@@ -218,11 +259,22 @@ mod tests {
     fn pong_roundtrip_and_size_bound() {
         let es = [entry("s1"), entry("s2"), entry("s3")];
         let b = Probe::encode_pong(7, &es, 1200);
-        assert_eq!(Probe::decode(b).unwrap(), Probe::Pong { seq: 7, entries: es.to_vec() });
+        assert_eq!(
+            Probe::decode(b).unwrap(),
+            Probe::Pong {
+                seq: 7,
+                entries: es.to_vec()
+            }
+        );
         let small = Probe::encode_pong(7, &es, 60);
         assert!(small.len() <= 60);
-        assert!(matches!(Probe::decode(small).unwrap(), Probe::Pong { entries, .. } if entries.len() == 1));
-        assert_eq!(Probe::decode(Probe::encode_ping(9)).unwrap(), Probe::Ping { seq: 9 });
+        assert!(
+            matches!(Probe::decode(small).unwrap(), Probe::Pong { entries, .. } if entries.len() == 1)
+        );
+        assert_eq!(
+            Probe::decode(Probe::encode_ping(9)).unwrap(),
+            Probe::Ping { seq: 9 }
+        );
     }
 
     proptest! {

@@ -51,7 +51,10 @@ impl Routes {
     }
     /// Transparent mode: the service whose VIP:port covers the original destination.
     pub fn service_for(&self, original_dst: SocketAddr) -> Option<&ServiceName> {
-        self.vips.iter().find(|(v, _)| v.contains(original_dst)).map(|(_, s)| s)
+        self.vips
+            .iter()
+            .find(|(v, _)| v.contains(original_dst))
+            .map(|(_, s)| s)
     }
 }
 
@@ -64,7 +67,10 @@ pub(crate) struct Evidence {
 }
 
 fn now_ns() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 impl Evidence {
@@ -77,7 +83,9 @@ impl Evidence {
     pub fn learn(&self, me: &NodeId, entries: Vec<Entry>) -> bool {
         let mut changed = false;
         let now = Instant::now();
-        let Ok(mut map) = self.learned.lock() else { return false };
+        let Ok(mut map) = self.learned.lock() else {
+            return false;
+        };
         for e in entries {
             if &e.origin == me {
                 continue;
@@ -107,13 +115,17 @@ impl Evidence {
     }
 
     fn fresh(&self, ttl: Duration) -> Vec<Entry> {
-        let Ok(mut map) = self.learned.lock() else { return Vec::new() };
+        let Ok(mut map) = self.learned.lock() else {
+            return Vec::new();
+        };
         map.retain(|_, (_, at)| at.elapsed() < ttl);
         map.values().map(|(e, _)| e.clone()).collect()
     }
 
     fn down_sites(&self) -> Vec<(NodeId, ServiceName)> {
-        let Ok(mut m) = self.site_down.lock() else { return Vec::new() };
+        let Ok(mut m) = self.site_down.lock() else {
+            return Vec::new();
+        };
         let now = Instant::now();
         m.retain(|_, until| *until > now);
         m.keys().cloned().collect()
@@ -127,12 +139,21 @@ impl Shared {
             .neighbours
             .load()
             .values()
-            .map(|n| NeighbourState { id: n.id.clone(), up: n.is_up(), rtt_us: n.rtt_us().min(u32::MAX as u64) as u32 })
+            .map(|n| NeighbourState {
+                id: n.id.clone(),
+                up: n.is_up(),
+                rtt_us: n.rtt_us().min(u32::MAX as u64) as u32,
+            })
             .collect();
         neighbours.sort_by(|a, b| a.id.cmp(&b.id));
         let mut services: Vec<_> = self.sites.load().values().map(|s| s.state()).collect();
         services.sort_by(|a, b| a.service.cmp(&b.service));
-        Entry { origin: self.node.clone(), generation: now_ns(), neighbours, services }
+        Entry {
+            origin: self.node.clone(),
+            generation: now_ns(),
+            neighbours,
+            services,
+        }
     }
 
     /// What a probe reply carries: our own entry first, then what we learned.
@@ -165,7 +186,13 @@ impl Drop for Control {
 
 impl Control {
     pub fn new(shared: Arc<Shared>) -> Self {
-        Control { shared, dialers: HashMap::new(), checkers: HashMap::new(), incumbents: HashMap::new(), graph: None }
+        Control {
+            shared,
+            dialers: HashMap::new(),
+            checkers: HashMap::new(),
+            incumbents: HashMap::new(),
+            graph: None,
+        }
     }
 
     pub async fn run(mut self, mut snapshots: tokio::sync::watch::Receiver<Arc<crate::Snapshot>>) {
@@ -213,26 +240,36 @@ impl Control {
             if !keep {
                 h.abort();
                 if let Some(c) = nb.connection() {
-                    c.close(quinn::VarInt::from_u32(crate::codes::close::NORMAL), b"topology changed");
+                    c.close(
+                        quinn::VarInt::from_u32(crate::codes::close::NORMAL),
+                        b"topology changed",
+                    );
                 }
             }
             keep
         });
         for (id, addr) in want {
-            if !self.dialers.contains_key(&id) {
-                let nb = Arc::new(Neighbour::new(id.clone(), addr));
+            self.dialers.entry(id.clone()).or_insert_with(|| {
+                let nb = Arc::new(Neighbour::new(id, addr));
                 let h = tokio::spawn(neighbours::run_dialer(sh.clone(), nb.clone())).abort_handle();
-                self.dialers.insert(id, (nb, h));
-            }
+                (nb, h)
+            });
         }
-        let map: HashMap<NodeId, Arc<Neighbour>> =
-            self.dialers.iter().map(|(id, (nb, _))| (id.clone(), nb.clone())).collect();
+        let map: HashMap<NodeId, Arc<Neighbour>> = self
+            .dialers
+            .iter()
+            .map(|(id, (nb, _))| (id.clone(), nb.clone()))
+            .collect();
         sh.neighbours.store(Arc::new(map));
 
         // Site services.
         site::reconcile(&sh, &topo, &mut self.checkers);
 
-        if self.graph.as_ref().is_none_or(|(t, _)| !Arc::ptr_eq(t, &topo)) {
+        if self
+            .graph
+            .as_ref()
+            .is_none_or(|(t, _)| !Arc::ptr_eq(t, &topo))
+        {
             self.graph = Some((topo.clone(), Graph::new(&topo)));
         }
     }
@@ -243,7 +280,7 @@ impl Control {
         let topo = &snap.topology;
         let mut live = snap.live.clone();
         let declared = |id: &LinkId| topo.link(id).map(|l| l.latency).unwrap_or(Latency::ZERO);
-        let mut link_rtt = |live: &mut LiveState, a: &NodeId, b: &NodeId, up: bool, rtt_us: u64| {
+        let link_rtt = |live: &mut LiveState, a: &NodeId, b: &NodeId, up: bool, rtt_us: u64| {
             let id = LinkId::new(a, b);
             if !up {
                 live.down_links.insert(id);
@@ -264,7 +301,11 @@ impl Control {
                 link_rtt(&mut live, &e.origin, &n.id, n.up, n.rtt_us as u64);
             }
             if !e.services.is_empty() {
-                let mut load = SiteLoad { active_streams: 0, capacity: 0, healthy: false };
+                let mut load = SiteLoad {
+                    active_streams: 0,
+                    capacity: 0,
+                    healthy: false,
+                };
                 for s in &e.services {
                     load.active_streams = load.active_streams.saturating_add(s.active);
                     load.capacity = load.capacity.saturating_add(s.capacity);
@@ -282,12 +323,26 @@ impl Control {
     pub fn rebuild(&mut self) {
         let sh = self.shared.clone();
         let snap = sh.snapshot.load_full();
-        let Some((_, graph)) = &self.graph else { return };
+        let Some((_, graph)) = &self.graph else {
+            return;
+        };
         let (live, unhealthy) = self.live_state(&snap);
         let topo = &snap.topology;
-        let vips = topo.services.iter().flat_map(|s| s.vips.iter().map(move |v| (*v, s.name.clone()))).collect();
-        let mut routes = Routes { version: snap.version, by_service: HashMap::new(), vips, live: LiveState::default(), error: None };
-        let is_edge = topo.node(sh.node.as_str()).is_some_and(|n| n.kind == NodeKind::Edge);
+        let vips = topo
+            .services
+            .iter()
+            .flat_map(|s| s.vips.iter().map(move |v| (*v, s.name.clone())))
+            .collect();
+        let mut routes = Routes {
+            version: snap.version,
+            by_service: HashMap::new(),
+            vips,
+            live: LiveState::default(),
+            error: None,
+        };
+        let is_edge = topo
+            .node(sh.node.as_str())
+            .is_some_and(|n| n.kind == NodeKind::Edge);
         if is_edge {
             match RoutingTable::build(topo, graph, &sh.node, &live) {
                 Ok(table) => {
@@ -295,10 +350,17 @@ impl Control {
                         let mut cands: Vec<Candidate> = table
                             .candidates(svc.name.as_str())
                             .iter()
-                            .filter(|c| !unhealthy.iter().any(|(s, n)| s == &c.site && n == &svc.name))
+                            .filter(|c| {
+                                !unhealthy
+                                    .iter()
+                                    .any(|(s, n)| s == &c.site && n == &svc.name)
+                            })
                             .cloned()
                             .collect();
-                        let chosen = sh.hysteresis.select(self.incumbents.get(&svc.name), &cands).map(|c| c.site.clone());
+                        let chosen = sh
+                            .hysteresis
+                            .select(self.incumbents.get(&svc.name), &cands)
+                            .map(|c| c.site.clone());
                         if let Some(site) = chosen {
                             if let Some(pos) = cands.iter().position(|c| c.site == site) {
                                 let c = cands.remove(pos);
@@ -319,11 +381,17 @@ impl Control {
         }
         routes.live = live;
         sh.routes.store(Arc::new(routes));
-        sh.metrics.table_rebuilds.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        sh.metrics
+            .table_rebuilds
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
 /// Summary of a table for logs and tests: service -> preferred site.
 pub fn preferred_sites(routes: &Routes) -> BTreeMap<String, String> {
-    routes.by_service.iter().filter_map(|(s, c)| c.first().map(|c| (s.to_string(), c.site.to_string()))).collect()
+    routes
+        .by_service
+        .iter()
+        .filter_map(|(s, c)| c.first().map(|c| (s.to_string(), c.site.to_string())))
+        .collect()
 }

@@ -51,7 +51,8 @@ impl SiteService {
         }
     }
     fn mark_unhealthy(&self, shared: &Shared, why: &str) {
-        self.down_at_ms.store(shared.started.elapsed().as_millis() as u32, Relaxed);
+        self.down_at_ms
+            .store(shared.started.elapsed().as_millis() as u32, Relaxed);
         if self.healthy.swap(false, Relaxed) {
             tracing::warn!(node = %shared.node, service = %self.service, backend = %self.backend, why, "backend unhealthy");
             shared.changed.notify_one();
@@ -64,7 +65,10 @@ impl SiteService {
             if cur >= self.capacity {
                 return None;
             }
-            match self.active.compare_exchange_weak(cur, cur + 1, Relaxed, Relaxed) {
+            match self
+                .active
+                .compare_exchange_weak(cur, cur + 1, Relaxed, Relaxed)
+            {
                 Ok(_) => return Some(Slot(self.active.clone())),
                 Err(v) => cur = v,
             }
@@ -80,7 +84,11 @@ impl Drop for Slot {
 }
 
 /// Brings the site services in line with the topology (keeps counters of unchanged services).
-pub(crate) fn reconcile(shared: &Arc<Shared>, topo: &Topology, checkers: &mut HashMap<ServiceName, AbortHandle>) {
+pub(crate) fn reconcile(
+    shared: &Arc<Shared>,
+    topo: &Topology,
+    checkers: &mut HashMap<ServiceName, AbortHandle>,
+) {
     let old = shared.sites.load_full();
     let mut new = HashMap::new();
     if let Some(me) = topo.node(shared.node.as_str()) {
@@ -100,7 +108,9 @@ pub(crate) fn reconcile(shared: &Arc<Shared>, topo: &Topology, checkers: &mut Ha
         }
     }
     checkers.retain(|name, h| {
-        let keep = new.get(name).is_some_and(|n| old.get(name).is_some_and(|o| Arc::ptr_eq(n, o)));
+        let keep = new
+            .get(name)
+            .is_some_and(|n| old.get(name).is_some_and(|o| Arc::ptr_eq(n, o)));
         if !keep {
             h.abort();
         }
@@ -121,12 +131,20 @@ async fn check_loop(shared: Arc<Shared>, svc: Arc<SiteService>) {
     let mut tick = tokio::time::interval(CHECK_INTERVAL);
     loop {
         tick.tick().await;
-        let r = tokio::time::timeout(shared.backend_connect_timeout, tokio::net::TcpStream::connect(svc.backend)).await;
+        let r = tokio::time::timeout(
+            shared.backend_connect_timeout,
+            tokio::net::TcpStream::connect(svc.backend),
+        )
+        .await;
         if matches!(r, Ok(Ok(_))) {
             ok += 1;
             fail = 0;
-            let since = shared.started.elapsed().as_millis() as u32 - svc.down_at_ms.load(Relaxed).min(u32::MAX);
-            if !svc.healthy.load(Relaxed) && ok >= UP_AFTER && since as u128 >= shared.probe.hold_down.as_millis() {
+            let since = (shared.started.elapsed().as_millis() as u32)
+                .saturating_sub(svc.down_at_ms.load(Relaxed));
+            if !svc.healthy.load(Relaxed)
+                && ok >= UP_AFTER
+                && since as u128 >= shared.probe.hold_down.as_millis()
+            {
                 svc.healthy.store(true, Relaxed);
                 tracing::info!(node = %shared.node, service = %svc.service, "backend healthy again");
                 shared.changed.notify_one();
@@ -142,7 +160,12 @@ async fn check_loop(shared: Arc<Shared>, svc: Arc<SiteService>) {
 }
 
 /// Terminates a stream whose header has no hops left at this node.
-pub(crate) async fn serve(shared: Arc<Shared>, header: Header, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    header: Header,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
     let svc = shared.sites.load().get(&header.service).cloned();
     let refuse = |send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, code: Code| {
         shared.metrics.error(code);
@@ -150,10 +173,21 @@ pub(crate) async fn serve(shared: Arc<Shared>, header: Header, mut send: quinn::
         let _ = recv.stop(code.varint());
     };
     let Some(svc) = svc else {
-        let known = shared.snapshot.load().topology.service(header.service.as_str()).is_some();
+        let known = shared
+            .snapshot
+            .load()
+            .topology
+            .service(header.service.as_str())
+            .is_some();
         let code = if !known {
             Code::UnknownService
-        } else if shared.snapshot.load().topology.node(shared.node.as_str()).is_some_and(|n| n.kind == topology::NodeKind::Site) {
+        } else if shared
+            .snapshot
+            .load()
+            .topology
+            .node(shared.node.as_str())
+            .is_some_and(|n| n.kind == topology::NodeKind::Site)
+        {
             Code::ServiceNotServed
         } else {
             Code::WrongRole
@@ -167,7 +201,12 @@ pub(crate) async fn serve(shared: Arc<Shared>, header: Header, mut send: quinn::
         return refuse(&mut send, &mut recv, Code::SiteFull);
     };
     let started = Instant::now();
-    let tcp = match tokio::time::timeout(shared.backend_connect_timeout, tokio::net::TcpStream::connect(svc.backend)).await {
+    let tcp = match tokio::time::timeout(
+        shared.backend_connect_timeout,
+        tokio::net::TcpStream::connect(svc.backend),
+    )
+    .await
+    {
         Ok(Ok(t)) => t,
         r => {
             let why = match r {

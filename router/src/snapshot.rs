@@ -19,6 +19,10 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn new(version: u64, topology: Arc<Topology>) -> Self {
-        Snapshot { version, topology, live: LiveState::default() }
+        Snapshot {
+            version,
+            topology,
+            live: LiveState::default(),
+        }
     }
 }

@@ -123,7 +123,11 @@ fn count(shared: &Shared, side: Side, tcp_to_quic: bool, n: usize) {
         Side::Edge => tcp_to_quic,
         Side::Site => !tcp_to_quic,
     };
-    let c = if up { &shared.metrics.bytes_up } else { &shared.metrics.bytes_down };
+    let c = if up {
+        &shared.metrics.bytes_up
+    } else {
+        &shared.metrics.bytes_down
+    };
     c.fetch_add(n as u64, Relaxed);
 }
 
@@ -133,7 +137,13 @@ pub(crate) fn reset_tcp(tcp: &TcpStream) {
 }
 
 /// Full-duplex splice of an accepted stream; returns when both directions ended or one failed.
-pub(crate) async fn tcp_quic(shared: &Shared, tcp: TcpStream, send: SendStream, recv: RecvStream, side: Side) {
+pub(crate) async fn tcp_quic(
+    shared: &Shared,
+    tcp: TcpStream,
+    send: SendStream,
+    recv: RecvStream,
+    side: Side,
+) {
     let mut buf = vec![0u8; TCP_BUF];
     tcp_quic_with(shared, tcp, send, recv, side, &mut buf).await;
 }
@@ -203,6 +213,14 @@ async fn pump(recv: &mut RecvStream, send: &mut SendStream) {
 }
 
 /// Relays a stream between an upstream and a downstream neighbour (transit).
-pub(crate) async fn relay(mut up_send: SendStream, mut up_recv: RecvStream, mut down_send: SendStream, mut down_recv: RecvStream) {
-    tokio::join!(pump(&mut up_recv, &mut down_send), pump(&mut down_recv, &mut up_send));
+pub(crate) async fn relay(
+    mut up_send: SendStream,
+    mut up_recv: RecvStream,
+    mut down_send: SendStream,
+    mut down_recv: RecvStream,
+) {
+    tokio::join!(
+        pump(&mut up_recv, &mut down_send),
+        pump(&mut down_recv, &mut up_send)
+    );
 }

@@ -23,7 +23,9 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
-use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
+};
 
 use crate::pki;
 
@@ -52,22 +54,33 @@ pub struct TlsIdentity {
 
 impl Clone for TlsIdentity {
     fn clone(&self) -> Self {
-        TlsIdentity { name: self.name.clone(), ca: self.ca.clone(), chain: self.chain.clone(), key: self.key.clone_key() }
+        TlsIdentity {
+            name: self.name.clone(),
+            ca: self.ca.clone(),
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
     }
 }
 
 impl fmt::Debug for TlsIdentity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TlsIdentity").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("TlsIdentity")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
 impl TlsIdentity {
     /// Loads `ca.pem`, `<name>.pem` and `<name>.key` from `dir` (as written by [`pki`]).
     pub fn load(dir: &Path, name: &str) -> Result<Self, TlsError> {
-        let file_err = |path: &Path, reason: String| TlsError::File { path: path.to_path_buf(), reason };
+        let file_err = |path: &Path, reason: String| TlsError::File {
+            path: path.to_path_buf(),
+            reason,
+        };
         let ca_path = dir.join(pki::CA_CERT);
-        let ca = CertificateDer::from_pem_file(&ca_path).map_err(|e| file_err(&ca_path, e.to_string()))?;
+        let ca = CertificateDer::from_pem_file(&ca_path)
+            .map_err(|e| file_err(&ca_path, e.to_string()))?;
         let cert_path = dir.join(format!("{name}.pem"));
         let chain = CertificateDer::pem_file_iter(&cert_path)
             .and_then(|it| it.collect::<Result<Vec<_>, _>>())
@@ -76,8 +89,14 @@ impl TlsIdentity {
             return Err(file_err(&cert_path, "no certificate in file".into()));
         }
         let key_path = dir.join(format!("{name}.key"));
-        let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| file_err(&key_path, e.to_string()))?;
-        Ok(TlsIdentity { name: name.to_string(), ca, chain, key })
+        let key = PrivateKeyDer::from_pem_file(&key_path)
+            .map_err(|e| file_err(&key_path, e.to_string()))?;
+        Ok(TlsIdentity {
+            name: name.to_string(),
+            ca,
+            chain,
+            key,
+        })
     }
 }
 
@@ -149,10 +168,14 @@ impl ClientCertVerifier for NodeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let ok = self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        let ok = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
         match self.peers.identify(end_entity) {
             Some(_) => Ok(ok),
-            None => Err(rustls::Error::InvalidCertificate(CertificateError::NotValidForName)),
+            None => Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName,
+            )),
         }
     }
     fn verify_tls12_signature(
@@ -193,12 +216,24 @@ impl ServerCertVerifier for NodeServerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let ok = self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+        let ok = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
         let allowed = match server_name {
             ServerName::DnsName(d) => self.peers.contains(d.as_ref()),
             _ => false,
         };
-        if allowed { Ok(ok) } else { Err(rustls::Error::InvalidCertificate(CertificateError::NotValidForName)) }
+        if allowed {
+            Ok(ok)
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName,
+            ))
+        }
     }
     fn verify_tls12_signature(
         &self,
@@ -222,10 +257,17 @@ impl ServerCertVerifier for NodeServerVerifier {
 }
 
 /// The rustls server config (TLS 1.3 only, client certificates required).
-pub fn rustls_server_config(id: &TlsIdentity, peers: &PeerNames) -> Result<rustls::ServerConfig, TlsError> {
+pub fn rustls_server_config(
+    id: &TlsIdentity,
+    peers: &PeerNames,
+) -> Result<rustls::ServerConfig, TlsError> {
     let provider = provider();
-    let inner = WebPkiClientVerifier::builder_with_provider(roots(id)?, provider.clone()).build()?;
-    let verifier = Arc::new(NodeClientVerifier { inner, peers: peers.clone() });
+    let inner =
+        WebPkiClientVerifier::builder_with_provider(roots(id)?, provider.clone()).build()?;
+    let verifier = Arc::new(NodeClientVerifier {
+        inner,
+        peers: peers.clone(),
+    });
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -238,12 +280,19 @@ pub fn rustls_server_config(id: &TlsIdentity, peers: &PeerNames) -> Result<rustl
 }
 
 /// The rustls client config (TLS 1.3 only, presents our certificate, no resumption).
-pub fn rustls_client_config(id: &TlsIdentity, peers: &PeerNames) -> Result<rustls::ClientConfig, TlsError> {
+pub fn rustls_client_config(
+    id: &TlsIdentity,
+    peers: &PeerNames,
+) -> Result<rustls::ClientConfig, TlsError> {
     let provider = provider();
-    let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(roots(id)?, provider.clone())
-        .build()
-        .map_err(TlsError::Verifier)?;
-    let verifier = Arc::new(NodeServerVerifier { inner, peers: peers.clone() });
+    let inner =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(roots(id)?, provider.clone())
+            .build()
+            .map_err(TlsError::Verifier)?;
+    let verifier = Arc::new(NodeServerVerifier {
+        inner,
+        peers: peers.clone(),
+    });
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
@@ -261,7 +310,8 @@ pub fn server_config(
     peers: &PeerNames,
     transport: Arc<quinn::TransportConfig>,
 ) -> Result<quinn::ServerConfig, TlsError> {
-    let crypto = QuicServerConfig::try_from(rustls_server_config(id, peers)?).map_err(|e| TlsError::Quic(e.to_string()))?;
+    let crypto = QuicServerConfig::try_from(rustls_server_config(id, peers)?)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(transport);
     Ok(cfg)
@@ -273,7 +323,8 @@ pub fn client_config(
     peers: &PeerNames,
     transport: Arc<quinn::TransportConfig>,
 ) -> Result<quinn::ClientConfig, TlsError> {
-    let crypto = QuicClientConfig::try_from(rustls_client_config(id, peers)?).map_err(|e| TlsError::Quic(e.to_string()))?;
+    let crypto = QuicClientConfig::try_from(rustls_client_config(id, peers)?)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     cfg.transport_config(transport);
     Ok(cfg)

@@ -31,7 +31,9 @@ pub fn transport_config() -> TransportConfig {
         .max_concurrent_bidi_streams(VarInt::from_u32(MAX_CONCURRENT_STREAMS))
         .max_concurrent_uni_streams(VarInt::from_u32(64))
         .keep_alive_interval(Some(KEEP_ALIVE))
-        .max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(IDLE_TIMEOUT.as_millis() as u32))))
+        .max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(
+            IDLE_TIMEOUT.as_millis() as u32,
+        ))))
         .datagram_receive_buffer_size(Some(1024 * 1024))
         .datagram_send_buffer_size(1024 * 1024);
     t
@@ -43,7 +45,11 @@ pub fn endpoint(
     server: quinn::ServerConfig,
     client: quinn::ClientConfig,
 ) -> std::io::Result<quinn::Endpoint> {
-    let domain = if addr.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
     let sock = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
     // Best effort: the kernel caps these at net.core.{r,w}mem_max.
     let _ = sock.set_recv_buffer_size(UDP_BUFFER);
@@ -55,7 +61,8 @@ pub fn endpoint(
     let udp: std::net::UdpSocket = sock.into();
     let runtime = quinn::default_runtime()
         .ok_or_else(|| std::io::Error::other("no async runtime for the QUIC endpoint"))?;
-    let mut ep = quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), udp, runtime)?;
+    let mut ep =
+        quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), udp, runtime)?;
     ep.set_default_client_config(client);
     Ok(ep)
 }

@@ -27,7 +27,11 @@ fn cand(c: &Option<Candidate>) -> String {
             "{} ({:.2} ms via {})",
             c.site,
             c.cost.as_millis_f64(),
-            c.path.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(" > ")
+            c.path
+                .iter()
+                .map(|n| n.as_str())
+                .collect::<Vec<_>>()
+                .join(" > ")
         ),
         None => "no site".into(),
     }
@@ -50,7 +54,11 @@ fn render(diff: &TopologyDiff, impact: &[ImpactEntry]) -> String {
         }
     }
     if !impact.is_empty() {
-        let _ = writeln!(s, "impact on routing ({} edge/service choice(s) change):", impact.len());
+        let _ = writeln!(
+            s,
+            "impact on routing ({} edge/service choice(s) change):",
+            impact.len()
+        );
     }
     for e in impact {
         let what = match e.kind {
@@ -61,10 +69,20 @@ fn render(diff: &TopologyDiff, impact: &[ImpactEntry]) -> String {
             ImpactKind::CostChanged => "cost changes",
         };
         let delta = match (&e.old, &e.new) {
-            (Some(o), Some(n)) => format!(" [{:+.2} ms]", n.cost.as_millis_f64() - o.cost.as_millis_f64()),
+            (Some(o), Some(n)) => format!(
+                " [{:+.2} ms]",
+                n.cost.as_millis_f64() - o.cost.as_millis_f64()
+            ),
             _ => String::new(),
         };
-        let _ = writeln!(s, "  {} {}: {what}: {} -> {}{delta}", e.edge, e.service, cand(&e.old), cand(&e.new));
+        let _ = writeln!(
+            s,
+            "  {} {}: {what}: {} -> {}{delta}",
+            e.edge,
+            e.service,
+            cand(&e.old),
+            cand(&e.new)
+        );
     }
     s
 }

@@ -15,7 +15,10 @@ use topology::NodeId;
 pub async fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     while !cond() {
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for: {what}");
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -43,11 +46,19 @@ pub fn fabric_yaml(net: u8, edges: usize, transits: usize, ring_latency_ms: u32)
             &mut y,
             &format!("site-{s}"),
             "site",
-            &format!("\n    serves:\n      - {{service: llm-chat, backend: 127.{net}.250.{}:9001, capacity: 100}}", s + 1),
+            &format!(
+                "\n    serves:\n      - {{service: llm-chat, backend: 127.{net}.250.{}:9001, capacity: 100}}",
+                s + 1
+            ),
         );
     }
     for e in 0..edges {
-        node(&mut y, &format!("edge-{e}"), "edge", &format!("\n    client_address: 127.{net}.251.{}", e % 250 + 1));
+        node(
+            &mut y,
+            &format!("edge-{e}"),
+            "edge",
+            &format!("\n    client_address: 127.{net}.251.{}", e % 250 + 1),
+        );
     }
     y.push_str("links:\n");
     for t in 0..transits {
@@ -59,10 +70,21 @@ pub fn fabric_yaml(net: u8, edges: usize, transits: usize, ring_latency_ms: u32)
             );
         }
     }
-    let _ = writeln!(y, "  - {{a: site-0, b: transit-0, latency: 1ms, capacity: 10Gbps}}");
-    let _ = writeln!(y, "  - {{a: site-1, b: transit-{}, latency: 1ms, capacity: 10Gbps}}", transits / 2);
+    let _ = writeln!(
+        y,
+        "  - {{a: site-0, b: transit-0, latency: 1ms, capacity: 10Gbps}}"
+    );
+    let _ = writeln!(
+        y,
+        "  - {{a: site-1, b: transit-{}, latency: 1ms, capacity: 10Gbps}}",
+        transits / 2
+    );
     for e in 0..edges {
-        let _ = writeln!(y, "  - {{a: edge-{e}, b: transit-{}, latency: 2ms, capacity: 10Gbps}}", e % transits);
+        let _ = writeln!(
+            y,
+            "  - {{a: edge-{e}, b: transit-{}, latency: 2ms, capacity: 10Gbps}}",
+            e % transits
+        );
     }
     y.push_str("services:\n  - name: llm-chat\n    port: 8443\n");
     y
@@ -99,7 +121,12 @@ pub async fn start_controller(state: &Path, tls: &Path, yaml: &str) -> Daemon {
     .expect("controller starts")
 }
 
-pub async fn start_client(ctl: std::net::SocketAddr, node: &str, tls: &Path, state: Option<PathBuf>) -> ControlClient {
+pub async fn start_client(
+    ctl: std::net::SocketAddr,
+    node: &str,
+    tls: &Path,
+    state: Option<PathBuf>,
+) -> ControlClient {
     let id = TlsIdentity::load(tls, node).expect("identity");
     let mut cfg = ClientConfig::new(ctl, NodeId::new(node), id);
     cfg.state_dir = state;

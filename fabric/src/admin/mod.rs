@@ -40,7 +40,10 @@ pub struct AdminState {
 
 impl AdminState {
     pub fn new(ctl: Arc<Controller>, token: &str) -> Self {
-        AdminState { ctl, token: Arc::from(token.trim()) }
+        AdminState {
+            ctl,
+            token: Arc::from(token.trim()),
+        }
     }
 }
 
@@ -68,7 +71,11 @@ fn token_matches(given: &[u8], expected: &[u8]) -> bool {
     if given.len() != expected.len() {
         return false;
     }
-    given.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    given
+        .iter()
+        .zip(expected)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+        == 0
 }
 
 async fn auth(State(st): State<AdminState>, req: Request, next: Next) -> Response {
@@ -78,9 +85,16 @@ async fn auth(State(st): State<AdminState>, req: Request, next: Next) -> Respons
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     match given {
-        Some(t) if !st.token.is_empty() && token_matches(t.trim().as_bytes(), st.token.as_bytes()) => next.run(req).await,
-        _ => ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong bearer token (see --token / TASMAN_TOKEN)")
-            .into_response(),
+        Some(t)
+            if !st.token.is_empty() && token_matches(t.trim().as_bytes(), st.token.as_bytes()) =>
+        {
+            next.run(req).await
+        }
+        _ => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token (see --token / TASMAN_TOKEN)",
+        )
+        .into_response(),
     }
 }
 
@@ -96,7 +110,11 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, msg: impl Into<String>) -> Self {
-        ApiError { status, error: msg.into(), diagnostics: Vec::new() }
+        ApiError {
+            status,
+            error: msg.into(),
+            diagnostics: Vec::new(),
+        }
     }
 }
 
@@ -119,7 +137,11 @@ impl From<ControllerError> for ApiError {
             ControllerError::Invalid(d) => d.iter().map(Diag::from).collect(),
             _ => Vec::new(),
         };
-        ApiError { status, error: msg, diagnostics }
+        ApiError {
+            status,
+            error: msg,
+            diagnostics,
+        }
     }
 }
 
@@ -134,13 +156,21 @@ pub struct Diag {
 
 impl From<&::topology::Diagnostic> for Diag {
     fn from(d: &::topology::Diagnostic) -> Self {
-        Diag { line: d.line, column: d.column, severity: d.severity.to_string(), message: d.message.clone() }
+        Diag {
+            line: d.line,
+            column: d.column,
+            severity: d.severity.to_string(),
+            message: d.message.clone(),
+        }
     }
 }
 
 impl Diag {
     /// `FILE:LINE:COL: severity: message`, as the loader prints it.
     pub fn display(&self, file: &str) -> String {
-        format!("{file}:{}:{}: {}: {}", self.line, self.column, self.severity, self.message)
+        format!(
+            "{file}:{}:{}: {}: {}",
+            self.line, self.column, self.severity, self.message
+        )
     }
 }

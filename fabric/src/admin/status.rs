@@ -16,7 +16,9 @@ use crate::controller::live::RttEntry;
 use crate::controller::records::Nack;
 
 pub fn routes() -> axum::Router<AdminState> {
-    axum::Router::new().route("/v1/status", get(status)).route("/v1/rtt", get(rtt))
+    axum::Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/rtt", get(rtt))
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -112,16 +114,26 @@ pub fn build(st: &AdminState) -> Status {
         })
         .collect();
     let graph = Graph::new(topo);
-    let mut services: Vec<ServiceStatus> =
-        topo.services.iter().map(|s| ServiceStatus { service: s.name.to_string(), edges: Vec::new() }).collect();
+    let mut services: Vec<ServiceStatus> = topo
+        .services
+        .iter()
+        .map(|s| ServiceStatus {
+            service: s.name.to_string(),
+            edges: Vec::new(),
+        })
+        .collect();
     for edge in topo.nodes.iter().filter(|n| n.kind == NodeKind::Edge) {
-        let Ok(table) = RoutingTable::build(topo, &graph, &edge.id, &live) else { continue };
+        let Ok(table) = RoutingTable::build(topo, &graph, &edge.id, &live) else {
+            continue;
+        };
         for s in &mut services {
             let best = table.best(&s.service);
             s.edges.push(EdgeChoice {
                 edge: edge.id.to_string(),
                 site: best.map(|c| c.site.to_string()),
-                path: best.map(|c| c.path.iter().map(|n| n.to_string()).collect()).unwrap_or_default(),
+                path: best
+                    .map(|c| c.path.iter().map(|n| n.to_string()).collect())
+                    .unwrap_or_default(),
                 cost_ms: best.map(|c| c.cost.as_millis_f64()),
             });
         }

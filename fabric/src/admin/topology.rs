@@ -27,7 +27,10 @@ pub struct CurrentResponse {
 
 async fn current(State(st): State<AdminState>) -> Json<CurrentResponse> {
     let cur = st.ctl.current();
-    Json(CurrentResponse { record: cur.record.clone(), snapshot_version: st.ctl.published().version })
+    Json(CurrentResponse {
+        record: cur.record.clone(),
+        snapshot_version: st.ctl.published().version,
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -47,7 +50,10 @@ pub struct HistoryEntry {
     pub bytes: usize,
 }
 
-async fn history(State(st): State<AdminState>, Query(q): Query<HistoryQuery>) -> Result<Json<Vec<HistoryEntry>>, ApiError> {
+async fn history(
+    State(st): State<AdminState>,
+    Query(q): Query<HistoryQuery>,
+) -> Result<Json<Vec<HistoryEntry>>, ApiError> {
     let cur = st.ctl.current().record.version;
     let rows = st.ctl.history(q.limit.unwrap_or(50).min(10_000))?;
     Ok(Json(
@@ -65,11 +71,16 @@ async fn history(State(st): State<AdminState>, Query(q): Query<HistoryQuery>) ->
     ))
 }
 
-async fn version(State(st): State<AdminState>, Path(v): Path<u64>) -> Result<Json<TopologyVersion>, ApiError> {
-    st.ctl
-        .version(v)?
-        .map(Json)
-        .ok_or_else(|| ApiError::new(axum::http::StatusCode::NOT_FOUND, format!("no topology version {v}")))
+async fn version(
+    State(st): State<AdminState>,
+    Path(v): Path<u64>,
+) -> Result<Json<TopologyVersion>, ApiError> {
+    st.ctl.version(v)?.map(Json).ok_or_else(|| {
+        ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            format!("no topology version {v}"),
+        )
+    })
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -90,10 +101,20 @@ fn author(a: &str) -> &str {
     if a.is_empty() { "unknown" } else { a }
 }
 
-async fn apply(State(st): State<AdminState>, Json(req): Json<ApplyRequest>) -> Result<Json<ApplyOutcome>, ApiError> {
+async fn apply(
+    State(st): State<AdminState>,
+    Json(req): Json<ApplyRequest>,
+) -> Result<Json<ApplyOutcome>, ApiError> {
     let out = st
         .ctl
-        .apply(&req.text, author(&req.author), &req.message, Origin::Apply, req.dry_run, req.base_version)
+        .apply(
+            &req.text,
+            author(&req.author),
+            &req.message,
+            Origin::Apply,
+            req.dry_run,
+            req.base_version,
+        )
         .await?;
     Ok(Json(out))
 }
@@ -109,6 +130,13 @@ pub struct RollbackRequest {
     pub dry_run: bool,
 }
 
-async fn rollback(State(st): State<AdminState>, Json(req): Json<RollbackRequest>) -> Result<Json<ApplyOutcome>, ApiError> {
-    Ok(Json(st.ctl.rollback(req.version, author(&req.author), &req.message, req.dry_run).await?))
+async fn rollback(
+    State(st): State<AdminState>,
+    Json(req): Json<RollbackRequest>,
+) -> Result<Json<ApplyOutcome>, ApiError> {
+    Ok(Json(
+        st.ctl
+            .rollback(req.version, author(&req.author), &req.message, req.dry_run)
+            .await?,
+    ))
 }

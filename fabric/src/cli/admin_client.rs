@@ -46,10 +46,17 @@ pub enum ClientError {
     #[error("cannot reach the controller at {addr}: {reason}")]
     Unreachable { addr: String, reason: String },
     #[error("{path}: {source}")]
-    TokenFile { path: PathBuf, source: std::io::Error },
+    TokenFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// The controller refused the request (status, its message and diagnostics).
     #[error("{error}")]
-    Refused { status: u16, error: String, diagnostics: Vec<Diag> },
+    Refused {
+        status: u16,
+        error: String,
+        diagnostics: Vec<Diag>,
+    },
     #[error("unexpected answer from the controller: {0}")]
     Protocol(String),
 }
@@ -81,7 +88,10 @@ impl AdminClient {
         let token = match (&args.token, &args.token_file) {
             (Some(t), _) => t.clone(),
             (None, Some(p)) => std::fs::read_to_string(p)
-                .map_err(|source| ClientError::TokenFile { path: p.clone(), source })?
+                .map_err(|source| ClientError::TokenFile {
+                    path: p.clone(),
+                    source,
+                })?
                 .trim()
                 .to_string(),
             (None, None) => String::new(),
@@ -98,14 +108,28 @@ impl AdminClient {
         self.call("GET", path, None).await
     }
 
-    pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
         let bytes = serde_json::to_vec(body).map_err(|e| ClientError::Protocol(e.to_string()))?;
         self.call("POST", path, Some(bytes)).await
     }
 
-    async fn call<T: DeserializeOwned>(&self, method: &str, path: &str, body: Option<Vec<u8>>) -> Result<T, ClientError> {
-        let unreachable = |reason: String| ClientError::Unreachable { addr: self.authority.clone(), reason };
-        let stream = tokio::net::TcpStream::connect(&self.authority).await.map_err(|e| unreachable(e.to_string()))?;
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T, ClientError> {
+        let unreachable = |reason: String| ClientError::Unreachable {
+            addr: self.authority.clone(),
+            reason,
+        };
+        let stream = tokio::net::TcpStream::connect(&self.authority)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| unreachable(e.to_string()))?;
@@ -123,7 +147,10 @@ impl AdminClient {
         let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let resp = sender.send_request(req).await.map_err(|e| unreachable(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
         let status = resp.status();
         let bytes = Limited::new(resp.into_body(), MAX_RESPONSE)
             .collect()
@@ -133,9 +160,16 @@ impl AdminClient {
         if !status.is_success() {
             let (error, diagnostics) = match serde_json::from_slice::<ErrorBody>(&bytes) {
                 Ok(b) => (b.error, b.diagnostics),
-                Err(_) => (format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)), Vec::new()),
+                Err(_) => (
+                    format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)),
+                    Vec::new(),
+                ),
             };
-            return Err(ClientError::Refused { status: status.as_u16(), error, diagnostics });
+            return Err(ClientError::Refused {
+                status: status.as_u16(),
+                error,
+                diagnostics,
+            });
         }
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
     }

@@ -9,12 +9,14 @@ use clap::Args;
 use crate::controller::daemon::{self, DaemonConfig};
 
 #[derive(Debug, Args)]
-#[command(after_help = "Example:\n  tasman controller --topology examples/apac.yaml --state /var/lib/tasman \\\n      --listen 0.0.0.0:7400 --admin 127.0.0.1:7401\n\n\
+#[command(
+    after_help = "Example:\n  tasman controller --topology examples/apac.yaml --state /var/lib/tasman \\\n      --listen 0.0.0.0:7400 --admin 127.0.0.1:7401\n\n\
 The first start imports --topology into the state directory; afterwards the state directory is the\n\
 truth (--topology is ignored; change the topology with `tasman topology apply|edit|rollback`).\n\
 Without --tls-dir, <state>/pki holds the fabric CA and the controller's certificate (created when\n\
 missing; issue router certificates from it). Without --admin-token-file, the token is\n\
-<state>/admin-token (generated when missing).")]
+<state>/admin-token (generated when missing)."
+)]
 pub struct ControllerArgs {
     /// Topology YAML imported on first start.
     #[arg(long)]
@@ -58,7 +60,10 @@ pub fn run(args: ControllerArgs) -> ExitCode {
             Ok(d) => d,
             Err(e) => {
                 eprintln!("error: {e}");
-                if let daemon::DaemonError::Controller(crate::controller::ControllerError::Invalid(diags)) = &e {
+                if let daemon::DaemonError::Controller(
+                    crate::controller::ControllerError::Invalid(diags),
+                ) = &e
+                {
                     for d in diags {
                         eprintln!("{}", d.display("topology"));
                     }
@@ -67,7 +72,10 @@ pub fn run(args: ControllerArgs) -> ExitCode {
             }
         };
         // One line on stdout that scripts and tests can wait for.
-        println!("controller listening quic={} admin={}", d.quic_addr, d.admin_addr);
+        println!(
+            "controller listening quic={} admin={}",
+            d.quic_addr, d.admin_addr
+        );
         wait_for_signal().await;
         d.shutdown().await;
         ExitCode::SUCCESS

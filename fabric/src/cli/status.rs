@@ -8,7 +8,9 @@ use super::admin_client::{AdminArgs, AdminClient, Output, block_on, report};
 use crate::admin::status::Status;
 
 #[derive(Debug, Args)]
-#[command(after_help = "Example:\n  tasman status\n  tasman status -o json | jq '.routers[] | select(.behind)'")]
+#[command(
+    after_help = "Example:\n  tasman status\n  tasman status -o json | jq '.routers[] | select(.behind)'"
+)]
 pub struct StatusArgs {
     #[command(flatten)]
     pub admin: AdminArgs,
@@ -38,13 +40,26 @@ pub fn run(args: StatusArgs) -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    println!("topology version {}  snapshot {}", st.topology_version, st.snapshot_version);
+    println!(
+        "topology version {}  snapshot {}",
+        st.topology_version, st.snapshot_version
+    );
     println!();
-    println!("{:<20} {:<8} {:<10} {:>9} {:>12} {:<14} STATE", "ROUTER", "KIND", "CONNECTED", "TOPOLOGY", "SNAPSHOT", "LAST SEEN");
+    println!(
+        "{:<20} {:<8} {:<10} {:>9} {:>12} {:<14} STATE",
+        "ROUTER", "KIND", "CONNECTED", "TOPOLOGY", "SNAPSHOT", "LAST SEEN"
+    );
     for r in &st.routers {
-        let mut state = if r.behind { "behind".to_string() } else { "current".to_string() };
+        let mut state = if r.behind {
+            "behind".to_string()
+        } else {
+            "current".to_string()
+        };
         if let Some(n) = &r.last_nack {
-            state.push_str(&format!("; rejected snapshot {} (topology {}): {}", n.version, n.topology_version, n.reason));
+            state.push_str(&format!(
+                "; rejected snapshot {} (topology {}): {}",
+                n.version, n.topology_version, n.reason
+            ));
         }
         println!(
             "{:<20} {:<8} {:<10} {:>9} {:>12} {:<14} {}",
@@ -74,7 +89,10 @@ pub fn run(args: StatusArgs) -> ExitCode {
         }
     }
     println!();
-    println!("{:<36} {:>10} {:>12} {:>10} {:<5} AGE", "LINK", "RTT ms", "DECLARED ms", "WEIGHT ms", "UP");
+    println!(
+        "{:<36} {:>10} {:>12} {:>10} {:<5} AGE",
+        "LINK", "RTT ms", "DECLARED ms", "WEIGHT ms", "UP"
+    );
     for r in &st.rtt {
         println!(
             "{:<36} {:>10} {:>12.2} {:>10.2} {:<5} {}",

@@ -12,7 +12,9 @@ use crate::admin::topology::{ApplyRequest, CurrentResponse, HistoryEntry, Rollba
 use crate::controller::ApplyOutcome;
 
 #[derive(Debug, Args)]
-#[command(after_help = "Example:\n  tasman topology get > current.yaml\n  tasman topology get -o json")]
+#[command(
+    after_help = "Example:\n  tasman topology get > current.yaml\n  tasman topology get -o json"
+)]
 pub struct GetArgs {
     #[command(flatten)]
     pub admin: AdminArgs,
@@ -22,7 +24,9 @@ pub struct GetArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(after_help = "Example:\n  tasman topology apply apac.yaml --dry-run\n  tasman topology apply apac.yaml -m \"raise syd-mel latency\"")]
+#[command(
+    after_help = "Example:\n  tasman topology apply apac.yaml --dry-run\n  tasman topology apply apac.yaml -m \"raise syd-mel latency\""
+)]
 pub struct ApplyArgs {
     /// The topology YAML to apply.
     pub file: PathBuf,
@@ -46,7 +50,9 @@ pub struct HistoryArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(after_help = "Example:\n  tasman topology rollback 3\n\nCreates a new version with the text of VERSION.")]
+#[command(
+    after_help = "Example:\n  tasman topology rollback 3\n\nCreates a new version with the text of VERSION."
+)]
 pub struct RollbackArgs {
     pub version: u64,
     #[arg(long)]
@@ -96,7 +102,10 @@ pub fn get(args: GetArgs) -> ExitCode {
     };
     let res = block_on(async {
         match args.version {
-            Some(v) => c.get::<serde_json::Value>(&format!("/v1/topology/versions/{v}")).await,
+            Some(v) => {
+                c.get::<serde_json::Value>(&format!("/v1/topology/versions/{v}"))
+                    .await
+            }
             None => c.get::<serde_json::Value>("/v1/topology").await,
         }
     });
@@ -104,7 +113,10 @@ pub fn get(args: GetArgs) -> ExitCode {
         Ok(v) => {
             match args.admin.output {
                 Output::Json => print_json(&v),
-                Output::Text => print!("{}", v.get("text").and_then(|t| t.as_str()).unwrap_or_default()),
+                Output::Text => print!(
+                    "{}",
+                    v.get("text").and_then(|t| t.as_str()).unwrap_or_default()
+                ),
             }
             ExitCode::SUCCESS
         }
@@ -118,7 +130,14 @@ fn print_outcome(o: &ApplyOutcome) {
         eprintln!("{}", w.display("topology"));
     }
     if o.plan.text.trim().is_empty() {
-        println!("plan: {}", if o.plan.changed { "changes with no effect on routing" } else { "no changes" });
+        println!(
+            "plan: {}",
+            if o.plan.changed {
+                "changes with no effect on routing"
+            } else {
+                "no changes"
+            }
+        );
     } else {
         println!("plan:");
         for line in o.plan.text.lines() {
@@ -127,7 +146,10 @@ fn print_outcome(o: &ApplyOutcome) {
     }
     match o.version {
         Some(v) => println!("applied: version {v} (was {})", o.previous_version),
-        None if o.dry_run => println!("dry run: nothing applied (current version {})", o.previous_version),
+        None if o.dry_run => println!(
+            "dry run: nothing applied (current version {})",
+            o.previous_version
+        ),
         None => {}
     }
 }
@@ -145,7 +167,13 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let req = ApplyRequest { text, dry_run: args.dry_run, message: args.message, author: author(), base_version: None };
+    let req = ApplyRequest {
+        text,
+        dry_run: args.dry_run,
+        message: args.message,
+        author: author(),
+        base_version: None,
+    };
     match block_on(c.post::<_, ApplyOutcome>("/v1/topology", &req)).and_then(|r| r) {
         Ok(o) => {
             match args.admin.output {
@@ -163,17 +191,28 @@ pub fn history(args: HistoryArgs) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    match block_on(c.get::<Vec<HistoryEntry>>(&format!("/v1/topology/history?limit={}", args.limit))).and_then(|r| r) {
+    match block_on(
+        c.get::<Vec<HistoryEntry>>(&format!("/v1/topology/history?limit={}", args.limit)),
+    )
+    .and_then(|r| r)
+    {
         Ok(rows) => {
             match args.admin.output {
                 Output::Json => print_json(&rows),
                 Output::Text => {
-                    println!("{:>8}  {:<24}  {:<12}  {:<18}  MESSAGE", "VERSION", "TIME (UTC)", "AUTHOR", "ORIGIN");
+                    println!(
+                        "{:>8}  {:<24}  {:<12}  {:<18}  MESSAGE",
+                        "VERSION", "TIME (UTC)", "AUTHOR", "ORIGIN"
+                    );
                     for r in rows {
                         let origin = match r.origin {
-                            crate::controller::records::Origin::Import { .. } => "import".to_string(),
+                            crate::controller::records::Origin::Import { .. } => {
+                                "import".to_string()
+                            }
                             crate::controller::records::Origin::Apply => "apply".to_string(),
-                            crate::controller::records::Origin::Rollback { to } => format!("rollback to {to}"),
+                            crate::controller::records::Origin::Rollback { to } => {
+                                format!("rollback to {to}")
+                            }
                         };
                         let mark = if r.current { "*" } else { " " };
                         println!(
@@ -198,7 +237,12 @@ pub fn rollback(args: RollbackArgs) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let req = RollbackRequest { version: args.version, message: args.message, author: author(), dry_run: args.dry_run };
+    let req = RollbackRequest {
+        version: args.version,
+        message: args.message,
+        author: author(),
+        dry_run: args.dry_run,
+    };
     match block_on(c.post::<_, ApplyOutcome>("/v1/topology/rollback", &req)).and_then(|r| r) {
         Ok(o) => {
             match args.admin.output {
@@ -233,9 +277,14 @@ fn with_errors(text: &str, error: &str, diags: &[crate::admin::Diag]) -> String 
     for d in diags {
         // Line numbers as shown in this file (after these header lines).
         let line = if d.line > 0 { d.line + header_lines } else { 0 };
-        out.push_str(&format!("{EDIT_MARK}{line}:{}: {}: {}\n", d.column, d.severity, d.message));
+        out.push_str(&format!(
+            "{EDIT_MARK}{line}:{}: {}: {}\n",
+            d.column, d.severity, d.message
+        ));
     }
-    out.push_str(&format!("{EDIT_MARK}(these lines are removed before the topology is checked)\n"));
+    out.push_str(&format!(
+        "{EDIT_MARK}(these lines are removed before the topology is checked)\n"
+    ));
     out.push_str(text);
     out
 }
@@ -252,7 +301,11 @@ fn run_editor(path: &Path) -> Result<(), String> {
         .arg(path)
         .status()
         .map_err(|e| format!("cannot run editor {editor:?}: {e}"))?;
-    if status.success() { Ok(()) } else { Err(format!("editor {editor:?} exited with {status}")) }
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("editor {editor:?} exited with {status}"))
+    }
 }
 
 pub fn edit(args: EditArgs) -> ExitCode {
@@ -300,9 +353,14 @@ async fn edit_loop(c: &AdminClient, args: &EditArgs) -> Result<ExitCode, ClientE
             };
             let plan = match c.post::<_, ApplyOutcome>("/v1/topology", &req).await {
                 Ok(p) => p,
-                Err(ClientError::Refused { status: 422, error, diagnostics }) => {
+                Err(ClientError::Refused {
+                    status: 422,
+                    error,
+                    diagnostics,
+                }) => {
                     eprintln!("the topology is invalid; re-opening the editor");
-                    std::fs::write(&path, with_errors(&text, &error, &diagnostics)).map_err(io_err)?;
+                    std::fs::write(&path, with_errors(&text, &error, &diagnostics))
+                        .map_err(io_err)?;
                     last_invalid = Some(text);
                     continue;
                 }
@@ -319,7 +377,10 @@ async fn edit_loop(c: &AdminClient, args: &EditArgs) -> Result<ExitCode, ClientE
                     return Ok(ExitCode::from(1));
                 }
             }
-            let req = ApplyRequest { dry_run: false, ..req };
+            let req = ApplyRequest {
+                dry_run: false,
+                ..req
+            };
             let out: ApplyOutcome = c.post("/v1/topology", &req).await?;
             if let Some(v) = out.version {
                 println!("applied: version {v} (was {base})");

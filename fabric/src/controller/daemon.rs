@@ -29,7 +29,10 @@ pub struct DaemonConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Controller(#[from] ControllerError),
     #[error(transparent)]
@@ -41,7 +44,10 @@ pub enum DaemonError {
     #[error(transparent)]
     Distribute(#[from] distribute::DistributeError),
     #[error("admin API on {addr}: {source}")]
-    Admin { addr: SocketAddr, source: std::io::Error },
+    Admin {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("{path} is empty: an admin token is required")]
     EmptyToken { path: PathBuf },
 }
@@ -59,7 +65,8 @@ pub struct Daemon {
 impl Daemon {
     /// Stops serving (routers see the connection close; admin requests are refused).
     pub async fn shutdown(self) {
-        self.endpoint.close(0u32.into(), b"controller shutting down");
+        self.endpoint
+            .close(0u32.into(), b"controller shutting down");
         for t in &self.tasks {
             t.abort();
         }
@@ -69,7 +76,10 @@ impl Daemon {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DaemonError + '_ {
-    move |source| DaemonError::Io { path: path.to_path_buf(), source }
+    move |source| DaemonError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Makes sure `dir` holds a CA and a `controller` certificate.
@@ -77,14 +87,20 @@ pub fn ensure_pki(dir: &Path) -> Result<(), DaemonError> {
     if !dir.join(router::pki::CA_CERT).exists() {
         router::pki::init(dir)?;
     }
-    if !dir.join(format!("{}.pem", distribute::CONTROLLER_NAME)).exists() {
+    if !dir
+        .join(format!("{}.pem", distribute::CONTROLLER_NAME))
+        .exists()
+    {
         router::pki::issue(dir, distribute::CONTROLLER_NAME)?;
     }
     Ok(())
 }
 
 fn token(cfg: &DaemonConfig) -> Result<String, DaemonError> {
-    let path = cfg.admin_token_file.clone().unwrap_or_else(|| cfg.state_dir.join("admin-token"));
+    let path = cfg
+        .admin_token_file
+        .clone()
+        .unwrap_or_else(|| cfg.state_dir.join("admin-token"));
     match std::fs::read_to_string(&path) {
         Ok(t) if t.trim().is_empty() => Err(DaemonError::EmptyToken { path }),
         Ok(t) => Ok(t.trim().to_string()),
@@ -114,18 +130,38 @@ pub async fn start(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
     std::fs::create_dir_all(&cfg.state_dir).map_err(io(&cfg.state_dir))?;
     let store = Arc::new(RedbStore::open(&cfg.state_dir)?);
     let import = match &cfg.topology_file {
-        Some(f) => Some((std::fs::read_to_string(f).map_err(io(f))?, f.display().to_string())),
+        Some(f) => Some((
+            std::fs::read_to_string(f).map_err(io(f))?,
+            f.display().to_string(),
+        )),
         None => None,
     };
-    let ctl = Controller::open(store, import.as_ref().map(|(t, f)| (t.as_str(), f.as_str())))?;
-    let tls_dir = cfg.tls_dir.clone().unwrap_or_else(|| cfg.state_dir.join("pki"));
+    let ctl = Controller::open(
+        store,
+        import.as_ref().map(|(t, f)| (t.as_str(), f.as_str())),
+    )?;
+    let tls_dir = cfg
+        .tls_dir
+        .clone()
+        .unwrap_or_else(|| cfg.state_dir.join("pki"));
     ensure_pki(&tls_dir)?;
     let id = router::tls::TlsIdentity::load(&tls_dir, distribute::CONTROLLER_NAME)?;
     let endpoint = distribute::endpoint(&ctl, &id, cfg.listen)?;
-    let quic_addr = endpoint.local_addr().map_err(|source| DaemonError::Admin { addr: cfg.listen, source })?;
+    let quic_addr = endpoint.local_addr().map_err(|source| DaemonError::Admin {
+        addr: cfg.listen,
+        source,
+    })?;
     let token = token(&cfg)?;
-    let listener = admin::bind(cfg.admin).await.map_err(|source| DaemonError::Admin { addr: cfg.admin, source })?;
-    let admin_addr = listener.local_addr().map_err(|source| DaemonError::Admin { addr: cfg.admin, source })?;
+    let listener = admin::bind(cfg.admin)
+        .await
+        .map_err(|source| DaemonError::Admin {
+            addr: cfg.admin,
+            source,
+        })?;
+    let admin_addr = listener.local_addr().map_err(|source| DaemonError::Admin {
+        addr: cfg.admin,
+        source,
+    })?;
     let state = AdminState::new(ctl.clone(), &token);
     let tasks = vec![
         tokio::spawn(distribute::serve(ctl.clone(), endpoint.clone())),
@@ -138,5 +174,13 @@ pub async fn start(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
         }),
     ];
     tracing::info!(%quic_addr, %admin_addr, version = ctl.current().record.version, "controller running");
-    Ok(Daemon { ctl, quic_addr, admin_addr, token, tls_dir, endpoint, tasks })
+    Ok(Daemon {
+        ctl,
+        quic_addr,
+        admin_addr,
+        token,
+        tls_dir,
+        endpoint,
+        tasks,
+    })
 }

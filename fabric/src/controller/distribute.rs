@@ -26,18 +26,30 @@ pub enum DistributeError {
     #[error("TLS: {0}")]
     Tls(#[from] tls::TlsError),
     #[error("QUIC endpoint on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Binds the controller's QUIC endpoint (mutual TLS: only our CA, only current node names).
-pub fn endpoint(ctl: &Controller, id: &TlsIdentity, listen: SocketAddr) -> Result<quinn::Endpoint, DistributeError> {
+pub fn endpoint(
+    ctl: &Controller,
+    id: &TlsIdentity,
+    listen: SocketAddr,
+) -> Result<quinn::Endpoint, DistributeError> {
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(Duration::from_millis(500)));
-    transport.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(3_000))));
+    transport.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(
+        3_000,
+    ))));
     transport.max_concurrent_bidi_streams(4u32.into());
     transport.max_concurrent_uni_streams(0u32.into());
     let cfg = tls::server_config(id, &ctl.peers, Arc::new(transport))?;
-    quinn::Endpoint::server(cfg, listen).map_err(|source| DistributeError::Bind { addr: listen, source })
+    quinn::Endpoint::server(cfg, listen).map_err(|source| DistributeError::Bind {
+        addr: listen,
+        source,
+    })
 }
 
 /// Accepts router connections until the endpoint closes.
@@ -73,7 +85,9 @@ enum ConnError {
 }
 
 async fn refuse(send: &mut quinn::SendStream, reason: String) -> ConnError {
-    if let Ok(b) = proto::encode(&ToRouter::Refused { reason: reason.clone() }) {
+    if let Ok(b) = proto::encode(&ToRouter::Refused {
+        reason: reason.clone(),
+    }) {
         let _ = send.write_all(&b).await;
         let _ = send.finish();
     }
@@ -83,15 +97,22 @@ async fn refuse(send: &mut quinn::SendStream, reason: String) -> ConnError {
 async fn connection(ctl: &Arc<Controller>, conn: quinn::Connection) -> Result<(), ConnError> {
     let cert_name = tls::peer_name(&conn, &ctl.peers);
     let (mut send, mut recv) = conn.accept_bi().await?;
-    let hello = tokio::time::timeout(Duration::from_secs(10), proto::read_frame(&mut recv, MAX_FROM_ROUTER))
-        .await
-        .map_err(|_| ConnError::Timeout)??;
+    let hello = tokio::time::timeout(
+        Duration::from_secs(10),
+        proto::read_frame(&mut recv, MAX_FROM_ROUTER),
+    )
+    .await
+    .map_err(|_| ConnError::Timeout)??;
     let Some(hello) = hello else { return Ok(()) };
     let FromRouter::Hello { node, have_version } = proto::decode(&hello)? else {
         return Err(refuse(&mut send, "expected hello".into()).await);
     };
     if cert_name.as_deref() != Some(node.as_str()) {
-        return Err(refuse(&mut send, format!("certificate name {cert_name:?} does not match node {node:?}")).await);
+        return Err(refuse(
+            &mut send,
+            format!("certificate name {cert_name:?} does not match node {node:?}"),
+        )
+        .await);
     }
     if !ctl.is_node(&node) {
         return Err(refuse(&mut send, format!("node {node} is not in the topology")).await);
@@ -177,15 +198,27 @@ fn report_node(r: &router::telemetry::TelemetryReport) -> &str {
     r.node.as_str()
 }
 
-/// The controller's view of a router's telemetry report.
+/// The controller's view of a router's telemetry report. A site's services are folded into one
+/// [`SiteLoad`](topology::route::SiteLoad) (the live state is per site): streams and capacity
+/// add up, and the site counts as healthy while any of its services is (a router refuses
+/// streams for a failed backend itself, and edges retry elsewhere).
 pub fn sample_of(r: &router::telemetry::TelemetryReport) -> Sample {
+    let site = (!r.sites.is_empty()).then(|| topology::route::SiteLoad {
+        active_streams: r.sites.iter().map(|s| s.active_streams).sum(),
+        capacity: r.sites.iter().map(|s| s.capacity).sum(),
+        healthy: r.sites.iter().any(|s| s.healthy),
+    });
     Sample {
         node: r.node.clone(),
         neighbours: r
             .neighbours
             .iter()
-            .map(|n| NeighbourSample { neighbour: n.node.clone(), rtt: n.rtt, up: n.up })
+            .map(|n| NeighbourSample {
+                neighbour: n.id.clone(),
+                rtt: (n.rtt_us > 0).then(|| Duration::from_micros(n.rtt_us)),
+                up: n.up,
+            })
             .collect(),
-        site: r.site,
+        site,
     }
 }

@@ -54,7 +54,7 @@ pub struct NeighbourSample {
     pub up: bool,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct LinkObs {
     ewma_rtt_ns: Option<f64>,
     rtt_updated: Option<Instant>,
@@ -86,15 +86,12 @@ pub struct LiveAggregator {
     published: LiveState,
 }
 
-impl Default for LinkObs {
-    fn default() -> Self {
-        LinkObs { ewma_rtt_ns: None, rtt_updated: None, ends: BTreeMap::new() }
-    }
-}
-
 impl LiveAggregator {
     pub fn new(params: LiveParams) -> Self {
-        LiveAggregator { params, ..Default::default() }
+        LiveAggregator {
+            params,
+            ..Default::default()
+        }
     }
 
     pub fn published(&self) -> &LiveState {
@@ -150,8 +147,14 @@ impl LiveAggregator {
             {
                 // RTT/2: links are declared one-way.
                 let measured = Latency::from_nanos((rtt / 2.0).max(1.0) as u64);
-                let keep = self.published.link_latency.get(id).copied().filter(|p| !self.moved(*p, measured));
-                out.link_latency.insert(id.clone(), keep.unwrap_or(measured));
+                let keep = self
+                    .published
+                    .link_latency
+                    .get(id)
+                    .copied()
+                    .filter(|p| !self.moved(*p, measured));
+                out.link_latency
+                    .insert(id.clone(), keep.unwrap_or(measured));
             }
         }
         for (site, (load, t)) in &self.sites {
@@ -171,7 +174,8 @@ impl LiveAggregator {
     fn moved(&self, published: Latency, measured: Latency) -> bool {
         let p = published.as_nanos() as f64;
         let m = measured.as_nanos() as f64;
-        let threshold = (self.params.abs_threshold.as_nanos() as f64).max(p * self.params.rel_threshold);
+        let threshold =
+            (self.params.abs_threshold.as_nanos() as f64).max(p * self.params.rel_threshold);
         (m - p).abs() > threshold
     }
 
@@ -189,7 +193,12 @@ impl LiveAggregator {
                 let obs = self.links.get(&id);
                 let newest = obs.and_then(|o| o.ends.values().map(|(_, t)| *t).max());
                 let up = !self.published.down_links.contains(&id);
-                let weight = self.published.link_latency.get(&id).copied().unwrap_or(l.latency);
+                let weight = self
+                    .published
+                    .link_latency
+                    .get(&id)
+                    .copied()
+                    .unwrap_or(l.latency);
                 RttEntry {
                     link: id.to_string(),
                     a: id.0.to_string(),

@@ -127,16 +127,26 @@ impl Controller {
     /// Opens the controller on `store`. When the store has no topology yet, `import` (the
     /// `--topology FILE` text and its file name) becomes version 1; afterwards the store is
     /// the truth and `import` is ignored.
-    pub fn open(store: Arc<dyn Store>, import: Option<(&str, &str)>) -> Result<Arc<Controller>, ControllerError> {
+    pub fn open(
+        store: Arc<dyn Store>,
+        import: Option<(&str, &str)>,
+    ) -> Result<Arc<Controller>, ControllerError> {
         let mut cur = store::read(&*store, |tx| records::current(tx))?;
         if cur.is_none()
             && let Some((text, file)) = import
         {
             let (topo, _) = validate(text)?;
             let rec = store::transaction(&*store, |tx| {
-                records::commit_topology(tx, text, &topo, "controller", &format!("imported from {file}"), Origin::Import {
-                    file: file.to_string(),
-                })
+                records::commit_topology(
+                    tx,
+                    text,
+                    &topo,
+                    "controller",
+                    &format!("imported from {file}"),
+                    Origin::Import {
+                        file: file.to_string(),
+                    },
+                )
             })?;
             cur = Some(rec);
         }
@@ -147,10 +157,21 @@ impl Controller {
         let epoch = store::transaction(&*store, |tx| records::next_epoch(tx))?;
         let routers = DashMap::new();
         for (node, rec) in store::read(&*store, |tx| records::ROUTERS.all(tx))? {
-            routers.insert(node, RouterLive { record: rec, connected: false, last_seen: Instant::now() });
+            routers.insert(
+                node,
+                RouterLive {
+                    record: rec,
+                    connected: false,
+                    last_seen: Instant::now(),
+                },
+            );
         }
         let peers = router::tls::PeerNames::new(topology.nodes.iter().map(|n| n.id.to_string()));
-        let current = Arc::new(Current { record, topology, warnings });
+        let current = Arc::new(Current {
+            record,
+            topology,
+            warnings,
+        });
         let first = encode(epoch << 32 | 1, &current, LiveState::default(), None)?;
         let (published, _) = watch::channel(Arc::new(first));
         Ok(Arc::new(Controller {
@@ -212,37 +233,83 @@ impl Controller {
         if let Some(expected) = base_version
             && expected != old.record.version
         {
-            return Err(ControllerError::Conflict { expected, current: old.record.version });
+            return Err(ControllerError::Conflict {
+                expected,
+                current: old.record.version,
+            });
         }
         let plan = crate::plan::Plan::compute(&old.topology, &topology, &live);
         if dry_run {
-            return Ok(ApplyOutcome { version: None, previous_version: old.record.version, dry_run, warnings: diags(&warnings), plan });
+            return Ok(ApplyOutcome {
+                version: None,
+                previous_version: old.record.version,
+                dry_run,
+                warnings: diags(&warnings),
+                plan,
+            });
         }
         let store = self.store.clone();
-        let (text2, topo2, author2, message2) = (text.to_string(), topology.clone(), author.to_string(), message.to_string());
+        let (text2, topo2, author2, message2) = (
+            text.to_string(),
+            topology.clone(),
+            author.to_string(),
+            message.to_string(),
+        );
         let record = tokio::task::spawn_blocking(move || {
-            store::transaction(&*store, |tx| records::commit_topology(tx, &text2, &topo2, &author2, &message2, origin))
+            store::transaction(&*store, |tx| {
+                records::commit_topology(tx, &text2, &topo2, &author2, &message2, origin)
+            })
         })
         .await
         .map_err(|e| ControllerError::Internal(e.to_string()))??;
         let version = record.version;
-        let current = Arc::new(Current { record, topology: topology.clone(), warnings: warnings.clone() });
+        let current = Arc::new(Current {
+            record,
+            topology: topology.clone(),
+            warnings: warnings.clone(),
+        });
         // Routers of the new topology may connect; removed ones are refused at their next handshake.
-        self.peers.set(topology.nodes.iter().map(|n| n.id.to_string()));
+        self.peers
+            .set(topology.nodes.iter().map(|n| n.id.to_string()));
         {
             let mut inner = lock(&self.inner);
             inner.current = current;
             self.publish_locked(&mut inner, true)?;
         }
         tracing::info!(version, author, "topology applied");
-        Ok(ApplyOutcome { version: Some(version), previous_version: old.record.version, dry_run, warnings: diags(&warnings), plan })
+        Ok(ApplyOutcome {
+            version: Some(version),
+            previous_version: old.record.version,
+            dry_run,
+            warnings: diags(&warnings),
+            plan,
+        })
     }
 
     /// Applies the text of an earlier version as a new version.
-    pub async fn rollback(&self, to: u64, author: &str, message: &str, dry_run: bool) -> Result<ApplyOutcome, ControllerError> {
-        let rec = store::read(&*self.store, |tx| records::version(tx, to))?.ok_or(ControllerError::NoSuchVersion(to))?;
-        let msg = if message.is_empty() { format!("rollback to version {to}") } else { message.to_string() };
-        self.apply(&rec.text, author, &msg, Origin::Rollback { to }, dry_run, None).await
+    pub async fn rollback(
+        &self,
+        to: u64,
+        author: &str,
+        message: &str,
+        dry_run: bool,
+    ) -> Result<ApplyOutcome, ControllerError> {
+        let rec = store::read(&*self.store, |tx| records::version(tx, to))?
+            .ok_or(ControllerError::NoSuchVersion(to))?;
+        let msg = if message.is_empty() {
+            format!("rollback to version {to}")
+        } else {
+            message.to_string()
+        };
+        self.apply(
+            &rec.text,
+            author,
+            &msg,
+            Origin::Rollback { to },
+            dry_run,
+            None,
+        )
+        .await
     }
 
     pub fn history(&self, limit: usize) -> Result<Vec<TopologyVersion>, ControllerError> {
@@ -254,13 +321,18 @@ impl Controller {
     }
 
     /// Encodes and publishes the next version. `full_only`: the topology changed (no delta).
-    fn publish_locked(&self, inner: &mut Inner, topology_changed: bool) -> Result<(), ControllerError> {
+    fn publish_locked(
+        &self,
+        inner: &mut Inner,
+        topology_changed: bool,
+    ) -> Result<(), ControllerError> {
         let prev = self.published.borrow().clone();
         inner.seq += 1;
         let version = self.epoch << 32 | inner.seq;
         let live = inner.live.merged(&inner.current.topology, Instant::now());
         inner.live.publish(live.clone());
-        let base = (!topology_changed && prev.topology_version == inner.current.record.version).then_some(prev.version);
+        let base = (!topology_changed && prev.topology_version == inner.current.record.version)
+            .then_some(prev.version);
         let p = encode(version, &inner.current, live, base)?;
         self.published.send_replace(Arc::new(p));
         Ok(())
@@ -317,7 +389,9 @@ impl Controller {
 
     pub fn rtt_matrix(&self) -> Vec<live::RttEntry> {
         let inner = lock(&self.inner);
-        inner.live.rtt_matrix(&inner.current.topology, Instant::now())
+        inner
+            .live
+            .rtt_matrix(&inner.current.topology, Instant::now())
     }
 
     pub fn live_state(&self) -> LiveState {
@@ -333,11 +407,17 @@ impl Controller {
     }
 
     pub fn router_connected(&self, node: &str, connected: bool) {
-        let mut e = self.routers.entry(node.to_string()).or_insert_with(|| RouterLive {
-            record: RouterRecord { node: node.to_string(), ..Default::default() },
-            connected,
-            last_seen: Instant::now(),
-        });
+        let mut e = self
+            .routers
+            .entry(node.to_string())
+            .or_insert_with(|| RouterLive {
+                record: RouterRecord {
+                    node: node.to_string(),
+                    ..Default::default()
+                },
+                connected,
+                last_seen: Instant::now(),
+            });
         e.connected = connected;
         e.last_seen = Instant::now();
         e.record.last_seen_unix_ms = records::now_unix_ms();
@@ -372,16 +452,24 @@ impl Controller {
 
     /// The version this router rejected last, if any (never sent to it again).
     pub fn nacked(&self, node: &str) -> Option<u64> {
-        self.routers.get(node).and_then(|r| r.record.last_nack.as_ref().map(|n| n.version))
+        self.routers
+            .get(node)
+            .and_then(|r| r.record.last_nack.as_ref().map(|n| n.version))
     }
 
     fn update_router(&self, node: &str, f: impl FnOnce(&mut RouterRecord)) {
         let rec = {
-            let mut e = self.routers.entry(node.to_string()).or_insert_with(|| RouterLive {
-                record: RouterRecord { node: node.to_string(), ..Default::default() },
-                connected: true,
-                last_seen: Instant::now(),
-            });
+            let mut e = self
+                .routers
+                .entry(node.to_string())
+                .or_insert_with(|| RouterLive {
+                    record: RouterRecord {
+                        node: node.to_string(),
+                        ..Default::default()
+                    },
+                    connected: true,
+                    last_seen: Instant::now(),
+                });
             f(&mut e.record);
             e.last_seen = Instant::now();
             e.record.last_seen_unix_ms = records::now_unix_ms();
@@ -425,7 +513,13 @@ impl Controller {
     }
 
     pub fn node_ids(&self) -> Vec<NodeId> {
-        lock(&self.inner).current.topology.nodes.iter().map(|n| n.id.clone()).collect()
+        lock(&self.inner)
+            .current
+            .topology
+            .nodes
+            .iter()
+            .map(|n| n.id.clone())
+            .collect()
     }
 }
 
@@ -433,7 +527,12 @@ fn diags(d: &[Diagnostic]) -> Vec<crate::admin::Diag> {
     d.iter().map(crate::admin::Diag::from).collect()
 }
 
-fn encode(version: u64, cur: &Current, live: LiveState, base: Option<u64>) -> Result<Published, ControllerError> {
+fn encode(
+    version: u64,
+    cur: &Current,
+    live: LiveState,
+    base: Option<u64>,
+) -> Result<Published, ControllerError> {
     let topology_version = cur.record.version;
     let full = proto::encode(&ToRouter::Snapshot {
         version,
@@ -444,9 +543,22 @@ fn encode(version: u64, cur: &Current, live: LiveState, base: Option<u64>) -> Re
     let delta = match base {
         Some(base_version) => Some((
             base_version,
-            proto::encode(&ToRouter::Live { version, base_version, topology_version, live: live.clone() })?,
+            proto::encode(&ToRouter::Live {
+                version,
+                base_version,
+                topology_version,
+                live: live.clone(),
+            })?,
         )),
         None => None,
     };
-    Ok(Published { version, topology_version, topology: cur.topology.clone(), live, full, delta, at: Instant::now() })
+    Ok(Published {
+        version,
+        topology_version,
+        topology: cur.topology.clone(),
+        live,
+        full,
+        delta,
+        at: Instant::now(),
+    })
 }

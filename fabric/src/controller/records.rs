@@ -26,9 +26,13 @@ pub struct TopologyVersion {
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum Origin {
     /// First start: imported from `--topology FILE`.
-    Import { file: String },
+    Import {
+        file: String,
+    },
     Apply,
-    Rollback { to: u64 },
+    Rollback {
+        to: u64,
+    },
 }
 
 /// A node the controller knows (from any applied topology). Its certificate name is its id.
@@ -81,7 +85,10 @@ const CURRENT: &str = "current_topology";
 const EPOCH: &str = "epoch";
 
 pub fn now_unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// The topology version in force, if any was ever applied.
@@ -145,7 +152,12 @@ pub fn commit_topology(
                 i.in_version = version;
                 i
             }
-            None => NodeIdentity { id: n.id.clone(), kind: n.kind, first_version: version, in_version: version },
+            None => NodeIdentity {
+                id: n.id.clone(),
+                kind: n.kind,
+                first_version: version,
+                in_version: version,
+            },
         };
         NODES.put(tx, n.id.as_str(), &ident)?;
     }
@@ -159,7 +171,12 @@ pub fn commit_topology(
 }
 
 /// Appends one entry to the audit log (in the caller's transaction).
-pub fn audit(tx: &mut dyn WriteTxn, actor: &str, action: &str, detail: &str) -> Result<(), StoreError> {
+pub fn audit(
+    tx: &mut dyn WriteTxn,
+    actor: &str,
+    action: &str,
+    detail: &str,
+) -> Result<(), StoreError> {
     let seq = AUDIT.last(tx)?.map(|(_, e)| e.seq).unwrap_or(0) + 1;
     AUDIT.put(
         tx,

@@ -49,7 +49,13 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(p: BackoffParams) -> Self {
-        Backoff { p, state: State::Quiet, short_since: None, last_event: None, due: None }
+        Backoff {
+            p,
+            state: State::Quiet,
+            short_since: None,
+            last_event: None,
+            due: None,
+        }
     }
 
     pub fn state(&self) -> State {

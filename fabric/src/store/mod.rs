@@ -27,11 +27,18 @@ pub enum StoreError {
     #[error("store backend: {0}")]
     Backend(String),
     #[error("store record {table}/{key} is corrupt: {reason}")]
-    Corrupt { table: &'static str, key: String, reason: String },
+    Corrupt {
+        table: &'static str,
+        key: String,
+        reason: String,
+    },
     #[error("transaction aborted")]
     Aborted,
     #[error("store directory {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// Reads inside a transaction (a consistent view).
@@ -58,15 +65,24 @@ pub trait WriteTxn: ReadTxn {
 /// would implement the same two methods.
 pub trait Store: Send + Sync + 'static {
     /// Runs `f` on a consistent read view.
-    fn read(&self, f: &mut dyn FnMut(&dyn ReadTxn) -> Result<(), StoreError>) -> Result<(), StoreError>;
+    fn read(
+        &self,
+        f: &mut dyn FnMut(&dyn ReadTxn) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError>;
     /// Runs `f` in a write transaction: when `f` returns `Ok` the changes are committed and
     /// durable before `write` returns; when it returns `Err` nothing is changed.
-    fn write(&self, f: &mut dyn FnMut(&mut dyn WriteTxn) -> Result<(), StoreError>) -> Result<(), StoreError>;
+    fn write(
+        &self,
+        f: &mut dyn FnMut(&mut dyn WriteTxn) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError>;
 }
 
 /// Runs `f` in one atomic, durable write transaction and returns its value. An `Err` from `f`
 /// aborts the transaction (nothing is written) and is returned as is.
-pub fn transaction<S, R, E>(store: &S, f: impl FnOnce(&mut dyn WriteTxn) -> Result<R, E>) -> Result<R, E>
+pub fn transaction<S, R, E>(
+    store: &S,
+    f: impl FnOnce(&mut dyn WriteTxn) -> Result<R, E>,
+) -> Result<R, E>
 where
     S: Store + ?Sized,
     E: From<StoreError>,
@@ -130,7 +146,10 @@ impl<V> Copy for Table<V> {}
 
 impl<V: Serialize + DeserializeOwned> Table<V> {
     pub const fn new(name: &'static str) -> Self {
-        Table { name, _v: PhantomData }
+        Table {
+            name,
+            _v: PhantomData,
+        }
     }
 
     fn decode(&self, key: &str, bytes: &[u8]) -> Result<V, StoreError> {
@@ -142,11 +161,14 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
     }
 
     pub fn get(&self, tx: &dyn ReadTxn, key: &str) -> Result<Option<V>, StoreError> {
-        tx.get(self.name, key)?.map(|b| self.decode(key, &b)).transpose()
+        tx.get(self.name, key)?
+            .map(|b| self.decode(key, &b))
+            .transpose()
     }
 
     pub fn put(&self, tx: &mut dyn WriteTxn, key: &str, value: &V) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(value).map_err(|e| StoreError::Backend(format!("encode {}: {e}", self.name)))?;
+        let bytes = serde_json::to_vec(value)
+            .map_err(|e| StoreError::Backend(format!("encode {}: {e}", self.name)))?;
         tx.put(self.name, key, &bytes)
     }
 
@@ -197,7 +219,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = redb::RedbStore::open(dir.path()).unwrap();
-            transaction(&s, |tx| -> Result<(), StoreError> { T.put(tx, &seq_key(1), &"one".to_string()) }).unwrap();
+            transaction(&s, |tx| -> Result<(), StoreError> {
+                T.put(tx, &seq_key(1), &"one".to_string())
+            })
+            .unwrap();
             let r: Result<(), StoreError> = transaction(&s, |tx| {
                 T.put(tx, &seq_key(2), &"two".to_string())?;
                 Err(StoreError::Backend("refused".into()))

@@ -25,7 +25,10 @@ fn def(name: &str) -> TableDefinition<'_, &'static str, &'static [u8]> {
 impl RedbStore {
     /// Opens (or creates) the store in directory `dir`.
     pub fn open(dir: &Path) -> Result<RedbStore, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io { path: dir.display().to_string(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+            path: dir.display().to_string(),
+            source,
+        })?;
         let db = Database::create(dir.join("state.redb")).map_err(be)?;
         Ok(RedbStore { db })
     }
@@ -43,7 +46,14 @@ fn scan_table<T: ReadableTable<&'static str, &'static [u8]>>(
     } else {
         t.range::<&str>((from, Bound::Unbounded)).map_err(be)?
     };
-    let mut push = |item: Result<(redb::AccessGuard<'_, &'static str>, redb::AccessGuard<'_, &'static [u8]>), redb::StorageError>| -> Result<bool, StoreError> {
+    let mut push = |item: Result<
+        (
+            redb::AccessGuard<'_, &'static str>,
+            redb::AccessGuard<'_, &'static [u8]>,
+        ),
+        redb::StorageError,
+    >|
+     -> Result<bool, StoreError> {
         let (k, v) = item.map_err(be)?;
         out.push((k.value().to_string(), v.value().to_vec()));
         Ok(out.len() < limit)
@@ -123,12 +133,18 @@ impl WriteTxn for WTxn {
 }
 
 impl Store for RedbStore {
-    fn read(&self, f: &mut dyn FnMut(&dyn ReadTxn) -> Result<(), StoreError>) -> Result<(), StoreError> {
+    fn read(
+        &self,
+        f: &mut dyn FnMut(&dyn ReadTxn) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         let tx = RTxn(self.db.begin_read().map_err(be)?);
         f(&tx)
     }
 
-    fn write(&self, f: &mut dyn FnMut(&mut dyn WriteTxn) -> Result<(), StoreError>) -> Result<(), StoreError> {
+    fn write(
+        &self,
+        f: &mut dyn FnMut(&mut dyn WriteTxn) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         let mut tx = WTxn(self.db.begin_write().map_err(be)?);
         match f(&mut tx) {
             // Durability::Immediate (redb's default): commit returns after fsync.

@@ -121,7 +121,11 @@ impl ControlClient {
             },
             None => None,
         };
-        let placeholder = Snapshot { version: 0, topology: Arc::default(), live: Default::default() };
+        let placeholder = Snapshot {
+            version: 0,
+            topology: Arc::default(),
+            live: Default::default(),
+        };
         let (tx, mut rx) = watch::channel(Arc::new(placeholder));
         let shared = Arc::new(Shared {
             cfg,
@@ -137,9 +141,17 @@ impl ControlClient {
                 topology_version = s.topology_version,
                 "running on the snapshot stored on disk until the controller answers"
             );
-            shared.last_contact_ms.store(s.received_unix_ms, Ordering::Relaxed);
-            shared.topology_version.store(s.topology_version, Ordering::Relaxed);
-            tx.send_replace(Arc::new(Snapshot { version: s.version, topology: s.topology, live: s.live }));
+            shared
+                .last_contact_ms
+                .store(s.received_unix_ms, Ordering::Relaxed);
+            shared
+                .topology_version
+                .store(s.topology_version, Ordering::Relaxed);
+            tx.send_replace(Arc::new(Snapshot {
+                version: s.version,
+                topology: s.topology,
+                live: s.live,
+            }));
         }
         let endpoint = client_endpoint(&shared.cfg)?;
         let tasks = vec![
@@ -148,7 +160,11 @@ impl ControlClient {
         ];
         // The placeholder (version 0) is never handed out.
         let _ = rx.wait_for(|s| s.version != 0).await;
-        Ok(ControlClient { shared, snapshots: rx, tasks })
+        Ok(ControlClient {
+            shared,
+            snapshots: rx,
+            tasks,
+        })
     }
 
     /// The router's snapshot channel (feed it to the data plane).
@@ -181,11 +197,19 @@ fn client_endpoint(cfg: &ClientConfig) -> Result<quinn::Endpoint, ControlError> 
     let peers = PeerNames::new([CONTROLLER_NAME.to_string()]);
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(Duration::from_millis(500)));
-    transport.max_idle_timeout(Some(Duration::from_secs(3).try_into().map_err(|_| ControlError::Timeout)?));
+    transport.max_idle_timeout(Some(
+        Duration::from_secs(3)
+            .try_into()
+            .map_err(|_| ControlError::Timeout)?,
+    ));
     let client_cfg = tls::client_config(&cfg.identity, &peers, Arc::new(transport))?;
-    let bind: SocketAddr = if cfg.controller.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
-        .parse()
-        .map_err(|_| ControlError::Timeout)?;
+    let bind: SocketAddr = if cfg.controller.is_ipv6() {
+        "[::]:0"
+    } else {
+        "0.0.0.0:0"
+    }
+    .parse()
+    .map_err(|_| ControlError::Timeout)?;
     let mut ep = quinn::Endpoint::client(bind).map_err(ControlError::Endpoint)?;
     ep.set_default_client_config(client_cfg);
     Ok(ep)
@@ -228,13 +252,22 @@ async fn run(shared: Arc<Shared>, endpoint: quinn::Endpoint, tx: watch::Sender<A
     }
 }
 
-async fn session(shared: &Shared, endpoint: &quinn::Endpoint, tx: &watch::Sender<Arc<Snapshot>>) -> Result<(), ControlError> {
+async fn session(
+    shared: &Shared,
+    endpoint: &quinn::Endpoint,
+    tx: &watch::Sender<Arc<Snapshot>>,
+) -> Result<(), ControlError> {
     let cfg = &shared.cfg;
     let connecting = endpoint.connect(cfg.controller, CONTROLLER_NAME)?;
-    let conn = tokio::time::timeout(Duration::from_secs(5), connecting).await.map_err(|_| ControlError::Timeout)??;
+    let conn = tokio::time::timeout(Duration::from_secs(5), connecting)
+        .await
+        .map_err(|_| ControlError::Timeout)??;
     let (mut send, mut recv) = conn.open_bi().await?;
     let have = tx.borrow().version;
-    let hello = FromRouter::Hello { node: cfg.node.to_string(), have_version: (have != 0).then_some(have) };
+    let hello = FromRouter::Hello {
+        node: cfg.node.to_string(),
+        have_version: (have != 0).then_some(have),
+    };
     send.write_all(&proto::encode(&hello)?).await?;
     shared.connected.store(true, Ordering::Relaxed);
     tracing::info!(controller = %cfg.controller, "connected to the controller");
@@ -273,21 +306,47 @@ fn check(node: &NodeId, snap: &Snapshot) -> Result<(), String> {
     Ok(())
 }
 
-async fn handle(shared: &Shared, tx: &watch::Sender<Arc<Snapshot>>, msg: ToRouter) -> Result<Option<FromRouter>, ControlError> {
+async fn handle(
+    shared: &Shared,
+    tx: &watch::Sender<Arc<Snapshot>>,
+    msg: ToRouter,
+) -> Result<Option<FromRouter>, ControlError> {
     let node = &shared.cfg.node;
     let (snap, topology_version) = match msg {
         ToRouter::Heartbeat { .. } => return Ok(None),
         ToRouter::Refused { reason } => return Err(ControlError::Refused(reason)),
-        ToRouter::Snapshot { version, topology_version, topology, live } => {
-            (Snapshot { version, topology, live }, topology_version)
-        }
-        ToRouter::Live { version, base_version, topology_version, live } => {
+        ToRouter::Snapshot {
+            version,
+            topology_version,
+            topology,
+            live,
+        } => (
+            Snapshot {
+                version,
+                topology,
+                live,
+            },
+            topology_version,
+        ),
+        ToRouter::Live {
+            version,
+            base_version,
+            topology_version,
+            live,
+        } => {
             let cur = tx.borrow().clone();
             if cur.version != base_version {
                 let have = (cur.version != 0).then_some(cur.version);
                 return Ok(Some(FromRouter::Resync { have_version: have }));
             }
-            (Snapshot { version, topology: cur.topology.clone(), live }, topology_version)
+            (
+                Snapshot {
+                    version,
+                    topology: cur.topology.clone(),
+                    live,
+                },
+                topology_version,
+            )
         }
     };
     let version = snap.version;
@@ -310,14 +369,17 @@ async fn handle(shared: &Shared, tx: &watch::Sender<Arc<Snapshot>>, msg: ToRoute
             Err(e) => tracing::error!("could not store the snapshot: {e}"),
         }
     }
-    shared.topology_version.store(topology_version, Ordering::Relaxed);
+    shared
+        .topology_version
+        .store(topology_version, Ordering::Relaxed);
     tx.send_replace(Arc::new(snap));
     tracing::debug!(version, topology_version, "applied snapshot");
     Ok(Some(FromRouter::Ack { version }))
 }
 
 async fn staleness_watch(shared: Arc<Shared>) {
-    let period = (shared.cfg.max_stale / 10).clamp(Duration::from_millis(100), Duration::from_secs(60));
+    let period =
+        (shared.cfg.max_stale / 10).clamp(Duration::from_millis(100), Duration::from_secs(60));
     let mut last_log = 0u64;
     loop {
         tokio::time::sleep(period).await;

@@ -29,27 +29,38 @@ pub struct StoredSnapshot {
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: not a stored snapshot: {reason}")]
     Corrupt { path: PathBuf, reason: String },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DiskError + '_ {
-    move |source| DiskError::Io { path: path.to_path_buf(), source }
+    move |source| DiskError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 pub fn save(dir: &Path, snap: &StoredSnapshot) -> Result<(), DiskError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let final_path = dir.join(FILE_NAME);
     let tmp = dir.join(format!("{FILE_NAME}.tmp"));
-    let bytes = serde_json::to_vec(snap).map_err(|e| DiskError::Corrupt { path: tmp.clone(), reason: e.to_string() })?;
+    let bytes = serde_json::to_vec(snap).map_err(|e| DiskError::Corrupt {
+        path: tmp.clone(),
+        reason: e.to_string(),
+    })?;
     {
         let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
         f.write_all(&bytes).map_err(io(&tmp))?;
         f.sync_all().map_err(io(&tmp))?;
     }
     std::fs::rename(&tmp, &final_path).map_err(io(&final_path))?;
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))?;
     Ok(())
 }
 
@@ -62,10 +73,18 @@ pub fn load(dir: &Path) -> Result<Option<StoredSnapshot>, DiskError> {
         Err(e) => return Err(DiskError::Io { path, source: e }),
     };
     if meta.len() > MAX_FILE {
-        return Err(DiskError::Corrupt { path, reason: format!("{} bytes exceeds the limit of {MAX_FILE}", meta.len()) });
+        return Err(DiskError::Corrupt {
+            path,
+            reason: format!("{} bytes exceeds the limit of {MAX_FILE}", meta.len()),
+        });
     }
     let bytes = std::fs::read(&path).map_err(io(&path))?;
-    serde_json::from_slice(&bytes).map(Some).map_err(|e| DiskError::Corrupt { path, reason: e.to_string() })
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| DiskError::Corrupt {
+            path,
+            reason: e.to_string(),
+        })
 }
 
 #[cfg(test)]

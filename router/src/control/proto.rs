@@ -37,9 +37,19 @@ pub const MAX_FROM_ROUTER: usize = 1 << 20;
 pub enum ToRouter {
     /// A full snapshot. Always the first message of a connection (unless the controller's
     /// current version is one this router rejected).
-    Snapshot { version: u64, topology_version: u64, topology: Arc<Topology>, live: LiveState },
+    Snapshot {
+        version: u64,
+        topology_version: u64,
+        topology: Arc<Topology>,
+        live: LiveState,
+    },
     /// Only the live state changed since `base_version`: apply it on top of that version's topology.
-    Live { version: u64, base_version: u64, topology_version: u64, live: LiveState },
+    Live {
+        version: u64,
+        base_version: u64,
+        topology_version: u64,
+        live: LiveState,
+    },
     /// Sent when nothing changed for a while; the router's staleness clock restarts.
     Heartbeat { version: u64 },
     /// The controller refuses this router (unknown node, name mismatch); it closes after this.
@@ -50,13 +60,23 @@ pub enum ToRouter {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum FromRouter {
     /// First message: who the router is and which snapshot version it already has (from disk).
-    Hello { node: String, have_version: Option<u64> },
-    Ack { version: u64 },
+    Hello {
+        node: String,
+        have_version: Option<u64>,
+    },
+    Ack {
+        version: u64,
+    },
     /// The router rejected `version` and keeps its previous snapshot. The controller records
     /// it and does not send that version to this router again.
-    Nack { version: u64, reason: String },
+    Nack {
+        version: u64,
+        reason: String,
+    },
     /// A delta arrived for a base the router does not hold: send the current version in full.
-    Resync { have_version: Option<u64> },
+    Resync {
+        have_version: Option<u64>,
+    },
     Telemetry(TelemetryReport),
 }
 
@@ -76,7 +96,10 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Bytes, ProtoError> {
     buf.put_u32(0);
     serde_json::to_writer((&mut buf).writer(), msg)?;
     let len = buf.len() - 4;
-    let len32 = u32::try_from(len).map_err(|_| ProtoError::TooLarge { size: len, max: u32::MAX as usize })?;
+    let len32 = u32::try_from(len).map_err(|_| ProtoError::TooLarge {
+        size: len,
+        max: u32::MAX as usize,
+    })?;
     buf[..4].copy_from_slice(&len32.to_be_bytes());
     Ok(buf.freeze())
 }
@@ -86,7 +109,10 @@ pub fn decode<'a, T: Deserialize<'a>>(payload: &'a [u8]) -> Result<T, ProtoError
 }
 
 /// Reads one frame's payload; `None` at a clean end of stream before a frame starts.
-pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<Option<Vec<u8>>, ProtoError> {
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<Option<Vec<u8>>, ProtoError> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
         Ok(_) => {}
@@ -108,7 +134,10 @@ mod tests {
 
     #[tokio::test]
     async fn frame_round_trip_and_oversized_frame_is_refused_before_reading() {
-        let msg = FromRouter::Nack { version: 7, reason: "node not in topology".into() };
+        let msg = FromRouter::Nack {
+            version: 7,
+            reason: "node not in topology".into(),
+        };
         let bytes = encode(&msg).unwrap();
         let mut r = &bytes[..];
         let payload = read_frame(&mut r, MAX_FROM_ROUTER).await.unwrap().unwrap();
@@ -118,7 +147,10 @@ mod tests {
         let mut huge = Vec::from(((MAX_FROM_ROUTER + 1) as u32).to_be_bytes());
         huge.extend_from_slice(b"{}");
         let mut r = &huge[..];
-        assert!(matches!(read_frame(&mut r, MAX_FROM_ROUTER).await, Err(ProtoError::TooLarge { .. })));
+        assert!(matches!(
+            read_frame(&mut r, MAX_FROM_ROUTER).await,
+            Err(ProtoError::TooLarge { .. })
+        ));
     }
 
     #[test]

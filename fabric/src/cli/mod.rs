@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 pub mod pki;
 pub mod router;
+pub mod topology;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -20,6 +21,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Work with topology files: validate (and, later, route, diff).
+    Topology(topology::TopologyArgs),
     /// Run one router (edge, transit or site, from its node's kind in the topology).
     Router(router::RouterArgs),
     /// Make the fabric CA and node certificates.
@@ -41,6 +44,7 @@ pub fn init_tracing() {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Topology(args) => topology::run(args),
         Command::Router(args) => router::run(args),
         Command::Pki(args) => pki::run(args),
     }

@@ -19,6 +19,7 @@ use topology::{Node, NodeKind, ServiceName};
 
 use crate::codes::Code;
 use crate::header::{Header, REPLY_OK};
+use crate::routes::Routes;
 use crate::splice::{self, Side, TCP_BUF};
 use crate::{RouterError, Shared};
 
@@ -84,6 +85,20 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, service: Option
     }
 }
 
+/// Circuit classification hook (the circuits work fills it in: client prefix -> circuit, and the
+/// circuit's rate limit). Until then a service that requires a circuit refuses every client.
+fn classify_circuit(
+    routes: &Routes,
+    service: &ServiceName,
+    _client: SocketAddr,
+) -> Result<Option<String>, Code> {
+    if routes.requires_circuit(service.as_str()) {
+        Err(Code::CircuitRefused)
+    } else {
+        Ok(None)
+    }
+}
+
 enum Attempt {
     Accepted(SendStream, RecvStream),
     Retry(Code),
@@ -98,7 +113,16 @@ async fn handle_client(
     service: ServiceName,
 ) {
     let _ = tcp.set_nodelay(true);
-    let Some(cands) = shared.routes.load().candidates(service.as_str()) else {
+    let routes = shared.routes.load_full();
+    let circuit = match classify_circuit(&routes, &service, client) {
+        Ok(c) => c,
+        Err(code) => {
+            shared.metrics.error(code);
+            splice::reset_tcp(&tcp);
+            return;
+        }
+    };
+    let Some(cands) = routes.candidates(service.as_str()) else {
         shared.metrics.error(Code::NoRoute);
         splice::reset_tcp(&tcp);
         return;
@@ -121,6 +145,7 @@ async fn handle_client(
             cand,
             &service,
             client,
+            circuit.as_deref(),
             &mut tcp,
             &mut buf,
             &mut replay,
@@ -182,11 +207,13 @@ fn classify(code: Code) -> Attempt {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn attempt(
     shared: &Shared,
     cand: &Candidate,
     service: &ServiceName,
     client: SocketAddr,
+    circuit: Option<&str>,
     tcp: &mut TcpStream,
     buf: &mut [u8],
     replay: &mut Replay,
@@ -206,7 +233,8 @@ async fn attempt(
         Ok(s) => s,
         Err(_) => return Attempt::Retry(Code::NextHopUnreachable),
     };
-    let header = Header::data(service.clone(), cand.path[2..].to_vec(), Some(client));
+    let mut header = Header::data(service.clone(), cand.path[2..].to_vec(), Some(client));
+    header.circuit = circuit.map(str::to_string);
     let mut hbuf = BytesMut::with_capacity(128 + replay.data.len());
     if header.encode(&mut hbuf).is_err() {
         return Attempt::Fatal(Code::Internal);

@@ -1,14 +1,16 @@
 //! The `tasman` command line. Each area has its own module; this one only dispatches.
 
-pub mod admin_client;
-pub mod controller;
-pub mod status;
-pub mod topology;
-pub mod topology_admin;
-
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+pub mod admin_client;
+pub mod controller;
+pub mod pki;
+pub mod router;
+pub mod status;
+pub mod topology;
+pub mod topology_admin;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -23,13 +25,26 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Work with topology files: validate (and, later, route, diff).
+    Topology(topology::TopologyArgs),
+    /// Run one router (edge, transit or site, from its node's kind in the topology).
+    Router(router::RouterArgs),
+    /// Make the fabric CA and node certificates.
+    Pki(pki::PkiArgs),
     /// Run the controller daemon.
     Controller(controller::ControllerArgs),
-    /// Topology work: get, apply, history, rollback, edit.
-    #[command(subcommand)]
-    Topology(topology::TopologyCmd),
-    /// Routers, per-service choices and the live RTT matrix.
+    /// Routers, per-service choices and the live RTT matrix, from the controller.
     Status(status::StatusArgs),
+}
+
+/// Logs to stderr; `RUST_LOG` filters (default `info`).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// Entry point of the binary. Exit codes: 0 success, 1 a domain failure (invalid input,
@@ -37,20 +52,12 @@ pub enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Controller(a) => controller::run(a),
-        Command::Topology(c) => topology::run(c),
-        Command::Status(a) => status::run(a),
+        Command::Topology(args) => topology::run(args),
+        Command::Router(args) => router::run(args),
+        Command::Pki(args) => pki::run(args),
+        Command::Controller(args) => controller::run(args),
+        Command::Status(args) => status::run(args),
     }
-}
-
-/// Logs to stderr; `RUST_LOG` overrides the default `info`.
-pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn,rustls=warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
 }
 
 /// `2026-11-29 02:37:23` (UTC) from unix milliseconds.
@@ -67,10 +74,5 @@ pub fn fmt_time(unix_ms: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, (rem % 3600) / 60, rem % 60)
 }

@@ -131,7 +131,9 @@ async fn handle_client(
     circuit: Option<Arc<EdgeCircuit>>,
 ) {
     let _ = tcp.set_nodelay(true);
-    let Some(cands) = shared.routes.load().candidates(service.as_str()) else {
+    // Circuit classification (and refusal without one) happened at accept.
+    let routes = shared.routes.load_full();
+    let Some(cands) = routes.candidates(service.as_str()) else {
         shared.metrics.error(Code::NoRoute);
         splice::reset_tcp(&tcp);
         return;

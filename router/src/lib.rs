@@ -186,6 +186,7 @@ impl Shared {
             snapshot_version: self.snapshot.load().version,
             neighbours,
             sites,
+            preferred: routes::preferred_sites(&self.routes.load()),
         }
     }
 }

@@ -21,6 +21,7 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use serde::Serialize;
 use tokio::sync::{Notify, watch};
+use topology::circuit::ProvisionedCircuit;
 use topology::route::LiveState;
 use topology::{Diagnostic, NodeId, Topology};
 
@@ -63,6 +64,7 @@ pub struct Published {
     pub topology_version: u64,
     pub topology: Arc<Topology>,
     pub live: LiveState,
+    pub circuits: Arc<Vec<ProvisionedCircuit>>,
     /// `ToRouter::Snapshot` frame.
     pub full: Bytes,
     /// `ToRouter::Live` frame and its base version, when only the live state changed.
@@ -105,6 +107,8 @@ pub struct Controller {
 
 struct Inner {
     current: Arc<Current>,
+    /// Provisioned circuits (set by the circuits module), carried in every full snapshot.
+    circuits: Arc<Vec<ProvisionedCircuit>>,
     live: LiveAggregator,
     backoff: Backoff,
     seq: u64,
@@ -172,12 +176,19 @@ impl Controller {
             topology,
             warnings,
         });
-        let first = encode(epoch << 32 | 1, &current, LiveState::default(), None)?;
+        let first = encode(
+            epoch << 32 | 1,
+            &current,
+            &Arc::default(),
+            LiveState::default(),
+            None,
+        )?;
         let (published, _) = watch::channel(Arc::new(first));
         Ok(Arc::new(Controller {
             store,
             inner: Mutex::new(Inner {
                 current,
+                circuits: Arc::default(),
                 live: LiveAggregator::new(LiveParams::default()),
                 backoff: Backoff::new(BackoffParams::default()),
                 seq: 1,
@@ -333,9 +344,21 @@ impl Controller {
         inner.live.publish(live.clone());
         let base = (!topology_changed && prev.topology_version == inner.current.record.version)
             .then_some(prev.version);
-        let p = encode(version, &inner.current, live, base)?;
+        let p = encode(version, &inner.current, &inner.circuits, live, base)?;
         self.published.send_replace(Arc::new(p));
         Ok(())
+    }
+
+    /// Replaces the provisioned circuits and distributes them at once (a full snapshot).
+    /// Returns the version that carries them: a router has them once it acknowledged it.
+    pub fn publish_circuits(
+        &self,
+        circuits: Arc<Vec<ProvisionedCircuit>>,
+    ) -> Result<u64, ControllerError> {
+        let mut inner = lock(&self.inner);
+        inner.circuits = circuits;
+        self.publish_locked(&mut inner, true)?;
+        Ok(self.published.borrow().version)
     }
 
     /// Merges a router's telemetry; schedules a throttled recomputation when it matters.
@@ -530,6 +553,7 @@ fn diags(d: &[Diagnostic]) -> Vec<crate::admin::Diag> {
 fn encode(
     version: u64,
     cur: &Current,
+    circuits: &Arc<Vec<ProvisionedCircuit>>,
     live: LiveState,
     base: Option<u64>,
 ) -> Result<Published, ControllerError> {
@@ -539,6 +563,7 @@ fn encode(
         topology_version,
         topology: cur.topology.clone(),
         live: live.clone(),
+        circuits: circuits.clone(),
     })?;
     let delta = match base {
         Some(base_version) => Some((
@@ -557,6 +582,7 @@ fn encode(
         topology_version,
         topology: cur.topology.clone(),
         live,
+        circuits: circuits.clone(),
         full,
         delta,
         at: Instant::now(),

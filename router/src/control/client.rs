@@ -67,7 +67,8 @@ pub enum ControlError {
     Timeout,
 }
 
-pub type TelemetrySource = Arc<dyn Fn() -> TelemetryReport + Send + Sync>;
+/// Where reports come from; `None` when the router is gone.
+pub type TelemetrySource = Arc<dyn Fn() -> Option<TelemetryReport> + Send + Sync>;
 
 struct Shared {
     cfg: ClientConfig,
@@ -125,6 +126,7 @@ impl ControlClient {
             version: 0,
             topology: Arc::default(),
             live: Default::default(),
+            circuits: Arc::default(),
         };
         let (tx, mut rx) = watch::channel(Arc::new(placeholder));
         let shared = Arc::new(Shared {
@@ -151,6 +153,7 @@ impl ControlClient {
                 version: s.version,
                 topology: s.topology,
                 live: s.live,
+                circuits: s.circuits,
             }));
         }
         let endpoint = client_endpoint(&shared.cfg)?;
@@ -289,8 +292,8 @@ async fn session(
             }
             _ = tick.tick() => {
                 let source = shared.telemetry.lock().ok().and_then(|t| t.clone());
-                if let Some(source) = source {
-                    send.write_all(&proto::encode(&FromRouter::Telemetry(source()))?).await?;
+                if let Some(report) = source.and_then(|s| s()) {
+                    send.write_all(&proto::encode(&FromRouter::Telemetry(report))?).await?;
                 }
             }
         }
@@ -320,11 +323,13 @@ async fn handle(
             topology_version,
             topology,
             live,
+            circuits,
         } => (
             Snapshot {
                 version,
                 topology,
                 live,
+                circuits,
             },
             topology_version,
         ),
@@ -344,6 +349,7 @@ async fn handle(
                     version,
                     topology: cur.topology.clone(),
                     live,
+                    circuits: cur.circuits.clone(),
                 },
                 topology_version,
             )
@@ -361,6 +367,7 @@ async fn handle(
             received_unix_ms: now_ms(),
             topology: snap.topology.clone(),
             live: snap.live.clone(),
+            circuits: snap.circuits.clone(),
         };
         // A full disk must not stop routing: the snapshot still applies, the error is logged.
         match tokio::task::spawn_blocking(move || disk::save(&dir, &stored)).await {

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use topology::Topology;
+use topology::circuit::ProvisionedCircuit;
 use topology::route::LiveState;
 
 pub const FILE_NAME: &str = "snapshot.json";
@@ -24,6 +25,8 @@ pub struct StoredSnapshot {
     pub received_unix_ms: u64,
     pub topology: Arc<Topology>,
     pub live: LiveState,
+    #[serde(default)]
+    pub circuits: Arc<Vec<ProvisionedCircuit>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +104,7 @@ mod tests {
             received_unix_ms: 1,
             topology: Arc::new(Topology::default()),
             live: LiveState::default(),
+            circuits: Arc::default(),
         };
         save(dir.path(), &snap).unwrap();
         assert_eq!(load(dir.path()).unwrap(), Some(snap));

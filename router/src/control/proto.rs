@@ -23,6 +23,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use topology::Topology;
+use topology::circuit::ProvisionedCircuit;
 use topology::route::LiveState;
 
 use crate::telemetry::TelemetryReport;
@@ -42,8 +43,12 @@ pub enum ToRouter {
         topology_version: u64,
         topology: Arc<Topology>,
         live: LiveState,
+        /// Provisioned circuits (a change of circuits is always sent in full).
+        #[serde(default)]
+        circuits: Arc<Vec<ProvisionedCircuit>>,
     },
-    /// Only the live state changed since `base_version`: apply it on top of that version's topology.
+    /// Only the live state changed since `base_version`: apply it on top of that version's
+    /// topology and circuits.
     Live {
         version: u64,
         base_version: u64,

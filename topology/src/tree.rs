@@ -98,10 +98,11 @@ fn resolve_plain(text: Cow<'_, str>) -> YValue<'_> {
         .strip_prefix(b"-")
         .or_else(|| b.strip_prefix(b"+"))
         .unwrap_or(b);
-    if !digits.is_empty() && digits.iter().all(u8::is_ascii_digit) {
-        if let Ok(i) = s.parse::<i128>() {
-            return YValue::Int(i);
-        }
+    if !digits.is_empty()
+        && digits.iter().all(u8::is_ascii_digit)
+        && let Ok(i) = s.parse::<i128>()
+    {
+        return YValue::Int(i);
     }
     for (prefix, radix) in [("0x", 16), ("0o", 8)] {
         if let Some(rest) = s.strip_prefix(prefix)

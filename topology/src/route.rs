@@ -125,6 +125,8 @@ pub enum RouteError {
     UnknownNode { node: String, known: Vec<String> },
     #[error("unknown service {service:?} (known: {})", list(known))]
     UnknownService { service: String, known: Vec<String> },
+    #[error("unknown link {link:?} (known: {})", list(known))]
+    UnknownLink { link: String, known: Vec<String> },
     #[error(
         "the graph does not belong to this topology ({graph_nodes} nodes and {graph_links} links \
          in the graph, {topology_nodes} and {topology_links} in the topology)"
@@ -135,6 +137,34 @@ pub enum RouteError {
         topology_nodes: usize,
         topology_links: usize,
     },
+}
+
+impl RouteError {
+    /// `UnknownNode` for `id`, listing the graph's nodes.
+    pub fn unknown_node(graph: &Graph, id: &str) -> Self {
+        RouteError::UnknownNode {
+            node: id.to_string(),
+            known: graph.ids().iter().map(|i| i.to_string()).collect(),
+        }
+    }
+    /// `UnknownService` for `name`, listing the graph's services.
+    pub fn unknown_service(graph: &Graph, name: &str) -> Self {
+        RouteError::UnknownService {
+            service: name.to_string(),
+            known: graph
+                .services()
+                .iter()
+                .map(|s| s.name.to_string())
+                .collect(),
+        }
+    }
+    /// `UnknownLink` for `link` (as the user wrote it), listing the graph's links.
+    pub fn unknown_link(graph: &Graph, link: &str) -> Self {
+        RouteError::UnknownLink {
+            link: link.to_string(),
+            known: graph.link_ids().map(|l| l.to_string()).collect(),
+        }
+    }
 }
 
 /// "a, b, c" for error messages; long lists are cut with a count.
@@ -187,10 +217,7 @@ impl RoutingTable {
             });
         }
         let Some(origin) = graph.index(from.as_str()) else {
-            return Err(RouteError::UnknownNode {
-                node: from.to_string(),
-                known: graph.ids().iter().map(|i| i.to_string()).collect(),
-            });
+            return Err(RouteError::unknown_node(graph, from.as_str()));
         };
         let n = graph.node_count();
         let m = graph.link_count();
@@ -353,14 +380,7 @@ pub fn route(
 ) -> Result<Vec<Candidate>, RouteError> {
     let graph = Graph::new(topo);
     if graph.service(service).is_none() {
-        return Err(RouteError::UnknownService {
-            service: service.to_string(),
-            known: graph
-                .services()
-                .iter()
-                .map(|s| s.name.to_string())
-                .collect(),
-        });
+        return Err(RouteError::unknown_service(&graph, service));
     }
     let table = RoutingTable::build(topo, &graph, from, live)?;
     Ok(table.candidates(service).to_vec())

@@ -15,21 +15,36 @@ use topology::{Graph, Latency, NodeKind, synth};
 
 fn synthetic() -> (topology::Topology, Graph) {
     let t = synth::topology(&synth::Params::default());
-    assert_eq!((t.nodes.len(), t.links.len()), (10_000, 50_000), "the benchmark's graph size");
+    assert_eq!(
+        (t.nodes.len(), t.links.len()),
+        (10_000, 50_000),
+        "the benchmark's graph size"
+    );
     let g = Graph::new(&t);
     (t, g)
 }
 
 fn bench_build(c: &mut Criterion) {
     let (t, g) = synthetic();
-    let from = t.nodes.iter().find(|n| n.kind == NodeKind::Edge).map(|n| n.id.clone()).expect("an edge");
+    let from = t
+        .nodes
+        .iter()
+        .find(|n| n.kind == NodeKind::Edge)
+        .map(|n| n.id.clone())
+        .expect("an edge");
     let live = LiveState::default();
     let table = RoutingTable::build(&t, &g, &from, &live).expect("edge exists");
     let per_service: Vec<usize> = table.services().map(|(_, c)| c.len()).collect();
-    eprintln!("synthetic graph: {} nodes, {} links; candidates per service from {from}: {per_service:?}", t.nodes.len(), t.links.len());
+    eprintln!(
+        "synthetic graph: {} nodes, {} links; candidates per service from {from}: {per_service:?}",
+        t.nodes.len(),
+        t.links.len()
+    );
 
     let mut group = c.benchmark_group("routing_table");
-    group.bench_function("graph_new_10k_nodes_50k_links", |b| b.iter(|| Graph::new(black_box(&t))));
+    group.bench_function("graph_new_10k_nodes_50k_links", |b| {
+        b.iter(|| Graph::new(black_box(&t)))
+    });
     group.bench_function("build_10k_nodes_50k_links", |b| {
         b.iter(|| RoutingTable::build(black_box(&t), &g, black_box(&from), &live))
     });
@@ -39,7 +54,8 @@ fn bench_build(c: &mut Criterion) {
     let mut busy = LiveState::default();
     for (i, l) in t.links.iter().enumerate() {
         if i % 10 == 0 {
-            busy.link_latency.insert(l.id(), Latency::from_nanos(l.latency.as_nanos() * 11 / 10));
+            busy.link_latency
+                .insert(l.id(), Latency::from_nanos(l.latency.as_nanos() * 11 / 10));
         }
         if i % 100 == 7 {
             busy.down_links.insert(l.id());
@@ -50,7 +66,14 @@ fn bench_build(c: &mut Criterion) {
             busy.down_nodes.insert(n.id.clone());
         }
         if n.kind == NodeKind::Site {
-            busy.site_load.insert(n.id.clone(), SiteLoad { active_streams: (i % 97) as u32, capacity: 100, healthy: i % 50 != 0 });
+            busy.site_load.insert(
+                n.id.clone(),
+                SiteLoad {
+                    active_streams: (i % 97) as u32,
+                    capacity: 100,
+                    healthy: i % 50 != 0,
+                },
+            );
         }
     }
     group.bench_function("build_10k_nodes_50k_links_with_live_state", |b| {
@@ -61,18 +84,30 @@ fn bench_build(c: &mut Criterion) {
 
 fn bench_lookup(c: &mut Criterion) {
     let (t, g) = synthetic();
-    let from = t.nodes.iter().find(|n| n.kind == NodeKind::Edge).map(|n| n.id.clone()).expect("an edge");
+    let from = t
+        .nodes
+        .iter()
+        .find(|n| n.kind == NodeKind::Edge)
+        .map(|n| n.id.clone())
+        .expect("an edge");
     let table = RoutingTable::build(&t, &g, &from, &LiveState::default()).expect("edge exists");
     let service = t.services[t.services.len() / 2].name.to_string();
     assert!(!table.candidates(&service).is_empty());
     c.bench_function("candidates_lookup", |b| {
-        b.iter(|| black_box(&table).candidates(black_box(&service)).first().map(|c| c.cost))
+        b.iter(|| {
+            black_box(&table)
+                .candidates(black_box(&service))
+                .first()
+                .map(|c| c.cost)
+        })
     });
 }
 
 fn bench_diff(c: &mut Criterion) {
     let text = include_str!("../../examples/apac.yaml");
-    let old = topology::load(text).expect("examples/apac.yaml is valid").topology;
+    let old = topology::load(text)
+        .expect("examples/apac.yaml is valid")
+        .topology;
     // A realistic edit: one link slower, one node drained, one site's capacity halved.
     let mut new = old.clone();
     new.links[0].latency = Latency::from_nanos(new.links[0].latency.as_nanos() * 3);
@@ -92,7 +127,12 @@ fn bench_diff(c: &mut Criterion) {
         impact(&old, &new, &live).len()
     );
     c.bench_function("diff_and_impact_apac", |b| {
-        b.iter(|| (diff(black_box(&old), black_box(&new)), impact(black_box(&old), black_box(&new), &live)))
+        b.iter(|| {
+            (
+                diff(black_box(&old), black_box(&new)),
+                impact(black_box(&old), black_box(&new), &live),
+            )
+        })
     });
 }
 

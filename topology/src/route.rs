@@ -162,7 +162,11 @@ impl RouteError {
     pub fn unknown_link(graph: &Graph, link: &str) -> Self {
         RouteError::UnknownLink {
             link: link.to_string(),
-            known: graph.link_ids().map(|l| l.to_string()).collect(),
+            known: graph
+                .link_ids()
+                .into_iter()
+                .map(|l| l.to_string())
+                .collect(),
         }
     }
 }
@@ -261,7 +265,7 @@ impl RoutingTable {
             if std::mem::replace(&mut done[u as usize], true) {
                 continue;
             }
-            for e in graph.neighbours(u) {
+            for (e, &drained) in graph.neighbours(u).iter().zip(graph.neighbour_drain(u)) {
                 let v = e.to as usize;
                 if link_blocked[e.link as usize] || node_blocked[v] {
                     continue;
@@ -269,9 +273,7 @@ impl RoutingTable {
                 let w = overrides
                     .as_ref()
                     .map_or(e.latency_ns, |o| o[e.link as usize]);
-                let drained = u32::from(graph.link_state(e.link) == AdminState::Drain)
-                    + u32::from(graph.node_state(e.to) == AdminState::Drain);
-                let cand = (d.saturating_add(drained), l.saturating_add(w));
+                let cand = (d.saturating_add(u32::from(drained)), l.saturating_add(w));
                 if cand < dist[v] {
                     dist[v] = cand;
                     prev[v] = u;

@@ -233,10 +233,7 @@ impl Graph {
 
     /// The dense index of a node id.
     pub fn index(&self, id: &str) -> Option<u32> {
-        self.ids
-            .binary_search_by(|n| n.as_str().cmp(id))
-            .ok()
-            .map(|i| i as u32)
+        self.by_id.get(id).copied()
     }
 
     /// The id of a node index. Panics on an index not from this graph (a programming error).

@@ -114,10 +114,13 @@ fn bench_diff(c: &mut Criterion) {
     if let Some(n) = new.nodes.iter_mut().find(|n| n.kind == NodeKind::Transit) {
         n.state = topology::AdminState::Drain;
     }
-    if let Some(s) = new.nodes.iter_mut().find(|n| n.kind == NodeKind::Site) {
-        if let Some(sv) = s.serves.first_mut() {
-            sv.capacity /= 2;
-        }
+    if let Some(sv) = new
+        .nodes
+        .iter_mut()
+        .find(|n| n.kind == NodeKind::Site)
+        .and_then(|s| s.serves.first_mut())
+    {
+        sv.capacity /= 2;
     }
     let live = LiveState::default();
     eprintln!(

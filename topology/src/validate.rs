@@ -377,7 +377,7 @@ fn known_list<'a>(word: &str, known: impl Iterator<Item = &'a str> + Clone) -> S
     const SHOW: usize = 8;
     let total = known.clone().count();
     if total == 0 {
-        return "(none are defined)".to_string();
+        return "(no valid ones are defined)".to_string();
     }
     if total <= SHOW {
         let mut all: Vec<&str> = known.collect();
@@ -545,7 +545,8 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
                     cx.err(
                         p,
                         format!(
-                            "{field} is only allowed on {only} nodes, and {what} is a {k} node"
+                            "{field} is only allowed on {only} nodes, and {what} is {} {k} node",
+                            if k == NodeKind::Edge { "an" } else { "a" }
                         ),
                     );
                 }
@@ -1160,14 +1161,14 @@ fn reachability_warnings(cx: &mut Cx, t: &Topology, ids: &HashMap<String, (usize
                     String::new()
                 };
                 let sites_text = if sites.is_empty() {
-                    "none is up".to_string()
+                    "no allowed site is up".to_string()
                 } else {
-                    format!("{}{more}", shown.join(", "))
+                    format!("allowed sites: {}{more}", shown.join(", "))
                 };
                 cx.warn(
                     pos,
                     format!(
-                        "edge node \"{}\" cannot reach any site of service \"{}\" over links that are not down (sites: {sites_text})",
+                        "edge node \"{}\" cannot reach any site of service \"{}\" over links that are not down ({sites_text})",
                         n.id, s.name
                     ),
                 );

@@ -228,6 +228,51 @@ pub(crate) fn parse_tree(text: &str) -> Result<YNode, Diagnostic> {
     }
 }
 
+fn nesting_message() -> String {
+    format!("nesting deeper than {MAX_DEPTH} levels is refused (format v1 needs at most 5)")
+}
+
+/// An operator's sentence for a budget refusal, or `None` for ordinary YAML errors.
+fn budget_message(e: &serde_saphyr::Error) -> Option<String> {
+    use serde_saphyr::Error as E;
+    use serde_saphyr::budget::BudgetBreach as B;
+    let mut e = e;
+    while let E::AliasError { error, .. } | E::WithSnippet { error, .. } = e {
+        e = error;
+    }
+    let bomb = || {
+        format!(
+            "aliases expand to more than {MAX_ALIAS_REPLAYED_EVENTS} YAML events; \
+             alias expansion bombs are refused (write the values out instead)"
+        )
+    };
+    Some(match e {
+        E::Budget { breach, .. } => match breach {
+            B::Depth { .. } => nesting_message(),
+            B::Aliases { .. }
+            | B::Anchors { .. }
+            | B::MergeKeys { .. }
+            | B::AliasAnchorRatio { .. } => {
+                format!("more than {MAX_ALIASES} anchors, aliases or merge keys are refused")
+            }
+            B::RecordedAnchorEvents { .. } | B::RecordedAnchorBytes { .. } => bomb(),
+            B::Events { .. } | B::Nodes { .. } => {
+                format!("more than {MAX_YAML_NODES} YAML nodes are refused")
+            }
+            B::ScalarBytes { .. } | B::InputBytes { .. } => {
+                format!("document over the limit of {MAX_DOCUMENT_BYTES} bytes")
+            }
+            B::Documents { .. } => "only one YAML document is allowed per file".to_string(),
+            other => format!("refused by the parser's limits: {other:?}"),
+        },
+        E::AliasReplayLimitExceeded { .. }
+        | E::AliasExpansionLimitExceeded { .. }
+        | E::AliasReplayStackDepthExceeded { .. }
+        | E::AliasReplayCounterOverflow { .. } => bomb(),
+        _ => return None,
+    })
+}
+
 fn yaml_error(e: &serde_saphyr::Error) -> Diagnostic {
     let inner = e.without_snippet();
     let (line, column) = inner
@@ -235,7 +280,19 @@ fn yaml_error(e: &serde_saphyr::Error) -> Diagnostic {
         .or_else(|| e.location())
         .map(|l| (l.line() as usize, l.column() as usize))
         .unwrap_or((0, 0));
-    Diagnostic::error(line, column, inner.to_string())
+    if let Some(m) = budget_message(e) {
+        return Diagnostic::error(line, column, m);
+    }
+    let mut message = inner.to_string();
+    if message.contains("recursion limit exceeded") {
+        return Diagnostic::error(line, column, nesting_message());
+    }
+    // The position is in the diagnostic already; drop the parser's own " at line L, column C".
+    let suffix = format!(" at line {line}, column {column}");
+    if let Some(stripped) = message.strip_suffix(&suffix) {
+        message = stripped.to_string();
+    }
+    Diagnostic::error(line, column, format!("YAML: {message}"))
 }
 
 /// Writes a topology as a format-v1 document that [`load`] reads back to an equal value.

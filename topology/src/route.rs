@@ -121,11 +121,11 @@ impl Candidate {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RouteError {
-    #[error("unknown node {node:?} (known: {})", list(known))]
+    #[error("unknown node {node:?} (known: {})", list(node, known))]
     UnknownNode { node: String, known: Vec<String> },
-    #[error("unknown service {service:?} (known: {})", list(known))]
+    #[error("unknown service {service:?} (known: {})", list(service, known))]
     UnknownService { service: String, known: Vec<String> },
-    #[error("unknown link {link:?} (known: {})", list(known))]
+    #[error("unknown link {link:?} (known: {})", list(link, known))]
     UnknownLink { link: String, known: Vec<String> },
     #[error(
         "the graph does not belong to this topology ({graph_nodes} nodes and {graph_links} links \
@@ -171,18 +171,27 @@ impl RouteError {
     }
 }
 
-/// "a, b, c" for error messages; long lists are cut with a count.
-fn list(items: &[String]) -> String {
+/// "a, b, c" for error messages. A long list is cut to the names most like `asked` (longest
+/// common prefix, so `syd-edge-9` shows the `syd-` nodes), in sorted order, with a count.
+fn list(asked: &str, items: &[String]) -> String {
     const SHOWN: usize = 20;
-    let mut s = items
-        .iter()
-        .take(SHOWN)
-        .map(String::as_str)
-        .collect::<Vec<_>>()
-        .join(", ");
     if items.is_empty() {
-        s.push_str("none");
-    } else if items.len() > SHOWN {
+        return "none".to_string();
+    }
+    let mut shown: Vec<&str> = items.iter().map(String::as_str).collect();
+    if shown.len() > SHOWN {
+        let common = |s: &str| {
+            s.bytes()
+                .zip(asked.bytes())
+                .take_while(|(a, b)| a == b)
+                .count()
+        };
+        shown.sort_by(|a, b| common(b).cmp(&common(a)).then(a.cmp(b)));
+        shown.truncate(SHOWN);
+    }
+    shown.sort_unstable();
+    let mut s = shown.join(", ");
+    if items.len() > SHOWN {
         let _ = write!(s, ", ... and {} more", items.len() - SHOWN);
     }
     s
@@ -734,6 +743,26 @@ mod tests {
         assert_eq!(
             RoutingTable::build(&t, &g, &nid("edge"), &live).unwrap(),
             table
+        );
+    }
+
+    #[test]
+    fn long_known_lists_show_the_names_most_like_the_unknown_one() {
+        let mut known: Vec<String> = (0..30).map(|i| format!("a-{i:02}")).collect();
+        known.push("syd-edge-1".into());
+        known.push("syd-site-1".into());
+        let e = RouteError::UnknownNode {
+            node: "syd-edge-9".into(),
+            known,
+        };
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with(r#"unknown node "syd-edge-9" (known: a-00, "#),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("syd-edge-1, syd-site-1, ... and 12 more)"),
+            "{msg}"
         );
     }
 

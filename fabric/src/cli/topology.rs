@@ -9,6 +9,9 @@ use clap::{Args, Subcommand};
 
 use ::topology::{Diagnostic, Loaded, MAX_DOCUMENT_BYTES};
 
+mod diff;
+mod route;
+
 #[derive(Args, Debug)]
 pub struct TopologyArgs {
     #[command(subcommand)]
@@ -30,6 +33,19 @@ pub enum TopologyCmd {
     Rollback(super::topology_admin::RollbackArgs),
     /// Edit the controller's topology in $EDITOR, see the plan, confirm, apply.
     Edit(super::topology_admin::EditArgs),
+    /// The ranked candidate sites, with paths and costs, for one node and service.
+    Route(route::RouteArgs),
+    /// Structural changes between two topology files, and which edges change their choice.
+    Diff(diff::DiffArgs),
+}
+
+/// `-o table|json` for commands that print results.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputFormat {
+    /// Aligned text for people.
+    Table,
+    /// One JSON document for programs.
+    Json,
 }
 
 const VALIDATE_HELP: &str = "\
@@ -60,6 +76,8 @@ pub fn run(args: TopologyArgs) -> ExitCode {
         TopologyCmd::History(a) => super::topology_admin::history(a),
         TopologyCmd::Rollback(a) => super::topology_admin::rollback(a),
         TopologyCmd::Edit(a) => super::topology_admin::edit(a),
+        TopologyCmd::Route(a) => route::run(a),
+        TopologyCmd::Diff(a) => diff::run(a),
     }
 }
 

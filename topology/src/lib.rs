@@ -3,12 +3,21 @@
 //! state, it hands back values. That keeps everything here testable in microseconds.
 
 pub mod builder;
+pub mod circuit;
+pub mod diag;
+pub mod diff;
 pub mod graph;
 pub mod model;
 pub mod route;
+#[doc(hidden)]
+pub mod synth;
 pub mod units;
+mod validate;
+pub mod yaml;
 
+pub use diag::{Diagnostic, Severity};
 pub use graph::Graph;
 pub use model::*;
 pub use route::{Candidate, Hysteresis, LiveState, RouteError, RoutingTable, SiteLoad, route};
 pub use units::{Bandwidth, Latency, UnitError};
+pub use yaml::{Loaded, MAX_DOCUMENT_BYTES, load, to_yaml};

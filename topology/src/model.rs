@@ -47,6 +47,15 @@ macro_rules! id_newtype {
     };
 }
 
+/// Whether `s` is a valid id for a node, service, region or pool: 1 to 63 lowercase ASCII
+/// letters and digits in groups joined by single hyphens (`syd-edge-1`). Ids never contain
+/// `--`, which is what makes link names `a--b` unambiguous.
+pub fn is_valid_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.split('-').all(|part| !part.is_empty() && part.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()))
+}
+
 id_newtype!(
     /// A node's id, e.g. `syd-edge-1`. Also the name in its certificate.
     NodeId
@@ -69,7 +78,21 @@ id_newtype!(
 #[serde(try_from = "String", into = "String")]
 pub struct CountryCode([u8; 2]);
 
+/// ISO 3166-1 alpha-2 officially assigned codes, sorted (249 of them).
+const ISO_3166_ALPHA2: &str = "AD AE AF AG AI AL AM AO AQ AR AS AT AU AW AX AZ BA BB BD BE BF BG BH BI BJ BL BM BN BO BQ BR \
+BS BT BV BW BY BZ CA CC CD CF CG CH CI CK CL CM CN CO CR CU CV CW CX CY CZ DE DJ DK DM DO DZ EC EE EG EH ER ES ET FI FJ FK \
+FM FO FR GA GB GD GE GF GG GH GI GL GM GN GP GQ GR GS GT GU GW GY HK HM HN HR HT HU ID IE IL IM IN IO IQ IR IS IT JE JM JO \
+JP KE KG KH KI KM KN KP KR KW KY KZ LA LB LC LI LK LR LS LT LU LV LY MA MC MD ME MF MG MH MK ML MM MN MO MP MQ MR MS MT MU \
+MV MW MX MY MZ NA NC NE NF NG NI NL NO NP NR NU NZ OM PA PE PF PG PH PK PL PM PN PR PS PT PW PY QA RE RO RS RU RW SA SB SC \
+SD SE SG SH SI SJ SK SL SM SN SO SR SS ST SV SX SY SZ TC TD TF TG TH TJ TK TL TM TN TO TR TT TV TW TZ UA UG UM US UY UZ VA \
+VC VE VG VI VN VU WF WS YE YT ZA ZM ZW";
+
 impl CountryCode {
+    /// Whether this is an officially assigned ISO 3166-1 alpha-2 code (`XX` is well formed
+    /// but not assigned).
+    pub fn is_assigned(&self) -> bool {
+        ISO_3166_ALPHA2.split(' ').any(|c| c == self.as_str())
+    }
     pub fn parse(s: &str) -> Option<Self> {
         let b = s.as_bytes();
         (b.len() == 2 && b.iter().all(|c| c.is_ascii_uppercase())).then(|| CountryCode([b[0], b[1]]))
@@ -247,6 +270,51 @@ impl Vip {
     pub fn overlaps(&self, other: &Vip) -> bool {
         self.port == other.port
             && (self.prefix.contains(other.prefix.network()) || other.prefix.contains(self.prefix.network()))
+    }
+}
+
+impl fmt::Display for Vip {
+    /// `198.18.0.10/32:443`, or `[2001:db8::/64]:443` for IPv6.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.prefix {
+            IpNetwork::V4(p) => write!(f, "{p}:{}", self.port),
+            IpNetwork::V6(p) => write!(f, "[{p}]:{}", self.port),
+        }
+    }
+}
+
+impl std::str::FromStr for Vip {
+    type Err = String;
+    /// Parses `PREFIX:PORT` (`198.18.0.10/32:443`), `IP:PORT` (a single address) and the
+    /// bracketed IPv6 forms `[2001:db8::/64]:443`, `[2001:db8::1]:443`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!("{s:?} is not a VIP (expected PREFIX:PORT, e.g. \"198.18.0.10/32:443\" or \"[2001:db8::10/128]:443\")")
+        };
+        let (net, port) = if let Some(rest) = s.strip_prefix('[') {
+            let (net, port) = rest.split_once("]:").ok_or_else(bad)?;
+            if !net.contains(':') {
+                return Err(bad());
+            }
+            (net, port)
+        } else {
+            let (net, port) = s.rsplit_once(':').ok_or_else(bad)?;
+            if net.contains(':') {
+                return Err(bad());
+            }
+            (net, port)
+        };
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        if port == 0 {
+            return Err(format!("{s:?}: port 0 is not a usable port"));
+        }
+        let prefix: IpNetwork = if net.contains('/') {
+            net.parse().map_err(|_| bad())?
+        } else {
+            let ip: IpAddr = net.parse().map_err(|_| bad())?;
+            IpNetwork::from(ip)
+        };
+        Ok(Vip { prefix, port })
     }
 }
 

@@ -1,0 +1,1140 @@
+//! Circuit maths: placement with capacity admission (constrained shortest path), per-link
+//! headroom, make-before-break resizing, checks of existing reservations against a new
+//! topology, and VIP allocation from the topology's pools.
+//!
+//! Pure like the rest of this crate: the controller hands in the topology, the reservations of
+//! the circuits it already holds and the addresses already allocated; these functions hand back
+//! a placement (or a refusal an operator can act on) and never remember anything themselves.
+//!
+//! Rules of placement:
+//! - a path starts at the A-end edge, relays only through transit nodes, and ends at a site that
+//!   serves the B-end service, is allowed by the service's residency and the circuit's regions,
+//!   and (when the circuit pins sites) is one of the pinned sites;
+//! - nodes and links whose admin state is `down` are never used; `drain` ones only when no other
+//!   path fits (they carry a large cost penalty);
+//! - every link of the path must have the circuit's rate free: capacity minus the rates of the
+//!   circuits already reserved on it. Links are full duplex and a circuit reserves its rate in
+//!   both directions, so one number per link is enough;
+//! - among the paths that fit, the one with the lowest declared latency wins.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+
+use ipnetwork::IpNetwork;
+use serde::{Deserialize, Serialize};
+
+use crate::graph::Graph;
+use crate::model::{
+    AdminState, LinkId, NodeId, NodeKind, Pool, PoolName, Region, ServiceName, Topology,
+};
+use crate::units::{Bandwidth, Latency};
+
+/// A circuit's id, e.g. `c-000042`. Assigned by the controller, never reused.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct CircuitId(Arc<str>);
+
+impl CircuitId {
+    pub fn new(s: impl AsRef<str>) -> Self {
+        CircuitId(Arc::from(s.as_ref()))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+impl fmt::Display for CircuitId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The B-end of a circuit: a service, optionally restricted to regions or pinned to sites.
+/// Empty lists mean "no restriction beyond the service's own residency".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BEnd {
+    pub service: ServiceName,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub regions: Vec<Region>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sites: Vec<NodeId>,
+}
+
+/// What to place: from an edge to a service, at a rate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlacementRequest {
+    pub edge: NodeId,
+    pub b_end: BEnd,
+    pub rate: Bandwidth,
+}
+
+/// A placed path: the site chosen and the nodes from the edge to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    pub site: NodeId,
+    /// Nodes from the A-end edge to `site`, both included.
+    pub path: Vec<NodeId>,
+    /// Sum of the declared one-way latencies of the path's links.
+    pub latency: Latency,
+}
+
+impl BEnd {
+    /// A B-end with no restriction beyond the service's residency.
+    pub fn service(service: impl AsRef<str>) -> Self {
+        BEnd {
+            service: ServiceName::new(service),
+            regions: Vec::new(),
+            sites: Vec::new(),
+        }
+    }
+}
+
+impl Placement {
+    /// The links the path crosses, in order.
+    pub fn links(&self) -> Vec<LinkId> {
+        path_links(&self.path)
+    }
+}
+
+/// The links along a node path, in order.
+pub fn path_links(path: &[NodeId]) -> Vec<LinkId> {
+    path.windows(2).map(|w| LinkId::new(&w[0], &w[1])).collect()
+}
+
+/// Bandwidth held by one circuit along its path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reservation {
+    pub circuit: CircuitId,
+    pub path: Vec<NodeId>,
+    pub rate: Bandwidth,
+}
+
+/// One link's capacity, what circuits hold on it and what is left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkHeadroom {
+    pub capacity: Bandwidth,
+    pub reserved: Bandwidth,
+    /// `capacity - reserved`, zero when over-committed.
+    pub free: Bandwidth,
+    /// How many circuits hold a reservation on this link.
+    pub circuits: usize,
+}
+
+/// Per-link capacity, reservations and free bandwidth, for every link of `topo`. Reservations
+/// that name links the topology no longer has are ignored here (see [`check_reservations`]).
+pub fn headroom(topo: &Topology, reservations: &[Reservation]) -> BTreeMap<LinkId, LinkHeadroom> {
+    let mut out: BTreeMap<LinkId, LinkHeadroom> = topo
+        .links
+        .iter()
+        .map(|l| {
+            (
+                l.id(),
+                LinkHeadroom {
+                    capacity: l.capacity,
+                    reserved: Bandwidth::ZERO,
+                    free: l.capacity,
+                    circuits: 0,
+                },
+            )
+        })
+        .collect();
+    for r in reservations {
+        for id in path_links(&r.path) {
+            if let Some(h) = out.get_mut(&id) {
+                h.reserved = h.reserved.saturating_add(r.rate);
+                h.free = h.capacity.saturating_sub(h.reserved);
+                h.circuits += 1;
+            }
+        }
+    }
+    out
+}
+
+/// Why a circuit cannot be placed. Every variant says what was asked and what would be valid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlacementError {
+    #[error("unknown edge node \"{node}\" (edges: {})", list(known))]
+    UnknownEdge { node: NodeId, known: Vec<NodeId> },
+    #[error(
+        "node \"{node}\" is a {kind} node; a circuit's A-end must be an edge (edges: {})",
+        list(known)
+    )]
+    NotAnEdge {
+        node: NodeId,
+        kind: NodeKind,
+        known: Vec<NodeId>,
+    },
+    #[error("edge \"{node}\" is administratively down; no circuit can start there")]
+    EdgeDown { node: NodeId },
+    #[error("unknown service \"{service}\" (services: {})", list(known))]
+    UnknownService {
+        service: ServiceName,
+        known: Vec<ServiceName>,
+    },
+    #[error(
+        "pinned site \"{site}\" does not serve \"{service}\" (sites serving it: {})",
+        list(serving)
+    )]
+    SiteDoesNotServe {
+        site: NodeId,
+        service: ServiceName,
+        serving: Vec<NodeId>,
+    },
+    #[error("no site serving \"{service}\" is allowed{}: {reason}", constraint_suffix(.regions, .sites))]
+    NoEligibleSite {
+        service: ServiceName,
+        regions: Vec<Region>,
+        sites: Vec<NodeId>,
+        reason: String,
+    },
+    #[error(
+        "no path from \"{edge}\" to any eligible site serving \"{service}\": every route crosses a link or node that is down"
+    )]
+    Unreachable { edge: NodeId, service: ServiceName },
+    #[error(
+        "rate {asked} exceeds the capacity of every path from \"{edge}\" to \"{service}\": the widest path is limited by link {bottleneck} with capacity {capacity}"
+    )]
+    ExceedsCapacity {
+        asked: Bandwidth,
+        edge: NodeId,
+        service: ServiceName,
+        bottleneck: LinkId,
+        capacity: Bandwidth,
+    },
+    #[error("{0}")]
+    InsufficientCapacity(Box<Shortfall>),
+    #[error("unknown circuit {0}")]
+    UnknownCircuit(CircuitId),
+}
+
+impl PlacementError {
+    /// The link that blocks the request, when capacity is the reason.
+    pub fn bottleneck(&self) -> Option<&LinkId> {
+        match self {
+            PlacementError::ExceedsCapacity { bottleneck, .. } => Some(bottleneck),
+            PlacementError::InsufficientCapacity(s) => Some(&s.bottleneck),
+            _ => None,
+        }
+    }
+}
+
+/// Why a circuit that would fit on an empty fabric does not fit now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "cannot place {asked} from \"{edge}\" to \"{service}\": link {bottleneck} has only {free} free (capacity {capacity}, {reserved} reserved by other circuits) on the best path {}; at most {max_available} fits on any path now",
+    arrows(best_path)
+)]
+pub struct Shortfall {
+    pub asked: Bandwidth,
+    pub edge: NodeId,
+    pub service: ServiceName,
+    /// The tightest link lacking room on the lowest-latency path (ignoring capacity).
+    pub bottleneck: LinkId,
+    pub free: Bandwidth,
+    pub capacity: Bandwidth,
+    pub reserved: Bandwidth,
+    pub best_path: Vec<NodeId>,
+    /// The largest rate that would fit on some path right now.
+    pub max_available: Bandwidth,
+}
+
+fn list<T: fmt::Display>(items: &[T]) -> String {
+    if items.is_empty() {
+        return "none".to_string();
+    }
+    items
+        .iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn arrows(path: &[NodeId]) -> String {
+    path.iter()
+        .map(|n| n.as_str())
+        .collect::<Vec<_>>()
+        .join(" -> ")
+}
+
+fn constraint_suffix(regions: &[Region], sites: &[NodeId]) -> String {
+    let mut parts = Vec::new();
+    if !regions.is_empty() {
+        parts.push(format!("in regions {}", list(regions)));
+    }
+    if !sites.is_empty() {
+        parts.push(format!("among pinned sites {}", list(sites)));
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" {}", parts.join(" and "))
+    }
+}
+
+/// Finds the lowest-latency path from the request's edge to an eligible site with `rate` free on
+/// every link, given the reservations already held. On failure, names the link that blocks.
+pub fn place(
+    topo: &Topology,
+    reservations: &[Reservation],
+    req: &PlacementRequest,
+) -> Result<Placement, PlacementError> {
+    let room = headroom(topo, reservations);
+    place_with(topo, &room, req)
+}
+
+/// Re-places circuit `id` at `new_rate`, make-before-break: the circuit keeps its current path
+/// when every link of it has room for the new rate (its own old reservation counts as its own);
+/// otherwise a new path is placed while the old reservation is still held, so the old path
+/// keeps working until the controller switches over and releases it.
+pub fn resize(
+    topo: &Topology,
+    reservations: &[Reservation],
+    id: &CircuitId,
+    req: &PlacementRequest,
+) -> Result<Placement, PlacementError> {
+    let own = reservations
+        .iter()
+        .find(|r| &r.circuit == id)
+        .ok_or_else(|| PlacementError::UnknownCircuit(id.clone()))?;
+    let others: Vec<Reservation> = reservations
+        .iter()
+        .filter(|r| &r.circuit != id)
+        .cloned()
+        .collect();
+    let room_without_self = headroom(topo, &others);
+    // In place: the old path, if it is still usable and has room for the new rate.
+    if let Some(site) = own.path.last() {
+        let eligible = eligible_sites(topo, &req.edge, &req.b_end)?;
+        let usable = own.path.first() == Some(&req.edge)
+            && eligible.contains(site)
+            && path_usable(topo, &own.path)
+            && path_links(&own.path)
+                .iter()
+                .all(|l| room_without_self.get(l).is_some_and(|h| h.free >= req.rate));
+        if usable {
+            return Ok(Placement {
+                site: site.clone(),
+                path: own.path.clone(),
+                latency: path_latency(topo, &own.path),
+            });
+        }
+    }
+    // Elsewhere: everything, the old reservation included, stays held (make before break).
+    place(topo, reservations, req)
+}
+
+/// A problem a topology change would cause to circuits already placed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ReservationIssue {
+    #[error(
+        "link {link} would be over-committed: {reserved} reserved by circuits {} but capacity {capacity}",
+        list(circuits)
+    )]
+    OverCommitted {
+        link: LinkId,
+        capacity: Bandwidth,
+        reserved: Bandwidth,
+        circuits: Vec<CircuitId>,
+    },
+    #[error("circuit {circuit} is reserved on link {link}, which the topology no longer has")]
+    LinkRemoved { circuit: CircuitId, link: LinkId },
+    #[error("circuit {circuit} is reserved on link {link}, which would be down")]
+    LinkDown { circuit: CircuitId, link: LinkId },
+}
+
+/// Checks existing reservations against a (new) topology: links that would be over-committed,
+/// removed or down under a circuit. The controller's apply plan shows these.
+pub fn check_reservations(topo: &Topology, reservations: &[Reservation]) -> Vec<ReservationIssue> {
+    let mut issues = Vec::new();
+    let mut holders: BTreeMap<LinkId, Vec<CircuitId>> = BTreeMap::new();
+    for r in reservations {
+        for l in path_links(&r.path) {
+            match topo.link(&l) {
+                None => issues.push(ReservationIssue::LinkRemoved {
+                    circuit: r.circuit.clone(),
+                    link: l,
+                }),
+                Some(link) => {
+                    if link.state == AdminState::Down {
+                        issues.push(ReservationIssue::LinkDown {
+                            circuit: r.circuit.clone(),
+                            link: l.clone(),
+                        });
+                    }
+                    holders.entry(l).or_default().push(r.circuit.clone());
+                }
+            }
+        }
+    }
+    for (link, h) in headroom(topo, reservations) {
+        if h.reserved > h.capacity {
+            let circuits = holders.remove(&link).unwrap_or_default();
+            issues.push(ReservationIssue::OverCommitted {
+                link,
+                capacity: h.capacity,
+                reserved: h.reserved,
+                circuits,
+            });
+        }
+    }
+    issues
+}
+
+fn path_usable(topo: &Topology, path: &[NodeId]) -> bool {
+    path.iter().all(|n| {
+        topo.node(n.as_str())
+            .is_some_and(|n| n.state != AdminState::Down)
+    }) && path_links(path)
+        .iter()
+        .all(|l| topo.link(l).is_some_and(|l| l.state != AdminState::Down))
+        && path.len() >= 2
+        && path[1..path.len() - 1].iter().all(|n| {
+            topo.node(n.as_str())
+                .is_some_and(|n| n.kind == NodeKind::Transit)
+        })
+}
+
+fn path_latency(topo: &Topology, path: &[NodeId]) -> Latency {
+    path_links(path)
+        .iter()
+        .filter_map(|l| topo.link(l))
+        .fold(Latency::ZERO, |acc, l| acc.saturating_add(l.latency))
+}
+
+/// The sites a circuit's B-end may end at, after checking the request names real things.
+fn eligible_sites(
+    topo: &Topology,
+    edge: &NodeId,
+    b: &BEnd,
+) -> Result<BTreeSet<NodeId>, PlacementError> {
+    let edges: Vec<NodeId> = topo
+        .nodes
+        .iter()
+        .filter(|n| n.kind == NodeKind::Edge)
+        .map(|n| n.id.clone())
+        .collect();
+    match topo.node(edge.as_str()) {
+        None => {
+            return Err(PlacementError::UnknownEdge {
+                node: edge.clone(),
+                known: edges,
+            });
+        }
+        Some(n) if n.kind != NodeKind::Edge => {
+            return Err(PlacementError::NotAnEdge {
+                node: edge.clone(),
+                kind: n.kind,
+                known: edges,
+            });
+        }
+        Some(n) if n.state == AdminState::Down => {
+            return Err(PlacementError::EdgeDown { node: edge.clone() });
+        }
+        Some(_) => {}
+    }
+    let Some(service) = topo.service(b.service.as_str()) else {
+        return Err(PlacementError::UnknownService {
+            service: b.service.clone(),
+            known: topo.services.iter().map(|s| s.name.clone()).collect(),
+        });
+    };
+    let serving: Vec<NodeId> = topo
+        .sites_serving(service.name.as_str())
+        .map(|(n, _)| n.id.clone())
+        .collect();
+    for pinned in &b.sites {
+        if !serving.contains(pinned) {
+            return Err(PlacementError::SiteDoesNotServe {
+                site: pinned.clone(),
+                service: service.name.clone(),
+                serving: serving.clone(),
+            });
+        }
+    }
+    let no_site = |reason: String| PlacementError::NoEligibleSite {
+        service: service.name.clone(),
+        regions: b.regions.clone(),
+        sites: b.sites.clone(),
+        reason,
+    };
+    if serving.is_empty() {
+        return Err(no_site("no site serves it".to_string()));
+    }
+    let mut out = BTreeSet::new();
+    let mut why = Vec::new();
+    for (node, _) in topo.sites_serving(service.name.as_str()) {
+        if !b.sites.is_empty() && !b.sites.contains(&node.id) {
+            continue;
+        }
+        if node.state == AdminState::Down {
+            why.push(format!("{} is down", node.id));
+        } else if !service.residency.allows(node) {
+            why.push(format!(
+                "{} ({}, {}) is outside the service's residency",
+                node.id, node.region, node.country
+            ));
+        } else if !b.regions.is_empty() && !b.regions.contains(&node.region) {
+            why.push(format!("{} is in region {}", node.id, node.region));
+        } else {
+            out.insert(node.id.clone());
+        }
+    }
+    if out.is_empty() {
+        return Err(no_site(why.join("; ")));
+    }
+    Ok(out)
+}
+
+/// The searches below run over [`Graph`] (shared with route selection) with two rules of their
+/// own: only transit nodes relay (the start is the A-end edge), and a link is crossed only when
+/// a caller-given predicate on its id holds (capacity admission). Costs are (drained elements
+/// crossed, latency ns), lexicographic, as in `route`: drained elements only when unavoidable.
+struct View {
+    graph: Graph,
+    /// Link index (position in `Topology::links`) -> id.
+    link_ids: Vec<LinkId>,
+}
+
+impl View {
+    fn new(topo: &Topology) -> Self {
+        View {
+            graph: Graph::new(topo),
+            link_ids: topo.links.iter().map(|l| l.id()).collect(),
+        }
+    }
+
+    fn targets(&self, sites: &BTreeSet<NodeId>) -> Vec<bool> {
+        let mut t = vec![false; self.graph.node_count()];
+        for s in sites {
+            if let Some(i) = self.graph.index(s.as_str()) {
+                t[i as usize] = true;
+            }
+        }
+        t
+    }
+
+    /// May the search continue from node `u` (reached from `from`)? Only the start and transit
+    /// nodes relay; sites and other edges are ends.
+    fn relays(&self, u: u32, from: u32) -> bool {
+        u == from || self.graph.node_kind(u) == NodeKind::Transit
+    }
+
+    /// Usable neighbours of `u`: links and nodes not down.
+    fn usable(&self, u: u32) -> impl Iterator<Item = &crate::graph::Edge> + '_ {
+        self.graph.neighbours(u).iter().filter(|e| {
+            self.graph.link_state(e.link) != AdminState::Down
+                && self.graph.node_state(e.to) != AdminState::Down
+        })
+    }
+
+    /// Dijkstra from `from` over links for which `fits` holds; the best path to any of
+    /// `targets`.
+    fn shortest(
+        &self,
+        from: &NodeId,
+        targets: &BTreeSet<NodeId>,
+        fits: impl Fn(&LinkId) -> bool,
+    ) -> Option<Vec<NodeId>> {
+        let g = &self.graph;
+        let origin = g.index(from.as_str())?;
+        let is_target = self.targets(targets);
+        let n = g.node_count();
+        let mut dist = vec![(u32::MAX, u64::MAX); n];
+        let mut prev = vec![u32::MAX; n];
+        let mut heap = BinaryHeap::new();
+        dist[origin as usize] = (0, 0);
+        heap.push(Reverse(((0u32, 0u64), origin)));
+        while let Some(Reverse((d, u))) = heap.pop() {
+            if d > dist[u as usize] {
+                continue;
+            }
+            if is_target[u as usize] {
+                let mut path = vec![g.id(u).clone()];
+                let mut cur = u;
+                while prev[cur as usize] != u32::MAX {
+                    cur = prev[cur as usize];
+                    path.push(g.id(cur).clone());
+                }
+                path.reverse();
+                return Some(path);
+            }
+            if !self.relays(u, origin) {
+                continue;
+            }
+            for e in self.usable(u) {
+                if !fits(&self.link_ids[e.link as usize]) {
+                    continue;
+                }
+                let drained = u32::from(g.link_state(e.link) == AdminState::Drain)
+                    + u32::from(g.node_state(e.to) == AdminState::Drain);
+                let nd = (
+                    d.0.saturating_add(drained),
+                    d.1.saturating_add(e.latency_ns),
+                );
+                if nd < dist[e.to as usize] {
+                    dist[e.to as usize] = nd;
+                    prev[e.to as usize] = u;
+                    heap.push(Reverse((nd, e.to)));
+                }
+            }
+        }
+        None
+    }
+
+    /// Widest path (maximum bottleneck of `width`) from `from` to any of `targets`: the largest
+    /// rate that some path could carry, with the link that limits it.
+    fn widest(
+        &self,
+        from: &NodeId,
+        targets: &BTreeSet<NodeId>,
+        width: impl Fn(&LinkId) -> u64,
+    ) -> Option<(u64, LinkId)> {
+        let g = &self.graph;
+        let origin = g.index(from.as_str())?;
+        let is_target = self.targets(targets);
+        // Per node: the best bottleneck width found and the link that sets it.
+        let mut best: Vec<(u64, u32)> = vec![(0, u32::MAX); g.node_count()];
+        let mut heap = BinaryHeap::new();
+        best[origin as usize] = (u64::MAX, u32::MAX);
+        heap.push((u64::MAX, origin));
+        let mut answer: Option<(u64, u32)> = None;
+        while let Some((w, u)) = heap.pop() {
+            if w < best[u as usize].0 {
+                continue;
+            }
+            if is_target[u as usize] {
+                let limit = best[u as usize].1;
+                if limit != u32::MAX && answer.is_none_or(|(aw, _)| w > aw) {
+                    answer = Some((w, limit));
+                }
+                continue;
+            }
+            if !self.relays(u, origin) {
+                continue;
+            }
+            let limit = best[u as usize].1;
+            for e in self.usable(u) {
+                let lw = width(&self.link_ids[e.link as usize]);
+                let next = if lw < w { (lw, e.link) } else { (w, limit) };
+                if next.0 > best[e.to as usize].0 {
+                    best[e.to as usize] = next;
+                    heap.push((next.0, e.to));
+                }
+            }
+        }
+        answer.map(|(w, l)| (w, self.link_ids[l as usize].clone()))
+    }
+}
+
+fn place_with(
+    topo: &Topology,
+    room: &BTreeMap<LinkId, LinkHeadroom>,
+    req: &PlacementRequest,
+) -> Result<Placement, PlacementError> {
+    let sites = eligible_sites(topo, &req.edge, &req.b_end)?;
+    let view = View::new(topo);
+    let edge = &req.edge;
+    let free = |l: &LinkId| room.get(l).map_or(Bandwidth::ZERO, |h| h.free);
+    if let Some(path) = view.shortest(edge, &sites, |l| free(l) >= req.rate) {
+        let site = path.last().cloned().unwrap_or_else(|| req.edge.clone());
+        let latency = path_latency(topo, &path);
+        return Ok(Placement {
+            site,
+            path,
+            latency,
+        });
+    }
+    // Refused: say why, naming the link that blocks.
+    let Some(best) = view.shortest(edge, &sites, |_| true) else {
+        return Err(PlacementError::Unreachable {
+            edge: req.edge.clone(),
+            service: req.b_end.service.clone(),
+        });
+    };
+    let capacity_of = |l: &LinkId| room.get(l).map_or(0, |h| h.capacity.bps());
+    if let Some((cap, link)) = view.widest(edge, &sites, capacity_of)
+        && cap < req.rate.bps()
+    {
+        return Err(PlacementError::ExceedsCapacity {
+            asked: req.rate,
+            edge: req.edge.clone(),
+            service: req.b_end.service.clone(),
+            bottleneck: link,
+            capacity: Bandwidth::from_bps(cap),
+        });
+    }
+    let max_available = view
+        .widest(edge, &sites, |l| free(l).bps())
+        .map_or(0, |(w, _)| w);
+    // The tightest link of the otherwise-best path among those that lack room.
+    let bottleneck = path_links(&best)
+        .into_iter()
+        .filter(|l| free(l) < req.rate)
+        .min_by_key(|l| free(l))
+        .unwrap_or_else(|| LinkId::new(&req.edge, &req.edge));
+    let h = room.get(&bottleneck).copied().unwrap_or(LinkHeadroom {
+        capacity: Bandwidth::ZERO,
+        reserved: Bandwidth::ZERO,
+        free: Bandwidth::ZERO,
+        circuits: 0,
+    });
+    Err(PlacementError::InsufficientCapacity(Box::new(Shortfall {
+        asked: req.rate,
+        edge: req.edge.clone(),
+        service: req.b_end.service.clone(),
+        bottleneck,
+        free: h.free,
+        capacity: h.capacity,
+        reserved: h.reserved,
+        best_path: best,
+        max_available: Bandwidth::from_bps(max_available),
+    })))
+}
+
+/// Why no VIP could be allocated.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PoolError {
+    #[error(
+        "the topology declares no address pools; add one under `pools:` to allocate circuit VIPs"
+    )]
+    NoPools,
+    #[error("unknown pool \"{name}\" (pools: {})", list(known))]
+    UnknownPool { name: String, known: Vec<PoolName> },
+    #[error("pool {pool} ({prefix}) is exhausted: all {usable} usable addresses are allocated")]
+    Exhausted {
+        pool: PoolName,
+        prefix: IpNetwork,
+        usable: u128,
+    },
+}
+
+/// The usable address range of a pool: for IPv4 the network and broadcast addresses are skipped
+/// (except in /31 and /32), for IPv6 the subnet-router anycast address (except in /127, /128).
+pub fn usable_range(prefix: IpNetwork) -> (IpAddr, IpAddr) {
+    match prefix {
+        IpNetwork::V4(n) => {
+            let (lo, hi) = (u32::from(n.network()), u32::from(n.broadcast()));
+            let (lo, hi) = if n.prefix() < 31 {
+                (lo + 1, hi - 1)
+            } else {
+                (lo, hi)
+            };
+            (
+                IpAddr::V4(Ipv4Addr::from(lo)),
+                IpAddr::V4(Ipv4Addr::from(hi)),
+            )
+        }
+        IpNetwork::V6(n) => {
+            let lo = u128::from(n.network());
+            let hi = lo | (u128::MAX.checked_shr(u32::from(n.prefix())).unwrap_or(0));
+            let lo = if n.prefix() < 127 { lo + 1 } else { lo };
+            (
+                IpAddr::V6(Ipv6Addr::from(lo)),
+                IpAddr::V6(Ipv6Addr::from(hi)),
+            )
+        }
+    }
+}
+
+fn addr_u128(a: IpAddr) -> u128 {
+    match a {
+        IpAddr::V4(v) => u128::from(u32::from(v)),
+        IpAddr::V6(v) => u128::from(v),
+    }
+}
+
+fn addr_from(v4: bool, x: u128) -> IpAddr {
+    if v4 {
+        IpAddr::V4(Ipv4Addr::from(x as u32))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(x))
+    }
+}
+
+/// Allocates the lowest usable address of a pool that is not in `used` (the VIPs of every
+/// circuit the controller holds, from any pool). `pool` names the pool; `None` takes the first.
+/// Costs O(allocated addresses in the pool), whatever the pool's size.
+pub fn allocate_vip(
+    topo: &Topology,
+    pool: Option<&str>,
+    used: &BTreeSet<IpAddr>,
+) -> Result<(PoolName, IpAddr), PoolError> {
+    let p: &Pool = match pool {
+        None => topo.pools.first().ok_or(PoolError::NoPools)?,
+        Some(name) => topo
+            .pools
+            .iter()
+            .find(|p| p.name.as_str() == name)
+            .ok_or_else(|| PoolError::UnknownPool {
+                name: name.to_string(),
+                known: topo.pools.iter().map(|p| p.name.clone()).collect(),
+            })?,
+    };
+    let (lo, hi) = usable_range(p.prefix);
+    let v4 = lo.is_ipv4();
+    let mut candidate = addr_u128(lo);
+    let end = addr_u128(hi);
+    for u in used.range(lo..=hi) {
+        let u = addr_u128(*u);
+        if u == candidate {
+            if candidate == end {
+                return Err(PoolError::Exhausted {
+                    pool: p.name.clone(),
+                    prefix: p.prefix,
+                    usable: end - addr_u128(lo) + 1,
+                });
+            }
+            candidate += 1;
+        } else if u > candidate {
+            break;
+        }
+    }
+    Ok((p.name.clone(), addr_from(v4, candidate)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{CountryCode, Link, Location, Node, Residency, Service, SiteService};
+
+    fn node(id: &str, kind: NodeKind, region: &str) -> Node {
+        Node {
+            id: NodeId::new(id),
+            kind,
+            region: Region::new(region),
+            country: CountryCode::parse("AU").unwrap(),
+            location: Location { lat: 0.0, lon: 0.0 },
+            address: "127.0.0.1:1".parse().unwrap(),
+            state: AdminState::Up,
+            client_address: None,
+            transparent_port: None,
+            serves: if kind == NodeKind::Site {
+                vec![SiteService {
+                    service: ServiceName::new("llm"),
+                    backend: "127.0.0.1:2".parse().unwrap(),
+                    capacity: 10,
+                    weight: 100,
+                }]
+            } else {
+                vec![]
+            },
+        }
+    }
+
+    fn link(a: &str, b: &str, ms: u64, cap: &str) -> Link {
+        Link {
+            a: NodeId::new(a),
+            b: NodeId::new(b),
+            latency: Latency::from_micros(ms * 1000),
+            capacity: cap.parse().unwrap(),
+            state: AdminState::Up,
+        }
+    }
+
+    /// edge -- t1 -- site-a (fast, 1G), edge -- t2 -- site-b (slow, 10G).
+    fn topo() -> Topology {
+        Topology {
+            nodes: vec![
+                node("edge", NodeKind::Edge, "au-east"),
+                node("t1", NodeKind::Transit, "au-east"),
+                node("t2", NodeKind::Transit, "au-east"),
+                node("site-a", NodeKind::Site, "au-east"),
+                node("site-b", NodeKind::Site, "au-south"),
+            ],
+            links: vec![
+                link("edge", "t1", 1, "1Gbps"),
+                link("t1", "site-a", 1, "1Gbps"),
+                link("edge", "t2", 5, "10Gbps"),
+                link("t2", "site-b", 5, "400Mbps"),
+            ],
+            services: vec![Service {
+                name: ServiceName::new("llm"),
+                port: Some(8080),
+                vips: vec![],
+                clients: vec![],
+                residency: Residency::default(),
+                requires_circuit: true,
+            }],
+            pools: vec![Pool {
+                name: PoolName::new("vips"),
+                prefix: "10.9.0.0/29".parse().unwrap(),
+            }],
+        }
+    }
+
+    fn req(rate: &str) -> PlacementRequest {
+        PlacementRequest {
+            edge: NodeId::new("edge"),
+            b_end: BEnd::service("llm"),
+            rate: rate.parse().unwrap(),
+        }
+    }
+
+    fn resv(id: &str, p: &Placement, rate: &str) -> Reservation {
+        Reservation {
+            circuit: CircuitId::new(id),
+            path: p.path.clone(),
+            rate: rate.parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn places_on_lowest_latency_path_with_room() {
+        let t = topo();
+        let p = place(&t, &[], &req("600Mbps")).unwrap();
+        assert_eq!(p.site.as_str(), "site-a");
+        assert_eq!(p.latency, Latency::from_micros(2000));
+        let r = resv("c1", &p, "600Mbps");
+        // 600M more does not fit on the fast path (400M free) nor on the slow one (400M cap).
+        let err = place(&t, std::slice::from_ref(&r), &req("600Mbps")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "cannot place 600Mbps from \"edge\" to \"llm\": link edge--t1 has only 400Mbps free (capacity 1Gbps, \
+             600Mbps reserved by other circuits) on the best path edge -> t1 -> site-a; at most 400Mbps fits on any path now"
+        );
+        // 300M moves nowhere: still fits on the fast path.
+        assert_eq!(
+            place(&t, std::slice::from_ref(&r), &req("300Mbps"))
+                .unwrap()
+                .site
+                .as_str(),
+            "site-a"
+        );
+        // 450M only fits... nowhere (slow path capped at 400M): 400M goes to the fast path.
+        let r2 = resv(
+            "c2",
+            &place(&t, std::slice::from_ref(&r), &req("400Mbps")).unwrap(),
+            "400Mbps",
+        );
+        let p3 = place(&t, &[r, r2], &req("100Mbps")).unwrap();
+        assert_eq!(
+            p3.site.as_str(),
+            "site-b",
+            "full fast path: the slow one is used"
+        );
+    }
+
+    #[test]
+    fn rate_above_every_path_capacity_names_the_widest_bottleneck() {
+        let err = place(&topo(), &[], &req("2Gbps")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "rate 2Gbps exceeds the capacity of every path from \"edge\" to \"llm\": the widest path is limited by \
+             link edge--t1 with capacity 1Gbps"
+        );
+        assert_eq!(err.bottleneck().unwrap().to_string(), "edge--t1");
+    }
+
+    #[test]
+    fn unknown_names_are_refused_with_the_known_ones() {
+        let t = topo();
+        let mut r = req("1Mbps");
+        r.edge = NodeId::new("nope");
+        assert_eq!(
+            place(&t, &[], &r).unwrap_err().to_string(),
+            "unknown edge node \"nope\" (edges: edge)"
+        );
+        r.edge = NodeId::new("t1");
+        assert_eq!(
+            place(&t, &[], &r).unwrap_err().to_string(),
+            "node \"t1\" is a transit node; a circuit's A-end must be an edge (edges: edge)"
+        );
+        let mut r = req("1Mbps");
+        r.b_end.service = ServiceName::new("video");
+        assert_eq!(
+            place(&t, &[], &r).unwrap_err().to_string(),
+            "unknown service \"video\" (services: llm)"
+        );
+        let mut r = req("1Mbps");
+        r.b_end.sites = vec![NodeId::new("t2")];
+        assert_eq!(
+            place(&t, &[], &r).unwrap_err().to_string(),
+            "pinned site \"t2\" does not serve \"llm\" (sites serving it: site-a, site-b)"
+        );
+        let mut r = req("1Mbps");
+        r.b_end.regions = vec![Region::new("nz")];
+        assert_eq!(
+            place(&t, &[], &r).unwrap_err().to_string(),
+            "no site serving \"llm\" is allowed in regions nz: site-a is in region au-east; site-b is in region au-south"
+        );
+    }
+
+    #[test]
+    fn regions_pins_and_down_links_constrain_the_path() {
+        let mut t = topo();
+        let mut r = req("10Mbps");
+        r.b_end.regions = vec![Region::new("au-south")];
+        assert_eq!(
+            place(&t, &[], &r).unwrap().path,
+            vec![
+                NodeId::new("edge"),
+                NodeId::new("t2"),
+                NodeId::new("site-b")
+            ]
+        );
+        let mut r = req("10Mbps");
+        r.b_end.sites = vec![NodeId::new("site-b")];
+        assert_eq!(place(&t, &[], &r).unwrap().site.as_str(), "site-b");
+        t.links[0].state = AdminState::Down;
+        assert_eq!(
+            place(&t, &[], &req("10Mbps")).unwrap().site.as_str(),
+            "site-b"
+        );
+        t.links[2].state = AdminState::Down;
+        assert_eq!(
+            place(&t, &[], &req("10Mbps")).unwrap_err().to_string(),
+            "no path from \"edge\" to any eligible site serving \"llm\": every route crosses a link or node that is down"
+        );
+    }
+
+    #[test]
+    fn sites_and_edges_never_relay() {
+        let mut t = topo();
+        // A shortcut through site-b to site-a must not be used.
+        t.links.push(link("edge", "site-b", 1, "10Gbps"));
+        t.links.push(link("site-b", "site-a", 1, "10Gbps"));
+        t.links[0].state = AdminState::Down;
+        let mut r = req("10Mbps");
+        r.b_end.sites = vec![NodeId::new("site-a")];
+        assert!(matches!(
+            place(&t, &[], &r),
+            Err(PlacementError::Unreachable { .. })
+        ));
+    }
+
+    #[test]
+    fn residency_excludes_sites() {
+        let mut t = topo();
+        t.services[0].residency.regions = vec![Region::new("au-south")];
+        assert_eq!(
+            place(&t, &[], &req("10Mbps")).unwrap().site.as_str(),
+            "site-b"
+        );
+    }
+
+    #[test]
+    fn resize_keeps_path_when_it_fits_and_moves_make_before_break_otherwise() {
+        let t = topo();
+        let p = place(&t, &[], &req("600Mbps")).unwrap();
+        let rs = vec![resv("c1", &p, "600Mbps")];
+        // Growing to 900M on the same path fits: its own 600M are its own.
+        let g = resize(&t, &rs, &CircuitId::new("c1"), &req("900Mbps")).unwrap();
+        assert_eq!(g.path, p.path);
+        // 1G also fits in place (exactly the capacity).
+        assert_eq!(
+            resize(&t, &rs, &CircuitId::new("c1"), &req("1Gbps"))
+                .unwrap()
+                .path,
+            p.path
+        );
+        // With another 300M circuit on the fast path, 900M cannot stay and cannot move (400M slow path).
+        let other = place(&t, &rs, &req("300Mbps")).unwrap();
+        let rs2 = vec![rs[0].clone(), resv("c2", &other, "300Mbps")];
+        let err = resize(&t, &rs2, &CircuitId::new("c1"), &req("900Mbps")).unwrap_err();
+        assert!(
+            matches!(err, PlacementError::InsufficientCapacity(_)),
+            "{err}"
+        );
+        // Shrinking c1 to 350M and its path moving is not needed; moving happens when the old path is down.
+        let mut t2 = t.clone();
+        t2.links[1].state = AdminState::Down;
+        let moved = resize(&t2, &rs, &CircuitId::new("c1"), &req("350Mbps")).unwrap();
+        assert_eq!(moved.site.as_str(), "site-b");
+        assert!(matches!(
+            resize(&t, &rs, &CircuitId::new("zz"), &req("1Mbps")),
+            Err(PlacementError::UnknownCircuit(_))
+        ));
+    }
+
+    #[test]
+    fn headroom_and_check_reservations_flag_over_commit() {
+        let t = topo();
+        let p = place(&t, &[], &req("600Mbps")).unwrap();
+        let rs = vec![resv("c1", &p, "600Mbps")];
+        let h = headroom(&t, &rs);
+        let e = &h[&LinkId::parse("edge--t1").unwrap()];
+        assert_eq!(
+            (e.capacity, e.reserved, e.free, e.circuits),
+            (
+                Bandwidth::from_mbps(1000),
+                Bandwidth::from_mbps(600),
+                Bandwidth::from_mbps(400),
+                1
+            )
+        );
+        assert!(check_reservations(&t, &rs).is_empty());
+        let mut shrunk = t.clone();
+        shrunk.links[0].capacity = Bandwidth::from_mbps(500);
+        shrunk.links.remove(1);
+        let issues = check_reservations(&shrunk, &rs);
+        let text: Vec<String> = issues.iter().map(|i| i.to_string()).collect();
+        assert_eq!(
+            text,
+            vec![
+                "circuit c1 is reserved on link site-a--t1, which the topology no longer has".to_string(),
+                "link edge--t1 would be over-committed: 600Mbps reserved by circuits c1 but capacity 500Mbps".to_string(),
+            ]
+        );
+    }
+
+    #[test]
+    fn vips_skip_network_and_broadcast_and_fill_gaps() {
+        let t = topo();
+        let mut used = BTreeSet::new();
+        let mut got = Vec::new();
+        for _ in 0..6 {
+            let (_, ip) = allocate_vip(&t, None, &used).unwrap();
+            used.insert(ip);
+            got.push(ip.to_string());
+        }
+        assert_eq!(
+            got,
+            [
+                "10.9.0.1", "10.9.0.2", "10.9.0.3", "10.9.0.4", "10.9.0.5", "10.9.0.6"
+            ]
+        );
+        assert_eq!(
+            allocate_vip(&t, None, &used).unwrap_err().to_string(),
+            "pool vips (10.9.0.0/29) is exhausted: all 6 usable addresses are allocated"
+        );
+        used.remove(&"10.9.0.3".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            allocate_vip(&t, None, &used).unwrap().1.to_string(),
+            "10.9.0.3"
+        );
+        assert_eq!(
+            allocate_vip(&t, Some("other"), &used)
+                .unwrap_err()
+                .to_string(),
+            "unknown pool \"other\" (pools: vips)"
+        );
+        let mut v6 = t.clone();
+        v6.pools = vec![Pool {
+            name: PoolName::new("v6"),
+            prefix: "fd00::/126".parse().unwrap(),
+        }];
+        assert_eq!(
+            allocate_vip(&v6, None, &BTreeSet::new())
+                .unwrap()
+                .1
+                .to_string(),
+            "fd00::1"
+        );
+        v6.pools[0].prefix = "10.0.0.4/31".parse().unwrap();
+        assert_eq!(
+            allocate_vip(&v6, None, &BTreeSet::new())
+                .unwrap()
+                .1
+                .to_string(),
+            "10.0.0.4"
+        );
+        v6.pools.clear();
+        assert_eq!(
+            allocate_vip(&v6, None, &BTreeSet::new()).unwrap_err(),
+            PoolError::NoPools
+        );
+    }
+}

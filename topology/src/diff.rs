@@ -1,0 +1,479 @@
+//! What changes between two topologies: the structural [`diff`] (added, removed and changed
+//! nodes, links, services and pools, with old and new values per changed field) and the
+//! [`impact`] on routing (every edge and service whose best site, path or cost changes).
+//!
+//! Field values are compared through their serde (JSON) form, so every field of the model is
+//! covered without a hand-written comparison that could drift from the model. Values print the
+//! way they are written in YAML (`"12ms"`, `"10Gbps"`).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::graph::Graph;
+use crate::model::{NodeId, NodeKind, ServiceName, Topology};
+use crate::route::{Candidate, LiveState, RoutingTable};
+
+/// The structural difference between two topologies. Every list is sorted by id.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TopologyDiff {
+    pub nodes: SectionDiff,
+    pub links: SectionDiff,
+    pub services: SectionDiff,
+    pub pools: SectionDiff,
+}
+
+/// Changes within one section (nodes, links, services or pools).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SectionDiff {
+    pub added: Vec<Item>,
+    pub removed: Vec<Item>,
+    pub changed: Vec<ChangedItem>,
+}
+
+/// A whole added or removed element: its id (a link's is `a--b`) and its value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Item {
+    pub id: String,
+    pub value: Value,
+}
+
+/// An element present in both topologies whose fields differ.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChangedItem {
+    pub id: String,
+    pub fields: Vec<FieldChange>,
+}
+
+/// One changed field. `field` is a path such as `state`, `location.lat` or
+/// `serves[llm-chat].capacity`; `old`/`new` are `null` when the field is absent on that side.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FieldChange {
+    pub field: String,
+    pub old: Value,
+    pub new: Value,
+}
+
+impl SectionDiff {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
+    }
+}
+
+impl TopologyDiff {
+    pub fn is_empty(&self) -> bool {
+        self.sections().iter().all(|(_, s)| s.is_empty())
+    }
+
+    /// The sections with their names, in display order.
+    pub fn sections(&self) -> [(&'static str, &SectionDiff); 4] {
+        [
+            ("nodes", &self.nodes),
+            ("links", &self.links),
+            ("services", &self.services),
+            ("pools", &self.pools),
+        ]
+    }
+}
+
+/// Structural diff of `old` -> `new`.
+pub fn diff(old: &Topology, new: &Topology) -> TopologyDiff {
+    TopologyDiff {
+        nodes: section(&old.nodes, &new.nodes, |n| n.id.to_string()),
+        links: section(&old.links, &new.links, |l| l.id().to_string()),
+        services: section(&old.services, &new.services, |s| s.name.to_string()),
+        pools: section(&old.pools, &new.pools, |p| p.name.to_string()),
+    }
+}
+
+fn to_value<T: Serialize>(v: &T) -> Value {
+    // The model's Serialize impls are infallible (no maps with non-string keys).
+    serde_json::to_value(v).unwrap_or(Value::Null)
+}
+
+fn section<T: Serialize>(old: &[T], new: &[T], id: impl Fn(&T) -> String) -> SectionDiff {
+    // First of a duplicated id wins, as in the graph; validated topologies have none.
+    let mut o: BTreeMap<String, Value> = BTreeMap::new();
+    for x in old {
+        o.entry(id(x)).or_insert_with(|| to_value(x));
+    }
+    let mut n: BTreeMap<String, Value> = BTreeMap::new();
+    for x in new {
+        n.entry(id(x)).or_insert_with(|| to_value(x));
+    }
+    let mut d = SectionDiff::default();
+    for (k, ov) in &o {
+        match n.get(k) {
+            None => d.removed.push(Item {
+                id: k.clone(),
+                value: ov.clone(),
+            }),
+            Some(nv) if nv != ov => {
+                let mut fields = Vec::new();
+                fields_diff(String::new(), ov, nv, &mut fields);
+                d.changed.push(ChangedItem {
+                    id: k.clone(),
+                    fields,
+                });
+            }
+            Some(_) => {}
+        }
+    }
+    for (k, nv) in &n {
+        if !o.contains_key(k) {
+            d.added.push(Item {
+                id: k.clone(),
+                value: nv.clone(),
+            });
+        }
+    }
+    d
+}
+
+/// The key by which elements of a list are matched, when they all have one.
+const LIST_KEYS: &[&str] = &["service", "name", "id"];
+
+fn keyed(list: &[Value]) -> Option<(&'static str, BTreeMap<String, &Value>)> {
+    'keys: for key in LIST_KEYS {
+        let mut map = BTreeMap::new();
+        for v in list {
+            match v.get(key) {
+                Some(Value::String(s)) if !map.contains_key(s) => {
+                    map.insert(s.clone(), v);
+                }
+                _ => continue 'keys,
+            }
+        }
+        return Some((key, map));
+    }
+    None
+}
+
+fn join(prefix: &str, field: &str) -> String {
+    if prefix.is_empty() {
+        field.to_string()
+    } else {
+        format!("{prefix}.{field}")
+    }
+}
+
+fn fields_diff(path: String, old: &Value, new: &Value, out: &mut Vec<FieldChange>) {
+    if old == new {
+        return;
+    }
+    match (old, new) {
+        (Value::Object(o), Value::Object(n)) => {
+            let keys: BTreeSet<&String> = o.keys().chain(n.keys()).collect();
+            for k in keys {
+                let (ov, nv) = (
+                    o.get(k).unwrap_or(&Value::Null),
+                    n.get(k).unwrap_or(&Value::Null),
+                );
+                fields_diff(join(&path, k), ov, nv, out);
+            }
+        }
+        (Value::Array(o), Value::Array(n)) => match (keyed(o), keyed(n)) {
+            (Some((ko, om)), Some((kn, nm))) if ko == kn && !om.is_empty() && !nm.is_empty() => {
+                let keys: BTreeSet<&String> = om.keys().chain(nm.keys()).collect();
+                for k in keys {
+                    let ov = om.get(k).copied().unwrap_or(&Value::Null);
+                    let nv = nm.get(k).copied().unwrap_or(&Value::Null);
+                    fields_diff(format!("{path}[{k}]"), ov, nv, out);
+                }
+            }
+            _ => out.push(FieldChange {
+                field: path,
+                old: old.clone(),
+                new: new.clone(),
+            }),
+        },
+        _ => out.push(FieldChange {
+            field: path,
+            old: old.clone(),
+            new: new.clone(),
+        }),
+    }
+}
+
+/// How one (edge, service) pair's best choice changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImpactKind {
+    /// Served before, not any more (no eligible site, or the edge or service is gone).
+    Lost,
+    /// Not served before, served now.
+    Gained,
+    /// A different site.
+    SiteChanged,
+    /// Same site, different path.
+    PathChanged,
+    /// Same site and path, different cost (or drained flag).
+    CostChanged,
+}
+
+/// One edge and service whose best candidate changes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImpactEntry {
+    pub edge: NodeId,
+    pub service: ServiceName,
+    pub kind: ImpactKind,
+    pub old: Option<Candidate>,
+    pub new: Option<Candidate>,
+}
+
+fn best_per_service(
+    topo: &Topology,
+    graph: &Graph,
+    edge: &NodeId,
+    live: &LiveState,
+) -> BTreeMap<ServiceName, Candidate> {
+    match RoutingTable::build(topo, graph, edge, live) {
+        Ok(table) => table
+            .services()
+            .filter_map(|(s, c)| c.first().map(|c| (s.clone(), c.clone())))
+            .collect(),
+        // The edge does not exist on this side.
+        Err(_) => BTreeMap::new(),
+    }
+}
+
+/// For every edge node (of either topology) and every service (of either), the change of its
+/// best candidate from `old` to `new` under the same live state; unchanged pairs are left out.
+/// Sorted by edge, then service.
+pub fn impact(old: &Topology, new: &Topology, live: &LiveState) -> Vec<ImpactEntry> {
+    let (og, ng) = (Graph::new(old), Graph::new(new));
+    let edges: BTreeSet<&NodeId> = old
+        .nodes
+        .iter()
+        .chain(&new.nodes)
+        .filter(|n| n.kind == NodeKind::Edge)
+        .map(|n| &n.id)
+        .collect();
+    let mut out = Vec::new();
+    for edge in edges {
+        let before = best_per_service(old, &og, edge, live);
+        let after = best_per_service(new, &ng, edge, live);
+        let services: BTreeSet<&ServiceName> = before.keys().chain(after.keys()).collect();
+        for service in services {
+            let (o, n) = (before.get(service), after.get(service));
+            let kind = match (o, n) {
+                (Some(_), None) => ImpactKind::Lost,
+                (None, Some(_)) => ImpactKind::Gained,
+                (Some(o), Some(n)) if o.site != n.site => ImpactKind::SiteChanged,
+                (Some(o), Some(n)) if o.path != n.path => ImpactKind::PathChanged,
+                (Some(o), Some(n)) if (o.cost, o.drained) != (n.cost, n.drained) => {
+                    ImpactKind::CostChanged
+                }
+                _ => continue,
+            };
+            out.push(ImpactEntry {
+                edge: edge.clone(),
+                service: service.clone(),
+                kind,
+                old: o.cloned(),
+                new: n.cloned(),
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::builder::{TopologyBuilder, ms};
+    use crate::model::{AdminState, NodeKind, Pool, PoolName};
+
+    fn base() -> TopologyBuilder {
+        let mut b = TopologyBuilder::new();
+        b.node("edge", NodeKind::Edge)
+            .node("t", NodeKind::Transit)
+            .node("s1", NodeKind::Site)
+            .node("s2", NodeKind::Site)
+            .link("edge", "t", ms(2.0))
+            .link("t", "s1", ms(3.0))
+            .link("edge", "s2", ms(9.0))
+            .service("chat")
+            .service("embed")
+            .serve("s1", "chat", 100)
+            .serve("s2", "chat", 100)
+            .serve("s2", "embed", 10);
+        b
+    }
+
+    #[test]
+    fn identical_topologies_have_no_diff_and_no_impact() {
+        let t = base().build();
+        assert!(diff(&t, &t).is_empty());
+        assert!(impact(&t, &t, &LiveState::default()).is_empty());
+    }
+
+    #[test]
+    fn reports_added_removed_and_changed_fields_with_old_and_new_values() {
+        let old = base().build();
+        let mut b = base();
+        b.node("s3", NodeKind::Site)
+            .link("t", "s3", ms(1.0))
+            .node_state("t", AdminState::Drain);
+        let mut new = b.build();
+        new.links.retain(|l| l.id().to_string() != "edge--s2");
+        new.links[1].latency = ms(4.0); // t--s1
+        new.nodes[3].serves[0].capacity = 50; // s2 chat
+        new.services.retain(|s| s.name.as_str() != "embed");
+        new.pools.push(Pool {
+            name: PoolName::new("vips"),
+            prefix: "100.64.0.0/24".parse().unwrap(),
+        });
+        new.nodes[2].location.lat = -33.9;
+
+        let d = diff(&old, &new);
+        assert_eq!(
+            d.nodes
+                .added
+                .iter()
+                .map(|i| i.id.as_str())
+                .collect::<Vec<_>>(),
+            ["s3"]
+        );
+        assert!(d.nodes.removed.is_empty());
+        type Fields<'a> = Vec<(&'a str, &'a Value, &'a Value)>;
+        let changed: Vec<(&str, Fields)> = d
+            .nodes
+            .changed
+            .iter()
+            .map(|c| {
+                (
+                    c.id.as_str(),
+                    c.fields
+                        .iter()
+                        .map(|f| (f.field.as_str(), &f.old, &f.new))
+                        .collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            changed,
+            [
+                ("s1", vec![("location.lat", &json!(0.0), &json!(-33.9))]),
+                (
+                    "s2",
+                    vec![("serves[chat].capacity", &json!(100), &json!(50))]
+                ),
+                ("t", vec![("state", &json!("up"), &json!("drain"))]),
+            ]
+        );
+        assert_eq!(
+            d.links
+                .added
+                .iter()
+                .map(|i| i.id.as_str())
+                .collect::<Vec<_>>(),
+            ["s3--t"]
+        );
+        assert_eq!(
+            d.links
+                .removed
+                .iter()
+                .map(|i| i.id.as_str())
+                .collect::<Vec<_>>(),
+            ["edge--s2"]
+        );
+        assert_eq!(d.links.removed[0].value["latency"], json!("9ms"));
+        assert_eq!(d.links.changed.len(), 1);
+        assert_eq!(d.links.changed[0].id, "s1--t");
+        assert_eq!(
+            d.links.changed[0].fields[0],
+            FieldChange {
+                field: "latency".into(),
+                old: json!("3ms"),
+                new: json!("4ms")
+            }
+        );
+        assert_eq!(
+            d.services
+                .removed
+                .iter()
+                .map(|i| i.id.as_str())
+                .collect::<Vec<_>>(),
+            ["embed"]
+        );
+        assert_eq!(d.pools.added[0].id, "vips");
+        // JSON round trip: the CLI prints this.
+        let text = serde_json::to_string(&d).unwrap();
+        assert_eq!(serde_json::from_str::<TopologyDiff>(&text).unwrap(), d);
+    }
+
+    #[test]
+    fn a_service_added_to_a_site_is_a_keyed_field_change() {
+        let old = base().build();
+        let mut b = base();
+        b.serve("s1", "embed", 5);
+        let d = diff(&old, &b.build());
+        let f = &d.nodes.changed[0].fields;
+        assert_eq!(d.nodes.changed[0].id, "s1");
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0].field, "serves[embed]");
+        assert_eq!(f[0].old, Value::Null);
+        assert_eq!(f[0].new["capacity"], json!(5));
+    }
+
+    #[test]
+    fn impact_lists_each_edge_and_service_whose_best_choice_changes() {
+        let old = base().build();
+        let live = LiveState::default();
+
+        // Slower t--s1: chat stays on s1 (8ms < 9ms) but its cost changes; embed unchanged.
+        let mut slower = old.clone();
+        slower.links[1].latency = ms(6.0);
+        let i = impact(&old, &slower, &live);
+        assert_eq!(i.len(), 1);
+        assert_eq!(
+            (i[0].edge.as_str(), i[0].service.as_str(), i[0].kind),
+            ("edge", "chat", ImpactKind::CostChanged)
+        );
+        assert_eq!(i[0].old.as_ref().unwrap().cost, ms(5.0));
+        assert_eq!(i[0].new.as_ref().unwrap().cost, ms(8.0));
+
+        // Much slower: chat moves to s2.
+        slower.links[1].latency = ms(20.0);
+        let i = impact(&old, &slower, &live);
+        assert_eq!(i[0].kind, ImpactKind::SiteChanged);
+        assert_eq!(i[0].old.as_ref().unwrap().site.as_str(), "s1");
+        assert_eq!(i[0].new.as_ref().unwrap().site.as_str(), "s2");
+
+        // A shortcut: same site, new path.
+        let mut b = base();
+        b.link("edge", "s1", ms(1.0));
+        let i = impact(&old, &b.build(), &live);
+        assert_eq!(i[0].kind, ImpactKind::PathChanged);
+        assert_eq!(i[0].new.as_ref().unwrap().path.len(), 2);
+
+        // s2 down: embed is lost, chat is untouched.
+        let mut b = base();
+        b.node_state("s2", AdminState::Down);
+        let i = impact(&old, &b.build(), &live);
+        assert_eq!(i.len(), 1);
+        assert_eq!(
+            (i[0].service.as_str(), i[0].kind),
+            ("embed", ImpactKind::Lost)
+        );
+        assert!(i[0].new.is_none());
+
+        // A new edge gains both services.
+        let mut b = base();
+        b.node("edge2", NodeKind::Edge).link("edge2", "t", ms(1.0));
+        let i = impact(&old, &b.build(), &live);
+        assert_eq!(
+            i.iter()
+                .map(|e| (e.edge.as_str(), e.service.as_str(), e.kind))
+                .collect::<Vec<_>>(),
+            [
+                ("edge2", "chat", ImpactKind::Gained),
+                ("edge2", "embed", ImpactKind::Gained)
+            ]
+        );
+    }
+}

@@ -1,0 +1,1191 @@
+//! Validation: the position-carrying YAML tree ([`crate::yaml`]) to the validated
+//! [`Topology`], reporting every problem with the line and column of the field it concerns.
+//!
+//! The walk never stops at the first problem: a bad field makes its node (or link, service...)
+//! incomplete, which is then left out of the model, but its id still counts as known so that
+//! one typo does not cascade into a page of "unknown node" errors.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+
+use ipnetwork::IpNetwork;
+
+use crate::diag::Diagnostic;
+use crate::model::*;
+use crate::units::{Bandwidth, Latency};
+use crate::yaml::{Loaded, Pos, YNode, YValue};
+
+/// Most nodes, links and services in one document (the 10,000-node / 50,000-link benchmark fits
+/// with room to spare).
+pub const MAX_NODES: usize = 50_000;
+pub const MAX_LINKS: usize = 250_000;
+pub const MAX_SERVICES: usize = 10_000;
+
+const ROOT_FIELDS: &[&str] = &["version", "nodes", "links", "services", "pools"];
+const NODE_FIELDS: &[&str] = &[
+    "id",
+    "kind",
+    "region",
+    "country",
+    "location",
+    "address",
+    "state",
+    "client_address",
+    "transparent_port",
+    "serves",
+];
+const LOCATION_FIELDS: &[&str] = &["lat", "lon"];
+const SERVES_FIELDS: &[&str] = &["service", "backend", "capacity", "weight"];
+const LINK_FIELDS: &[&str] = &["a", "b", "latency", "capacity", "state"];
+const SERVICE_FIELDS: &[&str] = &[
+    "name",
+    "port",
+    "vips",
+    "clients",
+    "residency",
+    "requires_circuit",
+];
+const RESIDENCY_FIELDS: &[&str] = &["regions", "countries"];
+const POOL_FIELDS: &[&str] = &["name", "prefix"];
+
+struct Cx {
+    diags: Vec<Diagnostic>,
+}
+
+impl Cx {
+    fn err(&mut self, pos: Pos, msg: impl Into<String>) {
+        self.diags
+            .push(Diagnostic::error(pos.line, pos.column, msg));
+    }
+    fn warn(&mut self, pos: Pos, msg: impl Into<String>) {
+        self.diags
+            .push(Diagnostic::warning(pos.line, pos.column, msg));
+    }
+}
+
+/// The fields of one YAML mapping, after unknown and repeated keys were reported.
+struct Fields<'a> {
+    pos: Pos,
+    what: String,
+    entries: Vec<(&'a str, &'a YNode, &'a YNode)>,
+}
+
+impl<'a> Fields<'a> {
+    fn get(&self, name: &str) -> Option<&'a YNode> {
+        self.entries
+            .iter()
+            .find(|(k, _, _)| *k == name)
+            .map(|(_, _, v)| *v)
+    }
+    fn key_pos(&self, name: &str) -> Option<Pos> {
+        self.entries
+            .iter()
+            .find(|(k, _, _)| *k == name)
+            .map(|(_, k, _)| k.pos)
+    }
+    fn required(&self, cx: &mut Cx, name: &str) -> Option<&'a YNode> {
+        let v = self.get(name);
+        if v.is_none() {
+            cx.err(
+                self.pos,
+                format!("missing field \"{name}\" in {}", self.what),
+            );
+        }
+        v
+    }
+}
+
+fn fields<'a>(cx: &mut Cx, node: &'a YNode, what: &str, allowed: &[&str]) -> Option<Fields<'a>> {
+    let YValue::Map(entries) = &node.value else {
+        cx.err(
+            node.pos,
+            format!("{what} must be a mapping, found {}", node.value.kind()),
+        );
+        return None;
+    };
+    let mut out = Fields {
+        pos: node.pos,
+        what: what.to_string(),
+        entries: Vec::with_capacity(entries.len()),
+    };
+    for (k, v) in entries {
+        let YValue::Str(key) = &k.value else {
+            cx.err(
+                k.pos,
+                format!(
+                    "field names in {what} must be strings, found {}",
+                    k.value.kind()
+                ),
+            );
+            continue;
+        };
+        if !allowed.contains(&key.as_str()) {
+            let hint = closest(key, allowed.iter().copied())
+                .map(|c| format!("; did you mean \"{c}\"?"))
+                .unwrap_or_default();
+            cx.err(
+                k.pos,
+                format!(
+                    "unknown field \"{key}\" in {what} (expected one of: {}{hint})",
+                    allowed.join(", ")
+                ),
+            );
+            continue;
+        }
+        if let Some(first) = out.key_pos(key) {
+            cx.err(
+                k.pos,
+                format!(
+                    "field \"{key}\" repeated in {what} (first at line {})",
+                    first.line
+                ),
+            );
+            continue;
+        }
+        out.entries.push((key.as_str(), k, v));
+    }
+    Some(out)
+}
+
+fn list<'a>(cx: &mut Cx, node: &'a YNode, what: &str) -> &'a [YNode] {
+    match &node.value {
+        YValue::Seq(items) => items,
+        YValue::Null => &[],
+        other => {
+            cx.err(
+                node.pos,
+                format!("{what} must be a list, found {}", other.kind()),
+            );
+            &[]
+        }
+    }
+}
+
+fn string<'a>(cx: &mut Cx, node: &'a YNode, what: &str) -> Option<&'a str> {
+    match &node.value {
+        YValue::Str(s) => Some(s),
+        other => {
+            cx.err(
+                node.pos,
+                format!("{what} must be a string, found {}", other.kind()),
+            );
+            None
+        }
+    }
+}
+
+/// A string or number given to a parser (`"12ms"`, `127.0.0.1:7000`); numbers are passed as
+/// their text so that `latency: 12` gets the unit parser's "has no unit" message.
+fn text(cx: &mut Cx, node: &YNode, what: &str) -> Option<String> {
+    let t = node.value.scalar_text();
+    if t.is_none() {
+        cx.err(
+            node.pos,
+            format!("{what} must be a string, found {}", node.value.kind()),
+        );
+    }
+    t
+}
+
+fn ident(cx: &mut Cx, node: &YNode, what: &str) -> Option<String> {
+    let s = string(cx, node, what)?;
+    if is_valid_id(s) {
+        Some(s.to_string())
+    } else {
+        cx.err(
+            node.pos,
+            format!("{what}: {s:?} is not a valid id (1-63 lowercase letters and digits joined by single hyphens, e.g. syd-edge-1)"),
+        );
+        None
+    }
+}
+
+fn integer(cx: &mut Cx, node: &YNode, what: &str, min: i128, max: i128) -> Option<i128> {
+    match &node.value {
+        YValue::Int(i) if (min..=max).contains(i) => Some(*i),
+        YValue::Int(i) => {
+            cx.err(
+                node.pos,
+                format!("{what}: {i} is out of range (expected {min} to {max})"),
+            );
+            None
+        }
+        other => {
+            cx.err(
+                node.pos,
+                format!("{what} must be an integer, found {}", other.kind()),
+            );
+            None
+        }
+    }
+}
+
+fn port(cx: &mut Cx, node: &YNode, what: &str) -> Option<u16> {
+    integer(cx, node, what, 1, 65535).and_then(|p| u16::try_from(p).ok())
+}
+
+fn number(cx: &mut Cx, node: &YNode, what: &str) -> Option<f64> {
+    match &node.value {
+        YValue::Int(i) => Some(*i as f64),
+        YValue::Float(f) if f.is_finite() => Some(*f),
+        other => {
+            cx.err(
+                node.pos,
+                format!("{what} must be a number, found {}", other.kind()),
+            );
+            None
+        }
+    }
+}
+
+fn boolean(cx: &mut Cx, node: &YNode, what: &str) -> Option<bool> {
+    match &node.value {
+        YValue::Bool(b) => Some(*b),
+        other => {
+            cx.err(
+                node.pos,
+                format!("{what} must be true or false, found {}", other.kind()),
+            );
+            None
+        }
+    }
+}
+
+fn parse_with<T, E: std::fmt::Display>(
+    cx: &mut Cx,
+    node: &YNode,
+    what: &str,
+    parse: impl FnOnce(&str) -> Result<T, E>,
+) -> Option<T> {
+    let s = text(cx, node, what)?;
+    match parse(&s) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            cx.err(node.pos, format!("{what}: {e}"));
+            None
+        }
+    }
+}
+
+fn state(cx: &mut Cx, node: &YNode, what: &str) -> Option<AdminState> {
+    match string(cx, node, what)? {
+        "up" => Some(AdminState::Up),
+        "drain" => Some(AdminState::Drain),
+        "down" => Some(AdminState::Down),
+        other => {
+            cx.err(
+                node.pos,
+                format!("{what}: unknown state {other:?} (expected one of: up, drain, down)"),
+            );
+            None
+        }
+    }
+}
+
+fn socket_addr(cx: &mut Cx, node: &YNode, what: &str, example: &str) -> Option<SocketAddr> {
+    let a = parse_with(cx, node, what, |s| {
+        SocketAddr::from_str(s).map_err(|_| {
+            format!("{s:?} is not an address with a port (expected IP:PORT, e.g. {example})")
+        })
+    })?;
+    if a.port() == 0 {
+        cx.err(node.pos, format!("{what}: port 0 is not a usable port"));
+        return None;
+    }
+    Some(a)
+}
+
+fn ip_addr(cx: &mut Cx, node: &YNode, what: &str) -> Option<IpAddr> {
+    parse_with(cx, node, what, |s| {
+        IpAddr::from_str(s)
+            .map_err(|_| format!("{s:?} is not an IP address (e.g. 127.20.0.1 or ::1)"))
+    })
+}
+
+/// A prefix with no host bits set (`10.0.0.0/8`, not `10.0.0.1/8`).
+fn prefix(cx: &mut Cx, node: &YNode, what: &str) -> Option<IpNetwork> {
+    let p = parse_with(cx, node, what, |s| {
+        IpNetwork::from_str(s).map_err(|_| {
+            format!("{s:?} is not an IP prefix (e.g. 203.0.113.0/24 or 2001:db8::/32)")
+        })
+    })?;
+    host_bits_check(cx, node.pos, what, p)
+}
+
+fn host_bits_check(cx: &mut Cx, pos: Pos, what: &str, p: IpNetwork) -> Option<IpNetwork> {
+    if p.ip() != p.network() {
+        cx.err(
+            pos,
+            format!(
+                "{what}: {p} has host bits set (did you mean {}/{}?)",
+                p.network(),
+                p.prefix()
+            ),
+        );
+        return None;
+    }
+    Some(p)
+}
+
+fn country(cx: &mut Cx, node: &YNode, what: &str) -> Option<CountryCode> {
+    let s = string(cx, node, what)?;
+    match CountryCode::parse(s) {
+        Some(c) if c.is_assigned() => Some(c),
+        _ => {
+            let upper = s.to_ascii_uppercase();
+            let hint = match CountryCode::parse(&upper) {
+                Some(c) if c.is_assigned() => format!(" (use upper case: {upper})"),
+                _ => " (e.g. AU, NZ, SG)".to_string(),
+            };
+            cx.err(
+                node.pos,
+                format!("{what}: {s:?} is not an ISO 3166-1 alpha-2 country code{hint}"),
+            );
+            None
+        }
+    }
+}
+
+/// Levenshtein distance, for "did you mean" hints.
+fn distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+fn closest<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let limit = (word.chars().count() / 3).max(2);
+    candidates
+        .map(|c| (distance(word, c), c))
+        .filter(|(d, _)| *d <= limit)
+        .min()
+        .map(|(_, c)| c)
+}
+
+/// "(known: a, b, c)" for short lists; the closest few for long ones.
+fn known_list<'a>(word: &str, known: impl Iterator<Item = &'a str> + Clone) -> String {
+    const SHOW: usize = 8;
+    let total = known.clone().count();
+    if total == 0 {
+        return "(none are defined)".to_string();
+    }
+    if total <= SHOW {
+        let mut all: Vec<&str> = known.collect();
+        all.sort_unstable();
+        return format!("(known: {})", all.join(", "));
+    }
+    let mut ranked: Vec<(usize, &str)> = known.map(|k| (distance(word, k), k)).collect();
+    ranked.sort_unstable();
+    let near: Vec<&str> = ranked.iter().take(5).map(|(_, k)| *k).collect();
+    format!("(closest of {total} known: {})", near.join(", "))
+}
+
+/// What the first pass learns about each node entry, even an incomplete one.
+struct NodeEntry<'a> {
+    id: Option<String>,
+    id_pos: Pos,
+    kind: Option<NodeKind>,
+    fields: Fields<'a>,
+    node: Option<Node>,
+}
+
+pub(crate) fn validate(root: &YNode) -> Result<Loaded, Vec<Diagnostic>> {
+    let mut cx = Cx { diags: Vec::new() };
+    let topology = walk(&mut cx, root);
+    let mut diags = cx.diags;
+    diags.sort();
+    match topology {
+        Some(topology) if !diags.iter().any(Diagnostic::is_error) => Ok(Loaded {
+            topology,
+            warnings: diags,
+        }),
+        _ => Err(diags),
+    }
+}
+
+fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
+    let top = fields(cx, root, "the document", ROOT_FIELDS)?;
+
+    match top.get("version") {
+        None => {
+            cx.err(
+                top.pos,
+                "missing field \"version\" in the document (add `version: 1` at the top)",
+            );
+        }
+        Some(v) => match &v.value {
+            YValue::Int(1) => {}
+            YValue::Int(n) => {
+                cx.err(
+                    v.pos,
+                    format!("unsupported version {n} (this build reads version 1)"),
+                );
+                // Later versions may mean different things by the same fields: say nothing more.
+                return None;
+            }
+            other => cx.err(
+                v.pos,
+                format!("version must be the integer 1, found {}", other.kind()),
+            ),
+        },
+    }
+
+    // Nodes, first pass: ids, kinds and the fields every kind has.
+    let node_items = match top.required(cx, "nodes") {
+        Some(n) => list(cx, n, "nodes"),
+        None => &[],
+    };
+    if node_items.len() > MAX_NODES {
+        cx.err(
+            top.key_pos("nodes").unwrap_or(top.pos),
+            format!(
+                "{} nodes is over the limit of {MAX_NODES}",
+                node_items.len()
+            ),
+        );
+        return None;
+    }
+    let mut entries: Vec<NodeEntry> = Vec::with_capacity(node_items.len());
+    let mut ids: HashMap<String, (usize, Pos)> = HashMap::with_capacity(node_items.len());
+    let mut quic: HashMap<SocketAddr, String> = HashMap::new();
+    let mut regions: HashSet<String> = HashSet::new();
+    for (i, item) in node_items.iter().enumerate() {
+        let label = format!("node {}", i + 1);
+        let Some(f) = fields(cx, item, &label, NODE_FIELDS) else {
+            continue;
+        };
+        let id_node = f.required(cx, "id");
+        let id = id_node.and_then(|n| ident(cx, n, &format!("id of {label}")));
+        let id_pos = id_node.map(|n| n.pos).unwrap_or(f.pos);
+        let what = match &id {
+            Some(id) => format!("node \"{id}\""),
+            None => label.clone(),
+        };
+        let mut f = f;
+        f.what = what.clone();
+        if let Some(id) = &id {
+            if let Some((_, first)) = ids.get(id.as_str()) {
+                cx.err(
+                    id_pos,
+                    format!(
+                        "duplicate node id \"{id}\" (first defined at line {})",
+                        first.line
+                    ),
+                );
+            } else {
+                ids.insert(id.clone(), (i, id_pos));
+            }
+        }
+        let kind = f.required(cx, "kind").and_then(|n| {
+            let s = string(cx, n, &format!("kind of {what}"))?;
+            match s {
+                "edge" => Some(NodeKind::Edge),
+                "transit" => Some(NodeKind::Transit),
+                "site" => Some(NodeKind::Site),
+                other => {
+                    cx.err(n.pos, format!("kind of {what}: unknown kind {other:?} (expected one of: edge, transit, site)"));
+                    None
+                }
+            }
+        });
+        let region = f
+            .required(cx, "region")
+            .and_then(|n| ident(cx, n, &format!("region of {what}")));
+        if let Some(r) = &region {
+            regions.insert(r.clone());
+        }
+        let country = f
+            .required(cx, "country")
+            .and_then(|n| country(cx, n, &format!("country of {what}")));
+        let location = f
+            .required(cx, "location")
+            .and_then(|n| location(cx, n, &what));
+        let address = f.required(cx, "address").and_then(|n| {
+            let a = socket_addr(cx, n, &format!("address of {what}"), "127.10.0.1:7000")?;
+            if let Some(other) = quic.get(&a) {
+                cx.err(
+                    n.pos,
+                    format!(
+                        "address of {what}: {a} is already the QUIC address of node \"{other}\""
+                    ),
+                );
+                return None;
+            }
+            quic.insert(a, id.clone().unwrap_or_else(|| label.clone()));
+            Some(a)
+        });
+        let state = f
+            .get("state")
+            .map(|n| state(cx, n, &format!("state of {what}")));
+        let client_address = f
+            .get("client_address")
+            .map(|n| ip_addr(cx, n, &format!("client_address of {what}")));
+        let transparent_port = f
+            .get("transparent_port")
+            .map(|n| port(cx, n, &format!("transparent_port of {what}")));
+        if let Some(k) = kind {
+            for (field, only) in [
+                ("client_address", NodeKind::Edge),
+                ("transparent_port", NodeKind::Edge),
+                ("serves", NodeKind::Site),
+            ] {
+                if k != only
+                    && let Some(p) = f.key_pos(field)
+                {
+                    cx.err(
+                        p,
+                        format!(
+                            "{field} is only allowed on {only} nodes, and {what} is a {k} node"
+                        ),
+                    );
+                }
+            }
+        }
+        let node = match (
+            id.clone(),
+            kind,
+            region,
+            country,
+            location,
+            address,
+            state,
+            client_address,
+            transparent_port,
+        ) {
+            (
+                Some(id),
+                Some(kind),
+                Some(region),
+                Some(country),
+                Some(location),
+                Some(address),
+                state,
+                ca,
+                tp,
+            ) if state.is_none_or(|s| s.is_some())
+                && ca.is_none_or(|c| c.is_some())
+                && tp.is_none_or(|t| t.is_some()) =>
+            {
+                Some(Node {
+                    id: NodeId::new(id),
+                    kind,
+                    region: Region::new(region),
+                    country,
+                    location,
+                    address,
+                    state: state.flatten().unwrap_or_default(),
+                    client_address: client_address.flatten(),
+                    transparent_port: transparent_port.flatten(),
+                    serves: Vec::new(),
+                })
+            }
+            _ => None,
+        };
+        entries.push(NodeEntry {
+            id,
+            id_pos,
+            kind,
+            fields: f,
+            node,
+        });
+    }
+
+    // Services.
+    let service_items = top
+        .get("services")
+        .map(|n| list(cx, n, "services"))
+        .unwrap_or(&[]);
+    if service_items.len() > MAX_SERVICES {
+        cx.err(
+            top.key_pos("services").unwrap_or(top.pos),
+            format!(
+                "{} services is over the limit of {MAX_SERVICES}",
+                service_items.len()
+            ),
+        );
+        return None;
+    }
+    let mut services: Vec<(Service, Pos)> = Vec::new();
+    let mut service_names: HashMap<String, Pos> = HashMap::new();
+    let mut ports: HashMap<u16, String> = HashMap::new();
+    let mut vips: Vec<(Vip, String)> = Vec::new();
+    for (i, item) in service_items.iter().enumerate() {
+        let label = format!("service {}", i + 1);
+        let Some(f) = fields(cx, item, &label, SERVICE_FIELDS) else {
+            continue;
+        };
+        let name_node = f.required(cx, "name");
+        let name = name_node.and_then(|n| ident(cx, n, &format!("name of {label}")));
+        let name_pos = name_node.map(|n| n.pos).unwrap_or(f.pos);
+        let what = match &name {
+            Some(n) => format!("service \"{n}\""),
+            None => label.clone(),
+        };
+        let mut ok = name.is_some();
+        if let Some(n) = &name {
+            if let Some(first) = service_names.get(n.as_str()) {
+                cx.err(
+                    name_pos,
+                    format!(
+                        "duplicate service name \"{n}\" (first defined at line {})",
+                        first.line
+                    ),
+                );
+                ok = false;
+            } else {
+                service_names.insert(n.clone(), name_pos);
+            }
+        }
+        let port = match f.get("port") {
+            None => None,
+            Some(n) => match port(cx, n, &format!("port of {what}")) {
+                Some(p) => {
+                    if let Some(other) = ports.get(&p) {
+                        cx.err(
+                            n.pos,
+                            format!(
+                                "port of {what}: {p} is already the port of service \"{other}\""
+                            ),
+                        );
+                        ok = false;
+                    } else {
+                        ports.insert(p, name.clone().unwrap_or_else(|| label.clone()));
+                    }
+                    Some(p)
+                }
+                None => {
+                    ok = false;
+                    None
+                }
+            },
+        };
+        let mut service_vips = Vec::new();
+        if let Some(n) = f.get("vips") {
+            for v in list(cx, n, &format!("vips of {what}")) {
+                let vw = format!("VIP of {what}");
+                match parse_with(cx, v, &vw, Vip::from_str).and_then(|vip| {
+                    host_bits_check(cx, v.pos, &vw, vip.prefix)?;
+                    Some(vip)
+                }) {
+                    Some(vip) => {
+                        if let Some((other, owner)) = vips.iter().find(|(o, _)| o.overlaps(&vip)) {
+                            cx.err(
+                                v.pos,
+                                format!("{vw}: {vip} overlaps {other} of service \"{owner}\""),
+                            );
+                            ok = false;
+                        } else {
+                            vips.push((vip, name.clone().unwrap_or_else(|| label.clone())));
+                            service_vips.push(vip);
+                        }
+                    }
+                    None => ok = false,
+                }
+            }
+        }
+        let mut clients = Vec::new();
+        if let Some(n) = f.get("clients") {
+            for c in list(cx, n, &format!("clients of {what}")) {
+                match prefix(cx, c, &format!("client prefix of {what}")) {
+                    Some(p) => clients.push(p),
+                    None => ok = false,
+                }
+            }
+        }
+        let mut residency = Residency::default();
+        if let Some(n) = f.get("residency") {
+            match fields(cx, n, &format!("residency of {what}"), RESIDENCY_FIELDS) {
+                Some(r) => {
+                    if let Some(rs) = r.get("regions") {
+                        for rn in list(cx, rs, &format!("residency regions of {what}")) {
+                            match ident(cx, rn, &format!("residency region of {what}")) {
+                                Some(reg) if regions.contains(&reg) => {
+                                    residency.regions.push(Region::new(reg))
+                                }
+                                Some(reg) => {
+                                    cx.err(
+                                        rn.pos,
+                                        format!(
+                                            "residency of {what}: unknown region \"{reg}\" {}",
+                                            known_list(&reg, regions.iter().map(String::as_str))
+                                        ),
+                                    );
+                                    ok = false;
+                                }
+                                None => ok = false,
+                            }
+                        }
+                    }
+                    if let Some(cs) = r.get("countries") {
+                        for cn in list(cx, cs, &format!("residency countries of {what}")) {
+                            match country(cx, cn, &format!("residency country of {what}")) {
+                                Some(c) => residency.countries.push(c),
+                                None => ok = false,
+                            }
+                        }
+                    }
+                }
+                None => ok = false,
+            }
+        }
+        let requires_circuit = match f.get("requires_circuit") {
+            None => false,
+            Some(n) => {
+                boolean(cx, n, &format!("requires_circuit of {what}")).unwrap_or_else(|| {
+                    ok = false;
+                    false
+                })
+            }
+        };
+        if let (true, Some(name)) = (ok, name) {
+            services.push((
+                Service {
+                    name: ServiceName::new(name),
+                    port,
+                    vips: service_vips,
+                    clients,
+                    residency,
+                    requires_circuit,
+                },
+                name_pos,
+            ));
+        }
+    }
+
+    // Sites' `serves`, now that services are known.
+    let mut mentioned: HashSet<String> = HashSet::new();
+    for e in entries.iter_mut() {
+        let Some(serves) = e.fields.get("serves") else {
+            continue;
+        };
+        let what = e.fields.what.clone();
+        let mut served: HashMap<String, Pos> = HashMap::new();
+        let mut incomplete = false;
+        for (j, item) in list(cx, serves, &format!("serves of {what}"))
+            .iter()
+            .enumerate()
+        {
+            let sw = format!("serves entry {} of {what}", j + 1);
+            let Some(sf) = fields(cx, item, &sw, SERVES_FIELDS) else {
+                incomplete = true;
+                continue;
+            };
+            let service = sf.required(cx, "service").and_then(|n| {
+                let s = ident(cx, n, &format!("service of {sw}"))?;
+                if !service_names.contains_key(s.as_str()) {
+                    cx.err(
+                        n.pos,
+                        format!(
+                            "unknown service \"{s}\" in {sw} {}",
+                            known_list(&s, service_names.keys().map(String::as_str))
+                        ),
+                    );
+                    return None;
+                }
+                if let Some(first) = served.get(s.as_str()) {
+                    cx.err(
+                        n.pos,
+                        format!("{what} serves \"{s}\" twice (first at line {})", first.line),
+                    );
+                    return None;
+                }
+                served.insert(s.clone(), n.pos);
+                mentioned.insert(s.clone());
+                Some(s)
+            });
+            let backend = sf
+                .required(cx, "backend")
+                .and_then(|n| socket_addr(cx, n, &format!("backend of {sw}"), "127.30.0.1:8000"));
+            let capacity = sf
+                .required(cx, "capacity")
+                .and_then(|n| integer(cx, n, &format!("capacity of {sw}"), 1, u32::MAX.into()))
+                .and_then(|c| u32::try_from(c).ok());
+            let weight = match sf.get("weight") {
+                None => Some(default_weight()),
+                Some(n) => integer(cx, n, &format!("weight of {sw}"), 1, 1_000_000)
+                    .and_then(|w| u32::try_from(w).ok()),
+            };
+            match (service, backend, capacity, weight) {
+                (Some(service), Some(backend), Some(capacity), Some(weight)) => {
+                    if let Some(node) = &mut e.node {
+                        node.serves.push(SiteService {
+                            service: ServiceName::new(service),
+                            backend,
+                            capacity,
+                            weight,
+                        });
+                    }
+                }
+                _ => incomplete = true,
+            }
+        }
+        if incomplete {
+            e.node = None;
+        }
+    }
+
+    // Links.
+    let link_items = top
+        .get("links")
+        .map(|n| list(cx, n, "links"))
+        .unwrap_or(&[]);
+    if link_items.len() > MAX_LINKS {
+        cx.err(
+            top.key_pos("links").unwrap_or(top.pos),
+            format!(
+                "{} links is over the limit of {MAX_LINKS}",
+                link_items.len()
+            ),
+        );
+        return None;
+    }
+    let mut links: Vec<Link> = Vec::with_capacity(link_items.len());
+    let mut link_ids: HashMap<LinkId, (usize, Pos)> = HashMap::with_capacity(link_items.len());
+    let mut links_ok = true;
+    for (i, item) in link_items.iter().enumerate() {
+        let what = format!("link {}", i + 1);
+        let Some(f) = fields(cx, item, &what, LINK_FIELDS) else {
+            links_ok = false;
+            continue;
+        };
+        let end = |cx: &mut Cx, field: &str| {
+            let n = f.required(cx, field)?;
+            let s = string(cx, n, &format!("{field} of {what}"))?;
+            if ids.contains_key(s) {
+                Some((NodeId::new(s), n.pos))
+            } else {
+                cx.err(
+                    n.pos,
+                    format!(
+                        "unknown node \"{s}\" in {what} {}",
+                        known_list(s, ids.keys().map(String::as_str))
+                    ),
+                );
+                None
+            }
+        };
+        let a = end(cx, "a");
+        let b = end(cx, "b");
+        let latency = f
+            .required(cx, "latency")
+            .and_then(|n| parse_with(cx, n, &format!("latency of {what}"), Latency::from_str));
+        let capacity = f
+            .required(cx, "capacity")
+            .and_then(|n| parse_with(cx, n, &format!("capacity of {what}"), Bandwidth::from_str));
+        let st = f
+            .get("state")
+            .map(|n| state(cx, n, &format!("state of {what}")));
+        let mut ends_ok = false;
+        if let (Some((a, _)), Some((b, bpos))) = (&a, &b) {
+            if a == b {
+                cx.err(*bpos, format!("{what} connects node \"{a}\" to itself"));
+            } else {
+                let lid = LinkId::new(a, b);
+                if let Some((first, fpos)) = link_ids.get(&lid) {
+                    cx.err(
+                        f.pos,
+                        format!("duplicate link {lid}: {what} joins the same nodes as link {} (line {})", first + 1, fpos.line),
+                    );
+                } else {
+                    link_ids.insert(lid, (i, f.pos));
+                    ends_ok = true;
+                }
+            }
+        }
+        match (a, b, latency, capacity, st) {
+            (Some((a, _)), Some((b, _)), Some(latency), Some(capacity), st)
+                if ends_ok && st.is_none_or(|s| s.is_some()) =>
+            {
+                links.push(Link {
+                    a,
+                    b,
+                    latency,
+                    capacity,
+                    state: st.flatten().unwrap_or_default(),
+                })
+            }
+            _ => links_ok = false,
+        }
+    }
+
+    // Pools.
+    let pool_items = top
+        .get("pools")
+        .map(|n| list(cx, n, "pools"))
+        .unwrap_or(&[]);
+    let mut pools: Vec<Pool> = Vec::new();
+    let mut pools_ok = true;
+    for (i, item) in pool_items.iter().enumerate() {
+        let label = format!("pool {}", i + 1);
+        let Some(f) = fields(cx, item, &label, POOL_FIELDS) else {
+            pools_ok = false;
+            continue;
+        };
+        let name_node = f.required(cx, "name");
+        let name = name_node.and_then(|n| ident(cx, n, &format!("name of {label}")));
+        let what = name
+            .as_ref()
+            .map(|n| format!("pool \"{n}\""))
+            .unwrap_or(label);
+        if let (Some(n), Some(nn)) = (&name, name_node)
+            && pools.iter().any(|p| p.name.as_str() == n)
+        {
+            cx.err(nn.pos, format!("duplicate pool name \"{n}\""));
+            pools_ok = false;
+            continue;
+        }
+        let pfx_node = f.required(cx, "prefix");
+        let pfx = pfx_node.and_then(|n| prefix(cx, n, &format!("prefix of {what}")));
+        if let (Some(p), Some(pn)) = (pfx, pfx_node) {
+            let overlaps = |o: &IpNetwork| o.contains(p.network()) || p.contains(o.network());
+            if let Some(other) = pools.iter().find(|o| overlaps(&o.prefix)) {
+                cx.err(
+                    pn.pos,
+                    format!(
+                        "prefix of {what}: {p} overlaps {} of pool \"{}\"",
+                        other.prefix, other.name
+                    ),
+                );
+                pools_ok = false;
+                continue;
+            }
+            if let Some((vip, owner)) = vips.iter().find(|(v, _)| overlaps(&v.prefix)) {
+                cx.err(
+                    pn.pos,
+                    format!("prefix of {what}: {p} overlaps VIP {vip} of service \"{owner}\""),
+                );
+                pools_ok = false;
+                continue;
+            }
+        }
+        match (name, pfx) {
+            (Some(name), Some(prefix)) => pools.push(Pool {
+                name: PoolName::new(name),
+                prefix,
+            }),
+            _ => pools_ok = false,
+        }
+    }
+
+    // Cross-checks that need everything above.
+    let any_port = services.iter().any(|(s, _)| s.port.is_some());
+    let mut client_addrs: HashMap<IpAddr, String> = HashMap::new();
+    for e in &entries {
+        let (Some(id), Some(kind)) = (&e.id, e.kind) else {
+            continue;
+        };
+        match kind {
+            NodeKind::Edge => match e.fields.get("client_address") {
+                None if any_port => {
+                    let with_port: Vec<&str> = services
+                        .iter()
+                        .filter(|(s, _)| s.port.is_some())
+                        .map(|(s, _)| s.name.as_str())
+                        .collect();
+                    cx.err(
+                        e.id_pos,
+                        format!(
+                            "edge node \"{id}\" has no client_address, but services listen on edges ({})",
+                            with_port.join(", ")
+                        ),
+                    );
+                }
+                Some(n) => {
+                    if let Some(Some(ip)) = e.node.as_ref().map(|n| n.client_address) {
+                        if let Some(other) = client_addrs.get(&ip) {
+                            cx.err(n.pos, format!("client_address of node \"{id}\": {ip} is already used by edge node \"{other}\""));
+                        } else {
+                            client_addrs.insert(ip, id.clone());
+                        }
+                    }
+                }
+                None => {}
+            },
+            NodeKind::Site
+                if e.fields.get("serves").is_none_or(|s| {
+                    matches!(&s.value, YValue::Seq(v) if v.is_empty())
+                        || matches!(s.value, YValue::Null)
+                }) =>
+            {
+                cx.warn(e.id_pos, format!("site node \"{id}\" serves no service"));
+            }
+            _ => {}
+        }
+    }
+    for (s, pos) in &services {
+        let serving: Vec<&NodeEntry> = entries
+            .iter()
+            .filter(|e| {
+                e.node
+                    .as_ref()
+                    .is_some_and(|n| n.serves.iter().any(|ss| ss.service == s.name))
+            })
+            .collect();
+        if !mentioned.contains(s.name.as_str()) {
+            cx.err(
+                *pos,
+                format!(
+                    "service \"{}\" is served by no site (add it to a site's serves)",
+                    s.name
+                ),
+            );
+        } else if !serving.is_empty()
+            && !serving
+                .iter()
+                .any(|e| e.node.as_ref().is_some_and(|n| s.residency.allows(n)))
+        {
+            let sites: Vec<&str> = serving.iter().filter_map(|e| e.id.as_deref()).collect();
+            cx.err(
+                *pos,
+                format!(
+                    "residency of service \"{}\" allows none of the sites that serve it ({})",
+                    s.name,
+                    sites.join(", ")
+                ),
+            );
+        }
+    }
+
+    let complete = entries.iter().all(|e| e.node.is_some())
+        && entries.len() == node_items.len()
+        && services.len() == service_items.len()
+        && links_ok
+        && pools_ok;
+    if !complete || cx.diags.iter().any(Diagnostic::is_error) {
+        return None;
+    }
+    let nodes: Vec<Node> = entries.into_iter().filter_map(|e| e.node).collect();
+    let topology = Topology {
+        nodes,
+        links,
+        services: services.into_iter().map(|(s, _)| s).collect(),
+        pools,
+    };
+    reachability_warnings(cx, &topology, &ids);
+    Some(topology)
+}
+
+fn location(cx: &mut Cx, node: &YNode, what: &str) -> Option<Location> {
+    let f = fields(cx, node, &format!("location of {what}"), LOCATION_FIELDS)?;
+    let lat = f.required(cx, "lat").and_then(|n| {
+        let v = number(cx, n, &format!("lat of {what}"))?;
+        if !(-90.0..=90.0).contains(&v) {
+            cx.err(
+                n.pos,
+                format!("lat of {what}: {v} is out of range (-90 to 90)"),
+            );
+            return None;
+        }
+        Some(v)
+    });
+    let lon = f.required(cx, "lon").and_then(|n| {
+        let v = number(cx, n, &format!("lon of {what}"))?;
+        if !(-180.0..=180.0).contains(&v) {
+            cx.err(
+                n.pos,
+                format!("lon of {what}: {v} is out of range (-180 to 180)"),
+            );
+            return None;
+        }
+        Some(v)
+    });
+    Some(Location {
+        lat: lat?,
+        lon: lon?,
+    })
+}
+
+/// Warns for each edge from which no allowed site of a service can be reached over links and
+/// nodes that are not down. Connectivity is computed once (union-find), so this stays linear.
+fn reachability_warnings(cx: &mut Cx, t: &Topology, ids: &HashMap<String, (usize, Pos)>) {
+    let index: HashMap<&str, usize> = t
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.id.as_str(), i))
+        .collect();
+    let mut parent: Vec<usize> = (0..t.nodes.len()).collect();
+    fn find(p: &mut [usize], mut x: usize) -> usize {
+        while p[x] != x {
+            p[x] = p[p[x]];
+            x = p[x];
+        }
+        x
+    }
+    for l in &t.links {
+        if l.state == AdminState::Down {
+            continue;
+        }
+        let (Some(&a), Some(&b)) = (index.get(l.a.as_str()), index.get(l.b.as_str())) else {
+            continue;
+        };
+        if t.nodes[a].state == AdminState::Down || t.nodes[b].state == AdminState::Down {
+            continue;
+        }
+        let (ra, rb) = (find(&mut parent, a), find(&mut parent, b));
+        parent[ra] = rb;
+    }
+    for s in &t.services {
+        let mut components: HashSet<usize> = HashSet::new();
+        let mut sites: Vec<&str> = Vec::new();
+        for (i, n) in t.nodes.iter().enumerate() {
+            if n.state != AdminState::Down
+                && s.residency.allows(n)
+                && n.serves.iter().any(|ss| ss.service == s.name)
+            {
+                components.insert(find(&mut parent, i));
+                sites.push(n.id.as_str());
+            }
+        }
+        for (i, n) in t.nodes.iter().enumerate() {
+            if n.kind != NodeKind::Edge || n.state == AdminState::Down {
+                continue;
+            }
+            if !components.contains(&find(&mut parent, i)) {
+                let pos = ids.get(n.id.as_str()).map(|(_, p)| *p).unwrap_or_default();
+                let shown: Vec<&str> = sites.iter().take(5).copied().collect();
+                let more = if sites.len() > 5 {
+                    format!(" and {} more", sites.len() - 5)
+                } else {
+                    String::new()
+                };
+                let sites_text = if sites.is_empty() {
+                    "none is up".to_string()
+                } else {
+                    format!("{}{more}", shown.join(", "))
+                };
+                cx.warn(
+                    pos,
+                    format!(
+                        "edge node \"{}\" cannot reach any site of service \"{}\" over links that are not down (sites: {sites_text})",
+                        n.id, s.name
+                    ),
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn closest_suggests_near_misses_only() {
+        assert_eq!(
+            closest("latncy", LINK_FIELDS.iter().copied()),
+            Some("latency")
+        );
+        assert_eq!(closest("zzzzzz", LINK_FIELDS.iter().copied()), None);
+    }
+}

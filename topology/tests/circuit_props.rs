@@ -1,0 +1,234 @@
+//! Property tests of circuit placement and VIP allocation over random create/delete sequences.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use proptest::prelude::*;
+use topology::circuit::{
+    BEnd, CircuitId, PlacementError, PlacementRequest, Reservation, Shortfall, allocate_vip,
+    headroom, place,
+};
+use topology::*;
+
+fn node(id: &str, kind: NodeKind) -> Node {
+    Node {
+        id: NodeId::new(id),
+        kind,
+        region: Region::new("au-east"),
+        country: CountryCode::parse("AU").unwrap(),
+        location: Location { lat: 0.0, lon: 0.0 },
+        address: "127.0.0.1:1".parse().unwrap(),
+        state: AdminState::Up,
+        client_address: None,
+        transparent_port: None,
+        serves: if kind == NodeKind::Site {
+            vec![SiteService {
+                service: ServiceName::new("llm"),
+                backend: "127.0.0.1:2".parse().unwrap(),
+                capacity: 10,
+                weight: 100,
+            }]
+        } else {
+            vec![]
+        },
+    }
+}
+
+const LINKS: [(&str, &str); 9] = [
+    ("e1", "t1"),
+    ("e1", "t2"),
+    ("e2", "t2"),
+    ("e2", "t3"),
+    ("t1", "t2"),
+    ("t2", "t3"),
+    ("t1", "s1"),
+    ("t2", "s2"),
+    ("t3", "s3"),
+];
+
+/// Two edges, three transits, three sites; capacities (in units of 100 Mbit/s) and latencies
+/// chosen by proptest.
+fn topo(caps: &[u64], lat: &[u64], pool: &str) -> Topology {
+    let mut nodes = vec![node("e1", NodeKind::Edge), node("e2", NodeKind::Edge)];
+    for t in ["t1", "t2", "t3"] {
+        nodes.push(node(t, NodeKind::Transit));
+    }
+    for s in ["s1", "s2", "s3"] {
+        nodes.push(node(s, NodeKind::Site));
+    }
+    let links = LINKS
+        .iter()
+        .enumerate()
+        .map(|(i, (a, b))| Link {
+            a: NodeId::new(a),
+            b: NodeId::new(b),
+            latency: Latency::from_micros(lat[i] * 100),
+            capacity: Bandwidth::from_mbps(caps[i] * 100),
+            state: AdminState::Up,
+        })
+        .collect();
+    Topology {
+        nodes,
+        links,
+        services: vec![Service {
+            name: ServiceName::new("llm"),
+            port: Some(1),
+            vips: vec![],
+            clients: vec![],
+            residency: Residency::default(),
+            requires_circuit: true,
+        }],
+        pools: vec![Pool {
+            name: PoolName::new("p"),
+            prefix: pool.parse().unwrap(),
+        }],
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// Create from edge e1 (false) or e2 (true) at rate n x 50 Mbit/s.
+    Create(bool, u64),
+    /// Delete the live circuit at this index (mod the number live).
+    Delete(usize),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (any::<bool>(), 1u64..12).prop_map(|(e, r)| Op::Create(e, r)),
+        2 => (0usize..64).prop_map(Op::Delete),
+    ]
+}
+
+struct Live {
+    vip: IpAddr,
+    res: Reservation,
+}
+
+fn request(e2: bool, r: u64) -> PlacementRequest {
+    PlacementRequest {
+        edge: NodeId::new(if e2 { "e2" } else { "e1" }),
+        b_end: BEnd::service("llm"),
+        rate: Bandwidth::from_mbps(r * 50),
+    }
+}
+
+fn reservations(live: &BTreeMap<u64, Live>) -> Vec<Reservation> {
+    live.values().map(|l| l.res.clone()).collect()
+}
+
+/// Runs the ops as the controller would: place, allocate a VIP, record both; delete releases both.
+fn run(t: &Topology, ops: &[Op]) -> BTreeMap<u64, Live> {
+    let mut live: BTreeMap<u64, Live> = BTreeMap::new();
+    let mut next = 0u64;
+    for op in ops {
+        match op {
+            Op::Create(e, r) => {
+                let rs = reservations(&live);
+                let Ok(p) = place(t, &rs, &request(*e, *r)) else {
+                    continue;
+                };
+                let used: BTreeSet<IpAddr> = live.values().map(|l| l.vip).collect();
+                let Ok((_, vip)) = allocate_vip(t, None, &used) else {
+                    continue;
+                };
+                assert!(t.pools[0].prefix.contains(vip), "{vip} outside the pool");
+                next += 1;
+                let id = CircuitId::new(format!("c{next}"));
+                live.insert(
+                    next,
+                    Live {
+                        vip,
+                        res: Reservation {
+                            circuit: id,
+                            path: p.path,
+                            rate: request(*e, *r).rate,
+                        },
+                    },
+                );
+            }
+            Op::Delete(i) => {
+                if let Some(k) = live.keys().nth(i % live.len().max(1)).copied() {
+                    live.remove(&k);
+                }
+            }
+        }
+        // Invariants after every step.
+        let vips: BTreeSet<IpAddr> = live.values().map(|l| l.vip).collect();
+        assert_eq!(vips.len(), live.len(), "a VIP was allocated twice");
+        for (link, h) in headroom(t, &reservations(&live)) {
+            assert!(
+                h.reserved <= h.capacity,
+                "link {link} over-committed: {} > {}",
+                h.reserved,
+                h.capacity
+            );
+        }
+    }
+    live
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn no_vip_allocated_twice_and_no_link_over_committed(
+        caps in proptest::collection::vec(1u64..20, 9),
+        lat in proptest::collection::vec(1u64..50, 9),
+        ops in proptest::collection::vec(op(), 1..80),
+    ) {
+        // A /28 has 14 usable addresses: sequences exhaust and reuse it.
+        run(&topo(&caps, &lat, "10.1.0.0/28"), &ops);
+    }
+
+    #[test]
+    fn vips_never_repeat_in_a_tiny_v6_pool(
+        ops in proptest::collection::vec(op(), 1..80),
+    ) {
+        run(&topo(&[100; 9], &[1; 9], "fd00::/125"), &ops);
+    }
+
+    #[test]
+    fn a_refused_circuit_fits_after_enough_others_are_deleted(
+        caps in proptest::collection::vec(1u64..20, 9),
+        lat in proptest::collection::vec(1u64..50, 9),
+        ops in proptest::collection::vec(op(), 1..60),
+        e2 in any::<bool>(),
+        r in 1u64..12,
+    ) {
+        let t = topo(&caps, &lat, "10.2.0.0/16");
+        let mut live = run(&t, &ops);
+        let req = request(e2, r);
+        match place(&t, &reservations(&live), &req) {
+            Ok(p) => {
+                // Whatever was placed fits on every link of its path.
+                let h = headroom(&t, &reservations(&live));
+                for l in p.links() {
+                    prop_assert!(h[&l].free >= req.rate);
+                }
+            }
+            Err(PlacementError::InsufficientCapacity(s)) => {
+                let Shortfall { bottleneck, free, max_available, .. } = *s;
+                prop_assert!(free < req.rate);
+                prop_assert!(max_available < req.rate);
+                prop_assert!(t.link(&bottleneck).is_some());
+                // Delete circuits one by one (oldest first): it must fit at the latest when none is left.
+                let mut fitted = false;
+                while let Some(k) = live.keys().next().copied() {
+                    live.remove(&k);
+                    if place(&t, &reservations(&live), &req).is_ok() {
+                        fitted = true;
+                        break;
+                    }
+                }
+                prop_assert!(fitted, "still refused with no other circuit left");
+            }
+            Err(PlacementError::ExceedsCapacity { capacity, .. }) => {
+                // Refused even on an empty fabric: it never fits.
+                prop_assert!(capacity < req.rate);
+                prop_assert!(place(&t, &[], &req).is_err());
+            }
+            Err(e) => prop_assert!(false, "unexpected refusal: {e}"),
+        }
+    }
+}

@@ -337,6 +337,10 @@ fn use_free_ports(t: &mut Topology) -> Result<(), DemoError> {
         let ip = n.address.ip();
         n.address
             .set_port(free_udp_port(ip).map_err(io(format!("free UDP port on {ip}")))?);
+        if let (Some(_), Some(cip)) = (n.transparent_port, n.client_address) {
+            let port = free_tcp_port(cip).map_err(io(format!("free TCP port on {cip}")))?;
+            n.transparent_port = Some(port);
+        }
         for s in &mut n.serves {
             let ip = s.backend.ip();
             s.backend

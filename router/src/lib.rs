@@ -1,4 +1,320 @@
 //! Tasman's data plane: one router daemon whose role (edge, transit, site) comes from its node's
 //! kind in the topology.
+//!
+//! A router is driven by a `watch::Receiver<Arc<Snapshot>>` (a topology file sends one; the
+//! controller client feeds new ones). It owns one QUIC endpoint (server and client), dials every
+//! neighbour (one pooled connection each, reused by all streams), probes them, and on every
+//! snapshot or local-health change rebuilds its [`routes::Routes`] off the data path and swaps it
+//! in. Client connections read that table with one atomic load.
+//!
+//! Embedding (the demo runs many routers in one process):
+//! ```no_run
+//! # async fn f(cfg: router::RouterConfig) -> Result<(), router::RouterError> {
+//! let handle = router::Router::spawn(cfg).await?;
+//! println!("{:?}", handle.telemetry());
+//! handle.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+pub mod codes;
+mod edge;
+pub mod header;
+mod inbound;
+pub mod metrics;
+mod neighbours;
 pub mod backend;
 pub mod netem;
+pub mod orig_dst;
+pub mod pki;
+pub mod probe;
+pub mod routes;
+mod site;
+pub mod snapshot;
+mod splice;
+pub mod telemetry;
+pub mod tls;
+pub mod transport;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+use topology::NodeId;
+use topology::route::Hysteresis;
+
+pub use snapshot::Snapshot;
+pub use telemetry::TelemetryReport;
+
+/// Probe timing (BFD-style). Detection time is `interval * misses` after the last sign of life.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProbeConfig {
+    /// Probe every this often (default 100 ms).
+    pub interval: Duration,
+    /// Declare a neighbour down after this many intervals without a reply (default 3).
+    pub misses: u32,
+    /// A neighbour (or site service) that went down stays down at least this long (default 1 s).
+    pub hold_down: Duration,
+}
+
+impl Default for ProbeConfig {
+    fn default() -> Self {
+        ProbeConfig {
+            interval: Duration::from_millis(100),
+            misses: 3,
+            hold_down: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Everything a router needs. Build with [`RouterConfig::new`] and adjust the public fields.
+pub struct RouterConfig {
+    pub node: NodeId,
+    pub tls: tls::TlsIdentity,
+    pub snapshots: watch::Receiver<Arc<Snapshot>>,
+    /// Dial a neighbour through this address instead of its topology address (the link
+    /// emulator sits there).
+    pub dial_overrides: HashMap<NodeId, SocketAddr>,
+    pub probe: ProbeConfig,
+    pub metrics_addr: Option<SocketAddr>,
+    /// Anti-flap margins for the preferred site per service.
+    pub hysteresis: Hysteresis,
+    /// Candidates an edge tries for one client connection before giving up (default 3).
+    pub max_tries: usize,
+    /// A site's TCP connect timeout to its backend (default 1 s).
+    pub backend_connect_timeout: Duration,
+    /// Bound on how long a stream may take to send its header (default 5 s).
+    pub header_timeout: Duration,
+    /// Bound on how long an edge waits for a site's reply before failing the attempt (default 10 s).
+    pub reply_timeout: Duration,
+    /// Client bytes an edge keeps to replay on the next candidate (default 64 KiB).
+    pub replay_limit: usize,
+    /// Extra names a peer may present besides the topology's node ids (e.g. `controller`).
+    pub extra_peer_names: Vec<String>,
+}
+
+impl RouterConfig {
+    pub fn new(
+        node: NodeId,
+        tls: tls::TlsIdentity,
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+    ) -> Self {
+        RouterConfig {
+            node,
+            tls,
+            snapshots,
+            dial_overrides: HashMap::new(),
+            probe: ProbeConfig::default(),
+            metrics_addr: None,
+            hysteresis: Hysteresis::default(),
+            max_tries: 3,
+            backend_connect_timeout: Duration::from_secs(1),
+            header_timeout: Duration::from_secs(5),
+            reply_timeout: Duration::from_secs(10),
+            replay_limit: 64 * 1024,
+            extra_peer_names: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    #[error("node {0:?} is not in the topology")]
+    UnknownNode(NodeId),
+    #[error("the snapshot source closed before sending a topology")]
+    NoSnapshot,
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("bind {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// State shared by all tasks of one router. Data-path reads are lock-free (`ArcSwap` loads);
+/// the few `std::sync::Mutex`es guard control-path maps and are never held across `.await`.
+pub(crate) struct Shared {
+    pub node: NodeId,
+    pub probe: ProbeConfig,
+    pub hysteresis: Hysteresis,
+    pub max_tries: usize,
+    pub backend_connect_timeout: Duration,
+    pub header_timeout: Duration,
+    pub reply_timeout: Duration,
+    pub replay_limit: usize,
+    pub endpoint: quinn::Endpoint,
+    pub peers: tls::PeerNames,
+    pub extra_peer_names: Vec<String>,
+    pub dial_overrides: HashMap<NodeId, SocketAddr>,
+    pub snapshot: ArcSwap<Snapshot>,
+    pub routes: ArcSwap<routes::Routes>,
+    pub neighbours: ArcSwap<HashMap<NodeId, Arc<neighbours::Neighbour>>>,
+    pub sites: ArcSwap<HashMap<topology::ServiceName, Arc<site::SiteService>>>,
+    pub evidence: routes::Evidence,
+    /// Local evidence changed: rebuild the routing table.
+    pub changed: Notify,
+    pub metrics: metrics::Metrics,
+    pub shutdown: watch::Receiver<bool>,
+    pub started: Instant,
+}
+
+impl Shared {
+    pub fn telemetry(&self) -> TelemetryReport {
+        let mut neighbours: Vec<_> = self
+            .neighbours
+            .load()
+            .values()
+            .map(|n| telemetry::NeighbourReport {
+                id: n.id.clone(),
+                rtt_us: n.rtt_us(),
+                up: n.is_up(),
+            })
+            .collect();
+        neighbours.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut sites: Vec<_> = self.sites.load().values().map(|s| s.report()).collect();
+        sites.sort_by(|a, b| a.service.cmp(&b.service));
+        TelemetryReport {
+            node: self.node.clone(),
+            snapshot_version: self.snapshot.load().version,
+            neighbours,
+            sites,
+        }
+    }
+}
+
+pub struct Router;
+
+/// A running router. Dropping it does not stop it; call [`RouterHandle::shutdown`].
+pub struct RouterHandle {
+    shared: Arc<Shared>,
+    shutdown_tx: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Router {
+    /// Starts a router on the current tokio runtime: waits for the first snapshot, binds the QUIC
+    /// endpoint on the node's address, the edge listeners and the metrics endpoint, and returns
+    /// once everything is bound (so callers can connect right away).
+    pub async fn spawn(mut cfg: RouterConfig) -> Result<RouterHandle, RouterError> {
+        let first = cfg.snapshots.borrow_and_update().clone();
+        let me = first
+            .topology
+            .node(cfg.node.as_str())
+            .ok_or_else(|| RouterError::UnknownNode(cfg.node.clone()))?
+            .clone();
+        let mut names: Vec<String> = first
+            .topology
+            .nodes
+            .iter()
+            .map(|n| n.id.to_string())
+            .collect();
+        names.extend(cfg.extra_peer_names.iter().cloned());
+        let peers = tls::PeerNames::new(names);
+        let transport = transport::shared_transport();
+        let server = tls::server_config(&cfg.tls, &peers, transport.clone())?;
+        let client = tls::client_config(&cfg.tls, &peers, transport)?;
+        let endpoint = transport::endpoint(me.address, server, client).map_err(|source| {
+            RouterError::Bind {
+                addr: me.address,
+                source,
+            }
+        })?;
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            node: cfg.node.clone(),
+            probe: cfg.probe,
+            hysteresis: cfg.hysteresis,
+            max_tries: cfg.max_tries.max(1),
+            backend_connect_timeout: cfg.backend_connect_timeout,
+            header_timeout: cfg.header_timeout,
+            reply_timeout: cfg.reply_timeout,
+            replay_limit: cfg.replay_limit,
+            endpoint,
+            peers,
+            extra_peer_names: cfg.extra_peer_names.clone(),
+            dial_overrides: cfg.dial_overrides.clone(),
+            snapshot: ArcSwap::new(first.clone()),
+            routes: ArcSwap::from_pointee(routes::Routes::default()),
+            neighbours: ArcSwap::from_pointee(HashMap::new()),
+            sites: ArcSwap::from_pointee(HashMap::new()),
+            evidence: routes::Evidence::default(),
+            changed: Notify::new(),
+            metrics: metrics::Metrics::default(),
+            shutdown,
+            started: Instant::now(),
+        });
+        let mut tasks = Vec::new();
+        // Apply the first snapshot synchronously so that routes and sites exist before return.
+        let mut control = routes::Control::new(shared.clone());
+        control.apply_snapshot(first.clone());
+        control.rebuild();
+        tasks.push(tokio::spawn(control.run(cfg.snapshots)));
+        tasks.push(tokio::spawn(inbound::accept_loop(shared.clone())));
+        tasks.extend(edge::bind_listeners(&shared, &me).await?);
+        if let Some(addr) = cfg.metrics_addr {
+            let listener = metrics::bind(addr)
+                .await
+                .map_err(|source| RouterError::Bind { addr, source })?;
+            let s = shared.clone();
+            let report = Arc::new(move || {
+                let t = s.telemetry();
+                let json = serde_json::to_string_pretty(&t).unwrap_or_default();
+                (s.metrics.render(&t), json)
+            });
+            tasks.push(tokio::spawn(metrics::serve(listener, report)));
+        }
+        tracing::info!(node = %cfg.node, kind = %me.kind, addr = %me.address, "router started");
+        Ok(RouterHandle {
+            shared,
+            shutdown_tx,
+            tasks,
+        })
+    }
+}
+
+impl RouterHandle {
+    pub fn telemetry(&self) -> TelemetryReport {
+        self.shared.telemetry()
+    }
+    /// Prometheus text of this router's metrics.
+    pub fn metrics_text(&self) -> String {
+        self.shared.metrics.render(&self.shared.telemetry())
+    }
+    /// The QUIC endpoint's bound address.
+    pub fn quic_addr(&self) -> Option<SocketAddr> {
+        self.shared.endpoint.local_addr().ok()
+    }
+    /// The current routing table (for tests, the demo and `path explain`-style output).
+    pub fn routes(&self) -> Arc<routes::Routes> {
+        self.shared.routes.load_full()
+    }
+    /// Stops accepting, lets open streams finish for up to 2 s, then closes every connection.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown_tx.send(true);
+        // Listeners stop first: their tasks are aborted; streams in flight keep running.
+        for t in &self.tasks {
+            t.abort();
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while self
+            .shared
+            .metrics
+            .streams_active
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.shared
+            .endpoint
+            .close(quinn::VarInt::from_u32(codes::close::NORMAL), b"shutdown");
+        let _ = tokio::time::timeout(Duration::from_millis(500), self.shared.endpoint.wait_idle())
+            .await;
+        tracing::info!(node = %self.shared.node, "router stopped");
+    }
+}

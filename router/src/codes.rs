@@ -1,0 +1,175 @@
+//! Application error codes carried by QUIC stream resets (`RESET_STREAM`, `STOP_SENDING`) and
+//! connection closes. They are part of the wire protocol: never renumber, only add.
+//!
+//! An edge acts on them: codes for which [`Code::retryable`] holds let it retry a client
+//! connection on the next candidate (if no byte came back yet); [`Code::marks_site_down`] makes it
+//! mark that site down for the service at once (local evidence, no controller round trip).
+
+use std::fmt;
+
+/// A stream reset code. `u32` values are put on the wire as QUIC varints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u32)]
+pub enum Code {
+    /// Graceful end (also the code of a normal connection close).
+    NoError = 0x00,
+    /// The stream header did not decode (bad length, bad field, trailing bytes).
+    MalformedHeader = 0x10,
+    /// The header's version is not one this router speaks.
+    UnsupportedVersion = 0x11,
+    /// The header announced more than `header::MAX_HEADER_LEN` bytes.
+    HeaderTooLarge = 0x12,
+    /// The header did not arrive within the header timeout.
+    HeaderTimeout = 0x13,
+    /// The service named in the header is not in this router's topology.
+    UnknownService = 0x20,
+    /// The edge has no eligible candidate for the service.
+    NoRoute = 0x21,
+    /// The next hop in the header is down or its connection failed.
+    NextHopUnreachable = 0x22,
+    /// The next hop in the header is not a neighbour of this router.
+    NotANeighbour = 0x23,
+    /// The stream asks this node for a role it does not have (e.g. terminate at a transit).
+    WrongRole = 0x24,
+    /// The site's backend refused or failed the TCP connect.
+    BackendRefused = 0x30,
+    /// The site is at its capacity for the service.
+    SiteFull = 0x31,
+    /// The site does not serve the service.
+    ServiceNotServed = 0x32,
+    /// The client's TCP connection was reset.
+    ClientAbort = 0x40,
+    /// The backend's TCP connection was reset or failed mid-stream.
+    BackendAbort = 0x41,
+    /// A connection further along the path was lost.
+    UpstreamLost = 0x42,
+    /// The router is shutting down.
+    ShuttingDown = 0x50,
+    /// An internal error (a bug or resource exhaustion).
+    Internal = 0x51,
+    /// Reserved for circuits: the circuit's rate limit refused the stream.
+    RateLimited = 0x60,
+    /// Reserved for circuits: the client is not allowed on any circuit for the service.
+    CircuitRefused = 0x61,
+}
+
+impl Code {
+    pub const ALL: [Code; 20] = [
+        Code::NoError,
+        Code::MalformedHeader,
+        Code::UnsupportedVersion,
+        Code::HeaderTooLarge,
+        Code::HeaderTimeout,
+        Code::UnknownService,
+        Code::NoRoute,
+        Code::NextHopUnreachable,
+        Code::NotANeighbour,
+        Code::WrongRole,
+        Code::BackendRefused,
+        Code::SiteFull,
+        Code::ServiceNotServed,
+        Code::ClientAbort,
+        Code::BackendAbort,
+        Code::UpstreamLost,
+        Code::ShuttingDown,
+        Code::Internal,
+        Code::RateLimited,
+        Code::CircuitRefused,
+    ];
+
+    pub fn from_u64(v: u64) -> Option<Code> {
+        Code::ALL.into_iter().find(|c| *c as u64 == v)
+    }
+    pub fn from_varint(v: quinn::VarInt) -> Option<Code> {
+        Code::from_u64(v.into_inner())
+    }
+    pub fn varint(self) -> quinn::VarInt {
+        quinn::VarInt::from_u32(self as u32)
+    }
+    /// Snake-case name, used in logs and as the metrics label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Code::NoError => "no_error",
+            Code::MalformedHeader => "malformed_header",
+            Code::UnsupportedVersion => "unsupported_version",
+            Code::HeaderTooLarge => "header_too_large",
+            Code::HeaderTimeout => "header_timeout",
+            Code::UnknownService => "unknown_service",
+            Code::NoRoute => "no_route",
+            Code::NextHopUnreachable => "next_hop_unreachable",
+            Code::NotANeighbour => "not_a_neighbour",
+            Code::WrongRole => "wrong_role",
+            Code::BackendRefused => "backend_refused",
+            Code::SiteFull => "site_full",
+            Code::ServiceNotServed => "service_not_served",
+            Code::ClientAbort => "client_abort",
+            Code::BackendAbort => "backend_abort",
+            Code::UpstreamLost => "upstream_lost",
+            Code::ShuttingDown => "shutting_down",
+            Code::Internal => "internal",
+            Code::RateLimited => "rate_limited",
+            Code::CircuitRefused => "circuit_refused",
+        }
+    }
+    /// Whether an edge may retry the client connection on the next candidate (when nothing came
+    /// back to the client yet): the failure happened before the backend took the request.
+    pub fn retryable(self) -> bool {
+        matches!(
+            self,
+            Code::NoRoute
+                | Code::NextHopUnreachable
+                | Code::NotANeighbour
+                | Code::WrongRole
+                | Code::BackendRefused
+                | Code::SiteFull
+                | Code::ServiceNotServed
+                | Code::UpstreamLost
+                | Code::ShuttingDown
+                | Code::UnknownService
+        )
+    }
+    /// Whether the edge marks the chosen site down for the service for a hold-down at once.
+    pub fn marks_site_down(self) -> bool {
+        matches!(
+            self,
+            Code::BackendRefused
+                | Code::SiteFull
+                | Code::ServiceNotServed
+                | Code::NextHopUnreachable
+                | Code::ShuttingDown
+        )
+    }
+}
+
+impl fmt::Display for Code {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (0x{:02x})", self.name(), *self as u32)
+    }
+}
+
+/// Connection close codes (`CONNECTION_CLOSE` application codes).
+pub mod close {
+    /// Normal close (shutdown, topology change removed the link).
+    pub const NORMAL: u32 = 0;
+    /// The peer's certificate is not (any more) for a node of the topology.
+    pub const NOT_ALLOWED: u32 = 1;
+    /// This router declared the neighbour down (missed probes) and dropped the connection.
+    pub const DECLARED_DOWN: u32 = 2;
+    /// The peer is not a neighbour of this node in the topology.
+    pub const NOT_A_NEIGHBOUR: u32 = 3;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_roundtrip_and_are_unique() {
+        let mut seen = std::collections::BTreeSet::new();
+        for c in Code::ALL {
+            assert!(seen.insert(c as u32), "{c} duplicated");
+            assert_eq!(Code::from_varint(c.varint()), Some(c));
+        }
+        assert_eq!(Code::from_u64(0xdead), None);
+    }
+}

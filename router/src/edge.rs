@@ -1,0 +1,277 @@
+//! Edge role: accept clients on each service's listener and on the transparent port, pick the
+//! preferred candidate from the precomputed table, and carry the connection over one stream on
+//! the first hop's pooled connection. A client connection whose attempt fails before any byte
+//! came back is retried on the next candidate (bounded by `max_tries`), with the client's bytes
+//! so far replayed (bounded by `replay_limit`).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use quinn::{ReadError, RecvStream, SendStream};
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use topology::route::Candidate;
+use topology::{Node, NodeKind, ServiceName};
+
+use crate::codes::Code;
+use crate::header::{Header, REPLY_OK};
+use crate::splice::{self, Side, TCP_BUF};
+use crate::{RouterError, Shared};
+
+/// Binds the edge's listeners (none for other roles) and spawns their accept loops.
+pub(crate) async fn bind_listeners(
+    shared: &Arc<Shared>,
+    me: &Node,
+) -> Result<Vec<JoinHandle<()>>, RouterError> {
+    let mut tasks = Vec::new();
+    if me.kind != NodeKind::Edge {
+        return Ok(tasks);
+    }
+    let ip = me.client_address.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    let snap = shared.snapshot.load_full();
+    for svc in &snap.topology.services {
+        let Some(port) = svc.port else { continue };
+        let addr = SocketAddr::new(ip, port);
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|source| RouterError::Bind { addr, source })?;
+        tracing::info!(node = %shared.node, service = %svc.name, %addr, "service listener");
+        tasks.push(tokio::spawn(accept_loop(
+            shared.clone(),
+            l,
+            Some(svc.name.clone()),
+        )));
+    }
+    if let Some(port) = me.transparent_port {
+        let addr = SocketAddr::new(ip, port);
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|source| RouterError::Bind { addr, source })?;
+        tracing::info!(node = %shared.node, %addr, "transparent listener");
+        tasks.push(tokio::spawn(accept_loop(shared.clone(), l, None)));
+    }
+    Ok(tasks)
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, service: Option<ServiceName>) {
+    let local_v6 = listener.local_addr().is_ok_and(|a| a.is_ipv6());
+    loop {
+        let (tcp, client) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(node = %shared.node, error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let service = match &service {
+            Some(s) => Some(s.clone()),
+            None => crate::orig_dst::original_dst(&tcp, local_v6)
+                .ok()
+                .and_then(|dst| shared.routes.load().service_for(dst).cloned()),
+        };
+        let Some(service) = service else {
+            shared.metrics.error(Code::UnknownService);
+            splice::reset_tcp(&tcp);
+            continue;
+        };
+        tokio::spawn(handle_client(shared.clone(), tcp, client, service));
+    }
+}
+
+enum Attempt {
+    Accepted(SendStream, RecvStream),
+    Retry(Code),
+    Fatal(Code),
+}
+
+/// HOT PATH (per connection): one table load, one stream open, one header write.
+async fn handle_client(
+    shared: Arc<Shared>,
+    mut tcp: TcpStream,
+    client: SocketAddr,
+    service: ServiceName,
+) {
+    let _ = tcp.set_nodelay(true);
+    let Some(cands) = shared.routes.load().candidates(service.as_str()) else {
+        shared.metrics.error(Code::NoRoute);
+        splice::reset_tcp(&tcp);
+        return;
+    };
+    let mut buf = vec![0u8; TCP_BUF];
+    let mut replay = Replay {
+        data: BytesMut::new(),
+        overflow: false,
+        limit: shared.replay_limit,
+        eof: false,
+    };
+    let mut last = Code::NoRoute;
+    for (i, cand) in cands.iter().take(shared.max_tries).enumerate() {
+        if i > 0 {
+            shared.metrics.failovers_total.fetch_add(1, Relaxed);
+            tracing::info!(node = %shared.node, %service, site = %cand.site, code = %last, "retrying on next candidate");
+        }
+        match attempt(
+            &shared,
+            cand,
+            &service,
+            client,
+            &mut tcp,
+            &mut buf,
+            &mut replay,
+        )
+        .await
+        {
+            Attempt::Accepted(send, recv) => {
+                drop(replay);
+                splice::tcp_quic_with(&shared, tcp, send, recv, Side::Edge, &mut buf).await;
+                return;
+            }
+            Attempt::Retry(code) => {
+                last = code;
+                shared.metrics.error(code);
+                if code.marks_site_down() {
+                    shared.evidence.mark_site_down(
+                        &cand.site,
+                        &service,
+                        Instant::now() + shared.probe.hold_down,
+                    );
+                    shared.changed.notify_one();
+                }
+                if replay.overflow {
+                    break;
+                }
+            }
+            Attempt::Fatal(code) => {
+                last = code;
+                shared.metrics.error(code);
+                break;
+            }
+        }
+    }
+    tracing::debug!(node = %shared.node, %service, %client, code = %last, "client connection failed");
+    splice::reset_tcp(&tcp);
+}
+
+/// Client bytes sent before the site accepted, kept to replay on the next candidate.
+struct Replay {
+    data: BytesMut,
+    overflow: bool,
+    limit: usize,
+    /// The client half-closed already.
+    eof: bool,
+}
+
+fn read_code(e: &ReadError) -> Code {
+    match e {
+        ReadError::Reset(c) => Code::from_varint(*c).unwrap_or(Code::Internal),
+        _ => Code::UpstreamLost,
+    }
+}
+
+fn classify(code: Code) -> Attempt {
+    if code.retryable() {
+        Attempt::Retry(code)
+    } else {
+        Attempt::Fatal(code)
+    }
+}
+
+async fn attempt(
+    shared: &Shared,
+    cand: &Candidate,
+    service: &ServiceName,
+    client: SocketAddr,
+    tcp: &mut TcpStream,
+    buf: &mut [u8],
+    replay: &mut Replay,
+) -> Attempt {
+    let Some(first) = cand.next_hop() else {
+        return Attempt::Retry(Code::WrongRole);
+    };
+    let Some(conn) = shared
+        .neighbours
+        .load()
+        .get(first)
+        .and_then(|n| n.connection())
+    else {
+        return Attempt::Retry(Code::NextHopUnreachable);
+    };
+    let (mut send, mut recv) = match conn.open_bi().await {
+        Ok(s) => s,
+        Err(_) => return Attempt::Retry(Code::NextHopUnreachable),
+    };
+    let header = Header::data(service.clone(), cand.path[2..].to_vec(), Some(client));
+    let mut hbuf = BytesMut::with_capacity(128 + replay.data.len());
+    if header.encode(&mut hbuf).is_err() {
+        return Attempt::Fatal(Code::Internal);
+    }
+    hbuf.extend_from_slice(&replay.data);
+    if send.write_all(&hbuf).await.is_err() {
+        return Attempt::Retry(Code::NextHopUnreachable);
+    }
+    if replay.eof {
+        let _ = send.finish();
+    }
+    let mut reply = [0u8; REPLY_OK.len()];
+    let mut got = 0;
+    let deadline = tokio::time::sleep(shared.reply_timeout);
+    tokio::pin!(deadline);
+    let outcome = loop {
+        tokio::select! {
+            r = recv.read(&mut reply[got..]) => match r {
+                Ok(Some(n)) => {
+                    got += n;
+                    if got == reply.len() {
+                        break if reply == REPLY_OK { Ok(()) } else { Err(Attempt::Fatal(Code::MalformedHeader)) };
+                    }
+                }
+                Ok(None) => break Err(Attempt::Retry(Code::UpstreamLost)),
+                Err(e) => break Err(classify(read_code(&e))),
+            },
+            r = tcp.read(buf), if !replay.eof => match r {
+                Ok(0) => {
+                    replay.eof = true;
+                    let _ = send.finish();
+                }
+                Ok(n) => {
+                    if !replay.overflow {
+                        if replay.data.len() + n <= replay.limit {
+                            replay.data.extend_from_slice(&buf[..n]);
+                        } else {
+                            replay.overflow = true;
+                            replay.data = BytesMut::new();
+                        }
+                    }
+                    if let Err(e) = send.write_all(&buf[..n]).await {
+                        break Err(match e {
+                            quinn::WriteError::Stopped(c) => classify(Code::from_varint(c).unwrap_or(Code::Internal)),
+                            _ => Attempt::Retry(Code::UpstreamLost),
+                        });
+                    }
+                    shared.metrics.bytes_up.fetch_add(n as u64, Relaxed);
+                }
+                Err(_) => break Err(Attempt::Fatal(Code::ClientAbort)),
+            },
+            _ = &mut deadline => break Err(Attempt::Fatal(Code::UpstreamLost)),
+        }
+    };
+    match outcome {
+        Ok(()) => Attempt::Accepted(send, recv),
+        Err(a) => {
+            // Abandon this attempt on the path (dropping a SendStream would finish it cleanly).
+            let code = match &a {
+                Attempt::Retry(c) | Attempt::Fatal(c) => *c,
+                Attempt::Accepted(..) => Code::Internal,
+            };
+            let _ = send.reset(code.varint());
+            let _ = recv.stop(code.varint());
+            a
+        }
+    }
+}

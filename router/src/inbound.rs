@@ -1,0 +1,131 @@
+//! Incoming QUIC connections: authenticate the peer's node name, answer its probes, and serve
+//! the streams it opens (relay them as a transit, or terminate them as a site).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use bytes::BytesMut;
+use quinn::{RecvStream, SendStream};
+
+use crate::Shared;
+use crate::codes::{Code, close};
+use crate::header::{Header, HeaderError, MAX_HEADER_LEN, PREFIX_LEN};
+use crate::probe::Probe;
+use crate::{site, splice, tls};
+
+pub(crate) async fn accept_loop(shared: Arc<Shared>) {
+    while let Some(incoming) = shared.endpoint.accept().await {
+        if *shared.shutdown.borrow() {
+            incoming.refuse();
+            continue;
+        }
+        tokio::spawn(serve_connection(shared.clone(), incoming));
+    }
+}
+
+async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            // Certificate refusals (wrong CA, name not in the topology) end here.
+            shared.metrics.refused_peers_total.fetch_add(1, Relaxed);
+            tracing::info!(node = %shared.node, error = %e, "incoming connection refused");
+            return;
+        }
+    };
+    let Some(peer) = tls::peer_name(&conn, &shared.peers) else {
+        shared.metrics.refused_peers_total.fetch_add(1, Relaxed);
+        conn.close(
+            quinn::VarInt::from_u32(close::NOT_ALLOWED),
+            b"certificate name is not a node of the topology",
+        );
+        return;
+    };
+    tracing::debug!(node = %shared.node, %peer, remote = %conn.remote_address(), "peer connected");
+    loop {
+        tokio::select! {
+            s = conn.accept_bi() => match s {
+                Ok((send, recv)) => { tokio::spawn(serve_stream(shared.clone(), send, recv)); }
+                Err(_) => break,
+            },
+            d = conn.read_datagram() => match d {
+                Ok(bytes) => {
+                    if let Ok(Probe::Ping { seq }) = Probe::decode(bytes) {
+                        let max = conn.max_datagram_size().unwrap_or(1200);
+                        let digest = shared.digest();
+                        let _ = conn.send_datagram(Probe::encode_pong(seq, &digest, max));
+                    }
+                }
+                Err(_) => break,
+            },
+        }
+    }
+}
+
+/// Reads a stream's header: 4-byte prefix, then the announced body, bounded and timed.
+pub(crate) async fn read_header(recv: &mut RecvStream) -> Result<Header, HeaderError> {
+    let mut prefix = [0u8; PREFIX_LEN];
+    recv.read_exact(&mut prefix)
+        .await
+        .map_err(|_| HeaderError::Truncated {
+            needed: PREFIX_LEN,
+            had: 0,
+        })?;
+    let n = Header::body_len(prefix)?;
+    let mut buf = [0u8; MAX_HEADER_LEN];
+    buf[..PREFIX_LEN].copy_from_slice(&prefix);
+    recv.read_exact(&mut buf[PREFIX_LEN..PREFIX_LEN + n])
+        .await
+        .map_err(|_| HeaderError::Truncated {
+            needed: PREFIX_LEN + n,
+            had: 0,
+        })?;
+    Header::decode(&mut &buf[..PREFIX_LEN + n])
+}
+
+fn refuse(shared: &Shared, send: &mut SendStream, recv: &mut RecvStream, code: Code) {
+    shared.metrics.error(code);
+    let _ = send.reset(code.varint());
+    let _ = recv.stop(code.varint());
+}
+
+async fn serve_stream(shared: Arc<Shared>, mut send: SendStream, mut recv: RecvStream) {
+    let header = match tokio::time::timeout(shared.header_timeout, read_header(&mut recv)).await {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => {
+            tracing::debug!(node = %shared.node, error = %e, "bad stream header");
+            return refuse(&shared, &mut send, &mut recv, e.code());
+        }
+        Err(_) => return refuse(&shared, &mut send, &mut recv, Code::HeaderTimeout),
+    };
+    if header.hops.is_empty() {
+        return site::serve(shared, header, send, recv).await;
+    }
+    relay(shared, header, send, recv).await
+}
+
+/// Transit: forward to the next hop named in the header.
+async fn relay(
+    shared: Arc<Shared>,
+    mut header: Header,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
+    let next = header.hops.remove(0);
+    let Some(nb) = shared.neighbours.load().get(&next).cloned() else {
+        return refuse(&shared, &mut send, &mut recv, Code::NotANeighbour);
+    };
+    let Some(conn) = nb.connection() else {
+        return refuse(&shared, &mut send, &mut recv, Code::NextHopUnreachable);
+    };
+    let (mut dsend, drecv) = match conn.open_bi().await {
+        Ok(s) => s,
+        Err(_) => return refuse(&shared, &mut send, &mut recv, Code::NextHopUnreachable),
+    };
+    let mut buf = BytesMut::with_capacity(256);
+    if header.encode(&mut buf).is_err() || dsend.write_all(&buf).await.is_err() {
+        return refuse(&shared, &mut send, &mut recv, Code::NextHopUnreachable);
+    }
+    shared.metrics.relayed_total.fetch_add(1, Relaxed);
+    splice::relay(send, recv, dsend, drecv).await;
+}

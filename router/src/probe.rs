@@ -1,0 +1,286 @@
+//! The probe protocol: BFD-style liveness over QUIC datagrams, and hop-by-hop flooding of
+//! local evidence (neighbour state, site health and load) in the replies.
+//!
+//! Every router dials each neighbour (one connection per neighbour per direction) and sends a
+//! [`Probe::Ping`] datagram on it every `interval` (default 100 ms). The neighbour answers with a
+//! [`Probe::Pong`] that echoes the sequence number and carries a digest: its own [`Entry`] plus
+//! the freshest entries it learned from its own neighbours. An entry is originated by one node
+//! (`origin`, `generation` = its clock in ns, so restarts move forward) and says which of the
+//! origin's neighbours it sees up (with RTT) or down, and, for a site, each service's health,
+//! active streams and capacity. Receivers keep the highest generation per origin and drop entries
+//! after a TTL, so a site's death reaches an edge behind a transit one probe interval after the
+//! transit sees it (the transit's own entry says "link to the site down").
+//!
+//! Wire format (big-endian): `u8 type (1 ping, 2 pong)`, `u64 seq`; pong adds `u8 entry count`,
+//! then per entry: name origin, `u64 generation`, `u8 n`, n × (name, `u8 up`, `u32 rtt_us`),
+//! `u8 s`, s × (name service, `u8 healthy`, `u32 active`, `u32 capacity`). A name is `u8 len`
+//! (1..=63) + UTF-8. Decoding is bounded by the datagram size and never panics.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use topology::{NodeId, ServiceName};
+
+const PING: u8 = 1;
+const PONG: u8 = 2;
+const MAX_NAME: usize = 63;
+/// Bound on list lengths in one entry / one digest.
+pub const MAX_LIST: usize = 64;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NeighbourState {
+    pub id: NodeId,
+    pub up: bool,
+    pub rtt_us: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceState {
+    pub service: ServiceName,
+    pub healthy: bool,
+    pub active: u32,
+    pub capacity: u32,
+}
+
+/// One node's view of itself, flooded hop by hop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub origin: NodeId,
+    pub generation: u64,
+    pub neighbours: Vec<NeighbourState>,
+    pub services: Vec<ServiceState>,
+}
+
+impl Entry {
+    /// Same content, ignoring the generation (a refresh that changes nothing).
+    pub fn same_content(&self, other: &Entry) -> bool {
+        self.origin == other.origin
+            && self.services == other.services
+            && self.neighbours.len() == other.neighbours.len()
+            && self
+                .neighbours
+                .iter()
+                .zip(&other.neighbours)
+                .all(|(a, b)| a.id == b.id && a.up == b.up)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    Ping { seq: u64 },
+    Pong { seq: u64, entries: Vec<Entry> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeError {
+    #[error("probe truncated")]
+    Truncated,
+    #[error("unknown probe type {0}")]
+    Type(u8),
+    #[error("bad name in probe")]
+    Name,
+    #[error("list too long in probe")]
+    TooLong,
+}
+
+fn need(b: &impl Buf, n: usize) -> Result<(), ProbeError> {
+    if b.remaining() < n {
+        Err(ProbeError::Truncated)
+    } else {
+        Ok(())
+    }
+}
+
+fn get_name(b: &mut impl Buf) -> Result<String, ProbeError> {
+    need(b, 1)?;
+    let n = b.get_u8() as usize;
+    if n == 0 || n > MAX_NAME {
+        return Err(ProbeError::Name);
+    }
+    need(b, n)?;
+    let mut raw = [0u8; MAX_NAME];
+    b.copy_to_slice(&mut raw[..n]);
+    std::str::from_utf8(&raw[..n])
+        .map(str::to_string)
+        .map_err(|_| ProbeError::Name)
+}
+
+fn put_name(out: &mut BytesMut, s: &str) {
+    let s = if s.len() > MAX_NAME { &s[..0] } else { s };
+    out.put_u8(s.len() as u8);
+    out.put_slice(s.as_bytes());
+}
+
+fn get_len(b: &mut impl Buf) -> Result<usize, ProbeError> {
+    need(b, 1)?;
+    let n = b.get_u8() as usize;
+    if n > MAX_LIST {
+        Err(ProbeError::TooLong)
+    } else {
+        Ok(n)
+    }
+}
+
+impl Entry {
+    fn encode(&self, out: &mut BytesMut) {
+        put_name(out, self.origin.as_str());
+        out.put_u64(self.generation);
+        let n = self.neighbours.len().min(MAX_LIST);
+        out.put_u8(n as u8);
+        for nb in &self.neighbours[..n] {
+            put_name(out, nb.id.as_str());
+            out.put_u8(nb.up as u8);
+            out.put_u32(nb.rtt_us);
+        }
+        let s = self.services.len().min(MAX_LIST);
+        out.put_u8(s as u8);
+        for sv in &self.services[..s] {
+            put_name(out, sv.service.as_str());
+            out.put_u8(sv.healthy as u8);
+            out.put_u32(sv.active);
+            out.put_u32(sv.capacity);
+        }
+    }
+
+    fn decode(b: &mut impl Buf) -> Result<Entry, ProbeError> {
+        let origin = NodeId::new(get_name(b)?);
+        need(b, 8)?;
+        let generation = b.get_u64();
+        let n = get_len(b)?;
+        let mut neighbours = Vec::with_capacity(n);
+        for _ in 0..n {
+            let id = NodeId::new(get_name(b)?);
+            need(b, 5)?;
+            neighbours.push(NeighbourState {
+                id,
+                up: b.get_u8() != 0,
+                rtt_us: b.get_u32(),
+            });
+        }
+        let s = get_len(b)?;
+        let mut services = Vec::with_capacity(s);
+        for _ in 0..s {
+            let service = ServiceName::new(get_name(b)?);
+            need(b, 9)?;
+            services.push(ServiceState {
+                service,
+                healthy: b.get_u8() != 0,
+                active: b.get_u32(),
+                capacity: b.get_u32(),
+            });
+        }
+        Ok(Entry {
+            origin,
+            generation,
+            neighbours,
+            services,
+        })
+    }
+}
+
+impl Probe {
+    pub fn encode_ping(seq: u64) -> Bytes {
+        let mut b = BytesMut::with_capacity(9);
+        b.put_u8(PING);
+        b.put_u64(seq);
+        b.freeze()
+    }
+
+    /// Encodes a pong with as many of `entries` as fit in `max_len` bytes (the first entry,
+    /// the responder's own, always goes first).
+    pub fn encode_pong<'a>(
+        seq: u64,
+        entries: impl IntoIterator<Item = &'a Entry>,
+        max_len: usize,
+    ) -> Bytes {
+        let mut out = BytesMut::with_capacity(max_len.min(1500));
+        out.put_u8(PONG);
+        out.put_u64(seq);
+        out.put_u8(0);
+        let mut count = 0u8;
+        let mut scratch = BytesMut::new();
+        for e in entries {
+            if count as usize >= MAX_LIST {
+                break;
+            }
+            scratch.clear();
+            e.encode(&mut scratch);
+            if out.len() + scratch.len() > max_len {
+                continue;
+            }
+            out.extend_from_slice(&scratch);
+            count += 1;
+        }
+        out[9] = count;
+        out.freeze()
+    }
+
+    pub fn decode(mut b: impl Buf) -> Result<Probe, ProbeError> {
+        need(&b, 9)?;
+        let ty = b.get_u8();
+        let seq = b.get_u64();
+        match ty {
+            PING => Ok(Probe::Ping { seq }),
+            PONG => {
+                let n = get_len(&mut b)?;
+                let mut entries = Vec::with_capacity(n);
+                for _ in 0..n {
+                    entries.push(Entry::decode(&mut b)?);
+                }
+                Ok(Probe::Pong { seq, entries })
+            }
+            t => Err(ProbeError::Type(t)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn entry(origin: &str) -> Entry {
+        Entry {
+            origin: origin.into(),
+            generation: 42,
+            neighbours: vec![NeighbourState {
+                id: "t1".into(),
+                up: false,
+                rtt_us: 1500,
+            }],
+            services: vec![ServiceState {
+                service: "chat".into(),
+                healthy: true,
+                active: 3,
+                capacity: 10,
+            }],
+        }
+    }
+
+    #[test]
+    fn pong_roundtrip_and_size_bound() {
+        let es = [entry("s1"), entry("s2"), entry("s3")];
+        let b = Probe::encode_pong(7, &es, 1200);
+        assert_eq!(
+            Probe::decode(b).unwrap(),
+            Probe::Pong {
+                seq: 7,
+                entries: es.to_vec()
+            }
+        );
+        let small = Probe::encode_pong(7, &es, 60);
+        assert!(small.len() <= 60);
+        assert!(
+            matches!(Probe::decode(small).unwrap(), Probe::Pong { entries, .. } if entries.len() == 1)
+        );
+        assert_eq!(
+            Probe::decode(Probe::encode_ping(9)).unwrap(),
+            Probe::Ping { seq: 9 }
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn random_datagrams_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..1500)) {
+            let _ = Probe::decode(&bytes[..]);
+        }
+    }
+}

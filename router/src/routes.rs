@@ -1,0 +1,397 @@
+//! The router's routing state: the precomputed table that connections read, the local
+//! evidence that feeds it, and the control task that rebuilds it.
+//!
+//! Rebuilds happen off the data path (snapshot applied, neighbour up/down, evidence learned
+//! from probes, a site marked down by a reset code, and once a second for RTT drift), and the
+//! result is swapped in with one `ArcSwap::store`. A connection's lookup is one atomic load plus
+//! a hash lookup: no graph work, no contended lock.
+//!
+//! Local evidence wins over the snapshot's live state: the snapshot's `LiveState` is the base,
+//! then this router's own neighbour states, the entries learned hop by hop from probes
+//! (`crate::probe`), and the sites marked down locally are layered on top.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::task::AbortHandle;
+use topology::graph::Graph;
+use topology::route::{Candidate, LiveState, RoutingTable, SiteLoad};
+use topology::{Latency, LinkId, NodeId, NodeKind, ServiceName, Topology, Vip};
+
+use crate::Shared;
+use crate::neighbours::{self, Neighbour};
+use crate::probe::{Entry, NeighbourState};
+use crate::site;
+use crate::snapshot::Snapshot;
+
+/// The table a connection reads. Candidates are ranked; the first one is the hysteresis-selected
+/// preferred site.
+#[derive(Debug, Default)]
+pub struct Routes {
+    /// Snapshot version this table was built from.
+    pub version: u64,
+    by_service: HashMap<ServiceName, Arc<[Candidate]>>,
+    vips: Vec<(Vip, ServiceName)>,
+    /// The merged live state the table was built with (for explain and tests).
+    pub live: LiveState,
+    /// Why the table could not be built, if it could not.
+    pub error: Option<String>,
+}
+
+impl Routes {
+    /// Hot path: ranked candidates for `service` (an `Arc` clone, no copy).
+    pub fn candidates(&self, service: &str) -> Option<Arc<[Candidate]>> {
+        self.by_service.get(service).cloned()
+    }
+    /// The preferred candidate for `service`.
+    pub fn preferred(&self, service: &str) -> Option<&Candidate> {
+        self.by_service.get(service).and_then(|c| c.first())
+    }
+    /// Transparent mode: the service whose VIP:port covers the original destination.
+    pub fn service_for(&self, original_dst: SocketAddr) -> Option<&ServiceName> {
+        self.vips
+            .iter()
+            .find(|(v, _)| v.contains(original_dst))
+            .map(|(_, s)| s)
+    }
+}
+
+/// Evidence this router holds beyond the snapshot. Mutexes are held for map updates only,
+/// never across `.await`.
+#[derive(Default)]
+pub(crate) struct Evidence {
+    learned: Mutex<HashMap<NodeId, (Entry, Instant)>>,
+    site_down: Mutex<HashMap<(NodeId, ServiceName), Instant>>,
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+impl Evidence {
+    /// Entries older than this are forgotten (their origin stopped refreshing them).
+    pub fn ttl(shared: &Shared) -> Duration {
+        (shared.probe.interval * 20).max(Duration::from_secs(2))
+    }
+
+    /// Takes the entries of a probe reply; returns whether anything changed that routing uses.
+    pub fn learn(&self, me: &NodeId, entries: Vec<Entry>) -> bool {
+        let mut changed = false;
+        let now = Instant::now();
+        let Ok(mut map) = self.learned.lock() else {
+            return false;
+        };
+        for e in entries {
+            if &e.origin == me {
+                continue;
+            }
+            match map.get_mut(&e.origin) {
+                Some((old, at)) if old.generation >= e.generation => {
+                    let _ = at;
+                }
+                Some(slot) => {
+                    changed |= !slot.0.same_content(&e);
+                    *slot = (e, now);
+                }
+                None => {
+                    map.insert(e.origin.clone(), (e, now));
+                    changed = true;
+                }
+            }
+        }
+        changed
+    }
+
+    /// Marks `site` down for `service` until `until` (a reset code said so).
+    pub fn mark_site_down(&self, site: &NodeId, service: &ServiceName, until: Instant) {
+        if let Ok(mut m) = self.site_down.lock() {
+            m.insert((site.clone(), service.clone()), until);
+        }
+    }
+
+    fn fresh(&self, ttl: Duration) -> Vec<Entry> {
+        let Ok(mut map) = self.learned.lock() else {
+            return Vec::new();
+        };
+        map.retain(|_, (_, at)| at.elapsed() < ttl);
+        map.values().map(|(e, _)| e.clone()).collect()
+    }
+
+    fn down_sites(&self) -> Vec<(NodeId, ServiceName)> {
+        let Ok(mut m) = self.site_down.lock() else {
+            return Vec::new();
+        };
+        let now = Instant::now();
+        m.retain(|_, until| *until > now);
+        m.keys().cloned().collect()
+    }
+}
+
+impl Shared {
+    /// This node's own probe entry: neighbour states and, for a site, its services.
+    pub(crate) fn own_entry(&self) -> Entry {
+        let mut neighbours: Vec<NeighbourState> = self
+            .neighbours
+            .load()
+            .values()
+            .map(|n| NeighbourState {
+                id: n.id.clone(),
+                up: n.is_up(),
+                rtt_us: n.rtt_us().min(u32::MAX as u64) as u32,
+            })
+            .collect();
+        neighbours.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut services: Vec<_> = self.sites.load().values().map(|s| s.state()).collect();
+        services.sort_by(|a, b| a.service.cmp(&b.service));
+        Entry {
+            origin: self.node.clone(),
+            generation: now_ns(),
+            neighbours,
+            services,
+        }
+    }
+
+    /// What a probe reply carries: our own entry first, then what we learned.
+    pub(crate) fn digest(&self) -> Vec<Entry> {
+        let mut v = vec![self.own_entry()];
+        v.extend(self.evidence.fresh(Evidence::ttl(self)));
+        v
+    }
+}
+
+/// The control task's state: applies snapshots, owns the dialers and site checkers, rebuilds.
+pub(crate) struct Control {
+    shared: Arc<Shared>,
+    dialers: HashMap<NodeId, (Arc<Neighbour>, AbortHandle)>,
+    checkers: HashMap<ServiceName, AbortHandle>,
+    incumbents: HashMap<ServiceName, NodeId>,
+    graph: Option<(Arc<Topology>, Graph)>,
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        for (_, h) in self.dialers.values() {
+            h.abort();
+        }
+        for h in self.checkers.values() {
+            h.abort();
+        }
+    }
+}
+
+impl Control {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Control {
+            shared,
+            dialers: HashMap::new(),
+            checkers: HashMap::new(),
+            incumbents: HashMap::new(),
+            graph: None,
+        }
+    }
+
+    pub async fn run(mut self, mut snapshots: tokio::sync::watch::Receiver<Arc<crate::Snapshot>>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut source_open = true;
+        loop {
+            tokio::select! {
+                r = snapshots.changed(), if source_open => {
+                    if r.is_err() {
+                        // Source gone (file mode after start, or controller client stopped):
+                        // keep the last good snapshot and keep forwarding.
+                        source_open = false;
+                        continue;
+                    }
+                    let snap = snapshots.borrow_and_update().clone();
+                    self.apply_snapshot(snap);
+                }
+                _ = self.shared.changed.notified() => {}
+                _ = tick.tick() => {}
+            }
+            self.rebuild();
+        }
+    }
+
+    pub fn apply_snapshot(&mut self, snap: Arc<Snapshot>) {
+        let sh = self.shared.clone();
+        let topo = snap.topology.clone();
+        let mut names: Vec<String> = topo.nodes.iter().map(|n| n.id.to_string()).collect();
+        names.extend(sh.extra_peer_names.iter().cloned());
+        sh.peers.set(names);
+        sh.snapshot.store(snap.clone());
+
+        // Neighbours: dial every node we share a link with.
+        let mut want: HashMap<NodeId, SocketAddr> = HashMap::new();
+        for l in topo.links_of(&sh.node) {
+            if let Some(other) = l.other_end(&sh.node)
+                && let Some(n) = topo.node(other.as_str())
+            {
+                let addr = sh.dial_overrides.get(other).copied().unwrap_or(n.address);
+                want.insert(other.clone(), addr);
+            }
+        }
+        self.dialers.retain(|id, (nb, h)| {
+            let keep = want.get(id) == Some(&nb.addr);
+            if !keep {
+                h.abort();
+                if let Some(c) = nb.connection() {
+                    c.close(
+                        quinn::VarInt::from_u32(crate::codes::close::NORMAL),
+                        b"topology changed",
+                    );
+                }
+            }
+            keep
+        });
+        for (id, addr) in want {
+            self.dialers.entry(id.clone()).or_insert_with(|| {
+                let nb = Arc::new(Neighbour::new(id, addr));
+                let h = tokio::spawn(neighbours::run_dialer(sh.clone(), nb.clone())).abort_handle();
+                (nb, h)
+            });
+        }
+        let map: HashMap<NodeId, Arc<Neighbour>> = self
+            .dialers
+            .iter()
+            .map(|(id, (nb, _))| (id.clone(), nb.clone()))
+            .collect();
+        sh.neighbours.store(Arc::new(map));
+
+        // Site services.
+        site::reconcile(&sh, &topo, &mut self.checkers);
+
+        if self
+            .graph
+            .as_ref()
+            .is_none_or(|(t, _)| !Arc::ptr_eq(t, &topo))
+        {
+            self.graph = Some((topo.clone(), Graph::new(&topo)));
+        }
+    }
+
+    /// Merges the snapshot's live state with local evidence.
+    fn live_state(&self, snap: &Snapshot) -> (LiveState, Vec<(NodeId, ServiceName)>) {
+        let sh = &self.shared;
+        let topo = &snap.topology;
+        let mut live = snap.live.clone();
+        let declared = |id: &LinkId| topo.link(id).map(|l| l.latency).unwrap_or(Latency::ZERO);
+        let link_rtt = |live: &mut LiveState, a: &NodeId, b: &NodeId, up: bool, rtt_us: u64| {
+            let id = LinkId::new(a, b);
+            if !up {
+                live.down_links.insert(id);
+            } else if rtt_us > 0 {
+                // Declared latency is a floor (propagation delay): measurement can only raise it.
+                let measured = Latency::from_nanos(rtt_us * 1000 / 2);
+                let v = measured.max(declared(&id));
+                let e = live.link_latency.entry(id).or_insert(v);
+                *e = (*e).max(v);
+            }
+        };
+        for nb in sh.neighbours.load().values() {
+            link_rtt(&mut live, &sh.node, &nb.id, nb.is_up(), nb.rtt_us());
+        }
+        let mut unhealthy: Vec<(NodeId, ServiceName)> = sh.evidence.down_sites();
+        for e in sh.evidence.fresh(Evidence::ttl(sh)) {
+            for n in &e.neighbours {
+                link_rtt(&mut live, &e.origin, &n.id, n.up, n.rtt_us as u64);
+            }
+            if !e.services.is_empty() {
+                let mut load = SiteLoad {
+                    active_streams: 0,
+                    capacity: 0,
+                    healthy: false,
+                };
+                for s in &e.services {
+                    load.active_streams = load.active_streams.saturating_add(s.active);
+                    load.capacity = load.capacity.saturating_add(s.capacity);
+                    load.healthy |= s.healthy;
+                    if !s.healthy {
+                        unhealthy.push((e.origin.clone(), s.service.clone()));
+                    }
+                }
+                live.site_load.insert(e.origin.clone(), load);
+            }
+        }
+        (live, unhealthy)
+    }
+
+    pub fn rebuild(&mut self) {
+        let sh = self.shared.clone();
+        let snap = sh.snapshot.load_full();
+        let Some((_, graph)) = &self.graph else {
+            return;
+        };
+        let (live, unhealthy) = self.live_state(&snap);
+        let topo = &snap.topology;
+        let vips = topo
+            .services
+            .iter()
+            .flat_map(|s| s.vips.iter().map(move |v| (*v, s.name.clone())))
+            .collect();
+        let mut routes = Routes {
+            version: snap.version,
+            by_service: HashMap::new(),
+            vips,
+            live: LiveState::default(),
+            error: None,
+        };
+        let is_edge = topo
+            .node(sh.node.as_str())
+            .is_some_and(|n| n.kind == NodeKind::Edge);
+        if is_edge {
+            match RoutingTable::build(topo, graph, &sh.node, &live) {
+                Ok(table) => {
+                    for svc in &topo.services {
+                        let mut cands: Vec<Candidate> = table
+                            .candidates(svc.name.as_str())
+                            .iter()
+                            .filter(|c| {
+                                !unhealthy
+                                    .iter()
+                                    .any(|(s, n)| s == &c.site && n == &svc.name)
+                            })
+                            .cloned()
+                            .collect();
+                        let chosen = sh
+                            .hysteresis
+                            .select(self.incumbents.get(&svc.name), &cands)
+                            .map(|c| c.site.clone());
+                        if let Some(site) = chosen {
+                            if let Some(pos) = cands.iter().position(|c| c.site == site) {
+                                let c = cands.remove(pos);
+                                cands.insert(0, c);
+                            }
+                            if self.incumbents.get(&svc.name) != Some(&site) {
+                                tracing::info!(node = %sh.node, service = %svc.name, site = %site, "preferred site");
+                                self.incumbents.insert(svc.name.clone(), site);
+                            }
+                        } else {
+                            self.incumbents.remove(&svc.name);
+                        }
+                        routes.by_service.insert(svc.name.clone(), cands.into());
+                    }
+                }
+                Err(e) => routes.error = Some(e.to_string()),
+            }
+        }
+        routes.live = live;
+        sh.routes.store(Arc::new(routes));
+        sh.metrics
+            .table_rebuilds
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Summary of a table for logs and tests: service -> preferred site.
+pub fn preferred_sites(routes: &Routes) -> BTreeMap<String, String> {
+    routes
+        .by_service
+        .iter()
+        .filter_map(|(s, c)| c.first().map(|c| (s.to_string(), c.site.to_string())))
+        .collect()
+}

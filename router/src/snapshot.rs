@@ -1,0 +1,28 @@
+//! What drives a router: a versioned topology plus live state, from a file or the controller.
+
+use std::sync::Arc;
+
+use topology::Topology;
+use topology::route::LiveState;
+
+/// One complete, atomic view of the fabric. A router applies snapshots whole (no partial
+/// updates), so there are no ordering hazards between topology and live state.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Monotonic per source; reported back in telemetry as the applied version.
+    pub version: u64,
+    pub topology: Arc<Topology>,
+    /// The source's view of live state (the controller's merged telemetry; empty from a file).
+    /// The router's own local evidence is layered on top of it and wins.
+    pub live: LiveState,
+}
+
+impl Snapshot {
+    pub fn new(version: u64, topology: Arc<Topology>) -> Self {
+        Snapshot {
+            version,
+            topology,
+            live: LiveState::default(),
+        }
+    }
+}

@@ -1,0 +1,31 @@
+//! What a router reports about itself: to the controller (shipped by `router::control`), on
+//! `/telemetry`, and in the Prometheus metrics.
+
+use serde::{Deserialize, Serialize};
+use topology::{NodeId, ServiceName};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TelemetryReport {
+    pub node: NodeId,
+    /// The version of the snapshot this router applies now.
+    pub snapshot_version: u64,
+    pub neighbours: Vec<NeighbourReport>,
+    /// Services this node serves as a site (empty for edges and transits).
+    pub sites: Vec<SiteReport>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NeighbourReport {
+    pub id: NodeId,
+    /// Smoothed QUIC RTT of our connection to it, in microseconds (0 when never connected).
+    pub rtt_us: u64,
+    pub up: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SiteReport {
+    pub service: ServiceName,
+    pub healthy: bool,
+    pub active_streams: u32,
+    pub capacity: u32,
+}

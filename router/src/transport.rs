@@ -1,0 +1,73 @@
+//! QUIC transport: the tuning for long fat links and the router's one endpoint.
+//!
+//! Tuning (see docs/ARCHITECTURE.md, "Transport"): the bandwidth-delay product of a 150 ms RTT
+//! path at 1 Gbit/s is ~18.75 MB, so a stream may have 32 MiB unacknowledged in flight and the
+//! connection 128 MiB over all its streams (many client streams share one neighbour connection);
+//! the send window matches. Windows are limits, not allocations: memory is used only for bytes
+//! actually in flight. The UDP socket gets 8 MiB kernel buffers so bursts at those rates are not
+//! dropped before quinn reads them.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{IdleTimeout, TransportConfig, VarInt};
+
+pub const STREAM_RECEIVE_WINDOW: u32 = 32 * 1024 * 1024;
+pub const CONNECTION_RECEIVE_WINDOW: u32 = 128 * 1024 * 1024;
+pub const SEND_WINDOW: u64 = 128 * 1024 * 1024;
+/// Client connections per neighbour connection (one stream each).
+pub const MAX_CONCURRENT_STREAMS: u32 = 1 << 17;
+pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const UDP_BUFFER: usize = 8 * 1024 * 1024;
+
+/// The transport configuration every fabric connection uses.
+pub fn transport_config() -> TransportConfig {
+    let mut t = TransportConfig::default();
+    t.stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW))
+        .receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW))
+        .send_window(SEND_WINDOW)
+        .max_concurrent_bidi_streams(VarInt::from_u32(MAX_CONCURRENT_STREAMS))
+        .max_concurrent_uni_streams(VarInt::from_u32(64))
+        .keep_alive_interval(Some(KEEP_ALIVE))
+        .max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(
+            IDLE_TIMEOUT.as_millis() as u32,
+        ))))
+        .datagram_receive_buffer_size(Some(1024 * 1024))
+        .datagram_send_buffer_size(1024 * 1024);
+    t
+}
+
+/// Binds the router's UDP socket (large kernel buffers) and makes a server+client endpoint.
+pub fn endpoint(
+    addr: SocketAddr,
+    server: quinn::ServerConfig,
+    client: quinn::ClientConfig,
+) -> std::io::Result<quinn::Endpoint> {
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let sock = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    // Best effort: the kernel caps these at net.core.{r,w}mem_max.
+    let _ = sock.set_recv_buffer_size(UDP_BUFFER);
+    let _ = sock.set_send_buffer_size(UDP_BUFFER);
+    if addr.is_ipv6() {
+        let _ = sock.set_only_v6(false);
+    }
+    sock.bind(&addr.into())?;
+    let udp: std::net::UdpSocket = sock.into();
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("no async runtime for the QUIC endpoint"))?;
+    let mut ep =
+        quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), udp, runtime)?;
+    ep.set_default_client_config(client);
+    Ok(ep)
+}
+
+/// Shared transport config (one Arc for all connections).
+pub fn shared_transport() -> Arc<TransportConfig> {
+    Arc::new(transport_config())
+}

@@ -1,0 +1,120 @@
+//! In-process fabric: routers spawned with `Router::spawn` on one runtime (as the demo does),
+//! real QUIC and TCP on loopback.
+
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use router::{Router, RouterConfig, RouterHandle, Snapshot};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use topology::builder::{TopologyBuilder, ms};
+use topology::{NodeId, NodeKind, ServiceName, SiteService, Topology};
+
+fn free_udp() -> SocketAddr {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn echo_backend() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+fn topo(backend: SocketAddr, port: u16) -> Topology {
+    let mut b = TopologyBuilder::new();
+    b.node("edge", NodeKind::Edge)
+        .node("transit", NodeKind::Transit)
+        .node("site", NodeKind::Site)
+        .link("edge", "transit", ms(1.0))
+        .link("transit", "site", ms(1.0))
+        .service("echo");
+    let mut t = b.build();
+    for n in &mut t.nodes {
+        n.address = free_udp();
+        if n.kind == NodeKind::Edge {
+            n.client_address = Some(Ipv4Addr::LOCALHOST.into());
+        }
+        if n.kind == NodeKind::Site {
+            n.serves.push(SiteService {
+                service: ServiceName::new("echo"),
+                backend,
+                capacity: 100,
+                weight: 100,
+            });
+        }
+    }
+    t.services[0].port = Some(port);
+    t
+}
+
+async fn start(t: &Topology, dir: &std::path::Path) -> Vec<RouterHandle> {
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    let mut hs = Vec::new();
+    for n in &t.nodes {
+        router::pki::issue(dir, n.id.as_str()).unwrap();
+        let tls = router::tls::TlsIdentity::load(dir, n.id.as_str()).unwrap();
+        let (_tx, rx) = tokio::sync::watch::channel(snap.clone());
+        std::mem::forget(_tx);
+        let cfg = RouterConfig::new(NodeId::new(n.id.as_str()), tls, rx);
+        hs.push(Router::spawn(cfg).await.unwrap());
+    }
+    hs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_through_edge_transit_site_in_process() {
+    let dir = tempfile::tempdir().unwrap();
+    router::pki::init(dir.path()).unwrap();
+    let backend = echo_backend().await;
+    let port = free_tcp_port();
+    let t = topo(backend, port);
+    let hs = start(&t, dir.path()).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while hs[0].routes().preferred("echo").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "edge never got a route: {:?}",
+            hs[0].telemetry()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let msg = vec![7u8; 300_000];
+    c.write_all(&msg).await.unwrap();
+    c.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back.len(), msg.len());
+    assert!(back == msg);
+    let m = hs[0].metrics_text();
+    assert!(m.contains("tasman_streams_total{node=\"edge\"} 1"), "{m}");
+    for h in hs {
+        h.shutdown().await;
+    }
+}

@@ -16,13 +16,13 @@
 //! # Ok(()) }
 //! ```
 
+pub mod backend;
 pub mod codes;
 mod edge;
 pub mod header;
 mod inbound;
 pub mod metrics;
 mod neighbours;
-pub mod backend;
 pub mod netem;
 pub mod orig_dst;
 pub mod pki;

@@ -210,7 +210,8 @@ impl DemoFabric {
         }
     }
 
-    /// `"a -> b"` for every running neighbour pair that is not up yet.
+    /// What is not ready yet: `"a -> b"` for every running neighbour pair that is not up, and
+    /// `"edge: service"` for every edge without a route to a service that a running site serves.
     fn not_converged(&self) -> Vec<String> {
         let mut missing = Vec::new();
         for (id, r) in &self.routers {
@@ -218,6 +219,29 @@ impl DemoFabric {
             for n in &t.neighbours {
                 if !n.up && self.routers.contains_key(&n.id) {
                     missing.push(format!("{id} -> {}", n.id));
+                }
+            }
+            if self
+                .topology
+                .node(id.as_str())
+                .is_some_and(|n| n.kind == NodeKind::Edge)
+            {
+                let routes = r.routes();
+                for s in self
+                    .topology
+                    .services
+                    .iter()
+                    .filter(|s| !s.requires_circuit)
+                {
+                    let served = self
+                        .topology
+                        .sites_serving(s.name.as_str())
+                        .any(|(site, _)| {
+                            self.routers.contains_key(&site.id) && s.residency.allows(site)
+                        });
+                    if served && routes.preferred(s.name.as_str()).is_none() {
+                        missing.push(format!("{id}: no route for {}", s.name));
+                    }
                 }
             }
         }

@@ -300,6 +300,20 @@ async fn tour(
         fabric.topology().links.len() * 2,
         fmt_ms(t.elapsed())
     );
+    let t = Instant::now();
+    let off = fabric.wait_settled(Duration::from_secs(3)).await;
+    if off.is_empty() {
+        println!(
+            "Measured link RTTs settled near the declared latencies after {}.\n",
+            fmt_ms(t.elapsed())
+        );
+    } else {
+        println!(
+            "Measured link RTTs after {}: still above the declared latency: {}\n",
+            fmt_ms(t.elapsed()),
+            off.join("; ")
+        );
+    }
     println!(
         "Requests: GET /v1/completions on a new TCP connection to the edge's service listener, {n} per row;"
     );

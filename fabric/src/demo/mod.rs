@@ -164,7 +164,16 @@ impl DemoFabric {
             links,
             backends,
         };
-        for n in &topology.nodes {
+        // The core (transits and sites) first, until its RTT measurements have settled; then the
+        // edges. Every router's first RTT samples come from handshakes made while the whole
+        // fabric starts at once, inflated by CPU contention; an edge that chose its preferred site
+        // on those numbers would keep it (hysteresis: a better site must win by >= 10 ms).
+        for n in topology.nodes.iter().filter(|n| n.kind != NodeKind::Edge) {
+            fabric.spawn_router(&n.id).await?;
+        }
+        fabric.wait_converged(Duration::from_secs(30)).await?;
+        fabric.wait_settled(Duration::from_secs(5)).await;
+        for n in topology.nodes.iter().filter(|n| n.kind == NodeKind::Edge) {
             fabric.spawn_router(&n.id).await?;
         }
         fabric.wait_converged(Duration::from_secs(30)).await?;
@@ -208,6 +217,67 @@ impl DemoFabric {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Waits until every edge's routing table sees each link's latency close to the declared
+    /// one (measured RTTs start inflated by the handshakes and settle over a few probe rounds).
+    /// Returns the links still off when `within` ran out (the fabric works either way; it just
+    /// prefers paths by inflated numbers until then).
+    pub async fn wait_settled(&self, within: Duration) -> Vec<String> {
+        let deadline = Instant::now() + within;
+        loop {
+            let off = self.unsettled();
+            if off.is_empty() || Instant::now() > deadline {
+                return off;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn unsettled(&self) -> Vec<String> {
+        let mut off = std::collections::BTreeSet::new();
+        for (id, r) in &self.routers {
+            for n in r.telemetry().neighbours.iter().filter(|n| n.up) {
+                let declared = self
+                    .topology
+                    .link(&topology::LinkId::new(id, &n.id))
+                    .map(|l| l.latency.as_duration())
+                    .unwrap_or_default();
+                let rtt = Duration::from_micros(n.rtt_us);
+                if rtt > declared * 5 / 2 + Duration::from_millis(3) {
+                    off.insert(format!(
+                        "{id}->{} RTT {:.1} ms (declared one-way {})",
+                        n.id,
+                        rtt.as_secs_f64() * 1000.0,
+                        Latency::from_duration(declared)
+                    ));
+                }
+            }
+            if self
+                .topology
+                .node(id.as_str())
+                .is_none_or(|n| n.kind != NodeKind::Edge)
+            {
+                continue;
+            }
+            let routes = r.routes();
+            for (link, measured) in &routes.live.link_latency {
+                let declared = self
+                    .topology
+                    .link(link)
+                    .map(|l| l.latency)
+                    .unwrap_or(Latency::ZERO);
+                // A quarter over the declared value plus 1.5 ms (timer granularity and queueing).
+                let bound = declared.as_duration() * 5 / 4 + Duration::from_micros(1500);
+                if measured.as_duration() > bound {
+                    off.insert(format!(
+                        "{link} at {:.1} ms (declared {declared})",
+                        measured.as_millis_f64()
+                    ));
+                }
+            }
+        }
+        off.into_iter().collect()
     }
 
     /// What is not ready yet: `"a -> b"` for every running neighbour pair that is not up, and

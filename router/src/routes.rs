@@ -34,6 +34,8 @@ pub struct Routes {
     pub version: u64,
     by_service: HashMap<ServiceName, Arc<[Candidate]>>,
     vips: Vec<(Vip, ServiceName)>,
+    /// Services that only clients classified into a circuit may use.
+    requires_circuit: Vec<ServiceName>,
     /// The merged live state the table was built with (for explain and tests).
     pub live: LiveState,
     /// Why the table could not be built, if it could not.
@@ -48,6 +50,10 @@ impl Routes {
     /// The preferred candidate for `service`.
     pub fn preferred(&self, service: &str) -> Option<&Candidate> {
         self.by_service.get(service).and_then(|c| c.first())
+    }
+    /// Whether `service` is reserved to clients on a circuit.
+    pub fn requires_circuit(&self, service: &str) -> bool {
+        self.requires_circuit.iter().any(|s| s.as_str() == service)
     }
     /// Transparent mode: the service whose VIP:port covers the original destination.
     pub fn service_for(&self, original_dst: SocketAddr) -> Option<&ServiceName> {
@@ -224,6 +230,7 @@ impl Control {
         names.extend(sh.extra_peer_names.iter().cloned());
         sh.peers.set(names);
         sh.snapshot.store(snap.clone());
+        crate::edge::apply_circuits(&sh, &snap);
 
         // Neighbours: dial every node we share a link with.
         let mut want: HashMap<NodeId, SocketAddr> = HashMap::new();
@@ -333,10 +340,17 @@ impl Control {
             .iter()
             .flat_map(|s| s.vips.iter().map(move |v| (*v, s.name.clone())))
             .collect();
+        let requires_circuit = topo
+            .services
+            .iter()
+            .filter(|s| s.requires_circuit)
+            .map(|s| s.name.clone())
+            .collect();
         let mut routes = Routes {
             version: snap.version,
             by_service: HashMap::new(),
             vips,
+            requires_circuit,
             live: LiveState::default(),
             error: None,
         };

@@ -1,6 +1,8 @@
 //! What a router reports about itself: to the controller (shipped by `router::control`), on
 //! `/telemetry`, and in the Prometheus metrics.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use topology::{NodeId, ServiceName};
 
@@ -12,6 +14,9 @@ pub struct TelemetryReport {
     pub neighbours: Vec<NeighbourReport>,
     /// Services this node serves as a site (empty for edges and transits).
     pub sites: Vec<SiteReport>,
+    /// Edge only: service -> preferred site now.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub preferred: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

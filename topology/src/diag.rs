@@ -50,8 +50,13 @@ impl Diagnostic {
         self.severity == Severity::Error
     }
     /// The form operators see: `FILE:LINE:COL: error: message`.
+    /// Problems with the whole document (line 0) print as `FILE: error: message`.
     pub fn display(&self, file: &str) -> String {
-        format!("{file}:{self}")
+        if self.line == 0 {
+            format!("{file}: {}: {}", self.severity, self.message)
+        } else {
+            format!("{file}:{self}")
+        }
     }
 }
 

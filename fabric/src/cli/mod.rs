@@ -5,6 +5,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 pub mod demo;
+pub mod pki;
+pub mod router;
+pub mod topology;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -21,6 +24,22 @@ pub struct Cli {
 pub enum Command {
     /// Run the local Asia-Pacific demo fabric: measure, fail a site over, exit.
     Demo(demo::DemoArgs),
+    /// Work with topology files: validate, route, diff.
+    Topology(topology::TopologyArgs),
+    /// Run one router (edge, transit or site, from its node's kind in the topology).
+    Router(router::RouterArgs),
+    /// Make the fabric CA and node certificates.
+    Pki(pki::PkiArgs),
+}
+
+/// Logs to stderr; `RUST_LOG` filters (default `info`).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// Entry point of the binary. Exit codes: 0 success, 1 a domain failure (invalid input,
@@ -29,5 +48,8 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Demo(args) => demo::run(args),
+        Command::Topology(args) => topology::run(args),
+        Command::Router(args) => router::run(args),
+        Command::Pki(args) => pki::run(args),
     }
 }

@@ -1,0 +1,168 @@
+//! `tasman router`: run one node of the fabric in the role its kind in the topology gives.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Args;
+use router::{ProbeConfig, Router, RouterConfig, Snapshot};
+use topology::{Latency, NodeId};
+
+#[derive(Args, Debug, Clone)]
+#[command(
+    after_help = "Examples:\n  tasman pki init --dir pki && tasman pki issue syd-edge-1 --dir pki\n  \
+tasman router --topology examples/apac.yaml --node syd-edge-1 --tls-dir pki --metrics 127.0.0.1:9100\n  \
+tasman router --topology t.yaml --node syd-edge-1 --dial syd-transit-1=127.0.0.1:17001"
+)]
+pub struct RouterArgs {
+    /// Topology YAML file.
+    #[arg(long)]
+    pub topology: PathBuf,
+    /// This node's id in the topology (also its certificate name).
+    #[arg(long)]
+    pub node: String,
+    /// Directory with ca.pem, NODE.pem and NODE.key (see `tasman pki`).
+    #[arg(long, default_value = "pki")]
+    pub tls_dir: PathBuf,
+    /// Serve Prometheus /metrics (and /telemetry JSON) on this address.
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
+    /// Probe interval per neighbour.
+    #[arg(long, default_value = "100ms")]
+    pub probe_interval: Latency,
+    /// Missed probe intervals before a neighbour is declared down.
+    #[arg(long, default_value_t = 3)]
+    pub probe_misses: u32,
+    /// Minimum time a neighbour or site stays down before it is used again.
+    #[arg(long, default_value = "1s")]
+    pub hold_down: Latency,
+    /// Dial neighbour NODE at ADDR instead of its topology address (e.g. a link emulator).
+    #[arg(long = "dial", value_name = "NODE=ADDR", value_parser = parse_dial)]
+    pub dial: Vec<(String, SocketAddr)>,
+}
+
+fn parse_dial(s: &str) -> Result<(String, SocketAddr), String> {
+    let (n, a) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected NODE=ADDR"))?;
+    let addr = a.parse().map_err(|e| format!("{a:?}: {e}"))?;
+    Ok((n.to_string(), addr))
+}
+
+/// Loads and validates a topology file, printing diagnostics. Exit code on failure: 2 when the
+/// file cannot be read, 1 when it is invalid.
+pub fn load_topology(path: &std::path::Path) -> Result<topology::Topology, ExitCode> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        eprintln!("error: {}: {e}", path.display());
+        ExitCode::from(2)
+    })?;
+    let shown = path.display().to_string();
+    match topology::load(&text) {
+        Ok(loaded) => {
+            for w in &loaded.warnings {
+                eprintln!("{}", w.display(&shown));
+            }
+            Ok(loaded.topology)
+        }
+        Err(diags) => {
+            for d in &diags {
+                eprintln!("{}", d.display(&shown));
+            }
+            Err(ExitCode::from(1))
+        }
+    }
+}
+
+impl RouterArgs {
+    /// The router configuration for these arguments, fed by `snapshots`. (Controller mode builds
+    /// the same config with a different snapshot source.)
+    pub fn config(
+        &self,
+        snapshots: tokio::sync::watch::Receiver<Arc<Snapshot>>,
+    ) -> Result<RouterConfig, ExitCode> {
+        let tls = router::tls::TlsIdentity::load(&self.tls_dir, &self.node).map_err(|e| {
+            eprintln!(
+                "error: {e} (make certificates with `tasman pki init` and `tasman pki issue {}`)",
+                self.node
+            );
+            ExitCode::from(2)
+        })?;
+        let mut cfg = RouterConfig::new(NodeId::new(&self.node), tls, snapshots);
+        cfg.metrics_addr = self.metrics;
+        cfg.probe = ProbeConfig {
+            interval: self.probe_interval.as_duration(),
+            misses: self.probe_misses.max(1),
+            hold_down: self.hold_down.as_duration(),
+        };
+        cfg.dial_overrides = self
+            .dial
+            .iter()
+            .map(|(n, a)| (NodeId::new(n), *a))
+            .collect::<HashMap<_, _>>();
+        Ok(cfg)
+    }
+}
+
+pub fn run(args: RouterArgs) -> ExitCode {
+    super::init_tracing();
+    let topo = match load_topology(&args.topology) {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
+    if topo.node(&args.node).is_none() {
+        eprintln!(
+            "error: node {:?} is not in {}",
+            args.node,
+            args.topology.display()
+        );
+        return ExitCode::from(1);
+    }
+    let (_tx, rx) = tokio::sync::watch::channel(Arc::new(Snapshot::new(1, Arc::new(topo))));
+    let cfg = match args.config(rx) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: tokio runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    rt.block_on(async move {
+        let handle = match Router::spawn(cfg).await {
+            Ok(h) => h,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        if let Some(addr) = handle.quic_addr() {
+            println!("router {} listening on {addr}", args.node);
+        }
+        wait_for_signal().await;
+        handle.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -1,0 +1,203 @@
+//! `tasman topology ...`: the operator's tools on topology files. `validate` lives here; other
+//! subcommands (`route`, `diff`) add a variant to [`TopologyCmd`] and reuse [`load_file`].
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+
+use ::topology::{Diagnostic, Loaded, MAX_DOCUMENT_BYTES};
+
+mod diff;
+mod route;
+
+#[derive(Args, Debug)]
+pub struct TopologyArgs {
+    #[command(subcommand)]
+    pub command: TopologyCmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TopologyCmd {
+    /// Check topology files: every problem is reported as FILE:LINE:COL.
+    #[command(after_help = VALIDATE_HELP)]
+    Validate(ValidateArgs),
+    /// The ranked candidate sites, with paths and costs, for one node and service.
+    Route(route::RouteArgs),
+    /// Structural changes between two topology files, and which edges change their choice.
+    Diff(diff::DiffArgs),
+}
+
+/// `-o table|json` for commands that print results.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputFormat {
+    /// Aligned text for people.
+    Table,
+    /// One JSON document for programs.
+    Json,
+}
+
+const VALIDATE_HELP: &str = "\
+Exit status: 0 all files valid (warnings are printed but do not fail), 1 a file is invalid,
+2 a file is unreadable (missing, not UTF-8, or over the 16 MiB limit).
+
+Example:
+  $ tasman topology validate examples/apac.yaml
+  examples/apac.yaml: valid: 21 nodes, 27 links, 4 services, 1 pool
+  $ tasman topology validate broken.yaml
+  broken.yaml:23:9: error: unknown node \"mel-site-9\" in link 4 (known: mel-site-1, mel-site-2)
+  broken.yaml: invalid: 1 error, 0 warnings
+
+The format is documented in docs/topology.md.";
+
+#[derive(Args, Debug)]
+pub struct ValidateArgs {
+    /// Topology YAML files (format version 1).
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+}
+
+pub fn run(args: TopologyArgs) -> ExitCode {
+    match args.command {
+        TopologyCmd::Validate(a) => validate(&a),
+        TopologyCmd::Route(a) => route::run(a),
+        TopologyCmd::Diff(a) => diff::run(a),
+    }
+}
+
+/// Why a topology file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadFileError {
+    /// Missing, not a file, not UTF-8, over the size limit: exit status 2.
+    #[error("{0}")]
+    Unreadable(String),
+    /// Read, but not a valid topology: exit status 1.
+    #[error("invalid topology ({} problems)", .0.len())]
+    Invalid(Vec<Diagnostic>),
+}
+
+impl LoadFileError {
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            LoadFileError::Unreadable(_) => ExitCode::from(2),
+            LoadFileError::Invalid(_) => ExitCode::from(1),
+        }
+    }
+}
+
+/// Reads and loads one topology file. The size limit is enforced while reading, so a huge or
+/// endless file (a FIFO, /dev/zero) is never read whole.
+pub fn load_file(path: &Path) -> Result<Loaded, LoadFileError> {
+    let shown = path.display();
+    let unreadable = |why: String| LoadFileError::Unreadable(format!("{shown}: {why}"));
+    let file = std::fs::File::open(path).map_err(|e| unreadable(format!("cannot read: {e}")))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_DOCUMENT_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| unreadable(format!("cannot read: {e}")))?;
+    if bytes.len() > MAX_DOCUMENT_BYTES {
+        return Err(unreadable(format!(
+            "over the size limit of {MAX_DOCUMENT_BYTES} bytes ({} MiB)",
+            MAX_DOCUMENT_BYTES / (1024 * 1024)
+        )));
+    }
+    let text = String::from_utf8(bytes).map_err(|e| {
+        unreadable(format!(
+            "not UTF-8 text (invalid byte at offset {})",
+            e.utf8_error().valid_up_to()
+        ))
+    })?;
+    ::topology::load(&text).map_err(LoadFileError::Invalid)
+}
+
+/// Prints a load result's diagnostics (warnings too) to stderr as FILE:LINE:COL.
+fn report(file: &str, result: &Result<Loaded, LoadFileError>) {
+    match result {
+        Ok(loaded) => {
+            for w in &loaded.warnings {
+                eprintln!("{}", w.display(file));
+            }
+        }
+        Err(LoadFileError::Unreadable(why)) => eprintln!("tasman: {why}"),
+        Err(LoadFileError::Invalid(diags)) => {
+            for d in diags {
+                eprintln!("{}", d.display(file));
+            }
+        }
+    }
+}
+
+/// [`load_file`] for commands that need one topology: prints every diagnostic (and warnings on
+/// success) to stderr, and returns the exit code to use on failure.
+pub fn load_or_report(path: &Path) -> Result<Loaded, ExitCode> {
+    let result = load_file(path);
+    report(&path.display().to_string(), &result);
+    result.map_err(|e| e.exit_code())
+}
+
+fn plural(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+fn validate(args: &ValidateArgs) -> ExitCode {
+    let (mut valid, mut invalid, mut unreadable) = (0usize, 0usize, 0usize);
+    let (mut errors, mut warnings) = (0usize, 0usize);
+    for path in &args.files {
+        let file = path.display().to_string();
+        let result = load_file(path);
+        report(&file, &result);
+        match result {
+            Ok(loaded) => {
+                valid += 1;
+                warnings += loaded.warnings.len();
+                let t = &loaded.topology;
+                let w = if loaded.warnings.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " ({})",
+                        plural(loaded.warnings.len(), "warning", "warnings")
+                    )
+                };
+                println!(
+                    "{file}: valid: {}, {}, {}, {}{w}",
+                    plural(t.nodes.len(), "node", "nodes"),
+                    plural(t.links.len(), "link", "links"),
+                    plural(t.services.len(), "service", "services"),
+                    plural(t.pools.len(), "pool", "pools"),
+                );
+            }
+            Err(LoadFileError::Invalid(d)) => {
+                let e = d.iter().filter(|d| d.is_error()).count();
+                invalid += 1;
+                errors += e;
+                warnings += d.len() - e;
+                println!(
+                    "{file}: invalid: {}, {}",
+                    plural(e, "error", "errors"),
+                    plural(d.len() - e, "warning", "warnings")
+                );
+            }
+            Err(LoadFileError::Unreadable(_)) => {
+                unreadable += 1;
+                println!("{file}: unreadable");
+            }
+        }
+    }
+    if args.files.len() > 1 {
+        println!(
+            "{} checked: {valid} valid, {invalid} invalid, {unreadable} unreadable; {}, {}",
+            plural(args.files.len(), "file", "files"),
+            plural(errors, "error", "errors"),
+            plural(warnings, "warning", "warnings")
+        );
+    }
+    if unreadable > 0 {
+        ExitCode::from(2)
+    } else if invalid > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}

@@ -1,0 +1,129 @@
+//! `tasman topology validate`, run as the real binary: exit status 0 valid (warnings on
+//! stderr), 1 invalid (every diagnostic on stderr as FILE:LINE:COL), 2 unreadable.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn repo(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+fn validate(files: &[&Path]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tasman"))
+        .args(["topology", "validate"])
+        .args(files)
+        .output()
+        .expect("run tasman")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn valid_example_exits_zero_with_a_summary() {
+    let apac = repo("examples/apac.yaml");
+    let out = validate(&[&apac]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("apac.yaml: valid: 21 nodes"), "{stdout}");
+    assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
+}
+
+#[test]
+fn warnings_are_printed_but_do_not_fail() {
+    let f = repo("topology/tests/warnings/unreachable_sites.yaml");
+    let out = validate(&[&f]);
+    assert_eq!(out.status.code(), Some(0));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "{}:10:9: warning: edge node \"akl-edge-1\" cannot reach",
+            f.display()
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn invalid_file_exits_one_with_every_diagnostic_as_file_line_col() {
+    let f = repo("topology/tests/invalid/unknown_link_nodes.yaml");
+    let out = validate(&[&f]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    let shown = f.display();
+    for line in [
+        format!(
+            "{shown}:21:24: error: unknown node \"mel-site-3\" in link 2 (known: mel-site-1, mel-site-2)"
+        ),
+        format!(
+            "{shown}:22:9: error: unknown node \"syd-site-1\" in link 3 (known: mel-site-1, mel-site-2)"
+        ),
+        format!(
+            "{shown}:23:9: error: unknown node \"mel-site-9\" in link 4 (known: mel-site-1, mel-site-2)"
+        ),
+    ] {
+        assert!(
+            stderr.lines().any(|l| l == line),
+            "missing {line:?} in:\n{stderr}"
+        );
+    }
+    assert!(text(&out.stdout).contains("invalid: 3 errors, 0 warnings"));
+}
+
+#[test]
+fn unreadable_files_exit_two() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("missing.yaml");
+    let out = validate(&[&missing]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("cannot read"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let binary = dir.path().join("binary.yaml");
+    std::fs::write(&binary, b"version: 1\nnodes: \xff\xfe\n").expect("write");
+    let out = validate(&[&binary]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("not UTF-8"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let huge = dir.path().join("huge.yaml");
+    let f = std::fs::File::create(&huge).expect("create");
+    f.set_len(topology::MAX_DOCUMENT_BYTES as u64 + 1)
+        .expect("sparse file");
+    let out = validate(&[&huge]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("over the size limit"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn several_files_unreadable_wins_over_invalid() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let apac = repo("examples/apac.yaml");
+    let bad = repo("topology/tests/invalid/self_and_duplicate_links.yaml");
+    let out = validate(&[&apac, &bad]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stdout).contains("2 files checked: 1 valid, 1 invalid, 0 unreadable"));
+    let out = validate(&[&apac, &bad, &dir.path().join("nope.yaml")]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn help_shows_an_example() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tasman"))
+        .args(["topology", "validate", "--help"])
+        .output()
+        .expect("run tasman");
+    assert_eq!(out.status.code(), Some(0));
+    assert!(text(&out.stdout).contains("tasman topology validate examples/apac.yaml"));
+}

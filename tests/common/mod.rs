@@ -1,0 +1,420 @@
+//! Shared harness for the end-to-end tests: a temporary PKI, topology YAML with free loopback
+//! ports, real `tasman router` processes (killed on drop), nginx, and `eventually`.
+//!
+//! ```ignore
+//! let mut y = TopoYaml::default();
+//! y.edge("e", free_udp(), LOCAL, None).site("s", free_udp(), &[("svc", backend, 100)]).link("e", "s", "1ms");
+//! y.service("svc", free_tcp_port(LOCAL), &[]);
+//! let mut f = Fabric::new(&y);
+//! f.start_all();
+//! f.wait_preferred("e", "svc", "s");
+//! ```
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+/// Generous bound for conditions that normally hold within milliseconds (CI is 2 busy cores).
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+pub fn tasman() -> &'static str {
+    env!("CARGO_BIN_EXE_tasman")
+}
+
+/// Polls `cond` every 20 ms until it holds; panics with `what` after `deadline`.
+pub fn eventually(deadline: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + deadline;
+    loop {
+        if cond() {
+            return;
+        }
+        assert!(
+            Instant::now() < end,
+            "timed out after {deadline:?} waiting for: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn free_udp(ip: IpAddr) -> SocketAddr {
+    UdpSocket::bind((ip, 0))
+        .and_then(|s| s.local_addr())
+        .expect("free UDP port")
+}
+
+pub fn free_tcp_port(ip: IpAddr) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .and_then(|s| s.local_addr())
+        .expect("free TCP port")
+        .port()
+}
+
+/// Raises RLIMIT_NOFILE to its hard limit (children inherit it).
+pub fn raise_nofile() -> u64 {
+    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    unsafe {
+        let mut r = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+        r.rlim_cur
+    }
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Finds a system tool on PATH or in the sbin directories.
+pub fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    path.split(':')
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"])
+        .map(|d| Path::new(d).join(tool))
+        .find(|p| p.is_file())
+}
+
+/// Topology YAML in the project's format, with every node on loopback.
+#[derive(Default, Clone)]
+pub struct TopoYaml {
+    nodes: Vec<String>,
+    links: Vec<String>,
+    services: Vec<String>,
+}
+
+impl TopoYaml {
+    fn node(&mut self, id: &str, kind: &str, quic: SocketAddr, extra: &str) -> &mut Self {
+        let mut s = format!(
+            "  - id: {id}\n    kind: {kind}\n    region: au-east\n    country: AU\n    location: {{lat: -33.9, lon: 151.2}}\n    address: \"{quic}\"\n"
+        );
+        s.push_str(extra);
+        self.nodes.push(s);
+        self
+    }
+    pub fn edge(
+        &mut self,
+        id: &str,
+        quic: SocketAddr,
+        client_ip: IpAddr,
+        transparent_port: Option<u16>,
+    ) -> &mut Self {
+        let mut extra = format!("    client_address: \"{client_ip}\"\n");
+        if let Some(p) = transparent_port {
+            let _ = writeln!(extra, "    transparent_port: {p}");
+        }
+        self.node(id, "edge", quic, &extra)
+    }
+    pub fn transit(&mut self, id: &str, quic: SocketAddr) -> &mut Self {
+        self.node(id, "transit", quic, "")
+    }
+    /// `serves`: (service, backend, capacity).
+    pub fn site(
+        &mut self,
+        id: &str,
+        quic: SocketAddr,
+        serves: &[(&str, SocketAddr, u32)],
+    ) -> &mut Self {
+        let mut extra = String::from("    serves:\n");
+        for (svc, backend, cap) in serves {
+            let _ = writeln!(
+                extra,
+                "      - {{service: {svc}, backend: \"{backend}\", capacity: {cap}}}"
+            );
+        }
+        self.node(id, "site", quic, &extra)
+    }
+    pub fn link(&mut self, a: &str, b: &str, latency: &str) -> &mut Self {
+        self.links.push(format!(
+            "  - {{a: {a}, b: {b}, latency: {latency}, capacity: 10Gbps}}\n"
+        ));
+        self
+    }
+    /// `vips`: "PREFIX:PORT" strings, e.g. "198.18.0.10/32:80".
+    pub fn service(&mut self, name: &str, port: u16, vips: &[&str]) -> &mut Self {
+        let mut s = format!("  - name: {name}\n    port: {port}\n");
+        if !vips.is_empty() {
+            let list: Vec<String> = vips.iter().map(|v| format!("\"{v}\"")).collect();
+            let _ = writeln!(s, "    vips: [{}]", list.join(", "));
+        }
+        self.services.push(s);
+        self
+    }
+    pub fn render(&self) -> String {
+        format!(
+            "version: 1\nnodes:\n{}links:\n{}services:\n{}",
+            self.nodes.concat(),
+            self.links.concat(),
+            self.services.concat()
+        )
+    }
+}
+
+/// A child process killed (SIGKILL) and reaped on drop.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `tasman pki init` and `tasman pki issue NAMES...` in `dir` (the real CLI).
+pub fn make_pki(dir: &Path, names: &[&str]) {
+    let ok = Command::new(tasman())
+        .args(["pki", "init", "--dir"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .status();
+    assert!(ok.is_ok_and(|s| s.success()), "tasman pki init failed");
+    let ok = Command::new(tasman())
+        .args(["pki", "issue"])
+        .args(names)
+        .arg("--dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .status();
+    assert!(ok.is_ok_and(|s| s.success()), "tasman pki issue failed");
+}
+
+/// A fabric of real router processes built from a [`TopoYaml`].
+pub struct Fabric {
+    pub tmp: tempfile::TempDir,
+    pub yaml: PathBuf,
+    pub pki: PathBuf,
+    pub node_ids: Vec<String>,
+    /// Prefix for every router command (e.g. `ip netns exec NS`).
+    pub wrapper: Vec<String>,
+    pub metrics: BTreeMap<String, SocketAddr>,
+    procs: BTreeMap<String, Proc>,
+}
+
+impl Fabric {
+    pub fn new(y: &TopoYaml) -> Fabric {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let yaml = tmp.path().join("topology.yaml");
+        let text = y.render();
+        std::fs::write(&yaml, &text).expect("write topology");
+        let loaded = match topology::load(&text) {
+            Ok(l) => l,
+            Err(d) => panic!("test topology invalid: {d:?}\n{text}"),
+        };
+        let node_ids: Vec<String> = loaded
+            .topology
+            .nodes
+            .iter()
+            .map(|n| n.id.to_string())
+            .collect();
+        let pki = tmp.path().join("pki");
+        let names: Vec<&str> = node_ids.iter().map(String::as_str).collect();
+        make_pki(&pki, &names);
+        Fabric {
+            tmp,
+            yaml,
+            pki,
+            node_ids,
+            wrapper: Vec::new(),
+            metrics: BTreeMap::new(),
+            procs: BTreeMap::new(),
+        }
+    }
+
+    pub fn log_path(&self, node: &str) -> PathBuf {
+        self.tmp.path().join(format!("{node}.log"))
+    }
+
+    /// Starts `tasman router` for `node` and waits until its metrics endpoint answers (which the
+    /// router binds last, after its QUIC endpoint and listeners).
+    pub fn start(&mut self, node: &str) {
+        self.start_with(node, &[]);
+    }
+
+    pub fn start_with(&mut self, node: &str, extra: &[&str]) {
+        let metrics = *self
+            .metrics
+            .entry(node.to_string())
+            .or_insert_with(|| SocketAddr::new(LOCAL, free_tcp_port(LOCAL)));
+        let log = std::fs::File::create(self.log_path(node)).expect("log file");
+        let (prog, pre): (&str, Vec<&str>) = match self.wrapper.split_first() {
+            Some((p, rest)) => (
+                p.as_str(),
+                rest.iter().map(String::as_str).chain([tasman()]).collect(),
+            ),
+            None => (tasman(), Vec::new()),
+        };
+        let child = Command::new(prog)
+            .args(pre)
+            .args(["router", "--node", node, "--topology"])
+            .arg(&self.yaml)
+            .arg("--tls-dir")
+            .arg(&self.pki)
+            .args(["--metrics", &metrics.to_string()])
+            .args(extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn tasman router");
+        self.procs.insert(
+            node.to_string(),
+            Proc {
+                name: node.to_string(),
+                child,
+            },
+        );
+        let what = format!("router {node} metrics on {metrics}");
+        eventually(DEADLINE, &what, || {
+            if let Some(p) = self.procs.get_mut(node)
+                && let Ok(Some(status)) = p.child.try_wait()
+            {
+                panic!("router {node} exited early ({status}):\n{}", self.log(node));
+            }
+            self.get(node, "/metrics").is_some()
+        });
+    }
+
+    pub fn start_all(&mut self) {
+        for n in self.node_ids.clone() {
+            self.start(&n);
+        }
+    }
+
+    /// SIGKILL, no goodbye.
+    pub fn kill(&mut self, node: &str) {
+        if let Some(mut p) = self.procs.remove(node) {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+    }
+
+    pub fn log(&self, node: &str) -> String {
+        std::fs::read_to_string(self.log_path(node)).unwrap_or_default()
+    }
+
+    /// HTTP/1.0 GET on a router's metrics endpoint.
+    pub fn get(&self, node: &str, path: &str) -> Option<String> {
+        let addr = self.metrics.get(node)?;
+        let mut s = TcpStream::connect_timeout(addr, Duration::from_secs(2)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        let (head, body) = out.split_once("\r\n\r\n")?;
+        head.starts_with("HTTP/1.").then(|| body.to_string())
+    }
+
+    pub fn telemetry(&self, node: &str) -> Option<serde_json::Value> {
+        serde_json::from_str(&self.get(node, "/telemetry")?).ok()
+    }
+
+    /// The preferred site of `edge` for `service`, per its telemetry.
+    pub fn preferred(&self, edge: &str, service: &str) -> Option<String> {
+        self.telemetry(edge)?
+            .get("preferred")?
+            .get(service)?
+            .as_str()
+            .map(str::to_string)
+    }
+
+    pub fn wait_preferred(&self, edge: &str, service: &str, site: &str) {
+        let what = format!("{edge} to prefer {site} for {service}");
+        eventually(DEADLINE, &what, || {
+            self.preferred(edge, service).as_deref() == Some(site)
+        });
+    }
+
+    /// A counter or gauge from `node`'s /metrics (sum over label sets matching `filter`).
+    pub fn metric(&self, node: &str, name: &str, filter: &str) -> u64 {
+        let text = self.get(node, "/metrics").unwrap_or_default();
+        text.lines()
+            .filter(|l| {
+                l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']) && l.contains(filter)
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
+}
+
+/// nginx serving `root` on `addr`, in the foreground, with its own temp config.
+pub struct Nginx {
+    _proc: Proc,
+    pub addr: SocketAddr,
+}
+
+impl Nginx {
+    /// `None` when nginx is not installed (scripts/deps installs it).
+    pub fn start(dir: &Path, root: &Path, addr: SocketAddr, wrapper: &[String]) -> Option<Nginx> {
+        let nginx = which("nginx")?;
+        let conf = dir.join("nginx.conf");
+        let d = dir.display();
+        std::fs::write(
+            &conf,
+            format!(
+                "daemon off;\nmaster_process off;\nuser root root;\nworker_processes 1;\nerror_log {d}/nginx-error.log;\npid {d}/nginx.pid;\n\
+                 events {{ worker_connections 4096; }}\n\
+                 http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  \
+                 server {{ listen {addr}; root {}; }}\n}}\n",
+                root.display()
+            ),
+        )
+        .ok()?;
+        let (prog, pre): (String, Vec<String>) = match wrapper.split_first() {
+            Some((p, rest)) => (
+                p.clone(),
+                rest.iter()
+                    .cloned()
+                    .chain([nginx.display().to_string()])
+                    .collect(),
+            ),
+            None => (nginx.display().to_string(), Vec::new()),
+        };
+        let child = Command::new(prog)
+            .args(pre)
+            .arg("-p")
+            .arg(dir)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let n = Nginx {
+            _proc: Proc {
+                name: "nginx".into(),
+                child,
+            },
+            addr,
+        };
+        Some(n)
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), for payloads.
+pub fn fill(buf: &mut [u8], seed: &mut u64) {
+    for chunk in buf.chunks_mut(8) {
+        let mut x = *seed;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *seed = x;
+        let b = x.to_le_bytes();
+        chunk.copy_from_slice(&b[..chunk.len()]);
+    }
+}

@@ -1,0 +1,99 @@
+//! Pinned diagnostics. Each `tests/invalid/NAME.yaml` must fail to load with exactly the
+//! `LINE:COL: severity: message` lines in `NAME.expected`; each `tests/warnings/NAME.yaml` must load
+//! with exactly those warnings.
+//!
+//! After an intended change of messages, regenerate the golden files and review the diff:
+//!
+//! ```sh
+//! UPDATE_GOLDEN=1 cargo test -p tasman-topology --test golden
+//! git diff topology/tests/
+//! ```
+
+use std::path::{Path, PathBuf};
+
+fn cases(dir: &str) -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join(dir);
+    let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Compares (or with UPDATE_GOLDEN=1 rewrites) every case's rendered diagnostics; returns
+/// the mismatches so that one run reports all of them.
+fn check(dir: &str, expect_valid: bool) -> (usize, Vec<String>) {
+    let update = std::env::var_os("UPDATE_GOLDEN").is_some_and(|v| v == "1");
+    let mut failures = Vec::new();
+    let all = cases(dir);
+    for path in &all {
+        let text = std::fs::read_to_string(path).expect("readable case");
+        let name = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .to_string();
+        let diags = match (topology::load(&text), expect_valid) {
+            (Err(d), false) => d,
+            (Ok(l), true) => l.warnings,
+            (Ok(_), false) => {
+                failures.push(format!(
+                    "{name}: loaded, but it is under invalid/ and must fail"
+                ));
+                continue;
+            }
+            (Err(d), true) => {
+                failures.push(format!(
+                    "{name}: must load (with warnings) but failed: {d:#?}"
+                ));
+                continue;
+            }
+        };
+        let got: String = diags.iter().map(|d| format!("{d}\n")).collect();
+        if got.is_empty() {
+            failures.push(format!("{name}: no diagnostics at all"));
+        }
+        let golden = path.with_extension("expected");
+        if update {
+            std::fs::write(&golden, &got).expect("write golden");
+            continue;
+        }
+        let want = std::fs::read_to_string(&golden).unwrap_or_default();
+        if want != got {
+            failures.push(format!(
+                "{name}: diagnostics differ from {}\n--- expected\n{want}--- got\n{got}",
+                golden.display()
+            ));
+        }
+    }
+    (all.len(), failures)
+}
+
+#[test]
+fn invalid_documents_report_pinned_errors_with_positions() {
+    let (n, failures) = check("invalid", false);
+    assert!(
+        n >= 15,
+        "at least 15 invalid documents are pinned, found {n}"
+    );
+    assert!(
+        failures.is_empty(),
+        "{}\n(regenerate with UPDATE_GOLDEN=1 if the change is intended)",
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn documents_with_warnings_load_and_report_pinned_warnings() {
+    let (n, failures) = check("warnings", true);
+    assert!(n >= 1);
+    assert!(
+        failures.is_empty(),
+        "{}\n(regenerate with UPDATE_GOLDEN=1 if the change is intended)",
+        failures.join("\n")
+    );
+}

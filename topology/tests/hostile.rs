@@ -1,0 +1,110 @@
+//! Hostile documents are refused quickly with a clear error: never a hang, a crash or an
+//! allocation proportional to an expansion.
+
+use std::time::{Duration, Instant};
+
+use topology::{Diagnostic, MAX_DOCUMENT_BYTES, load};
+
+/// Loads `text`, asserts it fails within `limit`, and returns the diagnostics.
+fn refused(text: &str, limit: Duration) -> Vec<Diagnostic> {
+    let start = Instant::now();
+    let result = load(text);
+    let took = start.elapsed();
+    assert!(took < limit, "took {took:?}, limit {limit:?}");
+    match result {
+        Ok(_) => panic!("hostile document was accepted"),
+        Err(d) => {
+            assert!(d.iter().any(Diagnostic::is_error), "{d:?}");
+            eprintln!("refused in {took:?}: {}", d[0]);
+            d
+        }
+    }
+}
+
+#[test]
+fn document_over_the_size_limit_is_refused_before_parsing() {
+    let mut text = String::from("version: 1\nnodes: []\n# ");
+    text.push_str(&"x".repeat(MAX_DOCUMENT_BYTES));
+    let d = refused(&text, Duration::from_millis(100));
+    assert_eq!(d.len(), 1);
+    assert!(d[0].message.contains("over the limit"), "{}", d[0].message);
+}
+
+#[test]
+fn deeply_nested_flow_collections_are_refused() {
+    let text = format!(
+        "version: 1\nnodes: {}{}\n",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    let d = refused(&text, Duration::from_secs(2));
+    assert!(d[0].message.contains("refused"), "{}", d[0].message);
+}
+
+#[test]
+fn deeply_nested_block_collections_are_refused() {
+    let mut text = String::from("version: 1\nnodes:\n");
+    for depth in 0..2_000 {
+        text.push_str(&" ".repeat(2 * depth + 2));
+        text.push_str("- \n");
+    }
+    let d = refused(&text, Duration::from_secs(2));
+    assert!(d[0].message.contains("refused"), "{}", d[0].message);
+}
+
+#[test]
+fn alias_expansion_bomb_is_refused() {
+    // "Billion laughs": 9 levels of 10 aliases each would expand to 10^9 strings.
+    let mut text = String::from("version: 1\nlol0: &l0 \"lol\"\n");
+    for i in 1..=9 {
+        let refs: Vec<String> = (0..10).map(|_| format!("*l{}", i - 1)).collect();
+        text.push_str(&format!("lol{i}: &l{i} [{}]\n", refs.join(", ")));
+    }
+    text.push_str("nodes: *l9\n");
+    let d = refused(&text, Duration::from_secs(2));
+    assert!(d[0].message.contains("refused"), "{}", d[0].message);
+}
+
+#[test]
+fn many_aliases_to_one_anchor_are_refused() {
+    let mut text = String::from("version: 1\nx: &big [1, 2, 3, 4, 5, 6, 7, 8]\nnodes:\n");
+    for _ in 0..200_000 {
+        text.push_str("  - *big\n");
+    }
+    let d = refused(&text, Duration::from_secs(5));
+    assert!(d[0].message.contains("refused"), "{}", d[0].message);
+}
+
+#[test]
+fn too_many_nodes_are_refused() {
+    let mut text = String::from("version: 1\nnodes:\n");
+    for _ in 0..50_001 {
+        text.push_str("  - {}\n");
+    }
+    let d = refused(&text, Duration::from_secs(5));
+    assert!(
+        d.iter().any(|d| d.message.contains("over the limit")),
+        "{:?}",
+        &d[..d.len().min(3)]
+    );
+}
+
+#[test]
+fn garbage_never_panics() {
+    let samples = [
+        "\u{0}\u{1}\u{2}",
+        "{",
+        "]",
+        "version: 1\nnodes: [{id: }",
+        "%YAML 9.9\n---\na: 1",
+        "--- 1\n--- 2\n",
+        "version: 99999999999999999999999999999999999999999",
+        "version: 1\nnodes:\n  - id: a\n    location: {lat: .nan, lon: .inf}\n",
+        "!!binary AAAA",
+        "? [a, b]\n: c\n",
+        "version: 1\nnodes:\n  - &a {id: x}\n  - *a\n",
+    ];
+    for s in samples {
+        let _ = load(s);
+    }
+}

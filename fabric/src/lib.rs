@@ -3,5 +3,6 @@
 pub mod admin;
 pub mod cli;
 pub mod controller;
+pub mod demo;
 pub mod plan;
 pub mod store;

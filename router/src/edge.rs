@@ -17,9 +17,9 @@ use tokio::task::JoinHandle;
 use topology::route::Candidate;
 use topology::{Node, NodeKind, ServiceName};
 
+use crate::circuits::{CircuitTable, Classified, EdgeCircuit};
 use crate::codes::Code;
 use crate::header::{Header, REPLY_OK};
-use crate::routes::Routes;
 use crate::splice::{self, Side, TCP_BUF};
 use crate::{RouterError, Shared};
 
@@ -70,6 +70,25 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     sock.listen(BACKLOG)
 }
 
+/// Rebuilds this edge's circuit table from a new snapshot (limiters carried over) and keeps the
+/// circuit VIP listeners in step. Control path; called on every snapshot.
+pub(crate) fn apply_circuits(shared: &Arc<Shared>, snap: &crate::Snapshot) {
+    let is_edge = snap
+        .topology
+        .node(shared.node.as_str())
+        .is_some_and(|n| n.kind == NodeKind::Edge);
+    let table = if is_edge {
+        CircuitTable::build(&shared.node, snap, &shared.circuits.load())
+    } else {
+        CircuitTable::default()
+    };
+    let table = Arc::new(table);
+    shared.circuits.store(table.clone());
+    shared.vip_listeners.sync(&table, |l, service| {
+        tokio::spawn(accept_loop(shared.clone(), l, Some(service))).abort_handle()
+    });
+}
+
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, service: Option<ServiceName>) {
     let local_v6 = listener.local_addr().is_ok_and(|a| a.is_ipv6());
     loop {
@@ -82,33 +101,30 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, service: Option
                 continue;
             }
         };
-        let service = match &service {
-            Some(s) => Some(s.clone()),
-            None => crate::orig_dst::original_dst(&tcp, local_v6)
-                .ok()
-                .and_then(|dst| shared.routes.load().service_for(dst).cloned()),
+        // Where the client connected: the listener's address, or the original destination
+        // before an iptables REDIRECT (a service VIP or a circuit VIP).
+        let dst = match &service {
+            Some(_) => tcp.local_addr().ok(),
+            None => crate::orig_dst::original_dst(&tcp, local_v6).ok(),
         };
-        tracing::debug!(node = %shared.node, %client, service = ?service, "client accepted");
-        let Some(service) = service else {
-            shared.metrics.error(Code::UnknownService);
-            splice::reset_tcp(&tcp);
-            continue;
+        let service = service
+            .clone()
+            .or_else(|| dst.and_then(|d| shared.routes.load().service_for(d).cloned()));
+        let (service, circuit) = match shared.circuits.load().classify(
+            service.as_ref(),
+            client.ip(),
+            dst,
+        ) {
+            Classified::Circuit(s, c) => (s, Some(c)),
+            Classified::Plain(s) => (s, None),
+            Classified::Refused(code) => {
+                shared.metrics.error(code);
+                tracing::debug!(node = %shared.node, %client, ?dst, code = %code, "client refused");
+                splice::reset_tcp(&tcp);
+                continue;
+            }
         };
-        tokio::spawn(handle_client(shared.clone(), tcp, client, service));
-    }
-}
-
-/// Circuit classification hook (the circuits work fills it in: client prefix -> circuit, and the
-/// circuit's rate limit). Until then a service that requires a circuit refuses every client.
-fn classify_circuit(
-    routes: &Routes,
-    service: &ServiceName,
-    _client: SocketAddr,
-) -> Result<Option<String>, Code> {
-    if routes.requires_circuit(service.as_str()) {
-        Err(Code::CircuitRefused)
-    } else {
-        Ok(None)
+        tokio::spawn(handle_client(shared.clone(), tcp, client, service, circuit));
     }
 }
 
@@ -124,17 +140,11 @@ async fn handle_client(
     mut tcp: TcpStream,
     client: SocketAddr,
     service: ServiceName,
+    circuit: Option<Arc<EdgeCircuit>>,
 ) {
     let _ = tcp.set_nodelay(true);
+    // Circuit classification (and refusal without one) happened at accept.
     let routes = shared.routes.load_full();
-    let circuit = match classify_circuit(&routes, &service, client) {
-        Ok(c) => c,
-        Err(code) => {
-            shared.metrics.error(code);
-            splice::reset_tcp(&tcp);
-            return;
-        }
-    };
     let Some(cands) = routes.candidates(service.as_str()) else {
         shared.metrics.error(Code::NoRoute);
         splice::reset_tcp(&tcp);
@@ -148,7 +158,15 @@ async fn handle_client(
         eof: false,
     };
     let mut last = Code::NoRoute;
-    for (i, cand) in cands.iter().take(shared.max_tries).enumerate() {
+    // A circuit's connections take its reserved path first when the table still offers it;
+    // the other candidates remain the fallback (unreserved) when it fails.
+    let reserved = circuit
+        .as_ref()
+        .and_then(|c| cands.iter().position(|cand| cand.path == c.spec.path));
+    let order = reserved
+        .into_iter()
+        .chain((0..cands.len()).filter(|i| Some(*i) != reserved));
+    for (i, cand) in order.map(|i| &cands[i]).take(shared.max_tries).enumerate() {
         if i > 0 {
             shared.metrics.failovers_total.fetch_add(1, Relaxed);
             tracing::info!(node = %shared.node, %service, site = %cand.site, code = %last, "retrying on next candidate");
@@ -158,17 +176,19 @@ async fn handle_client(
             cand,
             &service,
             client,
-            circuit.as_deref(),
             &mut tcp,
             &mut buf,
             &mut replay,
+            circuit.as_deref(),
         )
         .await
         {
             Attempt::Accepted(send, recv) => {
                 tracing::debug!(node = %shared.node, %client, %service, site = %cand.site, "site accepted");
                 drop(replay);
-                splice::tcp_quic_with(&shared, tcp, send, recv, Side::Edge, &mut buf).await;
+                let limiter = circuit.as_ref().map(|c| &*c.limiter);
+                splice::tcp_quic_with(&shared, tcp, send, recv, Side::Edge, &mut buf, limiter)
+                    .await;
                 return;
             }
             Attempt::Retry(code) => {
@@ -227,10 +247,10 @@ async fn attempt(
     cand: &Candidate,
     service: &ServiceName,
     client: SocketAddr,
-    circuit: Option<&str>,
     tcp: &mut TcpStream,
     buf: &mut [u8],
     replay: &mut Replay,
+    circuit: Option<&EdgeCircuit>,
 ) -> Attempt {
     let Some(first) = cand.next_hop() else {
         return Attempt::Retry(Code::WrongRole);
@@ -248,7 +268,7 @@ async fn attempt(
         Err(_) => return Attempt::Retry(Code::NextHopUnreachable),
     };
     let mut header = Header::data(service.clone(), cand.path[2..].to_vec(), Some(client));
-    header.circuit = circuit.map(str::to_string);
+    header.circuit = circuit.map(|c| c.id.clone());
     let mut hbuf = BytesMut::with_capacity(128 + replay.data.len());
     if header.encode(&mut hbuf).is_err() {
         return Attempt::Fatal(Code::Internal);
@@ -289,6 +309,9 @@ async fn attempt(
                             replay.overflow = true;
                             replay.data = BytesMut::new();
                         }
+                    }
+                    if let Some(c) = circuit {
+                        c.limiter.up.take(n).await;
                     }
                     if let Err(e) = send.write_all(&buf[..n]).await {
                         break Err(match e {

@@ -16,6 +16,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod circuits;
 pub mod codes;
 mod edge;
 pub mod header;
@@ -26,6 +27,7 @@ pub mod netem;
 pub mod orig_dst;
 pub mod pki;
 pub mod probe;
+pub mod ratelimit;
 pub mod routes;
 mod site;
 pub mod snapshot;
@@ -151,6 +153,9 @@ pub(crate) struct Shared {
     pub dial_overrides: HashMap<NodeId, SocketAddr>,
     pub snapshot: ArcSwap<Snapshot>,
     pub routes: ArcSwap<routes::Routes>,
+    /// This edge's circuits (classification and rate limiters); empty on other roles.
+    pub circuits: ArcSwap<circuits::CircuitTable>,
+    pub vip_listeners: circuits::VipListeners,
     pub neighbours: ArcSwap<HashMap<NodeId, Arc<neighbours::Neighbour>>>,
     pub sites: ArcSwap<HashMap<topology::ServiceName, Arc<site::SiteService>>>,
     pub evidence: routes::Evidence,
@@ -239,6 +244,8 @@ impl Router {
             dial_overrides: cfg.dial_overrides.clone(),
             snapshot: ArcSwap::new(first.clone()),
             routes: ArcSwap::from_pointee(routes::Routes::default()),
+            circuits: ArcSwap::from_pointee(circuits::CircuitTable::default()),
+            vip_listeners: circuits::VipListeners::default(),
             neighbours: ArcSwap::from_pointee(HashMap::new()),
             sites: ArcSwap::from_pointee(HashMap::new()),
             evidence: routes::Evidence::default(),
@@ -299,6 +306,7 @@ impl RouterHandle {
         for t in &self.tasks {
             t.abort();
         }
+        self.shared.vip_listeners.close_all();
         let deadline = Instant::now() + Duration::from_secs(2);
         while self
             .shared

@@ -230,6 +230,7 @@ impl Control {
         names.extend(sh.extra_peer_names.iter().cloned());
         sh.peers.set(names);
         sh.snapshot.store(snap.clone());
+        crate::edge::apply_circuits(&sh, &snap);
 
         // Neighbours: dial every node we share a link with.
         let mut want: HashMap<NodeId, SocketAddr> = HashMap::new();

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use topology::Topology;
+use topology::circuit::ProvisionedCircuit;
 use topology::route::LiveState;
 
 /// One complete, atomic view of the fabric. A router applies snapshots whole (no partial
@@ -15,6 +16,9 @@ pub struct Snapshot {
     /// The source's view of live state (the controller's merged telemetry; empty from a file).
     /// The router's own local evidence is layered on top of it and wins.
     pub live: LiveState,
+    /// Provisioned circuits (the controller's; none from a file). Edges classify and rate-limit
+    /// their own; every router on a circuit's path acknowledges the snapshot that carries it.
+    pub circuits: Arc<Vec<ProvisionedCircuit>>,
 }
 
 impl Snapshot {
@@ -23,6 +27,7 @@ impl Snapshot {
             version,
             topology,
             live: LiveState::default(),
+            circuits: Arc::default(),
         }
     }
 }

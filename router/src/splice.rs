@@ -20,6 +20,7 @@ use tokio::net::TcpStream;
 
 use crate::Shared;
 use crate::codes::Code;
+use crate::ratelimit::{CircuitLimiter, TokenBucket};
 
 /// Bytes read from TCP per syscall. A buffer lives as long as its connection, so this is also
 /// most of the per-connection memory.
@@ -69,6 +70,7 @@ pub(crate) async fn tcp_to_quic(
     send: &mut SendStream,
     buf: &mut [u8],
     side: Side,
+    bucket: Option<&TokenBucket>,
 ) -> Result<(), Abort> {
     loop {
         let n = match rd.read(buf).await {
@@ -83,6 +85,9 @@ pub(crate) async fn tcp_to_quic(
                 return Err(Abort(code));
             }
         };
+        if let Some(b) = bucket {
+            b.take(n).await;
+        }
         if let Err(e) = send.write_all(&buf[..n]).await {
             return Err(Abort(write_error_code(&e)));
         }
@@ -96,11 +101,17 @@ pub(crate) async fn quic_to_tcp(
     recv: &mut RecvStream,
     wr: &mut (impl AsyncWriteExt + Unpin),
     side: Side,
+    bucket: Option<&TokenBucket>,
 ) -> Result<(), Abort> {
+    // A rate-limited circuit takes smaller chunks so that one chunk stays well inside its burst.
+    let max = if bucket.is_some() { TCP_BUF } else { CHUNK };
     loop {
-        match recv.read_chunk(CHUNK, true).await {
+        match recv.read_chunk(max, true).await {
             Ok(Some(chunk)) => {
                 let n = chunk.bytes.len();
+                if let Some(b) = bucket {
+                    b.take(n).await;
+                }
                 if wr.write_all(&chunk.bytes).await.is_err() {
                     let code = side.tcp_abort_code();
                     let _ = recv.stop(code.varint());
@@ -145,10 +156,11 @@ pub(crate) async fn tcp_quic(
     side: Side,
 ) {
     let mut buf = vec![0u8; TCP_BUF];
-    tcp_quic_with(shared, tcp, send, recv, side, &mut buf).await;
+    tcp_quic_with(shared, tcp, send, recv, side, &mut buf, None).await;
 }
 
-/// As [`tcp_quic`], with a caller-provided (reused) buffer.
+/// As [`tcp_quic`], with a caller-provided (reused) buffer, and the circuit's limiter when the
+/// connection belongs to one (client-to-service bytes take from `up`, the others from `down`).
 pub(crate) async fn tcp_quic_with(
     shared: &Shared,
     mut tcp: TcpStream,
@@ -156,13 +168,21 @@ pub(crate) async fn tcp_quic_with(
     mut recv: RecvStream,
     side: Side,
     buf: &mut [u8],
+    limiter: Option<&CircuitLimiter>,
 ) {
     shared.metrics.streams_active.fetch_add(1, Relaxed);
     shared.metrics.streams_total.fetch_add(1, Relaxed);
     let outcome = {
         let (mut rd, mut wr) = tcp.split();
-        let up = tcp_to_quic(shared, &mut rd, &mut send, buf, side);
-        let down = quic_to_tcp(shared, &mut recv, &mut wr, side);
+        let up = tcp_to_quic(
+            shared,
+            &mut rd,
+            &mut send,
+            buf,
+            side,
+            limiter.map(|l| &l.up),
+        );
+        let down = quic_to_tcp(shared, &mut recv, &mut wr, side, limiter.map(|l| &l.down));
         tokio::pin!(up, down);
         let (mut up_done, mut down_done) = (false, false);
         loop {

@@ -103,6 +103,27 @@ pub fn path_links(path: &[NodeId]) -> Vec<LinkId> {
     path.windows(2).map(|w| LinkId::new(&w[0], &w[1])).collect()
 }
 
+/// A circuit as the data plane needs it, in every snapshot the controller distributes: the
+/// edge classifies clients by `prefix` (and `vip`) and enforces `rate` both ways; transits and
+/// sites only need to know the circuit exists on their path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProvisionedCircuit {
+    pub id: CircuitId,
+    pub edge: NodeId,
+    /// The customer's source prefix.
+    pub prefix: IpNetwork,
+    pub service: ServiceName,
+    /// The circuit's VIP: clients reach the service through it at the service's port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip: Option<IpAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Enforced in each direction, on the aggregate of the circuit's connections.
+    pub rate: Bandwidth,
+    /// The reserved path, edge first, site last.
+    pub path: Vec<NodeId>,
+}
+
 /// Bandwidth held by one circuit along its path.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reservation {

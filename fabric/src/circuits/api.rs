@@ -1,0 +1,144 @@
+//! Circuit routes of the admin API (behind the same bearer token as every admin route).
+//!
+//! | method | path | |
+//! |---|---|---|
+//! | POST | /v1/circuits/validate | admission only: `CircuitSpec` -> `Admission` |
+//! | POST | /v1/circuits | create: `{spec, idempotency_key, author}` -> `CreateResponse` |
+//! | GET | /v1/circuits | all circuits |
+//! | GET | /v1/circuits/headroom | per-link capacity, reserved, free |
+//! | GET | /v1/circuits/{id} | one circuit (id or name) |
+//! | GET | /v1/circuits/{id}/history | its audit trail |
+//! | POST | /v1/circuits/{id}/resize | `{rate, author}` |
+//! | POST | /v1/circuits/{id}/delete | `{author}` |
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+use topology::Bandwidth;
+use topology::circuit::LinkHeadroom;
+
+use super::service::ServiceError;
+use super::{Admission, Circuit, CircuitError, CircuitSpec, HistoryEntry};
+use crate::admin::{AdminState, ApiError};
+
+pub fn routes() -> axum::Router<AdminState> {
+    axum::Router::new()
+        .route("/v1/circuits", get(list).post(create))
+        .route("/v1/circuits/validate", post(validate))
+        .route("/v1/circuits/headroom", get(headroom))
+        .route("/v1/circuits/{id}", get(show))
+        .route("/v1/circuits/{id}/history", get(history))
+        .route("/v1/circuits/{id}/resize", post(resize))
+        .route("/v1/circuits/{id}/delete", post(delete))
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        let status = match &e {
+            ServiceError::Circuit(CircuitError::Invalid(_)) => StatusCode::UNPROCESSABLE_ENTITY,
+            ServiceError::Circuit(CircuitError::Placement(p)) => match p {
+                topology::circuit::PlacementError::UnknownEdge { .. }
+                | topology::circuit::PlacementError::NotAnEdge { .. }
+                | topology::circuit::PlacementError::UnknownService { .. }
+                | topology::circuit::PlacementError::SiteDoesNotServe { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+                _ => StatusCode::CONFLICT,
+            },
+            ServiceError::Circuit(CircuitError::Pool(_) | CircuitError::Conflict(_)) => StatusCode::CONFLICT,
+            ServiceError::Circuit(CircuitError::NotFound(_)) => StatusCode::NOT_FOUND,
+            ServiceError::Circuit(CircuitError::Store(_)) | ServiceError::Controller(_) | ServiceError::Internal(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+fn actor(a: &str) -> String {
+    if a.trim().is_empty() { "unknown".to_string() } else { a.trim().to_string() }
+}
+
+async fn validate(State(st): State<AdminState>, Json(spec): Json<CircuitSpec>) -> Result<Json<Admission>, ApiError> {
+    Ok(Json(st.circuits.validate(&spec)?))
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CreateRequest {
+    pub spec: CircuitSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    #[serde(default)]
+    pub author: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CreateResponse {
+    pub circuit: Circuit,
+    /// False when an earlier create with the same idempotency key made it.
+    pub created: bool,
+}
+
+async fn create(State(st): State<AdminState>, Json(req): Json<CreateRequest>) -> Result<Json<CreateResponse>, ApiError> {
+    let (circuit, created) = st.circuits.create(req.spec, req.idempotency_key, actor(&req.author)).await?;
+    Ok(Json(CreateResponse { circuit, created }))
+}
+
+async fn list(State(st): State<AdminState>) -> Result<Json<Vec<Circuit>>, ApiError> {
+    Ok(Json(st.circuits.list()?))
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HeadroomRow {
+    pub link: topology::LinkId,
+    #[serde(flatten)]
+    pub headroom: LinkHeadroom,
+}
+
+async fn headroom(State(st): State<AdminState>) -> Result<Json<Vec<HeadroomRow>>, ApiError> {
+    Ok(Json(st.circuits.headroom()?.into_iter().map(|(link, headroom)| HeadroomRow { link, headroom }).collect()))
+}
+
+async fn show(State(st): State<AdminState>, Path(id): Path<String>) -> Result<Json<Circuit>, ApiError> {
+    Ok(Json(st.circuits.get(&id)?))
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HistoryResponse {
+    pub circuit: Circuit,
+    pub history: Vec<HistoryEntry>,
+}
+
+async fn history(State(st): State<AdminState>, Path(id): Path<String>) -> Result<Json<HistoryResponse>, ApiError> {
+    let (circuit, history) = st.circuits.history(&id)?;
+    Ok(Json(HistoryResponse { circuit, history }))
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ResizeRequest {
+    pub rate: Bandwidth,
+    #[serde(default)]
+    pub author: String,
+}
+
+async fn resize(
+    State(st): State<AdminState>,
+    Path(id): Path<String>,
+    Json(req): Json<ResizeRequest>,
+) -> Result<Json<Circuit>, ApiError> {
+    Ok(Json(st.circuits.resize(id, req.rate, actor(&req.author)).await?))
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct DeleteRequest {
+    #[serde(default)]
+    pub author: String,
+}
+
+async fn delete(
+    State(st): State<AdminState>,
+    Path(id): Path<String>,
+    Json(req): Json<DeleteRequest>,
+) -> Result<Json<Circuit>, ApiError> {
+    Ok(Json(st.circuits.delete(id, actor(&req.author)).await?))
+}

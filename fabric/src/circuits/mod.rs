@@ -1,0 +1,601 @@
+//! Circuits in the controller: the durable model, its lifecycle and the operations the admin
+//! API exposes (validate, create, resize, delete), each one atomic store transaction.
+//!
+//! Lifecycle (Megaport's words in brackets):
+//! `requested` (DESIGN) -> `provisioning` (DEPLOYABLE/CONFIGURED: placed, capacity reserved,
+//! VIP allocated, in the snapshots) -> `active` (LIVE: every router on the path acknowledged a
+//! snapshot that contains it) ; `failed` (with a reason) ; `decommissioning` (CANCELLED:
+//! removed from snapshots, capacity and VIP released) -> `decommissioned` (every router on the
+//! path acknowledged a snapshot without it). A create that cannot be placed is refused and
+//! records nothing, so `requested` only shows inside the history of the create transaction.
+//!
+//! Requested and assigned values are separate fields: `requested_rate` is what the operator
+//! asked for last, `assigned_rate` what the fabric has acknowledged and enforces. They differ
+//! while a resize is provisioning, so automation never mistakes one for the other.
+//!
+//! The placement maths is [`topology::circuit`]; this module only holds records and
+//! transitions. Callers pass the topology in force; the records are read and written in the
+//! transaction they are given, so that an idempotent create, a resize's make-before-break or a
+//! delete is all-or-nothing and serialised with every other write of the controller.
+
+pub mod api;
+pub mod service;
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use ipnetwork::IpNetwork;
+use serde::{Deserialize, Serialize};
+use topology::circuit::{
+    self as placement, BEnd, CircuitId, PlacementError, PlacementRequest, PoolError, ProvisionedCircuit,
+    Reservation,
+};
+use topology::{Bandwidth, NodeId, PoolName, Topology};
+
+use crate::controller::records::{self, now_unix_ms};
+use crate::store::{ReadTxn, StoreError, Table, WriteTxn, seq_key};
+
+/// Where a circuit is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CircuitState {
+    Requested,
+    Provisioning,
+    Active,
+    Failed,
+    Decommissioning,
+    Decommissioned,
+}
+
+impl CircuitState {
+    /// States in which the circuit holds capacity and a VIP and is in the routers' snapshots.
+    pub fn is_live(self) -> bool {
+        matches!(self, CircuitState::Requested | CircuitState::Provisioning | CircuitState::Active | CircuitState::Failed)
+    }
+    /// States `--wait` stops at.
+    pub fn is_settled(self) -> bool {
+        matches!(self, CircuitState::Active | CircuitState::Failed | CircuitState::Decommissioned)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CircuitState::Requested => "requested",
+            CircuitState::Provisioning => "provisioning",
+            CircuitState::Active => "active",
+            CircuitState::Failed => "failed",
+            CircuitState::Decommissioning => "decommissioning",
+            CircuitState::Decommissioned => "decommissioned",
+        }
+    }
+}
+
+impl fmt::Display for CircuitState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The customer's end: an edge node and the source prefix its clients come from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AEnd {
+    pub edge: NodeId,
+    pub prefix: IpNetwork,
+}
+
+/// What an operator asks for (the body of validate and create).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CircuitSpec {
+    pub name: String,
+    pub a_end: AEnd,
+    pub b_end: BEnd,
+    pub rate: Bandwidth,
+    /// The pool to take the VIP from (default: the topology's first pool).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+}
+
+/// Capacity a circuit still holds on its old path (or its old, larger rate) while a resize is
+/// provisioning: released when the new reservation is acknowledged (make before break).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Held {
+    pub path: Vec<NodeId>,
+    pub rate: Bandwidth,
+}
+
+/// A circuit record, as stored and as the API returns it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Circuit {
+    pub id: CircuitId,
+    pub name: String,
+    pub a_end: AEnd,
+    pub b_end: BEnd,
+    /// What the operator asked for last.
+    pub requested_rate: Bandwidth,
+    /// What the fabric has acknowledged and enforces (`None` until first active).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assigned_rate: Option<Bandwidth>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<PoolName>,
+    /// The circuit's VIP (kept in the record after decommissioning, for history; released).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip: Option<IpAddr>,
+    /// The service's port at the VIP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// The site the path ends at, and the reserved path (edge first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<NodeId>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub path: Vec<NodeId>,
+    /// Declared one-way latency of the path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency: Option<topology::Latency>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<Held>,
+    pub state: CircuitState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    pub created_by: String,
+    pub created_unix_ms: u64,
+    pub updated_unix_ms: u64,
+    /// Bumped on every change.
+    pub revision: u64,
+}
+
+impl Circuit {
+    /// The reservations this circuit holds now (its path, plus what a resize still holds).
+    pub fn reservations(&self) -> Vec<Reservation> {
+        if !self.state.is_live() || self.path.is_empty() {
+            return Vec::new();
+        }
+        let mut v =
+            vec![Reservation { circuit: self.id.clone(), path: self.path.clone(), rate: self.requested_rate }];
+        if let Some(h) = &self.held {
+            v.push(Reservation { circuit: self.id.clone(), path: h.path.clone(), rate: h.rate });
+        }
+        v
+    }
+
+    /// What routers get, when the circuit is in the snapshots.
+    pub fn provisioned(&self) -> Option<ProvisionedCircuit> {
+        (self.state.is_live() && !self.path.is_empty()).then(|| ProvisionedCircuit {
+            id: self.id.clone(),
+            edge: self.a_end.edge.clone(),
+            prefix: self.a_end.prefix,
+            service: self.b_end.service.clone(),
+            vip: self.vip,
+            port: self.port,
+            rate: self.requested_rate,
+            path: self.path.clone(),
+        })
+    }
+
+    /// Routers that must acknowledge the circuit before it is active (or gone).
+    pub fn routers(&self) -> BTreeSet<NodeId> {
+        let mut s: BTreeSet<NodeId> = self.path.iter().cloned().collect();
+        if let Some(h) = &self.held {
+            s.extend(h.path.iter().cloned());
+        }
+        s
+    }
+}
+
+/// One line of a circuit's audit trail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub time_unix_ms: u64,
+    pub actor: String,
+    pub action: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<CircuitState>,
+    pub to: CircuitState,
+    pub detail: String,
+}
+
+pub const CIRCUITS: Table<Circuit> = Table::new("circuits");
+/// Idempotency key -> circuit id.
+pub const CIRCUIT_KEYS: Table<String> = Table::new("circuit_keys");
+/// `<id>/<seq>` -> history entry.
+pub const CIRCUIT_HISTORY: Table<HistoryEntry> = Table::new("circuit_history");
+/// `next_id`.
+pub const CIRCUIT_META: Table<u64> = Table::new("circuit_meta");
+
+/// Why a circuit operation was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CircuitError {
+    #[error("invalid circuit: {0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Placement(#[from] PlacementError),
+    #[error("{0}")]
+    Pool(#[from] PoolError),
+    #[error("no circuit {0:?} (by id or name)")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Limits on operator-chosen strings.
+const MAX_NAME: usize = 64;
+const MAX_KEY: usize = 128;
+
+fn check_name(what: &str, s: &str, max: usize) -> Result<(), CircuitError> {
+    if s.is_empty() || s.len() > max {
+        return Err(CircuitError::Invalid(format!("{what} must be 1 to {max} characters, got {}", s.len())));
+    }
+    if let Some(c) = s.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))) {
+        return Err(CircuitError::Invalid(format!(
+            "{what} {s:?} contains {c:?}; use letters, digits, '-', '_', '.' or ':'"
+        )));
+    }
+    Ok(())
+}
+
+/// Parses a customer prefix, refusing host bits (`10.1.2.3/24` is almost always a typo).
+pub fn parse_prefix(s: &str) -> Result<IpNetwork, CircuitError> {
+    let p = IpNetwork::from_str(s.trim())
+        .map_err(|e| CircuitError::Invalid(format!("{s:?} is not an IP prefix like 203.0.113.0/24: {e}")))?;
+    check_prefix(p)?;
+    Ok(p)
+}
+
+fn check_prefix(p: IpNetwork) -> Result<(), CircuitError> {
+    if p.ip() != p.network() {
+        return Err(CircuitError::Invalid(format!(
+            "prefix {p} has host bits set; did you mean {}/{}?",
+            p.network(),
+            p.prefix()
+        )));
+    }
+    Ok(())
+}
+
+/// All circuits, in id order.
+pub fn all(tx: &dyn ReadTxn) -> Result<Vec<Circuit>, StoreError> {
+    Ok(CIRCUITS.all(tx)?.into_iter().map(|(_, c)| c).collect())
+}
+
+/// A circuit by id, or by name among the circuits not yet decommissioned (then the newest).
+pub fn find(tx: &dyn ReadTxn, id_or_name: &str) -> Result<Circuit, CircuitError> {
+    if let Some(c) = CIRCUITS.get(tx, id_or_name)? {
+        return Ok(c);
+    }
+    let mut by_name: Vec<Circuit> = all(tx)?.into_iter().filter(|c| c.name == id_or_name).collect();
+    by_name.sort_by_key(|c| (c.state != CircuitState::Decommissioned, c.created_unix_ms));
+    by_name.pop().ok_or_else(|| CircuitError::NotFound(id_or_name.to_string()))
+}
+
+pub fn history(tx: &dyn ReadTxn, id: &CircuitId) -> Result<Vec<HistoryEntry>, StoreError> {
+    let from = format!("{id}/");
+    Ok(CIRCUIT_HISTORY
+        .scan(tx, std::ops::Bound::Included(from.as_str()), usize::MAX, false)?
+        .into_iter()
+        .take_while(|(k, _)| k.starts_with(&from))
+        .map(|(_, v)| v)
+        .collect())
+}
+
+/// Every reservation held now, by every circuit.
+pub fn reservations(circuits: &[Circuit]) -> Vec<Reservation> {
+    circuits.iter().flat_map(Circuit::reservations).collect()
+}
+
+/// The circuits routers must carry, for the snapshot.
+pub fn provisioned(circuits: &[Circuit]) -> Vec<ProvisionedCircuit> {
+    circuits.iter().filter_map(Circuit::provisioned).collect()
+}
+
+/// Appends to the circuit's history and the controller's audit log.
+fn record(
+    tx: &mut dyn WriteTxn,
+    c: &Circuit,
+    actor: &str,
+    action: &str,
+    from: Option<CircuitState>,
+    detail: String,
+) -> Result<(), StoreError> {
+    let n = history(tx, &c.id)?.len() as u64 + 1;
+    let entry = HistoryEntry { time_unix_ms: c.updated_unix_ms, actor: actor.to_string(), action: action.to_string(), from, to: c.state, detail: detail.clone() };
+    CIRCUIT_HISTORY.put(tx, &format!("{}/{}", c.id, seq_key(n)), &entry)?;
+    records::audit(tx, actor, &format!("circuit.{action}"), &format!("{} ({}): {detail}", c.id, c.name))
+}
+
+fn save(tx: &mut dyn WriteTxn, c: &Circuit) -> Result<(), StoreError> {
+    CIRCUITS.put(tx, c.id.as_str(), c)
+}
+
+/// The outcome of admission for a spec: where it would go and which VIP it would get.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Admission {
+    pub placement: placement::Placement,
+    pub pool: PoolName,
+    pub vip: IpAddr,
+    pub port: Option<u16>,
+}
+
+/// Checks a spec against the topology and the circuits held now: names, prefix, placement with
+/// capacity, a VIP. Writes nothing.
+pub fn admit(topo: &Topology, circuits: &[Circuit], spec: &CircuitSpec) -> Result<Admission, CircuitError> {
+    check_name("name", &spec.name, MAX_NAME)?;
+    check_prefix(spec.a_end.prefix)?;
+    if let Some(other) = circuits.iter().find(|c| c.state.is_live() && c.name == spec.name) {
+        return Err(CircuitError::Conflict(format!("a circuit named {:?} already exists ({})", spec.name, other.id)));
+    }
+    if let Some(other) = circuits.iter().find(|c| {
+        c.state.is_live()
+            && c.a_end.edge == spec.a_end.edge
+            && c.b_end.service == spec.b_end.service
+            && c.a_end.prefix == spec.a_end.prefix
+    }) {
+        return Err(CircuitError::Conflict(format!(
+            "circuit {} ({}) already carries {} at {} to {}; one circuit per prefix, edge and service",
+            other.id, other.name, spec.a_end.prefix, spec.a_end.edge, spec.b_end.service
+        )));
+    }
+    let req = PlacementRequest { edge: spec.a_end.edge.clone(), b_end: spec.b_end.clone(), rate: spec.rate };
+    let placement = placement::place(topo, &reservations(circuits), &req)?;
+    let used: BTreeSet<IpAddr> = circuits.iter().filter(|c| c.state.is_live()).filter_map(|c| c.vip).collect();
+    let (pool, vip) = placement::allocate_vip(topo, spec.pool.as_deref(), &used)?;
+    let port = topo.service(spec.b_end.service.as_str()).and_then(|s| s.port.or(s.vips.first().map(|v| v.port)));
+    Ok(Admission { placement, pool, vip, port })
+}
+
+/// Creates a circuit: admission, then one record in `provisioning` with its path reserved and
+/// its VIP allocated. With an idempotency key already used, returns that circuit unchanged
+/// (`false`) when the spec is the same, and refuses when it differs.
+pub fn create(
+    tx: &mut dyn WriteTxn,
+    topo: &Topology,
+    spec: &CircuitSpec,
+    key: Option<&str>,
+    actor: &str,
+) -> Result<(Circuit, bool), CircuitError> {
+    if let Some(k) = key {
+        check_name("idempotency key", k, MAX_KEY)?;
+        if let Some(id) = CIRCUIT_KEYS.get(tx, k)? {
+            let c = CIRCUITS.get(tx, &id)?.ok_or_else(|| CircuitError::NotFound(id.clone()))?;
+            let same = c.name == spec.name
+                && c.a_end == spec.a_end
+                && c.b_end == spec.b_end
+                && c.requested_rate == spec.rate;
+            if !same {
+                return Err(CircuitError::Conflict(format!(
+                    "idempotency key {k:?} was used for circuit {} ({}) with a different request",
+                    c.id, c.name
+                )));
+            }
+            return Ok((c, false));
+        }
+    }
+    let circuits = all(tx)?;
+    let adm = admit(topo, &circuits, spec)?;
+    let n = CIRCUIT_META.get(tx, "next_id")?.unwrap_or(1);
+    CIRCUIT_META.put(tx, "next_id", &(n + 1))?;
+    let now = now_unix_ms();
+    let mut c = Circuit {
+        id: CircuitId::new(format!("c-{n:06}")),
+        name: spec.name.clone(),
+        a_end: spec.a_end.clone(),
+        b_end: spec.b_end.clone(),
+        requested_rate: spec.rate,
+        assigned_rate: None,
+        pool: Some(adm.pool.clone()),
+        vip: Some(adm.vip),
+        port: adm.port,
+        site: Some(adm.placement.site.clone()),
+        path: adm.placement.path.clone(),
+        latency: Some(adm.placement.latency),
+        held: None,
+        state: CircuitState::Requested,
+        reason: None,
+        idempotency_key: key.map(str::to_string),
+        created_by: actor.to_string(),
+        created_unix_ms: now,
+        updated_unix_ms: now,
+        revision: 1,
+    };
+    record(tx, &c, actor, "create", None, format!("{} from {} at {} to {}", spec.rate, spec.a_end.prefix, spec.a_end.edge, spec.b_end.service))?;
+    c.state = CircuitState::Provisioning;
+    record(
+        tx,
+        &c,
+        actor,
+        "place",
+        Some(CircuitState::Requested),
+        format!("path {} ({}), VIP {} from pool {}", arrows(&c.path), adm.placement.latency, adm.vip, adm.pool),
+    )?;
+    save(tx, &c)?;
+    if let Some(k) = key {
+        CIRCUIT_KEYS.put(tx, k, &c.id.to_string())?;
+    }
+    Ok((c, true))
+}
+
+fn arrows(path: &[NodeId]) -> String {
+    path.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(" -> ")
+}
+
+/// Changes a circuit's rate, re-checking admission. Make before break: the circuit keeps its
+/// path when the new rate fits there; otherwise a new path is reserved while the old one is
+/// still held (`held`), and the old one is released only once the new one is acknowledged.
+pub fn resize(
+    tx: &mut dyn WriteTxn,
+    topo: &Topology,
+    id_or_name: &str,
+    rate: Bandwidth,
+    actor: &str,
+) -> Result<Circuit, CircuitError> {
+    let mut c = find(tx, id_or_name)?;
+    if !matches!(c.state, CircuitState::Active | CircuitState::Provisioning) {
+        return Err(CircuitError::Conflict(format!("circuit {} is {}; only a provisioning or active circuit can be resized", c.id, c.state)));
+    }
+    if c.held.is_some() {
+        return Err(CircuitError::Conflict(format!(
+            "circuit {} is still moving to a new path from an earlier resize; wait until it is active",
+            c.id
+        )));
+    }
+    if rate == c.requested_rate {
+        return Ok(c);
+    }
+    let circuits = all(tx)?;
+    let req = PlacementRequest { edge: c.a_end.edge.clone(), b_end: c.b_end.clone(), rate };
+    let p = placement::resize(topo, &reservations(&circuits), &c.id, &req)?;
+    let old_rate = c.requested_rate;
+    c.held = if p.path != c.path {
+        Some(Held { path: c.path.clone(), rate: old_rate })
+    } else if rate < old_rate {
+        // Same path, smaller rate: keep holding the difference until the edge enforces it.
+        Some(Held { path: c.path.clone(), rate: old_rate.saturating_sub(rate) })
+    } else {
+        None
+    };
+    let moved = p.path != c.path;
+    c.requested_rate = rate;
+    c.site = Some(p.site.clone());
+    c.path = p.path.clone();
+    c.latency = Some(p.latency);
+    let from = c.state;
+    c.state = CircuitState::Provisioning;
+    c.reason = None;
+    c.updated_unix_ms = now_unix_ms();
+    c.revision += 1;
+    let detail = if moved {
+        format!("rate {old_rate} -> {rate}; moved to {} (old path held until acknowledged)", arrows(&c.path))
+    } else {
+        format!("rate {old_rate} -> {rate} on the same path")
+    };
+    record(tx, &c, actor, "resize", Some(from), detail)?;
+    save(tx, &c)?;
+    Ok(c)
+}
+
+/// Starts decommissioning: the circuit leaves the snapshots and releases its capacity and VIP
+/// at once; it becomes `decommissioned` when the routers of its path acknowledge that.
+pub fn delete(tx: &mut dyn WriteTxn, id_or_name: &str, actor: &str) -> Result<Circuit, CircuitError> {
+    let mut c = find(tx, id_or_name)?;
+    if matches!(c.state, CircuitState::Decommissioning | CircuitState::Decommissioned) {
+        return Ok(c);
+    }
+    let from = c.state;
+    c.state = CircuitState::Decommissioning;
+    c.held = None;
+    c.updated_unix_ms = now_unix_ms();
+    c.revision += 1;
+    record(tx, &c, actor, "delete", Some(from), format!("capacity {} and VIP released", c.requested_rate))?;
+    save(tx, &c)?;
+    Ok(c)
+}
+
+/// What the routers have acknowledged: called with a predicate "has this router applied a
+/// snapshot at least as new as version V", and the version in which each pending circuit was
+/// first distributed in its current form. Moves circuits to `active` / `decommissioned` and
+/// releases held capacity. Returns the circuits changed.
+pub fn settle(
+    tx: &mut dyn WriteTxn,
+    pending: &dyn Fn(&CircuitId) -> Option<u64>,
+    acked: &dyn Fn(&NodeId, u64) -> bool,
+) -> Result<Vec<Circuit>, StoreError> {
+    let mut changed = Vec::new();
+    for mut c in all(tx)? {
+        let target = match c.state {
+            CircuitState::Provisioning | CircuitState::Failed => CircuitState::Active,
+            CircuitState::Decommissioning => CircuitState::Decommissioned,
+            _ => continue,
+        };
+        if c.state == CircuitState::Failed && c.reason.as_deref().is_some_and(|r| !r.starts_with(NOT_ACKED)) {
+            continue;
+        }
+        let Some(version) = pending(&c.id) else { continue };
+        if !c.routers().iter().all(|n| acked(n, version)) {
+            continue;
+        }
+        let from = c.state;
+        c.state = target;
+        c.updated_unix_ms = now_unix_ms();
+        c.revision += 1;
+        c.reason = None;
+        let detail = if target == CircuitState::Active {
+            c.assigned_rate = Some(c.requested_rate);
+            let released = c.held.take().map(|h| format!("; released {} on {}", h.rate, arrows(&h.path))).unwrap_or_default();
+            format!("acknowledged by {} in snapshot {version}; {} enforced{released}", list(&c.routers()), c.requested_rate)
+        } else {
+            c.assigned_rate = None;
+            format!("removal acknowledged by {} in snapshot {version}", list(&c.routers()))
+        };
+        record(tx, &c, "controller", if target == CircuitState::Active { "activate" } else { "decommission" }, Some(from), detail)?;
+        save(tx, &c)?;
+        changed.push(c);
+    }
+    Ok(changed)
+}
+
+/// The reason prefix of circuits that failed because routers did not acknowledge in time
+/// (they recover to `active` when the acknowledgements arrive).
+pub const NOT_ACKED: &str = "not acknowledged";
+
+/// Marks provisioning circuits distributed at least `deadline_ms` ago as failed, naming the
+/// routers that have not acknowledged them.
+pub fn expire(
+    tx: &mut dyn WriteTxn,
+    overdue: &dyn Fn(&CircuitId) -> Option<u64>,
+    acked: &dyn Fn(&NodeId, u64) -> bool,
+) -> Result<Vec<Circuit>, StoreError> {
+    let mut changed = Vec::new();
+    for mut c in all(tx)? {
+        if c.state != CircuitState::Provisioning {
+            continue;
+        }
+        let Some(version) = overdue(&c.id) else { continue };
+        let missing: BTreeSet<NodeId> = c.routers().into_iter().filter(|n| !acked(n, version)).collect();
+        if missing.is_empty() {
+            continue;
+        }
+        let from = c.state;
+        c.state = CircuitState::Failed;
+        let reason = format!("{NOT_ACKED} by {} (snapshot {version})", list(&missing));
+        c.reason = Some(reason.clone());
+        c.updated_unix_ms = now_unix_ms();
+        c.revision += 1;
+        record(tx, &c, "controller", "fail", Some(from), reason)?;
+        save(tx, &c)?;
+        changed.push(c);
+    }
+    Ok(changed)
+}
+
+/// Marks circuits whose path a new topology breaks (a link or node removed or down) as failed.
+pub fn fail_broken(tx: &mut dyn WriteTxn, topo: &Topology, version: u64) -> Result<Vec<Circuit>, StoreError> {
+    let mut changed = Vec::new();
+    for mut c in all(tx)? {
+        if !c.state.is_live() || c.state == CircuitState::Failed {
+            continue;
+        }
+        let issues: Vec<String> = placement::check_reservations(topo, &c.reservations())
+            .into_iter()
+            .filter(|i| !matches!(i, placement::ReservationIssue::OverCommitted { .. }))
+            .map(|i| i.to_string())
+            .collect();
+        if issues.is_empty() {
+            continue;
+        }
+        let from = c.state;
+        c.state = CircuitState::Failed;
+        c.reason = Some(format!("topology version {version}: {}", issues.join("; ")));
+        c.updated_unix_ms = now_unix_ms();
+        c.revision += 1;
+        record(tx, &c, "controller", "fail", Some(from), c.reason.clone().unwrap_or_default())?;
+        save(tx, &c)?;
+        changed.push(c);
+    }
+    Ok(changed)
+}
+
+fn list(nodes: &BTreeSet<NodeId>) -> String {
+    nodes.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(", ")
+}

@@ -1,0 +1,402 @@
+//! `tasman circuit ...`: validate, create, list, show, resize, delete, history and headroom,
+//! through the controller's admin API.
+
+use std::net::IpAddr;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Subcommand};
+use ipnetwork::IpNetwork;
+use serde::Serialize;
+use topology::circuit::BEnd;
+use topology::{Bandwidth, NodeId, Region, ServiceName};
+
+use super::admin_client::{AdminArgs, AdminClient, ClientError, Output, block_on, report};
+use crate::circuits::api::{CreateRequest, CreateResponse, DeleteRequest, HeadroomRow, HistoryResponse, ResizeRequest};
+use crate::circuits::{AEnd, Admission, Circuit, CircuitSpec, CircuitState};
+
+#[derive(Debug, Subcommand)]
+pub enum CircuitCmd {
+    /// Check that a circuit would be admitted (path with room, VIP free) without creating it.
+    #[command(after_help = "Example:\n  tasman circuit validate --name acme-syd --edge syd-edge-1 --prefix 203.0.113.0/24 \\\n      --service llm-chat --rate 500Mbps\n\nExit 0: it fits (prints the path and VIP it would get); 1: refused, with the reason.")]
+    Validate(SpecArgs),
+    /// Create a circuit: place it, reserve its rate on every link of the path, allocate a VIP.
+    #[command(after_help = "Example:\n  tasman circuit create --name acme-syd --edge syd-edge-1 --prefix 203.0.113.0/24 \\\n      --service llm-chat --region au-east --rate 500Mbps --idempotency-key order-1234 --wait\n\nA retried create with the same --idempotency-key returns the same circuit. --wait blocks until\nthe circuit is active (every router on its path acknowledged it) or failed.")]
+    Create(CreateArgs),
+    /// List circuits.
+    #[command(after_help = "Example:\n  tasman circuit list -o table\n  tasman circuit list --all -o json   # decommissioned ones too")]
+    List(ListArgs),
+    /// Show one circuit (by id or name).
+    #[command(after_help = "Example:\n  tasman circuit show c-000001 -o yaml")]
+    Show(IdArgs),
+    /// Change a circuit's rate (re-checks admission; make-before-break).
+    #[command(after_help = "Example:\n  tasman circuit resize c-000001 --rate 1Gbps --wait\n\nThe requested rate changes at once; the assigned rate changes when the routers acknowledge it.")]
+    Resize(ResizeArgs),
+    /// Decommission a circuit: releases its capacity and VIP.
+    #[command(after_help = "Example:\n  tasman circuit delete c-000001 --wait")]
+    Delete(DeleteArgs),
+    /// A circuit's audit trail: who changed what, and when.
+    #[command(after_help = "Example:\n  tasman circuit history acme-syd")]
+    History(IdArgs),
+    /// Per-link capacity, reserved and free bandwidth.
+    #[command(after_help = "Example:\n  tasman circuit headroom")]
+    Headroom(ListArgs),
+}
+
+/// What to ask for.
+#[derive(Debug, Clone, Args)]
+pub struct SpecArgs {
+    /// The circuit's name (letters, digits, '-', '_', '.', ':').
+    #[arg(long)]
+    pub name: String,
+    /// A-end: the edge node the customer connects to.
+    #[arg(long)]
+    pub edge: String,
+    /// A-end: the customer's source prefix, e.g. 203.0.113.0/24.
+    #[arg(long, value_parser = parse_prefix)]
+    pub prefix: IpNetwork,
+    /// B-end: the service.
+    #[arg(long)]
+    pub service: String,
+    /// B-end: only sites in these regions (repeatable).
+    #[arg(long = "region")]
+    pub regions: Vec<String>,
+    /// B-end: only these sites (repeatable).
+    #[arg(long = "site")]
+    pub sites: Vec<String>,
+    /// Rate, e.g. 500Mbps or 1Gbps (each direction).
+    #[arg(long)]
+    pub rate: Bandwidth,
+    /// Address pool for the VIP (default: the topology's first pool).
+    #[arg(long)]
+    pub pool: Option<String>,
+    /// Recorded in the audit trail (default $USER).
+    #[arg(long, env = "USER", default_value = "unknown", hide_env_values = true)]
+    pub author: String,
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+fn parse_prefix(s: &str) -> Result<IpNetwork, String> {
+    crate::circuits::parse_prefix(s).map_err(|e| e.to_string().trim_start_matches("invalid circuit: ").to_string())
+}
+
+impl SpecArgs {
+    fn spec(&self) -> CircuitSpec {
+        CircuitSpec {
+            name: self.name.clone(),
+            a_end: AEnd { edge: NodeId::new(&self.edge), prefix: self.prefix },
+            b_end: BEnd {
+                service: ServiceName::new(&self.service),
+                regions: self.regions.iter().map(Region::new).collect(),
+                sites: self.sites.iter().map(NodeId::new).collect(),
+            },
+            rate: self.rate,
+            pool: self.pool.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WaitArgs {
+    /// Block until the circuit is active or failed (decommissioned for delete).
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait waits.
+    #[arg(long, default_value = "120s", value_parser = parse_timeout)]
+    pub timeout: Duration,
+}
+
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    s.parse::<topology::Latency>().map(|l| l.as_duration()).map_err(|e| e.to_string())
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CreateArgs {
+    #[command(flatten)]
+    pub spec: SpecArgs,
+    /// A retried create with the same key returns the same circuit instead of a second one.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ListArgs {
+    /// Include decommissioned circuits.
+    #[arg(long)]
+    pub all: bool,
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct IdArgs {
+    /// Circuit id (c-000001) or name.
+    pub id: String,
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ResizeArgs {
+    pub id: String,
+    /// The new rate, e.g. 1Gbps.
+    #[arg(long)]
+    pub rate: Bandwidth,
+    #[arg(long, env = "USER", default_value = "unknown", hide_env_values = true)]
+    pub author: String,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DeleteArgs {
+    pub id: String,
+    #[arg(long, env = "USER", default_value = "unknown", hide_env_values = true)]
+    pub author: String,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum CmdError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("circuit {id} failed: {reason}")]
+    Failed { id: String, reason: String },
+    #[error("circuit {id} is still {state} after {waited:?}")]
+    Timeout { id: String, state: CircuitState, waited: Duration },
+    #[error("cannot print {0}")]
+    Print(String),
+}
+
+pub fn run(cmd: CircuitCmd) -> ExitCode {
+    let admin = match &cmd {
+        CircuitCmd::Validate(a) => a.admin.clone(),
+        CircuitCmd::Create(a) => a.spec.admin.clone(),
+        CircuitCmd::List(a) | CircuitCmd::Headroom(a) => a.admin.clone(),
+        CircuitCmd::Show(a) | CircuitCmd::History(a) => a.admin.clone(),
+        CircuitCmd::Resize(a) => a.admin.clone(),
+        CircuitCmd::Delete(a) => a.admin.clone(),
+    };
+    let client = match AdminClient::new(&admin) {
+        Ok(c) => c,
+        Err(e) => return report(&e, "circuit"),
+    };
+    let out = admin.output;
+    let res = block_on(async move { exec(&client, cmd, out).await });
+    match res {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(CmdError::Client(e))) | Err(e) => report(&e, "circuit"),
+        Ok(Err(e)) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn id_path(id: &str) -> String {
+    // Ids and names are restricted to URL-safe characters by the controller; anything else
+    // cannot match, so escape it rather than build a wrong path.
+    let enc: String = id
+        .bytes()
+        .map(|b| if b.is_ascii_alphanumeric() || b"-_.:".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .collect();
+    format!("/v1/circuits/{enc}")
+}
+
+async fn exec(client: &AdminClient, cmd: CircuitCmd, out: Output) -> Result<(), CmdError> {
+    match cmd {
+        CircuitCmd::Validate(a) => {
+            let adm: Admission = client.post("/v1/circuits/validate", &a.spec()).await?;
+            print_value(out, &adm, || {
+                format!(
+                    "ok: {} fits: path {} ({}) to site {}, VIP {}{} from pool {}\n",
+                    a.rate,
+                    adm.placement.path.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(" -> "),
+                    adm.placement.latency,
+                    adm.placement.site,
+                    adm.vip,
+                    adm.port.map(|p| format!(":{p}")).unwrap_or_default(),
+                    adm.pool
+                )
+            })
+        }
+        CircuitCmd::Create(a) => {
+            let req = CreateRequest { spec: a.spec.spec(), idempotency_key: a.idempotency_key.clone(), author: a.spec.author.clone() };
+            let resp: CreateResponse = client.post("/v1/circuits", &req).await?;
+            if !resp.created {
+                eprintln!("circuit {} already created with idempotency key {:?}", resp.circuit.id, a.idempotency_key.unwrap_or_default());
+            }
+            let c = if a.wait.wait { wait(client, resp.circuit.id.as_str(), &a.wait, false).await? } else { resp.circuit };
+            print_circuit(out, &c)
+        }
+        CircuitCmd::List(a) => {
+            let mut v: Vec<Circuit> = client.get("/v1/circuits").await?;
+            if !a.all {
+                v.retain(|c| c.state != CircuitState::Decommissioned);
+            }
+            print_value(out, &v, || table(&v))
+        }
+        CircuitCmd::Show(a) => {
+            let c: Circuit = client.get(&id_path(&a.id)).await?;
+            print_circuit(out, &c)
+        }
+        CircuitCmd::Resize(a) => {
+            let c: Circuit = client
+                .post(&format!("{}/resize", id_path(&a.id)), &ResizeRequest { rate: a.rate, author: a.author.clone() })
+                .await?;
+            let c = if a.wait.wait { wait(client, c.id.as_str(), &a.wait, false).await? } else { c };
+            print_circuit(out, &c)
+        }
+        CircuitCmd::Delete(a) => {
+            let c: Circuit =
+                client.post(&format!("{}/delete", id_path(&a.id)), &DeleteRequest { author: a.author.clone() }).await?;
+            let c = if a.wait.wait { wait(client, c.id.as_str(), &a.wait, true).await? } else { c };
+            print_circuit(out, &c)
+        }
+        CircuitCmd::History(a) => {
+            let h: HistoryResponse = client.get(&format!("{}/history", id_path(&a.id))).await?;
+            print_value(out, &h, || {
+                let mut s = format!("{} ({}), {}\n", h.circuit.id, h.circuit.name, h.circuit.state);
+                for e in &h.history {
+                    let from = e.from.map(|f| format!("{f} -> ")).unwrap_or_default();
+                    s.push_str(&format!(
+                        "{}  {:<12} {:<11} {from}{}: {}\n",
+                        super::fmt_time(e.time_unix_ms),
+                        e.actor,
+                        e.action,
+                        e.to,
+                        e.detail
+                    ));
+                }
+                s
+            })
+        }
+        CircuitCmd::Headroom(a) => {
+            let rows: Vec<HeadroomRow> = client.get("/v1/circuits/headroom").await?;
+            let _ = a.all;
+            print_value(out, &rows, || {
+                let mut s = format!("{:<32} {:>10} {:>10} {:>10} {:>8}\n", "LINK", "CAPACITY", "RESERVED", "FREE", "CIRCUITS");
+                for r in &rows {
+                    s.push_str(&format!(
+                        "{:<32} {:>10} {:>10} {:>10} {:>8}\n",
+                        r.link.to_string(),
+                        r.headroom.capacity.to_string(),
+                        r.headroom.reserved.to_string(),
+                        r.headroom.free.to_string(),
+                        r.headroom.circuits
+                    ));
+                }
+                s
+            })
+        }
+    }
+}
+
+/// Polls the circuit until it settles (or `deadline`): active/failed, or decommissioned.
+async fn wait(client: &AdminClient, id: &str, w: &WaitArgs, gone: bool) -> Result<Circuit, CmdError> {
+    let start = Instant::now();
+    loop {
+        let c: Circuit = client.get(&id_path(id)).await?;
+        let done = if gone { c.state == CircuitState::Decommissioned } else { matches!(c.state, CircuitState::Active | CircuitState::Failed) };
+        if done {
+            if c.state == CircuitState::Failed {
+                return Err(CmdError::Failed { id: c.id.to_string(), reason: c.reason.clone().unwrap_or_default() });
+            }
+            return Ok(c);
+        }
+        if start.elapsed() >= w.timeout {
+            return Err(CmdError::Timeout { id: c.id.to_string(), state: c.state, waited: w.timeout });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn print_value<T: Serialize>(out: Output, v: &T, text: impl FnOnce() -> String) -> Result<(), CmdError> {
+    let s = match out {
+        Output::Json => serde_json::to_string_pretty(v).map(|s| s + "\n").map_err(|e| CmdError::Print(e.to_string()))?,
+        Output::Yaml => serde_saphyr::to_string(v).map_err(|e| CmdError::Print(e.to_string()))?,
+        Output::Text => text(),
+    };
+    print!("{s}");
+    Ok(())
+}
+
+fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
+    v.as_ref().map_or_else(|| "-".to_string(), |v| v.to_string())
+}
+
+fn vip(c: &Circuit) -> String {
+    match (c.vip, c.port) {
+        (Some(IpAddr::V6(ip)), Some(p)) => format!("[{ip}]:{p}"),
+        (Some(ip), Some(p)) => format!("{ip}:{p}"),
+        (Some(ip), None) => ip.to_string(),
+        (None, _) => "-".to_string(),
+    }
+}
+
+fn print_circuit(out: Output, c: &Circuit) -> Result<(), CmdError> {
+    print_value(out, c, || {
+        let path = if c.path.is_empty() { "-".to_string() } else { c.path.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(" -> ") };
+        let mut s = String::new();
+        let mut row = |k: &str, v: String| s.push_str(&format!("{k:<16}{v}\n"));
+        row("id", c.id.to_string());
+        row("name", c.name.clone());
+        row("state", c.state.to_string());
+        if let Some(r) = &c.reason {
+            row("reason", r.clone());
+        }
+        row("a-end", format!("{} from {}", c.a_end.edge, c.a_end.prefix));
+        let mut b = c.b_end.service.to_string();
+        if !c.b_end.regions.is_empty() {
+            b.push_str(&format!(" in regions {}", c.b_end.regions.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(",")));
+        }
+        if !c.b_end.sites.is_empty() {
+            b.push_str(&format!(" at sites {}", c.b_end.sites.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(",")));
+        }
+        row("b-end", b);
+        row("requested rate", c.requested_rate.to_string());
+        row("assigned rate", opt(&c.assigned_rate));
+        row("vip", format!("{}{}", vip(c), c.pool.as_ref().map(|p| format!(" (pool {p})")).unwrap_or_default()));
+        row("site", opt(&c.site));
+        row("path", format!("{path}{}", c.latency.map(|l| format!(" ({l})")).unwrap_or_default()));
+        if let Some(h) = &c.held {
+            row("still holding", format!("{} on {}", h.rate, h.path.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(" -> ")));
+        }
+        if let Some(k) = &c.idempotency_key {
+            row("idempotency key", k.clone());
+        }
+        row("created", format!("{} by {}", super::fmt_time(c.created_unix_ms), c.created_by));
+        row("updated", format!("{} (revision {})", super::fmt_time(c.updated_unix_ms), c.revision));
+        s
+    })
+}
+
+fn table(v: &[Circuit]) -> String {
+    let mut s = format!(
+        "{:<10} {:<20} {:<15} {:<28} {:<14} {:>10} {:>10} {:<22} {}\n",
+        "ID", "NAME", "STATE", "A-END", "B-END", "REQUESTED", "ASSIGNED", "VIP", "PATH"
+    );
+    for c in v {
+        s.push_str(&format!(
+            "{:<10} {:<20} {:<15} {:<28} {:<14} {:>10} {:>10} {:<22} {}\n",
+            c.id.to_string(),
+            c.name,
+            c.state.to_string(),
+            format!("{} {}", c.a_end.edge, c.a_end.prefix),
+            c.b_end.service.to_string(),
+            c.requested_rate.to_string(),
+            opt(&c.assigned_rate),
+            vip(c),
+            c.path.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(">")
+        ));
+    }
+    s
+}

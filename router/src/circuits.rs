@@ -1,0 +1,363 @@
+//! Circuits at the edge: classify a client connection to its circuit, and hold each circuit's
+//! rate limiter (one [`CircuitLimiter`] per circuit, shared by all its connections).
+//!
+//! The table is rebuilt off the data path on every snapshot ([`CircuitTable::build`]) and read
+//! with one atomic load per connection. A circuit's limiter survives rebuilds (same id, same
+//! `Arc`), and a resize changes its rate in place, so connections in flight follow it.
+//!
+//! Classification of a connection accepted at `dst` from `client`:
+//! 1. `dst` is a circuit's VIP:port at this edge: that circuit, if `client` is in its prefix;
+//!    otherwise refused (`CircuitRefused`): a VIP belongs to one customer.
+//! 2. else, with the service known (listener or service VIP): the circuit of that service at
+//!    this edge whose prefix contains `client` (longest prefix wins);
+//! 3. else, when the service has `requires_circuit: true`: refused (`CircuitRefused`);
+//! 4. else the connection is carried without a circuit.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+
+use tokio::net::TcpListener;
+use tokio::task::AbortHandle;
+use topology::circuit::ProvisionedCircuit;
+use topology::{NodeId, ServiceName};
+
+use crate::codes::Code;
+pub use crate::ratelimit::CircuitLimiter;
+use crate::snapshot::Snapshot;
+
+/// One circuit of this edge.
+#[derive(Debug)]
+pub struct EdgeCircuit {
+    pub spec: ProvisionedCircuit,
+    /// The circuit id as the stream header carries it.
+    pub id: String,
+    pub limiter: Arc<CircuitLimiter>,
+}
+
+/// What a connection is, after classification.
+#[derive(Debug, Clone)]
+pub enum Classified {
+    Circuit(ServiceName, Arc<EdgeCircuit>),
+    Plain(ServiceName),
+    Refused(Code),
+}
+
+/// This edge's circuits, indexed for classification.
+#[derive(Debug, Default)]
+pub struct CircuitTable {
+    /// Per service, longest prefix first.
+    by_service: HashMap<ServiceName, Vec<Arc<EdgeCircuit>>>,
+    by_vip: HashMap<SocketAddr, Arc<EdgeCircuit>>,
+    requires: HashSet<ServiceName>,
+}
+
+impl CircuitTable {
+    /// Builds the table for `node` from a snapshot, reusing `previous`'s limiters.
+    pub fn build(node: &NodeId, snap: &Snapshot, previous: &CircuitTable) -> CircuitTable {
+        let old: HashMap<&str, &Arc<EdgeCircuit>> = previous
+            .by_service
+            .values()
+            .flatten()
+            .map(|c| (c.id.as_str(), c))
+            .collect();
+        let mut t = CircuitTable {
+            requires: snap
+                .topology
+                .services
+                .iter()
+                .filter(|s| s.requires_circuit)
+                .map(|s| s.name.clone())
+                .collect(),
+            ..CircuitTable::default()
+        };
+        for spec in snap.circuits.iter().filter(|c| &c.edge == node) {
+            let limiter = match old.get(spec.id.as_str()) {
+                Some(o) => {
+                    if o.limiter.rate() != spec.rate {
+                        o.limiter.set_rate(spec.rate);
+                    }
+                    o.limiter.clone()
+                }
+                None => CircuitLimiter::new(spec.rate),
+            };
+            let c = Arc::new(EdgeCircuit {
+                id: spec.id.to_string(),
+                spec: spec.clone(),
+                limiter,
+            });
+            if let (Some(ip), Some(port)) = (spec.vip, spec.port) {
+                t.by_vip.insert(SocketAddr::new(ip, port), c.clone());
+            }
+            t.by_service
+                .entry(spec.service.clone())
+                .or_default()
+                .push(c);
+        }
+        for v in t.by_service.values_mut() {
+            v.sort_by(|a, b| {
+                b.spec
+                    .prefix
+                    .prefix()
+                    .cmp(&a.spec.prefix.prefix())
+                    .then(a.id.cmp(&b.id))
+            });
+        }
+        t
+    }
+
+    /// HOT PATH (per connection): hash lookups and a short scan, no allocation.
+    pub fn classify(
+        &self,
+        service: Option<&ServiceName>,
+        client: IpAddr,
+        dst: Option<SocketAddr>,
+    ) -> Classified {
+        let client = canonical(client);
+        if let Some(c) = dst.map(canonical_sock).and_then(|d| self.by_vip.get(&d)) {
+            return if c.spec.prefix.contains(client) {
+                Classified::Circuit(c.spec.service.clone(), c.clone())
+            } else {
+                Classified::Refused(Code::CircuitRefused)
+            };
+        }
+        let Some(service) = service else {
+            return Classified::Refused(Code::UnknownService);
+        };
+        if let Some(c) = self
+            .by_service
+            .get(service)
+            .and_then(|v| v.iter().find(|c| c.spec.prefix.contains(client)))
+        {
+            return Classified::Circuit(service.clone(), c.clone());
+        }
+        if self.requires.contains(service) {
+            return Classified::Refused(Code::CircuitRefused);
+        }
+        Classified::Plain(service.clone())
+    }
+
+    /// The VIP:port addresses this edge should accept on, with their service.
+    pub fn vips(&self) -> impl Iterator<Item = (SocketAddr, &ServiceName)> + '_ {
+        self.by_vip.iter().map(|(a, c)| (*a, &c.spec.service))
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_service.values().map(Vec::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// IPv4-mapped IPv6 (`::ffff:a.b.c.d`, from dual-stack sockets) compares as IPv4.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+fn canonical_sock(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(canonical(a.ip()), a.port())
+}
+
+/// Listeners on this edge's circuit VIPs, kept in step with the circuit table. A VIP that
+/// cannot be bound here (not a local address) is logged and left to transparent mode
+/// (iptables REDIRECT to the transparent port classifies by original destination the same way).
+#[derive(Default)]
+pub struct VipListeners {
+    bound: Mutex<HashMap<SocketAddr, AbortHandle>>,
+}
+
+impl VipListeners {
+    /// Binds listeners for new VIPs and closes those no longer wanted. `spawn` starts the
+    /// accept loop for a bound listener (the edge's, with the VIP's service).
+    pub fn sync(
+        &self,
+        table: &CircuitTable,
+        spawn: impl Fn(TcpListener, ServiceName) -> AbortHandle,
+    ) {
+        let want: HashMap<SocketAddr, &ServiceName> = table.vips().collect();
+        let mut bound = self.bound.lock().unwrap_or_else(|p| p.into_inner());
+        bound.retain(|addr, h| {
+            let keep = want.contains_key(addr);
+            if !keep {
+                h.abort();
+            }
+            keep
+        });
+        for (addr, service) in want {
+            if bound.contains_key(&addr) {
+                continue;
+            }
+            match bind(addr) {
+                Ok(l) => {
+                    tracing::info!(%addr, %service, "circuit VIP listener");
+                    bound.insert(addr, spawn(l, service.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!(%addr, error = %e, "cannot bind circuit VIP (transparent mode still works)")
+                }
+            }
+        }
+    }
+
+    /// Closes every VIP listener (router shutdown).
+    pub fn close_all(&self) {
+        let mut bound = self.bound.lock().unwrap_or_else(|p| p.into_inner());
+        for (_, h) in bound.drain() {
+            h.abort();
+        }
+    }
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    TcpListener::from_std(s.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use topology::Bandwidth;
+    use topology::circuit::CircuitId;
+
+    fn circuit(
+        id: &str,
+        edge: &str,
+        prefix: &str,
+        service: &str,
+        vip: Option<&str>,
+        mbps: u64,
+    ) -> ProvisionedCircuit {
+        ProvisionedCircuit {
+            id: CircuitId::new(id),
+            edge: NodeId::new(edge),
+            prefix: prefix.parse().unwrap(),
+            service: ServiceName::new(service),
+            vip: vip.map(|v| v.parse().unwrap()),
+            port: Some(8080),
+            rate: Bandwidth::from_mbps(mbps),
+            path: vec![NodeId::new(edge), NodeId::new("site")],
+        }
+    }
+
+    fn snap(circuits: Vec<ProvisionedCircuit>, requires: bool) -> Snapshot {
+        let mut topo = topology::Topology::default();
+        topo.services.push(topology::Service {
+            name: ServiceName::new("llm"),
+            port: Some(8080),
+            vips: vec![],
+            clients: vec![],
+            residency: Default::default(),
+            requires_circuit: requires,
+        });
+        topo.services.push(topology::Service {
+            name: ServiceName::new("open"),
+            port: Some(8081),
+            vips: vec![],
+            clients: vec![],
+            residency: Default::default(),
+            requires_circuit: false,
+        });
+        let mut s = Snapshot::new(1, Arc::new(topo));
+        s.circuits = Arc::new(circuits);
+        s
+    }
+
+    fn id(c: &Classified) -> String {
+        match c {
+            Classified::Circuit(s, c) => format!("{s}/{}", c.id),
+            Classified::Plain(s) => format!("{s}/-"),
+            Classified::Refused(code) => format!("refused:{}", code.name()),
+        }
+    }
+
+    #[test]
+    fn classifies_by_vip_then_longest_prefix_and_refuses_without_circuit() {
+        let me = NodeId::new("syd");
+        let s = snap(
+            vec![
+                circuit("c-1", "syd", "10.0.0.0/8", "llm", Some("127.77.0.1"), 100),
+                circuit("c-2", "syd", "10.1.0.0/16", "llm", Some("127.77.0.2"), 50),
+                circuit("c-3", "mel", "10.0.0.0/8", "llm", Some("127.77.0.3"), 50),
+            ],
+            true,
+        );
+        let t = CircuitTable::build(&me, &s, &CircuitTable::default());
+        assert_eq!(t.len(), 2, "only this edge's circuits");
+        let llm = ServiceName::new("llm");
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let sock = |s: &str| Some(s.parse::<SocketAddr>().unwrap());
+        // By VIP: the VIP's circuit, whatever the longest prefix says.
+        assert_eq!(
+            id(&t.classify(None, ip("10.1.2.3"), sock("127.77.0.1:8080"))),
+            "llm/c-1"
+        );
+        // A VIP only serves its customer's prefix.
+        assert_eq!(
+            id(&t.classify(None, ip("192.0.2.1"), sock("127.77.0.2:8080"))),
+            "refused:circuit_refused"
+        );
+        // Another edge's VIP is not ours.
+        assert_eq!(
+            id(&t.classify(None, ip("10.1.2.3"), sock("127.77.0.3:8080"))),
+            "refused:unknown_service"
+        );
+        // By listener: longest prefix.
+        assert_eq!(
+            id(&t.classify(Some(&llm), ip("10.1.2.3"), sock("127.0.0.1:8080"))),
+            "llm/c-2"
+        );
+        assert_eq!(id(&t.classify(Some(&llm), ip("10.2.0.1"), None)), "llm/c-1");
+        // Mapped IPv4 is IPv4.
+        assert_eq!(
+            id(&t.classify(Some(&llm), ip("::ffff:10.2.0.1"), None)),
+            "llm/c-1"
+        );
+        // No circuit for a service that requires one: refused; one that does not: plain.
+        assert_eq!(
+            id(&t.classify(Some(&llm), ip("192.0.2.1"), None)),
+            "refused:circuit_refused"
+        );
+        assert_eq!(
+            id(&t.classify(Some(&ServiceName::new("open")), ip("192.0.2.1"), None)),
+            "open/-"
+        );
+    }
+
+    #[test]
+    fn limiters_survive_rebuilds_and_follow_resizes() {
+        let me = NodeId::new("syd");
+        let t1 = CircuitTable::build(
+            &me,
+            &snap(
+                vec![circuit("c-1", "syd", "10.0.0.0/8", "llm", None, 100)],
+                true,
+            ),
+            &CircuitTable::default(),
+        );
+        let t2 = CircuitTable::build(
+            &me,
+            &snap(
+                vec![circuit("c-1", "syd", "10.0.0.0/8", "llm", None, 200)],
+                true,
+            ),
+            &t1,
+        );
+        let a = &t1.by_service[&ServiceName::new("llm")][0];
+        let b = &t2.by_service[&ServiceName::new("llm")][0];
+        assert!(Arc::ptr_eq(&a.limiter, &b.limiter));
+        assert_eq!(a.limiter.rate(), Bandwidth::from_mbps(200));
+    }
+}

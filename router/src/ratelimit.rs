@@ -1,0 +1,300 @@
+//! Circuit rate enforcement: a lock-free token bucket shared by every connection of a circuit.
+//!
+//! The bucket is GCRA ("virtual scheduling"): one `AtomicU64` holds the theoretical arrival
+//! time (TAT) of the next byte, in nanoseconds since the bucket was made. Taking `n` bytes moves
+//! the TAT forward by `n` bytes' worth of time with one compare-and-swap; the caller then waits
+//! until the TAT minus the burst allowance (if that is in the future). Idle time builds credit
+//! up to the burst and no further. There is no lock and no per-connection state, so any number of
+//! splice loops on any number of threads can share one bucket, and the rate can be changed live
+//! (a circuit resize) without touching the connections.
+//!
+//! A circuit's rate applies to each direction separately (like the full-duplex link capacity it
+//! reserves): [`CircuitLimiter`] holds one bucket per direction, each shared by all connections.
+//!
+//! Hot path: [`TokenBucket::take`] is called once per chunk (not per packet) before the chunk is
+//! written; it does a handful of atomic operations and no allocation.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+use topology::Bandwidth;
+
+/// How much credit an idle bucket may build: this long at the configured rate, but never less
+/// than [`MIN_BURST_BYTES`]. Enough to absorb timer granularity (tokio sleeps round up to 1 ms)
+/// and scheduling jitter without letting a circuit overrun visibly.
+pub const BURST: Duration = Duration::from_millis(20);
+/// The smallest burst, in bytes: a couple of full splice chunks.
+pub const MIN_BURST_BYTES: u64 = 128 * 1024;
+
+/// A token bucket with a rate in bits per second, shared by reference (`Arc`).
+#[derive(Debug)]
+pub struct TokenBucket {
+    epoch: Instant,
+    /// Theoretical arrival time of the next byte, ns since `epoch`.
+    tat_ns: AtomicU64,
+    bps: AtomicU64,
+    burst_ns: AtomicU64,
+}
+
+fn burst_ns(bps: u64) -> u64 {
+    let min = bytes_to_ns(MIN_BURST_BYTES, bps);
+    (BURST.as_nanos() as u64).max(min)
+}
+
+/// Time to send `bytes` at `bps`, in ns (rounded up; u128 so that nothing overflows).
+fn bytes_to_ns(bytes: u64, bps: u64) -> u64 {
+    let bps = u128::from(bps.max(1));
+    let ns = (u128::from(bytes) * 8 * 1_000_000_000).div_ceil(bps);
+    u64::try_from(ns).unwrap_or(u64::MAX)
+}
+
+impl TokenBucket {
+    pub fn new(rate: Bandwidth) -> Self {
+        let bps = rate.bps().max(1);
+        let burst = burst_ns(bps);
+        TokenBucket {
+            epoch: Instant::now(),
+            // A new bucket starts empty: a circuit never carries more than rate x time since it
+            // was set up (the burst only gives back time lost to timer granularity).
+            tat_ns: AtomicU64::new(burst),
+            bps: AtomicU64::new(bps),
+            burst_ns: AtomicU64::new(burst),
+        }
+    }
+
+    pub fn rate(&self) -> Bandwidth {
+        Bandwidth::from_bps(self.bps.load(Ordering::Relaxed))
+    }
+
+    /// Changes the rate for every connection sharing the bucket, at once.
+    pub fn set_rate(&self, rate: Bandwidth) {
+        let bps = rate.bps().max(1);
+        self.bps.store(bps, Ordering::Relaxed);
+        self.burst_ns.store(burst_ns(bps), Ordering::Relaxed);
+    }
+
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Takes `bytes` from the bucket and says how long the caller must wait before sending them
+    /// (zero when there was credit). Never blocks; one CAS loop.
+    pub fn reserve(&self, bytes: usize) -> Duration {
+        let cost = bytes_to_ns(bytes as u64, self.bps.load(Ordering::Relaxed));
+        let burst = self.burst_ns.load(Ordering::Relaxed);
+        let now = self.now_ns();
+        let mut cur = self.tat_ns.load(Ordering::Relaxed);
+        loop {
+            // A TAT in the past means a full bucket: idle time never earns more than the burst.
+            let start = cur.max(now);
+            let next = start.saturating_add(cost);
+            match self
+                .tat_ns
+                .compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => {
+                    return Duration::from_nanos(next.saturating_sub(burst).saturating_sub(now));
+                }
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    /// Takes `bytes` and waits until they may be sent. Call before writing a chunk.
+    pub async fn take(&self, bytes: usize) {
+        let wait = self.reserve(bytes);
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// The two buckets of one circuit: client-to-service (`up`) and service-to-client (`down`),
+/// each shared by all of the circuit's connections.
+#[derive(Debug)]
+pub struct CircuitLimiter {
+    pub up: TokenBucket,
+    pub down: TokenBucket,
+}
+
+impl CircuitLimiter {
+    pub fn new(rate: Bandwidth) -> Arc<Self> {
+        Arc::new(CircuitLimiter {
+            up: TokenBucket::new(rate),
+            down: TokenBucket::new(rate),
+        })
+    }
+    pub fn rate(&self) -> Bandwidth {
+        self.up.rate()
+    }
+    pub fn set_rate(&self, rate: Bandwidth) {
+        self.up.set_rate(rate);
+        self.down.set_rate(rate);
+    }
+}
+
+/// The chunk size of [`copy_limited`]: small enough that one chunk is a fraction of the burst at
+/// any rate we sell (1 Mbit/s and up), large enough to keep syscalls few.
+pub const CHUNK: usize = 16 * 1024;
+
+/// Copies `r` to `w` until EOF, taking every chunk from `bucket` before writing it, then shuts
+/// down `w` (half-close). Returns the bytes copied. `bucket: None` copies unlimited.
+pub async fn copy_limited<R, W>(
+    r: &mut R,
+    w: &mut W,
+    bucket: Option<&TokenBucket>,
+) -> std::io::Result<u64>
+where
+    R: AsyncRead + Unpin + ?Sized,
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    let mut buf = vec![0u8; CHUNK];
+    let mut total = 0u64;
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        if let Some(b) = bucket {
+            b.take(n).await;
+        }
+        w.write_all(&buf[..n]).await?;
+        total += n as u64;
+    }
+    w.shutdown().await?;
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::{TcpListener, TcpStream};
+
+    #[test]
+    fn reserve_charges_exactly_the_rate_after_the_burst() {
+        let b = TokenBucket::new(Bandwidth::from_mbps(8)); // 1 MB/s: 1 byte per us.
+        // Burst: 20 ms = 20 KB, but at least 128 KiB = 131 ms at this rate. A new bucket is empty.
+        assert_eq!(b.burst_ns.load(Ordering::Relaxed), 131_072_000);
+        let w = b.reserve(100_000);
+        assert!(
+            w > Duration::from_millis(95) && w <= Duration::from_millis(100),
+            "{w:?}"
+        );
+        // The next 100 KB wait 100 ms more.
+        let w = b.reserve(100_000);
+        assert!(
+            w > Duration::from_millis(195) && w <= Duration::from_millis(200),
+            "{w:?}"
+        );
+        b.set_rate(Bandwidth::from_mbps(80));
+        assert_eq!(b.rate(), Bandwidth::from_mbps(80));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_credit_is_capped_at_the_burst() {
+        let b = TokenBucket::new(Bandwidth::from_mbps(8));
+        tokio::time::sleep(Duration::from_millis(431)).await;
+        // 300 ms idle after filling up, but only 131 ms of credit: 131 KB go at once, 69 KB wait.
+        assert!(b.reserve(131_000).is_zero());
+        let w = b.reserve(69_000);
+        assert!(
+            w >= Duration::from_millis(60),
+            "credit beyond the burst: {w:?}"
+        );
+    }
+
+    /// A sink that counts bytes received and when.
+    async fn sink() -> (
+        std::net::SocketAddr,
+        tokio::task::JoinHandle<(u64, Duration)>,
+    ) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let h = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut total = 0u64;
+            let start = std::time::Instant::now();
+            loop {
+                let n = s.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+            }
+            (total, start.elapsed())
+        });
+        (addr, h)
+    }
+
+    /// A one-connection relay on loopback: accepts, connects to `to`, copies through `bucket`.
+    async fn relay(to: std::net::SocketAddr, bucket: Arc<CircuitLimiter>) -> std::net::SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut c, _) = l.accept().await.unwrap();
+            let mut s = TcpStream::connect(to).await.unwrap();
+            copy_limited(&mut c, &mut s, Some(&bucket.up))
+                .await
+                .unwrap();
+        });
+        addr
+    }
+
+    /// Sends as fast as it can for `dur`, then closes.
+    async fn blast(to: std::net::SocketAddr, dur: Duration) {
+        let mut s = TcpStream::connect(to).await.unwrap();
+        let buf = vec![0x5au8; 64 * 1024];
+        let end = std::time::Instant::now() + dur;
+        while std::time::Instant::now() < end {
+            s.write_all(&buf).await.unwrap();
+        }
+        s.shutdown().await.unwrap();
+    }
+
+    fn mbps(bytes: u64, d: Duration) -> f64 {
+        bytes as f64 * 8.0 / d.as_secs_f64() / 1e6
+    }
+
+    /// Circuit A (100 Mbit/s, one bulk connection) and circuit B (40 Mbit/s, two connections
+    /// sharing its bucket) run at once over real TCP sockets for over 5 s: each gets 90-100 % of
+    /// its own rate, and B's two connections share B's rate.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn circuits_carry_their_rate_and_do_not_affect_each_other() {
+        let a = CircuitLimiter::new(Bandwidth::from_mbps(100));
+        let b = CircuitLimiter::new(Bandwidth::from_mbps(40));
+        let (sa, ha) = sink().await;
+        let (sb1, hb1) = sink().await;
+        let (sb2, hb2) = sink().await;
+        let ra = relay(sa, a.clone()).await;
+        let rb1 = relay(sb1, b.clone()).await;
+        let rb2 = relay(sb2, b.clone()).await;
+        let dur = Duration::from_millis(5500);
+        tokio::join!(blast(ra, dur), blast(rb1, dur), blast(rb2, dur));
+        let (ta, da) = ha.await.unwrap();
+        let (tb1, db1) = hb1.await.unwrap();
+        let (tb2, db2) = hb2.await.unwrap();
+        assert!(da >= Duration::from_secs(5), "measured over {da:?}");
+        let ra = mbps(ta, da);
+        let rb = mbps(tb1, db1.max(db2)) + mbps(tb2, db1.max(db2));
+        eprintln!(
+            "circuit A: {ra:.1} Mbit/s of 100; circuit B: {rb:.1} Mbit/s of 40 ({tb1} + {tb2} bytes)"
+        );
+        assert!(
+            (90.0..=100.1).contains(&ra),
+            "circuit A carried {ra:.1} Mbit/s"
+        );
+        assert!(
+            (36.0..=40.04).contains(&rb),
+            "circuit B carried {rb:.1} Mbit/s"
+        );
+        // Both of B's connections made progress (one bucket, shared fairly enough).
+        assert!(
+            tb1 > 4_000_000 && tb2 > 4_000_000,
+            "B's connections: {tb1} and {tb2} bytes"
+        );
+    }
+}

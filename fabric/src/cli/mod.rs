@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod demo;
 pub mod pki;
 pub mod router;
 pub mod topology;
@@ -21,6 +22,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Run the local Asia-Pacific demo fabric: measure, fail a site over, exit.
+    Demo(demo::DemoArgs),
     /// Work with topology files: validate, route, diff.
     Topology(topology::TopologyArgs),
     /// Run one router (edge, transit or site, from its node's kind in the topology).
@@ -44,6 +47,7 @@ pub fn init_tracing() {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Demo(args) => demo::run(args),
         Command::Topology(args) => topology::run(args),
         Command::Router(args) => router::run(args),
         Command::Pki(args) => pki::run(args),

@@ -201,6 +201,34 @@ fn list(asked: &str, items: &[String]) -> String {
 ///
 /// Compact: service names are stored once (sorted, for a binary search), every candidate of
 /// every service lives in one `Vec`, and each service owns a range of it.
+///
+/// ```
+/// use topology::builder::{TopologyBuilder, ms};
+/// use topology::{Graph, LiveState, NodeId, NodeKind, RoutingTable};
+///
+/// let topo = TopologyBuilder::new()
+///     .node("syd-edge-1", NodeKind::Edge)
+///     .node("syd-site-1", NodeKind::Site)
+///     .node("mel-site-1", NodeKind::Site)
+///     .link("syd-edge-1", "syd-site-1", ms(0.8))
+///     .link("syd-edge-1", "mel-site-1", ms(6.5))
+///     .service("llm-chat")
+///     .serve("syd-site-1", "llm-chat", 512)
+///     .serve("mel-site-1", "llm-chat", 256)
+///     .build();
+/// let graph = Graph::new(&topo); // once per topology version
+/// let mut live = LiveState::default();
+/// let edge = NodeId::new("syd-edge-1");
+/// let table = RoutingTable::build(&topo, &graph, &edge, &live).unwrap();
+/// assert_eq!(table.best("llm-chat").unwrap().site.as_str(), "syd-site-1");
+///
+/// // Sydney fails: rebuild from the new live state; connections just read the new table.
+/// live.down_nodes.insert(NodeId::new("syd-site-1"));
+/// let table = RoutingTable::build(&topo, &graph, &edge, &live).unwrap();
+/// let c = &table.candidates("llm-chat")[0];
+/// assert_eq!((c.site.as_str(), c.cost), ("mel-site-1", ms(6.5)));
+/// assert_eq!(c.next_hop().map(|n| n.as_str()), Some("mel-site-1"));
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoutingTable {
     from: NodeId,

@@ -34,6 +34,13 @@ enum Cmd {
                             target/release/tasman-bench all --out docs/benchmarks.md"
     )]
     All(AllArgs),
+    /// Internal: an echo server in its own process (the 10,000-connection run needs its own
+    /// file-descriptor budget), printing `ready ADDR`.
+    #[command(hide = true)]
+    ServeEcho {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
     /// Internal: run one router of a benchmark fabric in this process until killed.
     #[command(hide = true)]
     ServeRouter {
@@ -79,6 +86,11 @@ fn main() -> ExitCode {
     };
     let r = match cli.cmd {
         Cmd::All(args) => rt.block_on(all(args)),
+        Cmd::ServeEcho { listen } => rt.block_on(async move {
+            let addr = net::echo_server(listen).await?;
+            println!("ready {addr}");
+            std::future::pending::<anyhow::Result<()>>().await
+        }),
         Cmd::ServeRouter {
             topology,
             node,
@@ -231,7 +243,8 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
     let mut topo = b.build();
     place(&mut topo)?;
     let sink = net::count_sink(SocketAddr::new(ip(77, 3, 1), 0)).await?;
-    let echo = net::echo_server(SocketAddr::new(ip(77, 3, 1), 0)).await?;
+    let echo_proc = procs::EchoProc::start(SocketAddr::new(ip(77, 3, 1), 0))?;
+    let echo = echo_proc.addr();
     set_backend(&mut topo, "s1", "tput", sink);
     set_backend(&mut topo, "s1", "echo", echo);
     let mut fabric = procs::ProcFabric::new(&topo)?;
@@ -298,7 +311,9 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
     drop(held);
     let hap_pid = hap_echo.pid();
     let hap_before = procs::rss_kib(hap_pid)?;
-    let held = net::hold(hap_echo_addr, args.conns, 256).await?;
+    // HAProxy holds both sides of each connection and the file limit is 20,000 per process here.
+    let hap_conns = args.conns.min(procs::HAPROXY_MAX_CONNS);
+    let held = net::hold(hap_echo_addr, hap_conns, 256).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let hap_after = procs::rss_kib(hap_pid)?;
     drop(held);
@@ -333,13 +348,13 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
         "bench/run   # = cargo build --release -p tasman-bench && target/release/tasman-bench all --mib {} --pings {} --conns {} --failovers {}",
         args.mib, args.pings, args.conns, args.failovers
     );
-    writeln!(md, "# Tasman benchmarks\n")?;
+    writeln!(md, "## Data plane: whole system\n")?;
     writeln!(
         md,
         "Measured in one run by `tasman-bench all` (release build). Regenerate with:\n"
     )?;
     writeln!(md, "```sh\n{cmd}\n```\n")?;
-    writeln!(md, "## Machine\n")?;
+    writeln!(md, "### Machine\n")?;
     writeln!(md, "| | |\n|---|---|")?;
     writeln!(
         md,
@@ -378,7 +393,7 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
          routers, so a proxy's figures include competition for CPU with its own load generator.\n"
     )?;
 
-    writeln!(md, "## Throughput of one TCP stream\n")?;
+    writeln!(md, "### Throughput of one TCP stream\n")?;
     writeln!(
         md,
         "{} MiB written on one connection, half-closed, until the receiver's byte count comes back.\n",
@@ -408,7 +423,7 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
         if fabric_ratio >= 0.8 { "met" } else { "missed" }
     )?;
 
-    writeln!(md, "## Request latency\n")?;
+    writeln!(md, "### Request latency\n")?;
     writeln!(
         md,
         "{} round trips of 64 bytes on one connection (TCP_NODELAY), after 500 warm-up round trips.\n",
@@ -440,10 +455,10 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
         if one_hop < 100.0 { "met" } else { "missed" }
     )?;
 
-    writeln!(md, "## Failure detection and failover\n")?;
+    writeln!(md, "### Failure detection and failover\n")?;
     writeln!(
         md,
-        "An edge with two sites (`near` 1 ms, `far` 5 ms declared). The near site's router process is killed\n\
+        "An edge with two sites (`near` 1 ms, `far` 12 ms declared; loopback, no emulated delay). The near site's router process is killed\n\
          with SIGKILL (it sends nothing to its neighbours); from that instant a new client connection starts\n\
          every 5 ms (HTTP GET to the demo backend, 5 s timeout each). Failover time is from the kill to the\n\
          first complete response served by the far site. Default probes: every 100 ms, down after 3 misses.\n"
@@ -482,7 +497,7 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
         )?;
     }
 
-    writeln!(md, "## Memory per open proxied connection\n")?;
+    writeln!(md, "### Memory per open proxied connection\n")?;
     let per =
         |before: u64, after: u64| after.saturating_sub(before) as f64 * 1024.0 / args.conns as f64;
     writeln!(
@@ -515,14 +530,14 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
     )?;
     writeln!(
         md,
-        "| HAProxy (reference, one process) | {hap_before} KiB | {hap_after} KiB | {:.0} |\n",
-        per(hap_before, hap_after)
+        "| HAProxy (reference, one process, {hap_conns} connections) | {hap_before} KiB | {hap_after} KiB | {:.0} |\n",
+        hap_after.saturating_sub(hap_before) as f64 * 1024.0 / hap_conns as f64
     )?;
 
     print!("{md}");
     if args.out != "-" {
-        std::fs::write(&args.out, &md).with_context(|| format!("write {}", args.out))?;
-        eprintln!("wrote {}", args.out);
+        splice_report(&args.out, &md)?;
+        eprintln!("wrote the data-plane section of {}", args.out);
     }
     Ok(())
 }
@@ -534,7 +549,9 @@ async fn failover_once() -> anyhow::Result<Failover> {
         .node("near", NodeKind::Site)
         .node("far", NodeKind::Site)
         .link("edge", "near", ms(1.0))
-        .link("edge", "far", ms(5.0))
+        // 11 ms apart: beyond the hysteresis margin (10 ms), so the edge settles on `near` even
+        // if its first choice was made on handshake-inflated RTTs.
+        .link("edge", "far", ms(12.0))
         .service("fo")
         .serve("near", "fo", 10_000)
         .serve("far", "fo", 10_000);
@@ -618,6 +635,27 @@ async fn failover_once() -> anyhow::Result<Failover> {
         failed,
         slowest_attempt: slowest,
     })
+}
+
+const BEGIN: &str =
+    "<!-- tasman-bench: begin (generated by bench/run; edit the generator, not this) -->";
+const END: &str = "<!-- tasman-bench: end -->";
+
+/// Replaces this tool's section of a shared benchmarks document (between its markers), or appends
+/// it; other sections are left as they are.
+fn splice_report(path: &str, section: &str) -> anyhow::Result<()> {
+    let old = std::fs::read_to_string(path).unwrap_or_default();
+    let block = format!("{BEGIN}\n{section}{END}\n");
+    let new = match (old.find(BEGIN), old.find(END)) {
+        (Some(b), Some(e)) if e > b => format!(
+            "{}{block}{}",
+            &old[..b],
+            old[e + END.len()..].trim_start_matches('\n')
+        ),
+        _ if old.is_empty() => format!("# Benchmarks\n\n{block}"),
+        _ => format!("{}\n{block}", old.trim_end_matches('\n').to_string() + "\n"),
+    };
+    std::fs::write(path, new).with_context(|| format!("write {path}"))
 }
 
 fn gbps(bytes: u64, d: Duration) -> f64 {

@@ -112,6 +112,53 @@ pub async fn serve_router(topology: PathBuf, node: String, tls_dir: PathBuf) -> 
     Ok(())
 }
 
+/// An echo server in a child process (`tasman-bench serve-echo`).
+pub struct EchoProc {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl EchoProc {
+    pub fn start(listen: SocketAddr) -> anyhow::Result<Self> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg("serve-echo")
+            .arg("--listen")
+            .arg(listen.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("spawn echo process")?;
+        let stdout = child.stdout.take().context("echo stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let addr = line
+            .trim()
+            .strip_prefix("ready ")
+            .and_then(|a| a.parse().ok());
+        match addr {
+            Some(addr) => Ok(EchoProc { child, addr }),
+            None => {
+                let _ = child.kill();
+                bail!("echo process did not start: {line:?}")
+            }
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for EchoProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Connections HAProxy can hold under a 20,000 open-file limit (two descriptors each).
+pub const HAPROXY_MAX_CONNS: usize = 9_000;
+
 /// HAProxy in `mode tcp` from `listen` to `target`.
 pub struct Haproxy {
     child: Child,
@@ -125,7 +172,7 @@ impl Haproxy {
         std::fs::write(
             &cfg,
             format!(
-                "global\n  maxconn 40000\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\n\
+                "global\n  maxconn 9500\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\n\
                  listen bench\n  bind {listen}\n  server s1 {target}\n"
             ),
         )?;

@@ -57,7 +57,11 @@ pub fn fabric_yaml(net: u8, edges: usize, transits: usize, ring_latency_ms: u32)
             &mut y,
             &format!("edge-{e}"),
             "edge",
-            &format!("\n    client_address: 127.{net}.251.{}", e % 250 + 1),
+            &format!(
+                "\n    client_address: 127.{net}.{}.{}",
+                251 + e / 250,
+                e % 250 + 1
+            ),
         );
     }
     y.push_str("links:\n");

@@ -344,7 +344,21 @@ impl Controller {
         inner.live.publish(live.clone());
         let base = (!topology_changed && prev.topology_version == inner.current.record.version)
             .then_some(prev.version);
-        let p = encode(version, &inner.current, &inner.circuits, live, base)?;
+        let mut p = encode(version, &inner.current, &inner.circuits, live, base)?;
+        // A topology change with the same circuits goes out as a delta when it is exact.
+        if topology_changed && Arc::ptr_eq(&prev.circuits, &inner.circuits) {
+            let changes = proto::TopologyDelta::between(&prev.topology, &inner.current.topology);
+            if changes.apply(&prev.topology) == *inner.current.topology {
+                let frame = proto::encode(&ToRouter::Delta {
+                    version,
+                    base_version: prev.version,
+                    topology_version: inner.current.record.version,
+                    changes,
+                    live: p.live.clone(),
+                })?;
+                p.delta = Some((prev.version, frame));
+            }
+        }
         self.published.send_replace(Arc::new(p));
         Ok(())
     }

@@ -333,6 +333,28 @@ async fn handle(
             },
             topology_version,
         ),
+        ToRouter::Delta {
+            version,
+            base_version,
+            topology_version,
+            changes,
+            live,
+        } => {
+            let cur = tx.borrow().clone();
+            if cur.version != base_version {
+                let have = (cur.version != 0).then_some(cur.version);
+                return Ok(Some(FromRouter::Resync { have_version: have }));
+            }
+            (
+                Snapshot {
+                    version,
+                    topology: Arc::new(changes.apply(&cur.topology)),
+                    live,
+                    circuits: cur.circuits.clone(),
+                },
+                topology_version,
+            )
+        }
         ToRouter::Live {
             version,
             base_version,

@@ -22,9 +22,9 @@ use std::sync::Arc;
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt};
-use topology::Topology;
 use topology::circuit::ProvisionedCircuit;
 use topology::route::LiveState;
+use topology::{Link, LinkId, Node, NodeId, Pool, Service, Topology};
 
 use crate::telemetry::TelemetryReport;
 
@@ -55,10 +55,93 @@ pub enum ToRouter {
         topology_version: u64,
         live: LiveState,
     },
+    /// The topology changed since `base_version` by `changes` (nodes and links by id; services
+    /// and pools whole); apply them to that version's topology, keep its circuits, take `live`.
+    /// The controller sends it only when applying `changes` to the base gives exactly the new
+    /// topology, else a full snapshot.
+    Delta {
+        version: u64,
+        base_version: u64,
+        topology_version: u64,
+        changes: TopologyDelta,
+        live: LiveState,
+    },
     /// Sent when nothing changed for a while; the router's staleness clock restarts.
     Heartbeat { version: u64 },
     /// The controller refuses this router (unknown node, name mismatch); it closes after this.
     Refused { reason: String },
+}
+
+/// A topology change by element: what an apply of a few lines costs on the wire, instead of the
+/// whole topology to every router.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct TopologyDelta {
+    pub nodes_upsert: Vec<Node>,
+    pub nodes_remove: Vec<NodeId>,
+    pub links_upsert: Vec<Link>,
+    pub links_remove: Vec<LinkId>,
+    pub services: Vec<Service>,
+    pub pools: Vec<Pool>,
+}
+
+impl TopologyDelta {
+    pub fn between(old: &Topology, new: &Topology) -> TopologyDelta {
+        use std::collections::BTreeMap;
+        let on: BTreeMap<&NodeId, &Node> = old.nodes.iter().map(|n| (&n.id, n)).collect();
+        let nn: BTreeMap<&NodeId, &Node> = new.nodes.iter().map(|n| (&n.id, n)).collect();
+        let ol: BTreeMap<LinkId, &Link> = old.links.iter().map(|l| (l.id(), l)).collect();
+        let nl: BTreeMap<LinkId, &Link> = new.links.iter().map(|l| (l.id(), l)).collect();
+        TopologyDelta {
+            nodes_upsert: new
+                .nodes
+                .iter()
+                .filter(|n| on.get(&n.id) != Some(n))
+                .cloned()
+                .collect(),
+            nodes_remove: old
+                .nodes
+                .iter()
+                .filter(|n| !nn.contains_key(&n.id))
+                .map(|n| n.id.clone())
+                .collect(),
+            links_upsert: new
+                .links
+                .iter()
+                .filter(|l| ol.get(&l.id()) != Some(l))
+                .cloned()
+                .collect(),
+            links_remove: old
+                .links
+                .iter()
+                .map(|l| l.id())
+                .filter(|id| !nl.contains_key(id))
+                .collect(),
+            services: new.services.clone(),
+            pools: new.pools.clone(),
+        }
+    }
+
+    /// `base` with these changes: changed elements in place, new ones appended.
+    pub fn apply(&self, base: &Topology) -> Topology {
+        let mut t = base.clone();
+        t.nodes.retain(|n| !self.nodes_remove.contains(&n.id));
+        for n in &self.nodes_upsert {
+            match t.nodes.iter_mut().find(|x| x.id == n.id) {
+                Some(x) => *x = n.clone(),
+                None => t.nodes.push(n.clone()),
+            }
+        }
+        t.links.retain(|l| !self.links_remove.contains(&l.id()));
+        for l in &self.links_upsert {
+            match t.links.iter_mut().find(|x| x.id() == l.id()) {
+                Some(x) => *x = l.clone(),
+                None => t.links.push(l.clone()),
+            }
+        }
+        t.services = self.services.clone();
+        t.pools = self.pools.clone();
+        t
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

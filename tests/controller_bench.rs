@@ -1,0 +1,222 @@
+//! Controller benchmarks (ignored in CI; see docs/benchmarks.md "Controller"):
+//!
+//! ```text
+//! cargo test -p tasman --test controller_bench -- --ignored --nocapture --test-threads 1
+//! ```
+//!
+//! The controller runs as the real `tasman controller` process; N lightweight routers (the real
+//! control client over real mutual-TLS QUIC, no data plane) run in this process.
+
+mod controller_common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use controller_common::*;
+use fabric::admin::topology::ApplyRequest;
+use fabric::cli::admin_client::{AdminArgs, AdminClient, Output};
+use fabric::controller::ApplyOutcome;
+use router::telemetry::{NeighbourReport, TelemetryReport};
+use topology::NodeId;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tasman");
+
+fn proc_stat(pid: u32) -> (f64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = 100.0; // CLK_TCK on Linux
+    let cpu = (f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0))
+        / ticks;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss_kb = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    (cpu, rss_kb)
+}
+
+async fn run(n: usize, net: u8, telemetry_secs: u64) {
+    let transits = 4;
+    let edges = n - transits - 2;
+    let dir = tempfile::tempdir().unwrap();
+    let tls = dir.path().join("pki");
+    let nodes = fabric_nodes(edges, transits);
+    let t = Instant::now();
+    pki(&tls, &nodes);
+    eprintln!("[{n}] pki for {n} nodes: {:?}", t.elapsed());
+    let state = dir.path().join("state");
+    let topo = dir.path().join("t.yaml");
+    std::fs::write(&topo, fabric_yaml(net, edges, transits, 10)).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["controller", "--state"])
+        .arg(&state)
+        .arg("--topology")
+        .arg(&topo)
+        .arg("--tls-dir")
+        .arg(&tls)
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let quic: std::net::SocketAddr = line
+        .split("quic=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let admin = line.split("admin=").nth(1).unwrap().trim().to_string();
+    let c = AdminClient::new(&AdminArgs {
+        controller: admin,
+        token: None,
+        token_file: Some(state.join("admin-token")),
+        output: Output::Text,
+    })
+    .unwrap();
+
+    let t = Instant::now();
+    let mut clients = Vec::with_capacity(n);
+    for chunk in nodes.chunks(50) {
+        let mut starts = Vec::new();
+        for node in chunk {
+            let tls = tls.clone();
+            let node = node.clone();
+            starts.push(tokio::spawn(async move {
+                start_client(quic, &node, &tls, None).await
+            }));
+        }
+        for s in starts {
+            clients.push(s.await.unwrap());
+        }
+    }
+    eprintln!(
+        "[{n}] {n} routers connected and on version 1: {:?}",
+        t.elapsed()
+    );
+
+    let mut samples = Vec::new();
+    for round in 0..5u32 {
+        let want = 2 + round as u64;
+        let text = fabric_yaml(net, edges, transits, 11 + round);
+        let req = ApplyRequest {
+            text,
+            dry_run: false,
+            message: "bench".into(),
+            author: "bench".into(),
+            base_version: None,
+        };
+        let t0 = Instant::now();
+        let out: ApplyOutcome = c.post("/v1/topology", &req).await.unwrap();
+        let answered = t0.elapsed();
+        assert_eq!(out.version, Some(want));
+        loop {
+            if clients.iter().all(|c| c.topology_version() == want) {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                let done = clients
+                    .iter()
+                    .filter(|c| c.topology_version() == want)
+                    .count();
+                let connected = clients.iter().filter(|c| c.is_connected()).count();
+                panic!(
+                    "[{n}] after 30 s only {done}/{n} routers applied version {want} ({connected} connected)"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let all = t0.elapsed();
+        // The controller's own record: every router acknowledged.
+        loop {
+            let st: fabric::admin::status::Status = c.get("/v1/status").await.unwrap();
+            if st.routers.iter().all(|r| r.applied_topology == want) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let acked = t0.elapsed();
+        eprintln!(
+            "[{n}] apply {want}: answered {answered:?}, all {n} applied {all:?}, controller saw all acks by {acked:?}"
+        );
+        samples.push(all);
+    }
+    samples.sort();
+    eprintln!(
+        "[{n}] apply -> all routers applied: median {:?}, max {:?}",
+        samples[samples.len() / 2],
+        samples[samples.len() - 1]
+    );
+
+    if telemetry_secs > 0 {
+        // Every router reports every second: 3 neighbours each, RTTs with a little jitter.
+        for (i, cl) in clients.iter().enumerate() {
+            let me = NodeId::new(&nodes[i]);
+            let peers: Vec<NodeId> = (1..=3)
+                .map(|k| NodeId::new(&nodes[(i + k) % nodes.len()]))
+                .collect();
+            let tick = Arc::new(std::sync::atomic::AtomicU64::new(i as u64));
+            cl.set_telemetry(Arc::new(move || {
+                let t = tick.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Some(TelemetryReport {
+                    node: me.clone(),
+                    snapshot_version: 0,
+                    neighbours: peers
+                        .iter()
+                        .map(|p| NeighbourReport {
+                            id: p.clone(),
+                            rtt_us: 4_000 + (t % 7) * 50,
+                            up: true,
+                        })
+                        .collect(),
+                    sites: Vec::new(),
+                    preferred: Default::default(),
+                })
+            }));
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let (cpu0, _) = proc_stat(child.id());
+        let t = Instant::now();
+        tokio::time::sleep(Duration::from_secs(telemetry_secs)).await;
+        let (cpu1, rss) = proc_stat(child.id());
+        let secs = t.elapsed().as_secs_f64();
+        eprintln!(
+            "[{n}] telemetry every 1 s from {n} routers: controller CPU {:.1}% of one core, RSS {:.1} MiB",
+            100.0 * (cpu1 - cpu0) / secs,
+            rss as f64 / 1024.0
+        );
+    }
+    let (_, rss) = proc_stat(child.id());
+    eprintln!(
+        "[{n}] controller RSS at the end: {:.1} MiB",
+        rss as f64 / 1024.0
+    );
+    drop(clients);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark"]
+async fn bench_apply_to_all_acks_100_routers() {
+    run(100, 81, 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark"]
+async fn bench_apply_to_all_acks_1000_routers_and_telemetry_load() {
+    run(1000, 82, 10).await;
+}

@@ -39,9 +39,9 @@ pub fn endpoint(
     listen: SocketAddr,
 ) -> Result<quinn::Endpoint, DistributeError> {
     let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(Duration::from_millis(500)));
+    transport.keep_alive_interval(Some(Duration::from_secs(1)));
     transport.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(
-        3_000,
+        10_000,
     ))));
     transport.max_concurrent_bidi_streams(4u32.into());
     transport.max_concurrent_uni_streams(0u32.into());

@@ -199,9 +199,9 @@ impl ControlClient {
 fn client_endpoint(cfg: &ClientConfig) -> Result<quinn::Endpoint, ControlError> {
     let peers = PeerNames::new([CONTROLLER_NAME.to_string()]);
     let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(Duration::from_millis(500)));
+    transport.keep_alive_interval(Some(Duration::from_secs(1)));
     transport.max_idle_timeout(Some(
-        Duration::from_secs(3)
+        Duration::from_secs(10)
             .try_into()
             .map_err(|_| ControlError::Timeout)?,
     ));

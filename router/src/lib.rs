@@ -19,6 +19,7 @@
 pub mod backend;
 pub mod circuits;
 pub mod codes;
+pub mod control;
 mod edge;
 pub mod header;
 mod inbound;

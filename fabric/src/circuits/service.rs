@@ -60,15 +60,14 @@ impl CircuitService {
     /// wait for acknowledgement of the controller's current snapshot (which carries them).
     pub fn new(ctl: Arc<Controller>, provision_timeout: Duration) -> Result<Arc<Self>, ServiceError> {
         let svc = Arc::new(CircuitService { ctl, pending: Mutex::new(BTreeMap::new()), provision_timeout });
-        let circuits = svc.list()?;
-        let version = svc.ctl.published().version;
-        let mut p = lock(&svc.pending);
-        for c in circuits {
-            if matches!(c.state, CircuitState::Provisioning | CircuitState::Decommissioning | CircuitState::Failed) {
-                p.insert(c.id.clone(), Pending { revision: c.revision, version, since: Instant::now() });
-            }
-        }
-        drop(p);
+        // The controller starts with no circuits in its snapshot: publish the stored ones, and
+        // wait for that version's acknowledgement for those not settled yet.
+        let unsettled: Vec<Circuit> = svc
+            .list()?
+            .into_iter()
+            .filter(|c| matches!(c.state, CircuitState::Provisioning | CircuitState::Decommissioning | CircuitState::Failed))
+            .collect();
+        svc.publish(&unsettled)?;
         Ok(svc)
     }
 
@@ -140,9 +139,11 @@ impl CircuitService {
     /// Publishes the circuits in the store to routers and starts waiting for `changed`'s
     /// acknowledgements.
     fn publish(&self, changed: &[Circuit]) -> Result<u64, ServiceError> {
+        // Held across read-and-publish, so that two operations finishing together cannot
+        // publish an older list last.
+        let mut p = lock(&self.pending);
         let circuits = self.list()?;
         let version = self.ctl.publish_circuits(Arc::new(super::provisioned(&circuits)))?;
-        let mut p = lock(&self.pending);
         for c in changed {
             p.insert(c.id.clone(), Pending { revision: c.revision, version, since: Instant::now() });
         }

@@ -8,7 +8,7 @@
 //! of serving sites (already filtered by the service's residency) is precomputed too, so a
 //! table build does no string work beyond reading the live state.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::model::{AdminState, LinkId, NodeId, NodeKind, ServiceName, Topology};
 
@@ -44,6 +44,8 @@ pub struct ServiceSites {
 pub struct Graph {
     /// Node index -> id, sorted ascending.
     ids: Vec<NodeId>,
+    /// Id -> node index (a hash lookup beats a binary search over 10k strings).
+    by_id: HashMap<NodeId, u32>,
     /// Node index -> position in `Topology::nodes`.
     topo_index: Vec<u32>,
     node_state: Vec<AdminState>,
@@ -51,12 +53,15 @@ pub struct Graph {
     /// CSR row starts, `ids.len() + 1` entries.
     offsets: Vec<u32>,
     edges: Vec<Edge>,
+    /// Parallel to `edges`: drained elements entered by taking the edge (the link, the
+    /// neighbour), so the search reads no per-link or per-node state for it.
+    edge_drain: Vec<u8>,
     /// Link index -> (end a, end b) as node indices.
     link_ends: Vec<(u32, u32)>,
     link_state: Vec<AdminState>,
     link_latency_ns: Vec<u64>,
-    /// Sorted by `LinkId`, for `--down a--b` and live-state lookups.
-    link_by_id: Vec<(LinkId, u32)>,
+    /// For `--down a--b` and live-state lookups.
+    link_by_id: HashMap<LinkId, u32>,
     /// Sorted by service name. Services no site may serve still appear, with no sites.
     services: Vec<ServiceSites>,
 }
@@ -85,17 +90,22 @@ impl Graph {
             .iter()
             .map(|&i| topo.nodes[i as usize].id.clone())
             .collect();
+        let by_id: HashMap<NodeId, u32> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (id.clone(), i as u32))
+            .collect();
         let node_state = order
             .iter()
             .map(|&i| topo.nodes[i as usize].state)
             .collect();
         let node_kind = order.iter().map(|&i| topo.nodes[i as usize].kind).collect();
-        let lookup = |id: &NodeId| ids.binary_search(id).ok().map(|i| i as u32);
+        let lookup = |id: &NodeId| by_id.get(id).copied();
 
         let mut link_ends = Vec::with_capacity(topo.links.len());
         let mut link_state = Vec::with_capacity(topo.links.len());
         let mut link_latency_ns = Vec::with_capacity(topo.links.len());
-        let mut link_by_id = Vec::with_capacity(topo.links.len());
+        let mut link_by_id = HashMap::with_capacity(topo.links.len());
         let mut degree = vec![0u32; ids.len() + 1];
         for (li, link) in topo.links.iter().enumerate() {
             let ends = match (lookup(&link.a), lookup(&link.b)) {
@@ -113,11 +123,10 @@ impl Graph {
             if let Some((a, b)) = ends {
                 degree[a as usize] += 1;
                 degree[b as usize] += 1;
-                link_by_id.push((link.id(), li as u32));
+                // First of duplicated links wins, as everywhere else.
+                link_by_id.entry(link.id()).or_insert(li as u32);
             }
         }
-        link_by_id.sort();
-        link_by_id.dedup_by(|b, a| a.0 == b.0);
 
         let mut offsets = Vec::with_capacity(ids.len() + 1);
         let mut acc = 0u32;
@@ -153,6 +162,13 @@ impl Graph {
         for i in 0..ids.len() {
             edges[offsets[i] as usize..offsets[i + 1] as usize].sort_by_key(|e| (e.to, e.link));
         }
+        let edge_drain = edges
+            .iter()
+            .map(|e| {
+                u8::from(link_state[e.link as usize] == AdminState::Drain)
+                    + u8::from(topo.nodes[order[e.to as usize] as usize].state == AdminState::Drain)
+            })
+            .collect();
 
         let mut services: BTreeMap<&str, Vec<ServingSite>> = topo
             .services
@@ -191,11 +207,13 @@ impl Graph {
 
         Graph {
             ids,
+            by_id,
             topo_index: order,
             node_state,
             node_kind,
             offsets,
             edges,
+            edge_drain,
             link_ends,
             link_state,
             link_latency_ns,
@@ -215,10 +233,7 @@ impl Graph {
 
     /// The dense index of a node id.
     pub fn index(&self, id: &str) -> Option<u32> {
-        self.ids
-            .binary_search_by(|n| n.as_str().cmp(id))
-            .ok()
-            .map(|i| i as u32)
+        self.by_id.get(id).copied()
     }
 
     /// The id of a node index. Panics on an index not from this graph (a programming error).
@@ -250,12 +265,16 @@ impl Graph {
         &self.edges[self.offsets[i] as usize..self.offsets[i + 1] as usize]
     }
 
+    /// The number of drained elements (0..=2: the link, the neighbour) entered by each edge of
+    /// [`Graph::neighbours`]`(index)`, in the same order.
+    pub fn neighbour_drain(&self, index: u32) -> &[u8] {
+        let i = index as usize;
+        &self.edge_drain[self.offsets[i] as usize..self.offsets[i + 1] as usize]
+    }
+
     /// The link index of `a--b` (either order).
     pub fn link_index(&self, id: &LinkId) -> Option<u32> {
-        self.link_by_id
-            .binary_search_by(|(l, _)| l.cmp(id))
-            .ok()
-            .map(|i| self.link_by_id[i].1)
+        self.link_by_id.get(id).copied()
     }
 
     /// The two ends of a link, or `None` if it was skipped (unknown end).
@@ -275,9 +294,11 @@ impl Graph {
         self.link_latency_ns[link as usize]
     }
 
-    /// All link ids (sorted), as accepted by `--down`.
-    pub fn link_ids(&self) -> impl Iterator<Item = &LinkId> + '_ {
-        self.link_by_id.iter().map(|(l, _)| l)
+    /// All link ids, sorted, as accepted by `--down` (for messages; allocates).
+    pub fn link_ids(&self) -> Vec<&LinkId> {
+        let mut ids: Vec<&LinkId> = self.link_by_id.keys().collect();
+        ids.sort();
+        ids
     }
 
     /// Services, sorted by name, each with the sites that may serve it.

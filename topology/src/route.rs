@@ -121,10 +121,12 @@ impl Candidate {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RouteError {
-    #[error("unknown node {node:?} (known: {})", list(known))]
+    #[error("unknown node {node:?} (known: {})", list(node, known))]
     UnknownNode { node: String, known: Vec<String> },
-    #[error("unknown service {service:?} (known: {})", list(known))]
+    #[error("unknown service {service:?} (known: {})", list(service, known))]
     UnknownService { service: String, known: Vec<String> },
+    #[error("unknown link {link:?} (known: {})", list(link, known))]
+    UnknownLink { link: String, known: Vec<String> },
     #[error(
         "the graph does not belong to this topology ({graph_nodes} nodes and {graph_links} links \
          in the graph, {topology_nodes} and {topology_links} in the topology)"
@@ -137,18 +139,59 @@ pub enum RouteError {
     },
 }
 
-/// "a, b, c" for error messages; long lists are cut with a count.
-fn list(items: &[String]) -> String {
+impl RouteError {
+    /// `UnknownNode` for `id`, listing the graph's nodes.
+    pub fn unknown_node(graph: &Graph, id: &str) -> Self {
+        RouteError::UnknownNode {
+            node: id.to_string(),
+            known: graph.ids().iter().map(|i| i.to_string()).collect(),
+        }
+    }
+    /// `UnknownService` for `name`, listing the graph's services.
+    pub fn unknown_service(graph: &Graph, name: &str) -> Self {
+        RouteError::UnknownService {
+            service: name.to_string(),
+            known: graph
+                .services()
+                .iter()
+                .map(|s| s.name.to_string())
+                .collect(),
+        }
+    }
+    /// `UnknownLink` for `link` (as the user wrote it), listing the graph's links.
+    pub fn unknown_link(graph: &Graph, link: &str) -> Self {
+        RouteError::UnknownLink {
+            link: link.to_string(),
+            known: graph
+                .link_ids()
+                .into_iter()
+                .map(|l| l.to_string())
+                .collect(),
+        }
+    }
+}
+
+/// "a, b, c" for error messages. A long list is cut to the names most like `asked` (longest
+/// common prefix, so `syd-edge-9` shows the `syd-` nodes), in sorted order, with a count.
+fn list(asked: &str, items: &[String]) -> String {
     const SHOWN: usize = 20;
-    let mut s = items
-        .iter()
-        .take(SHOWN)
-        .map(String::as_str)
-        .collect::<Vec<_>>()
-        .join(", ");
     if items.is_empty() {
-        s.push_str("none");
-    } else if items.len() > SHOWN {
+        return "none".to_string();
+    }
+    let mut shown: Vec<&str> = items.iter().map(String::as_str).collect();
+    if shown.len() > SHOWN {
+        let common = |s: &str| {
+            s.bytes()
+                .zip(asked.bytes())
+                .take_while(|(a, b)| a == b)
+                .count()
+        };
+        shown.sort_by(|a, b| common(b).cmp(&common(a)).then(a.cmp(b)));
+        shown.truncate(SHOWN);
+    }
+    shown.sort_unstable();
+    let mut s = shown.join(", ");
+    if items.len() > SHOWN {
         let _ = write!(s, ", ... and {} more", items.len() - SHOWN);
     }
     s
@@ -187,10 +230,7 @@ impl RoutingTable {
             });
         }
         let Some(origin) = graph.index(from.as_str()) else {
-            return Err(RouteError::UnknownNode {
-                node: from.to_string(),
-                known: graph.ids().iter().map(|i| i.to_string()).collect(),
-            });
+            return Err(RouteError::unknown_node(graph, from.as_str()));
         };
         let n = graph.node_count();
         let m = graph.link_count();
@@ -234,7 +274,7 @@ impl RoutingTable {
             if std::mem::replace(&mut done[u as usize], true) {
                 continue;
             }
-            for e in graph.neighbours(u) {
+            for (e, &drained) in graph.neighbours(u).iter().zip(graph.neighbour_drain(u)) {
                 let v = e.to as usize;
                 if link_blocked[e.link as usize] || node_blocked[v] {
                     continue;
@@ -242,9 +282,7 @@ impl RoutingTable {
                 let w = overrides
                     .as_ref()
                     .map_or(e.latency_ns, |o| o[e.link as usize]);
-                let drained = u32::from(graph.link_state(e.link) == AdminState::Drain)
-                    + u32::from(graph.node_state(e.to) == AdminState::Drain);
-                let cand = (d.saturating_add(drained), l.saturating_add(w));
+                let cand = (d.saturating_add(u32::from(drained)), l.saturating_add(w));
                 if cand < dist[v] {
                     dist[v] = cand;
                     prev[v] = u;
@@ -353,14 +391,7 @@ pub fn route(
 ) -> Result<Vec<Candidate>, RouteError> {
     let graph = Graph::new(topo);
     if graph.service(service).is_none() {
-        return Err(RouteError::UnknownService {
-            service: service.to_string(),
-            known: graph
-                .services()
-                .iter()
-                .map(|s| s.name.to_string())
-                .collect(),
-        });
+        return Err(RouteError::unknown_service(&graph, service));
     }
     let table = RoutingTable::build(topo, &graph, from, live)?;
     Ok(table.candidates(service).to_vec())
@@ -712,6 +743,26 @@ mod tests {
         assert_eq!(
             RoutingTable::build(&t, &g, &nid("edge"), &live).unwrap(),
             table
+        );
+    }
+
+    #[test]
+    fn long_known_lists_show_the_names_most_like_the_unknown_one() {
+        let mut known: Vec<String> = (0..30).map(|i| format!("a-{i:02}")).collect();
+        known.push("syd-edge-1".into());
+        known.push("syd-site-1".into());
+        let e = RouteError::UnknownNode {
+            node: "syd-edge-9".into(),
+            known,
+        };
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with(r#"unknown node "syd-edge-9" (known: a-00, "#),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("syd-edge-1, syd-site-1, ... and 12 more)"),
+            "{msg}"
         );
     }
 

@@ -21,7 +21,7 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Work with topology files: validate (and, later, route, diff).
+    /// Work with topology files: validate, route, diff.
     Topology(topology::TopologyArgs),
     /// Run one router (edge, transit or site, from its node's kind in the topology).
     Router(router::RouterArgs),

@@ -9,6 +9,9 @@ use clap::{Args, Subcommand};
 
 use ::topology::{Diagnostic, Loaded, MAX_DOCUMENT_BYTES};
 
+mod diff;
+mod route;
+
 #[derive(Args, Debug)]
 pub struct TopologyArgs {
     #[command(subcommand)]
@@ -20,6 +23,19 @@ pub enum TopologyCmd {
     /// Check topology files: every problem is reported as FILE:LINE:COL.
     #[command(after_help = VALIDATE_HELP)]
     Validate(ValidateArgs),
+    /// The ranked candidate sites, with paths and costs, for one node and service.
+    Route(route::RouteArgs),
+    /// Structural changes between two topology files, and which edges change their choice.
+    Diff(diff::DiffArgs),
+}
+
+/// `-o table|json` for commands that print results.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputFormat {
+    /// Aligned text for people.
+    Table,
+    /// One JSON document for programs.
+    Json,
 }
 
 const VALIDATE_HELP: &str = "\
@@ -45,6 +61,8 @@ pub struct ValidateArgs {
 pub fn run(args: TopologyArgs) -> ExitCode {
     match args.command {
         TopologyCmd::Validate(a) => validate(&a),
+        TopologyCmd::Route(a) => route::run(a),
+        TopologyCmd::Diff(a) => diff::run(a),
     }
 }
 

@@ -1,0 +1,355 @@
+//! `tasman topology route` and `tasman topology diff` on examples/apac.yaml, run as real
+//! processes.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn example() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/apac.yaml")
+}
+
+fn tasman(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tasman"))
+        .args(args)
+        .output()
+        .expect("run tasman")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs `route ... -o json` on the example and returns the parsed JSON (asserting exit 0).
+fn route_json(from: &str, service: &str, down: &[&str]) -> Value {
+    let file = example();
+    let mut args = vec![
+        "topology",
+        "route",
+        file.to_str().unwrap(),
+        "--from",
+        from,
+        "--service",
+        service,
+        "-o",
+        "json",
+    ];
+    for d in down {
+        args.extend(["--down", d]);
+    }
+    let o = tasman(&args);
+    assert!(
+        o.status.success(),
+        "exit {:?}, stderr: {}",
+        o.status,
+        stderr(&o)
+    );
+    serde_json::from_str(&stdout(&o)).unwrap_or_else(|e| panic!("bad JSON ({e}): {}", stdout(&o)))
+}
+
+fn sites(v: &Value) -> Vec<&str> {
+    v["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["site"].as_str().unwrap())
+        .collect()
+}
+
+#[test]
+fn sydney_edge_picks_the_sydney_site_and_melbourne_when_sydney_is_down() {
+    let v = route_json("syd-edge-1", "llm-chat", &[]);
+    assert_eq!(v["from"], "syd-edge-1");
+    assert_eq!(v["service"], "llm-chat");
+    let c = &v["candidates"][0];
+    assert_eq!(c["site"], "syd-site-1");
+    assert_eq!(
+        c["path"],
+        serde_json::json!(["syd-edge-1", "syd-transit-1", "syd-site-1"])
+    );
+    // 500us edge--transit + 300us transit--site.
+    assert!(
+        (c["latency_ms"].as_f64().unwrap() - 0.8).abs() < 1e-9,
+        "{c}"
+    );
+    // Best first, and the whole ranking is by distance: MEL (6.5ms) before SIN, TYO, BOM.
+    assert_eq!(
+        sites(&v),
+        [
+            "syd-site-1",
+            "mel-site-1",
+            "sin-site-1",
+            "tyo-site-1",
+            "bom-site-1"
+        ]
+    );
+
+    let v = route_json("syd-edge-1", "llm-chat", &["syd-site-1"]);
+    assert_eq!(v["down"], serde_json::json!(["syd-site-1"]));
+    let c = &v["candidates"][0];
+    assert_eq!(c["site"], "mel-site-1");
+    assert_eq!(
+        c["path"],
+        serde_json::json!(["syd-edge-1", "syd-transit-1", "mel-site-1"])
+    );
+    assert!(
+        (c["latency_ms"].as_f64().unwrap() - 6.5).abs() < 1e-9,
+        "{c}"
+    );
+    assert!(!sites(&v).contains(&"syd-site-1"));
+}
+
+#[test]
+fn a_down_link_is_avoided_like_a_down_node() {
+    // Either spelling of the link name.
+    for link in ["syd-site-1--syd-transit-1", "syd-transit-1--syd-site-1"] {
+        let v = route_json("syd-edge-1", "llm-chat", &[link]);
+        assert_eq!(sites(&v)[0], "mel-site-1", "--down {link}");
+    }
+}
+
+#[test]
+fn residency_keeps_au_only_service_in_australia_even_when_both_au_sites_are_down() {
+    let v = route_json("syd-edge-1", "llm-chat-au", &[]);
+    assert_eq!(sites(&v), ["syd-site-1", "mel-site-1"]);
+    let v = route_json("syd-edge-1", "llm-chat-au", &["syd-site-1", "mel-site-1"]);
+    assert!(sites(&v).is_empty());
+    let v = route_json("syd-edge-1", "llm-chat", &["syd-site-1", "mel-site-1"]);
+    assert_eq!(sites(&v)[0], "sin-site-1");
+}
+
+#[test]
+fn table_output_shows_rank_site_cost_and_path() {
+    let file = example();
+    let o = tasman(&[
+        "topology",
+        "route",
+        file.to_str().unwrap(),
+        "--from",
+        "syd-edge-1",
+        "--service",
+        "llm-chat",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let first = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("1 "))
+        .expect("a first row");
+    assert!(
+        first.contains("syd-site-1") && first.contains("800us"),
+        "{out}"
+    );
+    assert!(
+        first.contains("syd-edge-1 > syd-transit-1 > syd-site-1"),
+        "{out}"
+    );
+}
+
+#[test]
+fn unknown_names_in_flags_are_refused_with_the_known_ones() {
+    let file = example();
+    let f = file.to_str().unwrap();
+    let o = tasman(&[
+        "topology",
+        "route",
+        f,
+        "--from",
+        "syd-edge-9",
+        "--service",
+        "llm-chat",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains("--from")
+            && e.contains("unknown node \"syd-edge-9\"")
+            && e.contains("syd-edge-1"),
+        "{e}"
+    );
+    assert!(stdout(&o).is_empty());
+
+    let o = tasman(&[
+        "topology",
+        "route",
+        f,
+        "--from",
+        "syd-edge-1",
+        "--service",
+        "llm-video",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains("unknown service \"llm-video\"") && e.contains("embed, llm-chat, llm-chat-au"),
+        "{e}"
+    );
+
+    let o = tasman(&[
+        "topology",
+        "route",
+        f,
+        "--from",
+        "syd-edge-1",
+        "--service",
+        "llm-chat",
+        "--down",
+        "syd-edge-1--tyo-site-1",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains("unknown link \"syd-edge-1--tyo-site-1\"")
+            && e.contains("syd-edge-1--syd-transit-1"),
+        "{e}"
+    );
+
+    let o = tasman(&[
+        "topology",
+        "route",
+        f,
+        "--from",
+        "syd-edge-1",
+        "--service",
+        "llm-chat",
+        "--down",
+        "atlantis",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("unknown node \"atlantis\""),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn unreadable_file_exits_2_and_invalid_file_prints_diagnostics_and_exits_1() {
+    let o = tasman(&[
+        "topology",
+        "route",
+        "/nonexistent/apac.yaml",
+        "--from",
+        "a",
+        "--service",
+        "b",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("/nonexistent/apac.yaml"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    let text = std::fs::read_to_string(example()).unwrap().replacen(
+        "latency: 500us",
+        "latency: 500 parsecs",
+        1,
+    );
+    std::fs::write(&bad, text).unwrap();
+    let o = tasman(&[
+        "topology",
+        "route",
+        bad.to_str().unwrap(),
+        "--from",
+        "syd-edge-1",
+        "--service",
+        "llm-chat",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains(&format!("{}:", bad.display())) && e.contains("parsecs"),
+        "{e}"
+    );
+}
+
+#[test]
+fn diff_reports_the_changed_link_and_the_edges_that_move() {
+    let dir = tempfile::tempdir().unwrap();
+    let new = dir.path().join("new.yaml");
+    let old_text = std::fs::read_to_string(example()).unwrap();
+    let line = "  - {a: syd-site-1, b: syd-transit-1, latency: 300us, capacity: 100Gbps}";
+    assert!(
+        old_text.contains(line),
+        "the example still has the SYD site link"
+    );
+    std::fs::write(
+        &new,
+        old_text.replace(
+            line,
+            "  - {a: syd-site-1, b: syd-transit-1, latency: 20ms, capacity: 100Gbps}",
+        ),
+    )
+    .unwrap();
+    let (old, new) = (example(), new);
+    let o = tasman(&[
+        "topology",
+        "diff",
+        old.to_str().unwrap(),
+        new.to_str().unwrap(),
+        "-o",
+        "json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let changed = &v["changes"]["links"]["changed"];
+    assert_eq!(changed[0]["id"], "syd-site-1--syd-transit-1");
+    assert_eq!(
+        changed[0]["fields"][0],
+        serde_json::json!({"field": "latency", "old": "300us", "new": "20ms"})
+    );
+    assert_eq!(v["changes"]["nodes"]["changed"], serde_json::json!([]));
+    let moved = v["impact"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["edge"] == "syd-edge-1" && e["service"] == "llm-chat")
+        .expect("syd-edge-1/llm-chat is impacted");
+    assert_eq!(moved["kind"], "site_changed");
+    assert_eq!(moved["old"]["site"], "syd-site-1");
+    assert_eq!(moved["new"]["site"], "mel-site-1");
+
+    let o = tasman(&[
+        "topology",
+        "diff",
+        old.to_str().unwrap(),
+        new.to_str().unwrap(),
+    ]);
+    assert!(o.status.success());
+    let out = stdout(&o);
+    assert!(
+        out.contains("~ syd-site-1--syd-transit-1 latency: \"300us\" -> \"20ms\""),
+        "{out}"
+    );
+    assert!(
+        out.contains("syd-edge-1 llm-chat: site changed: syd-site-1"),
+        "{out}"
+    );
+
+    let o = tasman(&[
+        "topology",
+        "diff",
+        old.to_str().unwrap(),
+        old.to_str().unwrap(),
+    ]);
+    assert!(o.status.success());
+    assert!(stdout(&o).contains("no structural changes"));
+}
+
+#[test]
+fn route_and_diff_help_show_examples() {
+    for cmd in ["route", "diff"] {
+        let o = tasman(&["topology", cmd, "--help"]);
+        assert!(o.status.success());
+        let out = stdout(&o);
+        assert!(
+            out.contains("Examples:")
+                && out.contains(&format!("tasman topology {cmd} examples/apac.yaml")),
+            "{out}"
+        );
+    }
+}

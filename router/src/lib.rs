@@ -18,6 +18,7 @@
 
 pub mod circuits;
 pub mod codes;
+pub mod control;
 mod edge;
 pub mod header;
 mod inbound;

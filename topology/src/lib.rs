@@ -11,6 +11,7 @@ pub mod model;
 pub mod route;
 #[doc(hidden)]
 pub mod synth;
+mod tree;
 pub mod units;
 mod validate;
 pub mod yaml;

@@ -6,6 +6,7 @@
 //! one typo does not cascade into a page of "unknown node" errors.
 
 use std::collections::{HashMap, HashSet};
+use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 
@@ -13,8 +14,9 @@ use ipnetwork::IpNetwork;
 
 use crate::diag::Diagnostic;
 use crate::model::*;
+use crate::tree::{Pos, YNode, YValue};
 use crate::units::{Bandwidth, Latency};
-use crate::yaml::{Loaded, Pos, YNode, YValue};
+use crate::yaml::Loaded;
 
 /// Most nodes, links and services in one document (the 10,000-node / 50,000-link benchmark fits
 /// with room to spare).
@@ -49,6 +51,15 @@ const SERVICE_FIELDS: &[&str] = &[
 const RESIDENCY_FIELDS: &[&str] = &["regions", "countries"];
 const POOL_FIELDS: &[&str] = &["name", "prefix"];
 
+/// "FIELD of OWNER", formatted only when a message needs it (the valid path formats nothing).
+struct Of<'a>(&'a str, &'a dyn fmt::Display);
+
+impl fmt::Display for Of<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} of {}", self.0, self.1)
+    }
+}
+
 struct Cx {
     diags: Vec<Diagnostic>,
 }
@@ -68,11 +79,11 @@ impl Cx {
 struct Fields<'a> {
     pos: Pos,
     what: String,
-    entries: Vec<(&'a str, &'a YNode, &'a YNode)>,
+    entries: Vec<(&'a str, &'a YNode<'a>, &'a YNode<'a>)>,
 }
 
 impl<'a> Fields<'a> {
-    fn get(&self, name: &str) -> Option<&'a YNode> {
+    fn get(&self, name: &str) -> Option<&'a YNode<'a>> {
         self.entries
             .iter()
             .find(|(k, _, _)| *k == name)
@@ -84,7 +95,7 @@ impl<'a> Fields<'a> {
             .find(|(k, _, _)| *k == name)
             .map(|(_, k, _)| k.pos)
     }
-    fn required(&self, cx: &mut Cx, name: &str) -> Option<&'a YNode> {
+    fn required(&self, cx: &mut Cx, name: &str) -> Option<&'a YNode<'a>> {
         let v = self.get(name);
         if v.is_none() {
             cx.err(
@@ -96,7 +107,12 @@ impl<'a> Fields<'a> {
     }
 }
 
-fn fields<'a>(cx: &mut Cx, node: &'a YNode, what: &str, allowed: &[&str]) -> Option<Fields<'a>> {
+fn fields<'a>(
+    cx: &mut Cx,
+    node: &'a YNode<'a>,
+    what: &dyn fmt::Display,
+    allowed: &[&str],
+) -> Option<Fields<'a>> {
     let YValue::Map(entries) = &node.value else {
         cx.err(
             node.pos,
@@ -120,7 +136,7 @@ fn fields<'a>(cx: &mut Cx, node: &'a YNode, what: &str, allowed: &[&str]) -> Opt
             );
             continue;
         };
-        if !allowed.contains(&key.as_str()) {
+        if !allowed.contains(&key.as_ref()) {
             let hint = closest(key, allowed.iter().copied())
                 .map(|c| format!("; did you mean \"{c}\"?"))
                 .unwrap_or_default();
@@ -143,12 +159,12 @@ fn fields<'a>(cx: &mut Cx, node: &'a YNode, what: &str, allowed: &[&str]) -> Opt
             );
             continue;
         }
-        out.entries.push((key.as_str(), k, v));
+        out.entries.push((key.as_ref(), k, v));
     }
     Some(out)
 }
 
-fn list<'a>(cx: &mut Cx, node: &'a YNode, what: &str) -> &'a [YNode] {
+fn list<'a>(cx: &mut Cx, node: &'a YNode<'a>, what: &dyn fmt::Display) -> &'a [YNode<'a>] {
     match &node.value {
         YValue::Seq(items) => items,
         YValue::Null => &[],
@@ -162,7 +178,7 @@ fn list<'a>(cx: &mut Cx, node: &'a YNode, what: &str) -> &'a [YNode] {
     }
 }
 
-fn string<'a>(cx: &mut Cx, node: &'a YNode, what: &str) -> Option<&'a str> {
+fn string<'a>(cx: &mut Cx, node: &'a YNode<'a>, what: &dyn fmt::Display) -> Option<&'a str> {
     match &node.value {
         YValue::Str(s) => Some(s),
         other => {
@@ -177,7 +193,7 @@ fn string<'a>(cx: &mut Cx, node: &'a YNode, what: &str) -> Option<&'a str> {
 
 /// A string or number given to a parser (`"12ms"`, `127.0.0.1:7000`); numbers are passed as
 /// their text so that `latency: 12` gets the unit parser's "has no unit" message.
-fn text(cx: &mut Cx, node: &YNode, what: &str) -> Option<String> {
+fn text(cx: &mut Cx, node: &YNode, what: &dyn fmt::Display) -> Option<String> {
     let t = node.value.scalar_text();
     if t.is_none() {
         cx.err(
@@ -188,7 +204,7 @@ fn text(cx: &mut Cx, node: &YNode, what: &str) -> Option<String> {
     t
 }
 
-fn ident(cx: &mut Cx, node: &YNode, what: &str) -> Option<String> {
+fn ident(cx: &mut Cx, node: &YNode, what: &dyn fmt::Display) -> Option<String> {
     let s = string(cx, node, what)?;
     if is_valid_id(s) {
         Some(s.to_string())
@@ -201,7 +217,13 @@ fn ident(cx: &mut Cx, node: &YNode, what: &str) -> Option<String> {
     }
 }
 
-fn integer(cx: &mut Cx, node: &YNode, what: &str, min: i128, max: i128) -> Option<i128> {
+fn integer(
+    cx: &mut Cx,
+    node: &YNode,
+    what: &dyn fmt::Display,
+    min: i128,
+    max: i128,
+) -> Option<i128> {
     match &node.value {
         YValue::Int(i) if (min..=max).contains(i) => Some(*i),
         YValue::Int(i) => {
@@ -221,11 +243,11 @@ fn integer(cx: &mut Cx, node: &YNode, what: &str, min: i128, max: i128) -> Optio
     }
 }
 
-fn port(cx: &mut Cx, node: &YNode, what: &str) -> Option<u16> {
+fn port(cx: &mut Cx, node: &YNode, what: &dyn fmt::Display) -> Option<u16> {
     integer(cx, node, what, 1, 65535).and_then(|p| u16::try_from(p).ok())
 }
 
-fn number(cx: &mut Cx, node: &YNode, what: &str) -> Option<f64> {
+fn number(cx: &mut Cx, node: &YNode, what: &dyn fmt::Display) -> Option<f64> {
     match &node.value {
         YValue::Int(i) => Some(*i as f64),
         YValue::Float(f) if f.is_finite() => Some(*f),
@@ -239,7 +261,7 @@ fn number(cx: &mut Cx, node: &YNode, what: &str) -> Option<f64> {
     }
 }
 
-fn boolean(cx: &mut Cx, node: &YNode, what: &str) -> Option<bool> {
+fn boolean(cx: &mut Cx, node: &YNode, what: &dyn fmt::Display) -> Option<bool> {
     match &node.value {
         YValue::Bool(b) => Some(*b),
         other => {
@@ -255,7 +277,7 @@ fn boolean(cx: &mut Cx, node: &YNode, what: &str) -> Option<bool> {
 fn parse_with<T, E: std::fmt::Display>(
     cx: &mut Cx,
     node: &YNode,
-    what: &str,
+    what: &dyn fmt::Display,
     parse: impl FnOnce(&str) -> Result<T, E>,
 ) -> Option<T> {
     let s = text(cx, node, what)?;
@@ -268,7 +290,7 @@ fn parse_with<T, E: std::fmt::Display>(
     }
 }
 
-fn state(cx: &mut Cx, node: &YNode, what: &str) -> Option<AdminState> {
+fn state(cx: &mut Cx, node: &YNode, what: &dyn fmt::Display) -> Option<AdminState> {
     match string(cx, node, what)? {
         "up" => Some(AdminState::Up),
         "drain" => Some(AdminState::Drain),
@@ -283,7 +305,12 @@ fn state(cx: &mut Cx, node: &YNode, what: &str) -> Option<AdminState> {
     }
 }
 
-fn socket_addr(cx: &mut Cx, node: &YNode, what: &str, example: &str) -> Option<SocketAddr> {
+fn socket_addr(
+    cx: &mut Cx,
+    node: &YNode,
+    what: &dyn fmt::Display,
+    example: &str,
+) -> Option<SocketAddr> {
     let a = parse_with(cx, node, what, |s| {
         SocketAddr::from_str(s).map_err(|_| {
             format!("{s:?} is not an address with a port (expected IP:PORT, e.g. {example})")
@@ -296,7 +323,7 @@ fn socket_addr(cx: &mut Cx, node: &YNode, what: &str, example: &str) -> Option<S
     Some(a)
 }
 
-fn ip_addr(cx: &mut Cx, node: &YNode, what: &str) -> Option<IpAddr> {
+fn ip_addr(cx: &mut Cx, node: &YNode, what: &dyn fmt::Display) -> Option<IpAddr> {
     parse_with(cx, node, what, |s| {
         IpAddr::from_str(s)
             .map_err(|_| format!("{s:?} is not an IP address (e.g. 127.20.0.1 or ::1)"))
@@ -304,7 +331,7 @@ fn ip_addr(cx: &mut Cx, node: &YNode, what: &str) -> Option<IpAddr> {
 }
 
 /// A prefix with no host bits set (`10.0.0.0/8`, not `10.0.0.1/8`).
-fn prefix(cx: &mut Cx, node: &YNode, what: &str) -> Option<IpNetwork> {
+fn prefix(cx: &mut Cx, node: &YNode, what: &dyn fmt::Display) -> Option<IpNetwork> {
     let p = parse_with(cx, node, what, |s| {
         IpNetwork::from_str(s).map_err(|_| {
             format!("{s:?} is not an IP prefix (e.g. 203.0.113.0/24 or 2001:db8::/32)")
@@ -313,7 +340,12 @@ fn prefix(cx: &mut Cx, node: &YNode, what: &str) -> Option<IpNetwork> {
     host_bits_check(cx, node.pos, what, p)
 }
 
-fn host_bits_check(cx: &mut Cx, pos: Pos, what: &str, p: IpNetwork) -> Option<IpNetwork> {
+fn host_bits_check(
+    cx: &mut Cx,
+    pos: Pos,
+    what: &dyn fmt::Display,
+    p: IpNetwork,
+) -> Option<IpNetwork> {
     if p.ip() != p.network() {
         cx.err(
             pos,
@@ -328,7 +360,7 @@ fn host_bits_check(cx: &mut Cx, pos: Pos, what: &str, p: IpNetwork) -> Option<Ip
     Some(p)
 }
 
-fn country(cx: &mut Cx, node: &YNode, what: &str) -> Option<CountryCode> {
+fn country(cx: &mut Cx, node: &YNode, what: &dyn fmt::Display) -> Option<CountryCode> {
     let s = string(cx, node, what)?;
     match CountryCode::parse(s) {
         Some(c) if c.is_assigned() => Some(c),
@@ -414,7 +446,7 @@ pub(crate) fn validate(root: &YNode) -> Result<Loaded, Vec<Diagnostic>> {
 }
 
 fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
-    let top = fields(cx, root, "the document", ROOT_FIELDS)?;
+    let top = fields(cx, root, &"the document", ROOT_FIELDS)?;
 
     match top.get("version") {
         None => {
@@ -442,7 +474,7 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
 
     // Nodes, first pass: ids, kinds and the fields every kind has.
     let node_items = match top.required(cx, "nodes") {
-        Some(n) => list(cx, n, "nodes"),
+        Some(n) => list(cx, n, &"nodes"),
         None => &[],
     };
     if node_items.len() > MAX_NODES {
@@ -465,7 +497,7 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
             continue;
         };
         let id_node = f.required(cx, "id");
-        let id = id_node.and_then(|n| ident(cx, n, &format!("id of {label}")));
+        let id = id_node.and_then(|n| ident(cx, n, &Of("id", &label)));
         let id_pos = id_node.map(|n| n.pos).unwrap_or(f.pos);
         let what = match &id {
             Some(id) => format!("node \"{id}\""),
@@ -487,7 +519,7 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
             }
         }
         let kind = f.required(cx, "kind").and_then(|n| {
-            let s = string(cx, n, &format!("kind of {what}"))?;
+            let s = string(cx, n, &Of("kind", &what))?;
             match s {
                 "edge" => Some(NodeKind::Edge),
                 "transit" => Some(NodeKind::Transit),
@@ -500,18 +532,18 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
         });
         let region = f
             .required(cx, "region")
-            .and_then(|n| ident(cx, n, &format!("region of {what}")));
+            .and_then(|n| ident(cx, n, &Of("region", &what)));
         if let Some(r) = &region {
             regions.insert(r.clone());
         }
         let country = f
             .required(cx, "country")
-            .and_then(|n| country(cx, n, &format!("country of {what}")));
+            .and_then(|n| country(cx, n, &Of("country", &what)));
         let location = f
             .required(cx, "location")
             .and_then(|n| location(cx, n, &what));
         let address = f.required(cx, "address").and_then(|n| {
-            let a = socket_addr(cx, n, &format!("address of {what}"), "127.10.0.1:7000")?;
+            let a = socket_addr(cx, n, &Of("address", &what), "127.10.0.1:7000")?;
             if let Some(other) = quic.get(&a) {
                 cx.err(
                     n.pos,
@@ -524,15 +556,13 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
             quic.insert(a, id.clone().unwrap_or_else(|| label.clone()));
             Some(a)
         });
-        let state = f
-            .get("state")
-            .map(|n| state(cx, n, &format!("state of {what}")));
+        let state = f.get("state").map(|n| state(cx, n, &Of("state", &what)));
         let client_address = f
             .get("client_address")
-            .map(|n| ip_addr(cx, n, &format!("client_address of {what}")));
+            .map(|n| ip_addr(cx, n, &Of("client_address", &what)));
         let transparent_port = f
             .get("transparent_port")
-            .map(|n| port(cx, n, &format!("transparent_port of {what}")));
+            .map(|n| port(cx, n, &Of("transparent_port", &what)));
         if let Some(k) = kind {
             for (field, only) in [
                 ("client_address", NodeKind::Edge),
@@ -604,7 +634,7 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
     // Services.
     let service_items = top
         .get("services")
-        .map(|n| list(cx, n, "services"))
+        .map(|n| list(cx, n, &"services"))
         .unwrap_or(&[]);
     if service_items.len() > MAX_SERVICES {
         cx.err(
@@ -626,7 +656,7 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
             continue;
         };
         let name_node = f.required(cx, "name");
-        let name = name_node.and_then(|n| ident(cx, n, &format!("name of {label}")));
+        let name = name_node.and_then(|n| ident(cx, n, &Of("name", &label)));
         let name_pos = name_node.map(|n| n.pos).unwrap_or(f.pos);
         let what = match &name {
             Some(n) => format!("service \"{n}\""),
@@ -649,7 +679,7 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
         }
         let port = match f.get("port") {
             None => None,
-            Some(n) => match port(cx, n, &format!("port of {what}")) {
+            Some(n) => match port(cx, n, &Of("port", &what)) {
                 Some(p) => {
                     if let Some(other) = ports.get(&p) {
                         cx.err(
@@ -672,7 +702,7 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
         };
         let mut service_vips = Vec::new();
         if let Some(n) = f.get("vips") {
-            for v in list(cx, n, &format!("vips of {what}")) {
+            for v in list(cx, n, &Of("vips", &what)) {
                 let vw = format!("VIP of {what}");
                 match parse_with(cx, v, &vw, Vip::from_str).and_then(|vip| {
                     host_bits_check(cx, v.pos, &vw, vip.prefix)?;
@@ -696,8 +726,8 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
         }
         let mut clients = Vec::new();
         if let Some(n) = f.get("clients") {
-            for c in list(cx, n, &format!("clients of {what}")) {
-                match prefix(cx, c, &format!("client prefix of {what}")) {
+            for c in list(cx, n, &Of("clients", &what)) {
+                match prefix(cx, c, &Of("client prefix", &what)) {
                     Some(p) => clients.push(p),
                     None => ok = false,
                 }
@@ -705,11 +735,11 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
         }
         let mut residency = Residency::default();
         if let Some(n) = f.get("residency") {
-            match fields(cx, n, &format!("residency of {what}"), RESIDENCY_FIELDS) {
+            match fields(cx, n, &Of("residency", &what), RESIDENCY_FIELDS) {
                 Some(r) => {
                     if let Some(rs) = r.get("regions") {
-                        for rn in list(cx, rs, &format!("residency regions of {what}")) {
-                            match ident(cx, rn, &format!("residency region of {what}")) {
+                        for rn in list(cx, rs, &Of("residency regions", &what)) {
+                            match ident(cx, rn, &Of("residency region", &what)) {
                                 Some(reg) if regions.contains(&reg) => {
                                     residency.regions.push(Region::new(reg))
                                 }
@@ -728,8 +758,8 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
                         }
                     }
                     if let Some(cs) = r.get("countries") {
-                        for cn in list(cx, cs, &format!("residency countries of {what}")) {
-                            match country(cx, cn, &format!("residency country of {what}")) {
+                        for cn in list(cx, cs, &Of("residency countries", &what)) {
+                            match country(cx, cn, &Of("residency country", &what)) {
                                 Some(c) => residency.countries.push(c),
                                 None => ok = false,
                             }
@@ -741,12 +771,10 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
         }
         let requires_circuit = match f.get("requires_circuit") {
             None => false,
-            Some(n) => {
-                boolean(cx, n, &format!("requires_circuit of {what}")).unwrap_or_else(|| {
-                    ok = false;
-                    false
-                })
-            }
+            Some(n) => boolean(cx, n, &Of("requires_circuit", &what)).unwrap_or_else(|| {
+                ok = false;
+                false
+            }),
         };
         if let (true, Some(name)) = (ok, name) {
             services.push((
@@ -772,17 +800,14 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
         let what = e.fields.what.clone();
         let mut served: HashMap<String, Pos> = HashMap::new();
         let mut incomplete = false;
-        for (j, item) in list(cx, serves, &format!("serves of {what}"))
-            .iter()
-            .enumerate()
-        {
+        for (j, item) in list(cx, serves, &Of("serves", &what)).iter().enumerate() {
             let sw = format!("serves entry {} of {what}", j + 1);
             let Some(sf) = fields(cx, item, &sw, SERVES_FIELDS) else {
                 incomplete = true;
                 continue;
             };
             let service = sf.required(cx, "service").and_then(|n| {
-                let s = ident(cx, n, &format!("service of {sw}"))?;
+                let s = ident(cx, n, &Of("service", &sw))?;
                 if !service_names.contains_key(s.as_str()) {
                     cx.err(
                         n.pos,
@@ -806,14 +831,14 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
             });
             let backend = sf
                 .required(cx, "backend")
-                .and_then(|n| socket_addr(cx, n, &format!("backend of {sw}"), "127.30.0.1:8000"));
+                .and_then(|n| socket_addr(cx, n, &Of("backend", &sw), "127.30.0.1:8000"));
             let capacity = sf
                 .required(cx, "capacity")
-                .and_then(|n| integer(cx, n, &format!("capacity of {sw}"), 1, u32::MAX.into()))
+                .and_then(|n| integer(cx, n, &Of("capacity", &sw), 1, u32::MAX.into()))
                 .and_then(|c| u32::try_from(c).ok());
             let weight = match sf.get("weight") {
                 None => Some(default_weight()),
-                Some(n) => integer(cx, n, &format!("weight of {sw}"), 1, 1_000_000)
+                Some(n) => integer(cx, n, &Of("weight", &sw), 1, 1_000_000)
                     .and_then(|w| u32::try_from(w).ok()),
             };
             match (service, backend, capacity, weight) {
@@ -838,7 +863,7 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
     // Links.
     let link_items = top
         .get("links")
-        .map(|n| list(cx, n, "links"))
+        .map(|n| list(cx, n, &"links"))
         .unwrap_or(&[]);
     if link_items.len() > MAX_LINKS {
         cx.err(
@@ -861,7 +886,7 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
         };
         let end = |cx: &mut Cx, field: &str| {
             let n = f.required(cx, field)?;
-            let s = string(cx, n, &format!("{field} of {what}"))?;
+            let s = string(cx, n, &Of(field, &what))?;
             if ids.contains_key(s) {
                 Some((NodeId::new(s), n.pos))
             } else {
@@ -879,13 +904,11 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
         let b = end(cx, "b");
         let latency = f
             .required(cx, "latency")
-            .and_then(|n| parse_with(cx, n, &format!("latency of {what}"), Latency::from_str));
+            .and_then(|n| parse_with(cx, n, &Of("latency", &what), Latency::from_str));
         let capacity = f
             .required(cx, "capacity")
-            .and_then(|n| parse_with(cx, n, &format!("capacity of {what}"), Bandwidth::from_str));
-        let st = f
-            .get("state")
-            .map(|n| state(cx, n, &format!("state of {what}")));
+            .and_then(|n| parse_with(cx, n, &Of("capacity", &what), Bandwidth::from_str));
+        let st = f.get("state").map(|n| state(cx, n, &Of("state", &what)));
         let mut ends_ok = false;
         if let (Some((a, _)), Some((b, bpos))) = (&a, &b) {
             if a == b {
@@ -922,7 +945,7 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
     // Pools.
     let pool_items = top
         .get("pools")
-        .map(|n| list(cx, n, "pools"))
+        .map(|n| list(cx, n, &"pools"))
         .unwrap_or(&[]);
     let mut pools: Vec<Pool> = Vec::new();
     let mut pools_ok = true;
@@ -933,7 +956,7 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
             continue;
         };
         let name_node = f.required(cx, "name");
-        let name = name_node.and_then(|n| ident(cx, n, &format!("name of {label}")));
+        let name = name_node.and_then(|n| ident(cx, n, &Of("name", &label)));
         let what = name
             .as_ref()
             .map(|n| format!("pool \"{n}\""))
@@ -946,7 +969,7 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
             continue;
         }
         let pfx_node = f.required(cx, "prefix");
-        let pfx = pfx_node.and_then(|n| prefix(cx, n, &format!("prefix of {what}")));
+        let pfx = pfx_node.and_then(|n| prefix(cx, n, &Of("prefix", &what)));
         if let (Some(p), Some(pn)) = (pfx, pfx_node) {
             let overlaps = |o: &IpNetwork| o.contains(p.network()) || p.contains(o.network());
             if let Some(other) = pools.iter().find(|o| overlaps(&o.prefix)) {
@@ -1076,10 +1099,10 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
     Some(topology)
 }
 
-fn location(cx: &mut Cx, node: &YNode, what: &str) -> Option<Location> {
-    let f = fields(cx, node, &format!("location of {what}"), LOCATION_FIELDS)?;
+fn location(cx: &mut Cx, node: &YNode, what: &dyn fmt::Display) -> Option<Location> {
+    let f = fields(cx, node, &Of("location", &what), LOCATION_FIELDS)?;
     let lat = f.required(cx, "lat").and_then(|n| {
-        let v = number(cx, n, &format!("lat of {what}"))?;
+        let v = number(cx, n, &Of("lat", &what))?;
         if !(-90.0..=90.0).contains(&v) {
             cx.err(
                 n.pos,
@@ -1090,7 +1113,7 @@ fn location(cx: &mut Cx, node: &YNode, what: &str) -> Option<Location> {
         Some(v)
     });
     let lon = f.required(cx, "lon").and_then(|n| {
-        let v = number(cx, n, &format!("lon of {what}"))?;
+        let v = number(cx, n, &Of("lon", &what))?;
         if !(-180.0..=180.0).contains(&v) {
             cx.err(
                 n.pos,

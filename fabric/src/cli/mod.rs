@@ -4,9 +4,13 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod admin_client;
+pub mod controller;
 pub mod pki;
 pub mod router;
+pub mod status;
 pub mod topology;
+pub mod topology_admin;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -27,6 +31,10 @@ pub enum Command {
     Router(router::RouterArgs),
     /// Make the fabric CA and node certificates.
     Pki(pki::PkiArgs),
+    /// Run the controller daemon.
+    Controller(controller::ControllerArgs),
+    /// Routers, per-service choices and the live RTT matrix, from the controller.
+    Status(status::StatusArgs),
 }
 
 /// Logs to stderr; `RUST_LOG` filters (default `info`).
@@ -47,5 +55,29 @@ pub fn main() -> ExitCode {
         Command::Topology(args) => topology::run(args),
         Command::Router(args) => router::run(args),
         Command::Pki(args) => pki::run(args),
+        Command::Controller(args) => controller::run(args),
+        Command::Status(args) => status::run(args),
     }
+}
+
+/// `2026-11-29 02:37:23` (UTC) from unix milliseconds.
+pub fn fmt_time(unix_ms: u64) -> String {
+    let secs = unix_ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
 }

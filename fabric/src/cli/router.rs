@@ -14,12 +14,31 @@ use topology::{Latency, NodeId};
 #[command(
     after_help = "Examples:\n  tasman pki init --dir pki && tasman pki issue syd-edge-1 --dir pki\n  \
 tasman router --topology examples/apac.yaml --node syd-edge-1 --tls-dir pki --metrics 127.0.0.1:9100\n  \
-tasman router --topology t.yaml --node syd-edge-1 --dial syd-transit-1=127.0.0.1:17001"
+tasman router --topology t.yaml --node syd-edge-1 --dial syd-transit-1=127.0.0.1:17001\n  \
+tasman router --controller 10.0.0.1:7400 --node syd-edge-1 --tls-dir pki --state-dir /var/lib/tasman-router\n\n\
+With --controller the topology comes from the controller (versioned snapshots, acknowledged);\n\
+the last good snapshot is kept in --state-dir and used after a restart while the controller is\n\
+unreachable. Past --max-stale without word from the controller the router logs STALE SNAPSHOT\n\
+(and keeps forwarding)."
 )]
 pub struct RouterArgs {
-    /// Topology YAML file.
+    /// Topology YAML file (file mode).
+    #[arg(
+        long,
+        required_unless_present = "controller",
+        conflicts_with = "controller"
+    )]
+    pub topology: Option<PathBuf>,
+    /// The controller's QUIC address (controller mode).
     #[arg(long)]
-    pub topology: PathBuf,
+    pub controller: Option<SocketAddr>,
+    /// Controller mode: where the last good snapshot is kept.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Controller mode: say so loudly after this long without word from the controller
+    /// (e.g. 24h, 90s, 500ms).
+    #[arg(long, default_value = "24h", value_parser = parse_stale)]
+    pub max_stale: std::time::Duration,
     /// This node's id in the topology (also its certificate name).
     #[arg(long)]
     pub node: String,
@@ -41,6 +60,23 @@ pub struct RouterArgs {
     /// Dial neighbour NODE at ADDR instead of its topology address (e.g. a link emulator).
     #[arg(long = "dial", value_name = "NODE=ADDR", value_parser = parse_dial)]
     pub dial: Vec<(String, SocketAddr)>,
+}
+
+/// Hours on top of the one latency/duration parser (`Latency`: ns, us, ms, s).
+fn parse_stale(s: &str) -> Result<std::time::Duration, String> {
+    if let Some(h) = s.trim().strip_suffix('h') {
+        let h: f64 = h
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?}: expected e.g. 24h, 90s or 500ms"))?;
+        if !(h.is_finite() && h > 0.0) {
+            return Err(format!("{s:?} must be greater than zero"));
+        }
+        return Ok(std::time::Duration::from_secs_f64(h * 3600.0));
+    }
+    s.parse::<Latency>()
+        .map(|l| l.as_duration())
+        .map_err(|e| e.to_string())
 }
 
 fn parse_dial(s: &str) -> Result<(String, SocketAddr), String> {
@@ -107,7 +143,14 @@ impl RouterArgs {
 
 pub fn run(args: RouterArgs) -> ExitCode {
     super::init_tracing();
-    let topo = match load_topology(&args.topology) {
+    if let Some(controller) = args.controller {
+        return run_with_controller(&args, controller);
+    }
+    let Some(topology_file) = args.topology.clone() else {
+        eprintln!("error: give --topology FILE or --controller ADDR");
+        return ExitCode::from(2);
+    };
+    let topo = match load_topology(&topology_file) {
         Ok(t) => t,
         Err(code) => return code,
     };
@@ -115,7 +158,7 @@ pub fn run(args: RouterArgs) -> ExitCode {
         eprintln!(
             "error: node {:?} is not in {}",
             args.node,
-            args.topology.display()
+            topology_file.display()
         );
         return ExitCode::from(1);
     }
@@ -147,6 +190,64 @@ pub fn run(args: RouterArgs) -> ExitCode {
         }
         wait_for_signal().await;
         handle.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// Controller mode: the control client feeds the router's snapshots and ships its telemetry.
+fn run_with_controller(args: &RouterArgs, controller: SocketAddr) -> ExitCode {
+    let tls = match router::tls::TlsIdentity::load(&args.tls_dir, &args.node) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: tokio runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    rt.block_on(async move {
+        let mut ccfg = router::control::ClientConfig::new(controller, NodeId::new(&args.node), tls);
+        ccfg.state_dir = args.state_dir.clone();
+        ccfg.max_stale = args.max_stale;
+        let client = match router::control::ControlClient::start(ccfg).await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        let cfg = match args.config(client.snapshots()) {
+            Ok(c) => c,
+            Err(code) => return code,
+        };
+        let handle = match Router::spawn(cfg).await {
+            Ok(h) => Arc::new(h),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        let weak = Arc::downgrade(&handle);
+        client.set_telemetry(Arc::new(move || weak.upgrade().map(|h| h.telemetry())));
+        if let Some(addr) = handle.quic_addr() {
+            println!(
+                "router {} listening on {addr} (controller {controller})",
+                args.node
+            );
+        }
+        wait_for_signal().await;
+        drop(client);
+        if let Ok(h) = Arc::try_unwrap(handle) {
+            h.shutdown().await;
+        }
         ExitCode::SUCCESS
     })
 }

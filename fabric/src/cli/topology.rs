@@ -23,6 +23,16 @@ pub enum TopologyCmd {
     /// Check topology files: every problem is reported as FILE:LINE:COL.
     #[command(after_help = VALIDATE_HELP)]
     Validate(ValidateArgs),
+    /// Print the topology in force at the controller (as applied, comments intact).
+    Get(super::topology_admin::GetArgs),
+    /// Validate, show the impact plan and apply a topology file through the controller.
+    Apply(super::topology_admin::ApplyArgs),
+    /// List the controller's topology versions, newest first.
+    History(super::topology_admin::HistoryArgs),
+    /// Apply the text of an earlier version as a new version.
+    Rollback(super::topology_admin::RollbackArgs),
+    /// Edit the controller's topology in $EDITOR, see the plan, confirm, apply.
+    Edit(super::topology_admin::EditArgs),
     /// The ranked candidate sites, with paths and costs, for one node and service.
     Route(route::RouteArgs),
     /// Structural changes between two topology files, and which edges change their choice.
@@ -61,6 +71,11 @@ pub struct ValidateArgs {
 pub fn run(args: TopologyArgs) -> ExitCode {
     match args.command {
         TopologyCmd::Validate(a) => validate(&a),
+        TopologyCmd::Get(a) => super::topology_admin::get(a),
+        TopologyCmd::Apply(a) => super::topology_admin::apply(a),
+        TopologyCmd::History(a) => super::topology_admin::history(a),
+        TopologyCmd::Rollback(a) => super::topology_admin::rollback(a),
+        TopologyCmd::Edit(a) => super::topology_admin::edit(a),
         TopologyCmd::Route(a) => route::run(a),
         TopologyCmd::Diff(a) => diff::run(a),
     }

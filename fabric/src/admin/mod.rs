@@ -1,0 +1,176 @@
+//! The admin API: HTTP/JSON for the `tasman` CLI, every route behind a bearer token.
+//!
+//! Routes are grouped per module (`topology`, `status`; circuits add theirs) and merged in
+//! [`router`]; authentication and the body limit wrap the whole set, so a module cannot add an
+//! unauthenticated route by accident.
+//!
+//! | method | path | |
+//! |---|---|---|
+//! | GET | /v1/topology | the topology in force, text as applied |
+//! | GET | /v1/topology/versions/{v} | one version |
+//! | GET | /v1/topology/history?limit=N | newest first |
+//! | POST | /v1/topology | apply (or dry-run) `{text, dry_run, message, author, base_version}` |
+//! | POST | /v1/topology/rollback | `{version, message, author, dry_run}` |
+//! | GET | /v1/status | routers, per-service choices, RTT matrix |
+
+pub mod status;
+pub mod topology;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::controller::{Controller, ControllerError};
+
+/// Largest request body: a topology document (the loader's own bound) plus JSON overhead.
+pub const MAX_BODY: usize = ::topology::MAX_DOCUMENT_BYTES * 2 + 64 * 1024;
+
+/// Shared by every handler.
+#[derive(Clone)]
+pub struct AdminState {
+    pub ctl: Arc<Controller>,
+    token: Arc<str>,
+}
+
+impl AdminState {
+    pub fn new(ctl: Arc<Controller>, token: &str) -> Self {
+        AdminState {
+            ctl,
+            token: Arc::from(token.trim()),
+        }
+    }
+}
+
+/// Every admin route; a module with its own routes adds a `.merge(...)` line here.
+pub fn router(state: AdminState) -> axum::Router {
+    axum::Router::new()
+        .merge(topology::routes())
+        .merge(status::routes())
+        .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+/// Serves the admin API on `listener` until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, state: AdminState) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).await
+}
+
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
+
+/// Constant-time comparison: the token must not leak through timing.
+fn token_matches(given: &[u8], expected: &[u8]) -> bool {
+    if given.len() != expected.len() {
+        return false;
+    }
+    given
+        .iter()
+        .zip(expected)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+        == 0
+}
+
+async fn auth(State(st): State<AdminState>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(t)
+            if !st.token.is_empty() && token_matches(t.trim().as_bytes(), st.token.as_bytes()) =>
+        {
+            next.run(req).await
+        }
+        _ => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token (see --token / TASMAN_TOKEN)",
+        )
+        .into_response(),
+    }
+}
+
+/// The JSON error body of every refused request.
+#[derive(Debug, Serialize)]
+pub struct ApiError {
+    #[serde(skip)]
+    pub status: StatusCode,
+    pub error: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub diagnostics: Vec<Diag>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, msg: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            error: msg.into(),
+            diagnostics: Vec::new(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(&self)).into_response()
+    }
+}
+
+impl From<ControllerError> for ApiError {
+    fn from(e: ControllerError) -> Self {
+        let status = match &e {
+            ControllerError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ControllerError::Conflict { .. } => StatusCode::CONFLICT,
+            ControllerError::NoSuchVersion(_) => StatusCode::NOT_FOUND,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let msg = e.to_string();
+        let diagnostics = match e {
+            ControllerError::Invalid(d) => d.iter().map(Diag::from).collect(),
+            _ => Vec::new(),
+        };
+        ApiError {
+            status,
+            error: msg,
+            diagnostics,
+        }
+    }
+}
+
+/// A loader diagnostic as JSON: 1-based line and column (0 when about the whole document).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Diag {
+    pub line: usize,
+    pub column: usize,
+    pub severity: String,
+    pub message: String,
+}
+
+impl From<&::topology::Diagnostic> for Diag {
+    fn from(d: &::topology::Diagnostic) -> Self {
+        Diag {
+            line: d.line,
+            column: d.column,
+            severity: d.severity.to_string(),
+            message: d.message.clone(),
+        }
+    }
+}
+
+impl Diag {
+    /// `FILE:LINE:COL: severity: message`, as the loader prints it.
+    pub fn display(&self, file: &str) -> String {
+        format!(
+            "{file}:{}:{}: {}: {}",
+            self.line, self.column, self.severity, self.message
+        )
+    }
+}

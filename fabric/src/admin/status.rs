@@ -1,0 +1,156 @@
+//! `GET /v1/status`: routers (applied version, last seen, behind/NACK), per service the site
+//! and path each edge uses in the controller's live view, and the RTT matrix.
+
+use std::time::Instant;
+
+use axum::Json;
+use axum::extract::State;
+use axum::routing::get;
+use serde::{Deserialize, Serialize};
+use topology::NodeKind;
+use topology::graph::Graph;
+use topology::route::RoutingTable;
+
+use super::AdminState;
+use crate::controller::live::RttEntry;
+use crate::controller::records::Nack;
+
+pub fn routes() -> axum::Router<AdminState> {
+    axum::Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/rtt", get(rtt))
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub topology_version: u64,
+    pub snapshot_version: u64,
+    pub routers: Vec<RouterStatus>,
+    pub services: Vec<ServiceStatus>,
+    pub rtt: Vec<RttRow>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RouterStatus {
+    pub node: String,
+    pub kind: String,
+    pub connected: bool,
+    pub applied_version: u64,
+    pub applied_topology: u64,
+    /// Milliseconds since the controller last heard from it (None: never).
+    pub last_seen_ms_ago: Option<u64>,
+    /// Not running the current snapshot version.
+    pub behind: bool,
+    pub last_nack: Option<Nack>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub service: String,
+    pub edges: Vec<EdgeChoice>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EdgeChoice {
+    pub edge: String,
+    /// None: no eligible site.
+    pub site: Option<String>,
+    pub path: Vec<String>,
+    pub cost_ms: Option<f64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RttRow {
+    pub link: String,
+    pub a: String,
+    pub b: String,
+    pub rtt_ms: Option<f64>,
+    pub declared_one_way_ms: f64,
+    pub weight_ms: f64,
+    pub up: bool,
+    pub age_ms: Option<u64>,
+}
+
+impl From<RttEntry> for RttRow {
+    fn from(e: RttEntry) -> Self {
+        RttRow {
+            link: e.link,
+            a: e.a,
+            b: e.b,
+            rtt_ms: e.rtt_ms,
+            declared_one_way_ms: e.declared_one_way_ms,
+            weight_ms: e.weight_ms,
+            up: e.up,
+            age_ms: e.age_ms,
+        }
+    }
+}
+
+pub fn build(st: &AdminState) -> Status {
+    let ctl = &st.ctl;
+    let cur = ctl.current();
+    let published = ctl.published();
+    let now = Instant::now();
+    let live = published.live.clone();
+    let topo = &cur.topology;
+    let known = ctl.routers();
+    let routers = topo
+        .nodes
+        .iter()
+        .map(|n| {
+            let r = known.iter().find(|r| r.record.node == n.id.as_str());
+            RouterStatus {
+                node: n.id.to_string(),
+                kind: n.kind.to_string(),
+                connected: r.is_some_and(|r| r.connected),
+                applied_version: r.map_or(0, |r| r.record.applied_version),
+                applied_topology: r.map_or(0, |r| r.record.applied_topology),
+                last_seen_ms_ago: r
+                    .filter(|r| r.record.last_seen_unix_ms != 0)
+                    .map(|r| now.saturating_duration_since(r.last_seen).as_millis() as u64),
+                behind: r.is_none_or(|r| r.record.applied_version != published.version),
+                last_nack: r.and_then(|r| r.record.last_nack.clone()),
+            }
+        })
+        .collect();
+    let graph = Graph::new(topo);
+    let mut services: Vec<ServiceStatus> = topo
+        .services
+        .iter()
+        .map(|s| ServiceStatus {
+            service: s.name.to_string(),
+            edges: Vec::new(),
+        })
+        .collect();
+    for edge in topo.nodes.iter().filter(|n| n.kind == NodeKind::Edge) {
+        let Ok(table) = RoutingTable::build(topo, &graph, &edge.id, &live) else {
+            continue;
+        };
+        for s in &mut services {
+            let best = table.best(&s.service);
+            s.edges.push(EdgeChoice {
+                edge: edge.id.to_string(),
+                site: best.map(|c| c.site.to_string()),
+                path: best
+                    .map(|c| c.path.iter().map(|n| n.to_string()).collect())
+                    .unwrap_or_default(),
+                cost_ms: best.map(|c| c.cost.as_millis_f64()),
+            });
+        }
+    }
+    Status {
+        topology_version: cur.record.version,
+        snapshot_version: published.version,
+        routers,
+        services,
+        rtt: ctl.rtt_matrix().into_iter().map(RttRow::from).collect(),
+    }
+}
+
+async fn status(State(st): State<AdminState>) -> Json<Status> {
+    Json(build(&st))
+}
+
+async fn rtt(State(st): State<AdminState>) -> Json<Vec<RttRow>> {
+    Json(st.ctl.rtt_matrix().into_iter().map(RttRow::from).collect())
+}

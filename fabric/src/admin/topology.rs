@@ -1,0 +1,142 @@
+//! Topology routes: get, history, apply (and dry run), rollback.
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+
+use super::{AdminState, ApiError};
+use crate::controller::ApplyOutcome;
+use crate::controller::records::{Origin, TopologyVersion};
+
+pub fn routes() -> axum::Router<AdminState> {
+    axum::Router::new()
+        .route("/v1/topology", get(current).post(apply))
+        .route("/v1/topology/history", get(history))
+        .route("/v1/topology/versions/{version}", get(version))
+        .route("/v1/topology/rollback", post(rollback))
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CurrentResponse {
+    #[serde(flatten)]
+    pub record: TopologyVersion,
+    /// The snapshot version being distributed.
+    pub snapshot_version: u64,
+}
+
+async fn current(State(st): State<AdminState>) -> Json<CurrentResponse> {
+    let cur = st.ctl.current();
+    Json(CurrentResponse {
+        record: cur.record.clone(),
+        snapshot_version: st.ctl.published().version,
+    })
+}
+
+#[derive(Debug, Deserialize)]
+pub struct HistoryQuery {
+    pub limit: Option<usize>,
+}
+
+/// One history row (without the text).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub version: u64,
+    pub author: String,
+    pub time_unix_ms: u64,
+    pub message: String,
+    pub origin: Origin,
+    pub current: bool,
+    pub bytes: usize,
+}
+
+async fn history(
+    State(st): State<AdminState>,
+    Query(q): Query<HistoryQuery>,
+) -> Result<Json<Vec<HistoryEntry>>, ApiError> {
+    let cur = st.ctl.current().record.version;
+    let rows = st.ctl.history(q.limit.unwrap_or(50).min(10_000))?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|r| HistoryEntry {
+                version: r.version,
+                current: r.version == cur,
+                bytes: r.text.len(),
+                author: r.author,
+                time_unix_ms: r.time_unix_ms,
+                message: r.message,
+                origin: r.origin,
+            })
+            .collect(),
+    ))
+}
+
+async fn version(
+    State(st): State<AdminState>,
+    Path(v): Path<u64>,
+) -> Result<Json<TopologyVersion>, ApiError> {
+    st.ctl.version(v)?.map(Json).ok_or_else(|| {
+        ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            format!("no topology version {v}"),
+        )
+    })
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ApplyRequest {
+    pub text: String,
+    #[serde(default)]
+    pub dry_run: bool,
+    #[serde(default)]
+    pub message: String,
+    #[serde(default)]
+    pub author: String,
+    /// Refuse unless this is still the current version (optimistic concurrency for `edit`).
+    #[serde(default)]
+    pub base_version: Option<u64>,
+}
+
+fn author(a: &str) -> &str {
+    if a.is_empty() { "unknown" } else { a }
+}
+
+async fn apply(
+    State(st): State<AdminState>,
+    Json(req): Json<ApplyRequest>,
+) -> Result<Json<ApplyOutcome>, ApiError> {
+    let out = st
+        .ctl
+        .apply(
+            &req.text,
+            author(&req.author),
+            &req.message,
+            Origin::Apply,
+            req.dry_run,
+            req.base_version,
+        )
+        .await?;
+    Ok(Json(out))
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RollbackRequest {
+    pub version: u64,
+    #[serde(default)]
+    pub message: String,
+    #[serde(default)]
+    pub author: String,
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+async fn rollback(
+    State(st): State<AdminState>,
+    Json(req): Json<RollbackRequest>,
+) -> Result<Json<ApplyOutcome>, ApiError> {
+    Ok(Json(
+        st.ctl
+            .rollback(req.version, author(&req.author), &req.message, req.dry_run)
+            .await?,
+    ))
+}

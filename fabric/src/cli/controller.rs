@@ -1,0 +1,98 @@
+//! `tasman controller`: the daemon.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+
+use crate::controller::daemon::{self, DaemonConfig};
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Example:\n  tasman controller --topology examples/apac.yaml --state /var/lib/tasman \\\n      --listen 0.0.0.0:7400 --admin 127.0.0.1:7401\n\n\
+The first start imports --topology into the state directory; afterwards the state directory is the\n\
+truth (--topology is ignored; change the topology with `tasman topology apply|edit|rollback`).\n\
+Without --tls-dir, <state>/pki holds the fabric CA and the controller's certificate (created when\n\
+missing; issue router certificates from it). Without --admin-token-file, the token is\n\
+<state>/admin-token (generated when missing)."
+)]
+pub struct ControllerArgs {
+    /// Topology YAML imported on first start.
+    #[arg(long)]
+    pub topology: Option<PathBuf>,
+    /// State directory (the durable store).
+    #[arg(long)]
+    pub state: PathBuf,
+    /// QUIC address routers connect to.
+    #[arg(long, default_value = "0.0.0.0:7400")]
+    pub listen: SocketAddr,
+    /// Admin API (HTTP) address.
+    #[arg(long, default_value = "127.0.0.1:7401")]
+    pub admin: SocketAddr,
+    /// PKI directory (ca.pem, controller.pem, controller.key).
+    #[arg(long)]
+    pub tls_dir: Option<PathBuf>,
+    /// File holding the admin bearer token.
+    #[arg(long)]
+    pub admin_token_file: Option<PathBuf>,
+}
+
+pub fn run(args: ControllerArgs) -> ExitCode {
+    super::init_tracing();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    rt.block_on(async move {
+        let cfg = DaemonConfig {
+            topology_file: args.topology,
+            state_dir: args.state,
+            listen: args.listen,
+            admin: args.admin,
+            tls_dir: args.tls_dir,
+            admin_token_file: args.admin_token_file,
+        };
+        let d = match daemon::start(cfg).await {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("error: {e}");
+                if let daemon::DaemonError::Controller(
+                    crate::controller::ControllerError::Invalid(diags),
+                ) = &e
+                {
+                    for d in diags {
+                        eprintln!("{}", d.display("topology"));
+                    }
+                }
+                return ExitCode::from(1);
+            }
+        };
+        // One line on stdout that scripts and tests can wait for.
+        println!(
+            "controller listening quic={} admin={}",
+            d.quic_addr, d.admin_addr
+        );
+        wait_for_signal().await;
+        d.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -1,0 +1,108 @@
+//! `tasman status`: routers, per-service choices and the live RTT matrix, from the controller.
+
+use std::process::ExitCode;
+
+use clap::Args;
+
+use super::admin_client::{AdminArgs, AdminClient, Output, block_on, report};
+use crate::admin::status::Status;
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Example:\n  tasman status\n  tasman status -o json | jq '.routers[] | select(.behind)'"
+)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+fn ago(ms: Option<u64>) -> String {
+    match ms {
+        None => "never".into(),
+        Some(ms) if ms < 10_000 => format!("{:.1}s ago", ms as f64 / 1000.0),
+        Some(ms) => format!("{}s ago", ms / 1000),
+    }
+}
+
+pub fn run(args: StatusArgs) -> ExitCode {
+    let c = match AdminClient::new(&args.admin) {
+        Ok(c) => c,
+        Err(e) => return report(&e, ""),
+    };
+    let st = match block_on(c.get::<Status>("/v1/status")).and_then(|r| r) {
+        Ok(s) => s,
+        Err(e) => return report(&e, ""),
+    };
+    if args.admin.output == Output::Json {
+        match serde_json::to_string_pretty(&st) {
+            Ok(s) => println!("{s}"),
+            Err(e) => eprintln!("error: {e}"),
+        }
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "topology version {}  snapshot {}",
+        st.topology_version, st.snapshot_version
+    );
+    println!();
+    println!(
+        "{:<20} {:<8} {:<10} {:>9} {:>12} {:<14} STATE",
+        "ROUTER", "KIND", "CONNECTED", "TOPOLOGY", "SNAPSHOT", "LAST SEEN"
+    );
+    for r in &st.routers {
+        let mut state = if r.behind {
+            "behind".to_string()
+        } else {
+            "current".to_string()
+        };
+        if let Some(n) = &r.last_nack {
+            state.push_str(&format!(
+                "; rejected snapshot {} (topology {}): {}",
+                n.version, n.topology_version, n.reason
+            ));
+        }
+        println!(
+            "{:<20} {:<8} {:<10} {:>9} {:>12} {:<14} {}",
+            r.node,
+            r.kind,
+            if r.connected { "yes" } else { "no" },
+            r.applied_topology,
+            r.applied_version,
+            ago(r.last_seen_ms_ago),
+            state
+        );
+    }
+    for s in &st.services {
+        println!();
+        println!("service {}", s.service);
+        for e in &s.edges {
+            match &e.site {
+                Some(site) => println!(
+                    "  {:<20} -> {:<20} {:>9.2} ms  via {}",
+                    e.edge,
+                    site,
+                    e.cost_ms.unwrap_or(0.0),
+                    e.path.join(" > ")
+                ),
+                None => println!("  {:<20} -> no eligible site", e.edge),
+            }
+        }
+    }
+    println!();
+    println!(
+        "{:<36} {:>10} {:>12} {:>10} {:<5} AGE",
+        "LINK", "RTT ms", "DECLARED ms", "WEIGHT ms", "UP"
+    );
+    for r in &st.rtt {
+        println!(
+            "{:<36} {:>10} {:>12.2} {:>10.2} {:<5} {}",
+            r.link,
+            r.rtt_ms.map_or("-".into(), |v| format!("{v:.2}")),
+            r.declared_one_way_ms,
+            r.weight_ms,
+            if r.up { "up" } else { "DOWN" },
+            ago(r.age_ms)
+        );
+    }
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,397 @@
+//! `tasman topology get | apply | history | rollback | edit`: topology work through the
+//! controller's admin API.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::Args;
+
+use super::admin_client::{AdminArgs, AdminClient, ClientError, Output, block_on, report};
+use crate::admin::topology::{ApplyRequest, CurrentResponse, HistoryEntry, RollbackRequest};
+use crate::controller::ApplyOutcome;
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Example:\n  tasman topology get > current.yaml\n  tasman topology get -o json"
+)]
+pub struct GetArgs {
+    #[command(flatten)]
+    pub admin: AdminArgs,
+    /// A past version instead of the current one.
+    #[arg(long)]
+    pub version: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Example:\n  tasman topology apply apac.yaml --dry-run\n  tasman topology apply apac.yaml -m \"raise syd-mel latency\""
+)]
+pub struct ApplyArgs {
+    /// The topology YAML to apply.
+    pub file: PathBuf,
+    /// Validate and show the impact plan; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// A note kept in the history.
+    #[arg(short, long, default_value = "")]
+    pub message: String,
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Example:\n  tasman topology history --limit 10")]
+pub struct HistoryArgs {
+    #[arg(long, default_value_t = 20)]
+    pub limit: usize,
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Example:\n  tasman topology rollback 3\n\nCreates a new version with the text of VERSION."
+)]
+pub struct RollbackArgs {
+    pub version: u64,
+    #[arg(long)]
+    pub dry_run: bool,
+    #[arg(short, long, default_value = "")]
+    pub message: String,
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Example:\n  EDITOR=vim tasman topology edit\n\n\
+Opens $EDITOR (else $VISUAL, else vi) on the current topology. When the result is invalid it is\n\
+re-opened with the errors as comments on top; when valid, the impact plan is shown and you are\n\
+asked before it is applied. Your comments and formatting are kept as written.")]
+pub struct EditArgs {
+    /// Apply without asking (after showing the plan).
+    #[arg(long, short)]
+    pub yes: bool,
+    #[arg(short, long, default_value = "edited with tasman topology edit")]
+    pub message: String,
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+fn author() -> String {
+    std::env::var("TASMAN_AUTHOR")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("error: {e}"),
+    }
+}
+
+fn client(a: &AdminArgs) -> Result<AdminClient, ExitCode> {
+    AdminClient::new(a).map_err(|e| report(&e, ""))
+}
+
+pub fn get(args: GetArgs) -> ExitCode {
+    let c = match client(&args.admin) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let res = block_on(async {
+        match args.version {
+            Some(v) => {
+                c.get::<serde_json::Value>(&format!("/v1/topology/versions/{v}"))
+                    .await
+            }
+            None => c.get::<serde_json::Value>("/v1/topology").await,
+        }
+    });
+    match res.and_then(|r| r) {
+        Ok(v) => {
+            match args.admin.output {
+                Output::Json => print_json(&v),
+                Output::Text => print!(
+                    "{}",
+                    v.get("text").and_then(|t| t.as_str()).unwrap_or_default()
+                ),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => report(&e, ""),
+    }
+}
+
+/// The plan as operators read it.
+fn print_outcome(o: &ApplyOutcome) {
+    for w in &o.warnings {
+        eprintln!("{}", w.display("topology"));
+    }
+    if o.plan.text.trim().is_empty() {
+        println!(
+            "plan: {}",
+            if o.plan.changed {
+                "changes with no effect on routing"
+            } else {
+                "no changes"
+            }
+        );
+    } else {
+        println!("plan:");
+        for line in o.plan.text.lines() {
+            println!("  {line}");
+        }
+    }
+    match o.version {
+        Some(v) => println!("applied: version {v} (was {})", o.previous_version),
+        None if o.dry_run => println!(
+            "dry run: nothing applied (current version {})",
+            o.previous_version
+        ),
+        None => {}
+    }
+}
+
+pub fn apply(args: ApplyArgs) -> ExitCode {
+    let file = args.file.display().to_string();
+    let text = match std::fs::read_to_string(&args.file) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {file}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let c = match client(&args.admin) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let req = ApplyRequest {
+        text,
+        dry_run: args.dry_run,
+        message: args.message,
+        author: author(),
+        base_version: None,
+    };
+    match block_on(c.post::<_, ApplyOutcome>("/v1/topology", &req)).and_then(|r| r) {
+        Ok(o) => {
+            match args.admin.output {
+                Output::Json => print_json(&o),
+                Output::Text => print_outcome(&o),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => report(&e, &file),
+    }
+}
+
+pub fn history(args: HistoryArgs) -> ExitCode {
+    let c = match client(&args.admin) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match block_on(
+        c.get::<Vec<HistoryEntry>>(&format!("/v1/topology/history?limit={}", args.limit)),
+    )
+    .and_then(|r| r)
+    {
+        Ok(rows) => {
+            match args.admin.output {
+                Output::Json => print_json(&rows),
+                Output::Text => {
+                    println!(
+                        "{:>8}  {:<24}  {:<12}  {:<18}  MESSAGE",
+                        "VERSION", "TIME (UTC)", "AUTHOR", "ORIGIN"
+                    );
+                    for r in rows {
+                        let origin = match r.origin {
+                            crate::controller::records::Origin::Import { .. } => {
+                                "import".to_string()
+                            }
+                            crate::controller::records::Origin::Apply => "apply".to_string(),
+                            crate::controller::records::Origin::Rollback { to } => {
+                                format!("rollback to {to}")
+                            }
+                        };
+                        let mark = if r.current { "*" } else { " " };
+                        println!(
+                            "{:>7}{mark}  {:<24}  {:<12}  {:<18}  {}",
+                            r.version,
+                            super::fmt_time(r.time_unix_ms),
+                            r.author,
+                            origin,
+                            r.message
+                        );
+                    }
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => report(&e, ""),
+    }
+}
+
+pub fn rollback(args: RollbackArgs) -> ExitCode {
+    let c = match client(&args.admin) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let req = RollbackRequest {
+        version: args.version,
+        message: args.message,
+        author: author(),
+        dry_run: args.dry_run,
+    };
+    match block_on(c.post::<_, ApplyOutcome>("/v1/topology/rollback", &req)).and_then(|r| r) {
+        Ok(o) => {
+            match args.admin.output {
+                Output::Json => print_json(&o),
+                Output::Text => print_outcome(&o),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => report(&e, &format!("version {}", args.version)),
+    }
+}
+
+/// Marks the lines `edit` adds on top of the text (removed before validation).
+const EDIT_MARK: &str = "# tasman-edit: ";
+
+fn strip_header(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut in_header = true;
+    for line in text.split_inclusive('\n') {
+        if in_header && line.starts_with(EDIT_MARK) {
+            continue;
+        }
+        in_header = false;
+        out.push_str(line);
+    }
+    out
+}
+
+fn with_errors(text: &str, error: &str, diags: &[crate::admin::Diag]) -> String {
+    let header_lines = diags.len() + 2;
+    let mut out = format!("{EDIT_MARK}{error}; fix and save, or save unchanged to give up\n");
+    for d in diags {
+        // Line numbers as shown in this file (after these header lines).
+        let line = if d.line > 0 { d.line + header_lines } else { 0 };
+        out.push_str(&format!(
+            "{EDIT_MARK}{line}:{}: {}: {}\n",
+            d.column, d.severity, d.message
+        ));
+    }
+    out.push_str(&format!(
+        "{EDIT_MARK}(these lines are removed before the topology is checked)\n"
+    ));
+    out.push_str(text);
+    out
+}
+
+fn run_editor(path: &Path) -> Result<(), String> {
+    let editor = std::env::var("EDITOR")
+        .or_else(|_| std::env::var("VISUAL"))
+        .unwrap_or_else(|_| "vi".into());
+    // Through the shell, so EDITOR may carry arguments ("code --wait").
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{editor} \"$1\""))
+        .arg("sh")
+        .arg(path)
+        .status()
+        .map_err(|e| format!("cannot run editor {editor:?}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("editor {editor:?} exited with {status}"))
+    }
+}
+
+pub fn edit(args: EditArgs) -> ExitCode {
+    let c = match client(&args.admin) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match block_on(edit_loop(&c, &args)) {
+        Ok(Ok(code)) => code,
+        Ok(Err(e)) | Err(e) => report(&e, "topology"),
+    }
+}
+
+async fn edit_loop(c: &AdminClient, args: &EditArgs) -> Result<ExitCode, ClientError> {
+    let cur: CurrentResponse = c.get("/v1/topology").await?;
+    let base = cur.record.version;
+    let dir = std::env::temp_dir().join(format!("tasman-edit-{}", std::process::id()));
+    let io_err = |e: std::io::Error| ClientError::Protocol(format!("temporary file: {e}"));
+    std::fs::create_dir_all(&dir).map_err(io_err)?;
+    let path = dir.join(format!("topology-v{base}.yaml"));
+    let result = async {
+        std::fs::write(&path, &cur.record.text).map_err(io_err)?;
+        let mut last_invalid: Option<String> = None;
+        loop {
+            if let Err(e) = run_editor(&path) {
+                eprintln!("error: {e}");
+                return Ok(ExitCode::from(2));
+            }
+            let edited = std::fs::read_to_string(&path).map_err(io_err)?;
+            let text = strip_header(&edited);
+            if text == cur.record.text {
+                println!("no changes");
+                return Ok(ExitCode::SUCCESS);
+            }
+            if last_invalid.as_deref() == Some(text.as_str()) {
+                eprintln!("error: the topology is still invalid; nothing applied");
+                return Ok(ExitCode::from(1));
+            }
+            let req = ApplyRequest {
+                text: text.clone(),
+                dry_run: true,
+                message: args.message.clone(),
+                author: author(),
+                base_version: Some(base),
+            };
+            let plan = match c.post::<_, ApplyOutcome>("/v1/topology", &req).await {
+                Ok(p) => p,
+                Err(ClientError::Refused {
+                    status: 422,
+                    error,
+                    diagnostics,
+                }) => {
+                    eprintln!("the topology is invalid; re-opening the editor");
+                    std::fs::write(&path, with_errors(&text, &error, &diagnostics))
+                        .map_err(io_err)?;
+                    last_invalid = Some(text);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            print_outcome(&plan);
+            if !args.yes {
+                print!("Apply this change? [y/N] ");
+                let _ = std::io::stdout().flush();
+                let mut answer = String::new();
+                let _ = std::io::stdin().lock().read_line(&mut answer);
+                if !matches!(answer.trim(), "y" | "Y" | "yes") {
+                    println!("not applied; your edit is kept in {}", path.display());
+                    return Ok(ExitCode::from(1));
+                }
+            }
+            let req = ApplyRequest {
+                dry_run: false,
+                ..req
+            };
+            let out: ApplyOutcome = c.post("/v1/topology", &req).await?;
+            if let Some(v) = out.version {
+                println!("applied: version {v} (was {base})");
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+    .await;
+    // Keep the file when the operator declined (they may want it); remove it otherwise.
+    if matches!(&result, Ok(code) if *code == ExitCode::SUCCESS) {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result
+}

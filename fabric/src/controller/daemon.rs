@@ -1,0 +1,186 @@
+//! `tasman controller` as a library: open the store, import on first start, bind the QUIC and
+//! admin endpoints, spawn the background loops. Tests and benchmarks run it in-process.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rand::Rng;
+use tokio::task::JoinHandle;
+
+use super::{Controller, ControllerError, distribute};
+use crate::admin::{self, AdminState};
+use crate::store::redb::RedbStore;
+
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// Imported on first start only (when the store holds no topology).
+    pub topology_file: Option<PathBuf>,
+    pub state_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    /// PKI directory with `ca.pem`, `controller.pem`, `controller.key`. Default `<state>/pki`,
+    /// created (CA + controller certificate) when missing.
+    pub tls_dir: Option<PathBuf>,
+    /// The admin bearer token. Default `<state>/admin-token`, generated when missing.
+    pub admin_token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Controller(#[from] ControllerError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("PKI: {0}")]
+    Pki(#[from] router::pki::PkiError),
+    #[error("TLS: {0}")]
+    Tls(#[from] router::tls::TlsError),
+    #[error(transparent)]
+    Distribute(#[from] distribute::DistributeError),
+    #[error("admin API on {addr}: {source}")]
+    Admin {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{path} is empty: an admin token is required")]
+    EmptyToken { path: PathBuf },
+}
+
+pub struct Daemon {
+    pub ctl: Arc<Controller>,
+    pub quic_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub token: String,
+    pub tls_dir: PathBuf,
+    endpoint: quinn::Endpoint,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Daemon {
+    /// Stops serving (routers see the connection close; admin requests are refused).
+    pub async fn shutdown(self) {
+        self.endpoint
+            .close(0u32.into(), b"controller shutting down");
+        for t in &self.tasks {
+            t.abort();
+        }
+        let _ = self.ctl.flush_routers().await;
+        self.endpoint.wait_idle().await;
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DaemonError + '_ {
+    move |source| DaemonError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Makes sure `dir` holds a CA and a `controller` certificate.
+pub fn ensure_pki(dir: &Path) -> Result<(), DaemonError> {
+    if !dir.join(router::pki::CA_CERT).exists() {
+        router::pki::init(dir)?;
+    }
+    if !dir
+        .join(format!("{}.pem", distribute::CONTROLLER_NAME))
+        .exists()
+    {
+        router::pki::issue(dir, distribute::CONTROLLER_NAME)?;
+    }
+    Ok(())
+}
+
+fn token(cfg: &DaemonConfig) -> Result<String, DaemonError> {
+    let path = cfg
+        .admin_token_file
+        .clone()
+        .unwrap_or_else(|| cfg.state_dir.join("admin-token"));
+    match std::fs::read_to_string(&path) {
+        Ok(t) if t.trim().is_empty() => Err(DaemonError::EmptyToken { path }),
+        Ok(t) => Ok(t.trim().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && cfg.admin_token_file.is_none() => {
+            let mut bytes = [0u8; 24];
+            rand::rng().fill(&mut bytes);
+            let t: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            let mut opts = std::fs::OpenOptions::new();
+            opts.write(true).create_new(true);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::OpenOptionsExt;
+                opts.mode(0o600);
+            }
+            use std::io::Write;
+            let mut f = opts.open(&path).map_err(io(&path))?;
+            f.write_all(t.as_bytes()).map_err(io(&path))?;
+            f.sync_all().map_err(io(&path))?;
+            tracing::info!(path = %path.display(), "generated an admin token");
+            Ok(t)
+        }
+        Err(e) => Err(DaemonError::Io { path, source: e }),
+    }
+}
+
+pub async fn start(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
+    std::fs::create_dir_all(&cfg.state_dir).map_err(io(&cfg.state_dir))?;
+    let store = Arc::new(RedbStore::open(&cfg.state_dir)?);
+    let import = match &cfg.topology_file {
+        Some(f) => Some((
+            std::fs::read_to_string(f).map_err(io(f))?,
+            f.display().to_string(),
+        )),
+        None => None,
+    };
+    let ctl = Controller::open(
+        store,
+        import.as_ref().map(|(t, f)| (t.as_str(), f.as_str())),
+    )?;
+    let tls_dir = cfg
+        .tls_dir
+        .clone()
+        .unwrap_or_else(|| cfg.state_dir.join("pki"));
+    ensure_pki(&tls_dir)?;
+    let id = router::tls::TlsIdentity::load(&tls_dir, distribute::CONTROLLER_NAME)?;
+    let endpoint = distribute::endpoint(&ctl, &id, cfg.listen)?;
+    let quic_addr = endpoint.local_addr().map_err(|source| DaemonError::Admin {
+        addr: cfg.listen,
+        source,
+    })?;
+    let token = token(&cfg)?;
+    let listener = admin::bind(cfg.admin)
+        .await
+        .map_err(|source| DaemonError::Admin {
+            addr: cfg.admin,
+            source,
+        })?;
+    let admin_addr = listener.local_addr().map_err(|source| DaemonError::Admin {
+        addr: cfg.admin,
+        source,
+    })?;
+    let state = AdminState::new(ctl.clone(), &token);
+    let tasks = vec![
+        tokio::spawn(distribute::serve(ctl.clone(), endpoint.clone())),
+        tokio::spawn(ctl.clone().recompute_loop()),
+        tokio::spawn(ctl.clone().flush_loop()),
+        tokio::spawn(async move {
+            if let Err(e) = admin::serve(listener, state).await {
+                tracing::error!("admin API: {e}");
+            }
+        }),
+    ];
+    tracing::info!(%quic_addr, %admin_addr, version = ctl.current().record.version, "controller running");
+    Ok(Daemon {
+        ctl,
+        quic_addr,
+        admin_addr,
+        token,
+        tls_dir,
+        endpoint,
+        tasks,
+    })
+}

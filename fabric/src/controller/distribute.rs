@@ -1,0 +1,224 @@
+//! Snapshot distribution: the controller's QUIC endpoint and one task per router connection.
+//!
+//! Per connection: the peer's certificate name must be a node of the current topology and
+//! match its `Hello`; it then gets the current version in full, and every later version as a
+//! delta when it holds the delta's base, else in full. Versions are taken from a `watch`
+//! channel, so a slow router skips intermediate versions rather than queueing them. A version
+//! the router rejected (NACK) is recorded and never sent to it again; the next version is.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use router::control::proto::{self, FromRouter, MAX_FROM_ROUTER, ToRouter};
+use router::tls::{self, TlsIdentity};
+
+use super::Controller;
+use super::live::{NeighbourSample, Sample};
+
+/// The controller's certificate name.
+pub const CONTROLLER_NAME: &str = router::control::client::CONTROLLER_NAME;
+/// With nothing else to send, a heartbeat this often refreshes routers' staleness clocks.
+pub const HEARTBEAT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DistributeError {
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("QUIC endpoint on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Binds the controller's QUIC endpoint (mutual TLS: only our CA, only current node names).
+pub fn endpoint(
+    ctl: &Controller,
+    id: &TlsIdentity,
+    listen: SocketAddr,
+) -> Result<quinn::Endpoint, DistributeError> {
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_millis(500)));
+    transport.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(
+        3_000,
+    ))));
+    transport.max_concurrent_bidi_streams(4u32.into());
+    transport.max_concurrent_uni_streams(0u32.into());
+    let cfg = tls::server_config(id, &ctl.peers, Arc::new(transport))?;
+    quinn::Endpoint::server(cfg, listen).map_err(|source| DistributeError::Bind {
+        addr: listen,
+        source,
+    })
+}
+
+/// Accepts router connections until the endpoint closes.
+pub async fn serve(ctl: Arc<Controller>, endpoint: quinn::Endpoint) {
+    while let Some(incoming) = endpoint.accept().await {
+        let ctl = ctl.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => {
+                    if let Err(e) = connection(&ctl, conn).await {
+                        tracing::debug!(%remote, "router connection ended: {e}");
+                    }
+                }
+                Err(e) => tracing::debug!(%remote, "router handshake failed: {e}"),
+            }
+        });
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("{0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("{0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("{0}")]
+    Proto(#[from] proto::ProtoError),
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("no hello within 10 s")]
+    Timeout,
+}
+
+async fn refuse(send: &mut quinn::SendStream, reason: String) -> ConnError {
+    if let Ok(b) = proto::encode(&ToRouter::Refused {
+        reason: reason.clone(),
+    }) {
+        let _ = send.write_all(&b).await;
+        let _ = send.finish();
+    }
+    ConnError::Refused(reason)
+}
+
+async fn connection(ctl: &Arc<Controller>, conn: quinn::Connection) -> Result<(), ConnError> {
+    let cert_name = tls::peer_name(&conn, &ctl.peers);
+    let (mut send, mut recv) = conn.accept_bi().await?;
+    let hello = tokio::time::timeout(
+        Duration::from_secs(10),
+        proto::read_frame(&mut recv, MAX_FROM_ROUTER),
+    )
+    .await
+    .map_err(|_| ConnError::Timeout)??;
+    let Some(hello) = hello else { return Ok(()) };
+    let FromRouter::Hello { node, have_version } = proto::decode(&hello)? else {
+        return Err(refuse(&mut send, "expected hello".into()).await);
+    };
+    if cert_name.as_deref() != Some(node.as_str()) {
+        return Err(refuse(
+            &mut send,
+            format!("certificate name {cert_name:?} does not match node {node:?}"),
+        )
+        .await);
+    }
+    if !ctl.is_node(&node) {
+        return Err(refuse(&mut send, format!("node {node} is not in the topology")).await);
+    }
+    tracing::info!(node, ?have_version, "router connected");
+    ctl.router_connected(&node, true);
+    let res = session(ctl, &node, &mut send, &mut recv).await;
+    ctl.router_connected(&node, false);
+    res
+}
+
+async fn session(
+    ctl: &Arc<Controller>,
+    node: &str,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+) -> Result<(), ConnError> {
+    let mut rx = ctl.subscribe();
+    // The version last written to this router (it applies messages in order).
+    let mut sent: Option<u64> = None;
+    // Topology version of each version sent (recent ones), to record what an ACK means.
+    let mut sent_tv: std::collections::BTreeMap<u64, u64> = Default::default();
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    heartbeat.reset();
+    let mut force_full = true;
+    let mut changed = false;
+    loop {
+        if force_full || changed {
+            changed = false;
+            let p = rx.borrow_and_update().clone();
+            if ctl.nacked(node) != Some(p.version) && (force_full || sent != Some(p.version)) {
+                let bytes = match &p.delta {
+                    Some((base, delta)) if !force_full && sent == Some(*base) => delta.clone(),
+                    _ => p.full.clone(),
+                };
+                send.write_chunk(bytes).await?;
+                sent = Some(p.version);
+                sent_tv.insert(p.version, p.topology_version);
+                while sent_tv.len() > 64 {
+                    sent_tv.pop_first();
+                }
+                heartbeat.reset();
+            }
+            force_full = false;
+        }
+        tokio::select! {
+            res = rx.changed() => {
+                if res.is_err() {
+                    return Ok(());
+                }
+                changed = true; // sent at the top of the loop
+            }
+            frame = proto::read_frame(recv, MAX_FROM_ROUTER) => {
+                let Some(payload) = frame? else { return Ok(()) };
+                match proto::decode::<FromRouter>(&payload)? {
+                    FromRouter::Ack { version } => {
+                        let tv = sent_tv.get(&version).copied().unwrap_or(0);
+                        ctl.router_ack(node, version, tv);
+                    }
+                    FromRouter::Nack { version, reason } => {
+                        let tv = sent_tv.get(&version).copied().unwrap_or(0);
+                        ctl.router_nack(node, version, tv, &reason);
+                    }
+                    FromRouter::Resync { .. } => force_full = true,
+                    FromRouter::Telemetry(report) => {
+                        ctl.router_seen(node);
+                        if report_node(&report) == node {
+                            ctl.on_telemetry(&sample_of(&report));
+                        }
+                    }
+                    FromRouter::Hello { .. } => {}
+                }
+            }
+            _ = heartbeat.tick() => {
+                let v = rx.borrow().version;
+                send.write_chunk(proto::encode(&ToRouter::Heartbeat { version: v })?).await?;
+            }
+        }
+    }
+}
+
+fn report_node(r: &router::telemetry::TelemetryReport) -> &str {
+    r.node.as_str()
+}
+
+/// The controller's view of a router's telemetry report. A site's services are folded into one
+/// [`SiteLoad`](topology::route::SiteLoad) (the live state is per site): streams and capacity
+/// add up, and the site counts as healthy while any of its services is (a router refuses
+/// streams for a failed backend itself, and edges retry elsewhere).
+pub fn sample_of(r: &router::telemetry::TelemetryReport) -> Sample {
+    let site = (!r.sites.is_empty()).then(|| topology::route::SiteLoad {
+        active_streams: r.sites.iter().map(|s| s.active_streams).sum(),
+        capacity: r.sites.iter().map(|s| s.capacity).sum(),
+        healthy: r.sites.iter().any(|s| s.healthy),
+    });
+    Sample {
+        node: r.node.clone(),
+        neighbours: r
+            .neighbours
+            .iter()
+            .map(|n| NeighbourSample {
+                neighbour: n.id.clone(),
+                rtt: (n.rtt_us > 0).then(|| Duration::from_micros(n.rtt_us)),
+                up: n.up,
+            })
+            .collect(),
+        site,
+    }
+}

@@ -1,0 +1,590 @@
+//! The controller: the truth about the fabric (topology versions in the [`Store`]), the live
+//! state merged from telemetry, and the versioned snapshots it distributes to routers.
+//!
+//! Flow: an apply validates the text, commits it durably (one store transaction), then
+//! publishes a full snapshot at once. Telemetry changes that pass the anti-flap thresholds
+//! schedule a recomputation through the RFC 8405 back-off ([`throttle`]); it publishes a
+//! `Live` delta on top of the previous version. Each published version is encoded once
+//! ([`Published`]) and the same bytes go to every router ([`distribute`]).
+
+pub mod daemon;
+pub mod distribute;
+pub mod live;
+pub mod records;
+pub mod throttle;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use serde::Serialize;
+use tokio::sync::{Notify, watch};
+use topology::circuit::ProvisionedCircuit;
+use topology::route::LiveState;
+use topology::{Diagnostic, NodeId, Topology};
+
+use crate::store::{self, Store, StoreError};
+use live::{LiveAggregator, LiveParams, Sample};
+use records::{Nack, Origin, RouterRecord, TopologyVersion};
+use router::control::proto::{self, ToRouter};
+use throttle::{Backoff, BackoffParams};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error("the topology is invalid ({} error(s))", .0.iter().filter(|d| d.is_error()).count())]
+    Invalid(Vec<Diagnostic>),
+    #[error("the topology changed since version {expected} (now {current}); fetch it again")]
+    Conflict { expected: u64, current: u64 },
+    #[error("no topology version {0}")]
+    NoSuchVersion(u64),
+    #[error("the store has no topology: start the controller with --topology FILE once")]
+    Empty,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("encoding a snapshot: {0}")]
+    Encode(#[from] proto::ProtoError),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+/// The topology in force.
+#[derive(Debug, Clone)]
+pub struct Current {
+    pub record: TopologyVersion,
+    pub topology: Arc<Topology>,
+    pub warnings: Vec<Diagnostic>,
+}
+
+/// One distributed version, encoded once and shared by every router connection.
+#[derive(Debug)]
+pub struct Published {
+    pub version: u64,
+    pub topology_version: u64,
+    pub topology: Arc<Topology>,
+    pub live: LiveState,
+    pub circuits: Arc<Vec<ProvisionedCircuit>>,
+    /// `ToRouter::Snapshot` frame.
+    pub full: Bytes,
+    /// `ToRouter::Live` frame and its base version, when only the live state changed.
+    pub delta: Option<(u64, Bytes)>,
+    pub at: Instant,
+}
+
+/// What the controller knows about one router right now (the durable part is in the store).
+#[derive(Debug, Clone)]
+pub struct RouterLive {
+    pub record: RouterRecord,
+    pub connected: bool,
+    pub last_seen: Instant,
+}
+
+/// The result of an apply or a dry run.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct ApplyOutcome {
+    /// The new version (None for a dry run or when nothing changed).
+    pub version: Option<u64>,
+    pub previous_version: u64,
+    pub dry_run: bool,
+    pub warnings: Vec<crate::admin::Diag>,
+    pub plan: crate::plan::Plan,
+}
+
+pub struct Controller {
+    store: Arc<dyn Store>,
+    inner: Mutex<Inner>,
+    published: watch::Sender<Arc<Published>>,
+    routers: DashMap<String, RouterLive>,
+    /// Routers whose record changed since the last flush to the store.
+    dirty_routers: Mutex<BTreeMap<String, RouterRecord>>,
+    recompute: Notify,
+    apply_lock: tokio::sync::Mutex<()>,
+    /// Names allowed to connect (the nodes of the current topology); swapped on every apply.
+    pub peers: router::tls::PeerNames,
+    epoch: u64,
+}
+
+struct Inner {
+    current: Arc<Current>,
+    /// Provisioned circuits (set by the circuits module), carried in every full snapshot.
+    circuits: Arc<Vec<ProvisionedCircuit>>,
+    live: LiveAggregator,
+    backoff: Backoff,
+    seq: u64,
+}
+
+/// Validates topology text with the one loader (line:column diagnostics on failure).
+pub fn validate(text: &str) -> Result<(Arc<Topology>, Vec<Diagnostic>), ControllerError> {
+    match topology::load(text) {
+        Ok(l) => Ok((Arc::new(l.topology), l.warnings)),
+        Err(diags) => Err(ControllerError::Invalid(diags)),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves plain data; keep serving.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Controller {
+    /// Opens the controller on `store`. When the store has no topology yet, `import` (the
+    /// `--topology FILE` text and its file name) becomes version 1; afterwards the store is
+    /// the truth and `import` is ignored.
+    pub fn open(
+        store: Arc<dyn Store>,
+        import: Option<(&str, &str)>,
+    ) -> Result<Arc<Controller>, ControllerError> {
+        let mut cur = store::read(&*store, |tx| records::current(tx))?;
+        if cur.is_none()
+            && let Some((text, file)) = import
+        {
+            let (topo, _) = validate(text)?;
+            let rec = store::transaction(&*store, |tx| {
+                records::commit_topology(
+                    tx,
+                    text,
+                    &topo,
+                    "controller",
+                    &format!("imported from {file}"),
+                    Origin::Import {
+                        file: file.to_string(),
+                    },
+                )
+            })?;
+            cur = Some(rec);
+        }
+        let record = cur.ok_or(ControllerError::Empty)?;
+        // The stored text was valid when applied; a newer loader could disagree, and then the
+        // operator must see why rather than the controller silently serving something else.
+        let (topology, warnings) = validate(&record.text)?;
+        let epoch = store::transaction(&*store, |tx| records::next_epoch(tx))?;
+        let routers = DashMap::new();
+        for (node, rec) in store::read(&*store, |tx| records::ROUTERS.all(tx))? {
+            routers.insert(
+                node,
+                RouterLive {
+                    record: rec,
+                    connected: false,
+                    last_seen: Instant::now(),
+                },
+            );
+        }
+        let peers = router::tls::PeerNames::new(topology.nodes.iter().map(|n| n.id.to_string()));
+        let current = Arc::new(Current {
+            record,
+            topology,
+            warnings,
+        });
+        let first = encode(
+            epoch << 32 | 1,
+            &current,
+            &Arc::default(),
+            LiveState::default(),
+            None,
+        )?;
+        let (published, _) = watch::channel(Arc::new(first));
+        Ok(Arc::new(Controller {
+            store,
+            inner: Mutex::new(Inner {
+                current,
+                circuits: Arc::default(),
+                live: LiveAggregator::new(LiveParams::default()),
+                backoff: Backoff::new(BackoffParams::default()),
+                seq: 1,
+            }),
+            published,
+            routers,
+            dirty_routers: Mutex::new(BTreeMap::new()),
+            recompute: Notify::new(),
+            apply_lock: tokio::sync::Mutex::new(()),
+            peers,
+            epoch,
+        }))
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn current(&self) -> Arc<Current> {
+        lock(&self.inner).current.clone()
+    }
+
+    pub fn published(&self) -> Arc<Published> {
+        self.published.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Published>> {
+        self.published.subscribe()
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Validates `text`, computes the impact plan against the current topology and, unless
+    /// `dry_run`, commits it durably as the next version and distributes it. `base_version`
+    /// guards against applying over someone else's change (used by `tasman topology edit`).
+    pub async fn apply(
+        &self,
+        text: &str,
+        author: &str,
+        message: &str,
+        origin: Origin,
+        dry_run: bool,
+        base_version: Option<u64>,
+    ) -> Result<ApplyOutcome, ControllerError> {
+        let (topology, warnings) = validate(text)?;
+        let _serial = self.apply_lock.lock().await;
+        let (old, live) = {
+            let inner = lock(&self.inner);
+            (inner.current.clone(), inner.live.published().clone())
+        };
+        if let Some(expected) = base_version
+            && expected != old.record.version
+        {
+            return Err(ControllerError::Conflict {
+                expected,
+                current: old.record.version,
+            });
+        }
+        let plan = crate::plan::Plan::compute(&old.topology, &topology, &live);
+        if dry_run {
+            return Ok(ApplyOutcome {
+                version: None,
+                previous_version: old.record.version,
+                dry_run,
+                warnings: diags(&warnings),
+                plan,
+            });
+        }
+        let store = self.store.clone();
+        let (text2, topo2, author2, message2) = (
+            text.to_string(),
+            topology.clone(),
+            author.to_string(),
+            message.to_string(),
+        );
+        let record = tokio::task::spawn_blocking(move || {
+            store::transaction(&*store, |tx| {
+                records::commit_topology(tx, &text2, &topo2, &author2, &message2, origin)
+            })
+        })
+        .await
+        .map_err(|e| ControllerError::Internal(e.to_string()))??;
+        let version = record.version;
+        let current = Arc::new(Current {
+            record,
+            topology: topology.clone(),
+            warnings: warnings.clone(),
+        });
+        // Routers of the new topology may connect; removed ones are refused at their next handshake.
+        self.peers
+            .set(topology.nodes.iter().map(|n| n.id.to_string()));
+        {
+            let mut inner = lock(&self.inner);
+            inner.current = current;
+            self.publish_locked(&mut inner, true)?;
+        }
+        tracing::info!(version, author, "topology applied");
+        Ok(ApplyOutcome {
+            version: Some(version),
+            previous_version: old.record.version,
+            dry_run,
+            warnings: diags(&warnings),
+            plan,
+        })
+    }
+
+    /// Applies the text of an earlier version as a new version.
+    pub async fn rollback(
+        &self,
+        to: u64,
+        author: &str,
+        message: &str,
+        dry_run: bool,
+    ) -> Result<ApplyOutcome, ControllerError> {
+        let rec = store::read(&*self.store, |tx| records::version(tx, to))?
+            .ok_or(ControllerError::NoSuchVersion(to))?;
+        let msg = if message.is_empty() {
+            format!("rollback to version {to}")
+        } else {
+            message.to_string()
+        };
+        self.apply(
+            &rec.text,
+            author,
+            &msg,
+            Origin::Rollback { to },
+            dry_run,
+            None,
+        )
+        .await
+    }
+
+    pub fn history(&self, limit: usize) -> Result<Vec<TopologyVersion>, ControllerError> {
+        Ok(store::read(&*self.store, |tx| records::history(tx, limit))?)
+    }
+
+    pub fn version(&self, v: u64) -> Result<Option<TopologyVersion>, ControllerError> {
+        Ok(store::read(&*self.store, |tx| records::version(tx, v))?)
+    }
+
+    /// Encodes and publishes the next version. `full_only`: the topology changed (no delta).
+    fn publish_locked(
+        &self,
+        inner: &mut Inner,
+        topology_changed: bool,
+    ) -> Result<(), ControllerError> {
+        let prev = self.published.borrow().clone();
+        inner.seq += 1;
+        let version = self.epoch << 32 | inner.seq;
+        let live = inner.live.merged(&inner.current.topology, Instant::now());
+        inner.live.publish(live.clone());
+        let base = (!topology_changed && prev.topology_version == inner.current.record.version)
+            .then_some(prev.version);
+        let p = encode(version, &inner.current, &inner.circuits, live, base)?;
+        self.published.send_replace(Arc::new(p));
+        Ok(())
+    }
+
+    /// Replaces the provisioned circuits and distributes them at once (a full snapshot).
+    /// Returns the version that carries them: a router has them once it acknowledged it.
+    pub fn publish_circuits(
+        &self,
+        circuits: Arc<Vec<ProvisionedCircuit>>,
+    ) -> Result<u64, ControllerError> {
+        let mut inner = lock(&self.inner);
+        inner.circuits = circuits;
+        self.publish_locked(&mut inner, true)?;
+        Ok(self.published.borrow().version)
+    }
+
+    /// Merges a router's telemetry; schedules a throttled recomputation when it matters.
+    pub fn on_telemetry(&self, sample: &Sample) {
+        let now = Instant::now();
+        let mut inner = lock(&self.inner);
+        let topo = inner.current.topology.clone();
+        if inner.live.observe(&topo, sample, now) {
+            inner.backoff.event(now);
+            drop(inner);
+            self.recompute.notify_one();
+        }
+    }
+
+    /// Runs recomputations when the back-off says so, and ages out stale telemetry. Spawned once.
+    pub async fn recompute_loop(self: Arc<Self>) {
+        loop {
+            let due = lock(&self.inner).backoff.due();
+            match due {
+                Some(due) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(due.into()) => {}
+                        _ = self.recompute.notified() => continue,
+                    }
+                    let mut inner = lock(&self.inner);
+                    let now = Instant::now();
+                    inner.backoff.ran(now);
+                    let topo = inner.current.topology.clone();
+                    if inner.live.expired(&topo, now)
+                        && let Err(e) = self.publish_locked(&mut inner, false)
+                    {
+                        tracing::error!("publishing live state: {e}");
+                    }
+                }
+                None => {
+                    tokio::select! {
+                        _ = self.recompute.notified() => {}
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                            // Observations ageing out also change the live state.
+                            let mut inner = lock(&self.inner);
+                            let topo = inner.current.topology.clone();
+                            if inner.live.expired(&topo, Instant::now()) {
+                                inner.backoff.event(Instant::now());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn rtt_matrix(&self) -> Vec<live::RttEntry> {
+        let inner = lock(&self.inner);
+        inner
+            .live
+            .rtt_matrix(&inner.current.topology, Instant::now())
+    }
+
+    pub fn live_state(&self) -> LiveState {
+        lock(&self.inner).live.published().clone()
+    }
+
+    // ---- routers ----
+
+    pub fn routers(&self) -> Vec<RouterLive> {
+        let mut v: Vec<_> = self.routers.iter().map(|r| r.value().clone()).collect();
+        v.sort_by(|a, b| a.record.node.cmp(&b.record.node));
+        v
+    }
+
+    pub fn router_connected(&self, node: &str, connected: bool) {
+        let mut e = self
+            .routers
+            .entry(node.to_string())
+            .or_insert_with(|| RouterLive {
+                record: RouterRecord {
+                    node: node.to_string(),
+                    ..Default::default()
+                },
+                connected,
+                last_seen: Instant::now(),
+            });
+        e.connected = connected;
+        e.last_seen = Instant::now();
+        e.record.last_seen_unix_ms = records::now_unix_ms();
+    }
+
+    pub fn router_seen(&self, node: &str) {
+        if let Some(mut e) = self.routers.get_mut(node) {
+            e.last_seen = Instant::now();
+            e.record.last_seen_unix_ms = records::now_unix_ms();
+        }
+    }
+
+    /// A router acknowledged `version` (of `topology_version`).
+    pub fn router_ack(&self, node: &str, version: u64, topology_version: u64) {
+        self.update_router(node, |r| {
+            r.applied_version = version;
+            r.applied_topology = topology_version;
+        });
+    }
+
+    pub fn router_nack(&self, node: &str, version: u64, topology_version: u64, reason: &str) {
+        tracing::warn!(node, version, "router rejected snapshot: {reason}");
+        self.update_router(node, |r| {
+            r.last_nack = Some(Nack {
+                version,
+                topology_version,
+                reason: reason.to_string(),
+                time_unix_ms: records::now_unix_ms(),
+            })
+        });
+    }
+
+    /// The version this router rejected last, if any (never sent to it again).
+    pub fn nacked(&self, node: &str) -> Option<u64> {
+        self.routers
+            .get(node)
+            .and_then(|r| r.record.last_nack.as_ref().map(|n| n.version))
+    }
+
+    fn update_router(&self, node: &str, f: impl FnOnce(&mut RouterRecord)) {
+        let rec = {
+            let mut e = self
+                .routers
+                .entry(node.to_string())
+                .or_insert_with(|| RouterLive {
+                    record: RouterRecord {
+                        node: node.to_string(),
+                        ..Default::default()
+                    },
+                    connected: true,
+                    last_seen: Instant::now(),
+                });
+            f(&mut e.record);
+            e.last_seen = Instant::now();
+            e.record.last_seen_unix_ms = records::now_unix_ms();
+            e.record.clone()
+        };
+        lock(&self.dirty_routers).insert(node.to_string(), rec);
+    }
+
+    /// Writes routers' applied versions to the store in batches (one transaction for many
+    /// acknowledgements, so 1,000 routers acknowledging cost one fsync, not 1,000). Spawned once.
+    pub async fn flush_loop(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if let Err(e) = self.flush_routers().await {
+                tracing::error!("recording routers' versions: {e}");
+            }
+        }
+    }
+
+    pub async fn flush_routers(&self) -> Result<(), ControllerError> {
+        let batch = std::mem::take(&mut *lock(&self.dirty_routers));
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            store::transaction(&*store, |tx| -> Result<(), StoreError> {
+                for (node, rec) in &batch {
+                    records::ROUTERS.put(tx, node, rec)?;
+                }
+                Ok(())
+            })
+        })
+        .await
+        .map_err(|e| ControllerError::Internal(e.to_string()))??;
+        Ok(())
+    }
+
+    pub fn is_node(&self, node: &str) -> bool {
+        lock(&self.inner).current.topology.node(node).is_some()
+    }
+
+    pub fn node_ids(&self) -> Vec<NodeId> {
+        lock(&self.inner)
+            .current
+            .topology
+            .nodes
+            .iter()
+            .map(|n| n.id.clone())
+            .collect()
+    }
+}
+
+fn diags(d: &[Diagnostic]) -> Vec<crate::admin::Diag> {
+    d.iter().map(crate::admin::Diag::from).collect()
+}
+
+fn encode(
+    version: u64,
+    cur: &Current,
+    circuits: &Arc<Vec<ProvisionedCircuit>>,
+    live: LiveState,
+    base: Option<u64>,
+) -> Result<Published, ControllerError> {
+    let topology_version = cur.record.version;
+    let full = proto::encode(&ToRouter::Snapshot {
+        version,
+        topology_version,
+        topology: cur.topology.clone(),
+        live: live.clone(),
+        circuits: circuits.clone(),
+    })?;
+    let delta = match base {
+        Some(base_version) => Some((
+            base_version,
+            proto::encode(&ToRouter::Live {
+                version,
+                base_version,
+                topology_version,
+                live: live.clone(),
+            })?,
+        )),
+        None => None,
+    };
+    Ok(Published {
+        version,
+        topology_version,
+        topology: cur.topology.clone(),
+        live,
+        circuits: circuits.clone(),
+        full,
+        delta,
+        at: Instant::now(),
+    })
+}

@@ -1,0 +1,102 @@
+//! The impact plan shown before an apply: what changes in the topology
+//! ([`topology::diff::diff`]) and which edges change the site, path or cost they use for a
+//! service, by how much ([`topology::diff::impact`], under the controller's live state).
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+use topology::Topology;
+use topology::diff::{ImpactEntry, ImpactKind, TopologyDiff};
+use topology::route::{Candidate, LiveState};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Plan {
+    pub changed: bool,
+    /// [`TopologyDiff`] as JSON.
+    pub diff: serde_json::Value,
+    /// [`ImpactEntry`]s as JSON (kept as JSON: a zero `Latency` prints as "0ms", which the
+    /// unit parser refuses, so a client could not read a typed plan back).
+    pub impact: serde_json::Value,
+    /// The same, one change per line, as `tasman topology apply` prints it.
+    pub text: String,
+}
+
+fn cand(c: &Option<Candidate>) -> String {
+    match c {
+        Some(c) => format!(
+            "{} ({:.2} ms via {})",
+            c.site,
+            c.cost.as_millis_f64(),
+            c.path
+                .iter()
+                .map(|n| n.as_str())
+                .collect::<Vec<_>>()
+                .join(" > ")
+        ),
+        None => "no site".into(),
+    }
+}
+
+fn render(diff: &TopologyDiff, impact: &[ImpactEntry]) -> String {
+    let mut s = String::new();
+    for (section, d) in diff.sections() {
+        let kind = section.trim_end_matches('s');
+        for i in &d.added {
+            let _ = writeln!(s, "+ {kind} {}", i.id);
+        }
+        for i in &d.removed {
+            let _ = writeln!(s, "- {kind} {}", i.id);
+        }
+        for c in &d.changed {
+            for f in &c.fields {
+                let _ = writeln!(s, "~ {kind} {}: {} {} -> {}", c.id, f.field, f.old, f.new);
+            }
+        }
+    }
+    if !impact.is_empty() {
+        let _ = writeln!(
+            s,
+            "impact on routing ({} edge/service choice(s) change):",
+            impact.len()
+        );
+    }
+    for e in impact {
+        let what = match e.kind {
+            ImpactKind::Lost => "LOST",
+            ImpactKind::Gained => "gained",
+            ImpactKind::SiteChanged => "site changes",
+            ImpactKind::PathChanged => "path changes",
+            ImpactKind::CostChanged => "cost changes",
+        };
+        let delta = match (&e.old, &e.new) {
+            (Some(o), Some(n)) => format!(
+                " [{:+.2} ms]",
+                n.cost.as_millis_f64() - o.cost.as_millis_f64()
+            ),
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            s,
+            "  {} {}: {what}: {} -> {}{delta}",
+            e.edge,
+            e.service,
+            cand(&e.old),
+            cand(&e.new)
+        );
+    }
+    s
+}
+
+impl Plan {
+    pub fn compute(old: &Topology, new: &Topology, live: &LiveState) -> Plan {
+        let diff = topology::diff::diff(old, new);
+        let impact = topology::diff::impact(old, new, live);
+        let text = render(&diff, &impact);
+        Plan {
+            changed: !diff.is_empty(),
+            diff: serde_json::to_value(&diff).unwrap_or_default(),
+            impact: serde_json::to_value(&impact).unwrap_or_default(),
+            text,
+        }
+    }
+}

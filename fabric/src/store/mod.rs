@@ -1,0 +1,257 @@
+//! The controller's durable state, behind a small transactional key-value interface.
+//!
+//! [`Store`] is what the controller (and any module that keeps state in it, such as circuits)
+//! talks to: named tables of string keys and byte values, read and written inside atomic
+//! transactions. A write transaction's changes are durable (fsync) before [`transaction`]
+//! returns, so anything the controller answers as done survives a crash. The embedded backend
+//! is [`redb::RedbStore`]; the interface maps one-to-one onto etcd (a table is a key prefix,
+//! a transaction is an etcd `Txn` guarded on the read revisions), so several controllers can
+//! share one store later.
+//!
+//! Modules add their own tables by declaring a [`Table`] constant with their record type; they
+//! join the same transactions as everything else, so a change that touches topology, circuits
+//! and the audit log commits or aborts as one.
+
+pub mod redb;
+
+use std::marker::PhantomData;
+use std::ops::Bound;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// Why the store refused or failed. Backend errors keep their message only: the caller cannot
+/// act on the backend's internals, the operator can read them.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store backend: {0}")]
+    Backend(String),
+    #[error("store record {table}/{key} is corrupt: {reason}")]
+    Corrupt {
+        table: &'static str,
+        key: String,
+        reason: String,
+    },
+    #[error("transaction aborted")]
+    Aborted,
+    #[error("store directory {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// Reads inside a transaction (a consistent view).
+pub trait ReadTxn {
+    fn get(&self, table: &'static str, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Up to `limit` entries of `table` in key order starting at `from` (or in reverse key
+    /// order ending at `from` when `reverse`).
+    fn scan(
+        &self,
+        table: &'static str,
+        from: Bound<&str>,
+        limit: usize,
+        reverse: bool,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+}
+
+/// Reads and writes inside an atomic write transaction.
+pub trait WriteTxn: ReadTxn {
+    fn put(&mut self, table: &'static str, key: &str, value: &[u8]) -> Result<(), StoreError>;
+    fn delete(&mut self, table: &'static str, key: &str) -> Result<bool, StoreError>;
+}
+
+/// A transactional store. Implementations: embedded [`redb::RedbStore`]; an etcd backend
+/// would implement the same two methods.
+pub trait Store: Send + Sync + 'static {
+    /// Runs `f` on a consistent read view.
+    fn read(
+        &self,
+        f: &mut dyn FnMut(&dyn ReadTxn) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError>;
+    /// Runs `f` in a write transaction: when `f` returns `Ok` the changes are committed and
+    /// durable before `write` returns; when it returns `Err` nothing is changed.
+    fn write(
+        &self,
+        f: &mut dyn FnMut(&mut dyn WriteTxn) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError>;
+}
+
+/// Runs `f` in one atomic, durable write transaction and returns its value. An `Err` from `f`
+/// aborts the transaction (nothing is written) and is returned as is.
+pub fn transaction<S, R, E>(
+    store: &S,
+    f: impl FnOnce(&mut dyn WriteTxn) -> Result<R, E>,
+) -> Result<R, E>
+where
+    S: Store + ?Sized,
+    E: From<StoreError>,
+{
+    let mut f = Some(f);
+    let mut out: Option<Result<R, E>> = None;
+    let res = store.write(&mut |tx| {
+        let f = f.take().ok_or(StoreError::Aborted)?;
+        match f(tx) {
+            Ok(v) => {
+                out = Some(Ok(v));
+                Ok(())
+            }
+            Err(e) => {
+                out = Some(Err(e));
+                Err(StoreError::Aborted)
+            }
+        }
+    });
+    match (res, out) {
+        (_, Some(Err(e))) => Err(e),
+        (Ok(()), Some(Ok(v))) => Ok(v),
+        (Err(e), _) => Err(e.into()),
+        (Ok(()), None) => Err(StoreError::Aborted.into()),
+    }
+}
+
+/// Runs `f` on a consistent read view and returns its value.
+pub fn read<S, R, E>(store: &S, f: impl FnOnce(&dyn ReadTxn) -> Result<R, E>) -> Result<R, E>
+where
+    S: Store + ?Sized,
+    E: From<StoreError>,
+{
+    let mut f = Some(f);
+    let mut out: Option<Result<R, E>> = None;
+    let res = store.read(&mut |tx| {
+        let f = f.take().ok_or(StoreError::Aborted)?;
+        out = Some(f(tx));
+        Ok(())
+    });
+    match (res, out) {
+        (_, Some(r)) => r,
+        (Err(e), None) => Err(e.into()),
+        (Ok(()), None) => Err(StoreError::Aborted.into()),
+    }
+}
+
+/// A table of typed records (JSON-encoded values). Declare one as a constant next to the
+/// record type: `pub const CIRCUITS: Table<Circuit> = Table::new("circuits");`.
+pub struct Table<V> {
+    pub name: &'static str,
+    _v: PhantomData<fn() -> V>,
+}
+
+impl<V> Clone for Table<V> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<V> Copy for Table<V> {}
+
+impl<V: Serialize + DeserializeOwned> Table<V> {
+    pub const fn new(name: &'static str) -> Self {
+        Table {
+            name,
+            _v: PhantomData,
+        }
+    }
+
+    fn decode(&self, key: &str, bytes: &[u8]) -> Result<V, StoreError> {
+        serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+            table: self.name,
+            key: key.to_string(),
+            reason: e.to_string(),
+        })
+    }
+
+    pub fn get(&self, tx: &dyn ReadTxn, key: &str) -> Result<Option<V>, StoreError> {
+        tx.get(self.name, key)?
+            .map(|b| self.decode(key, &b))
+            .transpose()
+    }
+
+    pub fn put(&self, tx: &mut dyn WriteTxn, key: &str, value: &V) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(value)
+            .map_err(|e| StoreError::Backend(format!("encode {}: {e}", self.name)))?;
+        tx.put(self.name, key, &bytes)
+    }
+
+    pub fn delete(&self, tx: &mut dyn WriteTxn, key: &str) -> Result<bool, StoreError> {
+        tx.delete(self.name, key)
+    }
+
+    /// All records in key order.
+    pub fn all(&self, tx: &dyn ReadTxn) -> Result<Vec<(String, V)>, StoreError> {
+        self.scan(tx, Bound::Unbounded, usize::MAX, false)
+    }
+
+    pub fn scan(
+        &self,
+        tx: &dyn ReadTxn,
+        from: Bound<&str>,
+        limit: usize,
+        reverse: bool,
+    ) -> Result<Vec<(String, V)>, StoreError> {
+        tx.scan(self.name, from, limit, reverse)?
+            .into_iter()
+            .map(|(k, b)| {
+                let v = self.decode(&k, &b)?;
+                Ok((k, v))
+            })
+            .collect()
+    }
+
+    /// The record with the greatest key.
+    pub fn last(&self, tx: &dyn ReadTxn) -> Result<Option<(String, V)>, StoreError> {
+        Ok(self.scan(tx, Bound::Unbounded, 1, true)?.into_iter().next())
+    }
+}
+
+/// A key for a sequence number that sorts numerically (`00000000000000000042`).
+pub fn seq_key(n: u64) -> String {
+    format!("{n:020}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: Table<String> = Table::new("t");
+
+    #[test]
+    fn aborted_transaction_writes_nothing_and_committed_one_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = redb::RedbStore::open(dir.path()).unwrap();
+            transaction(&s, |tx| -> Result<(), StoreError> {
+                T.put(tx, &seq_key(1), &"one".to_string())
+            })
+            .unwrap();
+            let r: Result<(), StoreError> = transaction(&s, |tx| {
+                T.put(tx, &seq_key(2), &"two".to_string())?;
+                Err(StoreError::Backend("refused".into()))
+            });
+            assert!(r.is_err());
+        }
+        let s = redb::RedbStore::open(dir.path()).unwrap();
+        let all = read(&s, |tx| T.all(tx)).unwrap();
+        assert_eq!(all, vec![(seq_key(1), "one".to_string())]);
+        let last = read(&s, |tx| T.last(tx)).unwrap();
+        assert_eq!(last.map(|(_, v)| v), Some("one".to_string()));
+        let missing: Table<u64> = Table::new("never-written");
+        assert!(read(&s, |tx| missing.all(tx)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn scan_in_reverse_returns_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = redb::RedbStore::open(dir.path()).unwrap();
+        transaction(&s, |tx| -> Result<(), StoreError> {
+            for i in 1..=10u64 {
+                T.put(tx, &seq_key(i), &i.to_string())?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        let k5 = seq_key(5);
+        let newest = read(&s, |tx| T.scan(tx, Bound::Included(&k5), 3, true)).unwrap();
+        let vals: Vec<_> = newest.into_iter().map(|(_, v)| v).collect();
+        assert_eq!(vals, vec!["5", "4", "3"]);
+    }
+}

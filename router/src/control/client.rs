@@ -1,0 +1,409 @@
+//! The controller client: keeps one mutual-TLS QUIC connection to the controller, applies the
+//! snapshots it sends (acknowledging or rejecting each), reports telemetry, keeps the last good
+//! snapshot on disk, and reconnects with exponential backoff and jitter.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use topology::NodeId;
+
+use super::disk::{self, StoredSnapshot};
+use super::proto::{self, FromRouter, MAX_TO_ROUTER, ProtoError, ToRouter};
+use crate::snapshot::Snapshot;
+use crate::telemetry::TelemetryReport;
+use crate::tls::{self, PeerNames, TlsIdentity};
+
+/// The certificate name of the controller.
+pub const CONTROLLER_NAME: &str = "controller";
+
+pub struct ClientConfig {
+    pub controller: SocketAddr,
+    pub node: NodeId,
+    pub identity: TlsIdentity,
+    /// Where the last good snapshot is kept; `None`: memory only.
+    pub state_dir: Option<PathBuf>,
+    /// After this long without hearing from the controller, the router says so loudly (and
+    /// keeps forwarding on what it has).
+    pub max_stale: Duration,
+    pub telemetry_interval: Duration,
+}
+
+impl ClientConfig {
+    pub fn new(controller: SocketAddr, node: NodeId, identity: TlsIdentity) -> Self {
+        ClientConfig {
+            controller,
+            node,
+            identity,
+            state_dir: None,
+            max_stale: Duration::from_secs(24 * 3600),
+            telemetry_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("QUIC endpoint: {0}")]
+    Endpoint(std::io::Error),
+    #[error("connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("control stream: {0}")]
+    Proto(#[from] ProtoError),
+    #[error("write: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("controller refused this router: {0}")]
+    Refused(String),
+    #[error("timed out connecting to the controller")]
+    Timeout,
+}
+
+/// Where reports come from; `None` when the router is gone.
+pub type TelemetrySource = Arc<dyn Fn() -> Option<TelemetryReport> + Send + Sync>;
+
+struct Shared {
+    cfg: ClientConfig,
+    telemetry: Mutex<Option<TelemetrySource>>,
+    connected: AtomicBool,
+    stale: AtomicBool,
+    /// Unix ms of the last message from the controller (or of the snapshot loaded from disk).
+    last_contact_ms: AtomicU64,
+    /// The topology version of the snapshot in force.
+    topology_version: AtomicU64,
+}
+
+/// A running controller client. Dropping it stops the client.
+pub struct ControlClient {
+    shared: Arc<Shared>,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for ControlClient {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl ControlClient {
+    /// Starts the client and returns once the router has a snapshot to run on: the one on disk
+    /// (at once), else the controller's first one (waits, reconnecting, as long as it takes).
+    pub async fn start(cfg: ClientConfig) -> Result<ControlClient, ControlError> {
+        let from_disk = match &cfg.state_dir {
+            Some(dir) => match disk::load(dir) {
+                Ok(Some(s)) if s.topology.node(cfg.node.as_str()).is_some() => Some(s),
+                Ok(Some(_)) => {
+                    tracing::warn!(node = %cfg.node, "stored snapshot does not contain this node; ignoring it");
+                    None
+                }
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::warn!("ignoring the stored snapshot: {e}");
+                    None
+                }
+            },
+            None => None,
+        };
+        let placeholder = Snapshot {
+            version: 0,
+            topology: Arc::default(),
+            live: Default::default(),
+            circuits: Arc::default(),
+        };
+        let (tx, mut rx) = watch::channel(Arc::new(placeholder));
+        let shared = Arc::new(Shared {
+            cfg,
+            telemetry: Mutex::new(None),
+            connected: AtomicBool::new(false),
+            stale: AtomicBool::new(false),
+            last_contact_ms: AtomicU64::new(now_ms()),
+            topology_version: AtomicU64::new(0),
+        });
+        if let Some(s) = from_disk {
+            tracing::info!(
+                version = s.version,
+                topology_version = s.topology_version,
+                "running on the snapshot stored on disk until the controller answers"
+            );
+            shared
+                .last_contact_ms
+                .store(s.received_unix_ms, Ordering::Relaxed);
+            shared
+                .topology_version
+                .store(s.topology_version, Ordering::Relaxed);
+            tx.send_replace(Arc::new(Snapshot {
+                version: s.version,
+                topology: s.topology,
+                live: s.live,
+                circuits: s.circuits,
+            }));
+        }
+        let endpoint = client_endpoint(&shared.cfg)?;
+        let tasks = vec![
+            tokio::spawn(run(shared.clone(), endpoint, tx)),
+            tokio::spawn(staleness_watch(shared.clone())),
+        ];
+        // The placeholder (version 0) is never handed out.
+        let _ = rx.wait_for(|s| s.version != 0).await;
+        Ok(ControlClient {
+            shared,
+            snapshots: rx,
+            tasks,
+        })
+    }
+
+    /// The router's snapshot channel (feed it to the data plane).
+    pub fn snapshots(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.snapshots.clone()
+    }
+
+    /// Where telemetry reports come from (the running router); until set, none are sent.
+    pub fn set_telemetry(&self, source: TelemetrySource) {
+        if let Ok(mut t) = self.shared.telemetry.lock() {
+            *t = Some(source);
+        }
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.shared.connected.load(Ordering::Relaxed)
+    }
+
+    /// True once the router has gone `max_stale` without hearing from the controller.
+    pub fn is_stale(&self) -> bool {
+        self.shared.stale.load(Ordering::Relaxed)
+    }
+
+    pub fn topology_version(&self) -> u64 {
+        self.shared.topology_version.load(Ordering::Relaxed)
+    }
+}
+
+fn client_endpoint(cfg: &ClientConfig) -> Result<quinn::Endpoint, ControlError> {
+    let peers = PeerNames::new([CONTROLLER_NAME.to_string()]);
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_millis(500)));
+    transport.max_idle_timeout(Some(
+        Duration::from_secs(3)
+            .try_into()
+            .map_err(|_| ControlError::Timeout)?,
+    ));
+    let client_cfg = tls::client_config(&cfg.identity, &peers, Arc::new(transport))?;
+    let bind: SocketAddr = if cfg.controller.is_ipv6() {
+        "[::]:0"
+    } else {
+        "0.0.0.0:0"
+    }
+    .parse()
+    .map_err(|_| ControlError::Timeout)?;
+    let mut ep = quinn::Endpoint::client(bind).map_err(ControlError::Endpoint)?;
+    ep.set_default_client_config(client_cfg);
+    Ok(ep)
+}
+
+/// Exponential backoff 100 ms .. 10 s with full jitter on the upper half.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const MIN: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(10);
+    fn reset(&mut self) {
+        self.next = Self::MIN;
+    }
+    fn delay(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        let half = base / 2;
+        half + half.mul_f64(rand::rng().random::<f64>())
+    }
+}
+
+async fn run(shared: Arc<Shared>, endpoint: quinn::Endpoint, tx: watch::Sender<Arc<Snapshot>>) {
+    let mut backoff = Backoff { next: Backoff::MIN };
+    loop {
+        let started = tokio::time::Instant::now();
+        let res = session(&shared, &endpoint, &tx).await;
+        shared.connected.store(false, Ordering::Relaxed);
+        match res {
+            Ok(()) => tracing::info!("controller closed the control connection"),
+            Err(ControlError::Refused(r)) => tracing::error!("controller refused this router: {r}"),
+            Err(e) => tracing::warn!("control connection: {e}"),
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff.reset();
+        }
+        tokio::time::sleep(backoff.delay()).await;
+    }
+}
+
+async fn session(
+    shared: &Shared,
+    endpoint: &quinn::Endpoint,
+    tx: &watch::Sender<Arc<Snapshot>>,
+) -> Result<(), ControlError> {
+    let cfg = &shared.cfg;
+    let connecting = endpoint.connect(cfg.controller, CONTROLLER_NAME)?;
+    let conn = tokio::time::timeout(Duration::from_secs(5), connecting)
+        .await
+        .map_err(|_| ControlError::Timeout)??;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let have = tx.borrow().version;
+    let hello = FromRouter::Hello {
+        node: cfg.node.to_string(),
+        have_version: (have != 0).then_some(have),
+    };
+    send.write_all(&proto::encode(&hello)?).await?;
+    shared.connected.store(true, Ordering::Relaxed);
+    tracing::info!(controller = %cfg.controller, "connected to the controller");
+
+    let mut tick = tokio::time::interval(cfg.telemetry_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            frame = proto::read_frame(&mut recv, MAX_TO_ROUTER) => {
+                let Some(payload) = frame? else { return Ok(()) };
+                let msg: ToRouter = proto::decode(&payload)?;
+                shared.last_contact_ms.store(now_ms(), Ordering::Relaxed);
+                if shared.stale.swap(false, Ordering::Relaxed) {
+                    tracing::warn!("controller reachable again; snapshot no longer stale");
+                }
+                if let Some(reply) = handle(shared, tx, msg).await? {
+                    send.write_all(&proto::encode(&reply)?).await?;
+                }
+            }
+            _ = tick.tick() => {
+                let source = shared.telemetry.lock().ok().and_then(|t| t.clone());
+                if let Some(report) = source.and_then(|s| s()) {
+                    send.write_all(&proto::encode(&FromRouter::Telemetry(report))?).await?;
+                }
+            }
+        }
+    }
+}
+
+/// Checks that a snapshot can run on this router. The data plane builds its routing table from
+/// it; anything that cannot work here is refused with a reason instead.
+fn check(node: &NodeId, snap: &Snapshot) -> Result<(), String> {
+    if snap.topology.node(node.as_str()).is_none() {
+        return Err(format!("node {node} is not in topology"));
+    }
+    Ok(())
+}
+
+async fn handle(
+    shared: &Shared,
+    tx: &watch::Sender<Arc<Snapshot>>,
+    msg: ToRouter,
+) -> Result<Option<FromRouter>, ControlError> {
+    let node = &shared.cfg.node;
+    let (snap, topology_version) = match msg {
+        ToRouter::Heartbeat { .. } => return Ok(None),
+        ToRouter::Refused { reason } => return Err(ControlError::Refused(reason)),
+        ToRouter::Snapshot {
+            version,
+            topology_version,
+            topology,
+            live,
+            circuits,
+        } => (
+            Snapshot {
+                version,
+                topology,
+                live,
+                circuits,
+            },
+            topology_version,
+        ),
+        ToRouter::Live {
+            version,
+            base_version,
+            topology_version,
+            live,
+        } => {
+            let cur = tx.borrow().clone();
+            if cur.version != base_version {
+                let have = (cur.version != 0).then_some(cur.version);
+                return Ok(Some(FromRouter::Resync { have_version: have }));
+            }
+            (
+                Snapshot {
+                    version,
+                    topology: cur.topology.clone(),
+                    live,
+                    circuits: cur.circuits.clone(),
+                },
+                topology_version,
+            )
+        }
+    };
+    let version = snap.version;
+    if let Err(reason) = check(node, &snap) {
+        tracing::error!(version, "rejecting snapshot: {reason}");
+        return Ok(Some(FromRouter::Nack { version, reason }));
+    }
+    if let Some(dir) = shared.cfg.state_dir.clone() {
+        let stored = StoredSnapshot {
+            version,
+            topology_version,
+            received_unix_ms: now_ms(),
+            topology: snap.topology.clone(),
+            live: snap.live.clone(),
+            circuits: snap.circuits.clone(),
+        };
+        // A full disk must not stop routing: the snapshot still applies, the error is logged.
+        match tokio::task::spawn_blocking(move || disk::save(&dir, &stored)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!("could not store the snapshot: {e}"),
+            Err(e) => tracing::error!("could not store the snapshot: {e}"),
+        }
+    }
+    shared
+        .topology_version
+        .store(topology_version, Ordering::Relaxed);
+    tx.send_replace(Arc::new(snap));
+    tracing::debug!(version, topology_version, "applied snapshot");
+    Ok(Some(FromRouter::Ack { version }))
+}
+
+async fn staleness_watch(shared: Arc<Shared>) {
+    let period =
+        (shared.cfg.max_stale / 10).clamp(Duration::from_millis(100), Duration::from_secs(60));
+    let mut last_log = 0u64;
+    loop {
+        tokio::time::sleep(period).await;
+        let age_ms = now_ms().saturating_sub(shared.last_contact_ms.load(Ordering::Relaxed));
+        if age_ms > shared.cfg.max_stale.as_millis() as u64 {
+            shared.stale.store(true, Ordering::Relaxed);
+            let now = now_ms();
+            if now.saturating_sub(last_log) >= 60_000 || last_log == 0 {
+                last_log = now;
+                tracing::error!(
+                    age_s = age_ms / 1000,
+                    max_stale_s = shared.cfg.max_stale.as_secs(),
+                    "STALE SNAPSHOT: no word from the controller for {}s (limit {}s); still forwarding on the last good snapshot",
+                    age_ms / 1000,
+                    shared.cfg.max_stale.as_secs()
+                );
+            }
+        }
+    }
+}

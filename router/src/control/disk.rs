@@ -1,0 +1,114 @@
+//! The last good snapshot on disk, so that a router restarted while the controller is
+//! unreachable still forwards (ANCHORS §d 8; Envoy declined this, #16987).
+//!
+//! Written atomically: temp file, fsync, rename over `snapshot.json`, fsync the directory. A
+//! crash at any point leaves either the old or the new file, never a torn one.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use topology::Topology;
+use topology::circuit::ProvisionedCircuit;
+use topology::route::LiveState;
+
+pub const FILE_NAME: &str = "snapshot.json";
+/// A stored snapshot larger than this is refused (same bound as the wire).
+const MAX_FILE: u64 = super::proto::MAX_TO_ROUTER as u64;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredSnapshot {
+    pub version: u64,
+    pub topology_version: u64,
+    /// When this router last heard from the controller about this version (unix ms).
+    pub received_unix_ms: u64,
+    pub topology: Arc<Topology>,
+    pub live: LiveState,
+    #[serde(default)]
+    pub circuits: Arc<Vec<ProvisionedCircuit>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a stored snapshot: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DiskError + '_ {
+    move |source| DiskError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+pub fn save(dir: &Path, snap: &StoredSnapshot) -> Result<(), DiskError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let final_path = dir.join(FILE_NAME);
+    let tmp = dir.join(format!("{FILE_NAME}.tmp"));
+    let bytes = serde_json::to_vec(snap).map_err(|e| DiskError::Corrupt {
+        path: tmp.clone(),
+        reason: e.to_string(),
+    })?;
+    {
+        let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+        f.write_all(&bytes).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+    }
+    std::fs::rename(&tmp, &final_path).map_err(io(&final_path))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))?;
+    Ok(())
+}
+
+/// The stored snapshot, `Ok(None)` when there is none.
+pub fn load(dir: &Path) -> Result<Option<StoredSnapshot>, DiskError> {
+    let path = dir.join(FILE_NAME);
+    let meta = match std::fs::metadata(&path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(DiskError::Io { path, source: e }),
+    };
+    if meta.len() > MAX_FILE {
+        return Err(DiskError::Corrupt {
+            path,
+            reason: format!("{} bytes exceeds the limit of {MAX_FILE}", meta.len()),
+        });
+    }
+    let bytes = std::fs::read(&path).map_err(io(&path))?;
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| DiskError::Corrupt {
+            path,
+            reason: e.to_string(),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn saved_snapshot_loads_back_and_a_torn_file_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(load(dir.path()).unwrap().is_none());
+        let snap = StoredSnapshot {
+            version: 9,
+            topology_version: 3,
+            received_unix_ms: 1,
+            topology: Arc::new(Topology::default()),
+            live: LiveState::default(),
+            circuits: Arc::default(),
+        };
+        save(dir.path(), &snap).unwrap();
+        assert_eq!(load(dir.path()).unwrap(), Some(snap));
+        std::fs::write(dir.path().join(FILE_NAME), b"{\"version\": 9, ").unwrap();
+        assert!(matches!(load(dir.path()), Err(DiskError::Corrupt { .. })));
+    }
+}

@@ -1,0 +1,285 @@
+//! The operator's topology workflow through the admin API and the real `tasman` binary:
+//! refusals (no token, invalid YAML with line:column), apply with a plan, history, rollback and
+//! `edit` driven by a scripted $EDITOR.
+
+mod controller_common;
+
+use std::io::{Read, Write};
+use std::process::{Command, Output, Stdio};
+
+use controller_common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tasman");
+
+struct Env {
+    admin: String,
+    token: String,
+}
+
+fn tasman(env: &Env, args: &[&str], extra_env: &[(&str, &str)], stdin: &str) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env("TASMAN_CONTROLLER", &env.admin)
+        .env("TASMAN_TOKEN", &env.token)
+        .env("TASMAN_AUTHOR", "tester")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("run tasman");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A raw HTTP/1.1 request; returns the status code.
+fn http_status(addr: &str, req: &str) -> u16 {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(req.as_bytes()).unwrap();
+    let mut buf = [0u8; 512];
+    let n = s.read(&mut buf).unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    head.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn setup(dir: &std::path::Path, yaml: &str) -> (fabric::controller::daemon::Daemon, Env) {
+    let tls = dir.join("pki");
+    pki(&tls, &[]);
+    let d = start_controller(&dir.join("state"), &tls, yaml).await;
+    let env = Env {
+        admin: d.admin_addr.to_string(),
+        token: d.token.clone(),
+    };
+    (d, env)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_admin_requests_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, env) = setup(dir.path(), &fabric_yaml(62, 2, 2, 10)).await;
+    let addr = env.admin.clone();
+    let token = env.token.clone();
+    let (none, wrong, good, apply_none) = tokio::task::spawn_blocking(move || {
+        (
+            http_status(&addr, "GET /v1/topology HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+            http_status(&addr, "GET /v1/topology HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer nope\r\nConnection: close\r\n\r\n"),
+            http_status(
+                &addr,
+                &format!("GET /v1/topology HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"),
+            ),
+            http_status(
+                &addr,
+                "POST /v1/topology HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 11\r\nConnection: close\r\n\r\n{\"text\":\"\"}",
+            ),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!((none, wrong, good, apply_none), (401, 401, 200, 401));
+    // The CLI without a token: refused, exit 1, nothing changed.
+    let no_token = Env {
+        admin: env.admin.clone(),
+        token: String::new(),
+    };
+    let out = tokio::task::spawn_blocking(move || tasman(&no_token, &["topology", "get"], &[], ""))
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("token"), "{}", text(&out.stderr));
+    assert_eq!(d.ctl.current().record.version, 1);
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_apply_changes_nothing_and_reports_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = fabric_yaml(63, 2, 2, 10);
+    let (d, env) = setup(dir.path(), &good).await;
+    // A link to a node that does not exist.
+    let bad = good.replace("{a: edge-1, b: transit-1", "{a: edge-9, b: transit-1");
+    let bad_line = bad.lines().position(|l| l.contains("edge-9")).unwrap() + 1;
+    let file = dir.path().join("bad.yaml");
+    std::fs::write(&file, &bad).unwrap();
+    let f = file.display().to_string();
+    let out =
+        tokio::task::spawn_blocking(move || tasman(&env, &["topology", "apply", &f], &[], ""))
+            .await
+            .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    let prefix = format!("{}:{bad_line}:", file.display());
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with(&prefix) && l.contains("error") && l.contains("edge-9")),
+        "{err}"
+    );
+    assert_eq!(d.ctl.current().record.version, 1);
+    assert_eq!(d.ctl.current().record.text, good);
+    assert_eq!(d.ctl.history(100).unwrap().len(), 1);
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_plan_history_rollback_and_edit_keep_the_operators_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let v1 = fabric_yaml(64, 3, 3, 10);
+    let (d, env) = setup(dir.path(), &v1).await;
+    let env = std::sync::Arc::new(env);
+
+    // Dry run: a plan, nothing applied. Raising one ring link moves edge-2 to the other site.
+    let v2 = v1.replace(
+        "{a: transit-2, b: transit-0, latency: 10ms",
+        "{a: transit-2, b: transit-0, latency: 40ms",
+    ) + "# an operator's comment that must survive\n";
+    assert_ne!(v1, v2);
+    let file = dir.path().join("v2.yaml");
+    std::fs::write(&file, &v2).unwrap();
+    let f = file.display().to_string();
+    let e = env.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        tasman(&e, &["topology", "apply", &f, "--dry-run"], &[], "")
+    })
+    .await
+    .unwrap();
+    let so = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        so.contains("~ link transit-0--transit-2: latency \"10ms\" -> \"40ms\""),
+        "{so}"
+    );
+    assert!(so.contains("edge-2 llm-chat:"), "{so}");
+    assert!(so.contains("dry run"), "{so}");
+    assert_eq!(d.ctl.current().record.version, 1);
+
+    // Apply (JSON output), then get returns the text byte for byte.
+    let (e, f) = (env.clone(), file.display().to_string());
+    let out = tokio::task::spawn_blocking(move || {
+        tasman(
+            &e,
+            &["topology", "apply", &f, "-m", "slow ring", "-o", "json"],
+            &[],
+            "",
+        )
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["version"], 2);
+    assert!(
+        !json["plan"]["impact"].as_array().unwrap().is_empty(),
+        "{json}"
+    );
+    let e = env.clone();
+    let out = tokio::task::spawn_blocking(move || tasman(&e, &["topology", "get"], &[], ""))
+        .await
+        .unwrap();
+    assert_eq!(text(&out.stdout), v2);
+
+    // Rollback to 1 creates version 3 with version 1's text.
+    let e = env.clone();
+    let out =
+        tokio::task::spawn_blocking(move || tasman(&e, &["topology", "rollback", "1"], &[], ""))
+            .await
+            .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(d.ctl.current().record.version, 3);
+    assert_eq!(d.ctl.current().record.text, v1);
+
+    // Edit: the scripted editor first breaks the file (a link to an unknown node), then, seeing
+    // the errors on top, fixes it and adds a comment. The plan is shown, "y" applies it.
+    let script = dir.path().join("editor.sh");
+    std::fs::write(
+        &script,
+        r##"#!/bin/sh
+f="$1"
+if grep -q '^# tasman-edit: ' "$f"; then
+  grep '^# tasman-edit: ' "$f" > "$f.errors-seen"
+  sed -i -e '/^# tasman-edit: /d' -e 's/edge-7/edge-2/' -e 's/latency: 10ms/latency: 12ms/' "$f"
+  echo "# kept: raised ring latency for maintenance" >> "$f"
+else
+  sed -i 's/{a: edge-2, b: transit-2/{a: edge-7, b: transit-2/' "$f"
+fi
+"##,
+    )
+    .unwrap();
+    let status = Command::new("chmod")
+        .arg("+x")
+        .arg(&script)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (e, s) = (env.clone(), script.display().to_string());
+    let out = tokio::task::spawn_blocking(move || {
+        tasman(&e, &["topology", "edit"], &[("EDITOR", s.as_str())], "y\n")
+    })
+    .await
+    .unwrap();
+    let so = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stdout: {so}\nstderr: {}",
+        text(&out.stderr)
+    );
+    assert!(so.contains("latency \"10ms\" -> \"12ms\""), "{so}");
+    assert!(so.contains("applied: version 4"), "{so}");
+    let cur = d.ctl.current().record.clone();
+    assert_eq!(cur.version, 4);
+    assert!(
+        cur.text
+            .contains("# kept: raised ring latency for maintenance")
+    );
+    assert!(
+        cur.text.starts_with("# generated test fabric\n"),
+        "the original comment survives"
+    );
+    assert!(!cur.text.contains("tasman-edit"));
+    assert!(
+        text(&out.stderr).contains("invalid; re-opening"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Declining at the prompt applies nothing.
+    let (e, s) = (env.clone(), script.display().to_string());
+    let out = tokio::task::spawn_blocking(move || {
+        tasman(&e, &["topology", "edit"], &[("EDITOR", s.as_str())], "n\n")
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert_eq!(d.ctl.current().record.version, 4);
+
+    // History lists all four, newest first.
+    let e = env.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        tasman(&e, &["topology", "history", "-o", "json"], &[], "")
+    })
+    .await
+    .unwrap();
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let versions: Vec<u64> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["version"].as_u64().unwrap())
+        .collect();
+    assert_eq!(versions, vec![4, 3, 2, 1]);
+    assert_eq!(rows[1]["origin"]["kind"], "rollback");
+    assert_eq!(rows[2]["message"], "slow ring");
+    assert_eq!(rows[2]["author"], "tester");
+    d.shutdown().await;
+}

@@ -1,0 +1,134 @@
+//! Helpers for the controller's end-to-end tests: generated fabrics, a PKI, an in-process
+//! controller and lightweight routers (the real control client over real QUIC).
+#![allow(dead_code)]
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use fabric::controller::daemon::{self, Daemon, DaemonConfig};
+use router::control::{ClientConfig, ControlClient};
+use router::tls::TlsIdentity;
+use topology::NodeId;
+
+/// Polls `cond` every 10 ms until it holds or `limit` passes.
+pub async fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A fabric of `edges` edge routers, `transits` transit PoPs in a ring and two sites, in the
+/// topology YAML format. Addresses are 127.<net>.x.y (nothing listens unless a test starts
+/// real routers). `latency_ms` is the declared one-way latency of the transit ring links.
+pub fn fabric_yaml(net: u8, edges: usize, transits: usize, ring_latency_ms: u32) -> String {
+    let mut y = String::from("# generated test fabric\nversion: 1\nnodes:\n");
+    let addr = |i: usize| format!("127.{net}.{}.{}:7000", i / 250, i % 250 + 1);
+    let mut i = 0;
+    let mut node = |y: &mut String, id: &str, kind: &str, extra: &str| {
+        let _ = writeln!(
+            y,
+            "  - id: {id}\n    kind: {kind}\n    region: au-east\n    country: AU\n    location: {{lat: -33.8, lon: 151.2}}\n    address: {}{extra}",
+            addr(i)
+        );
+        i += 1;
+    };
+    for t in 0..transits {
+        node(&mut y, &format!("transit-{t}"), "transit", "");
+    }
+    for s in 0..2 {
+        node(
+            &mut y,
+            &format!("site-{s}"),
+            "site",
+            &format!(
+                "\n    serves:\n      - {{service: llm-chat, backend: 127.{net}.250.{}:9001, capacity: 100}}",
+                s + 1
+            ),
+        );
+    }
+    for e in 0..edges {
+        node(
+            &mut y,
+            &format!("edge-{e}"),
+            "edge",
+            &format!("\n    client_address: 127.{net}.251.{}", e % 250 + 1),
+        );
+    }
+    y.push_str("links:\n");
+    for t in 0..transits {
+        if transits > 1 && (transits > 2 || t == 0) {
+            let _ = writeln!(
+                y,
+                "  - {{a: transit-{t}, b: transit-{}, latency: {ring_latency_ms}ms, capacity: 10Gbps}}",
+                (t + 1) % transits
+            );
+        }
+    }
+    let _ = writeln!(
+        y,
+        "  - {{a: site-0, b: transit-0, latency: 1ms, capacity: 10Gbps}}"
+    );
+    let _ = writeln!(
+        y,
+        "  - {{a: site-1, b: transit-{}, latency: 1ms, capacity: 10Gbps}}",
+        transits / 2
+    );
+    for e in 0..edges {
+        let _ = writeln!(
+            y,
+            "  - {{a: edge-{e}, b: transit-{}, latency: 2ms, capacity: 10Gbps}}",
+            e % transits
+        );
+    }
+    y.push_str("services:\n  - name: llm-chat\n    port: 8443\n");
+    y
+}
+
+/// Node ids of a fabric made by [`fabric_yaml`].
+pub fn fabric_nodes(edges: usize, transits: usize) -> Vec<String> {
+    let mut v: Vec<String> = (0..transits).map(|t| format!("transit-{t}")).collect();
+    v.extend((0..2).map(|s| format!("site-{s}")));
+    v.extend((0..edges).map(|e| format!("edge-{e}")));
+    v
+}
+
+/// A PKI directory with the CA, the controller's and every node's certificate.
+pub fn pki(dir: &Path, nodes: &[String]) {
+    daemon::ensure_pki(dir).expect("pki");
+    for n in nodes {
+        router::pki::issue(dir, n).expect("issue");
+    }
+}
+
+pub async fn start_controller(state: &Path, tls: &Path, yaml: &str) -> Daemon {
+    let file = state.with_extension("import.yaml");
+    std::fs::write(&file, yaml).expect("write topology");
+    daemon::start(DaemonConfig {
+        topology_file: Some(file),
+        state_dir: state.to_path_buf(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin: "127.0.0.1:0".parse().unwrap(),
+        tls_dir: Some(tls.to_path_buf()),
+        admin_token_file: None,
+    })
+    .await
+    .expect("controller starts")
+}
+
+pub async fn start_client(
+    ctl: std::net::SocketAddr,
+    node: &str,
+    tls: &Path,
+    state: Option<PathBuf>,
+) -> ControlClient {
+    let id = TlsIdentity::load(tls, node).expect("identity");
+    let mut cfg = ClientConfig::new(ctl, NodeId::new(node), id);
+    cfg.state_dir = state;
+    ControlClient::start(cfg).await.expect("client starts")
+}

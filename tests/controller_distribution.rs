@@ -1,0 +1,81 @@
+//! Distribution of topology versions from the controller to routers (the real control client
+//! over real mutual-TLS QUIC), and the admin API's refusals.
+
+mod controller_common;
+
+use std::time::Duration;
+
+use controller_common::*;
+use fabric::controller::records::Origin;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_reaches_every_router_of_a_20_router_fabric() {
+    let dir = tempfile::tempdir().unwrap();
+    let (edges, transits) = (14, 4); // + 2 sites = 20 routers
+    let nodes = fabric_nodes(edges, transits);
+    assert_eq!(nodes.len(), 20);
+    let tls = dir.path().join("pki");
+    pki(&tls, &nodes);
+    let d = start_controller(
+        &dir.path().join("state"),
+        &tls,
+        &fabric_yaml(61, edges, transits, 10),
+    )
+    .await;
+    let mut clients = Vec::new();
+    for n in &nodes {
+        clients.push(start_client(d.quic_addr, n, &tls, None).await);
+    }
+    let v1 = d.ctl.published().version;
+    for c in &clients {
+        assert_eq!(c.snapshots().borrow().version, v1);
+    }
+
+    let out = d
+        .ctl
+        .apply(
+            &fabric_yaml(61, edges, transits, 25),
+            "test",
+            "raise ring latency",
+            Origin::Apply,
+            false,
+            None,
+        )
+        .await
+        .expect("apply");
+    assert_eq!(out.version, Some(2));
+    let v2 = d.ctl.published().version;
+    assert!(v2 > v1);
+    // Every router has it, and every router reported it back.
+    eventually(
+        Duration::from_secs(10),
+        "all 20 routers run the new snapshot",
+        || {
+            clients
+                .iter()
+                .all(|c| c.snapshots().borrow().version == v2 && c.topology_version() == 2)
+        },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(10),
+        "the controller saw 20 acknowledgements",
+        || {
+            let r = d.ctl.routers();
+            r.len() == 20
+                && r.iter()
+                    .all(|r| r.record.applied_version == v2 && r.record.applied_topology == 2)
+        },
+    )
+    .await;
+    let link = clients[0]
+        .snapshots()
+        .borrow()
+        .topology
+        .links
+        .iter()
+        .find(|l| l.a.as_str().starts_with("transit"))
+        .cloned();
+    assert_eq!(link.map(|l| l.latency.as_millis_f64()), Some(25.0));
+    d.shutdown().await;
+}

@@ -151,80 +151,60 @@ fn table_output_shows_rank_site_cost_and_path() {
     );
 }
 
+/// Runs `route` on the example with `flags` and asserts exit 1, nothing on stdout, and every
+/// `expected` piece in stderr.
+fn refused(flags: &[&str], expected: &[&str]) {
+    let file = example();
+    let mut args = vec!["topology", "route", file.to_str().unwrap()];
+    args.extend(flags);
+    let o = tasman(&args);
+    assert_eq!(o.status.code(), Some(1), "{flags:?}: {}", stderr(&o));
+    assert!(stdout(&o).is_empty(), "{flags:?}");
+    let e = stderr(&o);
+    for piece in expected {
+        assert!(e.contains(piece), "{flags:?}: {piece:?} not in {e}");
+    }
+}
+
 #[test]
 fn unknown_names_in_flags_are_refused_with_the_known_ones() {
-    let file = example();
-    let f = file.to_str().unwrap();
-    let o = tasman(&[
-        "topology",
-        "route",
-        f,
-        "--from",
-        "syd-edge-9",
-        "--service",
-        "llm-chat",
-    ]);
-    assert_eq!(o.status.code(), Some(1));
-    let e = stderr(&o);
-    assert!(
-        e.contains("--from")
-            && e.contains("unknown node \"syd-edge-9\"")
-            && e.contains("syd-edge-1"),
-        "{e}"
+    refused(
+        &["--from", "syd-edge-9", "--service", "llm-chat"],
+        &["--from", "unknown node \"syd-edge-9\"", "syd-edge-1"],
     );
-    assert!(stdout(&o).is_empty());
-
-    let o = tasman(&[
-        "topology",
-        "route",
-        f,
-        "--from",
-        "syd-edge-1",
-        "--service",
-        "llm-video",
-    ]);
-    assert_eq!(o.status.code(), Some(1));
-    let e = stderr(&o);
-    assert!(
-        e.contains("unknown service \"llm-video\"") && e.contains("embed, llm-chat, llm-chat-au"),
-        "{e}"
+    refused(
+        &["--from", "syd-edge-1", "--service", "llm-video"],
+        &[
+            "--service",
+            "unknown service \"llm-video\"",
+            "embed, llm-chat, llm-chat-au",
+        ],
     );
-
-    let o = tasman(&[
-        "topology",
-        "route",
-        f,
-        "--from",
-        "syd-edge-1",
-        "--service",
-        "llm-chat",
-        "--down",
-        "syd-edge-1--tyo-site-1",
-    ]);
-    assert_eq!(o.status.code(), Some(1));
-    let e = stderr(&o);
-    assert!(
-        e.contains("unknown link \"syd-edge-1--tyo-site-1\"")
-            && e.contains("syd-edge-1--syd-transit-1"),
-        "{e}"
+    refused(
+        &[
+            "--from",
+            "syd-edge-1",
+            "--service",
+            "llm-chat",
+            "--down",
+            "syd-edge-1--tyo-site-1",
+        ],
+        &[
+            "--down",
+            "unknown link \"syd-edge-1--tyo-site-1\"",
+            "syd-edge-1--syd-transit-1",
+        ],
     );
-
-    let o = tasman(&[
-        "topology",
-        "route",
-        f,
-        "--from",
-        "syd-edge-1",
-        "--service",
-        "llm-chat",
-        "--down",
-        "atlantis",
-    ]);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(
-        stderr(&o).contains("unknown node \"atlantis\""),
-        "{}",
-        stderr(&o)
+    refused(
+        &[
+            "--from",
+            "syd-edge-1",
+            "--service",
+            "llm-chat",
+            "--down",
+            "atlantis",
+        ],
+        &["--down", "unknown node \"atlantis\""],
     );
 }
 

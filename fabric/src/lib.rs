@@ -4,5 +4,6 @@ pub mod admin;
 pub mod circuits;
 pub mod cli;
 pub mod controller;
+pub mod demo;
 pub mod plan;
 pub mod store;

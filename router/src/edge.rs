@@ -37,9 +37,7 @@ pub(crate) async fn bind_listeners(
     for svc in &snap.topology.services {
         let Some(port) = svc.port else { continue };
         let addr = SocketAddr::new(ip, port);
-        let l = TcpListener::bind(addr)
-            .await
-            .map_err(|source| RouterError::Bind { addr, source })?;
+        let l = listen(addr).map_err(|source| RouterError::Bind { addr, source })?;
         tracing::info!(node = %shared.node, service = %svc.name, %addr, "service listener");
         tasks.push(tokio::spawn(accept_loop(
             shared.clone(),
@@ -49,13 +47,27 @@ pub(crate) async fn bind_listeners(
     }
     if let Some(port) = me.transparent_port {
         let addr = SocketAddr::new(ip, port);
-        let l = TcpListener::bind(addr)
-            .await
-            .map_err(|source| RouterError::Bind { addr, source })?;
+        let l = listen(addr).map_err(|source| RouterError::Bind { addr, source })?;
         tracing::info!(node = %shared.node, %addr, "transparent listener");
         tasks.push(tokio::spawn(accept_loop(shared.clone(), l, None)));
     }
     Ok(tasks)
+}
+
+/// Accept queue depth: bursts of thousands of client connects must not overflow it (the kernel
+/// caps it at net.core.somaxconn).
+const BACKLOG: u32 = 8192;
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.set_nodelay(true)?;
+    sock.bind(addr)?;
+    sock.listen(BACKLOG)
 }
 
 /// Rebuilds this edge's circuit table from a new snapshot (limiters carried over) and keeps the
@@ -172,6 +184,7 @@ async fn handle_client(
         .await
         {
             Attempt::Accepted(send, recv) => {
+                tracing::debug!(node = %shared.node, %client, %service, site = %cand.site, "site accepted");
                 drop(replay);
                 let limiter = circuit.as_ref().map(|c| &*c.limiter);
                 splice::tcp_quic_with(&shared, tcp, send, recv, Side::Edge, &mut buf, limiter)

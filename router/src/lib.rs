@@ -16,6 +16,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod backend;
 pub mod circuits;
 pub mod codes;
 pub mod control;
@@ -86,7 +87,7 @@ pub struct RouterConfig {
     pub hysteresis: Hysteresis,
     /// Candidates an edge tries for one client connection before giving up (default 3).
     pub max_tries: usize,
-    /// A site's TCP connect timeout to its backend (default 1 s).
+    /// A site's TCP connect timeout to its backend (default 2 s: above one SYN retransmit).
     pub backend_connect_timeout: Duration,
     /// Bound on how long a stream may take to send its header (default 5 s).
     pub header_timeout: Duration,
@@ -113,7 +114,7 @@ impl RouterConfig {
             metrics_addr: None,
             hysteresis: Hysteresis::default(),
             max_tries: 3,
-            backend_connect_timeout: Duration::from_secs(1),
+            backend_connect_timeout: Duration::from_secs(2),
             header_timeout: Duration::from_secs(5),
             reply_timeout: Duration::from_secs(10),
             replay_limit: 64 * 1024,

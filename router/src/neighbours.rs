@@ -100,24 +100,29 @@ async fn probe_until_down(
     let mut tick = tokio::time::interval(p.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seq: u64 = 0;
-    let mut last_alive = Instant::now();
-    let mut last_reply: Option<Instant> = None;
+    let mut last_alive = tokio::time::Instant::now();
     let mut udp_rx = conn.stats().udp_rx.datagrams;
+    let mut pongs: u64 = 0;
+    let mut pongs_at_tick: u64 = 0;
     loop {
         tokio::select! {
+            // Detection is exact: `detect` after the last sign of life, not rounded to a tick.
+            _ = tokio::time::sleep_until(last_alive + detect) => {
+                tracing::warn!(node = %shared.node, neighbour = %nb.id, after_ms = last_alive.elapsed().as_millis() as u64, "neighbour down: missed probes");
+                shared.metrics.neighbour_down_total.fetch_add(1, Relaxed);
+                conn.close(quinn::VarInt::from_u32(close::DECLARED_DOWN), b"missed probes");
+                return;
+            }
             _ = tick.tick() => {
-                // Any packet from the peer is a sign of life: a busy link must not be declared
-                // down because a probe reply queued behind bulk data.
+                // Traffic beyond the probe replies (and their ACKs) is also a sign of life: a busy
+                // link must not be declared down because a reply queued behind bulk data. The
+                // margin keeps a dead peer's last few packets from extending its life.
                 let rx = conn.stats().udp_rx.datagrams;
-                if rx != udp_rx {
-                    udp_rx = rx;
-                    last_alive = Instant::now();
-                }
-                if last_alive.elapsed() >= detect {
-                    tracing::warn!(node = %shared.node, neighbour = %nb.id, after_ms = last_alive.elapsed().as_millis() as u64, "neighbour down: missed probes");
-                    shared.metrics.neighbour_down_total.fetch_add(1, Relaxed);
-                    conn.close(quinn::VarInt::from_u32(close::DECLARED_DOWN), b"missed probes");
-                    return;
+                let extra = (rx - udp_rx).saturating_sub(2 * (pongs - pongs_at_tick));
+                udp_rx = rx;
+                pongs_at_tick = pongs;
+                if extra >= 4 {
+                    last_alive = tokio::time::Instant::now();
                 }
                 seq += 1;
                 let _ = conn.send_datagram(Probe::encode_ping(seq));
@@ -125,9 +130,8 @@ async fn probe_until_down(
             d = conn.read_datagram() => {
                 let Ok(bytes) = d else { return };
                 let Ok(Probe::Pong { entries, .. }) = Probe::decode(bytes) else { continue };
-                let now = Instant::now();
-                last_alive = now;
-                last_reply = Some(now);
+                last_alive = tokio::time::Instant::now();
+                pongs += 1;
                 nb.rtt_us.store(conn.rtt().as_micros() as u64, Relaxed);
                 let mut changed = shared.evidence.learn(&shared.node, entries);
                 if !nb.is_up() && down_since.is_none_or(|t| t.elapsed() >= p.hold_down) {
@@ -140,10 +144,7 @@ async fn probe_until_down(
                     shared.changed.notify_one();
                 }
             }
-            _ = conn.closed() => {
-                let _ = last_reply;
-                return;
-            }
+            _ = conn.closed() => return,
         }
     }
 }

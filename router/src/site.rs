@@ -221,7 +221,7 @@ pub(crate) async fn serve(
     if send.write_all(&REPLY_OK).await.is_err() {
         return;
     }
-    tracing::trace!(node = %shared.node, service = %svc.service, connect_us = started.elapsed().as_micros() as u64, "backend connected");
+    tracing::debug!(node = %shared.node, service = %svc.service, connect_us = started.elapsed().as_micros() as u64, "backend connected");
     splice::tcp_quic(&shared, tcp, send, recv, Side::Site).await;
     drop(slot);
 }

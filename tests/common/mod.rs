@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -160,6 +161,17 @@ impl TopoYaml {
     }
 }
 
+/// The child gets SIGKILL if the test process dies without running destructors.
+pub fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+}
+
 /// A child process killed (SIGKILL) and reaped on drop.
 pub struct Proc {
     pub name: String,
@@ -256,7 +268,9 @@ impl Fabric {
             ),
             None => (tasman(), Vec::new()),
         };
-        let child = Command::new(prog)
+        let mut cmd = Command::new(prog);
+        die_with_parent(&mut cmd);
+        let child = cmd
             .args(pre)
             .args(["router", "--node", node, "--topology"])
             .arg(&self.yaml)
@@ -311,6 +325,19 @@ impl Fabric {
     /// HTTP/1.0 GET on a router's metrics endpoint.
     pub fn get(&self, node: &str, path: &str) -> Option<String> {
         let addr = self.metrics.get(node)?;
+        if let Some((prog, rest)) = self.wrapper.split_first() {
+            // Inside a network namespace: ask curl in there.
+            let out = Command::new(prog)
+                .args(rest)
+                .args(["curl", "-sS", "--fail", "--max-time", "5"])
+                .arg(format!("http://{addr}{path}"))
+                .output()
+                .ok()?;
+            return out
+                .status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).into_owned());
+        }
         let mut s = TcpStream::connect_timeout(addr, Duration::from_secs(2)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
         write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
@@ -385,7 +412,9 @@ impl Nginx {
             ),
             None => (nginx.display().to_string(), Vec::new()),
         };
-        let child = Command::new(prog)
+        let mut cmd = Command::new(prog);
+        die_with_parent(&mut cmd);
+        let child = cmd
             .args(pre)
             .arg("-p")
             .arg(dir)

@@ -53,7 +53,12 @@ macro_rules! id_newtype {
 pub fn is_valid_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.split('-').all(|part| !part.is_empty() && part.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()))
+        && s.split('-').all(|part| {
+            !part.is_empty()
+                && part
+                    .bytes()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        })
 }
 
 id_newtype!(
@@ -95,7 +100,8 @@ impl CountryCode {
     }
     pub fn parse(s: &str) -> Option<Self> {
         let b = s.as_bytes();
-        (b.len() == 2 && b.iter().all(|c| c.is_ascii_uppercase())).then(|| CountryCode([b[0], b[1]]))
+        (b.len() == 2 && b.iter().all(|c| c.is_ascii_uppercase()))
+            .then(|| CountryCode([b[0], b[1]]))
     }
     pub fn as_str(&self) -> &str {
         // Both bytes are ASCII upper case by construction.
@@ -105,7 +111,8 @@ impl CountryCode {
 impl TryFrom<String> for CountryCode {
     type Error = String;
     fn try_from(s: String) -> Result<Self, String> {
-        CountryCode::parse(&s).ok_or_else(|| format!("{s:?} is not a two-letter upper-case country code (e.g. AU)"))
+        CountryCode::parse(&s)
+            .ok_or_else(|| format!("{s:?} is not a two-letter upper-case country code (e.g. AU)"))
     }
 }
 impl From<CountryCode> for String {
@@ -141,7 +148,9 @@ impl fmt::Display for NodeKind {
 }
 
 /// Operator's administrative state of a node or link.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum AdminState {
     #[default]
@@ -231,12 +240,17 @@ pub struct LinkId(pub NodeId, pub NodeId);
 
 impl LinkId {
     pub fn new(a: &NodeId, b: &NodeId) -> Self {
-        if a <= b { LinkId(a.clone(), b.clone()) } else { LinkId(b.clone(), a.clone()) }
+        if a <= b {
+            LinkId(a.clone(), b.clone())
+        } else {
+            LinkId(b.clone(), a.clone())
+        }
     }
     /// Parses `a--b` (either order). Node ids never contain `--`.
     pub fn parse(s: &str) -> Option<Self> {
         let (a, b) = s.split_once("--")?;
-        (!a.is_empty() && !b.is_empty() && !b.contains("--")).then(|| LinkId::new(&NodeId::new(a), &NodeId::new(b)))
+        (!a.is_empty() && !b.is_empty() && !b.contains("--"))
+            .then(|| LinkId::new(&NodeId::new(a), &NodeId::new(b)))
     }
 }
 impl fmt::Display for LinkId {
@@ -269,7 +283,8 @@ impl Vip {
     }
     pub fn overlaps(&self, other: &Vip) -> bool {
         self.port == other.port
-            && (self.prefix.contains(other.prefix.network()) || other.prefix.contains(self.prefix.network()))
+            && (self.prefix.contains(other.prefix.network())
+                || other.prefix.contains(self.prefix.network()))
     }
 }
 
@@ -289,7 +304,9 @@ impl std::str::FromStr for Vip {
     /// bracketed IPv6 forms `[2001:db8::/64]:443`, `[2001:db8::1]:443`.
     fn from_str(s: &str) -> Result<Self, String> {
         let bad = || {
-            format!("{s:?} is not a VIP (expected PREFIX:PORT, e.g. \"198.18.0.10/32:443\" or \"[2001:db8::10/128]:443\")")
+            format!(
+                "{s:?} is not a VIP (expected PREFIX:PORT, e.g. \"198.18.0.10/32:443\" or \"[2001:db8::10/128]:443\")"
+            )
         };
         let (net, port) = if let Some(rest) = s.strip_prefix('[') {
             let (net, port) = rest.split_once("]:").ok_or_else(bad)?;
@@ -385,14 +402,25 @@ impl Topology {
         self.links.iter().find(|l| &l.id() == id)
     }
     /// Sites that serve `service`, with their per-site settings.
-    pub fn sites_serving<'a>(&'a self, service: &'a str) -> impl Iterator<Item = (&'a Node, &'a SiteService)> + 'a {
-        self.nodes.iter().filter(|n| n.kind == NodeKind::Site).filter_map(move |n| {
-            n.serves.iter().find(|s| s.service.as_str() == service).map(|s| (n, s))
-        })
+    pub fn sites_serving<'a>(
+        &'a self,
+        service: &'a str,
+    ) -> impl Iterator<Item = (&'a Node, &'a SiteService)> + 'a {
+        self.nodes
+            .iter()
+            .filter(|n| n.kind == NodeKind::Site)
+            .filter_map(move |n| {
+                n.serves
+                    .iter()
+                    .find(|s| s.service.as_str() == service)
+                    .map(|s| (n, s))
+            })
     }
     /// Links incident to `node`.
     pub fn links_of<'a>(&'a self, node: &'a NodeId) -> impl Iterator<Item = &'a Link> + 'a {
-        self.links.iter().filter(move |l| &l.a == node || &l.b == node)
+        self.links
+            .iter()
+            .filter(move |l| &l.a == node || &l.b == node)
     }
     /// Map of node id to node, for callers that look up many ids.
     pub fn node_index(&self) -> BTreeMap<&NodeId, &Node> {

@@ -201,6 +201,34 @@ fn list(asked: &str, items: &[String]) -> String {
 ///
 /// Compact: service names are stored once (sorted, for a binary search), every candidate of
 /// every service lives in one `Vec`, and each service owns a range of it.
+///
+/// ```
+/// use topology::builder::{TopologyBuilder, ms};
+/// use topology::{Graph, LiveState, NodeId, NodeKind, RoutingTable};
+///
+/// let topo = TopologyBuilder::new()
+///     .node("syd-edge-1", NodeKind::Edge)
+///     .node("syd-site-1", NodeKind::Site)
+///     .node("mel-site-1", NodeKind::Site)
+///     .link("syd-edge-1", "syd-site-1", ms(0.8))
+///     .link("syd-edge-1", "mel-site-1", ms(6.5))
+///     .service("llm-chat")
+///     .serve("syd-site-1", "llm-chat", 512)
+///     .serve("mel-site-1", "llm-chat", 256)
+///     .build();
+/// let graph = Graph::new(&topo); // once per topology version
+/// let mut live = LiveState::default();
+/// let edge = NodeId::new("syd-edge-1");
+/// let table = RoutingTable::build(&topo, &graph, &edge, &live).unwrap();
+/// assert_eq!(table.best("llm-chat").unwrap().site.as_str(), "syd-site-1");
+///
+/// // Sydney fails: rebuild from the new live state; connections just read the new table.
+/// live.down_nodes.insert(NodeId::new("syd-site-1"));
+/// let table = RoutingTable::build(&topo, &graph, &edge, &live).unwrap();
+/// let c = &table.candidates("llm-chat")[0];
+/// assert_eq!((c.site.as_str(), c.cost), ("mel-site-1", ms(6.5)));
+/// assert_eq!(c.next_hop().map(|n| n.as_str()), Some("mel-site-1"));
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoutingTable {
     from: NodeId,
@@ -209,8 +237,21 @@ pub struct RoutingTable {
     candidates: Vec<Candidate>,
 }
 
-const UNREACHED: (u32, u64) = (u32::MAX, u64::MAX);
+/// The search key packs the lexicographic cost `(drained elements, latency ns)` into one `u64`
+/// (one compare per heap step): the drained count in the top 8 bits, saturating at 255, the
+/// latency in the low 56 bits, saturating at 2^56 ns (2.3 years). `u64::MAX` means unreached.
+const LATENCY_BITS: u32 = 56;
+const LATENCY_MASK: u64 = (1 << LATENCY_BITS) - 1;
+const UNREACHED: u64 = u64::MAX;
 const NO_PREV: u32 = u32::MAX;
+
+fn key_add(key: u64, drained: u8, weight_ns: u64) -> u64 {
+    let d = ((key >> LATENCY_BITS) + u64::from(drained)).min(255);
+    let l = (key & LATENCY_MASK)
+        .saturating_add(weight_ns)
+        .min(LATENCY_MASK);
+    (d << LATENCY_BITS) | l
+}
 
 impl RoutingTable {
     /// Builds `from`'s table. `graph` must be `Graph::new(topo)`. If `from` is itself down,
@@ -261,17 +302,17 @@ impl RoutingTable {
             w
         });
 
-        // Dijkstra over (drained count, latency ns), lexicographic.
+        // Dijkstra over (drained count, latency ns), lexicographic, packed (see `key_add`).
+        // No decrease-key: stale heap entries are skipped when popped.
         let mut dist = vec![UNREACHED; n];
         let mut prev = vec![NO_PREV; n];
-        let mut done = vec![false; n];
-        let mut heap = BinaryHeap::new();
+        let mut heap = BinaryHeap::with_capacity(n);
         if !node_blocked[origin as usize] {
-            dist[origin as usize] = (0, 0);
-            heap.push(Reverse((0u32, 0u64, origin)));
+            dist[origin as usize] = 0;
+            heap.push(Reverse((0u64, origin)));
         }
-        while let Some(Reverse((d, l, u))) = heap.pop() {
-            if std::mem::replace(&mut done[u as usize], true) {
+        while let Some(Reverse((key, u))) = heap.pop() {
+            if key > dist[u as usize] {
                 continue;
             }
             for (e, &drained) in graph.neighbours(u).iter().zip(graph.neighbour_drain(u)) {
@@ -282,11 +323,11 @@ impl RoutingTable {
                 let w = overrides
                     .as_ref()
                     .map_or(e.latency_ns, |o| o[e.link as usize]);
-                let cand = (d.saturating_add(u32::from(drained)), l.saturating_add(w));
+                let cand = key_add(key, drained, w);
                 if cand < dist[v] {
                     dist[v] = cand;
                     prev[v] = u;
-                    heap.push(Reverse((cand.0, cand.1, e.to)));
+                    heap.push(Reverse((cand, e.to)));
                 } else if cand == dist[v] && u < prev[v] {
                     // Weights are >= 1 ns, so every equal-cost predecessor is settled before
                     // `v` is, and this rule cannot create a cycle.
@@ -300,10 +341,11 @@ impl RoutingTable {
         for svc in graph.services() {
             let start = candidates.len();
             for site in &svc.sites {
-                let (drained, latency_ns) = dist[site.node as usize];
-                if (drained, latency_ns) == UNREACHED {
+                let key = dist[site.node as usize];
+                if key == UNREACHED {
                     continue;
                 }
+                let (drained, latency_ns) = (key >> LATENCY_BITS, key & LATENCY_MASK);
                 let id = graph.id(site.node);
                 let penalty = match live.site_load.get(id.as_str()) {
                     None => Latency::ZERO,

@@ -430,6 +430,36 @@ mod tests {
     }
 
     #[test]
+    fn columns_count_characters_not_bytes() {
+        let t = parse_tree("k: [\"日本語\", x]\n").unwrap_or_else(|d| panic!("{d}"));
+        let YValue::Map(m) = &t.value else { panic!() };
+        let YValue::Seq(items) = &m[0].1.value else {
+            panic!()
+        };
+        assert_eq!(
+            items[1].pos,
+            Pos {
+                line: 1,
+                column: 12
+            }
+        );
+    }
+
+    #[test]
+    fn one_document_per_file() {
+        let d = parse_tree("a: 1\n---\nb: 2\n").expect_err("two documents");
+        assert_eq!((d.line, d.column), (2, 1));
+        assert!(d.message.contains("only one YAML document"), "{d}");
+    }
+
+    #[test]
+    fn tags_are_refused_except_str() {
+        assert!(parse_tree("a: !!str 12\n").is_ok());
+        let d = parse_tree("a: !!binary AAAA\n").expect_err("binary tag");
+        assert!(d.message.contains("not supported"), "{d}");
+    }
+
+    #[test]
     fn aliases_are_copied_at_their_use() {
         let t = parse_tree("a: &x {k: 1}\nb: *x\n").unwrap_or_else(|d| panic!("{d}"));
         let YValue::Map(m) = &t.value else { panic!() };

@@ -12,18 +12,29 @@ pub enum UnitError {
     #[error("empty value (expected {expected})")]
     Empty { expected: &'static str },
     #[error("{value:?} has no unit (expected {expected})")]
-    MissingUnit { value: String, expected: &'static str },
+    MissingUnit {
+        value: String,
+        expected: &'static str,
+    },
     #[error("unknown unit {unit:?} in {value:?} (expected {expected})")]
-    UnknownUnit { value: String, unit: String, expected: &'static str },
+    UnknownUnit {
+        value: String,
+        unit: String,
+        expected: &'static str,
+    },
     #[error("{value:?} is not a number (expected {expected})")]
-    BadNumber { value: String, expected: &'static str },
+    BadNumber {
+        value: String,
+        expected: &'static str,
+    },
     #[error("{value:?} must be greater than zero")]
     NotPositive { value: String },
     #[error("{value:?} is out of range (at most {max})")]
     OutOfRange { value: String, max: &'static str },
 }
 
-const LATENCY_UNITS: &str = "a positive number with a unit: ns, us, ms or s, e.g. \"12ms\" or \"850us\"";
+const LATENCY_UNITS: &str =
+    "a positive number with a unit: ns, us, ms or s, e.g. \"12ms\" or \"850us\"";
 const BANDWIDTH_UNITS: &str =
     "a positive number with a unit: bps, Kbps, Mbps, Gbps or Tbps, e.g. \"10Gbps\" or \"500Mbps\"";
 
@@ -39,14 +50,21 @@ fn split_number<'a>(s: &'a str, expected: &'static str) -> Result<(f64, &'a str)
     let (num, unit) = s.split_at(end);
     let unit = unit.trim();
     if unit.is_empty() {
-        return Err(UnitError::MissingUnit { value: s.to_string(), expected });
+        return Err(UnitError::MissingUnit {
+            value: s.to_string(),
+            expected,
+        });
     }
     let cleaned: String = num.chars().filter(|c| *c != '_').collect();
-    let n: f64 = cleaned
-        .parse()
-        .map_err(|_| UnitError::BadNumber { value: s.to_string(), expected })?;
+    let n: f64 = cleaned.parse().map_err(|_| UnitError::BadNumber {
+        value: s.to_string(),
+        expected,
+    })?;
     if !n.is_finite() {
-        return Err(UnitError::BadNumber { value: s.to_string(), expected });
+        return Err(UnitError::BadNumber {
+            value: s.to_string(),
+            expected,
+        });
     }
     Ok((n, unit))
 }
@@ -108,14 +126,21 @@ impl FromStr for Latency {
             }
         };
         if secs <= 0.0 {
-            return Err(UnitError::NotPositive { value: s.trim().to_string() });
+            return Err(UnitError::NotPositive {
+                value: s.trim().to_string(),
+            });
         }
         if secs > Latency::MAX.0.as_secs_f64() {
-            return Err(UnitError::OutOfRange { value: s.trim().to_string(), max: "60s" });
+            return Err(UnitError::OutOfRange {
+                value: s.trim().to_string(),
+                max: "60s",
+            });
         }
         let d = Duration::from_secs_f64(secs);
         if d.is_zero() {
-            return Err(UnitError::NotPositive { value: s.trim().to_string() });
+            return Err(UnitError::NotPositive {
+                value: s.trim().to_string(),
+            });
         }
         Ok(Latency(d))
     }
@@ -205,11 +230,16 @@ impl FromStr for Bandwidth {
         };
         let bps = n * mult;
         if bps < 1.0 {
-            return Err(UnitError::NotPositive { value: s.trim().to_string() });
+            return Err(UnitError::NotPositive {
+                value: s.trim().to_string(),
+            });
         }
         // 1 Pbps: far above any link we model, far below u64 overflow.
         if bps > 1e15 {
-            return Err(UnitError::OutOfRange { value: s.trim().to_string(), max: "1000Tbps" });
+            return Err(UnitError::OutOfRange {
+                value: s.trim().to_string(),
+                max: "1000Tbps",
+            });
         }
         Ok(Bandwidth(bps.round() as u64))
     }
@@ -218,7 +248,12 @@ impl FromStr for Bandwidth {
 impl fmt::Display for Bandwidth {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
-        for (div, unit) in [(1_000_000_000_000, "Tbps"), (1_000_000_000, "Gbps"), (1_000_000, "Mbps"), (1_000, "Kbps")] {
+        for (div, unit) in [
+            (1_000_000_000_000, "Tbps"),
+            (1_000_000_000, "Gbps"),
+            (1_000_000, "Mbps"),
+            (1_000, "Kbps"),
+        ] {
             if b >= div {
                 return if b.is_multiple_of(div) {
                     write!(f, "{}{unit}", b / div)
@@ -250,23 +285,56 @@ mod tests {
 
     #[test]
     fn latency_parses_and_prints() {
-        assert_eq!("12ms".parse::<Latency>().unwrap(), Latency::from_micros(12_000));
-        assert_eq!("850us".parse::<Latency>().unwrap(), Latency::from_micros(850));
+        assert_eq!(
+            "12ms".parse::<Latency>().unwrap(),
+            Latency::from_micros(12_000)
+        );
+        assert_eq!(
+            "850us".parse::<Latency>().unwrap(),
+            Latency::from_micros(850)
+        );
         assert_eq!("1.5ms".parse::<Latency>().unwrap().to_string(), "1.5ms");
         assert_eq!("850us".parse::<Latency>().unwrap().to_string(), "850us");
-        assert!(matches!("0ms".parse::<Latency>(), Err(UnitError::NotPositive { .. })));
-        assert!(matches!("-3ms".parse::<Latency>(), Err(UnitError::NotPositive { .. })));
-        assert!(matches!("12".parse::<Latency>(), Err(UnitError::MissingUnit { .. })));
-        assert!(matches!("12 parsecs".parse::<Latency>(), Err(UnitError::UnknownUnit { .. })));
-        assert!(matches!("99999s".parse::<Latency>(), Err(UnitError::OutOfRange { .. })));
+        assert!(matches!(
+            "0ms".parse::<Latency>(),
+            Err(UnitError::NotPositive { .. })
+        ));
+        assert!(matches!(
+            "-3ms".parse::<Latency>(),
+            Err(UnitError::NotPositive { .. })
+        ));
+        assert!(matches!(
+            "12".parse::<Latency>(),
+            Err(UnitError::MissingUnit { .. })
+        ));
+        assert!(matches!(
+            "12 parsecs".parse::<Latency>(),
+            Err(UnitError::UnknownUnit { .. })
+        ));
+        assert!(matches!(
+            "99999s".parse::<Latency>(),
+            Err(UnitError::OutOfRange { .. })
+        ));
     }
 
     #[test]
     fn bandwidth_parses_and_prints() {
         assert_eq!("10Gbps".parse::<Bandwidth>().unwrap().bps(), 10_000_000_000);
-        assert_eq!("500Mbps".parse::<Bandwidth>().unwrap().to_string(), "500Mbps");
-        assert_eq!("1.5Gbps".parse::<Bandwidth>().unwrap().to_string(), "1.5Gbps");
-        assert!(matches!("10GB".parse::<Bandwidth>(), Err(UnitError::UnknownUnit { .. })));
-        assert!(matches!("0Mbps".parse::<Bandwidth>(), Err(UnitError::NotPositive { .. })));
+        assert_eq!(
+            "500Mbps".parse::<Bandwidth>().unwrap().to_string(),
+            "500Mbps"
+        );
+        assert_eq!(
+            "1.5Gbps".parse::<Bandwidth>().unwrap().to_string(),
+            "1.5Gbps"
+        );
+        assert!(matches!(
+            "10GB".parse::<Bandwidth>(),
+            Err(UnitError::UnknownUnit { .. })
+        ));
+        assert!(matches!(
+            "0Mbps".parse::<Bandwidth>(),
+            Err(UnitError::NotPositive { .. })
+        ));
     }
 }

@@ -422,6 +422,22 @@ fn known_list<'a>(word: &str, known: impl Iterator<Item = &'a str> + Clone) -> S
     format!("(closest of {total} known: {})", near.join(", "))
 }
 
+/// `node "syd-edge-1"` when the entry has a valid `key`, else the positional `label` (`node 3`),
+/// so that problems found before the id is read still name the entry the way operators know it.
+fn named(kind: &str, item: &YNode, key: &str, label: &str) -> String {
+    if let YValue::Map(entries) = &item.value {
+        for (k, v) in entries {
+            if let (YValue::Str(k), YValue::Str(v)) = (&k.value, &v.value)
+                && k == key
+                && is_valid_id(v)
+            {
+                return format!("{kind} \"{v}\"");
+            }
+        }
+    }
+    label.to_string()
+}
+
 /// What the first pass learns about each node entry, even an incomplete one.
 struct NodeEntry<'a> {
     id: Option<String>,
@@ -493,7 +509,7 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
     let mut regions: HashSet<String> = HashSet::new();
     for (i, item) in node_items.iter().enumerate() {
         let label = format!("node {}", i + 1);
-        let Some(f) = fields(cx, item, &label, NODE_FIELDS) else {
+        let Some(f) = fields(cx, item, &named("node", item, "id", &label), NODE_FIELDS) else {
             continue;
         };
         let id_node = f.required(cx, "id");
@@ -652,7 +668,12 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
     let mut vips: Vec<(Vip, String)> = Vec::new();
     for (i, item) in service_items.iter().enumerate() {
         let label = format!("service {}", i + 1);
-        let Some(f) = fields(cx, item, &label, SERVICE_FIELDS) else {
+        let Some(f) = fields(
+            cx,
+            item,
+            &named("service", item, "name", &label),
+            SERVICE_FIELDS,
+        ) else {
             continue;
         };
         let name_node = f.required(cx, "name");

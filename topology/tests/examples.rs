@@ -36,3 +36,22 @@ fn apac_example_is_valid_without_warnings() {
     let back = load(&to_yaml(t)).unwrap_or_else(|d| panic!("{d:#?}"));
     assert_eq!(&back.topology, t);
 }
+
+#[test]
+fn every_full_example_in_the_format_reference_is_valid() {
+    let doc = read("docs/topology.md");
+    let mut found = 0;
+    let mut rest = doc.as_str();
+    while let Some(start) = rest.find("```yaml\n") {
+        let body = &rest[start + "```yaml\n".len()..];
+        let end = body.find("```").expect("unterminated yaml block");
+        let block = &body[..end];
+        if block.starts_with("version: 1") {
+            found += 1;
+            let loaded = load(block).unwrap_or_else(|d| panic!("docs/topology.md example: {d:#?}"));
+            assert!(loaded.warnings.is_empty(), "{:#?}", loaded.warnings);
+        }
+        rest = &body[end + 3..];
+    }
+    assert!(found >= 1, "docs/topology.md has no full example");
+}

@@ -108,3 +108,39 @@ fn garbage_never_panics() {
         let _ = load(s);
     }
 }
+
+/// Every single-line deletion and many truncations of the example fabric load without a panic,
+/// and every diagnostic points inside the document.
+#[test]
+fn mutilated_example_never_panics_and_points_inside_the_document() {
+    let path = format!("{}/../examples/apac.yaml", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(path).expect("example");
+    let lines: Vec<&str> = text.lines().collect();
+    let mut variants: Vec<String> = (0..lines.len())
+        .map(|skip| {
+            lines
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != skip)
+                .map(|(_, l)| format!("{l}\n"))
+                .collect()
+        })
+        .collect();
+    variants.extend(
+        (0..text.len())
+            .step_by(97)
+            .filter(|i| text.is_char_boundary(*i))
+            .map(|i| text[..i].to_string()),
+    );
+    for v in &variants {
+        let n_lines = v.lines().count().max(1);
+        if let Err(diags) = load(v) {
+            for d in diags {
+                assert!(
+                    d.line <= n_lines + 1,
+                    "{d} is past the end ({n_lines} lines)"
+                );
+            }
+        }
+    }
+}

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 pub mod admin_client;
 pub mod circuit;
 pub mod controller;
+pub mod demo;
 pub mod pki;
 pub mod router;
 pub mod status;
@@ -26,6 +27,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Run the local Asia-Pacific demo fabric: measure, fail a site over, exit.
+    Demo(demo::DemoArgs),
     /// Work with topology files: validate, route, diff.
     Topology(topology::TopologyArgs),
     /// Run one router (edge, transit or site, from its node's kind in the topology).
@@ -56,6 +59,7 @@ pub fn init_tracing() {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Demo(args) => demo::run(args),
         Command::Topology(args) => topology::run(args),
         Command::Router(args) => router::run(args),
         Command::Pki(args) => pki::run(args),

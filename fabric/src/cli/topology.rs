@@ -13,6 +13,13 @@ mod diff;
 mod route;
 
 #[derive(Args, Debug)]
+#[command(after_help = "\
+Examples:
+  tasman topology validate examples/apac.yaml
+  tasman topology route examples/apac.yaml --from syd-edge-1 --service llm-chat
+  tasman topology diff examples/apac.yaml new-apac.yaml
+
+The file format is documented in docs/topology.md.")]
 pub struct TopologyArgs {
     #[command(subcommand)]
     pub command: TopologyCmd,

@@ -15,6 +15,10 @@ Examples:
   tasman topology route examples/apac.yaml --from syd-edge-1 --service llm-chat \\
       --down syd-site-1 --down syd-transit-1--mel-site-1 -o json
 
+Ranking: candidates that need no drained node or link first, then by cost = path latency (sum
+of the declared one-way link latencies) + load penalty (0 here: a file has no load reports), then
+by site id. A site is a candidate when it is up, serves the service, is allowed by the service's
+residency, and is reachable without crossing a down node or link.
 JSON output: {\"from\":..,\"service\":..,\"down\":[..],\"candidates\":[{\"site\":..,\"path\":[..],
 \"latency_ms\":..,\"penalty_ms\":..,\"cost_ms\":..,\"drained\":..}]}, best first.
 Exit status: 0 answered (even with no candidates), 1 invalid topology or unknown node, link or

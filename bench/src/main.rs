@@ -1,0 +1,695 @@
+//! `tasman-bench`: Tasman's whole-system benchmarks, measured in one run and written to
+//! `docs/benchmarks.md`. Run it through `bench/run` (release build, HAProxy installed).
+//!
+//! Routers run as separate processes (`tasman-bench serve-router`, the same `router::Router` the
+//! `tasman` binary runs) so that their memory is measured alone and a site can be SIGKILLed.
+
+mod net;
+mod procs;
+mod quic;
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use topology::builder::{TopologyBuilder, ms};
+use topology::{NodeKind, Topology};
+
+#[derive(Parser, Debug)]
+#[command(name = "tasman-bench", about = "Tasman's whole-system benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run every benchmark once and write the report.
+    #[command(
+        after_help = "Example:\n  bench/run                      # builds release, then:\n  \
+                            target/release/tasman-bench all --out docs/benchmarks.md"
+    )]
+    All(AllArgs),
+    /// Internal: an echo server in its own process (the 10,000-connection run needs its own
+    /// file-descriptor budget), printing `ready ADDR`.
+    #[command(hide = true)]
+    ServeEcho {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Internal: run one router of a benchmark fabric in this process until killed.
+    #[command(hide = true)]
+    ServeRouter {
+        #[arg(long)]
+        topology: PathBuf,
+        #[arg(long)]
+        node: String,
+        #[arg(long)]
+        tls_dir: PathBuf,
+    },
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct AllArgs {
+    /// Where to write the Markdown report ("-" for stdout only).
+    #[arg(long, default_value = "docs/benchmarks.md")]
+    out: String,
+    /// MiB sent in each throughput run.
+    #[arg(long, default_value_t = 2048)]
+    mib: u64,
+    /// Ping-pongs per latency run.
+    #[arg(long, default_value_t = 10_000)]
+    pings: usize,
+    /// Concurrent proxied connections for the memory measurement.
+    #[arg(long, default_value_t = 10_000)]
+    conns: usize,
+    /// Kill-and-failover runs.
+    #[arg(long, default_value_t = 5)]
+    failovers: usize,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: tokio runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let r = match cli.cmd {
+        Cmd::All(args) => rt.block_on(all(args)),
+        Cmd::ServeEcho { listen } => rt.block_on(async move {
+            let addr = net::echo_server(listen).await?;
+            println!("ready {addr}");
+            std::future::pending::<anyhow::Result<()>>().await
+        }),
+        Cmd::ServeRouter {
+            topology,
+            node,
+            tls_dir,
+        } => rt.block_on(procs::serve_router(topology, node, tls_dir)),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn ip(a: u8, b: u8, c: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, a, b, c))
+}
+
+/// Raises the open-file limit (children inherit it) for the 10,000-connection run.
+fn raise_nofile(want: u64) -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a stack struct.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        let raised = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: want.max(lim.rlim_max),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+            // Not privileged: go as high as the hard limit allows.
+            let soft = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            libc::setrlimit(libc::RLIMIT_NOFILE, &soft);
+        }
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+    }
+    lim.rlim_cur
+}
+
+/// Fills in loopback addresses for every node: QUIC on 127.77.1.N, edge clients on 127.77.2.N.
+fn place(t: &mut Topology) -> anyhow::Result<()> {
+    for (i, n) in t.nodes.iter_mut().enumerate() {
+        let i = u8::try_from(i + 1)?;
+        let quic = ip(77, 1, i);
+        n.address = SocketAddr::new(quic, net::free_udp_port(quic)?);
+        if n.kind == NodeKind::Edge {
+            n.client_address = Some(ip(77, 2, i));
+        }
+    }
+    for s in &mut t.services {
+        s.port = Some(net::free_tcp_port(ip(77, 2, 1))?);
+    }
+    Ok(())
+}
+
+fn service_addr(t: &Topology, edge: &str, service: &str) -> anyhow::Result<SocketAddr> {
+    let e = t.node(edge).context("edge")?;
+    let port = t
+        .service(service)
+        .and_then(|s| s.port)
+        .context("service port")?;
+    Ok(SocketAddr::new(
+        e.client_address.context("client address")?,
+        port,
+    ))
+}
+
+fn set_backend(t: &mut Topology, site: &str, service: &str, backend: SocketAddr) {
+    if let Some(n) = t.nodes.iter_mut().find(|n| n.id.as_str() == site) {
+        for s in &mut n.serves {
+            if s.service.as_str() == service {
+                s.backend = backend;
+            }
+        }
+    }
+}
+
+/// Polls until a connection through `addr` completes one echo (the fabric is up end to end).
+async fn wait_echo(addr: SocketAddr) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(2), net::ping_pong(addr, 1, 8)).await {
+            Ok(Ok(_)) => return Ok(()),
+            _ if Instant::now() > deadline => bail!("no echo through {addr} within 20 s"),
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+struct Rate {
+    name: &'static str,
+    elapsed: Duration,
+}
+
+struct Lat {
+    name: &'static str,
+    hops: u32,
+    p50: f64,
+    p99: f64,
+    p999: f64,
+    mean: f64,
+}
+
+fn lat(name: &'static str, hops: u32, mut ns: Vec<u64>) -> Lat {
+    ns.sort_unstable();
+    let mean = ns.iter().sum::<u64>() as f64 / ns.len().max(1) as f64 / 1000.0;
+    Lat {
+        name,
+        hops,
+        p50: net::percentile_us(&ns, 0.5),
+        p99: net::percentile_us(&ns, 0.99),
+        p999: net::percentile_us(&ns, 0.999),
+        mean,
+    }
+}
+
+struct Failover {
+    /// Kill to the first response served by the next site.
+    total: Duration,
+    attempts: usize,
+    failed: usize,
+    slowest_attempt: Duration,
+}
+
+async fn all(args: AllArgs) -> anyhow::Result<()> {
+    let started_at = std::process::Command::new("date").arg("-u").output().ok();
+    let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let nofile = raise_nofile(200_000);
+    let bytes = args.mib * 1024 * 1024;
+
+    // The fabric: e1 -- s1 (one QUIC hop), e2 -- t1 -- s1 (two), services `tput` and `echo`.
+    let mut b = TopologyBuilder::new();
+    b.node("e1", NodeKind::Edge)
+        .node("e2", NodeKind::Edge)
+        .node("t1", NodeKind::Transit)
+        .node("s1", NodeKind::Site)
+        .link("e1", "s1", ms(0.05))
+        .link("e2", "t1", ms(0.05))
+        .link("t1", "s1", ms(0.05))
+        .service("tput")
+        .service("echo")
+        .serve("s1", "tput", 1_000_000)
+        .serve("s1", "echo", 1_000_000);
+    let mut topo = b.build();
+    place(&mut topo)?;
+    let sink = net::count_sink(SocketAddr::new(ip(77, 3, 1), 0)).await?;
+    let echo_proc = procs::EchoProc::start(SocketAddr::new(ip(77, 3, 1), 0))?;
+    let echo = echo_proc.addr();
+    set_backend(&mut topo, "s1", "tput", sink);
+    set_backend(&mut topo, "s1", "echo", echo);
+    let mut fabric = procs::ProcFabric::new(&topo)?;
+    for n in ["s1", "t1", "e1", "e2"] {
+        fabric.start(n)?;
+    }
+    let e1_tput = service_addr(&topo, "e1", "tput")?;
+    let e2_tput = service_addr(&topo, "e2", "tput")?;
+    let e1_echo = service_addr(&topo, "e1", "echo")?;
+    let e2_echo = service_addr(&topo, "e2", "echo")?;
+    wait_echo(e1_echo).await?;
+    wait_echo(e2_echo).await?;
+    let hap_tput_addr = SocketAddr::new(ip(77, 4, 1), net::free_tcp_port(ip(77, 4, 1))?);
+    let hap_echo_addr = SocketAddr::new(ip(77, 4, 2), net::free_tcp_port(ip(77, 4, 2))?);
+    let hap_tput = procs::Haproxy::start(hap_tput_addr, sink)?;
+    let hap_echo = procs::Haproxy::start(hap_echo_addr, echo)?;
+
+    // 1. Throughput: one TCP stream.
+    eprintln!("throughput: {} MiB per run", args.mib);
+    let mut rates = Vec::new();
+    for (name, f) in [
+        ("direct TCP (client -> sink)", 0),
+        ("HAProxy 2-thread `mode tcp`", 1),
+        ("bare quinn stream (same TLS + transport config)", 2),
+        ("Tasman edge -> site (1 QUIC hop)", 3),
+        ("Tasman edge -> transit -> site (2 QUIC hops)", 4),
+    ] {
+        let elapsed = match f {
+            0 => net::push(sink, bytes).await?,
+            1 => net::push(hap_tput_addr, bytes).await?,
+            2 => quic::push(bytes).await?,
+            3 => net::push(e1_tput, bytes).await?,
+            _ => net::push(e2_tput, bytes).await?,
+        };
+        eprintln!("  {name}: {:.2} Gbit/s", gbps(bytes, elapsed));
+        rates.push(Rate { name, elapsed });
+    }
+
+    // 2. Latency: 64-byte ping-pongs on one connection.
+    eprintln!("latency: {} ping-pongs of 64 B per run", args.pings);
+    let mut lats = Vec::new();
+    for (name, hops, addr) in [
+        ("direct TCP (client -> echo)", 0, echo),
+        ("HAProxy `mode tcp`", 0, hap_echo_addr),
+        ("Tasman edge -> site", 1, e1_echo),
+        ("Tasman edge -> transit -> site", 2, e2_echo),
+    ] {
+        let l = lat(name, hops, net::ping_pong(addr, args.pings, 64).await?);
+        eprintln!("  {name}: p50 {:.1} us, p99 {:.1} us", l.p50, l.p99);
+        lats.push(l);
+    }
+
+    // 3. Memory per proxied connection.
+    eprintln!("memory: {} connections", args.conns);
+    let e1_before = fabric.rss_kib("e1")?;
+    let s1_before = fabric.rss_kib("s1")?;
+    let t0 = Instant::now();
+    let held = net::hold(e1_echo, args.conns, 256).await?;
+    let open_time = t0.elapsed();
+    // Let the routers settle (buffers allocated on first use are counted).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let e1_after = fabric.rss_kib("e1")?;
+    let s1_after = fabric.rss_kib("s1")?;
+    drop(held);
+    let hap_pid = hap_echo.pid();
+    let hap_before = procs::rss_kib(hap_pid)?;
+    // HAProxy holds both sides of each connection and the file limit is 20,000 per process here.
+    let hap_conns = args.conns.min(procs::HAPROXY_MAX_CONNS);
+    let held = net::hold(hap_echo_addr, hap_conns, 256).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let hap_after = procs::rss_kib(hap_pid)?;
+    drop(held);
+    eprintln!(
+        "  Tasman: +{} KiB (edge) +{} KiB (site); HAProxy: +{} KiB",
+        e1_after.saturating_sub(e1_before),
+        s1_after.saturating_sub(s1_before),
+        hap_after.saturating_sub(hap_before)
+    );
+    drop(hap_tput);
+    drop(hap_echo);
+    drop(fabric);
+
+    // 4. Failover after SIGKILL of the nearest site, with the default probes.
+    eprintln!("failover: {} runs", args.failovers);
+    let mut fails = Vec::new();
+    for run in 0..args.failovers {
+        let f = failover_once()
+            .await
+            .with_context(|| format!("failover run {}", run + 1))?;
+        eprintln!(
+            "  run {}: {:.0} ms",
+            run + 1,
+            f.total.as_secs_f64() * 1000.0
+        );
+        fails.push(f);
+    }
+
+    // The report.
+    let mut md = String::new();
+    let cmd = format!(
+        "bench/run   # = cargo build --release -p tasman-bench && target/release/tasman-bench all --mib {} --pings {} --conns {} --failovers {}",
+        args.mib, args.pings, args.conns, args.failovers
+    );
+    writeln!(md, "## Data plane: whole system\n")?;
+    writeln!(
+        md,
+        "Measured in one run by `tasman-bench all` (release build). Regenerate with:\n"
+    )?;
+    writeln!(md, "```sh\n{cmd}\n```\n")?;
+    writeln!(md, "### Machine\n")?;
+    writeln!(md, "| | |\n|---|---|")?;
+    writeln!(
+        md,
+        "| date | {} |",
+        started_at
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    )?;
+    writeln!(
+        md,
+        "| CPU | {} ({} cores visible) |",
+        cpu_model(),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    )?;
+    writeln!(md, "| memory | {} |", mem_total())?;
+    writeln!(md, "| kernel | {} |", cmd_line("uname", &["-sr"]))?;
+    writeln!(md, "| rustc | {} |", cmd_line("rustc", &["-V"]))?;
+    writeln!(md, "| HAProxy | {} |", procs::Haproxy::version())?;
+    writeln!(
+        md,
+        "| load average at start | {} |",
+        loadavg
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    )?;
+    writeln!(md, "| open-file limit | {nofile} |\n")?;
+    writeln!(
+        md,
+        "Everything runs on loopback on this one machine: the client, the sink or echo server, and each\n\
+         router in its own process (`tasman-bench serve-router`, the same `router::Router` that `tasman router`\n\
+         runs, default configuration). The machine's cores are shared by the client, the servers and the\n\
+         routers, so a proxy's figures include competition for CPU with its own load generator.\n"
+    )?;
+
+    writeln!(md, "### Throughput of one TCP stream\n")?;
+    writeln!(
+        md,
+        "{} MiB written on one connection, half-closed, until the receiver's byte count comes back.\n",
+        args.mib
+    )?;
+    writeln!(
+        md,
+        "| path | time | Gbit/s | vs bare quinn |\n|---|---:|---:|---:|"
+    )?;
+    let quinn_rate = gbps(bytes, rates[2].elapsed);
+    for r in &rates {
+        let g = gbps(bytes, r.elapsed);
+        writeln!(
+            md,
+            "| {} | {:.2} s | {:.2} | {:.0} % |",
+            r.name,
+            r.elapsed.as_secs_f64(),
+            g,
+            100.0 * g / quinn_rate
+        )?;
+    }
+    let fabric_ratio = gbps(bytes, rates[3].elapsed) / quinn_rate;
+    writeln!(
+        md,
+        "\nTarget: edge -> site at least 80 % of the bare quinn stream. Measured: **{:.0} %** ({}).\n",
+        fabric_ratio * 100.0,
+        if fabric_ratio >= 0.8 { "met" } else { "missed" }
+    )?;
+
+    writeln!(md, "### Request latency\n")?;
+    writeln!(
+        md,
+        "{} round trips of 64 bytes on one connection (TCP_NODELAY), after 500 warm-up round trips.\n",
+        args.pings
+    )?;
+    writeln!(
+        md,
+        "| path | QUIC hops | p50 µs | p99 µs | p99.9 µs | mean µs | added p50 per hop µs |\n|---|---:|---:|---:|---:|---:|---:|"
+    )?;
+    let direct_p50 = lats[0].p50;
+    for l in &lats {
+        let per_hop = if l.hops == 0 {
+            "".to_string()
+        } else {
+            format!("{:.1}", (l.p50 - direct_p50) / l.hops as f64)
+        };
+        writeln!(
+            md,
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} |",
+            l.name, l.hops, l.p50, l.p99, l.p999, l.mean, per_hop
+        )?;
+    }
+    let one_hop = lats[2].p50 - direct_p50;
+    let transit = lats[3].p50 - lats[2].p50;
+    writeln!(
+        md,
+        "\nAdded p50 for edge -> site (one QUIC hop, two routers): **{one_hop:.1} µs** (target < 100 µs per hop: {}).\n\
+         A transit router adds {transit:.1} µs more at p50.\n",
+        if one_hop < 100.0 { "met" } else { "missed" }
+    )?;
+
+    writeln!(md, "### Failure detection and failover\n")?;
+    writeln!(
+        md,
+        "An edge with two sites (`near` 1 ms, `far` 12 ms declared; loopback, no emulated delay). The near site's router process is killed\n\
+         with SIGKILL (it sends nothing to its neighbours); from that instant a new client connection starts\n\
+         every 5 ms (HTTP GET to the demo backend, 5 s timeout each). Failover time is from the kill to the\n\
+         first complete response served by the far site. Default probes: every 100 ms, down after 3 misses.\n"
+    )?;
+    writeln!(
+        md,
+        "| run | kill -> first response from next site | connections tried | failed | slowest attempt |\n|---:|---:|---:|---:|---:|"
+    )?;
+    for (i, f) in fails.iter().enumerate() {
+        writeln!(
+            md,
+            "| {} | {:.0} ms | {} | {} | {:.0} ms |",
+            i + 1,
+            f.total.as_secs_f64() * 1000.0,
+            f.attempts,
+            f.failed,
+            f.slowest_attempt.as_secs_f64() * 1000.0
+        )?;
+    }
+    let mut totals: Vec<f64> = fails
+        .iter()
+        .map(|f| f.total.as_secs_f64() * 1000.0)
+        .collect();
+    totals.sort_by(f64::total_cmp);
+    if let (Some(med), Some(max)) = (totals.get(totals.len() / 2), totals.last()) {
+        writeln!(
+            md,
+            "\nMedian **{med:.0} ms**, worst {max:.0} ms (target < 300 ms: {}).\n",
+            if *max < 300.0 {
+                "met"
+            } else if *med < 300.0 {
+                "met at the median, missed in the worst run"
+            } else {
+                "missed"
+            }
+        )?;
+    }
+
+    writeln!(md, "### Memory per open proxied connection\n")?;
+    let per =
+        |before: u64, after: u64| after.saturating_sub(before) as f64 * 1024.0 / args.conns as f64;
+    writeln!(
+        md,
+        "{} client connections held open through edge -> site to an echo server (each proven by one echoed\n\
+         byte; opened in {:.1} s, 256 at a time). Resident memory (VmRSS) of each router process before and after.\n",
+        args.conns,
+        open_time.as_secs_f64()
+    )?;
+    writeln!(
+        md,
+        "| process | RSS before | RSS after | bytes per connection |\n|---|---:|---:|---:|"
+    )?;
+    writeln!(
+        md,
+        "| Tasman edge | {e1_before} KiB | {e1_after} KiB | {:.0} |",
+        per(e1_before, e1_after)
+    )?;
+    writeln!(
+        md,
+        "| Tasman site | {s1_before} KiB | {s1_after} KiB | {:.0} |",
+        per(s1_before, s1_after)
+    )?;
+    writeln!(
+        md,
+        "| **Tasman edge + site** | {} KiB | {} KiB | **{:.0}** |",
+        e1_before + s1_before,
+        e1_after + s1_after,
+        per(e1_before + s1_before, e1_after + s1_after)
+    )?;
+    writeln!(
+        md,
+        "| HAProxy (reference, one process, {hap_conns} connections) | {hap_before} KiB | {hap_after} KiB | {:.0} |\n",
+        hap_after.saturating_sub(hap_before) as f64 * 1024.0 / hap_conns as f64
+    )?;
+
+    print!("{md}");
+    if args.out != "-" {
+        splice_report(&args.out, &md)?;
+        eprintln!("wrote the data-plane section of {}", args.out);
+    }
+    Ok(())
+}
+
+/// One failover measurement on a fresh three-router fabric.
+async fn failover_once() -> anyhow::Result<Failover> {
+    let mut b = TopologyBuilder::new();
+    b.node("edge", NodeKind::Edge)
+        .node("near", NodeKind::Site)
+        .node("far", NodeKind::Site)
+        .link("edge", "near", ms(1.0))
+        // 11 ms apart: beyond the hysteresis margin (10 ms), so the edge settles on `near` even
+        // if its first choice was made on handshake-inflated RTTs.
+        .link("edge", "far", ms(12.0))
+        .service("fo")
+        .serve("near", "fo", 10_000)
+        .serve("far", "fo", 10_000);
+    let mut topo = b.build();
+    place(&mut topo)?;
+    let near = router::backend::DemoBackend::spawn(
+        SocketAddr::new(ip(77, 3, 2), 0),
+        router::backend::BackendConfig::new("near", "fo"),
+    )
+    .await?;
+    let far = router::backend::DemoBackend::spawn(
+        SocketAddr::new(ip(77, 3, 3), 0),
+        router::backend::BackendConfig::new("far", "fo"),
+    )
+    .await?;
+    set_backend(&mut topo, "near", "fo", near.local_addr());
+    set_backend(&mut topo, "far", "fo", far.local_addr());
+    let mut fabric = procs::ProcFabric::new(&topo)?;
+    for n in ["near", "far", "edge"] {
+        fabric.start(n)?;
+    }
+    let addr = service_addr(&topo, "edge", "fo")?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(site) = net::which_site(addr, Duration::from_secs(2)).await
+            && site == "near"
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the edge never chose the near site");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Both neighbour connections warm and probed for a while.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let t0 = Instant::now();
+    fabric.kill("near")?;
+    let mut set = tokio::task::JoinSet::new();
+    let mut attempts = 0;
+    let mut failed = 0;
+    let mut slowest = Duration::ZERO;
+    let mut total = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    let give_up = t0 + Duration::from_secs(10);
+    while total.is_none() {
+        tokio::select! {
+            _ = tick.tick(), if Instant::now() < give_up => {
+                attempts += 1;
+                set.spawn(async move {
+                    let start = Instant::now();
+                    let r = net::which_site(addr, Duration::from_secs(5)).await;
+                    (start.elapsed(), r)
+                });
+            }
+            Some(done) = set.join_next() => {
+                let (took, r) = done?;
+                slowest = slowest.max(took);
+                match r {
+                    Ok(site) if site == "far" => total = Some(t0.elapsed()),
+                    Ok(_) => {}
+                    Err(_) => failed += 1,
+                }
+            }
+            else => bail!("no response from the far site within 10 s of the kill"),
+        }
+    }
+    // Attempts still in flight must finish too (none may hang).
+    while let Some(done) = set.join_next().await {
+        let (took, r) = done?;
+        slowest = slowest.max(took);
+        if r.is_err() {
+            failed += 1;
+        }
+    }
+    let total = total.context("no failover")?;
+    Ok(Failover {
+        total,
+        attempts,
+        failed,
+        slowest_attempt: slowest,
+    })
+}
+
+const BEGIN: &str =
+    "<!-- tasman-bench: begin (generated by bench/run; edit the generator, not this) -->";
+const END: &str = "<!-- tasman-bench: end -->";
+
+/// Replaces this tool's section of a shared benchmarks document (between its markers), or appends
+/// it; other sections are left as they are.
+fn splice_report(path: &str, section: &str) -> anyhow::Result<()> {
+    let old = std::fs::read_to_string(path).unwrap_or_default();
+    let block = format!("{BEGIN}\n{section}{END}\n");
+    let new = match (old.find(BEGIN), old.find(END)) {
+        (Some(b), Some(e)) if e > b => format!(
+            "{}{block}{}",
+            &old[..b],
+            old[e + END.len()..].trim_start_matches('\n')
+        ),
+        _ if old.is_empty() => format!("# Benchmarks\n\n{block}"),
+        _ => format!("{}\n{block}", old.trim_end_matches('\n').to_string() + "\n"),
+    };
+    std::fs::write(path, new).with_context(|| format!("write {path}"))
+}
+
+fn gbps(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 * 8.0 / d.as_secs_f64() / 1e9
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn mem_total() -> String {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:").map(|v| v.trim().to_string()))
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn cmd_line(cmd: &str, args: &[&str]) -> String {
+    std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}

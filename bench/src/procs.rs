@@ -1,0 +1,221 @@
+//! Processes under test: routers (each in its own process, so that its memory can be measured and
+//! it can be killed with SIGKILL) and HAProxy.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use topology::{NodeId, Topology};
+
+/// Routers of one benchmark fabric, one process each (`tasman-bench serve-router`).
+pub struct ProcFabric {
+    dir: tempfile::TempDir,
+    topology_path: PathBuf,
+    children: BTreeMap<String, Child>,
+}
+
+impl ProcFabric {
+    /// Writes the topology and a PKI for every node; starts nothing yet.
+    pub fn new(topology: &Topology) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        router::pki::init(dir.path())?;
+        for n in &topology.nodes {
+            router::pki::issue(dir.path(), n.id.as_str())?;
+        }
+        let topology_path = dir.path().join("topology.json");
+        std::fs::write(&topology_path, serde_json::to_vec(topology)?)?;
+        Ok(ProcFabric {
+            dir,
+            topology_path,
+            children: BTreeMap::new(),
+        })
+    }
+
+    /// Starts `node` and returns once its listeners are bound.
+    pub fn start(&mut self, node: &str) -> anyhow::Result<()> {
+        let exe = std::env::current_exe()?;
+        let mut child = Command::new(exe)
+            .arg("serve-router")
+            .arg("--topology")
+            .arg(&self.topology_path)
+            .arg("--node")
+            .arg(node)
+            .arg("--tls-dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("spawn router process")?;
+        let stdout = child.stdout.take().context("router stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        if line.trim() != "ready" {
+            let _ = child.kill();
+            bail!("router {node} did not start: {line:?}");
+        }
+        self.children.insert(node.to_string(), child);
+        Ok(())
+    }
+
+    /// SIGKILL: the process gets no chance to say goodbye to its neighbours.
+    pub fn kill(&mut self, node: &str) -> anyhow::Result<()> {
+        let mut child = self
+            .children
+            .remove(node)
+            .context("no such router process")?;
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+
+    /// Resident memory of a router process, in KiB.
+    pub fn rss_kib(&self, node: &str) -> anyhow::Result<u64> {
+        let child = self.children.get(node).context("no such router process")?;
+        rss_kib(child.id())
+    }
+}
+
+impl Drop for ProcFabric {
+    fn drop(&mut self) {
+        for (_, mut c) in std::mem::take(&mut self.children) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmRSS")
+}
+
+/// The body of `tasman-bench serve-router`: one router in this process until killed.
+pub async fn serve_router(topology: PathBuf, node: String, tls_dir: PathBuf) -> anyhow::Result<()> {
+    let topo: Topology = serde_json::from_slice(&std::fs::read(&topology)?)?;
+    let snapshot = Arc::new(router::Snapshot::new(1, Arc::new(topo)));
+    let (_tx, rx) = tokio::sync::watch::channel(snapshot);
+    let tls = router::tls::TlsIdentity::load(&tls_dir, &node)?;
+    let cfg = router::RouterConfig::new(NodeId::new(&node), tls, rx);
+    let _handle = router::Router::spawn(cfg).await?;
+    println!("ready");
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+/// An echo server in a child process (`tasman-bench serve-echo`).
+pub struct EchoProc {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl EchoProc {
+    pub fn start(listen: SocketAddr) -> anyhow::Result<Self> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg("serve-echo")
+            .arg("--listen")
+            .arg(listen.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("spawn echo process")?;
+        let stdout = child.stdout.take().context("echo stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let addr = line
+            .trim()
+            .strip_prefix("ready ")
+            .and_then(|a| a.parse().ok());
+        match addr {
+            Some(addr) => Ok(EchoProc { child, addr }),
+            None => {
+                let _ = child.kill();
+                bail!("echo process did not start: {line:?}")
+            }
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for EchoProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Connections HAProxy can hold under a 20,000 open-file limit (two descriptors each).
+pub const HAPROXY_MAX_CONNS: usize = 9_000;
+
+/// HAProxy in `mode tcp` from `listen` to `target`.
+pub struct Haproxy {
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Haproxy {
+    pub fn start(listen: SocketAddr, target: SocketAddr) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let cfg = dir.path().join("haproxy.cfg");
+        std::fs::write(
+            &cfg,
+            format!(
+                "global\n  maxconn 9500\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\n\
+                 listen bench\n  bind {listen}\n  server s1 {target}\n"
+            ),
+        )?;
+        let bin = ["/usr/sbin/haproxy", "/usr/local/sbin/haproxy", "haproxy"]
+            .into_iter()
+            .find(|p| !p.starts_with('/') || std::path::Path::new(p).exists())
+            .unwrap_or("haproxy");
+        let child = Command::new(bin)
+            .arg("-db")
+            .arg("-f")
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawn haproxy (install it with scripts/deps --bench)")?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(listen).is_err() {
+            if Instant::now() > deadline {
+                bail!("haproxy did not listen on {listen}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Haproxy { child, _dir: dir })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn version() -> String {
+        Command::new("haproxy")
+            .arg("-v")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.lines().next().map(str::to_string))
+            .unwrap_or_else(|| "haproxy (version unknown)".into())
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

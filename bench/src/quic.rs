@@ -1,0 +1,69 @@
+//! The bare-quinn baseline: one bidirectional stream between two endpoints with exactly the
+//! router's mutual TLS and transport configuration, and no proxying around it.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use router::tls::{PeerNames, TlsIdentity};
+use router::{pki, tls, transport};
+
+const CHUNK: usize = 256 * 1024;
+
+fn endpoint(dir: &Path, name: &str, peers: &PeerNames) -> anyhow::Result<quinn::Endpoint> {
+    let id = TlsIdentity::load(dir, name)?;
+    let server = tls::server_config(&id, peers, transport::shared_transport())?;
+    let client = tls::client_config(&id, peers, transport::shared_transport())?;
+    let addr: SocketAddr = "127.0.0.1:0".parse()?;
+    Ok(transport::endpoint(addr, server, client)?)
+}
+
+/// Sends `bytes` over one quinn stream and waits for the receiver's count; returns the time from
+/// the start of the handshake to the count.
+pub async fn push(bytes: u64) -> anyhow::Result<Duration> {
+    let dir = tempfile::tempdir()?;
+    pki::init(dir.path())?;
+    pki::issue(dir.path(), "bench-a")?;
+    pki::issue(dir.path(), "bench-b")?;
+    let peers = PeerNames::new(["bench-a".to_string(), "bench-b".to_string()]);
+    let a = endpoint(dir.path(), "bench-a", &peers)?;
+    let b = endpoint(dir.path(), "bench-b", &peers)?;
+    let b_addr = b.local_addr()?;
+    let receiver = tokio::spawn(async move {
+        let conn = b.accept().await.context("no incoming connection")?.await?;
+        let (mut send, mut recv) = conn.accept_bi().await?;
+        let mut n = 0u64;
+        while let Some(chunk) = recv.read_chunk(usize::MAX, true).await? {
+            n += chunk.bytes.len() as u64;
+        }
+        send.write_all(&n.to_be_bytes()).await?;
+        send.finish()?;
+        // Keep the connection until the sender has read the count.
+        conn.closed().await;
+        Ok::<_, anyhow::Error>(())
+    });
+    let buf: Vec<u8> = (0..CHUNK).map(|i| (i * 31 % 251) as u8).collect();
+    let start = Instant::now();
+    let conn = a.connect(b_addr, "bench-b")?.await.context("handshake")?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let mut left = bytes;
+    while left > 0 {
+        let k = left.min(CHUNK as u64) as usize;
+        send.write_all(&buf[..k]).await?;
+        left -= k as u64;
+    }
+    send.finish()?;
+    let mut count = [0u8; 8];
+    recv.read_exact(&mut count).await?;
+    let elapsed = start.elapsed();
+    conn.close(0u32.into(), b"done");
+    let _ = tokio::time::timeout(Duration::from_secs(2), receiver).await;
+    if u64::from_be_bytes(count) != bytes {
+        bail!(
+            "receiver counted {} bytes of {bytes}",
+            u64::from_be_bytes(count)
+        );
+    }
+    Ok(elapsed)
+}

@@ -1,0 +1,98 @@
+//! The demo fabric on a small topology: emulated links, real routers, real backends.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use fabric::demo::client;
+use fabric::demo::{DemoFabric, DemoOptions};
+use router::netem::LinkProfile;
+use topology::builder::{TopologyBuilder, ms};
+use topology::{Latency, NodeId, NodeKind, Topology};
+
+/// edge -- near (5 ms) and edge -- far (20 ms), both serving `chat`, on 127.91.x addresses.
+fn two_sites() -> Topology {
+    let mut b = TopologyBuilder::new();
+    b.node("edge", NodeKind::Edge)
+        .node("near", NodeKind::Site)
+        .node("far", NodeKind::Site)
+        .link("edge", "near", ms(5.0))
+        .link("edge", "far", ms(20.0))
+        .service("chat")
+        .serve("near", "chat", 100)
+        .serve("far", "chat", 100);
+    let mut t = b.build();
+    for (i, n) in t.nodes.iter_mut().enumerate() {
+        let i = i as u8 + 1;
+        n.address = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 91, 0, i)), 7000);
+        n.client_address =
+            (n.kind == NodeKind::Edge).then_some(IpAddr::V4(Ipv4Addr::new(127, 91, 1, i)));
+        for s in &mut n.serves {
+            s.backend = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 91, 2, i)), 9001);
+        }
+    }
+    t.services[0].port = Some(8443);
+    t
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_take_the_emulated_latency_and_fail_over_when_the_near_site_goes_dark() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let opts = DemoOptions {
+        ephemeral_ports: true,
+        ..DemoOptions::default()
+    };
+    let mut f = DemoFabric::start(two_sites(), opts)
+        .await
+        .expect("fabric starts");
+    let edge = NodeId::new("edge");
+    let addr = f.service_addr(&edge, "chat").expect("service address");
+
+    let r = client::complete(addr, 4, Duration::from_secs(10))
+        .await
+        .expect("request through the fabric");
+    assert_eq!(r.site, "near");
+    assert_eq!(r.tokens, 4);
+    // 5 ms each way on the emulated link; loopback adds next to nothing.
+    assert!(
+        r.ttfb >= Duration::from_millis(10),
+        "TTFB {:?} below the link's round trip",
+        r.ttfb
+    );
+    assert!(r.ttfb < Duration::from_millis(500), "TTFB {:?}", r.ttfb);
+
+    // Raising the emulated latency live shows up in the next request.
+    let near = NodeId::new("near");
+    assert!(f.set_link_profile(
+        &edge,
+        &near,
+        LinkProfile::delay(Latency::from_micros(40_000))
+    ));
+    let r = client::complete(addr, 1, Duration::from_secs(10))
+        .await
+        .expect("request after raising latency");
+    assert!(
+        r.ttfb >= Duration::from_millis(80),
+        "TTFB {:?} after raising the link to 40 ms",
+        r.ttfb
+    );
+    assert!(f.set_link_profile(&edge, &near, LinkProfile::delay(ms(5.0))));
+
+    // The near site goes dark: new connections end up at the far site, none hangs.
+    let t0 = Instant::now();
+    f.isolate_node(&near);
+    let deadline = t0 + Duration::from_secs(10);
+    loop {
+        let r = client::complete(addr, 1, Duration::from_secs(10)).await;
+        if let Ok(r) = r
+            && r.site == "far"
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no failover within 10 s");
+    }
+    f.stop_node(&near).await.expect("stop near");
+    f.shutdown().await;
+}

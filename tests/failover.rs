@@ -1,0 +1,106 @@
+//! The nearest site dies (SIGKILL) mid-run: open connections fail cleanly, new ones go to the
+//! next site, no client connection hangs.
+
+mod common;
+
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A backend that greets with its site name, then echoes until EOF.
+fn greeting_backend(name: &'static str) -> SocketAddr {
+    let l = TcpListener::bind((LOCAL, 0)).unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let _ = s.write_all(format!("SITE={name}\n").as_bytes());
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn greet(port: u16) -> std::io::Result<(BufReader<TcpStream>, String)> {
+    let s = TcpStream::connect((LOCAL, port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    Ok((r, line.trim().to_string()))
+}
+
+#[test]
+fn nearest_site_killed_open_connections_fail_cleanly_and_new_ones_move_to_next_site() {
+    let b1 = greeting_backend("site-near");
+    let b2 = greeting_backend("site-far");
+    let port = free_tcp_port(LOCAL);
+    let mut y = TopoYaml::default();
+    y.edge("edge", free_udp(LOCAL), LOCAL, None)
+        .site("site-near", free_udp(LOCAL), &[("chat", b1, 100)])
+        .site("site-far", free_udp(LOCAL), &[("chat", b2, 100)])
+        .link("edge", "site-near", "1ms")
+        .link("edge", "site-far", "20ms")
+        .service("chat", port, &[]);
+    let mut f = Fabric::new(&y);
+    f.start_all();
+    f.wait_preferred("edge", "chat", "site-near");
+    eventually(DEADLINE, "site-far neighbour up", || {
+        f.metric("edge", "tasman_neighbour_up", "neighbour=\"site-far\"") == 1
+    });
+
+    let mut open = Vec::new();
+    for _ in 0..5 {
+        let (r, site) = greet(port).unwrap();
+        assert_eq!(site, "SITE=site-near");
+        open.push(r);
+    }
+
+    f.kill("site-near");
+    let killed = Instant::now();
+
+    // A connection made right after the kill: its first try (still on the nearest site, not yet
+    // detected dead) fails before any byte came back, so the edge retries on the next site.
+    let (mut fresh, site) = greet(port).expect("new connection after the kill");
+    assert_eq!(site, "SITE=site-far");
+    let first_new = killed.elapsed();
+    fresh.get_mut().write_all(b"ping\n").unwrap();
+    let mut echo = String::new();
+    fresh.read_line(&mut echo).unwrap();
+    assert_eq!(echo, "ping\n");
+
+    // Every connection that was open ends (reset or EOF) instead of hanging.
+    for (i, mut r) in open.into_iter().enumerate() {
+        let mut buf = [0u8; 64];
+        let t = Instant::now();
+        let res = r.read(&mut buf);
+        match res {
+            Ok(0) => {}
+            Err(e) if !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            other => panic!(
+                "open connection {i} did not fail cleanly: {other:?} after {:?}",
+                t.elapsed()
+            ),
+        }
+    }
+    let all_closed = killed.elapsed();
+
+    // New connections keep going to the next site.
+    for _ in 0..5 {
+        assert_eq!(greet(port).unwrap().1, "SITE=site-far");
+    }
+    f.wait_preferred("edge", "chat", "site-far");
+    println!(
+        "first new connection served by site-far {first_new:?} after the kill; open connections closed within {all_closed:?}"
+    );
+    assert!(f.metric("edge", "tasman_neighbour_down_total", "") >= 1);
+}

@@ -1,0 +1,169 @@
+//! Transparent mode: in a network namespace made by the test, an iptables REDIRECT rule sends a
+//! connection for a VIP to the edge's transparent port; the edge reads the original destination
+//! (SO_ORIGINAL_DST), maps VIP:port to the service, and carries it to the backend.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+
+use common::*;
+
+/// A network namespace deleted on drop.
+struct NetNs(String);
+
+impl NetNs {
+    fn create(name: &str) -> Option<NetNs> {
+        let _ = Command::new("ip")
+            .args(["netns", "del", name])
+            .stderr(Stdio::null())
+            .status();
+        let ok = Command::new("ip")
+            .args(["netns", "add", name])
+            .status()
+            .ok()?
+            .success();
+        ok.then(|| NetNs(name.to_string()))
+    }
+    fn exec(&self) -> Vec<String> {
+        vec!["ip".into(), "netns".into(), "exec".into(), self.0.clone()]
+    }
+    fn run(&self, args: &[&str]) -> bool {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.0])
+            .args(args)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => true,
+            Ok(o) => {
+                eprintln!("{args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
+                false
+            }
+            Err(e) => {
+                eprintln!("{args:?} failed: {e}");
+                false
+            }
+        }
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[test]
+fn iptables_redirect_to_a_vip_reaches_the_backend_through_the_edge() {
+    if !is_root() {
+        eprintln!("SKIP: transparent mode test needs root (network namespace + iptables)");
+        return;
+    }
+    for tool in ["ip", "iptables", "curl", "nginx"] {
+        if which(tool).is_none() {
+            eprintln!("SKIP: {tool} not installed (scripts/deps installs it)");
+            return;
+        }
+    }
+    let ns_name = format!("tasman-tp-{}", std::process::id());
+    let Some(ns) = NetNs::create(&ns_name) else {
+        eprintln!("SKIP: cannot create a network namespace here");
+        return;
+    };
+    assert!(ns.run(&["ip", "link", "set", "lo", "up"]));
+    // The VIP is not an address of the namespace: a route makes it reachable, and the NAT rule
+    // redirects it before it leaves.
+    assert!(ns.run(&[
+        "ip",
+        "route",
+        "add",
+        "198.18.0.0/24",
+        "dev",
+        "lo",
+        "src",
+        "127.0.0.1"
+    ]));
+
+    let vip = "198.18.0.10";
+    let vip_port = 80u16;
+    // Ports are picked in the host namespace; the fresh namespace has all of them free.
+    let tport = free_tcp_port(LOCAL);
+    let backend = SocketAddr::new(LOCAL, free_tcp_port(LOCAL));
+    assert!(ns.run(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-d",
+        vip,
+        "--dport",
+        &vip_port.to_string(),
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        &tport.to_string(),
+    ]));
+
+    let www = tempfile::tempdir().unwrap();
+    std::fs::write(
+        www.path().join("hello.txt"),
+        "hello from the site backend\n",
+    )
+    .unwrap();
+    let ngx_dir = tempfile::tempdir().unwrap();
+    let _nginx = Nginx::start(ngx_dir.path(), www.path(), backend, &ns.exec()).expect("nginx");
+
+    let mut y = TopoYaml::default();
+    y.edge("edge", free_udp(LOCAL), LOCAL, Some(tport))
+        .site("site", free_udp(LOCAL), &[("chat", backend, 100)])
+        .link("edge", "site", "1ms")
+        .service(
+            "chat",
+            free_tcp_port(LOCAL),
+            &[&format!("{vip}/32:{vip_port}")],
+        );
+    let mut f = Fabric::new(&y);
+    f.wrapper = ns.exec();
+    f.start_all();
+    f.wait_preferred("edge", "chat", "site");
+
+    let curl = |url: String| {
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns.0,
+                "curl",
+                "-sS",
+                "--fail",
+                "--max-time",
+                "10",
+            ])
+            .arg(url)
+            .output()
+            .unwrap()
+    };
+    let direct = curl(format!("http://{backend}/hello.txt"));
+    assert!(
+        direct.status.success(),
+        "nginx in the namespace: {}",
+        String::from_utf8_lossy(&direct.stderr)
+    );
+    let out = curl(format!("http://{vip}:{vip_port}/hello.txt"));
+    assert!(
+        out.status.success(),
+        "curl to the VIP failed: {}\nedge log:\n{}\nsite log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        f.log("edge"),
+        f.log("site")
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from the site backend\n"
+    );
+    assert!(f.metric("edge", "tasman_streams_total", "") >= 1);
+    drop(f);
+}

@@ -104,6 +104,7 @@ async fn probe_until_down(
     let mut udp_rx = conn.stats().udp_rx.datagrams;
     let mut pongs: u64 = 0;
     let mut pongs_at_tick: u64 = 0;
+    let mut prev_tick = tokio::time::Instant::now();
     loop {
         tokio::select! {
             // Detection is exact: `detect` after the last sign of life, not rounded to a tick.
@@ -121,9 +122,11 @@ async fn probe_until_down(
                 let extra = (rx - udp_rx).saturating_sub(2 * (pongs - pongs_at_tick));
                 udp_rx = rx;
                 pongs_at_tick = pongs;
-                if extra >= 4 {
-                    last_alive = tokio::time::Instant::now();
+                // Those packets arrived some time since the previous tick: credit that instant.
+                if extra >= 32 {
+                    last_alive = last_alive.max(prev_tick);
                 }
+                prev_tick = tokio::time::Instant::now();
                 seq += 1;
                 let _ = conn.send_datagram(Probe::encode_ping(seq));
             }

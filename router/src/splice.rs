@@ -63,17 +63,22 @@ fn read_error_code(e: &ReadError) -> Code {
     }
 }
 
-/// TCP → QUIC until EOF (then FIN). `buf` is reused.
+/// A connection that fills its read buffer in one read is a bulk transfer: its buffer doubles up to
+/// this, so idle and interactive connections keep the small one (memory per connection) and bulk
+/// ones make fewer, larger writes (throughput).
+pub const TCP_BUF_MAX: usize = 256 * 1024;
+
+/// TCP → QUIC until EOF (then FIN). `buf` is reused (and grown for bulk transfers).
 pub(crate) async fn tcp_to_quic(
     shared: &Shared,
     rd: &mut (impl AsyncReadExt + Unpin),
     send: &mut SendStream,
-    buf: &mut [u8],
+    buf: &mut Vec<u8>,
     side: Side,
     bucket: Option<&TokenBucket>,
 ) -> Result<(), Abort> {
     loop {
-        let n = match rd.read(buf).await {
+        let n = match rd.read(&mut buf[..]).await {
             Ok(0) => {
                 let _ = send.finish();
                 return Ok(());
@@ -92,6 +97,9 @@ pub(crate) async fn tcp_to_quic(
             return Err(Abort(write_error_code(&e)));
         }
         count(shared, side, true, n);
+        if n == buf.len() && buf.len() < TCP_BUF_MAX && bucket.is_none() {
+            buf.resize(buf.len() * 2, 0);
+        }
     }
 }
 
@@ -167,7 +175,7 @@ pub(crate) async fn tcp_quic_with(
     mut send: SendStream,
     mut recv: RecvStream,
     side: Side,
-    buf: &mut [u8],
+    buf: &mut Vec<u8>,
     limiter: Option<&CircuitLimiter>,
 ) {
     shared.metrics.streams_active.fetch_add(1, Relaxed);

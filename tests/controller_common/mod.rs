@@ -132,3 +132,89 @@ pub async fn start_client(
     cfg.state_dir = state;
     ControlClient::start(cfg).await.expect("client starts")
 }
+
+/// A real router (data plane) fed by the real control client, as `tasman router --controller`.
+pub struct LiveRouter {
+    pub client: ControlClient,
+    pub handle: std::sync::Arc<router::RouterHandle>,
+}
+
+impl LiveRouter {
+    pub async fn start(
+        ctl: std::net::SocketAddr,
+        node: &str,
+        tls: &Path,
+        state: Option<PathBuf>,
+        dial: &[(&str, std::net::SocketAddr)],
+    ) -> LiveRouter {
+        Self::try_start(ctl, node, tls, state, dial)
+            .await
+            .expect("router starts")
+    }
+
+    pub async fn try_start(
+        ctl: std::net::SocketAddr,
+        node: &str,
+        tls: &Path,
+        state: Option<PathBuf>,
+        dial: &[(&str, std::net::SocketAddr)],
+    ) -> Result<LiveRouter, router::RouterError> {
+        let client = start_client(ctl, node, tls, state).await;
+        let id = TlsIdentity::load(tls, node).expect("identity");
+        let mut cfg = router::RouterConfig::new(NodeId::new(node), id, client.snapshots());
+        cfg.dial_overrides = dial.iter().map(|(n, a)| (NodeId::new(n), *a)).collect();
+        let handle = std::sync::Arc::new(router::Router::spawn(cfg).await?);
+        let weak = std::sync::Arc::downgrade(&handle);
+        client.set_telemetry(std::sync::Arc::new(move || {
+            weak.upgrade().map(|h| h.telemetry())
+        }));
+        Ok(LiveRouter { client, handle })
+    }
+
+    pub async fn stop(self) {
+        drop(self.client);
+        if let Ok(h) = std::sync::Arc::try_unwrap(self.handle) {
+            h.shutdown().await;
+        }
+    }
+
+    /// The path the router prefers for `service` now.
+    pub fn path(&self, service: &str) -> Vec<String> {
+        self.handle
+            .routes()
+            .preferred(service)
+            .map(|c| c.path.iter().map(|n| n.to_string()).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// A TCP echo backend.
+pub async fn echo_backend(addr: std::net::SocketAddr) -> tokio::task::JoinHandle<()> {
+    let l = tokio::net::TcpListener::bind(addr)
+        .await
+        .expect("bind backend");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    })
+}
+
+/// One client connection through `edge_client`: sends a line, expects it back.
+pub async fn echo_through(edge_client: std::net::SocketAddr) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(edge_client).await.ok()?;
+        s.write_all(b"hello tasman\n").await.ok()?;
+        let mut buf = [0u8; 13];
+        s.read_exact(&mut buf).await.ok()?;
+        (&buf == b"hello tasman\n").then_some(())
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), attempt).await,
+        Ok(Some(()))
+    )
+}

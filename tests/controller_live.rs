@@ -1,0 +1,267 @@
+//! Real routers (data plane + control client, in-process) under a real controller: live link
+//! weights from measured RTT, and forwarding while the controller is away (and after a router
+//! restart from its snapshot on disk).
+
+mod controller_common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use controller_common::*;
+use router::netem::{LinkEmulator, LinkProfile};
+use topology::Latency;
+
+/// edge-0 reaches site-0 through transit-1 (declared 5 ms) or transit-2 (declared 10 ms).
+fn two_path_yaml(net: u8) -> String {
+    format!(
+        "# two paths
+version: 1
+nodes:
+  - {{id: edge-0, kind: edge, region: r, country: AU, location: {{lat: 0, lon: 0}}, address: 127.{net}.0.1:7000, client_address: 127.{net}.0.1}}
+  - {{id: transit-1, kind: transit, region: r, country: AU, location: {{lat: 0, lon: 0}}, address: 127.{net}.0.2:7000}}
+  - {{id: transit-2, kind: transit, region: r, country: AU, location: {{lat: 0, lon: 0}}, address: 127.{net}.0.3:7000}}
+  - id: site-0
+    kind: site
+    region: r
+    country: AU
+    location: {{lat: 0, lon: 0}}
+    address: 127.{net}.0.4:7000
+    serves:
+      - {{service: echo, backend: 127.{net}.0.9:9001, capacity: 100}}
+links:
+  - {{a: edge-0, b: transit-1, latency: 5ms, capacity: 10Gbps}}
+  - {{a: edge-0, b: transit-2, latency: 10ms, capacity: 10Gbps}}
+  - {{a: transit-1, b: site-0, latency: 1ms, capacity: 10Gbps}}
+  - {{a: transit-2, b: site-0, latency: 1ms, capacity: 10Gbps}}
+services:
+  - name: echo
+    port: 8080
+"
+    )
+}
+
+const NODES: [&str; 4] = ["edge-0", "transit-1", "transit-2", "site-0"];
+
+fn addr(net: u8, host: u8, port: u16) -> SocketAddr {
+    SocketAddr::from(([127, net, 0, host], port))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raised_link_latency_moves_the_edge_to_another_path_without_a_topology_edit() {
+    let net = 71;
+    let dir = tempfile::tempdir().unwrap();
+    let tls = dir.path().join("pki");
+    let nodes: Vec<String> = NODES.iter().map(|s| s.to_string()).collect();
+    pki(&tls, &nodes);
+    let d = start_controller(&dir.path().join("state"), &tls, &two_path_yaml(net)).await;
+    let _backend = echo_backend(addr(net, 9, 9001)).await;
+
+    // Both directions of edge-0 <-> transit-1 go through an emulator (each side dials).
+    let e_to_t1 = LinkEmulator::spawn(
+        addr(net, 1, 0),
+        addr(net, 2, 7000),
+        LinkProfile::delay(Latency::from_micros(500)),
+    )
+    .await
+    .unwrap();
+    let t1_to_e = LinkEmulator::spawn(
+        addr(net, 2, 0),
+        addr(net, 1, 7000),
+        LinkProfile::delay(Latency::from_micros(500)),
+    )
+    .await
+    .unwrap();
+    let mut routers = Vec::new();
+    for n in NODES {
+        let dial: Vec<(&str, SocketAddr)> = match n {
+            "edge-0" => vec![("transit-1", e_to_t1.local_addr())],
+            "transit-1" => vec![("edge-0", t1_to_e.local_addr())],
+            _ => vec![],
+        };
+        routers.push(LiveRouter::start(d.quic_addr, n, &tls, None, &dial).await);
+    }
+    let edge = &routers[0];
+    eventually(
+        Duration::from_secs(20),
+        "edge-0 uses transit-1 (declared and measured fast)",
+        || edge.path("echo") == ["edge-0", "transit-1", "site-0"],
+    )
+    .await;
+    assert!(echo_through(addr(net, 1, 8080)).await, "traffic flows");
+    eventually(
+        Duration::from_secs(20),
+        "the controller measured edge-0--transit-1",
+        || {
+            d.ctl
+                .rtt_matrix()
+                .iter()
+                .any(|r| r.link == "edge-0--transit-1" && r.rtt_ms.is_some())
+        },
+    )
+    .await;
+
+    // 40 ms one way on edge-0 <-> transit-1: the measured weight (RTT/2) beats the declared 5 ms.
+    e_to_t1.set_profile(LinkProfile::delay(Latency::from_micros(40_000)));
+    t1_to_e.set_profile(LinkProfile::delay(Latency::from_micros(40_000)));
+    eventually(
+        Duration::from_secs(30),
+        "edge-0 moves to transit-2 on live weights",
+        || edge.path("echo") == ["edge-0", "transit-2", "site-0"],
+    )
+    .await;
+    assert_eq!(
+        d.ctl.current().record.version,
+        1,
+        "no topology edit happened"
+    );
+    let link = topology::LinkId::new(&"edge-0".into(), &"transit-1".into());
+    eventually(
+        Duration::from_secs(30),
+        "the controller published the measured weight",
+        || {
+            d.ctl
+                .published()
+                .live
+                .link_latency
+                .get(&link)
+                .is_some_and(|w| w.as_millis_f64() > 20.0)
+        },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(10),
+        "the edge runs the snapshot with the live weight",
+        || {
+            edge.client
+                .snapshots()
+                .borrow()
+                .live
+                .link_latency
+                .get(&link)
+                .is_some_and(|w| w.as_millis_f64() > 20.0)
+        },
+    )
+    .await;
+    assert_eq!(edge.path("echo"), ["edge-0", "transit-2", "site-0"]);
+    assert!(
+        echo_through(addr(net, 1, 8080)).await,
+        "traffic flows on the new path"
+    );
+
+    for r in routers {
+        r.stop().await;
+    }
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routers_forward_without_the_controller_restart_from_disk_and_resync() {
+    let net = 72;
+    let dir = tempfile::tempdir().unwrap();
+    let tls = dir.path().join("pki");
+    let nodes: Vec<String> = NODES.iter().map(|s| s.to_string()).collect();
+    pki(&tls, &nodes);
+    let state = dir.path().join("state");
+    let d = start_controller(&state, &tls, &two_path_yaml(net)).await;
+    let ctl_addr = d.quic_addr;
+    let _backend = echo_backend(addr(net, 9, 9001)).await;
+    let rstate = |n: &str| Some(dir.path().join(format!("router-{n}")));
+    let mut routers = Vec::new();
+    for n in NODES {
+        routers.push(LiveRouter::start(ctl_addr, n, &tls, rstate(n), &[]).await);
+    }
+    let v1 = d.ctl.published().version;
+    eventually(Duration::from_secs(20), "all routers acknowledged", || {
+        d.ctl
+            .routers()
+            .iter()
+            .filter(|r| r.record.applied_version >= v1)
+            .count()
+            == 4
+    })
+    .await;
+    let client_addr = addr(net, 1, 8080);
+    eventually(Duration::from_secs(20), "traffic flows", || {
+        routers[0].path("echo").len() == 3
+    })
+    .await;
+    assert!(echo_through(client_addr).await);
+
+    // Controller gone: forwarding continues on the last snapshot.
+    d.shutdown().await;
+    eventually(
+        Duration::from_secs(10),
+        "routers notice the controller is gone",
+        || routers.iter().all(|r| !r.client.is_connected()),
+    )
+    .await;
+    for _ in 0..3 {
+        assert!(
+            echo_through(client_addr).await,
+            "forwarding without the controller"
+        );
+    }
+
+    // The edge restarts while the controller is down: it runs from its snapshot on disk.
+    let edge = routers.remove(0);
+    let last = edge.client.snapshots().borrow().version;
+    assert!(last >= v1);
+    edge.stop().await;
+    // (The old endpoint's UDP port is released once its last connection is gone.)
+    let edge = loop {
+        match LiveRouter::try_start(ctl_addr, "edge-0", &tls, rstate("edge-0"), &[]).await {
+            Ok(r) => break r,
+            Err(e) => {
+                assert!(format!("{e}").contains("in use"), "{e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(
+        edge.client.snapshots().borrow().version,
+        last,
+        "the last good snapshot, from disk"
+    );
+    assert!(!edge.client.is_connected());
+    eventually(Duration::from_secs(20), "restarted edge has routes", || {
+        edge.path("echo").len() == 3
+    })
+    .await;
+    assert!(
+        echo_through(client_addr).await,
+        "restarted edge forwards from its on-disk snapshot"
+    );
+    routers.insert(0, edge);
+
+    // Controller back (same address, same state): every router resyncs to its new version.
+    let d2 = fabric::controller::daemon::start(fabric::controller::daemon::DaemonConfig {
+        topology_file: None,
+        state_dir: state.clone(),
+        listen: ctl_addr,
+        admin: "127.0.0.1:0".parse().unwrap(),
+        tls_dir: Some(tls.clone()),
+        admin_token_file: None,
+    })
+    .await
+    .expect("controller restarts from its state");
+    let v2 = d2.ctl.published().version;
+    assert!(v2 > v1, "versions only grow across restarts");
+    eventually(Duration::from_secs(30), "every router resynced", || {
+        routers
+            .iter()
+            .all(|r| r.client.snapshots().borrow().version >= v2)
+            && d2
+                .ctl
+                .routers()
+                .iter()
+                .filter(|r| r.record.applied_version >= v2)
+                .count()
+                == 4
+    })
+    .await;
+    assert!(echo_through(client_addr).await);
+    for r in routers {
+        r.stop().await;
+    }
+    d2.shutdown().await;
+}

@@ -235,6 +235,43 @@ fn placement_refuses_what_does_not_fit_naming_the_link_and_fits_after_a_delete()
         "the freed VIP is reused, never two live circuits on one"
     );
 
+    // Resize: in place when it fits (requested changes now, assigned when acknowledged);
+    // refused, changing nothing, when no path has room.
+    let r = c.json(&["resize", "small", "--rate", "350Mbps"]);
+    assert_eq!(
+        (r["requested_rate"].as_str(), r["path"].clone()),
+        (Some("350Mbps"), serde_json::json!(["e1", "t1", "s1"]))
+    );
+    let out = c.circuit(&["resize", "small", "--rate", "900Mbps"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("link s1--t1 has only"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(c.json(&["show", "small"])["requested_rate"], "350Mbps");
+
+    // A topology edit that would over-commit a reserved link is flagged in the apply plan.
+    let text = std::fs::read_to_string(&topo).unwrap().replace(
+        "{a: t1, b: s1, latency: 1ms, capacity: 1Gbps}",
+        "{a: t1, b: s1, latency: 1ms, capacity: 500Mbps}",
+    );
+    let smaller = dir.path().join("smaller.yaml");
+    std::fs::write(&smaller, text).unwrap();
+    let out = Command::new(tasman())
+        .args(["topology", "apply"])
+        .arg(&smaller)
+        .args(["--dry-run", "--controller", &c.admin, "--token-file"])
+        .arg(c.state.join("admin-token"))
+        .output()
+        .unwrap();
+    let plan = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        plan.contains("link s1--t1 would be over-committed: 950Mbps reserved by circuits c-000002, c-000003 but capacity 500Mbps"),
+        "plan: {plan}\nstderr: {}",
+        stderr(&out)
+    );
+
     // The history says who did what.
     let out = c.circuit(&["history", "acme"]);
     let h = String::from_utf8_lossy(&out.stdout);

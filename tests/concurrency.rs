@@ -34,7 +34,7 @@ async fn echo_backend() -> SocketAddr {
 fn a_thousand_concurrent_clients_through_one_edge_all_complete() {
     let limit = raise_nofile();
     assert!(
-        limit >= 4 * CLIENTS as u64 + 256,
+        limit >= 2 * CLIENTS as u64 + 256,
         "RLIMIT_NOFILE hard limit {limit} is too low for this test"
     );
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -19,6 +19,10 @@ pub struct Plan {
     pub impact: serde_json::Value,
     /// The same, one change per line, as `tasman topology apply` prints it.
     pub text: String,
+    /// Circuits the change would hurt: links over-committed, links removed or down under a
+    /// circuit's reserved path ([`topology::circuit::check_reservations`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub circuits: Vec<topology::circuit::ReservationIssue>,
 }
 
 fn cand(c: &Option<Candidate>) -> String {
@@ -97,6 +101,24 @@ impl Plan {
             diff: serde_json::to_value(&diff).unwrap_or_default(),
             impact: serde_json::to_value(&impact).unwrap_or_default(),
             text,
+            circuits: Vec::new(),
         }
+    }
+
+    /// Flags what the new topology does to the circuits' reservations (the apply goes ahead:
+    /// the operator decides; circuits whose path breaks become `failed`).
+    pub fn with_circuits(
+        mut self,
+        new: &Topology,
+        reservations: &[topology::circuit::Reservation],
+    ) -> Plan {
+        self.circuits = topology::circuit::check_reservations(new, reservations);
+        if !self.circuits.is_empty() {
+            let _ = writeln!(self.text, "circuits ({} problem(s)):", self.circuits.len());
+            for i in &self.circuits {
+                let _ = writeln!(self.text, "  ! {i}");
+            }
+        }
+        self
     }
 }

@@ -4,6 +4,7 @@
 //! came back is retried on the next candidate (bounded by `max_tries`), with the client's bytes
 //! so far replayed (bounded by `replay_limit`).
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -13,9 +14,9 @@ use bytes::BytesMut;
 use quinn::{ReadError, RecvStream, SendStream};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
+use tokio::task::AbortHandle;
 use topology::route::Candidate;
-use topology::{Node, NodeKind, ServiceName};
+use topology::{NodeKind, ServiceName};
 
 use crate::circuits::{CircuitTable, Classified, EdgeCircuit};
 use crate::codes::Code;
@@ -23,35 +24,76 @@ use crate::header::{Header, REPLY_OK};
 use crate::splice::{self, Side, TCP_BUF};
 use crate::{RouterError, Shared};
 
-/// Binds the edge's listeners (none for other roles) and spawns their accept loops.
-pub(crate) async fn bind_listeners(
-    shared: &Arc<Shared>,
-    me: &Node,
-) -> Result<Vec<JoinHandle<()>>, RouterError> {
-    let mut tasks = Vec::new();
-    if me.kind != NodeKind::Edge {
-        return Ok(tasks);
+/// The edge's client listeners: one per service port on the client address, plus the
+/// transparent port. Kept in step with each snapshot (a new service port is bound, a removed one
+/// closed; established connections are not touched).
+#[derive(Default)]
+pub(crate) struct Listeners {
+    open: HashMap<SocketAddr, (Option<ServiceName>, AbortHandle)>,
+}
+
+impl Drop for Listeners {
+    fn drop(&mut self) {
+        for (_, h) in self.open.values() {
+            h.abort();
+        }
     }
-    let ip = me.client_address.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
-    let snap = shared.snapshot.load_full();
-    for svc in &snap.topology.services {
-        let Some(port) = svc.port else { continue };
-        let addr = SocketAddr::new(ip, port);
-        let l = listen(addr).map_err(|source| RouterError::Bind { addr, source })?;
-        tracing::info!(node = %shared.node, service = %svc.name, %addr, "service listener");
-        tasks.push(tokio::spawn(accept_loop(
-            shared.clone(),
-            l,
-            Some(svc.name.clone()),
-        )));
+}
+
+impl Listeners {
+    /// Binds what the snapshot asks for and closes the rest. Returns the first bind error (the
+    /// other listeners are still brought in line).
+    pub fn sync(
+        &mut self,
+        shared: &Arc<Shared>,
+        snap: &crate::Snapshot,
+    ) -> Result<(), RouterError> {
+        let mut want: HashMap<SocketAddr, Option<ServiceName>> = HashMap::new();
+        if let Some(me) = snap.topology.node(shared.node.as_str())
+            && me.kind == NodeKind::Edge
+        {
+            let ip = me.client_address.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+            for svc in &snap.topology.services {
+                if let Some(port) = svc.port {
+                    want.insert(SocketAddr::new(ip, port), Some(svc.name.clone()));
+                }
+            }
+            if let Some(port) = me.transparent_port {
+                want.insert(SocketAddr::new(ip, port), None);
+            }
+        }
+        self.open.retain(|addr, (svc, h)| {
+            let keep = want.get(addr) == Some(svc);
+            if !keep {
+                h.abort();
+            }
+            keep
+        });
+        let mut first_err = None;
+        for (addr, svc) in want {
+            if self.open.contains_key(&addr) {
+                continue;
+            }
+            match listen(addr) {
+                Ok(l) => {
+                    match &svc {
+                        Some(name) => {
+                            tracing::info!(node = %shared.node, service = %name, %addr, "service listener")
+                        }
+                        None => tracing::info!(node = %shared.node, %addr, "transparent listener"),
+                    }
+                    let h =
+                        tokio::spawn(accept_loop(shared.clone(), l, svc.clone())).abort_handle();
+                    self.open.insert(addr, (svc, h));
+                }
+                Err(source) => {
+                    tracing::error!(node = %shared.node, %addr, error = %source, "cannot bind listener");
+                    first_err.get_or_insert(RouterError::Bind { addr, source });
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
     }
-    if let Some(port) = me.transparent_port {
-        let addr = SocketAddr::new(ip, port);
-        let l = listen(addr).map_err(|source| RouterError::Bind { addr, source })?;
-        tracing::info!(node = %shared.node, %addr, "transparent listener");
-        tasks.push(tokio::spawn(accept_loop(shared.clone(), l, None)));
-    }
-    Ok(tasks)
 }
 
 /// Accept queue depth: bursts of thousands of client connects must not overflow it (the kernel

@@ -261,9 +261,9 @@ impl Router {
         let mut control = routes::Control::new(shared.clone());
         control.apply_snapshot(first.clone());
         control.rebuild();
+        control.sync_listeners()?;
         tasks.push(tokio::spawn(control.run(cfg.snapshots)));
         tasks.push(tokio::spawn(inbound::accept_loop(shared.clone())));
-        tasks.extend(edge::bind_listeners(&shared, &me).await?);
         if let Some(addr) = cfg.metrics_addr {
             let listener = metrics::bind(addr)
                 .await

@@ -177,6 +177,7 @@ pub(crate) struct Control {
     checkers: HashMap<ServiceName, AbortHandle>,
     incumbents: HashMap<ServiceName, NodeId>,
     graph: Option<(Arc<Topology>, Graph)>,
+    listeners: crate::edge::Listeners,
 }
 
 impl Drop for Control {
@@ -198,6 +199,7 @@ impl Control {
             checkers: HashMap::new(),
             incumbents: HashMap::new(),
             graph: None,
+            listeners: Default::default(),
         }
     }
 
@@ -223,6 +225,12 @@ impl Control {
         }
     }
 
+    /// Brings the edge listeners in line with the current snapshot.
+    pub fn sync_listeners(&mut self) -> Result<(), crate::RouterError> {
+        let snap = self.shared.snapshot.load_full();
+        self.listeners.sync(&self.shared, &snap)
+    }
+
     pub fn apply_snapshot(&mut self, snap: Arc<Snapshot>) {
         let sh = self.shared.clone();
         let topo = snap.topology.clone();
@@ -231,6 +239,9 @@ impl Control {
         sh.peers.set(names);
         sh.snapshot.store(snap.clone());
         crate::edge::apply_circuits(&sh, &snap);
+        // Bind errors after start are logged (the last good listeners stay); at start they fail
+        // `Router::spawn` (see `sync_listeners`).
+        let _ = self.listeners.sync(&sh, &snap);
 
         // Neighbours: dial every node we share a link with.
         let mut want: HashMap<NodeId, SocketAddr> = HashMap::new();

@@ -68,18 +68,30 @@ fn topo(backend: SocketAddr, port: u16) -> Topology {
     t
 }
 
-async fn start(t: &Topology, dir: &std::path::Path) -> Vec<RouterHandle> {
+type Source = tokio::sync::watch::Sender<Arc<Snapshot>>;
+
+async fn start(t: &Topology, dir: &std::path::Path) -> (Vec<RouterHandle>, Vec<Source>) {
     let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
     let mut hs = Vec::new();
+    let mut txs = Vec::new();
     for n in &t.nodes {
         router::pki::issue(dir, n.id.as_str()).unwrap();
         let tls = router::tls::TlsIdentity::load(dir, n.id.as_str()).unwrap();
-        let (_tx, rx) = tokio::sync::watch::channel(snap.clone());
-        std::mem::forget(_tx);
+        let (tx, rx) = tokio::sync::watch::channel(snap.clone());
+        txs.push(tx);
         let cfg = RouterConfig::new(NodeId::new(n.id.as_str()), tls, rx);
         hs.push(Router::spawn(cfg).await.unwrap());
     }
-    hs
+    (hs, txs)
+}
+
+async fn echo_roundtrip(port: u16, msg: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    c.write_all(msg).await?;
+    c.shutdown().await?;
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut back)).await??;
+    Ok(back)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -89,7 +101,7 @@ async fn echo_through_edge_transit_site_in_process() {
     let backend = echo_backend().await;
     let port = free_tcp_port();
     let t = topo(backend, port);
-    let hs = start(&t, dir.path()).await;
+    let (hs, txs) = start(&t, dir.path()).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while hs[0].routes().preferred("echo").is_none() {
         assert!(
@@ -114,6 +126,30 @@ async fn echo_through_edge_transit_site_in_process() {
     assert!(back == msg);
     let m = hs[0].metrics_text();
     assert!(m.contains("tasman_streams_total{node=\"edge\"} 1"), "{m}");
+
+    // A new snapshot moves the service to another port: the edge binds it and closes the old one.
+    let new_port = free_tcp_port();
+    let mut t2 = t.clone();
+    t2.services[0].port = Some(new_port);
+    let snap2 = Arc::new(Snapshot::new(2, Arc::new(t2)));
+    for tx in &txs {
+        tx.send(snap2.clone()).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let moved = hs.iter().all(|h| h.telemetry().snapshot_version == 2)
+            && echo_roundtrip(new_port, b"v2")
+                .await
+                .is_ok_and(|b| b == b"v2")
+            && tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err();
+        if moved {
+            break;
+        }
+        assert!(Instant::now() < deadline, "snapshot 2 not applied");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     for h in hs {
         h.shutdown().await;
     }

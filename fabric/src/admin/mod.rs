@@ -35,13 +35,19 @@ pub const MAX_BODY: usize = ::topology::MAX_DOCUMENT_BYTES * 2 + 64 * 1024;
 #[derive(Clone)]
 pub struct AdminState {
     pub ctl: Arc<Controller>,
+    pub circuits: Arc<crate::circuits::service::CircuitService>,
     token: Arc<str>,
 }
 
 impl AdminState {
-    pub fn new(ctl: Arc<Controller>, token: &str) -> Self {
+    pub fn new(
+        ctl: Arc<Controller>,
+        token: &str,
+        circuits: Arc<crate::circuits::service::CircuitService>,
+    ) -> Self {
         AdminState {
             ctl,
+            circuits,
             token: Arc::from(token.trim()),
         }
     }
@@ -52,6 +58,7 @@ pub fn router(state: AdminState) -> axum::Router {
     axum::Router::new()
         .merge(topology::routes())
         .merge(status::routes())
+        .merge(crate::circuits::api::routes())
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)

@@ -116,7 +116,17 @@ async fn apply(
             req.base_version,
         )
         .await?;
+    circuits_after(&st, &out).await;
     Ok(Json(out))
+}
+
+/// Circuits whose path the applied topology breaks become `failed` (the plan flagged them).
+async fn circuits_after(st: &AdminState, out: &ApplyOutcome) {
+    if let Some(v) = out.version
+        && let Err(e) = st.circuits.on_topology_applied(v).await
+    {
+        tracing::error!("circuits after topology version {v}: {e}");
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -134,9 +144,10 @@ async fn rollback(
     State(st): State<AdminState>,
     Json(req): Json<RollbackRequest>,
 ) -> Result<Json<ApplyOutcome>, ApiError> {
-    Ok(Json(
-        st.ctl
-            .rollback(req.version, author(&req.author), &req.message, req.dry_run)
-            .await?,
-    ))
+    let out = st
+        .ctl
+        .rollback(req.version, author(&req.author), &req.message, req.dry_run)
+        .await?;
+    circuits_after(&st, &out).await;
+    Ok(Json(out))
 }

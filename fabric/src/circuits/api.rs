@@ -42,24 +42,35 @@ impl From<ServiceError> for ApiError {
                 topology::circuit::PlacementError::UnknownEdge { .. }
                 | topology::circuit::PlacementError::NotAnEdge { .. }
                 | topology::circuit::PlacementError::UnknownService { .. }
-                | topology::circuit::PlacementError::SiteDoesNotServe { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+                | topology::circuit::PlacementError::SiteDoesNotServe { .. } => {
+                    StatusCode::UNPROCESSABLE_ENTITY
+                }
                 _ => StatusCode::CONFLICT,
             },
-            ServiceError::Circuit(CircuitError::Pool(_) | CircuitError::Conflict(_)) => StatusCode::CONFLICT,
-            ServiceError::Circuit(CircuitError::NotFound(_)) => StatusCode::NOT_FOUND,
-            ServiceError::Circuit(CircuitError::Store(_)) | ServiceError::Controller(_) | ServiceError::Internal(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
+            ServiceError::Circuit(CircuitError::Pool(_) | CircuitError::Conflict(_)) => {
+                StatusCode::CONFLICT
             }
+            ServiceError::Circuit(CircuitError::NotFound(_)) => StatusCode::NOT_FOUND,
+            ServiceError::Circuit(CircuitError::Store(_))
+            | ServiceError::Controller(_)
+            | ServiceError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::new(status, e.to_string())
     }
 }
 
 fn actor(a: &str) -> String {
-    if a.trim().is_empty() { "unknown".to_string() } else { a.trim().to_string() }
+    if a.trim().is_empty() {
+        "unknown".to_string()
+    } else {
+        a.trim().to_string()
+    }
 }
 
-async fn validate(State(st): State<AdminState>, Json(spec): Json<CircuitSpec>) -> Result<Json<Admission>, ApiError> {
+async fn validate(
+    State(st): State<AdminState>,
+    Json(spec): Json<CircuitSpec>,
+) -> Result<Json<Admission>, ApiError> {
     Ok(Json(st.circuits.validate(&spec)?))
 }
 
@@ -79,8 +90,14 @@ pub struct CreateResponse {
     pub created: bool,
 }
 
-async fn create(State(st): State<AdminState>, Json(req): Json<CreateRequest>) -> Result<Json<CreateResponse>, ApiError> {
-    let (circuit, created) = st.circuits.create(req.spec, req.idempotency_key, actor(&req.author)).await?;
+async fn create(
+    State(st): State<AdminState>,
+    Json(req): Json<CreateRequest>,
+) -> Result<Json<CreateResponse>, ApiError> {
+    let (circuit, created) = st
+        .circuits
+        .create(req.spec, req.idempotency_key, actor(&req.author))
+        .await?;
     Ok(Json(CreateResponse { circuit, created }))
 }
 
@@ -96,10 +113,19 @@ pub struct HeadroomRow {
 }
 
 async fn headroom(State(st): State<AdminState>) -> Result<Json<Vec<HeadroomRow>>, ApiError> {
-    Ok(Json(st.circuits.headroom()?.into_iter().map(|(link, headroom)| HeadroomRow { link, headroom }).collect()))
+    Ok(Json(
+        st.circuits
+            .headroom()?
+            .into_iter()
+            .map(|(link, headroom)| HeadroomRow { link, headroom })
+            .collect(),
+    ))
 }
 
-async fn show(State(st): State<AdminState>, Path(id): Path<String>) -> Result<Json<Circuit>, ApiError> {
+async fn show(
+    State(st): State<AdminState>,
+    Path(id): Path<String>,
+) -> Result<Json<Circuit>, ApiError> {
     Ok(Json(st.circuits.get(&id)?))
 }
 
@@ -109,7 +135,10 @@ pub struct HistoryResponse {
     pub history: Vec<HistoryEntry>,
 }
 
-async fn history(State(st): State<AdminState>, Path(id): Path<String>) -> Result<Json<HistoryResponse>, ApiError> {
+async fn history(
+    State(st): State<AdminState>,
+    Path(id): Path<String>,
+) -> Result<Json<HistoryResponse>, ApiError> {
     let (circuit, history) = st.circuits.history(&id)?;
     Ok(Json(HistoryResponse { circuit, history }))
 }
@@ -126,7 +155,9 @@ async fn resize(
     Path(id): Path<String>,
     Json(req): Json<ResizeRequest>,
 ) -> Result<Json<Circuit>, ApiError> {
-    Ok(Json(st.circuits.resize(id, req.rate, actor(&req.author)).await?))
+    Ok(Json(
+        st.circuits.resize(id, req.rate, actor(&req.author)).await?,
+    ))
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]

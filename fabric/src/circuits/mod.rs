@@ -29,8 +29,8 @@ use std::str::FromStr;
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 use topology::circuit::{
-    self as placement, BEnd, CircuitId, PlacementError, PlacementRequest, PoolError, ProvisionedCircuit,
-    Reservation,
+    self as placement, BEnd, CircuitId, PlacementError, PlacementRequest, PoolError,
+    ProvisionedCircuit, Reservation,
 };
 use topology::{Bandwidth, NodeId, PoolName, Topology};
 
@@ -52,11 +52,20 @@ pub enum CircuitState {
 impl CircuitState {
     /// States in which the circuit holds capacity and a VIP and is in the routers' snapshots.
     pub fn is_live(self) -> bool {
-        matches!(self, CircuitState::Requested | CircuitState::Provisioning | CircuitState::Active | CircuitState::Failed)
+        matches!(
+            self,
+            CircuitState::Requested
+                | CircuitState::Provisioning
+                | CircuitState::Active
+                | CircuitState::Failed
+        )
     }
     /// States `--wait` stops at.
     pub fn is_settled(self) -> bool {
-        matches!(self, CircuitState::Active | CircuitState::Failed | CircuitState::Decommissioned)
+        matches!(
+            self,
+            CircuitState::Active | CircuitState::Failed | CircuitState::Decommissioned
+        )
     }
     pub fn as_str(self) -> &'static str {
         match self {
@@ -151,10 +160,17 @@ impl Circuit {
         if !self.state.is_live() || self.path.is_empty() {
             return Vec::new();
         }
-        let mut v =
-            vec![Reservation { circuit: self.id.clone(), path: self.path.clone(), rate: self.requested_rate }];
+        let mut v = vec![Reservation {
+            circuit: self.id.clone(),
+            path: self.path.clone(),
+            rate: self.requested_rate,
+        }];
         if let Some(h) = &self.held {
-            v.push(Reservation { circuit: self.id.clone(), path: h.path.clone(), rate: h.rate });
+            v.push(Reservation {
+                circuit: self.id.clone(),
+                path: h.path.clone(),
+                rate: h.rate,
+            });
         }
         v
     }
@@ -226,9 +242,15 @@ const MAX_KEY: usize = 128;
 
 fn check_name(what: &str, s: &str, max: usize) -> Result<(), CircuitError> {
     if s.is_empty() || s.len() > max {
-        return Err(CircuitError::Invalid(format!("{what} must be 1 to {max} characters, got {}", s.len())));
+        return Err(CircuitError::Invalid(format!(
+            "{what} must be 1 to {max} characters, got {}",
+            s.len()
+        )));
     }
-    if let Some(c) = s.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))) {
+    if let Some(c) = s
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')))
+    {
         return Err(CircuitError::Invalid(format!(
             "{what} {s:?} contains {c:?}; use letters, digits, '-', '_', '.' or ':'"
         )));
@@ -238,8 +260,11 @@ fn check_name(what: &str, s: &str, max: usize) -> Result<(), CircuitError> {
 
 /// Parses a customer prefix, refusing host bits (`10.1.2.3/24` is almost always a typo).
 pub fn parse_prefix(s: &str) -> Result<IpNetwork, CircuitError> {
-    let p = IpNetwork::from_str(s.trim())
-        .map_err(|e| CircuitError::Invalid(format!("{s:?} is not an IP prefix like 203.0.113.0/24: {e}")))?;
+    let p = IpNetwork::from_str(s.trim()).map_err(|e| {
+        CircuitError::Invalid(format!(
+            "{s:?} is not an IP prefix like 203.0.113.0/24: {e}"
+        ))
+    })?;
     check_prefix(p)?;
     Ok(p)
 }
@@ -265,15 +290,25 @@ pub fn find(tx: &dyn ReadTxn, id_or_name: &str) -> Result<Circuit, CircuitError>
     if let Some(c) = CIRCUITS.get(tx, id_or_name)? {
         return Ok(c);
     }
-    let mut by_name: Vec<Circuit> = all(tx)?.into_iter().filter(|c| c.name == id_or_name).collect();
+    let mut by_name: Vec<Circuit> = all(tx)?
+        .into_iter()
+        .filter(|c| c.name == id_or_name)
+        .collect();
     by_name.sort_by_key(|c| (c.state != CircuitState::Decommissioned, c.created_unix_ms));
-    by_name.pop().ok_or_else(|| CircuitError::NotFound(id_or_name.to_string()))
+    by_name
+        .pop()
+        .ok_or_else(|| CircuitError::NotFound(id_or_name.to_string()))
 }
 
 pub fn history(tx: &dyn ReadTxn, id: &CircuitId) -> Result<Vec<HistoryEntry>, StoreError> {
     let from = format!("{id}/");
     Ok(CIRCUIT_HISTORY
-        .scan(tx, std::ops::Bound::Included(from.as_str()), usize::MAX, false)?
+        .scan(
+            tx,
+            std::ops::Bound::Included(from.as_str()),
+            usize::MAX,
+            false,
+        )?
         .into_iter()
         .take_while(|(k, _)| k.starts_with(&from))
         .map(|(_, v)| v)
@@ -300,9 +335,21 @@ fn record(
     detail: String,
 ) -> Result<(), StoreError> {
     let n = history(tx, &c.id)?.len() as u64 + 1;
-    let entry = HistoryEntry { time_unix_ms: c.updated_unix_ms, actor: actor.to_string(), action: action.to_string(), from, to: c.state, detail: detail.clone() };
+    let entry = HistoryEntry {
+        time_unix_ms: c.updated_unix_ms,
+        actor: actor.to_string(),
+        action: action.to_string(),
+        from,
+        to: c.state,
+        detail: detail.clone(),
+    };
     CIRCUIT_HISTORY.put(tx, &format!("{}/{}", c.id, seq_key(n)), &entry)?;
-    records::audit(tx, actor, &format!("circuit.{action}"), &format!("{} ({}): {detail}", c.id, c.name))
+    records::audit(
+        tx,
+        actor,
+        &format!("circuit.{action}"),
+        &format!("{} ({}): {detail}", c.id, c.name),
+    )
 }
 
 fn save(tx: &mut dyn WriteTxn, c: &Circuit) -> Result<(), StoreError> {
@@ -320,11 +367,21 @@ pub struct Admission {
 
 /// Checks a spec against the topology and the circuits held now: names, prefix, placement with
 /// capacity, a VIP. Writes nothing.
-pub fn admit(topo: &Topology, circuits: &[Circuit], spec: &CircuitSpec) -> Result<Admission, CircuitError> {
+pub fn admit(
+    topo: &Topology,
+    circuits: &[Circuit],
+    spec: &CircuitSpec,
+) -> Result<Admission, CircuitError> {
     check_name("name", &spec.name, MAX_NAME)?;
     check_prefix(spec.a_end.prefix)?;
-    if let Some(other) = circuits.iter().find(|c| c.state.is_live() && c.name == spec.name) {
-        return Err(CircuitError::Conflict(format!("a circuit named {:?} already exists ({})", spec.name, other.id)));
+    if let Some(other) = circuits
+        .iter()
+        .find(|c| c.state.is_live() && c.name == spec.name)
+    {
+        return Err(CircuitError::Conflict(format!(
+            "a circuit named {:?} already exists ({})",
+            spec.name, other.id
+        )));
     }
     if let Some(other) = circuits.iter().find(|c| {
         c.state.is_live()
@@ -337,12 +394,27 @@ pub fn admit(topo: &Topology, circuits: &[Circuit], spec: &CircuitSpec) -> Resul
             other.id, other.name, spec.a_end.prefix, spec.a_end.edge, spec.b_end.service
         )));
     }
-    let req = PlacementRequest { edge: spec.a_end.edge.clone(), b_end: spec.b_end.clone(), rate: spec.rate };
+    let req = PlacementRequest {
+        edge: spec.a_end.edge.clone(),
+        b_end: spec.b_end.clone(),
+        rate: spec.rate,
+    };
     let placement = placement::place(topo, &reservations(circuits), &req)?;
-    let used: BTreeSet<IpAddr> = circuits.iter().filter(|c| c.state.is_live()).filter_map(|c| c.vip).collect();
+    let used: BTreeSet<IpAddr> = circuits
+        .iter()
+        .filter(|c| c.state.is_live())
+        .filter_map(|c| c.vip)
+        .collect();
     let (pool, vip) = placement::allocate_vip(topo, spec.pool.as_deref(), &used)?;
-    let port = topo.service(spec.b_end.service.as_str()).and_then(|s| s.port.or(s.vips.first().map(|v| v.port)));
-    Ok(Admission { placement, pool, vip, port })
+    let port = topo
+        .service(spec.b_end.service.as_str())
+        .and_then(|s| s.port.or(s.vips.first().map(|v| v.port)));
+    Ok(Admission {
+        placement,
+        pool,
+        vip,
+        port,
+    })
 }
 
 /// Creates a circuit: admission, then one record in `provisioning` with its path reserved and
@@ -358,7 +430,9 @@ pub fn create(
     if let Some(k) = key {
         check_name("idempotency key", k, MAX_KEY)?;
         if let Some(id) = CIRCUIT_KEYS.get(tx, k)? {
-            let c = CIRCUITS.get(tx, &id)?.ok_or_else(|| CircuitError::NotFound(id.clone()))?;
+            let c = CIRCUITS
+                .get(tx, &id)?
+                .ok_or_else(|| CircuitError::NotFound(id.clone()))?;
             let same = c.name == spec.name
                 && c.a_end == spec.a_end
                 && c.b_end == spec.b_end
@@ -399,7 +473,17 @@ pub fn create(
         updated_unix_ms: now,
         revision: 1,
     };
-    record(tx, &c, actor, "create", None, format!("{} from {} at {} to {}", spec.rate, spec.a_end.prefix, spec.a_end.edge, spec.b_end.service))?;
+    record(
+        tx,
+        &c,
+        actor,
+        "create",
+        None,
+        format!(
+            "{} from {} at {} to {}",
+            spec.rate, spec.a_end.prefix, spec.a_end.edge, spec.b_end.service
+        ),
+    )?;
     c.state = CircuitState::Provisioning;
     record(
         tx,
@@ -407,7 +491,13 @@ pub fn create(
         actor,
         "place",
         Some(CircuitState::Requested),
-        format!("path {} ({}), VIP {} from pool {}", arrows(&c.path), adm.placement.latency, adm.vip, adm.pool),
+        format!(
+            "path {} ({}), VIP {} from pool {}",
+            arrows(&c.path),
+            adm.placement.latency,
+            adm.vip,
+            adm.pool
+        ),
     )?;
     save(tx, &c)?;
     if let Some(k) = key {
@@ -417,7 +507,10 @@ pub fn create(
 }
 
 fn arrows(path: &[NodeId]) -> String {
-    path.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(" -> ")
+    path.iter()
+        .map(|n| n.as_str())
+        .collect::<Vec<_>>()
+        .join(" -> ")
 }
 
 /// Changes a circuit's rate, re-checking admission. Make before break: the circuit keeps its
@@ -432,7 +525,10 @@ pub fn resize(
 ) -> Result<Circuit, CircuitError> {
     let mut c = find(tx, id_or_name)?;
     if !matches!(c.state, CircuitState::Active | CircuitState::Provisioning) {
-        return Err(CircuitError::Conflict(format!("circuit {} is {}; only a provisioning or active circuit can be resized", c.id, c.state)));
+        return Err(CircuitError::Conflict(format!(
+            "circuit {} is {}; only a provisioning or active circuit can be resized",
+            c.id, c.state
+        )));
     }
     if c.held.is_some() {
         return Err(CircuitError::Conflict(format!(
@@ -444,14 +540,24 @@ pub fn resize(
         return Ok(c);
     }
     let circuits = all(tx)?;
-    let req = PlacementRequest { edge: c.a_end.edge.clone(), b_end: c.b_end.clone(), rate };
+    let req = PlacementRequest {
+        edge: c.a_end.edge.clone(),
+        b_end: c.b_end.clone(),
+        rate,
+    };
     let p = placement::resize(topo, &reservations(&circuits), &c.id, &req)?;
     let old_rate = c.requested_rate;
     c.held = if p.path != c.path {
-        Some(Held { path: c.path.clone(), rate: old_rate })
+        Some(Held {
+            path: c.path.clone(),
+            rate: old_rate,
+        })
     } else if rate < old_rate {
         // Same path, smaller rate: keep holding the difference until the edge enforces it.
-        Some(Held { path: c.path.clone(), rate: old_rate.saturating_sub(rate) })
+        Some(Held {
+            path: c.path.clone(),
+            rate: old_rate.saturating_sub(rate),
+        })
     } else {
         None
     };
@@ -466,7 +572,10 @@ pub fn resize(
     c.updated_unix_ms = now_unix_ms();
     c.revision += 1;
     let detail = if moved {
-        format!("rate {old_rate} -> {rate}; moved to {} (old path held until acknowledged)", arrows(&c.path))
+        format!(
+            "rate {old_rate} -> {rate}; moved to {} (old path held until acknowledged)",
+            arrows(&c.path)
+        )
     } else {
         format!("rate {old_rate} -> {rate} on the same path")
     };
@@ -477,9 +586,16 @@ pub fn resize(
 
 /// Starts decommissioning: the circuit leaves the snapshots and releases its capacity and VIP
 /// at once; it becomes `decommissioned` when the routers of its path acknowledge that.
-pub fn delete(tx: &mut dyn WriteTxn, id_or_name: &str, actor: &str) -> Result<Circuit, CircuitError> {
+pub fn delete(
+    tx: &mut dyn WriteTxn,
+    id_or_name: &str,
+    actor: &str,
+) -> Result<Circuit, CircuitError> {
     let mut c = find(tx, id_or_name)?;
-    if matches!(c.state, CircuitState::Decommissioning | CircuitState::Decommissioned) {
+    if matches!(
+        c.state,
+        CircuitState::Decommissioning | CircuitState::Decommissioned
+    ) {
         return Ok(c);
     }
     let from = c.state;
@@ -487,7 +603,14 @@ pub fn delete(tx: &mut dyn WriteTxn, id_or_name: &str, actor: &str) -> Result<Ci
     c.held = None;
     c.updated_unix_ms = now_unix_ms();
     c.revision += 1;
-    record(tx, &c, actor, "delete", Some(from), format!("capacity {} and VIP released", c.requested_rate))?;
+    record(
+        tx,
+        &c,
+        actor,
+        "delete",
+        Some(from),
+        format!("capacity {} and VIP released", c.requested_rate),
+    )?;
     save(tx, &c)?;
     Ok(c)
 }
@@ -508,10 +631,16 @@ pub fn settle(
             CircuitState::Decommissioning => CircuitState::Decommissioned,
             _ => continue,
         };
-        if c.state == CircuitState::Failed && c.reason.as_deref().is_some_and(|r| !r.starts_with(NOT_ACKED)) {
+        if c.state == CircuitState::Failed
+            && c.reason
+                .as_deref()
+                .is_some_and(|r| !r.starts_with(NOT_ACKED))
+        {
             continue;
         }
-        let Some(version) = pending(&c.id) else { continue };
+        let Some(version) = pending(&c.id) else {
+            continue;
+        };
         if !c.routers().iter().all(|n| acked(n, version)) {
             continue;
         }
@@ -522,13 +651,35 @@ pub fn settle(
         c.reason = None;
         let detail = if target == CircuitState::Active {
             c.assigned_rate = Some(c.requested_rate);
-            let released = c.held.take().map(|h| format!("; released {} on {}", h.rate, arrows(&h.path))).unwrap_or_default();
-            format!("acknowledged by {} in snapshot {version}; {} enforced{released}", list(&c.routers()), c.requested_rate)
+            let released = c
+                .held
+                .take()
+                .map(|h| format!("; released {} on {}", h.rate, arrows(&h.path)))
+                .unwrap_or_default();
+            format!(
+                "acknowledged by {} in snapshot {version}; {} enforced{released}",
+                list(&c.routers()),
+                c.requested_rate
+            )
         } else {
             c.assigned_rate = None;
-            format!("removal acknowledged by {} in snapshot {version}", list(&c.routers()))
+            format!(
+                "removal acknowledged by {} in snapshot {version}",
+                list(&c.routers())
+            )
         };
-        record(tx, &c, "controller", if target == CircuitState::Active { "activate" } else { "decommission" }, Some(from), detail)?;
+        record(
+            tx,
+            &c,
+            "controller",
+            if target == CircuitState::Active {
+                "activate"
+            } else {
+                "decommission"
+            },
+            Some(from),
+            detail,
+        )?;
         save(tx, &c)?;
         changed.push(c);
     }
@@ -551,8 +702,14 @@ pub fn expire(
         if c.state != CircuitState::Provisioning {
             continue;
         }
-        let Some(version) = overdue(&c.id) else { continue };
-        let missing: BTreeSet<NodeId> = c.routers().into_iter().filter(|n| !acked(n, version)).collect();
+        let Some(version) = overdue(&c.id) else {
+            continue;
+        };
+        let missing: BTreeSet<NodeId> = c
+            .routers()
+            .into_iter()
+            .filter(|n| !acked(n, version))
+            .collect();
         if missing.is_empty() {
             continue;
         }
@@ -570,7 +727,11 @@ pub fn expire(
 }
 
 /// Marks circuits whose path a new topology breaks (a link or node removed or down) as failed.
-pub fn fail_broken(tx: &mut dyn WriteTxn, topo: &Topology, version: u64) -> Result<Vec<Circuit>, StoreError> {
+pub fn fail_broken(
+    tx: &mut dyn WriteTxn,
+    topo: &Topology,
+    version: u64,
+) -> Result<Vec<Circuit>, StoreError> {
     let mut changed = Vec::new();
     for mut c in all(tx)? {
         if !c.state.is_live() || c.state == CircuitState::Failed {
@@ -589,7 +750,14 @@ pub fn fail_broken(tx: &mut dyn WriteTxn, topo: &Topology, version: u64) -> Resu
         c.reason = Some(format!("topology version {version}: {}", issues.join("; ")));
         c.updated_unix_ms = now_unix_ms();
         c.revision += 1;
-        record(tx, &c, "controller", "fail", Some(from), c.reason.clone().unwrap_or_default())?;
+        record(
+            tx,
+            &c,
+            "controller",
+            "fail",
+            Some(from),
+            c.reason.clone().unwrap_or_default(),
+        )?;
         save(tx, &c)?;
         changed.push(c);
     }
@@ -597,5 +765,9 @@ pub fn fail_broken(tx: &mut dyn WriteTxn, topo: &Topology, version: u64) -> Resu
 }
 
 fn list(nodes: &BTreeSet<NodeId>) -> String {
-    nodes.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(", ")
+    nodes
+        .iter()
+        .map(|n| n.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }

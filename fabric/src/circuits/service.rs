@@ -58,17 +58,30 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl CircuitService {
     /// Starts tracking the circuits in the store: those still provisioning or decommissioning
     /// wait for acknowledgement of the controller's current snapshot (which carries them).
-    pub fn new(ctl: Arc<Controller>, provision_timeout: Duration) -> Result<Arc<Self>, ServiceError> {
-        let svc = Arc::new(CircuitService { ctl, pending: Mutex::new(BTreeMap::new()), provision_timeout });
-        let circuits = svc.list()?;
-        let version = svc.ctl.published().version;
-        let mut p = lock(&svc.pending);
-        for c in circuits {
-            if matches!(c.state, CircuitState::Provisioning | CircuitState::Decommissioning | CircuitState::Failed) {
-                p.insert(c.id.clone(), Pending { revision: c.revision, version, since: Instant::now() });
-            }
-        }
-        drop(p);
+    pub fn new(
+        ctl: Arc<Controller>,
+        provision_timeout: Duration,
+    ) -> Result<Arc<Self>, ServiceError> {
+        let svc = Arc::new(CircuitService {
+            ctl,
+            pending: Mutex::new(BTreeMap::new()),
+            provision_timeout,
+        });
+        // The controller starts with no circuits in its snapshot: publish the stored ones, and
+        // wait for that version's acknowledgement for those not settled yet.
+        let unsettled: Vec<Circuit> = svc
+            .list()?
+            .into_iter()
+            .filter(|c| {
+                matches!(
+                    c.state,
+                    CircuitState::Provisioning
+                        | CircuitState::Decommissioning
+                        | CircuitState::Failed
+                )
+            })
+            .collect();
+        svc.publish(&unsettled)?;
         Ok(svc)
     }
 
@@ -81,21 +94,31 @@ impl CircuitService {
     }
 
     pub fn get(&self, id_or_name: &str) -> Result<Circuit, ServiceError> {
-        Ok(store::read(&**self.ctl.store(), |tx| super::find(tx, id_or_name))?)
-    }
-
-    pub fn history(&self, id_or_name: &str) -> Result<(Circuit, Vec<HistoryEntry>), ServiceError> {
-        Ok(store::read(&**self.ctl.store(), |tx| -> Result<_, CircuitError> {
-            let c = super::find(tx, id_or_name)?;
-            let h = super::history(tx, &c.id)?;
-            Ok((c, h))
+        Ok(store::read(&**self.ctl.store(), |tx| {
+            super::find(tx, id_or_name)
         })?)
     }
 
+    pub fn history(&self, id_or_name: &str) -> Result<(Circuit, Vec<HistoryEntry>), ServiceError> {
+        Ok(store::read(
+            &**self.ctl.store(),
+            |tx| -> Result<_, CircuitError> {
+                let c = super::find(tx, id_or_name)?;
+                let h = super::history(tx, &c.id)?;
+                Ok((c, h))
+            },
+        )?)
+    }
+
     /// Per-link capacity, reservations and free bandwidth under the topology in force.
-    pub fn headroom(&self) -> Result<BTreeMap<topology::LinkId, topology::circuit::LinkHeadroom>, ServiceError> {
+    pub fn headroom(
+        &self,
+    ) -> Result<BTreeMap<topology::LinkId, topology::circuit::LinkHeadroom>, ServiceError> {
         let topo = self.ctl.current().topology.clone();
-        Ok(topology::circuit::headroom(&topo, &super::reservations(&self.list()?)))
+        Ok(topology::circuit::headroom(
+            &topo,
+            &super::reservations(&self.list()?),
+        ))
     }
 
     /// Admission only: where the circuit would go and which VIP it would get. Writes nothing.
@@ -109,7 +132,10 @@ impl CircuitService {
     /// topology apply committed in between (so admission never uses a stale topology).
     async fn write<R: Send + 'static>(
         &self,
-        f: impl Fn(&mut dyn store::WriteTxn, &Topology) -> Result<R, CircuitError> + Send + Sync + 'static,
+        f: impl Fn(&mut dyn store::WriteTxn, &Topology) -> Result<R, CircuitError>
+        + Send
+        + Sync
+        + 'static,
     ) -> Result<R, ServiceError> {
         let f = Arc::new(f);
         for _ in 0..20 {
@@ -134,24 +160,42 @@ impl CircuitService {
             // The store has a newer topology than the controller has published yet.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Err(ServiceError::Internal("the topology kept changing; try again".into()))
+        Err(ServiceError::Internal(
+            "the topology kept changing; try again".into(),
+        ))
     }
 
     /// Publishes the circuits in the store to routers and starts waiting for `changed`'s
     /// acknowledgements.
     fn publish(&self, changed: &[Circuit]) -> Result<u64, ServiceError> {
-        let circuits = self.list()?;
-        let version = self.ctl.publish_circuits(Arc::new(super::provisioned(&circuits)))?;
+        // Held across read-and-publish, so that two operations finishing together cannot
+        // publish an older list last.
         let mut p = lock(&self.pending);
+        let circuits = self.list()?;
+        let version = self
+            .ctl
+            .publish_circuits(Arc::new(super::provisioned(&circuits)))?;
         for c in changed {
-            p.insert(c.id.clone(), Pending { revision: c.revision, version, since: Instant::now() });
+            p.insert(
+                c.id.clone(),
+                Pending {
+                    revision: c.revision,
+                    version,
+                    since: Instant::now(),
+                },
+            );
         }
         Ok(version)
     }
 
     /// Creates a circuit (or returns the one created earlier with the same idempotency key).
     /// Returns the circuit and whether it was created now.
-    pub async fn create(&self, spec: CircuitSpec, key: Option<String>, actor: String) -> Result<(Circuit, bool), ServiceError> {
+    pub async fn create(
+        &self,
+        spec: CircuitSpec,
+        key: Option<String>,
+        actor: String,
+    ) -> Result<(Circuit, bool), ServiceError> {
         let spec2 = spec.clone();
         let (c, created) = self
             .write(move |tx, topo| super::create(tx, topo, &spec2, key.as_deref(), &actor))
@@ -162,9 +206,16 @@ impl CircuitService {
         Ok((c, created))
     }
 
-    pub async fn resize(&self, id_or_name: String, rate: Bandwidth, actor: String) -> Result<Circuit, ServiceError> {
+    pub async fn resize(
+        &self,
+        id_or_name: String,
+        rate: Bandwidth,
+        actor: String,
+    ) -> Result<Circuit, ServiceError> {
         let before = self.get(&id_or_name)?;
-        let c = self.write(move |tx, topo| super::resize(tx, topo, &id_or_name, rate, &actor)).await?;
+        let c = self
+            .write(move |tx, topo| super::resize(tx, topo, &id_or_name, rate, &actor))
+            .await?;
         if c.revision != before.revision {
             self.publish(std::slice::from_ref(&c))?;
         }
@@ -173,7 +224,9 @@ impl CircuitService {
 
     pub async fn delete(&self, id_or_name: String, actor: String) -> Result<Circuit, ServiceError> {
         let before = self.get(&id_or_name)?;
-        let c = self.write(move |tx, _| super::delete(tx, &id_or_name, &actor)).await?;
+        let c = self
+            .write(move |tx, _| super::delete(tx, &id_or_name, &actor))
+            .await?;
         if c.revision != before.revision {
             self.publish(std::slice::from_ref(&c))?;
         }
@@ -202,20 +255,28 @@ impl CircuitService {
         if pending.is_empty() {
             return Ok(());
         }
-        let applied: BTreeMap<String, u64> =
-            self.ctl.routers().into_iter().map(|r| (r.record.node.clone(), r.record.applied_version)).collect();
+        let applied: BTreeMap<String, u64> = self
+            .ctl
+            .routers()
+            .into_iter()
+            .map(|r| (r.record.node.clone(), r.record.applied_version))
+            .collect();
         let acked = move |n: &NodeId, v: u64| applied.get(n.as_str()).is_some_and(|a| *a >= v);
         let circuits = self.list()?;
         let now = Instant::now();
         let (mut ready, mut overdue) = (BTreeMap::new(), BTreeMap::new());
         for c in &circuits {
-            let Some(p) = pending.get(&c.id) else { continue };
+            let Some(p) = pending.get(&c.id) else {
+                continue;
+            };
             if p.revision != c.revision && c.state != CircuitState::Failed {
                 continue;
             }
             if c.routers().iter().all(|n| acked(n, p.version)) {
                 ready.insert(c.id.clone(), p.version);
-            } else if c.state == CircuitState::Provisioning && now.duration_since(p.since) >= self.provision_timeout {
+            } else if c.state == CircuitState::Provisioning
+                && now.duration_since(p.since) >= self.provision_timeout
+            {
                 overdue.insert(c.id.clone(), p.version);
             }
         }

@@ -11,26 +11,76 @@ use serde::Serialize;
 use topology::circuit::BEnd;
 use topology::{Bandwidth, NodeId, Region, ServiceName};
 
-use super::admin_client::{AdminArgs, AdminClient, ClientError, Output, block_on, report};
-use crate::circuits::api::{CreateRequest, CreateResponse, DeleteRequest, HeadroomRow, HistoryResponse, ResizeRequest};
+use super::admin_client::{
+    AdminArgs, AdminClient, ClientError, Output as TextOrJson, block_on, report,
+};
+use crate::circuits::api::{
+    CreateRequest, CreateResponse, DeleteRequest, HistoryResponse, ResizeRequest,
+};
 use crate::circuits::{AEnd, Admission, Circuit, CircuitSpec, CircuitState};
+
+/// Output of the circuit commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum Output {
+    #[default]
+    #[value(alias = "text")]
+    Table,
+    Json,
+    Yaml,
+}
+
+/// Where the controller's admin API is, how to authenticate, and the output format.
+#[derive(Debug, Clone, Args)]
+pub struct CircuitAdmin {
+    /// Admin API address (host:port or http://host:port).
+    #[arg(long, env = "TASMAN_CONTROLLER", default_value = "127.0.0.1:7401")]
+    pub controller: String,
+    /// Bearer token for the admin API.
+    #[arg(long, env = "TASMAN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Read the bearer token from this file (e.g. the controller's <state>/admin-token).
+    #[arg(long, env = "TASMAN_TOKEN_FILE")]
+    pub token_file: Option<std::path::PathBuf>,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+impl CircuitAdmin {
+    fn client_args(&self) -> AdminArgs {
+        AdminArgs {
+            controller: self.controller.clone(),
+            token: self.token.clone(),
+            token_file: self.token_file.clone(),
+            output: TextOrJson::Text,
+        }
+    }
+}
 
 #[derive(Debug, Subcommand)]
 pub enum CircuitCmd {
     /// Check that a circuit would be admitted (path with room, VIP free) without creating it.
-    #[command(after_help = "Example:\n  tasman circuit validate --name acme-syd --edge syd-edge-1 --prefix 203.0.113.0/24 \\\n      --service llm-chat --rate 500Mbps\n\nExit 0: it fits (prints the path and VIP it would get); 1: refused, with the reason.")]
+    #[command(
+        after_help = "Example:\n  tasman circuit validate --name acme-syd --edge syd-edge-1 --prefix 203.0.113.0/24 \\\n      --service llm-chat --rate 500Mbps\n\nExit 0: it fits (prints the path and VIP it would get); 1: refused, with the reason."
+    )]
     Validate(SpecArgs),
     /// Create a circuit: place it, reserve its rate on every link of the path, allocate a VIP.
-    #[command(after_help = "Example:\n  tasman circuit create --name acme-syd --edge syd-edge-1 --prefix 203.0.113.0/24 \\\n      --service llm-chat --region au-east --rate 500Mbps --idempotency-key order-1234 --wait\n\nA retried create with the same --idempotency-key returns the same circuit. --wait blocks until\nthe circuit is active (every router on its path acknowledged it) or failed.")]
+    #[command(
+        after_help = "Example:\n  tasman circuit create --name acme-syd --edge syd-edge-1 --prefix 203.0.113.0/24 \\\n      --service llm-chat --region au-east --rate 500Mbps --idempotency-key order-1234 --wait\n\nA retried create with the same --idempotency-key returns the same circuit. --wait blocks until\nthe circuit is active (every router on its path acknowledged it) or failed."
+    )]
     Create(CreateArgs),
     /// List circuits.
-    #[command(after_help = "Example:\n  tasman circuit list -o table\n  tasman circuit list --all -o json   # decommissioned ones too")]
+    #[command(
+        after_help = "Example:\n  tasman circuit list -o table\n  tasman circuit list --all -o json   # decommissioned ones too"
+    )]
     List(ListArgs),
     /// Show one circuit (by id or name).
     #[command(after_help = "Example:\n  tasman circuit show c-000001 -o yaml")]
     Show(IdArgs),
     /// Change a circuit's rate (re-checks admission; make-before-break).
-    #[command(after_help = "Example:\n  tasman circuit resize c-000001 --rate 1Gbps --wait\n\nThe requested rate changes at once; the assigned rate changes when the routers acknowledge it.")]
+    #[command(
+        after_help = "Example:\n  tasman circuit resize c-000001 --rate 1Gbps --wait\n\nThe requested rate changes at once; the assigned rate changes when the routers acknowledge it."
+    )]
     Resize(ResizeArgs),
     /// Decommission a circuit: releases its capacity and VIP.
     #[command(after_help = "Example:\n  tasman circuit delete c-000001 --wait")]
@@ -40,7 +90,7 @@ pub enum CircuitCmd {
     History(IdArgs),
     /// Per-link capacity, reserved and free bandwidth.
     #[command(after_help = "Example:\n  tasman circuit headroom")]
-    Headroom(ListArgs),
+    Headroom(HeadroomArgs),
 }
 
 /// What to ask for.
@@ -74,18 +124,25 @@ pub struct SpecArgs {
     #[arg(long, env = "USER", default_value = "unknown", hide_env_values = true)]
     pub author: String,
     #[command(flatten)]
-    pub admin: AdminArgs,
+    pub admin: CircuitAdmin,
 }
 
 fn parse_prefix(s: &str) -> Result<IpNetwork, String> {
-    crate::circuits::parse_prefix(s).map_err(|e| e.to_string().trim_start_matches("invalid circuit: ").to_string())
+    crate::circuits::parse_prefix(s).map_err(|e| {
+        e.to_string()
+            .trim_start_matches("invalid circuit: ")
+            .to_string()
+    })
 }
 
 impl SpecArgs {
     fn spec(&self) -> CircuitSpec {
         CircuitSpec {
             name: self.name.clone(),
-            a_end: AEnd { edge: NodeId::new(&self.edge), prefix: self.prefix },
+            a_end: AEnd {
+                edge: NodeId::new(&self.edge),
+                prefix: self.prefix,
+            },
             b_end: BEnd {
                 service: ServiceName::new(&self.service),
                 regions: self.regions.iter().map(Region::new).collect(),
@@ -102,13 +159,9 @@ pub struct WaitArgs {
     /// Block until the circuit is active or failed (decommissioned for delete).
     #[arg(long)]
     pub wait: bool,
-    /// How long --wait waits.
-    #[arg(long, default_value = "120s", value_parser = parse_timeout)]
-    pub timeout: Duration,
-}
-
-fn parse_timeout(s: &str) -> Result<Duration, String> {
-    s.parse::<topology::Latency>().map(|l| l.as_duration()).map_err(|e| e.to_string())
+    /// How long --wait waits, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 120)]
+    pub timeout: u64,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -128,7 +181,13 @@ pub struct ListArgs {
     #[arg(long)]
     pub all: bool,
     #[command(flatten)]
-    pub admin: AdminArgs,
+    pub admin: CircuitAdmin,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct HeadroomArgs {
+    #[command(flatten)]
+    pub admin: CircuitAdmin,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -136,7 +195,7 @@ pub struct IdArgs {
     /// Circuit id (c-000001) or name.
     pub id: String,
     #[command(flatten)]
-    pub admin: AdminArgs,
+    pub admin: CircuitAdmin,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -150,7 +209,7 @@ pub struct ResizeArgs {
     #[command(flatten)]
     pub wait: WaitArgs,
     #[command(flatten)]
-    pub admin: AdminArgs,
+    pub admin: CircuitAdmin,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -161,7 +220,7 @@ pub struct DeleteArgs {
     #[command(flatten)]
     pub wait: WaitArgs,
     #[command(flatten)]
-    pub admin: AdminArgs,
+    pub admin: CircuitAdmin,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -171,7 +230,11 @@ enum CmdError {
     #[error("circuit {id} failed: {reason}")]
     Failed { id: String, reason: String },
     #[error("circuit {id} is still {state} after {waited:?}")]
-    Timeout { id: String, state: CircuitState, waited: Duration },
+    Timeout {
+        id: String,
+        state: CircuitState,
+        waited: Duration,
+    },
     #[error("cannot print {0}")]
     Print(String),
 }
@@ -180,12 +243,13 @@ pub fn run(cmd: CircuitCmd) -> ExitCode {
     let admin = match &cmd {
         CircuitCmd::Validate(a) => a.admin.clone(),
         CircuitCmd::Create(a) => a.spec.admin.clone(),
-        CircuitCmd::List(a) | CircuitCmd::Headroom(a) => a.admin.clone(),
+        CircuitCmd::List(a) => a.admin.clone(),
+        CircuitCmd::Headroom(a) => a.admin.clone(),
         CircuitCmd::Show(a) | CircuitCmd::History(a) => a.admin.clone(),
         CircuitCmd::Resize(a) => a.admin.clone(),
         CircuitCmd::Delete(a) => a.admin.clone(),
     };
-    let client = match AdminClient::new(&admin) {
+    let client = match AdminClient::new(&admin.client_args()) {
         Ok(c) => c,
         Err(e) => return report(&e, "circuit"),
     };
@@ -206,7 +270,13 @@ fn id_path(id: &str) -> String {
     // cannot match, so escape it rather than build a wrong path.
     let enc: String = id
         .bytes()
-        .map(|b| if b.is_ascii_alphanumeric() || b"-_.:".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.:".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
         .collect();
     format!("/v1/circuits/{enc}")
 }
@@ -219,7 +289,12 @@ async fn exec(client: &AdminClient, cmd: CircuitCmd, out: Output) -> Result<(), 
                 format!(
                     "ok: {} fits: path {} ({}) to site {}, VIP {}{} from pool {}\n",
                     a.rate,
-                    adm.placement.path.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(" -> "),
+                    adm.placement
+                        .path
+                        .iter()
+                        .map(|n| n.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" -> "),
                     adm.placement.latency,
                     adm.placement.site,
                     adm.vip,
@@ -229,12 +304,24 @@ async fn exec(client: &AdminClient, cmd: CircuitCmd, out: Output) -> Result<(), 
             })
         }
         CircuitCmd::Create(a) => {
-            let req = CreateRequest { spec: a.spec.spec(), idempotency_key: a.idempotency_key.clone(), author: a.spec.author.clone() };
+            let req = CreateRequest {
+                spec: a.spec.spec(),
+                idempotency_key: a.idempotency_key.clone(),
+                author: a.spec.author.clone(),
+            };
             let resp: CreateResponse = client.post("/v1/circuits", &req).await?;
             if !resp.created {
-                eprintln!("circuit {} already created with idempotency key {:?}", resp.circuit.id, a.idempotency_key.unwrap_or_default());
+                eprintln!(
+                    "circuit {} already created with idempotency key {:?}",
+                    resp.circuit.id,
+                    a.idempotency_key.unwrap_or_default()
+                );
             }
-            let c = if a.wait.wait { wait(client, resp.circuit.id.as_str(), &a.wait, false).await? } else { resp.circuit };
+            let c = if a.wait.wait {
+                wait(client, resp.circuit.id.as_str(), &a.wait, false).await?
+            } else {
+                resp.circuit
+            };
             print_circuit(out, &c)
         }
         CircuitCmd::List(a) => {
@@ -250,21 +337,44 @@ async fn exec(client: &AdminClient, cmd: CircuitCmd, out: Output) -> Result<(), 
         }
         CircuitCmd::Resize(a) => {
             let c: Circuit = client
-                .post(&format!("{}/resize", id_path(&a.id)), &ResizeRequest { rate: a.rate, author: a.author.clone() })
+                .post(
+                    &format!("{}/resize", id_path(&a.id)),
+                    &ResizeRequest {
+                        rate: a.rate,
+                        author: a.author.clone(),
+                    },
+                )
                 .await?;
-            let c = if a.wait.wait { wait(client, c.id.as_str(), &a.wait, false).await? } else { c };
+            let c = if a.wait.wait {
+                wait(client, c.id.as_str(), &a.wait, false).await?
+            } else {
+                c
+            };
             print_circuit(out, &c)
         }
         CircuitCmd::Delete(a) => {
-            let c: Circuit =
-                client.post(&format!("{}/delete", id_path(&a.id)), &DeleteRequest { author: a.author.clone() }).await?;
-            let c = if a.wait.wait { wait(client, c.id.as_str(), &a.wait, true).await? } else { c };
+            let c: Circuit = client
+                .post(
+                    &format!("{}/delete", id_path(&a.id)),
+                    &DeleteRequest {
+                        author: a.author.clone(),
+                    },
+                )
+                .await?;
+            let c = if a.wait.wait {
+                wait(client, c.id.as_str(), &a.wait, true).await?
+            } else {
+                c
+            };
             print_circuit(out, &c)
         }
         CircuitCmd::History(a) => {
             let h: HistoryResponse = client.get(&format!("{}/history", id_path(&a.id))).await?;
             print_value(out, &h, || {
-                let mut s = format!("{} ({}), {}\n", h.circuit.id, h.circuit.name, h.circuit.state);
+                let mut s = format!(
+                    "{} ({}), {}\n",
+                    h.circuit.id, h.circuit.name, h.circuit.state
+                );
                 for e in &h.history {
                     let from = e.from.map(|f| format!("{f} -> ")).unwrap_or_default();
                     s.push_str(&format!(
@@ -280,18 +390,27 @@ async fn exec(client: &AdminClient, cmd: CircuitCmd, out: Output) -> Result<(), 
             })
         }
         CircuitCmd::Headroom(a) => {
-            let rows: Vec<HeadroomRow> = client.get("/v1/circuits/headroom").await?;
-            let _ = a.all;
+            let _ = a;
+            // Read as plain JSON: a link with nothing reserved has "0bps", which the rate
+            // parser (rightly) refuses as a rate.
+            let rows: Vec<serde_json::Value> = client.get("/v1/circuits/headroom").await?;
             print_value(out, &rows, || {
-                let mut s = format!("{:<32} {:>10} {:>10} {:>10} {:>8}\n", "LINK", "CAPACITY", "RESERVED", "FREE", "CIRCUITS");
+                let f = |r: &serde_json::Value, k: &str| match &r[k] {
+                    serde_json::Value::String(s) => s.clone(),
+                    v => v.to_string(),
+                };
+                let mut s = format!(
+                    "{:<32} {:>10} {:>10} {:>10} {:>8}\n",
+                    "LINK", "CAPACITY", "RESERVED", "FREE", "CIRCUITS"
+                );
                 for r in &rows {
                     s.push_str(&format!(
                         "{:<32} {:>10} {:>10} {:>10} {:>8}\n",
-                        r.link.to_string(),
-                        r.headroom.capacity.to_string(),
-                        r.headroom.reserved.to_string(),
-                        r.headroom.free.to_string(),
-                        r.headroom.circuits
+                        f(r, "link"),
+                        f(r, "capacity"),
+                        f(r, "reserved"),
+                        f(r, "free"),
+                        f(r, "circuits")
                     ));
                 }
                 s
@@ -301,36 +420,59 @@ async fn exec(client: &AdminClient, cmd: CircuitCmd, out: Output) -> Result<(), 
 }
 
 /// Polls the circuit until it settles (or `deadline`): active/failed, or decommissioned.
-async fn wait(client: &AdminClient, id: &str, w: &WaitArgs, gone: bool) -> Result<Circuit, CmdError> {
+async fn wait(
+    client: &AdminClient,
+    id: &str,
+    w: &WaitArgs,
+    gone: bool,
+) -> Result<Circuit, CmdError> {
     let start = Instant::now();
     loop {
         let c: Circuit = client.get(&id_path(id)).await?;
-        let done = if gone { c.state == CircuitState::Decommissioned } else { matches!(c.state, CircuitState::Active | CircuitState::Failed) };
+        let done = if gone {
+            c.state == CircuitState::Decommissioned
+        } else {
+            matches!(c.state, CircuitState::Active | CircuitState::Failed)
+        };
         if done {
             if c.state == CircuitState::Failed {
-                return Err(CmdError::Failed { id: c.id.to_string(), reason: c.reason.clone().unwrap_or_default() });
+                return Err(CmdError::Failed {
+                    id: c.id.to_string(),
+                    reason: c.reason.clone().unwrap_or_default(),
+                });
             }
             return Ok(c);
         }
-        if start.elapsed() >= w.timeout {
-            return Err(CmdError::Timeout { id: c.id.to_string(), state: c.state, waited: w.timeout });
+        if start.elapsed() >= Duration::from_secs(w.timeout) {
+            return Err(CmdError::Timeout {
+                id: c.id.to_string(),
+                state: c.state,
+                waited: Duration::from_secs(w.timeout),
+            });
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
-fn print_value<T: Serialize>(out: Output, v: &T, text: impl FnOnce() -> String) -> Result<(), CmdError> {
+fn print_value<T: Serialize>(
+    out: Output,
+    v: &T,
+    text: impl FnOnce() -> String,
+) -> Result<(), CmdError> {
     let s = match out {
-        Output::Json => serde_json::to_string_pretty(v).map(|s| s + "\n").map_err(|e| CmdError::Print(e.to_string()))?,
+        Output::Json => serde_json::to_string_pretty(v)
+            .map(|s| s + "\n")
+            .map_err(|e| CmdError::Print(e.to_string()))?,
         Output::Yaml => serde_saphyr::to_string(v).map_err(|e| CmdError::Print(e.to_string()))?,
-        Output::Text => text(),
+        Output::Table => text(),
     };
     print!("{s}");
     Ok(())
 }
 
 fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
-    v.as_ref().map_or_else(|| "-".to_string(), |v| v.to_string())
+    v.as_ref()
+        .map_or_else(|| "-".to_string(), |v| v.to_string())
 }
 
 fn vip(c: &Circuit) -> String {
@@ -344,7 +486,15 @@ fn vip(c: &Circuit) -> String {
 
 fn print_circuit(out: Output, c: &Circuit) -> Result<(), CmdError> {
     print_value(out, c, || {
-        let path = if c.path.is_empty() { "-".to_string() } else { c.path.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(" -> ") };
+        let path = if c.path.is_empty() {
+            "-".to_string()
+        } else {
+            c.path
+                .iter()
+                .map(|n| n.as_str())
+                .collect::<Vec<_>>()
+                .join(" -> ")
+        };
         let mut s = String::new();
         let mut row = |k: &str, v: String| s.push_str(&format!("{k:<16}{v}\n"));
         row("id", c.id.to_string());
@@ -356,25 +506,78 @@ fn print_circuit(out: Output, c: &Circuit) -> Result<(), CmdError> {
         row("a-end", format!("{} from {}", c.a_end.edge, c.a_end.prefix));
         let mut b = c.b_end.service.to_string();
         if !c.b_end.regions.is_empty() {
-            b.push_str(&format!(" in regions {}", c.b_end.regions.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(",")));
+            b.push_str(&format!(
+                " in regions {}",
+                c.b_end
+                    .regions
+                    .iter()
+                    .map(|r| r.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ));
         }
         if !c.b_end.sites.is_empty() {
-            b.push_str(&format!(" at sites {}", c.b_end.sites.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(",")));
+            b.push_str(&format!(
+                " at sites {}",
+                c.b_end
+                    .sites
+                    .iter()
+                    .map(|r| r.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ));
         }
         row("b-end", b);
         row("requested rate", c.requested_rate.to_string());
         row("assigned rate", opt(&c.assigned_rate));
-        row("vip", format!("{}{}", vip(c), c.pool.as_ref().map(|p| format!(" (pool {p})")).unwrap_or_default()));
+        row(
+            "vip",
+            format!(
+                "{}{}",
+                vip(c),
+                c.pool
+                    .as_ref()
+                    .map(|p| format!(" (pool {p})"))
+                    .unwrap_or_default()
+            ),
+        );
         row("site", opt(&c.site));
-        row("path", format!("{path}{}", c.latency.map(|l| format!(" ({l})")).unwrap_or_default()));
+        row(
+            "path",
+            format!(
+                "{path}{}",
+                c.latency.map(|l| format!(" ({l})")).unwrap_or_default()
+            ),
+        );
         if let Some(h) = &c.held {
-            row("still holding", format!("{} on {}", h.rate, h.path.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(" -> ")));
+            row(
+                "still holding",
+                format!(
+                    "{} on {}",
+                    h.rate,
+                    h.path
+                        .iter()
+                        .map(|n| n.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" -> ")
+                ),
+            );
         }
         if let Some(k) = &c.idempotency_key {
             row("idempotency key", k.clone());
         }
-        row("created", format!("{} by {}", super::fmt_time(c.created_unix_ms), c.created_by));
-        row("updated", format!("{} (revision {})", super::fmt_time(c.updated_unix_ms), c.revision));
+        row(
+            "created",
+            format!("{} by {}", super::fmt_time(c.created_unix_ms), c.created_by),
+        );
+        row(
+            "updated",
+            format!(
+                "{} (revision {})",
+                super::fmt_time(c.updated_unix_ms),
+                c.revision
+            ),
+        );
         s
     })
 }
@@ -395,7 +598,11 @@ fn table(v: &[Circuit]) -> String {
             c.requested_rate.to_string(),
             opt(&c.assigned_rate),
             vip(c),
-            c.path.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(">")
+            c.path
+                .iter()
+                .map(|n| n.as_str())
+                .collect::<Vec<_>>()
+                .join(">")
         ));
     }
     s

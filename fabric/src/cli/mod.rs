@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 pub mod admin_client;
+pub mod circuit;
 pub mod controller;
 pub mod demo;
 pub mod pki;
@@ -38,6 +39,9 @@ pub enum Command {
     Controller(controller::ControllerArgs),
     /// Routers, per-service choices and the live RTT matrix, from the controller.
     Status(status::StatusArgs),
+    /// Circuits: validate, create, list, show, resize, delete, history, headroom.
+    #[command(subcommand)]
+    Circuit(circuit::CircuitCmd),
 }
 
 /// Logs to stderr; `RUST_LOG` filters (default `info`).
@@ -61,6 +65,7 @@ pub fn main() -> ExitCode {
         Command::Pki(args) => pki::run(args),
         Command::Controller(args) => controller::run(args),
         Command::Status(args) => status::run(args),
+        Command::Circuit(cmd) => circuit::run(cmd),
     }
 }
 

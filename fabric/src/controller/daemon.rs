@@ -48,6 +48,8 @@ pub enum DaemonError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("circuits: {0}")]
+    Circuits(#[from] crate::circuits::service::ServiceError),
     #[error("{path} is empty: an admin token is required")]
     EmptyToken { path: PathBuf },
 }
@@ -162,8 +164,13 @@ pub async fn start(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
         addr: cfg.admin,
         source,
     })?;
-    let state = AdminState::new(ctl.clone(), &token);
+    let circuits = crate::circuits::service::CircuitService::new(
+        ctl.clone(),
+        crate::circuits::service::DEFAULT_PROVISION_TIMEOUT,
+    )?;
+    let state = AdminState::new(ctl.clone(), &token, circuits.clone());
     let tasks = vec![
+        tokio::spawn(circuits.settle_loop()),
         tokio::spawn(distribute::serve(ctl.clone(), endpoint.clone())),
         tokio::spawn(ctl.clone().recompute_loop()),
         tokio::spawn(ctl.clone().flush_loop()),

@@ -249,7 +249,9 @@ impl Controller {
                 current: old.record.version,
             });
         }
-        let plan = crate::plan::Plan::compute(&old.topology, &topology, &live);
+        let circuits = store::read(&*self.store, |tx| crate::circuits::all(tx))?;
+        let plan = crate::plan::Plan::compute(&old.topology, &topology, &live)
+            .with_circuits(&topology, &crate::circuits::reservations(&circuits));
         if dry_run {
             return Ok(ApplyOutcome {
                 version: None,

@@ -67,7 +67,7 @@ async fn setup(dir: &std::path::Path, yaml: &str) -> (fabric::controller::daemon
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unauthenticated_admin_requests_are_refused() {
+async fn unauthenticated_admin_requests_are_refused_and_status_needs_the_token() {
     let dir = tempfile::tempdir().unwrap();
     let (d, env) = setup(dir.path(), &fabric_yaml(62, 2, 2, 10)).await;
     let addr = env.admin.clone();
@@ -100,6 +100,40 @@ async fn unauthenticated_admin_requests_are_refused() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("token"), "{}", text(&out.stderr));
     assert_eq!(d.ctl.current().record.version, 1);
+
+    // With the token: `tasman status` shows every router, per-service choices and the RTT matrix.
+    let e = Env {
+        admin: env.admin.clone(),
+        token: env.token.clone(),
+    };
+    let out = tokio::task::spawn_blocking(move || {
+        (
+            tasman(&e, &["status"], &[], ""),
+            tasman(&e, &["status", "-o", "json"], &[], ""),
+        )
+    })
+    .await
+    .unwrap();
+    let (txt, json) = out;
+    assert!(txt.status.success(), "{}", text(&txt.stderr));
+    let so = text(&txt.stdout);
+    assert!(
+        so.contains("topology version 1")
+            && so.contains("edge-1")
+            && so.contains("service llm-chat"),
+        "{so}"
+    );
+    assert!(so.contains("transit-0--transit-1"), "{so}");
+    let st: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(st["routers"].as_array().unwrap().len(), 6);
+    assert!(
+        st["routers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["behind"] == true && r["connected"] == false)
+    );
+    assert_eq!(st["services"][0]["edges"].as_array().unwrap().len(), 2);
     d.shutdown().await;
 }
 

@@ -79,3 +79,45 @@ async fn apply_reaches_every_router_of_a_20_router_fabric() {
     assert_eq!(link.map(|l| l.latency.as_millis_f64()), Some(25.0));
     d.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_says_its_snapshot_is_stale_past_max_stale_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = fabric_nodes(1, 1);
+    let tls = dir.path().join("pki");
+    pki(&tls, &nodes);
+    let state = dir.path().join("state");
+    let d = start_controller(&state, &tls, &fabric_yaml(66, 1, 1, 10)).await;
+    let addr = d.quic_addr;
+    let id = router::tls::TlsIdentity::load(&tls, "edge-0").unwrap();
+    let mut cfg = router::control::ClientConfig::new(addr, topology::NodeId::new("edge-0"), id);
+    cfg.max_stale = Duration::from_secs(3); // heartbeats come every 2 s
+    let c = router::control::ControlClient::start(cfg).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(!c.is_stale(), "heartbeats keep a connected router fresh");
+    d.shutdown().await;
+    eventually(
+        Duration::from_secs(10),
+        "stale after max_stale without the controller",
+        || c.is_stale(),
+    )
+    .await;
+    assert!(c.snapshots().borrow().version > 0, "still has its snapshot");
+    let d2 = fabric::controller::daemon::start(fabric::controller::daemon::DaemonConfig {
+        topology_file: None,
+        state_dir: state,
+        listen: addr,
+        admin: "127.0.0.1:0".parse().unwrap(),
+        tls_dir: Some(tls),
+        admin_token_file: None,
+    })
+    .await
+    .unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "fresh again once the controller is back",
+        || !c.is_stale() && c.is_connected(),
+    )
+    .await;
+    d2.shutdown().await;
+}

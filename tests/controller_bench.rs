@@ -42,6 +42,12 @@ fn proc_stat(pid: u32) -> (f64, u64) {
 }
 
 async fn run(n: usize, net: u8, telemetry_secs: u64) {
+    if std::env::var_os("BENCH_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_env("BENCH_LOG"))
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     let transits = 4;
     let edges = n - transits - 2;
     let dir = tempfile::tempdir().unwrap();
@@ -61,9 +67,15 @@ async fn run(n: usize, net: u8, telemetry_secs: u64) {
         .arg("--tls-dir")
         .arg(&tls)
         .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_CTL_LOG").unwrap_or("warn".into()),
+        )
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(match std::env::var_os("BENCH_CTL_LOGFILE") {
+            Some(f) => Stdio::from(std::fs::File::create(f).unwrap()),
+            None => Stdio::null(),
+        })
         .spawn()
         .unwrap();
     let mut line = String::new();
@@ -108,6 +120,14 @@ async fn run(n: usize, net: u8, telemetry_secs: u64) {
         t.elapsed()
     );
 
+    let reconnects = |clients: &[router::control::ControlClient]| -> u64 {
+        clients.iter().map(|c| c.connects().saturating_sub(1)).sum()
+    };
+    eprintln!(
+        "[{n}] connected now: {}, reconnects so far: {}",
+        clients.iter().filter(|c| c.is_connected()).count(),
+        reconnects(&clients)
+    );
     let mut samples = Vec::new();
     for round in 0..5u32 {
         let want = 2 + round as u64;
@@ -120,9 +140,15 @@ async fn run(n: usize, net: u8, telemetry_secs: u64) {
             base_version: None,
         };
         let t0 = Instant::now();
-        let out: ApplyOutcome = c.post("/v1/topology", &req).await.unwrap();
-        let answered = t0.elapsed();
-        assert_eq!(out.version, Some(want));
+        // The answer and the routers' progress are watched at the same time: the controller
+        // distributes before it computes the impact plan for the answer.
+        let post = {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let out: ApplyOutcome = c.post("/v1/topology", &req).await.unwrap();
+                (out, t0.elapsed())
+            })
+        };
         loop {
             if clients.iter().all(|c| c.topology_version() == want) {
                 break;
@@ -140,6 +166,8 @@ async fn run(n: usize, net: u8, telemetry_secs: u64) {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let all = t0.elapsed();
+        let (out, answered) = post.await.unwrap();
+        assert_eq!(out.version, Some(want));
         // The controller's own record: every router acknowledged.
         loop {
             let st: fabric::admin::status::Status = c.get("/v1/status").await.unwrap();
@@ -154,6 +182,10 @@ async fn run(n: usize, net: u8, telemetry_secs: u64) {
         );
         samples.push(all);
     }
+    eprintln!(
+        "[{n}] reconnects during the applies: {}",
+        reconnects(&clients)
+    );
     samples.sort();
     eprintln!(
         "[{n}] apply -> all routers applied: median {:?}, max {:?}",

@@ -94,7 +94,9 @@ fn render(diff: &TopologyDiff, impact: &[ImpactEntry]) -> String {
 impl Plan {
     pub fn compute(old: &Topology, new: &Topology, live: &LiveState) -> Plan {
         let diff = topology::diff::diff(old, new);
-        let impact = topology::diff::impact(old, new, live);
+        // Measured weights never go below a link's declared latency (routers treat it as the
+        // propagation floor), so a raised declared latency counts even where it was measured lower.
+        let impact = topology::diff::impact_with(old, &live.floored(old), new, &live.floored(new));
         let text = render(&diff, &impact);
         Plan {
             changed: !diff.is_empty(),

@@ -1,4 +1,5 @@
-//! The demo fabric on a small topology: emulated links, real routers, real backends.
+//! The demo fabric on a small topology: a real controller, emulated links, real routers taking
+//! their snapshots from the controller, real backends.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -35,7 +36,7 @@ fn two_sites() -> Topology {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_take_the_emulated_latency_and_fail_over_when_the_near_site_goes_dark() {
+async fn requests_take_the_emulated_latency_follow_a_live_edit_and_fail_over() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
@@ -44,7 +45,7 @@ async fn requests_take_the_emulated_latency_and_fail_over_when_the_near_site_goe
         ephemeral_ports: true,
         ..DemoOptions::default()
     };
-    let mut f = DemoFabric::start(two_sites(), opts)
+    let mut f = DemoFabric::start(&topology::to_yaml(&two_sites()), opts)
         .await
         .expect("fabric starts");
     let edge = NodeId::new("edge");
@@ -80,19 +81,52 @@ async fn requests_take_the_emulated_latency_and_fail_over_when_the_near_site_goe
     );
     assert!(f.set_link_profile(&edge, &near, LinkProfile::delay(ms(5.0))));
 
-    // The near site goes dark: new connections end up at the far site, none hangs.
+    // A live edit through the controller's admin API: edge--near declared 40 ms one way. Every
+    // router acknowledges version 2 and the edge moves to the far site (20 ms), although the
+    // emulated link still runs at 5 ms: the declared latency is a floor.
+    let link = topology::LinkId::new(&edge, &near);
+    let (edited, _) =
+        fabric::demo::edit::set_link_latency(&f.topology_text(), f.topology(), &link, ms(40.0))
+            .expect("the link exists");
+    let out = f.apply(&edited, "raise edge--near").await.expect("apply");
+    assert_eq!(out.version, Some(2), "{out:?}");
+    assert!(
+        out.plan.text.contains("edge chat: site changes: near"),
+        "plan: {}",
+        out.plan.text
+    );
+    f.wait_acknowledged(2, Duration::from_secs(10))
+        .await
+        .expect("every router acknowledges version 2");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while f
+        .router(&edge)
+        .and_then(|r| r.routes().preferred("chat").map(|c| c.site.to_string()))
+        .as_deref()
+        != Some("far")
+    {
+        assert!(Instant::now() < deadline, "the edge did not move to far");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let r = client::complete(addr, 1, Duration::from_secs(10))
+        .await
+        .expect("request after the edit");
+    assert_eq!(r.site, "far");
+
+    // The far site goes dark: new connections end up at the near site, none hangs.
+    let far = NodeId::new("far");
     let t0 = Instant::now();
-    f.isolate_node(&near);
+    f.isolate_node(&far);
     let deadline = t0 + Duration::from_secs(10);
     loop {
         let r = client::complete(addr, 1, Duration::from_secs(10)).await;
         if let Ok(r) = r
-            && r.site == "far"
+            && r.site == "near"
         {
             break;
         }
         assert!(Instant::now() < deadline, "no failover within 10 s");
     }
-    f.stop_node(&near).await.expect("stop near");
+    f.stop_node(&far).await.expect("stop far");
     f.shutdown().await;
 }

@@ -242,6 +242,17 @@ fn best_per_service(
 /// best candidate from `old` to `new` under the same live state; unchanged pairs are left out.
 /// Sorted by edge, then service.
 pub fn impact(old: &Topology, new: &Topology, live: &LiveState) -> Vec<ImpactEntry> {
+    impact_with(old, live, new, live)
+}
+
+/// [`impact`] with a live state per side (e.g. the same measurements floored at each side's
+/// declared latencies, [`LiveState::floored`]).
+pub fn impact_with(
+    old: &Topology,
+    old_live: &LiveState,
+    new: &Topology,
+    new_live: &LiveState,
+) -> Vec<ImpactEntry> {
     let (og, ng) = (Graph::new(old), Graph::new(new));
     let edges: BTreeSet<&NodeId> = old
         .nodes
@@ -252,8 +263,8 @@ pub fn impact(old: &Topology, new: &Topology, live: &LiveState) -> Vec<ImpactEnt
         .collect();
     let mut out = Vec::new();
     for edge in edges {
-        let before = best_per_service(old, &og, edge, live);
-        let after = best_per_service(new, &ng, edge, live);
+        let before = best_per_service(old, &og, edge, old_live);
+        let after = best_per_service(new, &ng, edge, new_live);
         let services: BTreeSet<&ServiceName> = before.keys().chain(after.keys()).collect();
         for service in services {
             let (o, n) = (before.get(service), after.get(service));

@@ -40,6 +40,22 @@ pub struct LiveState {
     pub site_load: BTreeMap<NodeId, SiteLoad>,
 }
 
+impl LiveState {
+    /// The same state with every measured link latency raised to at least the link's declared
+    /// latency in `topo`, as routers treat it: the declared value is the propagation floor, so
+    /// a measurement can only raise a link's weight. Used where one live state meets another
+    /// topology (an apply's impact plan, the controller's published weights).
+    pub fn floored(&self, topo: &Topology) -> LiveState {
+        let mut out = self.clone();
+        for (id, lat) in out.link_latency.iter_mut() {
+            if let Some(l) = topo.link(id) {
+                *lat = (*lat).max(l.latency);
+            }
+        }
+        out
+    }
+}
+
 /// A site's reported load. A site with no entry in [`LiveState::site_load`] counts as healthy
 /// and unloaded (no telemetry yet).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -548,6 +564,26 @@ mod tests {
         let c = route(&t, &nid("edge"), "chat", &live).unwrap();
         assert_eq!(path(&c[0]), ["edge", "t1", "s1"]);
         assert_eq!(c[0].latency, ms(6.0));
+    }
+
+    #[test]
+    fn floored_raises_measured_latency_to_the_declared_one_only() {
+        let t = small().build();
+        let t1t2 = LinkId::new(&nid("t1"), &nid("t2"));
+        let declared = t.link(&t1t2).unwrap().latency;
+        let mut live = LiveState::default();
+        live.link_latency.insert(t1t2.clone(), Latency::ZERO);
+        live.link_latency
+            .insert(LinkId::parse("ghost--s1").unwrap(), ms(1.0));
+        let above = declared.saturating_add(ms(7.0));
+        let f = live.floored(&t);
+        assert_eq!(f.link_latency[&t1t2], declared);
+        assert_eq!(
+            f.link_latency[&LinkId::parse("ghost--s1").unwrap()],
+            ms(1.0)
+        );
+        live.link_latency.insert(t1t2.clone(), above);
+        assert_eq!(live.floored(&t).link_latency[&t1t2], above);
     }
 
     #[test]

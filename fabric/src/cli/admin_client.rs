@@ -78,6 +78,8 @@ struct ErrorBody {
     diagnostics: Vec<Diag>,
 }
 
+/// Not `Debug`: it holds the token.
+#[derive(Clone)]
 pub struct AdminClient {
     authority: String,
     token: String,

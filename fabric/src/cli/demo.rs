@@ -1,26 +1,29 @@
-//! `tasman demo`: the local Asia-Pacific fabric, measured, with a live failover.
+//! `tasman demo`: the local Asia-Pacific fabric run through a controller, measured, with a live
+//! failover and a live topology edit.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use topology::{Latency, LinkId, NodeId, NodeKind, Topology};
+use topology::{Hysteresis, Latency, LinkId, NodeId, NodeKind, Topology};
 
 use crate::demo::client::{self, Reply};
+use crate::demo::edit::{EdgeChoice, choose_latency_edit, set_link_latency};
 use crate::demo::{APAC_YAML, DemoFabric, DemoOptions};
 
 #[derive(clap::Args, Debug)]
 #[command(after_help = "Examples:\n  \
-    tasman demo                      # start the APAC fabric, measure, fail a site over, exit\n  \
-    tasman demo --keep               # ... then keep it up and print curl commands (Ctrl-C stops)\n  \
+    tasman demo                      # controller + APAC fabric: measure, fail a site over, edit live, exit\n  \
+    tasman demo --keep               # ... then keep it up; prints curl and `tasman status` commands\n  \
     tasman demo --edges syd-edge-1,lax-edge-1 --fail syd-site-1\n  \
     scripts/demo                     # the same as the first, in a release build")]
 pub struct DemoArgs {
     /// Topology file (default: the built-in examples/apac.yaml).
     #[arg(long, value_name = "FILE")]
     topology: Option<PathBuf>,
-    /// Keep the fabric running after the tour and print curl commands to try (Ctrl-C stops).
+    /// Keep the fabric running after the tour and print curl commands and the controller's admin
+    /// address and token to try (Ctrl-C stops).
     #[arg(long)]
     keep: bool,
     /// Requests per edge and service; the table shows the median time to first byte.
@@ -86,7 +89,7 @@ pub fn run(args: DemoArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match rt.block_on(tour(args, topo, &source)) {
+    match rt.block_on(tour(args, topo, &text, &source)) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {
@@ -231,6 +234,7 @@ async fn measure(f: &DemoFabric, edge: &NodeId, service: &str, n: usize) -> (Row
 async fn tour(
     args: DemoArgs,
     topo: Topology,
+    text: &str,
     source: &str,
 ) -> Result<bool, crate::demo::DemoError> {
     let n = if args.quick { 1 } else { args.requests.max(1) };
@@ -283,21 +287,30 @@ async fn tour(
         topo.services.len()
     );
     println!(
-        "Every inter-node link runs through a link emulator with its declared one-way latency;"
+        "A controller (in-process, its state in a temporary directory) imports it as topology version 1;"
     );
     println!(
-        "every node is a router with its own certificate from a temporary CA (mutual TLS over QUIC)."
+        "every node is a router with its own certificate from a temporary CA that takes its snapshots from"
     );
+    println!(
+        "the controller (mutual TLS over QUIC), and every inter-node link runs through a link emulator with"
+    );
+    println!("its declared one-way latency.");
     let t = Instant::now();
     let options = DemoOptions {
         ephemeral_ports: args.ephemeral_ports,
         ..DemoOptions::default()
     };
-    let mut fabric = DemoFabric::start(topo, options).await?;
+    let mut fabric = DemoFabric::start(text, options).await?;
+    let (admin, _) = fabric.admin();
     println!(
-        "Started {} routers, {} link emulators and a demo backend per site and service; all neighbours up after {}.\n",
+        "Started the controller (routers connect to {}, admin API on {admin}), {} routers, {} link emulators",
+        fabric.controller_addr(),
         fabric.topology().nodes.len(),
         fabric.topology().links.len() * 2,
+    );
+    println!(
+        "and a demo backend per site and service; all neighbours up after {}.\n",
         fmt_ms(t.elapsed())
     );
     let t = Instant::now();
@@ -465,10 +478,23 @@ async fn tour(
     }
     print_rows(&rows);
 
+    let edit_ok = live_edit(&mut fabric, &edges, first_service, n).await;
+
     if args.keep {
         println!("\nRestarting {victim}...");
         fabric.start_node(&victim).await?;
         fabric.wait_converged(Duration::from_secs(30)).await?;
+        let (admin, token) = fabric.admin();
+        println!(
+            "The controller: admin API on {admin}, state in {} (deleted on exit). Ask it:",
+            fabric.state_dir().display()
+        );
+        println!("  export TASMAN_CONTROLLER={admin} TASMAN_TOKEN={token}");
+        println!(
+            "  tasman status                 # routers, versions, each edge's site, RTT matrix"
+        );
+        println!("  tasman topology get           # the text in force; history, rollback VERSION");
+        println!("  tasman topology edit          # $EDITOR, the plan, then applied live");
         println!("The fabric is up. Try (Ctrl-C stops it):");
         for e in &edges {
             if let Some(a) = fabric.service_addr(e, first_service) {
@@ -483,11 +509,159 @@ async fn tour(
     fabric.shutdown().await;
     println!(
         "\n{}",
-        if all_ok && failover_ok {
+        if all_ok && failover_ok && edit_ok {
             "Demo complete."
         } else {
             "Demo finished with errors (see above)."
         }
     );
-    Ok(all_ok && failover_ok)
+    Ok(all_ok && failover_ok && edit_ok)
+}
+
+/// The live edit: raise the declared latency of one link on an edge's path through the
+/// controller's admin API, show the controller's plan, wait for every router's
+/// acknowledgement, and show the edge's new path from real requests. False when it failed.
+async fn live_edit(fabric: &mut DemoFabric, edges: &[NodeId], service: &str, n: usize) -> bool {
+    let choices: Vec<EdgeChoice> = edges
+        .iter()
+        .filter_map(|e| {
+            let routes = fabric.router(e)?.routes();
+            let c = routes.preferred(service)?;
+            Some(EdgeChoice {
+                edge: e.clone(),
+                live: routes.live.clone(),
+                site: c.site.clone(),
+                path: c.path.clone(),
+            })
+        })
+        .collect();
+    let Some(edit) =
+        choose_latency_edit(fabric.topology(), service, &choices, Hysteresis::default())
+    else {
+        println!(
+            "\nLive edit: raising no link's latency moves these edges' {service} paths (skipped)."
+        );
+        return true;
+    };
+    let (edge, link) = (&edit.edge, &edit.link);
+    println!(
+        "\nLive edit through the controller: {edge} reaches {service} at {} via {}.",
+        edit.before.0,
+        path_str(&edit.before.1)
+    );
+    println!(
+        "Raising the declared one-way latency of {link} from {} to {} (say, the carrier moved it to a",
+        edit.from, edit.to
+    );
+    println!(
+        "longer route): one value of the topology text, applied with POST /v1/topology as `tasman topology apply` does."
+    );
+    let Some((text, kept)) =
+        set_link_latency(&fabric.topology_text(), fabric.topology(), link, edit.to)
+    else {
+        println!("  error: {link} is not in the topology");
+        return false;
+    };
+    if !kept {
+        println!("  (the link is not on one flow-style line: the whole topology is re-rendered)");
+    }
+    let t0 = Instant::now();
+    let out = match fabric
+        .apply(
+            &text,
+            &format!("demo: {link} latency {} -> {}", edit.from, edit.to),
+        )
+        .await
+    {
+        Ok(o) => o,
+        Err(e) => {
+            println!("  error: apply: {e}");
+            return false;
+        }
+    };
+    let answered = t0.elapsed();
+    let Some(version) = out.version else {
+        println!(
+            "  error: the controller applied nothing (plan: {})",
+            out.plan.text.trim()
+        );
+        return false;
+    };
+    // The plan: the topology change, then the impact lines of the edge at hand (the whole plan
+    // lists every edge and service; `tasman topology apply --dry-run` prints all of it).
+    println!("The controller's plan:");
+    let lines: Vec<&str> = out.plan.text.lines().collect();
+    let ours = format!("  {edge} ");
+    let mut others = 0;
+    for l in &lines {
+        if !l.starts_with("  ") || l.starts_with(&ours) {
+            println!("    {l}");
+        } else {
+            others += 1;
+        }
+    }
+    if others > 0 {
+        println!("      ... and {others} more for other edges");
+    }
+    println!(
+        "  (the plan ranks sites by cost alone; routers also keep a live site unless another wins by >= 10 ms and a third)"
+    );
+    let acked = match fabric
+        .wait_acknowledged(version, Duration::from_secs(15))
+        .await
+    {
+        Ok(_) => t0.elapsed(),
+        Err(e) => {
+            println!("  error: {e}");
+            return false;
+        }
+    };
+    println!(
+        "Applied as topology version {version} (was {}): answered after {}; all {} running routers acknowledged it after {}.",
+        out.previous_version,
+        fmt_ms(answered),
+        fabric.running(),
+        fmt_ms(acked)
+    );
+    // The acknowledgement means the snapshot is applied; the edge's table follows at once.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline
+        && preferred(fabric, edge, service).is_some_and(|(_, p)| p == edit.before.1)
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!("\n{edge} after the edit");
+    let mut rows = Vec::new();
+    let mut ok = true;
+    for s in fabric
+        .topology()
+        .services
+        .iter()
+        .filter(|s| s.port.is_some() && !s.requires_circuit)
+        .map(|s| s.name.to_string())
+        .collect::<Vec<_>>()
+    {
+        let (row, row_ok) = measure(fabric, edge, &s, n).await;
+        ok &= row_ok || s != service;
+        rows.push(row);
+    }
+    print_rows(&rows);
+    let now = preferred(fabric, edge, service);
+    let moved = now.as_ref().is_some_and(|(_, p)| *p != edit.before.1);
+    match &now {
+        Some((site, path)) => println!(
+            "\n  {edge} {service}: path before {} ⇒ after {} ({site}){}",
+            path_str(&edit.before.1),
+            path_str(path),
+            if (site, path) == (&edit.after.0, &edit.after.1) {
+                ", as predicted"
+            } else if moved {
+                ", not the predicted one"
+            } else {
+                ": did NOT move"
+            }
+        ),
+        None => println!("\n  {edge} {service}: no route after the edit"),
+    }
+    ok && moved
 }

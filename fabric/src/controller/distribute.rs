@@ -131,6 +131,8 @@ async fn session(
     recv: &mut quinn::RecvStream,
 ) -> Result<(), ConnError> {
     let mut rx = ctl.subscribe();
+    // Cancel-safe: heartbeats and new versions win the select while a report is arriving.
+    let mut frames = proto::FrameReader::new(MAX_FROM_ROUTER);
     // The version last written to this router (it applies messages in order).
     let mut sent: Option<u64> = None;
     // Topology version of each version sent (recent ones), to record what an ACK means.
@@ -165,7 +167,7 @@ async fn session(
                 }
                 changed = true; // sent at the top of the loop
             }
-            frame = proto::read_frame(recv, MAX_FROM_ROUTER) => {
+            frame = frames.next(recv) => {
                 let Some(payload) = frame? else { return Ok(()) };
                 match proto::decode::<FromRouter>(&payload)? {
                     FromRouter::Ack { version } => {

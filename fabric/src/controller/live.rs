@@ -3,12 +3,15 @@
 //! Each router reports, per neighbour, the measured RTT and whether the link is up, and a site
 //! reports its own health and load. The controller smooths RTTs with an EWMA per link (both
 //! ends' samples feed the same estimate), turns them into one-way latencies (RTT/2: links are
-//! declared one-way), and keeps only fresh observations: a link whose samples are older than
+//! declared one-way; never below the declared latency, the propagation floor, as routers treat
+//! it), and keeps only fresh observations: a link whose samples are older than
 //! [`LiveParams::fresh`] falls back to its declared latency.
 //!
 //! Anti-flap: the published weight of a link changes only when the smoothed value moves by
 //! more than `max(abs_threshold, rel_threshold × published)`; smaller wiggles are absorbed, so
-//! they trigger neither a recomputation nor a push.
+//! they trigger neither a recomputation nor a push. A link gets a weight of its own only when
+//! it is measured more than `abs_threshold` above its declared latency, and loses it (the
+//! declared value applies) once it is back within half of that.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -145,16 +148,27 @@ impl LiveAggregator {
             if let (Some(rtt), Some(t)) = (obs.ewma_rtt_ns, obs.rtt_updated)
                 && fresh(t)
             {
-                // RTT/2: links are declared one-way.
-                let measured = Latency::from_nanos((rtt / 2.0).max(1.0) as u64);
-                let keep = self
-                    .published
-                    .link_latency
-                    .get(id)
-                    .copied()
-                    .filter(|p| !self.moved(*p, measured));
-                out.link_latency
-                    .insert(id.clone(), keep.unwrap_or(measured));
+                // RTT/2: links are declared one-way. The declared latency is the floor (the
+                // propagation delay, as routers treat it): a measurement only raises a weight.
+                let declared = topo.link(id).map(|l| l.latency).unwrap_or(Latency::ZERO);
+                let measured = Latency::from_nanos((rtt / 2.0).max(1.0) as u64).max(declared);
+                let excess = measured
+                    .as_duration()
+                    .saturating_sub(declared.as_duration());
+                let abs = self.params.abs_threshold;
+                let value = match self.published.link_latency.get(id).copied() {
+                    // Back at the floor (within half the threshold): the declared value
+                    // applies again, rather than an old excess (e.g. RTTs inflated while the
+                    // fabric started) being kept by the anti-flap rule below.
+                    Some(_) if excess <= abs / 2 => None,
+                    Some(p) if !self.moved(p, measured) => Some(p),
+                    // Only an excess beyond the threshold is worth a weight of its own.
+                    None if excess <= abs => None,
+                    _ => Some(measured),
+                };
+                if let Some(v) = value {
+                    out.link_latency.insert(id.clone(), v);
+                }
             }
         }
         for (site, (load, t)) in &self.sites {
@@ -211,5 +225,73 @@ impl LiveAggregator {
                 }
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use topology::NodeKind;
+    use topology::builder::{TopologyBuilder, ms};
+
+    fn topo() -> Topology {
+        let mut b = TopologyBuilder::new();
+        b.node("e", NodeKind::Edge)
+            .node("t", NodeKind::Transit)
+            .link("e", "t", ms(0.5));
+        b.build()
+    }
+
+    /// One report from `e` (and one from `t`) with this RTT; returns the weight to publish.
+    fn step(agg: &mut LiveAggregator, t: &Topology, rtt_ms: f64, now: Instant) -> Option<f64> {
+        for (me, peer) in [("e", "t"), ("t", "e")] {
+            agg.observe(
+                t,
+                &Sample {
+                    node: NodeId::new(me),
+                    neighbours: vec![NeighbourSample {
+                        neighbour: NodeId::new(peer),
+                        rtt: Some(Duration::from_secs_f64(rtt_ms / 1000.0)),
+                        up: true,
+                    }],
+                    site: None,
+                },
+                now,
+            );
+        }
+        let m = agg.merged(t, now);
+        agg.publish(m.clone());
+        m.link_latency
+            .get(&LinkId::new(&NodeId::new("e"), &NodeId::new("t")))
+            .map(|l| l.as_millis_f64())
+    }
+
+    #[test]
+    fn weights_publish_clear_excess_and_fall_back_to_declared_at_the_floor() {
+        let t = topo();
+        let mut agg = LiveAggregator::new(LiveParams {
+            alpha: 1.0, // no smoothing: each step is the measurement
+            ..LiveParams::default()
+        });
+        let now = Instant::now();
+        // Measured at the declared latency (RTT 1 ms, one-way 0.5 ms) or a little above it:
+        // nothing published, the declared value applies.
+        assert_eq!(step(&mut agg, &t, 1.0, now), None);
+        assert_eq!(
+            step(&mut agg, &t, 4.0, now),
+            None,
+            "1.5 ms excess is under 2 ms"
+        );
+        // Startup inflation, then back: the excess goes away with it (no sticky 2.6 ms).
+        assert_eq!(step(&mut agg, &t, 5.2, now), Some(2.6));
+        assert_eq!(
+            step(&mut agg, &t, 4.6, now),
+            Some(2.6),
+            "anti-flap keeps 2.6"
+        );
+        assert_eq!(step(&mut agg, &t, 1.2, now), None, "back at the floor");
+        // Never below the declared latency.
+        assert_eq!(step(&mut agg, &t, 0.1, now), None);
+        assert_eq!(step(&mut agg, &t, 80.0, now), Some(40.0));
     }
 }

@@ -1,11 +1,14 @@
-//! The local demo fabric: every node of a topology as an in-process router, every inter-node link
-//! through a [`LinkEmulator`] with the link's declared one-way latency, and a [`DemoBackend`] per
-//! site and service. `tasman demo` drives it; tests and the controller's demo reuse it.
+//! The local demo fabric: a real controller (in-process, its state in a temporary directory),
+//! every node of a topology as an in-process router that takes its snapshots from that
+//! controller (the control client over mutual-TLS QUIC, as `tasman router --controller`), every
+//! inter-node link through a [`LinkEmulator`] with the link's declared one-way latency, and a
+//! [`DemoBackend`] per site and service. Topology edits go through the controller's admin API,
+//! as `tasman topology apply` sends them. `tasman demo` drives it.
 //!
 //! ```no_run
-//! # async fn f(topo: topology::Topology) -> Result<(), fabric::demo::DemoError> {
-//! use fabric::demo::{DemoFabric, DemoOptions};
-//! let mut fabric = DemoFabric::start(topo, DemoOptions::default()).await?;
+//! # async fn f() -> Result<(), fabric::demo::DemoError> {
+//! use fabric::demo::{APAC_YAML, DemoFabric, DemoOptions};
+//! let mut fabric = DemoFabric::start(APAC_YAML, DemoOptions::default()).await?;
 //! let node = topology::NodeId::new("syd-site-1");
 //! fabric.stop_node(&node).await?;  // its links go silent, then the router stops
 //! fabric.start_node(&node).await?; // and back
@@ -14,6 +17,7 @@
 //! ```
 
 pub mod client;
+pub mod edit;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -21,10 +25,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use router::backend::{BackendConfig, BackendHandle, DemoBackend};
+use router::control::{ClientConfig, ControlClient};
 use router::netem::{LinkEmulator, LinkHandle, LinkProfile};
-use router::{ProbeConfig, Router, RouterConfig, RouterHandle, Snapshot};
-use tokio::sync::watch;
+use router::{ProbeConfig, Router, RouterConfig, RouterHandle};
 use topology::{Latency, NodeId, NodeKind, ServiceName, Topology};
+
+use crate::admin::status::Status;
+use crate::admin::topology::ApplyRequest;
+use crate::cli::admin_client::{AdminArgs, AdminClient, ClientError, Output};
+use crate::controller::ApplyOutcome;
+use crate::controller::daemon::{self, Daemon, DaemonConfig, DaemonError};
 
 /// The example topology shipped with Tasman, built into the binary.
 pub const APAC_YAML: &str = include_str!("../../../examples/apac.yaml");
@@ -41,7 +51,16 @@ pub struct DemoOptions {
     pub token_delay: Duration,
     /// Extra jitter on every emulated link (none by default: the demo's figures stay readable).
     pub jitter: Latency,
+    /// The controller's QUIC (routers) and admin API addresses; with `ephemeral_ports`, or
+    /// port 0, free ports are used.
+    pub controller_listen: SocketAddr,
+    pub controller_admin: SocketAddr,
 }
+
+/// The admin API's usual address (`tasman status` and friends try it by default).
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:7401";
+/// The controller's usual QUIC address.
+pub const DEFAULT_CONTROLLER: &str = "127.0.0.1:7400";
 
 impl Default for DemoOptions {
     fn default() -> Self {
@@ -50,6 +69,8 @@ impl Default for DemoOptions {
             probe: ProbeConfig::default(),
             token_delay: Duration::from_millis(2),
             jitter: Latency::ZERO,
+            controller_listen: SocketAddr::from(([127, 0, 0, 1], 7400)),
+            controller_admin: SocketAddr::from(([127, 0, 0, 1], 7401)),
         }
     }
 }
@@ -78,15 +99,45 @@ pub enum DemoError {
     UnknownNode(NodeId),
     #[error("the fabric did not converge within {0:?}: {1}")]
     NotConverged(Duration, String),
+    #[error("invalid topology: {0}")]
+    Invalid(String),
+    #[error("controller: {0}")]
+    Controller(#[from] DaemonError),
+    #[error("router {node}'s control client: {source}")]
+    Control {
+        node: NodeId,
+        source: router::control::ControlError,
+    },
+    #[error("admin API: {0}")]
+    Admin(#[from] ClientError),
+}
+
+/// One router of the fabric and the control client that feeds it.
+struct DemoRouter {
+    handle: Arc<RouterHandle>,
+    client: ControlClient,
+}
+
+impl DemoRouter {
+    async fn shutdown(self) {
+        drop(self.client);
+        // The telemetry source holds only a weak reference, so this is the last one.
+        if let Ok(h) = Arc::try_unwrap(self.handle) {
+            h.shutdown().await;
+        }
+    }
 }
 
 /// A running demo fabric.
 pub struct DemoFabric {
+    /// The topology in force at the controller (as of the last apply through this handle).
     topology: Arc<Topology>,
-    snapshots: watch::Sender<Arc<Snapshot>>,
-    pki: tempfile::TempDir,
+    /// `pki/` (CA, every node's and the controller's certificate) and `controller/` (its state).
+    dir: tempfile::TempDir,
+    controller: Daemon,
+    admin: AdminClient,
     options: DemoOptions,
-    routers: BTreeMap<NodeId, RouterHandle>,
+    routers: BTreeMap<NodeId, DemoRouter>,
     /// `(from, to)`: the emulator `from` dials to reach `to` (each link has one per direction of
     /// dialling; each carries both directions of its traffic).
     links: BTreeMap<(NodeId, NodeId), LinkHandle>,
@@ -94,25 +145,68 @@ pub struct DemoFabric {
 }
 
 impl DemoFabric {
-    /// Starts everything and waits until every router has all its neighbours up.
-    pub async fn start(
-        mut topology: Topology,
-        options: DemoOptions,
-    ) -> Result<DemoFabric, DemoError> {
-        if options.ephemeral_ports {
+    /// Starts the controller on `text` (imported as version 1, comments and all), then every
+    /// router from the controller's snapshot, and waits until every router has all its
+    /// neighbours up.
+    pub async fn start(text: &str, options: DemoOptions) -> Result<DemoFabric, DemoError> {
+        let mut topology = topology::load(text)
+            .map_err(|d| {
+                DemoError::Invalid(
+                    d.iter()
+                        .find(|d| d.is_error())
+                        .map(|d| format!("{}:{}: {}", d.line, d.column, d.message))
+                        .unwrap_or_default(),
+                )
+            })?
+            .topology;
+        // The controller imports the operator's text as it is, unless the ports were rewritten.
+        let import = if options.ephemeral_ports {
             use_free_ports(&mut topology)?;
-        }
-        let pki = tempfile::tempdir().map_err(|source| DemoError::Io {
+            topology::to_yaml(&topology)
+        } else {
+            text.to_string()
+        };
+        let dir = tempfile::tempdir().map_err(|source| DemoError::Io {
             what: "temporary directory".into(),
             source,
         })?;
-        router::pki::init(pki.path()).map_err(|e| DemoError::Pki(e.to_string()))?;
+        let pki = dir.path().join("pki");
+        router::pki::init(&pki).map_err(|e| DemoError::Pki(e.to_string()))?;
+        daemon::ensure_pki(&pki)?;
         for n in &topology.nodes {
-            router::pki::issue(pki.path(), n.id.as_str())
-                .map_err(|e| DemoError::Pki(e.to_string()))?;
+            router::pki::issue(&pki, n.id.as_str()).map_err(|e| DemoError::Pki(e.to_string()))?;
         }
-        let topology = Arc::new(topology);
-        let (snapshots, _) = watch::channel(Arc::new(Snapshot::new(1, topology.clone())));
+        let state = dir.path().join("controller");
+        let file = dir.path().join("topology.yaml");
+        std::fs::write(&file, &import).map_err(|source| DemoError::Io {
+            what: file.display().to_string(),
+            source,
+        })?;
+        let any = |a: SocketAddr| SocketAddr::new(a.ip(), 0);
+        let (listen, admin) = if options.ephemeral_ports {
+            (
+                any(options.controller_listen),
+                any(options.controller_admin),
+            )
+        } else {
+            (options.controller_listen, options.controller_admin)
+        };
+        let controller = daemon::start(DaemonConfig {
+            topology_file: Some(file),
+            state_dir: state,
+            listen,
+            admin,
+            tls_dir: Some(pki.clone()),
+            admin_token_file: None,
+        })
+        .await?;
+        let admin = AdminClient::new(&AdminArgs {
+            controller: controller.admin_addr.to_string(),
+            token: Some(controller.token.clone()),
+            token_file: None,
+            output: Output::Text,
+        })?;
+        let topology = controller.ctl.current().topology.clone();
 
         let mut backends = BTreeMap::new();
         for n in topology.nodes.iter().filter(|n| n.kind == NodeKind::Site) {
@@ -157,22 +251,24 @@ impl DemoFabric {
 
         let mut fabric = DemoFabric {
             topology: topology.clone(),
-            snapshots,
-            pki,
+            dir,
+            controller,
+            admin,
             options,
             routers: BTreeMap::new(),
             links,
             backends,
         };
-        // The core (transits and sites) first, until its RTT measurements have settled; then the
-        // edges. Every router's first RTT samples come from handshakes made while the whole
-        // fabric starts at once, inflated by CPU contention; an edge that chose its preferred site
-        // on those numbers would keep it (hysteresis: a better site must win by >= 10 ms).
+        // The core (transits and sites) first, until its RTT measurements, and the controller's
+        // weights smoothed from them, have settled; then the edges. Every router's first RTT
+        // samples come from handshakes made while the whole fabric starts at once, inflated by
+        // CPU contention; an edge that chose its preferred site on those numbers would keep it
+        // (hysteresis: a better site must win by >= 10 ms).
         for n in topology.nodes.iter().filter(|n| n.kind != NodeKind::Edge) {
             fabric.spawn_router(&n.id).await?;
         }
         fabric.wait_converged(Duration::from_secs(30)).await?;
-        fabric.wait_settled(Duration::from_secs(5)).await;
+        fabric.wait_settled(Duration::from_secs(10)).await;
         for n in topology.nodes.iter().filter(|n| n.kind == NodeKind::Edge) {
             fabric.spawn_router(&n.id).await?;
         }
@@ -181,9 +277,25 @@ impl DemoFabric {
     }
 
     async fn spawn_router(&mut self, node: &NodeId) -> Result<(), DemoError> {
-        let tls = router::tls::TlsIdentity::load(self.pki.path(), node.as_str())
-            .map_err(|e| DemoError::Pki(e.to_string()))?;
-        let mut cfg = RouterConfig::new(node.clone(), tls, self.snapshots.subscribe());
+        let pki = self.dir.path().join("pki");
+        let identity = || {
+            router::tls::TlsIdentity::load(&pki, node.as_str())
+                .map_err(|e| DemoError::Pki(e.to_string()))
+        };
+        // The router's topology comes from the controller: the client returns once it holds
+        // the first snapshot.
+        let ccfg = ClientConfig::new(self.controller.quic_addr, node.clone(), identity()?);
+        let within = Duration::from_secs(30);
+        let client = tokio::time::timeout(within, ControlClient::start(ccfg))
+            .await
+            .map_err(|_| {
+                DemoError::NotConverged(within, format!("{node}: no snapshot from the controller"))
+            })?
+            .map_err(|source| DemoError::Control {
+                node: node.clone(),
+                source,
+            })?;
+        let mut cfg = RouterConfig::new(node.clone(), identity()?, client.snapshots());
         cfg.probe = self.options.probe;
         cfg.dial_overrides = self.dial_overrides(node);
         let handle = Router::spawn(cfg)
@@ -192,7 +304,11 @@ impl DemoFabric {
                 node: node.clone(),
                 source,
             })?;
-        self.routers.insert(node.clone(), handle);
+        let handle = Arc::new(handle);
+        let weak = Arc::downgrade(&handle);
+        client.set_telemetry(Arc::new(move || weak.upgrade().map(|h| h.telemetry())));
+        self.routers
+            .insert(node.clone(), DemoRouter { handle, client });
         Ok(())
     }
 
@@ -236,7 +352,23 @@ impl DemoFabric {
 
     fn unsettled(&self) -> Vec<String> {
         let mut off = std::collections::BTreeSet::new();
+        // The controller's published weights (smoothed from routers' reports) go into every
+        // snapshot: a router starting now would see them before its own measurements.
+        for (link, w) in &self.controller.ctl.published().live.link_latency {
+            let declared = self
+                .topology
+                .link(link)
+                .map(|l| l.latency)
+                .unwrap_or(Latency::ZERO);
+            if w.as_duration() > declared.as_duration() * 5 / 4 + Duration::from_micros(1500) {
+                off.insert(format!(
+                    "{link} at {:.1} ms in the controller's weights (declared {declared})",
+                    w.as_millis_f64()
+                ));
+            }
+        }
         for (id, r) in &self.routers {
+            let r = &r.handle;
             for n in r.telemetry().neighbours.iter().filter(|n| n.up) {
                 let declared = self
                     .topology
@@ -285,6 +417,7 @@ impl DemoFabric {
     fn not_converged(&self) -> Vec<String> {
         let mut missing = Vec::new();
         for (id, r) in &self.routers {
+            let r = &r.handle;
             let t = r.telemetry();
             for n in &t.neighbours {
                 if !n.up && self.routers.contains_key(&n.id) {
@@ -324,7 +457,7 @@ impl DemoFabric {
 
     /// The running router of `node`.
     pub fn router(&self, node: &NodeId) -> Option<&RouterHandle> {
-        self.routers.get(node)
+        self.routers.get(node).map(|r| &*r.handle)
     }
 
     pub fn is_running(&self, node: &NodeId) -> bool {
@@ -360,13 +493,86 @@ impl DemoFabric {
         Some(SocketAddr::new(n.client_address?, port))
     }
 
-    /// Publishes a new topology to every router as the next snapshot version.
-    pub fn publish(&mut self, topology: Topology) {
-        let topology = Arc::new(topology);
-        let version = self.snapshots.borrow().version + 1;
-        self.topology = topology.clone();
-        self.snapshots
-            .send_replace(Arc::new(Snapshot::new(version, topology)));
+    /// The controller's admin API address and bearer token.
+    pub fn admin(&self) -> (SocketAddr, &str) {
+        (self.controller.admin_addr, &self.controller.token)
+    }
+
+    /// The controller's QUIC address (where routers connect).
+    pub fn controller_addr(&self) -> SocketAddr {
+        self.controller.quic_addr
+    }
+
+    /// The controller's state directory (deleted when the demo ends).
+    pub fn state_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("controller")
+    }
+
+    /// The topology text in force at the controller, as the operator wrote it.
+    pub fn topology_text(&self) -> String {
+        self.controller.ctl.current().record.text.clone()
+    }
+
+    /// Applies `text` through the admin API (`POST /v1/topology`, what `tasman topology apply`
+    /// sends): validated, committed durably, distributed; returns the controller's answer with
+    /// its impact plan.
+    pub async fn apply(&mut self, text: &str, message: &str) -> Result<ApplyOutcome, DemoError> {
+        let req = ApplyRequest {
+            text: text.to_string(),
+            dry_run: false,
+            message: message.to_string(),
+            author: "tasman demo".into(),
+            base_version: None,
+        };
+        let out: ApplyOutcome = self.admin.post("/v1/topology", &req).await?;
+        let cur = self.controller.ctl.current();
+        if Some(cur.record.version) == out.version {
+            self.topology = cur.topology.clone();
+        }
+        Ok(out)
+    }
+
+    /// The controller's status (`GET /v1/status`, what `tasman status` shows).
+    pub async fn status(&self) -> Result<Status, DemoError> {
+        Ok(self.admin.get("/v1/status").await?)
+    }
+
+    /// Waits until the controller records every running router at topology `version` (each
+    /// router acknowledges a version once it applied it). Returns how long that took.
+    pub async fn wait_acknowledged(
+        &self,
+        version: u64,
+        within: Duration,
+    ) -> Result<Duration, DemoError> {
+        let start = Instant::now();
+        loop {
+            let st = self.status().await?;
+            let behind: Vec<String> = self
+                .routers
+                .keys()
+                .filter(|n| {
+                    !st.routers
+                        .iter()
+                        .any(|r| r.node == n.as_str() && r.applied_topology >= version)
+                })
+                .map(|n| n.to_string())
+                .collect();
+            if behind.is_empty() {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > within {
+                return Err(DemoError::NotConverged(
+                    within,
+                    format!("not at topology version {version}: {}", behind.join(", ")),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Running routers.
+    pub fn running(&self) -> usize {
+        self.routers.len()
     }
 
     /// Makes every link of `node` drop everything: to its neighbours it is as if it crashed or
@@ -410,11 +616,12 @@ impl DemoFabric {
         self.spawn_router(node).await
     }
 
-    /// Stops every router, emulator and backend.
+    /// Stops every router, the controller, every emulator and backend.
     pub async fn shutdown(mut self) {
         for (_, r) in std::mem::take(&mut self.routers) {
             r.shutdown().await;
         }
+        self.controller.shutdown().await;
         for h in self.links.values() {
             h.shutdown();
         }

@@ -74,6 +74,8 @@ struct Shared {
     cfg: ClientConfig,
     telemetry: Mutex<Option<TelemetrySource>>,
     connected: AtomicBool,
+    /// Control connections established so far (1 = never reconnected).
+    connects: AtomicU64,
     stale: AtomicBool,
     /// Unix ms of the last message from the controller (or of the snapshot loaded from disk).
     last_contact_ms: AtomicU64,
@@ -133,6 +135,7 @@ impl ControlClient {
             cfg,
             telemetry: Mutex::new(None),
             connected: AtomicBool::new(false),
+            connects: AtomicU64::new(0),
             stale: AtomicBool::new(false),
             last_contact_ms: AtomicU64::new(now_ms()),
             topology_version: AtomicU64::new(0),
@@ -184,6 +187,11 @@ impl ControlClient {
 
     pub fn is_connected(&self) -> bool {
         self.shared.connected.load(Ordering::Relaxed)
+    }
+
+    /// How many control connections were established (more than 1: it reconnected).
+    pub fn connects(&self) -> u64 {
+        self.shared.connects.load(Ordering::Relaxed)
     }
 
     /// True once the router has gone `max_stale` without hearing from the controller.
@@ -273,13 +281,16 @@ async fn session(
     };
     send.write_all(&proto::encode(&hello)?).await?;
     shared.connected.store(true, Ordering::Relaxed);
+    shared.connects.fetch_add(1, Ordering::Relaxed);
     tracing::info!(controller = %cfg.controller, "connected to the controller");
 
+    let mut frames = proto::FrameReader::new(MAX_TO_ROUTER);
     let mut tick = tokio::time::interval(cfg.telemetry_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            frame = proto::read_frame(&mut recv, MAX_TO_ROUTER) => {
+            // Cancel-safe: the telemetry tick often fires while a large snapshot is arriving.
+            frame = frames.next(&mut recv) => {
                 let Some(payload) = frame? else { return Ok(()) };
                 let msg: ToRouter = proto::decode(&payload)?;
                 shared.last_contact_ms.store(now_ms(), Ordering::Relaxed);

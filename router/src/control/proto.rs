@@ -197,23 +197,85 @@ pub fn decode<'a, T: Deserialize<'a>>(payload: &'a [u8]) -> Result<T, ProtoError
 }
 
 /// Reads one frame's payload; `None` at a clean end of stream before a frame starts.
+/// Not for `select!` loops (a cancelled read loses the bytes read so far): use a
+/// [`FrameReader`] there.
 pub async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,
     max: usize,
 ) -> Result<Option<Vec<u8>>, ProtoError> {
-    let mut len = [0u8; 4];
-    match r.read_exact(&mut len).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e.into()),
+    FrameReader::new(max).next(r).await
+}
+
+/// Reads frames from one stream, **cancel-safe**: a partly read frame stays in the reader, so
+/// `next` can be a branch of a `tokio::select!` that other branches win (heartbeats, telemetry
+/// ticks, new versions) without losing bytes and desynchronising the stream.
+#[derive(Debug)]
+pub struct FrameReader {
+    max: usize,
+    len: [u8; 4],
+    len_read: usize,
+    /// The payload being read (allocated once its length is known and checked).
+    payload: Vec<u8>,
+    payload_read: usize,
+}
+
+impl FrameReader {
+    pub fn new(max: usize) -> FrameReader {
+        FrameReader {
+            max,
+            len: [0; 4],
+            len_read: 0,
+            payload: Vec::new(),
+            payload_read: 0,
+        }
     }
-    let size = u32::from_be_bytes(len) as usize;
-    if size > max {
-        return Err(ProtoError::TooLarge { size, max });
+
+    /// The next frame's payload; `None` at a clean end of stream between frames. Every await
+    /// point is a single `read`, whose result is kept before the next one starts.
+    pub async fn next<R: AsyncRead + Unpin>(
+        &mut self,
+        r: &mut R,
+    ) -> Result<Option<Vec<u8>>, ProtoError> {
+        while self.len_read < 4 {
+            let n = r.read(&mut self.len[self.len_read..]).await?;
+            if n == 0 {
+                return if self.len_read == 0 {
+                    Ok(None)
+                } else {
+                    Err(truncated())
+                };
+            }
+            self.len_read += n;
+            if self.len_read == 4 {
+                let size = u32::from_be_bytes(self.len) as usize;
+                if size > self.max {
+                    return Err(ProtoError::TooLarge {
+                        size,
+                        max: self.max,
+                    });
+                }
+                self.payload = vec![0u8; size];
+                self.payload_read = 0;
+            }
+        }
+        while self.payload_read < self.payload.len() {
+            let n = r.read(&mut self.payload[self.payload_read..]).await?;
+            if n == 0 {
+                return Err(truncated());
+            }
+            self.payload_read += n;
+        }
+        self.len_read = 0;
+        self.payload_read = 0;
+        Ok(Some(std::mem::take(&mut self.payload)))
     }
-    let mut payload = vec![0u8; size];
-    r.read_exact(&mut payload).await?;
-    Ok(Some(payload))
+}
+
+fn truncated() -> ProtoError {
+    ProtoError::Io(std::io::Error::new(
+        std::io::ErrorKind::UnexpectedEof,
+        "stream ended inside a frame",
+    ))
 }
 
 #[cfg(test)]
@@ -239,6 +301,58 @@ mod tests {
             read_frame(&mut r, MAX_FROM_ROUTER).await,
             Err(ProtoError::TooLarge { .. })
         ));
+    }
+
+    /// A read cancelled by `select!` (here: a timer that wins while a frame arrives in
+    /// pieces) must not lose bytes: every frame comes out whole, in order.
+    #[tokio::test]
+    async fn frame_reader_survives_cancellation_in_the_middle_of_a_frame() {
+        let frames: Vec<Bytes> = (0..20u64)
+            .map(|v| {
+                encode(&ToRouter::Heartbeat {
+                    version: v * 1_000_003,
+                })
+                .unwrap()
+            })
+            .collect();
+        let mut wire = Vec::new();
+        for f in &frames {
+            wire.extend_from_slice(f);
+        }
+        let (mut w, mut r) = tokio::io::duplex(64);
+        let writer = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            // Three bytes at a time, with pauses, so reads keep ending mid-frame.
+            for chunk in wire.chunks(3) {
+                w.write_all(chunk).await.unwrap();
+                tokio::time::sleep(std::time::Duration::from_micros(200)).await;
+            }
+        });
+        let mut reader = FrameReader::new(MAX_TO_ROUTER);
+        let mut got = Vec::new();
+        let mut cancelled = 0;
+        loop {
+            tokio::select! {
+                f = reader.next(&mut r) => match f.unwrap() {
+                    Some(p) => got.push(decode::<ToRouter>(&p).unwrap()),
+                    None => break,
+                },
+                _ = tokio::time::sleep(std::time::Duration::from_micros(50)) => cancelled += 1,
+            }
+        }
+        writer.await.unwrap();
+        assert!(cancelled > 0, "the test must actually cancel reads");
+        let want: Vec<ToRouter> = frames.iter().map(|f| decode(&f[4..]).unwrap()).collect();
+        assert_eq!(got, want);
+    }
+
+    #[tokio::test]
+    async fn a_stream_ending_inside_a_frame_is_an_error() {
+        let f = encode(&ToRouter::Heartbeat { version: 1 }).unwrap();
+        let mut r = &f[..f.len() - 1];
+        assert!(read_frame(&mut r, MAX_TO_ROUTER).await.is_err());
+        let mut r = &f[..2];
+        assert!(read_frame(&mut r, MAX_TO_ROUTER).await.is_err());
     }
 
     #[test]

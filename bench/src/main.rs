@@ -300,6 +300,15 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
     let mut runs: Vec<Vec<Duration>> = vec![Vec::new(); NAMES.len()];
     for round in 0..rounds {
         for (f, name) in NAMES.iter().enumerate() {
+            let routers: &[&str] = match f {
+                3 => &["e1", "s1"],
+                4 => &["e2", "t1", "s1"],
+                _ => &[],
+            };
+            let cpu = |fabric: &procs::ProcFabric| -> anyhow::Result<u64> {
+                routers.iter().map(|n| fabric.cpu_ms(n)).sum()
+            };
+            let cpu_before = cpu(&fabric)?;
             let elapsed = match f {
                 0 => net::push(sink, bytes).await?,
                 1 => net::push(hap_tput_addr, bytes).await?,
@@ -307,10 +316,19 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
                 3 => net::push(e1_tput, bytes).await?,
                 _ => net::push(e2_tput, bytes).await?,
             };
+            let cpu_used = cpu(&fabric)? - cpu_before;
             eprintln!(
-                "  round {}: {name}: {:.2} Gbit/s",
+                "  round {}: {name}: {:.2} Gbit/s{}",
                 round + 1,
-                gbps(bytes, elapsed)
+                gbps(bytes, elapsed),
+                if routers.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " (routers' CPU: {:.2} s per GiB)",
+                        cpu_used as f64 / 1000.0 / (bytes as f64 / (1u64 << 30) as f64)
+                    )
+                }
             );
             runs[f].push(elapsed);
         }

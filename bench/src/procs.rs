@@ -73,6 +73,25 @@ impl ProcFabric {
         Ok(())
     }
 
+    /// CPU time (user + system) a router process has used so far, in ms.
+    pub fn cpu_ms(&self, node: &str) -> anyhow::Result<u64> {
+        let child = self.children.get(node).context("no such router process")?;
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id()))?;
+        // Fields after the ")" that ends the command name: utime and stime are the 12th and 13th.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).context("bad stat")?;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = f
+            .get(11)
+            .and_then(|v| v.parse::<u64>().ok())
+            .context("utime")?
+            + f.get(12)
+                .and_then(|v| v.parse::<u64>().ok())
+                .context("stime")?;
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        Ok(ticks * 1000 / hz)
+    }
+
     /// Resident memory of a router process, in KiB.
     pub fn rss_kib(&self, node: &str) -> anyhow::Result<u64> {
         let child = self.children.get(node).context("no such router process")?;

@@ -12,7 +12,6 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 use quinn::{ReadError, RecvStream, SendStream};
-use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
 use topology::route::Candidate;
@@ -21,7 +20,7 @@ use topology::{NodeKind, ServiceName};
 use crate::circuits::{CircuitTable, Classified, EdgeCircuit};
 use crate::codes::Code;
 use crate::header::{Header, REPLY_OK};
-use crate::splice::{self, Side, TCP_BUF};
+use crate::splice::{self, Side, TcpBuf};
 use crate::{RouterError, Shared};
 
 /// The edge's client listeners: one per service port on the client address, plus the
@@ -192,7 +191,7 @@ async fn handle_client(
         splice::reset_tcp(&tcp);
         return;
     };
-    let mut buf = vec![0u8; TCP_BUF];
+    let mut buf = TcpBuf::new();
     let mut replay = Replay {
         data: BytesMut::new(),
         overflow: false,
@@ -290,7 +289,7 @@ async fn attempt(
     service: &ServiceName,
     client: SocketAddr,
     tcp: &mut TcpStream,
-    buf: &mut [u8],
+    buf: &mut TcpBuf,
     replay: &mut Replay,
     circuit: Option<&EdgeCircuit>,
 ) -> Attempt {
@@ -338,15 +337,16 @@ async fn attempt(
                 Ok(None) => break Err(Attempt::Retry(Code::UpstreamLost)),
                 Err(e) => break Err(classify(read_code(&e))),
             },
-            r = tcp.read(buf), if !replay.eof => match r {
-                Ok(0) => {
+            r = buf.read(tcp, circuit.is_none()), if !replay.eof => match r {
+                Ok(b) if b.is_empty() => {
                     replay.eof = true;
                     let _ = send.finish();
                 }
-                Ok(n) => {
+                Ok(b) => {
+                    let n = b.len();
                     if !replay.overflow {
                         if replay.data.len() + n <= replay.limit {
-                            replay.data.extend_from_slice(&buf[..n]);
+                            replay.data.extend_from_slice(&b);
                         } else {
                             replay.overflow = true;
                             replay.data = BytesMut::new();
@@ -355,7 +355,7 @@ async fn attempt(
                     if let Some(c) = circuit {
                         c.limiter.up.take(n).await;
                     }
-                    if let Err(e) = send.write_all(&buf[..n]).await {
+                    if let Err(e) = send.write_chunk(b).await {
                         break Err(match e {
                             quinn::WriteError::Stopped(c) => classify(Code::from_varint(c).unwrap_or(Code::Internal)),
                             _ => Attempt::Retry(Code::UpstreamLost),

@@ -1,8 +1,9 @@
 //! Splicing bytes between a TCP socket and a QUIC stream, or between two QUIC streams.
 //!
-//! HOT PATH. TCP→QUIC reads into one reused buffer per connection and `write_all`s it (quinn
-//! copies into its send buffer); QUIC→TCP and QUIC→QUIC use `read_chunk`, which hands out quinn's
-//! own `Bytes` without a copy, and a transit forwards them with `write_chunk` (zero copy).
+//! HOT PATH. TCP→QUIC reads into a `BytesMut` and hands the frozen `Bytes` to quinn with
+//! `write_chunk` (no copy into quinn's send buffer; see [`TcpBuf`]); QUIC→TCP and QUIC→QUIC use
+//! `read_chunks`, which hands out up to 16 of quinn's own `Bytes` at once without a copy; they go
+//! to TCP with one `writev`, and a transit forwards them with `write_all_chunks` (zero copy).
 //! Backpressure is end to end: a pump awaits its write before it reads again, so a slow reader
 //! shrinks the QUIC flow-control window and, behind it, the TCP window.
 //!
@@ -14,19 +15,20 @@
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
+use std::io::IoSlice;
+
+use bytes::{Buf, Bytes, BytesMut};
 use quinn::{ReadError, RecvStream, SendStream, WriteError};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::Shared;
 use crate::codes::Code;
 use crate::ratelimit::{CircuitLimiter, TokenBucket};
 
-/// Bytes read from TCP per syscall. A buffer lives as long as its connection, so this is also
-/// most of the per-connection memory.
+/// Bytes read from TCP per syscall (to start with). A connection's current block lives as long
+/// as it is not used up, so this is also most of the per-connection memory.
 pub const TCP_BUF: usize = 16 * 1024;
-/// Largest chunk taken from quinn at once.
-const CHUNK: usize = 64 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Side {
@@ -63,64 +65,140 @@ fn read_error_code(e: &ReadError) -> Code {
     }
 }
 
-/// A connection that fills its read buffer in one read is a bulk transfer: its buffer doubles up to
-/// this, so idle and interactive connections keep the small one (memory per connection) and bulk
-/// ones make fewer, larger writes (throughput).
+/// A connection that fills its read buffer in one read is a bulk transfer: its reads double up to
+/// this, so idle and interactive connections keep the small buffer (memory per connection) and
+/// bulk ones hand quinn fewer, larger chunks (throughput).
 pub const TCP_BUF_MAX: usize = 256 * 1024;
 
-/// TCP → QUIC until EOF (then FIN). `buf` is reused (and grown for bulk transfers).
+/// The TCP read side of one connection. Reads land in a `BytesMut` and are handed to quinn as
+/// frozen `Bytes` (`write_chunk`): quinn keeps them until acknowledged instead of copying them
+/// into its send buffer. Small reads share one block (a fresh block is reserved only when the
+/// current one's free tail is under a quarter of the read size), so an interactive connection
+/// allocates once per ~`TCP_BUF` bytes, not once per read.
+pub(crate) struct TcpBuf {
+    buf: BytesMut,
+    /// Bytes asked for per read (doubles while reads fill it, up to `TCP_BUF_MAX`).
+    want: usize,
+}
+
+impl TcpBuf {
+    pub fn new() -> Self {
+        TcpBuf {
+            buf: BytesMut::new(),
+            want: TCP_BUF,
+        }
+    }
+
+    /// Reads once; an empty chunk is EOF. Cancel safe (nothing is consumed unless it returns).
+    /// `grow`: let bulk transfers read larger chunks.
+    pub async fn read(
+        &mut self,
+        rd: &mut (impl AsyncRead + Unpin),
+        grow: bool,
+    ) -> std::io::Result<Bytes> {
+        if self.buf.capacity() - self.buf.len() < self.want / 4 {
+            self.buf = BytesMut::with_capacity(self.want);
+        }
+        let room = self.buf.capacity() - self.buf.len();
+        let n = rd.read_buf(&mut self.buf).await?;
+        if grow && n == room && room >= self.want && self.want < TCP_BUF_MAX {
+            self.want *= 2;
+        }
+        Ok(self.buf.split().freeze())
+    }
+}
+
+/// TCP → QUIC until EOF (then FIN).
 pub(crate) async fn tcp_to_quic(
     shared: &Shared,
-    rd: &mut (impl AsyncReadExt + Unpin),
+    rd: &mut (impl AsyncRead + Unpin),
     send: &mut SendStream,
-    buf: &mut Vec<u8>,
+    buf: &mut TcpBuf,
     side: Side,
     bucket: Option<&TokenBucket>,
 ) -> Result<(), Abort> {
     loop {
-        let n = match rd.read(&mut buf[..]).await {
-            Ok(0) => {
+        let chunk = match buf.read(rd, bucket.is_none()).await {
+            Ok(c) if c.is_empty() => {
                 let _ = send.finish();
                 return Ok(());
             }
-            Ok(n) => n,
+            Ok(c) => c,
             Err(_) => {
                 let code = side.tcp_abort_code();
                 let _ = send.reset(code.varint());
                 return Err(Abort(code));
             }
         };
+        let n = chunk.len();
         if let Some(b) = bucket {
             b.take(n).await;
         }
-        if let Err(e) = send.write_all(&buf[..n]).await {
+        if let Err(e) = send.write_chunk(chunk).await {
             return Err(Abort(write_error_code(&e)));
         }
         count(shared, side, true, n);
-        if n == buf.len() && buf.len() < TCP_BUF_MAX && bucket.is_none() {
-            buf.resize(buf.len() * 2, 0);
+    }
+}
+
+/// Chunks taken from quinn per read on QUIC → TCP, written with one `writev`. quinn hands out one
+/// chunk per received STREAM frame (~1.2-1.4 KB on a 1500-byte path), so a `write` per chunk would
+/// be a syscall per packet.
+const IOV: usize = 16;
+
+/// Writes `bufs` to `wr` in full with vectored writes; each chunk is released once written.
+async fn write_all_chunks(
+    wr: &mut (impl AsyncWrite + Unpin),
+    bufs: &mut [Bytes],
+) -> std::io::Result<()> {
+    let mut first = 0;
+    while first < bufs.len() {
+        let mut written = {
+            let io: [IoSlice<'_>; IOV] =
+                std::array::from_fn(|i| IoSlice::new(bufs.get(first + i).map_or(&[], |b| &b[..])));
+            let k = (bufs.len() - first).min(IOV);
+            wr.write_vectored(&io[..k]).await?
+        };
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while written > 0 && first < bufs.len() {
+            let len = bufs[first].len();
+            if written >= len {
+                written -= len;
+                bufs[first] = Bytes::new();
+                first += 1;
+            } else {
+                bufs[first].advance(written);
+                written = 0;
+            }
+        }
+        while first < bufs.len() && bufs[first].is_empty() {
+            first += 1;
         }
     }
+    Ok(())
 }
 
 /// QUIC → TCP until FIN (then TCP shutdown of the write half).
 pub(crate) async fn quic_to_tcp(
     shared: &Shared,
     recv: &mut RecvStream,
-    wr: &mut (impl AsyncWriteExt + Unpin),
+    wr: &mut (impl AsyncWrite + Unpin),
     side: Side,
     bucket: Option<&TokenBucket>,
 ) -> Result<(), Abort> {
-    // A rate-limited circuit takes smaller chunks so that one chunk stays well inside its burst.
-    let max = if bucket.is_some() { TCP_BUF } else { CHUNK };
+    // A rate-limited circuit takes one chunk at a time so that it stays well inside its burst.
+    let per_read = if bucket.is_some() { 1 } else { IOV };
+    let mut bufs: [Bytes; IOV] = Default::default();
     loop {
-        match recv.read_chunk(max, true).await {
-            Ok(Some(chunk)) => {
-                let n = chunk.bytes.len();
+        match recv.read_chunks(&mut bufs[..per_read]).await {
+            Ok(Some(k)) => {
+                let n: usize = bufs[..k].iter().map(Bytes::len).sum();
                 if let Some(b) = bucket {
                     b.take(n).await;
                 }
-                if wr.write_all(&chunk.bytes).await.is_err() {
+                if write_all_chunks(wr, &mut bufs[..k]).await.is_err() {
                     let code = side.tcp_abort_code();
                     let _ = recv.stop(code.varint());
                     return Err(Abort(code));
@@ -163,7 +241,7 @@ pub(crate) async fn tcp_quic(
     recv: RecvStream,
     side: Side,
 ) {
-    let mut buf = vec![0u8; TCP_BUF];
+    let mut buf = TcpBuf::new();
     tcp_quic_with(shared, tcp, send, recv, side, &mut buf, None).await;
 }
 
@@ -175,7 +253,7 @@ pub(crate) async fn tcp_quic_with(
     mut send: SendStream,
     mut recv: RecvStream,
     side: Side,
-    buf: &mut Vec<u8>,
+    buf: &mut TcpBuf,
     limiter: Option<&CircuitLimiter>,
 ) {
     shared.metrics.streams_active.fetch_add(1, Relaxed);
@@ -218,12 +296,14 @@ pub(crate) async fn tcp_quic_with(
     shared.metrics.streams_active.fetch_sub(1, Relaxed);
 }
 
-/// QUIC → QUIC, one direction, zero copy. Propagates FIN, resets and stops.
+/// QUIC → QUIC, one direction, zero copy (quinn's received chunks are handed on as they are).
+/// Propagates FIN, resets and stops.
 async fn pump(recv: &mut RecvStream, send: &mut SendStream) {
+    let mut bufs: [Bytes; IOV] = Default::default();
     loop {
-        match recv.read_chunk(CHUNK, true).await {
-            Ok(Some(chunk)) => {
-                if let Err(e) = send.write_chunk(chunk.bytes).await {
+        match recv.read_chunks(&mut bufs).await {
+            Ok(Some(k)) => {
+                if let Err(e) = send.write_all_chunks(&mut bufs[..k]).await {
                     let _ = recv.stop(write_error_code(&e).varint());
                     return;
                 }
@@ -251,4 +331,59 @@ pub(crate) async fn relay(
         pump(&mut up_recv, &mut down_send),
         pump(&mut down_recv, &mut up_send)
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn vectored_writes_deliver_every_chunk_in_order_across_partial_writes() {
+        // A 7-byte pipe: every write is partial, often mid-chunk.
+        let (mut a, mut b) = tokio::io::duplex(7);
+        let data: Vec<u8> = (0..=255u8).cycle().take(3000).collect();
+        let mut chunks: Vec<Bytes> = Vec::new();
+        let mut at = 0;
+        for (i, len) in [1usize, 0, 13, 70, 2, 100, 0, 128]
+            .iter()
+            .cycle()
+            .enumerate()
+        {
+            if at >= data.len() || i > 100 {
+                break;
+            }
+            let end = (at + len).min(data.len());
+            chunks.push(Bytes::copy_from_slice(&data[at..end]));
+            at = end;
+        }
+        assert!(chunks.len() > IOV, "more chunks than one writev takes");
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            b.read_to_end(&mut got).await.map(|_| got)
+        });
+        write_all_chunks(&mut a, &mut chunks).await.unwrap();
+        assert!(
+            chunks.iter().all(Bytes::is_empty),
+            "written chunks are released"
+        );
+        drop(a);
+        assert_eq!(reader.await.unwrap().unwrap(), data);
+    }
+
+    #[tokio::test]
+    async fn tcp_buf_hands_out_what_was_read_and_grows_only_for_bulk() {
+        let (mut a, mut b) = tokio::io::duplex(1 << 20);
+        let mut buf = TcpBuf::new();
+        a.write_all(b"hello").await.unwrap();
+        assert_eq!(&buf.read(&mut b, true).await.unwrap()[..], b"hello");
+        assert_eq!(buf.want, TCP_BUF);
+        a.write_all(&vec![7u8; 4 * TCP_BUF]).await.unwrap();
+        let mut total = 0;
+        while total < 4 * TCP_BUF {
+            total += buf.read(&mut b, true).await.unwrap().len();
+        }
+        assert!(buf.want > TCP_BUF, "a full read doubles the next one");
+        drop(a);
+        assert!(buf.read(&mut b, true).await.unwrap().is_empty(), "EOF");
+    }
 }

@@ -73,6 +73,18 @@ struct AllArgs {
     /// Kill-and-failover runs.
     #[arg(long, default_value_t = 5)]
     failovers: usize,
+    /// Run only these parts (comma-separated) and print their figures to stderr; the report is
+    /// written only when every part runs.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Part>,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Throughput,
+    Latency,
+    Memory,
+    Failover,
 }
 
 fn main() -> ExitCode {
@@ -232,6 +244,7 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
     let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let nofile = raise_nofile(200_000);
     let bytes = args.mib * 1024 * 1024;
+    let want = |p: Part| args.only.is_empty() || args.only.contains(&p);
 
     // The fabric: e1 -- s1 (one QUIC hop), e2 -- t1 -- s1 (two), services `tput` and `echo`.
     let mut b = TopologyBuilder::new();
@@ -269,6 +282,11 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
     let hap_echo = procs::Haproxy::start(hap_echo_addr, echo)?;
 
     // 1. Throughput: one TCP stream.
+    let rounds = if want(Part::Throughput) {
+        args.rounds
+    } else {
+        0
+    };
     eprintln!("throughput: {} MiB per run", args.mib);
     // Three rounds, the paths interleaved in each, so that a burst of load from elsewhere on the
     // machine does not land on one path only; the table shows each path's median round.
@@ -280,7 +298,7 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
         "Tasman edge -> transit -> site (2 QUIC hops)",
     ];
     let mut runs: Vec<Vec<Duration>> = vec![Vec::new(); NAMES.len()];
-    for round in 0..args.rounds {
+    for round in 0..rounds {
         for (f, name) in NAMES.iter().enumerate() {
             let elapsed = match f {
                 0 => net::push(sink, bytes).await?,
@@ -304,32 +322,52 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
             v.sort();
             Rate {
                 name,
-                elapsed: v[v.len() / 2],
+                elapsed: v.get(v.len() / 2).copied().unwrap_or(Duration::MAX),
                 all: v,
             }
         })
         .collect();
+    if rounds > 0 {
+        eprintln!(
+            "  median: edge -> site {:.2} Gbit/s = {:.0} % of bare quinn ({:.2} Gbit/s)",
+            gbps(bytes, rates[3].elapsed),
+            100.0 * rates[2].elapsed.as_secs_f64() / rates[3].elapsed.as_secs_f64(),
+            gbps(bytes, rates[2].elapsed)
+        );
+    }
 
     // 2. Latency: 64-byte ping-pongs on one connection.
     eprintln!("latency: {} ping-pongs of 64 B per run", args.pings);
     let mut lats = Vec::new();
+    let lat_paths = if want(Part::Latency) { 4 } else { 0 };
     for (name, hops, addr) in [
         ("direct TCP (client -> echo)", 0, echo),
         ("HAProxy `mode tcp`", 0, hap_echo_addr),
         ("Tasman edge -> site", 1, e1_echo),
         ("Tasman edge -> transit -> site", 2, e2_echo),
-    ] {
+    ]
+    .into_iter()
+    .take(lat_paths)
+    {
         let l = lat(name, hops, net::ping_pong(addr, args.pings, 64).await?);
         eprintln!("  {name}: p50 {:.1} us, p99 {:.1} us", l.p50, l.p99);
         lats.push(l);
     }
+    if lats.len() == 4 {
+        eprintln!(
+            "  added p50: edge -> site {:.1} us, transit {:.1} us more",
+            lats[2].p50 - lats[0].p50,
+            lats[3].p50 - lats[2].p50
+        );
+    }
 
     // 3. Memory per proxied connection.
-    eprintln!("memory: {} connections", args.conns);
+    let conns = if want(Part::Memory) { args.conns } else { 0 };
+    eprintln!("memory: {conns} connections");
     let e1_before = fabric.rss_kib("e1")?;
     let s1_before = fabric.rss_kib("s1")?;
     let t0 = Instant::now();
-    let held = net::hold(e1_echo, args.conns, 256).await?;
+    let held = net::hold(e1_echo, conns, 256).await?;
     let open_time = t0.elapsed();
     // Let the routers settle (buffers allocated on first use are counted).
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -339,7 +377,7 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
     let hap_pid = hap_echo.pid();
     let hap_before = procs::rss_kib(hap_pid)?;
     // HAProxy holds both sides of each connection and the file limit is 20,000 per process here.
-    let hap_conns = args.conns.min(procs::HAPROXY_MAX_CONNS);
+    let hap_conns = conns.min(procs::HAPROXY_MAX_CONNS);
     let held = net::hold(hap_echo_addr, hap_conns, 256).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let hap_after = procs::rss_kib(hap_pid)?;
@@ -355,9 +393,14 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
     drop(fabric);
 
     // 4. Failover after SIGKILL of the nearest site, with the default probes.
-    eprintln!("failover: {} runs", args.failovers);
+    let failovers = if want(Part::Failover) {
+        args.failovers
+    } else {
+        0
+    };
+    eprintln!("failover: {failovers} runs");
     let mut fails = Vec::new();
-    for run in 0..args.failovers {
+    for run in 0..failovers {
         let f = failover_once()
             .await
             .with_context(|| format!("failover run {}", run + 1))?;
@@ -367,6 +410,19 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
             f.total.as_secs_f64() * 1000.0
         );
         fails.push(f);
+    }
+
+    if !args.only.is_empty() {
+        let mut ms: Vec<f64> = fails
+            .iter()
+            .map(|f| f.total.as_secs_f64() * 1000.0)
+            .collect();
+        ms.sort_by(f64::total_cmp);
+        if let (Some(med), Some(max)) = (ms.get(ms.len() / 2), ms.last()) {
+            eprintln!("  failover: median {med:.0} ms, worst {max:.0} ms");
+        }
+        eprintln!("(--only: no report written)");
+        return Ok(());
     }
 
     // The report.

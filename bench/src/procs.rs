@@ -101,6 +101,13 @@ pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
 
 /// The body of `tasman-bench serve-router`: one router in this process until killed.
 pub async fn serve_router(topology: PathBuf, node: String, tls_dir: PathBuf) -> anyhow::Result<()> {
+    // Router logs only when asked (e.g. TASMAN_BENCH_LOG=router=debug): logging costs time.
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("TASMAN_BENCH_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     let topo: Topology = serde_json::from_slice(&std::fs::read(&topology)?)?;
     let snapshot = Arc::new(router::Snapshot::new(1, Arc::new(topo)));
     let (_tx, rx) = tokio::sync::watch::channel(snapshot);

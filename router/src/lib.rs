@@ -52,12 +52,14 @@ use topology::route::Hysteresis;
 pub use snapshot::Snapshot;
 pub use telemetry::TelemetryReport;
 
-/// Probe timing (BFD-style). Detection time is `interval * misses` after the last sign of life.
+/// Probe timing (BFD-style). A neighbour is down after `misses` probes in a row went unanswered
+/// (after a miss the next probe goes out at once), or after `interval * misses` without any sign
+/// of life, whichever comes first (see `neighbours::Liveness`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ProbeConfig {
     /// Probe every this often (default 100 ms).
     pub interval: Duration,
-    /// Declare a neighbour down after this many intervals without a reply (default 3).
+    /// Declare a neighbour down after this many missed probes in a row (default 3).
     pub misses: u32,
     /// A neighbour (or site service) that went down stays down at least this long (default 1 s).
     pub hold_down: Duration,

@@ -87,8 +87,108 @@ pub(crate) async fn run_dialer(shared: Arc<Shared>, nb: Arc<Neighbour>) {
     }
 }
 
-/// Probes the connection every interval; returns when the neighbour is declared down (no sign
-/// of life for `interval * misses`) or the connection closes.
+/// Shortest time a probe may take to be answered before it counts as missed (scheduling noise
+/// on a busy host, the peer's ACK delay). The real bound is `3 x smoothed RTT` when that is longer.
+pub(crate) const MIN_PROBE_TIMEOUT: Duration = Duration::from_millis(30);
+
+/// How long a probe may go unanswered before it counts as missed: 3 x the smoothed RTT, at least
+/// [`MIN_PROBE_TIMEOUT`].
+pub(crate) fn probe_timeout(rtt: Duration) -> Duration {
+    (rtt * 3).max(MIN_PROBE_TIMEOUT)
+}
+
+/// What the liveness detector wants done at its deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// `misses` probes in a row went unanswered (or no sign of life for `interval * misses`).
+    Down,
+    /// The outstanding probe was missed: send another one now (fast re-probe).
+    Reprobe,
+}
+
+/// BFD-style liveness of one neighbour connection, as a pure state machine (times are passed in).
+///
+/// A probe is *missed* when neither its reply nor any other packet from the peer arrived within
+/// its timeout ([`probe_timeout`]). Probes go out every `interval` while the peer answers; after
+/// a miss the next probe goes out at once (fast re-probe, like HAProxy's `fastinter`), so that
+/// `misses` consecutive misses confirm a dead peer in about `interval + misses x timeout`
+/// (190 ms with the defaults on a short link) instead of `interval x misses`. Whatever happens,
+/// no sign of life for `interval x misses` is also down (the classic rule; it decides on links
+/// whose RTT makes the timeout long). A reply resets the count: a single lost probe or reply
+/// never takes a link down.
+#[derive(Debug)]
+pub(crate) struct Liveness {
+    detect: Duration,
+    misses_needed: u32,
+    /// Last reply (or traffic credited as a sign of life).
+    last_alive: tokio::time::Instant,
+    /// Deadline of the oldest probe not yet answered.
+    outstanding: Option<tokio::time::Instant>,
+    misses: u32,
+}
+
+impl Liveness {
+    pub fn new(p: crate::ProbeConfig, now: tokio::time::Instant) -> Self {
+        let misses_needed = p.misses.max(1);
+        Liveness {
+            detect: p.interval * misses_needed,
+            misses_needed,
+            last_alive: now,
+            outstanding: None,
+            misses: 0,
+        }
+    }
+    /// A reply arrived: the peer is alive.
+    pub fn reply(&mut self, now: tokio::time::Instant) {
+        self.last_alive = now;
+        self.answered();
+    }
+    /// Other packets from the peer arrived since the outstanding probe went out: it is answered
+    /// (the reply may be queued behind them), without extending the classic deadline.
+    pub fn answered(&mut self) {
+        self.outstanding = None;
+        self.misses = 0;
+    }
+    /// Credits traffic seen up to `at` as a sign of life for the classic rule.
+    pub fn credit(&mut self, at: tokio::time::Instant) {
+        self.last_alive = self.last_alive.max(at);
+    }
+    pub fn last_alive(&self) -> tokio::time::Instant {
+        self.last_alive
+    }
+    /// A probe was sent at `now`; it is missed at `now + timeout` unless answered.
+    pub fn probe_sent(&mut self, now: tokio::time::Instant, timeout: Duration) {
+        if self.outstanding.is_none() {
+            self.outstanding = Some(now + timeout);
+        }
+    }
+    /// When [`Liveness::expire`] must run next.
+    pub fn deadline(&self) -> tokio::time::Instant {
+        let classic = self.last_alive + self.detect;
+        self.outstanding.map_or(classic, |o| o.min(classic))
+    }
+    /// At the deadline: is the peer down, or does a missed probe call for a re-probe?
+    pub fn expire(&mut self, now: tokio::time::Instant) -> Option<Verdict> {
+        if now >= self.last_alive + self.detect {
+            return Some(Verdict::Down);
+        }
+        match self.outstanding {
+            Some(o) if now >= o => {
+                self.outstanding = None;
+                self.misses += 1;
+                Some(if self.misses >= self.misses_needed {
+                    Verdict::Down
+                } else {
+                    Verdict::Reprobe
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Probes the connection every interval; returns when the neighbour is declared down (see
+/// [`Liveness`]) or the connection closes.
 async fn probe_until_down(
     shared: &Shared,
     nb: &Neighbour,
@@ -96,23 +196,43 @@ async fn probe_until_down(
     down_since: &mut Option<Instant>,
 ) {
     let p = shared.probe;
-    let detect = p.interval * p.misses.max(1);
     let mut tick = tokio::time::interval(p.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seq: u64 = 0;
-    let mut last_alive = tokio::time::Instant::now();
+    let mut live = Liveness::new(p, tokio::time::Instant::now());
     let mut udp_rx = conn.stats().udp_rx.datagrams;
+    // Datagrams received when the outstanding probe went out.
+    let mut rx_at_probe = udp_rx;
     let mut pongs: u64 = 0;
     let mut pongs_at_tick: u64 = 0;
     let mut prev_tick = tokio::time::Instant::now();
+    let send_probe = |seq: &mut u64, live: &mut Liveness, rx_at_probe: &mut u64| {
+        *seq += 1;
+        let _ = conn.send_datagram(Probe::encode_ping(*seq));
+        if live.outstanding.is_none() {
+            *rx_at_probe = conn.stats().udp_rx.datagrams;
+        }
+        live.probe_sent(tokio::time::Instant::now(), probe_timeout(conn.rtt()));
+    };
     loop {
         tokio::select! {
-            // Detection is exact: `detect` after the last sign of life, not rounded to a tick.
-            _ = tokio::time::sleep_until(last_alive + detect) => {
-                tracing::warn!(node = %shared.node, neighbour = %nb.id, after_ms = last_alive.elapsed().as_millis() as u64, "neighbour down: missed probes");
-                shared.metrics.neighbour_down_total.fetch_add(1, Relaxed);
-                conn.close(quinn::VarInt::from_u32(close::DECLARED_DOWN), b"missed probes");
-                return;
+            _ = tokio::time::sleep_until(live.deadline()) => {
+                // Any packet from the peer since the probe went out answers it (a reply may
+                // queue behind bulk data); a dead peer sends nothing.
+                if live.outstanding.is_some() && conn.stats().udp_rx.datagrams > rx_at_probe {
+                    live.answered();
+                    continue;
+                }
+                match live.expire(tokio::time::Instant::now()) {
+                    Some(Verdict::Down) => {
+                        tracing::warn!(node = %shared.node, neighbour = %nb.id, after_ms = live.last_alive().elapsed().as_millis() as u64, "neighbour down: missed probes");
+                        shared.metrics.neighbour_down_total.fetch_add(1, Relaxed);
+                        conn.close(quinn::VarInt::from_u32(close::DECLARED_DOWN), b"missed probes");
+                        return;
+                    }
+                    Some(Verdict::Reprobe) => send_probe(&mut seq, &mut live, &mut rx_at_probe),
+                    None => {}
+                }
             }
             _ = tick.tick() => {
                 // Traffic beyond the probe replies (and their ACKs) is also a sign of life: a busy
@@ -124,16 +244,15 @@ async fn probe_until_down(
                 pongs_at_tick = pongs;
                 // Those packets arrived some time since the previous tick: credit that instant.
                 if extra >= 32 {
-                    last_alive = last_alive.max(prev_tick);
+                    live.credit(prev_tick);
                 }
                 prev_tick = tokio::time::Instant::now();
-                seq += 1;
-                let _ = conn.send_datagram(Probe::encode_ping(seq));
+                send_probe(&mut seq, &mut live, &mut rx_at_probe);
             }
             d = conn.read_datagram() => {
                 let Ok(bytes) = d else { return };
                 let Ok(Probe::Pong { entries, .. }) = Probe::decode(bytes) else { continue };
-                last_alive = tokio::time::Instant::now();
+                live.reply(tokio::time::Instant::now());
                 pongs += 1;
                 nb.rtt_us.store(conn.rtt().as_micros() as u64, Relaxed);
                 let mut changed = shared.evidence.learn(&shared.node, entries);
@@ -149,5 +268,109 @@ async fn probe_until_down(
             }
             _ = conn.closed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ProbeConfig;
+    use tokio::time::Instant as T;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// Drives a detector for a peer that answers every probe until `dies_at` (replies take
+    /// `rtt`), sending a probe every interval and re-probing on misses; returns when it is
+    /// declared down.
+    fn run(p: ProbeConfig, rtt: Duration, dies_at: Duration, lose: &[u64]) -> Option<Duration> {
+        let t0 = T::now();
+        let mut live = Liveness::new(p, t0);
+        let timeout = probe_timeout(rtt);
+        let mut next_tick = t0;
+        let mut replies: Vec<T> = Vec::new();
+        let mut seq = 0u64;
+        let mut now = t0;
+        while now < t0 + Duration::from_secs(10) {
+            // The next event: a tick, a reply, or the detector's deadline.
+            let next_reply = replies.iter().min().copied();
+            let next = [Some(next_tick), next_reply, Some(live.deadline())]
+                .into_iter()
+                .flatten()
+                .min()?;
+            now = next;
+            if Some(now) == next_reply {
+                replies.retain(|r| *r != now);
+                live.reply(now);
+                continue;
+            }
+            let mut send = false;
+            if now == live.deadline() {
+                match live.expire(now) {
+                    Some(Verdict::Down) => return Some(now - t0),
+                    Some(Verdict::Reprobe) => send = true,
+                    None => {}
+                }
+            }
+            if now == next_tick {
+                next_tick += p.interval;
+                send = true;
+            }
+            if send {
+                seq += 1;
+                live.probe_sent(now, timeout);
+                if now + rtt < t0 + dies_at && !lose.contains(&seq) {
+                    replies.push(now + rtt);
+                }
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn probe_timeout_is_three_rtts_with_a_floor() {
+        assert_eq!(probe_timeout(Duration::from_micros(200)), MIN_PROBE_TIMEOUT);
+        assert_eq!(probe_timeout(40 * MS), 120 * MS);
+    }
+
+    #[test]
+    fn dead_peer_is_down_within_interval_plus_three_timeouts_whatever_the_phase() {
+        let p = ProbeConfig::default();
+        let rtt = Duration::from_micros(300);
+        let bound = p.interval + 3 * probe_timeout(rtt) + MS;
+        for phase in (0..100).step_by(7) {
+            let dies_at = Duration::from_millis(1000 + phase);
+            let down = run(p, rtt, dies_at, &[]).expect("declared down");
+            let after_death = down - dies_at;
+            assert!(
+                after_death <= bound && after_death < Duration::from_millis(300),
+                "phase {phase} ms: down {after_death:?} after death"
+            );
+        }
+    }
+
+    #[test]
+    fn isolated_and_double_losses_do_not_take_a_live_peer_down() {
+        let p = ProbeConfig::default();
+        let forever = Duration::from_secs(3600);
+        let rtt = Duration::from_micros(300);
+        assert_eq!(run(p, rtt, forever, &[3, 7, 8, 20, 21]), None);
+    }
+
+    #[test]
+    fn long_rtt_link_is_not_declared_down_by_the_timeout() {
+        // 150 ms RTT, probes every 100 ms: replies arrive after the next probe went out.
+        let p = ProbeConfig::default();
+        assert_eq!(run(p, 150 * MS, Duration::from_secs(3600), &[5]), None);
+        // ... and a dead one is still found by the classic rule.
+        let down = run(p, 150 * MS, Duration::from_secs(2), &[]).expect("down");
+        assert!(down - Duration::from_secs(2) <= p.interval * 3 + 150 * MS);
+    }
+
+    #[test]
+    fn three_lost_probes_in_a_row_are_down() {
+        let p = ProbeConfig::default();
+        let rtt = Duration::from_micros(300);
+        // Probes 5, 6 (fast re-probe) and 7 (fast re-probe) lost: down.
+        assert!(run(p, rtt, Duration::from_secs(3600), &[5, 6, 7]).is_some());
     }
 }

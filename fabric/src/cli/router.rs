@@ -51,7 +51,7 @@ pub struct RouterArgs {
     /// Probe interval per neighbour.
     #[arg(long, default_value = "100ms")]
     pub probe_interval: Latency,
-    /// Missed probe intervals before a neighbour is declared down.
+    /// Missed probes in a row before a neighbour is declared down (a missed probe is re-sent at once).
     #[arg(long, default_value_t = 3)]
     pub probe_misses: u32,
     /// Minimum time a neighbour or site stays down before it is used again.

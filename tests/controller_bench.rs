@@ -102,7 +102,13 @@ async fn run(n: usize, net: u8, telemetry_secs: u64) {
 
     let t = Instant::now();
     let mut clients = Vec::with_capacity(n);
-    for chunk in nodes.chunks(50) {
+    // Routers connect in waves of BENCH_CONNECT_BATCH (default 50; 1000 = all at once).
+    let batch = std::env::var("BENCH_CONNECT_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50usize)
+        .max(1);
+    for chunk in nodes.chunks(batch) {
         let mut starts = Vec::new();
         for node in chunk {
             let tls = tls.clone();

@@ -1,26 +1,88 @@
 //! `tasman demo` end to end: the real binary starts a controller and the APAC fabric (21
 //! in-process routers taking their snapshots from it, every link emulated), sends requests from
-//! several edges, fails a site over, raises a link's latency through the admin API, and exits 0.
+//! several edges, fails a site over, raises a link's latency through the admin API, keeps the
+//! fabric up (`--keep`) for `tasman status` with the printed admin address and token, and exits 0
+//! on SIGTERM.
 
-use std::process::Command;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+/// Runs `tasman demo --keep`: the tour, then (the fabric kept up) `tasman status` against the
+/// admin address and token the demo printed, then SIGTERM. Returns the demo's whole stdout,
+/// whether it exited 0, and the status output.
+fn run_demo_keep() -> (String, bool, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tasman"))
+        .args(["demo", "--quick", "--ephemeral-ports", "--keep"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("run tasman demo");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut out = String::new();
+    let deadline = Instant::now() + Duration::from_secs(150);
+    let mut up = false;
+    while !up && Instant::now() < deadline {
+        match rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(line) => {
+                up = line.starts_with("The fabric is up");
+                out.push_str(&line);
+                out.push('\n');
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    let mut status = String::new();
+    if up {
+        // The admin address and token, as printed for the operator.
+        let env = out
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("export "))
+            .unwrap_or_default()
+            .to_string();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tasman"));
+        cmd.arg("status");
+        for kv in env.split_whitespace() {
+            if let Some((k, v)) = kv.split_once('=') {
+                cmd.env(k, v);
+            }
+        }
+        let st = cmd.output().expect("run tasman status");
+        status = format!(
+            "{}{}",
+            String::from_utf8_lossy(&st.stdout),
+            String::from_utf8_lossy(&st.stderr)
+        );
+    }
+    // SIGTERM: the demo stops the fabric and ends as it would after Ctrl-C.
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    }
+    let ok = child.wait().map(|s| s.success()).unwrap_or(false);
+    let _ = reader.join();
+    out.extend(rx.try_iter().map(|l| l + "\n"));
+    (out, ok, status)
+}
 
 #[test]
 fn demo_serves_every_edge_fails_over_and_moves_a_path_by_a_live_edit_then_exits_zero() {
     let start = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_tasman"))
-        .args(["demo", "--quick", "--ephemeral-ports"])
-        .output()
-        .expect("run tasman demo");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (stdout, ok, status) = run_demo_keep();
+    assert!(ok, "tasman demo failed:\n{stdout}");
     assert!(
-        out.status.success(),
-        "tasman demo failed ({:?}):\n{stdout}\n{stderr}",
-        out.status
-    );
-    assert!(
-        start.elapsed() < Duration::from_secs(120),
+        start.elapsed() < Duration::from_secs(150),
         "demo took {:?}",
         start.elapsed()
     );
@@ -145,4 +207,21 @@ fn demo_serves_every_edge_fails_over_and_moves_a_path_by_a_live_edit_then_exits_
             && row.trim_end().ends_with("ms"),
         "{row}"
     );
+
+    // --keep: the controller's admin address and token were printed, and `tasman status` with
+    // them shows every router (the stopped site restarted) connected, at the edited topology.
+    assert!(stdout.contains("The controller: admin API on"), "{stdout}");
+    assert!(
+        status.starts_with("topology version 2"),
+        "tasman status:\n{status}"
+    );
+    for node in ["syd-edge-1", "syd-site-1", "lax-transit-1"] {
+        assert!(
+            status.lines().any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.first() == Some(&node) && f.get(2) == Some(&"yes") && f.get(3) == Some(&"2")
+            }),
+            "{node} not connected at topology version 2:\n{status}"
+        );
+    }
 }

@@ -503,7 +503,7 @@ async fn tour(
                 );
             }
         }
-        let _ = tokio::signal::ctrl_c().await;
+        crate::cli::router::wait_for_signal().await; // Ctrl-C or SIGTERM
         println!("stopping");
     }
     fabric.shutdown().await;

@@ -235,7 +235,9 @@ impl Controller {
         dry_run: bool,
         base_version: Option<u64>,
     ) -> Result<ApplyOutcome, ControllerError> {
+        let started = Instant::now();
         let (topology, warnings) = validate(text)?;
+        let validated = started.elapsed();
         let _serial = self.apply_lock.lock().await;
         let (old, live) = {
             let inner = lock(&self.inner);
@@ -300,10 +302,18 @@ impl Controller {
             inner.current = current;
             self.publish_locked(&mut inner, true)?;
         }
-        tracing::info!(version, author, "topology applied");
+        let published = started.elapsed();
         let plan = tokio::task::spawn_blocking(plan_of)
             .await
             .map_err(|e| ControllerError::Internal(e.to_string()))?;
+        tracing::info!(
+            version,
+            author,
+            validate_ms = validated.as_secs_f64() * 1e3,
+            published_ms = published.as_secs_f64() * 1e3,
+            planned_ms = started.elapsed().as_secs_f64() * 1e3,
+            "topology applied"
+        );
         Ok(ApplyOutcome {
             version: Some(version),
             previous_version: old.record.version,

@@ -121,10 +121,17 @@ struct DemoRouter {
 impl DemoRouter {
     async fn shutdown(self) {
         drop(self.client);
-        // The telemetry source holds only a weak reference, so this is the last one.
-        if let Ok(h) = Arc::try_unwrap(self.handle) {
-            h.shutdown().await;
+        // The telemetry source holds only a weak reference (upgraded for the moment of a
+        // report), so this is the last one within a few milliseconds.
+        let mut handle = self.handle;
+        for _ in 0..100 {
+            match Arc::try_unwrap(handle) {
+                Ok(h) => return h.shutdown().await,
+                Err(h) => handle = h,
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        tracing::warn!("a demo router is still referenced; not stopped");
     }
 }
 
@@ -613,7 +620,20 @@ impl DemoFabric {
             };
             self.set_link_profile(&l.a, &l.b, profile);
         }
-        self.spawn_router(node).await
+        // The stopped router's UDP socket is released once its endpoint has wound down (its
+        // connections' close frames, tasks finishing): retry the bind for a while.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            match self.spawn_router(node).await {
+                Err(DemoError::Router {
+                    source: router::RouterError::Bind { .. },
+                    ..
+                }) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Stops every router, the controller, every emulator and backend.

@@ -298,11 +298,20 @@ impl Control {
         let topo = &snap.topology;
         let mut live = snap.live.clone();
         let declared = |id: &LinkId| topo.link(id).map(|l| l.latency).unwrap_or(Latency::ZERO);
-        let link_rtt = |live: &mut LiveState, a: &NodeId, b: &NodeId, up: bool, rtt_us: u64| {
+        // Links that local evidence (this router's probes, or a fresh entry from one of the
+        // link's ends) sees up. The controller's "down" for such a link is older news (say, an
+        // end reported it before its neighbour had connected) unless local evidence also says
+        // down: a router never waits for the controller to bring back a link it can see.
+        let (mut seen_up, mut seen_down) = (Vec::new(), Vec::new());
+        let mut link_rtt = |live: &mut LiveState, a: &NodeId, b: &NodeId, up: bool, rtt_us: u64| {
             let id = LinkId::new(a, b);
             if !up {
+                seen_down.push(id.clone());
                 live.down_links.insert(id);
-            } else if rtt_us > 0 {
+                return;
+            }
+            seen_up.push(id.clone());
+            if rtt_us > 0 {
                 // Declared latency is a floor (propagation delay): measurement can only raise it.
                 let measured = Latency::from_nanos(rtt_us * 1000 / 2);
                 let v = measured.max(declared(&id));
@@ -333,6 +342,11 @@ impl Control {
                     }
                 }
                 live.site_load.insert(e.origin.clone(), load);
+            }
+        }
+        for id in seen_up {
+            if !seen_down.contains(&id) {
+                live.down_links.remove(&id);
             }
         }
         (live, unhealthy)

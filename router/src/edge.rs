@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use quinn::{ReadError, RecvStream, SendStream};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
@@ -193,7 +193,8 @@ async fn handle_client(
     };
     let mut buf = TcpBuf::new();
     let mut replay = Replay {
-        data: BytesMut::new(),
+        chunks: Vec::new(),
+        len: 0,
         overflow: false,
         limit: shared.replay_limit,
         eof: false,
@@ -258,9 +259,12 @@ async fn handle_client(
     splice::reset_tcp(&tcp);
 }
 
-/// Client bytes sent before the site accepted, kept to replay on the next candidate.
+/// Client bytes sent before the site accepted, kept to replay on the next candidate: the very
+/// chunks handed to quinn (`Bytes` clones, no copy).
 struct Replay {
-    data: BytesMut,
+    chunks: Vec<Bytes>,
+    /// Bytes in `chunks`.
+    len: usize,
     overflow: bool,
     limit: usize,
     /// The client half-closed already.
@@ -310,12 +314,15 @@ async fn attempt(
     };
     let mut header = Header::data(service.clone(), cand.path[2..].to_vec(), Some(client));
     header.circuit = circuit.map(|c| c.id.clone());
-    let mut hbuf = BytesMut::with_capacity(128 + replay.data.len());
+    let mut hbuf = BytesMut::with_capacity(128);
     if header.encode(&mut hbuf).is_err() {
         return Attempt::Fatal(Code::Internal);
     }
-    hbuf.extend_from_slice(&replay.data);
-    if send.write_all(&hbuf).await.is_err() {
+    // The header, then what the client sent to the failed candidates, in one write.
+    let mut out: Vec<Bytes> = std::iter::once(hbuf.freeze())
+        .chain(replay.chunks.iter().cloned())
+        .collect();
+    if send.write_all_chunks(&mut out).await.is_err() {
         return Attempt::Retry(Code::NextHopUnreachable);
     }
     if replay.eof {
@@ -345,11 +352,12 @@ async fn attempt(
                 Ok(b) => {
                     let n = b.len();
                     if !replay.overflow {
-                        if replay.data.len() + n <= replay.limit {
-                            replay.data.extend_from_slice(&b);
+                        if replay.len + n <= replay.limit {
+                            replay.chunks.push(b.clone());
+                            replay.len += n;
                         } else {
                             replay.overflow = true;
-                            replay.data = BytesMut::new();
+                            replay.chunks = Vec::new();
                         }
                     }
                     if let Some(c) = circuit {

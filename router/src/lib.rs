@@ -291,6 +291,13 @@ impl RouterHandle {
     pub fn telemetry(&self) -> TelemetryReport {
         self.shared.telemetry()
     }
+    /// This router's telemetry as the control client asks for it. It holds the router weakly:
+    /// the client never keeps a router alive, and the handle stays owned (its `shutdown` needs
+    /// no `Arc` unwrapping).
+    pub fn telemetry_source(&self) -> control::client::TelemetrySource {
+        let weak = Arc::downgrade(&self.shared);
+        Arc::new(move || weak.upgrade().map(|s| s.telemetry()))
+    }
     /// Prometheus text of this router's metrics.
     pub fn metrics_text(&self) -> String {
         self.shared.metrics.render(&self.shared.telemetry())

@@ -298,20 +298,16 @@ impl Control {
         let topo = &snap.topology;
         let mut live = snap.live.clone();
         let declared = |id: &LinkId| topo.link(id).map(|l| l.latency).unwrap_or(Latency::ZERO);
-        // Links that local evidence (this router's probes, or a fresh entry from one of the
-        // link's ends) sees up. The controller's "down" for such a link is older news (say, an
-        // end reported it before its neighbour had connected) unless local evidence also says
-        // down: a router never waits for the controller to bring back a link it can see.
-        let (mut seen_up, mut seen_down) = (Vec::new(), Vec::new());
+        // What local evidence (this router's probes, or a fresh entry from one of the link's
+        // ends) says of each link it covers: up only if no piece of it says down. It overrides
+        // the snapshot both ways: the controller's "down" for a link seen up here is older news
+        // (say, an end reported it before its neighbour had connected), and a router never waits
+        // for the controller to bring back a link it can see.
+        let mut local_up: HashMap<LinkId, bool> = HashMap::new();
         let mut link_rtt = |live: &mut LiveState, a: &NodeId, b: &NodeId, up: bool, rtt_us: u64| {
             let id = LinkId::new(a, b);
-            if !up {
-                seen_down.push(id.clone());
-                live.down_links.insert(id);
-                return;
-            }
-            seen_up.push(id.clone());
-            if rtt_us > 0 {
+            *local_up.entry(id.clone()).or_insert(true) &= up;
+            if up && rtt_us > 0 {
                 // Declared latency is a floor (propagation delay): measurement can only raise it.
                 let measured = Latency::from_nanos(rtt_us * 1000 / 2);
                 let v = measured.max(declared(&id));
@@ -344,9 +340,11 @@ impl Control {
                 live.site_load.insert(e.origin.clone(), load);
             }
         }
-        for id in seen_up {
-            if !seen_down.contains(&id) {
+        for (id, up) in local_up {
+            if up {
                 live.down_links.remove(&id);
+            } else {
+                live.down_links.insert(id);
             }
         }
         (live, unhealthy)

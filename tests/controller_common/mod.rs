@@ -140,7 +140,7 @@ pub async fn start_client(
 /// A real router (data plane) fed by the real control client, as `tasman router --controller`.
 pub struct LiveRouter {
     pub client: ControlClient,
-    pub handle: std::sync::Arc<router::RouterHandle>,
+    pub handle: router::RouterHandle,
 }
 
 impl LiveRouter {
@@ -167,19 +167,14 @@ impl LiveRouter {
         let id = TlsIdentity::load(tls, node).expect("identity");
         let mut cfg = router::RouterConfig::new(NodeId::new(node), id, client.snapshots());
         cfg.dial_overrides = dial.iter().map(|(n, a)| (NodeId::new(n), *a)).collect();
-        let handle = std::sync::Arc::new(router::Router::spawn(cfg).await?);
-        let weak = std::sync::Arc::downgrade(&handle);
-        client.set_telemetry(std::sync::Arc::new(move || {
-            weak.upgrade().map(|h| h.telemetry())
-        }));
+        let handle = router::Router::spawn(cfg).await?;
+        client.set_telemetry(handle.telemetry_source());
         Ok(LiveRouter { client, handle })
     }
 
     pub async fn stop(self) {
         drop(self.client);
-        if let Ok(h) = std::sync::Arc::try_unwrap(self.handle) {
-            h.shutdown().await;
-        }
+        self.handle.shutdown().await;
     }
 
     /// The path the router prefers for `service` now.

@@ -229,14 +229,13 @@ fn run_with_controller(args: &RouterArgs, controller: SocketAddr) -> ExitCode {
             Err(code) => return code,
         };
         let handle = match Router::spawn(cfg).await {
-            Ok(h) => Arc::new(h),
+            Ok(h) => h,
             Err(e) => {
                 eprintln!("error: {e}");
                 return ExitCode::from(1);
             }
         };
-        let weak = Arc::downgrade(&handle);
-        client.set_telemetry(Arc::new(move || weak.upgrade().map(|h| h.telemetry())));
+        client.set_telemetry(handle.telemetry_source());
         if let Some(addr) = handle.quic_addr() {
             println!(
                 "router {} listening on {addr} (controller {controller})",
@@ -245,9 +244,7 @@ fn run_with_controller(args: &RouterArgs, controller: SocketAddr) -> ExitCode {
         }
         wait_for_signal().await;
         drop(client);
-        if let Ok(h) = Arc::try_unwrap(handle) {
-            h.shutdown().await;
-        }
+        handle.shutdown().await;
         ExitCode::SUCCESS
     })
 }

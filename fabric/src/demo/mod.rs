@@ -114,24 +114,14 @@ pub enum DemoError {
 
 /// One router of the fabric and the control client that feeds it.
 struct DemoRouter {
-    handle: Arc<RouterHandle>,
+    handle: RouterHandle,
     client: ControlClient,
 }
 
 impl DemoRouter {
     async fn shutdown(self) {
         drop(self.client);
-        // The telemetry source holds only a weak reference (upgraded for the moment of a
-        // report), so this is the last one within a few milliseconds.
-        let mut handle = self.handle;
-        for _ in 0..100 {
-            match Arc::try_unwrap(handle) {
-                Ok(h) => return h.shutdown().await,
-                Err(h) => handle = h,
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        tracing::warn!("a demo router is still referenced; not stopped");
+        self.handle.shutdown().await;
     }
 }
 
@@ -161,7 +151,7 @@ impl DemoFabric {
                 DemoError::Invalid(
                     d.iter()
                         .find(|d| d.is_error())
-                        .map(|d| format!("{}:{}: {}", d.line, d.column, d.message))
+                        .map(|d| d.display("topology"))
                         .unwrap_or_default(),
                 )
             })?
@@ -311,9 +301,7 @@ impl DemoFabric {
                 node: node.clone(),
                 source,
             })?;
-        let handle = Arc::new(handle);
-        let weak = Arc::downgrade(&handle);
-        client.set_telemetry(Arc::new(move || weak.upgrade().map(|h| h.telemetry())));
+        client.set_telemetry(handle.telemetry_source());
         self.routers
             .insert(node.clone(), DemoRouter { handle, client });
         Ok(())
@@ -464,7 +452,7 @@ impl DemoFabric {
 
     /// The running router of `node`.
     pub fn router(&self, node: &NodeId) -> Option<&RouterHandle> {
-        self.routers.get(node).map(|r| &*r.handle)
+        self.routers.get(node).map(|r| &r.handle)
     }
 
     pub fn is_running(&self, node: &NodeId) -> bool {

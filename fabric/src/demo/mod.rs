@@ -443,6 +443,14 @@ impl DemoFabric {
                 }
             }
         }
+        // The controller's view too: routers report every telemetry interval, so right after a
+        // start it may still hold a "down" that an end reported before its neighbour connected
+        // (and an apply's impact plan is computed on that view).
+        for link in &self.controller.ctl.published().live.down_links {
+            if self.routers.contains_key(&link.0) && self.routers.contains_key(&link.1) {
+                missing.push(format!("{link} down at the controller"));
+            }
+        }
         missing
     }
 

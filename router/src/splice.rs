@@ -3,7 +3,8 @@
 //! HOT PATH. TCP→QUIC reads into a `BytesMut` and hands the frozen `Bytes` to quinn with
 //! `write_chunk` (no copy into quinn's send buffer; see [`TcpBuf`]); QUIC→TCP and QUIC→QUIC use
 //! `read_chunks`, which hands out up to 16 of quinn's own `Bytes` at once without a copy; they go
-//! to TCP with one `writev`, and a transit forwards them with `write_all_chunks` (zero copy).
+//! to TCP with one `writev`. A transit copies what is ready into one block per write (see
+//! [`pump`]: quinn's send buffer must not hold one segment per packet).
 //! Backpressure is end to end: a pump awaits its write before it reads again, so a slow reader
 //! shrinks the QUIC flow-control window and, behind it, the TCP window.
 //!
@@ -296,26 +297,73 @@ pub(crate) async fn tcp_quic_with(
     shared.metrics.streams_active.fetch_sub(1, Relaxed);
 }
 
-/// QUIC → QUIC, one direction, zero copy (quinn's received chunks are handed on as they are).
-/// Propagates FIN, resets and stops.
+/// The most a transit gathers into one block before handing it on (see [`pump`]).
+pub const RELAY_BLOCK: usize = 256 * 1024;
+
+/// Takes what `recv` has ready now (up to `bufs.len()` chunks) without waiting; `None` if nothing.
+/// `read_chunks` is cancel-safe, and polling it here registers this task's own waker.
+async fn ready_chunks(
+    recv: &mut RecvStream,
+    bufs: &mut [Bytes],
+) -> Option<Result<Option<usize>, ReadError>> {
+    tokio::select! {
+        biased;
+        r = recv.read_chunks(bufs) => Some(r),
+        _ = std::future::ready(()) => None,
+    }
+}
+
+/// QUIC → QUIC, one direction (transit). Propagates FIN, resets and stops.
+///
+/// quinn hands out one chunk per received packet (~1.2-1.4 KB), and its send buffer keeps one
+/// segment per chunk written, which it scans from the oldest unacknowledged one for every packet
+/// it sends (`SendBuffer::get`). Forwarding packet-sized chunks as they are made that scan
+/// quadratic in the bytes in flight: under a bulk transfer the transit spent hundreds of ms per
+/// scheduling round, stopped answering probes and was declared down by both neighbours. So the
+/// pump copies what is ready (one `memcpy`, at most [`RELAY_BLOCK`]) into one block per write:
+/// under load many packets per segment, and an interactive exchange still goes out at once.
 async fn pump(recv: &mut RecvStream, send: &mut SendStream) {
     let mut bufs: [Bytes; IOV] = Default::default();
     loop {
-        match recv.read_chunks(&mut bufs).await {
-            Ok(Some(k)) => {
-                if let Err(e) = send.write_all_chunks(&mut bufs[..k]).await {
-                    let _ = recv.stop(write_error_code(&e).varint());
-                    return;
+        let mut r = recv.read_chunks(&mut bufs).await;
+        let mut block = BytesMut::new();
+        let mut fin = false;
+        let mut failed = None;
+        loop {
+            match r {
+                Ok(Some(k)) => {
+                    if block.capacity() == 0 {
+                        block.reserve(RELAY_BLOCK);
+                    }
+                    for b in &mut bufs[..k] {
+                        block.extend_from_slice(b);
+                        *b = Bytes::new();
+                    }
                 }
+                Ok(None) => fin = true,
+                Err(e) => failed = Some(e),
             }
-            Ok(None) => {
-                let _ = send.finish();
+            if fin || failed.is_some() || block.len() + IOV * 1500 > RELAY_BLOCK {
+                break;
+            }
+            match ready_chunks(recv, &mut bufs).await {
+                Some(next) => r = next,
+                None => break,
+            }
+        }
+        if !block.is_empty() {
+            if let Err(e) = send.write_chunk(block.freeze()).await {
+                let _ = recv.stop(write_error_code(&e).varint());
                 return;
             }
-            Err(e) => {
-                let _ = send.reset(read_error_code(&e).varint());
-                return;
-            }
+        }
+        if let Some(e) = failed {
+            let _ = send.reset(read_error_code(&e).varint());
+            return;
+        }
+        if fin {
+            let _ = send.finish();
+            return;
         }
     }
 }

@@ -25,6 +25,10 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 1 << 14;
 pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const UDP_BUFFER: usize = 8 * 1024 * 1024;
+/// Largest UDP payload path MTU discovery tries: a 9000-byte jumbo frame less the IPv6 and UDP
+/// headers. Cross-connects and data-centre fabrics commonly carry jumbo frames; where a path does
+/// not, the probes are lost and quinn stays at what it confirmed (1200 bytes at least).
+pub const MTU_UPPER_BOUND: u16 = 6500;
 
 /// The transport configuration every fabric connection uses.
 pub fn transport_config() -> TransportConfig {
@@ -40,6 +44,9 @@ pub fn transport_config() -> TransportConfig {
         ))))
         .datagram_receive_buffer_size(Some(1024 * 1024))
         .datagram_send_buffer_size(1024 * 1024);
+    let mut mtud = quinn::MtuDiscoveryConfig::default();
+    mtud.upper_bound(MTU_UPPER_BOUND);
+    t.mtu_discovery_config(Some(mtud));
     t
 }
 
@@ -65,8 +72,11 @@ pub fn endpoint(
     let udp: std::net::UdpSocket = sock.into();
     let runtime = quinn::default_runtime()
         .ok_or_else(|| std::io::Error::other("no async runtime for the QUIC endpoint"))?;
-    let mut ep =
-        quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), udp, runtime)?;
+    let mut config = quinn::EndpointConfig::default();
+    config
+        .max_udp_payload_size(MTU_UPPER_BOUND)
+        .map_err(std::io::Error::other)?;
+    let mut ep = quinn::Endpoint::new(config, Some(server), udp, runtime)?;
     ep.set_default_client_config(client);
     Ok(ep)
 }

@@ -290,12 +290,13 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
     eprintln!("throughput: {} MiB per run", args.mib);
     // Three rounds, the paths interleaved in each, so that a burst of load from elsewhere on the
     // machine does not land on one path only; the table shows each path's median round.
-    const NAMES: [&str; 5] = [
+    const NAMES: [&str; 6] = [
         "direct TCP (client -> sink)",
         "HAProxy 2-thread `mode tcp`",
         "bare quinn stream (same TLS + transport config)",
         "Tasman edge -> site (1 QUIC hop)",
         "Tasman edge -> transit -> site (2 QUIC hops)",
+        "bare quinn stream (same TLS, quinn's default transport config)",
     ];
     let mut runs: Vec<Vec<Duration>> = vec![Vec::new(); NAMES.len()];
     for round in 0..rounds {
@@ -312,9 +313,10 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
             let elapsed = match f {
                 0 => net::push(sink, bytes).await?,
                 1 => net::push(hap_tput_addr, bytes).await?,
-                2 => quic::push(bytes).await?,
+                2 => quic::push(bytes, quic::Tuning::Fabric).await?,
                 3 => net::push(e1_tput, bytes).await?,
-                _ => net::push(e2_tput, bytes).await?,
+                4 => net::push(e2_tput, bytes).await?,
+                _ => quic::push(bytes, quic::Tuning::QuinnDefaults).await?,
             };
             let cpu_used = cpu(&fabric)? - cpu_before;
             eprintln!(
@@ -347,10 +349,12 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
         .collect();
     if rounds > 0 {
         eprintln!(
-            "  median: edge -> site {:.2} Gbit/s = {:.0} % of bare quinn ({:.2} Gbit/s)",
+            "  median: edge -> site {:.2} Gbit/s = {:.0} % of bare quinn ({:.2} Gbit/s; {:.0} % of quinn with its defaults, {:.2} Gbit/s)",
             gbps(bytes, rates[3].elapsed),
             100.0 * rates[2].elapsed.as_secs_f64() / rates[3].elapsed.as_secs_f64(),
-            gbps(bytes, rates[2].elapsed)
+            gbps(bytes, rates[2].elapsed),
+            100.0 * rates[5].elapsed.as_secs_f64() / rates[3].elapsed.as_secs_f64(),
+            gbps(bytes, rates[5].elapsed)
         );
     }
 
@@ -524,11 +528,15 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
         )?;
     }
     let fabric_ratio = gbps(bytes, rates[3].elapsed) / quinn_rate;
+    let default_ratio = gbps(bytes, rates[3].elapsed) / gbps(bytes, rates[5].elapsed);
     writeln!(
         md,
-        "\nTarget: edge -> site at least 80 % of the bare quinn stream. Measured: **{:.0} %** ({}).\n",
+        "\nTarget: edge -> site at least 80 % of the bare quinn stream. Judged against the bare stream with\n\
+         the same transport configuration (the stricter reading): **{:.0} %** ({}). Against a bare quinn stream\n\
+         with quinn's default configuration: {:.0} %.\n",
         fabric_ratio * 100.0,
-        if fabric_ratio >= 0.8 { "met" } else { "missed" }
+        if fabric_ratio >= 0.8 { "met" } else { "missed" },
+        default_ratio * 100.0
     )?;
 
     writeln!(md, "### Request latency\n")?;

@@ -1,8 +1,10 @@
-//! The bare-quinn baseline: one bidirectional stream between two endpoints with exactly the
-//! router's mutual TLS and transport configuration, and no proxying around it.
+//! The bare-quinn baselines: one bidirectional stream between two endpoints with the router's
+//! mutual TLS, and no proxying around it; with the router's transport configuration (windows,
+//! socket buffers, path MTU up to 6,500 bytes) or with quinn's defaults.
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -11,24 +13,50 @@ use router::{pki, tls, transport};
 
 const CHUNK: usize = 256 * 1024;
 
-fn endpoint(dir: &Path, name: &str, peers: &PeerNames) -> anyhow::Result<quinn::Endpoint> {
+/// Which transport configuration the bare stream uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tuning {
+    /// `router::transport`: the configuration every fabric connection uses.
+    Fabric,
+    /// `quinn::TransportConfig::default()`, `EndpointConfig::default()`, a plain UDP socket.
+    QuinnDefaults,
+}
+
+fn endpoint(
+    dir: &Path,
+    name: &str,
+    peers: &PeerNames,
+    tuning: Tuning,
+) -> anyhow::Result<quinn::Endpoint> {
     let id = TlsIdentity::load(dir, name)?;
-    let server = tls::server_config(&id, peers, transport::shared_transport())?;
-    let client = tls::client_config(&id, peers, transport::shared_transport())?;
     let addr: SocketAddr = "127.0.0.1:0".parse()?;
-    Ok(transport::endpoint(addr, server, client)?)
+    match tuning {
+        Tuning::Fabric => {
+            let server = tls::server_config(&id, peers, transport::shared_transport())?;
+            let client = tls::client_config(&id, peers, transport::shared_transport())?;
+            Ok(transport::endpoint(addr, server, client)?)
+        }
+        Tuning::QuinnDefaults => {
+            let defaults = Arc::new(quinn::TransportConfig::default());
+            let server = tls::server_config(&id, peers, defaults.clone())?;
+            let client = tls::client_config(&id, peers, defaults)?;
+            let mut ep = quinn::Endpoint::server(server, addr)?;
+            ep.set_default_client_config(client);
+            Ok(ep)
+        }
+    }
 }
 
 /// Sends `bytes` over one quinn stream and waits for the receiver's count; returns the time from
 /// the start of the handshake to the count.
-pub async fn push(bytes: u64) -> anyhow::Result<Duration> {
+pub async fn push(bytes: u64, tuning: Tuning) -> anyhow::Result<Duration> {
     let dir = tempfile::tempdir()?;
     pki::init(dir.path())?;
     pki::issue(dir.path(), "bench-a")?;
     pki::issue(dir.path(), "bench-b")?;
     let peers = PeerNames::new(["bench-a".to_string(), "bench-b".to_string()]);
-    let a = endpoint(dir.path(), "bench-a", &peers)?;
-    let b = endpoint(dir.path(), "bench-b", &peers)?;
+    let a = endpoint(dir.path(), "bench-a", &peers, tuning)?;
+    let b = endpoint(dir.path(), "bench-b", &peers, tuning)?;
     let b_addr = b.local_addr()?;
     let receiver = tokio::spawn(async move {
         let conn = b.accept().await.context("no incoming connection")?.await?;

@@ -298,7 +298,7 @@ pub(crate) async fn tcp_quic_with(
 }
 
 /// The most a transit gathers into one block before handing it on (see [`pump`]).
-pub const RELAY_BLOCK: usize = 256 * 1024;
+pub const RELAY_BLOCK: usize = 512 * 1024;
 
 /// Takes what `recv` has ready now (up to `bufs.len()` chunks) without waiting; `None` if nothing.
 /// `read_chunks` is cancel-safe, and polling it here registers this task's own waker.
@@ -313,49 +313,68 @@ async fn ready_chunks(
     }
 }
 
+/// What one [`gather`] took from a stream: the bytes ready, and how the stream went on.
+struct Gathered {
+    block: Bytes,
+    fin: bool,
+    failed: Option<ReadError>,
+}
+
+/// Waits for data on `recv`, then copies everything ready now (at most about [`RELAY_BLOCK`])
+/// into one block.
+async fn gather(recv: &mut RecvStream, bufs: &mut [Bytes; IOV]) -> Gathered {
+    let mut r = recv.read_chunks(bufs).await;
+    let mut block = BytesMut::new();
+    let (mut fin, mut failed) = (false, None);
+    loop {
+        match r {
+            Ok(Some(k)) => {
+                if block.capacity() == 0 {
+                    block.reserve(RELAY_BLOCK);
+                }
+                for b in &mut bufs[..k] {
+                    block.extend_from_slice(b);
+                    *b = Bytes::new();
+                }
+            }
+            Ok(None) => fin = true,
+            Err(e) => failed = Some(e),
+        }
+        // Stop before a full read of the largest packets could overflow the block.
+        let room = RELAY_BLOCK.saturating_sub(block.len());
+        if fin || failed.is_some() || room < IOV * crate::transport::MTU_UPPER_BOUND as usize {
+            break;
+        }
+        match ready_chunks(recv, bufs).await {
+            Some(next) => r = next,
+            None => break,
+        }
+    }
+    Gathered {
+        block: block.freeze(),
+        fin,
+        failed,
+    }
+}
+
 /// QUIC → QUIC, one direction (transit). Propagates FIN, resets and stops.
 ///
-/// quinn hands out one chunk per received packet (~1.2-1.4 KB), and its send buffer keeps one
-/// segment per chunk written, which it scans from the oldest unacknowledged one for every packet
-/// it sends (`SendBuffer::get`). Forwarding packet-sized chunks as they are made that scan
-/// quadratic in the bytes in flight: under a bulk transfer the transit spent hundreds of ms per
-/// scheduling round, stopped answering probes and was declared down by both neighbours. So the
-/// pump copies what is ready (one `memcpy`, at most [`RELAY_BLOCK`]) into one block per write:
-/// under load many packets per segment, and an interactive exchange still goes out at once.
+/// quinn hands out one chunk per received packet, and its send buffer keeps one segment per chunk
+/// written, which it scans from the oldest unacknowledged one for every packet it sends
+/// (`SendBuffer::get`). Forwarding packet-sized chunks as they came made that scan quadratic in
+/// the bytes in flight: under a bulk transfer (1,452-byte packets) the transit stalled ~190 ms at
+/// a time, stopped answering probes and was declared down by both neighbours. So the pump copies
+/// what is ready (one `memcpy`) into one block per write ([`gather`]): under load many packets
+/// per segment, and an interactive exchange still goes out at once.
 async fn pump(recv: &mut RecvStream, send: &mut SendStream) {
     let mut bufs: [Bytes; IOV] = Default::default();
     loop {
-        let mut r = recv.read_chunks(&mut bufs).await;
-        let mut block = BytesMut::new();
-        let mut fin = false;
-        let mut failed = None;
-        loop {
-            match r {
-                Ok(Some(k)) => {
-                    if block.capacity() == 0 {
-                        block.reserve(RELAY_BLOCK);
-                    }
-                    for b in &mut bufs[..k] {
-                        block.extend_from_slice(b);
-                        *b = Bytes::new();
-                    }
-                }
-                Ok(None) => fin = true,
-                Err(e) => failed = Some(e),
-            }
-            if fin || failed.is_some() || block.len() + IOV * 1500 > RELAY_BLOCK {
-                break;
-            }
-            match ready_chunks(recv, &mut bufs).await {
-                Some(next) => r = next,
-                None => break,
-            }
-        }
-        if !block.is_empty() {
-            if let Err(e) = send.write_chunk(block.freeze()).await {
-                let _ = recv.stop(write_error_code(&e).varint());
-                return;
-            }
+        let Gathered { block, fin, failed } = gather(recv, &mut bufs).await;
+        if !block.is_empty()
+            && let Err(e) = send.write_chunk(block).await
+        {
+            let _ = recv.stop(write_error_code(&e).varint());
+            return;
         }
         if let Some(e) = failed {
             let _ = send.reset(read_error_code(&e).varint());
@@ -416,6 +435,69 @@ mod tests {
         );
         drop(a);
         assert_eq!(reader.await.unwrap().unwrap(), data);
+    }
+
+    /// Two endpoints with the fabric's TLS and transport, and one connection between them.
+    async fn quic_pair() -> (quinn::Connection, quinn::Connection, tempfile::TempDir) {
+        use crate::tls::{PeerNames, TlsIdentity};
+        let dir = tempfile::tempdir().unwrap();
+        crate::pki::init(dir.path()).unwrap();
+        let peers = PeerNames::new(["a".to_string(), "b".to_string()]);
+        let mut eps = Vec::new();
+        for name in ["a", "b"] {
+            crate::pki::issue(dir.path(), name).unwrap();
+            let id = TlsIdentity::load(dir.path(), name).unwrap();
+            let t = crate::transport::shared_transport();
+            let server = crate::tls::server_config(&id, &peers, t.clone()).unwrap();
+            let client = crate::tls::client_config(&id, &peers, t).unwrap();
+            let addr = "127.0.0.1:0".parse().unwrap();
+            eps.push(crate::transport::endpoint(addr, server, client).unwrap());
+        }
+        let b_addr = eps[1].local_addr().unwrap();
+        let (a, b) = tokio::join!(
+            async { eps[0].connect(b_addr, "b").unwrap().await.unwrap() },
+            async { eps[1].accept().await.unwrap().await.unwrap() }
+        );
+        (a, b, dir)
+    }
+
+    #[tokio::test]
+    async fn transit_gathers_what_is_ready_into_blocks_not_one_write_per_packet() {
+        const TOTAL: usize = 4 << 20;
+        let (a, b, _dir) = quic_pair().await;
+        let data: Vec<u8> = (0..TOTAL).map(|i| (i * 7 % 251) as u8).collect();
+        let (mut send, _keep) = a.open_bi().await.unwrap();
+        send.write_all(&data).await.unwrap();
+        send.finish().unwrap();
+        let (_reply, mut recv) = b.accept_bi().await.unwrap();
+        // Wait (generous deadline) until most of it has arrived, as under a bulk transfer.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while b.stats().udp_rx.bytes < (TOTAL as u64) * 9 / 10 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "data did not arrive"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut bufs: [Bytes; IOV] = Default::default();
+        let (mut got, mut writes) = (Vec::new(), 0);
+        loop {
+            let g = gather(&mut recv, &mut bufs).await;
+            assert!(g.failed.is_none());
+            if !g.block.is_empty() {
+                writes += 1;
+                got.extend_from_slice(&g.block);
+            }
+            if g.fin {
+                break;
+            }
+        }
+        assert!(got == data, "bytes relayed intact and in order");
+        let packets = b.stats().udp_rx.datagrams as usize;
+        assert!(
+            writes * 20 < packets,
+            "{writes} writes for {packets} packets: the transit must not write one segment per packet"
+        );
     }
 
     #[tokio::test]

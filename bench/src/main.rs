@@ -280,6 +280,9 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
     let hap_echo_addr = SocketAddr::new(ip(77, 4, 2), net::free_tcp_port(ip(77, 4, 2))?);
     let hap_tput = procs::Haproxy::start(hap_tput_addr, sink)?;
     let hap_echo = procs::Haproxy::start(hap_echo_addr, echo)?;
+    // Two HAProxys in series: the same number of proxy processes as edge -> site.
+    let hap_chain_addr = SocketAddr::new(ip(77, 4, 3), net::free_tcp_port(ip(77, 4, 3))?);
+    let hap_chain = procs::Haproxy::start(hap_chain_addr, hap_echo_addr)?;
 
     // 1. Throughput: one TCP stream.
     let rounds = if want(Part::Throughput) {
@@ -361,12 +364,17 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
     // 2. Latency: 64-byte ping-pongs on one connection.
     eprintln!("latency: {} ping-pongs of 64 B per run", args.pings);
     let mut lats = Vec::new();
-    let lat_paths = if want(Part::Latency) { 4 } else { 0 };
+    let lat_paths = if want(Part::Latency) { 5 } else { 0 };
     for (name, hops, addr) in [
         ("direct TCP (client -> echo)", 0, echo),
         ("HAProxy `mode tcp`", 0, hap_echo_addr),
         ("Tasman edge -> site", 1, e1_echo),
         ("Tasman edge -> transit -> site", 2, e2_echo),
+        (
+            "HAProxy -> HAProxy (two proxy processes, as edge -> site)",
+            0,
+            hap_chain_addr,
+        ),
     ]
     .into_iter()
     .take(lat_paths)
@@ -375,11 +383,12 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
         eprintln!("  {name}: p50 {:.1} us, p99 {:.1} us", l.p50, l.p99);
         lats.push(l);
     }
-    if lats.len() == 4 {
+    if lats.len() == 5 {
         eprintln!(
-            "  added p50: edge -> site {:.1} us, transit {:.1} us more",
+            "  added p50: edge -> site {:.1} us, transit {:.1} us more; two HAProxys {:.1} us",
             lats[2].p50 - lats[0].p50,
-            lats[3].p50 - lats[2].p50
+            lats[3].p50 - lats[2].p50,
+            lats[4].p50 - lats[0].p50
         );
     }
 
@@ -411,6 +420,7 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
         hap_after.saturating_sub(hap_before)
     );
     drop(hap_tput);
+    drop(hap_chain);
     drop(hap_echo);
     drop(fabric);
 
@@ -564,10 +574,12 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
     }
     let one_hop = lats[2].p50 - direct_p50;
     let transit = lats[3].p50 - lats[2].p50;
+    let haproxy_pair = lats[4].p50 - direct_p50;
     writeln!(
         md,
         "\nAdded p50 for edge -> site (one QUIC hop, two routers): **{one_hop:.1} µs** (target < 100 µs per hop: {}).\n\
-         A transit router adds {transit:.1} µs more at p50.\n",
+         A transit router adds {transit:.1} µs more at p50. For scale, the same two proxy processes as\n\
+         HAProxy in `mode tcp` (no encryption, no QUIC) add {haproxy_pair:.1} µs.\n",
         if one_hop < 100.0 { "met" } else { "missed" }
     )?;
 

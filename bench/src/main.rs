@@ -87,6 +87,10 @@ enum Part {
     Failover,
 }
 
+/// The same allocator as the `tasman` binary (routers run in this binary here).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()

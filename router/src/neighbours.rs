@@ -106,6 +106,10 @@ pub(crate) enum Verdict {
     Reprobe,
 }
 
+/// Longest silence (no packet at all from the peer) tolerated whatever else holds, even while
+/// this router's own probes could not leave (see [`Liveness::unsent`]).
+pub(crate) const HARD_SILENCE: Duration = Duration::from_secs(2);
+
 /// BFD-style liveness of one neighbour connection, as a pure state machine (times are passed in).
 ///
 /// A probe is *missed* when neither its reply nor any other packet from the peer arrived within
@@ -116,12 +120,19 @@ pub(crate) enum Verdict {
 /// no sign of life for `interval x misses` is also down (the classic rule; it decides on links
 /// whose RTT makes the timeout long). A reply resets the count: a single lost probe or reply
 /// never takes a link down.
+///
+/// Probes are QUIC DATAGRAM frames, which are congestion-controlled: after a burst of loss under
+/// a bulk transfer the congestion window can stay full until quinn's loss-probe timer fires, and
+/// nothing at all is sent to the peer (so it has nothing to answer). A probe that has not left
+/// this router is not held against the peer ([`Liveness::unsent`]); [`HARD_SILENCE`] bounds that.
 #[derive(Debug)]
 pub(crate) struct Liveness {
     detect: Duration,
     misses_needed: u32,
     /// Last reply (or traffic credited as a sign of life).
     last_alive: tokio::time::Instant,
+    /// Last packet of any kind from the peer (for [`HARD_SILENCE`]).
+    last_heard: tokio::time::Instant,
     /// Deadline of the oldest probe not yet answered.
     outstanding: Option<tokio::time::Instant>,
     misses: u32,
@@ -134,6 +145,7 @@ impl Liveness {
             detect: p.interval * misses_needed,
             misses_needed,
             last_alive: now,
+            last_heard: now,
             outstanding: None,
             misses: 0,
         }
@@ -141,6 +153,7 @@ impl Liveness {
     /// A reply arrived: the peer is alive.
     pub fn reply(&mut self, now: tokio::time::Instant) {
         self.last_alive = now;
+        self.heard(now);
         self.answered();
     }
     /// Other packets from the peer arrived since the outstanding probe went out: it is answered
@@ -152,6 +165,35 @@ impl Liveness {
     /// Credits traffic seen up to `at` as a sign of life for the classic rule.
     pub fn credit(&mut self, at: tokio::time::Instant) {
         self.last_alive = self.last_alive.max(at);
+        self.heard(at);
+    }
+    /// Some packet from the peer arrived by `at`.
+    pub fn heard(&mut self, at: tokio::time::Instant) {
+        self.last_heard = self.last_heard.max(at);
+    }
+    /// At the outstanding probe's deadline it had not left this router yet (congestion window
+    /// full): not a miss. Its deadline moves to `now + timeout`, and the classic rule may not
+    /// fire before that either.
+    pub fn unsent(&mut self, now: tokio::time::Instant, timeout: Duration) {
+        self.outstanding = Some(now + timeout);
+        if let Some(t) = (now + timeout).checked_sub(self.detect) {
+            self.last_alive = self.last_alive.max(t);
+        }
+    }
+    /// At the deadline, nothing having come from the peer since the outstanding probe was
+    /// queued: `probe_left` says whether that probe has been transmitted. Down, a re-probe, or
+    /// nothing yet.
+    pub fn at_deadline(
+        &mut self,
+        now: tokio::time::Instant,
+        probe_left: bool,
+        timeout: Duration,
+    ) -> Option<Verdict> {
+        if !probe_left && self.outstanding.is_some() && now < self.last_heard + HARD_SILENCE {
+            self.unsent(now, timeout);
+            return None;
+        }
+        self.expire(now)
     }
     pub fn last_alive(&self) -> tokio::time::Instant {
         self.last_alive
@@ -164,12 +206,12 @@ impl Liveness {
     }
     /// When [`Liveness::expire`] must run next.
     pub fn deadline(&self) -> tokio::time::Instant {
-        let classic = self.last_alive + self.detect;
+        let classic = (self.last_alive + self.detect).min(self.last_heard + HARD_SILENCE);
         self.outstanding.map_or(classic, |o| o.min(classic))
     }
     /// At the deadline: is the peer down, or does a missed probe call for a re-probe?
     pub fn expire(&mut self, now: tokio::time::Instant) -> Option<Verdict> {
-        if now >= self.last_alive + self.detect {
+        if now >= self.last_alive + self.detect || now >= self.last_heard + HARD_SILENCE {
             return Some(Verdict::Down);
         }
         match self.outstanding {
@@ -201,36 +243,47 @@ async fn probe_until_down(
     let mut seq: u64 = 0;
     let mut live = Liveness::new(p, tokio::time::Instant::now());
     let mut udp_rx = conn.stats().udp_rx.datagrams;
-    // Datagrams received when the outstanding probe went out.
+    // Datagrams received, and pings transmitted (only pings are sent as datagrams on a dialled
+    // connection), when the outstanding probe was queued.
     let mut rx_at_probe = udp_rx;
+    let mut sent_at_probe = conn.stats().frame_tx.datagram;
     let mut pongs: u64 = 0;
     let mut pongs_at_tick: u64 = 0;
     let mut prev_tick = tokio::time::Instant::now();
-    let send_probe = |seq: &mut u64, live: &mut Liveness, rx_at_probe: &mut u64| {
-        *seq += 1;
-        let _ = conn.send_datagram(Probe::encode_ping(*seq));
-        if live.outstanding.is_none() {
-            *rx_at_probe = conn.stats().udp_rx.datagrams;
-        }
-        live.probe_sent(tokio::time::Instant::now(), probe_timeout(conn.rtt()));
-    };
+    let send_probe =
+        |seq: &mut u64, live: &mut Liveness, rx_at_probe: &mut u64, sent_at_probe: &mut u64| {
+            *seq += 1;
+            if live.outstanding.is_none() {
+                let st = conn.stats();
+                *rx_at_probe = st.udp_rx.datagrams;
+                *sent_at_probe = st.frame_tx.datagram;
+            }
+            let _ = conn.send_datagram(Probe::encode_ping(*seq));
+            live.probe_sent(tokio::time::Instant::now(), probe_timeout(conn.rtt()));
+        };
     loop {
         tokio::select! {
             _ = tokio::time::sleep_until(live.deadline()) => {
                 // Any packet from the peer since the probe went out answers it (a reply may
                 // queue behind bulk data); a dead peer sends nothing.
-                if live.outstanding.is_some() && conn.stats().udp_rx.datagrams > rx_at_probe {
+                let st = conn.stats();
+                if live.outstanding.is_some() && st.udp_rx.datagrams > rx_at_probe {
                     live.answered();
                     continue;
                 }
-                match live.expire(tokio::time::Instant::now()) {
+                // A probe still queued behind a full congestion window has not left.
+                let probe_left = st.frame_tx.datagram > sent_at_probe;
+                let now = tokio::time::Instant::now();
+                match live.at_deadline(now, probe_left, probe_timeout(conn.rtt())) {
                     Some(Verdict::Down) => {
                         tracing::warn!(node = %shared.node, neighbour = %nb.id, after_ms = live.last_alive().elapsed().as_millis() as u64, "neighbour down: missed probes");
                         shared.metrics.neighbour_down_total.fetch_add(1, Relaxed);
                         conn.close(quinn::VarInt::from_u32(close::DECLARED_DOWN), b"missed probes");
                         return;
                     }
-                    Some(Verdict::Reprobe) => send_probe(&mut seq, &mut live, &mut rx_at_probe),
+                    Some(Verdict::Reprobe) => {
+                        send_probe(&mut seq, &mut live, &mut rx_at_probe, &mut sent_at_probe)
+                    }
                     None => {}
                 }
             }
@@ -245,9 +298,11 @@ async fn probe_until_down(
                 // Those packets arrived some time since the previous tick: credit that instant.
                 if extra >= 32 {
                     live.credit(prev_tick);
+                } else if extra > 0 {
+                    live.heard(prev_tick);
                 }
                 prev_tick = tokio::time::Instant::now();
-                send_probe(&mut seq, &mut live, &mut rx_at_probe);
+                send_probe(&mut seq, &mut live, &mut rx_at_probe, &mut sent_at_probe);
             }
             d = conn.read_datagram() => {
                 let Ok(bytes) = d else { return };
@@ -305,7 +360,7 @@ mod tests {
             }
             let mut send = false;
             if now == live.deadline() {
-                match live.expire(now) {
+                match live.at_deadline(now, true, timeout) {
                     Some(Verdict::Down) => return Some(now - t0),
                     Some(Verdict::Reprobe) => send = true,
                     None => {}
@@ -364,6 +419,53 @@ mod tests {
         // ... and a dead one is still found by the classic rule.
         let down = run(p, 150 * MS, Duration::from_secs(2), &[]).expect("down");
         assert!(down - Duration::from_secs(2) <= p.interval * 3 + 150 * MS);
+    }
+
+    #[test]
+    fn probes_stuck_behind_the_congestion_window_are_not_misses_but_silence_is_bounded() {
+        let p = ProbeConfig::default();
+        let timeout = probe_timeout(Duration::from_micros(300));
+        let t0 = T::now();
+        let mut live = Liveness::new(p, t0);
+        // Every probe stays queued here, and the peer, sent nothing, says nothing.
+        let mut next_tick = t0;
+        let mut now;
+        let down = loop {
+            now = next_tick.min(live.deadline());
+            if now == next_tick {
+                next_tick += p.interval;
+                live.probe_sent(now, timeout);
+            }
+            if now == live.deadline()
+                && let Some(Verdict::Down) = live.at_deadline(now, false, timeout)
+            {
+                break now - t0;
+            }
+            assert!(now - t0 < Duration::from_secs(10), "never declared down");
+        };
+        assert!(
+            down >= HARD_SILENCE && down <= HARD_SILENCE + timeout,
+            "down after {down:?}, not at the hard silence bound"
+        );
+        // Once the probes leave, misses count again: a peer silent from then on is down as fast
+        // as ever.
+        let mut live = Liveness::new(p, now);
+        live.probe_sent(now, timeout);
+        live.heard(now);
+        let mut verdicts = Vec::new();
+        while verdicts.last() != Some(&Verdict::Down) {
+            let at = live.deadline();
+            if let Some(v) = live.at_deadline(at, true, timeout) {
+                if v == Verdict::Reprobe {
+                    live.probe_sent(at, timeout);
+                }
+                verdicts.push(v);
+            }
+        }
+        assert_eq!(
+            verdicts,
+            [Verdict::Reprobe, Verdict::Reprobe, Verdict::Down]
+        );
     }
 
     #[test]

@@ -361,11 +361,10 @@ async fn gather(recv: &mut RecvStream, bufs: &mut [Bytes; IOV]) -> Gathered {
 ///
 /// quinn hands out one chunk per received packet, and its send buffer keeps one segment per chunk
 /// written, which it scans from the oldest unacknowledged one for every packet it sends
-/// (`SendBuffer::get`). Forwarding packet-sized chunks as they came made that scan quadratic in
-/// the bytes in flight: under a bulk transfer (1,452-byte packets) the transit stalled ~190 ms at
-/// a time, stopped answering probes and was declared down by both neighbours. So the pump copies
-/// what is ready (one `memcpy`) into one block per write ([`gather`]): under load many packets
-/// per segment, and an interactive exchange still goes out at once.
+/// (`SendBuffer::get`). Forwarding packet-sized chunks as they came makes that scan quadratic in
+/// the bytes in flight (a 32 MiB stream window holds ~23,000 segments of 1,452 bytes). So the
+/// pump copies what is ready (one `memcpy`) into one block per write ([`gather`]): under load
+/// many packets per segment, and an interactive exchange still goes out at once.
 async fn pump(recv: &mut RecvStream, send: &mut SendStream) {
     let mut bufs: [Bytes; IOV] = Default::default();
     loop {

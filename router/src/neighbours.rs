@@ -110,6 +110,12 @@ pub(crate) enum Verdict {
 /// this router's own probes could not leave (see [`Liveness::unsent`]).
 pub(crate) const HARD_SILENCE: Duration = Duration::from_secs(2);
 
+/// How long a neighbour declared down may stay silent (no packet at all) before its connection
+/// is closed, resetting the streams still open on it. A down verdict only stops new streams:
+/// a peer that was silent for a few hundred ms because it (or this router) was starved of CPU
+/// comes back without its transfers being cut, and a dead one's streams end after this.
+pub(crate) const DEAD_AFTER: Duration = Duration::from_secs(1);
+
 /// BFD-style liveness of one neighbour connection, as a pure state machine (times are passed in).
 ///
 /// A probe is *missed* when neither its reply nor any other packet from the peer arrived within
@@ -198,6 +204,9 @@ impl Liveness {
     pub fn last_alive(&self) -> tokio::time::Instant {
         self.last_alive
     }
+    pub fn last_heard(&self) -> tokio::time::Instant {
+        self.last_heard
+    }
     /// A probe was sent at `now`; it is missed at `now + timeout` unless answered.
     pub fn probe_sent(&mut self, now: tokio::time::Instant, timeout: Duration) {
         if self.outstanding.is_none() {
@@ -261,9 +270,24 @@ async fn probe_until_down(
             let _ = conn.send_datagram(Probe::encode_ping(*seq));
             live.probe_sent(tokio::time::Instant::now(), probe_timeout(conn.rtt()));
         };
+    // Declared down on this connection: no new streams; closed after `DEAD_AFTER` of silence.
+    let mut declared = false;
     loop {
+        let deadline = if declared {
+            live.last_heard() + DEAD_AFTER
+        } else {
+            live.deadline()
+        };
         tokio::select! {
-            _ = tokio::time::sleep_until(live.deadline()) => {
+            _ = tokio::time::sleep_until(deadline) => {
+                if declared {
+                    if tokio::time::Instant::now() >= live.last_heard() + DEAD_AFTER {
+                        tracing::warn!(node = %shared.node, neighbour = %nb.id, "neighbour silent: closing its connection");
+                        conn.close(quinn::VarInt::from_u32(close::DECLARED_DOWN), b"missed probes");
+                        return;
+                    }
+                    continue;
+                }
                 // Any packet from the peer since the probe went out answers it (a reply may
                 // queue behind bulk data); a dead peer sends nothing.
                 let st = conn.stats();
@@ -276,10 +300,25 @@ async fn probe_until_down(
                 let now = tokio::time::Instant::now();
                 match live.at_deadline(now, probe_left, probe_timeout(conn.rtt())) {
                     Some(Verdict::Down) => {
-                        tracing::warn!(node = %shared.node, neighbour = %nb.id, after_ms = live.last_alive().elapsed().as_millis() as u64, "neighbour down: missed probes");
+                        let path = &st.path;
+                        tracing::warn!(
+                            node = %shared.node,
+                            neighbour = %nb.id,
+                            after_ms = live.last_alive().elapsed().as_millis() as u64,
+                            rtt_us = path.rtt.as_micros() as u64,
+                            cwnd = path.cwnd,
+                            lost_packets = path.lost_packets,
+                            pings_sent = st.frame_tx.datagram,
+                            datagrams_received = st.udp_rx.datagrams,
+                            "neighbour down: missed probes"
+                        );
                         shared.metrics.neighbour_down_total.fetch_add(1, Relaxed);
-                        conn.close(quinn::VarInt::from_u32(close::DECLARED_DOWN), b"missed probes");
-                        return;
+                        if nb.is_up() {
+                            nb.set_down();
+                            shared.changed.notify_one();
+                        }
+                        *down_since = Some(Instant::now());
+                        declared = true;
                     }
                     Some(Verdict::Reprobe) => {
                         send_probe(&mut seq, &mut live, &mut rx_at_probe, &mut sent_at_probe)
@@ -314,6 +353,7 @@ async fn probe_until_down(
                 if !nb.is_up() && down_since.is_none_or(|t| t.elapsed() >= p.hold_down) {
                     nb.set_up(conn);
                     *down_since = None;
+                    declared = false;
                     tracing::info!(node = %shared.node, neighbour = %nb.id, rtt_us = nb.rtt_us(), "neighbour up");
                     changed = true;
                 }

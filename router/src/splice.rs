@@ -109,6 +109,30 @@ impl TcpBuf {
     }
 }
 
+/// Bytes one pump moves before it yields to the scheduler. quinn's reads and writes are outside
+/// tokio's cooperative budget (a transit's pump touches nothing else), and a TCP socket that is
+/// always ready spends its budget only every 128 reads (up to 32 MiB): a pump with both sides
+/// ready could keep its worker thread for as long as the transfer lasts, while the quinn
+/// connection driver it woke waits in that worker's LIFO slot (not stealable), and so do the
+/// other connections' tasks queued there.
+pub const YIELD_EVERY: usize = 1 << 20;
+
+/// Counts the bytes a pump moved and yields once per [`YIELD_EVERY`].
+#[derive(Default)]
+struct Fairness {
+    moved: usize,
+}
+
+impl Fairness {
+    async fn moved(&mut self, n: usize) {
+        self.moved += n;
+        if self.moved >= YIELD_EVERY {
+            self.moved = 0;
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
 /// TCP → QUIC until EOF (then FIN).
 pub(crate) async fn tcp_to_quic(
     shared: &Shared,
@@ -118,6 +142,7 @@ pub(crate) async fn tcp_to_quic(
     side: Side,
     bucket: Option<&TokenBucket>,
 ) -> Result<(), Abort> {
+    let mut fair = Fairness::default();
     loop {
         let chunk = match buf.read(rd, bucket.is_none()).await {
             Ok(c) if c.is_empty() => {
@@ -139,6 +164,7 @@ pub(crate) async fn tcp_to_quic(
             return Err(Abort(write_error_code(&e)));
         }
         count(shared, side, true, n);
+        fair.moved(n).await;
     }
 }
 
@@ -192,6 +218,7 @@ pub(crate) async fn quic_to_tcp(
     // A rate-limited circuit takes one chunk at a time so that it stays well inside its burst.
     let per_read = if bucket.is_some() { 1 } else { IOV };
     let mut bufs: [Bytes; IOV] = Default::default();
+    let mut fair = Fairness::default();
     loop {
         match recv.read_chunks(&mut bufs[..per_read]).await {
             Ok(Some(k)) => {
@@ -205,6 +232,7 @@ pub(crate) async fn quic_to_tcp(
                     return Err(Abort(code));
                 }
                 count(shared, side, false, n);
+                fair.moved(n).await;
             }
             Ok(None) => {
                 let _ = wr.shutdown().await;
@@ -367,13 +395,16 @@ async fn gather(recv: &mut RecvStream, bufs: &mut [Bytes; IOV]) -> Gathered {
 /// many packets per segment, and an interactive exchange still goes out at once.
 async fn pump(recv: &mut RecvStream, send: &mut SendStream) {
     let mut bufs: [Bytes; IOV] = Default::default();
+    let mut fair = Fairness::default();
     loop {
         let Gathered { block, fin, failed } = gather(recv, &mut bufs).await;
-        if !block.is_empty()
-            && let Err(e) = send.write_chunk(block).await
-        {
-            let _ = recv.stop(write_error_code(&e).varint());
-            return;
+        let n = block.len();
+        if n > 0 {
+            if let Err(e) = send.write_chunk(block).await {
+                let _ = recv.stop(write_error_code(&e).varint());
+                return;
+            }
+            fair.moved(n).await;
         }
         if let Some(e) = failed {
             let _ = send.reset(read_error_code(&e).varint());

@@ -300,12 +300,13 @@ async fn attempt(
     let Some(first) = cand.next_hop() else {
         return Attempt::Retry(Code::WrongRole);
     };
-    let Some(conn) = shared
-        .neighbours
-        .load()
-        .get(first)
-        .and_then(|n| n.connection())
-    else {
+    let Some(nb) = shared.neighbours.load().get(first).cloned() else {
+        return Attempt::Retry(Code::NextHopUnreachable);
+    };
+    // Registered before the check below, so a verdict in between is not missed.
+    let went_down = nb.went_down();
+    tokio::pin!(went_down);
+    let Some(conn) = nb.connection() else {
         return Attempt::Retry(Code::NextHopUnreachable);
     };
     let (mut send, mut recv) = match conn.open_bi().await {
@@ -374,6 +375,9 @@ async fn attempt(
                 Err(_) => break Err(Attempt::Fatal(Code::ClientAbort)),
             },
             _ = &mut deadline => break Err(Attempt::Fatal(Code::UpstreamLost)),
+            // The first hop was declared down before the site answered: nothing came back yet,
+            // so the next candidate can take the connection now.
+            _ = &mut went_down => break Err(Attempt::Retry(Code::NextHopUnreachable)),
         }
     };
     match outcome {

@@ -25,6 +25,10 @@ pub(crate) struct Neighbour {
     conn: ArcSwapOption<quinn::Connection>,
     up: AtomicBool,
     rtt_us: AtomicU64,
+    /// Woken when the neighbour is declared down: streams still waiting for their first answer
+    /// through it give up and try the next candidate instead of waiting for the connection to
+    /// close ([`DEAD_AFTER`]).
+    went_down: tokio::sync::Notify,
 }
 
 impl Neighbour {
@@ -35,6 +39,7 @@ impl Neighbour {
             conn: ArcSwapOption::empty(),
             up: AtomicBool::new(false),
             rtt_us: AtomicU64::new(0),
+            went_down: tokio::sync::Notify::new(),
         }
     }
     /// Hot path: one atomic load. `None` while the neighbour is down.
@@ -54,6 +59,12 @@ impl Neighbour {
     fn set_down(&self) {
         self.conn.store(None);
         self.up.store(false, Relaxed);
+        self.went_down.notify_waiters();
+    }
+    /// Completes when the neighbour is declared down after this call (check [`Neighbour::is_up`]
+    /// after creating it).
+    pub fn went_down(&self) -> tokio::sync::futures::Notified<'_> {
+        self.went_down.notified()
     }
 }
 

@@ -87,11 +87,9 @@ enum Part {
     Failover,
 }
 
-/// The same allocator as the `tasman` binary (routers run in this binary here).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
+    // The same allocator tuning as the `tasman` binary (routers run in this binary here).
+    router::alloc::tune();
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

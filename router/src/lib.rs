@@ -16,6 +16,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod alloc;
 pub mod backend;
 pub mod circuits;
 pub mod codes;

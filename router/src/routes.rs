@@ -145,6 +145,7 @@ impl Shared {
             .neighbours
             .load()
             .values()
+            .filter(|n| n.state_known(self.started.elapsed()))
             .map(|n| NeighbourState {
                 id: n.id.clone(),
                 up: n.is_up(),

@@ -177,7 +177,6 @@ impl Shared {
             .neighbours
             .load()
             .values()
-            .filter(|n| n.state_known(self.started.elapsed()))
             .map(|n| telemetry::NeighbourReport {
                 id: n.id.clone(),
                 rtt_us: n.rtt_us(),

@@ -17,9 +17,6 @@ use crate::probe::Probe;
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// See [`Neighbour::state_known`]: long enough for both ends' first dials (quinn re-sends a lost
-/// Initial after ~1 s, when the peer was not listening yet).
-pub(crate) const STARTUP_GRACE: Duration = Duration::from_secs(5);
 
 pub(crate) struct Neighbour {
     pub id: NodeId,
@@ -27,8 +24,6 @@ pub(crate) struct Neighbour {
     /// Set only while the neighbour is up (connected, answering probes, past its hold-down).
     conn: ArcSwapOption<quinn::Connection>,
     up: AtomicBool,
-    /// Has been up at least once since this router started.
-    ever_up: AtomicBool,
     rtt_us: AtomicU64,
     /// Woken when the neighbour is declared down: streams still waiting for their first answer
     /// through it give up and try the next candidate instead of waiting for the connection to
@@ -43,7 +38,6 @@ impl Neighbour {
             addr,
             conn: ArcSwapOption::empty(),
             up: AtomicBool::new(false),
-            ever_up: AtomicBool::new(false),
             rtt_us: AtomicU64::new(0),
             went_down: tokio::sync::Notify::new(),
         }
@@ -61,14 +55,6 @@ impl Neighbour {
     fn set_up(&self, conn: &quinn::Connection) {
         self.conn.store(Some(Arc::new(conn.clone())));
         self.up.store(true, Relaxed);
-        self.ever_up.store(true, Relaxed);
-    }
-    /// Whether this router's view of the link is worth telling others (probe digests, the
-    /// controller): up, or down after having been up, or not up `STARTUP_GRACE` after start. A
-    /// neighbour still being dialled at start-up is unknown, not down: reporting it down made
-    /// other routers avoid a link that both its ends were about to bring up.
-    pub fn state_known(&self, since_start: Duration) -> bool {
-        self.is_up() || self.ever_up.load(Relaxed) || since_start >= STARTUP_GRACE
     }
     fn set_down(&self) {
         self.conn.store(None);
@@ -444,13 +430,6 @@ mod tests {
             }
         }
         None
-    }
-
-    #[test]
-    fn a_neighbour_never_up_is_unknown_until_the_start_up_grace_ends() {
-        let n = Neighbour::new("far".into(), "127.0.0.1:1".parse().unwrap());
-        assert!(!n.state_known(Duration::from_millis(1200)));
-        assert!(n.state_known(STARTUP_GRACE));
     }
 
     #[test]

@@ -145,7 +145,6 @@ impl Shared {
             .neighbours
             .load()
             .values()
-            .filter(|n| n.state_known(self.started.elapsed()))
             .map(|n| NeighbourState {
                 id: n.id.clone(),
                 up: n.is_up(),

@@ -315,19 +315,43 @@ impl DemoFabric {
             .collect()
     }
 
-    /// Waits until every running router sees all its running neighbours up.
+    /// Waits until every running router sees all its running neighbours up, and the edges'
+    /// preferred sites have then held still for [`SETTLE`]: a router's "up" reaches the others in
+    /// its next probe reply, so the first instant everything is up an edge may still be routing
+    /// around a link that an end reported down while it was dialling.
     pub async fn wait_converged(&self, within: Duration) -> Result<(), DemoError> {
+        const SETTLE: Duration = Duration::from_millis(300);
         let deadline = Instant::now() + within;
+        let mut stable: Option<(Instant, Vec<BTreeMap<String, String>>)> = None;
         loop {
             let missing = self.not_converged();
             if missing.is_empty() {
-                return Ok(());
+                let choice = self.preferred_by_edge();
+                match &stable {
+                    Some((since, c)) if *c == choice => {
+                        if since.elapsed() >= SETTLE {
+                            return Ok(());
+                        }
+                    }
+                    _ => stable = Some((Instant::now(), choice)),
+                }
+            } else {
+                stable = None;
             }
             if Instant::now() > deadline {
                 return Err(DemoError::NotConverged(within, missing.join(", ")));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Every running router's preferred site per service (empty for non-edges), in a fixed order.
+    fn preferred_by_edge(&self) -> Vec<BTreeMap<String, String>> {
+        let mut ids: Vec<_> = self.routers.keys().collect();
+        ids.sort();
+        ids.iter()
+            .map(|id| self.routers[*id].handle.telemetry().preferred)
+            .collect()
     }
 
     /// Waits until every edge's routing table sees each link's latency close to the declared

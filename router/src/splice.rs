@@ -3,7 +3,7 @@
 //! HOT PATH. TCP→QUIC reads into a `BytesMut` and hands the frozen `Bytes` to quinn with
 //! `write_chunk` (no copy into quinn's send buffer; see [`TcpBuf`]); QUIC→TCP and QUIC→QUIC use
 //! `read_chunks`, which hands out up to 16 of quinn's own `Bytes` at once without a copy; they go
-//! to TCP with one `writev`. A transit copies what is ready into one block per write (see
+//! to TCP with one `writev`. A transit writes what is ready as one block per write (see
 //! [`pump`]: quinn's send buffer must not hold one segment per packet).
 //! Backpressure is end to end: a pump awaits its write before it reads again, so a slow reader
 //! shrinks the QUIC flow-control window and, behind it, the TCP window.
@@ -348,41 +348,49 @@ struct Gathered {
     failed: Option<ReadError>,
 }
 
-/// Waits for data on `recv`, then copies everything ready now (at most about [`RELAY_BLOCK`])
-/// into one block.
-async fn gather(recv: &mut RecvStream, bufs: &mut [Bytes; IOV]) -> Gathered {
-    let mut r = recv.read_chunks(bufs).await;
-    let mut block = BytesMut::new();
-    let (mut fin, mut failed) = (false, None);
+/// A transit pump's buffers, reused for the life of the stream.
+#[derive(Default)]
+struct Gather {
+    bufs: [Bytes; IOV],
+    /// quinn's chunks taken for the next block (references, not copies).
+    held: Vec<Bytes>,
+}
+
+/// Waits for data on `recv`, then takes everything ready now (up to about [`RELAY_BLOCK`]) as
+/// one block: a lone chunk is handed on as it is; several are copied once into a block of
+/// exactly their size.
+async fn gather(recv: &mut RecvStream, g: &mut Gather) -> Gathered {
+    let mut r = recv.read_chunks(&mut g.bufs).await;
+    let (mut total, mut fin, mut failed) = (0, false, None);
     loop {
         match r {
             Ok(Some(k)) => {
-                if block.capacity() == 0 {
-                    block.reserve(RELAY_BLOCK);
-                }
-                for b in &mut bufs[..k] {
-                    block.extend_from_slice(b);
-                    *b = Bytes::new();
+                for b in &mut g.bufs[..k] {
+                    total += b.len();
+                    g.held.push(std::mem::take(b));
                 }
             }
             Ok(None) => fin = true,
             Err(e) => failed = Some(e),
         }
-        // Stop before a full read of the largest packets could overflow the block.
-        let room = RELAY_BLOCK.saturating_sub(block.len());
-        if fin || failed.is_some() || room < IOV * crate::transport::MTU_UPPER_BOUND as usize {
+        if fin || failed.is_some() || total >= RELAY_BLOCK {
             break;
         }
-        match ready_chunks(recv, bufs).await {
+        match ready_chunks(recv, &mut g.bufs).await {
             Some(next) => r = next,
             None => break,
         }
     }
-    Gathered {
-        block: block.freeze(),
-        fin,
-        failed,
-    }
+    let block = if g.held.len() == 1 {
+        g.held.pop().unwrap_or_default()
+    } else {
+        let mut block = BytesMut::with_capacity(total);
+        for b in g.held.drain(..) {
+            block.extend_from_slice(&b);
+        }
+        block.freeze()
+    };
+    Gathered { block, fin, failed }
 }
 
 /// QUIC → QUIC, one direction (transit). Propagates FIN, resets and stops.
@@ -391,13 +399,13 @@ async fn gather(recv: &mut RecvStream, bufs: &mut [Bytes; IOV]) -> Gathered {
 /// written, which it scans from the oldest unacknowledged one for every packet it sends
 /// (`SendBuffer::get`). Forwarding packet-sized chunks as they came makes that scan quadratic in
 /// the bytes in flight (a 32 MiB stream window holds ~23,000 segments of 1,452 bytes). So the
-/// pump copies what is ready (one `memcpy`) into one block per write ([`gather`]): under load
-/// many packets per segment, and an interactive exchange still goes out at once.
+/// pump writes what is ready as one block ([`gather`]; one `memcpy` when it is several chunks):
+/// under load many packets per segment, and an interactive exchange still goes out at once.
 async fn pump(recv: &mut RecvStream, send: &mut SendStream) {
-    let mut bufs: [Bytes; IOV] = Default::default();
+    let mut g = Gather::default();
     let mut fair = Fairness::default();
     loop {
-        let Gathered { block, fin, failed } = gather(recv, &mut bufs).await;
+        let Gathered { block, fin, failed } = gather(recv, &mut g).await;
         let n = block.len();
         if n > 0 {
             if let Err(e) = send.write_chunk(block).await {
@@ -509,10 +517,10 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let mut bufs: [Bytes; IOV] = Default::default();
+        let mut gathering = Gather::default();
         let (mut got, mut writes) = (Vec::new(), 0);
         loop {
-            let g = gather(&mut recv, &mut bufs).await;
+            let g = gather(&mut recv, &mut gathering).await;
             assert!(g.failed.is_none());
             if !g.block.is_empty() {
                 writes += 1;

@@ -115,6 +115,8 @@ pub(crate) enum Verdict {
     Down,
     /// The outstanding probe was missed: send another one now (fast re-probe).
     Reprobe,
+    /// Declared down, then [`DEAD_AFTER`] without any packet: close the connection.
+    Dead,
 }
 
 /// Longest silence (no packet at all from the peer) tolerated whatever else holds, even while
@@ -153,6 +155,9 @@ pub(crate) struct Liveness {
     /// Deadline of the oldest probe not yet answered.
     outstanding: Option<tokio::time::Instant>,
     misses: u32,
+    /// A `Down` verdict was given and the peer has not [`Liveness::recovered`] since: only
+    /// [`DEAD_AFTER`] of silence is watched for.
+    down: bool,
 }
 
 impl Liveness {
@@ -165,6 +170,7 @@ impl Liveness {
             last_heard: now,
             outstanding: None,
             misses: 0,
+            down: false,
         }
     }
     /// A reply arrived: the peer is alive.
@@ -206,7 +212,11 @@ impl Liveness {
         probe_left: bool,
         timeout: Duration,
     ) -> Option<Verdict> {
-        if !probe_left && self.outstanding.is_some() && now < self.last_heard + HARD_SILENCE {
+        if !self.down
+            && !probe_left
+            && self.outstanding.is_some()
+            && now < self.last_heard + HARD_SILENCE
+        {
             self.unsent(now, timeout);
             return None;
         }
@@ -215,8 +225,9 @@ impl Liveness {
     pub fn last_alive(&self) -> tokio::time::Instant {
         self.last_alive
     }
-    pub fn last_heard(&self) -> tokio::time::Instant {
-        self.last_heard
+    /// The neighbour is up again (after its hold-down): probes judge it afresh.
+    pub fn recovered(&mut self) {
+        self.down = false;
     }
     /// A probe was sent at `now`; it is missed at `now + timeout` unless answered.
     pub fn probe_sent(&mut self, now: tokio::time::Instant, timeout: Duration) {
@@ -226,31 +237,42 @@ impl Liveness {
     }
     /// When [`Liveness::expire`] must run next.
     pub fn deadline(&self) -> tokio::time::Instant {
+        if self.down {
+            return self.last_heard + DEAD_AFTER;
+        }
         let classic = (self.last_alive + self.detect).min(self.last_heard + HARD_SILENCE);
         self.outstanding.map_or(classic, |o| o.min(classic))
     }
-    /// At the deadline: is the peer down, or does a missed probe call for a re-probe?
+    /// At the deadline: is the peer down (or, once down, dead), or does a missed probe call for
+    /// a re-probe?
     pub fn expire(&mut self, now: tokio::time::Instant) -> Option<Verdict> {
-        if now >= self.last_alive + self.detect || now >= self.last_heard + HARD_SILENCE {
-            return Some(Verdict::Down);
+        if self.down {
+            return (now >= self.last_heard + DEAD_AFTER).then_some(Verdict::Dead);
         }
-        match self.outstanding {
-            Some(o) if now >= o => {
-                self.outstanding = None;
-                self.misses += 1;
-                Some(if self.misses >= self.misses_needed {
-                    Verdict::Down
-                } else {
-                    Verdict::Reprobe
-                })
-            }
-            _ => None,
-        }
+        let verdict =
+            if now >= self.last_alive + self.detect || now >= self.last_heard + HARD_SILENCE {
+                Some(Verdict::Down)
+            } else {
+                match self.outstanding {
+                    Some(o) if now >= o => {
+                        self.outstanding = None;
+                        self.misses += 1;
+                        Some(if self.misses >= self.misses_needed {
+                            Verdict::Down
+                        } else {
+                            Verdict::Reprobe
+                        })
+                    }
+                    _ => None,
+                }
+            };
+        self.down = verdict == Some(Verdict::Down);
+        verdict
     }
 }
 
-/// Probes the connection every interval; returns when the neighbour is declared down (see
-/// [`Liveness`]) or the connection closes.
+/// Probes the connection every interval. A `Down` verdict marks the neighbour down (no new
+/// streams); returns when it is `Dead` (the connection is closed) or the connection closes.
 async fn probe_until_down(
     shared: &Shared,
     nb: &Neighbour,
@@ -265,49 +287,34 @@ async fn probe_until_down(
     let mut udp_rx = conn.stats().udp_rx.datagrams;
     // Datagrams received, and pings transmitted (only pings are sent as datagrams on a dialled
     // connection), when the outstanding probe was queued.
-    let mut rx_at_probe = udp_rx;
-    let mut sent_at_probe = conn.stats().frame_tx.datagram;
+    let mark = || {
+        let st = conn.stats();
+        (st.udp_rx.datagrams, st.frame_tx.datagram)
+    };
+    let mut at_probe = mark();
     let mut pongs: u64 = 0;
     let mut pongs_at_tick: u64 = 0;
     let mut prev_tick = tokio::time::Instant::now();
-    let send_probe =
-        |seq: &mut u64, live: &mut Liveness, rx_at_probe: &mut u64, sent_at_probe: &mut u64| {
-            *seq += 1;
-            if live.outstanding.is_none() {
-                let st = conn.stats();
-                *rx_at_probe = st.udp_rx.datagrams;
-                *sent_at_probe = st.frame_tx.datagram;
-            }
-            let _ = conn.send_datagram(Probe::encode_ping(*seq));
-            live.probe_sent(tokio::time::Instant::now(), probe_timeout(conn.rtt()));
-        };
-    // Declared down on this connection: no new streams; closed after `DEAD_AFTER` of silence.
-    let mut declared = false;
+    let send_probe = |seq: &mut u64, live: &mut Liveness, at_probe: &mut (u64, u64)| {
+        *seq += 1;
+        if live.outstanding.is_none() {
+            *at_probe = mark();
+        }
+        let _ = conn.send_datagram(Probe::encode_ping(*seq));
+        live.probe_sent(tokio::time::Instant::now(), probe_timeout(conn.rtt()));
+    };
     loop {
-        let deadline = if declared {
-            live.last_heard() + DEAD_AFTER
-        } else {
-            live.deadline()
-        };
         tokio::select! {
-            _ = tokio::time::sleep_until(deadline) => {
-                if declared {
-                    if tokio::time::Instant::now() >= live.last_heard() + DEAD_AFTER {
-                        tracing::warn!(node = %shared.node, neighbour = %nb.id, "neighbour silent: closing its connection");
-                        conn.close(quinn::VarInt::from_u32(close::DECLARED_DOWN), b"missed probes");
-                        return;
-                    }
-                    continue;
-                }
+            _ = tokio::time::sleep_until(live.deadline()) => {
                 // Any packet from the peer since the probe went out answers it (a reply may
                 // queue behind bulk data); a dead peer sends nothing.
                 let st = conn.stats();
-                if live.outstanding.is_some() && st.udp_rx.datagrams > rx_at_probe {
+                if live.outstanding.is_some() && st.udp_rx.datagrams > at_probe.0 {
                     live.answered();
                     continue;
                 }
                 // A probe still queued behind a full congestion window has not left.
-                let probe_left = st.frame_tx.datagram > sent_at_probe;
+                let probe_left = st.frame_tx.datagram > at_probe.1;
                 let now = tokio::time::Instant::now();
                 match live.at_deadline(now, probe_left, probe_timeout(conn.rtt())) {
                     Some(Verdict::Down) => {
@@ -329,11 +336,13 @@ async fn probe_until_down(
                             shared.changed.notify_one();
                         }
                         *down_since = Some(Instant::now());
-                        declared = true;
                     }
-                    Some(Verdict::Reprobe) => {
-                        send_probe(&mut seq, &mut live, &mut rx_at_probe, &mut sent_at_probe)
+                    Some(Verdict::Dead) => {
+                        tracing::warn!(node = %shared.node, neighbour = %nb.id, "neighbour silent: closing its connection");
+                        conn.close(quinn::VarInt::from_u32(close::DECLARED_DOWN), b"missed probes");
+                        return;
                     }
+                    Some(Verdict::Reprobe) => send_probe(&mut seq, &mut live, &mut at_probe),
                     None => {}
                 }
             }
@@ -352,7 +361,7 @@ async fn probe_until_down(
                     live.heard(prev_tick);
                 }
                 prev_tick = tokio::time::Instant::now();
-                send_probe(&mut seq, &mut live, &mut rx_at_probe, &mut sent_at_probe);
+                send_probe(&mut seq, &mut live, &mut at_probe);
             }
             d = conn.read_datagram() => {
                 let Ok(bytes) = d else { return };
@@ -364,7 +373,7 @@ async fn probe_until_down(
                 if !nb.is_up() && down_since.is_none_or(|t| t.elapsed() >= p.hold_down) {
                     nb.set_up(conn);
                     *down_since = None;
-                    declared = false;
+                    live.recovered();
                     tracing::info!(node = %shared.node, neighbour = %nb.id, rtt_us = nb.rtt_us(), "neighbour up");
                     changed = true;
                 }
@@ -412,7 +421,7 @@ mod tests {
             let mut send = false;
             if now == live.deadline() {
                 match live.at_deadline(now, true, timeout) {
-                    Some(Verdict::Down) => return Some(now - t0),
+                    Some(Verdict::Down | Verdict::Dead) => return Some(now - t0),
                     Some(Verdict::Reprobe) => send = true,
                     None => {}
                 }
@@ -516,6 +525,53 @@ mod tests {
         assert_eq!(
             verdicts,
             [Verdict::Reprobe, Verdict::Reprobe, Verdict::Down]
+        );
+    }
+
+    #[test]
+    fn a_peer_declared_down_is_dead_after_its_last_packet_plus_dead_after_unless_it_recovers() {
+        let p = ProbeConfig::default();
+        let timeout = probe_timeout(Duration::from_micros(300));
+        let t0 = T::now();
+        let mut live = Liveness::new(p, t0);
+        live.probe_sent(t0, timeout);
+        let mut verdicts = Vec::new();
+        let dead_at = loop {
+            let at = live.deadline();
+            match live.at_deadline(at, true, timeout) {
+                Some(Verdict::Dead) => break at,
+                Some(v) => {
+                    if v == Verdict::Reprobe {
+                        live.probe_sent(at, timeout);
+                    }
+                    verdicts.push(v);
+                }
+                None => {}
+            }
+        };
+        assert_eq!(
+            verdicts,
+            [Verdict::Reprobe, Verdict::Reprobe, Verdict::Down]
+        );
+        assert_eq!(
+            dead_at,
+            t0 + DEAD_AFTER,
+            "dead one DEAD_AFTER after the last packet"
+        );
+        // A peer that answers while down is not dead; once recovered, misses count afresh.
+        let mut live = Liveness::new(p, t0);
+        live.probe_sent(t0, timeout);
+        while live.at_deadline(live.deadline(), true, timeout) != Some(Verdict::Down) {
+            live.probe_sent(live.deadline(), timeout);
+        }
+        let back = t0 + Duration::from_millis(500);
+        live.reply(back);
+        assert_eq!(live.deadline(), back + DEAD_AFTER);
+        live.recovered();
+        live.probe_sent(back, timeout);
+        assert_eq!(
+            live.at_deadline(back + timeout, true, timeout),
+            Some(Verdict::Reprobe)
         );
     }
 

@@ -1,5 +1,5 @@
-//! 1 GiB through the fabric arrives byte-exact (SHA-256 checked), both directions at once; and a
-//! bulk transfer through a transit neither stalls it nor gets any neighbour declared down.
+//! 1 GiB through the fabric arrives byte-exact (SHA-256 checked), both directions at once; and
+//! 512 MiB each way through a transit too, even when CPU starvation gets a neighbour declared down.
 
 mod common;
 

@@ -25,9 +25,10 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 1 << 14;
 pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const UDP_BUFFER: usize = 8 * 1024 * 1024;
-/// Largest UDP payload path MTU discovery tries: a 9000-byte jumbo frame less the IPv6 and UDP
-/// headers. Cross-connects and data-centre fabrics commonly carry jumbo frames; where a path does
-/// not, the probes are lost and quinn stays at what it confirmed (1200 bytes at least).
+/// Largest UDP payload path MTU discovery tries (and the endpoint accepts from peers).
+/// Cross-connects and data-centre fabrics commonly carry jumbo frames; where a path does not, the
+/// probes are lost and quinn stays at what it confirmed (1200 bytes at least). Not a full jumbo
+/// frame (8,952): quinn sends up to 10 segments per GSO `sendmsg`, which must fit 64 KiB.
 pub const MTU_UPPER_BOUND: u16 = 6500;
 
 /// The transport configuration every fabric connection uses.

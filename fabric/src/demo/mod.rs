@@ -350,7 +350,7 @@ impl DemoFabric {
         let mut ids: Vec<_> = self.routers.keys().collect();
         ids.sort();
         ids.iter()
-            .map(|id| self.routers[*id].handle.telemetry().preferred)
+            .map(|id| router::routes::preferred_sites(&self.routers[*id].handle.routes()))
             .collect()
     }
 

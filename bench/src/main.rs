@@ -209,6 +209,8 @@ struct Rate {
     elapsed: Duration,
     /// Every round, sorted.
     all: Vec<Duration>,
+    /// CPU seconds per GiB of every process on the path (median round).
+    cpu_per_gib: f64,
 }
 
 struct Lat {
@@ -218,7 +220,12 @@ struct Lat {
     p99: f64,
     p999: f64,
     mean: f64,
+    /// CPU (user + system) of every process on the path per round trip, µs.
+    cpu_us: f64,
 }
+
+/// Latency rounds (each path once per round).
+const LAT_ROUNDS: usize = 5;
 
 fn lat(name: &'static str, hops: u32, mut ns: Vec<u64>) -> Lat {
     ns.sort_unstable();
@@ -230,6 +237,7 @@ fn lat(name: &'static str, hops: u32, mut ns: Vec<u64>) -> Lat {
         p99: net::percentile_us(&ns, 0.99),
         p999: net::percentile_us(&ns, 0.999),
         mean,
+        cpu_us: f64::NAN,
     }
 }
 
@@ -304,6 +312,7 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
         "bare quinn stream (same TLS, quinn's default transport config)",
     ];
     let mut runs: Vec<Vec<Duration>> = vec![Vec::new(); NAMES.len()];
+    let mut cpus: Vec<Vec<f64>> = vec![Vec::new(); NAMES.len()];
     for round in 0..rounds {
         for (f, name) in NAMES.iter().enumerate() {
             let routers: &[&str] = match f {
@@ -311,7 +320,21 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
                 4 => &["e2", "t1", "s1"],
                 _ => &[],
             };
+            // CPU of every process on the path: this one (client and sink, or both bare quinn
+            // endpoints), the routers, HAProxy.
+            let me = std::process::id();
+            let hap = hap_tput.pid();
             let cpu = |fabric: &procs::ProcFabric| -> anyhow::Result<u64> {
+                let mut ms = procs::cpu_ms(me)?;
+                for n in routers {
+                    ms += fabric.cpu_ms(n)?;
+                }
+                if f == 1 {
+                    ms += procs::cpu_ms(hap)?;
+                }
+                Ok(ms)
+            };
+            let router_cpu = |fabric: &procs::ProcFabric| -> anyhow::Result<u64> {
                 routers.iter().map(|n| fabric.cpu_ms(n)).sum()
             };
             // A path whose neighbour was declared down during an earlier run (CPU starvation
@@ -322,6 +345,7 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
                 _ => {}
             }
             let cpu_before = cpu(&fabric)?;
+            let router_before = router_cpu(&fabric)?;
             let elapsed = match f {
                 0 => net::push(sink, bytes).await?,
                 1 => net::push(hap_tput_addr, bytes).await?,
@@ -330,32 +354,34 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
                 4 => net::push(e2_tput, bytes).await?,
                 _ => quic::push(bytes, quic::Tuning::QuinnDefaults).await?,
             };
-            let cpu_used = cpu(&fabric)? - cpu_before;
+            let per_gib = |ms: u64| ms as f64 / 1000.0 / (bytes as f64 / (1u64 << 30) as f64);
+            let cpu_used = per_gib(cpu(&fabric)? - cpu_before);
+            let router_used = per_gib(router_cpu(&fabric)? - router_before);
             eprintln!(
-                "  round {}: {name}: {:.2} Gbit/s{}",
+                "  round {}: {name}: {:.2} Gbit/s, CPU {cpu_used:.2} s per GiB{}",
                 round + 1,
                 gbps(bytes, elapsed),
                 if routers.is_empty() {
                     String::new()
                 } else {
-                    format!(
-                        " (routers' CPU: {:.2} s per GiB)",
-                        cpu_used as f64 / 1000.0 / (bytes as f64 / (1u64 << 30) as f64)
-                    )
+                    format!(" (routers: {router_used:.2})")
                 }
             );
+            cpus[f].push(cpu_used);
             runs[f].push(elapsed);
         }
     }
     let rates: Vec<Rate> = NAMES
         .iter()
-        .zip(runs)
-        .map(|(name, mut v)| {
+        .zip(runs.into_iter().zip(cpus))
+        .map(|(name, (mut v, mut c))| {
             v.sort();
+            c.sort_by(f64::total_cmp);
             Rate {
                 name,
                 elapsed: v.get(v.len() / 2).copied().unwrap_or(Duration::MAX),
                 all: v,
+                cpu_per_gib: c.get(c.len() / 2).copied().unwrap_or(f64::NAN),
             }
         })
         .collect();
@@ -372,32 +398,80 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
 
     // 2. Latency: 64-byte ping-pongs on one connection.
     eprintln!("latency: {} ping-pongs of 64 B per run", args.pings);
-    let mut lats = Vec::new();
-    let lat_paths = if want(Part::Latency) { 5 } else { 0 };
-    for (name, hops, addr) in [
-        ("direct TCP (client -> echo)", 0, echo),
-        ("HAProxy `mode tcp`", 0, hap_echo_addr),
-        ("Tasman edge -> site", 1, e1_echo),
-        ("Tasman edge -> transit -> site", 2, e2_echo),
+    let lat_paths = if want(Part::Latency) { 6 } else { 0 };
+    let paths = [
+        ("direct TCP (client -> echo)", 0, Some(echo)),
+        ("HAProxy `mode tcp`", 0, Some(hap_echo_addr)),
+        ("Tasman edge -> site", 1, Some(e1_echo)),
+        ("Tasman edge -> transit -> site", 2, Some(e2_echo)),
         (
             "HAProxy -> HAProxy (two proxy processes, as edge -> site)",
             0,
-            hap_chain_addr,
+            Some(hap_chain_addr),
         ),
-    ]
-    .into_iter()
-    .take(lat_paths)
-    {
-        let l = lat(name, hops, net::ping_pong(addr, args.pings, 64).await?);
-        eprintln!("  {name}: p50 {:.1} us, p99 {:.1} us", l.p50, l.p99);
+        (
+            "bare quinn stream (same TLS + transport config; echo in the client's process)",
+            0,
+            None,
+        ),
+    ];
+    // The processes each path's round trips run through (their CPU is counted per round trip).
+    let me = std::process::id();
+    let (echo_pid, hap_pid, chain_pid) = (echo_proc.pid(), hap_echo.pid(), hap_chain.pid());
+    let (e1, e2, t1, s1) = (
+        fabric.pid("e1")?,
+        fabric.pid("e2")?,
+        fabric.pid("t1")?,
+        fabric.pid("s1")?,
+    );
+    let pids: [Vec<u32>; 6] = [
+        vec![me, echo_pid],
+        vec![me, echo_pid, hap_pid],
+        vec![me, echo_pid, e1, s1],
+        vec![me, echo_pid, e2, t1, s1],
+        vec![me, echo_pid, chain_pid, hap_pid],
+        vec![me],
+    ];
+    let cpu_of = |pids: &[u32]| -> anyhow::Result<u64> {
+        pids.iter()
+            .map(|p| procs::cpu_ms(*p))
+            .sum::<anyhow::Result<u64>>()
+    };
+    // Interleaved: every path gets one connection per round, so a slow stretch of the machine
+    // falls on all of them alike.
+    let mut samples: Vec<Vec<u64>> = vec![Vec::new(); lat_paths];
+    let mut cpu_ms = [0u64; 6];
+    let per_round = args.pings.div_ceil(LAT_ROUNDS);
+    for _ in 0..LAT_ROUNDS {
+        for (i, (_, _, addr)) in paths.iter().take(lat_paths).enumerate() {
+            let before = cpu_of(&pids[i])?;
+            samples[i].extend(match addr {
+                Some(a) => net::ping_pong(*a, per_round, 64).await?,
+                None => quic::ping_pong(per_round, 64, quic::Tuning::Fabric).await?,
+            });
+            cpu_ms[i] += cpu_of(&pids[i])? - before;
+        }
+    }
+    // Warm-up round trips (and, for bare quinn, the handshake) are in the CPU figure too.
+    let trips = (LAT_ROUNDS * (per_round + net::WARM_UP)) as f64;
+    let mut lats = Vec::new();
+    for (i, ((name, hops, _), ns)) in paths.into_iter().zip(samples).enumerate() {
+        let mut l = lat(name, hops, ns);
+        l.cpu_us = cpu_ms[i] as f64 * 1000.0 / trips;
+        eprintln!(
+            "  {name}: p50 {:.1} us, p99 {:.1} us, CPU {:.1} us per round trip",
+            l.p50, l.p99, l.cpu_us
+        );
         lats.push(l);
     }
-    if lats.len() == 5 {
+    if lats.len() == 6 {
         eprintln!(
-            "  added p50: edge -> site {:.1} us, transit {:.1} us more; two HAProxys {:.1} us",
+            "  added p50: edge -> site {:.1} us, transit {:.1} us more; two HAProxys {:.1} us; \
+             quinn over TCP {:.1} us",
             lats[2].p50 - lats[0].p50,
             lats[3].p50 - lats[2].p50,
-            lats[4].p50 - lats[0].p50
+            lats[4].p50 - lats[0].p50,
+            lats[5].p50 - lats[0].p50,
         );
     }
 
@@ -521,12 +595,14 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
     writeln!(
         md,
         "{} MiB written on one connection, half-closed, until the receiver's byte count comes back; {} rounds,\n\
-         every path once per round (interleaved), median round shown.\n",
+         every path once per round (interleaved), median round shown. CPU: user + system time of every\n\
+         process on the path (the benchmark process, which holds the client, the sink and both bare quinn\n\
+         endpoints; the routers; HAProxy) during the run, per GiB moved.\n",
         args.mib, args.rounds
     )?;
     writeln!(
         md,
-        "| path | time (median) | Gbit/s (median) | Gbit/s, every round | vs bare quinn |\n|---|---:|---:|---:|---:|"
+        "| path | time (median) | Gbit/s (median) | Gbit/s, every round | vs bare quinn | CPU s per GiB, all processes |\n|---|---:|---:|---:|---:|---:|"
     )?;
     let quinn_rate = gbps(bytes, rates[2].elapsed);
     for r in &rates {
@@ -538,12 +614,13 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
             .collect();
         writeln!(
             md,
-            "| {} | {:.2} s | {:.2} | {} | {:.0} % |",
+            "| {} | {:.2} s | {:.2} | {} | {:.0} % | {:.2} |",
             r.name,
             r.elapsed.as_secs_f64(),
             g,
             all.join(", "),
-            100.0 * g / quinn_rate
+            100.0 * g / quinn_rate,
+            r.cpu_per_gib
         )?;
     }
     let fabric_ratio = gbps(bytes, rates[3].elapsed) / quinn_rate;
@@ -561,12 +638,16 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
     writeln!(md, "### Request latency\n")?;
     writeln!(
         md,
-        "{} round trips of 64 bytes on one connection (TCP_NODELAY), after 500 warm-up round trips.\n",
-        args.pings
+        "{} round trips of 64 bytes per path (TCP_NODELAY), in {LAT_ROUNDS} rounds with every path once per round\n\
+         (interleaved), each round on a new connection after {} warm-up round trips. CPU: user + system time\n\
+         of every process the round trips pass through (client, echo server, proxies or routers; for bare\n\
+         quinn the one process), warm-up included, per round trip.\n",
+        args.pings,
+        net::WARM_UP
     )?;
     writeln!(
         md,
-        "| path | QUIC hops | p50 µs | p99 µs | p99.9 µs | mean µs | added p50 per hop µs |\n|---|---:|---:|---:|---:|---:|---:|"
+        "| path | QUIC hops | p50 µs | p99 µs | p99.9 µs | mean µs | added p50 per hop µs | CPU µs per round trip, all processes |\n|---|---:|---:|---:|---:|---:|---:|---:|"
     )?;
     let direct_p50 = lats[0].p50;
     for l in &lats {
@@ -577,19 +658,24 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
         };
         writeln!(
             md,
-            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} |",
-            l.name, l.hops, l.p50, l.p99, l.p999, l.mean, per_hop
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {:.1} |",
+            l.name, l.hops, l.p50, l.p99, l.p999, l.mean, per_hop, l.cpu_us
         )?;
     }
     let one_hop = lats[2].p50 - direct_p50;
     let transit = lats[3].p50 - lats[2].p50;
     let haproxy_pair = lats[4].p50 - direct_p50;
+    let quic_leg = lats[5].p50 - direct_p50;
     writeln!(
         md,
         "\nAdded p50 for edge -> site (one QUIC hop, two routers): **{one_hop:.1} µs** (target < 100 µs per hop: {}).\n\
          A transit router adds {transit:.1} µs more at p50. For scale, the same two proxy processes as\n\
-         HAProxy in `mode tcp` (no encryption, no QUIC) add {haproxy_pair:.1} µs.\n",
-        if one_hop < 100.0 { "met" } else { "missed" }
+         HAProxy in `mode tcp` (no encryption, no QUIC) add {haproxy_pair:.1} µs, and a bare quinn round trip\n\
+         costs {quic_leg:.1} µs more than a TCP one (with both quinn endpoints in one process, which spares\n\
+         it the cross-process wake-ups the TCP pair pays). Two proxy processes joined by a QUIC leg\n\
+         therefore add at least about {:.1} µs (the two figures summed) before any routing work.\n",
+        if one_hop < 100.0 { "met" } else { "missed" },
+        haproxy_pair + quic_leg
     )?;
 
     writeln!(md, "### Failure detection and failover\n")?;

@@ -92,6 +92,9 @@ pub async fn push(addr: SocketAddr, bytes: u64) -> anyhow::Result<Duration> {
     Ok(elapsed)
 }
 
+/// Round trips each latency connection makes before it starts timing.
+pub const WARM_UP: usize = 500;
+
 /// `n` request/response round trips of `size` bytes on one connection (after a warm-up).
 /// Returns each round trip's time in nanoseconds.
 pub async fn ping_pong(addr: SocketAddr, n: usize, size: usize) -> anyhow::Result<Vec<u64>> {
@@ -102,11 +105,11 @@ pub async fn ping_pong(addr: SocketAddr, n: usize, size: usize) -> anyhow::Resul
     let msg = vec![0x5au8; size];
     let mut back = vec![0u8; size];
     let mut out = Vec::with_capacity(n);
-    for i in 0..n + 500 {
+    for i in 0..n + WARM_UP {
         let t = Instant::now();
         s.write_all(&msg).await.context("write")?;
         s.read_exact(&mut back).await.context("read echo")?;
-        if i >= 500 {
+        if i >= WARM_UP {
             out.push(t.elapsed().as_nanos() as u64);
         }
     }

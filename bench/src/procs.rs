@@ -75,21 +75,16 @@ impl ProcFabric {
 
     /// CPU time (user + system) a router process has used so far, in ms.
     pub fn cpu_ms(&self, node: &str) -> anyhow::Result<u64> {
-        let child = self.children.get(node).context("no such router process")?;
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id()))?;
-        // Fields after the ")" that ends the command name: utime and stime are the 12th and 13th.
-        let rest = stat.rsplit_once(')').map(|(_, r)| r).context("bad stat")?;
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: u64 = f
-            .get(11)
-            .and_then(|v| v.parse::<u64>().ok())
-            .context("utime")?
-            + f.get(12)
-                .and_then(|v| v.parse::<u64>().ok())
-                .context("stime")?;
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-        Ok(ticks * 1000 / hz)
+        cpu_ms(self.pid(node)?)
+    }
+
+    /// The process id of a running router.
+    pub fn pid(&self, node: &str) -> anyhow::Result<u32> {
+        Ok(self
+            .children
+            .get(node)
+            .context("no such router process")?
+            .id())
     }
 
     /// Resident memory of a router process, in KiB.
@@ -116,6 +111,24 @@ pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .context("no VmRSS")
+}
+
+/// CPU time (user + system, all threads) process `pid` has used so far, in ms.
+pub fn cpu_ms(pid: u32) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the ")" that ends the command name: utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).context("bad stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f
+        .get(11)
+        .and_then(|v| v.parse::<u64>().ok())
+        .context("utime")?
+        + f.get(12)
+            .and_then(|v| v.parse::<u64>().ok())
+            .context("stime")?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Ok(ticks * 1000 / hz)
 }
 
 /// The body of `tasman-bench serve-router`: one router in this process until killed.
@@ -172,6 +185,10 @@ impl EchoProc {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 }
 

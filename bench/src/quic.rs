@@ -95,3 +95,45 @@ pub async fn push(bytes: u64, tuning: Tuning) -> anyhow::Result<Duration> {
     }
     Ok(elapsed)
 }
+
+/// Round trips of `size` bytes on one bare quinn stream (echoed by a second endpoint in this
+/// process); nanoseconds per round trip after 500 warm-up round trips.
+pub async fn ping_pong(n: usize, size: usize, tuning: Tuning) -> anyhow::Result<Vec<u64>> {
+    let dir = tempfile::tempdir()?;
+    pki::init(dir.path())?;
+    pki::issue(dir.path(), "bench-a")?;
+    pki::issue(dir.path(), "bench-b")?;
+    let peers = PeerNames::new(["bench-a".to_string(), "bench-b".to_string()]);
+    let a = endpoint(dir.path(), "bench-a", &peers, tuning)?;
+    let b = endpoint(dir.path(), "bench-b", &peers, tuning)?;
+    let b_addr = b.local_addr()?;
+    let echo = tokio::spawn(async move {
+        let conn = b.accept().await.context("no incoming connection")?.await?;
+        let (mut send, mut recv) = conn.accept_bi().await?;
+        while let Some(chunk) = recv.read_chunk(usize::MAX, true).await? {
+            send.write_all(&chunk.bytes).await?;
+        }
+        send.finish()?;
+        conn.closed().await;
+        Ok::<_, anyhow::Error>(())
+    });
+    let conn = a.connect(b_addr, "bench-b")?.await.context("handshake")?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let msg = vec![0x5au8; size];
+    let mut back = vec![0u8; size];
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n + crate::net::WARM_UP {
+        let t = Instant::now();
+        send.write_all(&msg).await?;
+        recv.read_exact(&mut back).await?;
+        if i >= crate::net::WARM_UP {
+            out.push(t.elapsed().as_nanos() as u64);
+        }
+    }
+    conn.close(0u32.into(), b"done");
+    let _ = tokio::time::timeout(Duration::from_secs(2), echo).await;
+    if back != msg {
+        bail!("echo corrupted");
+    }
+    Ok(out)
+}

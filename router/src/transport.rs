@@ -63,9 +63,7 @@ pub fn endpoint(
         socket2::Domain::IPV6
     };
     let sock = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
-    // Best effort: the kernel caps these at net.core.{r,w}mem_max.
-    let _ = sock.set_recv_buffer_size(UDP_BUFFER);
-    let _ = sock.set_send_buffer_size(UDP_BUFFER);
+    size_buffers(&sock);
     if addr.is_ipv6() {
         let _ = sock.set_only_v6(false);
     }
@@ -82,7 +80,81 @@ pub fn endpoint(
     Ok(ep)
 }
 
+/// Gives the socket [`UDP_BUFFER`]-byte kernel buffers. The kernel caps `SO_RCVBUF`/`SO_SNDBUF`
+/// at `net.core.{r,w}mem_max` (often 208 KiB to 4 MiB), and a full receive buffer drops datagrams
+/// (probes among them) before quinn sees them; a process with `CAP_NET_ADMIN` may exceed the cap
+/// with `SO_{RCV,SND}BUFFORCE`, as other QUIC stacks do. Best effort: what it got is logged.
+fn size_buffers(sock: &socket2::Socket) {
+    let _ = sock.set_recv_buffer_size(UDP_BUFFER);
+    let _ = sock.set_send_buffer_size(UDP_BUFFER);
+    // Linux reports twice the size granted (the doubling covers its bookkeeping overhead).
+    let short = |got: std::io::Result<usize>| got.map_or(true, |g| g < 2 * UDP_BUFFER);
+    if short(sock.recv_buffer_size()) {
+        force(sock, libc::SO_RCVBUFFORCE);
+    }
+    if short(sock.send_buffer_size()) {
+        force(sock, libc::SO_SNDBUFFORCE);
+    }
+    let (rcv, snd) = (sock.recv_buffer_size(), sock.send_buffer_size());
+    if short(sock.recv_buffer_size()) {
+        tracing::warn!(
+            wanted = UDP_BUFFER,
+            got = ?rcv,
+            "UDP receive buffer below the wanted size (raise net.core.rmem_max, or run with \
+             CAP_NET_ADMIN): bursts may be dropped before QUIC reads them"
+        );
+    } else {
+        tracing::debug!(?rcv, ?snd, "UDP socket buffers");
+    }
+}
+
+/// `setsockopt(SOL_SOCKET, opt, UDP_BUFFER)`; fails quietly without `CAP_NET_ADMIN`.
+fn force(sock: &socket2::Socket, opt: libc::c_int) {
+    use std::os::fd::AsRawFd;
+    let size = UDP_BUFFER as libc::c_int;
+    // SAFETY: a valid socket descriptor, and an option value of the size passed.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
 /// Shared transport config (one Arc for all connections).
 pub fn shared_transport() -> Arc<TransportConfig> {
     Arc::new(transport_config())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn udp_buffers_reach_the_wanted_size_past_the_sysctl_cap_when_permitted() {
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+        size_buffers(&sock);
+        let rcv = sock.recv_buffer_size().unwrap();
+        let snd = sock.send_buffer_size().unwrap();
+        // SAFETY: no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let cap = |f: &str| -> usize {
+            std::fs::read_to_string(f)
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        if root {
+            // Linux reports twice what it granted.
+            assert!(rcv >= 2 * UDP_BUFFER, "receive buffer {rcv}");
+            assert!(snd >= 2 * UDP_BUFFER, "send buffer {snd}");
+        } else {
+            let want = |max: usize| 2 * UDP_BUFFER.min(max);
+            assert!(rcv >= want(cap("/proc/sys/net/core/rmem_max")), "{rcv}");
+            assert!(snd >= want(cap("/proc/sys/net/core/wmem_max")), "{snd}");
+        }
+    }
 }

@@ -211,6 +211,8 @@ struct Rate {
     all: Vec<Duration>,
     /// CPU seconds per GiB of every process on the path (median round).
     cpu_per_gib: f64,
+    /// UDP datagrams the kernel dropped on full receive buffers, all rounds.
+    drops: u64,
 }
 
 struct Lat {
@@ -313,6 +315,7 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
     ];
     let mut runs: Vec<Vec<Duration>> = vec![Vec::new(); NAMES.len()];
     let mut cpus: Vec<Vec<f64>> = vec![Vec::new(); NAMES.len()];
+    let mut udp_drops = vec![0u64; NAMES.len()];
     for round in 0..rounds {
         for (f, name) in NAMES.iter().enumerate() {
             let routers: &[&str] = match f {
@@ -346,6 +349,7 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
             }
             let cpu_before = cpu(&fabric)?;
             let router_before = router_cpu(&fabric)?;
+            let drops_before = procs::udp_rcvbuf_errors();
             let elapsed = match f {
                 0 => net::push(sink, bytes).await?,
                 1 => net::push(hap_tput_addr, bytes).await?,
@@ -357,8 +361,10 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
             let per_gib = |ms: u64| ms as f64 / 1000.0 / (bytes as f64 / (1u64 << 30) as f64);
             let cpu_used = per_gib(cpu(&fabric)? - cpu_before);
             let router_used = per_gib(router_cpu(&fabric)? - router_before);
+            let drops = procs::udp_rcvbuf_errors().saturating_sub(drops_before);
             eprintln!(
-                "  round {}: {name}: {:.2} Gbit/s, CPU {cpu_used:.2} s per GiB{}",
+                "  round {}: {name}: {:.2} Gbit/s, CPU {cpu_used:.2} s per GiB, \
+                 UDP datagrams dropped (receive buffer full) {drops}{}",
                 round + 1,
                 gbps(bytes, elapsed),
                 if routers.is_empty() {
@@ -368,13 +374,14 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
                 }
             );
             cpus[f].push(cpu_used);
+            udp_drops[f] += drops;
             runs[f].push(elapsed);
         }
     }
     let rates: Vec<Rate> = NAMES
         .iter()
-        .zip(runs.into_iter().zip(cpus))
-        .map(|(name, (mut v, mut c))| {
+        .zip(runs.into_iter().zip(cpus).zip(udp_drops))
+        .map(|(name, ((mut v, mut c), drops))| {
             v.sort();
             c.sort_by(f64::total_cmp);
             Rate {
@@ -382,6 +389,7 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
                 elapsed: v.get(v.len() / 2).copied().unwrap_or(Duration::MAX),
                 all: v,
                 cpu_per_gib: c.get(c.len() / 2).copied().unwrap_or(f64::NAN),
+                drops,
             }
         })
         .collect();
@@ -597,12 +605,14 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
         "{} MiB written on one connection, half-closed, until the receiver's byte count comes back; {} rounds,\n\
          every path once per round (interleaved), median round shown. CPU: user + system time of every\n\
          process on the path (the benchmark process, which holds the client, the sink and both bare quinn\n\
-         endpoints; the routers; HAProxy) during the run, per GiB moved.\n",
+         endpoints; the routers; HAProxy) during the run, per GiB moved. UDP drops: datagrams the kernel\n\
+         discarded because a socket's receive buffer was full (`RcvbufErrors`, whole machine, during the\n\
+         path's runs).\n",
         args.mib, args.rounds
     )?;
     writeln!(
         md,
-        "| path | time (median) | Gbit/s (median) | Gbit/s, every round | vs bare quinn | CPU s per GiB, all processes |\n|---|---:|---:|---:|---:|---:|"
+        "| path | time (median) | Gbit/s (median) | Gbit/s, every round | vs bare quinn | CPU s per GiB, all processes | UDP drops, all rounds |\n|---|---:|---:|---:|---:|---:|---:|"
     )?;
     let quinn_rate = gbps(bytes, rates[2].elapsed);
     for r in &rates {
@@ -614,13 +624,14 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
             .collect();
         writeln!(
             md,
-            "| {} | {:.2} s | {:.2} | {} | {:.0} % | {:.2} |",
+            "| {} | {:.2} s | {:.2} | {} | {:.0} % | {:.2} | {} |",
             r.name,
             r.elapsed.as_secs_f64(),
             g,
             all.join(", "),
             100.0 * g / quinn_rate,
-            r.cpu_per_gib
+            r.cpu_per_gib,
+            r.drops
         )?;
     }
     let fabric_ratio = gbps(bytes, rates[3].elapsed) / quinn_rate;

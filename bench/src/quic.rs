@@ -47,9 +47,9 @@ fn endpoint(
     }
 }
 
-/// Sends `bytes` over one quinn stream and waits for the receiver's count; returns the time from
-/// the start of the handshake to the count.
-pub async fn push(bytes: u64, tuning: Tuning) -> anyhow::Result<Duration> {
+/// Two endpoints, `bench-a` and `bench-b`, with certificates from a fresh CA (kept in the
+/// returned directory, which must outlive them).
+fn pair(tuning: Tuning) -> anyhow::Result<(tempfile::TempDir, quinn::Endpoint, quinn::Endpoint)> {
     let dir = tempfile::tempdir()?;
     pki::init(dir.path())?;
     pki::issue(dir.path(), "bench-a")?;
@@ -57,6 +57,13 @@ pub async fn push(bytes: u64, tuning: Tuning) -> anyhow::Result<Duration> {
     let peers = PeerNames::new(["bench-a".to_string(), "bench-b".to_string()]);
     let a = endpoint(dir.path(), "bench-a", &peers, tuning)?;
     let b = endpoint(dir.path(), "bench-b", &peers, tuning)?;
+    Ok((dir, a, b))
+}
+
+/// Sends `bytes` over one quinn stream and waits for the receiver's count; returns the time from
+/// the start of the handshake to the count.
+pub async fn push(bytes: u64, tuning: Tuning) -> anyhow::Result<Duration> {
+    let (_dir, a, b) = pair(tuning)?;
     let b_addr = b.local_addr()?;
     let receiver = tokio::spawn(async move {
         let conn = b.accept().await.context("no incoming connection")?.await?;
@@ -99,13 +106,7 @@ pub async fn push(bytes: u64, tuning: Tuning) -> anyhow::Result<Duration> {
 /// Round trips of `size` bytes on one bare quinn stream (echoed by a second endpoint in this
 /// process); nanoseconds per round trip after 500 warm-up round trips.
 pub async fn ping_pong(n: usize, size: usize, tuning: Tuning) -> anyhow::Result<Vec<u64>> {
-    let dir = tempfile::tempdir()?;
-    pki::init(dir.path())?;
-    pki::issue(dir.path(), "bench-a")?;
-    pki::issue(dir.path(), "bench-b")?;
-    let peers = PeerNames::new(["bench-a".to_string(), "bench-b".to_string()]);
-    let a = endpoint(dir.path(), "bench-a", &peers, tuning)?;
-    let b = endpoint(dir.path(), "bench-b", &peers, tuning)?;
+    let (_dir, a, b) = pair(tuning)?;
     let b_addr = b.local_addr()?;
     let echo = tokio::spawn(async move {
         let conn = b.accept().await.context("no incoming connection")?.await?;

@@ -47,6 +47,15 @@ fn one_gib_arrives_byte_exact_in_both_directions() {
     echo_through(port, TOTAL);
     assert!(f.metric("edge", "tasman_bytes_up_total", "") >= TOTAL);
     assert!(f.metric("edge", "tasman_bytes_down_total", "") >= TOTAL);
+    // Path MTU discovery took the connection past quinn's 1,452-byte default (loopback carries
+    // the router's 6,500-byte bound), and the metric reports it.
+    eventually(DEADLINE, "edge's path MTU to site above 1452", || {
+        f.metric(
+            "edge",
+            "tasman_neighbour_path_mtu_bytes",
+            "neighbour=\"site\"",
+        ) > 1452
+    });
 }
 
 /// 512 MiB each way through a transit arrives intact. Run beside the 1 GiB test on 2 cores, the

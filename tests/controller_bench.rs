@@ -218,6 +218,8 @@ async fn run(n: usize, net: u8, telemetry_secs: u64) {
                             id: p.clone(),
                             rtt_us: 4_000 + (t % 7) * 50,
                             up: true,
+                            path_mtu: 1452,
+                            lost_packets: 0,
                         })
                         .collect(),
                     sites: Vec::new(),

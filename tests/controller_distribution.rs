@@ -171,6 +171,8 @@ async fn large_snapshots_arrive_whole_while_telemetry_ticks_every_millisecond() 
                     id: peer.clone(),
                     rtt_us: 4_000,
                     up: true,
+                    path_mtu: 1452,
+                    lost_packets: 0,
                 }],
                 sites: Vec::new(),
                 preferred: Default::default(),

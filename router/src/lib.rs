@@ -177,10 +177,15 @@ impl Shared {
             .neighbours
             .load()
             .values()
-            .map(|n| telemetry::NeighbourReport {
-                id: n.id.clone(),
-                rtt_us: n.rtt_us(),
-                up: n.is_up(),
+            .map(|n| {
+                let path = n.connection().map(|c| c.stats().path);
+                telemetry::NeighbourReport {
+                    id: n.id.clone(),
+                    rtt_us: n.rtt_us(),
+                    up: n.is_up(),
+                    path_mtu: path.map_or(0, |p| p.current_mtu),
+                    lost_packets: path.map_or(0, |p| p.lost_packets),
+                }
             })
             .collect();
         neighbours.sort_by(|a, b| a.id.cmp(&b.id));

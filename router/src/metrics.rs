@@ -170,6 +170,28 @@ impl Metrics {
         }
         let _ = writeln!(
             s,
+            "# HELP tasman_neighbour_path_mtu_bytes Largest UDP payload confirmed to the neighbour (0: no connection).\n# TYPE tasman_neighbour_path_mtu_bytes gauge"
+        );
+        for n in &t.neighbours {
+            let _ = writeln!(
+                s,
+                "tasman_neighbour_path_mtu_bytes{{node=\"{node}\",neighbour=\"{}\"}} {}",
+                n.id, n.path_mtu
+            );
+        }
+        let _ = writeln!(
+            s,
+            "# HELP tasman_neighbour_lost_packets_total Packets the connection to the neighbour declared lost (resets with the connection).\n# TYPE tasman_neighbour_lost_packets_total counter"
+        );
+        for n in &t.neighbours {
+            let _ = writeln!(
+                s,
+                "tasman_neighbour_lost_packets_total{{node=\"{node}\",neighbour=\"{}\"}} {}",
+                n.id, n.lost_packets
+            );
+        }
+        let _ = writeln!(
+            s,
             "# HELP tasman_site_healthy Site service health (1 healthy).\n# TYPE tasman_site_healthy gauge"
         );
         for x in &t.sites {

@@ -25,6 +25,13 @@ pub struct NeighbourReport {
     /// Smoothed QUIC RTT of our connection to it, in microseconds (0 when never connected).
     pub rtt_us: u64,
     pub up: bool,
+    /// Largest UDP payload the connection has confirmed (path MTU discovery), bytes; 0 when
+    /// there is no connection.
+    #[serde(default)]
+    pub path_mtu: u16,
+    /// Packets the current connection declared lost (restarts at 0 with a new connection).
+    #[serde(default)]
+    pub lost_packets: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

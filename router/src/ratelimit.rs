@@ -107,7 +107,9 @@ impl TokenBucket {
     pub async fn take(&self, bytes: usize) {
         let wait = self.reserve(bytes);
         if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
+            // Boxed: a timer inline would grow every splice's future (and so every open
+            // connection), circuit or not, by its size.
+            Box::pin(tokio::time::sleep(wait)).await;
         }
     }
 }

@@ -101,7 +101,9 @@ async fn serve_stream(shared: Arc<Shared>, mut send: SendStream, mut recv: RecvS
     if header.hops.is_empty() {
         return site::serve(shared, header, send, recv).await;
     }
-    relay(shared, header, send, recv).await
+    // Boxed: the relay's state (two pumps' chunk arrays) is the larger of the two, and inline it
+    // would size every site stream's task too.
+    Box::pin(relay(shared, header, send, recv)).await
 }
 
 /// Transit: forward to the next hop named in the header.

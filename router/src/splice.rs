@@ -242,10 +242,6 @@ async fn write_all_chunks(
 }
 
 /// QUIC → TCP until FIN (then TCP shutdown of the write half).
-///
-/// Waits for the first chunk with `read_chunk` (no buffer array in the future while the stream is
-/// idle: every open connection keeps that state), then takes what else is ready into an array that
-/// lives only until the `writev` is done.
 pub(crate) async fn quic_to_tcp(
     shared: &Shared,
     recv: &mut RecvStream,
@@ -253,46 +249,30 @@ pub(crate) async fn quic_to_tcp(
     side: Side,
     bucket: Option<&TokenBucket>,
 ) -> Result<(), Abort> {
+    // A rate-limited circuit takes one chunk at a time so that it stays well inside its burst.
+    let per_read = if bucket.is_some() { 1 } else { IOV };
+    let mut bufs: [Bytes; IOV] = Default::default();
     let mut fair = Fairness::default();
     loop {
-        let first = match recv.read_chunk(usize::MAX, true).await {
-            Ok(Some(c)) => c.bytes,
+        match recv.read_chunks(&mut bufs[..per_read]).await {
+            Ok(Some(k)) => {
+                let n: usize = bufs[..k].iter().map(Bytes::len).sum();
+                if let Some(b) = bucket {
+                    b.take(n).await;
+                }
+                if write_all_chunks(wr, &mut bufs[..k]).await.is_err() {
+                    let code = side.tcp_abort_code();
+                    let _ = recv.stop(code.varint());
+                    return Err(Abort(code));
+                }
+                count(shared, side, false, n);
+                fair.moved(n).await;
+            }
             Ok(None) => {
                 let _ = wr.shutdown().await;
                 return Ok(());
             }
             Err(e) => return Err(Abort(read_error_code(&e))),
-        };
-        // A rate-limited circuit takes one chunk at a time so that it stays well inside its burst.
-        let mut bufs = vec![first];
-        let mut fin = false;
-        if bucket.is_none() {
-            bufs.resize(IOV, Bytes::new());
-            match ready_chunks(recv, &mut bufs[1..]).await {
-                Some(Ok(Some(k))) => bufs.truncate(1 + k),
-                Some(Ok(None)) => {
-                    bufs.truncate(1);
-                    fin = true;
-                }
-                Some(Err(e)) => return Err(Abort(read_error_code(&e))),
-                None => bufs.truncate(1),
-            }
-        }
-        let n: usize = bufs.iter().map(Bytes::len).sum();
-        if let Some(b) = bucket {
-            b.take(n).await;
-        }
-        if write_all_chunks(wr, &mut bufs).await.is_err() {
-            let code = side.tcp_abort_code();
-            let _ = recv.stop(code.varint());
-            return Err(Abort(code));
-        }
-        drop(bufs);
-        count(shared, side, false, n);
-        fair.moved(n).await;
-        if fin {
-            let _ = wr.shutdown().await;
-            return Ok(());
         }
     }
 }
@@ -402,58 +382,44 @@ struct Gathered {
     failed: Option<ReadError>,
 }
 
+/// A transit pump's buffers, reused for the life of the stream.
+#[derive(Default)]
+struct Gather {
+    bufs: [Bytes; IOV],
+    /// quinn's chunks taken for the next block (references, not copies).
+    held: Vec<Bytes>,
+}
+
 /// Waits for data on `recv`, then takes everything ready now (up to about [`RELAY_BLOCK`]) as
 /// one block: a lone chunk is handed on as it is; several are copied once into a block of
-/// exactly their size. While it waits it holds no buffers (an idle relayed stream costs only its
-/// futures); the arrays for what is ready live for this call.
-async fn gather(recv: &mut RecvStream) -> Gathered {
-    let first = match recv.read_chunk(usize::MAX, true).await {
-        Ok(Some(c)) => c.bytes,
-        Ok(None) => {
-            return Gathered {
-                block: Bytes::new(),
-                fin: true,
-                failed: None,
-            };
-        }
-        Err(e) => {
-            return Gathered {
-                block: Bytes::new(),
-                fin: false,
-                failed: Some(e),
-            };
-        }
-    };
-    let (mut total, mut fin, mut failed) = (first.len(), false, None);
-    let mut held = vec![first];
-    let mut bufs: Vec<Bytes> = Vec::new();
-    while total < RELAY_BLOCK {
-        if bufs.is_empty() {
-            bufs.resize(IOV, Bytes::new());
-        }
-        match ready_chunks(recv, &mut bufs).await {
-            Some(Ok(Some(k))) => {
-                for b in &mut bufs[..k] {
+/// exactly their size.
+async fn gather(recv: &mut RecvStream, g: &mut Gather) -> Gathered {
+    let mut r = recv.read_chunks(&mut g.bufs).await;
+    let (mut total, mut fin, mut failed) = (0, false, None);
+    loop {
+        match r {
+            Ok(Some(k)) => {
+                for b in &mut g.bufs[..k] {
                     total += b.len();
-                    held.push(std::mem::take(b));
+                    g.held.push(std::mem::take(b));
                 }
             }
-            Some(Ok(None)) => {
-                fin = true;
-                break;
-            }
-            Some(Err(e)) => {
-                failed = Some(e);
-                break;
-            }
+            Ok(None) => fin = true,
+            Err(e) => failed = Some(e),
+        }
+        if fin || failed.is_some() || total >= RELAY_BLOCK {
+            break;
+        }
+        match ready_chunks(recv, &mut g.bufs).await {
+            Some(next) => r = next,
             None => break,
         }
     }
-    let block = if held.len() == 1 {
-        held.pop().unwrap_or_default()
+    let block = if g.held.len() == 1 {
+        g.held.pop().unwrap_or_default()
     } else {
         let mut block = BytesMut::with_capacity(total);
-        for b in held.drain(..) {
+        for b in g.held.drain(..) {
             block.extend_from_slice(&b);
         }
         block.freeze()
@@ -470,9 +436,10 @@ async fn gather(recv: &mut RecvStream) -> Gathered {
 /// pump writes what is ready as one block ([`gather`]; one `memcpy` when it is several chunks):
 /// under load many packets per segment, and an interactive exchange still goes out at once.
 async fn pump(recv: &mut RecvStream, send: &mut SendStream) {
+    let mut g = Gather::default();
     let mut fair = Fairness::default();
     loop {
-        let Gathered { block, fin, failed } = gather(recv).await;
+        let Gathered { block, fin, failed } = gather(recv, &mut g).await;
         let n = block.len();
         if n > 0 {
             if let Err(e) = send.write_chunk(block).await {
@@ -584,9 +551,10 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        let mut gathering = Gather::default();
         let (mut got, mut writes) = (Vec::new(), 0);
         loop {
-            let g = gather(&mut recv).await;
+            let g = gather(&mut recv, &mut gathering).await;
             assert!(g.failed.is_none());
             if !g.block.is_empty() {
                 writes += 1;

@@ -486,6 +486,17 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
     // 3. Memory per proxied connection.
     let conns = if want(Part::Memory) { args.conns } else { 0 };
     eprintln!("memory: {conns} connections");
+    if conns > 0 {
+        // Fresh routers: memory the allocator kept from the runs above (freed, but still
+        // resident) would otherwise absorb the new connections and hide them from RSS.
+        for n in ["e1", "s1"] {
+            fabric.kill(n)?;
+        }
+        for n in ["s1", "e1"] {
+            fabric.start(n)?;
+        }
+        wait_echo(e1_echo).await?;
+    }
     let e1_before = fabric.rss_kib("e1")?;
     let s1_before = fabric.rss_kib("s1")?;
     let t0 = Instant::now();
@@ -737,7 +748,9 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
     writeln!(
         md,
         "{} client connections held open through edge -> site to an echo server (each proven by one echoed\n\
-         byte; opened in {:.1} s, 256 at a time). Resident memory (VmRSS) of each router process before and after.\n",
+         byte; opened in {:.1} s, 256 at a time). Resident memory (VmRSS) of each router process before and after;\n\
+         the edge and the site are restarted first, so that memory their allocator kept from the runs above\n\
+         does not absorb the connections.\n",
         args.conns,
         open_time.as_secs_f64()
     )?;

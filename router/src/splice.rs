@@ -77,7 +77,8 @@ pub const TCP_BUF_MAX: usize = 256 * 1024;
 /// socket (returns less than the room it had) lets go of the block, and the next read waits for
 /// readiness before it allocates. An idle connection so holds no read memory (a `TCP_BUF` block
 /// kept across the wait cost ~4-8 KiB of RSS per idle connection, edge and site each), and an
-/// interactive one allocates once per message, reusing the allocator's freed blocks.
+/// interactive one allocates once per message, reusing the allocator's freed blocks. Bulk
+/// transfers (reads grown past `TCP_BUF`) keep sharing one block across reads.
 pub(crate) struct TcpBuf {
     buf: BytesMut,
     /// Bytes asked for per read (doubles while reads fill it, up to `TCP_BUF_MAX`).
@@ -126,8 +127,10 @@ impl TcpBuf {
             self.want *= 2;
         }
         let chunk = self.buf.split().freeze();
-        if n < room {
-            // Drained: the chunk alone keeps the block, until quinn has it acknowledged.
+        if n < room && self.want == TCP_BUF {
+            // Drained: the chunk alone keeps the block, until quinn has it acknowledged. A bulk
+            // transfer (reads grown past `TCP_BUF`) keeps its block: its next read, likely soon
+            // and large, fills the tail instead of taking a new block.
             self.buf = BytesMut::new();
         }
         Ok(chunk)

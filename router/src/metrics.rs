@@ -145,50 +145,44 @@ impl Metrics {
                 );
             }
         }
-        let _ = writeln!(
-            s,
-            "# HELP tasman_neighbour_up Neighbour state (1 up).\n# TYPE tasman_neighbour_up gauge"
-        );
-        for n in &t.neighbours {
+        // One gauge or counter per neighbour: (name, type, help, value).
+        type Value = fn(&crate::telemetry::NeighbourReport) -> f64;
+        let per_neighbour: [(&str, &str, &str, Value); 4] = [
+            ("neighbour_up", "gauge", "Neighbour state (1 up).", |n| {
+                f64::from(u8::from(n.up))
+            }),
+            (
+                "neighbour_rtt_seconds",
+                "gauge",
+                "QUIC RTT to the neighbour.",
+                |n| n.rtt_us as f64 / 1e6,
+            ),
+            (
+                "neighbour_path_mtu_bytes",
+                "gauge",
+                "Largest UDP payload confirmed to the neighbour (0: no connection).",
+                |n| f64::from(n.path_mtu),
+            ),
+            (
+                "neighbour_lost_packets_total",
+                "counter",
+                "Packets the connection to the neighbour declared lost (resets with the connection).",
+                |n| n.lost_packets as f64,
+            ),
+        ];
+        for (name, kind, help, value) in per_neighbour {
             let _ = writeln!(
                 s,
-                "tasman_neighbour_up{{node=\"{node}\",neighbour=\"{}\"}} {}",
-                n.id, n.up as u8
+                "# HELP tasman_{name} {help}\n# TYPE tasman_{name} {kind}"
             );
-        }
-        let _ = writeln!(
-            s,
-            "# HELP tasman_neighbour_rtt_seconds QUIC RTT to the neighbour.\n# TYPE tasman_neighbour_rtt_seconds gauge"
-        );
-        for n in &t.neighbours {
-            let _ = writeln!(
-                s,
-                "tasman_neighbour_rtt_seconds{{node=\"{node}\",neighbour=\"{}\"}} {}",
-                n.id,
-                n.rtt_us as f64 / 1e6
-            );
-        }
-        let _ = writeln!(
-            s,
-            "# HELP tasman_neighbour_path_mtu_bytes Largest UDP payload confirmed to the neighbour (0: no connection).\n# TYPE tasman_neighbour_path_mtu_bytes gauge"
-        );
-        for n in &t.neighbours {
-            let _ = writeln!(
-                s,
-                "tasman_neighbour_path_mtu_bytes{{node=\"{node}\",neighbour=\"{}\"}} {}",
-                n.id, n.path_mtu
-            );
-        }
-        let _ = writeln!(
-            s,
-            "# HELP tasman_neighbour_lost_packets_total Packets the connection to the neighbour declared lost (resets with the connection).\n# TYPE tasman_neighbour_lost_packets_total counter"
-        );
-        for n in &t.neighbours {
-            let _ = writeln!(
-                s,
-                "tasman_neighbour_lost_packets_total{{node=\"{node}\",neighbour=\"{}\"}} {}",
-                n.id, n.lost_packets
-            );
+            for n in &t.neighbours {
+                let _ = writeln!(
+                    s,
+                    "tasman_{name}{{node=\"{node}\",neighbour=\"{}\"}} {}",
+                    n.id,
+                    value(n)
+                );
+            }
         }
         let _ = writeln!(
             s,

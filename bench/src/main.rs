@@ -323,23 +323,16 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
                 4 => &["e2", "t1", "s1"],
                 _ => &[],
             };
-            // CPU of every process on the path: this one (client and sink, or both bare quinn
-            // endpoints), the routers, HAProxy.
-            let me = std::process::id();
-            let hap = hap_tput.pid();
-            let cpu = |fabric: &procs::ProcFabric| -> anyhow::Result<u64> {
-                let mut ms = procs::cpu_ms(me)?;
-                for n in routers {
-                    ms += fabric.cpu_ms(n)?;
-                }
-                if f == 1 {
-                    ms += procs::cpu_ms(hap)?;
-                }
-                Ok(ms)
-            };
-            let router_cpu = |fabric: &procs::ProcFabric| -> anyhow::Result<u64> {
-                routers.iter().map(|n| fabric.cpu_ms(n)).sum()
-            };
+            // CPU of every process on the path: the routers, and this one (client and sink, or
+            // both bare quinn endpoints) with HAProxy on its path.
+            let router_pids = routers
+                .iter()
+                .map(|n| fabric.pid(n))
+                .collect::<anyhow::Result<Vec<u32>>>()?;
+            let mut other_pids = vec![std::process::id()];
+            if f == 1 {
+                other_pids.push(hap_tput.pid());
+            }
             // A path whose neighbour was declared down during an earlier run (CPU starvation
             // here) is in its hold-down for up to a second: start when it carries traffic.
             match f {
@@ -347,8 +340,8 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
                 4 => wait_echo(e2_echo).await?,
                 _ => {}
             }
-            let cpu_before = cpu(&fabric)?;
-            let router_before = router_cpu(&fabric)?;
+            let router_before = procs::cpu_ms_of(&router_pids)?;
+            let other_before = procs::cpu_ms_of(&other_pids)?;
             let drops_before = procs::udp_rcvbuf_errors();
             let elapsed = match f {
                 0 => net::push(sink, bytes).await?,
@@ -359,8 +352,10 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
                 _ => quic::push(bytes, quic::Tuning::QuinnDefaults).await?,
             };
             let per_gib = |ms: u64| ms as f64 / 1000.0 / (bytes as f64 / (1u64 << 30) as f64);
-            let cpu_used = per_gib(cpu(&fabric)? - cpu_before);
-            let router_used = per_gib(router_cpu(&fabric)? - router_before);
+            let router_ms = procs::cpu_ms_of(&router_pids)? - router_before;
+            let other_ms = procs::cpu_ms_of(&other_pids)? - other_before;
+            let cpu_used = per_gib(router_ms + other_ms);
+            let router_used = per_gib(router_ms);
             let drops = procs::udp_rcvbuf_errors().saturating_sub(drops_before);
             eprintln!(
                 "  round {}: {name}: {:.2} Gbit/s, CPU {cpu_used:.2} s per GiB, \
@@ -440,11 +435,6 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
         vec![me, echo_pid, chain_pid, hap_pid],
         vec![me],
     ];
-    let cpu_of = |pids: &[u32]| -> anyhow::Result<u64> {
-        pids.iter()
-            .map(|p| procs::cpu_ms(*p))
-            .sum::<anyhow::Result<u64>>()
-    };
     // Interleaved: every path gets one connection per round, so a slow stretch of the machine
     // falls on all of them alike.
     let mut samples: Vec<Vec<u64>> = vec![Vec::new(); lat_paths];
@@ -452,12 +442,12 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
     let per_round = args.pings.div_ceil(LAT_ROUNDS);
     for _ in 0..LAT_ROUNDS {
         for (i, (_, _, addr)) in paths.iter().take(lat_paths).enumerate() {
-            let before = cpu_of(&pids[i])?;
+            let before = procs::cpu_ms_of(&pids[i])?;
             samples[i].extend(match addr {
                 Some(a) => net::ping_pong(*a, per_round, 64).await?,
                 None => quic::ping_pong(per_round, 64, quic::Tuning::Fabric).await?,
             });
-            cpu_ms[i] += cpu_of(&pids[i])? - before;
+            cpu_ms[i] += procs::cpu_ms_of(&pids[i])? - before;
         }
     }
     // Warm-up round trips (and, for bare quinn, the handshake) are in the CPU figure too.

@@ -73,11 +73,6 @@ impl ProcFabric {
         Ok(())
     }
 
-    /// CPU time (user + system) a router process has used so far, in ms.
-    pub fn cpu_ms(&self, node: &str) -> anyhow::Result<u64> {
-        cpu_ms(self.pid(node)?)
-    }
-
     /// The process id of a running router.
     pub fn pid(&self, node: &str) -> anyhow::Result<u32> {
         Ok(self
@@ -145,6 +140,11 @@ pub fn cpu_ms(pid: u32) -> anyhow::Result<u64> {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     Ok(ticks * 1000 / hz)
+}
+
+/// CPU time of all of `pids` together, in ms.
+pub fn cpu_ms_of(pids: &[u32]) -> anyhow::Result<u64> {
+    pids.iter().map(|p| cpu_ms(*p)).sum()
 }
 
 /// The body of `tasman-bench serve-router`: one router in this process until killed.

@@ -6,7 +6,7 @@
 //! an edge's CPU in a bulk transfer. Serving every block up to 1 MiB from the heap and trimming
 //! only beyond 128 MiB of free top keeps those pages mapped: one TCP stream edge -> site went from
 //! ~5.7 to ~7 Gbit/s on the benchmark machine, and the memory held per idle connection did not
-//! change (16 KB, edge and site together). mimalloc gave the same speed but twice the memory per
+//! change. mimalloc gave the same speed but twice the memory per
 //! idle connection, so the binaries keep glibc. See docs/benchmarks.md.
 
 /// Largest allocation served from the heap rather than its own `mmap`.

@@ -512,20 +512,34 @@ mod tests {
         let mut live = Liveness::new(p, now);
         live.probe_sent(now, timeout);
         live.heard(now);
+        let (verdicts, _) = silent_peer_until(&mut live, timeout, Verdict::Down);
+        assert_eq!(
+            verdicts,
+            [Verdict::Reprobe, Verdict::Reprobe, Verdict::Down]
+        );
+    }
+
+    /// Drives `live` from deadline to deadline with every probe leaving and no answer coming,
+    /// re-probing when told to, until the verdict `until`; returns the verdicts given (with it)
+    /// and when it came.
+    fn silent_peer_until(
+        live: &mut Liveness,
+        timeout: Duration,
+        until: Verdict,
+    ) -> (Vec<Verdict>, T) {
         let mut verdicts = Vec::new();
-        while verdicts.last() != Some(&Verdict::Down) {
+        loop {
             let at = live.deadline();
             if let Some(v) = live.at_deadline(at, true, timeout) {
                 if v == Verdict::Reprobe {
                     live.probe_sent(at, timeout);
                 }
                 verdicts.push(v);
+                if v == until {
+                    return (verdicts, at);
+                }
             }
         }
-        assert_eq!(
-            verdicts,
-            [Verdict::Reprobe, Verdict::Reprobe, Verdict::Down]
-        );
     }
 
     #[test]
@@ -535,20 +549,8 @@ mod tests {
         let t0 = T::now();
         let mut live = Liveness::new(p, t0);
         live.probe_sent(t0, timeout);
-        let mut verdicts = Vec::new();
-        let dead_at = loop {
-            let at = live.deadline();
-            match live.at_deadline(at, true, timeout) {
-                Some(Verdict::Dead) => break at,
-                Some(v) => {
-                    if v == Verdict::Reprobe {
-                        live.probe_sent(at, timeout);
-                    }
-                    verdicts.push(v);
-                }
-                None => {}
-            }
-        };
+        let (mut verdicts, dead_at) = silent_peer_until(&mut live, timeout, Verdict::Dead);
+        assert_eq!(verdicts.pop(), Some(Verdict::Dead));
         assert_eq!(
             verdicts,
             [Verdict::Reprobe, Verdict::Reprobe, Verdict::Down]
@@ -561,9 +563,7 @@ mod tests {
         // A peer that answers while down is not dead; once recovered, misses count afresh.
         let mut live = Liveness::new(p, t0);
         live.probe_sent(t0, timeout);
-        while live.at_deadline(live.deadline(), true, timeout) != Some(Verdict::Down) {
-            live.probe_sent(live.deadline(), timeout);
-        }
+        silent_peer_until(&mut live, timeout, Verdict::Down);
         let back = t0 + Duration::from_millis(500);
         live.reply(back);
         assert_eq!(live.deadline(), back + DEAD_AFTER);

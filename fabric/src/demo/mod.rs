@@ -672,51 +672,100 @@ impl DemoFabric {
 }
 
 /// Rewrites every port of the topology to a currently free one on the same IP.
+///
+/// The ports come from below the kernel's ephemeral range: the link emulators and their flows
+/// bind `(node IP, 0)` before and while the routers start, and a port picked from the ephemeral
+/// range could be handed to one of them before its router binds it ("Address already in use").
 fn use_free_ports(t: &mut Topology) -> Result<(), DemoError> {
     let io = |what: String| move |source| DemoError::Io { what, source };
+    let mut ports = FixedPorts::new();
     for n in &mut t.nodes {
         let ip = n.address.ip();
-        n.address
-            .set_port(free_udp_port(ip).map_err(io(format!("free UDP port on {ip}")))?);
+        n.address.set_port(
+            ports
+                .udp(ip)
+                .map_err(io(format!("free UDP port on {ip}")))?,
+        );
         if let (Some(_), Some(cip)) = (n.transparent_port, n.client_address) {
-            let port = free_tcp_port(cip).map_err(io(format!("free TCP port on {cip}")))?;
+            let port = ports
+                .tcp(&[cip])
+                .map_err(io(format!("free TCP port on {cip}")))?;
             n.transparent_port = Some(port);
         }
         for s in &mut n.serves {
             let ip = s.backend.ip();
-            s.backend
-                .set_port(free_tcp_port(ip).map_err(io(format!("free TCP port on {ip}")))?);
+            s.backend.set_port(
+                ports
+                    .tcp(&[ip])
+                    .map_err(io(format!("free TCP port on {ip}")))?,
+            );
         }
     }
     let client_ips: Vec<IpAddr> = t.nodes.iter().filter_map(|n| n.client_address).collect();
     for s in &mut t.services {
         if s.port.is_some() {
             // Free on every edge's client address.
-            let mut port = 0;
-            for _ in 0..64 {
-                let ip = client_ips
-                    .first()
-                    .copied()
-                    .unwrap_or(IpAddr::from([127, 0, 0, 1]));
-                let p = free_tcp_port(ip).map_err(io(format!("free TCP port on {ip}")))?;
-                if client_ips
-                    .iter()
-                    .all(|ip| std::net::TcpListener::bind((*ip, p)).is_ok())
-                {
-                    port = p;
-                    break;
-                }
-            }
-            s.port = Some(port);
+            let ips = if client_ips.is_empty() {
+                vec![IpAddr::from([127, 0, 0, 1])]
+            } else {
+                client_ips.clone()
+            };
+            s.port = Some(
+                ports
+                    .tcp(&ips)
+                    .map_err(io("free TCP port on every client address".to_string()))?,
+            );
         }
     }
     Ok(())
 }
 
-fn free_tcp_port(ip: IpAddr) -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind((ip, 0))?.local_addr()?.port())
+/// Hands out ports below the ephemeral range, each free when checked and never the same twice.
+struct FixedPorts {
+    next: u16,
+    end: u16,
 }
 
-fn free_udp_port(ip: IpAddr) -> std::io::Result<u16> {
-    Ok(std::net::UdpSocket::bind((ip, 0))?.local_addr()?.port())
+impl FixedPorts {
+    const FIRST: u16 = 10_000;
+
+    fn new() -> Self {
+        let end = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|r| r.split_whitespace().next()?.parse().ok())
+            .unwrap_or(32_768u16)
+            .max(Self::FIRST + 1_000);
+        // Start somewhere else in each process, so that demos run side by side rarely probe the
+        // same ports first.
+        let span = end - Self::FIRST;
+        let next = Self::FIRST + (std::process::id() % u32::from(span)) as u16;
+        FixedPorts { next, end }
+    }
+
+    /// The next port not handed out yet for which `ok` (a bind check) holds.
+    fn find(&mut self, ok: impl Fn(u16) -> bool) -> std::io::Result<u16> {
+        for _ in Self::FIRST..self.end {
+            let p = self.next;
+            self.next = if p + 1 >= self.end {
+                Self::FIRST
+            } else {
+                p + 1
+            };
+            if ok(p) {
+                return Ok(p);
+            }
+        }
+        Err(std::io::ErrorKind::AddrInUse.into())
+    }
+
+    fn tcp(&mut self, ips: &[IpAddr]) -> std::io::Result<u16> {
+        self.find(|p| {
+            ips.iter()
+                .all(|ip| std::net::TcpListener::bind((*ip, p)).is_ok())
+        })
+    }
+
+    fn udp(&mut self, ip: IpAddr) -> std::io::Result<u16> {
+        self.find(|p| std::net::UdpSocket::bind((ip, p)).is_ok())
+    }
 }

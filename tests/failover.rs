@@ -104,3 +104,55 @@ fn nearest_site_killed_open_connections_fail_cleanly_and_new_ones_move_to_next_s
     );
     assert!(f.metric("edge", "tasman_neighbour_down_total", "") >= 1);
 }
+
+/// Both sites are behind a transit, so the edge's first hop stays up when the nearest site dies.
+/// A connection made right after the kill is still sent towards the dead site; the transit gives
+/// up on it as soon as it declares its next hop down (code `next_hop_unreachable`, before any
+/// byte came back), and the edge retries it on the next site. Without that, the first try would
+/// wait for the transit's connection to the dead site to close.
+#[test]
+fn site_behind_a_transit_killed_first_tries_are_handed_back_and_retried() {
+    let b1 = greeting_backend("site-near");
+    let b2 = greeting_backend("site-far");
+    let port = free_tcp_port(LOCAL);
+    let mut y = TopoYaml::default();
+    y.edge("edge", free_udp(LOCAL), LOCAL, None)
+        .transit("transit", free_udp(LOCAL))
+        .site("site-near", free_udp(LOCAL), &[("chat", b1, 100)])
+        .site("site-far", free_udp(LOCAL), &[("chat", b2, 100)])
+        .link("edge", "transit", "1ms")
+        .link("transit", "site-near", "1ms")
+        .link("transit", "site-far", "20ms")
+        .service("chat", port, &[]);
+    let mut f = Fabric::new(&y);
+    f.start_all();
+    f.wait_preferred("edge", "chat", "site-near");
+    eventually(DEADLINE, "transit's neighbours up", || {
+        f.metric("transit", "tasman_neighbour_up", "") == 3
+    });
+    assert_eq!(greet(port).unwrap().1, "SITE=site-near");
+
+    f.kill("site-near");
+    let killed = Instant::now();
+    let (mut fresh, site) = greet(port).expect("new connection after the kill");
+    assert_eq!(site, "SITE=site-far");
+    let first_new = killed.elapsed();
+    fresh.get_mut().write_all(b"ping\n").unwrap();
+    let mut echo = String::new();
+    fresh.read_line(&mut echo).unwrap();
+    assert_eq!(echo, "ping\n");
+
+    // The first try was handed back by the transit, not lost with the dead connection.
+    assert_eq!(
+        f.metric(
+            "transit",
+            "tasman_stream_errors_total",
+            "code=\"next_hop_unreachable\""
+        ),
+        1,
+        "the transit reset the first try when site-near was declared down"
+    );
+    assert!(f.metric("edge", "tasman_failovers_total", "") >= 1);
+    f.wait_preferred("edge", "chat", "site-far");
+    println!("first new connection served by site-far {first_new:?} after the kill");
+}

@@ -117,6 +117,8 @@ async fn relay(
     let Some(nb) = shared.neighbours.load().get(&next).cloned() else {
         return refuse(&shared, &mut send, &mut recv, Code::NotANeighbour);
     };
+    // Registered before the check below, so a verdict in between is not missed.
+    let next_hop_down = nb.went_down();
     let Some(conn) = nb.connection() else {
         return refuse(&shared, &mut send, &mut recv, Code::NextHopUnreachable);
     };
@@ -129,5 +131,8 @@ async fn relay(
         return refuse(&shared, &mut send, &mut recv, Code::NextHopUnreachable);
     }
     shared.metrics.relayed_total.fetch_add(1, Relaxed);
-    splice::relay(send, recv, dsend, drecv).await;
+    if let Some(code) = splice::relay(send, recv, dsend, drecv, next_hop_down).await {
+        shared.metrics.error(code);
+        tracing::debug!(node = %shared.node, next = %next, code = %code, "next hop down before it answered");
+    }
 }

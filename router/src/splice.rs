@@ -442,9 +442,19 @@ async fn gather(recv: &mut RecvStream, g: &mut Gather) -> Gathered {
 /// under load many packets per segment, and an interactive exchange still goes out at once.
 async fn pump(recv: &mut RecvStream, send: &mut SendStream) {
     let mut g = Gather::default();
+    let first = gather(recv, &mut g).await;
+    pump_from(recv, send, g, first).await;
+}
+
+/// [`pump`], with its first block already gathered.
+async fn pump_from(recv: &mut RecvStream, send: &mut SendStream, mut g: Gather, first: Gathered) {
     let mut fair = Fairness::default();
+    let mut next = Some(first);
     loop {
-        let Gathered { block, fin, failed } = gather(recv, &mut g).await;
+        let Gathered { block, fin, failed } = match next.take() {
+            Some(got) => got,
+            None => gather(recv, &mut g).await,
+        };
         let n = block.len();
         if n > 0 {
             if let Err(e) = send.write_chunk(block).await {
@@ -465,16 +475,55 @@ async fn pump(recv: &mut RecvStream, send: &mut SendStream) {
 }
 
 /// Relays a stream between an upstream and a downstream neighbour (transit).
+///
+/// Until the downstream answers (its first bytes, FIN or reset), `next_hop_down` is watched as
+/// well: if the next hop is declared down first, all four halves are reset with
+/// [`Code::NextHopUnreachable`], which the edge retries on its next candidate, as it does when
+/// its own first hop goes down. Without the watch such a first try would wait for the dead
+/// connection to close (`neighbours::DEAD_AFTER`). Once the downstream has answered, a down
+/// verdict no longer touches the stream: it ends with its connection. Returns the code it reset
+/// with when it gave up.
 pub(crate) async fn relay(
     mut up_send: SendStream,
     mut up_recv: RecvStream,
     mut down_send: SendStream,
     mut down_recv: RecvStream,
-) {
-    tokio::join!(
-        pump(&mut up_recv, &mut down_send),
-        pump(&mut down_recv, &mut up_send)
-    );
+    next_hop_down: impl std::future::Future<Output = ()>,
+) -> Option<Code> {
+    let gave_up = {
+        let up = pump(&mut up_recv, &mut down_send);
+        let down = async {
+            let mut g = Gather::default();
+            let first = tokio::select! {
+                got = gather(&mut down_recv, &mut g) => got,
+                () = next_hop_down => return true,
+            };
+            pump_from(&mut down_recv, &mut up_send, g, first).await;
+            false
+        };
+        tokio::pin!(up, down);
+        let mut up_done = false;
+        loop {
+            tokio::select! {
+                () = &mut up, if !up_done => up_done = true,
+                gave_up = &mut down => {
+                    if !gave_up && !up_done {
+                        up.await;
+                    }
+                    break gave_up;
+                }
+            }
+        }
+    };
+    if !gave_up {
+        return None;
+    }
+    let code = Code::NextHopUnreachable;
+    let _ = up_send.reset(code.varint());
+    let _ = up_recv.stop(code.varint());
+    let _ = down_send.reset(code.varint());
+    let _ = down_recv.stop(code.varint());
+    Some(code)
 }
 
 #[cfg(test)]

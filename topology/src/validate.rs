@@ -1046,7 +1046,11 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
                     );
                 }
                 Some(n) => {
-                    if let Some(Some(ip)) = e.node.as_ref().map(|n| n.client_address) {
+                    // A wildcard (0.0.0.0 or ::) binds every address of the edge's own host, so
+                    // edges on different hosts may all use it.
+                    if let Some(Some(ip)) = e.node.as_ref().map(|n| n.client_address)
+                        && !ip.is_unspecified()
+                    {
                         if let Some(other) = client_addrs.get(&ip) {
                             cx.err(n.pos, format!("client_address of node \"{id}\": {ip} is already used by edge node \"{other}\""));
                         } else {
@@ -1224,6 +1228,52 @@ fn reachability_warnings(cx: &mut Cx, t: &Topology, ids: &HashMap<String, (usize
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn two_edges(client_a: &str, client_b: &str) -> String {
+        let node = |id: &str, kind: &str, n: u8, extra: &str| {
+            format!(
+                "  - {{id: {id}, kind: {kind}, region: au-east, country: AU, \
+                 location: {{lat: -33.9, lon: 151.2}}, address: \"127.10.0.{n}:7000\"{extra}}}\n"
+            )
+        };
+        format!(
+            "version: 1\nnodes:\n{}{}{}links:\n  - {{a: e1, b: s1, latency: 1ms, capacity: 1Gbps}}\n  \
+             - {{a: e2, b: s1, latency: 1ms, capacity: 1Gbps}}\nservices:\n  - {{name: chat, port: 8443}}\n",
+            node(
+                "e1",
+                "edge",
+                1,
+                &format!(", client_address: \"{client_a}\"")
+            ),
+            node(
+                "e2",
+                "edge",
+                2,
+                &format!(", client_address: \"{client_b}\"")
+            ),
+            node(
+                "s1",
+                "site",
+                3,
+                ", serves: [{service: chat, backend: \"127.30.0.1:9001\", capacity: 8}]"
+            ),
+        )
+    }
+
+    #[test]
+    fn client_addresses_are_unique_across_edges_except_wildcards() {
+        let errs = crate::load(&two_edges("127.20.0.1", "127.20.0.1")).unwrap_err();
+        assert!(
+            errs.iter().any(|d| d
+                .to_string()
+                .contains("127.20.0.1 is already used by edge node \"e1\"")),
+            "{errs:?}"
+        );
+        for any in ["0.0.0.0", "::"] {
+            let loaded = crate::load(&two_edges(any, any));
+            assert!(loaded.is_ok(), "{any} on two edges: {:?}", loaded.err());
+        }
+    }
 
     #[test]
     fn closest_suggests_near_misses_only() {

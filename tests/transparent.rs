@@ -1,10 +1,12 @@
 //! Transparent mode: in a network namespace made by the test, an iptables REDIRECT rule sends a
 //! connection for a VIP to the edge's transparent port; the edge reads the original destination
-//! (SO_ORIGINAL_DST), maps VIP:port to the service, and carries it to the backend.
+//! (SO_ORIGINAL_DST), maps VIP:port to the service, and carries it to the backend. The edge
+//! listens dual-stack (`client_address: "::"`), and an ip6tables rule does the same for an IPv6
+//! VIP (IP6T_SO_ORIGINAL_DST).
 
 mod common;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::process::{Command, Stdio};
 
 use common::*;
@@ -84,7 +86,14 @@ fn iptables_redirect_to_a_vip_reaches_the_backend_through_the_edge() {
         "127.0.0.1"
     ]));
 
+    // IPv6 in the namespace: loopback has ::1 once it is up, unless IPv6 is disabled here.
+    let v6 = ns.run(&["ip", "-6", "route", "add", "2001:db8::/64", "dev", "lo"]);
+    if !v6 {
+        eprintln!("SKIP (IPv6 part only): no IPv6 route in the namespace");
+    }
+
     let vip = "198.18.0.10";
+    let vip6 = "2001:db8::10";
     let vip_port = 80u16;
     // Ports are picked in the host namespace; the fresh namespace has all of them free.
     let tport = free_tcp_port(LOCAL);
@@ -106,6 +115,25 @@ fn iptables_redirect_to_a_vip_reaches_the_backend_through_the_edge() {
         "--to-ports",
         &tport.to_string(),
     ]));
+    if v6 {
+        assert!(ns.run(&[
+            "ip6tables",
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            vip6,
+            "--dport",
+            &vip_port.to_string(),
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            &tport.to_string(),
+        ]));
+    }
 
     let www = tempfile::tempdir().unwrap();
     std::fs::write(
@@ -117,13 +145,18 @@ fn iptables_redirect_to_a_vip_reaches_the_backend_through_the_edge() {
     let _nginx = Nginx::start(ngx_dir.path(), www.path(), backend, &ns.exec()).expect("nginx");
 
     let mut y = TopoYaml::default();
-    y.edge("edge", free_udp(LOCAL), LOCAL, Some(tport))
+    // Dual-stack client side: IPv4 clients arrive as v4-mapped addresses on the same socket.
+    let any6 = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+    y.edge("edge", free_udp(LOCAL), any6, Some(tport))
         .site("site", free_udp(LOCAL), &[("chat", backend, 100)])
         .link("edge", "site", "1ms")
         .service(
             "chat",
             free_tcp_port(LOCAL),
-            &[&format!("{vip}/32:{vip_port}")],
+            &[
+                &format!("{vip}/32:{vip_port}"),
+                &format!("[{vip6}/128]:{vip_port}"),
+            ],
         );
     let mut f = Fabric::new(&y);
     f.wrapper = ns.exec();
@@ -165,5 +198,19 @@ fn iptables_redirect_to_a_vip_reaches_the_backend_through_the_edge() {
         "hello from the site backend\n"
     );
     assert!(f.metric("edge", "tasman_streams_total", "") >= 1);
+    if v6 {
+        let out = curl(format!("http://[{vip6}]:{vip_port}/hello.txt"));
+        assert!(
+            out.status.success(),
+            "curl to the IPv6 VIP failed: {}\nedge log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            f.log("edge")
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "hello from the site backend\n"
+        );
+        assert!(f.metric("edge", "tasman_streams_total", "") >= 2);
+    }
     drop(f);
 }

@@ -39,6 +39,19 @@ fn greet(port: u16) -> std::io::Result<(BufReader<TcpStream>, String)> {
     Ok((r, line.trim().to_string()))
 }
 
+/// A new connection made right after a site was killed: it must be served by `site` and echo.
+/// Returns when its greeting arrived, measured from `killed`.
+fn fresh_connection_served_by(port: u16, site: &str, killed: Instant) -> Duration {
+    let (mut fresh, greeting) = greet(port).expect("new connection after the kill");
+    assert_eq!(greeting, format!("SITE={site}"));
+    let first_new = killed.elapsed();
+    fresh.get_mut().write_all(b"ping\n").unwrap();
+    let mut echo = String::new();
+    fresh.read_line(&mut echo).unwrap();
+    assert_eq!(echo, "ping\n");
+    first_new
+}
+
 #[test]
 fn nearest_site_killed_open_connections_fail_cleanly_and_new_ones_move_to_next_site() {
     let b1 = greeting_backend("site-near");
@@ -70,13 +83,7 @@ fn nearest_site_killed_open_connections_fail_cleanly_and_new_ones_move_to_next_s
 
     // A connection made right after the kill: its first try (still on the nearest site, not yet
     // detected dead) fails before any byte came back, so the edge retries on the next site.
-    let (mut fresh, site) = greet(port).expect("new connection after the kill");
-    assert_eq!(site, "SITE=site-far");
-    let first_new = killed.elapsed();
-    fresh.get_mut().write_all(b"ping\n").unwrap();
-    let mut echo = String::new();
-    fresh.read_line(&mut echo).unwrap();
-    assert_eq!(echo, "ping\n");
+    let first_new = fresh_connection_served_by(port, "site-far", killed);
 
     // Every connection that was open ends (reset or EOF) instead of hanging.
     for (i, mut r) in open.into_iter().enumerate() {
@@ -134,13 +141,7 @@ fn site_behind_a_transit_killed_first_tries_are_handed_back_and_retried() {
 
     f.kill("site-near");
     let killed = Instant::now();
-    let (mut fresh, site) = greet(port).expect("new connection after the kill");
-    assert_eq!(site, "SITE=site-far");
-    let first_new = killed.elapsed();
-    fresh.get_mut().write_all(b"ping\n").unwrap();
-    let mut echo = String::new();
-    fresh.read_line(&mut echo).unwrap();
-    assert_eq!(echo, "ping\n");
+    let first_new = fresh_connection_served_by(port, "site-far", killed);
 
     // The first try was handed back by the transit, not lost with the dead connection.
     assert_eq!(

@@ -98,26 +98,11 @@ fn iptables_redirect_to_a_vip_reaches_the_backend_through_the_edge() {
     // Ports are picked in the host namespace; the fresh namespace has all of them free.
     let tport = free_tcp_port(LOCAL);
     let backend = SocketAddr::new(LOCAL, free_tcp_port(LOCAL));
-    assert!(ns.run(&[
-        "iptables",
-        "-t",
-        "nat",
-        "-A",
-        "OUTPUT",
-        "-p",
-        "tcp",
-        "-d",
-        vip,
-        "--dport",
-        &vip_port.to_string(),
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        &tport.to_string(),
-    ]));
-    if v6 {
-        assert!(ns.run(&[
-            "ip6tables",
+    // Locally made connections to a VIP:80 are redirected to the edge's transparent port.
+    let redirect = |tables: &str, vip: &str| {
+        let (port, to) = (vip_port.to_string(), tport.to_string());
+        ns.run(&[
+            tables,
             "-t",
             "nat",
             "-A",
@@ -125,14 +110,18 @@ fn iptables_redirect_to_a_vip_reaches_the_backend_through_the_edge() {
             "-p",
             "tcp",
             "-d",
-            vip6,
+            vip,
             "--dport",
-            &vip_port.to_string(),
+            &port,
             "-j",
             "REDIRECT",
             "--to-ports",
-            &tport.to_string(),
-        ]));
+            &to,
+        ])
+    };
+    assert!(redirect("iptables", vip));
+    if v6 {
+        assert!(redirect("ip6tables", vip6));
     }
 
     let www = tempfile::tempdir().unwrap();

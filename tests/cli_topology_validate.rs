@@ -38,7 +38,7 @@ fn warnings_are_printed_but_do_not_fail() {
     let stderr = text(&out.stderr);
     assert!(
         stderr.contains(&format!(
-            "{}:10:9: warning: edge node \"akl-edge-1\" cannot reach",
+            "{}:11:9: warning: edge node \"akl-edge-1\" cannot reach",
             f.display()
         )),
         "{stderr}"

@@ -473,7 +473,8 @@ mod tests {
         );
         assert!(i[0].new.is_none());
 
-        // A new edge gains both services.
+        // A new edge behind the transit gains chat (s1). It does not gain embed: s2 is linked
+        // only to the other edge, and edges do not relay.
         let mut b = base();
         b.node("edge2", NodeKind::Edge).link("edge2", "t", ms(1.0));
         let i = impact(&old, &b.build(), &live);
@@ -481,10 +482,7 @@ mod tests {
             i.iter()
                 .map(|e| (e.edge.as_str(), e.service.as_str(), e.kind))
                 .collect::<Vec<_>>(),
-            [
-                ("edge2", "chat", ImpactKind::Gained),
-                ("edge2", "embed", ImpactKind::Gained)
-            ]
+            [("edge2", "chat", ImpactKind::Gained)]
         );
     }
 }

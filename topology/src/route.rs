@@ -7,6 +7,8 @@
 //! - link weight = the measured one-way latency from [`LiveState::link_latency`] if present,
 //!   else the declared latency (both clamped to at least 1 ns);
 //! - down nodes and links (admin `down`, or listed in the live state) never entered;
+//! - only transits relay: the search does not continue from an edge or a site other than
+//!   `from`, so paths are `from`, transits, then the site (the rule circuits follow too);
 //! - drained nodes and links (admin `drain`) usable, but the path cost is lexicographic
 //!   `(drained elements on the path, latency)`: a path with a drained element is chosen only
 //!   when the site cannot be reached without one, and such a candidate has `drained: true`;
@@ -26,7 +28,7 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 
 use crate::graph::{Graph, weight_ns};
-use crate::model::{AdminState, LinkId, NodeId, ServiceName, Topology};
+use crate::model::{AdminState, LinkId, NodeId, NodeKind, ServiceName, Topology};
 use crate::units::Latency;
 
 /// What the router or controller knows beyond the YAML. Entries naming nodes or links that the
@@ -329,6 +331,11 @@ impl RoutingTable {
         }
         while let Some(Reverse((key, u))) = heap.pop() {
             if key > dist[u as usize] {
+                continue;
+            }
+            // Only the origin and transits relay: an edge or a site is an end of a path, never
+            // a hop in its middle (as for circuits).
+            if u != origin && graph.node_kind(u) != NodeKind::Transit {
                 continue;
             }
             for (e, &drained) in graph.neighbours(u).iter().zip(graph.neighbour_drain(u)) {

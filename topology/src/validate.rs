@@ -1155,7 +1155,8 @@ fn location(cx: &mut Cx, node: &YNode, what: &dyn fmt::Display) -> Option<Locati
 }
 
 /// Warns for each edge from which no allowed site of a service can be reached over links and
-/// nodes that are not down. Connectivity is computed once (union-find), so this stays linear.
+/// nodes that are not down, with only transits relaying (as routing does). Transit connectivity
+/// is computed once (union-find), so this stays linear.
 fn reachability_warnings(cx: &mut Cx, t: &Topology, ids: &HashMap<String, (usize, Pos)>) {
     let index: HashMap<&str, usize> = t
         .nodes
@@ -1171,18 +1172,46 @@ fn reachability_warnings(cx: &mut Cx, t: &Topology, ids: &HashMap<String, (usize
         }
         x
     }
-    for l in &t.links {
-        if l.state == AdminState::Down {
-            continue;
+    let usable: Vec<(usize, usize)> = t
+        .links
+        .iter()
+        .filter(|l| l.state != AdminState::Down)
+        .filter_map(|l| Some((*index.get(l.a.as_str())?, *index.get(l.b.as_str())?)))
+        .filter(|&(a, b)| {
+            t.nodes[a].state != AdminState::Down && t.nodes[b].state != AdminState::Down
+        })
+        .collect();
+    let transit = |i: usize| t.nodes[i].kind == NodeKind::Transit;
+    for &(a, b) in &usable {
+        if transit(a) && transit(b) {
+            let (ra, rb) = (find(&mut parent, a), find(&mut parent, b));
+            parent[ra] = rb;
         }
-        let (Some(&a), Some(&b)) = (index.get(l.a.as_str()), index.get(l.b.as_str())) else {
-            continue;
-        };
-        if t.nodes[a].state == AdminState::Down || t.nodes[b].state == AdminState::Down {
-            continue;
+    }
+    // What each end node touches: the transit groups it links to, and (edges) itself. An edge
+    // reaches a site when the two touch something in common: a transit group, or the edge itself
+    // over a direct link.
+    let mut touch: Vec<HashSet<usize>> = (0..t.nodes.len())
+        .map(|i| {
+            if t.nodes[i].kind == NodeKind::Edge {
+                HashSet::from([i])
+            } else {
+                HashSet::new()
+            }
+        })
+        .collect();
+    for &(a, b) in &usable {
+        for (x, y) in [(a, b), (b, a)] {
+            if transit(x) {
+                continue;
+            }
+            if transit(y) {
+                let r = find(&mut parent, y);
+                touch[x].insert(r);
+            } else if t.nodes[x].kind == NodeKind::Site && t.nodes[y].kind == NodeKind::Edge {
+                touch[x].insert(y);
+            }
         }
-        let (ra, rb) = (find(&mut parent, a), find(&mut parent, b));
-        parent[ra] = rb;
     }
     for s in &t.services {
         let mut components: HashSet<usize> = HashSet::new();
@@ -1192,7 +1221,7 @@ fn reachability_warnings(cx: &mut Cx, t: &Topology, ids: &HashMap<String, (usize
                 && s.residency.allows(n)
                 && n.serves.iter().any(|ss| ss.service == s.name)
             {
-                components.insert(find(&mut parent, i));
+                components.extend(touch[i].iter().copied());
                 sites.push(n.id.as_str());
             }
         }
@@ -1200,7 +1229,7 @@ fn reachability_warnings(cx: &mut Cx, t: &Topology, ids: &HashMap<String, (usize
             if n.kind != NodeKind::Edge || n.state == AdminState::Down {
                 continue;
             }
-            if !components.contains(&find(&mut parent, i)) {
+            if touch[i].is_disjoint(&components) {
                 let pos = ids.get(n.id.as_str()).map(|(_, p)| *p).unwrap_or_default();
                 let shown: Vec<&str> = sites.iter().take(5).copied().collect();
                 let more = if sites.len() > 5 {
@@ -1216,7 +1245,7 @@ fn reachability_warnings(cx: &mut Cx, t: &Topology, ids: &HashMap<String, (usize
                 cx.warn(
                     pos,
                     format!(
-                        "edge node \"{}\" cannot reach any site of service \"{}\" over links that are not down ({sites_text})",
+                        "edge node \"{}\" cannot reach any site of service \"{}\" over links that are not down, relayed by transits only ({sites_text})",
                         n.id, s.name
                     ),
                 );

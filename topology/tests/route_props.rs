@@ -34,6 +34,7 @@ fn arb_case() -> impl Strategy<Value = Case> {
                         state(),
                         any::<bool>(),
                         prop::bool::weighted(0.1),
+                        prop::bool::weighted(0.25),
                     ),
                     n,
                 ),
@@ -55,11 +56,11 @@ fn arb_case() -> impl Strategy<Value = Case> {
             let mut b = TopologyBuilder::new();
             let mut live = LiveState::default();
             b.service("svc").service("other");
-            for (i, &(is_site, st, serves, live_down)) in nodes.iter().enumerate() {
-                // FROM may itself be a site (cost 0 to itself).
+            for (i, &(is_site, st, serves, live_down, is_edge)) in nodes.iter().enumerate() {
+                // FROM may itself be a site (cost 0 to itself). Other edges are ends, like sites.
                 let kind = if is_site {
                     NodeKind::Site
-                } else if i == 0 {
+                } else if i == 0 || is_edge {
                     NodeKind::Edge
                 } else {
                     NodeKind::Transit
@@ -141,6 +142,11 @@ fn node_blocked(c: &Case, id: &str) -> bool {
     c.topo.node(id).is_none_or(|n| n.state == AdminState::Down) || c.live.down_nodes.contains(id)
 }
 
+/// Whether a path may continue from `id`: only FROM and transits relay.
+fn relays(c: &Case, id: &str) -> bool {
+    id == FROM || c.topo.node(id).is_some_and(|n| n.kind == NodeKind::Transit)
+}
+
 fn node_drained(c: &Case, id: &str) -> bool {
     c.topo
         .node(id)
@@ -162,7 +168,7 @@ fn bellman_ford(c: &Case) -> BTreeMap<String, (u32, u64)> {
                 continue;
             }
             for (u, v) in [(a, b), (b, a)] {
-                if node_blocked(c, v) {
+                if node_blocked(c, v) || !relays(c, u) {
                     continue;
                 }
                 let Some(&(d, l)) = dist.get(u) else { continue };
@@ -198,7 +204,7 @@ fn reachable_drain_free(c: &Case) -> BTreeSet<String> {
                 continue;
             }
             for (u, v) in [(a, b), (b, a)] {
-                if seen.contains(u) && !node_blocked(c, v) && !node_drained(c, v) {
+                if seen.contains(u) && relays(c, u) && !node_blocked(c, v) && !node_drained(c, v) {
                     seen.insert(v.clone());
                 }
             }
@@ -270,6 +276,9 @@ proptest! {
                 let mut drained = 0u32;
                 for n in &k.path {
                     prop_assert!(!node_blocked(&c, n.as_str()), "path {:?} crosses down node {}", k.path, n);
+                }
+                for n in &k.path[..k.path.len() - 1] {
+                    prop_assert!(relays(&c, n.as_str()), "path {:?} relays through {}, not a transit", k.path, n);
                 }
                 for w in k.path.windows(2) {
                     let l = hop(&links, w[0].as_str(), w[1].as_str());

@@ -199,45 +199,44 @@ mod tests {
         .iter()
         .map(|e| choice(&t, e, "llm-chat", live.clone()))
         .collect();
+        // Sydney (failed over to Melbourne) reaches mel-site-1 through its transit, and the
+        // only other way there crossed the Melbourne edge, which does not relay: no small
+        // raise moves it. The cheapest move is Los Angeles off the trans-Pacific link to Tokyo,
+        // a site change large enough to beat the hysteresis.
         let e = choose_latency_edit(&t, "llm-chat", &choices, Hysteresis::default()).unwrap();
-        // Sydney (failed over to Melbourne) has the cheapest move: SYD-MEL 6 ms -> 9 ms sends
-        // it through the Melbourne edge's metro link to the same site.
-        assert_eq!(e.edge.as_str(), "syd-edge-1");
-        assert_eq!(e.link.to_string(), "mel-site-1--syd-transit-1");
-        // The alternative costs 6.4 ms (0.4 + 6): 7 ms moves it, plus the 2 ms margin.
-        assert_eq!((e.from, e.to), (ms(6.0), ms(9.0)));
-        assert_eq!(e.before.0.as_str(), "mel-site-1");
-        assert_eq!(e.after.0.as_str(), "mel-site-1");
+        assert_eq!(e.edge.as_str(), "lax-edge-1");
+        assert_eq!(e.link.to_string(), "lax-transit-1--tyo-transit-1");
+        assert_eq!((e.from, e.to), (ms(52.0), ms(145.0)));
         let names = |p: &[NodeId]| p.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        assert_eq!(e.before.0.as_str(), "tyo-site-1");
         assert_eq!(
             names(&e.before.1),
-            ["syd-edge-1", "syd-transit-1", "mel-site-1"]
+            ["lax-edge-1", "lax-transit-1", "tyo-transit-1", "tyo-site-1"]
         );
+        assert_eq!(e.after.0.as_str(), "mel-site-1");
         assert_eq!(
             names(&e.after.1),
-            ["syd-edge-1", "syd-transit-1", "mel-edge-1", "mel-site-1"]
+            ["lax-edge-1", "lax-transit-1", "syd-transit-1", "mel-site-1"]
         );
-        // The prediction holds on the edited topology; just under the alternative's cost
-        // does not move the path.
-        let c = &choices[0];
+        // No path of the chosen edit relays through an edge or a site.
+        for p in [&e.before.1, &e.after.1] {
+            for n in &p[1..p.len() - 1] {
+                assert_eq!(t.node(n.as_str()).unwrap().kind, NodeKind::Transit, "{p:?}");
+            }
+        }
+        // The prediction holds on the edited topology; a raise that leaves Tokyo cheaper than
+        // Melbourne by more than the hysteresis margin does not move the path.
+        let c = &choices[4];
+        assert_eq!(c.edge.as_str(), "lax-edge-1");
         let edited = with_latency(&t, &e.link, e.to).unwrap();
         assert_eq!(
             predict(&edited, c, "llm-chat", Hysteresis::default()),
             Some(e.after.clone())
         );
-        let short = with_latency(&t, &e.link, ms(6.3)).unwrap();
+        let short = with_latency(&t, &e.link, ms(60.0)).unwrap();
         assert_eq!(
             predict(&short, c, "llm-chat", Hysteresis::default()).map(|p| p.1),
             Some(c.path.clone())
-        );
-        // Without Sydney's edge, Los Angeles moves off the trans-Pacific link (a site change,
-        // large enough to beat the hysteresis).
-        let e = choose_latency_edit(&t, "llm-chat", &choices[4..], Hysteresis::default()).unwrap();
-        assert_eq!(e.edge.as_str(), "lax-edge-1");
-        assert_eq!(e.link.to_string(), "lax-transit-1--tyo-transit-1");
-        assert_eq!(
-            (e.before.0.as_str(), e.after.0.as_str()),
-            ("tyo-site-1", "mel-site-1")
         );
     }
 

@@ -1,5 +1,5 @@
 //! Malformed stream headers, sent on a real QUIC connection with a valid certificate, reset the
-//! stream with a code; the router keeps serving other streams.
+//! stream with a code; the router keeps serving other streams. A site asked to relay refuses too.
 
 mod common;
 
@@ -70,16 +70,19 @@ fn malformed_headers_reset_the_stream_with_a_code_and_the_router_keeps_serving()
     eventually(DEADLINE, "transit sees site up", || {
         f.metric("transit", "tasman_neighbour_up", "neighbour=\"site\"") == 1
     });
-    let transit_addr: SocketAddr = {
+    let (transit_addr, site_addr): (SocketAddr, SocketAddr) = {
         let text = std::fs::read_to_string(&f.yaml).unwrap();
         let t = topology::load(&text).unwrap().topology;
-        t.node("transit").unwrap().address
+        (
+            t.node("transit").unwrap().address,
+            t.node("site").unwrap().address,
+        )
     };
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let id = router::tls::TlsIdentity::load(&f.pki, "edge").unwrap();
-        let peers = router::tls::PeerNames::new(["transit".to_string()]);
+        let peers = router::tls::PeerNames::new(["transit".to_string(), "site".to_string()]);
         let cfg =
             router::tls::client_config(&id, &peers, router::transport::shared_transport()).unwrap();
         let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
@@ -147,6 +150,15 @@ fn malformed_headers_reset_the_stream_with_a_code_and_the_router_keeps_serving()
         assert_eq!(&got[..2], &REPLY_OK);
         assert_eq!(&got[2..], b"hello through the transit");
         conn.close(VarInt::from_u32(0), b"done");
+
+        // Only transits relay: a site asked to forward to a next hop refuses.
+        let conn = ep.connect(site_addr, "site").unwrap().await.unwrap();
+        let mut b = BytesMut::new();
+        Header::data("echo".into(), vec!["transit".into()], None)
+            .encode(&mut b)
+            .unwrap();
+        expect_reset(&conn, &b, true, &[Code::WrongRole]).await;
+        conn.close(VarInt::from_u32(0), b"done");
         let _ = Arc::new(ep);
     });
     assert!(
@@ -163,4 +175,10 @@ fn malformed_headers_reset_the_stream_with_a_code_and_the_router_keeps_serving()
             "code=\"header_too_large\""
         ) >= 1
     );
+    // The site refused the relay itself; it did not pass it on.
+    assert_eq!(
+        f.metric("site", "tasman_stream_errors_total", "code=\"wrong_role\""),
+        1
+    );
+    assert_eq!(f.metric("site", "tasman_relayed_streams_total", ""), 0);
 }

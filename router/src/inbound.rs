@@ -101,6 +101,9 @@ async fn serve_stream(shared: Arc<Shared>, mut send: SendStream, mut recv: RecvS
     if header.hops.is_empty() {
         return site::serve(shared, header, send, recv).await;
     }
+    if !shared.routes.load().relays {
+        return refuse(&shared, &mut send, &mut recv, Code::WrongRole);
+    }
     // Boxed: the relay's state (two pumps' chunk arrays) is the larger of the two, and inline it
     // would size every site stream's task too.
     Box::pin(relay(shared, header, send, recv)).await

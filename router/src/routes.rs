@@ -40,6 +40,9 @@ pub struct Routes {
     pub live: LiveState,
     /// Why the table could not be built, if it could not.
     pub error: Option<String>,
+    /// This node relays streams to a next hop: it is a transit. Edges and sites are ends of a
+    /// path only (`topology::route`), and refuse a stream that names a next hop.
+    pub relays: bool,
 }
 
 impl Routes {
@@ -376,6 +379,9 @@ impl Control {
             requires_circuit,
             live: LiveState::default(),
             error: None,
+            relays: topo
+                .node(sh.node.as_str())
+                .is_some_and(|n| n.kind == NodeKind::Transit),
         };
         let is_edge = topo
             .node(sh.node.as_str())

@@ -239,9 +239,13 @@ impl Controller {
         let (topology, warnings) = validate(text)?;
         let validated = started.elapsed();
         let _serial = self.apply_lock.lock().await;
+        // The plan sees every fresh observation, including those the RFC 8405 back-off has not
+        // pushed to the routers yet (they act on their own evidence sooner anyway): a site that
+        // just died is not predicted as a destination.
         let (old, live) = {
             let inner = lock(&self.inner);
-            (inner.current.clone(), inner.live.published().clone())
+            let merged = inner.live.merged(&inner.current.topology, Instant::now());
+            (inner.current.clone(), merged)
         };
         if let Some(expected) = base_version
             && expected != old.record.version
@@ -627,4 +631,64 @@ fn encode(
         delta,
         at: Instant::now(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::redb::RedbStore;
+    use live::NeighbourSample;
+
+    /// e reaches s1 (near) or s2 (far) through transit t.
+    fn yaml(far: &str) -> String {
+        let node = |id: &str, kind: &str, n: u8, extra: &str| {
+            format!(
+                "  - {{id: {id}, kind: {kind}, region: r, country: AU, location: {{lat: 0, lon: 0}}, \
+                 address: \"127.0.0.{n}:7000\"{extra}}}\n"
+            )
+        };
+        let serves = |port: u16| {
+            format!(", serves: [{{service: chat, backend: \"127.0.0.9:{port}\", capacity: 10}}]")
+        };
+        format!(
+            "version: 1\nnodes:\n{}{}{}{}links:\n  - {{a: e, b: t, latency: 1ms, capacity: 1Gbps}}\n  \
+             - {{a: t, b: s1, latency: 1ms, capacity: 1Gbps}}\n  - {{a: t, b: s2, latency: {far}, capacity: 1Gbps}}\n\
+             services:\n  - {{name: chat, port: 8080}}\n",
+            node("e", "edge", 1, ", client_address: \"127.0.0.1\""),
+            node("t", "transit", 2, ""),
+            node("s1", "site", 3, &serves(9001)),
+            node("s2", "site", 4, &serves(9002)),
+        )
+    }
+
+    #[tokio::test]
+    async fn the_plan_sees_telemetry_the_back_off_has_not_published_yet() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RedbStore::open(dir.path()).unwrap());
+        let ctl = Controller::open(store, Some((&yaml("10ms"), "t.yaml"))).unwrap();
+        // The transit reports s1 down. No recompute loop runs here, so nothing is published.
+        ctl.on_telemetry(&Sample {
+            node: NodeId::new("t"),
+            neighbours: vec![NeighbourSample {
+                neighbour: NodeId::new("s1"),
+                rtt: None,
+                up: false,
+            }],
+            site: None,
+        });
+        assert!(ctl.published().live.down_links.is_empty());
+        // Raising the far site's link moves e's cost: it is on s2 already, s1 being cut off.
+        let out = ctl
+            .apply(&yaml("20ms"), "test", "raise", Origin::Apply, true, None)
+            .await
+            .unwrap();
+        assert!(
+            out.plan
+                .text
+                .contains("e chat: cost changes: s2 (11.00 ms via e > t > s2) -> s2 (21.00 ms"),
+            "{}",
+            out.plan.text
+        );
+        assert!(!out.plan.text.contains("s1 ("), "{}", out.plan.text);
+    }
 }

@@ -68,8 +68,8 @@ pub fn node_id(i: usize, kind: NodeKind) -> NodeId {
     NodeId::new(format!("n{i}-{kind}"))
 }
 
-/// A connected synthetic topology: node `i > 0` links to a random earlier node, then random
-/// extra links (no self-links, no duplicates) up to `links`. Latencies 100us..20ms.
+/// A connected synthetic topology: a spanning set of links through the transits (below), then
+/// random extra links (no self-links, no duplicates) up to `links`. Latencies 100us..20ms.
 pub fn topology(p: &Params) -> Topology {
     let mut rng = Rng::new(p.seed);
     let n = p.nodes.max(2);
@@ -148,9 +148,31 @@ pub fn topology(p: &Params) -> Topology {
         });
         true
     };
-    for i in 1..n {
-        let j = rng.below(i);
-        push(i, j, &mut rng, &mut links);
+    // Spanning links that keep every site reachable from every edge under the routing rule
+    // that only transits relay: each transit links to an earlier transit (the first one is the
+    // root), every edge and site to a transit earlier than it (or the root). Without transits,
+    // each node links to a random earlier one.
+    let transits: Vec<usize> = (0..n)
+        .filter(|&i| nodes[i].kind == NodeKind::Transit)
+        .collect();
+    match transits.first() {
+        Some(&root) => {
+            for i in (0..n).filter(|&i| i != root) {
+                let earlier = transits.partition_point(|&t| t < i);
+                let j = if earlier == 0 {
+                    root
+                } else {
+                    transits[rng.below(earlier)]
+                };
+                push(i, j, &mut rng, &mut links);
+            }
+        }
+        None => {
+            for i in 1..n {
+                let j = rng.below(i);
+                push(i, j, &mut rng, &mut links);
+            }
+        }
     }
     let max_links = n * (n - 1) / 2;
     while links.len() < p.links.min(max_links) {

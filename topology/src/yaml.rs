@@ -174,5 +174,7 @@ mod tests {
         let text = to_yaml(&t);
         let back = load(&text).unwrap_or_else(|d| panic!("{d:#?}"));
         assert_eq!(back.topology, t);
+        // Connected through transits: every edge reaches a site of every service.
+        assert!(back.warnings.is_empty(), "{:#?}", back.warnings);
     }
 }

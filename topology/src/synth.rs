@@ -174,9 +174,17 @@ pub fn topology(p: &Params) -> Topology {
             }
         }
     }
-    let max_links = n * (n - 1) / 2;
+    // Extra links never join two edges or two sites: no path could use them (only transits
+    // relay), and validation warns about them.
+    let count = |k: NodeKind| nodes.iter().filter(|x| x.kind == k).count();
+    let (edges, sites) = (count(NodeKind::Edge), count(NodeKind::Site));
+    let pairs = |k: usize| k * k.saturating_sub(1) / 2;
+    let max_links = pairs(n) - pairs(edges) - pairs(sites);
     while links.len() < p.links.min(max_links) {
         let (a, b) = (rng.below(n), rng.below(n));
+        if nodes[a].kind == nodes[b].kind && nodes[a].kind != NodeKind::Transit {
+            continue;
+        }
         push(a, b, &mut rng, &mut links);
     }
     Topology {

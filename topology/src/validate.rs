@@ -1121,7 +1121,38 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
         pools,
     };
     reachability_warnings(cx, &topology, &ids);
+    idle_link_warnings(cx, &topology, &link_ids);
     Some(topology)
+}
+
+/// Warns for each link between two edges or two sites: only transits relay, so no client path
+/// can use it (its two routers still probe each other over it).
+fn idle_link_warnings(cx: &mut Cx, t: &Topology, link_ids: &HashMap<LinkId, (usize, Pos)>) {
+    let kind: HashMap<&str, NodeKind> = t.nodes.iter().map(|n| (n.id.as_str(), n.kind)).collect();
+    let mut idle: Vec<(usize, Pos, String)> = Vec::new();
+    for l in &t.links {
+        let (Some(&a), Some(&b)) = (kind.get(l.a.as_str()), kind.get(l.b.as_str())) else {
+            continue;
+        };
+        if a != b || a == NodeKind::Transit {
+            continue;
+        }
+        if let Some(&(i, pos)) = link_ids.get(&l.id()) {
+            idle.push((
+                i,
+                pos,
+                format!(
+                    "link {} joins two {}s: no path uses it, only transits relay",
+                    l.id(),
+                    a
+                ),
+            ));
+        }
+    }
+    idle.sort_by_key(|(i, ..)| *i);
+    for (_, pos, msg) in idle {
+        cx.warn(pos, msg);
+    }
 }
 
 fn location(cx: &mut Cx, node: &YNode, what: &dyn fmt::Display) -> Option<Location> {

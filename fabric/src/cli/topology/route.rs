@@ -158,7 +158,7 @@ fn table_text(args: &RouteArgs, candidates: &[Candidate]) -> String {
     }
     s.push('\n');
     if candidates.is_empty() {
-        s.push_str("no eligible site (none serves it, all are down, full, unhealthy, outside residency, or unreachable)\n");
+        s.push_str("no eligible site (none serves it, all are down, full, unhealthy, outside residency, or unreachable through transits)\n");
         return s;
     }
     let site_w = candidates

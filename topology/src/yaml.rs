@@ -1,7 +1,7 @@
 //! Topology YAML, format version 1: text to a position-carrying tree, then (in
-//! [`crate::validate`]) to the validated [`Topology`].
+//! `crate::validate`) to the validated [`Topology`].
 //!
-//! The YAML is read by [`crate::tree`] into a generic tree whose every node carries its line and
+//! The YAML is read by `crate::tree` into a generic tree whose every node carries its line and
 //! column; validation then walks that tree by hand instead of deriving `Deserialize` for the
 //! format, because serde stops at the first problem while operators want every problem at once,
 //! each with the position of its field.

@@ -1,7 +1,7 @@
 //! The admin API: HTTP/JSON for the `tasman` CLI, every route behind a bearer token.
 //!
 //! Routes are grouped per module (`topology`, `status`; circuits add theirs) and merged in
-//! [`router`]; authentication and the body limit wrap the whole set, so a module cannot add an
+//! [`router()`]; authentication and the body limit wrap the whole set, so a module cannot add an
 //! unauthenticated route by accident.
 //!
 //! | method | path | |

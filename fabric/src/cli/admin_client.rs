@@ -33,7 +33,7 @@ pub struct AdminArgs {
     /// Bearer token for the admin API.
     #[arg(long, env = "TASMAN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// Read the bearer token from this file (e.g. the controller's <state>/admin-token).
+    /// Read the bearer token from this file (e.g. the controller's `<state>/admin-token`).
     #[arg(long, env = "TASMAN_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
     /// Output format.

@@ -316,7 +316,7 @@ impl DemoFabric {
     }
 
     /// Waits until every running router sees all its running neighbours up, and the edges'
-    /// preferred sites have then held still for [`SETTLE`]: a router's "up" reaches the others in
+    /// preferred sites have then held still for `SETTLE` (300 ms): a router's "up" reaches the others in
     /// its next probe reply, so the first instant everything is up an edge may still be routing
     /// around a link that an end reported down while it was dialling.
     pub async fn wait_converged(&self, within: Duration) -> Result<(), DemoError> {

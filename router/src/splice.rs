@@ -447,14 +447,10 @@ async fn pump(recv: &mut RecvStream, send: &mut SendStream) {
 }
 
 /// [`pump`], with its first block already gathered.
-async fn pump_from(recv: &mut RecvStream, send: &mut SendStream, mut g: Gather, first: Gathered) {
+async fn pump_from(recv: &mut RecvStream, send: &mut SendStream, mut g: Gather, mut got: Gathered) {
     let mut fair = Fairness::default();
-    let mut next = Some(first);
     loop {
-        let Gathered { block, fin, failed } = match next.take() {
-            Some(got) => got,
-            None => gather(recv, &mut g).await,
-        };
+        let Gathered { block, fin, failed } = got;
         let n = block.len();
         if n > 0 {
             if let Err(e) = send.write_chunk(block).await {
@@ -471,6 +467,7 @@ async fn pump_from(recv: &mut RecvStream, send: &mut SendStream, mut g: Gather, 
             let _ = send.finish();
             return;
         }
+        got = gather(recv, &mut g).await;
     }
 }
 
@@ -502,16 +499,14 @@ pub(crate) async fn relay(
             false
         };
         tokio::pin!(up, down);
-        let mut up_done = false;
-        loop {
-            tokio::select! {
-                () = &mut up, if !up_done => up_done = true,
-                gave_up = &mut down => {
-                    if !gave_up && !up_done {
-                        up.await;
-                    }
-                    break gave_up;
+        // Both directions run to their end, unless the downstream gave up first.
+        tokio::select! {
+            () = &mut up => down.await,
+            gave_up = &mut down => {
+                if !gave_up {
+                    up.await;
                 }
+                gave_up
             }
         }
     };

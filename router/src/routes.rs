@@ -372,6 +372,7 @@ impl Control {
             .filter(|s| s.requires_circuit)
             .map(|s| s.name.clone())
             .collect();
+        let kind = topo.node(sh.node.as_str()).map(|n| n.kind);
         let mut routes = Routes {
             version: snap.version,
             by_service: HashMap::new(),
@@ -379,14 +380,9 @@ impl Control {
             requires_circuit,
             live: LiveState::default(),
             error: None,
-            relays: topo
-                .node(sh.node.as_str())
-                .is_some_and(|n| n.kind == NodeKind::Transit),
+            relays: kind == Some(NodeKind::Transit),
         };
-        let is_edge = topo
-            .node(sh.node.as_str())
-            .is_some_and(|n| n.kind == NodeKind::Edge);
-        if is_edge {
+        if kind == Some(NodeKind::Edge) {
             match RoutingTable::build(topo, graph, &sh.node, &live) {
                 Ok(table) => {
                     for svc in &topo.services {

@@ -1120,38 +1120,42 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
         services: services.into_iter().map(|(s, _)| s).collect(),
         pools,
     };
-    reachability_warnings(cx, &topology, &ids);
-    idle_link_warnings(cx, &topology, &link_ids);
+    {
+        let index: HashMap<&str, usize> = topology
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.id.as_str(), i))
+            .collect();
+        reachability_warnings(cx, &topology, &index, &ids);
+        idle_link_warnings(cx, &topology, &index, &link_ids);
+    }
     Some(topology)
 }
 
-/// Warns for each link between two edges or two sites: only transits relay, so no client path
-/// can use it (its two routers still probe each other over it).
-fn idle_link_warnings(cx: &mut Cx, t: &Topology, link_ids: &HashMap<LinkId, (usize, Pos)>) {
-    let kind: HashMap<&str, NodeKind> = t.nodes.iter().map(|n| (n.id.as_str(), n.kind)).collect();
-    let mut idle: Vec<(usize, Pos, String)> = Vec::new();
+/// Warns for each link between two edges or two sites (in link order): only transits relay, so
+/// no client path can use it (its two routers still probe each other over it).
+fn idle_link_warnings(
+    cx: &mut Cx,
+    t: &Topology,
+    index: &HashMap<&str, usize>,
+    link_ids: &HashMap<LinkId, (usize, Pos)>,
+) {
+    let kind = |id: &NodeId| index.get(id.as_str()).map(|&i| t.nodes[i].kind);
     for l in &t.links {
-        let (Some(&a), Some(&b)) = (kind.get(l.a.as_str()), kind.get(l.b.as_str())) else {
+        let (Some(a), Some(b)) = (kind(&l.a), kind(&l.b)) else {
             continue;
         };
         if a != b || a == NodeKind::Transit {
             continue;
         }
-        if let Some(&(i, pos)) = link_ids.get(&l.id()) {
-            idle.push((
-                i,
+        let id = l.id();
+        if let Some(&(_, pos)) = link_ids.get(&id) {
+            cx.warn(
                 pos,
-                format!(
-                    "link {} joins two {}s: no path uses it, only transits relay",
-                    l.id(),
-                    a
-                ),
-            ));
+                format!("link {id} joins two {a}s: no path uses it, only transits relay"),
+            );
         }
-    }
-    idle.sort_by_key(|(i, ..)| *i);
-    for (_, pos, msg) in idle {
-        cx.warn(pos, msg);
     }
 }
 
@@ -1188,13 +1192,12 @@ fn location(cx: &mut Cx, node: &YNode, what: &dyn fmt::Display) -> Option<Locati
 /// Warns for each edge from which no allowed site of a service can be reached over links and
 /// nodes that are not down, with only transits relaying (as routing does). Transit connectivity
 /// is computed once (union-find), so this stays linear.
-fn reachability_warnings(cx: &mut Cx, t: &Topology, ids: &HashMap<String, (usize, Pos)>) {
-    let index: HashMap<&str, usize> = t
-        .nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (n.id.as_str(), i))
-        .collect();
+fn reachability_warnings(
+    cx: &mut Cx,
+    t: &Topology,
+    index: &HashMap<&str, usize>,
+    ids: &HashMap<String, (usize, Pos)>,
+) {
     let mut parent: Vec<usize> = (0..t.nodes.len()).collect();
     fn find(p: &mut [usize], mut x: usize) -> usize {
         while p[x] != x {

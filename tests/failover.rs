@@ -52,8 +52,10 @@ fn fresh_connection_served_by(port: u16, site: &str, killed: Instant) -> Duratio
     first_new
 }
 
-#[test]
-fn nearest_site_killed_open_connections_fail_cleanly_and_new_ones_move_to_next_site() {
+/// site-near (1 ms) and site-far (20 ms) serving `chat` with greeting backends, reached from the
+/// edge directly or, with `through_transit`, both behind one transit (1 ms from the edge). Started,
+/// with the edge preferring site-near. Returns the fabric and the service port.
+fn near_and_far(through_transit: bool) -> (Fabric, u16) {
     let b1 = greeting_backend("site-near");
     let b2 = greeting_backend("site-far");
     let port = free_tcp_port(LOCAL);
@@ -61,12 +63,25 @@ fn nearest_site_killed_open_connections_fail_cleanly_and_new_ones_move_to_next_s
     y.edge("edge", free_udp(LOCAL), LOCAL, None)
         .site("site-near", free_udp(LOCAL), &[("chat", b1, 100)])
         .site("site-far", free_udp(LOCAL), &[("chat", b2, 100)])
-        .link("edge", "site-near", "1ms")
-        .link("edge", "site-far", "20ms")
         .service("chat", port, &[]);
+    let hub = if through_transit {
+        y.transit("transit", free_udp(LOCAL))
+            .link("edge", "transit", "1ms");
+        "transit"
+    } else {
+        "edge"
+    };
+    y.link(hub, "site-near", "1ms")
+        .link(hub, "site-far", "20ms");
     let mut f = Fabric::new(&y);
     f.start_all();
     f.wait_preferred("edge", "chat", "site-near");
+    (f, port)
+}
+
+#[test]
+fn nearest_site_killed_open_connections_fail_cleanly_and_new_ones_move_to_next_site() {
+    let (mut f, port) = near_and_far(false);
     eventually(DEADLINE, "site-far neighbour up", || {
         f.metric("edge", "tasman_neighbour_up", "neighbour=\"site-far\"") == 1
     });
@@ -119,21 +134,7 @@ fn nearest_site_killed_open_connections_fail_cleanly_and_new_ones_move_to_next_s
 /// wait for the transit's connection to the dead site to close.
 #[test]
 fn site_behind_a_transit_killed_first_tries_are_handed_back_and_retried() {
-    let b1 = greeting_backend("site-near");
-    let b2 = greeting_backend("site-far");
-    let port = free_tcp_port(LOCAL);
-    let mut y = TopoYaml::default();
-    y.edge("edge", free_udp(LOCAL), LOCAL, None)
-        .transit("transit", free_udp(LOCAL))
-        .site("site-near", free_udp(LOCAL), &[("chat", b1, 100)])
-        .site("site-far", free_udp(LOCAL), &[("chat", b2, 100)])
-        .link("edge", "transit", "1ms")
-        .link("transit", "site-near", "1ms")
-        .link("transit", "site-far", "20ms")
-        .service("chat", port, &[]);
-    let mut f = Fabric::new(&y);
-    f.start_all();
-    f.wait_preferred("edge", "chat", "site-near");
+    let (mut f, port) = near_and_far(true);
     eventually(DEADLINE, "transit's neighbours up", || {
         f.metric("transit", "tasman_neighbour_up", "") == 3
     });

@@ -191,6 +191,18 @@ fn demo_serves_every_edge_fails_over_and_moves_a_path_by_a_live_edit_then_exits_
     assert!(!uses(&after), "{edge} still crosses {link}: {after:?}");
     assert_ne!(before, after);
     assert!(result.ends_with(", as predicted"), "{result}");
+    // Every choice the controller's plan predicted for the edge (site and path) is what its
+    // routing table holds after the apply.
+    let checked = edit
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix("The plan's "))
+        .expect("plan check line");
+    let (n, rest) = checked.split_once(" prediction(s) for ").expect("count");
+    assert!(
+        n.parse::<usize>().is_ok_and(|n| n > 0)
+            && rest.ends_with(&format!(": {n} match the edge's routing table now.")),
+        "{edit}"
+    );
     // Real requests after the edit: the edge's llm-chat row names the site the backend
     // answered from and the new path (a mismatch would print "(table: ...)").
     let table = edit

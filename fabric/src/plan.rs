@@ -92,11 +92,22 @@ fn render(diff: &TopologyDiff, impact: &[ImpactEntry]) -> String {
 }
 
 impl Plan {
-    pub fn compute(old: &Topology, new: &Topology, live: &LiveState) -> Plan {
+    /// `incumbents`: the sites edges report in use (see [`topology::diff::impact_with`]).
+    pub fn compute(
+        old: &Topology,
+        new: &Topology,
+        live: &LiveState,
+        incumbents: &topology::diff::Incumbents,
+    ) -> Plan {
         let diff = topology::diff::diff(old, new);
         // Measured weights never go below a link's declared latency (routers treat it as the
         // propagation floor), so a raised declared latency counts even where it was measured lower.
-        let impact = topology::diff::impact_with(old, &live.floored(old), new, &live.floored(new));
+        let choosing = topology::diff::Choosing {
+            incumbents,
+            ..Default::default()
+        };
+        let impact =
+            topology::diff::impact_with(old, &live.floored(old), new, &live.floored(new), choosing);
         let text = render(&diff, &impact);
         Plan {
             changed: !diff.is_empty(),

@@ -1,6 +1,8 @@
 //! What changes between two topologies: the structural [`diff`] (added, removed and changed
 //! nodes, links, services and pools, with old and new values per changed field) and the
-//! [`impact`] on routing (every edge and service whose best site, path or cost changes).
+//! [`impact`] on routing (every edge and service whose chosen site, path or cost changes, chosen
+//! the way routers choose: by cost, keeping the site an edge already uses unless another wins by
+//! the anti-flap margins).
 //!
 //! Field values are compared through their serde (JSON) form, so every field of the model is
 //! covered without a hand-written comparison that could drift from the model. Values print the
@@ -13,7 +15,7 @@ use serde_json::Value;
 
 use crate::graph::Graph;
 use crate::model::{NodeId, NodeKind, ServiceName, Topology};
-use crate::route::{Candidate, LiveState, RoutingTable};
+use crate::route::{Candidate, Hysteresis, LiveState, RouteError, RoutingTable};
 
 /// The structural difference between two topologies. Every list is sorted by id.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -196,7 +198,7 @@ fn fields_diff(path: String, old: &Value, new: &Value, out: &mut Vec<FieldChange
     }
 }
 
-/// How one (edge, service) pair's best choice changes.
+/// How one (edge, service) pair's choice changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ImpactKind {
@@ -212,7 +214,7 @@ pub enum ImpactKind {
     CostChanged,
 }
 
-/// One edge and service whose best candidate changes.
+/// One edge and service whose choice changes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ImpactEntry {
     pub edge: NodeId,
@@ -222,36 +224,56 @@ pub struct ImpactEntry {
     pub new: Option<Candidate>,
 }
 
-fn best_per_service(
-    topo: &Topology,
-    graph: &Graph,
-    edge: &NodeId,
-    live: &LiveState,
-) -> BTreeMap<ServiceName, Candidate> {
-    match RoutingTable::build(topo, graph, edge, live) {
-        Ok(table) => table
-            .services()
-            .filter_map(|(s, c)| c.first().map(|c| (s.clone(), c.clone())))
-            .collect(),
-        // The edge does not exist on this side.
+/// The site each edge uses now for each service (edges report it to the controller). Where an
+/// edge or service is missing, its cheapest candidate on the old topology is taken instead.
+pub type Incumbents = BTreeMap<NodeId, BTreeMap<ServiceName, NodeId>>;
+
+/// How the plan predicts routers' choices: the anti-flap margins and the sites in use.
+#[derive(Debug, Clone, Copy)]
+pub struct Choosing<'a> {
+    pub hysteresis: Hysteresis,
+    pub incumbents: &'a Incumbents,
+}
+
+impl Default for Choosing<'_> {
+    fn default() -> Self {
+        static NONE: Incumbents = BTreeMap::new();
+        Choosing {
+            hysteresis: Hysteresis::default(),
+            incumbents: &NONE,
+        }
+    }
+}
+
+/// Each service's ranked candidates at `edge` (none where the edge does not exist on this side).
+fn candidates_per_service(
+    table: &Result<RoutingTable, RouteError>,
+) -> BTreeMap<&ServiceName, &[Candidate]> {
+    match table {
+        Ok(table) => table.services().filter(|(_, c)| !c.is_empty()).collect(),
         Err(_) => BTreeMap::new(),
     }
 }
 
-/// For every edge node (of either topology) and every service (of either), the change of its
-/// best candidate from `old` to `new` under the same live state; unchanged pairs are left out.
-/// Sorted by edge, then service.
+/// For every edge node (of either topology) and every service (of either), how its choice
+/// changes from `old` to `new` under the same live state; unchanged pairs are left out. Sorted
+/// by edge, then service. Choices are made as routers make them ([`Choosing::default`]).
 pub fn impact(old: &Topology, new: &Topology, live: &LiveState) -> Vec<ImpactEntry> {
-    impact_with(old, live, new, live)
+    impact_with(old, live, new, live, Choosing::default())
 }
 
 /// [`impact`] with a live state per side (e.g. the same measurements floored at each side's
-/// declared latencies, [`LiveState::floored`]).
+/// declared latencies, [`LiveState::floored`]) and the sites edges use now.
+///
+/// Before: the edge's reported site (with its cheapest path on `old`) while it is still a
+/// candidate there, else the cheapest candidate. After: what [`Hysteresis::select`] keeps or
+/// picks on `new` with that site as the incumbent, as the edge's router does.
 pub fn impact_with(
     old: &Topology,
     old_live: &LiveState,
     new: &Topology,
     new_live: &LiveState,
+    choosing: Choosing<'_>,
 ) -> Vec<ImpactEntry> {
     let (og, ng) = (Graph::new(old), Graph::new(new));
     let edges: BTreeSet<&NodeId> = old
@@ -263,11 +285,26 @@ pub fn impact_with(
         .collect();
     let mut out = Vec::new();
     for edge in edges {
-        let before = best_per_service(old, &og, edge, old_live);
-        let after = best_per_service(new, &ng, edge, new_live);
-        let services: BTreeSet<&ServiceName> = before.keys().chain(after.keys()).collect();
+        let (old_table, new_table) = (
+            RoutingTable::build(old, &og, edge, old_live),
+            RoutingTable::build(new, &ng, edge, new_live),
+        );
+        let (before, after) = (
+            candidates_per_service(&old_table),
+            candidates_per_service(&new_table),
+        );
+        let in_use = choosing.incumbents.get(edge);
+        let services: BTreeSet<&ServiceName> = before.keys().chain(after.keys()).copied().collect();
         for service in services {
-            let (o, n) = (before.get(service), after.get(service));
+            let o = before.get(service).and_then(|cands| {
+                let reported = in_use.and_then(|m| m.get(service));
+                reported
+                    .and_then(|site| cands.iter().find(|c| &c.site == site))
+                    .or(cands.first())
+            });
+            let n = after
+                .get(service)
+                .and_then(|cands| choosing.hysteresis.select(o.map(|c| &c.site), cands));
             let kind = match (o, n) {
                 (Some(_), None) => ImpactKind::Lost,
                 (None, Some(_)) => ImpactKind::Gained,
@@ -484,5 +521,76 @@ mod tests {
                 .collect::<Vec<_>>(),
             [("edge2", "chat", ImpactKind::Gained)]
         );
+    }
+
+    #[test]
+    fn impact_keeps_the_site_in_use_unless_another_wins_by_the_anti_flap_margins() {
+        let old = base().build();
+        let live = LiveState::default();
+        let kinds = |i: &[ImpactEntry]| {
+            i.iter()
+                .map(|e| {
+                    let site = |c: &Option<Candidate>| c.as_ref().map(|c| c.site.to_string());
+                    (e.service.to_string(), e.kind, site(&e.old), site(&e.new))
+                })
+                .collect::<Vec<_>>()
+        };
+        let entry = |svc: &str, kind, old: &str, new: &str| {
+            (
+                svc.to_string(),
+                kind,
+                Some(old.to_string()),
+                Some(new.to_string()),
+            )
+        };
+
+        // t--s1 3 -> 12 ms: s1 costs 14, s2 9. s2 is cheaper but not by 10 ms, so the edge
+        // keeps s1 (a router would); only the cost changes.
+        let mut slower = old.clone();
+        slower.links[1].latency = ms(12.0);
+        assert_eq!(
+            kinds(&impact(&old, &slower, &live)),
+            [entry("chat", ImpactKind::CostChanged, "s1", "s1")]
+        );
+
+        // The edge reports it uses s2 for chat (s1 is cheaper, but not by the margins): no
+        // change on the same topology, and none when s1 gets cheaper still (4 ms vs 9).
+        let incumbents: Incumbents = BTreeMap::from([(
+            NodeId::new("edge"),
+            BTreeMap::from([(ServiceName::new("chat"), NodeId::new("s2"))]),
+        )]);
+        let choosing = Choosing {
+            incumbents: &incumbents,
+            ..Choosing::default()
+        };
+        assert!(impact_with(&old, &live, &old, &live, choosing).is_empty());
+        let mut faster = old.clone();
+        faster.links[1].latency = ms(2.0);
+        assert!(impact_with(&old, &live, &faster, &live, choosing).is_empty());
+
+        // edge--s2 9 -> 30 ms: s1 (5) now beats the s2 in use by both margins.
+        let mut far = old.clone();
+        far.links[2].latency = ms(30.0);
+        let i = impact_with(&old, &live, &far, &live, choosing);
+        assert_eq!(
+            kinds(&i),
+            [
+                entry("chat", ImpactKind::SiteChanged, "s2", "s1"),
+                entry("embed", ImpactKind::CostChanged, "s2", "s2"),
+            ]
+        );
+        assert_eq!(i[0].old.as_ref().unwrap().cost, ms(9.0));
+
+        // A reported site that no longer serves the service on the old topology is ignored:
+        // the cheapest candidate stands in for it.
+        let stale: Incumbents = BTreeMap::from([(
+            NodeId::new("edge"),
+            BTreeMap::from([(ServiceName::new("embed"), NodeId::new("s1"))]),
+        )]);
+        let choosing = Choosing {
+            incumbents: &stale,
+            ..Choosing::default()
+        };
+        assert!(impact_with(&old, &live, &old, &live, choosing).is_empty());
     }
 }

@@ -604,7 +604,7 @@ async fn live_edit(fabric: &mut DemoFabric, edges: &[NodeId], service: &str, n: 
         println!("      ... and {others} more for other edges");
     }
     println!(
-        "  (the plan ranks sites by cost alone; routers also keep a live site unless another wins by >= 10 ms and a third)"
+        "  (as routers do, the plan keeps the site each edge reports in use unless another wins by >= 10 ms and a third)"
     );
     let acked = match fabric
         .wait_acknowledged(version, Duration::from_secs(15))
@@ -663,5 +663,48 @@ async fn live_edit(fabric: &mut DemoFabric, edges: &[NodeId], service: &str, n: 
         ),
         None => println!("\n  {edge} {service}: no route after the edit"),
     }
+    check_plan(fabric, edge, &out.plan.impact);
     ok && moved
+}
+
+/// Prints, for each of `edge`'s entries in the plan's impact, whether its routing table now
+/// holds the predicted site and path.
+fn check_plan(fabric: &DemoFabric, edge: &NodeId, impact: &serde_json::Value) {
+    // Read as JSON, not as `ImpactEntry`: a zero `Latency` prints as "0ms", which the unit
+    // parser refuses.
+    let predicted = |e: &serde_json::Value| {
+        let site = e["new"]["site"].as_str()?;
+        let path: Vec<NodeId> = e["new"]["path"]
+            .as_array()?
+            .iter()
+            .filter_map(|n| n.as_str().map(NodeId::new))
+            .collect();
+        Some((NodeId::new(site), path))
+    };
+    let entries: Vec<&serde_json::Value> = impact
+        .as_array()
+        .map(|a| a.iter().filter(|e| e["edge"] == edge.as_str()).collect())
+        .unwrap_or_default();
+    let mut right = 0;
+    for e in &entries {
+        let service = e["service"].as_str().unwrap_or_default();
+        let (want, now) = (predicted(e), preferred(fabric, edge, service));
+        if want == now {
+            right += 1;
+        } else {
+            let show = |c: &Option<(NodeId, Vec<NodeId>)>| match c {
+                Some((site, path)) => format!("{site} via {}", path_str(path)),
+                None => "no site".into(),
+            };
+            println!(
+                "  {edge} {service}: the plan predicted {}, the edge uses {}",
+                show(&want),
+                show(&now)
+            );
+        }
+    }
+    println!(
+        "  The plan's {} prediction(s) for {edge}: {right} match the edge's routing table now.",
+        entries.len()
+    );
 }

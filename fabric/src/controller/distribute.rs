@@ -13,6 +13,8 @@ use std::time::Duration;
 use router::control::proto::{self, FromRouter, MAX_FROM_ROUTER, ToRouter};
 use router::tls::{self, TlsIdentity};
 
+use topology::{NodeId, ServiceName};
+
 use super::Controller;
 use super::live::{NeighbourSample, Sample};
 
@@ -222,5 +224,10 @@ pub fn sample_of(r: &router::telemetry::TelemetryReport) -> Sample {
             })
             .collect(),
         site,
+        preferred: r
+            .preferred
+            .iter()
+            .map(|(service, site)| (ServiceName::new(service), NodeId::new(site)))
+            .collect(),
     }
 }

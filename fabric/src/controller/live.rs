@@ -17,8 +17,9 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use topology::diff::Incumbents;
 use topology::route::{LiveState, SiteLoad};
-use topology::{Latency, LinkId, NodeId, Topology};
+use topology::{Latency, LinkId, NodeId, NodeKind, ServiceName, Topology};
 
 #[derive(Debug, Clone, Copy)]
 pub struct LiveParams {
@@ -48,6 +49,8 @@ pub struct Sample {
     pub neighbours: Vec<NeighbourSample>,
     /// A site's own health and load.
     pub site: Option<SiteLoad>,
+    /// An edge's site in use per service (the impact plan's starting point).
+    pub preferred: BTreeMap<ServiceName, NodeId>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -86,6 +89,8 @@ pub struct LiveAggregator {
     params: LiveParams,
     links: BTreeMap<LinkId, LinkObs>,
     sites: BTreeMap<NodeId, (SiteLoad, Instant)>,
+    /// Per edge: its site in use per service, when reported.
+    preferred: BTreeMap<NodeId, (BTreeMap<ServiceName, NodeId>, Instant)>,
     published: LiveState,
 }
 
@@ -124,6 +129,13 @@ impl LiveAggregator {
             && topo.node(s.node.as_str()).is_some()
         {
             self.sites.insert(s.node.clone(), (load, now));
+        }
+        if topo
+            .node(s.node.as_str())
+            .is_some_and(|n| n.kind == NodeKind::Edge)
+        {
+            self.preferred
+                .insert(s.node.clone(), (s.preferred.clone(), now));
         }
         self.merged(topo, now) != self.published
     }
@@ -193,6 +205,15 @@ impl LiveAggregator {
         (m - p).abs() > threshold
     }
 
+    /// The sites edges reported in use, per service (fresh reports only).
+    pub fn incumbents(&self, now: Instant) -> Incumbents {
+        self.preferred
+            .iter()
+            .filter(|(_, (_, t))| now.saturating_duration_since(*t) <= self.params.fresh)
+            .map(|(edge, (sites, _))| (edge.clone(), sites.clone()))
+            .collect()
+    }
+
     /// Makes `live` the published state (after a recomputation pushed it).
     pub fn publish(&mut self, live: LiveState) {
         self.published = live;
@@ -255,6 +276,7 @@ mod tests {
                         up: true,
                     }],
                     site: None,
+                    preferred: BTreeMap::new(),
                 },
                 now,
             );

@@ -242,10 +242,12 @@ impl Controller {
         // The plan sees every fresh observation, including those the RFC 8405 back-off has not
         // pushed to the routers yet (they act on their own evidence sooner anyway): a site that
         // just died is not predicted as a destination.
-        let (old, live) = {
+        // It starts from the sites edges report in use, and moves them as routers would.
+        let (old, live, incumbents) = {
             let inner = lock(&self.inner);
-            let merged = inner.live.merged(&inner.current.topology, Instant::now());
-            (inner.current.clone(), merged)
+            let now = Instant::now();
+            let merged = inner.live.merged(&inner.current.topology, now);
+            (inner.current.clone(), merged, inner.live.incumbents(now))
         };
         if let Some(expected) = base_version
             && expected != old.record.version
@@ -262,7 +264,7 @@ impl Controller {
         let plan_of = {
             let (old_topology, new_topology) = (old.topology.clone(), topology.clone());
             move || {
-                crate::plan::Plan::compute(&old_topology, &new_topology, &live)
+                crate::plan::Plan::compute(&old_topology, &new_topology, &live, &incumbents)
                     .with_circuits(&new_topology, &crate::circuits::reservations(&circuits))
             }
         };
@@ -638,6 +640,7 @@ mod tests {
     use super::*;
     use crate::store::redb::RedbStore;
     use live::NeighbourSample;
+    use topology::ServiceName;
 
     /// e reaches s1 (near) or s2 (far) through transit t.
     fn yaml(far: &str) -> String {
@@ -675,6 +678,7 @@ mod tests {
                 up: false,
             }],
             site: None,
+            preferred: BTreeMap::new(),
         });
         assert!(ctl.published().live.down_links.is_empty());
         // Raising the far site's link moves e's cost: it is on s2 already, s1 being cut off.
@@ -690,5 +694,42 @@ mod tests {
             out.plan.text
         );
         assert!(!out.plan.text.contains("s1 ("), "{}", out.plan.text);
+    }
+
+    #[tokio::test]
+    async fn the_plan_starts_from_the_sites_edges_report_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RedbStore::open(dir.path()).unwrap());
+        let ctl = Controller::open(store, Some((&yaml("5ms"), "t.yaml"))).unwrap();
+        // s1 costs 2 ms from e, s2 6 ms; e reports it uses s2 for chat (s1 does not beat it by
+        // the 10 ms margin: a router keeps s2).
+        ctl.on_telemetry(&Sample {
+            node: NodeId::new("e"),
+            neighbours: vec![],
+            site: None,
+            preferred: BTreeMap::from([(ServiceName::new("chat"), NodeId::new("s2"))]),
+        });
+        let plan = |far: &'static str| {
+            let ctl = &ctl;
+            async move {
+                ctl.apply(&yaml(far), "test", "raise", Origin::Apply, true, None)
+                    .await
+                    .unwrap()
+                    .plan
+                    .text
+            }
+        };
+        // s2 at 9 ms: still within the margins, e stays on s2 and pays more.
+        let text = plan("8ms").await;
+        assert!(
+            text.contains("e chat: cost changes: s2 (6.00 ms via e > t > s2) -> s2 (9.00 ms"),
+            "{text}"
+        );
+        // s2 at 21 ms: s1 wins by both margins.
+        let text = plan("20ms").await;
+        assert!(
+            text.contains("e chat: site changes: s2 (6.00 ms via e > t > s2) -> s1 (2.00 ms"),
+            "{text}"
+        );
     }
 }

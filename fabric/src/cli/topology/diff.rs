@@ -17,8 +17,10 @@ Examples:
   tasman topology diff examples/apac.yaml new-apac.yaml
   tasman topology diff examples/apac.yaml new-apac.yaml -o json | jq '.impact[] | select(.kind == \"site_changed\")'
 
-The impact lists every edge and service whose best site, path or cost changes (kinds: lost,
-gained, site_changed, path_changed, cost_changed), with the old and new candidate. JSON output:
+The impact lists every edge and service whose site, path or cost changes (kinds: lost,
+gained, site_changed, path_changed, cost_changed), with the old and new candidate: each edge is
+taken to use its cheapest site on the old file, and keeps it on the new one unless another site
+wins by the routers' anti-flap margins (>= 10 ms and under 2/3 of its cost). JSON output:
 {\"old\":FILE,\"new\":FILE,\"changes\":{\"nodes\"|\"links\"|\"services\"|\"pools\":{\"added\":[{\"id\",\"value\"}],
 \"removed\":[..],\"changed\":[{\"id\",\"fields\":[{\"field\",\"old\",\"new\"}]}]}},\"impact\":[{\"edge\",\"service\",
 \"kind\",\"old\",\"new\"}]}.

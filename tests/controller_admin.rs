@@ -134,6 +134,15 @@ async fn unauthenticated_admin_requests_are_refused_and_status_needs_the_token()
             .all(|r| r["behind"] == true && r["connected"] == false)
     );
     assert_eq!(st["services"][0]["edges"].as_array().unwrap().len(), 2);
+    // No router runs, so no edge reported the site it uses: the cheapest one is shown, marked.
+    assert!(
+        st["services"][0]["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["reported"] == false && e["site"].is_string())
+    );
+    assert!(so.contains("(estimate: no report from the edge)"), "{so}");
     d.shutdown().await;
 }
 

@@ -236,4 +236,9 @@ fn demo_serves_every_edge_fails_over_and_moves_a_path_by_a_live_edit_then_exits_
             "{node} not connected at topology version 2:\n{status}"
         );
     }
+    // Per service, each edge's site is the one the edge reports it uses, not an estimate.
+    assert!(
+        status.contains("service llm-chat\n  ") && !status.contains("(estimate"),
+        "tasman status:\n{status}"
+    );
 }

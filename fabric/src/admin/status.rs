@@ -57,6 +57,10 @@ pub struct EdgeChoice {
     pub site: Option<String>,
     pub path: Vec<String>,
     pub cost_ms: Option<f64>,
+    /// The edge reported this site in use (its telemetry); false: no fresh report names an
+    /// eligible site, and the controller shows the cheapest one.
+    #[serde(default)]
+    pub reported: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -114,6 +118,7 @@ pub fn build(st: &AdminState) -> Status {
         })
         .collect();
     let graph = Graph::new(topo);
+    let in_use = ctl.incumbents();
     let mut services: Vec<ServiceStatus> = topo
         .services
         .iter()
@@ -127,14 +132,20 @@ pub fn build(st: &AdminState) -> Status {
             continue;
         };
         for s in &mut services {
-            let best = table.best(&s.service);
+            let candidates = table.candidates(&s.service);
+            let reported = in_use
+                .get(&edge.id)
+                .and_then(|m| m.get(s.service.as_str()))
+                .and_then(|site| candidates.iter().find(|c| &c.site == site));
+            let choice = reported.or(candidates.first());
             s.edges.push(EdgeChoice {
                 edge: edge.id.to_string(),
-                site: best.map(|c| c.site.to_string()),
-                path: best
+                site: choice.map(|c| c.site.to_string()),
+                path: choice
                     .map(|c| c.path.iter().map(|n| n.to_string()).collect())
                     .unwrap_or_default(),
-                cost_ms: best.map(|c| c.cost.as_millis_f64()),
+                cost_ms: choice.map(|c| c.cost.as_millis_f64()),
+                reported: reported.is_some(),
             });
         }
     }

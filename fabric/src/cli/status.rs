@@ -78,11 +78,16 @@ pub fn run(args: StatusArgs) -> ExitCode {
         for e in &s.edges {
             match &e.site {
                 Some(site) => println!(
-                    "  {:<20} -> {:<20} {:>9.2} ms  via {}",
+                    "  {:<20} -> {:<20} {:>9.2} ms  via {}{}",
                     e.edge,
                     site,
                     e.cost_ms.unwrap_or(0.0),
-                    e.path.join(" > ")
+                    e.path.join(" > "),
+                    if e.reported {
+                        ""
+                    } else {
+                        "  (estimate: no report from the edge)"
+                    }
                 ),
                 None => println!("  {:<20} -> no eligible site", e.edge),
             }

@@ -463,6 +463,11 @@ impl Controller {
             .rtt_matrix(&inner.current.topology, Instant::now())
     }
 
+    /// The sites edges report in use per service (fresh reports only).
+    pub fn incumbents(&self) -> topology::diff::Incumbents {
+        lock(&self.inner).live.incumbents(Instant::now())
+    }
+
     pub fn live_state(&self) -> LiveState {
         lock(&self.inner).live.published().clone()
     }

@@ -12,11 +12,8 @@ use topology::route::{Candidate, LiveState};
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Plan {
     pub changed: bool,
-    /// [`TopologyDiff`] as JSON.
-    pub diff: serde_json::Value,
-    /// [`ImpactEntry`]s as JSON (kept as JSON: a zero `Latency` prints as "0ms", which the
-    /// unit parser refuses, so a client could not read a typed plan back).
-    pub impact: serde_json::Value,
+    pub diff: TopologyDiff,
+    pub impact: Vec<ImpactEntry>,
     /// The same, one change per line, as `tasman topology apply` prints it.
     pub text: String,
     /// Circuits the change would hurt: links over-committed, links removed or down under a
@@ -111,8 +108,8 @@ impl Plan {
         let text = render(&diff, &impact);
         Plan {
             changed: !diff.is_empty(),
-            diff: serde_json::to_value(&diff).unwrap_or_default(),
-            impact: serde_json::to_value(&impact).unwrap_or_default(),
+            diff,
+            impact,
             text,
             circuits: Vec::new(),
         }

@@ -173,8 +173,15 @@ impl Serialize for Latency {
 }
 
 impl<'de> Deserialize<'de> for Latency {
+    /// Reads back whatever [`Display`](fmt::Display) prints, zero included: a path cost or a
+    /// load penalty can be zero. Operator input goes through [`FromStr`], which refuses zero.
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
+        if let Ok((n, "ns" | "us" | "µs" | "ms" | "s")) = split_number(&s, LATENCY_UNITS)
+            && n == 0.0
+        {
+            return Ok(Latency::ZERO);
+        }
         s.parse().map_err(serde::de::Error::custom)
     }
 }
@@ -299,6 +306,18 @@ mod tests {
             "0ms".parse::<Latency>(),
             Err(UnitError::NotPositive { .. })
         ));
+        // serde reads back what Display prints, zero included (a path cost can be zero); a
+        // negative value stays refused.
+        for l in [
+            Latency::ZERO,
+            Latency::from_micros(850),
+            Latency::from_nanos(1),
+        ] {
+            let json = serde_json::to_string(&l).unwrap();
+            assert_eq!(serde_json::from_str::<Latency>(&json).unwrap(), l, "{json}");
+        }
+        assert!(serde_json::from_str::<Latency>("\"-3ms\"").is_err());
+        assert!(serde_json::from_str::<Latency>("\"0\"").is_err());
         assert!(matches!(
             "-3ms".parse::<Latency>(),
             Err(UnitError::NotPositive { .. })

@@ -669,35 +669,22 @@ async fn live_edit(fabric: &mut DemoFabric, edges: &[NodeId], service: &str, n: 
 
 /// Prints, for each of `edge`'s entries in the plan's impact, whether its routing table now
 /// holds the predicted site and path.
-fn check_plan(fabric: &DemoFabric, edge: &NodeId, impact: &serde_json::Value) {
-    // Read as JSON, not as `ImpactEntry`: a zero `Latency` prints as "0ms", which the unit
-    // parser refuses.
-    let predicted = |e: &serde_json::Value| {
-        let site = e["new"]["site"].as_str()?;
-        let path: Vec<NodeId> = e["new"]["path"]
-            .as_array()?
-            .iter()
-            .filter_map(|n| n.as_str().map(NodeId::new))
-            .collect();
-        Some((NodeId::new(site), path))
+fn check_plan(fabric: &DemoFabric, edge: &NodeId, impact: &[topology::diff::ImpactEntry]) {
+    let show = |c: &Option<(NodeId, Vec<NodeId>)>| match c {
+        Some((site, path)) => format!("{site} via {}", path_str(path)),
+        None => "no site".into(),
     };
-    let entries: Vec<&serde_json::Value> = impact
-        .as_array()
-        .map(|a| a.iter().filter(|e| e["edge"] == edge.as_str()).collect())
-        .unwrap_or_default();
+    let entries: Vec<_> = impact.iter().filter(|e| &e.edge == edge).collect();
     let mut right = 0;
     for e in &entries {
-        let service = e["service"].as_str().unwrap_or_default();
-        let (want, now) = (predicted(e), preferred(fabric, edge, service));
+        let want = e.new.as_ref().map(|c| (c.site.clone(), c.path.clone()));
+        let now = preferred(fabric, edge, e.service.as_str());
         if want == now {
             right += 1;
         } else {
-            let show = |c: &Option<(NodeId, Vec<NodeId>)>| match c {
-                Some((site, path)) => format!("{site} via {}", path_str(path)),
-                None => "no site".into(),
-            };
             println!(
-                "  {edge} {service}: the plan predicted {}, the edge uses {}",
+                "  {edge} {}: the plan predicted {}, the edge uses {}",
+                e.service,
                 show(&want),
                 show(&now)
             );

@@ -220,6 +220,7 @@ async fn run(n: usize, net: u8, telemetry_secs: u64) {
                             up: true,
                             path_mtu: 1452,
                             lost_packets: 0,
+                            dial_failures: 0,
                         })
                         .collect(),
                     sites: Vec::new(),

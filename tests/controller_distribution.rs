@@ -173,6 +173,7 @@ async fn large_snapshots_arrive_whole_while_telemetry_ticks_every_millisecond() 
                     up: true,
                     path_mtu: 1452,
                     lost_packets: 0,
+                    dial_failures: 0,
                 }],
                 sites: Vec::new(),
                 preferred: Default::default(),

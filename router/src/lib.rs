@@ -185,6 +185,7 @@ impl Shared {
                     up: n.is_up(),
                     path_mtu: path.map_or(0, |p| p.current_mtu),
                     lost_packets: path.map_or(0, |p| p.lost_packets),
+                    dial_failures: n.dial_failures(),
                 }
             })
             .collect();

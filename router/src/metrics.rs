@@ -147,7 +147,7 @@ impl Metrics {
         }
         // One gauge or counter per neighbour: (name, type, help, value).
         type Value = fn(&crate::telemetry::NeighbourReport) -> f64;
-        let per_neighbour: [(&str, &str, &str, Value); 4] = [
+        let per_neighbour: [(&str, &str, &str, Value); 5] = [
             ("neighbour_up", "gauge", "Neighbour state (1 up).", |n| {
                 f64::from(u8::from(n.up))
             }),
@@ -168,6 +168,12 @@ impl Metrics {
                 "counter",
                 "Packets the connection to the neighbour declared lost (resets with the connection).",
                 |n| n.lost_packets as f64,
+            ),
+            (
+                "neighbour_dial_failures_total",
+                "counter",
+                "Dial attempts to the neighbour that ended without a connection.",
+                |n| n.dial_failures as f64,
             ),
         ];
         for (name, kind, help, value) in per_neighbour {

@@ -25,6 +25,9 @@ pub(crate) struct Neighbour {
     conn: ArcSwapOption<quinn::Connection>,
     up: AtomicBool,
     rtt_us: AtomicU64,
+    /// Dial attempts that ended without a connection (refused, or no answer within
+    /// `CONNECT_TIMEOUT`).
+    dial_failures: AtomicU64,
     /// Woken when the neighbour is declared down: streams still waiting for their first answer
     /// through it give up and try the next candidate instead of waiting for the connection to
     /// close ([`DEAD_AFTER`]).
@@ -39,6 +42,7 @@ impl Neighbour {
             conn: ArcSwapOption::empty(),
             up: AtomicBool::new(false),
             rtt_us: AtomicU64::new(0),
+            dial_failures: AtomicU64::new(0),
             went_down: tokio::sync::Notify::new(),
         }
     }
@@ -51,6 +55,9 @@ impl Neighbour {
     }
     pub fn rtt_us(&self) -> u64 {
         self.rtt_us.load(Relaxed)
+    }
+    pub fn dial_failures(&self) -> u64 {
+        self.dial_failures.load(Relaxed)
     }
     fn set_up(&self, conn: &quinn::Connection) {
         self.conn.store(Some(Arc::new(conn.clone())));
@@ -69,6 +76,13 @@ impl Neighbour {
 }
 
 /// Dials `nb` forever (until aborted), with exponential backoff and jitter between attempts.
+///
+/// The hold-down (a neighbour that went down comes back up only [`ProbeConfig::hold_down`] after
+/// it went down) is for flapping neighbours: it starts when a connection is lost. Failed dials
+/// to a neighbour never connected yet (it starts later than this router) do not start it, so
+/// such a neighbour is up at its first answered probe.
+///
+/// [`ProbeConfig::hold_down`]: crate::ProbeConfig::hold_down
 pub(crate) async fn run_dialer(shared: Arc<Shared>, nb: Arc<Neighbour>) {
     let mut backoff = BACKOFF_MIN;
     let mut down_since: Option<Instant> = None;
@@ -89,8 +103,9 @@ pub(crate) async fn run_dialer(shared: Arc<Shared>, nb: Arc<Neighbour>) {
                 shared.changed.notify_one();
             }
             down_since = Some(Instant::now());
-        } else if down_since.is_none() {
-            down_since = Some(Instant::now());
+        } else {
+            nb.dial_failures.fetch_add(1, Relaxed);
+            tracing::debug!(node = %shared.node, neighbour = %nb.id, "dial failed");
         }
         let jitter = rand::rng().random_range(0..=backoff.as_millis() as u64 / 2);
         tokio::time::sleep(backoff + Duration::from_millis(jitter)).await;

@@ -32,6 +32,9 @@ pub struct NeighbourReport {
     /// Packets the current connection declared lost (restarts at 0 with a new connection).
     #[serde(default)]
     pub lost_packets: u64,
+    /// Dial attempts to it that ended without a connection, since this router started.
+    #[serde(default)]
+    pub dial_failures: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

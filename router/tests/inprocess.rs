@@ -154,3 +154,62 @@ async fn echo_through_edge_transit_site_in_process() {
         h.shutdown().await;
     }
 }
+
+/// A neighbour that starts after this router (its first dials fail) is up at its first answered
+/// probe: the hold-down is for neighbours that were up and went down, not for late starters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_neighbour_that_starts_late_is_up_without_a_hold_down() {
+    let dir = tempfile::tempdir().unwrap();
+    router::pki::init(dir.path()).unwrap();
+    let backend = echo_backend().await;
+    let port = free_tcp_port();
+    let t = topo(backend, port);
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    let spawn = |id: &'static str, hold_down: Duration| {
+        let (snap, dir) = (snap.clone(), dir.path().to_path_buf());
+        async move {
+            router::pki::issue(&dir, id).unwrap();
+            let tls = router::tls::TlsIdentity::load(&dir, id).unwrap();
+            let (tx, rx) = tokio::sync::watch::channel(snap);
+            let mut cfg = RouterConfig::new(NodeId::new(id), tls, rx);
+            cfg.probe.hold_down = hold_down;
+            (Router::spawn(cfg).await.unwrap(), tx)
+        }
+    };
+    // A hold-down far longer than the test may take: were it applied, the edge would stay
+    // without a route until the deadline below.
+    let (edge, _edge_tx) = spawn("edge", Duration::from_secs(600)).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let failures = |h: &RouterHandle| {
+        h.telemetry()
+            .neighbours
+            .iter()
+            .find(|n| n.id.as_str() == "transit")
+            .map_or(0, |n| n.dial_failures)
+    };
+    while failures(&edge) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no failed dial to the transit yet"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        edge.metrics_text()
+            .contains("tasman_neighbour_dial_failures_total{node=\"edge\",neighbour=\"transit\"} ")
+    );
+    assert!(edge.routes().preferred("echo").is_none());
+
+    let (_transit, _ttx) = spawn("transit", Duration::from_secs(1)).await;
+    let (_site, _stx) = spawn("site", Duration::from_secs(1)).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while edge.routes().preferred("echo").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the edge held its late neighbour down: {:?}",
+            edge.telemetry()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(echo_roundtrip(port, b"late").await.unwrap(), b"late");
+}

@@ -70,17 +70,32 @@ fn topo(backend: SocketAddr, port: u16) -> Topology {
 
 type Source = tokio::sync::watch::Sender<Arc<Snapshot>>;
 
+/// Starts node `id` on `snap` with a certificate issued in `dir`; `hold_down` overrides the
+/// default.
+async fn spawn_node(
+    snap: &Arc<Snapshot>,
+    dir: &std::path::Path,
+    id: &str,
+    hold_down: Option<Duration>,
+) -> (RouterHandle, Source) {
+    router::pki::issue(dir, id).unwrap();
+    let tls = router::tls::TlsIdentity::load(dir, id).unwrap();
+    let (tx, rx) = tokio::sync::watch::channel(snap.clone());
+    let mut cfg = RouterConfig::new(NodeId::new(id), tls, rx);
+    if let Some(h) = hold_down {
+        cfg.probe.hold_down = h;
+    }
+    (Router::spawn(cfg).await.unwrap(), tx)
+}
+
 async fn start(t: &Topology, dir: &std::path::Path) -> (Vec<RouterHandle>, Vec<Source>) {
     let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
     let mut hs = Vec::new();
     let mut txs = Vec::new();
     for n in &t.nodes {
-        router::pki::issue(dir, n.id.as_str()).unwrap();
-        let tls = router::tls::TlsIdentity::load(dir, n.id.as_str()).unwrap();
-        let (tx, rx) = tokio::sync::watch::channel(snap.clone());
+        let (h, tx) = spawn_node(&snap, dir, n.id.as_str(), None).await;
+        hs.push(h);
         txs.push(tx);
-        let cfg = RouterConfig::new(NodeId::new(n.id.as_str()), tls, rx);
-        hs.push(Router::spawn(cfg).await.unwrap());
     }
     (hs, txs)
 }
@@ -164,21 +179,11 @@ async fn a_neighbour_that_starts_late_is_up_without_a_hold_down() {
     let backend = echo_backend().await;
     let port = free_tcp_port();
     let t = topo(backend, port);
-    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
-    let spawn = |id: &'static str, hold_down: Duration| {
-        let (snap, dir) = (snap.clone(), dir.path().to_path_buf());
-        async move {
-            router::pki::issue(&dir, id).unwrap();
-            let tls = router::tls::TlsIdentity::load(&dir, id).unwrap();
-            let (tx, rx) = tokio::sync::watch::channel(snap);
-            let mut cfg = RouterConfig::new(NodeId::new(id), tls, rx);
-            cfg.probe.hold_down = hold_down;
-            (Router::spawn(cfg).await.unwrap(), tx)
-        }
-    };
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t)));
     // A hold-down far longer than the test may take: were it applied, the edge would stay
     // without a route until the deadline below.
-    let (edge, _edge_tx) = spawn("edge", Duration::from_secs(600)).await;
+    let long = Some(Duration::from_secs(600));
+    let (edge, _edge_tx) = spawn_node(&snap, dir.path(), "edge", long).await;
     let deadline = Instant::now() + Duration::from_secs(20);
     let failures = |h: &RouterHandle| {
         h.telemetry()
@@ -200,8 +205,8 @@ async fn a_neighbour_that_starts_late_is_up_without_a_hold_down() {
     );
     assert!(edge.routes().preferred("echo").is_none());
 
-    let (_transit, _ttx) = spawn("transit", Duration::from_secs(1)).await;
-    let (_site, _stx) = spawn("site", Duration::from_secs(1)).await;
+    let (_transit, _ttx) = spawn_node(&snap, dir.path(), "transit", None).await;
+    let (_site, _stx) = spawn_node(&snap, dir.path(), "site", None).await;
     let deadline = Instant::now() + Duration::from_secs(20);
     while edge.routes().preferred("echo").is_none() {
         assert!(

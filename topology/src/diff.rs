@@ -553,25 +553,31 @@ mod tests {
             [entry("chat", ImpactKind::CostChanged, "s1", "s1")]
         );
 
-        // The edge reports it uses s2 for chat (s1 is cheaper, but not by the margins): no
-        // change on the same topology, and none when s1 gets cheaper still (4 ms vs 9).
-        let incumbents: Incumbents = BTreeMap::from([(
-            NodeId::new("edge"),
-            BTreeMap::from([(ServiceName::new("chat"), NodeId::new("s2"))]),
-        )]);
-        let choosing = Choosing {
-            incumbents: &incumbents,
+        // `edge` reports it uses `site` for `service`.
+        let using = |service: &str, site: &str| -> Incumbents {
+            BTreeMap::from([(
+                NodeId::new("edge"),
+                BTreeMap::from([(ServiceName::new(service), NodeId::new(site))]),
+            )])
+        };
+        let choosing = |incumbents| Choosing {
+            incumbents,
             ..Choosing::default()
         };
-        assert!(impact_with(&old, &live, &old, &live, choosing).is_empty());
+
+        // The edge reports it uses s2 for chat (s1 is cheaper, but not by the margins): no
+        // change on the same topology, and none when s1 gets cheaper still (4 ms vs 9).
+        let incumbents = using("chat", "s2");
+        let choosing_s2 = choosing(&incumbents);
+        assert!(impact_with(&old, &live, &old, &live, choosing_s2).is_empty());
         let mut faster = old.clone();
         faster.links[1].latency = ms(2.0);
-        assert!(impact_with(&old, &live, &faster, &live, choosing).is_empty());
+        assert!(impact_with(&old, &live, &faster, &live, choosing_s2).is_empty());
 
         // edge--s2 9 -> 30 ms: s1 (5) now beats the s2 in use by both margins.
         let mut far = old.clone();
         far.links[2].latency = ms(30.0);
-        let i = impact_with(&old, &live, &far, &live, choosing);
+        let i = impact_with(&old, &live, &far, &live, choosing_s2);
         assert_eq!(
             kinds(&i),
             [
@@ -583,14 +589,7 @@ mod tests {
 
         // A reported site that no longer serves the service on the old topology is ignored:
         // the cheapest candidate stands in for it.
-        let stale: Incumbents = BTreeMap::from([(
-            NodeId::new("edge"),
-            BTreeMap::from([(ServiceName::new("embed"), NodeId::new("s1"))]),
-        )]);
-        let choosing = Choosing {
-            incumbents: &stale,
-            ..Choosing::default()
-        };
-        assert!(impact_with(&old, &live, &old, &live, choosing).is_empty());
+        let stale = using("embed", "s1");
+        assert!(impact_with(&old, &live, &old, &live, choosing(&stale)).is_empty());
     }
 }

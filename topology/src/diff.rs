@@ -228,6 +228,21 @@ pub struct ImpactEntry {
 /// edge or service is missing, its cheapest candidate on the old topology is taken instead.
 pub type Incumbents = BTreeMap<NodeId, BTreeMap<ServiceName, NodeId>>;
 
+/// The candidate `edge` uses for `service`: the site it reported while that site is still among
+/// `candidates` (then `.1` is true), else the cheapest.
+pub fn in_use<'c>(
+    incumbents: &Incumbents,
+    edge: &NodeId,
+    service: &str,
+    candidates: &'c [Candidate],
+) -> (Option<&'c Candidate>, bool) {
+    let reported = incumbents
+        .get(edge)
+        .and_then(|m| m.get(service))
+        .and_then(|site| candidates.iter().find(|c| &c.site == site));
+    (reported.or(candidates.first()), reported.is_some())
+}
+
 /// How the plan predicts routers' choices: the anti-flap margins and the sites in use.
 #[derive(Debug, Clone, Copy)]
 pub struct Choosing<'a> {
@@ -293,15 +308,11 @@ pub fn impact_with(
             candidates_per_service(&old_table),
             candidates_per_service(&new_table),
         );
-        let in_use = choosing.incumbents.get(edge);
         let services: BTreeSet<&ServiceName> = before.keys().chain(after.keys()).copied().collect();
         for service in services {
-            let o = before.get(service).and_then(|cands| {
-                let reported = in_use.and_then(|m| m.get(service));
-                reported
-                    .and_then(|site| cands.iter().find(|c| &c.site == site))
-                    .or(cands.first())
-            });
+            let o = before
+                .get(service)
+                .and_then(|cands| in_use(choosing.incumbents, edge, service.as_str(), cands).0);
             let n = after
                 .get(service)
                 .and_then(|cands| choosing.hysteresis.select(o.map(|c| &c.site), cands));

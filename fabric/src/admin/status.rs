@@ -118,7 +118,7 @@ pub fn build(st: &AdminState) -> Status {
         })
         .collect();
     let graph = Graph::new(topo);
-    let in_use = ctl.incumbents();
+    let incumbents = ctl.incumbents();
     let mut services: Vec<ServiceStatus> = topo
         .services
         .iter()
@@ -132,12 +132,12 @@ pub fn build(st: &AdminState) -> Status {
             continue;
         };
         for s in &mut services {
-            let candidates = table.candidates(&s.service);
-            let reported = in_use
-                .get(&edge.id)
-                .and_then(|m| m.get(s.service.as_str()))
-                .and_then(|site| candidates.iter().find(|c| &c.site == site));
-            let choice = reported.or(candidates.first());
+            let (choice, reported) = topology::diff::in_use(
+                &incumbents,
+                &edge.id,
+                &s.service,
+                table.candidates(&s.service),
+            );
             s.edges.push(EdgeChoice {
                 edge: edge.id.to_string(),
                 site: choice.map(|c| c.site.to_string()),
@@ -145,7 +145,7 @@ pub fn build(st: &AdminState) -> Status {
                     .map(|c| c.path.iter().map(|n| n.to_string()).collect())
                     .unwrap_or_default(),
                 cost_ms: choice.map(|c| c.cost.as_millis_f64()),
-                reported: reported.is_some(),
+                reported,
             });
         }
     }

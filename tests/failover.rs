@@ -41,8 +41,13 @@ fn greet(port: u16) -> std::io::Result<(BufReader<TcpStream>, String)> {
 
 /// A new connection made right after a site was killed: it must be served by `site` and echo.
 /// Returns when its greeting arrived, measured from `killed`.
-fn fresh_connection_served_by(port: u16, site: &str, killed: Instant) -> Duration {
-    let (mut fresh, greeting) = greet(port).expect("new connection after the kill");
+fn fresh_connection_served_by(f: &Fabric, port: u16, site: &str, killed: Instant) -> Duration {
+    let (mut fresh, greeting) = greet(port).unwrap_or_else(|e| {
+        panic!(
+            "new connection after the kill: {e}\nedge log:\n{}",
+            f.log("edge")
+        )
+    });
     assert_eq!(greeting, format!("SITE={site}"));
     let first_new = killed.elapsed();
     fresh.get_mut().write_all(b"ping\n").unwrap();
@@ -54,7 +59,8 @@ fn fresh_connection_served_by(port: u16, site: &str, killed: Instant) -> Duratio
 
 /// site-near (1 ms) and site-far (20 ms) serving `chat` with greeting backends, reached from the
 /// edge directly or, with `through_transit`, both behind one transit (1 ms from the edge). Started,
-/// with the edge preferring site-near. Returns the fabric and the service port.
+/// with the edge preferring site-near and holding both sites as candidates (a first try on
+/// site-near has site-far to fall back on). Returns the fabric and the service port.
 fn near_and_far(through_transit: bool) -> (Fabric, u16) {
     let b1 = greeting_backend("site-near");
     let b2 = greeting_backend("site-far");
@@ -76,6 +82,9 @@ fn near_and_far(through_transit: bool) -> (Fabric, u16) {
     let mut f = Fabric::new(&y);
     f.start_all();
     f.wait_preferred("edge", "chat", "site-near");
+    eventually(DEADLINE, "both sites candidates at the edge", || {
+        f.metric("edge", "tasman_service_candidates", "service=\"chat\"") == 2
+    });
     (f, port)
 }
 
@@ -98,7 +107,7 @@ fn nearest_site_killed_open_connections_fail_cleanly_and_new_ones_move_to_next_s
 
     // A connection made right after the kill: its first try (still on the nearest site, not yet
     // detected dead) fails before any byte came back, so the edge retries on the next site.
-    let first_new = fresh_connection_served_by(port, "site-far", killed);
+    let first_new = fresh_connection_served_by(&f, port, "site-far", killed);
 
     // Every connection that was open ends (reset or EOF) instead of hanging.
     for (i, mut r) in open.into_iter().enumerate() {
@@ -142,7 +151,7 @@ fn site_behind_a_transit_killed_first_tries_are_handed_back_and_retried() {
 
     f.kill("site-near");
     let killed = Instant::now();
-    let first_new = fresh_connection_served_by(port, "site-far", killed);
+    let first_new = fresh_connection_served_by(&f, port, "site-far", killed);
 
     // The first try was handed back by the transit, not lost with the dead connection.
     assert_eq!(

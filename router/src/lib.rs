@@ -281,7 +281,7 @@ impl Router {
             let report = Arc::new(move || {
                 let t = s.telemetry();
                 let json = serde_json::to_string_pretty(&t).unwrap_or_default();
-                (s.metrics.render(&t), json)
+                (s.metrics.render(&t, &s.routes.load()), json)
             });
             tasks.push(tokio::spawn(metrics::serve(listener, report)));
         }
@@ -307,7 +307,9 @@ impl RouterHandle {
     }
     /// Prometheus text of this router's metrics.
     pub fn metrics_text(&self) -> String {
-        self.shared.metrics.render(&self.shared.telemetry())
+        self.shared
+            .metrics
+            .render(&self.shared.telemetry(), &self.shared.routes.load())
     }
     /// The QUIC endpoint's bound address.
     pub fn quic_addr(&self) -> Option<SocketAddr> {

@@ -52,7 +52,7 @@ impl Metrics {
     }
 
     /// Prometheus text exposition (format 0.0.4).
-    pub fn render(&self, t: &TelemetryReport) -> String {
+    pub fn render(&self, t: &TelemetryReport, routes: &crate::routes::Routes) -> String {
         let mut s = String::with_capacity(4096);
         let node = &t.node;
         let counter = |s: &mut String, name: &str, help: &str, kind: &str, v: u64| {
@@ -209,6 +209,20 @@ impl Metrics {
                 s,
                 "tasman_site_capacity{{node=\"{node}\",service=\"{}\"}} {}",
                 x.service, x.capacity
+            );
+        }
+        let counts = routes.candidate_counts();
+        if !counts.is_empty() {
+            let _ = writeln!(
+                s,
+                "# HELP tasman_service_candidates Sites the edge's routing table holds for the service (the first is in use, the others are its failover order).
+# TYPE tasman_service_candidates gauge"
+            );
+        }
+        for (service, n) in counts {
+            let _ = writeln!(
+                s,
+                "tasman_service_candidates{{node=\"{node}\",service=\"{service}\"}} {n}"
             );
         }
         s

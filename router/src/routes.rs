@@ -50,6 +50,12 @@ impl Routes {
     pub fn candidates(&self, service: &str) -> Option<Arc<[Candidate]>> {
         self.by_service.get(service).cloned()
     }
+    /// Per service, how many candidate sites the table holds (edges only), sorted by service.
+    pub fn candidate_counts(&self) -> Vec<(&ServiceName, usize)> {
+        let mut v: Vec<_> = self.by_service.iter().map(|(s, c)| (s, c.len())).collect();
+        v.sort();
+        v
+    }
     /// The preferred candidate for `service`.
     pub fn preferred(&self, service: &str) -> Option<&Candidate> {
         self.by_service.get(service).and_then(|c| c.first())

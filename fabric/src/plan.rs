@@ -99,12 +99,14 @@ impl Plan {
         let diff = topology::diff::diff(old, new);
         // Measured weights never go below a link's declared latency (routers treat it as the
         // propagation floor), so a raised declared latency counts even where it was measured lower.
-        let choosing = topology::diff::Choosing {
+        let impact = topology::diff::impact_with(
+            old,
+            &live.floored(old),
+            new,
+            &live.floored(new),
             incumbents,
-            ..Default::default()
-        };
-        let impact =
-            topology::diff::impact_with(old, &live.floored(old), new, &live.floored(new), choosing);
+            topology::Hysteresis::default(),
+        );
         let text = render(&diff, &impact);
         Plan {
             changed: !diff.is_empty(),

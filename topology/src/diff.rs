@@ -243,23 +243,6 @@ pub fn in_use<'c>(
     (reported.or(candidates.first()), reported.is_some())
 }
 
-/// How the plan predicts routers' choices: the anti-flap margins and the sites in use.
-#[derive(Debug, Clone, Copy)]
-pub struct Choosing<'a> {
-    pub hysteresis: Hysteresis,
-    pub incumbents: &'a Incumbents,
-}
-
-impl Default for Choosing<'_> {
-    fn default() -> Self {
-        static NONE: Incumbents = BTreeMap::new();
-        Choosing {
-            hysteresis: Hysteresis::default(),
-            incumbents: &NONE,
-        }
-    }
-}
-
 /// Each service's ranked candidates at `edge` (none where the edge does not exist on this side).
 fn candidates_per_service(
     table: &Result<RoutingTable, RouteError>,
@@ -272,13 +255,22 @@ fn candidates_per_service(
 
 /// For every edge node (of either topology) and every service (of either), how its choice
 /// changes from `old` to `new` under the same live state; unchanged pairs are left out. Sorted
-/// by edge, then service. Choices are made as routers make them ([`Choosing::default`]).
+/// by edge, then service. Choices are made as routers make them, with the default anti-flap
+/// margins and each edge on its cheapest old site.
 pub fn impact(old: &Topology, new: &Topology, live: &LiveState) -> Vec<ImpactEntry> {
-    impact_with(old, live, new, live, Choosing::default())
+    impact_with(
+        old,
+        live,
+        new,
+        live,
+        &Incumbents::new(),
+        Hysteresis::default(),
+    )
 }
 
 /// [`impact`] with a live state per side (e.g. the same measurements floored at each side's
-/// declared latencies, [`LiveState::floored`]) and the sites edges use now.
+/// declared latencies, [`LiveState::floored`]), the sites edges use now and the routers'
+/// anti-flap margins.
 ///
 /// Before: the edge's reported site (with its cheapest path on `old`) while it is still a
 /// candidate there, else the cheapest candidate. After: what [`Hysteresis::select`] keeps or
@@ -288,7 +280,8 @@ pub fn impact_with(
     old_live: &LiveState,
     new: &Topology,
     new_live: &LiveState,
-    choosing: Choosing<'_>,
+    incumbents: &Incumbents,
+    hysteresis: Hysteresis,
 ) -> Vec<ImpactEntry> {
     let (og, ng) = (Graph::new(old), Graph::new(new));
     let edges: BTreeSet<&NodeId> = old
@@ -312,10 +305,10 @@ pub fn impact_with(
         for service in services {
             let o = before
                 .get(service)
-                .and_then(|cands| in_use(choosing.incumbents, edge, service.as_str(), cands).0);
+                .and_then(|cands| in_use(incumbents, edge, service.as_str(), cands).0);
             let n = after
                 .get(service)
-                .and_then(|cands| choosing.hysteresis.select(o.map(|c| &c.site), cands));
+                .and_then(|cands| hysteresis.select(o.map(|c| &c.site), cands));
             let kind = match (o, n) {
                 (Some(_), None) => ImpactKind::Lost,
                 (None, Some(_)) => ImpactKind::Gained,
@@ -571,24 +564,23 @@ mod tests {
                 BTreeMap::from([(ServiceName::new(service), NodeId::new(site))]),
             )])
         };
-        let choosing = |incumbents| Choosing {
-            incumbents,
-            ..Choosing::default()
+        let h = Hysteresis::default();
+        let with = |old: &Topology, new: &Topology, incumbents: &Incumbents| {
+            impact_with(old, &live, new, &live, incumbents, h)
         };
 
         // The edge reports it uses s2 for chat (s1 is cheaper, but not by the margins): no
         // change on the same topology, and none when s1 gets cheaper still (4 ms vs 9).
-        let incumbents = using("chat", "s2");
-        let choosing_s2 = choosing(&incumbents);
-        assert!(impact_with(&old, &live, &old, &live, choosing_s2).is_empty());
+        let s2 = using("chat", "s2");
+        assert!(with(&old, &old, &s2).is_empty());
         let mut faster = old.clone();
         faster.links[1].latency = ms(2.0);
-        assert!(impact_with(&old, &live, &faster, &live, choosing_s2).is_empty());
+        assert!(with(&old, &faster, &s2).is_empty());
 
         // edge--s2 9 -> 30 ms: s1 (5) now beats the s2 in use by both margins.
         let mut far = old.clone();
         far.links[2].latency = ms(30.0);
-        let i = impact_with(&old, &live, &far, &live, choosing_s2);
+        let i = with(&old, &far, &s2);
         assert_eq!(
             kinds(&i),
             [
@@ -601,6 +593,6 @@ mod tests {
         // A reported site that no longer serves the service on the old topology is ignored:
         // the cheapest candidate stands in for it.
         let stale = using("embed", "s1");
-        assert!(impact_with(&old, &live, &old, &live, choosing(&stale)).is_empty());
+        assert!(with(&old, &old, &stale).is_empty());
     }
 }

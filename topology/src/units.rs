@@ -108,23 +108,28 @@ impl Latency {
     }
 }
 
+/// The seconds a latency string says, any sign (a number and one of the latency units).
+fn latency_secs(s: &str) -> Result<f64, UnitError> {
+    let (n, unit) = split_number(s, LATENCY_UNITS)?;
+    Ok(match unit {
+        "ns" => n / 1e9,
+        "us" | "µs" => n / 1e6,
+        "ms" => n / 1e3,
+        "s" => n,
+        other => {
+            return Err(UnitError::UnknownUnit {
+                value: s.trim().to_string(),
+                unit: other.to_string(),
+                expected: LATENCY_UNITS,
+            });
+        }
+    })
+}
+
 impl FromStr for Latency {
     type Err = UnitError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (n, unit) = split_number(s, LATENCY_UNITS)?;
-        let secs = match unit {
-            "ns" => n / 1e9,
-            "us" | "µs" => n / 1e6,
-            "ms" => n / 1e3,
-            "s" => n,
-            other => {
-                return Err(UnitError::UnknownUnit {
-                    value: s.trim().to_string(),
-                    unit: other.to_string(),
-                    expected: LATENCY_UNITS,
-                });
-            }
-        };
+        let secs = latency_secs(s)?;
         if secs <= 0.0 {
             return Err(UnitError::NotPositive {
                 value: s.trim().to_string(),
@@ -177,9 +182,7 @@ impl<'de> Deserialize<'de> for Latency {
     /// load penalty can be zero. Operator input goes through [`FromStr`], which refuses zero.
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        if let Ok((n, "ns" | "us" | "µs" | "ms" | "s")) = split_number(&s, LATENCY_UNITS)
-            && n == 0.0
-        {
+        if latency_secs(&s) == Ok(0.0) {
             return Ok(Latency::ZERO);
         }
         s.parse().map_err(serde::de::Error::custom)

@@ -184,7 +184,7 @@ async fn session(
                     FromRouter::Telemetry(report) => {
                         ctl.router_seen(node);
                         if report_node(&report) == node {
-                            ctl.on_telemetry(&sample_of(&report));
+                            ctl.on_telemetry(sample_of(&report));
                         }
                     }
                     FromRouter::Hello { .. } => {}

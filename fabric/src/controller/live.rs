@@ -108,7 +108,7 @@ impl LiveAggregator {
 
     /// Merges one report. Returns true when it moves the fabric's live state beyond the
     /// anti-flap thresholds (a recomputation is then worth scheduling).
-    pub fn observe(&mut self, topo: &Topology, s: &Sample, now: Instant) -> bool {
+    pub fn observe(&mut self, topo: &Topology, s: Sample, now: Instant) -> bool {
         for n in &s.neighbours {
             let id = LinkId::new(&s.node, &n.neighbour);
             if topo.link(&id).is_none() {
@@ -125,17 +125,14 @@ impl LiveAggregator {
                 obs.rtt_updated = Some(now);
             }
         }
+        let kind = topo.node(s.node.as_str()).map(|n| n.kind);
         if let Some(load) = s.site
-            && topo.node(s.node.as_str()).is_some()
+            && kind.is_some()
         {
             self.sites.insert(s.node.clone(), (load, now));
         }
-        if topo
-            .node(s.node.as_str())
-            .is_some_and(|n| n.kind == NodeKind::Edge)
-        {
-            self.preferred
-                .insert(s.node.clone(), (s.preferred.clone(), now));
+        if kind == Some(NodeKind::Edge) {
+            self.preferred.insert(s.node, (s.preferred, now));
         }
         self.merged(topo, now) != self.published
     }
@@ -268,7 +265,7 @@ mod tests {
         for (me, peer) in [("e", "t"), ("t", "e")] {
             agg.observe(
                 t,
-                &Sample {
+                Sample {
                     node: NodeId::new(me),
                     neighbours: vec![NeighbourSample {
                         neighbour: NodeId::new(peer),

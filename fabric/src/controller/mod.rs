@@ -408,7 +408,7 @@ impl Controller {
     }
 
     /// Merges a router's telemetry; schedules a throttled recomputation when it matters.
-    pub fn on_telemetry(&self, sample: &Sample) {
+    pub fn on_telemetry(&self, sample: Sample) {
         let now = Instant::now();
         let mut inner = lock(&self.inner);
         let topo = inner.current.topology.clone();
@@ -675,7 +675,7 @@ mod tests {
         let store = Arc::new(RedbStore::open(dir.path()).unwrap());
         let ctl = Controller::open(store, Some((&yaml("10ms"), "t.yaml"))).unwrap();
         // The transit reports s1 down. No recompute loop runs here, so nothing is published.
-        ctl.on_telemetry(&Sample {
+        ctl.on_telemetry(Sample {
             node: NodeId::new("t"),
             neighbours: vec![NeighbourSample {
                 neighbour: NodeId::new("s1"),
@@ -708,7 +708,7 @@ mod tests {
         let ctl = Controller::open(store, Some((&yaml("5ms"), "t.yaml"))).unwrap();
         // s1 costs 2 ms from e, s2 6 ms; e reports it uses s2 for chat (s1 does not beat it by
         // the 10 ms margin: a router keeps s2).
-        ctl.on_telemetry(&Sample {
+        ctl.on_telemetry(Sample {
             node: NodeId::new("e"),
             neighbours: vec![],
             site: None,

@@ -100,6 +100,15 @@ async fn start(t: &Topology, dir: &std::path::Path) -> (Vec<RouterHandle>, Vec<S
     (hs, txs)
 }
 
+/// Polls `cond` every 20 ms until it holds; fails with `why()` once `within` has passed.
+async fn wait_until(within: Duration, mut cond: impl FnMut() -> bool, why: impl Fn() -> String) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(Instant::now() < deadline, "{}", why());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn echo_roundtrip(port: u16, msg: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
     c.write_all(msg).await?;
@@ -117,15 +126,12 @@ async fn echo_through_edge_transit_site_in_process() {
     let port = free_tcp_port();
     let t = topo(backend, port);
     let (hs, txs) = start(&t, dir.path()).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while hs[0].routes().preferred("echo").is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "edge never got a route: {:?}",
-            hs[0].telemetry()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        Duration::from_secs(10),
+        || hs[0].routes().preferred("echo").is_some(),
+        || format!("edge never got a route: {:?}", hs[0].telemetry()),
+    )
+    .await;
     let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
@@ -184,7 +190,6 @@ async fn a_neighbour_that_starts_late_is_up_without_a_hold_down() {
     // without a route until the deadline below.
     let long = Some(Duration::from_secs(600));
     let (edge, _edge_tx) = spawn_node(&snap, dir.path(), "edge", long).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
     let failures = |h: &RouterHandle| {
         h.telemetry()
             .neighbours
@@ -192,13 +197,12 @@ async fn a_neighbour_that_starts_late_is_up_without_a_hold_down() {
             .find(|n| n.id.as_str() == "transit")
             .map_or(0, |n| n.dial_failures)
     };
-    while failures(&edge) == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "no failed dial to the transit yet"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(
+        Duration::from_secs(20),
+        || failures(&edge) > 0,
+        || "no failed dial to the transit yet".into(),
+    )
+    .await;
     assert!(
         edge.metrics_text()
             .contains("tasman_neighbour_dial_failures_total{node=\"edge\",neighbour=\"transit\"} ")
@@ -207,14 +211,16 @@ async fn a_neighbour_that_starts_late_is_up_without_a_hold_down() {
 
     let (_transit, _ttx) = spawn_node(&snap, dir.path(), "transit", None).await;
     let (_site, _stx) = spawn_node(&snap, dir.path(), "site", None).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while edge.routes().preferred("echo").is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "the edge held its late neighbour down: {:?}",
-            edge.telemetry()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        Duration::from_secs(20),
+        || edge.routes().preferred("echo").is_some(),
+        || {
+            format!(
+                "the edge held its late neighbour down: {:?}",
+                edge.telemetry()
+            )
+        },
+    )
+    .await;
     assert_eq!(echo_roundtrip(port, b"late").await.unwrap(), b"late");
 }

@@ -38,6 +38,7 @@ mod splice;
 pub mod telemetry;
 pub mod tls;
 pub mod transport;
+mod udp;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -68,14 +68,17 @@ pub fn endpoint(
         let _ = sock.set_only_v6(false);
     }
     sock.bind(&addr.into())?;
-    let udp: std::net::UdpSocket = sock.into();
-    let runtime = quinn::default_runtime()
-        .ok_or_else(|| std::io::Error::other("no async runtime for the QUIC endpoint"))?;
+    let udp = Arc::new(crate::udp::FabricUdp::new(sock.into())?);
     let mut config = quinn::EndpointConfig::default();
     config
         .max_udp_payload_size(MTU_UPPER_BOUND)
         .map_err(std::io::Error::other)?;
-    let mut ep = quinn::Endpoint::new(config, Some(server), udp, runtime)?;
+    let mut ep = quinn::Endpoint::new_with_abstract_socket(
+        config,
+        Some(server),
+        udp,
+        Arc::new(quinn::TokioRuntime),
+    )?;
     ep.set_default_client_config(client);
     Ok(ep)
 }

@@ -7,3 +7,4 @@ pub mod controller;
 pub mod demo;
 pub mod plan;
 pub mod store;
+pub mod topology_file;

@@ -47,12 +47,9 @@ pub struct DemoArgs {
 pub fn run(args: DemoArgs) -> ExitCode {
     let text = match &args.topology {
         None => APAC_YAML.to_string(),
-        Some(p) => match std::fs::read_to_string(p) {
+        Some(p) => match super::topology::read_text_or_report(p) {
             Ok(t) => t,
-            Err(e) => {
-                eprintln!("error: cannot read {}: {e}", p.display());
-                return ExitCode::from(2);
-            }
+            Err(code) => return code,
         },
     };
     let source = args

@@ -90,25 +90,7 @@ fn parse_dial(s: &str) -> Result<(String, SocketAddr), String> {
 /// Loads and validates a topology file, printing diagnostics. Exit code on failure: 2 when the
 /// file cannot be read, 1 when it is invalid.
 pub fn load_topology(path: &std::path::Path) -> Result<topology::Topology, ExitCode> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        eprintln!("error: {}: {e}", path.display());
-        ExitCode::from(2)
-    })?;
-    let shown = path.display().to_string();
-    match topology::load(&text) {
-        Ok(loaded) => {
-            for w in &loaded.warnings {
-                eprintln!("{}", w.display(&shown));
-            }
-            Ok(loaded.topology)
-        }
-        Err(diags) => {
-            for d in &diags {
-                eprintln!("{}", d.display(&shown));
-            }
-            Err(ExitCode::from(1))
-        }
-    }
+    super::topology::load_or_report(path).map(|l| l.topology)
 }
 
 impl RouterArgs {

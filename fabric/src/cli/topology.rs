@@ -1,13 +1,12 @@
 //! `tasman topology ...`: the operator's tools on topology files. `validate` lives here; other
 //! subcommands (`route`, `diff`) add a variant to [`TopologyCmd`] and reuse [`load_file`].
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 
-use ::topology::{Diagnostic, Loaded, MAX_DOCUMENT_BYTES};
+use ::topology::{Diagnostic, Loaded};
 
 mod diff;
 mod route;
@@ -108,29 +107,29 @@ impl LoadFileError {
     }
 }
 
-/// Reads and loads one topology file. The size limit is enforced while reading, so a huge or
-/// endless file (a FIFO, /dev/zero) is never read whole.
+/// [`crate::topology_file::read`], with the file name in the error: exit status 2.
+pub fn read_text(path: &Path) -> Result<String, LoadFileError> {
+    crate::topology_file::read(path).map_err(|e| {
+        let why = match e.kind() {
+            std::io::ErrorKind::InvalidData => e.to_string(),
+            _ => format!("cannot read: {e}"),
+        };
+        LoadFileError::Unreadable(format!("{}: {why}", path.display()))
+    })
+}
+
+/// [`read_text`] for commands that send or keep the text itself: prints why on failure and
+/// returns exit status 2.
+pub fn read_text_or_report(path: &Path) -> Result<String, ExitCode> {
+    read_text(path).map_err(|e| {
+        eprintln!("tasman: {e}");
+        e.exit_code()
+    })
+}
+
+/// Reads and loads one topology file (see [`read_text`]).
 pub fn load_file(path: &Path) -> Result<Loaded, LoadFileError> {
-    let shown = path.display();
-    let unreadable = |why: String| LoadFileError::Unreadable(format!("{shown}: {why}"));
-    let file = std::fs::File::open(path).map_err(|e| unreadable(format!("cannot read: {e}")))?;
-    let mut bytes = Vec::new();
-    file.take(MAX_DOCUMENT_BYTES as u64 + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| unreadable(format!("cannot read: {e}")))?;
-    if bytes.len() > MAX_DOCUMENT_BYTES {
-        return Err(unreadable(format!(
-            "over the size limit of {MAX_DOCUMENT_BYTES} bytes ({} MiB)",
-            MAX_DOCUMENT_BYTES / (1024 * 1024)
-        )));
-    }
-    let text = String::from_utf8(bytes).map_err(|e| {
-        unreadable(format!(
-            "not UTF-8 text (invalid byte at offset {})",
-            e.utf8_error().valid_up_to()
-        ))
-    })?;
-    ::topology::load(&text).map_err(LoadFileError::Invalid)
+    ::topology::load(&read_text(path)?).map_err(LoadFileError::Invalid)
 }
 
 /// Prints a load result's diagnostics (warnings too) to stderr as FILE:LINE:COL.

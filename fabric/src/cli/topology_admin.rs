@@ -156,12 +156,9 @@ fn print_outcome(o: &ApplyOutcome) {
 
 pub fn apply(args: ApplyArgs) -> ExitCode {
     let file = args.file.display().to_string();
-    let text = match std::fs::read_to_string(&args.file) {
+    let text = match super::topology::read_text_or_report(&args.file) {
         Ok(t) => t,
-        Err(e) => {
-            eprintln!("error: {file}: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let c = match client(&args.admin) {
         Ok(c) => c,

@@ -131,11 +131,18 @@ fn token(cfg: &DaemonConfig) -> Result<String, DaemonError> {
 pub async fn start(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
     std::fs::create_dir_all(&cfg.state_dir).map_err(io(&cfg.state_dir))?;
     let store = Arc::new(RedbStore::open(&cfg.state_dir)?);
+    // The file is read only for the first import: afterwards the store is the truth, and the
+    // file may be gone.
+    let stored = crate::store::read(&*store, |tx| super::records::current(tx))?.is_some();
     let import = match &cfg.topology_file {
-        Some(f) => Some((
-            std::fs::read_to_string(f).map_err(io(f))?,
+        Some(f) if !stored => Some((
+            crate::topology_file::read(f).map_err(io(f))?,
             f.display().to_string(),
         )),
+        Some(f) => {
+            tracing::info!(file = %f.display(), "the store holds a topology: --topology not read");
+            None
+        }
         None => None,
     };
     let ctl = Controller::open(

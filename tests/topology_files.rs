@@ -1,0 +1,100 @@
+//! Every command that reads an operator's topology file reads it the same way (size-capped,
+//! UTF-8), and the controller reads its `--topology` only for the first import.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tasman");
+
+fn huge(dir: &Path) -> std::path::PathBuf {
+    let p = dir.join("huge.yaml");
+    std::fs::File::create(&p)
+        .unwrap()
+        .set_len(topology::MAX_DOCUMENT_BYTES as u64 + 1)
+        .unwrap();
+    p
+}
+
+#[test]
+fn every_command_refuses_an_oversize_topology_file_by_its_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let huge = huge(dir.path());
+    let state = dir.path().join("state");
+    let h = huge.to_str().unwrap();
+    let s = state.to_str().unwrap();
+    let commands: [&[&str]; 4] = [
+        &["router", "--topology", h, "--node", "syd-edge-1"],
+        &["demo", "--topology", h],
+        &["topology", "apply", h, "--controller", "127.0.0.1:9"],
+        &[
+            "controller",
+            "--state",
+            s,
+            "--topology",
+            h,
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ],
+    ];
+    for args in commands {
+        let out = Command::new(BIN)
+            .args(args)
+            .env("RUST_LOG", "off")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        // Unreadable is exit status 2 for the commands; a controller that cannot start exits 1.
+        let want = if args[0] == "controller" { 1 } else { 2 };
+        assert_eq!(out.status.code(), Some(want), "{args:?}");
+        assert!(
+            err.contains("over the size limit"),
+            "{args:?} should name the size limit, said: {err}"
+        );
+    }
+}
+
+/// Starts a controller on `state` with `--topology topo`; returns it once it is ready.
+fn controller(state: &Path, topo: &Path) -> std::process::Child {
+    let mut child = Command::new(BIN)
+        .args(["controller", "--state"])
+        .arg(state)
+        .arg("--topology")
+        .arg(topo)
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    if !line.contains("admin=") {
+        let out = child.wait_with_output().unwrap();
+        panic!(
+            "controller did not start: {line:?} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    child
+}
+
+#[test]
+fn a_controller_restarts_from_its_store_when_the_import_file_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let topo = dir.path().join("import.yaml");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::fs::copy(root.join("examples/apac.yaml"), &topo).unwrap();
+    let mut first = controller(&state, &topo);
+    first.kill().unwrap();
+    first.wait().unwrap();
+    std::fs::remove_file(&topo).unwrap();
+    let mut second = controller(&state, &topo);
+    second.kill().unwrap();
+    second.wait().unwrap();
+}

@@ -197,7 +197,8 @@ pub struct SiteService {
     pub backend: SocketAddr,
     /// Concurrent streams the backend accepts before the site counts as full.
     pub capacity: u32,
-    /// Relative weight among equal-cost sites (default 100).
+    /// Reserved for weighted spreading among equal-cost sites (default 100). Validated and
+    /// stored, but route selection does not read it yet: equal-cost sites are ranked by site id.
     #[serde(default = "default_weight")]
     pub weight: u32,
 }

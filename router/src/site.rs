@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use tokio::task::AbortHandle;
@@ -30,7 +30,9 @@ pub(crate) struct SiteService {
     active: Arc<AtomicU32>,
     healthy: Arc<AtomicBool>,
     /// When the service was last marked unhealthy (ms since router start), for the hold-down.
-    down_at_ms: Arc<AtomicU32>,
+    /// 64 bits: a `u32` of milliseconds wraps after 49.7 days, and a wrap inside the hold-down
+    /// would keep the service unhealthy for another 49.7 days.
+    down_at_ms: Arc<AtomicU64>,
 }
 
 impl SiteService {
@@ -51,12 +53,20 @@ impl SiteService {
         }
     }
     fn mark_unhealthy(&self, shared: &Shared, why: &str) {
-        self.down_at_ms
-            .store(shared.started.elapsed().as_millis() as u32, Relaxed);
+        self.mark_down_at(ms_since(shared.started));
         if self.healthy.swap(false, Relaxed) {
             tracing::warn!(node = %shared.node, service = %self.service, backend = %self.backend, why, "backend unhealthy");
             shared.changed.notify_one();
         }
+    }
+    /// Records `now_ms` (ms since router start) as the last time the service was marked down.
+    fn mark_down_at(&self, now_ms: u64) {
+        self.down_at_ms.store(now_ms, Relaxed);
+    }
+    /// Whether `hold_down` has passed since the service was last marked down, at `now_ms`.
+    fn held_down_long_enough(&self, now_ms: u64, hold_down: Duration) -> bool {
+        let since = now_ms.saturating_sub(self.down_at_ms.load(Relaxed));
+        u128::from(since) >= hold_down.as_millis()
     }
     /// Takes one slot of capacity, or `None` when full.
     fn acquire(self: &Arc<Self>) -> Option<Slot> {
@@ -83,6 +93,11 @@ impl Drop for Slot {
     }
 }
 
+/// Milliseconds since `t` (a `u64` holds 584 million years of them).
+fn ms_since(t: Instant) -> u64 {
+    u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Brings the site services in line with the topology (keeps counters of unchanged services).
 pub(crate) fn reconcile(
     shared: &Arc<Shared>,
@@ -101,7 +116,7 @@ pub(crate) fn reconcile(
                     capacity: s.capacity,
                     active: o.map(|o| o.active.clone()).unwrap_or_default(),
                     healthy: Arc::new(AtomicBool::new(true)),
-                    down_at_ms: Arc::new(AtomicU32::new(0)),
+                    down_at_ms: Arc::new(AtomicU64::new(0)),
                 }),
             };
             new.insert(s.service.clone(), svc);
@@ -139,11 +154,9 @@ async fn check_loop(shared: Arc<Shared>, svc: Arc<SiteService>) {
         if matches!(r, Ok(Ok(_))) {
             ok += 1;
             fail = 0;
-            let since = (shared.started.elapsed().as_millis() as u32)
-                .saturating_sub(svc.down_at_ms.load(Relaxed));
             if !svc.healthy.load(Relaxed)
                 && ok >= UP_AFTER
-                && since as u128 >= shared.probe.hold_down.as_millis()
+                && svc.held_down_long_enough(ms_since(shared.started), shared.probe.hold_down)
             {
                 svc.healthy.store(true, Relaxed);
                 tracing::info!(node = %shared.node, service = %svc.service, "backend healthy again");
@@ -224,4 +237,36 @@ pub(crate) async fn serve(
     tracing::debug!(node = %shared.node, service = %svc.service, connect_us = started.elapsed().as_micros() as u64, "backend connected");
     splice::tcp_quic(&shared, tcp, send, recv, Side::Site).await;
     drop(slot);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service() -> SiteService {
+        SiteService {
+            service: ServiceName::new("echo"),
+            backend: "127.0.0.1:1".parse().unwrap(),
+            capacity: 1,
+            active: Arc::default(),
+            healthy: Arc::new(AtomicBool::new(false)),
+            down_at_ms: Arc::default(),
+        }
+    }
+
+    #[test]
+    fn hold_down_ends_across_the_49_7_day_mark_of_a_32_bit_millisecond_clock() {
+        let hold = Duration::from_secs(1);
+        let wrap = u64::from(u32::MAX) + 1;
+        let svc = service();
+        // Marked down 200 ms before a u32 of milliseconds would wrap.
+        svc.mark_down_at(wrap - 200);
+        assert!(!svc.held_down_long_enough(wrap - 100, hold));
+        assert!(!svc.held_down_long_enough(wrap + 700, hold), "800 ms after");
+        assert!(
+            svc.held_down_long_enough(wrap + 800, hold),
+            "the hold-down ends 1 s after the last failure, wrap or not"
+        );
+        assert!(svc.held_down_long_enough(wrap + 60_000, hold));
+    }
 }

@@ -42,6 +42,9 @@ async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
         return;
     };
     tracing::debug!(node = %shared.node, %peer, remote = %conn.remote_address(), "peer connected");
+    // Where the next pong's learned entries start: each pong goes on where the previous one
+    // stopped, so entries beyond one datagram's worth are carried in turn (`Probe::encode_pong`).
+    let mut rotation = 0;
     loop {
         tokio::select! {
             s = conn.accept_bi() => match s {
@@ -53,7 +56,9 @@ async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
                     if let Ok(Probe::Ping { seq }) = Probe::decode(bytes) {
                         let max = conn.max_datagram_size().unwrap_or(1200);
                         let digest = shared.digest();
-                        let _ = conn.send_datagram(Probe::encode_pong(seq, &digest, max));
+                        let (pong, next) = Probe::encode_pong(seq, &digest, rotation, max);
+                        rotation = next;
+                        let _ = conn.send_datagram(pong);
                     }
                 }
                 Err(_) => break,

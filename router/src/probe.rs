@@ -184,33 +184,58 @@ impl Probe {
         b.freeze()
     }
 
-    /// Encodes a pong with as many of `entries` as fit in `max_len` bytes (the first entry,
-    /// the responder's own, always goes first).
-    pub fn encode_pong<'a>(
+    /// Encodes a pong: `entries[0]` (the responder's own entry) first, then as many of the other
+    /// entries as fit in `max_len` bytes (and [`MAX_LIST`]), taken in order from index `start`
+    /// of `entries[1..]` and wrapping around. Returns the datagram and the `start` of the next
+    /// pong: the first entry this one did not carry. A responder that passes it on pong after
+    /// pong carries every entry in turn; always starting from the same place would send the same
+    /// subset every time once there are more entries than fit, and the rest would never arrive.
+    pub fn encode_pong(
         seq: u64,
-        entries: impl IntoIterator<Item = &'a Entry>,
+        entries: &[Entry],
+        start: usize,
         max_len: usize,
-    ) -> Bytes {
+    ) -> (Bytes, usize) {
         let mut out = BytesMut::with_capacity(max_len.min(1500));
         out.put_u8(PONG);
         out.put_u64(seq);
         out.put_u8(0);
         let mut count = 0u8;
         let mut scratch = BytesMut::new();
-        for e in entries {
-            if count as usize >= MAX_LIST {
-                break;
-            }
+        let mut add = |e: &Entry, out: &mut BytesMut, count: &mut u8| {
             scratch.clear();
             e.encode(&mut scratch);
             if out.len() + scratch.len() > max_len {
-                continue;
+                return false;
             }
             out.extend_from_slice(&scratch);
-            count += 1;
+            *count += 1;
+            true
+        };
+        let Some((own, learned)) = entries.split_first() else {
+            return (out.freeze(), 0);
+        };
+        add(own, &mut out, &mut count);
+        let n = learned.len();
+        let first = if n == 0 { 0 } else { start % n };
+        let mut next = first;
+        let mut carried = 0;
+        for i in 0..n {
+            if count as usize >= MAX_LIST {
+                break;
+            }
+            let at = (first + i) % n;
+            if add(&learned[at], &mut out, &mut count) {
+                carried += 1;
+            } else if carried > 0 {
+                break;
+            }
+            // Carried, or too large to fit even behind the own entry alone (so never): the next
+            // pong starts after it.
+            next = (at + 1) % n;
         }
         out[9] = count;
-        out.freeze()
+        (out.freeze(), next)
     }
 
     pub fn decode(mut b: impl Buf) -> Result<Probe, ProbeError> {
@@ -258,7 +283,7 @@ mod tests {
     #[test]
     fn pong_roundtrip_and_size_bound() {
         let es = [entry("s1"), entry("s2"), entry("s3")];
-        let b = Probe::encode_pong(7, &es, 1200);
+        let (b, _) = Probe::encode_pong(7, &es, 0, 1200);
         assert_eq!(
             Probe::decode(b).unwrap(),
             Probe::Pong {
@@ -266,7 +291,7 @@ mod tests {
                 entries: es.to_vec()
             }
         );
-        let small = Probe::encode_pong(7, &es, 60);
+        let (small, _) = Probe::encode_pong(7, &es, 0, 60);
         assert!(small.len() <= 60);
         assert!(
             matches!(Probe::decode(small).unwrap(), Probe::Pong { entries, .. } if entries.len() == 1)
@@ -274,6 +299,64 @@ mod tests {
         assert_eq!(
             Probe::decode(Probe::encode_ping(9)).unwrap(),
             Probe::Ping { seq: 9 }
+        );
+    }
+
+    #[test]
+    fn pongs_in_turn_carry_every_entry_when_not_all_fit_in_one() {
+        let own = entry("me");
+        let learned: Vec<Entry> = (0..100).map(|i| entry(&format!("n{i:03}"))).collect();
+        let entries: Vec<Entry> = std::iter::once(own)
+            .chain(learned.iter().cloned())
+            .collect();
+        let per_pong = |b: Bytes| match Probe::decode(b).unwrap() {
+            Probe::Pong { entries, .. } => entries,
+            p => panic!("{p:?}"),
+        };
+        let (first, _) = Probe::encode_pong(1, &entries, 0, 1200);
+        let fit = per_pong(first).len() - 1;
+        assert!(fit > 1 && fit < learned.len(), "{fit} entries fit one pong");
+        let mut seen = std::collections::BTreeSet::new();
+        let mut start = 0;
+        for seq in 0..learned.len().div_ceil(fit) as u64 {
+            let (b, next) = Probe::encode_pong(seq, &entries, start, 1200);
+            start = next;
+            let got = per_pong(b);
+            assert_eq!(
+                got[0].origin.as_str(),
+                "me",
+                "the own entry always goes first"
+            );
+            seen.extend(got[1..].iter().map(|e| e.origin.clone()));
+        }
+        let missing: Vec<_> = learned
+            .iter()
+            .filter(|e| !seen.contains(&e.origin))
+            .map(|e| e.origin.to_string())
+            .collect();
+        assert!(missing.is_empty(), "never carried: {missing:?}");
+    }
+
+    #[test]
+    fn an_entry_too_large_for_any_pong_is_skipped_not_waited_for() {
+        let mut huge = entry("huge");
+        huge.neighbours = (0..60)
+            .map(|i| NeighbourState {
+                id: NodeId::new(format!("neighbour-with-a-long-name-{i:03}")),
+                up: true,
+                rtt_us: 1,
+            })
+            .collect();
+        let entries = [entry("me"), huge, entry("a"), entry("b")];
+        let (b, next) = Probe::encode_pong(1, &entries, 0, 1200);
+        let Probe::Pong { entries: got, .. } = Probe::decode(b).unwrap() else {
+            panic!()
+        };
+        let names: Vec<_> = got.iter().map(|e| e.origin.as_str()).collect();
+        assert_eq!(names, ["me", "a", "b"]);
+        assert_eq!(
+            next, 0,
+            "all carried (the huge one cannot be): back to the start"
         );
     }
 

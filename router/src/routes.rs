@@ -77,7 +77,9 @@ impl Routes {
 /// never across `.await`.
 #[derive(Default)]
 pub(crate) struct Evidence {
-    learned: Mutex<HashMap<NodeId, (Entry, Instant)>>,
+    /// Ordered by origin, so that consecutive digests list the entries in the same order and a
+    /// responder's pongs can carry them in turn (`Probe::encode_pong`).
+    learned: Mutex<BTreeMap<NodeId, (Entry, Instant)>>,
     site_down: Mutex<HashMap<(NodeId, ServiceName), Instant>>,
 }
 

@@ -158,6 +158,8 @@ pub(crate) struct Shared {
     pub extra_peer_names: Vec<String>,
     pub dial_overrides: HashMap<NodeId, SocketAddr>,
     pub snapshot: ArcSwap<Snapshot>,
+    /// The snapshot's topology as a graph: id lookups for checking what peers relay.
+    pub graph: ArcSwap<topology::graph::Graph>,
     pub routes: ArcSwap<routes::Routes>,
     /// This edge's circuits (classification and rate limiters); empty on other roles.
     pub circuits: ArcSwap<circuits::CircuitTable>,
@@ -255,6 +257,7 @@ impl Router {
             extra_peer_names: cfg.extra_peer_names.clone(),
             dial_overrides: cfg.dial_overrides.clone(),
             snapshot: ArcSwap::new(first.clone()),
+            graph: ArcSwap::from_pointee(topology::graph::Graph::new(&first.topology)),
             routes: ArcSwap::from_pointee(routes::Routes::default()),
             circuits: ArcSwap::from_pointee(circuits::CircuitTable::default()),
             vip_listeners: circuits::VipListeners::default(),

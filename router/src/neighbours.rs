@@ -286,6 +286,13 @@ impl Liveness {
     }
 }
 
+/// Whether a pong echoing `echoed` answers a ping: one sent (`sent` is the last sequence number
+/// sent) and newer than the last one answered (`answered`). Replays, duplicates and unsolicited
+/// pongs do not.
+fn answers(sent: u64, answered: u64, echoed: u64) -> bool {
+    echoed > answered && echoed <= sent
+}
+
 /// Probes the connection every interval. A `Down` verdict marks the neighbour down (no new
 /// streams); returns when it is `Dead` (the connection is closed) or the connection closes.
 async fn probe_until_down(
@@ -298,6 +305,8 @@ async fn probe_until_down(
     let mut tick = tokio::time::interval(p.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seq: u64 = 0;
+    // The highest ping answered so far.
+    let mut answered: u64 = 0;
     let mut live = Liveness::new(p, tokio::time::Instant::now());
     let mut udp_rx = conn.stats().udp_rx.datagrams;
     // Datagrams received, and pings transmitted (only pings are sent as datagrams on a dialled
@@ -380,11 +389,17 @@ async fn probe_until_down(
             }
             d = conn.read_datagram() => {
                 let Ok(bytes) = d else { return };
-                let Ok(Probe::Pong { entries, .. }) = Probe::decode(bytes) else { continue };
+                let Ok(Probe::Pong { seq: echoed, entries }) = Probe::decode(bytes) else { continue };
+                // Only the first answer to a ping we sent counts: a neighbour cannot push
+                // evidence (and table rebuilds) faster than we probe it.
+                if !answers(seq, answered, echoed) {
+                    continue;
+                }
+                answered = echoed;
                 live.reply(tokio::time::Instant::now());
                 pongs += 1;
                 nb.rtt_us.store(conn.rtt().as_micros() as u64, Relaxed);
-                let mut changed = shared.evidence.learn(&shared.node, entries);
+                let mut changed = shared.evidence.learn(&shared.node, &shared.graph.load(), entries);
                 if !nb.is_up() && down_since.is_none_or(|t| t.elapsed() >= p.hold_down) {
                     nb.set_up(conn);
                     *down_since = None;
@@ -454,6 +469,21 @@ mod tests {
             }
         }
         None
+    }
+
+    #[test]
+    fn a_pong_answers_only_a_ping_sent_and_only_once() {
+        // Pings 1..=5 sent, 3 answered.
+        assert!(answers(5, 3, 4));
+        assert!(answers(5, 3, 5));
+        assert!(!answers(5, 3, 3), "a duplicate answer");
+        assert!(
+            !answers(5, 3, 2),
+            "an older ping, answered by a newer pong already"
+        );
+        assert!(!answers(5, 3, 6), "a ping not sent yet");
+        assert!(!answers(5, 3, u64::MAX));
+        assert!(!answers(0, 0, 0), "unsolicited, before any ping");
     }
 
     #[test]

@@ -97,16 +97,27 @@ impl Evidence {
     }
 
     /// Takes the entries of a probe reply; returns whether anything changed that routing uses.
-    pub fn learn(&self, me: &NodeId, entries: Vec<Entry>) -> bool {
+    ///
+    /// The neighbour is authenticated, but what it relays is network input: entries are checked
+    /// against the current topology (`graph`). One whose origin is not a node of it is dropped,
+    /// and so are neighbour states that name no link of the origin and service states of
+    /// services it does not have. Made-up names would otherwise each take a slot for the TTL,
+    /// force a table rebuild, be cloned into every digest and flooded on. The map so holds at
+    /// most one entry per node of the topology.
+    pub fn learn(&self, me: &NodeId, graph: &Graph, entries: Vec<Entry>) -> bool {
         let mut changed = false;
         let now = Instant::now();
         let Ok(mut map) = self.learned.lock() else {
             return false;
         };
-        for e in entries {
-            if &e.origin == me {
+        for mut e in entries {
+            if &e.origin == me || graph.index(e.origin.as_str()).is_none() {
                 continue;
             }
+            e.neighbours
+                .retain(|n| graph.link_index(&LinkId::new(&e.origin, &n.id)).is_some());
+            e.services
+                .retain(|s| graph.service(s.service.as_str()).is_some());
             match map.get_mut(&e.origin) {
                 Some((old, at)) if old.generation >= e.generation => {
                     let _ = at;
@@ -116,6 +127,13 @@ impl Evidence {
                     *slot = (e, now);
                 }
                 None => {
+                    // Origins removed from the topology since they were learned make room first.
+                    if map.len() >= graph.node_count() {
+                        map.retain(|origin, _| graph.index(origin.as_str()).is_some());
+                        if map.len() >= graph.node_count() {
+                            continue;
+                        }
+                    }
                     map.insert(e.origin.clone(), (e, now));
                     changed = true;
                 }
@@ -187,7 +205,7 @@ pub(crate) struct Control {
     dialers: HashMap<NodeId, (Arc<Neighbour>, AbortHandle)>,
     checkers: HashMap<ServiceName, AbortHandle>,
     incumbents: HashMap<ServiceName, NodeId>,
-    graph: Option<(Arc<Topology>, Graph)>,
+    graph: Option<(Arc<Topology>, Arc<Graph>)>,
     listeners: crate::edge::Listeners,
 }
 
@@ -299,7 +317,9 @@ impl Control {
             .as_ref()
             .is_none_or(|(t, _)| !Arc::ptr_eq(t, &topo))
         {
-            self.graph = Some((topo.clone(), Graph::new(&topo)));
+            let graph = Arc::new(Graph::new(&topo));
+            sh.graph.store(graph.clone());
+            self.graph = Some((topo.clone(), graph));
         }
     }
 
@@ -441,4 +461,101 @@ pub fn preferred_sites(routes: &Routes) -> BTreeMap<String, String> {
         .iter()
         .filter_map(|(s, c)| c.first().map(|c| (s.to_string(), c.site.to_string())))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::probe::ServiceState;
+    use topology::builder::{TopologyBuilder, ms};
+
+    fn graph() -> Graph {
+        let mut b = TopologyBuilder::new();
+        b.node("edge", NodeKind::Edge)
+            .node("transit", NodeKind::Transit)
+            .node("site", NodeKind::Site)
+            .link("edge", "transit", ms(1.0))
+            .link("transit", "site", ms(1.0))
+            .service("echo");
+        Graph::new(&b.build())
+    }
+
+    fn entry(origin: &str, generation: u64, neighbours: &[&str], services: &[&str]) -> Entry {
+        Entry {
+            origin: origin.into(),
+            generation,
+            neighbours: neighbours
+                .iter()
+                .map(|id| NeighbourState {
+                    id: (*id).into(),
+                    up: false,
+                    rtt_us: 0,
+                })
+                .collect(),
+            services: services
+                .iter()
+                .map(|s| ServiceState {
+                    service: (*s).into(),
+                    healthy: false,
+                    active: 0,
+                    capacity: 1,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn learned_entries_name_only_nodes_links_and_services_of_the_topology() {
+        let g = graph();
+        let ev = Evidence::default();
+        let me = NodeId::new("edge");
+        // Pong after pong, a neighbour relays 63 made-up origins and one real one whose entry
+        // also names a link and a service that do not exist.
+        for round in 0..20u64 {
+            let mut entries: Vec<Entry> = (0..63)
+                .map(|i| entry(&format!("ghost-{round}-{i}"), 1, &["edge"], &["echo"]))
+                .collect();
+            entries.push(entry(
+                "transit",
+                round + 1,
+                &["site", "ghost", "edge"],
+                &["echo", "fake"],
+            ));
+            ev.learn(&me, &g, entries);
+        }
+        let fresh = ev.fresh(Duration::from_secs(60));
+        assert_eq!(fresh.len(), 1, "only the real origin is kept: {fresh:?}");
+        let t = &fresh[0];
+        assert_eq!(t.origin.as_str(), "transit");
+        let ids: Vec<_> = t.neighbours.iter().map(|n| n.id.as_str()).collect();
+        assert_eq!(ids, ["site", "edge"]);
+        let svcs: Vec<_> = t.services.iter().map(|s| s.service.as_str()).collect();
+        assert_eq!(svcs, ["echo"]);
+    }
+
+    #[test]
+    fn learned_entries_of_nodes_removed_from_the_topology_make_room() {
+        let ev = Evidence::default();
+        let me = NodeId::new("edge");
+        let mut b = TopologyBuilder::new();
+        b.node("edge", NodeKind::Edge)
+            .node("old1", NodeKind::Transit)
+            .node("old2", NodeKind::Transit)
+            .link("edge", "old1", ms(1.0))
+            .link("edge", "old2", ms(1.0));
+        let before = Graph::new(&b.build());
+        let olds = vec![entry("old1", 1, &[], &[]), entry("old2", 1, &[], &[])];
+        assert!(ev.learn(&me, &before, olds));
+        // The next snapshot replaced them with `new`: the map never holds more entries than the
+        // topology has nodes, and the removed ones go first.
+        let mut b = TopologyBuilder::new();
+        b.node("edge", NodeKind::Edge)
+            .node("new", NodeKind::Transit)
+            .link("edge", "new", ms(1.0));
+        let after = Graph::new(&b.build());
+        assert!(ev.learn(&me, &after, vec![entry("new", 1, &[], &[])]));
+        let fresh = ev.fresh(Duration::from_secs(60));
+        let origins: Vec<_> = fresh.iter().map(|e| e.origin.as_str()).collect();
+        assert_eq!(origins, ["new"]);
+    }
 }

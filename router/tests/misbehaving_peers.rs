@@ -1,0 +1,282 @@
+//! Routers next to a misbehaving neighbour: a real QUIC peer on loopback, with a certificate for
+//! a node of the topology, that answers probes (so it is up) but then withholds streams or
+//! floods made-up evidence. Routers are spawned in-process, as in `inprocess.rs`.
+
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use router::probe::{Entry, NeighbourState, Probe};
+use router::{Router, RouterConfig, RouterHandle, Snapshot};
+use tokio::io::AsyncWriteExt;
+use topology::builder::{TopologyBuilder, ms};
+use topology::{NodeId, NodeKind, ServiceName, SiteService, Topology};
+
+fn free_udp() -> SocketAddr {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn echo_backend() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// Polls `cond` every 20 ms until it holds; fails with `why()` once `within` has passed.
+async fn wait_until(within: Duration, mut cond: impl FnMut() -> bool, why: impl Fn() -> String) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(Instant::now() < deadline, "{}", why());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Gives every node a free loopback address, the edge a client address, and the service `port`.
+fn addressed(mut t: Topology, port: u16) -> Topology {
+    for n in &mut t.nodes {
+        n.address = free_udp();
+        if n.kind == NodeKind::Edge {
+            n.client_address = Some(Ipv4Addr::LOCALHOST.into());
+        }
+    }
+    t.services[0].port = Some(port);
+    t
+}
+
+fn serve_echo(t: &mut Topology, site: &str, backend: SocketAddr) {
+    if let Some(n) = t.nodes.iter_mut().find(|n| n.id.as_str() == site) {
+        n.serves.push(SiteService {
+            service: ServiceName::new("echo"),
+            backend,
+            capacity: 100,
+            weight: 100,
+        });
+    }
+}
+
+/// Starts node `id` with a certificate issued in `dir`, adjusted by `tune`.
+async fn spawn_node(
+    snap: &Arc<Snapshot>,
+    dir: &std::path::Path,
+    id: &str,
+    tune: impl FnOnce(&mut RouterConfig),
+) -> RouterHandle {
+    router::pki::issue(dir, id).unwrap();
+    let tls = router::tls::TlsIdentity::load(dir, id).unwrap();
+    // The source closes at once: the router keeps this one snapshot.
+    let (_, rx) = tokio::sync::watch::channel(snap.clone());
+    let mut cfg = RouterConfig::new(NodeId::new(id), tls, rx);
+    tune(&mut cfg);
+    Router::spawn(cfg).await.unwrap()
+}
+
+/// A QUIC peer posing as node `name` of `topo` (certificate issued in `dir`), listening on the
+/// node's address with `transport`. Each connection is handed to `serve`; streams are never
+/// accepted. Returns the count of pings received over all connections.
+fn fake_neighbour<F, Fut>(
+    dir: &std::path::Path,
+    topo: &Topology,
+    name: &str,
+    transport: quinn::TransportConfig,
+    serve: F,
+) -> (quinn::Endpoint, Arc<AtomicU64>)
+where
+    F: Fn(quinn::Connection, Arc<AtomicU64>) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    router::pki::issue(dir, name).unwrap();
+    let id = router::tls::TlsIdentity::load(dir, name).unwrap();
+    let peers = router::tls::PeerNames::new(topo.nodes.iter().map(|n| n.id.to_string()));
+    let transport = Arc::new(transport);
+    let server = router::tls::server_config(&id, &peers, transport.clone()).unwrap();
+    let client = router::tls::client_config(&id, &peers, transport).unwrap();
+    let addr = topo.node(name).unwrap().address;
+    let ep = router::transport::endpoint(addr, server, client).unwrap();
+    let pings = Arc::new(AtomicU64::new(0));
+    let (accepting, count) = (ep.clone(), pings.clone());
+    tokio::spawn(async move {
+        while let Some(incoming) = accepting.accept().await {
+            if let Ok(conn) = incoming.await {
+                tokio::spawn(serve(conn, count.clone()));
+            }
+        }
+    });
+    (ep, pings)
+}
+
+/// The fake's own probe entry: no neighbours, no services.
+fn own_entry(name: &str, generation: u64) -> Entry {
+    Entry {
+        origin: NodeId::new(name),
+        generation,
+        neighbours: Vec::new(),
+        services: Vec::new(),
+    }
+}
+
+/// Near site `near` (1 ms from the edge, directly or behind `transit`) and far site `far` (30 ms,
+/// directly): the edge prefers the near one.
+fn two_sites(backend: SocketAddr, port: u16, via_transit: bool) -> Topology {
+    let mut b = TopologyBuilder::new();
+    b.node("edge", NodeKind::Edge)
+        .node("near", NodeKind::Site)
+        .node("far", NodeKind::Site)
+        .link("edge", "far", ms(30.0))
+        .service("echo");
+    if via_transit {
+        b.node("transit", NodeKind::Transit)
+            .link("edge", "transit", ms(0.5))
+            .link("transit", "near", ms(0.5));
+    } else {
+        b.link("edge", "near", ms(1.0));
+    }
+    let mut t = addressed(b.build(), port);
+    serve_echo(&mut t, "near", backend);
+    serve_echo(&mut t, "far", backend);
+    t
+}
+
+/// The value of metric `name` (a full series name with labels) in Prometheus text `m`.
+fn metric(m: &str, name: &str) -> u64 {
+    m.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {m}"))
+}
+
+/// A transit that answers probes, and between them floods pongs as fast as it can: duplicates of
+/// the last ping's answer and answers to pings not sent yet, each with new content (its link to
+/// the near site flapping), and in every pong made-up origins with made-up links. The edge takes
+/// one answer per ping (its table rebuilds follow its probe rate, not the flood) and none of the
+/// made-up names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_neighbour_cannot_flood_unsolicited_or_made_up_evidence() {
+    let dir = tempfile::tempdir().unwrap();
+    router::pki::init(dir.path()).unwrap();
+    let backend = echo_backend().await;
+    let t = two_sites(backend, free_tcp_port(), true);
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    let transport = router::transport::transport_config();
+    let (_transit, pings) = fake_neighbour(
+        dir.path(),
+        &t,
+        "transit",
+        transport,
+        |conn, pings| async move {
+            let generation = AtomicU64::new(0);
+            let last_ping = AtomicU64::new(0);
+            let rotation = AtomicU64::new(0);
+            let pong = |seq: u64| {
+                let g = generation.fetch_add(1, Relaxed) + 1;
+                let mut own = own_entry("transit", g);
+                own.neighbours.push(NeighbourState {
+                    id: NodeId::new("near"),
+                    up: g.is_multiple_of(2),
+                    rtt_us: 100,
+                });
+                let mut entries = vec![own];
+                entries.extend((0..63).map(|i| Entry {
+                    neighbours: vec![NeighbourState {
+                        id: NodeId::new("edge"),
+                        up: false,
+                        rtt_us: 0,
+                    }],
+                    ..own_entry(&format!("ghost-{i}"), g)
+                }));
+                let max = conn.max_datagram_size().unwrap_or(1200);
+                let start = rotation.load(Relaxed) as usize;
+                let (b, next) = Probe::encode_pong(seq, &entries, start, max);
+                rotation.store(next as u64, Relaxed);
+                b
+            };
+            let answer = async {
+                while let Ok(d) = conn.read_datagram().await {
+                    if let Ok(Probe::Ping { seq }) = Probe::decode(d) {
+                        last_ping.store(seq, Relaxed);
+                        pings.fetch_add(1, Relaxed);
+                        let _ = conn.send_datagram(pong(seq));
+                    }
+                }
+            };
+            let flood = async {
+                let mut tick = tokio::time::interval(Duration::from_millis(1));
+                for n in 0u64.. {
+                    tick.tick().await;
+                    let last = last_ping.load(Relaxed);
+                    let seq = if n.is_multiple_of(2) {
+                        last
+                    } else {
+                        last + 1000
+                    };
+                    if conn.send_datagram(pong(seq)).is_err() {
+                        return;
+                    }
+                }
+            };
+            tokio::join!(answer, flood);
+        },
+    );
+    let edge = spawn_node(&snap, dir.path(), "edge", |_| {}).await;
+    let up = || {
+        edge.telemetry()
+            .neighbours
+            .iter()
+            .any(|n| n.id.as_str() == "transit" && n.up)
+    };
+    wait_until(Duration::from_secs(20), up, || {
+        format!("transit never up: {:?}", edge.telemetry())
+    })
+    .await;
+
+    let rebuilds = || {
+        metric(
+            &edge.metrics_text(),
+            "tasman_table_rebuilds_total{node=\"edge\"}",
+        )
+    };
+    let (rebuilds0, pings0, t0) = (rebuilds(), pings.load(Relaxed), Instant::now());
+    wait_until(
+        Duration::from_secs(20),
+        || pings.load(Relaxed) >= pings0 + 20,
+        || "the edge stopped probing".into(),
+    )
+    .await;
+    let (rebuilt, probed) = (rebuilds() - rebuilds0, pings.load(Relaxed) - pings0);
+    // One rebuild per answered ping at most, plus the once-a-second one and some slack.
+    let bound = probed + t0.elapsed().as_secs() + 3;
+    assert!(
+        rebuilt <= bound,
+        "{rebuilt} table rebuilds for {probed} pings: the flood drives the rebuilds"
+    );
+    let live = edge.routes().live.clone();
+    let made_up: Vec<String> = live
+        .down_links
+        .iter()
+        .chain(live.link_latency.keys())
+        .map(|l| l.to_string())
+        .filter(|l| l.contains("ghost"))
+        .collect();
+    assert!(made_up.is_empty(), "made-up links learned: {made_up:?}");
+}

@@ -309,10 +309,6 @@ async fn attempt(
     let Some(conn) = nb.connection() else {
         return Attempt::Retry(Code::NextHopUnreachable);
     };
-    let (mut send, mut recv) = match conn.open_bi().await {
-        Ok(s) => s,
-        Err(_) => return Attempt::Retry(Code::NextHopUnreachable),
-    };
     let mut header = Header::data(service.clone(), cand.path[2..].to_vec(), Some(client));
     header.circuit = circuit.map(|c| c.id.clone());
     let mut hbuf = BytesMut::with_capacity(128);
@@ -323,16 +319,36 @@ async fn attempt(
     let mut out: Vec<Bytes> = std::iter::once(hbuf.freeze())
         .chain(replay.chunks.iter().cloned())
         .collect();
-    if send.write_all_chunks(&mut out).await.is_err() {
-        return Attempt::Retry(Code::NextHopUnreachable);
+    // The reply deadline runs from before the stream is opened, and the first hop's down verdict
+    // is watched from then: a first hop that answers probes but grants no stream (its limit of
+    // concurrent streams reached) or no flow-control window for the header would otherwise hold
+    // the client forever. Nothing came back yet, so the next candidate takes the connection.
+    let deadline = tokio::time::sleep(shared.reply_timeout);
+    tokio::pin!(deadline);
+    let (mut send, mut recv) = tokio::select! {
+        r = conn.open_bi() => match r {
+            Ok(s) => s,
+            Err(_) => return Attempt::Retry(Code::NextHopUnreachable),
+        },
+        _ = &mut deadline => return Attempt::Retry(Code::NextHopUnreachable),
+        _ = &mut went_down => return Attempt::Retry(Code::NextHopUnreachable),
+    };
+    let written = tokio::select! {
+        r = send.write_all_chunks(&mut out) => r.is_ok(),
+        _ = &mut deadline => false,
+        _ = &mut went_down => false,
+    };
+    if !written {
+        let code = Code::NextHopUnreachable;
+        let _ = send.reset(code.varint());
+        let _ = recv.stop(code.varint());
+        return Attempt::Retry(code);
     }
     if replay.eof {
         let _ = send.finish();
     }
     let mut reply = [0u8; REPLY_OK.len()];
     let mut got = 0;
-    let deadline = tokio::time::sleep(shared.reply_timeout);
-    tokio::pin!(deadline);
     let outcome = loop {
         tokio::select! {
             r = recv.read(&mut reply[got..]) => match r {

@@ -127,16 +127,38 @@ async fn relay(
     };
     // Registered before the check below, so a verdict in between is not missed.
     let next_hop_down = nb.went_down();
+    tokio::pin!(next_hop_down);
     let Some(conn) = nb.connection() else {
         return refuse(&shared, &mut send, &mut recv, Code::NextHopUnreachable);
     };
-    let (mut dsend, drecv) = match conn.open_bi().await {
-        Ok(s) => s,
-        Err(_) => return refuse(&shared, &mut send, &mut recv, Code::NextHopUnreachable),
-    };
     let mut buf = BytesMut::with_capacity(256);
-    if header.encode(&mut buf).is_err() || dsend.write_all(&buf).await.is_err() {
+    if header.encode(&mut buf).is_err() {
         return refuse(&shared, &mut send, &mut recv, Code::NextHopUnreachable);
+    }
+    // Handing the stream on is bounded like receiving it (`header_timeout`, below the edge's
+    // reply timeout) and gives up at a down verdict: a next hop that answers probes but grants no
+    // stream or no flow-control window would otherwise hold the edge's first try until its reply
+    // timeout, which it does not retry. `next_hop_unreachable` it does.
+    let deadline = tokio::time::sleep(shared.header_timeout);
+    tokio::pin!(deadline);
+    let (mut dsend, mut drecv) = tokio::select! {
+        r = conn.open_bi() => match r {
+            Ok(s) => s,
+            Err(_) => return refuse(&shared, &mut send, &mut recv, Code::NextHopUnreachable),
+        },
+        _ = &mut deadline => return refuse(&shared, &mut send, &mut recv, Code::NextHopUnreachable),
+        _ = &mut next_hop_down => return refuse(&shared, &mut send, &mut recv, Code::NextHopUnreachable),
+    };
+    let written = tokio::select! {
+        r = dsend.write_all(&buf) => r.is_ok(),
+        _ = &mut deadline => false,
+        _ = &mut next_hop_down => false,
+    };
+    if !written {
+        let code = Code::NextHopUnreachable;
+        let _ = dsend.reset(code.varint());
+        let _ = drecv.stop(code.varint());
+        return refuse(&shared, &mut send, &mut recv, code);
     }
     shared.metrics.relayed_total.fetch_add(1, Relaxed);
     if let Some(code) = splice::relay(send, recv, dsend, drecv, next_hop_down).await {

@@ -93,9 +93,13 @@ pub struct RouterConfig {
     pub max_tries: usize,
     /// A site's TCP connect timeout to its backend (default 2 s: above one SYN retransmit).
     pub backend_connect_timeout: Duration,
-    /// Bound on how long a stream may take to send its header (default 5 s).
+    /// Bound on how long a stream may take to send its header (default 5 s), and on how long a
+    /// transit's next hop may take to take the stream and its header; past that the transit resets
+    /// it with `next_hop_unreachable`, which the edge retries if this is below `reply_timeout`.
     pub header_timeout: Duration,
-    /// Bound on how long an edge waits for a site's reply before failing the attempt (default 10 s).
+    /// Bound on how long an edge waits for a site's reply, from opening the stream on, before
+    /// failing the attempt (default 10 s). A stream the first hop would not open or take the
+    /// header of in that time is retried on the next candidate.
     pub reply_timeout: Duration,
     /// Client bytes an edge keeps to replay on the next candidate (default 64 KiB).
     pub replay_limit: usize,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use router::probe::{Entry, NeighbourState, Probe};
 use router::{Router, RouterConfig, RouterHandle, Snapshot};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use topology::builder::{TopologyBuilder, ms};
 use topology::{NodeId, NodeKind, ServiceName, SiteService, Topology};
 
@@ -279,4 +279,158 @@ async fn a_neighbour_cannot_flood_unsolicited_or_made_up_evidence() {
         .filter(|l| l.contains("ghost"))
         .collect();
     assert!(made_up.is_empty(), "made-up links learned: {made_up:?}");
+}
+
+async fn echo_roundtrip(port: u16, msg: &[u8], within: Duration) -> std::io::Result<Vec<u8>> {
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    c.write_all(msg).await?;
+    c.shutdown().await?;
+    let mut back = Vec::new();
+    tokio::time::timeout(within, c.read_to_end(&mut back)).await??;
+    Ok(back)
+}
+
+/// Answers every ping with a pong carrying the fake's own entry, as a router does.
+async fn answer_pings(name: &'static str, conn: quinn::Connection, pings: Arc<AtomicU64>) {
+    let mut generation = 0;
+    while let Ok(d) = conn.read_datagram().await {
+        if let Ok(Probe::Ping { seq }) = Probe::decode(d) {
+            pings.fetch_add(1, Relaxed);
+            generation += 1;
+            let (pong, _) = Probe::encode_pong(seq, &[own_entry(name, generation)], 0, 1200);
+            let _ = conn.send_datagram(pong);
+        }
+    }
+}
+
+/// How the fake first hop withholds what a stream needs.
+#[derive(Debug, Clone, Copy)]
+enum Withhold {
+    /// No stream may be opened at all (as with all of `MAX_CONCURRENT_STREAMS` in use).
+    Streams,
+    /// One stream may be opened, with no flow-control window for its header.
+    Window,
+}
+
+fn withholding(w: Withhold) -> quinn::TransportConfig {
+    let mut t = router::transport::transport_config();
+    match w {
+        Withhold::Streams => {
+            t.max_concurrent_bidi_streams(0u32.into());
+        }
+        Withhold::Window => {
+            t.max_concurrent_bidi_streams(1u32.into())
+                .stream_receive_window(0u32.into());
+        }
+    }
+    t
+}
+
+async fn edge_prefers_near_with_far_as_fallback(edge: &RouterHandle) {
+    wait_until(
+        Duration::from_secs(20),
+        || {
+            let r = edge.routes();
+            r.preferred("echo")
+                .is_some_and(|c| c.site.as_str() == "near")
+                && r.candidates("echo").is_some_and(|c| c.len() == 2)
+        },
+        || {
+            format!(
+                "edge never preferred near with far behind it: {:?}",
+                edge.telemetry()
+            )
+        },
+    )
+    .await;
+}
+
+/// The edge's first hop (the near site itself) answers probes but never lets the stream through:
+/// the client connection moves to the far site within the reply timeout instead of hanging.
+async fn edge_fails_over_from_a_first_hop_that_withholds(w: Withhold) {
+    let dir = tempfile::tempdir().unwrap();
+    router::pki::init(dir.path()).unwrap();
+    let backend = echo_backend().await;
+    let port = free_tcp_port();
+    let t = two_sites(backend, port, false);
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    let _near = fake_neighbour(dir.path(), &t, "near", withholding(w), |c, p| {
+        answer_pings("near", c, p)
+    });
+    let reply_timeout = Duration::from_secs(1);
+    let edge = spawn_node(&snap, dir.path(), "edge", |c| {
+        c.reply_timeout = reply_timeout
+    })
+    .await;
+    let _far = spawn_node(&snap, dir.path(), "far", |_| {}).await;
+    edge_prefers_near_with_far_as_fallback(&edge).await;
+
+    let started = Instant::now();
+    let back = echo_roundtrip(port, b"withheld", Duration::from_secs(15)).await;
+    assert_eq!(
+        back.as_deref().ok(),
+        Some(&b"withheld"[..]),
+        "{w:?}: the client connection did not move to the far site: {back:?}"
+    );
+    assert!(
+        started.elapsed() < reply_timeout + Duration::from_secs(3),
+        "{w:?}: failover took {:?}",
+        started.elapsed()
+    );
+    let m = edge.metrics_text();
+    assert!(m.contains("tasman_failovers_total{node=\"edge\"} 1"), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_fails_over_from_a_first_hop_that_grants_no_stream() {
+    edge_fails_over_from_a_first_hop_that_withholds(Withhold::Streams).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_fails_over_from_a_first_hop_that_grants_no_flow_control_window() {
+    edge_fails_over_from_a_first_hop_that_withholds(Withhold::Window).await;
+}
+
+/// A transit's next hop answers probes but grants no stream: the transit resets the relayed
+/// stream with `next_hop_unreachable` within its header timeout, before the edge's reply timeout,
+/// so the edge retries the far site instead of failing the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transit_hands_back_a_stream_its_next_hop_will_not_take() {
+    let dir = tempfile::tempdir().unwrap();
+    router::pki::init(dir.path()).unwrap();
+    let backend = echo_backend().await;
+    let port = free_tcp_port();
+    let t = two_sites(backend, port, true);
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    let _near = fake_neighbour(
+        dir.path(),
+        &t,
+        "near",
+        withholding(Withhold::Streams),
+        |c, p| answer_pings("near", c, p),
+    );
+    let edge = spawn_node(&snap, dir.path(), "edge", |c| {
+        c.reply_timeout = Duration::from_secs(6)
+    })
+    .await;
+    let transit = spawn_node(&snap, dir.path(), "transit", |c| {
+        c.header_timeout = Duration::from_millis(500)
+    })
+    .await;
+    let _far = spawn_node(&snap, dir.path(), "far", |_| {}).await;
+    edge_prefers_near_with_far_as_fallback(&edge).await;
+
+    let back = echo_roundtrip(port, b"handed back", Duration::from_secs(15)).await;
+    assert_eq!(
+        back.as_deref().ok(),
+        Some(&b"handed back"[..]),
+        "the client connection did not move to the far site: {back:?}"
+    );
+    let m = transit.metrics_text();
+    assert!(
+        m.contains("tasman_stream_errors_total{node=\"transit\",code=\"next_hop_unreachable\"} 1"),
+        "{m}"
+    );
+    let m = edge.metrics_text();
+    assert!(m.contains("tasman_failovers_total{node=\"edge\"} 1"), "{m}");
 }

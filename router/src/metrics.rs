@@ -7,12 +7,13 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 
 use crate::codes::Code;
 use crate::telemetry::TelemetryReport;
@@ -229,17 +230,47 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` (and `/telemetry` as JSON) until the listener task is aborted.
-pub async fn serve(
+/// How long a metrics client may take to send a request's headers, and may stay silent between
+/// requests on a kept-alive connection (hyper's header read timeout covers both).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Metrics connections served at once; more wait in the listen backlog. A scraper needs one or
+/// two; the cap keeps clients that connect and stall from taking descriptors the data path needs.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Pause after a failed accept (descriptors exhausted, say): the error would come back at once,
+/// and retrying in a loop would burn a core while clients and backends wait for descriptors.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+
+/// The text of a scrape: (Prometheus text, telemetry JSON).
+pub type Report = Arc<dyn Fn() -> (String, String) + Send + Sync>;
+
+/// Serves `GET /metrics` (and `/telemetry` as JSON) until the listener task is aborted, with
+/// [`HEADER_READ_TIMEOUT`] and [`MAX_CONNECTIONS`].
+pub async fn serve(listener: tokio::net::TcpListener, report: Report) {
+    serve_with(listener, report, HEADER_READ_TIMEOUT, MAX_CONNECTIONS).await
+}
+
+async fn serve_with(
     listener: tokio::net::TcpListener,
-    report: Arc<dyn Fn() -> (String, String) + Send + Sync>,
+    report: Report,
+    header_read_timeout: Duration,
+    max_connections: usize,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
     loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
         };
         let report = report.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let (metrics, json) = report();
                 async move {
@@ -258,7 +289,10 @@ pub async fn serve(
                         .body(Full::new(Bytes::from(body)))
                 }
             });
+            // hyper applies the header read timeout only with a timer.
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_read_timeout)
                 .serve_connection(TokioIo::new(tcp), svc)
                 .await;
         });
@@ -268,4 +302,198 @@ pub async fn serve(
 /// Binds the metrics listener.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    fn report() -> Report {
+        Arc::new(|| ("tasman_up 1\n".to_string(), "{}".to_string()))
+    }
+
+    async fn start(header_read_timeout: Duration, max_connections: usize) -> SocketAddr {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve_with(
+            listener,
+            report(),
+            header_read_timeout,
+            max_connections,
+        ));
+        addr
+    }
+
+    /// Sends one `GET /metrics` (connection: close) and returns the whole response.
+    async fn scrape(c: &mut TcpStream) -> std::io::Result<String> {
+        c.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await?;
+        let mut back = String::new();
+        c.read_to_string(&mut back).await?;
+        Ok(back)
+    }
+
+    /// Reads until the server closes the connection; fails if it is still open after `within`.
+    async fn closed_within(c: &mut TcpStream, within: Duration) {
+        let mut buf = [0u8; 512];
+        let end = Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(end.into(), c.read(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => return,
+                Ok(Ok(_)) => {}
+                Err(_) => panic!("connection still open after {within:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_sends_no_request_or_stalls_in_its_headers_is_closed() {
+        let timeout = Duration::from_millis(300);
+        let addr = start(timeout, 8).await;
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        let mut stalled = TcpStream::connect(addr).await.unwrap();
+        stalled
+            .write_all(b"GET /metrics HTTP/1.1\r\nho")
+            .await
+            .unwrap();
+        let mut kept_alive = TcpStream::connect(addr).await.unwrap();
+        kept_alive
+            .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut first = [0u8; 15];
+        kept_alive.read_exact(&mut first).await.unwrap();
+        assert_eq!(&first, b"HTTP/1.1 200 OK");
+        let started = Instant::now();
+        for c in [&mut silent, &mut stalled, &mut kept_alive] {
+            closed_within(c, Duration::from_secs(10)).await;
+        }
+        assert!(started.elapsed() >= timeout / 2);
+        // A scrape that sends its request goes through.
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        let back = scrape(&mut c).await.unwrap();
+        assert!(back.contains("tasman_up 1"), "{back}");
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_cap_wait_for_a_free_slot() {
+        let addr = start(Duration::from_secs(60), 2).await;
+        let mut held: Vec<TcpStream> = Vec::new();
+        for _ in 0..2 {
+            held.push(TcpStream::connect(addr).await.unwrap());
+        }
+        // The listener takes no third connection while two are served: it waits in the backlog.
+        let mut third = TcpStream::connect(addr).await.unwrap();
+        let scraping = tokio::spawn(async move { scrape(&mut third).await });
+        let waited = tokio::time::timeout(Duration::from_millis(500), async {
+            while !scraping.is_finished() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(
+            waited.is_err(),
+            "a third connection was served beyond the cap"
+        );
+        held.pop();
+        let back = tokio::time::timeout(Duration::from_secs(10), scraping)
+            .await
+            .expect("served once a slot was free")
+            .unwrap()
+            .unwrap();
+        assert!(back.contains("tasman_up 1"), "{back}");
+    }
+
+    /// Descriptors exhausted: accept fails with EMFILE for as long as a client waits in the
+    /// backlog. The loop must pause between tries, not spin. Runs in a child process (this test
+    /// binary again), since the descriptor limit is process-wide.
+    #[test]
+    fn accept_errors_back_off_instead_of_spinning() {
+        const CHILD: &str = "TASMAN_TEST_METRICS_EMFILE_CHILD";
+        if std::env::var_os(CHILD).is_none() {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "metrics::tests::accept_errors_back_off_instead_of_spinning",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env(CHILD, "1")
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "child failed:\n{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return;
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+            let waiting = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            exhaust_descriptors();
+            tokio::spawn(serve_with(listener, report(), HEADER_READ_TIMEOUT, 8));
+            let cpu0 = cpu_time();
+            let window = Duration::from_secs(1);
+            tokio::time::sleep(window).await;
+            let busy = cpu_time() - cpu0;
+            assert!(
+                busy < window / 10,
+                "{busy:?} of CPU in {window:?} retrying a failing accept"
+            );
+            drop(waiting);
+        });
+    }
+
+    /// Lowers the soft descriptor limit to just above the descriptors open, then takes the rest.
+    fn exhaust_descriptors() {
+        let highest = std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+            .max()
+            .unwrap();
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: plain syscalls on a local struct.
+        unsafe {
+            assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+            lim.rlim_cur = highest + 8;
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+        }
+        let mut taken = Vec::new();
+        loop {
+            match std::fs::File::open("/dev/null") {
+                Ok(f) => taken.push(f),
+                Err(e) => {
+                    assert_eq!(e.raw_os_error(), Some(libc::EMFILE), "{e}");
+                    break;
+                }
+            }
+        }
+        std::mem::forget(taken);
+    }
+
+    /// CPU time this process has used (user + system).
+    fn cpu_time() -> Duration {
+        // SAFETY: getrusage fills the struct it is given.
+        let ru = unsafe {
+            let mut ru: libc::rusage = std::mem::zeroed();
+            assert_eq!(libc::getrusage(libc::RUSAGE_SELF, &mut ru), 0);
+            ru
+        };
+        let tv = |t: libc::timeval| {
+            Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+        };
+        tv(ru.ru_utime) + tv(ru.ru_stime)
+    }
 }

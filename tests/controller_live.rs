@@ -265,3 +265,96 @@ async fn routers_forward_without_the_controller_restart_from_disk_and_resync() {
     }
     d2.shutdown().await;
 }
+
+/// One router reporting an implausible RTT for a real neighbour (200 s: a one-way latency above
+/// the 60 s routers decode) must not stop snapshot delivery. Taken in, it became a weight in
+/// every snapshot that every router's decoder refused: each control session failed, reconnected,
+/// got the same snapshot and failed again, and no change reached any router.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_implausible_rtt_report_does_not_stop_snapshot_delivery() {
+    use router::telemetry::{NeighbourReport, TelemetryReport};
+    use std::sync::Arc;
+    use topology::NodeId;
+
+    let net = 73;
+    let dir = tempfile::tempdir().unwrap();
+    let tls = dir.path().join("pki");
+    let nodes: Vec<String> = NODES.iter().map(|s| s.to_string()).collect();
+    pki(&tls, &nodes);
+    let d = start_controller(&dir.path().join("state"), &tls, &two_path_yaml(net)).await;
+    let mut clients = Vec::new();
+    for n in NODES {
+        clients.push(start_client(d.quic_addr, n, &tls, None).await);
+    }
+    let neighbour = |id: &str, rtt_us: u64| NeighbourReport {
+        id: NodeId::new(id),
+        rtt_us,
+        up: true,
+        path_mtu: 1452,
+        lost_packets: 0,
+        dial_failures: 0,
+    };
+    let report = TelemetryReport {
+        node: NodeId::new("edge-0"),
+        snapshot_version: 0,
+        neighbours: vec![
+            neighbour("transit-1", 200_000_000),
+            neighbour("transit-2", 4_000),
+        ],
+        sites: Vec::new(),
+        preferred: Default::default(),
+    };
+    clients[0].set_telemetry(Arc::new(move || Some(report.clone())));
+    // The same report carries a plausible sample: once it is merged, so was the bad one.
+    eventually(
+        Duration::from_secs(10),
+        "the controller merged edge-0's report",
+        || {
+            d.ctl
+                .rtt_matrix()
+                .iter()
+                .any(|r| r.link == "edge-0--transit-2" && r.rtt_ms.is_some())
+        },
+    )
+    .await;
+
+    let out = d
+        .ctl
+        .apply(
+            &two_path_yaml(net).replace("latency: 10ms", "latency: 11ms"),
+            "test",
+            "raise edge-0--transit-2",
+            fabric::controller::records::Origin::Apply,
+            false,
+            None,
+        )
+        .await
+        .expect("apply");
+    assert_eq!(out.version, Some(2));
+    eventually(
+        Duration::from_secs(20),
+        "every router runs topology version 2",
+        || clients.iter().all(|c| c.topology_version() == 2),
+    )
+    .await;
+    for (n, c) in NODES.iter().zip(&clients) {
+        assert_eq!(c.connects(), 1, "{n} lost its control connection");
+    }
+    let edge = d
+        .ctl
+        .routers()
+        .into_iter()
+        .find(|r| r.record.node == "edge-0")
+        .expect("edge-0 is known");
+    assert!(edge.samples_refused > 0, "the refusal is counted");
+    assert!(
+        !d.ctl
+            .published()
+            .live
+            .link_latency
+            .keys()
+            .any(|l| l.to_string() == "edge-0--transit-1"),
+        "no weight from the implausible sample"
+    );
+    d.shutdown().await;
+}

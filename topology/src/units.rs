@@ -315,6 +315,7 @@ mod tests {
             Latency::ZERO,
             Latency::from_micros(850),
             Latency::from_nanos(1),
+            Latency::MAX,
         ] {
             let json = serde_json::to_string(&l).unwrap();
             assert_eq!(serde_json::from_str::<Latency>(&json).unwrap(), l, "{json}");
@@ -337,6 +338,17 @@ mod tests {
             "99999s".parse::<Latency>(),
             Err(UnitError::OutOfRange { .. })
         ));
+    }
+
+    proptest::proptest! {
+        /// Every latency up to `Latency::MAX` reads back: the controller caps measured weights
+        /// there, and a router refuses a whole snapshot whose latency it cannot read.
+        #[test]
+        fn latencies_up_to_max_read_back(ns in 1..=Latency::MAX.as_nanos()) {
+            let json = serde_json::to_string(&Latency::from_nanos(ns)).unwrap();
+            let back = serde_json::from_str::<Latency>(&json);
+            proptest::prop_assert!(back.as_ref().is_ok_and(|l| *l <= Latency::MAX), "{json}: {back:?}");
+        }
     }
 
     #[test]

@@ -42,6 +42,9 @@ pub struct RouterStatus {
     /// Not running the current snapshot version.
     pub behind: bool,
     pub last_nack: Option<Nack>,
+    /// Neighbour samples of its telemetry refused as implausible since the controller started.
+    #[serde(default)]
+    pub samples_refused: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -114,6 +117,7 @@ pub fn build(st: &AdminState) -> Status {
                     .map(|r| now.saturating_duration_since(r.last_seen).as_millis() as u64),
                 behind: r.is_none_or(|r| r.record.applied_version != published.version),
                 last_nack: r.and_then(|r| r.record.last_nack.clone()),
+                samples_refused: r.map_or(0, |r| r.samples_refused),
             }
         })
         .collect();

@@ -13,7 +13,7 @@ use std::time::Duration;
 use router::control::proto::{self, FromRouter, MAX_FROM_ROUTER, ToRouter};
 use router::tls::{self, TlsIdentity};
 
-use topology::{NodeId, ServiceName};
+use topology::{Latency, NodeId, ServiceName};
 
 use super::Controller;
 use super::live::{NeighbourSample, Sample};
@@ -22,6 +22,11 @@ use super::live::{NeighbourSample, Sample};
 pub const CONTROLLER_NAME: &str = router::control::client::CONTROLLER_NAME;
 /// With nothing else to send, a heartbeat this often refreshes routers' staleness clocks.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
+/// The largest RTT taken from a telemetry report: twice [`Latency::MAX`], the largest one-way
+/// latency a router's decoder accepts. Anything above it is no measurement (a bug or a lying
+/// router); taken in, it would become a published weight that no router can decode, and every
+/// router's control session would fail on every snapshot for as long as it is reported.
+pub const MAX_RTT: Duration = Latency::MAX.as_duration().saturating_mul(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DistributeError {
@@ -143,6 +148,8 @@ async fn session(
     heartbeat.reset();
     let mut force_full = true;
     let mut changed = false;
+    // Warn once per session about refused telemetry; later refusals are counted and debug-logged.
+    let mut warned_rtt = false;
     loop {
         if force_full || changed {
             changed = false;
@@ -184,7 +191,21 @@ async fn session(
                     FromRouter::Telemetry(report) => {
                         ctl.router_seen(node);
                         if report_node(&report) == node {
-                            ctl.on_telemetry(sample_of(&report));
+                            let (sample, refused) = sample_of(&report);
+                            if refused > 0 {
+                                ctl.router_samples_refused(node, refused);
+                                if !warned_rtt {
+                                    warned_rtt = true;
+                                    tracing::warn!(
+                                        node,
+                                        "refusing neighbour samples with an RTT above \
+                                         {MAX_RTT:?} (counted in status)"
+                                    );
+                                } else {
+                                    tracing::debug!(node, refused, "refused implausible RTTs");
+                                }
+                            }
+                            ctl.on_telemetry(sample);
                         }
                     }
                     FromRouter::Hello { .. } => {}
@@ -206,28 +227,34 @@ fn report_node(r: &router::telemetry::TelemetryReport) -> &str {
 /// [`SiteLoad`](topology::route::SiteLoad) (the live state is per site): streams and capacity
 /// add up, and the site counts as healthy while any of its services is (a router refuses
 /// streams for a failed backend itself, and edges retry elsewhere).
-pub fn sample_of(r: &router::telemetry::TelemetryReport) -> Sample {
+///
+/// A neighbour sample with an RTT above [`MAX_RTT`] is left out; the second value counts them.
+pub fn sample_of(r: &router::telemetry::TelemetryReport) -> (Sample, usize) {
     let site = (!r.sites.is_empty()).then(|| topology::route::SiteLoad {
         active_streams: r.sites.iter().map(|s| s.active_streams).sum(),
         capacity: r.sites.iter().map(|s| s.capacity).sum(),
         healthy: r.sites.iter().any(|s| s.healthy),
     });
-    Sample {
+    let neighbours: Vec<NeighbourSample> = r
+        .neighbours
+        .iter()
+        .filter(|n| Duration::from_micros(n.rtt_us) <= MAX_RTT)
+        .map(|n| NeighbourSample {
+            neighbour: n.id.clone(),
+            rtt: (n.rtt_us > 0).then(|| Duration::from_micros(n.rtt_us)),
+            up: n.up,
+        })
+        .collect();
+    let refused = r.neighbours.len() - neighbours.len();
+    let sample = Sample {
         node: r.node.clone(),
-        neighbours: r
-            .neighbours
-            .iter()
-            .map(|n| NeighbourSample {
-                neighbour: n.id.clone(),
-                rtt: (n.rtt_us > 0).then(|| Duration::from_micros(n.rtt_us)),
-                up: n.up,
-            })
-            .collect(),
+        neighbours,
         site,
         preferred: r
             .preferred
             .iter()
             .map(|(service, site)| (ServiceName::new(service), NodeId::new(site)))
             .collect(),
-    }
+    };
+    (sample, refused)
 }

@@ -159,8 +159,11 @@ impl LiveAggregator {
             {
                 // RTT/2: links are declared one-way. The declared latency is the floor (the
                 // propagation delay, as routers treat it): a measurement only raises a weight.
+                // Latency::MAX is the ceiling: routers refuse a snapshot with a larger latency.
                 let declared = topo.link(id).map(|l| l.latency).unwrap_or(Latency::ZERO);
-                let measured = Latency::from_nanos((rtt / 2.0).max(1.0) as u64).max(declared);
+                let measured = Latency::from_nanos((rtt / 2.0).max(1.0) as u64)
+                    .max(declared)
+                    .min(Latency::MAX);
                 let excess = measured
                     .as_duration()
                     .saturating_sub(declared.as_duration());

@@ -78,6 +78,9 @@ pub struct RouterLive {
     pub record: RouterRecord,
     pub connected: bool,
     pub last_seen: Instant,
+    /// Neighbour samples of its telemetry refused as implausible (an RTT above
+    /// [`distribute::MAX_RTT`]), since the controller started.
+    pub samples_refused: u64,
 }
 
 /// The result of an apply or a dry run.
@@ -167,6 +170,7 @@ impl Controller {
                     record: rec,
                     connected: false,
                     last_seen: Instant::now(),
+                    samples_refused: 0,
                 },
             );
         }
@@ -491,6 +495,7 @@ impl Controller {
                 },
                 connected,
                 last_seen: Instant::now(),
+                samples_refused: 0,
             });
         e.connected = connected;
         e.last_seen = Instant::now();
@@ -501,6 +506,13 @@ impl Controller {
         if let Some(mut e) = self.routers.get_mut(node) {
             e.last_seen = Instant::now();
             e.record.last_seen_unix_ms = records::now_unix_ms();
+        }
+    }
+
+    /// `n` neighbour samples of this router's telemetry were refused (see [`distribute::sample_of`]).
+    pub fn router_samples_refused(&self, node: &str, n: usize) {
+        if let Some(mut e) = self.routers.get_mut(node) {
+            e.samples_refused += n as u64;
         }
     }
 
@@ -543,6 +555,7 @@ impl Controller {
                     },
                     connected: true,
                     last_seen: Instant::now(),
+                    samples_refused: 0,
                 });
             f(&mut e.record);
             e.last_seen = Instant::now();
@@ -645,7 +658,7 @@ mod tests {
     use super::*;
     use crate::store::redb::RedbStore;
     use live::NeighbourSample;
-    use topology::ServiceName;
+    use topology::{Latency, ServiceName};
 
     /// e reaches s1 (near) or s2 (far) through transit t.
     fn yaml(far: &str) -> String {
@@ -667,6 +680,88 @@ mod tests {
             node("s1", "site", 3, &serves(9001)),
             node("s2", "site", 4, &serves(9002)),
         )
+    }
+
+    /// The router's decode path: one frame through its reader, then its message decoder.
+    async fn decode_as_router(frame: &Bytes) -> Result<ToRouter, proto::ProtoError> {
+        let payload = proto::FrameReader::new(proto::MAX_TO_ROUTER)
+            .next(&mut &frame[..])
+            .await?
+            .expect("one frame");
+        proto::decode(&payload)
+    }
+
+    /// The worst telemetry a router can send (RTTs up to `u64::MAX` µs, or a sample that skips
+    /// the conversion's bound) never makes the controller publish a version that routers cannot
+    /// decode: their decoder refuses latencies above `Latency::MAX`, and a version they cannot
+    /// decode fails every router's control session, over and over.
+    #[tokio::test]
+    async fn the_worst_telemetry_publishes_only_what_routers_decode() {
+        use router::telemetry::{NeighbourReport, TelemetryReport};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RedbStore::open(dir.path()).unwrap());
+        // t--s2 declared at the largest latency there is.
+        let ctl = Controller::open(store, Some((&yaml("60s"), "t.yaml"))).unwrap();
+        let max_us = distribute::MAX_RTT.as_micros() as u64;
+        let report = |node: &str, rtts: &[(&str, u64)]| TelemetryReport {
+            node: NodeId::new(node),
+            snapshot_version: 0,
+            neighbours: rtts
+                .iter()
+                .map(|(n, rtt_us)| NeighbourReport {
+                    id: NodeId::new(n),
+                    rtt_us: *rtt_us,
+                    up: true,
+                    path_mtu: 1452,
+                    lost_packets: 0,
+                    dial_failures: 0,
+                })
+                .collect(),
+            sites: Vec::new(),
+            preferred: BTreeMap::new(),
+        };
+        let (sample, refused) = distribute::sample_of(&report(
+            "t",
+            &[("e", max_us), ("s1", max_us + 1), ("s2", u64::MAX)],
+        ));
+        assert_eq!(refused, 2, "RTTs above MAX_RTT are no measurements");
+        ctl.on_telemetry(sample);
+        // A sample that did not come through the conversion: still capped.
+        ctl.on_telemetry(Sample {
+            node: NodeId::new("s2"),
+            neighbours: vec![NeighbourSample {
+                neighbour: NodeId::new("t"),
+                rtt: Some(Duration::MAX),
+                up: true,
+            }],
+            site: None,
+            preferred: BTreeMap::new(),
+        });
+        // Published as a live delta (as the recompute loop does), then in full.
+        ctl.publish_locked(&mut lock(&ctl.inner), false).unwrap();
+        let p = ctl.published();
+        let link = |a: &str, b: &str| topology::LinkId::new(&NodeId::new(a), &NodeId::new(b));
+        assert_eq!(
+            p.live.link_latency.get(&link("e", "t")),
+            Some(&Latency::MAX)
+        );
+        assert_eq!(p.live.link_latency.get(&link("t", "s1")), None, "refused");
+        assert_eq!(
+            p.live.link_latency.get(&link("t", "s2")),
+            None,
+            "capped at Latency::MAX, its declared latency"
+        );
+        let (_, delta) = p.delta.clone().expect("a live delta");
+        match decode_as_router(&delta).await {
+            Ok(ToRouter::Live { live, .. }) => assert_eq!(live, p.live),
+            other => panic!("the router cannot read the live delta: {other:?}"),
+        }
+        ctl.publish_circuits(Arc::default()).unwrap();
+        let p = ctl.published();
+        match decode_as_router(&p.full).await {
+            Ok(ToRouter::Snapshot { live, .. }) => assert_eq!(live, p.live),
+            other => panic!("the router cannot read the snapshot: {other:?}"),
+        }
     }
 
     #[tokio::test]

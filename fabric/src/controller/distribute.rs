@@ -230,9 +230,13 @@ fn report_node(r: &router::telemetry::TelemetryReport) -> &str {
 ///
 /// A neighbour sample with an RTT above [`MAX_RTT`] is left out; the second value counts them.
 pub fn sample_of(r: &router::telemetry::TelemetryReport) -> (Sample, usize) {
+    // Saturating: the numbers are the router's word, and a sum must not overflow (a panic).
+    let sum = |f: fn(&router::telemetry::SiteReport) -> u32| {
+        r.sites.iter().map(f).fold(0u32, u32::saturating_add)
+    };
     let site = (!r.sites.is_empty()).then(|| topology::route::SiteLoad {
-        active_streams: r.sites.iter().map(|s| s.active_streams).sum(),
-        capacity: r.sites.iter().map(|s| s.capacity).sum(),
+        active_streams: sum(|s| s.active_streams),
+        capacity: sum(|s| s.capacity),
         healthy: r.sites.iter().any(|s| s.healthy),
     });
     let neighbours: Vec<NeighbourSample> = r
@@ -257,4 +261,30 @@ pub fn sample_of(r: &router::telemetry::TelemetryReport) -> (Sample, usize) {
             .collect(),
     };
     (sample, refused)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use router::telemetry::{SiteReport, TelemetryReport};
+
+    #[test]
+    fn site_loads_add_up_without_overflowing() {
+        let site = |service: &str, n: u32| SiteReport {
+            service: ServiceName::new(service),
+            healthy: true,
+            active_streams: n,
+            capacity: n,
+        };
+        let report = TelemetryReport {
+            node: NodeId::new("s"),
+            snapshot_version: 0,
+            neighbours: Vec::new(),
+            sites: vec![site("a", u32::MAX), site("b", 7), site("c", 1)],
+            preferred: Default::default(),
+        };
+        let (sample, _) = sample_of(&report);
+        let load = sample.site.expect("a site's load");
+        assert_eq!((load.active_streams, load.capacity), (u32::MAX, u32::MAX));
+    }
 }

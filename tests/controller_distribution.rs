@@ -211,3 +211,97 @@ async fn large_snapshots_arrive_whole_while_telemetry_ticks_every_millisecond() 
     }
     d.shutdown().await;
 }
+
+/// A router sending telemetry in a tight loop: the reports beyond its budget are dropped and
+/// counted, its session stays up, and new versions still reach it and every other router.
+/// (Each report was merged under the controller's global lock, with no limit.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_telemetry_flood_is_dropped_and_counted_while_versions_still_flow() {
+    use router::control::proto::{self, FromRouter, ToRouter};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = fabric_nodes(1, 2);
+    let tls = dir.path().join("pki");
+    pki(&tls, &nodes);
+    let d = start_controller(&dir.path().join("state"), &tls, &fabric_yaml(67, 1, 2, 10)).await;
+    let other = start_client(d.quic_addr, "transit-1", &tls, None).await;
+
+    let (_ep, conn) = raw_control(d.quic_addr, &tls, "edge-0").await;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let hello = FromRouter::Hello {
+        node: "edge-0".into(),
+        have_version: None,
+    };
+    send.write_all(&proto::encode(&hello).unwrap())
+        .await
+        .unwrap();
+    // Read what the controller sends (so it never waits on us), keeping the topology version.
+    let topology_version = Arc::new(AtomicU64::new(0));
+    let tv = topology_version.clone();
+    tokio::spawn(async move {
+        let mut frames = proto::FrameReader::new(proto::MAX_TO_ROUTER);
+        while let Ok(Some(payload)) = frames.next(&mut recv).await {
+            match proto::decode::<ToRouter>(&payload) {
+                Ok(ToRouter::Snapshot {
+                    topology_version, ..
+                })
+                | Ok(ToRouter::Delta {
+                    topology_version, ..
+                }) => tv.store(topology_version, Ordering::Relaxed),
+                _ => {}
+            }
+        }
+    });
+    eventually(Duration::from_secs(10), "the first snapshot", || {
+        topology_version.load(Ordering::Relaxed) == 1
+    })
+    .await;
+
+    const FLOOD: u64 = 5_000;
+    let frame = telemetry_frame("edge-0", "transit-0", 4_000);
+    for _ in 0..FLOOD {
+        send.write_all(&frame).await.unwrap();
+    }
+    let dropped = || {
+        d.ctl
+            .routers()
+            .iter()
+            .find(|r| r.record.node == "edge-0")
+            .map_or(0, |r| r.reports_dropped)
+    };
+    // A burst of 20, then 10 a second: nearly all of them, however slowly they are read.
+    eventually(
+        Duration::from_secs(30),
+        "the controller dropped the flood's excess",
+        || dropped() >= FLOOD - 500,
+    )
+    .await;
+
+    let out = d
+        .ctl
+        .apply(
+            &fabric_yaml(67, 1, 2, 20),
+            "test",
+            "raise ring latency",
+            Origin::Apply,
+            false,
+            None,
+        )
+        .await
+        .expect("apply");
+    assert_eq!(out.version, Some(2));
+    eventually(
+        Duration::from_secs(10),
+        "the new version reaches the flooding router and the other one",
+        || topology_version.load(Ordering::Relaxed) == 2 && other.topology_version() == 2,
+    )
+    .await;
+    assert!(
+        conn.close_reason().is_none(),
+        "the flooding router's session stays up"
+    );
+    assert_eq!(other.connects(), 1);
+    d.shutdown().await;
+}

@@ -137,6 +137,53 @@ pub async fn start_client(
     ControlClient::start(cfg).await.expect("client starts")
 }
 
+/// A control connection made by hand with `node`'s certificate (no control client), for tests
+/// that speak the protocol wrongly, too fast or not at all. Keep the endpoint while the
+/// connection is in use.
+pub async fn raw_control(
+    ctl: std::net::SocketAddr,
+    tls: &Path,
+    node: &str,
+) -> (quinn::Endpoint, quinn::Connection) {
+    use fabric::controller::distribute::CONTROLLER_NAME;
+    let id = TlsIdentity::load(tls, node).expect("identity");
+    let peers = router::tls::PeerNames::new([CONTROLLER_NAME.to_string()]);
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_secs(1)));
+    transport.max_idle_timeout(Some(Duration::from_secs(30).try_into().unwrap()));
+    let cfg = router::tls::client_config(&id, &peers, std::sync::Arc::new(transport))
+        .expect("client config");
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).expect("endpoint");
+    ep.set_default_client_config(cfg);
+    let conn = ep
+        .connect(ctl, CONTROLLER_NAME)
+        .expect("connect")
+        .await
+        .expect("handshake");
+    (ep, conn)
+}
+
+/// One encoded telemetry report of `node` with one neighbour at `rtt_us`.
+pub fn telemetry_frame(node: &str, neighbour: &str, rtt_us: u64) -> bytes::Bytes {
+    use router::telemetry::{NeighbourReport, TelemetryReport};
+    let report = TelemetryReport {
+        node: NodeId::new(node),
+        snapshot_version: 0,
+        neighbours: vec![NeighbourReport {
+            id: NodeId::new(neighbour),
+            rtt_us,
+            up: true,
+            path_mtu: 1452,
+            lost_packets: 0,
+            dial_failures: 0,
+        }],
+        sites: Vec::new(),
+        preferred: Default::default(),
+    };
+    router::control::proto::encode(&router::control::proto::FromRouter::Telemetry(report))
+        .expect("encode")
+}
+
 /// A real router (data plane) fed by the real control client, as `tasman router --controller`.
 pub struct LiveRouter {
     pub client: ControlClient,

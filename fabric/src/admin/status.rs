@@ -45,6 +45,9 @@ pub struct RouterStatus {
     /// Neighbour samples of its telemetry refused as implausible since the controller started.
     #[serde(default)]
     pub samples_refused: u64,
+    /// Telemetry reports dropped for coming too fast since the controller started.
+    #[serde(default)]
+    pub reports_dropped: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -118,6 +121,7 @@ pub fn build(st: &AdminState) -> Status {
                 behind: r.is_none_or(|r| r.record.applied_version != published.version),
                 last_nack: r.and_then(|r| r.record.last_nack.clone()),
                 samples_refused: r.map_or(0, |r| r.samples_refused),
+                reports_dropped: r.map_or(0, |r| r.reports_dropped),
             }
         })
         .collect();

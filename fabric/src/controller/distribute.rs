@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use router::control::proto::{self, FromRouter, MAX_FROM_ROUTER, ToRouter};
 use router::tls::{self, TlsIdentity};
@@ -27,6 +27,12 @@ pub const HEARTBEAT: Duration = Duration::from_secs(2);
 /// router); taken in, it would become a published weight that no router can decode, and every
 /// router's control session would fail on every snapshot for as long as it is reported.
 pub const MAX_RTT: Duration = Latency::MAX.as_duration().saturating_mul(2);
+/// Telemetry reports a router may send: a burst of [`TELEMETRY_BURST`], then
+/// [`TELEMETRY_PER_SEC`] a second (routers report once a second). Each report is merged under
+/// the controller's lock, so a router sending in a tight loop would starve applies and
+/// publishes; reports beyond the budget are dropped (counted per router, `reports_dropped`).
+pub const TELEMETRY_PER_SEC: u32 = 10;
+pub const TELEMETRY_BURST: u32 = 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DistributeError {
@@ -150,6 +156,8 @@ async fn session(
     let mut changed = false;
     // Warn once per session about refused telemetry; later refusals are counted and debug-logged.
     let mut warned_rtt = false;
+    let mut warned_rate = false;
+    let mut budget = ReportBudget::new(Instant::now());
     loop {
         if force_full || changed {
             changed = false;
@@ -190,7 +198,17 @@ async fn session(
                     FromRouter::Resync { .. } => force_full = true,
                     FromRouter::Telemetry(report) => {
                         ctl.router_seen(node);
-                        if report_node(&report) == node {
+                        if !budget.take(Instant::now()) {
+                            ctl.router_report_dropped(node);
+                            if !warned_rate {
+                                warned_rate = true;
+                                tracing::warn!(
+                                    node,
+                                    "dropping telemetry beyond {TELEMETRY_PER_SEC} reports a \
+                                     second (counted in status)"
+                                );
+                            }
+                        } else if report_node(&report) == node {
                             let (sample, refused) = sample_of(&report);
                             if refused > 0 {
                                 ctl.router_samples_refused(node, refused);
@@ -215,6 +233,36 @@ async fn session(
                 let v = rx.borrow().version;
                 send.write_chunk(proto::encode(&ToRouter::Heartbeat { version: v })?).await?;
             }
+        }
+    }
+}
+
+/// A token bucket of telemetry reports, per session ([`TELEMETRY_PER_SEC`], [`TELEMETRY_BURST`]).
+#[derive(Debug)]
+struct ReportBudget {
+    tokens: f64,
+    last: Instant,
+}
+
+impl ReportBudget {
+    fn new(now: Instant) -> Self {
+        ReportBudget {
+            tokens: f64::from(TELEMETRY_BURST),
+            last: now,
+        }
+    }
+
+    /// True when a report arriving at `now` is within the budget (and spends it).
+    fn take(&mut self, now: Instant) -> bool {
+        let refill =
+            now.saturating_duration_since(self.last).as_secs_f64() * f64::from(TELEMETRY_PER_SEC);
+        self.last = now;
+        self.tokens = (self.tokens + refill).min(f64::from(TELEMETRY_BURST));
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
         }
     }
 }
@@ -267,6 +315,20 @@ pub fn sample_of(r: &router::telemetry::TelemetryReport) -> (Sample, usize) {
 mod tests {
     use super::*;
     use router::telemetry::{SiteReport, TelemetryReport};
+
+    #[test]
+    fn the_report_budget_allows_a_burst_then_the_rate() {
+        let t0 = Instant::now();
+        let mut b = ReportBudget::new(t0);
+        let taken = (0..1000).filter(|_| b.take(t0)).count();
+        assert_eq!(taken, TELEMETRY_BURST as usize, "a burst, then nothing");
+        // One second later: one second's worth, however many arrive.
+        let t1 = t0 + Duration::from_secs(1);
+        let taken = (0..1000).filter(|_| b.take(t1)).count();
+        assert_eq!(taken, TELEMETRY_PER_SEC as usize);
+        // A router reporting once a second is never dropped.
+        assert!((2..100).all(|s| b.take(t0 + Duration::from_secs(s))));
+    }
 
     #[test]
     fn site_loads_add_up_without_overflowing() {

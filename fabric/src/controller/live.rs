@@ -13,7 +13,8 @@
 //! it is measured more than `abs_threshold` above its declared latency, and loses it (the
 //! declared value applies) once it is back within half of that.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -84,9 +85,35 @@ pub struct RttEntry {
     pub age_ms: Option<u64>,
 }
 
+/// The topology the aggregator matches reports against, indexed by id: every report is looked
+/// up link by link under the controller's lock, and `Topology::link` scans every link (a
+/// transit's report times the fabric's links, every second, per router).
+#[derive(Debug, Default)]
+struct Index {
+    topology: Arc<Topology>,
+    /// Declared latency per link.
+    links: HashMap<LinkId, Latency>,
+    nodes: HashMap<NodeId, NodeKind>,
+}
+
+impl Index {
+    fn new(topology: Arc<Topology>) -> Index {
+        Index {
+            links: topology.links.iter().map(|l| (l.id(), l.latency)).collect(),
+            nodes: topology
+                .nodes
+                .iter()
+                .map(|n| (n.id.clone(), n.kind))
+                .collect(),
+            topology,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct LiveAggregator {
     params: LiveParams,
+    index: Index,
     links: BTreeMap<LinkId, LinkObs>,
     sites: BTreeMap<NodeId, (SiteLoad, Instant)>,
     /// Per edge: its site in use per service, when reported.
@@ -95,11 +122,18 @@ pub struct LiveAggregator {
 }
 
 impl LiveAggregator {
-    pub fn new(params: LiveParams) -> Self {
+    pub fn new(params: LiveParams, topology: Arc<Topology>) -> Self {
         LiveAggregator {
             params,
+            index: Index::new(topology),
             ..Default::default()
         }
+    }
+
+    /// The topology reports are matched against from now on (after an apply). Observations of
+    /// links and nodes it no longer has are kept but ignored, as they were never reported.
+    pub fn set_topology(&mut self, topology: Arc<Topology>) {
+        self.index = Index::new(topology);
     }
 
     pub fn published(&self) -> &LiveState {
@@ -108,13 +142,18 @@ impl LiveAggregator {
 
     /// Merges one report. Returns true when it moves the fabric's live state beyond the
     /// anti-flap thresholds (a recomputation is then worth scheduling).
-    pub fn observe(&mut self, topo: &Topology, s: Sample, now: Instant) -> bool {
+    ///
+    /// The cost is the report's size, not the fabric's: only the links and the site it reports
+    /// are compared with what is published (observations ageing out elsewhere are the
+    /// recompute loop's business, through [`Self::expired`]).
+    pub fn observe(&mut self, s: Sample, now: Instant) -> bool {
+        let mut touched = Vec::with_capacity(s.neighbours.len());
         for n in &s.neighbours {
             let id = LinkId::new(&s.node, &n.neighbour);
-            if topo.link(&id).is_none() {
+            if !self.index.links.contains_key(&id) {
                 continue;
             }
-            let obs = self.links.entry(id).or_default();
+            let obs = self.links.entry(id.clone()).or_default();
             obs.ends.insert(s.node.clone(), (n.up, now));
             if let Some(rtt) = n.rtt.filter(|_| n.up) {
                 let x = rtt.as_nanos() as f64;
@@ -124,75 +163,132 @@ impl LiveAggregator {
                 });
                 obs.rtt_updated = Some(now);
             }
+            touched.push(id);
         }
-        let kind = topo.node(s.node.as_str()).map(|n| n.kind);
-        if let Some(load) = s.site
-            && kind.is_some()
-        {
-            self.sites.insert(s.node.clone(), (load, now));
-        }
+        let kind = self.index.nodes.get(&s.node).copied();
+        let site_reported = match s.site {
+            Some(load) if kind.is_some() => {
+                self.sites.insert(s.node.clone(), (load, now));
+                true
+            }
+            _ => false,
+        };
+        let changed = touched.iter().any(|id| self.link_changed(id, now))
+            || (site_reported && self.site_changed(&s.node, now));
         if kind == Some(NodeKind::Edge) {
             self.preferred.insert(s.node, (s.preferred, now));
         }
-        self.merged(topo, now) != self.published
+        changed
     }
 
     /// True when stale observations (ageing out) change what is published.
-    pub fn expired(&self, topo: &Topology, now: Instant) -> bool {
-        self.merged(topo, now) != self.published
+    pub fn expired(&self, now: Instant) -> bool {
+        self.merged(now) != self.published
+    }
+
+    fn fresh(&self, t: Instant, now: Instant) -> bool {
+        now.saturating_duration_since(t) <= self.params.fresh
+    }
+
+    /// What [`Self::merged`] says of one observed link: down?, and its own weight, if any.
+    fn link_view(
+        &self,
+        id: &LinkId,
+        obs: &LinkObs,
+        declared: Latency,
+        now: Instant,
+    ) -> (bool, Option<Latency>) {
+        let down = obs.ends.values().any(|(up, t)| !*up && self.fresh(*t, now));
+        let (Some(rtt), Some(t)) = (obs.ewma_rtt_ns, obs.rtt_updated) else {
+            return (down, None);
+        };
+        if !self.fresh(t, now) {
+            return (down, None);
+        }
+        // RTT/2: links are declared one-way. The declared latency is the floor (the
+        // propagation delay, as routers treat it): a measurement only raises a weight.
+        // Latency::MAX is the ceiling: routers refuse a snapshot with a larger latency.
+        let measured = Latency::from_nanos((rtt / 2.0).max(1.0) as u64)
+            .max(declared)
+            .min(Latency::MAX);
+        let excess = measured
+            .as_duration()
+            .saturating_sub(declared.as_duration());
+        let abs = self.params.abs_threshold;
+        let value = match self.published.link_latency.get(id).copied() {
+            // Back at the floor (within half the threshold): the declared value
+            // applies again, rather than an old excess (e.g. RTTs inflated while the
+            // fabric started) being kept by the anti-flap rule below.
+            Some(_) if excess <= abs / 2 => None,
+            Some(p) if !self.moved(p, measured) => Some(p),
+            // Only an excess beyond the threshold is worth a weight of its own.
+            None if excess <= abs => None,
+            _ => Some(measured),
+        };
+        (down, value)
+    }
+
+    /// What [`Self::merged`] says of one site's reported load (None: stale).
+    fn site_view(
+        &self,
+        site: &NodeId,
+        load: &SiteLoad,
+        t: Instant,
+        now: Instant,
+    ) -> Option<SiteLoad> {
+        if !self.fresh(t, now) {
+            return None;
+        }
+        let keep = self.published.site_load.get(site).copied().filter(|p| {
+            p.healthy == load.healthy
+                && p.capacity == load.capacity
+                && p.active_streams.abs_diff(load.active_streams) <= (load.capacity / 20).max(1)
+        });
+        Some(keep.unwrap_or(*load))
+    }
+
+    /// Whether [`Self::merged`] differs from what is published for this link (of the topology).
+    fn link_changed(&self, id: &LinkId, now: Instant) -> bool {
+        let (down, weight) = match (self.links.get(id), self.index.links.get(id)) {
+            (Some(obs), Some(declared)) => self.link_view(id, obs, *declared, now),
+            _ => (false, None),
+        };
+        down != self.published.down_links.contains(id)
+            || weight != self.published.link_latency.get(id).copied()
+    }
+
+    /// Whether [`Self::merged`] differs from what is published for this site (of the topology).
+    fn site_changed(&self, site: &NodeId, now: Instant) -> bool {
+        let view = self
+            .sites
+            .get(site)
+            .and_then(|(load, t)| self.site_view(site, load, *t, now));
+        view != self.published.site_load.get(site).copied()
     }
 
     /// The live state that would be published now: fresh observations, with the anti-flap
     /// thresholds applied against what is currently published.
-    pub fn merged(&self, topo: &Topology, now: Instant) -> LiveState {
-        let fresh = |t: Instant| now.saturating_duration_since(t) <= self.params.fresh;
+    pub fn merged(&self, now: Instant) -> LiveState {
         let mut out = LiveState::default();
         for (id, obs) in &self.links {
-            if topo.link(id).is_none() {
+            let Some(declared) = self.index.links.get(id) else {
                 continue;
-            }
-            if obs.ends.values().any(|(up, t)| !*up && fresh(*t)) {
+            };
+            let (down, weight) = self.link_view(id, obs, *declared, now);
+            if down {
                 out.down_links.insert(id.clone());
             }
-            if let (Some(rtt), Some(t)) = (obs.ewma_rtt_ns, obs.rtt_updated)
-                && fresh(t)
-            {
-                // RTT/2: links are declared one-way. The declared latency is the floor (the
-                // propagation delay, as routers treat it): a measurement only raises a weight.
-                // Latency::MAX is the ceiling: routers refuse a snapshot with a larger latency.
-                let declared = topo.link(id).map(|l| l.latency).unwrap_or(Latency::ZERO);
-                let measured = Latency::from_nanos((rtt / 2.0).max(1.0) as u64)
-                    .max(declared)
-                    .min(Latency::MAX);
-                let excess = measured
-                    .as_duration()
-                    .saturating_sub(declared.as_duration());
-                let abs = self.params.abs_threshold;
-                let value = match self.published.link_latency.get(id).copied() {
-                    // Back at the floor (within half the threshold): the declared value
-                    // applies again, rather than an old excess (e.g. RTTs inflated while the
-                    // fabric started) being kept by the anti-flap rule below.
-                    Some(_) if excess <= abs / 2 => None,
-                    Some(p) if !self.moved(p, measured) => Some(p),
-                    // Only an excess beyond the threshold is worth a weight of its own.
-                    None if excess <= abs => None,
-                    _ => Some(measured),
-                };
-                if let Some(v) = value {
-                    out.link_latency.insert(id.clone(), v);
-                }
+            if let Some(v) = weight {
+                out.link_latency.insert(id.clone(), v);
             }
         }
         for (site, (load, t)) in &self.sites {
-            if !fresh(*t) || topo.node(site.as_str()).is_none() {
+            if !self.index.nodes.contains_key(site) {
                 continue;
             }
-            let keep = self.published.site_load.get(site).copied().filter(|p| {
-                p.healthy == load.healthy
-                    && p.capacity == load.capacity
-                    && p.active_streams.abs_diff(load.active_streams) <= (load.capacity / 20).max(1)
-            });
-            out.site_load.insert(site.clone(), keep.unwrap_or(*load));
+            if let Some(load) = self.site_view(site, load, *t, now) {
+                out.site_load.insert(site.clone(), load);
+            }
         }
         out
     }
@@ -220,8 +316,10 @@ impl LiveAggregator {
     }
 
     /// The RTT matrix between neighbours, for `tasman status`.
-    pub fn rtt_matrix(&self, topo: &Topology, now: Instant) -> Vec<RttEntry> {
-        topo.links
+    pub fn rtt_matrix(&self, now: Instant) -> Vec<RttEntry> {
+        self.index
+            .topology
+            .links
             .iter()
             .map(|l| {
                 let id = l.id();
@@ -264,10 +362,9 @@ mod tests {
     }
 
     /// One report from `e` (and one from `t`) with this RTT; returns the weight to publish.
-    fn step(agg: &mut LiveAggregator, t: &Topology, rtt_ms: f64, now: Instant) -> Option<f64> {
+    fn step(agg: &mut LiveAggregator, rtt_ms: f64, now: Instant) -> Option<f64> {
         for (me, peer) in [("e", "t"), ("t", "e")] {
             agg.observe(
-                t,
                 Sample {
                     node: NodeId::new(me),
                     neighbours: vec![NeighbourSample {
@@ -281,39 +378,90 @@ mod tests {
                 now,
             );
         }
-        let m = agg.merged(t, now);
+        let m = agg.merged(now);
         agg.publish(m.clone());
         m.link_latency
             .get(&LinkId::new(&NodeId::new("e"), &NodeId::new("t")))
             .map(|l| l.as_millis_f64())
     }
 
+    /// A report costs its own size, not the fabric's: the same 200-neighbour report takes about
+    /// as long against 200 links as against 4,200 links that are all observed. (Looking links up
+    /// by scanning the topology, and comparing the whole merged state after each report, made a
+    /// report cost its neighbours times the fabric's links, under the controller's lock.)
+    #[test]
+    fn a_report_costs_its_own_size_not_the_fabrics() {
+        fn hub(b: &mut TopologyBuilder, hub: &str, prefix: &str, n: usize) -> Sample {
+            b.node(hub, NodeKind::Transit);
+            for i in 0..n {
+                let e = format!("{prefix}{i}");
+                b.node(&e, NodeKind::Edge).link(hub, &e, ms(1.0));
+            }
+            Sample {
+                node: NodeId::new(hub),
+                neighbours: (0..n)
+                    .map(|i| NeighbourSample {
+                        neighbour: NodeId::new(format!("{prefix}{i}")),
+                        rtt: Some(Duration::from_millis(9)),
+                        up: true,
+                    })
+                    .collect(),
+                site: None,
+                preferred: BTreeMap::new(),
+            }
+        }
+        let now = Instant::now();
+        // The fastest of a few runs: the machine is shared, and only the trend matters here.
+        let cost = |agg: &mut LiveAggregator, s: &Sample| {
+            (0..5)
+                .map(|_| {
+                    let s = s.clone();
+                    let t = Instant::now();
+                    agg.observe(s, now);
+                    t.elapsed()
+                })
+                .min()
+                .unwrap()
+        };
+        let mut b = TopologyBuilder::new();
+        let report = hub(&mut b, "t0", "a", 200);
+        let mut agg = LiveAggregator::new(LiveParams::default(), Arc::new(b.build()));
+        let small = cost(&mut agg, &report);
+        let big = hub(&mut b, "t1", "b", 4000);
+        let mut agg = LiveAggregator::new(LiveParams::default(), Arc::new(b.build()));
+        agg.observe(big, now);
+        agg.publish(agg.merged(now));
+        let large = cost(&mut agg, &report);
+        assert!(
+            large < small * 10 + Duration::from_millis(2),
+            "200 neighbours cost {small:?} against 200 links, {large:?} against 4,200"
+        );
+    }
+
     #[test]
     fn weights_publish_clear_excess_and_fall_back_to_declared_at_the_floor() {
-        let t = topo();
-        let mut agg = LiveAggregator::new(LiveParams {
-            alpha: 1.0, // no smoothing: each step is the measurement
-            ..LiveParams::default()
-        });
+        let mut agg = LiveAggregator::new(
+            LiveParams {
+                alpha: 1.0, // no smoothing: each step is the measurement
+                ..LiveParams::default()
+            },
+            Arc::new(topo()),
+        );
         let now = Instant::now();
         // Measured at the declared latency (RTT 1 ms, one-way 0.5 ms) or a little above it:
         // nothing published, the declared value applies.
-        assert_eq!(step(&mut agg, &t, 1.0, now), None);
+        assert_eq!(step(&mut agg, 1.0, now), None);
         assert_eq!(
-            step(&mut agg, &t, 4.0, now),
+            step(&mut agg, 4.0, now),
             None,
             "1.5 ms excess is under 2 ms"
         );
         // Startup inflation, then back: the excess goes away with it (no sticky 2.6 ms).
-        assert_eq!(step(&mut agg, &t, 5.2, now), Some(2.6));
-        assert_eq!(
-            step(&mut agg, &t, 4.6, now),
-            Some(2.6),
-            "anti-flap keeps 2.6"
-        );
-        assert_eq!(step(&mut agg, &t, 1.2, now), None, "back at the floor");
+        assert_eq!(step(&mut agg, 5.2, now), Some(2.6));
+        assert_eq!(step(&mut agg, 4.6, now), Some(2.6), "anti-flap keeps 2.6");
+        assert_eq!(step(&mut agg, 1.2, now), None, "back at the floor");
         // Never below the declared latency.
-        assert_eq!(step(&mut agg, &t, 0.1, now), None);
-        assert_eq!(step(&mut agg, &t, 80.0, now), Some(40.0));
+        assert_eq!(step(&mut agg, 0.1, now), None);
+        assert_eq!(step(&mut agg, 80.0, now), Some(40.0));
     }
 }

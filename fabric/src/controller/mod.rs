@@ -81,6 +81,9 @@ pub struct RouterLive {
     /// Neighbour samples of its telemetry refused as implausible (an RTT above
     /// [`distribute::MAX_RTT`]), since the controller started.
     pub samples_refused: u64,
+    /// Telemetry reports dropped for coming faster than [`distribute::TELEMETRY_PER_SEC`],
+    /// since the controller started.
+    pub reports_dropped: u64,
 }
 
 /// The result of an apply or a dry run.
@@ -171,6 +174,7 @@ impl Controller {
                     connected: false,
                     last_seen: Instant::now(),
                     samples_refused: 0,
+                    reports_dropped: 0,
                 },
             );
         }
@@ -188,12 +192,13 @@ impl Controller {
             None,
         )?;
         let (published, _) = watch::channel(Arc::new(first));
+        let live = LiveAggregator::new(LiveParams::default(), current.topology.clone());
         Ok(Arc::new(Controller {
             store,
             inner: Mutex::new(Inner {
                 current,
                 circuits: Arc::default(),
-                live: LiveAggregator::new(LiveParams::default()),
+                live,
                 backoff: Backoff::new(BackoffParams::default()),
                 seq: 1,
             }),
@@ -250,7 +255,7 @@ impl Controller {
         let (old, live, incumbents) = {
             let inner = lock(&self.inner);
             let now = Instant::now();
-            let merged = inner.live.merged(&inner.current.topology, now);
+            let merged = inner.live.merged(now);
             (inner.current.clone(), merged, inner.live.incumbents(now))
         };
         if let Some(expected) = base_version
@@ -309,6 +314,7 @@ impl Controller {
             .set(topology.nodes.iter().map(|n| n.id.to_string()));
         {
             let mut inner = lock(&self.inner);
+            inner.live.set_topology(topology.clone());
             inner.current = current;
             self.publish_locked(&mut inner, true)?;
         }
@@ -376,7 +382,7 @@ impl Controller {
         let prev = self.published.borrow().clone();
         inner.seq += 1;
         let version = self.epoch << 32 | inner.seq;
-        let live = inner.live.merged(&inner.current.topology, Instant::now());
+        let live = inner.live.merged(Instant::now());
         inner.live.publish(live.clone());
         let base = (!topology_changed && prev.topology_version == inner.current.record.version)
             .then_some(prev.version);
@@ -415,8 +421,7 @@ impl Controller {
     pub fn on_telemetry(&self, sample: Sample) {
         let now = Instant::now();
         let mut inner = lock(&self.inner);
-        let topo = inner.current.topology.clone();
-        if inner.live.observe(&topo, sample, now) {
+        if inner.live.observe(sample, now) {
             inner.backoff.event(now);
             drop(inner);
             self.recompute.notify_one();
@@ -436,8 +441,7 @@ impl Controller {
                     let mut inner = lock(&self.inner);
                     let now = Instant::now();
                     inner.backoff.ran(now);
-                    let topo = inner.current.topology.clone();
-                    if inner.live.expired(&topo, now)
+                    if inner.live.expired(now)
                         && let Err(e) = self.publish_locked(&mut inner, false)
                     {
                         tracing::error!("publishing live state: {e}");
@@ -449,8 +453,7 @@ impl Controller {
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {
                             // Observations ageing out also change the live state.
                             let mut inner = lock(&self.inner);
-                            let topo = inner.current.topology.clone();
-                            if inner.live.expired(&topo, Instant::now()) {
+                            if inner.live.expired(Instant::now()) {
                                 inner.backoff.event(Instant::now());
                             }
                         }
@@ -462,9 +465,7 @@ impl Controller {
 
     pub fn rtt_matrix(&self) -> Vec<live::RttEntry> {
         let inner = lock(&self.inner);
-        inner
-            .live
-            .rtt_matrix(&inner.current.topology, Instant::now())
+        inner.live.rtt_matrix(Instant::now())
     }
 
     /// The sites edges report in use per service (fresh reports only).
@@ -496,6 +497,7 @@ impl Controller {
                 connected,
                 last_seen: Instant::now(),
                 samples_refused: 0,
+                reports_dropped: 0,
             });
         e.connected = connected;
         e.last_seen = Instant::now();
@@ -513,6 +515,13 @@ impl Controller {
     pub fn router_samples_refused(&self, node: &str, n: usize) {
         if let Some(mut e) = self.routers.get_mut(node) {
             e.samples_refused += n as u64;
+        }
+    }
+
+    /// A telemetry report of this router was dropped (over its budget, see [`distribute`]).
+    pub fn router_report_dropped(&self, node: &str) {
+        if let Some(mut e) = self.routers.get_mut(node) {
+            e.reports_dropped += 1;
         }
     }
 
@@ -556,6 +565,7 @@ impl Controller {
                     connected: true,
                     last_seen: Instant::now(),
                     samples_refused: 0,
+                    reports_dropped: 0,
                 });
             f(&mut e.record);
             e.last_seen = Instant::now();

@@ -305,3 +305,76 @@ async fn a_telemetry_flood_is_dropped_and_counted_while_versions_still_flow() {
     assert_eq!(other.connects(), 1);
     d.shutdown().await;
 }
+
+/// The controller ends a control connection it refuses, or whose frames do not decode, with an
+/// application close code and the reason, after the `Refused` frame has reached the router.
+/// (It dropped the connection: quinn closed it with code 0 and no reason, possibly discarding
+/// the `Refused` frame on the way.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_and_bad_frames_close_the_connection_with_a_code_and_the_reason() {
+    use fabric::controller::distribute::close;
+    use router::control::proto::{self, FromRouter, ToRouter};
+
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = fabric_nodes(1, 1);
+    let tls = dir.path().join("pki");
+    pki(&tls, &nodes);
+    let d = start_controller(&dir.path().join("state"), &tls, &fabric_yaml(68, 1, 1, 10)).await;
+    let hello = |node: &str| {
+        proto::encode(&FromRouter::Hello {
+            node: node.into(),
+            have_version: None,
+        })
+        .unwrap()
+    };
+    let closed = |conn: quinn::Connection| async move {
+        match tokio::time::timeout(Duration::from_secs(10), conn.closed()).await {
+            Ok(quinn::ConnectionError::ApplicationClosed(c)) => (
+                c.error_code.into_inner(),
+                String::from_utf8_lossy(&c.reason).into_owned(),
+            ),
+            other => panic!("expected an application close, got {other:?}"),
+        }
+    };
+
+    // edge-0's certificate, transit-0's hello: Refused, then the close with the reason.
+    let (_ep, conn) = raw_control(d.quic_addr, &tls, "edge-0").await;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&hello("transit-0")).await.unwrap();
+    let frame = tokio::time::timeout(
+        Duration::from_secs(10),
+        proto::read_frame(&mut recv, proto::MAX_TO_ROUTER),
+    )
+    .await
+    .expect("an answer within 10 s")
+    .expect("a frame")
+    .expect("not the end of the stream");
+    match proto::decode::<ToRouter>(&frame).unwrap() {
+        ToRouter::Refused { reason } => assert!(reason.contains("does not match"), "{reason}"),
+        other => panic!("expected Refused, got {other:?}"),
+    }
+    let (code, reason) = closed(conn).await;
+    assert_eq!(code, u64::from(close::REFUSED), "{reason}");
+    assert!(reason.contains("does not match"), "{reason}");
+
+    // A good hello, then bytes that are no message.
+    let (_ep, conn) = raw_control(d.quic_addr, &tls, "edge-0").await;
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    send.write_all(&hello("edge-0")).await.unwrap();
+    send.write_all(&[0, 0, 0, 3, b'x', b'y', b'z'])
+        .await
+        .unwrap();
+    let (code, reason) = closed(conn).await;
+    assert_eq!(code, u64::from(close::PROTOCOL), "{reason}");
+    assert!(reason.contains("malformed"), "{reason}");
+
+    // A frame announced over the limit.
+    let (_ep, conn) = raw_control(d.quic_addr, &tls, "edge-0").await;
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    send.write_all(&hello("edge-0")).await.unwrap();
+    send.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+    let (code, reason) = closed(conn).await;
+    assert_eq!(code, u64::from(close::PROTOCOL), "{reason}");
+    assert!(reason.contains("exceeds the limit"), "{reason}");
+    d.shutdown().await;
+}

@@ -33,6 +33,25 @@ pub const MAX_RTT: Duration = Latency::MAX.as_duration().saturating_mul(2);
 /// publishes; reports beyond the budget are dropped (counted per router, `reports_dropped`).
 pub const TELEMETRY_PER_SEC: u32 = 10;
 pub const TELEMETRY_BURST: u32 = 20;
+/// How long a `Refused` frame may take to reach the router before the connection is closed
+/// anyway (a close discards stream data the peer has not received).
+const REFUSE_LINGER: Duration = Duration::from_secs(2);
+/// Longest reason text in a `Refused` frame, a close or a log line (the router's hello names
+/// its node, up to a whole frame of it).
+const MAX_REASON: usize = 256;
+
+/// Application codes with which the controller closes a router's control connection (QUIC
+/// `CONNECTION_CLOSE`, the reason as text): the router, or a packet capture, learns why even
+/// when no `Refused` frame got through. Part of the wire protocol: never renumber, only add.
+pub mod close {
+    /// The router is not allowed (unknown node, certificate name and hello disagree, or its
+    /// first message was not a hello); a `Refused` frame went first.
+    pub const REFUSED: u32 = 1;
+    /// A frame over its size limit or a message that did not decode.
+    pub const PROTOCOL: u32 = 2;
+    /// No hello within the hello timeout.
+    pub const HELLO_TIMEOUT: u32 = 3;
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DistributeError {
@@ -72,11 +91,13 @@ pub async fn serve(ctl: Arc<Controller>, endpoint: quinn::Endpoint) {
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             match incoming.await {
-                Ok(conn) => {
-                    if let Err(e) = connection(&ctl, conn).await {
-                        tracing::debug!(%remote, "router connection ended: {e}");
+                Ok(conn) => match connection(&ctl, conn).await {
+                    Err(e) if e.close_code().is_some() => {
+                        tracing::warn!(%remote, "closed a router connection: {e}")
                     }
-                }
+                    Err(e) => tracing::debug!(%remote, "router connection ended: {e}"),
+                    Ok(()) => {}
+                },
                 Err(e) => tracing::debug!(%remote, "router handshake failed: {e}"),
             }
         });
@@ -97,18 +118,69 @@ enum ConnError {
     Timeout,
 }
 
+impl ConnError {
+    /// The code to close the connection with, for errors that are the router's doing (the
+    /// others are a connection already gone).
+    fn close_code(&self) -> Option<u32> {
+        match self {
+            ConnError::Refused(_) => Some(close::REFUSED),
+            ConnError::Timeout => Some(close::HELLO_TIMEOUT),
+            ConnError::Proto(proto::ProtoError::TooLarge { .. })
+            | ConnError::Proto(proto::ProtoError::Malformed(_)) => Some(close::PROTOCOL),
+            ConnError::Proto(proto::ProtoError::Io(_))
+            | ConnError::Connection(_)
+            | ConnError::Write(_) => None,
+        }
+    }
+}
+
+/// `s` cut to at most [`MAX_REASON`] bytes (at a character boundary).
+fn clip(mut s: String) -> String {
+    if s.len() > MAX_REASON {
+        let mut end = MAX_REASON;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push_str("...");
+    }
+    s
+}
+
+/// Sends `Refused` and waits, for at most [`REFUSE_LINGER`], until the router acknowledged it:
+/// the connection is closed next, and a close discards what the router has not received.
 async fn refuse(send: &mut quinn::SendStream, reason: String) -> ConnError {
+    let reason = clip(reason);
     if let Ok(b) = proto::encode(&ToRouter::Refused {
         reason: reason.clone(),
     }) {
-        let _ = send.write_all(&b).await;
-        let _ = send.finish();
+        let delivered = async {
+            send.write_all(&b).await.ok()?;
+            send.finish().ok()?;
+            send.stopped().await.ok()
+        };
+        let _ = tokio::time::timeout(REFUSE_LINGER, delivered).await;
     }
     ConnError::Refused(reason)
 }
 
+/// Serves one router connection; a refusal or a protocol error closes it with a [`close`]
+/// code and the reason.
 async fn connection(ctl: &Arc<Controller>, conn: quinn::Connection) -> Result<(), ConnError> {
-    let cert_name = tls::peer_name(&conn, &ctl.peers);
+    let res = handshake_and_session(ctl, &conn).await;
+    if let Err(e) = &res
+        && let Some(code) = e.close_code()
+    {
+        conn.close(code.into(), clip(e.to_string()).as_bytes());
+    }
+    res
+}
+
+async fn handshake_and_session(
+    ctl: &Arc<Controller>,
+    conn: &quinn::Connection,
+) -> Result<(), ConnError> {
+    let cert_name = tls::peer_name(conn, &ctl.peers);
     let (mut send, mut recv) = conn.accept_bi().await?;
     let hello = tokio::time::timeout(
         Duration::from_secs(10),

@@ -378,3 +378,26 @@ async fn refusals_and_bad_frames_close_the_connection_with_a_code_and_the_reason
     assert!(reason.contains("exceeds the limit"), "{reason}");
     d.shutdown().await;
 }
+
+/// An authenticated peer that never opens its control stream is closed after the hello timeout
+/// (the endpoint's 1 s keep-alive would otherwise hold it, and its task, open forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_that_never_opens_its_stream_is_closed_after_the_hello_timeout() {
+    use fabric::controller::distribute::{HELLO_TIMEOUT, close};
+
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = fabric_nodes(1, 1);
+    let tls = dir.path().join("pki");
+    pki(&tls, &nodes);
+    let d = start_controller(&dir.path().join("state"), &tls, &fabric_yaml(69, 1, 1, 10)).await;
+    let (_ep, conn) = raw_control(d.quic_addr, &tls, "edge-0").await;
+    let started = std::time::Instant::now();
+    match tokio::time::timeout(HELLO_TIMEOUT * 2, conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
+            assert_eq!(c.error_code.into_inner(), u64::from(close::HELLO_TIMEOUT))
+        }
+        other => panic!("expected a close after the hello timeout, got {other:?}"),
+    }
+    assert!(started.elapsed() >= HELLO_TIMEOUT - Duration::from_secs(1));
+    d.shutdown().await;
+}

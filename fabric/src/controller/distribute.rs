@@ -33,6 +33,8 @@ pub const MAX_RTT: Duration = Latency::MAX.as_duration().saturating_mul(2);
 /// publishes; reports beyond the budget are dropped (counted per router, `reports_dropped`).
 pub const TELEMETRY_PER_SEC: u32 = 10;
 pub const TELEMETRY_BURST: u32 = 20;
+/// A router must open its control stream and send its hello within this time.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a `Refused` frame may take to reach the router before the connection is closed
 /// anyway (a close discards stream data the peer has not received).
 const REFUSE_LINGER: Duration = Duration::from_secs(2);
@@ -114,7 +116,7 @@ enum ConnError {
     Proto(#[from] proto::ProtoError),
     #[error("refused: {0}")]
     Refused(String),
-    #[error("no hello within 10 s")]
+    #[error("no hello within {HELLO_TIMEOUT:?}")]
     Timeout,
 }
 
@@ -181,13 +183,16 @@ async fn handshake_and_session(
     conn: &quinn::Connection,
 ) -> Result<(), ConnError> {
     let cert_name = tls::peer_name(conn, &ctl.peers);
-    let (mut send, mut recv) = conn.accept_bi().await?;
-    let hello = tokio::time::timeout(
-        Duration::from_secs(10),
-        proto::read_frame(&mut recv, MAX_FROM_ROUTER),
-    )
-    .await
-    .map_err(|_| ConnError::Timeout)??;
+    // The stream and the hello on it, both within the timeout: the endpoint's keep-alive holds
+    // an idle connection open, so a peer that never opens a stream would hold its task forever.
+    let opened = async {
+        let (send, mut recv) = conn.accept_bi().await?;
+        let hello = proto::read_frame(&mut recv, MAX_FROM_ROUTER).await?;
+        Ok::<_, ConnError>((send, recv, hello))
+    };
+    let (mut send, mut recv, hello) = tokio::time::timeout(HELLO_TIMEOUT, opened)
+        .await
+        .map_err(|_| ConnError::Timeout)??;
     let Some(hello) = hello else { return Ok(()) };
     let FromRouter::Hello { node, have_version } = proto::decode(&hello)? else {
         return Err(refuse(&mut send, "expected hello".into()).await);

@@ -586,23 +586,33 @@ impl Controller {
         }
     }
 
+    /// Writes the routers' records changed since the last flush. When the transaction fails the
+    /// batch is queued again (the next flush retries it), except for routers whose record
+    /// changed meanwhile: the newer record is the one to keep.
     pub async fn flush_routers(&self) -> Result<(), ControllerError> {
         let batch = std::mem::take(&mut *lock(&self.dirty_routers));
         if batch.is_empty() {
             return Ok(());
         }
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || {
-            store::transaction(&*store, |tx| -> Result<(), StoreError> {
+        let (batch, res) = tokio::task::spawn_blocking(move || {
+            let res = store::transaction(&*store, |tx| -> Result<(), StoreError> {
                 for (node, rec) in &batch {
                     records::ROUTERS.put(tx, node, rec)?;
                 }
                 Ok(())
-            })
+            });
+            (batch, res)
         })
         .await
-        .map_err(|e| ControllerError::Internal(e.to_string()))??;
-        Ok(())
+        .map_err(|e| ControllerError::Internal(e.to_string()))?;
+        if res.is_err() {
+            let mut dirty = lock(&self.dirty_routers);
+            for (node, rec) in batch {
+                dirty.entry(node).or_insert(rec);
+            }
+        }
+        Ok(res?)
     }
 
     pub fn is_node(&self, node: &str) -> bool {
@@ -690,6 +700,70 @@ mod tests {
             node("s1", "site", 3, &serves(9001)),
             node("s2", "site", 4, &serves(9002)),
         )
+    }
+
+    /// A store whose write transactions fail while `fail` is set, running `during_failure`
+    /// first (what happens while a transaction is in flight).
+    struct FlakyStore {
+        inner: RedbStore,
+        fail: std::sync::atomic::AtomicBool,
+        during_failure: Mutex<Option<Box<dyn Fn() + Send>>>,
+    }
+
+    impl Store for FlakyStore {
+        fn read(
+            &self,
+            f: &mut dyn FnMut(&dyn store::ReadTxn) -> Result<(), StoreError>,
+        ) -> Result<(), StoreError> {
+            self.inner.read(f)
+        }
+        fn write(
+            &self,
+            f: &mut dyn FnMut(&mut dyn store::WriteTxn) -> Result<(), StoreError>,
+        ) -> Result<(), StoreError> {
+            if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Some(hook) = lock(&self.during_failure).take() {
+                    hook();
+                }
+                return Err(StoreError::Backend("injected failure".into()));
+            }
+            self.inner.write(f)
+        }
+    }
+
+    /// A batch of routers' records whose transaction failed is written by the next flush, and a
+    /// record that changed while the failed transaction ran is not overwritten by the older one.
+    #[tokio::test]
+    async fn routers_records_of_a_failed_flush_are_written_by_the_next() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FlakyStore {
+            inner: RedbStore::open(dir.path()).unwrap(),
+            fail: false.into(),
+            during_failure: Mutex::new(None),
+        });
+        let ctl = Controller::open(store.clone(), Some((&yaml("5ms"), "t.yaml"))).unwrap();
+        ctl.router_ack("e", 5, 1);
+        ctl.router_ack("t", 6, 1);
+        let weak = Arc::downgrade(&ctl);
+        *lock(&store.during_failure) = Some(Box::new(move || {
+            if let Some(ctl) = weak.upgrade() {
+                ctl.router_ack("e", 7, 1);
+            }
+        }));
+        store.fail.store(true, Ordering::SeqCst);
+        assert!(ctl.flush_routers().await.is_err());
+        store.fail.store(false, Ordering::SeqCst);
+        ctl.flush_routers().await.unwrap();
+        let stored = store::read(&*ctl.store, |tx| records::ROUTERS.all(tx)).unwrap();
+        let applied: BTreeMap<String, u64> = stored
+            .into_iter()
+            .map(|(node, r)| (node, r.applied_version))
+            .collect();
+        assert_eq!(
+            applied,
+            BTreeMap::from([("e".to_string(), 7), ("t".to_string(), 6)])
+        );
     }
 
     /// The router's decode path: one frame through its reader, then its message decoder.

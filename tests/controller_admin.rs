@@ -6,6 +6,7 @@ mod controller_common;
 
 use std::io::{Read, Write};
 use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 use controller_common::*;
 
@@ -324,5 +325,90 @@ fi
     assert_eq!(rows[1]["origin"]["kind"], "rollback");
     assert_eq!(rows[2]["message"], "slow ring");
     assert_eq!(rows[2]["author"], "tester");
+    d.shutdown().await;
+}
+
+/// Bytes read from `s` until the server closes it or `limit` passes (None: still open).
+async fn read_until_closed(s: &mut tokio::net::TcpStream, limit: Duration) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    tokio::time::timeout(limit, s.read_to_end(&mut got))
+        .await
+        .ok()
+        .map(|_| got)
+}
+
+/// A client that sends part of its headers, or nothing, is cut off after the admin API's
+/// header-read timeout, before any authentication (axum::serve kept such connections forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_cuts_off_clients_that_never_finish_their_headers() {
+    use tokio::io::AsyncWriteExt;
+    let limit = fabric::admin::ServeLimits::default().header_read_timeout;
+    let dir = tempfile::tempdir().unwrap();
+    let (d, _env) = setup(dir.path(), &fabric_yaml(63, 1, 1, 10)).await;
+    let started = std::time::Instant::now();
+    let mut partial = tokio::net::TcpStream::connect(d.admin_addr).await.unwrap();
+    partial
+        .write_all(b"GET /v1/status HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut silent = tokio::net::TcpStream::connect(d.admin_addr).await.unwrap();
+    for s in [&mut partial, &mut silent] {
+        let got = read_until_closed(s, limit * 2).await;
+        assert!(got.is_some(), "still open after {:?}", started.elapsed());
+    }
+    assert!(started.elapsed() >= limit - Duration::from_secs(1));
+    d.shutdown().await;
+}
+
+/// At the connection cap, a new connection waits until one of the held ones ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_serves_at_most_its_connection_cap() {
+    use fabric::admin::{AdminState, ServeLimits};
+    use fabric::circuits::service::{CircuitService, DEFAULT_PROVISION_TIMEOUT};
+    use tokio::io::AsyncWriteExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (d, env) = setup(dir.path(), &fabric_yaml(64, 1, 1, 10)).await;
+    let circuits = CircuitService::new(d.ctl.clone(), DEFAULT_PROVISION_TIMEOUT).unwrap();
+    let state = AdminState::new(d.ctl.clone(), &env.token, circuits);
+    let listener = fabric::admin::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let limits = ServeLimits {
+        header_read_timeout: Duration::from_secs(60),
+        max_connections: 2,
+    };
+    let server = tokio::spawn(fabric::admin::serve_with(listener, state, limits));
+
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /v1/status HTTP/1.1\r\n").await.unwrap();
+        held.push(s);
+    }
+    let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "GET /v1/topology HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        env.token
+    );
+    third.write_all(request.as_bytes()).await.unwrap();
+    if let Some(got) = read_until_closed(&mut third, Duration::from_millis(500)).await {
+        panic!(
+            "served beyond the cap of 2: {}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+    drop(held.pop());
+    let got = read_until_closed(&mut third, Duration::from_secs(10))
+        .await
+        .expect("served once a slot is free");
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    server.abort();
     d.shutdown().await;
 }

@@ -410,3 +410,15 @@ async fn attempt(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::splice::{future_size, never};
+
+    #[test]
+    fn client_task_future_size() {
+        let n = future_size(|| handle_client(never(), never(), never(), never(), never()));
+        println!("edge client task future: {n} bytes");
+    }
+}

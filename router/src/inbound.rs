@@ -166,3 +166,15 @@ async fn relay(
         tracing::debug!(node = %shared.node, next = %next, code = %code, "next hop down before it answered");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::splice::{future_size, never};
+
+    #[test]
+    fn stream_task_future_size() {
+        let n = future_size(|| serve_stream(never(), never(), never()));
+        println!("site/transit stream task future: {n} bytes");
+    }
+}

@@ -521,9 +521,38 @@ pub(crate) async fn relay(
     Some(code)
 }
 
+/// The size of the future `make` would return, without calling it (tests: the memory each open
+/// connection's task keeps).
+#[cfg(test)]
+pub(crate) fn future_size<F: std::future::Future>(_make: impl FnOnce() -> F) -> usize {
+    std::mem::size_of::<F>()
+}
+
+/// A value of any type, for [`future_size`]'s never-called closures.
+#[cfg(test)]
+pub(crate) fn never<T>() -> T {
+    unreachable!("only named, never called")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn splice_future_size() {
+        let n = future_size(|| {
+            tcp_quic_with(
+                never(),
+                never(),
+                never(),
+                never(),
+                Side::Edge,
+                never(),
+                None,
+            )
+        });
+        println!("tcp_quic_with future: {n} bytes");
+    }
 
     #[tokio::test]
     async fn vectored_writes_deliver_every_chunk_in_order_across_partial_writes() {

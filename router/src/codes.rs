@@ -43,6 +43,9 @@ pub enum Code {
     BackendAbort = 0x41,
     /// A connection further along the path was lost.
     UpstreamLost = 0x42,
+    /// No byte moved either way for the idle timeout (`RouterConfig::idle_timeout`) at the edge or
+    /// the site that reset the stream.
+    IdleTimeout = 0x43,
     /// The router is shutting down.
     ShuttingDown = 0x50,
     /// An internal error (a bug or resource exhaustion).
@@ -54,7 +57,7 @@ pub enum Code {
 }
 
 impl Code {
-    pub const ALL: [Code; 20] = [
+    pub const ALL: [Code; 21] = [
         Code::NoError,
         Code::MalformedHeader,
         Code::UnsupportedVersion,
@@ -71,6 +74,7 @@ impl Code {
         Code::ClientAbort,
         Code::BackendAbort,
         Code::UpstreamLost,
+        Code::IdleTimeout,
         Code::ShuttingDown,
         Code::Internal,
         Code::RateLimited,
@@ -105,6 +109,7 @@ impl Code {
             Code::ClientAbort => "client_abort",
             Code::BackendAbort => "backend_abort",
             Code::UpstreamLost => "upstream_lost",
+            Code::IdleTimeout => "idle_timeout",
             Code::ShuttingDown => "shutting_down",
             Code::Internal => "internal",
             Code::RateLimited => "rate_limited",

@@ -101,6 +101,11 @@ pub struct RouterConfig {
     /// failing the attempt (default 10 s). A stream the first hop would not open or take the
     /// header of in that time is retried on the next candidate.
     pub reply_timeout: Duration,
+    /// A proxied connection on which no byte moved either way for this long is reset with
+    /// `idle_timeout`: the client's or the backend's TCP connection gets an RST, the stream a
+    /// reset, and a site frees its capacity slot (default 1 h; `None`: never). Edge and site each
+    /// enforce it on their side; it ends between one and 1.5 times this after the last byte.
+    pub idle_timeout: Option<Duration>,
     /// Client bytes an edge keeps to replay on the next candidate (default 64 KiB).
     pub replay_limit: usize,
     /// Extra names a peer may present besides the topology's node ids (e.g. `controller`).
@@ -125,6 +130,7 @@ impl RouterConfig {
             backend_connect_timeout: Duration::from_secs(2),
             header_timeout: Duration::from_secs(5),
             reply_timeout: Duration::from_secs(10),
+            idle_timeout: Some(Duration::from_secs(3600)),
             replay_limit: 64 * 1024,
             extra_peer_names: Vec::new(),
         }
@@ -156,6 +162,7 @@ pub(crate) struct Shared {
     pub backend_connect_timeout: Duration,
     pub header_timeout: Duration,
     pub reply_timeout: Duration,
+    pub idle_timeout: Option<Duration>,
     pub replay_limit: usize,
     pub endpoint: quinn::Endpoint,
     pub peers: tls::PeerNames,
@@ -255,6 +262,7 @@ impl Router {
             backend_connect_timeout: cfg.backend_connect_timeout,
             header_timeout: cfg.header_timeout,
             reply_timeout: cfg.reply_timeout,
+            idle_timeout: cfg.idle_timeout,
             replay_limit: cfg.replay_limit,
             endpoint,
             peers,

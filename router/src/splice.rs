@@ -12,8 +12,15 @@
 //! flowing. Errors: a reset arriving on QUIC resets the TCP socket (RST via zero linger); a TCP
 //! error resets the QUIC stream with a code; a lost connection resets the other side with
 //! `UpstreamLost`. No path ends with both sides waiting on each other.
+//!
+//! Idle: with `RouterConfig::idle_timeout`, a TCP<->QUIC splice (edge and site each) that moved no
+//! chunk either way for the timeout resets both sides with `IdleTimeout` ([`IdleTimer`]: one
+//! timer per connection, ticking at half the timeout; the pumps only set a flag per chunk). A
+//! transit has no timer: the resets of the ends reach both of its pumps.
 
-use std::sync::atomic::Ordering::Relaxed;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::task::Poll;
 use std::time::Duration;
 
 use std::io::IoSlice;
@@ -167,6 +174,85 @@ impl Fairness {
     }
 }
 
+/// Whether a connection moved a chunk (either way) since its idle timer last looked.
+///
+/// Both pumps of a connection mark it once per chunk, next to their byte count; the timer reads
+/// and clears it once per tick. Marking is a relaxed store of `true`: a plain byte store (no
+/// read-modify-write, no fence, no lock prefix), as a `Cell` would be. It is an atomic only in
+/// type: a `&Cell` held across `.await` would make the connection's task `!Send`.
+#[derive(Default)]
+pub(crate) struct Activity(AtomicBool);
+
+impl Activity {
+    #[inline]
+    fn mark(&self) {
+        self.0.store(true, Relaxed);
+    }
+    /// Whether a chunk moved since the last call.
+    fn take(&self) -> bool {
+        self.0.swap(false, Relaxed)
+    }
+}
+
+/// Consecutive ticks without a chunk after which a connection is idle: ticks are
+/// `idle_timeout / IDLE_TICKS` apart, so a connection ends between one and 1.5 idle timeouts
+/// (with 2) after its last chunk.
+const IDLE_TICKS: u8 = 2;
+
+/// One connection's idle timer, a branch of its splice's `select!`: ready once
+/// [`IDLE_TICKS`] ticks in a row saw no [`Activity`].
+///
+/// The task is woken, and this polled, about once per chunk; only a tick touches tokio's timer. In
+/// between, a poll reads whether the sleep has fired (one relaxed load) and returns: the waker
+/// registered at the last real poll is this task's, and a tokio task's waker does not change. So
+/// the data path never resets a timer and never registers a waker for it. The real polls are
+/// outside tokio's cooperative budget: a sleep polled with the budget spent returns pending
+/// without registering, and this one would then never be polled again.
+struct IdleTimer<'a> {
+    /// `None`: no idle timeout (never ready).
+    sleep: Option<Pin<&'a mut tokio::time::Sleep>>,
+    every: Duration,
+    activity: &'a Activity,
+    /// The sleep was polled since its last reset (its waker is registered).
+    armed: bool,
+    /// Ticks in a row without a chunk.
+    quiet: u8,
+}
+
+impl std::future::Future for IdleTimer<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        let Some(sleep) = this.sleep.as_mut() else {
+            return Poll::Pending;
+        };
+        loop {
+            if this.armed && !sleep.is_elapsed() {
+                return Poll::Pending;
+            }
+            let mut unbudgeted = tokio::task::unconstrained(sleep.as_mut());
+            if Pin::new(&mut unbudgeted).poll(cx).is_pending() {
+                this.armed = true;
+                return Poll::Pending;
+            }
+            // A tick.
+            if this.activity.take() {
+                this.quiet = 0;
+            } else {
+                this.quiet += 1;
+                if this.quiet >= IDLE_TICKS {
+                    return Poll::Ready(());
+                }
+            }
+            sleep
+                .as_mut()
+                .reset(tokio::time::Instant::now() + this.every);
+            this.armed = false;
+        }
+    }
+}
+
 /// TCP → QUIC until EOF (then FIN).
 pub(crate) async fn tcp_to_quic(
     shared: &Shared,
@@ -175,6 +261,7 @@ pub(crate) async fn tcp_to_quic(
     buf: &mut TcpBuf,
     side: Side,
     bucket: Option<&TokenBucket>,
+    activity: &Activity,
 ) -> Result<(), Abort> {
     let mut fair = Fairness::default();
     loop {
@@ -198,6 +285,7 @@ pub(crate) async fn tcp_to_quic(
             return Err(Abort(write_error_code(&e)));
         }
         count(shared, side, true, n);
+        activity.mark();
         fair.moved(n).await;
     }
 }
@@ -253,6 +341,7 @@ pub(crate) async fn quic_to_tcp(
     wr: &mut (impl AsyncWrite + Unpin),
     side: Side,
     bucket: Option<&TokenBucket>,
+    activity: &Activity,
 ) -> Result<(), Abort> {
     // A rate-limited circuit takes one chunk at a time so that it stays well inside its burst.
     let per_read = if bucket.is_some() { 1 } else { IOV };
@@ -271,6 +360,7 @@ pub(crate) async fn quic_to_tcp(
                     return Err(Abort(code));
                 }
                 count(shared, side, false, n);
+                activity.mark();
                 fair.moved(n).await;
             }
             Ok(None) => {
@@ -326,6 +416,7 @@ pub(crate) async fn tcp_quic_with(
 ) {
     shared.metrics.streams_active.fetch_add(1, Relaxed);
     shared.metrics.streams_total.fetch_add(1, Relaxed);
+    let activity = Activity::default();
     let outcome = {
         let (mut rd, mut wr) = tcp.split();
         let up = tcp_to_quic(
@@ -335,9 +426,28 @@ pub(crate) async fn tcp_quic_with(
             buf,
             side,
             limiter.map(|l| &l.up),
+            &activity,
         );
-        let down = quic_to_tcp(shared, &mut recv, &mut wr, side, limiter.map(|l| &l.down));
-        tokio::pin!(up, down);
+        let down = quic_to_tcp(
+            shared,
+            &mut recv,
+            &mut wr,
+            side,
+            limiter.map(|l| &l.down),
+            &activity,
+        );
+        // One timer per connection, ticking every `idle_timeout / IDLE_TICKS` (none when the
+        // timeout is off).
+        let every = shared.idle_timeout.map(|t| t / u32::from(IDLE_TICKS));
+        let sleep = every.map(tokio::time::sleep);
+        tokio::pin!(up, down, sleep);
+        let mut idle = IdleTimer {
+            sleep: sleep.as_pin_mut(),
+            every: every.unwrap_or_default(),
+            activity: &activity,
+            armed: false,
+            quiet: 0,
+        };
         let (mut up_done, mut down_done) = (false, false);
         loop {
             tokio::select! {
@@ -349,6 +459,10 @@ pub(crate) async fn tcp_quic_with(
                     Ok(()) => down_done = true,
                     Err(a) => break Err(a),
                 },
+                () = &mut idle, if idle.sleep.is_some() => {
+                    tracing::debug!(node = %shared.node, ?side, timeout = ?shared.idle_timeout, "idle timeout: connection reset");
+                    break Err(Abort(Code::IdleTimeout));
+                }
             }
             if up_done && down_done {
                 break Ok(());
@@ -648,6 +762,56 @@ mod tests {
             writes * 20 < packets,
             "{writes} writes for {packets} packets: the transit must not write one segment per packet"
         );
+    }
+
+    /// A transit has no idle timer: its relay ends when the edge or the site resets the stream
+    /// (the reset goes on to the other end, whose splice then resets its own halves, as every
+    /// abort does).
+    #[tokio::test]
+    async fn a_transit_relay_ends_when_either_end_resets() {
+        let code = Code::IdleTimeout;
+        for edge_resets in [true, false] {
+            let (edge, t_up, _d1) = quic_pair().await;
+            let (t_down, site, _d2) = quic_pair().await;
+            let (mut e_send, mut e_recv) = edge.open_bi().await.unwrap();
+            e_send.write_all(b"q").await.unwrap();
+            let (up_send, up_recv) = t_up.accept_bi().await.unwrap();
+            let (down_send, down_recv) = t_down.open_bi().await.unwrap();
+            let relay = tokio::spawn(relay(
+                up_send,
+                up_recv,
+                down_send,
+                down_recv,
+                std::future::pending(),
+            ));
+            let (mut s_send, mut s_recv) = site.accept_bi().await.unwrap();
+            let mut b = [0u8; 1];
+            s_recv.read_exact(&mut b).await.unwrap();
+            s_send.write_all(b"a").await.unwrap();
+            e_recv.read_exact(&mut b).await.unwrap();
+            // One end resets both halves; the other sees the reset and does the same.
+            let (mut first, mut other) = if edge_resets {
+                ((e_send, e_recv), (s_send, s_recv))
+            } else {
+                ((s_send, s_recv), (e_send, e_recv))
+            };
+            first.0.reset(code.varint()).unwrap();
+            first.1.stop(code.varint()).unwrap();
+            let seen = tokio::time::timeout(Duration::from_secs(5), other.1.read(&mut b))
+                .await
+                .expect("the reset did not cross the transit");
+            assert!(
+                matches!(seen, Err(ReadError::Reset(c)) if c == code.varint()),
+                "{seen:?}"
+            );
+            other.0.reset(code.varint()).unwrap();
+            let _ = other.1.stop(code.varint());
+            let gave_up = tokio::time::timeout(Duration::from_secs(5), relay)
+                .await
+                .expect("the relay outlived both ends' resets")
+                .unwrap();
+            assert_eq!(gave_up, None);
+        }
     }
 
     #[tokio::test]

@@ -70,30 +70,38 @@ fn topo(backend: SocketAddr, port: u16) -> Topology {
 
 type Source = tokio::sync::watch::Sender<Arc<Snapshot>>;
 
-/// Starts node `id` on `snap` with a certificate issued in `dir`; `hold_down` overrides the
-/// default.
+/// Starts node `id` on `snap` with a certificate issued in `dir`; `tune` adjusts the default
+/// config.
 async fn spawn_node(
     snap: &Arc<Snapshot>,
     dir: &std::path::Path,
     id: &str,
-    hold_down: Option<Duration>,
+    tune: impl FnOnce(&mut RouterConfig),
 ) -> (RouterHandle, Source) {
     router::pki::issue(dir, id).unwrap();
     let tls = router::tls::TlsIdentity::load(dir, id).unwrap();
     let (tx, rx) = tokio::sync::watch::channel(snap.clone());
     let mut cfg = RouterConfig::new(NodeId::new(id), tls, rx);
-    if let Some(h) = hold_down {
-        cfg.probe.hold_down = h;
-    }
+    tune(&mut cfg);
     (Router::spawn(cfg).await.unwrap(), tx)
 }
 
 async fn start(t: &Topology, dir: &std::path::Path) -> (Vec<RouterHandle>, Vec<Source>) {
+    start_with(t, dir, |_, _| {}).await
+}
+
+/// [`start`], with `tune(node id, config)` applied to each node's config.
+async fn start_with(
+    t: &Topology,
+    dir: &std::path::Path,
+    tune: impl Fn(&str, &mut RouterConfig),
+) -> (Vec<RouterHandle>, Vec<Source>) {
     let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
     let mut hs = Vec::new();
     let mut txs = Vec::new();
     for n in &t.nodes {
-        let (h, tx) = spawn_node(&snap, dir, n.id.as_str(), None).await;
+        let id = n.id.as_str();
+        let (h, tx) = spawn_node(&snap, dir, id, |cfg| tune(id, cfg)).await;
         hs.push(h);
         txs.push(tx);
     }
@@ -188,7 +196,7 @@ async fn a_neighbour_that_starts_late_is_up_without_a_hold_down() {
     let snap = Arc::new(Snapshot::new(1, Arc::new(t)));
     // A hold-down far longer than the test may take: were it applied, the edge would stay
     // without a route until the deadline below.
-    let long = Some(Duration::from_secs(600));
+    let long = |cfg: &mut RouterConfig| cfg.probe.hold_down = Duration::from_secs(600);
     let (edge, _edge_tx) = spawn_node(&snap, dir.path(), "edge", long).await;
     let failures = |h: &RouterHandle| {
         h.telemetry()
@@ -209,8 +217,8 @@ async fn a_neighbour_that_starts_late_is_up_without_a_hold_down() {
     );
     assert!(edge.routes().preferred("echo").is_none());
 
-    let (_transit, _ttx) = spawn_node(&snap, dir.path(), "transit", None).await;
-    let (_site, _stx) = spawn_node(&snap, dir.path(), "site", None).await;
+    let (_transit, _ttx) = spawn_node(&snap, dir.path(), "transit", |_| {}).await;
+    let (_site, _stx) = spawn_node(&snap, dir.path(), "site", |_| {}).await;
     wait_until(
         Duration::from_secs(20),
         || edge.routes().preferred("echo").is_some(),
@@ -223,4 +231,305 @@ async fn a_neighbour_that_starts_late_is_up_without_a_hold_down() {
     )
     .await;
     assert_eq!(echo_roundtrip(port, b"late").await.unwrap(), b"late");
+}
+
+// ---- Idle timeout ----
+
+/// A short idle timeout, so that the tests run in a few seconds.
+const IDLE: Duration = Duration::from_millis(300);
+
+/// An echo backend that keeps when each connection opened and ended. The site's health checks
+/// connect to it too, every 500 ms, and close at once.
+struct TrackedBackend {
+    addr: SocketAddr,
+    conns: Arc<std::sync::Mutex<Vec<Lifetime>>>,
+}
+
+/// When a connection opened and, once it did, ended.
+type Lifetime = (Instant, Option<Instant>);
+
+/// Long enough apart from the health checks' connections, which close at once.
+const HELD: Duration = Duration::from_millis(100);
+
+impl TrackedBackend {
+    /// Connections open now for longer than [`HELD`] (the site's proxied ones).
+    fn held(&self) -> usize {
+        let conns = self.conns.lock().unwrap();
+        conns
+            .iter()
+            .filter(|(at, end)| end.is_none() && at.elapsed() > HELD)
+            .count()
+    }
+    /// Connections that were open for longer than [`HELD`] and have ended.
+    fn ended_after_held(&self) -> usize {
+        let conns = self.conns.lock().unwrap();
+        conns
+            .iter()
+            .filter(|(at, end)| end.is_some_and(|e| e - *at > HELD))
+            .count()
+    }
+}
+
+async fn tracked_echo_backend() -> TrackedBackend {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let conns = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let list = conns.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            let list = list.clone();
+            let i = {
+                let mut l = list.lock().unwrap();
+                l.push((Instant::now(), None));
+                l.len() - 1
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+                list.lock().unwrap()[i].1 = Some(Instant::now());
+            });
+        }
+    });
+    TrackedBackend { addr, conns }
+}
+
+/// Resets with `code` counted by a router (0 when none).
+fn errors(h: &RouterHandle, code: &str) -> u64 {
+    let label = format!(",code=\"{code}\"}} ");
+    h.metrics_text()
+        .lines()
+        .filter(|l| l.starts_with("tasman_stream_errors_total{"))
+        .find_map(|l| l.split_once(&label).map(|(_, v)| v.parse().unwrap()))
+        .unwrap_or(0)
+}
+
+/// The router of node `id`.
+fn node<'a>(hs: &'a [RouterHandle], id: &str) -> &'a RouterHandle {
+    hs.iter()
+        .find(|h| h.telemetry().node.as_str() == id)
+        .unwrap()
+}
+
+/// Edge -> transit -> site in front of `backend`, each node with the idle timeout `idle_at(id)`;
+/// returns once the edge has a route. The client port is the third item.
+async fn idle_fabric(
+    backend: SocketAddr,
+    idle_at: impl Fn(&str) -> Option<Duration>,
+) -> (Vec<RouterHandle>, Vec<Source>, u16, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    router::pki::init(dir.path()).unwrap();
+    let port = free_tcp_port();
+    let t = topo(backend, port);
+    let (hs, txs) = start_with(&t, dir.path(), |id, cfg| cfg.idle_timeout = idle_at(id)).await;
+    wait_until(
+        Duration::from_secs(10),
+        || node(&hs, "edge").routes().preferred("echo").is_some(),
+        || format!("edge never got a route: {:?}", hs[0].telemetry()),
+    )
+    .await;
+    (hs, txs, port, dir)
+}
+
+/// A client that connects and sends nothing is reset once the idle timeout has passed, the site's
+/// backend connection is closed and its capacity slot freed, and edge and site count the reset.
+async fn a_silent_client_is_reset(idle_at: impl Fn(&str) -> Option<Duration>) {
+    let backend = tracked_echo_backend().await;
+    let (hs, _txs, port, _dir) = idle_fabric(backend.addr, idle_at).await;
+    let (edge, site) = (node(&hs, "edge"), node(&hs, "site"));
+    let connected = Instant::now();
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        || backend.held() == 1,
+        || "the site never connected to the backend".into(),
+    )
+    .await;
+    let mut b = [0u8; 1];
+    let got = tokio::time::timeout(Duration::from_secs(10), c.read(&mut b))
+        .await
+        .expect("the silent client was not closed within 10 s");
+    assert_eq!(
+        got.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the client sees a reset"
+    );
+    assert!(
+        connected.elapsed() >= IDLE,
+        "closed after {:?}, before the idle timeout",
+        connected.elapsed()
+    );
+    wait_until(
+        Duration::from_secs(10),
+        || backend.held() == 0 && backend.ended_after_held() == 1,
+        || "the backend connection stayed open".into(),
+    )
+    .await;
+    wait_until(
+        Duration::from_secs(10),
+        || site.telemetry().sites[0].active_streams == 0,
+        || format!("the site kept its capacity slot: {:?}", site.telemetry()),
+    )
+    .await;
+    for h in [edge, site] {
+        assert_eq!(errors(h, "idle_timeout"), 1, "{}", h.metrics_text());
+    }
+    for h in hs {
+        h.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_client_is_reset_after_the_idle_timeout() {
+    a_silent_client_is_reset(|_| Some(IDLE)).await;
+}
+
+/// The edge alone guards its client (a site with the timeout off gets the reset through the
+/// transit and closes its backend connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_alone_enforces_the_idle_timeout() {
+    a_silent_client_is_reset(|id| (id == "edge").then_some(IDLE)).await;
+}
+
+/// The site alone guards its backend connection and capacity slot (an edge with the timeout off
+/// gets the reset through the transit and resets its client).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_site_alone_enforces_the_idle_timeout() {
+    a_silent_client_is_reset(|id| (id == "site").then_some(IDLE)).await;
+}
+
+/// A byte each way every 100 ms keeps a connection open through several idle timeouts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_exchanging_a_byte_every_100ms_outlives_the_idle_timeout() {
+    let backend = tracked_echo_backend().await;
+    let (hs, _txs, port, _dir) = idle_fabric(backend.addr, |_| Some(IDLE)).await;
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut every = tokio::time::interval(Duration::from_millis(100));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n = 0u8;
+    while started.elapsed() < IDLE * 4 {
+        every.tick().await;
+        c.write_all(&[n]).await.unwrap();
+        let mut b = [0u8; 1];
+        tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut b))
+            .await
+            .expect("no echo within 5 s")
+            .unwrap_or_else(|e| panic!("closed after {:?}: {e}", started.elapsed()));
+        assert_eq!(b[0], n);
+        n = n.wrapping_add(1);
+    }
+    assert!(n >= 10, "only {n} exchanges");
+    for h in &hs {
+        assert_eq!(errors(h, "idle_timeout"), 0, "{}", h.metrics_text());
+    }
+    // And it still ends cleanly.
+    c.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(rest.is_empty());
+    for h in hs {
+        h.shutdown().await;
+    }
+}
+
+/// Reads until EOF, answers with the byte count (8 bytes, big-endian), then sends as fast as it
+/// can for `send_for` and closes.
+async fn sink_then_source_backend(send_for: Duration) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut total = 0u64;
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) => break,
+                        Ok(n) => total += n as u64,
+                        Err(_) => return,
+                    }
+                }
+                if s.write_all(&total.to_be_bytes()).await.is_err() {
+                    return;
+                }
+                let until = Instant::now() + send_for;
+                while Instant::now() < until {
+                    if s.write_all(&buf).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// A bulk upload, then a bulk download, each longer than three idle timeouts, are not cut: every
+/// chunk moved counts, one direction alone is enough.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_transfer_longer_than_the_idle_timeout_is_not_cut() {
+    // Longer than `IDLE`: when the upload ends, the edge waits for the backend's answer while the
+    // fabric drains what it buffered (up to a stream window), with nothing moving at the edge.
+    let idle = Duration::from_millis(500);
+    let phase = idle * 3 + Duration::from_millis(100);
+    let backend = sink_then_source_backend(phase).await;
+    let (hs, _txs, port, _dir) = idle_fabric(backend, |_| Some(idle)).await;
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let block = vec![0xa5u8; 64 * 1024];
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while started.elapsed() < phase {
+        c.write_all(&block)
+            .await
+            .unwrap_or_else(|e| panic!("upload cut after {sent} bytes: {e}"));
+        sent += block.len() as u64;
+    }
+    c.shutdown().await.unwrap();
+    let mut count = [0u8; 8];
+    tokio::time::timeout(Duration::from_secs(20), c.read_exact(&mut count))
+        .await
+        .expect("no answer to the upload within 20 s")
+        .unwrap_or_else(|e| panic!("cut after the upload: {e}"));
+    assert_eq!(
+        u64::from_be_bytes(count),
+        sent,
+        "every uploaded byte arrived"
+    );
+    let download = Instant::now();
+    let (mut got, mut buf) = (0u64, vec![0u8; 256 * 1024]);
+    loop {
+        let r = tokio::time::timeout(Duration::from_secs(20), c.read(&mut buf))
+            .await
+            .expect("download stalled for 20 s");
+        match r {
+            Ok(0) => break,
+            Ok(n) => got += n as u64,
+            Err(e) => panic!("download cut after {got} bytes: {e}"),
+        }
+    }
+    assert!(
+        download.elapsed() > idle * 3,
+        "the download lasted only {:?}",
+        download.elapsed()
+    );
+    assert!(got > 0);
+    for h in &hs {
+        assert_eq!(errors(h, "idle_timeout"), 0, "{}", h.metrics_text());
+    }
+    for h in hs {
+        h.shutdown().await;
+    }
 }

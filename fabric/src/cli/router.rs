@@ -57,6 +57,11 @@ pub struct RouterArgs {
     /// Minimum time a neighbour or site stays down before it is used again.
     #[arg(long, default_value = "1s")]
     pub hold_down: Latency,
+    /// Reset a proxied connection on which no byte moved either way for this long (the client
+    /// and the backend get a TCP reset; the site frees its capacity slot). h, m, s or ms
+    /// (e.g. 1h, 30m, 340s); `off` or 0 never times out.
+    #[arg(long, default_value = "1h", value_parser = parse_idle_timeout, value_name = "DURATION")]
+    pub idle_timeout: std::time::Duration,
     /// Dial neighbour NODE at ADDR instead of its topology address (e.g. a link emulator).
     #[arg(long = "dial", value_name = "NODE=ADDR", value_parser = parse_dial)]
     pub dial: Vec<(String, SocketAddr)>,
@@ -77,6 +82,33 @@ fn parse_stale(s: &str) -> Result<std::time::Duration, String> {
     s.parse::<Latency>()
         .map(|l| l.as_duration())
         .map_err(|e| e.to_string())
+}
+
+/// `--idle-timeout`: a number and one of h, m (or min), s, ms; `off` or zero is
+/// `Duration::ZERO` (no timeout). Not the latency parser: that one stops at 60 s.
+fn parse_idle_timeout(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("off") || t == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    let bad = || format!("{s:?}: expected e.g. 1h, 30m, 340s or 500ms, or off");
+    let at = t.find(|c: char| c.is_ascii_alphabetic()).ok_or_else(bad)?;
+    let (n, unit) = t.split_at(at);
+    let n: f64 = n.trim().parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "h" => n * 3600.0,
+        "m" | "min" => n * 60.0,
+        "s" => n,
+        "ms" => n / 1000.0,
+        _ => return Err(bad()),
+    };
+    if secs == 0.0 {
+        return Ok(std::time::Duration::ZERO);
+    }
+    if !(secs.is_finite() && secs > 0.0) {
+        return Err(format!("{s:?} must be greater than zero (or off)"));
+    }
+    std::time::Duration::try_from_secs_f64(secs).map_err(|_| bad())
 }
 
 fn parse_dial(s: &str) -> Result<(String, SocketAddr), String> {
@@ -114,6 +146,7 @@ impl RouterArgs {
             misses: self.probe_misses.max(1),
             hold_down: self.hold_down.as_duration(),
         };
+        cfg.idle_timeout = Some(self.idle_timeout).filter(|t| !t.is_zero());
         cfg.dial_overrides = self
             .dial
             .iter()
@@ -245,4 +278,52 @@ pub async fn wait_for_signal() {
         }
     }
     let _ = tokio::signal::ctrl_c().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn idle_timeout_takes_hours_minutes_seconds_and_off() {
+        let p = |s| parse_idle_timeout(s);
+        assert_eq!(p("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(p("30m"), Ok(Duration::from_secs(1800)));
+        assert_eq!(p("2min"), Ok(Duration::from_secs(120)));
+        assert_eq!(p("340s"), Ok(Duration::from_secs(340)));
+        assert_eq!(p("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(p("300ms"), Ok(Duration::from_millis(300)));
+        for off in ["off", "OFF", "0", "0s", " 0ms "] {
+            assert_eq!(p(off), Ok(Duration::ZERO), "{off}");
+        }
+        for bad in ["", "1", "1d", "-5s", "soon", "nan s", "infh"] {
+            assert!(p(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn idle_timeout_flag_defaults_to_one_hour() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            router: RouterArgs,
+        }
+        let args = |extra: &[&str]| {
+            let base = ["tasman", "--topology", "t.yaml", "--node", "n"];
+            Cli::try_parse_from(base.iter().chain(extra))
+                .unwrap()
+                .router
+        };
+        assert_eq!(args(&[]).idle_timeout, Duration::from_secs(3600));
+        assert_eq!(
+            args(&["--idle-timeout", "340s"]).idle_timeout,
+            Duration::from_secs(340)
+        );
+        assert_eq!(
+            args(&["--idle-timeout", "off"]).idle_timeout,
+            Duration::ZERO
+        );
+    }
 }

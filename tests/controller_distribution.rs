@@ -278,6 +278,28 @@ async fn a_telemetry_flood_is_dropped_and_counted_while_versions_still_flow() {
         || dropped() >= FLOOD - 500,
     )
     .await;
+    // The operator sees it in `tasman status` (the real binary; the controller runs in this
+    // process, so the command runs off the runtime's workers).
+    let (admin, token) = (d.admin_addr.to_string(), d.token.clone());
+    let status = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tasman"))
+            .arg("status")
+            .env("TASMAN_CONTROLLER", admin)
+            .env("TASMAN_TOKEN", token)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("edge-0 "))
+        .unwrap_or_default();
+    assert!(
+        line.contains("reports over the rate dropped"),
+        "edge-0's status line: {line:?}\n{text}"
+    );
 
     let out = d
         .ctl

@@ -61,6 +61,16 @@ pub fn run(args: StatusArgs) -> ExitCode {
                 n.version, n.topology_version, n.reason
             ));
         }
+        // Telemetry the controller did not take from this router (see the operator guide).
+        if r.reports_dropped > 0 {
+            state.push_str(&format!(
+                "; {} reports over the rate dropped",
+                r.reports_dropped
+            ));
+        }
+        if r.samples_refused > 0 {
+            state.push_str(&format!("; {} implausible RTTs refused", r.samples_refused));
+        }
         println!(
             "{:<20} {:<8} {:<10} {:>9} {:>12} {:<14} {}",
             r.node,

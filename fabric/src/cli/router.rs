@@ -36,7 +36,7 @@ pub struct RouterArgs {
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
     /// Controller mode: say so loudly after this long without word from the controller
-    /// (e.g. 24h, 90s, 500ms).
+    /// (e.g. 24h, 90m, 600s).
     #[arg(long, default_value = "24h", value_parser = parse_stale)]
     pub max_stale: std::time::Duration,
     /// This node's id in the topology (also its certificate name).
@@ -58,8 +58,8 @@ pub struct RouterArgs {
     #[arg(long, default_value = "1s")]
     pub hold_down: Latency,
     /// Reset a proxied connection on which no byte moved either way for this long (the client
-    /// and the backend get a TCP reset; the site frees its capacity slot). h, m, s or ms
-    /// (e.g. 1h, 30m, 340s); `off` or 0 never times out.
+    /// and the backend get a TCP reset; the site frees its capacity slot). A duration
+    /// (e.g. 1h, 30m, 340s, 1h 30m); `off` or 0 never times out.
     #[arg(long, default_value = "1h", value_parser = parse_idle_timeout, value_name = "DURATION")]
     pub idle_timeout: std::time::Duration,
     /// Dial neighbour NODE at ADDR instead of its topology address (e.g. a link emulator).
@@ -67,48 +67,27 @@ pub struct RouterArgs {
     pub dial: Vec<(String, SocketAddr)>,
 }
 
-/// Hours on top of the one latency/duration parser (`Latency`: ns, us, ms, s).
-fn parse_stale(s: &str) -> Result<std::time::Duration, String> {
-    if let Some(h) = s.trim().strip_suffix('h') {
-        let h: f64 = h
-            .trim()
-            .parse()
-            .map_err(|_| format!("{s:?}: expected e.g. 24h, 90s or 500ms"))?;
-        if !(h.is_finite() && h > 0.0) {
-            return Err(format!("{s:?} must be greater than zero"));
-        }
-        return Ok(std::time::Duration::from_secs_f64(h * 3600.0));
-    }
-    s.parse::<Latency>()
-        .map(|l| l.as_duration())
-        .map_err(|e| e.to_string())
+/// A duration for the flags that go past the topology's latencies (those stop at 60 s):
+/// `humantime` syntax, e.g. 24h, 90m, 340s, 500ms, 1h 30m.
+fn parse_long_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?}: {e} (expected e.g. 24h, 90m, 340s or 500ms)"))
 }
 
-/// `--idle-timeout`: a number and one of h, m (or min), s, ms; `off` or zero is
-/// `Duration::ZERO` (no timeout). Not the latency parser: that one stops at 60 s.
+/// `--max-stale`: a duration greater than zero.
+fn parse_stale(s: &str) -> Result<std::time::Duration, String> {
+    match parse_long_duration(s)? {
+        d if d.is_zero() => Err(format!("{s:?} must be greater than zero")),
+        d => Ok(d),
+    }
+}
+
+/// `--idle-timeout`: a duration; `off` or zero is `Duration::ZERO` (no timeout).
 fn parse_idle_timeout(s: &str) -> Result<std::time::Duration, String> {
-    let t = s.trim();
-    if t.eq_ignore_ascii_case("off") || t == "0" {
+    if s.trim().eq_ignore_ascii_case("off") || s.trim() == "0" {
         return Ok(std::time::Duration::ZERO);
     }
-    let bad = || format!("{s:?}: expected e.g. 1h, 30m, 340s or 500ms, or off");
-    let at = t.find(|c: char| c.is_ascii_alphabetic()).ok_or_else(bad)?;
-    let (n, unit) = t.split_at(at);
-    let n: f64 = n.trim().parse().map_err(|_| bad())?;
-    let secs = match unit {
-        "h" => n * 3600.0,
-        "m" | "min" => n * 60.0,
-        "s" => n,
-        "ms" => n / 1000.0,
-        _ => return Err(bad()),
-    };
-    if secs == 0.0 {
-        return Ok(std::time::Duration::ZERO);
-    }
-    if !(secs.is_finite() && secs > 0.0) {
-        return Err(format!("{s:?} must be greater than zero (or off)"));
-    }
-    std::time::Duration::try_from_secs_f64(secs).map_err(|_| bad())
+    parse_long_duration(s)
 }
 
 fn parse_dial(s: &str) -> Result<(String, SocketAddr), String> {
@@ -292,12 +271,26 @@ mod tests {
         assert_eq!(p("30m"), Ok(Duration::from_secs(1800)));
         assert_eq!(p("2min"), Ok(Duration::from_secs(120)));
         assert_eq!(p("340s"), Ok(Duration::from_secs(340)));
+        assert_eq!(p("1h 30m"), Ok(Duration::from_secs(5400)));
         assert_eq!(p("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(p("1.5h"), Ok(Duration::from_secs(5400)));
         assert_eq!(p("300ms"), Ok(Duration::from_millis(300)));
         for off in ["off", "OFF", "0", "0s", " 0ms "] {
             assert_eq!(p(off), Ok(Duration::ZERO), "{off}");
         }
-        for bad in ["", "1", "1d", "-5s", "soon", "nan s", "infh"] {
+        for bad in ["", "1", "-5s", "soon", "nan s", "infh"] {
+            assert!(p(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn max_stale_takes_durations_past_a_minute() {
+        let p = |s| parse_stale(s);
+        assert_eq!(p("24h"), Ok(Duration::from_secs(24 * 3600)));
+        assert_eq!(p("90m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(p("600s"), Ok(Duration::from_secs(600)));
+        assert_eq!(p("500ms"), Ok(Duration::from_millis(500)));
+        for bad in ["", "0", "0s", "off", "-1h", "soon"] {
             assert!(p(bad).is_err(), "{bad:?} accepted");
         }
     }

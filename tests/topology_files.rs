@@ -98,3 +98,33 @@ fn a_controller_restarts_from_its_store_when_the_import_file_is_gone() {
     second.kill().unwrap();
     second.wait().unwrap();
 }
+
+#[test]
+fn a_controller_names_its_invalid_import_file_in_each_diagnostic() {
+    let dir = tempfile::tempdir().unwrap();
+    let topo = dir.path().join("import.yaml");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("examples/apac.yaml")).unwrap();
+    std::fs::write(
+        &topo,
+        text.replacen("b: sin-transit-1,", "b: sin-transit-9,", 1),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["controller", "--state"])
+        .arg(dir.path().join("state"))
+        .arg("--topology")
+        .arg(&topo)
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let want = format!("{}:", topo.display());
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with(&want) && l.contains("sin-transit-9")),
+        "no diagnostic names {want}: {err}"
+    );
+}

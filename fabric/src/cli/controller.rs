@@ -49,7 +49,7 @@ pub fn run(args: ControllerArgs) -> ExitCode {
     };
     rt.block_on(async move {
         let cfg = DaemonConfig {
-            topology_file: args.topology,
+            topology_file: args.topology.clone(),
             state_dir: args.state,
             listen: args.listen,
             admin: args.admin,
@@ -60,13 +60,22 @@ pub fn run(args: ControllerArgs) -> ExitCode {
             Ok(d) => d,
             Err(e) => {
                 eprintln!("error: {e}");
-                if let daemon::DaemonError::Controller(
-                    crate::controller::ControllerError::Invalid(diags),
-                ) = &e
-                {
-                    for d in diags {
-                        eprintln!("{}", d.display("topology"));
+                // Diagnostics as FILE:LINE:COL: the import file's name, or the stored version.
+                use crate::controller::ControllerError as E;
+                let (diags, file) = match &e {
+                    daemon::DaemonError::Controller(E::Invalid(diags)) => (
+                        &diags[..],
+                        args.topology
+                            .as_ref()
+                            .map_or("topology".to_string(), |f| f.display().to_string()),
+                    ),
+                    daemon::DaemonError::Controller(E::InvalidStored { version, diags }) => {
+                        (&diags[..], format!("stored-version-{version}"))
                     }
+                    _ => (&[][..], String::new()),
+                };
+                for d in diags {
+                    eprintln!("{}", d.display(&file));
                 }
                 return ExitCode::from(1);
             }

@@ -35,6 +35,13 @@ use throttle::{Backoff, BackoffParams};
 pub enum ControllerError {
     #[error("the topology is invalid ({} error(s))", .0.iter().filter(|d| d.is_error()).count())]
     Invalid(Vec<Diagnostic>),
+    /// The store's current version no longer loads (a newer loader is stricter): the operator
+    /// must see why rather than the controller serving something else.
+    #[error("the stored topology version {version} is invalid under this build ({} error(s))", .diags.iter().filter(|d| d.is_error()).count())]
+    InvalidStored {
+        version: u64,
+        diags: Vec<Diagnostic>,
+    },
     #[error("the topology changed since version {expected} (now {current}); fetch it again")]
     Conflict { expected: u64, current: u64 },
     #[error("no topology version {0}")]
@@ -163,7 +170,13 @@ impl Controller {
         let record = cur.ok_or(ControllerError::Empty)?;
         // The stored text was valid when applied; a newer loader could disagree, and then the
         // operator must see why rather than the controller silently serving something else.
-        let (topology, warnings) = validate(&record.text)?;
+        let (topology, warnings) = validate(&record.text).map_err(|e| match e {
+            ControllerError::Invalid(diags) => ControllerError::InvalidStored {
+                version: record.version,
+                diags,
+            },
+            e => e,
+        })?;
         let epoch = store::transaction(&*store, |tx| records::next_epoch(tx))?;
         let routers = DashMap::new();
         for (node, rec) in store::read(&*store, |tx| records::ROUTERS.all(tx))? {

@@ -5,14 +5,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{LOCAL, free_tcp_port, free_udp, make_pki, tasman};
+use common::{LOCAL, free_tcp_port, free_udp, make_pki, spawn_controller, tasman};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -136,30 +135,18 @@ async fn circuits_become_active_on_acknowledgement_and_carry_their_rates_through
     std::fs::write(&topo, topology(port, backend)).unwrap();
     let state = dir.path().join("state");
 
-    let mut ctl = Command::new(tasman())
-        .args(["controller", "--topology"])
-        .arg(&topo)
-        .arg("--state")
-        .arg(&state)
-        .arg("--tls-dir")
-        .arg(&pki)
-        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(ctl.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let _ctl = Kill(ctl);
-    let field = |k: &str| {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(k))
-            .unwrap()
-            .to_string()
-    };
-    let (quic, admin) = (field("quic="), field("admin="));
+    let ctl = spawn_controller(
+        Command::new(tasman())
+            .args(["controller", "--topology"])
+            .arg(&topo)
+            .arg("--state")
+            .arg(&state)
+            .arg("--tls-dir")
+            .arg(&pki)
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .stderr(Stdio::null()),
+    );
+    let (quic, admin) = (ctl.quic.to_string(), ctl.admin.clone());
 
     let _routers: Vec<Kill> = ["e1", "t1", "s1"]
         .iter()

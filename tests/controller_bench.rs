@@ -7,9 +7,9 @@
 //! The controller runs as the real `tasman controller` process; N lightweight routers (the real
 //! control client over real mutual-TLS QUIC, no data plane) run in this process.
 
+mod common;
 mod controller_common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -59,39 +59,26 @@ async fn run(n: usize, net: u8, telemetry_secs: u64) {
     let state = dir.path().join("state");
     let topo = dir.path().join("t.yaml");
     std::fs::write(&topo, fabric_yaml(net, edges, transits, 10)).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["controller", "--state"])
-        .arg(&state)
-        .arg("--topology")
-        .arg(&topo)
-        .arg("--tls-dir")
-        .arg(&tls)
-        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-        .env(
-            "RUST_LOG",
-            std::env::var("BENCH_CTL_LOG").unwrap_or("warn".into()),
-        )
-        .stdout(Stdio::piped())
-        .stderr(match std::env::var_os("BENCH_CTL_LOGFILE") {
-            Some(f) => Stdio::from(std::fs::File::create(f).unwrap()),
-            None => Stdio::null(),
-        })
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let quic: std::net::SocketAddr = line
-        .split("quic=")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let admin = line.split("admin=").nth(1).unwrap().trim().to_string();
+    let mut ctl = common::spawn_controller(
+        Command::new(BIN)
+            .args(["controller", "--state"])
+            .arg(&state)
+            .arg("--topology")
+            .arg(&topo)
+            .arg("--tls-dir")
+            .arg(&tls)
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_CTL_LOG").unwrap_or("warn".into()),
+            )
+            .stderr(match std::env::var_os("BENCH_CTL_LOGFILE") {
+                Some(f) => Stdio::from(std::fs::File::create(f).unwrap()),
+                None => Stdio::null(),
+            }),
+    );
+    let (quic, admin) = (ctl.quic, ctl.admin.clone());
+    let child = &mut ctl.proc.child;
     let c = AdminClient::new(&AdminArgs {
         controller: admin,
         token: None,

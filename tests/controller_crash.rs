@@ -1,10 +1,10 @@
 //! The controller's store under SIGKILL: every apply answered as successful survives, no
 //! apply is half-applied, and the history stays whole.
 
+mod common;
 mod controller_common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,29 +16,18 @@ use fabric::controller::records::TopologyVersion;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tasman");
 
-fn start(state: &std::path::Path, topo: &std::path::Path) -> (Child, String) {
-    let mut child = Command::new(BIN)
-        .args(["controller", "--state"])
-        .arg(state)
-        .arg("--topology")
-        .arg(topo)
-        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start controller");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let admin = line
-        .split("admin=")
-        .nth(1)
-        .expect("ready line")
-        .trim()
-        .to_string();
-    (child, admin)
+/// The controller, SIGKILLed when dropped.
+fn start(state: &std::path::Path, topo: &std::path::Path) -> common::ControllerProc {
+    common::spawn_controller(
+        Command::new(BIN)
+            .args(["controller", "--state"])
+            .arg(state)
+            .arg("--topology")
+            .arg(topo)
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::null()),
+    )
 }
 
 fn client(admin: &str, state: &std::path::Path) -> AdminClient {
@@ -63,8 +52,8 @@ async fn sigkill_during_applies_loses_no_answered_apply_and_half_applies_none() 
     let mut total_attempts = 0u64;
 
     for round in 0..10u64 {
-        let (mut child, admin) = start(&state, &topo);
-        let c = client(&admin, &state);
+        let ctl = start(&state, &topo);
+        let c = client(&ctl.admin, &state);
 
         // After a restart: everything answered before is there, exactly, and history is whole.
         let hist: Vec<HistoryEntry> = c
@@ -97,7 +86,7 @@ async fn sigkill_during_applies_loses_no_answered_apply_and_half_applies_none() 
 
         // A stream of applies, killed after a varying delay.
         let acked2 = acked.clone();
-        let c2 = client(&admin, &state);
+        let c2 = client(&ctl.admin, &state);
         let applier = tokio::spawn(async move {
             let mut attempts = 0u64;
             for i in 0.. {
@@ -123,8 +112,7 @@ async fn sigkill_during_applies_loses_no_answered_apply_and_half_applies_none() 
             attempts
         });
         tokio::time::sleep(Duration::from_millis(60 + (round * 37) % 200)).await;
-        child.kill().expect("SIGKILL"); // std's kill() is SIGKILL on unix
-        let _ = child.wait();
+        drop(ctl); // SIGKILL (std's kill() on unix), then reaped
         total_attempts += tokio::time::timeout(Duration::from_secs(10), applier)
             .await
             .expect("applier stops")
@@ -137,13 +125,12 @@ async fn sigkill_during_applies_loses_no_answered_apply_and_half_applies_none() 
     );
 
     // Final check after the last kill.
-    let (mut child, admin) = start(&state, &topo);
-    let c = client(&admin, &state);
+    let ctl = start(&state, &topo);
+    let c = client(&ctl.admin, &state);
     let hist: Vec<HistoryEntry> = c.get("/v1/topology/history?limit=100000").await.unwrap();
     assert!(
         hist.len() > acked,
         "import + every answered apply (+ possibly unanswered ones that committed)"
     );
-    child.kill().unwrap();
-    let _ = child.wait();
+    drop(ctl);
 }

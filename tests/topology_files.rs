@@ -1,7 +1,8 @@
 //! Every command that reads an operator's topology file reads it the same way (size-capped,
 //! UTF-8), and the controller reads its `--topology` only for the first import.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -57,30 +58,17 @@ fn every_command_refuses_an_oversize_topology_file_by_its_size() {
 }
 
 /// Starts a controller on `state` with `--topology topo`; returns it once it is ready.
-fn controller(state: &Path, topo: &Path) -> std::process::Child {
-    let mut child = Command::new(BIN)
-        .args(["controller", "--state"])
-        .arg(state)
-        .arg("--topology")
-        .arg(topo)
-        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    if !line.contains("admin=") {
-        let out = child.wait_with_output().unwrap();
-        panic!(
-            "controller did not start: {line:?} {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    child
+fn controller(state: &Path, topo: &Path) -> common::ControllerProc {
+    common::spawn_controller(
+        Command::new(BIN)
+            .args(["controller", "--state"])
+            .arg(state)
+            .arg("--topology")
+            .arg(topo)
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::piped()),
+    )
 }
 
 #[test]
@@ -90,13 +78,9 @@ fn a_controller_restarts_from_its_store_when_the_import_file_is_gone() {
     let topo = dir.path().join("import.yaml");
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     std::fs::copy(root.join("examples/apac.yaml"), &topo).unwrap();
-    let mut first = controller(&state, &topo);
-    first.kill().unwrap();
-    first.wait().unwrap();
+    drop(controller(&state, &topo));
     std::fs::remove_file(&topo).unwrap();
-    let mut second = controller(&state, &topo);
-    second.kill().unwrap();
-    second.wait().unwrap();
+    drop(controller(&state, &topo));
 }
 
 #[test]

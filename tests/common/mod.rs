@@ -447,3 +447,45 @@ pub fn fill(buf: &mut [u8], seed: &mut u64) {
         chunk.copy_from_slice(&b[..chunk.len()]);
     }
 }
+
+/// A `tasman controller` process (killed and reaped on drop) and the addresses of its ready line.
+pub struct ControllerProc {
+    pub proc: Proc,
+    pub quic: SocketAddr,
+    pub admin: String,
+}
+
+/// Spawns `cmd` (a `tasman controller ...` command; its stdout is taken here) and waits for the
+/// ready line (`controller listening quic=ADDR admin=ADDR`). Panics with the line, and the
+/// process's stderr when the caller piped it, if the controller does not start.
+pub fn spawn_controller(cmd: &mut Command) -> ControllerProc {
+    use std::io::BufRead;
+    cmd.stdout(Stdio::piped());
+    die_with_parent(cmd);
+    let mut child = cmd.spawn().expect("spawn tasman controller");
+    let mut line = String::new();
+    let _ = std::io::BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line);
+    let field = |k: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .map(str::to_string)
+    };
+    match (field("quic="), field("admin=")) {
+        (Some(quic), Some(admin)) => ControllerProc {
+            proc: Proc {
+                name: "controller".into(),
+                child,
+            },
+            quic: quic.parse().expect("quic address"),
+            admin,
+        },
+        _ => {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("controller output");
+            panic!(
+                "controller did not start: {line:?} {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}

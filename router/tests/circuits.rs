@@ -1,7 +1,9 @@
 //! Circuits in the data plane, in process: real routers (edge -> transit -> site over mutual-TLS
 //! QUIC), real TCP clients bound to distinct loopback source addresses, a real TCP backend.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,20 +14,7 @@ use topology::builder::{TopologyBuilder, ms};
 use topology::circuit::{CircuitId, ProvisionedCircuit};
 use topology::{Bandwidth, NodeId, NodeKind, ServiceName, SiteService, Topology};
 
-fn free_udp() -> SocketAddr {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::{free_tcp_port, free_udp};
 
 /// Per connection: the tag (first byte), and (time, bytes so far) samples.
 type Received = Arc<Mutex<Vec<(u8, Vec<(Instant, u64)>)>>>;

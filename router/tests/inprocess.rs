@@ -1,7 +1,9 @@
 //! In-process fabric: routers spawned with `Router::spawn` on one runtime (as the demo does),
 //! real QUIC and TCP on loopback.
 
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,36 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use topology::builder::{TopologyBuilder, ms};
 use topology::{NodeId, NodeKind, ServiceName, SiteService, Topology};
 
-fn free_udp() -> SocketAddr {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn echo_backend() -> SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = l.accept().await.unwrap();
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
-}
+use common::{echo_backend, free_tcp_port, free_udp, wait_until};
 
 fn topo(backend: SocketAddr, port: u16) -> Topology {
     let mut b = TopologyBuilder::new();
@@ -106,15 +79,6 @@ async fn start_with(
         txs.push(tx);
     }
     (hs, txs)
-}
-
-/// Polls `cond` every 20 ms until it holds; fails with `why()` once `within` has passed.
-async fn wait_until(within: Duration, mut cond: impl FnMut() -> bool, why: impl Fn() -> String) {
-    let deadline = Instant::now() + within;
-    while !cond() {
-        assert!(Instant::now() < deadline, "{}", why());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn echo_roundtrip(port: u16, msg: &[u8]) -> std::io::Result<Vec<u8>> {

@@ -2,8 +2,10 @@
 //! a node of the topology, that answers probes (so it is up) but then withholds streams or
 //! floods made-up evidence. Routers are spawned in-process, as in `inprocess.rs`.
 
+mod common;
+
 use std::future::Future;
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
@@ -14,45 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use topology::builder::{TopologyBuilder, ms};
 use topology::{NodeId, NodeKind, ServiceName, SiteService, Topology};
 
-fn free_udp() -> SocketAddr {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn echo_backend() -> SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = l.accept().await.unwrap();
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
-}
-
-/// Polls `cond` every 20 ms until it holds; fails with `why()` once `within` has passed.
-async fn wait_until(within: Duration, mut cond: impl FnMut() -> bool, why: impl Fn() -> String) {
-    let deadline = Instant::now() + within;
-    while !cond() {
-        assert!(Instant::now() < deadline, "{}", why());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+use common::{echo_backend, free_tcp_port, free_udp, wait_until};
 
 /// Gives every node a free loopback address, the edge a client address, and the service `port`.
 fn addressed(mut t: Topology, port: u16) -> Topology {

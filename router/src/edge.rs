@@ -320,30 +320,15 @@ async fn attempt(
         .chain(replay.chunks.iter().cloned())
         .collect();
     // The reply deadline runs from before the stream is opened, and the first hop's down verdict
-    // is watched from then: a first hop that answers probes but grants no stream (its limit of
-    // concurrent streams reached) or no flow-control window for the header would otherwise hold
-    // the client forever. Nothing came back yet, so the next candidate takes the connection.
+    // is watched from then (`open_next_hop`). Nothing came back yet, so a first hop that would not
+    // take the stream leaves the connection to the next candidate.
     let deadline = tokio::time::sleep(shared.reply_timeout);
     tokio::pin!(deadline);
-    let (mut send, mut recv) = tokio::select! {
-        r = conn.open_bi() => match r {
-            Ok(s) => s,
-            Err(_) => return Attempt::Retry(Code::NextHopUnreachable),
-        },
-        _ = &mut deadline => return Attempt::Retry(Code::NextHopUnreachable),
-        _ = &mut went_down => return Attempt::Retry(Code::NextHopUnreachable),
+    let Some((mut send, mut recv)) =
+        splice::open_next_hop(&conn, &mut out, deadline.as_mut(), went_down.as_mut()).await
+    else {
+        return Attempt::Retry(Code::NextHopUnreachable);
     };
-    let written = tokio::select! {
-        r = send.write_all_chunks(&mut out) => r.is_ok(),
-        _ = &mut deadline => false,
-        _ = &mut went_down => false,
-    };
-    if !written {
-        let code = Code::NextHopUnreachable;
-        let _ = send.reset(code.varint());
-        let _ = recv.stop(code.varint());
-        return Attempt::Retry(code);
-    }
     if replay.eof {
         let _ = send.finish();
     }
@@ -414,11 +399,11 @@ async fn attempt(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::splice::{future_size, never};
+    use crate::splice::{assert_future_within, future_size, never};
 
     #[test]
     fn client_task_future_size() {
         let n = future_size(|| handle_client(never(), never(), never(), never(), never()));
-        println!("edge client task future: {n} bytes");
+        assert_future_within("edge client task", n, 2560);
     }
 }

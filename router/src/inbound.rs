@@ -136,30 +136,21 @@ async fn relay(
         return refuse(&shared, &mut send, &mut recv, Code::NextHopUnreachable);
     }
     // Handing the stream on is bounded like receiving it (`header_timeout`, below the edge's
-    // reply timeout) and gives up at a down verdict: a next hop that answers probes but grants no
-    // stream or no flow-control window would otherwise hold the edge's first try until its reply
-    // timeout, which it does not retry. `next_hop_unreachable` it does.
+    // reply timeout) and gives up at a down verdict (`open_next_hop`): otherwise a stuck next hop
+    // would hold the edge's first try until its reply timeout, which it does not retry.
+    // `next_hop_unreachable` it does.
     let deadline = tokio::time::sleep(shared.header_timeout);
     tokio::pin!(deadline);
-    let (mut dsend, mut drecv) = tokio::select! {
-        r = conn.open_bi() => match r {
-            Ok(s) => s,
-            Err(_) => return refuse(&shared, &mut send, &mut recv, Code::NextHopUnreachable),
-        },
-        _ = &mut deadline => return refuse(&shared, &mut send, &mut recv, Code::NextHopUnreachable),
-        _ = &mut next_hop_down => return refuse(&shared, &mut send, &mut recv, Code::NextHopUnreachable),
+    let Some((dsend, drecv)) = splice::open_next_hop(
+        &conn,
+        &mut [buf.freeze()],
+        deadline.as_mut(),
+        next_hop_down.as_mut(),
+    )
+    .await
+    else {
+        return refuse(&shared, &mut send, &mut recv, Code::NextHopUnreachable);
     };
-    let written = tokio::select! {
-        r = dsend.write_all(&buf) => r.is_ok(),
-        _ = &mut deadline => false,
-        _ = &mut next_hop_down => false,
-    };
-    if !written {
-        let code = Code::NextHopUnreachable;
-        let _ = dsend.reset(code.varint());
-        let _ = drecv.stop(code.varint());
-        return refuse(&shared, &mut send, &mut recv, code);
-    }
     shared.metrics.relayed_total.fetch_add(1, Relaxed);
     if let Some(code) = splice::relay(send, recv, dsend, drecv, next_hop_down).await {
         shared.metrics.error(code);
@@ -170,11 +161,11 @@ async fn relay(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::splice::{future_size, never};
+    use crate::splice::{assert_future_within, future_size, never};
 
     #[test]
     fn stream_task_future_size() {
         let n = future_size(|| serve_stream(never(), never(), never()));
-        println!("site/transit stream task future: {n} bytes");
+        assert_future_within("site/transit stream task", n, 3072);
     }
 }

@@ -478,6 +478,36 @@ pub(crate) async fn tcp_quic_with(
     shared.metrics.streams_active.fetch_sub(1, Relaxed);
 }
 
+/// Opens a stream on the next hop `conn` and writes `chunks` (the header, and an edge's replay) to
+/// it, giving up at `deadline` or when `down` (the next hop's down verdict) fires: a next hop that
+/// answers probes but grants no stream (its limit of concurrent streams reached) or no
+/// flow-control window would otherwise hold the stream forever. A stream opened but not written
+/// is reset with `next_hop_unreachable`; `None` means the next hop did not take it.
+pub(crate) async fn open_next_hop(
+    conn: &quinn::Connection,
+    chunks: &mut [Bytes],
+    mut deadline: std::pin::Pin<&mut tokio::time::Sleep>,
+    mut down: std::pin::Pin<&mut impl std::future::Future>,
+) -> Option<(SendStream, RecvStream)> {
+    let (mut send, mut recv) = tokio::select! {
+        r = conn.open_bi() => r.ok()?,
+        _ = &mut deadline => return None,
+        _ = &mut down => return None,
+    };
+    let written = tokio::select! {
+        r = send.write_all_chunks(chunks) => r.is_ok(),
+        _ = &mut deadline => false,
+        _ = &mut down => false,
+    };
+    if !written {
+        let code = Code::NextHopUnreachable;
+        let _ = send.reset(code.varint());
+        let _ = recv.stop(code.varint());
+        return None;
+    }
+    Some((send, recv))
+}
+
 /// The most a transit gathers into one block before handing it on (see [`pump`]).
 pub const RELAY_BLOCK: usize = 512 * 1024;
 
@@ -642,6 +672,18 @@ pub(crate) fn future_size<F: std::future::Future>(_make: impl FnOnce() -> F) -> 
     std::mem::size_of::<F>()
 }
 
+/// Prints a per-connection future's size and fails if it outgrew `budget`: every open connection
+/// keeps one (docs/benchmarks.md, memory per connection). The budgets leave room for compiler
+/// changes, not for a buffer moved into the future.
+#[cfg(test)]
+pub(crate) fn assert_future_within(what: &str, size: usize, budget: usize) {
+    println!("{what} future: {size} bytes");
+    assert!(
+        size <= budget,
+        "{what} future is {size} bytes, over its {budget}-byte budget"
+    );
+}
+
 /// A value of any type, for [`future_size`]'s never-called closures.
 #[cfg(test)]
 pub(crate) fn never<T>() -> T {
@@ -665,7 +707,7 @@ mod tests {
                 None,
             )
         });
-        println!("tcp_quic_with future: {n} bytes");
+        assert_future_within("tcp_quic_with", n, 2048);
     }
 
     #[tokio::test]

@@ -120,7 +120,7 @@ mod tests {
         let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let mut storage = vec![[0u8; 1500]; quinn::udp::BATCH_SIZE];
         let mut meta = vec![RecvMeta::default(); quinn::udp::BATCH_SIZE];
-        let (mut calls, mut sent) = (0, 0u32);
+        let mut sent = 0u32;
         for burst in [1, 2, 31, 32, 33, 64, 65, 1, 100] {
             for _ in 0..burst {
                 tx.send_to(&sent.to_be_bytes(), to).unwrap();
@@ -142,9 +142,7 @@ mod tests {
                     assert_eq!(&storage[i][..m.len], &first.to_be_bytes()[..], "in order");
                 }
                 got += n as u32;
-                calls += 1;
             }
         }
-        assert!(calls >= 9, "one poll per burst at least, got {calls}");
     }
 }

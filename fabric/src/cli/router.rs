@@ -84,7 +84,7 @@ fn parse_stale(s: &str) -> Result<std::time::Duration, String> {
 
 /// `--idle-timeout`: a duration; `off` or zero is `Duration::ZERO` (no timeout).
 fn parse_idle_timeout(s: &str) -> Result<std::time::Duration, String> {
-    if s.trim().eq_ignore_ascii_case("off") || s.trim() == "0" {
+    if s.trim().eq_ignore_ascii_case("off") {
         return Ok(std::time::Duration::ZERO);
     }
     parse_long_duration(s)

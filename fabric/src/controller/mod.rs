@@ -93,6 +93,28 @@ pub struct RouterLive {
     pub reports_dropped: u64,
 }
 
+impl RouterLive {
+    /// A router as first seen (from the store at start-up, or at its first connection or ack).
+    fn new(record: RouterRecord, connected: bool) -> RouterLive {
+        RouterLive {
+            record,
+            connected,
+            last_seen: Instant::now(),
+            samples_refused: 0,
+            reports_dropped: 0,
+        }
+    }
+
+    /// A router not in the store yet.
+    fn unrecorded(node: &str, connected: bool) -> RouterLive {
+        let record = RouterRecord {
+            node: node.to_string(),
+            ..Default::default()
+        };
+        RouterLive::new(record, connected)
+    }
+}
+
 /// The result of an apply or a dry run.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct ApplyOutcome {
@@ -180,16 +202,7 @@ impl Controller {
         let epoch = store::transaction(&*store, |tx| records::next_epoch(tx))?;
         let routers = DashMap::new();
         for (node, rec) in store::read(&*store, |tx| records::ROUTERS.all(tx))? {
-            routers.insert(
-                node,
-                RouterLive {
-                    record: rec,
-                    connected: false,
-                    last_seen: Instant::now(),
-                    samples_refused: 0,
-                    reports_dropped: 0,
-                },
-            );
+            routers.insert(node, RouterLive::new(rec, false));
         }
         let peers = router::tls::PeerNames::new(topology.nodes.iter().map(|n| n.id.to_string()));
         let current = Arc::new(Current {
@@ -502,16 +515,7 @@ impl Controller {
         let mut e = self
             .routers
             .entry(node.to_string())
-            .or_insert_with(|| RouterLive {
-                record: RouterRecord {
-                    node: node.to_string(),
-                    ..Default::default()
-                },
-                connected,
-                last_seen: Instant::now(),
-                samples_refused: 0,
-                reports_dropped: 0,
-            });
+            .or_insert_with(|| RouterLive::unrecorded(node, connected));
         e.connected = connected;
         e.last_seen = Instant::now();
         e.record.last_seen_unix_ms = records::now_unix_ms();
@@ -570,16 +574,7 @@ impl Controller {
             let mut e = self
                 .routers
                 .entry(node.to_string())
-                .or_insert_with(|| RouterLive {
-                    record: RouterRecord {
-                        node: node.to_string(),
-                        ..Default::default()
-                    },
-                    connected: true,
-                    last_seen: Instant::now(),
-                    samples_refused: 0,
-                    reports_dropped: 0,
-                });
+                .or_insert_with(|| RouterLive::unrecorded(node, true));
             f(&mut e.record);
             e.last_seen = Instant::now();
             e.record.last_seen_unix_ms = records::now_unix_ms();

@@ -280,17 +280,13 @@ async fn a_telemetry_flood_is_dropped_and_counted_while_versions_still_flow() {
     .await;
     // The operator sees it in `tasman status` (the real binary; the controller runs in this
     // process, so the command runs off the runtime's workers).
-    let (admin, token) = (d.admin_addr.to_string(), d.token.clone());
-    let status = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_tasman"))
-            .arg("status")
-            .env("TASMAN_CONTROLLER", admin)
-            .env("TASMAN_TOKEN", token)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let env = Env {
+        admin: d.admin_addr.to_string(),
+        token: d.token.clone(),
+    };
+    let status = tokio::task::spawn_blocking(move || tasman(&env, &["status"], &[], ""))
+        .await
+        .unwrap();
     let text = String::from_utf8_lossy(&status.stdout);
     let line = text
         .lines()
@@ -334,7 +330,7 @@ async fn a_telemetry_flood_is_dropped_and_counted_while_versions_still_flow() {
 /// the `Refused` frame on the way.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_and_bad_frames_close_the_connection_with_a_code_and_the_reason() {
-    use fabric::controller::distribute::close;
+    use router::codes::close;
     use router::control::proto::{self, FromRouter, ToRouter};
 
     let dir = tempfile::tempdir().unwrap();
@@ -405,7 +401,8 @@ async fn refusals_and_bad_frames_close_the_connection_with_a_code_and_the_reason
 /// (the endpoint's 1 s keep-alive would otherwise hold it, and its task, open forever).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_router_that_never_opens_its_stream_is_closed_after_the_hello_timeout() {
-    use fabric::controller::distribute::{HELLO_TIMEOUT, close};
+    use fabric::controller::distribute::HELLO_TIMEOUT;
+    use router::codes::close;
 
     let dir = tempfile::tempdir().unwrap();
     let nodes = fabric_nodes(1, 1);

@@ -162,6 +162,13 @@ pub mod close {
     pub const DECLARED_DOWN: u32 = 2;
     /// The peer is not a neighbour of this node in the topology.
     pub const NOT_A_NEIGHBOUR: u32 = 3;
+    /// The controller refused a router's control session (unknown node, certificate name and
+    /// hello disagree, or its first message was not a hello); a `Refused` frame went first.
+    pub const REFUSED: u32 = 4;
+    /// A control frame over its size limit, or a message that did not decode.
+    pub const PROTOCOL: u32 = 5;
+    /// No control stream and hello within the controller's hello timeout.
+    pub const HELLO_TIMEOUT: u32 = 6;
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use router::codes::close;
 use router::control::proto::{self, FromRouter, MAX_FROM_ROUTER, ToRouter};
 use router::tls::{self, TlsIdentity};
 
@@ -41,19 +42,6 @@ const REFUSE_LINGER: Duration = Duration::from_secs(2);
 /// Longest reason text in a `Refused` frame, a close or a log line (the router's hello names
 /// its node, up to a whole frame of it).
 const MAX_REASON: usize = 256;
-
-/// Application codes with which the controller closes a router's control connection (QUIC
-/// `CONNECTION_CLOSE`, the reason as text): the router, or a packet capture, learns why even
-/// when no `Refused` frame got through. Part of the wire protocol: never renumber, only add.
-pub mod close {
-    /// The router is not allowed (unknown node, certificate name and hello disagree, or its
-    /// first message was not a hello); a `Refused` frame went first.
-    pub const REFUSED: u32 = 1;
-    /// A frame over its size limit or a message that did not decode.
-    pub const PROTOCOL: u32 = 2;
-    /// No hello within the hello timeout.
-    pub const HELLO_TIMEOUT: u32 = 3;
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DistributeError {

@@ -5,39 +5,10 @@
 mod controller_common;
 
 use std::io::{Read, Write};
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use controller_common::*;
-
-const BIN: &str = env!("CARGO_BIN_EXE_tasman");
-
-struct Env {
-    admin: String,
-    token: String,
-}
-
-fn tasman(env: &Env, args: &[&str], extra_env: &[(&str, &str)], stdin: &str) -> Output {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .env("TASMAN_CONTROLLER", &env.admin)
-        .env("TASMAN_TOKEN", &env.token)
-        .env("TASMAN_AUTHOR", "tester")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in extra_env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("run tasman");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
-}
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()

@@ -57,15 +57,21 @@ fn every_command_refuses_an_oversize_topology_file_by_its_size() {
     }
 }
 
+/// `tasman controller --state STATE --topology TOPO` on free loopback ports.
+fn controller_cmd(state: &Path, topo: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["controller", "--state"])
+        .arg(state)
+        .arg("--topology")
+        .arg(topo)
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"]);
+    cmd
+}
+
 /// Starts a controller on `state` with `--topology topo`; returns it once it is ready.
 fn controller(state: &Path, topo: &Path) -> common::ControllerProc {
     common::spawn_controller(
-        Command::new(BIN)
-            .args(["controller", "--state"])
-            .arg(state)
-            .arg("--topology")
-            .arg(topo)
-            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        controller_cmd(state, topo)
             .env("RUST_LOG", "warn")
             .stderr(Stdio::piped()),
     )
@@ -80,7 +86,26 @@ fn a_controller_restarts_from_its_store_when_the_import_file_is_gone() {
     std::fs::copy(root.join("examples/apac.yaml"), &topo).unwrap();
     drop(controller(&state, &topo));
     std::fs::remove_file(&topo).unwrap();
-    drop(controller(&state, &topo));
+    let again = controller(&state, &topo);
+    // It serves the imported topology from its store.
+    let got = Command::new(BIN)
+        .args([
+            "topology",
+            "get",
+            "--controller",
+            &again.admin,
+            "--token-file",
+        ])
+        .arg(state.join("admin-token"))
+        .output()
+        .unwrap();
+    assert!(got.status.success(), "{got:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&got.stdout).trim_end(),
+        std::fs::read_to_string(root.join("examples/apac.yaml"))
+            .unwrap()
+            .trim_end()
+    );
 }
 
 #[test]
@@ -94,12 +119,7 @@ fn a_controller_names_its_invalid_import_file_in_each_diagnostic() {
         text.replacen("b: sin-transit-1,", "b: sin-transit-9,", 1),
     )
     .unwrap();
-    let out = Command::new(BIN)
-        .args(["controller", "--state"])
-        .arg(dir.path().join("state"))
-        .arg("--topology")
-        .arg(&topo)
-        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+    let out = controller_cmd(&dir.path().join("state"), &topo)
         .env("RUST_LOG", "off")
         .output()
         .unwrap();

@@ -3,7 +3,9 @@
 #![allow(dead_code)]
 
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use fabric::controller::daemon::{self, Daemon, DaemonConfig};
@@ -263,4 +265,33 @@ pub async fn echo_through(edge_client: std::net::SocketAddr) -> bool {
         tokio::time::timeout(Duration::from_secs(5), attempt).await,
         Ok(Some(()))
     )
+}
+
+/// Where the real `tasman` CLI finds the controller: its admin address and token.
+pub struct Env {
+    pub admin: String,
+    pub token: String,
+}
+
+/// Runs the real `tasman` binary against `env`'s controller, `stdin` fed to it.
+pub fn tasman(env: &Env, args: &[&str], extra_env: &[(&str, &str)], stdin: &str) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tasman"));
+    cmd.args(args)
+        .env("TASMAN_CONTROLLER", &env.admin)
+        .env("TASMAN_TOKEN", &env.token)
+        .env("TASMAN_AUTHOR", "tester")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("run tasman");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
 }

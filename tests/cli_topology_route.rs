@@ -1,6 +1,8 @@
 //! `tasman topology route` and `tasman topology diff` on examples/apac.yaml, run as real
 //! processes.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -332,4 +334,76 @@ fn route_and_diff_help_show_examples() {
             "{out}"
         );
     }
+}
+
+/// Two sites 1 ms apart from the edge share its new connections by weight; the route command
+/// shows each site's weight and share, in the table and in JSON.
+#[test]
+fn route_shows_the_weighted_share_of_equally_near_sites() {
+    use common::{LOCAL, TopoYaml, free_udp};
+    let backend = "127.0.0.1:9".parse().unwrap();
+    let mut y = TopoYaml::default();
+    y.edge("edge", free_udp(LOCAL), LOCAL, None)
+        .site_weighted(
+            "site-a",
+            free_udp(LOCAL),
+            &[("chat", backend, 10, Some(300))],
+        )
+        .site_weighted("site-b", free_udp(LOCAL), &[("chat", backend, 10, None)])
+        .site("site-far", free_udp(LOCAL), &[("chat", backend, 10)])
+        .link("edge", "site-a", "1ms")
+        .link("edge", "site-b", "2ms")
+        .link("edge", "site-far", "3.5ms")
+        .service("chat", 8080, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("t.yaml");
+    std::fs::write(&file, y.render()).unwrap();
+    let args = |extra: &[&'static str]| {
+        let mut a = vec!["topology", "route", file.to_str().unwrap()];
+        a.extend(["--from", "edge", "--service", "chat"]);
+        a.extend(extra);
+        tasman(&a)
+    };
+    let o = args(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let row = |site: &str| {
+        out.lines()
+            .find(|l| l.contains(&format!(" {site} ")))
+            .unwrap_or_else(|| panic!("no row for {site}: {out}"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+    };
+    // # site cost latency penalty weight share path
+    assert_eq!(&row("site-a")[5..7], ["300", "75%"], "{out}");
+    assert_eq!(&row("site-b")[5..7], ["100", "25%"], "{out}");
+    assert_eq!(&row("site-far")[5..7], ["100", "-"], "{out}");
+    assert!(
+        out.contains("shared by weight among the sites within 2ms"),
+        "{out}"
+    );
+
+    let o = args(&["-o", "json"]);
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let got: Vec<(&str, u64, f64)> = v["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let site = c["site"].as_str().unwrap();
+            (
+                site,
+                c["weight"].as_u64().unwrap(),
+                c["share"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("site-a", 300, 0.75),
+            ("site-b", 100, 0.25),
+            ("site-far", 100, 0.0)
+        ]
+    );
 }

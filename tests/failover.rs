@@ -3,41 +3,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{BufRead, ErrorKind, Read, Write};
 use std::time::{Duration, Instant};
 
 use common::*;
-
-/// A backend that greets with its site name, then echoes until EOF.
-fn greeting_backend(name: &'static str) -> SocketAddr {
-    let l = TcpListener::bind((LOCAL, 0)).unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            std::thread::spawn(move || {
-                let _ = s.write_all(format!("SITE={name}\n").as_bytes());
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 || s.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
-fn greet(port: u16) -> std::io::Result<(BufReader<TcpStream>, String)> {
-    let s = TcpStream::connect((LOCAL, port))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut r = BufReader::new(s);
-    let mut line = String::new();
-    r.read_line(&mut line)?;
-    Ok((r, line.trim().to_string()))
-}
 
 /// A new connection made right after a site was killed: it must be served by `site` and echo.
 /// Returns when its greeting arrived, measured from `killed`.

@@ -186,7 +186,7 @@ async fn handle_client(
     let _ = tcp.set_nodelay(true);
     // Circuit classification (and refusal without one) happened at accept.
     let routes = shared.routes.load_full();
-    let Some(cands) = routes.candidates(service.as_str()) else {
+    let Some((cands, dealt)) = routes.pick(service.as_str()) else {
         shared.metrics.error(Code::NoRoute);
         splice::reset_tcp(&tcp);
         return;
@@ -201,13 +201,15 @@ async fn handle_client(
     };
     let mut last = Code::NoRoute;
     // A circuit's connections take its reserved path first when the table still offers it;
-    // the other candidates remain the fallback (unreserved) when it fails.
-    let reserved = circuit
+    // others start on the site dealt to them among the equally near ones (`Routes::pick`). The
+    // other candidates, in rank order, remain the fallback (unreserved for a circuit).
+    let first = circuit
         .as_ref()
-        .and_then(|c| cands.iter().position(|cand| cand.path == c.spec.path));
-    let order = reserved
-        .into_iter()
-        .chain((0..cands.len()).filter(|i| Some(*i) != reserved));
+        .and_then(|c| cands.iter().position(|cand| cand.path == c.spec.path))
+        .unwrap_or(dealt);
+    let order = std::iter::once(first)
+        .filter(|&i| i < cands.len())
+        .chain((0..cands.len()).filter(|&i| i != first));
     for (i, cand) in order.map(|i| &cands[i]).take(shared.max_tries).enumerate() {
         if i > 0 {
             shared.metrics.failovers_total.fetch_add(1, Relaxed);

@@ -226,6 +226,22 @@ impl Metrics {
                 "tasman_service_candidates{{node=\"{node}\",service=\"{service}\"}} {n}"
             );
         }
+        let shares = routes.shares();
+        if !shares.is_empty() {
+            let _ = writeln!(
+                s,
+                "# HELP tasman_service_site_share Share of the service's new connections the edge deals to the site first (the equally near sites, by weight).
+# TYPE tasman_service_site_share gauge"
+            );
+        }
+        for (service, members) in shares {
+            for (site, share) in members {
+                let _ = writeln!(
+                    s,
+                    "tasman_service_site_share{{node=\"{node}\",service=\"{service}\",site=\"{site}\"}} {share}"
+                );
+            }
+        }
         s
     }
 }

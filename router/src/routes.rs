@@ -12,12 +12,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::task::AbortHandle;
 use topology::graph::Graph;
-use topology::route::{Candidate, LiveState, RoutingTable, SiteLoad};
+use topology::route::{Candidate, LiveState, RoutingTable, SiteLoad, Spread};
 use topology::{Latency, LinkId, NodeId, NodeKind, ServiceName, Topology, Vip};
 
 use crate::Shared;
@@ -27,12 +28,13 @@ use crate::site;
 use crate::snapshot::Snapshot;
 
 /// The table a connection reads. Candidates are ranked; the first one is the hysteresis-selected
-/// preferred site.
+/// preferred site, and it shares new connections with the equally near sites ranked after it
+/// ([`Spread`]).
 #[derive(Debug, Default)]
 pub struct Routes {
     /// Snapshot version this table was built from.
     pub version: u64,
-    by_service: HashMap<ServiceName, Arc<[Candidate]>>,
+    by_service: HashMap<ServiceName, ServiceRoute>,
     vips: Vec<(Vip, ServiceName)>,
     /// Services that only clients classified into a circuit may use.
     requires_circuit: Vec<ServiceName>,
@@ -45,20 +47,63 @@ pub struct Routes {
     pub relays: bool,
 }
 
+/// One service's entry in [`Routes`].
+#[derive(Debug)]
+struct ServiceRoute {
+    candidates: Arc<[Candidate]>,
+    spread: Spread,
+    /// Tickets dealt for this service. Carried over from table to table, so that a rebuild
+    /// (one a second at least) does not restart the sequence and favour its first member.
+    tickets: Arc<AtomicU64>,
+}
+
 impl Routes {
     /// Hot path: ranked candidates for `service` (an `Arc` clone, no copy).
     pub fn candidates(&self, service: &str) -> Option<Arc<[Candidate]>> {
-        self.by_service.get(service).cloned()
+        self.by_service.get(service).map(|r| r.candidates.clone())
+    }
+    /// Hot path (per connection): the ranked candidates for `service` and the index of the one
+    /// this connection tries first, dealt by weight among the equally near sites ([`Spread`]).
+    /// One atomic add when the service has more than one such site.
+    pub fn pick(&self, service: &str) -> Option<(Arc<[Candidate]>, usize)> {
+        let r = self.by_service.get(service)?;
+        let first = if r.spread.members() > 1 {
+            r.spread.pick(r.tickets.fetch_add(1, Ordering::Relaxed))
+        } else {
+            0
+        };
+        Some((r.candidates.clone(), first))
     }
     /// Per service, how many candidate sites the table holds (edges only), sorted by service.
     pub fn candidate_counts(&self) -> Vec<(&ServiceName, usize)> {
-        let mut v: Vec<_> = self.by_service.iter().map(|(s, c)| (s, c.len())).collect();
+        let mut v: Vec<_> = self
+            .by_service
+            .iter()
+            .map(|(s, r)| (s, r.candidates.len()))
+            .collect();
         v.sort();
+        v
+    }
+    /// Per service (sorted), the sites that share its new connections and their shares.
+    pub fn shares(&self) -> Vec<(&ServiceName, Vec<(&NodeId, f64)>)> {
+        let mut v: Vec<_> = self
+            .by_service
+            .iter()
+            .map(|(s, r)| {
+                let members = (0..r.spread.members())
+                    .map(|i| (&r.candidates[i].site, r.spread.share(i)))
+                    .collect();
+                (s, members)
+            })
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(b.0));
         v
     }
     /// The preferred candidate for `service`.
     pub fn preferred(&self, service: &str) -> Option<&Candidate> {
-        self.by_service.get(service).and_then(|c| c.first())
+        self.by_service
+            .get(service)
+            .and_then(|r| r.candidates.first())
     }
     /// Whether `service` is reserved to clients on a circuit.
     pub fn requires_circuit(&self, service: &str) -> bool {
@@ -401,6 +446,7 @@ impl Control {
             .map(|s| s.name.clone())
             .collect();
         let kind = topo.node(sh.node.as_str()).map(|n| n.kind);
+        let previous = sh.routes.load();
         let mut routes = Routes {
             version: snap.version,
             by_service: HashMap::new(),
@@ -440,7 +486,17 @@ impl Control {
                         } else {
                             self.incumbents.remove(&svc.name);
                         }
-                        routes.by_service.insert(svc.name.clone(), cands.into());
+                        let tickets = previous
+                            .by_service
+                            .get(&svc.name)
+                            .map(|r| r.tickets.clone())
+                            .unwrap_or_default();
+                        let route = ServiceRoute {
+                            spread: Spread::new(&cands),
+                            candidates: cands.into(),
+                            tickets,
+                        };
+                        routes.by_service.insert(svc.name.clone(), route);
                     }
                 }
                 Err(e) => routes.error = Some(e.to_string()),
@@ -459,7 +515,11 @@ pub fn preferred_sites(routes: &Routes) -> BTreeMap<String, String> {
     routes
         .by_service
         .iter()
-        .filter_map(|(s, c)| c.first().map(|c| (s.to_string(), c.site.to_string())))
+        .filter_map(|(s, r)| {
+            r.candidates
+                .first()
+                .map(|c| (s.to_string(), c.site.to_string()))
+        })
         .collect()
 }
 

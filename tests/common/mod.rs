@@ -13,8 +13,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -119,18 +119,29 @@ impl TopoYaml {
     pub fn transit(&mut self, id: &str, quic: SocketAddr) -> &mut Self {
         self.node(id, "transit", quic, "")
     }
-    /// `serves`: (service, backend, capacity).
+    /// `serves`: (service, backend, capacity), at the default weight.
     pub fn site(
         &mut self,
         id: &str,
         quic: SocketAddr,
         serves: &[(&str, SocketAddr, u32)],
     ) -> &mut Self {
+        let weighted: Vec<_> = serves.iter().map(|&(s, b, c)| (s, b, c, None)).collect();
+        self.site_weighted(id, quic, &weighted)
+    }
+    /// `serves`: (service, backend, capacity, weight if not the default).
+    pub fn site_weighted(
+        &mut self,
+        id: &str,
+        quic: SocketAddr,
+        serves: &[(&str, SocketAddr, u32, Option<u32>)],
+    ) -> &mut Self {
         let mut extra = String::from("    serves:\n");
-        for (svc, backend, cap) in serves {
+        for (svc, backend, cap, weight) in serves {
+            let weight = weight.map(|w| format!(", weight: {w}")).unwrap_or_default();
             let _ = writeln!(
                 extra,
-                "      - {{service: {svc}, backend: \"{backend}\", capacity: {cap}}}"
+                "      - {{service: {svc}, backend: \"{backend}\", capacity: {cap}{weight}}}"
             );
         }
         self.node(id, "site", quic, &extra)
@@ -488,4 +499,34 @@ pub fn spawn_controller(cmd: &mut Command) -> ControllerProc {
             );
         }
     }
+}
+
+/// A TCP backend that greets each connection with `SITE=<name>\n`, then echoes until EOF.
+pub fn greeting_backend(name: &'static str) -> SocketAddr {
+    let l = TcpListener::bind((LOCAL, 0)).unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let _ = s.write_all(format!("SITE={name}\n").as_bytes());
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+pub fn greet(port: u16) -> std::io::Result<(BufReader<TcpStream>, String)> {
+    let s = TcpStream::connect((LOCAL, port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    Ok((r, line.trim().to_string()))
 }

@@ -30,6 +30,8 @@ pub struct ServingSite {
     pub node: u32,
     /// The declared capacity (concurrent streams) of this service at this site.
     pub capacity: u32,
+    /// The service's weight at this site (its share among equally near sites).
+    pub weight: u32,
 }
 
 /// The sites that may serve one service.
@@ -233,6 +235,7 @@ impl Graph {
                     list.push(ServingSite {
                         node: gi as u32,
                         capacity: served.capacity,
+                        weight: served.weight,
                     });
                 }
             }

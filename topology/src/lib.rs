@@ -19,6 +19,8 @@ pub mod yaml;
 pub use diag::{Diagnostic, Severity};
 pub use graph::Graph;
 pub use model::*;
-pub use route::{Candidate, Hysteresis, LiveState, RouteError, RoutingTable, SiteLoad, route};
+pub use route::{
+    Candidate, Hysteresis, LiveState, RouteError, RoutingTable, SiteLoad, Spread, route,
+};
 pub use units::{Bandwidth, Latency, UnitError};
 pub use yaml::{Loaded, MAX_DOCUMENT_BYTES, load, to_yaml};

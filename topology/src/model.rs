@@ -197,8 +197,8 @@ pub struct SiteService {
     pub backend: SocketAddr,
     /// Concurrent streams the backend accepts before the site counts as full.
     pub capacity: u32,
-    /// Reserved for weighted spreading among equal-cost sites (default 100). Validated and
-    /// stored, but route selection does not read it yet: equal-cost sites are ranked by site id.
+    /// This site's share of new connections among the sites equally near an edge (default 100,
+    /// 1..=1_000_000): see [`crate::route::Spread`].
     #[serde(default = "default_weight")]
     pub weight: u32,
 }

@@ -128,6 +128,10 @@ pub struct Candidate {
     /// The path crosses a drained node or link (or the site is drained): used only because no
     /// drain-free path to this site exists.
     pub drained: bool,
+    /// The service's `weight` at this site: its share of new connections among the sites that
+    /// are equally near ([`Spread`]).
+    #[serde(default = "crate::model::default_weight")]
+    pub weight: u32,
 }
 
 impl Candidate {
@@ -385,6 +389,7 @@ impl RoutingTable {
                     penalty,
                     cost: latency.saturating_add(penalty),
                     drained: drained > 0,
+                    weight: site.weight,
                 });
             }
             candidates[start..].sort_by(|a, b| {
@@ -509,6 +514,109 @@ impl Hysteresis {
             Some(best)
         } else {
             Some(current)
+        }
+    }
+}
+
+/// How much more than the preferred site another site may cost and still share its new
+/// connections ([`Spread`]). Differences this small are measurement noise on a wide-area path
+/// (the controller publishes a measured link weight only when it is 2 ms above the declared
+/// one, for the same reason), so such sites count as equally near.
+pub const SPREAD_WITHIN: Latency = Latency::from_micros(2_000);
+
+/// 2^64 / φ: consecutive multiples of it, taken mod 2^64, are the Weyl sequence `{n φ}`, which
+/// fills `[0, 1)` more evenly than random draws do.
+const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// Weighted spreading of new connections over the sites that are equally near.
+///
+/// The group is the first candidate (the preferred site, after [`Hysteresis`]) and the
+/// candidates ranked right after it that are in the same drain class and cost at most
+/// [`SPREAD_WITHIN`] more than it. Each member takes new connections in proportion to its
+/// [`Candidate::weight`]; a site outside the group takes none while the group can serve. Open
+/// connections never move.
+///
+/// Connections are dealt by ticket: [`Spread::pick`] maps ticket `n` to the member whose slice
+/// of the total weight holds `{n φ}` (a Weyl sequence). Any run of consecutive tickets gives
+/// each member its share to within a few connections (tested below), with no state beyond one
+/// counter per service and no lock.
+///
+/// ```
+/// use topology::route::{Candidate, Spread};
+/// use topology::{Latency, NodeId};
+///
+/// let cand = |site: &str, ms: u64, weight: u32| Candidate {
+///     site: NodeId::new(site),
+///     path: vec![NodeId::new("edge"), NodeId::new(site)],
+///     latency: Latency::from_micros(ms * 1000),
+///     penalty: Latency::ZERO,
+///     cost: Latency::from_micros(ms * 1000),
+///     drained: false,
+///     weight,
+/// };
+/// // Two Sydney sites 1 ms apart share 3:1; Melbourne (12 ms) is the failover only.
+/// let ranked = [cand("syd-1", 1, 300), cand("syd-2", 2, 100), cand("mel-1", 12, 100)];
+/// let spread = Spread::new(&ranked);
+/// assert_eq!(spread.members(), 2);
+/// assert_eq!((spread.share(0), spread.share(1), spread.share(2)), (0.75, 0.25, 0.0));
+/// let to_syd_1 = (0..1000).filter(|&t| spread.pick(t) == 0).count();
+/// assert!((745..=755).contains(&to_syd_1));
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Spread {
+    /// Running sums of the members' weights (members are a prefix of the candidates); the last
+    /// is the total. Empty when there is no candidate.
+    cumulative: Vec<u64>,
+}
+
+impl Spread {
+    /// The group of ranked `candidates` (preferred first) that share new connections.
+    pub fn new(candidates: &[Candidate]) -> Spread {
+        let Some(first) = candidates.first() else {
+            return Spread::default();
+        };
+        let bound = first.cost.saturating_add(SPREAD_WITHIN);
+        let mut total = 0u64;
+        let cumulative = std::iter::once(first)
+            .chain(
+                candidates[1..]
+                    .iter()
+                    .take_while(|c| c.drained == first.drained && c.cost <= bound),
+            )
+            .map(|c| {
+                // Validation keeps weights at 1 or more; a 0 from elsewhere still takes a turn
+                // rather than making the total 0.
+                total += u64::from(c.weight.max(1));
+                total
+            })
+            .collect();
+        Spread { cumulative }
+    }
+
+    /// How many leading candidates share new connections (0 only without candidates).
+    pub fn members(&self) -> usize {
+        self.cumulative.len()
+    }
+
+    /// The share of new connections candidate `i` takes: in `[0, 1]`, 0 outside the group.
+    pub fn share(&self, i: usize) -> f64 {
+        let (Some(&total), Some(&upto)) = (self.cumulative.last(), self.cumulative.get(i)) else {
+            return 0.0;
+        };
+        let before = if i == 0 { 0 } else { self.cumulative[i - 1] };
+        (upto - before) as f64 / total as f64
+    }
+
+    /// The candidate (an index into the ranked list) that the connection with `ticket` tries
+    /// first.
+    pub fn pick(&self, ticket: u64) -> usize {
+        match self.cumulative.as_slice() {
+            [] | [_] => 0,
+            [.., total] => {
+                let point = ((u128::from(ticket.wrapping_mul(GOLDEN_GAMMA)) * u128::from(*total))
+                    >> 64) as u64;
+                self.cumulative.partition_point(|&c| c <= point)
+            }
         }
     }
 }
@@ -900,5 +1008,87 @@ mod tests {
             "s1"
         );
         assert!(h.select(None, &[]).is_none());
+    }
+
+    fn spread_of(costs_ms: &[f64], weights: &[u32]) -> (Vec<Candidate>, Spread) {
+        let ranked: Vec<Candidate> = costs_ms
+            .iter()
+            .zip(weights)
+            .enumerate()
+            .map(|(i, (&cost, &weight))| Candidate {
+                site: nid(&format!("s{i}")),
+                path: vec![nid("edge"), nid(&format!("s{i}"))],
+                latency: ms(cost),
+                penalty: Latency::ZERO,
+                cost: ms(cost),
+                drained: false,
+                weight,
+            })
+            .collect();
+        let spread = Spread::new(&ranked);
+        (ranked, spread)
+    }
+
+    #[test]
+    fn spread_groups_the_sites_within_two_ms_of_the_preferred_one() {
+        assert_eq!(Spread::new(&[]).members(), 0);
+        assert_eq!(Spread::new(&[]).pick(7), 0);
+        let (_, one) = spread_of(&[5.0, 7.5], &[100, 100]);
+        assert_eq!(one.members(), 1);
+        assert_eq!((one.share(0), one.share(1)), (1.0, 0.0));
+        assert!((0..100).all(|t| one.pick(t) == 0));
+        // Exactly 2 ms more is still equally near; the list is cut at the first site beyond.
+        let (_, three) = spread_of(&[5.0, 6.0, 7.0, 7.1, 7.0], &[1, 1, 2, 1, 1]);
+        assert_eq!(three.members(), 3);
+        assert_eq!(
+            (0..4).map(|i| three.share(i)).collect::<Vec<_>>(),
+            [0.25, 0.25, 0.5, 0.0]
+        );
+        // A preferred site kept by hysteresis may cost more than the sites after it.
+        let (_, sticky) = spread_of(&[9.0, 8.0, 10.5, 11.5], &[1, 1, 1, 1]);
+        assert_eq!(sticky.members(), 3);
+        // Drained sites do not share with drain-free ones, nor the other way round.
+        let (mut ranked, _) = spread_of(&[5.0, 5.0, 5.0], &[1, 1, 1]);
+        ranked[2].drained = true;
+        assert_eq!(Spread::new(&ranked).members(), 2);
+        ranked[0].drained = true;
+        assert_eq!(Spread::new(&ranked).members(), 1);
+        // A weight of 0 (validation refuses it) still takes a turn.
+        let (_, zero) = spread_of(&[5.0, 5.0], &[0, 1]);
+        assert_eq!((zero.share(0), zero.share(1)), (0.5, 0.5));
+    }
+
+    /// Any run of consecutive tickets, wherever it starts (the counter wraps), gives each member
+    /// its share to within a few connections.
+    #[test]
+    fn spread_deals_shares_evenly_over_any_run_of_tickets() {
+        let cases: [&[u32]; 5] = [
+            &[300, 100],
+            &[1, 1, 1],
+            &[100, 100, 100, 100, 100, 100, 100],
+            &[1, 1_000_000],
+            &[5, 3, 2],
+        ];
+        for weights in cases {
+            let costs = vec![1.0; weights.len()];
+            let (_, spread) = spread_of(&costs, weights);
+            assert_eq!(spread.members(), weights.len());
+            for start in [0u64, 1, 12_345, 1 << 40, u64::MAX - 700] {
+                for run in [10u64, 100, 1000, 10_000] {
+                    let mut got = vec![0u64; weights.len()];
+                    for k in 0..run {
+                        got[spread.pick(start.wrapping_add(k))] += 1;
+                    }
+                    for (i, &n) in got.iter().enumerate() {
+                        let want = spread.share(i) * run as f64;
+                        assert!(
+                            (n as f64 - want).abs() <= 3.0,
+                            "weights {weights:?}, tickets {start}+{run}: member {i} got {n}, \
+                             share {want:.1}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }

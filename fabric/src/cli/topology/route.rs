@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use serde::Serialize;
-use topology::route::{Candidate, LiveState, RouteError, RoutingTable};
+use topology::route::{Candidate, LiveState, RouteError, RoutingTable, SPREAD_WITHIN, Spread};
 use topology::{Graph, Latency, LinkId, NodeId};
 
 use super::{OutputFormat, load_or_report};
@@ -60,10 +60,13 @@ struct CandidateJson<'a> {
     penalty_ms: f64,
     cost_ms: f64,
     drained: bool,
+    weight: u32,
+    /// Share of new connections dealt to this site first (0 outside the equally near group).
+    share: f64,
 }
 
-impl<'a> From<&'a Candidate> for CandidateJson<'a> {
-    fn from(c: &'a Candidate) -> Self {
+impl<'a> CandidateJson<'a> {
+    fn new(c: &'a Candidate, share: f64) -> Self {
         CandidateJson {
             site: c.site.as_str(),
             path: c.path.iter().map(NodeId::as_str).collect(),
@@ -71,6 +74,8 @@ impl<'a> From<&'a Candidate> for CandidateJson<'a> {
             penalty_ms: millis(c.penalty),
             cost_ms: millis(c.cost),
             drained: c.drained,
+            weight: c.weight,
+            share,
         }
     }
 }
@@ -128,13 +133,18 @@ pub fn run(args: RouteArgs) -> ExitCode {
         Err(e) => return fail("--from", e),
     };
     let candidates = table.candidates(&args.service);
+    let spread = Spread::new(candidates);
     match args.output {
         OutputFormat::Json => {
             let out = RouteJson {
                 from: &args.from,
                 service: &args.service,
                 down: &args.down,
-                candidates: candidates.iter().map(CandidateJson::from).collect(),
+                candidates: candidates
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| CandidateJson::new(c, spread.share(i)))
+                    .collect(),
             };
             match serde_json::to_string_pretty(&out) {
                 Ok(s) => println!("{s}"),
@@ -144,12 +154,12 @@ pub fn run(args: RouteArgs) -> ExitCode {
                 }
             }
         }
-        OutputFormat::Table => print!("{}", table_text(&args, candidates)),
+        OutputFormat::Table => print!("{}", table_text(&args, candidates, &spread)),
     }
     ExitCode::SUCCESS
 }
 
-fn table_text(args: &RouteArgs, candidates: &[Candidate]) -> String {
+fn table_text(args: &RouteArgs, candidates: &[Candidate], spread: &Spread) -> String {
     use std::fmt::Write as _;
     let mut s = String::new();
     let _ = write!(s, "route from {} for {}", args.from, args.service);
@@ -169,8 +179,8 @@ fn table_text(args: &RouteArgs, candidates: &[Candidate]) -> String {
         .max(4);
     let _ = writeln!(
         s,
-        "{:>2}  {:<site_w$}  {:>10}  {:>10}  {:>10}  path",
-        "#", "site", "cost", "latency", "penalty"
+        "{:>2}  {:<site_w$}  {:>10}  {:>10}  {:>10}  {:>6}  {:>5}  path",
+        "#", "site", "cost", "latency", "penalty", "weight", "share"
     );
     for (i, c) in candidates.iter().enumerate() {
         let path = c
@@ -180,14 +190,26 @@ fn table_text(args: &RouteArgs, candidates: &[Candidate]) -> String {
             .collect::<Vec<_>>()
             .join(" > ");
         let drained = if c.drained { "  (drained)" } else { "" };
+        let share = match spread.share(i) {
+            0.0 => "-".to_string(),
+            x => format!("{:.0}%", x * 100.0),
+        };
         let _ = writeln!(
             s,
-            "{:>2}  {:<site_w$}  {:>10}  {:>10}  {:>10}  {path}{drained}",
+            "{:>2}  {:<site_w$}  {:>10}  {:>10}  {:>10}  {:>6}  {share:>5}  {path}{drained}",
             i + 1,
             c.site.as_str(),
             c.cost.to_string(),
             c.latency.to_string(),
             c.penalty.to_string(),
+            c.weight,
+        );
+    }
+    if spread.members() > 1 {
+        let _ = writeln!(
+            s,
+            "new connections are shared by weight among the sites within {} of the first",
+            SPREAD_WITHIN
         );
     }
     s

@@ -1,0 +1,83 @@
+//! Site weights: equally near sites share an edge's new connections in proportion to their
+//! weight; a site farther away takes none while they serve, and takes over when they are gone.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::*;
+
+/// The edge's `tasman_service_site_share` gauges for `service`: site -> share.
+fn shares(f: &Fabric, service: &str) -> BTreeMap<String, f64> {
+    let text = f.get("edge", "/metrics").unwrap_or_default();
+    let svc = format!("service=\"{service}\"");
+    text.lines()
+        .filter(|l| l.starts_with("tasman_service_site_share{") && l.contains(&svc))
+        .filter_map(|l| {
+            let site = l.split("site=\"").nth(1)?.split('"').next()?.to_string();
+            Some((site, l.rsplit(' ').next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Opens `n` connections one after another; returns how many each site greeted.
+fn deal(port: u16, n: usize) -> BTreeMap<String, usize> {
+    let mut got = BTreeMap::new();
+    for i in 0..n {
+        let (_, greeting) = greet(port).unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        *got.entry(greeting).or_default() += 1;
+    }
+    got
+}
+
+#[test]
+fn equally_near_sites_share_new_connections_by_weight() {
+    let (a, b, far) = (
+        greeting_backend("site-a"),
+        greeting_backend("site-b"),
+        greeting_backend("site-far"),
+    );
+    let port = free_tcp_port(LOCAL);
+    let mut y = TopoYaml::default();
+    y.edge("edge", free_udp(LOCAL), LOCAL, None)
+        .site_weighted("site-a", free_udp(LOCAL), &[("chat", a, 1000, Some(300))])
+        .site_weighted("site-b", free_udp(LOCAL), &[("chat", b, 1000, Some(100))])
+        .site_weighted(
+            "site-far",
+            free_udp(LOCAL),
+            &[("chat", far, 1000, Some(900))],
+        )
+        .link("edge", "site-a", "1ms")
+        .link("edge", "site-b", "2ms")
+        .link("edge", "site-far", "20ms")
+        .service("chat", port, &[]);
+    let mut f = Fabric::new(&y);
+    f.start_all();
+    let want = BTreeMap::from([("site-a".to_string(), 0.75), ("site-b".to_string(), 0.25)]);
+    eventually(
+        DEADLINE,
+        "the edge to share chat 3:1 over site-a and site-b",
+        || shares(&f, "chat") == want,
+    );
+    eventually(DEADLINE, "every site a candidate at the edge", || {
+        f.metric("edge", "tasman_service_candidates", "service=\"chat\"") == 3
+    });
+
+    // Connections are dealt in a fixed sequence, so 400 in a row split 300:100 within a few;
+    // site-far (weight 900, but 18 ms farther) gets none.
+    let got = deal(port, 400);
+    let count = |site: &str| got.get(&format!("SITE={site}")).copied().unwrap_or(0);
+    let (to_a, to_b) = (count("site-a"), count("site-b"));
+    assert!(
+        (294..=306).contains(&to_a) && to_a + to_b == 400,
+        "400 connections split {got:?}, want 300 and 100"
+    );
+
+    // Without site-a, site-b takes every new connection; site-far still none.
+    f.kill("site-a");
+    eventually(DEADLINE, "the edge to give site-b all of chat", || {
+        shares(&f, "chat") == BTreeMap::from([("site-b".to_string(), 1.0)])
+    });
+    let got = deal(port, 20);
+    assert_eq!(got, BTreeMap::from([("SITE=site-b".to_string(), 20)]));
+}

@@ -406,4 +406,22 @@ fn route_shows_the_weighted_share_of_equally_near_sites() {
             ("site-far", 100, 0.0)
         ]
     );
+
+    // The diff's impact names a change of weight that moves shares, though no site changes.
+    let text = std::fs::read_to_string(&file).unwrap();
+    let even = dir.path().join("even.yaml");
+    std::fs::write(&even, text.replace("weight: 300", "weight: 100")).unwrap();
+    let o = tasman(&[
+        "topology",
+        "diff",
+        file.to_str().unwrap(),
+        even.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("edge chat: shares changed: site-a")
+            && out.contains("; shared: site-a 75% + site-b 25% -> site-a 50% + site-b 50%"),
+        "{out}"
+    );
 }

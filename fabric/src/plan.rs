@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 use topology::Topology;
-use topology::diff::{ImpactEntry, ImpactKind, TopologyDiff};
+use topology::diff::{ImpactEntry, ImpactKind, TopologyDiff, shares_text};
 use topology::route::{Candidate, LiveState};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -36,6 +36,19 @@ fn cand(c: &Option<Candidate>) -> String {
         ),
         None => "no site".into(),
     }
+}
+
+/// `; shared: a 50% + b 50% -> one site` when either side shares the edge's new connections
+/// between equally near sites.
+pub(crate) fn shares_line(e: &ImpactEntry) -> String {
+    if e.old_shares.is_empty() && e.new_shares.is_empty() {
+        return String::new();
+    }
+    format!(
+        "; shared: {} -> {}",
+        shares_text(&e.old_shares),
+        shares_text(&e.new_shares)
+    )
 }
 
 fn render(diff: &TopologyDiff, impact: &[ImpactEntry]) -> String {
@@ -68,6 +81,7 @@ fn render(diff: &TopologyDiff, impact: &[ImpactEntry]) -> String {
             ImpactKind::SiteChanged => "site changes",
             ImpactKind::PathChanged => "path changes",
             ImpactKind::CostChanged => "cost changes",
+            ImpactKind::SharesChanged => "shares change",
         };
         let delta = match (&e.old, &e.new) {
             (Some(o), Some(n)) => format!(
@@ -78,11 +92,12 @@ fn render(diff: &TopologyDiff, impact: &[ImpactEntry]) -> String {
         };
         let _ = writeln!(
             s,
-            "  {} {}: {what}: {} -> {}{delta}",
+            "  {} {}: {what}: {} -> {}{delta}{}",
             e.edge,
             e.service,
             cand(&e.old),
-            cand(&e.new)
+            cand(&e.new),
+            shares_line(e)
         );
     }
     s

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::task::AbortHandle;
 use topology::graph::Graph;
-use topology::route::{Candidate, LiveState, RoutingTable, SiteLoad, Spread};
+use topology::route::{Candidate, LiveState, RoutingTable, SiteLoad, Spread, preferred_first};
 use topology::{Latency, LinkId, NodeId, NodeKind, ServiceName, Topology, Vip};
 
 use crate::Shared;
@@ -475,10 +475,7 @@ impl Control {
                             .select(self.incumbents.get(&svc.name), &cands)
                             .map(|c| c.site.clone());
                         if let Some(site) = chosen {
-                            if let Some(pos) = cands.iter().position(|c| c.site == site) {
-                                let c = cands.remove(pos);
-                                cands.insert(0, c);
-                            }
+                            cands = preferred_first(cands, &site);
                             if self.incumbents.get(&svc.name) != Some(&site) {
                                 tracing::info!(node = %sh.node, service = %svc.name, site = %site, "preferred site");
                                 self.incumbents.insert(svc.name.clone(), site);

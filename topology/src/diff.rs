@@ -15,7 +15,9 @@ use serde_json::Value;
 
 use crate::graph::Graph;
 use crate::model::{NodeId, NodeKind, ServiceName, Topology};
-use crate::route::{Candidate, Hysteresis, LiveState, RouteError, RoutingTable};
+use crate::route::{
+    Candidate, Hysteresis, LiveState, RouteError, RoutingTable, Share, Spread, preferred_first,
+};
 
 /// The structural difference between two topologies. Every list is sorted by id.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -212,6 +214,9 @@ pub enum ImpactKind {
     PathChanged,
     /// Same site and path, different cost (or drained flag).
     CostChanged,
+    /// Same site, path and cost, but the equally near sites that share its new connections, or
+    /// their weights, change (`old_shares`, `new_shares`).
+    SharesChanged,
 }
 
 /// One edge and service whose choice changes.
@@ -222,6 +227,34 @@ pub struct ImpactEntry {
     pub kind: ImpactKind,
     pub old: Option<Candidate>,
     pub new: Option<Candidate>,
+    /// Before: the sites sharing the edge's new connections for the service, by weight
+    /// ([`crate::route::Spread`]); empty when one site takes them all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub old_shares: Vec<Share>,
+    /// After, the same.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub new_shares: Vec<Share>,
+}
+
+/// `site 75% + site 25%` for shares; `one site` when there are none (one site takes all).
+pub fn shares_text(shares: &[Share]) -> String {
+    if shares.is_empty() {
+        return "one site".to_string();
+    }
+    shares
+        .iter()
+        .map(|s| format!("{} {:.0}%", s.site, s.share * 100.0))
+        .collect::<Vec<_>>()
+        .join(" + ")
+}
+
+/// The shares of the edge's new connections when it uses `chosen` among `ranked`.
+pub fn shares_of(ranked: &[Candidate], chosen: Option<&Candidate>) -> Vec<Share> {
+    let Some(chosen) = chosen else {
+        return Vec::new();
+    };
+    let ordered = preferred_first(ranked.to_vec(), &chosen.site);
+    Spread::new(&ordered).shares(&ordered)
 }
 
 /// The site each edge uses now for each service (edges report it to the controller). Where an
@@ -309,6 +342,8 @@ pub fn impact_with(
             let n = after
                 .get(service)
                 .and_then(|cands| hysteresis.select(o.map(|c| &c.site), cands));
+            let old_shares = shares_of(before.get(service).copied().unwrap_or_default(), o);
+            let new_shares = shares_of(after.get(service).copied().unwrap_or_default(), n);
             let kind = match (o, n) {
                 (Some(_), None) => ImpactKind::Lost,
                 (None, Some(_)) => ImpactKind::Gained,
@@ -317,6 +352,7 @@ pub fn impact_with(
                 (Some(o), Some(n)) if (o.cost, o.drained) != (n.cost, n.drained) => {
                     ImpactKind::CostChanged
                 }
+                (Some(_), Some(_)) if old_shares != new_shares => ImpactKind::SharesChanged,
                 _ => continue,
             };
             out.push(ImpactEntry {
@@ -325,6 +361,8 @@ pub fn impact_with(
                 kind,
                 old: o.cloned(),
                 new: n.cloned(),
+                old_shares,
+                new_shares,
             });
         }
     }
@@ -594,5 +632,82 @@ mod tests {
         // the cheapest candidate stands in for it.
         let stale = using("embed", "s1");
         assert!(with(&old, &old, &stale).is_empty());
+    }
+
+    #[test]
+    fn impact_shows_how_equally_near_sites_share_new_connections() {
+        let old = base().build();
+        let live = LiveState::default();
+        let shares = |v: &[Share]| {
+            v.iter()
+                .map(|s| (s.site.to_string(), s.share))
+                .collect::<Vec<_>>()
+        };
+        // A third site 6 ms from the edge: within 2 ms of s1 (5 ms), so it shares chat with s1;
+        // s1 stays the site in use, with the same path and cost.
+        let mut b = base();
+        b.node("s3", NodeKind::Site)
+            .link("edge", "s3", ms(6.0))
+            .serve("s3", "chat", 100);
+        let added = b.build();
+        let i = impact(&old, &added, &live);
+        assert_eq!(i.len(), 1, "{i:?}");
+        assert_eq!(
+            (i[0].service.as_str(), i[0].kind),
+            ("chat", ImpactKind::SharesChanged)
+        );
+        assert!(i[0].old_shares.is_empty());
+        assert_eq!(
+            shares(&i[0].new_shares),
+            [("s1".to_string(), 0.5), ("s3".to_string(), 0.5)]
+        );
+        assert_eq!(shares_text(&i[0].new_shares), "s1 50% + s3 50%");
+        assert_eq!(shares_text(&i[0].old_shares), "one site");
+
+        // Then s3's weight goes to 300: the split moves to 1:3.
+        let mut heavier = added.clone();
+        let s3 = heavier
+            .nodes
+            .iter_mut()
+            .find(|n| n.id.as_str() == "s3")
+            .unwrap();
+        s3.serves[0].weight = 300;
+        let i = impact(&added, &heavier, &live);
+        assert_eq!(i.len(), 1, "{i:?}");
+        assert_eq!(i[0].kind, ImpactKind::SharesChanged);
+        assert_eq!(
+            (shares(&i[0].old_shares), shares(&i[0].new_shares)),
+            (
+                vec![("s1".to_string(), 0.5), ("s3".to_string(), 0.5)],
+                vec![("s1".to_string(), 0.25), ("s3".to_string(), 0.75)]
+            )
+        );
+
+        // The same change seen by an edge that keeps s3 in use lists s3 first.
+        let on_s3: Incumbents = BTreeMap::from([(
+            NodeId::new("edge"),
+            BTreeMap::from([(ServiceName::new("chat"), NodeId::new("s3"))]),
+        )]);
+        let i = impact_with(
+            &added,
+            &live,
+            &heavier,
+            &live,
+            &on_s3,
+            Hysteresis::default(),
+        );
+        assert_eq!(
+            shares(&i[0].new_shares),
+            [("s3".to_string(), 0.75), ("s1".to_string(), 0.25)]
+        );
+
+        // Weights alone never change a pair whose site takes every connection.
+        let mut weighted = old.clone();
+        for n in &mut weighted.nodes {
+            for s in &mut n.serves {
+                s.weight = 7;
+            }
+        }
+        assert!(impact(&old, &weighted, &live).is_empty());
     }
 }

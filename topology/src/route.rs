@@ -524,6 +524,24 @@ impl Hysteresis {
 /// one, for the same reason), so such sites count as equally near.
 pub const SPREAD_WITHIN: Latency = Latency::from_micros(2_000);
 
+/// One site's share of an edge's new connections for a service ([`Spread`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Share {
+    pub site: NodeId,
+    /// In `(0, 1]`.
+    pub share: f64,
+}
+
+/// `ranked` as an edge holds it: the site hysteresis keeps (`preferred`) first, the others in
+/// rank order. Unchanged when `preferred` is not among them.
+pub fn preferred_first(mut ranked: Vec<Candidate>, preferred: &NodeId) -> Vec<Candidate> {
+    if let Some(pos) = ranked.iter().position(|c| &c.site == preferred) {
+        let c = ranked.remove(pos);
+        ranked.insert(0, c);
+    }
+    ranked
+}
+
 /// 2^64 / φ: consecutive multiples of it, taken mod 2^64, are the Weyl sequence `{n φ}`, which
 /// fills `[0, 1)` more evenly than random draws do.
 const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -605,6 +623,23 @@ impl Spread {
         };
         let before = if i == 0 { 0 } else { self.cumulative[i - 1] };
         (upto - before) as f64 / total as f64
+    }
+
+    /// Each member of the group (a prefix of `candidates`, the list this was built from) with
+    /// its share; empty when the group is one site (it takes every new connection).
+    pub fn shares(&self, candidates: &[Candidate]) -> Vec<Share> {
+        if self.members() < 2 {
+            return Vec::new();
+        }
+        candidates
+            .iter()
+            .take(self.members())
+            .enumerate()
+            .map(|(i, c)| Share {
+                site: c.site.clone(),
+                share: self.share(i),
+            })
+            .collect()
     }
 
     /// The candidate (an index into the ranked list) that the connection with `ticket` tries

@@ -67,6 +67,10 @@ pub struct EdgeChoice {
     /// eligible site, and the controller shows the cheapest one.
     #[serde(default)]
     pub reported: bool,
+    /// The equally near sites that share the edge's new connections with `site`, by weight
+    /// (`site` first); empty when `site` takes them all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shares: Vec<topology::route::Share>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -140,12 +144,10 @@ pub fn build(st: &AdminState) -> Status {
             continue;
         };
         for s in &mut services {
-            let (choice, reported) = topology::diff::in_use(
-                &incumbents,
-                &edge.id,
-                &s.service,
-                table.candidates(&s.service),
-            );
+            let ranked = table.candidates(&s.service);
+            let (choice, reported) =
+                topology::diff::in_use(&incumbents, &edge.id, &s.service, ranked);
+            let shares = topology::diff::shares_of(ranked, choice);
             s.edges.push(EdgeChoice {
                 edge: edge.id.to_string(),
                 site: choice.map(|c| c.site.to_string()),
@@ -154,6 +156,7 @@ pub fn build(st: &AdminState) -> Status {
                     .unwrap_or_default(),
                 cost_ms: choice.map(|c| c.cost.as_millis_f64()),
                 reported,
+                shares,
             });
         }
     }

@@ -101,6 +101,13 @@ pub fn run(args: StatusArgs) -> ExitCode {
                 ),
                 None => println!("  {:<20} -> no eligible site", e.edge),
             }
+            if !e.shares.is_empty() {
+                println!(
+                    "  {:<20}    shared by weight: {}",
+                    "",
+                    topology::diff::shares_text(&e.shares)
+                );
+            }
         }
     }
     println!();

@@ -151,14 +151,16 @@ fn table_text(changes: &TopologyDiff, impact: &[ImpactEntry]) -> String {
             ImpactKind::SiteChanged => "site changed",
             ImpactKind::PathChanged => "path changed",
             ImpactKind::CostChanged => "cost changed",
+            ImpactKind::SharesChanged => "shares changed",
         };
         let _ = writeln!(
             s,
-            "  {} {}: {kind}: {} -> {}",
+            "  {} {}: {kind}: {} -> {}{}",
             e.edge,
             e.service,
             candidate(&e.old),
-            candidate(&e.new)
+            candidate(&e.new),
+            crate::plan::shares_line(e)
         );
     }
     s

@@ -41,7 +41,8 @@ async fn setup(dir: &std::path::Path, yaml: &str) -> (fabric::controller::daemon
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unauthenticated_admin_requests_are_refused_and_status_needs_the_token() {
     let dir = tempfile::tempdir().unwrap();
-    let (d, env) = setup(dir.path(), &fabric_yaml(62, 2, 2, 10)).await;
+    // A 1 ms ring: each edge has its sites 3 and 4 ms away, within 2 ms, so they share it.
+    let (d, env) = setup(dir.path(), &fabric_yaml(62, 2, 2, 1)).await;
     let addr = env.admin.clone();
     let token = env.token.clone();
     let (none, wrong, good, apply_none) = tokio::task::spawn_blocking(move || {
@@ -115,6 +116,17 @@ async fn unauthenticated_admin_requests_are_refused_and_status_needs_the_token()
             .all(|e| e["reported"] == false && e["site"].is_string())
     );
     assert!(so.contains("(estimate: no report from the edge)"), "{so}");
+    // Equal weights: the two sites share each edge's new connections half and half.
+    let shares = &st["services"][0]["edges"][0]["shares"];
+    assert_eq!(
+        shares,
+        &serde_json::json!([{"site": "site-0", "share": 0.5}, {"site": "site-1", "share": 0.5}]),
+        "{st}"
+    );
+    assert!(
+        so.contains("shared by weight: site-0 50% + site-1 50%"),
+        "{so}"
+    );
     d.shutdown().await;
 }
 

@@ -321,14 +321,40 @@ async fn read_until_closed(s: &mut tokio::net::TcpStream, limit: Duration) -> Op
         .map(|_| got)
 }
 
+/// Serves the admin API of `d` on a port of its own within `limits`.
+async fn serve_admin(
+    d: &fabric::controller::daemon::Daemon,
+    env: &Env,
+    limits: fabric::admin::ServeLimits,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use fabric::admin::AdminState;
+    use fabric::circuits::service::{CircuitService, DEFAULT_PROVISION_TIMEOUT};
+    let circuits = CircuitService::new(d.ctl.clone(), DEFAULT_PROVISION_TIMEOUT).unwrap();
+    let state = AdminState::new(d.ctl.clone(), &env.token, circuits);
+    let listener = fabric::admin::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(fabric::admin::serve_with(listener, state, limits));
+    (addr, server)
+}
+
+fn get_topology(env: &Env, connection: &str) -> String {
+    format!(
+        "GET /v1/topology HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: {connection}\r\n\r\n",
+        env.token
+    )
+}
+
 /// A client that sends part of its headers, or nothing, is cut off after the admin API's
-/// header-read timeout, before any authentication (axum::serve kept such connections forever).
+/// header-read timeout, before any authentication (axum::serve kept such connections forever);
+/// so is a kept-alive connection that stays idle after its request was answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_api_cuts_off_clients_that_never_finish_their_headers() {
     use tokio::io::AsyncWriteExt;
-    let limit = fabric::admin::ServeLimits::default().header_read_timeout;
+    let limit = fabric::admin::DEFAULT_LIMITS.header_read_timeout;
     let dir = tempfile::tempdir().unwrap();
-    let (d, _env) = setup(dir.path(), &fabric_yaml(63, 1, 1, 10)).await;
+    let (d, env) = setup(dir.path(), &fabric_yaml(63, 1, 1, 10)).await;
     let started = std::time::Instant::now();
     let mut partial = tokio::net::TcpStream::connect(d.admin_addr).await.unwrap();
     partial
@@ -336,10 +362,18 @@ async fn the_admin_api_cuts_off_clients_that_never_finish_their_headers() {
         .await
         .unwrap();
     let mut silent = tokio::net::TcpStream::connect(d.admin_addr).await.unwrap();
-    for s in [&mut partial, &mut silent] {
-        let got = read_until_closed(s, limit * 2).await;
-        assert!(got.is_some(), "still open after {:?}", started.elapsed());
+    let mut kept_alive = tokio::net::TcpStream::connect(d.admin_addr).await.unwrap();
+    kept_alive
+        .write_all(get_topology(&env, "keep-alive").as_bytes())
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    for s in [&mut partial, &mut silent, &mut kept_alive] {
+        got = read_until_closed(s, limit * 2)
+            .await
+            .unwrap_or_else(|| panic!("still open after {:?}", started.elapsed()));
     }
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{}", text(&got));
     assert!(started.elapsed() >= limit - Duration::from_secs(1));
     d.shutdown().await;
 }
@@ -347,23 +381,15 @@ async fn the_admin_api_cuts_off_clients_that_never_finish_their_headers() {
 /// At the connection cap, a new connection waits until one of the held ones ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_api_serves_at_most_its_connection_cap() {
-    use fabric::admin::{AdminState, ServeLimits};
-    use fabric::circuits::service::{CircuitService, DEFAULT_PROVISION_TIMEOUT};
     use tokio::io::AsyncWriteExt;
 
     let dir = tempfile::tempdir().unwrap();
     let (d, env) = setup(dir.path(), &fabric_yaml(64, 1, 1, 10)).await;
-    let circuits = CircuitService::new(d.ctl.clone(), DEFAULT_PROVISION_TIMEOUT).unwrap();
-    let state = AdminState::new(d.ctl.clone(), &env.token, circuits);
-    let listener = fabric::admin::bind("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    let limits = ServeLimits {
+    let limits = fabric::admin::ServeLimits {
         header_read_timeout: Duration::from_secs(60),
         max_connections: 2,
     };
-    let server = tokio::spawn(fabric::admin::serve_with(listener, state, limits));
+    let (addr, server) = serve_admin(&d, &env, limits).await;
 
     let mut held = Vec::new();
     for _ in 0..2 {
@@ -372,26 +398,18 @@ async fn the_admin_api_serves_at_most_its_connection_cap() {
         held.push(s);
     }
     let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!(
-        "GET /v1/topology HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
-        env.token
-    );
-    third.write_all(request.as_bytes()).await.unwrap();
+    third
+        .write_all(get_topology(&env, "close").as_bytes())
+        .await
+        .unwrap();
     if let Some(got) = read_until_closed(&mut third, Duration::from_millis(500)).await {
-        panic!(
-            "served beyond the cap of 2: {}",
-            String::from_utf8_lossy(&got)
-        );
+        panic!("served beyond the cap of 2: {}", text(&got));
     }
     drop(held.pop());
     let got = read_until_closed(&mut third, Duration::from_secs(10))
         .await
         .expect("served once a slot is free");
-    assert!(
-        got.starts_with(b"HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&got)
-    );
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{}", text(&got));
     server.abort();
     d.shutdown().await;
 }

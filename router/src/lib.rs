@@ -23,6 +23,7 @@ pub mod codes;
 pub mod control;
 mod edge;
 pub mod header;
+pub mod http_serve;
 mod inbound;
 pub mod metrics;
 mod neighbours;

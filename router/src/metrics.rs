@@ -7,15 +7,14 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioIo, TokioTimer};
 
 use crate::codes::Code;
+use crate::http_serve::{self, HEADER_READ_TIMEOUT, Limits};
 use crate::telemetry::TelemetryReport;
 
 #[derive(Default)]
@@ -246,73 +245,42 @@ impl Metrics {
     }
 }
 
-/// How long a metrics client may take to send a request's headers, and may stay silent between
-/// requests on a kept-alive connection (hyper's header read timeout covers both).
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Metrics connections served at once; more wait in the listen backlog. A scraper needs one or
 /// two; the cap keeps clients that connect and stall from taking descriptors the data path needs.
-pub const MAX_CONNECTIONS: usize = 64;
-/// Pause after a failed accept (descriptors exhausted, say): the error would come back at once,
-/// and retrying in a loop would burn a core while clients and backends wait for descriptors.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+pub const LIMITS: Limits = Limits {
+    header_read_timeout: HEADER_READ_TIMEOUT,
+    max_connections: 64,
+};
 
 /// The text of a scrape: (Prometheus text, telemetry JSON).
 pub type Report = Arc<dyn Fn() -> (String, String) + Send + Sync>;
 
-/// Serves `GET /metrics` (and `/telemetry` as JSON) until the listener task is aborted, with
-/// [`HEADER_READ_TIMEOUT`] and [`MAX_CONNECTIONS`].
+/// Serves `GET /metrics` (and `/telemetry` as JSON) within [`LIMITS`] until the listener task is
+/// aborted.
 pub async fn serve(listener: tokio::net::TcpListener, report: Report) {
-    serve_with(listener, report, HEADER_READ_TIMEOUT, MAX_CONNECTIONS).await
+    serve_with(listener, report, LIMITS).await
 }
 
-async fn serve_with(
-    listener: tokio::net::TcpListener,
-    report: Report,
-    header_read_timeout: Duration,
-    max_connections: usize,
-) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
-    loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let tcp = match listener.accept().await {
-            Ok((tcp, _)) => tcp,
-            Err(e) => {
-                tracing::warn!(error = %e, "metrics accept failed");
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
-                continue;
-            }
-        };
-        let report = report.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let (metrics, json) = report();
-                async move {
-                    let (status, ctype, body) = match req.uri().path() {
-                        "/metrics" => (200, "text/plain; version=0.0.4", metrics),
-                        "/telemetry" => (200, "application/json", json),
-                        _ => (
-                            404,
-                            "text/plain",
-                            "not found: try /metrics or /telemetry\n".to_string(),
-                        ),
-                    };
-                    Response::builder()
-                        .status(status)
-                        .header("content-type", ctype)
-                        .body(Full::new(Bytes::from(body)))
-                }
-            });
-            // hyper applies the header read timeout only with a timer.
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_read_timeout)
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
-        });
-    }
+async fn serve_with(listener: tokio::net::TcpListener, report: Report, limits: Limits) {
+    let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+        let (metrics, json) = report();
+        async move {
+            let (status, ctype, body) = match req.uri().path() {
+                "/metrics" => (200, "text/plain; version=0.0.4", metrics),
+                "/telemetry" => (200, "application/json", json),
+                _ => (
+                    404,
+                    "text/plain",
+                    "not found: try /metrics or /telemetry\n".to_string(),
+                ),
+            };
+            Response::builder()
+                .status(status)
+                .header("content-type", ctype)
+                .body(Full::new(Bytes::from(body)))
+        }
+    });
+    http_serve::serve(listener, "metrics", limits, svc).await
 }
 
 /// Binds the metrics listener.
@@ -323,7 +291,7 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Instant;
+    use std::time::{Duration, Instant};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
 
@@ -334,12 +302,11 @@ mod tests {
     async fn start(header_read_timeout: Duration, max_connections: usize) -> SocketAddr {
         let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(serve_with(
-            listener,
-            report(),
+        let limits = Limits {
             header_read_timeout,
             max_connections,
-        ));
+        };
+        tokio::spawn(serve_with(listener, report(), limits));
         addr
     }
 
@@ -456,7 +423,11 @@ mod tests {
             let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
             let waiting = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
             exhaust_descriptors();
-            let server = tokio::spawn(serve_with(listener, report(), HEADER_READ_TIMEOUT, 8));
+            let limits = Limits {
+                max_connections: 8,
+                ..LIMITS
+            };
+            let server = tokio::spawn(serve_with(listener, report(), limits));
             let cpu0 = cpu_time();
             let window = Duration::from_secs(1);
             tokio::time::sleep(window).await;

@@ -18,19 +18,15 @@ pub mod topology;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::serve::Listener;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use router::http_serve;
 use serde::Serialize;
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 
 use crate::controller::{Controller, ControllerError};
 
@@ -72,62 +68,25 @@ pub fn router(state: AdminState) -> axum::Router {
 
 /// Bounds on the admin API's connections. Each is open to the network before authentication
 /// (the token is checked per request), so a client must not hold them forever, or any number.
-#[derive(Debug, Clone, Copy)]
-pub struct ServeLimits {
-    /// A request's headers must arrive within this; it is also the longest a kept-alive
-    /// connection may idle between requests.
-    pub header_read_timeout: Duration,
-    /// Connections served at once; more wait in the listen backlog until one ends.
-    pub max_connections: usize,
+pub use router::http_serve::Limits as ServeLimits;
+
+/// The admin API's [`ServeLimits`]: the shared timeouts, and 256 connections at once.
+pub const DEFAULT_LIMITS: ServeLimits = ServeLimits {
+    header_read_timeout: http_serve::HEADER_READ_TIMEOUT,
+    max_connections: 256,
+};
+
+/// Serves the admin API on `listener` with [`DEFAULT_LIMITS`] until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, state: AdminState) {
+    serve_with(listener, state, DEFAULT_LIMITS).await
 }
 
-impl Default for ServeLimits {
-    fn default() -> Self {
-        ServeLimits {
-            header_read_timeout: Duration::from_secs(10),
-            max_connections: 256,
-        }
-    }
-}
-
-/// Serves the admin API on `listener` with the default [`ServeLimits`] until the task is dropped.
-pub async fn serve(listener: tokio::net::TcpListener, state: AdminState) -> std::io::Result<()> {
-    serve_with(listener, state, ServeLimits::default()).await
-}
-
-/// Serves the admin API on `listener` until the task is dropped (its connections with it).
-/// HTTP/1.1 through hyper's own connection builder: `axum::serve` sets no header-read timeout
+/// Serves the admin API on `listener` within `limits` until the task is dropped (its connections
+/// with it). HTTP/1.1 through [`http_serve::serve`]: `axum::serve` sets no header-read timeout
 /// and takes any number of connections.
-pub async fn serve_with(
-    mut listener: tokio::net::TcpListener,
-    state: AdminState,
-    limits: ServeLimits,
-) -> std::io::Result<()> {
-    let app = router(state);
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let mut conns = JoinSet::new();
-    loop {
-        // A slot first: at the cap, new connections wait in the kernel's backlog.
-        let slot = slots
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(std::io::Error::other)?;
-        // axum's accept retries failures itself, after 1 s unless the failure was the
-        // connection's own: out of file descriptors (EMFILE) it backs off instead of spinning.
-        let (tcp, remote) = Listener::accept(&mut listener).await;
-        while conns.try_join_next().is_some() {}
-        let service = TowerToHyperService::new(app.clone());
-        let mut http = hyper::server::conn::http1::Builder::new();
-        http.timer(TokioTimer::new())
-            .header_read_timeout(limits.header_read_timeout);
-        conns.spawn(async move {
-            let _slot = slot;
-            if let Err(e) = http.serve_connection(TokioIo::new(tcp), service).await {
-                tracing::debug!(%remote, "admin connection: {e}");
-            }
-        });
-    }
+pub async fn serve_with(listener: tokio::net::TcpListener, state: AdminState, limits: ServeLimits) {
+    let service = TowerToHyperService::new(router(state));
+    http_serve::serve(listener, "admin", limits, service).await
 }
 
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {

@@ -181,11 +181,7 @@ pub async fn start(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
         tokio::spawn(distribute::serve(ctl.clone(), endpoint.clone())),
         tokio::spawn(ctl.clone().recompute_loop()),
         tokio::spawn(ctl.clone().flush_loop()),
-        tokio::spawn(async move {
-            if let Err(e) = admin::serve(listener, state).await {
-                tracing::error!("admin API: {e}");
-            }
-        }),
+        tokio::spawn(admin::serve(listener, state)),
     ];
     tracing::info!(%quic_addr, %admin_addr, version = ctl.current().record.version, "controller running");
     Ok(Daemon {

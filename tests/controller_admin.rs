@@ -388,6 +388,7 @@ async fn the_admin_api_serves_at_most_its_connection_cap() {
     let limits = fabric::admin::ServeLimits {
         header_read_timeout: Duration::from_secs(60),
         max_connections: 2,
+        ..fabric::admin::DEFAULT_LIMITS
     };
     let (addr, server) = serve_admin(&d, &env, limits).await;
 
@@ -409,6 +410,66 @@ async fn the_admin_api_serves_at_most_its_connection_cap() {
     let got = read_until_closed(&mut third, Duration::from_secs(10))
         .await
         .expect("served once a slot is free");
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{}", text(&got));
+    server.abort();
+    d.shutdown().await;
+}
+
+/// A client that sends its headers and then stalls in its body is answered 408 once the
+/// body-read timeout passes, and its connection closed: the slot serves the next client. Before,
+/// the JSON extractor waited for the body forever, holding one of the 256 slots; only a client
+/// with the token could, since one without it is refused before its body is read and cut off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_answers_408_to_a_body_that_stops_arriving_and_frees_its_slot() {
+    use tokio::io::AsyncWriteExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (d, env) = setup(dir.path(), &fabric_yaml(65, 1, 1, 10)).await;
+    let body_timeout = Duration::from_millis(500);
+    let limits = fabric::admin::ServeLimits {
+        body_read_timeout: body_timeout,
+        max_connections: 1,
+        ..fabric::admin::DEFAULT_LIMITS
+    };
+    let (addr, server) = serve_admin(&d, &env, limits).await;
+    let stalled_apply = |auth: &str| {
+        format!(
+            "POST /v1/topology HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\n\
+             Content-Length: 1000\r\n\r\n{{\"text\": \"nodes:"
+        )
+    };
+
+    let mut unauthenticated = tokio::net::TcpStream::connect(addr).await.unwrap();
+    unauthenticated
+        .write_all(stalled_apply("").as_bytes())
+        .await
+        .unwrap();
+    let got = read_until_closed(&mut unauthenticated, Duration::from_secs(10))
+        .await
+        .expect("an unauthenticated stalled body holds its connection");
+    assert!(got.starts_with(b"HTTP/1.1 401"), "{}", text(&got));
+
+    let started = std::time::Instant::now();
+    let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let auth = format!("Authorization: Bearer {}\r\n", env.token);
+    stalled
+        .write_all(stalled_apply(&auth).as_bytes())
+        .await
+        .unwrap();
+    let got = read_until_closed(&mut stalled, Duration::from_secs(10))
+        .await
+        .expect("a stalled body holds its connection past the body-read timeout");
+    assert!(got.starts_with(b"HTTP/1.1 408"), "{}", text(&got));
+    assert!(started.elapsed() >= body_timeout);
+
+    // The only slot is free again.
+    let mut next = tokio::net::TcpStream::connect(addr).await.unwrap();
+    next.write_all(get_topology(&env, "close").as_bytes())
+        .await
+        .unwrap();
+    let got = read_until_closed(&mut next, Duration::from_secs(10))
+        .await
+        .expect("served once the stalled client is gone");
     assert!(got.starts_with(b"HTTP/1.1 200"), "{}", text(&got));
     server.abort();
     d.shutdown().await;

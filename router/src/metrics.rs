@@ -14,7 +14,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 
 use crate::codes::Code;
-use crate::http_serve::{self, HEADER_READ_TIMEOUT, Limits};
+use crate::http_serve::{self, BODY_READ_TIMEOUT, HEADER_READ_TIMEOUT, Limits, RequestBody};
 use crate::telemetry::TelemetryReport;
 
 #[derive(Default)]
@@ -249,6 +249,7 @@ impl Metrics {
 /// two; the cap keeps clients that connect and stall from taking descriptors the data path needs.
 pub const LIMITS: Limits = Limits {
     header_read_timeout: HEADER_READ_TIMEOUT,
+    body_read_timeout: BODY_READ_TIMEOUT,
     max_connections: 64,
 };
 
@@ -262,7 +263,8 @@ pub async fn serve(listener: tokio::net::TcpListener, report: Report) {
 }
 
 async fn serve_with(listener: tokio::net::TcpListener, report: Report, limits: Limits) {
-    let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+    // No route reads a body: hyper closes a connection whose request body is left unread.
+    let svc = service_fn(move |req: Request<RequestBody>| {
         let (metrics, json) = report();
         async move {
             let (status, ctype, body) = match req.uri().path() {
@@ -305,6 +307,7 @@ mod tests {
         let limits = Limits {
             header_read_timeout,
             max_connections,
+            ..LIMITS
         };
         tokio::spawn(serve_with(listener, report(), limits));
         addr

@@ -73,6 +73,7 @@ pub use router::http_serve::Limits as ServeLimits;
 /// The admin API's [`ServeLimits`]: the shared timeouts, and 256 connections at once.
 pub const DEFAULT_LIMITS: ServeLimits = ServeLimits {
     header_read_timeout: http_serve::HEADER_READ_TIMEOUT,
+    body_read_timeout: http_serve::BODY_READ_TIMEOUT,
     max_connections: 256,
 };
 

@@ -3,117 +3,35 @@
 
 mod common;
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use router::{Router, RouterConfig, RouterHandle, Snapshot};
+use router::{RouterConfig, RouterHandle, Snapshot};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use topology::builder::{TopologyBuilder, ms};
-use topology::{NodeId, NodeKind, ServiceName, SiteService, Topology};
 
-use common::{echo_backend, free_tcp_port, free_udp, wait_until};
-
-fn topo(backend: SocketAddr, port: u16) -> Topology {
-    let mut b = TopologyBuilder::new();
-    b.node("edge", NodeKind::Edge)
-        .node("transit", NodeKind::Transit)
-        .node("site", NodeKind::Site)
-        .link("edge", "transit", ms(1.0))
-        .link("transit", "site", ms(1.0))
-        .service("echo");
-    let mut t = b.build();
-    for n in &mut t.nodes {
-        n.address = free_udp();
-        if n.kind == NodeKind::Edge {
-            n.client_address = Some(Ipv4Addr::LOCALHOST.into());
-        }
-        if n.kind == NodeKind::Site {
-            n.serves.push(SiteService {
-                service: ServiceName::new("echo"),
-                backend,
-                capacity: 100,
-                weight: 100,
-            });
-        }
-    }
-    t.services[0].port = Some(port);
-    t
-}
-
-type Source = tokio::sync::watch::Sender<Arc<Snapshot>>;
-
-/// Starts node `id` on `snap` with a certificate issued in `dir`; `tune` adjusts the default
-/// config.
-async fn spawn_node(
-    snap: &Arc<Snapshot>,
-    dir: &std::path::Path,
-    id: &str,
-    tune: impl FnOnce(&mut RouterConfig),
-) -> (RouterHandle, Source) {
-    router::pki::issue(dir, id).unwrap();
-    let tls = router::tls::TlsIdentity::load(dir, id).unwrap();
-    let (tx, rx) = tokio::sync::watch::channel(snap.clone());
-    let mut cfg = RouterConfig::new(NodeId::new(id), tls, rx);
-    tune(&mut cfg);
-    (Router::spawn(cfg).await.unwrap(), tx)
-}
-
-async fn start(t: &Topology, dir: &std::path::Path) -> (Vec<RouterHandle>, Vec<Source>) {
-    start_with(t, dir, |_, _| {}).await
-}
-
-/// [`start`], with `tune(node id, config)` applied to each node's config.
-async fn start_with(
-    t: &Topology,
-    dir: &std::path::Path,
-    tune: impl Fn(&str, &mut RouterConfig),
-) -> (Vec<RouterHandle>, Vec<Source>) {
-    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
-    let mut hs = Vec::new();
-    let mut txs = Vec::new();
-    for n in &t.nodes {
-        let id = n.id.as_str();
-        let (h, tx) = spawn_node(&snap, dir, id, |cfg| tune(id, cfg)).await;
-        hs.push(h);
-        txs.push(tx);
-    }
-    (hs, txs)
-}
-
-async fn echo_roundtrip(port: u16, msg: &[u8]) -> std::io::Result<Vec<u8>> {
-    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    c.write_all(msg).await?;
-    c.shutdown().await?;
-    let mut back = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut back)).await??;
-    Ok(back)
-}
+use common::{
+    Source, ca_dir, echo_backend, echo_roundtrip, free_tcp_port, line_topology, metric, spawn_all,
+    spawn_node, tracked_echo_backend, wait_until,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn echo_through_edge_transit_site_in_process() {
-    let dir = tempfile::tempdir().unwrap();
-    router::pki::init(dir.path()).unwrap();
+    let dir = ca_dir();
     let backend = echo_backend().await;
     let port = free_tcp_port();
-    let t = topo(backend, port);
-    let (hs, txs) = start(&t, dir.path()).await;
+    let t = line_topology("echo", backend, port);
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    let (hs, txs) = spawn_all(&snap, dir.path(), |_, _| {}).await;
     wait_until(
         Duration::from_secs(10),
         || hs[0].routes().preferred("echo").is_some(),
         || format!("edge never got a route: {:?}", hs[0].telemetry()),
     )
     .await;
-    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
     let msg = vec![7u8; 300_000];
-    c.write_all(&msg).await.unwrap();
-    c.shutdown().await.unwrap();
-    let mut back = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut back))
+    let back = echo_roundtrip(port, &msg, Duration::from_secs(10))
         .await
-        .unwrap()
         .unwrap();
     assert_eq!(back.len(), msg.len());
     assert!(back == msg);
@@ -131,7 +49,7 @@ async fn echo_through_edge_transit_site_in_process() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let moved = hs.iter().all(|h| h.telemetry().snapshot_version == 2)
-            && echo_roundtrip(new_port, b"v2")
+            && echo_roundtrip(new_port, b"v2", Duration::from_secs(10))
                 .await
                 .is_ok_and(|b| b == b"v2")
             && tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -152,11 +70,10 @@ async fn echo_through_edge_transit_site_in_process() {
 /// probe: the hold-down is for neighbours that were up and went down, not for late starters.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_neighbour_that_starts_late_is_up_without_a_hold_down() {
-    let dir = tempfile::tempdir().unwrap();
-    router::pki::init(dir.path()).unwrap();
+    let dir = ca_dir();
     let backend = echo_backend().await;
     let port = free_tcp_port();
-    let t = topo(backend, port);
+    let t = line_topology("echo", backend, port);
     let snap = Arc::new(Snapshot::new(1, Arc::new(t)));
     // A hold-down far longer than the test may take: were it applied, the edge would stay
     // without a route until the deadline below.
@@ -194,7 +111,8 @@ async fn a_neighbour_that_starts_late_is_up_without_a_hold_down() {
         },
     )
     .await;
-    assert_eq!(echo_roundtrip(port, b"late").await.unwrap(), b"late");
+    let back = echo_roundtrip(port, b"late", Duration::from_secs(10)).await;
+    assert_eq!(back.unwrap(), b"late");
 }
 
 // ---- Idle timeout ----
@@ -202,71 +120,11 @@ async fn a_neighbour_that_starts_late_is_up_without_a_hold_down() {
 /// A short idle timeout, so that the tests run in a few seconds.
 const IDLE: Duration = Duration::from_millis(300);
 
-/// An echo backend that keeps when each connection opened and ended. The site's health checks
-/// connect to it too, every 500 ms, and close at once.
-struct TrackedBackend {
-    addr: SocketAddr,
-    conns: Arc<std::sync::Mutex<Vec<Lifetime>>>,
-}
-
-/// When a connection opened and, once it did, ended.
-type Lifetime = (Instant, Option<Instant>);
-
-/// Long enough apart from the health checks' connections, which close at once.
-const HELD: Duration = Duration::from_millis(100);
-
-impl TrackedBackend {
-    /// Connections open now for longer than [`HELD`] (the site's proxied ones).
-    fn held(&self) -> usize {
-        let conns = self.conns.lock().unwrap();
-        conns
-            .iter()
-            .filter(|(at, end)| end.is_none() && at.elapsed() > HELD)
-            .count()
-    }
-    /// Connections that were open for longer than [`HELD`] and have ended.
-    fn ended_after_held(&self) -> usize {
-        let conns = self.conns.lock().unwrap();
-        conns
-            .iter()
-            .filter(|(at, end)| end.is_some_and(|e| e - *at > HELD))
-            .count()
-    }
-}
-
-async fn tracked_echo_backend() -> TrackedBackend {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let conns = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let list = conns.clone();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = l.accept().await.unwrap();
-            let list = list.clone();
-            let i = {
-                let mut l = list.lock().unwrap();
-                l.push((Instant::now(), None));
-                l.len() - 1
-            };
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-                list.lock().unwrap()[i].1 = Some(Instant::now());
-            });
-        }
-    });
-    TrackedBackend { addr, conns }
-}
-
 /// Resets with `code` counted by a router (0 when none).
 fn errors(h: &RouterHandle, code: &str) -> u64 {
-    let label = format!(",code=\"{code}\"}} ");
-    h.metrics_text()
-        .lines()
-        .filter(|l| l.starts_with("tasman_stream_errors_total{"))
-        .find_map(|l| l.split_once(&label).map(|(_, v)| v.parse().unwrap()))
-        .unwrap_or(0)
+    let node = h.telemetry().node;
+    let series = format!("tasman_stream_errors_total{{node=\"{node}\",code=\"{code}\"}}");
+    metric(&h.metrics_text(), &series).unwrap_or(0)
 }
 
 /// The router of node `id`.
@@ -282,11 +140,13 @@ async fn idle_fabric(
     backend: SocketAddr,
     idle_at: impl Fn(&str) -> Option<Duration>,
 ) -> (Vec<RouterHandle>, Vec<Source>, u16, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    router::pki::init(dir.path()).unwrap();
+    let dir = ca_dir();
     let port = free_tcp_port();
-    let t = topo(backend, port);
-    let (hs, txs) = start_with(&t, dir.path(), |id, cfg| cfg.idle_timeout = idle_at(id)).await;
+    let snap = Arc::new(Snapshot::new(
+        1,
+        Arc::new(line_topology("echo", backend, port)),
+    ));
+    let (hs, txs) = spawn_all(&snap, dir.path(), |id, cfg| cfg.idle_timeout = idle_at(id)).await;
     wait_until(
         Duration::from_secs(10),
         || node(&hs, "edge").routes().preferred("echo").is_some(),

@@ -5,57 +5,20 @@
 mod common;
 
 use std::future::Future;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use router::probe::{Entry, NeighbourState, Probe};
-use router::{Router, RouterConfig, RouterHandle, Snapshot};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use router::{RouterHandle, Snapshot};
 use topology::builder::{TopologyBuilder, ms};
-use topology::{NodeId, NodeKind, ServiceName, SiteService, Topology};
+use topology::{NodeId, NodeKind, Topology};
 
-use common::{echo_backend, free_tcp_port, free_udp, wait_until};
-
-/// Gives every node a free loopback address, the edge a client address, and the service `port`.
-fn addressed(mut t: Topology, port: u16) -> Topology {
-    for n in &mut t.nodes {
-        n.address = free_udp();
-        if n.kind == NodeKind::Edge {
-            n.client_address = Some(Ipv4Addr::LOCALHOST.into());
-        }
-    }
-    t.services[0].port = Some(port);
-    t
-}
-
-fn serve_echo(t: &mut Topology, site: &str, backend: SocketAddr) {
-    if let Some(n) = t.nodes.iter_mut().find(|n| n.id.as_str() == site) {
-        n.serves.push(SiteService {
-            service: ServiceName::new("echo"),
-            backend,
-            capacity: 100,
-            weight: 100,
-        });
-    }
-}
-
-/// Starts node `id` with a certificate issued in `dir`, adjusted by `tune`.
-async fn spawn_node(
-    snap: &Arc<Snapshot>,
-    dir: &std::path::Path,
-    id: &str,
-    tune: impl FnOnce(&mut RouterConfig),
-) -> RouterHandle {
-    router::pki::issue(dir, id).unwrap();
-    let tls = router::tls::TlsIdentity::load(dir, id).unwrap();
-    // The source closes at once: the router keeps this one snapshot.
-    let (_, rx) = tokio::sync::watch::channel(snap.clone());
-    let mut cfg = RouterConfig::new(NodeId::new(id), tls, rx);
-    tune(&mut cfg);
-    Router::spawn(cfg).await.unwrap()
-}
+use common::{
+    addressed, ca_dir, echo_backend, echo_roundtrip, free_tcp_port, metric, serve, spawn_node,
+    wait_until,
+};
 
 /// A QUIC peer posing as node `name` of `topo` (certificate issued in `dir`), listening on the
 /// node's address with `transport`. Each connection is handed to `serve`; streams are never
@@ -118,16 +81,9 @@ fn two_sites(backend: SocketAddr, port: u16, via_transit: bool) -> Topology {
         b.link("edge", "near", ms(1.0));
     }
     let mut t = addressed(b.build(), port);
-    serve_echo(&mut t, "near", backend);
-    serve_echo(&mut t, "far", backend);
+    serve(&mut t, "near", "echo", backend);
+    serve(&mut t, "far", "echo", backend);
     t
-}
-
-/// The value of metric `name` (a full series name with labels) in Prometheus text `m`.
-fn metric(m: &str, name: &str) -> u64 {
-    m.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in {m}"))
 }
 
 /// A transit that answers probes, and between them floods pongs as fast as it can: duplicates of
@@ -137,8 +93,7 @@ fn metric(m: &str, name: &str) -> u64 {
 /// made-up names.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_neighbour_cannot_flood_unsolicited_or_made_up_evidence() {
-    let dir = tempfile::tempdir().unwrap();
-    router::pki::init(dir.path()).unwrap();
+    let dir = ca_dir();
     let backend = echo_backend().await;
     let t = two_sites(backend, free_tcp_port(), true);
     let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
@@ -202,7 +157,7 @@ async fn a_neighbour_cannot_flood_unsolicited_or_made_up_evidence() {
             tokio::join!(answer, flood);
         },
     );
-    let edge = spawn_node(&snap, dir.path(), "edge", |_| {}).await;
+    let (edge, _) = spawn_node(&snap, dir.path(), "edge", |_| {}).await;
     let up = || {
         edge.telemetry()
             .neighbours
@@ -215,10 +170,9 @@ async fn a_neighbour_cannot_flood_unsolicited_or_made_up_evidence() {
     .await;
 
     let rebuilds = || {
-        metric(
-            &edge.metrics_text(),
-            "tasman_table_rebuilds_total{node=\"edge\"}",
-        )
+        let m = edge.metrics_text();
+        let series = "tasman_table_rebuilds_total{node=\"edge\"}";
+        metric(&m, series).unwrap_or_else(|| panic!("no {series} in {m}"))
     };
     let (rebuilds0, pings0, t0) = (rebuilds(), pings.load(Relaxed), Instant::now());
     wait_until(
@@ -243,15 +197,6 @@ async fn a_neighbour_cannot_flood_unsolicited_or_made_up_evidence() {
         .filter(|l| l.contains("ghost"))
         .collect();
     assert!(made_up.is_empty(), "made-up links learned: {made_up:?}");
-}
-
-async fn echo_roundtrip(port: u16, msg: &[u8], within: Duration) -> std::io::Result<Vec<u8>> {
-    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    c.write_all(msg).await?;
-    c.shutdown().await?;
-    let mut back = Vec::new();
-    tokio::time::timeout(within, c.read_to_end(&mut back)).await??;
-    Ok(back)
 }
 
 /// Answers every ping with a pong carrying the fake's own entry, as a router does.
@@ -312,8 +257,7 @@ async fn edge_prefers_near_with_far_as_fallback(edge: &RouterHandle) {
 /// The edge's first hop (the near site itself) answers probes but never lets the stream through:
 /// the client connection moves to the far site within the reply timeout instead of hanging.
 async fn edge_fails_over_from_a_first_hop_that_withholds(w: Withhold) {
-    let dir = tempfile::tempdir().unwrap();
-    router::pki::init(dir.path()).unwrap();
+    let dir = ca_dir();
     let backend = echo_backend().await;
     let port = free_tcp_port();
     let t = two_sites(backend, port, false);
@@ -322,11 +266,11 @@ async fn edge_fails_over_from_a_first_hop_that_withholds(w: Withhold) {
         answer_pings("near", c, p)
     });
     let reply_timeout = Duration::from_secs(1);
-    let edge = spawn_node(&snap, dir.path(), "edge", |c| {
+    let (edge, _) = spawn_node(&snap, dir.path(), "edge", |c| {
         c.reply_timeout = reply_timeout
     })
     .await;
-    let _far = spawn_node(&snap, dir.path(), "far", |_| {}).await;
+    let (_far, _) = spawn_node(&snap, dir.path(), "far", |_| {}).await;
     edge_prefers_near_with_far_as_fallback(&edge).await;
 
     let started = Instant::now();
@@ -360,8 +304,7 @@ async fn edge_fails_over_from_a_first_hop_that_grants_no_flow_control_window() {
 /// so the edge retries the far site instead of failing the client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transit_hands_back_a_stream_its_next_hop_will_not_take() {
-    let dir = tempfile::tempdir().unwrap();
-    router::pki::init(dir.path()).unwrap();
+    let dir = ca_dir();
     let backend = echo_backend().await;
     let port = free_tcp_port();
     let t = two_sites(backend, port, true);
@@ -373,15 +316,15 @@ async fn transit_hands_back_a_stream_its_next_hop_will_not_take() {
         withholding(Withhold::Streams),
         |c, p| answer_pings("near", c, p),
     );
-    let edge = spawn_node(&snap, dir.path(), "edge", |c| {
+    let (edge, _) = spawn_node(&snap, dir.path(), "edge", |c| {
         c.reply_timeout = Duration::from_secs(6)
     })
     .await;
-    let transit = spawn_node(&snap, dir.path(), "transit", |c| {
+    let (transit, _) = spawn_node(&snap, dir.path(), "transit", |c| {
         c.header_timeout = Duration::from_millis(500)
     })
     .await;
-    let _far = spawn_node(&snap, dir.path(), "far", |_| {}).await;
+    let (_far, _) = spawn_node(&snap, dir.path(), "far", |_| {}).await;
     edge_prefers_near_with_far_as_fallback(&edge).await;
 
     let back = echo_roundtrip(port, b"handed back", Duration::from_secs(15)).await;

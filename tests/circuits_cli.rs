@@ -4,12 +4,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{LOCAL, eventually, free_tcp_port, free_udp, tasman};
+use common::{
+    ControllerProc, LOCAL, circuit_cli, circuit_create_args as create_args, eventually,
+    free_tcp_port, free_udp, spawn_controller, tasman,
+};
 
 /// e1 -- t1 -- s1 (1 Gbit/s, fast) and t1 -- s2 (400 Mbit/s, slow); e1 -- t1 is 10 Gbit/s.
 fn topology(port: u16) -> String {
@@ -33,50 +35,33 @@ fn topology(port: u16) -> String {
     )
 }
 
-/// A `tasman controller` process, killed on drop.
+/// A `tasman controller` process (killed on drop) and its state directory.
 struct Controller {
-    child: Child,
+    _proc: ControllerProc,
     admin: String,
     state: PathBuf,
 }
 
 impl Controller {
     fn start(topology: &Path, state: &Path) -> Controller {
-        let mut child = Command::new(tasman())
-            .args(["controller", "--topology"])
-            .arg(topology)
-            .arg("--state")
-            .arg(state)
-            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start tasman controller");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("controller's first line");
-        let admin = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("admin="))
-            .unwrap_or_else(|| panic!("no admin address in {line:?}"))
-            .to_string();
+        let proc = spawn_controller(
+            Command::new(tasman())
+                .args(["controller", "--topology"])
+                .arg(topology)
+                .arg("--state")
+                .arg(state)
+                .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+                .stderr(Stdio::null()),
+        );
         Controller {
-            child,
-            admin,
+            admin: proc.admin.clone(),
+            _proc: proc,
             state: state.to_path_buf(),
         }
     }
 
     fn circuit(&self, args: &[&str]) -> Output {
-        Command::new(tasman())
-            .arg("circuit")
-            .args(args)
-            .args(["--controller", &self.admin, "--token-file"])
-            .arg(self.state.join("admin-token"))
-            .env("USER", "tester")
-            .output()
-            .expect("run tasman circuit")
+        circuit_cli(&self.admin, &self.state, args)
     }
 
     fn json(&self, args: &[&str]) -> serde_json::Value {
@@ -97,29 +82,6 @@ impl Controller {
             .cloned()
             .unwrap_or_default()
     }
-}
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn create_args<'a>(name: &'a str, prefix: &'a str, rate: &'a str) -> Vec<&'a str> {
-    vec![
-        "create",
-        "--name",
-        name,
-        "--edge",
-        "e1",
-        "--prefix",
-        prefix,
-        "--service",
-        "llm",
-        "--rate",
-        rate,
-    ]
 }
 
 fn stderr(o: &Output) -> String {

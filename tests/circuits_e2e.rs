@@ -4,66 +4,19 @@
 //! circuits' VIPs at their rates, a refused client, and a delete that routers acknowledge.
 
 mod common;
+#[path = "../router/tests/common/traffic.rs"]
+mod traffic;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{LOCAL, free_tcp_port, free_udp, make_pki, spawn_controller, tasman};
+use common::{
+    LOCAL, Proc, circuit_cli, circuit_create_args, free_tcp_port, free_udp, make_pki,
+    spawn_controller, tasman,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
-
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-type Received = Arc<Mutex<Vec<(u8, Vec<(Instant, u64)>)>>>;
-
-/// A backend that reads everything and records, per connection with data, when bytes arrived.
-async fn sink_backend() -> (SocketAddr, Received) {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let got: Received = Arc::default();
-    let g = got.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let g = g.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 64 * 1024];
-                let (mut total, mut tag, mut samples) = (0u64, 0u8, Vec::new());
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 {
-                        break;
-                    }
-                    if total == 0 {
-                        tag = buf[0];
-                    }
-                    total += n as u64;
-                    samples.push((Instant::now(), total));
-                }
-                if total > 0 {
-                    g.lock().unwrap().push((tag, samples));
-                }
-            });
-        }
-    });
-    (addr, got)
-}
-
-fn steady_mbps(samples: &[(Instant, u64)]) -> f64 {
-    let t0 = samples[0].0 + Duration::from_millis(500);
-    let start = samples.iter().find(|(t, _)| *t >= t0).expect("long enough");
-    let (t_end, end) = *samples.last().unwrap();
-    let d = t_end - start.0;
-    assert!(d >= Duration::from_secs(5), "measured over {d:?} only");
-    (end - start.1) as f64 * 8.0 / d.as_secs_f64() / 1e6
-}
+use traffic::{assert_refused, blast, connect_from, sink_backend, steady_mbps};
 
 fn topology(port: u16, backend: SocketAddr) -> String {
     let node = |id: &str, kind: &str, extra: &str| {
@@ -86,16 +39,6 @@ fn topology(port: u16, backend: SocketAddr) -> String {
     )
 }
 
-fn circuit(admin: &str, state: &Path, args: &[&str]) -> Output {
-    Command::new(tasman())
-        .arg("circuit")
-        .args(args)
-        .args(["--controller", admin, "--token-file"])
-        .arg(state.join("admin-token"))
-        .output()
-        .expect("run tasman circuit")
-}
-
 fn json(out: &Output) -> serde_json::Value {
     assert!(
         out.status.success(),
@@ -103,25 +46,6 @@ fn json(out: &Output) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("JSON")
-}
-
-async fn connect_from(src: Ipv4Addr, to: SocketAddr) -> std::io::Result<TcpStream> {
-    let s = TcpSocket::new_v4()?;
-    s.bind(SocketAddr::new(src.into(), 0))?;
-    s.connect(to).await
-}
-
-async fn blast(mut s: TcpStream, tag: u8, dur: Duration) {
-    let buf = vec![tag; 64 * 1024];
-    let end = Instant::now() + dur;
-    while Instant::now() < end {
-        if s.write_all(&buf).await.is_err() {
-            return;
-        }
-    }
-    let _ = s.shutdown().await;
-    let mut rest = Vec::new();
-    let _ = s.read_to_end(&mut rest).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,47 +72,27 @@ async fn circuits_become_active_on_acknowledgement_and_carry_their_rates_through
     );
     let (quic, admin) = (ctl.quic.to_string(), ctl.admin.clone());
 
-    let _routers: Vec<Kill> = ["e1", "t1", "s1"]
+    let _routers: Vec<Proc> = ["e1", "t1", "s1"]
         .iter()
-        .map(|n| {
-            Kill(
-                Command::new(tasman())
-                    .args(["router", "--controller", &quic, "--node", n, "--tls-dir"])
-                    .arg(&pki)
-                    .arg("--state-dir")
-                    .arg(dir.path().join(n))
-                    .stdout(Stdio::null())
-                    .stderr(std::fs::File::create(dir.path().join(format!("{n}.log"))).unwrap())
-                    .spawn()
-                    .unwrap(),
-            )
+        .map(|n| Proc {
+            name: n.to_string(),
+            child: Command::new(tasman())
+                .args(["router", "--controller", &quic, "--node", n, "--tls-dir"])
+                .arg(&pki)
+                .arg("--state-dir")
+                .arg(dir.path().join(n))
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.path().join(format!("{n}.log"))).unwrap())
+                .spawn()
+                .unwrap(),
         })
         .collect();
 
     // --wait returns once every router on the path acknowledged a snapshot with the circuit.
     let create = |name: &str, prefix: &str, rate: &str| {
-        circuit(
-            &admin,
-            &state,
-            &[
-                "create",
-                "--name",
-                name,
-                "--edge",
-                "e1",
-                "--prefix",
-                prefix,
-                "--service",
-                "llm",
-                "--rate",
-                rate,
-                "--wait",
-                "--timeout",
-                "60",
-                "-o",
-                "json",
-            ],
-        )
+        let mut args = circuit_create_args(name, prefix, rate);
+        args.extend(["--wait", "--timeout", "60", "-o", "json"]);
+        circuit_cli(&admin, &state, &args)
     };
     let c1 = json(&create("fast", "127.0.0.2/32", "100Mbps"));
     assert_eq!(c1["state"], "active", "{c1}");
@@ -199,8 +103,8 @@ async fn circuits_become_active_on_acknowledgement_and_carry_their_rates_through
         SocketAddr::new(c["vip"].as_str().unwrap().parse::<IpAddr>().unwrap(), port)
     };
     let (v1, v2) = (vip(&c1), vip(&c2));
-    let h =
-        String::from_utf8_lossy(&circuit(&admin, &state, &["history", "fast"]).stdout).into_owned();
+    let h = String::from_utf8_lossy(&circuit_cli(&admin, &state, &["history", "fast"]).stdout)
+        .into_owned();
     assert!(
         h.contains("activate") && h.contains("acknowledged by e1, s1, t1"),
         "{h}"
@@ -223,18 +127,7 @@ async fn circuits_become_active_on_acknowledgement_and_carry_their_rates_through
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // A client with no circuit is refused.
-    if let Ok(mut c) = connect_from(Ipv4Addr::new(127, 0, 0, 4), SocketAddr::new(LOCAL, port)).await
-    {
-        let _ = c.write_all(b"hello").await;
-        let mut b = [0u8; 8];
-        let r = tokio::time::timeout(Duration::from_secs(5), c.read(&mut b))
-            .await
-            .expect("prompt refusal");
-        assert!(
-            matches!(r, Ok(0) | Err(_)),
-            "carried without a circuit: {r:?}"
-        );
-    }
+    assert_refused(Ipv4Addr::new(127, 0, 0, 4), SocketAddr::new(LOCAL, port)).await;
 
     let dur = Duration::from_millis(6500);
     let a = connect_from(Ipv4Addr::new(127, 0, 0, 2), v1).await.unwrap();
@@ -254,15 +147,7 @@ async fn circuits_become_active_on_acknowledgement_and_carry_their_rates_through
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let got = got.lock().unwrap().clone();
-    let rate = |tag: u8| {
-        steady_mbps(
-            &got.iter()
-                .find(|(t, _)| *t == tag)
-                .expect("tagged transfer")
-                .1,
-        )
-    };
-    let (r1, r2) = (rate(1), rate(2));
+    let (r1, r2) = (steady_mbps(&got, 1), steady_mbps(&got, 2));
     eprintln!(
         "e2e: circuit fast {r1:.2} Mbit/s of 100, circuit slow {r2:.2} Mbit/s of 40, concurrently on one edge"
     );
@@ -270,7 +155,7 @@ async fn circuits_become_active_on_acknowledgement_and_carry_their_rates_through
     assert!((36.0..=40.2).contains(&r2), "slow carried {r2:.2} Mbit/s");
 
     // Delete: decommissioned once the routers acknowledged a snapshot without it.
-    let d = json(&circuit(
+    let d = json(&circuit_cli(
         &admin,
         &state,
         &["delete", "fast", "--wait", "--timeout", "60", "-o", "json"],

@@ -17,7 +17,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -529,4 +529,35 @@ pub fn greet(port: u16) -> std::io::Result<(BufReader<TcpStream>, String)> {
     let mut line = String::new();
     r.read_line(&mut line)?;
     Ok((r, line.trim().to_string()))
+}
+
+/// Runs `tasman circuit ARGS` against the controller at `admin`, with the admin token in `state`,
+/// as user "tester".
+pub fn circuit_cli(admin: &str, state: &Path, args: &[&str]) -> Output {
+    Command::new(tasman())
+        .arg("circuit")
+        .args(args)
+        .args(["--controller", admin, "--token-file"])
+        .arg(state.join("admin-token"))
+        .env("USER", "tester")
+        .output()
+        .expect("run tasman circuit")
+}
+
+/// The arguments of `tasman circuit create` for circuit `name`: `prefix` on edge e1 to service
+/// llm at `rate`.
+pub fn circuit_create_args<'a>(name: &'a str, prefix: &'a str, rate: &'a str) -> Vec<&'a str> {
+    vec![
+        "create",
+        "--name",
+        name,
+        "--edge",
+        "e1",
+        "--prefix",
+        prefix,
+        "--service",
+        "llm",
+        "--rate",
+        rate,
+    ]
 }

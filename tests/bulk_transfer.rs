@@ -4,7 +4,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpStream};
 use std::time::Instant;
 
 use common::*;
@@ -12,29 +12,9 @@ use sha2::{Digest, Sha256};
 
 const TOTAL: u64 = 1 << 30;
 
-fn echo_backend() -> SocketAddr {
-    let l = TcpListener::bind((LOCAL, 0)).unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 256 * 1024];
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 || s.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-                let _ = s.shutdown(Shutdown::Write);
-            });
-        }
-    });
-    addr
-}
-
 #[test]
 fn one_gib_arrives_byte_exact_in_both_directions() {
-    let backend = echo_backend();
+    let backend = echo_backend("");
     let port = free_tcp_port(LOCAL);
     let mut y = TopoYaml::default();
     y.edge("edge", free_udp(LOCAL), LOCAL, None)
@@ -65,7 +45,7 @@ fn one_gib_arrives_byte_exact_in_both_directions() {
 #[test]
 fn bulk_through_a_transit_arrives_intact_even_if_a_neighbour_is_declared_down() {
     const BULK: u64 = 512 << 20;
-    let backend = echo_backend();
+    let backend = echo_backend("");
     let port = free_tcp_port(LOCAL);
     let mut y = TopoYaml::default();
     y.edge("edge", free_udp(LOCAL), LOCAL, None)

@@ -31,8 +31,9 @@ fn fresh_connection_served_by(f: &Fabric, port: u16, site: &str, killed: Instant
 /// with the edge preferring site-near and holding both sites as candidates (a first try on
 /// site-near has site-far to fall back on). Returns the fabric and the service port.
 fn near_and_far(through_transit: bool) -> (Fabric, u16) {
-    let b1 = greeting_backend("site-near");
-    let b2 = greeting_backend("site-far");
+    // Each backend greets with its site's name, then echoes.
+    let b1 = echo_backend("SITE=site-near\n");
+    let b2 = echo_backend("SITE=site-far\n");
     let port = free_tcp_port(LOCAL);
     let mut y = TopoYaml::default();
     y.edge("edge", free_udp(LOCAL), LOCAL, None)

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,23 +12,6 @@ use common::*;
 use quinn::{ReadError, VarInt};
 use router::codes::Code;
 use router::header::{Header, REPLY_OK};
-
-fn echo_backend() -> SocketAddr {
-    let l = TcpListener::bind((LOCAL, 0)).unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(s) = s else { continue };
-            std::thread::spawn(move || {
-                let mut r = s.try_clone().unwrap();
-                let mut w = s;
-                let _ = std::io::copy(&mut r, &mut w);
-                let _ = w.shutdown(std::net::Shutdown::Write);
-            });
-        }
-    });
-    addr
-}
 
 async fn expect_reset(conn: &quinn::Connection, bytes: &[u8], finish: bool, allowed: &[Code]) {
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
@@ -55,7 +38,7 @@ async fn expect_reset(conn: &quinn::Connection, bytes: &[u8], finish: bool, allo
 
 #[test]
 fn malformed_headers_reset_the_stream_with_a_code_and_the_router_keeps_serving() {
-    let backend = echo_backend();
+    let backend = echo_backend("");
     let mut y = TopoYaml::default();
     y.edge("edge", free_udp(LOCAL), LOCAL, None)
         .transit("transit", free_udp(LOCAL))

@@ -33,9 +33,9 @@ fn deal(port: u16, n: usize) -> BTreeMap<String, usize> {
 #[test]
 fn equally_near_sites_share_new_connections_by_weight() {
     let (a, b, far) = (
-        greeting_backend("site-a"),
-        greeting_backend("site-b"),
-        greeting_backend("site-far"),
+        echo_backend("SITE=site-a\n"),
+        echo_backend("SITE=site-b\n"),
+        echo_backend("SITE=site-far\n"),
     );
     let port = free_tcp_port(LOCAL);
     let mut y = TopoYaml::default();

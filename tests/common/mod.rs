@@ -446,6 +446,31 @@ impl Nginx {
     }
 }
 
+/// A TCP backend on loopback, a thread per connection: writes `greeting` (may be empty), echoes
+/// until EOF, then half-closes.
+pub fn echo_backend(greeting: &str) -> SocketAddr {
+    let l = std::net::TcpListener::bind((LOCAL, 0)).unwrap();
+    let addr = l.local_addr().unwrap();
+    let greeting = greeting.to_string();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let greeting = greeting.clone();
+            std::thread::spawn(move || {
+                let _ = s.write_all(greeting.as_bytes());
+                let mut buf = vec![0u8; 256 * 1024];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = s.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
 /// Deterministic pseudo-random bytes (xorshift), for payloads.
 pub fn fill(buf: &mut [u8], seed: &mut u64) {
     for chunk in buf.chunks_mut(8) {
@@ -501,27 +526,7 @@ pub fn spawn_controller(cmd: &mut Command) -> ControllerProc {
     }
 }
 
-/// A TCP backend that greets each connection with `SITE=<name>\n`, then echoes until EOF.
-pub fn greeting_backend(name: &'static str) -> SocketAddr {
-    let l = TcpListener::bind((LOCAL, 0)).unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            std::thread::spawn(move || {
-                let _ = s.write_all(format!("SITE={name}\n").as_bytes());
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 || s.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
+/// Connects to the edge's service `port` and reads the backend's greeting line (trimmed).
 pub fn greet(port: u16) -> std::io::Result<(BufReader<TcpStream>, String)> {
     let s = TcpStream::connect((LOCAL, port))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;

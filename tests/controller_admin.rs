@@ -28,13 +28,8 @@ fn http_status(addr: &str, req: &str) -> u16 {
 }
 
 async fn setup(dir: &std::path::Path, yaml: &str) -> (fabric::controller::daemon::Daemon, Env) {
-    let tls = dir.join("pki");
-    pki(&tls, &[]);
-    let d = start_controller(&dir.join("state"), &tls, yaml).await;
-    let env = Env {
-        admin: d.admin_addr.to_string(),
-        token: d.token.clone(),
-    };
+    let (d, _tls) = controller_with_pki(dir, &[], yaml).await;
+    let env = Env::of(&d);
     (d, env)
 }
 

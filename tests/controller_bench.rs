@@ -18,8 +18,6 @@ use controller_common::*;
 use fabric::admin::topology::ApplyRequest;
 use fabric::cli::admin_client::{AdminArgs, AdminClient, Output};
 use fabric::controller::ApplyOutcome;
-use router::telemetry::{NeighbourReport, TelemetryReport};
-use topology::NodeId;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tasman");
 
@@ -189,30 +187,16 @@ async fn run(n: usize, net: u8, telemetry_secs: u64) {
     if telemetry_secs > 0 {
         // Every router reports every second: 3 neighbours each, RTTs with a little jitter.
         for (i, cl) in clients.iter().enumerate() {
-            let me = NodeId::new(&nodes[i]);
-            let peers: Vec<NodeId> = (1..=3)
-                .map(|k| NodeId::new(&nodes[(i + k) % nodes.len()]))
+            let me = nodes[i].clone();
+            let peers: Vec<String> = (1..=3)
+                .map(|k| nodes[(i + k) % nodes.len()].clone())
                 .collect();
             let tick = Arc::new(std::sync::atomic::AtomicU64::new(i as u64));
             cl.set_telemetry(Arc::new(move || {
                 let t = tick.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                Some(TelemetryReport {
-                    node: me.clone(),
-                    snapshot_version: 0,
-                    neighbours: peers
-                        .iter()
-                        .map(|p| NeighbourReport {
-                            id: p.clone(),
-                            rtt_us: 4_000 + (t % 7) * 50,
-                            up: true,
-                            path_mtu: 1452,
-                            lost_packets: 0,
-                            dial_failures: 0,
-                        })
-                        .collect(),
-                    sites: Vec::new(),
-                    preferred: Default::default(),
-                })
+                let rtt_us = 4_000 + (t % 7) * 50;
+                let neighbours = peers.iter().map(|p| neighbour(p, rtt_us)).collect();
+                Some(telemetry_report(&me, neighbours))
             }));
         }
         tokio::time::sleep(Duration::from_secs(3)).await;

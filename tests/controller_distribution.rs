@@ -6,7 +6,6 @@ mod controller_common;
 use std::time::Duration;
 
 use controller_common::*;
-use fabric::controller::records::Origin;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apply_reaches_every_router_of_a_20_router_fabric() {
@@ -14,14 +13,8 @@ async fn apply_reaches_every_router_of_a_20_router_fabric() {
     let (edges, transits) = (14, 4); // + 2 sites = 20 routers
     let nodes = fabric_nodes(edges, transits);
     assert_eq!(nodes.len(), 20);
-    let tls = dir.path().join("pki");
-    pki(&tls, &nodes);
-    let d = start_controller(
-        &dir.path().join("state"),
-        &tls,
-        &fabric_yaml(61, edges, transits, 10),
-    )
-    .await;
+    let (d, tls) =
+        controller_with_pki(dir.path(), &nodes, &fabric_yaml(61, edges, transits, 10)).await;
     let mut clients = Vec::new();
     for n in &nodes {
         clients.push(start_client(d.quic_addr, n, &tls, None).await);
@@ -31,18 +24,12 @@ async fn apply_reaches_every_router_of_a_20_router_fabric() {
         assert_eq!(c.snapshots().borrow().version, v1);
     }
 
-    let out = d
-        .ctl
-        .apply(
-            &fabric_yaml(61, edges, transits, 25),
-            "test",
-            "raise ring latency",
-            Origin::Apply,
-            false,
-            None,
-        )
-        .await
-        .expect("apply");
+    let out = apply(
+        &d,
+        &fabric_yaml(61, edges, transits, 25),
+        "raise ring latency",
+    )
+    .await;
     assert_eq!(out.version, Some(2));
     let v2 = d.ctl.published().version;
     assert!(v2 > v1);
@@ -83,16 +70,14 @@ async fn apply_reaches_every_router_of_a_20_router_fabric() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_router_says_its_snapshot_is_stale_past_max_stale_and_recovers() {
     let dir = tempfile::tempdir().unwrap();
-    let nodes = fabric_nodes(1, 1);
-    let tls = dir.path().join("pki");
-    pki(&tls, &nodes);
-    let state = dir.path().join("state");
-    let d = start_controller(&state, &tls, &fabric_yaml(66, 1, 1, 10)).await;
+    let (d, tls) =
+        controller_with_pki(dir.path(), &fabric_nodes(1, 1), &fabric_yaml(66, 1, 1, 10)).await;
     let addr = d.quic_addr;
-    let id = router::tls::TlsIdentity::load(&tls, "edge-0").unwrap();
-    let mut cfg = router::control::ClientConfig::new(addr, topology::NodeId::new("edge-0"), id);
-    cfg.max_stale = Duration::from_secs(3); // heartbeats come every 2 s
-    let c = router::control::ControlClient::start(cfg).await.unwrap();
+    // Stale after 3 s without a word: heartbeats come every 2 s.
+    let c = start_client_with(addr, "edge-0", &tls, |cfg| {
+        cfg.max_stale = Duration::from_secs(3)
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(!c.is_stale(), "heartbeats keep a connected router fresh");
     d.shutdown().await;
@@ -103,16 +88,7 @@ async fn a_router_says_its_snapshot_is_stale_past_max_stale_and_recovers() {
     )
     .await;
     assert!(c.snapshots().borrow().version > 0, "still has its snapshot");
-    let d2 = fabric::controller::daemon::start(fabric::controller::daemon::DaemonConfig {
-        topology_file: None,
-        state_dir: state,
-        listen: addr,
-        admin: "127.0.0.1:0".parse().unwrap(),
-        tls_dir: Some(tls),
-        admin_token_file: None,
-    })
-    .await
-    .unwrap();
+    let d2 = restart_controller(&dir.path().join("state"), &tls, addr).await;
     eventually(
         Duration::from_secs(20),
         "fresh again once the controller is back",
@@ -130,23 +106,14 @@ async fn a_router_says_its_snapshot_is_stale_past_max_stale_and_recovers() {
 /// during the connect storm of the controller benchmark.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_snapshots_arrive_whole_while_telemetry_ticks_every_millisecond() {
-    use router::control::{ClientConfig, ControlClient};
-    use router::telemetry::{NeighbourReport, TelemetryReport};
     use std::sync::Arc;
-    use topology::NodeId;
 
     let dir = tempfile::tempdir().unwrap();
     let (edges, transits) = (1200, 4);
     let nodes = fabric_nodes(edges, transits);
     let watched: Vec<String> = nodes.iter().take(6).cloned().collect();
-    let tls = dir.path().join("pki");
-    pki(&tls, &watched);
-    let d = start_controller(
-        &dir.path().join("state"),
-        &tls,
-        &fabric_yaml(62, edges, transits, 10),
-    )
-    .await;
+    let (d, tls) =
+        controller_with_pki(dir.path(), &watched, &fabric_yaml(62, edges, transits, 10)).await;
     assert!(
         d.ctl.published().full.len() > 300_000,
         "the snapshot must be large enough to arrive in many reads: {} bytes",
@@ -154,46 +121,19 @@ async fn large_snapshots_arrive_whole_while_telemetry_ticks_every_millisecond() 
     );
     let mut clients = Vec::new();
     for n in &watched {
-        let id = router::tls::TlsIdentity::load(&tls, n).unwrap();
-        let mut cfg = ClientConfig::new(d.quic_addr, NodeId::new(n), id);
-        cfg.telemetry_interval = Duration::from_millis(1);
-        let c = tokio::time::timeout(Duration::from_secs(30), ControlClient::start(cfg))
+        let start = start_client_with(d.quic_addr, n, &tls, |cfg| {
+            cfg.telemetry_interval = Duration::from_millis(1)
+        });
+        let c = tokio::time::timeout(Duration::from_secs(30), start)
             .await
-            .expect("the first full snapshot arrives within 30 s")
-            .expect("client starts");
-        let me = NodeId::new(n);
-        let peer = NodeId::new("transit-0");
-        c.set_telemetry(Arc::new(move || {
-            Some(TelemetryReport {
-                node: me.clone(),
-                snapshot_version: 0,
-                neighbours: vec![NeighbourReport {
-                    id: peer.clone(),
-                    rtt_us: 4_000,
-                    up: true,
-                    path_mtu: 1452,
-                    lost_packets: 0,
-                    dial_failures: 0,
-                }],
-                sites: Vec::new(),
-                preferred: Default::default(),
-            })
-        }));
+            .expect("the first full snapshot arrives within 30 s");
+        let report = telemetry_report(n, vec![neighbour("transit-0", 4_000)]);
+        c.set_telemetry(Arc::new(move || Some(report.clone())));
         clients.push(c);
     }
     for (round, ring) in [11u32, 12, 13].into_iter().enumerate() {
         let want = round as u64 + 2;
-        d.ctl
-            .apply(
-                &fabric_yaml(62, edges, transits, ring),
-                "test",
-                "ring latency",
-                Origin::Apply,
-                false,
-                None,
-            )
-            .await
-            .expect("apply");
+        apply(&d, &fabric_yaml(62, edges, transits, ring), "ring latency").await;
         eventually(
             Duration::from_secs(30),
             "every router applied the new version",
@@ -217,26 +157,21 @@ async fn large_snapshots_arrive_whole_while_telemetry_ticks_every_millisecond() 
 /// (Each report was merged under the controller's global lock, with no limit.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_telemetry_flood_is_dropped_and_counted_while_versions_still_flow() {
-    use router::control::proto::{self, FromRouter, ToRouter};
+    use router::control::proto::{self, ToRouter};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
 
     let dir = tempfile::tempdir().unwrap();
-    let nodes = fabric_nodes(1, 2);
-    let tls = dir.path().join("pki");
-    pki(&tls, &nodes);
-    let d = start_controller(&dir.path().join("state"), &tls, &fabric_yaml(67, 1, 2, 10)).await;
+    let (d, tls) =
+        controller_with_pki(dir.path(), &fabric_nodes(1, 2), &fabric_yaml(67, 1, 2, 10)).await;
     let other = start_client(d.quic_addr, "transit-1", &tls, None).await;
 
-    let (_ep, conn) = raw_control(d.quic_addr, &tls, "edge-0").await;
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let hello = FromRouter::Hello {
-        node: "edge-0".into(),
-        have_version: None,
-    };
-    send.write_all(&proto::encode(&hello).unwrap())
-        .await
-        .unwrap();
+    let RawSession {
+        ep: _ep,
+        conn,
+        mut send,
+        mut recv,
+    } = raw_hello(d.quic_addr, &tls, "edge-0", "edge-0").await;
     // Read what the controller sends (so it never waits on us), keeping the topology version.
     let topology_version = Arc::new(AtomicU64::new(0));
     let tv = topology_version.clone();
@@ -264,13 +199,7 @@ async fn a_telemetry_flood_is_dropped_and_counted_while_versions_still_flow() {
     for _ in 0..FLOOD {
         send.write_all(&frame).await.unwrap();
     }
-    let dropped = || {
-        d.ctl
-            .routers()
-            .iter()
-            .find(|r| r.record.node == "edge-0")
-            .map_or(0, |r| r.reports_dropped)
-    };
+    let dropped = || router_status(&d, "edge-0").map_or(0, |r| r.reports_dropped);
     // A burst of 20, then 10 a second: nearly all of them, however slowly they are read.
     eventually(
         Duration::from_secs(30),
@@ -280,10 +209,7 @@ async fn a_telemetry_flood_is_dropped_and_counted_while_versions_still_flow() {
     .await;
     // The operator sees it in `tasman status` (the real binary; the controller runs in this
     // process, so the command runs off the runtime's workers).
-    let env = Env {
-        admin: d.admin_addr.to_string(),
-        token: d.token.clone(),
-    };
+    let env = Env::of(&d);
     let status = tokio::task::spawn_blocking(move || tasman(&env, &["status"], &[], ""))
         .await
         .unwrap();
@@ -297,18 +223,7 @@ async fn a_telemetry_flood_is_dropped_and_counted_while_versions_still_flow() {
         "edge-0's status line: {line:?}\n{text}"
     );
 
-    let out = d
-        .ctl
-        .apply(
-            &fabric_yaml(67, 1, 2, 20),
-            "test",
-            "raise ring latency",
-            Origin::Apply,
-            false,
-            None,
-        )
-        .await
-        .expect("apply");
+    let out = apply(&d, &fabric_yaml(67, 1, 2, 20), "raise ring latency").await;
     assert_eq!(out.version, Some(2));
     eventually(
         Duration::from_secs(10),
@@ -331,20 +246,11 @@ async fn a_telemetry_flood_is_dropped_and_counted_while_versions_still_flow() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_and_bad_frames_close_the_connection_with_a_code_and_the_reason() {
     use router::codes::close;
-    use router::control::proto::{self, FromRouter, ToRouter};
+    use router::control::proto::{self, ToRouter};
 
     let dir = tempfile::tempdir().unwrap();
-    let nodes = fabric_nodes(1, 1);
-    let tls = dir.path().join("pki");
-    pki(&tls, &nodes);
-    let d = start_controller(&dir.path().join("state"), &tls, &fabric_yaml(68, 1, 1, 10)).await;
-    let hello = |node: &str| {
-        proto::encode(&FromRouter::Hello {
-            node: node.into(),
-            have_version: None,
-        })
-        .unwrap()
-    };
+    let (d, tls) =
+        controller_with_pki(dir.path(), &fabric_nodes(1, 1), &fabric_yaml(68, 1, 1, 10)).await;
     let closed = |conn: quinn::Connection| async move {
         match tokio::time::timeout(Duration::from_secs(10), conn.closed()).await {
             Ok(quinn::ConnectionError::ApplicationClosed(c)) => (
@@ -356,12 +262,10 @@ async fn refusals_and_bad_frames_close_the_connection_with_a_code_and_the_reason
     };
 
     // edge-0's certificate, transit-0's hello: Refused, then the close with the reason.
-    let (_ep, conn) = raw_control(d.quic_addr, &tls, "edge-0").await;
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(&hello("transit-0")).await.unwrap();
+    let mut s = raw_hello(d.quic_addr, &tls, "edge-0", "transit-0").await;
     let frame = tokio::time::timeout(
         Duration::from_secs(10),
-        proto::read_frame(&mut recv, proto::MAX_TO_ROUTER),
+        proto::read_frame(&mut s.recv, proto::MAX_TO_ROUTER),
     )
     .await
     .expect("an answer within 10 s")
@@ -371,27 +275,24 @@ async fn refusals_and_bad_frames_close_the_connection_with_a_code_and_the_reason
         ToRouter::Refused { reason } => assert!(reason.contains("does not match"), "{reason}"),
         other => panic!("expected Refused, got {other:?}"),
     }
-    let (code, reason) = closed(conn).await;
+    let (code, reason) = closed(s.conn).await;
     assert_eq!(code, u64::from(close::REFUSED), "{reason}");
     assert!(reason.contains("does not match"), "{reason}");
 
     // A good hello, then bytes that are no message.
-    let (_ep, conn) = raw_control(d.quic_addr, &tls, "edge-0").await;
-    let (mut send, _recv) = conn.open_bi().await.unwrap();
-    send.write_all(&hello("edge-0")).await.unwrap();
-    send.write_all(&[0, 0, 0, 3, b'x', b'y', b'z'])
+    let mut s = raw_hello(d.quic_addr, &tls, "edge-0", "edge-0").await;
+    s.send
+        .write_all(&[0, 0, 0, 3, b'x', b'y', b'z'])
         .await
         .unwrap();
-    let (code, reason) = closed(conn).await;
+    let (code, reason) = closed(s.conn).await;
     assert_eq!(code, u64::from(close::PROTOCOL), "{reason}");
     assert!(reason.contains("malformed"), "{reason}");
 
     // A frame announced over the limit.
-    let (_ep, conn) = raw_control(d.quic_addr, &tls, "edge-0").await;
-    let (mut send, _recv) = conn.open_bi().await.unwrap();
-    send.write_all(&hello("edge-0")).await.unwrap();
-    send.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
-    let (code, reason) = closed(conn).await;
+    let mut s = raw_hello(d.quic_addr, &tls, "edge-0", "edge-0").await;
+    s.send.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+    let (code, reason) = closed(s.conn).await;
     assert_eq!(code, u64::from(close::PROTOCOL), "{reason}");
     assert!(reason.contains("exceeds the limit"), "{reason}");
     d.shutdown().await;
@@ -405,10 +306,8 @@ async fn a_router_that_never_opens_its_stream_is_closed_after_the_hello_timeout(
     use router::codes::close;
 
     let dir = tempfile::tempdir().unwrap();
-    let nodes = fabric_nodes(1, 1);
-    let tls = dir.path().join("pki");
-    pki(&tls, &nodes);
-    let d = start_controller(&dir.path().join("state"), &tls, &fabric_yaml(69, 1, 1, 10)).await;
+    let (d, tls) =
+        controller_with_pki(dir.path(), &fabric_nodes(1, 1), &fabric_yaml(69, 1, 1, 10)).await;
     let (_ep, conn) = raw_control(d.quic_addr, &tls, "edge-0").await;
     let started = std::time::Instant::now();
     match tokio::time::timeout(HELLO_TIMEOUT * 2, conn.closed()).await {

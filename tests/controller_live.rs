@@ -42,6 +42,11 @@ services:
 
 const NODES: [&str; 4] = ["edge-0", "transit-1", "transit-2", "site-0"];
 
+/// [`NODES`] as owned names.
+fn nodes() -> Vec<String> {
+    NODES.iter().map(|s| s.to_string()).collect()
+}
+
 fn addr(net: u8, host: u8, port: u16) -> SocketAddr {
     SocketAddr::from(([127, net, 0, host], port))
 }
@@ -50,10 +55,7 @@ fn addr(net: u8, host: u8, port: u16) -> SocketAddr {
 async fn raised_link_latency_moves_the_edge_to_another_path_without_a_topology_edit() {
     let net = 71;
     let dir = tempfile::tempdir().unwrap();
-    let tls = dir.path().join("pki");
-    let nodes: Vec<String> = NODES.iter().map(|s| s.to_string()).collect();
-    pki(&tls, &nodes);
-    let d = start_controller(&dir.path().join("state"), &tls, &two_path_yaml(net)).await;
+    let (d, tls) = controller_with_pki(dir.path(), &nodes(), &two_path_yaml(net)).await;
     let _backend = echo_backend(addr(net, 9, 9001)).await;
 
     // Both directions of edge-0 <-> transit-1 go through an emulator (each side dials).
@@ -158,11 +160,7 @@ async fn raised_link_latency_moves_the_edge_to_another_path_without_a_topology_e
 async fn routers_forward_without_the_controller_restart_from_disk_and_resync() {
     let net = 72;
     let dir = tempfile::tempdir().unwrap();
-    let tls = dir.path().join("pki");
-    let nodes: Vec<String> = NODES.iter().map(|s| s.to_string()).collect();
-    pki(&tls, &nodes);
-    let state = dir.path().join("state");
-    let d = start_controller(&state, &tls, &two_path_yaml(net)).await;
+    let (d, tls) = controller_with_pki(dir.path(), &nodes(), &two_path_yaml(net)).await;
     let ctl_addr = d.quic_addr;
     let _backend = echo_backend(addr(net, 9, 9001)).await;
     let rstate = |n: &str| Some(dir.path().join(format!("router-{n}")));
@@ -172,12 +170,7 @@ async fn routers_forward_without_the_controller_restart_from_disk_and_resync() {
     }
     let v1 = d.ctl.published().version;
     eventually(Duration::from_secs(20), "all routers acknowledged", || {
-        d.ctl
-            .routers()
-            .iter()
-            .filter(|r| r.record.applied_version >= v1)
-            .count()
-            == 4
+        routers_acknowledged(&d, v1) == 4
     })
     .await;
     let client_addr = addr(net, 1, 8080);
@@ -234,29 +227,14 @@ async fn routers_forward_without_the_controller_restart_from_disk_and_resync() {
     routers.insert(0, edge);
 
     // Controller back (same address, same state): every router resyncs to its new version.
-    let d2 = fabric::controller::daemon::start(fabric::controller::daemon::DaemonConfig {
-        topology_file: None,
-        state_dir: state.clone(),
-        listen: ctl_addr,
-        admin: "127.0.0.1:0".parse().unwrap(),
-        tls_dir: Some(tls.clone()),
-        admin_token_file: None,
-    })
-    .await
-    .expect("controller restarts from its state");
+    let d2 = restart_controller(&dir.path().join("state"), &tls, ctl_addr).await;
     let v2 = d2.ctl.published().version;
     assert!(v2 > v1, "versions only grow across restarts");
     eventually(Duration::from_secs(30), "every router resynced", || {
         routers
             .iter()
             .all(|r| r.client.snapshots().borrow().version >= v2)
-            && d2
-                .ctl
-                .routers()
-                .iter()
-                .filter(|r| r.record.applied_version >= v2)
-                .count()
-                == 4
+            && routers_acknowledged(&d2, v2) == 4
     })
     .await;
     assert!(echo_through(client_addr).await);
@@ -272,38 +250,22 @@ async fn routers_forward_without_the_controller_restart_from_disk_and_resync() {
 /// got the same snapshot and failed again, and no change reached any router.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_implausible_rtt_report_does_not_stop_snapshot_delivery() {
-    use router::telemetry::{NeighbourReport, TelemetryReport};
     use std::sync::Arc;
-    use topology::NodeId;
 
     let net = 73;
     let dir = tempfile::tempdir().unwrap();
-    let tls = dir.path().join("pki");
-    let nodes: Vec<String> = NODES.iter().map(|s| s.to_string()).collect();
-    pki(&tls, &nodes);
-    let d = start_controller(&dir.path().join("state"), &tls, &two_path_yaml(net)).await;
+    let (d, tls) = controller_with_pki(dir.path(), &nodes(), &two_path_yaml(net)).await;
     let mut clients = Vec::new();
     for n in NODES {
         clients.push(start_client(d.quic_addr, n, &tls, None).await);
     }
-    let neighbour = |id: &str, rtt_us: u64| NeighbourReport {
-        id: NodeId::new(id),
-        rtt_us,
-        up: true,
-        path_mtu: 1452,
-        lost_packets: 0,
-        dial_failures: 0,
-    };
-    let report = TelemetryReport {
-        node: NodeId::new("edge-0"),
-        snapshot_version: 0,
-        neighbours: vec![
+    let report = telemetry_report(
+        "edge-0",
+        vec![
             neighbour("transit-1", 200_000_000),
             neighbour("transit-2", 4_000),
         ],
-        sites: Vec::new(),
-        preferred: Default::default(),
-    };
+    );
     clients[0].set_telemetry(Arc::new(move || Some(report.clone())));
     // The same report carries a plausible sample: once it is merged, so was the bad one.
     eventually(
@@ -318,18 +280,8 @@ async fn an_implausible_rtt_report_does_not_stop_snapshot_delivery() {
     )
     .await;
 
-    let out = d
-        .ctl
-        .apply(
-            &two_path_yaml(net).replace("latency: 10ms", "latency: 11ms"),
-            "test",
-            "raise edge-0--transit-2",
-            fabric::controller::records::Origin::Apply,
-            false,
-            None,
-        )
-        .await
-        .expect("apply");
+    let raised = two_path_yaml(net).replace("latency: 10ms", "latency: 11ms");
+    let out = apply(&d, &raised, "raise edge-0--transit-2").await;
     assert_eq!(out.version, Some(2));
     eventually(
         Duration::from_secs(20),
@@ -340,12 +292,7 @@ async fn an_implausible_rtt_report_does_not_stop_snapshot_delivery() {
     for (n, c) in NODES.iter().zip(&clients) {
         assert_eq!(c.connects(), 1, "{n} lost its control connection");
     }
-    let edge = d
-        .ctl
-        .routers()
-        .into_iter()
-        .find(|r| r.record.node == "edge-0")
-        .expect("edge-0 is known");
+    let edge = router_status(&d, "edge-0").expect("edge-0 is known");
     assert!(edge.samples_refused > 0, "the refusal is counted");
     assert!(
         !d.ctl

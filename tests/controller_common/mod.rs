@@ -1,15 +1,20 @@
 //! Helpers for the controller's end-to-end tests: generated fabrics, a PKI, an in-process
-//! controller and lightweight routers (the real control client over real QUIC).
+//! controller and lightweight routers (the real control client over real QUIC), telemetry
+//! reports, and control sessions made by hand.
 #![allow(dead_code)]
 
 use std::fmt::Write as _;
 use std::io::Write as _;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use fabric::controller::daemon::{self, Daemon, DaemonConfig};
+use fabric::controller::records::Origin;
+use fabric::controller::{ApplyOutcome, RouterLive};
 use router::control::{ClientConfig, ControlClient};
+use router::telemetry::{NeighbourReport, TelemetryReport};
 use router::tls::TlsIdentity;
 use topology::NodeId;
 
@@ -112,30 +117,91 @@ pub fn pki(dir: &Path, nodes: &[String]) {
     }
 }
 
+/// The controller's config: state in `state`, PKI in `tls`, control listener on `listen`, admin
+/// API on a free port, no topology file.
+fn daemon_config(state: &Path, tls: &Path, listen: SocketAddr) -> DaemonConfig {
+    DaemonConfig {
+        topology_file: None,
+        state_dir: state.to_path_buf(),
+        listen,
+        admin: "127.0.0.1:0".parse().unwrap(),
+        tls_dir: Some(tls.to_path_buf()),
+        admin_token_file: None,
+    }
+}
+
+/// An in-process controller with its state in `state` and PKI in `tls`, importing `yaml`.
 pub async fn start_controller(state: &Path, tls: &Path, yaml: &str) -> Daemon {
     let file = state.with_extension("import.yaml");
     std::fs::write(&file, yaml).expect("write topology");
     daemon::start(DaemonConfig {
         topology_file: Some(file),
-        state_dir: state.to_path_buf(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        admin: "127.0.0.1:0".parse().unwrap(),
-        tls_dir: Some(tls.to_path_buf()),
-        admin_token_file: None,
+        ..daemon_config(state, tls, "127.0.0.1:0".parse().unwrap())
     })
     .await
     .expect("controller starts")
 }
 
+/// A PKI in `dir/pki` for `nodes`, and a controller on `yaml` with its state in `dir/state`;
+/// returns the controller and the PKI directory.
+pub async fn controller_with_pki(dir: &Path, nodes: &[String], yaml: &str) -> (Daemon, PathBuf) {
+    let tls = dir.join("pki");
+    pki(&tls, nodes);
+    let d = start_controller(&dir.join("state"), &tls, yaml).await;
+    (d, tls)
+}
+
+/// The controller started again from its state in `state`, its control listener on `listen`
+/// (the address routers know).
+pub async fn restart_controller(state: &Path, tls: &Path, listen: SocketAddr) -> Daemon {
+    daemon::start(daemon_config(state, tls, listen))
+        .await
+        .expect("controller restarts from its state")
+}
+
+/// Applies `yaml` through the controller's own API as author "test" with `message` (no dry run,
+/// no base version).
+pub async fn apply(d: &Daemon, yaml: &str, message: &str) -> ApplyOutcome {
+    d.ctl
+        .apply(yaml, "test", message, Origin::Apply, false, None)
+        .await
+        .expect("apply")
+}
+
+/// What the controller knows about router `node` now, if it knows it.
+pub fn router_status(d: &Daemon, node: &str) -> Option<RouterLive> {
+    d.ctl.routers().into_iter().find(|r| r.record.node == node)
+}
+
+/// How many routers the controller saw acknowledge snapshot `version` or a later one.
+pub fn routers_acknowledged(d: &Daemon, version: u64) -> usize {
+    d.ctl
+        .routers()
+        .iter()
+        .filter(|r| r.record.applied_version >= version)
+        .count()
+}
+
+/// A control client of `node` (certificate in `tls`) with its snapshot stored in `state`.
 pub async fn start_client(
-    ctl: std::net::SocketAddr,
+    ctl: SocketAddr,
     node: &str,
     tls: &Path,
     state: Option<PathBuf>,
 ) -> ControlClient {
+    start_client_with(ctl, node, tls, |cfg| cfg.state_dir = state).await
+}
+
+/// A control client of `node` (certificate in `tls`), its default config adjusted by `tune`.
+pub async fn start_client_with(
+    ctl: SocketAddr,
+    node: &str,
+    tls: &Path,
+    tune: impl FnOnce(&mut ClientConfig),
+) -> ControlClient {
     let id = TlsIdentity::load(tls, node).expect("identity");
     let mut cfg = ClientConfig::new(ctl, NodeId::new(node), id);
-    cfg.state_dir = state;
+    tune(&mut cfg);
     ControlClient::start(cfg).await.expect("client starts")
 }
 
@@ -165,25 +231,69 @@ pub async fn raw_control(
     (ep, conn)
 }
 
-/// One encoded telemetry report of `node` with one neighbour at `rtt_us`.
-pub fn telemetry_frame(node: &str, neighbour: &str, rtt_us: u64) -> bytes::Bytes {
-    use router::telemetry::{NeighbourReport, TelemetryReport};
-    let report = TelemetryReport {
+/// A control session made by hand ([`raw_control`]) whose control stream is open and has sent
+/// a hello. Keep `ep` while the connection is in use.
+pub struct RawSession {
+    pub ep: quinn::Endpoint,
+    pub conn: quinn::Connection,
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+}
+
+/// A connection with `cert`'s certificate that opens its control stream and says hello as `node`.
+pub async fn raw_hello(ctl: SocketAddr, tls: &Path, cert: &str, node: &str) -> RawSession {
+    let (ep, conn) = raw_control(ctl, tls, cert).await;
+    let (mut send, recv) = conn.open_bi().await.expect("control stream");
+    send.write_all(&hello_frame(node))
+        .await
+        .expect("send the hello");
+    RawSession {
+        ep,
+        conn,
+        send,
+        recv,
+    }
+}
+
+/// An encoded hello from `node`, holding no snapshot.
+pub fn hello_frame(node: &str) -> bytes::Bytes {
+    use router::control::proto::{FromRouter, encode};
+    encode(&FromRouter::Hello {
+        node: node.into(),
+        have_version: None,
+    })
+    .expect("encode")
+}
+
+/// A neighbour in a telemetry report: up at `rtt_us`, 1452-byte path MTU, no loss, no failed
+/// dials.
+pub fn neighbour(id: &str, rtt_us: u64) -> NeighbourReport {
+    NeighbourReport {
+        id: NodeId::new(id),
+        rtt_us,
+        up: true,
+        path_mtu: 1452,
+        lost_packets: 0,
+        dial_failures: 0,
+    }
+}
+
+/// A telemetry report of `node` with `neighbours`, no sites and no preferred sites.
+pub fn telemetry_report(node: &str, neighbours: Vec<NeighbourReport>) -> TelemetryReport {
+    TelemetryReport {
         node: NodeId::new(node),
         snapshot_version: 0,
-        neighbours: vec![NeighbourReport {
-            id: NodeId::new(neighbour),
-            rtt_us,
-            up: true,
-            path_mtu: 1452,
-            lost_packets: 0,
-            dial_failures: 0,
-        }],
+        neighbours,
         sites: Vec::new(),
         preferred: Default::default(),
-    };
-    router::control::proto::encode(&router::control::proto::FromRouter::Telemetry(report))
-        .expect("encode")
+    }
+}
+
+/// One encoded telemetry report of `node` with one neighbour at `rtt_us`.
+pub fn telemetry_frame(node: &str, neighbour_id: &str, rtt_us: u64) -> bytes::Bytes {
+    use router::control::proto::{FromRouter, encode};
+    let report = telemetry_report(node, vec![neighbour(neighbour_id, rtt_us)]);
+    encode(&FromRouter::Telemetry(report)).expect("encode")
 }
 
 /// A real router (data plane) fed by the real control client, as `tasman router --controller`.
@@ -193,6 +303,7 @@ pub struct LiveRouter {
 }
 
 impl LiveRouter {
+    /// Starts `node`'s control client and data plane; `dial` overrides neighbour addresses.
     pub async fn start(
         ctl: std::net::SocketAddr,
         node: &str,
@@ -205,6 +316,7 @@ impl LiveRouter {
             .expect("router starts")
     }
 
+    /// [`LiveRouter::start`], returning the data plane's error instead of panicking.
     pub async fn try_start(
         ctl: std::net::SocketAddr,
         node: &str,
@@ -221,6 +333,7 @@ impl LiveRouter {
         Ok(LiveRouter { client, handle })
     }
 
+    /// Stops the control client, then shuts the data plane down.
     pub async fn stop(self) {
         drop(self.client);
         self.handle.shutdown().await;
@@ -271,6 +384,16 @@ pub async fn echo_through(edge_client: std::net::SocketAddr) -> bool {
 pub struct Env {
     pub admin: String,
     pub token: String,
+}
+
+impl Env {
+    /// The admin address and token of controller `d`.
+    pub fn of(d: &Daemon) -> Env {
+        Env {
+            admin: d.admin_addr.to_string(),
+            token: d.token.clone(),
+        }
+    }
 }
 
 /// Runs the real `tasman` binary against `env`'s controller, `stdin` fed to it.

@@ -9,6 +9,8 @@
 
 mod common;
 mod controller_common;
+#[path = "../bench/src/proc_stat.rs"]
+mod proc_stat;
 
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -21,22 +23,11 @@ use fabric::controller::ApplyOutcome;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tasman");
 
-fn proc_stat(pid: u32) -> (f64, u64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = 100.0; // CLK_TCK on Linux
-    let cpu = (f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0))
-        / ticks;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss_kb = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    (cpu, rss_kb)
+/// CPU seconds (user + system) and resident KiB of the controller process `pid`.
+fn usage(pid: u32) -> (f64, u64) {
+    let cpu_ms = proc_stat::cpu_ms(pid).expect("the controller's CPU time");
+    let rss_kib = proc_stat::rss_kib(pid).expect("the controller's RSS");
+    (cpu_ms as f64 / 1000.0, rss_kib)
 }
 
 async fn run(n: usize, net: u8, telemetry_secs: u64) {
@@ -200,10 +191,10 @@ async fn run(n: usize, net: u8, telemetry_secs: u64) {
             }));
         }
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let (cpu0, _) = proc_stat(child.id());
+        let (cpu0, _) = usage(child.id());
         let t = Instant::now();
         tokio::time::sleep(Duration::from_secs(telemetry_secs)).await;
-        let (cpu1, rss) = proc_stat(child.id());
+        let (cpu1, rss) = usage(child.id());
         let secs = t.elapsed().as_secs_f64();
         eprintln!(
             "[{n}] telemetry every 1 s from {n} routers: controller CPU {:.1}% of one core, RSS {:.1} MiB",
@@ -211,7 +202,7 @@ async fn run(n: usize, net: u8, telemetry_secs: u64) {
             rss as f64 / 1024.0
         );
     }
-    let (_, rss) = proc_stat(child.id());
+    let (_, rss) = usage(child.id());
     eprintln!(
         "[{n}] controller RSS at the end: {:.1} MiB",
         rss as f64 / 1024.0

@@ -5,6 +5,7 @@
 //! `tasman` binary runs) so that their memory is measured alone and a site can be SIGKILLed.
 
 mod net;
+mod proc_stat;
 mod procs;
 mod quic;
 
@@ -498,12 +499,12 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
     let s1_after = fabric.rss_kib("s1")?;
     drop(held);
     let hap_pid = hap_echo.pid();
-    let hap_before = procs::rss_kib(hap_pid)?;
+    let hap_before = proc_stat::rss_kib(hap_pid)?;
     // HAProxy holds both sides of each connection and the file limit is 20,000 per process here.
     let hap_conns = conns.min(procs::HAPROXY_MAX_CONNS);
     let held = net::hold(hap_echo_addr, hap_conns, 256).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let hap_after = procs::rss_kib(hap_pid)?;
+    let hap_after = proc_stat::rss_kib(hap_pid)?;
     drop(held);
     eprintln!(
         "  Tasman: +{} KiB (edge) +{} KiB (site); HAProxy: +{} KiB",

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use topology::{NodeId, Topology};
 
+use crate::proc_stat::{cpu_ms, rss_kib};
+
 /// Routers of one benchmark fabric, one process each (`tasman-bench serve-router`).
 pub struct ProcFabric {
     dir: tempfile::TempDir,
@@ -98,16 +100,6 @@ impl Drop for ProcFabric {
     }
 }
 
-pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .context("no VmRSS")
-}
-
 /// The machine's count of UDP datagrams dropped because a socket's receive buffer was full
 /// (`RcvbufErrors` in /proc/net/snmp); 0 if unreadable.
 pub fn udp_rcvbuf_errors() -> u64 {
@@ -122,24 +114,6 @@ pub fn udp_rcvbuf_errors() -> u64 {
         .find(|(n, _)| *n == "RcvbufErrors")
         .and_then(|(_, v)| v.parse().ok())
         .unwrap_or(0)
-}
-
-/// CPU time (user + system, all threads) process `pid` has used so far, in ms.
-pub fn cpu_ms(pid: u32) -> anyhow::Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the ")" that ends the command name: utime and stime are the 12th and 13th.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).context("bad stat")?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f
-        .get(11)
-        .and_then(|v| v.parse::<u64>().ok())
-        .context("utime")?
-        + f.get(12)
-            .and_then(|v| v.parse::<u64>().ok())
-            .context("stime")?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Ok(ticks * 1000 / hz)
 }
 
 /// CPU time of all of `pids` together, in ms.

@@ -20,10 +20,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// The loopback address every test fabric lives on.
 pub const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 /// Generous bound for conditions that normally hold within milliseconds (CI is 2 busy cores).
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
+/// The `tasman` binary under test.
 pub fn tasman() -> &'static str {
     env!("CARGO_BIN_EXE_tasman")
 }
@@ -43,12 +45,14 @@ pub fn eventually(deadline: Duration, what: &str, mut cond: impl FnMut() -> bool
     }
 }
 
+/// A free UDP address on `ip`.
 pub fn free_udp(ip: IpAddr) -> SocketAddr {
     UdpSocket::bind((ip, 0))
         .and_then(|s| s.local_addr())
         .expect("free UDP port")
 }
 
+/// A free TCP port on `ip`.
 pub fn free_tcp_port(ip: IpAddr) -> u16 {
     std::net::TcpListener::bind((ip, 0))
         .and_then(|s| s.local_addr())
@@ -72,6 +76,7 @@ pub fn raise_nofile() -> u64 {
     }
 }
 
+/// Whether the tests run as root (network namespaces, iptables).
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
@@ -103,6 +108,7 @@ impl TopoYaml {
         self.nodes.push(s);
         self
     }
+    /// An edge at `quic` taking clients on `client_ip` (and on a transparent port, if given).
     pub fn edge(
         &mut self,
         id: &str,
@@ -116,6 +122,7 @@ impl TopoYaml {
         }
         self.node(id, "edge", quic, &extra)
     }
+    /// A transit with QUIC address `quic`.
     pub fn transit(&mut self, id: &str, quic: SocketAddr) -> &mut Self {
         self.node(id, "transit", quic, "")
     }
@@ -146,6 +153,7 @@ impl TopoYaml {
         }
         self.node(id, "site", quic, &extra)
     }
+    /// A 10 Gbit/s link between `a` and `b` with the declared `latency` (e.g. "1ms").
     pub fn link(&mut self, a: &str, b: &str, latency: &str) -> &mut Self {
         self.links.push(format!(
             "  - {{a: {a}, b: {b}, latency: {latency}, capacity: 10Gbps}}\n"
@@ -162,6 +170,7 @@ impl TopoYaml {
         self.services.push(s);
         self
     }
+    /// The topology file's text.
     pub fn render(&self) -> String {
         format!(
             "version: 1\nnodes:\n{}links:\n{}services:\n{}",
@@ -227,6 +236,7 @@ pub struct Fabric {
 }
 
 impl Fabric {
+    /// Writes `y` (checked to load) and a PKI for its nodes to a temp dir; starts nothing.
     pub fn new(y: &TopoYaml) -> Fabric {
         let tmp = tempfile::tempdir().expect("tempdir");
         let yaml = tmp.path().join("topology.yaml");
@@ -256,6 +266,7 @@ impl Fabric {
         }
     }
 
+    /// Where the router of `node` logs.
     pub fn log_path(&self, node: &str) -> PathBuf {
         self.tmp.path().join(format!("{node}.log"))
     }
@@ -266,6 +277,7 @@ impl Fabric {
         self.start_with(node, &[]);
     }
 
+    /// [`Fabric::start`] with `extra` arguments for `tasman router`.
     pub fn start_with(&mut self, node: &str, extra: &[&str]) {
         let metrics = *self
             .metrics
@@ -315,6 +327,7 @@ impl Fabric {
         });
     }
 
+    /// Starts every node's router, one after another.
     pub fn start_all(&mut self) {
         for n in self.node_ids.clone() {
             self.start(&n);
@@ -329,6 +342,7 @@ impl Fabric {
         }
     }
 
+    /// What the router of `node` has logged so far.
     pub fn log(&self, node: &str) -> String {
         std::fs::read_to_string(self.log_path(node)).unwrap_or_default()
     }
@@ -358,6 +372,7 @@ impl Fabric {
         head.starts_with("HTTP/1.").then(|| body.to_string())
     }
 
+    /// The `/telemetry` JSON of `node`'s router.
     pub fn telemetry(&self, node: &str) -> Option<serde_json::Value> {
         serde_json::from_str(&self.get(node, "/telemetry")?).ok()
     }
@@ -371,6 +386,7 @@ impl Fabric {
             .map(str::to_string)
     }
 
+    /// Waits (up to [`DEADLINE`]) until `edge` prefers `site` for `service`.
     pub fn wait_preferred(&self, edge: &str, service: &str, site: &str) {
         let what = format!("{edge} to prefer {site} for {service}");
         eventually(DEADLINE, &what, || {

@@ -63,21 +63,28 @@ fn sites(v: &Value) -> Vec<&str> {
         .collect()
 }
 
+/// The first candidate in route JSON `v` is `site`, over `path`, at `latency_ms`.
+fn assert_best(v: &Value, site: &str, path: &[&str], latency_ms: f64) {
+    let c = &v["candidates"][0];
+    assert_eq!(c["site"], site);
+    assert_eq!(c["path"], serde_json::json!(path));
+    assert!(
+        (c["latency_ms"].as_f64().unwrap() - latency_ms).abs() < 1e-9,
+        "{c}"
+    );
+}
+
 #[test]
 fn sydney_edge_picks_the_sydney_site_and_melbourne_when_sydney_is_down() {
     let v = route_json("syd-edge-1", "llm-chat", &[]);
     assert_eq!(v["from"], "syd-edge-1");
     assert_eq!(v["service"], "llm-chat");
-    let c = &v["candidates"][0];
-    assert_eq!(c["site"], "syd-site-1");
-    assert_eq!(
-        c["path"],
-        serde_json::json!(["syd-edge-1", "syd-transit-1", "syd-site-1"])
-    );
     // 500us edge--transit + 300us transit--site.
-    assert!(
-        (c["latency_ms"].as_f64().unwrap() - 0.8).abs() < 1e-9,
-        "{c}"
+    assert_best(
+        &v,
+        "syd-site-1",
+        &["syd-edge-1", "syd-transit-1", "syd-site-1"],
+        0.8,
     );
     // Best first, and the whole ranking is by distance: MEL (6.5ms) before SIN, TYO, BOM.
     assert_eq!(
@@ -93,15 +100,11 @@ fn sydney_edge_picks_the_sydney_site_and_melbourne_when_sydney_is_down() {
 
     let v = route_json("syd-edge-1", "llm-chat", &["syd-site-1"]);
     assert_eq!(v["down"], serde_json::json!(["syd-site-1"]));
-    let c = &v["candidates"][0];
-    assert_eq!(c["site"], "mel-site-1");
-    assert_eq!(
-        c["path"],
-        serde_json::json!(["syd-edge-1", "syd-transit-1", "mel-site-1"])
-    );
-    assert!(
-        (c["latency_ms"].as_f64().unwrap() - 6.5).abs() < 1e-9,
-        "{c}"
+    assert_best(
+        &v,
+        "mel-site-1",
+        &["syd-edge-1", "syd-transit-1", "mel-site-1"],
+        6.5,
     );
     assert!(!sites(&v).contains(&"syd-site-1"));
 }

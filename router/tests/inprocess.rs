@@ -10,9 +10,12 @@ use std::time::{Duration, Instant};
 use router::{RouterConfig, RouterHandle, Snapshot};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use topology::NodeKind;
+use topology::builder::{TopologyBuilder, ms};
+
 use common::{
-    Source, ca_dir, echo_backend, echo_roundtrip, free_tcp_port, line_topology, metric, spawn_all,
-    spawn_node, tracked_echo_backend, wait_until,
+    Source, addressed, ca_dir, echo_backend, echo_roundtrip, free_tcp_port, line_topology, metric,
+    serve, spawn_all, spawn_node, tracked_echo_backend, wait_until,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -356,4 +359,58 @@ async fn a_bulk_transfer_longer_than_the_idle_timeout_is_not_cut() {
     for h in hs {
         h.shutdown().await;
     }
+}
+
+/// The ticket sequence that deals weighted shares survives table rebuilds: with one connection
+/// per table (a new snapshot before each), two equally near, equally weighted sites still take
+/// turns; restarting the sequence with each table would send every connection to the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weighted_shares_survive_table_rebuilds() {
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let mut b = TopologyBuilder::new();
+    b.node("edge", NodeKind::Edge)
+        .node("site-a", NodeKind::Site)
+        .node("site-b", NodeKind::Site)
+        .link("edge", "site-a", ms(1.0))
+        .link("edge", "site-b", ms(1.0))
+        .service("echo");
+    let mut t = addressed(b.build(), free_tcp_port());
+    serve(&mut t, "site-a", "echo", backend);
+    serve(&mut t, "site-b", "echo", backend);
+    let t = Arc::new(t);
+    let snap = Arc::new(Snapshot::new(1, t.clone()));
+    let (hs, txs) = spawn_all(&snap, dir.path(), |_, _| {}).await;
+    let members = || {
+        hs[0]
+            .routes()
+            .shares()
+            .into_iter()
+            .find(|(s, _)| s.as_str() == "echo")
+            .map_or(0, |(_, m)| m.len())
+    };
+    wait_until(
+        Duration::from_secs(10),
+        || members() == 2,
+        || format!("the edge never shared echo: {:?}", hs[0].routes().shares()),
+    )
+    .await;
+    let mut dealt: std::collections::BTreeMap<String, u32> = Default::default();
+    for version in 2..=21 {
+        txs[0]
+            .send(Arc::new(Snapshot::new(version, t.clone())))
+            .unwrap();
+        wait_until(
+            Duration::from_secs(10),
+            || hs[0].routes().version == version && members() == 2,
+            || format!("table {version} not built with both sites"),
+        )
+        .await;
+        let (cands, first) = hs[0].routes().pick("echo").unwrap();
+        *dealt.entry(cands[first].site.to_string()).or_default() += 1;
+    }
+    assert!(
+        dealt.len() == 2 && dealt.values().all(|&n| n >= 8),
+        "20 connections on 20 tables were dealt {dealt:?}, want about 10 each"
+    );
 }

@@ -1,9 +1,13 @@
 //! Site weights: equally near sites share an edge's new connections in proportion to their
 //! weight; a site farther away takes none while they serve, and takes over when they are gone.
+//! With `affinity: source_ip`, each client address keeps to one of them.
 
 mod common;
 
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
 
 use common::*;
 
@@ -80,4 +84,64 @@ fn equally_near_sites_share_new_connections_by_weight() {
     });
     let got = deal(port, 20);
     assert_eq!(got, BTreeMap::from([("SITE=site-b".to_string(), 20)]));
+}
+
+/// The greeting of a connection to the edge's `port` from source address `src`.
+async fn greet_from(src: Ipv4Addr, port: u16) -> String {
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.bind((src, 0).into()).unwrap();
+    let c = s.connect((LOCAL, port).into()).await.unwrap();
+    let mut line = String::new();
+    tokio::time::timeout(DEADLINE, BufReader::new(c).read_line(&mut line))
+        .await
+        .expect("a greeting in time")
+        .unwrap();
+    line.trim().to_string()
+}
+
+#[test]
+fn source_ip_affinity_keeps_each_client_on_one_of_the_sharing_sites() {
+    let (a, b) = (echo_backend("SITE=site-a\n"), echo_backend("SITE=site-b\n"));
+    let port = free_tcp_port(LOCAL);
+    let mut y = TopoYaml::default();
+    y.edge("edge", free_udp(LOCAL), LOCAL, None)
+        .site_weighted("site-a", free_udp(LOCAL), &[("chat", a, 1000, Some(300))])
+        .site_weighted("site-b", free_udp(LOCAL), &[("chat", b, 1000, Some(100))])
+        .link("edge", "site-a", "1ms")
+        .link("edge", "site-b", "1ms")
+        .service("chat", port, &[])
+        .service_field("chat", "affinity", "source_ip");
+    let mut f = Fabric::new(&y);
+    f.start_all();
+    let want = BTreeMap::from([("site-a".to_string(), 0.75), ("site-b".to_string(), 0.25)]);
+    eventually(DEADLINE, "the edge to share chat 3:1", || {
+        shares(&f, "chat") == want
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // 60 clients (127.0.1.1 ..= 127.0.1.60), three connections each, interleaved.
+    let clients: Vec<Ipv4Addr> = (1..=60).map(|i| Ipv4Addr::new(127, 0, 1, i)).collect();
+    let mut seen: BTreeMap<Ipv4Addr, Vec<String>> = BTreeMap::new();
+    for _ in 0..3 {
+        for &c in &clients {
+            let site = rt.block_on(greet_from(c, port));
+            seen.entry(c).or_default().push(site);
+        }
+    }
+    let mut per_site: BTreeMap<&str, usize> = BTreeMap::new();
+    for (c, sites) in &seen {
+        assert!(
+            sites.iter().all(|s| s == &sites[0]),
+            "client {c} was sent to {sites:?}"
+        );
+        *per_site.entry(sites[0].as_str()).or_default() += 1;
+    }
+    // Shares hold over clients, not exactly: about 45 and 15 of 60.
+    let (to_a, to_b) = (per_site["SITE=site-a"], per_site["SITE=site-b"]);
+    assert!(
+        (35..=55).contains(&to_a) && to_a + to_b == 60,
+        "clients per site {per_site:?}, want about 45 and 15"
+    );
 }

@@ -261,6 +261,7 @@ mod tests {
             clients: vec![],
             residency: Default::default(),
             requires_circuit: requires,
+            affinity: Default::default(),
         });
         topo.services.push(topology::Service {
             name: ServiceName::new("open"),
@@ -269,6 +270,7 @@ mod tests {
             clients: vec![],
             residency: Default::default(),
             requires_circuit: false,
+            affinity: Default::default(),
         });
         let mut s = Snapshot::new(1, Arc::new(topo));
         s.circuits = Arc::new(circuits);

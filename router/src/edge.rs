@@ -186,7 +186,7 @@ async fn handle_client(
     let _ = tcp.set_nodelay(true);
     // Circuit classification (and refusal without one) happened at accept.
     let routes = shared.routes.load_full();
-    let Some((cands, dealt)) = routes.pick(service.as_str()) else {
+    let Some((cands, dealt)) = routes.pick(service.as_str(), client.ip()) else {
         shared.metrics.error(Code::NoRoute);
         splice::reset_tcp(&tcp);
         return;

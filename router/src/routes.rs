@@ -11,15 +11,17 @@
 //! (`crate::probe`), and the sites marked down locally are layered on top.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::task::AbortHandle;
 use topology::graph::Graph;
-use topology::route::{Candidate, LiveState, RoutingTable, SiteLoad, Spread, preferred_first};
-use topology::{Latency, LinkId, NodeId, NodeKind, ServiceName, Topology, Vip};
+use topology::route::{
+    Candidate, LiveState, RoutingTable, SiteLoad, Spread, client_key, preferred_first,
+};
+use topology::{Affinity, Latency, LinkId, NodeId, NodeKind, ServiceName, Topology, Vip};
 
 use crate::Shared;
 use crate::neighbours::{self, Neighbour};
@@ -52,6 +54,7 @@ pub struct Routes {
 struct ServiceRoute {
     candidates: Arc<[Candidate]>,
     spread: Spread,
+    affinity: Affinity,
     /// Tickets dealt for this service. Carried over from table to table, so that a rebuild
     /// (one a second at least) does not restart the sequence and favour its first member.
     tickets: Arc<AtomicU64>,
@@ -63,14 +66,15 @@ impl Routes {
         self.by_service.get(service).map(|r| r.candidates.clone())
     }
     /// Hot path (per connection): the ranked candidates for `service` and the index of the one
-    /// this connection tries first, dealt by weight among the equally near sites ([`Spread`]).
-    /// One atomic add when the service has more than one such site.
-    pub fn pick(&self, service: &str) -> Option<(Arc<[Candidate]>, usize)> {
+    /// a connection from `client` tries first, dealt by weight among the equally near sites
+    /// ([`Spread`]): by turn (one atomic add), or by the client's address when the service has
+    /// `affinity: source_ip`. No work when one site takes every connection.
+    pub fn pick(&self, service: &str, client: IpAddr) -> Option<(Arc<[Candidate]>, usize)> {
         let r = self.by_service.get(service)?;
-        let first = if r.spread.members() > 1 {
-            r.spread.pick(r.tickets.fetch_add(1, Ordering::Relaxed))
-        } else {
-            0
+        let first = match (r.spread.members() > 1, r.affinity) {
+            (false, _) => 0,
+            (true, Affinity::None) => r.spread.pick(r.tickets.fetch_add(1, Ordering::Relaxed)),
+            (true, Affinity::SourceIp) => r.spread.pick_affine(client_key(client)),
         };
         Some((r.candidates.clone(), first))
     }
@@ -490,6 +494,7 @@ impl Control {
                             .unwrap_or_default();
                         let route = ServiceRoute {
                             spread: Spread::new(&cands),
+                            affinity: svc.affinity,
                             candidates: cands.into(),
                             tickets,
                         };

@@ -406,7 +406,8 @@ async fn weighted_shares_survive_table_rebuilds() {
             || format!("table {version} not built with both sites"),
         )
         .await;
-        let (cands, first) = hs[0].routes().pick("echo").unwrap();
+        let client = std::net::Ipv4Addr::LOCALHOST.into();
+        let (cands, first) = hs[0].routes().pick("echo", client).unwrap();
         *dealt.entry(cands[first].site.to_string()).or_default() += 1;
     }
     assert!(

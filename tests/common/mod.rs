@@ -170,6 +170,17 @@ impl TopoYaml {
         self.services.push(s);
         self
     }
+    /// Adds `field: value` to service `name` (added before with [`TopoYaml::service`]).
+    pub fn service_field(&mut self, name: &str, field: &str, value: &str) -> &mut Self {
+        let head = format!("  - name: {name}\n");
+        let s = self
+            .services
+            .iter_mut()
+            .find(|s| s.starts_with(&head))
+            .unwrap_or_else(|| panic!("no service {name}"));
+        let _ = writeln!(s, "    {field}: {value}");
+        self
+    }
     /// The topology file's text.
     pub fn render(&self) -> String {
         format!(

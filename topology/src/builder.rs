@@ -88,6 +88,7 @@ impl TopologyBuilder {
             clients: Vec::new(),
             residency,
             requires_circuit: false,
+            affinity: Affinity::None,
         });
         self
     }

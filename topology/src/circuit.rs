@@ -878,6 +878,7 @@ mod tests {
                 clients: vec![],
                 residency: Residency::default(),
                 requires_circuit: true,
+                affinity: Default::default(),
             }],
             pools: vec![Pool {
                 name: PoolName::new("vips"),

@@ -373,6 +373,38 @@ pub struct Service {
     /// Only clients that match a provisioned circuit may use the service.
     #[serde(default)]
     pub requires_circuit: bool,
+    /// How an edge deals one client's connections among equally near sites.
+    #[serde(default, skip_serializing_if = "Affinity::is_none")]
+    pub affinity: Affinity,
+}
+
+/// Client affinity of a service: how an edge deals a client's new connections among the sites
+/// that share the service by weight ([`crate::route::Spread`]). It never overrides nearness,
+/// health or load: only sites of the equally near group are dealt, and a failed first try
+/// still moves on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Affinity {
+    /// Each new connection takes the next turn: shares are exact over any run of connections.
+    #[default]
+    None,
+    /// Every connection from one client IP address starts on the same site while that site
+    /// stays in the group (weighted rendezvous hashing: when a site leaves or joins, only the
+    /// clients it loses or gains move). Shares hold over many clients.
+    SourceIp,
+}
+
+impl Affinity {
+    pub fn is_none(&self) -> bool {
+        *self == Affinity::None
+    }
+    /// The name used in topology files.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Affinity::None => "none",
+            Affinity::SourceIp => "source_ip",
+        }
+    }
 }
 
 /// An address pool from which the controller allocates circuit VIPs.

@@ -542,6 +542,37 @@ pub fn preferred_first(mut ranked: Vec<Candidate>, preferred: &NodeId) -> Vec<Ca
     ranked
 }
 
+/// The affinity key of a client address: the same for an IPv4 address and its IPv4-mapped IPv6
+/// form, and the same on every edge and across restarts.
+pub fn client_key(ip: std::net::IpAddr) -> u64 {
+    match ip.to_canonical() {
+        std::net::IpAddr::V4(v4) => mix(u64::from(u32::from(v4))),
+        std::net::IpAddr::V6(v6) => {
+            let bits = u128::from(v6);
+            mix((bits >> 64) as u64 ^ mix(bits as u64))
+        }
+    }
+}
+
+/// FNV-1a over `bytes`, then [`mix`]ed: stable across processes and Rust versions (unlike
+/// `std`'s `DefaultHasher`), which affinity needs so that every edge and every restart agrees.
+fn stable_hash(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    mix(h)
+}
+
+/// The splitmix64 finaliser: every input bit affects every output bit.
+fn mix(mut x: u64) -> u64 {
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
 /// 2^64 / φ: consecutive multiples of it, taken mod 2^64, are the Weyl sequence `{n φ}`, which
 /// fills `[0, 1)` more evenly than random draws do.
 const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -585,6 +616,8 @@ pub struct Spread {
     /// Running sums of the members' weights (members are a prefix of the candidates); the last
     /// is the total. Empty when there is no candidate.
     cumulative: Vec<u64>,
+    /// Each member's site id, hashed ([`stable_hash`]), for [`Spread::pick_affine`].
+    sites: Vec<u64>,
 }
 
 impl Spread {
@@ -594,21 +627,21 @@ impl Spread {
             return Spread::default();
         };
         let bound = first.cost.saturating_add(SPREAD_WITHIN);
+        let members = std::iter::once(first).chain(
+            candidates[1..]
+                .iter()
+                .take_while(|c| c.drained == first.drained && c.cost <= bound),
+        );
+        let mut spread = Spread::default();
         let mut total = 0u64;
-        let cumulative = std::iter::once(first)
-            .chain(
-                candidates[1..]
-                    .iter()
-                    .take_while(|c| c.drained == first.drained && c.cost <= bound),
-            )
-            .map(|c| {
-                // Validation keeps weights at 1 or more; a 0 from elsewhere still takes a turn
-                // rather than making the total 0.
-                total += u64::from(c.weight.max(1));
-                total
-            })
-            .collect();
-        Spread { cumulative }
+        for c in members {
+            // Validation keeps weights at 1 or more; a 0 from elsewhere still takes a turn
+            // rather than making the total 0.
+            total += u64::from(c.weight.max(1));
+            spread.cumulative.push(total);
+            spread.sites.push(stable_hash(c.site.as_str().as_bytes()));
+        }
+        spread
     }
 
     /// How many leading candidates share new connections (0 only without candidates).
@@ -640,6 +673,31 @@ impl Spread {
                 share: self.share(i),
             })
             .collect()
+    }
+
+    /// The member that the client with `key` ([`client_key`]) starts on: weighted rendezvous
+    /// hashing. Each member scores `weight / -ln(u)`, with `u` in (0, 1) a hash of the key and the
+    /// member's site id, and the highest score wins; a member wins for a share of keys equal to
+    /// its share of the weight. The score of a (client, site) pair does not depend on the other
+    /// members, so when a site leaves only its clients move, and a site that joins takes clients
+    /// only from the others, in proportion.
+    pub fn pick_affine(&self, key: u64) -> usize {
+        if self.cumulative.len() < 2 {
+            return 0;
+        }
+        let mut best = (0, f64::NEG_INFINITY);
+        let mut before = 0;
+        for (i, (&upto, &site)) in self.cumulative.iter().zip(&self.sites).enumerate() {
+            let weight = (upto - before) as f64;
+            before = upto;
+            // 53 random bits, centred in their interval: u is never 0 or 1.
+            let u = ((mix(key ^ site) >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+            let score = weight / -u.ln();
+            if score > best.1 {
+                best = (i, score);
+            }
+        }
+        best.0
     }
 
     /// The candidate (an index into the ranked list) that the connection with `ticket` tries
@@ -1125,5 +1183,79 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Client keys for `n` distinct addresses (10.0.0.0 + i).
+    fn keys(n: u32) -> Vec<u64> {
+        (0..n)
+            .map(|i| client_key(std::net::Ipv4Addr::from(0x0a00_0000 + i).into()))
+            .collect()
+    }
+
+    #[test]
+    fn affinity_keeps_a_client_on_one_site_and_shares_hold_over_clients() {
+        let (ranked, spread) = spread_of(&[1.0, 1.5, 2.0], &[300, 100, 100]);
+        let keys = keys(20_000);
+        let mut got = [0u32; 3];
+        for &k in &keys {
+            let i = spread.pick_affine(k);
+            assert_eq!(spread.pick_affine(k), i, "the same client, the same site");
+            got[i] += 1;
+        }
+        for (i, &n) in got.iter().enumerate() {
+            let share = n as f64 / keys.len() as f64;
+            assert!(
+                (share - spread.share(i)).abs() < 0.02,
+                "member {i}: {share:.3} of clients, weight share {:.3}",
+                spread.share(i)
+            );
+        }
+        // An IPv4 client is the same client over an IPv4-mapped IPv6 socket.
+        let v4: std::net::Ipv4Addr = "192.0.2.7".parse().unwrap();
+        assert_eq!(
+            client_key(v4.into()),
+            client_key(v4.to_ipv6_mapped().into())
+        );
+        // The choice depends on the site ids, not on their rank: the same group in another
+        // order gives every client the same site.
+        let reordered = [ranked[2].clone(), ranked[0].clone(), ranked[1].clone()];
+        let other = Spread::new(&reordered);
+        for &k in keys.iter().take(2000) {
+            assert_eq!(
+                reordered[other.pick_affine(k)].site,
+                ranked[spread.pick_affine(k)].site
+            );
+        }
+        let (_, alone) = spread_of(&[1.0], &[5]);
+        assert!(keys.iter().all(|&k| alone.pick_affine(k) == 0));
+    }
+
+    /// Rendezvous hashing: a site leaving moves only its own clients; a site joining takes
+    /// clients from the others and moves no client between them.
+    #[test]
+    fn affinity_moves_only_the_clients_of_a_site_that_leaves_or_joins() {
+        let (three, spread3) = spread_of(&[1.0, 1.0, 1.0], &[100, 100, 200]);
+        let two: Vec<Candidate> = vec![three[0].clone(), three[2].clone()];
+        let spread2 = Spread::new(&two);
+        let keys = keys(10_000);
+        let (mut moved_leave, mut joined) = (0, 0);
+        for &k in &keys {
+            let with3 = &three[spread3.pick_affine(k)].site;
+            let with2 = &two[spread2.pick_affine(k)].site;
+            if with3 != &three[1].site {
+                // Not a client of the site that leaves: it must stay where it was.
+                assert_eq!(with2, with3, "a client of a staying site moved");
+            } else {
+                moved_leave += 1;
+            }
+            // The other way round: s1 joins the two-site group.
+            if with3 != with2 {
+                assert_eq!(with3, &three[1].site, "a join moved a client elsewhere");
+                joined += 1;
+            }
+        }
+        // s1 has a quarter of the weight: about a quarter of the clients move.
+        assert!((2_200..=2_800).contains(&moved_leave), "{moved_leave}");
+        assert_eq!(moved_leave, joined);
     }
 }

@@ -84,6 +84,7 @@ pub fn topology(p: &Params) -> Topology {
             clients: Vec::new(),
             residency: Residency::default(),
             requires_circuit: false,
+            affinity: Affinity::None,
         })
         .collect();
     let kind_of = |i: usize| {

@@ -47,6 +47,7 @@ const SERVICE_FIELDS: &[&str] = &[
     "clients",
     "residency",
     "requires_circuit",
+    "affinity",
 ];
 const RESIDENCY_FIELDS: &[&str] = &["regions", "countries"];
 const POOL_FIELDS: &[&str] = &["name", "prefix"];
@@ -299,6 +300,20 @@ fn state(cx: &mut Cx, node: &YNode, what: &dyn fmt::Display) -> Option<AdminStat
             cx.err(
                 node.pos,
                 format!("{what}: unknown state {other:?} (expected one of: up, drain, down)"),
+            );
+            None
+        }
+    }
+}
+
+fn affinity(cx: &mut Cx, node: &YNode, what: &dyn fmt::Display) -> Option<Affinity> {
+    match string(cx, node, what)? {
+        "none" => Some(Affinity::None),
+        "source_ip" => Some(Affinity::SourceIp),
+        other => {
+            cx.err(
+                node.pos,
+                format!("{what}: unknown affinity {other:?} (expected one of: none, source_ip)"),
             );
             None
         }
@@ -797,6 +812,13 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
                 false
             }),
         };
+        let affinity = match f.get("affinity") {
+            None => Affinity::None,
+            Some(n) => affinity(cx, n, &Of("affinity", &what)).unwrap_or_else(|| {
+                ok = false;
+                Affinity::None
+            }),
+        };
         if let (true, Some(name)) = (ok, name) {
             services.push((
                 Service {
@@ -806,6 +828,7 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
                     clients,
                     residency,
                     requires_circuit,
+                    affinity,
                 },
                 name_pos,
             ));

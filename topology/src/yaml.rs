@@ -150,6 +150,9 @@ pub fn to_yaml(t: &Topology) -> String {
         if s.requires_circuit {
             o.push_str("    requires_circuit: true\n");
         }
+        if !s.affinity.is_none() {
+            let _ = writeln!(o, "    affinity: {}", s.affinity.as_str());
+        }
     }
     if !t.pools.is_empty() {
         o.push_str("pools:\n");

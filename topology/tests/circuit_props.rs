@@ -77,6 +77,7 @@ fn topo(caps: &[u64], lat: &[u64], pool: &str) -> Topology {
             clients: vec![],
             residency: Residency::default(),
             requires_circuit: true,
+            affinity: Default::default(),
         }],
         pools: vec![Pool {
             name: PoolName::new("p"),

@@ -1,9 +1,9 @@
 //! `to_yaml` then `load` gives back the same topology, for random synthetic fabrics with random
-//! admin states, weights, residency and pools.
+//! admin states, weights, residency, affinity and pools.
 
 use proptest::prelude::*;
 use topology::synth::{self, Params};
-use topology::{AdminState, CountryCode, Pool, PoolName, Region, load, to_yaml};
+use topology::{AdminState, Affinity, CountryCode, Pool, PoolName, Region, load, to_yaml};
 
 fn state(i: u8) -> AdminState {
     [AdminState::Up, AdminState::Drain, AdminState::Down][usize::from(i % 3)]
@@ -30,6 +30,9 @@ proptest! {
         }
         if let Some(site) = t.nodes.iter_mut().find(|n| !n.serves.is_empty()) {
             site.serves[0].weight = 1 + u32::from(states[0]);
+        }
+        if states[1] % 2 == 1 {
+            t.services[2].affinity = Affinity::SourceIp;
         }
         t.services[1].residency.countries = vec![CountryCode::parse("AU").expect("AU")];
         t.services[1].residency.regions = vec![Region::new("region-0")];

@@ -385,6 +385,7 @@ fn route_shows_the_weighted_share_of_equally_near_sites() {
         out.contains("shared by weight among the sites within 2ms"),
         "{out}"
     );
+    assert!(!out.contains("affinity"), "{out}");
 
     let o = args(&["-o", "json"]);
     let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
@@ -408,6 +409,25 @@ fn route_shows_the_weighted_share_of_equally_near_sites() {
             ("site-b", 100, 0.25),
             ("site-far", 100, 0.0)
         ]
+    );
+
+    // With affinity, the table says that each client keeps to one site.
+    y.service_field("chat", "affinity", "source_ip");
+    let sticky = dir.path().join("sticky.yaml");
+    std::fs::write(&sticky, y.render()).unwrap();
+    let o = tasman(&[
+        "topology",
+        "route",
+        sticky.to_str().unwrap(),
+        "--from",
+        "edge",
+        "--service",
+        "chat",
+    ]);
+    assert!(
+        stdout(&o).contains("; each client address keeps to one (affinity: source_ip)"),
+        "{}",
+        stdout(&o)
     );
 
     // The diff's impact names a change of weight that moves shares, though no site changes.

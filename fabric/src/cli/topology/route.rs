@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use serde::Serialize;
 use topology::route::{Candidate, LiveState, RouteError, RoutingTable, SPREAD_WITHIN, Spread};
-use topology::{Graph, Latency, LinkId, NodeId};
+use topology::{Affinity, Graph, Latency, LinkId, NodeId};
 
 use super::{OutputFormat, load_or_report};
 
@@ -134,6 +134,12 @@ pub fn run(args: RouteArgs) -> ExitCode {
     };
     let candidates = table.candidates(&args.service);
     let spread = Spread::new(candidates);
+    let affinity = topo
+        .services
+        .iter()
+        .find(|s| s.name.as_str() == args.service)
+        .map(|s| s.affinity)
+        .unwrap_or_default();
     match args.output {
         OutputFormat::Json => {
             let out = RouteJson {
@@ -154,12 +160,17 @@ pub fn run(args: RouteArgs) -> ExitCode {
                 }
             }
         }
-        OutputFormat::Table => print!("{}", table_text(&args, candidates, &spread)),
+        OutputFormat::Table => print!("{}", table_text(&args, candidates, &spread, affinity)),
     }
     ExitCode::SUCCESS
 }
 
-fn table_text(args: &RouteArgs, candidates: &[Candidate], spread: &Spread) -> String {
+fn table_text(
+    args: &RouteArgs,
+    candidates: &[Candidate],
+    spread: &Spread,
+    affinity: Affinity,
+) -> String {
     use std::fmt::Write as _;
     let mut s = String::new();
     let _ = write!(s, "route from {} for {}", args.from, args.service);
@@ -206,10 +217,18 @@ fn table_text(args: &RouteArgs, candidates: &[Candidate], spread: &Spread) -> St
         );
     }
     if spread.members() > 1 {
-        let _ = writeln!(
+        let _ = write!(
             s,
             "new connections are shared by weight among the sites within {} of the first",
             SPREAD_WITHIN
+        );
+        let _ = writeln!(
+            s,
+            "{}",
+            match affinity {
+                Affinity::None => "",
+                Affinity::SourceIp => "; each client address keeps to one (affinity: source_ip)",
+            }
         );
     }
     s

@@ -111,6 +111,12 @@ pub struct RouterConfig {
     pub replay_limit: usize,
     /// Extra names a peer may present besides the topology's node ids (e.g. `controller`).
     pub extra_peer_names: Vec<String>,
+    /// What this router presents (share one with the control client so both present the same,
+    /// reloaded certificate); `None`: one made from `tls`.
+    pub cert_resolver: Option<Arc<tls::CertResolver>>,
+    /// Re-read the node's certificate and key from their directory this often and present a new
+    /// pair that passes the checks of [`tls::CertResolver::check`] (default 10 s; `None`: never).
+    pub cert_reload_interval: Option<Duration>,
 }
 
 impl RouterConfig {
@@ -134,6 +140,8 @@ impl RouterConfig {
             idle_timeout: Some(Duration::from_secs(3600)),
             replay_limit: 64 * 1024,
             extra_peer_names: Vec::new(),
+            cert_resolver: None,
+            cert_reload_interval: Some(Duration::from_secs(10)),
         }
     }
 }
@@ -167,6 +175,8 @@ pub(crate) struct Shared {
     pub replay_limit: usize,
     pub endpoint: quinn::Endpoint,
     pub peers: tls::PeerNames,
+    /// The certificate and key presented (reloaded in place).
+    pub cert: Arc<tls::CertResolver>,
     pub extra_peer_names: Vec<String>,
     pub dial_overrides: HashMap<NodeId, SocketAddr>,
     pub snapshot: ArcSwap<Snapshot>,
@@ -187,6 +197,13 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Prometheus text: the counters, then the presented certificate's series.
+    pub fn render_metrics(&self, t: &TelemetryReport) -> String {
+        let mut s = self.metrics.render(t, &self.routes.load());
+        self.cert.render_metrics(self.node.as_str(), &mut s);
+        s
+    }
+
     pub fn telemetry(&self) -> TelemetryReport {
         let mut neighbours: Vec<_> = self
             .neighbours
@@ -246,8 +263,12 @@ impl Router {
         names.extend(cfg.extra_peer_names.iter().cloned());
         let peers = tls::PeerNames::new(names);
         let transport = transport::shared_transport();
-        let server = tls::server_config(&cfg.tls, &peers, transport.clone())?;
-        let client = tls::client_config(&cfg.tls, &peers, transport)?;
+        let cert = match &cfg.cert_resolver {
+            Some(c) => c.clone(),
+            None => tls::CertResolver::new(&cfg.tls)?,
+        };
+        let server = tls::server_config_with(&cert, &peers, transport.clone())?;
+        let client = tls::client_config_with(&cert, &peers, transport)?;
         let endpoint = transport::endpoint(me.address, server, client).map_err(|source| {
             RouterError::Bind {
                 addr: me.address,
@@ -267,6 +288,7 @@ impl Router {
             replay_limit: cfg.replay_limit,
             endpoint,
             peers,
+            cert: cert.clone(),
             extra_peer_names: cfg.extra_peer_names.clone(),
             dial_overrides: cfg.dial_overrides.clone(),
             snapshot: ArcSwap::new(first.clone()),
@@ -290,6 +312,11 @@ impl Router {
         control.sync_listeners()?;
         tasks.push(tokio::spawn(control.run(cfg.snapshots)));
         tasks.push(tokio::spawn(inbound::accept_loop(shared.clone())));
+        if let Some(every) = cfg.cert_reload_interval.filter(|d| !d.is_zero()) {
+            tasks.push(tokio::spawn(
+                cert.clone().reload_every(every, shared.shutdown.clone()),
+            ));
+        }
         if let Some(addr) = cfg.metrics_addr {
             let listener = metrics::bind(addr)
                 .await
@@ -298,7 +325,7 @@ impl Router {
             let report = Arc::new(move || {
                 let t = s.telemetry();
                 let json = serde_json::to_string_pretty(&t).unwrap_or_default();
-                (s.metrics.render(&t, &s.routes.load()), json)
+                (s.render_metrics(&t), json)
             });
             tasks.push(tokio::spawn(metrics::serve(listener, report)));
         }
@@ -324,9 +351,11 @@ impl RouterHandle {
     }
     /// Prometheus text of this router's metrics.
     pub fn metrics_text(&self) -> String {
-        self.shared
-            .metrics
-            .render(&self.shared.telemetry(), &self.shared.routes.load())
+        self.shared.render_metrics(&self.shared.telemetry())
+    }
+    /// What this router presents in its handshakes (and reloads).
+    pub fn cert(&self) -> Arc<tls::CertResolver> {
+        self.shared.cert.clone()
     }
     /// The QUIC endpoint's bound address.
     pub fn quic_addr(&self) -> Option<SocketAddr> {

@@ -5,6 +5,11 @@
 //! current topology, plus `controller` where the caller adds it). The set is swapped on every
 //! snapshot, so a node removed from the topology is refused at its next handshake.
 //!
+//! The certificate and key a node presents come from a [`CertResolver`] (the server and client
+//! configs share it). [`CertResolver::reload`] re-reads the node's files and swaps in a new pair
+//! only if it is for this node, chains to the CA loaded at start and is valid now; new
+//! handshakes then present it, while established connections keep going.
+//!
 //! Neither 0-RTT nor resumption is enabled: 0-RTT data is replayable and the first bytes of a
 //! stream here are a client's (non-idempotent) inference request; resumption would skip the
 //! client-certificate check, and connections are long-lived and pooled (one handshake per
@@ -13,7 +18,9 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
@@ -23,6 +30,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
 use rustls::{
     CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
 };
@@ -50,6 +58,9 @@ pub struct TlsIdentity {
     pub ca: CertificateDer<'static>,
     pub chain: Vec<CertificateDer<'static>>,
     pub key: PrivateKeyDer<'static>,
+    /// The directory it was loaded from (where a [`CertResolver`] reloads it); `None`: built in
+    /// memory.
+    pub dir: Option<PathBuf>,
 }
 
 impl Clone for TlsIdentity {
@@ -59,6 +70,7 @@ impl Clone for TlsIdentity {
             ca: self.ca.clone(),
             chain: self.chain.clone(),
             key: self.key.clone_key(),
+            dir: self.dir.clone(),
         }
     }
 }
@@ -96,7 +108,243 @@ impl TlsIdentity {
             ca,
             chain,
             key,
+            dir: Some(dir.to_path_buf()),
         })
+    }
+}
+
+/// The expiry (`notAfter`, unix seconds) of a DER certificate.
+pub fn not_after(cert: &CertificateDer<'_>) -> Result<i64, String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| format!("unparsable certificate: {e}"))?;
+    Ok(parsed.validity().not_after.timestamp())
+}
+
+/// What a [`CertResolver::reload`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reload {
+    /// The files hold the certificate already presented.
+    Unchanged,
+    /// A new pair is presented now; it expires at this unix time.
+    Reloaded { not_after: i64 },
+    /// The files were refused (the old pair stays): why.
+    Refused(String),
+}
+
+/// The certificate and key this node presents, as a server and as a client: swapped whole by
+/// [`CertResolver::reload`] (lock-free reads at each handshake). It keeps the CA and verifiers
+/// of the identity it started with: a reload never changes what the node trusts, and a new
+/// certificate must chain to that CA.
+pub struct CertResolver {
+    name: String,
+    dir: Option<PathBuf>,
+    current: ArcSwap<CertifiedKey>,
+    roots: Arc<RootCertStore>,
+    server_verifier: Arc<rustls::client::WebPkiServerVerifier>,
+    client_verifier: Arc<dyn ClientCertVerifier>,
+    provider: Arc<CryptoProvider>,
+    not_after: AtomicI64,
+    reloads: AtomicU64,
+    failures: AtomicU64,
+    /// The last refusal (leaf DER, reason): the same bad files are counted and logged once.
+    last_refusal: Mutex<Option<(Vec<u8>, String)>>,
+}
+
+impl fmt::Debug for CertResolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertResolver")
+            .field("name", &self.name)
+            .field("not_after", &self.not_after.load(Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl CertResolver {
+    /// Presents `id`'s certificate (its key must match); reloads come from `id.dir`.
+    pub fn new(id: &TlsIdentity) -> Result<Arc<Self>, TlsError> {
+        let provider = provider();
+        let roots = roots(id)?;
+        let server_verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            roots.clone(),
+            provider.clone(),
+        )
+        .build()?;
+        let client_verifier =
+            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone()).build()?;
+        let ck = CertifiedKey::from_der(id.chain.clone(), id.key.clone_key(), &provider)?;
+        let not_after = not_after(&id.chain[0]).unwrap_or(0);
+        Ok(Arc::new(CertResolver {
+            name: id.name.clone(),
+            dir: id.dir.clone(),
+            current: ArcSwap::from_pointee(ck),
+            roots,
+            server_verifier,
+            client_verifier,
+            provider,
+            not_after: AtomicI64::new(not_after),
+            reloads: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            last_refusal: Mutex::new(None),
+        }))
+    }
+
+    /// The node name the certificate is for.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// The pair presented now.
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        self.current.load_full()
+    }
+    /// Unix time the presented certificate expires.
+    pub fn not_after(&self) -> i64 {
+        self.not_after.load(Relaxed)
+    }
+    /// New pairs swapped in since start.
+    pub fn reloads(&self) -> u64 {
+        self.reloads.load(Relaxed)
+    }
+    /// Distinct sets of files refused since start.
+    pub fn reload_failures(&self) -> u64 {
+        self.failures.load(Relaxed)
+    }
+
+    /// Whether `id` may replace the presented pair: its key matches its certificate, and the
+    /// certificate chains to our CA, is valid now and is for our name (for both server and
+    /// client use). The checked pair on success.
+    pub fn check(&self, id: &TlsIdentity) -> Result<CertifiedKey, String> {
+        let leaf = id.chain.first().ok_or("no certificate in file")?;
+        let ck = CertifiedKey::from_der(id.chain.clone(), id.key.clone_key(), &self.provider)
+            .map_err(|e| format!("key does not match the certificate: {e}"))?;
+        ck.keys_match()
+            .map_err(|e| format!("key does not match the certificate: {e}"))?;
+        let now = UnixTime::now();
+        let sn = ServerName::try_from(self.name.as_str())
+            .map_err(|e| format!("node name {:?}: {e}", self.name))?;
+        self.server_verifier
+            .verify_server_cert(leaf, &id.chain[1..], &sn, &[], now)
+            .map_err(|e| format!("certificate refused: {e}"))?;
+        self.client_verifier
+            .verify_client_cert(leaf, &id.chain[1..], now)
+            .map_err(|e| format!("certificate refused for client use: {e}"))?;
+        Ok(ck)
+    }
+
+    /// Re-reads `<name>.pem` and `<name>.key` from the directory the identity came from and
+    /// swaps them in if they changed and pass [`CertResolver::check`]; otherwise keeps the
+    /// presented pair (logging why, once per distinct set of refused files).
+    pub fn reload(&self) -> Reload {
+        let Some(dir) = &self.dir else {
+            return Reload::Unchanged;
+        };
+        let loaded = TlsIdentity::load(dir, &self.name);
+        if let Ok(id) = &loaded
+            && self.current.load().cert.first() == id.chain.first()
+        {
+            return Reload::Unchanged;
+        }
+        let checked = loaded
+            .map_err(|e| e.to_string())
+            .and_then(|id| self.check(&id));
+        match checked {
+            Ok(ck) => {
+                let na = not_after(&ck.cert[0]).unwrap_or(0);
+                self.current.store(Arc::new(ck));
+                self.not_after.store(na, Relaxed);
+                self.reloads.fetch_add(1, Relaxed);
+                if let Ok(mut l) = self.last_refusal.lock() {
+                    *l = None;
+                }
+                tracing::info!(node = %self.name, not_after = na, expires = %fmt_unix(na),
+                    "reloaded the node certificate");
+                Reload::Reloaded { not_after: na }
+            }
+            Err(reason) => {
+                let leaf = TlsIdentity::load(dir, &self.name)
+                    .ok()
+                    .and_then(|id| id.chain.first().map(|c| c.to_vec()))
+                    .unwrap_or_default();
+                let seen = (leaf, reason.clone());
+                let new = match self.last_refusal.lock() {
+                    Ok(l) if l.as_ref() == Some(&seen) => false,
+                    Ok(mut l) => {
+                        *l = Some(seen);
+                        true
+                    }
+                    Err(_) => true,
+                };
+                if new {
+                    self.failures.fetch_add(1, Relaxed);
+                    tracing::warn!(node = %self.name, dir = %dir.display(),
+                        "new node certificate refused, keeping the current one: {reason}");
+                }
+                Reload::Refused(reason)
+            }
+        }
+    }
+
+    /// Calls [`CertResolver::reload`] every `interval` until `shutdown` turns true or closes.
+    pub async fn reload_every(
+        self: Arc<Self>,
+        interval: Duration,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { return },
+            }
+            // File reads and signature checks: keep them off the async workers.
+            let me = self.clone();
+            let _ = tokio::task::spawn_blocking(move || me.reload()).await;
+        }
+    }
+
+    /// The `tasman_tls_cert_*` series for `/metrics`.
+    pub fn render_metrics(&self, node: &str, s: &mut String) {
+        use std::fmt::Write as _;
+        let _ = writeln!(
+            s,
+            "# HELP tasman_tls_cert_not_after_seconds Unix time the presented node certificate expires.\n# TYPE tasman_tls_cert_not_after_seconds gauge\ntasman_tls_cert_not_after_seconds{{node=\"{node}\"}} {}",
+            self.not_after()
+        );
+        let _ = writeln!(
+            s,
+            "# HELP tasman_tls_cert_reloads_total New node certificates swapped in since start.\n# TYPE tasman_tls_cert_reloads_total counter\ntasman_tls_cert_reloads_total{{node=\"{node}\"}} {}",
+            self.reloads()
+        );
+        let _ = writeln!(
+            s,
+            "# HELP tasman_tls_cert_reload_failures_total New node certificate files refused (the old pair kept).\n# TYPE tasman_tls_cert_reload_failures_total counter\ntasman_tls_cert_reload_failures_total{{node=\"{node}\"}} {}",
+            self.reload_failures()
+        );
+    }
+}
+
+fn fmt_unix(t: i64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_secs(t.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+impl rustls::server::ResolvesServerCert for CertResolver {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for CertResolver {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+    fn has_certs(&self) -> bool {
+        true
     }
 }
 
@@ -245,14 +493,23 @@ impl ServerCertVerifier for NodeServerVerifier {
     delegate_signature_checks!();
 }
 
-/// The rustls server config (TLS 1.3 only, client certificates required).
+/// The rustls server config (TLS 1.3 only, client certificates required) presenting `id`'s
+/// certificate (a [`CertResolver`] that is never reloaded).
 pub fn rustls_server_config(
     id: &TlsIdentity,
     peers: &PeerNames,
 ) -> Result<rustls::ServerConfig, TlsError> {
+    rustls_server_config_with(&CertResolver::new(id)?, peers)
+}
+
+/// The rustls server config presenting what `cert` holds at each handshake and trusting its CA.
+pub fn rustls_server_config_with(
+    cert: &Arc<CertResolver>,
+    peers: &PeerNames,
+) -> Result<rustls::ServerConfig, TlsError> {
     let provider = provider();
-    let inner =
-        WebPkiClientVerifier::builder_with_provider(roots(id)?, provider.clone()).build()?;
+    let inner = WebPkiClientVerifier::builder_with_provider(cert.roots.clone(), provider.clone())
+        .build()?;
     let verifier = Arc::new(NodeClientVerifier {
         inner,
         peers: peers.clone(),
@@ -260,7 +517,7 @@ pub fn rustls_server_config(
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(id.chain.clone(), id.key.clone_key())?;
+        .with_cert_resolver(cert.clone());
     cfg.alpn_protocols = vec![ALPN.to_vec()];
     cfg.max_early_data_size = 0;
     cfg.send_tls13_tickets = 0;
@@ -268,16 +525,27 @@ pub fn rustls_server_config(
     Ok(cfg)
 }
 
-/// The rustls client config (TLS 1.3 only, presents our certificate, no resumption).
+/// The rustls client config (TLS 1.3 only, presents our certificate, no resumption) presenting
+/// `id`'s certificate (a [`CertResolver`] that is never reloaded).
 pub fn rustls_client_config(
     id: &TlsIdentity,
     peers: &PeerNames,
 ) -> Result<rustls::ClientConfig, TlsError> {
+    rustls_client_config_with(&CertResolver::new(id)?, peers)
+}
+
+/// The rustls client config presenting what `cert` holds at each handshake and trusting its CA.
+pub fn rustls_client_config_with(
+    cert: &Arc<CertResolver>,
+    peers: &PeerNames,
+) -> Result<rustls::ClientConfig, TlsError> {
     let provider = provider();
-    let inner =
-        rustls::client::WebPkiServerVerifier::builder_with_provider(roots(id)?, provider.clone())
-            .build()
-            .map_err(TlsError::Verifier)?;
+    let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        cert.roots.clone(),
+        provider.clone(),
+    )
+    .build()
+    .map_err(TlsError::Verifier)?;
     let verifier = Arc::new(NodeServerVerifier {
         inner,
         peers: peers.clone(),
@@ -286,35 +554,175 @@ pub fn rustls_client_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
-        .with_client_auth_cert(id.chain.clone(), id.key.clone_key())?;
+        .with_client_cert_resolver(cert.clone());
     cfg.alpn_protocols = vec![ALPN.to_vec()];
     cfg.enable_early_data = false;
     cfg.resumption = rustls::client::Resumption::disabled();
     Ok(cfg)
 }
 
-/// quinn server config with mutual TLS and the given transport tuning.
+/// quinn server config with mutual TLS and the given transport tuning (a fixed certificate).
 pub fn server_config(
     id: &TlsIdentity,
     peers: &PeerNames,
     transport: Arc<quinn::TransportConfig>,
 ) -> Result<quinn::ServerConfig, TlsError> {
-    let crypto = QuicServerConfig::try_from(rustls_server_config(id, peers)?)
+    server_config_with(&CertResolver::new(id)?, peers, transport)
+}
+
+/// quinn server config presenting what `cert` holds at each handshake.
+pub fn server_config_with(
+    cert: &Arc<CertResolver>,
+    peers: &PeerNames,
+    transport: Arc<quinn::TransportConfig>,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let crypto = QuicServerConfig::try_from(rustls_server_config_with(cert, peers)?)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(transport);
     Ok(cfg)
 }
 
-/// quinn client config with mutual TLS and the given transport tuning.
+/// quinn client config with mutual TLS and the given transport tuning (a fixed certificate).
 pub fn client_config(
     id: &TlsIdentity,
     peers: &PeerNames,
     transport: Arc<quinn::TransportConfig>,
 ) -> Result<quinn::ClientConfig, TlsError> {
-    let crypto = QuicClientConfig::try_from(rustls_client_config(id, peers)?)
+    client_config_with(&CertResolver::new(id)?, peers, transport)
+}
+
+/// quinn client config presenting what `cert` holds at each handshake.
+pub fn client_config_with(
+    cert: &Arc<CertResolver>,
+    peers: &PeerNames,
+    transport: Arc<quinn::TransportConfig>,
+) -> Result<quinn::ClientConfig, TlsError> {
+    let crypto = QuicClientConfig::try_from(rustls_client_config_with(cert, peers)?)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     cfg.transport_config(transport);
     Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+    use std::time::SystemTime;
+
+    fn leaf_in(dir: &Path, name: &str) -> CertificateDer<'static> {
+        TlsIdentity::load(dir, name).unwrap().chain[0].clone()
+    }
+
+    /// A CA in a temporary directory, `n1` issued, and a resolver presenting it.
+    fn setup() -> (tempfile::TempDir, Arc<CertResolver>) {
+        let d = tempfile::tempdir().unwrap();
+        pki::init(d.path()).unwrap();
+        pki::issue(d.path(), "n1").unwrap();
+        let r = CertResolver::new(&TlsIdentity::load(d.path(), "n1").unwrap()).unwrap();
+        (d, r)
+    }
+
+    /// Puts `from_dir`'s `from` pair in place of `dir`'s `n1` pair.
+    fn replace_n1(dir: &Path, from_dir: &Path, from: &str) {
+        for ext in ["pem", "key"] {
+            fs::copy(
+                from_dir.join(format!("{from}.{ext}")),
+                dir.join(format!("n1.{ext}")),
+            )
+            .unwrap();
+        }
+    }
+
+    fn assert_refused(r: &CertResolver, old: &CertificateDer<'_>, why: &str) {
+        let failures = r.reload_failures();
+        match r.reload() {
+            Reload::Refused(reason) => assert!(reason.contains(why), "{reason}"),
+            other => panic!("expected a refusal ({why}), got {other:?}"),
+        }
+        assert_eq!(&r.current().cert[0], old, "the old certificate must stay");
+        assert_eq!(r.reload_failures(), failures + 1);
+        assert_eq!(r.reloads(), 0);
+        // The same files again: refused, but counted once.
+        assert!(matches!(r.reload(), Reload::Refused(_)));
+        assert_eq!(r.reload_failures(), failures + 1);
+    }
+
+    #[test]
+    fn reload_swaps_in_a_new_valid_certificate() {
+        let (d, r) = setup();
+        let old = r.current().cert[0].clone();
+        assert_eq!(r.reload(), Reload::Unchanged);
+        let v = pki::Validity::for_duration(Duration::from_secs(30 * 86_400)).unwrap();
+        pki::issue_with(d.path(), "n1", v).unwrap();
+        let new = leaf_in(d.path(), "n1");
+        assert_ne!(old, new);
+        let want = not_after(&new).unwrap();
+        assert_eq!(r.reload(), Reload::Reloaded { not_after: want });
+        assert_eq!(r.current().cert[0], new);
+        assert_eq!(r.not_after(), want);
+        assert_eq!((r.reloads(), r.reload_failures()), (1, 0));
+        assert_eq!(r.reload(), Reload::Unchanged);
+        let mut m = String::new();
+        r.render_metrics("n1", &mut m);
+        assert!(m.contains(&format!(
+            "tasman_tls_cert_not_after_seconds{{node=\"n1\"}} {want}"
+        )));
+        assert!(
+            m.contains("tasman_tls_cert_reloads_total{node=\"n1\"} 1"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn reload_refuses_a_certificate_for_another_name() {
+        let (d, r) = setup();
+        let old = r.current().cert[0].clone();
+        pki::issue(d.path(), "n2").unwrap();
+        replace_n1(d.path(), d.path(), "n2");
+        assert_refused(&r, &old, "certificate refused");
+    }
+
+    #[test]
+    fn reload_refuses_a_certificate_from_another_ca() {
+        let (d, r) = setup();
+        let old = r.current().cert[0].clone();
+        let other = tempfile::tempdir().unwrap();
+        pki::init(other.path()).unwrap();
+        pki::issue(other.path(), "n1").unwrap();
+        replace_n1(d.path(), other.path(), "n1");
+        // Even with the other CA's ca.pem next to it: the CA loaded at start is what counts.
+        fs::copy(other.path().join(pki::CA_CERT), d.path().join(pki::CA_CERT)).unwrap();
+        assert_refused(&r, &old, "certificate refused");
+    }
+
+    #[test]
+    fn reload_refuses_an_expired_certificate() {
+        let (d, r) = setup();
+        let old = r.current().cert[0].clone();
+        let now = SystemTime::now();
+        let day = Duration::from_secs(86_400);
+        let past = pki::Validity::between(now - 10 * day, now - day).unwrap();
+        pki::issue_with(d.path(), "n1", past).unwrap();
+        assert_refused(&r, &old, "certificate refused");
+    }
+
+    #[test]
+    fn reload_refuses_a_key_that_does_not_match() {
+        let (d, r) = setup();
+        let old = r.current().cert[0].clone();
+        let old_key = fs::read(d.path().join("n1.key")).unwrap();
+        pki::issue(d.path(), "n1").unwrap();
+        fs::write(d.path().join("n1.key"), old_key).unwrap();
+        assert_refused(&r, &old, "key does not match");
+    }
+
+    #[test]
+    fn reload_refuses_missing_files() {
+        let (d, r) = setup();
+        let old = r.current().cert[0].clone();
+        fs::remove_file(d.path().join("n1.pem")).unwrap();
+        assert_refused(&r, &old, "n1.pem");
+    }
 }

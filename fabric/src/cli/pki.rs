@@ -8,7 +8,7 @@ use router::pki::{self, PkiError};
 
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Examples:\n  tasman pki init --dir pki\n  tasman pki issue syd-edge-1 syd-transit-1 syd-site-1 --dir pki"
+    after_help = "Examples:\n  tasman pki init --dir pki\n  tasman pki issue syd-edge-1 syd-transit-1 syd-site-1 --dir pki\n  tasman pki issue syd-edge-1 --valid-for 90d --dir pki   # rotate: routers reload it"
 )]
 pub struct PkiArgs {
     #[command(subcommand)]
@@ -17,23 +17,39 @@ pub struct PkiArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum PkiCommand {
-    /// Create a new CA (ca.pem, ca.key) in DIR. Refuses to overwrite an existing one.
+    /// Create a new CA (ca.pem, ca.key) in DIR, valid until 2124. Refuses to overwrite an existing
+    /// one.
     #[command(after_help = "Example:\n  tasman pki init --dir pki")]
     Init {
         #[arg(long, default_value = "pki")]
         dir: PathBuf,
     },
-    /// Issue a certificate (NODE.pem, NODE.key) for each NODE, signed by the CA in DIR. The node id
-    /// is the certificate's name (DNS SAN); use `controller` for the controller.
+    /// Issue a certificate (NODE.pem, NODE.key) for each NODE, signed by the CA in DIR, with a new
+    /// key. The node id is the certificate's name (DNS SAN); use `controller` for the controller.
+    /// Re-issuing rotates it: a running router presents the new files within its reload interval
+    /// (10 s), once they pass its checks.
     #[command(
-        after_help = "Example:\n  tasman pki issue syd-edge-1 syd-site-1 controller --dir pki"
+        after_help = "Examples:\n  tasman pki issue syd-edge-1 syd-site-1 controller --dir pki\n  tasman pki issue syd-edge-1 --valid-for 90d --dir pki"
     )]
     Issue {
         #[arg(required = true)]
         nodes: Vec<String>,
         #[arg(long, default_value = "pki")]
         dir: PathBuf,
+        /// How long the certificates are valid from now: a duration (e.g. 365d, 90d, 12h), more
+        /// than zero and at most 3650d.
+        #[arg(long, default_value = "365d", value_parser = parse_valid_for, value_name = "DURATION")]
+        valid_for: std::time::Duration,
     },
+}
+
+/// `--valid-for`: a `humantime` duration, more than zero and at most [`pki::MAX_VALIDITY`].
+fn parse_valid_for(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?}: {e} (expected e.g. 365d, 90d or 12h)"))?;
+    pki::Validity::for_duration(d)
+        .map(|_| d)
+        .map_err(|e| format!("--valid-for {s:?}: {e}"))
 }
 
 fn exit_for(e: &PkiError) -> ExitCode {
@@ -55,9 +71,15 @@ pub fn run(args: PkiArgs) -> ExitCode {
                 exit_for(&e)
             }
         },
-        PkiCommand::Issue { nodes, dir } => {
+        PkiCommand::Issue {
+            nodes,
+            dir,
+            valid_for,
+        } => {
             for n in &nodes {
-                match pki::issue(&dir, n) {
+                let issued = pki::Validity::for_duration(valid_for)
+                    .and_then(|v| pki::issue_with(&dir, n, v));
+                match issued {
                     Ok((cert, _key)) => println!("{}", cert.display()),
                     Err(e) => {
                         eprintln!("error: {n}: {e}");
@@ -67,5 +89,27 @@ pub fn run(args: PkiArgs) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn valid_for_takes_days_and_refuses_zero_and_absurd() {
+        assert_eq!(
+            parse_valid_for("365d"),
+            Ok(Duration::from_secs(365 * 86_400))
+        );
+        assert_eq!(parse_valid_for("90d"), Ok(Duration::from_secs(90 * 86_400)));
+        assert_eq!(parse_valid_for("12h"), Ok(Duration::from_secs(12 * 3600)));
+        for bad in ["0", "0s", "3651d", "100y", "soon", ""] {
+            let e = parse_valid_for(bad).unwrap_err();
+            assert!(!e.is_empty(), "{bad:?}");
+        }
+        assert!(parse_valid_for("0d").unwrap_err().contains("--valid-for"));
+        assert!(parse_valid_for("100y").unwrap_err().contains("--valid-for"));
     }
 }

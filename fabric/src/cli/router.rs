@@ -208,7 +208,17 @@ fn run_with_controller(args: &RouterArgs, controller: SocketAddr) -> ExitCode {
         }
     };
     rt.block_on(async move {
+        // One resolver for the control connection and the router: a reloaded certificate is
+        // presented on both.
+        let cert = match router::tls::CertResolver::new(&tls) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        };
         let mut ccfg = router::control::ClientConfig::new(controller, NodeId::new(&args.node), tls);
+        ccfg.cert = Some(cert.clone());
         ccfg.state_dir = args.state_dir.clone();
         ccfg.max_stale = args.max_stale;
         let client = match router::control::ControlClient::start(ccfg).await {
@@ -218,10 +228,11 @@ fn run_with_controller(args: &RouterArgs, controller: SocketAddr) -> ExitCode {
                 return ExitCode::from(1);
             }
         };
-        let cfg = match args.config(client.snapshots()) {
+        let mut cfg = match args.config(client.snapshots()) {
             Ok(c) => c,
             Err(code) => return code,
         };
+        cfg.cert_resolver = Some(cert);
         let handle = match Router::spawn(cfg).await {
             Ok(h) => h,
             Err(e) => {

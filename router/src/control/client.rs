@@ -26,6 +26,9 @@ pub struct ClientConfig {
     pub controller: SocketAddr,
     pub node: NodeId,
     pub identity: TlsIdentity,
+    /// What the control connection presents (share the router's so a reloaded certificate is
+    /// used here too); `None`: one made from `identity`.
+    pub cert: Option<Arc<tls::CertResolver>>,
     /// Where the last good snapshot is kept; `None`: memory only.
     pub state_dir: Option<PathBuf>,
     /// After this long without hearing from the controller, the router says so loudly (and
@@ -40,6 +43,7 @@ impl ClientConfig {
             controller,
             node,
             identity,
+            cert: None,
             state_dir: None,
             max_stale: Duration::from_secs(24 * 3600),
             telemetry_interval: Duration::from_secs(1),
@@ -213,7 +217,11 @@ fn client_endpoint(cfg: &ClientConfig) -> Result<quinn::Endpoint, ControlError> 
             .try_into()
             .map_err(|_| ControlError::Timeout)?,
     ));
-    let client_cfg = tls::client_config(&cfg.identity, &peers, Arc::new(transport))?;
+    let cert = match &cfg.cert {
+        Some(c) => c.clone(),
+        None => tls::CertResolver::new(&cfg.identity)?,
+    };
+    let client_cfg = tls::client_config_with(&cert, &peers, Arc::new(transport))?;
     let bind: SocketAddr = if cfg.controller.is_ipv6() {
         "[::]:0"
     } else {

@@ -415,3 +415,199 @@ async fn weighted_shares_survive_table_rebuilds() {
         "20 connections on 20 tables were dealt {dealt:?}, want about 10 each"
     );
 }
+
+/// Edge and site (a 1 ms link) on loopback: `service` on `port`, served by `backend`.
+fn edge_site(service: &str, backend: SocketAddr, port: u16) -> Arc<Snapshot> {
+    let mut b = TopologyBuilder::new();
+    b.node("edge", NodeKind::Edge)
+        .node("site", NodeKind::Site)
+        .link("edge", "site", ms(1.0))
+        .service(service);
+    let mut t = addressed(b.build(), port);
+    serve(&mut t, "site", service, backend);
+    Arc::new(Snapshot::new(1, Arc::new(t)))
+}
+
+/// Reload the node's files every 50 ms.
+fn fast_reload(cfg: &mut RouterConfig) {
+    cfg.cert_reload_interval = Some(Duration::from_millis(50));
+}
+
+/// The leaf certificate a new QUIC connection to `addr` (dialled as `name`, with `as_node`'s
+/// certificate from `dir`) is presented.
+async fn presented_leaf(
+    dir: &std::path::Path,
+    as_node: &str,
+    addr: SocketAddr,
+    name: &str,
+) -> Vec<u8> {
+    let id = router::tls::TlsIdentity::load(dir, as_node).unwrap();
+    let peers = router::tls::PeerNames::new([name.to_string()]);
+    let cfg = router::tls::client_config(&id, &peers, Arc::new(quinn::TransportConfig::default()))
+        .unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(cfg);
+    let conn = tokio::time::timeout(Duration::from_secs(5), ep.connect(addr, name).unwrap())
+        .await
+        .expect("handshake timed out")
+        .expect("handshake failed");
+    let chain = conn
+        .peer_identity()
+        .unwrap()
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .unwrap();
+    conn.close(0u32.into(), b"done");
+    ep.wait_idle().await;
+    chain[0].to_vec()
+}
+
+fn leaf_file(dir: &std::path::Path, name: &str) -> Vec<u8> {
+    router::tls::TlsIdentity::load(dir, name).unwrap().chain[0].to_vec()
+}
+
+/// A site's certificate re-issued with a new key is presented to new connections once the site
+/// has reloaded it; a restarted edge (a new connection to the site) carries traffic over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reissued_certificate_is_presented_after_the_reload() {
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let port = free_tcp_port();
+    let snap = edge_site("echo", backend, port);
+    let (mut hs, _txs) = spawn_all(&snap, dir.path(), |_, cfg| fast_reload(cfg)).await;
+    let has_route = |h: &RouterHandle| h.routes().preferred("echo").is_some();
+    wait_until(
+        Duration::from_secs(10),
+        || has_route(&hs[0]),
+        || "no route".into(),
+    )
+    .await;
+    assert_eq!(
+        echo_roundtrip(port, b"before", Duration::from_secs(10))
+            .await
+            .unwrap(),
+        b"before"
+    );
+    let site_addr = hs[1].quic_addr().unwrap();
+    let old = leaf_file(dir.path(), "site");
+    assert_eq!(
+        presented_leaf(dir.path(), "edge", site_addr, "site").await,
+        old
+    );
+
+    router::pki::issue(dir.path(), "site").unwrap();
+    let new = leaf_file(dir.path(), "site");
+    assert_ne!(old, new);
+    let reloads = |h: &RouterHandle| {
+        metric(
+            &h.metrics_text(),
+            "tasman_tls_cert_reloads_total{node=\"site\"}",
+        )
+    };
+    wait_until(
+        Duration::from_secs(10),
+        || reloads(&hs[1]) == Some(1),
+        || format!("the site never reloaded: {}", hs[1].metrics_text()),
+    )
+    .await;
+    let m = hs[1].metrics_text();
+    let want = router::tls::not_after(&new.clone().into()).unwrap();
+    assert_eq!(
+        metric(&m, "tasman_tls_cert_not_after_seconds{node=\"site\"}"),
+        Some(want as u64),
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "tasman_tls_cert_reload_failures_total{node=\"site\"}"),
+        Some(0)
+    );
+    // A new connection sees the new certificate.
+    assert_eq!(
+        presented_leaf(dir.path(), "edge", site_addr, "site").await,
+        new
+    );
+
+    // The edge keeps one connection per neighbour: restart it for a new handshake with the site.
+    let edge = hs.remove(0);
+    edge.shutdown().await;
+    let (edge, _tx) = spawn_node(&snap, dir.path(), "edge", fast_reload).await;
+    wait_until(
+        Duration::from_secs(10),
+        || has_route(&edge),
+        || format!("no route after restart: {:?}", edge.telemetry()),
+    )
+    .await;
+    assert_eq!(
+        echo_roundtrip(port, b"after", Duration::from_secs(10))
+            .await
+            .unwrap(),
+        b"after"
+    );
+    edge.shutdown().await;
+    for h in hs {
+        h.shutdown().await;
+    }
+}
+
+/// A site whose certificate has expired is refused by the edge (no route, its dials fail); once
+/// a valid certificate is issued, the site reloads it and the edge connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_an_expired_certificate_is_refused() {
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let port = free_tcp_port();
+    let snap = edge_site("echo", backend, port);
+    let day = Duration::from_secs(86_400);
+    let now = std::time::SystemTime::now();
+    let past = router::pki::Validity::between(now - 10 * day, now - day).unwrap();
+    router::pki::issue_with(dir.path(), "site", past).unwrap();
+    let tls = router::tls::TlsIdentity::load(dir.path(), "site").unwrap();
+    let (_site_tx, rx) = tokio::sync::watch::channel(snap.clone());
+    let mut cfg = RouterConfig::new(topology::NodeId::new("site"), tls, rx);
+    fast_reload(&mut cfg);
+    let site = router::Router::spawn(cfg).await.unwrap();
+    let (edge, _edge_tx) = spawn_node(&snap, dir.path(), "edge", fast_reload).await;
+
+    let site_dials = |h: &RouterHandle| {
+        h.telemetry()
+            .neighbours
+            .iter()
+            .find(|n| n.id.as_str() == "site")
+            .map_or(0, |n| n.dial_failures)
+    };
+    wait_until(
+        Duration::from_secs(10),
+        || site_dials(&edge) >= 2,
+        || {
+            format!(
+                "the edge's dials to the site did not fail: {:?}",
+                edge.telemetry()
+            )
+        },
+    )
+    .await;
+    let t = edge.telemetry();
+    assert!(t.neighbours.iter().all(|n| !n.up), "{t:?}");
+    assert!(edge.routes().preferred("echo").is_none());
+    assert!(
+        echo_roundtrip(port, b"x", Duration::from_secs(2))
+            .await
+            .map_or(true, |b| b.is_empty())
+    );
+
+    // A valid certificate: the site reloads it and the edge gets through.
+    router::pki::issue(dir.path(), "site").unwrap();
+    wait_until(
+        Duration::from_secs(15),
+        || edge.routes().preferred("echo").is_some(),
+        || format!("no route after the renewal: {:?}", edge.telemetry()),
+    )
+    .await;
+    assert_eq!(
+        echo_roundtrip(port, b"renewed", Duration::from_secs(10))
+            .await
+            .unwrap(),
+        b"renewed"
+    );
+    edge.shutdown().await;
+    site.shutdown().await;
+}

@@ -319,3 +319,66 @@ async fn a_router_that_never_opens_its_stream_is_closed_after_the_hello_timeout(
     assert!(started.elapsed() >= HELLO_TIMEOUT - Duration::from_secs(1));
     d.shutdown().await;
 }
+
+/// The controller re-reads its certificate: a re-issued one is presented to new router
+/// connections without a restart, while a connection made before keeps going.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_presents_a_reissued_certificate_without_a_restart() {
+    use fabric::controller::daemon::{self, DaemonConfig};
+    use fabric::controller::distribute::CONTROLLER_NAME;
+    use router::tls::TlsIdentity;
+    use rustls::pki_types::CertificateDer;
+
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = fabric_nodes(2, 2);
+    let tls = dir.path().join("pki");
+    pki(&tls, &nodes);
+    let file = dir.path().join("import.yaml");
+    std::fs::write(&file, fabric_yaml(64, 2, 2, 10)).unwrap();
+    let d = daemon::start(DaemonConfig {
+        topology_file: Some(file),
+        cert_reload_interval: Duration::from_millis(50),
+        ..daemon_config(
+            &dir.path().join("state"),
+            &tls,
+            "127.0.0.1:0".parse().unwrap(),
+        )
+    })
+    .await
+    .unwrap();
+    let presented = |conn: &quinn::Connection| {
+        conn.peer_identity()
+            .unwrap()
+            .downcast::<Vec<CertificateDer<'static>>>()
+            .unwrap()[0]
+            .to_vec()
+    };
+    let in_file = || TlsIdentity::load(&tls, CONTROLLER_NAME).unwrap().chain[0].to_vec();
+    let old = in_file();
+    let (_ep, before) = raw_control(d.quic_addr, &tls, "edge-0").await;
+    assert_eq!(presented(&before), old);
+
+    router::pki::issue(&tls, CONTROLLER_NAME).unwrap();
+    let new = in_file();
+    assert_ne!(new, old);
+    eventually(
+        Duration::from_secs(30),
+        "the controller to reload its certificate",
+        || d.cert.reloads() == 1,
+    )
+    .await;
+    let (_ep2, after) = raw_control(d.quic_addr, &tls, "edge-0").await;
+    assert_eq!(presented(&after), new);
+    assert!(
+        before.close_reason().is_none(),
+        "the older connection was kept"
+    );
+    // A router's control client still takes its snapshot from the controller.
+    let c = start_client(d.quic_addr, "edge-1", &tls, None).await;
+    let v = d.ctl.published().version;
+    eventually(Duration::from_secs(30), "the router's snapshot", || {
+        c.snapshots().borrow().version == v
+    })
+    .await;
+    d.shutdown().await;
+}

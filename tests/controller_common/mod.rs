@@ -119,7 +119,7 @@ pub fn pki(dir: &Path, nodes: &[String]) {
 
 /// The controller's config: state in `state`, PKI in `tls`, control listener on `listen`, admin
 /// API on a free port, no topology file.
-fn daemon_config(state: &Path, tls: &Path, listen: SocketAddr) -> DaemonConfig {
+pub fn daemon_config(state: &Path, tls: &Path, listen: SocketAddr) -> DaemonConfig {
     DaemonConfig {
         topology_file: None,
         state_dir: state.to_path_buf(),
@@ -127,6 +127,7 @@ fn daemon_config(state: &Path, tls: &Path, listen: SocketAddr) -> DaemonConfig {
         admin: "127.0.0.1:0".parse().unwrap(),
         tls_dir: Some(tls.to_path_buf()),
         admin_token_file: None,
+        cert_reload_interval: daemon::CERT_RELOAD_INTERVAL,
     }
 }
 

@@ -55,6 +55,7 @@ pub fn run(args: ControllerArgs) -> ExitCode {
             admin: args.admin,
             tls_dir: args.tls_dir,
             admin_token_file: args.admin_token_file,
+            cert_reload_interval: daemon::CERT_RELOAD_INTERVAL,
         };
         let d = match daemon::start(cfg).await {
             Ok(d) => d,

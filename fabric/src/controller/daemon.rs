@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use rand::Rng;
 use tokio::task::JoinHandle;
@@ -24,7 +25,13 @@ pub struct DaemonConfig {
     pub tls_dir: Option<PathBuf>,
     /// The admin bearer token. Default `<state>/admin-token`, generated when missing.
     pub admin_token_file: Option<PathBuf>,
+    /// How often the controller re-reads its certificate and key from `tls_dir` and presents a
+    /// new valid pair to new router connections ([`router::tls::CertResolver`]); zero: never.
+    pub cert_reload_interval: Duration,
 }
+
+/// The controller's default [`DaemonConfig::cert_reload_interval`] (as a router's).
+pub const CERT_RELOAD_INTERVAL: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -58,6 +65,8 @@ pub struct Daemon {
     pub ctl: Arc<Controller>,
     pub quic_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The certificate the controller presents to routers (reloaded from `tls_dir`).
+    pub cert: Arc<router::tls::CertResolver>,
     pub token: String,
     pub tls_dir: PathBuf,
     endpoint: quinn::Endpoint,
@@ -155,7 +164,8 @@ pub async fn start(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
         .unwrap_or_else(|| cfg.state_dir.join("pki"));
     ensure_pki(&tls_dir)?;
     let id = router::tls::TlsIdentity::load(&tls_dir, distribute::CONTROLLER_NAME)?;
-    let endpoint = distribute::endpoint(&ctl, &id, cfg.listen)?;
+    let cert = router::tls::CertResolver::new(&id)?;
+    let endpoint = distribute::endpoint(&ctl, &cert, cfg.listen)?;
     let quic_addr = endpoint.local_addr().map_err(|source| DaemonError::Admin {
         addr: cfg.listen,
         source,
@@ -176,13 +186,23 @@ pub async fn start(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
         crate::circuits::service::DEFAULT_PROVISION_TIMEOUT,
     )?;
     let state = AdminState::new(ctl.clone(), &token, circuits.clone());
-    let tasks = vec![
+    let mut tasks = Vec::new();
+    if !cfg.cert_reload_interval.is_zero() {
+        let (keep, shutdown) = tokio::sync::watch::channel(false);
+        let (cert, every) = (cert.clone(), cfg.cert_reload_interval);
+        // Aborted with the other tasks; `keep` holds the shutdown channel open until then.
+        tasks.push(tokio::spawn(async move {
+            let _keep = keep;
+            cert.reload_every(every, shutdown).await;
+        }));
+    }
+    tasks.extend([
         tokio::spawn(circuits.settle_loop()),
         tokio::spawn(distribute::serve(ctl.clone(), endpoint.clone())),
         tokio::spawn(ctl.clone().recompute_loop()),
         tokio::spawn(ctl.clone().flush_loop()),
         tokio::spawn(admin::serve(listener, state)),
-    ];
+    ]);
     tracing::info!(%quic_addr, %admin_addr, version = ctl.current().record.version, "controller running");
     Ok(Daemon {
         ctl,
@@ -190,6 +210,7 @@ pub async fn start(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
         admin_addr,
         token,
         tls_dir,
+        cert,
         endpoint,
         tasks,
     })

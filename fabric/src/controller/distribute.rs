@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use router::codes::close;
 use router::control::proto::{self, FromRouter, MAX_FROM_ROUTER, ToRouter};
-use router::tls::{self, TlsIdentity};
+use router::tls;
 
 use topology::{Latency, NodeId, ServiceName};
 
@@ -57,7 +57,7 @@ pub enum DistributeError {
 /// Binds the controller's QUIC endpoint (mutual TLS: only our CA, only current node names).
 pub fn endpoint(
     ctl: &Controller,
-    id: &TlsIdentity,
+    cert: &Arc<tls::CertResolver>,
     listen: SocketAddr,
 ) -> Result<quinn::Endpoint, DistributeError> {
     let mut transport = quinn::TransportConfig::default();
@@ -67,7 +67,7 @@ pub fn endpoint(
     ))));
     transport.max_concurrent_bidi_streams(4u32.into());
     transport.max_concurrent_uni_streams(0u32.into());
-    let cfg = tls::server_config(id, &ctl.peers, Arc::new(transport))?;
+    let cfg = tls::server_config_with(cert, &ctl.peers, Arc::new(transport))?;
     quinn::Endpoint::server(cfg, listen).map_err(|source| DistributeError::Bind {
         addr: listen,
         source,

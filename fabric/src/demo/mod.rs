@@ -195,6 +195,7 @@ impl DemoFabric {
             admin,
             tls_dir: Some(pki.clone()),
             admin_token_file: None,
+            cert_reload_interval: daemon::CERT_RELOAD_INTERVAL,
         })
         .await?;
         let admin = AdminClient::new(&AdminArgs {

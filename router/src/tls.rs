@@ -139,7 +139,6 @@ pub struct CertResolver {
     name: String,
     dir: Option<PathBuf>,
     current: ArcSwap<CertifiedKey>,
-    roots: Arc<RootCertStore>,
     server_verifier: Arc<rustls::client::WebPkiServerVerifier>,
     client_verifier: Arc<dyn ClientCertVerifier>,
     provider: Arc<CryptoProvider>,
@@ -177,7 +176,6 @@ impl CertResolver {
             name: id.name.clone(),
             dir: id.dir.clone(),
             current: ArcSwap::from_pointee(ck),
-            roots,
             server_verifier,
             client_verifier,
             provider,
@@ -243,6 +241,13 @@ impl CertResolver {
         {
             return Reload::Unchanged;
         }
+        // The refused leaf (empty when the files did not load) tells one bad set of files from
+        // the next.
+        let leaf = loaded
+            .as_ref()
+            .ok()
+            .and_then(|id| id.chain.first().map(|c| c.to_vec()))
+            .unwrap_or_default();
         let checked = loaded
             .map_err(|e| e.to_string())
             .and_then(|id| self.check(&id));
@@ -260,10 +265,6 @@ impl CertResolver {
                 Reload::Reloaded { not_after: na }
             }
             Err(reason) => {
-                let leaf = TlsIdentity::load(dir, &self.name)
-                    .ok()
-                    .and_then(|id| id.chain.first().map(|c| c.to_vec()))
-                    .unwrap_or_default();
                 let seen = (leaf, reason.clone());
                 let new = match self.last_refusal.lock() {
                     Ok(l) if l.as_ref() == Some(&seen) => false,
@@ -493,28 +494,17 @@ impl ServerCertVerifier for NodeServerVerifier {
     delegate_signature_checks!();
 }
 
-/// The rustls server config (TLS 1.3 only, client certificates required) presenting `id`'s
-/// certificate (a [`CertResolver`] that is never reloaded).
-pub fn rustls_server_config(
-    id: &TlsIdentity,
-    peers: &PeerNames,
-) -> Result<rustls::ServerConfig, TlsError> {
-    rustls_server_config_with(&CertResolver::new(id)?, peers)
-}
-
-/// The rustls server config presenting what `cert` holds at each handshake and trusting its CA.
+/// The rustls server config (TLS 1.3 only, client certificates required) presenting what `cert`
+/// holds at each handshake and trusting its CA (through the resolver's own WebPKI verifier).
 pub fn rustls_server_config_with(
     cert: &Arc<CertResolver>,
     peers: &PeerNames,
 ) -> Result<rustls::ServerConfig, TlsError> {
-    let provider = provider();
-    let inner = WebPkiClientVerifier::builder_with_provider(cert.roots.clone(), provider.clone())
-        .build()?;
     let verifier = Arc::new(NodeClientVerifier {
-        inner,
+        inner: cert.client_verifier.clone(),
         peers: peers.clone(),
     });
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+    let mut cfg = rustls::ServerConfig::builder_with_provider(cert.provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(cert.clone());
@@ -526,31 +516,17 @@ pub fn rustls_server_config_with(
 }
 
 /// The rustls client config (TLS 1.3 only, presents our certificate, no resumption) presenting
-/// `id`'s certificate (a [`CertResolver`] that is never reloaded).
-pub fn rustls_client_config(
-    id: &TlsIdentity,
-    peers: &PeerNames,
-) -> Result<rustls::ClientConfig, TlsError> {
-    rustls_client_config_with(&CertResolver::new(id)?, peers)
-}
-
-/// The rustls client config presenting what `cert` holds at each handshake and trusting its CA.
+/// what `cert` holds at each handshake and trusting its CA (through the resolver's own WebPKI
+/// verifier).
 pub fn rustls_client_config_with(
     cert: &Arc<CertResolver>,
     peers: &PeerNames,
 ) -> Result<rustls::ClientConfig, TlsError> {
-    let provider = provider();
-    let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
-        cert.roots.clone(),
-        provider.clone(),
-    )
-    .build()
-    .map_err(TlsError::Verifier)?;
     let verifier = Arc::new(NodeServerVerifier {
-        inner,
+        inner: cert.server_verifier.clone(),
         peers: peers.clone(),
     });
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+    let mut cfg = rustls::ClientConfig::builder_with_provider(cert.provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(verifier)

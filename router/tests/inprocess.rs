@@ -15,7 +15,7 @@ use topology::builder::{TopologyBuilder, ms};
 
 use common::{
     Source, addressed, ca_dir, echo_backend, echo_roundtrip, free_tcp_port, line_topology, metric,
-    serve, spawn_all, spawn_node, tracked_echo_backend, wait_until,
+    serve, spawn_all, spawn_node, tracked_echo_backend, wait_for_route, wait_until,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -26,10 +26,11 @@ async fn echo_through_edge_transit_site_in_process() {
     let t = line_topology("echo", backend, port);
     let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
     let (hs, txs) = spawn_all(&snap, dir.path(), |_, _| {}).await;
-    wait_until(
+    wait_for_route(
+        &hs[0],
+        "echo",
         Duration::from_secs(10),
-        || hs[0].routes().preferred("echo").is_some(),
-        || format!("edge never got a route: {:?}", hs[0].telemetry()),
+        "edge never got a route",
     )
     .await;
     let msg = vec![7u8; 300_000];
@@ -103,17 +104,8 @@ async fn a_neighbour_that_starts_late_is_up_without_a_hold_down() {
 
     let (_transit, _ttx) = spawn_node(&snap, dir.path(), "transit", |_| {}).await;
     let (_site, _stx) = spawn_node(&snap, dir.path(), "site", |_| {}).await;
-    wait_until(
-        Duration::from_secs(20),
-        || edge.routes().preferred("echo").is_some(),
-        || {
-            format!(
-                "the edge held its late neighbour down: {:?}",
-                edge.telemetry()
-            )
-        },
-    )
-    .await;
+    let what = "the edge held its late neighbour down";
+    wait_for_route(&edge, "echo", Duration::from_secs(20), what).await;
     let back = echo_roundtrip(port, b"late", Duration::from_secs(10)).await;
     assert_eq!(back.unwrap(), b"late");
 }
@@ -150,10 +142,12 @@ async fn idle_fabric(
         Arc::new(line_topology("echo", backend, port)),
     ));
     let (hs, txs) = spawn_all(&snap, dir.path(), |id, cfg| cfg.idle_timeout = idle_at(id)).await;
-    wait_until(
+    let edge = node(&hs, "edge");
+    wait_for_route(
+        edge,
+        "echo",
         Duration::from_secs(10),
-        || node(&hs, "edge").routes().preferred("echo").is_some(),
-        || format!("edge never got a route: {:?}", hs[0].telemetry()),
+        "edge never got a route",
     )
     .await;
     (hs, txs, port, dir)
@@ -474,13 +468,7 @@ async fn a_reissued_certificate_is_presented_after_the_reload() {
     let port = free_tcp_port();
     let snap = edge_site("echo", backend, port);
     let (mut hs, _txs) = spawn_all(&snap, dir.path(), |_, cfg| fast_reload(cfg)).await;
-    let has_route = |h: &RouterHandle| h.routes().preferred("echo").is_some();
-    wait_until(
-        Duration::from_secs(10),
-        || has_route(&hs[0]),
-        || "no route".into(),
-    )
-    .await;
+    wait_for_route(&hs[0], "echo", Duration::from_secs(10), "no route").await;
     assert_eq!(
         echo_roundtrip(port, b"before", Duration::from_secs(10))
             .await
@@ -530,10 +518,11 @@ async fn a_reissued_certificate_is_presented_after_the_reload() {
     let edge = hs.remove(0);
     edge.shutdown().await;
     let (edge, _tx) = spawn_node(&snap, dir.path(), "edge", fast_reload).await;
-    wait_until(
+    wait_for_route(
+        &edge,
+        "echo",
         Duration::from_secs(10),
-        || has_route(&edge),
-        || format!("no route after restart: {:?}", edge.telemetry()),
+        "no route after restart",
     )
     .await;
     assert_eq!(
@@ -596,12 +585,8 @@ async fn a_node_with_an_expired_certificate_is_refused() {
 
     // A valid certificate: the site reloads it and the edge gets through.
     router::pki::issue(dir.path(), "site").unwrap();
-    wait_until(
-        Duration::from_secs(15),
-        || edge.routes().preferred("echo").is_some(),
-        || format!("no route after the renewal: {:?}", edge.telemetry()),
-    )
-    .await;
+    let what = "no route after the renewal";
+    wait_for_route(&edge, "echo", Duration::from_secs(15), what).await;
     assert_eq!(
         echo_roundtrip(port, b"renewed", Duration::from_secs(10))
             .await

@@ -214,3 +214,14 @@ pub async fn wait_until(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Waits (up to `within`) until `h` has a route for `service`; fails with `what` and `h`'s
+/// telemetry.
+pub async fn wait_for_route(h: &RouterHandle, service: &str, within: Duration, what: &str) {
+    wait_until(
+        within,
+        || h.routes().preferred(service).is_some(),
+        || format!("{what}: {:?}", h.telemetry()),
+    )
+    .await;
+}

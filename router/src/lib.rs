@@ -313,9 +313,7 @@ impl Router {
         tasks.push(tokio::spawn(control.run(cfg.snapshots)));
         tasks.push(tokio::spawn(inbound::accept_loop(shared.clone())));
         if let Some(every) = cfg.cert_reload_interval.filter(|d| !d.is_zero()) {
-            tasks.push(tokio::spawn(
-                cert.clone().reload_every(every, shared.shutdown.clone()),
-            ));
+            tasks.push(tokio::spawn(cert.clone().reload_every(every)));
         }
         if let Some(addr) = cfg.metrics_addr {
             let listener = metrics::bind(addr)

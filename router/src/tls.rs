@@ -284,20 +284,14 @@ impl CertResolver {
         }
     }
 
-    /// Calls [`CertResolver::reload`] every `interval` until `shutdown` turns true or closes.
-    pub async fn reload_every(
-        self: Arc<Self>,
-        interval: Duration,
-        mut shutdown: tokio::sync::watch::Receiver<bool>,
-    ) {
+    /// Calls [`CertResolver::reload`] every `interval`, until its task is aborted (as the router
+    /// and the controller abort their tasks at shutdown).
+    pub async fn reload_every(self: Arc<Self>, interval: Duration) {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
         loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { return },
-            }
+            tick.tick().await;
             // File reads and signature checks: keep them off the async workers.
             let me = self.clone();
             let _ = tokio::task::spawn_blocking(move || me.reload()).await;

@@ -188,13 +188,8 @@ pub async fn start(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
     let state = AdminState::new(ctl.clone(), &token, circuits.clone());
     let mut tasks = Vec::new();
     if !cfg.cert_reload_interval.is_zero() {
-        let (keep, shutdown) = tokio::sync::watch::channel(false);
         let (cert, every) = (cert.clone(), cfg.cert_reload_interval);
-        // Aborted with the other tasks; `keep` holds the shutdown channel open until then.
-        tasks.push(tokio::spawn(async move {
-            let _keep = keep;
-            cert.reload_every(every, shutdown).await;
-        }));
+        tasks.push(tokio::spawn(cert.reload_every(every)));
     }
     tasks.extend([
         tokio::spawn(circuits.settle_loop()),

@@ -24,6 +24,27 @@ fn shares(f: &Fabric, service: &str) -> BTreeMap<String, f64> {
         .collect()
 }
 
+/// The two tests each run a fabric; one at a time keeps their probes and RTTs calm.
+static ONE_FABRIC: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs `round` until one ends with the edge's shares still `want` and no failover or down
+/// verdict seen during it (at most 3 rounds): the group follows health and measured RTTs, which
+/// two busy cores can disturb for a moment, and such a round proves nothing either way.
+fn clean_round<T>(f: &Fabric, want: &BTreeMap<String, f64>, mut round: impl FnMut() -> T) -> T {
+    let events = || {
+        f.metric("edge", "tasman_failovers_total", "")
+            + f.metric("edge", "tasman_neighbour_down_total", "")
+    };
+    for _ in 0..3 {
+        let before = events();
+        let got = round();
+        if events() == before && shares(f, "chat") == *want {
+            return got;
+        }
+    }
+    panic!("three rounds in a row saw a failover, a down verdict or other shares");
+}
+
 /// Opens `n` connections one after another; returns how many each site greeted.
 fn deal(port: u16, n: usize) -> BTreeMap<String, usize> {
     let mut got = BTreeMap::new();
@@ -36,6 +57,7 @@ fn deal(port: u16, n: usize) -> BTreeMap<String, usize> {
 
 #[test]
 fn equally_near_sites_share_new_connections_by_weight() {
+    let _one = ONE_FABRIC.lock().unwrap_or_else(|e| e.into_inner());
     let (a, b, far) = (
         echo_backend("SITE=site-a\n"),
         echo_backend("SITE=site-b\n"),
@@ -52,7 +74,7 @@ fn equally_near_sites_share_new_connections_by_weight() {
             &[("chat", far, 1000, Some(900))],
         )
         .link("edge", "site-a", "1ms")
-        .link("edge", "site-b", "2ms")
+        .link("edge", "site-b", "1ms")
         .link("edge", "site-far", "20ms")
         .service("chat", port, &[]);
     let mut f = Fabric::new(&y);
@@ -68,8 +90,10 @@ fn equally_near_sites_share_new_connections_by_weight() {
     });
 
     // Connections are dealt in a fixed sequence, so 400 in a row split 300:100 within a few;
-    // site-far (weight 900, but 18 ms farther) gets none.
-    let got = deal(port, 400);
+    // site-far (weight 900, but 19 ms farther) gets none. The group follows measured RTTs: a
+    // round in which the edge saw a failover or a down verdict, or ended with other shares, is
+    // run again (see `clean_round`).
+    let got = clean_round(&f, &want, || deal(port, 400));
     let count = |site: &str| got.get(&format!("SITE={site}")).copied().unwrap_or(0);
     let (to_a, to_b) = (count("site-a"), count("site-b"));
     assert!(
@@ -101,6 +125,7 @@ async fn greet_from(src: Ipv4Addr, port: u16) -> String {
 
 #[test]
 fn source_ip_affinity_keeps_each_client_on_one_of_the_sharing_sites() {
+    let _one = ONE_FABRIC.lock().unwrap_or_else(|e| e.into_inner());
     let (a, b) = (echo_backend("SITE=site-a\n"), echo_backend("SITE=site-b\n"));
     let port = free_tcp_port(LOCAL);
     let mut y = TopoYaml::default();
@@ -121,15 +146,19 @@ fn source_ip_affinity_keeps_each_client_on_one_of_the_sharing_sites() {
         .enable_all()
         .build()
         .unwrap();
-    // 60 clients (127.0.1.1 ..= 127.0.1.60), three connections each, interleaved.
+    // 60 clients (127.0.1.1 ..= 127.0.1.60), three connections each, interleaved, in a clean
+    // round: affinity yields to health, so a failover in the round would rightly move a client.
     let clients: Vec<Ipv4Addr> = (1..=60).map(|i| Ipv4Addr::new(127, 0, 1, i)).collect();
-    let mut seen: BTreeMap<Ipv4Addr, Vec<String>> = BTreeMap::new();
-    for _ in 0..3 {
-        for &c in &clients {
-            let site = rt.block_on(greet_from(c, port));
-            seen.entry(c).or_default().push(site);
+    let seen = clean_round(&f, &want, || {
+        let mut seen: BTreeMap<Ipv4Addr, Vec<String>> = BTreeMap::new();
+        for _ in 0..3 {
+            for &c in &clients {
+                let site = rt.block_on(greet_from(c, port));
+                seen.entry(c).or_default().push(site);
+            }
         }
-    }
+        seen
+    });
     let mut per_site: BTreeMap<&str, usize> = BTreeMap::new();
     for (c, sites) in &seen {
         assert!(

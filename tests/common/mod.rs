@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -45,20 +45,9 @@ pub fn eventually(deadline: Duration, what: &str, mut cond: impl FnMut() -> bool
     }
 }
 
-/// A free UDP address on `ip`.
-pub fn free_udp(ip: IpAddr) -> SocketAddr {
-    UdpSocket::bind((ip, 0))
-        .and_then(|s| s.local_addr())
-        .expect("free UDP port")
-}
-
-/// A free TCP port on `ip`.
-pub fn free_tcp_port(ip: IpAddr) -> u16 {
-    std::net::TcpListener::bind((ip, 0))
-        .and_then(|s| s.local_addr())
-        .expect("free TCP port")
-        .port()
-}
+/// Free loopback ports that stay free until bound (outside the kernel's ephemeral range).
+#[allow(unused_imports)] // every test binary includes this module; not all of them need both
+pub use testkit::{free_tcp_port, free_udp};
 
 /// Raises RLIMIT_NOFILE to its hard limit (children inherit it).
 pub fn raise_nofile() -> u64 {

@@ -5,7 +5,7 @@
 
 pub mod traffic;
 
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,21 +14,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use topology::builder::{TopologyBuilder, ms};
 use topology::{NodeId, NodeKind, ServiceName, SiteService, Topology};
 
-/// A free UDP address on loopback.
+/// A free UDP address on loopback, outside the kernel's ephemeral range (see `testkit`).
 pub fn free_udp() -> SocketAddr {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    testkit::free_udp(Ipv4Addr::LOCALHOST.into())
 }
 
-/// A free TCP port on loopback.
+/// A free TCP port on loopback, outside the kernel's ephemeral range (see `testkit`).
 pub fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    testkit::free_tcp_port(Ipv4Addr::LOCALHOST.into())
 }
 
 /// A temporary directory with a new CA in it, where [`spawn_node`] issues certificates.

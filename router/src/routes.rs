@@ -487,13 +487,18 @@ impl Control {
                         } else {
                             self.incumbents.remove(&svc.name);
                         }
-                        let tickets = previous
-                            .by_service
-                            .get(&svc.name)
-                            .map(|r| r.tickets.clone())
-                            .unwrap_or_default();
+                        let before = previous.by_service.get(&svc.name);
+                        let tickets = before.map(|r| r.tickets.clone()).unwrap_or_default();
+                        // The last group's members keep their place in the anti-flap band.
+                        let was_member = |site: &NodeId| {
+                            before.is_some_and(|r| {
+                                r.candidates[..r.spread.members()]
+                                    .iter()
+                                    .any(|c| &c.site == site)
+                            })
+                        };
                         let route = ServiceRoute {
-                            spread: Spread::new(&cands),
+                            spread: Spread::sticky(&cands, was_member),
                             affinity: svc.affinity,
                             candidates: cands.into(),
                             tickets,

@@ -361,34 +361,7 @@ async fn a_bulk_transfer_longer_than_the_idle_timeout_is_not_cut() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weighted_shares_survive_table_rebuilds() {
     let dir = ca_dir();
-    let backend = echo_backend().await;
-    let mut b = TopologyBuilder::new();
-    b.node("edge", NodeKind::Edge)
-        .node("site-a", NodeKind::Site)
-        .node("site-b", NodeKind::Site)
-        .link("edge", "site-a", ms(1.0))
-        .link("edge", "site-b", ms(1.0))
-        .service("echo");
-    let mut t = addressed(b.build(), free_tcp_port());
-    serve(&mut t, "site-a", "echo", backend);
-    serve(&mut t, "site-b", "echo", backend);
-    let t = Arc::new(t);
-    let snap = Arc::new(Snapshot::new(1, t.clone()));
-    let (hs, txs) = spawn_all(&snap, dir.path(), |_, _| {}).await;
-    let members = || {
-        hs[0]
-            .routes()
-            .shares()
-            .into_iter()
-            .find(|(s, _)| s.as_str() == "echo")
-            .map_or(0, |(_, m)| m.len())
-    };
-    wait_until(
-        Duration::from_secs(10),
-        || members() == 2,
-        || format!("the edge never shared echo: {:?}", hs[0].routes().shares()),
-    )
-    .await;
+    let (t, hs, txs) = two_equally_near_sites(dir.path()).await;
     let mut dealt: std::collections::BTreeMap<String, u32> = Default::default();
     for version in 2..=21 {
         txs[0]
@@ -396,7 +369,7 @@ async fn weighted_shares_survive_table_rebuilds() {
             .unwrap();
         wait_until(
             Duration::from_secs(10),
-            || hs[0].routes().version == version && members() == 2,
+            || hs[0].routes().version == version && sharing(&hs[0]).len() == 2,
             || format!("table {version} not built with both sites"),
         )
         .await;
@@ -408,6 +381,96 @@ async fn weighted_shares_survive_table_rebuilds() {
         dealt.len() == 2 && dealt.values().all(|&n| n >= 8),
         "20 connections on 20 tables were dealt {dealt:?}, want about 10 each"
     );
+}
+
+/// The group of sites sharing a service has an anti-flap band: a member whose cost rises a little
+/// past the 2 ms join threshold keeps its share, it leaves only beyond 4 ms, and once out it comes
+/// back only within 2 ms. Costs come from the measured link latency in the snapshot's live state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_sharing_a_service_stays_in_its_group_through_small_latency_changes() {
+    let dir = ca_dir();
+    let (t, hs, txs) = two_equally_near_sites(dir.path()).await;
+    let preferred = hs[0].routes().preferred("echo").unwrap().site.clone();
+    let other = if preferred.as_str() == "site-a" {
+        "site-b"
+    } else {
+        "site-a"
+    };
+    let link = topology::LinkId::new(
+        &topology::NodeId::new("edge"),
+        &topology::NodeId::new(other),
+    );
+    // The other site's link (declared 10 ms, like the preferred one's): the group it ends in.
+    for (version, link_ms, members) in [
+        (2, 12.5, 2), // 2.5 ms more than the preferred site: a member stays
+        (3, 14.0, 2), // 4 ms more: stays
+        (4, 14.5, 1), // 4.5 ms more: leaves
+        (5, 12.5, 1), // 2.5 ms more: an outsider does not join
+        (6, 11.5, 2), // 1.5 ms more: joins
+    ] {
+        let mut snap = Snapshot::new(version, t.clone());
+        snap.live.link_latency.insert(link.clone(), ms(link_ms));
+        txs[0].send(Arc::new(snap)).unwrap();
+        wait_until(
+            Duration::from_secs(10),
+            || hs[0].routes().version == version,
+            || format!("table {version} not built"),
+        )
+        .await;
+        let routes = hs[0].routes();
+        assert_eq!(routes.preferred("echo").unwrap().site, preferred);
+        assert_eq!(
+            sharing(&hs[0]).len(),
+            members,
+            "{other} at {link_ms} ms (table {version}): {:?}, costs {:?}",
+            routes.shares(),
+            routes
+                .candidates("echo")
+                .unwrap()
+                .iter()
+                .map(|c| (c.site.to_string(), c.cost))
+                .collect::<Vec<_>>()
+        );
+    }
+}
+
+/// An edge and two sites serving echo, both declared 10 ms from the edge; returns once the edge
+/// shares echo between them. Declared latency is a floor under measured RTT/2, so loopback RTTs
+/// on a busy host (a few ms at worst) do not change the costs.
+async fn two_equally_near_sites(
+    dir: &std::path::Path,
+) -> (Arc<topology::Topology>, Vec<RouterHandle>, Vec<Source>) {
+    let backend = echo_backend().await;
+    let mut b = TopologyBuilder::new();
+    b.node("edge", NodeKind::Edge)
+        .node("site-a", NodeKind::Site)
+        .node("site-b", NodeKind::Site)
+        .link("edge", "site-a", ms(10.0))
+        .link("edge", "site-b", ms(10.0))
+        .service("echo");
+    let mut t = addressed(b.build(), free_tcp_port());
+    serve(&mut t, "site-a", "echo", backend);
+    serve(&mut t, "site-b", "echo", backend);
+    let t = Arc::new(t);
+    let snap = Arc::new(Snapshot::new(1, t.clone()));
+    let (hs, txs) = spawn_all(&snap, dir, |_, _| {}).await;
+    wait_until(
+        Duration::from_secs(10),
+        || sharing(&hs[0]).len() == 2,
+        || format!("the edge never shared echo: {:?}", hs[0].routes().shares()),
+    )
+    .await;
+    (t, hs, txs)
+}
+
+/// The sites that share echo's new connections at `edge`.
+fn sharing(edge: &RouterHandle) -> Vec<String> {
+    edge.routes()
+        .shares()
+        .into_iter()
+        .find(|(s, _)| s.as_str() == "echo")
+        .map(|(_, m)| m.iter().map(|(id, _)| id.to_string()).collect())
+        .unwrap_or_default()
 }
 
 /// Edge and site (a 1 ms link) on loopback: `service` on `port`, served by `backend`.

@@ -248,13 +248,14 @@ pub fn shares_text(shares: &[Share]) -> String {
         .join(" + ")
 }
 
-/// The shares of the edge's new connections when it uses `chosen` among `ranked`.
-pub fn shares_of(ranked: &[Candidate], chosen: Option<&Candidate>) -> Vec<Share> {
+/// The shares of the edge's new connections when it uses `chosen` among `ranked`, where
+/// `before` is the edge's previous group (empty for none; [`Spread::sticky`]).
+pub fn shares_of(ranked: &[Candidate], chosen: Option<&Candidate>, before: &[Share]) -> Vec<Share> {
     let Some(chosen) = chosen else {
         return Vec::new();
     };
     let ordered = preferred_first(ranked.to_vec(), &chosen.site);
-    Spread::new(&ordered).shares(&ordered)
+    Spread::sticky(&ordered, |id| before.iter().any(|s| &s.site == id)).shares(&ordered)
 }
 
 /// The site each edge uses now for each service (edges report it to the controller). Where an
@@ -342,8 +343,13 @@ pub fn impact_with(
             let n = after
                 .get(service)
                 .and_then(|cands| hysteresis.select(o.map(|c| &c.site), cands));
-            let old_shares = shares_of(before.get(service).copied().unwrap_or_default(), o);
-            let new_shares = shares_of(after.get(service).copied().unwrap_or_default(), n);
+            let old_shares = shares_of(before.get(service).copied().unwrap_or_default(), o, &[]);
+            // The edge keeps the members of its group in the band (Spread::sticky).
+            let new_shares = shares_of(
+                after.get(service).copied().unwrap_or_default(),
+                n,
+                &old_shares,
+            );
             let kind = match (o, n) {
                 (Some(_), None) => ImpactKind::Lost,
                 (None, Some(_)) => ImpactKind::Gained,
@@ -700,6 +706,25 @@ mod tests {
             shares(&i[0].new_shares),
             [("s3".to_string(), 0.75), ("s1".to_string(), 0.25)]
         );
+
+        // s3's link slows to 8 ms (3 ms more than s1): beyond the 2 ms a site joins within, but
+        // inside the 4 ms band a member keeps its place in, so the edge's split stays 1:3 and the
+        // plan predicts no change; at 10 ms (5 ms more) s3 leaves the group.
+        let slower = |link_ms: f64| {
+            let mut t = heavier.clone();
+            let l = t
+                .links
+                .iter_mut()
+                .find(|l| l.id() == crate::LinkId::new(&NodeId::new("edge"), &NodeId::new("s3")))
+                .unwrap();
+            l.latency = ms(link_ms);
+            t
+        };
+        assert!(impact(&heavier, &slower(8.0), &live).is_empty());
+        let i = impact(&heavier, &slower(10.0), &live);
+        assert_eq!(i.len(), 1, "{i:?}");
+        assert_eq!(i[0].kind, ImpactKind::SharesChanged);
+        assert!(i[0].new_shares.is_empty(), "{:?}", i[0].new_shares);
 
         // Weights alone never change a pair whose site takes every connection.
         let mut weighted = old.clone();

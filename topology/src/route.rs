@@ -524,6 +524,13 @@ impl Hysteresis {
 /// one, for the same reason), so such sites count as equally near.
 pub const SPREAD_WITHIN: Latency = Latency::from_micros(2_000);
 
+/// A member of a [`Spread`] group stays in it until it costs more than this above the preferred
+/// site ([`Spread::sticky`]); a site joins only within [`SPREAD_WITHIN`]. The band between is the
+/// group's anti-flap: a site whose measured cost hovers around the join threshold (RTT noise on
+/// a busy host, a path whose jitter is a millisecond or two) does not move in and out of the
+/// group with each table rebuild, and the split of new connections does not wander with it.
+pub const SPREAD_LEAVE: Latency = Latency::from_micros(4_000);
+
 /// One site's share of an edge's new connections for a service ([`Spread`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Share {
@@ -581,7 +588,8 @@ const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
 ///
 /// The group is the first candidate (the preferred site, after [`Hysteresis`]) and the
 /// candidates ranked right after it that are in the same drain class and cost at most
-/// [`SPREAD_WITHIN`] more than it. Each member takes new connections in proportion to its
+/// [`SPREAD_WITHIN`] more than it; a router that had a site in its last group keeps it until it
+/// costs more than [`SPREAD_LEAVE`] above ([`Spread::sticky`]). Each member takes new connections in proportion to its
 /// [`Candidate::weight`]; a site outside the group takes none while the group can serve. Open
 /// connections never move.
 ///
@@ -621,17 +629,30 @@ pub struct Spread {
 }
 
 impl Spread {
-    /// The group of ranked `candidates` (preferred first) that share new connections.
+    /// The group of ranked `candidates` (preferred first) that share new connections, with no
+    /// earlier group to stick to (a first table, or a one-off question).
     pub fn new(candidates: &[Candidate]) -> Spread {
+        Spread::sticky(candidates, |_| false)
+    }
+
+    /// The group of ranked `candidates` (preferred first) when `was_member` names the sites of
+    /// the previous group: such a site stays while it costs at most [`SPREAD_LEAVE`] more than
+    /// the first candidate, any other joins only within [`SPREAD_WITHIN`]. The group stays a
+    /// prefix of the ranked list: it ends at the first candidate that does not qualify.
+    pub fn sticky(candidates: &[Candidate], was_member: impl Fn(&NodeId) -> bool) -> Spread {
         let Some(first) = candidates.first() else {
             return Spread::default();
         };
-        let bound = first.cost.saturating_add(SPREAD_WITHIN);
-        let members = std::iter::once(first).chain(
-            candidates[1..]
-                .iter()
-                .take_while(|c| c.drained == first.drained && c.cost <= bound),
-        );
+        let qualifies = |c: &Candidate| {
+            let within = if was_member(&c.site) {
+                SPREAD_LEAVE
+            } else {
+                SPREAD_WITHIN
+            };
+            c.drained == first.drained && c.cost <= first.cost.saturating_add(within)
+        };
+        let members =
+            std::iter::once(first).chain(candidates[1..].iter().take_while(|c| qualifies(c)));
         let mut spread = Spread::default();
         let mut total = 0u64;
         for c in members {
@@ -1120,6 +1141,36 @@ mod tests {
             .collect();
         let spread = Spread::new(&ranked);
         (ranked, spread)
+    }
+
+    /// A member stays until it is 4 ms beyond the preferred site, a newcomer joins within 2 ms:
+    /// a site hovering between the two does not change the group.
+    #[test]
+    fn a_member_keeps_its_place_in_the_band_between_joining_and_leaving() {
+        let was = |ids: &'static [&'static str]| move |id: &NodeId| ids.contains(&id.as_str());
+        for (second, members_before, want) in [
+            (7.0, &[][..], 2),           // 2 ms: joins
+            (7.5, &[][..], 1),           // 2.5 ms: does not join
+            (7.5, &["s0", "s1"][..], 2), // 2.5 ms: a member stays
+            (9.0, &["s1"][..], 2),       // 4 ms: still stays
+            (9.1, &["s0", "s1"][..], 1), // beyond 4 ms: leaves
+        ] {
+            let (ranked, _) = spread_of(&[5.0, second], &[1, 1]);
+            let g = Spread::sticky(&ranked, was(members_before));
+            assert_eq!(
+                g.members(),
+                want,
+                "second at {second} ms, members {members_before:?}"
+            );
+        }
+        // The group stays a prefix: a newcomer beyond 2 ms ranked before a member ends it.
+        let (ranked, _) = spread_of(&[5.0, 7.5, 8.0], &[1, 1, 1]);
+        assert_eq!(Spread::sticky(&ranked, was(&["s2"])).members(), 1);
+        assert_eq!(Spread::sticky(&ranked, was(&["s1", "s2"])).members(), 3);
+        // Stickiness does not cross drain classes.
+        let (mut ranked, _) = spread_of(&[5.0, 5.5], &[1, 1]);
+        ranked[1].drained = true;
+        assert_eq!(Spread::sticky(&ranked, was(&["s1"])).members(), 1);
     }
 
     #[test]

@@ -147,7 +147,7 @@ pub fn build(st: &AdminState) -> Status {
             let ranked = table.candidates(&s.service);
             let (choice, reported) =
                 topology::diff::in_use(&incumbents, &edge.id, &s.service, ranked);
-            let shares = topology::diff::shares_of(ranked, choice);
+            let shares = topology::diff::shares_of(ranked, choice, &[]);
             s.edges.push(EdgeChoice {
                 edge: edge.id.to_string(),
                 site: choice.map(|c| c.site.to_string()),

@@ -137,3 +137,101 @@ fn site_behind_a_transit_killed_first_tries_are_handed_back_and_retried() {
     f.wait_preferred("edge", "chat", "site-far");
     println!("first new connection served by site-far {first_new:?} after the kill");
 }
+
+/// Connections through the edge to `site`: each greeted by it and echoing once.
+fn held_on(port: u16, site: &str, n: usize) -> Vec<std::io::BufReader<std::net::TcpStream>> {
+    (0..n)
+        .map(|i| {
+            let (mut r, greeting) = greet(port).unwrap();
+            assert_eq!(greeting, format!("SITE={site}"), "connection {i}");
+            echo_line(&mut r, "ping");
+            r
+        })
+        .collect()
+}
+
+/// Writes `msg` and a newline on `r`'s connection and reads the same line back.
+fn echo_line(r: &mut std::io::BufReader<std::net::TcpStream>, msg: &str) {
+    r.get_mut()
+        .write_all(format!("{msg}\n").as_bytes())
+        .unwrap();
+    let mut echo = String::new();
+    r.read_line(&mut echo).unwrap();
+    assert_eq!(echo, format!("{msg}\n"));
+}
+
+/// A rolling restart's first half: SIGTERM to the nearest site's router. It drains: connections
+/// open on it keep working, every new connection goes to the next site without a failure, and
+/// the process exits (status 0) as soon as its last connection closes, well before its drain
+/// timeout (30 s by default).
+#[test]
+fn a_site_stopped_with_sigterm_drains_open_connections_while_new_ones_go_elsewhere() {
+    let (mut f, port) = near_and_far(false);
+    let mut open = held_on(port, "site-near", 3);
+
+    f.signal("site-near", libc::SIGTERM);
+    eventually(DEADLINE, "site-near draining", || {
+        f.metric("site-near", "tasman_router_draining", "") == 1
+    });
+    // Every new connection is served, by site-far: a stream that still reaches site-near is
+    // refused with `shutting_down` and retried by the edge.
+    for i in 0..20 {
+        let (mut r, greeting) = greet(port).unwrap_or_else(|e| {
+            panic!(
+                "new connection {i} while site-near drains: {e}\n{}",
+                f.log("edge")
+            )
+        });
+        assert_eq!(greeting, "SITE=site-far", "new connection {i}");
+        echo_line(&mut r, "new");
+    }
+    f.wait_preferred("edge", "chat", "site-far");
+    for r in &mut open {
+        echo_line(r, "still open");
+    }
+    assert!(
+        f.running("site-near"),
+        "site-near exited with connections open"
+    );
+
+    drop(open);
+    let status = f.wait_exit("site-near", DEADLINE);
+    assert!(
+        status.success(),
+        "site-near: {status}\n{}",
+        f.log("site-near")
+    );
+    assert!(f.log("site-near").contains("draining"));
+}
+
+/// A second signal stops a draining router without waiting for its drain timeout (here an hour):
+/// what is still open is cut, and the process exits.
+#[test]
+fn a_second_signal_stops_a_draining_router_at_once() {
+    let (mut f, port) = near_and_far(false);
+    // Restarted with a drain timeout of an hour, once the edge has seen it go and come back.
+    f.kill("site-near");
+    f.wait_preferred("edge", "chat", "site-far");
+    f.start_with("site-near", &["--drain-timeout", "1h"]);
+    f.wait_preferred("edge", "chat", "site-near");
+    let mut open = held_on(port, "site-near", 1);
+
+    f.signal("site-near", libc::SIGTERM);
+    eventually(DEADLINE, "site-near draining", || {
+        f.metric("site-near", "tasman_router_draining", "") == 1
+    });
+    f.signal("site-near", libc::SIGINT);
+    let status = f.wait_exit("site-near", DEADLINE);
+    assert!(
+        status.success(),
+        "site-near: {status}\n{}",
+        f.log("site-near")
+    );
+    // The open connection ends (reset or EOF) rather than hanging.
+    let mut rest = Vec::new();
+    let end = open[0].read_to_end(&mut rest);
+    assert!(
+        !matches!(&end, Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)),
+        "the open connection outlived the router: {end:?}"
+    );
+}

@@ -117,6 +117,9 @@ pub struct RouterConfig {
     /// Re-read the node's certificate and key from their directory this often and present a new
     /// pair that passes the checks of [`tls::CertResolver::check`] (default 10 s; `None`: never).
     pub cert_reload_interval: Option<Duration>,
+    /// How long [`RouterHandle::shutdown`] lets open connections finish before it closes them
+    /// (default 30 s, the grace period an orchestrator such as Kubernetes gives by default).
+    pub drain_timeout: Duration,
 }
 
 impl RouterConfig {
@@ -142,6 +145,7 @@ impl RouterConfig {
             extra_peer_names: Vec::new(),
             cert_resolver: None,
             cert_reload_interval: Some(Duration::from_secs(10)),
+            drain_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -192,7 +196,10 @@ pub(crate) struct Shared {
     /// Local evidence changed: rebuild the routing table.
     pub changed: Notify,
     pub metrics: metrics::Metrics,
+    /// True from the start of [`RouterHandle::shutdown`]: the router is draining (it takes no
+    /// new stream, and tells its neighbours so in its probe replies).
     pub shutdown: watch::Receiver<bool>,
+    pub drain_timeout: Duration,
     pub started: Instant,
 }
 
@@ -204,7 +211,22 @@ impl Shared {
         s
     }
 
+    /// Whether [`RouterHandle::shutdown`] has begun.
+    pub fn draining(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Connections this router carries now: client or backend streams (edge, site) and relayed
+    /// streams (transit).
+    fn open_streams(&self) -> u64 {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.metrics.streams_active.load(Relaxed) + self.metrics.relays_active.load(Relaxed)
+    }
+
+    /// What the router reports (to the controller, on `/telemetry`). Draining, it reports its
+    /// links down and its services unhealthy, as its probe replies do.
     pub fn telemetry(&self) -> TelemetryReport {
+        let draining = self.draining();
         let mut neighbours: Vec<_> = self
             .neighbours
             .load()
@@ -214,7 +236,7 @@ impl Shared {
                 telemetry::NeighbourReport {
                     id: n.id.clone(),
                     rtt_us: n.rtt_us(),
-                    up: n.is_up(),
+                    up: n.is_up() && !draining,
                     path_mtu: path.map_or(0, |p| p.current_mtu),
                     lost_packets: path.map_or(0, |p| p.lost_packets),
                     dial_failures: n.dial_failures(),
@@ -222,7 +244,16 @@ impl Shared {
             })
             .collect();
         neighbours.sort_by(|a, b| a.id.cmp(&b.id));
-        let mut sites: Vec<_> = self.sites.load().values().map(|s| s.report()).collect();
+        let mut sites: Vec<_> = self
+            .sites
+            .load()
+            .values()
+            .map(|s| {
+                let mut r = s.report();
+                r.healthy &= !draining;
+                r
+            })
+            .collect();
         sites.sort_by(|a, b| a.service.cmp(&b.service));
         TelemetryReport {
             node: self.node.clone(),
@@ -230,6 +261,7 @@ impl Shared {
             neighbours,
             sites,
             preferred: routes::preferred_sites(&self.routes.load()),
+            draining,
         }
     }
 }
@@ -241,6 +273,8 @@ pub struct RouterHandle {
     shared: Arc<Shared>,
     shutdown_tx: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// Served until the end of a drain, so that it can be watched.
+    metrics_task: Option<JoinHandle<()>>,
 }
 
 impl Router {
@@ -302,6 +336,7 @@ impl Router {
             changed: Notify::new(),
             metrics: metrics::Metrics::default(),
             shutdown,
+            drain_timeout: cfg.drain_timeout,
             started: Instant::now(),
         });
         let mut tasks = Vec::new();
@@ -315,6 +350,7 @@ impl Router {
         if let Some(every) = cfg.cert_reload_interval.filter(|d| !d.is_zero()) {
             tasks.push(tokio::spawn(cert.clone().reload_every(every)));
         }
+        let mut metrics_task = None;
         if let Some(addr) = cfg.metrics_addr {
             let listener = metrics::bind(addr)
                 .await
@@ -325,13 +361,14 @@ impl Router {
                 let json = serde_json::to_string_pretty(&t).unwrap_or_default();
                 (s.render_metrics(&t), json)
             });
-            tasks.push(tokio::spawn(metrics::serve(listener, report)));
+            metrics_task = Some(tokio::spawn(metrics::serve(listener, report)));
         }
         tracing::info!(node = %cfg.node, kind = %me.kind, addr = %me.address, "router started");
         Ok(RouterHandle {
             shared,
             shutdown_tx,
             tasks,
+            metrics_task,
         })
     }
 }
@@ -363,30 +400,53 @@ impl RouterHandle {
     pub fn routes(&self) -> Arc<routes::Routes> {
         self.shared.routes.load_full()
     }
-    /// Stops accepting, lets open streams finish for up to 2 s, then closes every connection.
+    /// Drains, then stops: see [`RouterHandle::shutdown_or`] (no early stop).
     pub async fn shutdown(self) {
+        self.shutdown_or(std::future::pending()).await;
+    }
+
+    /// Drains, then stops. Draining: the edge's client listeners close, no new peer connection
+    /// is accepted, a new stream is refused with `shutting_down` (an edge retries it on its next
+    /// candidate), and every probe reply says that this node's links are down and its services
+    /// unhealthy, so neighbours route new connections around it within a probe interval, without
+    /// waiting for the controller. Open connections carry on, and are still probed and relayed.
+    /// Once none is left, or after `drain_timeout`, or when `stop` resolves (a second signal),
+    /// every QUIC connection is closed and what is still open is cut.
+    pub async fn shutdown_or(self, stop: impl std::future::Future<Output = ()>) {
         let _ = self.shutdown_tx.send(true);
-        // Listeners stop first: their tasks are aborted; streams in flight keep running.
+        self.shared
+            .metrics
+            .draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        // Listeners and the control task stop first (their tasks are aborted); streams in flight
+        // and the connections they use keep running, and so do the tasks answering probes.
         for t in &self.tasks {
             t.abort();
         }
         self.shared.vip_listeners.close_all();
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while self
-            .shared
-            .metrics
-            .streams_active
-            .load(std::sync::atomic::Ordering::Relaxed)
-            > 0
-            && Instant::now() < deadline
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let sh = &self.shared;
+        let timeout = sh.drain_timeout;
+        tracing::info!(node = %sh.node, open = sh.open_streams(), ?timeout, "draining");
+        let drained = async {
+            while sh.open_streams() > 0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::select! {
+            () = drained => {}
+            _ = tokio::time::sleep(timeout) => {
+                tracing::warn!(node = %sh.node, open = sh.open_streams(), ?timeout, "drain timeout: closing what is still open");
+            }
+            () = stop => {
+                tracing::warn!(node = %sh.node, open = sh.open_streams(), "stopping without waiting for the drain");
+            }
         }
-        self.shared
-            .endpoint
+        sh.endpoint
             .close(quinn::VarInt::from_u32(codes::close::NORMAL), b"shutdown");
-        let _ = tokio::time::timeout(Duration::from_millis(500), self.shared.endpoint.wait_idle())
-            .await;
+        let _ = tokio::time::timeout(Duration::from_millis(500), sh.endpoint.wait_idle()).await;
+        if let Some(t) = &self.metrics_task {
+            t.abort();
+        }
         tracing::info!(node = %self.shared.node, "router stopped");
     }
 }

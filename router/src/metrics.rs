@@ -6,7 +6,7 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -24,6 +24,10 @@ pub struct Metrics {
     pub streams_total: AtomicU64,
     /// Streams relayed by this node as a transit.
     pub relayed_total: AtomicU64,
+    /// Streams a transit relays now.
+    pub relays_active: AtomicU64,
+    /// Set when the router starts draining ([`crate::RouterHandle::shutdown`]).
+    pub draining: AtomicBool,
     /// Bytes from clients toward sites ("up") and back ("down"), counted where TCP meets QUIC.
     pub bytes_up: AtomicU64,
     pub bytes_down: AtomicU64,
@@ -81,6 +85,20 @@ impl Metrics {
             "Streams relayed as a transit.",
             "counter",
             self.relayed_total.load(Relaxed),
+        );
+        counter(
+            &mut s,
+            "relayed_streams_active",
+            "Streams relayed as a transit now.",
+            "gauge",
+            self.relays_active.load(Relaxed),
+        );
+        counter(
+            &mut s,
+            "router_draining",
+            "1 while the router drains before it stops: it takes no new stream, open ones finish.",
+            "gauge",
+            u64::from(self.draining.load(Relaxed)),
         );
         counter(
             &mut s,

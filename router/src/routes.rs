@@ -217,20 +217,33 @@ impl Evidence {
 }
 
 impl Shared {
-    /// This node's own probe entry: neighbour states and, for a site, its services.
+    /// This node's own probe entry: neighbour states and, for a site, its services. A draining
+    /// router says every link of its is down and every service unhealthy: whoever learns the entry
+    /// routes new connections around it (a link is up only if no report of it says down), while
+    /// the connections themselves stay up for the streams still on them.
     pub(crate) fn own_entry(&self) -> Entry {
+        let draining = self.draining();
         let mut neighbours: Vec<NeighbourState> = self
             .neighbours
             .load()
             .values()
             .map(|n| NeighbourState {
                 id: n.id.clone(),
-                up: n.is_up(),
+                up: n.is_up() && !draining,
                 rtt_us: n.rtt_us().min(u32::MAX as u64) as u32,
             })
             .collect();
         neighbours.sort_by(|a, b| a.id.cmp(&b.id));
-        let mut services: Vec<_> = self.sites.load().values().map(|s| s.state()).collect();
+        let mut services: Vec<_> = self
+            .sites
+            .load()
+            .values()
+            .map(|s| {
+                let mut state = s.state();
+                state.healthy &= !draining;
+                state
+            })
+            .collect();
         services.sort_by(|a, b| a.service.cmp(&b.service));
         Entry {
             origin: self.node.clone(),

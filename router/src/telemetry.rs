@@ -17,6 +17,10 @@ pub struct TelemetryReport {
     /// Edge only: service -> preferred site now.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub preferred: BTreeMap<String, String>,
+    /// The router is draining before it stops: it takes no new stream, and reports its links
+    /// down and its services unhealthy so that new connections go around it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -659,3 +659,203 @@ async fn a_node_with_an_expired_certificate_is_refused() {
     edge.shutdown().await;
     site.shutdown().await;
 }
+
+// ---- Draining on shutdown ----
+
+/// Edge with two sites serving echo: `near` (10 ms) with backend `a`, `far` (40 ms) with `b`.
+/// Declared latencies are floors far above loopback RTTs, so the edge prefers `near` until it
+/// hears otherwise. Returns once it does, with `far` as its next candidate.
+async fn near_and_far(
+    dir: &std::path::Path,
+    a: SocketAddr,
+    b: SocketAddr,
+    near_tune: impl Fn(&mut RouterConfig),
+) -> (Vec<RouterHandle>, Vec<Source>, u16) {
+    let port = free_tcp_port();
+    let mut tb = TopologyBuilder::new();
+    tb.node("edge", NodeKind::Edge)
+        .node("near", NodeKind::Site)
+        .node("far", NodeKind::Site)
+        .link("edge", "near", ms(10.0))
+        .link("edge", "far", ms(40.0))
+        .service("echo");
+    let mut t = addressed(tb.build(), port);
+    serve(&mut t, "near", "echo", a);
+    serve(&mut t, "far", "echo", b);
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t)));
+    let (hs, txs) = spawn_all(&snap, dir, |id, cfg| {
+        if id == "near" {
+            near_tune(cfg)
+        }
+    })
+    .await;
+    wait_until(
+        Duration::from_secs(20),
+        || {
+            let r = hs[0].routes();
+            r.preferred("echo")
+                .is_some_and(|c| c.site.as_str() == "near")
+                && r.candidates("echo").is_some_and(|c| c.len() == 2)
+        },
+        || format!("edge routes: {:?}", hs[0].routes().candidates("echo")),
+    )
+    .await;
+    (hs, txs, port)
+}
+
+/// A client connection through the edge that has echoed `hello` once.
+async fn held_connection(port: u16, hello: &[u8]) -> tokio::net::TcpStream {
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    echo_once(&mut c, hello).await.unwrap();
+    c
+}
+
+/// Writes `msg` on `c` and reads it back, within 10 s.
+async fn echo_once(c: &mut tokio::net::TcpStream, msg: &[u8]) -> std::io::Result<()> {
+    c.write_all(msg).await?;
+    let mut back = vec![0; msg.len()];
+    tokio::time::timeout(Duration::from_secs(10), c.read_exact(&mut back)).await??;
+    assert_eq!(back, msg);
+    Ok(())
+}
+
+/// A site that is shut down drains: its open connection keeps working, neighbours route new
+/// connections to the next site at once (its probe replies say it is going), a stream that still
+/// reaches it is refused with `shutting_down` (which an edge retries elsewhere), and the shutdown
+/// completes as soon as its last connection ends, long before the drain timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_that_shuts_down_drains_its_open_connections_and_sends_new_ones_away() {
+    let dir = ca_dir();
+    let (a, b) = (tracked_echo_backend().await, tracked_echo_backend().await);
+    let (mut hs, _txs, port) = near_and_far(dir.path(), a.addr, b.addr, |_| {}).await;
+    let mut held = held_connection(port, b"before").await;
+    wait_until(
+        Duration::from_secs(10),
+        || a.held() == 1,
+        || "held on near".into(),
+    )
+    .await;
+    // A peer posing as the edge connects to `near` before the drain (a draining router accepts
+    // no new connection), to open a stream on it once the drain has begun.
+    let near_addr = hs[1].quic_addr().unwrap();
+    let (_ep, raw) = connect_as(dir.path(), "edge", near_addr, "near").await;
+
+    let near = hs.remove(1);
+    assert_eq!(near.telemetry().node.as_str(), "near");
+    let draining = tokio::spawn(near.shutdown()); // the default drain timeout: 30 s
+    wait_until(
+        Duration::from_secs(10),
+        || {
+            hs[0]
+                .routes()
+                .preferred("echo")
+                .is_some_and(|c| c.site.as_str() == "far")
+        },
+        || {
+            format!(
+                "edge still routes to: {:?}",
+                hs[0].routes().candidates("echo")
+            )
+        },
+    )
+    .await;
+    // New connections go to far; the open one still works through near.
+    let mut fresh = held_connection(port, b"fresh").await;
+    wait_until(
+        Duration::from_secs(10),
+        || b.held() == 1,
+        || "held on far".into(),
+    )
+    .await;
+    echo_once(&mut held, b"still here").await.unwrap();
+    assert_eq!(
+        a.held(),
+        1,
+        "only the connection from before the drain is on near"
+    );
+
+    // A new stream that reaches the draining site anyway is refused with `shutting_down`.
+    let (mut send, mut recv) = raw.open_bi().await.unwrap();
+    let header = router::header::Header {
+        kind: router::header::Kind::Data,
+        service: topology::ServiceName::new("echo"),
+        hops: Vec::new(),
+        client: None,
+        circuit: None,
+    };
+    let mut buf = bytes::BytesMut::new();
+    header.encode(&mut buf).unwrap();
+    send.write_all(&buf).await.unwrap();
+    let refused = tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(1024))
+        .await
+        .unwrap();
+    let code = match refused {
+        Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(code))) => code,
+        other => panic!("a stream to a draining site: {other:?}"),
+    };
+    assert_eq!(code, router::codes::Code::ShuttingDown.varint());
+
+    assert!(
+        !draining.is_finished(),
+        "shutdown returned with a connection still open"
+    );
+    drop(held);
+    tokio::time::timeout(Duration::from_secs(10), draining)
+        .await
+        .expect("the drain did not end when its last connection closed")
+        .unwrap();
+    echo_once(&mut fresh, b"after").await.unwrap();
+}
+
+/// The drain is bounded: a connection still open at the drain timeout is cut, and the shutdown
+/// completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_ends_at_its_timeout_and_cuts_what_is_still_open() {
+    let dir = ca_dir();
+    let (a, b) = (tracked_echo_backend().await, tracked_echo_backend().await);
+    let short = |cfg: &mut RouterConfig| cfg.drain_timeout = Duration::from_millis(500);
+    let (mut hs, _txs, port) = near_and_far(dir.path(), a.addr, b.addr, short).await;
+    let mut held = held_connection(port, b"before").await;
+    wait_until(
+        Duration::from_secs(10),
+        || a.held() == 1,
+        || "held on near".into(),
+    )
+    .await;
+    let near = hs.remove(1);
+    tokio::time::timeout(Duration::from_secs(10), near.shutdown())
+        .await
+        .expect("shutdown outlived its drain timeout");
+    // The client's connection ends (reset or EOF), and so does the backend's.
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(10), held.read_to_end(&mut rest)).await;
+    assert!(end.is_ok(), "the client connection outlived the drain");
+    wait_until(
+        Duration::from_secs(10),
+        || a.held() == 0,
+        || "the backend connection outlived the drain".into(),
+    )
+    .await;
+}
+
+/// A QUIC connection to `addr` (expected to present `name`) with `as_node`'s certificate.
+async fn connect_as(
+    dir: &std::path::Path,
+    as_node: &str,
+    addr: SocketAddr,
+    name: &str,
+) -> (quinn::Endpoint, quinn::Connection) {
+    let id = router::tls::TlsIdentity::load(dir, as_node).unwrap();
+    let peers = router::tls::PeerNames::new([name.to_string()]);
+    let cfg = router::tls::client_config(&id, &peers, Arc::new(quinn::TransportConfig::default()))
+        .unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(cfg);
+    let conn = tokio::time::timeout(Duration::from_secs(5), ep.connect(addr, name).unwrap())
+        .await
+        .expect("handshake timed out")
+        .expect("handshake failed");
+    (ep, conn)
+}

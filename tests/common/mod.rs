@@ -342,6 +342,34 @@ impl Fabric {
         }
     }
 
+    /// Sends `sig` (e.g. `libc::SIGTERM`) to the router of `node`.
+    pub fn signal(&self, node: &str, sig: libc::c_int) {
+        let p = self.procs.get(node).expect("no such router process");
+        // SAFETY: kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(p.child.id() as libc::pid_t, sig) };
+        assert_eq!(rc, 0, "kill({sig}) {node}");
+    }
+
+    /// Whether the router of `node` is still running.
+    pub fn running(&mut self, node: &str) -> bool {
+        self.procs
+            .get_mut(node)
+            .is_some_and(|p| matches!(p.child.try_wait(), Ok(None)))
+    }
+
+    /// Waits (up to `deadline`) for the router of `node` to exit, and reaps it.
+    pub fn wait_exit(&mut self, node: &str, deadline: Duration) -> std::process::ExitStatus {
+        let what = format!("router {node} to exit");
+        let mut status = None;
+        eventually(deadline, &what, || {
+            let p = self.procs.get_mut(node).expect("no such router process");
+            status = p.child.try_wait().ok().flatten();
+            status.is_some()
+        });
+        self.procs.remove(node);
+        status.expect("exited")
+    }
+
     /// What the router of `node` has logged so far.
     pub fn log(&self, node: &str) -> String {
         std::fs::read_to_string(self.log_path(node)).unwrap_or_default()

@@ -287,6 +287,7 @@ pub fn telemetry_report(node: &str, neighbours: Vec<NeighbourReport>) -> Telemet
         neighbours,
         sites: Vec::new(),
         preferred: Default::default(),
+        draining: false,
     }
 }
 

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Args;
-use router::{ProbeConfig, Router, RouterConfig, Snapshot};
+use router::{ProbeConfig, Router, RouterConfig, RouterHandle, Snapshot};
 use topology::{Latency, NodeId};
 
 #[derive(Args, Debug, Clone)]
@@ -62,6 +62,11 @@ pub struct RouterArgs {
     /// (e.g. 1h, 30m, 340s, 1h 30m); `off` or 0 never times out.
     #[arg(long, default_value = "1h", value_parser = parse_idle_timeout, value_name = "DURATION")]
     pub idle_timeout: std::time::Duration,
+    /// On SIGTERM or Ctrl-C, let open connections finish for up to this long before closing
+    /// them (new ones go to other sites at once; a second signal stops without waiting). A
+    /// duration (e.g. 30s, 10m); 0 does not wait.
+    #[arg(long, default_value = "30s", value_parser = parse_long_duration, value_name = "DURATION")]
+    pub drain_timeout: std::time::Duration,
     /// Dial neighbour NODE at ADDR instead of its topology address (e.g. a link emulator).
     #[arg(long = "dial", value_name = "NODE=ADDR", value_parser = parse_dial)]
     pub dial: Vec<(String, SocketAddr)>,
@@ -126,6 +131,7 @@ impl RouterArgs {
             hold_down: self.hold_down.as_duration(),
         };
         cfg.idle_timeout = Some(self.idle_timeout).filter(|t| !t.is_zero());
+        cfg.drain_timeout = self.drain_timeout;
         cfg.dial_overrides = self
             .dial
             .iter()
@@ -182,8 +188,7 @@ pub fn run(args: RouterArgs) -> ExitCode {
         if let Some(addr) = handle.quic_addr() {
             println!("router {} listening on {addr}", args.node);
         }
-        wait_for_signal().await;
-        handle.shutdown().await;
+        drain_on_signal(handle).await;
         ExitCode::SUCCESS
     })
 }
@@ -247,11 +252,20 @@ fn run_with_controller(args: &RouterArgs, controller: SocketAddr) -> ExitCode {
                 args.node
             );
         }
-        wait_for_signal().await;
+        // The control session stays up while the router drains: the controller sees it draining
+        // (its telemetry says so) and routes around it too.
+        drain_on_signal(handle).await;
         drop(client);
-        handle.shutdown().await;
         ExitCode::SUCCESS
     })
+}
+
+/// Waits for SIGINT or SIGTERM, then drains the router ([`RouterHandle::shutdown_or`]); a second
+/// signal stops it without waiting for open connections.
+async fn drain_on_signal(handle: RouterHandle) {
+    wait_for_signal().await;
+    tracing::info!("signal received: draining (a second signal stops at once)");
+    handle.shutdown_or(wait_for_signal()).await;
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -307,7 +321,7 @@ mod tests {
     }
 
     #[test]
-    fn idle_timeout_flag_defaults_to_one_hour() {
+    fn idle_and_drain_timeout_flags_default_to_one_hour_and_30_s() {
         use clap::Parser;
         #[derive(Parser)]
         struct Cli {
@@ -327,6 +341,15 @@ mod tests {
         );
         assert_eq!(
             args(&["--idle-timeout", "off"]).idle_timeout,
+            Duration::ZERO
+        );
+        assert_eq!(args(&[]).drain_timeout, Duration::from_secs(30));
+        assert_eq!(
+            args(&["--drain-timeout", "10m"]).drain_timeout,
+            Duration::from_secs(600)
+        );
+        assert_eq!(
+            args(&["--drain-timeout", "0s"]).drain_timeout,
             Duration::ZERO
         );
     }

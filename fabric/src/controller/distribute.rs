@@ -409,6 +409,7 @@ mod tests {
             neighbours: Vec::new(),
             sites: vec![site("a", u32::MAX), site("b", 7), site("c", 1)],
             preferred: Default::default(),
+            draining: false,
         };
         let (sample, _) = sample_of(&report);
         let load = sample.site.expect("a site's load");

@@ -811,6 +811,7 @@ mod tests {
                 .collect(),
             sites: Vec::new(),
             preferred: BTreeMap::new(),
+            draining: false,
         };
         let (sample, refused) = distribute::sample_of(&report(
             "t",

@@ -295,6 +295,9 @@ impl DemoFabric {
             })?;
         let mut cfg = RouterConfig::new(node.clone(), identity()?, client.snapshots());
         cfg.probe = self.options.probe;
+        // The demo stops nodes as a crash would look (links cut first) and exits on Ctrl-C: a
+        // short drain keeps both prompt.
+        cfg.drain_timeout = std::time::Duration::from_secs(2);
         cfg.dial_overrides = self.dial_overrides(node);
         let handle = Router::spawn(cfg)
             .await

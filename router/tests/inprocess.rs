@@ -5,7 +5,7 @@ mod common;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use router::{RouterConfig, RouterHandle, Snapshot};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -15,7 +15,7 @@ use topology::builder::{TopologyBuilder, ms};
 
 use common::{
     Source, addressed, ca_dir, echo_backend, echo_roundtrip, free_tcp_port, line_topology, metric,
-    serve, spawn_all, spawn_node, tracked_echo_backend, wait_for_route, wait_until,
+    serve, spawn_all, spawn_issued, spawn_node, tracked_echo_backend, wait_for_route, wait_until,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -858,4 +858,118 @@ async fn connect_as(
         .expect("handshake timed out")
         .expect("handshake failed");
     (ep, conn)
+}
+
+/// The client direction of a rotation: a router dialling a neighbour presents the certificate it
+/// reloaded, not the one it started with. The edge starts with a certificate that expires
+/// [`FIRST_VALIDITY`] later and is re-issued (new key, a year's validity) before then; it reloads
+/// it. Once the first one has expired, the transit is restarted on its address and the edge dials
+/// it afresh. The transit refuses an expired client certificate, so a route and a round trip
+/// relayed by the new transit show that the edge's new connection presented the new certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_dialling_a_neighbour_presents_its_reloaded_certificate() {
+    /// Time for the fabric to come up with the first certificate (on a busy host); the wait for
+    /// its expiry is most of this test's run time.
+    const FIRST_VALIDITY: Duration = Duration::from_secs(8);
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let port = free_tcp_port();
+    let snap = Arc::new(Snapshot::new(
+        1,
+        Arc::new(line_topology("echo", backend, port)),
+    ));
+    let now = SystemTime::now();
+    let hour = Duration::from_secs(3600);
+    let first = router::pki::Validity::between(now - hour, now + FIRST_VALIDITY).unwrap();
+    router::pki::issue_with(dir.path(), "edge", first).unwrap();
+    let old = leaf_file(dir.path(), "edge");
+    let old_expiry = router::tls::not_after(&old.clone().into()).unwrap();
+    let (edge, _edge_tx) = spawn_issued(&snap, dir.path(), "edge", fast_reload).await;
+    let (transit, _transit_tx) = spawn_node(&snap, dir.path(), "transit", |_| {}).await;
+    let (site, _site_tx) = spawn_node(&snap, dir.path(), "site", |_| {}).await;
+    assert_eq!(edge.cert().not_after(), old_expiry);
+    let what = "no route with the edge's first certificate";
+    wait_for_route(&edge, "echo", Duration::from_secs(5), what).await;
+    let back = echo_roundtrip(port, b"first", Duration::from_secs(5)).await;
+    assert_eq!(back.unwrap(), b"first");
+
+    router::pki::issue(dir.path(), "edge").unwrap();
+    let new = leaf_file(dir.path(), "edge");
+    let new_expiry = router::tls::not_after(&new.clone().into()).unwrap();
+    let edge_metric = |series: &str| metric(&edge.metrics_text(), series);
+    wait_until(
+        Duration::from_secs(5),
+        || edge_metric("tasman_tls_cert_reloads_total{node=\"edge\"}") == Some(1),
+        || format!("the edge never reloaded: {}", edge.metrics_text()),
+    )
+    .await;
+    assert_eq!(
+        edge_metric("tasman_tls_cert_not_after_seconds{node=\"edge\"}"),
+        Some(new_expiry as u64)
+    );
+
+    // Until the first certificate has expired (a verifier refuses it from the second after its
+    // notAfter on).
+    let expired = || {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+        now.as_secs() as i64 > old_expiry
+    };
+    wait_until(FIRST_VALIDITY + Duration::from_secs(2), expired, || {
+        "the first certificate never expired".into()
+    })
+    .await;
+    // The connection the edge dialled with it keeps going: nothing checks it again.
+    let back = echo_roundtrip(port, b"established", Duration::from_secs(5)).await;
+    assert_eq!(back.unwrap(), b"established");
+
+    // The transit restarted on its address: the edge's connection to it closes, it redials.
+    let transit_addr = transit.quic_addr().unwrap();
+    transit.shutdown().await;
+    wait_until(
+        Duration::from_secs(5),
+        || edge.routes().preferred("echo").is_none(),
+        || format!("the edge kept its route: {:?}", edge.telemetry()),
+    )
+    .await;
+    // `shutdown` returns before the aborted tasks have dropped the endpoint: its socket may
+    // close a moment later.
+    wait_until(
+        Duration::from_secs(5),
+        || std::net::UdpSocket::bind(transit_addr).is_ok(),
+        || format!("the stopped transit still holds {transit_addr}"),
+    )
+    .await;
+    let (transit, _transit_tx) = spawn_issued(&snap, dir.path(), "transit", |_| {}).await;
+    assert_eq!(transit.quic_addr(), Some(transit_addr));
+    let refused = || {
+        let series = "tasman_refused_peers_total{node=\"transit\"}";
+        metric(&transit.metrics_text(), series)
+    };
+    wait_until(
+        Duration::from_secs(10),
+        || edge.routes().preferred("echo").is_some(),
+        || {
+            format!(
+                "no route through the restarted transit, which refused {:?} peers (the edge's \
+                 expired certificate?): {:?}",
+                refused(),
+                edge.telemetry()
+            )
+        },
+    )
+    .await;
+    let back = echo_roundtrip(port, b"reloaded", Duration::from_secs(5)).await;
+    assert_eq!(back.unwrap(), b"reloaded");
+    // Seen from the transit: the edge's stream came over a connection it accepted after the
+    // first certificate had expired, and it refused no one.
+    let m = transit.metrics_text();
+    assert_eq!(
+        metric(&m, "tasman_relayed_streams_total{node=\"transit\"}"),
+        Some(1),
+        "{m}"
+    );
+    assert_eq!(refused(), Some(0), "{m}");
+    for h in [edge, transit, site] {
+        h.shutdown().await;
+    }
 }

@@ -85,6 +85,17 @@ pub async fn spawn_node(
     tune: impl FnOnce(&mut RouterConfig),
 ) -> (RouterHandle, Source) {
     router::pki::issue(dir, id).unwrap();
+    spawn_issued(snap, dir, id, tune).await
+}
+
+/// Like [`spawn_node`], with the certificate already issued in `dir` (e.g. with a chosen
+/// validity).
+pub async fn spawn_issued(
+    snap: &Arc<Snapshot>,
+    dir: &std::path::Path,
+    id: &str,
+    tune: impl FnOnce(&mut RouterConfig),
+) -> (RouterHandle, Source) {
     let tls = router::tls::TlsIdentity::load(dir, id).unwrap();
     let (tx, rx) = tokio::sync::watch::channel(snap.clone());
     let mut cfg = RouterConfig::new(NodeId::new(id), tls, rx);

@@ -190,7 +190,7 @@ impl Metrics {
             (
                 "neighbour_dial_failures_total",
                 "counter",
-                "Dial attempts to the neighbour that ended without a connection.",
+                "Dial attempts to the neighbour that ended without a usable connection (none, or one closed before it answered a probe).",
                 |n| n.dial_failures as f64,
             ),
         ];

@@ -25,8 +25,8 @@ pub(crate) struct Neighbour {
     conn: ArcSwapOption<quinn::Connection>,
     up: AtomicBool,
     rtt_us: AtomicU64,
-    /// Dial attempts that ended without a connection (refused, or no answer within
-    /// `CONNECT_TIMEOUT`).
+    /// Dial attempts that ended without a usable connection: refused, no answer within
+    /// `CONNECT_TIMEOUT`, or closed before it answered a probe (the peer refused our certificate).
     dial_failures: AtomicU64,
     /// Woken when the neighbour is declared down: streams still waiting for their first answer
     /// through it give up and try the next candidate instead of waiting for the connection to
@@ -77,6 +77,12 @@ impl Neighbour {
 
 /// Dials `nb` forever (until aborted), with exponential backoff and jitter between attempts.
 ///
+/// A connection counts as made only once it has answered a probe: the handshake completes on
+/// our side before the peer has checked the certificate we sent, so a peer refusing it (expired,
+/// or not for a node of its topology) closes a connection we already hold. That is a failed dial
+/// (counted, backed off), not a connection lost: redialling at once would cost the peer a
+/// handshake every [`BACKOFF_MIN`] for as long as it refuses us.
+///
 /// The hold-down (a neighbour that went down comes back up only [`ProbeConfig::hold_down`] after
 /// it went down) is for flapping neighbours: it starts when a connection is lost. Failed dials
 /// to a neighbour never connected yet (it starts later than this router) do not start it, so
@@ -95,14 +101,20 @@ pub(crate) async fn run_dialer(shared: Arc<Shared>, nb: Arc<Neighbour>) {
                 .ok()
         };
         if let Some(conn) = attempt.await {
-            backoff = BACKOFF_MIN;
             tracing::debug!(node = %shared.node, neighbour = %nb.id, "connected");
-            probe_until_down(&shared, &nb, &conn, &mut down_since).await;
+            let answered = probe_until_down(&shared, &nb, &conn, &mut down_since).await;
             if nb.is_up() {
                 nb.set_down();
                 shared.changed.notify_one();
             }
-            down_since = Some(Instant::now());
+            if answered {
+                backoff = BACKOFF_MIN;
+                down_since = Some(Instant::now());
+            } else {
+                nb.dial_failures.fetch_add(1, Relaxed);
+                tracing::debug!(node = %shared.node, neighbour = %nb.id,
+                    reason = ?conn.close_reason(), "connection closed before answering a probe");
+            }
         } else {
             nb.dial_failures.fetch_add(1, Relaxed);
             tracing::debug!(node = %shared.node, neighbour = %nb.id, "dial failed");
@@ -294,13 +306,14 @@ fn answers(sent: u64, answered: u64, echoed: u64) -> bool {
 }
 
 /// Probes the connection every interval. A `Down` verdict marks the neighbour down (no new
-/// streams); returns when it is `Dead` (the connection is closed) or the connection closes.
+/// streams); returns when it is `Dead` (the connection is closed) or the connection closes:
+/// whether any probe was answered.
 async fn probe_until_down(
     shared: &Shared,
     nb: &Neighbour,
     conn: &quinn::Connection,
     down_since: &mut Option<Instant>,
-) {
+) -> bool {
     let p = shared.probe;
     let mut tick = tokio::time::interval(p.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -364,7 +377,7 @@ async fn probe_until_down(
                     Some(Verdict::Dead) => {
                         tracing::warn!(node = %shared.node, neighbour = %nb.id, "neighbour silent: closing its connection");
                         conn.close(quinn::VarInt::from_u32(close::DECLARED_DOWN), b"missed probes");
-                        return;
+                        return answered > 0;
                     }
                     Some(Verdict::Reprobe) => send_probe(&mut seq, &mut live, &mut at_probe),
                     None => {}
@@ -388,7 +401,7 @@ async fn probe_until_down(
                 send_probe(&mut seq, &mut live, &mut at_probe);
             }
             d = conn.read_datagram() => {
-                let Ok(bytes) = d else { return };
+                let Ok(bytes) = d else { return answered > 0 };
                 let Ok(Probe::Pong { seq: echoed, entries }) = Probe::decode(bytes) else { continue };
                 // Only the first answer to a ping we sent counts: a neighbour cannot push
                 // evidence (and table rebuilds) faster than we probe it.
@@ -411,7 +424,7 @@ async fn probe_until_down(
                     shared.changed.notify_one();
                 }
             }
-            _ = conn.closed() => return,
+            _ = conn.closed() => return answered > 0,
         }
     }
 }

@@ -36,7 +36,8 @@ pub struct NeighbourReport {
     /// Packets the current connection declared lost (restarts at 0 with a new connection).
     #[serde(default)]
     pub lost_packets: u64,
-    /// Dial attempts to it that ended without a connection, since this router started.
+    /// Dial attempts to it that ended without a usable connection (none, or one closed before it
+    /// answered a probe: e.g. it refused our certificate), since this router started.
     #[serde(default)]
     pub dial_failures: u64,
 }

@@ -973,3 +973,58 @@ async fn a_router_dialling_a_neighbour_presents_its_reloaded_certificate() {
         h.shutdown().await;
     }
 }
+
+/// A neighbour that refuses this router's certificate (here: expired) is redialled with backoff,
+/// and each refusal counts as a failed dial. The handshake completes on the dialler's side
+/// before the neighbour has checked its certificate, so each refusal closes a connection the
+/// dialler already holds: treated as a connection lost, it was redialled every 50 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_neighbour_refusing_our_certificate_is_redialled_with_backoff() {
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let snap = edge_site("echo", backend, free_tcp_port());
+    let day = Duration::from_secs(86_400);
+    let now = SystemTime::now();
+    let past = router::pki::Validity::between(now - 10 * day, now - day).unwrap();
+    router::pki::issue_with(dir.path(), "edge", past).unwrap();
+    let (site, _site_tx) = spawn_node(&snap, dir.path(), "site", |_| {}).await;
+    let started = Instant::now();
+    let (edge, _edge_tx) = spawn_issued(&snap, dir.path(), "edge", |_| {}).await;
+    let refused = || {
+        metric(
+            &site.metrics_text(),
+            "tasman_refused_peers_total{node=\"site\"}",
+        )
+    };
+    let failures = || {
+        let series = "tasman_neighbour_dial_failures_total{node=\"edge\",neighbour=\"site\"}";
+        metric(&edge.metrics_text(), series)
+    };
+    wait_until(
+        Duration::from_secs(10),
+        || refused() >= Some(5),
+        || format!("the site refused the edge {:?} times", refused()),
+    )
+    .await;
+    // Four backoffs at least (50, 100, 200 and 400 ms) before the fifth dial.
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(750),
+        "5 dials refused within {took:?}: no backoff"
+    );
+    wait_until(
+        Duration::from_secs(5),
+        || failures() >= Some(5),
+        || {
+            format!(
+                "{:?} failed dials counted: {}",
+                failures(),
+                edge.metrics_text()
+            )
+        },
+    )
+    .await;
+    assert!(edge.routes().preferred("echo").is_none());
+    edge.shutdown().await;
+    site.shutdown().await;
+}

@@ -1,5 +1,5 @@
-//! One bounded HTTP/1.1 accept loop for the small servers a node exposes: the router's
-//! `/metrics` endpoint and the controller's admin API.
+//! One bounded HTTP/1.1 accept loop for the small servers a node exposes: the router's and the
+//! controller's `/metrics` endpoints and the controller's admin API.
 //!
 //! Their listeners are open to the network, and every connection costs a descriptor and a task
 //! before any request is looked at, so [`serve`] bounds what one client can hold:

@@ -274,26 +274,58 @@ pub const LIMITS: Limits = Limits {
 /// The text of a scrape: (Prometheus text, telemetry JSON).
 pub type Report = Arc<dyn Fn() -> (String, String) + Send + Sync>;
 
+/// The Prometheus text of a scrape, for a node that serves no telemetry page (the controller).
+pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// The content type of Prometheus text exposition 0.0.4.
+pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4";
+
 /// Serves `GET /metrics` (and `/telemetry` as JSON) within [`LIMITS`] until the listener task is
 /// aborted.
 pub async fn serve(listener: tokio::net::TcpListener, report: Report) {
-    serve_with(listener, report, LIMITS).await
+    serve_with(listener, Pages::WithTelemetry(report), LIMITS).await
 }
 
-async fn serve_with(listener: tokio::net::TcpListener, report: Report, limits: Limits) {
+/// Serves `GET /metrics` alone within [`LIMITS`] until the listener task is aborted: the
+/// controller's endpoint, on the router's accept loop and limits.
+pub async fn serve_metrics(listener: tokio::net::TcpListener, render: Render) {
+    serve_with(listener, Pages::MetricsOnly(render), LIMITS).await
+}
+
+/// What a metrics listener serves; a page is rendered only when it is asked for.
+#[derive(Clone)]
+enum Pages {
+    WithTelemetry(Report),
+    MetricsOnly(Render),
+}
+
+impl Pages {
+    /// The content type and body at `path`; None: not found.
+    fn page(&self, path: &str) -> Option<(&'static str, String)> {
+        match (path, self) {
+            ("/metrics", Pages::WithTelemetry(report)) => Some((PROMETHEUS_TEXT, report().0)),
+            ("/metrics", Pages::MetricsOnly(render)) => Some((PROMETHEUS_TEXT, render())),
+            ("/telemetry", Pages::WithTelemetry(report)) => Some(("application/json", report().1)),
+            _ => None,
+        }
+    }
+
+    fn not_found(&self) -> &'static str {
+        match self {
+            Pages::WithTelemetry(_) => "not found: try /metrics or /telemetry\n",
+            Pages::MetricsOnly(_) => "not found: try /metrics\n",
+        }
+    }
+}
+
+async fn serve_with(listener: tokio::net::TcpListener, pages: Pages, limits: Limits) {
     // No route reads a body: hyper closes a connection whose request body is left unread.
     let svc = service_fn(move |req: Request<RequestBody>| {
-        let (metrics, json) = report();
+        let (status, ctype, body) = match pages.page(req.uri().path()) {
+            Some((ctype, body)) => (200, ctype, body),
+            None => (404, "text/plain", pages.not_found().to_string()),
+        };
         async move {
-            let (status, ctype, body) = match req.uri().path() {
-                "/metrics" => (200, "text/plain; version=0.0.4", metrics),
-                "/telemetry" => (200, "application/json", json),
-                _ => (
-                    404,
-                    "text/plain",
-                    "not found: try /metrics or /telemetry\n".to_string(),
-                ),
-            };
             Response::builder()
                 .status(status)
                 .header("content-type", ctype)
@@ -327,7 +359,7 @@ mod tests {
             max_connections,
             ..LIMITS
         };
-        tokio::spawn(serve_with(listener, report(), limits));
+        tokio::spawn(serve_with(listener, Pages::WithTelemetry(report()), limits));
         addr
     }
 
@@ -380,6 +412,39 @@ mod tests {
         let mut c = TcpStream::connect(addr).await.unwrap();
         let back = scrape(&mut c).await.unwrap();
         assert!(back.contains("tasman_up 1"), "{back}");
+    }
+
+    /// GET `path` with `connection: close`; the whole response.
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut back = String::new();
+        c.read_to_string(&mut back).await.unwrap();
+        back
+    }
+
+    #[tokio::test]
+    async fn a_metrics_only_listener_serves_prometheus_text_and_no_telemetry() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve_metrics(
+            listener,
+            Arc::new(|| "tasman_up 1\n".to_string()),
+        ));
+        let back = get(addr, "/metrics").await;
+        assert!(back.starts_with("HTTP/1.1 200"), "{back}");
+        assert!(
+            back.contains("content-type: text/plain; version=0.0.4"),
+            "{back}"
+        );
+        assert!(back.ends_with("tasman_up 1\n"), "{back}");
+        let back = get(addr, "/telemetry").await;
+        assert!(back.starts_with("HTTP/1.1 404"), "{back}");
+        assert!(back.ends_with("not found: try /metrics\n"), "{back}");
     }
 
     #[tokio::test]
@@ -448,7 +513,7 @@ mod tests {
                 max_connections: 8,
                 ..LIMITS
             };
-            let server = tokio::spawn(serve_with(listener, report(), limits));
+            let server = tokio::spawn(serve_with(listener, Pages::WithTelemetry(report()), limits));
             let cpu0 = cpu_time();
             let window = Duration::from_secs(1);
             tokio::time::sleep(window).await;

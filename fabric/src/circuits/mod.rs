@@ -50,6 +50,16 @@ pub enum CircuitState {
 }
 
 impl CircuitState {
+    /// Every state, in lifecycle order.
+    pub const ALL: [CircuitState; 6] = [
+        CircuitState::Requested,
+        CircuitState::Provisioning,
+        CircuitState::Active,
+        CircuitState::Failed,
+        CircuitState::Decommissioning,
+        CircuitState::Decommissioned,
+    ];
+
     /// States in which the circuit holds capacity and a VIP and is in the routers' snapshots.
     pub fn is_live(self) -> bool {
         matches!(

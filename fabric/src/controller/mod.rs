@@ -14,6 +14,7 @@ pub mod records;
 pub mod throttle;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -85,6 +86,8 @@ pub struct RouterLive {
     pub record: RouterRecord,
     pub connected: bool,
     pub last_seen: Instant,
+    /// When its last telemetry report arrived (None: none since the controller started).
+    pub last_telemetry: Option<Instant>,
     /// Neighbour samples of its telemetry refused as implausible (an RTT above
     /// [`distribute::MAX_RTT`]), since the controller started.
     pub samples_refused: u64,
@@ -100,6 +103,7 @@ impl RouterLive {
             record,
             connected,
             last_seen: Instant::now(),
+            last_telemetry: None,
             samples_refused: 0,
             reports_dropped: 0,
         }
@@ -112,6 +116,39 @@ impl RouterLive {
             ..Default::default()
         };
         RouterLive::new(record, connected)
+    }
+}
+
+/// Topology changes of one kind (applies, or rollbacks) since the controller started: accepted
+/// (committed and distributed) or rejected (invalid, conflicting, no such version, or failed).
+/// Dry runs change nothing and are not counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChangeCount {
+    pub accepted: u64,
+    pub rejected: u64,
+}
+
+#[derive(Debug, Default)]
+struct ChangeCounter {
+    accepted: AtomicU64,
+    rejected: AtomicU64,
+}
+
+impl ChangeCounter {
+    fn count<T, E>(&self, outcome: &Result<T, E>) {
+        let n = if outcome.is_ok() {
+            &self.accepted
+        } else {
+            &self.rejected
+        };
+        n.fetch_add(1, Relaxed);
+    }
+
+    fn get(&self) -> ChangeCount {
+        ChangeCount {
+            accepted: self.accepted.load(Relaxed),
+            rejected: self.rejected.load(Relaxed),
+        }
     }
 }
 
@@ -138,6 +175,8 @@ pub struct Controller {
     /// Names allowed to connect (the nodes of the current topology); swapped on every apply.
     pub peers: router::tls::PeerNames,
     epoch: u64,
+    applies: ChangeCounter,
+    rollbacks: ChangeCounter,
 }
 
 struct Inner {
@@ -235,6 +274,8 @@ impl Controller {
             apply_lock: tokio::sync::Mutex::new(()),
             peers,
             epoch,
+            applies: ChangeCounter::default(),
+            rollbacks: ChangeCounter::default(),
         }))
     }
 
@@ -258,10 +299,39 @@ impl Controller {
         self.epoch
     }
 
+    /// Applies accepted and rejected since the controller started (not dry runs, not rollbacks).
+    pub fn applies(&self) -> ChangeCount {
+        self.applies.get()
+    }
+
+    /// Rollbacks accepted and rejected since the controller started (not dry runs).
+    pub fn rollbacks(&self) -> ChangeCount {
+        self.rollbacks.get()
+    }
+
     /// Validates `text`, computes the impact plan against the current topology and, unless
     /// `dry_run`, commits it durably as the next version and distributes it. `base_version`
     /// guards against applying over someone else's change (used by `tasman topology edit`).
     pub async fn apply(
+        &self,
+        text: &str,
+        author: &str,
+        message: &str,
+        origin: Origin,
+        dry_run: bool,
+        base_version: Option<u64>,
+    ) -> Result<ApplyOutcome, ControllerError> {
+        let out = self
+            .apply_uncounted(text, author, message, origin, dry_run, base_version)
+            .await;
+        if !dry_run {
+            self.applies.count(&out);
+        }
+        out
+    }
+
+    /// [`Controller::apply`], counted by the caller as an apply or a rollback.
+    async fn apply_uncounted(
         &self,
         text: &str,
         author: &str,
@@ -373,22 +443,29 @@ impl Controller {
         message: &str,
         dry_run: bool,
     ) -> Result<ApplyOutcome, ControllerError> {
-        let rec = store::read(&*self.store, |tx| records::version(tx, to))?
-            .ok_or(ControllerError::NoSuchVersion(to))?;
-        let msg = if message.is_empty() {
-            format!("rollback to version {to}")
-        } else {
-            message.to_string()
-        };
-        self.apply(
-            &rec.text,
-            author,
-            &msg,
-            Origin::Rollback { to },
-            dry_run,
-            None,
-        )
-        .await
+        let out = async {
+            let rec = store::read(&*self.store, |tx| records::version(tx, to))?
+                .ok_or(ControllerError::NoSuchVersion(to))?;
+            let msg = if message.is_empty() {
+                format!("rollback to version {to}")
+            } else {
+                message.to_string()
+            };
+            self.apply_uncounted(
+                &rec.text,
+                author,
+                &msg,
+                Origin::Rollback { to },
+                dry_run,
+                None,
+            )
+            .await
+        }
+        .await;
+        if !dry_run {
+            self.rollbacks.count(&out);
+        }
+        out
     }
 
     pub fn history(&self, limit: usize) -> Result<Vec<TopologyVersion>, ControllerError> {
@@ -521,9 +598,12 @@ impl Controller {
         e.record.last_seen_unix_ms = records::now_unix_ms();
     }
 
+    /// A telemetry report of this router arrived (whether or not it is within its budget).
     pub fn router_seen(&self, node: &str) {
         if let Some(mut e) = self.routers.get_mut(node) {
-            e.last_seen = Instant::now();
+            let now = Instant::now();
+            e.last_telemetry = Some(now);
+            e.last_seen = now;
             e.record.last_seen_unix_ms = records::now_unix_ms();
         }
     }

@@ -118,13 +118,14 @@ pub fn pki(dir: &Path, nodes: &[String]) {
 }
 
 /// The controller's config: state in `state`, PKI in `tls`, control listener on `listen`, admin
-/// API on a free port, no topology file.
+/// API on a free port, no metrics listener, no topology file.
 pub fn daemon_config(state: &Path, tls: &Path, listen: SocketAddr) -> DaemonConfig {
     DaemonConfig {
         topology_file: None,
         state_dir: state.to_path_buf(),
         listen,
         admin: "127.0.0.1:0".parse().unwrap(),
+        metrics: None,
         tls_dir: Some(tls.to_path_buf()),
         admin_token_file: None,
         cert_reload_interval: daemon::CERT_RELOAD_INTERVAL,

@@ -2,7 +2,8 @@
 //!
 //! Routes are grouped per module (`topology`, `status`; circuits add theirs) and merged in
 //! [`router()`]; authentication and the body limit wrap the whole set, so a module cannot add an
-//! unauthenticated route by accident.
+//! unauthenticated route by accident. The controller's Prometheus `/metrics`, which needs no
+//! token, is therefore not here: it has a listener of its own ([`crate::controller::metrics`]).
 //!
 //! | method | path | |
 //! |---|---|---|

@@ -15,7 +15,8 @@ The first start imports --topology into the state directory; afterwards the stat
 truth (--topology is ignored; change the topology with `tasman topology apply|edit|rollback`).\n\
 Without --tls-dir, <state>/pki holds the fabric CA and the controller's certificate (created when\n\
 missing; issue router certificates from it). Without --admin-token-file, the token is\n\
-<state>/admin-token (generated when missing)."
+<state>/admin-token (generated when missing). With --metrics ADDR, GET /metrics serves Prometheus\n\
+text without a token (bind it where only your scraper reaches)."
 )]
 pub struct ControllerArgs {
     /// Topology YAML imported on first start.
@@ -30,6 +31,10 @@ pub struct ControllerArgs {
     /// Admin API (HTTP) address.
     #[arg(long, default_value = "127.0.0.1:7401")]
     pub admin: SocketAddr,
+    /// Serve Prometheus metrics on GET /metrics at this address (no authentication, as a
+    /// router's --metrics; off by default).
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
     /// PKI directory (ca.pem, controller.pem, controller.key).
     #[arg(long)]
     pub tls_dir: Option<PathBuf>,
@@ -53,6 +58,7 @@ pub fn run(args: ControllerArgs) -> ExitCode {
             state_dir: args.state,
             listen: args.listen,
             admin: args.admin,
+            metrics: args.metrics,
             tls_dir: args.tls_dir,
             admin_token_file: args.admin_token_file,
             cert_reload_interval: daemon::CERT_RELOAD_INTERVAL,
@@ -82,8 +88,11 @@ pub fn run(args: ControllerArgs) -> ExitCode {
             }
         };
         // One line on stdout that scripts and tests can wait for.
+        let metrics = d
+            .metrics_addr
+            .map_or(String::new(), |a| format!(" metrics={a}"));
         println!(
-            "controller listening quic={} admin={}",
+            "controller listening quic={} admin={}{metrics}",
             d.quic_addr, d.admin_addr
         );
         wait_for_signal().await;

@@ -1,5 +1,5 @@
-//! `tasman controller` as a library: open the store, import on first start, bind the QUIC and
-//! admin endpoints, spawn the background loops. Tests and benchmarks run it in-process.
+//! `tasman controller` as a library: open the store, import on first start, bind the QUIC, admin
+//! and (optional) metrics endpoints, spawn the background loops. Tests and benchmarks run it in-process.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -9,7 +9,7 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::task::JoinHandle;
 
-use super::{Controller, ControllerError, distribute};
+use super::{Controller, ControllerError, distribute, metrics};
 use crate::admin::{self, AdminState};
 use crate::store::redb::RedbStore;
 
@@ -20,6 +20,9 @@ pub struct DaemonConfig {
     pub state_dir: PathBuf,
     pub listen: SocketAddr,
     pub admin: SocketAddr,
+    /// Where to serve Prometheus `GET /metrics` ([`metrics`]), without authentication as a
+    /// router's; `None`: not served.
+    pub metrics: Option<SocketAddr>,
     /// PKI directory with `ca.pem`, `controller.pem`, `controller.key`. Default `<state>/pki`,
     /// created (CA + controller certificate) when missing.
     pub tls_dir: Option<PathBuf>,
@@ -55,6 +58,11 @@ pub enum DaemonError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("metrics on {addr}: {source}")]
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("circuits: {0}")]
     Circuits(#[from] crate::circuits::service::ServiceError),
     #[error("{path} is empty: an admin token is required")]
@@ -65,6 +73,8 @@ pub struct Daemon {
     pub ctl: Arc<Controller>,
     pub quic_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// Where `/metrics` is served, if it is.
+    pub metrics_addr: Option<SocketAddr>,
     /// The certificate the controller presents to routers (reloaded from `tls_dir`).
     pub cert: Arc<router::tls::CertResolver>,
     pub token: String,
@@ -181,6 +191,21 @@ pub async fn start(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
         addr: cfg.admin,
         source,
     })?;
+    let metrics_listener = match cfg.metrics {
+        Some(addr) => {
+            let bound = async {
+                let l = router::metrics::bind(addr).await?;
+                let local = l.local_addr()?;
+                Ok::<_, std::io::Error>((l, local))
+            };
+            Some(
+                bound
+                    .await
+                    .map_err(|source| DaemonError::Metrics { addr, source })?,
+            )
+        }
+        None => None,
+    };
     let circuits = crate::circuits::service::CircuitService::new(
         ctl.clone(),
         crate::circuits::service::DEFAULT_PROVISION_TIMEOUT,
@@ -198,11 +223,20 @@ pub async fn start(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
         tokio::spawn(ctl.clone().flush_loop()),
         tokio::spawn(admin::serve(listener, state)),
     ]);
-    tracing::info!(%quic_addr, %admin_addr, version = ctl.current().record.version, "controller running");
+    let metrics_addr = metrics_listener.as_ref().map(|(_, addr)| *addr);
+    if let Some((listener, _)) = metrics_listener {
+        let (ctl, cert) = (ctl.clone(), cert.clone());
+        let render = Arc::new(move || metrics::render(&ctl, &cert));
+        tasks.push(tokio::spawn(router::metrics::serve_metrics(
+            listener, render,
+        )));
+    }
+    tracing::info!(%quic_addr, %admin_addr, ?metrics_addr, version = ctl.current().record.version, "controller running");
     Ok(Daemon {
         ctl,
         quic_addr,
         admin_addr,
+        metrics_addr,
         token,
         tls_dir,
         cert,

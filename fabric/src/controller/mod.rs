@@ -10,6 +10,7 @@
 pub mod daemon;
 pub mod distribute;
 pub mod live;
+pub mod metrics;
 pub mod records;
 pub mod throttle;
 

@@ -193,6 +193,7 @@ impl DemoFabric {
             state_dir: state,
             listen,
             admin,
+            metrics: None,
             tls_dir: Some(pki.clone()),
             admin_token_file: None,
             cert_reload_interval: daemon::CERT_RELOAD_INTERVAL,

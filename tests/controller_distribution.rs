@@ -382,3 +382,42 @@ async fn the_controller_presents_a_reissued_certificate_without_a_restart() {
     .await;
     d.shutdown().await;
 }
+
+/// A router that reports it is draining (it is stopping: `tasman router` got SIGTERM) shows so in
+/// `/v1/status` and `tasman status` while its session is up; the mark goes with the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_router_shows_in_status_until_its_session_ends() {
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (d, tls) =
+        controller_with_pki(dir.path(), &fabric_nodes(1, 2), &fabric_yaml(68, 1, 2, 10)).await;
+    let c = start_client(d.quic_addr, "edge-0", &tls, None).await;
+    let mut report = telemetry_report("edge-0", vec![neighbour("transit-0", 4_000)]);
+    report.draining = true;
+    c.set_telemetry(Arc::new(move || Some(report.clone())));
+    eventually(Duration::from_secs(10), "edge-0 shown draining", || {
+        router_status(&d, "edge-0").is_some_and(|r| r.draining)
+    })
+    .await;
+    let env = Env::of(&d);
+    let status = tokio::task::spawn_blocking(move || tasman(&env, &["status"], &[], ""))
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    let line = |node: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{node} ")))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(line("edge-0").contains("draining"), "{text}");
+    assert!(!line("transit-0").contains("draining"), "{text}");
+
+    drop(c);
+    eventually(Duration::from_secs(10), "edge-0 gone, not draining", || {
+        router_status(&d, "edge-0").is_some_and(|r| !r.connected && !r.draining)
+    })
+    .await;
+    d.shutdown().await;
+}

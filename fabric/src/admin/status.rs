@@ -48,6 +48,9 @@ pub struct RouterStatus {
     /// Telemetry reports dropped for coming too fast since the controller started.
     #[serde(default)]
     pub reports_dropped: u64,
+    /// It is draining before it stops: new connections go around it.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -126,6 +129,7 @@ pub fn build(st: &AdminState) -> Status {
                 last_nack: r.and_then(|r| r.record.last_nack.clone()),
                 samples_refused: r.map_or(0, |r| r.samples_refused),
                 reports_dropped: r.map_or(0, |r| r.reports_dropped),
+                draining: r.is_some_and(|r| r.connected && r.draining),
             }
         })
         .collect();

@@ -61,6 +61,9 @@ pub fn run(args: StatusArgs) -> ExitCode {
                 n.version, n.topology_version, n.reason
             ));
         }
+        if r.draining {
+            state.push_str("; draining (stopping: new connections go around it)");
+        }
         // Telemetry the controller did not take from this router (see the operator guide).
         if r.reports_dropped > 0 {
             state.push_str(&format!(

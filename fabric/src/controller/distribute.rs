@@ -274,6 +274,7 @@ async fn session(
                                 );
                             }
                         } else if report_node(&report) == node {
+                            ctl.router_draining(node, report.draining);
                             let (sample, refused) = sample_of(&report);
                             if refused > 0 {
                                 ctl.router_samples_refused(node, refused);

@@ -92,12 +92,18 @@ fn gauge(s: &mut String, name: &str, help: &str, value: impl std::fmt::Display) 
 fn per_router(s: &mut String, routers: &[RouterLive]) {
     type Value = fn(&RouterLive, Instant) -> Option<String>;
     let now = Instant::now();
-    let series: [(&str, &str, &str, Value); 6] = [
+    let series: [(&str, &str, &str, Value); 7] = [
         (
             "router_connected",
             "gauge",
             "1 while the router has a control session open.",
             |r, _| Some(u8::from(r.connected).to_string()),
+        ),
+        (
+            "router_draining",
+            "gauge",
+            "1 while the router reports that it drains before it stops.",
+            |r, _| Some(u8::from(r.connected && r.draining).to_string()),
         ),
         (
             "router_applied_snapshot_version",

@@ -95,6 +95,8 @@ pub struct RouterLive {
     /// Telemetry reports dropped for coming faster than [`distribute::TELEMETRY_PER_SEC`],
     /// since the controller started.
     pub reports_dropped: u64,
+    /// Its last telemetry said it is draining before it stops (cleared when its session ends).
+    pub draining: bool,
 }
 
 impl RouterLive {
@@ -107,6 +109,7 @@ impl RouterLive {
             last_telemetry: None,
             samples_refused: 0,
             reports_dropped: 0,
+            draining: false,
         }
     }
 
@@ -595,8 +598,19 @@ impl Controller {
             .entry(node.to_string())
             .or_insert_with(|| RouterLive::unrecorded(node, connected));
         e.connected = connected;
+        e.draining &= connected;
         e.last_seen = Instant::now();
         e.record.last_seen_unix_ms = records::now_unix_ms();
+    }
+
+    /// The router's telemetry says whether it is draining.
+    pub fn router_draining(&self, node: &str, draining: bool) {
+        if let Some(mut e) = self.routers.get_mut(node) {
+            if e.draining != draining && draining {
+                tracing::info!(node, "router draining (stopping)");
+            }
+            e.draining = draining;
+        }
     }
 
     /// A telemetry report of this router arrived (whether or not it is within its budget).

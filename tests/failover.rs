@@ -177,7 +177,10 @@ fn a_site_stopped_with_sigterm_drains_open_connections_while_new_ones_go_elsewhe
     let t = f.telemetry("site-near").unwrap();
     assert_eq!(t["draining"], true, "{t}");
     let links = t["neighbours"].as_array().unwrap();
-    assert!(!links.is_empty() && links.iter().all(|n| n["up"] == false), "{t}");
+    assert!(
+        !links.is_empty() && links.iter().all(|n| n["up"] == false),
+        "{t}"
+    );
     // Every new connection is served, by site-far: a stream that still reaches site-near is
     // refused with `shutting_down` and retried by the edge.
     for i in 0..20 {

@@ -207,17 +207,9 @@ async fn a_telemetry_flood_is_dropped_and_counted_while_versions_still_flow() {
         || dropped() >= FLOOD - 500,
     )
     .await;
-    // The operator sees it in `tasman status` (the real binary; the controller runs in this
-    // process, so the command runs off the runtime's workers).
-    let env = Env::of(&d);
-    let status = tokio::task::spawn_blocking(move || tasman(&env, &["status"], &[], ""))
-        .await
-        .unwrap();
-    let text = String::from_utf8_lossy(&status.stdout);
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("edge-0 "))
-        .unwrap_or_default();
+    // The operator sees it in `tasman status`.
+    let text = status_text(&d).await;
+    let line = status_line(&text, "edge-0");
     assert!(
         line.contains("reports over the rate dropped"),
         "edge-0's status line: {line:?}\n{text}"
@@ -400,19 +392,12 @@ async fn a_draining_router_shows_in_status_until_its_session_ends() {
         router_status(&d, "edge-0").is_some_and(|r| r.draining)
     })
     .await;
-    let env = Env::of(&d);
-    let status = tokio::task::spawn_blocking(move || tasman(&env, &["status"], &[], ""))
-        .await
-        .unwrap();
-    let text = String::from_utf8_lossy(&status.stdout);
-    let line = |node: &str| {
-        text.lines()
-            .find(|l| l.starts_with(&format!("{node} ")))
-            .unwrap_or_default()
-            .to_string()
-    };
-    assert!(line("edge-0").contains("draining"), "{text}");
-    assert!(!line("transit-0").contains("draining"), "{text}");
+    let text = status_text(&d).await;
+    assert!(status_line(&text, "edge-0").contains("draining"), "{text}");
+    assert!(
+        !status_line(&text, "transit-0").contains("draining"),
+        "{text}"
+    );
 
     drop(c);
     eventually(Duration::from_secs(10), "edge-0 gone, not draining", || {

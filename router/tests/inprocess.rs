@@ -498,16 +498,7 @@ async fn presented_leaf(
     addr: SocketAddr,
     name: &str,
 ) -> Vec<u8> {
-    let id = router::tls::TlsIdentity::load(dir, as_node).unwrap();
-    let peers = router::tls::PeerNames::new([name.to_string()]);
-    let cfg = router::tls::client_config(&id, &peers, Arc::new(quinn::TransportConfig::default()))
-        .unwrap();
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(cfg);
-    let conn = tokio::time::timeout(Duration::from_secs(5), ep.connect(addr, name).unwrap())
-        .await
-        .expect("handshake timed out")
-        .expect("handshake failed");
+    let (ep, conn) = connect_as(dir, as_node, addr, name).await;
     let chain = conn
         .peer_identity()
         .unwrap()

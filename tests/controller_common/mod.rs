@@ -175,6 +175,23 @@ pub fn router_status(d: &Daemon, node: &str) -> Option<RouterLive> {
     d.ctl.routers().into_iter().find(|r| r.record.node == node)
 }
 
+/// The output of `tasman status` (the real binary) against `d`. The controller runs in this
+/// process, so the command runs off the runtime's workers.
+pub async fn status_text(d: &Daemon) -> String {
+    let env = Env::of(d);
+    let out = tokio::task::spawn_blocking(move || tasman(&env, &["status"], &[], ""))
+        .await
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `node`'s line in `tasman status` output `text` (empty when there is none).
+pub fn status_line<'a>(text: &'a str, node: &str) -> &'a str {
+    text.lines()
+        .find(|l| l.starts_with(node) && l[node.len()..].starts_with(' '))
+        .unwrap_or_default()
+}
+
 /// How many routers the controller saw acknowledge snapshot `version` or a later one.
 pub fn routers_acknowledged(d: &Daemon, version: u64) -> usize {
     d.ctl

@@ -184,6 +184,8 @@ async fn handle_client(
     circuit: Option<Arc<EdgeCircuit>>,
 ) {
     let _ = tcp.set_nodelay(true);
+    // Counted until the splice starts (a draining router waits for it).
+    let starting = crate::metrics::Held::count(&shared.metrics.streams_starting);
     // Circuit classification (and refusal without one) happened at accept.
     let routes = shared.routes.load_full();
     let Some((cands, dealt)) = routes.pick(service.as_str(), client.ip()) else {
@@ -230,6 +232,7 @@ async fn handle_client(
             Attempt::Accepted(send, recv) => {
                 tracing::debug!(node = %shared.node, %client, %service, site = %cand.site, "site accepted");
                 drop(replay);
+                drop(starting);
                 let limiter = circuit.as_ref().map(|c| &*c.limiter);
                 splice::tcp_quic_with(&shared, tcp, send, recv, Side::Edge, &mut buf, limiter)
                     .await;

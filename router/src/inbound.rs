@@ -156,26 +156,10 @@ async fn relay(
         return refuse(&shared, &mut send, &mut recv, Code::NextHopUnreachable);
     };
     shared.metrics.relayed_total.fetch_add(1, Relaxed);
-    let _open = Open::count(&shared.metrics.relays_active);
+    let _open = crate::metrics::Held::count(&shared.metrics.relays_active);
     if let Some(code) = splice::relay(send, recv, dsend, drecv, next_hop_down).await {
         shared.metrics.error(code);
         tracing::debug!(node = %shared.node, next = %next, code = %code, "next hop down before it answered");
-    }
-}
-
-/// One unit of a gauge for as long as it lives.
-struct Open<'a>(&'a std::sync::atomic::AtomicU64);
-
-impl<'a> Open<'a> {
-    fn count(gauge: &'a std::sync::atomic::AtomicU64) -> Self {
-        gauge.fetch_add(1, Relaxed);
-        Open(gauge)
-    }
-}
-
-impl Drop for Open<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Relaxed);
     }
 }
 

@@ -216,11 +216,14 @@ impl Shared {
         *self.shutdown.borrow()
     }
 
-    /// Connections this router carries now: client or backend streams (edge, site) and relayed
-    /// streams (transit).
+    /// Connections this router carries now: client or backend streams (edge, site) open or being
+    /// set up, and relayed streams (transit).
     fn open_streams(&self) -> u64 {
         use std::sync::atomic::Ordering::Relaxed;
-        self.metrics.streams_active.load(Relaxed) + self.metrics.relays_active.load(Relaxed)
+        let m = &self.metrics;
+        m.streams_active.load(Relaxed)
+            + m.streams_starting.load(Relaxed)
+            + m.relays_active.load(Relaxed)
     }
 
     /// What the router reports (to the controller, on `/telemetry`). Draining, it reports its

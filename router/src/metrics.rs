@@ -17,6 +17,22 @@ use crate::codes::Code;
 use crate::http_serve::{self, BODY_READ_TIMEOUT, HEADER_READ_TIMEOUT, Limits, RequestBody};
 use crate::telemetry::TelemetryReport;
 
+/// One unit of a gauge for as long as it lives.
+pub(crate) struct Held<'a>(&'a AtomicU64);
+
+impl<'a> Held<'a> {
+    pub(crate) fn count(gauge: &'a AtomicU64) -> Self {
+        gauge.fetch_add(1, Relaxed);
+        Held(gauge)
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
 #[derive(Default)]
 pub struct Metrics {
     /// Client (edge) or backend (site) streams open now, and since start.
@@ -26,6 +42,9 @@ pub struct Metrics {
     pub relayed_total: AtomicU64,
     /// Streams a transit relays now.
     pub relays_active: AtomicU64,
+    /// Client connections (edge) and streams (site) being set up now: from arrival until the
+    /// site has its backend connection and the splice starts (`streams_active` from then on).
+    pub streams_starting: AtomicU64,
     /// Set when the router starts draining ([`crate::RouterHandle::shutdown`]).
     pub draining: AtomicBool,
     /// Bytes from clients toward sites ("up") and back ("down"), counted where TCP meets QUIC.
@@ -92,6 +111,13 @@ impl Metrics {
             "Streams relayed as a transit now.",
             "gauge",
             self.relays_active.load(Relaxed),
+        );
+        counter(
+            &mut s,
+            "streams_starting",
+            "Client connections (edge) or streams (site) being set up now, before the site accepted.",
+            "gauge",
+            self.streams_starting.load(Relaxed),
         );
         counter(
             &mut s,

@@ -213,6 +213,8 @@ pub(crate) async fn serve(
     let Some(slot) = svc.acquire() else {
         return refuse(&mut send, &mut recv, Code::SiteFull);
     };
+    // Counted until the splice starts (a draining router waits for it).
+    let starting = crate::metrics::Held::count(&shared.metrics.streams_starting);
     let started = Instant::now();
     let tcp = match tokio::time::timeout(
         shared.backend_connect_timeout,
@@ -235,6 +237,7 @@ pub(crate) async fn serve(
         return;
     }
     tracing::debug!(node = %shared.node, service = %svc.service, connect_us = started.elapsed().as_micros() as u64, "backend connected");
+    drop(starting);
     splice::tcp_quic(&shared, tcp, send, recv, Side::Site).await;
     drop(slot);
 }

@@ -1,6 +1,7 @@
 //! `tasman demo` end to end: the real binary starts a controller and the APAC fabric (21
 //! in-process routers taking their snapshots from it, every link emulated), sends requests from
-//! several edges, fails a site over, raises a link's latency through the admin API, keeps the
+//! several edges, fails a site over, raises a link's latency through the admin API, drains a
+//! site as planned maintenance does, keeps the
 //! fabric up (`--keep`) for `tasman status` with the printed admin address and token, and exits 0
 //! on SIGTERM.
 
@@ -132,6 +133,30 @@ fn demo_serves_every_edge_fails_over_and_moves_a_path_by_a_live_edit_then_exits_
         "{stdout}"
     );
     assert!(stdout.contains("Demo complete."), "{stdout}");
+
+    // Planned maintenance: the edge's site drains while a slow completion streams through it;
+    // the stream finishes there, every new connection is served elsewhere, none fails, and the
+    // drain ends with the stream, before its timeout.
+    let drain = stdout
+        .split("Planned maintenance: ")
+        .nth(1)
+        .expect("maintenance section");
+    let site = drain.split_whitespace().next().expect("drained site");
+    assert!(
+        drain.contains(&format!(
+            "The completion in flight finished on {site}: 100 of 100 tokens"
+        )),
+        "{drain}"
+    );
+    let during = drain
+        .lines()
+        .find(|l| l.contains("new connections during the drain: served by"))
+        .expect("new connections line");
+    assert!(
+        during.ends_with("; 0 failed.") && !during.contains(&format!("{site}×")),
+        "{during}"
+    );
+    assert!(drain.contains(&format!("{site}'s drain ended ")), "{drain}");
 
     // The live edit: one link's declared latency raised through the controller, every running
     // router acknowledged the new version, and the edge's path moved off that link.

@@ -403,6 +403,23 @@ impl RouterHandle {
     pub fn routes(&self) -> Arc<routes::Routes> {
         self.shared.routes.load_full()
     }
+    /// Starts draining (the first step of [`RouterHandle::shutdown_or`]) and returns at once:
+    /// from here on the router takes no new stream and tells its neighbours so. Calling it again,
+    /// or shutting down afterwards, is fine.
+    pub fn begin_drain(&self) {
+        let _ = self.shutdown_tx.send(true);
+        self.shared
+            .metrics
+            .draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        // Listeners and the control task stop first (their tasks are aborted); streams in flight
+        // and the connections they use keep running, and so do the tasks answering probes.
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.shared.vip_listeners.close_all();
+    }
+
     /// Drains, then stops: see [`RouterHandle::shutdown_or`] (no early stop).
     pub async fn shutdown(self) {
         self.shutdown_or(std::future::pending()).await;
@@ -416,17 +433,7 @@ impl RouterHandle {
     /// Once none is left, or after `drain_timeout`, or when `stop` resolves (a second signal),
     /// every QUIC connection is closed and what is still open is cut.
     pub async fn shutdown_or(self, stop: impl std::future::Future<Output = ()>) {
-        let _ = self.shutdown_tx.send(true);
-        self.shared
-            .metrics
-            .draining
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        // Listeners and the control task stop first (their tasks are aborted); streams in flight
-        // and the connections they use keep running, and so do the tasks answering probes.
-        for t in &self.tasks {
-            t.abort();
-        }
-        self.shared.vip_listeners.close_all();
+        self.begin_drain();
         let sh = &self.shared;
         let timeout = sh.drain_timeout;
         tracing::info!(node = %sh.node, open = sh.open_streams(), ?timeout, "draining");

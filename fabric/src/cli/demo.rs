@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use topology::{Hysteresis, Latency, LinkId, NodeId, NodeKind, Topology};
+use topology::{Hysteresis, Latency, LinkId, NodeId, NodeKind, ServiceName, Topology};
 
 use crate::demo::client::{self, Reply};
 use crate::demo::edit::{EdgeChoice, choose_latency_edit, set_link_latency};
@@ -476,10 +476,14 @@ async fn tour(
     print_rows(&rows);
 
     let edit_ok = live_edit(&mut fabric, &edges, first_service, n).await;
+    let (drain_ok, drained) = maintenance(&mut fabric, first_edge, first_service).await;
 
     if args.keep {
         println!("\nRestarting {victim}...");
         fabric.start_node(&victim).await?;
+        if let Some(site) = &drained {
+            fabric.start_node(site).await?;
+        }
         fabric.wait_converged(Duration::from_secs(30)).await?;
         let (admin, token) = fabric.admin();
         println!(
@@ -506,13 +510,134 @@ async fn tour(
     fabric.shutdown().await;
     println!(
         "\n{}",
-        if all_ok && failover_ok && edit_ok {
+        if all_ok && failover_ok && edit_ok && drain_ok {
             "Demo complete."
         } else {
             "Demo finished with errors (see above)."
         }
     );
-    Ok(all_ok && failover_ok && edit_ok)
+    Ok(all_ok && failover_ok && edit_ok && drain_ok)
+}
+
+/// Planned maintenance: the site `edge` uses for `service` drains (as `tasman router` does on
+/// SIGTERM) while a slow completion streams through it, and new client connections keep coming.
+/// The stream must finish on that site, every new connection must be served elsewhere, and the
+/// drain must end when the stream does. Returns whether it went so, and the drained site.
+async fn maintenance(
+    fabric: &mut DemoFabric,
+    edge: &NodeId,
+    service: &str,
+) -> (bool, Option<NodeId>) {
+    let Some(addr) = fabric.service_addr(edge, service) else {
+        return (true, None);
+    };
+    // The site that serves the edge's connections now (asked, not read off the table: sites
+    // that are equally near share them).
+    let site = match client::complete(addr, 1, Duration::from_secs(10)).await {
+        Ok(r) => NodeId::new(&r.site),
+        Err(e) => {
+            println!("\nPlanned maintenance: error: {e}");
+            return (false, None);
+        }
+    };
+    let alternatives = fabric
+        .router(edge)
+        .and_then(|r| r.routes().candidates(service))
+        .map_or(0, |c| c.len().saturating_sub(1));
+    if alternatives == 0 {
+        println!(
+            "\nPlanned maintenance: {site} is the only site {edge} has for {service} (skipped)."
+        );
+        return (true, None);
+    }
+    const TOKENS: usize = 100;
+    const PACE: Duration = Duration::from_millis(10);
+    println!(
+        "\nPlanned maintenance: {site} stops the way `tasman router` stops on SIGTERM: it drains."
+    );
+    println!(
+        "A completion streaming {TOKENS} tokens, one every {} ms, runs through {site} when the drain starts;",
+        PACE.as_millis()
+    );
+    println!("meanwhile a new client connection asks {edge} for {service} every 10 ms.");
+    let long = tokio::spawn(client::complete_paced(
+        addr,
+        TOKENS,
+        Some(PACE),
+        Duration::from_secs(15),
+    ));
+    // Drain once the completion has reached the site's backend (nothing else asks it now).
+    let requests = || {
+        fabric
+            .backend(&site, &ServiceName::new(service))
+            .map_or(0, |b| b.requests())
+    };
+    let before = requests();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while requests() == before && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let drain = match fabric.drain_node(&site) {
+        Ok(d) => d,
+        Err(e) => {
+            println!("  error: {e}");
+            return (false, None);
+        }
+    };
+    let mut set = tokio::task::JoinSet::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let mut tried = 0usize;
+    while !long.is_finished() && tried < 300 {
+        tick.tick().await;
+        tried += 1;
+        set.spawn(client::complete(addr, 8, Duration::from_secs(10)));
+    }
+    let (mut served, mut failed): (BTreeMap<String, usize>, usize) = (BTreeMap::new(), 0);
+    while let Some(done) = set.join_next().await {
+        match done {
+            Ok(Ok(r)) => *served.entry(r.site).or_default() += 1,
+            _ => failed += 1,
+        }
+    }
+    let long = long.await;
+    let drained_in = drain.await;
+    let mut ok = failed == 0 && !served.contains_key(site.as_str());
+    match &long {
+        Ok(Ok(r)) => {
+            ok &= r.site == site.as_str() && r.tokens == TOKENS;
+            println!(
+                "  The completion in flight finished on {}: {} of {TOKENS} tokens in {}.",
+                r.site,
+                r.tokens,
+                fmt_ms(r.total)
+            );
+        }
+        other => {
+            ok = false;
+            println!("  The completion in flight failed: {other:?}");
+        }
+    }
+    let by_site = served
+        .iter()
+        .map(|(s, k)| format!("{s}×{k}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    println!("  {tried} new connections during the drain: served by {by_site}; {failed} failed.");
+    match drained_in {
+        Ok(d) if d < Duration::from_secs(2) => println!(
+            "  {site}'s drain ended {} after it began, when its last connection closed (drain timeout 2 s here, 30 s by default).",
+            fmt_ms(d)
+        ),
+        Ok(d) => {
+            ok = false;
+            println!("  {site}'s drain ran into its 2 s timeout ({}).", fmt_ms(d));
+        }
+        Err(e) => {
+            ok = false;
+            println!("  error: the drain task failed: {e}");
+        }
+    }
+    (ok, Some(site))
 }
 
 /// The live edit: raise the declared latency of one link on an edge's path through the

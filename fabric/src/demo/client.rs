@@ -38,17 +38,32 @@ pub async fn complete(
     tokens: usize,
     timeout: Duration,
 ) -> Result<Reply, RequestError> {
-    tokio::time::timeout(timeout, complete_inner(addr, tokens))
+    complete_paced(addr, tokens, None, timeout).await
+}
+
+/// [`complete`], with the backend streaming one token every `delay` (the backend's own pace when
+/// `None`; at most 1 s).
+pub async fn complete_paced(
+    addr: SocketAddr,
+    tokens: usize,
+    delay: Option<Duration>,
+    timeout: Duration,
+) -> Result<Reply, RequestError> {
+    let mut query = format!("tokens={tokens}");
+    if let Some(d) = delay {
+        query.push_str(&format!("&delay_ms={}", d.as_millis()));
+    }
+    tokio::time::timeout(timeout, complete_inner(addr, &query))
         .await
         .map_err(|_| RequestError::Timeout(timeout))?
 }
 
-async fn complete_inner(addr: SocketAddr, tokens: usize) -> Result<Reply, RequestError> {
+async fn complete_inner(addr: SocketAddr, query: &str) -> Result<Reply, RequestError> {
     let start = Instant::now();
     let mut s = TcpStream::connect(addr).await?;
     s.set_nodelay(true)?;
     let req = format!(
-        "GET /v1/completions?tokens={tokens} HTTP/1.1\r\nhost: tasman-demo\r\nconnection: close\r\n\r\n"
+        "GET /v1/completions?{query} HTTP/1.1\r\nhost: tasman-demo\r\nconnection: close\r\n\r\n"
     );
     s.write_all(req.as_bytes()).await?;
     let mut buf = Vec::with_capacity(4096);

@@ -629,6 +629,29 @@ impl DemoFabric {
         Ok(())
     }
 
+    /// Stops `node` as planned maintenance does (`tasman router` on SIGTERM): its router drains
+    /// (no new stream, its neighbours told at once, open connections finish; the demo's drain
+    /// timeout is 2 s) while its links stay up. Returns once the router is draining; the task ends
+    /// when it has stopped, with how long that took.
+    pub fn drain_node(
+        &mut self,
+        node: &NodeId,
+    ) -> Result<tokio::task::JoinHandle<Duration>, DemoError> {
+        let r = self
+            .routers
+            .remove(node)
+            .ok_or_else(|| DemoError::UnknownNode(node.clone()))?;
+        // Draining from this call on: a connection made after it returns is not the router's.
+        r.handle.begin_drain();
+        Ok(tokio::spawn(async move {
+            let t = Instant::now();
+            // The control session stays up while it drains, as `tasman router`'s does.
+            r.handle.shutdown().await;
+            drop(r.client);
+            t.elapsed()
+        }))
+    }
+
     /// Restarts a stopped node and restores its links' declared profiles.
     pub async fn start_node(&mut self, node: &NodeId) -> Result<(), DemoError> {
         if self.routers.contains_key(node) {

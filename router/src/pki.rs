@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose,
+    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData,
 };
 
 /// File names inside a PKI directory.
@@ -200,21 +200,40 @@ pub fn issue_with(
     name: &str,
     validity: Validity,
 ) -> Result<(PathBuf, PathBuf), PkiError> {
+    let ca = CaSigner::load(dir)?;
+    let key = KeyPair::generate()?;
+    let chain = ca.sign(name, validity, &key)?;
+    write_node_files(dir, name, &key.serialize_pem(), &chain)
+}
+
+/// Writes `<name>.key` then `<name>.pem` (the chain) into `dir`, each by rename: a router
+/// reloading in between still sees its old certificate. The two paths (certificate, key).
+pub fn write_node_files(
+    dir: &Path,
+    name: &str,
+    key_pem: &str,
+    chain_pem: &str,
+) -> Result<(PathBuf, PathBuf), PkiError> {
     if !valid_name(name) {
         return Err(PkiError::BadName {
             name: name.to_string(),
         });
     }
-    let key_path = dir.join(CA_KEY);
-    let ca_pem_path = dir.join(CA_CERT);
-    let ca_key_pem = fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
-    let ca_pem = fs::read_to_string(&ca_pem_path).map_err(io_err(&ca_pem_path))?;
-    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| PkiError::BadKey {
-        path: key_path.clone(),
-        reason: e.to_string(),
-    })?;
-    let issuer = Issuer::new(ca_params(), ca_key);
+    let cert_path = dir.join(format!("{name}.pem"));
+    let key_path = dir.join(format!("{name}.key"));
+    write_file(&key_path, key_pem, true)?;
+    write_file(&cert_path, chain_pem, false)?;
+    Ok((cert_path, key_path))
+}
 
+/// The parameters of every node certificate: the name as the only DNS SAN and the common name,
+/// not a CA, digital signatures, server and client authentication, the given window.
+fn node_params(name: &str, validity: Validity) -> Result<CertificateParams, PkiError> {
+    if !valid_name(name) {
+        return Err(PkiError::BadName {
+            name: name.to_string(),
+        });
+    }
     let mut params = CertificateParams::new(vec![name.to_string()])?;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, name);
@@ -228,17 +247,114 @@ pub fn issue_with(
     ];
     params.not_before = offset(validity.not_before)?;
     params.not_after = offset(validity.not_after)?;
-    let key = KeyPair::generate()?;
-    let cert = params.signed_by(&key, &issuer)?;
-
-    let cert_path = dir.join(format!("{name}.pem"));
-    let leaf_key_path = dir.join(format!("{name}.key"));
-    write_file(&leaf_key_path, &key.serialize_pem(), true)?;
-    let mut chain = cert.pem();
-    chain.push_str(&ca_pem);
-    write_file(&cert_path, &chain, false)?;
-    Ok((cert_path, leaf_key_path))
+    Ok(params)
 }
+
+/// The fabric CA, loaded from a PKI directory (`ca.key`, and `ca.pem` appended to every chain):
+/// signs node certificates for [`issue_with`] and for the controller's renewals.
+pub struct CaSigner {
+    issuer: Issuer<'static, KeyPair>,
+    ca_pem: String,
+}
+
+impl std::fmt::Debug for CaSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaSigner").finish_non_exhaustive()
+    }
+}
+
+impl CaSigner {
+    /// Reads `ca.key` and `ca.pem` from `dir` (as written by [`init`]).
+    pub fn load(dir: &Path) -> Result<Self, PkiError> {
+        let key_path = dir.join(CA_KEY);
+        let ca_pem_path = dir.join(CA_CERT);
+        let ca_key_pem = fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
+        let ca_pem = fs::read_to_string(&ca_pem_path).map_err(io_err(&ca_pem_path))?;
+        let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| PkiError::BadKey {
+            path: key_path.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok(CaSigner {
+            issuer: Issuer::new(ca_params(), ca_key),
+            ca_pem,
+        })
+    }
+
+    /// The CA certificate (PEM), as loaded.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// A certificate for `name` over `public_key`, valid for `validity`: the chain in PEM (the
+    /// leaf, then the CA).
+    pub fn sign(
+        &self,
+        name: &str,
+        validity: Validity,
+        public_key: &impl PublicKeyData,
+    ) -> Result<String, PkiError> {
+        let cert = node_params(name, validity)?.signed_by(public_key, &self.issuer)?;
+        let mut chain = cert.pem();
+        chain.push_str(&self.ca_pem);
+        Ok(chain)
+    }
+}
+
+/// A P-256 public key as raw bytes (the uncompressed point, as
+/// [`KeyPair::public_key_raw`] gives for [`KeyPair::generate`]): what a router sends to have
+/// its new key certified, without a CSR.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawP256PublicKey(Vec<u8>);
+
+impl RawP256PublicKey {
+    /// Length of an uncompressed P-256 point: 0x04, then 32 bytes of x and 32 of y.
+    pub const LEN: usize = 65;
+
+    /// Refuses anything but 65 bytes starting with 0x04 (an uncompressed point). A point off
+    /// the curve is not caught here: the certificate is then useless to anyone, and the router
+    /// refuses it (its key does not match).
+    pub fn new(bytes: &[u8]) -> Result<Self, String> {
+        if bytes.len() != Self::LEN {
+            return Err(format!(
+                "public key of {} bytes: expected {} (an uncompressed P-256 point)",
+                bytes.len(),
+                Self::LEN
+            ));
+        }
+        if bytes[0] != 0x04 {
+            return Err(format!(
+                "public key starts with {:#04x}: expected 0x04 (an uncompressed P-256 point)",
+                bytes[0]
+            ));
+        }
+        Ok(RawP256PublicKey(bytes.to_vec()))
+    }
+}
+
+impl PublicKeyData for RawP256PublicKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.0
+    }
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
+}
+
+/// Unix time (seconds) at which a certificate valid from `not_before` to `not_after` should be
+/// renewed: at 70 % of its lifetime, but at least [`RENEW_MIN_LEAD`] and at most
+/// [`RENEW_MAX_LEAD`] before it expires (as Linkerd does for its workload certificates).
+pub fn renew_at(not_before: i64, not_after: i64) -> i64 {
+    let life = not_after.saturating_sub(not_before).max(0);
+    let at = not_before.saturating_add(life * 7 / 10);
+    let earliest = not_after.saturating_sub(RENEW_MAX_LEAD.as_secs() as i64);
+    let latest = not_after.saturating_sub(RENEW_MIN_LEAD.as_secs() as i64);
+    at.clamp(earliest, latest)
+}
+
+/// The least time before expiry a renewal is due ([`renew_at`]).
+pub const RENEW_MIN_LEAD: Duration = Duration::from_secs(10);
+/// The most time before expiry a renewal is due ([`renew_at`]).
+pub const RENEW_MAX_LEAD: Duration = Duration::from_secs(24 * 3600);
 
 #[cfg(test)]
 mod tests {
@@ -302,5 +418,61 @@ mod tests {
                 "{n}"
             );
         }
+    }
+
+    #[test]
+    fn a_raw_public_key_is_certified_for_the_given_name_only() {
+        let d = tempfile::tempdir().unwrap();
+        init(d.path()).unwrap();
+        let ca = CaSigner::load(d.path()).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let raw = RawP256PublicKey::new(key.public_key_raw()).unwrap();
+        let v = Validity::for_duration(Duration::from_secs(3600)).unwrap();
+        let chain = ca.sign("n1", v, &raw).unwrap();
+        assert_eq!(chain.matches("BEGIN CERTIFICATE").count(), 2);
+        // The key the router kept and the certificate it got back make a pair a resolver takes.
+        write_node_files(d.path(), "n1", &key.serialize_pem(), &chain).unwrap();
+        let id = crate::tls::TlsIdentity::load(d.path(), "n1").unwrap();
+        let r = crate::tls::CertResolver::new(&id).unwrap();
+        assert!(r.check(&id).is_ok());
+        assert!(matches!(
+            ca.sign("../n1", v, &raw),
+            Err(PkiError::BadName { .. })
+        ));
+    }
+
+    #[test]
+    fn bad_public_key_bytes_are_refused() {
+        let key = KeyPair::generate().unwrap();
+        let good = key.public_key_raw().to_vec();
+        assert!(RawP256PublicKey::new(&good).is_ok());
+        let mut compressed = good.clone();
+        compressed[0] = 0x02;
+        for bad in [
+            Vec::new(),
+            vec![0x04],
+            good[..64].to_vec(),
+            [good.clone(), vec![0]].concat(),
+            compressed,
+            key.subject_public_key_info(),
+        ] {
+            assert!(RawP256PublicKey::new(&bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn renewal_is_due_at_70_percent_clamped_to_10s_and_24h_before_expiry() {
+        let day = 86_400;
+        // 30 days: 70 % is 9 days before expiry, more than 24 h: 24 h before.
+        assert_eq!(renew_at(0, 30 * day), 29 * day);
+        // 24 h (Linkerd's default lifetime): at 70 %.
+        assert_eq!(renew_at(1_000, 1_000 + day), 1_000 + day * 7 / 10);
+        // One minute: at 42 s (18 s before expiry, more than 10 s).
+        assert_eq!(renew_at(100, 160), 142);
+        // 20 s: 70 % would be 6 s before expiry: 10 s before.
+        assert_eq!(renew_at(100, 120), 110);
+        // Shorter than 10 s, or backwards: 10 s before expiry (already due).
+        assert_eq!(renew_at(100, 105), 95);
+        assert_eq!(renew_at(100, 50), 40);
     }
 }

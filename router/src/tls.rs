@@ -120,6 +120,43 @@ pub fn not_after(cert: &CertificateDer<'_>) -> Result<i64, String> {
     Ok(parsed.validity().not_after.timestamp())
 }
 
+/// The start of validity (`notBefore`, unix seconds) of a DER certificate.
+pub fn not_before(cert: &CertificateDer<'_>) -> Result<i64, String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| format!("unparsable certificate: {e}"))?;
+    Ok(parsed.validity().not_before.timestamp())
+}
+
+/// How a renewal through the controller ended, for `tasman_tls_cert_renewals_total{result}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Renewal {
+    /// A new certificate is presented now.
+    Renewed,
+    /// The controller refused (no CA, rate limit, bad key).
+    Refused,
+    /// A certificate came back but could not be installed (the old pair stays).
+    Invalid,
+    /// No answer before the next attempt was due, or the connection went first.
+    NoAnswer,
+}
+
+impl Renewal {
+    pub const ALL: [Renewal; 4] = [
+        Renewal::Renewed,
+        Renewal::Refused,
+        Renewal::Invalid,
+        Renewal::NoAnswer,
+    ];
+    pub fn label(self) -> &'static str {
+        match self {
+            Renewal::Renewed => "renewed",
+            Renewal::Refused => "refused",
+            Renewal::Invalid => "invalid",
+            Renewal::NoAnswer => "no_answer",
+        }
+    }
+}
+
 /// What a [`CertResolver::reload`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reload {
@@ -142,9 +179,13 @@ pub struct CertResolver {
     server_verifier: Arc<rustls::client::WebPkiServerVerifier>,
     client_verifier: Arc<dyn ClientCertVerifier>,
     provider: Arc<CryptoProvider>,
+    not_before: AtomicI64,
     not_after: AtomicI64,
     reloads: AtomicU64,
     failures: AtomicU64,
+    /// Renewals through the controller by [`Renewal`]; rendered once one was attempted.
+    renewals: [AtomicU64; 4],
+    renewing: std::sync::atomic::AtomicBool,
     /// The last refusal (leaf DER, reason): the same bad files are counted and logged once.
     last_refusal: Mutex<Option<(Vec<u8>, String)>>,
 }
@@ -172,6 +213,7 @@ impl CertResolver {
             WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone()).build()?;
         let ck = CertifiedKey::from_der(id.chain.clone(), id.key.clone_key(), &provider)?;
         let not_after = not_after(&id.chain[0]).unwrap_or(0);
+        let not_before = not_before(&id.chain[0]).unwrap_or(0);
         Ok(Arc::new(CertResolver {
             name: id.name.clone(),
             dir: id.dir.clone(),
@@ -179,9 +221,12 @@ impl CertResolver {
             server_verifier,
             client_verifier,
             provider,
+            not_before: AtomicI64::new(not_before),
             not_after: AtomicI64::new(not_after),
             reloads: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            renewals: Default::default(),
+            renewing: Default::default(),
             last_refusal: Mutex::new(None),
         }))
     }
@@ -197,6 +242,23 @@ impl CertResolver {
     /// Unix time the presented certificate expires.
     pub fn not_after(&self) -> i64 {
         self.not_after.load(Relaxed)
+    }
+    /// Unix time the presented certificate became valid.
+    pub fn not_before(&self) -> i64 {
+        self.not_before.load(Relaxed)
+    }
+    /// The directory the node's files are re-read from; `None`: built in memory.
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+    /// Counts a renewal through the controller that ended so.
+    pub fn count_renewal(&self, r: Renewal) {
+        self.renewing.store(true, Relaxed);
+        self.renewals[r as usize].fetch_add(1, Relaxed);
+    }
+    /// Renewals through the controller that ended so, since start.
+    pub fn renewals(&self, r: Renewal) -> u64 {
+        self.renewals[r as usize].load(Relaxed)
     }
     /// New pairs swapped in since start.
     pub fn reloads(&self) -> u64 {
@@ -254,7 +316,9 @@ impl CertResolver {
         match checked {
             Ok(ck) => {
                 let na = not_after(&ck.cert[0]).unwrap_or(0);
+                let nb = not_before(&ck.cert[0]).unwrap_or(0);
                 self.current.store(Arc::new(ck));
+                self.not_before.store(nb, Relaxed);
                 self.not_after.store(na, Relaxed);
                 self.reloads.fetch_add(1, Relaxed);
                 if let Ok(mut l) = self.last_refusal.lock() {
@@ -316,6 +380,20 @@ impl CertResolver {
             "# HELP tasman_tls_cert_reload_failures_total New node certificate files refused (the old pair kept).\n# TYPE tasman_tls_cert_reload_failures_total counter\ntasman_tls_cert_reload_failures_total{{node=\"{node}\"}} {}",
             self.reload_failures()
         );
+        if self.renewing.load(Relaxed) {
+            let _ = writeln!(
+                s,
+                "# HELP tasman_tls_cert_renewals_total Renewals of the node certificate through the controller, by result.\n# TYPE tasman_tls_cert_renewals_total counter"
+            );
+            for r in Renewal::ALL {
+                let _ = writeln!(
+                    s,
+                    "tasman_tls_cert_renewals_total{{node=\"{node}\",result=\"{}\"}} {}",
+                    r.label(),
+                    self.renewals(r)
+                );
+            }
+        }
     }
 }
 

@@ -330,6 +330,8 @@ async fn the_controller_presents_a_reissued_certificate_without_a_restart() {
     let d = daemon::start(DaemonConfig {
         topology_file: Some(file),
         cert_reload_interval: Duration::from_millis(50),
+        ca_dir: None,
+        issue_valid_for: fabric::controller::renew::DEFAULT_VALIDITY,
         ..daemon_config(
             &dir.path().join("state"),
             &tls,

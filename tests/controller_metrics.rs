@@ -136,6 +136,8 @@ async fn metrics_follow_versions_routers_changes_circuits_and_the_certificate() 
         topology_file: Some(file),
         metrics: Some("127.0.0.1:0".parse().unwrap()),
         cert_reload_interval: Duration::from_millis(50),
+        ca_dir: None,
+        issue_valid_for: fabric::controller::renew::DEFAULT_VALIDITY,
         ..daemon_config(
             &dir.path().join("state"),
             &tls,

@@ -129,6 +129,8 @@ pub fn daemon_config(state: &Path, tls: &Path, listen: SocketAddr) -> DaemonConf
         tls_dir: Some(tls.to_path_buf()),
         admin_token_file: None,
         cert_reload_interval: daemon::CERT_RELOAD_INTERVAL,
+        ca_dir: None,
+        issue_valid_for: fabric::controller::renew::DEFAULT_VALIDITY,
     }
 }
 

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::Args;
 
 use crate::controller::daemon::{self, DaemonConfig};
+use crate::controller::renew;
 
 #[derive(Debug, Args)]
 #[command(
@@ -16,7 +17,9 @@ truth (--topology is ignored; change the topology with `tasman topology apply|ed
 Without --tls-dir, <state>/pki holds the fabric CA and the controller's certificate (created when\n\
 missing; issue router certificates from it). Without --admin-token-file, the token is\n\
 <state>/admin-token (generated when missing). With --metrics ADDR, GET /metrics serves Prometheus\n\
-text without a token (bind it where only your scraper reaches)."
+text without a token (bind it where only your scraper reaches). With --ca-dir DIR (the fabric CA,\n\
+e.g. <state>/pki), routers renew their certificates through the controller at 70 % of their\n\
+lifetime, each new one valid for --issue-valid-for."
 )]
 pub struct ControllerArgs {
     /// Topology YAML imported on first start.
@@ -41,6 +44,30 @@ pub struct ControllerArgs {
     /// File holding the admin bearer token.
     #[arg(long)]
     pub admin_token_file: Option<PathBuf>,
+    /// Renew routers' certificates: the PKI directory holding the fabric CA (ca.pem and ca.key,
+    /// as written by `tasman pki init`). Without it, renewal requests are refused.
+    #[arg(long, value_name = "DIR")]
+    pub ca_dir: Option<PathBuf>,
+    /// How long a renewed certificate is valid (routers renew at 70 % of it): a duration from
+    /// 10m to 3650d.
+    #[arg(long, default_value = "24h", value_parser = parse_issue_valid_for, value_name = "DURATION")]
+    pub issue_valid_for: std::time::Duration,
+}
+
+/// `--issue-valid-for`: a `humantime` duration from [`renew::MIN_VALIDITY`] to
+/// [`router::pki::MAX_VALIDITY`].
+fn parse_issue_valid_for(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?}: {e} (expected e.g. 24h, 7d or 90m)"))?;
+    if d < renew::MIN_VALIDITY {
+        return Err(format!(
+            "{s:?} is shorter than the minimum of {}",
+            humantime::format_duration(renew::MIN_VALIDITY)
+        ));
+    }
+    router::pki::Validity::for_duration(d)
+        .map(|_| d)
+        .map_err(|e| format!("{s:?}: {e}"))
 }
 
 pub fn run(args: ControllerArgs) -> ExitCode {
@@ -62,6 +89,8 @@ pub fn run(args: ControllerArgs) -> ExitCode {
             tls_dir: args.tls_dir,
             admin_token_file: args.admin_token_file,
             cert_reload_interval: daemon::CERT_RELOAD_INTERVAL,
+            ca_dir: args.ca_dir,
+            issue_valid_for: args.issue_valid_for,
         };
         let d = match daemon::start(cfg).await {
             Ok(d) => d,
@@ -114,4 +143,20 @@ async fn wait_for_signal() {
         }
     }
     let _ = tokio::signal::ctrl_c().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issue_valid_for_is_bounded() {
+        let p = parse_issue_valid_for;
+        assert_eq!(p("24h"), Ok(std::time::Duration::from_secs(86_400)));
+        assert_eq!(p("10m"), Ok(std::time::Duration::from_secs(600)));
+        assert!(p("9m").is_err());
+        assert!(p("0s").is_err());
+        assert!(p("3651d").is_err());
+        assert!(p("soon").is_err());
+    }
 }

@@ -31,6 +31,11 @@ pub struct DaemonConfig {
     /// How often the controller re-reads its certificate and key from `tls_dir` and presents a
     /// new valid pair to new router connections ([`router::tls::CertResolver`]); zero: never.
     pub cert_reload_interval: Duration,
+    /// PKI directory holding the fabric CA (`ca.pem`, `ca.key`) with which the controller signs
+    /// routers' renewed certificates ([`super::renew`]); `None`: renewals are refused.
+    pub ca_dir: Option<PathBuf>,
+    /// How long a renewed certificate is valid ([`super::renew::DEFAULT_VALIDITY`]).
+    pub issue_valid_for: Duration,
 }
 
 /// The controller's default [`DaemonConfig::cert_reload_interval`] (as a router's).
@@ -65,6 +70,11 @@ pub enum DaemonError {
     },
     #[error("circuits: {0}")]
     Circuits(#[from] crate::circuits::service::ServiceError),
+    #[error(
+        "--ca-dir {dir}: its ca.pem is not the CA the controller trusts ({tls_dir}/ca.pem): \
+         certificates it signed would be refused everywhere"
+    )]
+    CaMismatch { dir: PathBuf, tls_dir: PathBuf },
     #[error("{path} is empty: an admin token is required")]
     EmptyToken { path: PathBuf },
 }
@@ -174,6 +184,25 @@ pub async fn start(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
         .unwrap_or_else(|| cfg.state_dir.join("pki"));
     ensure_pki(&tls_dir)?;
     let id = router::tls::TlsIdentity::load(&tls_dir, distribute::CONTROLLER_NAME)?;
+    let issuer = match &cfg.ca_dir {
+        Some(dir) => {
+            let issuer = super::renew::NodeIssuer::load(dir, cfg.issue_valid_for)?;
+            use rustls::pki_types::{CertificateDer, pem::PemObject};
+            let ca = issuer
+                .ca_pem()
+                .and_then(|pem| CertificateDer::from_pem_slice(pem.as_bytes()).ok());
+            if ca.as_ref() != Some(&id.ca) {
+                return Err(DaemonError::CaMismatch {
+                    dir: dir.clone(),
+                    tls_dir: tls_dir.clone(),
+                });
+            }
+            tracing::info!(ca_dir = %dir.display(), valid_for = %humantime::format_duration(cfg.issue_valid_for),
+                "renewing routers' certificates");
+            issuer
+        }
+        None => super::renew::NodeIssuer::disabled(),
+    };
     let cert = router::tls::CertResolver::new(&id)?;
     let endpoint = distribute::endpoint(&ctl, &cert, cfg.listen)?;
     let quic_addr = endpoint.local_addr().map_err(|source| DaemonError::Admin {
@@ -218,7 +247,11 @@ pub async fn start(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
     }
     tasks.extend([
         tokio::spawn(circuits.settle_loop()),
-        tokio::spawn(distribute::serve(ctl.clone(), endpoint.clone())),
+        tokio::spawn(distribute::serve(
+            ctl.clone(),
+            endpoint.clone(),
+            Arc::new(issuer),
+        )),
         tokio::spawn(ctl.clone().recompute_loop()),
         tokio::spawn(ctl.clone().flush_loop()),
         tokio::spawn(admin::serve(listener, state)),

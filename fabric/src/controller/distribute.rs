@@ -5,6 +5,7 @@
 //! delta when it holds the delta's base, else in full. Versions are taken from a `watch`
 //! channel, so a slow router skips intermediate versions rather than queueing them. A version
 //! the router rejected (NACK) is recorded and never sent to it again; the next version is.
+//! A `Renew` is answered by the [`NodeIssuer`] for the session's authenticated node.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use topology::{Latency, NodeId, ServiceName};
 
 use super::Controller;
 use super::live::{NeighbourSample, Sample};
+use super::renew::{NodeIssuer, RenewLimit};
 
 /// The controller's certificate name.
 pub const CONTROLLER_NAME: &str = router::control::client::CONTROLLER_NAME;
@@ -74,14 +76,16 @@ pub fn endpoint(
     })
 }
 
-/// Accepts router connections until the endpoint closes.
-pub async fn serve(ctl: Arc<Controller>, endpoint: quinn::Endpoint) {
+/// Accepts router connections until the endpoint closes; `issuer` answers their certificate
+/// renewals.
+pub async fn serve(ctl: Arc<Controller>, endpoint: quinn::Endpoint, issuer: Arc<NodeIssuer>) {
     while let Some(incoming) = endpoint.accept().await {
         let ctl = ctl.clone();
+        let issuer = issuer.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             match incoming.await {
-                Ok(conn) => match connection(&ctl, conn).await {
+                Ok(conn) => match connection(&ctl, &issuer, conn).await {
                     Err(e) if e.close_code().is_some() => {
                         tracing::warn!(%remote, "closed a router connection: {e}")
                     }
@@ -156,8 +160,12 @@ async fn refuse(send: &mut quinn::SendStream, reason: String) -> ConnError {
 
 /// Serves one router connection; a refusal or a protocol error closes it with a [`close`]
 /// code and the reason.
-async fn connection(ctl: &Arc<Controller>, conn: quinn::Connection) -> Result<(), ConnError> {
-    let res = handshake_and_session(ctl, &conn).await;
+async fn connection(
+    ctl: &Arc<Controller>,
+    issuer: &NodeIssuer,
+    conn: quinn::Connection,
+) -> Result<(), ConnError> {
+    let res = handshake_and_session(ctl, issuer, &conn).await;
     if let Err(e) = &res
         && let Some(code) = e.close_code()
     {
@@ -168,6 +176,7 @@ async fn connection(ctl: &Arc<Controller>, conn: quinn::Connection) -> Result<()
 
 async fn handshake_and_session(
     ctl: &Arc<Controller>,
+    issuer: &NodeIssuer,
     conn: &quinn::Connection,
 ) -> Result<(), ConnError> {
     let cert_name = tls::peer_name(conn, &ctl.peers);
@@ -197,13 +206,14 @@ async fn handshake_and_session(
     }
     tracing::info!(node, ?have_version, "router connected");
     ctl.router_connected(&node, true);
-    let res = session(ctl, &node, &mut send, &mut recv).await;
+    let res = session(ctl, issuer, &node, &mut send, &mut recv).await;
     ctl.router_connected(&node, false);
     res
 }
 
 async fn session(
     ctl: &Arc<Controller>,
+    issuer: &NodeIssuer,
     node: &str,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
@@ -223,6 +233,7 @@ async fn session(
     let mut warned_rtt = false;
     let mut warned_rate = false;
     let mut budget = ReportBudget::new(Instant::now());
+    let mut renew_limit = RenewLimit::default();
     loop {
         if force_full || changed {
             changed = false;
@@ -293,6 +304,11 @@ async fn session(
                         }
                     }
                     FromRouter::Hello { .. } => {}
+                    FromRouter::Renew { public_key } => {
+                        // The name certified is the one this session authenticated.
+                        let reply = issuer.answer(node, &public_key, &mut renew_limit, Instant::now());
+                        send.write_chunk(proto::encode(&reply)?).await?;
+                    }
                 }
             }
             _ = heartbeat.tick() => {

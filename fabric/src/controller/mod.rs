@@ -12,6 +12,7 @@ pub mod distribute;
 pub mod live;
 pub mod metrics;
 pub mod records;
+pub mod renew;
 pub mod throttle;
 
 use std::collections::BTreeMap;

@@ -197,6 +197,8 @@ impl DemoFabric {
             tls_dir: Some(pki.clone()),
             admin_token_file: None,
             cert_reload_interval: daemon::CERT_RELOAD_INTERVAL,
+            ca_dir: None,
+            issue_valid_for: crate::controller::renew::DEFAULT_VALIDITY,
         })
         .await?;
         let admin = AdminClient::new(&AdminArgs {

@@ -1,6 +1,13 @@
 //! The controller client: keeps one mutual-TLS QUIC connection to the controller, applies the
 //! snapshots it sends (acknowledging or rejecting each), reports telemetry, keeps the last good
 //! snapshot on disk, and reconnects with exponential backoff and jitter.
+//!
+//! It also renews the node certificate through the controller: once the presented certificate
+//! is due ([`pki::renew_at`]: 70 % of its lifetime, 10 s to 24 h before expiry) it makes a new
+//! key, sends `Renew` with its public key, and installs the certificate that comes back (checked
+//! by the [`tls::CertResolver`] first, then written to the node's files, then reloaded). A
+//! refusal or no answer is retried after [`RENEW_BACKOFF_MIN`], doubling to
+//! [`RENEW_BACKOFF_MAX`]; the certificate in use keeps working until it expires.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -15,9 +22,16 @@ use topology::NodeId;
 
 use super::disk::{self, StoredSnapshot};
 use super::proto::{self, FromRouter, MAX_TO_ROUTER, ProtoError, ToRouter};
+use crate::pki;
 use crate::snapshot::Snapshot;
 use crate::telemetry::TelemetryReport;
-use crate::tls::{self, PeerNames, TlsIdentity};
+use crate::tls::{self, PeerNames, Renewal, TlsIdentity};
+
+/// The first retry of a refused or unanswered renewal comes this long after the request (and no
+/// two requests come closer together: the controller allows one per 10 s).
+pub const RENEW_BACKOFF_MIN: Duration = Duration::from_secs(30);
+/// Retries of renewals back off to at most this.
+pub const RENEW_BACKOFF_MAX: Duration = Duration::from_secs(600);
 
 /// The certificate name of the controller.
 pub const CONTROLLER_NAME: &str = "controller";
@@ -85,6 +99,17 @@ struct Shared {
     last_contact_ms: AtomicU64,
     /// The topology version of the snapshot in force.
     topology_version: AtomicU64,
+    /// What the control connection presents (the router's, when shared), and what renewals
+    /// replace.
+    cert: Arc<tls::CertResolver>,
+    renew: Mutex<RenewBackoff>,
+}
+
+/// When the next renewal request may go (across sessions).
+#[derive(Debug)]
+struct RenewBackoff {
+    not_before: Option<tokio::time::Instant>,
+    backoff: Duration,
 }
 
 /// A running controller client. Dropping it stops the client.
@@ -135,6 +160,10 @@ impl ControlClient {
             circuits: Arc::default(),
         };
         let (tx, mut rx) = watch::channel(Arc::new(placeholder));
+        let cert = match &cfg.cert {
+            Some(c) => c.clone(),
+            None => tls::CertResolver::new(&cfg.identity)?,
+        };
         let shared = Arc::new(Shared {
             cfg,
             telemetry: Mutex::new(None),
@@ -143,6 +172,11 @@ impl ControlClient {
             stale: AtomicBool::new(false),
             last_contact_ms: AtomicU64::new(now_ms()),
             topology_version: AtomicU64::new(0),
+            cert,
+            renew: Mutex::new(RenewBackoff {
+                not_before: None,
+                backoff: RENEW_BACKOFF_MIN,
+            }),
         });
         if let Some(s) = from_disk {
             tracing::info!(
@@ -163,7 +197,7 @@ impl ControlClient {
                 circuits: s.circuits,
             }));
         }
-        let endpoint = client_endpoint(&shared.cfg)?;
+        let endpoint = client_endpoint(&shared.cfg, &shared.cert)?;
         let tasks = vec![
             tokio::spawn(run(shared.clone(), endpoint, tx)),
             tokio::spawn(staleness_watch(shared.clone())),
@@ -208,7 +242,10 @@ impl ControlClient {
     }
 }
 
-fn client_endpoint(cfg: &ClientConfig) -> Result<quinn::Endpoint, ControlError> {
+fn client_endpoint(
+    cfg: &ClientConfig,
+    cert: &Arc<tls::CertResolver>,
+) -> Result<quinn::Endpoint, ControlError> {
     let peers = PeerNames::new([CONTROLLER_NAME.to_string()]);
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(Duration::from_secs(1)));
@@ -217,11 +254,7 @@ fn client_endpoint(cfg: &ClientConfig) -> Result<quinn::Endpoint, ControlError> 
             .try_into()
             .map_err(|_| ControlError::Timeout)?,
     ));
-    let cert = match &cfg.cert {
-        Some(c) => c.clone(),
-        None => tls::CertResolver::new(&cfg.identity)?,
-    };
-    let client_cfg = tls::client_config_with(&cert, &peers, Arc::new(transport))?;
+    let client_cfg = tls::client_config_with(cert, &peers, Arc::new(transport))?;
     let bind: SocketAddr = if cfg.controller.is_ipv6() {
         "[::]:0"
     } else {
@@ -295,7 +328,11 @@ async fn session(
     let mut frames = proto::FrameReader::new(MAX_TO_ROUTER);
     let mut tick = tokio::time::interval(cfg.telemetry_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The key of the renewal asked for and not answered yet.
+    let mut pending: Option<rcgen::KeyPair> = None;
     loop {
+        let renew = renew_due(shared);
+        let far = tokio::time::Instant::now() + Duration::from_secs(3600);
         tokio::select! {
             // Cancel-safe: the telemetry tick often fires while a large snapshot is arriving.
             frame = frames.next(&mut recv) => {
@@ -305,9 +342,48 @@ async fn session(
                 if shared.stale.swap(false, Ordering::Relaxed) {
                     tracing::warn!("controller reachable again; snapshot no longer stale");
                 }
-                if let Some(reply) = handle(shared, tx, msg).await? {
+                let reply = match msg {
+                    ToRouter::Certificate { chain_pem } => {
+                        renewed(shared, pending.take(), chain_pem).await;
+                        None
+                    }
+                    ToRouter::RenewRefused { reason } => {
+                        if pending.take().is_some() {
+                            shared.cert.count_renewal(Renewal::Refused);
+                            tracing::warn!(
+                                retry_in_s = renew_retry_in(shared).as_secs(),
+                                "the controller refused to renew the node certificate (the current one is kept until it expires): {reason}"
+                            );
+                        }
+                        None
+                    }
+                    msg => handle(shared, tx, msg).await?,
+                };
+                if let Some(reply) = reply {
                     send.write_all(&proto::encode(&reply)?).await?;
                 }
+            }
+            _ = tokio::time::sleep_until(renew.unwrap_or(far)), if renew.is_some() => {
+                if pending.take().is_some() {
+                    shared.cert.count_renewal(Renewal::NoAnswer);
+                    tracing::warn!("no answer to the last certificate renewal request; asking again");
+                }
+                let key = match rcgen::KeyPair::generate() {
+                    Ok(k) => k,
+                    Err(e) => {
+                        tracing::error!("cannot make a key to renew the node certificate: {e}");
+                        renew_attempted(shared);
+                        continue;
+                    }
+                };
+                tracing::info!(
+                    expires = %fmt_unix(shared.cert.not_after()),
+                    "the node certificate is due for renewal: asking the controller"
+                );
+                let req = FromRouter::Renew { public_key: key.public_key_raw().to_vec() };
+                renew_attempted(shared);
+                pending = Some(key);
+                send.write_all(&proto::encode(&req)?).await?;
             }
             _ = tick.tick() => {
                 let source = shared.telemetry.lock().ok().and_then(|t| t.clone());
@@ -335,7 +411,10 @@ async fn handle(
 ) -> Result<Option<FromRouter>, ControlError> {
     let node = &shared.cfg.node;
     let (snap, topology_version) = match msg {
-        ToRouter::Heartbeat { .. } => return Ok(None),
+        // Renewal answers are the session's (it holds the key).
+        ToRouter::Heartbeat { .. }
+        | ToRouter::Certificate { .. }
+        | ToRouter::RenewRefused { .. } => return Ok(None),
         ToRouter::Refused { reason } => return Err(ControlError::Refused(reason)),
         ToRouter::Snapshot {
             version,
@@ -423,6 +502,110 @@ async fn handle(
     tx.send_replace(Arc::new(snap));
     tracing::debug!(version, topology_version, "applied snapshot");
     Ok(Some(FromRouter::Ack { version }))
+}
+
+/// When the next renewal request is due: when the presented certificate is
+/// ([`pki::renew_at`]), but not before the back-off allows; `None` when the certificate was not
+/// loaded from files (nowhere to install a new one).
+fn renew_due(shared: &Shared) -> Option<tokio::time::Instant> {
+    let cert = &shared.cert;
+    cert.dir()?;
+    let at_ms = pki::renew_at(cert.not_before(), cert.not_after()).saturating_mul(1000);
+    let wait = u64::try_from(at_ms.saturating_sub(now_ms() as i64)).unwrap_or(0);
+    let due = tokio::time::Instant::now() + Duration::from_millis(wait);
+    let not_before = shared.renew.lock().ok().and_then(|r| r.not_before);
+    Some(not_before.map_or(due, |nb| due.max(nb)))
+}
+
+/// How long until the back-off allows the next request.
+fn renew_retry_in(shared: &Shared) -> Duration {
+    let not_before = shared.renew.lock().ok().and_then(|r| r.not_before);
+    not_before.map_or(Duration::ZERO, |t| {
+        t.saturating_duration_since(tokio::time::Instant::now())
+    })
+}
+
+/// A request goes now: the next may go after the back-off, which doubles.
+fn renew_attempted(shared: &Shared) {
+    if let Ok(mut r) = shared.renew.lock() {
+        r.not_before = Some(tokio::time::Instant::now() + r.backoff);
+        r.backoff = (r.backoff * 2).min(RENEW_BACKOFF_MAX);
+    }
+}
+
+/// The controller answered with a certificate: installs it with the key asked for, or keeps
+/// the current pair (and says why).
+async fn renewed(shared: &Shared, key: Option<rcgen::KeyPair>, chain_pem: String) {
+    let Some(key) = key else {
+        tracing::debug!("ignoring a certificate no renewal asked for");
+        return;
+    };
+    let cert = shared.cert.clone();
+    let ca = shared.cfg.identity.ca.clone();
+    let res = tokio::task::spawn_blocking(move || install(&cert, ca, &key, &chain_pem))
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+    match res {
+        Ok(not_after) => {
+            shared.cert.count_renewal(Renewal::Renewed);
+            if let Ok(mut r) = shared.renew.lock() {
+                r.backoff = RENEW_BACKOFF_MIN;
+                let soonest = tokio::time::Instant::now() + RENEW_BACKOFF_MIN;
+                r.not_before = Some(r.not_before.map_or(soonest, |t| t.min(soonest)));
+            }
+            tracing::info!(not_after, expires = %fmt_unix(not_after), "renewed the node certificate through the controller");
+        }
+        Err(e) => {
+            shared.cert.count_renewal(Renewal::Invalid);
+            tracing::warn!(
+                "the renewed certificate was not installed, keeping the current one: {e}"
+            );
+        }
+    }
+}
+
+/// Checks `chain_pem` with `key` as the resolver would, writes them to the node's files (key
+/// first, each by rename) and has the resolver reload them. The new expiry.
+fn install(
+    cert: &tls::CertResolver,
+    ca: rustls::pki_types::CertificateDer<'static>,
+    key: &rcgen::KeyPair,
+    chain_pem: &str,
+) -> Result<i64, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    let dir = cert
+        .dir()
+        .ok_or("the certificate was not loaded from files")?;
+    let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("unreadable certificate: {e}"))?;
+    let leaf = chain
+        .first()
+        .cloned()
+        .ok_or("no certificate in the answer")?;
+    let id = TlsIdentity {
+        name: cert.name().to_string(),
+        ca,
+        chain,
+        key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        dir: Some(dir.to_path_buf()),
+    };
+    // Checked before the files are touched: a bad answer leaves them as they are.
+    cert.check(&id)?;
+    pki::write_node_files(dir, cert.name(), &key.serialize_pem(), chain_pem)
+        .map_err(|e| e.to_string())?;
+    match cert.reload() {
+        tls::Reload::Refused(why) => Err(why),
+        // Unchanged: a periodic reload took the new files first.
+        _ if cert.current().cert.first() == Some(&leaf) => Ok(cert.not_after()),
+        other => Err(format!("the new files were not taken: {other:?}")),
+    }
+}
+
+fn fmt_unix(t: i64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_secs(t.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 async fn staleness_watch(shared: Arc<Shared>) {

@@ -10,6 +10,8 @@
 //!   Resync{have_version}       ───────────▶   (delta did not apply: send a full snapshot)
 //!   Telemetry(report)          ───────────▶   (every second)
 //!                              ◀─────────── Heartbeat{version}   (refreshes the router's staleness clock)
+//!   Renew{public_key}          ───────────▶   (the router's certificate is due for renewal)
+//!                              ◀─────────── Certificate{chain_pem} | RenewRefused{reason}
 //! ```
 //!
 //! Each frame is a 4-byte big-endian length and that many bytes of JSON. A reader refuses a
@@ -70,6 +72,12 @@ pub enum ToRouter {
     Heartbeat { version: u64 },
     /// The controller refuses this router (unknown node, name mismatch); it closes after this.
     Refused { reason: String },
+    /// The answer to a `Renew`: a certificate for the session's node over the key sent, the
+    /// chain in PEM (the leaf, then the CA).
+    Certificate { chain_pem: String },
+    /// The answer to a `Renew` the controller will not serve (no CA, too soon, bad key); the
+    /// session goes on.
+    RenewRefused { reason: String },
 }
 
 /// A topology change by element: what an apply of a few lines costs on the wire, instead of the
@@ -166,6 +174,12 @@ pub enum FromRouter {
         have_version: Option<u64>,
     },
     Telemetry(TelemetryReport),
+    /// Asks for a certificate over a new key: the raw P-256 public key (65 bytes, an
+    /// uncompressed point). The name certified is the one the connection authenticated, never
+    /// one the router states.
+    Renew {
+        public_key: Vec<u8>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,220 @@
+//! Renewal of node certificates through the controller (opt-in: `tasman controller --ca-dir`).
+//!
+//! A router whose certificate is due ([`router::pki::renew_at`]) sends `Renew` with the raw
+//! public key of a key it just made; the controller answers with a certificate over that key
+//! for the node its session authenticated (never a name the router states), signed by the
+//! fabric CA, valid for [`NodeIssuer`]'s lifetime, or with `RenewRefused` and why. A session
+//! gets at most one certificate per [`MIN_INTERVAL`] (requests in between are refused).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use router::control::proto::ToRouter;
+use router::pki::{self, CaSigner, RawP256PublicKey, Validity};
+
+/// A session may ask for a certificate at most this often.
+pub const MIN_INTERVAL: Duration = Duration::from_secs(10);
+/// How long an issued certificate is valid by default (Linkerd's workload certificates: 24 h).
+pub const DEFAULT_VALIDITY: Duration = Duration::from_secs(24 * 3600);
+/// The shortest validity `tasman controller --issue-valid-for` accepts.
+pub const MIN_VALIDITY: Duration = Duration::from_secs(600);
+
+/// Signs renewed node certificates, or refuses to (no CA given).
+#[derive(Debug)]
+pub struct NodeIssuer {
+    ca: Option<CaSigner>,
+    valid_for: Duration,
+}
+
+impl NodeIssuer {
+    /// Refuses every request: the controller holds no CA.
+    pub fn disabled() -> Self {
+        NodeIssuer {
+            ca: None,
+            valid_for: DEFAULT_VALIDITY,
+        }
+    }
+
+    /// Issues certificates valid for `valid_for` from the CA in `ca_dir` (`ca.pem`, `ca.key`).
+    pub fn load(ca_dir: &Path, valid_for: Duration) -> Result<Self, pki::PkiError> {
+        // The same bounds as `tasman pki issue --valid-for` (zero and over 10 years refused).
+        Validity::for_duration(valid_for)?;
+        Ok(NodeIssuer {
+            ca: Some(CaSigner::load(ca_dir)?),
+            valid_for,
+        })
+    }
+
+    /// The CA certificate (PEM) signing renewals, if any.
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.ca.as_ref().map(|c| c.ca_pem())
+    }
+
+    /// The answer to a `Renew { public_key }` on `node`'s session at `now`, counting against
+    /// `limit` (every request it lets through does, answered or refused).
+    pub fn answer(
+        &self,
+        node: &str,
+        public_key: &[u8],
+        limit: &mut RenewLimit,
+        now: Instant,
+    ) -> ToRouter {
+        let refuse = |reason: String| {
+            tracing::warn!(node, "certificate renewal refused: {reason}");
+            ToRouter::RenewRefused { reason }
+        };
+        if let Err(wait) = limit.take(now) {
+            return refuse(format!(
+                "too soon: one renewal per {}s per session (ask again in {}s)",
+                MIN_INTERVAL.as_secs(),
+                wait.as_secs().max(1)
+            ));
+        }
+        let Some(ca) = &self.ca else {
+            return refuse(
+                "certificate renewal is not enabled on this controller (it runs without \
+                 --ca-dir); issue certificates with `tasman pki issue`"
+                    .into(),
+            );
+        };
+        let key = match RawP256PublicKey::new(public_key) {
+            Ok(k) => k,
+            Err(e) => return refuse(e),
+        };
+        let validity = match Validity::for_duration(self.valid_for) {
+            Ok(v) => v,
+            Err(e) => return refuse(e.to_string()),
+        };
+        match ca.sign(node, validity, &key) {
+            Ok(chain_pem) => {
+                let not_after = humantime::format_rfc3339_seconds(validity.not_after);
+                tracing::info!(node, %not_after, "issued a renewed node certificate");
+                ToRouter::Certificate { chain_pem }
+            }
+            Err(e) => refuse(format!("signing failed: {e}")),
+        }
+    }
+}
+
+/// One session's renewal rate limit: a request at most every [`MIN_INTERVAL`].
+#[derive(Debug, Default)]
+pub struct RenewLimit {
+    last: Option<Instant>,
+}
+
+impl RenewLimit {
+    /// Whether a request at `now` is allowed (and spends the allowance); else how long until
+    /// the next one is.
+    pub fn take(&mut self, now: Instant) -> Result<(), Duration> {
+        if let Some(last) = self.last {
+            let since = now.saturating_duration_since(last);
+            if since < MIN_INTERVAL {
+                return Err(MIN_INTERVAL - since);
+            }
+        }
+        self.last = Some(now);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn issuer() -> (tempfile::TempDir, NodeIssuer) {
+        let d = tempfile::tempdir().unwrap();
+        pki::init(d.path()).unwrap();
+        let i = NodeIssuer::load(d.path(), DEFAULT_VALIDITY).unwrap();
+        (d, i)
+    }
+
+    fn raw_key() -> Vec<u8> {
+        rcgen::KeyPair::generate()
+            .unwrap()
+            .public_key_raw()
+            .to_vec()
+    }
+
+    fn refused(m: &ToRouter) -> &str {
+        match m {
+            ToRouter::RenewRefused { reason } => reason,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_good_key_gets_a_certificate_for_the_session_node() {
+        let (_d, i) = issuer();
+        let mut limit = RenewLimit::default();
+        let ToRouter::Certificate { chain_pem } =
+            i.answer("edge-1", &raw_key(), &mut limit, Instant::now())
+        else {
+            panic!("expected a certificate");
+        };
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let leaf = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap();
+        let names = |n: &str| router::tls::PeerNames::new([n.to_string()]);
+        assert_eq!(names("edge-1").identify(&leaf).as_deref(), Some("edge-1"));
+        assert_eq!(names("edge-2").identify(&leaf), None);
+        let life = router::tls::not_after(&leaf).unwrap() - router::tls::not_before(&leaf).unwrap();
+        // 24 h, plus the 5 minutes a new certificate is backdated.
+        assert_eq!(life, 24 * 3600 + 300);
+    }
+
+    #[test]
+    fn bad_public_key_bytes_are_refused_not_signed() {
+        let (_d, i) = issuer();
+        let now = Instant::now();
+        let good = raw_key();
+        let mut compressed = good.clone();
+        compressed[0] = 0x03;
+        for (n, bad) in [vec![], vec![0x04; 64], vec![0x04; 66], compressed]
+            .into_iter()
+            .enumerate()
+        {
+            // A fresh session each time: the rate limit is not what refuses these.
+            let mut limit = RenewLimit::default();
+            let m = i.answer("edge-1", &bad, &mut limit, now + MIN_INTERVAL * n as u32);
+            assert!(refused(&m).contains("public key"), "{m:?}");
+        }
+    }
+
+    #[test]
+    fn one_renewal_per_session_per_10s() {
+        let (_d, i) = issuer();
+        let mut limit = RenewLimit::default();
+        let t0 = Instant::now();
+        let ok = |m: &ToRouter| matches!(m, ToRouter::Certificate { .. });
+        assert!(ok(&i.answer("n", &raw_key(), &mut limit, t0)));
+        let m = i.answer("n", &raw_key(), &mut limit, t0 + Duration::from_secs(9));
+        assert!(refused(&m).contains("too soon"), "{m:?}");
+        assert!(ok(&i.answer(
+            "n",
+            &raw_key(),
+            &mut limit,
+            t0 + Duration::from_secs(10)
+        )));
+        let m = i.answer("n", &raw_key(), &mut limit, t0 + Duration::from_secs(19));
+        assert!(refused(&m).contains("too soon"), "{m:?}");
+        // Another session has its own allowance.
+        let mut other = RenewLimit::default();
+        assert!(ok(&i.answer(
+            "m",
+            &raw_key(),
+            &mut other,
+            t0 + Duration::from_secs(19)
+        )));
+    }
+
+    #[test]
+    fn without_a_ca_every_request_is_refused_with_the_reason() {
+        let i = NodeIssuer::disabled();
+        let mut limit = RenewLimit::default();
+        let m = i.answer("n", &raw_key(), &mut limit, Instant::now());
+        assert!(refused(&m).contains("--ca-dir"), "{m:?}");
+    }
+}

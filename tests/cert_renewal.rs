@@ -1,0 +1,184 @@
+//! Renewal of node certificates through the controller (`--ca-dir`): a router whose certificate
+//! is past 70 % of its lifetime gets a new one over real mutual-TLS QUIC, installs it in its
+//! files and presents it; a controller without a CA refuses, and the router keeps its old one.
+
+mod controller_common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use controller_common::*;
+use fabric::controller::daemon::{self, Daemon};
+use router::pki::{self, Validity};
+use router::tls::{CertResolver, Renewal, TlsIdentity};
+use topology::NodeId;
+
+const NODE: &str = "edge-0";
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// A PKI for the fabric's nodes in `dir/pki`, `edge-0` re-issued with `validity`, and a
+/// controller on it (`ca_dir`: renewals signed with that PKI's CA, valid for an hour).
+async fn setup(
+    dir: &Path,
+    net: u8,
+    validity: Validity,
+    renew: bool,
+) -> (Daemon, std::path::PathBuf) {
+    let tls = dir.join("pki");
+    pki(&tls, &fabric_nodes(1, 1));
+    pki::issue_with(&tls, NODE, validity).expect("short certificate");
+    let state = dir.join("state");
+    let file = dir.join("topology.yaml");
+    std::fs::write(&file, fabric_yaml(net, 1, 1, 10)).unwrap();
+    let d = daemon::start(daemon::DaemonConfig {
+        topology_file: Some(file),
+        ca_dir: renew.then(|| tls.clone()),
+        issue_valid_for: Duration::from_secs(3600),
+        ..daemon_config(&state, &tls, "127.0.0.1:0".parse().unwrap())
+    })
+    .await
+    .expect("controller starts");
+    (d, tls)
+}
+
+/// `edge-0`'s control client and data plane, sharing one certificate resolver (as
+/// `tasman router --controller` does).
+async fn start_router(d: &Daemon, tls: &Path) -> (LiveRouter, Arc<CertResolver>) {
+    let id = TlsIdentity::load(tls, NODE).expect("identity");
+    let cert = CertResolver::new(&id).expect("resolver");
+    let c = cert.clone();
+    let client = start_client_with(d.quic_addr, NODE, tls, move |cfg| cfg.cert = Some(c)).await;
+    let mut cfg = router::RouterConfig::new(NodeId::new(NODE), id, client.snapshots());
+    cfg.cert_resolver = Some(cert.clone());
+    let handle = router::Router::spawn(cfg).await.expect("router starts");
+    client.set_telemetry(handle.telemetry_source());
+    (LiveRouter { client, handle }, cert)
+}
+
+fn files(tls: &Path) -> (Vec<u8>, Vec<u8>) {
+    (
+        std::fs::read(tls.join(format!("{NODE}.pem"))).unwrap(),
+        std::fs::read(tls.join(format!("{NODE}.key"))).unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_renews_its_certificate_through_the_controller() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = SystemTime::now();
+    // 80 s of lifetime, 50 s of them gone: due at 70 % (56 s), in about 6 s; expires in 30 s.
+    let short =
+        Validity::between(now - Duration::from_secs(50), now + Duration::from_secs(30)).unwrap();
+    let (d, tls) = setup(dir.path(), 91, short, true).await;
+    let (r, cert) = start_router(&d, &tls).await;
+    let old_files = files(&tls);
+    let old_leaf = cert.current().cert[0].clone();
+    let old_not_after = cert.not_after();
+    assert!(old_not_after <= unix_now() + 30);
+
+    eventually(
+        Duration::from_secs(40),
+        "the router renewed its certificate",
+        || cert.renewals(Renewal::Renewed) == 1,
+    )
+    .await;
+    let new_files = files(&tls);
+    assert_ne!(new_files.0, old_files.0, "a new certificate in the file");
+    assert_ne!(new_files.1, old_files.1, "a new key in the file");
+    assert_ne!(
+        cert.current().cert[0],
+        old_leaf,
+        "the new certificate is presented"
+    );
+    assert_eq!(
+        TlsIdentity::load(&tls, NODE).unwrap().chain[0],
+        cert.current().cert[0],
+        "what is presented is what the files hold"
+    );
+    // Valid for the controller's hour from when it was issued.
+    let want = unix_now() + 3600;
+    assert!(
+        (want - 60..=want + 1).contains(&cert.not_after()),
+        "not_after {} ~ {want}",
+        cert.not_after()
+    );
+    assert!(cert.reloads() >= 1);
+    assert_eq!(cert.renewals(Renewal::Refused), 0);
+    assert!(r.client.is_connected());
+    let m = r.handle.metrics_text();
+    assert!(
+        m.contains(&format!(
+            "tasman_tls_cert_renewals_total{{node=\"{NODE}\",result=\"renewed\"}} 1"
+        )),
+        "{m}"
+    );
+
+    // Past the old certificate's expiry, the controller restarts: the router's new handshake
+    // works only with the renewed certificate.
+    let expired = old_not_after + 2;
+    let wait = Duration::from_secs((expired - unix_now()).max(0) as u64);
+    tokio::time::sleep(wait).await;
+    assert!(
+        r.client.is_connected(),
+        "the session outlives the old certificate"
+    );
+    let addr = d.quic_addr;
+    d.shutdown().await;
+    let d2 = restart_controller(&dir.path().join("state"), &tls, addr).await;
+    eventually(
+        Duration::from_secs(30),
+        "the router reconnects with its renewed certificate",
+        || r.client.connects() >= 2 && r.client.is_connected(),
+    )
+    .await;
+    assert_eq!(cert.renewals(Renewal::Renewed), 1, "not renewed again");
+    r.stop().await;
+    d2.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_without_a_ca_refuses_and_the_router_keeps_its_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = SystemTime::now();
+    // 300 s of lifetime, 200 s gone: due at 210 s, in about 10 s; valid through the test.
+    let short = Validity::between(
+        now - Duration::from_secs(200),
+        now + Duration::from_secs(100),
+    )
+    .unwrap();
+    let (d, tls) = setup(dir.path(), 92, short, false).await;
+    let (r, cert) = start_router(&d, &tls).await;
+    let old_files = files(&tls);
+    let old_leaf = cert.current().cert[0].clone();
+    let old_not_after = cert.not_after();
+
+    eventually(
+        Duration::from_secs(40),
+        "the controller refused the renewal",
+        || cert.renewals(Renewal::Refused) == 1,
+    )
+    .await;
+    assert_eq!(files(&tls), old_files, "the files are untouched");
+    assert_eq!(cert.current().cert[0], old_leaf);
+    assert_eq!(cert.not_after(), old_not_after);
+    assert_eq!(cert.reloads(), 0);
+    assert_eq!(cert.renewals(Renewal::Renewed), 0);
+    // Still in session: heartbeats keep coming and nothing reconnects.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(r.client.is_connected());
+    assert_eq!(r.client.connects(), 1);
+    assert_eq!(
+        cert.renewals(Renewal::Refused),
+        1,
+        "no retry before the back-off"
+    );
+    r.stop().await;
+    d.shutdown().await;
+}

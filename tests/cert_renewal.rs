@@ -182,3 +182,34 @@ async fn a_controller_without_a_ca_refuses_and_the_router_keeps_its_certificate(
     r.stop().await;
     d.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_refuses_to_start_with_a_ca_it_does_not_trust() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = dir.path().join("pki");
+    pki(&tls, &fabric_nodes(1, 1));
+    let other = dir.path().join("other-ca");
+    pki::init(&other).unwrap();
+    let file = dir.path().join("topology.yaml");
+    std::fs::write(&file, fabric_yaml(93, 1, 1, 10)).unwrap();
+    let res = daemon::start(daemon::DaemonConfig {
+        topology_file: Some(file),
+        ca_dir: Some(other),
+        ..daemon_config(
+            &dir.path().join("state"),
+            &tls,
+            "127.0.0.1:0".parse().unwrap(),
+        )
+    })
+    .await;
+    match res {
+        Err(e @ daemon::DaemonError::CaMismatch { .. }) => {
+            assert!(
+                e.to_string().contains("not the CA the controller trusts"),
+                "{e}"
+            )
+        }
+        Err(e) => panic!("expected a CA mismatch, got {e}"),
+        Ok(_) => panic!("expected a CA mismatch, the controller started"),
+    }
+}

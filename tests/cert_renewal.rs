@@ -213,3 +213,60 @@ async fn a_controller_refuses_to_start_with_a_ca_it_does_not_trust() {
         Ok(_) => panic!("expected a CA mismatch, the controller started"),
     }
 }
+
+/// With the CA, the controller renews its own certificate on the routers' schedule: a
+/// short-lived controller certificate is replaced in its files and in what it presents before it
+/// expires, and routers connect to it afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_renews_its_own_certificate_with_the_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = dir.path().join("pki");
+    pki(&tls, &fabric_nodes(1, 1));
+    let now = SystemTime::now();
+    // Due at 70 % of 80 s (56 s after not_before), in about 6 s; expires in 30 s.
+    let short =
+        Validity::between(now - Duration::from_secs(50), now + Duration::from_secs(30)).unwrap();
+    pki::issue_with(&tls, "controller", short).unwrap();
+    let own = |tls: &Path| std::fs::read(tls.join("controller.pem")).unwrap();
+    let old_file = own(&tls);
+    let file = dir.path().join("topology.yaml");
+    std::fs::write(&file, fabric_yaml(94, 1, 1, 10)).unwrap();
+    let d = daemon::start(daemon::DaemonConfig {
+        topology_file: Some(file),
+        ca_dir: Some(tls.clone()),
+        issue_valid_for: Duration::from_secs(3600),
+        ..daemon_config(
+            &dir.path().join("state"),
+            &tls,
+            "127.0.0.1:0".parse().unwrap(),
+        )
+    })
+    .await
+    .expect("controller starts");
+    let old_not_after = d.cert.not_after();
+    assert!(old_not_after <= unix_now() + 30);
+
+    eventually(
+        Duration::from_secs(40),
+        "the controller renewed its own certificate",
+        || d.cert.renewals(Renewal::Renewed) == 1,
+    )
+    .await;
+    assert_ne!(own(&tls), old_file, "a new certificate in the file");
+    assert_eq!(
+        TlsIdentity::load(&tls, "controller").unwrap().chain[0],
+        d.cert.current().cert[0],
+        "what is presented is what the files hold"
+    );
+    let want = unix_now() + 3600;
+    assert!(
+        (want - 60..=want + 1).contains(&d.cert.not_after()),
+        "not_after {} ~ {want}",
+        d.cert.not_after()
+    );
+    // A router's new handshake sees the renewed certificate and its session comes up.
+    let c = start_client(d.quic_addr, NODE, &tls, None).await;
+    assert!(c.is_connected());
+    drop(c);
+    d.shutdown().await;
+}

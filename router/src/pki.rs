@@ -340,6 +340,25 @@ impl PublicKeyData for RawP256PublicKey {
     }
 }
 
+impl CaSigner {
+    /// Renews `cert`'s certificate with this CA directly (the controller's own, when it holds
+    /// the CA): a new key, a certificate for `cert`'s name valid for `validity`, installed as a
+    /// renewal from the controller is ([`crate::tls::install`], checked against `ca`). The new
+    /// expiry.
+    pub fn renew(
+        &self,
+        cert: &crate::tls::CertResolver,
+        ca: rustls::pki_types::CertificateDer<'static>,
+        validity: Validity,
+    ) -> Result<i64, String> {
+        let key = KeyPair::generate().map_err(|e| e.to_string())?;
+        let chain = self
+            .sign(cert.name(), validity, &key)
+            .map_err(|e| e.to_string())?;
+        crate::tls::install(cert, ca, &key, &chain)
+    }
+}
+
 /// Unix time (seconds) at which a certificate valid from `not_before` to `not_after` should be
 /// renewed: at 70 % of its lifetime, but at least [`RENEW_MIN_LEAD`] and at most
 /// [`RENEW_MAX_LEAD`] before it expires (as Linkerd does for its workload certificates).

@@ -397,6 +397,47 @@ impl CertResolver {
     }
 }
 
+/// Installs a renewed certificate: checks `chain_pem` with `key` as `cert` would on a reload
+/// (against the CA `ca`), writes them to the node's files (key first, each by rename) and has
+/// `cert` reload them. The new expiry. Used by a router's control client and by the controller
+/// for its own certificate.
+pub fn install(
+    cert: &CertResolver,
+    ca: rustls::pki_types::CertificateDer<'static>,
+    key: &rcgen::KeyPair,
+    chain_pem: &str,
+) -> Result<i64, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    let dir = cert
+        .dir()
+        .ok_or("the certificate was not loaded from files")?;
+    let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("unreadable certificate: {e}"))?;
+    let leaf = chain
+        .first()
+        .cloned()
+        .ok_or("no certificate in the answer")?;
+    let id = TlsIdentity {
+        name: cert.name().to_string(),
+        ca,
+        chain,
+        key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        dir: Some(dir.to_path_buf()),
+    };
+    // Checked before the files are touched: a bad answer leaves them as they are.
+    cert.check(&id)?;
+    crate::pki::write_node_files(dir, cert.name(), &key.serialize_pem(), chain_pem)
+        .map_err(|e| e.to_string())?;
+    match cert.reload() {
+        Reload::Refused(why) => Err(why),
+        // Unchanged: a periodic reload took the new files first.
+        _ if cert.current().cert.first() == Some(&leaf) => Ok(cert.not_after()),
+        other => Err(format!("the new files were not taken: {other:?}")),
+    }
+}
+
 fn fmt_unix(t: i64) -> String {
     let t = std::time::UNIX_EPOCH + Duration::from_secs(t.max(0) as u64);
     humantime::format_rfc3339_seconds(t).to_string()

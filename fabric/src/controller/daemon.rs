@@ -245,13 +245,11 @@ pub async fn start(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
         let (cert, every) = (cert.clone(), cfg.cert_reload_interval);
         tasks.push(tokio::spawn(cert.reload_every(every)));
     }
+    let issuer = Arc::new(issuer);
     tasks.extend([
+        tokio::spawn(issuer.clone().renew_own(cert.clone(), id.ca.clone())),
         tokio::spawn(circuits.settle_loop()),
-        tokio::spawn(distribute::serve(
-            ctl.clone(),
-            endpoint.clone(),
-            Arc::new(issuer),
-        )),
+        tokio::spawn(distribute::serve(ctl.clone(), endpoint.clone(), issuer)),
         tokio::spawn(ctl.clone().recompute_loop()),
         tokio::spawn(ctl.clone().flush_loop()),
         tokio::spawn(admin::serve(listener, state)),

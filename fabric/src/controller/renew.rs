@@ -4,13 +4,17 @@
 //! public key of a key it just made; the controller answers with a certificate over that key
 //! for the node its session authenticated (never a name the router states), signed by the
 //! fabric CA, valid for [`NodeIssuer`]'s lifetime, or with `RenewRefused` and why. A session
-//! gets at most one certificate per [`MIN_INTERVAL`] (requests in between are refused).
+//! gets at most one certificate per [`MIN_INTERVAL`] (requests in between are refused). With the
+//! CA, the controller renews its own certificate on the same schedule
+//! ([`NodeIssuer::renew_own`]).
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use router::control::proto::ToRouter;
 use router::pki::{self, CaSigner, RawP256PublicKey, Validity};
+use router::tls::{CertResolver, Renewal};
 
 /// A session may ask for a certificate at most this often.
 pub const MIN_INTERVAL: Duration = Duration::from_secs(10);
@@ -93,6 +97,70 @@ impl NodeIssuer {
             }
             Err(e) => refuse(format!("signing failed: {e}")),
         }
+    }
+}
+
+/// The first wait after the controller failed to renew its own certificate; it doubles up to
+/// [`OWN_RETRY_MAX`].
+pub const OWN_RETRY_MIN: Duration = Duration::from_secs(30);
+/// The longest wait between attempts to renew the controller's own certificate.
+pub const OWN_RETRY_MAX: Duration = Duration::from_secs(600);
+
+impl NodeIssuer {
+    /// Renews the controller's own certificate (`cert`, loaded from its TLS directory) with the
+    /// CA, on the routers' schedule ([`pki::renew_at`]: 70 % of its lifetime, 10 s to 24 h
+    /// before expiry), for [`NodeIssuer`]'s lifetime. Returns at once without a CA or when the
+    /// certificate was not loaded from files; otherwise runs until aborted.
+    pub async fn renew_own(
+        self: Arc<Self>,
+        cert: Arc<CertResolver>,
+        ca: rustls::pki_types::CertificateDer<'static>,
+    ) {
+        if self.ca.is_none() || cert.dir().is_none() {
+            return;
+        }
+        let mut backoff = OWN_RETRY_MIN;
+        loop {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            let wait = pki::renew_at(cert.not_before(), cert.not_after()) - now;
+            if wait > 0 {
+                // Looked at again at least every minute: a reload may bring another certificate.
+                let wait = Duration::from_secs(wait as u64).min(Duration::from_secs(60));
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            let (me, c, ca) = (self.clone(), cert.clone(), ca.clone());
+            let res = tokio::task::spawn_blocking(move || me.renew_own_now(&c, ca))
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+            match res {
+                Ok(not_after) => {
+                    cert.count_renewal(Renewal::Renewed);
+                    let not_after = UNIX_EPOCH + Duration::from_secs(not_after.max(0) as u64);
+                    tracing::info!(not_after = %humantime::format_rfc3339_seconds(not_after),
+                        "renewed the controller's own certificate");
+                    backoff = OWN_RETRY_MIN;
+                }
+                Err(e) => {
+                    cert.count_renewal(Renewal::Invalid);
+                    tracing::warn!(retry_in = ?backoff, "could not renew the controller's own certificate: {e}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(OWN_RETRY_MAX);
+                }
+            }
+        }
+    }
+
+    fn renew_own_now(
+        &self,
+        cert: &CertResolver,
+        ca: rustls::pki_types::CertificateDer<'static>,
+    ) -> Result<i64, String> {
+        let signer = self.ca.as_ref().ok_or("no CA")?;
+        let validity = Validity::for_duration(self.valid_for).map_err(|e| e.to_string())?;
+        signer.renew(cert, ca, validity)
     }
 }
 

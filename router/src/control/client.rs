@@ -542,7 +542,7 @@ async fn renewed(shared: &Shared, key: Option<rcgen::KeyPair>, chain_pem: String
     };
     let cert = shared.cert.clone();
     let ca = shared.cfg.identity.ca.clone();
-    let res = tokio::task::spawn_blocking(move || install(&cert, ca, &key, &chain_pem))
+    let res = tokio::task::spawn_blocking(move || tls::install(&cert, ca, &key, &chain_pem))
         .await
         .unwrap_or_else(|e| Err(e.to_string()));
     match res {
@@ -561,45 +561,6 @@ async fn renewed(shared: &Shared, key: Option<rcgen::KeyPair>, chain_pem: String
                 "the renewed certificate was not installed, keeping the current one: {e}"
             );
         }
-    }
-}
-
-/// Checks `chain_pem` with `key` as the resolver would, writes them to the node's files (key
-/// first, each by rename) and has the resolver reload them. The new expiry.
-fn install(
-    cert: &tls::CertResolver,
-    ca: rustls::pki_types::CertificateDer<'static>,
-    key: &rcgen::KeyPair,
-    chain_pem: &str,
-) -> Result<i64, String> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-    let dir = cert
-        .dir()
-        .ok_or("the certificate was not loaded from files")?;
-    let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("unreadable certificate: {e}"))?;
-    let leaf = chain
-        .first()
-        .cloned()
-        .ok_or("no certificate in the answer")?;
-    let id = TlsIdentity {
-        name: cert.name().to_string(),
-        ca,
-        chain,
-        key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        dir: Some(dir.to_path_buf()),
-    };
-    // Checked before the files are touched: a bad answer leaves them as they are.
-    cert.check(&id)?;
-    pki::write_node_files(dir, cert.name(), &key.serialize_pem(), chain_pem)
-        .map_err(|e| e.to_string())?;
-    match cert.reload() {
-        tls::Reload::Refused(why) => Err(why),
-        // Unchanged: a periodic reload took the new files first.
-        _ if cert.current().cert.first() == Some(&leaf) => Ok(cert.not_after()),
-        other => Err(format!("the new files were not taken: {other:?}")),
     }
 }
 

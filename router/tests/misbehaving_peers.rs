@@ -341,3 +341,99 @@ async fn transit_hands_back_a_stream_its_next_hop_will_not_take() {
     let m = edge.metrics_text();
     assert!(m.contains("tasman_failovers_total{node=\"edge\"} 1"), "{m}");
 }
+
+/// A draining edge waits for a client connection that is still being set up (its site has not
+/// answered yet) instead of closing under it: the site answers during the drain, the connection
+/// works, and the shutdown ends once it closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_edge_waits_for_a_connection_still_being_set_up() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let port = free_tcp_port();
+    let t = two_sites(backend, port, false);
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    // `near` answers probes, takes the first stream and its header, and answers it (then echoes)
+    // only once released.
+    let release = Arc::new(tokio::sync::Notify::new());
+    let gate = release.clone();
+    let _near = fake_neighbour(
+        dir.path(),
+        &t,
+        "near",
+        router::transport::transport_config(),
+        move |conn, pings| {
+            let gate = gate.clone();
+            async move {
+                tokio::spawn(answer_pings("near", conn.clone(), pings));
+                let Ok((mut send, mut recv)) = conn.accept_bi().await else {
+                    return;
+                };
+                let mut prefix = [0u8; router::header::PREFIX_LEN];
+                if recv.read_exact(&mut prefix).await.is_err() {
+                    return;
+                }
+                let Ok(n) = router::header::Header::body_len(prefix) else {
+                    return;
+                };
+                let mut body = vec![0u8; n];
+                if recv.read_exact(&mut body).await.is_err() {
+                    return;
+                }
+                gate.notified().await;
+                let _ = send.write_all(&router::header::REPLY_OK).await;
+                let _ = tokio::io::copy(&mut recv, &mut send).await;
+                let _ = send.finish();
+            }
+        },
+    );
+    let (edge, _) = spawn_node(&snap, dir.path(), "edge", |c| {
+        c.reply_timeout = Duration::from_secs(30)
+    })
+    .await;
+    let (_far, _) = spawn_node(&snap, dir.path(), "far", |_| {}).await;
+    edge_prefers_near_with_far_as_fallback(&edge).await;
+
+    let mut client = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    client.write_all(b"set-up").await.unwrap();
+    let gauge = |h: &RouterHandle, name: &str| {
+        metric(
+            &h.metrics_text(),
+            &format!("tasman_{name}{{node=\"edge\"}}"),
+        )
+        .unwrap_or(0)
+    };
+    wait_until(
+        Duration::from_secs(10),
+        || gauge(&edge, "streams_starting") == 1,
+        || "the connection is not being set up".into(),
+    )
+    .await;
+    edge.begin_drain();
+    assert_eq!(gauge(&edge, "router_draining"), 1);
+    let stopping = tokio::spawn(edge.shutdown());
+    // Given a second to end (it must not: a connection is still being set up).
+    let end = Instant::now() + Duration::from_secs(1);
+    while !stopping.is_finished() && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !stopping.is_finished(),
+        "the drain ended with a connection still being set up"
+    );
+    release.notify_one();
+    let mut back = [0u8; 6];
+    tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut back))
+        .await
+        .expect("no echo through the draining edge")
+        .expect("the connection was cut during the drain");
+    assert_eq!(&back, b"set-up");
+    drop(client);
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .expect("the drain did not end when the connection closed")
+        .unwrap();
+}

@@ -34,14 +34,10 @@ async fn setup(
     let tls = dir.join("pki");
     pki(&tls, &fabric_nodes(1, 1));
     pki::issue_with(&tls, NODE, validity).expect("short certificate");
-    let state = dir.join("state");
-    let file = dir.join("topology.yaml");
-    std::fs::write(&file, fabric_yaml(net, 1, 1, 10)).unwrap();
     let d = daemon::start(daemon::DaemonConfig {
-        topology_file: Some(file),
         ca_dir: renew.then(|| tls.clone()),
         issue_valid_for: Duration::from_secs(3600),
-        ..daemon_config(&state, &tls, "127.0.0.1:0".parse().unwrap())
+        ..import_config(&dir.join("state"), &tls, &fabric_yaml(net, 1, 1, 10))
     })
     .await
     .expect("controller starts");
@@ -190,16 +186,9 @@ async fn a_controller_refuses_to_start_with_a_ca_it_does_not_trust() {
     pki(&tls, &fabric_nodes(1, 1));
     let other = dir.path().join("other-ca");
     pki::init(&other).unwrap();
-    let file = dir.path().join("topology.yaml");
-    std::fs::write(&file, fabric_yaml(93, 1, 1, 10)).unwrap();
     let res = daemon::start(daemon::DaemonConfig {
-        topology_file: Some(file),
         ca_dir: Some(other),
-        ..daemon_config(
-            &dir.path().join("state"),
-            &tls,
-            "127.0.0.1:0".parse().unwrap(),
-        )
+        ..import_config(&dir.path().join("state"), &tls, &fabric_yaml(93, 1, 1, 10))
     })
     .await;
     match res {
@@ -229,17 +218,10 @@ async fn the_controller_renews_its_own_certificate_with_the_ca() {
     pki::issue_with(&tls, "controller", short).unwrap();
     let own = |tls: &Path| std::fs::read(tls.join("controller.pem")).unwrap();
     let old_file = own(&tls);
-    let file = dir.path().join("topology.yaml");
-    std::fs::write(&file, fabric_yaml(94, 1, 1, 10)).unwrap();
     let d = daemon::start(daemon::DaemonConfig {
-        topology_file: Some(file),
         ca_dir: Some(tls.clone()),
         issue_valid_for: Duration::from_secs(3600),
-        ..daemon_config(
-            &dir.path().join("state"),
-            &tls,
-            "127.0.0.1:0".parse().unwrap(),
-        )
+        ..import_config(&dir.path().join("state"), &tls, &fabric_yaml(94, 1, 1, 10))
     })
     .await
     .expect("controller starts");

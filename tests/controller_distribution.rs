@@ -325,18 +325,9 @@ async fn the_controller_presents_a_reissued_certificate_without_a_restart() {
     let nodes = fabric_nodes(2, 2);
     let tls = dir.path().join("pki");
     pki(&tls, &nodes);
-    let file = dir.path().join("import.yaml");
-    std::fs::write(&file, fabric_yaml(64, 2, 2, 10)).unwrap();
     let d = daemon::start(DaemonConfig {
-        topology_file: Some(file),
         cert_reload_interval: Duration::from_millis(50),
-        ca_dir: None,
-        issue_valid_for: fabric::controller::renew::DEFAULT_VALIDITY,
-        ..daemon_config(
-            &dir.path().join("state"),
-            &tls,
-            "127.0.0.1:0".parse().unwrap(),
-        )
+        ..import_config(&dir.path().join("state"), &tls, &fabric_yaml(64, 2, 2, 10))
     })
     .await
     .unwrap();

@@ -130,19 +130,10 @@ async fn metrics_follow_versions_routers_changes_circuits_and_the_certificate() 
     let tls = dir.path().join("pki");
     pki(&tls, &nodes);
     let (earliest, latest) = issue_controller(&tls, 30);
-    let file = dir.path().join("import.yaml");
-    std::fs::write(&file, topology(2)).unwrap();
     let d = daemon::start(DaemonConfig {
-        topology_file: Some(file),
         metrics: Some("127.0.0.1:0".parse().unwrap()),
         cert_reload_interval: Duration::from_millis(50),
-        ca_dir: None,
-        issue_valid_for: fabric::controller::renew::DEFAULT_VALIDITY,
-        ..daemon_config(
-            &dir.path().join("state"),
-            &tls,
-            "127.0.0.1:0".parse().unwrap(),
-        )
+        ..import_config(&dir.path().join("state"), &tls, &topology(2))
     })
     .await
     .expect("controller starts");

@@ -136,14 +136,20 @@ pub fn daemon_config(state: &Path, tls: &Path, listen: SocketAddr) -> DaemonConf
 
 /// An in-process controller with its state in `state` and PKI in `tls`, importing `yaml`.
 pub async fn start_controller(state: &Path, tls: &Path, yaml: &str) -> Daemon {
+    daemon::start(import_config(state, tls, yaml))
+        .await
+        .expect("controller starts")
+}
+
+/// [`daemon_config`] (control listener on a free port) that imports `yaml`, written beside
+/// `state`, on first start.
+pub fn import_config(state: &Path, tls: &Path, yaml: &str) -> DaemonConfig {
     let file = state.with_extension("import.yaml");
     std::fs::write(&file, yaml).expect("write topology");
-    daemon::start(DaemonConfig {
+    DaemonConfig {
         topology_file: Some(file),
         ..daemon_config(state, tls, "127.0.0.1:0".parse().unwrap())
-    })
-    .await
-    .expect("controller starts")
+    }
 }
 
 /// A PKI in `dir/pki` for `nodes`, and a controller on `yaml` with its state in `dir/state`;

@@ -216,6 +216,13 @@ impl Shared {
         *self.shutdown.borrow()
     }
 
+    /// What this router tells others (probe replies, telemetry) of a neighbour link or a
+    /// service that is `up` here: a draining router says down, so that new connections go
+    /// around it. The one place that rule lives.
+    pub fn advertised(&self, up: bool) -> bool {
+        up && !self.draining()
+    }
+
     /// Connections this router carries now: client or backend streams (edge, site) open or being
     /// set up, and relayed streams (transit).
     fn open_streams(&self) -> u64 {
@@ -229,7 +236,6 @@ impl Shared {
     /// What the router reports (to the controller, on `/telemetry`). Draining, it reports its
     /// links down and its services unhealthy, as its probe replies do.
     pub fn telemetry(&self) -> TelemetryReport {
-        let draining = self.draining();
         let mut neighbours: Vec<_> = self
             .neighbours
             .load()
@@ -239,7 +245,7 @@ impl Shared {
                 telemetry::NeighbourReport {
                     id: n.id.clone(),
                     rtt_us: n.rtt_us(),
-                    up: n.is_up() && !draining,
+                    up: self.advertised(n.is_up()),
                     path_mtu: path.map_or(0, |p| p.current_mtu),
                     lost_packets: path.map_or(0, |p| p.lost_packets),
                     dial_failures: n.dial_failures(),
@@ -253,7 +259,7 @@ impl Shared {
             .values()
             .map(|s| {
                 let mut r = s.report();
-                r.healthy &= !draining;
+                r.healthy = self.advertised(r.healthy);
                 r
             })
             .collect();
@@ -264,7 +270,7 @@ impl Shared {
             neighbours,
             sites,
             preferred: routes::preferred_sites(&self.routes.load()),
-            draining,
+            draining: self.draining(),
         }
     }
 }

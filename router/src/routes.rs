@@ -222,14 +222,13 @@ impl Shared {
     /// routes new connections around it (a link is up only if no report of it says down), while
     /// the connections themselves stay up for the streams still on them.
     pub(crate) fn own_entry(&self) -> Entry {
-        let draining = self.draining();
         let mut neighbours: Vec<NeighbourState> = self
             .neighbours
             .load()
             .values()
             .map(|n| NeighbourState {
                 id: n.id.clone(),
-                up: n.is_up() && !draining,
+                up: self.advertised(n.is_up()),
                 rtt_us: n.rtt_us().min(u32::MAX as u64) as u32,
             })
             .collect();
@@ -240,7 +239,7 @@ impl Shared {
             .values()
             .map(|s| {
                 let mut state = s.state();
-                state.healthy &= !draining;
+                state.healthy = self.advertised(state.healthy);
                 state
             })
             .collect();

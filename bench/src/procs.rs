@@ -1,9 +1,10 @@
 //! Processes under test: routers (each in its own process, so that its memory can be measured and
-//! it can be killed with SIGKILL) and HAProxy.
+//! it can be killed with SIGKILL), the minimal quinn proxy pair and HAProxy.
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -141,6 +142,31 @@ pub async fn serve_router(topology: PathBuf, node: String, tls_dir: PathBuf) -> 
     Ok(())
 }
 
+/// Starts `tasman-bench ARGS` and waits for its `ready ADDR` line.
+fn spawn_ready(args: &[&OsStr], what: &str) -> anyhow::Result<(Child, SocketAddr)> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("spawn {what} process"))?;
+    let stdout = child.stdout.take().context("child stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let addr = line
+        .trim()
+        .strip_prefix("ready ")
+        .and_then(|a| a.parse().ok());
+    match addr {
+        Some(addr) => Ok((child, addr)),
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{what} process did not start: {line:?}")
+        }
+    }
+}
+
 /// An echo server in a child process (`tasman-bench serve-echo`).
 pub struct EchoProc {
     child: Child,
@@ -149,28 +175,12 @@ pub struct EchoProc {
 
 impl EchoProc {
     pub fn start(listen: SocketAddr) -> anyhow::Result<Self> {
-        let mut child = Command::new(std::env::current_exe()?)
-            .arg("serve-echo")
-            .arg("--listen")
-            .arg(listen.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("spawn echo process")?;
-        let stdout = child.stdout.take().context("echo stdout")?;
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
-        let addr = line
-            .trim()
-            .strip_prefix("ready ")
-            .and_then(|a| a.parse().ok());
-        match addr {
-            Some(addr) => Ok(EchoProc { child, addr }),
-            None => {
-                let _ = child.kill();
-                bail!("echo process did not start: {line:?}")
-            }
-        }
+        let listen = listen.to_string();
+        let (child, addr) = spawn_ready(
+            &["serve-echo".as_ref(), "--listen".as_ref(), listen.as_ref()],
+            "echo",
+        )?;
+        Ok(EchoProc { child, addr })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -186,6 +196,74 @@ impl Drop for EchoProc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The minimal quinn proxy pair to `target`: an entry and an exit process
+/// (`tasman-bench serve-quinn-proxy`, the routers' runtime), one QUIC connection between them.
+pub struct QuinnProxyPair {
+    /// Entry first: dropped (killed) before the exit.
+    children: Vec<Child>,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl QuinnProxyPair {
+    /// Both sides bind on `ip` (the entry's TCP listener, both UDP endpoints); returns once the
+    /// entry's QUIC connection to the exit is up and it listens.
+    pub fn start(ip: IpAddr, target: SocketAddr) -> anyhow::Result<Self> {
+        let dir = crate::quic::proxy_pki()?;
+        let listen = SocketAddr::new(ip, 0).to_string();
+        let side = |role: &str, target: SocketAddr| {
+            let target = target.to_string();
+            spawn_ready(
+                &[
+                    "serve-quinn-proxy".as_ref(),
+                    "--role".as_ref(),
+                    role.as_ref(),
+                    "--tls-dir".as_ref(),
+                    dir.path().as_os_str(),
+                    "--listen".as_ref(),
+                    listen.as_ref(),
+                    "--target".as_ref(),
+                    target.as_ref(),
+                ],
+                &format!("quinn proxy {role}"),
+            )
+        };
+        let (mut exit, exit_addr) = side("exit", target)?;
+        let (entry, addr) = match side("entry", exit_addr) {
+            Ok(e) => e,
+            Err(e) => {
+                let _ = exit.kill();
+                let _ = exit.wait();
+                return Err(e);
+            }
+        };
+        Ok(QuinnProxyPair {
+            children: vec![entry, exit],
+            addr,
+            _dir: dir,
+        })
+    }
+
+    /// The entry's TCP listener.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Entry and exit.
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(Child::id).collect()
+    }
+}
+
+impl Drop for QuinnProxyPair {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 

@@ -1,6 +1,11 @@
 //! The bare-quinn baselines: one bidirectional stream between two endpoints with the router's
 //! mutual TLS, and no proxying around it; with the router's transport configuration (windows,
 //! socket buffers, path MTU up to 6,500 bytes) or with quinn's defaults.
+//!
+//! And the minimal quinn proxy pair (`tasman-bench serve-quinn-proxy`, one process per side): an
+//! entry that carries each client TCP connection on one bidirectional stream of its one QUIC
+//! connection to an exit, which connects TCP to a fixed target. The same TLS and transport
+//! configuration as the routers, and nothing else: no header, routing, metrics or health.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -10,6 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use router::tls::{PeerNames, TlsIdentity};
 use router::{pki, tls, transport};
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
 
 const CHUNK: usize = 256 * 1024;
 
@@ -27,9 +34,9 @@ fn endpoint(
     name: &str,
     peers: &PeerNames,
     tuning: Tuning,
+    addr: SocketAddr,
 ) -> anyhow::Result<quinn::Endpoint> {
     let id = TlsIdentity::load(dir, name)?;
-    let addr: SocketAddr = "127.0.0.1:0".parse()?;
     match tuning {
         Tuning::Fabric => {
             let server = tls::server_config(&id, peers, transport::shared_transport())?;
@@ -55,8 +62,9 @@ fn pair(tuning: Tuning) -> anyhow::Result<(tempfile::TempDir, quinn::Endpoint, q
     pki::issue(dir.path(), "bench-a")?;
     pki::issue(dir.path(), "bench-b")?;
     let peers = PeerNames::new(["bench-a".to_string(), "bench-b".to_string()]);
-    let a = endpoint(dir.path(), "bench-a", &peers, tuning)?;
-    let b = endpoint(dir.path(), "bench-b", &peers, tuning)?;
+    let addr: SocketAddr = "127.0.0.1:0".parse()?;
+    let a = endpoint(dir.path(), "bench-a", &peers, tuning, addr)?;
+    let b = endpoint(dir.path(), "bench-b", &peers, tuning, addr)?;
     Ok((dir, a, b))
 }
 
@@ -137,4 +145,114 @@ pub async fn ping_pong(n: usize, size: usize, tuning: Tuning) -> anyhow::Result<
         bail!("echo corrupted");
     }
     Ok(out)
+}
+
+/// The certificate names of the minimal quinn proxy pair's two sides.
+pub const PROXY_ENTRY: &str = "qproxy-entry";
+pub const PROXY_EXIT: &str = "qproxy-exit";
+
+fn proxy_peers() -> PeerNames {
+    PeerNames::new([PROXY_ENTRY.to_string(), PROXY_EXIT.to_string()])
+}
+
+/// A directory with a fresh CA and certificates for both sides of a minimal quinn proxy pair.
+pub fn proxy_pki() -> anyhow::Result<tempfile::TempDir> {
+    let dir = tempfile::tempdir()?;
+    pki::init(dir.path())?;
+    pki::issue(dir.path(), PROXY_ENTRY)?;
+    pki::issue(dir.path(), PROXY_EXIT)?;
+    Ok(dir)
+}
+
+/// The entry of the minimal quinn proxy pair: one QUIC connection to the exit at `exit` (made
+/// before it listens), then one bidirectional stream on it per TCP connection accepted on
+/// `listen`. Prints `ready ADDR` (the TCP listener) and serves until killed.
+pub async fn proxy_entry(
+    tls_dir: &Path,
+    listen: SocketAddr,
+    exit: SocketAddr,
+) -> anyhow::Result<()> {
+    let ep = endpoint(
+        tls_dir,
+        PROXY_ENTRY,
+        &proxy_peers(),
+        Tuning::Fabric,
+        SocketAddr::new(listen.ip(), 0),
+    )?;
+    let conn = ep
+        .connect(exit, PROXY_EXIT)?
+        .await
+        .context("handshake with the exit")?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("bind {listen}"))?;
+    println!("ready {}", listener.local_addr()?);
+    loop {
+        let (tcp, _) = listener.accept().await?;
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            tcp.set_nodelay(true)?;
+            // quinn announces a new stream with its first bytes: the client speaks first here
+            // (bulk data, pings), as it does to a router (whose header goes first).
+            let (send, recv) = conn.open_bi().await?;
+            copy_both_ways(tcp, send, recv).await
+        });
+    }
+}
+
+/// The exit of the minimal quinn proxy pair: an endpoint on `listen` whose every incoming stream
+/// is carried to a new TCP connection to `target`. Prints `ready ADDR` (the UDP endpoint) and
+/// serves until killed.
+pub async fn proxy_exit(
+    tls_dir: &Path,
+    listen: SocketAddr,
+    target: SocketAddr,
+) -> anyhow::Result<()> {
+    let ep = endpoint(tls_dir, PROXY_EXIT, &proxy_peers(), Tuning::Fabric, listen)?;
+    println!("ready {}", ep.local_addr()?);
+    while let Some(incoming) = ep.accept().await {
+        tokio::spawn(async move {
+            let conn = incoming.await?;
+            while let Ok((send, recv)) = conn.accept_bi().await {
+                tokio::spawn(async move {
+                    let tcp = TcpStream::connect(target).await?;
+                    tcp.set_nodelay(true)?;
+                    copy_both_ways(tcp, send, recv).await
+                });
+            }
+            anyhow::Ok(())
+        });
+    }
+    Ok(())
+}
+
+/// Bytes each side of the minimal quinn proxy pair reads and writes at a time, per direction: the
+/// routers' largest TCP read (`TCP_BUF_MAX` in router/src/splice.rs). With `tokio::io::copy`'s
+/// own 8 KiB buffer (a syscall and a quinn write per 8 KiB) the pair used about a quarter more CPU
+/// per GiB, and was slower than edge -> site, in quick runs on a loaded 2-core machine: not a
+/// floor. Allocated per connection, side and direction (the pair is not in the memory part).
+const PROXY_COPY_BUF: usize = 256 * 1024;
+
+/// `tokio::io::copy_buf` each way between a TCP connection and a quinn stream; EOF on one side
+/// becomes a half-close of the other (`finish`, TCP shutdown), and the other way keeps flowing.
+async fn copy_both_ways(
+    tcp: TcpStream,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+) -> anyhow::Result<()> {
+    let (rd, mut wr) = tcp.into_split();
+    let tcp_to_quic = async {
+        let mut rd = BufReader::with_capacity(PROXY_COPY_BUF, rd);
+        tokio::io::copy_buf(&mut rd, &mut send).await?;
+        send.finish()?;
+        anyhow::Ok(())
+    };
+    let quic_to_tcp = async {
+        let mut recv = BufReader::with_capacity(PROXY_COPY_BUF, recv);
+        tokio::io::copy_buf(&mut recv, &mut wr).await?;
+        wr.shutdown().await?;
+        anyhow::Ok(())
+    };
+    tokio::try_join!(tcp_to_quic, quic_to_tcp)?;
+    Ok(())
 }

@@ -676,7 +676,7 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
          router in its own process (`tasman-bench serve-router`, the same `router::Router` that `tasman router`\n\
          runs, default configuration). The machine's cores are shared by the client, the servers and the\n\
          routers, so a proxy's figures include competition for CPU with its own load generator.\n\n\
-         The minimal quinn proxy pair is the least two proxy processes joined by QUIC can do: an entry\n\
+         The minimal quinn proxy pair is the simplest form of two proxy processes joined by QUIC: an entry\n\
          process carries each client TCP connection on one bidirectional stream of its one QUIC connection\n\
          to an exit process, which connects TCP to the sink or echo server (`tasman-bench serve-quinn-proxy`,\n\
          the routers' runtime, TLS and transport configuration). Each side copies each way with\n\

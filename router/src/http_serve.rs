@@ -9,9 +9,13 @@
 //!   request's headers);
 //! - a request's body must arrive within [`Limits::body_read_timeout`] of its headers, or the
 //!   request is answered `408 Request Timeout` and the connection closed;
+//! - a write to the client that makes no progress for [`Limits::write_timeout`] fails and the
+//!   connection is dropped, so a client that stops reading a response larger than the socket
+//!   buffers cannot keep its slot; one that reads slowly but steadily gets the whole response;
 //! - a failed accept (descriptors exhausted, say) is retried after a pause, not in a loop that
 //!   would burn a core while the data path waits for descriptors.
 
+use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -23,6 +27,7 @@ use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 use hyper::service::{Service, service_fn};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -35,6 +40,16 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// document of a few MiB arrives well within it on a slow link; the admin API's largest body
 /// (32 MiB) needs about 9 Mbit/s.
 pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a write to a client may make no progress (the client reading none of the response)
+/// before the connection is dropped. As nginx's `send_timeout` (60 s by default), it restarts
+/// whenever a write goes through, so it bounds a stalled reader, not a slow one. These responses
+/// are small (a scrape, a topology document of a few MiB) and a live client reads them as they
+/// come; 30 s without a byte taken, as long as a body may take to arrive, is ample for a
+/// congested link and frees a slot held by a client that stopped reading within half a minute.
+/// Progress is as the kernel reports it: a full socket takes writes again once about a third of
+/// its send buffer has drained, so a client must read that much within the timeout; with Linux's
+/// default 4 MiB ceiling on the buffer, at worst about 1.3 MiB, some 45 KiB/s.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// First pause after a failed accept, doubled on each failure in a row up to
 /// [`ACCEPT_BACKOFF_MAX`]: a passing failure costs a client little, a lasting one (descriptors
 /// exhausted) is retried, and logged, about once a second.
@@ -50,6 +65,9 @@ pub struct Limits {
     /// A request's whole body must arrive within this after its headers; a handler that is still
     /// waiting for it then fails, and the client gets 408 and a closed connection.
     pub body_read_timeout: Duration,
+    /// A write to the client that can make no progress for this fails, and hyper drops the
+    /// connection: the time a client may go without reading once the socket buffers are full.
+    pub write_timeout: Duration,
     /// Connections served at once; more wait in the listen backlog until one ends.
     pub max_connections: usize,
 }
@@ -101,6 +119,105 @@ impl Body for RequestBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// A connection whose writes fail with [`io::ErrorKind::TimedOut`] once they have made no
+/// progress for `timeout`: what [`serve`] hands hyper instead of the bare `TcpStream`, since
+/// hyper would wait forever for a client that never reads its response.
+///
+/// Reads pass through untouched (hyper's header timeout and [`RequestBody`] bound them).
+struct WriteTimeout<T> {
+    inner: T,
+    timeout: Duration,
+    /// Started on the first write that has to wait and reused after: writes that go through at
+    /// once, the usual case, need no timer.
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// Whether `sleep` is counting down the current stall: set by a write that has to wait,
+    /// cleared by one that completes, so the next stall starts a fresh `timeout`. (A cleared
+    /// timer that was already registered may still fire once, a spurious wake-up hyper ignores.)
+    stalled: bool,
+}
+
+impl<T> WriteTimeout<T> {
+    fn new(inner: T, timeout: Duration) -> Self {
+        WriteTimeout {
+            inner,
+            timeout,
+            sleep: None,
+            stalled: false,
+        }
+    }
+
+    /// Runs one write operation on `inner`, failing it if it has been waiting for `timeout`
+    /// without any write completing.
+    fn poll_write_op<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        op: impl FnOnce(Pin<&mut T>, &mut Context<'_>) -> Poll<io::Result<R>>,
+    ) -> Poll<io::Result<R>>
+    where
+        T: Unpin,
+    {
+        if let Poll::Ready(done) = op(Pin::new(&mut self.inner), cx) {
+            self.stalled = false;
+            return Poll::Ready(done);
+        }
+        let timeout = self.timeout;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        if !self.stalled {
+            // A new stall: `timeout` from now, whatever an earlier one left in the timer.
+            self.stalled = true;
+            sleep.as_mut().reset(Instant::now() + timeout);
+        }
+        ready!(sleep.as_mut().poll(cx));
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("client read nothing for {timeout:?}"),
+        )))
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for WriteTimeout<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_op(cx, |io, cx| io.poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_op(cx, |io, cx| io.poll_write_vectored(cx, bufs))
+    }
+
+    /// Forwarded, so hyper still writes a response's headers and body in one vectored write.
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_write_op(cx, |io, cx| io.poll_flush(cx))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_write_op(cx, |io, cx| io.poll_shutdown(cx))
     }
 }
 
@@ -171,7 +288,8 @@ where
         let http = http.clone();
         conns.spawn(async move {
             let _slot = slot;
-            if let Err(e) = http.serve_connection(TokioIo::new(tcp), per_request).await {
+            let io = TokioIo::new(WriteTimeout::new(tcp, limits.write_timeout));
+            if let Err(e) = http.serve_connection(io, per_request).await {
                 tracing::debug!(server = name, %remote, "connection: {e}");
             }
         });
@@ -212,16 +330,23 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
 
-    /// `POST /echo` reads the whole body and answers its length; any other path ignores it.
+    /// The body `/big` answers: far more than loopback's socket buffers hold (a sender's grows to
+    /// 4 MiB by default), so writing it waits on the client reading.
+    const BIG: usize = 16 << 20;
+
+    /// `POST /echo` reads the whole body and answers its length; `/big` answers [`BIG`] bytes;
+    /// any other path ignores the body.
     async fn start(limits: Limits) -> std::net::SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let svc = service_fn(|req: Request<RequestBody>| async move {
-            let text = if req.uri().path() == "/echo" {
-                let body = req.into_body().collect().await?.to_bytes();
-                format!("{} bytes\n", body.len())
-            } else {
-                "not read\n".to_string()
+            let text = match req.uri().path() {
+                "/echo" => {
+                    let body = req.into_body().collect().await?.to_bytes();
+                    format!("{} bytes\n", body.len())
+                }
+                "/big" => return Ok(Response::new(Full::new(Bytes::from(vec![b'x'; BIG])))),
+                _ => "not read\n".to_string(),
             };
             Ok::<_, BodyError>(Response::new(Full::new(Bytes::from(text))))
         });
@@ -240,6 +365,18 @@ mod tests {
         String::from_utf8_lossy(&got).into_owned()
     }
 
+    /// A connection whose receive buffer is fixed at `bytes` (the kernel doubles it), rather than
+    /// left to grow: it bounds how much of a response the kernel takes for a client that does
+    /// not read.
+    async fn connect_with_receive_buffer(addr: std::net::SocketAddr, bytes: u32) -> TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(bytes).unwrap();
+        socket.connect(addr).await.unwrap()
+    }
+
+    /// `GET /big`, with no keep-alive.
+    const GET_BIG: &[u8] = b"GET /big HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n";
+
     /// A request that asks for no keep-alive, so the server closes after answering.
     fn post(path: &str, content_length: usize, body: &str) -> String {
         format!(
@@ -253,6 +390,7 @@ mod tests {
         let addr = start(Limits {
             header_read_timeout: Duration::from_secs(60),
             body_read_timeout: timeout,
+            write_timeout: Duration::from_secs(60),
             max_connections: 1,
         })
         .await;
@@ -283,6 +421,7 @@ mod tests {
         let addr = start(Limits {
             header_read_timeout: Duration::from_secs(60),
             body_read_timeout: timeout,
+            write_timeout: Duration::from_secs(60),
             max_connections: 1,
         })
         .await;
@@ -318,6 +457,7 @@ mod tests {
         let addr = start(Limits {
             header_read_timeout: Duration::from_secs(60),
             body_read_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(60),
             max_connections: 1,
         })
         .await;
@@ -329,5 +469,84 @@ mod tests {
         let back = until_closed(&mut stalled, Duration::from_secs(10)).await;
         assert!(back.starts_with("HTTP/1.1 200"), "{back}");
         assert!(back.ends_with("not read\n"), "{back}");
+    }
+
+    /// A client that asks for a response and then reads none of it holds its slot only until the
+    /// server's writes have made no progress for the write timeout; then the connection is
+    /// dropped, the response cut short, and the slot serves the next client.
+    #[tokio::test]
+    async fn a_client_that_stops_reading_its_response_loses_its_slot() {
+        let addr = start(Limits {
+            header_read_timeout: Duration::from_secs(60),
+            body_read_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_millis(300),
+            max_connections: 1,
+        })
+        .await;
+        let mut stalled = connect_with_receive_buffer(addr, 4 << 10).await;
+        stalled.write_all(GET_BIG).await.unwrap();
+        // Waits in the backlog until the only slot is free.
+        let mut next = TcpStream::connect(addr).await.unwrap();
+        next.write_all(post("/ignore", 0, "").as_bytes())
+            .await
+            .unwrap();
+        let back = until_closed(&mut next, Duration::from_secs(10)).await;
+        assert!(back.starts_with("HTTP/1.1 200"), "{back}");
+        assert!(back.ends_with("not read\n"), "{back}");
+        // What the kernel still held for the stalled client comes, then the end (or a reset).
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), stalled.read_to_end(&mut got))
+            .await
+            .expect("the stalled connection is still open");
+        assert!(got.starts_with(b"HTTP/1.1 200"));
+        assert!(
+            got.len() < BIG,
+            "the whole response arrived: {} bytes",
+            got.len()
+        );
+    }
+
+    /// The write timeout bounds a stall, not the whole response: a client that reads slowly but
+    /// steadily gets all of a response that takes it many timeouts to read.
+    #[tokio::test]
+    async fn a_client_that_reads_slowly_but_steadily_gets_the_whole_response() {
+        let timeout = Duration::from_secs(1);
+        let addr = start(Limits {
+            header_read_timeout: Duration::from_secs(60),
+            body_read_timeout: Duration::from_secs(60),
+            write_timeout: timeout,
+            max_connections: 1,
+        })
+        .await;
+        let mut slow = connect_with_receive_buffer(addr, 256 << 10).await;
+        slow.write_all(GET_BIG).await.unwrap();
+        let started = std::time::Instant::now();
+        // At most 64 KiB every 10 ms, about 6 MiB/s: the 16 MiB take over 2.5 s to read, nearly
+        // all of it with the server's writes waiting on this reader. The kernel wakes a waiting
+        // writer only once about a third of its send buffer has drained, so each wait lasts
+        // about 250 ms here (buffers up to Linux's default 4 MiB), well within the timeout.
+        let mut every = tokio::time::interval(Duration::from_millis(10));
+        let mut chunk = vec![0; 64 << 10];
+        let mut got = Vec::new();
+        loop {
+            every.tick().await;
+            let n = slow.read(&mut chunk).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&chunk[..n]);
+        }
+        let took = started.elapsed();
+        let head_len = got
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("a whole response head")
+            + 4;
+        assert!(got.starts_with(b"HTTP/1.1 200"));
+        assert_eq!(got.len() - head_len, BIG, "the body was cut short");
+        assert!(
+            took > 2 * timeout,
+            "read in {took:?}: too fast to tell a stall timeout from a deadline"
+        );
     }
 }

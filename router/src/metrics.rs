@@ -14,7 +14,9 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 
 use crate::codes::Code;
-use crate::http_serve::{self, BODY_READ_TIMEOUT, HEADER_READ_TIMEOUT, Limits, RequestBody};
+use crate::http_serve::{
+    self, BODY_READ_TIMEOUT, HEADER_READ_TIMEOUT, Limits, RequestBody, WRITE_TIMEOUT,
+};
 use crate::telemetry::TelemetryReport;
 
 /// One unit of a gauge for as long as it lives.
@@ -294,6 +296,7 @@ impl Metrics {
 pub const LIMITS: Limits = Limits {
     header_read_timeout: HEADER_READ_TIMEOUT,
     body_read_timeout: BODY_READ_TIMEOUT,
+    write_timeout: WRITE_TIMEOUT,
     max_connections: 64,
 };
 

@@ -75,6 +75,7 @@ pub use router::http_serve::Limits as ServeLimits;
 pub const DEFAULT_LIMITS: ServeLimits = ServeLimits {
     header_read_timeout: http_serve::HEADER_READ_TIMEOUT,
     body_read_timeout: http_serve::BODY_READ_TIMEOUT,
+    write_timeout: http_serve::WRITE_TIMEOUT,
     max_connections: 256,
 };
 

@@ -68,6 +68,13 @@ enum Cmd {
         #[arg(long)]
         target: SocketAddr,
     },
+    /// Internal: spin on `threads` threads until killed (run under `chrt --idle 0` by
+    /// `procs::Spinner`).
+    #[command(hide = true)]
+    Spin {
+        #[arg(long)]
+        threads: usize,
+    },
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,6 +121,9 @@ fn main() -> ExitCode {
     // The same allocator tuning as the `tasman` binary (routers run in this binary here).
     router::alloc::tune();
     let cli = Cli::parse();
+    if let Cmd::Spin { threads } = cli.cmd {
+        procs::spin(threads);
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -147,6 +157,7 @@ fn main() -> ExitCode {
                 ProxyRole::Exit => quic::proxy_exit(&tls_dir, listen, target).await,
             }
         }),
+        Cmd::Spin { .. } => unreachable!("handled before the runtime is built"),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -510,44 +521,67 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
     ];
     // Interleaved: every path gets one connection per round, so a slow stretch of the machine
     // falls on all of them alike.
-    let mut samples: Vec<Vec<u64>> = vec![Vec::new(); lat_paths];
-    let mut cpu_ms = [0u64; 7];
+    // Each round runs every path twice: with idle cores (the headline), then with an idle-priority
+    // spinner keeping both cores busy (`procs::Spinner`), to show what the idle vCPUs' wake-ups cost.
+    let mut samples: [Vec<Vec<u64>>; 2] =
+        [vec![Vec::new(); lat_paths], vec![Vec::new(); lat_paths]];
+    let mut cpu_ms = [[0u64; 7]; 2];
     let per_round = args.pings.div_ceil(LAT_ROUNDS);
     for _ in 0..LAT_ROUNDS {
-        for (i, (_, _, addr)) in paths.iter().take(lat_paths).enumerate() {
-            let before = procs::cpu_ms_of(&pids[i])?;
-            samples[i].extend(match addr {
-                Some(a) => net::ping_pong(*a, per_round, 64).await?,
-                None => quic::ping_pong(per_round, 64, quic::Tuning::Fabric).await?,
-            });
-            cpu_ms[i] += procs::cpu_ms_of(&pids[i])? - before;
+        for busy in [0, 1] {
+            let _spinner = if busy == 1 && lat_paths > 0 {
+                Some(procs::Spinner::start()?)
+            } else {
+                None
+            };
+            for (i, (_, _, addr)) in paths.iter().take(lat_paths).enumerate() {
+                let before = procs::cpu_ms_of(&pids[i])?;
+                samples[busy][i].extend(match addr {
+                    Some(a) => net::ping_pong(*a, per_round, 64).await?,
+                    None => quic::ping_pong(per_round, 64, quic::Tuning::Fabric).await?,
+                });
+                cpu_ms[busy][i] += procs::cpu_ms_of(&pids[i])? - before;
+            }
         }
     }
     // Warm-up round trips (and, for bare quinn, the handshake) are in the CPU figure too.
     let trips = (LAT_ROUNDS * (per_round + net::WARM_UP)) as f64;
     let paths_len = paths.len();
-    let mut lats = Vec::new();
-    for (i, ((name, hops, _), ns)) in paths.into_iter().zip(samples).enumerate() {
-        let mut l = lat(name, hops, ns);
-        l.cpu_us = cpu_ms[i] as f64 * 1000.0 / trips;
+    let [idle_samples, busy_samples] = samples;
+    let mut lat_sets: [Vec<Lat>; 2] = [Vec::new(), Vec::new()];
+    for (busy, set) in [idle_samples, busy_samples].into_iter().enumerate() {
         eprintln!(
-            "  {name}: p50 {:.1} us, p99 {:.1} us, CPU {:.1} us per round trip",
-            l.p50, l.p99, l.cpu_us
+            "  {}:",
+            if busy == 1 {
+                "cores kept busy"
+            } else {
+                "idle cores"
+            }
         );
-        lats.push(l);
+        for (i, ((name, hops, _), ns)) in paths.iter().zip(set).enumerate() {
+            let mut l = lat(name, *hops, ns);
+            l.cpu_us = cpu_ms[busy][i] as f64 * 1000.0 / trips;
+            eprintln!(
+                "  {name}: p50 {:.1} us, p99 {:.1} us, CPU {:.1} us per round trip",
+                l.p50, l.p99, l.cpu_us
+            );
+            lat_sets[busy].push(l);
+        }
+        let lats = &lat_sets[busy];
+        if lats.len() == paths_len {
+            let added = |i: usize| lats[i].p50 - lats[L_DIRECT].p50;
+            eprintln!(
+                "  added p50: edge -> site {:.1} us, transit {:.1} us more; minimal quinn proxy pair \
+                 {:.1} us; two HAProxys {:.1} us; quinn over TCP {:.1} us",
+                added(L_EDGE_SITE),
+                lats[L_TRANSIT].p50 - lats[L_EDGE_SITE].p50,
+                added(L_QPAIR),
+                added(L_HAPROXY_PAIR),
+                added(L_QUINN),
+            );
+        }
     }
-    if lats.len() == paths_len {
-        let added = |i: usize| lats[i].p50 - lats[L_DIRECT].p50;
-        eprintln!(
-            "  added p50: edge -> site {:.1} us, transit {:.1} us more; minimal quinn proxy pair \
-             {:.1} us; two HAProxys {:.1} us; quinn over TCP {:.1} us",
-            added(L_EDGE_SITE),
-            lats[L_TRANSIT].p50 - lats[L_EDGE_SITE].p50,
-            added(L_QPAIR),
-            added(L_HAPROXY_PAIR),
-            added(L_QUINN),
-        );
-    }
+    let [lats, busy_lats] = lat_sets;
 
     // 3. Memory per proxied connection.
     let conns = if want(Part::Memory) { args.conns } else { 0 };
@@ -781,6 +815,38 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
         haproxy_pair + quic_leg,
         (one_hop - qpair).abs(),
         if one_hop >= qpair { "more" } else { "less" }
+    )?;
+    writeln!(
+        md,
+        "The same round trips with both cores kept busy (measured in the same rounds, right after the idle\n\
+         ones): an idle-priority spinner (`chrt --idle 0`, one thread per core) runs only when nothing\n\
+         else wants a core, so a woken process preempts it at once instead of waiting for an idle vCPU to\n\
+         leave its halt. It stands for a host kept busy by other work; the table above is the headline.\n"
+    )?;
+    writeln!(
+        md,
+        "| path, cores kept busy | p50 µs | p99 µs | added p50 per hop µs | CPU µs per round trip, all processes |\n|---|---:|---:|---:|---:|"
+    )?;
+    let busy_direct = busy_lats[L_DIRECT].p50;
+    for l in &busy_lats {
+        let per_hop = if l.hops == 0 {
+            "".to_string()
+        } else {
+            format!("{:.1}", (l.p50 - busy_direct) / l.hops as f64)
+        };
+        writeln!(
+            md,
+            "| {} | {:.1} | {:.1} | {} | {:.1} |",
+            l.name, l.p50, l.p99, per_hop, l.cpu_us
+        )?;
+    }
+    let busy_one_hop = busy_lats[L_EDGE_SITE].p50 - busy_direct;
+    writeln!(
+        md,
+        "\nWith the cores kept busy, edge -> site adds **{busy_one_hop:.1} µs** at p50 (direct TCP {busy_direct:.1} µs \
+         instead of {direct_p50:.1}); the minimal quinn proxy pair adds {:.1} µs and two HAProxys {:.1} µs.\n",
+        busy_lats[L_QPAIR].p50 - busy_direct,
+        busy_lats[L_HAPROXY_PAIR].p50 - busy_direct,
     )?;
 
     writeln!(md, "### Failure detection and failover\n")?;

@@ -330,3 +330,50 @@ impl Drop for Haproxy {
         let _ = self.child.wait();
     }
 }
+
+/// One spinning thread per core in a process of its own under `SCHED_IDLE` (`chrt --idle 0`):
+/// the cores never go idle, yet the spinner runs only when nothing else wants a core, so it
+/// takes (almost) no CPU from the processes under test. What it changes is the cost of a
+/// wake-up: on this VM a process woken on an idle vCPU first waits for the vCPU to leave its halt
+/// (a trip through the hypervisor); on a busy one it preempts the spinner at once. It stands for a
+/// host whose cores are kept busy by other work, as a loaded production router's are.
+pub struct Spinner {
+    child: Child,
+}
+
+impl Spinner {
+    pub fn start() -> anyhow::Result<Self> {
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let child = Command::new("chrt")
+            .arg("--idle")
+            .arg("0")
+            .arg(std::env::current_exe()?)
+            .args(["spin", "--threads", &threads.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting the idle-priority spinner (chrt, from util-linux)")?;
+        Ok(Spinner { child })
+    }
+}
+
+impl Drop for Spinner {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The spinner's body: `threads` threads that never sleep.
+pub fn spin(threads: usize) -> ! {
+    for _ in 1..threads.max(1) {
+        std::thread::spawn(|| {
+            loop {
+                std::hint::spin_loop();
+            }
+        });
+    }
+    loop {
+        std::hint::spin_loop();
+    }
+}

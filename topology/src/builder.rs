@@ -101,7 +101,23 @@ impl TopologyBuilder {
                 backend: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9)),
                 capacity,
                 weight: default_weight(),
+                dial: default_dial(),
             });
+        }
+        self
+    }
+
+    /// Sets the traffic dial (percent) of `service` at `site` (no-op unless `site` serves it).
+    pub fn dial(&mut self, site: &str, service: &str, percent: u8) -> &mut Self {
+        if let Some(s) = self
+            .topo
+            .nodes
+            .iter_mut()
+            .filter(|n| n.id.as_str() == site)
+            .flat_map(|n| n.serves.iter_mut())
+            .find(|s| s.service.as_str() == service)
+        {
+            s.dial = percent;
         }
         self
     }

@@ -838,6 +838,7 @@ mod tests {
                     backend: "127.0.0.1:2".parse().unwrap(),
                     capacity: 10,
                     weight: 100,
+                    dial: 100,
                 }]
             } else {
                 vec![]

@@ -162,6 +162,20 @@ fn join(prefix: &str, field: &str) -> String {
     }
 }
 
+/// Fields the model leaves out of its serialised form at their default value, so that files
+/// without them serialise as before they existed. Absent on one side of an element present on
+/// both, such a field compares (and prints) as its default: a dial set from 100 to 30 is
+/// `100 -> 30`, not `null -> 30`.
+const OMITTED_DEFAULTS: &[(&str, u64)] = &[("dial", crate::model::FULL_DIAL as u64)];
+
+fn field_or_default<'a>(
+    obj: &'a serde_json::Map<String, Value>,
+    key: &str,
+    default: &'a Option<Value>,
+) -> &'a Value {
+    obj.get(key).or(default.as_ref()).unwrap_or(&Value::Null)
+}
+
 fn fields_diff(path: String, old: &Value, new: &Value, out: &mut Vec<FieldChange>) {
     if old == new {
         return;
@@ -170,9 +184,13 @@ fn fields_diff(path: String, old: &Value, new: &Value, out: &mut Vec<FieldChange
         (Value::Object(o), Value::Object(n)) => {
             let keys: BTreeSet<&String> = o.keys().chain(n.keys()).collect();
             for k in keys {
+                let default = OMITTED_DEFAULTS
+                    .iter()
+                    .find(|(name, _)| name == k)
+                    .map(|&(_, v)| Value::from(v));
                 let (ov, nv) = (
-                    o.get(k).unwrap_or(&Value::Null),
-                    n.get(k).unwrap_or(&Value::Null),
+                    field_or_default(o, k, &default),
+                    field_or_default(n, k, &default),
                 );
                 fields_diff(join(&path, k), ov, nv, out);
             }
@@ -214,8 +232,9 @@ pub enum ImpactKind {
     PathChanged,
     /// Same site and path, different cost (or drained flag).
     CostChanged,
-    /// Same site, path and cost, but the equally near sites that share its new connections, or
-    /// their weights, change (`old_shares`, `new_shares`).
+    /// Same site, path and cost, but the expected shares of first tries change
+    /// (`old_shares`, `new_shares`): the equally near sites that share the new connections,
+    /// their weights, or the traffic dials that move first tries to the sites after them.
     SharesChanged,
 }
 
@@ -227,8 +246,9 @@ pub struct ImpactEntry {
     pub kind: ImpactKind,
     pub old: Option<Candidate>,
     pub new: Option<Candidate>,
-    /// Before: the sites sharing the edge's new connections for the service, by weight
-    /// ([`crate::route::Spread`]); empty when one site takes them all.
+    /// Before: the sites the edge's new connections for the service try first, with their
+    /// expected shares after weights and dials ([`crate::route::Spread::shares`]); empty when
+    /// one site takes them all.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub old_shares: Vec<Share>,
     /// After, the same.
@@ -248,14 +268,28 @@ pub fn shares_text(shares: &[Share]) -> String {
         .join(" + ")
 }
 
-/// The shares of the edge's new connections when it uses `chosen` among `ranked`, where
-/// `before` is the edge's previous group (empty for none; [`Spread::sticky`]).
-pub fn shares_of(ranked: &[Candidate], chosen: Option<&Candidate>, before: &[Share]) -> Vec<Share> {
-    let Some(chosen) = chosen else {
-        return Vec::new();
-    };
-    let ordered = preferred_first(ranked.to_vec(), &chosen.site);
-    Spread::sticky(&ordered, |id| before.iter().any(|s| &s.site == id)).shares(&ordered)
+/// The expected shares of the edge's first tries ([`Spread::shares`]) when it uses `chosen`
+/// among `ranked`, where `before` names the members of the edge's previous group (empty for
+/// none; [`Spread::sticky`]).
+pub fn shares_of(
+    ranked: &[Candidate],
+    chosen: Option<&Candidate>,
+    before: &[NodeId],
+) -> Vec<Share> {
+    group_of(ranked, chosen, before)
+        .map(|(ordered, spread)| spread.shares(&ordered))
+        .unwrap_or_default()
+}
+
+/// `ranked` with `chosen` first, and the group that shares its new connections.
+fn group_of(
+    ranked: &[Candidate],
+    chosen: Option<&Candidate>,
+    before: &[NodeId],
+) -> Option<(Vec<Candidate>, Spread)> {
+    let ordered = preferred_first(ranked.to_vec(), &chosen?.site);
+    let spread = Spread::sticky(&ordered, |id| before.contains(id));
+    Some((ordered, spread))
 }
 
 /// The site each edge uses now for each service (edges report it to the controller). Where an
@@ -343,12 +377,26 @@ pub fn impact_with(
             let n = after
                 .get(service)
                 .and_then(|cands| hysteresis.select(o.map(|c| &c.site), cands));
-            let old_shares = shares_of(before.get(service).copied().unwrap_or_default(), o, &[]);
-            // The edge keeps the members of its group in the band (Spread::sticky).
+            let old_group = group_of(before.get(service).copied().unwrap_or_default(), o, &[]);
+            let (old_shares, old_members) = match &old_group {
+                // A group of one has no members to keep (as before dials: the band is for
+                // sites that share).
+                Some((ordered, spread)) if spread.members() > 1 => (
+                    spread.shares(ordered),
+                    ordered[..spread.members()]
+                        .iter()
+                        .map(|c| c.site.clone())
+                        .collect(),
+                ),
+                Some((ordered, spread)) => (spread.shares(ordered), Vec::new()),
+                None => (Vec::new(), Vec::new()),
+            };
+            // The edge keeps the members of its group in the band (Spread::sticky); the sites
+            // that only dials send connections to are not members.
             let new_shares = shares_of(
                 after.get(service).copied().unwrap_or_default(),
                 n,
-                &old_shares,
+                &old_members,
             );
             let kind = match (o, n) {
                 (Some(_), None) => ImpactKind::Lost,
@@ -734,5 +782,59 @@ mod tests {
             }
         }
         assert!(impact(&old, &weighted, &live).is_empty());
+    }
+
+    /// A dial is a field change of its serves entry, printed from and to its value (100 when
+    /// absent), and its effect on first tries is a change of shares, though the site in use
+    /// stays: a near site dialled to 30 keeps 30 % and the far one gets the rest.
+    #[test]
+    fn a_dial_change_is_a_field_change_and_moves_shares() {
+        let old = base().build();
+        let mut b = base();
+        b.dial("s1", "chat", 30);
+        let new = b.build();
+        let d = diff(&old, &new);
+        assert_eq!(d.nodes.changed.len(), 1);
+        assert_eq!(d.nodes.changed[0].id, "s1");
+        assert_eq!(
+            d.nodes.changed[0].fields,
+            [FieldChange {
+                field: "serves[chat].dial".into(),
+                old: json!(100),
+                new: json!(30)
+            }]
+        );
+        let back = diff(&new, &old);
+        assert_eq!(back.nodes.changed[0].fields[0].old, json!(30));
+        assert_eq!(back.nodes.changed[0].fields[0].new, json!(100));
+
+        let live = LiveState::default();
+        let i = impact(&old, &new, &live);
+        assert_eq!(i.len(), 1, "{i:?}");
+        assert_eq!(
+            (i[0].service.as_str(), i[0].kind),
+            ("chat", ImpactKind::SharesChanged)
+        );
+        assert_eq!(i[0].old.as_ref().unwrap().site.as_str(), "s1");
+        assert_eq!(i[0].new.as_ref().unwrap().site.as_str(), "s1");
+        assert!(i[0].old_shares.is_empty());
+        assert_eq!(shares_text(&i[0].new_shares), "s1 30% + s2 70%");
+
+        // Down to 0: s2 takes every first try; back to 100: one site again.
+        let mut b = base();
+        b.dial("s1", "chat", 0);
+        let zero = b.build();
+        let i = impact(&new, &zero, &live);
+        assert_eq!(shares_text(&i[0].new_shares), "s1 0% + s2 100%");
+        let i = impact(&zero, &old, &live);
+        assert_eq!(i[0].kind, ImpactKind::SharesChanged);
+        assert_eq!(shares_text(&i[0].new_shares), "one site");
+
+        // A dial on the far site alone changes nothing: s1 takes every connection first.
+        let mut b = base();
+        b.dial("s2", "chat", 10);
+        let far = b.build();
+        assert_eq!(diff(&old, &far).nodes.changed.len(), 1);
+        assert!(impact(&old, &far, &live).is_empty());
     }
 }

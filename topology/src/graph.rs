@@ -32,6 +32,8 @@ pub struct ServingSite {
     pub capacity: u32,
     /// The service's weight at this site (its share among equally near sites).
     pub weight: u32,
+    /// The service's traffic dial at this site, in percent (`SiteService::dial`).
+    pub dial: u8,
 }
 
 /// The sites that may serve one service.
@@ -236,6 +238,7 @@ impl Graph {
                         node: gi as u32,
                         capacity: served.capacity,
                         weight: served.weight,
+                        dial: served.dial,
                     });
                 }
             }

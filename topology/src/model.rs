@@ -201,10 +201,29 @@ pub struct SiteService {
     /// 1..=1_000_000): see [`crate::route::Spread`].
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// The traffic dial: the percent (0..=100, default 100) of the new connections that would
+    /// start on this site that do; the rest start on the next site in the edge's order (see
+    /// [`crate::route::TryOrder::dialled`]). A dial never makes a connection fail: a site that
+    /// declined is still tried, last. Left out of the serialised form at 100, so a topology
+    /// without dials serialises (and diffs) as it did before dials existed.
+    #[serde(default = "default_dial", skip_serializing_if = "is_full_dial")]
+    pub dial: u8,
 }
 
 pub fn default_weight() -> u32 {
     100
+}
+
+/// A dial that takes every connection offered (the default).
+pub const FULL_DIAL: u8 = 100;
+
+pub fn default_dial() -> u8 {
+    FULL_DIAL
+}
+
+/// Whether `dial` takes every connection offered (100, or more from a hand-made snapshot).
+pub fn is_full_dial(dial: &u8) -> bool {
+    *dial >= FULL_DIAL
 }
 
 /// An undirected link; latency is one-way and the same both ways.

@@ -28,7 +28,7 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 
 use crate::graph::{Graph, weight_ns};
-use crate::model::{AdminState, LinkId, NodeId, NodeKind, ServiceName, Topology};
+use crate::model::{AdminState, FULL_DIAL, LinkId, NodeId, NodeKind, ServiceName, Topology};
 use crate::units::Latency;
 
 /// What the router or controller knows beyond the YAML. Entries naming nodes or links that the
@@ -132,6 +132,14 @@ pub struct Candidate {
     /// are equally near ([`Spread`]).
     #[serde(default = "crate::model::default_weight")]
     pub weight: u32,
+    /// The service's traffic dial at this site, in percent: the share of the new connections
+    /// offered to it first that it takes ([`TryOrder::dialled`]). Left out of the serialised
+    /// form at 100 (no dial), as in the model.
+    #[serde(
+        default = "crate::model::default_dial",
+        skip_serializing_if = "crate::model::is_full_dial"
+    )]
+    pub dial: u8,
 }
 
 impl Candidate {
@@ -390,6 +398,7 @@ impl RoutingTable {
                     cost: latency.saturating_add(penalty),
                     drained: drained > 0,
                     weight: site.weight,
+                    dial: site.dial,
                 });
             }
             candidates[start..].sort_by(|a, b| {
@@ -531,11 +540,12 @@ pub const SPREAD_WITHIN: Latency = Latency::from_micros(2_000);
 /// group with each table rebuild, and the split of new connections does not wander with it.
 pub const SPREAD_LEAVE: Latency = Latency::from_micros(4_000);
 
-/// One site's share of an edge's new connections for a service ([`Spread`]).
+/// One site's expected share of an edge's first tries for a service: dealt by weight among the
+/// equally near sites ([`Spread`]), then moved by traffic dials ([`TryOrder::dialled`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Share {
     pub site: NodeId,
-    /// In `(0, 1]`.
+    /// In `[0, 1]`: 0 only for a member of the group that its dial keeps from taking any.
     pub share: f64,
 }
 
@@ -610,6 +620,7 @@ const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
 ///     cost: Latency::from_micros(ms * 1000),
 ///     drained: false,
 ///     weight,
+///     dial: 100,
 /// };
 /// // Two Sydney sites 1 ms apart share 3:1; Melbourne (12 ms) is the failover only.
 /// let ranked = [cand("syd-1", 1, 300), cand("syd-2", 2, 100), cand("mel-1", 12, 100)];
@@ -679,21 +690,57 @@ impl Spread {
         (upto - before) as f64 / total as f64
     }
 
-    /// Each member of the group (a prefix of `candidates`, the list this was built from) with
-    /// its share; empty when the group is one site (it takes every new connection).
+    /// Each member of the group (a prefix of `candidates`, the list this was built from) and
+    /// each other candidate that dials send connections to, with its expected share of first
+    /// tries ([`Spread::expected`]); empty when one site takes every new connection.
+    ///
+    /// Without dials this is the group with its weight shares.
     pub fn shares(&self, candidates: &[Candidate]) -> Vec<Share> {
-        if self.members() < 2 {
-            return Vec::new();
-        }
-        candidates
+        let expected = self.expected(candidates);
+        let shares: Vec<Share> = candidates
             .iter()
-            .take(self.members())
+            .zip(expected)
             .enumerate()
-            .map(|(i, c)| Share {
+            .filter(|&(i, (_, share))| i < self.members() || share > 0.0)
+            .map(|(_, (c, share))| Share {
                 site: c.site.clone(),
-                share: self.share(i),
+                share,
             })
-            .collect()
+            .collect();
+        if shares.len() < 2 { Vec::new() } else { shares }
+    }
+
+    /// The expected share of first tries of each of `candidates` (the list this was built
+    /// from), by index: the sum, over the members the spread may deal a connection to, of that
+    /// member's share times the chance that the dial walk from it ([`TryOrder::dialled`]) starts
+    /// on the candidate. Each dial is taken as an independent chance of `dial / 100`, as the
+    /// walk's per-site sequences (or, with affinity, per-site hashes) make it over many
+    /// connections. Sums to 1 when there is a candidate; without dials it is [`Spread::share`].
+    pub fn expected(&self, candidates: &[Candidate]) -> Vec<f64> {
+        let n = candidates.len();
+        let mut out = vec![0.0; n];
+        // A group of one (or none built: then the first candidate) takes every turn.
+        let dealers = if n == 0 {
+            0
+        } else {
+            self.members().clamp(1, n)
+        };
+        for dealt in 0..dealers {
+            let base = TryOrder::new(n, dealt);
+            let mut rest = if self.members() > 1 {
+                self.share(dealt)
+            } else {
+                1.0
+            };
+            for i in base.iter() {
+                let take = rest * dial_fraction(candidates[i].dial);
+                out[i] += take;
+                rest -= take;
+            }
+            // Every site declined: the order is unchanged, and its first site is tried first.
+            out[base.first()] += rest;
+        }
+        out
     }
 
     /// The member that the client with `key` ([`client_key`]) starts on: weighted rendezvous
@@ -732,6 +779,119 @@ impl Spread {
                 self.cumulative.partition_point(|&c| c <= point)
             }
         }
+    }
+}
+
+/// `dial` as a chance in `[0, 1]`.
+fn dial_fraction(dial: u8) -> f64 {
+    f64::from(dial.min(FULL_DIAL)) / f64::from(FULL_DIAL)
+}
+
+/// Whether a site with `dial` (percent) takes the connection offered to it as its `turn`-th
+/// (counting from 0, per service and site). Turn `t` is taken when `(t mod 100) · dial mod 100 <
+/// dial`: a Beatty sequence, so turn 0 is taken (a canary gets its first connection at once) and
+/// the turns taken in any run of consecutive turns number `run · dial / 100` rounded up or down,
+/// never further off (the count up to turn `t` is `⌈t · dial / 100⌉`). 0 never takes one, 100
+/// (or more) always does. The counter wraps after 2^64 turns with one uneven run.
+pub fn dial_takes_turn(dial: u8, turn: u64) -> bool {
+    match u64::from(dial) {
+        0 => false,
+        d if d >= u64::from(FULL_DIAL) => true,
+        d => (turn % 100) * d % 100 < d,
+    }
+}
+
+/// The per-site key of [`dial_takes_client`]: the site id's stable hash, salted so that it is
+/// independent of the hash that rendezvous hashing ([`Spread::pick_affine`]) scores the site by.
+pub fn dial_site_key(site: &NodeId) -> u64 {
+    mix(stable_hash(site.as_str().as_bytes()) ^ 0x6469_616c_6469_616c) // "dialdial"
+}
+
+/// With `affinity: source_ip`: whether a site with `dial` (percent) and key `site`
+/// ([`dial_site_key`]) takes the connections of the client with `key` ([`client_key`]). The
+/// same client gets the same answer from the same site on every edge and after restarts, and
+/// `dial` percent of clients get a yes. Raising a dial only adds clients, lowering it only
+/// removes some: each client has a fixed threshold per site.
+pub fn dial_takes_client(dial: u8, key: u64, site: u64) -> bool {
+    match dial {
+        0 => false,
+        d if d >= FULL_DIAL => true,
+        d => (u128::from(mix(key ^ site)) * u128::from(FULL_DIAL)) >> 64 < u128::from(d),
+    }
+}
+
+/// The order in which one new connection tries the candidates of its service (indices into the
+/// ranked list), built without allocating.
+///
+/// The base order is the site the spread dealt (or a circuit's reserved path) first, then the
+/// other candidates in rank order (the failover order). The dial walk ([`TryOrder::dialled`])
+/// then asks each site in that order, until one says yes, whether it takes the connection as
+/// its first try; a site that declines moves to the end of the order, and the declined sites
+/// keep their relative order. Since every site before the first that accepts declined, the
+/// result is the base order rotated to start at that site, which is all this stores.
+///
+/// ```
+/// use topology::route::TryOrder;
+///
+/// // Dealt to candidate 2 of 4: 2, 0, 1, 3. Site 2 declines, site 0 accepts.
+/// let base = TryOrder::new(4, 2);
+/// assert_eq!(base.iter().collect::<Vec<_>>(), [2, 0, 1, 3]);
+/// let walked = base.dialled(|i| i != 2);
+/// assert_eq!(walked.iter().collect::<Vec<_>>(), [0, 1, 3, 2]);
+/// // Every site declines: the base order stands (a dial never refuses a connection).
+/// assert_eq!(base.dialled(|_| false), base);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TryOrder {
+    len: usize,
+    /// The candidate the base order starts with.
+    dealt: usize,
+    /// The position in the base order the walk starts the tries at.
+    start: usize,
+}
+
+impl TryOrder {
+    /// `dealt`, then the other `len - 1` candidates in rank order. A `dealt` out of range is
+    /// rank order.
+    pub fn new(len: usize, dealt: usize) -> TryOrder {
+        TryOrder {
+            len,
+            dealt: if dealt < len { dealt } else { 0 },
+            start: 0,
+        }
+    }
+
+    /// The candidate at `pos` of the base order.
+    fn at(&self, pos: usize) -> usize {
+        match pos {
+            0 => self.dealt,
+            p if p <= self.dealt => p - 1,
+            p => p,
+        }
+    }
+
+    /// The dial walk: `takes(i)` is asked for candidate `i`, in the base order, until it says
+    /// yes (at most once per candidate); the tries start there, and the sites that declined
+    /// follow the others. When no site takes it, the base order stands.
+    pub fn dialled(self, mut takes: impl FnMut(usize) -> bool) -> TryOrder {
+        let start = (0..self.len).find(|&pos| takes(self.at(pos))).unwrap_or(0);
+        TryOrder { start, ..self }
+    }
+
+    /// The candidate tried first (0 when there is none).
+    pub fn first(&self) -> usize {
+        if self.len == 0 {
+            0
+        } else {
+            self.at(self.start)
+        }
+    }
+
+    /// Every candidate, in the order tried.
+    pub fn iter(self) -> impl Iterator<Item = usize> {
+        (self.start..self.len)
+            .chain(0..self.start)
+            .map(move |pos| self.at(pos))
     }
 }
 
@@ -1137,6 +1297,7 @@ mod tests {
                 cost: ms(cost),
                 drained: false,
                 weight,
+                dial: 100,
             })
             .collect();
         let spread = Spread::new(&ranked);
@@ -1308,5 +1469,289 @@ mod tests {
         // s1 has a quarter of the weight: about a quarter of the clients move.
         assert!((2_200..=2_800).contains(&moved_leave), "{moved_leave}");
         assert_eq!(moved_leave, joined);
+    }
+
+    /// `spread_of`, then `dials` (percent) set on the candidates in order.
+    fn dialled(costs_ms: &[f64], weights: &[u32], dials: &[u8]) -> (Vec<Candidate>, Spread) {
+        let (mut ranked, spread) = spread_of(costs_ms, weights);
+        for (c, &d) in ranked.iter_mut().zip(dials) {
+            c.dial = d;
+        }
+        (ranked, spread)
+    }
+
+    fn close(got: &[f64], want: &[f64]) -> bool {
+        got.len() == want.len() && got.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-12)
+    }
+
+    /// The expected share of first tries: the spread's pick, then the dial walk. A near site
+    /// dialled to 30 keeps 30 % and spills the rest to the next site, though that one is
+    /// outside the equally near group.
+    #[test]
+    fn expected_shares_follow_the_dial_walk() {
+        // No dials: the weight shares, exactly.
+        let (ranked, spread) = spread_of(&[1.0, 1.5, 20.0], &[300, 100, 100]);
+        assert_eq!(spread.expected(&ranked), [0.75, 0.25, 0.0]);
+
+        let cases: [(&[f64], &[u32], &[u8], &[f64]); 8] = [
+            // near 30 + far: near 0.3, far 0.7.
+            (&[1.0, 20.0], &[100, 100], &[30, 100], &[0.3, 0.7]),
+            // near 0: far takes every first try.
+            (&[1.0, 20.0], &[100, 100], &[0, 100], &[0.0, 1.0]),
+            // near 30, far 50, farther 100: 0.3, 0.7 * 0.5, the rest.
+            (
+                &[1.0, 20.0, 40.0],
+                &[1, 1, 1],
+                &[30, 50, 100],
+                &[0.3, 0.35, 0.35],
+            ),
+            // Every site declines: the order stands, near first.
+            (&[1.0, 20.0], &[100, 100], &[0, 0], &[1.0, 0.0]),
+            // A far site's dial matters only for what reaches it.
+            (
+                &[1.0, 20.0, 40.0],
+                &[1, 1, 1],
+                &[100, 0, 100],
+                &[1.0, 0.0, 0.0],
+            ),
+            (
+                &[1.0, 20.0, 40.0],
+                &[1, 1, 1],
+                &[50, 0, 100],
+                &[0.5, 0.0, 0.5],
+            ),
+            // Two sharing sites, one dialled to 50: its declines go to the other member (next
+            // in the order), not to the far site.
+            (
+                &[1.0, 1.5, 20.0],
+                &[100, 100, 100],
+                &[50, 100, 100],
+                &[0.25, 0.75, 0.0],
+            ),
+            // Both dialled to 50: from each pick, the pick, the other member, then far.
+            (
+                &[1.0, 1.5, 20.0],
+                &[100, 100, 100],
+                &[50, 50, 100],
+                &[0.375, 0.375, 0.25],
+            ),
+        ];
+        for (costs, weights, dials, want) in cases {
+            let (ranked, spread) = dialled(costs, weights, dials);
+            let got = spread.expected(&ranked);
+            assert!(close(&got, want), "dials {dials:?}: {got:?}, want {want:?}");
+            assert!((got.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+        }
+        assert!(Spread::new(&[]).expected(&[]).is_empty());
+        let (one, spread) = dialled(&[1.0], &[1], &[0]);
+        assert_eq!(
+            spread.expected(&one),
+            [1.0],
+            "a lone site takes all, dial or not"
+        );
+    }
+
+    /// `shares` lists the group and every site dials send first tries to, with expected shares;
+    /// without dials, exactly the group by weight (nothing when one site takes all).
+    #[test]
+    fn shares_list_the_sites_dials_send_first_tries_to() {
+        let list = |ranked: &[Candidate], spread: &Spread| {
+            spread
+                .shares(ranked)
+                .into_iter()
+                .map(|s| (s.site.to_string(), (s.share * 1000.0).round() / 1000.0))
+                .collect::<Vec<_>>()
+        };
+        let (ranked, spread) = dialled(&[1.0, 20.0], &[100, 100], &[100, 100]);
+        assert!(list(&ranked, &spread).is_empty());
+        let (ranked, spread) = dialled(&[1.0, 20.0], &[100, 100], &[30, 100]);
+        assert_eq!(
+            list(&ranked, &spread),
+            [("s0".to_string(), 0.3), ("s1".to_string(), 0.7)]
+        );
+        // A member dialled to 0 is listed with 0 %: the group is still its group.
+        let (ranked, spread) = dialled(&[1.0, 20.0], &[100, 100], &[0, 100]);
+        assert_eq!(
+            list(&ranked, &spread),
+            [("s0".to_string(), 0.0), ("s1".to_string(), 1.0)]
+        );
+        // Sites nothing reaches first are left out.
+        let (ranked, spread) = dialled(
+            &[1.0, 1.5, 20.0, 40.0],
+            &[300, 100, 1, 1],
+            &[100, 60, 100, 100],
+        );
+        assert_eq!(
+            list(&ranked, &spread),
+            [("s0".to_string(), 0.85), ("s1".to_string(), 0.15)]
+        );
+    }
+
+    #[test]
+    fn the_dial_walk_moves_declined_sites_to_the_end() {
+        let order = |o: TryOrder| o.iter().collect::<Vec<_>>();
+        assert_eq!(order(TryOrder::new(4, 0)), [0, 1, 2, 3]);
+        assert_eq!(order(TryOrder::new(4, 3)), [3, 0, 1, 2]);
+        assert_eq!(
+            order(TryOrder::new(4, 9)),
+            [0, 1, 2, 3],
+            "out of range: rank order"
+        );
+        assert_eq!(order(TryOrder::new(0, 0)), Vec::<usize>::new());
+        assert_eq!(TryOrder::new(0, 0).dialled(|_| true).first(), 0);
+
+        // Dealt 1: base 1, 0, 2, 3. Sites 1 and 0 decline, 2 accepts: 2, 3, then 1, 0.
+        let mut asked = Vec::new();
+        let walked = TryOrder::new(4, 1).dialled(|i| {
+            asked.push(i);
+            i == 2 || i == 3
+        });
+        assert_eq!(
+            asked,
+            [1, 0, 2],
+            "asked in the base order, until one accepts"
+        );
+        assert_eq!(walked.first(), 2);
+        assert_eq!(order(walked), [2, 3, 1, 0]);
+        // The first site accepts: the base order.
+        assert_eq!(order(TryOrder::new(3, 2).dialled(|_| true)), [2, 0, 1]);
+        // Only the last accepts: it goes first, the declined follow in their order.
+        assert_eq!(order(TryOrder::new(3, 0).dialled(|i| i == 2)), [2, 0, 1]);
+        // Nobody accepts: every site declined, so every site moved, in order: the base order.
+        assert_eq!(order(TryOrder::new(3, 1).dialled(|_| false)), [1, 0, 2]);
+    }
+
+    /// A site takes its dial's share of the connections offered to it over any run of
+    /// consecutive turns, wherever the run starts (the counter is carried across tables), to
+    /// within one connection; the first turn is taken.
+    #[test]
+    fn dial_turns_take_their_share_over_any_run() {
+        for dial in 1u8..100 {
+            assert!(
+                dial_takes_turn(dial, 0),
+                "dial {dial}: the first turn is taken"
+            );
+            for start in [0u64, 1, 7, 99, 12_345, 1 << 40, u64::MAX - 20_000] {
+                for run in [1u64, 2, 3, 7, 10, 33, 100, 101, 1000, 10_007] {
+                    let taken = (0..run)
+                        .filter(|&k| dial_takes_turn(dial, start + k))
+                        .count() as f64;
+                    let want = run as f64 * f64::from(dial) / 100.0;
+                    assert!(
+                        (taken - want).abs() < 1.0,
+                        "dial {dial}, turns {start}+{run}: took {taken}, want {want:.2}"
+                    );
+                }
+            }
+        }
+        assert!((0..1000).all(|t| dial_takes_turn(100, t) && !dial_takes_turn(0, t)));
+        assert!(
+            (0..1000).all(|t| dial_takes_turn(200, t)),
+            "over 100 is 100"
+        );
+    }
+
+    /// With affinity: a client gets the same answer from a site every time; `dial` percent of
+    /// clients are taken; raising a dial keeps every client it took; sites decide independently.
+    #[test]
+    fn dial_takes_a_stable_share_of_clients() {
+        let keys = keys(20_000);
+        let (a, b) = (dial_site_key(&nid("syd-1")), dial_site_key(&nid("syd-2")));
+        assert_ne!(a, b);
+        assert_eq!(a, dial_site_key(&nid("syd-1")));
+        for dial in [10u8, 25, 50, 90] {
+            let taken = keys
+                .iter()
+                .filter(|&&k| dial_takes_client(dial, k, a))
+                .count();
+            let share = taken as f64 / keys.len() as f64;
+            assert!(
+                (share - f64::from(dial) / 100.0).abs() < 0.02,
+                "dial {dial}: {share}"
+            );
+        }
+        for &k in &keys {
+            assert_eq!(dial_takes_client(30, k, a), dial_takes_client(30, k, a));
+            if dial_takes_client(30, k, a) {
+                assert!(
+                    dial_takes_client(31, k, a),
+                    "raising a dial took a client away"
+                );
+            }
+        }
+        assert!(
+            keys.iter()
+                .all(|&k| dial_takes_client(100, k, a) && !dial_takes_client(0, k, a))
+        );
+        // Independent of each other and of the rendezvous pick: both 50 %, a quarter take both.
+        let both = keys
+            .iter()
+            .filter(|&&k| dial_takes_client(50, k, a) && dial_takes_client(50, k, b))
+            .count() as f64
+            / keys.len() as f64;
+        assert!((both - 0.25).abs() < 0.02, "{both}");
+        let (_, spread) = spread_of(&[1.0, 1.0], &[100, 100]);
+        let picked_and_taken = keys
+            .iter()
+            .filter(|&&k| {
+                spread.pick_affine(k) == 0 && dial_takes_client(50, k, dial_site_key(&nid("s0")))
+            })
+            .count() as f64
+            / keys.len() as f64;
+        assert!((picked_and_taken - 0.25).abs() < 0.02, "{picked_and_taken}");
+    }
+
+    /// What an edge does per connection (the spread's ticket, then the walk with one turn
+    /// counter per site), run over many connections, lands on the expected shares.
+    #[test]
+    fn dealt_and_dialled_connections_land_on_the_expected_shares() {
+        let cases: [(&[f64], &[u32], &[u8]); 5] = [
+            (&[1.0, 20.0], &[100, 100], &[25, 100]),
+            (&[1.0, 20.0, 40.0], &[1, 1, 1], &[30, 50, 100]),
+            (&[1.0, 1.5, 20.0], &[100, 100, 100], &[50, 100, 100]),
+            (&[1.0, 1.5, 20.0], &[300, 100, 100], &[50, 50, 100]),
+            (
+                &[1.0, 1.5, 2.0, 30.0],
+                &[100, 200, 100, 100],
+                &[10, 70, 0, 40],
+            ),
+        ];
+        for (costs, weights, dials) in cases {
+            let (ranked, spread) = dialled(costs, weights, dials);
+            let want = spread.expected(&ranked);
+            let n = 20_000u64;
+            let mut turns = vec![0u64; ranked.len()];
+            let mut got = vec![0u64; ranked.len()];
+            for ticket in 0..n {
+                let dealt = spread.pick(ticket);
+                let order = TryOrder::new(ranked.len(), dealt).dialled(|i| {
+                    turns[i] += 1;
+                    dial_takes_turn(ranked[i].dial, turns[i] - 1)
+                });
+                got[order.first()] += 1;
+            }
+            for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                let share = g as f64 / n as f64;
+                assert!(
+                    (share - w).abs() < 0.01,
+                    "dials {dials:?}: site {i} took {share:.4} of first tries, expected {w:.4}"
+                );
+            }
+        }
+        // One site, fixed order: its count is within 1 of its dial over any prefix.
+        let (ranked, _) = dialled(&[1.0, 20.0], &[1, 1], &[25, 100]);
+        let mut turn = 0u64;
+        let mut near = 0u64;
+        for k in 1..=1000u64 {
+            let order = TryOrder::new(2, 0).dialled(|i| {
+                let t = turn;
+                if i == 0 {
+                    turn += 1;
+                }
+                dial_takes_turn(ranked[i].dial, t)
+            });
+            near += u64::from(order.first() == 0);
+            assert!((near as f64 - k as f64 * 0.25).abs() < 1.0, "{near} of {k}");
+        }
     }
 }

@@ -129,6 +129,7 @@ pub fn topology(p: &Params) -> Topology {
                     backend: SocketAddr::new(IpAddr::V4(ip(11, i)), 9000 + s as u16),
                     capacity: 64 + rng.below(512) as u32,
                     weight: 100,
+                    dial: 100,
                 });
             }
         }

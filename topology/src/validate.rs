@@ -38,7 +38,7 @@ const NODE_FIELDS: &[&str] = &[
     "serves",
 ];
 const LOCATION_FIELDS: &[&str] = &["lat", "lon"];
-const SERVES_FIELDS: &[&str] = &["service", "backend", "capacity", "weight"];
+const SERVES_FIELDS: &[&str] = &["service", "backend", "capacity", "weight", "dial"];
 const LINK_FIELDS: &[&str] = &["a", "b", "latency", "capacity", "state"];
 const SERVICE_FIELDS: &[&str] = &[
     "name",
@@ -885,14 +885,20 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
                 Some(n) => integer(cx, n, &Of("weight", &sw), 1, 1_000_000)
                     .and_then(|w| u32::try_from(w).ok()),
             };
-            match (service, backend, capacity, weight) {
-                (Some(service), Some(backend), Some(capacity), Some(weight)) => {
+            let dial = match sf.get("dial") {
+                None => Some(default_dial()),
+                Some(n) => integer(cx, n, &Of("dial", &sw), 0, FULL_DIAL.into())
+                    .and_then(|d| u8::try_from(d).ok()),
+            };
+            match (service, backend, capacity, weight, dial) {
+                (Some(service), Some(backend), Some(capacity), Some(weight), Some(dial)) => {
                     if let Some(node) = &mut e.node {
                         node.serves.push(SiteService {
                             service: ServiceName::new(service),
                             backend,
                             capacity,
                             weight,
+                            dial,
                         });
                     }
                 }

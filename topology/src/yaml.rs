@@ -89,14 +89,18 @@ pub fn to_yaml(t: &Topology) -> String {
         if !n.serves.is_empty() {
             o.push_str("    serves:\n");
             for s in &n.serves {
-                let _ = writeln!(
+                let _ = write!(
                     o,
-                    "      - {{service: {}, backend: {}, capacity: {}, weight: {}}}",
+                    "      - {{service: {}, backend: {}, capacity: {}, weight: {}",
                     q(&s.service),
                     q(s.backend),
                     s.capacity,
                     s.weight
                 );
+                if !crate::model::is_full_dial(&s.dial) {
+                    let _ = write!(o, ", dial: {}", s.dial);
+                }
+                o.push_str("}\n");
             }
         }
     }
@@ -179,5 +183,65 @@ mod tests {
         assert_eq!(back.topology, t);
         // Connected through transits: every edge reaches a site of every service.
         assert!(back.warnings.is_empty(), "{:#?}", back.warnings);
+    }
+
+    /// A dial reads from the file, writes back only when set, and leaves the serialised forms of
+    /// a topology without dials as they were (no `dial` key anywhere).
+    #[test]
+    fn dials_round_trip_and_are_left_out_at_100() {
+        let text = r#"
+version: 1
+nodes:
+  - {id: e, kind: edge, region: r, country: AU, location: {lat: 0, lon: 0}, address: "127.0.0.1:7000", client_address: 127.0.0.1}
+  - id: s1
+    kind: site
+    region: r
+    country: AU
+    location: {lat: 0, lon: 0}
+    address: "127.0.0.1:7001"
+    serves:
+      - {service: chat, backend: "127.0.0.1:9000", capacity: 8, dial: 30}
+      - {service: embed, backend: "127.0.0.1:9001", capacity: 8, dial: 0}
+  - id: s2
+    kind: site
+    region: r
+    country: AU
+    location: {lat: 0, lon: 0}
+    address: "127.0.0.1:7002"
+    serves:
+      - {service: chat, backend: "127.0.0.1:9000", capacity: 8, dial: 100}
+      - {service: embed, backend: "127.0.0.1:9001", capacity: 8}
+links:
+  - {a: e, b: s1, latency: 1ms, capacity: 1Gbps}
+  - {a: e, b: s2, latency: 9ms, capacity: 1Gbps}
+services:
+  - {name: chat, port: 8000}
+  - {name: embed, port: 8001}
+"#;
+        let t = load(text).unwrap_or_else(|d| panic!("{d:#?}")).topology;
+        let dials = |t: &Topology| {
+            t.nodes
+                .iter()
+                .flat_map(|n| n.serves.iter().map(move |s| (n.id.to_string(), s.dial)))
+                .collect::<Vec<_>>()
+        };
+        let want = [("s1", 30), ("s1", 0), ("s2", 100), ("s2", 100)];
+        assert_eq!(
+            dials(&t),
+            want.map(|(n, d)| (n.to_string(), d)),
+            "absent is 100"
+        );
+        let yaml = to_yaml(&t);
+        assert_eq!(yaml.matches(", dial: ").count(), 2, "{yaml}");
+        assert_eq!(load(&yaml).unwrap().topology, t);
+        let json = serde_json::to_value(&t).unwrap();
+        assert_eq!(json["nodes"][1]["serves"][0]["dial"], 30);
+        assert!(json["nodes"][2]["serves"][0].get("dial").is_none());
+        assert_eq!(serde_json::from_value::<Topology>(json).unwrap(), t);
+
+        // No dials: nothing in YAML or JSON says "dial".
+        let plain = crate::synth::topology(&crate::synth::Params::default());
+        assert!(!to_yaml(&plain).contains("dial"));
+        assert!(!serde_json::to_string(&plain).unwrap().contains("dial"));
     }
 }

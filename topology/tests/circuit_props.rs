@@ -27,6 +27,7 @@ fn node(id: &str, kind: NodeKind) -> Node {
                 backend: "127.0.0.1:2".parse().unwrap(),
                 capacity: 10,
                 weight: 100,
+                dial: 100,
             }]
         } else {
             vec![]

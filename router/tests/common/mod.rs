@@ -56,6 +56,7 @@ pub fn serve(t: &mut Topology, site: &str, service: &str, backend: SocketAddr) {
         backend,
         capacity: 100,
         weight: 100,
+        dial: 100,
     });
 }
 

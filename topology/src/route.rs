@@ -1493,7 +1493,14 @@ mod tests {
         let (ranked, spread) = spread_of(&[1.0, 1.5, 20.0], &[300, 100, 100]);
         assert_eq!(spread.expected(&ranked), [0.75, 0.25, 0.0]);
 
-        let cases: [(&[f64], &[u32], &[u8], &[f64]); 8] = [
+        /// Costs (ms), weights, dials, expected shares.
+        type Case = (
+            &'static [f64],
+            &'static [u32],
+            &'static [u8],
+            &'static [f64],
+        );
+        let cases: [Case; 8] = [
             // near 30 + far: near 0.3, far 0.7.
             (&[1.0, 20.0], &[100, 100], &[30, 100], &[0.3, 0.7]),
             // near 0: far takes every first try.

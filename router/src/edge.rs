@@ -188,7 +188,8 @@ async fn handle_client(
     let starting = crate::metrics::Held::count(&shared.metrics.streams_starting);
     // Circuit classification (and refusal without one) happened at accept.
     let routes = shared.routes.load_full();
-    let Some((cands, dealt)) = routes.pick(service.as_str(), client.ip()) else {
+    let reserved = circuit.as_ref().map(|c| c.spec.path.as_slice());
+    let Some((cands, order)) = routes.order(service.as_str(), client.ip(), reserved) else {
         shared.metrics.error(Code::NoRoute);
         splice::reset_tcp(&tcp);
         return;
@@ -203,16 +204,15 @@ async fn handle_client(
     };
     let mut last = Code::NoRoute;
     // A circuit's connections take its reserved path first when the table still offers it;
-    // others start on the site dealt to them among the equally near ones (`Routes::pick`). The
-    // other candidates, in rank order, remain the fallback (unreserved for a circuit).
-    let first = circuit
-        .as_ref()
-        .and_then(|c| cands.iter().position(|cand| cand.path == c.spec.path))
-        .unwrap_or(dealt);
-    let order = std::iter::once(first)
-        .filter(|&i| i < cands.len())
-        .chain((0..cands.len()).filter(|&i| i != first));
-    for (i, cand) in order.map(|i| &cands[i]).take(shared.max_tries).enumerate() {
+    // others start on the site dealt to them among the equally near ones, unless its traffic
+    // dial declines them (`Routes::order`). The other candidates, in rank order and the declined
+    // sites last, remain the fallback (unreserved for a circuit).
+    for (i, cand) in order
+        .iter()
+        .map(|i| &cands[i])
+        .take(shared.max_tries)
+        .enumerate()
+    {
         if i > 0 {
             shared.metrics.failovers_total.fetch_add(1, Relaxed);
             tracing::info!(node = %shared.node, %service, site = %cand.site, code = %last, "retrying on next candidate");

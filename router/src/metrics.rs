@@ -275,7 +275,7 @@ impl Metrics {
         if !shares.is_empty() {
             let _ = writeln!(
                 s,
-                "# HELP tasman_service_site_share Share of the service's new connections the edge deals to the site first (the equally near sites, by weight).
+                "# HELP tasman_service_site_share Expected share of the service's new connections the edge tries first at the site (the equally near sites by weight, then traffic dials).
 # TYPE tasman_service_site_share gauge"
             );
         }

@@ -19,9 +19,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::task::AbortHandle;
 use topology::graph::Graph;
 use topology::route::{
-    Candidate, LiveState, RoutingTable, SiteLoad, Spread, client_key, preferred_first,
+    Candidate, LiveState, RoutingTable, SiteLoad, Spread, TryOrder, client_key, dial_site_key,
+    dial_takes_client, dial_takes_turn, preferred_first,
 };
-use topology::{Affinity, Latency, LinkId, NodeId, NodeKind, ServiceName, Topology, Vip};
+use topology::{
+    Affinity, FULL_DIAL, Latency, LinkId, NodeId, NodeKind, ServiceName, Topology, Vip,
+};
 
 use crate::Shared;
 use crate::neighbours::{self, Neighbour};
@@ -58,6 +61,46 @@ struct ServiceRoute {
     /// Tickets dealt for this service. Carried over from table to table, so that a rebuild
     /// (one a second at least) does not restart the sequence and favour its first member.
     tickets: Arc<AtomicU64>,
+    /// Per candidate (by index), the turns its traffic dial was asked ([`dial_takes_turn`]).
+    /// Carried over from table to table by site, like `tickets`. Empty when every candidate's
+    /// dial is 100: then a connection makes no dial walk at all.
+    dial_turns: Vec<Arc<AtomicU64>>,
+    /// Per candidate, [`dial_site_key`] (for `affinity: source_ip`); empty like `dial_turns`.
+    dial_keys: Vec<u64>,
+}
+
+impl ServiceRoute {
+    /// The candidate the spread deals a connection from `client` to.
+    fn deal(&self, client: IpAddr) -> usize {
+        match (self.spread.members() > 1, self.affinity) {
+            (false, _) => 0,
+            (true, Affinity::None) => self
+                .spread
+                .pick(self.tickets.fetch_add(1, Ordering::Relaxed)),
+            (true, Affinity::SourceIp) => self.spread.pick_affine(client_key(client)),
+        }
+    }
+
+    /// The dial walk from `base` ([`TryOrder::dialled`]): by each dialled site's next turn (one
+    /// atomic add per site asked), or by the client's address with `affinity: source_ip`.
+    fn dialled(&self, base: TryOrder, client: IpAddr) -> TryOrder {
+        if self.dial_turns.is_empty() {
+            return base;
+        }
+        let key = (self.affinity == Affinity::SourceIp).then(|| client_key(client));
+        base.dialled(|i| match (self.candidates[i].dial, key) {
+            (0, _) => false,
+            (d, _) if d >= FULL_DIAL => true,
+            (d, Some(key)) => dial_takes_client(d, key, self.dial_keys[i]),
+            (d, None) => dial_takes_turn(d, self.dial_turns[i].fetch_add(1, Ordering::Relaxed)),
+        })
+    }
+
+    /// The turn counter of `site`'s dial in this table, if it has one.
+    fn dial_turns_of(&self, site: &NodeId) -> Option<Arc<AtomicU64>> {
+        let i = self.candidates.iter().position(|c| &c.site == site)?;
+        self.dial_turns.get(i).cloned()
+    }
 }
 
 impl Routes {
@@ -71,12 +114,28 @@ impl Routes {
     /// `affinity: source_ip`. No work when one site takes every connection.
     pub fn pick(&self, service: &str, client: IpAddr) -> Option<(Arc<[Candidate]>, usize)> {
         let r = self.by_service.get(service)?;
-        let first = match (r.spread.members() > 1, r.affinity) {
-            (false, _) => 0,
-            (true, Affinity::None) => r.spread.pick(r.tickets.fetch_add(1, Ordering::Relaxed)),
-            (true, Affinity::SourceIp) => r.spread.pick_affine(client_key(client)),
+        Some((r.candidates.clone(), r.deal(client)))
+    }
+    /// Hot path (per connection): the ranked candidates for `service` and the order in which a
+    /// connection from `client` tries them. The base order is the site dealt by
+    /// [`Routes::pick`] first, then the others in rank order; traffic dials then move the sites
+    /// that decline this connection to the end ([`TryOrder::dialled`]). A connection on a
+    /// circuit whose `reserved` path the table still offers starts on it instead, dials or not:
+    /// the path is reserved for it. No allocation; no dial work when no site has a dial.
+    pub fn order(
+        &self,
+        service: &str,
+        client: IpAddr,
+        reserved: Option<&[NodeId]>,
+    ) -> Option<(Arc<[Candidate]>, TryOrder)> {
+        let r = self.by_service.get(service)?;
+        let dealt = r.deal(client);
+        let len = r.candidates.len();
+        let order = match reserved.and_then(|p| r.candidates.iter().position(|c| c.path == p)) {
+            Some(on_circuit) => TryOrder::new(len, on_circuit),
+            None => r.dialled(TryOrder::new(len, dealt), client),
         };
-        Some((r.candidates.clone(), first))
+        Some((r.candidates.clone(), order))
     }
     /// Per service, how many candidate sites the table holds (edges only), sorted by service.
     pub fn candidate_counts(&self) -> Vec<(&ServiceName, usize)> {
@@ -88,14 +147,21 @@ impl Routes {
         v.sort();
         v
     }
-    /// Per service (sorted), the sites that share its new connections and their shares.
+    /// Per service (sorted), the sites that its new connections try first and their expected
+    /// shares ([`Spread::expected`]): the equally near group by weight, moved by traffic dials,
+    /// which may send a share to sites outside the group.
     pub fn shares(&self) -> Vec<(&ServiceName, Vec<(&NodeId, f64)>)> {
         let mut v: Vec<_> = self
             .by_service
             .iter()
             .map(|(s, r)| {
-                let members = (0..r.spread.members())
-                    .map(|i| (&r.candidates[i].site, r.spread.share(i)))
+                let members = r
+                    .candidates
+                    .iter()
+                    .zip(r.spread.expected(&r.candidates))
+                    .enumerate()
+                    .filter(|&(i, (_, share))| i < r.spread.members() || share > 0.0)
+                    .map(|(_, (c, share))| (&c.site, share))
                     .collect();
                 (s, members)
             })
@@ -509,11 +575,27 @@ impl Control {
                                     .any(|c| &c.site == site)
                             })
                         };
+                        // Dials: each site's turns go on from the last table's count.
+                        let (dial_turns, dial_keys) = if cands.iter().any(|c| c.dial < FULL_DIAL) {
+                            cands
+                                .iter()
+                                .map(|c| {
+                                    let turns = before
+                                        .and_then(|r| r.dial_turns_of(&c.site))
+                                        .unwrap_or_default();
+                                    (turns, dial_site_key(&c.site))
+                                })
+                                .unzip()
+                        } else {
+                            (Vec::new(), Vec::new())
+                        };
                         let route = ServiceRoute {
                             spread: Spread::sticky(&cands, was_member),
                             affinity: svc.affinity,
                             candidates: cands.into(),
                             tickets,
+                            dial_turns,
+                            dial_keys,
                         };
                         routes.by_service.insert(svc.name.clone(), route);
                     }

@@ -1019,3 +1019,156 @@ async fn a_neighbour_refusing_our_certificate_is_redialled_with_backoff() {
     edge.shutdown().await;
     site.shutdown().await;
 }
+
+// ---- Traffic dials ----
+
+/// Opens `n` client connections through the edge on `port`, `batch` at a time, each held until
+/// the backends count it; returns how many more connections backends `a` and `b` served.
+async fn served(
+    port: u16,
+    n: usize,
+    batch: usize,
+    a: &common::TrackedBackend,
+    b: &common::TrackedBackend,
+) -> (usize, usize) {
+    let before = (a.ended_after_held(), b.ended_after_held());
+    let mut done = 0;
+    while done < n {
+        let k = batch.min(n - done);
+        let open: Vec<_> = (0..k)
+            .map(|i| {
+                let hello = format!("connection {i}").into_bytes();
+                tokio::spawn(async move { held_connection(port, &hello).await })
+            })
+            .collect();
+        let mut conns = Vec::with_capacity(k);
+        for c in open {
+            conns.push(c.await.unwrap());
+        }
+        // Held past `HELD`, so that the backends tell them from health checks.
+        tokio::time::sleep(common::HELD + Duration::from_millis(50)).await;
+        drop(conns);
+        done += k;
+        wait_until(
+            Duration::from_secs(10),
+            || a.ended_after_held() + b.ended_after_held() == before.0 + before.1 + done,
+            || format!("{done} connections not all ended at the backends"),
+        )
+        .await;
+    }
+    (
+        a.ended_after_held() - before.0,
+        b.ended_after_held() - before.1,
+    )
+}
+
+/// A near site dialled to 25 % (in a new snapshot: the dial travels in it) takes a quarter of
+/// the edge's new connections and the far site the rest, though the far one is 30 ms farther
+/// and would otherwise take none. A dial never refuses: with the far site's router stopped,
+/// every connection still succeeds on the dialled near site.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dialled_site_takes_its_share_and_never_refuses() {
+    let dir = ca_dir();
+    let (a, b) = (tracked_echo_backend().await, tracked_echo_backend().await);
+    let (mut hs, txs, port) = near_and_far(dir.path(), a.addr, b.addr, |_| {}).await;
+    let mut t = (*txs[0].borrow().topology).clone();
+    for s in t
+        .nodes
+        .iter_mut()
+        .filter(|n| n.id.as_str() == "near")
+        .flat_map(|n| n.serves.iter_mut())
+    {
+        s.dial = 25;
+    }
+    let snap = Arc::new(Snapshot::new(2, Arc::new(t)));
+    for tx in &txs {
+        tx.send(snap.clone()).unwrap();
+    }
+    let shares = |h: &RouterHandle| {
+        h.routes()
+            .shares()
+            .into_iter()
+            .find(|(s, _)| s.as_str() == "echo")
+            .map(|(_, m)| {
+                m.iter()
+                    .map(|(site, share)| (site.to_string(), *share))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    wait_until(
+        Duration::from_secs(10),
+        || hs[0].routes().version == 2,
+        || "the edge never applied the snapshot with the dial".into(),
+    )
+    .await;
+    assert_eq!(
+        shares(&hs[0]),
+        [("near".to_string(), 0.25), ("far".to_string(), 0.75)]
+    );
+    let m = hs[0].metrics_text();
+    assert!(
+        m.contains("tasman_service_site_share{node=\"edge\",service=\"echo\",site=\"near\"} 0.25")
+            && m.contains(
+                "tasman_service_site_share{node=\"edge\",service=\"echo\",site=\"far\"} 0.75"
+            ),
+        "{m}"
+    );
+
+    let (near, far) = served(port, 200, 25, &a, &b).await;
+    assert_eq!(near + far, 200);
+    assert!(
+        (40..=60).contains(&near),
+        "near (dial 25) served {near} of 200 connections, far {far}"
+    );
+
+    // The far site's router stops: the declined connections are still tried on near.
+    let far_router = hs.remove(2);
+    assert_eq!(far_router.telemetry().node.as_str(), "far");
+    far_router.shutdown().await;
+    let (near, far) = served(port, 40, 10, &a, &b).await;
+    assert_eq!((near, far), (40, 0), "with far stopped");
+    for h in hs {
+        h.shutdown().await;
+    }
+}
+
+/// Each site's dial turns survive table rebuilds, as the spread's tickets do: with one
+/// connection per table (a new snapshot before each), a near site dialled to 50 takes every
+/// other one; restarting its turns with each table would give it every connection (its first
+/// turn is always taken).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dial_turns_survive_table_rebuilds() {
+    let dir = ca_dir();
+    let (a, b) = (echo_backend().await, echo_backend().await);
+    let (hs, txs, _) = near_and_far(dir.path(), a, b, |_| {}).await;
+    let mut t = (*txs[0].borrow().topology).clone();
+    t.nodes
+        .iter_mut()
+        .filter(|n| n.id.as_str() == "near")
+        .for_each(|n| n.serves[0].dial = 50);
+    let t = Arc::new(t);
+    let mut near = 0;
+    for version in 2..=21 {
+        txs[0]
+            .send(Arc::new(Snapshot::new(version, t.clone())))
+            .unwrap();
+        wait_until(
+            Duration::from_secs(10),
+            || hs[0].routes().version == version,
+            || format!("table {version} not built"),
+        )
+        .await;
+        let client = std::net::Ipv4Addr::LOCALHOST.into();
+        let (cands, order) = hs[0].routes().order("echo", client, None).unwrap();
+        assert_eq!(cands.len(), 2, "{cands:?}");
+        near += usize::from(cands[order.first()].site.as_str() == "near");
+    }
+    assert!(
+        (9..=11).contains(&near),
+        "near (dial 50) took {near} of 20 connections on 20 tables, want 10"
+    );
+    for h in hs {
+        h.shutdown().await;
+    }
+}

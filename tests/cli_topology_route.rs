@@ -448,3 +448,148 @@ fn route_shows_the_weighted_share_of_equally_near_sites() {
         "{out}"
     );
 }
+
+/// A near site dialled to 30 keeps 30 % of the edge's first tries and the far site, outside the
+/// equally near group, gets the rest: `route` shows the dial and the expected shares (table and
+/// JSON), and `diff` shows the dial change and its effect on shares, though no site changes.
+#[test]
+fn route_and_diff_show_a_traffic_dial() {
+    use common::{LOCAL, TopoYaml, free_udp};
+    let backend = "127.0.0.1:9".parse().unwrap();
+    let mut y = TopoYaml::default();
+    y.edge("edge", free_udp(LOCAL), LOCAL, None)
+        .site_weighted("near", free_udp(LOCAL), &[("chat", backend, 10, Some(100))])
+        .site("far", free_udp(LOCAL), &[("chat", backend, 10)])
+        .link("edge", "near", "1ms")
+        .link("edge", "far", "9ms")
+        .service("chat", 8080, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("plain.yaml");
+    let text = y.render();
+    std::fs::write(&plain, &text).unwrap();
+    let dialled = dir.path().join("dialled.yaml");
+    assert_eq!(text.matches("weight: 100}").count(), 1, "{text}");
+    std::fs::write(
+        &dialled,
+        text.replace("weight: 100}", "weight: 100, dial: 30}"),
+    )
+    .unwrap();
+    let route = |file: &Path, extra: &[&str]| {
+        let mut a = vec!["topology", "route", file.to_str().unwrap()];
+        a.extend(["--from", "edge", "--service", "chat"]);
+        a.extend(extra);
+        let o = tasman(&a);
+        assert!(o.status.success(), "{}", stderr(&o));
+        stdout(&o)
+    };
+
+    let out = route(&dialled, &[]);
+    let row = |site: &str| {
+        out.lines()
+            .find(|l| l.contains(&format!(" {site} ")))
+            .unwrap_or_else(|| panic!("no row for {site}: {out}"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+    };
+    // # site cost latency penalty weight dial share path
+    assert!(
+        out.lines().any(|l| l.contains("weight  dial  share")),
+        "{out}"
+    );
+    assert_eq!(&row("near")[5..8], ["100", "30%", "30%"], "{out}");
+    assert_eq!(&row("far")[5..8], ["100", "100%", "70%"], "{out}");
+    assert!(
+        out.contains("traffic dials: a site takes its dial's percent"),
+        "{out}"
+    );
+    // Without the dial: no dial column, near takes every first try.
+    let out = route(&plain, &[]);
+    assert!(!out.contains("dial"), "{out}");
+
+    let v: Value = serde_json::from_str(&route(&dialled, &["-o", "json"])).unwrap();
+    let c = v["candidates"].as_array().unwrap();
+    assert_eq!(
+        (
+            c[0]["site"].as_str(),
+            c[0]["dial"].as_u64(),
+            c[0]["share"].as_f64()
+        ),
+        (Some("near"), Some(30), Some(0.3))
+    );
+    assert_eq!(
+        (
+            c[1]["site"].as_str(),
+            c[1].get("dial"),
+            c[1]["share"].as_f64()
+        ),
+        (Some("far"), None, Some(0.7)),
+        "no dial key at 100"
+    );
+
+    let o = tasman(&[
+        "topology",
+        "diff",
+        plain.to_str().unwrap(),
+        dialled.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("  ~ near serves[chat].dial: 100 -> 30"),
+        "{out}"
+    );
+    assert!(
+        out.contains("edge chat: shares changed: near")
+            && out.contains("; shared: one site -> near 30% + far 70%"),
+        "{out}"
+    );
+    let o = tasman(&[
+        "topology",
+        "diff",
+        plain.to_str().unwrap(),
+        dialled.to_str().unwrap(),
+        "-o",
+        "json",
+    ]);
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let field = &v["changes"]["nodes"]["changed"][0]["fields"][0];
+    assert_eq!(
+        (
+            field["field"].as_str(),
+            field["old"].as_u64(),
+            field["new"].as_u64()
+        ),
+        (Some("serves[chat].dial"), Some(100), Some(30))
+    );
+    assert_eq!(v["impact"][0]["kind"], "shares_changed");
+
+    // Out of range: refused with the field's line and column.
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        text.replace("weight: 100}", "weight: 100, dial: 101}"),
+    )
+    .unwrap();
+    let o = tasman(&["topology", "validate", bad.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let line = text
+        .lines()
+        .position(|l| l.contains("weight: 100}"))
+        .unwrap()
+        + 1;
+    let col = text
+        .lines()
+        .nth(line - 1)
+        .unwrap()
+        .find("weight: 100}")
+        .unwrap()
+        + 20;
+    assert!(
+        stderr(&o).contains(&format!(
+            "{}:{line}:{col}: error: dial of serves entry 1 of node \"near\": 101 is out of range (expected 0 to 100)",
+            bad.display()
+        )),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -469,3 +469,77 @@ async fn the_admin_api_answers_408_to_a_body_that_stops_arriving_and_frees_its_s
     server.abort();
     d.shutdown().await;
 }
+
+/// A traffic dial on a site that shares a service shows in `tasman status` as the expected
+/// shares of first tries (site-0 at 50 % keeps half of its half, the rest goes to site-1), and
+/// an apply that removes it plans the field change and the shares it moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_the_apply_plan_show_a_traffic_dial() {
+    let dir = tempfile::tempdir().unwrap();
+    // A 1 ms ring: each edge has its sites 3 and 4 ms away, within 2 ms, so they share it.
+    let plain = fabric_yaml(70, 2, 2, 1);
+    let site0 = "250.1:9001, capacity: 100}";
+    assert_eq!(plain.matches(site0).count(), 1, "{plain}");
+    let dialled = plain.replace(site0, "250.1:9001, capacity: 100, dial: 50}");
+    let (d, env) = setup(dir.path(), &dialled).await;
+    let env = std::sync::Arc::new(env);
+    let e = env.clone();
+    let (txt, json) = tokio::task::spawn_blocking(move || {
+        (
+            tasman(&e, &["status"], &[], ""),
+            tasman(&e, &["status", "-o", "json"], &[], ""),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(txt.status.success(), "{}", text(&txt.stderr));
+    let st: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    for edge in st["services"][0]["edges"].as_array().unwrap() {
+        assert_eq!(edge["dialled"], true, "{edge}");
+        let mut shares: Vec<(String, f64)> = edge["shares"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["site"].as_str().unwrap().to_string(),
+                    s["share"].as_f64().unwrap(),
+                )
+            })
+            .collect();
+        shares.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            shares,
+            [("site-0".to_string(), 0.25), ("site-1".to_string(), 0.75)],
+            "{edge}"
+        );
+    }
+    let so = text(&txt.stdout);
+    assert!(so.contains("shared by weight and dial: "), "{so}");
+    assert!(
+        so.contains("site-0 25%") && so.contains("site-1 75%"),
+        "{so}"
+    );
+
+    // Dry run of the file without the dial: the plan names the field and the shares it moves.
+    let file = dir.path().join("plain.yaml");
+    std::fs::write(&file, &plain).unwrap();
+    let f = file.display().to_string();
+    let e = env.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        tasman(&e, &["topology", "apply", &f, "--dry-run"], &[], "")
+    })
+    .await
+    .unwrap();
+    let so = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        so.contains("~ node site-0: serves[llm-chat].dial 50 -> 100"),
+        "{so}"
+    );
+    assert!(
+        so.contains("llm-chat: shares change:") && so.contains("-> site-0 50% + site-1 50%"),
+        "{so}"
+    );
+    d.shutdown().await;
+}

@@ -70,10 +70,14 @@ pub struct EdgeChoice {
     /// eligible site, and the controller shows the cheapest one.
     #[serde(default)]
     pub reported: bool,
-    /// The equally near sites that share the edge's new connections with `site`, by weight
-    /// (`site` first); empty when `site` takes them all.
+    /// The sites the edge's new connections try first, with their expected shares: the equally
+    /// near sites that share them with `site` by weight (`site` first), and the sites traffic
+    /// dials send some to; empty when `site` takes them all.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub shares: Vec<topology::route::Share>,
+    /// Some candidate of the edge has a traffic dial (under 100 %) for the service.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dialled: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -161,6 +165,7 @@ pub fn build(st: &AdminState) -> Status {
                 cost_ms: choice.map(|c| c.cost.as_millis_f64()),
                 reported,
                 shares,
+                dialled: ranked.iter().any(|c| !topology::is_full_dial(&c.dial)),
             });
         }
     }

@@ -106,8 +106,9 @@ pub fn run(args: StatusArgs) -> ExitCode {
             }
             if !e.shares.is_empty() {
                 println!(
-                    "  {:<20}    shared by weight: {}",
+                    "  {:<20}    shared by weight{}: {}",
                     "",
+                    if e.dialled { " and dial" } else { "" },
                     topology::diff::shares_text(&e.shares)
                 );
             }

@@ -19,8 +19,11 @@ Ranking: candidates that need no drained node or link first, then by cost = path
 of the declared one-way link latencies) + load penalty (0 here: a file has no load reports), then
 by site id. A site is a candidate when it is up, serves the service, is allowed by the service's
 residency, and is reachable without crossing a down node or link.
+Share: the expected share of new connections tried first at the site (the equally near sites
+by weight, then traffic dials, which may send a share to sites farther away).
 JSON output: {\"from\":..,\"service\":..,\"down\":[..],\"candidates\":[{\"site\":..,\"path\":[..],
-\"latency_ms\":..,\"penalty_ms\":..,\"cost_ms\":..,\"drained\":..}]}, best first.
+\"latency_ms\":..,\"penalty_ms\":..,\"cost_ms\":..,\"drained\":..,\"weight\":..,\"dial\":.. (only when
+not 100),\"share\":..}]}, best first.
 Exit status: 0 answered (even with no candidates), 1 invalid topology or unknown node, link or
 service, 2 unreadable file.";
 
@@ -61,7 +64,11 @@ struct CandidateJson<'a> {
     cost_ms: f64,
     drained: bool,
     weight: u32,
-    /// Share of new connections dealt to this site first (0 outside the equally near group).
+    /// The traffic dial, in percent; left out at 100 (no dial).
+    #[serde(skip_serializing_if = "topology::is_full_dial")]
+    dial: u8,
+    /// Expected share of new connections tried first at this site: dealt by weight among the
+    /// equally near group, then moved by dials (0 for a site that neither reaches).
     share: f64,
 }
 
@@ -75,6 +82,7 @@ impl<'a> CandidateJson<'a> {
             cost_ms: millis(c.cost),
             drained: c.drained,
             weight: c.weight,
+            dial: c.dial,
             share,
         }
     }
@@ -134,6 +142,7 @@ pub fn run(args: RouteArgs) -> ExitCode {
     };
     let candidates = table.candidates(&args.service);
     let spread = Spread::new(candidates);
+    let shares = spread.expected(candidates);
     let affinity = topo
         .services
         .iter()
@@ -148,8 +157,8 @@ pub fn run(args: RouteArgs) -> ExitCode {
                 down: &args.down,
                 candidates: candidates
                     .iter()
-                    .enumerate()
-                    .map(|(i, c)| CandidateJson::new(c, spread.share(i)))
+                    .zip(&shares)
+                    .map(|(c, &share)| CandidateJson::new(c, share))
                     .collect(),
             };
             match serde_json::to_string_pretty(&out) {
@@ -160,7 +169,10 @@ pub fn run(args: RouteArgs) -> ExitCode {
                 }
             }
         }
-        OutputFormat::Table => print!("{}", table_text(&args, candidates, &spread, affinity)),
+        OutputFormat::Table => print!(
+            "{}",
+            table_text(&args, candidates, &spread, &shares, affinity)
+        ),
     }
     ExitCode::SUCCESS
 }
@@ -169,6 +181,7 @@ fn table_text(
     args: &RouteArgs,
     candidates: &[Candidate],
     spread: &Spread,
+    shares: &[f64],
     affinity: Affinity,
 ) -> String {
     use std::fmt::Write as _;
@@ -188,10 +201,19 @@ fn table_text(
         .max()
         .unwrap_or(4)
         .max(4);
+    // The dial column only when a site has a dial: a file without dials prints as before.
+    let dials = candidates.iter().any(|c| !topology::is_full_dial(&c.dial));
     let _ = writeln!(
         s,
-        "{:>2}  {:<site_w$}  {:>10}  {:>10}  {:>10}  {:>6}  {:>5}  path",
-        "#", "site", "cost", "latency", "penalty", "weight", "share"
+        "{:>2}  {:<site_w$}  {:>10}  {:>10}  {:>10}  {:>6}  {}{:>5}  path",
+        "#",
+        "site",
+        "cost",
+        "latency",
+        "penalty",
+        "weight",
+        if dials { "dial  " } else { "" },
+        "share"
     );
     for (i, c) in candidates.iter().enumerate() {
         let path = c
@@ -201,13 +223,18 @@ fn table_text(
             .collect::<Vec<_>>()
             .join(" > ");
         let drained = if c.drained { "  (drained)" } else { "" };
-        let share = match spread.share(i) {
+        let share = match shares.get(i).copied().unwrap_or(0.0) {
             0.0 => "-".to_string(),
             x => format!("{:.0}%", x * 100.0),
         };
+        let dial = if dials {
+            format!("{:>4}  ", format!("{}%", c.dial))
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             s,
-            "{:>2}  {:<site_w$}  {:>10}  {:>10}  {:>10}  {:>6}  {share:>5}  {path}{drained}",
+            "{:>2}  {:<site_w$}  {:>10}  {:>10}  {:>10}  {:>6}  {dial}{share:>5}  {path}{drained}",
             i + 1,
             c.site.as_str(),
             c.cost.to_string(),
@@ -228,6 +255,18 @@ fn table_text(
             match affinity {
                 Affinity::None => "",
                 Affinity::SourceIp => "; each client address keeps to one (affinity: source_ip)",
+            }
+        );
+    }
+    if dials {
+        let _ = writeln!(
+            s,
+            "traffic dials: a site takes its dial's percent of the connections offered to it first; \
+             the others start on the next site in this order{} (a declined site is still tried, \
+             last); share is the expected share of first tries",
+            match affinity {
+                Affinity::None => "",
+                Affinity::SourceIp => ", each client address the same way every time",
             }
         );
     }

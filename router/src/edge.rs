@@ -1,8 +1,9 @@
 //! Edge role: accept clients on each service's listener and on the transparent port, pick the
 //! preferred candidate from the precomputed table, and carry the connection over one stream on
 //! the first hop's pooled connection. A client connection whose attempt fails before any byte
-//! came back is retried on the next candidate (bounded by `max_tries`), with the client's bytes
-//! so far replayed (bounded by `replay_limit`).
+//! came back is retried on the next candidate (bounded by `max_tries`, plus the sites a traffic
+//! dial declined, which are tried last), with the client's bytes so far replayed (bounded by
+//! `replay_limit`).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -206,13 +207,9 @@ async fn handle_client(
     // A circuit's connections take its reserved path first when the table still offers it;
     // others start on the site dealt to them among the equally near ones, unless its traffic
     // dial declines them (`Routes::order`). The other candidates, in rank order and the declined
-    // sites last, remain the fallback (unreserved for a circuit).
-    for (i, cand) in order
-        .iter()
-        .map(|i| &cands[i])
-        .take(shared.max_tries)
-        .enumerate()
-    {
+    // sites last, remain the fallback (unreserved for a circuit). The declined sites are tried
+    // past `max_tries`: without their dials they would have been tried first.
+    for (i, cand) in order.tries(shared.max_tries).map(|i| &cands[i]).enumerate() {
         if i > 0 {
             shared.metrics.failovers_total.fetch_add(1, Relaxed);
             tracing::info!(node = %shared.node, %service, site = %cand.site, code = %last, "retrying on next candidate");

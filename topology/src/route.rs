@@ -893,6 +893,19 @@ impl TryOrder {
             .chain(0..self.start)
             .map(move |pos| self.at(pos))
     }
+
+    /// The candidates a connection tries when it may try at most `budget` sites before giving
+    /// up: up to `budget` from the start of the order, then every site that declined. Without
+    /// the declined sites (the first of the base order, up to the one that accepted) counted
+    /// against the budget, every site that the base order would have tried is still tried: a
+    /// dial adds tries, it never leaves a connection without one it would have had. Without a
+    /// dial that declined, exactly the first `budget`.
+    pub fn tries(self, budget: usize) -> impl Iterator<Item = usize> {
+        (self.start..self.len)
+            .take(budget)
+            .chain(0..self.start)
+            .map(move |pos| self.at(pos))
+    }
 }
 
 #[cfg(test)]
@@ -1626,6 +1639,18 @@ mod tests {
         assert_eq!(order(TryOrder::new(3, 0).dialled(|i| i == 2)), [2, 0, 1]);
         // Nobody accepts: every site declined, so every site moved, in order: the base order.
         assert_eq!(order(TryOrder::new(3, 1).dialled(|_| false)), [1, 0, 2]);
+
+        // A budget of tries counts from the start; the declined sites come after it anyway, so
+        // every site the base order would have tried within the budget is tried.
+        let tries = |o: TryOrder, budget| o.tries(budget).collect::<Vec<_>>();
+        assert_eq!(tries(TryOrder::new(5, 0), 3), [0, 1, 2]);
+        assert_eq!(tries(TryOrder::new(5, 0).dialled(|_| true), 3), [0, 1, 2]);
+        assert_eq!(tries(TryOrder::new(5, 0).dialled(|_| false), 3), [0, 1, 2]);
+        let walked = TryOrder::new(5, 0).dialled(|i| i >= 2);
+        assert_eq!(order(walked), [2, 3, 4, 0, 1]);
+        assert_eq!(tries(walked, 3), [2, 3, 4, 0, 1]);
+        assert_eq!(tries(walked, 1), [2, 0, 1]);
+        assert_eq!(tries(TryOrder::new(5, 0).dialled(|i| i == 1), 2), [1, 2, 0]);
     }
 
     /// A site takes its dial's share of the connections offered to it over any run of

@@ -296,6 +296,39 @@ fn truncated() -> ProtoError {
 mod tests {
     use super::*;
 
+    /// A traffic dial travels to routers: a change of a dial alone upserts its site in the delta,
+    /// and the decoded delta applied to the old topology gives the new one, dial included.
+    #[test]
+    fn a_dial_change_travels_in_the_topology_delta() {
+        use topology::NodeKind;
+        use topology::builder::{TopologyBuilder, ms};
+        let mut b = TopologyBuilder::new();
+        b.node("edge", NodeKind::Edge)
+            .node("near", NodeKind::Site)
+            .node("far", NodeKind::Site)
+            .link("edge", "near", ms(1.0))
+            .link("edge", "far", ms(9.0))
+            .service("chat")
+            .serve("near", "chat", 10)
+            .serve("far", "chat", 10);
+        let old = b.build();
+        let new = b.dial("near", "chat", 25).build();
+        let delta = TopologyDelta::between(&old, &new);
+        let ids: Vec<&str> = delta.nodes_upsert.iter().map(|n| n.id.as_str()).collect();
+        assert_eq!(ids, ["near"]);
+        let wire = encode(&delta).unwrap();
+        let back: TopologyDelta = decode(&wire[4..]).unwrap();
+        let applied = back.apply(&old);
+        assert_eq!(applied, new);
+        assert_eq!(applied.node("near").unwrap().serves[0].dial, 25);
+        // And back to 100: the field is left out on the wire, and read back as 100.
+        let undo = TopologyDelta::between(&new, &old);
+        let wire = encode(&undo).unwrap();
+        assert!(!String::from_utf8_lossy(&wire).contains("dial"));
+        let back: TopologyDelta = decode(&wire[4..]).unwrap();
+        assert_eq!(back.apply(&new), old);
+    }
+
     #[tokio::test]
     async fn frame_round_trip_and_oversized_frame_is_refused_before_reading() {
         let msg = FromRouter::Nack {

@@ -162,11 +162,18 @@ fn join(prefix: &str, field: &str) -> String {
     }
 }
 
-/// Fields the model leaves out of its serialised form at their default value, so that files
-/// without them serialise as before they existed. Absent on one side of an element present on
-/// both, such a field compares (and prints) as its default: a dial set from 100 to 30 is
-/// `100 -> 30`, not `null -> 30`.
-const OMITTED_DEFAULTS: &[(&str, u64)] = &[("dial", crate::model::FULL_DIAL as u64)];
+/// The default of a scalar field the model leaves out of its serialised form at that value, so
+/// that files without it serialise as before it existed. Absent on one side of an element present
+/// on both, such a field compares (and prints) as its default: a dial set from 100 to 30 is
+/// `100 -> 30`, and an affinity set is `"none" -> "source_ip"`, not `null -> ...`. (Lists and
+/// optional values left out when empty still print as `null`: absent.)
+fn omitted_default(field: &str) -> Option<Value> {
+    match field {
+        "dial" => Some(Value::from(crate::model::FULL_DIAL)),
+        "affinity" => serde_json::to_value(crate::model::Affinity::default()).ok(),
+        _ => None,
+    }
+}
 
 fn field_or_default<'a>(
     obj: &'a serde_json::Map<String, Value>,
@@ -184,10 +191,7 @@ fn fields_diff(path: String, old: &Value, new: &Value, out: &mut Vec<FieldChange
         (Value::Object(o), Value::Object(n)) => {
             let keys: BTreeSet<&String> = o.keys().chain(n.keys()).collect();
             for k in keys {
-                let default = OMITTED_DEFAULTS
-                    .iter()
-                    .find(|(name, _)| name == k)
-                    .map(|&(_, v)| Value::from(v));
+                let default = omitted_default(k);
                 let (ov, nv) = (
                     field_or_default(o, k, &default),
                     field_or_default(n, k, &default),
@@ -836,5 +840,27 @@ mod tests {
         let far = b.build();
         assert_eq!(diff(&old, &far).nodes.changed.len(), 1);
         assert!(impact(&old, &far, &live).is_empty());
+    }
+
+    /// An affinity is left out of the file at its default (`none`), like a dial at 100; setting
+    /// or clearing it prints from or to `"none"`, not `null`.
+    #[test]
+    fn an_affinity_change_prints_from_its_default() {
+        let old = base().build();
+        let mut new = old.clone();
+        new.services[0].affinity = crate::model::Affinity::SourceIp;
+        let d = diff(&old, &new);
+        assert_eq!(d.services.changed.len(), 1, "{d:?}");
+        assert_eq!(
+            d.services.changed[0].fields,
+            [FieldChange {
+                field: "affinity".into(),
+                old: json!("none"),
+                new: json!("source_ip")
+            }]
+        );
+        let back = diff(&new, &old);
+        assert_eq!(back.services.changed[0].fields[0].old, json!("source_ip"));
+        assert_eq!(back.services.changed[0].fields[0].new, json!("none"));
     }
 }

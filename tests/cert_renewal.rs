@@ -194,7 +194,7 @@ async fn a_controller_refuses_to_start_with_a_ca_it_does_not_trust() {
     match res {
         Err(e @ daemon::DaemonError::CaMismatch { .. }) => {
             assert!(
-                e.to_string().contains("not the CA the controller trusts"),
+                e.to_string().contains("not one of the CAs the controller trusts"),
                 "{e}"
             )
         }

@@ -71,7 +71,7 @@ fn foreign_ca_and_names_outside_the_topology_are_refused() {
 
         // Trusts the fabric CA (so the client side is happy) but presents the other CA's chain.
         let mut foreign = TlsIdentity::load(other.path(), "edge").unwrap();
-        foreign.ca = good.ca.clone();
+        foreign.cas = good.cas.clone();
         assert!(
             !accepted(&foreign, site_addr).await,
             "a certificate from another CA was accepted"

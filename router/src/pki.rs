@@ -1,21 +1,33 @@
-//! A small private PKI for a fabric: one CA per fabric, one certificate per node.
+//! A small private PKI for a fabric: one issuing CA per fabric, one certificate per node.
 //!
 //! `init(dir)` writes `ca.pem` and `ca.key` (valid 2024..2124); `issue(dir, name)` writes
-//! `<name>.pem` (the leaf, then the CA) and `<name>.key`, signed by that CA, with the name as the
-//! only DNS SAN, valid for [`DEFAULT_VALIDITY`] from now (`issue_with` takes another
+//! `<name>.pem` (the leaf, then the issuing CA) and `<name>.key`, signed by that CA, with the name
+//! as the only DNS SAN, valid for [`DEFAULT_VALIDITY`] from now (`issue_with` takes another
 //! [`Validity`]). A node's identity is that name: it must be a node id of the topology (or
 //! `controller`). Files are written to a temporary name and renamed into place, so a router
 //! reloading them (see `tls::CertResolver`) never reads a half-written file.
 //!
+//! `ca.pem` is a trust bundle: one or more CA certificates, all of which a node trusts. The
+//! issuing CA is the one whose public key is `ca.key`'s; an issued chain carries only that one.
+//! The bundle holds more than one CA while the CA is rotated without a flag day (as Linkerd
+//! rotates its trust anchor): [`rotate_ca`] makes a new issuing CA and keeps the old one in the
+//! bundle, so nodes with certificates from either are accepted everywhere the bundle is
+//! trusted; once every node holds a certificate from the new CA, [`retire_ca`] drops the rest.
+//!
 //! The CA's issuer parameters are deterministic (same distinguished name and key usages every
-//! time), so `issue` rebuilds the issuer from `ca.key` alone and never parses `ca.pem`. Two CAs
-//! made by two `init` runs share a name but not a key: a leaf from one fails signature checks
-//! against the other.
+//! time), so `issue` rebuilds the issuer from `ca.key` and uses `ca.pem` only to find the
+//! issuing certificate to append. Two CAs made by two `init` (or `rotate_ca`) runs share a name
+//! but not a key: a leaf from one fails signature checks against the other, and a node trusting
+//! both still finds the right one (webpki tries every anchor whose name matches; see the test
+//! `two_cas_with_one_name_each_verify_their_own_leaves`).
 
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
+
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -25,6 +37,8 @@ use rcgen::{
 /// File names inside a PKI directory.
 pub const CA_CERT: &str = "ca.pem";
 pub const CA_KEY: &str = "ca.key";
+/// Where [`rotate_ca`] keeps the key of the CA it replaced (mode 0600, like `ca.key`).
+pub const CA_KEY_OLD: &str = "ca.key.old";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
@@ -39,6 +53,20 @@ pub enum PkiError {
     BadName { name: String },
     #[error("{path}: not a usable key: {reason}")]
     BadKey { path: PathBuf, reason: String },
+    #[error("{path}: {reason}")]
+    BadCert { path: PathBuf, reason: String },
+    #[error("{dir} holds no CA (ca.pem and ca.key): create one with `tasman pki init --dir {dir}`")]
+    NoCa { dir: PathBuf },
+    #[error(
+        "{cert}: no CA certificate in it matches the key in {key} (the bundle must hold the \
+         issuing CA's certificate)"
+    )]
+    NoIssuingCa { cert: PathBuf, key: PathBuf },
+    #[error(
+        "{path} already exists (the key of the CA an earlier rotate-ca replaced): move it \
+         somewhere safe or delete it, then rotate again"
+    )]
+    OldKeyExists { path: PathBuf },
     #[error("invalid validity period: {0}")]
     BadValidity(String),
     #[error("certificate generation failed: {0}")]
@@ -185,6 +213,148 @@ pub fn init(dir: &Path) -> Result<(), PkiError> {
     Ok(())
 }
 
+/// One CA certificate of a trust bundle: its DER, and its PEM block as found in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleCert {
+    pub der: CertificateDer<'static>,
+    pub pem: String,
+}
+
+/// The CA certificates of a trust bundle (the text of a `ca.pem`: one or more PEM
+/// certificates), in file order. Refuses a bundle without a certificate, and any certificate
+/// that does not parse or is not a CA (a leaf pasted into `ca.pem` by mistake would otherwise
+/// become a trust anchor). Text outside the certificate blocks is ignored.
+pub fn parse_ca_bundle(text: &str) -> Result<Vec<BundleCert>, String> {
+    const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
+    const END: &str = "-----END CERTIFICATE-----";
+    let mut certs = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find(BEGIN) {
+        let after = &rest[start..];
+        let end = after
+            .find(END)
+            .ok_or_else(|| format!("certificate {} has no end line", certs.len() + 1))?;
+        let pem = format!("{}\n", &after[..end + END.len()]);
+        let n = certs.len() + 1;
+        let der = CertificateDer::from_pem_slice(pem.as_bytes())
+            .map_err(|e| format!("certificate {n}: {e}"))?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(der.as_ref())
+            .map_err(|e| format!("certificate {n}: unparsable: {e}"))?;
+        if !parsed.is_ca() {
+            return Err(format!(
+                "certificate {n} ({}) is not a CA certificate",
+                parsed.subject()
+            ));
+        }
+        certs.push(BundleCert { der, pem });
+        rest = &after[end + END.len()..];
+    }
+    if certs.is_empty() {
+        return Err("no certificate in file".into());
+    }
+    Ok(certs)
+}
+
+/// [`parse_ca_bundle`] on the file at `path`.
+pub fn read_ca_bundle(path: &Path) -> Result<Vec<BundleCert>, PkiError> {
+    let text = fs::read_to_string(path).map_err(io_err(path))?;
+    parse_ca_bundle(&text).map_err(|reason| PkiError::BadCert {
+        path: path.to_path_buf(),
+        reason,
+    })
+}
+
+/// The position in `bundle` of the certificate whose public key is `key`'s: the issuing CA.
+fn issuing_index(bundle: &[BundleCert], key: &KeyPair) -> Option<usize> {
+    bundle.iter().position(|c| {
+        x509_parser::parse_x509_certificate(c.der.as_ref()).is_ok_and(|(_, x)| {
+            x.tbs_certificate
+                .subject_pki
+                .subject_public_key
+                .data
+                .as_ref()
+                == key.public_key_raw()
+        })
+    })
+}
+
+/// A PKI directory's CA files, read and checked: the key, the bundle, and which certificate of
+/// the bundle is the key's.
+struct CaFiles {
+    key_pem: String,
+    key: KeyPair,
+    bundle: Vec<BundleCert>,
+    issuing: usize,
+}
+
+impl CaFiles {
+    fn read(dir: &Path) -> Result<Self, PkiError> {
+        let key_path = dir.join(CA_KEY);
+        let cert_path = dir.join(CA_CERT);
+        if !key_path.exists() || !cert_path.exists() {
+            return Err(PkiError::NoCa {
+                dir: dir.to_path_buf(),
+            });
+        }
+        let key_pem = fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| PkiError::BadKey {
+            path: key_path.clone(),
+            reason: e.to_string(),
+        })?;
+        let bundle = read_ca_bundle(&cert_path)?;
+        let issuing = issuing_index(&bundle, &key).ok_or(PkiError::NoIssuingCa {
+            cert: cert_path,
+            key: key_path,
+        })?;
+        Ok(CaFiles {
+            key_pem,
+            key,
+            bundle,
+            issuing,
+        })
+    }
+}
+
+/// Starts a CA rotation in `dir`: a new CA key and certificate become the issuing CA (`ca.key`),
+/// the old key is kept as [`CA_KEY_OLD`], and `ca.pem` becomes the bundle of the new CA then
+/// every CA it held. Nodes must trust the new bundle (a restart after it is distributed) before
+/// they meet certificates from the new CA. Refuses a directory without a CA, and one where an
+/// earlier rotation's old key is still in place (never overwrites a key). The number of CAs in
+/// the new bundle.
+pub fn rotate_ca(dir: &Path) -> Result<usize, PkiError> {
+    let ca = CaFiles::read(dir)?;
+    let old_key_path = dir.join(CA_KEY_OLD);
+    if old_key_path.exists() {
+        return Err(PkiError::OldKeyExists { path: old_key_path });
+    }
+    let key = KeyPair::generate()?;
+    let cert = ca_params().self_signed(&key)?;
+    let mut bundle = cert.pem();
+    for c in &ca.bundle {
+        bundle.push_str(&c.pem);
+    }
+    // In this order, a crash in between leaves a usable directory: the old key saved, then a
+    // bundle that still holds the old issuing CA (so `ca.key` still finds its certificate), then
+    // the new key.
+    write_file(&old_key_path, &ca.key_pem, true)?;
+    write_file(&dir.join(CA_CERT), &bundle, false)?;
+    write_file(&dir.join(CA_KEY), &key.serialize_pem(), true)?;
+    Ok(ca.bundle.len() + 1)
+}
+
+/// Ends a CA rotation in `dir`: `ca.pem` keeps only the issuing CA (the one whose key is
+/// `ca.key`). Nodes that restart with it refuse certificates from every other CA, so every node
+/// must hold a certificate from the issuing CA first. Leaves [`CA_KEY_OLD`] alone (delete it
+/// or keep it offline). The number of CAs dropped (zero: the bundle held only the issuing CA).
+pub fn retire_ca(dir: &Path) -> Result<usize, PkiError> {
+    let ca = CaFiles::read(dir)?;
+    let dropped = ca.bundle.len() - 1;
+    if dropped > 0 {
+        write_file(&dir.join(CA_CERT), &ca.bundle[ca.issuing].pem, false)?;
+    }
+    Ok(dropped)
+}
+
 /// Issues a certificate for `name` signed by the CA in `dir`, valid for [`DEFAULT_VALIDITY`];
 /// writes `<name>.pem` (leaf then CA) and `<name>.key`. Overwrites an earlier certificate for the
 /// same name (re-issue, with a new key).
@@ -250,11 +420,12 @@ fn node_params(name: &str, validity: Validity) -> Result<CertificateParams, PkiE
     Ok(params)
 }
 
-/// The fabric CA, loaded from a PKI directory (`ca.key`, and `ca.pem` appended to every chain):
-/// signs node certificates for [`issue_with`] and for the controller's renewals.
+/// The fabric's issuing CA, loaded from a PKI directory (`ca.key`, and the certificate in the
+/// `ca.pem` bundle with that key, appended to every chain): signs node certificates for
+/// [`issue_with`] and for the controller's renewals.
 pub struct CaSigner {
     issuer: Issuer<'static, KeyPair>,
-    ca_pem: String,
+    ca: BundleCert,
 }
 
 impl std::fmt::Debug for CaSigner {
@@ -264,29 +435,35 @@ impl std::fmt::Debug for CaSigner {
 }
 
 impl CaSigner {
-    /// Reads `ca.key` and `ca.pem` from `dir` (as written by [`init`]).
+    /// Reads `ca.key` and `ca.pem` from `dir` (as written by [`init`] or [`rotate_ca`]); the
+    /// issuing CA is the bundle's certificate for `ca.key`. Refuses a directory without a CA and
+    /// a bundle without the key's certificate.
     pub fn load(dir: &Path) -> Result<Self, PkiError> {
-        let key_path = dir.join(CA_KEY);
-        let ca_pem_path = dir.join(CA_CERT);
-        let ca_key_pem = fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
-        let ca_pem = fs::read_to_string(&ca_pem_path).map_err(io_err(&ca_pem_path))?;
-        let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| PkiError::BadKey {
-            path: key_path.clone(),
-            reason: e.to_string(),
-        })?;
+        let CaFiles {
+            key,
+            mut bundle,
+            issuing,
+            ..
+        } = CaFiles::read(dir)?;
         Ok(CaSigner {
-            issuer: Issuer::new(ca_params(), ca_key),
-            ca_pem,
+            issuer: Issuer::new(ca_params(), key),
+            ca: bundle.swap_remove(issuing),
         })
     }
 
-    /// The CA certificate (PEM), as loaded.
+    /// The issuing CA certificate (PEM), as found in the bundle.
     pub fn ca_pem(&self) -> &str {
-        &self.ca_pem
+        &self.ca.pem
+    }
+
+    /// The issuing CA certificate.
+    pub fn ca_cert(&self) -> &CertificateDer<'static> {
+        &self.ca.der
     }
 
     /// A certificate for `name` over `public_key`, valid for `validity`: the chain in PEM (the
-    /// leaf, then the CA).
+    /// leaf, then the issuing CA; never the rest of the bundle, which a peer trusts or not on
+    /// its own).
     pub fn sign(
         &self,
         name: &str,
@@ -295,7 +472,7 @@ impl CaSigner {
     ) -> Result<String, PkiError> {
         let cert = node_params(name, validity)?.signed_by(public_key, &self.issuer)?;
         let mut chain = cert.pem();
-        chain.push_str(&self.ca_pem);
+        chain.push_str(&self.ca.pem);
         Ok(chain)
     }
 }
@@ -343,19 +520,18 @@ impl PublicKeyData for RawP256PublicKey {
 impl CaSigner {
     /// Renews `cert`'s certificate with this CA directly (the controller's own, when it holds
     /// the CA): a new key, a certificate for `cert`'s name valid for `validity`, installed as a
-    /// renewal from the controller is ([`crate::tls::install`], checked against `ca`). The new
-    /// expiry.
+    /// renewal from the controller is ([`crate::tls::install`], checked against what `cert`
+    /// trusts). The new expiry.
     pub fn renew(
         &self,
         cert: &crate::tls::CertResolver,
-        ca: rustls::pki_types::CertificateDer<'static>,
         validity: Validity,
     ) -> Result<i64, String> {
         let key = KeyPair::generate().map_err(|e| e.to_string())?;
         let chain = self
             .sign(cert.name(), validity, &key)
             .map_err(|e| e.to_string())?;
-        crate::tls::install(cert, ca, &key, &chain)
+        crate::tls::install(cert, &key, &chain)
     }
 }
 
@@ -394,6 +570,147 @@ mod tests {
                 == 2
         );
         assert!(fs::read_to_string(k).unwrap().contains("PRIVATE KEY"));
+    }
+
+    fn bundle(dir: &Path) -> Vec<BundleCert> {
+        read_ca_bundle(&dir.join(CA_CERT)).unwrap()
+    }
+
+    /// The certificates of `<name>.pem` in `dir`.
+    fn chain(dir: &Path, name: &str) -> Vec<CertificateDer<'static>> {
+        let pem = fs::read(dir.join(format!("{name}.pem"))).unwrap();
+        CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_bundle_of_two_cas_parses_to_both_in_file_order() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        init(a.path()).unwrap();
+        init(b.path()).unwrap();
+        let (ca_a, ca_b) = (bundle(a.path()), bundle(b.path()));
+        let text = format!("# comment\n{}\n{}", ca_a[0].pem, ca_b[0].pem);
+        let both = parse_ca_bundle(&text).unwrap();
+        assert_eq!(both.len(), 2);
+        assert_eq!((&both[0].der, &both[1].der), (&ca_a[0].der, &ca_b[0].der));
+        assert_ne!(both[0].der, both[1].der);
+    }
+
+    #[test]
+    fn a_bundle_without_certificates_or_with_a_leaf_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        init(d.path()).unwrap();
+        issue(d.path(), "n1").unwrap();
+        assert!(parse_ca_bundle("").unwrap_err().contains("no certificate"));
+        // A node's chain (leaf first) is not a bundle of CAs.
+        let leaf = fs::read_to_string(d.path().join("n1.pem")).unwrap();
+        let e = parse_ca_bundle(&leaf).unwrap_err();
+        assert!(e.contains("certificate 1") && e.contains("not a CA"), "{e}");
+    }
+
+    #[test]
+    fn an_issued_chain_carries_only_the_issuing_ca_of_the_bundle() {
+        let d = tempfile::tempdir().unwrap();
+        init(d.path()).unwrap();
+        let old = bundle(d.path());
+        rotate_ca(d.path()).unwrap();
+        let both = bundle(d.path());
+        assert_eq!(both.len(), 2);
+        issue(d.path(), "n1").unwrap();
+        let c = chain(d.path(), "n1");
+        assert_eq!(c.len(), 2, "the leaf and one CA, not the whole bundle");
+        assert_eq!(c[1], both[0].der, "the new CA, whose key is ca.key");
+        assert_ne!(c[1], old[0].der);
+        // Wherever the issuing CA is in the bundle: here last, after the old one.
+        let reordered = format!("{}{}", both[1].pem, both[0].pem);
+        fs::write(d.path().join(CA_CERT), reordered).unwrap();
+        issue(d.path(), "n2").unwrap();
+        assert_eq!(chain(d.path(), "n2")[1], both[0].der);
+        let signer = CaSigner::load(d.path()).unwrap();
+        assert_eq!(signer.ca_cert(), &both[0].der);
+        assert_eq!(signer.ca_pem(), both[0].pem);
+    }
+
+    #[test]
+    fn a_bundle_without_the_keys_certificate_is_refused_for_issuing() {
+        let (d, other) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        init(d.path()).unwrap();
+        init(other.path()).unwrap();
+        fs::copy(other.path().join(CA_CERT), d.path().join(CA_CERT)).unwrap();
+        let e = issue(d.path(), "n1").unwrap_err();
+        assert!(matches!(e, PkiError::NoIssuingCa { .. }), "{e}");
+        assert!(e.to_string().contains("ca.key"), "{e}");
+    }
+
+    #[test]
+    fn rotate_ca_makes_a_new_issuing_ca_and_keeps_the_old_one_trusted() {
+        let d = tempfile::tempdir().unwrap();
+        init(d.path()).unwrap();
+        let old_key = fs::read_to_string(d.path().join(CA_KEY)).unwrap();
+        let old = bundle(d.path());
+        assert_eq!(rotate_ca(d.path()).unwrap(), 2);
+        let new_key = fs::read_to_string(d.path().join(CA_KEY)).unwrap();
+        assert_ne!(new_key, old_key);
+        assert_eq!(
+            fs::read_to_string(d.path().join(CA_KEY_OLD)).unwrap(),
+            old_key
+        );
+        #[cfg(unix)]
+        for f in [CA_KEY, CA_KEY_OLD] {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(d.path().join(f)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{f}");
+        }
+        let both = bundle(d.path());
+        assert_eq!(both.len(), 2);
+        assert_eq!(both[1], old[0], "the old CA follows the new one, unchanged");
+        let key = KeyPair::from_pem(&new_key).unwrap();
+        assert_eq!(issuing_index(&both, &key), Some(0));
+        // A second rotation would overwrite the saved key: refused, nothing changed.
+        let e = rotate_ca(d.path()).unwrap_err();
+        assert!(matches!(e, PkiError::OldKeyExists { .. }), "{e}");
+        assert_eq!(bundle(d.path()), both);
+        assert_eq!(fs::read_to_string(d.path().join(CA_KEY)).unwrap(), new_key);
+        // Once the saved key is moved away, the bundle grows to three.
+        fs::remove_file(d.path().join(CA_KEY_OLD)).unwrap();
+        assert_eq!(rotate_ca(d.path()).unwrap(), 3);
+        assert_eq!(bundle(d.path())[1..], both[..]);
+    }
+
+    #[test]
+    fn retire_ca_keeps_only_the_issuing_ca() {
+        let d = tempfile::tempdir().unwrap();
+        init(d.path()).unwrap();
+        rotate_ca(d.path()).unwrap();
+        let both = bundle(d.path());
+        // The issuing CA last in the bundle: still the one kept.
+        fs::write(
+            d.path().join(CA_CERT),
+            format!("{}{}", both[1].pem, both[0].pem),
+        )
+        .unwrap();
+        assert_eq!(retire_ca(d.path()).unwrap(), 1);
+        assert_eq!(bundle(d.path()), vec![both[0].clone()]);
+        assert_eq!(retire_ca(d.path()).unwrap(), 0, "nothing left to drop");
+        assert_eq!(bundle(d.path()), vec![both[0].clone()]);
+        assert!(
+            d.path().join(CA_KEY_OLD).exists(),
+            "the old key is left alone"
+        );
+        issue(d.path(), "n1").unwrap();
+        assert_eq!(chain(d.path(), "n1")[1], both[0].der);
+    }
+
+    #[test]
+    fn rotate_and_retire_refuse_a_directory_without_a_ca() {
+        let d = tempfile::tempdir().unwrap();
+        for e in [rotate_ca(d.path()), retire_ca(d.path())] {
+            let e = e.unwrap_err();
+            assert!(matches!(e, PkiError::NoCa { .. }), "{e}");
+            assert!(e.to_string().contains("tasman pki init"), "{e}");
+        }
+        assert!(!d.path().join(CA_CERT).exists() && !d.path().join(CA_KEY).exists());
     }
 
     #[test]

@@ -1,14 +1,17 @@
 //! Mutual TLS for every QUIC connection of the fabric (router to router, router to controller).
 //!
-//! A peer is accepted only when both hold: its certificate chains to the fabric CA (`ca.pem`), and
+//! A peer is accepted only when both hold: its certificate chains to a CA of the fabric's trust
+//! bundle (`ca.pem`: every CA in it, see [`pki`] on rotating the CA), and
 //! the certificate is valid for a name in the current [`PeerNames`] set (the node ids of the
 //! current topology, plus `controller` where the caller adds it). The set is swapped on every
 //! snapshot, so a node removed from the topology is refused at its next handshake.
 //!
 //! The certificate and key a node presents come from a [`CertResolver`] (the server and client
 //! configs share it). [`CertResolver::reload`] re-reads the node's files and swaps in a new pair
-//! only if it is for this node, chains to the CA loaded at start and is valid now; new
-//! handshakes then present it, while established connections keep going.
+//! only if it is for this node, chains to a CA of the bundle loaded at start and is valid now; new
+//! handshakes then present it, while established connections keep going. The bundle itself is
+//! read only at start (a change of what a node trusts takes a restart, on purpose: a file
+//! dropped next to the node's certificate never widens its trust).
 //!
 //! Neither 0-RTT nor resumption is enabled: 0-RTT data is replayable and the first bytes of a
 //! stream here are a client's (non-idempotent) inference request; resumption would skip the
@@ -52,10 +55,11 @@ pub enum TlsError {
     Quic(String),
 }
 
-/// A node's certificate chain and key, and the CA it trusts. Loaded from a PKI directory.
+/// A node's certificate chain and key, and the CAs it trusts. Loaded from a PKI directory.
 pub struct TlsIdentity {
     pub name: String,
-    pub ca: CertificateDer<'static>,
+    /// The trust bundle: every CA of `ca.pem` (more than one while the CA is rotated).
+    pub cas: Vec<CertificateDer<'static>>,
     pub chain: Vec<CertificateDer<'static>>,
     pub key: PrivateKeyDer<'static>,
     /// The directory it was loaded from (where a [`CertResolver`] reloads it); `None`: built in
@@ -67,7 +71,7 @@ impl Clone for TlsIdentity {
     fn clone(&self) -> Self {
         TlsIdentity {
             name: self.name.clone(),
-            ca: self.ca.clone(),
+            cas: self.cas.clone(),
             chain: self.chain.clone(),
             key: self.key.clone_key(),
             dir: self.dir.clone(),
@@ -84,15 +88,21 @@ impl fmt::Debug for TlsIdentity {
 }
 
 impl TlsIdentity {
-    /// Loads `ca.pem`, `<name>.pem` and `<name>.key` from `dir` (as written by [`pki`]).
+    /// Loads `ca.pem` (every CA in it), `<name>.pem` and `<name>.key` from `dir` (as written by
+    /// [`pki`]).
     pub fn load(dir: &Path, name: &str) -> Result<Self, TlsError> {
         let file_err = |path: &Path, reason: String| TlsError::File {
             path: path.to_path_buf(),
             reason,
         };
         let ca_path = dir.join(pki::CA_CERT);
-        let ca = CertificateDer::from_pem_file(&ca_path)
-            .map_err(|e| file_err(&ca_path, e.to_string()))?;
+        let text =
+            std::fs::read_to_string(&ca_path).map_err(|e| file_err(&ca_path, e.to_string()))?;
+        let cas = pki::parse_ca_bundle(&text)
+            .map_err(|e| file_err(&ca_path, e))?
+            .into_iter()
+            .map(|c| c.der)
+            .collect();
         let cert_path = dir.join(format!("{name}.pem"));
         let chain = CertificateDer::pem_file_iter(&cert_path)
             .and_then(|it| it.collect::<Result<Vec<_>, _>>())
@@ -105,7 +115,7 @@ impl TlsIdentity {
             .map_err(|e| file_err(&key_path, e.to_string()))?;
         Ok(TlsIdentity {
             name: name.to_string(),
-            ca,
+            cas,
             chain,
             key,
             dir: Some(dir.to_path_buf()),
@@ -169,11 +179,12 @@ pub enum Reload {
 }
 
 /// The certificate and key this node presents, as a server and as a client: swapped whole by
-/// [`CertResolver::reload`] (lock-free reads at each handshake). It keeps the CA and verifiers
-/// of the identity it started with: a reload never changes what the node trusts, and a new
-/// certificate must chain to that CA.
+/// [`CertResolver::reload`] (lock-free reads at each handshake). It keeps the trust bundle and
+/// verifiers of the identity it started with: a reload never changes what the node trusts, and
+/// a new certificate must chain to a CA of that bundle.
 pub struct CertResolver {
     name: String,
+    cas: Vec<CertificateDer<'static>>,
     dir: Option<PathBuf>,
     current: ArcSwap<CertifiedKey>,
     server_verifier: Arc<rustls::client::WebPkiServerVerifier>,
@@ -216,6 +227,7 @@ impl CertResolver {
         let not_before = not_before(&id.chain[0]).unwrap_or(0);
         Ok(Arc::new(CertResolver {
             name: id.name.clone(),
+            cas: id.cas.clone(),
             dir: id.dir.clone(),
             current: ArcSwap::from_pointee(ck),
             server_verifier,
@@ -234,6 +246,10 @@ impl CertResolver {
     /// The node name the certificate is for.
     pub fn name(&self) -> &str {
         &self.name
+    }
+    /// The CAs this node trusts (the bundle loaded at start).
+    pub fn trusted(&self) -> &[CertificateDer<'static>] {
+        &self.cas
     }
     /// The pair presented now.
     pub fn current(&self) -> Arc<CertifiedKey> {
@@ -270,7 +286,7 @@ impl CertResolver {
     }
 
     /// Whether `id` may replace the presented pair: its key matches its certificate, and the
-    /// certificate chains to our CA, is valid now and is for our name (for both server and
+    /// certificate chains to a CA we trust, is valid now and is for our name (for both server and
     /// client use). The checked pair on success.
     pub fn check(&self, id: &TlsIdentity) -> Result<CertifiedKey, String> {
         let leaf = id.chain.first().ok_or("no certificate in file")?;
@@ -398,15 +414,10 @@ impl CertResolver {
 }
 
 /// Installs a renewed certificate: checks `chain_pem` with `key` as `cert` would on a reload
-/// (against the CA `ca`), writes them to the node's files (key first, each by rename) and has
-/// `cert` reload them. The new expiry. Used by a router's control client and by the controller
+/// (against the CAs it trusts), writes them to the node's files (key first, each by rename) and
+/// has `cert` reload them. The new expiry. Used by a router's control client and by the controller
 /// for its own certificate.
-pub fn install(
-    cert: &CertResolver,
-    ca: rustls::pki_types::CertificateDer<'static>,
-    key: &rcgen::KeyPair,
-    chain_pem: &str,
-) -> Result<i64, String> {
+pub fn install(cert: &CertResolver, key: &rcgen::KeyPair, chain_pem: &str) -> Result<i64, String> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
     let dir = cert
@@ -421,7 +432,7 @@ pub fn install(
         .ok_or("no certificate in the answer")?;
     let id = TlsIdentity {
         name: cert.name().to_string(),
-        ca,
+        cas: cert.cas.clone(),
         chain,
         key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
         dir: Some(dir.to_path_buf()),
@@ -507,9 +518,14 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Every CA of the bundle is a trust anchor. CAs made by `pki` share a distinguished name;
+/// webpki tries each anchor whose name matches a chain's issuer, so the one whose key signed the
+/// chain is found whatever its place in the bundle.
 fn roots(id: &TlsIdentity) -> Result<Arc<RootCertStore>, TlsError> {
     let mut roots = RootCertStore::empty();
-    roots.add(id.ca.clone())?;
+    for ca in &id.cas {
+        roots.add(ca.clone())?;
+    }
     Ok(Arc::new(roots))
 }
 
@@ -538,7 +554,7 @@ macro_rules! delegate_signature_checks {
     };
 }
 
-/// Server side: the chain must verify against our CA, then the name must be allowed.
+/// Server side: the chain must verify against one of our CAs, then the name must be allowed.
 #[derive(Debug)]
 struct NodeClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
@@ -568,7 +584,7 @@ impl ClientCertVerifier for NodeClientVerifier {
     delegate_signature_checks!();
 }
 
-/// Client side: standard WebPKI checks against our CA for the name we dialled, which must also be
+/// Client side: standard WebPKI checks against our CAs for the name we dialled, which must also be
 /// an allowed peer now.
 #[derive(Debug)]
 struct NodeServerVerifier {
@@ -608,7 +624,7 @@ impl ServerCertVerifier for NodeServerVerifier {
 }
 
 /// The rustls server config (TLS 1.3 only, client certificates required) presenting what `cert`
-/// holds at each handshake and trusting its CA (through the resolver's own WebPKI verifier).
+/// holds at each handshake and trusting its CAs (through the resolver's own WebPKI verifier).
 pub fn rustls_server_config_with(
     cert: &Arc<CertResolver>,
     peers: &PeerNames,
@@ -629,7 +645,7 @@ pub fn rustls_server_config_with(
 }
 
 /// The rustls client config (TLS 1.3 only, presents our certificate, no resumption) presenting
-/// what `cert` holds at each handshake and trusting its CA (through the resolver's own WebPKI
+/// what `cert` holds at each handshake and trusting its CAs (through the resolver's own WebPKI
 /// verifier).
 pub fn rustls_client_config_with(
     cert: &Arc<CertResolver>,
@@ -781,7 +797,7 @@ mod tests {
         pki::init(other.path()).unwrap();
         pki::issue(other.path(), "n1").unwrap();
         replace_n1(d.path(), other.path(), "n1");
-        // Even with the other CA's ca.pem next to it: the CA loaded at start is what counts.
+        // Even with the other CA's ca.pem next to it: the bundle loaded at start is what counts.
         fs::copy(other.path().join(pki::CA_CERT), d.path().join(pki::CA_CERT)).unwrap();
         assert_refused(&r, &old, "certificate refused");
     }
@@ -805,6 +821,68 @@ mod tests {
         pki::issue(d.path(), "n1").unwrap();
         fs::write(d.path().join("n1.key"), old_key).unwrap();
         assert_refused(&r, &old, "key does not match");
+    }
+
+    /// A node `n1` in its own directory trusting the bundle `cas` (each a PKI directory, in that
+    /// order), with its certificate from `from`'s CA.
+    fn node_trusting(cas: &[&Path], from: &Path) -> (tempfile::TempDir, TlsIdentity) {
+        let d = tempfile::tempdir().unwrap();
+        let bundle: String = cas
+            .iter()
+            .map(|c| fs::read_to_string(c.join(pki::CA_CERT)).unwrap())
+            .collect();
+        fs::write(d.path().join(pki::CA_CERT), bundle).unwrap();
+        pki::issue(from, "n1").unwrap();
+        replace_n1(d.path(), from, "n1");
+        let id = TlsIdentity::load(d.path(), "n1").unwrap();
+        (d, id)
+    }
+
+    #[test]
+    fn a_bundle_of_two_cas_loads_as_two_roots() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        pki::init(a.path()).unwrap();
+        pki::init(b.path()).unwrap();
+        let (_d, id) = node_trusting(&[a.path(), b.path()], a.path());
+        assert_eq!(id.cas.len(), 2);
+        assert_ne!(id.cas[0], id.cas[1]);
+        assert_eq!(roots(&id).unwrap().len(), 2);
+        assert_eq!(CertResolver::new(&id).unwrap().trusted(), &id.cas[..]);
+    }
+
+    /// Every CA `pki::init` makes has the same distinguished name: a node trusting two of them
+    /// must still verify a leaf from either against the right key (webpki tries each anchor of
+    /// that name), in either order of the bundle, and refuse a leaf from a third CA of the same
+    /// name. Checked with the verifiers a handshake uses, for server and client use.
+    #[test]
+    fn two_cas_with_one_name_each_verify_their_own_leaves() {
+        let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+        for d in &dirs {
+            pki::init(d.path()).unwrap();
+        }
+        let subject = |d: &tempfile::TempDir| {
+            let text = fs::read_to_string(d.path().join(pki::CA_CERT)).unwrap();
+            let c = pki::parse_ca_bundle(&text).unwrap().remove(0).der;
+            let (_, x) = x509_parser::parse_x509_certificate(c.as_ref()).unwrap();
+            x.subject().as_raw().to_vec()
+        };
+        assert_eq!(subject(&dirs[0]), subject(&dirs[1]), "same name");
+        assert_eq!(subject(&dirs[0]), subject(&dirs[2]), "same name");
+        let (a, b, c) = (dirs[0].path(), dirs[1].path(), dirs[2].path());
+        for order in [[a, b], [b, a]] {
+            let (_d, me) = node_trusting(&order, a);
+            let r = CertResolver::new(&me).unwrap();
+            for (from, want) in [(a, true), (b, true), (c, false)] {
+                let (_p, peer) = node_trusting(&[from], from);
+                let got = r.check(&peer);
+                assert_eq!(got.is_ok(), want, "{got:?}");
+            }
+        }
+        // Trusting only one of them, the other's leaf is refused (the key decides, not the name).
+        let (_d, me) = node_trusting(&[a], a);
+        let r = CertResolver::new(&me).unwrap();
+        let (_p, peer) = node_trusting(&[b], b);
+        assert!(r.check(&peer).is_err());
     }
 
     #[test]

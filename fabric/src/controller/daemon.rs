@@ -71,8 +71,9 @@ pub enum DaemonError {
     #[error("circuits: {0}")]
     Circuits(#[from] crate::circuits::service::ServiceError),
     #[error(
-        "--ca-dir {dir}: its ca.pem is not the CA the controller trusts ({tls_dir}/ca.pem): \
-         certificates it signed would be refused everywhere"
+        "--ca-dir {dir}: its issuing CA (the certificate in its ca.pem for its ca.key) is not \
+         one of the CAs the controller trusts ({tls_dir}/ca.pem): certificates it signed would \
+         be refused everywhere"
     )]
     CaMismatch { dir: PathBuf, tls_dir: PathBuf },
     #[error("{path} is empty: an admin token is required")]
@@ -187,11 +188,10 @@ pub async fn start(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
     let issuer = match &cfg.ca_dir {
         Some(dir) => {
             let issuer = super::renew::NodeIssuer::load(dir, cfg.issue_valid_for)?;
-            use rustls::pki_types::{CertificateDer, pem::PemObject};
-            let ca = issuer
-                .ca_pem()
-                .and_then(|pem| CertificateDer::from_pem_slice(pem.as_bytes()).ok());
-            if ca.as_ref() != Some(&id.ca) {
+            // The issuing CA must be one the controller trusts (any CA of its bundle, so a
+            // rotated --ca-dir works while the bundle holds the old and the new CA): the
+            // certificates it signs must be accepted by nodes trusting the same bundle.
+            if !issuer.ca_cert().is_some_and(|ca| id.cas.contains(ca)) {
                 return Err(DaemonError::CaMismatch {
                     dir: dir.clone(),
                     tls_dir: tls_dir.clone(),
@@ -247,7 +247,7 @@ pub async fn start(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
     }
     let issuer = Arc::new(issuer);
     tasks.extend([
-        tokio::spawn(issuer.clone().renew_own(cert.clone(), id.ca.clone())),
+        tokio::spawn(issuer.clone().renew_own(cert.clone())),
         tokio::spawn(circuits.settle_loop()),
         tokio::spawn(distribute::serve(ctl.clone(), endpoint.clone(), issuer)),
         tokio::spawn(ctl.clone().recompute_loop()),

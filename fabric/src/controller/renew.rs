@@ -49,9 +49,9 @@ impl NodeIssuer {
         })
     }
 
-    /// The CA certificate (PEM) signing renewals, if any.
-    pub fn ca_pem(&self) -> Option<&str> {
-        self.ca.as_ref().map(|c| c.ca_pem())
+    /// The issuing CA certificate signing renewals, if any.
+    pub fn ca_cert(&self) -> Option<&rustls::pki_types::CertificateDer<'static>> {
+        self.ca.as_ref().map(|c| c.ca_cert())
     }
 
     /// The answer to a `Renew { public_key }` on `node`'s session at `now`, counting against
@@ -111,11 +111,7 @@ impl NodeIssuer {
     /// CA, on the routers' schedule ([`pki::renew_at`]: 70 % of its lifetime, 10 s to 24 h
     /// before expiry), for [`NodeIssuer`]'s lifetime. Returns at once without a CA or when the
     /// certificate was not loaded from files; otherwise runs until aborted.
-    pub async fn renew_own(
-        self: Arc<Self>,
-        cert: Arc<CertResolver>,
-        ca: rustls::pki_types::CertificateDer<'static>,
-    ) {
+    pub async fn renew_own(self: Arc<Self>, cert: Arc<CertResolver>) {
         if self.ca.is_none() || cert.dir().is_none() {
             return;
         }
@@ -131,8 +127,8 @@ impl NodeIssuer {
                 tokio::time::sleep(wait).await;
                 continue;
             }
-            let (me, c, ca) = (self.clone(), cert.clone(), ca.clone());
-            let res = tokio::task::spawn_blocking(move || me.renew_own_now(&c, ca))
+            let (me, c) = (self.clone(), cert.clone());
+            let res = tokio::task::spawn_blocking(move || me.renew_own_now(&c))
                 .await
                 .unwrap_or_else(|e| Err(e.to_string()));
             match res {
@@ -153,14 +149,10 @@ impl NodeIssuer {
         }
     }
 
-    fn renew_own_now(
-        &self,
-        cert: &CertResolver,
-        ca: rustls::pki_types::CertificateDer<'static>,
-    ) -> Result<i64, String> {
+    fn renew_own_now(&self, cert: &CertResolver) -> Result<i64, String> {
         let signer = self.ca.as_ref().ok_or("no CA")?;
         let validity = Validity::for_duration(self.valid_for).map_err(|e| e.to_string())?;
-        signer.renew(cert, ca, validity)
+        signer.renew(cert, validity)
     }
 }
 
@@ -231,6 +223,31 @@ mod tests {
         let life = router::tls::not_after(&leaf).unwrap() - router::tls::not_before(&leaf).unwrap();
         // 24 h, plus the 5 minutes a new certificate is backdated.
         assert_eq!(life, 24 * 3600 + 300);
+    }
+
+    /// With a rotated CA directory (the bundle of the new and the old CA), an answer carries the
+    /// leaf and the new (issuing) CA only: what trusts the bundle, or just the new CA, accepts it.
+    #[test]
+    fn a_rotated_ca_answers_with_the_leaf_and_the_issuing_ca_only() {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let d = tempfile::tempdir().unwrap();
+        pki::init(d.path()).unwrap();
+        pki::rotate_ca(d.path()).unwrap();
+        let bundle = pki::read_ca_bundle(&d.path().join(pki::CA_CERT)).unwrap();
+        let i = NodeIssuer::load(d.path(), DEFAULT_VALIDITY).unwrap();
+        assert_eq!(i.ca_cert(), Some(&bundle[0].der));
+        let mut limit = RenewLimit::default();
+        let ToRouter::Certificate { chain_pem } =
+            i.answer("edge-1", &raw_key(), &mut limit, Instant::now())
+        else {
+            panic!("expected a certificate");
+        };
+        let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        assert_eq!(chain.len(), 2, "the leaf and one CA");
+        assert_eq!(chain[1], bundle[0].der);
     }
 
     #[test]

@@ -541,8 +541,7 @@ async fn renewed(shared: &Shared, key: Option<rcgen::KeyPair>, chain_pem: String
         return;
     };
     let cert = shared.cert.clone();
-    let ca = shared.cfg.identity.ca.clone();
-    let res = tokio::task::spawn_blocking(move || tls::install(&cert, ca, &key, &chain_pem))
+    let res = tokio::task::spawn_blocking(move || tls::install(&cert, &key, &chain_pem))
         .await
         .unwrap_or_else(|e| Err(e.to_string()));
     match res {

@@ -8,7 +8,7 @@ use router::pki::{self, PkiError};
 
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Examples:\n  tasman pki init --dir pki\n  tasman pki issue syd-edge-1 syd-transit-1 syd-site-1 --dir pki\n  tasman pki issue syd-edge-1 --valid-for 90d --dir pki   # rotate: routers reload it"
+    after_help = "Examples:\n  tasman pki init --dir pki\n  tasman pki issue syd-edge-1 syd-transit-1 syd-site-1 --dir pki\n  tasman pki issue syd-edge-1 --valid-for 90d --dir pki   # rotate: routers reload it\n  tasman pki rotate-ca --dir pki   # new CA; ca.pem trusts old and new\n  tasman pki retire-ca --dir pki   # later: ca.pem trusts the new CA only"
 )]
 pub struct PkiArgs {
     #[command(subcommand)]
@@ -41,6 +41,29 @@ pub enum PkiCommand {
         #[arg(long, default_value = "365d", value_parser = parse_valid_for, value_name = "DURATION")]
         valid_for: std::time::Duration,
     },
+    /// Start a CA rotation in DIR: a new CA becomes the issuing CA (ca.key; the old key is kept
+    /// as ca.key.old) and ca.pem becomes the trust bundle of the new CA and every CA it held.
+    /// Then: distribute ca.pem to every node and restart them one by one, re-issue every node
+    /// certificate, and finally `retire-ca`. See the operator guide, "Rotating the CA".
+    #[command(
+        name = "rotate-ca",
+        after_help = "Example:\n  tasman pki rotate-ca --dir pki"
+    )]
+    RotateCa {
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
+    },
+    /// End a CA rotation in DIR: ca.pem keeps only the issuing CA (the one for ca.key). Only once
+    /// every node holds a certificate from it: nodes restarted with this ca.pem refuse every
+    /// other CA's certificates.
+    #[command(
+        name = "retire-ca",
+        after_help = "Example:\n  tasman pki retire-ca --dir pki"
+    )]
+    RetireCa {
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
+    },
 }
 
 /// `--valid-for`: a `humantime` duration, more than zero and at most [`pki::MAX_VALIDITY`].
@@ -54,7 +77,10 @@ fn parse_valid_for(s: &str) -> Result<std::time::Duration, String> {
 
 fn exit_for(e: &PkiError) -> ExitCode {
     match e {
-        PkiError::Io { .. } | PkiError::BadKey { .. } => ExitCode::from(2),
+        PkiError::Io { .. }
+        | PkiError::BadKey { .. }
+        | PkiError::BadCert { .. }
+        | PkiError::NoIssuingCa { .. } => ExitCode::from(2),
         _ => ExitCode::from(1),
     }
 }
@@ -89,6 +115,42 @@ pub fn run(args: PkiArgs) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        PkiCommand::RotateCa { dir } => match pki::rotate_ca(&dir) {
+            Ok(n) => {
+                println!("{}", dir.join(pki::CA_CERT).display());
+                eprintln!(
+                    "a new CA issues certificates from now on; {} now trusts {n} CAs. Next: \
+                     distribute it to every node and restart them one by one, then re-issue \
+                     every node certificate, then `tasman pki retire-ca`.",
+                    pki::CA_CERT
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                exit_for(&e)
+            }
+        },
+        PkiCommand::RetireCa { dir } => match pki::retire_ca(&dir) {
+            Ok(dropped) => {
+                println!("{}", dir.join(pki::CA_CERT).display());
+                if dropped == 0 {
+                    eprintln!("{} already holds only the issuing CA", pki::CA_CERT);
+                } else {
+                    eprintln!(
+                        "dropped {dropped} CA(s) from {}: distribute it and restart every node \
+                         one by one; {} can be deleted (or kept offline)",
+                        pki::CA_CERT,
+                        pki::CA_KEY_OLD
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                exit_for(&e)
+            }
+        },
     }
 }
 

@@ -194,13 +194,62 @@ async fn a_controller_refuses_to_start_with_a_ca_it_does_not_trust() {
     match res {
         Err(e @ daemon::DaemonError::CaMismatch { .. }) => {
             assert!(
-                e.to_string().contains("not one of the CAs the controller trusts"),
+                e.to_string()
+                    .contains("not one of the CAs the controller trusts"),
                 "{e}"
             )
         }
         Err(e) => panic!("expected a CA mismatch, got {e}"),
         Ok(_) => panic!("expected a CA mismatch, the controller started"),
     }
+}
+
+/// During a CA rotation the `--ca-dir` check looks for the issuing CA (the bundle's certificate
+/// for `ca.key`) among every CA the controller trusts, wherever it is in either bundle: a
+/// controller that trusts only the old CA is refused a rotated CA directory (even one listing the
+/// old CA first), and one that trusts the old and the new CA starts with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ca_dir_check_looks_for_the_issuing_ca_in_the_trust_bundle() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = dir.path().join("pki");
+    pki(&tls, &fabric_nodes(1, 1));
+    let ca_dir = dir.path().join("ca");
+    std::fs::create_dir_all(&ca_dir).unwrap();
+    for f in [pki::CA_CERT, pki::CA_KEY] {
+        std::fs::copy(tls.join(f), ca_dir.join(f)).unwrap();
+    }
+    pki::rotate_ca(&ca_dir).unwrap();
+    let rotated = std::fs::read_to_string(ca_dir.join(pki::CA_CERT)).unwrap();
+    let b = pki::parse_ca_bundle(&rotated).unwrap();
+    let (new, old) = (&b[0].pem, &b[1].pem);
+    let start = |net: u8, state: &str| {
+        daemon::start(daemon::DaemonConfig {
+            ca_dir: Some(ca_dir.clone()),
+            ..import_config(&dir.path().join(state), &tls, &fabric_yaml(net, 1, 1, 10))
+        })
+    };
+
+    // The controller trusts only the old CA; the CA directory lists the old CA first.
+    std::fs::write(ca_dir.join(pki::CA_CERT), format!("{old}{new}")).unwrap();
+    match start(95, "state-1").await {
+        Err(e @ daemon::DaemonError::CaMismatch { .. }) => {
+            assert!(
+                e.to_string()
+                    .contains("not one of the CAs the controller trusts"),
+                "{e}"
+            )
+        }
+        Err(e) => panic!("expected a CA mismatch, got {e}"),
+        Ok(_) => panic!("the controller started with an issuing CA it does not trust"),
+    }
+
+    // The controller trusts the old then the new CA; the CA directory as rotate-ca wrote it.
+    std::fs::write(ca_dir.join(pki::CA_CERT), &rotated).unwrap();
+    std::fs::write(tls.join(pki::CA_CERT), format!("{old}{new}")).unwrap();
+    let d = start(96, "state-2")
+        .await
+        .expect("the controller starts with a CA it trusts");
+    d.shutdown().await;
 }
 
 /// With the CA, the controller renews its own certificate on the routers' schedule: a

@@ -83,10 +83,110 @@ fn foreign_ca_and_names_outside_the_topology_are_refused() {
 }
 
 fn make_pki_issue(dir: &std::path::Path, name: &str) {
-    let ok = std::process::Command::new(tasman())
-        .args(["pki", "issue", name, "--dir"])
+    tasman_pki(dir, &["issue", name]);
+}
+
+/// Runs `tasman pki ARGS... --dir DIR` (the real CLI) and checks it succeeded.
+fn tasman_pki(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new(tasman())
+        .arg("pki")
+        .args(args)
+        .arg("--dir")
         .arg(dir)
-        .stdout(std::process::Stdio::null())
-        .status();
-    assert!(ok.is_ok_and(|s| s.success()));
+        .output()
+        .expect("run tasman pki");
+    assert!(
+        out.status.success(),
+        "tasman pki {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The CA certificate (second in the chain) of `name`'s certificate file in `dir`.
+fn issuer_of(dir: &std::path::Path, name: &str) -> rustls::pki_types::CertificateDer<'static> {
+    let chain = TlsIdentity::load(dir, name).unwrap().chain;
+    assert_eq!(chain.len(), 2, "{name}: the leaf and its issuing CA");
+    chain[1].clone()
+}
+
+/// Whether `node`'s router has `neighbour` up (connected and answering probes).
+fn up(f: &Fabric, node: &str, neighbour: &str) -> bool {
+    let filter = format!("neighbour=\"{neighbour}\"");
+    f.metric(node, "tasman_neighbour_up", &filter) == 1
+}
+
+/// A CA rotation over real routers and real mutual-TLS QUIC. With the bundle of the new and the
+/// old CA (`tasman pki rotate-ca`), a router on a certificate from the new CA and one still on
+/// the old CA's connect to each other, both ways. After `tasman pki retire-ca`, the router
+/// restarted with the pruned bundle refuses the one still on the old CA's certificate, until
+/// that one is re-issued from the new CA (and reloads it, without a restart).
+#[test]
+fn old_and_new_ca_certificates_connect_during_a_rotation_and_not_after_it() {
+    let mut y = TopoYaml::default();
+    y.edge("edge", free_udp(LOCAL), LOCAL, None)
+        .site(
+            "site",
+            free_udp(LOCAL),
+            &[("chat", "127.0.0.1:9".parse().unwrap(), 10)],
+        )
+        .link("edge", "site", "1ms")
+        .service("chat", free_tcp_port(LOCAL), &[]);
+    let mut f = Fabric::new(&y);
+    let old_ca = issuer_of(&f.pki, "edge");
+
+    // Step 1: a new issuing CA; ca.pem trusts both (every router starts with it below).
+    tasman_pki(&f.pki, &["rotate-ca"]);
+    let bundle = TlsIdentity::load(&f.pki, "edge").unwrap().cas;
+    assert_eq!(bundle.len(), 2);
+    assert_eq!(bundle[1], old_ca, "the old CA stays in the bundle");
+    let new_ca = bundle[0].clone();
+    // Step 2, halfway: the site is re-issued from the new CA, the edge is not yet.
+    tasman_pki(&f.pki, &["issue", "site"]);
+    assert_eq!(issuer_of(&f.pki, "site"), new_ca);
+    assert_eq!(issuer_of(&f.pki, "edge"), old_ca);
+
+    f.start("site");
+    f.start("edge");
+    eventually(
+        DEADLINE,
+        "edge (old CA) and site (new CA) connected both ways",
+        || up(&f, "edge", "site") && up(&f, "site", "edge"),
+    );
+    assert_eq!(f.metric("site", "tasman_refused_peers_total", ""), 0);
+
+    // Step 3 too early: the CA is retired while the edge still holds an old-CA certificate, and
+    // the site restarts (gracefully) with the pruned bundle.
+    tasman_pki(&f.pki, &["retire-ca"]);
+    assert_eq!(
+        TlsIdentity::load(&f.pki, "site").unwrap().cas,
+        vec![new_ca.clone()]
+    );
+    f.signal("site", libc::SIGTERM);
+    f.wait_exit("site", DEADLINE);
+    f.start("site");
+    eventually(
+        DEADLINE,
+        "the site refused the edge's old-CA certificate",
+        || f.metric("site", "tasman_refused_peers_total", "") >= 1,
+    );
+    eventually(DEADLINE, "no connection either way", || {
+        !up(&f, "site", "edge") && !up(&f, "edge", "site")
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        !up(&f, "site", "edge") && !up(&f, "edge", "site"),
+        "an old-CA certificate got through"
+    );
+    assert!(
+        f.log("site").contains("incoming connection refused"),
+        "{}",
+        f.log("site")
+    );
+
+    // Step 2 finished: the edge re-issued from the new CA reloads it and is accepted again.
+    tasman_pki(&f.pki, &["issue", "edge"]);
+    assert_eq!(issuer_of(&f.pki, "edge"), new_ca);
+    eventually(DEADLINE, "edge (new CA) and site connected again", || {
+        up(&f, "edge", "site") && up(&f, "site", "edge")
+    });
 }

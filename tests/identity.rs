@@ -29,8 +29,8 @@ async fn accepted(id: &TlsIdentity, addr: std::net::SocketAddr) -> bool {
     matches!(r, Ok(Ok(b)) if matches!(Probe::decode(b.clone()), Ok(Probe::Pong { seq: 1, .. })))
 }
 
-#[test]
-fn foreign_ca_and_names_outside_the_topology_are_refused() {
+/// One edge and one site serving `chat`, 1 ms apart, on free loopback ports.
+fn edge_and_site() -> TopoYaml {
     let mut y = TopoYaml::default();
     y.edge("edge", free_udp(LOCAL), LOCAL, None)
         .site(
@@ -40,7 +40,12 @@ fn foreign_ca_and_names_outside_the_topology_are_refused() {
         )
         .link("edge", "site", "1ms")
         .service("chat", free_tcp_port(LOCAL), &[]);
-    let mut f = Fabric::new(&y);
+    y
+}
+
+#[test]
+fn foreign_ca_and_names_outside_the_topology_are_refused() {
+    let mut f = Fabric::new(&edge_and_site());
     f.start("site");
     let site_addr = topology::load(&std::fs::read_to_string(&f.yaml).unwrap())
         .unwrap()
@@ -122,16 +127,7 @@ fn up(f: &Fabric, node: &str, neighbour: &str) -> bool {
 /// that one is re-issued from the new CA (and reloads it, without a restart).
 #[test]
 fn old_and_new_ca_certificates_connect_during_a_rotation_and_not_after_it() {
-    let mut y = TopoYaml::default();
-    y.edge("edge", free_udp(LOCAL), LOCAL, None)
-        .site(
-            "site",
-            free_udp(LOCAL),
-            &[("chat", "127.0.0.1:9".parse().unwrap(), 10)],
-        )
-        .link("edge", "site", "1ms")
-        .service("chat", free_tcp_port(LOCAL), &[]);
-    let mut f = Fabric::new(&y);
+    let mut f = Fabric::new(&edge_and_site());
     let old_ca = issuer_of(&f.pki, "edge");
 
     // Step 1: a new issuing CA; ca.pem trusts both (every router starts with it below).

@@ -108,17 +108,10 @@ impl Routes {
     pub fn candidates(&self, service: &str) -> Option<Arc<[Candidate]>> {
         self.by_service.get(service).map(|r| r.candidates.clone())
     }
-    /// Hot path (per connection): the ranked candidates for `service` and the index of the one
-    /// a connection from `client` tries first, dealt by weight among the equally near sites
-    /// ([`Spread`]): by turn (one atomic add), or by the client's address when the service has
-    /// `affinity: source_ip`. No work when one site takes every connection.
-    pub fn pick(&self, service: &str, client: IpAddr) -> Option<(Arc<[Candidate]>, usize)> {
-        let r = self.by_service.get(service)?;
-        Some((r.candidates.clone(), r.deal(client)))
-    }
     /// Hot path (per connection): the ranked candidates for `service` and the order in which a
-    /// connection from `client` tries them. The base order is the site dealt by
-    /// [`Routes::pick`] first, then the others in rank order; traffic dials then move the sites
+    /// connection from `client` tries them. The base order is the site dealt among the equally
+    /// near ones ([`Spread`]: by turn, one atomic add, or by the client's address with
+    /// `affinity: source_ip`) first, then the others in rank order; traffic dials then move the sites
     /// that decline this connection to the end ([`TryOrder::dialled`]). A connection on a
     /// circuit whose `reserved` path the table still offers starts on it instead, dials or not:
     /// the path is reserved for it. No allocation; no dial work when no site has a dial.
@@ -129,11 +122,10 @@ impl Routes {
         reserved: Option<&[NodeId]>,
     ) -> Option<(Arc<[Candidate]>, TryOrder)> {
         let r = self.by_service.get(service)?;
-        let dealt = r.deal(client);
         let len = r.candidates.len();
         let order = match reserved.and_then(|p| r.candidates.iter().position(|c| c.path == p)) {
             Some(on_circuit) => TryOrder::new(len, on_circuit),
-            None => r.dialled(TryOrder::new(len, dealt), client),
+            None => r.dialled(TryOrder::new(len, r.deal(client)), client),
         };
         Some((r.candidates.clone(), order))
     }

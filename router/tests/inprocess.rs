@@ -374,8 +374,10 @@ async fn weighted_shares_survive_table_rebuilds() {
         )
         .await;
         let client = std::net::Ipv4Addr::LOCALHOST.into();
-        let (cands, first) = hs[0].routes().pick("echo", client).unwrap();
-        *dealt.entry(cands[first].site.to_string()).or_default() += 1;
+        let (cands, order) = hs[0].routes().order("echo", client, None).unwrap();
+        *dealt
+            .entry(cands[order.first()].site.to_string())
+            .or_default() += 1;
     }
     assert!(
         dealt.len() == 2 && dealt.values().all(|&n| n >= 8),

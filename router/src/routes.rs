@@ -148,12 +148,9 @@ impl Routes {
             .iter()
             .map(|(s, r)| {
                 let members = r
-                    .candidates
-                    .iter()
-                    .zip(r.spread.expected(&r.candidates))
-                    .enumerate()
-                    .filter(|&(i, (_, share))| i < r.spread.members() || share > 0.0)
-                    .map(|(_, (c, share))| (&c.site, share))
+                    .spread
+                    .first_tries(&r.candidates)
+                    .map(|(c, share)| (&c.site, share))
                     .collect();
                 (s, members)
             })

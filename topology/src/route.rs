@@ -696,18 +696,29 @@ impl Spread {
     ///
     /// Without dials this is the group with its weight shares.
     pub fn shares(&self, candidates: &[Candidate]) -> Vec<Share> {
-        let expected = self.expected(candidates);
-        let shares: Vec<Share> = candidates
-            .iter()
-            .zip(expected)
-            .enumerate()
-            .filter(|&(i, (_, share))| i < self.members() || share > 0.0)
-            .map(|(_, (c, share))| Share {
+        let shares: Vec<Share> = self
+            .first_tries(candidates)
+            .map(|(c, share)| Share {
                 site: c.site.clone(),
                 share,
             })
             .collect();
         if shares.len() < 2 { Vec::new() } else { shares }
+    }
+
+    /// Each member of the group and each other candidate that dials send connections to, with
+    /// its expected share of first tries ([`Spread::expected`]), in rank order.
+    pub fn first_tries<'a>(
+        &self,
+        candidates: &'a [Candidate],
+    ) -> impl Iterator<Item = (&'a Candidate, f64)> + use<'a> {
+        let members = self.members();
+        candidates
+            .iter()
+            .zip(self.expected(candidates))
+            .enumerate()
+            .filter(move |&(i, (_, share))| i < members || share > 0.0)
+            .map(|(_, pair)| pair)
     }
 
     /// The expected share of first tries of each of `candidates` (the list this was built
@@ -889,9 +900,7 @@ impl TryOrder {
 
     /// Every candidate, in the order tried.
     pub fn iter(self) -> impl Iterator<Item = usize> {
-        (self.start..self.len)
-            .chain(0..self.start)
-            .map(move |pos| self.at(pos))
+        self.tries(usize::MAX)
     }
 
     /// The candidates a connection tries when it may try at most `budget` sites before giving

@@ -1048,7 +1048,12 @@ async fn served(
             conns.push(c.await.unwrap());
         }
         // Held past `HELD`, so that the backends tell them from health checks.
-        tokio::time::sleep(common::HELD + Duration::from_millis(50)).await;
+        wait_until(
+            Duration::from_secs(10),
+            || a.held() + b.held() == k,
+            || format!("{k} connections not all held open at the backends"),
+        )
+        .await;
         drop(conns);
         done += k;
         wait_until(

@@ -102,14 +102,56 @@ struct Shared {
     /// What the control connection presents (the router's, when shared), and what renewals
     /// replace.
     cert: Arc<tls::CertResolver>,
-    renew: Mutex<RenewBackoff>,
+    renew: Mutex<RenewSchedule>,
 }
 
-/// When the next renewal request may go (across sessions).
-#[derive(Debug)]
-struct RenewBackoff {
-    not_before: Option<tokio::time::Instant>,
+/// When the next renewal request may go, across sessions: each request (answered or not) holds
+/// the next one back by the back-off, which starts at `min` and doubles with each request up to
+/// `max`; an installed certificate starts it again from `min`. Pure: the caller passes the time.
+#[derive(Debug, Clone)]
+struct RenewSchedule {
+    min: Duration,
+    max: Duration,
+    /// How long the next request holds the one after it back.
     backoff: Duration,
+    /// No request before this.
+    not_before: Option<tokio::time::Instant>,
+}
+
+impl RenewSchedule {
+    fn new(min: Duration, max: Duration) -> Self {
+        RenewSchedule {
+            min,
+            max,
+            backoff: min,
+            not_before: None,
+        }
+    }
+
+    /// When the next request may go, the certificate being due at `due`.
+    fn next(&self, due: tokio::time::Instant) -> tokio::time::Instant {
+        self.not_before.map_or(due, |nb| due.max(nb))
+    }
+
+    /// How long after `now` the back-off allows the next request.
+    fn retry_in(&self, now: tokio::time::Instant) -> Duration {
+        self.not_before
+            .map_or(Duration::ZERO, |t| t.saturating_duration_since(now))
+    }
+
+    /// A request goes at `now`: the next may go after the back-off, which doubles.
+    fn attempted(&mut self, now: tokio::time::Instant) {
+        self.not_before = Some(now + self.backoff);
+        self.backoff = (self.backoff * 2).min(self.max);
+    }
+
+    /// A renewed certificate was installed at `now`: the back-off starts again from `min` (and
+    /// holds a request back by `min` at most).
+    fn succeeded(&mut self, now: tokio::time::Instant) {
+        self.backoff = self.min;
+        let soonest = now + self.min;
+        self.not_before = Some(self.not_before.map_or(soonest, |t| t.min(soonest)));
+    }
 }
 
 /// A running controller client. Dropping it stops the client.
@@ -173,10 +215,7 @@ impl ControlClient {
             last_contact_ms: AtomicU64::new(now_ms()),
             topology_version: AtomicU64::new(0),
             cert,
-            renew: Mutex::new(RenewBackoff {
-                not_before: None,
-                backoff: RENEW_BACKOFF_MIN,
-            }),
+            renew: Mutex::new(RenewSchedule::new(RENEW_BACKOFF_MIN, RENEW_BACKOFF_MAX)),
         });
         if let Some(s) = from_disk {
             tracing::info!(
@@ -513,23 +552,22 @@ fn renew_due(shared: &Shared) -> Option<tokio::time::Instant> {
     let at_ms = pki::renew_at(cert.not_before(), cert.not_after()).saturating_mul(1000);
     let wait = u64::try_from(at_ms.saturating_sub(now_ms() as i64)).unwrap_or(0);
     let due = tokio::time::Instant::now() + Duration::from_millis(wait);
-    let not_before = shared.renew.lock().ok().and_then(|r| r.not_before);
-    Some(not_before.map_or(due, |nb| due.max(nb)))
+    Some(shared.renew.lock().map_or(due, |r| r.next(due)))
 }
 
 /// How long until the back-off allows the next request.
 fn renew_retry_in(shared: &Shared) -> Duration {
-    let not_before = shared.renew.lock().ok().and_then(|r| r.not_before);
-    not_before.map_or(Duration::ZERO, |t| {
-        t.saturating_duration_since(tokio::time::Instant::now())
-    })
+    let now = tokio::time::Instant::now();
+    shared
+        .renew
+        .lock()
+        .map_or(Duration::ZERO, |r| r.retry_in(now))
 }
 
 /// A request goes now: the next may go after the back-off, which doubles.
 fn renew_attempted(shared: &Shared) {
     if let Ok(mut r) = shared.renew.lock() {
-        r.not_before = Some(tokio::time::Instant::now() + r.backoff);
-        r.backoff = (r.backoff * 2).min(RENEW_BACKOFF_MAX);
+        r.attempted(tokio::time::Instant::now());
     }
 }
 
@@ -548,9 +586,7 @@ async fn renewed(shared: &Shared, key: Option<rcgen::KeyPair>, chain_pem: String
         Ok(not_after) => {
             shared.cert.count_renewal(Renewal::Renewed);
             if let Ok(mut r) = shared.renew.lock() {
-                r.backoff = RENEW_BACKOFF_MIN;
-                let soonest = tokio::time::Instant::now() + RENEW_BACKOFF_MIN;
-                r.not_before = Some(r.not_before.map_or(soonest, |t| t.min(soonest)));
+                r.succeeded(tokio::time::Instant::now());
             }
             tracing::info!(not_after, expires = %fmt_unix(not_after), "renewed the node certificate through the controller");
         }
@@ -589,5 +625,109 @@ async fn staleness_watch(shared: Arc<Shared>) {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::Instant;
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    fn schedule() -> RenewSchedule {
+        RenewSchedule::new(RENEW_BACKOFF_MIN, RENEW_BACKOFF_MAX)
+    }
+
+    /// Requests sent each as soon as `s` allows, the certificate being due all along: the gaps
+    /// between them.
+    fn gaps(s: &mut RenewSchedule, t: &mut Instant, n: usize) -> Vec<u64> {
+        (0..n)
+            .map(|_| {
+                s.attempted(*t);
+                let next = s.next(*t);
+                let gap = next - *t;
+                *t = next;
+                gap.as_secs()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn before_any_request_the_certificate_alone_says_when() {
+        let s = schedule();
+        let t = Instant::now();
+        assert_eq!(s.next(t), t);
+        assert_eq!(s.next(t + S(3600)), t + S(3600));
+        assert_eq!(s.retry_in(t), Duration::ZERO);
+    }
+
+    /// What the operator guide promises: 30 s, then 1, 2, 4 and 8 minutes, then every 10.
+    #[test]
+    fn unanswered_requests_back_off_from_30s_doubling_to_10_minutes() {
+        let mut s = schedule();
+        let mut t = Instant::now();
+        assert_eq!(
+            gaps(&mut s, &mut t, 9),
+            [30, 60, 120, 240, 480, 600, 600, 600, 600]
+        );
+    }
+
+    #[test]
+    fn a_refused_request_is_not_repeated_before_the_backoff() {
+        let mut s = schedule();
+        let t = Instant::now();
+        s.attempted(t);
+        // Refused at once (the certificate is still due): the next request waits 30 s.
+        assert_eq!(s.next(t), t + S(30));
+        assert_eq!(s.retry_in(t), S(30));
+        assert_eq!(s.retry_in(t + S(10)), S(20));
+        assert_eq!(s.retry_in(t + S(31)), Duration::ZERO);
+        // A certificate due later than the back-off: its own time rules.
+        assert_eq!(s.next(t + S(45)), t + S(45));
+    }
+
+    #[test]
+    fn an_installed_certificate_starts_the_backoff_again() {
+        let mut s = schedule();
+        let mut t = Instant::now();
+        assert_eq!(gaps(&mut s, &mut t, 6), [30, 60, 120, 240, 480, 600]);
+        // The answer to the last request comes 5 s after it and is installed.
+        let ok = t + S(5);
+        s.attempted(t);
+        s.succeeded(ok);
+        // Whenever the new certificate is due, a request may go 30 s after the success...
+        assert_eq!(s.next(ok), ok + S(30));
+        assert_eq!(s.retry_in(ok), S(30));
+        // ... and failures from then on back off from 30 s again.
+        let mut t = ok + S(30);
+        assert_eq!(gaps(&mut s, &mut t, 3), [30, 60, 120]);
+    }
+
+    #[test]
+    fn a_success_never_holds_the_next_request_back_longer_than_before() {
+        let mut s = schedule();
+        let t = Instant::now();
+        s.attempted(t);
+        // Installed 20 s after the request: the back-off of that request (30 s) still holds.
+        s.succeeded(t + S(20));
+        assert_eq!(s.next(t), t + S(30));
+    }
+
+    #[test]
+    fn the_backoff_is_configurable_and_capped() {
+        let mut s = RenewSchedule::new(Duration::from_millis(500), S(2));
+        let mut t = Instant::now();
+        let gaps: Vec<Duration> = (0..5)
+            .map(|_| {
+                s.attempted(t);
+                let next = s.next(t);
+                let gap = next - t;
+                t = next;
+                gap
+            })
+            .collect();
+        let ms = Duration::from_millis;
+        assert_eq!(gaps, [ms(500), S(1), S(2), S(2), S(2)]);
     }
 }

@@ -1,17 +1,22 @@
 //! Renewal of node certificates through the controller (`--ca-dir`): a router whose certificate
 //! is past 70 % of its lifetime gets a new one over real mutual-TLS QUIC, installs it in its
-//! files and presents it; a controller without a CA refuses, and the router keeps its old one.
+//! files and presents it; a controller without a CA refuses, and the router keeps its old one; a
+//! controller that does not answer is asked again after the back-off, and the router keeps its
+//! certificate meanwhile.
 
 mod controller_common;
 
+use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use controller_common::*;
 use fabric::controller::daemon::{self, Daemon};
+use router::control::ClientConfig;
+use router::control::proto::{self, FromRouter, ToRouter};
 use router::pki::{self, Validity};
-use router::tls::{CertResolver, Renewal, TlsIdentity};
+use router::tls::{CertResolver, PeerNames, Renewal, TlsIdentity};
 use topology::NodeId;
 
 const NODE: &str = "edge-0";
@@ -47,10 +52,23 @@ async fn setup(
 /// `edge-0`'s control client and data plane, sharing one certificate resolver (as
 /// `tasman router --controller` does).
 async fn start_router(d: &Daemon, tls: &Path) -> (LiveRouter, Arc<CertResolver>) {
+    start_router_with(d.quic_addr, tls, |_| {}).await
+}
+
+/// [`start_router`] with the controller at `ctl` and the client's config adjusted by `tune`.
+async fn start_router_with(
+    ctl: SocketAddr,
+    tls: &Path,
+    tune: impl FnOnce(&mut ClientConfig),
+) -> (LiveRouter, Arc<CertResolver>) {
     let id = TlsIdentity::load(tls, NODE).expect("identity");
     let cert = CertResolver::new(&id).expect("resolver");
     let c = cert.clone();
-    let client = start_client_with(d.quic_addr, NODE, tls, move |cfg| cfg.cert = Some(c)).await;
+    let client = start_client_with(ctl, NODE, tls, move |cfg| {
+        cfg.cert = Some(c);
+        tune(cfg);
+    })
+    .await;
     let mut cfg = router::RouterConfig::new(NodeId::new(NODE), id, client.snapshots());
     cfg.cert_resolver = Some(cert.clone());
     let handle = router::Router::spawn(cfg).await.expect("router starts");
@@ -295,4 +313,160 @@ async fn the_controller_renews_its_own_certificate_with_the_ca() {
     assert!(c.is_connected());
     drop(c);
     d.shutdown().await;
+}
+
+/// A stand-in for the controller: the real control protocol over mutual-TLS QUIC with the
+/// controller's certificate. It sends one snapshot to each router that says hello, notes when
+/// each `Renew` arrives and answers none (`close_on_renew`: closes the connection instead, as a
+/// controller that predates renewal does).
+struct StubController {
+    addr: SocketAddr,
+    renews: Arc<Mutex<Vec<Instant>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StubController {
+    async fn start(tls: &Path, yaml: &str, close_on_renew: bool) -> StubController {
+        let id = TlsIdentity::load(tls, "controller").expect("the controller's identity");
+        let peers = PeerNames::new(fabric_nodes(1, 1));
+        let cfg = router::tls::server_config(&id, &peers, Default::default()).expect("config");
+        let ep = quinn::Endpoint::server(cfg, "127.0.0.1:0".parse().unwrap()).expect("endpoint");
+        let addr = ep.local_addr().unwrap();
+        let topology = Arc::new(topology::yaml::load(yaml).expect("topology").topology);
+        let snapshot = proto::encode(&ToRouter::Snapshot {
+            version: 1,
+            topology_version: 1,
+            topology,
+            live: Default::default(),
+            circuits: Default::default(),
+        })
+        .unwrap();
+        let renews: Arc<Mutex<Vec<Instant>>> = Arc::default();
+        let seen = renews.clone();
+        let task = tokio::spawn(async move {
+            let mut sessions = tokio::task::JoinSet::new();
+            while let Some(incoming) = ep.accept().await {
+                let (snapshot, seen) = (snapshot.clone(), seen.clone());
+                sessions.spawn(async move {
+                    let Ok(conn) = incoming.await else { return };
+                    let Ok((mut send, mut recv)) = conn.accept_bi().await else {
+                        return;
+                    };
+                    let mut frames = proto::FrameReader::new(proto::MAX_FROM_ROUTER);
+                    let Ok(Some(_hello)) = frames.next(&mut recv).await else {
+                        return;
+                    };
+                    if send.write_all(&snapshot).await.is_err() {
+                        return;
+                    }
+                    while let Ok(Some(frame)) = frames.next(&mut recv).await {
+                        if let Ok(FromRouter::Renew { .. }) = proto::decode(&frame) {
+                            seen.lock().unwrap().push(Instant::now());
+                            if close_on_renew {
+                                conn.close(0u32.into(), b"unexpected message");
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        StubController { addr, renews, task }
+    }
+
+    /// When each `Renew` arrived.
+    fn renews(&self) -> Vec<Instant> {
+        self.renews.lock().unwrap().clone()
+    }
+}
+
+impl Drop for StubController {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A PKI in `dir` whose `edge-0` certificate has been due for renewal for 90 s (70 % of 1300 s)
+/// and stays valid for 5 more minutes.
+fn pki_due_now(dir: &Path) {
+    pki(dir, &fabric_nodes(1, 1));
+    let now = SystemTime::now();
+    let v = Validity::between(
+        now - Duration::from_secs(1000),
+        now + Duration::from_secs(300),
+    );
+    pki::issue_with(dir, NODE, v.unwrap()).expect("due certificate");
+}
+
+/// Asserts that the gaps between `times` are `want` (seconds), within what a loaded machine
+/// adds or takes: not 400 ms shorter (a timer never fires early, but a request may reach the
+/// stub late), not 1.5 s longer.
+fn assert_gaps(times: &[Instant], want: &[f64]) {
+    let gaps: Vec<f64> = times
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_secs_f64())
+        .collect();
+    assert_eq!(gaps.len(), want.len(), "gaps {gaps:?}, want {want:?}");
+    for (g, w) in gaps.iter().zip(want) {
+        assert!(
+            *g > w - 0.4 && *g < w + 1.5,
+            "gaps between requests {gaps:?}, want {want:?}"
+        );
+    }
+}
+
+/// The router keeps its files and the certificate it presents.
+fn assert_kept(tls: &Path, cert: &CertResolver, old_files: &(Vec<u8>, Vec<u8>), old_leaf: &[u8]) {
+    assert_eq!(&files(tls), old_files, "the files are untouched");
+    assert_eq!(cert.current().cert[0].as_ref(), old_leaf);
+    assert_eq!(cert.reloads(), 0);
+    for r in [Renewal::Renewed, Renewal::Refused, Renewal::Invalid] {
+        assert_eq!(cert.renewals(r), 0, "{r:?}");
+    }
+}
+
+/// A controller that never answers `Renew`: the router counts each request the next one
+/// replaces as unanswered, asks again only after the back-off (here 1 s doubling to 2 s; by
+/// default 30 s to 10 minutes), keeps its session and its certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_that_does_not_answer_is_asked_again_after_the_backoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = dir.path().join("pki");
+    pki_due_now(&tls);
+    let stub = StubController::start(&tls, &fabric_yaml(97, 1, 1, 10), false).await;
+    let (r, cert) = start_router_with(stub.addr, &tls, |cfg| {
+        cfg.renew_backoff_min = Duration::from_secs(1);
+        cfg.renew_backoff_max = Duration::from_secs(2);
+    })
+    .await;
+    let old_files = files(&tls);
+    let old_leaf = cert.current().cert[0].to_vec();
+
+    eventually(Duration::from_secs(60), "five renewal requests", || {
+        stub.renews().len() >= 5
+    })
+    .await;
+    let no_answer = cert.renewals(Renewal::NoAnswer);
+    let times = stub.renews();
+    assert_eq!(
+        no_answer as usize,
+        times.len() - 1,
+        "each request after the first counts the one before as unanswered"
+    );
+    assert_gaps(&times[..5], &[1.0, 2.0, 2.0, 2.0]);
+    assert_kept(&tls, &cert, &old_files, &old_leaf);
+    assert!(r.client.is_connected());
+    assert_eq!(
+        r.client.connects(),
+        1,
+        "an unanswered request keeps the session"
+    );
+    let m = r.handle.metrics_text();
+    assert!(
+        m.contains(&format!(
+            "tasman_tls_cert_renewals_total{{node=\"{NODE}\",result=\"no_answer\"}} {no_answer}"
+        )),
+        "{m}"
+    );
+    r.stop().await;
 }

@@ -49,6 +49,12 @@ pub struct ClientConfig {
     /// keeps forwarding on what it has).
     pub max_stale: Duration,
     pub telemetry_interval: Duration,
+    /// How long a renewal request holds the next one back at first ([`RENEW_BACKOFF_MIN`]);
+    /// the wait doubles with each request up to `renew_backoff_max` ([`RENEW_BACKOFF_MAX`]) and
+    /// starts again from here once a certificate is installed. No flag sets these: tests
+    /// shorten them.
+    pub renew_backoff_min: Duration,
+    pub renew_backoff_max: Duration,
 }
 
 impl ClientConfig {
@@ -61,6 +67,8 @@ impl ClientConfig {
             state_dir: None,
             max_stale: Duration::from_secs(24 * 3600),
             telemetry_interval: Duration::from_secs(1),
+            renew_backoff_min: RENEW_BACKOFF_MIN,
+            renew_backoff_max: RENEW_BACKOFF_MAX,
         }
     }
 }
@@ -206,6 +214,7 @@ impl ControlClient {
             Some(c) => c.clone(),
             None => tls::CertResolver::new(&cfg.identity)?,
         };
+        let schedule = RenewSchedule::new(cfg.renew_backoff_min, cfg.renew_backoff_max);
         let shared = Arc::new(Shared {
             cfg,
             telemetry: Mutex::new(None),
@@ -215,7 +224,7 @@ impl ControlClient {
             last_contact_ms: AtomicU64::new(now_ms()),
             topology_version: AtomicU64::new(0),
             cert,
-            renew: Mutex::new(RenewSchedule::new(RENEW_BACKOFF_MIN, RENEW_BACKOFF_MAX)),
+            renew: Mutex::new(schedule),
         });
         if let Some(s) = from_disk {
             tracing::info!(
@@ -635,8 +644,17 @@ mod tests {
 
     const S: fn(u64) -> Duration = Duration::from_secs;
 
+    /// The schedule of a client with the default config.
     fn schedule() -> RenewSchedule {
-        RenewSchedule::new(RENEW_BACKOFF_MIN, RENEW_BACKOFF_MAX)
+        let id = TlsIdentity {
+            name: "n".into(),
+            cas: Vec::new(),
+            chain: Vec::new(),
+            key: rustls::pki_types::PrivateKeyDer::Pkcs8(Vec::new().into()),
+            dir: None,
+        };
+        let cfg = ClientConfig::new(([127, 0, 0, 1], 1).into(), NodeId::new("n"), id);
+        RenewSchedule::new(cfg.renew_backoff_min, cfg.renew_backoff_max)
     }
 
     /// Requests sent each as soon as `s` allows, the certificate being due all along: the gaps

@@ -470,3 +470,34 @@ async fn a_controller_that_does_not_answer_is_asked_again_after_the_backoff() {
     );
     r.stop().await;
 }
+
+/// A controller that closes the session on `Renew` (one that predates renewal): the request
+/// lost with its session counts as unanswered, and the next session asks again only after the
+/// back-off, which carries over from session to session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_lost_with_its_session_counts_as_unanswered_and_waits_the_backoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = dir.path().join("pki");
+    pki_due_now(&tls);
+    let stub = StubController::start(&tls, &fabric_yaml(98, 1, 1, 10), true).await;
+    let (r, cert) = start_router_with(stub.addr, &tls, |cfg| {
+        cfg.renew_backoff_min = Duration::from_secs(1);
+        cfg.renew_backoff_max = Duration::from_secs(2);
+    })
+    .await;
+    let old_files = files(&tls);
+    let old_leaf = cert.current().cert[0].to_vec();
+
+    eventually(
+        Duration::from_secs(60),
+        "four renewal requests, each lost with its session and counted",
+        || stub.renews().len() >= 4 && cert.renewals(Renewal::NoAnswer) >= 4,
+    )
+    .await;
+    let times = stub.renews();
+    // The reconnections (100 ms doubling) come sooner than the back-off lets a request go.
+    assert_gaps(&times[..4], &[1.0, 2.0, 2.0]);
+    assert!(r.client.connects() >= 4, "one session per request");
+    assert_kept(&tls, &cert, &old_files, &old_leaf);
+    r.stop().await;
+}

@@ -336,10 +336,20 @@ impl Backoff {
 
 async fn run(shared: Arc<Shared>, endpoint: quinn::Endpoint, tx: watch::Sender<Arc<Snapshot>>) {
     let mut backoff = Backoff { next: Backoff::MIN };
+    // The key of the renewal asked for and not answered yet.
+    let mut pending: Option<rcgen::KeyPair> = None;
     loop {
         let started = tokio::time::Instant::now();
-        let res = session(&shared, &endpoint, &tx).await;
+        let res = session(&shared, &endpoint, &tx, &mut pending).await;
         shared.connected.store(false, Ordering::Relaxed);
+        // The answer would have come on that session: the request is lost with it.
+        if pending.take().is_some() {
+            shared.cert.count_renewal(Renewal::NoAnswer);
+            tracing::warn!(
+                retry_in_s = renew_retry_in(&shared).as_secs(),
+                "the control connection ended before the controller answered the certificate renewal request"
+            );
+        }
         match res {
             Ok(()) => tracing::info!("controller closed the control connection"),
             Err(ControlError::Refused(r)) => tracing::error!("controller refused this router: {r}"),
@@ -356,6 +366,7 @@ async fn session(
     shared: &Shared,
     endpoint: &quinn::Endpoint,
     tx: &watch::Sender<Arc<Snapshot>>,
+    pending: &mut Option<rcgen::KeyPair>,
 ) -> Result<(), ControlError> {
     let cfg = &shared.cfg;
     let connecting = endpoint.connect(cfg.controller, CONTROLLER_NAME)?;
@@ -376,8 +387,6 @@ async fn session(
     let mut frames = proto::FrameReader::new(MAX_TO_ROUTER);
     let mut tick = tokio::time::interval(cfg.telemetry_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The key of the renewal asked for and not answered yet.
-    let mut pending: Option<rcgen::KeyPair> = None;
     loop {
         let renew = renew_due(shared);
         let far = tokio::time::Instant::now() + Duration::from_secs(3600);
@@ -430,7 +439,7 @@ async fn session(
                 );
                 let req = FromRouter::Renew { public_key: key.public_key_raw().to_vec() };
                 renew_attempted(shared);
-                pending = Some(key);
+                *pending = Some(key);
                 send.write_all(&proto::encode(&req)?).await?;
             }
             _ = tick.tick() => {

@@ -295,6 +295,95 @@ mod tests {
         )));
     }
 
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    /// A TLS directory with a controller certificate due for renewal since 90 s (70 % of
+    /// 1300 s) and valid for 5 more minutes, and the controller's resolver on it.
+    fn due_controller() -> (tempfile::TempDir, Arc<CertResolver>) {
+        let d = tempfile::tempdir().unwrap();
+        pki::init(d.path()).unwrap();
+        issue_due(d.path());
+        let id = router::tls::TlsIdentity::load(d.path(), "controller").unwrap();
+        (d, CertResolver::new(&id).unwrap())
+    }
+
+    fn issue_due(dir: &Path) {
+        let now = SystemTime::now();
+        let due = Validity::between(now - S(1000), now + S(300)).unwrap();
+        pki::issue_with(dir, "controller", due).unwrap();
+    }
+
+    /// Sleeps (paused clock) until `at` after `t0`, then checks the failed and the successful
+    /// renewals counted so far.
+    async fn at(t0: tokio::time::Instant, at: u64, cert: &CertResolver, failed: u64, ok: u64) {
+        tokio::time::sleep_until(t0 + S(at)).await;
+        let got = (
+            cert.renewals(Renewal::Invalid),
+            cert.renewals(Renewal::Renewed),
+        );
+        assert_eq!(got, (failed, ok), "(failed, renewed) at {at} s");
+    }
+
+    /// The controller's own certificate, signed by a CA it does not trust: every attempt fails
+    /// (the new pair is checked before it is installed) and they come 30 s, 1, 2, 4 and 8
+    /// minutes apart, then every 10 minutes.
+    #[tokio::test(start_paused = true)]
+    async fn own_renewal_failures_back_off_from_30s_doubling_to_10_minutes() {
+        let (_d, cert) = due_controller();
+        let other = tempfile::tempdir().unwrap();
+        pki::init(other.path()).unwrap();
+        let issuer = Arc::new(NodeIssuer::load(other.path(), DEFAULT_VALIDITY).unwrap());
+        let t0 = tokio::time::Instant::now();
+        let task = tokio::spawn(issuer.renew_own(cert.clone()));
+        let attempts = [0, 30, 90, 210, 450, 930, 1530, 2130, 2730];
+        for (n, &a) in attempts.iter().enumerate() {
+            let n = n as u64;
+            if a > 0 {
+                at(t0, a - 1, &cert, n, 0).await;
+            }
+            at(t0, a + 1, &cert, n + 1, 0).await;
+        }
+        task.abort();
+    }
+
+    /// Failures back off; a renewal starts the back-off again from 30 s.
+    #[tokio::test(start_paused = true)]
+    async fn own_renewal_starts_the_backoff_again_after_a_success() {
+        let (d, cert) = due_controller();
+        let issuer = Arc::new(NodeIssuer::load(d.path(), DEFAULT_VALIDITY).unwrap());
+        // The TLS directory is away: the new files cannot be written.
+        let away = d.path().with_extension("away");
+        let hide = || std::fs::rename(d.path(), &away).unwrap();
+        let restore = || std::fs::rename(&away, d.path()).unwrap();
+        hide();
+        let t0 = tokio::time::Instant::now();
+        let task = tokio::spawn(issuer.renew_own(cert.clone()));
+        at(t0, 1, &cert, 1, 0).await;
+        at(t0, 31, &cert, 2, 0).await;
+        at(t0, 91, &cert, 3, 0).await;
+        // Back: the next attempt, 2 minutes later, succeeds.
+        restore();
+        at(t0, 209, &cert, 3, 0).await;
+        at(t0, 211, &cert, 3, 1).await;
+        // The renewed certificate is replaced by a due one and the directory goes away again.
+        // The loop looks at the certificate again a minute after the renewal (270 s) and fails:
+        // the next attempt is 30 s later, not the 4 minutes the back-off had reached.
+        issue_due(d.path());
+        assert!(
+            matches!(cert.reload(), router::tls::Reload::Reloaded { .. }),
+            "the due certificate is presented"
+        );
+        hide();
+        at(t0, 269, &cert, 3, 1).await;
+        at(t0, 271, &cert, 4, 1).await;
+        at(t0, 299, &cert, 4, 1).await;
+        at(t0, 301, &cert, 5, 1).await;
+        at(t0, 359, &cert, 5, 1).await;
+        at(t0, 361, &cert, 6, 1).await;
+        task.abort();
+        restore();
+    }
+
     #[test]
     fn without_a_ca_every_request_is_refused_with_the_reason() {
         let i = NodeIssuer::disabled();

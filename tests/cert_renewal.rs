@@ -386,16 +386,20 @@ impl Drop for StubController {
     }
 }
 
-/// A PKI in `dir` whose `edge-0` certificate has been due for renewal for 90 s (70 % of 1300 s)
-/// and stays valid for 5 more minutes.
-fn pki_due_now(dir: &Path) {
-    pki(dir, &fabric_nodes(1, 1));
+/// A validity due for renewal since 90 s (70 % of 1300 s), valid for 5 more minutes.
+fn due_now() -> Validity {
     let now = SystemTime::now();
-    let v = Validity::between(
+    Validity::between(
         now - Duration::from_secs(1000),
         now + Duration::from_secs(300),
-    );
-    pki::issue_with(dir, NODE, v.unwrap()).expect("due certificate");
+    )
+    .unwrap()
+}
+
+/// A PKI in `dir` whose `edge-0` certificate is [`due_now`].
+fn pki_due_now(dir: &Path) {
+    pki(dir, &fabric_nodes(1, 1));
+    pki::issue_with(dir, NODE, due_now()).expect("due certificate");
 }
 
 /// Asserts that the gaps between `times` are `want` (seconds), within what a loaded machine
@@ -500,4 +504,42 @@ async fn a_renewal_lost_with_its_session_counts_as_unanswered_and_waits_the_back
     assert!(r.client.connects() >= 4, "one session per request");
     assert_kept(&tls, &cert, &old_files, &old_leaf);
     r.stop().await;
+}
+
+/// A controller without a CA, the router's back-off shortened to 1 s doubling to 2 s: each
+/// refusal is counted once (never also as unanswered) and the next request waits the back-off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_asked_again_after_the_backoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, tls) = setup(dir.path(), 99, due_now(), false).await;
+    let (r, cert) = start_router_with(d.quic_addr, &tls, |cfg| {
+        cfg.renew_backoff_min = Duration::from_secs(1);
+        cfg.renew_backoff_max = Duration::from_secs(2);
+    })
+    .await;
+    let old_files = files(&tls);
+    // When each refusal was counted.
+    let mut refused = Vec::new();
+    let start = Instant::now();
+    while refused.len() < 4 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "timed out waiting for four refusals, saw {}",
+            refused.len()
+        );
+        let n = cert.renewals(Renewal::Refused) as usize;
+        refused.resize(n.max(refused.len()), Instant::now());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_gaps(&refused[..4], &[1.0, 2.0, 2.0]);
+    assert_eq!(
+        cert.renewals(Renewal::NoAnswer),
+        0,
+        "a refusal is an answer"
+    );
+    assert_eq!(cert.renewals(Renewal::Renewed), 0);
+    assert_eq!(files(&tls), old_files, "the files are untouched");
+    assert_eq!(r.client.connects(), 1, "a refusal keeps the session");
+    r.stop().await;
+    d.shutdown().await;
 }

@@ -2,7 +2,7 @@
 //! is past 70 % of its lifetime gets a new one over real mutual-TLS QUIC, installs it in its
 //! files and presents it; a controller without a CA refuses, and the router keeps its old one; a
 //! controller that does not answer is asked again after the back-off, and the router keeps its
-//! certificate meanwhile.
+//! certificate meanwhile; a late answer to an earlier request is ignored.
 
 mod controller_common;
 
@@ -317,8 +317,7 @@ async fn the_controller_renews_its_own_certificate_with_the_ca() {
 
 /// A stand-in for the controller: the real control protocol over mutual-TLS QUIC with the
 /// controller's certificate. It sends one snapshot to each router that says hello, notes when
-/// each `Renew` arrives and answers none (`close_on_renew`: closes the connection instead, as a
-/// controller that predates renewal does).
+/// each `Renew` arrives, and answers as its [`Answers`] say.
 struct StubController {
     addr: SocketAddr,
     renews: Arc<Mutex<Vec<Instant>>>,
@@ -326,7 +325,8 @@ struct StubController {
 }
 
 impl StubController {
-    async fn start(tls: &Path, yaml: &str, close_on_renew: bool) -> StubController {
+    async fn start(tls: &Path, yaml: &str, answers: Answers) -> StubController {
+        let ca = Arc::new(pki::CaSigner::load(tls).expect("the CA"));
         let id = TlsIdentity::load(tls, "controller").expect("the controller's identity");
         let peers = PeerNames::new(fabric_nodes(1, 1));
         let cfg = router::tls::server_config(&id, &peers, Default::default()).expect("config");
@@ -346,7 +346,7 @@ impl StubController {
         let task = tokio::spawn(async move {
             let mut sessions = tokio::task::JoinSet::new();
             while let Some(incoming) = ep.accept().await {
-                let (snapshot, seen) = (snapshot.clone(), seen.clone());
+                let (snapshot, seen, ca) = (snapshot.clone(), seen.clone(), ca.clone());
                 sessions.spawn(async move {
                     let Ok(conn) = incoming.await else { return };
                     let Ok((mut send, mut recv)) = conn.accept_bi().await else {
@@ -359,12 +359,32 @@ impl StubController {
                     if send.write_all(&snapshot).await.is_err() {
                         return;
                     }
+                    let mut keys = Vec::new();
                     while let Ok(Some(frame)) = frames.next(&mut recv).await {
-                        if let Ok(FromRouter::Renew { .. }) = proto::decode(&frame) {
+                        if let Ok(FromRouter::Renew { public_key }) = proto::decode(&frame) {
                             seen.lock().unwrap().push(Instant::now());
-                            if close_on_renew {
-                                conn.close(0u32.into(), b"unexpected message");
-                                return;
+                            keys.push(public_key);
+                            match answers {
+                                Answers::None => {}
+                                Answers::CloseSession => {
+                                    conn.close(0u32.into(), b"unexpected message");
+                                    return;
+                                }
+                                Answers::SecondAfterFirst if keys.len() == 2 => {
+                                    for key in &keys {
+                                        let key = pki::RawP256PublicKey::new(key).unwrap();
+                                        let validity =
+                                            Validity::for_duration(Duration::from_secs(3600))
+                                                .unwrap();
+                                        let chain_pem = ca.sign(NODE, validity, &key).unwrap();
+                                        let answer = ToRouter::Certificate { chain_pem };
+                                        let frame = proto::encode(&answer).unwrap();
+                                        if send.write_all(&frame).await.is_err() {
+                                            return;
+                                        }
+                                    }
+                                }
+                                Answers::SecondAfterFirst => {}
                             }
                         }
                     }
@@ -378,6 +398,18 @@ impl StubController {
     fn renews(&self) -> Vec<Instant> {
         self.renews.lock().unwrap().clone()
     }
+}
+
+/// How a [`StubController`] answers `Renew`.
+#[derive(Debug, Clone, Copy)]
+enum Answers {
+    /// Never.
+    None,
+    /// It closes the connection instead, as a controller that predates renewal does.
+    CloseSession,
+    /// The first request is answered late: only after the second came, right before the
+    /// second's answer.
+    SecondAfterFirst,
 }
 
 impl Drop for StubController {
@@ -437,7 +469,7 @@ async fn a_controller_that_does_not_answer_is_asked_again_after_the_backoff() {
     let dir = tempfile::tempdir().unwrap();
     let tls = dir.path().join("pki");
     pki_due_now(&tls);
-    let stub = StubController::start(&tls, &fabric_yaml(97, 1, 1, 10), false).await;
+    let stub = StubController::start(&tls, &fabric_yaml(97, 1, 1, 10), Answers::None).await;
     let (r, cert) = start_router_with(stub.addr, &tls, |cfg| {
         cfg.renew_backoff_min = Duration::from_secs(1);
         cfg.renew_backoff_max = Duration::from_secs(2);
@@ -483,7 +515,7 @@ async fn a_renewal_lost_with_its_session_counts_as_unanswered_and_waits_the_back
     let dir = tempfile::tempdir().unwrap();
     let tls = dir.path().join("pki");
     pki_due_now(&tls);
-    let stub = StubController::start(&tls, &fabric_yaml(98, 1, 1, 10), true).await;
+    let stub = StubController::start(&tls, &fabric_yaml(98, 1, 1, 10), Answers::CloseSession).await;
     let (r, cert) = start_router_with(stub.addr, &tls, |cfg| {
         cfg.renew_backoff_min = Duration::from_secs(1);
         cfg.renew_backoff_max = Duration::from_secs(2);
@@ -542,4 +574,41 @@ async fn refusals_are_asked_again_after_the_backoff() {
     assert_eq!(r.client.connects(), 1, "a refusal keeps the session");
     r.stop().await;
     d.shutdown().await;
+}
+
+/// The answer to a request that timed out (and was asked again with a new key) arrives after
+/// all: it is ignored, and the answer to the request still waiting is installed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_answer_to_an_earlier_request_does_not_spoil_the_current_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = dir.path().join("pki");
+    pki_due_now(&tls);
+    let stub =
+        StubController::start(&tls, &fabric_yaml(96, 1, 1, 10), Answers::SecondAfterFirst).await;
+    let (r, cert) = start_router_with(stub.addr, &tls, |cfg| {
+        cfg.renew_backoff_min = Duration::from_secs(1);
+        cfg.renew_backoff_max = Duration::from_secs(2);
+    })
+    .await;
+    let old_leaf = cert.current().cert[0].to_vec();
+
+    eventually(
+        Duration::from_secs(60),
+        "the second request's answer installed",
+        || cert.renewals(Renewal::Renewed) == 1,
+    )
+    .await;
+    assert_eq!(stub.renews().len(), 2);
+    assert_eq!(
+        cert.renewals(Renewal::NoAnswer),
+        1,
+        "the first, when the second went"
+    );
+    assert_eq!(
+        cert.renewals(Renewal::Invalid),
+        0,
+        "the late answer is not taken for the second request's"
+    );
+    assert_ne!(cert.current().cert[0].as_ref(), old_leaf.as_slice());
+    r.stop().await;
 }

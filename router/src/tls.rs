@@ -137,6 +137,16 @@ pub fn not_before(cert: &CertificateDer<'_>) -> Result<i64, String> {
     Ok(parsed.validity().not_before.timestamp())
 }
 
+/// Whether the first certificate of `chain_pem` is for `key` (its public key). `None`: there is
+/// no certificate to read, which [`install`] reports.
+pub fn certifies(chain_pem: &str, key: &rcgen::KeyPair) -> Option<bool> {
+    let leaf = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .next()?
+        .ok()?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    Some(parsed.public_key().subject_public_key.data.as_ref() == key.public_key_raw())
+}
+
 /// How a renewal through the controller ended, for `tasman_tls_cert_renewals_total{result}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Renewal {
@@ -727,6 +737,22 @@ mod tests {
         pki::issue(d.path(), "n1").unwrap();
         let r = CertResolver::new(&TlsIdentity::load(d.path(), "n1").unwrap()).unwrap();
         (d, r)
+    }
+
+    #[test]
+    fn certifies_tells_an_answer_for_this_key_from_one_for_an_earlier_key() {
+        let d = tempfile::tempdir().unwrap();
+        pki::init(d.path()).unwrap();
+        let ca = pki::CaSigner::load(d.path()).unwrap();
+        let validity = pki::Validity::for_duration(Duration::from_secs(3600)).unwrap();
+        let (earlier, now) = (
+            rcgen::KeyPair::generate().unwrap(),
+            rcgen::KeyPair::generate().unwrap(),
+        );
+        let answer = ca.sign("n1", validity, &now).unwrap();
+        assert_eq!(certifies(&answer, &now), Some(true));
+        assert_eq!(certifies(&answer, &earlier), Some(false));
+        assert_eq!(certifies("no certificate here", &now), None);
     }
 
     /// Puts `from_dir`'s `from` pair in place of `dir`'s `n1` pair.

@@ -400,6 +400,17 @@ async fn session(
                     tracing::warn!("controller reachable again; snapshot no longer stale");
                 }
                 let reply = match msg {
+                    // An answer to an earlier request (that timed out and was asked again
+                    // with a new key) must not use up the key of the request still waiting.
+                    ToRouter::Certificate { chain_pem }
+                        if pending
+                            .as_ref()
+                            .and_then(|k| tls::certifies(&chain_pem, k))
+                            == Some(false) =>
+                    {
+                        tracing::info!("ignoring a certificate for an earlier renewal request");
+                        None
+                    }
                     ToRouter::Certificate { chain_pem } => {
                         renewed(shared, pending.take(), chain_pem).await;
                         None

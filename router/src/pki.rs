@@ -67,6 +67,8 @@ pub enum PkiError {
          somewhere safe or delete it, then rotate again"
     )]
     OldKeyExists { path: PathBuf },
+    #[error("{path}: not a usable revocation list: {reason}")]
+    BadCrl { path: PathBuf, reason: String },
     #[error("invalid validity period: {0}")]
     BadValidity(String),
     #[error("certificate generation failed: {0}")]
@@ -445,10 +447,15 @@ impl CaSigner {
             issuing,
             ..
         } = CaFiles::read(dir)?;
-        Ok(CaSigner {
-            issuer: Issuer::new(ca_params(), key),
-            ca: bundle.swap_remove(issuing),
-        })
+        let ca = bundle.swap_remove(issuing);
+        // The issuer's name, key identifier and key usages come from the issuing certificate
+        // itself, so a leaf's issuer (and a CRL's, see [`revoke`]) is byte for byte that
+        // certificate's subject, whatever parameters it was made with.
+        let issuer = Issuer::from_ca_cert_der(&ca.der, key).map_err(|e| PkiError::BadCert {
+            path: dir.join(CA_CERT),
+            reason: format!("the issuing CA certificate: {e}"),
+        })?;
+        Ok(CaSigner { issuer, ca })
     }
 
     /// The issuing CA certificate (PEM), as found in the bundle.
@@ -533,6 +540,451 @@ impl CaSigner {
             .map_err(|e| e.to_string())?;
         crate::tls::install(cert, &key, &chain)
     }
+}
+
+/// The revocation list file of a PKI directory (and of a router's TLS directory): one CRL (PEM
+/// `X509 CRL`) per CA of the bundle that revoked anything. [`revoke`] writes the issuing CA's.
+pub const CA_CRL: &str = "ca.crl.pem";
+
+/// How long a CRL written by [`revoke`] says it is current (`nextUpdate`). Routers ignore it (a
+/// CRL stays in force until a newer one replaces it), so it is only there because RFC 5280 asks
+/// for it: longer than any node certificate lives.
+const CRL_NEXT_UPDATE: Duration = MAX_VALIDITY;
+
+/// Why a certificate was revoked: the RFC 5280 reason codes that apply to a node certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RevokeReason {
+    Unspecified,
+    KeyCompromise,
+    AffiliationChanged,
+    Superseded,
+    CessationOfOperation,
+}
+
+impl RevokeReason {
+    pub const ALL: [RevokeReason; 5] = [
+        RevokeReason::Unspecified,
+        RevokeReason::KeyCompromise,
+        RevokeReason::AffiliationChanged,
+        RevokeReason::Superseded,
+        RevokeReason::CessationOfOperation,
+    ];
+
+    /// The name on the command line and in listings.
+    pub fn label(self) -> &'static str {
+        match self {
+            RevokeReason::Unspecified => "unspecified",
+            RevokeReason::KeyCompromise => "key-compromise",
+            RevokeReason::AffiliationChanged => "affiliation-changed",
+            RevokeReason::Superseded => "superseded",
+            RevokeReason::CessationOfOperation => "cessation-of-operation",
+        }
+    }
+
+    fn rcgen(self) -> rcgen::RevocationReason {
+        match self {
+            RevokeReason::Unspecified => rcgen::RevocationReason::Unspecified,
+            RevokeReason::KeyCompromise => rcgen::RevocationReason::KeyCompromise,
+            RevokeReason::AffiliationChanged => rcgen::RevocationReason::AffiliationChanged,
+            RevokeReason::Superseded => rcgen::RevocationReason::Superseded,
+            RevokeReason::CessationOfOperation => rcgen::RevocationReason::CessationOfOperation,
+        }
+    }
+
+    /// The reason with RFC 5280 code `code`, if it is one of these.
+    fn from_code(code: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.rcgen() as u8 == code)
+    }
+}
+
+impl std::fmt::Display for RevokeReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+impl std::str::FromStr for RevokeReason {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|r| r.label() == s)
+            .ok_or_else(|| {
+                let all: Vec<&str> = Self::ALL.iter().map(|r| r.label()).collect();
+                format!("unknown reason {s:?} (expected one of: {})", all.join(", "))
+            })
+    }
+}
+
+/// A certificate serial number: its magnitude, big-endian, without leading zero bytes (what
+/// webpki compares, once DER has put back the sign byte). Printed and parsed as hex.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Serial(Vec<u8>);
+
+impl Serial {
+    /// At most 20 bytes (RFC 5280), as found in a certificate.
+    pub const MAX_LEN: usize = 20;
+
+    /// The serial whose DER integer content is `bytes` (a leading sign byte is dropped).
+    pub fn from_der_content(bytes: &[u8]) -> Self {
+        let start = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len());
+        Serial(bytes[start..].to_vec())
+    }
+
+    /// The magnitude, big-endian.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Serial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("00");
+        }
+        for b in &self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for Serial {
+    type Err = String;
+    /// Hex digits, optionally with `0x` in front and `:` between bytes (as `openssl x509
+    /// -serial` and `tasman pki crl` print them).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let t = t.strip_prefix("0x").unwrap_or(t);
+        let digits: String = t.chars().filter(|c| *c != ':').collect();
+        if digits.is_empty() || !digits.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(format!(
+                "serial {s:?}: expected hex digits (e.g. 1f:a3:09 or 1fa309)"
+            ));
+        }
+        let padded = if digits.len() % 2 == 1 {
+            format!("0{digits}")
+        } else {
+            digits
+        };
+        let bytes: Vec<u8> = (0..padded.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&padded[i..i + 2], 16).unwrap_or(0))
+            .collect();
+        let serial = Serial::from_der_content(&bytes);
+        if serial.0.is_empty() {
+            return Err(format!("serial {s:?}: a serial number is never zero"));
+        }
+        if serial.0.len() > Self::MAX_LEN {
+            return Err(format!("serial {s:?}: longer than {} bytes", Self::MAX_LEN));
+        }
+        Ok(serial)
+    }
+}
+
+/// One revoked certificate of a CRL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokedEntry {
+    pub serial: Serial,
+    /// Unix time of the revocation.
+    pub revoked_at: i64,
+    /// `None`: no reason code, or one not in [`RevokeReason`].
+    pub reason: Option<RevokeReason>,
+}
+
+/// A CRL read from a `ca.crl.pem` and checked against a trust bundle ([`parse_crls`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckedCrl {
+    /// The position in the bundle of the CA that signed it.
+    pub ca: usize,
+    /// Its CRL number (a newer list of the same CA has a higher one).
+    pub number: u64,
+    pub entries: Vec<RevokedEntry>,
+    pub der: rustls::pki_types::CertificateRevocationListDer<'static>,
+    /// Its PEM block as found in the file.
+    pub pem: String,
+}
+
+impl CheckedCrl {
+    /// Whether the certificate with this serial is on the list.
+    pub fn revokes(&self, serial: &Serial) -> bool {
+        self.entries.iter().any(|e| &e.serial == serial)
+    }
+}
+
+/// The PEM blocks labelled `label` in `text`, in order (text outside them is ignored).
+fn pem_blocks(text: &str, label: &str) -> Result<Vec<String>, String> {
+    let begin = format!("-----BEGIN {label}-----");
+    let end_line = format!("-----END {label}-----");
+    let mut blocks = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find(&begin) {
+        let after = &rest[start..];
+        let end = after
+            .find(&end_line)
+            .ok_or_else(|| format!("{label} {} has no end line", blocks.len() + 1))?;
+        blocks.push(format!("{}\n", &after[..end + end_line.len()]));
+        rest = &after[end + end_line.len()..];
+    }
+    Ok(blocks)
+}
+
+/// The CRLs of `text` (a `ca.crl.pem`: one or more PEM `X509 CRL` blocks), each checked against
+/// the CAs of `bundle`: its issuer is the subject of a CA of the bundle whose key verifies its
+/// signature (CAs made by [`init`] share a name: the key decides), that CA may sign CRLs, it
+/// carries a CRL number, and no CA has two. Any failure refuses the whole text: a list that
+/// cannot be trusted is not half taken.
+pub fn parse_crls(text: &str, bundle: &[CertificateDer<'_>]) -> Result<Vec<CheckedCrl>, String> {
+    use rustls::pki_types::CertificateRevocationListDer;
+    let cas = bundle
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            x509_parser::parse_x509_certificate(c.as_ref())
+                .map(|(_, x)| x)
+                .map_err(|e| format!("CA certificate {}: unparsable: {e}", i + 1))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let blocks = pem_blocks(text, "X509 CRL")?;
+    if blocks.is_empty() {
+        return Err("no CRL in file".into());
+    }
+    let mut crls: Vec<CheckedCrl> = Vec::new();
+    for (i, pem) in blocks.into_iter().enumerate() {
+        let n = i + 1;
+        let der = CertificateRevocationListDer::from_pem_slice(pem.as_bytes())
+            .map_err(|e| format!("CRL {n}: {e}"))?;
+        let (rest, crl) = x509_parser::parse_x509_crl(der.as_ref())
+            .map_err(|e| format!("CRL {n}: unparsable: {e}"))?;
+        if !rest.is_empty() {
+            return Err(format!("CRL {n}: trailing bytes after the list"));
+        }
+        let ca = cas
+            .iter()
+            .position(|c| {
+                c.subject().as_raw() == crl.issuer().as_raw()
+                    && crl.verify_signature(c.public_key()).is_ok()
+            })
+            .ok_or_else(|| {
+                format!(
+                    "CRL {n} (issuer {}) is not signed by a CA of the trust bundle",
+                    crl.issuer()
+                )
+            })?;
+        if let Ok(Some(ku)) = cas[ca].key_usage()
+            && !ku.value.crl_sign()
+        {
+            return Err(format!(
+                "CRL {n}: its CA ({}) may not sign CRLs (no cRLSign key usage)",
+                cas[ca].subject()
+            ));
+        }
+        let number = crl
+            .crl_number()
+            .ok_or_else(|| format!("CRL {n}: no CRL number"))?
+            .to_bytes_be();
+        let number = Serial::from_der_content(&number);
+        if number.0.len() > 8 {
+            return Err(format!("CRL {n}: CRL number {number} is too large"));
+        }
+        let number = number
+            .0
+            .iter()
+            .fold(0u64, |acc, b| acc << 8 | u64::from(*b));
+        if let Some(other) = crls.iter().find(|c| c.ca == ca) {
+            return Err(format!(
+                "CRLs {} and {n} are both from CA {} of the bundle (at most one list per CA)",
+                crls.iter().position(|c| c.ca == other.ca).unwrap_or(0) + 1,
+                ca + 1
+            ));
+        }
+        let entries = crl
+            .iter_revoked_certificates()
+            .map(|r| RevokedEntry {
+                serial: Serial::from_der_content(r.raw_serial()),
+                revoked_at: r.revocation_date.timestamp(),
+                reason: r
+                    .reason_code()
+                    .and_then(|(_, code)| RevokeReason::from_code(code.0)),
+            })
+            .collect();
+        crls.push(CheckedCrl {
+            ca,
+            number,
+            entries,
+            der,
+            pem,
+        });
+    }
+    Ok(crls)
+}
+
+/// The CRLs of `dir`'s [`CA_CRL`], checked against its `ca.pem` ([`parse_crls`]); none when
+/// there is no such file. Works on a PKI directory and on a router's TLS directory.
+pub fn read_crls(dir: &Path) -> Result<Vec<CheckedCrl>, PkiError> {
+    let path = dir.join(CA_CRL);
+    let text = match fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err(&path)(e)),
+    };
+    let bundle: Vec<_> = read_ca_bundle(&dir.join(CA_CERT))?
+        .into_iter()
+        .map(|c| c.der)
+        .collect();
+    parse_crls(&text, &bundle).map_err(|reason| PkiError::BadCrl { path, reason })
+}
+
+/// What [`revoke`] revokes: a node's current certificate (its `<name>.pem` in the directory),
+/// or a certificate by serial number (one whose file is gone).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RevokeTarget {
+    Node(String),
+    Serial(Serial),
+}
+
+/// What [`revoke`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revoked {
+    pub serial: Serial,
+    /// The issuing CA's list now: its number and length.
+    pub number: u64,
+    pub entries: usize,
+    /// The serial was already on the list: nothing was written.
+    pub already: bool,
+    pub path: PathBuf,
+}
+
+/// Adds a certificate of the issuing CA of `dir` (the one for `ca.key`) to that CA's revocation
+/// list and writes [`CA_CRL`] (by rename): the previous entries kept, the CRL number one higher,
+/// signed by `ca.key`, the issuer exactly the issuing certificate's subject (as in every leaf it
+/// signed). Lists of the bundle's other CAs in the file are kept as they are. A node's
+/// certificate must come from the issuing CA (one from a CA being rotated out ends with
+/// [`retire_ca`]); a serial is taken as the issuing CA's. Refuses a directory without a CA and
+/// a [`CA_CRL`] that does not check out against the bundle.
+pub fn revoke(
+    dir: &Path,
+    target: &RevokeTarget,
+    reason: RevokeReason,
+) -> Result<Revoked, PkiError> {
+    let ca = CaFiles::read(dir)?;
+    let issuing_der = ca.bundle[ca.issuing].der.clone();
+    let serial = match target {
+        RevokeTarget::Serial(s) => s.clone(),
+        RevokeTarget::Node(name) => {
+            if !valid_name(name) {
+                return Err(PkiError::BadName { name: name.clone() });
+            }
+            let path = dir.join(format!("{name}.pem"));
+            let bad = |reason: String| PkiError::BadCert {
+                path: path.clone(),
+                reason,
+            };
+            let pem = fs::read(&path).map_err(io_err(&path))?;
+            let leaf = CertificateDer::pem_slice_iter(&pem)
+                .next()
+                .ok_or_else(|| bad("no certificate in file".into()))?
+                .map_err(|e| bad(e.to_string()))?;
+            let (_, x) = x509_parser::parse_x509_certificate(leaf.as_ref())
+                .map_err(|e| bad(format!("unparsable: {e}")))?;
+            let (_, issuing) = x509_parser::parse_x509_certificate(issuing_der.as_ref())
+                .map_err(|e| bad(format!("the issuing CA certificate: {e}")))?;
+            if x.verify_signature(Some(issuing.public_key())).is_err() {
+                return Err(bad(format!(
+                    "not issued by the issuing CA (the one for {CA_KEY}); revocation lists are \
+                     per issuing CA: a certificate of a CA being rotated out stops working at \
+                     `tasman pki retire-ca`, or give its --serial to revoke it with this CA"
+                )));
+            }
+            Serial::from_der_content(x.raw_serial())
+        }
+    };
+    let path = dir.join(CA_CRL);
+    let bundle_der: Vec<_> = ca.bundle.iter().map(|c| c.der.clone()).collect();
+    let existing = match fs::read_to_string(&path) {
+        Ok(text) => parse_crls(&text, &bundle_der).map_err(|reason| PkiError::BadCrl {
+            path: path.clone(),
+            reason,
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(io_err(&path)(e)),
+    };
+    let (mine, others): (Vec<_>, Vec<_>) = existing.into_iter().partition(|c| c.ca == ca.issuing);
+    let mine = mine.into_iter().next();
+    if let Some(m) = &mine
+        && m.revokes(&serial)
+    {
+        return Ok(Revoked {
+            serial,
+            number: m.number,
+            entries: m.entries.len(),
+            already: true,
+            path,
+        });
+    }
+    let now = SystemTime::now();
+    let mut entries = mine.as_ref().map(|m| m.entries.clone()).unwrap_or_default();
+    entries.push(RevokedEntry {
+        serial: serial.clone(),
+        revoked_at: now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0),
+        reason: Some(reason),
+    });
+    let number = mine.as_ref().map_or(0, |m| m.number) + 1;
+    let revoked_certs = entries
+        .iter()
+        .map(|e| {
+            Ok(rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from_slice(e.serial.as_bytes()),
+                revocation_time: time::OffsetDateTime::from_unix_timestamp(e.revoked_at)
+                    .map_err(|e| PkiError::BadValidity(e.to_string()))?,
+                reason_code: e.reason.map(RevokeReason::rcgen),
+                invalidity_date: None,
+            })
+        })
+        .collect::<Result<Vec<_>, PkiError>>()?;
+    let params = rcgen::CertificateRevocationListParams {
+        this_update: offset(now)?,
+        next_update: offset(now + CRL_NEXT_UPDATE)?,
+        crl_number: rcgen::SerialNumber::from(number),
+        issuing_distribution_point: None,
+        revoked_certs,
+        key_identifier_method: key_id_method(&issuing_der),
+    };
+    let issuer = Issuer::from_ca_cert_der(&issuing_der, ca.key).map_err(|e| PkiError::BadCert {
+        path: dir.join(CA_CERT),
+        reason: format!("the issuing CA certificate: {e}"),
+    })?;
+    let mut text = params.signed_by(&issuer)?.pem()?;
+    for o in &others {
+        text.push_str(&o.pem);
+    }
+    write_file(&path, &text, false)?;
+    Ok(Revoked {
+        serial,
+        number,
+        entries: entries.len(),
+        already: false,
+        path,
+    })
+}
+
+/// The CRL's authority key identifier: the issuing certificate's subject key identifier when
+/// it has one (what rcgen derived from the key with SHA-256 when it made the CA).
+fn key_id_method(ca: &CertificateDer<'_>) -> rcgen::KeyIdMethod {
+    use x509_parser::extensions::ParsedExtension;
+    x509_parser::parse_x509_certificate(ca.as_ref())
+        .ok()
+        .and_then(|(_, x)| {
+            x.iter_extensions()
+                .find_map(|e| match e.parsed_extension() {
+                    ParsedExtension::SubjectKeyIdentifier(k) => Some(k.0.to_vec()),
+                    _ => None,
+                })
+        })
+        .map_or(rcgen::KeyIdMethod::Sha256, rcgen::KeyIdMethod::PreSpecified)
 }
 
 /// Unix time (seconds) at which a certificate valid from `not_before` to `not_after` should be
@@ -711,6 +1163,141 @@ mod tests {
             assert!(e.to_string().contains("tasman pki init"), "{e}");
         }
         assert!(!d.path().join(CA_CERT).exists() && !d.path().join(CA_KEY).exists());
+    }
+
+    fn leaf_serial(dir: &Path, name: &str) -> Serial {
+        let c = chain(dir, name);
+        let (_, x) = x509_parser::parse_x509_certificate(c[0].as_ref()).unwrap();
+        Serial::from_der_content(x.raw_serial())
+    }
+
+    fn node(name: &str) -> RevokeTarget {
+        RevokeTarget::Node(name.into())
+    }
+
+    #[test]
+    fn revoke_numbers_each_list_one_higher_and_keeps_earlier_entries() {
+        let d = tempfile::tempdir().unwrap();
+        init(d.path()).unwrap();
+        issue(d.path(), "n1").unwrap();
+        issue(d.path(), "n2").unwrap();
+        let (s1, s2) = (leaf_serial(d.path(), "n1"), leaf_serial(d.path(), "n2"));
+        let r = revoke(d.path(), &node("n1"), RevokeReason::KeyCompromise).unwrap();
+        assert_eq!((r.number, r.entries, r.already), (1, 1, false));
+        assert_eq!(r.serial, s1);
+        let first = read_crls(d.path()).unwrap();
+        assert_eq!(first.len(), 1);
+        assert_eq!(
+            first[0].entries[0].reason,
+            Some(RevokeReason::KeyCompromise)
+        );
+        let r = revoke(
+            d.path(),
+            &RevokeTarget::Serial(s2.clone()),
+            RevokeReason::Superseded,
+        )
+        .unwrap();
+        assert_eq!((r.number, r.entries), (2, 2));
+        let crls = read_crls(d.path()).unwrap();
+        assert_eq!(crls.len(), 1);
+        assert_eq!(crls[0].number, 2);
+        assert!(crls[0].revokes(&s1) && crls[0].revokes(&s2));
+        assert_eq!(crls[0].entries[0], first[0].entries[0], "kept as it was");
+        // Again: nothing written, the number stays.
+        let text = fs::read_to_string(d.path().join(CA_CRL)).unwrap();
+        let r = revoke(d.path(), &node("n1"), RevokeReason::Unspecified).unwrap();
+        assert!(r.already);
+        assert_eq!(r.number, 2);
+        assert_eq!(fs::read_to_string(d.path().join(CA_CRL)).unwrap(), text);
+        // A re-issued node has a new serial, not on the list.
+        issue(d.path(), "n1").unwrap();
+        assert!(!crls[0].revokes(&leaf_serial(d.path(), "n1")));
+    }
+
+    /// webpki matches a list to a certificate by issuer name, byte for byte: the list's issuer
+    /// must be the issuing certificate's subject, as in the leaves it signed.
+    #[test]
+    fn a_revocation_list_names_its_issuer_exactly_as_the_leaves_do() {
+        let d = tempfile::tempdir().unwrap();
+        init(d.path()).unwrap();
+        issue(d.path(), "n1").unwrap();
+        revoke(d.path(), &node("n1"), RevokeReason::Unspecified).unwrap();
+        let c = chain(d.path(), "n1");
+        let (_, leaf) = x509_parser::parse_x509_certificate(c[0].as_ref()).unwrap();
+        let (_, ca) = x509_parser::parse_x509_certificate(c[1].as_ref()).unwrap();
+        let der = read_crls(d.path()).unwrap().remove(0).der;
+        let (_, crl) = x509_parser::parse_x509_crl(der.as_ref()).unwrap();
+        assert_eq!(crl.issuer().as_raw(), ca.subject().as_raw());
+        assert_eq!(leaf.issuer().as_raw(), ca.subject().as_raw());
+        crl.verify_signature(ca.public_key()).unwrap();
+    }
+
+    #[test]
+    fn revoke_refuses_a_directory_without_a_ca_and_a_foreign_certificate() {
+        let d = tempfile::tempdir().unwrap();
+        let e = revoke(d.path(), &node("n1"), RevokeReason::Unspecified).unwrap_err();
+        assert!(matches!(e, PkiError::NoCa { .. }), "{e}");
+        assert!(!d.path().join(CA_CRL).exists());
+        // A certificate of the CA being rotated out is not the issuing CA's to revoke.
+        init(d.path()).unwrap();
+        issue(d.path(), "n1").unwrap();
+        rotate_ca(d.path()).unwrap();
+        let e = revoke(d.path(), &node("n1"), RevokeReason::Unspecified).unwrap_err();
+        assert!(
+            e.to_string().contains("not issued by the issuing CA"),
+            "{e}"
+        );
+        assert!(!d.path().join(CA_CRL).exists());
+        let e = revoke(d.path(), &node("n9"), RevokeReason::Unspecified).unwrap_err();
+        assert!(matches!(e, PkiError::Io { .. }), "{e}");
+    }
+
+    #[test]
+    fn crls_signed_outside_the_bundle_or_twice_for_one_ca_are_refused() {
+        let (d, other) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        for x in [&d, &other] {
+            init(x.path()).unwrap();
+            issue(x.path(), "n1").unwrap();
+            revoke(x.path(), &node("n1"), RevokeReason::Unspecified).unwrap();
+        }
+        let ours = fs::read_to_string(d.path().join(CA_CRL)).unwrap();
+        let theirs = fs::read_to_string(other.path().join(CA_CRL)).unwrap();
+        let bundle: Vec<_> = bundle(d.path()).into_iter().map(|c| c.der).collect();
+        assert_eq!(parse_crls(&ours, &bundle).unwrap().len(), 1);
+        // Same CA name, other key: the signature decides.
+        let e = parse_crls(&theirs, &bundle).unwrap_err();
+        assert!(e.contains("not signed by a CA of the trust bundle"), "{e}");
+        let e = parse_crls(&format!("{ours}{ours}"), &bundle).unwrap_err();
+        assert!(e.contains("at most one list per CA"), "{e}");
+        assert!(parse_crls("", &bundle).unwrap_err().contains("no CRL"));
+        let mangled = ours.replacen("MII", "MIJ", 1);
+        assert!(parse_crls(&mangled, &bundle).is_err());
+        // And `revoke` will not sign over a file it cannot trust.
+        fs::write(d.path().join(CA_CRL), &theirs).unwrap();
+        let e = revoke(d.path(), &node("n1"), RevokeReason::Unspecified).unwrap_err();
+        assert!(matches!(e, PkiError::BadCrl { .. }), "{e}");
+    }
+
+    #[test]
+    fn serials_parse_from_hex_with_or_without_colons() {
+        let s: Serial = "0x00:1f:a3".parse().unwrap();
+        assert_eq!(s.as_bytes(), &[0x1f, 0xa3]);
+        assert_eq!(s.to_string(), "1fa3");
+        assert_eq!("1fa3".parse::<Serial>().unwrap(), s);
+        assert_eq!("fa3".parse::<Serial>().unwrap().as_bytes(), &[0x0f, 0xa3]);
+        for bad in ["", "00", "xyz", &"ff".repeat(21)] {
+            assert!(bad.parse::<Serial>().is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            "key-compromise".parse::<RevokeReason>(),
+            Ok(RevokeReason::KeyCompromise)
+        );
+        assert!(
+            "lost"
+                .parse::<RevokeReason>()
+                .unwrap_err()
+                .contains("key-compromise")
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use router::pki::{self, PkiError};
 
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Examples:\n  tasman pki init --dir pki\n  tasman pki issue syd-edge-1 syd-transit-1 syd-site-1 --dir pki\n  tasman pki issue syd-edge-1 --valid-for 90d --dir pki   # rotate: routers reload it\n  tasman pki rotate-ca --dir pki   # new CA; ca.pem trusts old and new\n  tasman pki retire-ca --dir pki   # later: ca.pem trusts the new CA only"
+    after_help = "Examples:\n  tasman pki init --dir pki\n  tasman pki issue syd-edge-1 syd-transit-1 syd-site-1 --dir pki\n  tasman pki issue syd-edge-1 --valid-for 90d --dir pki   # rotate: routers reload it\n  tasman pki rotate-ca --dir pki   # new CA; ca.pem trusts old and new\n  tasman pki retire-ca --dir pki   # later: ca.pem trusts the new CA only\n  tasman pki revoke syd-edge-1 --reason key-compromise --dir pki   # then re-issue it\n  tasman pki crl --dir pki"
 )]
 pub struct PkiArgs {
     #[command(subcommand)]
@@ -64,6 +64,44 @@ pub enum PkiCommand {
         #[arg(long, default_value = "pki")]
         dir: PathBuf,
     },
+    /// Revoke a certificate of the issuing CA: NODE's current one (NODE.pem in DIR) or the one
+    /// with serial number HEX. Adds it to the CA's revocation list and writes ca.crl.pem (signed
+    /// by ca.key, CRL number one higher, earlier entries kept). Routers with ca.crl.pem in their
+    /// TLS directory take it within their reload interval (10 s), refuse the certificate from
+    /// then on and close the connections that presented it. Re-issue the node (a new key and
+    /// serial) to let it back in. See the operator guide, "Revoking a certificate".
+    #[command(
+        after_help = "Examples:\n  tasman pki revoke syd-edge-1 --reason key-compromise --dir pki\n  tasman pki revoke --serial 3f:a0:12:9c --dir pki\n  cp pki/ca.crl.pem /etc/tasman/tls/   # on every node"
+    )]
+    Revoke {
+        /// The node whose current certificate (NODE.pem) is revoked.
+        #[arg(required_unless_present = "serial", conflicts_with = "serial")]
+        node: Option<String>,
+        /// The serial number (hex, `:` between bytes allowed) of the certificate to revoke.
+        #[arg(long, value_parser = parse_serial, value_name = "HEX")]
+        serial: Option<pki::Serial>,
+        /// Why: unspecified, key-compromise, affiliation-changed, superseded or
+        /// cessation-of-operation.
+        #[arg(long, default_value = "unspecified", value_parser = parse_reason)]
+        reason: pki::RevokeReason,
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
+    },
+    /// List the revocation lists of ca.crl.pem in DIR (a PKI directory or a router's TLS
+    /// directory), checked against its ca.pem: per CA, the CRL number and every revoked serial.
+    #[command(after_help = "Example:\n  tasman pki crl --dir pki")]
+    Crl {
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
+    },
+}
+
+fn parse_serial(s: &str) -> Result<pki::Serial, String> {
+    s.parse()
+}
+
+fn parse_reason(s: &str) -> Result<pki::RevokeReason, String> {
+    s.parse()
 }
 
 /// `--valid-for`: a `humantime` duration, more than zero and at most [`pki::MAX_VALIDITY`].
@@ -80,6 +118,7 @@ fn exit_for(e: &PkiError) -> ExitCode {
         PkiError::Io { .. }
         | PkiError::BadKey { .. }
         | PkiError::BadCert { .. }
+        | PkiError::BadCrl { .. }
         | PkiError::NoIssuingCa { .. } => ExitCode::from(2),
         _ => ExitCode::from(1),
     }
@@ -143,6 +182,81 @@ pub fn run(args: PkiArgs) -> ExitCode {
                         pki::CA_CERT,
                         pki::CA_KEY_OLD
                     );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                exit_for(&e)
+            }
+        },
+        PkiCommand::Revoke {
+            node,
+            serial,
+            reason,
+            dir,
+        } => {
+            let target = match (node, serial) {
+                (_, Some(s)) => pki::RevokeTarget::Serial(s),
+                (Some(n), None) => pki::RevokeTarget::Node(n),
+                (None, None) => unreachable!("clap requires NODE or --serial"),
+            };
+            match pki::revoke(&dir, &target, reason) {
+                Ok(r) => {
+                    println!("{}", r.path.display());
+                    if r.already {
+                        eprintln!(
+                            "serial {} is already revoked (list number {}, {} entries); nothing \
+                             written",
+                            r.serial, r.number, r.entries
+                        );
+                    } else {
+                        eprintln!(
+                            "revoked serial {} ({reason}): list number {}, {} entries. Next: copy \
+                             {} to every node's TLS directory (routers take it within 10 s){}",
+                            r.serial,
+                            r.number,
+                            r.entries,
+                            pki::CA_CRL,
+                            match &target {
+                                pki::RevokeTarget::Node(n) => format!(
+                                    ", and re-issue {n} (`tasman pki issue {n}`) to let it back in"
+                                ),
+                                pki::RevokeTarget::Serial(_) => String::new(),
+                            }
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    exit_for(&e)
+                }
+            }
+        }
+        PkiCommand::Crl { dir } => match pki::read_crls(&dir) {
+            Ok(crls) => {
+                if crls.is_empty() {
+                    eprintln!("{}: no revocation list", dir.join(pki::CA_CRL).display());
+                }
+                for c in &crls {
+                    println!(
+                        "CA {} of {}: CRL number {}, {} revoked",
+                        c.ca + 1,
+                        pki::CA_CERT,
+                        c.number,
+                        c.entries.len()
+                    );
+                    for e in &c.entries {
+                        let at = std::time::UNIX_EPOCH
+                            + std::time::Duration::from_secs(e.revoked_at.max(0) as u64);
+                        println!(
+                            "  {}  {}  {}",
+                            e.serial,
+                            humantime::format_rfc3339_seconds(at),
+                            e.reason.map_or("-", pki::RevokeReason::label)
+                        );
+                    }
                 }
                 ExitCode::SUCCESS
             }

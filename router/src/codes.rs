@@ -169,6 +169,9 @@ pub mod close {
     pub const PROTOCOL: u32 = 5;
     /// No control stream and hello within the controller's hello timeout.
     pub const HELLO_TIMEOUT: u32 = 6;
+    /// The peer's certificate is on a revocation list this node adopted
+    /// (`tls::close_when_revoked`).
+    pub const REVOKED: u32 = 7;
 }
 
 #[cfg(test)]

@@ -188,6 +188,17 @@ pub enum Reload {
     Refused(String),
 }
 
+/// What a [`CertResolver::reload_crl`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CrlReload {
+    /// No file, the same file, or no list newer than the ones in force.
+    Unchanged,
+    /// A newer list is in force now.
+    Adopted,
+    /// The file was refused (the lists in force stay): why.
+    Refused(String),
+}
+
 /// The certificate and key this node presents, as a server and as a client: swapped whole by
 /// [`CertResolver::reload`] (lock-free reads at each handshake). It keeps the trust bundle and
 /// verifiers of the identity it started with: a reload never changes what the node trusts, and
@@ -197,9 +208,18 @@ pub struct CertResolver {
     cas: Vec<CertificateDer<'static>>,
     dir: Option<PathBuf>,
     current: ArcSwap<CertifiedKey>,
-    server_verifier: Arc<rustls::client::WebPkiServerVerifier>,
-    client_verifier: Arc<dyn ClientCertVerifier>,
+    /// What the node trusts now: swapped whole when a CRL is adopted (lock-free reads at each
+    /// handshake).
+    trust: Arc<ArcSwap<Trust>>,
     provider: Arc<CryptoProvider>,
+    /// Bumped at each CRL adoption: [`close_when_revoked`] rechecks live connections then.
+    revocations: tokio::sync::watch::Sender<u64>,
+    crl_updates: AtomicU64,
+    crl_failures: AtomicU64,
+    revoked_closed: AtomicU64,
+    /// The last `ca.crl.pem` read (its bytes) and why it was refused, if it was: the same file
+    /// is neither re-checked nor logged twice.
+    last_crl: Mutex<Option<(Vec<u8>, Option<String>)>>,
     not_before: AtomicI64,
     not_after: AtomicI64,
     reloads: AtomicU64,
@@ -224,14 +244,7 @@ impl CertResolver {
     /// Presents `id`'s certificate (its key must match); reloads come from `id.dir`.
     pub fn new(id: &TlsIdentity) -> Result<Arc<Self>, TlsError> {
         let provider = provider();
-        let roots = roots(id)?;
-        let server_verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
-            roots.clone(),
-            provider.clone(),
-        )
-        .build()?;
-        let client_verifier =
-            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone()).build()?;
+        let trust = Trust::build(&id.cas, vec![None; id.cas.len()], &provider)?;
         let ck = CertifiedKey::from_der(id.chain.clone(), id.key.clone_key(), &provider)?;
         let not_after = not_after(&id.chain[0]).unwrap_or(0);
         let not_before = not_before(&id.chain[0]).unwrap_or(0);
@@ -240,9 +253,13 @@ impl CertResolver {
             cas: id.cas.clone(),
             dir: id.dir.clone(),
             current: ArcSwap::from_pointee(ck),
-            server_verifier,
-            client_verifier,
+            trust: Arc::new(ArcSwap::from_pointee(trust)),
             provider,
+            revocations: tokio::sync::watch::Sender::new(0),
+            crl_updates: AtomicU64::new(0),
+            crl_failures: AtomicU64::new(0),
+            revoked_closed: AtomicU64::new(0),
+            last_crl: Mutex::new(None),
             not_before: AtomicI64::new(not_before),
             not_after: AtomicI64::new(not_after),
             reloads: AtomicU64::new(0),
@@ -250,7 +267,15 @@ impl CertResolver {
             renewals: Default::default(),
             renewing: Default::default(),
             last_refusal: Mutex::new(None),
-        }))
+        })
+        .with_crl_loaded())
+    }
+
+    /// Takes the directory's `ca.crl.pem` at start, if there is one and it checks out (a refused
+    /// one is logged and counted, and the node starts without a list rather than not at all).
+    fn with_crl_loaded(self: Arc<Self>) -> Arc<Self> {
+        let _ = self.reload_crl();
+        self
     }
 
     /// The node name the certificate is for.
@@ -307,11 +332,12 @@ impl CertResolver {
         let now = UnixTime::now();
         let sn = ServerName::try_from(self.name.as_str())
             .map_err(|e| format!("node name {:?}: {e}", self.name))?;
-        self.server_verifier
-            .verify_server_cert(leaf, &id.chain[1..], &sn, &[], now)
+        let trust = self.trust.load();
+        trust
+            .verify_server(leaf, &id.chain[1..], &sn, now)
             .map_err(|e| format!("certificate refused: {e}"))?;
-        self.client_verifier
-            .verify_client_cert(leaf, &id.chain[1..], now)
+        trust
+            .verify_client(leaf, &id.chain[1..], now)
             .map_err(|e| format!("certificate refused for client use: {e}"))?;
         Ok(ck)
     }
@@ -374,6 +400,151 @@ impl CertResolver {
         }
     }
 
+    /// Re-reads `ca.crl.pem` from the directory the identity came from and adopts the lists in
+    /// it that are newer than the ones in force ([`pki::parse_crls`]: each signed by a CA of the
+    /// bundle loaded at start). A file that does not check out, or that holds a list with a lower
+    /// number than the one in force for its CA (a rollback), or the same number with other
+    /// contents, is refused whole: the lists in force stay (logged and counted once per distinct
+    /// file). A CA's list missing from the file stays in force too, and so does everything when
+    /// the file is gone: a list is only ever replaced by a newer one. On adoption, new handshakes
+    /// check the new lists at once and [`close_when_revoked`] closes live connections whose peer
+    /// is now revoked.
+    pub fn reload_crl(&self) -> CrlReload {
+        let Some(dir) = &self.dir else {
+            return CrlReload::Unchanged;
+        };
+        let path = dir.join(pki::CA_CRL);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return CrlReload::Unchanged,
+            Err(e) => return self.crl_refused(e.to_string().into_bytes(), e.to_string()),
+        };
+        if let Ok(l) = self.last_crl.lock()
+            && let Some((seen, refused)) = l.as_ref()
+            && *seen == bytes
+        {
+            return match refused {
+                Some(why) => CrlReload::Refused(why.clone()),
+                None => CrlReload::Unchanged,
+            };
+        }
+        let parsed = std::str::from_utf8(&bytes)
+            .map_err(|_| "not a PEM file".to_string())
+            .and_then(|text| pki::parse_crls(text, &self.cas));
+        let crls = match parsed {
+            Ok(c) => c,
+            Err(why) => return self.crl_refused(bytes, why),
+        };
+        let trust = self.trust.load_full();
+        let mut next = trust.crls.clone();
+        let mut changed = false;
+        for crl in crls {
+            let ca = crl.ca;
+            match &trust.crls[ca] {
+                Some(cur) if crl.number < cur.number => {
+                    let why = format!(
+                        "the list of CA {} has number {}, lower than the one in force ({}):                          refused (no rollback)",
+                        ca + 1,
+                        crl.number,
+                        cur.number
+                    );
+                    return self.crl_refused(bytes, why);
+                }
+                Some(cur) if crl.number == cur.number => {
+                    if crl.der != cur.der {
+                        let why = format!(
+                            "the list of CA {} reuses number {} with other contents",
+                            ca + 1,
+                            crl.number
+                        );
+                        return self.crl_refused(bytes, why);
+                    }
+                }
+                _ => {
+                    next[ca] = Some(crl);
+                    changed = true;
+                }
+            }
+        }
+        if !changed {
+            self.crl_seen(bytes, None);
+            return CrlReload::Unchanged;
+        }
+        // webpki parses the lists again when the verifiers are built: refused there too, the
+        // lists in force stay.
+        let built = match Trust::build(&self.cas, next, &self.provider) {
+            Ok(t) => t,
+            Err(e) => return self.crl_refused(bytes, e.to_string()),
+        };
+        let summary: Vec<String> = built
+            .crls
+            .iter()
+            .flatten()
+            .map(|c| {
+                format!(
+                    "CA {}: number {}, {} revoked",
+                    c.ca + 1,
+                    c.number,
+                    c.entries.len()
+                )
+            })
+            .collect();
+        self.trust.store(Arc::new(built));
+        self.crl_updates.fetch_add(1, Relaxed);
+        self.crl_seen(bytes, None);
+        self.revocations.send_modify(|g| *g += 1);
+        tracing::info!(node = %self.name, lists = %summary.join("; "),
+            "adopted a new certificate revocation list");
+        CrlReload::Adopted
+    }
+
+    fn crl_seen(&self, bytes: Vec<u8>, refused: Option<String>) {
+        if let Ok(mut l) = self.last_crl.lock() {
+            *l = Some((bytes, refused));
+        }
+    }
+
+    fn crl_refused(&self, bytes: Vec<u8>, why: String) -> CrlReload {
+        self.crl_failures.fetch_add(1, Relaxed);
+        tracing::warn!(node = %self.name, dir = ?self.dir,
+            "{} refused, keeping the revocation lists in force: {why}", pki::CA_CRL);
+        self.crl_seen(bytes, Some(why.clone()));
+        CrlReload::Refused(why)
+    }
+
+    /// The revocation lists in force, one per CA of the bundle that has one.
+    pub fn crls(&self) -> Vec<pki::CheckedCrl> {
+        self.trust.load().crls.iter().flatten().cloned().collect()
+    }
+    /// Revocation lists adopted since start (at start included).
+    pub fn crl_updates(&self) -> u64 {
+        self.crl_updates.load(Relaxed)
+    }
+    /// Distinct `ca.crl.pem` files refused since start.
+    pub fn crl_failures(&self) -> u64 {
+        self.crl_failures.load(Relaxed)
+    }
+    /// Live connections closed because their peer's certificate was revoked.
+    pub fn revoked_closed(&self) -> u64 {
+        self.revoked_closed.load(Relaxed)
+    }
+    /// Changes (a counter) at each adoption of a revocation list.
+    pub fn revocations(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.revocations.subscribe()
+    }
+
+    /// Whether the lists in force revoke this peer chain (leaf first): a chain that verifies but
+    /// for a revocation. Other failures (expired since the handshake, ...) are not revocations.
+    pub fn revoked(&self, chain: &[CertificateDer<'_>]) -> bool {
+        let Some((leaf, rest)) = chain.split_first() else {
+            return false;
+        };
+        matches!(
+            self.trust.load().verify_client(leaf, rest, UnixTime::now()),
+            Err(rustls::Error::InvalidCertificate(CertificateError::Revoked))
+        )
+    }
+
     /// Calls [`CertResolver::reload`] every `interval`, until its task is aborted (as the router
     /// and the controller abort their tasks at shutdown).
     pub async fn reload_every(self: Arc<Self>, interval: Duration) {
@@ -384,7 +555,11 @@ impl CertResolver {
             tick.tick().await;
             // File reads and signature checks: keep them off the async workers.
             let me = self.clone();
-            let _ = tokio::task::spawn_blocking(move || me.reload()).await;
+            let _ = tokio::task::spawn_blocking(move || {
+                me.reload();
+                me.reload_crl();
+            })
+            .await;
         }
     }
 
@@ -406,6 +581,48 @@ impl CertResolver {
             "# HELP tasman_tls_cert_reload_failures_total New node certificate files refused (the old pair kept).\n# TYPE tasman_tls_cert_reload_failures_total counter\ntasman_tls_cert_reload_failures_total{{node=\"{node}\"}} {}",
             self.reload_failures()
         );
+        let _ = writeln!(
+            s,
+            "# HELP tasman_tls_crl_updates_total Certificate revocation lists adopted since start.\n# TYPE tasman_tls_crl_updates_total counter\ntasman_tls_crl_updates_total{{node=\"{node}\"}} {}",
+            self.crl_updates()
+        );
+        let _ = writeln!(
+            s,
+            "# HELP tasman_tls_crl_refused_total ca.crl.pem files refused (the lists in force kept).\n# TYPE tasman_tls_crl_refused_total counter\ntasman_tls_crl_refused_total{{node=\"{node}\"}} {}",
+            self.crl_failures()
+        );
+        let _ = writeln!(
+            s,
+            "# HELP tasman_tls_revoked_closed_total Live connections closed because the peer's certificate was revoked.\n# TYPE tasman_tls_revoked_closed_total counter\ntasman_tls_revoked_closed_total{{node=\"{node}\"}} {}",
+            self.revoked_closed()
+        );
+        let crls = self.crls();
+        if !crls.is_empty() {
+            let _ = writeln!(
+                s,
+                "# HELP tasman_tls_crl_number CRL number of the revocation list in force, by CA (position in ca.pem).\n# TYPE tasman_tls_crl_number gauge"
+            );
+            for c in &crls {
+                let _ = writeln!(
+                    s,
+                    "tasman_tls_crl_number{{node=\"{node}\",ca=\"{}\"}} {}",
+                    c.ca + 1,
+                    c.number
+                );
+            }
+            let _ = writeln!(
+                s,
+                "# HELP tasman_tls_crl_revoked Certificates on the revocation list in force, by CA (position in ca.pem).\n# TYPE tasman_tls_crl_revoked gauge"
+            );
+            for c in &crls {
+                let _ = writeln!(
+                    s,
+                    "tasman_tls_crl_revoked{{node=\"{node}\",ca=\"{}\"}} {}",
+                    c.ca + 1,
+                    c.entries.len()
+                );
+            }
+        }
         if self.renewing.load(Relaxed) {
             let _ = writeln!(
                 s,
@@ -528,18 +745,155 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Every CA of the bundle is a trust anchor. CAs made by `pki` share a distinguished name;
-/// webpki tries each anchor whose name matches a chain's issuer, so the one whose key signed the
-/// chain is found whatever its place in the bundle.
-fn roots(id: &TlsIdentity) -> Result<Arc<RootCertStore>, TlsError> {
-    let mut roots = RootCertStore::empty();
-    for ca in &id.cas {
-        roots.add(ca.clone())?;
-    }
-    Ok(Arc::new(roots))
+/// What a node trusts: every CA of the bundle loaded at start, each narrowed by its revocation
+/// list if it has one. One pair of WebPKI verifiers per CA, with that CA as its only root and
+/// that CA's list: CAs made by `pki` share a distinguished name, and webpki takes the first list
+/// whose issuer name matches a certificate's issuer and then fails on its signature if another
+/// CA of that name signed it, so one verifier over the whole bundle and every list would refuse
+/// every certificate of the other CAs during a rotation. A chain is accepted when one CA's
+/// verifier accepts it (the one whose key signed it; webpki tries each anchor of a name, so a
+/// single-CA verifier refuses the others' chains on their signatures).
+#[derive(Debug)]
+struct Trust {
+    per_ca: Vec<CaVerifiers>,
+    /// The list in force for each CA of the bundle (same positions).
+    crls: Vec<Option<pki::CheckedCrl>>,
 }
 
-/// Both verifiers add a name check on top of WebPKI and leave signature checks to it.
+#[derive(Debug)]
+struct CaVerifiers {
+    server: Arc<rustls::client::WebPkiServerVerifier>,
+    client: Arc<dyn ClientCertVerifier>,
+}
+
+impl Trust {
+    /// Verifiers for `cas` (the bundle) and their lists. Revocation is checked for the leaf
+    /// only (the chain's CA is the trust anchor itself), a certificate of a CA without a list
+    /// is not revoked (unknown status allowed), and a list's `nextUpdate` is not enforced: a
+    /// list stays in force until a newer one replaces it, so a CA that stops publishing never
+    /// cuts the fabric off.
+    fn build(
+        cas: &[CertificateDer<'static>],
+        crls: Vec<Option<pki::CheckedCrl>>,
+        provider: &Arc<CryptoProvider>,
+    ) -> Result<Self, TlsError> {
+        let per_ca = cas
+            .iter()
+            .zip(&crls)
+            .map(|(ca, crl)| {
+                let mut roots = RootCertStore::empty();
+                roots.add(ca.clone())?;
+                let roots = Arc::new(roots);
+                let list: Vec<_> = crl.iter().map(|c| c.der.clone()).collect();
+                let server = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                    roots.clone(),
+                    provider.clone(),
+                )
+                .with_crls(list.clone())
+                .only_check_end_entity_revocation()
+                .allow_unknown_revocation_status()
+                .build()?;
+                let client = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+                    .with_crls(list)
+                    .only_check_end_entity_revocation()
+                    .allow_unknown_revocation_status()
+                    .build()?;
+                Ok(CaVerifiers { server, client })
+            })
+            .collect::<Result<Vec<_>, TlsError>>()?;
+        Ok(Trust { per_ca, crls })
+    }
+
+    fn verify_server(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        first_accepting(self.per_ca.iter().map(|v| {
+            v.server
+                .verify_server_cert(end_entity, intermediates, server_name, &[], now)
+        }))
+    }
+
+    fn verify_client(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        first_accepting(
+            self.per_ca
+                .iter()
+                .map(|v| v.client.verify_client_cert(end_entity, intermediates, now)),
+        )
+    }
+}
+
+/// The first acceptance of `results`; otherwise the most telling refusal: a revocation, then
+/// whatever is not just "another CA's chain" (unknown issuer, bad signature), then the first.
+fn first_accepting<T>(
+    results: impl Iterator<Item = Result<T, rustls::Error>>,
+) -> Result<T, rustls::Error> {
+    let rank = |e: &rustls::Error| match e {
+        rustls::Error::InvalidCertificate(CertificateError::Revoked) => 0,
+        rustls::Error::InvalidCertificate(
+            CertificateError::UnknownIssuer | CertificateError::BadSignature,
+        ) => 2,
+        _ => 1,
+    };
+    let mut refusal: Option<rustls::Error> = None;
+    for r in results {
+        match r {
+            Ok(v) => return Ok(v),
+            Err(e) => {
+                if refusal.as_ref().is_none_or(|best| rank(&e) < rank(best)) {
+                    refusal = Some(e);
+                }
+            }
+        }
+    }
+    Err(refusal.unwrap_or(rustls::Error::InvalidCertificate(
+        CertificateError::UnknownIssuer,
+    )))
+}
+
+/// Closes `conn` with [`close::REVOKED`](crate::codes::close::REVOKED) as soon as the lists in
+/// force at `cert` revoke the certificate its peer presented: checked at once (a list adopted
+/// during the handshake) and again at every adoption. Returns when the connection closes, for
+/// whatever reason. Spawned next to every established connection (neighbours both ways, the
+/// controller's sessions and a router's control connection), so a revoked key's live sessions end
+/// too, not only its next handshakes.
+pub async fn close_when_revoked(cert: Arc<CertResolver>, conn: quinn::Connection) {
+    let Some(chain) = conn
+        .peer_identity()
+        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+    else {
+        return;
+    };
+    let mut adopted = cert.revocations();
+    loop {
+        adopted.borrow_and_update();
+        if cert.revoked(&chain) {
+            cert.revoked_closed.fetch_add(1, Relaxed);
+            tracing::warn!(node = %cert.name, remote = %conn.remote_address(),
+                "closing a connection: the peer's certificate is revoked");
+            conn.close(
+                quinn::VarInt::from_u32(crate::codes::close::REVOKED),
+                b"certificate revoked",
+            );
+            return;
+        }
+        tokio::select! {
+            r = adopted.changed() => if r.is_err() { return },
+            _ = conn.closed() => return,
+        }
+    }
+}
+
+/// Both verifiers add a name check on top of WebPKI and leave signature checks to the provider
+/// (as WebPKI's verifiers do).
 macro_rules! delegate_signature_checks {
     () => {
         fn verify_tls12_signature(
@@ -548,7 +902,12 @@ macro_rules! delegate_signature_checks {
             cert: &CertificateDer<'_>,
             dss: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            self.inner.verify_tls12_signature(message, cert, dss)
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.provider.signature_verification_algorithms,
+            )
         }
         fn verify_tls13_signature(
             &self,
@@ -556,24 +915,35 @@ macro_rules! delegate_signature_checks {
             cert: &CertificateDer<'_>,
             dss: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            self.inner.verify_tls13_signature(message, cert, dss)
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.provider.signature_verification_algorithms,
+            )
         }
         fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-            self.inner.supported_verify_schemes()
+            self.provider
+                .signature_verification_algorithms
+                .supported_schemes()
         }
     };
 }
 
-/// Server side: the chain must verify against one of our CAs, then the name must be allowed.
+/// Server side: the chain must verify against one of our CAs (and not be revoked), then the name
+/// must be allowed.
 #[derive(Debug)]
 struct NodeClientVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
+    trust: Arc<ArcSwap<Trust>>,
+    /// The bundle's CA names, sent as hints (the bundle never changes after start).
+    hints: Vec<DistinguishedName>,
+    provider: Arc<CryptoProvider>,
     peers: PeerNames,
 }
 
 impl ClientCertVerifier for NodeClientVerifier {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
+        &self.hints
     }
     fn verify_client_cert(
         &self,
@@ -582,8 +952,9 @@ impl ClientCertVerifier for NodeClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let ok = self
-            .inner
-            .verify_client_cert(end_entity, intermediates, now)?;
+            .trust
+            .load()
+            .verify_client(end_entity, intermediates, now)?;
         match self.peers.identify(end_entity) {
             Some(_) => Ok(ok),
             None => Err(rustls::Error::InvalidCertificate(
@@ -594,11 +965,12 @@ impl ClientCertVerifier for NodeClientVerifier {
     delegate_signature_checks!();
 }
 
-/// Client side: standard WebPKI checks against our CAs for the name we dialled, which must also be
-/// an allowed peer now.
+/// Client side: standard WebPKI checks against our CAs (and their lists) for the name we
+/// dialled, which must also be an allowed peer now.
 #[derive(Debug)]
 struct NodeServerVerifier {
-    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    trust: Arc<ArcSwap<Trust>>,
+    provider: Arc<CryptoProvider>,
     peers: PeerNames,
 }
 
@@ -608,16 +980,13 @@ impl ServerCertVerifier for NodeServerVerifier {
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
+        _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let ok = self.inner.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        )?;
+        let ok = self
+            .trust
+            .load()
+            .verify_server(end_entity, intermediates, server_name, now)?;
         let allowed = match server_name {
             ServerName::DnsName(d) => self.peers.contains(d.as_ref()),
             _ => false,
@@ -639,8 +1008,17 @@ pub fn rustls_server_config_with(
     cert: &Arc<CertResolver>,
     peers: &PeerNames,
 ) -> Result<rustls::ServerConfig, TlsError> {
+    let hints = cert
+        .trust
+        .load()
+        .per_ca
+        .iter()
+        .flat_map(|v| v.client.root_hint_subjects().iter().cloned())
+        .collect();
     let verifier = Arc::new(NodeClientVerifier {
-        inner: cert.client_verifier.clone(),
+        trust: cert.trust.clone(),
+        hints,
+        provider: cert.provider.clone(),
         peers: peers.clone(),
     });
     let mut cfg = rustls::ServerConfig::builder_with_provider(cert.provider.clone())
@@ -662,7 +1040,8 @@ pub fn rustls_client_config_with(
     peers: &PeerNames,
 ) -> Result<rustls::ClientConfig, TlsError> {
     let verifier = Arc::new(NodeServerVerifier {
-        inner: cert.server_verifier.clone(),
+        trust: cert.trust.clone(),
+        provider: cert.provider.clone(),
         peers: peers.clone(),
     });
     let mut cfg = rustls::ClientConfig::builder_with_provider(cert.provider.clone())
@@ -872,8 +1251,9 @@ mod tests {
         let (_d, id) = node_trusting(&[a.path(), b.path()], a.path());
         assert_eq!(id.cas.len(), 2);
         assert_ne!(id.cas[0], id.cas[1]);
-        assert_eq!(roots(&id).unwrap().len(), 2);
-        assert_eq!(CertResolver::new(&id).unwrap().trusted(), &id.cas[..]);
+        let r = CertResolver::new(&id).unwrap();
+        assert_eq!(r.trusted(), &id.cas[..]);
+        assert_eq!(r.trust.load().per_ca.len(), 2);
     }
 
     /// Every CA `pki::init` makes has the same distinguished name: a node trusting two of them
@@ -909,6 +1289,145 @@ mod tests {
         let r = CertResolver::new(&me).unwrap();
         let (_p, peer) = node_trusting(&[b], b);
         assert!(r.check(&peer).is_err());
+    }
+
+    /// Whether `r`'s verifiers accept `name`'s chain in `dir`, as a server (dialled by that
+    /// name) and as a client: both answers, which must agree.
+    fn accepts(r: &CertResolver, dir: &Path, name: &str) -> Result<(), rustls::Error> {
+        let chain = TlsIdentity::load(dir, name).unwrap().chain;
+        let trust = r.trust.load();
+        let now = UnixTime::now();
+        let sn = ServerName::try_from(name.to_string()).unwrap();
+        let server = trust
+            .verify_server(&chain[0], &chain[1..], &sn, now)
+            .map(|_| ());
+        let client = trust.verify_client(&chain[0], &chain[1..], now).map(|_| ());
+        assert_eq!(server, client, "server and client verifiers disagree");
+        server
+    }
+
+    const REVOKED: Result<(), rustls::Error> =
+        Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
+
+    fn revoke(dir: &Path, name: &str) {
+        let target = pki::RevokeTarget::Node(name.into());
+        pki::revoke(dir, &target, pki::RevokeReason::KeyCompromise).unwrap();
+    }
+
+    #[test]
+    fn a_revoked_certificate_is_refused_by_both_verifiers_once_the_list_is_adopted() {
+        let (d, r) = setup();
+        pki::issue(d.path(), "n2").unwrap();
+        pki::issue(d.path(), "n3").unwrap();
+        assert_eq!(accepts(&r, d.path(), "n2"), Ok(()));
+        let n2 = TlsIdentity::load(d.path(), "n2").unwrap().chain;
+        let adopted = r.revocations();
+        revoke(d.path(), "n2");
+        // Not before the file is read: live connections and handshakes go on until then.
+        assert_eq!(accepts(&r, d.path(), "n2"), Ok(()));
+        assert_eq!(r.reload_crl(), CrlReload::Adopted);
+        assert!(adopted.has_changed().unwrap());
+        assert_eq!(accepts(&r, d.path(), "n2"), REVOKED);
+        assert!(r.revoked(&n2));
+        assert_eq!(
+            accepts(&r, d.path(), "n3"),
+            Ok(()),
+            "only n2 is on the list"
+        );
+        assert_eq!(r.reload_crl(), CrlReload::Unchanged);
+        assert_eq!((r.crl_updates(), r.crl_failures()), (1, 0));
+        // Re-issued, with a new serial: accepted again.
+        pki::issue(d.path(), "n2").unwrap();
+        assert_eq!(accepts(&r, d.path(), "n2"), Ok(()));
+        let mut m = String::new();
+        r.render_metrics("n1", &mut m);
+        assert!(
+            m.contains("tasman_tls_crl_number{node=\"n1\",ca=\"1\"} 1"),
+            "{m}"
+        );
+        assert!(
+            m.contains("tasman_tls_crl_revoked{node=\"n1\",ca=\"1\"} 1"),
+            "{m}"
+        );
+        // A resolver started with the file in place takes it at once.
+        let again = CertResolver::new(&TlsIdentity::load(d.path(), "n1").unwrap()).unwrap();
+        assert_eq!(again.crls(), r.crls());
+        assert!(again.revoked(&n2));
+    }
+
+    #[test]
+    fn a_list_signed_by_a_foreign_ca_is_refused_and_the_old_list_kept() {
+        let (d, r) = setup();
+        pki::issue(d.path(), "n2").unwrap();
+        revoke(d.path(), "n2");
+        assert_eq!(r.reload_crl(), CrlReload::Adopted);
+        let before = r.crls();
+        // Another CA (same name, other key) revoking nothing of ours, and garbage.
+        let other = tempfile::tempdir().unwrap();
+        pki::init(other.path()).unwrap();
+        pki::issue(other.path(), "x").unwrap();
+        revoke(other.path(), "x");
+        fs::copy(other.path().join(pki::CA_CRL), d.path().join(pki::CA_CRL)).unwrap();
+        match r.reload_crl() {
+            CrlReload::Refused(why) => assert!(why.contains("not signed by a CA"), "{why}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert_eq!(r.crls(), before, "the list in force stays");
+        assert_eq!(accepts(&r, d.path(), "n2"), REVOKED);
+        assert!(matches!(r.reload_crl(), CrlReload::Refused(_)));
+        assert_eq!(r.crl_failures(), 1, "the same file counted once");
+        fs::write(
+            d.path().join(pki::CA_CRL),
+            "-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n",
+        )
+        .unwrap();
+        assert!(matches!(r.reload_crl(), CrlReload::Refused(_)));
+        assert_eq!(r.crl_failures(), 2);
+        // Gone: the list stays in force (a list is only replaced by a newer one).
+        fs::remove_file(d.path().join(pki::CA_CRL)).unwrap();
+        assert_eq!(r.reload_crl(), CrlReload::Unchanged);
+        assert_eq!(accepts(&r, d.path(), "n2"), REVOKED);
+        assert_eq!(accepts(&r, d.path(), "n1"), Ok(()));
+    }
+
+    #[test]
+    fn a_list_with_a_lower_number_is_refused() {
+        let (d, r) = setup();
+        pki::issue(d.path(), "n2").unwrap();
+        pki::issue(d.path(), "n3").unwrap();
+        revoke(d.path(), "n2");
+        let first = fs::read(d.path().join(pki::CA_CRL)).unwrap();
+        revoke(d.path(), "n3");
+        assert_eq!(r.reload_crl(), CrlReload::Adopted);
+        assert_eq!(r.crls()[0].number, 2);
+        fs::write(d.path().join(pki::CA_CRL), first).unwrap();
+        match r.reload_crl() {
+            CrlReload::Refused(why) => assert!(why.contains("lower"), "{why}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert_eq!(r.crls()[0].number, 2);
+        assert_eq!(accepts(&r, d.path(), "n3"), REVOKED, "no rollback");
+    }
+
+    /// CAs made by `pki` share a name, so webpki would take the issuing CA's list as the
+    /// authority for the old CA's certificates too and refuse them all (its signature does not
+    /// verify with the old CA's key). Each CA's verifier has only its own list.
+    #[test]
+    fn during_a_ca_rotation_the_new_cas_list_leaves_the_old_cas_certificates_alone() {
+        let d = tempfile::tempdir().unwrap();
+        pki::init(d.path()).unwrap();
+        pki::issue(d.path(), "n1").unwrap();
+        pki::issue(d.path(), "old").unwrap();
+        pki::rotate_ca(d.path()).unwrap();
+        pki::issue(d.path(), "new").unwrap();
+        pki::issue(d.path(), "leaked").unwrap();
+        let r = CertResolver::new(&TlsIdentity::load(d.path(), "n1").unwrap()).unwrap();
+        revoke(d.path(), "leaked");
+        assert_eq!(r.reload_crl(), CrlReload::Adopted);
+        assert_eq!(accepts(&r, d.path(), "leaked"), REVOKED);
+        assert_eq!(accepts(&r, d.path(), "new"), Ok(()));
+        assert_eq!(accepts(&r, d.path(), "old"), Ok(()), "old CA's leaf");
+        assert_eq!(accepts(&r, d.path(), "n1"), Ok(()), "old CA's leaf");
     }
 
     #[test]

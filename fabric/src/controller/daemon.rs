@@ -249,7 +249,12 @@ pub async fn start(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
     tasks.extend([
         tokio::spawn(issuer.clone().renew_own(cert.clone())),
         tokio::spawn(circuits.settle_loop()),
-        tokio::spawn(distribute::serve(ctl.clone(), endpoint.clone(), issuer)),
+        tokio::spawn(distribute::serve(
+            ctl.clone(),
+            endpoint.clone(),
+            issuer,
+            cert.clone(),
+        )),
         tokio::spawn(ctl.clone().recompute_loop()),
         tokio::spawn(ctl.clone().flush_loop()),
         tokio::spawn(admin::serve(listener, state)),

@@ -77,21 +77,31 @@ pub fn endpoint(
 }
 
 /// Accepts router connections until the endpoint closes; `issuer` answers their certificate
-/// renewals.
-pub async fn serve(ctl: Arc<Controller>, endpoint: quinn::Endpoint, issuer: Arc<NodeIssuer>) {
+/// renewals. A session whose router's certificate a revocation list adopted by `cert` revokes
+/// is closed ([`tls::close_when_revoked`]).
+pub async fn serve(
+    ctl: Arc<Controller>,
+    endpoint: quinn::Endpoint,
+    issuer: Arc<NodeIssuer>,
+    cert: Arc<tls::CertResolver>,
+) {
     while let Some(incoming) = endpoint.accept().await {
         let ctl = ctl.clone();
         let issuer = issuer.clone();
+        let cert = cert.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             match incoming.await {
-                Ok(conn) => match connection(&ctl, &issuer, conn).await {
-                    Err(e) if e.close_code().is_some() => {
-                        tracing::warn!(%remote, "closed a router connection: {e}")
+                Ok(conn) => {
+                    tokio::spawn(tls::close_when_revoked(cert, conn.clone()));
+                    match connection(&ctl, &issuer, conn).await {
+                        Err(e) if e.close_code().is_some() => {
+                            tracing::warn!(%remote, "closed a router connection: {e}")
+                        }
+                        Err(e) => tracing::debug!(%remote, "router connection ended: {e}"),
+                        Ok(()) => {}
                     }
-                    Err(e) => tracing::debug!(%remote, "router connection ended: {e}"),
-                    Ok(()) => {}
-                },
+                }
                 Err(e) => tracing::debug!(%remote, "router handshake failed: {e}"),
             }
         });

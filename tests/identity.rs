@@ -186,3 +186,59 @@ fn old_and_new_ca_certificates_connect_during_a_rotation_and_not_after_it() {
         up(&f, "edge", "site") && up(&f, "site", "edge")
     });
 }
+
+/// A leaked key, revoked over real routers and real mutual-TLS QUIC. `tasman pki revoke site`
+/// writes `ca.crl.pem` into the TLS directory both routers read (they share one here); at its
+/// next reload tick the edge adopts it, closes the live connection that presented the site's
+/// certificate and refuses the site's reconnects, both ways. A fresh certificate for the site (a
+/// new key and serial) is accepted again, without a restart.
+#[test]
+fn a_revoked_certificate_loses_its_live_connection_and_is_refused_until_reissued() {
+    let mut f = Fabric::new(&edge_and_site());
+    f.start("site");
+    f.start("edge");
+    eventually(DEADLINE, "edge and site connected both ways", || {
+        up(&f, "edge", "site") && up(&f, "site", "edge")
+    });
+    assert_eq!(f.metric("edge", "tasman_tls_crl_updates_total", ""), 0);
+
+    tasman_pki(&f.pki, &["revoke", "site", "--reason", "key-compromise"]);
+    eventually(DEADLINE, "the edge adopted list number 1", || {
+        f.metric("edge", "tasman_tls_crl_number", "ca=\"1\"") == 1
+    });
+    eventually(
+        DEADLINE,
+        "the edge closed the site's live connection",
+        || f.metric("edge", "tasman_tls_revoked_closed_total", "") >= 1,
+    );
+    eventually(DEADLINE, "no connection either way", || {
+        !up(&f, "edge", "site") && !up(&f, "site", "edge")
+    });
+    let refused = f.metric("edge", "tasman_refused_peers_total", "");
+    eventually(
+        DEADLINE,
+        "the site's reconnects refused at the edge",
+        || f.metric("edge", "tasman_refused_peers_total", "") > refused,
+    );
+    // It stays out: several of the site's redials and the edge's own dials fail meanwhile.
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < until {
+        assert!(
+            !up(&f, "edge", "site") && !up(&f, "site", "edge"),
+            "a revoked certificate got through"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        f.log("edge").contains("the peer's certificate is revoked"),
+        "{}",
+        f.log("edge")
+    );
+    assert_eq!(f.metric("edge", "tasman_tls_crl_refused_total", ""), 0);
+
+    // Re-issued: a new key and serial, not on the list; the site reloads it and is let back in.
+    tasman_pki(&f.pki, &["issue", "site"]);
+    eventually(DEADLINE, "the re-issued site connected again", || {
+        up(&f, "edge", "site") && up(&f, "site", "edge")
+    });
+}

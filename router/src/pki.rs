@@ -14,12 +14,17 @@
 //! bundle, so nodes with certificates from either are accepted everywhere the bundle is
 //! trusted; once every node holds a certificate from the new CA, [`retire_ca`] drops the rest.
 //!
-//! The CA's issuer parameters are deterministic (same distinguished name and key usages every
-//! time), so `issue` rebuilds the issuer from `ca.key` and uses `ca.pem` only to find the
-//! issuing certificate to append. Two CAs made by two `init` (or `rotate_ca`) runs share a name
-//! but not a key: a leaf from one fails signature checks against the other, and a node trusting
-//! both still finds the right one (webpki tries every anchor whose name matches; see the test
+//! A leaf's issuer (name, key identifier) is taken from the issuing CA certificate itself
+//! ([`CaSigner`]). Two CAs made by two `init` (or `rotate_ca`) runs share a name but not a key:
+//! a leaf from one fails signature checks against the other, and a node trusting both still
+//! finds the right one (webpki tries every anchor whose name matches; see the test
 //! `two_cas_with_one_name_each_verify_their_own_leaves`).
+//!
+//! [`revoke`] puts a certificate of the issuing CA on that CA's revocation list (an X.509 CRL
+//! signed by `ca.key`, its issuer the issuing certificate's subject byte for byte, as webpki
+//! matches it; the CRL number one higher each time) in [`CA_CRL`]; [`parse_crls`] checks such a
+//! file against a bundle (the key that signed each list decides, not the shared name) for
+//! `tasman pki crl` and for routers (`tls::CertResolver::reload_crl`).
 
 use std::fs;
 use std::io::Write;

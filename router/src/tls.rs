@@ -13,6 +13,15 @@
 //! read only at start (a change of what a node trusts takes a restart, on purpose: a file
 //! dropped next to the node's certificate never widens its trust).
 //!
+//! Revocation: a certificate on a revocation list in force is refused too. The lists come from
+//! `ca.crl.pem` in the same directory ([`pki::CA_CRL`], written by [`pki::revoke`]), read at start
+//! and at every reload tick ([`CertResolver::reload_crl`]); a list is adopted only if it is signed
+//! by a CA of the bundle loaded at start and is not older than the one in force for that CA, so a
+//! list can only narrow trust, never widen it, and a corrupt or foreign file changes nothing. The
+//! verifiers (one pair per CA, each with that CA's list: see `Trust`) are swapped whole, read
+//! lock-free at each handshake, and [`close_when_revoked`] closes the established connections
+//! whose peer a newly adopted list revokes.
+//!
 //! Neither 0-RTT nor resumption is enabled: 0-RTT data is replayable and the first bytes of a
 //! stream here are a client's (non-idempotent) inference request; resumption would skip the
 //! client-certificate check, and connections are long-lived and pooled (one handshake per
@@ -200,9 +209,11 @@ pub enum CrlReload {
 }
 
 /// The certificate and key this node presents, as a server and as a client: swapped whole by
-/// [`CertResolver::reload`] (lock-free reads at each handshake). It keeps the trust bundle and
-/// verifiers of the identity it started with: a reload never changes what the node trusts, and
-/// a new certificate must chain to a CA of that bundle.
+/// [`CertResolver::reload`] (lock-free reads at each handshake). It keeps the trust bundle of the
+/// identity it started with: a reload never changes which CAs the node trusts, and a new
+/// certificate must chain to a CA of that bundle. What it trusts is narrowed by the revocation
+/// lists it adopts ([`CertResolver::reload_crl`]); the handshake verifiers of the configs built
+/// from it read those in force at each handshake.
 pub struct CertResolver {
     name: String,
     cas: Vec<CertificateDer<'static>>,

@@ -1439,6 +1439,23 @@ mod tests {
         assert_eq!(accepts(&r, d.path(), "new"), Ok(()));
         assert_eq!(accepts(&r, d.path(), "old"), Ok(()), "old CA's leaf");
         assert_eq!(accepts(&r, d.path(), "n1"), Ok(()), "old CA's leaf");
+        // Why one verifier per CA: a single one over the whole bundle and the list refuses the
+        // old CA's leaf (the list is taken as authoritative by name, its signature then fails).
+        let id = TlsIdentity::load(d.path(), "n1").unwrap();
+        let mut roots = RootCertStore::empty();
+        for ca in &id.cas {
+            roots.add(ca.clone()).unwrap();
+        }
+        let one = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .with_crls(r.crls().into_iter().map(|c| c.der))
+            .allow_unknown_revocation_status()
+            .build()
+            .unwrap();
+        let old = TlsIdentity::load(d.path(), "old").unwrap().chain;
+        assert!(
+            one.verify_client_cert(&old[0], &old[1..], UnixTime::now())
+                .is_err()
+        );
     }
 
     #[test]

@@ -612,3 +612,69 @@ async fn a_late_answer_to_an_earlier_request_does_not_spoil_the_current_one() {
     assert_ne!(cert.current().cert[0].as_ref(), old_leaf.as_slice());
     r.stop().await;
 }
+
+/// Revocation lists through the controller: the `ca.crl.pem` that `tasman pki revoke` writes in
+/// the controller's `--ca-dir` reaches a router with its own TLS directory over the control
+/// channel, at connect and at each change (checked against the router's bundle, adopted, written
+/// to its directory). Revoking the router's own certificate ends its live session: the
+/// controller adopts the list first and closes the session that presented it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_lists_reach_routers_through_the_controller() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("pki");
+    pki(&ca, &fabric_nodes(1, 1));
+    let serial = |s: &str| pki::RevokeTarget::Serial(s.parse().unwrap());
+    let reason = pki::RevokeReason::KeyCompromise;
+    // A list before the router connects: it gets it with its first session.
+    pki::revoke(&ca, &serial("0badc0de"), reason).unwrap();
+    let d = daemon::start(daemon::DaemonConfig {
+        ca_dir: Some(ca.clone()),
+        cert_reload_interval: Duration::from_millis(200),
+        ..import_config(&dir.path().join("state"), &ca, &fabric_yaml(93, 1, 1, 10))
+    })
+    .await
+    .expect("controller starts");
+    let own = dir.path().join("router-tls");
+    std::fs::create_dir_all(&own).unwrap();
+    for f in [
+        pki::CA_CERT.to_string(),
+        format!("{NODE}.pem"),
+        format!("{NODE}.key"),
+    ] {
+        std::fs::copy(ca.join(&f), own.join(&f)).unwrap();
+    }
+    let (r, cert) = start_router(&d, &own).await;
+    // In force, and saved in the router's directory (written just after it is adopted).
+    let took = |n: u64| {
+        cert.crls().first().map(|l| l.number) == Some(n)
+            && std::fs::read(own.join(pki::CA_CRL)).ok() == std::fs::read(ca.join(pki::CA_CRL)).ok()
+    };
+    eventually(Duration::from_secs(10), "the router took list 1", || {
+        took(1)
+    })
+    .await;
+
+    // A change: the controller reads its --ca-dir again and sends the new lists.
+    pki::revoke(&ca, &serial("0badc0df"), reason).unwrap();
+    eventually(Duration::from_secs(10), "the router took list 2", || {
+        took(2)
+    })
+    .await;
+    assert!(r.client.is_connected());
+    assert_eq!(cert.crl_failures(), 0);
+
+    // The router's own certificate: its session is closed, and its reconnects are refused.
+    pki::revoke(&ca, &pki::RevokeTarget::Node(NODE.into()), reason).unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the controller closed the session",
+        || d.cert.revoked_closed() >= 1,
+    )
+    .await;
+    eventually(
+        Duration::from_secs(10),
+        "the router is disconnected",
+        || !r.client.is_connected(),
+    )
+    .await;
+}

@@ -840,6 +840,14 @@ pub fn read_crls(dir: &Path) -> Result<Vec<CheckedCrl>, PkiError> {
     parse_crls(&text, &bundle).map_err(|reason| PkiError::BadCrl { path, reason })
 }
 
+/// Writes `text` (revocation lists, checked by the caller) to `dir`'s [`CA_CRL`] by rename. Its
+/// path.
+pub fn write_crl(dir: &Path, text: &str) -> Result<PathBuf, PkiError> {
+    let path = dir.join(CA_CRL);
+    write_file(&path, text, false)?;
+    Ok(path)
+}
+
 /// What [`revoke`] revokes: a node's current certificate (its `<name>.pem` in the directory),
 /// or a certificate by serial number (one whose file is gone).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -425,11 +425,16 @@ impl CertResolver {
             return CrlReload::Unchanged;
         };
         let path = dir.join(pki::CA_CRL);
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return CrlReload::Unchanged,
-            Err(e) => return self.crl_refused(e.to_string().into_bytes(), e.to_string()),
-        };
+        match std::fs::read(&path) {
+            Ok(bytes) => self.adopt_crl(bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => CrlReload::Unchanged,
+            Err(e) => self.crl_refused(e.to_string().into_bytes(), e.to_string()),
+        }
+    }
+
+    /// [`CertResolver::reload_crl`] on the contents of a `ca.crl.pem` (from the file, or from
+    /// the controller: [`install_crl`]).
+    pub fn adopt_crl(&self, bytes: Vec<u8>) -> CrlReload {
         if let Ok(l) = self.last_crl.lock()
             && let Some((seen, refused)) = l.as_ref()
             && *seen == bytes
@@ -649,6 +654,24 @@ impl CertResolver {
             }
         }
     }
+}
+
+/// Installs revocation lists from the controller: adopted as if read from `ca.crl.pem`
+/// ([`CertResolver::adopt_crl`]: checked against the bundle loaded at start, no rollback), then,
+/// unless refused, written to that file (by rename) so that the node starts with them. A refused
+/// list leaves the file and the lists in force alone.
+pub fn install_crl(cert: &CertResolver, pem: &str) -> CrlReload {
+    let got = cert.adopt_crl(pem.as_bytes().to_vec());
+    if matches!(got, CrlReload::Refused(_)) {
+        return got;
+    }
+    if let Some(dir) = cert.dir()
+        && std::fs::read(dir.join(pki::CA_CRL)).ok().as_deref() != Some(pem.as_bytes())
+        && let Err(e) = pki::write_crl(dir, pem)
+    {
+        tracing::warn!(node = %cert.name, "revocation lists in force but not saved: {e}");
+    }
+    got
 }
 
 /// Installs a renewed certificate: checks `chain_pem` with `key` as `cert` would on a reload

@@ -288,6 +288,7 @@ pub fn hello_frame(node: &str) -> bytes::Bytes {
     encode(&FromRouter::Hello {
         node: node.into(),
         have_version: None,
+        crl: false,
     })
     .expect("encode")
 }

@@ -248,6 +248,11 @@ pub async fn start(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
     let issuer = Arc::new(issuer);
     tasks.extend([
         tokio::spawn(issuer.clone().renew_own(cert.clone())),
+        tokio::spawn(
+            issuer
+                .clone()
+                .watch_crl(cert.clone(), cfg.cert_reload_interval),
+        ),
         tokio::spawn(circuits.settle_loop()),
         tokio::spawn(distribute::serve(
             ctl.clone(),

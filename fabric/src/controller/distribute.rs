@@ -201,7 +201,12 @@ async fn handshake_and_session(
         .await
         .map_err(|_| ConnError::Timeout)??;
     let Some(hello) = hello else { return Ok(()) };
-    let FromRouter::Hello { node, have_version } = proto::decode(&hello)? else {
+    let FromRouter::Hello {
+        node,
+        have_version,
+        crl,
+    } = proto::decode(&hello)?
+    else {
         return Err(refuse(&mut send, "expected hello".into()).await);
     };
     if cert_name.as_deref() != Some(node.as_str()) {
@@ -216,7 +221,7 @@ async fn handshake_and_session(
     }
     tracing::info!(node, ?have_version, "router connected");
     ctl.router_connected(&node, true);
-    let res = session(ctl, issuer, &node, &mut send, &mut recv).await;
+    let res = session(ctl, issuer, &node, crl, &mut send, &mut recv).await;
     ctl.router_connected(&node, false);
     res
 }
@@ -225,10 +230,14 @@ async fn session(
     ctl: &Arc<Controller>,
     issuer: &NodeIssuer,
     node: &str,
+    takes_crl: bool,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
 ) -> Result<(), ConnError> {
     let mut rx = ctl.subscribe();
+    // The revocation lists go after the first snapshot, then at each change.
+    let mut crls = issuer.crl();
+    let mut crl_due = takes_crl;
     // Cancel-safe: heartbeats and new versions win the select while a report is arriving.
     let mut frames = proto::FrameReader::new(MAX_FROM_ROUTER);
     // The version last written to this router (it applies messages in order).
@@ -263,7 +272,21 @@ async fn session(
             }
             force_full = false;
         }
+        if crl_due {
+            crl_due = false;
+            let pem = crls.borrow_and_update().clone();
+            if let Some(pem) = pem {
+                let msg = ToRouter::Crl {
+                    pem: pem.to_string(),
+                };
+                send.write_chunk(proto::encode(&msg)?).await?;
+            }
+        }
         tokio::select! {
+            res = crls.changed(), if takes_crl && !crl_due => {
+                // The sender lives as long as the issuer: an error only at shutdown.
+                crl_due = res.is_ok();
+            }
             res = rx.changed() => {
                 if res.is_err() {
                     return Ok(());

@@ -8,13 +8,15 @@
 //! CA, the controller renews its own certificate on the same schedule
 //! ([`NodeIssuer::renew_own`]).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
 
 use router::control::proto::ToRouter;
 use router::pki::{self, CaSigner, RawP256PublicKey, Validity};
-use router::tls::{CertResolver, Renewal};
+use router::tls::{self as tls, CertResolver, Renewal};
 
 /// A session may ask for a certificate at most this often.
 pub const MIN_INTERVAL: Duration = Duration::from_secs(10);
@@ -28,6 +30,10 @@ pub const MIN_VALIDITY: Duration = Duration::from_secs(600);
 pub struct NodeIssuer {
     ca: Option<CaSigner>,
     valid_for: Duration,
+    /// The CA directory, whose `ca.crl.pem` routers get ([`NodeIssuer::watch_crl`]).
+    ca_dir: Option<PathBuf>,
+    /// The revocation lists routers get now (PEM), once the controller adopted them itself.
+    crl: watch::Sender<Option<Arc<str>>>,
 }
 
 impl NodeIssuer {
@@ -36,6 +42,8 @@ impl NodeIssuer {
         NodeIssuer {
             ca: None,
             valid_for: DEFAULT_VALIDITY,
+            ca_dir: None,
+            crl: watch::Sender::new(None),
         }
     }
 
@@ -46,6 +54,8 @@ impl NodeIssuer {
         Ok(NodeIssuer {
             ca: Some(CaSigner::load(ca_dir)?),
             valid_for,
+            ca_dir: Some(ca_dir.to_path_buf()),
+            crl: watch::Sender::new(None),
         })
     }
 
@@ -96,6 +106,58 @@ impl NodeIssuer {
                 ToRouter::Certificate { chain_pem }
             }
             Err(e) => refuse(format!("signing failed: {e}")),
+        }
+    }
+}
+
+impl NodeIssuer {
+    /// The revocation lists to send routers (PEM; `None`: none yet), changing when they do.
+    pub fn crl(&self) -> watch::Receiver<Option<Arc<str>>> {
+        self.crl.subscribe()
+    }
+
+    /// Reads the CA directory's `ca.crl.pem` (where `tasman pki revoke` writes) at once and then
+    /// every `every` (zero: only at start). A new file is adopted by the controller first, as a
+    /// router adopts one ([`tls::install_crl`] on `cert`: checked against the controller's bundle,
+    /// no rollback, written to its TLS directory), and only then handed to routers' sessions: a
+    /// list the controller refuses never reaches a router. Returns at once without a CA
+    /// directory; otherwise runs until aborted.
+    pub async fn watch_crl(self: Arc<Self>, cert: Arc<CertResolver>, every: Duration) {
+        let Some(dir) = self.ca_dir.clone() else {
+            return;
+        };
+        let path = dir.join(pki::CA_CRL);
+        let mut last: Option<String> = None;
+        let mut first = true;
+        loop {
+            if !first {
+                if every.is_zero() {
+                    return;
+                }
+                tokio::time::sleep(every).await;
+            }
+            first = false;
+            let text = match tokio::fs::read_to_string(&path).await {
+                Ok(t) => t,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), "cannot read the revocation lists: {e}");
+                    continue;
+                }
+            };
+            if last.as_deref() == Some(text.as_str()) {
+                continue;
+            }
+            last = Some(text.clone());
+            let (c, t) = (cert.clone(), text.clone());
+            let got = tokio::task::spawn_blocking(move || tls::install_crl(&c, &t)).await;
+            match got {
+                Ok(tls::CrlReload::Refused(_)) | Err(_) => {}
+                Ok(_) => {
+                    tracing::info!(path = %path.display(), "sending the revocation lists to routers");
+                    self.crl.send_replace(Some(text.into()));
+                }
+            }
         }
     }
 }

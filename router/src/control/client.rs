@@ -379,6 +379,7 @@ async fn session(
     let hello = FromRouter::Hello {
         node: cfg.node.to_string(),
         have_version: (have != 0).then_some(have),
+        crl: true,
     };
     send.write_all(&proto::encode(&hello)?).await?;
     shared.connected.store(true, Ordering::Relaxed);
@@ -414,6 +415,12 @@ async fn session(
                     }
                     ToRouter::Certificate { chain_pem } => {
                         renewed(shared, pending.take(), chain_pem).await;
+                        None
+                    }
+                    ToRouter::Crl { pem } => {
+                        // File write and signature checks: off the async workers.
+                        let cert = shared.cert.clone();
+                        let _ = tokio::task::spawn_blocking(move || tls::install_crl(&cert, &pem)).await;
                         None
                     }
                     ToRouter::RenewRefused { reason } => {
@@ -483,7 +490,8 @@ async fn handle(
         // Renewal answers are the session's (it holds the key).
         ToRouter::Heartbeat { .. }
         | ToRouter::Certificate { .. }
-        | ToRouter::RenewRefused { .. } => return Ok(None),
+        | ToRouter::RenewRefused { .. }
+        | ToRouter::Crl { .. } => return Ok(None),
         ToRouter::Refused { reason } => return Err(ControlError::Refused(reason)),
         ToRouter::Snapshot {
             version,

@@ -12,6 +12,7 @@
 //!                              ◀─────────── Heartbeat{version}   (refreshes the router's staleness clock)
 //!   Renew{public_key}          ───────────▶   (the router's certificate is due for renewal)
 //!                              ◀─────────── Certificate{chain_pem} | RenewRefused{reason}
+//!                              ◀─────────── Crl{pem}   (at connect and on change; hello said crl)
 //! ```
 //!
 //! Each frame is a 4-byte big-endian length and that many bytes of JSON. A reader refuses a
@@ -78,6 +79,11 @@ pub enum ToRouter {
     /// The answer to a `Renew` the controller will not serve (no CA, too soon, bad key); the
     /// session goes on.
     RenewRefused { reason: String },
+    /// The revocation lists of the controller's CA directory (`ca.crl.pem`, PEM), sent after
+    /// the first snapshot and whenever they change, to routers whose hello says they take it.
+    /// The router adopts them as it would the file ([`crate::tls::install_crl`]: checked against
+    /// its own bundle, no rollback) and writes them to its TLS directory.
+    Crl { pem: String },
 }
 
 /// A topology change by element: what an apply of a few lines costs on the wire, instead of the
@@ -159,6 +165,10 @@ pub enum FromRouter {
     Hello {
         node: String,
         have_version: Option<u64>,
+        /// The router takes [`ToRouter::Crl`] (a controller sends it only then, so routers from
+        /// before it keep their sessions).
+        #[serde(default)]
+        crl: bool,
     },
     Ack {
         version: u64,

@@ -66,10 +66,11 @@ pub enum PkiCommand {
     },
     /// Revoke a certificate of the issuing CA: NODE's current one (NODE.pem in DIR) or the one
     /// with serial number HEX. Adds it to the CA's revocation list and writes ca.crl.pem (signed
-    /// by ca.key, CRL number one higher, earlier entries kept). Routers with ca.crl.pem in their
-    /// TLS directory take it within their reload interval (10 s), refuse the certificate from
-    /// then on and close the connections that presented it. Re-issue the node (a new key and
-    /// serial) to let it back in. See the operator guide, "Revoking a certificate".
+    /// by ca.key, CRL number one higher, earlier entries kept). A controller with `--ca-dir DIR`
+    /// sends it to its routers; otherwise copy it to every node's TLS directory. Nodes take it
+    /// within their reload interval (10 s), refuse the certificate from then on and close the
+    /// connections that presented it. Re-issue the node (a new key and serial) to let it back
+    /// in. See the operator guide, "Revoking a certificate".
     #[command(
         after_help = "Examples:\n  tasman pki revoke syd-edge-1 --reason key-compromise --dir pki\n  tasman pki revoke --serial 3f:a0:12:9c --dir pki\n  cp pki/ca.crl.pem /etc/tasman/tls/   # on every node"
     )]
@@ -212,8 +213,10 @@ pub fn run(args: PkiArgs) -> ExitCode {
                         );
                     } else {
                         eprintln!(
-                            "revoked serial {} ({reason}): list number {}, {} entries. Next: copy \
-                             {} to every node's TLS directory (routers take it within 10 s){}",
+                            "revoked serial {} ({reason}): list number {}, {} entries. Next: a \
+                             controller with --ca-dir on this directory sends {} to its routers \
+                             (otherwise copy it to every node's TLS directory; nodes take it \
+                             within 10 s){}",
                             r.serial,
                             r.number,
                             r.entries,

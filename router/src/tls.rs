@@ -231,6 +231,9 @@ pub struct CertResolver {
     /// The last `ca.crl.pem` read (its bytes) and why it was refused, if it was: the same file
     /// is neither re-checked nor logged twice.
     last_crl: Mutex<Option<(Vec<u8>, Option<String>)>>,
+    /// Held through each adoption: the reload tick and the control client may adopt at the same
+    /// time, and the later store must not undo a newer list the other just put in force.
+    adopting: Mutex<()>,
     not_before: AtomicI64,
     not_after: AtomicI64,
     reloads: AtomicU64,
@@ -271,6 +274,7 @@ impl CertResolver {
             crl_failures: AtomicU64::new(0),
             revoked_closed: AtomicU64::new(0),
             last_crl: Mutex::new(None),
+            adopting: Mutex::new(()),
             not_before: AtomicI64::new(not_before),
             not_after: AtomicI64::new(not_after),
             reloads: AtomicU64::new(0),
@@ -435,6 +439,7 @@ impl CertResolver {
     /// [`CertResolver::reload_crl`] on the contents of a `ca.crl.pem` (from the file, or from
     /// the controller: [`install_crl`]).
     pub fn adopt_crl(&self, bytes: Vec<u8>) -> CrlReload {
+        let _one_at_a_time = self.adopting.lock();
         if let Ok(l) = self.last_crl.lock()
             && let Some((seen, refused)) = l.as_ref()
             && *seen == bytes
@@ -459,7 +464,8 @@ impl CertResolver {
             match &trust.crls[ca] {
                 Some(cur) if crl.number < cur.number => {
                     let why = format!(
-                        "the list of CA {} has number {}, lower than the one in force ({}):                          refused (no rollback)",
+                        "the list of CA {} has number {}, lower than the one in force ({}): \
+                         refused (no rollback)",
                         ca + 1,
                         crl.number,
                         cur.number

@@ -873,8 +873,9 @@ pub struct Revoked {
 /// signed by `ca.key`, the issuer exactly the issuing certificate's subject (as in every leaf it
 /// signed). Lists of the bundle's other CAs in the file are kept as they are. A node's
 /// certificate must come from the issuing CA (one from a CA being rotated out ends with
-/// [`retire_ca`]); a serial is taken as the issuing CA's. Refuses a directory without a CA and
-/// a [`CA_CRL`] that does not check out against the bundle.
+/// [`retire_ca`]); a serial is taken as the issuing CA's (it does nothing to another CA's
+/// certificate of that serial). Refuses a directory without a CA and a [`CA_CRL`] that does not
+/// check out against the bundle.
 pub fn revoke(
     dir: &Path,
     target: &RevokeTarget,
@@ -905,8 +906,9 @@ pub fn revoke(
             if x.verify_signature(Some(issuing.public_key())).is_err() {
                 return Err(bad(format!(
                     "not issued by the issuing CA (the one for {CA_KEY}); revocation lists are \
-                     per issuing CA: a certificate of a CA being rotated out stops working at \
-                     `tasman pki retire-ca`, or give its --serial to revoke it with this CA"
+                     per CA and this one can only revoke its own certificates: a certificate of \
+                     a CA being rotated out stops being accepted at `tasman pki retire-ca` (re-issue \
+                     the node from the issuing CA, then finish the rotation)"
                 )));
             }
             Serial::from_der_content(x.raw_serial())

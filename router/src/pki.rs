@@ -906,9 +906,9 @@ pub fn revoke(
             if x.verify_signature(Some(issuing.public_key())).is_err() {
                 return Err(bad(format!(
                     "not issued by the issuing CA (the one for {CA_KEY}); revocation lists are \
-                     per CA and this one can only revoke its own certificates: a certificate of \
-                     a CA being rotated out stops being accepted at `tasman pki retire-ca` (re-issue \
-                     the node from the issuing CA, then finish the rotation)"
+                     per CA and this one can only revoke its own certificates: a certificate \
+                     of a CA being rotated out stops being accepted at `tasman pki retire-ca` \
+                     (re-issue the node from the issuing CA, then finish the rotation)"
                 )));
             }
             Serial::from_der_content(x.raw_serial())

@@ -461,20 +461,37 @@ fn assert_kept(tls: &Path, cert: &CertResolver, old_files: &(Vec<u8>, Vec<u8>), 
     }
 }
 
-/// A controller that never answers `Renew`: the router counts each request the next one
-/// replaces as unanswered, asks again only after the back-off (here 1 s doubling to 2 s; by
-/// default 30 s to 10 minutes), keeps its session and its certificate.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_controller_that_does_not_answer_is_asked_again_after_the_backoff() {
+/// A PKI whose `edge-0` certificate is [`due_now`] (in `dir/pki`), a [`StubController`] answering
+/// as `answers` (its topology on loopback network `net`), and the router with its renewal back-off shortened
+/// to 1 s doubling to 2 s.
+async fn stub_and_router(
+    net: u8,
+    answers: Answers,
+) -> (
+    tempfile::TempDir,
+    StubController,
+    LiveRouter,
+    Arc<CertResolver>,
+) {
     let dir = tempfile::tempdir().unwrap();
     let tls = dir.path().join("pki");
     pki_due_now(&tls);
-    let stub = StubController::start(&tls, &fabric_yaml(97, 1, 1, 10), Answers::None).await;
+    let stub = StubController::start(&tls, &fabric_yaml(net, 1, 1, 10), answers).await;
     let (r, cert) = start_router_with(stub.addr, &tls, |cfg| {
         cfg.renew_backoff_min = Duration::from_secs(1);
         cfg.renew_backoff_max = Duration::from_secs(2);
     })
     .await;
+    (dir, stub, r, cert)
+}
+
+/// A controller that never answers `Renew`: the router counts each request the next one
+/// replaces as unanswered, asks again only after the back-off (here 1 s doubling to 2 s; by
+/// default 30 s to 10 minutes), keeps its session and its certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_that_does_not_answer_is_asked_again_after_the_backoff() {
+    let (dir, stub, r, cert) = stub_and_router(97, Answers::None).await;
+    let tls = dir.path().join("pki");
     let old_files = files(&tls);
     let old_leaf = cert.current().cert[0].to_vec();
 
@@ -512,15 +529,8 @@ async fn a_controller_that_does_not_answer_is_asked_again_after_the_backoff() {
 /// back-off, which carries over from session to session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renewal_lost_with_its_session_counts_as_unanswered_and_waits_the_backoff() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, stub, r, cert) = stub_and_router(98, Answers::CloseSession).await;
     let tls = dir.path().join("pki");
-    pki_due_now(&tls);
-    let stub = StubController::start(&tls, &fabric_yaml(98, 1, 1, 10), Answers::CloseSession).await;
-    let (r, cert) = start_router_with(stub.addr, &tls, |cfg| {
-        cfg.renew_backoff_min = Duration::from_secs(1);
-        cfg.renew_backoff_max = Duration::from_secs(2);
-    })
-    .await;
     let old_files = files(&tls);
     let old_leaf = cert.current().cert[0].to_vec();
 
@@ -580,16 +590,7 @@ async fn refusals_are_asked_again_after_the_backoff() {
 /// all: it is ignored, and the answer to the request still waiting is installed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_answer_to_an_earlier_request_does_not_spoil_the_current_one() {
-    let dir = tempfile::tempdir().unwrap();
-    let tls = dir.path().join("pki");
-    pki_due_now(&tls);
-    let stub =
-        StubController::start(&tls, &fabric_yaml(96, 1, 1, 10), Answers::SecondAfterFirst).await;
-    let (r, cert) = start_router_with(stub.addr, &tls, |cfg| {
-        cfg.renew_backoff_min = Duration::from_secs(1);
-        cfg.renew_backoff_max = Duration::from_secs(2);
-    })
-    .await;
+    let (_dir, stub, r, cert) = stub_and_router(96, Answers::SecondAfterFirst).await;
     let old_leaf = cert.current().cert[0].to_vec();
 
     eventually(

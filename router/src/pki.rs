@@ -894,7 +894,12 @@ pub fn revoke(
                 path: path.clone(),
                 reason,
             };
-            let pem = fs::read(&path).map_err(io_err(&path))?;
+            let pem = fs::read(&path).map_err(|e| {
+                bad(format!(
+                    "no certificate of {name} to revoke here ({e}); revoke one held elsewhere \
+                     with --serial"
+                ))
+            })?;
             let leaf = CertificateDer::pem_slice_iter(&pem)
                 .next()
                 .ok_or_else(|| bad("no certificate in file".into()))?
@@ -1264,7 +1269,7 @@ mod tests {
         );
         assert!(!d.path().join(CA_CRL).exists());
         let e = revoke(d.path(), &node("n9"), RevokeReason::Unspecified).unwrap_err();
-        assert!(matches!(e, PkiError::Io { .. }), "{e}");
+        assert!(e.to_string().contains("no certificate of n9"), "{e}");
     }
 
     #[test]

@@ -207,13 +207,13 @@ pub fn run(args: PkiArgs) -> ExitCode {
                     println!("{}", r.path.display());
                     if r.already {
                         eprintln!(
-                            "serial {} is already revoked (list number {}, {} entries); nothing \
+                            "serial {} is already revoked (list number {}, {} revoked); nothing \
                              written",
                             r.serial, r.number, r.entries
                         );
                     } else {
                         eprintln!(
-                            "revoked serial {} ({reason}): list number {}, {} entries. Next: a \
+                            "revoked serial {} ({reason}): list number {}, {} revoked. Next: a \
                              controller with --ca-dir on this directory sends {} to its routers \
                              (otherwise copy it to every node's TLS directory; nodes take it \
                              within 10 s){}",

@@ -178,6 +178,10 @@ impl NodeIssuer {
             return;
         }
         let mut backoff = OWN_RETRY_MIN;
+        // No attempt before this: a renewal holds the next back by OWN_RETRY_MIN, as on a router,
+        // so a lifetime so short that a fresh certificate is due at once (under ~128 s, with the
+        // 5 min backdating) cannot make this loop renew without pause.
+        let mut not_before: Option<tokio::time::Instant> = None;
         loop {
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -187,6 +191,12 @@ impl NodeIssuer {
                 // Looked at again at least every minute: a reload may bring another certificate.
                 let wait = Duration::from_secs(wait as u64).min(Duration::from_secs(60));
                 tokio::time::sleep(wait).await;
+                continue;
+            }
+            if let Some(t) = not_before.take()
+                && t > tokio::time::Instant::now()
+            {
+                tokio::time::sleep_until(t).await;
                 continue;
             }
             let (me, c) = (self.clone(), cert.clone());
@@ -200,6 +210,7 @@ impl NodeIssuer {
                     tracing::info!(not_after = %humantime::format_rfc3339_seconds(not_after),
                         "renewed the controller's own certificate");
                     backoff = OWN_RETRY_MIN;
+                    not_before = Some(tokio::time::Instant::now() + OWN_RETRY_MIN);
                 }
                 Err(e) => {
                     cert.count_renewal(Renewal::Invalid);
@@ -444,6 +455,38 @@ mod tests {
         at(t0, 361, &cert, 6, 1).await;
         task.abort();
         restore();
+    }
+
+    /// A lifetime so short that a fresh certificate is due at once (60 s: renewal at 70 % of
+    /// it plus the 5 min backdating is in the past): renewals come 30 s apart, not back to back.
+    #[tokio::test(start_paused = true)]
+    async fn own_renewals_of_a_certificate_due_at_once_come_30s_apart() {
+        let (d, cert) = due_controller();
+        let issuer = Arc::new(NodeIssuer::load(d.path(), S(60)).unwrap());
+        // Renewing back to back, the loop always has a signature in flight, so the paused clock
+        // never advances and `at` never returns: fail the run instead of hanging it.
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watch = (done.clone(), cert.clone());
+        std::thread::spawn(move || {
+            std::thread::sleep(S(60));
+            if !watch.0.load(std::sync::atomic::Ordering::Relaxed) {
+                eprintln!(
+                    "own_renewals_of_a_certificate_due_at_once_come_30s_apart: stuck after {} \
+                     renewals in 60 s of real time (renewing back to back?)",
+                    watch.1.renewals(Renewal::Renewed)
+                );
+                std::process::exit(101);
+            }
+        });
+        let t0 = tokio::time::Instant::now();
+        let task = tokio::spawn(issuer.renew_own(cert.clone()));
+        at(t0, 1, &cert, 0, 1).await;
+        at(t0, 29, &cert, 0, 1).await;
+        at(t0, 31, &cert, 0, 2).await;
+        at(t0, 59, &cert, 0, 2).await;
+        at(t0, 61, &cert, 0, 3).await;
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        task.abort();
     }
 
     #[test]

@@ -351,12 +351,29 @@ pub fn rotate_ca(dir: &Path) -> Result<usize, PkiError> {
 
 /// Ends a CA rotation in `dir`: `ca.pem` keeps only the issuing CA (the one whose key is
 /// `ca.key`). Nodes that restart with it refuse certificates from every other CA, so every node
-/// must hold a certificate from the issuing CA first. Leaves [`CA_KEY_OLD`] alone (delete it
-/// or keep it offline). The number of CAs dropped (zero: the bundle held only the issuing CA).
+/// must hold a certificate from the issuing CA first. The retired CAs' revocation lists leave
+/// [`CA_CRL`] too (first: a crash in between leaves a file that checks out against either
+/// bundle), since a list whose CA is not in the bundle makes the whole file fail its check.
+/// Leaves [`CA_KEY_OLD`] alone (delete it or keep it offline). The number of CAs dropped (zero:
+/// the bundle held only the issuing CA).
 pub fn retire_ca(dir: &Path) -> Result<usize, PkiError> {
     let ca = CaFiles::read(dir)?;
     let dropped = ca.bundle.len() - 1;
     if dropped > 0 {
+        let crls = read_crls(dir)?;
+        if crls.iter().any(|c| c.ca != ca.issuing) {
+            let kept: String = crls
+                .iter()
+                .filter(|c| c.ca == ca.issuing)
+                .map(|c| c.pem.as_str())
+                .collect();
+            let path = dir.join(CA_CRL);
+            if kept.is_empty() {
+                fs::remove_file(&path).map_err(io_err(&path))?;
+            } else {
+                write_file(&path, &kept, false)?;
+            }
+        }
         write_file(&dir.join(CA_CERT), &ca.bundle[ca.issuing].pem, false)?;
     }
     Ok(dropped)
@@ -1250,6 +1267,39 @@ mod tests {
         assert_eq!(crl.issuer().as_raw(), ca.subject().as_raw());
         assert_eq!(leaf.issuer().as_raw(), ca.subject().as_raw());
         crl.verify_signature(ca.public_key()).unwrap();
+    }
+
+    /// `retire-ca` drops every CA but the issuing one from `ca.pem`: a list of a retired CA
+    /// left in `ca.crl.pem` would make the whole file fail its check against the new bundle
+    /// (refused by `revoke`, by the controller and by every node restarted with the new bundle,
+    /// which then starts with no list at all).
+    #[test]
+    fn retire_ca_drops_the_retired_cas_lists_and_keeps_the_issuing_cas() {
+        let d = tempfile::tempdir().unwrap();
+        init(d.path()).unwrap();
+        issue(d.path(), "old").unwrap();
+        revoke(d.path(), &node("old"), RevokeReason::KeyCompromise).unwrap();
+        rotate_ca(d.path()).unwrap();
+        issue(d.path(), "new").unwrap();
+        revoke(d.path(), &node("new"), RevokeReason::KeyCompromise).unwrap();
+        assert_eq!(read_crls(d.path()).unwrap().len(), 2);
+        let new = leaf_serial(d.path(), "new");
+        assert_eq!(retire_ca(d.path()).unwrap(), 1);
+        let crls = read_crls(d.path()).unwrap();
+        assert_eq!(crls.len(), 1);
+        assert_eq!((crls[0].ca, crls[0].number), (0, 1));
+        assert!(crls[0].revokes(&new));
+        issue(d.path(), "n3").unwrap();
+        let r = revoke(d.path(), &node("n3"), RevokeReason::Unspecified).unwrap();
+        assert_eq!((r.number, r.entries), (2, 2));
+        // Only the retired CA had a list: the file goes.
+        let d = tempfile::tempdir().unwrap();
+        init(d.path()).unwrap();
+        issue(d.path(), "old").unwrap();
+        revoke(d.path(), &node("old"), RevokeReason::KeyCompromise).unwrap();
+        rotate_ca(d.path()).unwrap();
+        retire_ca(d.path()).unwrap();
+        assert!(read_crls(d.path()).unwrap().is_empty());
     }
 
     #[test]

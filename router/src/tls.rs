@@ -899,12 +899,31 @@ fn first_accepting<T>(
     )))
 }
 
+/// Runs [`close_when_revoked`] on `conn` in a task of its own, until the returned guard is
+/// dropped. Hold the guard where `conn` is held: the task holds a handle of the connection too,
+/// and quinn closes a connection only when its last handle goes, so a task left running after
+/// its owner let go would keep the connection open for good (keep-alives defeat the idle
+/// timeout).
+pub fn watch_revocation(cert: Arc<CertResolver>, conn: quinn::Connection) -> RevocationWatch {
+    RevocationWatch(tokio::spawn(close_when_revoked(cert, conn)))
+}
+
+/// Stops the task of [`watch_revocation`] when dropped.
+#[derive(Debug)]
+pub struct RevocationWatch(tokio::task::JoinHandle<()>);
+
+impl Drop for RevocationWatch {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Closes `conn` with [`close::REVOKED`](crate::codes::close::REVOKED) as soon as the lists in
 /// force at `cert` revoke the certificate its peer presented: checked at once (a list adopted
 /// during the handshake) and again at every adoption. Returns when the connection closes, for
-/// whatever reason. Spawned next to every established connection (neighbours both ways, the
-/// controller's sessions and a router's control connection), so a revoked key's live sessions end
-/// too, not only its next handshakes.
+/// whatever reason. Run next to every established connection (neighbours both ways, the
+/// controller's sessions and a router's control connection) through [`watch_revocation`], so a
+/// revoked key's live sessions end too, not only its next handshakes.
 pub async fn close_when_revoked(cert: Arc<CertResolver>, conn: quinn::Connection) {
     let Some(chain) = conn
         .peer_identity()
@@ -1485,6 +1504,40 @@ mod tests {
             one.verify_client_cert(&old[0], &old[1..], UnixTime::now())
                 .is_err()
         );
+    }
+
+    /// Watching a connection for revocation must not keep it open once its owner lets go of it
+    /// (a control session that ended, a dialer aborted when its neighbour left the topology):
+    /// quinn closes a connection when its last handle goes.
+    #[tokio::test]
+    async fn watching_a_connection_for_revocation_does_not_keep_it_open() {
+        let dir = tempfile::tempdir().unwrap();
+        pki::init(dir.path()).unwrap();
+        let peers = PeerNames::new(["a".to_string(), "b".to_string()]);
+        let (mut eps, mut certs) = (Vec::new(), Vec::new());
+        for name in ["a", "b"] {
+            pki::issue(dir.path(), name).unwrap();
+            let cert = CertResolver::new(&TlsIdentity::load(dir.path(), name).unwrap()).unwrap();
+            let t = crate::transport::shared_transport();
+            let server = server_config_with(&cert, &peers, t.clone()).unwrap();
+            let client = client_config_with(&cert, &peers, t).unwrap();
+            let addr = "127.0.0.1:0".parse().unwrap();
+            eps.push(crate::transport::endpoint(addr, server, client).unwrap());
+            certs.push(cert);
+        }
+        let b_addr = eps[1].local_addr().unwrap();
+        let (a, b) = tokio::join!(
+            async { eps[0].connect(b_addr, "b").unwrap().await.unwrap() },
+            async { eps[1].accept().await.unwrap().await.unwrap() }
+        );
+        let watch = watch_revocation(certs[0].clone(), a.clone());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(b.close_reason().is_none(), "not revoked: left open");
+        drop(a);
+        drop(watch);
+        tokio::time::timeout(Duration::from_secs(3), b.closed())
+            .await
+            .expect("the connection closes once its owner dropped it");
     }
 
     #[test]

@@ -93,7 +93,7 @@ pub async fn serve(
             let remote = incoming.remote_address();
             match incoming.await {
                 Ok(conn) => {
-                    tokio::spawn(tls::close_when_revoked(cert, conn.clone()));
+                    let _revocation = tls::watch_revocation(cert, conn.clone());
                     match connection(&ctl, &issuer, conn).await {
                         Err(e) if e.close_code().is_some() => {
                             tracing::warn!(%remote, "closed a router connection: {e}")

@@ -373,7 +373,7 @@ async fn session(
     let conn = tokio::time::timeout(Duration::from_secs(5), connecting)
         .await
         .map_err(|_| ControlError::Timeout)??;
-    tokio::spawn(tls::close_when_revoked(shared.cert.clone(), conn.clone()));
+    let _revocation = tls::watch_revocation(shared.cert.clone(), conn.clone());
     let (mut send, mut recv) = conn.open_bi().await?;
     let have = tx.borrow().version;
     let hello = FromRouter::Hello {

@@ -429,8 +429,11 @@ impl CertResolver {
             return CrlReload::Unchanged;
         };
         let path = dir.join(pki::CA_CRL);
+        // Read under the adoption lock: an install from the controller writes the file under it
+        // too, so the tick never reads a file older than the lists in force (a false refusal).
+        let _one_at_a_time = self.adopting.lock();
         match std::fs::read(&path) {
-            Ok(bytes) => self.adopt_crl(bytes),
+            Ok(bytes) => self.adopt_crl_locked(bytes),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => CrlReload::Unchanged,
             Err(e) => self.crl_refused(e.to_string().into_bytes(), e.to_string()),
         }
@@ -440,6 +443,11 @@ impl CertResolver {
     /// the controller: [`install_crl`]).
     pub fn adopt_crl(&self, bytes: Vec<u8>) -> CrlReload {
         let _one_at_a_time = self.adopting.lock();
+        self.adopt_crl_locked(bytes)
+    }
+
+    /// [`CertResolver::adopt_crl`], `adopting` held by the caller.
+    fn adopt_crl_locked(&self, bytes: Vec<u8>) -> CrlReload {
         if let Ok(l) = self.last_crl.lock()
             && let Some((seen, refused)) = l.as_ref()
             && *seen == bytes
@@ -664,16 +672,22 @@ impl CertResolver {
 
 /// Installs revocation lists from the controller: adopted as if read from `ca.crl.pem`
 /// ([`CertResolver::adopt_crl`]: checked against the bundle loaded at start, no rollback), then,
-/// unless refused, written to that file (by rename) so that the node starts with them. A refused
+/// unless refused, the lists in force written to that file (by rename) so that the node starts
+/// with them. The lists in force, not `pem`: a list `pem` leaves out (another CA's) stays in
+/// force, and must stay in the file too or a restart would drop it. The adoption lock is held
+/// through the write, so two installs cannot leave an older file over a newer one. A refused
 /// list leaves the file and the lists in force alone.
 pub fn install_crl(cert: &CertResolver, pem: &str) -> CrlReload {
-    let got = cert.adopt_crl(pem.as_bytes().to_vec());
+    let _one_at_a_time = cert.adopting.lock();
+    let got = cert.adopt_crl_locked(pem.as_bytes().to_vec());
     if matches!(got, CrlReload::Refused(_)) {
         return got;
     }
+    let in_force: String = cert.crls().iter().map(|c| c.pem.as_str()).collect();
     if let Some(dir) = cert.dir()
-        && std::fs::read(dir.join(pki::CA_CRL)).ok().as_deref() != Some(pem.as_bytes())
-        && let Err(e) = pki::write_crl(dir, pem)
+        && !in_force.is_empty()
+        && std::fs::read(dir.join(pki::CA_CRL)).ok().as_deref() != Some(in_force.as_bytes())
+        && let Err(e) = pki::write_crl(dir, &in_force)
     {
         tracing::warn!(node = %cert.name, "revocation lists in force but not saved: {e}");
     }
@@ -1504,6 +1518,34 @@ mod tests {
             one.verify_client_cert(&old[0], &old[1..], UnixTime::now())
                 .is_err()
         );
+    }
+
+    /// A controller's text that leaves out a list in force (another CA's) changes nothing in
+    /// force, and must not take that list out of the node's file either: the node would start
+    /// without it after a restart, and accept again what it revoked.
+    #[test]
+    fn install_crl_keeps_every_list_in_force_in_the_file() {
+        let d = tempfile::tempdir().unwrap();
+        pki::init(d.path()).unwrap();
+        pki::issue(d.path(), "n1").unwrap();
+        pki::issue(d.path(), "old").unwrap();
+        revoke(d.path(), "old");
+        pki::rotate_ca(d.path()).unwrap();
+        pki::issue(d.path(), "new").unwrap();
+        revoke(d.path(), "new");
+        let r = CertResolver::new(&TlsIdentity::load(d.path(), "n1").unwrap()).unwrap();
+        assert_eq!(r.crls().len(), 2);
+        // The issuing CA's list only (`revoke` writes it first).
+        let text = fs::read_to_string(d.path().join(pki::CA_CRL)).unwrap();
+        let end = "-----END X509 CRL-----\n";
+        let only_new = &text[..text.find(end).unwrap() + end.len()];
+        assert_eq!(pki::parse_crls(only_new, r.trusted()).unwrap().len(), 1);
+        assert_eq!(install_crl(&r, only_new), CrlReload::Unchanged);
+        assert_eq!(r.crls().len(), 2);
+        let again = CertResolver::new(&TlsIdentity::load(d.path(), "n1").unwrap()).unwrap();
+        assert_eq!(again.crls(), r.crls(), "a restart keeps both lists");
+        assert_eq!(accepts(&again, d.path(), "old"), REVOKED);
+        assert_eq!(accepts(&again, d.path(), "new"), REVOKED);
     }
 
     /// Watching a connection for revocation must not keep it open once its owner lets go of it

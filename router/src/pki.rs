@@ -1302,6 +1302,56 @@ mod tests {
         assert!(read_crls(d.path()).unwrap().is_empty());
     }
 
+    /// Leaves signed before `CaSigner` took its issuer from the CA certificate (it rebuilt it
+    /// from `ca_params`) name their issuer byte for byte as a list signed now does, so a list
+    /// revokes them too.
+    #[test]
+    fn a_list_revokes_leaves_signed_by_the_old_fixed_params_issuer() {
+        use rustls::server::WebPkiClientVerifier;
+        let d = tempfile::tempdir().unwrap();
+        init(d.path()).unwrap();
+        let ca = CaFiles::read(d.path()).unwrap();
+        let ca_pem = ca.bundle[ca.issuing].pem.clone();
+        let ca_der = ca.bundle[ca.issuing].der.clone();
+        let old_issuer = Issuer::new(ca_params(), ca.key);
+        let key = KeyPair::generate().unwrap();
+        let leaf = node_params("old", Validity::for_duration(DEFAULT_VALIDITY).unwrap())
+            .unwrap()
+            .signed_by(&key, &old_issuer)
+            .unwrap();
+        write_node_files(
+            d.path(),
+            "old",
+            &key.serialize_pem(),
+            &format!("{}{ca_pem}", leaf.pem()),
+        )
+        .unwrap();
+        revoke(d.path(), &node("old"), RevokeReason::KeyCompromise).unwrap();
+        let crl = read_crls(d.path()).unwrap().remove(0).der;
+        let (_, parsed) = x509_parser::parse_x509_crl(crl.as_ref()).unwrap();
+        let (_, x) = x509_parser::parse_x509_certificate(leaf.der().as_ref()).unwrap();
+        assert_eq!(parsed.issuer().as_raw(), x.issuer().as_raw());
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca_der.clone()).unwrap();
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let v = WebPkiClientVerifier::builder_with_provider(std::sync::Arc::new(roots), provider)
+            .with_crls([crl])
+            .only_check_end_entity_revocation()
+            .allow_unknown_revocation_status()
+            .build()
+            .unwrap();
+        let got = v.verify_client_cert(leaf.der(), &[ca_der], rustls::pki_types::UnixTime::now());
+        assert!(
+            matches!(
+                got,
+                Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::Revoked
+                ))
+            ),
+            "{got:?}"
+        );
+    }
+
     #[test]
     fn revoke_refuses_a_directory_without_a_ca_and_a_foreign_certificate() {
         let d = tempfile::tempdir().unwrap();

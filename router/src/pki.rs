@@ -185,8 +185,9 @@ fn offset(t: SystemTime) -> Result<time::OffsetDateTime, PkiError> {
 /// Writes `path` through a temporary file renamed into place (readers see the old or the new
 /// file, never a partial one).
 fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), PkiError> {
+    // Named for this process: two processes writing one file never write the same temporary.
     let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
-    tmp_name.push(".tmp");
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
     let tmp = path.with_file_name(tmp_name);
     let mut opts = fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
@@ -201,6 +202,28 @@ fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), PkiError>
     f.sync_all().map_err(io_err(&tmp))?;
     drop(f);
     fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+/// The file whose lock the commands that read, change and write a CA directory's files
+/// ([`rotate_ca`], [`retire_ca`], [`revoke`]) hold, one at a time: two `tasman pki revoke` runs at
+/// once would otherwise both sign list number N + 1, and one revocation would be lost.
+pub const LOCK: &str = ".tasman-pki.lock";
+
+/// Waits for and holds `dir`'s [`LOCK`] until the file is dropped. `None`: there is no such
+/// directory (and so no CA to change).
+fn lock_dir(dir: &Path) -> Result<Option<fs::File>, PkiError> {
+    if !dir.is_dir() {
+        return Ok(None);
+    }
+    let path = dir.join(LOCK);
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    f.lock().map_err(io_err(&path))?;
+    Ok(Some(f))
 }
 
 /// Creates `dir` (if needed) and writes a new CA into it. Refuses to overwrite an existing CA.
@@ -329,6 +352,7 @@ impl CaFiles {
 /// earlier rotation's old key is still in place (never overwrites a key). The number of CAs in
 /// the new bundle.
 pub fn rotate_ca(dir: &Path) -> Result<usize, PkiError> {
+    let _turn = lock_dir(dir)?;
     let ca = CaFiles::read(dir)?;
     let old_key_path = dir.join(CA_KEY_OLD);
     if old_key_path.exists() {
@@ -357,6 +381,7 @@ pub fn rotate_ca(dir: &Path) -> Result<usize, PkiError> {
 /// Leaves [`CA_KEY_OLD`] alone (delete it or keep it offline). The number of CAs dropped (zero:
 /// the bundle held only the issuing CA).
 pub fn retire_ca(dir: &Path) -> Result<usize, PkiError> {
+    let _turn = lock_dir(dir)?;
     let ca = CaFiles::read(dir)?;
     let dropped = ca.bundle.len() - 1;
     if dropped > 0 {
@@ -898,6 +923,7 @@ pub fn revoke(
     target: &RevokeTarget,
     reason: RevokeReason,
 ) -> Result<Revoked, PkiError> {
+    let _turn = lock_dir(dir)?;
     let ca = CaFiles::read(dir)?;
     let issuing_der = ca.bundle[ca.issuing].der.clone();
     let serial = match target {
@@ -1350,6 +1376,33 @@ mod tests {
             ),
             "{got:?}"
         );
+    }
+
+    /// Revocations from several threads at once (as from several `tasman pki revoke` runs):
+    /// each takes its turn, so none is lost and the numbers count every one.
+    #[test]
+    fn concurrent_revocations_are_all_kept() {
+        let d = tempfile::tempdir().unwrap();
+        init(d.path()).unwrap();
+        let threads: Vec<_> = (0u8..4)
+            .map(|t| {
+                let dir = d.path().to_path_buf();
+                std::thread::spawn(move || {
+                    for i in 0u8..5 {
+                        let serial =
+                            RevokeTarget::Serial(Serial::from_der_content(&[t + 1, i + 1]));
+                        revoke(&dir, &serial, RevokeReason::Unspecified).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let crls = read_crls(d.path()).unwrap();
+        assert_eq!(crls.len(), 1);
+        assert_eq!(crls[0].entries.len(), 20, "every revocation kept");
+        assert_eq!(crls[0].number, 20);
     }
 
     #[test]

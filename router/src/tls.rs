@@ -433,21 +433,15 @@ impl CertResolver {
         // too, so the tick never reads a file older than the lists in force (a false refusal).
         let _one_at_a_time = self.adopting.lock();
         match std::fs::read(&path) {
-            Ok(bytes) => self.adopt_crl_locked(bytes),
+            Ok(bytes) => self.adopt_crl(bytes),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => CrlReload::Unchanged,
             Err(e) => self.crl_refused(e.to_string().into_bytes(), e.to_string()),
         }
     }
 
     /// [`CertResolver::reload_crl`] on the contents of a `ca.crl.pem` (from the file, or from
-    /// the controller: [`install_crl`]).
-    pub fn adopt_crl(&self, bytes: Vec<u8>) -> CrlReload {
-        let _one_at_a_time = self.adopting.lock();
-        self.adopt_crl_locked(bytes)
-    }
-
-    /// [`CertResolver::adopt_crl`], `adopting` held by the caller.
-    fn adopt_crl_locked(&self, bytes: Vec<u8>) -> CrlReload {
+    /// the controller: [`install_crl`]), `adopting` held by the caller.
+    fn adopt_crl(&self, bytes: Vec<u8>) -> CrlReload {
         if let Ok(l) = self.last_crl.lock()
             && let Some((seen, refused)) = l.as_ref()
             && *seen == bytes
@@ -671,7 +665,7 @@ impl CertResolver {
 }
 
 /// Installs revocation lists from the controller: adopted as if read from `ca.crl.pem`
-/// ([`CertResolver::adopt_crl`]: checked against the bundle loaded at start, no rollback), then,
+/// ([`CertResolver::reload_crl`]'s checks: against the bundle loaded at start, no rollback), then,
 /// unless refused, the lists in force written to that file (by rename) so that the node starts
 /// with them. The lists in force, not `pem`: a list `pem` leaves out (another CA's) stays in
 /// force, and must stay in the file too or a restart would drop it. The adoption lock is held
@@ -679,7 +673,7 @@ impl CertResolver {
 /// list leaves the file and the lists in force alone.
 pub fn install_crl(cert: &CertResolver, pem: &str) -> CrlReload {
     let _one_at_a_time = cert.adopting.lock();
-    let got = cert.adopt_crl_locked(pem.as_bytes().to_vec());
+    let got = cert.adopt_crl(pem.as_bytes().to_vec());
     if matches!(got, CrlReload::Refused(_)) {
         return got;
     }

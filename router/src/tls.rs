@@ -590,36 +590,51 @@ impl CertResolver {
     /// The `tasman_tls_cert_*` series for `/metrics`.
     pub fn render_metrics(&self, node: &str, s: &mut String) {
         use std::fmt::Write as _;
-        let _ = writeln!(
-            s,
-            "# HELP tasman_tls_cert_not_after_seconds Unix time the presented node certificate expires.\n# TYPE tasman_tls_cert_not_after_seconds gauge\ntasman_tls_cert_not_after_seconds{{node=\"{node}\"}} {}",
-            self.not_after()
-        );
-        let _ = writeln!(
-            s,
-            "# HELP tasman_tls_cert_reloads_total New node certificates swapped in since start.\n# TYPE tasman_tls_cert_reloads_total counter\ntasman_tls_cert_reloads_total{{node=\"{node}\"}} {}",
-            self.reloads()
-        );
-        let _ = writeln!(
-            s,
-            "# HELP tasman_tls_cert_reload_failures_total New node certificate files refused (the old pair kept).\n# TYPE tasman_tls_cert_reload_failures_total counter\ntasman_tls_cert_reload_failures_total{{node=\"{node}\"}} {}",
-            self.reload_failures()
-        );
-        let _ = writeln!(
-            s,
-            "# HELP tasman_tls_crl_updates_total Certificate revocation lists adopted since start.\n# TYPE tasman_tls_crl_updates_total counter\ntasman_tls_crl_updates_total{{node=\"{node}\"}} {}",
-            self.crl_updates()
-        );
-        let _ = writeln!(
-            s,
-            "# HELP tasman_tls_crl_refused_total ca.crl.pem files refused (the lists in force kept).\n# TYPE tasman_tls_crl_refused_total counter\ntasman_tls_crl_refused_total{{node=\"{node}\"}} {}",
-            self.crl_failures()
-        );
-        let _ = writeln!(
-            s,
-            "# HELP tasman_tls_revoked_closed_total Live connections closed because the peer's certificate was revoked.\n# TYPE tasman_tls_revoked_closed_total counter\ntasman_tls_revoked_closed_total{{node=\"{node}\"}} {}",
-            self.revoked_closed()
-        );
+        // One series each, labelled with the node: (name, type, help, value).
+        let single: [(&str, &str, &str, String); 6] = [
+            (
+                "tasman_tls_cert_not_after_seconds",
+                "gauge",
+                "Unix time the presented node certificate expires.",
+                self.not_after().to_string(),
+            ),
+            (
+                "tasman_tls_cert_reloads_total",
+                "counter",
+                "New node certificates swapped in since start.",
+                self.reloads().to_string(),
+            ),
+            (
+                "tasman_tls_cert_reload_failures_total",
+                "counter",
+                "New node certificate files refused (the old pair kept).",
+                self.reload_failures().to_string(),
+            ),
+            (
+                "tasman_tls_crl_updates_total",
+                "counter",
+                "Certificate revocation lists adopted since start.",
+                self.crl_updates().to_string(),
+            ),
+            (
+                "tasman_tls_crl_refused_total",
+                "counter",
+                "ca.crl.pem files refused (the lists in force kept).",
+                self.crl_failures().to_string(),
+            ),
+            (
+                "tasman_tls_revoked_closed_total",
+                "counter",
+                "Live connections closed because the peer's certificate was revoked.",
+                self.revoked_closed().to_string(),
+            ),
+        ];
+        for (name, kind, help, value) in single {
+            let _ = writeln!(
+                s,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{node=\"{node}\"}} {value}"
+            );
+        }
         let crls = self.crls();
         if !crls.is_empty() {
             let _ = writeln!(

@@ -10,13 +10,12 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::sync::watch;
 
 use router::control::proto::ToRouter;
 use router::pki::{self, CaSigner, RawP256PublicKey, Validity};
-use router::tls::{self as tls, CertResolver, Renewal};
+use router::tls::{self, CertResolver, Renewal};
+use tokio::sync::watch;
 
 /// A session may ask for a certificate at most this often.
 pub const MIN_INTERVAL: Duration = Duration::from_secs(10);
@@ -128,35 +127,37 @@ impl NodeIssuer {
         };
         let path = dir.join(pki::CA_CRL);
         let mut last: Option<String> = None;
-        let mut first = true;
         loop {
-            if !first {
-                if every.is_zero() {
-                    return;
-                }
-                tokio::time::sleep(every).await;
+            self.send_if_new(&cert, &path, &mut last).await;
+            if every.is_zero() {
+                return;
             }
-            first = false;
-            let text = match tokio::fs::read_to_string(&path).await {
-                Ok(t) => t,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), "cannot read the revocation lists: {e}");
-                    continue;
-                }
-            };
-            if last.as_deref() == Some(text.as_str()) {
-                continue;
+            tokio::time::sleep(every).await;
+        }
+    }
+
+    /// One look of [`NodeIssuer::watch_crl`] at `path`: a text other than `last` is adopted by
+    /// the controller and, unless refused, sent to routers.
+    async fn send_if_new(&self, cert: &Arc<CertResolver>, path: &Path, last: &mut Option<String>) {
+        let text = match tokio::fs::read_to_string(path).await {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), "cannot read the revocation lists: {e}");
+                return;
             }
-            last = Some(text.clone());
-            let (c, t) = (cert.clone(), text.clone());
-            let got = tokio::task::spawn_blocking(move || tls::install_crl(&c, &t)).await;
-            match got {
-                Ok(tls::CrlReload::Refused(_)) | Err(_) => {}
-                Ok(_) => {
-                    tracing::info!(path = %path.display(), "sending the revocation lists to routers");
-                    self.crl.send_replace(Some(text.into()));
-                }
+        };
+        if last.as_deref() == Some(text.as_str()) {
+            return;
+        }
+        *last = Some(text.clone());
+        let (c, t) = (cert.clone(), text.clone());
+        let got = tokio::task::spawn_blocking(move || tls::install_crl(&c, &t)).await;
+        match got {
+            Ok(tls::CrlReload::Refused(_)) | Err(_) => {}
+            Ok(_) => {
+                tracing::info!(path = %path.display(), "sending the revocation lists to routers");
+                self.crl.send_replace(Some(text.into()));
             }
         }
     }

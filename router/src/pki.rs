@@ -294,18 +294,17 @@ pub fn read_ca_bundle(path: &Path) -> Result<Vec<BundleCert>, PkiError> {
     })
 }
 
+/// Whether `cert`'s public key is `key`'s; `None`: the certificate does not parse.
+pub fn is_for_key(cert: &CertificateDer<'_>, key: &KeyPair) -> Option<bool> {
+    let (_, x) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    Some(x.public_key().subject_public_key.data.as_ref() == key.public_key_raw())
+}
+
 /// The position in `bundle` of the certificate whose public key is `key`'s: the issuing CA.
 fn issuing_index(bundle: &[BundleCert], key: &KeyPair) -> Option<usize> {
-    bundle.iter().position(|c| {
-        x509_parser::parse_x509_certificate(c.der.as_ref()).is_ok_and(|(_, x)| {
-            x.tbs_certificate
-                .subject_pki
-                .subject_public_key
-                .data
-                .as_ref()
-                == key.public_key_raw()
-        })
-    })
+    bundle
+        .iter()
+        .position(|c| is_for_key(&c.der, key) == Some(true))
 }
 
 /// A PKI directory's CA files, read and checked: the key, the bundle, and which certificate of
@@ -503,11 +502,6 @@ impl CaSigner {
             reason: format!("the issuing CA certificate: {e}"),
         })?;
         Ok(CaSigner { issuer, ca })
-    }
-
-    /// The issuing CA certificate (PEM), as found in the bundle.
-    pub fn ca_pem(&self) -> &str {
-        &self.ca.pem
     }
 
     /// The issuing CA certificate.
@@ -1144,7 +1138,7 @@ mod tests {
         assert_eq!(chain(d.path(), "n2")[1], both[0].der);
         let signer = CaSigner::load(d.path()).unwrap();
         assert_eq!(signer.ca_cert(), &both[0].der);
-        assert_eq!(signer.ca_pem(), both[0].pem);
+        assert_eq!(signer.ca.pem, both[0].pem);
     }
 
     #[test]

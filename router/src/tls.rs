@@ -152,8 +152,7 @@ pub fn certifies(chain_pem: &str, key: &rcgen::KeyPair) -> Option<bool> {
     let leaf = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
         .next()?
         .ok()?;
-    let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
-    Some(parsed.public_key().subject_public_key.data.as_ref() == key.public_key_raw())
+    pki::is_for_key(&leaf, key)
 }
 
 /// How a renewal through the controller ended, for `tasman_tls_cert_renewals_total{result}`.

@@ -384,7 +384,7 @@ pub fn retire_ca(dir: &Path) -> Result<usize, PkiError> {
     let ca = CaFiles::read(dir)?;
     let dropped = ca.bundle.len() - 1;
     if dropped > 0 {
-        let crls = read_crls(dir)?;
+        let crls = crls_in(dir, &ca.bundle)?;
         if crls.iter().any(|c| c.ca != ca.issuing) {
             let kept: String = crls
                 .iter()
@@ -832,10 +832,10 @@ pub fn parse_crls(text: &str, bundle: &[CertificateDer<'_>]) -> Result<Vec<Check
             .0
             .iter()
             .fold(0u64, |acc, b| acc << 8 | u64::from(*b));
-        if let Some(other) = crls.iter().find(|c| c.ca == ca) {
+        if let Some(j) = crls.iter().position(|c| c.ca == ca) {
             return Err(format!(
                 "CRLs {} and {n} are both from CA {} of the bundle (at most one list per CA)",
-                crls.iter().position(|c| c.ca == other.ca).unwrap_or(0) + 1,
+                j + 1,
                 ca + 1
             ));
         }
@@ -863,16 +863,19 @@ pub fn parse_crls(text: &str, bundle: &[CertificateDer<'_>]) -> Result<Vec<Check
 /// The CRLs of `dir`'s [`CA_CRL`], checked against its `ca.pem` ([`parse_crls`]); none when
 /// there is no such file. Works on a PKI directory and on a router's TLS directory.
 pub fn read_crls(dir: &Path) -> Result<Vec<CheckedCrl>, PkiError> {
+    crls_in(dir, &read_ca_bundle(&dir.join(CA_CERT))?)
+}
+
+/// The CRLs of `dir`'s [`CA_CRL`], checked against `bundle` (`dir`'s, already read); none when
+/// there is no such file.
+fn crls_in(dir: &Path, bundle: &[BundleCert]) -> Result<Vec<CheckedCrl>, PkiError> {
     let path = dir.join(CA_CRL);
     let text = match fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(io_err(&path)(e)),
     };
-    let bundle: Vec<_> = read_ca_bundle(&dir.join(CA_CERT))?
-        .into_iter()
-        .map(|c| c.der)
-        .collect();
+    let bundle: Vec<_> = bundle.iter().map(|c| c.der.clone()).collect();
     parse_crls(&text, &bundle).map_err(|reason| PkiError::BadCrl { path, reason })
 }
 
@@ -957,15 +960,7 @@ pub fn revoke(
         }
     };
     let path = dir.join(CA_CRL);
-    let bundle_der: Vec<_> = ca.bundle.iter().map(|c| c.der.clone()).collect();
-    let existing = match fs::read_to_string(&path) {
-        Ok(text) => parse_crls(&text, &bundle_der).map_err(|reason| PkiError::BadCrl {
-            path: path.clone(),
-            reason,
-        })?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(io_err(&path)(e)),
-    };
+    let existing = crls_in(dir, &ca.bundle)?;
     let (mine, others): (Vec<_>, Vec<_>) = existing.into_iter().partition(|c| c.ca == ca.issuing);
     let mine = mine.into_iter().next();
     if let Some(m) = &mine

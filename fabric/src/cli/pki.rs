@@ -79,11 +79,11 @@ pub enum PkiCommand {
         #[arg(required_unless_present = "serial", conflicts_with = "serial")]
         node: Option<String>,
         /// The serial number (hex, `:` between bytes allowed) of the certificate to revoke.
-        #[arg(long, value_parser = parse_serial, value_name = "HEX")]
+        #[arg(long, value_name = "HEX")]
         serial: Option<pki::Serial>,
         /// Why: unspecified, key-compromise, affiliation-changed, superseded or
         /// cessation-of-operation.
-        #[arg(long, default_value = "unspecified", value_parser = parse_reason)]
+        #[arg(long, default_value = "unspecified")]
         reason: pki::RevokeReason,
         #[arg(long, default_value = "pki")]
         dir: PathBuf,
@@ -97,14 +97,6 @@ pub enum PkiCommand {
     },
 }
 
-fn parse_serial(s: &str) -> Result<pki::Serial, String> {
-    s.parse()
-}
-
-fn parse_reason(s: &str) -> Result<pki::RevokeReason, String> {
-    s.parse()
-}
-
 /// `--valid-for`: a `humantime` duration, more than zero and at most [`pki::MAX_VALIDITY`].
 fn parse_valid_for(s: &str) -> Result<std::time::Duration, String> {
     let d = humantime::parse_duration(s.trim())
@@ -112,6 +104,12 @@ fn parse_valid_for(s: &str) -> Result<std::time::Duration, String> {
     pki::Validity::for_duration(d)
         .map(|_| d)
         .map_err(|e| format!("--valid-for {s:?}: {e}"))
+}
+
+/// Says what went wrong; the exit code for it.
+fn fail(e: &PkiError) -> ExitCode {
+    eprintln!("error: {e}");
+    exit_for(e)
 }
 
 fn exit_for(e: &PkiError) -> ExitCode {
@@ -132,10 +130,7 @@ pub fn run(args: PkiArgs) -> ExitCode {
                 println!("{}", dir.join(pki::CA_CERT).display());
                 ExitCode::SUCCESS
             }
-            Err(e) => {
-                eprintln!("error: {e}");
-                exit_for(&e)
-            }
+            Err(e) => fail(&e),
         },
         PkiCommand::Issue {
             nodes,
@@ -166,10 +161,7 @@ pub fn run(args: PkiArgs) -> ExitCode {
                 );
                 ExitCode::SUCCESS
             }
-            Err(e) => {
-                eprintln!("error: {e}");
-                exit_for(&e)
-            }
+            Err(e) => fail(&e),
         },
         PkiCommand::RetireCa { dir } => match pki::retire_ca(&dir) {
             Ok(dropped) => {
@@ -186,10 +178,7 @@ pub fn run(args: PkiArgs) -> ExitCode {
                 }
                 ExitCode::SUCCESS
             }
-            Err(e) => {
-                eprintln!("error: {e}");
-                exit_for(&e)
-            }
+            Err(e) => fail(&e),
         },
         PkiCommand::Revoke {
             node,
@@ -231,10 +220,7 @@ pub fn run(args: PkiArgs) -> ExitCode {
                     }
                     ExitCode::SUCCESS
                 }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    exit_for(&e)
-                }
+                Err(e) => fail(&e),
             }
         }
         PkiCommand::Crl { dir } => match pki::read_crls(&dir) {
@@ -263,10 +249,7 @@ pub fn run(args: PkiArgs) -> ExitCode {
                 }
                 ExitCode::SUCCESS
             }
-            Err(e) => {
-                eprintln!("error: {e}");
-                exit_for(&e)
-            }
+            Err(e) => fail(&e),
         },
     }
 }

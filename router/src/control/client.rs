@@ -688,16 +688,20 @@ mod tests {
 
     /// Requests sent each as soon as `s` allows, the certificate being due all along: the gaps
     /// between them.
-    fn gaps(s: &mut RenewSchedule, t: &mut Instant, n: usize) -> Vec<u64> {
+    fn gaps(s: &mut RenewSchedule, t: &mut Instant, n: usize) -> Vec<Duration> {
         (0..n)
             .map(|_| {
                 s.attempted(*t);
                 let next = s.next(*t);
                 let gap = next - *t;
                 *t = next;
-                gap.as_secs()
+                gap
             })
             .collect()
+    }
+
+    fn secs<const N: usize>(s: [u64; N]) -> [Duration; N] {
+        s.map(S)
     }
 
     #[test]
@@ -716,7 +720,7 @@ mod tests {
         let mut t = Instant::now();
         assert_eq!(
             gaps(&mut s, &mut t, 9),
-            [30, 60, 120, 240, 480, 600, 600, 600, 600]
+            secs([30, 60, 120, 240, 480, 600, 600, 600, 600])
         );
     }
 
@@ -738,7 +742,7 @@ mod tests {
     fn an_installed_certificate_starts_the_backoff_again() {
         let mut s = schedule();
         let mut t = Instant::now();
-        assert_eq!(gaps(&mut s, &mut t, 6), [30, 60, 120, 240, 480, 600]);
+        assert_eq!(gaps(&mut s, &mut t, 6), secs([30, 60, 120, 240, 480, 600]));
         // The answer to the last request comes 5 s after it and is installed.
         let ok = t + S(5);
         s.attempted(t);
@@ -748,7 +752,7 @@ mod tests {
         assert_eq!(s.retry_in(ok), S(30));
         // ... and failures from then on back off from 30 s again.
         let mut t = ok + S(30);
-        assert_eq!(gaps(&mut s, &mut t, 3), [30, 60, 120]);
+        assert_eq!(gaps(&mut s, &mut t, 3), secs([30, 60, 120]));
     }
 
     #[test]
@@ -765,16 +769,7 @@ mod tests {
     fn the_backoff_is_configurable_and_capped() {
         let mut s = RenewSchedule::new(Duration::from_millis(500), S(2));
         let mut t = Instant::now();
-        let gaps: Vec<Duration> = (0..5)
-            .map(|_| {
-                s.attempted(t);
-                let next = s.next(t);
-                let gap = next - t;
-                t = next;
-                gap
-            })
-            .collect();
         let ms = Duration::from_millis;
-        assert_eq!(gaps, [ms(500), S(1), S(2), S(2), S(2)]);
+        assert_eq!(gaps(&mut s, &mut t, 5), [ms(500), S(1), S(2), S(2), S(2)]);
     }
 }

@@ -54,4 +54,6 @@ fn curl_fetches_through_edge_transit_site_to_nginx_body_intact() {
     // The stream really went through the transit.
     assert!(f.metric("syd-transit-1", "tasman_relayed_streams_total", "") >= 1);
     assert!(f.metric("syd-edge-1", "tasman_bytes_down_total", "") >= body.len() as u64);
+    // The transit counts the bytes it forwarded (request and response, not the stream header).
+    assert!(f.metric("syd-transit-1", "tasman_relayed_bytes_total", "") >= body.len() as u64);
 }

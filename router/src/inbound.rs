@@ -158,7 +158,16 @@ async fn relay(
     };
     shared.metrics.relayed_total.fetch_add(1, Relaxed);
     let _open = crate::metrics::Held::count(&shared.metrics.relays_active);
-    if let Some(code) = splice::relay(send, recv, dsend, drecv, next_hop_down).await {
+    if let Some(code) = splice::relay(
+        send,
+        recv,
+        dsend,
+        drecv,
+        next_hop_down,
+        &shared.metrics.relayed_bytes,
+    )
+    .await
+    {
         shared.metrics.error(code);
         tracing::debug!(node = %shared.node, next = %next, code = %code, "next hop down before it answered");
     }

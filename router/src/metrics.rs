@@ -52,6 +52,8 @@ pub struct Metrics {
     /// Bytes from clients toward sites ("up") and back ("down"), counted where TCP meets QUIC.
     pub bytes_up: AtomicU64,
     pub bytes_down: AtomicU64,
+    /// Bytes a transit forwarded between neighbours, both ways.
+    pub relayed_bytes: AtomicU64,
     /// Client connections retried on another candidate.
     pub failovers_total: AtomicU64,
     /// Routing table rebuilds.
@@ -141,6 +143,13 @@ impl Metrics {
             "Bytes from sites toward clients.",
             "counter",
             self.bytes_down.load(Relaxed),
+        );
+        counter(
+            &mut s,
+            "relayed_bytes_total",
+            "Bytes a transit forwarded between neighbours, both ways.",
+            "counter",
+            self.relayed_bytes.load(Relaxed),
         );
         counter(
             &mut s,

@@ -19,7 +19,7 @@
 //! transit has no timer: the resets of the ends reach both of its pumps.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -584,14 +584,20 @@ async fn gather(recv: &mut RecvStream, g: &mut Gather) -> Gathered {
 /// the bytes in flight (a 32 MiB stream window holds ~23,000 segments of 1,452 bytes). So the
 /// pump writes what is ready as one block ([`gather`]; one `memcpy` when it is several chunks):
 /// under load many packets per segment, and an interactive exchange still goes out at once.
-async fn pump(recv: &mut RecvStream, send: &mut SendStream) {
+async fn pump(recv: &mut RecvStream, send: &mut SendStream, moved: &AtomicU64) {
     let mut g = Gather::default();
     let first = gather(recv, &mut g).await;
-    pump_from(recv, send, g, first).await;
+    pump_from(recv, send, g, first, moved).await;
 }
 
-/// [`pump`], with its first block already gathered.
-async fn pump_from(recv: &mut RecvStream, send: &mut SendStream, mut g: Gather, mut got: Gathered) {
+/// [`pump`], with its first block already gathered. Counts what it forwards in `moved`.
+async fn pump_from(
+    recv: &mut RecvStream,
+    send: &mut SendStream,
+    mut g: Gather,
+    mut got: Gathered,
+    moved: &AtomicU64,
+) {
     let mut fair = Fairness::default();
     loop {
         let Gathered { block, fin, failed } = got;
@@ -601,6 +607,7 @@ async fn pump_from(recv: &mut RecvStream, send: &mut SendStream, mut g: Gather, 
                 let _ = recv.stop(write_error_code(&e).varint());
                 return;
             }
+            moved.fetch_add(n as u64, Relaxed);
             fair.moved(n).await;
         }
         if let Some(e) = failed {
@@ -623,23 +630,24 @@ async fn pump_from(recv: &mut RecvStream, send: &mut SendStream, mut g: Gather, 
 /// its own first hop goes down. Without the watch such a first try would wait for the dead
 /// connection to close (`neighbours::DEAD_AFTER`). Once the downstream has answered, a down
 /// verdict no longer touches the stream: it ends with its connection. Returns the code it reset
-/// with when it gave up.
+/// with when it gave up. Bytes forwarded either way are added to `moved`.
 pub(crate) async fn relay(
     mut up_send: SendStream,
     mut up_recv: RecvStream,
     mut down_send: SendStream,
     mut down_recv: RecvStream,
     next_hop_down: impl std::future::Future<Output = ()>,
+    moved: &AtomicU64,
 ) -> Option<Code> {
     let gave_up = {
-        let up = pump(&mut up_recv, &mut down_send);
+        let up = pump(&mut up_recv, &mut down_send, moved);
         let down = async {
             let mut g = Gather::default();
             let first = tokio::select! {
                 got = gather(&mut down_recv, &mut g) => got,
                 () = next_hop_down => return true,
             };
-            pump_from(&mut down_recv, &mut up_send, g, first).await;
+            pump_from(&mut down_recv, &mut up_send, g, first, moved).await;
             false
         };
         tokio::pin!(up, down);
@@ -819,12 +827,14 @@ mod tests {
             e_send.write_all(b"q").await.unwrap();
             let (up_send, up_recv) = t_up.accept_bi().await.unwrap();
             let (down_send, down_recv) = t_down.open_bi().await.unwrap();
+            let moved: &'static AtomicU64 = Box::leak(Box::default());
             let relay = tokio::spawn(relay(
                 up_send,
                 up_recv,
                 down_send,
                 down_recv,
                 std::future::pending(),
+                moved,
             ));
             let (mut s_send, mut s_recv) = site.accept_bi().await.unwrap();
             let mut b = [0u8; 1];
@@ -853,6 +863,7 @@ mod tests {
                 .expect("the relay outlived both ends' resets")
                 .unwrap();
             assert_eq!(gave_up, None);
+            assert_eq!(moved.load(Relaxed), 2, "one byte each way was forwarded");
         }
     }
 

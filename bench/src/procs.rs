@@ -41,6 +41,11 @@ impl ProcFabric {
 
     /// Starts `node` and returns once its listeners are bound.
     pub fn start(&mut self, node: &str) -> anyhow::Result<()> {
+        self.start_with(node, &[])
+    }
+
+    /// [`ProcFabric::start`] with more `serve-router` arguments.
+    pub fn start_with(&mut self, node: &str, extra: &[&str]) -> anyhow::Result<()> {
         let exe = std::env::current_exe()?;
         let mut child = Command::new(exe)
             .arg("serve-router")
@@ -50,6 +55,7 @@ impl ProcFabric {
             .arg(node)
             .arg("--tls-dir")
             .arg(self.dir.path())
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -123,7 +129,12 @@ pub fn cpu_ms_of(pids: &[u32]) -> anyhow::Result<u64> {
 }
 
 /// The body of `tasman-bench serve-router`: one router in this process until killed.
-pub async fn serve_router(topology: PathBuf, node: String, tls_dir: PathBuf) -> anyhow::Result<()> {
+pub async fn serve_router(
+    topology: PathBuf,
+    node: String,
+    tls_dir: PathBuf,
+    keep_awake: Option<Duration>,
+) -> anyhow::Result<()> {
     // Router logs only when asked (e.g. TASMAN_BENCH_LOG=router=debug): logging costs time.
     if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("TASMAN_BENCH_LOG") {
         let _ = tracing_subscriber::fmt()
@@ -135,7 +146,8 @@ pub async fn serve_router(topology: PathBuf, node: String, tls_dir: PathBuf) -> 
     let snapshot = Arc::new(router::Snapshot::new(1, Arc::new(topo)));
     let (_tx, rx) = tokio::sync::watch::channel(snapshot);
     let tls = router::tls::TlsIdentity::load(&tls_dir, &node)?;
-    let cfg = router::RouterConfig::new(NodeId::new(&node), tls, rx);
+    let mut cfg = router::RouterConfig::new(NodeId::new(&node), tls, rx);
+    cfg.keep_awake = keep_awake.map(|window| router::keep_awake::Config { window, threads: 1 });
     let _handle = router::Router::spawn(cfg).await?;
     println!("ready");
     std::future::pending::<()>().await;

@@ -25,6 +25,7 @@ mod edge;
 pub mod header;
 pub mod http_serve;
 mod inbound;
+pub mod keep_awake;
 pub mod metrics;
 mod neighbours;
 pub mod netem;
@@ -120,6 +121,9 @@ pub struct RouterConfig {
     /// How long [`RouterHandle::shutdown`] lets open connections finish before it closes them
     /// (default 30 s, the grace period an orchestrator such as Kubernetes gives by default).
     pub drain_timeout: Duration,
+    /// Keep cores out of their idle halt while traffic flows (trades CPU for latency; see
+    /// [`keep_awake`]). Default `None`: off.
+    pub keep_awake: Option<keep_awake::Config>,
 }
 
 impl RouterConfig {
@@ -146,6 +150,7 @@ impl RouterConfig {
             cert_resolver: None,
             cert_reload_interval: Some(Duration::from_secs(10)),
             drain_timeout: Duration::from_secs(30),
+            keep_awake: None,
         }
     }
 }
@@ -158,6 +163,8 @@ pub enum RouterError {
     NoSnapshot,
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error("starting the keep-awake threads: {0}")]
+    KeepAwake(std::io::Error),
     #[error("bind {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -195,7 +202,9 @@ pub(crate) struct Shared {
     pub evidence: routes::Evidence,
     /// Local evidence changed: rebuild the routing table.
     pub changed: Notify,
-    pub metrics: metrics::Metrics,
+    /// Shared with the keep-awake spinners, which watch its byte counters.
+    pub metrics: Arc<metrics::Metrics>,
+    pub keep_awake: Option<keep_awake::KeepAwake>,
     /// True from the start of [`RouterHandle::shutdown`]: the router is draining (it takes no
     /// new stream, and tells its neighbours so in its probe replies).
     pub shutdown: watch::Receiver<bool>,
@@ -207,6 +216,9 @@ impl Shared {
     /// Prometheus text: the counters, then the presented certificate's series.
     pub fn render_metrics(&self, t: &TelemetryReport) -> String {
         let mut s = self.metrics.render(t, &self.routes.load());
+        if let Some(k) = &self.keep_awake {
+            k.render_metrics(self.node.as_str(), &mut s);
+        }
         self.cert.render_metrics(self.node.as_str(), &mut s);
         s
     }
@@ -319,6 +331,14 @@ impl Router {
             }
         })?;
         let (shutdown_tx, shutdown) = watch::channel(false);
+        let metrics = Arc::new(metrics::Metrics::default());
+        let keep_awake = match cfg.keep_awake {
+            Some(c) => Some(
+                keep_awake::KeepAwake::start(metrics.activity(), c.window, c.threads)
+                    .map_err(RouterError::KeepAwake)?,
+            ),
+            None => None,
+        };
         let shared = Arc::new(Shared {
             node: cfg.node.clone(),
             probe: cfg.probe,
@@ -343,7 +363,8 @@ impl Router {
             sites: ArcSwap::from_pointee(HashMap::new()),
             evidence: routes::Evidence::default(),
             changed: Notify::new(),
-            metrics: metrics::Metrics::default(),
+            metrics,
+            keep_awake,
             shutdown,
             drain_timeout: cfg.drain_timeout,
             started: Instant::now(),
@@ -462,6 +483,9 @@ impl RouterHandle {
         let _ = tokio::time::timeout(Duration::from_millis(500), sh.endpoint.wait_idle()).await;
         if let Some(t) = &self.metrics_task {
             t.abort();
+        }
+        if let Some(k) = &sh.keep_awake {
+            k.stop();
         }
         tracing::info!(node = %self.shared.node, "router stopped");
     }

@@ -66,6 +66,18 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// A value that changes whenever bytes move through the router (edge, site or transit):
+    /// what the keep-awake spinners watch.
+    pub fn activity(self: &Arc<Self>) -> crate::keep_awake::Activity {
+        let m = self.clone();
+        Arc::new(move || {
+            m.bytes_up
+                .load(Relaxed)
+                .wrapping_add(m.bytes_down.load(Relaxed))
+                .wrapping_add(m.relayed_bytes.load(Relaxed))
+        })
+    }
+
     pub fn error(&self, code: Code) {
         if let Some(i) = Code::ALL.iter().position(|c| *c == code) {
             self.errors[i].fetch_add(1, Relaxed);

@@ -1,0 +1,88 @@
+//! `tasman router --keep-awake`: every router on a path (edge, transit, site) spins while
+//! traffic moves through it, and stops a window after it stops.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+
+use common::*;
+
+/// A blocking TCP echo server on loopback.
+fn echo_backend() -> SocketAddr {
+    let l = TcpListener::bind((LOCAL, 0)).unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut r = s;
+                let mut w = r.try_clone().unwrap();
+                let _ = std::io::copy(&mut r, &mut w);
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn routers_spin_while_traffic_moves_and_stop_after_the_window() {
+    let backend = echo_backend();
+    let port = free_tcp_port(LOCAL);
+    let mut y = TopoYaml::default();
+    y.edge("edge", free_udp(LOCAL), LOCAL, None)
+        .transit("transit", free_udp(LOCAL))
+        .site("site", free_udp(LOCAL), &[("chat", backend, 100)])
+        .link("edge", "transit", "1ms")
+        .link("transit", "site", "1ms")
+        .service("chat", port, &[]);
+    let mut f = Fabric::new(&y);
+    let nodes = ["site", "transit", "edge"];
+    for n in nodes {
+        f.start_with(n, &["--keep-awake", "300ms"]);
+    }
+    f.wait_preferred("edge", "chat", "site");
+    let spinning = |f: &Fabric, n: &str| f.metric(n, "tasman_keep_awake_spinning", "");
+    // Probes and control traffic move no client bytes: nothing spins yet.
+    for n in nodes {
+        assert_eq!(spinning(&f, n), 0, "{n} spins without traffic");
+    }
+
+    // A client exchanging small messages through edge -> transit -> site.
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let client = std::thread::spawn(move || {
+        let mut c = TcpStream::connect((LOCAL, port)).unwrap();
+        c.set_nodelay(true).unwrap();
+        let mut buf = [0u8; 64];
+        let mut trips = 0u64;
+        while !s.load(Relaxed) {
+            c.write_all(&[7u8; 64]).unwrap();
+            c.read_exact(&mut buf).unwrap();
+            assert_eq!(buf, [7u8; 64]);
+            trips += 1;
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        trips
+    });
+    eventually(DEADLINE, "every router on the path spinning", || {
+        nodes.iter().all(|n| spinning(&f, n) >= 1)
+    });
+    stop.store(true, Relaxed);
+    assert!(client.join().unwrap() > 0);
+
+    // The window after the last byte, every spinner is asleep again, having spun meanwhile.
+    eventually(DEADLINE, "every router's spinners asleep", || {
+        nodes.iter().all(|n| spinning(&f, n) == 0)
+    });
+    for n in nodes {
+        let text = f.get(n, "/metrics").unwrap_or_default();
+        let spun: f64 = text
+            .lines()
+            .find(|l| l.starts_with("tasman_keep_awake_spin_seconds_total"))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0);
+        assert!(spun > 0.0, "{n} reports no spin time:\n{text}");
+    }
+}

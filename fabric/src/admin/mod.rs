@@ -128,6 +128,24 @@ async fn auth(State(st): State<AdminState>, req: Request, next: Next) -> Respons
     }
 }
 
+/// Runs a handler's change of the controller's state (`change`) as a task of its own, so that it
+/// runs to its end whatever the client does. hyper drops a request's handler when the client
+/// closes its connection, and a change dropped between its store commit and what follows (the
+/// controller taking up the new topology and distributing it, circuits published and tracked)
+/// would leave the store ahead of what the controller serves until it restarts: routers would
+/// not get the committed version, and circuit operations, which check that the two agree, would
+/// fail until then.
+pub(crate) async fn to_completion<T: Send + 'static>(
+    change: impl Future<Output = Result<T, ApiError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(change).await.unwrap_or_else(|e| {
+        Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("internal: {e}"),
+        ))
+    })
+}
+
 /// The JSON error body of every refused request.
 #[derive(Debug, Serialize)]
 pub struct ApiError {
@@ -202,5 +220,164 @@ impl Diag {
             "{file}:{}:{}: {}: {}",
             self.line, self.column, self.severity, self.message
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    use super::*;
+    use crate::store::redb::RedbStore;
+    use crate::store::{self, Store, StoreError};
+
+    /// An edge and a site `latency` apart.
+    fn yaml(latency: &str) -> String {
+        format!(
+            "version: 1\nnodes:\n  \
+             - {{id: e, kind: edge, region: r, country: AU, location: {{lat: 0, lon: 0}}, \
+             address: \"127.0.0.1:7000\", client_address: \"127.0.0.1\"}}\n  \
+             - {{id: s, kind: site, region: r, country: AU, location: {{lat: 0, lon: 0}}, \
+             address: \"127.0.0.2:7000\", serves: [{{service: chat, backend: \"127.0.0.9:9000\", capacity: 10}}]}}\n\
+             links:\n  - {{a: e, b: s, latency: {latency}, capacity: 1Gbps}}\n\
+             services:\n  - {{name: chat, port: 8080}}\n"
+        )
+    }
+
+    /// A store whose next write transaction, once `hold` is called, waits until released
+    /// (what a slow fsync looks like from the controller).
+    struct GatedStore {
+        inner: RedbStore,
+        gate: Mutex<Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>>,
+    }
+
+    impl GatedStore {
+        /// Holds the next write; returns (entered, release).
+        fn hold(&self) -> (mpsc::Receiver<()>, mpsc::Sender<()>) {
+            let (entered_tx, entered_rx) = mpsc::channel();
+            let (release_tx, release_rx) = mpsc::channel();
+            *self.gate.lock().unwrap() = Some((entered_tx, release_rx));
+            (entered_rx, release_tx)
+        }
+    }
+
+    impl Store for GatedStore {
+        fn read(
+            &self,
+            f: &mut dyn FnMut(&dyn store::ReadTxn) -> Result<(), StoreError>,
+        ) -> Result<(), StoreError> {
+            self.inner.read(f)
+        }
+        fn write(
+            &self,
+            f: &mut dyn FnMut(&mut dyn store::WriteTxn) -> Result<(), StoreError>,
+        ) -> Result<(), StoreError> {
+            let gate = self.gate.lock().unwrap().take();
+            if let Some((entered, release)) = gate {
+                let _ = entered.send(());
+                let _ = release.recv();
+            }
+            self.inner.write(f)
+        }
+    }
+
+    /// Sends `req` and returns the whole response (the request asks for `connection: close`).
+    async fn exchange(addr: SocketAddr, req: &str) -> String {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(req.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), c.read_to_end(&mut got))
+            .await
+            .expect("no response within 20 s")
+            .unwrap();
+        String::from_utf8_lossy(&got).into_owned()
+    }
+
+    fn post(path: &str, token: &str, body: &str) -> String {
+        format!(
+            "POST {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    /// A client that goes away while its apply is being committed must not leave the change
+    /// half done: the store has the new version as current, so the controller must serve and
+    /// distribute it too (and circuits, which check that the two agree, must keep working).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_apply_whose_client_goes_away_during_the_commit_is_still_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(GatedStore {
+            inner: RedbStore::open(dir.path()).unwrap(),
+            gate: Mutex::new(None),
+        });
+        let ctl = Controller::open(store.clone(), Some((&yaml("1ms"), "t.yaml"))).unwrap();
+        let circuits = crate::circuits::service::CircuitService::new(
+            ctl.clone(),
+            crate::circuits::service::DEFAULT_PROVISION_TIMEOUT,
+        )
+        .unwrap();
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = ServeLimits {
+            max_connections: 1,
+            ..DEFAULT_LIMITS
+        };
+        let server = tokio::spawn(serve_with(
+            listener,
+            AdminState::new(ctl.clone(), "tok", circuits),
+            limits,
+        ));
+
+        let (entered, release) = store.hold();
+        let body = serde_json::json!({ "text": yaml("2ms"), "message": "raise" }).to_string();
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(post("/v1/topology", "tok", &body).as_bytes())
+            .await
+            .unwrap();
+        tokio::task::spawn_blocking(move || entered.recv_timeout(Duration::from_secs(20)))
+            .await
+            .unwrap()
+            .expect("the apply did not reach the store");
+        // The client goes away while the commit is in flight. The only connection slot serves
+        // the next request once the server is done with this connection.
+        drop(client);
+        let back = exchange(
+            addr,
+            "GET /v1/topology HTTP/1.1\r\nhost: x\r\nauthorization: Bearer tok\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(back.starts_with("HTTP/1.1 200"), "{back}");
+        release.send(()).unwrap();
+
+        let stored = || {
+            store::read(&*ctl.store().clone(), |tx| {
+                crate::controller::records::current(tx)
+            })
+            .unwrap()
+            .map(|r| r.version)
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while stored() != Some(2) {
+            assert!(Instant::now() < deadline, "the commit did not finish");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        while ctl.current().record.version != 2 || ctl.published().topology_version != 2 {
+            assert!(
+                Instant::now() < deadline,
+                "version 2 is committed (the store's current) but the controller serves \
+                 version {} and distributes version {}",
+                ctl.current().record.version,
+                ctl.published().topology_version
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        server.abort();
     }
 }

@@ -399,3 +399,80 @@ async fn a_draining_router_shows_in_status_until_its_session_ends() {
     .await;
     d.shutdown().await;
 }
+
+/// A router that asks for a full snapshot (`Resync`) over and over gets the current version in
+/// full once, not once per request: each request is a few dozen bytes, and a full snapshot of a
+/// large fabric megabytes, so one router asking in a loop had the controller send snapshots as
+/// fast as it could encrypt them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_resync_requests_get_the_current_version_in_full_once() {
+    use router::control::proto::{self, FromRouter, ToRouter};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (d, tls) =
+        controller_with_pki(dir.path(), &fabric_nodes(1, 1), &fabric_yaml(71, 1, 1, 10)).await;
+    let RawSession {
+        ep: _ep,
+        conn: _conn,
+        mut send,
+        mut recv,
+    } = raw_hello(d.quic_addr, &tls, "edge-0", "edge-0").await;
+    // Counts the full snapshots of topology version 1, and keeps the latest topology version.
+    let (fulls, latest) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (f, l) = (fulls.clone(), latest.clone());
+    tokio::spawn(async move {
+        let mut frames = proto::FrameReader::new(proto::MAX_TO_ROUTER);
+        while let Ok(Some(payload)) = frames.next(&mut recv).await {
+            match proto::decode::<ToRouter>(&payload) {
+                Ok(ToRouter::Snapshot {
+                    topology_version, ..
+                }) => {
+                    if topology_version == 1 {
+                        f.fetch_add(1, Ordering::Relaxed);
+                    }
+                    l.store(topology_version, Ordering::Relaxed);
+                }
+                Ok(ToRouter::Delta {
+                    topology_version, ..
+                }) => l.store(topology_version, Ordering::Relaxed),
+                _ => {}
+            }
+        }
+    });
+    eventually(Duration::from_secs(10), "the first snapshot", || {
+        latest.load(Ordering::Relaxed) == 1
+    })
+    .await;
+
+    const ASKS: u64 = 200;
+    let resync = proto::encode(&FromRouter::Resync { have_version: None }).unwrap();
+    for _ in 0..ASKS {
+        send.write_all(&resync).await.unwrap();
+    }
+    // The controller reads the stream in order: once the report after the requests is in, it
+    // has answered them all.
+    send.write_all(&telemetry_frame("edge-0", "transit-0", 4_000))
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "the report after the requests",
+        || router_status(&d, "edge-0").is_some_and(|r| r.last_telemetry.is_some()),
+    )
+    .await;
+    // And whatever it wrote before the next version has arrived once that version has.
+    let out = apply(&d, &fabric_yaml(71, 1, 1, 20), "raise ring latency").await;
+    assert_eq!(out.version, Some(2));
+    eventually(Duration::from_secs(10), "version 2", || {
+        latest.load(Ordering::Relaxed) == 2
+    })
+    .await;
+    let n = fulls.load(Ordering::Relaxed);
+    assert!(
+        n <= 2,
+        "{n} full snapshots of version 1 for {ASKS} requests after the first one"
+    );
+    d.shutdown().await;
+}

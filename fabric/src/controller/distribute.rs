@@ -242,6 +242,10 @@ async fn session(
     let mut frames = proto::FrameReader::new(MAX_FROM_ROUTER);
     // The version last written to this router (it applies messages in order).
     let mut sent: Option<u64> = None;
+    // The version last sent in full. A `Resync` asks for the current version in full: once it
+    // went out so, a repeated request is answered already (each would otherwise cost a whole
+    // snapshot for a few dozen bytes, as often as the router cares to ask).
+    let mut sent_full: Option<u64> = None;
     // Topology version of each version sent (recent ones), to record what an ACK means.
     let mut sent_tv: std::collections::BTreeMap<u64, u64> = Default::default();
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
@@ -260,7 +264,10 @@ async fn session(
             if ctl.nacked(node) != Some(p.version) && (force_full || sent != Some(p.version)) {
                 let bytes = match &p.delta {
                     Some((base, delta)) if !force_full && sent == Some(*base) => delta.clone(),
-                    _ => p.full.clone(),
+                    _ => {
+                        sent_full = Some(p.version);
+                        p.full.clone()
+                    }
                 };
                 send.write_chunk(bytes).await?;
                 sent = Some(p.version);
@@ -304,7 +311,9 @@ async fn session(
                         let tv = sent_tv.get(&version).copied().unwrap_or(0);
                         ctl.router_nack(node, version, tv, &reason);
                     }
-                    FromRouter::Resync { .. } => force_full = true,
+                    FromRouter::Resync { .. } => {
+                        force_full = sent_full != Some(rx.borrow().version);
+                    }
                     FromRouter::Telemetry(report) => {
                         ctl.router_seen(node);
                         if !budget.take(Instant::now()) {

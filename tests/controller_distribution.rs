@@ -476,3 +476,46 @@ async fn repeated_resync_requests_get_the_current_version_in_full_once() {
     );
     d.shutdown().await;
 }
+
+/// The reason a router gives for rejecting a version is its word, up to a whole frame (1 MiB) of
+/// it: the controller keeps (in the store, in `tasman status`) and logs a bounded part of it, as
+/// it does with a hello's node name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejection_reason_is_kept_and_logged_bounded() {
+    use router::control::proto::{self, FromRouter, ToRouter};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (d, tls) =
+        controller_with_pki(dir.path(), &fabric_nodes(1, 1), &fabric_yaml(72, 1, 1, 10)).await;
+    let mut s = raw_hello(d.quic_addr, &tls, "edge-0", "edge-0").await;
+    let first = tokio::time::timeout(
+        Duration::from_secs(10),
+        proto::read_frame(&mut s.recv, proto::MAX_TO_ROUTER),
+    )
+    .await
+    .expect("a snapshot within 10 s")
+    .expect("a frame")
+    .expect("not the end of the stream");
+    let version = match proto::decode::<ToRouter>(&first).unwrap() {
+        ToRouter::Snapshot { version, .. } => version,
+        other => panic!("expected a snapshot, got {other:?}"),
+    };
+    let reason = "€".repeat(300_000);
+    let nack = proto::encode(&FromRouter::Nack { version, reason }).unwrap();
+    assert!(nack.len() < proto::MAX_FROM_ROUTER);
+    s.send.write_all(&nack).await.unwrap();
+    eventually(Duration::from_secs(10), "the rejection recorded", || {
+        router_status(&d, "edge-0").is_some_and(|r| r.record.last_nack.is_some())
+    })
+    .await;
+    let kept = router_status(&d, "edge-0")
+        .and_then(|r| r.record.last_nack)
+        .unwrap();
+    assert_eq!(kept.version, version);
+    assert!(
+        kept.reason.len() <= 1024 && kept.reason.starts_with("€€"),
+        "kept {} bytes of the reason",
+        kept.reason.len()
+    );
+    d.shutdown().await;
+}

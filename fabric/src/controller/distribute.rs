@@ -42,7 +42,8 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// anyway (a close discards stream data the peer has not received).
 const REFUSE_LINGER: Duration = Duration::from_secs(2);
 /// Longest reason text in a `Refused` frame, a close or a log line (the router's hello names
-/// its node, up to a whole frame of it).
+/// its node, up to a whole frame of it), and longest part of a router's `Nack` reason kept (in
+/// its record, stored and shown in status) and logged.
 const MAX_REASON: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
@@ -309,7 +310,7 @@ async fn session(
                     }
                     FromRouter::Nack { version, reason } => {
                         let tv = sent_tv.get(&version).copied().unwrap_or(0);
-                        ctl.router_nack(node, version, tv, &reason);
+                        ctl.router_nack(node, version, tv, &clip(reason));
                     }
                     FromRouter::Resync { .. } => {
                         force_full = sent_full != Some(rx.borrow().version);

@@ -322,8 +322,9 @@ impl Router {
             Some(c) => c.clone(),
             None => tls::CertResolver::new(&cfg.tls)?,
         };
-        let server = tls::server_config_with(&cert, &peers, transport.clone())?;
-        let client = tls::client_config_with(&cert, &peers, transport)?;
+        let server = tls::server_config_with(&cert, &peers, transport)?;
+        let dial = Arc::new(transport::dial_transport_config());
+        let client = tls::client_config_with(&cert, &peers, dial)?;
         let endpoint = transport::endpoint(me.address, server, client).map_err(|source| {
             RouterError::Bind {
                 addr: me.address,

@@ -31,14 +31,19 @@ pub const UDP_BUFFER: usize = 8 * 1024 * 1024;
 /// frame (8,952): quinn sends up to 10 segments per GSO `sendmsg`, which must fit 64 KiB.
 pub const MTU_UPPER_BOUND: u16 = 6500;
 
-/// The transport configuration every fabric connection uses.
+/// The transport configuration every fabric connection uses; the connections a router accepts
+/// use it as it is ([`dial_transport_config`] for those it dials).
+///
+/// A neighbour may open bidirectional streams only: the router serves no other. A stream nothing
+/// reads keeps what the peer sends into it (up to the stream window, the connection window over
+/// all of them) until the connection ends, so the router grants none.
 pub fn transport_config() -> TransportConfig {
     let mut t = TransportConfig::default();
     t.stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW))
         .receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW))
         .send_window(SEND_WINDOW)
         .max_concurrent_bidi_streams(VarInt::from_u32(MAX_CONCURRENT_STREAMS))
-        .max_concurrent_uni_streams(VarInt::from_u32(64))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
         .keep_alive_interval(Some(KEEP_ALIVE))
         .max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(
             IDLE_TIMEOUT.as_millis() as u32,
@@ -130,6 +135,15 @@ fn force(sock: &socket2::Socket, opt: libc::c_int) {
 /// Shared transport config (one Arc for all connections).
 pub fn shared_transport() -> Arc<TransportConfig> {
     Arc::new(transport_config())
+}
+
+/// The transport configuration of the connections a router dials: [`transport_config`], but the
+/// neighbour may open no stream at all on them (the router opens its streams there; those it
+/// serves arrive on the connections the neighbour dialled, see [`transport_config`]).
+pub fn dial_transport_config() -> TransportConfig {
+    let mut t = transport_config();
+    t.max_concurrent_bidi_streams(VarInt::from_u32(0));
+    t
 }
 
 #[cfg(test)]

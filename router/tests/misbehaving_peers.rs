@@ -437,3 +437,88 @@ async fn a_draining_edge_waits_for_a_connection_still_being_set_up() {
         .expect("the drain did not end when the connection closed")
         .unwrap();
 }
+
+/// Bytes a stream opened by `conn` gets the peer to take within 3 s (unidirectional, or
+/// bidirectional): 0 when the peer grants no such stream.
+async fn bytes_taken(conn: &quinn::Connection, uni: bool) -> usize {
+    let taken = AtomicU64::new(0);
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+        let mut send = if uni {
+            conn.open_uni().await.ok()?
+        } else {
+            conn.open_bi().await.ok()?.0
+        };
+        let chunk = vec![0u8; 64 << 10];
+        loop {
+            let n = send.write(&chunk).await.ok()?;
+            taken.fetch_add(n as u64, Relaxed);
+        }
+        #[allow(unreachable_code)]
+        Some(())
+    })
+    .await;
+    taken.load(Relaxed) as usize
+}
+
+/// A router reads only the bidirectional streams of connections its neighbours dialled. Any
+/// other stream a neighbour could open (unidirectional ones, or any on a connection the router
+/// dialled) nothing ever reads: each took up to a stream window (32 MiB), 128 MiB a connection,
+/// held until the connection ended, with no header timeout and no reset. So the router grants
+/// none: a neighbour cannot open them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_neighbour_cannot_open_streams_the_router_never_reads() {
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let t = two_sites(backend, free_tcp_port(), true);
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (transit, _pings) = fake_neighbour(
+        dir.path(),
+        &t,
+        "transit",
+        router::transport::transport_config(),
+        move |conn, pings| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(conn.clone());
+                answer_pings("transit", conn, pings).await;
+            }
+        },
+    );
+    let (edge, _) = spawn_node(&snap, dir.path(), "edge", |_| {}).await;
+    // The edge dials the transit.
+    let dialled = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+        .await
+        .expect("the edge did not dial the transit")
+        .unwrap();
+    // And the transit dials the edge.
+    let edge_addr = t.node("edge").unwrap().address;
+    let incoming = tokio::time::timeout(
+        Duration::from_secs(20),
+        transit.connect(edge_addr, "edge").unwrap(),
+    )
+    .await
+    .expect("the transit's dial timed out")
+    .expect("the edge refused the transit");
+    let taken = [
+        (
+            "bidirectional, on the connection the edge dialled",
+            bytes_taken(&dialled, false).await,
+        ),
+        (
+            "unidirectional, on the connection the edge dialled",
+            bytes_taken(&dialled, true).await,
+        ),
+        (
+            "unidirectional, on the connection the transit dialled",
+            bytes_taken(&incoming, true).await,
+        ),
+    ];
+    for (what, n) in taken {
+        assert_eq!(
+            n, 0,
+            "a {what} stream had the edge buffer {n} bytes it never reads"
+        );
+    }
+    drop(edge);
+}

@@ -52,11 +52,11 @@ struct Inner {
     activity: Activity,
     window: Duration,
     stop: AtomicBool,
-    /// Whether each spinner's scheduling policy is `SCHED_IDLE` (false: the kernel refused and it
-    /// runs at normal priority, still yielding its core between slices).
+    /// Spinners running at `SCHED_IDLE`. One the kernel refused it to does not spin at all (at
+    /// normal priority it would take CPU time from real work): it logs why and ends.
     idle_priority: AtomicU64,
-    /// Nanoseconds spent spinning, all spinners.
-    spun_ns: AtomicU64,
+    /// Each spinner's CPU time (nanoseconds, its thread's clock) as of its last spin.
+    cpu_ns: Vec<AtomicU64>,
     /// Spinners spinning now.
     spinning: AtomicU64,
 }
@@ -79,7 +79,7 @@ impl KeepAwake {
             window,
             stop: AtomicBool::new(false),
             idle_priority: AtomicU64::new(0),
-            spun_ns: AtomicU64::new(0),
+            cpu_ns: (0..threads.max(1)).map(|_| AtomicU64::new(0)).collect(),
             spinning: AtomicU64::new(0),
         });
         let mut me = KeepAwake {
@@ -91,15 +91,15 @@ impl KeepAwake {
             me.threads.push(
                 std::thread::Builder::new()
                     .name(format!("keep-awake-{i}"))
-                    .spawn(move || inner.run())?,
+                    .spawn(move || inner.run(i))?,
             );
         }
         Ok(me)
     }
 
-    /// Total time spent spinning, over all spinners.
+    /// CPU time the spinners used, all of them (their threads' clocks, as of their last spin).
     pub fn spun(&self) -> Duration {
-        Duration::from_nanos(self.inner.spun_ns.load(Relaxed))
+        Duration::from_nanos(self.inner.cpu_ns.iter().map(|c| c.load(Relaxed)).sum())
     }
 
     /// Spinners spinning now (the others are asleep, waiting for traffic).
@@ -150,11 +150,15 @@ impl Drop for KeepAwake {
 }
 
 impl Inner {
-    fn run(&self) {
-        let idle = set_idle_priority();
-        if idle {
-            self.idle_priority.fetch_add(1, Relaxed);
+    fn run(&self, me: usize) {
+        if let Err(e) = set_idle_priority() {
+            tracing::warn!(
+                "keep-awake: the kernel refused the idle scheduling class ({e}); this thread \
+                 will not spin (at normal priority it would take CPU time from real work)"
+            );
+            return;
         }
+        self.idle_priority.fetch_add(1, Relaxed);
         let nap = self.window.clamp(MIN_NAP, MAX_NAP);
         let mut seen = (self.activity)();
         // Asleep until traffic moves.
@@ -178,17 +182,10 @@ impl Inner {
             }
             if awake {
                 let until = now + SPIN_SLICE;
-                let mut t = now;
-                while t < until {
+                while Instant::now() < until {
                     std::hint::spin_loop();
-                    t = Instant::now();
                 }
-                self.spun_ns
-                    .fetch_add(t.duration_since(now).as_nanos() as u64, Relaxed);
-                if !idle {
-                    // At normal priority, hand the core over between slices.
-                    std::thread::yield_now();
-                }
+                self.cpu_ns[me].store(thread_cpu_ns(), Relaxed);
             } else {
                 std::thread::sleep(nap);
             }
@@ -199,20 +196,42 @@ impl Inner {
     }
 }
 
+/// The calling thread's CPU time, in nanoseconds.
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
 /// Puts the calling thread in the `SCHED_IDLE` class (Linux; no privilege needed).
-fn set_idle_priority() -> bool {
+fn set_idle_priority() -> std::io::Result<()> {
     #[cfg(target_os = "linux")]
     {
         // SAFETY: a zeroed `sched_param` is valid (priority 0, which SCHED_IDLE requires), and
         // pid 0 is the calling thread.
-        unsafe {
+        let r = unsafe {
             let param: libc::sched_param = std::mem::zeroed();
-            libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) == 0
+            libc::sched_setscheduler(0, libc::SCHED_IDLE, &param)
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
         }
     }
     #[cfg(not(target_os = "linux"))]
     {
-        false
+        Err(std::io::Error::other(
+            "no idle scheduling class on this system",
+        ))
     }
 }
 

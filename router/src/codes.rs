@@ -170,8 +170,32 @@ pub mod close {
     /// No control stream and hello within the controller's hello timeout.
     pub const HELLO_TIMEOUT: u32 = 6;
     /// The peer's certificate is on a revocation list this node adopted
-    /// (`tls::close_when_revoked`).
+    /// (`tls::close_when_untrusted`).
     pub const REVOKED: u32 = 7;
+    /// The peer's certificate chains to no CA of the trust bundle this node has in force: its CA
+    /// left the bundle (`ca.pem` reloaded, e.g. after `tasman pki retire-ca`;
+    /// `tls::close_when_untrusted`).
+    pub const UNTRUSTED: u32 = 8;
+
+    /// Every close code with its name (snake case, for logs and docs), in number order.
+    pub const ALL: [(u32, &str); 9] = [
+        (NORMAL, "normal"),
+        (NOT_ALLOWED, "not_allowed"),
+        (DECLARED_DOWN, "declared_down"),
+        (NOT_A_NEIGHBOUR, "not_a_neighbour"),
+        (REFUSED, "refused"),
+        (PROTOCOL, "protocol"),
+        (HELLO_TIMEOUT, "hello_timeout"),
+        (REVOKED, "revoked"),
+        (UNTRUSTED, "untrusted"),
+    ];
+
+    /// The name of close code `code`, if it is one.
+    pub fn name(code: u64) -> Option<&'static str> {
+        ALL.iter()
+            .find(|(c, _)| u64::from(*c) == code)
+            .map(|(_, n)| *n)
+    }
 }
 
 #[cfg(test)]
@@ -186,5 +210,15 @@ mod tests {
             assert_eq!(Code::from_varint(c.varint()), Some(c));
         }
         assert_eq!(Code::from_u64(0xdead), None);
+    }
+
+    #[test]
+    fn close_codes_are_numbered_in_order_and_named_once() {
+        for (i, (code, name)) in close::ALL.into_iter().enumerate() {
+            assert_eq!(code as usize, i, "{name}");
+            assert_eq!(close::name(code.into()), Some(name));
+        }
+        assert_eq!(close::name(close::UNTRUSTED.into()), Some("untrusted"));
+        assert_eq!(close::name(99), None);
     }
 }

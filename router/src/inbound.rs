@@ -42,7 +42,7 @@ async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
         return;
     };
     tracing::debug!(node = %shared.node, %peer, remote = %conn.remote_address(), "peer connected");
-    let _revocation = tls::watch_revocation(shared.cert.clone(), conn.clone());
+    let _trust_watch = tls::watch_trust(shared.cert.clone(), conn.clone());
     // Where the next pong's learned entries start: each pong goes on where the previous one
     // stopped, so entries beyond one datagram's worth are carried in turn (`Probe::encode_pong`).
     let mut rotation = 0;

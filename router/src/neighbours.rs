@@ -102,7 +102,7 @@ pub(crate) async fn run_dialer(shared: Arc<Shared>, nb: Arc<Neighbour>) {
         };
         if let Some(conn) = attempt.await {
             tracing::debug!(node = %shared.node, neighbour = %nb.id, "connected");
-            let _revocation = crate::tls::watch_revocation(shared.cert.clone(), conn.clone());
+            let _trust_watch = crate::tls::watch_trust(shared.cert.clone(), conn.clone());
             let answered = probe_until_down(&shared, &nb, &conn, &mut down_since).await;
             if nb.is_up() {
                 nb.set_down();

@@ -1,26 +1,32 @@
 //! Mutual TLS for every QUIC connection of the fabric (router to router, router to controller).
 //!
 //! A peer is accepted only when both hold: its certificate chains to a CA of the fabric's trust
-//! bundle (`ca.pem`: every CA in it, see [`pki`] on rotating the CA), and
+//! bundle in force (`ca.pem`: every CA in it, see [`pki`] on rotating the CA), and
 //! the certificate is valid for a name in the current [`PeerNames`] set (the node ids of the
 //! current topology, plus `controller` where the caller adds it). The set is swapped on every
 //! snapshot, so a node removed from the topology is refused at its next handshake.
 //!
 //! The certificate and key a node presents come from a [`CertResolver`] (the server and client
 //! configs share it). [`CertResolver::reload`] re-reads the node's files and swaps in a new pair
-//! only if it is for this node, chains to a CA of the bundle loaded at start and is valid now; new
-//! handshakes then present it, while established connections keep going. The bundle itself is
-//! read only at start (a change of what a node trusts takes a restart, on purpose: a file
-//! dropped next to the node's certificate never widens its trust).
+//! only if it is for this node, chains to a CA of the bundle in force and is valid now; new
+//! handshakes then present it, while established connections keep going.
+//!
+//! The bundle is re-read too, on the same tick and before the certificate
+//! ([`CertResolver::reload_trust`]): a new `ca.pem` is adopted whole if it parses
+//! ([`pki::parse_ca_bundle`]) and the certificate the node presents still chains to a CA of it
+//! (a bundle that drops the node's own issuer would cut it off from its peers: refused, the
+//! bundle in force stays). A CA rotation thus needs no restart.
 //!
 //! Revocation: a certificate on a revocation list in force is refused too. The lists come from
 //! `ca.crl.pem` in the same directory ([`pki::CA_CRL`], written by [`pki::revoke`]), read at start
 //! and at every reload tick ([`CertResolver::reload_crl`]); a list is adopted only if it is signed
-//! by a CA of the bundle loaded at start and is not older than the one in force for that CA, so a
-//! list can only narrow trust, never widen it, and a corrupt or foreign file changes nothing. The
-//! verifiers (one pair per CA, each with that CA's list: see `Trust`) are swapped whole, read
-//! lock-free at each handshake, and [`close_when_revoked`] closes the established connections
-//! whose peer a newly adopted list revokes.
+//! by a CA of the bundle in force and is not older than the one in force for that CA, so a
+//! list can only narrow trust, never widen it, and a corrupt or foreign file changes nothing. A
+//! list stays attached to its CA (by certificate) when the bundle changes, and leaves force with
+//! it. The verifiers (one pair per CA, each with that CA's list: see `Trust`) are swapped whole,
+//! read lock-free at each handshake, and [`close_when_untrusted`] closes the established
+//! connections whose peer a change of trust (a newly adopted list, a CA gone from the bundle)
+//! no longer accepts.
 //!
 //! Neither 0-RTT nor resumption is enabled: 0-RTT data is replayable and the first bytes of a
 //! stream here are a client's (non-idempotent) inference request; resumption would skip the
@@ -112,6 +118,26 @@ impl TlsIdentity {
             .into_iter()
             .map(|c| c.der)
             .collect();
+        let (chain, key) = Self::load_pair(dir, name)?;
+        Ok(TlsIdentity {
+            name: name.to_string(),
+            cas,
+            chain,
+            key,
+            dir: Some(dir.to_path_buf()),
+        })
+    }
+
+    /// Loads `<name>.pem` (the chain) and `<name>.key` from `dir`, without `ca.pem` (what a
+    /// certificate reload reads: the bundle is reloaded on its own).
+    pub fn load_pair(
+        dir: &Path,
+        name: &str,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+        let file_err = |path: &Path, reason: String| TlsError::File {
+            path: path.to_path_buf(),
+            reason,
+        };
         let cert_path = dir.join(format!("{name}.pem"));
         let chain = CertificateDer::pem_file_iter(&cert_path)
             .and_then(|it| it.collect::<Result<Vec<_>, _>>())
@@ -122,13 +148,7 @@ impl TlsIdentity {
         let key_path = dir.join(format!("{name}.key"));
         let key = PrivateKeyDer::from_pem_file(&key_path)
             .map_err(|e| file_err(&key_path, e.to_string()))?;
-        Ok(TlsIdentity {
-            name: name.to_string(),
-            cas,
-            chain,
-            key,
-            dir: Some(dir.to_path_buf()),
-        })
+        Ok((chain, key))
     }
 }
 
@@ -196,6 +216,14 @@ pub enum Reload {
     Refused(String),
 }
 
+/// What one [`CertResolver::reload_tick`] did, in its order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadTick {
+    pub trust: TrustReload,
+    pub cert: Reload,
+    pub crl: CrlReload,
+}
+
 /// What a [`CertResolver::reload_crl`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CrlReload {
@@ -207,31 +235,59 @@ pub enum CrlReload {
     Refused(String),
 }
 
+/// What a [`CertResolver::reload_trust`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrustReload {
+    /// No directory, the same file, or a file with the CAs in force (in the same order).
+    Unchanged,
+    /// The bundle of the file is in force now: this many CAs.
+    Adopted { cas: usize },
+    /// The file was refused (the bundle in force stays): why.
+    Refused(String),
+}
+
 /// The certificate and key this node presents, as a server and as a client: swapped whole by
-/// [`CertResolver::reload`] (lock-free reads at each handshake). It keeps the trust bundle of the
-/// identity it started with: a reload never changes which CAs the node trusts, and a new
-/// certificate must chain to a CA of that bundle. What it trusts is narrowed by the revocation
-/// lists it adopts ([`CertResolver::reload_crl`]); the handshake verifiers of the configs built
-/// from it read those in force at each handshake.
+/// [`CertResolver::reload`] (lock-free reads at each handshake), and what the node trusts: the
+/// bundle of `ca.pem` in force ([`CertResolver::reload_trust`]: read at start and re-read at each
+/// reload tick), narrowed by the revocation lists it adopts ([`CertResolver::reload_crl`]). A new
+/// certificate must chain to a CA of the bundle in force; the handshake verifiers of the configs
+/// built from it read the bundle and lists in force at each handshake.
 pub struct CertResolver {
     name: String,
-    cas: Vec<CertificateDer<'static>>,
     dir: Option<PathBuf>,
     current: ArcSwap<CertifiedKey>,
-    /// What the node trusts now: swapped whole when a CRL is adopted (lock-free reads at each
-    /// handshake).
+    /// What the node trusts now (the bundle and its lists): swapped whole when a bundle or a CRL
+    /// is adopted (lock-free reads at each handshake).
     trust: Arc<ArcSwap<Trust>>,
     provider: Arc<CryptoProvider>,
-    /// Bumped at each CRL adoption: [`close_when_revoked`] rechecks live connections then.
-    revocations: tokio::sync::watch::Sender<u64>,
+    /// Bumped at each change of trust (a CRL or a bundle adopted): [`close_when_untrusted`]
+    /// rechecks live connections then.
+    trust_changes: tokio::sync::watch::Sender<u64>,
     crl_updates: AtomicU64,
     crl_failures: AtomicU64,
     revoked_closed: AtomicU64,
     /// The last `ca.crl.pem` read (its bytes) and why it was refused, if it was: the same file
-    /// is neither re-checked nor logged twice.
+    /// is neither re-checked nor logged twice (until the bundle changes: a list refused against
+    /// one bundle may check out against the next).
     last_crl: Mutex<Option<(Vec<u8>, Option<String>)>>,
-    /// Held through each adoption: the reload tick and the control client may adopt at the same
-    /// time, and the later store must not undo a newer list the other just put in force.
+    /// The last lists from the controller ([`install_crl`]) if they were refused: tried again
+    /// after the bundle changes (the controller sends them once, and they may be for a CA the
+    /// node did not trust yet).
+    refused_push: Mutex<Option<String>>,
+    /// The lists of CAs that left the bundle, by CA certificate: put back in force if that CA
+    /// comes back (so putting a retired CA back into `ca.pem` does not un-revoke anything).
+    retired_crls: Mutex<Vec<(CertificateDer<'static>, pki::CheckedCrl)>>,
+    trust_reloads: AtomicU64,
+    trust_failures: AtomicU64,
+    untrusted_closed: AtomicU64,
+    /// The last `ca.pem` read (its bytes) and whether it was refused: the same file adopted is
+    /// not checked again, the same file refused is checked again (the certificate it was judged
+    /// against may change) but logged and counted once.
+    last_bundle: Mutex<Option<(Vec<u8>, bool)>>,
+    /// Held through each adoption (of a bundle, a list or a certificate): the reload tick and
+    /// the control client may adopt at the same time, and the later store must not undo what the
+    /// other just put in force (a newer list, a bundle, a certificate checked against another
+    /// bundle).
     adopting: Mutex<()>,
     not_before: AtomicI64,
     not_after: AtomicI64,
@@ -263,16 +319,21 @@ impl CertResolver {
         let not_before = not_before(&id.chain[0]).unwrap_or(0);
         Ok(Arc::new(CertResolver {
             name: id.name.clone(),
-            cas: id.cas.clone(),
             dir: id.dir.clone(),
             current: ArcSwap::from_pointee(ck),
             trust: Arc::new(ArcSwap::from_pointee(trust)),
             provider,
-            revocations: tokio::sync::watch::Sender::new(0),
+            trust_changes: tokio::sync::watch::Sender::new(0),
             crl_updates: AtomicU64::new(0),
             crl_failures: AtomicU64::new(0),
             revoked_closed: AtomicU64::new(0),
             last_crl: Mutex::new(None),
+            refused_push: Mutex::new(None),
+            retired_crls: Mutex::new(Vec::new()),
+            trust_reloads: AtomicU64::new(0),
+            trust_failures: AtomicU64::new(0),
+            untrusted_closed: AtomicU64::new(0),
+            last_bundle: Mutex::new(None),
             adopting: Mutex::new(()),
             not_before: AtomicI64::new(not_before),
             not_after: AtomicI64::new(not_after),
@@ -296,9 +357,10 @@ impl CertResolver {
     pub fn name(&self) -> &str {
         &self.name
     }
-    /// The CAs this node trusts (the bundle loaded at start).
-    pub fn trusted(&self) -> &[CertificateDer<'static>] {
-        &self.cas
+    /// The CAs this node trusts: the bundle in force (loaded at start, or adopted since by
+    /// [`CertResolver::reload_trust`]), in file order.
+    pub fn trusted(&self) -> Vec<CertificateDer<'static>> {
+        self.trust.load().cas.clone()
     }
     /// The pair presented now.
     pub fn current(&self) -> Arc<CertifiedKey> {
@@ -335,8 +397,8 @@ impl CertResolver {
     }
 
     /// Whether `id` may replace the presented pair: its key matches its certificate, and the
-    /// certificate chains to a CA we trust, is valid now and is for our name (for both server and
-    /// client use). The checked pair on success.
+    /// certificate chains to a CA of the bundle in force, is valid now and is for our name (for
+    /// both server and client use). The checked pair on success.
     pub fn check(&self, id: &TlsIdentity) -> Result<CertifiedKey, String> {
         let leaf = id.chain.first().ok_or("no certificate in file")?;
         let ck = CertifiedKey::from_der(id.chain.clone(), id.key.clone_key(), &self.provider)
@@ -357,13 +419,17 @@ impl CertResolver {
     }
 
     /// Re-reads `<name>.pem` and `<name>.key` from the directory the identity came from and
-    /// swaps them in if they changed and pass [`CertResolver::check`]; otherwise keeps the
-    /// presented pair (logging why, once per distinct set of refused files).
+    /// swaps them in if they changed and pass [`CertResolver::check`] (against the bundle in
+    /// force); otherwise keeps the presented pair (logging why, once per distinct set of refused
+    /// files).
     pub fn reload(&self) -> Reload {
         let Some(dir) = &self.dir else {
             return Reload::Unchanged;
         };
-        let loaded = TlsIdentity::load(dir, &self.name);
+        // Checked and swapped under the adoption lock: a bundle adopted in between would not
+        // have been checked against this certificate, nor this certificate against it.
+        let _one_at_a_time = self.adopting.lock();
+        let loaded = self.load_own(dir);
         if let Ok(id) = &loaded
             && self.current.load().cert.first() == id.chain.first()
         {
@@ -380,20 +446,7 @@ impl CertResolver {
             .map_err(|e| e.to_string())
             .and_then(|id| self.check(&id));
         match checked {
-            Ok(ck) => {
-                let na = not_after(&ck.cert[0]).unwrap_or(0);
-                let nb = not_before(&ck.cert[0]).unwrap_or(0);
-                self.current.store(Arc::new(ck));
-                self.not_before.store(nb, Relaxed);
-                self.not_after.store(na, Relaxed);
-                self.reloads.fetch_add(1, Relaxed);
-                if let Ok(mut l) = self.last_refusal.lock() {
-                    *l = None;
-                }
-                tracing::info!(node = %self.name, not_after = na, expires = %fmt_unix(na),
-                    "reloaded the node certificate");
-                Reload::Reloaded { not_after: na }
-            }
+            Ok(ck) => self.present(ck),
             Err(reason) => {
                 let seen = (leaf, reason.clone());
                 let new = match self.last_refusal.lock() {
@@ -414,15 +467,192 @@ impl CertResolver {
         }
     }
 
+    /// The node's pair as its files hold it now (not its `ca.pem`, reloaded on its own: the
+    /// identity carries the bundle in force).
+    fn load_own(&self, dir: &Path) -> Result<TlsIdentity, TlsError> {
+        let (chain, key) = TlsIdentity::load_pair(dir, &self.name)?;
+        Ok(TlsIdentity {
+            name: self.name.clone(),
+            cas: self.trusted(),
+            chain,
+            key,
+            dir: Some(dir.to_path_buf()),
+        })
+    }
+
+    /// Presents `ck` (checked) from now on; `adopting` held by the caller.
+    fn present(&self, ck: CertifiedKey) -> Reload {
+        let na = not_after(&ck.cert[0]).unwrap_or(0);
+        let nb = not_before(&ck.cert[0]).unwrap_or(0);
+        self.current.store(Arc::new(ck));
+        self.not_before.store(nb, Relaxed);
+        self.not_after.store(na, Relaxed);
+        self.reloads.fetch_add(1, Relaxed);
+        if let Ok(mut l) = self.last_refusal.lock() {
+            *l = None;
+        }
+        tracing::info!(node = %self.name, not_after = na, expires = %fmt_unix(na),
+            "reloaded the node certificate");
+        Reload::Reloaded { not_after: na }
+    }
+
+    /// Re-reads `ca.pem` from the directory the identity came from and, if it holds another
+    /// bundle than the one in force, adopts it whole when both hold:
+    ///
+    /// - it parses as a non-empty bundle of CA certificates ([`pki::parse_ca_bundle`]);
+    /// - the certificate this node presents now chains to a CA of it (a bundle without the
+    ///   node's own issuer is almost surely a mistake, and would cut the node off from every peer
+    ///   on that CA; a certificate from a CA the bundle adds is taken after it, by
+    ///   [`CertResolver::reload`]).
+    ///
+    /// Otherwise the whole file is refused and the bundle in force stays (logged and counted once
+    /// per distinct file; a refused file is checked again at each call, since the certificate it
+    /// was judged against may change). On adoption, each revocation list in force stays with its
+    /// CA (matched by certificate, wherever the CA sits in the new bundle, its number still the
+    /// floor for the next list of that CA); the lists of CAs that left the bundle leave force
+    /// with them (and come back with their CA). New handshakes use the new bundle at once and
+    /// [`close_when_untrusted`] closes the live connections whose peer no CA in force accepts.
+    pub fn reload_trust(&self) -> TrustReload {
+        let Some(dir) = &self.dir else {
+            return TrustReload::Unchanged;
+        };
+        let path = dir.join(pki::CA_CERT);
+        let _one_at_a_time = self.adopting.lock();
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) => {
+                let why = e.to_string();
+                return self.bundle_refused(why.clone().into_bytes(), why);
+            }
+        };
+        if let Ok(l) = self.last_bundle.lock()
+            && let Some((seen, false)) = l.as_ref()
+            && *seen == bytes
+        {
+            return TrustReload::Unchanged;
+        }
+        match self.adopt_bundle(&bytes) {
+            Ok(got) => {
+                if let Ok(mut l) = self.last_bundle.lock() {
+                    *l = Some((bytes, false));
+                }
+                got
+            }
+            Err(why) => self.bundle_refused(bytes, why),
+        }
+    }
+
+    /// [`CertResolver::reload_trust`] on the contents of a `ca.pem`, `adopting` held by the
+    /// caller. Why it is refused, on error.
+    fn adopt_bundle(&self, bytes: &[u8]) -> Result<TrustReload, String> {
+        let text = std::str::from_utf8(bytes).map_err(|_| "not a PEM file".to_string())?;
+        let cas: Vec<CertificateDer<'static>> = pki::parse_ca_bundle(text)?
+            .into_iter()
+            .map(|c| c.der)
+            .collect();
+        let cur = self.trust.load_full();
+        if cas == cur.cas {
+            return Ok(TrustReload::Unchanged);
+        }
+        let mut retired = self
+            .retired_crls
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Each CA's list: the one in force for that CA certificate, or the one it had when it
+        // left the bundle; at the CA's new position.
+        let crls: Vec<Option<pki::CheckedCrl>> = cas
+            .iter()
+            .enumerate()
+            .map(|(i, ca)| {
+                let in_force = cur
+                    .cas
+                    .iter()
+                    .position(|c| c == ca)
+                    .and_then(|j| cur.crls[j].clone());
+                let kept = in_force.or_else(|| {
+                    retired
+                        .iter()
+                        .find(|(c, _)| c == ca)
+                        .map(|(_, crl)| crl.clone())
+                });
+                kept.map(|mut crl| {
+                    crl.ca = i;
+                    crl
+                })
+            })
+            .collect();
+        let next = Trust::build(&cas, crls, &self.provider).map_err(|e| e.to_string())?;
+        // Revoked is fine here: the question is whether the node's issuer stays trusted.
+        if let Standing::Untrusted(e) = next.standing(&self.current.load().cert) {
+            return Err(format!(
+                "the certificate this node presents does not chain to a CA of it ({e}): it would \
+                 cut this node off from its peers on that CA (give the node a certificate from \
+                 a CA of both bundles first)"
+            ));
+        }
+        let gone: Vec<usize> = (0..cur.cas.len())
+            .filter(|&j| !cas.contains(&cur.cas[j]))
+            .collect();
+        let added = cas.iter().filter(|c| !cur.cas.contains(c)).count();
+        for &j in &gone {
+            if let Some(crl) = &cur.crls[j] {
+                retired.retain(|(c, _)| *c != cur.cas[j]);
+                retired.push((cur.cas[j].clone(), crl.clone()));
+            }
+        }
+        retired.retain(|(c, _)| !cas.contains(c));
+        drop(retired);
+        self.trust.store(Arc::new(next));
+        self.trust_reloads.fetch_add(1, Relaxed);
+        // A list file refused against the old bundle may check out against this one.
+        if let Ok(mut l) = self.last_crl.lock() {
+            *l = None;
+        }
+        tracing::info!(node = %self.name, cas = cas.len(), added, removed = gone.len(),
+            "adopted a new trust bundle ({})", pki::CA_CERT);
+        self.trust_changes.send_modify(|g| *g += 1);
+        Ok(TrustReload::Adopted { cas: cas.len() })
+    }
+
+    fn bundle_refused(&self, bytes: Vec<u8>, why: String) -> TrustReload {
+        let new = match self.last_bundle.lock() {
+            Ok(mut l) => {
+                let new = !matches!(l.as_ref(), Some((seen, true)) if *seen == bytes);
+                *l = Some((bytes, true));
+                new
+            }
+            Err(_) => true,
+        };
+        if new {
+            self.trust_failures.fetch_add(1, Relaxed);
+            tracing::warn!(node = %self.name, dir = ?self.dir,
+                "{} refused, keeping the trust bundle in force: {why}", pki::CA_CERT);
+        }
+        TrustReload::Refused(why)
+    }
+
+    /// New trust bundles adopted since start.
+    pub fn trust_reloads(&self) -> u64 {
+        self.trust_reloads.load(Relaxed)
+    }
+    /// Distinct `ca.pem` files refused since start.
+    pub fn trust_reload_failures(&self) -> u64 {
+        self.trust_failures.load(Relaxed)
+    }
+    /// Live connections closed because no CA of the bundle in force accepts their peer any more.
+    pub fn untrusted_closed(&self) -> u64 {
+        self.untrusted_closed.load(Relaxed)
+    }
+
     /// Re-reads `ca.crl.pem` from the directory the identity came from and adopts the lists in
     /// it that are newer than the ones in force ([`pki::parse_crls`]: each signed by a CA of the
-    /// bundle loaded at start). A file that does not check out, or that holds a list with a lower
+    /// bundle in force). A file that does not check out, or that holds a list with a lower
     /// number than the one in force for its CA (a rollback), or the same number with other
     /// contents, is refused whole: the lists in force stay (logged and counted once per distinct
     /// file). A CA's list missing from the file stays in force too, and so does everything when
-    /// the file is gone: a list is only ever replaced by a newer one. On adoption, new handshakes
-    /// check the new lists at once and [`close_when_revoked`] closes live connections whose peer
-    /// is now revoked.
+    /// the file is gone: a list is only ever replaced by a newer one (or leaves force with its CA,
+    /// [`CertResolver::reload_trust`]). On adoption, new handshakes check the new lists at once
+    /// and [`close_when_untrusted`] closes live connections whose peer is now revoked.
     pub fn reload_crl(&self) -> CrlReload {
         let Some(dir) = &self.dir else {
             return CrlReload::Unchanged;
@@ -450,14 +680,15 @@ impl CertResolver {
                 None => CrlReload::Unchanged,
             };
         }
+        // The bundle in force: it changes only under `adopting`, which the caller holds.
+        let trust = self.trust.load_full();
         let parsed = std::str::from_utf8(&bytes)
             .map_err(|_| "not a PEM file".to_string())
-            .and_then(|text| pki::parse_crls(text, &self.cas));
+            .and_then(|text| pki::parse_crls(text, &trust.cas));
         let crls = match parsed {
             Ok(c) => c,
             Err(why) => return self.crl_refused(bytes, why),
         };
-        let trust = self.trust.load_full();
         let mut next = trust.crls.clone();
         let mut changed = false;
         for crl in crls {
@@ -495,7 +726,7 @@ impl CertResolver {
         }
         // webpki parses the lists again when the verifiers are built: refused there too, the
         // lists in force stay.
-        let built = match Trust::build(&self.cas, next, &self.provider) {
+        let built = match Trust::build(&trust.cas, next, &self.provider) {
             Ok(t) => t,
             Err(e) => return self.crl_refused(bytes, e.to_string()),
         };
@@ -515,7 +746,7 @@ impl CertResolver {
         self.trust.store(Arc::new(built));
         self.crl_updates.fetch_add(1, Relaxed);
         self.crl_seen(bytes, None);
-        self.revocations.send_modify(|g| *g += 1);
+        self.trust_changes.send_modify(|g| *g += 1);
         tracing::info!(node = %self.name, lists = %summary.join("; "),
             "adopted a new certificate revocation list");
         CrlReload::Adopted
@@ -551,25 +782,35 @@ impl CertResolver {
     pub fn revoked_closed(&self) -> u64 {
         self.revoked_closed.load(Relaxed)
     }
-    /// Changes (a counter) at each adoption of a revocation list.
-    pub fn revocations(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.revocations.subscribe()
+    /// Changes (a counter) at each change of trust: a revocation list or a bundle adopted.
+    pub fn trust_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.trust_changes.subscribe()
     }
 
     /// Whether the lists in force revoke this peer chain (leaf first): a chain that verifies but
-    /// for a revocation. Other failures (expired since the handshake, ...) are not revocations.
+    /// for a revocation (judged at a time its certificate is valid: expiry is no revocation).
     pub fn revoked(&self, chain: &[CertificateDer<'_>]) -> bool {
-        let Some((leaf, rest)) = chain.split_first() else {
-            return false;
-        };
-        matches!(
-            self.trust.load().verify_client(leaf, rest, UnixTime::now()),
-            Err(rustls::Error::InvalidCertificate(CertificateError::Revoked))
-        )
+        matches!(self.trust.load().standing(chain), Standing::Revoked)
     }
 
-    /// Calls [`CertResolver::reload`] every `interval`, until its task is aborted (as the router
-    /// and the controller abort their tasks at shutdown).
+    /// One reload tick: the bundle (`ca.pem`) first, so that a certificate from a CA it adds is
+    /// taken in the same tick, then the node's certificate, then the revocation lists (checked
+    /// against the bundle just adopted). After a bundle change, lists from the controller that
+    /// were refused against the previous bundle are tried again.
+    pub fn reload_tick(&self) -> ReloadTick {
+        let trust = self.reload_trust();
+        let cert = self.reload();
+        let crl = self.reload_crl();
+        if matches!(trust, TrustReload::Adopted { .. })
+            && let Some(pem) = self.refused_push.lock().ok().and_then(|mut p| p.take())
+        {
+            install_crl(self, &pem);
+        }
+        ReloadTick { trust, cert, crl }
+    }
+
+    /// Calls [`CertResolver::reload_tick`] every `interval`, until its task is aborted (as the
+    /// router and the controller abort their tasks at shutdown).
     pub async fn reload_every(self: Arc<Self>, interval: Duration) {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -578,11 +819,7 @@ impl CertResolver {
             tick.tick().await;
             // File reads and signature checks: keep them off the async workers.
             let me = self.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                me.reload();
-                me.reload_crl();
-            })
-            .await;
+            let _ = tokio::task::spawn_blocking(move || me.reload_tick()).await;
         }
     }
 
@@ -590,7 +827,7 @@ impl CertResolver {
     pub fn render_metrics(&self, node: &str, s: &mut String) {
         use std::fmt::Write as _;
         // One series each, labelled with the node: (name, type, help, value).
-        let single: [(&str, &str, &str, String); 6] = [
+        let single: [(&str, &str, &str, String); 10] = [
             (
                 "tasman_tls_cert_not_after_seconds",
                 "gauge",
@@ -626,6 +863,30 @@ impl CertResolver {
                 "counter",
                 "Live connections closed because the peer's certificate was revoked.",
                 self.revoked_closed().to_string(),
+            ),
+            (
+                "tasman_tls_trusted_cas",
+                "gauge",
+                "CA certificates in the trust bundle (ca.pem) in force.",
+                self.trust.load().cas.len().to_string(),
+            ),
+            (
+                "tasman_tls_trust_reloads_total",
+                "counter",
+                "New trust bundles (ca.pem) adopted since start.",
+                self.trust_reloads().to_string(),
+            ),
+            (
+                "tasman_tls_trust_reload_failures_total",
+                "counter",
+                "ca.pem files refused (the bundle in force kept).",
+                self.trust_reload_failures().to_string(),
+            ),
+            (
+                "tasman_tls_untrusted_closed_total",
+                "counter",
+                "Live connections closed because no CA of the trust bundle in force accepts the peer's certificate any more.",
+                self.untrusted_closed().to_string(),
             ),
         ];
         for (name, kind, help, value) in single {
@@ -679,15 +940,20 @@ impl CertResolver {
 }
 
 /// Installs revocation lists from the controller: adopted as if read from `ca.crl.pem`
-/// ([`CertResolver::reload_crl`]'s checks: against the bundle loaded at start, no rollback), then,
+/// ([`CertResolver::reload_crl`]'s checks: against the bundle in force, no rollback), then,
 /// unless refused, the lists in force written to that file (by rename) so that the node starts
 /// with them. The lists in force, not `pem`: a list `pem` leaves out (another CA's) stays in
 /// force, and must stay in the file too or a restart would drop it. The adoption lock is held
 /// through the write, so two installs cannot leave an older file over a newer one. A refused
-/// list leaves the file and the lists in force alone.
+/// list leaves the file and the lists in force alone, and is tried again after the next change
+/// of bundle ([`CertResolver::reload_tick`]: it may be a list of a CA the node does not trust yet,
+/// and the controller sends it only once).
 pub fn install_crl(cert: &CertResolver, pem: &str) -> CrlReload {
     let _one_at_a_time = cert.adopting.lock();
     let got = cert.adopt_crl(pem.as_bytes().to_vec());
+    if let Ok(mut p) = cert.refused_push.lock() {
+        *p = matches!(got, CrlReload::Refused(_)).then(|| pem.to_string());
+    }
     if matches!(got, CrlReload::Refused(_)) {
         return got;
     }
@@ -703,7 +969,7 @@ pub fn install_crl(cert: &CertResolver, pem: &str) -> CrlReload {
 }
 
 /// Installs a renewed certificate: checks `chain_pem` with `key` as `cert` would on a reload
-/// (against the CAs it trusts), writes them to the node's files (key first, each by rename) and
+/// (against the bundle in force), writes them to the node's files (key first, each by rename) and
 /// has `cert` reload them. The new expiry. Used by a router's control client and by the controller
 /// for its own certificate.
 pub fn install(cert: &CertResolver, key: &rcgen::KeyPair, chain_pem: &str) -> Result<i64, String> {
@@ -721,7 +987,7 @@ pub fn install(cert: &CertResolver, key: &rcgen::KeyPair, chain_pem: &str) -> Re
         .ok_or("no certificate in the answer")?;
     let id = TlsIdentity {
         name: cert.name().to_string(),
-        cas: cert.cas.clone(),
+        cas: cert.trusted(),
         chain,
         key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
         dir: Some(dir.to_path_buf()),
@@ -807,8 +1073,8 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// What a node trusts: every CA of the bundle loaded at start, each narrowed by its revocation
-/// list if it has one. One pair of WebPKI verifiers per CA, with that CA as its only root and
+/// What a node trusts: every CA of the bundle in force, each narrowed by its revocation list if
+/// it has one. One pair of WebPKI verifiers per CA, with that CA as its only root and
 /// that CA's list: CAs made by `pki` share a distinguished name, and webpki takes the first list
 /// whose issuer name matches a certificate's issuer and then fails on its signature if another
 /// CA of that name signed it, so one verifier over the whole bundle and every list would refuse
@@ -817,9 +1083,21 @@ fn provider() -> Arc<CryptoProvider> {
 /// single-CA verifier refuses the others' chains on their signatures).
 #[derive(Debug)]
 struct Trust {
+    /// The bundle, in file order.
+    cas: Vec<CertificateDer<'static>>,
     per_ca: Vec<CaVerifiers>,
     /// The list in force for each CA of the bundle (same positions).
     crls: Vec<Option<pki::CheckedCrl>>,
+}
+
+/// Where a chain stands with a [`Trust`] ([`Trust::standing`]).
+#[derive(Debug)]
+enum Standing {
+    Trusted,
+    /// It chains to a CA of the bundle, whose list revokes it.
+    Revoked,
+    /// No CA of the bundle accepts it (why, from the most telling CA).
+    Untrusted(rustls::Error),
 }
 
 #[derive(Debug)]
@@ -863,7 +1141,31 @@ impl Trust {
                 Ok(CaVerifiers { server, client })
             })
             .collect::<Result<Vec<_>, TlsError>>()?;
-        Ok(Trust { per_ca, crls })
+        Ok(Trust {
+            cas: cas.to_vec(),
+            per_ca,
+            crls,
+        })
+    }
+
+    /// Whether `chain` (leaf first) is accepted, revoked or chains to no CA of this bundle,
+    /// judged at a time its leaf is valid (now, clamped into its validity window): the question
+    /// is what a change of bundle or lists did to it, not whether it expired.
+    fn standing(&self, chain: &[CertificateDer<'_>]) -> Standing {
+        let Some((leaf, rest)) = chain.split_first() else {
+            return Standing::Untrusted(rustls::Error::NoCertificatesPresented);
+        };
+        let now = UnixTime::now().as_secs() as i64;
+        let at = match (not_before(leaf), not_after(leaf)) {
+            (Ok(nb), Ok(na)) if nb <= na => now.clamp(nb, na),
+            _ => now,
+        };
+        let at = UnixTime::since_unix_epoch(Duration::from_secs(at.max(0) as u64));
+        match self.verify_client(leaf, rest, at) {
+            Ok(_) => Standing::Trusted,
+            Err(rustls::Error::InvalidCertificate(CertificateError::Revoked)) => Standing::Revoked,
+            Err(e) => Standing::Untrusted(e),
+        }
     }
 
     fn verify_server(
@@ -921,53 +1223,70 @@ fn first_accepting<T>(
     )))
 }
 
-/// Runs [`close_when_revoked`] on `conn` in a task of its own, until the returned guard is
+/// Runs [`close_when_untrusted`] on `conn` in a task of its own, until the returned guard is
 /// dropped. Hold the guard where `conn` is held: the task holds a handle of the connection too,
 /// and quinn closes a connection only when its last handle goes, so a task left running after
 /// its owner let go would keep the connection open for good (keep-alives defeat the idle
 /// timeout).
-pub fn watch_revocation(cert: Arc<CertResolver>, conn: quinn::Connection) -> RevocationWatch {
-    RevocationWatch(tokio::spawn(close_when_revoked(cert, conn)))
+pub fn watch_trust(cert: Arc<CertResolver>, conn: quinn::Connection) -> TrustWatch {
+    TrustWatch(tokio::spawn(close_when_untrusted(cert, conn)))
 }
 
-/// Stops the task of [`watch_revocation`] when dropped.
+/// Stops the task of [`watch_trust`] when dropped.
 #[derive(Debug)]
-pub struct RevocationWatch(tokio::task::JoinHandle<()>);
+pub struct TrustWatch(tokio::task::JoinHandle<()>);
 
-impl Drop for RevocationWatch {
+impl Drop for TrustWatch {
     fn drop(&mut self) {
         self.0.abort();
     }
 }
 
-/// Closes `conn` with [`close::REVOKED`](crate::codes::close::REVOKED) as soon as the lists in
-/// force at `cert` revoke the certificate its peer presented: checked at once (a list adopted
-/// during the handshake) and again at every adoption. Returns when the connection closes, for
-/// whatever reason. Run next to every established connection (neighbours both ways, the
-/// controller's sessions and a router's control connection) through [`watch_revocation`], so a
-/// revoked key's live sessions end too, not only its next handshakes.
-pub async fn close_when_revoked(cert: Arc<CertResolver>, conn: quinn::Connection) {
+/// Closes `conn` as soon as what `cert` trusts no longer accepts the certificate its peer
+/// presented: with [`close::REVOKED`](crate::codes::close::REVOKED) when a list in force revokes
+/// it, with [`close::UNTRUSTED`](crate::codes::close::UNTRUSTED) when it chains to no CA of the
+/// bundle in force any more (its CA left the bundle). Checked at once (a change during the
+/// handshake) and again at every change of trust, at a time the certificate is valid (a
+/// certificate that expires during a connection is not a reason to close it here: the next
+/// handshake refuses it). Returns when the connection closes, for whatever reason. Run next to
+/// every established connection (neighbours both ways, the controller's sessions and a router's
+/// control connection) through [`watch_trust`], so a revoked key's or a retired CA's live
+/// sessions end too, not only their next handshakes.
+pub async fn close_when_untrusted(cert: Arc<CertResolver>, conn: quinn::Connection) {
     let Some(chain) = conn
         .peer_identity()
         .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
     else {
         return;
     };
-    let mut adopted = cert.revocations();
+    let mut changed = cert.trust_changes();
     loop {
-        adopted.borrow_and_update();
-        if cert.revoked(&chain) {
-            cert.revoked_closed.fetch_add(1, Relaxed);
-            tracing::warn!(node = %cert.name, remote = %conn.remote_address(),
-                "closing a connection: the peer's certificate is revoked");
-            conn.close(
-                quinn::VarInt::from_u32(crate::codes::close::REVOKED),
-                b"certificate revoked",
-            );
-            return;
+        changed.borrow_and_update();
+        match cert.trust.load().standing(&chain) {
+            Standing::Trusted => {}
+            Standing::Revoked => {
+                cert.revoked_closed.fetch_add(1, Relaxed);
+                tracing::warn!(node = %cert.name, remote = %conn.remote_address(),
+                    "closing a connection: the peer's certificate is revoked");
+                conn.close(
+                    quinn::VarInt::from_u32(crate::codes::close::REVOKED),
+                    b"certificate revoked",
+                );
+                return;
+            }
+            Standing::Untrusted(e) => {
+                cert.untrusted_closed.fetch_add(1, Relaxed);
+                tracing::warn!(node = %cert.name, remote = %conn.remote_address(),
+                    "closing a connection: the peer's certificate chains to no CA of the trust bundle in force ({e})");
+                conn.close(
+                    quinn::VarInt::from_u32(crate::codes::close::UNTRUSTED),
+                    b"certificate no longer trusted",
+                );
+                return;
+            }
         }
         tokio::select! {
-            r = adopted.changed() => if r.is_err() { return },
+            r = changed.changed() => if r.is_err() { return },
             _ = conn.closed() => return,
         }
     }
@@ -1016,15 +1335,15 @@ macro_rules! delegate_signature_checks {
 #[derive(Debug)]
 struct NodeClientVerifier {
     trust: Arc<ArcSwap<Trust>>,
-    /// The bundle's CA names, sent as hints (the bundle never changes after start).
-    hints: Vec<DistinguishedName>,
     provider: Arc<CryptoProvider>,
     peers: PeerNames,
 }
 
 impl ClientCertVerifier for NodeClientVerifier {
+    /// No CA names are hinted: the bundle changes while the config lives (a hint list would go
+    /// stale), and a node presents its one certificate whatever the hints say.
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &self.hints
+        &[]
     }
     fn verify_client_cert(
         &self,
@@ -1089,16 +1408,8 @@ pub fn rustls_server_config_with(
     cert: &Arc<CertResolver>,
     peers: &PeerNames,
 ) -> Result<rustls::ServerConfig, TlsError> {
-    let hints = cert
-        .trust
-        .load()
-        .per_ca
-        .iter()
-        .flat_map(|v| v.client.root_hint_subjects().iter().cloned())
-        .collect();
     let verifier = Arc::new(NodeClientVerifier {
         trust: cert.trust.clone(),
-        hints,
         provider: cert.provider.clone(),
         peers: peers.clone(),
     });
@@ -1283,8 +1594,10 @@ mod tests {
         pki::init(other.path()).unwrap();
         pki::issue(other.path(), "n1").unwrap();
         replace_n1(d.path(), other.path(), "n1");
-        // Even with the other CA's ca.pem next to it: the bundle loaded at start is what counts.
+        // Even with the other CA's ca.pem next to it: that bundle is refused (it does not trust
+        // the certificate presented now), and the bundle in force is what counts.
         fs::copy(other.path().join(pki::CA_CERT), d.path().join(pki::CA_CERT)).unwrap();
+        assert!(matches!(r.reload_trust(), TrustReload::Refused(_)));
         assert_refused(&r, &old, "certificate refused");
     }
 
@@ -1333,7 +1646,7 @@ mod tests {
         assert_eq!(id.cas.len(), 2);
         assert_ne!(id.cas[0], id.cas[1]);
         let r = CertResolver::new(&id).unwrap();
-        assert_eq!(r.trusted(), &id.cas[..]);
+        assert_eq!(r.trusted(), id.cas);
         assert_eq!(r.trust.load().per_ca.len(), 2);
     }
 
@@ -1402,7 +1715,7 @@ mod tests {
         pki::issue(d.path(), "n3").unwrap();
         assert_eq!(accepts(&r, d.path(), "n2"), Ok(()));
         let n2 = TlsIdentity::load(d.path(), "n2").unwrap().chain;
-        let adopted = r.revocations();
+        let adopted = r.trust_changes();
         revoke(d.path(), "n2");
         // Not before the file is read: live connections and handshakes go on until then.
         assert_eq!(accepts(&r, d.path(), "n2"), Ok(()));
@@ -1547,7 +1860,7 @@ mod tests {
         let text = fs::read_to_string(d.path().join(pki::CA_CRL)).unwrap();
         let end = "-----END X509 CRL-----\n";
         let only_new = &text[..text.find(end).unwrap() + end.len()];
-        assert_eq!(pki::parse_crls(only_new, r.trusted()).unwrap().len(), 1);
+        assert_eq!(pki::parse_crls(only_new, &r.trusted()).unwrap().len(), 1);
         assert_eq!(install_crl(&r, only_new), CrlReload::Unchanged);
         assert_eq!(r.crls().len(), 2);
         let again = CertResolver::new(&TlsIdentity::load(d.path(), "n1").unwrap()).unwrap();
@@ -1556,11 +1869,11 @@ mod tests {
         assert_eq!(accepts(&again, d.path(), "new"), REVOKED);
     }
 
-    /// Watching a connection for revocation must not keep it open once its owner lets go of it
-    /// (a control session that ended, a dialer aborted when its neighbour left the topology):
-    /// quinn closes a connection when its last handle goes.
+    /// Watching a connection for a change of trust must not keep it open once its owner lets go
+    /// of it (a control session that ended, a dialer aborted when its neighbour left the
+    /// topology): quinn closes a connection when its last handle goes.
     #[tokio::test]
-    async fn watching_a_connection_for_revocation_does_not_keep_it_open() {
+    async fn watching_a_connection_for_trust_changes_does_not_keep_it_open() {
         let dir = tempfile::tempdir().unwrap();
         pki::init(dir.path()).unwrap();
         let peers = PeerNames::new(["a".to_string(), "b".to_string()]);
@@ -1580,7 +1893,7 @@ mod tests {
             async { eps[0].connect(b_addr, "b").unwrap().await.unwrap() },
             async { eps[1].accept().await.unwrap().await.unwrap() }
         );
-        let watch = watch_revocation(certs[0].clone(), a.clone());
+        let watch = watch_trust(certs[0].clone(), a.clone());
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(b.close_reason().is_none(), "not revoked: left open");
         drop(a);
@@ -1590,6 +1903,351 @@ mod tests {
             .expect("the connection closes once its owner dropped it");
     }
 
+    /// Writes the bundle of `cas` (PKI directories, in that order) as `dir`'s `ca.pem`.
+    fn write_bundle(dir: &Path, cas: &[&Path]) {
+        let bundle: String = cas
+            .iter()
+            .map(|c| fs::read_to_string(c.join(pki::CA_CERT)).unwrap())
+            .collect();
+        fs::write(dir.join(pki::CA_CERT), bundle).unwrap();
+    }
+
+    /// The `ca.pem` of a PKI directory as certificates (its bundle).
+    fn bundle_of(dir: &Path) -> Vec<CertificateDer<'static>> {
+        let text = fs::read_to_string(dir.join(pki::CA_CERT)).unwrap();
+        pki::parse_ca_bundle(&text)
+            .unwrap()
+            .into_iter()
+            .map(|c| c.der)
+            .collect()
+    }
+
+    fn metric(r: &CertResolver, series: &str) -> String {
+        let mut m = String::new();
+        r.render_metrics("n1", &mut m);
+        m.lines()
+            .find_map(|l| {
+                l.strip_prefix(series)?
+                    .strip_prefix(' ')
+                    .map(str::to_string)
+            })
+            .unwrap_or_else(|| panic!("no {series} in\n{m}"))
+    }
+
+    #[test]
+    fn a_new_bundle_is_adopted_at_the_next_reload_and_trusts_its_cas_at_once() {
+        let (d, r) = setup();
+        let own = fs::read_to_string(d.path().join(pki::CA_CERT)).unwrap();
+        let other = tempfile::tempdir().unwrap();
+        pki::init(other.path()).unwrap();
+        pki::issue(other.path(), "n2").unwrap();
+        assert!(accepts(&r, other.path(), "n2").is_err(), "not trusted yet");
+        assert_eq!(
+            r.reload_trust(),
+            TrustReload::Unchanged,
+            "the file loaded at start"
+        );
+        let changes = r.trust_changes();
+
+        write_bundle(d.path(), &[d.path(), other.path()]);
+        assert_eq!(r.reload_trust(), TrustReload::Adopted { cas: 2 });
+        assert_eq!(r.trusted(), bundle_of(d.path()));
+        assert!(changes.has_changed().unwrap(), "live connections rechecked");
+        assert_eq!(accepts(&r, other.path(), "n2"), Ok(()));
+        assert_eq!(accepts(&r, d.path(), "n1"), Ok(()));
+        assert_eq!(r.reload_trust(), TrustReload::Unchanged);
+        // The same CAs in other bytes (a comment added): nothing to adopt.
+        let text = fs::read_to_string(d.path().join(pki::CA_CERT)).unwrap();
+        fs::write(d.path().join(pki::CA_CERT), format!("# bundle\n{text}")).unwrap();
+        assert_eq!(r.reload_trust(), TrustReload::Unchanged);
+        assert_eq!((r.trust_reloads(), r.trust_reload_failures()), (1, 0));
+        assert_eq!(metric(&r, "tasman_tls_trusted_cas{node=\"n1\"}"), "2");
+        assert_eq!(
+            metric(&r, "tasman_tls_trust_reloads_total{node=\"n1\"}"),
+            "1"
+        );
+        assert_eq!(
+            metric(&r, "tasman_tls_trust_reload_failures_total{node=\"n1\"}"),
+            "0"
+        );
+        // Narrowed back: the other CA's certificates are refused again.
+        fs::write(d.path().join(pki::CA_CERT), own).unwrap();
+        assert_eq!(r.reload_trust(), TrustReload::Adopted { cas: 1 });
+        assert!(accepts(&r, other.path(), "n2").is_err());
+        assert_eq!(r.trust_reloads(), 2);
+    }
+
+    #[test]
+    fn a_bundle_without_the_nodes_own_issuer_is_refused_and_the_bundle_in_force_kept() {
+        let (d, r) = setup();
+        let before = r.trusted();
+        let own = fs::read_to_string(d.path().join(pki::CA_CERT)).unwrap();
+        let other = tempfile::tempdir().unwrap();
+        pki::init(other.path()).unwrap();
+        pki::issue(other.path(), "n2").unwrap();
+        write_bundle(d.path(), &[other.path()]);
+        match r.reload_trust() {
+            TrustReload::Refused(why) => assert!(why.contains("does not chain"), "{why}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert_eq!(r.trusted(), before, "the bundle in force stays");
+        assert_eq!(accepts(&r, d.path(), "n1"), Ok(()));
+        assert!(accepts(&r, other.path(), "n2").is_err());
+        assert_eq!(r.trust_reload_failures(), 1);
+        // The same file again: refused, counted once.
+        assert!(matches!(r.reload_trust(), TrustReload::Refused(_)));
+        assert_eq!(r.trust_reload_failures(), 1);
+        assert_eq!(r.trust_reloads(), 0);
+        // Other bad files: each refused and counted once, the bundle in force kept.
+        let leaf_only = fs::read_to_string(d.path().join("n1.pem")).unwrap();
+        let leaf_only = &leaf_only[..leaf_only.find("-----END CERTIFICATE-----").unwrap() + 26];
+        for (bad, why) in [
+            ("no PEM here".to_string(), "no certificate"),
+            (leaf_only.to_string(), "not a CA certificate"),
+        ] {
+            fs::write(d.path().join(pki::CA_CERT), bad).unwrap();
+            match r.reload_trust() {
+                TrustReload::Refused(got) => assert!(got.contains(why), "{got}"),
+                other => panic!("expected a refusal ({why}), got {other:?}"),
+            }
+        }
+        fs::remove_file(d.path().join(pki::CA_CERT)).unwrap();
+        assert!(matches!(r.reload_trust(), TrustReload::Refused(_)));
+        assert_eq!(r.trust_reload_failures(), 4);
+        assert_eq!(r.trusted(), before);
+        assert_eq!(
+            metric(&r, "tasman_tls_trust_reload_failures_total{node=\"n1\"}"),
+            "4"
+        );
+        // The bundle of both CAs trusts the node's issuer: taken.
+        let theirs = fs::read_to_string(other.path().join(pki::CA_CERT)).unwrap();
+        fs::write(d.path().join(pki::CA_CERT), theirs + &own).unwrap();
+        assert_eq!(r.reload_trust(), TrustReload::Adopted { cas: 2 });
+    }
+
+    /// A CA rotation over one node's resolver, no restart: the old CA's lists stay with it while
+    /// it moves in the bundle (their number still the floor), and leave force with it at
+    /// `retire-ca`; putting that CA back brings its list back.
+    #[test]
+    fn revocation_lists_stay_with_their_ca_across_bundle_changes_and_leave_with_it() {
+        let d = tempfile::tempdir().unwrap();
+        pki::init(d.path()).unwrap();
+        let old_ca = fs::read_to_string(d.path().join(pki::CA_CERT)).unwrap();
+        for n in ["n1", "old1", "old2"] {
+            pki::issue(d.path(), n).unwrap();
+        }
+        revoke(d.path(), "old1");
+        let first = fs::read(d.path().join(pki::CA_CRL)).unwrap();
+        revoke(d.path(), "old2");
+        let second = fs::read(d.path().join(pki::CA_CRL)).unwrap();
+        let r = CertResolver::new(&TlsIdentity::load(d.path(), "n1").unwrap()).unwrap();
+        assert_eq!(r.crls()[0].number, 2);
+
+        // Step 1: the new CA first in the bundle, the old one (and its list) second.
+        pki::rotate_ca(d.path()).unwrap();
+        assert_eq!(r.reload_trust(), TrustReload::Adopted { cas: 2 });
+        let crls = r.crls();
+        assert_eq!(crls.len(), 1);
+        assert_eq!((crls[0].ca, crls[0].number), (1, 2), "moved with its CA");
+        assert_eq!(accepts(&r, d.path(), "old1"), REVOKED);
+        assert_eq!(accepts(&r, d.path(), "old2"), REVOKED);
+        assert_eq!(
+            metric(&r, "tasman_tls_crl_number{node=\"n1\",ca=\"2\"}"),
+            "2"
+        );
+        // The file's list of the old CA, unchanged, is nothing new; an older one is a rollback.
+        assert_eq!(r.reload_crl(), CrlReload::Unchanged);
+        fs::write(d.path().join(pki::CA_CRL), &first).unwrap();
+        match r.reload_crl() {
+            CrlReload::Refused(why) => assert!(why.contains("lower"), "{why}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert_eq!(accepts(&r, d.path(), "old2"), REVOKED, "no rollback");
+        fs::write(d.path().join(pki::CA_CRL), &second).unwrap();
+
+        // Step 2 and 3: the node on the new CA, then the old CA retired (with its list).
+        pki::issue(d.path(), "n1").unwrap();
+        assert!(matches!(r.reload(), Reload::Reloaded { .. }));
+        pki::issue(d.path(), "new").unwrap();
+        pki::retire_ca(d.path()).unwrap();
+        assert!(
+            !d.path().join(pki::CA_CRL).exists(),
+            "retire-ca took it out"
+        );
+        assert_eq!(r.reload_trust(), TrustReload::Adopted { cas: 1 });
+        assert_eq!(r.crls(), vec![], "the old CA's list left with it");
+        assert!(accepts(&r, d.path(), "old1").is_err());
+        assert_eq!(accepts(&r, d.path(), "new"), Ok(()));
+        assert_eq!(metric(&r, "tasman_tls_trusted_cas{node=\"n1\"}"), "1");
+
+        // The old CA put back (a retire-ca undone): its list comes back with it, floor included.
+        let mut back = fs::read_to_string(d.path().join(pki::CA_CERT)).unwrap();
+        back.push_str(&old_ca);
+        fs::write(d.path().join(pki::CA_CERT), back).unwrap();
+        assert_eq!(r.reload_trust(), TrustReload::Adopted { cas: 2 });
+        assert_eq!(accepts(&r, d.path(), "old1"), REVOKED);
+        assert_eq!(r.crls()[0].number, 2);
+        fs::write(d.path().join(pki::CA_CRL), &first).unwrap();
+        assert!(matches!(r.reload_crl(), CrlReload::Refused(_)));
+    }
+
+    /// Rotation step 1 and 2 reaching a node at once (the bundle with the new CA and the node's
+    /// certificate from it, and a list of the new CA): one tick takes all three, in that order.
+    #[test]
+    fn a_new_ca_certificate_arriving_with_its_bundle_is_taken_in_the_same_tick() {
+        let d = tempfile::tempdir().unwrap();
+        pki::init(d.path()).unwrap();
+        pki::issue(d.path(), "n1").unwrap();
+        let r = CertResolver::new(&TlsIdentity::load(d.path(), "n1").unwrap()).unwrap();
+        pki::rotate_ca(d.path()).unwrap();
+        pki::issue(d.path(), "n1").unwrap();
+        pki::issue(d.path(), "leaked").unwrap();
+        revoke(d.path(), "leaked");
+        let new = leaf_in(d.path(), "n1");
+        let tick = r.reload_tick();
+        assert_eq!(tick.trust, TrustReload::Adopted { cas: 2 });
+        assert!(matches!(tick.cert, Reload::Reloaded { .. }), "{tick:?}");
+        assert_eq!(tick.crl, CrlReload::Adopted);
+        assert_eq!(r.current().cert[0], new);
+        assert_eq!(accepts(&r, d.path(), "leaked"), REVOKED);
+        assert_eq!(
+            (
+                r.reload_failures(),
+                r.crl_failures(),
+                r.trust_reload_failures()
+            ),
+            (0, 0, 0)
+        );
+        let again = r.reload_tick();
+        assert_eq!(
+            (again.trust, again.cert, again.crl),
+            (
+                TrustReload::Unchanged,
+                Reload::Unchanged,
+                CrlReload::Unchanged
+            )
+        );
+    }
+
+    /// Lists from the controller for a CA the node does not trust yet are refused, and taken
+    /// once the bundle with that CA is (the controller sends them only once).
+    #[test]
+    fn lists_from_the_controller_refused_before_the_bundle_are_taken_after_it() {
+        let ca = tempfile::tempdir().unwrap();
+        pki::init(ca.path()).unwrap();
+        pki::issue(ca.path(), "n1").unwrap();
+        let node = tempfile::tempdir().unwrap();
+        for f in [pki::CA_CERT, "n1.pem", "n1.key"] {
+            fs::copy(ca.path().join(f), node.path().join(f)).unwrap();
+        }
+        let r = CertResolver::new(&TlsIdentity::load(node.path(), "n1").unwrap()).unwrap();
+        pki::rotate_ca(ca.path()).unwrap();
+        pki::issue(ca.path(), "leaked").unwrap();
+        revoke(ca.path(), "leaked");
+        let pushed = fs::read_to_string(ca.path().join(pki::CA_CRL)).unwrap();
+        assert!(matches!(install_crl(&r, &pushed), CrlReload::Refused(_)));
+        assert!(r.crls().is_empty());
+        fs::copy(ca.path().join(pki::CA_CERT), node.path().join(pki::CA_CERT)).unwrap();
+        assert_eq!(r.reload_tick().trust, TrustReload::Adopted { cas: 2 });
+        assert_eq!(r.crls().len(), 1, "taken after the bundle");
+        assert_eq!(accepts(&r, ca.path(), "leaked"), REVOKED);
+        assert_eq!(
+            fs::read_to_string(node.path().join(pki::CA_CRL)).unwrap(),
+            pushed,
+            "and saved"
+        );
+    }
+
+    /// Two endpoints, `a` dialling `b`, each with its own TLS directory: `a` on a certificate of
+    /// the new CA, trusting the new and the old CA; `b` still on the old CA's certificate.
+    async fn rotation_pair() -> (
+        tempfile::TempDir,
+        [Arc<CertResolver>; 2],
+        quinn::Connection,
+        quinn::Connection,
+        [quinn::Endpoint; 2],
+    ) {
+        let d = tempfile::tempdir().unwrap();
+        pki::init(d.path()).unwrap();
+        pki::issue(d.path(), "b").unwrap();
+        pki::rotate_ca(d.path()).unwrap();
+        pki::issue(d.path(), "a").unwrap();
+        let peers = PeerNames::new(["a".to_string(), "b".to_string()]);
+        let (mut eps, mut certs) = (Vec::new(), Vec::new());
+        for name in ["a", "b"] {
+            let own = d.path().join(name);
+            fs::create_dir(&own).unwrap();
+            for f in [
+                pki::CA_CERT.to_string(),
+                format!("{name}.pem"),
+                format!("{name}.key"),
+            ] {
+                fs::copy(d.path().join(&f), own.join(&f)).unwrap();
+            }
+            let cert = CertResolver::new(&TlsIdentity::load(&own, name).unwrap()).unwrap();
+            let t = crate::transport::shared_transport();
+            let server = server_config_with(&cert, &peers, t.clone()).unwrap();
+            let client = client_config_with(&cert, &peers, t).unwrap();
+            let addr = "127.0.0.1:0".parse().unwrap();
+            eps.push(crate::transport::endpoint(addr, server, client).unwrap());
+            certs.push(cert);
+        }
+        let b_addr = eps[1].local_addr().unwrap();
+        let (a, b) = tokio::join!(
+            async { eps[0].connect(b_addr, "b").unwrap().await.unwrap() },
+            async { eps[1].accept().await.unwrap().await.unwrap() }
+        );
+        let eps: [quinn::Endpoint; 2] = eps.try_into().unwrap();
+        let certs: [Arc<CertResolver>; 2] = certs.try_into().unwrap();
+        (d, certs, a, b, eps)
+    }
+
+    /// `b`'s side of a connection stays open for `window` (no close from `a`).
+    async fn stays_open(b: &quinn::Connection, window: Duration, why: &str) {
+        let closed = tokio::time::timeout(window, b.closed()).await;
+        assert!(closed.is_err(), "{why}: {closed:?}");
+    }
+
+    #[tokio::test]
+    async fn a_live_connection_whose_peer_ca_leaves_the_bundle_is_closed_as_untrusted() {
+        let (d, [a_cert, _b_cert], a, b, _eps) = rotation_pair().await;
+        let _watch = watch_trust(a_cert.clone(), a.clone());
+        let a_dir = d.path().join("a");
+        stays_open(&b, Duration::from_millis(300), "trusted at the handshake").await;
+
+        // Widened (a third CA added): nothing closes.
+        let third = tempfile::tempdir().unwrap();
+        pki::init(third.path()).unwrap();
+        write_bundle(&a_dir, &[d.path(), third.path()]);
+        assert_eq!(a_cert.reload_trust(), TrustReload::Adopted { cas: 3 });
+        stays_open(&b, Duration::from_millis(500), "a CA added closes nothing").await;
+
+        // Narrowed to the new CA (retire-ca): b's old-CA certificate no longer chains.
+        pki::retire_ca(d.path()).unwrap();
+        fs::copy(d.path().join(pki::CA_CERT), a_dir.join(pki::CA_CERT)).unwrap();
+        assert_eq!(a_cert.reload_trust(), TrustReload::Adopted { cas: 1 });
+        let why = tokio::time::timeout(Duration::from_secs(10), b.closed())
+            .await
+            .expect("a closes the connection");
+        match why {
+            quinn::ConnectionError::ApplicationClosed(c) => {
+                assert_eq!(
+                    c.error_code.into_inner(),
+                    u64::from(crate::codes::close::UNTRUSTED)
+                )
+            }
+            other => panic!("expected an application close, got {other}"),
+        }
+        assert_eq!((a_cert.untrusted_closed(), a_cert.revoked_closed()), (1, 0));
+        let mut m = String::new();
+        a_cert.render_metrics("a", &mut m);
+        assert!(
+            m.contains("tasman_tls_untrusted_closed_total{node=\"a\"} 1"),
+            "{m}"
+        );
+        // And refused at the next handshake.
+        assert!(accepts(&a_cert, &d.path().join("b"), "b").is_err());
+    }
     #[test]
     fn reload_refuses_missing_files() {
         let (d, r) = setup();

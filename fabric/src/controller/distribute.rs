@@ -78,8 +78,9 @@ pub fn endpoint(
 }
 
 /// Accepts router connections until the endpoint closes; `issuer` answers their certificate
-/// renewals. A session whose router's certificate a revocation list adopted by `cert` revokes
-/// is closed ([`tls::close_when_revoked`]).
+/// renewals. A session whose router's certificate `cert` stops trusting (a revocation list
+/// adopted revokes it, or its CA left the bundle in force) is closed
+/// ([`tls::close_when_untrusted`]).
 pub async fn serve(
     ctl: Arc<Controller>,
     endpoint: quinn::Endpoint,
@@ -94,7 +95,7 @@ pub async fn serve(
             let remote = incoming.remote_address();
             match incoming.await {
                 Ok(conn) => {
-                    let _revocation = tls::watch_revocation(cert, conn.clone());
+                    let _trust_watch = tls::watch_trust(cert, conn.clone());
                     match connection(&ctl, &issuer, conn).await {
                         Err(e) if e.close_code().is_some() => {
                             tracing::warn!(%remote, "closed a router connection: {e}")

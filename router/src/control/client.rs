@@ -373,7 +373,7 @@ async fn session(
     let conn = tokio::time::timeout(Duration::from_secs(5), connecting)
         .await
         .map_err(|_| ControlError::Timeout)??;
-    let _revocation = tls::watch_revocation(shared.cert.clone(), conn.clone());
+    let _trust_watch = tls::watch_trust(shared.cert.clone(), conn.clone());
     let (mut send, mut recv) = conn.open_bi().await?;
     let have = tx.borrow().version;
     let hello = FromRouter::Hello {

@@ -136,8 +136,8 @@ impl NodeIssuer {
         }
     }
 
-    /// One look of [`NodeIssuer::watch_crl`] at `path`: a text other than `last` is adopted by
-    /// the controller and, unless refused, sent to routers.
+    /// One look of [`NodeIssuer::watch_crl`] at `path`: a text other than `last` (the last one
+    /// sent) is adopted by the controller and, unless refused, sent to routers.
     async fn send_if_new(&self, cert: &Arc<CertResolver>, path: &Path, last: &mut Option<String>) {
         let text = match tokio::fs::read_to_string(path).await {
             Ok(t) => t,
@@ -150,12 +150,15 @@ impl NodeIssuer {
         if last.as_deref() == Some(text.as_str()) {
             return;
         }
-        *last = Some(text.clone());
         let (c, t) = (cert.clone(), text.clone());
         let got = tokio::task::spawn_blocking(move || tls::install_crl(&c, &t)).await;
         match got {
+            // Looked at again next time (logged and counted once): refused against the bundle
+            // in force, it may check out once the controller adopts the next `ca.pem` (a list
+            // of a CA it does not trust yet).
             Ok(tls::CrlReload::Refused(_)) | Err(_) => {}
             Ok(_) => {
+                *last = Some(text.clone());
                 tracing::info!(path = %path.display(), "sending the revocation lists to routers");
                 self.crl.send_replace(Some(text.into()));
             }
@@ -496,5 +499,35 @@ mod tests {
         let mut limit = RenewLimit::default();
         let m = i.answer("n", &raw_key(), &mut limit, Instant::now());
         assert!(refused(&m).contains("--ca-dir"), "{m:?}");
+    }
+
+    /// Its `--ca-dir` being its TLS directory (the default), `rotate-ca` then `revoke` in it
+    /// give the controller a list of the new CA before its tick adopts the bundle with that CA:
+    /// refused then, and sent to routers once the bundle is in force (not never, for want of a
+    /// change of the file).
+    #[tokio::test]
+    async fn a_list_refused_before_the_controller_trusts_its_ca_is_sent_once_it_does() {
+        let (d, i) = issuer();
+        pki::issue(d.path(), "controller").unwrap();
+        let id = router::tls::TlsIdentity::load(d.path(), "controller").unwrap();
+        let cert = CertResolver::new(&id).unwrap();
+        pki::rotate_ca(d.path()).unwrap();
+        pki::issue(d.path(), "leaked").unwrap();
+        let leaked = pki::RevokeTarget::Node("leaked".into());
+        pki::revoke(d.path(), &leaked, pki::RevokeReason::KeyCompromise).unwrap();
+        let path = d.path().join(pki::CA_CRL);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut last = None;
+        i.send_if_new(&cert, &path, &mut last).await;
+        assert!(i.crl().borrow().is_none(), "refused: nothing sent");
+        assert_eq!(cert.crl_failures(), 1);
+        assert_eq!(
+            cert.reload_trust(),
+            router::tls::TrustReload::Adopted { cas: 2 }
+        );
+        i.send_if_new(&cert, &path, &mut last).await;
+        assert_eq!(i.crl().borrow().as_deref(), Some(text.as_str()));
+        assert_eq!(cert.crls().len(), 1);
+        assert_eq!(cert.crl_failures(), 1, "counted once");
     }
 }

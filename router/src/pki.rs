@@ -346,10 +346,10 @@ impl CaFiles {
 
 /// Starts a CA rotation in `dir`: a new CA key and certificate become the issuing CA (`ca.key`),
 /// the old key is kept as [`CA_KEY_OLD`], and `ca.pem` becomes the bundle of the new CA then
-/// every CA it held. Nodes must trust the new bundle (a restart after it is distributed) before
-/// they meet certificates from the new CA. Refuses a directory without a CA, and one where an
-/// earlier rotation's old key is still in place (never overwrites a key). The number of CAs in
-/// the new bundle.
+/// every CA it held. Nodes must trust the new bundle (copied to them: they adopt it at their next
+/// reload tick) before they meet certificates from the new CA. Refuses a directory without a CA,
+/// and one where an earlier rotation's old key is still in place (never overwrites a key). The
+/// number of CAs in the new bundle.
 pub fn rotate_ca(dir: &Path) -> Result<usize, PkiError> {
     let _turn = lock_dir(dir)?;
     let ca = CaFiles::read(dir)?;
@@ -373,8 +373,9 @@ pub fn rotate_ca(dir: &Path) -> Result<usize, PkiError> {
 }
 
 /// Ends a CA rotation in `dir`: `ca.pem` keeps only the issuing CA (the one whose key is
-/// `ca.key`). Nodes that restart with it refuse certificates from every other CA, so every node
-/// must hold a certificate from the issuing CA first. The retired CAs' revocation lists leave
+/// `ca.key`). Nodes that adopt it refuse certificates from every other CA (and close the
+/// connections those authenticated), so every node must hold a certificate from the issuing CA
+/// first. The retired CAs' revocation lists leave
 /// [`CA_CRL`] too (first: a crash in between leaves a file that checks out against either
 /// bundle), since a list whose CA is not in the bundle makes the whole file fail its check.
 /// Leaves [`CA_KEY_OLD`] alone (delete it or keep it offline). The number of CAs dropped (zero:
@@ -1289,8 +1290,8 @@ mod tests {
 
     /// `retire-ca` drops every CA but the issuing one from `ca.pem`: a list of a retired CA
     /// left in `ca.crl.pem` would make the whole file fail its check against the new bundle
-    /// (refused by `revoke`, by the controller and by every node restarted with the new bundle,
-    /// which then starts with no list at all).
+    /// (refused by `revoke`, by the controller and by every node with the new bundle in force,
+    /// which keeps the lists it had or, restarted, starts with no list at all).
     #[test]
     fn retire_ca_drops_the_retired_cas_lists_and_keeps_the_issuing_cas() {
         let d = tempfile::tempdir().unwrap();

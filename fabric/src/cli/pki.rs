@@ -43,8 +43,8 @@ pub enum PkiCommand {
     },
     /// Start a CA rotation in DIR: a new CA becomes the issuing CA (ca.key; the old key is kept
     /// as ca.key.old) and ca.pem becomes the trust bundle of the new CA and every CA it held.
-    /// Then: distribute ca.pem to every node and restart them one by one, re-issue every node
-    /// certificate, and finally `retire-ca`. See the operator guide, "Rotating the CA".
+    /// Then: copy ca.pem to every node (each adopts it within 10 s, no restart), re-issue every
+    /// node certificate, and finally `retire-ca`. See the operator guide, "Rotating the CA".
     #[command(
         name = "rotate-ca",
         after_help = "Example:\n  tasman pki rotate-ca --dir pki"
@@ -54,8 +54,8 @@ pub enum PkiCommand {
         dir: PathBuf,
     },
     /// End a CA rotation in DIR: ca.pem keeps only the issuing CA (the one for ca.key). Only once
-    /// every node holds a certificate from it: nodes restarted with this ca.pem refuse every
-    /// other CA's certificates.
+    /// every node holds a certificate from it: nodes that adopt this ca.pem close their
+    /// connections authenticated by other CAs' certificates and refuse those from then on.
     #[command(
         name = "retire-ca",
         after_help = "Example:\n  tasman pki retire-ca --dir pki"
@@ -155,8 +155,8 @@ pub fn run(args: PkiArgs) -> ExitCode {
                 println!("{}", dir.join(pki::CA_CERT).display());
                 eprintln!(
                     "a new CA issues certificates from now on; {} now trusts {n} CAs. Next: \
-                     distribute it to every node and restart them one by one, then re-issue \
-                     every node certificate, then `tasman pki retire-ca`.",
+                     copy it to every node (each adopts it within 10 s), then re-issue every \
+                     node certificate, then `tasman pki retire-ca`.",
                     pki::CA_CERT
                 );
                 ExitCode::SUCCESS
@@ -170,9 +170,10 @@ pub fn run(args: PkiArgs) -> ExitCode {
                     eprintln!("{} already holds only the issuing CA", pki::CA_CERT);
                 } else {
                     eprintln!(
-                        "dropped {dropped} CA(s) from {}: distribute it and restart every node \
-                         one by one; {} can be deleted (or kept offline)",
+                        "dropped {dropped} CA(s) from {}: copy it ({} first) to every node \
+                         (each adopts it within 10 s); {} can be deleted (or kept offline)",
                         pki::CA_CERT,
+                        pki::CA_CRL,
                         pki::CA_KEY_OLD
                     );
                 }

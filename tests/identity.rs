@@ -11,22 +11,36 @@ use router::tls::{PeerNames, TlsIdentity};
 
 /// Whether a peer with `id` gets a probe answered by `site` (i.e. is accepted).
 async fn accepted(id: &TlsIdentity, addr: std::net::SocketAddr) -> bool {
-    let peers = PeerNames::new(["site".to_string()]);
+    held(id, addr, "site").await.is_some()
+}
+
+/// A connection from a peer with `id` to the router `name` at `addr`, once that router answered a
+/// probe on it (it accepted the peer); `None`: refused. The endpoint goes with it.
+async fn held(
+    id: &TlsIdentity,
+    addr: std::net::SocketAddr,
+    name: &str,
+) -> Option<(quinn::Endpoint, quinn::Connection)> {
+    let peers = PeerNames::new([name.to_string()]);
     let cfg =
         router::tls::client_config(id, &peers, router::transport::shared_transport()).unwrap();
     let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     ep.set_default_client_config(cfg);
-    let Ok(connecting) = ep.connect(addr, "site") else {
-        return false;
-    };
-    let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(10), connecting).await else {
-        return false;
-    };
-    if conn.send_datagram(Probe::encode_ping(1)).is_err() {
+    let connecting = ep.connect(addr, name).ok()?;
+    let conn = tokio::time::timeout(Duration::from_secs(10), connecting)
+        .await
+        .ok()?
+        .ok()?;
+    answers_probe(&conn, 1).await.then_some((ep, conn))
+}
+
+/// Whether the router at the other end of `conn` answers ping `seq`.
+async fn answers_probe(conn: &quinn::Connection, seq: u64) -> bool {
+    if conn.send_datagram(Probe::encode_ping(seq)).is_err() {
         return false;
     }
     let r = tokio::time::timeout(Duration::from_secs(5), conn.read_datagram()).await;
-    matches!(r, Ok(Ok(b)) if matches!(Probe::decode(b.clone()), Ok(Probe::Pong { seq: 1, .. })))
+    matches!(r, Ok(Ok(b)) if matches!(Probe::decode(b.clone()), Ok(Probe::Pong { seq: s, .. }) if s == seq))
 }
 
 /// One edge and one site serving `chat`, 1 ms apart, on free loopback ports.
@@ -240,4 +254,169 @@ fn a_revoked_certificate_loses_its_live_connection_and_is_refused_until_reissued
     eventually(DEADLINE, "the re-issued site connected again", || {
         up(&f, "edge", "site") && up(&f, "site", "edge")
     });
+}
+
+/// For 3 s (several probe rounds), `edge` and `site` stay connected both ways: checked every
+/// 200 ms, failing with `why` at the first gap.
+fn stay_together(f: &Fabric, why: &str) {
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < until {
+        assert!(up(f, "edge", "site") && up(f, "site", "edge"), "{why}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A whole CA rotation over real routers and real mutual-TLS QUIC, with no restart: the edge and
+/// the site run throughout, each on a TLS directory of its own (as on hosts of their own), and
+/// each step is a file copied there. Step 1's bundle is adopted at the next reload tick, step 2's
+/// new-CA certificates are reloaded and new connections made with them are accepted; at step 3
+/// the pruned bundle closes a live connection still authenticated by an old-CA certificate (close
+/// code 8, `untrusted`) and refuses its reconnect, while a connection made with new-CA
+/// certificates stays, and the routers' own link is (again) up on new-CA certificates.
+#[test]
+fn a_ca_rotation_needs_no_restart() {
+    let mut y = edge_and_site();
+    // A node that misses step 2: the test holds a connection to the site in its name.
+    y.transit("laggard", free_udp(LOCAL))
+        .link("laggard", "site", "1ms");
+    let mut f = Fabric::new(&y);
+    let old_ca = issuer_of(&f.pki, "edge");
+    let edge_dir = f.own_tls_dir("edge");
+    let site_dir = f.own_tls_dir("site");
+    f.start("site");
+    f.start("edge");
+    eventually(DEADLINE, "edge and site connected both ways", || {
+        up(&f, "edge", "site") && up(&f, "site", "edge")
+    });
+    let site_addr = topology::load(&std::fs::read_to_string(&f.yaml).unwrap())
+        .unwrap()
+        .topology
+        .node("site")
+        .unwrap()
+        .address;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let laggard = TlsIdentity::load(&f.pki, "laggard").unwrap();
+    let (_ep, stale) = rt
+        .block_on(held(&laggard, site_addr, "site"))
+        .expect("the laggard (old CA) is accepted before the rotation");
+    for node in ["edge", "site"] {
+        assert_eq!(f.metric(node, "tasman_tls_trusted_cas", ""), 1);
+        assert_eq!(f.metric(node, "tasman_tls_trust_reloads_total", ""), 0);
+    }
+
+    // Step 1: the bundle of the new and the old CA, copied to each node: adopted live.
+    tasman_pki(&f.pki, &["rotate-ca"]);
+    for node in ["edge", "site"] {
+        f.copy_to(node, "ca.pem");
+    }
+    eventually(DEADLINE, "both routers trust both CAs", || {
+        ["edge", "site"].iter().all(|n| {
+            f.metric(n, "tasman_tls_trusted_cas", "") == 2
+                && f.metric(n, "tasman_tls_trust_reloads_total", "") == 1
+        })
+    });
+    let new_ca = TlsIdentity::load(&site_dir, "site").unwrap().cas[0].clone();
+    assert_ne!(new_ca, old_ca);
+
+    // Step 2: both re-issued from the new CA and copied (key first): reloaded, still connected,
+    // and a new connection with a new-CA certificate is accepted.
+    for node in ["edge", "site"] {
+        tasman_pki(&f.pki, &["issue", node]);
+        f.copy_to(node, &format!("{node}.key"));
+        f.copy_to(node, &format!("{node}.pem"));
+        assert_eq!(issuer_of(f.tls_dir(node), node), new_ca);
+    }
+    eventually(
+        DEADLINE,
+        "both routers present their new-CA certificate",
+        || {
+            ["edge", "site"]
+                .iter()
+                .all(|n| f.metric(n, "tasman_tls_cert_reloads_total", "") == 1)
+        },
+    );
+    let edge_now = TlsIdentity::load(&edge_dir, "edge").unwrap();
+    let (_ep2, fresh) = rt
+        .block_on(held(&edge_now, site_addr, "site"))
+        .expect("a new connection on new-CA certificates both ways is accepted");
+    let site_chain = fresh
+        .peer_identity()
+        .and_then(|any| {
+            any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .expect("the site's chain");
+    assert_eq!(
+        site_chain[1], new_ca,
+        "the site presents its new-CA certificate"
+    );
+    assert!(up(&f, "edge", "site") && up(&f, "site", "edge"));
+    assert!(
+        rt.block_on(answers_probe(&stale, 2)),
+        "the old CA is still trusted"
+    );
+    let refused = f.metric("site", "tasman_refused_peers_total", "");
+
+    // Step 3: the pruned bundle (the new CA only), copied to each node.
+    tasman_pki(&f.pki, &["retire-ca"]);
+    for node in ["edge", "site"] {
+        f.copy_to(node, "ca.pem");
+    }
+    eventually(DEADLINE, "both routers trust only the new CA", || {
+        ["edge", "site"].iter().all(|n| {
+            f.metric(n, "tasman_tls_trusted_cas", "") == 1
+                && f.metric(n, "tasman_tls_trust_reloads_total", "") == 2
+        })
+    });
+    let closed = rt
+        .block_on(async { tokio::time::timeout(DEADLINE, stale.closed()).await })
+        .expect("the site closes the laggard's old-CA connection");
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(c) => assert_eq!(
+            c.error_code.into_inner(),
+            u64::from(router::codes::close::UNTRUSTED),
+            "{c:?}"
+        ),
+        other => panic!("expected an application close, got {other}"),
+    }
+    assert!(f.metric("site", "tasman_tls_untrusted_closed_total", "") >= 1);
+    assert_eq!(f.metric("site", "tasman_tls_revoked_closed_total", ""), 0);
+    assert!(
+        f.log("site")
+            .contains("the peer's certificate chains to no CA of the trust bundle in force"),
+        "{}",
+        f.log("site")
+    );
+    // Its reconnect is refused (even trusting the new CA itself).
+    let mut laggard_now = TlsIdentity::load(&f.pki, "laggard").unwrap();
+    laggard_now.cas = vec![new_ca.clone()];
+    assert!(
+        rt.block_on(held(&laggard_now, site_addr, "site")).is_none(),
+        "an old-CA certificate got through after retire-ca"
+    );
+    assert!(f.metric("site", "tasman_refused_peers_total", "") > refused);
+    // The connection made on new-CA certificates stays open and answered.
+    assert!(
+        rt.block_on(answers_probe(&fresh, 2)),
+        "a new-CA connection was closed: {:?}",
+        fresh.close_reason()
+    );
+    assert!(fresh.close_reason().is_none());
+    // The routers' link: connections made before step 2 reached both ends were authenticated by
+    // old-CA certificates, so they may have been closed too; redialled on new-CA certificates,
+    // the link is up and stays up.
+    eventually(
+        DEADLINE,
+        "edge and site connected on new-CA certificates",
+        || up(&f, "edge", "site") && up(&f, "site", "edge"),
+    );
+    stay_together(&f, "the link between two new-CA routers went down");
+    assert_eq!(
+        f.metric("edge", "tasman_tls_trust_reload_failures_total", ""),
+        0
+    );
+    assert_eq!(
+        f.metric("site", "tasman_tls_trust_reload_failures_total", ""),
+        0
+    );
 }

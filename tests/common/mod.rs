@@ -232,6 +232,8 @@ pub struct Fabric {
     /// Prefix for every router command (e.g. `ip netns exec NS`).
     pub wrapper: Vec<String>,
     pub metrics: BTreeMap<String, SocketAddr>,
+    /// A node's own `--tls-dir`, where it has one; the others read `pki`.
+    pub tls_dirs: BTreeMap<String, PathBuf>,
     procs: BTreeMap<String, Proc>,
 }
 
@@ -262,8 +264,43 @@ impl Fabric {
             node_ids,
             wrapper: Vec::new(),
             metrics: BTreeMap::new(),
+            tls_dirs: BTreeMap::new(),
             procs: BTreeMap::new(),
         }
+    }
+
+    /// The `--tls-dir` of `node`'s router: its own if [`Fabric::own_tls_dir`] gave it one,
+    /// else the fabric's PKI directory.
+    pub fn tls_dir(&self, node: &str) -> &Path {
+        self.tls_dirs.get(node).unwrap_or(&self.pki)
+    }
+
+    /// Gives `node` a TLS directory of its own (before it starts), holding copies of the PKI's
+    /// `ca.pem` and the node's pair, as on a host of its own. Its path.
+    pub fn own_tls_dir(&mut self, node: &str) -> PathBuf {
+        let dir = self.tmp.path().join(format!("{node}-tls"));
+        std::fs::create_dir_all(&dir).expect("tls dir");
+        self.tls_dirs.insert(node.to_string(), dir.clone());
+        for f in [
+            "ca.pem".to_string(),
+            format!("{node}.key"),
+            format!("{node}.pem"),
+        ] {
+            self.copy_to(node, &f);
+        }
+        dir
+    }
+
+    /// Copies the PKI directory's file `name` into `node`'s own TLS directory, by rename (a
+    /// router reading it meanwhile never sees half of it).
+    pub fn copy_to(&self, node: &str, name: &str) {
+        let dir = self
+            .tls_dirs
+            .get(node)
+            .expect("no TLS directory of its own");
+        let tmp = dir.join(format!(".{name}.tmp"));
+        std::fs::copy(self.pki.join(name), &tmp).expect("copy");
+        std::fs::rename(&tmp, dir.join(name)).expect("rename");
     }
 
     /// Where the router of `node` logs.
@@ -298,7 +335,7 @@ impl Fabric {
             .args(["router", "--node", node, "--topology"])
             .arg(&self.yaml)
             .arg("--tls-dir")
-            .arg(&self.pki)
+            .arg(self.tls_dir(node))
             .args(["--metrics", &metrics.to_string()])
             .args(extra)
             .env(

@@ -519,3 +519,65 @@ async fn a_rejection_reason_is_kept_and_logged_bounded() {
     );
     d.shutdown().await;
 }
+
+/// A router that stops reading its control stream (here a peer that says hello, never reads, and
+/// grants an 8 KiB stream window, well under the first snapshot): once the controller has been
+/// unable to write a byte to it for the write-stall bound, it closes the connection with
+/// `close::WRITE_STALLED`, counts it and ends the session; a router that reads is left alone.
+/// (The write waited forever: the session task and the snapshot it was writing, up to 64 MiB,
+/// stayed for as long as the peer kept the connection alive.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_that_stops_reading_is_closed_once_writes_to_it_stall() {
+    use fabric::controller::daemon::{self, DaemonConfig};
+    use router::codes::close;
+
+    let dir = tempfile::tempdir().unwrap();
+    let tls = dir.path().join("pki");
+    pki(&tls, &fabric_nodes(1, 1));
+    let stall = Duration::from_secs(1);
+    let d = daemon::start(DaemonConfig {
+        write_stall_timeout: stall,
+        ..import_config(
+            &dir.path().join("state"),
+            &tls,
+            &fabric_yaml(73, 300, 2, 10),
+        )
+    })
+    .await
+    .expect("controller starts");
+    let window: u32 = 8 << 10;
+    let full = d.ctl.published().full.len();
+    assert!(full > 4 * window as usize, "a snapshot of {full} bytes");
+    let reading = start_client(d.quic_addr, "transit-0", &tls, None).await;
+
+    let s = raw_hello_with(d.quic_addr, &tls, "edge-0", "edge-0", |t| {
+        t.stream_receive_window(window.into());
+    })
+    .await;
+    eventually(Duration::from_secs(10), "edge-0's session", || {
+        router_status(&d, "edge-0").is_some_and(|r| r.connected)
+    })
+    .await;
+    match tokio::time::timeout(Duration::from_secs(30), s.conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
+            let reason = String::from_utf8_lossy(&c.reason);
+            assert_eq!(
+                c.error_code.into_inner(),
+                u64::from(close::WRITE_STALLED),
+                "{reason}"
+            );
+            assert!(reason.contains("stopped reading"), "{reason}");
+        }
+        other => panic!("expected the controller to close the stalled session, got {other:?}"),
+    }
+    eventually(Duration::from_secs(10), "edge-0's session ended", || {
+        router_status(&d, "edge-0").is_some_and(|r| !r.connected)
+    })
+    .await;
+    assert_eq!(d.ctl.session_closes.get(close::WRITE_STALLED), 1);
+    // The router that reads kept its one session all along (its writes never stalled).
+    assert!(reading.is_connected());
+    assert_eq!(reading.connects(), 1);
+    drop(s);
+    d.shutdown().await;
+}

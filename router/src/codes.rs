@@ -176,9 +176,12 @@ pub mod close {
     /// left the bundle (`ca.pem` reloaded, e.g. after `tasman pki retire-ca`;
     /// `tls::close_when_untrusted`).
     pub const UNTRUSTED: u32 = 8;
+    /// The controller could not write a byte to a router's control stream for its write-stall
+    /// bound (`distribute::WRITE_STALL_TIMEOUT`, 30 s): the router stopped reading.
+    pub const WRITE_STALLED: u32 = 9;
 
     /// Every close code with its name (snake case, for logs and docs), in number order.
-    pub const ALL: [(u32, &str); 9] = [
+    pub const ALL: [(u32, &str); 10] = [
         (NORMAL, "normal"),
         (NOT_ALLOWED, "not_allowed"),
         (DECLARED_DOWN, "declared_down"),
@@ -188,6 +191,7 @@ pub mod close {
         (HELLO_TIMEOUT, "hello_timeout"),
         (REVOKED, "revoked"),
         (UNTRUSTED, "untrusted"),
+        (WRITE_STALLED, "write_stalled"),
     ];
 
     /// The name of close code `code`, if it is one.

@@ -131,6 +131,7 @@ pub fn daemon_config(state: &Path, tls: &Path, listen: SocketAddr) -> DaemonConf
         cert_reload_interval: daemon::CERT_RELOAD_INTERVAL,
         ca_dir: None,
         issue_valid_for: fabric::controller::renew::DEFAULT_VALIDITY,
+        write_stall_timeout: fabric::controller::distribute::WRITE_STALL_TIMEOUT,
     }
 }
 
@@ -240,12 +241,23 @@ pub async fn raw_control(
     tls: &Path,
     node: &str,
 ) -> (quinn::Endpoint, quinn::Connection) {
+    raw_control_with(ctl, tls, node, |_| {}).await
+}
+
+/// [`raw_control`] with its QUIC transport (1 s keep-alive, 30 s idle timeout) adjusted by `tune`.
+pub async fn raw_control_with(
+    ctl: std::net::SocketAddr,
+    tls: &Path,
+    node: &str,
+    tune: impl FnOnce(&mut quinn::TransportConfig),
+) -> (quinn::Endpoint, quinn::Connection) {
     use fabric::controller::distribute::CONTROLLER_NAME;
     let id = TlsIdentity::load(tls, node).expect("identity");
     let peers = router::tls::PeerNames::new([CONTROLLER_NAME.to_string()]);
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(Duration::from_secs(1)));
     transport.max_idle_timeout(Some(Duration::from_secs(30).try_into().unwrap()));
+    tune(&mut transport);
     let cfg = router::tls::client_config(&id, &peers, std::sync::Arc::new(transport))
         .expect("client config");
     let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).expect("endpoint");
@@ -269,7 +281,18 @@ pub struct RawSession {
 
 /// A connection with `cert`'s certificate that opens its control stream and says hello as `node`.
 pub async fn raw_hello(ctl: SocketAddr, tls: &Path, cert: &str, node: &str) -> RawSession {
-    let (ep, conn) = raw_control(ctl, tls, cert).await;
+    raw_hello_with(ctl, tls, cert, node, |_| {}).await
+}
+
+/// [`raw_hello`] over a transport adjusted by `tune` (see [`raw_control_with`]).
+pub async fn raw_hello_with(
+    ctl: SocketAddr,
+    tls: &Path,
+    cert: &str,
+    node: &str,
+    tune: impl FnOnce(&mut quinn::TransportConfig),
+) -> RawSession {
+    let (ep, conn) = raw_control_with(ctl, tls, cert, tune).await;
     let (mut send, recv) = conn.open_bi().await.expect("control stream");
     send.write_all(&hello_frame(node))
         .await

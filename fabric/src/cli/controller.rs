@@ -91,6 +91,7 @@ pub fn run(args: ControllerArgs) -> ExitCode {
             cert_reload_interval: daemon::CERT_RELOAD_INTERVAL,
             ca_dir: args.ca_dir,
             issue_valid_for: args.issue_valid_for,
+            write_stall_timeout: crate::controller::distribute::WRITE_STALL_TIMEOUT,
         };
         let d = match daemon::start(cfg).await {
             Ok(d) => d,

@@ -36,6 +36,10 @@ pub struct DaemonConfig {
     pub ca_dir: Option<PathBuf>,
     /// How long a renewed certificate is valid ([`super::renew::DEFAULT_VALIDITY`]).
     pub issue_valid_for: Duration,
+    /// How long a write to a router's control stream may take no byte before the controller
+    /// closes that router's connection ([`distribute::WRITE_STALL_TIMEOUT`]; no flag sets it,
+    /// tests shorten it).
+    pub write_stall_timeout: Duration,
 }
 
 /// The controller's default [`DaemonConfig::cert_reload_interval`] (as a router's).
@@ -259,6 +263,7 @@ pub async fn start(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
             endpoint.clone(),
             issuer,
             cert.clone(),
+            cfg.write_stall_timeout,
         )),
         tokio::spawn(ctl.clone().recompute_loop()),
         tokio::spawn(ctl.clone().flush_loop()),

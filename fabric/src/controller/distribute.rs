@@ -6,10 +6,18 @@
 //! channel, so a slow router skips intermediate versions rather than queueing them. A version
 //! the router rejected (NACK) is recorded and never sent to it again; the next version is.
 //! A `Renew` is answered by the [`NodeIssuer`] for the session's authenticated node.
+//!
+//! A router that stops reading is closed once the controller has been unable to write a byte to it
+//! for [`WRITE_STALL_TIMEOUT`] ([`close::WRITE_STALLED`]): the session, and the version it was
+//! writing (up to a whole snapshot), would otherwise stay for as long as the peer keeps the
+//! connection alive. Closes the controller makes are counted by code ([`SessionCloses`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
+
+use bytes::Bytes;
 
 use router::codes::close;
 use router::control::proto::{self, FromRouter, MAX_FROM_ROUTER, ToRouter};
@@ -38,6 +46,14 @@ pub const TELEMETRY_PER_SEC: u32 = 10;
 pub const TELEMETRY_BURST: u32 = 20;
 /// A router must open its control stream and send its hello within this time.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a write to a router's control stream may go without the stream taking a byte before
+/// the controller closes the connection ([`close::WRITE_STALLED`]): the router stopped reading. A
+/// slow but live router takes bytes as its acknowledgements free flow-control credit (a snapshot of
+/// tens of MiB over a slow link takes long, but never stalls for long); this is well above any
+/// pause of a reading router, and the router reconnects (and resyncs) after the close as it does
+/// after any. [`DaemonConfig::write_stall_timeout`](super::daemon::DaemonConfig::write_stall_timeout)
+/// overrides it (tests).
+pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a `Refused` frame may take to reach the router before the connection is closed
 /// anyway (a close discards stream data the peer has not received).
 const REFUSE_LINGER: Duration = Duration::from_secs(2);
@@ -80,12 +96,14 @@ pub fn endpoint(
 /// Accepts router connections until the endpoint closes; `issuer` answers their certificate
 /// renewals. A session whose router's certificate `cert` stops trusting (a revocation list
 /// adopted revokes it, or its CA left the bundle in force) is closed
-/// ([`tls::close_when_untrusted`]).
+/// ([`tls::close_when_untrusted`]); one whose router takes no byte of its control stream for
+/// `write_stall` ([`WRITE_STALL_TIMEOUT`]) too.
 pub async fn serve(
     ctl: Arc<Controller>,
     endpoint: quinn::Endpoint,
     issuer: Arc<NodeIssuer>,
     cert: Arc<tls::CertResolver>,
+    write_stall: Duration,
 ) {
     while let Some(incoming) = endpoint.accept().await {
         let ctl = ctl.clone();
@@ -96,9 +114,11 @@ pub async fn serve(
             match incoming.await {
                 Ok(conn) => {
                     let _trust_watch = tls::watch_trust(cert, conn.clone());
-                    match connection(&ctl, &issuer, conn).await {
+                    let node = tls::peer_name(&conn, &ctl.peers);
+                    match connection(&ctl, &issuer, conn, write_stall).await {
                         Err(e) if e.close_code().is_some() => {
-                            tracing::warn!(%remote, "closed a router connection: {e}")
+                            let node = node.as_deref().map(|n| clip(n.to_string()));
+                            tracing::warn!(%remote, ?node, "closed a router connection: {e}")
                         }
                         Err(e) => tracing::debug!(%remote, "router connection ended: {e}"),
                         Ok(()) => {}
@@ -122,6 +142,8 @@ enum ConnError {
     Refused(String),
     #[error("no hello within {HELLO_TIMEOUT:?}")]
     Timeout,
+    #[error("the router took no byte of its control stream for {0:?}: it stopped reading")]
+    Stalled(Duration),
 }
 
 impl ConnError {
@@ -131,6 +153,7 @@ impl ConnError {
         match self {
             ConnError::Refused(_) => Some(close::REFUSED),
             ConnError::Timeout => Some(close::HELLO_TIMEOUT),
+            ConnError::Stalled(_) => Some(close::WRITE_STALLED),
             ConnError::Proto(proto::ProtoError::TooLarge { .. })
             | ConnError::Proto(proto::ProtoError::Malformed(_)) => Some(close::PROTOCOL),
             ConnError::Proto(proto::ProtoError::Io(_))
@@ -176,20 +199,40 @@ async fn connection(
     ctl: &Arc<Controller>,
     issuer: &NodeIssuer,
     conn: quinn::Connection,
+    write_stall: Duration,
 ) -> Result<(), ConnError> {
-    let res = handshake_and_session(ctl, issuer, &conn).await;
+    let res = handshake_and_session(ctl, issuer, &conn, write_stall).await;
     if let Err(e) = &res
         && let Some(code) = e.close_code()
     {
         conn.close(code.into(), clip(e.to_string()).as_bytes());
+        ctl.session_closes.count(code);
     }
     res
+}
+
+/// Writes `bytes` whole to a router's control stream; fails with [`ConnError::Stalled`] as soon
+/// as the stream takes no byte of it for `stall` (a write makes progress whenever flow control
+/// lets any part of it in, so a slow router is never cut, only one that stopped reading).
+async fn write(
+    send: &mut quinn::SendStream,
+    bytes: Bytes,
+    stall: Duration,
+) -> Result<(), ConnError> {
+    let mut rest = [bytes];
+    while !rest[0].is_empty() {
+        tokio::time::timeout(stall, send.write_chunks(&mut rest))
+            .await
+            .map_err(|_| ConnError::Stalled(stall))??;
+    }
+    Ok(())
 }
 
 async fn handshake_and_session(
     ctl: &Arc<Controller>,
     issuer: &NodeIssuer,
     conn: &quinn::Connection,
+    write_stall: Duration,
 ) -> Result<(), ConnError> {
     let cert_name = tls::peer_name(conn, &ctl.peers);
     // The stream and the hello on it, both within the timeout: the endpoint's keep-alive holds
@@ -223,7 +266,7 @@ async fn handshake_and_session(
     }
     tracing::info!(node, ?have_version, "router connected");
     ctl.router_connected(&node, true);
-    let res = session(ctl, issuer, &node, crl, &mut send, &mut recv).await;
+    let res = session(ctl, issuer, &node, crl, &mut send, &mut recv, write_stall).await;
     ctl.router_connected(&node, false);
     res
 }
@@ -235,6 +278,7 @@ async fn session(
     takes_crl: bool,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
+    stall: Duration,
 ) -> Result<(), ConnError> {
     let mut rx = ctl.subscribe();
     // The revocation lists go after the first snapshot, then at each change.
@@ -271,7 +315,7 @@ async fn session(
                         p.full.clone()
                     }
                 };
-                send.write_chunk(bytes).await?;
+                write(send, bytes, stall).await?;
                 sent = Some(p.version);
                 sent_tv.insert(p.version, p.topology_version);
                 while sent_tv.len() > 64 {
@@ -288,7 +332,7 @@ async fn session(
                 let msg = ToRouter::Crl {
                     pem: pem.to_string(),
                 };
-                send.write_chunk(proto::encode(&msg)?).await?;
+                write(send, proto::encode(&msg)?, stall).await?;
             }
         }
         tokio::select! {
@@ -351,15 +395,45 @@ async fn session(
                     FromRouter::Renew { public_key } => {
                         // The name certified is the one this session authenticated.
                         let reply = issuer.answer(node, &public_key, &mut renew_limit, Instant::now());
-                        send.write_chunk(proto::encode(&reply)?).await?;
+                        write(send, proto::encode(&reply)?, stall).await?;
                     }
                 }
             }
             _ = heartbeat.tick() => {
                 let v = rx.borrow().version;
-                send.write_chunk(proto::encode(&ToRouter::Heartbeat { version: v })?).await?;
+                write(send, proto::encode(&ToRouter::Heartbeat { version: v })?, stall).await?;
             }
         }
+    }
+}
+
+/// Router connections the controller closed since it started, by close code: refused, protocol
+/// errors, hello timeouts and stalled writes (closes for revocation are counted by the
+/// [`tls::CertResolver`]). Served as `tasman_controller_sessions_closed_total{reason}`.
+#[derive(Debug, Default)]
+pub struct SessionCloses([AtomicU64; SessionCloses::REASONS.len()]);
+
+impl SessionCloses {
+    /// Each close code counted, and its `reason` label.
+    pub const REASONS: [(u32, &'static str); 4] = [
+        (close::REFUSED, "refused"),
+        (close::PROTOCOL, "protocol"),
+        (close::HELLO_TIMEOUT, "hello_timeout"),
+        (close::WRITE_STALLED, "write_stalled"),
+    ];
+
+    fn count(&self, code: u32) {
+        if let Some(i) = Self::REASONS.iter().position(|(c, _)| *c == code) {
+            self.0[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Closes with `code` so far.
+    pub fn get(&self, code: u32) -> u64 {
+        Self::REASONS
+            .iter()
+            .position(|(c, _)| *c == code)
+            .map_or(0, |i| self.0[i].load(Relaxed))
     }
 }
 

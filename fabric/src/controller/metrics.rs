@@ -1,6 +1,6 @@
 //! The controller's Prometheus text, served by `tasman controller --metrics ADDR`: the versions in
-//! force, each router's control session, topology changes, circuits by state and the certificate
-//! the controller presents.
+//! force, each router's control session, topology changes, the router connections it closed,
+//! circuits by state and the certificate the controller presents.
 //!
 //! It has a listener of its own, without authentication, as a router's `/metrics` has, rather than
 //! a route on the admin API: every admin route is behind the bearer token by construction (see
@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use router::tls::CertResolver;
 
+use super::distribute::SessionCloses;
 use super::{ChangeCount, Controller, RouterLive};
 use crate::circuits::CircuitState;
 use crate::store;
@@ -69,6 +70,7 @@ pub fn render(ctl: &Controller, cert: &CertResolver) -> String {
     per_router(&mut s, &routers);
     changes(&mut s, "applies", "Topology applies", ctl.applies());
     changes(&mut s, "rollbacks", "Topology rollbacks", ctl.rollbacks());
+    sessions_closed(&mut s, ctl);
     circuits(&mut s, ctl);
     cert.render_metrics(cert.name(), &mut s);
     s
@@ -163,6 +165,21 @@ fn changes(s: &mut String, kind: &str, what: &str, n: ChangeCount) {
     );
     for (result, v) in [("accepted", n.accepted), ("rejected", n.rejected)] {
         let _ = writeln!(s, "tasman_controller_{name}{{result=\"{result}\"}} {v}");
+    }
+}
+
+/// `tasman_controller_sessions_closed_total{reason}`, every reason (0 when none).
+fn sessions_closed(s: &mut String, ctl: &Controller) {
+    let name = "sessions_closed_total";
+    header(
+        s,
+        name,
+        "counter",
+        "Router connections the controller closed since it started, by reason: refused (unknown node or name mismatch), protocol (a frame over its limit, or undecodable), hello_timeout, write_stalled (the router took no byte of its control stream for the write-stall bound).",
+    );
+    for (code, reason) in SessionCloses::REASONS {
+        let v = ctl.session_closes.get(code);
+        let _ = writeln!(s, "tasman_controller_{name}{{reason=\"{reason}\"}} {v}");
     }
 }
 
@@ -277,6 +294,14 @@ mod tests {
             v("tasman_controller_topology_rollbacks_total{result=\"rejected\"}"),
             1.0
         );
+        for (_, reason) in SessionCloses::REASONS {
+            assert_eq!(
+                v(&format!(
+                    "tasman_controller_sessions_closed_total{{reason=\"{reason}\"}}"
+                )),
+                0.0
+            );
+        }
         for state in CircuitState::ALL {
             assert_eq!(
                 v(&format!("tasman_controller_circuits{{state=\"{state}\"}}")),

@@ -182,6 +182,8 @@ pub struct Controller {
     epoch: u64,
     applies: ChangeCounter,
     rollbacks: ChangeCounter,
+    /// Router connections closed by the controller, by close code ([`distribute`]).
+    pub session_closes: distribute::SessionCloses,
 }
 
 struct Inner {
@@ -281,6 +283,7 @@ impl Controller {
             epoch,
             applies: ChangeCounter::default(),
             rollbacks: ChangeCounter::default(),
+            session_closes: Default::default(),
         }))
     }
 

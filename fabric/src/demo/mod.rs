@@ -199,6 +199,7 @@ impl DemoFabric {
             cert_reload_interval: daemon::CERT_RELOAD_INTERVAL,
             ca_dir: None,
             issue_valid_for: crate::controller::renew::DEFAULT_VALIDITY,
+            write_stall_timeout: crate::controller::distribute::WRITE_STALL_TIMEOUT,
         })
         .await?;
         let admin = AdminClient::new(&AdminArgs {

@@ -581,3 +581,34 @@ async fn a_router_that_stops_reading_is_closed_once_writes_to_it_stall() {
     drop(s);
     d.shutdown().await;
 }
+
+/// The controller reads one stream of a router's connection, the control stream the router
+/// opens (renewals go over it too): a router can open no other. (The controller granted three
+/// more bidirectional streams that nothing read: each held up to a stream window of the
+/// router's bytes until the connection ended.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_cannot_open_streams_the_controller_never_reads() {
+    use router::control::proto;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (d, tls) =
+        controller_with_pki(dir.path(), &fabric_nodes(1, 1), &fabric_yaml(74, 1, 1, 10)).await;
+    let mut s = raw_hello(d.quic_addr, &tls, "edge-0", "edge-0").await;
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        proto::read_frame(&mut s.recv, proto::MAX_TO_ROUTER),
+    )
+    .await
+    .expect("a snapshot within 10 s")
+    .expect("a frame")
+    .expect("not the end of the stream");
+    for (what, uni) in [("bidirectional", false), ("unidirectional", true)] {
+        let n = bytes_taken(&s.conn, uni).await;
+        assert_eq!(
+            n, 0,
+            "a second, {what} stream had the controller buffer {n} bytes it never reads"
+        );
+    }
+    assert!(s.conn.close_reason().is_none(), "the session carries on");
+    d.shutdown().await;
+}

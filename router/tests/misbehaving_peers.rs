@@ -1,6 +1,7 @@
 //! Routers next to a misbehaving neighbour: a real QUIC peer on loopback, with a certificate for
 //! a node of the topology, that answers probes (so it is up) but then withholds streams or
-//! floods made-up evidence. Routers are spawned in-process, as in `inprocess.rs`.
+//! floods made-up evidence; and a router's control client next to a controller that opens streams
+//! of its own. Routers are spawned in-process, as in `inprocess.rs`.
 
 mod common;
 
@@ -521,4 +522,85 @@ async fn a_neighbour_cannot_open_streams_the_router_never_reads() {
         );
     }
     drop(edge);
+}
+
+/// A controller that answers a router's hello with a snapshot and then opens streams of its own
+/// on the control connection. The router reads only the control stream it opened there (renewals
+/// go over it too): it grants the controller no stream. (Its control client used quinn's default
+/// transport: 100 bidirectional and 100 unidirectional streams the controller could open, none
+/// ever accepted, each holding up to a stream window of bytes until the connection ended.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_cannot_open_streams_the_router_never_reads() {
+    use router::control::proto::{self, FromRouter, ToRouter};
+    use router::control::{ClientConfig, ControlClient};
+    use router::tls::{PeerNames, TlsIdentity};
+
+    let dir = ca_dir();
+    let mut b = TopologyBuilder::new();
+    b.node("edge", NodeKind::Edge)
+        .node("site", NodeKind::Site)
+        .link("edge", "site", ms(1.0))
+        .service("echo");
+    let topology = Arc::new(addressed(b.build(), free_tcp_port()));
+    router::pki::issue(dir.path(), "edge").unwrap();
+    router::pki::issue(dir.path(), router::control::client::CONTROLLER_NAME).unwrap();
+    // The controller: mutual TLS as the real one, quinn's default transport.
+    let id = TlsIdentity::load(dir.path(), router::control::client::CONTROLLER_NAME).unwrap();
+    let server = router::tls::server_config(
+        &id,
+        &PeerNames::new(["edge".to_string()]),
+        Arc::new(quinn::TransportConfig::default()),
+    )
+    .unwrap();
+    let controller = quinn::Endpoint::server(server, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = controller.local_addr().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let snapshot = proto::encode(&ToRouter::Snapshot {
+        version: 1,
+        topology_version: 1,
+        topology,
+        live: Default::default(),
+        circuits: Arc::default(),
+    })
+    .unwrap();
+    tokio::spawn(async move {
+        while let Some(incoming) = controller.accept().await {
+            let Ok(conn) = incoming.await else { continue };
+            let (tx, snapshot) = (tx.clone(), snapshot.clone());
+            tokio::spawn(async move {
+                let (mut send, mut recv) = conn.accept_bi().await.ok()?;
+                let hello = proto::read_frame(&mut recv, proto::MAX_FROM_ROUTER)
+                    .await
+                    .ok()??;
+                let FromRouter::Hello { .. } = proto::decode(&hello).ok()? else {
+                    return None;
+                };
+                send.write_all(&snapshot).await.ok()?;
+                tx.send(conn.clone()).ok()?;
+                // Keep the session (and drain the router's acknowledgement and reports).
+                while let Ok(Some(_)) = proto::read_frame(&mut recv, proto::MAX_FROM_ROUTER).await {
+                }
+                Some(())
+            });
+        }
+    });
+    let id = TlsIdentity::load(dir.path(), "edge").unwrap();
+    let client = tokio::time::timeout(
+        Duration::from_secs(20),
+        ControlClient::start(ClientConfig::new(addr, NodeId::new("edge"), id)),
+    )
+    .await
+    .expect("no snapshot from the controller within 20 s")
+    .unwrap();
+    let conn = rx.recv().await.unwrap();
+    for (what, uni) in [("bidirectional", false), ("unidirectional", true)] {
+        let n = bytes_taken(&conn, uni).await;
+        assert_eq!(
+            n, 0,
+            "a {what} stream the controller opened had the router buffer {n} bytes it never reads"
+        );
+    }
+    assert!(client.is_connected(), "the control session carries on");
+    assert_eq!(client.connects(), 1);
+    drop(client);
 }

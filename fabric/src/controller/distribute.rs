@@ -46,6 +46,9 @@ pub const TELEMETRY_PER_SEC: u32 = 10;
 pub const TELEMETRY_BURST: u32 = 20;
 /// A router must open its control stream and send its hello within this time.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Streams a router may open on its connection: its control stream, the only one the controller
+/// reads (no unidirectional ones).
+pub const CONTROL_STREAMS: u32 = 1;
 /// How long a write to a router's control stream may go without the stream taking a byte before
 /// the controller closes the connection ([`close::WRITE_STALLED`]): the router stopped reading. A
 /// slow but live router takes bytes as its acknowledgements free flow-control credit (a snapshot of
@@ -84,7 +87,10 @@ pub fn endpoint(
     transport.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(
         10_000,
     ))));
-    transport.max_concurrent_bidi_streams(4u32.into());
+    // A router opens one stream, its control stream (renewals go over it too), and the
+    // controller reads no other: a stream it granted and never read would hold what the router
+    // sends into it (up to a stream window) until the connection ends.
+    transport.max_concurrent_bidi_streams(CONTROL_STREAMS.into());
     transport.max_concurrent_uni_streams(0u32.into());
     let cfg = tls::server_config_with(cert, &ctl.peers, Arc::new(transport))?;
     quinn::Endpoint::server(cfg, listen).map_err(|source| DistributeError::Bind {

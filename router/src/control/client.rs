@@ -296,6 +296,11 @@ fn client_endpoint(
 ) -> Result<quinn::Endpoint, ControlError> {
     let peers = PeerNames::new([CONTROLLER_NAME.to_string()]);
     let mut transport = quinn::TransportConfig::default();
+    // The router opens the one stream of the connection (its control stream) and reads no
+    // stream the controller would open: a stream granted and never read holds what the peer
+    // sends into it (up to a stream window) until the connection ends. So it grants none.
+    transport.max_concurrent_bidi_streams(0u32.into());
+    transport.max_concurrent_uni_streams(0u32.into());
     transport.keep_alive_interval(Some(Duration::from_secs(1)));
     transport.max_idle_timeout(Some(
         Duration::from_secs(10)

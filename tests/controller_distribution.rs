@@ -612,3 +612,62 @@ async fn a_router_cannot_open_streams_the_controller_never_reads() {
     assert!(s.conn.close_reason().is_none(), "the session carries on");
     d.shutdown().await;
 }
+
+/// A router may acknowledge only a version its session sent it: an acknowledgement of any other
+/// (here `u64::MAX`, and on a second session the version after the one sent) closes the
+/// connection with `close::PROTOCOL`, is counted, and leaves the version recorded for the router
+/// as it was. (Any version was recorded as applied, even one never sent: circuits, which wait for
+/// routers to acknowledge the version that carries them, could go active early.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_of_a_version_the_session_did_not_send_closes_it_unrecorded() {
+    use router::codes::close;
+    use router::control::proto::{self, FromRouter, ToRouter};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (d, tls) =
+        controller_with_pki(dir.path(), &fabric_nodes(1, 1), &fabric_yaml(75, 1, 1, 10)).await;
+    let applied = || router_status(&d, "edge-0").map(|r| r.record.applied_version);
+    let ack = |version: u64| proto::encode(&FromRouter::Ack { version }).unwrap();
+    let mut sent = None;
+    for (n, bogus) in [(1, None), (2, Some(1))] {
+        let mut s = raw_hello(d.quic_addr, &tls, "edge-0", "edge-0").await;
+        let first = tokio::time::timeout(
+            Duration::from_secs(10),
+            proto::read_frame(&mut s.recv, proto::MAX_TO_ROUTER),
+        )
+        .await
+        .expect("a snapshot within 10 s")
+        .expect("a frame")
+        .expect("not the end of the stream");
+        let version = match proto::decode::<ToRouter>(&first).unwrap() {
+            ToRouter::Snapshot { version, .. } => version,
+            other => panic!("expected a snapshot, got {other:?}"),
+        };
+        if sent.is_none() {
+            // The version sent, acknowledged: recorded.
+            s.send.write_all(&ack(version)).await.unwrap();
+            eventually(Duration::from_secs(10), "the acknowledgement", || {
+                applied() == Some(version)
+            })
+            .await;
+            sent = Some(version);
+        }
+        let never_sent = bogus.map_or(u64::MAX, |after: u64| version + after);
+        s.send.write_all(&ack(never_sent)).await.unwrap();
+        match tokio::time::timeout(Duration::from_secs(10), s.conn.closed()).await {
+            Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
+                let reason = String::from_utf8_lossy(&c.reason);
+                assert_eq!(
+                    c.error_code.into_inner(),
+                    u64::from(close::PROTOCOL),
+                    "{reason}"
+                );
+                assert!(reason.contains("did not send"), "{reason}");
+            }
+            other => panic!("expected a protocol close, got {other:?}"),
+        }
+        assert_eq!(applied(), sent, "the version recorded for edge-0");
+        assert_eq!(d.ctl.session_closes.get(close::PROTOCOL), n);
+    }
+    d.shutdown().await;
+}

@@ -49,6 +49,11 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Streams a router may open on its connection: its control stream, the only one the controller
 /// reads (no unidirectional ones).
 pub const CONTROL_STREAMS: u32 = 1;
+/// Versions written to a router and not answered (ACK/NACK) yet that a session remembers: an
+/// answer must be for one of them. A router answers them in order, as they arrive; more than this
+/// in flight, and the router's answer to the oldest (forgotten) is taken as a protocol error (it
+/// reconnects and gets the current version in full).
+const MAX_UNANSWERED: usize = 256;
 /// How long a write to a router's control stream may go without the stream taking a byte before
 /// the controller closes the connection ([`close::WRITE_STALLED`]): the router stopped reading. A
 /// slow but live router takes bytes as its acknowledgements free flow-control credit (a snapshot of
@@ -148,6 +153,8 @@ enum ConnError {
     Refused(String),
     #[error("no hello within {HELLO_TIMEOUT:?}")]
     Timeout,
+    #[error("{what} of version {version}, which this session did not send (or it was answered)")]
+    NotSent { what: &'static str, version: u64 },
     #[error("the router took no byte of its control stream for {0:?}: it stopped reading")]
     Stalled(Duration),
 }
@@ -161,7 +168,8 @@ impl ConnError {
             ConnError::Timeout => Some(close::HELLO_TIMEOUT),
             ConnError::Stalled(_) => Some(close::WRITE_STALLED),
             ConnError::Proto(proto::ProtoError::TooLarge { .. })
-            | ConnError::Proto(proto::ProtoError::Malformed(_)) => Some(close::PROTOCOL),
+            | ConnError::Proto(proto::ProtoError::Malformed(_))
+            | ConnError::NotSent { .. } => Some(close::PROTOCOL),
             ConnError::Proto(proto::ProtoError::Io(_))
             | ConnError::Connection(_)
             | ConnError::Write(_) => None,
@@ -298,8 +306,9 @@ async fn session(
     // went out so, a repeated request is answered already (each would otherwise cost a whole
     // snapshot for a few dozen bytes, as often as the router cares to ask).
     let mut sent_full: Option<u64> = None;
-    // Topology version of each version sent (recent ones), to record what an ACK means.
-    let mut sent_tv: std::collections::BTreeMap<u64, u64> = Default::default();
+    // The versions written and not answered yet, oldest first, each with its topology version
+    // (what an ACK records); an answer to a version not in it is a protocol error.
+    let mut unanswered = Unanswered::default();
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     heartbeat.reset();
     let mut force_full = true;
@@ -323,10 +332,7 @@ async fn session(
                 };
                 write(send, bytes, stall).await?;
                 sent = Some(p.version);
-                sent_tv.insert(p.version, p.topology_version);
-                while sent_tv.len() > 64 {
-                    sent_tv.pop_first();
-                }
+                unanswered.sent(p.version, p.topology_version);
                 heartbeat.reset();
             }
             force_full = false;
@@ -356,11 +362,15 @@ async fn session(
                 let Some(payload) = frame? else { return Ok(()) };
                 match proto::decode::<FromRouter>(&payload)? {
                     FromRouter::Ack { version } => {
-                        let tv = sent_tv.get(&version).copied().unwrap_or(0);
+                        let tv = unanswered
+                            .answer(version)
+                            .ok_or(ConnError::NotSent { what: "acknowledgement", version })?;
                         ctl.router_ack(node, version, tv);
                     }
                     FromRouter::Nack { version, reason } => {
-                        let tv = sent_tv.get(&version).copied().unwrap_or(0);
+                        let tv = unanswered
+                            .answer(version)
+                            .ok_or(ConnError::NotSent { what: "rejection", version })?;
                         ctl.router_nack(node, version, tv, &clip(reason));
                     }
                     FromRouter::Resync { .. } => {
@@ -410,6 +420,31 @@ async fn session(
                 write(send, proto::encode(&ToRouter::Heartbeat { version: v })?, stall).await?;
             }
         }
+    }
+}
+
+/// The versions a session wrote and the router has not answered yet (at most
+/// [`MAX_UNANSWERED`], oldest first), each with its topology version. A router answers (ACK or
+/// NACK) what it applies in the order it arrived, and answers some versions with nothing (a
+/// delta for a base it lacks gets a `Resync`), so an answer consumes its version and every older
+/// one; a version may be in it twice (a delta, then the same version in full after a `Resync`).
+#[derive(Debug, Default)]
+struct Unanswered(std::collections::VecDeque<(u64, u64)>);
+
+impl Unanswered {
+    /// `version` (of `topology_version`) was written to the router.
+    fn sent(&mut self, version: u64, topology_version: u64) {
+        if self.0.len() == MAX_UNANSWERED {
+            self.0.pop_front();
+        }
+        self.0.push_back((version, topology_version));
+    }
+
+    /// The router answered `version`: its topology version, or `None` when this session did not
+    /// send it (or it was answered, or an answer to a later version came first).
+    fn answer(&mut self, version: u64) -> Option<u64> {
+        let at = self.0.iter().position(|(v, _)| *v == version)?;
+        self.0.drain(..=at).next_back().map(|(_, tv)| tv)
     }
 }
 
@@ -534,6 +569,33 @@ mod tests {
         assert_eq!(taken, TELEMETRY_PER_SEC as usize);
         // A router reporting once a second is never dropped.
         assert!((2..100).all(|s| b.take(t0 + Duration::from_secs(s))));
+    }
+
+    #[test]
+    fn only_versions_sent_and_not_answered_yet_can_be_answered() {
+        let mut u = Unanswered::default();
+        assert_eq!(u.answer(1), None, "nothing sent");
+        u.sent(10, 1);
+        u.sent(11, 1);
+        // 11 went as a delta the router could not apply (Resync), then in full.
+        u.sent(11, 1);
+        u.sent(12, 2);
+        assert_eq!(u.answer(u64::MAX), None);
+        assert_eq!(u.answer(9), None);
+        // 10 unanswered (the router resynced): answering 11 passes over it.
+        assert_eq!(u.answer(11), Some(1));
+        assert_eq!(u.answer(10), None, "older than an answered version");
+        assert_eq!(u.answer(11), Some(1), "sent twice, answered twice");
+        assert_eq!(u.answer(11), None, "not a third time");
+        assert_eq!(u.answer(12), Some(2));
+        assert_eq!(u.answer(12), None);
+        // Bounded: the oldest are forgotten.
+        for v in 0..(MAX_UNANSWERED as u64 + 5) {
+            u.sent(100 + v, 3);
+        }
+        assert_eq!(u.0.len(), MAX_UNANSWERED);
+        assert_eq!(u.answer(100), None);
+        assert_eq!(u.answer(105), Some(3));
     }
 
     #[test]

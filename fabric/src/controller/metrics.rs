@@ -175,7 +175,7 @@ fn sessions_closed(s: &mut String, ctl: &Controller) {
         s,
         name,
         "counter",
-        "Router connections the controller closed since it started, by reason: refused (unknown node or name mismatch), protocol (a frame over its limit, or undecodable), hello_timeout, write_stalled (the router took no byte of its control stream for the write-stall bound).",
+        "Router connections the controller closed since it started, by reason: refused (unknown node or name mismatch), protocol (a frame over its limit, undecodable, or an answer to a version the session did not send), hello_timeout, write_stalled (the router took no byte of its control stream for the write-stall bound).",
     );
     for (code, reason) in SessionCloses::REASONS {
         let v = ctl.session_closes.get(code);

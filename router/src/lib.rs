@@ -216,6 +216,17 @@ impl Shared {
     /// Prometheus text: the counters, then the presented certificate's series.
     pub fn render_metrics(&self, t: &TelemetryReport) -> String {
         let mut s = self.metrics.render(t, &self.routes.load());
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            use std::fmt::Write as _;
+            let _ = writeln!(
+                s,
+                "# HELP tasman_runtime_workers Worker threads of the runtime the router runs on.\n\
+                 # TYPE tasman_runtime_workers gauge\n\
+                 tasman_runtime_workers{{node=\"{}\"}} {}",
+                self.node,
+                rt.metrics().num_workers()
+            );
+        }
         if let Some(k) = &self.keep_awake {
             k.render_metrics(self.node.as_str(), &mut s);
         }

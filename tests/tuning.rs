@@ -1,5 +1,6 @@
-//! `tasman router --keep-awake`: every router on a path (edge, transit, site) spins while
-//! traffic moves through it, and stops a window after it stops.
+//! The routers' opt-in tuning flags. `--keep-awake`: every router on a path (edge, transit, site)
+//! spins while traffic moves through it, and stops a window after it stops. `--worker-threads`:
+//! the router's runtime has that many workers.
 
 mod common;
 
@@ -85,4 +86,22 @@ fn routers_spin_while_traffic_moves_and_stop_after_the_window() {
             .unwrap_or(0.0);
         assert!(spun > 0.0, "{n} reports no spin time:\n{text}");
     }
+}
+
+#[test]
+fn worker_threads_sets_the_routers_runtime_workers() {
+    let backend = echo_backend();
+    let mut y = TopoYaml::default();
+    y.edge("edge", free_udp(LOCAL), LOCAL, None)
+        .site("site", free_udp(LOCAL), &[("chat", backend, 100)])
+        .link("edge", "site", "1ms")
+        .service("chat", free_tcp_port(LOCAL), &[]);
+    let mut f = Fabric::new(&y);
+    f.start_with("site", &["--worker-threads", "1"]);
+    f.start("edge");
+    f.wait_preferred("edge", "chat", "site");
+    let cores = std::thread::available_parallelism().unwrap().get() as u64;
+    let workers = |n: &str| f.metric(n, "tasman_runtime_workers", "");
+    assert_eq!(workers("site"), 1, "--worker-threads 1");
+    assert_eq!(workers("edge"), cores, "the default: one per core");
 }

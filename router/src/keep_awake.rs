@@ -10,7 +10,7 @@
 //! runs only when nothing else wants its core and gives the core up to any woken thread at once
 //! (Linux also prefers a core running only idle-priority threads when it places a woken thread),
 //! so it takes no CPU time from real work; what it costs is power, and the core showing busy.
-//! Guests with the kernel's `haltpoll` idle driver get the same effect from the kernel.
+//! Guests with the kernel's `haltpoll` idle driver poll before halting by themselves.
 //!
 //! The spinners watch a counter that the data path bumps anyway (bytes moved, per chunk), read
 //! every few microseconds while spinning and every `window` (at least 1 ms, at most 10 ms) while

@@ -6,6 +6,7 @@ mod controller_common;
 use std::time::Duration;
 
 use controller_common::*;
+use testkit::bytes_taken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apply_reaches_every_router_of_a_20_router_fabric() {

@@ -1869,6 +1869,30 @@ mod tests {
         assert_eq!(accepts(&again, d.path(), "new"), REVOKED);
     }
 
+    /// An endpoint for each of `certs` (`a`, then `b`) and a connection from `a` to `b`: both
+    /// endpoints, `a`'s end and `b`'s end.
+    async fn connect_pair(
+        certs: &[Arc<CertResolver>],
+        peers: &PeerNames,
+    ) -> (Vec<quinn::Endpoint>, quinn::Connection, quinn::Connection) {
+        let eps: Vec<quinn::Endpoint> = certs
+            .iter()
+            .map(|cert| {
+                let t = crate::transport::shared_transport();
+                let server = server_config_with(cert, peers, t.clone()).unwrap();
+                let client = client_config_with(cert, peers, t).unwrap();
+                let addr = "127.0.0.1:0".parse().unwrap();
+                crate::transport::endpoint(addr, server, client).unwrap()
+            })
+            .collect();
+        let b_addr = eps[1].local_addr().unwrap();
+        let (a, b) = tokio::join!(
+            async { eps[0].connect(b_addr, "b").unwrap().await.unwrap() },
+            async { eps[1].accept().await.unwrap().await.unwrap() }
+        );
+        (eps, a, b)
+    }
+
     /// Watching a connection for a change of trust must not keep it open once its owner lets go
     /// of it (a control session that ended, a dialer aborted when its neighbour left the
     /// topology): quinn closes a connection when its last handle goes.
@@ -1877,22 +1901,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         pki::init(dir.path()).unwrap();
         let peers = PeerNames::new(["a".to_string(), "b".to_string()]);
-        let (mut eps, mut certs) = (Vec::new(), Vec::new());
+        let mut certs = Vec::new();
         for name in ["a", "b"] {
             pki::issue(dir.path(), name).unwrap();
             let cert = CertResolver::new(&TlsIdentity::load(dir.path(), name).unwrap()).unwrap();
-            let t = crate::transport::shared_transport();
-            let server = server_config_with(&cert, &peers, t.clone()).unwrap();
-            let client = client_config_with(&cert, &peers, t).unwrap();
-            let addr = "127.0.0.1:0".parse().unwrap();
-            eps.push(crate::transport::endpoint(addr, server, client).unwrap());
             certs.push(cert);
         }
-        let b_addr = eps[1].local_addr().unwrap();
-        let (a, b) = tokio::join!(
-            async { eps[0].connect(b_addr, "b").unwrap().await.unwrap() },
-            async { eps[1].accept().await.unwrap().await.unwrap() }
-        );
+        let (_eps, a, b) = connect_pair(&certs, &peers).await;
         let watch = watch_trust(certs[0].clone(), a.clone());
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(b.close_reason().is_none(), "not revoked: left open");
@@ -2173,7 +2188,7 @@ mod tests {
         pki::rotate_ca(d.path()).unwrap();
         pki::issue(d.path(), "a").unwrap();
         let peers = PeerNames::new(["a".to_string(), "b".to_string()]);
-        let (mut eps, mut certs) = (Vec::new(), Vec::new());
+        let mut certs = Vec::new();
         for name in ["a", "b"] {
             let own = d.path().join(name);
             fs::create_dir(&own).unwrap();
@@ -2185,18 +2200,9 @@ mod tests {
                 fs::copy(d.path().join(&f), own.join(&f)).unwrap();
             }
             let cert = CertResolver::new(&TlsIdentity::load(&own, name).unwrap()).unwrap();
-            let t = crate::transport::shared_transport();
-            let server = server_config_with(&cert, &peers, t.clone()).unwrap();
-            let client = client_config_with(&cert, &peers, t).unwrap();
-            let addr = "127.0.0.1:0".parse().unwrap();
-            eps.push(crate::transport::endpoint(addr, server, client).unwrap());
             certs.push(cert);
         }
-        let b_addr = eps[1].local_addr().unwrap();
-        let (a, b) = tokio::join!(
-            async { eps[0].connect(b_addr, "b").unwrap().await.unwrap() },
-            async { eps[1].accept().await.unwrap().await.unwrap() }
-        );
+        let (eps, a, b) = connect_pair(&certs, &peers).await;
         let eps: [quinn::Endpoint; 2] = eps.try_into().unwrap();
         let certs: [Arc<CertResolver>; 2] = certs.try_into().unwrap();
         (d, certs, a, b, eps)

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use router::probe::{Entry, NeighbourState, Probe};
 use router::{RouterHandle, Snapshot};
+use testkit::bytes_taken;
 use topology::builder::{TopologyBuilder, ms};
 use topology::{NodeId, NodeKind, Topology};
 
@@ -437,28 +438,6 @@ async fn a_draining_edge_waits_for_a_connection_still_being_set_up() {
         .await
         .expect("the drain did not end when the connection closed")
         .unwrap();
-}
-
-/// Bytes a stream opened by `conn` gets the peer to take within 3 s (unidirectional, or
-/// bidirectional): 0 when the peer grants no such stream.
-async fn bytes_taken(conn: &quinn::Connection, uni: bool) -> usize {
-    let taken = AtomicU64::new(0);
-    let _ = tokio::time::timeout(Duration::from_secs(3), async {
-        let mut send = if uni {
-            conn.open_uni().await.ok()?
-        } else {
-            conn.open_bi().await.ok()?.0
-        };
-        let chunk = vec![0u8; 64 << 10];
-        loop {
-            let n = send.write(&chunk).await.ok()?;
-            taken.fetch_add(n as u64, Relaxed);
-        }
-        #[allow(unreachable_code)]
-        Some(())
-    })
-    .await;
-    taken.load(Relaxed) as usize
 }
 
 /// A router reads only the bidirectional streams of connections its neighbours dialled. Any

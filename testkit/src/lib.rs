@@ -66,6 +66,28 @@ pub fn free_tcp_port(ip: IpAddr) -> u16 {
     pick(ip, |a| TcpListener::bind(a)?.local_addr()).port()
 }
 
+/// Bytes a stream opened by `conn` gets the peer to take within 3 s (unidirectional, or
+/// bidirectional): 0 when the peer grants no such stream.
+pub async fn bytes_taken(conn: &quinn::Connection, uni: bool) -> usize {
+    let taken = std::sync::atomic::AtomicUsize::new(0);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(3), async {
+        let mut send = if uni {
+            conn.open_uni().await.ok()?
+        } else {
+            conn.open_bi().await.ok()?.0
+        };
+        let chunk = vec![0u8; 64 << 10];
+        loop {
+            let n = send.write(&chunk).await.ok()?;
+            taken.fetch_add(n, Ordering::Relaxed);
+        }
+        #[allow(unreachable_code)]
+        Some(())
+    })
+    .await;
+    taken.into_inner()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -305,28 +305,6 @@ pub async fn raw_hello_with(
     }
 }
 
-/// Bytes a stream opened by `conn` gets the peer to take within 3 s (unidirectional, or
-/// bidirectional): 0 when the peer grants no such stream.
-pub async fn bytes_taken(conn: &quinn::Connection, uni: bool) -> usize {
-    let taken = std::sync::atomic::AtomicUsize::new(0);
-    let _ = tokio::time::timeout(Duration::from_secs(3), async {
-        let mut send = if uni {
-            conn.open_uni().await.ok()?
-        } else {
-            conn.open_bi().await.ok()?.0
-        };
-        let chunk = vec![0u8; 64 << 10];
-        loop {
-            let n = send.write(&chunk).await.ok()?;
-            taken.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-        }
-        #[allow(unreachable_code)]
-        Some(())
-    })
-    .await;
-    taken.into_inner()
-}
-
 /// An encoded hello from `node`, holding no snapshot.
 pub fn hello_frame(node: &str) -> bytes::Bytes {
     use router::control::proto::{FromRouter, encode};

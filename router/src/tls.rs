@@ -940,10 +940,12 @@ impl CertResolver {
 }
 
 /// Installs revocation lists from the controller: adopted as if read from `ca.crl.pem`
-/// ([`CertResolver::reload_crl`]'s checks: against the bundle in force, no rollback), then,
-/// unless refused, the lists in force written to that file (by rename) so that the node starts
-/// with them. The lists in force, not `pem`: a list `pem` leaves out (another CA's) stays in
-/// force, and must stay in the file too or a restart would drop it. The adoption lock is held
+/// ([`CertResolver::reload_crl`]'s checks: against the bundle in force, no rollback), then, when
+/// a newer list was adopted, the lists in force written to that file (by rename) so that the node
+/// starts with them. The lists in force, not `pem`: a list `pem` leaves out (another CA's) stays
+/// in force, and must stay in the file too or a restart would drop it. A push that changes
+/// nothing writes nothing: the file may be newer than what is in force (`retire-ca` pruned it,
+/// and the tick has not adopted the pruned bundle yet), and must not be written back over. The adoption lock is held
 /// through the write, so two installs cannot leave an older file over a newer one. A refused
 /// list leaves the file and the lists in force alone, and is tried again after the next change
 /// of bundle ([`CertResolver::reload_tick`]: it may be a list of a CA the node does not trust yet,
@@ -954,7 +956,7 @@ pub fn install_crl(cert: &CertResolver, pem: &str) -> CrlReload {
     if let Ok(mut p) = cert.refused_push.lock() {
         *p = matches!(got, CrlReload::Refused(_)).then(|| pem.to_string());
     }
-    if matches!(got, CrlReload::Refused(_)) {
+    if got != CrlReload::Adopted {
         return got;
     }
     let in_force: String = cert.crls().iter().map(|c| c.pem.as_str()).collect();
@@ -1867,6 +1869,38 @@ mod tests {
         assert_eq!(again.crls(), r.crls(), "a restart keeps both lists");
         assert_eq!(accepts(&again, d.path(), "old"), REVOKED);
         assert_eq!(accepts(&again, d.path(), "new"), REVOKED);
+    }
+
+    /// `retire-ca` writes the pruned files while the node still has the retired CA's list in
+    /// force (it adopts the pruned bundle at its next tick): a controller's push that changes
+    /// nothing must not write that list back over the pruned file (it would be refused at the
+    /// tick against the pruned bundle, and `tasman pki revoke` would fail on the directory).
+    #[test]
+    fn a_push_that_changes_nothing_leaves_the_file_alone() {
+        let d = tempfile::tempdir().unwrap();
+        pki::init(d.path()).unwrap();
+        pki::issue(d.path(), "old").unwrap();
+        revoke(d.path(), "old");
+        pki::rotate_ca(d.path()).unwrap();
+        pki::issue(d.path(), "n1").unwrap();
+        pki::issue(d.path(), "new").unwrap();
+        revoke(d.path(), "new");
+        let r = CertResolver::new(&TlsIdentity::load(d.path(), "n1").unwrap()).unwrap();
+        assert_eq!(r.crls().len(), 2);
+        pki::retire_ca(d.path()).unwrap();
+        let pruned = fs::read_to_string(d.path().join(pki::CA_CRL)).unwrap();
+        assert_eq!(install_crl(&r, &pruned), CrlReload::Unchanged);
+        assert_eq!(
+            fs::read_to_string(d.path().join(pki::CA_CRL)).unwrap(),
+            pruned,
+            "the pruned file was written over"
+        );
+        let _ = r.reload_tick();
+        assert_eq!(
+            (r.trusted().len(), r.crls().len()),
+            (1, 1),
+            "pruned in force"
+        );
     }
 
     /// An endpoint for each of `certs` (`a`, then `b`) and a connection from `a` to `b`: both

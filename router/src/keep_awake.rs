@@ -9,7 +9,7 @@
 //! moved through the router in the last `window`, and sleep otherwise. At idle priority a spinner
 //! runs only when nothing else wants its core and gives the core up to any woken thread at once
 //! (Linux also prefers a core running only idle-priority threads when it places a woken thread),
-//! so it takes no CPU time from real work; what it costs is power, and the core showing busy.
+//! so it takes (almost) no CPU time from real work; what it costs is power, and the core showing busy.
 //! Guests with the kernel's `haltpoll` idle driver poll before halting by themselves.
 //!
 //! The spinners watch a counter that the data path bumps anyway (bytes moved, per chunk), read

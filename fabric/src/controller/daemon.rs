@@ -249,6 +249,7 @@ pub async fn start(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
         let (cert, every) = (cert.clone(), cfg.cert_reload_interval);
         tasks.push(tokio::spawn(cert.reload_every(every)));
     }
+    issuer.sign_within(cert.clone());
     let issuer = Arc::new(issuer);
     tasks.extend([
         tokio::spawn(issuer.clone().renew_own(cert.clone())),

@@ -33,6 +33,9 @@ pub struct NodeIssuer {
     ca_dir: Option<PathBuf>,
     /// The revocation lists routers get now (PEM), once the controller adopted them itself.
     crl: watch::Sender<Option<Arc<str>>>,
+    /// What the controller trusts now ([`NodeIssuer::sign_within`]): the signing CA must stay in
+    /// its bundle in force.
+    trust: std::sync::OnceLock<Arc<CertResolver>>,
 }
 
 impl NodeIssuer {
@@ -43,6 +46,7 @@ impl NodeIssuer {
             valid_for: DEFAULT_VALIDITY,
             ca_dir: None,
             crl: watch::Sender::new(None),
+            trust: std::sync::OnceLock::new(),
         }
     }
 
@@ -55,6 +59,27 @@ impl NodeIssuer {
             valid_for,
             ca_dir: Some(ca_dir.to_path_buf()),
             crl: watch::Sender::new(None),
+            trust: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Signs only while the issuing CA is in the bundle `cert` has in force. The CA key is read
+    /// once at start, but the bundle is re-read live: after `tasman pki retire-ca` removed the CA
+    /// this controller started with, every certificate it signed would be refused, so it refuses
+    /// to sign instead (routers keep their certificates and ask again), and says to restart it
+    /// with the rotated `--ca-dir`.
+    pub fn sign_within(&self, cert: Arc<CertResolver>) {
+        let _ = self.trust.set(cert);
+    }
+
+    /// Why signing is off now, if it is: the signing CA left the bundle in force.
+    fn untrusted_ca(&self) -> Option<String> {
+        let (ca, cert) = (self.ca.as_ref()?, self.trust.get()?);
+        (!cert.trusted().contains(ca.ca_cert())).then(|| {
+            "the controller's signing CA (--ca-dir, read at start) is no longer in its trust \
+             bundle (ca.pem, e.g. after `tasman pki retire-ca`): restart it with the rotated \
+             --ca-dir"
+                .to_string()
         })
     }
 
@@ -90,6 +115,9 @@ impl NodeIssuer {
                     .into(),
             );
         };
+        if let Some(why) = self.untrusted_ca() {
+            return refuse(why);
+        }
         let key = match RawP256PublicKey::new(public_key) {
             Ok(k) => k,
             Err(e) => return refuse(e),
@@ -228,6 +256,9 @@ impl NodeIssuer {
 
     fn renew_own_now(&self, cert: &CertResolver) -> Result<i64, String> {
         let signer = self.ca.as_ref().ok_or("no CA")?;
+        if let Some(why) = self.untrusted_ca() {
+            return Err(why);
+        }
         let validity = Validity::for_duration(self.valid_for).map_err(|e| e.to_string())?;
         signer.renew(cert, validity)
     }
@@ -300,6 +331,39 @@ mod tests {
         let life = router::tls::not_after(&leaf).unwrap() - router::tls::not_before(&leaf).unwrap();
         // 24 h, plus the 5 minutes a new certificate is backdated.
         assert_eq!(life, 24 * 3600 + 300);
+    }
+
+    /// A controller not restarted after `retire-ca` removed its signing CA from the bundle in
+    /// force refuses to sign (its certificates would be refused everywhere), and says why.
+    #[test]
+    fn no_certificate_is_signed_once_the_signing_ca_left_the_bundle_in_force() {
+        let d = tempfile::tempdir().unwrap();
+        pki::init(d.path()).unwrap();
+        pki::issue(d.path(), "controller").unwrap();
+        let i = NodeIssuer::load(d.path(), DEFAULT_VALIDITY).unwrap();
+        let cert =
+            CertResolver::new(&router::tls::TlsIdentity::load(d.path(), "controller").unwrap())
+                .unwrap();
+        i.sign_within(cert.clone());
+        let mut limit = RenewLimit::default();
+        let now = Instant::now();
+        assert!(matches!(
+            i.answer("edge-1", &raw_key(), &mut limit, now),
+            ToRouter::Certificate { .. }
+        ));
+        // The rotation goes on without this controller being restarted: the new CA signs the
+        // controller's certificate, and the old one (this controller's signing CA) is retired.
+        pki::rotate_ca(d.path()).unwrap();
+        let _ = cert.reload_tick();
+        pki::issue(d.path(), "controller").unwrap();
+        let _ = cert.reload_tick();
+        pki::retire_ca(d.path()).unwrap();
+        let _ = cert.reload_tick();
+        assert_eq!(cert.trusted().len(), 1, "the pruned bundle is in force");
+        let later = now + MIN_INTERVAL;
+        let why = refused(&i.answer("edge-1", &raw_key(), &mut limit, later)).to_string();
+        assert!(why.contains("no longer in its trust bundle"), "{why}");
+        assert!(i.renew_own_now(&cert).unwrap_err().contains("restart it"));
     }
 
     /// With a rotated CA directory (the bundle of the new and the old CA), an answer carries the

@@ -134,12 +134,16 @@ fn up(f: &Fabric, node: &str, neighbour: &str) -> bool {
     f.metric(node, "tasman_neighbour_up", &filter) == 1
 }
 
-/// For 3 s (several redials each way), `edge` and `site` never have a connection either way:
-/// checked every 200 ms, failing with `why` at the first one.
-fn stay_apart(f: &Fabric, why: &str) {
+/// For 3 s (several redials or probe rounds each way), `edge` and `site` are connected both
+/// ways (`connected`) or neither way: checked every 200 ms, failing with `why` at the first
+/// sight of anything else.
+fn stay(f: &Fabric, connected: bool, why: &str) {
     let until = std::time::Instant::now() + Duration::from_secs(3);
     while std::time::Instant::now() < until {
-        assert!(!up(f, "edge", "site") && !up(f, "site", "edge"), "{why}");
+        assert!(
+            up(f, "edge", "site") == connected && up(f, "site", "edge") == connected,
+            "{why}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -192,7 +196,7 @@ fn old_and_new_ca_certificates_connect_during_a_rotation_and_not_after_it() {
     eventually(DEADLINE, "no connection either way", || {
         !up(&f, "site", "edge") && !up(&f, "edge", "site")
     });
-    stay_apart(&f, "an old-CA certificate got through");
+    stay(&f, false, "an old-CA certificate got through");
     assert!(
         f.log("site").contains("incoming connection refused"),
         "{}",
@@ -241,7 +245,7 @@ fn a_revoked_certificate_loses_its_live_connection_and_is_refused_until_reissued
         || f.metric("edge", "tasman_refused_peers_total", "") > refused,
     );
     // It stays out: several of the site's redials and the edge's own dials fail meanwhile.
-    stay_apart(&f, "a revoked certificate got through");
+    stay(&f, false, "a revoked certificate got through");
     assert!(
         f.log("edge").contains("the peer's certificate is revoked"),
         "{}",
@@ -254,16 +258,6 @@ fn a_revoked_certificate_loses_its_live_connection_and_is_refused_until_reissued
     eventually(DEADLINE, "the re-issued site connected again", || {
         up(&f, "edge", "site") && up(&f, "site", "edge")
     });
-}
-
-/// For 3 s (several probe rounds), `edge` and `site` stay connected both ways: checked every
-/// 200 ms, failing with `why` at the first gap.
-fn stay_together(f: &Fabric, why: &str) {
-    let until = std::time::Instant::now() + Duration::from_secs(3);
-    while std::time::Instant::now() < until {
-        assert!(up(f, "edge", "site") && up(f, "site", "edge"), "{why}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// A whole CA rotation over real routers and real mutual-TLS QUIC, with no restart: the edge and
@@ -410,7 +404,7 @@ fn a_ca_rotation_needs_no_restart() {
         "edge and site connected on new-CA certificates",
         || up(&f, "edge", "site") && up(&f, "site", "edge"),
     );
-    stay_together(&f, "the link between two new-CA routers went down");
+    stay(&f, true, "the link between two new-CA routers went down");
     assert_eq!(
         f.metric("edge", "tasman_tls_trust_reload_failures_total", ""),
         0

@@ -5,31 +5,15 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use common::*;
 
-/// A blocking TCP echo server on loopback.
-fn echo_backend() -> SocketAddr {
-    let l = TcpListener::bind((LOCAL, 0)).unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut r = s;
-                let mut w = r.try_clone().unwrap();
-                let _ = std::io::copy(&mut r, &mut w);
-            });
-        }
-    });
-    addr
-}
-
 #[test]
 fn routers_spin_while_traffic_moves_and_stop_after_the_window() {
-    let backend = echo_backend();
+    let backend = echo_backend("");
     let port = free_tcp_port(LOCAL);
     let mut y = TopoYaml::default();
     y.edge("edge", free_udp(LOCAL), LOCAL, None)
@@ -90,7 +74,7 @@ fn routers_spin_while_traffic_moves_and_stop_after_the_window() {
 
 #[test]
 fn worker_threads_sets_the_routers_runtime_workers() {
-    let backend = echo_backend();
+    let backend = echo_backend("");
     let mut y = TopoYaml::default();
     y.edge("edge", free_udp(LOCAL), LOCAL, None)
         .site("site", free_udp(LOCAL), &[("chat", backend, 100)])

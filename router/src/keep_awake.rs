@@ -112,11 +112,6 @@ impl KeepAwake {
         self.inner.idle_priority.load(Relaxed)
     }
 
-    /// The window after the last traffic during which the spinners spin.
-    pub fn window(&self) -> Duration {
-        self.inner.window
-    }
-
     /// Tells the spinners to end (at once if spinning, after their nap if asleep) without
     /// waiting for them; dropping waits.
     pub fn stop(&self) {
@@ -125,24 +120,29 @@ impl KeepAwake {
 
     /// Prometheus series: spinners spinning now, and time spent spinning.
     pub fn render_metrics(&self, node: &str, s: &mut String) {
-        use std::fmt::Write as _;
-        let _ = writeln!(
+        use crate::metrics::series;
+        series(
             s,
-            "# HELP tasman_keep_awake_spinning Keep-awake threads spinning now (traffic moved within the window).\n\
-             # TYPE tasman_keep_awake_spinning gauge\n\
-             tasman_keep_awake_spinning{{node=\"{node}\"}} {}\n\
-             # HELP tasman_keep_awake_spin_seconds_total CPU time the keep-awake threads spent spinning (at idle priority).\n\
-             # TYPE tasman_keep_awake_spin_seconds_total counter\n\
-             tasman_keep_awake_spin_seconds_total{{node=\"{node}\"}} {:.3}",
+            node,
+            "tasman_keep_awake_spinning",
+            "gauge",
+            "Keep-awake threads spinning now (traffic moved within the window).",
             self.spinning(),
-            self.spun().as_secs_f64(),
+        );
+        series(
+            s,
+            node,
+            "tasman_keep_awake_spin_seconds_total",
+            "counter",
+            "CPU time the keep-awake threads spent spinning (at idle priority).",
+            format_args!("{:.3}", self.spun().as_secs_f64()),
         );
     }
 }
 
 impl Drop for KeepAwake {
     fn drop(&mut self) {
-        self.inner.stop.store(true, Relaxed);
+        self.stop();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -239,12 +239,8 @@ fn set_idle_priority() -> std::io::Result<()> {
 mod tests {
     use super::*;
 
-    fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !ok() {
-            assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+    fn wait_for(what: &str, ok: impl FnMut() -> bool) {
+        testkit::eventually(Duration::from_secs(20), what, ok);
     }
 
     /// Asleep until traffic moves, spinning while it moves, asleep again a window after it

@@ -217,14 +217,13 @@ impl Shared {
     pub fn render_metrics(&self, t: &TelemetryReport) -> String {
         let mut s = self.metrics.render(t, &self.routes.load());
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            use std::fmt::Write as _;
-            let _ = writeln!(
-                s,
-                "# HELP tasman_runtime_workers Worker threads of the runtime the router runs on.\n\
-                 # TYPE tasman_runtime_workers gauge\n\
-                 tasman_runtime_workers{{node=\"{}\"}} {}",
-                self.node,
-                rt.metrics().num_workers()
+            metrics::series(
+                &mut s,
+                self.node.as_str(),
+                "tasman_runtime_workers",
+                "gauge",
+                "Worker threads of the runtime the router runs on.",
+                rt.metrics().num_workers(),
             );
         }
         if let Some(k) = &self.keep_awake {

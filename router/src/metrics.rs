@@ -65,6 +65,21 @@ pub struct Metrics {
     errors: [AtomicU64; Code::ALL.len()],
 }
 
+/// Writes one series labelled only with `node` (`name` in full), with its HELP and TYPE lines.
+pub fn series(
+    s: &mut String,
+    node: &str,
+    name: &str,
+    kind: &str,
+    help: &str,
+    value: impl std::fmt::Display,
+) {
+    let _ = writeln!(
+        s,
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{node=\"{node}\"}} {value}"
+    );
+}
+
 impl Metrics {
     /// A value that changes whenever bytes move through the router (edge, site or transit):
     /// what the keep-awake spinners watch.
@@ -93,12 +108,9 @@ impl Metrics {
     /// Prometheus text exposition (format 0.0.4).
     pub fn render(&self, t: &TelemetryReport, routes: &crate::routes::Routes) -> String {
         let mut s = String::with_capacity(4096);
-        let node = &t.node;
+        let node = t.node.as_str();
         let counter = |s: &mut String, name: &str, help: &str, kind: &str, v: u64| {
-            let _ = writeln!(
-                s,
-                "# HELP tasman_{name} {help}\n# TYPE tasman_{name} {kind}\ntasman_{name}{{node=\"{node}\"}} {v}"
-            );
+            series(s, node, &format!("tasman_{name}"), kind, help, v);
         };
         counter(
             &mut s,

@@ -392,11 +392,11 @@ pub fn retire_ca(dir: &Path) -> Result<usize, PkiError> {
                 .filter(|c| c.ca == ca.issuing)
                 .map(|c| c.pem.as_str())
                 .collect();
-            let path = dir.join(CA_CRL);
             if kept.is_empty() {
+                let path = dir.join(CA_CRL);
                 fs::remove_file(&path).map_err(io_err(&path))?;
             } else {
-                write_file(&path, &kept, false)?;
+                write_crl(dir, &kept)?;
             }
         }
         write_file(&dir.join(CA_CERT), &ca.bundle[ca.issuing].pem, false)?;

@@ -88,6 +88,21 @@ pub async fn bytes_taken(conn: &quinn::Connection, uni: bool) -> usize {
     taken.into_inner()
 }
 
+/// Polls `cond` every 20 ms until it holds; panics with `what` after `deadline`.
+pub fn eventually(deadline: std::time::Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let end = std::time::Instant::now() + deadline;
+    loop {
+        if cond() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "timed out after {deadline:?} waiting for: {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

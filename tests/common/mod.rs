@@ -18,7 +18,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The loopback address every test fabric lives on.
 pub const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -30,24 +30,10 @@ pub fn tasman() -> &'static str {
     env!("CARGO_BIN_EXE_tasman")
 }
 
-/// Polls `cond` every 20 ms until it holds; panics with `what` after `deadline`.
-pub fn eventually(deadline: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let end = Instant::now() + deadline;
-    loop {
-        if cond() {
-            return;
-        }
-        assert!(
-            Instant::now() < end,
-            "timed out after {deadline:?} waiting for: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Free loopback ports that stay free until bound (outside the kernel's ephemeral range).
-#[allow(unused_imports)] // every test binary includes this module; not all of them need both
-pub use testkit::{free_tcp_port, free_udp};
+/// Free loopback ports that stay free until bound (outside the kernel's ephemeral range), and
+/// `eventually` (polls a condition until a deadline).
+#[allow(unused_imports)] // every test binary includes this module; not all of them need all
+pub use testkit::{eventually, free_tcp_port, free_udp};
 
 /// Raises RLIMIT_NOFILE to its hard limit (children inherit it).
 pub fn raise_nofile() -> u64 {

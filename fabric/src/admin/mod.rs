@@ -62,6 +62,7 @@ pub fn router(state: AdminState) -> axum::Router {
         .merge(topology::routes())
         .merge(status::routes())
         .merge(crate::circuits::api::routes())
+        .layer(middleware::from_fn(to_completion))
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
@@ -128,21 +129,22 @@ async fn auth(State(st): State<AdminState>, req: Request, next: Next) -> Respons
     }
 }
 
-/// Runs a handler's change of the controller's state (`change`) as a task of its own, so that it
-/// runs to its end whatever the client does. hyper drops a request's handler when the client
-/// closes its connection, and a change dropped between its store commit and what follows (the
-/// controller taking up the new topology and distributing it, circuits published and tracked)
-/// would leave the store ahead of what the controller serves until it restarts: routers would
-/// not get the committed version, and circuit operations, which check that the two agree, would
-/// fail until then.
-pub(crate) async fn to_completion<T: Send + 'static>(
-    change: impl Future<Output = Result<T, ApiError>> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::spawn(change).await.unwrap_or_else(|e| {
-        Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("internal: {e}"),
-        ))
+/// Runs every request that may change the controller's state (any method but GET and HEAD) as a
+/// task of its own, so that its handler runs to its end whatever the client does. hyper drops a
+/// request's handler when the client closes its connection, and a change dropped between its
+/// store commit and what follows (the controller taking up the new topology and distributing it,
+/// circuits published and tracked) would leave the store ahead of what the controller serves
+/// until it restarts: routers would not get the committed version, and circuit operations, which
+/// check that the two agree, would fail until then.
+async fn to_completion(req: Request, next: Next) -> Response {
+    if matches!(
+        *req.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    ) {
+        return next.run(req).await;
+    }
+    tokio::spawn(next.run(req)).await.unwrap_or_else(|e| {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("internal: {e}")).into_response()
     })
 }
 

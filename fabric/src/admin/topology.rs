@@ -5,7 +5,7 @@ use axum::extract::{Path, Query, State};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 
-use super::{AdminState, ApiError, to_completion};
+use super::{AdminState, ApiError};
 use crate::controller::ApplyOutcome;
 use crate::controller::records::{Origin, TopologyVersion};
 
@@ -105,22 +105,19 @@ async fn apply(
     State(st): State<AdminState>,
     Json(req): Json<ApplyRequest>,
 ) -> Result<Json<ApplyOutcome>, ApiError> {
-    to_completion(async move {
-        let out = st
-            .ctl
-            .apply(
-                &req.text,
-                author(&req.author),
-                &req.message,
-                Origin::Apply,
-                req.dry_run,
-                req.base_version,
-            )
-            .await?;
-        circuits_after(&st, &out).await;
-        Ok(Json(out))
-    })
-    .await
+    let out = st
+        .ctl
+        .apply(
+            &req.text,
+            author(&req.author),
+            &req.message,
+            Origin::Apply,
+            req.dry_run,
+            req.base_version,
+        )
+        .await?;
+    circuits_after(&st, &out).await;
+    Ok(Json(out))
 }
 
 /// Circuits whose path the applied topology breaks become `failed` (the plan flagged them).
@@ -147,13 +144,10 @@ async fn rollback(
     State(st): State<AdminState>,
     Json(req): Json<RollbackRequest>,
 ) -> Result<Json<ApplyOutcome>, ApiError> {
-    to_completion(async move {
-        let out = st
-            .ctl
-            .rollback(req.version, author(&req.author), &req.message, req.dry_run)
-            .await?;
-        circuits_after(&st, &out).await;
-        Ok(Json(out))
-    })
-    .await
+    let out = st
+        .ctl
+        .rollback(req.version, author(&req.author), &req.message, req.dry_run)
+        .await?;
+    circuits_after(&st, &out).await;
+    Ok(Json(out))
 }

@@ -21,7 +21,7 @@ use topology::circuit::LinkHeadroom;
 
 use super::service::ServiceError;
 use super::{Admission, Circuit, CircuitError, CircuitSpec, HistoryEntry};
-use crate::admin::{AdminState, ApiError, to_completion};
+use crate::admin::{AdminState, ApiError};
 
 pub fn routes() -> axum::Router<AdminState> {
     axum::Router::new()
@@ -94,14 +94,11 @@ async fn create(
     State(st): State<AdminState>,
     Json(req): Json<CreateRequest>,
 ) -> Result<Json<CreateResponse>, ApiError> {
-    to_completion(async move {
-        let (circuit, created) = st
-            .circuits
-            .create(req.spec, req.idempotency_key, actor(&req.author))
-            .await?;
-        Ok(Json(CreateResponse { circuit, created }))
-    })
-    .await
+    let (circuit, created) = st
+        .circuits
+        .create(req.spec, req.idempotency_key, actor(&req.author))
+        .await?;
+    Ok(Json(CreateResponse { circuit, created }))
 }
 
 async fn list(State(st): State<AdminState>) -> Result<Json<Vec<Circuit>>, ApiError> {
@@ -158,12 +155,9 @@ async fn resize(
     Path(id): Path<String>,
     Json(req): Json<ResizeRequest>,
 ) -> Result<Json<Circuit>, ApiError> {
-    to_completion(async move {
-        Ok(Json(
-            st.circuits.resize(id, req.rate, actor(&req.author)).await?,
-        ))
-    })
-    .await
+    Ok(Json(
+        st.circuits.resize(id, req.rate, actor(&req.author)).await?,
+    ))
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -177,5 +171,5 @@ async fn delete(
     Path(id): Path<String>,
     Json(req): Json<DeleteRequest>,
 ) -> Result<Json<Circuit>, ApiError> {
-    to_completion(async move { Ok(Json(st.circuits.delete(id, actor(&req.author)).await?)) }).await
+    Ok(Json(st.circuits.delete(id, actor(&req.author)).await?))
 }

@@ -60,7 +60,7 @@ pub struct RouterArgs {
     /// Reset a proxied connection on which no byte moved either way for this long (the client
     /// and the backend get a TCP reset; the site frees its capacity slot). A duration
     /// (e.g. 1h, 30m, 340s, 1h 30m); `off` or 0 never times out.
-    #[arg(long, default_value = "1h", value_parser = parse_idle_timeout, value_name = "DURATION")]
+    #[arg(long, default_value = "1h", value_parser = parse_duration_or_off, value_name = "DURATION")]
     pub idle_timeout: std::time::Duration,
     /// On SIGTERM or Ctrl-C, let open connections finish for up to this long before closing
     /// them (new ones go to other sites at once; a second signal stops without waiting). A
@@ -72,7 +72,7 @@ pub struct RouterArgs {
     /// CPU from real work, but the cores show busy). Lowers the latency each request through
     /// the router sees on hosts whose idle cores are slow to wake (virtual machines, deep power
     /// states); see the operator guide. A duration (e.g. 2ms, 1s); `off` or 0: off.
-    #[arg(long, default_value = "off", value_parser = parse_idle_timeout, value_name = "DURATION")]
+    #[arg(long, default_value = "off", value_parser = parse_duration_or_off, value_name = "DURATION")]
     pub keep_awake: std::time::Duration,
     /// Spinning threads for --keep-awake.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
@@ -103,8 +103,8 @@ fn parse_stale(s: &str) -> Result<std::time::Duration, String> {
     }
 }
 
-/// `--idle-timeout`: a duration; `off` or zero is `Duration::ZERO` (no timeout).
-fn parse_idle_timeout(s: &str) -> Result<std::time::Duration, String> {
+/// `--idle-timeout`, `--keep-awake`: a duration; `off` or zero is `Duration::ZERO` (none).
+fn parse_duration_or_off(s: &str) -> Result<std::time::Duration, String> {
     if s.trim().eq_ignore_ascii_case("off") {
         return Ok(std::time::Duration::ZERO);
     }
@@ -314,7 +314,7 @@ mod tests {
 
     #[test]
     fn idle_timeout_takes_hours_minutes_seconds_and_off() {
-        let p = |s| parse_idle_timeout(s);
+        let p = |s| parse_duration_or_off(s);
         assert_eq!(p("1h"), Ok(Duration::from_secs(3600)));
         assert_eq!(p("30m"), Ok(Duration::from_secs(1800)));
         assert_eq!(p("2min"), Ok(Duration::from_secs(120)));
@@ -343,20 +343,21 @@ mod tests {
         }
     }
 
-    #[test]
-    fn idle_and_drain_timeout_flags_default_to_one_hour_and_30_s() {
+    /// `tasman router --topology t.yaml --node n` and `extra`, parsed.
+    fn parse(extra: &[&str]) -> Result<RouterArgs, clap::Error> {
         use clap::Parser;
         #[derive(Parser)]
         struct Cli {
             #[command(flatten)]
             router: RouterArgs,
         }
-        let args = |extra: &[&str]| {
-            let base = ["tasman", "--topology", "t.yaml", "--node", "n"];
-            Cli::try_parse_from(base.iter().chain(extra))
-                .unwrap()
-                .router
-        };
+        let base = ["tasman", "--topology", "t.yaml", "--node", "n"];
+        Cli::try_parse_from(base.iter().chain(extra)).map(|c| c.router)
+    }
+
+    #[test]
+    fn idle_and_drain_timeout_flags_default_to_one_hour_and_30_s() {
+        let args = |extra: &[&str]| parse(extra).unwrap();
         assert_eq!(args(&[]).idle_timeout, Duration::from_secs(3600));
         assert_eq!(
             args(&["--idle-timeout", "340s"]).idle_timeout,
@@ -379,16 +380,6 @@ mod tests {
 
     #[test]
     fn keep_awake_and_worker_threads_are_off_unless_given() {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Cli {
-            #[command(flatten)]
-            router: RouterArgs,
-        }
-        let parse = |extra: &[&str]| {
-            let base = ["tasman", "--topology", "t.yaml", "--node", "n"];
-            Cli::try_parse_from(base.iter().chain(extra)).map(|c| c.router)
-        };
         let off = parse(&[]).unwrap();
         assert_eq!(off.worker_threads, None, "one worker per core by default");
         assert_eq!(

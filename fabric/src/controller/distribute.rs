@@ -125,10 +125,9 @@ pub async fn serve(
             match incoming.await {
                 Ok(conn) => {
                     let _trust_watch = tls::watch_trust(cert, conn.clone());
-                    let node = tls::peer_name(&conn, &ctl.peers);
-                    match connection(&ctl, &issuer, conn, write_stall).await {
+                    match connection(&ctl, &issuer, conn.clone(), write_stall).await {
                         Err(e) if e.close_code().is_some() => {
-                            let node = node.as_deref().map(|n| clip(n.to_string()));
+                            let node = tls::peer_name(&conn, &ctl.peers).map(clip);
                             tracing::warn!(%remote, ?node, "closed a router connection: {e}")
                         }
                         Err(e) => tracing::debug!(%remote, "router connection ended: {e}"),
@@ -455,16 +454,21 @@ impl Unanswered {
 pub struct SessionCloses([AtomicU64; SessionCloses::REASONS.len()]);
 
 impl SessionCloses {
-    /// Each close code counted, and its `reason` label.
-    pub const REASONS: [(u32, &'static str); 4] = [
-        (close::REFUSED, "refused"),
-        (close::PROTOCOL, "protocol"),
-        (close::HELLO_TIMEOUT, "hello_timeout"),
-        (close::WRITE_STALLED, "write_stalled"),
+    /// Each close code counted (its `reason` label is its name, [`close::name`]).
+    pub const REASONS: [u32; 4] = [
+        close::REFUSED,
+        close::PROTOCOL,
+        close::HELLO_TIMEOUT,
+        close::WRITE_STALLED,
     ];
 
+    /// The `reason` label of a counted close code.
+    pub fn reason(code: u32) -> &'static str {
+        close::name(code.into()).unwrap_or("other")
+    }
+
     fn count(&self, code: u32) {
-        if let Some(i) = Self::REASONS.iter().position(|(c, _)| *c == code) {
+        if let Some(i) = Self::REASONS.iter().position(|c| *c == code) {
             self.0[i].fetch_add(1, Relaxed);
         }
     }
@@ -473,7 +477,7 @@ impl SessionCloses {
     pub fn get(&self, code: u32) -> u64 {
         Self::REASONS
             .iter()
-            .position(|(c, _)| *c == code)
+            .position(|c| *c == code)
             .map_or(0, |i| self.0[i].load(Relaxed))
     }
 }

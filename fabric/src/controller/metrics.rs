@@ -177,8 +177,8 @@ fn sessions_closed(s: &mut String, ctl: &Controller) {
         "counter",
         "Router connections the controller closed since it started, by reason: refused (unknown node or name mismatch), protocol (a frame over its limit, undecodable, or an answer to a version the session did not send), hello_timeout, write_stalled (the router took no byte of its control stream for the write-stall bound).",
     );
-    for (code, reason) in SessionCloses::REASONS {
-        let v = ctl.session_closes.get(code);
+    for code in SessionCloses::REASONS {
+        let (v, reason) = (ctl.session_closes.get(code), SessionCloses::reason(code));
         let _ = writeln!(s, "tasman_controller_{name}{{reason=\"{reason}\"}} {v}");
     }
 }
@@ -294,7 +294,7 @@ mod tests {
             v("tasman_controller_topology_rollbacks_total{result=\"rejected\"}"),
             1.0
         );
-        for (_, reason) in SessionCloses::REASONS {
+        for reason in SessionCloses::REASONS.map(SessionCloses::reason) {
             assert_eq!(
                 v(&format!(
                     "tasman_controller_sessions_closed_total{{reason=\"{reason}\"}}"

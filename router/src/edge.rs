@@ -7,20 +7,23 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use quinn::{ReadError, RecvStream, SendStream};
+use quinn::{ReadError, RecvStream, SendStream, WriteError};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
+use tokio::time::Sleep;
 use topology::route::Candidate;
 use topology::{NodeKind, ServiceName};
 
 use crate::circuits::{CircuitTable, Classified, EdgeCircuit};
 use crate::codes::Code;
 use crate::header::{Header, REPLY_OK};
+use crate::ratelimit::TokenBucket;
 use crate::splice::{self, Side, TcpBuf};
 use crate::{RouterError, Shared};
 
@@ -288,6 +291,48 @@ fn classify(code: Code) -> Attempt {
     }
 }
 
+/// How an attempt ends when its stream would not take the client's bytes: the code the site
+/// stopped it with, or the path lost.
+fn write_failed(e: WriteError) -> Attempt {
+    match e {
+        WriteError::Stopped(c) => classify(Code::from_varint(c).unwrap_or(Code::Internal)),
+        _ => Attempt::Retry(Code::UpstreamLost),
+    }
+}
+
+/// A circuit's rate limit holding a chunk back. Boxed, as in `TokenBucket::take`: a timer
+/// inline would grow every client's attempt, circuit or not, by its size.
+type Hold = Pin<Box<Sleep>>;
+
+/// Takes `n` bytes from `bucket`: the wait before they may be sent, if any.
+fn held_back(bucket: &TokenBucket, n: usize) -> Option<Hold> {
+    let wait = bucket.reserve(n);
+    (!wait.is_zero()).then(|| Box::pin(tokio::time::sleep(wait)))
+}
+
+/// Waits out `hold`, then hands quinn as much of `pending` as its flow control takes now, cut
+/// off the front of `pending`: the bytes taken (`pending` is empty once all went).
+///
+/// Cancel safe, so that it can be one branch of the attempt's `select!` among the deadline and
+/// the down verdict: quinn's `write_chunks` takes bytes only when it returns ready (a pending
+/// poll writes nothing), and leaves what it did not take in `pending`; the hold keeps its
+/// deadline across polls. `write_chunk`, which the splice uses, owns its chunk and may have
+/// written part of it when dropped, losing the rest; `write(&[u8])` is cancel safe too but
+/// copies every chunk into a new buffer, where `write_chunks` hands quinn (a slice of) the very
+/// `Bytes` read from the client, which the replay list shares.
+async fn forward(
+    send: &mut SendStream,
+    pending: &mut Bytes,
+    hold: &mut Option<Hold>,
+) -> Result<usize, WriteError> {
+    if let Some(h) = hold {
+        h.as_mut().await;
+        *hold = None;
+    }
+    let written = send.write_chunks(std::slice::from_mut(pending)).await?;
+    Ok(written.bytes)
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn attempt(
     shared: &Shared,
@@ -336,6 +381,14 @@ async fn attempt(
     }
     let mut reply = [0u8; REPLY_OK.len()];
     let mut got = 0;
+    // The client's chunk on its way to the site: what quinn has not taken yet, and the circuit's
+    // rate limit holding it back. While it waits (the site does not read its stream yet, e.g. it
+    // is still connecting to its backend, so flow control stops us once the stream window is
+    // full; or the circuit is over its rate) the reply, the deadline and the down verdict are
+    // still polled: they bound the whole attempt, not only its wait between chunks. No more of
+    // the client is read meanwhile (backpressure, as in the splice).
+    let mut pending = Bytes::new();
+    let mut hold: Option<Hold> = None;
     let outcome = loop {
         tokio::select! {
             r = recv.read(&mut reply[got..]) => match r {
@@ -348,7 +401,7 @@ async fn attempt(
                 Ok(None) => break Err(Attempt::Retry(Code::UpstreamLost)),
                 Err(e) => break Err(classify(read_code(&e))),
             },
-            r = buf.read(tcp, circuit.is_none()), if !replay.eof => match r {
+            r = buf.read(tcp, circuit.is_none()), if pending.is_empty() && !replay.eof => match r {
                 Ok(b) if b.is_empty() => {
                     replay.eof = true;
                     let _ = send.finish();
@@ -365,23 +418,41 @@ async fn attempt(
                         }
                     }
                     if let Some(c) = circuit {
-                        c.limiter.up.take(n).await;
+                        hold = held_back(&c.limiter.up, n);
                     }
-                    if let Err(e) = send.write_chunk(b).await {
-                        break Err(match e {
-                            quinn::WriteError::Stopped(c) => classify(Code::from_varint(c).unwrap_or(Code::Internal)),
-                            _ => Attempt::Retry(Code::UpstreamLost),
-                        });
-                    }
-                    shared.metrics.bytes_up.fetch_add(n as u64, Relaxed);
+                    pending = b;
                 }
                 Err(_) => break Err(Attempt::Fatal(Code::ClientAbort)),
+            },
+            r = forward(&mut send, &mut pending, &mut hold), if !pending.is_empty() => match r {
+                Ok(n) => {
+                    shared.metrics.bytes_up.fetch_add(n as u64, Relaxed);
+                }
+                Err(e) => break Err(write_failed(e)),
             },
             _ = &mut deadline => break Err(Attempt::Fatal(Code::UpstreamLost)),
             // The first hop was declared down before the site answered: nothing came back yet,
             // so the next candidate can take the connection now.
             _ = &mut went_down => break Err(Attempt::Retry(Code::NextHopUnreachable)),
         }
+    };
+    // The site answered while a chunk was still on its way: it goes before the splice reads
+    // more of the client. Not under the deadline: the site is connected and reads its stream
+    // now, and from here on the connection is the splice's, whose writes wait for the site
+    // the same way.
+    let outcome = match outcome {
+        Ok(()) => loop {
+            if pending.is_empty() {
+                break Ok(());
+            }
+            match forward(&mut send, &mut pending, &mut hold).await {
+                Ok(n) => {
+                    shared.metrics.bytes_up.fetch_add(n as u64, Relaxed);
+                }
+                Err(e) => break Err(write_failed(e)),
+            }
+        },
+        e => e,
     };
     match outcome {
         Ok(()) => Attempt::Accepted(send, recv),

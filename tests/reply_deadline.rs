@@ -1,0 +1,280 @@
+//! The edge's first attempt is bounded by the reply deadline and the first hop's down verdict
+//! even while the client's bytes wait to go out: a site that does not read its stream yet (its
+//! backend's accept queue is full, so it is still connecting) stops the edge's writes once the
+//! stream window is full, and the attempt must still end at the deadline, or move to the next
+//! candidate at the down verdict, rather than when the site's backend connect gives up.
+//!
+//! The routers run in this process (the deadline and the site's backend connect timeout are
+//! `RouterConfig` fields, not `tasman router` flags).
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use router::netem::{LinkEmulator, LinkProfile};
+use router::transport::STREAM_RECEIVE_WINDOW;
+use router::{Router, RouterConfig, RouterHandle, Snapshot};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use topology::{Latency, NodeId};
+
+/// The site's backend connect timeout: far longer than anything the tests wait for.
+const BACKEND_CONNECT: Duration = Duration::from_secs(60);
+/// What the client sends before any reply: a stream window's worth and more, so the edge's
+/// write waits for the site's flow control.
+const CLIENT_BYTES: usize = STREAM_RECEIVE_WINDOW as usize + 8 * 1024 * 1024;
+/// Well below [`BACKEND_CONNECT`]: the attempt must have ended by then.
+const WITHIN: Duration = Duration::from_secs(20);
+
+/// A backend on loopback whose accept queue is full: it listens with a backlog of 0 and never
+/// accepts, and the connections that filled its queue are held, so a further connect gets no
+/// answer (the kernel drops its SYN) and hangs in SYN retries.
+struct FullBackend {
+    addr: SocketAddr,
+    _listener: TcpListener,
+    _queued: Vec<TcpStream>,
+}
+
+async fn full_backend() -> FullBackend {
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.bind((LOCAL, 0).into()).unwrap();
+    let listener = sock.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut queued = Vec::new();
+    loop {
+        assert!(queued.len() < 64, "the accept queue of {addr} never filled");
+        match tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => queued.push(s),
+            Ok(Err(e)) => panic!("connect to {addr}: {e}"),
+            Err(_) => break,
+        }
+    }
+    assert!(!queued.is_empty(), "no connection queued on {addr}");
+    FullBackend {
+        addr,
+        _listener: listener,
+        _queued: queued,
+    }
+}
+
+/// The topology of `y`, version 1.
+fn snapshot(y: &TopoYaml) -> Arc<Snapshot> {
+    let text = y.render();
+    let t = topology::load(&text)
+        .unwrap_or_else(|d| panic!("test topology invalid: {d:?}\n{text}"))
+        .topology;
+    Arc::new(Snapshot::new(1, Arc::new(t)))
+}
+
+/// Starts node `id` on `snap` with a certificate issued in `pki`, `tune` applied to its config.
+/// The sender is its snapshot source (kept so that it stays open).
+async fn spawn(
+    snap: &Arc<Snapshot>,
+    pki: &Path,
+    id: &str,
+    tune: impl FnOnce(&mut RouterConfig),
+) -> (RouterHandle, tokio::sync::watch::Sender<Arc<Snapshot>>) {
+    router::pki::issue(pki, id).unwrap();
+    let tls = router::tls::TlsIdentity::load(pki, id).unwrap();
+    let (tx, rx) = tokio::sync::watch::channel(snap.clone());
+    let mut cfg = RouterConfig::new(NodeId::new(id), tls, rx);
+    tune(&mut cfg);
+    (Router::spawn(cfg).await.unwrap(), tx)
+}
+
+/// A counter or gauge of `h` (sum over the series of `name` whose labels contain `filter`).
+fn metric(h: &RouterHandle, name: &str, filter: &str) -> u64 {
+    h.metrics_text()
+        .lines()
+        .filter(|l| {
+            l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']) && l.contains(filter)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// [`eventually`] from inside the runtime the routers run on (its worker is handed over).
+fn wait(what: &str, cond: impl FnMut() -> bool) {
+    tokio::task::block_in_place(|| eventually(DEADLINE, what, cond));
+}
+
+/// Connects to the edge's service `port` and sends [`CLIENT_BYTES`] from a task of its own (it
+/// stops at the first failed write). The read half.
+async fn sending_client(port: u16) -> tokio::net::tcp::OwnedReadHalf {
+    let (r, mut w) = TcpStream::connect((LOCAL, port))
+        .await
+        .unwrap()
+        .into_split();
+    tokio::spawn(async move {
+        let block = vec![0x5a_u8; 1024 * 1024];
+        let mut sent = 0;
+        while sent < CLIENT_BYTES {
+            if w.write_all(&block).await.is_err() {
+                return;
+            }
+            sent += block.len();
+        }
+        // Held open (no FIN): the attempt waits for the site, not for the client.
+        std::future::pending::<()>().await;
+    });
+    r
+}
+
+/// The edge (reply deadline 2 s) and one site whose backend's accept queue is full (backend
+/// connect timeout 60 s). A client sends more than a stream window before any reply: the site
+/// does not read its stream while it connects, so the edge's write waits for flow control, and
+/// the edge must still fail the attempt at its deadline: the client's connection is reset
+/// (`upstream_lost`) long before the site's backend connect would give up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reply_deadline_ends_an_attempt_whose_client_bytes_wait_for_flow_control() {
+    let backend = full_backend().await;
+    let port = free_tcp_port(LOCAL);
+    let mut y = TopoYaml::default();
+    y.edge("edge", free_udp(LOCAL), LOCAL, None)
+        .site("site", free_udp(LOCAL), &[("chat", backend.addr, 100)])
+        .link("edge", "site", "1ms")
+        .service("chat", port, &[]);
+    let snap = snapshot(&y);
+    let pki = tempfile::tempdir().unwrap();
+    router::pki::init(pki.path()).unwrap();
+    let (site, _s) = spawn(&snap, pki.path(), "site", |c| {
+        c.backend_connect_timeout = BACKEND_CONNECT;
+    })
+    .await;
+    let (edge, _e) = spawn(&snap, pki.path(), "edge", |c| {
+        c.reply_timeout = Duration::from_secs(2);
+    })
+    .await;
+    wait("the edge routes chat to the site", || {
+        edge.routes().preferred("chat").is_some()
+    });
+
+    let started = Instant::now();
+    let mut r = sending_client(port).await;
+    let mut buf = [0u8; 64];
+    let end = tokio::time::timeout(WITHIN, r.read(&mut buf)).await;
+    let took = started.elapsed();
+    let up = metric(&edge, "tasman_bytes_up_total", "");
+    println!("client connection ended after {took:?}: {end:?}; {up} bytes handed to the stream");
+    match end {
+        Ok(Ok(0)) | Ok(Err(_)) => {}
+        Ok(Ok(n)) => panic!("the client got {n} bytes from a site that never connected"),
+        Err(_) => panic!(
+            "the client connection was still open after {WITHIN:?} (reply deadline 2 s); \
+             the edge handed {up} bytes to the stream"
+        ),
+    }
+    assert_eq!(
+        metric(
+            &edge,
+            "tasman_stream_errors_total",
+            "code=\"upstream_lost\""
+        ),
+        1,
+        "the attempt ended at the reply deadline"
+    );
+    // The site was still connecting to its backend: the edge gave up, not the site.
+    assert_eq!(
+        metric(
+            &site,
+            "tasman_stream_errors_total",
+            "code=\"backend_refused\""
+        ),
+        0
+    );
+    drop(backend);
+}
+
+/// The edge reaches site-near (1 ms, backend accept queue full) through a link emulator and
+/// site-far (20 ms) directly, with a reply deadline of 60 s and a replay limit above what the
+/// client sends. Once the client's bytes fill the stream window to site-near (the edge's write
+/// waits), the link is cut: at the down verdict the attempt moves to site-far
+/// (`next_hop_unreachable`), which gets the bytes replayed and greets the client, instead of
+/// waiting for the dead connection to close (`upstream_lost`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_hop_declared_down_while_client_bytes_wait_moves_the_attempt() {
+    let backend = full_backend().await;
+    let far_backend = echo_backend("SITE=site-far\n");
+    let port = free_tcp_port(LOCAL);
+    let near_addr = free_udp(LOCAL);
+    let mut y = TopoYaml::default();
+    y.edge("edge", free_udp(LOCAL), LOCAL, None)
+        .site("site-near", near_addr, &[("chat", backend.addr, 100)])
+        .site("site-far", free_udp(LOCAL), &[("chat", far_backend, 100)])
+        .link("edge", "site-near", "1ms")
+        .link("edge", "site-far", "20ms")
+        .service("chat", port, &[]);
+    let snap = snapshot(&y);
+    let pki = tempfile::tempdir().unwrap();
+    router::pki::init(pki.path()).unwrap();
+    let link = LinkEmulator::spawn(
+        (LOCAL, 0).into(),
+        near_addr,
+        LinkProfile::delay(Latency::ZERO),
+    )
+    .await
+    .unwrap();
+    let (_near, _n) = spawn(&snap, pki.path(), "site-near", |c| {
+        c.backend_connect_timeout = BACKEND_CONNECT;
+    })
+    .await;
+    let (_far, _f) = spawn(&snap, pki.path(), "site-far", |_| {}).await;
+    let (edge, _e) = spawn(&snap, pki.path(), "edge", |c| {
+        c.reply_timeout = BACKEND_CONNECT;
+        c.replay_limit = CLIENT_BYTES + 8 * 1024 * 1024;
+        c.dial_overrides = HashMap::from([(NodeId::new("site-near"), link.local_addr())]);
+    })
+    .await;
+    wait("the edge prefers site-near, site-far next", || {
+        edge.routes()
+            .preferred("chat")
+            .is_some_and(|c| c.site.as_str() == "site-near")
+            && metric(&edge, "tasman_service_candidates", "service=\"chat\"") == 2
+            && metric(&edge, "tasman_neighbour_up", "") == 2
+    });
+
+    let r = sending_client(port).await;
+    // The window to site-near is full (less the header): the edge's write now waits.
+    let window = STREAM_RECEIVE_WINDOW as u64;
+    wait(
+        "the client's bytes fill the stream window to site-near",
+        || metric(&edge, "tasman_bytes_up_total", "") >= window - 1024 * 1024,
+    );
+    link.set_profile(LinkProfile::cut());
+    let cut = Instant::now();
+
+    let mut r = tokio::io::BufReader::new(r);
+    let mut greeting = String::new();
+    let got = tokio::time::timeout(WITHIN, r.read_line(&mut greeting)).await;
+    println!("greeted after the cut in {:?}: {got:?}", cut.elapsed());
+    assert!(
+        matches!(got, Ok(Ok(n)) if n > 0),
+        "no greeting within {WITHIN:?} of the cut: {got:?}"
+    );
+    assert_eq!(greeting, "SITE=site-far\n");
+    assert_eq!(metric(&edge, "tasman_failovers_total", ""), 1);
+    assert_eq!(
+        metric(
+            &edge,
+            "tasman_stream_errors_total",
+            "code=\"next_hop_unreachable\""
+        ),
+        1,
+        "the attempt moved at the down verdict"
+    );
+    assert_eq!(
+        metric(
+            &edge,
+            "tasman_stream_errors_total",
+            "code=\"upstream_lost\""
+        ),
+        0,
+        "the attempt did not wait for the dead connection to close"
+    );
+    drop(backend);
+}

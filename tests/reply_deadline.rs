@@ -278,3 +278,78 @@ async fn a_first_hop_declared_down_while_client_bytes_wait_moves_the_attempt() {
     );
     drop(backend);
 }
+
+/// The edge prefers site-near (1 ms), whose backend's accept queue is full (backend connect
+/// timeout 60 s), over site-far (20 ms), with a reply deadline of 2 s. A client that sends a
+/// request and waits: nothing comes back from site-near by the deadline, so the attempt is
+/// retried on site-far (`upstream_lost`, one failover), which gets the request replayed and
+/// answers, instead of the client's connection being reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_unanswered_at_the_reply_deadline_moves_to_the_next_site() {
+    let backend = full_backend().await;
+    let far_backend = echo_backend("SITE=site-far\n");
+    let port = free_tcp_port(LOCAL);
+    let mut y = TopoYaml::default();
+    y.edge("edge", free_udp(LOCAL), LOCAL, None)
+        .site("site-near", free_udp(LOCAL), &[("chat", backend.addr, 100)])
+        .site("site-far", free_udp(LOCAL), &[("chat", far_backend, 100)])
+        .link("edge", "site-near", "1ms")
+        .link("edge", "site-far", "20ms")
+        .service("chat", port, &[]);
+    let snap = snapshot(&y);
+    let pki = tempfile::tempdir().unwrap();
+    router::pki::init(pki.path()).unwrap();
+    let (near, _n) = spawn(&snap, pki.path(), "site-near", |c| {
+        c.backend_connect_timeout = BACKEND_CONNECT;
+    })
+    .await;
+    let (_far, _f) = spawn(&snap, pki.path(), "site-far", |_| {}).await;
+    let (edge, _e) = spawn(&snap, pki.path(), "edge", |c| {
+        c.reply_timeout = Duration::from_secs(2);
+    })
+    .await;
+    wait("the edge prefers site-near, site-far next", || {
+        edge.routes()
+            .preferred("chat")
+            .is_some_and(|c| c.site.as_str() == "site-near")
+            && metric(&edge, "tasman_service_candidates", "service=\"chat\"") == 2
+            && metric(&edge, "tasman_neighbour_up", "") == 2
+    });
+
+    let started = Instant::now();
+    let mut c = TcpStream::connect((LOCAL, port)).await.unwrap();
+    c.write_all(b"hello\n").await.unwrap();
+    let mut r = tokio::io::BufReader::new(c);
+    let mut greeting = String::new();
+    let got = tokio::time::timeout(WITHIN, r.read_line(&mut greeting)).await;
+    println!("answered after {:?}: {got:?}", started.elapsed());
+    assert!(
+        matches!(got, Ok(Ok(n)) if n > 0),
+        "no answer within {WITHIN:?}: {got:?}"
+    );
+    assert_eq!(greeting, "SITE=site-far\n");
+    // The request went to site-far too (the echo backend sends it back after its greeting).
+    let mut echoed = String::new();
+    tokio::time::timeout(WITHIN, r.read_line(&mut echoed))
+        .await
+        .expect("no echo of the replayed request")
+        .unwrap();
+    assert_eq!(echoed, "hello\n");
+    assert_eq!(metric(&edge, "tasman_failovers_total", ""), 1);
+    assert_eq!(
+        metric(
+            &edge,
+            "tasman_stream_errors_total",
+            "code=\"upstream_lost\""
+        ),
+        1,
+        "the first attempt ended at the reply deadline"
+    );
+    // A slow answer is no proof of a dead site: site-near stays the edge's choice.
+    assert!(
+        edge.routes()
+            .preferred("chat")
+            .is_some_and(|c| c.site.as_str() == "site-near")
+    );
+    drop((backend, near));
+}

@@ -430,7 +430,11 @@ async fn attempt(
                 }
                 Err(e) => break Err(write_failed(e)),
             },
-            _ = &mut deadline => break Err(Attempt::Fatal(Code::UpstreamLost)),
+            // Nothing came back within the deadline: like any failure before the first byte
+            // back, the next candidate may take the connection (the site is not marked down:
+            // a slow answer is no proof of a dead site). Each try has its own deadline, so a
+            // client waits at most `max_tries` of them.
+            _ = &mut deadline => break Err(Attempt::Retry(Code::UpstreamLost)),
             // The first hop was declared down before the site answered: nothing came back yet,
             // so the next candidate can take the connection now.
             _ = &mut went_down => break Err(Attempt::Retry(Code::NextHopUnreachable)),

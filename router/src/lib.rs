@@ -100,8 +100,8 @@ pub struct RouterConfig {
     /// it with `next_hop_unreachable`, which the edge retries if this is below `reply_timeout`.
     pub header_timeout: Duration,
     /// Bound on how long an edge waits for a site's reply, from opening the stream on, before
-    /// failing the attempt (default 10 s). A stream the first hop would not open or take the
-    /// header of in that time is retried on the next candidate. It bounds the whole attempt:
+    /// failing the attempt (default 10 s) and retrying on the next candidate (`upstream_lost`;
+    /// each try has its own, so a client waits at most `max_tries` of them). It bounds the whole attempt:
     /// client bytes waiting for the stream's flow control (a site still connecting to its
     /// backend reads none) or for a circuit's rate do not hold it past this.
     pub reply_timeout: Duration,

@@ -303,6 +303,45 @@ fi
     assert_eq!(rows[1]["origin"]["kind"], "rollback");
     assert_eq!(rows[2]["message"], "slow ring");
     assert_eq!(rows[2]["author"], "tester");
+    // Each row's size and hash are its own text's (the rollback's are version 1's), read from
+    // the versions' metadata.
+    let sha256 = |t: &str| -> String {
+        use sha2::{Digest, Sha256};
+        Sha256::digest(t.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    let texts = [&cur.text, &v1, &v2, &v1];
+    let sizes: Vec<(u64, String)> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["bytes"].as_u64().unwrap(),
+                r["sha256"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    let expected: Vec<(u64, String)> = texts.iter().map(|t| (t.len() as u64, sha256(t))).collect();
+    assert_eq!(sizes, expected);
+    assert_ne!(v1.len(), v2.len());
+    // The table shows them too: size and the hash's first 12 digits.
+    let e = env.clone();
+    let out = tokio::task::spawn_blocking(move || tasman(&e, &["topology", "history"], &[], ""))
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let table = text(&out.stdout);
+    let row3 = table
+        .lines()
+        .find(|l| l.trim_start().starts_with("3 "))
+        .unwrap_or_else(|| panic!("no row for version 3: {table}"));
+    assert!(
+        row3.contains(&format!(" {} ", v1.len())) && row3.contains(&sha256(&v1)[..12]),
+        "{table}"
+    );
     d.shutdown().await;
 }
 

@@ -82,6 +82,13 @@ async fn sigkill_during_applies_loses_no_answered_apply_and_half_applies_none() 
                 topology::load(&rec.text).is_ok(),
                 "version {v} is a whole, valid topology"
             );
+            // Its metadata (what history lists) committed with it and describes it.
+            let h = &hist[(n - v) as usize];
+            assert_eq!(
+                (h.version, h.bytes),
+                (v, rec.text.len() as u64),
+                "history's row of version {v} is its text's"
+            );
         }
 
         // A stream of applies, killed after a varying delay.

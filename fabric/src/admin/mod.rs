@@ -9,7 +9,7 @@
 //! |---|---|---|
 //! | GET | /v1/topology | the topology in force, text as applied |
 //! | GET | /v1/topology/versions/{v} | one version |
-//! | GET | /v1/topology/history?limit=N | newest first |
+//! | GET | /v1/topology/history?limit=N | newest first (at most 10,000), metadata only: size and SHA-256 of each text, not the text |
 //! | POST | /v1/topology | apply (or dry-run) `{text, dry_run, message, author, base_version}` |
 //! | POST | /v1/topology/rollback | `{version, message, author, dry_run}` |
 //! | GET | /v1/status | routers, per-service choices, RTT matrix |

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{AdminState, ApiError};
 use crate::controller::ApplyOutcome;
-use crate::controller::records::{Origin, TopologyVersion};
+use crate::controller::records::{Origin, TopologyVersion, VersionMeta};
 
 pub fn routes() -> axum::Router<AdminState> {
     axum::Router::new()
@@ -38,7 +38,7 @@ pub struct HistoryQuery {
     pub limit: Option<usize>,
 }
 
-/// One history row (without the text).
+/// One history row: the version's metadata ([`VersionMeta`]), never its text.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct HistoryEntry {
     pub version: u64,
@@ -47,25 +47,34 @@ pub struct HistoryEntry {
     pub message: String,
     pub origin: Origin,
     pub current: bool,
-    pub bytes: usize,
+    /// Size of the text in bytes.
+    pub bytes: u64,
+    /// SHA-256 of the text (hex); empty from a controller older than this field.
+    #[serde(default)]
+    pub sha256: String,
 }
+
+/// Most rows one history request returns.
+pub const MAX_HISTORY_LIMIT: usize = 10_000;
 
 async fn history(
     State(st): State<AdminState>,
     Query(q): Query<HistoryQuery>,
 ) -> Result<Json<Vec<HistoryEntry>>, ApiError> {
     let cur = st.ctl.current().record.version;
-    let rows = st.ctl.history(q.limit.unwrap_or(50).min(10_000))?;
+    let limit = q.limit.unwrap_or(50).min(MAX_HISTORY_LIMIT);
+    let rows = st.ctl.history(limit)?;
     Ok(Json(
         rows.into_iter()
-            .map(|r| HistoryEntry {
+            .map(|r: VersionMeta| HistoryEntry {
                 version: r.version,
                 current: r.version == cur,
-                bytes: r.text.len(),
+                bytes: r.bytes,
                 author: r.author,
                 time_unix_ms: r.time_unix_ms,
                 message: r.message,
                 origin: r.origin,
+                sha256: r.sha256,
             })
             .collect(),
     ))

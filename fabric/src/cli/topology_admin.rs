@@ -198,8 +198,8 @@ pub fn history(args: HistoryArgs) -> ExitCode {
                 Output::Json => print_json(&rows),
                 Output::Text => {
                     println!(
-                        "{:>8}  {:<24}  {:<12}  {:<18}  MESSAGE",
-                        "VERSION", "TIME (UTC)", "AUTHOR", "ORIGIN"
+                        "{:>8}  {:<24}  {:<12}  {:<18}  {:>10}  {:<12}  MESSAGE",
+                        "VERSION", "TIME (UTC)", "AUTHOR", "ORIGIN", "BYTES", "SHA256"
                     );
                     for r in rows {
                         let origin = match r.origin {
@@ -212,12 +212,17 @@ pub fn history(args: HistoryArgs) -> ExitCode {
                             }
                         };
                         let mark = if r.current { "*" } else { " " };
+                        // Enough of the hash to tell texts apart by eye (a rollback shows its
+                        // target's); `-o json` has all of it.
+                        let sha = r.sha256.get(..12).unwrap_or("-");
                         println!(
-                            "{:>7}{mark}  {:<24}  {:<12}  {:<18}  {}",
+                            "{:>7}{mark}  {:<24}  {:<12}  {:<18}  {:>10}  {:<12}  {}",
                             r.version,
                             super::fmt_time(r.time_unix_ms),
                             r.author,
                             origin,
+                            r.bytes,
+                            sha,
                             r.message
                         );
                     }

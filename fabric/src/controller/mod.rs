@@ -30,7 +30,7 @@ use topology::{Diagnostic, NodeId, Topology};
 
 use crate::store::{self, Store, StoreError};
 use live::{LiveAggregator, LiveParams, Sample};
-use records::{Nack, Origin, RouterRecord, TopologyVersion};
+use records::{Nack, Origin, RouterRecord, TopologyVersion, VersionMeta};
 use router::control::proto::{self, ToRouter};
 use throttle::{Backoff, BackoffParams};
 
@@ -245,7 +245,17 @@ impl Controller {
             },
             e => e,
         })?;
-        let epoch = store::transaction(&*store, |tx| records::next_epoch(tx))?;
+        // Versions stored by an earlier build have no metadata record, which history reads:
+        // written once, in the transaction (one fsync) that bumps the epoch.
+        let (backfilled, epoch) = store::transaction(&*store, |tx| -> Result<_, StoreError> {
+            Ok((records::backfill_meta(tx)?, records::next_epoch(tx)?))
+        })?;
+        if backfilled > 0 {
+            tracing::info!(
+                versions = backfilled,
+                "topology history: wrote the metadata of versions stored by an earlier build"
+            );
+        }
         let routers = DashMap::new();
         for (node, rec) in store::read(&*store, |tx| records::ROUTERS.all(tx))? {
             routers.insert(node, RouterLive::new(rec, false));
@@ -476,10 +486,12 @@ impl Controller {
         out
     }
 
-    pub fn history(&self, limit: usize) -> Result<Vec<TopologyVersion>, ControllerError> {
+    /// Newest first, at most `limit` versions' metadata (never their texts).
+    pub fn history(&self, limit: usize) -> Result<Vec<VersionMeta>, ControllerError> {
         Ok(store::read(&*self.store, |tx| records::history(tx, limit))?)
     }
 
+    /// One version, text and all.
     pub fn version(&self, v: u64) -> Result<Option<TopologyVersion>, ControllerError> {
         Ok(store::read(&*self.store, |tx| records::version(tx, v))?)
     }
@@ -871,6 +883,62 @@ mod tests {
             applied,
             BTreeMap::from([("e".to_string(), 7), ("t".to_string(), 6)])
         );
+    }
+
+    /// A store written by a build before the versions' metadata (versions and the current
+    /// pointer only, written through the store API as that build did) lists its whole history
+    /// once the controller opened it, with each text's size; opening it again writes nothing.
+    #[tokio::test]
+    async fn history_is_whole_after_opening_a_store_of_an_earlier_build() {
+        let dir = tempfile::tempdir().unwrap();
+        let texts: Vec<String> = ["5ms", "6ms", "7ms", "5ms"]
+            .iter()
+            .enumerate()
+            .map(|(i, far)| yaml(far) + &"#\n".repeat(i * 100))
+            .collect();
+        {
+            let store = RedbStore::open(dir.path()).unwrap();
+            store::transaction(&store, |tx| -> Result<(), StoreError> {
+                for (i, text) in texts.iter().enumerate() {
+                    let v = i as u64 + 1;
+                    let rec = TopologyVersion {
+                        version: v,
+                        text: text.clone(),
+                        author: "earlier".into(),
+                        time_unix_ms: 1000 + v,
+                        message: format!("v{v}"),
+                        origin: Origin::Apply,
+                    };
+                    records::TOPOLOGY_VERSIONS.put(tx, &store::seq_key(v), &rec)?;
+                    records::META.put(tx, "current_topology", &v)?;
+                }
+                Ok(())
+            })
+            .unwrap();
+        }
+        let expected: Vec<(u64, u64, String)> = texts
+            .iter()
+            .enumerate()
+            .rev()
+            .map(|(i, t)| (i as u64 + 1, t.len() as u64, records::text_sha256(t)))
+            .collect();
+        for _ in 0..2 {
+            let store = Arc::new(RedbStore::open(dir.path()).unwrap());
+            let ctl = Controller::open(store.clone(), None).unwrap();
+            assert_eq!(ctl.current().record.version, 4);
+            let listed: Vec<_> = ctl
+                .history(100)
+                .unwrap()
+                .into_iter()
+                .map(|m| (m.version, m.bytes, m.sha256))
+                .collect();
+            assert_eq!(listed, expected);
+            assert_eq!(
+                store::transaction(&*store, |tx| records::backfill_meta(tx)).unwrap(),
+                0,
+                "open wrote every missing record"
+            );
+        }
     }
 
     /// The router's decode path: one frame through its reader, then its message decoder.

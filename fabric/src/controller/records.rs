@@ -1,11 +1,14 @@
 //! The controller's records in the [`Store`](crate::store::Store): topology versions (the
-//! operator's YAML text, comments and all), node identities, routers' applied versions and the
-//! audit log. Each function that changes records takes a [`WriteTxn`] so that callers (the
-//! admin API, circuits) compose them into one atomic transaction.
+//! operator's YAML text, comments and all) and a small metadata record per version (what
+//! history lists), node identities, routers' applied versions and the audit log. Each function
+//! that changes records takes a [`WriteTxn`] so that callers (the admin API, circuits) compose
+//! them into one atomic transaction.
 
+use std::ops::Bound;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use topology::{NodeId, NodeKind, Topology};
 
 use crate::store::{ReadTxn, StoreError, Table, WriteTxn, seq_key};
@@ -20,6 +23,64 @@ pub struct TopologyVersion {
     pub time_unix_ms: u64,
     pub message: String,
     pub origin: Origin,
+}
+
+/// What history lists of one version, without its text: a version's text can be megabytes (a
+/// 10,000-node topology is ~6 MB of YAML), so listing thousands of versions must not read them.
+/// Written in the same transaction as the version ([`commit_topology`]); for versions stored by
+/// builds before this record, once when the controller opens its store ([`backfill_meta`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionMeta {
+    pub version: u64,
+    /// At most [`MAX_META_FIELD`] bytes of the version's author (the version keeps it whole).
+    pub author: String,
+    pub time_unix_ms: u64,
+    /// At most [`MAX_META_FIELD`] bytes of the version's message (the version keeps it whole).
+    pub message: String,
+    pub origin: Origin,
+    /// Size of the text in bytes.
+    pub bytes: u64,
+    /// SHA-256 of the text, lower-case hex: equal for versions with the same text (a rollback
+    /// and its target; an apply that changed nothing but the message), without reading them.
+    pub sha256: String,
+}
+
+/// How much of a version's author and message its [`VersionMeta`] keeps: the admin API takes
+/// them free-form within its body limit (tens of MB), and history lists up to 10,000 rows.
+pub const MAX_META_FIELD: usize = 1024;
+
+/// `s` cut to at most `max` bytes at a character boundary, marked with `…` when cut.
+fn clipped(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// SHA-256 of `text`, lower-case hex.
+pub fn text_sha256(text: &str) -> String {
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+impl VersionMeta {
+    pub fn of(v: &TopologyVersion) -> VersionMeta {
+        VersionMeta {
+            version: v.version,
+            author: clipped(&v.author, MAX_META_FIELD),
+            time_unix_ms: v.time_unix_ms,
+            message: clipped(&v.message, MAX_META_FIELD),
+            origin: v.origin.clone(),
+            bytes: v.text.len() as u64,
+            sha256: text_sha256(&v.text),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +136,8 @@ pub struct AuditEntry {
 }
 
 pub const TOPOLOGY_VERSIONS: Table<TopologyVersion> = Table::new("topology_versions");
+/// One [`VersionMeta`] per topology version, under the same key as the version.
+pub const TOPOLOGY_VERSION_META: Table<VersionMeta> = Table::new("topology_version_meta");
 pub const NODES: Table<NodeIdentity> = Table::new("nodes");
 pub const ROUTERS: Table<RouterRecord> = Table::new("routers");
 pub const AUDIT: Table<AuditEntry> = Table::new("audit");
@@ -103,17 +166,40 @@ pub fn version(tx: &dyn ReadTxn, v: u64) -> Result<Option<TopologyVersion>, Stor
     TOPOLOGY_VERSIONS.get(tx, &seq_key(v))
 }
 
-/// Newest first, at most `limit`.
-pub fn history(tx: &dyn ReadTxn, limit: usize) -> Result<Vec<TopologyVersion>, StoreError> {
-    Ok(TOPOLOGY_VERSIONS
-        .scan(tx, std::ops::Bound::Unbounded, limit, true)?
+/// Newest first, at most `limit`: the versions' metadata only, never their texts.
+pub fn history(tx: &dyn ReadTxn, limit: usize) -> Result<Vec<VersionMeta>, StoreError> {
+    Ok(TOPOLOGY_VERSION_META
+        .scan(tx, Bound::Unbounded, limit, true)?
         .into_iter()
-        .map(|(_, v)| v)
+        .map(|(_, m)| m)
         .collect())
 }
 
-/// Records `text` (already validated into `topology`) as the next topology version, makes it
-/// current, updates node identities and appends to the audit log, all in `tx`.
+/// Writes the [`VersionMeta`] of every version stored without one (by a build before the
+/// metadata table) and returns how many it wrote; 0 when there are none, so running it at every
+/// start is cheap: one metadata record and one empty range are read.
+///
+/// Those versions are the ones newer than the newest metadata record: versions are numbered
+/// in order and never deleted, an earlier build only appends versions without metadata, and
+/// this build writes metadata with every version and runs this at every start before it
+/// commits any. Versions are read one at a time, so at most one text is held at once.
+pub fn backfill_meta(tx: &mut dyn WriteTxn) -> Result<usize, StoreError> {
+    let mut after = TOPOLOGY_VERSION_META.last(tx)?.map(|(key, _)| key);
+    let mut written = 0;
+    loop {
+        let from = after.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
+        let Some((key, v)) = TOPOLOGY_VERSIONS.scan(tx, from, 1, false)?.pop() else {
+            return Ok(written);
+        };
+        TOPOLOGY_VERSION_META.put(tx, &key, &VersionMeta::of(&v))?;
+        written += 1;
+        after = Some(key);
+    }
+}
+
+/// Records `text` (already validated into `topology`) as the next topology version with its
+/// [`VersionMeta`], makes it current, updates node identities and appends to the audit log, all
+/// in `tx`.
 pub fn commit_topology(
     tx: &mut dyn WriteTxn,
     text: &str,
@@ -138,6 +224,7 @@ pub fn commit_topology(
         origin: origin.clone(),
     };
     TOPOLOGY_VERSIONS.put(tx, &seq_key(version), &rec)?;
+    TOPOLOGY_VERSION_META.put(tx, &seq_key(version), &VersionMeta::of(&rec))?;
     META.put(tx, CURRENT, &version)?;
     for (id, mut ident) in NODES.all(tx)? {
         if topology.node(&id).is_none() && ident.in_version != 0 {
@@ -197,4 +284,191 @@ pub fn next_epoch(tx: &mut dyn WriteTxn) -> Result<u64, StoreError> {
     let e = META.get(tx, EPOCH)?.unwrap_or(0) + 1;
     META.put(tx, EPOCH, &e)?;
     Ok(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::redb::RedbStore;
+    use crate::store::{self, Store};
+
+    /// An edge and a site `latency` apart, with `pad` bytes of comment (a bigger text).
+    fn yaml(latency: &str, pad: usize) -> String {
+        format!(
+            "# {}\nversion: 1\nnodes:\n  \
+             - {{id: e, kind: edge, region: r, country: AU, location: {{lat: 0, lon: 0}}, \
+             address: \"127.0.0.1:7000\", client_address: \"127.0.0.1\"}}\n  \
+             - {{id: s, kind: site, region: r, country: AU, location: {{lat: 0, lon: 0}}, \
+             address: \"127.0.0.2:7000\", serves: [{{service: chat, backend: \"127.0.0.9:9000\", capacity: 10}}]}}\n\
+             links:\n  - {{a: e, b: s, latency: {latency}, capacity: 1Gbps}}\n\
+             services:\n  - {{name: chat, port: 8080}}\n",
+            "x".repeat(pad)
+        )
+    }
+
+    fn commit(
+        s: &dyn Store,
+        text: &str,
+        message: &str,
+        origin: Origin,
+    ) -> Result<TopologyVersion, StoreError> {
+        let (topo, _) = crate::controller::validate(text).unwrap();
+        store::transaction(s, |tx| {
+            commit_topology(tx, text, &topo, "ops", message, origin)
+        })
+    }
+
+    /// A read view on which the versions' table (their texts) cannot be read.
+    struct WithoutTexts<'a>(&'a dyn ReadTxn);
+
+    impl ReadTxn for WithoutTexts<'_> {
+        fn get(&self, table: &'static str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            if table == TOPOLOGY_VERSIONS.name {
+                return Err(StoreError::Backend(format!("read the text of {key}")));
+            }
+            self.0.get(table, key)
+        }
+        fn scan(
+            &self,
+            table: &'static str,
+            from: Bound<&str>,
+            limit: usize,
+            reverse: bool,
+        ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+            if table == TOPOLOGY_VERSIONS.name {
+                return Err(StoreError::Backend("scanned the versions' texts".into()));
+            }
+            self.0.scan(table, from, limit, reverse)
+        }
+    }
+
+    /// Every way a version is made (import, apply, rollback) writes its metadata in the same
+    /// transaction: size and hash of its text, author, message (clipped), origin. An aborted
+    /// transaction writes neither the version nor its metadata.
+    #[test]
+    fn each_committed_version_has_its_metadata_and_an_aborted_one_neither() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(dir.path()).unwrap();
+        let (t1, t2) = (yaml("1ms", 10), yaml("2ms", 5000));
+        let long = "é".repeat(MAX_META_FIELD);
+        commit(&s, &t1, "imported", Origin::Import { file: "f".into() }).unwrap();
+        commit(&s, &t2, &long, Origin::Apply).unwrap();
+        commit(&s, &t1, "back", Origin::Rollback { to: 1 }).unwrap();
+        let aborted: Result<(), StoreError> = store::transaction(&s, |tx| {
+            let (topo, _) = crate::controller::validate(&t2).unwrap();
+            commit_topology(tx, &t2, &topo, "ops", "never", Origin::Apply)?;
+            Err(StoreError::Aborted)
+        });
+        assert!(aborted.is_err());
+
+        let rows = store::read(&s, |tx| history(tx, 100)).unwrap();
+        let got: Vec<_> = rows
+            .iter()
+            .map(|m| (m.version, m.bytes, m.origin.clone(), m.author.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (3, t1.len() as u64, Origin::Rollback { to: 1 }, "ops"),
+                (2, t2.len() as u64, Origin::Apply, "ops"),
+                (
+                    1,
+                    t1.len() as u64,
+                    Origin::Import { file: "f".into() },
+                    "ops"
+                ),
+            ]
+        );
+        assert_eq!(
+            rows[0].sha256, rows[2].sha256,
+            "a rollback has its target's text"
+        );
+        assert_eq!(rows[1].sha256, text_sha256(&t2));
+        assert_ne!(rows[1].sha256, rows[2].sha256);
+        assert_eq!(rows[1].sha256.len(), 64);
+        assert_eq!(
+            rows[1].message,
+            format!("{}…", "é".repeat(MAX_META_FIELD / 2)),
+            "clipped at a character boundary"
+        );
+        let v2 = store::read(&s, |tx| version(tx, 2)).unwrap().unwrap();
+        assert_eq!(v2.message, long, "the version keeps the whole message");
+        assert_eq!(rows[2].message, "imported");
+    }
+
+    /// History reads only the metadata: it answers on a view where reading any version's text
+    /// fails.
+    #[test]
+    fn history_reads_no_version_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(dir.path()).unwrap();
+        for i in 1..=5 {
+            commit(&s, &yaml(&format!("{i}ms"), i * 100), "", Origin::Apply).unwrap();
+        }
+        let rows = store::read(&s, |tx| history(&WithoutTexts(tx), 3)).unwrap();
+        let versions: Vec<u64> = rows.iter().map(|m| m.version).collect();
+        assert_eq!(versions, vec![5, 4, 3]);
+        assert_eq!(rows[0].bytes, yaml("5ms", 500).len() as u64);
+    }
+
+    /// Versions an earlier build stored (no metadata) get theirs once; a second run writes
+    /// nothing; versions such a build appended after this one's are found too (a downgrade and
+    /// back).
+    #[test]
+    fn backfill_writes_the_missing_metadata_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(dir.path()).unwrap();
+        // The earlier build's records: versions and the current pointer only.
+        let old = |versions: std::ops::RangeInclusive<u64>| {
+            store::transaction(&s, |tx| -> Result<(), StoreError> {
+                for v in versions.clone() {
+                    let rec = TopologyVersion {
+                        version: v,
+                        text: yaml("1ms", v as usize * 10),
+                        author: format!("a{v}"),
+                        time_unix_ms: v,
+                        message: format!("m{v}"),
+                        origin: Origin::Apply,
+                    };
+                    TOPOLOGY_VERSIONS.put(tx, &seq_key(v), &rec)?;
+                    META.put(tx, CURRENT, &v)?;
+                }
+                Ok(())
+            })
+            .unwrap()
+        };
+        let backfill = || store::transaction(&s, |tx| backfill_meta(tx)).unwrap();
+        let listed = || {
+            store::read(&s, |tx| history(tx, 100))
+                .unwrap()
+                .into_iter()
+                .map(|m| (m.version, m.bytes, m.author, m.message))
+                .collect::<Vec<_>>()
+        };
+        let expected = |n: u64| {
+            (1..=n)
+                .rev()
+                .map(|v| {
+                    let bytes = yaml("1ms", v as usize * 10).len() as u64;
+                    (v, bytes, format!("a{v}"), format!("m{v}"))
+                })
+                .collect::<Vec<_>>()
+        };
+        old(1..=3);
+        assert!(listed().is_empty());
+        assert_eq!(backfill(), 3);
+        assert_eq!(listed(), expected(3));
+        assert_eq!(backfill(), 0, "idempotent");
+        assert_eq!(listed(), expected(3));
+        // This build applies one, an earlier build two more, then this build starts again.
+        let v4 = commit(&s, &yaml("1ms", 40), "m4", Origin::Apply).unwrap();
+        assert_eq!(v4.version, 4);
+        old(5..=6);
+        assert_eq!(backfill(), 2);
+        let rows = listed();
+        assert_eq!(rows.len(), 6);
+        assert_eq!(rows[..2], expected(6)[..2]);
+        assert_eq!(rows[2].0, 4);
+        assert_eq!(backfill(), 0);
+    }
 }

@@ -148,6 +148,27 @@ async fn to_completion(req: Request, next: Next) -> Response {
     })
 }
 
+/// Runs `f`, a handler's store reads, on tokio's blocking pool. A read that waits on a slow disk
+/// then holds a blocking thread instead of one of the runtime's workers, which also serve the
+/// routers' control sessions and every other request. The GET handlers that read the store, and
+/// circuits' validate, read through here; the controller's and circuits' write transactions
+/// run in `spawn_blocking` themselves.
+pub(crate) async fn off_workers<R, E>(
+    f: impl FnOnce() -> Result<R, E> + Send + 'static,
+) -> Result<R, ApiError>
+where
+    R: Send + 'static,
+    E: Into<ApiError> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(Into::into),
+        Err(e) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("internal: {e}"),
+        )),
+    }
+}
+
 /// The JSON error body of every refused request.
 #[derive(Debug, Serialize)]
 pub struct ApiError {
@@ -252,10 +273,25 @@ mod tests {
     }
 
     /// A store whose next write transaction, once `hold` is called, waits until released
-    /// (what a slow fsync looks like from the controller).
+    /// (what a slow fsync looks like from the controller); likewise its next read once
+    /// `hold_read` is called (a slow disk), for at most `READ_HOLD`.
     struct GatedStore {
         inner: RedbStore,
         gate: Mutex<Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>>,
+        read_gate: Mutex<Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>>,
+        /// A held read that was not released within `READ_HOLD` went on by itself.
+        read_hold_expired: std::sync::atomic::AtomicBool,
+    }
+
+    const READ_HOLD: Duration = Duration::from_secs(10);
+
+    fn gated(dir: &std::path::Path) -> GatedStore {
+        GatedStore {
+            inner: RedbStore::open(dir).unwrap(),
+            gate: Mutex::new(None),
+            read_gate: Mutex::new(None),
+            read_hold_expired: false.into(),
+        }
     }
 
     impl GatedStore {
@@ -266,6 +302,14 @@ mod tests {
             *self.gate.lock().unwrap() = Some((entered_tx, release_rx));
             (entered_rx, release_tx)
         }
+
+        /// Holds the next read; returns (entered, release).
+        fn hold_read(&self) -> (mpsc::Receiver<()>, mpsc::Sender<()>) {
+            let (entered_tx, entered_rx) = mpsc::channel();
+            let (release_tx, release_rx) = mpsc::channel();
+            *self.read_gate.lock().unwrap() = Some((entered_tx, release_rx));
+            (entered_rx, release_tx)
+        }
     }
 
     impl Store for GatedStore {
@@ -273,6 +317,15 @@ mod tests {
             &self,
             f: &mut dyn FnMut(&dyn store::ReadTxn) -> Result<(), StoreError>,
         ) -> Result<(), StoreError> {
+            let gate = self.read_gate.lock().unwrap().take();
+            if let Some((entered, release)) = gate {
+                let _ = entered.send(());
+                // Bounded: a read that stalls the test's only runtime thread must not hang it.
+                if release.recv_timeout(READ_HOLD).is_err() {
+                    self.read_hold_expired
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
             self.inner.read(f)
         }
         fn write(
@@ -300,6 +353,12 @@ mod tests {
         String::from_utf8_lossy(&got).into_owned()
     }
 
+    fn get(path: &str, token: &str) -> String {
+        format!(
+            "GET {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\nconnection: close\r\n\r\n"
+        )
+    }
+
     fn post(path: &str, token: &str, body: &str) -> String {
         format!(
             "POST {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\n\
@@ -314,10 +373,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_apply_whose_client_goes_away_during_the_commit_is_still_published() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(GatedStore {
-            inner: RedbStore::open(dir.path()).unwrap(),
-            gate: Mutex::new(None),
-        });
+        let store = Arc::new(gated(dir.path()));
         let ctl = Controller::open(store.clone(), Some((&yaml("1ms"), "t.yaml"))).unwrap();
         let circuits = crate::circuits::service::CircuitService::new(
             ctl.clone(),
@@ -379,6 +435,87 @@ mod tests {
                 ctl.published().topology_version
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        server.abort();
+    }
+
+    /// Every admin GET that reads the store, and an apply's and a rollback's own reads, read it
+    /// off the runtime's workers: while the read waits on the disk, the same runtime (here its
+    /// only thread, which would stall outright) keeps answering other requests, and the
+    /// controller's sessions with it.
+    #[tokio::test]
+    async fn admin_reads_of_the_store_wait_off_the_runtimes_workers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(gated(dir.path()));
+        let ctl = Controller::open(store.clone(), Some((&yaml("1ms"), "t.yaml"))).unwrap();
+        let circuits = crate::circuits::service::CircuitService::new(
+            ctl.clone(),
+            crate::circuits::service::DEFAULT_PROVISION_TIMEOUT,
+        )
+        .unwrap();
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve(listener, AdminState::new(ctl, "tok", circuits)));
+        let dry_run = serde_json::json!({ "text": yaml("2ms"), "dry_run": true }).to_string();
+        let requests = [
+            (
+                "/v1/topology/history",
+                get("/v1/topology/history", "tok"),
+                "200",
+            ),
+            (
+                "/v1/topology/versions/1",
+                get("/v1/topology/versions/1", "tok"),
+                "200",
+            ),
+            ("/v1/circuits", get("/v1/circuits", "tok"), "200"),
+            (
+                "/v1/circuits/headroom",
+                get("/v1/circuits/headroom", "tok"),
+                "200",
+            ),
+            ("/v1/circuits/nope", get("/v1/circuits/nope", "tok"), "404"),
+            (
+                "/v1/circuits/nope/history",
+                get("/v1/circuits/nope/history", "tok"),
+                "404",
+            ),
+            // The controller's own reads: the circuits an apply plans with, a rollback's text.
+            ("apply", post("/v1/topology", "tok", &dry_run), "200"),
+            (
+                "rollback",
+                post(
+                    "/v1/topology/rollback",
+                    "tok",
+                    r#"{"version": 1, "dry_run": true}"#,
+                ),
+                "200",
+            ),
+        ];
+        for (path, req, status) in requests {
+            let (entered, release) = store.hold_read();
+            let slow = tokio::spawn(async move { exchange(addr, &req).await });
+            let entered =
+                tokio::task::spawn_blocking(move || entered.recv_timeout(Duration::from_secs(20)))
+                    .await
+                    .unwrap();
+            assert!(entered.is_ok(), "{path} did not read the store");
+            // The read is held: a request that needs no store is answered meanwhile.
+            let other = exchange(addr, &get("/v1/topology", "tok")).await;
+            assert!(other.starts_with("HTTP/1.1 200"), "{other}");
+            let _ = release.send(());
+            let back = slow.await.unwrap();
+            assert!(
+                !store
+                    .read_hold_expired
+                    .swap(false, std::sync::atomic::Ordering::SeqCst),
+                "{path}: its store read held the runtime's thread (nothing else was answered \
+                 until the held read gave up)"
+            );
+            assert!(
+                back.starts_with(&format!("HTTP/1.1 {status}")),
+                "{path}: {back}"
+            );
         }
         server.abort();
     }

@@ -5,7 +5,7 @@ use axum::extract::{Path, Query, State};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 
-use super::{AdminState, ApiError};
+use super::{AdminState, ApiError, off_workers};
 use crate::controller::ApplyOutcome;
 use crate::controller::records::{Origin, TopologyVersion, VersionMeta};
 
@@ -63,7 +63,8 @@ async fn history(
 ) -> Result<Json<Vec<HistoryEntry>>, ApiError> {
     let cur = st.ctl.current().record.version;
     let limit = q.limit.unwrap_or(50).min(MAX_HISTORY_LIMIT);
-    let rows = st.ctl.history(limit)?;
+    let ctl = st.ctl.clone();
+    let rows = off_workers(move || ctl.history(limit)).await?;
     Ok(Json(
         rows.into_iter()
             .map(|r: VersionMeta| HistoryEntry {
@@ -84,12 +85,16 @@ async fn version(
     State(st): State<AdminState>,
     Path(v): Path<u64>,
 ) -> Result<Json<TopologyVersion>, ApiError> {
-    st.ctl.version(v)?.map(Json).ok_or_else(|| {
-        ApiError::new(
-            axum::http::StatusCode::NOT_FOUND,
-            format!("no topology version {v}"),
-        )
-    })
+    let ctl = st.ctl.clone();
+    off_workers(move || ctl.version(v))
+        .await?
+        .map(Json)
+        .ok_or_else(|| {
+            ApiError::new(
+                axum::http::StatusCode::NOT_FOUND,
+                format!("no topology version {v}"),
+            )
+        })
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -21,7 +21,7 @@ use topology::circuit::LinkHeadroom;
 
 use super::service::ServiceError;
 use super::{Admission, Circuit, CircuitError, CircuitSpec, HistoryEntry};
-use crate::admin::{AdminState, ApiError};
+use crate::admin::{AdminState, ApiError, off_workers};
 
 pub fn routes() -> axum::Router<AdminState> {
     axum::Router::new()
@@ -71,7 +71,8 @@ async fn validate(
     State(st): State<AdminState>,
     Json(spec): Json<CircuitSpec>,
 ) -> Result<Json<Admission>, ApiError> {
-    Ok(Json(st.circuits.validate(&spec)?))
+    let svc = st.circuits.clone();
+    Ok(Json(off_workers(move || svc.validate(&spec)).await?))
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -102,7 +103,8 @@ async fn create(
 }
 
 async fn list(State(st): State<AdminState>) -> Result<Json<Vec<Circuit>>, ApiError> {
-    Ok(Json(st.circuits.list()?))
+    let svc = st.circuits.clone();
+    Ok(Json(off_workers(move || svc.list()).await?))
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -113,9 +115,10 @@ pub struct HeadroomRow {
 }
 
 async fn headroom(State(st): State<AdminState>) -> Result<Json<Vec<HeadroomRow>>, ApiError> {
+    let svc = st.circuits.clone();
     Ok(Json(
-        st.circuits
-            .headroom()?
+        off_workers(move || svc.headroom())
+            .await?
             .into_iter()
             .map(|(link, headroom)| HeadroomRow { link, headroom })
             .collect(),
@@ -126,7 +129,8 @@ async fn show(
     State(st): State<AdminState>,
     Path(id): Path<String>,
 ) -> Result<Json<Circuit>, ApiError> {
-    Ok(Json(st.circuits.get(&id)?))
+    let svc = st.circuits.clone();
+    Ok(Json(off_workers(move || svc.get(&id)).await?))
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -139,7 +143,8 @@ async fn history(
     State(st): State<AdminState>,
     Path(id): Path<String>,
 ) -> Result<Json<HistoryResponse>, ApiError> {
-    let (circuit, history) = st.circuits.history(&id)?;
+    let svc = st.circuits.clone();
+    let (circuit, history) = off_workers(move || svc.history(&id)).await?;
     Ok(Json(HistoryResponse { circuit, history }))
 }
 

@@ -380,7 +380,7 @@ impl Controller {
                 current: old.record.version,
             });
         }
-        let circuits = store::read(&*self.store, |tx| crate::circuits::all(tx))?;
+        let circuits = self.read_off_workers(crate::circuits::all).await?;
         // The impact plan (one shortest-path tree per edge: ~0.3 s at 1,000 edges) is
         // informational, it never blocks an apply; so a real apply commits and distributes
         // first and computes the plan while routers are already applying the new version.
@@ -462,7 +462,9 @@ impl Controller {
         dry_run: bool,
     ) -> Result<ApplyOutcome, ControllerError> {
         let out = async {
-            let rec = store::read(&*self.store, |tx| records::version(tx, to))?
+            let rec = self
+                .read_off_workers(move |tx| records::version(tx, to))
+                .await?
                 .ok_or(ControllerError::NoSuchVersion(to))?;
             let msg = if message.is_empty() {
                 format!("rollback to version {to}")
@@ -486,14 +488,28 @@ impl Controller {
         out
     }
 
-    /// Newest first, at most `limit` versions' metadata (never their texts).
+    /// Newest first, at most `limit` versions' metadata (never their texts). Reads the store on
+    /// the calling thread: async callers run it on the blocking pool.
     pub fn history(&self, limit: usize) -> Result<Vec<VersionMeta>, ControllerError> {
         Ok(store::read(&*self.store, |tx| records::history(tx, limit))?)
     }
 
-    /// One version, text and all.
+    /// One version, text and all. Reads the store on the calling thread, like [`Self::history`].
     pub fn version(&self, v: u64) -> Result<Option<TopologyVersion>, ControllerError> {
         Ok(store::read(&*self.store, |tx| records::version(tx, v))?)
+    }
+
+    /// Runs `f` on a consistent read view on tokio's blocking pool: a read that waits on a slow
+    /// disk (or decodes a large text) holds a blocking thread, not one of the runtime's
+    /// workers, which also serve routers' sessions.
+    async fn read_off_workers<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn store::ReadTxn) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, ControllerError> {
+        let store = self.store.clone();
+        Ok(tokio::task::spawn_blocking(move || store::read(&*store, f))
+            .await
+            .map_err(|e| ControllerError::Internal(e.to_string()))??)
     }
 
     /// Encodes and publishes the next version. `full_only`: the topology changed (no delta).

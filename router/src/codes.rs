@@ -179,9 +179,14 @@ pub mod close {
     /// The controller could not write a byte to a router's control stream for its write-stall
     /// bound (`distribute::WRITE_STALL_TIMEOUT`, 30 s): the router stopped reading.
     pub const WRITE_STALLED: u32 = 9;
+    /// The controller took a newer control session of the same node (the same certificate name)
+    /// and closed this older one: a node has one live session, the newest (a router that
+    /// reconnects after a network blip gets its new session at once, while the controller's side
+    /// of the old one could otherwise stay until its idle timeout).
+    pub const SUPERSEDED: u32 = 10;
 
     /// Every close code with its name (snake case, for logs and docs), in number order.
-    pub const ALL: [(u32, &str); 10] = [
+    pub const ALL: [(u32, &str); 11] = [
         (NORMAL, "normal"),
         (NOT_ALLOWED, "not_allowed"),
         (DECLARED_DOWN, "declared_down"),
@@ -192,6 +197,7 @@ pub mod close {
         (REVOKED, "revoked"),
         (UNTRUSTED, "untrusted"),
         (WRITE_STALLED, "write_stalled"),
+        (SUPERSEDED, "superseded"),
     ];
 
     /// The name of close code `code`, if it is one.

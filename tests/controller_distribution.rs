@@ -672,3 +672,184 @@ async fn an_ack_of_a_version_the_session_did_not_send_closes_it_unrecorded() {
     }
     d.shutdown().await;
 }
+
+/// The application close of `conn` within 10 s: (code, reason).
+async fn closed_by_the_controller(conn: &quinn::Connection) -> (u64, String) {
+    match tokio::time::timeout(Duration::from_secs(10), conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(c)) => (
+            c.error_code.into_inner(),
+            String::from_utf8_lossy(&c.reason).into_owned(),
+        ),
+        other => panic!("expected the controller to close the connection, got {other:?}"),
+    }
+}
+
+/// A second control session of a node while its first is up (a router that reconnected after a
+/// network blip while the controller still holds its old connection): the controller closes the
+/// older one with `close::SUPERSEDED` and counts it; the newer one gets the versions that follow.
+/// (Both sessions were kept, each getting every version, until the older one's idle timeout; and
+/// as many as a peer holding the node's key cared to open.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_session_of_a_node_closes_the_older_one_as_superseded() {
+    use router::codes::close;
+    use std::sync::atomic::Ordering;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (d, tls) =
+        controller_with_pki(dir.path(), &fabric_nodes(1, 1), &fabric_yaml(76, 1, 1, 10)).await;
+    let RawSession {
+        ep: _old_ep,
+        conn: old,
+        send: _old_send,
+        recv,
+    } = raw_hello(d.quic_addr, &tls, "edge-0", "edge-0").await;
+    let old_version = topology_versions(recv);
+    eventually(
+        Duration::from_secs(10),
+        "the older session's snapshot",
+        || old_version.load(Ordering::Relaxed) == 1,
+    )
+    .await;
+
+    let RawSession {
+        ep: _new_ep,
+        conn: new,
+        send: _new_send,
+        recv,
+    } = raw_hello(d.quic_addr, &tls, "edge-0", "edge-0").await;
+    let new_version = topology_versions(recv);
+    let (code, reason) = closed_by_the_controller(&old).await;
+    assert_eq!(code, u64::from(close::SUPERSEDED), "{reason}");
+    assert_eq!(close::name(code), Some("superseded"));
+    assert!(reason.contains("superseded"), "{reason}");
+    eventually(Duration::from_secs(10), "the close counted", || {
+        d.ctl.session_closes.get(close::SUPERSEDED) == 1
+    })
+    .await;
+
+    let out = apply(&d, &fabric_yaml(76, 1, 1, 20), "raise ring latency").await;
+    assert_eq!(out.version, Some(2));
+    eventually(
+        Duration::from_secs(10),
+        "version 2 on the newer session",
+        || new_version.load(Ordering::Relaxed) == 2,
+    )
+    .await;
+    assert_eq!(
+        old_version.load(Ordering::Relaxed),
+        1,
+        "the older one is gone"
+    );
+    assert!(new.close_reason().is_none(), "the newer session carries on");
+    assert_eq!(d.ctl.session_closes.get(close::SUPERSEDED), 1);
+    d.shutdown().await;
+}
+
+/// A node's status follows its newest session: the end of an older one (here the router closes
+/// it too, as a router does with a connection it gave up on) leaves the node connected, and
+/// draining if its newest session says so; only the end of the newest session disconnects it.
+/// (The end of any session marked the node disconnected and not draining, under a live session,
+/// until the router reconnected again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_end_of_a_nodes_newest_session_disconnects_it() {
+    use router::control::proto::{FromRouter, encode};
+    use std::sync::atomic::Ordering;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (d, tls) =
+        controller_with_pki(dir.path(), &fabric_nodes(1, 1), &fabric_yaml(77, 1, 1, 10)).await;
+    let status = || router_status(&d, "edge-0").map(|r| (r.connected, r.draining));
+    let old = raw_hello(d.quic_addr, &tls, "edge-0", "edge-0").await;
+    eventually(Duration::from_secs(10), "the older session", || {
+        status() == Some((true, false))
+    })
+    .await;
+
+    let RawSession {
+        ep: _new_ep,
+        conn: new,
+        mut send,
+        recv,
+    } = raw_hello(d.quic_addr, &tls, "edge-0", "edge-0").await;
+    let version = topology_versions(recv);
+    eventually(
+        Duration::from_secs(10),
+        "the newer session's snapshot",
+        || version.load(Ordering::Relaxed) == 1,
+    )
+    .await;
+    // The newer session says the router drains.
+    let mut report = telemetry_report("edge-0", vec![neighbour("transit-0", 4_000)]);
+    report.draining = true;
+    send.write_all(&encode(&FromRouter::Telemetry(report)).unwrap())
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "edge-0 draining", || {
+        status() == Some((true, true))
+    })
+    .await;
+
+    old.conn.close(0u32.into(), b"the old path");
+    drop(old);
+    stays(
+        Duration::from_secs(3),
+        "edge-0 connected and draining after its older session ended",
+        || status() == Some((true, true)),
+    )
+    .await;
+    let text = status_text(&d).await;
+    let line = status_line(&text, "edge-0");
+    assert!(
+        line.contains(" yes ") && line.contains("draining"),
+        "edge-0's status line: {line:?}\n{text}"
+    );
+
+    new.close(0u32.into(), b"stopped");
+    eventually(
+        Duration::from_secs(10),
+        "edge-0 disconnected once its newest session ended",
+        || status() == Some((false, false)),
+    )
+    .await;
+    d.shutdown().await;
+}
+
+/// A router's control client whose session a newer one of its node supersedes treats the close
+/// as any other: it reconnects after its back-off, and its new session supersedes the other in
+/// turn, getting the versions that follow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_whose_session_is_superseded_reconnects() {
+    use router::codes::close;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (d, tls) =
+        controller_with_pki(dir.path(), &fabric_nodes(1, 1), &fabric_yaml(78, 1, 1, 10)).await;
+    let c = start_client(d.quic_addr, "edge-0", &tls, None).await;
+    assert_eq!(c.connects(), 1);
+    let RawSession {
+        ep: _ep,
+        conn: other,
+        send: _send,
+        recv,
+    } = raw_hello(d.quic_addr, &tls, "edge-0", "edge-0").await;
+    let _version = topology_versions(recv);
+    eventually(Duration::from_secs(20), "the client reconnected", || {
+        c.connects() == 2 && c.is_connected()
+    })
+    .await;
+    let (code, reason) = closed_by_the_controller(&other).await;
+    assert_eq!(code, u64::from(close::SUPERSEDED), "{reason}");
+    eventually(Duration::from_secs(10), "both closes counted", || {
+        d.ctl.session_closes.get(close::SUPERSEDED) == 2
+    })
+    .await;
+    assert!(router_status(&d, "edge-0").is_some_and(|r| r.connected));
+    let out = apply(&d, &fabric_yaml(78, 1, 1, 20), "raise ring latency").await;
+    assert_eq!(out.version, Some(2));
+    eventually(Duration::from_secs(10), "version 2 at the client", || {
+        c.topology_version() == 2
+    })
+    .await;
+    assert_eq!(c.connects(), 2);
+    d.shutdown().await;
+}

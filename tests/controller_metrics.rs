@@ -354,6 +354,50 @@ async fn metrics_follow_versions_routers_changes_circuits_and_the_certificate() 
     d.shutdown().await;
 }
 
+/// A control session closed for a newer one of its node is counted under `superseded`, and the
+/// node is counted connected once, through its newer session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_superseded_session_is_counted_under_its_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = dir.path().join("pki");
+    pki(&tls, &["e1", "t1", "s1"].map(String::from));
+    let d = daemon::start(DaemonConfig {
+        metrics: Some("127.0.0.1:0".parse().unwrap()),
+        ..import_config(&dir.path().join("state"), &tls, &topology(2))
+    })
+    .await
+    .expect("controller starts");
+    let addr = d.metrics_addr.expect("a metrics listener");
+    let superseded = "tasman_controller_sessions_closed_total{reason=\"superseded\"}";
+    let (_, text) = scrape(addr).await;
+    assert_eq!(v(&series(&text), superseded), 0.0, "{text}");
+
+    let old = raw_hello(d.quic_addr, &tls, "e1", "e1").await;
+    scrape_until(addr, "e1's first session", |s| {
+        s.get("tasman_controller_router_connected{node=\"e1\"}") == Some(&1.0)
+    })
+    .await;
+    let new = raw_hello(d.quic_addr, &tls, "e1", "e1").await;
+    let s = scrape_until(addr, "the older session counted as superseded", |s| {
+        s.get(superseded) == Some(&1.0)
+    })
+    .await;
+    assert_eq!(v(&s, "tasman_controller_routers_connected"), 1.0);
+    assert_eq!(
+        v(&s, "tasman_controller_router_connected{node=\"e1\"}"),
+        1.0
+    );
+    for reason in ["refused", "protocol", "hello_timeout", "write_stalled"] {
+        let k = format!("tasman_controller_sessions_closed_total{{reason=\"{reason}\"}}");
+        assert_eq!(v(&s, &k), 0.0, "{k}");
+    }
+    tokio::time::timeout(DEADLINE, old.conn.closed())
+        .await
+        .expect("the older session is closed");
+    assert!(new.conn.close_reason().is_none());
+    d.shutdown().await;
+}
+
 /// A `tasman controller` process, killed when dropped.
 struct Controller(std::process::Child);
 

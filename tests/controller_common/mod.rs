@@ -30,6 +30,15 @@ pub async fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> b
     }
 }
 
+/// Checks `cond` every 10 ms for `window`, failing with `what` the first time it does not hold.
+pub async fn stays(window: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while start.elapsed() < window {
+        assert!(cond(), "after {:?}: {what}", start.elapsed());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// A fabric of `edges` edge routers, `transits` transit PoPs in a ring and two sites, in the
 /// topology YAML format. Addresses are 127.<net>.x.y (nothing listens unless a test starts
 /// real routers). `latency_ms` is the declared one-way latency of the transit ring links.
@@ -303,6 +312,33 @@ pub async fn raw_hello_with(
         send,
         recv,
     }
+}
+
+/// Reads what the controller sends on a control stream made by hand (so it never waits on the
+/// test) until the stream ends; the value is the topology version of the last snapshot or delta
+/// (0 before the first).
+pub fn topology_versions(
+    mut recv: quinn::RecvStream,
+) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+    use router::control::proto::{self, ToRouter};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let version = std::sync::Arc::new(AtomicU64::new(0));
+    let v = version.clone();
+    tokio::spawn(async move {
+        let mut frames = proto::FrameReader::new(proto::MAX_TO_ROUTER);
+        while let Ok(Some(payload)) = frames.next(&mut recv).await {
+            match proto::decode::<ToRouter>(&payload) {
+                Ok(ToRouter::Snapshot {
+                    topology_version, ..
+                })
+                | Ok(ToRouter::Delta {
+                    topology_version, ..
+                }) => v.store(topology_version, Ordering::Relaxed),
+                _ => {}
+            }
+        }
+    });
+    version
 }
 
 /// An encoded hello from `node`, holding no snapshot.

@@ -11,6 +11,13 @@
 //! for [`WRITE_STALL_TIMEOUT`] ([`close::WRITE_STALLED`]): the session, and the version it was
 //! writing (up to a whole snapshot), would otherwise stay for as long as the peer keeps the
 //! connection alive. Closes the controller makes are counted by code ([`SessionCloses`]).
+//!
+//! A node has at most one live session, the newest ([`RouterSession`]): once a session passes
+//! its hello checks, an older session of the same node is closed ([`close::SUPERSEDED`]). A
+//! router reconnecting after a network blip gets its new session while the controller's side of
+//! the old connection could live on until its idle timeout; both got every version, and the old
+//! one's end marked the node disconnected under its new session. What a superseded session
+//! reports until it is gone is not taken.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,9 +32,9 @@ use router::tls;
 
 use topology::{Latency, NodeId, ServiceName};
 
-use super::Controller;
 use super::live::{NeighbourSample, Sample};
 use super::renew::{NodeIssuer, RenewLimit};
+use super::{Controller, RouterSession};
 
 /// The controller's certificate name.
 pub const CONTROLLER_NAME: &str = router::control::client::CONTROLLER_NAME;
@@ -126,6 +133,11 @@ pub async fn serve(
                 Ok(conn) => {
                     let _trust_watch = tls::watch_trust(cert, conn.clone());
                     match connection(&ctl, &issuer, conn.clone(), write_stall).await {
+                        // Normal after a router reconnected: the newer session logged its start.
+                        Err(e @ ConnError::Superseded { .. }) => {
+                            let node = tls::peer_name(&conn, &ctl.peers).map(clip);
+                            tracing::info!(%remote, ?node, "closed a router connection: {e}")
+                        }
                         Err(e) if e.close_code().is_some() => {
                             let node = tls::peer_name(&conn, &ctl.peers).map(clip);
                             tracing::warn!(%remote, ?node, "closed a router connection: {e}")
@@ -156,6 +168,8 @@ enum ConnError {
     NotSent { what: &'static str, version: u64 },
     #[error("the router took no byte of its control stream for {0:?}: it stopped reading")]
     Stalled(Duration),
+    #[error("session {id} superseded by a newer control session of this node")]
+    Superseded { id: u64 },
 }
 
 impl ConnError {
@@ -166,6 +180,7 @@ impl ConnError {
             ConnError::Refused(_) => Some(close::REFUSED),
             ConnError::Timeout => Some(close::HELLO_TIMEOUT),
             ConnError::Stalled(_) => Some(close::WRITE_STALLED),
+            ConnError::Superseded { .. } => Some(close::SUPERSEDED),
             ConnError::Proto(proto::ProtoError::TooLarge { .. })
             | ConnError::Proto(proto::ProtoError::Malformed(_))
             | ConnError::NotSent { .. } => Some(close::PROTOCOL),
@@ -277,22 +292,36 @@ async fn handshake_and_session(
     if !ctl.is_node(&node) {
         return Err(refuse(&mut send, format!("node {node} is not in the topology")).await);
     }
-    tracing::info!(node, ?have_version, "router connected");
-    ctl.router_connected(&node, true);
-    let res = session(ctl, issuer, &node, crl, &mut send, &mut recv, write_stall).await;
-    ctl.router_connected(&node, false);
+    let (rs, superseded) = ctl.router_session_start(&node);
+    tracing::info!(
+        node,
+        ?have_version,
+        session = rs.id(),
+        ?superseded,
+        "router connected"
+    );
+    // Ended wherever it waits (a write to a dead path included) once a newer session took over;
+    // the connection is closed next, so nothing half-written matters.
+    let res = tokio::select! {
+        // Checked first at each wake-up: a superseded session takes nothing more in.
+        biased;
+        () = rs.superseded() => Err(ConnError::Superseded { id: rs.id() }),
+        res = session(ctl, issuer, &rs, crl, &mut send, &mut recv, write_stall) => res,
+    };
+    ctl.router_session_end(&rs);
     res
 }
 
 async fn session(
     ctl: &Arc<Controller>,
     issuer: &NodeIssuer,
-    node: &str,
+    rs: &RouterSession,
     takes_crl: bool,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     stall: Duration,
 ) -> Result<(), ConnError> {
+    let node = rs.node();
     let mut rx = ctl.subscribe();
     // The revocation lists go after the first snapshot, then at each change.
     let mut crls = issuer.crl();
@@ -364,21 +393,21 @@ async fn session(
                         let tv = unanswered
                             .answer(version)
                             .ok_or(ConnError::NotSent { what: "acknowledgement", version })?;
-                        ctl.router_ack(node, version, tv);
+                        ctl.router_ack(rs, version, tv);
                     }
                     FromRouter::Nack { version, reason } => {
                         let tv = unanswered
                             .answer(version)
                             .ok_or(ConnError::NotSent { what: "rejection", version })?;
-                        ctl.router_nack(node, version, tv, &clip(reason));
+                        ctl.router_nack(rs, version, tv, &clip(reason));
                     }
                     FromRouter::Resync { .. } => {
                         force_full = sent_full != Some(rx.borrow().version);
                     }
                     FromRouter::Telemetry(report) => {
-                        ctl.router_seen(node);
+                        ctl.router_seen(rs);
                         if !budget.take(Instant::now()) {
-                            ctl.router_report_dropped(node);
+                            ctl.router_report_dropped(rs);
                             if !warned_rate {
                                 warned_rate = true;
                                 tracing::warn!(
@@ -387,11 +416,11 @@ async fn session(
                                      second (counted in status)"
                                 );
                             }
-                        } else if report_node(&report) == node {
-                            ctl.router_draining(node, report.draining);
+                        } else if report_node(&report) == node && ctl.router_session_current(rs) {
+                            ctl.router_draining(rs, report.draining);
                             let (sample, refused) = sample_of(&report);
                             if refused > 0 {
-                                ctl.router_samples_refused(node, refused);
+                                ctl.router_samples_refused(rs, refused);
                                 if !warned_rtt {
                                     warned_rtt = true;
                                     tracing::warn!(
@@ -448,18 +477,19 @@ impl Unanswered {
 }
 
 /// Router connections the controller closed since it started, by close code: refused, protocol
-/// errors, hello timeouts and stalled writes (closes for revocation are counted by the
-/// [`tls::CertResolver`]). Served as `tasman_controller_sessions_closed_total{reason}`.
+/// errors, hello timeouts, stalled writes and superseded sessions (closes for revocation are
+/// counted by the [`tls::CertResolver`]). Served as `tasman_controller_sessions_closed_total{reason}`.
 #[derive(Debug, Default)]
 pub struct SessionCloses([AtomicU64; SessionCloses::REASONS.len()]);
 
 impl SessionCloses {
     /// Each close code counted (its `reason` label is its name, [`close::name`]).
-    pub const REASONS: [u32; 4] = [
+    pub const REASONS: [u32; 5] = [
         close::REFUSED,
         close::PROTOCOL,
         close::HELLO_TIMEOUT,
         close::WRITE_STALLED,
+        close::SUPERSEDED,
     ];
 
     /// The `reason` label of a counted close code.

@@ -175,7 +175,7 @@ fn sessions_closed(s: &mut String, ctl: &Controller) {
         s,
         name,
         "counter",
-        "Router connections the controller closed since it started, by reason: refused (unknown node or name mismatch), protocol (a frame over its limit, undecodable, or an answer to a version the session did not send), hello_timeout, write_stalled (the router took no byte of its control stream for the write-stall bound).",
+        "Router connections the controller closed since it started, by reason: refused (unknown node or name mismatch), protocol (a frame over its limit, undecodable, or an answer to a version the session did not send), hello_timeout, write_stalled (the router took no byte of its control stream for the write-stall bound), superseded (a newer session of the same node took over).",
     );
     for code in SessionCloses::REASONS {
         let (v, reason) = (ctl.session_closes.get(code), SessionCloses::reason(code));
@@ -238,10 +238,10 @@ mod tests {
         let id = router::tls::TlsIdentity::load(&dir.path().join("pki"), "controller").unwrap();
         let cert = CertResolver::new(&id).unwrap();
         // A router the topology no longer has stays out of the text.
-        ctl.router_connected("e", true);
-        ctl.router_connected("gone", true);
-        ctl.router_ack("e", ctl.published().version, 1);
-        ctl.router_seen("e");
+        let (e, _) = ctl.router_session_start("e");
+        let _gone = ctl.router_session_start("gone");
+        assert!(ctl.router_ack(&e, ctl.published().version, 1));
+        ctl.router_seen(&e);
         let bad = ctl
             .apply("nodes: [", "t", "broken", Origin::Apply, false, None)
             .await;

@@ -86,7 +86,10 @@ pub struct Published {
 #[derive(Debug, Clone)]
 pub struct RouterLive {
     pub record: RouterRecord,
+    /// It has a control session now (its current one: see [`RouterSession`]).
     pub connected: bool,
+    /// Its current control session, the only one whose reports count (None: not connected).
+    session: Option<CurrentSession>,
     pub last_seen: Instant,
     /// When its last telemetry report arrived (None: none since the controller started).
     pub last_telemetry: Option<Instant>,
@@ -96,8 +99,48 @@ pub struct RouterLive {
     /// Telemetry reports dropped for coming faster than [`distribute::TELEMETRY_PER_SEC`],
     /// since the controller started.
     pub reports_dropped: u64,
-    /// Its last telemetry said it is draining before it stops (cleared when its session ends).
+    /// Its last telemetry said it is draining before it stops (cleared when its current session
+    /// ends).
     pub draining: bool,
+}
+
+/// A router's current control session, as its [`RouterLive`] holds it.
+#[derive(Debug, Clone)]
+struct CurrentSession {
+    id: u64,
+    /// Told when a newer session of the node takes over.
+    superseded: Arc<Notify>,
+}
+
+/// One control session of a router ([`distribute`]), from [`Controller::router_session_start`]
+/// to [`Controller::router_session_end`]. A node has one current session, the newest: what an
+/// older one reports (acknowledgements, rejections, telemetry, draining) is not taken, and its
+/// end leaves the node connected. A router that reconnects after a network blip gets its new
+/// session while the controller's side of the old one can live on until its idle timeout; each
+/// ended session marked the node disconnected, the old one's end too, under the new one.
+#[derive(Debug)]
+pub struct RouterSession {
+    node: String,
+    id: u64,
+    superseded: Arc<Notify>,
+}
+
+impl RouterSession {
+    /// The node the session authenticated.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// This session's number: session numbers only grow while the controller runs.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Completes once a newer session of the node took over (cancel-safe; at once when it
+    /// already has).
+    pub async fn superseded(&self) {
+        self.superseded.notified().await
+    }
 }
 
 impl RouterLive {
@@ -106,12 +149,18 @@ impl RouterLive {
         RouterLive {
             record,
             connected,
+            session: None,
             last_seen: Instant::now(),
             last_telemetry: None,
             samples_refused: 0,
             reports_dropped: 0,
             draining: false,
         }
+    }
+
+    /// Whether `session` is its current control session.
+    fn in_session(&self, session: &RouterSession) -> bool {
+        self.session.as_ref().is_some_and(|c| c.id == session.id)
     }
 
     /// A router not in the store yet.
@@ -184,6 +233,8 @@ pub struct Controller {
     rollbacks: ChangeCounter,
     /// Router connections closed by the controller, by close code ([`distribute`]).
     pub session_closes: distribute::SessionCloses,
+    /// The last [`RouterSession`] number handed out.
+    last_session: AtomicU64,
 }
 
 struct Inner {
@@ -294,6 +345,7 @@ impl Controller {
             applies: ChangeCounter::default(),
             rollbacks: ChangeCounter::default(),
             session_closes: Default::default(),
+            last_session: AtomicU64::new(0),
         }))
     }
 
@@ -624,62 +676,122 @@ impl Controller {
         v
     }
 
-    pub fn router_connected(&self, node: &str, connected: bool) {
+    /// A control session of `node` passed its hello checks: it is the node's current session
+    /// from now on, and the node is connected. Returns it, and the number of the session it
+    /// supersedes, if the node had one (that session is told to end: [`RouterSession::superseded`]).
+    pub fn router_session_start(&self, node: &str) -> (RouterSession, Option<u64>) {
+        let id = self.last_session.fetch_add(1, Relaxed) + 1;
+        let superseded = Arc::new(Notify::new());
         let mut e = self
             .routers
             .entry(node.to_string())
-            .or_insert_with(|| RouterLive::unrecorded(node, connected));
-        e.connected = connected;
-        e.draining &= connected;
+            .or_insert_with(|| RouterLive::unrecorded(node, true));
+        let older = e.session.replace(CurrentSession {
+            id,
+            superseded: superseded.clone(),
+        });
+        if let Some(older) = &older {
+            // A permit is kept if that session is not waiting at this instant.
+            older.superseded.notify_one();
+        }
+        e.connected = true;
         e.last_seen = Instant::now();
         e.record.last_seen_unix_ms = records::now_unix_ms();
+        let session = RouterSession {
+            node: node.to_string(),
+            id,
+            superseded,
+        };
+        (session, older.map(|o| o.id))
     }
 
-    /// The router's telemetry says whether it is draining.
-    pub fn router_draining(&self, node: &str, draining: bool) {
-        if let Some(mut e) = self.routers.get_mut(node) {
-            if e.draining != draining && draining {
-                tracing::info!(node, "router draining (stopping)");
+    /// `session` ended. When it is its node's current one, the node is disconnected (and no
+    /// longer draining); the end of a superseded session changes nothing. Returns whether it
+    /// was the current one.
+    pub fn router_session_end(&self, session: &RouterSession) -> bool {
+        self.current_router(session, |e| {
+            e.session = None;
+            e.connected = false;
+            e.draining = false;
+            e.last_seen = Instant::now();
+            e.record.last_seen_unix_ms = records::now_unix_ms();
+        })
+    }
+
+    /// Whether `session` is its node's current one (what it reports counts).
+    pub fn router_session_current(&self, session: &RouterSession) -> bool {
+        self.routers
+            .get(&session.node)
+            .is_some_and(|e| e.in_session(session))
+    }
+
+    /// `f` on the router's live state, only while `session` is its current one (the check and
+    /// the change under the same entry lock: a newer session cannot start in between).
+    fn current_router(&self, session: &RouterSession, f: impl FnOnce(&mut RouterLive)) -> bool {
+        match self.routers.get_mut(&session.node) {
+            Some(mut e) if e.in_session(session) => {
+                f(&mut e);
+                true
             }
-            e.draining = draining;
+            _ => false,
         }
     }
 
-    /// A telemetry report of this router arrived (whether or not it is within its budget).
-    pub fn router_seen(&self, node: &str) {
-        if let Some(mut e) = self.routers.get_mut(node) {
+    /// The router's telemetry on `session` says whether it is draining.
+    pub fn router_draining(&self, session: &RouterSession, draining: bool) {
+        self.current_router(session, |e| {
+            if e.draining != draining && draining {
+                tracing::info!(node = session.node, "router draining (stopping)");
+            }
+            e.draining = draining;
+        });
+    }
+
+    /// A telemetry report of this router arrived on `session` (whether or not it is within its
+    /// budget).
+    pub fn router_seen(&self, session: &RouterSession) {
+        self.current_router(session, |e| {
             let now = Instant::now();
             e.last_telemetry = Some(now);
             e.last_seen = now;
             e.record.last_seen_unix_ms = records::now_unix_ms();
-        }
-    }
-
-    /// `n` neighbour samples of this router's telemetry were refused (see [`distribute::sample_of`]).
-    pub fn router_samples_refused(&self, node: &str, n: usize) {
-        if let Some(mut e) = self.routers.get_mut(node) {
-            e.samples_refused += n as u64;
-        }
-    }
-
-    /// A telemetry report of this router was dropped (over its budget, see [`distribute`]).
-    pub fn router_report_dropped(&self, node: &str) {
-        if let Some(mut e) = self.routers.get_mut(node) {
-            e.reports_dropped += 1;
-        }
-    }
-
-    /// A router acknowledged `version` (of `topology_version`).
-    pub fn router_ack(&self, node: &str, version: u64, topology_version: u64) {
-        self.update_router(node, |r| {
-            r.applied_version = version;
-            r.applied_topology = topology_version;
         });
     }
 
-    pub fn router_nack(&self, node: &str, version: u64, topology_version: u64, reason: &str) {
-        tracing::warn!(node, version, "router rejected snapshot: {reason}");
-        self.update_router(node, |r| {
+    /// `n` neighbour samples of this router's telemetry on `session` were refused (see
+    /// [`distribute::sample_of`]).
+    pub fn router_samples_refused(&self, session: &RouterSession, n: usize) {
+        self.current_router(session, |e| e.samples_refused += n as u64);
+    }
+
+    /// A telemetry report of this router on `session` was dropped (over its budget, see
+    /// [`distribute`]).
+    pub fn router_report_dropped(&self, session: &RouterSession) {
+        self.current_router(session, |e| e.reports_dropped += 1);
+    }
+
+    /// A router acknowledged `version` (of `topology_version`) on `session`. Not taken from a
+    /// superseded session: its answer would overwrite what the current one recorded (an older
+    /// version, which circuits waiting for the router then wait for again). Returns whether it
+    /// was taken.
+    pub fn router_ack(&self, session: &RouterSession, version: u64, topology_version: u64) -> bool {
+        self.update_router(session, |r| {
+            r.applied_version = version;
+            r.applied_topology = topology_version;
+        })
+    }
+
+    /// A router rejected `version` (of `topology_version`) on `session`; not taken from a
+    /// superseded session (the version would never be sent to the current one). Returns whether
+    /// it was taken.
+    pub fn router_nack(
+        &self,
+        session: &RouterSession,
+        version: u64,
+        topology_version: u64,
+        reason: &str,
+    ) -> bool {
+        let taken = self.update_router(session, |r| {
             r.last_nack = Some(Nack {
                 version,
                 topology_version,
@@ -687,6 +799,14 @@ impl Controller {
                 time_unix_ms: records::now_unix_ms(),
             })
         });
+        if taken {
+            tracing::warn!(
+                node = session.node,
+                version,
+                "router rejected snapshot: {reason}"
+            );
+        }
+        taken
     }
 
     /// The version this router rejected last, if any (never sent to it again).
@@ -696,18 +816,18 @@ impl Controller {
             .and_then(|r| r.record.last_nack.as_ref().map(|n| n.version))
     }
 
-    fn update_router(&self, node: &str, f: impl FnOnce(&mut RouterRecord)) {
-        let rec = {
-            let mut e = self
-                .routers
-                .entry(node.to_string())
-                .or_insert_with(|| RouterLive::unrecorded(node, true));
+    /// `f` on the router's record, while `session` is its current one, queued for the store.
+    fn update_router(&self, session: &RouterSession, f: impl FnOnce(&mut RouterRecord)) -> bool {
+        let mut rec = None;
+        self.current_router(session, |e| {
             f(&mut e.record);
             e.last_seen = Instant::now();
             e.record.last_seen_unix_ms = records::now_unix_ms();
-            e.record.clone()
-        };
-        lock(&self.dirty_routers).insert(node.to_string(), rec);
+            rec = Some(e.record.clone());
+        });
+        let Some(rec) = rec else { return false };
+        lock(&self.dirty_routers).insert(session.node.clone(), rec);
+        true
     }
 
     /// Writes routers' applied versions to the store in batches (one transaction for many
@@ -878,12 +998,14 @@ mod tests {
             during_failure: Mutex::new(None),
         });
         let ctl = Controller::open(store.clone(), Some((&yaml("5ms"), "t.yaml"))).unwrap();
-        ctl.router_ack("e", 5, 1);
-        ctl.router_ack("t", 6, 1);
+        let (e, _) = ctl.router_session_start("e");
+        let (t, _) = ctl.router_session_start("t");
+        ctl.router_ack(&e, 5, 1);
+        ctl.router_ack(&t, 6, 1);
         let weak = Arc::downgrade(&ctl);
         *lock(&store.during_failure) = Some(Box::new(move || {
             if let Some(ctl) = weak.upgrade() {
-                ctl.router_ack("e", 7, 1);
+                ctl.router_ack(&e, 7, 1);
             }
         }));
         store.fail.store(true, Ordering::SeqCst);
@@ -955,6 +1077,51 @@ mod tests {
                 "open wrote every missing record"
             );
         }
+    }
+
+    /// A node's newest session is its current one: the older one is told it was superseded,
+    /// what it reports is not taken, and its end leaves the node connected (and draining); the
+    /// node is disconnected when the current session ends.
+    #[tokio::test]
+    async fn only_the_newest_session_of_a_node_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RedbStore::open(dir.path()).unwrap());
+        let ctl = Controller::open(store, Some((&yaml("5ms"), "t.yaml"))).unwrap();
+        let live = |ctl: &Controller| ctl.routers().into_iter().find(|r| r.record.node == "e");
+        let (old, none) = ctl.router_session_start("e");
+        assert_eq!(none, None);
+        assert!(ctl.router_ack(&old, 5, 1));
+        ctl.router_draining(&old, true);
+        let (new, superseded) = ctl.router_session_start("e");
+        assert_eq!(superseded, Some(old.id()));
+        assert!(new.id() > old.id());
+        tokio::time::timeout(Duration::from_secs(5), old.superseded())
+            .await
+            .expect("the older session is told");
+        // The older session's late answers and reports are not taken.
+        assert!(!ctl.router_ack(&old, 4, 1));
+        assert!(!ctl.router_nack(&old, 6, 1, "late"));
+        ctl.router_draining(&old, false);
+        ctl.router_report_dropped(&old);
+        ctl.router_samples_refused(&old, 3);
+        ctl.router_seen(&old);
+        assert!(!ctl.router_session_current(&old) && ctl.router_session_current(&new));
+        let r = live(&ctl).unwrap();
+        assert_eq!(r.record.applied_version, 5);
+        assert!(r.record.last_nack.is_none());
+        assert!(r.connected && r.draining);
+        assert_eq!((r.reports_dropped, r.samples_refused), (0, 0));
+        assert!(r.last_telemetry.is_none());
+        // Its end changes nothing; the current one's does.
+        assert!(!ctl.router_session_end(&old));
+        let r = live(&ctl).unwrap();
+        assert!(r.connected && r.draining);
+        assert!(ctl.router_ack(&new, 7, 1));
+        assert!(ctl.router_session_end(&new));
+        let r = live(&ctl).unwrap();
+        assert_eq!(r.record.applied_version, 7);
+        assert!(!r.connected && !r.draining);
+        assert!(!ctl.router_ack(&new, 8, 1), "an ended session");
     }
 
     /// The router's decode path: one frame through its reader, then its message decoder.

@@ -22,6 +22,7 @@ use topology::NodeId;
 
 use super::disk::{self, StoredSnapshot};
 use super::proto::{self, FromRouter, MAX_TO_ROUTER, ProtoError, ToRouter};
+use crate::codes::close;
 use crate::pki;
 use crate::snapshot::Snapshot;
 use crate::telemetry::TelemetryReport;
@@ -91,6 +92,11 @@ pub enum ControlError {
     Refused(String),
     #[error("timed out connecting to the controller")]
     Timeout,
+    #[error(
+        "the controller closed this control session for a newer one of this node (close code \
+         superseded)"
+    )]
+    Superseded,
 }
 
 /// Where reports come from; `None` when the router is gone.
@@ -343,6 +349,8 @@ async fn run(shared: Arc<Shared>, endpoint: quinn::Endpoint, tx: watch::Sender<A
     let mut backoff = Backoff { next: Backoff::MIN };
     // The key of the renewal asked for and not answered yet.
     let mut pending: Option<rcgen::KeyPair> = None;
+    // Sessions in a row the controller closed for a newer one of this node.
+    let mut superseded = 0u32;
     loop {
         let started = tokio::time::Instant::now();
         let res = session(&shared, &endpoint, &tx, &mut pending).await;
@@ -355,12 +363,34 @@ async fn run(shared: Arc<Shared>, endpoint: quinn::Endpoint, tx: watch::Sender<A
                 "the control connection ended before the controller answered the certificate renewal request"
             );
         }
-        match res {
-            Ok(()) => tracing::info!("controller closed the control connection"),
-            Err(ControlError::Refused(r)) => tracing::error!("controller refused this router: {r}"),
-            Err(e) => tracing::warn!("control connection: {e}"),
-        }
-        if started.elapsed() > Duration::from_secs(10) {
+        superseded = match res {
+            // A router that reconnected is on its new connection by the time the controller
+            // closes the old one, so it seldom sees this. Seen again and again, another process
+            // runs with this node's certificate and the two take turns, each after its back-off
+            // (which such a session does not reset): said once, not at every turn.
+            Err(e @ ControlError::Superseded) => {
+                match superseded {
+                    0 => tracing::info!("{e}; reconnecting"),
+                    1 => tracing::warn!(
+                        "{e} again: another router may be running with this node's certificate \
+                         (further ones logged at debug level)"
+                    ),
+                    _ => tracing::debug!("{e}"),
+                }
+                superseded.saturating_add(1)
+            }
+            res => {
+                match res {
+                    Ok(()) => tracing::info!("controller closed the control connection"),
+                    Err(ControlError::Refused(r)) => {
+                        tracing::error!("controller refused this router: {r}")
+                    }
+                    Err(e) => tracing::warn!("control connection: {e}"),
+                }
+                0
+            }
+        };
+        if superseded == 0 && started.elapsed() > Duration::from_secs(10) {
             backoff.reset();
         }
         tokio::time::sleep(backoff.delay()).await;
@@ -379,6 +409,29 @@ async fn session(
         .await
         .map_err(|_| ControlError::Timeout)??;
     let _trust_watch = tls::watch_trust(shared.cert.clone(), conn.clone());
+    let res = exchange(shared, &conn, tx, pending).await;
+    // The read or write that failed says less than the controller's close code.
+    if is_superseded(conn.close_reason().as_ref()) {
+        return Err(ControlError::Superseded);
+    }
+    res
+}
+
+/// Whether the connection ended because the controller took a newer session of this node.
+fn is_superseded(why: Option<&quinn::ConnectionError>) -> bool {
+    matches!(why, Some(quinn::ConnectionError::ApplicationClosed(c))
+        if c.error_code.into_inner() == u64::from(close::SUPERSEDED))
+}
+
+/// One control session on `conn`: hello, then snapshots in, answers and telemetry out, until
+/// either side ends it.
+async fn exchange(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    tx: &watch::Sender<Arc<Snapshot>>,
+    pending: &mut Option<rcgen::KeyPair>,
+) -> Result<(), ControlError> {
+    let cfg = &shared.cfg;
     let (mut send, mut recv) = conn.open_bi().await?;
     let have = tx.borrow().version;
     let hello = FromRouter::Hello {
@@ -716,6 +769,27 @@ mod tests {
         assert_eq!(s.next(t), t);
         assert_eq!(s.next(t + S(3600)), t + S(3600));
         assert_eq!(s.retry_in(t), Duration::ZERO);
+    }
+
+    /// Only the controller's `superseded` close is told apart (logged at info, then once at warn
+    /// when it repeats; not as an error at each reconnection).
+    #[test]
+    fn a_superseded_session_is_told_by_its_close_code() {
+        let closed = |code: u32| {
+            Some(quinn::ConnectionError::ApplicationClosed(
+                quinn::ApplicationClose {
+                    error_code: quinn::VarInt::from_u32(code),
+                    reason: bytes::Bytes::from_static(b"superseded by a newer control session"),
+                },
+            ))
+        };
+        assert!(is_superseded(closed(close::SUPERSEDED).as_ref()));
+        for code in [close::NORMAL, close::PROTOCOL, close::WRITE_STALLED, 11] {
+            assert!(!is_superseded(closed(code).as_ref()), "{code}");
+        }
+        assert!(!is_superseded(None));
+        assert!(!is_superseded(Some(&quinn::ConnectionError::TimedOut)));
+        assert!(!is_superseded(Some(&quinn::ConnectionError::LocallyClosed)));
     }
 
     /// What the operator guide promises: 30 s, then 1, 2, 4 and 8 minutes, then every 10.

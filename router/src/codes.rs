@@ -176,17 +176,23 @@ pub mod close {
     /// left the bundle (`ca.pem` reloaded, e.g. after `tasman pki retire-ca`;
     /// `tls::close_when_untrusted`).
     pub const UNTRUSTED: u32 = 8;
-    /// The controller could not write a byte to a router's control stream for its write-stall
-    /// bound (`distribute::WRITE_STALL_TIMEOUT`, 30 s): the router stopped reading.
+    /// One side of a control connection could not write a byte to the control stream for its
+    /// write-stall bound: the peer stopped reading. The controller closes a router so
+    /// (`distribute::WRITE_STALL_TIMEOUT`, 30 s), and a router's control client its controller
+    /// (`control::client::WRITE_STALL_TIMEOUT`, 30 s).
     pub const WRITE_STALLED: u32 = 9;
     /// The controller took a newer control session of the same node (the same certificate name)
     /// and closed this older one: a node has one live session, the newest (a router that
     /// reconnects after a network blip gets its new session at once, while the controller's side
     /// of the old one could otherwise stay until its idle timeout).
     pub const SUPERSEDED: u32 = 10;
+    /// A router's control client heard no byte from the controller for its silence bound
+    /// (`control::client::SILENCE_TIMEOUT`, 20 s: ten heartbeats) on a connection still up: the
+    /// controller's session stopped talking.
+    pub const CONTROLLER_SILENT: u32 = 11;
 
     /// Every close code with its name (snake case, for logs and docs), in number order.
-    pub const ALL: [(u32, &str); 11] = [
+    pub const ALL: [(u32, &str); 12] = [
         (NORMAL, "normal"),
         (NOT_ALLOWED, "not_allowed"),
         (DECLARED_DOWN, "declared_down"),
@@ -198,6 +204,7 @@ pub mod close {
         (UNTRUSTED, "untrusted"),
         (WRITE_STALLED, "write_stalled"),
         (SUPERSEDED, "superseded"),
+        (CONTROLLER_SILENT, "controller_silent"),
     ];
 
     /// The name of close code `code`, if it is one.
@@ -222,11 +229,20 @@ mod tests {
         assert_eq!(Code::from_u64(0xdead), None);
     }
 
+    /// In number order, each once (numbers are taken in parallel changes, so a gap can stand
+    /// until the change that takes it lands).
     #[test]
     fn close_codes_are_numbered_in_order_and_named_once() {
-        for (i, (code, name)) in close::ALL.into_iter().enumerate() {
-            assert_eq!(code as usize, i, "{name}");
+        for pair in close::ALL.windows(2) {
+            assert!(pair[0].0 < pair[1].0, "{pair:?}");
+        }
+        for (code, name) in close::ALL {
             assert_eq!(close::name(code.into()), Some(name));
+            assert_eq!(
+                close::ALL.iter().filter(|(_, n)| *n == name).count(),
+                1,
+                "{name}"
+            );
         }
         assert_eq!(close::name(close::UNTRUSTED.into()), Some("untrusted"));
         assert_eq!(close::name(99), None);

@@ -1,7 +1,8 @@
 //! Routers next to a misbehaving neighbour: a real QUIC peer on loopback, with a certificate for
 //! a node of the topology, that answers probes (so it is up) but then withholds streams or
 //! floods made-up evidence; and a router's control client next to a controller that opens streams
-//! of its own. Routers are spawned in-process, as in `inprocess.rs`.
+//! of its own, stops reading, stops talking or grants no stream. Routers are spawned in-process,
+//! as in `inprocess.rs`.
 
 mod common;
 
@@ -503,6 +504,115 @@ async fn a_neighbour_cannot_open_streams_the_router_never_reads() {
     drop(edge);
 }
 
+/// A controller for the control client's tests: quinn with a `controller` certificate issued in
+/// `dir`, accepting the router `edge`, with `transport`. Each connection is sent on the returned
+/// channel once established; its control stream, once the router's hello came on it, goes to
+/// `session` (the connection is held until `session` returns).
+fn fake_controller<F, Fut>(
+    dir: &std::path::Path,
+    transport: quinn::TransportConfig,
+    session: F,
+) -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<quinn::Connection>,
+)
+where
+    F: Fn(quinn::SendStream, quinn::RecvStream) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    use router::control::client::CONTROLLER_NAME;
+    use router::control::proto::{self, FromRouter};
+    use router::tls::{PeerNames, TlsIdentity};
+
+    router::pki::issue(dir, CONTROLLER_NAME).unwrap();
+    let id = TlsIdentity::load(dir, CONTROLLER_NAME).unwrap();
+    let server = router::tls::server_config(
+        &id,
+        &PeerNames::new(["edge".to_string()]),
+        Arc::new(transport),
+    )
+    .unwrap();
+    let controller = quinn::Endpoint::server(server, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = controller.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let session = Arc::new(session);
+    tokio::spawn(async move {
+        while let Some(incoming) = controller.accept().await {
+            let Ok(conn) = incoming.await else { continue };
+            let (tx, session) = (tx.clone(), session.clone());
+            tokio::spawn(async move {
+                tx.send(conn.clone()).ok()?;
+                let (send, mut recv) = conn.accept_bi().await.ok()?;
+                let hello = proto::read_frame(&mut recv, proto::MAX_FROM_ROUTER)
+                    .await
+                    .ok()??;
+                let FromRouter::Hello { .. } = proto::decode(&hello).ok()? else {
+                    return None;
+                };
+                session(send, recv).await;
+                drop(conn);
+                Some(())
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// Version 1 for a router `edge` (certificate issued in `dir`), as the controller frames it.
+fn edge_snapshot(dir: &std::path::Path) -> bytes::Bytes {
+    use router::control::proto::{self, ToRouter};
+    let mut b = TopologyBuilder::new();
+    b.node("edge", NodeKind::Edge)
+        .node("site", NodeKind::Site)
+        .link("edge", "site", ms(1.0))
+        .service("echo");
+    let topology = Arc::new(addressed(b.build(), free_tcp_port()));
+    router::pki::issue(dir, "edge").unwrap();
+    proto::encode(&ToRouter::Snapshot {
+        version: 1,
+        topology_version: 1,
+        topology,
+        live: Default::default(),
+        circuits: Arc::default(),
+    })
+    .unwrap()
+}
+
+/// Reads (and drops) what the router sends until its stream ends.
+async fn drain(mut recv: quinn::RecvStream) {
+    use router::control::proto;
+    while let Ok(Some(_)) = proto::read_frame(&mut recv, proto::MAX_FROM_ROUTER).await {}
+}
+
+/// Waits (up to `within`) for the router to close `conn` and returns the close's code and reason.
+async fn router_closed(conn: &quinn::Connection, within: Duration, what: &str) -> (u64, String) {
+    match tokio::time::timeout(within, conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(c)) => (
+            c.error_code.into_inner(),
+            String::from_utf8_lossy(&c.reason).into_owned(),
+        ),
+        Ok(other) => panic!("{what}: the connection ended otherwise: {other}"),
+        Err(_) => panic!("{what}: the router kept the connection for {within:?}"),
+    }
+}
+
+/// A control client of router `edge` (certificate in `dir`) to `addr`, `tune`d, once it has a
+/// snapshot.
+async fn control_client(
+    dir: &std::path::Path,
+    addr: SocketAddr,
+    tune: impl FnOnce(&mut router::control::ClientConfig),
+) -> router::control::ControlClient {
+    use router::control::{ClientConfig, ControlClient};
+    let id = router::tls::TlsIdentity::load(dir, "edge").unwrap();
+    let mut cfg = ClientConfig::new(addr, NodeId::new("edge"), id);
+    tune(&mut cfg);
+    tokio::time::timeout(Duration::from_secs(20), ControlClient::start(cfg))
+        .await
+        .expect("no snapshot within 20 s")
+        .unwrap()
+}
+
 /// A controller that answers a router's hello with a snapshot and then opens streams of its own
 /// on the control connection. The router reads only the control stream it opened there (renewals
 /// go over it too): it grants the controller no stream. (Its control client used quinn's default
@@ -510,68 +620,24 @@ async fn a_neighbour_cannot_open_streams_the_router_never_reads() {
 /// ever accepted, each holding up to a stream window of bytes until the connection ended.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controller_cannot_open_streams_the_router_never_reads() {
-    use router::control::proto::{self, FromRouter, ToRouter};
-    use router::control::{ClientConfig, ControlClient};
-    use router::tls::{PeerNames, TlsIdentity};
-
     let dir = ca_dir();
-    let mut b = TopologyBuilder::new();
-    b.node("edge", NodeKind::Edge)
-        .node("site", NodeKind::Site)
-        .link("edge", "site", ms(1.0))
-        .service("echo");
-    let topology = Arc::new(addressed(b.build(), free_tcp_port()));
-    router::pki::issue(dir.path(), "edge").unwrap();
-    router::pki::issue(dir.path(), router::control::client::CONTROLLER_NAME).unwrap();
+    let snapshot = edge_snapshot(dir.path());
     // The controller: mutual TLS as the real one, quinn's default transport.
-    let id = TlsIdentity::load(dir.path(), router::control::client::CONTROLLER_NAME).unwrap();
-    let server = router::tls::server_config(
-        &id,
-        &PeerNames::new(["edge".to_string()]),
-        Arc::new(quinn::TransportConfig::default()),
-    )
-    .unwrap();
-    let controller = quinn::Endpoint::server(server, "127.0.0.1:0".parse().unwrap()).unwrap();
-    let addr = controller.local_addr().unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let snapshot = proto::encode(&ToRouter::Snapshot {
-        version: 1,
-        topology_version: 1,
-        topology,
-        live: Default::default(),
-        circuits: Arc::default(),
-    })
-    .unwrap();
-    tokio::spawn(async move {
-        while let Some(incoming) = controller.accept().await {
-            let Ok(conn) = incoming.await else { continue };
-            let (tx, snapshot) = (tx.clone(), snapshot.clone());
-            tokio::spawn(async move {
-                let (mut send, mut recv) = conn.accept_bi().await.ok()?;
-                let hello = proto::read_frame(&mut recv, proto::MAX_FROM_ROUTER)
-                    .await
-                    .ok()??;
-                let FromRouter::Hello { .. } = proto::decode(&hello).ok()? else {
-                    return None;
-                };
-                send.write_all(&snapshot).await.ok()?;
-                tx.send(conn.clone()).ok()?;
+    let (addr, mut conns) = fake_controller(
+        dir.path(),
+        quinn::TransportConfig::default(),
+        move |mut send, recv| {
+            let snapshot = snapshot.clone();
+            async move {
                 // Keep the session (and drain the router's acknowledgement and reports).
-                while let Ok(Some(_)) = proto::read_frame(&mut recv, proto::MAX_FROM_ROUTER).await {
+                if send.write_all(&snapshot).await.is_ok() {
+                    drain(recv).await;
                 }
-                Some(())
-            });
-        }
-    });
-    let id = TlsIdentity::load(dir.path(), "edge").unwrap();
-    let client = tokio::time::timeout(
-        Duration::from_secs(20),
-        ControlClient::start(ClientConfig::new(addr, NodeId::new("edge"), id)),
-    )
-    .await
-    .expect("no snapshot from the controller within 20 s")
-    .unwrap();
-    let conn = rx.recv().await.unwrap();
+            }
+        },
+    );
+    let client = control_client(dir.path(), addr, |_| {}).await;
+    let conn = conns.recv().await.unwrap();
     for (what, uni) in [("bidirectional", false), ("unidirectional", true)] {
         let n = bytes_taken(&conn, uni).await;
         assert_eq!(
@@ -582,4 +648,226 @@ async fn a_controller_cannot_open_streams_the_router_never_reads() {
     assert!(client.is_connected(), "the control session carries on");
     assert_eq!(client.connects(), 1);
     drop(client);
+}
+
+/// A controller whose session stops reading once it sent the snapshot (it grants a 1 KiB stream
+/// window, which the router's reports fill at once, and keeps sending heartbeats, so only the
+/// router's writes stall): the router closes the connection with `close::WRITE_STALLED` once
+/// the stream took no byte for its write-stall bound, connects again, and keeps its snapshot
+/// meanwhile. (A write waited forever: the client read nothing more, never gave up the session
+/// and never reconnected, as QUIC keep-alives held the connection up.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_that_stops_reading_is_left_and_reconnected() {
+    use router::codes::close;
+    use router::control::proto::{self, ToRouter};
+    use router::telemetry::TelemetryReport;
+
+    let dir = ca_dir();
+    let snapshot = edge_snapshot(dir.path());
+    let heartbeat = proto::encode(&ToRouter::Heartbeat { version: 1 }).unwrap();
+    let mut transport = quinn::TransportConfig::default();
+    transport.stream_receive_window(1024u32.into());
+    let (addr, mut conns) = fake_controller(dir.path(), transport, move |mut send, recv| {
+        let (snapshot, heartbeat) = (snapshot.clone(), heartbeat.clone());
+        async move {
+            let _unread = recv;
+            if send.write_all(&snapshot).await.is_err() {
+                return;
+            }
+            let mut every = tokio::time::interval(Duration::from_millis(200));
+            loop {
+                every.tick().await;
+                if send.write_all(&heartbeat).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let client = control_client(dir.path(), addr, |c| {
+        c.telemetry_interval = Duration::from_millis(20);
+        c.write_stall_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let report = TelemetryReport {
+        node: NodeId::new("edge"),
+        snapshot_version: 1,
+        neighbours: Vec::new(),
+        sites: Vec::new(),
+        preferred: Default::default(),
+        draining: false,
+    };
+    client.set_telemetry(Arc::new(move || Some(report.clone())));
+    let first = conns.recv().await.unwrap();
+    // Well under the client's silence bound (20 s): the heartbeats are not what ends it.
+    let (code, reason) = router_closed(&first, Duration::from_secs(15), "stalled writes").await;
+    assert_eq!(code, u64::from(close::WRITE_STALLED), "{reason}");
+    assert!(reason.contains("stopped reading"), "{reason}");
+    tokio::time::timeout(Duration::from_secs(20), conns.recv())
+        .await
+        .expect("the router did not connect again within 20 s")
+        .unwrap();
+    wait_until(
+        Duration::from_secs(20),
+        || client.connects() >= 2,
+        || format!("connects: {}", client.connects()),
+    )
+    .await;
+    assert_eq!(
+        client.snapshots().borrow().version,
+        1,
+        "the snapshot is kept"
+    );
+}
+
+/// A controller whose session sends the snapshot and then nothing more, while the connection
+/// stays up and the controller reads: no byte for the client's silence bound (here 1 s) ends the
+/// session with `close::CONTROLLER_SILENT`, and the router connects again on its snapshot. (The
+/// client waited for the next frame forever.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_that_stops_talking_is_left_and_reconnected() {
+    use router::codes::close;
+
+    let dir = ca_dir();
+    let snapshot = edge_snapshot(dir.path());
+    let (addr, mut conns) = fake_controller(
+        dir.path(),
+        quinn::TransportConfig::default(),
+        move |mut send, recv| {
+            let snapshot = snapshot.clone();
+            async move {
+                if send.write_all(&snapshot).await.is_ok() {
+                    drain(recv).await;
+                }
+                drop(send);
+            }
+        },
+    );
+    let client = control_client(dir.path(), addr, |c| {
+        c.silence_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let first = conns.recv().await.unwrap();
+    let (code, reason) = router_closed(&first, Duration::from_secs(20), "silence").await;
+    assert_eq!(code, u64::from(close::CONTROLLER_SILENT), "{reason}");
+    assert!(reason.contains("stopped talking"), "{reason}");
+    tokio::time::timeout(Duration::from_secs(20), conns.recv())
+        .await
+        .expect("the router did not connect again within 20 s")
+        .unwrap();
+    wait_until(
+        Duration::from_secs(20),
+        || client.connects() >= 2,
+        || format!("connects: {}", client.connects()),
+    )
+    .await;
+    assert_eq!(
+        client.snapshots().borrow().version,
+        1,
+        "the snapshot is kept"
+    );
+}
+
+/// Silence is no byte, not no whole frame: a controller whose snapshot takes three times the
+/// client's silence bound to arrive, its bytes coming all along (a large snapshot over a slow
+/// link), keeps its session, and the router gets the snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_arriving_slowly_is_not_silence() {
+    use router::control::proto::{self, ToRouter};
+
+    let dir = ca_dir();
+    let snapshot = edge_snapshot(dir.path());
+    let heartbeat = proto::encode(&ToRouter::Heartbeat { version: 1 }).unwrap();
+    let silence = Duration::from_secs(1);
+    let (addr, mut conns) = fake_controller(
+        dir.path(),
+        quinn::TransportConfig::default(),
+        move |mut send, recv| {
+            let (snapshot, heartbeat) = (snapshot.clone(), heartbeat.clone());
+            async move {
+                tokio::spawn(drain(recv));
+                let mut every = tokio::time::interval(Duration::from_millis(200));
+                // 3 s of snapshot, a piece every 200 ms; then heartbeats.
+                for piece in snapshot.chunks(snapshot.len().div_ceil(15)) {
+                    every.tick().await;
+                    if send.write_all(piece).await.is_err() {
+                        return;
+                    }
+                }
+                loop {
+                    every.tick().await;
+                    if send.write_all(&heartbeat).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        },
+    );
+    let started = Instant::now();
+    let client = control_client(dir.path(), addr, |c| c.silence_timeout = silence).await;
+    assert!(
+        started.elapsed() > 2 * silence,
+        "the snapshot came whole in {:?}",
+        started.elapsed()
+    );
+    let first = conns.recv().await.unwrap();
+    assert_eq!(client.connects(), 1, "the slow session was cut");
+    assert!(first.close_reason().is_none(), "{:?}", first.close_reason());
+    assert_eq!(client.snapshots().borrow().version, 1);
+}
+
+/// A controller that grants the router no stream for its session: the client's open waited for
+/// one for as long as the connection stayed up. It is silence too: the router closes with
+/// `close::CONTROLLER_SILENT` after its bound and connects again, on the snapshot it stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_that_grants_no_stream_is_left_and_reconnected() {
+    use router::codes::close;
+    use router::control::disk::{self, StoredSnapshot};
+    use router::control::proto::{self, ToRouter};
+
+    let dir = ca_dir();
+    let ToRouter::Snapshot { topology, .. } =
+        proto::decode(&edge_snapshot(dir.path())[4..]).unwrap()
+    else {
+        unreachable!("a snapshot")
+    };
+    let state = tempfile::tempdir().unwrap();
+    disk::save(
+        state.path(),
+        &StoredSnapshot {
+            version: 7,
+            topology_version: 1,
+            received_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as u64,
+            topology,
+            live: Default::default(),
+            circuits: Arc::default(),
+        },
+    )
+    .unwrap();
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_concurrent_bidi_streams(0u32.into());
+    let (addr, mut conns) = fake_controller(dir.path(), transport, |_, _| async {});
+    let client = control_client(dir.path(), addr, |c| {
+        c.state_dir = Some(state.path().to_path_buf());
+        c.silence_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let first = tokio::time::timeout(Duration::from_secs(20), conns.recv())
+        .await
+        .expect("no connection within 20 s")
+        .unwrap();
+    let (code, reason) = router_closed(&first, Duration::from_secs(20), "no stream").await;
+    assert_eq!(code, u64::from(close::CONTROLLER_SILENT), "{reason}");
+    tokio::time::timeout(Duration::from_secs(20), conns.recv())
+        .await
+        .expect("the router did not connect again within 20 s")
+        .unwrap();
+    assert_eq!(client.connects(), 0, "no session ever started");
+    assert_eq!(
+        client.snapshots().borrow().version,
+        7,
+        "the stored snapshot is kept"
+    );
 }

@@ -8,6 +8,14 @@
 //! by the [`tls::CertResolver`] first, then written to the node's files, then reloaded). A
 //! refusal or no answer is retried after [`RENEW_BACKOFF_MIN`], doubling to
 //! [`RENEW_BACKOFF_MAX`]; the certificate in use keeps working until it expires.
+//!
+//! A controller whose session stops reading or stops talking while its connection stays up
+//! (QUIC keep-alives hold a connection whose session task is stuck) would hold the client for
+//! good: a write waits for flow-control credit that never comes, and a read for a frame that
+//! never comes. So every write fails the session once the stream takes no byte of it for
+//! [`WRITE_STALL_TIMEOUT`] ([`close::WRITE_STALLED`]), and [`SILENCE_TIMEOUT`] without any byte
+//! from the controller ends it too ([`close::CONTROLLER_SILENT`]); the client then reconnects
+//! with its back-off, running on its last good snapshot meanwhile.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -37,6 +45,23 @@ pub const RENEW_BACKOFF_MAX: Duration = Duration::from_secs(600);
 /// The certificate name of the controller.
 pub const CONTROLLER_NAME: &str = "controller";
 
+/// How long a write to the control stream may go without the controller taking a byte of it
+/// before the session ends ([`close::WRITE_STALLED`]): the controller stopped reading. A slow
+/// controller takes bytes as its acknowledgements free flow-control credit and is never cut; a
+/// router's writes are small (a report a second), so only a controller whose session stopped
+/// reading stalls this long. The controller's bound on its writes to a router is the same.
+/// [`ClientConfig::write_stall_timeout`] overrides it (tests).
+pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the client waits for any byte from the controller before it ends the session
+/// ([`close::CONTROLLER_SILENT`]) and reconnects. The controller writes at least a heartbeat
+/// every 2 s (`distribute::HEARTBEAT`), so this is ten heartbeats: a controller busy with a
+/// large apply or short of CPU delays a few, not ten. Bytes count, not whole frames: a large
+/// snapshot over a slow link keeps its session alive as long as it keeps arriving. It is above
+/// the QUIC idle timeout (10 s), which ends a connection whose peer is gone first: this catches a
+/// connection that is up but whose session stopped talking. [`ClientConfig::silence_timeout`]
+/// overrides it (tests).
+pub const SILENCE_TIMEOUT: Duration = Duration::from_secs(20);
+
 pub struct ClientConfig {
     pub controller: SocketAddr,
     pub node: NodeId,
@@ -56,6 +81,12 @@ pub struct ClientConfig {
     /// shorten them.
     pub renew_backoff_min: Duration,
     pub renew_backoff_max: Duration,
+    /// A write the controller takes no byte of for this long ends the session
+    /// ([`WRITE_STALL_TIMEOUT`]). No flag sets it: tests shorten it.
+    pub write_stall_timeout: Duration,
+    /// No byte from the controller for this long ends the session ([`SILENCE_TIMEOUT`]). No flag
+    /// sets it: tests shorten it. Keep it well above the controller's 2 s heartbeat.
+    pub silence_timeout: Duration,
 }
 
 impl ClientConfig {
@@ -70,6 +101,8 @@ impl ClientConfig {
             telemetry_interval: Duration::from_secs(1),
             renew_backoff_min: RENEW_BACKOFF_MIN,
             renew_backoff_max: RENEW_BACKOFF_MAX,
+            write_stall_timeout: WRITE_STALL_TIMEOUT,
+            silence_timeout: SILENCE_TIMEOUT,
         }
     }
 }
@@ -97,6 +130,34 @@ pub enum ControlError {
          superseded)"
     )]
     Superseded,
+    #[error("the controller took no byte of the control stream for {0:?}: it stopped reading")]
+    WriteStalled(Duration),
+    #[error("no byte from the controller for {0:?}: its session stopped talking")]
+    Silent(Duration),
+}
+
+impl ControlError {
+    /// The code to close the control connection with, for ends that are the controller's doing
+    /// and that it would not know of otherwise (a refusal is the controller's own close; the
+    /// others are a connection already gone).
+    fn close_code(&self) -> Option<u32> {
+        match self {
+            ControlError::WriteStalled(_) => Some(close::WRITE_STALLED),
+            ControlError::Silent(_) => Some(close::CONTROLLER_SILENT),
+            ControlError::Proto(ProtoError::TooLarge { .. } | ProtoError::Malformed(_)) => {
+                Some(close::PROTOCOL)
+            }
+            ControlError::Proto(ProtoError::Io(_))
+            | ControlError::Tls(_)
+            | ControlError::Endpoint(_)
+            | ControlError::Connect(_)
+            | ControlError::Connection(_)
+            | ControlError::Write(_)
+            | ControlError::Refused(_)
+            | ControlError::Timeout
+            | ControlError::Superseded => None,
+        }
+    }
 }
 
 /// Where reports come from; `None` when the router is gone.
@@ -397,6 +458,9 @@ async fn run(shared: Arc<Shared>, endpoint: quinn::Endpoint, tx: watch::Sender<A
     }
 }
 
+/// One control connection: connects, then serves it ([`converse`]) until it ends. An end that
+/// is the controller's doing closes the connection with a [`close`] code and the reason, so the
+/// controller sees why.
 async fn session(
     shared: &Shared,
     endpoint: &quinn::Endpoint,
@@ -409,10 +473,15 @@ async fn session(
         .await
         .map_err(|_| ControlError::Timeout)??;
     let _trust_watch = tls::watch_trust(shared.cert.clone(), conn.clone());
-    let res = exchange(shared, &conn, tx, pending).await;
+    let res = converse(shared, &conn, tx, pending).await;
     // The read or write that failed says less than the controller's close code.
     if is_superseded(conn.close_reason().as_ref()) {
         return Err(ControlError::Superseded);
+    }
+    if let Err(e) = &res
+        && let Some(code) = e.close_code()
+    {
+        conn.close(code.into(), e.to_string().as_bytes());
     }
     res
 }
@@ -423,23 +492,47 @@ fn is_superseded(why: Option<&quinn::ConnectionError>) -> bool {
         if c.error_code.into_inner() == u64::from(close::SUPERSEDED))
 }
 
-/// One control session on `conn`: hello, then snapshots in, answers and telemetry out, until
-/// either side ends it.
-async fn exchange(
+/// Writes `msg` whole to the control stream; fails with [`ControlError::WriteStalled`] as soon
+/// as the stream takes no byte of it for `stall` (a write makes progress whenever flow control
+/// lets any part of it in, so a slow controller is never cut, only one that stopped reading).
+async fn write(
+    send: &mut quinn::SendStream,
+    msg: &FromRouter,
+    stall: Duration,
+) -> Result<(), ControlError> {
+    let mut rest = [proto::encode(msg)?];
+    while !rest[0].is_empty() {
+        tokio::time::timeout(stall, send.write_chunks(&mut rest))
+            .await
+            .map_err(|_| ControlError::WriteStalled(stall))??;
+    }
+    Ok(())
+}
+
+/// The control stream of connection `conn`: hello, then snapshots in and answers, telemetry and
+/// renewals out, until the stream or the connection ends, the controller stops reading (a write
+/// stalls) or stops talking (no byte for `silence_timeout`).
+async fn converse(
     shared: &Shared,
     conn: &quinn::Connection,
     tx: &watch::Sender<Arc<Snapshot>>,
     pending: &mut Option<rcgen::KeyPair>,
 ) -> Result<(), ControlError> {
     let cfg = &shared.cfg;
-    let (mut send, mut recv) = conn.open_bi().await?;
+    let (stall, silence) = (cfg.write_stall_timeout, cfg.silence_timeout);
+    let opened = tokio::time::Instant::now();
+    // A controller that grants no stream would hold the open for as long as it keeps the
+    // connection alive: it has said nothing either.
+    let (mut send, mut recv) = tokio::time::timeout(silence, conn.open_bi())
+        .await
+        .map_err(|_| ControlError::Silent(silence))??;
     let have = tx.borrow().version;
     let hello = FromRouter::Hello {
         node: cfg.node.to_string(),
         have_version: (have != 0).then_some(have),
         crl: true,
     };
-    send.write_all(&proto::encode(&hello)?).await?;
+    write(&mut send, &hello, stall).await?;
     shared.connected.store(true, Ordering::Relaxed);
     shared.connects.fetch_add(1, Ordering::Relaxed);
     tracing::info!(controller = %cfg.controller, "connected to the controller");
@@ -450,7 +543,11 @@ async fn exchange(
     loop {
         let renew = renew_due(shared);
         let far = tokio::time::Instant::now() + Duration::from_secs(3600);
+        let silent_at = frames.last_progress().unwrap_or(opened) + silence;
         tokio::select! {
+            // The stream first: after a long write (or a snapshot applied), bytes that arrived
+            // meanwhile are taken (and counted as progress) before the silence timer is looked at.
+            biased;
             // Cancel-safe: the telemetry tick often fires while a large snapshot is arriving.
             frame = frames.next(&mut recv) => {
                 let Some(payload) = frame? else { return Ok(()) };
@@ -494,7 +591,14 @@ async fn exchange(
                     msg => handle(shared, tx, msg).await?,
                 };
                 if let Some(reply) = reply {
-                    send.write_all(&proto::encode(&reply)?).await?;
+                    write(&mut send, &reply, stall).await?;
+                }
+            }
+            _ = tokio::time::sleep_until(silent_at) => {
+                // Bytes of a frame still arriving move the deadline (the loop sets it again).
+                let heard = frames.last_progress().unwrap_or(opened);
+                if heard.elapsed() >= silence {
+                    return Err(ControlError::Silent(silence));
                 }
             }
             _ = tokio::time::sleep_until(renew.unwrap_or(far)), if renew.is_some() => {
@@ -517,12 +621,12 @@ async fn exchange(
                 let req = FromRouter::Renew { public_key: key.public_key_raw().to_vec() };
                 renew_attempted(shared);
                 *pending = Some(key);
-                send.write_all(&proto::encode(&req)?).await?;
+                write(&mut send, &req, stall).await?;
             }
             _ = tick.tick() => {
                 let source = shared.telemetry.lock().ok().and_then(|t| t.clone());
                 if let Some(report) = source.and_then(|s| s()) {
-                    send.write_all(&proto::encode(&FromRouter::Telemetry(report))?).await?;
+                    write(&mut send, &FromRouter::Telemetry(report), stall).await?;
                 }
             }
         }

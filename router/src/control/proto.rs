@@ -241,6 +241,8 @@ pub struct FrameReader {
     /// The payload being read (allocated once its length is known and checked).
     payload: Vec<u8>,
     payload_read: usize,
+    /// When a read last took bytes from the stream.
+    progress: Option<tokio::time::Instant>,
 }
 
 impl FrameReader {
@@ -251,7 +253,15 @@ impl FrameReader {
             len_read: 0,
             payload: Vec::new(),
             payload_read: 0,
+            progress: None,
         }
+    }
+
+    /// When a read last took any byte from the stream, whole frame or not (`None`: none yet).
+    /// A large frame over a slow link takes long to arrive whole, but its bytes keep coming: a
+    /// peer is silent only when this stops moving.
+    pub fn last_progress(&self) -> Option<tokio::time::Instant> {
+        self.progress
     }
 
     /// The next frame's payload; `None` at a clean end of stream between frames. Every await
@@ -269,6 +279,7 @@ impl FrameReader {
                     Err(truncated())
                 };
             }
+            self.progress = Some(tokio::time::Instant::now());
             self.len_read += n;
             if self.len_read == 4 {
                 let size = u32::from_be_bytes(self.len) as usize;
@@ -287,6 +298,7 @@ impl FrameReader {
             if n == 0 {
                 return Err(truncated());
             }
+            self.progress = Some(tokio::time::Instant::now());
             self.payload_read += n;
         }
         self.len_read = 0;
@@ -401,6 +413,34 @@ mod tests {
         assert!(cancelled > 0, "the test must actually cancel reads");
         let want: Vec<ToRouter> = frames.iter().map(|f| decode(&f[4..]).unwrap()).collect();
         assert_eq!(got, want);
+    }
+
+    /// Silence is judged on bytes, not frames: a frame still arriving is progress.
+    #[tokio::test]
+    async fn progress_is_any_byte_taken_not_a_whole_frame() {
+        use tokio::io::AsyncWriteExt;
+        let f = encode(&ToRouter::Heartbeat { version: 1 }).unwrap();
+        let (mut w, mut r) = tokio::io::duplex(64);
+        let mut reader = FrameReader::new(MAX_TO_ROUTER);
+        assert!(reader.last_progress().is_none());
+        w.write_all(&f[..6]).await.unwrap();
+        let wait = std::time::Duration::from_millis(100);
+        assert!(
+            tokio::time::timeout(wait, reader.next(&mut r))
+                .await
+                .is_err(),
+            "the frame is not whole yet"
+        );
+        let first = reader
+            .last_progress()
+            .expect("the bytes of a partial frame count");
+        w.write_all(&f[6..]).await.unwrap();
+        let payload = reader.next(&mut r).await.unwrap().unwrap();
+        assert_eq!(
+            decode::<ToRouter>(&payload).unwrap(),
+            ToRouter::Heartbeat { version: 1 }
+        );
+        assert!(reader.last_progress().unwrap() > first);
     }
 
     #[tokio::test]

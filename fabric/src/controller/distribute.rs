@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use router::codes::close;
-use router::control::proto::{self, FromRouter, MAX_FROM_ROUTER, ToRouter};
+use router::control::proto::{self, FromRouter, MAX_FROM_ROUTER, ToRouter, clip};
 use router::tls;
 
 use topology::{Latency, NodeId, ServiceName};
@@ -72,10 +72,6 @@ pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a `Refused` frame may take to reach the router before the connection is closed
 /// anyway (a close discards stream data the peer has not received).
 const REFUSE_LINGER: Duration = Duration::from_secs(2);
-/// Longest reason text in a `Refused` frame, a close or a log line (the router's hello names
-/// its node, up to a whole frame of it), and longest part of a router's `Nack` reason kept (in
-/// its record, stored and shown in status) and logged.
-const MAX_REASON: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DistributeError {
@@ -189,19 +185,6 @@ impl ConnError {
             | ConnError::Write(_) => None,
         }
     }
-}
-
-/// `s` cut to at most [`MAX_REASON`] bytes (at a character boundary).
-fn clip(mut s: String) -> String {
-    if s.len() > MAX_REASON {
-        let mut end = MAX_REASON;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
-        s.push_str("...");
-    }
-    s
 }
 
 /// Sends `Refused` and waits, for at most [`REFUSE_LINGER`], until the router acknowledged it:

@@ -29,7 +29,7 @@ use tokio::task::JoinHandle;
 use topology::NodeId;
 
 use super::disk::{self, StoredSnapshot};
-use super::proto::{self, FromRouter, MAX_TO_ROUTER, ProtoError, ToRouter};
+use super::proto::{self, FromRouter, MAX_TO_ROUTER, ProtoError, ToRouter, clip};
 use crate::codes::close;
 use crate::pki;
 use crate::snapshot::Snapshot;
@@ -137,6 +137,12 @@ pub enum ControlError {
 }
 
 impl ControlError {
+    /// The controller refused this router for `reason`, its word (up to a whole frame of it),
+    /// kept to [`proto::MAX_REASON`] bytes: it is logged at each reconnect.
+    fn refused(reason: String) -> Self {
+        ControlError::Refused(clip(reason))
+    }
+
     /// The code to close the control connection with, for ends that are the controller's doing
     /// and that it would not know of otherwise (a refusal is the controller's own close; the
     /// others are a connection already gone).
@@ -481,7 +487,7 @@ async fn session(
     if let Err(e) = &res
         && let Some(code) = e.close_code()
     {
-        conn.close(code.into(), e.to_string().as_bytes());
+        conn.close(code.into(), clip(e.to_string()).as_bytes());
     }
     res
 }
@@ -580,6 +586,7 @@ async fn converse(
                     }
                     ToRouter::RenewRefused { reason } => {
                         if pending.take().is_some() {
+                            let reason = clip(reason);
                             shared.cert.count_renewal(Renewal::Refused);
                             tracing::warn!(
                                 retry_in_s = renew_retry_in(shared).as_secs(),
@@ -654,7 +661,7 @@ async fn handle(
         | ToRouter::Certificate { .. }
         | ToRouter::RenewRefused { .. }
         | ToRouter::Crl { .. } => return Ok(None),
-        ToRouter::Refused { reason } => return Err(ControlError::Refused(reason)),
+        ToRouter::Refused { reason } => return Err(ControlError::refused(reason)),
         ToRouter::Snapshot {
             version,
             topology_version,
@@ -864,6 +871,15 @@ mod tests {
 
     fn secs<const N: usize>(s: [u64; N]) -> [Duration; N] {
         s.map(S)
+    }
+
+    /// (The whole reason was logged, up to 64 MiB a line at each reconnect.)
+    #[test]
+    fn a_refusal_is_logged_bounded() {
+        let e = ControlError::refused("€".repeat(1 << 20));
+        let logged = e.to_string();
+        assert!(logged.len() < 300, "{} bytes", logged.len());
+        assert!(logged.contains("refused this router: €€"), "{logged}");
     }
 
     #[test]

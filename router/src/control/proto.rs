@@ -36,6 +36,11 @@ pub const MAX_TO_ROUTER: usize = 64 << 20;
 /// Largest frame a router sends (a telemetry report of a router with many neighbours).
 pub const MAX_FROM_ROUTER: usize = 1 << 20;
 
+/// Longest part of the peer's free text either end keeps, logs or closes with (a refusal's or
+/// a rejection's reason, a hello's node name): each is the peer's word, up to a whole frame of
+/// it. See [`clip`].
+pub const MAX_REASON: usize = 256;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ToRouter {
@@ -218,6 +223,19 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Bytes, ProtoError> {
 
 pub fn decode<'a, T: Deserialize<'a>>(payload: &'a [u8]) -> Result<T, ProtoError> {
     Ok(serde_json::from_slice(payload)?)
+}
+
+/// `s` cut to at most [`MAX_REASON`] bytes (at a character boundary), `...` marking the cut.
+pub fn clip(mut s: String) -> String {
+    if s.len() > MAX_REASON {
+        let mut end = MAX_REASON;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push_str("...");
+    }
+    s
 }
 
 /// Reads one frame's payload; `None` at a clean end of stream before a frame starts.
@@ -450,6 +468,17 @@ mod tests {
         assert!(read_frame(&mut r, MAX_TO_ROUTER).await.is_err());
         let mut r = &f[..2];
         assert!(read_frame(&mut r, MAX_TO_ROUTER).await.is_err());
+    }
+
+    #[test]
+    fn clip_cuts_long_text_at_a_character_boundary() {
+        assert_eq!(clip("short".into()), "short");
+        let exact = "a".repeat(MAX_REASON);
+        assert_eq!(clip(exact.clone()), exact);
+        // 3-byte characters: 256 is inside the 86th, so the cut comes before it.
+        let cut = clip("€".repeat(100_000));
+        assert_eq!(cut, format!("{}...", "€".repeat(85)));
+        assert!(cut.len() <= MAX_REASON + 3);
     }
 
     #[test]

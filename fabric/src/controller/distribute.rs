@@ -216,8 +216,9 @@ async fn connection(
     if let Err(e) = &res
         && let Some(code) = e.close_code()
     {
-        conn.close(code.into(), clip(e.to_string()).as_bytes());
+        // Counted first: whoever sees the close (the router, a test) sees it counted.
         ctl.session_closes.count(code);
+        conn.close(code.into(), clip(e.to_string()).as_bytes());
     }
     res
 }

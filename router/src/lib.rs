@@ -101,9 +101,9 @@ pub struct RouterConfig {
     pub header_timeout: Duration,
     /// Bound on how long an edge waits for a site's reply, from opening the stream on, before
     /// failing the attempt (default 10 s) and retrying on the next candidate (`upstream_lost`;
-    /// each try has its own, so a client waits at most `max_tries` of them). It bounds the whole attempt:
-    /// client bytes waiting for the stream's flow control (a site still connecting to its
-    /// backend reads none) or for a circuit's rate do not hold it past this.
+    /// each try has its own, so a client waits at most `max_tries` of them). It bounds the
+    /// whole attempt: client bytes waiting for the stream's flow control (a site still
+    /// connecting to its backend reads none) or for a circuit's rate do not hold it past this.
     pub reply_timeout: Duration,
     /// A proxied connection on which no byte moved either way for this long is reset with
     /// `idle_timeout`: the client's or the backend's TCP connection gets an RST, the stream a

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use clap::Args;
 use router::{ProbeConfig, Router, RouterConfig, RouterHandle, Snapshot};
-use topology::{Latency, NodeId};
+use topology::{Hysteresis, Latency, NodeId};
 
 #[derive(Args, Debug, Clone)]
 #[command(
@@ -86,7 +86,66 @@ pub struct RouterArgs {
     /// Dial neighbour NODE at ADDR instead of its topology address (e.g. a link emulator).
     #[arg(long = "dial", value_name = "NODE=ADDR", value_parser = parse_dial)]
     pub dial: Vec<(String, SocketAddr)>,
+    /// Edge: sites tried for one client connection before its client gets a TCP reset, 1 to 16
+    /// (sites a traffic dial declined are tried after these). Each try has its own
+    /// --reply-timeout. Raise it where a service has more sites worth trying when the nearest
+    /// fail; lower it to fail fast.
+    #[arg(long, default_value_t = 3, value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..=MAX_TRIES))]
+    pub max_tries: u16,
+    /// Site: how long it waits for its backend to accept a TCP connection (and each health
+    /// check's connect) before it refuses the stream with `backend_refused`, which the edge
+    /// retries on its next candidate, and marks the service down. The default is above one
+    /// retransmitted SYN (1 s). Raise it for backends slow to accept, and the edges'
+    /// --reply-timeout above it, else they give up first. 1ms to 10m.
+    #[arg(long, default_value = "2s", value_parser = parse_timeout, value_name = "DURATION")]
+    pub backend_connect_timeout: std::time::Duration,
+    /// How long a peer's stream may take to send its header, and on a transit how long the next
+    /// hop may take to take the stream and its header, which the transit then hands back to the
+    /// edge (`next_hop_unreachable`) to retry on its next candidate. Keep it below the edges'
+    /// --reply-timeout, or the edge gives up on the try first (the router warns when it is not
+    /// below its own --reply-timeout). 1ms to 10m.
+    #[arg(long, default_value = "5s", value_parser = parse_timeout, value_name = "DURATION")]
+    pub header_timeout: std::time::Duration,
+    /// Edge: how long a try may wait for its site's answer (sent once the site's backend accepted
+    /// the connection), from opening its stream on, client bytes waiting to go out included;
+    /// then it is counted as `upstream_lost` and retried on the next candidate with the client's
+    /// bytes replayed. Lower it to retry sooner where answers come fast; raise it in front of
+    /// backends slow to accept (above the sites' --backend-connect-timeout). 1ms to 10m.
+    #[arg(long, default_value = "10s", value_parser = parse_timeout, value_name = "DURATION")]
+    pub reply_timeout: std::time::Duration,
+    /// Edge: client bytes kept per connection until its site answers, to replay on the next
+    /// candidate; a connection whose client sent more than this before the answer is not
+    /// retried. Held in memory by every connection waiting for its site, hence at most 64MiB;
+    /// 0 retries only clients that sent nothing yet. Raise it for clients that send large
+    /// requests before any answer. A whole number with an optional unit, binary (B, KiB, MiB,
+    /// GiB) or decimal (kB, MB, GB), e.g. 256KiB.
+    #[arg(long, default_value = "64KiB", value_parser = parse_replay_limit, value_name = "BYTES")]
+    pub replay_limit: usize,
+    /// Edge, anti-flap: the site in use for a service gives way to a cheaper one (path latency
+    /// plus load penalty) only if that one is at least this much cheaper, and below
+    /// --hysteresis-ratio of its cost. Raise it if the preferred site flaps on jittery paths.
+    /// Give every edge the same margins: the controller's apply plan and `tasman topology diff`
+    /// predict moves with the defaults. Up to 60s.
+    #[arg(long, default_value = "10ms", value_name = "DURATION")]
+    pub hysteresis_margin: Latency,
+    /// Edge, anti-flap: a cheaper site takes over from the site in use only below this fraction
+    /// of its cost (and --hysteresis-margin cheaper). Above 0, at most 1 (1: the margin alone
+    /// decides); a fraction (2/3) or a decimal (0.5).
+    #[arg(long, default_value = "2/3", value_parser = parse_ratio, value_name = "FRACTION")]
+    pub hysteresis_ratio: f64,
 }
+
+/// Most `--max-tries`: each try may hold the client for a `--reply-timeout`.
+const MAX_TRIES: i64 = 16;
+
+/// Most `--backend-connect-timeout`, `--header-timeout` and `--reply-timeout`: each try may hold
+/// a client this long. (A backend connect gives up on its own sooner on Linux's defaults:
+/// ~127 s of SYN retries, `net.ipv4.tcp_syn_retries`.)
+const MAX_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Most `--replay-limit`: every client connection waiting for its site may hold this much.
+const MAX_REPLAY_LIMIT: u64 = 64 << 20;
 
 /// A duration for the flags that go past the topology's latencies (those stop at 60 s):
 /// `humantime` syntax, e.g. 24h, 90m, 340s, 500ms, 1h 30m.
@@ -109,6 +168,71 @@ fn parse_duration_or_off(s: &str) -> Result<std::time::Duration, String> {
         return Ok(std::time::Duration::ZERO);
     }
     parse_long_duration(s)
+}
+
+/// `--backend-connect-timeout`, `--header-timeout`, `--reply-timeout`: a duration from 1 ms
+/// (tokio's timers tick in milliseconds) to [`MAX_TIMEOUT`].
+fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
+    match parse_long_duration(s)? {
+        d if d < std::time::Duration::from_millis(1) => Err(format!("{s:?} must be at least 1ms")),
+        d if d > MAX_TIMEOUT => Err(format!("{s:?} must be at most 10m")),
+        d => Ok(d),
+    }
+}
+
+/// A byte count: a whole number with an optional unit, binary (`B`, `KiB`, `MiB`, `GiB`) or
+/// decimal (`kB`, `MB`, `GB`), e.g. `65536`, `64KiB`, `1 MiB`. Strict: units are case-sensitive
+/// and `K`, `KB` or `k` are refused (1000 or 1024 would be a guess), as are fractions and signs.
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let scale: Option<u64> = match unit.trim_start() {
+        "" | "B" => Some(1),
+        "KiB" => Some(1 << 10),
+        "MiB" => Some(1 << 20),
+        "GiB" => Some(1 << 30),
+        "kB" => Some(1_000),
+        "MB" => Some(1_000_000),
+        "GB" => Some(1_000_000_000),
+        _ => None,
+    };
+    let Some(scale) = scale.filter(|_| !num.is_empty()) else {
+        return Err(format!(
+            "{s:?}: expected a whole number with an optional unit B, KiB, MiB, GiB, kB, MB or GB \
+             (e.g. 65536, 64KiB, 1MiB)"
+        ));
+    };
+    // Only digits: parsing fails on overflow alone.
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// `--replay-limit`: a byte count ([`parse_bytes`]) up to [`MAX_REPLAY_LIMIT`].
+fn parse_replay_limit(s: &str) -> Result<usize, String> {
+    match parse_bytes(s)? {
+        n if n > MAX_REPLAY_LIMIT => Err(format!(
+            "{s:?} must be at most 64MiB (it is held in memory by every client connection \
+             waiting for its site)"
+        )),
+        n => usize::try_from(n).map_err(|_| format!("{s:?} is too large")),
+    }
+}
+
+/// `--hysteresis-ratio`: a fraction above 0 and at most 1, written `A/B` or as a decimal.
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    let number = |t: &str| t.trim().parse::<f64>().ok().filter(|x| x.is_finite());
+    let r = match s.split_once('/') {
+        Some((a, b)) => number(a).zip(number(b)).map(|(a, b)| a / b),
+        None => number(s),
+    };
+    match r {
+        Some(r) if r > 0.0 && r <= 1.0 => Ok(r),
+        _ => Err(format!(
+            "{s:?}: expected a fraction above 0 and at most 1 (e.g. 2/3 or 0.5)"
+        )),
+    }
 }
 
 fn parse_dial(s: &str) -> Result<(String, SocketAddr), String> {
@@ -135,6 +259,36 @@ impl RouterArgs {
         b.enable_all().build()
     }
 
+    /// What this router's timeouts get wrong together, for a fabric whose routers all have the
+    /// same values. Warned about, not refused: each pair spans two roles (an edge's reply
+    /// timeout against a transit's header timeout or a site's backend connect timeout), so one
+    /// router's flags say nothing certain about the others', and on this router at most one
+    /// value of each pair is in use.
+    fn timeout_warnings(&self) -> Vec<String> {
+        let reply = humantime::format_duration(self.reply_timeout);
+        let mut out = Vec::new();
+        if self.header_timeout >= self.reply_timeout {
+            out.push(format!(
+                "--header-timeout {} is not below --reply-timeout {reply}: an edge with this reply \
+                 timeout gives up on a try stuck behind a transit (upstream_lost) before a \
+                 transit with this header timeout hands it back (next_hop_unreachable, which \
+                 also marks the site down at the edge for the hold-down); give every router a \
+                 header timeout below the edges' reply timeout",
+                humantime::format_duration(self.header_timeout)
+            ));
+        }
+        if self.backend_connect_timeout >= self.reply_timeout {
+            out.push(format!(
+                "--backend-connect-timeout {} is not below --reply-timeout {reply}: an edge with \
+                 this reply timeout gives up on a site whose backend is slow to accept before \
+                 the site's connect does (upstream_lost, the site not marked down); give the \
+                 edges a reply timeout above the sites' backend connect timeout",
+                humantime::format_duration(self.backend_connect_timeout)
+            ));
+        }
+        out
+    }
+
     /// The router configuration for these arguments, fed by `snapshots`. (Controller mode builds
     /// the same config with a different snapshot source.)
     pub fn config(
@@ -155,6 +309,18 @@ impl RouterArgs {
             misses: self.probe_misses.max(1),
             hold_down: self.hold_down.as_duration(),
         };
+        cfg.max_tries = usize::from(self.max_tries);
+        cfg.backend_connect_timeout = self.backend_connect_timeout;
+        cfg.header_timeout = self.header_timeout;
+        cfg.reply_timeout = self.reply_timeout;
+        cfg.replay_limit = self.replay_limit;
+        cfg.hysteresis = Hysteresis {
+            absolute: self.hysteresis_margin,
+            relative: self.hysteresis_ratio,
+        };
+        for w in self.timeout_warnings() {
+            tracing::warn!(node = %self.node, "{w}");
+        }
         cfg.idle_timeout = Some(self.idle_timeout).filter(|t| !t.is_zero());
         cfg.drain_timeout = self.drain_timeout;
         cfg.keep_awake = (!self.keep_awake.is_zero()).then_some(router::keep_awake::Config {
@@ -406,5 +572,189 @@ mod tests {
         ] {
             assert!(parse(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn byte_counts_take_whole_numbers_with_binary_or_decimal_units() {
+        let p = |s| parse_bytes(s);
+        assert_eq!(p("0"), Ok(0));
+        assert_eq!(p("65536"), Ok(65536));
+        assert_eq!(p("512B"), Ok(512));
+        assert_eq!(p("64KiB"), Ok(64 * 1024));
+        assert_eq!(p("64 KiB"), Ok(64 * 1024));
+        assert_eq!(p(" 1MiB "), Ok(1 << 20));
+        assert_eq!(p("2GiB"), Ok(2 << 30));
+        assert_eq!(p("64kB"), Ok(64_000));
+        assert_eq!(p("5MB"), Ok(5_000_000));
+        assert_eq!(p("1GB"), Ok(1_000_000_000));
+        assert_eq!(p("18446744073709551615"), Ok(u64::MAX));
+        for bad in [
+            "", "KiB", "64K", "64KB", "64k", "64kib", "64 kb", "1.5MiB", "-1", "+1", "1e6",
+            "64KiB!", "64 Ki B", "0x10", "1_000", "soon",
+        ] {
+            let e = p(bad).expect_err(bad);
+            assert!(e.contains("expected a whole number"), "{bad:?}: {e}");
+        }
+        for big in ["18446744073709551616", "17179869184GiB"] {
+            assert!(p(big).expect_err(big).contains("too large"), "{big:?}");
+        }
+    }
+
+    #[test]
+    fn replay_limit_is_a_byte_count_up_to_64_mib() {
+        let p = |s| parse_replay_limit(s);
+        assert_eq!(p("0"), Ok(0));
+        assert_eq!(p("256KiB"), Ok(256 * 1024));
+        assert_eq!(p("64MiB"), Ok(64 << 20));
+        assert_eq!(p("67108864"), Ok(64 << 20));
+        for bad in ["67108865", "65MiB", "1GiB", "64MB0"] {
+            assert!(p(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn timeouts_are_from_1ms_to_10_minutes() {
+        let p = |s| parse_timeout(s);
+        assert_eq!(p("1ms"), Ok(Duration::from_millis(1)));
+        assert_eq!(p("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(p("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(p("600s"), Ok(Duration::from_secs(600)));
+        for bad in [
+            "", "0", "0s", "off", "999us", "10m 1ms", "1h", "-1s", "soon",
+        ] {
+            assert!(p(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn hysteresis_ratio_takes_fractions_and_decimals_in_0_to_1() {
+        let p = |s| parse_ratio(s);
+        assert_eq!(p("2/3"), Ok(2.0 / 3.0));
+        assert_eq!(p(" 3 / 4 "), Ok(0.75));
+        assert_eq!(p("0.5"), Ok(0.5));
+        assert_eq!(p("1"), Ok(1.0));
+        assert_eq!(p("1/1"), Ok(1.0));
+        for bad in [
+            "", "0", "0/3", "-0.5", "4/3", "1.01", "2/0", "0/0", "nan", "inf", "1/inf", "2/3/4",
+            "half",
+        ] {
+            assert!(p(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    /// A CA and a certificate for node `n` in a temporary directory, and a snapshot source.
+    fn tls_dir_and_snapshots() -> (
+        tempfile::TempDir,
+        tokio::sync::watch::Receiver<Arc<Snapshot>>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        router::pki::init(dir.path()).unwrap();
+        router::pki::issue(dir.path(), "n").unwrap();
+        let topo = Arc::new(topology::builder::TopologyBuilder::new().build());
+        let (_tx, rx) = tokio::sync::watch::channel(Arc::new(Snapshot::new(1, topo)));
+        (dir, rx)
+    }
+
+    /// The router configuration `tasman router ... --tls-dir DIR` and `extra` build.
+    fn config_with(extra: &[&str]) -> RouterConfig {
+        let (dir, rx) = tls_dir_and_snapshots();
+        let tls_dir = dir.path().to_str().unwrap();
+        let args = parse(&[&["--tls-dir", tls_dir], extra].concat()).unwrap();
+        args.config(rx).expect("the config builds")
+    }
+
+    #[test]
+    fn data_plane_flags_default_to_the_router_configs_defaults() {
+        let (dir, rx) = tls_dir_and_snapshots();
+        let tls = router::tls::TlsIdentity::load(dir.path(), "n").unwrap();
+        let want = RouterConfig::new(NodeId::new("n"), tls, rx);
+        let got = config_with(&[]);
+        assert_eq!(got.max_tries, want.max_tries);
+        assert_eq!(got.backend_connect_timeout, want.backend_connect_timeout);
+        assert_eq!(got.header_timeout, want.header_timeout);
+        assert_eq!(got.reply_timeout, want.reply_timeout);
+        assert_eq!(got.replay_limit, want.replay_limit);
+        assert_eq!(got.hysteresis.absolute, want.hysteresis.absolute);
+        assert_eq!(got.hysteresis.relative, want.hysteresis.relative);
+        assert!(
+            parse(&[]).unwrap().timeout_warnings().is_empty(),
+            "the defaults fit together"
+        );
+    }
+
+    #[test]
+    fn each_data_plane_flag_reaches_the_router_config() {
+        let cfg = config_with(&[
+            "--max-tries",
+            "5",
+            "--backend-connect-timeout",
+            "30s",
+            "--header-timeout",
+            "250ms",
+            "--reply-timeout",
+            "45s",
+            "--replay-limit",
+            "1MiB",
+            "--hysteresis-margin",
+            "25ms",
+            "--hysteresis-ratio",
+            "0.5",
+        ]);
+        assert_eq!(cfg.max_tries, 5);
+        assert_eq!(cfg.backend_connect_timeout, Duration::from_secs(30));
+        assert_eq!(cfg.header_timeout, Duration::from_millis(250));
+        assert_eq!(cfg.reply_timeout, Duration::from_secs(45));
+        assert_eq!(cfg.replay_limit, 1 << 20);
+        assert_eq!(cfg.hysteresis.absolute, Latency::from_micros(25_000));
+        assert_eq!(cfg.hysteresis.relative, 0.5);
+    }
+
+    #[test]
+    fn out_of_range_data_plane_flags_are_refused_naming_the_flag() {
+        for (flag, bad) in [
+            ("--max-tries", "0"),
+            ("--max-tries", "17"),
+            ("--max-tries", "-1"),
+            ("--backend-connect-timeout", "0s"),
+            ("--backend-connect-timeout", "11m"),
+            ("--header-timeout", "0"),
+            ("--header-timeout", "1h"),
+            ("--reply-timeout", "500us"),
+            ("--reply-timeout", "601s"),
+            ("--replay-limit", "65MiB"),
+            ("--replay-limit", "64KB"),
+            ("--hysteresis-margin", "0ms"),
+            ("--hysteresis-margin", "61s"),
+            ("--hysteresis-ratio", "0"),
+            ("--hysteresis-ratio", "1.5"),
+        ] {
+            let e = match parse(&[&format!("{flag}={bad}")]) {
+                Ok(_) => panic!("{flag} {bad} accepted"),
+                Err(e) => e.to_string(),
+            };
+            assert!(e.contains(flag), "{flag} {bad}: {e}");
+        }
+        // The bounds themselves are in.
+        let edge = parse(&["--max-tries", "16", "--replay-limit", "64MiB"]).unwrap();
+        assert_eq!((edge.max_tries, edge.replay_limit), (16, 64 << 20));
+    }
+
+    #[test]
+    fn timeouts_that_defeat_a_retry_are_warned_about() {
+        let warnings = |extra: &[&str]| parse(extra).unwrap().timeout_warnings();
+        assert!(warnings(&["--reply-timeout", "5001ms"]).is_empty());
+        let w = warnings(&["--reply-timeout", "5s"]);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("--header-timeout 5s") && w[0].contains("--reply-timeout 5s"),
+            "{w:?}"
+        );
+        let w = warnings(&["--backend-connect-timeout", "60s"]);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("--backend-connect-timeout 1m") && w[0].contains("--reply-timeout 10s"),
+            "{w:?}"
+        );
+        assert_eq!(warnings(&["--reply-timeout", "1s"]).len(), 2);
     }
 }

@@ -4,8 +4,9 @@
 //! stream window is full, and the attempt must still end at the deadline, or move to the next
 //! candidate at the down verdict, rather than when the site's backend connect gives up.
 //!
-//! The routers run in this process (the deadline and the site's backend connect timeout are
-//! `RouterConfig` fields, not `tasman router` flags).
+//! Most tests run the routers in this process, with the deadline and the site's backend
+//! connect timeout set in their `RouterConfig`; the last one runs `tasman router` processes
+//! given the same settings as flags (`--reply-timeout`, `--backend-connect-timeout`).
 
 mod common;
 
@@ -25,6 +26,9 @@ use topology::{Latency, NodeId};
 
 /// The site's backend connect timeout: far longer than anything the tests wait for.
 const BACKEND_CONNECT: Duration = Duration::from_secs(60);
+/// The client's connection must have ended by then in the `tasman router` test: well below the
+/// default reply deadline (10 s), well above the edge's `--reply-timeout 3s` on 2 busy cores.
+const WITHIN_FLAG: Duration = Duration::from_secs(7);
 /// What the client sends before any reply: a stream window's worth and more, so the edge's
 /// write waits for the site's flow control.
 const CLIENT_BYTES: usize = STREAM_RECEIVE_WINDOW as usize + 8 * 1024 * 1024;
@@ -352,4 +356,85 @@ async fn an_attempt_unanswered_at_the_reply_deadline_moves_to_the_next_site() {
             .is_some_and(|c| c.site.as_str() == "site-near")
     );
     drop((backend, near));
+}
+
+/// The same as the first test with `tasman router` processes: an edge started with
+/// `--reply-timeout 3s` in front of a site started with `--backend-connect-timeout 60s`, whose
+/// backend's accept queue is full. The client's connection ends at the edge's deadline, well
+/// within the default one (10 s), counted as `upstream_lost` on the edge's /metrics: the site
+/// is still waiting for its backend (at the default 2 s its connect would have failed first,
+/// `backend_refused`). Each router warns that its values do not fit the other roles' defaults.
+#[test]
+fn the_reply_and_backend_connect_timeout_flags_reach_the_routers() {
+    // The backend's sockets are tokio's: made on a runtime of their own, alive while they are.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let backend = rt.block_on(full_backend());
+    let port = free_tcp_port(LOCAL);
+    let mut y = TopoYaml::default();
+    y.edge("edge", free_udp(LOCAL), LOCAL, None)
+        .site("site", free_udp(LOCAL), &[("chat", backend.addr, 100)])
+        .link("edge", "site", "1ms")
+        .service("chat", port, &[]);
+    let mut f = Fabric::new(&y);
+    f.start_with("site", &["--backend-connect-timeout", "60s"]);
+    f.start_with("edge", &["--reply-timeout", "3s"]);
+    f.wait_preferred("edge", "chat", "site");
+
+    let started = Instant::now();
+    let mut c = std::net::TcpStream::connect((LOCAL, port)).unwrap();
+    c.set_read_timeout(Some(WITHIN)).unwrap();
+    std::io::Write::write_all(&mut c, b"hello\n").unwrap();
+    let mut buf = [0u8; 64];
+    let end = std::io::Read::read(&mut c, &mut buf);
+    let took = started.elapsed();
+    println!("client connection ended after {took:?}: {end:?}");
+    match end {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Ok(n) => panic!("the client got {n} bytes from a site that never connected"),
+        Err(e) => panic!("the client connection was still open after {took:?}: {e}"),
+    }
+    assert!(
+        took < WITHIN_FLAG,
+        "the client connection ended after {took:?}, not within {WITHIN_FLAG:?} (--reply-timeout \
+         3s; the default is 10 s)\nedge log:\n{}",
+        f.log("edge")
+    );
+    // Counted before the client's reset went out. The site was still connecting to its backend:
+    // the edge gave up, not the site.
+    let errors = |node: &str, code: &str| {
+        f.metric(
+            node,
+            "tasman_stream_errors_total",
+            &format!("code=\"{code}\""),
+        )
+    };
+    assert_eq!(
+        (
+            errors("edge", "upstream_lost"),
+            errors("edge", "backend_refused"),
+            errors("site", "backend_refused")
+        ),
+        (1, 0, 0),
+        "edge upstream_lost, edge and site backend_refused; site log:\n{}",
+        f.log("site")
+    );
+    for (node, warning) in [
+        (
+            "edge",
+            "--header-timeout 5s is not below --reply-timeout 3s",
+        ),
+        (
+            "site",
+            "--backend-connect-timeout 1m is not below --reply-timeout 10s",
+        ),
+    ] {
+        let log = f.log(node);
+        assert!(
+            log.contains(warning),
+            "{node} did not warn {warning:?}:\n{log}"
+        );
+    }
+    drop(backend);
+    drop(rt);
 }

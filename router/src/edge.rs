@@ -432,8 +432,7 @@ async fn attempt(
             },
             // Nothing came back within the deadline: like any failure before the first byte
             // back, the next candidate may take the connection (the site is not marked down:
-            // a slow answer is no proof of a dead site). Each try has its own deadline, so a
-            // client waits at most `max_tries` of them.
+            // a slow answer is no proof of a dead site). Each try has its own deadline.
             _ = &mut deadline => break Err(Attempt::Retry(Code::UpstreamLost)),
             // The first hop was declared down before the site answered: nothing came back yet,
             // so the next candidate can take the connection now.

@@ -142,8 +142,8 @@ async fn relay(
     }
     // Handing the stream on is bounded like receiving it (`header_timeout`, below the edge's
     // reply timeout) and gives up at a down verdict (`open_next_hop`): otherwise a stuck next hop
-    // would hold the edge's first try until its reply timeout, which it does not retry.
-    // `next_hop_unreachable` it does.
+    // would hold the edge's first try for a whole reply timeout before the edge tries the next
+    // candidate; `next_hop_unreachable` hands it back at once.
     let deadline = tokio::time::sleep(shared.header_timeout);
     tokio::pin!(deadline);
     let Some((dsend, drecv)) = splice::open_next_hop(

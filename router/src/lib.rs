@@ -101,7 +101,8 @@ pub struct RouterConfig {
     pub header_timeout: Duration,
     /// Bound on how long an edge waits for a site's reply, from opening the stream on, before
     /// failing the attempt (default 10 s) and retrying on the next candidate (`upstream_lost`;
-    /// each try has its own, so a client waits at most `max_tries` of them). It bounds the
+    /// each try has its own: `max_tries` of them, plus one per site a traffic dial declined,
+    /// which are tried last). It bounds the
     /// whole attempt: client bytes waiting for the stream's flow control (a site still
     /// connecting to its backend reads none) or for a circuit's rate do not hold it past this.
     pub reply_timeout: Duration,

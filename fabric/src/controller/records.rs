@@ -209,11 +209,10 @@ pub fn commit_topology(
     origin: Origin,
 ) -> Result<TopologyVersion, StoreError> {
     let prev = META.get(tx, CURRENT)?.unwrap_or(0);
-    let latest = TOPOLOGY_VERSIONS
-        .last(tx)?
-        .map(|(_, v)| v.version)
-        .unwrap_or(0)
-        .max(prev);
+    // From the newest version's key (`seq_key(version)`), not its record: decoding that would
+    // read its whole text, megabytes for a large topology, at every apply. The versions' table,
+    // not the metadata table, is the authority: it is the one every build has written.
+    let latest = TOPOLOGY_VERSIONS.last_seq(tx)?.unwrap_or(0).max(prev);
     let version = latest + 1;
     let rec = TopologyVersion {
         version,
@@ -318,7 +317,7 @@ mod tests {
         })
     }
 
-    /// A read view on which the versions' table (their texts) cannot be read.
+    /// A read view on which the versions' table (their texts) cannot be read: only its keys.
     struct WithoutTexts<'a>(&'a dyn ReadTxn);
 
     impl ReadTxn for WithoutTexts<'_> {
@@ -339,6 +338,39 @@ mod tests {
                 return Err(StoreError::Backend("scanned the versions' texts".into()));
             }
             self.0.scan(table, from, limit, reverse)
+        }
+        fn last_key(&self, table: &'static str) -> Result<Option<String>, StoreError> {
+            self.0.last_key(table)
+        }
+    }
+
+    /// A write transaction whose reads go through [`WithoutTexts`].
+    struct WriteWithoutTexts<'a>(&'a mut dyn WriteTxn);
+
+    impl ReadTxn for WriteWithoutTexts<'_> {
+        fn get(&self, table: &'static str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            WithoutTexts(&*self.0).get(table, key)
+        }
+        fn scan(
+            &self,
+            table: &'static str,
+            from: Bound<&str>,
+            limit: usize,
+            reverse: bool,
+        ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+            WithoutTexts(&*self.0).scan(table, from, limit, reverse)
+        }
+        fn last_key(&self, table: &'static str) -> Result<Option<String>, StoreError> {
+            WithoutTexts(&*self.0).last_key(table)
+        }
+    }
+
+    impl WriteTxn for WriteWithoutTexts<'_> {
+        fn put(&mut self, table: &'static str, key: &str, value: &[u8]) -> Result<(), StoreError> {
+            self.0.put(table, key, value)
+        }
+        fn delete(&mut self, table: &'static str, key: &str) -> Result<bool, StoreError> {
+            self.0.delete(table, key)
         }
     }
 
@@ -409,6 +441,44 @@ mod tests {
         let versions: Vec<u64> = rows.iter().map(|m| m.version).collect();
         assert_eq!(versions, vec![5, 4, 3]);
         assert_eq!(rows[0].bytes, yaml("5ms", 500).len() as u64);
+    }
+
+    /// Committing a version reads no version's text (the newest one's would be megabytes for a
+    /// large topology, at every apply, under the apply lock): its number comes from the newest
+    /// version's key. Versions stay numbered in order, rollbacks included.
+    #[test]
+    fn commit_reads_no_version_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(dir.path()).unwrap();
+        let commit_blind = |text: &str, origin: Origin| {
+            let (topo, _) = crate::controller::validate(text).unwrap();
+            store::transaction(&s, |tx| {
+                commit_topology(
+                    &mut WriteWithoutTexts(tx),
+                    text,
+                    &topo,
+                    "ops",
+                    "",
+                    origin.clone(),
+                )
+            })
+        };
+        let first = commit_blind(&yaml("1ms", 10), Origin::Import { file: "f".into() });
+        assert_eq!(first.unwrap().version, 1);
+        for i in 2..=4 {
+            let v = commit_blind(&yaml(&format!("{i}ms"), 100_000), Origin::Apply).unwrap();
+            assert_eq!(v.version, i as u64);
+        }
+        let back = commit_blind(&yaml("1ms", 10), Origin::Rollback { to: 1 }).unwrap();
+        assert_eq!(back.version, 5);
+        let listed: Vec<u64> = store::read(&s, |tx| history(tx, 10))
+            .unwrap()
+            .iter()
+            .map(|m| m.version)
+            .collect();
+        assert_eq!(listed, vec![5, 4, 3, 2, 1]);
+        let current = store::read(&s, |tx| current(tx)).unwrap().unwrap();
+        assert_eq!((current.version, current.text), (5, yaml("1ms", 10)));
     }
 
     /// Versions an earlier build stored (no metadata) get theirs once; a second run writes

@@ -53,6 +53,10 @@ pub trait ReadTxn {
         limit: usize,
         reverse: bool,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// The greatest key of `table` (`None` when it is empty), without its value: a table keyed
+    /// by [`seq_key`] gives its next number so without reading, let alone decoding, its newest
+    /// record (a topology version's is megabytes of YAML).
+    fn last_key(&self, table: &'static str) -> Result<Option<String>, StoreError>;
 }
 
 /// Reads and writes inside an atomic write transaction.
@@ -201,6 +205,22 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
     pub fn last(&self, tx: &dyn ReadTxn) -> Result<Option<(String, V)>, StoreError> {
         Ok(self.scan(tx, Bound::Unbounded, 1, true)?.into_iter().next())
     }
+
+    /// The number of the greatest key of a table keyed by [`seq_key`] (`None`: empty), from
+    /// the key alone: the record is neither read nor decoded.
+    pub fn last_seq(&self, tx: &dyn ReadTxn) -> Result<Option<u64>, StoreError> {
+        let Some(key) = tx.last_key(self.name)? else {
+            return Ok(None);
+        };
+        match key.parse() {
+            Ok(n) => Ok(Some(n)),
+            Err(_) => Err(StoreError::Corrupt {
+                table: self.name,
+                key,
+                reason: "not a sequence number".into(),
+            }),
+        }
+    }
 }
 
 /// A key for a sequence number that sorts numerically (`00000000000000000042`).
@@ -234,8 +254,10 @@ mod tests {
         assert_eq!(all, vec![(seq_key(1), "one".to_string())]);
         let last = read(&s, |tx| T.last(tx)).unwrap();
         assert_eq!(last.map(|(_, v)| v), Some("one".to_string()));
+        assert_eq!(read(&s, |tx| T.last_seq(tx)).unwrap(), Some(1));
         let missing: Table<u64> = Table::new("never-written");
         assert!(read(&s, |tx| missing.all(tx)).unwrap().is_empty());
+        assert_eq!(read(&s, |tx| missing.last_seq(tx)).unwrap(), None);
     }
 
     #[test]
@@ -253,5 +275,12 @@ mod tests {
         let newest = read(&s, |tx| T.scan(tx, Bound::Included(&k5), 3, true)).unwrap();
         let vals: Vec<_> = newest.into_iter().map(|(_, v)| v).collect();
         assert_eq!(vals, vec!["5", "4", "3"]);
+        // In a write transaction too, the key of what it just wrote.
+        let next = transaction(&s, |tx| -> Result<_, StoreError> {
+            T.put(tx, &seq_key(11), &"11".to_string())?;
+            T.last_seq(tx)
+        })
+        .unwrap();
+        assert_eq!(next, Some(11));
     }
 }

@@ -74,6 +74,14 @@ fn scan_table<T: ReadableTable<&'static str, &'static [u8]>>(
     Ok(out)
 }
 
+/// The greatest key of `t`: redb hands out the value as a guard into its page, which is
+/// neither copied nor decoded here.
+fn last_key_of<T: ReadableTable<&'static str, &'static [u8]>>(
+    t: &T,
+) -> Result<Option<String>, StoreError> {
+    Ok(t.last().map_err(be)?.map(|(k, _)| k.value().to_string()))
+}
+
 struct RTxn(redb::ReadTransaction);
 
 impl ReadTxn for RTxn {
@@ -99,6 +107,14 @@ impl ReadTxn for RTxn {
         };
         scan_table(&t, from, limit, reverse)
     }
+    fn last_key(&self, table: &'static str) -> Result<Option<String>, StoreError> {
+        let t = match self.0.open_table(def(table)) {
+            Ok(t) => t,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(be(e)),
+        };
+        last_key_of(&t)
+    }
 }
 
 struct WTxn(redb::WriteTransaction);
@@ -117,6 +133,10 @@ impl ReadTxn for WTxn {
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let t = self.0.open_table(def(table)).map_err(be)?;
         scan_table(&t, from, limit, reverse)
+    }
+    fn last_key(&self, table: &'static str) -> Result<Option<String>, StoreError> {
+        let t = self.0.open_table(def(table)).map_err(be)?;
+        last_key_of(&t)
     }
 }
 

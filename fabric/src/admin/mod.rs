@@ -439,6 +439,92 @@ mod tests {
         server.abort();
     }
 
+    /// The operator's free text reaches the audit log at most `MAX_META_FIELD` bytes long (and
+    /// the cut mark), from every writer: an apply's author and message (the version keeps them
+    /// whole) and a circuit's author, which the circuit's record and history keep clipped too.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn long_authors_and_messages_are_clipped_in_the_audit_log_and_circuit_records() {
+        use crate::circuits::{CIRCUIT_HISTORY, CIRCUITS};
+        use crate::controller::records::{AUDIT, MAX_META_FIELD};
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(RedbStore::open(dir.path()).unwrap());
+        let pool = "pools:\n  - {name: vips, prefix: 127.79.0.0/28}\n";
+        let (v1, v2) = (yaml("1ms") + pool, yaml("2ms") + pool);
+        let ctl = Controller::open(store.clone(), Some((&v1, "t.yaml"))).unwrap();
+        let circuits = crate::circuits::service::CircuitService::new(
+            ctl.clone(),
+            crate::circuits::service::DEFAULT_PROVISION_TIMEOUT,
+        )
+        .unwrap();
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve(
+            listener,
+            AdminState::new(ctl.clone(), "tok", circuits),
+        ));
+        let long = "x".repeat(4 << 20);
+        let head = |r: &str| r.chars().take(300).collect::<String>();
+
+        let apply = serde_json::json!({ "text": v2, "message": long, "author": long });
+        let back = exchange(addr, &post("/v1/topology", "tok", &apply.to_string())).await;
+        assert!(back.starts_with("HTTP/1.1 200"), "{}", head(&back));
+        let create = serde_json::json!({
+            "spec": {
+                "name": "c1",
+                "a_end": { "edge": "e", "prefix": "10.1.0.0/24" },
+                "b_end": { "service": "chat" },
+                "rate": "10Mbps",
+            },
+            "author": long,
+        });
+        let back = exchange(addr, &post("/v1/circuits", "tok", &create.to_string())).await;
+        assert!(back.starts_with("HTTP/1.1 200"), "{}", head(&back));
+
+        let bound = MAX_META_FIELD + '…'.len_utf8();
+        let audit = store::read(&*store, |tx| AUDIT.all(tx)).unwrap();
+        let actions: Vec<&str> = audit.iter().map(|(_, e)| e.action.as_str()).collect();
+        assert_eq!(
+            actions,
+            [
+                "topology.import",
+                "topology.apply",
+                "circuit.create",
+                "circuit.place"
+            ]
+        );
+        for (_, e) in &audit {
+            assert!(
+                e.actor.len() <= bound,
+                "{}: actor of {} bytes",
+                e.action,
+                e.actor.len()
+            );
+            assert!(
+                e.detail.len() <= bound,
+                "{}: detail of {} bytes",
+                e.action,
+                e.detail.len()
+            );
+        }
+        let version = ctl.version(2).unwrap().unwrap();
+        assert_eq!(
+            (version.author.len(), version.message.len()),
+            (long.len(), long.len())
+        );
+        let circuit = store::read(&*store, |tx| CIRCUITS.all(tx)).unwrap();
+        assert!(circuit[0].1.created_by.len() <= bound);
+        let history = store::read(&*store, |tx| CIRCUIT_HISTORY.all(tx)).unwrap();
+        assert!(!history.is_empty());
+        for (_, h) in &history {
+            assert!(
+                h.actor.len() <= bound,
+                "history actor of {} bytes",
+                h.actor.len()
+            );
+        }
+        server.abort();
+    }
+
     /// Every admin GET that reads the store, and an apply's and a rollback's own reads, read it
     /// off the runtime's workers: while the read waits on the disk, the same runtime (here its
     /// only thread, which would stall outright) keeps answering other requests, and the

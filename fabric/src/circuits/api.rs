@@ -22,6 +22,7 @@ use topology::circuit::LinkHeadroom;
 use super::service::ServiceError;
 use super::{Admission, Circuit, CircuitError, CircuitSpec, HistoryEntry};
 use crate::admin::{AdminState, ApiError, off_workers};
+use crate::controller::records::{MAX_META_FIELD, clipped};
 
 pub fn routes() -> axum::Router<AdminState> {
     axum::Router::new()
@@ -59,11 +60,15 @@ impl From<ServiceError> for ApiError {
     }
 }
 
+/// Who made a change, for the circuit's record, its history and the audit log: `unknown` when
+/// blank, else at most [`MAX_META_FIELD`] bytes of the operator's text (free-form within the
+/// body limit, and read back by every listing of circuits).
 fn actor(a: &str) -> String {
-    if a.trim().is_empty() {
+    let a = a.trim();
+    if a.is_empty() {
         "unknown".to_string()
     } else {
-        a.trim().to_string()
+        clipped(a, MAX_META_FIELD)
     }
 }
 

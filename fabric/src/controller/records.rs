@@ -45,12 +45,13 @@ pub struct VersionMeta {
     pub sha256: String,
 }
 
-/// How much of a version's author and message its [`VersionMeta`] keeps: the admin API takes
-/// them free-form within its body limit (tens of MB), and history lists up to 10,000 rows.
+/// How much of a version's author and message its [`VersionMeta`] keeps, and of the operator's
+/// free text an [`AuditEntry`] or a circuit's records keep: the admin API takes it free-form
+/// within its body limit (tens of MB), and history lists up to 10,000 rows.
 pub const MAX_META_FIELD: usize = 1024;
 
 /// `s` cut to at most `max` bytes at a character boundary, marked with `…` when cut.
-fn clipped(s: &str, max: usize) -> String {
+pub fn clipped(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_string();
     }
@@ -126,6 +127,10 @@ pub struct Nack {
     pub time_unix_ms: u64,
 }
 
+/// One line of the audit log. Its actor and detail carry the operator's free text (an author, an
+/// apply's message): [`audit`] keeps at most [`MAX_META_FIELD`] bytes of each, so that one apply
+/// with a message of megabytes does not make an entry of megabytes that every reader of the log
+/// reads back.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditEntry {
     pub seq: u64,
@@ -252,27 +257,33 @@ pub fn commit_topology(
         Origin::Apply => "topology.apply",
         Origin::Rollback { .. } => "topology.rollback",
     };
-    audit(tx, author, action, &format!("version {version}: {message}"))?;
+    // The version keeps the whole message; the audit log a clip of it (`audit` clips the
+    // detail whole again, this spares formatting a copy of megabytes first).
+    let detail = format!("version {version}: {}", clipped(message, MAX_META_FIELD));
+    audit(tx, author, action, &detail)?;
     Ok(rec)
 }
 
-/// Appends one entry to the audit log (in the caller's transaction).
+/// Appends one entry to the audit log (in the caller's transaction), with at most
+/// [`MAX_META_FIELD`] bytes of `actor` and of `detail`: every writer (topology changes,
+/// circuits) hands it the operator's free text. Its number comes from the newest entry's key,
+/// so that entry is not read (one an earlier build stored unclipped may be megabytes).
 pub fn audit(
     tx: &mut dyn WriteTxn,
     actor: &str,
     action: &str,
     detail: &str,
 ) -> Result<(), StoreError> {
-    let seq = AUDIT.last(tx)?.map(|(_, e)| e.seq).unwrap_or(0) + 1;
+    let seq = AUDIT.last_seq(tx)?.unwrap_or(0) + 1;
     AUDIT.put(
         tx,
         &seq_key(seq),
         &AuditEntry {
             seq,
             time_unix_ms: now_unix_ms(),
-            actor: actor.to_string(),
+            actor: clipped(actor, MAX_META_FIELD),
             action: action.to_string(),
-            detail: detail.to_string(),
+            detail: clipped(detail, MAX_META_FIELD),
         },
     )
 }
@@ -362,6 +373,42 @@ mod tests {
         }
         fn last_key(&self, table: &'static str) -> Result<Option<String>, StoreError> {
             WithoutTexts(&*self.0).last_key(table)
+        }
+    }
+
+    /// A write transaction on which the audit log's entries cannot be read: only its keys.
+    struct WithoutAudit<'a>(&'a mut dyn WriteTxn);
+
+    impl ReadTxn for WithoutAudit<'_> {
+        fn get(&self, table: &'static str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            if table == AUDIT.name {
+                return Err(StoreError::Backend(format!("read audit entry {key}")));
+            }
+            self.0.get(table, key)
+        }
+        fn scan(
+            &self,
+            table: &'static str,
+            from: Bound<&str>,
+            limit: usize,
+            reverse: bool,
+        ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+            if table == AUDIT.name {
+                return Err(StoreError::Backend("scanned the audit log".into()));
+            }
+            self.0.scan(table, from, limit, reverse)
+        }
+        fn last_key(&self, table: &'static str) -> Result<Option<String>, StoreError> {
+            self.0.last_key(table)
+        }
+    }
+
+    impl WriteTxn for WithoutAudit<'_> {
+        fn put(&mut self, table: &'static str, key: &str, value: &[u8]) -> Result<(), StoreError> {
+            self.0.put(table, key, value)
+        }
+        fn delete(&mut self, table: &'static str, key: &str) -> Result<bool, StoreError> {
+            self.0.delete(table, key)
         }
     }
 
@@ -479,6 +526,50 @@ mod tests {
         assert_eq!(listed, vec![5, 4, 3, 2, 1]);
         let current = store::read(&s, |tx| current(tx)).unwrap().unwrap();
         assert_eq!((current.version, current.text), (5, yaml("1ms", 10)));
+    }
+
+    /// An audit entry keeps at most `MAX_META_FIELD` bytes (and the cut mark) of the operator's
+    /// free text, whoever writes it; the version keeps its whole message. Entries are numbered
+    /// on from the newest one's key, which is not read (an earlier build's may be megabytes).
+    #[test]
+    fn audit_entries_keep_a_clip_of_the_operators_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(dir.path()).unwrap();
+        let long = "é".repeat(1 << 20);
+        let text = yaml("1ms", 10);
+        let (topo, _) = crate::controller::validate(&text).unwrap();
+        store::transaction(&s, |tx| {
+            commit_topology(tx, &text, &topo, &long, &long, Origin::Apply)?;
+            audit(tx, &long, "circuit.create", &long)
+        })
+        .unwrap();
+        let entries: Vec<AuditEntry> = store::read(&s, |tx| AUDIT.all(tx))
+            .unwrap()
+            .into_iter()
+            .map(|(_, e)| e)
+            .collect();
+        assert_eq!(entries.len(), 2);
+        let bound = MAX_META_FIELD + '…'.len_utf8();
+        for e in &entries {
+            assert!(e.actor.len() <= bound, "actor of {} bytes", e.actor.len());
+            assert!(
+                e.detail.len() <= bound,
+                "detail of {} bytes",
+                e.detail.len()
+            );
+            assert!(e.actor.ends_with('…') && e.detail.ends_with('…'));
+        }
+        assert!(entries[0].detail.starts_with("version 1: éé"));
+        assert_eq!((entries[0].seq, entries[1].seq), (1, 2));
+        let v1 = store::read(&s, |tx| version(tx, 1)).unwrap().unwrap();
+        assert_eq!(v1.message, long, "the version keeps the whole message");
+        // An entry too big to read (as if stored by an earlier build) is not read.
+        let next = store::transaction(&s, |tx| {
+            audit(&mut WithoutAudit(tx), "ops", "topology.apply", "short")?;
+            AUDIT.last_seq(tx)
+        })
+        .unwrap();
+        assert_eq!(next, Some(3));
     }
 
     /// Versions an earlier build stored (no metadata) get theirs once; a second run writes

@@ -509,6 +509,122 @@ async fn the_admin_api_answers_408_to_a_body_that_stops_arriving_and_frees_its_s
     d.shutdown().await;
 }
 
+/// `got`, a whole response, is `status` with an `application/json` body in the admin API's error
+/// shape whose `error` says `says`.
+#[track_caller]
+fn assert_json_error(got: &[u8], status: u16, says: &str) {
+    let all = text(got);
+    let Some((head, body)) = all.split_once("\r\n\r\n") else {
+        panic!("no whole response to expect {status}: {all}");
+    };
+    assert!(head.starts_with(&format!("HTTP/1.1 {status} ")), "{all}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/json"),
+        "{all}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {all}"));
+    let error = v["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error: {all}"));
+    assert!(error.contains(says), "{all}");
+}
+
+/// The refusals no handler makes are the admin API's JSON errors too (`{"error": ...}`,
+/// `application/json`), so that clients read every error one way: the accept loop's 408 to a
+/// client that sends its headers and never its body, and axum's 413 to a body over the limit,
+/// 400 to one that is not JSON, 404 and 405 (plain text or empty before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_answers_a_late_or_oversized_body_with_a_json_error() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (d, env) = setup(dir.path(), &fabric_yaml(66, 1, 1, 10)).await;
+    let limits = fabric::admin::ServeLimits {
+        body_read_timeout: Duration::from_millis(500),
+        ..fabric::admin::DEFAULT_LIMITS
+    };
+    let (addr, server) = serve_admin(&d, &env, limits).await;
+    let apply = |len: usize| {
+        format!(
+            "POST /v1/topology HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+             Content-Type: application/json\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n",
+            env.token
+        )
+    };
+
+    // Headers, then nothing.
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    silent.write_all(apply(1000).as_bytes()).await.unwrap();
+    let got = read_until_closed(&mut silent, Duration::from_secs(10))
+        .await
+        .expect("a body that never comes holds its connection past the body-read timeout");
+    assert_json_error(&got, 408, "request body not received within");
+
+    // A body over the limit, written while the answer is read, to the daemon's own listener
+    // (its body-read timeout is 30 s; a loaded machine may take more than the 500 ms above to
+    // send 32 MiB). The write half stays open (the task returns it): shut down once the body
+    // was written, the connection was closed without an answer (hyper's server does not
+    // support half-closed connections by default).
+    let len = fabric::admin::MAX_BODY + 1;
+    let (mut rx, mut tx) = tokio::net::TcpStream::connect(d.admin_addr)
+        .await
+        .unwrap()
+        .into_split();
+    let head = apply(len);
+    let writer = tokio::spawn(async move {
+        tx.write_all(head.as_bytes()).await?;
+        let chunk = vec![b' '; 1 << 20];
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            tx.write_all(&chunk[..n]).await?;
+            left -= n;
+        }
+        Ok::<_, std::io::Error>(tx)
+    });
+    let mut got = Vec::new();
+    // It may end in a reset (the rest of the body arrived after the server stopped reading);
+    // what came before it is in `got`.
+    let _ = tokio::time::timeout(Duration::from_secs(30), rx.read_to_end(&mut got))
+        .await
+        .expect("an oversized body holds its connection");
+    writer.abort();
+    assert_json_error(&got, 413, "length limit exceeded");
+
+    // Not JSON at all.
+    let mut garbled = tokio::net::TcpStream::connect(d.admin_addr).await.unwrap();
+    garbled
+        .write_all(format!("{}nope!", apply(5)).as_bytes())
+        .await
+        .unwrap();
+    let got = read_until_closed(&mut garbled, Duration::from_secs(10))
+        .await
+        .expect("answered");
+    assert_json_error(&got, 400, "JSON");
+    // No such route, no such method: JSON too.
+    for (req, status, says) in [
+        ("GET /v1/nope", 404, "not found"),
+        ("DELETE /v1/topology", 405, "method not allowed"),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(d.admin_addr).await.unwrap();
+        let req = format!(
+            "{req} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+            env.token
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let got = read_until_closed(&mut s, Duration::from_secs(10))
+            .await
+            .expect("answered");
+        assert_json_error(&got, status, says);
+    }
+
+    assert_eq!(d.ctl.current().record.version, 1, "nothing was applied");
+    server.abort();
+    d.shutdown().await;
+}
+
 /// A traffic dial on a site that shares a service shows in `tasman status` as the expected
 /// shares of first tries (site-0 at 50 % keeps half of its half, the rest goes to site-1), and
 /// an apply that removes it plans the field change and the shares it moves.

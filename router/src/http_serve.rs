@@ -8,7 +8,8 @@
 //!   long a kept-alive connection may idle between requests (hyper restarts the timer for the next
 //!   request's headers);
 //! - a request's body must arrive within [`Limits::body_read_timeout`] of its headers, or the
-//!   request is answered `408 Request Timeout` and the connection closed;
+//!   request is answered `408 Request Timeout` (worded by the server's [`Refusal`]: plain text
+//!   for the metrics endpoints, the admin API's JSON error) and the connection closed;
 //! - a write to the client that makes no progress for [`Limits::write_timeout`] fails and the
 //!   connection is dropped, so a client that stops reading a response larger than the socket
 //!   buffers cannot keep its slot; one that reads slowly but steadily gets the whole response;
@@ -55,6 +56,17 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// exhausted) is retried, and logged, about once a second.
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// How a server words an answer [`serve`] gives on its own, without its service (a request body
+/// that did not arrive in time): the content type and body for a status and a reason. A server
+/// whose service answers errors in a shape of its own (the admin API's JSON) words these the
+/// same, so that its clients read every error one way.
+pub type Refusal = fn(StatusCode, &str) -> (&'static str, Bytes);
+
+/// The reason as a line of plain text: the metrics endpoints', whose pages are no JSON API.
+pub fn plain_text(_status: StatusCode, reason: &str) -> (&'static str, Bytes) {
+    ("text/plain", Bytes::from(format!("{reason}\n")))
+}
 
 /// What one server lets its clients hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,13 +234,31 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<T> {
 }
 
 /// Serves HTTP/1.1 on `listener` with `service` within `limits`, until the future is dropped
-/// (its connections with it). `name` tells the server apart in logs.
+/// (its connections with it). `name` tells the server apart in logs. The answers it gives on its
+/// own are [`plain_text`]: [`serve_with_refusal`] words them otherwise.
+pub async fn serve<S, B>(listener: TcpListener, name: &'static str, limits: Limits, service: S)
+where
+    S: Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    serve_with_refusal(listener, name, limits, plain_text, service).await
+}
+
+/// [`serve`], with the answers it gives on its own worded by `refusal`.
 ///
 /// A request whose body timed out is answered 408 with `connection: close`, whatever the service
 /// made of the failed read (axum's extractors answer 400; a service error would drop the
 /// connection without an answer).
-pub async fn serve<S, B>(listener: TcpListener, name: &'static str, limits: Limits, service: S)
-where
+pub async fn serve_with_refusal<S, B>(
+    listener: TcpListener,
+    name: &'static str,
+    limits: Limits,
+    refusal: Refusal,
+    service: S,
+) where
     S: Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -280,7 +310,7 @@ where
             async move {
                 let response = response.await;
                 if timed_out.load(Relaxed) {
-                    return Ok(body_timed_out(limits.body_read_timeout));
+                    return Ok(body_timed_out(limits.body_read_timeout, refusal));
                 }
                 response.map(|r| r.map(Either::Left))
             }
@@ -296,15 +326,18 @@ where
     }
 }
 
-fn body_timed_out<B>(timeout: Duration) -> Response<Either<B, Full<Bytes>>> {
-    let mut response = Response::new(Either::Right(Full::new(Bytes::from(format!(
-        "request body not received within {timeout:?}\n"
-    )))));
-    *response.status_mut() = StatusCode::REQUEST_TIMEOUT;
+fn body_timed_out<B>(timeout: Duration, refusal: Refusal) -> Response<Either<B, Full<Bytes>>> {
+    let status = StatusCode::REQUEST_TIMEOUT;
+    let (content_type, body) = refusal(
+        status,
+        &format!("request body not received within {timeout:?}"),
+    );
+    let mut response = Response::new(Either::Right(Full::new(body)));
+    *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(
         hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("text/plain"),
+        hyper::header::HeaderValue::from_static(content_type),
     );
     // The rest of the body may still come; the connection cannot serve another request.
     headers.insert(

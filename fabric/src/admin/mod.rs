@@ -2,8 +2,10 @@
 //!
 //! Routes are grouped per module (`topology`, `status`; circuits add theirs) and merged in
 //! [`router()`]; authentication and the body limit wrap the whole set, so a module cannot add an
-//! unauthenticated route by accident. The controller's Prometheus `/metrics`, which needs no
-//! token, is therefore not here: it has a listener of its own ([`crate::controller::metrics`]).
+//! unauthenticated route by accident. Every refusal is an [`ApiError`] JSON body, whoever makes
+//! it: a handler, axum before any handler ([`json_errors`]) or the accept loop
+//! ([`json_refusal`]). The controller's Prometheus `/metrics`, which needs no token, is
+//! therefore not here: it has a listener of its own ([`crate::controller::metrics`]).
 //!
 //! | method | path | |
 //! |---|---|---|
@@ -25,6 +27,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use hyper_util::service::TowerToHyperService;
 use router::http_serve;
 use serde::Serialize;
@@ -65,6 +68,7 @@ pub fn router(state: AdminState) -> axum::Router {
         .layer(middleware::from_fn(to_completion))
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn(json_errors))
         .with_state(state)
 }
 
@@ -90,7 +94,56 @@ pub async fn serve(listener: tokio::net::TcpListener, state: AdminState) {
 /// and takes any number of connections.
 pub async fn serve_with(listener: tokio::net::TcpListener, state: AdminState, limits: ServeLimits) {
     let service = TowerToHyperService::new(router(state));
-    http_serve::serve(listener, "admin", limits, service).await
+    http_serve::serve_with_refusal(listener, "admin", limits, json_refusal, service).await
+}
+
+/// The answers the accept loop gives on its own (408: a body not received within
+/// [`ServeLimits::body_read_timeout`]) as an [`ApiError`], like every other refusal.
+fn json_refusal(status: StatusCode, reason: &str) -> (&'static str, Bytes) {
+    (
+        "application/json",
+        Bytes::from(ApiError::new(status, reason).json()),
+    )
+}
+
+/// The longest body of a non-JSON refusal [`json_errors`] rewords (axum's are one line);
+/// beyond it the status's name stands for it.
+const MAX_REFUSAL_TEXT: usize = 64 * 1024;
+
+/// Rewords a refusal that is not JSON as an [`ApiError`] with its text as the `error`: axum's
+/// extractors and router refuse in plain text, or with no body, before any handler runs (413: a
+/// body over [`MAX_BODY`]; 400: malformed JSON; 415: not declared JSON; 422: JSON of the wrong
+/// shape; 404, 405). The status and the other headers stay.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let response = next.run(req).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = match axum::body::to_bytes(body, MAX_REFUSAL_TEXT).await {
+        Ok(b) => String::from_utf8_lossy(&b).trim().to_string(),
+        Err(_) => String::new(),
+    };
+    let error = if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("refused")
+            .to_lowercase()
+    } else {
+        text
+    };
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, ApiError::new(status, error).json().into())
 }
 
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
@@ -186,6 +239,12 @@ impl ApiError {
             error: msg.into(),
             diagnostics: Vec::new(),
         }
+    }
+
+    /// The JSON body, for answers built outside axum's `Json`.
+    fn json(&self) -> Vec<u8> {
+        // Strings and numbers only: encoding cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
     }
 }
 

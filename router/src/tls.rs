@@ -235,6 +235,22 @@ pub enum CrlReload {
     Refused(String),
 }
 
+/// Where the text of a `ca.crl.pem` came from. The reload tick reads the node's file while
+/// [`install_crl`] takes lists from elsewhere (a router's controller; the controller's own
+/// `--ca-dir`, every tick, when that is not its TLS directory), so the two sources are judged
+/// in turn: each is remembered apart, or each would make the other's refusal new again, logged
+/// and counted at every tick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CrlSource {
+    /// `ca.crl.pem` in the node's directory ([`CertResolver::reload_crl`]).
+    File,
+    /// Lists handed to [`install_crl`].
+    Installed,
+}
+
+/// A `ca.crl.pem` text judged (its bytes) and why it was refused, if it was.
+type CrlJudged = (Vec<u8>, Option<String>);
+
 /// What a [`CertResolver::reload_trust`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TrustReload {
@@ -266,10 +282,11 @@ pub struct CertResolver {
     crl_updates: AtomicU64,
     crl_failures: AtomicU64,
     revoked_closed: AtomicU64,
-    /// The last `ca.crl.pem` read (its bytes) and why it was refused, if it was: the same file
-    /// is neither re-checked nor logged twice (until the bundle changes: a list refused against
-    /// one bundle may check out against the next).
-    last_crl: Mutex<Option<(Vec<u8>, Option<String>)>>,
+    /// Per [`CrlSource`] (by its index), the last text of a `ca.crl.pem` judged and why it was
+    /// refused, if it was: the same text is neither re-checked nor logged twice
+    /// until the trust it was judged against changes (a bundle adopted: a list refused against
+    /// one bundle may check out against the next; a list adopted from another source).
+    last_crl: Mutex<[Option<CrlJudged>; 2]>,
     /// The last lists from the controller ([`install_crl`]) if they were refused: tried again
     /// after the bundle changes (the controller sends them once, and they may be for a CA the
     /// node did not trust yet).
@@ -327,7 +344,7 @@ impl CertResolver {
             crl_updates: AtomicU64::new(0),
             crl_failures: AtomicU64::new(0),
             revoked_closed: AtomicU64::new(0),
-            last_crl: Mutex::new(None),
+            last_crl: Mutex::new([None, None]),
             refused_push: Mutex::new(None),
             retired_crls: Mutex::new(Vec::new()),
             trust_reloads: AtomicU64::new(0),
@@ -604,9 +621,9 @@ impl CertResolver {
         drop(retired);
         self.trust.store(Arc::new(next));
         self.trust_reloads.fetch_add(1, Relaxed);
-        // A list file refused against the old bundle may check out against this one.
+        // A list refused against the old bundle may check out against this one.
         if let Ok(mut l) = self.last_crl.lock() {
-            *l = None;
+            *l = Default::default();
         }
         tracing::info!(node = %self.name, cas = cas.len(), added, removed = gone.len(),
             "adopted a new trust bundle ({})", pki::CA_CERT);
@@ -662,17 +679,17 @@ impl CertResolver {
         // too, so the tick never reads a file older than the lists in force (a false refusal).
         let _one_at_a_time = self.adopting.lock();
         match std::fs::read(&path) {
-            Ok(bytes) => self.adopt_crl(bytes),
+            Ok(bytes) => self.adopt_crl(bytes, CrlSource::File),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => CrlReload::Unchanged,
-            Err(e) => self.crl_refused(e.to_string().into_bytes(), e.to_string()),
+            Err(e) => self.crl_refused(CrlSource::File, e.to_string().into_bytes(), e.to_string()),
         }
     }
 
     /// [`CertResolver::reload_crl`] on the contents of a `ca.crl.pem` (from the file, or from
     /// the controller: [`install_crl`]), `adopting` held by the caller.
-    fn adopt_crl(&self, bytes: Vec<u8>) -> CrlReload {
+    fn adopt_crl(&self, bytes: Vec<u8>, source: CrlSource) -> CrlReload {
         if let Ok(l) = self.last_crl.lock()
-            && let Some((seen, refused)) = l.as_ref()
+            && let Some((seen, refused)) = l[source as usize].as_ref()
             && *seen == bytes
         {
             return match refused {
@@ -687,7 +704,7 @@ impl CertResolver {
             .and_then(|text| pki::parse_crls(text, &trust.cas));
         let crls = match parsed {
             Ok(c) => c,
-            Err(why) => return self.crl_refused(bytes, why),
+            Err(why) => return self.crl_refused(source, bytes, why),
         };
         let mut next = trust.crls.clone();
         let mut changed = false;
@@ -702,7 +719,7 @@ impl CertResolver {
                         crl.number,
                         cur.number
                     );
-                    return self.crl_refused(bytes, why);
+                    return self.crl_refused(source, bytes, why);
                 }
                 Some(cur) if crl.number == cur.number => {
                     if crl.der != cur.der {
@@ -711,7 +728,7 @@ impl CertResolver {
                             ca + 1,
                             crl.number
                         );
-                        return self.crl_refused(bytes, why);
+                        return self.crl_refused(source, bytes, why);
                     }
                 }
                 _ => {
@@ -721,14 +738,14 @@ impl CertResolver {
             }
         }
         if !changed {
-            self.crl_seen(bytes, None);
+            self.crl_seen(source, bytes, None);
             return CrlReload::Unchanged;
         }
         // webpki parses the lists again when the verifiers are built: refused there too, the
         // lists in force stay.
         let built = match Trust::build(&trust.cas, next, &self.provider) {
             Ok(t) => t,
-            Err(e) => return self.crl_refused(bytes, e.to_string()),
+            Err(e) => return self.crl_refused(source, bytes, e.to_string()),
         };
         let summary: Vec<String> = built
             .crls
@@ -745,24 +762,40 @@ impl CertResolver {
             .collect();
         self.trust.store(Arc::new(built));
         self.crl_updates.fetch_add(1, Relaxed);
-        self.crl_seen(bytes, None);
+        // What the other source's text was judged against has changed: judged again next time.
+        if let Ok(mut l) = self.last_crl.lock() {
+            *l = Default::default();
+        }
+        self.crl_seen(source, bytes, None);
         self.trust_changes.send_modify(|g| *g += 1);
         tracing::info!(node = %self.name, lists = %summary.join("; "),
             "adopted a new certificate revocation list");
         CrlReload::Adopted
     }
 
-    fn crl_seen(&self, bytes: Vec<u8>, refused: Option<String>) {
+    fn crl_seen(&self, source: CrlSource, bytes: Vec<u8>, refused: Option<String>) {
         if let Ok(mut l) = self.last_crl.lock() {
-            *l = Some((bytes, refused));
+            l[source as usize] = Some((bytes, refused));
         }
     }
 
-    fn crl_refused(&self, bytes: Vec<u8>, why: String) -> CrlReload {
-        self.crl_failures.fetch_add(1, Relaxed);
-        tracing::warn!(node = %self.name, dir = ?self.dir,
-            "{} refused, keeping the revocation lists in force: {why}", pki::CA_CRL);
-        self.crl_seen(bytes, Some(why.clone()));
+    /// Refuses `bytes` from `source`: logged and counted unless it is the refusal remembered for
+    /// that source (a file that cannot be read, read again at each tick).
+    fn crl_refused(&self, source: CrlSource, bytes: Vec<u8>, why: String) -> CrlReload {
+        let new = match self.last_crl.lock() {
+            Ok(l) => !matches!(&l[source as usize], Some((seen, Some(_))) if *seen == bytes),
+            Err(_) => true,
+        };
+        if new {
+            self.crl_failures.fetch_add(1, Relaxed);
+            let from = match source {
+                CrlSource::File => "the node's directory",
+                CrlSource::Installed => "installed (from the controller, or its --ca-dir)",
+            };
+            tracing::warn!(node = %self.name, dir = ?self.dir, from,
+                "{} refused, keeping the revocation lists in force: {why}", pki::CA_CRL);
+        }
+        self.crl_seen(source, bytes, Some(why.clone()));
         CrlReload::Refused(why)
     }
 
@@ -774,7 +807,9 @@ impl CertResolver {
     pub fn crl_updates(&self) -> u64 {
         self.crl_updates.load(Relaxed)
     }
-    /// Distinct `ca.crl.pem` files refused since start.
+    /// Distinct `ca.crl.pem` texts refused since start, each source's (the node's file, lists
+    /// installed by [`install_crl`]) counted apart: a text refused again is not counted again
+    /// until it or the trust it was judged against changes.
     pub fn crl_failures(&self) -> u64 {
         self.crl_failures.load(Relaxed)
     }
@@ -949,7 +984,7 @@ impl CertResolver {
 /// node does not trust yet, and the controller sends it only once).
 pub fn install_crl(cert: &CertResolver, pem: &str) -> CrlReload {
     let _one_at_a_time = cert.adopting.lock();
-    let got = cert.adopt_crl(pem.as_bytes().to_vec());
+    let got = cert.adopt_crl(pem.as_bytes().to_vec(), CrlSource::Installed);
     if let Ok(mut p) = cert.refused_push.lock() {
         *p = matches!(got, CrlReload::Refused(_)).then(|| pem.to_string());
     }
@@ -1781,6 +1816,24 @@ mod tests {
         assert_eq!(r.reload_crl(), CrlReload::Unchanged);
         assert_eq!(accepts(&r, d.path(), "n2"), REVOKED);
         assert_eq!(accepts(&r, d.path(), "n1"), Ok(()));
+    }
+
+    /// A `ca.crl.pem` that cannot be read is refused (the lists in force stay) and counted and
+    /// logged once, not at every tick; once readable and good, it is adopted.
+    #[test]
+    fn an_unreadable_list_file_is_counted_once() {
+        let (d, r) = setup();
+        let path = d.path().join(pki::CA_CRL);
+        fs::create_dir(&path).unwrap();
+        for _ in 0..3 {
+            assert!(matches!(r.reload_crl(), CrlReload::Refused(_)));
+        }
+        assert_eq!(r.crl_failures(), 1);
+        fs::remove_dir(&path).unwrap();
+        pki::issue(d.path(), "n2").unwrap();
+        revoke(d.path(), "n2");
+        assert_eq!(r.reload_crl(), CrlReload::Adopted);
+        assert_eq!(r.crl_failures(), 1);
     }
 
     #[test]

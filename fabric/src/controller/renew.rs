@@ -594,4 +594,67 @@ mod tests {
         assert_eq!(cert.crls().len(), 1);
         assert_eq!(cert.crl_failures(), 1, "counted once");
     }
+
+    /// With its `--ca-dir` apart from its TLS directory, the controller judges two lists in
+    /// turn: the TLS directory's at each reload tick, the `--ca-dir`'s at each look of
+    /// `watch_crl`. Each one refused is counted (and logged) once, not at every tick: they had
+    /// one memory, so each look made the other's refusal new again.
+    #[tokio::test]
+    async fn a_refused_list_is_counted_once_when_the_ca_dir_is_not_the_tls_dir() {
+        let revoke = |dir: &Path, node: &str| {
+            let target = pki::RevokeTarget::Node(node.into());
+            pki::revoke(dir, &target, pki::RevokeReason::KeyCompromise).unwrap();
+        };
+        // The TLS directory: the CA, the controller's certificate and a list of that CA.
+        let tls_dir = tempfile::tempdir().unwrap();
+        pki::init(tls_dir.path()).unwrap();
+        pki::issue(tls_dir.path(), "controller").unwrap();
+        pki::issue(tls_dir.path(), "leaked").unwrap();
+        revoke(tls_dir.path(), "leaked");
+        // The CA directory: the same CA, and a list signed by another CA.
+        let ca_dir = tempfile::tempdir().unwrap();
+        for f in [pki::CA_CERT, pki::CA_KEY] {
+            std::fs::copy(tls_dir.path().join(f), ca_dir.path().join(f)).unwrap();
+        }
+        let other = tempfile::tempdir().unwrap();
+        pki::init(other.path()).unwrap();
+        pki::issue(other.path(), "x").unwrap();
+        revoke(other.path(), "x");
+        let foreign = ca_dir.path().join(pki::CA_CRL);
+        std::fs::copy(other.path().join(pki::CA_CRL), &foreign).unwrap();
+
+        let i = NodeIssuer::load(ca_dir.path(), DEFAULT_VALIDITY).unwrap();
+        let id = router::tls::TlsIdentity::load(tls_dir.path(), "controller").unwrap();
+        let cert = CertResolver::new(&id).unwrap();
+        assert_eq!(
+            cert.crls().len(),
+            1,
+            "the TLS directory's list, taken at start"
+        );
+        let in_force = cert.crls();
+        let mut last = None;
+        for _ in 0..5 {
+            i.send_if_new(&cert, &foreign, &mut last).await;
+            cert.reload_tick();
+        }
+        assert!(
+            i.crl().borrow().is_none(),
+            "refused: nothing sent to routers"
+        );
+        assert_eq!(cert.crl_failures(), 1, "the --ca-dir's list counted once");
+        assert_eq!(cert.crls(), in_force);
+
+        // The TLS directory's list refused too: each counted once.
+        std::fs::write(
+            tls_dir.path().join(pki::CA_CRL),
+            "-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n",
+        )
+        .unwrap();
+        for _ in 0..5 {
+            i.send_if_new(&cert, &foreign, &mut last).await;
+            cert.reload_tick();
+        }
+        assert_eq!(cert.crl_failures(), 2, "each refused list counted once");
+        assert_eq!(cert.crls(), in_force, "the list in force stays");
+    }
 }

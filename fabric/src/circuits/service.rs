@@ -145,7 +145,8 @@ impl CircuitService {
             let topo = cur.topology.clone();
             let res = tokio::task::spawn_blocking(move || {
                 store::transaction(&*store, |tx| -> Result<Option<R>, CircuitError> {
-                    let now = records::current(tx)?.map(|r| r.version);
+                    // The number only: the version's text can be megabytes.
+                    let now = records::current_version(tx)?;
                     if now != Some(expected) {
                         return Ok(None);
                     }

@@ -167,6 +167,11 @@ pub fn current(tx: &dyn ReadTxn) -> Result<Option<TopologyVersion>, StoreError> 
     }
 }
 
+/// The number of the topology version in force, without reading its text.
+pub fn current_version(tx: &dyn ReadTxn) -> Result<Option<u64>, StoreError> {
+    META.get(tx, CURRENT)
+}
+
 pub fn version(tx: &dyn ReadTxn, v: u64) -> Result<Option<TopologyVersion>, StoreError> {
     TOPOLOGY_VERSIONS.get(tx, &seq_key(v))
 }

@@ -158,9 +158,7 @@ async fn large_snapshots_arrive_whole_while_telemetry_ticks_every_millisecond() 
 /// (Each report was merged under the controller's global lock, with no limit.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_telemetry_flood_is_dropped_and_counted_while_versions_still_flow() {
-    use router::control::proto::{self, ToRouter};
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::atomic::Ordering;
 
     let dir = tempfile::tempdir().unwrap();
     let (d, tls) =
@@ -171,25 +169,10 @@ async fn a_telemetry_flood_is_dropped_and_counted_while_versions_still_flow() {
         ep: _ep,
         conn,
         mut send,
-        mut recv,
+        recv,
     } = raw_hello(d.quic_addr, &tls, "edge-0", "edge-0").await;
     // Read what the controller sends (so it never waits on us), keeping the topology version.
-    let topology_version = Arc::new(AtomicU64::new(0));
-    let tv = topology_version.clone();
-    tokio::spawn(async move {
-        let mut frames = proto::FrameReader::new(proto::MAX_TO_ROUTER);
-        while let Ok(Some(payload)) = frames.next(&mut recv).await {
-            match proto::decode::<ToRouter>(&payload) {
-                Ok(ToRouter::Snapshot {
-                    topology_version, ..
-                })
-                | Ok(ToRouter::Delta {
-                    topology_version, ..
-                }) => tv.store(topology_version, Ordering::Relaxed),
-                _ => {}
-            }
-        }
-    });
+    let topology_version = topology_versions(recv);
     eventually(Duration::from_secs(10), "the first snapshot", || {
         topology_version.load(Ordering::Relaxed) == 1
     })

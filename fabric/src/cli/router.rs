@@ -51,8 +51,9 @@ pub struct RouterArgs {
     /// Probe interval per neighbour.
     #[arg(long, default_value = "100ms")]
     pub probe_interval: Latency,
-    /// Missed probes in a row before a neighbour is declared down (a missed probe is re-sent at once).
-    #[arg(long, default_value_t = 3)]
+    /// Missed probes in a row before a neighbour is declared down (a missed probe is re-sent at
+    /// once). 1 to 100.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub probe_misses: u32,
     /// Minimum time a neighbour or site stays down before it is used again.
     #[arg(long, default_value = "1s")]
@@ -306,7 +307,7 @@ impl RouterArgs {
         cfg.metrics_addr = self.metrics;
         cfg.probe = ProbeConfig {
             interval: self.probe_interval.as_duration(),
-            misses: self.probe_misses.max(1),
+            misses: self.probe_misses,
             hold_down: self.hold_down.as_duration(),
         };
         cfg.max_tries = usize::from(self.max_tries);
@@ -712,6 +713,8 @@ mod tests {
     #[test]
     fn out_of_range_data_plane_flags_are_refused_naming_the_flag() {
         for (flag, bad) in [
+            ("--probe-misses", "0"),
+            ("--probe-misses", "101"),
             ("--max-tries", "0"),
             ("--max-tries", "17"),
             ("--max-tries", "-1"),

@@ -250,11 +250,7 @@ pub fn decode<'a, T: Deserialize<'a>>(payload: &'a [u8]) -> Result<T, ProtoError
 /// `s` cut to at most [`MAX_REASON`] bytes (at a character boundary), `...` marking the cut.
 pub fn clip(mut s: String) -> String {
     if s.len() > MAX_REASON {
-        let mut end = MAX_REASON;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
+        s.truncate(s.floor_char_boundary(MAX_REASON));
         s.push_str("...");
     }
     s

@@ -329,15 +329,19 @@ mod tests {
         })
     }
 
-    /// A read view on which the versions' table (their texts) cannot be read: only its keys.
-    struct WithoutTexts<'a>(&'a dyn ReadTxn);
+    /// A read view on which the values of `table` cannot be read, only its keys (the versions'
+    /// texts, or audit entries as an earlier build may have stored them: megabytes).
+    struct Blind<'a> {
+        tx: &'a dyn ReadTxn,
+        table: &'static str,
+    }
 
-    impl ReadTxn for WithoutTexts<'_> {
+    impl ReadTxn for Blind<'_> {
         fn get(&self, table: &'static str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-            if table == TOPOLOGY_VERSIONS.name {
-                return Err(StoreError::Backend(format!("read the text of {key}")));
+            if table == self.table {
+                return Err(StoreError::Backend(format!("read {table} entry {key}")));
             }
-            self.0.get(table, key)
+            self.tx.get(table, key)
         }
         fn scan(
             &self,
@@ -346,22 +350,34 @@ mod tests {
             limit: usize,
             reverse: bool,
         ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-            if table == TOPOLOGY_VERSIONS.name {
-                return Err(StoreError::Backend("scanned the versions' texts".into()));
+            if table == self.table {
+                return Err(StoreError::Backend(format!("scanned {table}")));
             }
-            self.0.scan(table, from, limit, reverse)
+            self.tx.scan(table, from, limit, reverse)
         }
         fn last_key(&self, table: &'static str) -> Result<Option<String>, StoreError> {
-            self.0.last_key(table)
+            self.tx.last_key(table)
         }
     }
 
-    /// A write transaction whose reads go through [`WithoutTexts`].
-    struct WriteWithoutTexts<'a>(&'a mut dyn WriteTxn);
+    /// A write transaction whose reads go through [`Blind`].
+    struct BlindWrite<'a> {
+        tx: &'a mut dyn WriteTxn,
+        table: &'static str,
+    }
 
-    impl ReadTxn for WriteWithoutTexts<'_> {
+    impl BlindWrite<'_> {
+        fn view(&self) -> Blind<'_> {
+            Blind {
+                tx: &*self.tx,
+                table: self.table,
+            }
+        }
+    }
+
+    impl ReadTxn for BlindWrite<'_> {
         fn get(&self, table: &'static str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-            WithoutTexts(&*self.0).get(table, key)
+            self.view().get(table, key)
         }
         fn scan(
             &self,
@@ -370,55 +386,19 @@ mod tests {
             limit: usize,
             reverse: bool,
         ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-            WithoutTexts(&*self.0).scan(table, from, limit, reverse)
+            self.view().scan(table, from, limit, reverse)
         }
         fn last_key(&self, table: &'static str) -> Result<Option<String>, StoreError> {
-            WithoutTexts(&*self.0).last_key(table)
+            self.view().last_key(table)
         }
     }
 
-    /// A write transaction on which the audit log's entries cannot be read: only its keys.
-    struct WithoutAudit<'a>(&'a mut dyn WriteTxn);
-
-    impl ReadTxn for WithoutAudit<'_> {
-        fn get(&self, table: &'static str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-            if table == AUDIT.name {
-                return Err(StoreError::Backend(format!("read audit entry {key}")));
-            }
-            self.0.get(table, key)
-        }
-        fn scan(
-            &self,
-            table: &'static str,
-            from: Bound<&str>,
-            limit: usize,
-            reverse: bool,
-        ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-            if table == AUDIT.name {
-                return Err(StoreError::Backend("scanned the audit log".into()));
-            }
-            self.0.scan(table, from, limit, reverse)
-        }
-        fn last_key(&self, table: &'static str) -> Result<Option<String>, StoreError> {
-            self.0.last_key(table)
-        }
-    }
-
-    impl WriteTxn for WithoutAudit<'_> {
+    impl WriteTxn for BlindWrite<'_> {
         fn put(&mut self, table: &'static str, key: &str, value: &[u8]) -> Result<(), StoreError> {
-            self.0.put(table, key, value)
+            self.tx.put(table, key, value)
         }
         fn delete(&mut self, table: &'static str, key: &str) -> Result<bool, StoreError> {
-            self.0.delete(table, key)
-        }
-    }
-
-    impl WriteTxn for WriteWithoutTexts<'_> {
-        fn put(&mut self, table: &'static str, key: &str, value: &[u8]) -> Result<(), StoreError> {
-            self.0.put(table, key, value)
-        }
-        fn delete(&mut self, table: &'static str, key: &str) -> Result<bool, StoreError> {
-            self.0.delete(table, key)
+            self.tx.delete(table, key)
         }
     }
 
@@ -485,7 +465,16 @@ mod tests {
         for i in 1..=5 {
             commit(&s, &yaml(&format!("{i}ms"), i * 100), "", Origin::Apply).unwrap();
         }
-        let rows = store::read(&s, |tx| history(&WithoutTexts(tx), 3)).unwrap();
+        let rows = store::read(&s, |tx| {
+            history(
+                &Blind {
+                    tx,
+                    table: TOPOLOGY_VERSIONS.name,
+                },
+                3,
+            )
+        })
+        .unwrap();
         let versions: Vec<u64> = rows.iter().map(|m| m.version).collect();
         assert_eq!(versions, vec![5, 4, 3]);
         assert_eq!(rows[0].bytes, yaml("5ms", 500).len() as u64);
@@ -502,7 +491,10 @@ mod tests {
             let (topo, _) = crate::controller::validate(text).unwrap();
             store::transaction(&s, |tx| {
                 commit_topology(
-                    &mut WriteWithoutTexts(tx),
+                    &mut BlindWrite {
+                        tx,
+                        table: TOPOLOGY_VERSIONS.name,
+                    },
                     text,
                     &topo,
                     "ops",
@@ -566,7 +558,15 @@ mod tests {
         assert_eq!(v1.message, long, "the version keeps the whole message");
         // An entry too big to read (as if stored by an earlier build) is not read.
         let next = store::transaction(&s, |tx| {
-            audit(&mut WithoutAudit(tx), "ops", "topology.apply", "short")?;
+            audit(
+                &mut BlindWrite {
+                    tx,
+                    table: AUDIT.name,
+                },
+                "ops",
+                "topology.apply",
+                "short",
+            )?;
             AUDIT.last_seq(tx)
         })
         .unwrap();

@@ -596,6 +596,37 @@ async fn router_closed(conn: &quinn::Connection, within: Duration, what: &str) -
     }
 }
 
+/// The router's next connection to a fake controller, within 20 s.
+async fn next_connection(
+    conns: &mut tokio::sync::mpsc::UnboundedReceiver<quinn::Connection>,
+    what: &str,
+) -> quinn::Connection {
+    tokio::time::timeout(Duration::from_secs(20), conns.recv())
+        .await
+        .unwrap_or_else(|_| panic!("{what} within 20 s"))
+        .unwrap()
+}
+
+/// After its first session was closed, the router connects again, its control session starts
+/// again (`connects` 2), and it kept snapshot 1 meanwhile.
+async fn reconnects_keeping_its_snapshot(
+    conns: &mut tokio::sync::mpsc::UnboundedReceiver<quinn::Connection>,
+    client: &router::control::ControlClient,
+) {
+    next_connection(conns, "the router did not connect again").await;
+    wait_until(
+        Duration::from_secs(20),
+        || client.connects() >= 2,
+        || format!("connects: {}", client.connects()),
+    )
+    .await;
+    assert_eq!(
+        client.snapshots().borrow().version,
+        1,
+        "the snapshot is kept"
+    );
+}
+
 /// A control client of router `edge` (certificate in `dir`) to `addr`, `tune`d, once it has a
 /// snapshot.
 async fn control_client(
@@ -702,21 +733,7 @@ async fn a_controller_that_stops_reading_is_left_and_reconnected() {
     let (code, reason) = router_closed(&first, Duration::from_secs(15), "stalled writes").await;
     assert_eq!(code, u64::from(close::WRITE_STALLED), "{reason}");
     assert!(reason.contains("stopped reading"), "{reason}");
-    tokio::time::timeout(Duration::from_secs(20), conns.recv())
-        .await
-        .expect("the router did not connect again within 20 s")
-        .unwrap();
-    wait_until(
-        Duration::from_secs(20),
-        || client.connects() >= 2,
-        || format!("connects: {}", client.connects()),
-    )
-    .await;
-    assert_eq!(
-        client.snapshots().borrow().version,
-        1,
-        "the snapshot is kept"
-    );
+    reconnects_keeping_its_snapshot(&mut conns, &client).await;
 }
 
 /// A controller whose session sends the snapshot and then nothing more, while the connection
@@ -750,21 +767,7 @@ async fn a_controller_that_stops_talking_is_left_and_reconnected() {
     let (code, reason) = router_closed(&first, Duration::from_secs(20), "silence").await;
     assert_eq!(code, u64::from(close::CONTROLLER_SILENT), "{reason}");
     assert!(reason.contains("stopped talking"), "{reason}");
-    tokio::time::timeout(Duration::from_secs(20), conns.recv())
-        .await
-        .expect("the router did not connect again within 20 s")
-        .unwrap();
-    wait_until(
-        Duration::from_secs(20),
-        || client.connects() >= 2,
-        || format!("connects: {}", client.connects()),
-    )
-    .await;
-    assert_eq!(
-        client.snapshots().borrow().version,
-        1,
-        "the snapshot is kept"
-    );
+    reconnects_keeping_its_snapshot(&mut conns, &client).await;
 }
 
 /// Silence is no byte, not no whole frame: a controller whose snapshot takes three times the
@@ -854,16 +857,10 @@ async fn a_controller_that_grants_no_stream_is_left_and_reconnected() {
         c.silence_timeout = Duration::from_secs(1);
     })
     .await;
-    let first = tokio::time::timeout(Duration::from_secs(20), conns.recv())
-        .await
-        .expect("no connection within 20 s")
-        .unwrap();
+    let first = next_connection(&mut conns, "no connection").await;
     let (code, reason) = router_closed(&first, Duration::from_secs(20), "no stream").await;
     assert_eq!(code, u64::from(close::CONTROLLER_SILENT), "{reason}");
-    tokio::time::timeout(Duration::from_secs(20), conns.recv())
-        .await
-        .expect("the router did not connect again within 20 s")
-        .unwrap();
+    next_connection(&mut conns, "the router did not connect again").await;
     assert_eq!(client.connects(), 0, "no session ever started");
     assert_eq!(
         client.snapshots().borrow().version,

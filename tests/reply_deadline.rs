@@ -93,13 +93,7 @@ async fn spawn(
 
 /// A counter or gauge of `h` (sum over the series of `name` whose labels contain `filter`).
 fn metric(h: &RouterHandle, name: &str, filter: &str) -> u64 {
-    h.metrics_text()
-        .lines()
-        .filter(|l| {
-            l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']) && l.contains(filter)
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
+    metric_sum(&h.metrics_text(), name, filter)
 }
 
 /// [`eventually`] from inside the runtime the routers run on (its worker is handed over).

@@ -447,14 +447,23 @@ impl Fabric {
 
     /// A counter or gauge from `node`'s /metrics (sum over label sets matching `filter`).
     pub fn metric(&self, node: &str, name: &str, filter: &str) -> u64 {
-        let text = self.get(node, "/metrics").unwrap_or_default();
-        text.lines()
-            .filter(|l| {
-                l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']) && l.contains(filter)
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>() as u64
+        metric_sum(
+            &self.get(node, "/metrics").unwrap_or_default(),
+            name,
+            filter,
+        )
     }
+}
+
+/// The sum of the samples of metric `name` in Prometheus text `text` whose labels contain
+/// `filter` ("" for all).
+pub fn metric_sum(text: &str, name: &str, filter: &str) -> u64 {
+    text.lines()
+        .filter(|l| {
+            l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']) && l.contains(filter)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
 }
 
 /// nginx serving `root` on `addr`, in the foreground, with its own temp config.

@@ -315,6 +315,36 @@ fn diff_reports_the_changed_link_and_the_edges_that_move() {
         "{out}"
     );
 
+    // Edges that run with a wider anti-flap margin keep syd-site-1: only its cost changes.
+    let wide = |margin: &str| {
+        tasman(&[
+            "topology",
+            "diff",
+            old.to_str().unwrap(),
+            new.to_str().unwrap(),
+            "-o",
+            "json",
+            "--hysteresis-margin",
+            margin,
+            "--hysteresis-ratio",
+            "1",
+        ])
+    };
+    let o = wide("60s");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let kept = v["impact"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["edge"] == "syd-edge-1" && e["service"] == "llm-chat")
+        .expect("syd-edge-1/llm-chat is impacted");
+    assert_eq!(kept["kind"], "cost_changed", "{kept}");
+    assert_eq!(kept["new"]["site"], "syd-site-1");
+    let o = wide("61s");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--hysteresis-margin"), "{}", stderr(&o));
+
     let o = tasman(&[
         "topology",
         "diff",

@@ -1,6 +1,6 @@
 //! The routers' opt-in tuning flags. `--keep-awake`: every router on a path (edge, transit, site)
 //! spins while traffic moves through it, and stops a window after it stops. `--worker-threads`:
-//! the router's runtime has that many workers.
+//! the router's runtime has that many workers. `--hysteresis-*`: an edge reports its margins.
 
 mod common;
 
@@ -88,4 +88,31 @@ fn worker_threads_sets_the_routers_runtime_workers() {
     let workers = |n: &str| f.metric(n, "tasman_runtime_workers", "");
     assert_eq!(workers("site"), 1, "--worker-threads 1");
     assert_eq!(workers("edge"), cores, "the default: one per core");
+}
+
+/// `--hysteresis-*`: an edge reports the anti-flap margins it runs with (the controller's apply
+/// plan predicts its moves with them); other roles report none.
+#[test]
+fn an_edge_reports_the_anti_flap_margins_it_runs_with() {
+    let backend = echo_backend("");
+    let mut y = TopoYaml::default();
+    y.edge("edge", free_udp(LOCAL), LOCAL, None)
+        .site("site", free_udp(LOCAL), &[("chat", backend, 100)])
+        .link("edge", "site", "1ms")
+        .service("chat", free_tcp_port(LOCAL), &[]);
+    let mut f = Fabric::new(&y);
+    f.start_with(
+        "edge",
+        &["--hysteresis-margin", "25ms", "--hysteresis-ratio", "1/2"],
+    );
+    f.start("site");
+    f.wait_preferred("edge", "chat", "site");
+    let edge = f.telemetry("edge").expect("the edge's telemetry");
+    assert_eq!(
+        edge["hysteresis"],
+        serde_json::json!({"margin_us": 25_000, "ratio": 0.5}),
+        "{edge}"
+    );
+    let site = f.telemetry("site").expect("the site's telemetry");
+    assert!(site.get("hysteresis").is_none(), "{site}");
 }

@@ -104,12 +104,14 @@ fn render(diff: &TopologyDiff, impact: &[ImpactEntry]) -> String {
 }
 
 impl Plan {
-    /// `incumbents`: the sites edges report in use (see [`topology::diff::impact_with`]).
+    /// `incumbents`: the sites edges report in use, `margins`: the anti-flap margins they
+    /// report (see [`topology::diff::impact_with`]).
     pub fn compute(
         old: &Topology,
         new: &Topology,
         live: &LiveState,
         incumbents: &topology::diff::Incumbents,
+        margins: &topology::diff::Margins,
     ) -> Plan {
         let diff = topology::diff::diff(old, new);
         // Measured weights never go below a link's declared latency (routers treat it as the
@@ -120,7 +122,7 @@ impl Plan {
             new,
             &live.floored(new),
             incumbents,
-            topology::Hysteresis::default(),
+            margins,
         );
         let text = render(&diff, &impact);
         Plan {

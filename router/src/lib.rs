@@ -289,13 +289,22 @@ impl Shared {
             })
             .collect();
         sites.sort_by(|a, b| a.service.cmp(&b.service));
+        let snapshot = self.snapshot.load();
+        let edge = snapshot
+            .topology
+            .node(self.node.as_str())
+            .is_some_and(|n| n.kind == topology::NodeKind::Edge);
         TelemetryReport {
             node: self.node.clone(),
-            snapshot_version: self.snapshot.load().version,
+            snapshot_version: snapshot.version,
             neighbours,
             sites,
             preferred: routes::preferred_sites(&self.routes.load()),
             draining: self.draining(),
+            hysteresis: edge.then(|| telemetry::HysteresisReport {
+                margin_us: self.hysteresis.absolute.as_micros(),
+                ratio: self.hysteresis.relative,
+            }),
         }
     }
 }

@@ -21,6 +21,18 @@ pub struct TelemetryReport {
     /// down and its services unhealthy so that new connections go around it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub draining: bool,
+    /// Edge only: the anti-flap margins it picks its preferred sites with (`--hysteresis-*`),
+    /// so that the controller's apply plan predicts its moves as it makes them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hysteresis: Option<HysteresisReport>,
+}
+
+/// An edge's anti-flap margins: a cheaper site takes over only if it is at least `margin_us`
+/// cheaper and below `ratio` times the cost of the site in use.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct HysteresisReport {
+    pub margin_us: u64,
+    pub ratio: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -726,6 +726,7 @@ async fn a_controller_that_stops_reading_is_left_and_reconnected() {
         sites: Vec::new(),
         preferred: Default::default(),
         draining: false,
+        hysteresis: None,
     };
     client.set_telemetry(Arc::new(move || Some(report.clone())));
     let first = conns.recv().await.unwrap();

@@ -374,6 +374,7 @@ pub fn telemetry_report(node: &str, neighbours: Vec<NeighbourReport>) -> Telemet
         sites: Vec::new(),
         preferred: Default::default(),
         draining: false,
+        hysteresis: None,
     }
 }
 

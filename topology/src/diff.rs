@@ -300,6 +300,10 @@ fn group_of(
 /// edge or service is missing, its cheapest candidate on the old topology is taken instead.
 pub type Incumbents = BTreeMap<NodeId, BTreeMap<ServiceName, NodeId>>;
 
+/// The anti-flap margins each edge runs with (edges report them to the controller). An edge
+/// missing here is taken to run with [`Hysteresis::default`].
+pub type Margins = BTreeMap<NodeId, Hysteresis>;
+
 /// The candidate `edge` uses for `service`: the site it reported while that site is still among
 /// `candidates` (then `.1` is true), else the cheapest.
 pub fn in_use<'c>(
@@ -330,19 +334,12 @@ fn candidates_per_service(
 /// by edge, then service. Choices are made as routers make them, with the default anti-flap
 /// margins and each edge on its cheapest old site.
 pub fn impact(old: &Topology, new: &Topology, live: &LiveState) -> Vec<ImpactEntry> {
-    impact_with(
-        old,
-        live,
-        new,
-        live,
-        &Incumbents::new(),
-        Hysteresis::default(),
-    )
+    impact_with(old, live, new, live, &Incumbents::new(), &Margins::new())
 }
 
 /// [`impact`] with a live state per side (e.g. the same measurements floored at each side's
-/// declared latencies, [`LiveState::floored`]), the sites edges use now and the routers'
-/// anti-flap margins.
+/// declared latencies, [`LiveState::floored`]), the sites edges use now and each edge's
+/// anti-flap margins (the default for an edge not in `margins`).
 ///
 /// Before: the edge's reported site (with its cheapest path on `old`) while it is still a
 /// candidate there, else the cheapest candidate. After: what [`Hysteresis::select`] keeps or
@@ -353,7 +350,7 @@ pub fn impact_with(
     new: &Topology,
     new_live: &LiveState,
     incumbents: &Incumbents,
-    hysteresis: Hysteresis,
+    margins: &Margins,
 ) -> Vec<ImpactEntry> {
     let (og, ng) = (Graph::new(old), Graph::new(new));
     let edges: BTreeSet<&NodeId> = old
@@ -365,6 +362,7 @@ pub fn impact_with(
         .collect();
     let mut out = Vec::new();
     for edge in edges {
+        let hysteresis = margins.get(edge).copied().unwrap_or_default();
         let (old_table, new_table) = (
             RoutingTable::build(old, &og, edge, old_live),
             RoutingTable::build(new, &ng, edge, new_live),
@@ -660,9 +658,8 @@ mod tests {
                 BTreeMap::from([(ServiceName::new(service), NodeId::new(site))]),
             )])
         };
-        let h = Hysteresis::default();
         let with = |old: &Topology, new: &Topology, incumbents: &Incumbents| {
-            impact_with(old, &live, new, &live, incumbents, h)
+            impact_with(old, &live, new, &live, incumbents, &Margins::new())
         };
 
         // The edge reports it uses s2 for chat (s1 is cheaper, but not by the margins): no
@@ -685,6 +682,33 @@ mod tests {
             ]
         );
         assert_eq!(i[0].old.as_ref().unwrap().cost, ms(9.0));
+
+        // The same change at an edge that runs with wider margins (30 ms): s1 is 25 ms cheaper,
+        // not enough, so that edge keeps s2 and only its cost changes. Margins of another node
+        // do not apply to this edge.
+        let wide = Hysteresis {
+            absolute: ms(30.0),
+            relative: 1.0,
+        };
+        let margins = |node: &str| Margins::from([(NodeId::new(node), wide)]);
+        assert_eq!(
+            kinds(&impact_with(
+                &old,
+                &live,
+                &far,
+                &live,
+                &s2,
+                &margins("edge")
+            )),
+            [
+                entry("chat", ImpactKind::CostChanged, "s2", "s2"),
+                entry("embed", ImpactKind::CostChanged, "s2", "s2"),
+            ]
+        );
+        assert_eq!(
+            kinds(&impact_with(&old, &live, &far, &live, &s2, &margins("s1")))[0],
+            entry("chat", ImpactKind::SiteChanged, "s2", "s1")
+        );
 
         // A reported site that no longer serves the service on the old topology is ignored:
         // the cheapest candidate stands in for it.
@@ -746,14 +770,7 @@ mod tests {
             NodeId::new("edge"),
             BTreeMap::from([(ServiceName::new("chat"), NodeId::new("s3"))]),
         )]);
-        let i = impact_with(
-            &added,
-            &live,
-            &heavier,
-            &live,
-            &on_s3,
-            Hysteresis::default(),
-        );
+        let i = impact_with(&added, &live, &heavier, &live, &on_s3, &Margins::new());
         assert_eq!(
             shares(&i[0].new_shares),
             [("s3".to_string(), 0.75), ("s1".to_string(), 0.25)]

@@ -123,18 +123,36 @@ pub struct RouterArgs {
     /// GiB) or decimal (kB, MB, GB), e.g. 256KiB.
     #[arg(long, default_value = "64KiB", value_parser = parse_replay_limit, value_name = "BYTES")]
     pub replay_limit: usize,
-    /// Edge, anti-flap: the site in use for a service gives way to a cheaper one (path latency
-    /// plus load penalty) only if that one is at least this much cheaper, and below
+    /// Edge, anti-flap margins (reported to the controller, whose apply plan predicts the
+    /// edge's moves with them).
+    #[command(flatten)]
+    pub hysteresis: HysteresisArgs,
+}
+
+/// The anti-flap margins an edge keeps its preferred site with (`tasman router`), or that
+/// `tasman topology diff` predicts edges' moves with.
+#[derive(clap::Args, Debug, Clone)]
+pub struct HysteresisArgs {
+    /// Anti-flap: the site in use for a service gives way to a cheaper one (path latency plus
+    /// load penalty) only if that one is at least this much cheaper, and below
     /// --hysteresis-ratio of its cost. Raise it if the preferred site flaps on jittery paths.
-    /// Give every edge the same margins: the controller's apply plan and `tasman topology diff`
-    /// predict moves with the defaults. Up to 60s.
+    /// Up to 60s.
     #[arg(long, default_value = "10ms", value_name = "DURATION")]
     pub hysteresis_margin: Latency,
-    /// Edge, anti-flap: a cheaper site takes over from the site in use only below this fraction
-    /// of its cost (and --hysteresis-margin cheaper). Above 0, at most 1 (1: the margin alone
+    /// Anti-flap: a cheaper site takes over from the site in use only below this fraction of
+    /// its cost (and --hysteresis-margin cheaper). Above 0, at most 1 (1: the margin alone
     /// decides); a fraction (2/3) or a decimal (0.5).
     #[arg(long, default_value = "2/3", value_parser = parse_ratio, value_name = "FRACTION")]
     pub hysteresis_ratio: f64,
+}
+
+impl HysteresisArgs {
+    pub fn hysteresis(&self) -> Hysteresis {
+        Hysteresis {
+            absolute: self.hysteresis_margin,
+            relative: self.hysteresis_ratio,
+        }
+    }
 }
 
 /// Most `--max-tries`: each try may hold the client for a `--reply-timeout`.
@@ -315,10 +333,7 @@ impl RouterArgs {
         cfg.header_timeout = self.header_timeout;
         cfg.reply_timeout = self.reply_timeout;
         cfg.replay_limit = self.replay_limit;
-        cfg.hysteresis = Hysteresis {
-            absolute: self.hysteresis_margin,
-            relative: self.hysteresis_ratio,
-        };
+        cfg.hysteresis = self.hysteresis.hysteresis();
         for w in self.timeout_warnings() {
             tracing::warn!(node = %self.node, "{w}");
         }

@@ -536,6 +536,8 @@ fn report_node(r: &router::telemetry::TelemetryReport) -> &str {
 /// streams for a failed backend itself, and edges retry elsewhere).
 ///
 /// A neighbour sample with an RTT above [`MAX_RTT`] is left out; the second value counts them.
+/// Anti-flap margins outside what `tasman router` accepts (a margin above [`Latency::MAX`], a
+/// ratio not in (0, 1]) are left out: the plan then assumes the defaults for that edge.
 pub fn sample_of(r: &router::telemetry::TelemetryReport) -> (Sample, usize) {
     // Saturating: the numbers are the router's word, and a sum must not overflow (a panic).
     let sum = |f: fn(&router::telemetry::SiteReport) -> u32| {
@@ -566,6 +568,15 @@ pub fn sample_of(r: &router::telemetry::TelemetryReport) -> (Sample, usize) {
             .iter()
             .map(|(service, site)| (ServiceName::new(service), NodeId::new(site)))
             .collect(),
+        margins: r.hysteresis.and_then(|h| {
+            let margin = Duration::from_micros(h.margin_us);
+            (margin <= Latency::MAX.as_duration() && h.ratio > 0.0 && h.ratio <= 1.0).then(|| {
+                topology::Hysteresis {
+                    absolute: Latency::from_micros(h.margin_us),
+                    relative: h.ratio,
+                }
+            })
+        }),
     };
     (sample, refused)
 }
@@ -631,9 +642,49 @@ mod tests {
             sites: vec![site("a", u32::MAX), site("b", 7), site("c", 1)],
             preferred: Default::default(),
             draining: false,
+            hysteresis: None,
         };
         let (sample, _) = sample_of(&report);
         let load = sample.site.expect("a site's load");
         assert_eq!((load.active_streams, load.capacity), (u32::MAX, u32::MAX));
+    }
+
+    /// An edge's margins are taken as `tasman router` accepts them; any other is the router's
+    /// word against its own flags, and the plan falls back to the defaults.
+    #[test]
+    fn reported_margins_are_taken_only_within_the_routers_bounds() {
+        use router::telemetry::HysteresisReport;
+        let margins = |margin_us: u64, ratio: f64| {
+            let report = TelemetryReport {
+                node: NodeId::new("e"),
+                snapshot_version: 0,
+                neighbours: Vec::new(),
+                sites: Vec::new(),
+                preferred: Default::default(),
+                draining: false,
+                hysteresis: Some(HysteresisReport { margin_us, ratio }),
+            };
+            sample_of(&report).0.margins
+        };
+        let h = margins(25_000, 0.5).expect("in bounds");
+        assert_eq!(
+            (h.absolute, h.relative),
+            (Latency::from_micros(25_000), 0.5)
+        );
+        assert!(
+            margins(60_000_000, 1.0).is_some(),
+            "60 s and 1 are the largest"
+        );
+        for (margin_us, ratio) in [
+            (60_000_001, 0.5),
+            (u64::MAX, 0.5),
+            (1, 0.0),
+            (1, -1.0),
+            (1, 1.5),
+            (1, f64::NAN),
+            (1, f64::INFINITY),
+        ] {
+            assert_eq!(margins(margin_us, ratio), None, "{margin_us} us, {ratio}");
+        }
     }
 }

@@ -18,9 +18,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use topology::diff::Incumbents;
+use topology::diff::{Incumbents, Margins};
 use topology::route::{LiveState, SiteLoad};
-use topology::{Latency, LinkId, NodeId, NodeKind, ServiceName, Topology};
+use topology::{Hysteresis, Latency, LinkId, NodeId, NodeKind, ServiceName, Topology};
 
 #[derive(Debug, Clone, Copy)]
 pub struct LiveParams {
@@ -52,6 +52,9 @@ pub struct Sample {
     pub site: Option<SiteLoad>,
     /// An edge's site in use per service (the impact plan's starting point).
     pub preferred: BTreeMap<ServiceName, NodeId>,
+    /// An edge's anti-flap margins, when it reported them (the plan assumes the defaults
+    /// otherwise).
+    pub margins: Option<Hysteresis>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -110,14 +113,22 @@ impl Index {
     }
 }
 
+/// What an edge last reported about its choices.
+#[derive(Debug)]
+struct EdgeChoice {
+    sites: BTreeMap<ServiceName, NodeId>,
+    margins: Option<Hysteresis>,
+    at: Instant,
+}
+
 #[derive(Debug, Default)]
 pub struct LiveAggregator {
     params: LiveParams,
     index: Index,
     links: BTreeMap<LinkId, LinkObs>,
     sites: BTreeMap<NodeId, (SiteLoad, Instant)>,
-    /// Per edge: its site in use per service, when reported.
-    preferred: BTreeMap<NodeId, (BTreeMap<ServiceName, NodeId>, Instant)>,
+    /// Per edge: its site in use per service and its anti-flap margins, when reported.
+    preferred: BTreeMap<NodeId, EdgeChoice>,
     published: LiveState,
 }
 
@@ -176,7 +187,12 @@ impl LiveAggregator {
         let changed = touched.iter().any(|id| self.link_changed(id, now))
             || (site_reported && self.site_changed(&s.node, now));
         if kind == Some(NodeKind::Edge) {
-            self.preferred.insert(s.node, (s.preferred, now));
+            let choice = EdgeChoice {
+                sites: s.preferred,
+                margins: s.margins,
+                at: now,
+            };
+            self.preferred.insert(s.node, choice);
         }
         changed
     }
@@ -303,11 +319,23 @@ impl LiveAggregator {
 
     /// The sites edges reported in use, per service (fresh reports only).
     pub fn incumbents(&self, now: Instant) -> Incumbents {
+        self.fresh_choices(now)
+            .map(|(edge, c)| (edge.clone(), c.sites.clone()))
+            .collect()
+    }
+
+    /// The anti-flap margins of the edges that reported theirs recently (the others are taken
+    /// to run with the defaults).
+    pub fn margins(&self, now: Instant) -> Margins {
+        self.fresh_choices(now)
+            .filter_map(|(edge, c)| Some((edge.clone(), c.margins?)))
+            .collect()
+    }
+
+    fn fresh_choices(&self, now: Instant) -> impl Iterator<Item = (&NodeId, &EdgeChoice)> {
         self.preferred
             .iter()
-            .filter(|(_, (_, t))| now.saturating_duration_since(*t) <= self.params.fresh)
-            .map(|(edge, (sites, _))| (edge.clone(), sites.clone()))
-            .collect()
+            .filter(move |(_, c)| now.saturating_duration_since(c.at) <= self.params.fresh)
     }
 
     /// Makes `live` the published state (after a recomputation pushed it).
@@ -374,6 +402,7 @@ mod tests {
                     }],
                     site: None,
                     preferred: BTreeMap::new(),
+                    margins: None,
                 },
                 now,
             );
@@ -408,6 +437,7 @@ mod tests {
                     .collect(),
                 site: None,
                 preferred: BTreeMap::new(),
+                margins: None,
             }
         }
         let now = Instant::now();

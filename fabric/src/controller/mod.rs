@@ -418,11 +418,12 @@ impl Controller {
         // pushed to the routers yet (they act on their own evidence sooner anyway): a site that
         // just died is not predicted as a destination.
         // It starts from the sites edges report in use, and moves them as routers would.
-        let (old, live, incumbents) = {
+        let (old, live, incumbents, margins) = {
             let inner = lock(&self.inner);
             let now = Instant::now();
             let merged = inner.live.merged(now);
-            (inner.current.clone(), merged, inner.live.incumbents(now))
+            let (incumbents, margins) = (inner.live.incumbents(now), inner.live.margins(now));
+            (inner.current.clone(), merged, incumbents, margins)
         };
         if let Some(expected) = base_version
             && expected != old.record.version
@@ -439,8 +440,14 @@ impl Controller {
         let plan_of = {
             let (old_topology, new_topology) = (old.topology.clone(), topology.clone());
             move || {
-                crate::plan::Plan::compute(&old_topology, &new_topology, &live, &incumbents)
-                    .with_circuits(&new_topology, &crate::circuits::reservations(&circuits))
+                crate::plan::Plan::compute(
+                    &old_topology,
+                    &new_topology,
+                    &live,
+                    &incumbents,
+                    &margins,
+                )
+                .with_circuits(&new_topology, &crate::circuits::reservations(&circuits))
             }
         };
         if dry_run {
@@ -1162,6 +1169,7 @@ mod tests {
             sites: Vec::new(),
             preferred: BTreeMap::new(),
             draining: false,
+            hysteresis: None,
         };
         let (sample, refused) = distribute::sample_of(&report(
             "t",
@@ -1179,6 +1187,7 @@ mod tests {
             }],
             site: None,
             preferred: BTreeMap::new(),
+            margins: None,
         });
         // Published as a live delta (as the recompute loop does), then in full.
         ctl.publish_locked(&mut lock(&ctl.inner), false).unwrap();
@@ -1222,6 +1231,7 @@ mod tests {
             }],
             site: None,
             preferred: BTreeMap::new(),
+            margins: None,
         });
         assert!(ctl.published().live.down_links.is_empty());
         // Raising the far site's link moves e's cost: it is on s2 already, s1 being cut off.
@@ -1251,6 +1261,7 @@ mod tests {
             neighbours: vec![],
             site: None,
             preferred: BTreeMap::from([(ServiceName::new("chat"), NodeId::new("s2"))]),
+            margins: None,
         });
         let plan = |far: &'static str| {
             let ctl = &ctl;
@@ -1272,6 +1283,44 @@ mod tests {
         let text = plan("20ms").await;
         assert!(
             text.contains("e chat: site changes: s2 (6.00 ms via e > t > s2) -> s1 (2.00 ms"),
+            "{text}"
+        );
+    }
+
+    /// An edge that runs with wider anti-flap margins (`--hysteresis-margin`) reports them, and
+    /// the plan predicts its moves with them: the change that moves an edge with the defaults
+    /// leaves this one where it is.
+    #[tokio::test]
+    async fn the_plan_moves_each_edge_by_the_margins_it_reports() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RedbStore::open(dir.path()).unwrap());
+        let ctl = Controller::open(store, Some((&yaml("5ms"), "t.yaml"))).unwrap();
+        let report = |margins| Sample {
+            node: NodeId::new("e"),
+            neighbours: vec![],
+            site: None,
+            preferred: BTreeMap::from([(ServiceName::new("chat"), NodeId::new("s2"))]),
+            margins,
+        };
+        let plan = || async {
+            ctl.apply(&yaml("20ms"), "test", "raise", Origin::Apply, true, None)
+                .await
+                .unwrap()
+                .plan
+                .text
+        };
+        // With the defaults (10 ms, 2/3), s1 at 2 ms beats s2 at 21 ms.
+        ctl.on_telemetry(report(None));
+        let text = plan().await;
+        assert!(text.contains("e chat: site changes: s2"), "{text}");
+        // e reports a 30 ms margin: 19 ms cheaper is not enough, e stays on s2.
+        ctl.on_telemetry(report(Some(topology::Hysteresis {
+            absolute: Latency::from_micros(30_000),
+            relative: 2.0 / 3.0,
+        })));
+        let text = plan().await;
+        assert!(
+            text.contains("e chat: cost changes: s2 (6.00 ms via e > t > s2) -> s2 (21.00 ms"),
             "{text}"
         );
     }

@@ -7,7 +7,9 @@ use std::process::ExitCode;
 
 use serde::Serialize;
 use serde_json::Value;
-use topology::diff::{ImpactEntry, ImpactKind, TopologyDiff, diff, impact};
+use topology::diff::{
+    ImpactEntry, ImpactKind, Incumbents, Margins, TopologyDiff, diff, impact_with,
+};
 use topology::route::{Candidate, LiveState};
 
 use super::{OutputFormat, load_or_report};
@@ -20,7 +22,9 @@ Examples:
 The impact lists every edge and service whose site, path or cost changes (kinds: lost,
 gained, site_changed, path_changed, cost_changed), with the old and new candidate: each edge is
 taken to use its cheapest site on the old file, and keeps it on the new one unless another site
-wins by the routers' anti-flap margins (>= 10 ms and under 2/3 of its cost). JSON output:
+wins by the anti-flap margins (by default the routers' own: >= 10 ms and under 2/3 of its cost;
+give the --hysteresis-* flags your edges run with). The controller's apply plan predicts each
+edge's moves with the margins it reports, from the sites edges report in use. JSON output:
 {\"old\":FILE,\"new\":FILE,\"changes\":{\"nodes\"|\"links\"|\"services\"|\"pools\":{\"added\":[{\"id\",\"value\"}],
 \"removed\":[..],\"changed\":[{\"id\",\"fields\":[{\"field\",\"old\",\"new\"}]}]}},\"impact\":[{\"edge\",\"service\",
 \"kind\",\"old\",\"new\"}]}.
@@ -36,6 +40,9 @@ pub struct DiffArgs {
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table)]
     pub output: OutputFormat,
+    /// The anti-flap margins every edge is taken to run with.
+    #[command(flatten)]
+    pub hysteresis: crate::cli::router::HysteresisArgs,
 }
 
 #[derive(Serialize)]
@@ -62,7 +69,16 @@ pub fn run(args: DiffArgs) -> ExitCode {
         (Err(c), _) | (_, Err(c)) => return c,
     };
     let changes = diff(&old, &new);
-    let impact = impact(&old, &new, &LiveState::default());
+    // Every edge with the margins given (as `tasman router` takes them).
+    let h = args.hysteresis.hysteresis();
+    let margins: Margins = old
+        .nodes
+        .iter()
+        .chain(&new.nodes)
+        .map(|n| (n.id.clone(), h))
+        .collect();
+    let live = LiveState::default();
+    let impact = impact_with(&old, &live, &new, &live, &Incumbents::new(), &margins);
     match args.output {
         OutputFormat::Json => {
             let out = DiffJson {

@@ -204,6 +204,14 @@ fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), PkiError>
     fs::rename(&tmp, path).map_err(io_err(path))
 }
 
+/// Makes the renames in `dir` durable (best effort: not every file system can sync a
+/// directory, and the files themselves are synced before they are renamed).
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
 /// The file whose lock the commands that read, change and write a CA directory's files
 /// ([`rotate_ca`], [`retire_ca`], [`revoke`]) hold, one at a time: two `tasman pki revoke` runs at
 /// once would otherwise both sign list number N + 1, and one revocation would be lost.
@@ -425,8 +433,16 @@ pub fn issue_with(
     write_node_files(dir, name, &key.serialize_pem(), &chain)
 }
 
-/// Writes `<name>.key` then `<name>.pem` (the chain) into `dir`, each by rename: a router
-/// reloading in between still sees its old certificate. The two paths (certificate, key).
+/// What a new pair's files are called while they are staged: `<name>.key.next`,
+/// `<name>.pem.next` ([`write_node_files`]).
+pub const STAGED: &str = "next";
+
+/// Writes `<name>.key` then `<name>.pem` (the chain) into `dir`. Both are staged first
+/// (`<name>.key.next`, `<name>.pem.next`, each written whole and synced), then renamed over the
+/// old pair, key first: a write that fails (a full disk) leaves the old pair as it was, and a
+/// router reloading in between still sees its old certificate. A crash between the two renames
+/// leaves the new key beside the old certificate with the new one still staged, which
+/// [`crate::tls::TlsIdentity::load_pair`] takes. The two paths (certificate, key).
 pub fn write_node_files(
     dir: &Path,
     name: &str,
@@ -440,8 +456,13 @@ pub fn write_node_files(
     }
     let cert_path = dir.join(format!("{name}.pem"));
     let key_path = dir.join(format!("{name}.key"));
-    write_file(&key_path, key_pem, true)?;
-    write_file(&cert_path, chain_pem, false)?;
+    let cert_next = dir.join(format!("{name}.pem.{STAGED}"));
+    let key_next = dir.join(format!("{name}.key.{STAGED}"));
+    write_file(&key_next, key_pem, true)?;
+    write_file(&cert_next, chain_pem, false)?;
+    fs::rename(&key_next, &key_path).map_err(io_err(&key_path))?;
+    fs::rename(&cert_next, &cert_path).map_err(io_err(&cert_path))?;
+    sync_dir(dir);
     Ok((cert_path, key_path))
 }
 
@@ -755,7 +776,7 @@ impl CheckedCrl {
 }
 
 /// The PEM blocks labelled `label` in `text`, in order (text outside them is ignored).
-fn pem_blocks(text: &str, label: &str) -> Result<Vec<String>, String> {
+pub(crate) fn pem_blocks(text: &str, label: &str) -> Result<Vec<String>, String> {
     let begin = format!("-----BEGIN {label}-----");
     let end_line = format!("-----END {label}-----");
     let mut blocks = Vec::new();

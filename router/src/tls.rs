@@ -148,6 +148,25 @@ impl TlsIdentity {
         let key_path = dir.join(format!("{name}.key"));
         let key = PrivateKeyDer::from_pem_file(&key_path)
             .map_err(|e| file_err(&key_path, e.to_string()))?;
+        // A new pair renamed in halfway (a crash between `write_node_files`' two renames): the
+        // new key beside the old certificate, the new certificate still staged.
+        let for_key = |chain: &[CertificateDer<'_>]| {
+            rcgen::KeyPair::try_from(&key)
+                .ok()
+                .and_then(|k| pki::is_for_key(chain.first()?, &k))
+        };
+        if for_key(&chain) == Some(false) {
+            let staged = dir.join(format!("{name}.pem.{}", pki::STAGED));
+            if let Some(next) = CertificateDer::pem_file_iter(&staged)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .ok()
+                .filter(|next| for_key(next) == Some(true))
+            {
+                tracing::warn!(node = %name, path = %staged.display(),
+                    "the key is newer than {}: taking the staged certificate for it", cert_path.display());
+                return Ok((next, key));
+            }
+        }
         Ok((chain, key))
     }
 }
@@ -1002,8 +1021,14 @@ pub fn install_crl(cert: &CertResolver, pem: &str) -> CrlReload {
     got
 }
 
+/// Most certificates [`install`] takes in a chain (a node's is its leaf and its CA).
+pub const MAX_CHAIN_CERTS: usize = 4;
+/// Most bytes of PEM [`install`] takes for a chain.
+pub const MAX_CHAIN_PEM: usize = 32 * 1024;
+
 /// Installs a renewed certificate: checks `chain_pem` with `key` as `cert` would on a reload
-/// (against the bundle in force), writes them to the node's files (key first, each by rename) and
+/// (against the bundle in force), writes them to the node's files (its certificate blocks only,
+/// [`pki::write_node_files`]) and
 /// has `cert` reload them. The new expiry. Used by a router's control client and by the controller
 /// for its own certificate.
 pub fn install(cert: &CertResolver, key: &rcgen::KeyPair, chain_pem: &str) -> Result<i64, String> {
@@ -1012,6 +1037,20 @@ pub fn install(cert: &CertResolver, key: &rcgen::KeyPair, chain_pem: &str) -> Re
     let dir = cert
         .dir()
         .ok_or("the certificate was not loaded from files")?;
+    // Only the certificate blocks are kept (and written): the leaf and its issuers, a few
+    // hundred bytes each. Anything else, or a chain too long to present in a handshake, is
+    // refused before the files are touched.
+    let blocks = pki::pem_blocks(chain_pem, "CERTIFICATE")?;
+    if blocks.len() > MAX_CHAIN_CERTS
+        || blocks.iter().map(String::len).sum::<usize>() > MAX_CHAIN_PEM
+    {
+        return Err(format!(
+            "a chain of {} certificates in {} bytes (at most {MAX_CHAIN_CERTS} in {MAX_CHAIN_PEM})",
+            blocks.len(),
+            blocks.iter().map(String::len).sum::<usize>()
+        ));
+    }
+    let chain_pem = blocks.concat();
     let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("unreadable certificate: {e}"))?;
@@ -1028,7 +1067,7 @@ pub fn install(cert: &CertResolver, key: &rcgen::KeyPair, chain_pem: &str) -> Re
     };
     // Checked before the files are touched: a bad answer leaves them as they are.
     cert.check(&id)?;
-    crate::pki::write_node_files(dir, cert.name(), &key.serialize_pem(), chain_pem)
+    crate::pki::write_node_files(dir, cert.name(), &key.serialize_pem(), &chain_pem)
         .map_err(|e| e.to_string())?;
     match cert.reload() {
         Reload::Refused(why) => Err(why),
@@ -1583,6 +1622,73 @@ mod tests {
         // The same files again: refused, but counted once.
         assert!(matches!(r.reload(), Reload::Refused(_)));
         assert_eq!(r.reload_failures(), failures + 1);
+    }
+
+    /// A renewal's answer for `n1` of `d`'s CA, with its new key.
+    fn renewal(d: &Path) -> (rcgen::KeyPair, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let v = pki::Validity::for_duration(Duration::from_secs(30 * 86_400)).unwrap();
+        let chain = pki::CaSigner::load(d).unwrap().sign("n1", v, &key).unwrap();
+        (key, chain)
+    }
+
+    /// A renewal that cannot write its certificate (a full disk; here a directory where its
+    /// temporary file would go) leaves the old pair whole: the router still starts.
+    #[test]
+    fn an_install_that_cannot_write_the_certificate_leaves_a_pair_that_loads() {
+        let (d, r) = setup();
+        let old = r.current().cert[0].clone();
+        let (key, chain) = renewal(d.path());
+        for blocked in [format!("n1.pem.{}", pki::STAGED), "n1.pem".to_string()] {
+            fs::create_dir(
+                d.path()
+                    .join(format!("{blocked}.{}.tmp", std::process::id())),
+            )
+            .unwrap();
+        }
+        assert!(install(&r, &key, &chain).is_err());
+        assert_eq!(r.current().cert[0], old);
+        let id = TlsIdentity::load(d.path(), "n1").unwrap();
+        CertResolver::new(&id).expect("the pair on disk still matches");
+        assert_eq!(id.chain[0], old);
+    }
+
+    /// A crash between the two renames of a new pair leaves the new key beside the old
+    /// certificate, the new certificate staged: the router starts with the new pair.
+    #[test]
+    fn a_pair_renamed_in_halfway_loads_with_the_staged_certificate() {
+        let (d, _) = setup();
+        let (key, chain) = renewal(d.path());
+        fs::write(d.path().join(format!("n1.pem.{}", pki::STAGED)), &chain).unwrap();
+        fs::write(d.path().join("n1.key"), key.serialize_pem()).unwrap();
+        let id = TlsIdentity::load(d.path(), "n1").unwrap();
+        let r = CertResolver::new(&id).expect("the new key with its staged certificate");
+        let new = CertificateDer::pem_slice_iter(chain.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.current().cert[0], new);
+        // A staged certificate for another key is not taken.
+        let (_, other) = renewal(d.path());
+        fs::write(d.path().join(format!("n1.pem.{}", pki::STAGED)), &other).unwrap();
+        let id = TlsIdentity::load(d.path(), "n1").unwrap();
+        assert!(CertResolver::new(&id).is_err());
+    }
+
+    /// What a renewal writes is its certificate blocks, and only a chain a handshake can carry.
+    #[test]
+    fn install_writes_only_a_bounded_chain_of_certificates() {
+        let (d, r) = setup();
+        let (key, chain) = renewal(d.path());
+        let ca = fs::read_to_string(d.path().join(pki::CA_CERT)).unwrap();
+        let long = format!("{chain}{}", ca.repeat(MAX_CHAIN_CERTS));
+        assert!(install(&r, &key, &long).unwrap_err().contains("at most"));
+        let big = format!("{chain}{}", "junk\n".repeat(10_000));
+        install(&r, &key, &big).unwrap();
+        let written = fs::read_to_string(d.path().join("n1.pem")).unwrap();
+        assert!(!written.contains("junk"), "{written}");
+        assert_eq!(written.matches("BEGIN CERTIFICATE").count(), 2);
+        assert_eq!(r.current().cert.len(), 2);
     }
 
     #[test]

@@ -526,6 +526,7 @@ fn arrows(path: &[NodeId]) -> String {
 /// Changes a circuit's rate, re-checking admission. Make before break: the circuit keeps its
 /// path when the new rate fits there; otherwise a new path is reserved while the old one is
 /// still held (`held`), and the old one is released only once the new one is acknowledged.
+/// The rate it already has returns the circuit unchanged (same revision), so a retry succeeds.
 pub fn resize(
     tx: &mut dyn WriteTxn,
     topo: &Topology,
@@ -540,14 +541,16 @@ pub fn resize(
             c.id, c.state
         )));
     }
-    if c.held.is_some() {
-        return Err(CircuitError::Conflict(format!(
-            "circuit {} is still moving to a new path from an earlier resize; wait until it is active",
-            c.id
-        )));
-    }
+    // First: a retry of a resize that worked (which may still hold the old rate or path) is
+    // answered with the circuit as it is, not refused.
     if rate == c.requested_rate {
         return Ok(c);
+    }
+    if c.held.is_some() {
+        return Err(CircuitError::Conflict(format!(
+            "circuit {} is still provisioning an earlier resize (to {}); wait until it is active",
+            c.id, c.requested_rate
+        )));
     }
     let circuits = all(tx)?;
     let req = PlacementRequest {
@@ -780,4 +783,105 @@ fn list(nodes: &BTreeSet<NodeId>) -> String {
         .map(|n| n.as_str())
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::redb::RedbStore;
+    use crate::store::{self, Store};
+
+    /// Edge e, transit t, site s; links e–s, e–t, t–s (e–s the shortest), and `pool` as the
+    /// VIP pool. Without `with_es`, the link e–s is left out.
+    pub(crate) fn yaml(pool: &str, with_es: bool) -> String {
+        let node = |id: &str, kind: &str, n: u8, extra: &str| {
+            format!(
+                "  - {{id: {id}, kind: {kind}, region: r, country: AU, location: {{lat: 0, lon: 0}}, \
+                 address: \"127.0.0.{n}:7000\"{extra}}}\n"
+            )
+        };
+        format!(
+            "version: 1\nnodes:\n{}{}{}links:\n{}  - {{a: e, b: t, latency: 1ms, capacity: 1Gbps}}\n  \
+             - {{a: t, b: s, latency: 1ms, capacity: 1Gbps}}\n\
+             services:\n  - {{name: chat, port: 8080}}\npools:\n  - {{name: vips, prefix: {pool}}}\n",
+            node("e", "edge", 1, ", client_address: \"127.0.0.1\""),
+            node("t", "transit", 2, ""),
+            node(
+                "s",
+                "site",
+                3,
+                ", serves: [{service: chat, backend: \"127.0.0.9:9000\", capacity: 10}]"
+            ),
+            if with_es {
+                "  - {a: e, b: s, latency: 1ms, capacity: 1Gbps}\n"
+            } else {
+                ""
+            },
+        )
+    }
+
+    pub(crate) fn spec(name: &str, prefix: &str, rate: &str) -> CircuitSpec {
+        CircuitSpec {
+            name: name.into(),
+            a_end: AEnd {
+                edge: NodeId::new("e"),
+                prefix: parse_prefix(prefix).unwrap(),
+            },
+            b_end: BEnd {
+                service: topology::ServiceName::new("chat"),
+                regions: Vec::new(),
+                sites: Vec::new(),
+            },
+            rate: rate.parse().unwrap(),
+            pool: None,
+        }
+    }
+
+    fn topo(with_es: bool) -> std::sync::Arc<Topology> {
+        crate::controller::validate(&yaml("127.79.0.0/26", with_es))
+            .unwrap()
+            .0
+    }
+
+    fn rate(s: &str) -> Bandwidth {
+        s.parse().unwrap()
+    }
+
+    /// Retrying a resize that worked (a timeout, a re-run pipeline) is answered with the
+    /// circuit as it is, not refused: also while the first attempt still holds the old rate
+    /// (a shrink) or the old path (a move).
+    #[test]
+    fn retrying_a_resize_returns_the_circuit_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(dir.path()).unwrap();
+        let t = topo(true);
+        store::transaction(&s, |tx| {
+            create(tx, &t, &spec("c1", "10.1.0.0/24", "600Mbps"), None, "ops")
+        })
+        .unwrap();
+        // A second circuit leaves e–s 200Mbps: growing c1 to 900Mbps moves it via t.
+        store::transaction(&s, |tx| {
+            create(tx, &t, &spec("c2", "10.2.0.0/24", "200Mbps"), None, "ops")
+        })
+        .unwrap();
+        for (to, held_path) in [("400Mbps", "e s"), ("900Mbps", "e t s")] {
+            let first = store::transaction(&s, |tx| resize(tx, &t, "c1", rate(to), "ops"))
+                .unwrap_or_else(|e| panic!("resize to {to}: {e}"));
+            assert!(first.held.is_some(), "{to}: {first:?}");
+            assert_eq!(
+                first
+                    .path
+                    .iter()
+                    .map(|n| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                held_path
+            );
+            let retry = store::transaction(&s, |tx| resize(tx, &t, "c1", rate(to), "ops"))
+                .unwrap_or_else(|e| panic!("retried resize to {to}: {e}"));
+            assert_eq!(retry, first);
+            // Let the resize finish before the next one.
+            store::transaction(&s, |tx| settle(tx, &|_| Some(0), &|_, _| true)).unwrap();
+        }
+    }
 }

@@ -24,6 +24,7 @@ pub mod service;
 use std::collections::BTreeSet;
 use std::fmt;
 use std::net::IpAddr;
+use std::ops::Bound::{Excluded, Included};
 use std::str::FromStr;
 
 use ipnetwork::IpNetwork;
@@ -310,19 +311,43 @@ pub fn find(tx: &dyn ReadTxn, id_or_name: &str) -> Result<Circuit, CircuitError>
         .ok_or_else(|| CircuitError::NotFound(id_or_name.to_string()))
 }
 
+/// The keys of one circuit's history entries: from `<id>/` to `<id>0` (excluded; `'0'` is the
+/// character after `'/'`), so that a scan reads that circuit's entries and no other's.
+fn history_keys(id: &CircuitId) -> (String, String) {
+    (format!("{id}/"), format!("{id}0"))
+}
+
+/// One circuit's history, oldest first: its own entries only are read.
 pub fn history(tx: &dyn ReadTxn, id: &CircuitId) -> Result<Vec<HistoryEntry>, StoreError> {
-    let from = format!("{id}/");
+    let (from, to) = history_keys(id);
     Ok(CIRCUIT_HISTORY
-        .scan(
-            tx,
-            std::ops::Bound::Included(from.as_str()),
-            usize::MAX,
-            false,
-        )?
+        .scan(tx, (Included(&from), Excluded(&to)), usize::MAX, false)?
         .into_iter()
-        .take_while(|(k, _)| k.starts_with(&from))
         .map(|(_, v)| v)
         .collect())
+}
+
+/// The number of a circuit's next history entry, from the key of its newest one (one entry is
+/// read, not decoded).
+fn next_history_seq(tx: &dyn ReadTxn, id: &CircuitId) -> Result<u64, StoreError> {
+    let (from, to) = history_keys(id);
+    let newest = tx.scan(
+        CIRCUIT_HISTORY.name,
+        (Included(&from), Excluded(&to)),
+        1,
+        true,
+    )?;
+    let Some((key, _)) = newest.into_iter().next() else {
+        return Ok(1);
+    };
+    match key[from.len()..].parse::<u64>() {
+        Ok(n) => Ok(n + 1),
+        Err(_) => Err(StoreError::Corrupt {
+            table: CIRCUIT_HISTORY.name,
+            key,
+            reason: "not <circuit id>/<sequence number>".into(),
+        }),
+    }
 }
 
 /// Every reservation held now, by every circuit.
@@ -344,7 +369,7 @@ fn record(
     from: Option<CircuitState>,
     detail: String,
 ) -> Result<(), StoreError> {
-    let n = history(tx, &c.id)?.len() as u64 + 1;
+    let n = next_history_seq(tx, &c.id)?;
     let entry = HistoryEntry {
         time_unix_ms: c.updated_unix_ms,
         actor: actor.to_string(),
@@ -788,8 +813,8 @@ fn list(nodes: &BTreeSet<NodeId>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store;
     use crate::store::redb::RedbStore;
-    use crate::store::{self, Store};
 
     /// Edge e, transit t, site s; links e–s, e–t, t–s (e–s the shortest), and `pool` as the
     /// VIP pool. Without `with_es`, the link e–s is left out.
@@ -841,6 +866,111 @@ mod tests {
         crate::controller::validate(&yaml("127.79.0.0/26", with_es))
             .unwrap()
             .0
+    }
+
+    /// A write transaction that counts the circuit history entries its reads return.
+    struct Counting<'a> {
+        tx: &'a mut dyn WriteTxn,
+        rows: std::cell::Cell<usize>,
+    }
+
+    impl ReadTxn for Counting<'_> {
+        fn get(&self, table: &'static str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            let v = self.tx.get(table, key)?;
+            if table == CIRCUIT_HISTORY.name && v.is_some() {
+                self.rows.set(self.rows.get() + 1);
+            }
+            Ok(v)
+        }
+        fn scan(
+            &self,
+            table: &'static str,
+            range: (std::ops::Bound<&str>, std::ops::Bound<&str>),
+            limit: usize,
+            reverse: bool,
+        ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+            let rows = self.tx.scan(table, range, limit, reverse)?;
+            if table == CIRCUIT_HISTORY.name {
+                self.rows.set(self.rows.get() + rows.len());
+            }
+            Ok(rows)
+        }
+        fn last_key(&self, table: &'static str) -> Result<Option<String>, StoreError> {
+            self.tx.last_key(table)
+        }
+    }
+
+    impl WriteTxn for Counting<'_> {
+        fn put(&mut self, table: &'static str, key: &str, value: &[u8]) -> Result<(), StoreError> {
+            self.tx.put(table, key, value)
+        }
+        fn delete(&mut self, table: &'static str, key: &str) -> Result<bool, StoreError> {
+            self.tx.delete(table, key)
+        }
+    }
+
+    /// Reading a circuit's history, and appending to it (every change of the circuit), reads
+    /// that circuit's entries only, not the rest of the table (all later circuits' entries).
+    #[test]
+    fn a_circuits_history_reads_its_own_entries_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(dir.path()).unwrap();
+        let t = crate::controller::validate(&yaml("127.79.0.0/25", true))
+            .unwrap()
+            .0;
+        store::transaction(&s, |tx| -> Result<(), CircuitError> {
+            for i in 1..=50 {
+                create(
+                    tx,
+                    &t,
+                    &spec(&format!("c{i}"), &format!("10.{i}.0.0/24"), "1Mbps"),
+                    None,
+                    "ops",
+                )?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        let id = CircuitId::new("c-000001");
+        store::transaction(&s, |tx| -> Result<(), CircuitError> {
+            let mut tx = Counting { tx, rows: 0.into() };
+            let h = history(&tx, &id)?;
+            assert_eq!(
+                h.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(),
+                ["create", "place"]
+            );
+            assert!(
+                tx.rows.get() <= h.len() + 1,
+                "history read {} entries",
+                tx.rows.get()
+            );
+            tx.rows.set(0);
+            delete(&mut tx, "c-000001", "ops")?;
+            assert!(
+                tx.rows.get() <= 1,
+                "a change read {} history entries",
+                tx.rows.get()
+            );
+            Ok(())
+        })
+        .unwrap();
+        // The entry the delete appended is numbered after the circuit's others.
+        let keys: Vec<String> = store::read(&s, |tx| CIRCUIT_HISTORY.all(tx))
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .filter(|k| k.starts_with("c-000001/"))
+            .collect();
+        assert_eq!(
+            keys,
+            (1..=3)
+                .map(|n| format!("c-000001/{}", seq_key(n)))
+                .collect::<Vec<_>>()
+        );
+        let h = store::read(&s, |tx| history(tx, &id)).unwrap();
+        assert_eq!(h.last().map(|e| e.action.as_str()), Some("delete"));
+        let next = store::read(&s, |tx| history(tx, &CircuitId::new("c-000002"))).unwrap();
+        assert_eq!(next.len(), 2);
     }
 
     fn rate(s: &str) -> Bandwidth {

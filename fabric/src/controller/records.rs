@@ -175,7 +175,7 @@ pub fn version(tx: &dyn ReadTxn, v: u64) -> Result<Option<TopologyVersion>, Stor
 /// Newest first, at most `limit`: the versions' metadata only, never their texts.
 pub fn history(tx: &dyn ReadTxn, limit: usize) -> Result<Vec<VersionMeta>, StoreError> {
     Ok(TOPOLOGY_VERSION_META
-        .scan(tx, Bound::Unbounded, limit, true)?
+        .scan(tx, (Bound::Unbounded, Bound::Unbounded), limit, true)?
         .into_iter()
         .map(|(_, m)| m)
         .collect())
@@ -194,7 +194,10 @@ pub fn backfill_meta(tx: &mut dyn WriteTxn) -> Result<usize, StoreError> {
     let mut written = 0;
     loop {
         let from = after.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
-        let Some((key, v)) = TOPOLOGY_VERSIONS.scan(tx, from, 1, false)?.pop() else {
+        let Some((key, v)) = TOPOLOGY_VERSIONS
+            .scan(tx, (from, Bound::Unbounded), 1, false)?
+            .pop()
+        else {
             return Ok(written);
         };
         TOPOLOGY_VERSION_META.put(tx, &key, &VersionMeta::of(&v))?;
@@ -346,14 +349,14 @@ mod tests {
         fn scan(
             &self,
             table: &'static str,
-            from: Bound<&str>,
+            range: (Bound<&str>, Bound<&str>),
             limit: usize,
             reverse: bool,
         ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
             if table == self.table {
                 return Err(StoreError::Backend(format!("scanned {table}")));
             }
-            self.tx.scan(table, from, limit, reverse)
+            self.tx.scan(table, range, limit, reverse)
         }
         fn last_key(&self, table: &'static str) -> Result<Option<String>, StoreError> {
             self.tx.last_key(table)
@@ -382,11 +385,11 @@ mod tests {
         fn scan(
             &self,
             table: &'static str,
-            from: Bound<&str>,
+            range: (Bound<&str>, Bound<&str>),
             limit: usize,
             reverse: bool,
         ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-            self.view().scan(table, from, limit, reverse)
+            self.view().scan(table, range, limit, reverse)
         }
         fn last_key(&self, table: &'static str) -> Result<Option<String>, StoreError> {
             self.view().last_key(table)

@@ -44,12 +44,13 @@ pub enum StoreError {
 /// Reads inside a transaction (a consistent view).
 pub trait ReadTxn {
     fn get(&self, table: &'static str, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
-    /// Up to `limit` entries of `table` in key order starting at `from` (or in reverse key
-    /// order ending at `from` when `reverse`).
+    /// Up to `limit` entries of `table` whose keys are in `range` (lower and upper bound), in
+    /// key order from the lower end (or in reverse key order from the upper end when
+    /// `reverse`). Only those entries are read: bound both ends to read a key prefix.
     fn scan(
         &self,
         table: &'static str,
-        from: Bound<&str>,
+        range: (Bound<&str>, Bound<&str>),
         limit: usize,
         reverse: bool,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
@@ -182,17 +183,18 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
 
     /// All records in key order.
     pub fn all(&self, tx: &dyn ReadTxn) -> Result<Vec<(String, V)>, StoreError> {
-        self.scan(tx, Bound::Unbounded, usize::MAX, false)
+        self.scan(tx, (Bound::Unbounded, Bound::Unbounded), usize::MAX, false)
     }
 
+    /// [`ReadTxn::scan`], decoded.
     pub fn scan(
         &self,
         tx: &dyn ReadTxn,
-        from: Bound<&str>,
+        range: (Bound<&str>, Bound<&str>),
         limit: usize,
         reverse: bool,
     ) -> Result<Vec<(String, V)>, StoreError> {
-        tx.scan(self.name, from, limit, reverse)?
+        tx.scan(self.name, range, limit, reverse)?
             .into_iter()
             .map(|(k, b)| {
                 let v = self.decode(&k, &b)?;
@@ -203,7 +205,10 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
 
     /// The record with the greatest key.
     pub fn last(&self, tx: &dyn ReadTxn) -> Result<Option<(String, V)>, StoreError> {
-        Ok(self.scan(tx, Bound::Unbounded, 1, true)?.into_iter().next())
+        Ok(self
+            .scan(tx, (Bound::Unbounded, Bound::Unbounded), 1, true)?
+            .into_iter()
+            .next())
     }
 
     /// The number of the greatest key of a table keyed by [`seq_key`] (`None`: empty), from
@@ -272,9 +277,24 @@ mod tests {
         })
         .unwrap();
         let k5 = seq_key(5);
-        let newest = read(&s, |tx| T.scan(tx, Bound::Included(&k5), 3, true)).unwrap();
+        let newest = read(&s, |tx| {
+            T.scan(tx, (Bound::Unbounded, Bound::Included(&k5)), 3, true)
+        })
+        .unwrap();
         let vals: Vec<_> = newest.into_iter().map(|(_, v)| v).collect();
         assert_eq!(vals, vec!["5", "4", "3"]);
+        // Bounded at both ends: only the entries in the range, from either end.
+        let (k3, k7) = (seq_key(3), seq_key(7));
+        let range = (Bound::Excluded(k3.as_str()), Bound::Excluded(k7.as_str()));
+        let keys = |reverse| {
+            read(&s, |tx| tx.scan(T.name, range, usize::MAX, reverse))
+                .unwrap()
+                .into_iter()
+                .map(|(k, _)| k.parse::<u64>().unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(keys(false), vec![4, 5, 6]);
+        assert_eq!(keys(true), vec![6, 5, 4]);
         // In a write transaction too, the key of what it just wrote.
         let next = transaction(&s, |tx| -> Result<_, StoreError> {
             T.put(tx, &seq_key(11), &"11".to_string())?;

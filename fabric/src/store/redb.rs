@@ -36,16 +36,12 @@ impl RedbStore {
 
 fn scan_table<T: ReadableTable<&'static str, &'static [u8]>>(
     t: &T,
-    from: Bound<&str>,
+    range: (Bound<&str>, Bound<&str>),
     limit: usize,
     reverse: bool,
 ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
     let mut out = Vec::new();
-    let range = if reverse {
-        t.range::<&str>((Bound::Unbounded, from)).map_err(be)?
-    } else {
-        t.range::<&str>((from, Bound::Unbounded)).map_err(be)?
-    };
+    let range = t.range::<&str>(range).map_err(be)?;
     let mut push = |item: Result<
         (
             redb::AccessGuard<'_, &'static str>,
@@ -96,7 +92,7 @@ impl ReadTxn for RTxn {
     fn scan(
         &self,
         table: &'static str,
-        from: Bound<&str>,
+        range: (Bound<&str>, Bound<&str>),
         limit: usize,
         reverse: bool,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
@@ -105,7 +101,7 @@ impl ReadTxn for RTxn {
             Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
             Err(e) => return Err(be(e)),
         };
-        scan_table(&t, from, limit, reverse)
+        scan_table(&t, range, limit, reverse)
     }
     fn last_key(&self, table: &'static str) -> Result<Option<String>, StoreError> {
         let t = match self.0.open_table(def(table)) {
@@ -127,12 +123,12 @@ impl ReadTxn for WTxn {
     fn scan(
         &self,
         table: &'static str,
-        from: Bound<&str>,
+        range: (Bound<&str>, Bound<&str>),
         limit: usize,
         reverse: bool,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let t = self.0.open_table(def(table)).map_err(be)?;
-        scan_table(&t, from, limit, reverse)
+        scan_table(&t, range, limit, reverse)
     }
     fn last_key(&self, table: &'static str) -> Result<Option<String>, StoreError> {
         let t = self.0.open_table(def(table)).map_err(be)?;

@@ -200,6 +200,21 @@ impl Circuit {
         })
     }
 
+    /// Whether routers' acknowledgements can still move the circuit on: provisioning (to
+    /// `active`), decommissioning (to `decommissioned`), or failed because routers did not
+    /// acknowledge in time ([`NOT_ACKED`]: it recovers to `active`). A circuit failed by a
+    /// topology change waits for nothing.
+    pub fn awaits_ack(&self) -> bool {
+        match self.state {
+            CircuitState::Provisioning | CircuitState::Decommissioning => true,
+            CircuitState::Failed => self
+                .reason
+                .as_deref()
+                .is_none_or(|r| r.starts_with(NOT_ACKED)),
+            _ => false,
+        }
+    }
+
     /// Routers that must acknowledge the circuit before it is active (or gone).
     pub fn routers(&self) -> BTreeSet<NodeId> {
         let mut s: BTreeSet<NodeId> = self.path.iter().cloned().collect();
@@ -664,18 +679,13 @@ pub fn settle(
 ) -> Result<Vec<Circuit>, StoreError> {
     let mut changed = Vec::new();
     for mut c in all(tx)? {
-        let target = match c.state {
-            CircuitState::Provisioning | CircuitState::Failed => CircuitState::Active,
-            CircuitState::Decommissioning => CircuitState::Decommissioned,
-            _ => continue,
-        };
-        if c.state == CircuitState::Failed
-            && c.reason
-                .as_deref()
-                .is_some_and(|r| !r.starts_with(NOT_ACKED))
-        {
+        if !c.awaits_ack() {
             continue;
         }
+        let target = match c.state {
+            CircuitState::Decommissioning => CircuitState::Decommissioned,
+            _ => CircuitState::Active,
+        };
         let Some(version) = pending(&c.id) else {
             continue;
         };

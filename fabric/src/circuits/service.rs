@@ -56,8 +56,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl CircuitService {
-    /// Starts tracking the circuits in the store: those still provisioning or decommissioning
-    /// wait for acknowledgement of the controller's current snapshot (which carries them).
+    /// Starts tracking the circuits in the store: those whose routers' acknowledgement can
+    /// still move them on ([`Circuit::awaits_ack`]) wait for acknowledgement of the controller's
+    /// current snapshot (which carries them).
     pub fn new(
         ctl: Arc<Controller>,
         provision_timeout: Duration,
@@ -72,14 +73,7 @@ impl CircuitService {
         let unsettled: Vec<Circuit> = svc
             .list()?
             .into_iter()
-            .filter(|c| {
-                matches!(
-                    c.state,
-                    CircuitState::Provisioning
-                        | CircuitState::Decommissioning
-                        | CircuitState::Failed
-                )
-            })
+            .filter(Circuit::awaits_ack)
             .collect();
         svc.publish(&unsettled)?;
         Ok(svc)
@@ -250,7 +244,9 @@ impl CircuitService {
         Ok(())
     }
 
-    /// One pass: settles circuits whose routers acknowledged, fails overdue ones.
+    /// One pass: settles circuits whose routers acknowledged, fails overdue ones, and stops
+    /// waiting for those no acknowledgement moves on any more (failed by a topology change).
+    /// Writes nothing when none of them changes.
     pub async fn settle_once(&self) -> Result<(), ServiceError> {
         let pending = lock(&self.pending).clone();
         if pending.is_empty() {
@@ -265,11 +261,16 @@ impl CircuitService {
         let acked = move |n: &NodeId, v: u64| applied.get(n.as_str()).is_some_and(|a| *a >= v);
         let circuits = self.list()?;
         let now = Instant::now();
-        let (mut ready, mut overdue) = (BTreeMap::new(), BTreeMap::new());
+        let (mut ready, mut overdue, mut done) = (BTreeMap::new(), BTreeMap::new(), Vec::new());
         for c in &circuits {
             let Some(p) = pending.get(&c.id) else {
                 continue;
             };
+            if !c.awaits_ack() {
+                // Settled elsewhere, or failed by a topology change: nothing to wait for.
+                done.push(c.id.clone());
+                continue;
+            }
             if p.revision != c.revision && c.state != CircuitState::Failed {
                 continue;
             }
@@ -279,6 +280,12 @@ impl CircuitService {
                 && now.duration_since(p.since) >= self.provision_timeout
             {
                 overdue.insert(c.id.clone(), p.version);
+            }
+        }
+        if !done.is_empty() {
+            let mut p = lock(&self.pending);
+            for id in &done {
+                p.remove(id);
             }
         }
         if ready.is_empty() && overdue.is_empty() {
@@ -315,5 +322,123 @@ impl CircuitService {
                 tracing::error!("circuits: {e}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+
+    use super::*;
+    use crate::circuits::tests::{spec, yaml};
+    use crate::controller::RouterSession;
+    use crate::controller::records::Origin;
+    use crate::store::redb::RedbStore;
+    use crate::store::{Store, WriteTxn};
+
+    const POOL: &str = "127.79.0.0/28";
+
+    /// A store that counts its write transactions, and fails them while `fail` is set.
+    struct CountingStore {
+        inner: RedbStore,
+        writes: AtomicUsize,
+        fail: AtomicBool,
+    }
+
+    impl CountingStore {
+        fn open(dir: &std::path::Path) -> Arc<CountingStore> {
+            Arc::new(CountingStore {
+                inner: RedbStore::open(dir).unwrap(),
+                writes: 0.into(),
+                fail: false.into(),
+            })
+        }
+    }
+
+    impl Store for CountingStore {
+        fn read(
+            &self,
+            f: &mut dyn FnMut(&dyn store::ReadTxn) -> Result<(), StoreError>,
+        ) -> Result<(), StoreError> {
+            self.inner.read(f)
+        }
+        fn write(
+            &self,
+            f: &mut dyn FnMut(&mut dyn WriteTxn) -> Result<(), StoreError>,
+        ) -> Result<(), StoreError> {
+            if self.fail.load(SeqCst) {
+                return Err(StoreError::Backend("injected failure".into()));
+            }
+            self.writes.fetch_add(1, SeqCst);
+            self.inner.write(f)
+        }
+    }
+
+    /// A controller on `store` with e, t, s and the link e–s, circuits on it, and circuit c1
+    /// on e–s.
+    async fn with_c1(store: Arc<dyn Store>) -> (Arc<Controller>, Arc<CircuitService>) {
+        let ctl = Controller::open(store, Some((&yaml(POOL, true), "t.yaml"))).unwrap();
+        let svc = CircuitService::new(ctl.clone(), DEFAULT_PROVISION_TIMEOUT).unwrap();
+        let (c, _) = svc
+            .create(spec("c1", "10.1.0.0/24", "100Mbps"), None, "ops".into())
+            .await
+            .unwrap();
+        assert_eq!(c.path, [NodeId::new("e"), NodeId::new("s")]);
+        (ctl, svc)
+    }
+
+    /// `nodes` acknowledge the snapshot the controller publishes now.
+    fn ack(ctl: &Controller, nodes: &[&str]) -> Vec<RouterSession> {
+        let p = ctl.published();
+        nodes
+            .iter()
+            .map(|n| {
+                let (s, _) = ctl.router_session_start(n);
+                assert!(ctl.router_ack(&s, p.version, p.topology_version));
+                s
+            })
+            .collect()
+    }
+
+    fn failed_by_version_2(c: &Circuit) -> bool {
+        c.state == CircuitState::Failed
+            && c.reason
+                .as_deref()
+                .is_some_and(|r| r.starts_with("topology version 2:"))
+    }
+
+    /// A circuit a topology change failed waits for no acknowledgement: once its routers
+    /// acknowledged, settle passes neither write (a durable transaction each, 10 a second)
+    /// nor keep waiting for it, and a restarted service does not wait for it again.
+    #[tokio::test]
+    async fn a_circuit_failed_by_a_topology_change_is_not_settled_again_and_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CountingStore::open(dir.path());
+        let (ctl, svc) = with_c1(store.clone()).await;
+        let out = ctl
+            .apply(
+                &yaml(POOL, false),
+                "ops",
+                "drop e–s",
+                Origin::Apply,
+                false,
+                None,
+            )
+            .await
+            .unwrap();
+        svc.on_topology_applied(out.version.unwrap()).await.unwrap();
+        let c = svc.get("c1").unwrap();
+        assert!(failed_by_version_2(&c), "{c:?}");
+        let _sessions = ack(&ctl, &["e", "s"]);
+        let writes = store.writes.load(SeqCst);
+        for _ in 0..5 {
+            svc.settle_once().await.unwrap();
+        }
+        assert_eq!(store.writes.load(SeqCst), writes, "settle passes wrote");
+        assert!(lock(&svc.pending).is_empty());
+        assert_eq!(svc.get("c1").unwrap(), c);
+
+        let restarted = CircuitService::new(ctl.clone(), DEFAULT_PROVISION_TIMEOUT).unwrap();
+        assert!(lock(&restarted.pending).is_empty());
     }
 }

@@ -774,7 +774,21 @@ pub fn expire(
     Ok(changed)
 }
 
+/// How `topo` breaks the circuit's path (a link or node removed or down), for a circuit
+/// [`fail_broken`] would fail: empty when it would not (not live, already failed, or intact).
+pub fn broken_by(topo: &Topology, c: &Circuit) -> Vec<String> {
+    if !c.state.is_live() || c.state == CircuitState::Failed {
+        return Vec::new();
+    }
+    placement::check_reservations(topo, &c.reservations())
+        .into_iter()
+        .filter(|i| !matches!(i, placement::ReservationIssue::OverCommitted { .. }))
+        .map(|i| i.to_string())
+        .collect()
+}
+
 /// Marks circuits whose path a new topology breaks (a link or node removed or down) as failed.
+/// Idempotent: a second run with the same topology changes nothing.
 pub fn fail_broken(
     tx: &mut dyn WriteTxn,
     topo: &Topology,
@@ -782,14 +796,7 @@ pub fn fail_broken(
 ) -> Result<Vec<Circuit>, StoreError> {
     let mut changed = Vec::new();
     for mut c in all(tx)? {
-        if !c.state.is_live() || c.state == CircuitState::Failed {
-            continue;
-        }
-        let issues: Vec<String> = placement::check_reservations(topo, &c.reservations())
-            .into_iter()
-            .filter(|i| !matches!(i, placement::ReservationIssue::OverCommitted { .. }))
-            .map(|i| i.to_string())
-            .collect();
+        let issues = broken_by(topo, &c);
         if issues.is_empty() {
             continue;
         }

@@ -4,6 +4,7 @@
 //! `decommissioned`), or to `failed` when the path's routers do not acknowledge in time.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -49,6 +50,8 @@ pub struct CircuitService {
     ctl: Arc<Controller>,
     pending: Mutex<BTreeMap<CircuitId, Pending>>,
     provision_timeout: Duration,
+    /// The topology version whose broken circuits have been failed ([`super::fail_broken`]).
+    checked: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -56,17 +59,21 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl CircuitService {
-    /// Starts tracking the circuits in the store: those whose routers' acknowledgement can
-    /// still move them on ([`Circuit::awaits_ack`]) wait for acknowledgement of the controller's
-    /// current snapshot (which carries them).
+    /// Starts tracking the circuits in the store: first fails those the topology in force
+    /// breaks (the follow-up of an apply that a crash cut off), then those whose routers'
+    /// acknowledgement can still move them on ([`Circuit::awaits_ack`]) wait for
+    /// acknowledgement of the controller's current snapshot (which carries them).
     pub fn new(
         ctl: Arc<Controller>,
         provision_timeout: Duration,
     ) -> Result<Arc<Self>, ServiceError> {
+        let cur = ctl.current();
+        fail_broken_durably(&**ctl.store(), &cur.topology, cur.record.version)?;
         let svc = Arc::new(CircuitService {
             ctl,
             pending: Mutex::new(BTreeMap::new()),
             provision_timeout,
+            checked: AtomicU64::new(cur.record.version),
         });
         // The controller starts with no circuits in its snapshot: publish the stored ones, and
         // wait for that version's acknowledgement for those not settled yet.
@@ -228,26 +235,32 @@ impl CircuitService {
         Ok(c)
     }
 
-    /// After a topology apply: circuits whose path the new topology breaks become `failed`,
-    /// and the snapshot is republished without them.
-    pub async fn on_topology_applied(&self, version: u64) -> Result<(), ServiceError> {
-        let topo = self.ctl.current().topology.clone();
+    /// After a topology apply: circuits whose path the topology in force breaks become
+    /// `failed`, and the snapshot is republished. When this fails, the settle loop retries it.
+    pub async fn on_topology_applied(&self) -> Result<(), ServiceError> {
+        let cur = self.ctl.current();
+        let version = cur.record.version;
         let store = self.ctl.store().clone();
         let changed = tokio::task::spawn_blocking(move || {
-            store::transaction(&*store, |tx| super::fail_broken(tx, &topo, version))
+            fail_broken_durably(&*store, &cur.topology, cur.record.version)
         })
         .await
         .map_err(|e| ServiceError::Internal(e.to_string()))??;
+        self.checked.fetch_max(version, Ordering::SeqCst);
         if !changed.is_empty() {
             self.publish(&[])?;
         }
         Ok(())
     }
 
-    /// One pass: settles circuits whose routers acknowledged, fails overdue ones, and stops
-    /// waiting for those no acknowledgement moves on any more (failed by a topology change).
-    /// Writes nothing when none of them changes.
+    /// One pass: fails the circuits the topology in force breaks if that was not done yet
+    /// (its run after the apply failed), settles circuits whose routers acknowledged, fails
+    /// overdue ones, and stops waiting for those no acknowledgement moves on any more (failed
+    /// by a topology change). Writes nothing when none of them changes.
     pub async fn settle_once(&self) -> Result<(), ServiceError> {
+        if self.ctl.current().record.version != self.checked.load(Ordering::SeqCst) {
+            self.on_topology_applied().await?;
+        }
         let pending = lock(&self.pending).clone();
         if pending.is_empty() {
             return Ok(());
@@ -325,6 +338,23 @@ impl CircuitService {
     }
 }
 
+/// [`super::fail_broken`] in one durable transaction, only when a circuit is broken: most
+/// applies break none, and then nothing is written.
+fn fail_broken_durably(
+    store: &dyn store::Store,
+    topo: &Topology,
+    version: u64,
+) -> Result<Vec<Circuit>, StoreError> {
+    let circuits = store::read(store, |tx| super::all(tx))?;
+    if circuits
+        .iter()
+        .all(|c| super::broken_by(topo, c).is_empty())
+    {
+        return Ok(Vec::new());
+    }
+    store::transaction(store, |tx| super::fail_broken(tx, topo, version))
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
@@ -332,7 +362,7 @@ mod tests {
     use super::*;
     use crate::circuits::tests::{spec, yaml};
     use crate::controller::RouterSession;
-    use crate::controller::records::Origin;
+    use crate::controller::records::{self, Origin};
     use crate::store::redb::RedbStore;
     use crate::store::{Store, WriteTxn};
 
@@ -415,18 +445,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = CountingStore::open(dir.path());
         let (ctl, svc) = with_c1(store.clone()).await;
-        let out = ctl
-            .apply(
-                &yaml(POOL, false),
-                "ops",
-                "drop e–s",
-                Origin::Apply,
-                false,
-                None,
-            )
-            .await
-            .unwrap();
-        svc.on_topology_applied(out.version.unwrap()).await.unwrap();
+        ctl.apply(
+            &yaml(POOL, false),
+            "ops",
+            "drop e–s",
+            Origin::Apply,
+            false,
+            None,
+        )
+        .await
+        .unwrap();
+        svc.on_topology_applied().await.unwrap();
         let c = svc.get("c1").unwrap();
         assert!(failed_by_version_2(&c), "{c:?}");
         let _sessions = ack(&ctl, &["e", "s"]);
@@ -440,5 +469,65 @@ mod tests {
 
         let restarted = CircuitService::new(ctl.clone(), DEFAULT_PROVISION_TIMEOUT).unwrap();
         assert!(lock(&restarted.pending).is_empty());
+    }
+
+    /// An apply committed, then the controller crashed before the circuits' follow-up: at
+    /// start-up, the circuits the topology in force breaks are failed (and so are not left
+    /// provisioning or active on a link that is gone).
+    #[tokio::test]
+    async fn circuits_a_committed_topology_breaks_fail_at_start_up() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Arc::new(RedbStore::open(dir.path()).unwrap());
+            let _ = with_c1(store.clone()).await;
+            // The apply's own transaction, and nothing after it.
+            let text = yaml(POOL, false);
+            let (topo, _) = crate::controller::validate(&text).unwrap();
+            store::transaction(&*store, |tx| {
+                records::commit_topology(tx, &text, &topo, "ops", "drop e–s", Origin::Apply)
+            })
+            .unwrap();
+        }
+        let store = CountingStore::open(dir.path());
+        let ctl = Controller::open(store.clone(), None).unwrap();
+        assert_eq!(ctl.current().record.version, 2);
+        let svc = CircuitService::new(ctl.clone(), DEFAULT_PROVISION_TIMEOUT).unwrap();
+        let c = svc.get("c1").unwrap();
+        assert!(failed_by_version_2(&c), "{c:?}");
+        // Idempotent: starting again changes nothing, and writes nothing.
+        let writes = store.writes.load(SeqCst);
+        let _again = CircuitService::new(ctl.clone(), DEFAULT_PROVISION_TIMEOUT).unwrap();
+        assert_eq!(svc.get("c1").unwrap(), c);
+        assert_eq!(store.writes.load(SeqCst), writes);
+    }
+
+    /// When failing the circuits an apply broke fails (the store refused), the settle loop's
+    /// next pass does it.
+    #[tokio::test]
+    async fn a_failed_follow_up_of_an_apply_is_retried_by_the_next_settle_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CountingStore::open(dir.path());
+        let (ctl, svc) = with_c1(store.clone()).await;
+        ctl.apply(
+            &yaml(POOL, false),
+            "ops",
+            "drop e–s",
+            Origin::Apply,
+            false,
+            None,
+        )
+        .await
+        .unwrap();
+        store.fail.store(true, SeqCst);
+        assert!(svc.on_topology_applied().await.is_err());
+        store.fail.store(false, SeqCst);
+        assert_eq!(svc.get("c1").unwrap().state, CircuitState::Provisioning);
+        svc.settle_once().await.unwrap();
+        let c = svc.get("c1").unwrap();
+        assert!(failed_by_version_2(&c), "{c:?}");
+        // Done once: later passes do not run it again.
+        let writes = store.writes.load(SeqCst);
+        svc.settle_once().await.unwrap();
+        assert_eq!(store.writes.load(SeqCst), writes);
     }
 }

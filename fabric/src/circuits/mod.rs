@@ -775,9 +775,11 @@ pub fn expire(
 }
 
 /// How `topo` breaks the circuit's path (a link or node removed or down), for a circuit
-/// [`fail_broken`] would fail: empty when it would not (not live, already failed, or intact).
+/// [`fail_broken`] would fail: empty when it would not (not live, failed for a reason no
+/// acknowledgement undoes, such as an earlier topology change, or intact). A circuit failed for
+/// want of acknowledgements is checked: it would become active again when they arrive.
 pub fn broken_by(topo: &Topology, c: &Circuit) -> Vec<String> {
-    if !c.state.is_live() || c.state == CircuitState::Failed {
+    if !c.state.is_live() || (c.state == CircuitState::Failed && !c.awaits_ack()) {
         return Vec::new();
     }
     placement::check_reservations(topo, &c.reservations())
@@ -787,8 +789,8 @@ pub fn broken_by(topo: &Topology, c: &Circuit) -> Vec<String> {
         .collect()
 }
 
-/// Marks circuits whose path a new topology breaks (a link or node removed or down) as failed.
-/// Idempotent: a second run with the same topology changes nothing.
+/// Marks circuits whose path a new topology breaks (a link or node removed or down) as failed
+/// ([`broken_by`]), with the topology as the reason. Idempotent: a second run with the same topology changes nothing.
 pub fn fail_broken(
     tx: &mut dyn WriteTxn,
     topo: &Topology,
@@ -988,6 +990,38 @@ mod tests {
         assert_eq!(h.last().map(|e| e.action.as_str()), Some("delete"));
         let next = store::read(&s, |tx| history(tx, &CircuitId::new("c-000002"))).unwrap();
         assert_eq!(next.len(), 2);
+    }
+
+    /// A circuit failed because its routers had not acknowledged it in time, whose path a
+    /// topology change then breaks, fails for the topology: late acknowledgements must not make
+    /// it active on a link that is gone.
+    #[test]
+    fn a_not_acknowledged_circuit_a_topology_breaks_does_not_recover() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(dir.path()).unwrap();
+        let t = topo(true);
+        store::transaction(&s, |tx| {
+            create(tx, &t, &spec("c1", "10.1.0.0/24", "100Mbps"), None, "ops")
+        })
+        .unwrap();
+        let expired = store::transaction(&s, |tx| expire(tx, &|_| Some(7), &|_, _| false)).unwrap();
+        assert_eq!(expired.len(), 1);
+        let failed = store::transaction(&s, |tx| fail_broken(tx, &topo(false), 2)).unwrap();
+        assert_eq!(failed.len(), 1, "the topology did not fail it");
+        assert!(!failed[0].awaits_ack(), "{:?}", failed[0]);
+        let settled = store::transaction(&s, |tx| settle(tx, &|_| Some(7), &|_, _| true)).unwrap();
+        assert_eq!(settled, []);
+        let c = store::read(&s, |tx| find(tx, "c1")).unwrap();
+        assert_eq!(c.state, CircuitState::Failed);
+        assert!(
+            c.reason
+                .as_deref()
+                .is_some_and(|r| r.starts_with("topology version 2:")),
+            "{c:?}"
+        );
+        // And once is enough.
+        let again = store::transaction(&s, |tx| fail_broken(tx, &topo(false), 2)).unwrap();
+        assert_eq!(again, []);
     }
 
     fn rate(s: &str) -> Bandwidth {

@@ -698,3 +698,37 @@ async fn status_and_the_apply_plan_show_a_traffic_dial() {
     );
     d.shutdown().await;
 }
+
+/// A controller that accepts the connection and never answers (hung, or a wrong address that
+/// accepts): every admin command gives up at `--request-timeout` (here from the environment)
+/// with a clear error and exit 2, instead of waiting for ever.
+#[test]
+fn admin_commands_give_up_on_a_controller_that_never_answers() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let env = Env {
+        admin: silent.local_addr().unwrap().to_string(),
+        token: "t".into(),
+    };
+    // Holds every connection open without reading or answering.
+    let _held = std::thread::spawn(move || silent.incoming().collect::<Vec<_>>());
+    for args in [
+        &["topology", "get"][..],
+        &["status"],
+        &["circuit", "list"],
+        &["topology", "apply", "/dev/null", "--dry-run"],
+    ] {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (env, owned): (Env, Vec<String>) =
+            (env.clone(), args.iter().map(|a| a.to_string()).collect());
+        std::thread::spawn(move || {
+            let args: Vec<&str> = owned.iter().map(String::as_str).collect();
+            let _ = tx.send(tasman(&env, &args, &[("TASMAN_REQUEST_TIMEOUT", "1s")], ""));
+        });
+        let out = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("`tasman {}` still waiting after 60 s", args.join(" ")));
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("did not answer within 1s"), "{args:?}: {err}");
+    }
+}

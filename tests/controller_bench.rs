@@ -73,6 +73,7 @@ async fn run(n: usize, net: u8, telemetry_secs: u64) {
         token: None,
         token_file: Some(state.join("admin-token")),
         output: Output::Text,
+        request_timeout: fabric::cli::admin_client::DEFAULT_REQUEST_TIMEOUT,
     })
     .unwrap();
 

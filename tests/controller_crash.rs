@@ -36,6 +36,7 @@ fn client(admin: &str, state: &std::path::Path) -> AdminClient {
         token: None,
         token_file: Some(state.join("admin-token")),
         output: Output::Text,
+        request_timeout: fabric::cli::admin_client::DEFAULT_REQUEST_TIMEOUT,
     })
     .unwrap()
 }

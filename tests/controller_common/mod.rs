@@ -470,6 +470,7 @@ pub async fn echo_through(edge_client: std::net::SocketAddr) -> bool {
 }
 
 /// Where the real `tasman` CLI finds the controller: its admin address and token.
+#[derive(Clone)]
 pub struct Env {
     pub admin: String,
     pub token: String,

@@ -2,6 +2,7 @@
 //! flags every admin command shares.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use bytes::Bytes;
 use clap::{Args, ValueEnum};
@@ -39,12 +40,37 @@ pub struct AdminArgs {
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
     pub output: Output,
+    /// Give up on a controller that has not answered a request within this long (connect,
+    /// request and the whole answer), e.g. 30s, 2m.
+    #[arg(long, env = "TASMAN_REQUEST_TIMEOUT", default_value = "60s",
+          value_parser = parse_request_timeout, value_name = "DURATION")]
+    pub request_timeout: Duration,
+}
+
+/// `--request-timeout`'s default.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `--request-timeout`: a duration above zero.
+pub(crate) fn parse_request_timeout(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s.trim()) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err(format!("{s:?} must be greater than zero")),
+        Err(e) => Err(format!("{s:?}: {e} (expected e.g. 30s, 2m or 500ms)")),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot reach the controller at {addr}: {reason}")]
     Unreachable { addr: String, reason: String },
+    /// No complete answer in time. A change may still be made: the request may have reached
+    /// the controller.
+    #[error(
+        "the controller at {addr} did not answer within {} (--request-timeout); a change \
+         requested may still have been made: check before retrying",
+        humantime::format_duration(*.after)
+    )]
+    TimedOut { addr: String, after: Duration },
     #[error("{path}: {source}")]
     TokenFile {
         path: PathBuf,
@@ -83,6 +109,7 @@ struct ErrorBody {
 pub struct AdminClient {
     authority: String,
     token: String,
+    timeout: Duration,
 }
 
 impl AdminClient {
@@ -103,7 +130,11 @@ impl AdminClient {
             .trim_start_matches("http://")
             .trim_end_matches('/')
             .to_string();
-        Ok(AdminClient { authority, token })
+        Ok(AdminClient {
+            authority,
+            token,
+            timeout: args.request_timeout,
+        })
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
@@ -120,6 +151,20 @@ impl AdminClient {
     }
 
     async fn call<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T, ClientError> {
+        tokio::time::timeout(self.timeout, self.exchange(method, path, body))
+            .await
+            .unwrap_or(Err(ClientError::TimedOut {
+                addr: self.authority.clone(),
+                after: self.timeout,
+            }))
+    }
+
+    async fn exchange<T: DeserializeOwned>(
         &self,
         method: &str,
         path: &str,

@@ -44,6 +44,11 @@ pub struct CircuitAdmin {
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
+    /// Give up on a controller that has not answered a request within this long (connect,
+    /// request and the whole answer), e.g. 30s, 2m.
+    #[arg(long, env = "TASMAN_REQUEST_TIMEOUT", default_value = "60s",
+          value_parser = crate::cli::admin_client::parse_request_timeout, value_name = "DURATION")]
+    pub request_timeout: std::time::Duration,
 }
 
 impl CircuitAdmin {
@@ -53,6 +58,7 @@ impl CircuitAdmin {
             token: self.token.clone(),
             token_file: self.token_file.clone(),
             output: TextOrJson::Text,
+            request_timeout: self.request_timeout,
         }
     }
 }

@@ -207,6 +207,7 @@ impl DemoFabric {
             token: Some(controller.token.clone()),
             token_file: None,
             output: Output::Text,
+            request_timeout: crate::cli::admin_client::DEFAULT_REQUEST_TIMEOUT,
         })?;
         let topology = controller.ctl.current().topology.clone();
 

@@ -39,6 +39,9 @@ pub enum StoreError {
         path: String,
         source: std::io::Error,
     },
+    /// The store's file could not be opened: `problem` says why and what the operator can do.
+    #[error("store {path}: {problem}")]
+    Open { path: String, problem: String },
 }
 
 /// Reads inside a transaction (a consistent view).

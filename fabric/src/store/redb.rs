@@ -3,10 +3,16 @@
 //! default), so a committed transaction survives SIGKILL and power loss, and a crash in the
 //! middle of a commit leaves the previous state.
 
+use std::cell::Cell;
 use std::ops::Bound;
+use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
+use std::sync::Once;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableError};
+use redb::{
+    Database, DatabaseError, ReadableDatabase, ReadableTable, StorageError, TableDefinition,
+    TableError,
+};
 
 use super::{ReadTxn, Store, StoreError, WriteTxn};
 
@@ -22,16 +28,125 @@ fn def(name: &str) -> TableDefinition<'_, &'static str, &'static [u8]> {
     TableDefinition::new(name)
 }
 
+/// The store's file in the state directory.
+pub const FILE: &str = "state.redb";
+
 impl RedbStore {
-    /// Opens (or creates) the store in directory `dir`.
+    /// Opens the store in directory `dir`: its [`FILE`], which is created (an empty store) only
+    /// when it does not exist.
+    ///
+    /// The file's checksums are verified first (redb's integrity check on open, which reads the
+    /// whole file: well under a second for hundreds of MB in the page cache), so a damaged file
+    /// is refused here rather than trusted: redb's plain open reads little of it, and the first
+    /// read to meet the damage would panic (a debug build's open already does). Refused with
+    /// [`StoreError::Open`], naming the file and what to do: a file another process has open
+    /// (another controller on `dir`), a damaged one, and an empty one (never taken for a new
+    /// store: that would silently replace whatever it held, and a controller started with
+    /// `--topology` would import that file again as version 1).
     pub fn open(dir: &Path) -> Result<RedbStore, StoreError> {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
             path: dir.display().to_string(),
             source,
         })?;
-        let db = Database::create(dir.join("state.redb")).map_err(be)?;
-        Ok(RedbStore { db })
+        let path = dir.join(FILE);
+        let refused = |problem: String| StoreError::Open {
+            path: path.display().to_string(),
+            problem,
+        };
+        let exists = path.try_exists().map_err(|e| refused(e.to_string()))?;
+        let mut builder = Database::builder();
+        builder.set_check_integrity_on_open(true);
+        // `open`, not `create`, for a file that exists: `create` makes a new store in an empty
+        // file. `open` refuses one once it holds the file's lock, so a file that another
+        // controller is creating at this instant is refused as in use, not as empty.
+        let opened = without_panicking(|| {
+            if exists {
+                builder.open(&path)
+            } else {
+                builder.create(&path)
+            }
+        });
+        match opened {
+            Ok(Ok(db)) => Ok(RedbStore { db }),
+            Ok(Err(e)) => Err(refused(open_problem(dir, &path, &e))),
+            Err(panicked) => Err(refused(format!(
+                "{DAMAGED_IS} (redb panicked opening it: {panicked}){DAMAGED_DO}"
+            ))),
+        }
     }
+}
+
+const DAMAGED_IS: &str = "the file is damaged";
+const DAMAGED_DO: &str = ": restore it from a backup";
+/// An empty file, or one without redb's header, is also what a crash leaves when it interrupts
+/// redb's creation of the file, which is the controller's very first start on the directory
+/// (nothing else happens before it): the operator knows whether that was the case.
+const FIRST_START: &str = "if the controller's first start on this directory was interrupted, \
+                           nothing was stored yet: delete the file and start again; otherwise \
+                           restore it from a backup";
+
+/// Why redb refused to open `path` (the store's file in `dir`), and what the operator can do.
+fn open_problem(dir: &Path, path: &Path, e: &DatabaseError) -> String {
+    match e {
+        DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch => format!(
+            "another controller is using {} ({e}): stop it, or give this one a state directory \
+             of its own",
+            dir.display()
+        ),
+        DatabaseError::Storage(StorageError::Io(io))
+            if io.kind() == std::io::ErrorKind::InvalidData =>
+        {
+            if std::fs::metadata(path).is_ok_and(|m| m.len() == 0) {
+                format!(
+                    "the file is empty (0 bytes): it holds no store, and none is made in its \
+                     place; {FIRST_START}"
+                )
+            } else {
+                format!("the file is not a store or is damaged ({e}); {FIRST_START}")
+            }
+        }
+        DatabaseError::Storage(StorageError::Corrupted(_)) => {
+            format!("{DAMAGED_IS} ({e}){DAMAGED_DO}")
+        }
+        DatabaseError::Storage(StorageError::Io(io))
+            if io.kind() == std::io::ErrorKind::UnexpectedEof =>
+        {
+            format!("{DAMAGED_IS} (truncated: {e}){DAMAGED_DO}")
+        }
+        _ => e.to_string(),
+    }
+}
+
+thread_local! {
+    /// This thread runs [`without_panicking`]: a panic is its error, not a report on stderr.
+    static QUIET_PANICS: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f`, returning a panic in it as its message. redb's integrity check reports a damaged
+/// file as an error, but a plain redb open may panic on one ("Invalid page type byte …"), and
+/// nothing promises that no damage slips past the check into a panic: the controller refuses to
+/// start with one clear line rather than a panic's report and exit code 101. The workspace builds
+/// with `panic = "unwind"` (the default), without which nothing is caught.
+fn without_panicking<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let report = panic::take_hook();
+        panic::set_hook(Box::new(move |info| {
+            if !QUIET_PANICS.get() {
+                report(info);
+            }
+        }));
+    });
+    let was = QUIET_PANICS.replace(true);
+    let r = panic::catch_unwind(AssertUnwindSafe(f));
+    QUIET_PANICS.set(was);
+    r.map_err(|payload| {
+        payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".to_string())
+    })
 }
 
 fn scan_table<T: ReadableTable<&'static str, &'static [u8]>>(
@@ -170,5 +285,147 @@ impl Store for RedbStore {
                 Err(e)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{self, Table, seq_key};
+
+    const T: Table<String> = Table::new("t");
+
+    /// What opening `dir` did, a panic included (the test fails on it rather than dies of it).
+    fn open_caught(dir: &Path) -> Result<RedbStore, StoreError> {
+        match panic::catch_unwind(|| RedbStore::open(dir)) {
+            Ok(r) => r,
+            Err(p) => panic!(
+                "RedbStore::open panicked: {:?}",
+                p.downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+            ),
+        }
+    }
+
+    /// The error of opening `dir`, which must be refused.
+    #[track_caller]
+    fn refusal(dir: &Path) -> String {
+        match open_caught(dir) {
+            Ok(_) => panic!("{} was opened", dir.join(FILE).display()),
+            Err(e) => {
+                assert!(matches!(e, StoreError::Open { .. }), "{e:?}");
+                e.to_string()
+            }
+        }
+    }
+
+    /// A store in `dir` holding a record, closed.
+    fn written(dir: &Path) -> Vec<u8> {
+        let s = RedbStore::open(dir).unwrap();
+        store::transaction(&s, |tx| -> Result<(), StoreError> {
+            T.put(tx, &seq_key(1), &"tasman-canary".repeat(200))
+        })
+        .unwrap();
+        drop(s);
+        std::fs::read(dir.join(FILE)).unwrap()
+    }
+
+    /// A second controller on the same state directory is refused, naming the file and the
+    /// likely cause (redb says only "Database already open").
+    #[test]
+    fn a_second_open_of_the_same_directory_is_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = RedbStore::open(dir.path()).unwrap();
+        let e = refusal(dir.path());
+        let path = dir.path().join(FILE).display().to_string();
+        assert!(e.contains(&path), "{e}");
+        assert!(
+            e.contains(&format!(
+                "another controller is using {}",
+                dir.path().display()
+            )),
+            "{e}"
+        );
+    }
+
+    /// A file that is not a store, a truncated store and one with a page of its bytes flipped are
+    /// each refused, naming the file and that it is damaged; none panics (a debug build's redb
+    /// panics opening the flipped one, a release build's would on its first read) and none is
+    /// opened.
+    #[test]
+    fn damaged_store_files_are_refused_without_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE);
+        let good = written(dir.path());
+
+        std::fs::write(
+            &path,
+            b"not a store at all, but long enough to have a header",
+        )
+        .unwrap();
+        let e = refusal(dir.path());
+        assert!(
+            e.contains(&path.display().to_string()) && e.contains("not a store or is damaged"),
+            "{e}"
+        );
+
+        std::fs::write(&path, &good[..good.len() / 2]).unwrap();
+        let e = refusal(dir.path());
+        assert!(
+            e.contains(&path.display().to_string())
+                && e.contains("the file is damaged")
+                && e.contains("restore it from a backup"),
+            "{e}"
+        );
+
+        // The page that holds the record, every byte flipped.
+        let at = good
+            .windows(13)
+            .position(|w| w == b"tasman-canary")
+            .expect("the record is in the file");
+        let page = at / 4096 * 4096;
+        let mut flipped = good.clone();
+        for b in &mut flipped[page..page + 4096] {
+            *b = !*b;
+        }
+        std::fs::write(&path, &flipped).unwrap();
+        let e = refusal(dir.path());
+        assert!(
+            e.contains(&path.display().to_string())
+                && e.contains("the file is damaged")
+                && e.contains("restore it from a backup"),
+            "{e}"
+        );
+        // redb's own check found it: no panic was needed to refuse it.
+        assert!(!e.contains("panicked"), "{e}");
+
+        // The good file is still a good store.
+        std::fs::write(&path, &good).unwrap();
+        let s = open_caught(dir.path()).unwrap();
+        let all = store::read(&s, |tx| T.all(tx)).unwrap();
+        assert_eq!(all.len(), 1);
+    }
+
+    /// An empty `state.redb` (a botched restore, or a crash during the very first start) is
+    /// refused, and left empty: it is not made a new store, which the controller would fill by
+    /// importing `--topology` again as version 1, history, circuits and audit gone.
+    #[test]
+    fn an_empty_state_file_is_refused_not_made_a_new_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE);
+        std::fs::write(&path, b"").unwrap();
+        let e = refusal(dir.path());
+        assert!(
+            e.contains(&path.display().to_string())
+                && e.contains("empty")
+                && e.contains("delete the file and start again")
+                && e.contains("restore it from a backup"),
+            "{e}"
+        );
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+        // A directory without the file gets a new store.
+        std::fs::remove_file(&path).unwrap();
+        open_caught(dir.path()).unwrap();
     }
 }

@@ -625,6 +625,94 @@ async fn the_admin_api_answers_a_late_or_oversized_body_with_a_json_error() {
     d.shutdown().await;
 }
 
+/// A request body with a field the endpoint does not know is refused, naming the field, and
+/// changes nothing: a misspelt `dry_run` is not a real apply, a misspelt `base_version` is not an
+/// apply without `edit`'s guard, and a misspelt restriction of a circuit's B-end is not a
+/// circuit placed without it. What the CLI sends is still accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misspelt_fields_of_admin_requests_are_refused_naming_them() {
+    use tokio::io::AsyncWriteExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    // A pool: a circuit could be made.
+    let v1 = fabric_yaml(71, 1, 1, 10) + "pools:\n  - {name: vips, prefix: 127.79.0.0/28}\n";
+    let (d, env) = setup(dir.path(), &v1).await;
+    let v2 = v1.replace("latency: 2ms", "latency: 3ms");
+    assert_ne!(v1, v2);
+    let post = |path: &str, body: &serde_json::Value| {
+        let body = body.to_string();
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            env.token,
+            body.len()
+        )
+    };
+    let refused = [
+        (
+            post(
+                "/v1/topology",
+                &serde_json::json!({ "text": v2, "dryrun": true }),
+            ),
+            "dryrun",
+        ),
+        (
+            post(
+                "/v1/topology",
+                &serde_json::json!({ "text": v2, "base_versoin": 0 }),
+            ),
+            "base_versoin",
+        ),
+        (
+            post(
+                "/v1/topology/rollback",
+                &serde_json::json!({ "version": 1, "dryrun": true }),
+            ),
+            "dryrun",
+        ),
+        (
+            post(
+                "/v1/circuits",
+                &serde_json::json!({
+                    "spec": {
+                        "name": "c1",
+                        "a_end": { "edge": "edge-0", "prefix": "10.1.0.0/24" },
+                        "b_end": { "service": "llm-chat", "site": ["site-1"] },
+                        "rate": "10Mbps",
+                    },
+                }),
+            ),
+            "site",
+        ),
+    ];
+    for (req, field) in refused {
+        let mut s = tokio::net::TcpStream::connect(d.admin_addr).await.unwrap();
+        s.write_all(req.as_bytes()).await.unwrap();
+        let got = read_until_closed(&mut s, Duration::from_secs(10))
+            .await
+            .expect("answered");
+        assert_json_error(&got, 422, &format!("unknown field `{field}`"));
+    }
+    assert_eq!(d.ctl.current().record.version, 1, "nothing was applied");
+    assert_eq!(d.ctl.history(100).unwrap().len(), 1);
+    let circuits =
+        fabric::store::read(&**d.ctl.store(), |tx| fabric::circuits::CIRCUITS.all(tx)).unwrap();
+    assert!(circuits.is_empty(), "no circuit was made: {circuits:?}");
+
+    // The CLI's requests (the same types, serialised) still pass.
+    let file = dir.path().join("v2.yaml");
+    std::fs::write(&file, &v2).unwrap();
+    let f = file.display().to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        tasman(&env, &["topology", "apply", &f, "--dry-run"], &[], "")
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(d.ctl.current().record.version, 1, "a dry run");
+    d.shutdown().await;
+}
+
 /// A traffic dial on a site that shares a service shows in `tasman status` as the expected
 /// shares of first tries (site-0 at 50 % keeps half of its half, the rest goes to site-1), and
 /// an apply that removes it plans the field change and the shares it moves.

@@ -97,7 +97,10 @@ async fn version(
         })
 }
 
+/// The body of `POST /v1/topology`. An unknown field is refused (422, naming it): a misspelt
+/// `dry_run` would apply for real, a misspelt `base_version` drop `edit`'s guard.
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ApplyRequest {
     pub text: String,
     #[serde(default)]
@@ -144,7 +147,9 @@ async fn circuits_after(st: &AdminState, out: &ApplyOutcome) {
     }
 }
 
+/// The body of `POST /v1/topology/rollback`; an unknown field is refused, as an apply's.
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RollbackRequest {
     pub version: u64,
     #[serde(default)]

@@ -80,7 +80,10 @@ async fn validate(
     Ok(Json(off_workers(move || svc.validate(&spec)).await?))
 }
 
+/// The body of a create. Like every request body of these routes (and its `spec`), an unknown
+/// field is refused (422, naming it) rather than ignored.
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CreateRequest {
     pub spec: CircuitSpec,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -154,6 +157,7 @@ async fn history(
 }
 
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ResizeRequest {
     pub rate: Bandwidth,
     #[serde(default)]
@@ -171,6 +175,7 @@ async fn resize(
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DeleteRequest {
     #[serde(default)]
     pub author: String,

@@ -103,16 +103,42 @@ pub struct AEnd {
     pub prefix: IpNetwork,
 }
 
-/// What an operator asks for (the body of validate and create).
+/// What an operator asks for (the body of validate and create). An unknown field, here or in
+/// its ends, is refused rather than ignored: a misspelt `pool` or `sites` would otherwise place
+/// the circuit without it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CircuitSpec {
     pub name: String,
+    #[serde(deserialize_with = "StrictAEnd::deserialize")]
     pub a_end: AEnd,
+    #[serde(deserialize_with = "StrictBEnd::deserialize")]
     pub b_end: BEnd,
     pub rate: Bandwidth,
     /// The pool to take the VIP from (default: the topology's first pool).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,
+}
+
+/// [`AEnd`] as a [`CircuitSpec`] reads it: an unknown field is refused. A stored [`Circuit`] (and
+/// a response a client reads) reads `AEnd` as it is, which ignores one: a record or an answer
+/// of a later build stays readable.
+#[derive(Deserialize)]
+#[serde(remote = "AEnd", deny_unknown_fields)]
+struct StrictAEnd {
+    edge: NodeId,
+    prefix: IpNetwork,
+}
+
+/// [`BEnd`] as a [`CircuitSpec`] reads it: an unknown field is refused (see [`StrictAEnd`]).
+#[derive(Deserialize)]
+#[serde(remote = "BEnd", deny_unknown_fields)]
+struct StrictBEnd {
+    service: topology::ServiceName,
+    #[serde(default)]
+    regions: Vec<topology::Region>,
+    #[serde(default)]
+    sites: Vec<NodeId>,
 }
 
 /// Capacity a circuit still holds on its old path (or its old, larger rate) while a resize is

@@ -43,6 +43,8 @@ pub struct AdminState {
     pub ctl: Arc<Controller>,
     pub circuits: Arc<crate::circuits::service::CircuitService>,
     token: Arc<str>,
+    #[cfg(test)]
+    status_gate: Arc<status::BuildGate>,
 }
 
 impl AdminState {
@@ -55,6 +57,8 @@ impl AdminState {
             ctl,
             circuits,
             token: Arc::from(token.trim()),
+            #[cfg(test)]
+            status_gate: Arc::default(),
         }
     }
 }
@@ -201,11 +205,12 @@ async fn to_completion(req: Request, next: Next) -> Response {
     })
 }
 
-/// Runs `f`, a handler's store reads, on tokio's blocking pool. A read that waits on a slow disk
-/// then holds a blocking thread instead of one of the runtime's workers, which also serve the
-/// routers' control sessions and every other request. The GET handlers that read the store, and
-/// circuits' validate, read through here; the controller's and circuits' write transactions
-/// run in `spawn_blocking` themselves.
+/// Runs `f`, a handler's store reads or heavy computation, on tokio's blocking pool. A read that
+/// waits on a slow disk, or a computation that takes seconds, then holds a blocking thread
+/// instead of one of the runtime's workers, which also serve the routers' control sessions and
+/// every other request. The GET handlers that read the store, circuits' validate and the status
+/// (a routing table per edge) run through here; the controller's and circuits' write
+/// transactions run in `spawn_blocking` themselves.
 pub(crate) async fn off_workers<R, E>(
     f: impl FnOnce() -> Result<R, E> + Send + 'static,
 ) -> Result<R, ApiError>
@@ -662,6 +667,52 @@ mod tests {
                 "{path}: {back}"
             );
         }
+        server.abort();
+    }
+
+    /// `GET /v1/status` builds its answer (a routing table per edge: seconds for thousands of
+    /// nodes) off the runtime's workers: while it is being built, the same runtime (here its
+    /// only thread, which would stall outright) keeps answering other requests, and the
+    /// controller's sessions with it.
+    #[tokio::test]
+    async fn status_is_built_off_the_runtimes_workers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RedbStore::open(dir.path()).unwrap());
+        let ctl = Controller::open(store, Some((&yaml("1ms"), "t.yaml"))).unwrap();
+        let circuits = crate::circuits::service::CircuitService::new(
+            ctl.clone(),
+            crate::circuits::service::DEFAULT_PROVISION_TIMEOUT,
+        )
+        .unwrap();
+        let state = AdminState::new(ctl, "tok", circuits);
+        let gate = state.status_gate.clone();
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve(listener, state));
+
+        let (entered, release) = gate.hold();
+        let slow = tokio::spawn(async move { exchange(addr, &get("/v1/status", "tok")).await });
+        let entered =
+            tokio::task::spawn_blocking(move || entered.recv_timeout(Duration::from_secs(20)))
+                .await
+                .unwrap();
+        assert!(entered.is_ok(), "the status was not built");
+        // The build is held: a request that needs none is answered meanwhile.
+        let other = exchange(addr, &get("/v1/topology", "tok")).await;
+        assert!(other.starts_with("HTTP/1.1 200"), "{other}");
+        let _ = release.send(());
+        let back = slow.await.unwrap();
+        assert!(
+            !gate.expired.load(std::sync::atomic::Ordering::SeqCst),
+            "the status build held the runtime's thread (nothing else was answered until the \
+             held build gave up)"
+        );
+        assert!(back.starts_with("HTTP/1.1 200"), "{back}");
+        let body = back.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        let st: status::Status = serde_json::from_str(body).unwrap();
+        let nodes: Vec<&str> = st.routers.iter().map(|r| r.node.as_str()).collect();
+        assert_eq!(nodes, ["e", "s"]);
+        assert_eq!(st.services[0].edges[0].site.as_deref(), Some("s"));
         server.abort();
     }
 }

@@ -1,6 +1,7 @@
 //! `GET /v1/status`: routers (applied version, last seen, behind/NACK), per service the site
 //! and path each edge uses in the controller's live view, and the RTT matrix.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use axum::Json;
@@ -11,7 +12,7 @@ use topology::NodeKind;
 use topology::graph::Graph;
 use topology::route::RoutingTable;
 
-use super::AdminState;
+use super::{AdminState, ApiError, off_workers};
 use crate::controller::live::RttEntry;
 use crate::controller::records::Nack;
 
@@ -107,19 +108,27 @@ impl From<RttEntry> for RttRow {
     }
 }
 
+/// The status now. Heavy: a routing table (a shortest-path search) per edge, seconds for a
+/// fabric of thousands of nodes, so the handler runs it off the runtime's workers.
 pub fn build(st: &AdminState) -> Status {
+    #[cfg(test)]
+    st.status_gate.pass();
     let ctl = &st.ctl;
     let cur = ctl.current();
     let published = ctl.published();
     let now = Instant::now();
     let live = published.live.clone();
     let topo = &cur.topology;
-    let known = ctl.routers();
+    let known: HashMap<String, _> = ctl
+        .routers()
+        .into_iter()
+        .map(|r| (r.record.node.clone(), r))
+        .collect();
     let routers = topo
         .nodes
         .iter()
         .map(|n| {
-            let r = known.iter().find(|r| r.record.node == n.id.as_str());
+            let r = known.get(n.id.as_str());
             RouterStatus {
                 node: n.id.to_string(),
                 kind: n.kind.to_string(),
@@ -178,8 +187,46 @@ pub fn build(st: &AdminState) -> Status {
     }
 }
 
-async fn status(State(st): State<AdminState>) -> Json<Status> {
-    Json(build(&st))
+/// [`build`] on tokio's blocking pool ([`off_workers`]): on a runtime worker it would stall the
+/// routers' control sessions and every other request that worker serves while it runs.
+async fn status(State(st): State<AdminState>) -> Result<Json<Status>, ApiError> {
+    Ok(Json(
+        off_workers(move || Ok::<_, ApiError>(build(&st))).await?,
+    ))
+}
+
+/// Test-only: once armed by [`hold`](BuildGate::hold), the next [`build`] waits until
+/// released, for at most [`BuildGate::HOLD`] (a build that holds a test runtime's only thread
+/// must not hang the test), and a hold that ran out is recorded.
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct BuildGate {
+    armed: std::sync::Mutex<Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>>,
+    pub(crate) expired: std::sync::atomic::AtomicBool,
+}
+
+#[cfg(test)]
+impl BuildGate {
+    pub(crate) const HOLD: std::time::Duration = std::time::Duration::from_secs(10);
+
+    /// Holds the next build; returns (entered, release).
+    pub(crate) fn hold(&self) -> (std::sync::mpsc::Receiver<()>, std::sync::mpsc::Sender<()>) {
+        let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel();
+        *self.armed.lock().unwrap() = Some((entered_tx, release_rx));
+        (entered_rx, release_tx)
+    }
+
+    fn pass(&self) {
+        let armed = self.armed.lock().unwrap().take();
+        if let Some((entered, release)) = armed {
+            let _ = entered.send(());
+            if release.recv_timeout(Self::HOLD).is_err() {
+                self.expired
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    }
 }
 
 async fn rtt(State(st): State<AdminState>) -> Json<Vec<RttRow>> {

@@ -696,11 +696,12 @@ pub fn delete(
 
 /// What the routers have acknowledged: called with a predicate "has this router applied a
 /// snapshot at least as new as version V", and the version in which each pending circuit was
-/// first distributed in its current form. Moves circuits to `active` / `decommissioned` and
-/// releases held capacity. Returns the circuits changed.
+/// first distributed in its current form (`None` for a circuit not pending, or changed since
+/// that was decided: the caller compares revisions). Moves circuits to `active` /
+/// `decommissioned` and releases held capacity. Returns the circuits changed.
 pub fn settle(
     tx: &mut dyn WriteTxn,
-    pending: &dyn Fn(&CircuitId) -> Option<u64>,
+    pending: &dyn Fn(&Circuit) -> Option<u64>,
     acked: &dyn Fn(&NodeId, u64) -> bool,
 ) -> Result<Vec<Circuit>, StoreError> {
     let mut changed = Vec::new();
@@ -712,7 +713,7 @@ pub fn settle(
             CircuitState::Decommissioning => CircuitState::Decommissioned,
             _ => CircuitState::Active,
         };
-        let Some(version) = pending(&c.id) else {
+        let Some(version) = pending(&c) else {
             continue;
         };
         if !c.routers().iter().all(|n| acked(n, version)) {
@@ -764,11 +765,12 @@ pub fn settle(
 /// (they recover to `active` when the acknowledgements arrive).
 pub const NOT_ACKED: &str = "not acknowledged";
 
-/// Marks provisioning circuits distributed at least `deadline_ms` ago as failed, naming the
-/// routers that have not acknowledged them.
+/// Marks the provisioning circuits `overdue` gives a version for (distributed in it long
+/// enough ago; `None` as for [`settle`]) as failed, naming the routers that have not
+/// acknowledged them.
 pub fn expire(
     tx: &mut dyn WriteTxn,
-    overdue: &dyn Fn(&CircuitId) -> Option<u64>,
+    overdue: &dyn Fn(&Circuit) -> Option<u64>,
     acked: &dyn Fn(&NodeId, u64) -> bool,
 ) -> Result<Vec<Circuit>, StoreError> {
     let mut changed = Vec::new();
@@ -776,7 +778,7 @@ pub fn expire(
         if c.state != CircuitState::Provisioning {
             continue;
         }
-        let Some(version) = overdue(&c.id) else {
+        let Some(version) = overdue(&c) else {
             continue;
         };
         let missing: BTreeSet<NodeId> = c

@@ -52,6 +52,9 @@ pub struct CircuitService {
     provision_timeout: Duration,
     /// The topology version whose broken circuits have been failed ([`super::fail_broken`]).
     checked: AtomicU64,
+    /// Tests: runs in [`Self::settle_once`] between its decisions and their transaction.
+    #[cfg(test)]
+    between: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -74,6 +77,8 @@ impl CircuitService {
             pending: Mutex::new(BTreeMap::new()),
             provision_timeout,
             checked: AtomicU64::new(cur.record.version),
+            #[cfg(test)]
+            between: Mutex::new(None),
         });
         // The controller starts with no circuits in its snapshot: publish the stored ones, and
         // wait for that version's acknowledgement for those not settled yet.
@@ -287,12 +292,15 @@ impl CircuitService {
             if p.revision != c.revision && c.state != CircuitState::Failed {
                 continue;
             }
+            // Decided on the circuit as read here: the transaction below acts on it only if it
+            // is still at this revision (a delete or resize committed meanwhile is pending on
+            // a newer snapshot, not acknowledged by this one).
             if c.routers().iter().all(|n| acked(n, p.version)) {
-                ready.insert(c.id.clone(), p.version);
+                ready.insert(c.id.clone(), (p.version, c.revision));
             } else if c.state == CircuitState::Provisioning
                 && now.duration_since(p.since) >= self.provision_timeout
             {
-                overdue.insert(c.id.clone(), p.version);
+                overdue.insert(c.id.clone(), (p.version, c.revision));
             }
         }
         if !done.is_empty() {
@@ -304,11 +312,19 @@ impl CircuitService {
         if ready.is_empty() && overdue.is_empty() {
             return Ok(());
         }
+        #[cfg(test)]
+        if let Some(f) = lock(&self.between).take() {
+            f();
+        }
         let store = self.ctl.store().clone();
         let (changed, failed) = tokio::task::spawn_blocking(move || {
             store::transaction(&*store, |tx| -> Result<_, StoreError> {
-                let a = super::settle(tx, &|id| ready.get(id).copied(), &acked)?;
-                let f = super::expire(tx, &|id| overdue.get(id).copied(), &acked)?;
+                let unchanged = |decided: &BTreeMap<CircuitId, (u64, u64)>, c: &Circuit| {
+                    let (version, revision) = decided.get(&c.id)?;
+                    (*revision == c.revision).then_some(*version)
+                };
+                let a = super::settle(tx, &|c| unchanged(&ready, c), &acked)?;
+                let f = super::expire(tx, &|c| unchanged(&overdue, c), &acked)?;
                 Ok((a, f))
             })
         })
@@ -469,6 +485,27 @@ mod tests {
 
         let restarted = CircuitService::new(ctl.clone(), DEFAULT_PROVISION_TIMEOUT).unwrap();
         assert!(lock(&restarted.pending).is_empty());
+    }
+
+    /// A delete that commits while a settle pass has decided that the circuit's routers
+    /// acknowledged it (the create's snapshot) does not make the circuit `decommissioned` on
+    /// those acknowledgements: its removal is in a newer snapshot, not acknowledged yet. It
+    /// stays `decommissioning`, waiting for that one.
+    #[tokio::test]
+    async fn a_delete_during_a_settle_pass_waits_for_its_own_acknowledgement() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CountingStore::open(dir.path());
+        let (ctl, svc) = with_c1(store.clone()).await;
+        let _sessions = ack(&ctl, &["e", "s"]);
+        let ctl2 = ctl.clone();
+        *lock(&svc.between) = Some(Box::new(move || {
+            let deleted =
+                store::transaction(&**ctl2.store(), |tx| super::super::delete(tx, "c1", "ops"))
+                    .unwrap();
+            assert_eq!(deleted.state, CircuitState::Decommissioning);
+        }));
+        svc.settle_once().await.unwrap();
+        assert_eq!(svc.get("c1").unwrap().state, CircuitState::Decommissioning);
     }
 
     /// An apply committed, then the controller crashed before the circuits' follow-up: at

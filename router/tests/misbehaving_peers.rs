@@ -1,8 +1,8 @@
 //! Routers next to a misbehaving neighbour: a real QUIC peer on loopback, with a certificate for
 //! a node of the topology, that answers probes (so it is up) but then withholds streams or
 //! floods made-up evidence; and a router's control client next to a controller that opens streams
-//! of its own, stops reading, stops talking or grants no stream. Routers are spawned in-process,
-//! as in `inprocess.rs`.
+//! of its own, stops reading, stops talking or grants no stream, or on a disk that stalls. Routers
+//! are spawned in-process, as in `inprocess.rs`.
 
 mod common;
 
@@ -868,4 +868,199 @@ async fn a_controller_that_grants_no_stream_is_left_and_reconnected() {
         7,
         "the stored snapshot is kept"
     );
+}
+
+/// A controller the test drives: the frames sent into `to_router` are written to the router's
+/// control stream (the first session takes them; a later one, those sent after the first ended),
+/// and each frame the router sends comes out of `from_router`, decoded, or as the error of the
+/// controller's reader (its limit, `MAX_FROM_ROUTER`: a larger frame is `TooLarge`, and the
+/// session ends there, as the controller's does).
+struct Puppet {
+    addr: SocketAddr,
+    /// Each connection of the router, once established (held: a connection is kept as long as
+    /// this end holds it).
+    conns: tokio::sync::mpsc::UnboundedReceiver<quinn::Connection>,
+    to_router: tokio::sync::mpsc::UnboundedSender<bytes::Bytes>,
+    from_router:
+        tokio::sync::mpsc::UnboundedReceiver<Result<router::control::proto::FromRouter, String>>,
+}
+
+impl Puppet {
+    fn start(dir: &std::path::Path) -> Puppet {
+        use router::control::proto::{self, MAX_FROM_ROUTER};
+        use tokio::sync::{Mutex, mpsc};
+        let (to_router, pushed) = mpsc::unbounded_channel::<bytes::Bytes>();
+        let pushed = Arc::new(Mutex::new(pushed));
+        let (heard, from_router) = mpsc::unbounded_channel();
+        let (addr, conns) = fake_controller(
+            dir,
+            quinn::TransportConfig::default(),
+            move |mut send, mut recv| {
+                let (pushed, heard) = (pushed.clone(), heard.clone());
+                async move {
+                    let read = async {
+                        let mut frames = proto::FrameReader::new(MAX_FROM_ROUTER);
+                        loop {
+                            let got = match frames.next(&mut recv).await {
+                                Ok(Some(p)) => proto::decode(&p).map_err(|e| e.to_string()),
+                                Ok(None) => return,
+                                Err(e) => Err(e.to_string()),
+                            };
+                            let end = got.is_err();
+                            if heard.send(got).is_err() || end {
+                                return;
+                            }
+                        }
+                    };
+                    let write = async {
+                        let mut pushed = pushed.lock().await;
+                        while let Some(frame) = pushed.recv().await {
+                            if send.write_all(&frame).await.is_err() {
+                                break;
+                            }
+                        }
+                        std::future::pending::<()>().await
+                    };
+                    tokio::select! {
+                        () = read => {}
+                        () = write => {}
+                    }
+                }
+            },
+        );
+        Puppet {
+            addr,
+            conns,
+            to_router,
+            from_router,
+        }
+    }
+
+    fn send(&self, msg: &router::control::proto::ToRouter) {
+        let frame = router::control::proto::encode(msg).unwrap();
+        self.to_router.send(frame).unwrap();
+    }
+
+    /// The next frame from the router that `want` picks (others are skipped), within 20 s;
+    /// fails on an error of the controller's reader.
+    async fn next<T>(
+        &mut self,
+        what: &str,
+        mut want: impl FnMut(router::control::proto::FromRouter) -> Option<T>,
+    ) -> T {
+        let wait = async {
+            loop {
+                match self.from_router.recv().await {
+                    Some(Ok(msg)) => {
+                        if let Some(t) = want(msg) {
+                            return t;
+                        }
+                    }
+                    Some(Err(e)) => panic!("{what}: the controller could not read: {e}"),
+                    None => panic!("{what}: the controller stopped"),
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), wait)
+            .await
+            .unwrap_or_else(|_| panic!("{what}: nothing within 20 s"))
+    }
+
+    /// How many connections the router made so far.
+    fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Waits for the router's ACK of `version`.
+    async fn acked(&mut self, version: u64) {
+        use router::control::proto::FromRouter;
+        self.next(&format!("ACK of {version}"), |m| match m {
+            FromRouter::Ack { version: v } if v == version => Some(()),
+            FromRouter::Nack { version: v, reason } if v == version => {
+                panic!("version {version} rejected: {reason}")
+            }
+            _ => None,
+        })
+        .await
+    }
+}
+
+/// A FIFO in place of a file the router writes: the write blocks in its open until something
+/// reads, as on a stuck disk. Dropping it lets the blocked write go on (the runtime's shutdown
+/// waits for it): it opens the FIFO for reading, removes it (no later write finds it) and reads
+/// what comes until the writer closes.
+struct StuckFile(std::path::PathBuf);
+
+impl StuckFile {
+    fn at(path: std::path::PathBuf) -> StuckFile {
+        let status = std::process::Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .expect("mkfifo runs");
+        assert!(status.success(), "mkfifo {}: {status}", path.display());
+        StuckFile(path)
+    }
+}
+
+impl Drop for StuckFile {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        // Non-blocking: the open returns even with no writer (and releases one blocked in its
+        // open); then blocking again, to read until the writer closes (at once without one).
+        let Ok(mut fifo) = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&self.0)
+        else {
+            return;
+        };
+        let _ = std::fs::remove_file(&self.0);
+        // SAFETY: clears the flags of a descriptor this function owns.
+        unsafe { libc::fcntl(fifo.as_raw_fd(), libc::F_SETFL, 0) };
+        let _ = std::io::copy(&mut fifo, &mut std::io::sink());
+    }
+}
+
+/// A router whose state dir does not take the snapshot (its write blocks, as on a hung NFS mount
+/// or a failing disk) applies and acknowledges it anyway, and the next one too: the write delays
+/// only the copy on disk. (The client stored each snapshot before applying it, inside its session
+/// loop: it applied nothing more, sent no ACK, telemetry or anything, and never noticed the
+/// controller leaving; and a first start without a stored snapshot never returned.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_disk_holds_neither_applying_nor_the_session() {
+    use router::control::disk;
+    use router::control::proto::ToRouter;
+
+    let dir = ca_dir();
+    let state = tempfile::tempdir().unwrap();
+    let _stuck = StuckFile::at(state.path().join(format!("{}.tmp", disk::FILE_NAME)));
+    let mut controller = Puppet::start(dir.path());
+    controller
+        .to_router
+        .send(edge_snapshot(dir.path()))
+        .unwrap();
+    let client = control_client(dir.path(), controller.addr, |c| {
+        c.state_dir = Some(state.path().to_path_buf());
+    })
+    .await;
+    assert_eq!(client.snapshots().borrow().version, 1);
+    controller.acked(1).await;
+
+    controller.send(&ToRouter::Live {
+        version: 2,
+        base_version: 1,
+        topology_version: 1,
+        live: Default::default(),
+    });
+    controller.acked(2).await;
+    assert_eq!(client.snapshots().borrow().version, 2);
+    assert!(
+        !state.path().join(disk::FILE_NAME).exists(),
+        "the snapshot was stored: the disk was not stuck"
+    );
+    assert_eq!(client.connects(), 1);
+    assert_eq!(controller.connections(), 1);
+    assert!(client.is_connected());
+    drop(client);
 }

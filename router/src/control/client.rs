@@ -2,6 +2,12 @@
 //! snapshots it sends (acknowledging or rejecting each), reports telemetry, keeps the last good
 //! snapshot on disk, and reconnects with exponential backoff and jitter.
 //!
+//! A snapshot is applied and acknowledged first and stored after, by a task of its own that
+//! writes the latest one it was given (a `Writer`): an ACK says the router runs on that version,
+//! not that the version is on disk. A disk that stalls (a hung NFS mount, a failing disk) delays
+//! only the stored copy, never applying, acknowledging, telemetry or the session's timers; a
+//! write slower than [`SLOW_WRITE`] is logged.
+//!
 //! It also renews the node certificate through the controller: once the presented certificate
 //! is due ([`pki::renew_at`]: 70 % of its lifetime, 10 s to 24 h before expiry) it makes a new
 //! key, sends `Renew` with its public key, and installs the certificate that comes back (checked
@@ -61,6 +67,10 @@ pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// connection that is up but whose session stopped talking. [`ClientConfig::silence_timeout`]
 /// overrides it (tests).
 pub const SILENCE_TIMEOUT: Duration = Duration::from_secs(20);
+/// A disk write of the client (the stored snapshot) running longer than this is
+/// logged at warn (and again when it ends): the disk may be stuck. The session does not wait
+/// for it either way.
+pub const SLOW_WRITE: Duration = Duration::from_secs(10);
 
 pub struct ClientConfig {
     pub controller: SocketAddr,
@@ -184,6 +194,55 @@ struct Shared {
     /// replace.
     cert: Arc<tls::CertResolver>,
     renew: Mutex<RenewSchedule>,
+    /// Stores applied snapshots in `cfg.state_dir` (`None`: no state dir).
+    store: Option<Writer<StoredSnapshot>>,
+}
+
+/// Disk writes the control session hands off instead of waiting for them: the latest value
+/// [`Writer::send`] was given is written by a task of its own, one write at a time, off the async
+/// workers. Values sent while a write runs replace each other (the latest is written next), so a
+/// disk that stalls holds one blocking thread and delays only these writes, never the session.
+/// A write running longer than [`SLOW_WRITE`] is logged at warn, and again when it ends.
+struct Writer<T> {
+    tx: watch::Sender<Option<T>>,
+}
+
+impl<T: Clone + Send + Sync + 'static> Writer<T> {
+    /// The writer, and its task (abort it to stop the writer; a write already running on its
+    /// blocking thread still ends). `what` names a write in the logs; `write` does one.
+    fn spawn(
+        what: &'static str,
+        write: impl Fn(T) + Send + Sync + 'static,
+    ) -> (Self, JoinHandle<()>) {
+        let (tx, mut rx) = watch::channel(None::<T>);
+        let write = Arc::new(write);
+        let task = tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let Some(value) = rx.borrow_and_update().clone() else {
+                    continue;
+                };
+                let w = write.clone();
+                let started = tokio::time::Instant::now();
+                let mut job = tokio::task::spawn_blocking(move || w(value));
+                if tokio::time::timeout(SLOW_WRITE, &mut job).await.is_err() {
+                    tracing::warn!(
+                        "{what} has taken over {}s so far (is the disk stuck?); the control \
+                         session goes on without it, and a newer one waits for it",
+                        SLOW_WRITE.as_secs()
+                    );
+                    let _ = job.await;
+                    tracing::warn!("{what} ended after {}s", started.elapsed().as_secs());
+                }
+            }
+        });
+        (Writer { tx }, task)
+    }
+
+    /// Has `value` written, after the write running now (if any), in place of any value still
+    /// waiting. Returns at once.
+    fn send(&self, value: T) {
+        self.tx.send_replace(Some(value));
+    }
 }
 
 /// When the next renewal request may go, across sessions: each request (answered or not) holds
@@ -288,6 +347,20 @@ impl ControlClient {
             None => tls::CertResolver::new(&cfg.identity)?,
         };
         let schedule = RenewSchedule::new(cfg.renew_backoff_min, cfg.renew_backoff_max);
+        let mut tasks = Vec::new();
+        let store = cfg.state_dir.clone().map(|dir| {
+            let (writer, task) = Writer::spawn("storing the snapshot", move |s: StoredSnapshot| {
+                match disk::save(&dir, &s) {
+                    Ok(()) => tracing::debug!(version = s.version, "stored the snapshot"),
+                    // A full disk must not stop routing: the snapshot applied, the error is logged.
+                    Err(e) => {
+                        tracing::error!(version = s.version, "could not store the snapshot: {e}")
+                    }
+                }
+            });
+            tasks.push(task);
+            writer
+        });
         let shared = Arc::new(Shared {
             cfg,
             telemetry: Mutex::new(None),
@@ -298,6 +371,7 @@ impl ControlClient {
             topology_version: AtomicU64::new(0),
             cert,
             renew: Mutex::new(schedule),
+            store,
         });
         if let Some(s) = from_disk {
             tracing::info!(
@@ -319,10 +393,8 @@ impl ControlClient {
             }));
         }
         let endpoint = client_endpoint(&shared.cfg, &shared.cert)?;
-        let tasks = vec![
-            tokio::spawn(run(shared.clone(), endpoint, tx)),
-            tokio::spawn(staleness_watch(shared.clone())),
-        ];
+        tasks.push(tokio::spawn(run(shared.clone(), endpoint, tx)));
+        tasks.push(tokio::spawn(staleness_watch(shared.clone())));
         // The placeholder (version 0) is never handed out.
         let _ = rx.wait_for(|s| s.version != 0).await;
         Ok(ControlClient {
@@ -595,7 +667,7 @@ async fn converse(
                         }
                         None
                     }
-                    msg => handle(shared, tx, msg).await?,
+                    msg => handle(shared, tx, msg)?,
                 };
                 if let Some(reply) = reply {
                     write(&mut send, &reply, stall).await?;
@@ -649,7 +721,7 @@ fn check(node: &NodeId, snap: &Snapshot) -> Result<(), String> {
     Ok(())
 }
 
-async fn handle(
+fn handle(
     shared: &Shared,
     tx: &watch::Sender<Arc<Snapshot>>,
     msg: ToRouter,
@@ -726,27 +798,27 @@ async fn handle(
         tracing::error!(version, "rejecting snapshot: {reason}");
         return Ok(Some(FromRouter::Nack { version, reason }));
     }
-    if let Some(dir) = shared.cfg.state_dir.clone() {
-        let stored = StoredSnapshot {
+    let snap = Arc::new(snap);
+    shared
+        .topology_version
+        .store(topology_version, Ordering::Relaxed);
+    tx.send_replace(snap.clone());
+    tracing::debug!(version, topology_version, "applied snapshot");
+    // Stored after it applied, by the store's own task (the latest snapshot wins: a burst of
+    // live updates is one write): the ACK says the router runs on this version, which is what
+    // the controller acts on (status, circuits going active), not that it is on disk. Waiting
+    // for the disk here held applying, acknowledging, telemetry and the session's timers for as
+    // long as a write took, forever on a stuck disk.
+    if let Some(store) = &shared.store {
+        store.send(StoredSnapshot {
             version,
             topology_version,
             received_unix_ms: now_ms(),
             topology: snap.topology.clone(),
             live: snap.live.clone(),
             circuits: snap.circuits.clone(),
-        };
-        // A full disk must not stop routing: the snapshot still applies, the error is logged.
-        match tokio::task::spawn_blocking(move || disk::save(&dir, &stored)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!("could not store the snapshot: {e}"),
-            Err(e) => tracing::error!("could not store the snapshot: {e}"),
-        }
+        });
     }
-    shared
-        .topology_version
-        .store(topology_version, Ordering::Relaxed);
-    tx.send_replace(Arc::new(snap));
-    tracing::debug!(version, topology_version, "applied snapshot");
     Ok(Some(FromRouter::Ack { version }))
 }
 

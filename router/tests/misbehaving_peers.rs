@@ -1064,3 +1064,124 @@ async fn a_stuck_disk_holds_neither_applying_nor_the_session() {
     assert!(client.is_connected());
     drop(client);
 }
+
+/// A control client of router `edge` to `controller` that presents (and installs into) the
+/// returned resolver, its TLS directory `dir`.
+async fn control_client_with_cert(
+    dir: &std::path::Path,
+    controller: &Puppet,
+) -> (
+    router::control::ControlClient,
+    Arc<router::tls::CertResolver>,
+) {
+    let id = router::tls::TlsIdentity::load(dir, "edge").unwrap();
+    let cert = router::tls::CertResolver::new(&id).unwrap();
+    let shared = cert.clone();
+    let client = control_client(dir, controller.addr, move |c| c.cert = Some(shared)).await;
+    (client, cert)
+}
+
+/// The temporary file `router::pki` writes `name` of `dir` through (named for this process).
+fn pki_temporary(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+    dir.join(format!("{name}.{}.tmp", std::process::id()))
+}
+
+/// A router whose TLS directory does not take the revocation lists the controller sends (the
+/// write blocks) goes on with its session: the next version applies and is acknowledged. (The
+/// session waited for the install, file write included, forever on a stuck disk.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_revocation_list_write_does_not_hold_the_session() {
+    use router::control::proto::ToRouter;
+    use router::pki::{self, RevokeReason, RevokeTarget};
+
+    let dir = ca_dir();
+    let snapshot = edge_snapshot(dir.path());
+    pki::issue(dir.path(), "other").unwrap();
+    let revoked = pki::revoke(
+        dir.path(),
+        &RevokeTarget::Node("other".into()),
+        RevokeReason::KeyCompromise,
+    )
+    .unwrap();
+    let pem = std::fs::read_to_string(&revoked.path).unwrap();
+    // The router has no list yet: the controller's must be adopted and written.
+    std::fs::remove_file(&revoked.path).unwrap();
+    let _stuck = StuckFile::at(pki_temporary(dir.path(), pki::CA_CRL));
+    let mut controller = Puppet::start(dir.path());
+    controller.to_router.send(snapshot).unwrap();
+    controller.send(&ToRouter::Crl { pem });
+    controller.send(&ToRouter::Live {
+        version: 2,
+        base_version: 1,
+        topology_version: 1,
+        live: Default::default(),
+    });
+    let (client, _cert) = control_client_with_cert(dir.path(), &controller).await;
+    controller.acked(1).await;
+    controller.acked(2).await;
+    assert_eq!(client.snapshots().borrow().version, 2);
+    assert!(
+        !revoked.path.exists(),
+        "the list was written: the disk was not stuck"
+    );
+    assert_eq!(client.connects(), 1);
+    assert_eq!(controller.connections(), 1);
+    drop(client);
+}
+
+/// A router whose TLS directory does not take its renewed certificate (the write of the new key
+/// blocks) goes on with its session: the next version applies and is acknowledged. (The session
+/// waited for the install, forever on a stuck disk.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_certificate_write_does_not_hold_the_session() {
+    use router::control::proto::{FromRouter, ToRouter};
+    use router::pki::{self, CaSigner, RawP256PublicKey, Validity};
+    use router::tls::Renewal;
+
+    let dir = ca_dir();
+    let snapshot = edge_snapshot(dir.path());
+    // Due for renewal since 90 s (70 % of 1300 s), valid 5 more minutes.
+    let now = std::time::SystemTime::now();
+    let due = Validity::between(
+        now - Duration::from_secs(1000),
+        now + Duration::from_secs(300),
+    );
+    pki::issue_with(dir.path(), "edge", due.unwrap()).unwrap();
+    let _stuck = StuckFile::at(pki_temporary(dir.path(), "edge.key"));
+    let mut controller = Puppet::start(dir.path());
+    controller.to_router.send(snapshot).unwrap();
+    let (client, cert) = control_client_with_cert(dir.path(), &controller).await;
+    let key = controller
+        .next("a renewal request", |m| match m {
+            FromRouter::Renew { public_key } => Some(public_key),
+            _ => None,
+        })
+        .await;
+    let chain_pem = CaSigner::load(dir.path())
+        .unwrap()
+        .sign(
+            "edge",
+            Validity::for_duration(Duration::from_secs(3600)).unwrap(),
+            &RawP256PublicKey::new(&key).unwrap(),
+        )
+        .unwrap();
+    controller.send(&ToRouter::Certificate { chain_pem });
+    controller.send(&ToRouter::Live {
+        version: 2,
+        base_version: 1,
+        topology_version: 1,
+        live: Default::default(),
+    });
+    controller.acked(2).await;
+    assert_eq!(client.snapshots().borrow().version, 2);
+    for r in [Renewal::Renewed, Renewal::Invalid] {
+        assert_eq!(
+            cert.renewals(r),
+            0,
+            "{r:?}: the install ended, the disk was not stuck"
+        );
+    }
+    assert_eq!(client.connects(), 1);
+    assert_eq!(controller.connections(), 1);
+    drop(client);
+}

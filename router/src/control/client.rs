@@ -4,16 +4,17 @@
 //!
 //! A snapshot is applied and acknowledged first and stored after, by a task of its own that
 //! writes the latest one it was given (a `Writer`): an ACK says the router runs on that version,
-//! not that the version is on disk. A disk that stalls (a hung NFS mount, a failing disk) delays
-//! only the stored copy, never applying, acknowledging, telemetry or the session's timers; a
-//! write slower than [`SLOW_WRITE`] is logged.
+//! not that the version is on disk. Revocation lists and renewed certificates from the controller
+//! are installed (checked, adopted, written to the TLS directory) by tasks of their own too. A
+//! disk that stalls (a hung NFS mount, a failing disk) delays only those, never applying,
+//! acknowledging, telemetry or the session's timers; a write slower than [`SLOW_WRITE`] is logged.
 //!
 //! It also renews the node certificate through the controller: once the presented certificate
 //! is due ([`pki::renew_at`]: 70 % of its lifetime, 10 s to 24 h before expiry) it makes a new
 //! key, sends `Renew` with its public key, and installs the certificate that comes back (checked
-//! by the [`tls::CertResolver`] first, then written to the node's files, then reloaded). A
-//! refusal or no answer is retried after [`RENEW_BACKOFF_MIN`], doubling to
-//! [`RENEW_BACKOFF_MAX`]; the certificate in use keeps working until it expires.
+//! by the [`tls::CertResolver`] first, then written to the node's files, then reloaded: the
+//! session does not wait for it). A refusal or no answer is retried after [`RENEW_BACKOFF_MIN`],
+//! doubling to [`RENEW_BACKOFF_MAX`]; the certificate in use keeps working until it expires.
 //!
 //! A controller whose session stops reading or stops talking while its connection stays up
 //! (QUIC keep-alives hold a connection whose session task is stuck) would hold the client for
@@ -67,9 +68,9 @@ pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// connection that is up but whose session stopped talking. [`ClientConfig::silence_timeout`]
 /// overrides it (tests).
 pub const SILENCE_TIMEOUT: Duration = Duration::from_secs(20);
-/// A disk write of the client (the stored snapshot) running longer than this is
-/// logged at warn (and again when it ends): the disk may be stuck. The session does not wait
-/// for it either way.
+/// A disk write of the client (the stored snapshot, an installed revocation list or renewed
+/// certificate) running longer than this is logged at warn (and again when it ends): the disk
+/// may be stuck. The session does not wait for it either way.
 pub const SLOW_WRITE: Duration = Duration::from_secs(10);
 
 pub struct ClientConfig {
@@ -193,9 +194,19 @@ struct Shared {
     /// What the control connection presents (the router's, when shared), and what renewals
     /// replace.
     cert: Arc<tls::CertResolver>,
-    renew: Mutex<RenewSchedule>,
+    renew: Arc<Mutex<RenewSchedule>>,
     /// Stores applied snapshots in `cfg.state_dir` (`None`: no state dir).
     store: Option<Writer<StoredSnapshot>>,
+    /// Installs the revocation lists the controller sends ([`tls::install_crl`]).
+    crls: Writer<String>,
+    /// Installs renewed certificates ([`tls::install`]).
+    certs: Writer<Arc<Renewed>>,
+}
+
+/// A certificate the controller sent for a renewal request, with that request's key.
+struct Renewed {
+    key: rcgen::KeyPair,
+    chain_pem: String,
 }
 
 /// Disk writes the control session hands off instead of waiting for them: the latest value
@@ -346,7 +357,10 @@ impl ControlClient {
             Some(c) => c.clone(),
             None => tls::CertResolver::new(&cfg.identity)?,
         };
-        let schedule = RenewSchedule::new(cfg.renew_backoff_min, cfg.renew_backoff_max);
+        let schedule = Arc::new(Mutex::new(RenewSchedule::new(
+            cfg.renew_backoff_min,
+            cfg.renew_backoff_max,
+        )));
         let mut tasks = Vec::new();
         let store = cfg.state_dir.clone().map(|dir| {
             let (writer, task) = Writer::spawn("storing the snapshot", move |s: StoredSnapshot| {
@@ -361,6 +375,19 @@ impl ControlClient {
             tasks.push(task);
             writer
         });
+        // File writes and signature checks, each a Writer: a stuck TLS directory holds neither
+        // the session nor more than one blocking thread each.
+        let c = cert.clone();
+        let (crls, task) = Writer::spawn("installing the revocation lists", move |pem: String| {
+            tls::install_crl(&c, &pem);
+        });
+        tasks.push(task);
+        let (c, s) = (cert.clone(), schedule.clone());
+        let (certs, task) = Writer::spawn(
+            "installing the renewed certificate",
+            move |r: Arc<Renewed>| install_renewed(&c, &s, &r),
+        );
+        tasks.push(task);
         let shared = Arc::new(Shared {
             cfg,
             telemetry: Mutex::new(None),
@@ -370,8 +397,10 @@ impl ControlClient {
             last_contact_ms: AtomicU64::new(now_ms()),
             topology_version: AtomicU64::new(0),
             cert,
-            renew: Mutex::new(schedule),
+            renew: schedule,
             store,
+            crls,
+            certs,
         });
         if let Some(s) = from_disk {
             tracing::info!(
@@ -647,13 +676,14 @@ async fn converse(
                         None
                     }
                     ToRouter::Certificate { chain_pem } => {
-                        renewed(shared, pending.take(), chain_pem).await;
+                        match pending.take() {
+                            Some(key) => shared.certs.send(Arc::new(Renewed { key, chain_pem })),
+                            None => tracing::debug!("ignoring a certificate no renewal asked for"),
+                        }
                         None
                     }
                     ToRouter::Crl { pem } => {
-                        // File write and signature checks: off the async workers.
-                        let cert = shared.cert.clone();
-                        let _ = tokio::task::spawn_blocking(move || tls::install_crl(&cert, &pem)).await;
+                        shared.crls.send(pem);
                         None
                     }
                     ToRouter::RenewRefused { reason } => {
@@ -681,6 +711,11 @@ async fn converse(
                 }
             }
             _ = tokio::time::sleep_until(renew.unwrap_or(far)), if renew.is_some() => {
+                // A renewed certificate installed since `renew` was computed is not due (the
+                // install is not waited for).
+                if renew_due(shared).is_none_or(|due| due > tokio::time::Instant::now()) {
+                    continue;
+                }
                 if pending.take().is_some() {
                     shared.cert.count_renewal(Renewal::NoAnswer);
                     tracing::warn!("no answer to the last certificate renewal request; asking again");
@@ -850,27 +885,20 @@ fn renew_attempted(shared: &Shared) {
     }
 }
 
-/// The controller answered with a certificate: installs it with the key asked for, or keeps
-/// the current pair (and says why).
-async fn renewed(shared: &Shared, key: Option<rcgen::KeyPair>, chain_pem: String) {
-    let Some(key) = key else {
-        tracing::debug!("ignoring a certificate no renewal asked for");
-        return;
-    };
-    let cert = shared.cert.clone();
-    let res = tokio::task::spawn_blocking(move || tls::install(&cert, &key, &chain_pem))
-        .await
-        .unwrap_or_else(|e| Err(e.to_string()));
-    match res {
+/// Installs a renewed certificate with the key its request was made with (`cert` checks it
+/// first), or keeps the current pair and says why; `schedule` starts its back-off again once it
+/// is installed. Blocking (file writes): run by a `Writer`.
+fn install_renewed(cert: &tls::CertResolver, schedule: &Mutex<RenewSchedule>, r: &Renewed) {
+    match tls::install(cert, &r.key, &r.chain_pem) {
         Ok(not_after) => {
-            shared.cert.count_renewal(Renewal::Renewed);
-            if let Ok(mut r) = shared.renew.lock() {
-                r.succeeded(tokio::time::Instant::now());
+            cert.count_renewal(Renewal::Renewed);
+            if let Ok(mut s) = schedule.lock() {
+                s.succeeded(tokio::time::Instant::now());
             }
             tracing::info!(not_after, expires = %fmt_unix(not_after), "renewed the node certificate through the controller");
         }
         Err(e) => {
-            shared.cert.count_renewal(Renewal::Invalid);
+            cert.count_renewal(Renewal::Invalid);
             tracing::warn!(
                 "the renewed certificate was not installed, keeping the current one: {e}"
             );

@@ -1185,3 +1185,80 @@ async fn a_stuck_certificate_write_does_not_hold_the_session() {
     assert_eq!(controller.connections(), 1);
     drop(client);
 }
+
+/// A router with more neighbours than one report within the controller's frame limit holds
+/// (12,000: a transit hub of a large star, which a topology may have) sends its telemetry cut to
+/// fit: the controller reads every frame, the neighbours that are down are all there, and the
+/// session stays up. (The whole report went out, 1.2 MB: the controller refused the frame and
+/// closed the session, right after each hello, as the first report goes at once.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_of_many_neighbours_is_cut_to_what_the_controller_takes() {
+    use router::control::proto::{self, FromRouter, MAX_FROM_ROUTER};
+    use router::telemetry::{NeighbourReport, SiteReport, TelemetryReport};
+
+    let dir = ca_dir();
+    let mut controller = Puppet::start(dir.path());
+    controller
+        .to_router
+        .send(edge_snapshot(dir.path()))
+        .unwrap();
+    let client = control_client(dir.path(), controller.addr, |c| {
+        c.telemetry_interval = Duration::from_millis(100);
+    })
+    .await;
+    let report = TelemetryReport {
+        node: NodeId::new("edge"),
+        snapshot_version: 1,
+        neighbours: (0..12_000u64)
+            .map(|i| NeighbourReport {
+                id: NodeId::new(format!("neighbour-{i:05}")),
+                rtt_us: 10_000 + i,
+                up: i % 10 != 0,
+                path_mtu: 1452,
+                lost_packets: 0,
+                dial_failures: 0,
+            })
+            .collect(),
+        sites: vec![SiteReport {
+            service: "echo".into(),
+            healthy: true,
+            active_streams: 1,
+            capacity: 10,
+        }],
+        preferred: [("echo".to_string(), "site".to_string())].into(),
+        draining: false,
+    };
+    let whole = proto::encode(&FromRouter::Telemetry(report.clone()))
+        .unwrap()
+        .len();
+    assert!(whole > MAX_FROM_ROUTER, "a report of {whole} bytes fits");
+    let source = report.clone();
+    client.set_telemetry(Arc::new(move || Some(source.clone())));
+
+    for _ in 0..3 {
+        let got = controller
+            .next("a telemetry report", |m| match m {
+                FromRouter::Telemetry(r) => Some(r),
+                _ => None,
+            })
+            .await;
+        let kept = got.neighbours.len();
+        assert!((5_000..12_000).contains(&kept), "{kept} neighbours kept");
+        assert_eq!(
+            got.neighbours.iter().filter(|n| !n.up).count(),
+            1_200,
+            "the neighbours that are down are all kept"
+        );
+        assert!(
+            got.neighbours.iter().all(|n| report.neighbours.contains(n)),
+            "a kept entry changed"
+        );
+        assert_eq!(got.sites, report.sites);
+        assert!(got.preferred.is_empty(), "{:?}", got.preferred);
+    }
+    assert!(client.telemetry_trimmed() >= 3);
+    assert_eq!(client.connects(), 1);
+    assert_eq!(controller.connections(), 1);
+    assert!(client.is_connected());
+    drop(client);
+}

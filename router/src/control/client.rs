@@ -36,7 +36,7 @@ use tokio::task::JoinHandle;
 use topology::NodeId;
 
 use super::disk::{self, StoredSnapshot};
-use super::proto::{self, FromRouter, MAX_TO_ROUTER, ProtoError, ToRouter, clip};
+use super::proto::{self, FromRouter, MAX_FROM_ROUTER, MAX_TO_ROUTER, ProtoError, ToRouter, clip};
 use crate::codes::close;
 use crate::pki;
 use crate::snapshot::Snapshot;
@@ -191,6 +191,8 @@ struct Shared {
     last_contact_ms: AtomicU64,
     /// The topology version of the snapshot in force.
     topology_version: AtomicU64,
+    /// Telemetry reports sent cut to the controller's frame limit ([`telemetry_frame`]).
+    telemetry_trimmed: AtomicU64,
     /// What the control connection presents (the router's, when shared), and what renewals
     /// replace.
     cert: Arc<tls::CertResolver>,
@@ -396,6 +398,7 @@ impl ControlClient {
             stale: AtomicBool::new(false),
             last_contact_ms: AtomicU64::new(now_ms()),
             topology_version: AtomicU64::new(0),
+            telemetry_trimmed: AtomicU64::new(0),
             cert,
             renew: schedule,
             store,
@@ -461,6 +464,12 @@ impl ControlClient {
 
     pub fn topology_version(&self) -> u64 {
         self.shared.topology_version.load(Ordering::Relaxed)
+    }
+
+    /// How many telemetry reports went out cut to the controller's frame limit (a router with
+    /// more neighbours than one report holds: about 10,000).
+    pub fn telemetry_trimmed(&self) -> u64 {
+        self.shared.telemetry_trimmed.load(Ordering::Relaxed)
     }
 }
 
@@ -607,7 +616,16 @@ async fn write(
     msg: &FromRouter,
     stall: Duration,
 ) -> Result<(), ControlError> {
-    let mut rest = [proto::encode(msg)?];
+    write_frame(send, proto::encode(msg)?, stall).await
+}
+
+/// [`write`] of a frame already encoded.
+async fn write_frame(
+    send: &mut quinn::SendStream,
+    frame: bytes::Bytes,
+    stall: Duration,
+) -> Result<(), ControlError> {
+    let mut rest = [frame];
     while !rest[0].is_empty() {
         tokio::time::timeout(stall, send.write_chunks(&mut rest))
             .await
@@ -739,12 +757,70 @@ async fn converse(
             }
             _ = tick.tick() => {
                 let source = shared.telemetry.lock().ok().and_then(|t| t.clone());
-                if let Some(report) = source.and_then(|s| s()) {
-                    write(&mut send, &FromRouter::Telemetry(report), stall).await?;
+                if let Some(report) = source.and_then(|s| s())
+                    && let Some(frame) = telemetry_frame(shared, report)?
+                {
+                    write_frame(&mut send, frame, stall).await?;
                 }
             }
         }
     }
+}
+
+/// The frame of telemetry `report`, cut to what the controller takes: it refuses a frame over
+/// [`MAX_FROM_ROUTER`] and ends the session, so a router whose report outgrew it (about 100
+/// bytes a neighbour: a transit hub of about 10,000, which a topology may have) was cut off
+/// right after each hello, its renewal requests never answered. A report over the limit loses
+/// what [`TelemetryReport::trim_to`] leaves out (preferred sites first, site entries last),
+/// counted in [`ControlClient::telemetry_trimmed`] and logged at warn the first time. `None`:
+/// a report that does not fit even so (it cannot happen), not sent.
+fn telemetry_frame(
+    shared: &Shared,
+    report: TelemetryReport,
+) -> Result<Option<bytes::Bytes>, ControlError> {
+    let msg = FromRouter::Telemetry(report);
+    let frame = proto::encode(&msg)?;
+    let size = frame.len() - 4;
+    let mut report = match msg {
+        FromRouter::Telemetry(r) if size > MAX_FROM_ROUTER => r,
+        _ => return Ok(Some(frame)),
+    };
+    // What the message adds around the report (its type tag).
+    let envelope = size.saturating_sub(report.json_len());
+    let t = report.trim_to(MAX_FROM_ROUTER.saturating_sub(envelope));
+    let frame = proto::encode(&FromRouter::Telemetry(report))?;
+    if frame.len() - 4 > MAX_FROM_ROUTER {
+        tracing::error!(
+            size = frame.len() - 4,
+            "a telemetry report is over the controller's limit of {MAX_FROM_ROUTER} bytes even \
+             cut: not sent"
+        );
+        return Ok(None);
+    }
+    if shared.telemetry_trimmed.fetch_add(1, Ordering::Relaxed) == 0 {
+        tracing::warn!(
+            size,
+            limit = MAX_FROM_ROUTER,
+            preferred = t.preferred,
+            neighbours_up = t.neighbours_up,
+            neighbours_down = t.neighbours_down,
+            sites = t.sites,
+            "the telemetry report is over the controller's frame limit: sending it without {} \
+             preferred sites, {} neighbours up, {} neighbours down and {} site entries (later \
+             cuts are logged at debug level)",
+            t.preferred,
+            t.neighbours_up,
+            t.neighbours_down,
+            t.sites
+        );
+    } else {
+        tracing::debug!(
+            size,
+            ?t,
+            "telemetry report cut to the controller's frame limit"
+        );
+    }
+    Ok(Some(frame))
 }
 
 /// Checks that a snapshot can run on this router. The data plane builds its routing table from

@@ -99,6 +99,7 @@ impl TelemetryReport {
             sites: Vec::new(),
             preferred: BTreeMap::new(),
             draining: self.draining,
+            hysteresis: self.hysteresis,
         };
         // Entries are taken in that order while they fit; the first that does not ends it (a
         // smaller one further on does not jump the queue). Each costs its JSON and a comma, but
@@ -229,6 +230,10 @@ mod tests {
                 .map(|(a, b)| (a.to_string(), b.to_string()))
                 .into(),
             draining: false,
+            hysteresis: Some(HysteresisReport {
+                margin_us: 10_000,
+                ratio: 2.0 / 3.0,
+            }),
         }
     }
 

@@ -1227,6 +1227,7 @@ async fn a_report_of_many_neighbours_is_cut_to_what_the_controller_takes() {
         }],
         preferred: [("echo".to_string(), "site".to_string())].into(),
         draining: false,
+        hysteresis: None,
     };
     let whole = proto::encode(&FromRouter::Telemetry(report.clone()))
         .unwrap()

@@ -991,6 +991,9 @@ impl Puppet {
 /// what comes until the writer closes.
 struct StuckFile(std::path::PathBuf);
 
+/// How long a test waits for a write to reach its [`StuckFile`].
+const STUCK_WRITE_DEADLINE: Duration = Duration::from_secs(20);
+
 impl StuckFile {
     fn at(path: std::path::PathBuf) -> StuckFile {
         let status = std::process::Command::new("mkfifo")
@@ -1000,25 +1003,43 @@ impl StuckFile {
         assert!(status.success(), "mkfifo {}: {status}", path.display());
         StuckFile(path)
     }
-}
 
-impl Drop for StuckFile {
-    fn drop(&mut self) {
-        use std::os::fd::AsRawFd;
+    /// Lets the writer blocked on the file go, and returns what it wrote: the proof that the
+    /// write under test did reach the stuck file. Waits up to `patience` for a writer to come
+    /// (the write may not have started yet); empty when none came.
+    fn release(&self, patience: Duration) -> Vec<u8> {
+        use std::io::Read;
         use std::os::unix::fs::OpenOptionsExt;
         // Non-blocking: the open returns even with no writer (and releases one blocked in its
-        // open); then blocking again, to read until the writer closes (at once without one).
+        // open). Reading then gives end-of-file while no writer has it open.
         let Ok(mut fifo) = std::fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NONBLOCK)
             .open(&self.0)
         else {
-            return;
+            return Vec::new();
         };
+        let deadline = Instant::now() + patience;
+        let mut written = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match fifo.read(&mut buf) {
+                Ok(0) if !written.is_empty() => break,
+                Ok(n) if n > 0 => written.extend_from_slice(&buf[..n]),
+                // No writer yet (end of file), or one that has not written yet.
+                _ if Instant::now() >= deadline => break,
+                _ => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+        // Only now: a writer yet to come would have created a plain file in its place.
         let _ = std::fs::remove_file(&self.0);
-        // SAFETY: clears the flags of a descriptor this function owns.
-        unsafe { libc::fcntl(fifo.as_raw_fd(), libc::F_SETFL, 0) };
-        let _ = std::io::copy(&mut fifo, &mut std::io::sink());
+        written
+    }
+}
+
+impl Drop for StuckFile {
+    fn drop(&mut self) {
+        self.release(Duration::from_secs(1));
     }
 }
 
@@ -1034,7 +1055,7 @@ async fn a_stuck_disk_holds_neither_applying_nor_the_session() {
 
     let dir = ca_dir();
     let state = tempfile::tempdir().unwrap();
-    let _stuck = StuckFile::at(state.path().join(format!("{}.tmp", disk::FILE_NAME)));
+    let stuck = StuckFile::at(state.path().join(format!("{}.tmp", disk::FILE_NAME)));
     let mut controller = Puppet::start(dir.path());
     controller
         .to_router
@@ -1062,6 +1083,11 @@ async fn a_stuck_disk_holds_neither_applying_nor_the_session() {
     assert_eq!(client.connects(), 1);
     assert_eq!(controller.connections(), 1);
     assert!(client.is_connected());
+    let written = String::from_utf8_lossy(&stuck.release(STUCK_WRITE_DEADLINE)).into_owned();
+    assert!(
+        written.contains("\"version\""),
+        "the snapshot's write never reached the stuck file: {written:?}"
+    );
     drop(client);
 }
 
@@ -1106,7 +1132,7 @@ async fn a_stuck_revocation_list_write_does_not_hold_the_session() {
     let pem = std::fs::read_to_string(&revoked.path).unwrap();
     // The router has no list yet: the controller's must be adopted and written.
     std::fs::remove_file(&revoked.path).unwrap();
-    let _stuck = StuckFile::at(pki_temporary(dir.path(), pki::CA_CRL));
+    let stuck = StuckFile::at(pki_temporary(dir.path(), pki::CA_CRL));
     let mut controller = Puppet::start(dir.path());
     controller.to_router.send(snapshot).unwrap();
     controller.send(&ToRouter::Crl { pem });
@@ -1123,6 +1149,11 @@ async fn a_stuck_revocation_list_write_does_not_hold_the_session() {
     assert!(
         !revoked.path.exists(),
         "the list was written: the disk was not stuck"
+    );
+    let written = String::from_utf8_lossy(&stuck.release(STUCK_WRITE_DEADLINE)).into_owned();
+    assert!(
+        written.contains("BEGIN X509 CRL"),
+        "the list's write never reached the stuck file: {written:?}"
     );
     assert_eq!(client.connects(), 1);
     assert_eq!(controller.connections(), 1);
@@ -1147,7 +1178,9 @@ async fn a_stuck_certificate_write_does_not_hold_the_session() {
         now + Duration::from_secs(300),
     );
     pki::issue_with(dir.path(), "edge", due.unwrap()).unwrap();
-    let _stuck = StuckFile::at(pki_temporary(dir.path(), "edge.key"));
+    // The new key is written first, staged (`write_node_files`).
+    let staged_key = format!("edge.key.{}", pki::STAGED);
+    let stuck = StuckFile::at(pki_temporary(dir.path(), &staged_key));
     let mut controller = Puppet::start(dir.path());
     controller.to_router.send(snapshot).unwrap();
     let (client, cert) = control_client_with_cert(dir.path(), &controller).await;
@@ -1181,6 +1214,11 @@ async fn a_stuck_certificate_write_does_not_hold_the_session() {
             "{r:?}: the install ended, the disk was not stuck"
         );
     }
+    let written = String::from_utf8_lossy(&stuck.release(STUCK_WRITE_DEADLINE)).into_owned();
+    assert!(
+        written.contains("PRIVATE KEY"),
+        "the new key's write never reached the stuck file: {written:?}"
+    );
     assert_eq!(client.connects(), 1);
     assert_eq!(controller.connections(), 1);
     drop(client);

@@ -211,6 +211,19 @@ async fn apply_plan_history_rollback_and_edit_keep_the_operators_text() {
         .unwrap();
     assert_eq!(text(&out.stdout), v2);
 
+    // The same file again (a retry whose answer was lost): nothing applied, no version 3.
+    let (e, f) = (env.clone(), file.display().to_string());
+    let out = tokio::task::spawn_blocking(move || tasman(&e, &["topology", "apply", &f], &[], ""))
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("unchanged: version 2 has this text already"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_eq!(d.ctl.current().record.version, 2);
+
     // Rollback to 1 creates version 3 with version 1's text.
     let e = env.clone();
     let out =

@@ -150,7 +150,10 @@ fn print_outcome(o: &ApplyOutcome) {
             "dry run: nothing applied (current version {})",
             o.previous_version
         ),
-        None => {}
+        None => println!(
+            "unchanged: version {} has this text already; nothing applied",
+            o.previous_version
+        ),
     }
 }
 
@@ -384,8 +387,11 @@ async fn edit_loop(c: &AdminClient, args: &EditArgs) -> Result<ExitCode, ClientE
                 ..req
             };
             let out: ApplyOutcome = c.post("/v1/topology", &req).await?;
-            if let Some(v) = out.version {
-                println!("applied: version {v} (was {base})");
+            match out.version {
+                Some(v) => println!("applied: version {v} (was {base})"),
+                None => {
+                    println!("unchanged: version {base} has this text already; nothing applied")
+                }
             }
             return Ok(ExitCode::SUCCESS);
         }

@@ -255,7 +255,8 @@ mod tests {
         let text = render(&ctl, &cert);
         let m = parse(&text);
         let v = |k: &str| *m.get(k).unwrap_or_else(|| panic!("no {k} in\n{text}"));
-        assert_eq!(v("tasman_controller_topology_version"), 2.0);
+        // The rollback to version 1, the version in force, changed nothing.
+        assert_eq!(v("tasman_controller_topology_version"), 1.0);
         assert_eq!(
             v("tasman_controller_snapshot_version"),
             ctl.published().version as f64

@@ -209,7 +209,8 @@ impl ChangeCounter {
 /// The result of an apply or a dry run.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct ApplyOutcome {
-    /// The new version (None for a dry run or when nothing changed).
+    /// The new version: None for a dry run, and when the text is the current version's byte for
+    /// byte (nothing applied; a retried apply or rollback is safe).
     pub version: Option<u64>,
     pub previous_version: u64,
     pub dry_run: bool,
@@ -450,10 +451,21 @@ impl Controller {
                 .with_circuits(&new_topology, &crate::circuits::reservations(&circuits))
             }
         };
-        if dry_run {
+        // The text of the version in force, byte for byte (a retried apply or rollback, whose
+        // first attempt's answer was lost): nothing to do, no new version. A text that differs
+        // only in comments or layout is a new version (history keeps it), with no routing change.
+        let unchanged = text == old.record.text;
+        if dry_run || unchanged {
             let plan = tokio::task::spawn_blocking(plan_of)
                 .await
                 .map_err(|e| ControllerError::Internal(e.to_string()))?;
+            if unchanged && !dry_run {
+                tracing::info!(
+                    version = old.record.version,
+                    author,
+                    "topology unchanged: not applied"
+                );
+            }
             return Ok(ApplyOutcome {
                 version: None,
                 previous_version: old.record.version,
@@ -1285,6 +1297,39 @@ mod tests {
             text.contains("e chat: site changes: s2 (6.00 ms via e > t > s2) -> s1 (2.00 ms"),
             "{text}"
         );
+    }
+
+    /// Applying the text in force again (a retry whose first answer was lost) makes no new
+    /// version; a rollback to the version in force neither; a text that differs only in a
+    /// comment is a new version (history keeps the operator's text).
+    #[tokio::test]
+    async fn applying_the_text_in_force_again_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RedbStore::open(dir.path()).unwrap());
+        let ctl = Controller::open(store, Some((&yaml("5ms"), "t.yaml"))).unwrap();
+        let apply = |text: String| {
+            let ctl = &ctl;
+            async move {
+                ctl.apply(&text, "test", "m", Origin::Apply, false, None)
+                    .await
+                    .unwrap()
+            }
+        };
+        let first = apply(yaml("8ms")).await;
+        assert_eq!(first.version, Some(2));
+        let again = apply(yaml("8ms")).await;
+        assert_eq!((again.version, again.previous_version), (None, 2));
+        assert!(!again.plan.changed);
+        let back = ctl
+            .rollback(2, "test", "", false)
+            .await
+            .expect("a rollback to the version in force");
+        assert_eq!(back.version, None);
+        assert_eq!(ctl.history(10).unwrap().len(), 2);
+        assert_eq!(ctl.current().record.version, 2);
+        let commented = apply(format!("# a comment\n{}", yaml("8ms"))).await;
+        assert_eq!(commented.version, Some(3));
+        assert!(!commented.plan.changed);
     }
 
     /// An edge that runs with wider anti-flap margins (`--hysteresis-margin`) reports them, and

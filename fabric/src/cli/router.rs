@@ -155,6 +155,9 @@ impl HysteresisArgs {
     }
 }
 
+/// How long a stopping router waits for its control client's last writes (the snapshot).
+const STORE_ON_EXIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Most `--max-tries`: each try may hold the client for a `--reply-timeout`.
 const MAX_TRIES: i64 = 16;
 
@@ -460,7 +463,9 @@ fn run_with_controller(args: &RouterArgs, controller: SocketAddr) -> ExitCode {
         // The control session stays up while the router drains: the controller sees it draining
         // (its telemetry says so) and routes around it too.
         drain_on_signal(handle).await;
-        drop(client);
+        // The latest snapshot on disk before the process goes (a restart while the controller
+        // is away starts from it), unless the disk is stuck.
+        client.close(STORE_ON_EXIT).await;
         ExitCode::SUCCESS
     })
 }

@@ -217,7 +217,10 @@ struct Renewed {
 /// disk that stalls holds one blocking thread and delays only these writes, never the session.
 /// A write running longer than [`SLOW_WRITE`] is logged at warn, and again when it ends.
 struct Writer<T> {
-    tx: watch::Sender<Option<T>>,
+    /// The latest value, numbered.
+    tx: watch::Sender<Option<(u64, T)>>,
+    /// The number of the last value written (0: none yet).
+    written: watch::Receiver<u64>,
 }
 
 impl<T: Clone + Send + Sync + 'static> Writer<T> {
@@ -227,11 +230,12 @@ impl<T: Clone + Send + Sync + 'static> Writer<T> {
         what: &'static str,
         write: impl Fn(T) + Send + Sync + 'static,
     ) -> (Self, JoinHandle<()>) {
-        let (tx, mut rx) = watch::channel(None::<T>);
+        let (tx, mut rx) = watch::channel(None::<(u64, T)>);
+        let (written_tx, written) = watch::channel(0u64);
         let write = Arc::new(write);
         let task = tokio::spawn(async move {
             while rx.changed().await.is_ok() {
-                let Some(value) = rx.borrow_and_update().clone() else {
+                let Some((n, value)) = rx.borrow_and_update().clone() else {
                     continue;
                 };
                 let w = write.clone();
@@ -246,15 +250,32 @@ impl<T: Clone + Send + Sync + 'static> Writer<T> {
                     let _ = job.await;
                     tracing::warn!("{what} ended after {}s", started.elapsed().as_secs());
                 }
+                written_tx.send_replace(n);
             }
         });
-        (Writer { tx }, task)
+        (Writer { tx, written }, task)
     }
 
     /// Has `value` written, after the write running now (if any), in place of any value still
     /// waiting. Returns at once.
     fn send(&self, value: T) {
-        self.tx.send_replace(Some(value));
+        self.tx.send_modify(|v| {
+            let n = v.as_ref().map_or(0, |(n, _)| *n) + 1;
+            *v = Some((n, value));
+        });
+    }
+
+    /// Waits until the latest value sent is written, for at most `within`. False when it was
+    /// not written by then (a stuck disk, or the writer's task is gone).
+    async fn flush(&self, within: Duration) -> bool {
+        let Some(last) = self.tx.borrow().as_ref().map(|(n, _)| *n) else {
+            return true;
+        };
+        let mut written = self.written.clone();
+        matches!(
+            tokio::time::timeout(within, written.wait_for(|w| *w >= last)).await,
+            Ok(Ok(_))
+        )
     }
 }
 
@@ -312,6 +333,27 @@ pub struct ControlClient {
     shared: Arc<Shared>,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     tasks: Vec<JoinHandle<()>>,
+}
+
+impl ControlClient {
+    /// Stops the client once what it was given to write is on disk: the latest snapshot (a
+    /// router restarted while the controller is away starts from it), revocation lists and a
+    /// renewed certificate; waits at most `within` for them (a stuck disk). False when
+    /// something was left unwritten. Dropping the client stops it at once.
+    pub async fn close(self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
+        let mut all = true;
+        if let Some(store) = &self.shared.store {
+            all &= store.flush(left()).await;
+        }
+        all &= self.shared.crls.flush(left()).await;
+        all &= self.shared.certs.flush(left()).await;
+        if !all {
+            tracing::warn!("stopping with writes to disk left unfinished (is the disk stuck?)");
+        }
+        all
+    }
 }
 
 impl Drop for ControlClient {
@@ -1017,6 +1059,51 @@ mod tests {
     use tokio::time::Instant;
 
     const S: fn(u64) -> Duration = Duration::from_secs;
+
+    /// A writer writes the latest value (those sent during a write coalesce), and `flush`
+    /// returns once the latest is written: what `ControlClient::close` waits for before a
+    /// router stops (dropping it aborts the writer's task, and a snapshot still waiting was
+    /// never stored). A write that has not ended makes `flush` give up at its bound.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_writer_writes_the_latest_value_and_flush_waits_for_it() {
+        let written = Arc::new(Mutex::new(Vec::new()));
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let held = Mutex::new(held);
+        let w = written.clone();
+        let (writer, task) = Writer::spawn("test write", move |v: u32| {
+            let _ = started_tx.send(v);
+            if v == 1 {
+                let _ = held.lock().unwrap().recv(); // held until the test lets it go
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            w.lock().unwrap().push(v);
+        });
+        assert!(
+            writer.flush(S(1)).await,
+            "nothing sent: nothing to wait for"
+        );
+        writer.send(1);
+        assert_eq!(
+            started.recv_timeout(S(20)),
+            Ok(1),
+            "the first write started"
+        );
+        writer.send(2);
+        writer.send(3);
+        assert!(
+            !writer.flush(Duration::from_millis(100)).await,
+            "flushed while the first write is held"
+        );
+        release.send(()).unwrap();
+        assert!(writer.flush(S(20)).await);
+        assert_eq!(
+            *written.lock().unwrap(),
+            [1, 3],
+            "2 was replaced by 3 while 1 was written"
+        );
+        task.abort();
+    }
 
     /// The schedule of a client with the default config.
     fn schedule() -> RenewSchedule {

@@ -55,6 +55,10 @@ pub struct CircuitService {
     /// Tests: runs in [`Self::settle_once`] between its decisions and their transaction.
     #[cfg(test)]
     between: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// Tests: awaited in [`Self::settle_once`] after its transaction, before it updates
+    /// `pending`.
+    #[cfg(test)]
+    after: Mutex<Option<futures_after::After>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -79,6 +83,8 @@ impl CircuitService {
             checked: AtomicU64::new(cur.record.version),
             #[cfg(test)]
             between: Mutex::new(None),
+            #[cfg(test)]
+            after: Mutex::new(None),
         });
         // The controller starts with no circuits in its snapshot: publish the stored ones, and
         // wait for that version's acknowledgement for those not settled yet.
@@ -303,10 +309,19 @@ impl CircuitService {
                 overdue.insert(c.id.clone(), (p.version, c.revision));
             }
         }
+        // An entry is let go only as this pass saw it: an operation that committed meanwhile
+        // (a delete, a resize) published the circuit again under a newer entry, which waits
+        // for its own acknowledgement.
+        let as_seen = |p: &BTreeMap<CircuitId, Pending>, id: &CircuitId| {
+            let key = |e: &Pending| (e.revision, e.version);
+            p.get(id).map(key) == pending.get(id).map(key)
+        };
         if !done.is_empty() {
             let mut p = lock(&self.pending);
             for id in &done {
-                p.remove(id);
+                if as_seen(&p, id) {
+                    p.remove(id);
+                }
             }
         }
         if ready.is_empty() && overdue.is_empty() {
@@ -330,13 +345,24 @@ impl CircuitService {
         })
         .await
         .map_err(|e| ServiceError::Internal(e.to_string()))??;
+        #[cfg(test)]
+        {
+            let f = lock(&self.after).take();
+            if let Some(f) = f {
+                f().await;
+            }
+        }
         let mut p = lock(&self.pending);
         for c in &changed {
-            p.remove(&c.id);
+            if as_seen(&p, &c.id) {
+                p.remove(&c.id);
+            }
         }
         for c in &failed {
             // Stays pending: late acknowledgements still activate it.
-            if let Some(e) = p.get_mut(&c.id) {
+            if as_seen(&p, &c.id)
+                && let Some(e) = p.get_mut(&c.id)
+            {
                 e.revision = c.revision;
             }
         }
@@ -369,6 +395,13 @@ fn fail_broken_durably(
         return Ok(Vec::new());
     }
     store::transaction(store, |tx| super::fail_broken(tx, topo, version))
+}
+
+#[cfg(test)]
+mod futures_after {
+    /// What a test runs in [`super::CircuitService::settle_once`] after its transaction.
+    pub type After =
+        Box<dyn FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send>;
 }
 
 #[cfg(test)]
@@ -506,6 +539,35 @@ mod tests {
         }));
         svc.settle_once().await.unwrap();
         assert_eq!(svc.get("c1").unwrap().state, CircuitState::Decommissioning);
+    }
+
+    /// A delete that commits while a settle pass activates the circuit (after the pass's
+    /// transaction, before it lets go of the circuit's pending entry) keeps the entry the
+    /// delete published: the circuit is decommissioned once its routers acknowledge the
+    /// removal. (The pass dropped the delete's entry with its own, and the circuit stayed
+    /// `decommissioning` until a restart.)
+    #[tokio::test]
+    async fn an_operation_during_a_settle_pass_keeps_its_own_pending_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CountingStore::open(dir.path());
+        let (ctl, svc) = with_c1(store.clone()).await;
+        let sessions = ack(&ctl, &["e", "s"]);
+        let svc2 = svc.clone();
+        *lock(&svc.after) = Some(Box::new(move || {
+            Box::pin(async move {
+                let c = svc2.delete("c1".into(), "ops".into()).await.unwrap();
+                assert_eq!(c.state, CircuitState::Decommissioning);
+            })
+        }));
+        svc.settle_once().await.unwrap();
+        let id = svc.get("c1").unwrap().id;
+        assert!(lock(&svc.pending).contains_key(&id), "the delete's entry");
+        let p = ctl.published();
+        for s in &sessions {
+            assert!(ctl.router_ack(s, p.version, p.topology_version));
+        }
+        svc.settle_once().await.unwrap();
+        assert_eq!(svc.get("c1").unwrap().state, CircuitState::Decommissioned);
     }
 
     /// An apply committed, then the controller crashed before the circuits' follow-up: at

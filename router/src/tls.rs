@@ -118,7 +118,22 @@ impl TlsIdentity {
             .into_iter()
             .map(|c| c.der)
             .collect();
-        let (chain, key) = Self::load_pair(dir, name)?;
+        let (chain, key, staged) = Self::read_pair(dir, name)?;
+        // Start-up, before anything of this process writes the files: finish the install a
+        // crash cut between its renames, so that the files agree again (a reload on every tick
+        // would otherwise take the staged certificate again, and other readers of `NAME.pem`
+        // would see the old one).
+        if let Some(staged) = staged {
+            let cert_path = dir.join(format!("{name}.pem"));
+            match std::fs::rename(&staged, &cert_path) {
+                Ok(()) => tracing::warn!(node = %name,
+                    "finished an interrupted certificate install: {} -> {}",
+                    staged.display(), cert_path.display()),
+                Err(e) => tracing::warn!(node = %name,
+                    "presenting the staged certificate {} (the key is newer than {}); could not \
+                     move it into place: {e}", staged.display(), cert_path.display()),
+            }
+        }
         Ok(TlsIdentity {
             name: name.to_string(),
             cas,
@@ -134,6 +149,22 @@ impl TlsIdentity {
         dir: &Path,
         name: &str,
     ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+        Self::read_pair(dir, name).map(|(chain, key, _)| (chain, key))
+    }
+
+    /// [`Self::load_pair`], and the staged certificate's path when it was taken.
+    #[allow(clippy::type_complexity)]
+    fn read_pair(
+        dir: &Path,
+        name: &str,
+    ) -> Result<
+        (
+            Vec<CertificateDer<'static>>,
+            PrivateKeyDer<'static>,
+            Option<std::path::PathBuf>,
+        ),
+        TlsError,
+    > {
         let file_err = |path: &Path, reason: String| TlsError::File {
             path: path.to_path_buf(),
             reason,
@@ -162,12 +193,12 @@ impl TlsIdentity {
                 .ok()
                 .filter(|next| for_key(next) == Some(true))
             {
-                tracing::warn!(node = %name, path = %staged.display(),
+                tracing::debug!(node = %name, path = %staged.display(),
                     "the key is newer than {}: taking the staged certificate for it", cert_path.display());
-                return Ok((next, key));
+                return Ok((next, key, Some(staged)));
             }
         }
-        Ok((chain, key))
+        Ok((chain, key, None))
     }
 }
 
@@ -1654,12 +1685,19 @@ mod tests {
     }
 
     /// A crash between the two renames of a new pair leaves the new key beside the old
-    /// certificate, the new certificate staged: the router starts with the new pair.
+    /// certificate, the new certificate staged: the router starts with the new pair, and
+    /// finishes the install (the files agree again; a reload does not take the staged file
+    /// again on every tick).
     #[test]
     fn a_pair_renamed_in_halfway_loads_with_the_staged_certificate() {
         let (d, _) = setup();
+        let (pem, staged) = (
+            d.path().join("n1.pem"),
+            d.path().join(format!("n1.pem.{}", pki::STAGED)),
+        );
+        let old = fs::read_to_string(&pem).unwrap();
         let (key, chain) = renewal(d.path());
-        fs::write(d.path().join(format!("n1.pem.{}", pki::STAGED)), &chain).unwrap();
+        fs::write(&staged, &chain).unwrap();
         fs::write(d.path().join("n1.key"), key.serialize_pem()).unwrap();
         let id = TlsIdentity::load(d.path(), "n1").unwrap();
         let r = CertResolver::new(&id).expect("the new key with its staged certificate");
@@ -1668,11 +1706,20 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(r.current().cert[0], new);
-        // A staged certificate for another key is not taken.
+        assert_eq!(
+            fs::read_to_string(&pem).unwrap(),
+            chain,
+            "the install was finished"
+        );
+        assert!(!staged.exists());
+        assert_eq!(r.reload(), Reload::Unchanged);
+        // A staged certificate for another key is not taken, nor moved into place.
+        fs::write(&pem, &old).unwrap();
         let (_, other) = renewal(d.path());
-        fs::write(d.path().join(format!("n1.pem.{}", pki::STAGED)), &other).unwrap();
+        fs::write(&staged, &other).unwrap();
         let id = TlsIdentity::load(d.path(), "n1").unwrap();
         assert!(CertResolver::new(&id).is_err());
+        assert_eq!(fs::read_to_string(&pem).unwrap(), old);
     }
 
     /// What a renewal writes is its certificate blocks, and only a chain a handshake can carry.

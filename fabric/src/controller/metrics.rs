@@ -249,14 +249,23 @@ mod tests {
         ctl.apply(YAML, "t", "dry", Origin::Apply, true, None)
             .await
             .unwrap();
-        ctl.rollback(1, "t", "", false).await.unwrap();
+        // A rollback to the version in force changes nothing and is not counted; a real one
+        // (to 1 from 2, a comment added) is.
+        assert_eq!(ctl.rollback(1, "t", "", false).await.unwrap().version, None);
+        let commented = format!("# two\n{YAML}");
+        ctl.apply(&commented, "t", "comment", Origin::Apply, false, None)
+            .await
+            .unwrap();
+        assert_eq!(
+            ctl.rollback(1, "t", "", false).await.unwrap().version,
+            Some(3)
+        );
         assert!(ctl.rollback(99, "t", "", false).await.is_err());
 
         let text = render(&ctl, &cert);
         let m = parse(&text);
         let v = |k: &str| *m.get(k).unwrap_or_else(|| panic!("no {k} in\n{text}"));
-        // The rollback to version 1, the version in force, changed nothing.
-        assert_eq!(v("tasman_controller_topology_version"), 1.0);
+        assert_eq!(v("tasman_controller_topology_version"), 3.0);
         assert_eq!(
             v("tasman_controller_snapshot_version"),
             ctl.published().version as f64
@@ -281,7 +290,7 @@ mod tests {
         assert!(!text.contains("\"gone\""), "{text}");
         assert_eq!(
             v("tasman_controller_topology_applies_total{result=\"accepted\"}"),
-            0.0
+            1.0
         );
         assert_eq!(
             v("tasman_controller_topology_applies_total{result=\"rejected\"}"),

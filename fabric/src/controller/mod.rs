@@ -175,7 +175,7 @@ impl RouterLive {
 
 /// Topology changes of one kind (applies, or rollbacks) since the controller started: accepted
 /// (committed and distributed) or rejected (invalid, conflicting, no such version, or failed).
-/// Dry runs change nothing and are not counted.
+/// Dry runs, and changes to the text already in force, change nothing and are not counted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ChangeCount {
     pub accepted: u64,
@@ -189,11 +189,13 @@ struct ChangeCounter {
 }
 
 impl ChangeCounter {
-    fn count<T, E>(&self, outcome: &Result<T, E>) {
-        let n = if outcome.is_ok() {
-            &self.accepted
-        } else {
-            &self.rejected
+    /// Counts a real (not dry-run) apply or rollback.
+    fn count<E>(&self, outcome: &Result<ApplyOutcome, E>) {
+        let n = match outcome {
+            // The text in force already: nothing changed.
+            Ok(o) if o.version.is_none() => return,
+            Ok(_) => &self.accepted,
+            Err(_) => &self.rejected,
         };
         n.fetch_add(1, Relaxed);
     }

@@ -223,6 +223,22 @@ async fn apply_plan_history_rollback_and_edit_keep_the_operators_text() {
         text(&out.stdout)
     );
     assert_eq!(d.ctl.current().record.version, 2);
+    let (e, f) = (env.clone(), file.display().to_string());
+    let out = tokio::task::spawn_blocking(move || {
+        tasman(&e, &["topology", "apply", &f, "-o", "json"], &[], "")
+    })
+    .await
+    .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (&json["unchanged"], &json["version"], &json["dry_run"]),
+        (
+            &serde_json::json!(true),
+            &serde_json::Value::Null,
+            &serde_json::json!(false)
+        ),
+        "{json}"
+    );
 
     // Rollback to 1 creates version 3 with version 1's text.
     let e = env.clone();

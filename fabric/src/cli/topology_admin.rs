@@ -146,12 +146,13 @@ fn print_outcome(o: &ApplyOutcome) {
     }
     match o.version {
         Some(v) => println!("applied: version {v} (was {})", o.previous_version),
-        None if o.dry_run => println!(
-            "dry run: nothing applied (current version {})",
-            o.previous_version
+        None if o.unchanged => println!(
+            "unchanged: version {} has this text already; nothing {}applied",
+            o.previous_version,
+            if o.dry_run { "would be " } else { "" }
         ),
         None => println!(
-            "unchanged: version {} has this text already; nothing applied",
+            "dry run: nothing applied (current version {})",
             o.previous_version
         ),
     }

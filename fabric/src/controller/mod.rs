@@ -193,7 +193,7 @@ impl ChangeCounter {
     fn count<E>(&self, outcome: &Result<ApplyOutcome, E>) {
         let n = match outcome {
             // The text in force already: nothing changed.
-            Ok(o) if o.version.is_none() => return,
+            Ok(o) if o.unchanged => return,
             Ok(_) => &self.accepted,
             Err(_) => &self.rejected,
         };
@@ -216,6 +216,9 @@ pub struct ApplyOutcome {
     pub version: Option<u64>,
     pub previous_version: u64,
     pub dry_run: bool,
+    /// The text is the version in force's, byte for byte: nothing is (or would be) applied.
+    #[serde(default)]
+    pub unchanged: bool,
     pub warnings: Vec<crate::admin::Diag>,
     pub plan: crate::plan::Plan,
 }
@@ -472,6 +475,7 @@ impl Controller {
                 version: None,
                 previous_version: old.record.version,
                 dry_run,
+                unchanged,
                 warnings: diags(&warnings),
                 plan,
             });
@@ -521,6 +525,7 @@ impl Controller {
             version: Some(version),
             previous_version: old.record.version,
             dry_run,
+            unchanged: false,
             warnings: diags(&warnings),
             plan,
         })
@@ -1319,8 +1324,10 @@ mod tests {
         };
         let first = apply(yaml("8ms")).await;
         assert_eq!(first.version, Some(2));
+        assert!(!first.unchanged);
         let again = apply(yaml("8ms")).await;
         assert_eq!((again.version, again.previous_version), (None, 2));
+        assert!(again.unchanged && !again.dry_run);
         assert!(!again.plan.changed);
         let back = ctl
             .rollback(2, "test", "", false)

@@ -269,8 +269,12 @@ impl CircuitService {
     /// overdue ones, and stops waiting for those no acknowledgement moves on any more (failed
     /// by a topology change). Writes nothing when none of them changes.
     pub async fn settle_once(&self) -> Result<(), ServiceError> {
-        if self.ctl.current().record.version != self.checked.load(Ordering::SeqCst) {
-            self.on_topology_applied().await?;
+        // Its failure must not hold up the others: settling and expiry go on, and the next
+        // pass tries it again.
+        if self.ctl.current().record.version != self.checked.load(Ordering::SeqCst)
+            && let Err(e) = self.on_topology_applied().await
+        {
+            tracing::error!("circuits: failing those the topology in force breaks: {e}");
         }
         let pending = lock(&self.pending).clone();
         if pending.is_empty() {
@@ -417,11 +421,13 @@ mod tests {
 
     const POOL: &str = "127.79.0.0/28";
 
-    /// A store that counts its write transactions, and fails them while `fail` is set.
+    /// A store that counts its write transactions, and fails them while `fail` is set, and the
+    /// next `fail_next` ones.
     struct CountingStore {
         inner: RedbStore,
         writes: AtomicUsize,
         fail: AtomicBool,
+        fail_next: AtomicUsize,
     }
 
     impl CountingStore {
@@ -430,6 +436,7 @@ mod tests {
                 inner: RedbStore::open(dir).unwrap(),
                 writes: 0.into(),
                 fail: false.into(),
+                fail_next: 0.into(),
             })
         }
     }
@@ -445,7 +452,11 @@ mod tests {
             &self,
             f: &mut dyn FnMut(&mut dyn WriteTxn) -> Result<(), StoreError>,
         ) -> Result<(), StoreError> {
-            if self.fail.load(SeqCst) {
+            let next = self
+                .fail_next
+                .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if next || self.fail.load(SeqCst) {
                 return Err(StoreError::Backend("injected failure".into()));
             }
             self.writes.fetch_add(1, SeqCst);
@@ -568,6 +579,46 @@ mod tests {
         }
         svc.settle_once().await.unwrap();
         assert_eq!(svc.get("c1").unwrap().state, CircuitState::Decommissioned);
+    }
+
+    /// When failing the circuits a topology broke fails in a settle pass (the store refused
+    /// it), the pass still settles the others (it returned at that error, and nothing settled
+    /// while it kept failing), and the next pass fails the broken ones.
+    #[tokio::test]
+    async fn a_failing_topology_check_does_not_hold_up_settling_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CountingStore::open(dir.path());
+        let (ctl, svc) = with_c1(store.clone()).await;
+        let _first = ack(&ctl, &["e", "s"]);
+        svc.settle_once().await.unwrap();
+        assert_eq!(svc.get("c1").unwrap().state, CircuitState::Active);
+        // e–s goes; its follow-up (`on_topology_applied`) is left to the settle loop.
+        ctl.apply(
+            &yaml(POOL, false),
+            "ops",
+            "drop e–s",
+            Origin::Apply,
+            false,
+            None,
+        )
+        .await
+        .unwrap();
+        let (c2, _) = svc
+            .create(spec("c2", "10.2.0.0/24", "100Mbps"), None, "ops".into())
+            .await
+            .unwrap();
+        assert_eq!(c2.path.len(), 3, "via t: {c2:?}");
+        let _second = ack(&ctl, &["e", "t", "s"]);
+        store.fail_next.store(1, SeqCst);
+        svc.settle_once().await.unwrap();
+        assert_eq!(svc.get("c2").unwrap().state, CircuitState::Active);
+        assert_eq!(
+            svc.get("c1").unwrap().state,
+            CircuitState::Active,
+            "not failed yet"
+        );
+        svc.settle_once().await.unwrap();
+        assert!(failed_by_version_2(&svc.get("c1").unwrap()));
     }
 
     /// An apply committed, then the controller crashed before the circuits' follow-up: at

@@ -14,8 +14,11 @@ use topology::circuit::ProvisionedCircuit;
 use topology::route::LiveState;
 
 pub const FILE_NAME: &str = "snapshot.json";
-/// A stored snapshot larger than this is refused (same bound as the wire).
-const MAX_FILE: u64 = super::proto::MAX_TO_ROUTER as u64;
+/// A stored snapshot larger than this is neither written nor read. Twice the wire's bound: what
+/// is stored is a snapshot that came over the wire, re-encoded with a few fields more, or one
+/// built from it by deltas; [`save`] refuses what [`load`] would refuse, so a snapshot is never
+/// stored only to be refused at the next start.
+const MAX_FILE: u64 = 2 * super::proto::MAX_TO_ROUTER as u64;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoredSnapshot {
@@ -48,6 +51,10 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DiskError + '_ {
 }
 
 pub fn save(dir: &Path, snap: &StoredSnapshot) -> Result<(), DiskError> {
+    save_at_most(dir, snap, MAX_FILE)
+}
+
+fn save_at_most(dir: &Path, snap: &StoredSnapshot, max: u64) -> Result<(), DiskError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let final_path = dir.join(FILE_NAME);
     let tmp = dir.join(format!("{FILE_NAME}.tmp"));
@@ -55,6 +62,15 @@ pub fn save(dir: &Path, snap: &StoredSnapshot) -> Result<(), DiskError> {
         path: tmp.clone(),
         reason: e.to_string(),
     })?;
+    if bytes.len() as u64 > max {
+        return Err(DiskError::Corrupt {
+            path: final_path,
+            reason: format!(
+                "not stored: {} bytes exceeds the limit of {max} (the stored snapshot is kept)",
+                bytes.len()
+            ),
+        });
+    }
     {
         let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
         f.write_all(&bytes).map_err(io(&tmp))?;
@@ -69,16 +85,20 @@ pub fn save(dir: &Path, snap: &StoredSnapshot) -> Result<(), DiskError> {
 
 /// The stored snapshot, `Ok(None)` when there is none.
 pub fn load(dir: &Path) -> Result<Option<StoredSnapshot>, DiskError> {
+    load_at_most(dir, MAX_FILE)
+}
+
+fn load_at_most(dir: &Path, max: u64) -> Result<Option<StoredSnapshot>, DiskError> {
     let path = dir.join(FILE_NAME);
     let meta = match std::fs::metadata(&path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(DiskError::Io { path, source: e }),
     };
-    if meta.len() > MAX_FILE {
+    if meta.len() > max {
         return Err(DiskError::Corrupt {
             path,
-            reason: format!("{} bytes exceeds the limit of {MAX_FILE}", meta.len()),
+            reason: format!("{} bytes exceeds the limit of {max}", meta.len()),
         });
     }
     let bytes = std::fs::read(&path).map_err(io(&path))?;
@@ -110,5 +130,29 @@ mod tests {
         assert_eq!(load(dir.path()).unwrap(), Some(snap));
         std::fs::write(dir.path().join(FILE_NAME), b"{\"version\": 9, ").unwrap();
         assert!(matches!(load(dir.path()), Err(DiskError::Corrupt { .. })));
+    }
+
+    /// What `save` writes, `load` reads back: a snapshot over the bound is not written (the
+    /// one stored stays), rather than written and then refused at the next start (the two
+    /// bounds were the wire's, which the stored form, a few fields larger, could pass).
+    #[test]
+    fn a_snapshot_over_the_bound_is_not_stored_and_the_stored_one_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let snap = |version| StoredSnapshot {
+            version,
+            topology_version: 3,
+            received_unix_ms: 1,
+            topology: Arc::new(Topology::default()),
+            live: LiveState::default(),
+            circuits: Arc::default(),
+        };
+        let max = serde_json::to_vec(&snap(9)).unwrap().len() as u64;
+        save_at_most(dir.path(), &snap(9), max).unwrap();
+        assert_eq!(load_at_most(dir.path(), max).unwrap(), Some(snap(9)));
+        // Version 10 takes one more byte.
+        let e = save_at_most(dir.path(), &snap(10), max).unwrap_err();
+        assert!(e.to_string().contains("not stored"), "{e}");
+        assert_eq!(load_at_most(dir.path(), max).unwrap(), Some(snap(9)));
+        assert!(MAX_FILE > super::super::proto::MAX_TO_ROUTER as u64);
     }
 }

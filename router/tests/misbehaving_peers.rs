@@ -870,6 +870,37 @@ async fn a_controller_that_grants_no_stream_is_left_and_reconnected() {
     );
 }
 
+/// A controller that finishes its control stream inside a frame (a frame cut short) is left
+/// with the protocol close code, as for a frame over its limit or one that does not decode, so
+/// that its logs say why. (The client dropped the connection without a code.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_that_ends_its_stream_inside_a_frame_is_closed_as_a_protocol_error() {
+    use router::codes::close;
+
+    let dir = ca_dir();
+    let snapshot = edge_snapshot(dir.path());
+    let (addr, mut conns) = fake_controller(
+        dir.path(),
+        quinn::TransportConfig::default(),
+        move |mut send, recv| {
+            let snapshot = snapshot.clone();
+            async move {
+                let _recv = recv; // read nothing, stop nothing
+                let _ = send.write_all(&snapshot).await;
+                let _ = send.write_all(&snapshot[..10]).await;
+                let _ = send.finish();
+                std::future::pending::<()>().await
+            }
+        },
+    );
+    let client = control_client(dir.path(), addr, |_| {}).await;
+    assert_eq!(client.snapshots().borrow().version, 1);
+    let first = next_connection(&mut conns, "no connection").await;
+    let (code, reason) = router_closed(&first, Duration::from_secs(20), "a frame cut short").await;
+    assert_eq!(code, u64::from(close::PROTOCOL), "{reason}");
+    drop(client);
+}
+
 /// A controller the test drives: the frames sent into `to_router` are written to the router's
 /// control stream (the first session takes them; a later one, those sent after the first ended),
 /// and each frame the router sends comes out of `from_router`, decoded, or as the error of the

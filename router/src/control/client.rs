@@ -164,6 +164,12 @@ impl ControlError {
             ControlError::Proto(ProtoError::TooLarge { .. } | ProtoError::Malformed(_)) => {
                 Some(close::PROTOCOL)
             }
+            // The controller finished its stream inside a frame: its doing, not a lost link.
+            ControlError::Proto(ProtoError::Io(e))
+                if e.kind() == std::io::ErrorKind::UnexpectedEof =>
+            {
+                Some(close::PROTOCOL)
+            }
             ControlError::Proto(ProtoError::Io(_))
             | ControlError::Tls(_)
             | ControlError::Endpoint(_)

@@ -271,14 +271,30 @@ fn diff_reports_the_changed_link_and_the_edges_that_move() {
     )
     .unwrap();
     let (old, new) = (example(), new);
-    let o = tasman(&[
-        "topology",
-        "diff",
-        old.to_str().unwrap(),
-        new.to_str().unwrap(),
-        "-o",
-        "json",
-    ]);
+    // `tasman topology diff OLD NEW -o json`, with `extra` flags.
+    let diff_json = |extra: &[&str]| {
+        let mut args = vec![
+            "topology",
+            "diff",
+            old.to_str().unwrap(),
+            new.to_str().unwrap(),
+            "-o",
+            "json",
+        ];
+        args.extend_from_slice(extra);
+        tasman(&args)
+    };
+    // The impact entry of syd-edge-1 for llm-chat.
+    let syd_chat = |v: &Value| {
+        v["impact"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["edge"] == "syd-edge-1" && e["service"] == "llm-chat")
+            .expect("syd-edge-1/llm-chat is impacted")
+            .clone()
+    };
+    let o = diff_json(&[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
     let changed = &v["changes"]["links"]["changed"];
@@ -288,12 +304,7 @@ fn diff_reports_the_changed_link_and_the_edges_that_move() {
         serde_json::json!({"field": "latency", "old": "300us", "new": "20ms"})
     );
     assert_eq!(v["changes"]["nodes"]["changed"], serde_json::json!([]));
-    let moved = v["impact"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["edge"] == "syd-edge-1" && e["service"] == "llm-chat")
-        .expect("syd-edge-1/llm-chat is impacted");
+    let moved = syd_chat(&v);
     assert_eq!(moved["kind"], "site_changed");
     assert_eq!(moved["old"]["site"], "syd-site-1");
     assert_eq!(moved["new"]["site"], "mel-site-1");
@@ -316,29 +327,12 @@ fn diff_reports_the_changed_link_and_the_edges_that_move() {
     );
 
     // Edges that run with a wider anti-flap margin keep syd-site-1: only its cost changes.
-    let wide = |margin: &str| {
-        tasman(&[
-            "topology",
-            "diff",
-            old.to_str().unwrap(),
-            new.to_str().unwrap(),
-            "-o",
-            "json",
-            "--hysteresis-margin",
-            margin,
-            "--hysteresis-ratio",
-            "1",
-        ])
-    };
+    let wide =
+        |margin: &str| diff_json(&["--hysteresis-margin", margin, "--hysteresis-ratio", "1"]);
     let o = wide("60s");
     assert!(o.status.success(), "{}", stderr(&o));
     let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
-    let kept = v["impact"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["edge"] == "syd-edge-1" && e["service"] == "llm-chat")
-        .expect("syd-edge-1/llm-chat is impacted");
+    let kept = syd_chat(&v);
     assert_eq!(kept["kind"], "cost_changed", "{kept}");
     assert_eq!(kept["new"]["site"], "syd-site-1");
     let o = wide("61s");

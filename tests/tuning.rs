@@ -74,13 +74,7 @@ fn routers_spin_while_traffic_moves_and_stop_after_the_window() {
 
 #[test]
 fn worker_threads_sets_the_routers_runtime_workers() {
-    let backend = echo_backend("");
-    let mut y = TopoYaml::default();
-    y.edge("edge", free_udp(LOCAL), LOCAL, None)
-        .site("site", free_udp(LOCAL), &[("chat", backend, 100)])
-        .link("edge", "site", "1ms")
-        .service("chat", free_tcp_port(LOCAL), &[]);
-    let mut f = Fabric::new(&y);
+    let mut f = edge_and_site();
     f.start_with("site", &["--worker-threads", "1"]);
     f.start("edge");
     f.wait_preferred("edge", "chat", "site");
@@ -94,13 +88,7 @@ fn worker_threads_sets_the_routers_runtime_workers() {
 /// plan predicts its moves with them); other roles report none.
 #[test]
 fn an_edge_reports_the_anti_flap_margins_it_runs_with() {
-    let backend = echo_backend("");
-    let mut y = TopoYaml::default();
-    y.edge("edge", free_udp(LOCAL), LOCAL, None)
-        .site("site", free_udp(LOCAL), &[("chat", backend, 100)])
-        .link("edge", "site", "1ms")
-        .service("chat", free_tcp_port(LOCAL), &[]);
-    let mut f = Fabric::new(&y);
+    let mut f = edge_and_site();
     f.start_with(
         "edge",
         &["--hysteresis-margin", "25ms", "--hysteresis-ratio", "1/2"],
@@ -115,4 +103,15 @@ fn an_edge_reports_the_anti_flap_margins_it_runs_with() {
     );
     let site = f.telemetry("site").expect("the site's telemetry");
     assert!(site.get("hysteresis").is_none(), "{site}");
+}
+
+/// An edge and a site serving `chat` (an echo backend), 1 ms apart; nothing started yet.
+fn edge_and_site() -> Fabric {
+    let backend = echo_backend("");
+    let mut y = TopoYaml::default();
+    y.edge("edge", free_udp(LOCAL), LOCAL, None)
+        .site("site", free_udp(LOCAL), &[("chat", backend, 100)])
+        .link("edge", "site", "1ms")
+        .service("chat", free_tcp_port(LOCAL), &[]);
+    Fabric::new(&y)
 }

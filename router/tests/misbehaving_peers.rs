@@ -1025,6 +1025,16 @@ struct StuckFile(std::path::PathBuf);
 /// How long a test waits for a write to reach its [`StuckFile`].
 const STUCK_WRITE_DEADLINE: Duration = Duration::from_secs(20);
 
+/// Version 2 of the controller's snapshot: a live update of version 1 that changes nothing.
+fn live_after_1() -> router::control::proto::ToRouter {
+    router::control::proto::ToRouter::Live {
+        version: 2,
+        base_version: 1,
+        topology_version: 1,
+        live: Default::default(),
+    }
+}
+
 impl StuckFile {
     fn at(path: std::path::PathBuf) -> StuckFile {
         let status = std::process::Command::new("mkfifo")
@@ -1066,6 +1076,13 @@ impl StuckFile {
         let _ = std::fs::remove_file(&self.0);
         written
     }
+
+    /// Releases the file and asserts that the write under test reached it: what it wrote
+    /// holds `needle`.
+    fn assert_reached(&self, needle: &str, what: &str) {
+        let written = String::from_utf8_lossy(&self.release(STUCK_WRITE_DEADLINE)).into_owned();
+        assert!(written.contains(needle), "{what}: {written:?}");
+    }
 }
 
 impl Drop for StuckFile {
@@ -1082,7 +1099,6 @@ impl Drop for StuckFile {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_disk_holds_neither_applying_nor_the_session() {
     use router::control::disk;
-    use router::control::proto::ToRouter;
 
     let dir = ca_dir();
     let state = tempfile::tempdir().unwrap();
@@ -1099,12 +1115,7 @@ async fn a_stuck_disk_holds_neither_applying_nor_the_session() {
     assert_eq!(client.snapshots().borrow().version, 1);
     controller.acked(1).await;
 
-    controller.send(&ToRouter::Live {
-        version: 2,
-        base_version: 1,
-        topology_version: 1,
-        live: Default::default(),
-    });
+    controller.send(&live_after_1());
     controller.acked(2).await;
     assert_eq!(client.snapshots().borrow().version, 2);
     assert!(
@@ -1114,10 +1125,9 @@ async fn a_stuck_disk_holds_neither_applying_nor_the_session() {
     assert_eq!(client.connects(), 1);
     assert_eq!(controller.connections(), 1);
     assert!(client.is_connected());
-    let written = String::from_utf8_lossy(&stuck.release(STUCK_WRITE_DEADLINE)).into_owned();
-    assert!(
-        written.contains("\"version\""),
-        "the snapshot's write never reached the stuck file: {written:?}"
+    stuck.assert_reached(
+        "\"version\"",
+        "the snapshot's write never reached the stuck file",
     );
     drop(client);
 }
@@ -1167,12 +1177,7 @@ async fn a_stuck_revocation_list_write_does_not_hold_the_session() {
     let mut controller = Puppet::start(dir.path());
     controller.to_router.send(snapshot).unwrap();
     controller.send(&ToRouter::Crl { pem });
-    controller.send(&ToRouter::Live {
-        version: 2,
-        base_version: 1,
-        topology_version: 1,
-        live: Default::default(),
-    });
+    controller.send(&live_after_1());
     let (client, _cert) = control_client_with_cert(dir.path(), &controller).await;
     controller.acked(1).await;
     controller.acked(2).await;
@@ -1181,10 +1186,9 @@ async fn a_stuck_revocation_list_write_does_not_hold_the_session() {
         !revoked.path.exists(),
         "the list was written: the disk was not stuck"
     );
-    let written = String::from_utf8_lossy(&stuck.release(STUCK_WRITE_DEADLINE)).into_owned();
-    assert!(
-        written.contains("BEGIN X509 CRL"),
-        "the list's write never reached the stuck file: {written:?}"
+    stuck.assert_reached(
+        "BEGIN X509 CRL",
+        "the list's write never reached the stuck file",
     );
     assert_eq!(client.connects(), 1);
     assert_eq!(controller.connections(), 1);
@@ -1230,12 +1234,7 @@ async fn a_stuck_certificate_write_does_not_hold_the_session() {
         )
         .unwrap();
     controller.send(&ToRouter::Certificate { chain_pem });
-    controller.send(&ToRouter::Live {
-        version: 2,
-        base_version: 1,
-        topology_version: 1,
-        live: Default::default(),
-    });
+    controller.send(&live_after_1());
     controller.acked(2).await;
     assert_eq!(client.snapshots().borrow().version, 2);
     for r in [Renewal::Renewed, Renewal::Invalid] {
@@ -1245,10 +1244,9 @@ async fn a_stuck_certificate_write_does_not_hold_the_session() {
             "{r:?}: the install ended, the disk was not stuck"
         );
     }
-    let written = String::from_utf8_lossy(&stuck.release(STUCK_WRITE_DEADLINE)).into_owned();
-    assert!(
-        written.contains("PRIVATE KEY"),
-        "the new key's write never reached the stuck file: {written:?}"
+    stuck.assert_reached(
+        "PRIVATE KEY",
+        "the new key's write never reached the stuck file",
     );
     assert_eq!(client.connects(), 1);
     assert_eq!(controller.connections(), 1);

@@ -44,7 +44,7 @@ pub struct AdminState {
     pub circuits: Arc<crate::circuits::service::CircuitService>,
     token: Arc<str>,
     #[cfg(test)]
-    status_gate: Arc<status::BuildGate>,
+    status_gate: Arc<Gate>,
 }
 
 impl AdminState {
@@ -59,6 +59,41 @@ impl AdminState {
             token: Arc::from(token.trim()),
             #[cfg(test)]
             status_gate: Arc::default(),
+        }
+    }
+}
+
+/// Test-only: once armed by [`hold`](Gate::hold), the next [`pass`](Gate::pass) waits until
+/// released, for at most [`Gate::HOLD`] (a step that holds a test runtime's only thread must
+/// not hang the test), and a hold that ran out is recorded in `expired`. Holds a status build
+/// ([`status::build`]) or a test store's read or write.
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct Gate {
+    armed: std::sync::Mutex<Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>>,
+    pub(crate) expired: std::sync::atomic::AtomicBool,
+}
+
+#[cfg(test)]
+impl Gate {
+    pub(crate) const HOLD: std::time::Duration = std::time::Duration::from_secs(10);
+
+    /// Holds the next pass; returns (entered, release).
+    pub(crate) fn hold(&self) -> (std::sync::mpsc::Receiver<()>, std::sync::mpsc::Sender<()>) {
+        let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel();
+        *self.armed.lock().unwrap() = Some((entered_tx, release_rx));
+        (entered_rx, release_tx)
+    }
+
+    pub(crate) fn pass(&self) {
+        let armed = self.armed.lock().unwrap().take();
+        if let Some((entered, release)) = armed {
+            let _ = entered.send(());
+            if release.recv_timeout(Self::HOLD).is_err() {
+                self.expired
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
         }
     }
 }
@@ -312,8 +347,6 @@ impl Diag {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
-    use std::sync::mpsc;
     use std::time::{Duration, Instant};
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -336,43 +369,22 @@ mod tests {
         )
     }
 
-    /// A store whose next write transaction, once `hold` is called, waits until released
-    /// (what a slow fsync looks like from the controller); likewise its next read once
-    /// `hold_read` is called (a slow disk), for at most `READ_HOLD`.
+    /// A store whose next write or read, once its gate is held, waits until released (for at
+    /// most [`Gate::HOLD`]).
     struct GatedStore {
         inner: RedbStore,
-        gate: Mutex<Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>>,
-        read_gate: Mutex<Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>>,
-        /// A held read that was not released within `READ_HOLD` went on by itself.
-        read_hold_expired: std::sync::atomic::AtomicBool,
+        /// Holds the next write once armed (what a slow fsync looks like from the controller).
+        write_gate: Gate,
+        /// Holds the next read once armed (a slow disk); `read_gate.expired` says a held read
+        /// went on by itself.
+        read_gate: Gate,
     }
-
-    const READ_HOLD: Duration = Duration::from_secs(10);
 
     fn gated(dir: &std::path::Path) -> GatedStore {
         GatedStore {
             inner: RedbStore::open(dir).unwrap(),
-            gate: Mutex::new(None),
-            read_gate: Mutex::new(None),
-            read_hold_expired: false.into(),
-        }
-    }
-
-    impl GatedStore {
-        /// Holds the next write; returns (entered, release).
-        fn hold(&self) -> (mpsc::Receiver<()>, mpsc::Sender<()>) {
-            let (entered_tx, entered_rx) = mpsc::channel();
-            let (release_tx, release_rx) = mpsc::channel();
-            *self.gate.lock().unwrap() = Some((entered_tx, release_rx));
-            (entered_rx, release_tx)
-        }
-
-        /// Holds the next read; returns (entered, release).
-        fn hold_read(&self) -> (mpsc::Receiver<()>, mpsc::Sender<()>) {
-            let (entered_tx, entered_rx) = mpsc::channel();
-            let (release_tx, release_rx) = mpsc::channel();
-            *self.read_gate.lock().unwrap() = Some((entered_tx, release_rx));
-            (entered_rx, release_tx)
+            write_gate: Gate::default(),
+            read_gate: Gate::default(),
         }
     }
 
@@ -381,28 +393,33 @@ mod tests {
             &self,
             f: &mut dyn FnMut(&dyn store::ReadTxn) -> Result<(), StoreError>,
         ) -> Result<(), StoreError> {
-            let gate = self.read_gate.lock().unwrap().take();
-            if let Some((entered, release)) = gate {
-                let _ = entered.send(());
-                // Bounded: a read that stalls the test's only runtime thread must not hang it.
-                if release.recv_timeout(READ_HOLD).is_err() {
-                    self.read_hold_expired
-                        .store(true, std::sync::atomic::Ordering::SeqCst);
-                }
-            }
+            self.read_gate.pass();
             self.inner.read(f)
         }
         fn write(
             &self,
             f: &mut dyn FnMut(&mut dyn store::WriteTxn) -> Result<(), StoreError>,
         ) -> Result<(), StoreError> {
-            let gate = self.gate.lock().unwrap().take();
-            if let Some((entered, release)) = gate {
-                let _ = entered.send(());
-                let _ = release.recv();
-            }
+            self.write_gate.pass();
             self.inner.write(f)
         }
+    }
+
+    /// Sends `req` with `gate` held and waits until the request reaches it (`what` names it);
+    /// meanwhile a request that needs nothing held (`GET /v1/topology`) must be answered.
+    /// Then releases the gate and returns `req`'s response.
+    async fn answered_around(addr: SocketAddr, req: String, gate: &Gate, what: &str) -> String {
+        let (entered, release) = gate.hold();
+        let slow = tokio::spawn(async move { exchange(addr, &req).await });
+        let entered =
+            tokio::task::spawn_blocking(move || entered.recv_timeout(Duration::from_secs(20)))
+                .await
+                .unwrap();
+        assert!(entered.is_ok(), "{what} did not reach the held step");
+        let other = exchange(addr, &get("/v1/topology", "tok")).await;
+        assert!(other.starts_with("HTTP/1.1 200"), "{other}");
+        let _ = release.send(());
+        slow.await.unwrap()
     }
 
     /// Sends `req` and returns the whole response (the request asks for `connection: close`).
@@ -456,7 +473,7 @@ mod tests {
             limits,
         ));
 
-        let (entered, release) = store.hold();
+        let (entered, release) = store.write_gate.hold();
         let body = serde_json::json!({ "text": yaml("2ms"), "message": "raise" }).to_string();
         let mut client = TcpStream::connect(addr).await.unwrap();
         client
@@ -643,21 +660,11 @@ mod tests {
             ),
         ];
         for (path, req, status) in requests {
-            let (entered, release) = store.hold_read();
-            let slow = tokio::spawn(async move { exchange(addr, &req).await });
-            let entered =
-                tokio::task::spawn_blocking(move || entered.recv_timeout(Duration::from_secs(20)))
-                    .await
-                    .unwrap();
-            assert!(entered.is_ok(), "{path} did not read the store");
-            // The read is held: a request that needs no store is answered meanwhile.
-            let other = exchange(addr, &get("/v1/topology", "tok")).await;
-            assert!(other.starts_with("HTTP/1.1 200"), "{other}");
-            let _ = release.send(());
-            let back = slow.await.unwrap();
+            let back = answered_around(addr, req, &store.read_gate, path).await;
             assert!(
                 !store
-                    .read_hold_expired
+                    .read_gate
+                    .expired
                     .swap(false, std::sync::atomic::Ordering::SeqCst),
                 "{path}: its store read held the runtime's thread (nothing else was answered \
                  until the held read gave up)"
@@ -690,18 +697,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(serve(listener, state));
 
-        let (entered, release) = gate.hold();
-        let slow = tokio::spawn(async move { exchange(addr, &get("/v1/status", "tok")).await });
-        let entered =
-            tokio::task::spawn_blocking(move || entered.recv_timeout(Duration::from_secs(20)))
-                .await
-                .unwrap();
-        assert!(entered.is_ok(), "the status was not built");
-        // The build is held: a request that needs none is answered meanwhile.
-        let other = exchange(addr, &get("/v1/topology", "tok")).await;
-        assert!(other.starts_with("HTTP/1.1 200"), "{other}");
-        let _ = release.send(());
-        let back = slow.await.unwrap();
+        let back = answered_around(addr, get("/v1/status", "tok"), &gate, "/v1/status").await;
         assert!(
             !gate.expired.load(std::sync::atomic::Ordering::SeqCst),
             "the status build held the runtime's thread (nothing else was answered until the \

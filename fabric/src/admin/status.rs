@@ -195,40 +195,6 @@ async fn status(State(st): State<AdminState>) -> Result<Json<Status>, ApiError> 
     ))
 }
 
-/// Test-only: once armed by [`hold`](BuildGate::hold), the next [`build`] waits until
-/// released, for at most [`BuildGate::HOLD`] (a build that holds a test runtime's only thread
-/// must not hang the test), and a hold that ran out is recorded.
-#[cfg(test)]
-#[derive(Default)]
-pub(crate) struct BuildGate {
-    armed: std::sync::Mutex<Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>>,
-    pub(crate) expired: std::sync::atomic::AtomicBool,
-}
-
-#[cfg(test)]
-impl BuildGate {
-    pub(crate) const HOLD: std::time::Duration = std::time::Duration::from_secs(10);
-
-    /// Holds the next build; returns (entered, release).
-    pub(crate) fn hold(&self) -> (std::sync::mpsc::Receiver<()>, std::sync::mpsc::Sender<()>) {
-        let (entered_tx, entered_rx) = std::sync::mpsc::channel();
-        let (release_tx, release_rx) = std::sync::mpsc::channel();
-        *self.armed.lock().unwrap() = Some((entered_tx, release_rx));
-        (entered_rx, release_tx)
-    }
-
-    fn pass(&self) {
-        let armed = self.armed.lock().unwrap().take();
-        if let Some((entered, release)) = armed {
-            let _ = entered.send(());
-            if release.recv_timeout(Self::HOLD).is_err() {
-                self.expired
-                    .store(true, std::sync::atomic::Ordering::SeqCst);
-            }
-        }
-    }
-}
-
 async fn rtt(State(st): State<AdminState>) -> Json<Vec<RttRow>> {
     Json(st.ctl.rtt_matrix().into_iter().map(RttRow::from).collect())
 }

@@ -58,8 +58,13 @@ pub struct CircuitService {
     /// Tests: awaited in [`Self::settle_once`] after its transaction, before it updates
     /// `pending`.
     #[cfg(test)]
-    after: Mutex<Option<futures_after::After>>,
+    after: Mutex<Option<AfterHook>>,
 }
+
+/// What a test runs in [`CircuitService::settle_once`] after its transaction.
+#[cfg(test)]
+type AfterHook =
+    Box<dyn FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send>;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -402,67 +407,18 @@ fn fail_broken_durably(
 }
 
 #[cfg(test)]
-mod futures_after {
-    /// What a test runs in [`super::CircuitService::settle_once`] after its transaction.
-    pub type After =
-        Box<dyn FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send>;
-}
-
-#[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+    use std::sync::atomic::Ordering::SeqCst;
 
     use super::*;
     use crate::circuits::tests::{spec, yaml};
     use crate::controller::RouterSession;
     use crate::controller::records::{self, Origin};
+    use crate::store::Store;
     use crate::store::redb::RedbStore;
-    use crate::store::{Store, WriteTxn};
+    use crate::store::testing::FaultyStore;
 
     const POOL: &str = "127.79.0.0/28";
-
-    /// A store that counts its write transactions, and fails them while `fail` is set, and the
-    /// next `fail_next` ones.
-    struct CountingStore {
-        inner: RedbStore,
-        writes: AtomicUsize,
-        fail: AtomicBool,
-        fail_next: AtomicUsize,
-    }
-
-    impl CountingStore {
-        fn open(dir: &std::path::Path) -> Arc<CountingStore> {
-            Arc::new(CountingStore {
-                inner: RedbStore::open(dir).unwrap(),
-                writes: 0.into(),
-                fail: false.into(),
-                fail_next: 0.into(),
-            })
-        }
-    }
-
-    impl Store for CountingStore {
-        fn read(
-            &self,
-            f: &mut dyn FnMut(&dyn store::ReadTxn) -> Result<(), StoreError>,
-        ) -> Result<(), StoreError> {
-            self.inner.read(f)
-        }
-        fn write(
-            &self,
-            f: &mut dyn FnMut(&mut dyn WriteTxn) -> Result<(), StoreError>,
-        ) -> Result<(), StoreError> {
-            let next = self
-                .fail_next
-                .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
-                .is_ok();
-            if next || self.fail.load(SeqCst) {
-                return Err(StoreError::Backend("injected failure".into()));
-            }
-            self.writes.fetch_add(1, SeqCst);
-            self.inner.write(f)
-        }
-    }
 
     /// A controller on `store` with e, t, s and the link e–s, circuits on it, and circuit c1
     /// on e–s.
@@ -475,6 +431,21 @@ mod tests {
             .unwrap();
         assert_eq!(c.path, [NodeId::new("e"), NodeId::new("s")]);
         (ctl, svc)
+    }
+
+    /// Applies the topology without the link e–s (version 2), as an operator would; the
+    /// circuits' follow-up is left to the caller.
+    async fn drop_es(ctl: &Controller) {
+        ctl.apply(
+            &yaml(POOL, false),
+            "ops",
+            "drop e–s",
+            Origin::Apply,
+            false,
+            None,
+        )
+        .await
+        .unwrap();
     }
 
     /// `nodes` acknowledge the snapshot the controller publishes now.
@@ -503,18 +474,9 @@ mod tests {
     #[tokio::test]
     async fn a_circuit_failed_by_a_topology_change_is_not_settled_again_and_again() {
         let dir = tempfile::tempdir().unwrap();
-        let store = CountingStore::open(dir.path());
+        let store = FaultyStore::open(dir.path());
         let (ctl, svc) = with_c1(store.clone()).await;
-        ctl.apply(
-            &yaml(POOL, false),
-            "ops",
-            "drop e–s",
-            Origin::Apply,
-            false,
-            None,
-        )
-        .await
-        .unwrap();
+        drop_es(&ctl).await;
         svc.on_topology_applied().await.unwrap();
         let c = svc.get("c1").unwrap();
         assert!(failed_by_version_2(&c), "{c:?}");
@@ -538,7 +500,7 @@ mod tests {
     #[tokio::test]
     async fn a_delete_during_a_settle_pass_waits_for_its_own_acknowledgement() {
         let dir = tempfile::tempdir().unwrap();
-        let store = CountingStore::open(dir.path());
+        let store = FaultyStore::open(dir.path());
         let (ctl, svc) = with_c1(store.clone()).await;
         let _sessions = ack(&ctl, &["e", "s"]);
         let ctl2 = ctl.clone();
@@ -560,7 +522,7 @@ mod tests {
     #[tokio::test]
     async fn an_operation_during_a_settle_pass_keeps_its_own_pending_entry() {
         let dir = tempfile::tempdir().unwrap();
-        let store = CountingStore::open(dir.path());
+        let store = FaultyStore::open(dir.path());
         let (ctl, svc) = with_c1(store.clone()).await;
         let sessions = ack(&ctl, &["e", "s"]);
         let svc2 = svc.clone();
@@ -587,22 +549,13 @@ mod tests {
     #[tokio::test]
     async fn a_failing_topology_check_does_not_hold_up_settling_the_others() {
         let dir = tempfile::tempdir().unwrap();
-        let store = CountingStore::open(dir.path());
+        let store = FaultyStore::open(dir.path());
         let (ctl, svc) = with_c1(store.clone()).await;
         let _first = ack(&ctl, &["e", "s"]);
         svc.settle_once().await.unwrap();
         assert_eq!(svc.get("c1").unwrap().state, CircuitState::Active);
         // e–s goes; its follow-up (`on_topology_applied`) is left to the settle loop.
-        ctl.apply(
-            &yaml(POOL, false),
-            "ops",
-            "drop e–s",
-            Origin::Apply,
-            false,
-            None,
-        )
-        .await
-        .unwrap();
+        drop_es(&ctl).await;
         let (c2, _) = svc
             .create(spec("c2", "10.2.0.0/24", "100Mbps"), None, "ops".into())
             .await
@@ -638,7 +591,7 @@ mod tests {
             })
             .unwrap();
         }
-        let store = CountingStore::open(dir.path());
+        let store = FaultyStore::open(dir.path());
         let ctl = Controller::open(store.clone(), None).unwrap();
         assert_eq!(ctl.current().record.version, 2);
         let svc = CircuitService::new(ctl.clone(), DEFAULT_PROVISION_TIMEOUT).unwrap();
@@ -656,18 +609,9 @@ mod tests {
     #[tokio::test]
     async fn a_failed_follow_up_of_an_apply_is_retried_by_the_next_settle_pass() {
         let dir = tempfile::tempdir().unwrap();
-        let store = CountingStore::open(dir.path());
+        let store = FaultyStore::open(dir.path());
         let (ctl, svc) = with_c1(store.clone()).await;
-        ctl.apply(
-            &yaml(POOL, false),
-            "ops",
-            "drop e–s",
-            Origin::Apply,
-            false,
-            None,
-        )
-        .await
-        .unwrap();
+        drop_es(&ctl).await;
         store.fail.store(true, SeqCst);
         assert!(svc.on_topology_applied().await.is_err());
         store.fail.store(false, SeqCst);

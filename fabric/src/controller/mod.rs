@@ -983,46 +983,13 @@ mod tests {
         )
     }
 
-    /// A store whose write transactions fail while `fail` is set, running `during_failure`
-    /// first (what happens while a transaction is in flight).
-    struct FlakyStore {
-        inner: RedbStore,
-        fail: std::sync::atomic::AtomicBool,
-        during_failure: Mutex<Option<Box<dyn Fn() + Send>>>,
-    }
-
-    impl Store for FlakyStore {
-        fn read(
-            &self,
-            f: &mut dyn FnMut(&dyn store::ReadTxn) -> Result<(), StoreError>,
-        ) -> Result<(), StoreError> {
-            self.inner.read(f)
-        }
-        fn write(
-            &self,
-            f: &mut dyn FnMut(&mut dyn store::WriteTxn) -> Result<(), StoreError>,
-        ) -> Result<(), StoreError> {
-            if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
-                if let Some(hook) = lock(&self.during_failure).take() {
-                    hook();
-                }
-                return Err(StoreError::Backend("injected failure".into()));
-            }
-            self.inner.write(f)
-        }
-    }
-
     /// A batch of routers' records whose transaction failed is written by the next flush, and a
     /// record that changed while the failed transaction ran is not overwritten by the older one.
     #[tokio::test]
     async fn routers_records_of_a_failed_flush_are_written_by_the_next() {
         use std::sync::atomic::Ordering;
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(FlakyStore {
-            inner: RedbStore::open(dir.path()).unwrap(),
-            fail: false.into(),
-            during_failure: Mutex::new(None),
-        });
+        let store = crate::store::testing::FaultyStore::open(dir.path());
         let ctl = Controller::open(store.clone(), Some((&yaml("5ms"), "t.yaml"))).unwrap();
         let (e, _) = ctl.router_session_start("e");
         let (t, _) = ctl.router_session_start("t");

@@ -13,6 +13,8 @@
 //! and the audit log commits or aborts as one.
 
 pub mod redb;
+#[cfg(test)]
+pub(crate) mod testing;
 
 use std::marker::PhantomData;
 use std::ops::Bound;

@@ -358,6 +358,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(FILE);
         let good = written(dir.path());
+        // Refused as damaged, naming the file and what to do.
+        let assert_damaged = |e: &str| {
+            assert!(
+                e.contains(&path.display().to_string())
+                    && e.contains("the file is damaged")
+                    && e.contains("restore it from a backup"),
+                "{e}"
+            );
+        };
 
         std::fs::write(
             &path,
@@ -372,12 +381,7 @@ mod tests {
 
         std::fs::write(&path, &good[..good.len() / 2]).unwrap();
         let e = refusal(dir.path());
-        assert!(
-            e.contains(&path.display().to_string())
-                && e.contains("the file is damaged")
-                && e.contains("restore it from a backup"),
-            "{e}"
-        );
+        assert_damaged(&e);
 
         // The page that holds the record, every byte flipped.
         let at = good
@@ -391,12 +395,7 @@ mod tests {
         }
         std::fs::write(&path, &flipped).unwrap();
         let e = refusal(dir.path());
-        assert!(
-            e.contains(&path.display().to_string())
-                && e.contains("the file is damaged")
-                && e.contains("restore it from a backup"),
-            "{e}"
-        );
+        assert_damaged(&e);
         // redb's own check found it: no panic was needed to refuse it.
         assert!(!e.contains("panicked"), "{e}");
 

@@ -44,6 +44,48 @@ pub enum StoreError {
     /// The store's file could not be opened: `problem` says why and what the operator can do.
     #[error("store {path}: {problem}")]
     Open { path: String, problem: String },
+    /// The store's records are of a schema this build does not know ([`check_schema`]).
+    #[error(
+        "the store holds records of schema {found}, written by a newer Tasman; this build \
+         reads schema {supported} and older: run the newer build (a downgrade would rewrite \
+         records without the fields it does not know), or restore a backup taken before the \
+         upgrade"
+    )]
+    Schema { found: u64, supported: u64 },
+}
+
+/// The schema of the records this build writes. It goes up whenever a record gains, loses or
+/// changes a field (a JSON record decodes without fields it does not know, and a rewrite would
+/// drop them): a build refuses a store of a newer schema rather than lose what it cannot read.
+/// A store with no stamp was written before the stamp existed, which is schema 1.
+pub const SCHEMA: u64 = 1;
+
+/// Where the schema stamp lives.
+const STORE_META: Table<u64> = Table::new("store_meta");
+const SCHEMA_KEY: &str = "schema";
+
+/// Checks the store's schema stamp before anything reads a record: a store of a newer schema
+/// is refused ([`StoreError::Schema`]); a store without a stamp (new, or written before stamps
+/// existed) is stamped [`SCHEMA`], in a transaction of its own. A stamped store is not written.
+/// Every backend's `open` calls it.
+pub fn check_schema(store: &dyn Store) -> Result<(), StoreError> {
+    let stamp = |tx: &dyn ReadTxn| STORE_META.get(tx, SCHEMA_KEY);
+    let refuse = |found: u64| {
+        Err(StoreError::Schema {
+            found,
+            supported: SCHEMA,
+        })
+    };
+    match read(store, stamp)? {
+        Some(found) if found > SCHEMA => refuse(found),
+        Some(_) => Ok(()),
+        None => transaction(store, |tx| match stamp(tx)? {
+            // Stamped in between by another writer: check that one.
+            Some(found) if found > SCHEMA => refuse(found),
+            Some(_) => Ok(()),
+            None => STORE_META.put(tx, SCHEMA_KEY, &SCHEMA),
+        }),
+    }
 }
 
 /// Reads inside a transaction (a consistent view).

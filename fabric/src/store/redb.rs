@@ -66,12 +66,19 @@ impl RedbStore {
                 builder.create(&path)
             }
         });
-        match opened {
-            Ok(Ok(db)) => Ok(RedbStore { db }),
-            Ok(Err(e)) => Err(refused(open_problem(dir, &path, &e))),
-            Err(panicked) => Err(refused(format!(
-                "{DAMAGED_IS} (redb panicked opening it: {panicked}){DAMAGED_DO}"
-            ))),
+        let store = match opened {
+            Ok(Ok(db)) => RedbStore { db },
+            Ok(Err(e)) => return Err(refused(open_problem(dir, &path, &e))),
+            Err(panicked) => {
+                return Err(refused(format!(
+                    "{DAMAGED_IS} (redb panicked opening it: {panicked}){DAMAGED_DO}"
+                )));
+            }
+        };
+        match super::check_schema(&store) {
+            Ok(()) => Ok(store),
+            Err(e @ StoreError::Schema { .. }) => Err(refused(e.to_string())),
+            Err(e) => Err(e),
         }
     }
 }
@@ -426,5 +433,51 @@ mod tests {
         // A directory without the file gets a new store.
         std::fs::remove_file(&path).unwrap();
         open_caught(dir.path()).unwrap();
+    }
+
+    /// A new store is stamped with this build's schema; a store written before stamps existed
+    /// is stamped on open, its records untouched; a store stamped by a newer build is refused,
+    /// naming the file and both schemas, and left as it was (not stamped down, not written).
+    #[test]
+    fn a_store_of_a_newer_schema_is_refused_and_an_unstamped_one_is_stamped() {
+        const META: Table<u64> = Table::new("store_meta");
+        let stamp = |s: &RedbStore| store::read(s, |tx| META.get(tx, "schema")).unwrap();
+        let set = |s: &RedbStore, v: Option<u64>| {
+            store::transaction(s, |tx| -> Result<(), StoreError> {
+                match v {
+                    Some(v) => META.put(tx, "schema", &v),
+                    None => META.delete(tx, "schema").map(drop),
+                }
+            })
+            .unwrap()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        written(dir.path());
+        let s = open_caught(dir.path()).unwrap();
+        assert_eq!(stamp(&s), Some(store::SCHEMA));
+
+        // As an earlier build left it: records, no stamp.
+        set(&s, None);
+        drop(s);
+        let s = open_caught(dir.path()).unwrap();
+        assert_eq!(stamp(&s), Some(store::SCHEMA));
+        assert_eq!(store::read(&s, |tx| T.all(tx)).unwrap().len(), 1);
+
+        set(&s, Some(store::SCHEMA + 1));
+        drop(s);
+        let e = refusal(dir.path());
+        let path = dir.path().join(FILE).display().to_string();
+        assert!(
+            e.contains(&path)
+                && e.contains(&format!(
+                    "schema {}, written by a newer Tasman",
+                    store::SCHEMA + 1
+                ))
+                && e.contains(&format!("reads schema {} and older", store::SCHEMA))
+                && e.contains("restore a backup"),
+            "{e}"
+        );
+        // Refused twice alike: the first refusal changed nothing.
+        assert_eq!(refusal(dir.path()), e);
     }
 }

@@ -1132,6 +1132,84 @@ async fn a_stuck_disk_holds_neither_applying_nor_the_session() {
     drop(client);
 }
 
+/// A FIFO in place of a file the router reads: the read blocks in its open until something
+/// opens the FIFO for writing, as on a stuck disk. The FIFO has a second name (`.fifo`), which
+/// keeps reaching it after the router replaces the file. Dropping it lets the blocked read go on
+/// (it reads end-of-file) and removes the FIFO.
+struct StuckRead(std::path::PathBuf);
+
+impl StuckRead {
+    fn at(path: std::path::PathBuf) -> StuckRead {
+        let fifo = path.with_extension("fifo");
+        let status = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo runs");
+        assert!(status.success(), "mkfifo {}: {status}", fifo.display());
+        std::fs::hard_link(&fifo, &path).unwrap();
+        StuckRead(fifo)
+    }
+
+    /// Whether a reader is blocked on the file, which this lets go: opening a FIFO for writing
+    /// without blocking fails when no one has it open for reading.
+    fn release(&self) -> bool {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&self.0)
+            .is_ok()
+    }
+}
+
+impl Drop for StuckRead {
+    fn drop(&mut self) {
+        self.release();
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A router whose stored snapshot cannot be read (the read blocks, as on a hung mount) starts
+/// anyway, on the controller's snapshot. (The client read the file on the runtime's thread
+/// before anything else: its start never returned, and the router never ran.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_stored_snapshot_does_not_hold_the_start() {
+    use router::control::disk;
+
+    let dir = ca_dir();
+    let state = tempfile::tempdir().unwrap();
+    let stuck = StuckRead::at(state.path().join(disk::FILE_NAME));
+    let mut controller = Puppet::start(dir.path());
+    controller
+        .to_router
+        .send(edge_snapshot(dir.path()))
+        .unwrap();
+    let (tls, addr, state_dir) = (
+        dir.path().to_path_buf(),
+        controller.addr,
+        state.path().to_path_buf(),
+    );
+    // Its own task: a start blocked in a read on this thread could not be timed out here.
+    let start =
+        tokio::spawn(
+            async move { control_client(&tls, addr, |c| c.state_dir = Some(state_dir)).await },
+        );
+    let client = match tokio::time::timeout(Duration::from_secs(40), start).await {
+        Ok(started) => started.expect("the start panicked"),
+        Err(_) => {
+            stuck.release();
+            panic!("the start did not return: the stored snapshot's read held it");
+        }
+    };
+    assert_eq!(client.snapshots().borrow().version, 1);
+    controller.acked(1).await;
+    assert!(
+        stuck.release(),
+        "no read was waiting on the stored snapshot: the disk was not stuck"
+    );
+    drop(client);
+}
+
 /// A control client of router `edge` to `controller` that presents (and installs into) the
 /// returned resolver, its TLS directory `dir`.
 async fn control_client_with_cert(

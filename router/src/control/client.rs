@@ -377,23 +377,50 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// How long [`ControlClient::start`] waits for the stored snapshot before it goes on without
+/// it (and waits for the controller's): a stuck state directory must not hold the start.
+pub const STORED_READ_LIMIT: Duration = Duration::from_secs(5);
+
+/// The snapshot stored in `dir`, when it can be read within [`STORED_READ_LIMIT`] and holds
+/// `node`. Read on a blocking thread: a read that never returns (a hung mount, a failing disk)
+/// holds that thread only, and the start goes on without it.
+async fn stored_snapshot(dir: PathBuf, node: &NodeId) -> Option<StoredSnapshot> {
+    let read = tokio::task::spawn_blocking(move || disk::load(&dir));
+    let loaded = match tokio::time::timeout(STORED_READ_LIMIT, read).await {
+        Ok(Ok(loaded)) => loaded,
+        Ok(Err(e)) => {
+            tracing::warn!("ignoring the stored snapshot: its read failed: {e}");
+            return None;
+        }
+        Err(_) => {
+            tracing::warn!(
+                limit = ?STORED_READ_LIMIT,
+                "the stored snapshot was not read in time (a stuck state directory?): waiting \
+                 for the controller's instead"
+            );
+            return None;
+        }
+    };
+    match loaded {
+        Ok(Some(s)) if s.topology.node(node.as_str()).is_some() => Some(s),
+        Ok(Some(_)) => {
+            tracing::warn!(node = %node, "stored snapshot does not contain this node; ignoring it");
+            None
+        }
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!("ignoring the stored snapshot: {e}");
+            None
+        }
+    }
+}
+
 impl ControlClient {
     /// Starts the client and returns once the router has a snapshot to run on: the one on disk
     /// (at once), else the controller's first one (waits, reconnecting, as long as it takes).
     pub async fn start(cfg: ClientConfig) -> Result<ControlClient, ControlError> {
         let from_disk = match &cfg.state_dir {
-            Some(dir) => match disk::load(dir) {
-                Ok(Some(s)) if s.topology.node(cfg.node.as_str()).is_some() => Some(s),
-                Ok(Some(_)) => {
-                    tracing::warn!(node = %cfg.node, "stored snapshot does not contain this node; ignoring it");
-                    None
-                }
-                Ok(None) => None,
-                Err(e) => {
-                    tracing::warn!("ignoring the stored snapshot: {e}");
-                    None
-                }
-            },
+            Some(dir) => stored_snapshot(dir.clone(), &cfg.node).await,
             None => None,
         };
         let placeholder = Snapshot {

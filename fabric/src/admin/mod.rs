@@ -43,6 +43,8 @@ pub struct AdminState {
     pub ctl: Arc<Controller>,
     pub circuits: Arc<crate::circuits::service::CircuitService>,
     token: Arc<str>,
+    /// The `GET /v1/status` build that calls share.
+    pub status_builds: Arc<status::StatusBuilds>,
     #[cfg(test)]
     status_gate: Arc<Gate>,
 }
@@ -57,6 +59,7 @@ impl AdminState {
             ctl,
             circuits,
             token: Arc::from(token.trim()),
+            status_builds: Arc::default(),
             #[cfg(test)]
             status_gate: Arc::default(),
         }
@@ -709,6 +712,69 @@ mod tests {
         let nodes: Vec<&str> = st.routers.iter().map(|r| r.node.as_str()).collect();
         assert_eq!(nodes, ["e", "s"]);
         assert_eq!(st.services[0].edges[0].site.as_deref(), Some("s"));
+        server.abort();
+    }
+
+    /// Calls of `GET /v1/status` that arrive while a build runs share it: four calls, one
+    /// build, one answer. (Each call ran a build of its own on a blocking thread: as many
+    /// routing tables per edge as calls, seconds each on a large fabric.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_status_calls_share_one_build() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RedbStore::open(dir.path()).unwrap());
+        let ctl = Controller::open(store, Some((&yaml("1ms"), "t.yaml"))).unwrap();
+        let circuits = crate::circuits::service::CircuitService::new(
+            ctl.clone(),
+            crate::circuits::service::DEFAULT_PROVISION_TIMEOUT,
+        )
+        .unwrap();
+        let state = AdminState::new(ctl, "tok", circuits);
+        let (gate, builds) = (state.status_gate.clone(), state.status_builds.clone());
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve(listener, state));
+
+        let (entered, release) = gate.hold();
+        let call = || tokio::spawn(async move { exchange(addr, &get("/v1/status", "tok")).await });
+        let mut calls = vec![call()];
+        let entered =
+            tokio::task::spawn_blocking(move || entered.recv_timeout(Duration::from_secs(20)))
+                .await
+                .unwrap();
+        assert!(entered.is_ok(), "the first build did not start");
+        calls.extend((0..3).map(|_| call()));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while builds.calls.load(SeqCst) < 4 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "only {} of 4 calls reached the handler",
+                builds.calls.load(SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let _ = release.send(());
+        let mut bodies = Vec::new();
+        for c in calls {
+            let back = c.await.unwrap();
+            assert!(back.starts_with("HTTP/1.1 200"), "{back}");
+            assert!(back.contains("content-type: application/json"), "{back}");
+            let body = back
+                .split_once("\r\n\r\n")
+                .map_or("", |(_, b)| b)
+                .to_string();
+            let st: status::Status = serde_json::from_str(&body).unwrap();
+            assert_eq!(st.services[0].edges[0].site.as_deref(), Some("s"));
+            bodies.push(body);
+        }
+        assert!(!gate.expired.load(SeqCst), "the held build gave up");
+        assert_eq!(builds.started(), 1, "each call ran a build of its own");
+        assert!(bodies.iter().all(|b| *b == bodies[0]), "{bodies:?}");
+
+        // The next call, after the shared build ended, gets a build of its own.
+        let back = exchange(addr, &get("/v1/status", "tok")).await;
+        assert!(back.starts_with("HTTP/1.1 200"), "{back}");
+        assert_eq!(builds.started(), 2);
         server.abort();
     }
 }

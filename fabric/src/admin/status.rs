@@ -2,12 +2,18 @@
 //! and path each edge uses in the controller's live view, and the RTT matrix.
 
 use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use axum::Json;
 use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 use topology::NodeKind;
 use topology::graph::Graph;
 use topology::route::RoutingTable;
@@ -187,12 +193,83 @@ pub fn build(st: &AdminState) -> Status {
     }
 }
 
+/// A status build's answer: the JSON body, or why there is none.
+type Answer = Result<Bytes, String>;
+
+/// The `GET /v1/status` build in progress, which calls share: a call that arrives while one
+/// runs waits for its answer instead of starting another. Each build is a routing table per
+/// edge, seconds of CPU on a large fabric, on a blocking thread: a dashboard refreshed by many
+/// operators at once, or a client retrying, would otherwise run as many builds as calls
+/// (threads from the blocking pool, up to its 512, and the cores the routers' sessions need).
+/// A shared answer is at most one build older than the call that joined it.
+#[derive(Default)]
+pub struct StatusBuilds {
+    running: Mutex<Option<watch::Receiver<Option<Answer>>>>,
+    /// Builds started.
+    started: AtomicU64,
+    /// Calls that have a build to wait for (started or joined).
+    #[cfg(test)]
+    pub(crate) calls: AtomicU64,
+}
+
+impl StatusBuilds {
+    /// Builds started since the controller started.
+    pub fn started(&self) -> u64 {
+        self.started.load(Ordering::Relaxed)
+    }
+}
+
 /// [`build`] on tokio's blocking pool ([`off_workers`]): on a runtime worker it would stall the
-/// routers' control sessions and every other request that worker serves while it runs.
-async fn status(State(st): State<AdminState>) -> Result<Json<Status>, ApiError> {
-    Ok(Json(
-        off_workers(move || Ok::<_, ApiError>(build(&st))).await?,
-    ))
+/// routers' control sessions and every other request that worker serves while it runs. Calls
+/// at the same time share one build ([`StatusBuilds`]).
+async fn status(State(st): State<AdminState>) -> Response {
+    let builds = st.status_builds.clone();
+    let mut answer = {
+        let mut running = builds.running.lock().unwrap_or_else(|p| p.into_inner());
+        match &*running {
+            Some(answer) => answer.clone(),
+            None => {
+                let (tx, answer) = watch::channel(None);
+                *running = Some(answer.clone());
+                builds.started.fetch_add(1, Ordering::Relaxed);
+                let builds = builds.clone();
+                // A task of its own: the build finishes, and is shared, even when the call
+                // that started it goes away.
+                tokio::spawn(async move {
+                    let built = off_workers(move || {
+                        serde_json::to_vec(&build(&st)).map_err(|e| {
+                            ApiError::new(
+                                StatusCode::INTERNAL_SERVER_ERROR,
+                                format!("encoding the status: {e}"),
+                            )
+                        })
+                    })
+                    .await
+                    .map(Bytes::from)
+                    .map_err(|e| e.error);
+                    // Cleared before the answer goes: a call from now on starts a new build.
+                    *builds.running.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    tx.send_replace(Some(built));
+                });
+                answer
+            }
+        }
+    };
+    #[cfg(test)]
+    builds.calls.fetch_add(1, Ordering::SeqCst);
+    let built = match answer.wait_for(Option::is_some).await {
+        Ok(built) => built.clone(),
+        Err(_) => None,
+    };
+    match built {
+        Some(Ok(body)) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Some(Err(error)) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, error).into_response(),
+        None => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal: the status build ended without an answer",
+        )
+        .into_response(),
+    }
 }
 
 async fn rtt(State(st): State<AdminState>) -> Json<Vec<RttRow>> {

@@ -175,8 +175,18 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, service: Option
 
 enum Attempt {
     Accepted(SendStream, RecvStream),
-    Retry(Code),
+    /// The next candidate may take the connection. [`Told::Path`]: a transit or the site reset
+    /// or stopped the stream with the code; [`Told::Here`]: this router gave up on the try (its
+    /// first hop down or not connected, the path lost, the deadline).
+    Retry(Code, Told),
     Fatal(Code),
+}
+
+/// Who ended a try that may be retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Told {
+    Path,
+    Here,
 }
 
 /// HOT PATH (per connection): one table load, one stream open, one header write.
@@ -238,10 +248,14 @@ async fn handle_client(
                     .await;
                 return;
             }
-            Attempt::Retry(code) => {
+            Attempt::Retry(code, told) => {
                 last = code;
                 shared.metrics.error(code);
-                if code.marks_site_down() {
+                // Only the path's word marks the site down: what this router saw of its own
+                // first hop is the neighbour's verdict's business (a down first hop is avoided
+                // by every route through it already), and says nothing about the site, which
+                // may be reachable another way.
+                if told == Told::Path && code.marks_site_down() {
                     shared.evidence.mark_site_down(
                         &cand.site,
                         &service,
@@ -283,9 +297,10 @@ fn read_code(e: &ReadError) -> Code {
     }
 }
 
+/// A code the path sent back (a reset or a stop).
 fn classify(code: Code) -> Attempt {
     if code.retryable() {
-        Attempt::Retry(code)
+        Attempt::Retry(code, Told::Path)
     } else {
         Attempt::Fatal(code)
     }
@@ -296,7 +311,7 @@ fn classify(code: Code) -> Attempt {
 fn write_failed(e: WriteError) -> Attempt {
     match e {
         WriteError::Stopped(c) => classify(Code::from_varint(c).unwrap_or(Code::Internal)),
-        _ => Attempt::Retry(Code::UpstreamLost),
+        _ => Attempt::Retry(Code::UpstreamLost, Told::Here),
     }
 }
 
@@ -345,16 +360,16 @@ async fn attempt(
     circuit: Option<&EdgeCircuit>,
 ) -> Attempt {
     let Some(first) = cand.next_hop() else {
-        return Attempt::Retry(Code::WrongRole);
+        return Attempt::Retry(Code::WrongRole, Told::Here);
     };
     let Some(nb) = shared.neighbours.load().get(first).cloned() else {
-        return Attempt::Retry(Code::NextHopUnreachable);
+        return Attempt::Retry(Code::NextHopUnreachable, Told::Here);
     };
     // Registered before the check below, so a verdict in between is not missed.
     let went_down = nb.went_down();
     tokio::pin!(went_down);
     let Some(conn) = nb.connection() else {
-        return Attempt::Retry(Code::NextHopUnreachable);
+        return Attempt::Retry(Code::NextHopUnreachable, Told::Here);
     };
     let mut header = Header::data(service.clone(), cand.path[2..].to_vec(), Some(client));
     header.circuit = circuit.map(|c| c.id.clone());
@@ -374,7 +389,14 @@ async fn attempt(
     let Some((mut send, mut recv)) =
         splice::open_next_hop(&conn, &mut out, deadline.as_mut(), went_down.as_mut()).await
     else {
-        return Attempt::Retry(Code::NextHopUnreachable);
+        // At the deadline, like a site that does not answer in time; else the first hop was
+        // declared down.
+        let code = if deadline.is_elapsed() {
+            Code::UpstreamLost
+        } else {
+            Code::NextHopUnreachable
+        };
+        return Attempt::Retry(code, Told::Here);
     };
     if replay.eof {
         let _ = send.finish();
@@ -398,7 +420,7 @@ async fn attempt(
                         break if reply == REPLY_OK { Ok(()) } else { Err(Attempt::Fatal(Code::MalformedHeader)) };
                     }
                 }
-                Ok(None) => break Err(Attempt::Retry(Code::UpstreamLost)),
+                Ok(None) => break Err(Attempt::Retry(Code::UpstreamLost, Told::Here)),
                 Err(e) => break Err(classify(read_code(&e))),
             },
             r = buf.read(tcp, circuit.is_none()), if pending.is_empty() && !replay.eof => match r {
@@ -433,10 +455,10 @@ async fn attempt(
             // Nothing came back within the deadline: like any failure before the first byte
             // back, the next candidate may take the connection (the site is not marked down:
             // a slow answer is no proof of a dead site). Each try has its own deadline.
-            _ = &mut deadline => break Err(Attempt::Retry(Code::UpstreamLost)),
+            _ = &mut deadline => break Err(Attempt::Retry(Code::UpstreamLost, Told::Here)),
             // The first hop was declared down before the site answered: nothing came back yet,
             // so the next candidate can take the connection now.
-            _ = &mut went_down => break Err(Attempt::Retry(Code::NextHopUnreachable)),
+            _ = &mut went_down => break Err(Attempt::Retry(Code::NextHopUnreachable, Told::Here)),
         }
     };
     // The site answered while a chunk was still on its way: it goes before the splice reads
@@ -462,7 +484,7 @@ async fn attempt(
         Err(a) => {
             // Abandon this attempt on the path (dropping a SendStream would finish it cleanly).
             let code = match &a {
-                Attempt::Retry(c) | Attempt::Fatal(c) => *c,
+                Attempt::Retry(c, _) | Attempt::Fatal(c) => *c,
                 Attempt::Accepted(..) => Code::Internal,
             };
             let _ = send.reset(code.varint());

@@ -258,7 +258,10 @@ async fn edge_prefers_near_with_far_as_fallback(edge: &RouterHandle) {
 }
 
 /// The edge's first hop (the near site itself) answers probes but never lets the stream through:
-/// the client connection moves to the far site within the reply timeout instead of hanging.
+/// the client connection moves to the far site within the reply timeout instead of hanging. The
+/// try is counted as `upstream_lost`, as a site that does not answer in time, and the near site is
+/// not marked down for it: a slow first hop is no proof of a dead site. (The edge counted it as
+/// `next_hop_unreachable` and took the site out of its table for the hold-down.)
 async fn edge_fails_over_from_a_first_hop_that_withholds(w: Withhold) {
     let dir = ca_dir();
     let backend = echo_backend().await;
@@ -270,7 +273,9 @@ async fn edge_fails_over_from_a_first_hop_that_withholds(w: Withhold) {
     });
     let reply_timeout = Duration::from_secs(1);
     let (edge, _) = spawn_node(&snap, dir.path(), "edge", |c| {
-        c.reply_timeout = reply_timeout
+        c.reply_timeout = reply_timeout;
+        // A site marked down would stay out of the table for the rest of the test.
+        c.probe.hold_down = Duration::from_secs(600);
     })
     .await;
     let (_far, _) = spawn_node(&snap, dir.path(), "far", |_| {}).await;
@@ -290,6 +295,19 @@ async fn edge_fails_over_from_a_first_hop_that_withholds(w: Withhold) {
     );
     let m = edge.metrics_text();
     assert!(m.contains("tasman_failovers_total{node=\"edge\"} 1"), "{m}");
+    assert!(
+        m.contains("tasman_stream_errors_total{node=\"edge\",code=\"upstream_lost\"} 1"),
+        "{w:?}: {m}"
+    );
+    assert!(!m.contains("code=\"next_hop_unreachable\""), "{w:?}: {m}");
+    // The next connection tries near first again (and moves to far again).
+    let r = edge.routes();
+    assert_eq!(
+        r.preferred("echo").map(|c| c.site.as_str()),
+        Some("near"),
+        "{w:?}: near was marked down: {:?}",
+        r.candidates("echo")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

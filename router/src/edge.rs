@@ -464,7 +464,8 @@ async fn attempt(
     // The site answered while a chunk was still on its way: it goes before the splice reads
     // more of the client. Not under the deadline: the site is connected and reads its stream
     // now, and from here on the connection is the splice's, whose writes wait for the site
-    // the same way.
+    // the same way. The backend has taken the request: a failure from here on is not retried
+    // (another site would get the request a second time), whatever its code.
     let outcome = match outcome {
         Ok(()) => loop {
             if pending.is_empty() {
@@ -474,7 +475,12 @@ async fn attempt(
                 Ok(n) => {
                     shared.metrics.bytes_up.fetch_add(n as u64, Relaxed);
                 }
-                Err(e) => break Err(write_failed(e)),
+                Err(e) => {
+                    break Err(match write_failed(e) {
+                        Attempt::Retry(code, _) => Attempt::Fatal(code),
+                        a => a,
+                    });
+                }
             }
         },
         e => e,

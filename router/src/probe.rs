@@ -119,7 +119,60 @@ fn get_len(b: &mut impl Buf) -> Result<usize, ProbeError> {
     }
 }
 
+/// Encoded size of a name.
+fn name_len(s: &str) -> usize {
+    1 + if s.len() > MAX_NAME { 0 } else { s.len() }
+}
+
 impl Entry {
+    /// This entry cut to what fits in `budget` encoded bytes (`None`: not even its origin,
+    /// generation and empty lists). The failure evidence goes first: the neighbours it sees down
+    /// and the services it finds unhealthy, then the healthy services, then the neighbours up, each
+    /// as long as it fits. A receiver takes a link or a service an entry does not mention as
+    /// unreported (declared latency, no load), never as down.
+    pub fn trimmed_to(&self, budget: usize) -> Option<Entry> {
+        let mut used = name_len(self.origin.as_str()) + 8 + 1 + 1;
+        if used > budget {
+            return None;
+        }
+        let nb_len = |n: &NeighbourState| name_len(n.id.as_str()) + 5;
+        let sv_len = |s: &ServiceState| name_len(s.service.as_str()) + 9;
+        let mut fits = |n: usize| {
+            let ok = used + n <= budget;
+            if ok {
+                used += n;
+            }
+            ok
+        };
+        let mut neighbours = Vec::new();
+        let mut services = Vec::new();
+        for n in self.neighbours.iter().filter(|n| !n.up).take(MAX_LIST) {
+            if fits(nb_len(n)) {
+                neighbours.push(n.clone());
+            }
+        }
+        for healthy in [false, true] {
+            for s in self.services.iter().filter(|s| s.healthy == healthy) {
+                if services.len() < MAX_LIST && fits(sv_len(s)) {
+                    services.push(s.clone());
+                }
+            }
+        }
+        for n in self.neighbours.iter().filter(|n| n.up) {
+            if neighbours.len() < MAX_LIST && fits(nb_len(n)) {
+                neighbours.push(n.clone());
+            }
+        }
+        neighbours.sort_by(|a, b| a.id.cmp(&b.id));
+        services.sort_by(|a, b| a.service.cmp(&b.service));
+        Some(Entry {
+            origin: self.origin.clone(),
+            generation: self.generation,
+            neighbours,
+            services,
+        })
+    }
+
     fn encode(&self, out: &mut BytesMut) {
         put_name(out, self.origin.as_str());
         out.put_u64(self.generation);
@@ -184,7 +237,8 @@ impl Probe {
         b.freeze()
     }
 
-    /// Encodes a pong: `entries[0]` (the responder's own entry) first, then as many of the other
+    /// Encodes a pong: `entries[0]` (the responder's own entry) first, cut to fit if it must
+    /// ([`Entry::trimmed_to`]), then as many of the other
     /// entries as fit in `max_len` bytes (and [`MAX_LIST`]), taken in order from index `start`
     /// of `entries[1..]` and wrapping around. Returns the datagram and the `start` of the next
     /// pong: the first entry this one did not carry. A responder that passes it on pong after
@@ -215,7 +269,13 @@ impl Probe {
         let Some((own, learned)) = entries.split_first() else {
             return (out.freeze(), 0);
         };
-        add(own, &mut out, &mut count);
+        // The own entry always goes, cut to fit when it does not (a hub with many neighbours
+        // on a path of small datagrams): it is the only source of what this router sees.
+        if !add(own, &mut out, &mut count)
+            && let Some(cut) = own.trimmed_to(max_len.saturating_sub(out.len()))
+        {
+            add(&cut, &mut out, &mut count);
+        }
         let n = learned.len();
         let first = if n == 0 { 0 } else { start % n };
         let mut next = first;
@@ -365,5 +425,58 @@ mod tests {
         fn random_datagrams_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..1500)) {
             let _ = Probe::decode(&bytes[..]);
         }
+    }
+
+    /// A hub whose own entry is larger than a datagram (50 neighbours with 20-character names
+    /// at quinn's initial datagram size) still sends it, cut to fit: every neighbour it sees
+    /// down and every service first, then as many of those up as fit. (The entry was left out:
+    /// routers behind the hub never learned its links down, nor its sites' health.)
+    #[test]
+    fn an_own_entry_larger_than_a_datagram_goes_cut_to_fit() {
+        let name = |i: usize| format!("transit-node-{i:07}");
+        let own = Entry {
+            origin: "hub".into(),
+            generation: 7,
+            neighbours: (0..50)
+                .map(|i| NeighbourState {
+                    id: NodeId::new(name(i)),
+                    up: i % 10 != 3,
+                    rtt_us: 1000 + i as u32,
+                })
+                .collect(),
+            services: vec![ServiceState {
+                service: "chat".into(),
+                healthy: false,
+                active: 1,
+                capacity: 2,
+            }],
+        };
+        let mut whole = BytesMut::new();
+        own.encode(&mut whole);
+        let max = 1160;
+        assert!(whole.len() > max, "the entry fits whole: {}", whole.len());
+        let (pong, _) = Probe::encode_pong(1, &[own.clone(), entry("s1")], 0, max);
+        assert!(pong.len() <= max, "{}", pong.len());
+        let Probe::Pong { entries, .. } = Probe::decode(pong).unwrap() else {
+            panic!("not a pong");
+        };
+        let sent = &entries[0];
+        assert_eq!(sent.origin.as_str(), "hub");
+        assert_eq!(sent.generation, 7);
+        assert_eq!(sent.services, own.services);
+        let down: Vec<_> = own.neighbours.iter().filter(|n| !n.up).collect();
+        assert_eq!(down.len(), 5);
+        for n in down {
+            assert!(sent.neighbours.contains(n), "{} is down but not sent", n.id);
+        }
+        let up = sent.neighbours.iter().filter(|n| n.up).count();
+        assert!(up > 30 && up < 45, "{up} neighbours up sent");
+        assert!(sent.neighbours.iter().all(|n| own.neighbours.contains(n)));
+        assert!(sent.neighbours.is_sorted_by(|a, b| a.id < b.id));
+        // Too small even for the origin: nothing, and no panic.
+        let (tiny, _) = Probe::encode_pong(1, &[own], 0, 20);
+        assert!(
+            matches!(Probe::decode(tiny).unwrap(), Probe::Pong { entries, .. } if entries.is_empty())
+        );
     }
 }

@@ -374,8 +374,11 @@ async fn attempt(
     let mut header = Header::data(service.clone(), cand.path[2..].to_vec(), Some(client));
     header.circuit = circuit.map(|c| c.id.clone());
     let mut hbuf = BytesMut::with_capacity(128);
-    if header.encode(&mut hbuf).is_err() {
-        return Attempt::Fatal(Code::Internal);
+    if let Err(e) = header.encode(&mut hbuf) {
+        // A path longer than a header carries (`header::MAX_HOPS`), or a name too long for
+        // one: this candidate cannot be reached, the next may.
+        tracing::warn!(node = %shared.node, site = %cand.site, %service, "cannot send a stream on this path: {e}");
+        return Attempt::Retry(Code::NoRoute, Told::Here);
     }
     // The header, then what the client sent to the failed candidates, in one write.
     let mut out: Vec<Bytes> = std::iter::once(hbuf.freeze())

@@ -320,6 +320,72 @@ async fn edge_fails_over_from_a_first_hop_that_grants_no_flow_control_window() {
     edge_fails_over_from_a_first_hop_that_withholds(Withhold::Window).await;
 }
 
+/// The near site is further from the edge than a stream header can carry (17 transits, the
+/// first a fake that answers probes; the header holds 16 hops after the first): the client
+/// connection goes to the far site instead. (The edge reset every client connection with
+/// `internal`, without trying the next candidate.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_too_long_for_a_header_moves_on_to_the_next_site() {
+    const TRANSITS: [&str; 17] = [
+        "t01", "t02", "t03", "t04", "t05", "t06", "t07", "t08", "t09", "t10", "t11", "t12", "t13",
+        "t14", "t15", "t16", "t17",
+    ];
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let port = free_tcp_port();
+    let mut b = TopologyBuilder::new();
+    b.node("edge", NodeKind::Edge)
+        .node("near", NodeKind::Site)
+        .node("far", NodeKind::Site)
+        .link("edge", "far", ms(30.0))
+        .service("echo");
+    let mut prev = "edge";
+    for t in TRANSITS {
+        b.node(t, NodeKind::Transit).link(prev, t, ms(0.1));
+        prev = t;
+    }
+    b.link(prev, "near", ms(0.1));
+    let mut t = addressed(b.build(), port);
+    serve(&mut t, "near", "echo", backend);
+    serve(&mut t, "far", "echo", backend);
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    let _t01 = fake_neighbour(
+        dir.path(),
+        &t,
+        "t01",
+        router::transport::transport_config(),
+        |c, p| answer_pings("t01", c, p),
+    );
+    let (edge, _) = spawn_node(&snap, dir.path(), "edge", |_| {}).await;
+    let (_far, _) = spawn_node(&snap, dir.path(), "far", |_| {}).await;
+    wait_until(
+        Duration::from_secs(20),
+        || {
+            let r = edge.routes();
+            r.preferred("echo")
+                .is_some_and(|c| c.site.as_str() == "near")
+                && r.candidates("echo").is_some_and(|c| c.len() == 2)
+        },
+        || format!("edge routes: {:?}", edge.routes().candidates("echo")),
+    )
+    .await;
+    let near = edge.routes().preferred("echo").unwrap().path.len();
+    assert_eq!(near, 19, "edge, 17 transits, near");
+
+    let back = echo_roundtrip(port, b"far away", Duration::from_secs(15)).await;
+    assert_eq!(
+        back.as_deref().ok(),
+        Some(&b"far away"[..]),
+        "the client connection did not move to the far site: {back:?}"
+    );
+    let m = edge.metrics_text();
+    assert!(m.contains("tasman_failovers_total{node=\"edge\"} 1"), "{m}");
+    assert!(
+        m.contains("tasman_stream_errors_total{node=\"edge\",code=\"no_route\"} 1"),
+        "{m}"
+    );
+}
+
 /// A transit's next hop answers probes but grants no stream: the transit resets the relayed
 /// stream with `next_hop_unreachable` within its header timeout, before the edge's reply timeout,
 /// so the edge retries the far site instead of failing the client.

@@ -20,7 +20,7 @@ use tokio::task::AbortHandle;
 use topology::graph::Graph;
 use topology::route::{
     Candidate, LiveState, RoutingTable, SiteLoad, Spread, TryOrder, client_key, dial_site_key,
-    dial_takes_client, dial_takes_turn, preferred_first,
+    dial_takes_client, dial_takes_turn, on_path, preferred_first,
 };
 use topology::{
     Affinity, FULL_DIAL, Latency, LinkId, NodeId, NodeKind, ServiceName, Topology, Vip,
@@ -67,6 +67,10 @@ struct ServiceRoute {
     dial_turns: Vec<Arc<AtomicU64>>,
     /// Per candidate, [`dial_site_key`] (for `affinity: source_ip`); empty like `dial_turns`.
     dial_keys: Vec<u64>,
+    /// For each circuit of this edge whose reserved path is usable but not among `candidates`
+    /// (the table holds one path per site, the nearest; placement may have reserved another
+    /// because the nearest had no room): that path first, then `candidates`. Keyed by the path.
+    reserved: HashMap<Vec<NodeId>, Arc<[Candidate]>>,
 }
 
 impl ServiceRoute {
@@ -113,8 +117,10 @@ impl Routes {
     /// near ones ([`Spread`]: by turn, one atomic add, or by the client's address with
     /// `affinity: source_ip`) first, then the others in rank order; traffic dials then move the sites
     /// that decline this connection to the end ([`TryOrder::dialled`]). A connection on a
-    /// circuit whose `reserved` path the table still offers starts on it instead, dials or not:
-    /// the path is reserved for it. No allocation; no dial work when no site has a dial.
+    /// circuit whose `reserved` path can carry a stream starts on it instead, dials or not: the
+    /// path is reserved for it (the table's own path to that site, or the reserved one when it
+    /// is another, built at the table's rebuild). No allocation; no dial work when no site has
+    /// a dial.
     pub fn order(
         &self,
         service: &str,
@@ -123,10 +129,15 @@ impl Routes {
     ) -> Option<(Arc<[Candidate]>, TryOrder)> {
         let r = self.by_service.get(service)?;
         let len = r.candidates.len();
-        let order = match reserved.and_then(|p| r.candidates.iter().position(|c| c.path == p)) {
-            Some(on_circuit) => TryOrder::new(len, on_circuit),
-            None => r.dialled(TryOrder::new(len, r.deal(client)), client),
-        };
+        if let Some(path) = reserved {
+            if let Some(on_circuit) = r.candidates.iter().position(|c| c.path == path) {
+                return Some((r.candidates.clone(), TryOrder::new(len, on_circuit)));
+            }
+            if let Some(cands) = r.reserved.get(path) {
+                return Some((cands.clone(), TryOrder::new(cands.len(), 0)));
+            }
+        }
+        let order = r.dialled(TryOrder::new(len, r.deal(client)), client);
         Some((r.candidates.clone(), order))
     }
     /// Per service, how many candidate sites the table holds (edges only), sorted by service.
@@ -578,7 +589,28 @@ impl Control {
                         } else {
                             (Vec::new(), Vec::new())
                         };
+                        // This edge's circuits of the service on a path the table does not
+                        // offer: that path first, when it can carry a stream now.
+                        let reserved = snap
+                            .circuits
+                            .iter()
+                            .filter(|c| c.edge == sh.node && c.service == svc.name)
+                            .filter(|c| !cands.iter().any(|k| k.path == c.path))
+                            .filter_map(|c| {
+                                let first = on_path(graph, &live, svc.name.as_str(), &c.path)?;
+                                let down = unhealthy
+                                    .iter()
+                                    .any(|(s, n)| s == &first.site && n == &svc.name);
+                                (!down).then(|| {
+                                    let all: Arc<[Candidate]> = std::iter::once(first)
+                                        .chain(cands.iter().cloned())
+                                        .collect();
+                                    (c.path.clone(), all)
+                                })
+                            })
+                            .collect();
                         let route = ServiceRoute {
+                            reserved,
                             spread: Spread::sticky(&cands, was_member),
                             affinity: svc.affinity,
                             candidates: cands.into(),

@@ -12,7 +12,10 @@ use topology::circuit::{CircuitId, ProvisionedCircuit};
 use topology::{Bandwidth, NodeId, ServiceName, Topology};
 
 use common::traffic::{assert_refused, blast, connect_from, sink_backend, steady_mbps};
-use common::{ca_dir, free_tcp_port, line_topology, spawn_all, wait_until};
+use common::{
+    addressed, ca_dir, echo_backend, free_tcp_port, line_topology, metric, serve, spawn_all,
+    wait_until,
+};
 
 fn topo(backend: SocketAddr, port: u16) -> Topology {
     let mut t = line_topology("llm", backend, port);
@@ -106,6 +109,125 @@ async fn circuits_on_one_edge_carry_their_own_rates_and_others_are_refused() {
     );
     let m = hs[0].metrics_text();
     assert!(m.contains("circuit_refused"), "refusals are counted: {m}");
+    for h in hs {
+        h.shutdown().await;
+    }
+}
+
+/// A circuit whose reserved path is not the edge's nearest path to its site (placement took
+/// the longer one, e.g. because the nearer had no room left) carries its connections on the
+/// reserved path: through `t2`, not `t1`. (The edge's table holds one path per site, the
+/// nearest, and the circuit's connections took it: unreserved links, over their capacity.)
+/// Once the reserved path cannot carry a stream (its link down), they take the table's path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_circuit_takes_its_reserved_path_when_it_is_not_the_nearest() {
+    use topology::NodeKind;
+    use topology::builder::{TopologyBuilder, ms};
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let port = free_tcp_port();
+    let mut b = TopologyBuilder::new();
+    b.node("edge", NodeKind::Edge)
+        .node("t1", NodeKind::Transit)
+        .node("t2", NodeKind::Transit)
+        .node("site", NodeKind::Site)
+        .link("edge", "t1", ms(1.0))
+        .link("t1", "site", ms(1.0))
+        .link("edge", "t2", ms(2.0))
+        .link("t2", "site", ms(2.0))
+        .service("llm");
+    let mut t = addressed(b.build(), port);
+    serve(&mut t, "site", "llm", backend);
+    t.services[0].requires_circuit = true;
+    let mut c = circuit("c-000001", "127.0.0.2/32", None, port, 100);
+    c.path = ["edge", "t2", "site"]
+        .into_iter()
+        .map(NodeId::new)
+        .collect();
+    let reserved = c.path.clone();
+    let mut snap = Snapshot::new(1, Arc::new(t));
+    snap.circuits = Arc::new(vec![c]);
+    let (hs, txs) = spawn_all(&Arc::new(snap.clone()), dir.path(), |_, _| {}).await;
+    let edge = hs
+        .iter()
+        .find(|h| h.telemetry().node.as_str() == "edge")
+        .unwrap();
+    let client: IpAddr = Ipv4Addr::new(127, 0, 0, 2).into();
+    let first_path = |edge: &router::RouterHandle| {
+        edge.routes()
+            .order("llm", client, Some(&reserved))
+            .map(|(cands, order)| cands[order.first()].path.clone())
+    };
+    wait_until(
+        Duration::from_secs(20),
+        || {
+            let r = edge.routes();
+            r.preferred("llm")
+                .is_some_and(|c| c.path.iter().any(|n| n.as_str() == "t1"))
+                && first_path(edge).as_ref() == Some(&reserved)
+        },
+        || {
+            format!(
+                "edge: nearest {:?}, circuit's first try {:?}",
+                edge.routes().preferred("llm"),
+                first_path(edge)
+            )
+        },
+    )
+    .await;
+
+    let listener = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
+    let echo = |msg: &'static [u8]| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = connect_from(Ipv4Addr::new(127, 0, 0, 2), listener)
+            .await
+            .unwrap();
+        s.write_all(msg).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut back))
+            .await
+            .expect("no answer within 10 s")
+            .unwrap();
+        assert_eq!(back, msg);
+    };
+    let streams = |node: &str| {
+        let h = hs
+            .iter()
+            .find(|h| h.telemetry().node.as_str() == node)
+            .unwrap();
+        metric(
+            &h.metrics_text(),
+            &format!("tasman_relayed_streams_total{{node=\"{node}\"}}"),
+        )
+        .unwrap_or(0)
+    };
+    echo(b"reserved").await;
+    assert_eq!(streams("t2"), 1, "not carried by t2");
+    assert_eq!(streams("t1"), 0, "carried by t1");
+
+    // The reserved path's link t2--site declared down: the table's path carries the circuit.
+    let mut t = (*snap.topology).clone();
+    for l in &mut t.links {
+        if l.a.as_str() == "t2" || l.b.as_str() == "t2" {
+            l.state = topology::AdminState::Down;
+        }
+    }
+    let mut next = snap.clone();
+    next.version = 2;
+    next.topology = Arc::new(t);
+    let next = Arc::new(next);
+    for tx in &txs {
+        tx.send(next.clone()).unwrap();
+    }
+    wait_until(
+        Duration::from_secs(20),
+        || first_path(edge).is_some_and(|p| p.iter().any(|n| n.as_str() == "t1")),
+        || format!("circuit's first try {:?}", first_path(edge)),
+    )
+    .await;
+    echo(b"unreserved").await;
+    assert_eq!(streams("t1"), 1, "not carried by t1");
     for h in hs {
         h.shutdown().await;
     }

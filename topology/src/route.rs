@@ -446,6 +446,72 @@ impl RoutingTable {
     }
 }
 
+/// The candidate for `service` along the fixed `path` (a circuit's reserved path: its edge
+/// first, its site last), when every part of it can carry a stream now: each node known and
+/// not down (declared or in `live`), each node between the ends a transit, a link between each
+/// pair and none down, and the site one that may serve `service` (residency included) and not
+/// full. Its latency and penalty are reckoned as [`RoutingTable::build`] does (measured
+/// latencies in `live` replace declared ones); `drained` when it crosses a drained link or node.
+/// `None` when any part cannot: a reserved path is taken as it is or not at all.
+pub fn on_path(
+    graph: &Graph,
+    live: &LiveState,
+    service: &str,
+    path: &[NodeId],
+) -> Option<Candidate> {
+    if path.len() < 2 {
+        return None;
+    }
+    let svc = graph.service(service)?;
+    let nodes: Vec<u32> = path
+        .iter()
+        .map(|id| graph.index(id.as_str()))
+        .collect::<Option<_>>()?;
+    let last = nodes.len() - 1;
+    for (k, &i) in nodes.iter().enumerate() {
+        if graph.node_state(i) == AdminState::Down || live.down_nodes.contains(graph.id(i)) {
+            return None;
+        }
+        if k > 0 && k < last && graph.node_kind(i) != NodeKind::Transit {
+            return None;
+        }
+    }
+    let site = svc.sites.iter().find(|s| s.node == nodes[last])?;
+    let mut latency_ns = 0u64;
+    let mut drained = false;
+    for pair in nodes.windows(2) {
+        let (u, v) = (pair[0], pair[1]);
+        let at = graph.neighbours(u).iter().position(|e| e.to == v)?;
+        let e = &graph.neighbours(u)[at];
+        let id = LinkId::new(graph.id(u), graph.id(v));
+        if graph.link_state(e.link) == AdminState::Down || live.down_links.contains(&id) {
+            return None;
+        }
+        let w = live
+            .link_latency
+            .get(&id)
+            .map_or(e.latency_ns, |l| weight_ns(*l));
+        latency_ns = latency_ns.saturating_add(w);
+        drained |= graph.neighbour_drain(u)[at] > 0;
+    }
+    let site_id = graph.id(site.node);
+    let penalty = match live.site_load.get(site_id.as_str()) {
+        None => Latency::ZERO,
+        Some(load) => load.penalty(site.capacity)?,
+    };
+    let latency = Latency::from_nanos(latency_ns.min(LATENCY_MASK));
+    Some(Candidate {
+        site: site_id.clone(),
+        path: path.to_vec(),
+        latency,
+        penalty,
+        cost: latency.saturating_add(penalty),
+        drained,
+        weight: site.weight,
+        dial: site.dial,
+    })
+}
+
 fn path_to(graph: &Graph, prev: &[u32], origin: u32, site: u32) -> Vec<NodeId> {
     let mut rev = vec![site];
     let mut at = site;
@@ -950,6 +1016,75 @@ mod tests {
             .serve("s1", "chat", 100)
             .serve("s2", "chat", 100);
         b
+    }
+
+    /// A fixed path's candidate: its own latency (measured where measured), `None` as soon as
+    /// any part of it cannot carry a stream.
+    #[test]
+    fn a_fixed_path_is_a_candidate_while_every_part_of_it_is_usable() {
+        let t = small().build();
+        let g = Graph::new(&t);
+        let p = |ns: &[&str]| ns.iter().map(|n| nid(n)).collect::<Vec<_>>();
+        let long = p(&["edge", "t1", "s1"]);
+        let live = LiveState::default();
+        let c = on_path(&g, &live, "chat", &long).unwrap();
+        assert_eq!(
+            (c.site.as_str(), c.latency, c.cost),
+            ("s1", ms(6.0), ms(6.0))
+        );
+        assert_eq!(c.path, long);
+        // Not the table's path to s1 (edge-t2-t1-s1, 4 ms).
+        assert_ne!(
+            route(&t, &nid("edge"), "chat", &live).unwrap()[0].path,
+            long
+        );
+
+        let mut measured = LiveState::default();
+        measured
+            .link_latency
+            .insert(LinkId::new(&nid("edge"), &nid("t1")), ms(7.0));
+        assert_eq!(
+            on_path(&g, &measured, "chat", &long).unwrap().latency,
+            ms(8.0)
+        );
+
+        let mut down = LiveState::default();
+        down.down_links.insert(LinkId::new(&nid("t1"), &nid("s1")));
+        assert!(on_path(&g, &down, "chat", &long).is_none(), "a link down");
+        let mut down = LiveState::default();
+        down.down_nodes.insert(nid("t1"));
+        assert!(on_path(&g, &down, "chat", &long).is_none(), "a node down");
+        let mut full = LiveState::default();
+        full.site_load.insert(
+            nid("s1"),
+            SiteLoad {
+                active_streams: 100,
+                capacity: 100,
+                healthy: true,
+            },
+        );
+        assert!(on_path(&g, &full, "chat", &long).is_none(), "the site full");
+        assert!(
+            on_path(&g, &live, "nope", &long).is_none(),
+            "an unknown service"
+        );
+        assert!(
+            on_path(&g, &live, "chat", &p(&["edge", "t1", "t2", "s2"])).is_some(),
+            "transits in the middle"
+        );
+        assert!(
+            on_path(&g, &live, "chat", &p(&["edge", "s1"])).is_none(),
+            "no link edge--s1"
+        );
+        assert!(
+            on_path(&g, &live, "chat", &p(&["edge", "t1", "s1", "t1", "s1"])).is_none(),
+            "a site in the middle"
+        );
+        assert!(
+            on_path(&g, &live, "chat", &p(&["edge", "t1"])).is_none(),
+            "not a site"
+        );
+        assert!(on_path(&g, &live, "chat", &p(&["edge"])).is_none());
     }
 
     #[test]

@@ -46,6 +46,11 @@ pub enum Code {
     /// No byte moved either way for the idle timeout (`RouterConfig::idle_timeout`) at the edge or
     /// the site that reset the stream.
     IdleTimeout = 0x43,
+    /// The edge or the site could not write a byte to its TCP side (the client or the backend
+    /// took none) for the write-stall timeout (`RouterConfig::write_stall_timeout`) while bytes
+    /// waited: the stream is reset, so that it stops holding its connection's flow-control
+    /// window, which the other streams on that neighbour connection share.
+    WriteStalled = 0x44,
     /// The router is shutting down.
     ShuttingDown = 0x50,
     /// An internal error (a bug or resource exhaustion).
@@ -57,7 +62,7 @@ pub enum Code {
 }
 
 impl Code {
-    pub const ALL: [Code; 21] = [
+    pub const ALL: [Code; 22] = [
         Code::NoError,
         Code::MalformedHeader,
         Code::UnsupportedVersion,
@@ -75,6 +80,7 @@ impl Code {
         Code::BackendAbort,
         Code::UpstreamLost,
         Code::IdleTimeout,
+        Code::WriteStalled,
         Code::ShuttingDown,
         Code::Internal,
         Code::RateLimited,
@@ -110,6 +116,7 @@ impl Code {
             Code::BackendAbort => "backend_abort",
             Code::UpstreamLost => "upstream_lost",
             Code::IdleTimeout => "idle_timeout",
+            Code::WriteStalled => "write_stalled",
             Code::ShuttingDown => "shutting_down",
             Code::Internal => "internal",
             Code::RateLimited => "rate_limited",

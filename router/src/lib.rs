@@ -111,6 +111,17 @@ pub struct RouterConfig {
     /// reset, and a site frees its capacity slot (default 1 h; `None`: never). Edge and site each
     /// enforce it on their side; it ends between one and 1.5 times this after the last byte.
     pub idle_timeout: Option<Duration>,
+    /// A proxied connection whose TCP side takes no byte for this long while bytes wait to be
+    /// written to it (a client that stopped reading a response, a backend that stopped reading
+    /// a request) is reset with `write_stalled` (default 30 s; `None`: never). Its stream would
+    /// otherwise hold up to a stream window of its neighbour connection's flow-control window,
+    /// which every stream on that connection shares: a few such streams would stop them all.
+    /// Edge and site each enforce it on their side; it ends between one and two times this after
+    /// the last byte written.
+    pub write_stall_timeout: Option<Duration>,
+    /// QUIC receive windows of its connections (default: `transport::Windows::default()`,
+    /// sized for long fat links; tests use small ones).
+    pub windows: transport::Windows,
     /// Client bytes an edge keeps to replay on the next candidate (default 64 KiB).
     pub replay_limit: usize,
     /// Extra names a peer may present besides the topology's node ids (e.g. `controller`).
@@ -148,6 +159,8 @@ impl RouterConfig {
             header_timeout: Duration::from_secs(5),
             reply_timeout: Duration::from_secs(10),
             idle_timeout: Some(Duration::from_secs(3600)),
+            write_stall_timeout: Some(Duration::from_secs(30)),
+            windows: transport::Windows::default(),
             replay_limit: 64 * 1024,
             extra_peer_names: Vec::new(),
             cert_resolver: None,
@@ -186,6 +199,7 @@ pub(crate) struct Shared {
     pub header_timeout: Duration,
     pub reply_timeout: Duration,
     pub idle_timeout: Option<Duration>,
+    pub write_stall_timeout: Option<Duration>,
     pub replay_limit: usize,
     pub endpoint: quinn::Endpoint,
     pub peers: tls::PeerNames,
@@ -339,13 +353,13 @@ impl Router {
             .collect();
         names.extend(cfg.extra_peer_names.iter().cloned());
         let peers = tls::PeerNames::new(names);
-        let transport = transport::shared_transport();
+        let transport = Arc::new(transport::transport_config_with(cfg.windows));
         let cert = match &cfg.cert_resolver {
             Some(c) => c.clone(),
             None => tls::CertResolver::new(&cfg.tls)?,
         };
         let server = tls::server_config_with(&cert, &peers, transport)?;
-        let dial = Arc::new(transport::dial_transport_config());
+        let dial = Arc::new(transport::dial_transport_config_with(cfg.windows));
         let client = tls::client_config_with(&cert, &peers, dial)?;
         let endpoint = transport::endpoint(me.address, server, client).map_err(|source| {
             RouterError::Bind {
@@ -371,6 +385,7 @@ impl Router {
             header_timeout: cfg.header_timeout,
             reply_timeout: cfg.reply_timeout,
             idle_timeout: cfg.idle_timeout,
+            write_stall_timeout: cfg.write_stall_timeout,
             replay_limit: cfg.replay_limit,
             endpoint,
             peers,

@@ -13,10 +13,12 @@
 //! error resets the QUIC stream with a code; a lost connection resets the other side with
 //! `UpstreamLost`. No path ends with both sides waiting on each other.
 //!
-//! Idle: with `RouterConfig::idle_timeout`, a TCP<->QUIC splice (edge and site each) that moved no
-//! chunk either way for the timeout resets both sides with `IdleTimeout` ([`IdleTimer`]: one
-//! timer per connection, ticking at half the timeout; the pumps only set a flag per chunk). A
-//! transit has no timer: the resets of the ends reach both of its pumps.
+//! Idle and stalled: with `RouterConfig::idle_timeout`, a TCP<->QUIC splice (edge and site each)
+//! that moved no chunk either way for the timeout resets both sides with `IdleTimeout`; with
+//! `RouterConfig::write_stall_timeout`, one whose QUIC->TCP write took no byte for that timeout
+//! resets them with `WriteStalled` ([`ConnTimer`]: one timer per connection, ticking at half the
+//! shorter timeout; the pumps only set flags). A transit has no timer: the resets of the ends
+//! reach both of its pumps.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -194,13 +196,37 @@ impl Activity {
     }
 }
 
-/// Consecutive ticks without a chunk after which a connection is idle: ticks are
-/// `idle_timeout / IDLE_TICKS` apart, so a connection ends between one and 1.5 idle timeouts
-/// (with 2) after its last chunk.
-const IDLE_TICKS: u8 = 2;
+/// Whether a connection's QUIC→TCP write is waiting, and whether it wrote a byte since the
+/// connection's timer last looked ([`ConnTimer`]). The pump sets `waiting` around each write and
+/// `wrote` at each partial write (a relaxed store each, as [`Activity`]).
+#[derive(Default)]
+pub(crate) struct WriteWatch {
+    waiting: AtomicBool,
+    wrote: AtomicBool,
+}
 
-/// One connection's idle timer, a branch of its splice's `select!`: ready once
-/// [`IDLE_TICKS`] ticks in a row saw no [`Activity`].
+impl WriteWatch {
+    #[inline]
+    fn waiting(&self, w: bool) {
+        self.waiting.store(w, Relaxed);
+    }
+    #[inline]
+    fn wrote(&self) {
+        self.wrote.store(true, Relaxed);
+    }
+    /// Whether a write is waiting and none wrote a byte since the last call.
+    fn stalled(&self) -> bool {
+        let wrote = self.wrote.swap(false, Relaxed);
+        self.waiting.load(Relaxed) && !wrote
+    }
+}
+
+/// One connection's timer for its idle and write-stall timeouts, a branch of its splice's
+/// `select!`. It ticks every half of the shorter timeout; it is ready with `IdleTimeout` once
+/// `idle_ticks` ticks in a row saw no [`Activity`] (so between one idle timeout and one tick more
+/// after the last chunk), and with `WriteStalled` once `stall_ticks` ticks in a row saw the
+/// QUIC→TCP write waiting without a byte written ([`WriteWatch`]; between one and two stall
+/// timeouts after its last byte).
 ///
 /// The task is woken, and this polled, about once per chunk; only a tick touches tokio's timer. In
 /// between, a poll reads whether the sleep has fired (one relaxed load) and returns: the waker
@@ -208,21 +234,64 @@ const IDLE_TICKS: u8 = 2;
 /// the data path never resets a timer and never registers a waker for it. The real polls are
 /// outside tokio's cooperative budget: a sleep polled with the budget spent returns pending
 /// without registering, and this one would then never be polled again.
-struct IdleTimer<'a> {
-    /// `None`: no idle timeout (never ready).
+struct ConnTimer<'a> {
+    /// `None`: neither timeout (never ready).
     sleep: Option<Pin<&'a mut tokio::time::Sleep>>,
     every: Duration,
     activity: &'a Activity,
+    watch: &'a WriteWatch,
     /// The sleep was polled since its last reset (its waker is registered).
     armed: bool,
-    /// Ticks in a row without a chunk.
-    quiet: u8,
+    /// Ticks in a row without a chunk, and how many end the connection (0: no idle timeout).
+    quiet: u32,
+    idle_ticks: u32,
+    /// Ticks in a row with the write stalled, and how many end the connection (0: no bound).
+    stalled: u32,
+    stall_ticks: u32,
 }
 
-impl std::future::Future for IdleTimer<'_> {
-    type Output = ();
+impl<'a> ConnTimer<'a> {
+    /// The tick for `idle` and `stall` (half the shorter of those set), `None` when neither is.
+    fn tick(idle: Option<Duration>, stall: Option<Duration>) -> Option<Duration> {
+        let half = |t: Duration| (t / 2).max(Duration::from_millis(1));
+        match (idle.map(half), stall.map(half)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
 
-    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<()> {
+    fn new(
+        sleep: Option<Pin<&'a mut tokio::time::Sleep>>,
+        idle: Option<Duration>,
+        stall: Option<Duration>,
+        activity: &'a Activity,
+        watch: &'a WriteWatch,
+    ) -> Self {
+        let every = Self::tick(idle, stall).unwrap_or_default();
+        // Whole ticks in `t`, rounded up.
+        let ticks = |t: Duration| -> u32 {
+            let n = t.as_nanos().div_ceil(every.as_nanos().max(1));
+            u32::try_from(n).unwrap_or(u32::MAX)
+        };
+        ConnTimer {
+            sleep,
+            every,
+            activity,
+            watch,
+            armed: false,
+            quiet: 0,
+            idle_ticks: idle.map_or(0, ticks),
+            stalled: 0,
+            // The first stalled tick may come right after the write began: one tick more.
+            stall_ticks: stall.map_or(0, |t| ticks(t).saturating_add(1)),
+        }
+    }
+}
+
+impl std::future::Future for ConnTimer<'_> {
+    type Output = Code;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Code> {
         let this = self.get_mut();
         let Some(sleep) = this.sleep.as_mut() else {
             return Poll::Pending;
@@ -240,10 +309,18 @@ impl std::future::Future for IdleTimer<'_> {
             if this.activity.take() {
                 this.quiet = 0;
             } else {
-                this.quiet += 1;
-                if this.quiet >= IDLE_TICKS {
-                    return Poll::Ready(());
+                this.quiet = this.quiet.saturating_add(1);
+                if this.idle_ticks > 0 && this.quiet >= this.idle_ticks {
+                    return Poll::Ready(Code::IdleTimeout);
                 }
+            }
+            if this.watch.stalled() {
+                this.stalled = this.stalled.saturating_add(1);
+                if this.stall_ticks > 0 && this.stalled >= this.stall_ticks {
+                    return Poll::Ready(Code::WriteStalled);
+                }
+            } else {
+                this.stalled = 0;
             }
             sleep
                 .as_mut()
@@ -296,9 +373,11 @@ pub(crate) async fn tcp_to_quic(
 const IOV: usize = 16;
 
 /// Writes `bufs` to `wr` in full with vectored writes; each chunk is released once written.
+/// Each write that takes bytes is told to `watch`.
 async fn write_all_chunks(
     wr: &mut (impl AsyncWrite + Unpin),
     bufs: &mut [Bytes],
+    watch: &WriteWatch,
 ) -> std::io::Result<()> {
     let mut first = 0;
     loop {
@@ -320,6 +399,7 @@ async fn write_all_chunks(
         if written == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
+        watch.wrote();
         while written > 0 && first < bufs.len() {
             let len = bufs[first].len();
             if written >= len {
@@ -342,6 +422,7 @@ pub(crate) async fn quic_to_tcp(
     side: Side,
     bucket: Option<&TokenBucket>,
     activity: &Activity,
+    watch: &WriteWatch,
 ) -> Result<(), Abort> {
     // A rate-limited circuit takes one chunk at a time so that it stays well inside its burst.
     let per_read = if bucket.is_some() { 1 } else { IOV };
@@ -354,7 +435,11 @@ pub(crate) async fn quic_to_tcp(
                 if let Some(b) = bucket {
                     b.take(n).await;
                 }
-                if write_all_chunks(wr, &mut bufs[..k]).await.is_err() {
+                // Waiting for the TCP side only, not for the circuit's rate above.
+                watch.waiting(true);
+                let written = write_all_chunks(wr, &mut bufs[..k], watch).await;
+                watch.waiting(false);
+                if written.is_err() {
                     let code = side.tcp_abort_code();
                     let _ = recv.stop(code.varint());
                     return Err(Abort(code));
@@ -417,6 +502,7 @@ pub(crate) async fn tcp_quic_with(
     shared.metrics.streams_active.fetch_add(1, Relaxed);
     shared.metrics.streams_total.fetch_add(1, Relaxed);
     let activity = Activity::default();
+    let watch = WriteWatch::default();
     let outcome = {
         let (mut rd, mut wr) = tcp.split();
         let up = tcp_to_quic(
@@ -435,19 +521,14 @@ pub(crate) async fn tcp_quic_with(
             side,
             limiter.map(|l| &l.down),
             &activity,
+            &watch,
         );
-        // One timer per connection, ticking every `idle_timeout / IDLE_TICKS` (none when the
-        // timeout is off).
-        let every = shared.idle_timeout.map(|t| t / u32::from(IDLE_TICKS));
-        let sleep = every.map(tokio::time::sleep);
+        // One timer per connection, ticking at half the shorter of the idle and write-stall
+        // timeouts (none when both are off).
+        let (idle, stall) = (shared.idle_timeout, shared.write_stall_timeout);
+        let sleep = ConnTimer::tick(idle, stall).map(tokio::time::sleep);
         tokio::pin!(up, down, sleep);
-        let mut idle = IdleTimer {
-            sleep: sleep.as_pin_mut(),
-            every: every.unwrap_or_default(),
-            activity: &activity,
-            armed: false,
-            quiet: 0,
-        };
+        let mut timer = ConnTimer::new(sleep.as_pin_mut(), idle, stall, &activity, &watch);
         let (mut up_done, mut down_done) = (false, false);
         loop {
             tokio::select! {
@@ -459,9 +540,9 @@ pub(crate) async fn tcp_quic_with(
                     Ok(()) => down_done = true,
                     Err(a) => break Err(a),
                 },
-                () = &mut idle, if idle.sleep.is_some() => {
-                    tracing::debug!(node = %shared.node, ?side, timeout = ?shared.idle_timeout, "idle timeout: connection reset");
-                    break Err(Abort(Code::IdleTimeout));
+                code = &mut timer, if timer.sleep.is_some() => {
+                    tracing::debug!(node = %shared.node, ?side, %code, idle = ?idle, stall = ?stall, "connection reset by its timer");
+                    break Err(Abort(code));
                 }
             }
             if up_done && down_done {
@@ -742,11 +823,14 @@ mod tests {
             let mut got = Vec::new();
             b.read_to_end(&mut got).await.map(|_| got)
         });
-        write_all_chunks(&mut a, &mut chunks).await.unwrap();
+        let watch = WriteWatch::default();
+        watch.waiting(true);
+        write_all_chunks(&mut a, &mut chunks, &watch).await.unwrap();
         assert!(
             chunks.iter().all(Bytes::is_empty),
             "written chunks are released"
         );
+        assert!(!watch.stalled(), "the writes were told to the watch");
         drop(a);
         assert_eq!(reader.await.unwrap().unwrap(), data);
     }

@@ -2,8 +2,9 @@
 //!
 //! Tuning (see docs/ARCHITECTURE.md, "Transport"): the bandwidth-delay product of a 150 ms RTT
 //! path at 1 Gbit/s is ~18.75 MB, so a stream may have 32 MiB unacknowledged in flight and the
-//! connection 128 MiB over all its streams (many client streams share one neighbour connection);
-//! the send window matches. Windows are limits, not allocations: memory is used only for bytes
+//! connection 512 MiB over all its streams (many client streams share one neighbour connection,
+//! and a stream whose reader stopped holds its share until it is reset); the send window is
+//! 128 MiB (data acknowledged by the peer's transport leaves it, read or not). Windows are limits, not allocations: memory is used only for bytes
 //! actually in flight. The UDP socket gets 8 MiB kernel buffers so bursts at those rates are not
 //! dropped before quinn reads them.
 
@@ -14,7 +15,12 @@ use std::time::Duration;
 use quinn::{IdleTimeout, TransportConfig, VarInt};
 
 pub const STREAM_RECEIVE_WINDOW: u32 = 32 * 1024 * 1024;
-pub const CONNECTION_RECEIVE_WINDOW: u32 = 128 * 1024 * 1024;
+/// Sixteen stream windows. A stream whose reader stopped (a client that does not read its
+/// response, a backend that does not read its request) keeps what it received, up to its stream
+/// window, out of this window, which every stream of the connection shares, until its write-stall
+/// timeout resets it (`RouterConfig::write_stall_timeout`): so it takes sixteen such streams at
+/// once, not four, to stop the others.
+pub const CONNECTION_RECEIVE_WINDOW: u32 = 16 * STREAM_RECEIVE_WINDOW;
 pub const SEND_WINDOW: u64 = 128 * 1024 * 1024;
 /// Client connections per neighbour connection (one stream each). quinn pre-allocates state for
 /// every stream the peer may open (`StreamsState::new` inserts each id into two hash maps), so
@@ -38,9 +44,30 @@ pub const MTU_UPPER_BOUND: u16 = 6500;
 /// reads keeps what the peer sends into it (up to the stream window, the connection window over
 /// all of them) until the connection ends, so the router grants none.
 pub fn transport_config() -> TransportConfig {
+    transport_config_with(Windows::default())
+}
+
+/// A connection's receive windows: per stream and over all its streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Windows {
+    pub stream: u32,
+    pub connection: u32,
+}
+
+impl Default for Windows {
+    fn default() -> Self {
+        Windows {
+            stream: STREAM_RECEIVE_WINDOW,
+            connection: CONNECTION_RECEIVE_WINDOW,
+        }
+    }
+}
+
+/// [`transport_config`] with other receive windows (tests use small ones).
+pub fn transport_config_with(w: Windows) -> TransportConfig {
     let mut t = TransportConfig::default();
-    t.stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW))
-        .receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW))
+    t.stream_receive_window(VarInt::from_u32(w.stream))
+        .receive_window(VarInt::from_u32(w.connection))
         .send_window(SEND_WINDOW)
         .max_concurrent_bidi_streams(VarInt::from_u32(MAX_CONCURRENT_STREAMS))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
@@ -141,7 +168,12 @@ pub fn shared_transport() -> Arc<TransportConfig> {
 /// neighbour may open no stream at all on them (the router opens its streams there; those it
 /// serves arrive on the connections the neighbour dialled, see [`transport_config`]).
 pub fn dial_transport_config() -> TransportConfig {
-    let mut t = transport_config();
+    dial_transport_config_with(Windows::default())
+}
+
+/// [`dial_transport_config`] with other receive windows.
+pub fn dial_transport_config_with(w: Windows) -> TransportConfig {
+    let mut t = transport_config_with(w);
     t.max_concurrent_bidi_streams(VarInt::from_u32(0));
     t
 }

@@ -262,6 +262,238 @@ async fn a_connection_exchanging_a_byte_every_100ms_outlives_the_idle_timeout() 
     }
 }
 
+// ---- Stalled writes ----
+
+/// The write-stall timeout of the tests.
+const STALL: Duration = Duration::from_secs(1);
+
+/// A backend that, on every connection, sends as fast as it can until the connection fails.
+async fn source_backend() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let buf = vec![7u8; 64 * 1024];
+                while s.write_all(&buf).await.is_ok() {}
+            });
+        }
+    });
+    addr
+}
+
+/// A backend that takes connections and never reads them (it holds them for the test's life).
+async fn deaf_backend() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            held.push(s);
+        }
+    });
+    addr
+}
+
+/// Edge -> transit -> site in front of `backend`, every node with the write-stall timeout
+/// [`STALL`] and `tune`d; returns once the edge has a route. The client port is the third item.
+async fn stall_fabric(
+    backend: SocketAddr,
+    tune: impl Fn(&mut RouterConfig),
+) -> (Vec<RouterHandle>, Vec<Source>, u16, tempfile::TempDir) {
+    let dir = ca_dir();
+    let port = free_tcp_port();
+    let snap = Arc::new(Snapshot::new(
+        1,
+        Arc::new(line_topology("echo", backend, port)),
+    ));
+    let (hs, txs) = spawn_all(&snap, dir.path(), |_, cfg| {
+        cfg.write_stall_timeout = Some(STALL);
+        tune(cfg)
+    })
+    .await;
+    wait_for_route(
+        node(&hs, "edge"),
+        "echo",
+        Duration::from_secs(10),
+        "edge never got a route",
+    )
+    .await;
+    (hs, txs, port, dir)
+}
+
+/// A client that stops reading a response is reset by the edge once its socket took no byte for
+/// the write-stall timeout, and the edge counts `write_stalled`; the idle timeout (an hour) has
+/// nothing to do with it. (Its stream kept up to a stream window of its neighbour connection's
+/// window until the idle timeout, while bytes kept coming.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_reset_after_the_write_stall_timeout() {
+    let (hs, _txs, port, _dir) = stall_fabric(source_backend().await, |_| {}).await;
+    let edge = node(&hs, "edge");
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    c.write_all(b"go").await.unwrap();
+    wait_until(
+        Duration::from_secs(20),
+        || errors(edge, "write_stalled") == 1,
+        || {
+            format!(
+                "the edge never reset the stalled client: {}",
+                edge.metrics_text()
+            )
+        },
+    )
+    .await;
+    // What the sockets held comes first, then the reset.
+    let mut buf = vec![0u8; 256 * 1024];
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match c.read(&mut buf).await {
+                Ok(0) => break Ok(()),
+                Ok(_) => {}
+                Err(e) => break Err(e.kind()),
+            }
+        }
+    })
+    .await
+    .expect("the client's socket did not end within 10 s");
+    assert_eq!(end, Err(std::io::ErrorKind::ConnectionReset));
+    assert_eq!(errors(edge, "idle_timeout"), 0);
+    for h in hs {
+        h.shutdown().await;
+    }
+}
+
+/// A backend that stops reading a request is reset by the site once its socket took no byte
+/// for the write-stall timeout, and the client sees the reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_stops_reading_is_reset_after_the_write_stall_timeout() {
+    let (hs, _txs, port, _dir) = stall_fabric(deaf_backend().await, |_| {}).await;
+    let site = node(&hs, "site");
+    let c = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let (mut rd, mut wr) = c.into_split();
+    let upload = tokio::spawn(async move {
+        let buf = vec![1u8; 64 * 1024];
+        loop {
+            if let Err(e) = wr.write_all(&buf).await {
+                return e.kind();
+            }
+        }
+    });
+    wait_until(
+        Duration::from_secs(20),
+        || errors(site, "write_stalled") == 1,
+        || {
+            format!(
+                "the site never reset the stalled backend: {}",
+                site.metrics_text()
+            )
+        },
+    )
+    .await;
+    // The reset reaches whichever of the client's calls comes first: its read sees it, or
+    // its write does and the read then sees the end.
+    let mut b = [0u8; 1];
+    let got = tokio::time::timeout(Duration::from_secs(10), rd.read(&mut b))
+        .await
+        .expect("the client was not reset within 10 s");
+    assert!(
+        matches!(
+            got.as_ref().map_err(|e| e.kind()),
+            Ok(0) | Err(std::io::ErrorKind::ConnectionReset)
+        ),
+        "{got:?}"
+    );
+    let failed = tokio::time::timeout(Duration::from_secs(10), upload)
+        .await
+        .expect("the upload did not fail within 10 s")
+        .unwrap();
+    assert!(
+        matches!(
+            failed,
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        ),
+        "{failed:?}"
+    );
+    for h in hs {
+        h.shutdown().await;
+    }
+}
+
+/// Clients that stop reading do not stop the others on the same neighbour connection for good:
+/// four of them fill the connection's window (here 4 MiB, of 1 MiB streams; the defaults are
+/// 512 MiB of 32 MiB), and a fifth client still gets its download once the write-stall timeout
+/// reset them. (Nothing moved from the site to the edge any more, for any stream, until the idle
+/// timeout: an hour.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_stop_reading_do_not_stop_the_others_for_good() {
+    const MIB: u32 = 1024 * 1024;
+    let (hs, _txs, port, _dir) = stall_fabric(source_backend().await, |cfg| {
+        cfg.windows = router::transport::Windows {
+            stream: MIB,
+            connection: 4 * MIB,
+        };
+    })
+    .await;
+    let edge = node(&hs, "edge");
+    let mut stuck = Vec::new();
+    for _ in 0..4 {
+        let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        c.write_all(b"go").await.unwrap();
+        stuck.push(c);
+    }
+    // Until their downloads stop: the sockets are full, then the streams' windows.
+    let down = || {
+        metric(
+            &edge.metrics_text(),
+            "tasman_bytes_down_total{node=\"edge\"}",
+        )
+        .unwrap_or(0)
+    };
+    let mut last = (down(), Instant::now());
+    wait_until(
+        Duration::from_secs(20),
+        || {
+            let now = down();
+            if now != last.0 {
+                last = (now, Instant::now());
+            }
+            now > 0 && last.1.elapsed() > Duration::from_millis(300)
+        },
+        || "the stuck downloads never stopped".into(),
+    )
+    .await;
+
+    let mut fresh = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    fresh.write_all(b"go").await.unwrap();
+    let mut got = vec![0u8; 256 * 1024];
+    tokio::time::timeout(Duration::from_secs(20), fresh.read_exact(&mut got))
+        .await
+        .expect("the fifth client got no download within 20 s")
+        .unwrap();
+    assert!(got.iter().all(|&b| b == 7));
+    // And the four are reset.
+    wait_until(
+        Duration::from_secs(20),
+        || errors(edge, "write_stalled") >= 4,
+        || edge.metrics_text(),
+    )
+    .await;
+    drop(stuck);
+    for h in hs {
+        h.shutdown().await;
+    }
+}
+
 /// Reads until EOF, answers with the byte count (8 bytes, big-endian), then sends as fast as it
 /// can for `send_for` and closes.
 async fn sink_then_source_backend(send_for: Duration) -> SocketAddr {

@@ -527,7 +527,7 @@ async fn a_draining_edge_waits_for_a_connection_still_being_set_up() {
 
 /// A router reads only the bidirectional streams of connections its neighbours dialled. Any
 /// other stream a neighbour could open (unidirectional ones, or any on a connection the router
-/// dialled) nothing ever reads: each took up to a stream window (32 MiB), 128 MiB a connection,
+/// dialled) nothing ever reads: each took up to a stream window (32 MiB), the connection window over all,
 /// held until the connection ended, with no header timeout and no reset. So the router grants
 /// none: a neighbour cannot open them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

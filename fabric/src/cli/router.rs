@@ -63,6 +63,12 @@ pub struct RouterArgs {
     /// (e.g. 1h, 30m, 340s, 1h 30m); `off` or 0 never times out.
     #[arg(long, default_value = "1h", value_parser = parse_duration_or_off, value_name = "DURATION")]
     pub idle_timeout: std::time::Duration,
+    /// Reset a proxied connection whose client (at an edge) or backend (at a site) takes no
+    /// byte for this long while bytes wait for it: its stream would otherwise keep holding part
+    /// of the flow-control window that every stream to that neighbour shares. A duration (e.g.
+    /// 30s, 2m); `off` or 0 never resets for it.
+    #[arg(long, default_value = "30s", value_parser = parse_duration_or_off, value_name = "DURATION")]
+    pub write_stall_timeout: std::time::Duration,
     /// On SIGTERM or Ctrl-C, let open connections finish for up to this long before closing
     /// them (new ones go to other sites at once; a second signal stops without waiting). A
     /// duration (e.g. 30s, 10m); 0 does not wait.
@@ -341,6 +347,7 @@ impl RouterArgs {
             tracing::warn!(node = %self.node, "{w}");
         }
         cfg.idle_timeout = Some(self.idle_timeout).filter(|t| !t.is_zero());
+        cfg.write_stall_timeout = Some(self.write_stall_timeout).filter(|t| !t.is_zero());
         cfg.drain_timeout = self.drain_timeout;
         cfg.keep_awake = (!self.keep_awake.is_zero()).then_some(router::keep_awake::Config {
             window: self.keep_awake,
@@ -561,6 +568,15 @@ mod tests {
         );
         assert_eq!(
             args(&["--drain-timeout", "0s"]).drain_timeout,
+            Duration::ZERO
+        );
+        assert_eq!(args(&[]).write_stall_timeout, Duration::from_secs(30));
+        assert_eq!(
+            args(&["--write-stall-timeout", "2m"]).write_stall_timeout,
+            Duration::from_secs(120)
+        );
+        assert_eq!(
+            args(&["--write-stall-timeout", "off"]).write_stall_timeout,
             Duration::ZERO
         );
     }

@@ -1058,6 +1058,20 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
         let (Some(id), Some(kind)) = (&e.id, e.kind) else {
             continue;
         };
+        // The transparent listener binds the same IP as the service listeners (the edge's
+        // client_address), so on a service's port it would take that service's place.
+        if let (Some(tp), Some(n)) = (
+            e.node.as_ref().and_then(|n| n.transparent_port),
+            e.fields.get("transparent_port"),
+        ) && let Some(other) = ports.get(&tp)
+        {
+            cx.err(
+                n.pos,
+                format!(
+                    "transparent_port of node \"{id}\": {tp} is already the port of service \"{other}\""
+                ),
+            );
+        }
         match kind {
             NodeKind::Edge => match e.fields.get("client_address") {
                 None if any_port => {

@@ -999,6 +999,16 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
         .unwrap_or(&[]);
     let mut pools: Vec<Pool> = Vec::new();
     let mut pools_ok = true;
+    // Edges' client addresses, sorted, for the pools' check (a circuit VIP equal to one would
+    // classify every connection to that edge's service listeners as the circuit's). A wildcard
+    // stands for whatever the edge's host has, which the topology does not say.
+    let mut edge_clients: Vec<(IpAddr, &str)> = entries
+        .iter()
+        .filter_map(|e| Some((e.node.as_ref()?.client_address?, e.id.as_deref()?)))
+        .filter(|(ip, _)| !ip.is_unspecified())
+        .map(|(ip, id)| (ip.to_canonical(), id))
+        .collect();
+    edge_clients.sort_unstable();
     for (i, item) in pool_items.iter().enumerate() {
         let label = format!("pool {}", i + 1);
         let Some(f) = fields(cx, item, &label, POOL_FIELDS) else {
@@ -1037,6 +1047,17 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
                 cx.err(
                     pn.pos,
                     format!("prefix of {what}: {p} overlaps VIP {vip} of service \"{owner}\""),
+                );
+                pools_ok = false;
+                continue;
+            }
+            let first = edge_clients.partition_point(|(ip, _)| *ip < p.network());
+            if let Some((ip, edge)) = edge_clients.get(first).filter(|(ip, _)| p.contains(*ip)) {
+                cx.err(
+                    pn.pos,
+                    format!(
+                        "prefix of {what}: {p} contains {ip}, the client_address of edge node \"{edge}\""
+                    ),
                 );
                 pools_ok = false;
                 continue;

@@ -345,6 +345,20 @@ fn ip_addr(cx: &mut Cx, node: &YNode, what: &dyn fmt::Display) -> Option<IpAddr>
     })
 }
 
+/// What keeps `ip` from being one host's address, if anything.
+fn not_unicast(ip: IpAddr) -> Option<&'static str> {
+    let ip = ip.to_canonical();
+    if ip.is_unspecified() {
+        Some("the unspecified address")
+    } else if ip.is_multicast() {
+        Some("a multicast address")
+    } else if matches!(ip, IpAddr::V4(v4) if v4.is_broadcast()) {
+        Some("the broadcast address")
+    } else {
+        None
+    }
+}
+
 /// A prefix with no host bits set (`10.0.0.0/8`, not `10.0.0.1/8`).
 fn prefix(cx: &mut Cx, node: &YNode, what: &dyn fmt::Display) -> Option<IpNetwork> {
     let p = parse_with(cx, node, what, |s| {
@@ -575,6 +589,16 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
             .and_then(|n| location(cx, n, &what));
         let address = f.required(cx, "address").and_then(|n| {
             let a = socket_addr(cx, n, &Of("address", &what), "127.10.0.1:7000")?;
+            // Neighbours dial this address as written: it must be one unicast address.
+            if let Some(not) = not_unicast(a.ip()) {
+                cx.err(
+                    n.pos,
+                    format!(
+                        "address of {what}: {a} is {not}, which neighbours cannot dial (use the node's own IP)"
+                    ),
+                );
+                return None;
+            }
             if let Some(other) = quic.get(&a) {
                 cx.err(
                     n.pos,
@@ -588,9 +612,19 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
             Some(a)
         });
         let state = f.get("state").map(|n| state(cx, n, &Of("state", &what)));
-        let client_address = f
-            .get("client_address")
-            .map(|n| ip_addr(cx, n, &Of("client_address", &what)));
+        let client_address = f.get("client_address").map(|n| {
+            let ip = ip_addr(cx, n, &Of("client_address", &what))?;
+            // A wildcard is a listen address (every address of the edge's host); a multicast
+            // or broadcast address cannot take TCP connections at all.
+            if let Some(not) = not_unicast(ip).filter(|_| !ip.to_canonical().is_unspecified()) {
+                cx.err(
+                    n.pos,
+                    format!("client_address of {what}: {ip} is {not}, which TCP clients cannot connect to"),
+                );
+                return None;
+            }
+            Some(ip)
+        });
         let transparent_port = f
             .get("transparent_port")
             .map(|n| port(cx, n, &Of("transparent_port", &what)));

@@ -8,6 +8,7 @@ pub mod diag;
 pub mod diff;
 pub mod graph;
 pub mod model;
+mod overlap;
 pub mod route;
 #[doc(hidden)]
 pub mod synth;

@@ -14,6 +14,7 @@ use ipnetwork::IpNetwork;
 
 use crate::diag::Diagnostic;
 use crate::model::*;
+use crate::overlap;
 use crate::tree::{Pos, YNode, YValue};
 use crate::units::{Bandwidth, Latency};
 use crate::yaml::Loaded;
@@ -714,7 +715,14 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
     let mut services: Vec<(Service, Pos)> = Vec::new();
     let mut service_names: HashMap<String, Pos> = HashMap::new();
     let mut ports: HashMap<u16, String> = HashMap::new();
-    let mut vips: Vec<(Vip, String)> = Vec::new();
+    // Every VIP that parses, with its position and its service (the index into `owners`); their
+    // overlaps are checked once all are known.
+    let mut parsed_vips: Vec<(Vip, Pos, usize)> = Vec::new();
+    // Per service entry that has VIPs: how messages name it (`service "x"`), its name (or
+    // `service 3`) and the entry's index.
+    let mut owners: Vec<(String, String, usize)> = Vec::new();
+    // The entry index of each service in `services`.
+    let mut service_entry: Vec<usize> = Vec::new();
     for (i, item) in service_items.iter().enumerate() {
         let label = format!("service {}", i + 1);
         let Some(f) = fields(
@@ -772,23 +780,23 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
         };
         let mut service_vips = Vec::new();
         if let Some(n) = f.get("vips") {
-            for v in list(cx, n, &Of("vips", &what)) {
+            let vips = list(cx, n, &Of("vips", &what));
+            if !vips.is_empty() {
+                owners.push((
+                    what.clone(),
+                    name.clone().unwrap_or_else(|| label.clone()),
+                    i,
+                ));
+            }
+            for v in vips {
                 let vw = format!("VIP of {what}");
                 match parse_with(cx, v, &vw, Vip::from_str).and_then(|vip| {
                     host_bits_check(cx, v.pos, &vw, vip.prefix)?;
                     Some(vip)
                 }) {
                     Some(vip) => {
-                        if let Some((other, owner)) = vips.iter().find(|(o, _)| o.overlaps(&vip)) {
-                            cx.err(
-                                v.pos,
-                                format!("{vw}: {vip} overlaps {other} of service \"{owner}\""),
-                            );
-                            ok = false;
-                        } else {
-                            vips.push((vip, name.clone().unwrap_or_else(|| label.clone())));
-                            service_vips.push(vip);
-                        }
+                        parsed_vips.push((vip, v.pos, owners.len() - 1));
+                        service_vips.push(vip);
                     }
                     None => ok = false,
                 }
@@ -866,6 +874,36 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
                 },
                 name_pos,
             ));
+            service_entry.push(i);
+        }
+    }
+    // VIPs that overlap one declared before them (same port, overlapping prefixes): each is
+    // reported naming the first such VIP, and its service is left out. The VIPs kept are
+    // disjoint per port, in declaration order (`vips`, with their service's name).
+    let mut vips: Vec<(Vip, String)> = Vec::with_capacity(parsed_vips.len());
+    {
+        let mut kept =
+            overlap::Disjoint::new(parsed_vips.iter().map(|(v, _, _)| (v.port, v.prefix)));
+        let mut overlapping = vec![false; service_items.len()];
+        let mut any = false;
+        for (c, (vip, pos, owner)) in parsed_vips.iter().enumerate() {
+            let (what, name, entry) = &owners[*owner];
+            if let Some(first) = kept.first_overlap(vip.port, vip.prefix) {
+                let (other, other_owner) = &vips[first];
+                cx.err(
+                    *pos,
+                    format!("VIP of {what}: {vip} overlaps {other} of service \"{other_owner}\""),
+                );
+                overlapping[*entry] = true;
+                any = true;
+            } else {
+                kept.add(c, vip.port, vip.prefix, vips.len());
+                vips.push((*vip, name.clone()));
+            }
+        }
+        if any {
+            let mut keep = service_entry.iter().map(|&i| !overlapping[i]);
+            services.retain(|_| keep.next().unwrap_or(true));
         }
     }
 
@@ -1043,6 +1081,16 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
         .map(|(ip, id)| (ip.to_canonical(), id))
         .collect();
     edge_clients.sort_unstable();
+    // First what each entry says; then, in order, the checks against the pools kept before it
+    // (names, overlaps), which decide whether it is kept. The prefix's own diagnostics are kept
+    // aside until then: a pool whose name is taken is reported for that alone.
+    struct PoolEntry {
+        name: Option<(String, Pos)>,
+        what: String,
+        prefix_diags: Vec<Diagnostic>,
+        prefix: Option<(IpNetwork, Pos)>,
+    }
+    let mut pool_entries: Vec<PoolEntry> = Vec::with_capacity(pool_items.len());
     for (i, item) in pool_items.iter().enumerate() {
         let label = format!("pool {}", i + 1);
         let Some(f) = fields(cx, item, &label, POOL_FIELDS) else {
@@ -1050,59 +1098,95 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
             continue;
         };
         let name_node = f.required(cx, "name");
-        let name = name_node.and_then(|n| ident(cx, n, &Of("name", &label)));
+        let name = name_node.and_then(|n| Some((ident(cx, n, &Of("name", &label))?, n.pos)));
         let what = name
             .as_ref()
-            .map(|n| format!("pool \"{n}\""))
+            .map(|(n, _)| format!("pool \"{n}\""))
             .unwrap_or(label);
-        if let (Some(n), Some(nn)) = (&name, name_node)
-            && pools.iter().any(|p| p.name.as_str() == n)
+        let mut aside = Cx { diags: Vec::new() };
+        let pfx_node = f.required(&mut aside, "prefix");
+        let prefix =
+            pfx_node.and_then(|n| Some((prefix(&mut aside, n, &Of("prefix", &what))?, n.pos)));
+        pool_entries.push(PoolEntry {
+            name,
+            what,
+            prefix_diags: aside.diags,
+            prefix,
+        });
+    }
+    let prefixes: Vec<IpNetwork> = pool_entries
+        .iter()
+        .filter_map(|e| Some(e.prefix?.0))
+        .collect();
+    let vip_overlaps = overlap::first_overlaps(
+        &vips
+            .iter()
+            .enumerate()
+            .map(|(o, (v, _))| (v.prefix, o))
+            .collect::<Vec<_>>(),
+        &prefixes,
+    );
+    let mut kept = overlap::Disjoint::new(prefixes.iter().map(|&p| ((), p)));
+    let mut pool_names: HashSet<String> = HashSet::new();
+    let mut candidate = 0;
+    for e in pool_entries {
+        let what = &e.what;
+        // This entry's index among those with a prefix (`prefixes`, `kept`'s candidates).
+        let c = candidate;
+        candidate += usize::from(e.prefix.is_some());
+        if let Some((n, pos)) = &e.name
+            && pool_names.contains(n)
         {
-            cx.err(nn.pos, format!("duplicate pool name \"{n}\""));
+            cx.err(*pos, format!("duplicate pool name \"{n}\""));
             pools_ok = false;
             continue;
         }
-        let pfx_node = f.required(cx, "prefix");
-        let pfx = pfx_node.and_then(|n| prefix(cx, n, &Of("prefix", &what)));
-        if let (Some(p), Some(pn)) = (pfx, pfx_node) {
-            let overlaps = |o: &IpNetwork| o.contains(p.network()) || p.contains(o.network());
-            if let Some(other) = pools.iter().find(|o| overlaps(&o.prefix)) {
-                cx.err(
-                    pn.pos,
-                    format!(
-                        "prefix of {what}: {p} overlaps {} of pool \"{}\"",
-                        other.prefix, other.name
-                    ),
-                );
-                pools_ok = false;
-                continue;
-            }
-            if let Some((vip, owner)) = vips.iter().find(|(v, _)| overlaps(&v.prefix)) {
-                cx.err(
-                    pn.pos,
-                    format!("prefix of {what}: {p} overlaps VIP {vip} of service \"{owner}\""),
-                );
-                pools_ok = false;
-                continue;
-            }
-            let first = edge_clients.partition_point(|(ip, _)| *ip < p.network());
-            if let Some((ip, edge)) = edge_clients.get(first).filter(|(ip, _)| p.contains(*ip)) {
-                cx.err(
-                    pn.pos,
-                    format!(
-                        "prefix of {what}: {p} contains {ip}, the client_address of edge node \"{edge}\""
-                    ),
-                );
-                pools_ok = false;
-                continue;
-            }
+        cx.diags.extend(e.prefix_diags);
+        let Some((p, pos)) = e.prefix else {
+            pools_ok = false;
+            continue;
+        };
+        if let Some(first) = kept.first_overlap((), p) {
+            let other = &pools[first];
+            cx.err(
+                pos,
+                format!(
+                    "prefix of {what}: {p} overlaps {} of pool \"{}\"",
+                    other.prefix, other.name
+                ),
+            );
+            pools_ok = false;
+            continue;
         }
-        match (name, pfx) {
-            (Some(name), Some(prefix)) => pools.push(Pool {
-                name: PoolName::new(name),
-                prefix,
-            }),
-            _ => pools_ok = false,
+        if let Some((vip, owner)) = vip_overlaps[c].map(|o| &vips[o]) {
+            cx.err(
+                pos,
+                format!("prefix of {what}: {p} overlaps VIP {vip} of service \"{owner}\""),
+            );
+            pools_ok = false;
+            continue;
+        }
+        let first = edge_clients.partition_point(|(ip, _)| *ip < p.network());
+        if let Some((ip, edge)) = edge_clients.get(first).filter(|(ip, _)| p.contains(*ip)) {
+            cx.err(
+                pos,
+                format!(
+                    "prefix of {what}: {p} contains {ip}, the client_address of edge node \"{edge}\""
+                ),
+            );
+            pools_ok = false;
+            continue;
+        }
+        match e.name {
+            Some((name, _)) => {
+                kept.add(c, (), p, pools.len());
+                pool_names.insert(name.clone());
+                pools.push(Pool {
+                    name: PoolName::new(name),
+                    prefix: p,
+                });
+            }
+            None => pools_ok = false,
         }
     }
 

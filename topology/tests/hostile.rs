@@ -144,3 +144,44 @@ fn mutilated_example_never_panics_and_points_inside_the_document() {
         }
     }
 }
+
+/// A valid document near the size limit with many VIPs and pools: one site serves one service
+/// with `vips` VIPs on one port, and `pools` pools, none overlapping anything.
+fn many_prefixes(vips: u32, pools: u32) -> String {
+    let mut text = String::from(
+        "version: 1\nnodes:\n  - {id: s, kind: site, region: r, country: AU, location: {lat: 0, lon: 0}, \
+         address: \"127.0.0.1:7000\", serves: [{service: chat, backend: \"127.0.0.1:9000\", capacity: 1}]}\n\
+         services:\n  - name: chat\n    vips: [",
+    );
+    for i in 0..vips {
+        let [_, b, c, d] = i.to_be_bytes();
+        text.push_str(&format!("\"10.{b}.{c}.{d}:443\","));
+    }
+    text.push_str("]\npools:\n");
+    for i in 0..pools {
+        let [_, b, c, d] = i.to_be_bytes();
+        text.push_str(&format!("  - {{name: p{i}, prefix: 100.{b}.{c}.{d}/32}}\n"));
+    }
+    text
+}
+
+/// Overlaps are found by sorting, not by comparing every VIP (pool) with every other: a
+/// scan of all pairs of 300,000 VIPs and 200,000 pools is over 10^11 comparisons (minutes);
+/// the deadline is only a guard against that.
+#[test]
+fn many_vips_and_pools_validate_without_comparing_all_pairs() {
+    let text = many_prefixes(300_000, 200_000);
+    assert!(text.len() < MAX_DOCUMENT_BYTES, "{} bytes", text.len());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let start = Instant::now();
+        let loaded =
+            load(&text).map(|l| (l.topology.services[0].vips.len(), l.topology.pools.len()));
+        let _ = tx.send((loaded, start.elapsed()));
+    });
+    let (loaded, took) = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("validation still running after 60 s");
+    eprintln!("validated in {took:?}");
+    assert_eq!(loaded.expect("valid"), (300_000, 200_000));
+}

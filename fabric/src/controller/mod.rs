@@ -417,7 +417,13 @@ impl Controller {
         base_version: Option<u64>,
     ) -> Result<ApplyOutcome, ControllerError> {
         let started = Instant::now();
-        let (topology, warnings) = validate(text)?;
+        // Up to 16 MiB of text: seconds of CPU, never on a runtime worker.
+        let (topology, warnings) = {
+            let text = text.to_owned();
+            tokio::task::spawn_blocking(move || validate(&text))
+                .await
+                .map_err(|e| ControllerError::Internal(e.to_string()))??
+        };
         let validated = started.elapsed();
         let _serial = self.apply_lock.lock().await;
         // The plan sees every fresh observation, including those the RFC 8405 back-off has not
@@ -1200,6 +1206,28 @@ mod tests {
             Ok(ToRouter::Snapshot { live, .. }) => assert_eq!(live, p.live),
             other => panic!("the router cannot read the snapshot: {other:?}"),
         }
+    }
+
+    /// An applied text (up to 16 MiB: seconds of CPU) is validated on a blocking thread, not
+    /// within the apply's poll on a runtime worker, where every other task of that worker would
+    /// wait for it: the first poll of an apply of an invalid text has not validated it yet.
+    #[tokio::test]
+    async fn an_applied_text_is_validated_off_the_runtime_workers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RedbStore::open(dir.path()).unwrap());
+        let ctl = Controller::open(store, Some((&yaml("10ms"), "t.yaml"))).unwrap();
+        let invalid = yaml("10ms").replace("latency: 1ms", "latency: 1parsec");
+        let mut apply =
+            std::pin::pin!(ctl.apply(&invalid, "test", "bad", Origin::Apply, true, None));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(
+            apply.as_mut().poll(&mut cx).is_pending(),
+            "the text was validated within the poll"
+        );
+        assert!(
+            matches!(apply.await, Err(ControllerError::Invalid(_))),
+            "an invalid text is refused"
+        );
     }
 
     #[tokio::test]

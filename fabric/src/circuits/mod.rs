@@ -310,6 +310,12 @@ fn check_name(what: &str, s: &str, max: usize) -> Result<(), CircuitError> {
     Ok(())
 }
 
+/// `c-` and one or more digits: the form of circuit ids (`c-000007`).
+fn is_id_form(s: &str) -> bool {
+    s.strip_prefix("c-")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// Parses a customer prefix, refusing host bits (`10.1.2.3/24` is almost always a typo).
 pub fn parse_prefix(s: &str) -> Result<IpNetwork, CircuitError> {
     let p = IpNetwork::from_str(s.trim()).map_err(|e| {
@@ -449,6 +455,12 @@ pub fn admit(
     spec: &CircuitSpec,
 ) -> Result<Admission, CircuitError> {
     check_name("name", &spec.name, MAX_NAME)?;
+    if is_id_form(&spec.name) {
+        return Err(CircuitError::Invalid(format!(
+            "name {:?} has the form of a circuit id (c- and digits), which commands taking an id or a name would read as an id; choose another name",
+            spec.name
+        )));
+    }
     check_prefix(spec.a_end.prefix)?;
     if let Some(other) = circuits
         .iter()
@@ -1018,6 +1030,56 @@ mod tests {
         assert_eq!(h.last().map(|e| e.action.as_str()), Some("delete"));
         let next = store::read(&s, |tx| history(tx, &CircuitId::new("c-000002"))).unwrap();
         assert_eq!(next.len(), 2);
+    }
+
+    /// A name of the form of a circuit id (`c-` and digits) is refused: commands that take an
+    /// id or a name look the id up first, so `tasman circuit delete c-000002` would delete
+    /// circuit c-000002, not the one named so.
+    #[test]
+    fn a_name_of_the_form_of_a_circuit_id_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(dir.path()).unwrap();
+        let t = topo(true);
+        store::transaction(&s, |tx| {
+            create(tx, &t, &spec("acme", "10.1.0.0/24", "1Mbps"), None, "ops")
+        })
+        .unwrap();
+        for name in ["c-000001", "c-000002", "c-1", "c-0000042"] {
+            let err = store::transaction(&s, |tx| {
+                create(tx, &t, &spec(name, "10.2.0.0/24", "1Mbps"), None, "ops")
+            })
+            .unwrap_err();
+            assert!(
+                matches!(&err, CircuitError::Invalid(m) if m.contains("circuit id")),
+                "{name}: {err}"
+            );
+        }
+        let acme = store::read(&s, |tx| find(tx, "c-000001")).unwrap();
+        assert_eq!(acme.name, "acme");
+        assert_eq!(store::read(&s, |tx| all(tx)).unwrap().len(), 1);
+        // Names that only look alike are fine.
+        for (i, name) in [
+            "c-",
+            "c-7a",
+            "cc-000003",
+            "C-000004",
+            "c-000005-acme",
+            "c000006",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            store::transaction(&s, |tx| {
+                create(
+                    tx,
+                    &t,
+                    &spec(name, &format!("10.{}.0.0/24", i + 10), "1Mbps"),
+                    None,
+                    "ops",
+                )
+            })
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
     }
 
     /// A circuit failed because its routers had not acknowledged it in time, whose path a

@@ -139,13 +139,15 @@ pub struct LinkHeadroom {
     pub reserved: Bandwidth,
     /// `capacity - reserved`, zero when over-committed.
     pub free: Bandwidth,
-    /// How many circuits hold a reservation on this link.
+    /// How many circuits hold a reservation on this link (a circuit holding two, during a
+    /// resize, counts once).
     pub circuits: usize,
 }
 
 /// Per-link capacity, reservations and free bandwidth, for every link of `topo`. Reservations
 /// that name links the topology no longer has are ignored here (see [`check_reservations`]).
 pub fn headroom(topo: &Topology, reservations: &[Reservation]) -> BTreeMap<LinkId, LinkHeadroom> {
+    let mut holders: BTreeMap<LinkId, BTreeSet<&CircuitId>> = BTreeMap::new();
     let mut out: BTreeMap<LinkId, LinkHeadroom> = topo
         .links
         .iter()
@@ -166,7 +168,9 @@ pub fn headroom(topo: &Topology, reservations: &[Reservation]) -> BTreeMap<LinkI
             if let Some(h) = out.get_mut(&id) {
                 h.reserved = h.reserved.saturating_add(r.rate);
                 h.free = h.capacity.saturating_sub(h.reserved);
-                h.circuits += 1;
+                let circuits = holders.entry(id).or_default();
+                circuits.insert(&r.circuit);
+                h.circuits = circuits.len();
             }
         }
     }
@@ -367,32 +371,48 @@ pub enum ReservationIssue {
 }
 
 /// Checks existing reservations against a (new) topology: links that would be over-committed,
-/// removed or down under a circuit. The controller's apply plan shows these.
+/// removed or down under a circuit. The controller's apply plan shows these. Each problem is
+/// listed once, and each over-committed link names each circuit once, also when a circuit holds
+/// two reservations on the same links (a resize awaiting acknowledgement).
 pub fn check_reservations(topo: &Topology, reservations: &[Reservation]) -> Vec<ReservationIssue> {
     let mut issues = Vec::new();
-    let mut holders: BTreeMap<LinkId, Vec<CircuitId>> = BTreeMap::new();
+    let mut holders: BTreeMap<LinkId, BTreeSet<CircuitId>> = BTreeMap::new();
+    // (circuit, link) pairs checked: a link's problem is the same for both of a circuit's
+    // reservations.
+    let mut seen: BTreeSet<(CircuitId, LinkId)> = BTreeSet::new();
     for r in reservations {
         for l in path_links(&r.path) {
-            match topo.link(&l) {
-                None => issues.push(ReservationIssue::LinkRemoved {
+            if !seen.insert((r.circuit.clone(), l.clone())) {
+                continue;
+            }
+            let issue = match topo.link(&l) {
+                None => ReservationIssue::LinkRemoved {
                     circuit: r.circuit.clone(),
                     link: l,
-                }),
+                },
                 Some(link) => {
-                    if link.state == AdminState::Down {
-                        issues.push(ReservationIssue::LinkDown {
-                            circuit: r.circuit.clone(),
-                            link: l.clone(),
-                        });
+                    holders
+                        .entry(l.clone())
+                        .or_default()
+                        .insert(r.circuit.clone());
+                    if link.state != AdminState::Down {
+                        continue;
                     }
-                    holders.entry(l).or_default().push(r.circuit.clone());
+                    ReservationIssue::LinkDown {
+                        circuit: r.circuit.clone(),
+                        link: l,
+                    }
                 }
-            }
+            };
+            issues.push(issue);
         }
     }
     for (link, h) in headroom(topo, reservations) {
         if h.reserved > h.capacity {
-            let circuits = holders.remove(&link).unwrap_or_default();
+            let circuits = holders
+                .remove(&link)
+                .map(|s| s.into_iter().collect())
+                .unwrap_or_default();
             issues.push(ReservationIssue::OverCommitted {
                 link,
                 capacity: h.capacity,
@@ -1099,6 +1119,43 @@ mod tests {
             vec![
                 "circuit c1 is reserved on link site-a--t1, which the topology no longer has".to_string(),
                 "link edge--t1 would be over-committed: 600Mbps reserved by circuits c1 but capacity 500Mbps".to_string(),
+            ]
+        );
+    }
+
+    /// A circuit holding two reservations on the same links (a rate reduction awaiting
+    /// acknowledgement, or a move sharing links with its old path) is one circuit: counted once
+    /// per link, named once per over-committed link, each problem of its path listed once.
+    #[test]
+    fn a_circuit_with_two_reservations_on_a_link_counts_once() {
+        let t = topo();
+        let p = place(&t, &[], &req("600Mbps")).unwrap();
+        // c1 shrunk from 800M to 600M on the same path: it still holds the 200M difference.
+        let rs = vec![
+            resv("c1", &p, "600Mbps"),
+            resv("c1", &p, "200Mbps"),
+            resv("c2", &p, "100Mbps"),
+        ];
+        let h = headroom(&t, &rs);
+        let e = &h[&LinkId::parse("edge--t1").unwrap()];
+        assert_eq!(
+            (e.reserved, e.circuits),
+            (Bandwidth::from_mbps(900), 2),
+            "two circuits hold edge--t1"
+        );
+        let mut changed = t.clone();
+        changed.links[0].capacity = Bandwidth::from_mbps(500);
+        changed.links[1].state = AdminState::Down;
+        let text: Vec<String> = check_reservations(&changed, &rs)
+            .iter()
+            .map(|i| i.to_string())
+            .collect();
+        assert_eq!(
+            text,
+            vec![
+                "circuit c1 is reserved on link site-a--t1, which would be down".to_string(),
+                "circuit c2 is reserved on link site-a--t1, which would be down".to_string(),
+                "link edge--t1 would be over-committed: 900Mbps reserved by circuits c1, c2 but capacity 500Mbps".to_string(),
             ]
         );
     }

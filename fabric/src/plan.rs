@@ -16,8 +16,9 @@ pub struct Plan {
     pub impact: Vec<ImpactEntry>,
     /// The same, one change per line, as `tasman topology apply` prints it.
     pub text: String,
-    /// Circuits the change would hurt: links over-committed, links removed or down under a
-    /// circuit's reserved path ([`topology::circuit::check_reservations`]).
+    /// Circuits the change would hurt: links over-committed, nodes or links removed or down
+    /// under a circuit's reserved path, sites no longer serving (or allowed for) a circuit's
+    /// service ([`crate::circuits::check`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub circuits: Vec<topology::circuit::ReservationIssue>,
 }
@@ -136,12 +137,8 @@ impl Plan {
 
     /// Flags what the new topology does to the circuits' reservations (the apply goes ahead:
     /// the operator decides; circuits whose path breaks become `failed`).
-    pub fn with_circuits(
-        mut self,
-        new: &Topology,
-        reservations: &[topology::circuit::Reservation],
-    ) -> Plan {
-        self.circuits = topology::circuit::check_reservations(new, reservations);
+    pub fn with_circuits(mut self, new: &Topology, circuits: &[crate::circuits::Circuit]) -> Plan {
+        self.circuits = crate::circuits::check(new, circuits);
         if !self.circuits.is_empty() {
             let _ = writeln!(self.text, "circuits ({} problem(s)):", self.circuits.len());
             for i in &self.circuits {

@@ -368,19 +368,63 @@ pub enum ReservationIssue {
     LinkRemoved { circuit: CircuitId, link: LinkId },
     #[error("circuit {circuit} is reserved on link {link}, which would be down")]
     LinkDown { circuit: CircuitId, link: LinkId },
+    #[error("circuit {circuit} is reserved through node {node}, which the topology no longer has")]
+    NodeRemoved { circuit: CircuitId, node: NodeId },
+    #[error("circuit {circuit} is reserved through node {node}, which would be down")]
+    NodeDown { circuit: CircuitId, node: NodeId },
+    #[error("circuit {circuit} is for service {service}, which the topology no longer has")]
+    ServiceRemoved {
+        circuit: CircuitId,
+        service: ServiceName,
+    },
+    #[error("circuit {circuit} ends at site {site}, which would no longer serve {service}")]
+    SiteNotServing {
+        circuit: CircuitId,
+        site: NodeId,
+        service: ServiceName,
+    },
+    #[error(
+        "circuit {circuit} ends at site {site}, which would no longer be allowed for {service}: {reason}"
+    )]
+    SiteNotAllowed {
+        circuit: CircuitId,
+        site: NodeId,
+        service: ServiceName,
+        reason: String,
+    },
 }
 
 /// Checks existing reservations against a (new) topology: links that would be over-committed,
-/// removed or down under a circuit. The controller's apply plan shows these. Each problem is
-/// listed once, and each over-committed link names each circuit once, also when a circuit holds
-/// two reservations on the same links (a resize awaiting acknowledgement).
+/// and nodes (the edge, transits and the site) or links removed or down under a circuit. The
+/// controller's apply plan shows these. Each problem is listed once, and each over-committed
+/// link names each circuit once, also when a circuit holds two reservations on the same links
+/// (a resize awaiting acknowledgement). What the site serves is [`check_site`]'s.
 pub fn check_reservations(topo: &Topology, reservations: &[Reservation]) -> Vec<ReservationIssue> {
     let mut issues = Vec::new();
     let mut holders: BTreeMap<LinkId, BTreeSet<CircuitId>> = BTreeMap::new();
-    // (circuit, link) pairs checked: a link's problem is the same for both of a circuit's
-    // reservations.
+    // (circuit, node) and (circuit, link) pairs checked: an element's problem is the same for
+    // both of a circuit's reservations.
+    let mut seen_nodes: BTreeSet<(CircuitId, NodeId)> = BTreeSet::new();
     let mut seen: BTreeSet<(CircuitId, LinkId)> = BTreeSet::new();
     for r in reservations {
+        for n in &r.path {
+            if !seen_nodes.insert((r.circuit.clone(), n.clone())) {
+                continue;
+            }
+            match topo.node(n.as_str()) {
+                None => issues.push(ReservationIssue::NodeRemoved {
+                    circuit: r.circuit.clone(),
+                    node: n.clone(),
+                }),
+                Some(node) if node.state == AdminState::Down => {
+                    issues.push(ReservationIssue::NodeDown {
+                        circuit: r.circuit.clone(),
+                        node: n.clone(),
+                    })
+                }
+                Some(_) => {}
+            }
+        }
         for l in path_links(&r.path) {
             if !seen.insert((r.circuit.clone(), l.clone())) {
                 continue;
@@ -422,6 +466,58 @@ pub fn check_reservations(topo: &Topology, reservations: &[Reservation]) -> Vec<
         }
     }
     issues
+}
+
+/// Checks that the site a circuit ends at may still carry its B-end under `topo`: the service
+/// still exists, the site still serves it, and the service's residency and the circuit's regions
+/// still allow the site (otherwise routers send the circuit's traffic elsewhere, unreserved). A
+/// site removed or down is a problem of the path ([`check_reservations`]). The service's port is
+/// not checked: a circuit's VIP keeps the port it was created with.
+pub fn check_site(
+    topo: &Topology,
+    circuit: &CircuitId,
+    b_end: &BEnd,
+    site: &NodeId,
+) -> Option<ReservationIssue> {
+    let Some(service) = topo.service(b_end.service.as_str()) else {
+        return Some(ReservationIssue::ServiceRemoved {
+            circuit: circuit.clone(),
+            service: b_end.service.clone(),
+        });
+    };
+    let node = topo.node(site.as_str())?;
+    let not_allowed = |reason: String| {
+        Some(ReservationIssue::SiteNotAllowed {
+            circuit: circuit.clone(),
+            site: site.clone(),
+            service: service.name.clone(),
+            reason,
+        })
+    };
+    if !topo
+        .sites_serving(service.name.as_str())
+        .any(|(n, _)| &n.id == site)
+    {
+        Some(ReservationIssue::SiteNotServing {
+            circuit: circuit.clone(),
+            site: site.clone(),
+            service: service.name.clone(),
+        })
+    } else if !service.residency.allows(node) {
+        not_allowed(format!(
+            "{} ({}, {}) is outside the service's residency",
+            node.id, node.region, node.country
+        ))
+    } else if !b_end.regions.is_empty() && !b_end.regions.contains(&node.region) {
+        not_allowed(format!(
+            "{} is in region {}, not among the circuit's regions {}",
+            node.id,
+            node.region,
+            list(&b_end.regions)
+        ))
+    } else {
+        None
+    }
 }
 
 fn path_usable(topo: &Topology, path: &[NodeId]) -> bool {
@@ -1158,6 +1254,92 @@ mod tests {
                 "link edge--t1 would be over-committed: 900Mbps reserved by circuits c1, c2 but capacity 500Mbps".to_string(),
             ]
         );
+    }
+
+    /// A node of the path (edge, transit or site) removed or down breaks the reservation like a
+    /// link does; and a site the circuit may no longer use for its service (the service gone,
+    /// the site no longer serving it, outside its residency or the circuit's regions) breaks
+    /// the circuit.
+    #[test]
+    fn nodes_down_or_removed_and_sites_no_longer_serving_are_flagged() {
+        let t = topo();
+        let p = place(&t, &[], &req("100Mbps")).unwrap();
+        let rs = vec![resv("c1", &p, "100Mbps")];
+        let (id, b, site) = (CircuitId::new("c1"), BEnd::service("llm"), &p.site);
+        let texts = |t: &Topology| -> Vec<String> {
+            check_reservations(t, &rs)
+                .into_iter()
+                .chain(check_site(t, &id, &b, site))
+                .map(|i| i.to_string())
+                .collect()
+        };
+        assert_eq!(texts(&t), Vec::<String>::new());
+        for n in ["edge", "t1", "site-a"] {
+            let mut down = t.clone();
+            down.nodes
+                .iter_mut()
+                .find(|x| x.id.as_str() == n)
+                .unwrap()
+                .state = AdminState::Down;
+            assert_eq!(
+                texts(&down),
+                [format!(
+                    "circuit c1 is reserved through node {n}, which would be down"
+                )]
+            );
+        }
+        let mut gone = t.clone();
+        gone.nodes.retain(|x| x.id.as_str() != "t1");
+        gone.links
+            .retain(|l| l.a.as_str() != "t1" && l.b.as_str() != "t1");
+        assert_eq!(
+            texts(&gone),
+            [
+                "circuit c1 is reserved through node t1, which the topology no longer has",
+                "circuit c1 is reserved on link edge--t1, which the topology no longer has",
+                "circuit c1 is reserved on link site-a--t1, which the topology no longer has",
+            ]
+        );
+        let mut no_service = t.clone();
+        no_service.services.clear();
+        for n in &mut no_service.nodes {
+            n.serves.clear();
+        }
+        assert_eq!(
+            texts(&no_service),
+            ["circuit c1 is for service llm, which the topology no longer has"]
+        );
+        let mut not_serving = t.clone();
+        not_serving.nodes[3].serves.clear();
+        assert_eq!(
+            texts(&not_serving),
+            ["circuit c1 ends at site site-a, which would no longer serve llm"]
+        );
+        let mut residency = t.clone();
+        residency.services[0].residency.regions = vec![Region::new("au-south")];
+        assert_eq!(
+            texts(&residency),
+            [
+                "circuit c1 ends at site site-a, which would no longer be allowed for llm: site-a (au-east, AU) is outside the service's residency"
+            ]
+        );
+        let mut moved = t.clone();
+        moved.nodes[3].region = Region::new("au-west");
+        let b = BEnd {
+            regions: vec![Region::new("au-east")],
+            ..BEnd::service("llm")
+        };
+        assert_eq!(
+            check_site(&moved, &id, &b, site).map(|i| i.to_string()),
+            Some(
+                "circuit c1 ends at site site-a, which would no longer be allowed for llm: site-a is in region au-west, not among the circuit's regions au-east"
+                    .to_string()
+            )
+        );
+        // A new port for the service is no problem: the circuit's VIP keeps its port.
+        let mut port = t.clone();
+        port.services[0].port = Some(9090);
+        assert_eq!(texts(&port), Vec::<String>::new());
     }
 
     #[test]

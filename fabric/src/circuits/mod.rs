@@ -402,6 +402,20 @@ pub fn reservations(circuits: &[Circuit]) -> Vec<Reservation> {
     circuits.iter().flat_map(Circuit::reservations).collect()
 }
 
+/// What `topo` does to the circuits held now, for the apply plan: links over-committed, nodes
+/// or links of a reserved path removed or down, sites that may no longer carry a circuit's
+/// service ([`placement::check_reservations`], [`placement::check_site`]).
+pub fn check(topo: &Topology, circuits: &[Circuit]) -> Vec<placement::ReservationIssue> {
+    let mut issues = placement::check_reservations(topo, &reservations(circuits));
+    issues.extend(
+        circuits
+            .iter()
+            .filter(|c| c.state.is_live())
+            .filter_map(|c| placement::check_site(topo, &c.id, &c.b_end, c.site.as_ref()?)),
+    );
+    issues
+}
+
 /// The circuits routers must carry, for the snapshot.
 pub fn provisioned(circuits: &[Circuit]) -> Vec<ProvisionedCircuit> {
     circuits.iter().filter_map(Circuit::provisioned).collect()
@@ -814,7 +828,8 @@ pub fn expire(
     Ok(changed)
 }
 
-/// How `topo` breaks the circuit's path (a link or node removed or down), for a circuit
+/// How `topo` breaks the circuit (a node or link of its path removed or down, its service
+/// removed, its site no longer serving it or no longer allowed for it), for a circuit
 /// [`fail_broken`] would fail: empty when it would not (not live, failed for a reason no
 /// acknowledgement undoes, such as an earlier topology change, or intact). A circuit failed for
 /// want of acknowledgements is checked: it would become active again when they arrive.
@@ -825,12 +840,17 @@ pub fn broken_by(topo: &Topology, c: &Circuit) -> Vec<String> {
     placement::check_reservations(topo, &c.reservations())
         .into_iter()
         .filter(|i| !matches!(i, placement::ReservationIssue::OverCommitted { .. }))
+        .chain(
+            c.site
+                .as_ref()
+                .and_then(|site| placement::check_site(topo, &c.id, &c.b_end, site)),
+        )
         .map(|i| i.to_string())
         .collect()
 }
 
-/// Marks circuits whose path a new topology breaks (a link or node removed or down) as failed
-/// ([`broken_by`]), with the topology as the reason. Idempotent: a second run with the same topology changes nothing.
+/// Marks circuits a new topology breaks ([`broken_by`]) as failed, with the topology as the
+/// reason. Idempotent: a second run with the same topology changes nothing.
 pub fn fail_broken(
     tx: &mut dyn WriteTxn,
     topo: &Topology,

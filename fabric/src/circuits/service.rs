@@ -604,6 +604,85 @@ mod tests {
         assert_eq!(store.writes.load(SeqCst), writes);
     }
 
+    /// A topology that sets a node of a circuit's path down, removes its service, or leaves
+    /// its site no longer serving (or allowed for) the service breaks the circuit as a removed
+    /// link does: the apply plan says so, and the apply fails it naming the node or service.
+    /// (They went unnoticed: the circuit stayed active while its traffic ran unreserved.)
+    #[tokio::test]
+    async fn a_node_down_or_a_site_no_longer_serving_fails_the_circuit() {
+        let base = yaml(POOL, true);
+        let site = "address: \"127.0.0.3:7000\"";
+        let serves = "serves: [{service: chat, backend: \"127.0.0.9:9000\", capacity: 10}]";
+        let service = "{name: chat, port: 8080}";
+        assert!(base.contains(site) && base.contains(serves) && base.contains(service));
+        // Another site serving chat, in NZ: a topology where no site serves a service, or its
+        // residency allows none, is refused.
+        let with_s2 = base.replace(
+            "links:\n",
+            "  - {id: s2, kind: site, region: r2, country: NZ, location: {lat: 0, lon: 0}, \
+             address: \"127.0.0.4:7000\", serves: [{service: chat, backend: \"127.0.0.9:9001\", capacity: 10}]}\n\
+             links:\n  - {a: t, b: s2, latency: 1ms, capacity: 1Gbps}\n",
+        );
+        let cases = [
+            (
+                base.replace(site, &format!("{site}, state: down")),
+                "circuit c-000001 is reserved through node s, which would be down",
+            ),
+            (
+                base.replace(
+                    "address: \"127.0.0.1:7000\"",
+                    "address: \"127.0.0.1:7000\", state: down",
+                ),
+                "circuit c-000001 is reserved through node e, which would be down",
+            ),
+            (
+                with_s2
+                    .replace(
+                        service,
+                        "{name: chat, port: 8080}\n  - {name: other, port: 8081}",
+                    )
+                    .replace(serves, &serves.replace("chat", "other")),
+                "circuit c-000001 ends at site s, which would no longer serve chat",
+            ),
+            (
+                base.replace(service, "{name: other, port: 8081}")
+                    .replace(serves, &serves.replace("chat", "other")),
+                "circuit c-000001 is for service chat, which the topology no longer has",
+            ),
+            (
+                with_s2.replace(
+                    service,
+                    "{name: chat, port: 8080, residency: {countries: [NZ]}}",
+                ),
+                "circuit c-000001 ends at site s, which would no longer be allowed for chat: s (r, AU) is outside the service's residency",
+            ),
+        ];
+        for (text, issue) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let (ctl, svc) = with_c1(FaultyStore::open(dir.path())).await;
+            let _sessions = ack(&ctl, &["e", "s"]);
+            svc.settle_once().await.unwrap();
+            assert_eq!(svc.get("c1").unwrap().state, CircuitState::Active);
+            let dry = ctl
+                .apply(&text, "ops", "change", Origin::Apply, true, None)
+                .await
+                .unwrap_or_else(|e| panic!("{issue}: {e}"));
+            let listed: Vec<String> = dry.plan.circuits.iter().map(|i| i.to_string()).collect();
+            assert_eq!(listed, [issue], "plan");
+            assert!(dry.plan.text.contains(issue), "{}", dry.plan.text);
+            ctl.apply(&text, "ops", "change", Origin::Apply, false, None)
+                .await
+                .unwrap();
+            svc.on_topology_applied().await.unwrap();
+            let c = svc.get("c1").unwrap();
+            assert!(failed_by_version_2(&c), "{issue}: {c:?}");
+            assert_eq!(
+                c.reason.as_deref(),
+                Some(format!("topology version 2: {issue}").as_str())
+            );
+        }
+    }
+
     /// When failing the circuits an apply broke fails (the store refused), the settle loop's
     /// next pass does it.
     #[tokio::test]

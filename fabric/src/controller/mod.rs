@@ -459,7 +459,7 @@ impl Controller {
                     &incumbents,
                     &margins,
                 )
-                .with_circuits(&new_topology, &crate::circuits::reservations(&circuits))
+                .with_circuits(&new_topology, &circuits)
             }
         };
         // The text of the version in force, byte for byte (a retried apply or rollback, whose

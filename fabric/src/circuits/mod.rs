@@ -194,22 +194,29 @@ pub struct Circuit {
 impl Circuit {
     /// The reservations this circuit holds now (its path, plus what a resize still holds).
     pub fn reservations(&self) -> Vec<Reservation> {
-        if !self.state.is_live() || self.path.is_empty() {
-            return Vec::new();
-        }
-        let mut v = vec![Reservation {
+        self.path_reservation()
+            .into_iter()
+            .chain(self.held_reservation())
+            .collect()
+    }
+
+    /// The reservation of the path the circuit is on (in the snapshots), when it holds one.
+    pub fn path_reservation(&self) -> Option<Reservation> {
+        (self.state.is_live() && !self.path.is_empty()).then(|| Reservation {
             circuit: self.id.clone(),
             path: self.path.clone(),
             rate: self.requested_rate,
-        }];
-        if let Some(h) = &self.held {
-            v.push(Reservation {
-                circuit: self.id.clone(),
-                path: h.path.clone(),
-                rate: h.rate,
-            });
-        }
-        v
+        })
+    }
+
+    /// What a resize still holds (the old path, or the old rate's excess), when it holds it.
+    pub fn held_reservation(&self) -> Option<Reservation> {
+        let h = self.held.as_ref()?;
+        (self.state.is_live() && !self.path.is_empty()).then(|| Reservation {
+            circuit: self.id.clone(),
+            path: h.path.clone(),
+            rate: h.rate,
+        })
     }
 
     /// What routers get, when the circuit is in the snapshots.
@@ -833,13 +840,13 @@ pub fn expire(
 /// [`fail_broken`] would fail: empty when it would not (not live, failed for a reason no
 /// acknowledgement undoes, such as an earlier topology change, or intact). A circuit failed for
 /// want of acknowledgements is checked: it would become active again when they arrive.
+/// The path checked is the one the circuit is on: the old path a resize still holds until the
+/// new one is acknowledged is the circuit's no more ([`held_broken_by`]).
 pub fn broken_by(topo: &Topology, c: &Circuit) -> Vec<String> {
     if !c.state.is_live() || (c.state == CircuitState::Failed && !c.awaits_ack()) {
         return Vec::new();
     }
-    placement::check_reservations(topo, &c.reservations())
-        .into_iter()
-        .filter(|i| !matches!(i, placement::ReservationIssue::OverCommitted { .. }))
+    path_issues(topo, c.path_reservation())
         .chain(
             c.site
                 .as_ref()
@@ -849,8 +856,30 @@ pub fn broken_by(topo: &Topology, c: &Circuit) -> Vec<String> {
         .collect()
 }
 
+/// How `topo` breaks what a resize still holds (a node or link of the old path removed or
+/// down), for a circuit whose held reservation [`fail_broken`] would release: empty when it
+/// would not. Such a break does not fail the circuit, which is moving off that path.
+pub fn held_broken_by(topo: &Topology, c: &Circuit) -> Vec<String> {
+    path_issues(topo, c.held_reservation())
+        .map(|i| i.to_string())
+        .collect()
+}
+
+/// Nodes or links of a reservation's path removed or down (over-commitment breaks nothing).
+fn path_issues(
+    topo: &Topology,
+    r: Option<Reservation>,
+) -> impl Iterator<Item = placement::ReservationIssue> {
+    r.map(|r| placement::check_reservations(topo, std::slice::from_ref(&r)))
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|i| !matches!(i, placement::ReservationIssue::OverCommitted { .. }))
+}
+
 /// Marks circuits a new topology breaks ([`broken_by`]) as failed, with the topology as the
-/// reason. Idempotent: a second run with the same topology changes nothing.
+/// reason, and releases what a resize still holds on an old path the topology breaks
+/// ([`held_broken_by`]; the circuit goes on waiting for its new path's acknowledgement).
+/// Idempotent: a second run with the same topology changes nothing.
 pub fn fail_broken(
     tx: &mut dyn WriteTxn,
     topo: &Topology,
@@ -859,22 +888,41 @@ pub fn fail_broken(
     let mut changed = Vec::new();
     for mut c in all(tx)? {
         let issues = broken_by(topo, &c);
-        if issues.is_empty() {
+        let held_issues = held_broken_by(topo, &c);
+        if issues.is_empty() && held_issues.is_empty() {
             continue;
         }
-        let from = c.state;
-        c.state = CircuitState::Failed;
-        c.reason = Some(format!("topology version {version}: {}", issues.join("; ")));
         c.updated_unix_ms = now_unix_ms();
         c.revision += 1;
-        record(
-            tx,
-            &c,
-            "controller",
-            "fail",
-            Some(from),
-            c.reason.clone().unwrap_or_default(),
-        )?;
+        if let Some(h) = c.held.take().filter(|_| !held_issues.is_empty()) {
+            record(
+                tx,
+                &c,
+                "controller",
+                "release",
+                Some(c.state),
+                format!(
+                    "topology version {version}: released {} held on {} (the path a resize \
+                     leaves): {}",
+                    h.rate,
+                    arrows(&h.path),
+                    held_issues.join("; ")
+                ),
+            )?;
+        }
+        if !issues.is_empty() {
+            let from = c.state;
+            c.state = CircuitState::Failed;
+            c.reason = Some(format!("topology version {version}: {}", issues.join("; ")));
+            record(
+                tx,
+                &c,
+                "controller",
+                "fail",
+                Some(from),
+                c.reason.clone().unwrap_or_default(),
+            )?;
+        }
         save(tx, &c)?;
         changed.push(c);
     }

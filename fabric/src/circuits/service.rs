@@ -264,7 +264,10 @@ impl CircuitService {
         .map_err(|e| ServiceError::Internal(e.to_string()))??;
         self.checked.fetch_max(version, Ordering::SeqCst);
         if !changed.is_empty() {
-            self.publish(&[])?;
+            // A circuit that only let go of its old path still awaits its new path's
+            // acknowledgement, now at its new revision.
+            let waiting: Vec<Circuit> = changed.into_iter().filter(Circuit::awaits_ack).collect();
+            self.publish(&waiting)?;
         }
         Ok(())
     }
@@ -399,7 +402,7 @@ fn fail_broken_durably(
     let circuits = store::read(store, |tx| super::all(tx))?;
     if circuits
         .iter()
-        .all(|c| super::broken_by(topo, c).is_empty())
+        .all(|c| super::broken_by(topo, c).is_empty() && super::held_broken_by(topo, c).is_empty())
     {
         return Ok(Vec::new());
     }
@@ -681,6 +684,64 @@ mod tests {
                 Some(format!("topology version 2: {issue}").as_str())
             );
         }
+    }
+
+    /// A circuit moved by a resize holds its old path until the new one is acknowledged. A
+    /// topology that breaks the old path releases what it holds there and leaves the circuit
+    /// waiting for its new path, which then activates it. (It failed the circuit for good, and
+    /// the old reservation was never released.)
+    #[tokio::test]
+    async fn a_break_on_the_path_a_resize_leaves_releases_it_and_fails_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ctl, svc) = with_c1(FaultyStore::open(dir.path())).await;
+        svc.create(spec("c2", "10.2.0.0/24", "850Mbps"), None, "ops".into())
+            .await
+            .unwrap();
+        let _sessions = ack(&ctl, &["e", "s"]);
+        svc.settle_once().await.unwrap();
+        // 200Mbps no longer fits on e–s beside c2: c1 moves via t, holding e–s meanwhile.
+        let c = svc
+            .resize("c1".into(), "200Mbps".parse().unwrap(), "ops".into())
+            .await
+            .unwrap();
+        assert_eq!(
+            c.path,
+            [NodeId::new("e"), NodeId::new("t"), NodeId::new("s")]
+        );
+        assert!(c.held.is_some(), "{c:?}");
+        drop_es(&ctl).await;
+        svc.on_topology_applied().await.unwrap();
+        let c = svc.get("c1").unwrap();
+        assert_eq!(
+            (c.state, c.held.as_ref()),
+            (CircuitState::Provisioning, None),
+            "{c:?}"
+        );
+        assert!(failed_by_version_2(&svc.get("c2").unwrap()));
+        let (_, history) = svc.history("c1").unwrap();
+        let release = history.last().unwrap();
+        assert_eq!(
+            (release.action.as_str(), release.detail.as_str()),
+            (
+                "release",
+                "topology version 2: released 100Mbps held on e -> s (the path a resize leaves): \
+                 circuit c-000001 is reserved on link e--s, which the topology no longer has"
+            )
+        );
+        let es = topology::LinkId::new(&NodeId::new("e"), &NodeId::new("s"));
+        let reserved_on_es = super::super::reservations(&svc.list().unwrap())
+            .iter()
+            .filter(|r| r.circuit == c.id && topology::circuit::path_links(&r.path).contains(&es))
+            .count();
+        assert_eq!(reserved_on_es, 0);
+        // Its new path's routers acknowledge: active at the new rate.
+        let _new = ack(&ctl, &["e", "t", "s"]);
+        svc.settle_once().await.unwrap();
+        let c = svc.get("c1").unwrap();
+        assert_eq!(
+            (c.state, c.assigned_rate),
+            (CircuitState::Active, Some("200Mbps".parse().unwrap()))
+        );
     }
 
     /// When failing the circuits an apply broke fails (the store refused), the settle loop's

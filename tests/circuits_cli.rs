@@ -244,8 +244,8 @@ fn placement_refuses_what_does_not_fit_naming_the_link_and_fits_after_a_delete()
     // Table and YAML outputs exist and name the circuits.
     let t = String::from_utf8_lossy(&c.circuit(&["list", "-o", "table"]).stdout).into_owned();
     assert!(t.contains("beta") && t.contains("small"), "{t}");
-    // No router acknowledged acme's removal (none runs here): it stays decommissioning, its
-    // capacity and VIP already released.
+    // No router acknowledged acme's removal (none runs here): it stays decommissioning (for
+    // the 60 s acknowledgement timeout), its capacity and VIP already released.
     assert!(
         t.lines()
             .any(|l| l.contains("acme") && l.contains("decommissioning")),

@@ -6,7 +6,8 @@
 //! VIP allocated, in the snapshots) -> `active` (LIVE: every router on the path acknowledged a
 //! snapshot that contains it) ; `failed` (with a reason) ; `decommissioning` (CANCELLED:
 //! removed from snapshots, capacity and VIP released) -> `decommissioned` (every router on the
-//! path acknowledged a snapshot without it). A create that cannot be placed is refused and
+//! path the topology still has acknowledged a snapshot without it, or the acknowledgement
+//! timeout passed). A create that cannot be placed is refused and
 //! records nothing, so `requested` only shows inside the history of the create transaction.
 //!
 //! Requested and assigned values are separate fields: `requested_rate` is what the operator
@@ -253,6 +254,18 @@ impl Circuit {
         let mut s: BTreeSet<NodeId> = self.path.iter().cloned().collect();
         if let Some(h) = &self.held {
             s.extend(h.path.iter().cloned());
+        }
+        s
+    }
+
+    /// The routers whose acknowledgement is awaited under `topo`: [`Self::routers`], except
+    /// that a removal waits for none the topology no longer has (a removed router is refused a
+    /// control session, so it never acknowledges; and it carries no circuit any more). A
+    /// circuit to activate waits for all of them: a removed one breaks it ([`fail_broken`]).
+    pub fn awaited(&self, topo: &Topology) -> BTreeSet<NodeId> {
+        let mut s = self.routers();
+        if self.state == CircuitState::Decommissioning {
+            s.retain(|n| topo.node(n.as_str()).is_some());
         }
         s
     }
@@ -731,9 +744,11 @@ pub fn delete(
 /// snapshot at least as new as version V", and the version in which each pending circuit was
 /// first distributed in its current form (`None` for a circuit not pending, or changed since
 /// that was decided: the caller compares revisions). Moves circuits to `active` /
-/// `decommissioned` and releases held capacity. Returns the circuits changed.
+/// `decommissioned` once the routers [`Circuit::awaited`] under `topo` (the topology in force)
+/// acknowledged, and releases held capacity. Returns the circuits changed.
 pub fn settle(
     tx: &mut dyn WriteTxn,
+    topo: &Topology,
     pending: &dyn Fn(&Circuit) -> Option<u64>,
     acked: &dyn Fn(&NodeId, u64) -> bool,
 ) -> Result<Vec<Circuit>, StoreError> {
@@ -749,7 +764,8 @@ pub fn settle(
         let Some(version) = pending(&c) else {
             continue;
         };
-        if !c.routers().iter().all(|n| acked(n, version)) {
+        let awaited = c.awaited(topo);
+        if !awaited.iter().all(|n| acked(n, version)) {
             continue;
         }
         let from = c.state;
@@ -771,9 +787,15 @@ pub fn settle(
             )
         } else {
             c.assigned_rate = None;
+            let gone: BTreeSet<NodeId> = c.routers().difference(&awaited).cloned().collect();
+            let gone = if gone.is_empty() {
+                String::new()
+            } else {
+                format!(" ({} no longer in the topology)", list(&gone))
+            };
             format!(
-                "removal acknowledged by {} in snapshot {version}",
-                list(&c.routers())
+                "removal acknowledged by {} in snapshot {version}{gone}",
+                list(&awaited)
             )
         };
         record(
@@ -798,24 +820,32 @@ pub fn settle(
 /// (they recover to `active` when the acknowledgements arrive).
 pub const NOT_ACKED: &str = "not acknowledged";
 
-/// Marks the provisioning circuits `overdue` gives a version for (distributed in it long
-/// enough ago; `None` as for [`settle`]) as failed, naming the routers that have not
-/// acknowledged them.
+/// Acts on the provisioning and decommissioning circuits `overdue` gives a version for
+/// (distributed in it `timeout` ago or longer; `None` as for [`settle`]) that routers
+/// [`Circuit::awaited`] under `topo` have not acknowledged: a provisioning one is marked failed,
+/// naming them; a decommissioning one becomes `decommissioned` anyway, its history naming them
+/// (its capacity and VIP were released at its delete; a router that comes back gets the
+/// snapshot without it).
 pub fn expire(
     tx: &mut dyn WriteTxn,
+    topo: &Topology,
+    timeout: std::time::Duration,
     overdue: &dyn Fn(&Circuit) -> Option<u64>,
     acked: &dyn Fn(&NodeId, u64) -> bool,
 ) -> Result<Vec<Circuit>, StoreError> {
     let mut changed = Vec::new();
     for mut c in all(tx)? {
-        if c.state != CircuitState::Provisioning {
+        if !matches!(
+            c.state,
+            CircuitState::Provisioning | CircuitState::Decommissioning
+        ) {
             continue;
         }
         let Some(version) = overdue(&c) else {
             continue;
         };
         let missing: BTreeSet<NodeId> = c
-            .routers()
+            .awaited(topo)
             .into_iter()
             .filter(|n| !acked(n, version))
             .collect();
@@ -823,12 +853,24 @@ pub fn expire(
             continue;
         }
         let from = c.state;
-        c.state = CircuitState::Failed;
-        let reason = format!("{NOT_ACKED} by {} (snapshot {version})", list(&missing));
-        c.reason = Some(reason.clone());
         c.updated_unix_ms = now_unix_ms();
         c.revision += 1;
-        record(tx, &c, "controller", "fail", Some(from), reason)?;
+        if from == CircuitState::Decommissioning {
+            c.state = CircuitState::Decommissioned;
+            c.assigned_rate = None;
+            let detail = format!(
+                "removal not acknowledged by {} within {} s (snapshot {version}); \
+                 decommissioned without them",
+                list(&missing),
+                timeout.as_secs()
+            );
+            record(tx, &c, "controller", "decommission", Some(from), detail)?;
+        } else {
+            c.state = CircuitState::Failed;
+            let reason = format!("{NOT_ACKED} by {} (snapshot {version})", list(&missing));
+            c.reason = Some(reason.clone());
+            record(tx, &c, "controller", "fail", Some(from), reason)?;
+        }
         save(tx, &c)?;
         changed.push(c);
     }
@@ -939,6 +981,8 @@ fn list(nodes: &BTreeSet<NodeId>) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::store;
     use crate::store::redb::RedbStore;
@@ -1162,12 +1206,16 @@ mod tests {
             create(tx, &t, &spec("c1", "10.1.0.0/24", "100Mbps"), None, "ops")
         })
         .unwrap();
-        let expired = store::transaction(&s, |tx| expire(tx, &|_| Some(7), &|_, _| false)).unwrap();
+        let expired = store::transaction(&s, |tx| {
+            expire(tx, &t, Duration::from_secs(60), &|_| Some(7), &|_, _| false)
+        })
+        .unwrap();
         assert_eq!(expired.len(), 1);
         let failed = store::transaction(&s, |tx| fail_broken(tx, &topo(false), 2)).unwrap();
         assert_eq!(failed.len(), 1, "the topology did not fail it");
         assert!(!failed[0].awaits_ack(), "{:?}", failed[0]);
-        let settled = store::transaction(&s, |tx| settle(tx, &|_| Some(7), &|_, _| true)).unwrap();
+        let settled =
+            store::transaction(&s, |tx| settle(tx, &t, &|_| Some(7), &|_, _| true)).unwrap();
         assert_eq!(settled, []);
         let c = store::read(&s, |tx| find(tx, "c1")).unwrap();
         assert_eq!(c.state, CircuitState::Failed);
@@ -1220,7 +1268,7 @@ mod tests {
                 .unwrap_or_else(|e| panic!("retried resize to {to}: {e}"));
             assert_eq!(retry, first);
             // Let the resize finish before the next one.
-            store::transaction(&s, |tx| settle(tx, &|_| Some(0), &|_, _| true)).unwrap();
+            store::transaction(&s, |tx| settle(tx, &t, &|_| Some(0), &|_, _| true)).unwrap();
         }
     }
 }

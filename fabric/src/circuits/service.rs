@@ -1,7 +1,8 @@
 //! The circuits runtime inside the controller: runs each operation as one durable store
 //! transaction (off the async threads), republishes the snapshot when the set of provisioned
 //! circuits changes, and watches routers' acknowledgements to move circuits to `active` (or
-//! `decommissioned`), or to `failed` when the path's routers do not acknowledge in time.
+//! `decommissioned`), or to `failed` when the path's routers do not acknowledge in time (a
+//! removal not acknowledged in time is `decommissioned` anyway).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,7 +17,8 @@ use crate::controller::{Controller, ControllerError, records};
 use crate::store::{self, StoreError};
 
 /// How long routers have to acknowledge a circuit before it is marked `failed` (it still
-/// becomes `active` if they acknowledge later).
+/// becomes `active` if they acknowledge later), or its removal before it is marked
+/// `decommissioned` without them.
 pub const DEFAULT_PROVISION_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often acknowledgements are checked.
 const SETTLE_EVERY: Duration = Duration::from_millis(100);
@@ -274,7 +276,7 @@ impl CircuitService {
 
     /// One pass: fails the circuits the topology in force breaks if that was not done yet
     /// (its run after the apply failed), settles circuits whose routers acknowledged, fails
-    /// overdue ones, and stops waiting for those no acknowledgement moves on any more (failed
+    /// overdue provisioning ones and decommissions overdue removals, and stops waiting for those no acknowledgement moves on any more (failed
     /// by a topology change). Writes nothing when none of them changes.
     pub async fn settle_once(&self) -> Result<(), ServiceError> {
         // Its failure must not hold up the others: settling and expiry go on, and the next
@@ -295,6 +297,7 @@ impl CircuitService {
             .map(|r| (r.record.node.clone(), r.record.applied_version))
             .collect();
         let acked = move |n: &NodeId, v: u64| applied.get(n.as_str()).is_some_and(|a| *a >= v);
+        let topo = self.ctl.current().topology.clone();
         let circuits = self.list()?;
         let now = Instant::now();
         let (mut ready, mut overdue, mut done) = (BTreeMap::new(), BTreeMap::new(), Vec::new());
@@ -313,10 +316,12 @@ impl CircuitService {
             // Decided on the circuit as read here: the transaction below acts on it only if it
             // is still at this revision (a delete or resize committed meanwhile is pending on
             // a newer snapshot, not acknowledged by this one).
-            if c.routers().iter().all(|n| acked(n, p.version)) {
+            if c.awaited(&topo).iter().all(|n| acked(n, p.version)) {
                 ready.insert(c.id.clone(), (p.version, c.revision));
-            } else if c.state == CircuitState::Provisioning
-                && now.duration_since(p.since) >= self.provision_timeout
+            } else if matches!(
+                c.state,
+                CircuitState::Provisioning | CircuitState::Decommissioning
+            ) && now.duration_since(p.since) >= self.provision_timeout
             {
                 overdue.insert(c.id.clone(), (p.version, c.revision));
             }
@@ -344,14 +349,15 @@ impl CircuitService {
             f();
         }
         let store = self.ctl.store().clone();
+        let timeout = self.provision_timeout;
         let (changed, failed) = tokio::task::spawn_blocking(move || {
             store::transaction(&*store, |tx| -> Result<_, StoreError> {
                 let unchanged = |decided: &BTreeMap<CircuitId, (u64, u64)>, c: &Circuit| {
                     let (version, revision) = decided.get(&c.id)?;
                     (*revision == c.revision).then_some(*version)
                 };
-                let a = super::settle(tx, &|c| unchanged(&ready, c), &acked)?;
-                let f = super::expire(tx, &|c| unchanged(&overdue, c), &acked)?;
+                let a = super::settle(tx, &topo, &|c| unchanged(&ready, c), &acked)?;
+                let f = super::expire(tx, &topo, timeout, &|c| unchanged(&overdue, c), &acked)?;
                 Ok((a, f))
             })
         })
@@ -371,11 +377,17 @@ impl CircuitService {
             }
         }
         for c in &failed {
-            // Stays pending: late acknowledgements still activate it.
-            if as_seen(&p, &c.id)
-                && let Some(e) = p.get_mut(&c.id)
-            {
-                e.revision = c.revision;
+            if !as_seen(&p, &c.id) {
+                continue;
+            }
+            if c.awaits_ack() {
+                // Failed, but stays pending: late acknowledgements still activate it.
+                if let Some(e) = p.get_mut(&c.id) {
+                    e.revision = c.revision;
+                }
+            } else {
+                // Decommissioned without the routers that did not acknowledge.
+                p.remove(&c.id);
             }
         }
         Ok(())
@@ -742,6 +754,97 @@ mod tests {
             (c.state, c.assigned_rate),
             (CircuitState::Active, Some("200Mbps".parse().unwrap()))
         );
+    }
+
+    /// A topology removes the transit of a circuit's path (the circuit fails), and the operator
+    /// deletes it: its removal waits for the routers still in the topology only, and is
+    /// decommissioned once they acknowledge. (It waited for the removed transit, which is
+    /// refused a control session, and stayed `decommissioning` for ever.)
+    #[tokio::test]
+    async fn a_removal_waits_for_no_router_the_topology_no_longer_has() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctl = Controller::open(
+            FaultyStore::open(dir.path()),
+            Some((&yaml(POOL, false), "t.yaml")),
+        )
+        .unwrap();
+        let svc = CircuitService::new(ctl.clone(), DEFAULT_PROVISION_TIMEOUT).unwrap();
+        let (c, _) = svc
+            .create(spec("c1", "10.1.0.0/24", "100Mbps"), None, "ops".into())
+            .await
+            .unwrap();
+        assert_eq!(
+            c.path,
+            [NodeId::new("e"), NodeId::new("t"), NodeId::new("s")]
+        );
+        let _first = ack(&ctl, &["e", "t", "s"]);
+        svc.settle_once().await.unwrap();
+        assert_eq!(svc.get("c1").unwrap().state, CircuitState::Active);
+        // Version 2: no t (e–s instead).
+        let without_t: String = yaml(POOL, true)
+            .lines()
+            .filter(|l| {
+                !l.contains("id: t,") && !l.contains("a: e, b: t") && !l.contains("a: t, b: s")
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        ctl.apply(&without_t, "ops", "drop t", Origin::Apply, false, None)
+            .await
+            .unwrap();
+        svc.on_topology_applied().await.unwrap();
+        assert!(failed_by_version_2(&svc.get("c1").unwrap()));
+        svc.delete("c1".into(), "ops".into()).await.unwrap();
+        let _second = ack(&ctl, &["e", "s"]);
+        svc.settle_once().await.unwrap();
+        let (c, history) = svc.history("c1").unwrap();
+        assert_eq!(c.state, CircuitState::Decommissioned);
+        assert_eq!(
+            history.last().unwrap().detail,
+            format!(
+                "removal acknowledged by e, s in snapshot {} (t no longer in the topology)",
+                ctl.published().version
+            )
+        );
+        assert!(lock(&svc.pending).is_empty());
+    }
+
+    /// A router still in the topology that never acknowledges a circuit's removal (stopped for
+    /// good) holds it `decommissioning` for the acknowledgement timeout at most: then it is
+    /// `decommissioned`, its history naming the router. (It stayed `decommissioning` for ever.)
+    #[tokio::test]
+    async fn a_removal_not_acknowledged_in_time_is_decommissioned_anyway() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctl = Controller::open(
+            FaultyStore::open(dir.path()),
+            Some((&yaml(POOL, true), "t.yaml")),
+        )
+        .unwrap();
+        // Every acknowledgement is overdue at once.
+        let svc = CircuitService::new(ctl.clone(), Duration::ZERO).unwrap();
+        svc.create(spec("c1", "10.1.0.0/24", "100Mbps"), None, "ops".into())
+            .await
+            .unwrap();
+        let _first = ack(&ctl, &["e", "s"]);
+        svc.settle_once().await.unwrap();
+        assert_eq!(svc.get("c1").unwrap().state, CircuitState::Active);
+        svc.delete("c1".into(), "ops".into()).await.unwrap();
+        let _second = ack(&ctl, &["e"]);
+        svc.settle_once().await.unwrap();
+        let (c, history) = svc.history("c1").unwrap();
+        assert_eq!(c.state, CircuitState::Decommissioned);
+        let last = history.last().unwrap();
+        assert_eq!(
+            (last.action.as_str(), last.detail.as_str()),
+            (
+                "decommission",
+                format!(
+                    "removal not acknowledged by s within 0 s (snapshot {}); decommissioned without them",
+                    ctl.published().version
+                )
+                .as_str()
+            )
+        );
+        assert!(lock(&svc.pending).is_empty());
     }
 
     /// When failing the circuits an apply broke fails (the store refused), the settle loop's

@@ -788,15 +788,23 @@ pub fn settle(
         } else {
             c.assigned_rate = None;
             let gone: BTreeSet<NodeId> = c.routers().difference(&awaited).cloned().collect();
-            let gone = if gone.is_empty() {
-                String::new()
+            if awaited.is_empty() {
+                format!(
+                    "removal awaits no acknowledgement: {} no longer in the topology",
+                    list(&gone)
+                )
+            } else if gone.is_empty() {
+                format!(
+                    "removal acknowledged by {} in snapshot {version}",
+                    list(&awaited)
+                )
             } else {
-                format!(" ({} no longer in the topology)", list(&gone))
-            };
-            format!(
-                "removal acknowledged by {} in snapshot {version}{gone}",
-                list(&awaited)
-            )
+                format!(
+                    "removal acknowledged by {} in snapshot {version} ({} no longer in the topology)",
+                    list(&awaited),
+                    list(&gone)
+                )
+            }
         };
         record(
             tx,
@@ -1228,6 +1236,30 @@ mod tests {
         // And once is enough.
         let again = store::transaction(&s, |tx| fail_broken(tx, &topo(false), 2)).unwrap();
         assert_eq!(again, []);
+    }
+
+    /// A removal whose path the topology no longer has at all awaits no acknowledgement, and
+    /// its history says so (rather than "acknowledged by" no one).
+    #[test]
+    fn a_removal_with_no_router_left_is_decommissioned_saying_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(dir.path()).unwrap();
+        let t = topo(true);
+        store::transaction(&s, |tx| {
+            create(tx, &t, &spec("c1", "10.1.0.0/24", "100Mbps"), None, "ops")?;
+            delete(tx, "c1", "ops")
+        })
+        .unwrap();
+        let mut empty = (*t).clone();
+        empty.nodes.clear();
+        let settled =
+            store::transaction(&s, |tx| settle(tx, &empty, &|_| Some(3), &|_, _| false)).unwrap();
+        assert_eq!(settled.len(), 1);
+        let h = store::read(&s, |tx| history(tx, &settled[0].id)).unwrap();
+        assert_eq!(
+            h.last().unwrap().detail,
+            "removal awaits no acknowledgement: e, s no longer in the topology"
+        );
     }
 
     fn rate(s: &str) -> Bandwidth {

@@ -329,7 +329,11 @@ pub struct Router;
 pub struct RouterHandle {
     shared: Arc<Shared>,
     shutdown_tx: watch::Sender<bool>,
+    /// Stopped when the drain begins.
     tasks: Vec<JoinHandle<()>>,
+    /// The control task (`routes::Control::run`): its dialers probe the neighbours until the
+    /// end of a drain, for the streams still open.
+    control_task: JoinHandle<()>,
     /// Served until the end of a drain, so that it can be watched.
     metrics_task: Option<JoinHandle<()>>,
 }
@@ -413,7 +417,7 @@ impl Router {
         control.apply_snapshot(first.clone());
         control.rebuild();
         control.sync_listeners()?;
-        tasks.push(tokio::spawn(control.run(cfg.snapshots)));
+        let control_task = tokio::spawn(control.run(cfg.snapshots));
         tasks.push(tokio::spawn(inbound::accept_loop(shared.clone())));
         if let Some(every) = cfg.cert_reload_interval.filter(|d| !d.is_zero()) {
             tasks.push(tokio::spawn(cert.clone().reload_every(every)));
@@ -436,6 +440,7 @@ impl Router {
             shared,
             shutdown_tx,
             tasks,
+            control_task,
             metrics_task,
         })
     }
@@ -477,8 +482,10 @@ impl RouterHandle {
             .metrics
             .draining
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        // Listeners and the control task stop first (their tasks are aborted); streams in flight
-        // and the connections they use keep running, and so do the tasks answering probes.
+        // The accept loop and the certificate reload stop (their tasks are aborted), the control
+        // task closes the client listeners (it sees the drain) and applies no more snapshots;
+        // streams in flight and the connections they use keep running, and so do the tasks
+        // answering probes and the dialers probing the neighbours.
         for t in &self.tasks {
             t.abort();
         }
@@ -516,6 +523,7 @@ impl RouterHandle {
                 tracing::warn!(node = %sh.node, open = sh.open_streams(), "stopping without waiting for the drain");
             }
         }
+        self.control_task.abort();
         sh.endpoint
             .close(quinn::VarInt::from_u32(codes::close::NORMAL), b"shutdown");
         let _ = tokio::time::timeout(Duration::from_millis(500), sh.endpoint.wait_idle()).await;

@@ -359,12 +359,25 @@ impl Control {
         }
     }
 
+    /// Applies snapshots and rebuilds the table until aborted. When the router starts to drain
+    /// it closes the edge's client listeners and applies no more snapshots, but keeps its
+    /// dialers, and so its probes and its neighbours' down verdicts, for the streams still open
+    /// (aborted at the end of the drain).
     pub async fn run(mut self, mut snapshots: tokio::sync::watch::Receiver<Arc<crate::Snapshot>>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut source_open = true;
+        let mut shutdown = self.shared.shutdown.clone();
+        let mut draining = false;
         loop {
             tokio::select! {
-                r = snapshots.changed(), if source_open => {
+                r = shutdown.wait_for(|d| *d), if !draining => {
+                    draining = true;
+                    if r.is_ok() {
+                        // Closes the client listeners (their tasks are aborted on drop).
+                        self.listeners = crate::edge::Listeners::default();
+                    }
+                }
+                r = snapshots.changed(), if source_open && !draining => {
                     if r.is_err() {
                         // Source gone (file mode after start, or controller client stopped):
                         // keep the last good snapshot and keep forwarding.

@@ -1034,6 +1034,79 @@ async fn a_site_that_shuts_down_drains_its_open_connections_and_sends_new_ones_a
     echo_once(&mut fresh, b"after").await.unwrap();
 }
 
+/// A draining transit keeps probing its neighbours for the streams still open through it: when
+/// the link to its next hop goes silent during the drain, it declares that neighbour down, and
+/// the stream on it ends (a reset for its client) instead of waiting for QUIC's idle timeout. (The
+/// drain stopped the dialers, which send the probes: no verdict came during a drain.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_transit_still_declares_a_silent_neighbour_down() {
+    use router::netem::{LinkEmulator, LinkProfile};
+    let dir = ca_dir();
+    let backend = tracked_echo_backend().await;
+    let port = free_tcp_port();
+    let t = line_topology("echo", backend.addr, port);
+    let site_addr = t.node("site").unwrap().address;
+    let link = LinkEmulator::spawn(
+        "127.0.0.1:0".parse().unwrap(),
+        site_addr,
+        LinkProfile::delay(topology::Latency::ZERO),
+    )
+    .await
+    .unwrap();
+    let via = link.local_addr();
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t)));
+    let (mut hs, _txs) = spawn_all(&snap, dir.path(), |id, cfg| {
+        if id == "transit" {
+            cfg.dial_overrides = [(topology::NodeId::new("site"), via)].into();
+        }
+    })
+    .await;
+    wait_for_route(
+        node(&hs, "edge"),
+        "echo",
+        Duration::from_secs(10),
+        "edge never got a route",
+    )
+    .await;
+    let mut held = held_connection(port, b"before").await;
+    let at = hs
+        .iter()
+        .position(|h| h.telemetry().node.as_str() == "transit")
+        .unwrap();
+    let transit = hs.remove(at);
+    let downs = |h: &RouterHandle| {
+        metric(
+            &h.metrics_text(),
+            "tasman_neighbour_down_total{node=\"transit\"}",
+        )
+        .unwrap_or(0)
+    };
+    assert_eq!(downs(&transit), 0);
+    transit.begin_drain();
+    link.set_profile(LinkProfile::cut());
+    wait_until(
+        Duration::from_secs(20),
+        || downs(&transit) >= 1,
+        || {
+            format!(
+                "no down verdict during the drain: {}",
+                transit.metrics_text()
+            )
+        },
+    )
+    .await;
+    // The stream on the silent connection ends, and the client with it.
+    let mut b = [0u8; 1];
+    let got = tokio::time::timeout(Duration::from_secs(20), held.read(&mut b))
+        .await
+        .expect("the held connection did not end within 20 s");
+    assert!(matches!(got, Ok(0) | Err(_)), "{got:?}");
+    transit.shutdown().await;
+    for h in hs {
+        h.shutdown().await;
+    }
+}
+
 /// The drain is bounded: a connection still open at the drain timeout is cut, and the shutdown
 /// completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

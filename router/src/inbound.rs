@@ -46,13 +46,29 @@ async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
     // Where the next pong's learned entries start: each pong goes on where the previous one
     // stopped, so entries beyond one datagram's worth are carried in turn (`Probe::encode_pong`).
     let mut rotation = 0;
+    // A peer the topology no longer has (a snapshot removed it) is closed at its next stream or
+    // probe, as its next handshake would be refused: it must not go on relaying through us.
+    let removed = || {
+        let gone = !shared.peers.contains(&peer);
+        if gone {
+            shared.metrics.refused_peers_total.fetch_add(1, Relaxed);
+            tracing::info!(node = %shared.node, %peer, "closing the connection of a peer the topology no longer has");
+            conn.close(
+                quinn::VarInt::from_u32(close::NOT_ALLOWED),
+                b"no longer a node of the topology",
+            );
+        }
+        gone
+    };
     loop {
         tokio::select! {
             s = conn.accept_bi() => match s {
+                Ok(_) if removed() => break,
                 Ok((send, recv)) => { tokio::spawn(serve_stream(shared.clone(), send, recv)); }
                 Err(_) => break,
             },
             d = conn.read_datagram() => match d {
+                Ok(_) if removed() => break,
                 Ok(bytes) => {
                     if let Ok(Probe::Ping { seq }) = Probe::decode(bytes) {
                         let max = conn.max_datagram_size().unwrap_or(1200);

@@ -70,6 +70,68 @@ async fn echo_through_edge_transit_site_in_process() {
     }
 }
 
+/// A node that a snapshot removes from the topology loses the connections its neighbours had
+/// accepted from it, not only its next handshakes: the edge, removed from the transit's and the
+/// site's topology (it still runs on the old one), can no longer send a client through the
+/// transit. (An accepted connection was checked once, at accept: the removed edge kept relaying
+/// through it for as long as it stayed up.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_removed_from_the_topology_loses_its_accepted_connections() {
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let port = free_tcp_port();
+    let t = line_topology("echo", backend, port);
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    let (hs, txs) = spawn_all(&snap, dir.path(), |_, _| {}).await;
+    wait_for_route(
+        node(&hs, "edge"),
+        "echo",
+        Duration::from_secs(10),
+        "edge never got a route",
+    )
+    .await;
+    echo_roundtrip(port, b"before", Duration::from_secs(10))
+        .await
+        .unwrap();
+
+    let mut without = t.clone();
+    without.nodes.retain(|n| n.id.as_str() != "edge");
+    without
+        .links
+        .retain(|l| l.a.as_str() != "edge" && l.b.as_str() != "edge");
+    let next = Arc::new(Snapshot::new(2, Arc::new(without)));
+    for (h, tx) in hs.iter().zip(&txs) {
+        if h.telemetry().node.as_str() != "edge" {
+            tx.send(next.clone()).unwrap();
+        }
+    }
+    let transit = node(&hs, "transit");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let applied = transit.telemetry().snapshot_version == 2;
+        let refused = echo_roundtrip(port, b"after", Duration::from_secs(5))
+            .await
+            .map_or(true, |b| b != b"after");
+        if applied && refused {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the removed edge still sends clients through the transit"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let refusals = metric(
+        &transit.metrics_text(),
+        "tasman_refused_peers_total{node=\"transit\"}",
+    )
+    .unwrap_or(0);
+    assert!(refusals >= 1, "{}", transit.metrics_text());
+    for h in hs {
+        h.shutdown().await;
+    }
+}
+
 /// A neighbour that starts after this router (its first dials fail) is up at its first answered
 /// probe: the hold-down is for neighbours that were up and went down, not for late starters.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -84,25 +84,42 @@ async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
     }
 }
 
+/// Why no header came: a bad one (the peer's fault: refused and counted by its code), or a stream
+/// the peer reset, or whose connection was lost, before it was whole (nothing was wrong with what
+/// came: counted by the reset's code, or as `upstream_lost`).
+#[derive(Debug)]
+pub(crate) enum NoHeader {
+    Bad(HeaderError),
+    Ended(Code),
+}
+
+impl From<HeaderError> for NoHeader {
+    fn from(e: HeaderError) -> Self {
+        NoHeader::Bad(e)
+    }
+}
+
+/// Reads exactly `buf` of a stream's header; `needed` is what the header has by then.
+async fn read_part(recv: &mut RecvStream, buf: &mut [u8], needed: usize) -> Result<(), NoHeader> {
+    use quinn::{ReadError, ReadExactError};
+    recv.read_exact(buf).await.map_err(|e| match e {
+        ReadExactError::FinishedEarly(had) => NoHeader::Bad(HeaderError::Truncated { needed, had }),
+        ReadExactError::ReadError(ReadError::Reset(c)) => {
+            NoHeader::Ended(Code::from_varint(c).unwrap_or(Code::Internal))
+        }
+        ReadExactError::ReadError(_) => NoHeader::Ended(Code::UpstreamLost),
+    })
+}
+
 /// Reads a stream's header: 4-byte prefix, then the announced body, bounded and timed.
-pub(crate) async fn read_header(recv: &mut RecvStream) -> Result<Header, HeaderError> {
+pub(crate) async fn read_header(recv: &mut RecvStream) -> Result<Header, NoHeader> {
     let mut prefix = [0u8; PREFIX_LEN];
-    recv.read_exact(&mut prefix)
-        .await
-        .map_err(|_| HeaderError::Truncated {
-            needed: PREFIX_LEN,
-            had: 0,
-        })?;
+    read_part(recv, &mut prefix, PREFIX_LEN).await?;
     let n = Header::body_len(prefix)?;
     let mut buf = [0u8; MAX_HEADER_LEN];
     buf[..PREFIX_LEN].copy_from_slice(&prefix);
-    recv.read_exact(&mut buf[PREFIX_LEN..PREFIX_LEN + n])
-        .await
-        .map_err(|_| HeaderError::Truncated {
-            needed: PREFIX_LEN + n,
-            had: 0,
-        })?;
-    Header::decode(&mut &buf[..PREFIX_LEN + n])
+    read_part(recv, &mut buf[PREFIX_LEN..PREFIX_LEN + n], PREFIX_LEN + n).await?;
+    Ok(Header::decode(&mut &buf[..PREFIX_LEN + n])?)
 }
 
 fn refuse(shared: &Shared, send: &mut SendStream, recv: &mut RecvStream, code: Code) {
@@ -114,9 +131,14 @@ fn refuse(shared: &Shared, send: &mut SendStream, recv: &mut RecvStream, code: C
 async fn serve_stream(shared: Arc<Shared>, mut send: SendStream, mut recv: RecvStream) {
     let header = match tokio::time::timeout(shared.header_timeout, read_header(&mut recv)).await {
         Ok(Ok(h)) => h,
-        Ok(Err(e)) => {
+        Ok(Err(NoHeader::Bad(e))) => {
             tracing::debug!(node = %shared.node, error = %e, "bad stream header");
             return refuse(&shared, &mut send, &mut recv, e.code());
+        }
+        Ok(Err(NoHeader::Ended(code))) => {
+            // Not a bad header: the previous hop gave up on the stream (its client went away,
+            // its reply deadline passed) or lost its connection.
+            return refuse(&shared, &mut send, &mut recv, code);
         }
         Err(_) => return refuse(&shared, &mut send, &mut recv, Code::HeaderTimeout),
     };

@@ -132,6 +132,53 @@ async fn a_node_removed_from_the_topology_loses_its_accepted_connections() {
     }
 }
 
+/// A stream its sender resets before its header is whole (an edge whose client went away, or
+/// whose reply deadline passed) is counted by the reset's code at the transit, not as a
+/// malformed header; one that ends (FIN) before its header is whole still is malformed. (Both
+/// were counted `malformed_header`: every client that gave up early looked like hostile input.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_reset_before_its_header_is_not_a_malformed_header() {
+    let dir = ca_dir();
+    let port = free_tcp_port();
+    let snap = Arc::new(Snapshot::new(
+        1,
+        Arc::new(line_topology("echo", echo_backend().await, port)),
+    ));
+    let (hs, _txs) = spawn_all(&snap, dir.path(), |_, _| {}).await;
+    let transit = node(&hs, "transit");
+    let (_ep, raw) = connect_as(dir.path(), "edge", transit.quic_addr().unwrap(), "transit").await;
+
+    let (mut send, _recv) = raw.open_bi().await.unwrap();
+    send.write_all(&[1, 0]).await.unwrap();
+    send.reset(router::codes::Code::ClientAbort.varint())
+        .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        || errors(transit, "client_abort") == 1,
+        || transit.metrics_text(),
+    )
+    .await;
+    assert_eq!(
+        errors(transit, "malformed_header"),
+        0,
+        "{}",
+        transit.metrics_text()
+    );
+
+    let (mut send, _recv) = raw.open_bi().await.unwrap();
+    send.write_all(&[1, 0]).await.unwrap();
+    send.finish().unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        || errors(transit, "malformed_header") == 1,
+        || transit.metrics_text(),
+    )
+    .await;
+    for h in hs {
+        h.shutdown().await;
+    }
+}
+
 /// A neighbour that starts after this router (its first dials fail) is up at its first answered
 /// probe: the hold-down is for neighbours that were up and went down, not for late starters.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

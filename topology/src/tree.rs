@@ -6,7 +6,8 @@
 //! with the YAML 1.2 core schema (so `NO` stays a string: Norway, not false).
 //!
 //! Hostile input is refused while reading, before anything is expanded: nesting deeper than
-//! [`MAX_DEPTH`], more than [`MAX_YAML_NODES`] nodes, more than [`MAX_ALIASES`] aliases, aliases
+//! [`MAX_DEPTH`], more than [`MAX_YAML_NODES`] nodes (a copy of each anchored node included),
+//! more than [`MAX_ALIASES`] aliases, aliases
 //! that would copy more than [`MAX_ALIAS_REPLAYED_EVENTS`] nodes in total (billion laughs), more
 //! than one document, and YAML tags (none are meaningful in a topology).
 
@@ -292,6 +293,20 @@ impl<'a> Builder<'a> {
                     p.line,
                     p.column,
                     format!("more than {MAX_ALIASES} anchors are refused"),
+                ));
+            }
+            // The anchored node is copied (for its aliases), used or not: the copy counts against
+            // the node limit, so that anchors nested around a large node cannot copy it once
+            // per level, unbounded by any alias.
+            self.nodes += size;
+            if self.nodes > MAX_YAML_NODES {
+                return Err(Diagnostic::error(
+                    p.line,
+                    p.column,
+                    format!(
+                        "more than {MAX_YAML_NODES} YAML nodes, counting a copy of each anchored \
+                         node, are refused (anchor smaller parts, or write the values out)"
+                    ),
                 ));
             }
             self.anchors.insert(anchor, (node.clone(), size));

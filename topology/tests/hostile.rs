@@ -65,6 +65,39 @@ fn alias_expansion_bomb_is_refused() {
     assert!(d[0].message.contains("refused"), "{}", d[0].message);
 }
 
+/// Anchors nested around one large list, with no alias at all: each level's anchor copied the
+/// whole list again (14 levels of 400,000 nodes: 5.6 million copied nodes, ~270 MB, from 800 KB
+/// of text). The copies count against the node limit, and the document is refused.
+#[test]
+fn nested_anchors_around_a_large_node_are_refused() {
+    let mut text = String::from(
+        "version: 1
+x: ",
+    );
+    for i in 0..14 {
+        text.push_str(&format!("&a{i} ["));
+    }
+    text.push_str(&"0,".repeat(400_000));
+    text.push('0');
+    text.push_str(&"]".repeat(14));
+    text.push('\n');
+    let d = refused(&text, Duration::from_secs(10));
+    assert!(
+        d[0].message
+            .contains("counting a copy of each anchored node"),
+        "{}",
+        d[0].message
+    );
+    // One anchor around it is fine (copied once, well under the limit).
+    let one = format!("version: 1\nx: &a [{}0]\n", "0,".repeat(400_000));
+    let d = refused(&one, Duration::from_secs(10));
+    assert!(
+        !d.iter().any(|d| d.message.contains("anchored")),
+        "{}",
+        d[0].message
+    );
+}
+
 #[test]
 fn many_aliases_to_one_anchor_are_refused() {
     let mut text = String::from("version: 1\nx: &big [1, 2, 3, 4, 5, 6, 7, 8]\nnodes:\n");

@@ -372,6 +372,17 @@ pub enum ReservationIssue {
     NodeRemoved { circuit: CircuitId, node: NodeId },
     #[error("circuit {circuit} is reserved through node {node}, which would be down")]
     NodeDown { circuit: CircuitId, node: NodeId },
+    /// The node's kind no longer fits its place on the path (an edge first, transits between,
+    /// a site last): it would not play that part.
+    #[error(
+        "circuit {circuit} is reserved through node {node}, which would be a {node_kind} where the path needs a {needed}"
+    )]
+    NodeRole {
+        circuit: CircuitId,
+        node: NodeId,
+        node_kind: NodeKind,
+        needed: NodeKind,
+    },
     #[error("circuit {circuit} is for service {service}, which the topology no longer has")]
     ServiceRemoved {
         circuit: CircuitId,
@@ -407,10 +418,16 @@ pub fn check_reservations(topo: &Topology, reservations: &[Reservation]) -> Vec<
     let mut seen_nodes: BTreeSet<(CircuitId, NodeId)> = BTreeSet::new();
     let mut seen: BTreeSet<(CircuitId, LinkId)> = BTreeSet::new();
     for r in reservations {
-        for n in &r.path {
+        let last = r.path.len().saturating_sub(1);
+        for (at, n) in r.path.iter().enumerate() {
             if !seen_nodes.insert((r.circuit.clone(), n.clone())) {
                 continue;
             }
+            let needed = match at {
+                0 => NodeKind::Edge,
+                a if a == last => NodeKind::Site,
+                _ => NodeKind::Transit,
+            };
             match topo.node(n.as_str()) {
                 None => issues.push(ReservationIssue::NodeRemoved {
                     circuit: r.circuit.clone(),
@@ -422,6 +439,12 @@ pub fn check_reservations(topo: &Topology, reservations: &[Reservation]) -> Vec<
                         node: n.clone(),
                     })
                 }
+                Some(node) if node.kind != needed => issues.push(ReservationIssue::NodeRole {
+                    circuit: r.circuit.clone(),
+                    node: n.clone(),
+                    node_kind: node.kind,
+                    needed,
+                }),
                 Some(_) => {}
             }
         }
@@ -1298,6 +1321,19 @@ mod tests {
                 "circuit c1 is reserved through node t1, which the topology no longer has",
                 "circuit c1 is reserved on link edge--t1, which the topology no longer has",
                 "circuit c1 is reserved on link site-a--t1, which the topology no longer has",
+            ]
+        );
+        let mut redeclared = t.clone();
+        redeclared
+            .nodes
+            .iter_mut()
+            .find(|x| x.id.as_str() == "t1")
+            .unwrap()
+            .kind = NodeKind::Site;
+        assert_eq!(
+            texts(&redeclared),
+            [
+                "circuit c1 is reserved through node t1, which would be a site where the path needs a transit"
             ]
         );
         let mut no_service = t.clone();

@@ -64,9 +64,37 @@ impl fmt::Display for Of<'_> {
 
 struct Cx {
     diags: Vec<Diagnostic>,
+    /// The text was accepted before: rules added since are warnings ([`Cx::newer`]).
+    stored: bool,
+}
+
+/// How a text is validated: as a new one (every rule), or as one a controller stored under an
+/// earlier build's rules ([`crate::load_stored`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Texts {
+    New,
+    Stored,
 }
 
 impl Cx {
+    /// A rule added after texts were accepted without it: an error for a new text, a warning
+    /// for a stored one, which an upgraded controller must still start on (the operator then
+    /// applies a fixed text). Returns whether it was an error, so that the caller drops the
+    /// value only then.
+    fn newer(&mut self, pos: Pos, msg: impl Into<String>) -> bool {
+        if self.stored {
+            let msg = msg.into();
+            self.warn(
+                pos,
+                format!("{msg} (accepted in this stored version; a new text is refused for it)"),
+            );
+            false
+        } else {
+            self.err(pos, msg);
+            true
+        }
+    }
+
     fn err(&mut self, pos: Pos, msg: impl Into<String>) {
         self.diags
             .push(Diagnostic::error(pos.line, pos.column, msg));
@@ -477,8 +505,11 @@ struct NodeEntry<'a> {
     node: Option<Node>,
 }
 
-pub(crate) fn validate(root: &YNode) -> Result<Loaded, Vec<Diagnostic>> {
-    let mut cx = Cx { diags: Vec::new() };
+pub(crate) fn validate(root: &YNode, texts: Texts) -> Result<Loaded, Vec<Diagnostic>> {
+    let mut cx = Cx {
+        diags: Vec::new(),
+        stored: texts == Texts::Stored,
+    };
     let topology = walk(&mut cx, root);
     let mut diags = cx.diags;
     diags.sort();
@@ -591,13 +622,14 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
         let address = f.required(cx, "address").and_then(|n| {
             let a = socket_addr(cx, n, &Of("address", &what), "127.10.0.1:7000")?;
             // Neighbours dial this address as written: it must be one unicast address.
-            if let Some(not) = not_unicast(a.ip()) {
-                cx.err(
+            if let Some(not) = not_unicast(a.ip())
+                && cx.newer(
                     n.pos,
                     format!(
                         "address of {what}: {a} is {not}, which neighbours cannot dial (use the node's own IP)"
                     ),
-                );
+                )
+            {
                 return None;
             }
             if let Some(other) = quic.get(&a) {
@@ -617,11 +649,12 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
             let ip = ip_addr(cx, n, &Of("client_address", &what))?;
             // A wildcard is a listen address (every address of the edge's host); a multicast
             // or broadcast address cannot take TCP connections at all.
-            if let Some(not) = not_unicast(ip).filter(|_| !ip.to_canonical().is_unspecified()) {
-                cx.err(
+            if let Some(not) = not_unicast(ip).filter(|_| !ip.to_canonical().is_unspecified())
+                && cx.newer(
                     n.pos,
                     format!("client_address of {what}: {ip} is {not}, which TCP clients cannot connect to"),
-                );
+                )
+            {
                 return None;
             }
             Some(ip)
@@ -1103,7 +1136,10 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
             .as_ref()
             .map(|(n, _)| format!("pool \"{n}\""))
             .unwrap_or(label);
-        let mut aside = Cx { diags: Vec::new() };
+        let mut aside = Cx {
+            diags: Vec::new(),
+            stored: cx.stored,
+        };
         let pfx_node = f.required(&mut aside, "prefix");
         let prefix =
             pfx_node.and_then(|n| Some((prefix(&mut aside, n, &Of("prefix", &what))?, n.pos)));
@@ -1167,13 +1203,14 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
             continue;
         }
         let first = edge_clients.partition_point(|(ip, _)| *ip < p.network());
-        if let Some((ip, edge)) = edge_clients.get(first).filter(|(ip, _)| p.contains(*ip)) {
-            cx.err(
+        if let Some((ip, edge)) = edge_clients.get(first).filter(|(ip, _)| p.contains(*ip))
+            && cx.newer(
                 pos,
                 format!(
                     "prefix of {what}: {p} contains {ip}, the client_address of edge node \"{edge}\""
                 ),
-            );
+            )
+        {
             pools_ok = false;
             continue;
         }
@@ -1204,7 +1241,7 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
             e.fields.get("transparent_port"),
         ) && let Some(other) = ports.get(&tp)
         {
-            cx.err(
+            cx.newer(
                 n.pos,
                 format!(
                     "transparent_port of node \"{id}\": {tp} is already the port of service \"{other}\""

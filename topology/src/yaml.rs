@@ -41,7 +41,17 @@ pub struct Loaded {
 /// ```
 pub fn load(text: &str) -> Result<Loaded, Vec<Diagnostic>> {
     let root = parse_tree(text).map_err(|d| vec![d])?;
-    crate::validate::validate(&root)
+    crate::validate::validate(&root, crate::validate::Texts::New)
+}
+
+/// [`load`] for a text a controller accepted and stored under an earlier build: the rules this
+/// build added since (an unusable QUIC or client address, a pool holding an edge's
+/// client_address, a transparent port taken by a service) are warnings, so that an upgrade
+/// starts on its store and the operator can apply a fixed text. Everything else is as
+/// [`load`].
+pub fn load_stored(text: &str) -> Result<Loaded, Vec<Diagnostic>> {
+    let root = parse_tree(text).map_err(|d| vec![d])?;
+    crate::validate::validate(&root, crate::validate::Texts::Stored)
 }
 
 /// Writes a topology as a format-v1 document that [`load`] reads back to an equal value.

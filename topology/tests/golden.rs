@@ -97,3 +97,41 @@ fn documents_with_warnings_load_and_report_pinned_warnings() {
         failures.join("\n")
     );
 }
+
+/// The rules added after texts were stored (an unusable address, a pool holding an edge's
+/// client_address, a transparent port taken by a service) refuse a new text but only warn on a
+/// stored one (`load_stored`), so that a controller upgraded onto a store holding such a text
+/// still starts: each error of `load` is a warning of `load_stored`, and nothing else changes.
+/// (The controller refused to start: its store's text in force no longer loaded.)
+#[test]
+fn rules_added_since_a_text_was_stored_only_warn_on_it() {
+    for name in [
+        "pool_contains_client_address",
+        "transparent_port_is_a_service_port",
+        "unusable_addresses",
+    ] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/invalid")
+            .join(format!("{name}.yaml"));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let errors = topology::load(&text).expect_err(name);
+        let stored = topology::load_stored(&text)
+            .unwrap_or_else(|d| panic!("{name}: a stored text is refused: {d:?}"));
+        assert!(!errors.is_empty());
+        for e in errors.iter().filter(|d| d.is_error()) {
+            let w = format!(
+                "{}:{}: warning: {} (accepted in this stored version; a new text is refused for it)",
+                e.line, e.column, e.message
+            );
+            assert!(
+                stored.warnings.iter().any(|d| d.to_string() == w),
+                "{name}: {w:?} not among {:?}",
+                stored
+                    .warnings
+                    .iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+            );
+        }
+    }
+}

@@ -260,6 +260,15 @@ pub fn validate(text: &str) -> Result<(Arc<Topology>, Vec<Diagnostic>), Controll
     }
 }
 
+/// [`validate`] for the text in force in the store, accepted by an earlier build: the rules
+/// added since are warnings (`topology::load_stored`), so that an upgrade starts.
+fn validate_stored(text: &str) -> Result<(Arc<Topology>, Vec<Diagnostic>), ControllerError> {
+    match topology::load_stored(text) {
+        Ok(l) => Ok((Arc::new(l.topology), l.warnings)),
+        Err(diags) => Err(ControllerError::Invalid(diags)),
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock leaves plain data; keep serving.
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -295,7 +304,7 @@ impl Controller {
         let record = cur.ok_or(ControllerError::Empty)?;
         // The stored text was valid when applied; a newer loader could disagree, and then the
         // operator must see why rather than the controller silently serving something else.
-        let (topology, warnings) = validate(&record.text).map_err(|e| match e {
+        let (topology, warnings) = validate_stored(&record.text).map_err(|e| match e {
             ControllerError::Invalid(diags) => ControllerError::InvalidStored {
                 version: record.version,
                 diags,
@@ -1371,6 +1380,53 @@ mod tests {
         assert!(
             text.contains("e chat: cost changes: s2 (6.00 ms via e > t > s2) -> s2 (21.00 ms"),
             "{text}"
+        );
+    }
+
+    /// A store whose text in force breaks a rule this build added (here a pool holding the
+    /// edge's client_address) still opens, on that text, with the rule as a warning; the same
+    /// text applied anew is refused. (The controller refused to start: after an upgrade, nothing
+    /// could be applied to fix it but a downgrade or a wiped store.)
+    #[tokio::test]
+    async fn a_stored_text_breaking_a_newer_rule_still_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "{}pools:\n  - {{name: p, prefix: \"127.0.0.0/24\"}}\n",
+            yaml("5ms")
+        );
+        assert!(
+            validate(&text).is_err(),
+            "the rule is in force for new texts"
+        );
+        let topo = Arc::new(topology::load_stored(&text).unwrap().topology);
+        let store = Arc::new(RedbStore::open(dir.path()).unwrap());
+        store::transaction(&*store, |tx| {
+            records::commit_topology(
+                tx,
+                &text,
+                &topo,
+                "earlier build",
+                "stored before the rule",
+                Origin::Apply,
+            )
+        })
+        .unwrap();
+        let ctl = Controller::open(store, None).expect("the controller opens");
+        let cur = ctl.current();
+        assert_eq!(cur.record.text, text);
+        assert!(
+            cur.warnings
+                .iter()
+                .any(|w| w.message.contains("contains 127.0.0.1, the client_address")),
+            "{:?}",
+            cur.warnings
+        );
+        let again = ctl
+            .apply(&text, "test", "again", Origin::Apply, false, None)
+            .await;
+        assert!(
+            matches!(again, Err(ControllerError::Invalid(_))),
+            "{again:?}"
         );
     }
 }

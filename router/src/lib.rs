@@ -505,6 +505,15 @@ impl RouterHandle {
     /// Once none is left, or after `drain_timeout`, or when `stop` resolves (a second signal),
     /// every QUIC connection is closed and what is still open is cut.
     pub async fn shutdown_or(self, stop: impl std::future::Future<Output = ()>) {
+        // The control task (dialers, health checks) ends with the drain, also when this future
+        // is dropped before the drain ends.
+        struct AbortOnDrop(tokio::task::AbortHandle);
+        impl Drop for AbortOnDrop {
+            fn drop(&mut self) {
+                self.0.abort();
+            }
+        }
+        let _control = AbortOnDrop(self.control_task.abort_handle());
         self.begin_drain();
         let sh = &self.shared;
         let timeout = sh.drain_timeout;
@@ -524,6 +533,7 @@ impl RouterHandle {
             }
         }
         self.control_task.abort();
+        sh.vip_listeners.close_all();
         sh.endpoint
             .close(quinn::VarInt::from_u32(codes::close::NORMAL), b"shutdown");
         let _ = tokio::time::timeout(Duration::from_millis(500), sh.endpoint.wait_idle()).await;

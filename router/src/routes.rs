@@ -367,16 +367,25 @@ impl Control {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut source_open = true;
         let mut shutdown = self.shared.shutdown.clone();
-        let mut draining = false;
+        // `watching`: the handle (the drain's sender) is still there; a dropped handle leaves
+        // the router running, as documented.
+        let (mut draining, mut watching) = (false, true);
         loop {
             tokio::select! {
-                r = shutdown.wait_for(|d| *d), if !draining => {
-                    draining = true;
-                    if r.is_ok() {
-                        // Closes the client listeners (their tasks are aborted on drop).
+                // First: with a snapshot waiting too, the drain wins, and no listener is bound
+                // again once it has begun.
+                biased;
+                r = shutdown.wait_for(|d| *d), if !draining && watching => match r {
+                    Ok(_) => {
+                        draining = true;
+                        // Closes the client listeners (their tasks are aborted on drop), and the
+                        // circuits' VIP listeners again: a snapshot applied while the drain
+                        // began could have bound them after `begin_drain` closed them.
                         self.listeners = crate::edge::Listeners::default();
+                        self.shared.vip_listeners.close_all();
                     }
-                }
+                    Err(_) => watching = false,
+                },
                 r = snapshots.changed(), if source_open && !draining => {
                     if r.is_err() {
                         // Source gone (file mode after start, or controller client stopped):

@@ -14,7 +14,7 @@ use topology::{Bandwidth, NodeId, ServiceName, Topology};
 use common::traffic::{assert_refused, blast, connect_from, sink_backend, steady_mbps};
 use common::{
     addressed, ca_dir, echo_backend, free_tcp_port, line_topology, metric, serve, spawn_all,
-    wait_until,
+    spawn_node, wait_until,
 };
 
 fn topo(backend: SocketAddr, port: u16) -> Topology {
@@ -230,5 +230,45 @@ async fn a_circuit_takes_its_reserved_path_when_it_is_not_the_nearest() {
     assert_eq!(streams("t1"), 1, "not carried by t1");
     for h in hs {
         h.shutdown().await;
+    }
+}
+
+/// A draining edge binds no listener again, its circuits' VIPs included, even when a snapshot
+/// arrives as the drain begins: ten edges each get a new snapshot (the same circuit) and the
+/// drain at once, and none takes a connection at the VIP afterwards. (The control task chose
+/// between the two at random: half the time it applied the snapshot, which bound the VIP again
+/// after the drain had closed it, and nothing closed it until the process ended.)
+#[tokio::test]
+async fn a_draining_edge_binds_no_vip_again() {
+    let dir = ca_dir();
+    for i in 0..10u8 {
+        let port = free_tcp_port();
+        let vip: IpAddr = Ipv4Addr::new(127, 78, i, 1).into();
+        let mut snap = Snapshot::new(1, Arc::new(topo(echo_backend().await, port)));
+        snap.circuits = Arc::new(vec![circuit(
+            "c-000001",
+            "127.0.0.2/32",
+            Some(vip),
+            port,
+            100,
+        )]);
+        let (edge, tx) = spawn_node(&Arc::new(snap.clone()), dir.path(), "edge", |_| {}).await;
+        let at = SocketAddr::new(vip, port);
+        assert!(
+            tokio::net::TcpStream::connect(at).await.is_ok(),
+            "the VIP is not served"
+        );
+        snap.version = 2;
+        tx.send(Arc::new(snap)).unwrap();
+        edge.begin_drain();
+        // One thread: the control task runs its next turn, with both waiting, at these yields.
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            tokio::net::TcpStream::connect(at).await.is_err(),
+            "edge {i}: a draining edge took a connection at its VIP"
+        );
+        edge.shutdown().await;
     }
 }

@@ -572,6 +572,7 @@ impl Control {
                                     .iter()
                                     .any(|(s, n)| s == &c.site && n == &svc.name)
                             })
+                            .filter(|c| fits_a_header(c))
                             .cloned()
                             .collect();
                         let chosen = sh
@@ -619,11 +620,14 @@ impl Control {
                             .filter(|c| c.edge == sh.node && c.service == svc.name)
                             .filter(|c| !cands.iter().any(|k| k.path == c.path))
                             .filter_map(|c| {
-                                let first = on_path(graph, &live, svc.name.as_str(), &c.path)?;
+                                let first = on_path(graph, &live, svc.name.as_str(), &c.path)
+                                    .filter(fits_a_header)?;
                                 let down = unhealthy
                                     .iter()
                                     .any(|(s, n)| s == &first.site && n == &svc.name);
-                                (!down).then(|| {
+                                // A drained path is for when nothing else works, reserved or not.
+                                let drained = first.drained && cands.iter().any(|k| !k.drained);
+                                (!down && !drained).then(|| {
                                     let all: Arc<[Candidate]> = std::iter::once(first)
                                         .chain(cands.iter().cloned())
                                         .collect();
@@ -652,6 +656,12 @@ impl Control {
             .table_rebuilds
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
+}
+
+/// Whether a stream to `c` can name its path in a header (`header::MAX_HOPS` after the first
+/// hop): a site farther than that is left out of the table, as unreachable.
+fn fits_a_header(c: &Candidate) -> bool {
+    c.path.len() <= crate::header::MAX_HOPS + 2
 }
 
 /// Summary of a table for logs and tests: service -> preferred site.

@@ -118,7 +118,7 @@ async fn circuits_on_one_edge_carry_their_own_rates_and_others_are_refused() {
 /// the longer one, e.g. because the nearer had no room left) carries its connections on the
 /// reserved path: through `t2`, not `t1`. (The edge's table holds one path per site, the
 /// nearest, and the circuit's connections took it: unreserved links, over their capacity.)
-/// Once the reserved path cannot carry a stream (its link down), they take the table's path.
+/// Once the reserved path is drained and another is not, they take the table's path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_circuit_takes_its_reserved_path_when_it_is_not_the_nearest() {
     use topology::NodeKind;
@@ -206,11 +206,12 @@ async fn a_circuit_takes_its_reserved_path_when_it_is_not_the_nearest() {
     assert_eq!(streams("t2"), 1, "not carried by t2");
     assert_eq!(streams("t1"), 0, "carried by t1");
 
-    // The reserved path's link t2--site declared down: the table's path carries the circuit.
+    // t2 drained (maintenance): a drained path is for when nothing else works, reserved or
+    // not, so the table's path carries the circuit. (The reserved path went first, drained.)
     let mut t = (*snap.topology).clone();
-    for l in &mut t.links {
-        if l.a.as_str() == "t2" || l.b.as_str() == "t2" {
-            l.state = topology::AdminState::Down;
+    for n in &mut t.nodes {
+        if n.id.as_str() == "t2" {
+            n.state = topology::AdminState::Drain;
         }
     }
     let mut next = snap.clone();

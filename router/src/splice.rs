@@ -222,11 +222,12 @@ impl WriteWatch {
 }
 
 /// One connection's timer for its idle and write-stall timeouts, a branch of its splice's
-/// `select!`. It ticks every half of the shorter timeout; it is ready with `IdleTimeout` once
-/// `idle_ticks` ticks in a row saw no [`Activity`] (so between one idle timeout and one tick more
-/// after the last chunk), and with `WriteStalled` once `stall_ticks` ticks in a row saw the
-/// QUIC→TCP write waiting without a byte written ([`WriteWatch`]; between one and two stall
-/// timeouts after its last byte).
+/// `select!`. It ticks at most every half of each timeout, a whole fraction of the idle one
+/// ([`ConnTimer::tick`]); it is ready with `IdleTimeout` once `idle_ticks` ticks in a row saw no
+/// [`Activity`] (between one idle timeout and one tick more after the last chunk: at most 1.5
+/// timeouts), and with `WriteStalled` once `stall_ticks` ticks in a row saw the QUIC→TCP write
+/// waiting without a byte written ([`WriteWatch`]; between one and two stall timeouts after its
+/// last byte).
 ///
 /// The task is woken, and this polled, about once per chunk; only a tick touches tokio's timer. In
 /// between, a poll reads whether the sleep has fired (one relaxed load) and returns: the waker
@@ -251,12 +252,19 @@ struct ConnTimer<'a> {
 }
 
 impl<'a> ConnTimer<'a> {
-    /// The tick for `idle` and `stall` (half the shorter of those set), `None` when neither is.
+    /// The tick for `idle` and `stall`, `None` when neither is set: at most half of each, and
+    /// a whole fraction of the idle timeout (so that it ends less than one tick after it, at
+    /// most 1.5 timeouts after the last chunk); at least 1 ms (tokio's timer resolution).
     fn tick(idle: Option<Duration>, stall: Option<Duration>) -> Option<Duration> {
-        let half = |t: Duration| (t / 2).max(Duration::from_millis(1));
-        match (idle.map(half), stall.map(half)) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        let floor = |t: Duration| t.max(Duration::from_millis(1));
+        match (idle, stall) {
+            (Some(i), Some(s)) => {
+                let parts = (2 * i.as_nanos()).div_ceil(s.as_nanos().max(1)).max(2);
+                let parts = u32::try_from(parts).unwrap_or(u32::MAX);
+                Some(floor(i / parts))
+            }
+            (Some(t), None) | (None, Some(t)) => Some(floor(t / 2)),
+            (None, None) => None,
         }
     }
 
@@ -268,9 +276,12 @@ impl<'a> ConnTimer<'a> {
         watch: &'a WriteWatch,
     ) -> Self {
         let every = Self::tick(idle, stall).unwrap_or_default();
-        // Whole ticks in `t`, rounded up.
+        // Whole ticks in `t`, rounded up; a remainder of at most one nanosecond a tick is what
+        // dividing `t` into that many ticks left over (`tick`), not a part of a tick.
         let ticks = |t: Duration| -> u32 {
-            let n = t.as_nanos().div_ceil(every.as_nanos().max(1));
+            let (t, e) = (t.as_nanos(), every.as_nanos().max(1));
+            let n = t / e;
+            let n = if t - n * e <= n { n } else { n + 1 };
             u32::try_from(n).unwrap_or(u32::MAX)
         };
         ConnTimer {
@@ -982,5 +993,92 @@ mod tests {
         assert!(buf.want > TCP_BUF, "a full read doubles the next one");
         drop(a);
         assert!(buf.read(&mut b, true).await.unwrap().is_empty(), "EOF");
+    }
+
+    /// When [`ConnTimer`] ends a connection, in virtual time: `idle`, `stall`, whether a write
+    /// waits from the start, and whether chunks keep moving (every second) so that only a stall
+    /// can end it.
+    async fn ends_after(
+        idle: Option<Duration>,
+        stall: Option<Duration>,
+        waiting: bool,
+        moving: bool,
+    ) -> (Code, Duration) {
+        let activity: &'static Activity = Box::leak(Box::default());
+        let watch: &'static WriteWatch = Box::leak(Box::default());
+        activity.mark();
+        watch.waiting(waiting);
+        if moving {
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    activity.mark();
+                }
+            });
+        }
+        let start = tokio::time::Instant::now();
+        let sleep = ConnTimer::tick(idle, stall).map(tokio::time::sleep);
+        tokio::pin!(sleep);
+        let timer = ConnTimer::new(sleep.as_pin_mut(), idle, stall, activity, watch);
+        let code = timer.await;
+        (code, start.elapsed())
+    }
+
+    /// The timer's bounds: idle ends between one and 1.5 idle timeouts after the last chunk, a
+    /// stall between one and two stall timeouts after the write began, with either timeout the
+    /// shorter, and with a stall timeout that does not divide the idle one. (With idle 50 s and
+    /// stall 40 s the idle end came 80 s after the last chunk: the tick, 20 s, did not divide it.)
+    #[tokio::test(start_paused = true)]
+    async fn the_connection_timer_ends_within_its_bounds() {
+        let s = Duration::from_secs;
+        for (idle, stall) in [(50, 40), (10, 30), (3600, 30), (30, 30), (1, 3600)] {
+            let (i, st) = (s(idle), s(stall));
+            let (code, took) = ends_after(Some(i), Some(st), false, false).await;
+            assert_eq!(code, Code::IdleTimeout, "({idle}, {stall})");
+            assert!(
+                took >= i && took <= i * 3 / 2,
+                "({idle}, {stall}): idle after {took:?}"
+            );
+            if stall < 600 {
+                let (code, took) = ends_after(Some(s(100_000)), Some(st), true, true).await;
+                assert_eq!(code, Code::WriteStalled, "({idle}, {stall})");
+                assert!(
+                    took >= st && took <= st * 2,
+                    "({idle}, {stall}): stalled after {took:?}"
+                );
+            }
+        }
+        // Alone.
+        let (code, took) = ends_after(None, Some(s(30)), true, true).await;
+        assert_eq!(code, Code::WriteStalled);
+        assert!(took >= s(30) && took <= s(60), "{took:?}");
+        let (code, took) = ends_after(Some(s(60)), None, true, false).await;
+        assert_eq!(code, Code::IdleTimeout);
+        assert!(took >= s(60) && took <= s(90), "{took:?}");
+    }
+
+    /// A write that takes a byte now and then is slow, not stalled: it is never ended for it.
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_write_is_not_a_stall() {
+        let activity: &'static Activity = Box::leak(Box::default());
+        let watch: &'static WriteWatch = Box::leak(Box::default());
+        watch.waiting(true);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                activity.mark();
+                watch.wrote();
+            }
+        });
+        let stall = Some(Duration::from_secs(10));
+        let sleep = ConnTimer::tick(None, stall).map(tokio::time::sleep);
+        tokio::pin!(sleep);
+        let timer = ConnTimer::new(sleep.as_pin_mut(), None, stall, activity, watch);
+        assert!(
+            tokio::time::timeout(Duration::from_secs(3600), timer)
+                .await
+                .is_err(),
+            "a slow write was ended"
+        );
     }
 }

@@ -66,8 +66,9 @@ pub struct RouterArgs {
     /// Reset a proxied connection whose client (at an edge) or backend (at a site) takes no
     /// byte for this long while bytes wait for it: its stream would otherwise keep holding part
     /// of the flow-control window that every stream to that neighbour shares. A duration (e.g.
-    /// 30s, 2m); `off` or 0 never resets for it.
-    #[arg(long, default_value = "30s", value_parser = parse_duration_or_off, value_name = "DURATION")]
+    /// 30s, 2m; at least 1s, so that a write held up a moment by congestion is not taken for
+    /// a stopped reader); `off` or 0 never resets for it.
+    #[arg(long, default_value = "30s", value_parser = parse_stall_timeout, value_name = "DURATION")]
     pub write_stall_timeout: std::time::Duration,
     /// On SIGTERM or Ctrl-C, let open connections finish for up to this long before closing
     /// them (new ones go to other sites at once; a second signal stops without waiting). A
@@ -196,6 +197,16 @@ fn parse_duration_or_off(s: &str) -> Result<std::time::Duration, String> {
         return Ok(std::time::Duration::ZERO);
     }
     parse_long_duration(s)
+}
+
+/// `--write-stall-timeout`: `off` or 0 (none), else at least a second.
+fn parse_stall_timeout(s: &str) -> Result<std::time::Duration, String> {
+    match parse_duration_or_off(s)? {
+        d if !d.is_zero() && d < std::time::Duration::from_secs(1) => {
+            Err(format!("{s:?} must be at least 1s (or off)"))
+        }
+        d => Ok(d),
+    }
 }
 
 /// `--backend-connect-timeout`, `--header-timeout`, `--reply-timeout`: a duration from 1 ms
@@ -579,6 +590,13 @@ mod tests {
             args(&["--write-stall-timeout", "off"]).write_stall_timeout,
             Duration::ZERO
         );
+        for short in ["1ms", "999ms", "0.5s"] {
+            let e = parse(&["--write-stall-timeout", short])
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(e.contains("must be at least 1s"), "{short}: {e}");
+        }
     }
 
     #[test]

@@ -777,4 +777,56 @@ mod tests {
         assert_eq!(builds.started(), 2);
         server.abort();
     }
+
+    /// A status call made after an apply does not join a build started before it: it gets a
+    /// build of its own and shows the applied version. (It joined, and showed the version
+    /// before the apply.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_status_call_after_an_apply_does_not_join_an_older_build() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RedbStore::open(dir.path()).unwrap());
+        let ctl = Controller::open(store, Some((&yaml("1ms"), "t.yaml"))).unwrap();
+        let circuits = crate::circuits::service::CircuitService::new(
+            ctl.clone(),
+            crate::circuits::service::DEFAULT_PROVISION_TIMEOUT,
+        )
+        .unwrap();
+        let state = AdminState::new(ctl.clone(), "tok", circuits);
+        let (gate, builds) = (state.status_gate.clone(), state.status_builds.clone());
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve(listener, state));
+        let version = |back: &str| {
+            let body = back.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+            serde_json::from_str::<status::Status>(body)
+                .unwrap()
+                .topology_version
+        };
+
+        let (entered, release) = gate.hold();
+        let before = tokio::spawn(async move { exchange(addr, &get("/v1/status", "tok")).await });
+        let entered =
+            tokio::task::spawn_blocking(move || entered.recv_timeout(Duration::from_secs(20)))
+                .await
+                .unwrap();
+        assert!(entered.is_ok(), "the first build did not start");
+        ctl.apply(
+            &yaml("2ms"),
+            "test",
+            "m",
+            crate::controller::records::Origin::Apply,
+            false,
+            None,
+        )
+        .await
+        .unwrap();
+        let after = tokio::spawn(async move { exchange(addr, &get("/v1/status", "tok")).await });
+        let after = tokio::time::timeout(Duration::from_secs(10), after).await;
+        let _ = release.send(());
+        let after = after.expect("the call after the apply waited for the older build");
+        assert_eq!(version(&after.unwrap()), 2);
+        assert!(before.await.unwrap().starts_with("HTTP/1.1 200"));
+        assert_eq!(builds.started(), 2);
+        server.abort();
+    }
 }

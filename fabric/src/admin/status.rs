@@ -201,10 +201,12 @@ type Answer = Result<Bytes, String>;
 /// edge, seconds of CPU on a large fabric, on a blocking thread: a dashboard refreshed by many
 /// operators at once, or a client retrying, would otherwise run as many builds as calls
 /// (threads from the blocking pool, up to its 512, and the cores the routers' sessions need).
-/// A shared answer is at most one build older than the call that joined it.
+/// A shared answer is at most one build older than the call that joined it, and of the same
+/// topology version.
 #[derive(Default)]
 pub struct StatusBuilds {
-    running: Mutex<Option<watch::Receiver<Option<Answer>>>>,
+    /// The build running: its number, the topology version it started at, and its answer.
+    running: Mutex<Option<(u64, u64, watch::Receiver<Option<Answer>>)>>,
     /// Builds started.
     started: AtomicU64,
     /// Calls that have a build to wait for (started or joined).
@@ -224,14 +226,17 @@ impl StatusBuilds {
 /// at the same time share one build ([`StatusBuilds`]).
 async fn status(State(st): State<AdminState>) -> Response {
     let builds = st.status_builds.clone();
+    // A build started at another topology version is not joined: a call made after an apply
+    // shows the applied version.
+    let version = st.ctl.current().record.version;
     let mut answer = {
         let mut running = builds.running.lock().unwrap_or_else(|p| p.into_inner());
         match &*running {
-            Some(answer) => answer.clone(),
-            None => {
+            Some((_, at, answer)) if *at == version => answer.clone(),
+            _ => {
                 let (tx, answer) = watch::channel(None);
-                *running = Some(answer.clone());
-                builds.started.fetch_add(1, Ordering::Relaxed);
+                let number = builds.started.fetch_add(1, Ordering::Relaxed) + 1;
+                *running = Some((number, version, answer.clone()));
                 let builds = builds.clone();
                 // A task of its own: the build finishes, and is shared, even when the call
                 // that started it goes away.
@@ -247,8 +252,13 @@ async fn status(State(st): State<AdminState>) -> Response {
                     .await
                     .map(Bytes::from)
                     .map_err(|e| e.error);
-                    // Cleared before the answer goes: a call from now on starts a new build.
-                    *builds.running.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    // Cleared before the answer goes (unless a newer build took the place): a
+                    // call from now on starts a new build.
+                    let mut running = builds.running.lock().unwrap_or_else(|p| p.into_inner());
+                    if running.as_ref().is_some_and(|(n, _, _)| *n == number) {
+                        *running = None;
+                    }
+                    drop(running);
                     tx.send_replace(Some(built));
                 });
                 answer

@@ -196,6 +196,9 @@ pub fn build(st: &AdminState) -> Status {
 /// A status build's answer: the JSON body, or why there is none.
 type Answer = Result<Bytes, String>;
 
+/// The build running: its number, the topology version it started at, and its answer.
+type Running = (u64, u64, watch::Receiver<Option<Answer>>);
+
 /// The `GET /v1/status` build in progress, which calls share: a call that arrives while one
 /// runs waits for its answer instead of starting another. Each build is a routing table per
 /// edge, seconds of CPU on a large fabric, on a blocking thread: a dashboard refreshed by many
@@ -205,8 +208,7 @@ type Answer = Result<Bytes, String>;
 /// topology version.
 #[derive(Default)]
 pub struct StatusBuilds {
-    /// The build running: its number, the topology version it started at, and its answer.
-    running: Mutex<Option<(u64, u64, watch::Receiver<Option<Answer>>)>>,
+    running: Mutex<Option<Running>>,
     /// Builds started.
     started: AtomicU64,
     /// Calls that have a build to wait for (started or joined).

@@ -79,7 +79,7 @@ pub fn run(args: ControllerArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    rt.block_on(async move {
+    let code = rt.block_on(async move {
         let cfg = DaemonConfig {
             topology_file: args.topology.clone(),
             state_dir: args.state,
@@ -128,7 +128,11 @@ pub fn run(args: ControllerArgs) -> ExitCode {
         wait_for_signal().await;
         d.shutdown().await;
         ExitCode::SUCCESS
-    })
+    });
+    // Blocking threads still stuck (a hung disk under a snapshot or certificate write) do
+    // not hold the exit.
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    code
 }
 
 async fn wait_for_signal() {

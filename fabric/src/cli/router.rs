@@ -406,7 +406,7 @@ pub fn run(args: RouterArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    rt.block_on(async move {
+    let code = rt.block_on(async move {
         let handle = match Router::spawn(cfg).await {
             Ok(h) => h,
             Err(e) => {
@@ -419,7 +419,11 @@ pub fn run(args: RouterArgs) -> ExitCode {
         }
         drain_on_signal(handle).await;
         ExitCode::SUCCESS
-    })
+    });
+    // Blocking threads still stuck (a hung disk under a snapshot or certificate write) do
+    // not hold the exit.
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    code
 }
 
 /// Controller mode: the control client feeds the router's snapshots and ships its telemetry.
@@ -438,7 +442,7 @@ fn run_with_controller(args: &RouterArgs, controller: SocketAddr) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    rt.block_on(async move {
+    let code = rt.block_on(async move {
         // One resolver for the control connection and the router: a reloaded certificate is
         // presented on both.
         let cert = match router::tls::CertResolver::new(&tls) {
@@ -485,7 +489,11 @@ fn run_with_controller(args: &RouterArgs, controller: SocketAddr) -> ExitCode {
         // is away starts from it), unless the disk is stuck.
         client.close(STORE_ON_EXIT).await;
         ExitCode::SUCCESS
-    })
+    });
+    // Blocking threads still stuck (a hung disk under a snapshot or certificate write) do
+    // not hold the exit.
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    code
 }
 
 /// Waits for SIGINT or SIGTERM, then drains the router ([`RouterHandle::shutdown_or`]); a second

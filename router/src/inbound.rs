@@ -103,7 +103,10 @@ impl From<HeaderError> for NoHeader {
 async fn read_part(recv: &mut RecvStream, buf: &mut [u8], needed: usize) -> Result<(), NoHeader> {
     use quinn::{ReadError, ReadExactError};
     recv.read_exact(buf).await.map_err(|e| match e {
-        ReadExactError::FinishedEarly(had) => NoHeader::Bad(HeaderError::Truncated { needed, had }),
+        ReadExactError::FinishedEarly(got) => NoHeader::Bad(HeaderError::Truncated {
+            needed,
+            had: needed - buf.len() + got,
+        }),
         ReadExactError::ReadError(ReadError::Reset(c)) => {
             NoHeader::Ended(Code::from_varint(c).unwrap_or(Code::Internal))
         }

@@ -16,8 +16,8 @@
 //! Idle and stalled: with `RouterConfig::idle_timeout`, a TCP<->QUIC splice (edge and site each)
 //! that moved no chunk either way for the timeout resets both sides with `IdleTimeout`; with
 //! `RouterConfig::write_stall_timeout`, one whose QUIC->TCP write took no byte for that timeout
-//! resets them with `WriteStalled` ([`ConnTimer`]: one timer per connection, ticking at half the
-//! shorter timeout; the pumps only set flags). A transit has no timer: the resets of the ends
+//! resets them with `WriteStalled` ([`ConnTimer`]: one timer per connection, ticking at most every
+//! half of each timeout; the pumps only set flags). A transit has no timer: the resets of the ends
 //! reach both of its pumps.
 
 use std::pin::Pin;
@@ -261,7 +261,9 @@ impl<'a> ConnTimer<'a> {
             (Some(i), Some(s)) => {
                 let parts = (2 * i.as_nanos()).div_ceil(s.as_nanos().max(1)).max(2);
                 let parts = u32::try_from(parts).unwrap_or(u32::MAX);
-                Some(floor(i / parts))
+                // At most half the stall timeout also when `parts` did not fit (an idle timeout
+                // of centuries): the whole fraction matters less than the stall's bound.
+                Some(floor((i / parts).min(s / 2)))
             }
             (Some(t), None) | (None, Some(t)) => Some(floor(t / 2)),
             (None, None) => None,
@@ -534,8 +536,8 @@ pub(crate) async fn tcp_quic_with(
             &activity,
             &watch,
         );
-        // One timer per connection, ticking at half the shorter of the idle and write-stall
-        // timeouts (none when both are off).
+        // One timer per connection, ticking at most every half of the idle and the write-stall
+        // timeouts (`ConnTimer::tick`; none when both are off).
         let (idle, stall) = (shared.idle_timeout, shared.write_stall_timeout);
         let sleep = ConnTimer::tick(idle, stall).map(tokio::time::sleep);
         tokio::pin!(up, down, sleep);
@@ -1048,6 +1050,12 @@ mod tests {
                 );
             }
         }
+        // An idle timeout of "never" leaves the stall bound as it is (it was turned off: the
+        // tick came to 136 years).
+        assert!(ConnTimer::tick(Some(Duration::MAX), Some(s(30))) <= Some(s(15)));
+        let (code, took) = ends_after(Some(Duration::MAX), Some(s(30)), true, true).await;
+        assert_eq!(code, Code::WriteStalled);
+        assert!(took >= s(30) && took <= s(60), "{took:?}");
         // Alone.
         let (code, took) = ends_after(None, Some(s(30)), true, true).await;
         assert_eq!(code, Code::WriteStalled);

@@ -933,6 +933,19 @@ pub fn allocate_vip(
                 known: topo.pools.iter().map(|p| p.name.clone()).collect(),
             })?,
     };
+    // An edge's client_address is never handed out: a VIP equal to it would take every
+    // connection to that edge's service listeners for the circuit. (Validation refuses a pool
+    // holding one; a text stored before that rule may still have it.)
+    let mut taken = used.clone();
+    taken.extend(
+        topo.nodes
+            .iter()
+            .filter(|n| n.kind == NodeKind::Edge)
+            .filter_map(|n| n.client_address)
+            .map(|ip| ip.to_canonical())
+            .filter(|ip| !ip.is_unspecified()),
+    );
+    let used = &taken;
     let (lo, hi) = usable_range(p.prefix);
     let v4 = lo.is_ipv4();
     let mut candidate = addr_u128(lo);
@@ -1376,6 +1389,34 @@ mod tests {
         let mut port = t.clone();
         port.services[0].port = Some(9090);
         assert_eq!(texts(&port), Vec::<String>::new());
+    }
+
+    /// A pool holding an edge's client_address (a text stored before validation refused it)
+    /// never hands that address out, written as IPv4 or as IPv4-mapped IPv6. (It was the
+    /// first VIP of such a pool: the circuit then took every connection to the edge's service
+    /// listeners.)
+    #[test]
+    fn vips_skip_edge_client_addresses() {
+        let mut t = topo();
+        let edge = t
+            .nodes
+            .iter_mut()
+            .find(|n| n.kind == NodeKind::Edge)
+            .unwrap();
+        edge.client_address = Some("10.9.0.1".parse().unwrap());
+        let mut used = BTreeSet::new();
+        let (_, first) = allocate_vip(&t, None, &used).unwrap();
+        assert_eq!(first.to_string(), "10.9.0.2");
+        used.insert(first);
+        let edge = t
+            .nodes
+            .iter_mut()
+            .find(|n| n.kind == NodeKind::Edge)
+            .unwrap();
+        edge.client_address = Some("::ffff:10.9.0.3".parse().unwrap());
+        used.insert("10.9.0.1".parse().unwrap());
+        let (_, next) = allocate_vip(&t, None, &used).unwrap();
+        assert_eq!(next.to_string(), "10.9.0.4");
     }
 
     #[test]

@@ -680,12 +680,18 @@ mod tests {
         server.abort();
     }
 
-    /// `GET /v1/status` builds its answer (a routing table per edge: seconds for thousands of
-    /// nodes) off the runtime's workers: while it is being built, the same runtime (here its
-    /// only thread, which would stall outright) keeps answering other requests, and the
-    /// controller's sessions with it.
-    #[tokio::test]
-    async fn status_is_built_off_the_runtimes_workers() {
+    /// An admin API served on a controller of `yaml("1ms")` in a directory of its own, with
+    /// its status gate and builds.
+    struct StatusServer {
+        _dir: tempfile::TempDir,
+        ctl: Arc<Controller>,
+        gate: Arc<Gate>,
+        builds: Arc<status::StatusBuilds>,
+        addr: SocketAddr,
+        server: tokio::task::JoinHandle<()>,
+    }
+
+    async fn status_server() -> StatusServer {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(RedbStore::open(dir.path()).unwrap());
         let ctl = Controller::open(store, Some((&yaml("1ms"), "t.yaml"))).unwrap();
@@ -694,11 +700,30 @@ mod tests {
             crate::circuits::service::DEFAULT_PROVISION_TIMEOUT,
         )
         .unwrap();
-        let state = AdminState::new(ctl, "tok", circuits);
-        let gate = state.status_gate.clone();
+        let state = AdminState::new(ctl.clone(), "tok", circuits);
+        let (gate, builds) = (state.status_gate.clone(), state.status_builds.clone());
         let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(serve(listener, state));
+        StatusServer {
+            _dir: dir,
+            ctl,
+            gate,
+            builds,
+            addr,
+            server,
+        }
+    }
+
+    /// `GET /v1/status` builds its answer (a routing table per edge: seconds for thousands of
+    /// nodes) off the runtime's workers: while it is being built, the same runtime (here its
+    /// only thread, which would stall outright) keeps answering other requests, and the
+    /// controller's sessions with it.
+    #[tokio::test]
+    async fn status_is_built_off_the_runtimes_workers() {
+        let StatusServer {
+            gate, addr, server, ..
+        } = status_server().await;
 
         let back = answered_around(addr, get("/v1/status", "tok"), &gate, "/v1/status").await;
         assert!(
@@ -721,19 +746,13 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_status_calls_share_one_build() {
         use std::sync::atomic::Ordering::SeqCst;
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(RedbStore::open(dir.path()).unwrap());
-        let ctl = Controller::open(store, Some((&yaml("1ms"), "t.yaml"))).unwrap();
-        let circuits = crate::circuits::service::CircuitService::new(
-            ctl.clone(),
-            crate::circuits::service::DEFAULT_PROVISION_TIMEOUT,
-        )
-        .unwrap();
-        let state = AdminState::new(ctl, "tok", circuits);
-        let (gate, builds) = (state.status_gate.clone(), state.status_builds.clone());
-        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(serve(listener, state));
+        let StatusServer {
+            gate,
+            builds,
+            addr,
+            server,
+            ..
+        } = status_server().await;
 
         let (entered, release) = gate.hold();
         let call = || tokio::spawn(async move { exchange(addr, &get("/v1/status", "tok")).await });
@@ -783,19 +802,14 @@ mod tests {
     /// before the apply.)
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_status_call_after_an_apply_does_not_join_an_older_build() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(RedbStore::open(dir.path()).unwrap());
-        let ctl = Controller::open(store, Some((&yaml("1ms"), "t.yaml"))).unwrap();
-        let circuits = crate::circuits::service::CircuitService::new(
-            ctl.clone(),
-            crate::circuits::service::DEFAULT_PROVISION_TIMEOUT,
-        )
-        .unwrap();
-        let state = AdminState::new(ctl.clone(), "tok", circuits);
-        let (gate, builds) = (state.status_gate.clone(), state.status_builds.clone());
-        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(serve(listener, state));
+        let StatusServer {
+            ctl,
+            gate,
+            builds,
+            addr,
+            server,
+            ..
+        } = status_server().await;
         let version = |back: &str| {
             let body = back.split_once("\r\n\r\n").map_or("", |(_, b)| b);
             serde_json::from_str::<status::Status>(body)

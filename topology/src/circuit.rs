@@ -20,7 +20,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use ipnetwork::IpNetwork;
@@ -394,6 +394,19 @@ pub enum ReservationIssue {
         site: NodeId,
         service: ServiceName,
     },
+    /// A service VIP of the new topology covers the circuit's VIP and port: the edge classifies
+    /// those connections as the circuit's first, so the service's other clients there would be
+    /// refused. Shown in the plan; the circuit itself is not failed (its VIP is its customer's
+    /// address): change the service's VIP, or delete the circuit.
+    #[error(
+        "circuit {circuit}'s VIP {vip} is inside service {service}'s VIP {service_vip}: the edge would take those connections for the circuit"
+    )]
+    VipShadowed {
+        circuit: CircuitId,
+        vip: SocketAddr,
+        service: ServiceName,
+        service_vip: String,
+    },
     #[error(
         "circuit {circuit} ends at site {site}, which would no longer be allowed for {service}: {reason}"
     )]
@@ -489,6 +502,26 @@ pub fn check_reservations(topo: &Topology, reservations: &[Reservation]) -> Vec<
         }
     }
     issues
+}
+
+/// Checks that no service VIP of `topo` covers a circuit's VIP at `port` ([`ReservationIssue::
+/// VipShadowed`]): a pool moved by an apply no longer keeps service VIPs off a live circuit's.
+pub fn check_vip(
+    topo: &Topology,
+    circuit: &CircuitId,
+    vip: IpAddr,
+    port: u16,
+) -> Option<ReservationIssue> {
+    let at = SocketAddr::new(vip.to_canonical(), port);
+    topo.services.iter().find_map(|s| {
+        let v = s.vips.iter().find(|v| v.contains(at))?;
+        Some(ReservationIssue::VipShadowed {
+            circuit: circuit.clone(),
+            vip: at,
+            service: s.name.clone(),
+            service_vip: format!("{}:{}", v.prefix, v.port),
+        })
+    })
 }
 
 /// Checks that the site a circuit ends at may still carry its B-end under `topo`: the service

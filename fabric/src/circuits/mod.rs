@@ -424,15 +424,15 @@ pub fn reservations(circuits: &[Circuit]) -> Vec<Reservation> {
 
 /// What `topo` does to the circuits held now, for the apply plan: links over-committed, nodes
 /// or links of a reserved path removed or down, sites that may no longer carry a circuit's
-/// service ([`placement::check_reservations`], [`placement::check_site`]).
+/// service, service VIPs over a circuit's VIP ([`placement::check_reservations`],
+/// [`placement::check_site`], [`placement::check_vip`]; the last fails no circuit).
 pub fn check(topo: &Topology, circuits: &[Circuit]) -> Vec<placement::ReservationIssue> {
     let mut issues = placement::check_reservations(topo, &reservations(circuits));
+    let live = || circuits.iter().filter(|c| c.state.is_live());
     issues.extend(
-        circuits
-            .iter()
-            .filter(|c| c.state.is_live())
-            .filter_map(|c| placement::check_site(topo, &c.id, &c.b_end, c.site.as_ref()?)),
+        live().filter_map(|c| placement::check_site(topo, &c.id, &c.b_end, c.site.as_ref()?)),
     );
+    issues.extend(live().filter_map(|c| placement::check_vip(topo, &c.id, c.vip?, c.port?)));
     issues
 }
 

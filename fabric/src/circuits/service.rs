@@ -698,6 +698,37 @@ mod tests {
         }
     }
 
+    /// An apply that moves the pool and gives the service a VIP over a live circuit's VIP
+    /// (the edge would classify those connections as the circuit's first, refusing the
+    /// service's other clients there) shows it in the plan; the circuit is not failed for it
+    /// (its VIP is its customer's address). (The plan said nothing.)
+    #[tokio::test]
+    async fn a_service_vip_over_a_circuit_vip_shows_in_the_plan() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ctl, svc) = with_c1(FaultyStore::open(dir.path())).await;
+        let _sessions = ack(&ctl, &["e", "s"]);
+        svc.settle_once().await.unwrap();
+        let c = svc.get("c1").unwrap();
+        assert_eq!(c.vip, Some("127.79.0.1".parse().unwrap()));
+        let text = yaml("127.80.0.0/28", true).replace(
+            "{name: chat, port: 8080}",
+            "{name: chat, port: 8080, vips: [\"127.79.0.0/28:8080\"]}",
+        );
+        let issue = "circuit c-000001's VIP 127.79.0.1:8080 is inside service chat's VIP \
+                     127.79.0.0/28:8080: the edge would take those connections for the circuit";
+        let dry = ctl
+            .apply(&text, "ops", "move the pool", Origin::Apply, true, None)
+            .await
+            .unwrap();
+        let listed: Vec<String> = dry.plan.circuits.iter().map(|i| i.to_string()).collect();
+        assert_eq!(listed, [issue], "plan");
+        ctl.apply(&text, "ops", "move the pool", Origin::Apply, false, None)
+            .await
+            .unwrap();
+        svc.on_topology_applied().await.unwrap();
+        assert_eq!(svc.get("c1").unwrap().state, CircuitState::Active);
+    }
+
     /// A circuit moved by a resize holds its old path until the new one is acknowledged. A
     /// topology that breaks the old path releases what it holds there and leaves the circuit
     /// waiting for its new path, which then activates it. (It failed the circuit for good, and

@@ -259,13 +259,24 @@ async fn a_draining_edge_binds_no_vip_again() {
             tokio::net::TcpStream::connect(at).await.is_ok(),
             "the VIP is not served"
         );
+        let rebuilds = || {
+            metric(
+                &edge.metrics_text(),
+                "tasman_table_rebuilds_total{node=\"edge\"}",
+            )
+            .unwrap_or(0)
+        };
+        let before = rebuilds();
         snap.version = 2;
         tx.send(Arc::new(snap)).unwrap();
         edge.begin_drain();
-        // One thread: the control task runs its next turn, with both waiting, at these yields.
-        for _ in 0..20 {
-            tokio::task::yield_now().await;
-        }
+        // The control task's next turn, with both waiting, ends in a table rebuild.
+        wait_until(
+            Duration::from_secs(10),
+            || rebuilds() > before,
+            || "the control task never took its turn".into(),
+        )
+        .await;
         assert!(
             tokio::net::TcpStream::connect(at).await.is_err(),
             "edge {i}: a draining edge took a connection at its VIP"

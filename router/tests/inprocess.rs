@@ -238,11 +238,11 @@ fn node<'a>(hs: &'a [RouterHandle], id: &str) -> &'a RouterHandle {
         .unwrap()
 }
 
-/// Edge -> transit -> site in front of `backend`, each node with the idle timeout `idle_at(id)`;
+/// Edge -> transit -> site in front of `backend`, each node's config `tune`d (with its id);
 /// returns once the edge has a route. The client port is the third item.
-async fn idle_fabric(
+async fn line_fabric(
     backend: SocketAddr,
-    idle_at: impl Fn(&str) -> Option<Duration>,
+    tune: impl Fn(&str, &mut RouterConfig),
 ) -> (Vec<RouterHandle>, Vec<Source>, u16, tempfile::TempDir) {
     let dir = ca_dir();
     let port = free_tcp_port();
@@ -250,16 +250,23 @@ async fn idle_fabric(
         1,
         Arc::new(line_topology("echo", backend, port)),
     ));
-    let (hs, txs) = spawn_all(&snap, dir.path(), |id, cfg| cfg.idle_timeout = idle_at(id)).await;
-    let edge = node(&hs, "edge");
+    let (hs, txs) = spawn_all(&snap, dir.path(), tune).await;
     wait_for_route(
-        edge,
+        node(&hs, "edge"),
         "echo",
         Duration::from_secs(10),
         "edge never got a route",
     )
     .await;
     (hs, txs, port, dir)
+}
+
+/// [`line_fabric`], each node with the idle timeout `idle_at(id)`.
+async fn idle_fabric(
+    backend: SocketAddr,
+    idle_at: impl Fn(&str) -> Option<Duration>,
+) -> (Vec<RouterHandle>, Vec<Source>, u16, tempfile::TempDir) {
+    line_fabric(backend, |id, cfg| cfg.idle_timeout = idle_at(id)).await
 }
 
 /// A client that connects and sends nothing is reset once the idle timeout has passed, the site's
@@ -406,31 +413,16 @@ async fn deaf_backend() -> SocketAddr {
     addr
 }
 
-/// Edge -> transit -> site in front of `backend`, every node with the write-stall timeout
-/// [`STALL`] and `tune`d; returns once the edge has a route. The client port is the third item.
+/// [`line_fabric`], every node with the write-stall timeout [`STALL`] and `tune`d.
 async fn stall_fabric(
     backend: SocketAddr,
     tune: impl Fn(&mut RouterConfig),
 ) -> (Vec<RouterHandle>, Vec<Source>, u16, tempfile::TempDir) {
-    let dir = ca_dir();
-    let port = free_tcp_port();
-    let snap = Arc::new(Snapshot::new(
-        1,
-        Arc::new(line_topology("echo", backend, port)),
-    ));
-    let (hs, txs) = spawn_all(&snap, dir.path(), |_, cfg| {
+    line_fabric(backend, |_, cfg| {
         cfg.write_stall_timeout = Some(STALL);
         tune(cfg)
     })
-    .await;
-    wait_for_route(
-        node(&hs, "edge"),
-        "echo",
-        Duration::from_secs(10),
-        "edge never got a route",
-    )
-    .await;
-    (hs, txs, port, dir)
+    .await
 }
 
 /// A client that stops reading a response is reset by the edge once its socket took no byte for

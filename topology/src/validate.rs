@@ -64,8 +64,8 @@ impl fmt::Display for Of<'_> {
 
 struct Cx {
     diags: Vec<Diagnostic>,
-    /// The text was accepted before: rules added since are warnings ([`Cx::newer`]).
-    stored: bool,
+    /// A stored text gets the rules added since as warnings ([`Cx::newer`]).
+    texts: Texts,
 }
 
 /// How a text is validated: as a new one (every rule), or as one a controller stored under an
@@ -82,7 +82,7 @@ impl Cx {
     /// applies a fixed text). Returns whether it was an error, so that the caller drops the
     /// value only then.
     fn newer(&mut self, pos: Pos, msg: impl Into<String>) -> bool {
-        if self.stored {
+        if self.texts == Texts::Stored {
             let msg = msg.into();
             self.warn(
                 pos,
@@ -508,7 +508,7 @@ struct NodeEntry<'a> {
 pub(crate) fn validate(root: &YNode, texts: Texts) -> Result<Loaded, Vec<Diagnostic>> {
     let mut cx = Cx {
         diags: Vec::new(),
-        stored: texts == Texts::Stored,
+        texts,
     };
     let topology = walk(&mut cx, root);
     let mut diags = cx.diags;
@@ -1138,7 +1138,7 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
             .unwrap_or(label);
         let mut aside = Cx {
             diags: Vec::new(),
-            stored: cx.stored,
+            texts: cx.texts,
         };
         let pfx_node = f.required(&mut aside, "prefix");
         let prefix =

@@ -40,8 +40,12 @@ pub struct Loaded {
 /// assert!(loaded.topology.node("syd-edge-1").is_some());
 /// ```
 pub fn load(text: &str) -> Result<Loaded, Vec<Diagnostic>> {
+    load_as(text, crate::validate::Texts::New)
+}
+
+fn load_as(text: &str, texts: crate::validate::Texts) -> Result<Loaded, Vec<Diagnostic>> {
     let root = parse_tree(text).map_err(|d| vec![d])?;
-    crate::validate::validate(&root, crate::validate::Texts::New)
+    crate::validate::validate(&root, texts)
 }
 
 /// [`load`] for a text a controller accepted and stored under an earlier build: the rules this
@@ -50,8 +54,7 @@ pub fn load(text: &str) -> Result<Loaded, Vec<Diagnostic>> {
 /// starts on its store and the operator can apply a fixed text. Everything else is as
 /// [`load`].
 pub fn load_stored(text: &str) -> Result<Loaded, Vec<Diagnostic>> {
-    let root = parse_tree(text).map_err(|d| vec![d])?;
-    crate::validate::validate(&root, crate::validate::Texts::Stored)
+    load_as(text, crate::validate::Texts::Stored)
 }
 
 /// Writes a topology as a format-v1 document that [`load`] reads back to an equal value.

@@ -254,19 +254,20 @@ struct Inner {
 
 /// Validates topology text with the one loader (line:column diagnostics on failure).
 pub fn validate(text: &str) -> Result<(Arc<Topology>, Vec<Diagnostic>), ControllerError> {
-    match topology::load(text) {
-        Ok(l) => Ok((Arc::new(l.topology), l.warnings)),
-        Err(diags) => Err(ControllerError::Invalid(diags)),
-    }
+    loaded(topology::load(text))
 }
 
 /// [`validate`] for the text in force in the store, accepted by an earlier build: the rules
 /// added since are warnings (`topology::load_stored`), so that an upgrade starts.
 fn validate_stored(text: &str) -> Result<(Arc<Topology>, Vec<Diagnostic>), ControllerError> {
-    match topology::load_stored(text) {
-        Ok(l) => Ok((Arc::new(l.topology), l.warnings)),
-        Err(diags) => Err(ControllerError::Invalid(diags)),
-    }
+    loaded(topology::load_stored(text))
+}
+
+fn loaded(
+    l: Result<topology::Loaded, Vec<Diagnostic>>,
+) -> Result<(Arc<Topology>, Vec<Diagnostic>), ControllerError> {
+    l.map(|l| (Arc::new(l.topology), l.warnings))
+        .map_err(ControllerError::Invalid)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -1585,3 +1585,47 @@ async fn dial_turns_survive_table_rebuilds() {
         h.shutdown().await;
     }
 }
+
+/// Dropping a `RouterHandle` does not stop the router (as its documentation says): the dropped
+/// handle's drain signal is gone, not sent, so the edge keeps applying snapshots and serving
+/// clients. (A drain fix read the closed channel as a drain: the edge closed its listeners and
+/// ignored every later snapshot.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_handle_leaves_the_router_running() {
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let port = free_tcp_port();
+    let t = line_topology("echo", backend, port);
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    let (mut hs, txs) = spawn_all(&snap, dir.path(), |_, _| {}).await;
+    wait_for_route(
+        &hs[0],
+        "echo",
+        Duration::from_secs(10),
+        "edge never got a route",
+    )
+    .await;
+    drop(hs.remove(0));
+    // The edge still takes a snapshot after the drop: it moves the service to a new port.
+    let new_port = free_tcp_port();
+    let mut t2 = t.clone();
+    t2.services[0].port = Some(new_port);
+    let snap2 = Arc::new(Snapshot::new(2, Arc::new(t2)));
+    for tx in &txs {
+        tx.send(snap2.clone()).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !echo_roundtrip(new_port, b"after the drop", Duration::from_secs(5))
+        .await
+        .is_ok_and(|b| b == b"after the drop")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the edge stopped applying snapshots once its handle was dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for h in hs {
+        h.shutdown().await;
+    }
+}

@@ -509,10 +509,22 @@ impl Control {
                     capacity: 0,
                     healthy: false,
                 };
+                // Per service, over what the snapshot says of each: routing reads a service's
+                // own load (`LiveState::load_of`). A service cut from a trimmed entry keeps the
+                // snapshot's word.
+                let per_service = live.service_load.entry(e.origin.clone()).or_default();
                 for s in &e.services {
                     load.active_streams = load.active_streams.saturating_add(s.active);
                     load.capacity = load.capacity.saturating_add(s.capacity);
                     load.healthy |= s.healthy;
+                    per_service.insert(
+                        s.service.clone(),
+                        SiteLoad {
+                            active_streams: s.active,
+                            capacity: s.capacity,
+                            healthy: s.healthy,
+                        },
+                    );
                     if !s.healthy {
                         unhealthy.push((e.origin.clone(), s.service.clone()));
                     }

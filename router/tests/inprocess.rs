@@ -1629,3 +1629,81 @@ async fn a_dropped_handle_leaves_the_router_running() {
         h.shutdown().await;
     }
 }
+
+/// A site's load is weighed per service: `chat` full on the near site (capacity 1, one client
+/// held) sends the edge's new `chat` connections to the far site, while `embed`, idle on the
+/// same near site, stays there. (Summed over the site's services, `chat`'s 1 of 1 was 1 of
+/// 101: the edge kept choosing the near site for `chat`, whose refusal every new client then
+/// paid a try for.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_service_sends_its_clients_on_while_the_site_keeps_the_others() {
+    let dir = ca_dir();
+    let (near_backend, far_backend) = (echo_backend().await, echo_backend().await);
+    let (chat_port, embed_port) = (free_tcp_port(), free_tcp_port());
+    let mut tb = TopologyBuilder::new();
+    tb.node("edge", NodeKind::Edge)
+        .node("near", NodeKind::Site)
+        .node("far", NodeKind::Site)
+        .link("edge", "near", ms(10.0))
+        .link("edge", "far", ms(40.0))
+        .service("chat")
+        .service("embed");
+    let mut t = addressed(tb.build(), chat_port);
+    t.services[1].port = Some(embed_port);
+    for site in ["near", "far"] {
+        for service in ["chat", "embed"] {
+            let backend = if site == "near" {
+                near_backend
+            } else {
+                far_backend
+            };
+            serve(&mut t, site, service, backend);
+        }
+    }
+    let near = t
+        .nodes
+        .iter_mut()
+        .find(|n| n.id.as_str() == "near")
+        .unwrap();
+    near.serves[0].capacity = 1;
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t)));
+    let (hs, _txs) = spawn_all(&snap, dir.path(), |_, _| {}).await;
+    let edge = &hs[0];
+    let preferred = |service: &str| edge.routes().preferred(service).map(|c| c.site.to_string());
+    wait_until(
+        Duration::from_secs(20),
+        || {
+            preferred("chat").as_deref() == Some("near")
+                && preferred("embed").as_deref() == Some("near")
+        },
+        || {
+            format!(
+                "edge routes: chat {:?}, embed {:?}",
+                preferred("chat"),
+                preferred("embed")
+            )
+        },
+    )
+    .await;
+    let _held = held_connection(chat_port, b"the one chat slot").await;
+    wait_until(
+        Duration::from_secs(20),
+        || preferred("chat").as_deref() == Some("far"),
+        || {
+            format!(
+                "chat still prefers {:?} with near's chat full",
+                preferred("chat")
+            )
+        },
+    )
+    .await;
+    assert_eq!(
+        preferred("embed").as_deref(),
+        Some("near"),
+        "embed left the near site"
+    );
+    drop(_held);
+    for h in hs {
+        h.shutdown().await;
+    }
+}

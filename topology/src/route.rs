@@ -39,7 +39,13 @@ pub struct LiveState {
     pub down_links: BTreeSet<LinkId>,
     /// Measured one-way latency (RTT/2: links are declared one-way); replaces the declared one.
     pub link_latency: BTreeMap<LinkId, Latency>,
+    /// A site's load summed over its services: what routing uses for a service that has no
+    /// entry of its own in [`Self::service_load`] (a controller or site of an older version).
     pub site_load: BTreeMap<NodeId, SiteLoad>,
+    /// A site's load per service, as routing reads it ([`Self::load_of`]): one service full
+    /// does not hide behind another idle one on the same site. Absent from older senders.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub service_load: BTreeMap<NodeId, BTreeMap<ServiceName, SiteLoad>>,
 }
 
 impl LiveState {
@@ -55,6 +61,16 @@ impl LiveState {
             }
         }
         out
+    }
+
+    /// The load that decides whether `site` may take a new stream of `service`, and its
+    /// penalty: the service's own entry, else the site's summed entry (an older sender), else
+    /// none (no telemetry yet: healthy and unloaded).
+    pub fn load_of(&self, site: &str, service: &str) -> Option<&SiteLoad> {
+        self.service_load
+            .get(site)
+            .and_then(|m| m.get(service))
+            .or_else(|| self.site_load.get(site))
     }
 }
 
@@ -382,7 +398,7 @@ impl RoutingTable {
                 }
                 let (drained, latency_ns) = (key >> LATENCY_BITS, key & LATENCY_MASK);
                 let id = graph.id(site.node);
-                let penalty = match live.site_load.get(id.as_str()) {
+                let penalty = match live.load_of(id.as_str(), svc.name.as_str()) {
                     None => Latency::ZERO,
                     Some(load) => match load.penalty(site.capacity) {
                         Some(p) => p,
@@ -495,7 +511,7 @@ pub fn on_path(
         drained |= graph.neighbour_drain(u)[at] > 0;
     }
     let site_id = graph.id(site.node);
-    let penalty = match live.site_load.get(site_id.as_str()) {
+    let penalty = match live.load_of(site_id.as_str(), service) {
         None => Latency::ZERO,
         Some(load) => load.penalty(site.capacity)?,
     };
@@ -1288,6 +1304,49 @@ mod tests {
             ids(&route(&t, &nid("edge"), "chat", &live).unwrap()),
             ["s2"]
         );
+    }
+
+    /// A site's load is read per service: `chat` full on s1 leaves it out of `chat`'s
+    /// candidates even though the site's summed load (`chat` + an idle `embed`) is at 50 %,
+    /// and `embed` still takes s1 first. Without a service's own entry the summed one applies
+    /// (an older sender).
+    #[test]
+    fn a_full_service_is_not_hidden_by_an_idle_one_on_the_same_site() {
+        let mut b = small();
+        b.service("embed")
+            .serve("s1", "embed", 100)
+            .serve("s2", "embed", 100);
+        let t = b.build();
+        let load = |active_streams, capacity| SiteLoad {
+            active_streams,
+            capacity,
+            healthy: true,
+        };
+        let mut live = LiveState::default();
+        live.site_load.insert(nid("s1"), load(100, 200));
+        live.service_load.insert(
+            nid("s1"),
+            [
+                (ServiceName::new("chat"), load(100, 100)),
+                (ServiceName::new("embed"), load(0, 100)),
+            ]
+            .into(),
+        );
+        let chat = route(&t, &nid("edge"), "chat", &live).unwrap();
+        assert_eq!(ids(&chat), ["s2"]);
+        let embed = route(&t, &nid("edge"), "embed", &live).unwrap();
+        assert_eq!(ids(&embed), ["s1", "s2"]);
+        assert_eq!(embed[0].penalty, Latency::ZERO);
+        let g = Graph::new(&t);
+        let path = [nid("edge"), nid("t1"), nid("s1")];
+        assert!(on_path(&g, &live, "chat", &path).is_none());
+        assert!(on_path(&g, &live, "embed", &path).is_some());
+        // No entry of its own: the summed one (90 %) gives `embed` its penalty.
+        live.service_load.get_mut("s1").unwrap().remove("embed");
+        live.site_load.insert(nid("s1"), load(180, 200));
+        let embed = route(&t, &nid("edge"), "embed", &live).unwrap();
+        assert_eq!(ids(&embed), ["s2", "s1"]);
+        assert_eq!(embed[1].penalty, ms(40.0));
     }
 
     #[test]

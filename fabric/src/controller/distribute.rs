@@ -530,10 +530,11 @@ fn report_node(r: &router::telemetry::TelemetryReport) -> &str {
     r.node.as_str()
 }
 
-/// The controller's view of a router's telemetry report. A site's services are folded into one
-/// [`SiteLoad`](topology::route::SiteLoad) (the live state is per site): streams and capacity
-/// add up, and the site counts as healthy while any of its services is (a router refuses
-/// streams for a failed backend itself, and edges retry elsewhere).
+/// The controller's view of a router's telemetry report. A site's load is kept per service
+/// (what routing reads) and also folded into one [`SiteLoad`](topology::route::SiteLoad) for
+/// routers of an older version: streams and capacity add up, and the site counts as healthy
+/// while any of its services is (a router refuses streams for a failed backend itself, and
+/// edges retry elsewhere). A service reported twice keeps its last entry.
 ///
 /// A neighbour sample with an RTT above [`MAX_RTT`] is left out; the second value counts them.
 /// Anti-flap margins outside what `tasman router` accepts (a margin above [`Latency::MAX`], a
@@ -548,6 +549,18 @@ pub fn sample_of(r: &router::telemetry::TelemetryReport) -> (Sample, usize) {
         capacity: sum(|s| s.capacity),
         healthy: r.sites.iter().any(|s| s.healthy),
     });
+    let services = r
+        .sites
+        .iter()
+        .map(|s| {
+            let load = topology::route::SiteLoad {
+                active_streams: s.active_streams,
+                capacity: s.capacity,
+                healthy: s.healthy,
+            };
+            (s.service.clone(), load)
+        })
+        .collect();
     let neighbours: Vec<NeighbourSample> = r
         .neighbours
         .iter()
@@ -563,6 +576,7 @@ pub fn sample_of(r: &router::telemetry::TelemetryReport) -> (Sample, usize) {
         node: r.node.clone(),
         neighbours,
         site,
+        services,
         preferred: r
             .preferred
             .iter()

@@ -48,8 +48,10 @@ impl Default for LiveParams {
 pub struct Sample {
     pub node: NodeId,
     pub neighbours: Vec<NeighbourSample>,
-    /// A site's own health and load.
+    /// A site's own health and load, summed over its services.
     pub site: Option<SiteLoad>,
+    /// A site's load per service (what routing reads, `LiveState::load_of`).
+    pub services: BTreeMap<ServiceName, SiteLoad>,
     /// An edge's site in use per service (the impact plan's starting point).
     pub preferred: BTreeMap<ServiceName, NodeId>,
     /// An edge's anti-flap margins, when it reported them (the plan assumes the defaults
@@ -113,6 +115,17 @@ impl Index {
     }
 }
 
+/// What a site last reported about itself.
+#[derive(Debug)]
+struct SiteObs {
+    load: SiteLoad,
+    services: BTreeMap<ServiceName, SiteLoad>,
+    at: Instant,
+}
+
+/// A site's published view: its summed load and its load per service.
+type SiteView = (SiteLoad, BTreeMap<ServiceName, SiteLoad>);
+
 /// What an edge last reported about its choices.
 #[derive(Debug)]
 struct EdgeChoice {
@@ -126,7 +139,7 @@ pub struct LiveAggregator {
     params: LiveParams,
     index: Index,
     links: BTreeMap<LinkId, LinkObs>,
-    sites: BTreeMap<NodeId, (SiteLoad, Instant)>,
+    sites: BTreeMap<NodeId, SiteObs>,
     /// Per edge: its site in use per service and its anti-flap margins, when reported.
     preferred: BTreeMap<NodeId, EdgeChoice>,
     published: LiveState,
@@ -179,7 +192,12 @@ impl LiveAggregator {
         let kind = self.index.nodes.get(&s.node).copied();
         let site_reported = match s.site {
             Some(load) if kind.is_some() => {
-                self.sites.insert(s.node.clone(), (load, now));
+                let obs = SiteObs {
+                    load,
+                    services: s.services,
+                    at: now,
+                };
+                self.sites.insert(s.node.clone(), obs);
                 true
             }
             _ => false,
@@ -244,23 +262,46 @@ impl LiveAggregator {
         (down, value)
     }
 
-    /// What [`Self::merged`] says of one site's reported load (None: stale).
-    fn site_view(
-        &self,
-        site: &NodeId,
-        load: &SiteLoad,
-        t: Instant,
-        now: Instant,
-    ) -> Option<SiteLoad> {
-        if !self.fresh(t, now) {
+    /// What [`Self::merged`] says of one site's reported load, summed and per service (None:
+    /// stale). Each load keeps its published value while it moves by no more than 5 % of its
+    /// capacity (at least one stream) with the same health and capacity.
+    fn site_view(&self, site: &NodeId, obs: &SiteObs, now: Instant) -> Option<SiteView> {
+        if !self.fresh(obs.at, now) {
             return None;
         }
-        let keep = self.published.site_load.get(site).copied().filter(|p| {
-            p.healthy == load.healthy
-                && p.capacity == load.capacity
-                && p.active_streams.abs_diff(load.active_streams) <= (load.capacity / 20).max(1)
-        });
-        Some(keep.unwrap_or(*load))
+        let held = |published: Option<&SiteLoad>, load: &SiteLoad| {
+            let keep = published.copied().filter(|p| {
+                p.healthy == load.healthy
+                    && p.capacity == load.capacity
+                    && p.active_streams.abs_diff(load.active_streams) <= (load.capacity / 20).max(1)
+            });
+            keep.unwrap_or(*load)
+        };
+        let published = self.published.service_load.get(site);
+        let services = obs
+            .services
+            .iter()
+            .map(|(service, load)| {
+                let p = published.and_then(|m| m.get(service));
+                (service.clone(), held(p, load))
+            })
+            .collect();
+        Some((
+            held(self.published.site_load.get(site), &obs.load),
+            services,
+        ))
+    }
+
+    /// What is published for one site, in [`SiteView`] form (None: nothing).
+    fn published_site(&self, site: &NodeId) -> Option<SiteView> {
+        let load = *self.published.site_load.get(site)?;
+        let services = self
+            .published
+            .service_load
+            .get(site)
+            .cloned()
+            .unwrap_or_default();
+        Some((load, services))
     }
 
     /// Whether [`Self::merged`] differs from what is published for this link (of the topology).
@@ -278,8 +319,8 @@ impl LiveAggregator {
         let view = self
             .sites
             .get(site)
-            .and_then(|(load, t)| self.site_view(site, load, *t, now));
-        view != self.published.site_load.get(site).copied()
+            .and_then(|obs| self.site_view(site, obs, now));
+        view != self.published_site(site)
     }
 
     /// The live state that would be published now: fresh observations, with the anti-flap
@@ -298,12 +339,15 @@ impl LiveAggregator {
                 out.link_latency.insert(id.clone(), v);
             }
         }
-        for (site, (load, t)) in &self.sites {
+        for (site, obs) in &self.sites {
             if !self.index.nodes.contains_key(site) {
                 continue;
             }
-            if let Some(load) = self.site_view(site, load, *t, now) {
+            if let Some((load, services)) = self.site_view(site, obs, now) {
                 out.site_load.insert(site.clone(), load);
+                if !services.is_empty() {
+                    out.service_load.insert(site.clone(), services);
+                }
             }
         }
         out
@@ -401,6 +445,7 @@ mod tests {
                         up: true,
                     }],
                     site: None,
+                    services: BTreeMap::new(),
                     preferred: BTreeMap::new(),
                     margins: None,
                 },
@@ -436,6 +481,7 @@ mod tests {
                     })
                     .collect(),
                 site: None,
+                services: BTreeMap::new(),
                 preferred: BTreeMap::new(),
                 margins: None,
             }
@@ -466,6 +512,47 @@ mod tests {
             large < small * 10 + Duration::from_millis(2),
             "200 neighbours cost {small:?} against 200 links, {large:?} against 4,200"
         );
+    }
+
+    /// A site's report is published per service as well as summed, each with its own
+    /// anti-flap band: routing reads a service's own load (`LiveState::load_of`).
+    #[test]
+    fn a_sites_load_is_published_per_service() {
+        let mut b = TopologyBuilder::new();
+        b.node("s", NodeKind::Site);
+        let mut agg = LiveAggregator::new(LiveParams::default(), Arc::new(b.build()));
+        let load = |active_streams, capacity| SiteLoad {
+            active_streams,
+            capacity,
+            healthy: true,
+        };
+        let report = |chat, embed| Sample {
+            node: NodeId::new("s"),
+            neighbours: Vec::new(),
+            site: Some(load(chat + embed, 200)),
+            services: [
+                (ServiceName::new("chat"), load(chat, 100)),
+                (ServiceName::new("embed"), load(embed, 100)),
+            ]
+            .into(),
+            preferred: BTreeMap::new(),
+            margins: None,
+        };
+        let now = Instant::now();
+        assert!(agg.observe(report(100, 0), now));
+        agg.publish(agg.merged(now));
+        let per = |agg: &LiveAggregator, s: &str| agg.published().service_load["s"][s];
+        assert_eq!(per(&agg, "chat"), load(100, 100));
+        assert_eq!(per(&agg, "embed"), load(0, 100));
+        assert_eq!(agg.published().site_load["s"], load(100, 200));
+        // Within 5 % of a service's capacity: nothing moves, nothing to push.
+        assert!(!agg.observe(report(97, 3), now));
+        assert_eq!(agg.merged(now), *agg.published());
+        // One service moving past its band is a change, though the sum stays within its own.
+        assert!(agg.observe(report(94, 0), now));
+        agg.publish(agg.merged(now));
+        assert_eq!(per(&agg, "chat"), load(94, 100));
+        assert_eq!(agg.published().site_load["s"], load(100, 200));
     }
 
     #[test]

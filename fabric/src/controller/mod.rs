@@ -1188,6 +1188,7 @@ mod tests {
                 up: true,
             }],
             site: None,
+            services: BTreeMap::new(),
             preferred: BTreeMap::new(),
             margins: None,
         });
@@ -1254,6 +1255,7 @@ mod tests {
                 up: false,
             }],
             site: None,
+            services: BTreeMap::new(),
             preferred: BTreeMap::new(),
             margins: None,
         });
@@ -1284,6 +1286,7 @@ mod tests {
             node: NodeId::new("e"),
             neighbours: vec![],
             site: None,
+            services: BTreeMap::new(),
             preferred: BTreeMap::from([(ServiceName::new("chat"), NodeId::new("s2"))]),
             margins: None,
         });
@@ -1358,6 +1361,7 @@ mod tests {
             node: NodeId::new("e"),
             neighbours: vec![],
             site: None,
+            services: BTreeMap::new(),
             preferred: BTreeMap::from([(ServiceName::new("chat"), NodeId::new("s2"))]),
             margins,
         };

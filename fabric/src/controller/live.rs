@@ -155,9 +155,14 @@ impl LiveAggregator {
     }
 
     /// The topology reports are matched against from now on (after an apply). Observations of
-    /// links and nodes it no longer has are kept but ignored, as they were never reported.
+    /// links and nodes it no longer has are dropped: the state kept is bounded by the topology
+    /// in force, however many ids come and go.
     pub fn set_topology(&mut self, topology: Arc<Topology>) {
         self.index = Index::new(topology);
+        let index = &self.index;
+        self.links.retain(|id, _| index.links.contains_key(id));
+        self.sites.retain(|id, _| index.nodes.contains_key(id));
+        self.preferred.retain(|id, _| index.nodes.contains_key(id));
     }
 
     pub fn published(&self) -> &LiveState {
@@ -181,9 +186,14 @@ impl LiveAggregator {
             obs.ends.insert(s.node.clone(), (n.up, now));
             if let Some(rtt) = n.rtt.filter(|_| n.up) {
                 let x = rtt.as_nanos() as f64;
+                // A stale average is not revived: samples resuming after a gap (the link was
+                // down, or left the topology and came back) start afresh.
+                let fresh = obs
+                    .rtt_updated
+                    .is_some_and(|t| now.saturating_duration_since(t) <= self.params.fresh);
                 obs.ewma_rtt_ns = Some(match obs.ewma_rtt_ns {
-                    Some(prev) => prev + self.params.alpha * (x - prev),
-                    None => x,
+                    Some(prev) if fresh => prev + self.params.alpha * (x - prev),
+                    _ => x,
                 });
                 obs.rtt_updated = Some(now);
             }
@@ -553,6 +563,37 @@ mod tests {
         agg.publish(agg.merged(now));
         assert_eq!(per(&agg, "chat"), load(94, 100));
         assert_eq!(agg.published().site_load["s"], load(100, 200));
+    }
+
+    /// Samples resuming after a gap start a new average: an 80 ms RTT seen before the link
+    /// went quiet does not drag the first fresh 1 ms samples up (it gave 59 ms, published as
+    /// a 29.5 ms weight, and took ~10 samples to fade).
+    #[test]
+    fn a_stale_average_is_not_revived() {
+        let mut agg = LiveAggregator::new(LiveParams::default(), Arc::new(topo()));
+        let t0 = Instant::now();
+        for _ in 0..20 {
+            step(&mut agg, 80.0, t0);
+        }
+        let later = t0 + Duration::from_secs(60);
+        assert_eq!(
+            step(&mut agg, 1.0, later),
+            None,
+            "the declared 0.5 ms applies"
+        );
+    }
+
+    /// Observations of links and nodes that a new topology no longer has are dropped.
+    #[test]
+    fn a_new_topology_drops_what_it_no_longer_has() {
+        let mut agg = LiveAggregator::new(LiveParams::default(), Arc::new(topo()));
+        let now = Instant::now();
+        step(&mut agg, 1.0, now);
+        assert_eq!(agg.links.len(), 1);
+        let mut b = TopologyBuilder::new();
+        b.node("e", NodeKind::Edge);
+        agg.set_topology(Arc::new(b.build()));
+        assert!(agg.links.is_empty());
     }
 
     #[test]

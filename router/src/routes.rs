@@ -483,25 +483,30 @@ impl Control {
         // the snapshot both ways: the controller's "down" for a link seen up here is older news
         // (say, an end reported it before its neighbour had connected), and a router never waits
         // for the controller to bring back a link it can see.
+        // The same for latency: a link measured here (or by a fresh entry) takes the largest
+        // local measurement, floored at its declared latency, in place of the snapshot's weight,
+        // which is older news both ways (a weight the controller published during congestion
+        // would otherwise stay until it publishes again, for as long as it is away).
         let mut local_up: HashMap<LinkId, bool> = HashMap::new();
-        let mut link_rtt = |live: &mut LiveState, a: &NodeId, b: &NodeId, up: bool, rtt_us: u64| {
+        let mut local_latency: HashMap<LinkId, Latency> = HashMap::new();
+        let mut link_rtt = |a: &NodeId, b: &NodeId, up: bool, rtt_us: u64| {
             let id = LinkId::new(a, b);
             *local_up.entry(id.clone()).or_insert(true) &= up;
             if up && rtt_us > 0 {
                 // Declared latency is a floor (propagation delay): measurement can only raise it.
                 let measured = Latency::from_nanos(rtt_us * 1000 / 2);
                 let v = measured.max(declared(&id));
-                let e = live.link_latency.entry(id).or_insert(v);
+                let e = local_latency.entry(id).or_insert(v);
                 *e = (*e).max(v);
             }
         };
         for nb in sh.neighbours.load().values() {
-            link_rtt(&mut live, &sh.node, &nb.id, nb.is_up(), nb.rtt_us());
+            link_rtt(&sh.node, &nb.id, nb.is_up(), nb.rtt_us());
         }
         let mut unhealthy: Vec<(NodeId, ServiceName)> = sh.evidence.down_sites();
         for e in sh.evidence.fresh(Evidence::ttl(sh)) {
             for n in &e.neighbours {
-                link_rtt(&mut live, &e.origin, &n.id, n.up, n.rtt_us as u64);
+                link_rtt(&e.origin, &n.id, n.up, n.rtt_us as u64);
             }
             if !e.services.is_empty() {
                 let mut load = SiteLoad {
@@ -532,6 +537,7 @@ impl Control {
                 live.site_load.insert(e.origin.clone(), load);
             }
         }
+        live.link_latency.extend(local_latency);
         for (id, up) in local_up {
             if up {
                 live.down_links.remove(&id);

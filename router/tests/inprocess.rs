@@ -720,7 +720,9 @@ async fn weighted_shares_survive_table_rebuilds() {
 
 /// The group of sites sharing a service has an anti-flap band: a member whose cost rises a little
 /// past the 2 ms join threshold keeps its share, it leaves only beyond 4 ms, and once out it comes
-/// back only within 2 ms. Costs come from the measured link latency in the snapshot's live state.
+/// back only within 2 ms. Costs come from the link's declared latency, changed snapshot by
+/// snapshot (a weight in the snapshot's live state would give way to the edge's own measurement
+/// of the link; on loopback that is the declared latency, the floor under measurement).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_site_sharing_a_service_stays_in_its_group_through_small_latency_changes() {
     let dir = ca_dir();
@@ -743,8 +745,10 @@ async fn a_site_sharing_a_service_stays_in_its_group_through_small_latency_chang
         (5, 12.5, 1), // 2.5 ms more: an outsider does not join
         (6, 11.5, 2), // 1.5 ms more: joins
     ] {
-        let mut snap = Snapshot::new(version, t.clone());
-        snap.live.link_latency.insert(link.clone(), ms(link_ms));
+        let mut moved = (*t).clone();
+        let l = moved.links.iter_mut().find(|l| l.id() == link).unwrap();
+        l.latency = ms(link_ms);
+        let snap = Snapshot::new(version, Arc::new(moved));
         txs[0].send(Arc::new(snap)).unwrap();
         wait_until(
             Duration::from_secs(10),
@@ -1703,6 +1707,49 @@ async fn a_full_service_sends_its_clients_on_while_the_site_keeps_the_others() {
         "embed left the near site"
     );
     drop(_held);
+    for h in hs {
+        h.shutdown().await;
+    }
+}
+
+/// A link this router measures itself takes its own measurement over the snapshot's weight,
+/// both ways: a weight the controller published during congestion (40 ms here) gives way to
+/// the edge's fresh RTT (loopback: the declared 1 ms floor) without waiting for the controller
+/// to publish again. (The snapshot's weight was a floor under local evidence: it stayed for as
+/// long as the controller was away.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routers_own_measurement_lowers_a_stale_published_weight() {
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let port = free_tcp_port();
+    let t = line_topology("echo", backend, port);
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    let (hs, txs) = spawn_all(&snap, dir.path(), |_, _| {}).await;
+    let link = topology::LinkId::new(&"edge".into(), &"transit".into());
+    let mut congested = Snapshot::new(2, Arc::new(t));
+    congested.live.link_latency.insert(link.clone(), ms(40.0));
+    let congested = Arc::new(congested);
+    for tx in &txs {
+        tx.send(congested.clone()).unwrap();
+    }
+    let weight = || {
+        let r = hs[0].routes();
+        (r.version, r.live.link_latency.get(&link).copied())
+    };
+    wait_until(
+        Duration::from_secs(10),
+        || {
+            let (version, w) = weight();
+            version == 2 && w.is_some_and(|w| w < ms(10.0))
+        },
+        || {
+            format!(
+                "edge's weight for edge--transit (version, weight): {:?}",
+                weight()
+            )
+        },
+    )
+    .await;
     for h in hs {
         h.shutdown().await;
     }

@@ -11,7 +11,9 @@
 //! 2. else, with the service known (listener or service VIP): the circuit of that service at
 //!    this edge whose prefix contains `client` (longest prefix wins);
 //! 3. else, when the service has `requires_circuit: true`: refused (`CircuitRefused`);
-//! 4. else the connection is carried without a circuit.
+//! 4. else, when the service has a `clients` allow-list that `client` is in none of: refused
+//!    (`ClientRefused`). A circuit is a grant of its own: its prefix is its allow-list;
+//! 5. else the connection is carried without a circuit.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -50,6 +52,8 @@ pub struct CircuitTable {
     by_service: HashMap<ServiceName, Vec<Arc<EdgeCircuit>>>,
     by_vip: HashMap<SocketAddr, Arc<EdgeCircuit>>,
     requires: HashSet<ServiceName>,
+    /// The services with a `clients` allow-list, and that list.
+    clients: HashMap<ServiceName, Vec<ipnetwork::IpNetwork>>,
 }
 
 impl CircuitTable {
@@ -68,6 +72,13 @@ impl CircuitTable {
                 .iter()
                 .filter(|s| s.requires_circuit)
                 .map(|s| s.name.clone())
+                .collect(),
+            clients: snap
+                .topology
+                .services
+                .iter()
+                .filter(|s| !s.clients.is_empty())
+                .map(|s| (s.name.clone(), s.clients.clone()))
                 .collect(),
             ..CircuitTable::default()
         };
@@ -133,6 +144,11 @@ impl CircuitTable {
         }
         if self.requires.contains(service) {
             return Classified::Refused(Code::CircuitRefused);
+        }
+        if let Some(allowed) = self.clients.get(service)
+            && !allowed.iter().any(|p| p.contains(client))
+        {
+            return Classified::Refused(Code::ClientRefused);
         }
         Classified::Plain(service.clone())
     }
@@ -335,6 +351,38 @@ mod tests {
         assert_eq!(
             id(&t.classify(Some(&ServiceName::new("open")), ip("192.0.2.1"), None)),
             "open/-"
+        );
+    }
+
+    /// A `clients` allow-list admits its prefixes only (IPv4-mapped sources as IPv4); a
+    /// circuit's own prefix is a grant of its own, whatever the list says.
+    #[test]
+    fn a_clients_list_refuses_other_sources_but_not_a_circuits() {
+        let me = NodeId::new("syd");
+        let mut s = snap(
+            vec![circuit("c-1", "syd", "192.0.2.0/24", "open", None, 100)],
+            false,
+        );
+        let mut topo = (*s.topology).clone();
+        topo.services[1].clients = vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "2001:db8::/32".parse().unwrap(),
+        ];
+        s.topology = Arc::new(topo);
+        let t = CircuitTable::build(&me, &s, &CircuitTable::default());
+        let open = ServiceName::new("open");
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let at = |client: &str| id(&t.classify(Some(&open), ip(client), None));
+        assert_eq!(at("10.2.3.4"), "open/-");
+        assert_eq!(at("::ffff:10.2.3.4"), "open/-");
+        assert_eq!(at("2001:db8::1"), "open/-");
+        assert_eq!(at("198.51.100.1"), "refused:client_refused");
+        assert_eq!(at("2001:db9::1"), "refused:client_refused");
+        assert_eq!(at("192.0.2.7"), "open/c-1");
+        // A service without a list takes any source.
+        assert_eq!(
+            id(&t.classify(Some(&ServiceName::new("llm")), ip("198.51.100.1"), None)),
+            "llm/-"
         );
     }
 

@@ -59,10 +59,13 @@ pub enum Code {
     RateLimited = 0x60,
     /// Reserved for circuits: the client is not allowed on any circuit for the service.
     CircuitRefused = 0x61,
+    /// The client's source address is in none of the service's `clients` prefixes (its
+    /// allow-list): refused at the edge.
+    ClientRefused = 0x62,
 }
 
 impl Code {
-    pub const ALL: [Code; 22] = [
+    pub const ALL: [Code; 23] = [
         Code::NoError,
         Code::MalformedHeader,
         Code::UnsupportedVersion,
@@ -85,6 +88,7 @@ impl Code {
         Code::Internal,
         Code::RateLimited,
         Code::CircuitRefused,
+        Code::ClientRefused,
     ];
 
     pub fn from_u64(v: u64) -> Option<Code> {
@@ -121,6 +125,7 @@ impl Code {
             Code::Internal => "internal",
             Code::RateLimited => "rate_limited",
             Code::CircuitRefused => "circuit_refused",
+            Code::ClientRefused => "client_refused",
         }
     }
     /// Whether an edge may retry the client connection on the next candidate (when nothing came

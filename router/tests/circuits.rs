@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use router::Snapshot;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use topology::circuit::{CircuitId, ProvisionedCircuit};
 use topology::{Bandwidth, NodeId, ServiceName, Topology};
 
@@ -282,5 +283,55 @@ async fn a_draining_edge_binds_no_vip_again() {
             "edge {i}: a draining edge took a connection at its VIP"
         );
         edge.shutdown().await;
+    }
+}
+
+/// A service's `clients` allow-list is enforced at the edge: a client from a listed prefix is
+/// carried, one from outside it is refused (reset, counted as `client_refused`). (The field
+/// was validated and documented, but no router read it: every source was served.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_services_clients_list_admits_only_its_prefixes() {
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let port = free_tcp_port();
+    let mut t = line_topology("llm", backend, port);
+    t.services[0].clients = vec!["127.0.0.2/32".parse().unwrap()];
+    let (hs, _txs) = spawn_all(
+        &Arc::new(Snapshot::new(1, Arc::new(t))),
+        dir.path(),
+        |_, _| {},
+    )
+    .await;
+    wait_until(
+        Duration::from_secs(10),
+        || hs[0].routes().preferred("llm").is_some(),
+        || "edge never got a route".into(),
+    )
+    .await;
+    let listener = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
+    let mut ok = connect_from(Ipv4Addr::new(127, 0, 0, 2), listener)
+        .await
+        .unwrap();
+    ok.write_all(b"allowed").await.unwrap();
+    let mut back = [0u8; 7];
+    tokio::time::timeout(Duration::from_secs(10), ok.read_exact(&mut back))
+        .await
+        .expect("the allowed client got no echo in time")
+        .unwrap();
+    assert_eq!(&back, b"allowed");
+    assert_refused(Ipv4Addr::new(127, 0, 0, 3), listener).await;
+    wait_until(
+        Duration::from_secs(10),
+        || {
+            metric(
+                &hs[0].metrics_text(),
+                "tasman_stream_errors_total{node=\"edge\",code=\"client_refused\"}",
+            ) == Some(1)
+        },
+        || format!("refusal not counted: {}", hs[0].metrics_text()),
+    )
+    .await;
+    for h in hs {
+        h.shutdown().await;
     }
 }

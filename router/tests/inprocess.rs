@@ -43,13 +43,7 @@ async fn echo_through_edge_transit_site_in_process() {
     assert!(m.contains("tasman_streams_total{node=\"edge\"} 1"), "{m}");
 
     // A new snapshot moves the service to another port: the edge binds it and closes the old one.
-    let new_port = free_tcp_port();
-    let mut t2 = t.clone();
-    t2.services[0].port = Some(new_port);
-    let snap2 = Arc::new(Snapshot::new(2, Arc::new(t2)));
-    for tx in &txs {
-        tx.send(snap2.clone()).unwrap();
-    }
+    let new_port = move_service_port(&t, &txs);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let moved = hs.iter().all(|h| h.telemetry().snapshot_version == 2)
@@ -68,6 +62,18 @@ async fn echo_through_edge_transit_site_in_process() {
     for h in hs {
         h.shutdown().await;
     }
+}
+
+/// Sends every router snapshot 2: `t` with its first service on a new port (returned).
+fn move_service_port(t: &topology::Topology, txs: &[Source]) -> u16 {
+    let new_port = free_tcp_port();
+    let mut t2 = t.clone();
+    t2.services[0].port = Some(new_port);
+    let snap2 = Arc::new(Snapshot::new(2, Arc::new(t2)));
+    for tx in txs {
+        tx.send(snap2.clone()).unwrap();
+    }
+    new_port
 }
 
 /// A node that a snapshot removes from the topology loses the connections its neighbours had
@@ -1611,13 +1617,7 @@ async fn a_dropped_handle_leaves_the_router_running() {
     .await;
     drop(hs.remove(0));
     // The edge still takes a snapshot after the drop: it moves the service to a new port.
-    let new_port = free_tcp_port();
-    let mut t2 = t.clone();
-    t2.services[0].port = Some(new_port);
-    let snap2 = Arc::new(Snapshot::new(2, Arc::new(t2)));
-    for tx in &txs {
-        tx.send(snap2.clone()).unwrap();
-    }
+    let new_port = move_service_port(&t, &txs);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !echo_roundtrip(new_port, b"after the drop", Duration::from_secs(5))
         .await

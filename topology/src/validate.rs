@@ -1248,6 +1248,23 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
                 ),
             );
         }
+        // Without a client_address the edge binds its transparent port on 127.0.0.1: iptables
+        // REDIRECT gives a packet arriving on another interface that interface's address, which
+        // nothing listens on, so only connections made on the edge's own host reach it.
+        if kind == NodeKind::Edge
+            && e.fields.get("client_address").is_none()
+            && let (Some(tp), Some(n)) = (
+                e.node.as_ref().and_then(|n| n.transparent_port),
+                e.fields.get("transparent_port"),
+            )
+        {
+            cx.warn(
+                n.pos,
+                format!(
+                    "transparent_port of node \"{id}\": without a client_address, {tp} is bound on 127.0.0.1 and takes only connections redirected on the edge's own host, not traffic arriving on its interfaces"
+                ),
+            );
+        }
         match kind {
             NodeKind::Edge => match e.fields.get("client_address") {
                 None if any_port => {

@@ -15,11 +15,11 @@ use crate::controller::renew;
 The first start imports --topology into the state directory; afterwards the state directory is the\n\
 truth (--topology is ignored; change the topology with `tasman topology apply|edit|rollback`).\n\
 Without --tls-dir, <state>/pki holds the fabric CA and the controller's certificate (created when\n\
-missing; issue router certificates from it). Without --admin-token-file, the token is\n\
-<state>/admin-token (generated when missing). With --metrics ADDR, GET /metrics serves Prometheus\n\
-text without a token (bind it where only your scraper reaches). With --ca-dir DIR (the fabric CA,\n\
-e.g. <state>/pki), routers renew their certificates through the controller at 70 % of their\n\
-lifetime, each new one valid for --issue-valid-for."
+missing; issue router certificates from it); a --tls-dir without ca.pem is refused. Without\n\
+--admin-token-file, the token is <state>/admin-token (generated when missing). With --metrics\n\
+ADDR, GET /metrics serves Prometheus text without a token (bind it where only your scraper\n\
+reaches). With --ca-dir DIR (the fabric CA, e.g. <state>/pki), routers renew their certificates\n\
+through the controller at 70 % of their lifetime, each new one valid for --issue-valid-for."
 )]
 pub struct ControllerArgs {
     /// Topology YAML imported on first start.
@@ -38,7 +38,8 @@ pub struct ControllerArgs {
     /// router's --metrics; off by default).
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
-    /// PKI directory (ca.pem, controller.pem, controller.key).
+    /// PKI directory (ca.pem, controller.pem, controller.key); it must hold ca.pem (default:
+    /// <state>/pki, created when missing).
     #[arg(long)]
     pub tls_dir: Option<PathBuf>,
     /// File holding the admin bearer token.

@@ -24,7 +24,8 @@ pub struct DaemonConfig {
     /// router's; `None`: not served.
     pub metrics: Option<SocketAddr>,
     /// PKI directory with `ca.pem`, `controller.pem`, `controller.key`. Default `<state>/pki`,
-    /// created (CA + controller certificate) when missing.
+    /// created (CA + controller certificate) when missing. A directory given here must hold
+    /// `ca.pem` ([`DaemonError::NoCa`]); a missing controller certificate is issued from it.
     pub tls_dir: Option<PathBuf>,
     /// The admin bearer token. Default `<state>/admin-token`, generated when missing.
     pub admin_token_file: Option<PathBuf>,
@@ -82,6 +83,14 @@ pub enum DaemonError {
     CaMismatch { dir: PathBuf, tls_dir: PathBuf },
     #[error("{path} is empty: an admin token is required")]
     EmptyToken { path: PathBuf },
+    #[error(
+        "--tls-dir {}: no {} there (a CA is created only in <state>/pki, without --tls-dir; \
+         make one with `tasman pki init --dir {}`)",
+        dir.display(),
+        router::pki::CA_CERT,
+        dir.display()
+    )]
+    NoCa { dir: PathBuf },
 }
 
 pub struct Daemon {
@@ -163,6 +172,13 @@ fn token(cfg: &DaemonConfig) -> Result<String, DaemonError> {
 }
 
 pub async fn start(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
+    // An explicit --tls-dir names the fabric's existing PKI: one without a CA is a wrong path,
+    // and a new CA there would be trusted by no router. Refused before anything is written.
+    if let Some(dir) = &cfg.tls_dir
+        && !dir.join(router::pki::CA_CERT).exists()
+    {
+        return Err(DaemonError::NoCa { dir: dir.clone() });
+    }
     std::fs::create_dir_all(&cfg.state_dir).map_err(io(&cfg.state_dir))?;
     let store = Arc::new(RedbStore::open(&cfg.state_dir)?);
     // The file is read only for the first import: afterwards the store is the truth, and the
@@ -290,4 +306,60 @@ pub async fn start(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
         endpoint,
         tasks,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const YAML: &str = "version: 1\nnodes:\n  - {id: e, kind: edge, region: r, country: AU, location: {lat: 0, lon: 0}, address: \"127.0.0.1:7000\", client_address: \"127.0.0.1\"}\n  - {id: s, kind: site, region: r, country: AU, location: {lat: 0, lon: 0}, address: \"127.0.0.2:7000\", serves: [{service: chat, backend: \"127.0.0.9:9001\", capacity: 10}]}\nlinks:\n  - {a: e, b: s, latency: 1ms, capacity: 1Gbps}\nservices:\n  - {name: chat, port: 8080}\n";
+
+    fn config(state: &Path, tls_dir: Option<PathBuf>) -> DaemonConfig {
+        let topology_file = state.with_file_name("t.yaml");
+        std::fs::write(&topology_file, YAML).unwrap();
+        DaemonConfig {
+            topology_file: Some(topology_file),
+            state_dir: state.to_path_buf(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            admin: "127.0.0.1:0".parse().unwrap(),
+            metrics: None,
+            tls_dir,
+            admin_token_file: None,
+            cert_reload_interval: Duration::ZERO,
+            ca_dir: None,
+            issue_valid_for: super::super::renew::DEFAULT_VALIDITY,
+            write_stall_timeout: distribute::WRITE_STALL_TIMEOUT,
+        }
+    }
+
+    /// An explicit --tls-dir without a CA (a mistyped or empty directory) is refused, naming
+    /// the flag and the path, and nothing is created there or in the state directory; without
+    /// --tls-dir the CA is still created in <state>/pki. (A new CA was made there silently, one
+    /// no router trusts.)
+    #[tokio::test]
+    async fn an_explicit_tls_dir_without_a_ca_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, pki) = (dir.path().join("state"), dir.path().join("pki"));
+        std::fs::create_dir(&pki).unwrap();
+        let err = match start(config(&state, Some(pki.clone()))).await {
+            Ok(d) => {
+                d.shutdown().await;
+                panic!("a --tls-dir without ca.pem was accepted");
+            }
+            Err(e) => e,
+        };
+        assert!(matches!(err, DaemonError::NoCa { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with(&format!("--tls-dir {}: no ca.pem there", pki.display())),
+            "{msg}"
+        );
+        assert!(!msg.contains('\n'), "{msg}");
+        assert_eq!(std::fs::read_dir(&pki).unwrap().count(), 0);
+        assert!(!state.exists());
+
+        let d = start(config(&state, None)).await.unwrap();
+        assert!(state.join("pki").join(router::pki::CA_CERT).is_file());
+        d.shutdown().await;
+    }
 }

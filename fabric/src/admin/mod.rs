@@ -15,6 +15,7 @@
 //! | POST | /v1/topology | apply (or dry-run) `{text, dry_run, message, author, base_version}` |
 //! | POST | /v1/topology/rollback | `{version, message, author, dry_run}` |
 //! | GET | /v1/status | routers, per-service choices, RTT matrix |
+//! | GET | /v1/rtt | the RTT matrix alone (per link: smoothed RTT, declared latency, weight, up, sample age) |
 
 pub mod status;
 pub mod topology;

@@ -42,7 +42,8 @@ pub struct RouterArgs {
     /// This node's id in the topology (also its certificate name).
     #[arg(long)]
     pub node: String,
-    /// Directory with ca.pem, NODE.pem and NODE.key (see `tasman pki`).
+    /// Directory with ca.pem, NODE.pem and NODE.key (see `tasman pki`); the default is relative
+    /// to the working directory.
     #[arg(long, default_value = "pki")]
     pub tls_dir: PathBuf,
     /// Serve Prometheus /metrics (and /telemetry JSON) on this address.
@@ -91,7 +92,8 @@ pub struct RouterArgs {
     /// should keep the default.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
-    /// Dial neighbour NODE at ADDR instead of its topology address (e.g. a link emulator).
+    /// Dial neighbour NODE at ADDR instead of its topology address (e.g. a link emulator);
+    /// repeatable. The neighbour is still checked by its certificate name.
     #[arg(long = "dial", value_name = "NODE=ADDR", value_parser = parse_dial)]
     pub dial: Vec<(String, SocketAddr)>,
     /// Edge: sites tried for one client connection before its client gets a TCP reset, 1 to 16

@@ -60,7 +60,9 @@ pub struct Metrics {
     pub table_rebuilds: AtomicU64,
     /// Neighbours declared down after missed probes.
     pub neighbour_down_total: AtomicU64,
-    /// Incoming connections refused (certificate name not allowed).
+    /// Incoming connections refused: every failed handshake (a refused certificate, but also
+    /// a timeout or a protocol error), a certificate name that is not a node of the topology,
+    /// and a connection closed because a snapshot removed its peer.
     pub refused_peers_total: AtomicU64,
     errors: [AtomicU64; Code::ALL.len()],
 }
@@ -199,7 +201,7 @@ impl Metrics {
         counter(
             &mut s,
             "refused_peers_total",
-            "Peers refused for their certificate name.",
+            "Incoming connections refused: a failed handshake (a certificate refused, among others), a certificate name not in the topology, or a peer a snapshot removed.",
             "counter",
             self.refused_peers_total.load(Relaxed),
         );
@@ -269,26 +271,34 @@ impl Metrics {
                 );
             }
         }
-        let _ = writeln!(
-            s,
-            "# HELP tasman_site_healthy Site service health (1 healthy).\n# TYPE tasman_site_healthy gauge"
-        );
-        for x in &t.sites {
-            let _ = writeln!(
-                s,
-                "tasman_site_healthy{{node=\"{node}\",service=\"{}\"}} {}",
-                x.service, x.healthy as u8
-            );
-            let _ = writeln!(
-                s,
-                "tasman_site_active_streams{{node=\"{node}\",service=\"{}\"}} {}",
-                x.service, x.active_streams
-            );
-            let _ = writeln!(
-                s,
-                "tasman_site_capacity{{node=\"{node}\",service=\"{}\"}} {}",
-                x.service, x.capacity
-            );
+        // One gauge per service this site serves, each family a group of its own with its HELP
+        // and TYPE lines (the text format wants a family's lines together).
+        type SiteValue = fn(&crate::telemetry::SiteReport) -> u64;
+        let per_site: [(&str, &str, SiteValue); 3] = [
+            ("site_healthy", "Site service health (1 healthy).", |x| {
+                u64::from(x.healthy)
+            }),
+            (
+                "site_active_streams",
+                "Streams holding one of the service's capacity slots at the site now.",
+                |x| u64::from(x.active_streams),
+            ),
+            (
+                "site_capacity",
+                "Concurrent streams the service's backend accepts (its serves entry's capacity).",
+                |x| u64::from(x.capacity),
+            ),
+        ];
+        for (name, help, value) in per_site {
+            let _ = writeln!(s, "# HELP tasman_{name} {help}\n# TYPE tasman_{name} gauge");
+            for x in &t.sites {
+                let _ = writeln!(
+                    s,
+                    "tasman_{name}{{node=\"{node}\",service=\"{}\"}} {}",
+                    x.service,
+                    value(x)
+                );
+            }
         }
         let counts = routes.candidate_counts();
         if !counts.is_empty() {

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -10,8 +11,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use router::{RouterConfig, RouterHandle, Snapshot};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use topology::NodeKind;
 use topology::builder::{TopologyBuilder, ms};
+use topology::{NodeKind, ServiceName};
 
 use common::{
     Source, addressed, ca_dir, echo_backend, echo_roundtrip, free_tcp_port, line_topology, metric,
@@ -74,6 +75,87 @@ fn move_service_port(t: &topology::Topology, txs: &[Source]) -> u16 {
         tx.send(snap2.clone()).unwrap();
     }
     new_port
+}
+
+/// Checks a Prometheus text exposition (format 0.0.4): each series comes after its family's
+/// HELP and TYPE lines (one of each), and a family's series are one group. Returns the series
+/// lines.
+fn checked_series(text: &str) -> Vec<&str> {
+    let (mut help, mut typed) = (HashSet::new(), HashSet::new());
+    let (mut ended, mut current) = (HashSet::new(), None);
+    let mut series = Vec::new();
+    fn family<'a>(line: &'a str, prefix: &str) -> Option<&'a str> {
+        line.strip_prefix(prefix)?.split(' ').next()
+    }
+    for line in text.lines() {
+        if let Some(name) = family(line, "# HELP ") {
+            assert!(help.insert(name), "two HELP lines for {name}:\n{text}");
+        } else if let Some(name) = family(line, "# TYPE ") {
+            assert!(typed.insert(name), "two TYPE lines for {name}:\n{text}");
+        } else {
+            let name = line.split(['{', ' ']).next().unwrap();
+            assert!(
+                help.contains(name) && typed.contains(name),
+                "no HELP or TYPE line before {line:?}:\n{text}"
+            );
+            if current != Some(name) {
+                ended.extend(current.replace(name));
+                assert!(
+                    !ended.contains(name),
+                    "{name} is split in two groups:\n{text}"
+                );
+            }
+            series.push(line);
+        }
+    }
+    series
+}
+
+/// Every family of a router's /metrics has its HELP and TYPE lines and is one group, on the
+/// edge, the transit and a site serving two services. (The site's `tasman_site_active_streams`
+/// and `tasman_site_capacity` had neither line, and its per-service gauges were interleaved
+/// service by service.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_family_has_help_and_type_lines_and_is_one_group() {
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let mut t = line_topology("echo", backend, free_tcp_port());
+    let mut chat = t.services[0].clone();
+    chat.name = ServiceName::new("chat");
+    chat.port = Some(free_tcp_port());
+    t.services.push(chat);
+    serve(&mut t, "site", "chat", backend);
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t)));
+    let (hs, _txs) = spawn_all(&snap, dir.path(), |_, _| {}).await;
+    for service in ["echo", "chat"] {
+        wait_for_route(&hs[0], service, Duration::from_secs(10), "no route").await;
+    }
+    for h in &hs {
+        let text = h.metrics_text();
+        let series = checked_series(&text);
+        assert!(series.len() >= 10, "{text}");
+    }
+    let site = node(&hs, "site").metrics_text();
+    for family in ["site_healthy", "site_active_streams", "site_capacity"] {
+        assert!(
+            site.contains(&format!("# TYPE tasman_{family} gauge\n")),
+            "{site}"
+        );
+        for service in ["echo", "chat"] {
+            let series = format!("tasman_{family}{{node=\"site\",service=\"{service}\"}}");
+            assert!(metric(&site, &series).is_some(), "{series}:\n{site}");
+        }
+    }
+    assert_eq!(
+        metric(
+            &site,
+            "tasman_site_capacity{node=\"site\",service=\"chat\"}"
+        ),
+        Some(100)
+    );
+    for h in hs {
+        h.shutdown().await;
+    }
 }
 
 /// A node that a snapshot removes from the topology loses the connections its neighbours had

@@ -49,15 +49,17 @@ pub struct RouterArgs {
     /// Serve Prometheus /metrics (and /telemetry JSON) on this address.
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
-    /// Probe interval per neighbour.
-    #[arg(long, default_value = "100ms")]
+    /// Probe interval per neighbour. A latency as in the topology: a number with ns, us, ms or s
+    /// (e.g. 100ms, 0.5s), above 0 and at most 60s.
+    #[arg(long, default_value = "100ms", value_name = "LATENCY")]
     pub probe_interval: Latency,
     /// Missed probes in a row before a neighbour is declared down (a missed probe is re-sent at
     /// once). 1 to 100.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub probe_misses: u32,
-    /// Minimum time a neighbour or site stays down before it is used again.
-    #[arg(long, default_value = "1s")]
+    /// Minimum time a neighbour or site stays down before it is used again. A latency as in the
+    /// topology: a number with ns, us, ms or s (e.g. 1s, 500ms), above 0 and at most 60s.
+    #[arg(long, default_value = "1s", value_name = "LATENCY")]
     pub hold_down: Latency,
     /// Reset a proxied connection on which no byte moved either way for this long (the client
     /// and the backend get a TCP reset; the site frees its capacity slot). A duration
@@ -145,8 +147,9 @@ pub struct HysteresisArgs {
     /// Anti-flap: the site in use for a service gives way to a cheaper one (path latency plus
     /// load penalty) only if that one is at least this much cheaper, and below
     /// --hysteresis-ratio of its cost. Raise it if the preferred site flaps on jittery paths.
-    /// Up to 60s.
-    #[arg(long, default_value = "10ms", value_name = "DURATION")]
+    /// A latency as in the topology: a number with ns, us, ms or s (e.g. 10ms, 1.5ms), above 0
+    /// and at most 60s.
+    #[arg(long, default_value = "10ms", value_name = "LATENCY")]
     pub hysteresis_margin: Latency,
     /// Anti-flap: a cheaper site takes over from the site in use only below this fraction of
     /// its cost (and --hysteresis-margin cheaper). Above 0, at most 1 (1: the margin alone

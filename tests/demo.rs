@@ -6,6 +6,7 @@
 //! on SIGTERM.
 
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -75,6 +76,36 @@ fn run_demo_keep() -> (String, bool, String) {
     let _ = reader.join();
     out.extend(rx.try_iter().map(|l| l + "\n"));
     (out, ok, status)
+}
+
+/// A --topology file the demo cannot run is reported as `tasman topology validate` reports it,
+/// `FILE:LINE:COL: error: message` (it printed the severity's Debug form, `Error`), and the demo
+/// exits 1 without starting anything.
+#[test]
+fn demo_with_an_invalid_topology_prints_file_line_col_errors_and_exits_one() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("topology/tests/invalid");
+    let file = dir.join("unknown_link_nodes.yaml");
+    let expected = std::fs::read_to_string(dir.join("unknown_link_nodes.expected")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tasman"))
+        .args(["demo", "--quick", "--ephemeral-ports", "--topology"])
+        .arg(&file)
+        .output()
+        .expect("run tasman demo");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(expected.lines().count() >= 3, "{expected}");
+    for line in expected.lines() {
+        let want = format!("{}:{line}", file.display());
+        assert!(
+            stderr.lines().any(|l| l == want),
+            "missing {want:?} in:\n{stderr}"
+        );
+    }
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 #[test]

@@ -61,10 +61,7 @@ pub fn run(args: DemoArgs) -> ExitCode {
         Ok(l) => l.topology,
         Err(diags) => {
             for d in diags {
-                eprintln!(
-                    "{source}:{}:{}: {:?}: {}",
-                    d.line, d.column, d.severity, d.message
-                );
+                eprintln!("{}", d.display(&source));
             }
             return ExitCode::from(1);
         }

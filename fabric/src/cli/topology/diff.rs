@@ -19,15 +19,17 @@ Examples:
   tasman topology diff examples/apac.yaml new-apac.yaml
   tasman topology diff examples/apac.yaml new-apac.yaml -o json | jq '.impact[] | select(.kind == \"site_changed\")'
 
-The impact lists every edge and service whose site, path or cost changes (kinds: lost,
-gained, site_changed, path_changed, cost_changed), with the old and new candidate: each edge is
-taken to use its cheapest site on the old file, and keeps it on the new one unless another site
-wins by the anti-flap margins (by default the routers' own: >= 10 ms and under 2/3 of its cost;
+The impact lists every edge and service whose site, path, cost or shares of new connections
+change (kinds: lost, gained, site_changed, path_changed, cost_changed, shares_changed: the same
+site, path and cost, but equally near sites, weights or traffic dials split the edge's new
+connections differently), with the old and new candidate: each edge is taken to use its
+cheapest site on the old file, and keeps it on the new one unless another site wins by the
+anti-flap margins (by default the routers' own: >= 10 ms and under 2/3 of its cost;
 give the --hysteresis-* flags your edges run with). The controller's apply plan predicts each
 edge's moves with the margins it reports, from the sites edges report in use. JSON output:
 {\"old\":FILE,\"new\":FILE,\"changes\":{\"nodes\"|\"links\"|\"services\"|\"pools\":{\"added\":[{\"id\",\"value\"}],
 \"removed\":[..],\"changed\":[{\"id\",\"fields\":[{\"field\",\"old\",\"new\"}]}]}},\"impact\":[{\"edge\",\"service\",
-\"kind\",\"old\",\"new\"}]}.
+\"kind\",\"old\",\"new\",\"old_shares\",\"new_shares\"}]} (the shares, [{\"site\",\"share\"}], only where sites share).
 Exit status: 0 compared (with or without differences), 1 an invalid topology, 2 an unreadable file.";
 
 #[derive(clap::Args, Debug)]

@@ -842,3 +842,103 @@ async fn a_router_whose_session_is_superseded_reconnects() {
     assert_eq!(c.connects(), 2);
     d.shutdown().await;
 }
+
+/// An apply (or a rollback) that removes a node ends that node's control session at once, with
+/// `close::NOT_ALLOWED` and the reason, before the version without it goes out: the removed
+/// router never gets it (nor any later one), it is counted, and the controller forgets it. The
+/// other routers' sessions carry on. (The session was checked only at its hello: a removed router
+/// stayed connected, got every later version, the whole topology with its backends and circuits,
+/// and its certificate renewed, while status no longer listed it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apply_that_removes_a_node_closes_its_session() {
+    use router::codes::close;
+    use std::sync::atomic::Ordering;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (d, tls) =
+        controller_with_pki(dir.path(), &fabric_nodes(2, 1), &fabric_yaml(83, 2, 1, 10)).await;
+    let kept = start_client(d.quic_addr, "edge-0", &tls, None).await;
+    let RawSession {
+        ep: _ep,
+        conn: removed,
+        send: _send,
+        recv,
+    } = raw_hello(d.quic_addr, &tls, "edge-1", "edge-1").await;
+    let removed_version = topology_versions(recv);
+    eventually(Duration::from_secs(10), "edge-1's first snapshot", || {
+        removed_version.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    assert!(router_status(&d, "edge-1").is_some_and(|r| r.connected));
+
+    // The same fabric with one edge: edge-1 is gone.
+    let out = apply(&d, &fabric_yaml(83, 1, 1, 10), "remove edge-1").await;
+    assert_eq!(out.version, Some(2));
+    let (code, reason) = closed_by_the_controller(&removed).await;
+    assert_eq!(code, u64::from(close::NOT_ALLOWED), "{reason}");
+    assert!(
+        reason.contains("edge-1") && reason.contains("not in the topology since version 2"),
+        "{reason}"
+    );
+    eventually(Duration::from_secs(10), "the close counted", || {
+        d.ctl.session_closes.get(close::NOT_ALLOWED) == 1
+    })
+    .await;
+    eventually(Duration::from_secs(10), "edge-1 forgotten", || {
+        router_status(&d, "edge-1").is_none()
+    })
+    .await;
+    eventually(Duration::from_secs(10), "version 2 at edge-0", || {
+        kept.topology_version() == 2
+    })
+    .await;
+    assert_eq!(
+        removed_version.load(Ordering::Relaxed),
+        1,
+        "the removed router got the version without it"
+    );
+    assert!(
+        kept.is_connected() && kept.connects() == 1,
+        "edge-0 carries on"
+    );
+
+    // A rollback is a topology change like any: back to version 1, edge-1 may connect again;
+    // back to version 2, its session ends the same way.
+    let back = d
+        .ctl
+        .rollback(1, "test", "", false)
+        .await
+        .expect("rollback");
+    assert_eq!(back.version, Some(3));
+    let RawSession {
+        ep: _ep2,
+        conn: again,
+        send: _send2,
+        recv,
+    } = raw_hello(d.quic_addr, &tls, "edge-1", "edge-1").await;
+    let again_version = topology_versions(recv);
+    eventually(Duration::from_secs(10), "edge-1 back at version 3", || {
+        again_version.load(Ordering::Relaxed) == 3
+    })
+    .await;
+    let out = d
+        .ctl
+        .rollback(2, "test", "", false)
+        .await
+        .expect("rollback");
+    assert_eq!(out.version, Some(4));
+    let (code, reason) = closed_by_the_controller(&again).await;
+    assert_eq!(code, u64::from(close::NOT_ALLOWED), "{reason}");
+    assert!(reason.contains("since version 4"), "{reason}");
+    assert_eq!(again_version.load(Ordering::Relaxed), 3);
+    eventually(Duration::from_secs(10), "both closes counted", || {
+        d.ctl.session_closes.get(close::NOT_ALLOWED) == 2
+    })
+    .await;
+    assert!(
+        kept.is_connected() && kept.connects() == 1,
+        "edge-0 carries on"
+    );
+    assert_eq!(d.ctl.session_closes.get(close::SUPERSEDED), 0);
+    d.shutdown().await;
+}

@@ -168,7 +168,8 @@ impl fmt::Display for Code {
 pub mod close {
     /// Normal close (shutdown, topology change removed the link).
     pub const NORMAL: u32 = 0;
-    /// The peer's certificate is not (any more) for a node of the topology.
+    /// The peer's certificate is not (any more) for a node of the topology (a neighbour's
+    /// connection, or the controller's session of a node a topology change removed).
     pub const NOT_ALLOWED: u32 = 1;
     /// This router declared the neighbour down (missed probes) and dropped the connection.
     pub const DECLARED_DOWN: u32 = 2;

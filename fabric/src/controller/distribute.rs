@@ -18,6 +18,12 @@
 //! the old connection could live on until its idle timeout; both got every version, and the old
 //! one's end marked the node disconnected under its new session. What a superseded session
 //! reports until it is gone is not taken.
+//!
+//! A topology change (an apply or a rollback) that removes a node ends that node's session
+//! before the version without it goes out ([`close::NOT_ALLOWED`]): the hello's check alone left
+//! such a session running, getting every later version (the whole topology, backends and
+//! circuits) and its certificate renewed for as long as the router stayed connected. A `Renew` is
+//! answered only for a node of the topology in force.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -34,7 +40,7 @@ use topology::{Latency, NodeId, ServiceName};
 
 use super::live::{NeighbourSample, Sample};
 use super::renew::{NodeIssuer, RenewLimit};
-use super::{Controller, RouterSession};
+use super::{Controller, RouterSession, SessionEnd};
 
 /// The controller's certificate name.
 pub const CONTROLLER_NAME: &str = router::control::client::CONTROLLER_NAME;
@@ -134,6 +140,11 @@ pub async fn serve(
                             let node = tls::peer_name(&conn, &ctl.peers).map(clip);
                             tracing::info!(%remote, ?node, "closed a router connection: {e}")
                         }
+                        // The operator's doing (the error names the node: the current peer
+                        // names no longer do).
+                        Err(e @ ConnError::Removed { .. }) => {
+                            tracing::info!(%remote, "closed a router connection: {e}")
+                        }
                         Err(e) if e.close_code().is_some() => {
                             let node = tls::peer_name(&conn, &ctl.peers).map(clip);
                             tracing::warn!(%remote, ?node, "closed a router connection: {e}")
@@ -166,6 +177,8 @@ enum ConnError {
     Stalled(Duration),
     #[error("session {id} superseded by a newer control session of this node")]
     Superseded { id: u64 },
+    #[error("node {node} is not in the topology since version {topology_version}")]
+    Removed { node: String, topology_version: u64 },
 }
 
 impl ConnError {
@@ -177,6 +190,7 @@ impl ConnError {
             ConnError::Timeout => Some(close::HELLO_TIMEOUT),
             ConnError::Stalled(_) => Some(close::WRITE_STALLED),
             ConnError::Superseded { .. } => Some(close::SUPERSEDED),
+            ConnError::Removed { .. } => Some(close::NOT_ALLOWED),
             ConnError::Proto(proto::ProtoError::TooLarge { .. })
             | ConnError::Proto(proto::ProtoError::Malformed(_))
             | ConnError::NotSent { .. } => Some(close::PROTOCOL),
@@ -284,12 +298,21 @@ async fn handshake_and_session(
         ?superseded,
         "router connected"
     );
-    // Ended wherever it waits (a write to a dead path included) once a newer session took over;
-    // the connection is closed next, so nothing half-written matters.
+    // Ended wherever it waits (a write to a dead path included) once a newer session took over
+    // or the node left the topology; the connection is closed next, so nothing half-written
+    // matters.
     let res = tokio::select! {
-        // Checked first at each wake-up: a superseded session takes nothing more in.
+        // Checked first at each wake-up: an ended session takes nothing more in, and sends
+        // nothing more (a removed node's session is told before the version without it is
+        // published).
         biased;
-        () = rs.superseded() => Err(ConnError::Superseded { id: rs.id() }),
+        why = rs.ended() => Err(match why {
+            SessionEnd::Superseded => ConnError::Superseded { id: rs.id() },
+            SessionEnd::Removed { topology_version } => ConnError::Removed {
+                node: clip(node.clone()),
+                topology_version,
+            },
+        }),
         res = session(ctl, issuer, &rs, crl, &mut send, &mut recv, write_stall) => res,
     };
     ctl.router_session_end(&rs);
@@ -421,8 +444,7 @@ async fn session(
                     }
                     FromRouter::Hello { .. } => {}
                     FromRouter::Renew { public_key } => {
-                        // The name certified is the one this session authenticated.
-                        let reply = issuer.answer(node, &public_key, &mut renew_limit, Instant::now());
+                        let reply = renew(ctl, issuer, node, &public_key, &mut renew_limit, Instant::now());
                         write(send, proto::encode(&reply)?, stall).await?;
                     }
                 }
@@ -433,6 +455,26 @@ async fn session(
             }
         }
     }
+}
+
+/// The answer to a `Renew { public_key }` on `node`'s session at `now`. The name certified is
+/// the one the session authenticated, and only while the topology in force has that node: a
+/// request that arrives as an apply removes it (its session is being ended) gets no
+/// certificate.
+fn renew(
+    ctl: &Controller,
+    issuer: &NodeIssuer,
+    node: &str,
+    public_key: &[u8],
+    limit: &mut RenewLimit,
+    now: Instant,
+) -> ToRouter {
+    if !ctl.is_node(node) {
+        let reason = format!("node {node} is not in the topology");
+        tracing::warn!(node, "certificate renewal refused: {reason}");
+        return ToRouter::RenewRefused { reason };
+    }
+    issuer.answer(node, public_key, limit, now)
 }
 
 /// The versions a session wrote and the router has not answered yet (at most
@@ -460,15 +502,17 @@ impl Unanswered {
     }
 }
 
-/// Router connections the controller closed since it started, by close code: refused, protocol
-/// errors, hello timeouts, stalled writes and superseded sessions (closes for revocation are
-/// counted by the [`tls::CertResolver`]). Served as `tasman_controller_sessions_closed_total{reason}`.
+/// Router connections the controller closed since it started, by close code: nodes a topology
+/// change removed, refused, protocol errors, hello timeouts, stalled writes and superseded
+/// sessions (closes for revocation are counted by the [`tls::CertResolver`]). Served as
+/// `tasman_controller_sessions_closed_total{reason}`.
 #[derive(Debug, Default)]
 pub struct SessionCloses([AtomicU64; SessionCloses::REASONS.len()]);
 
 impl SessionCloses {
     /// Each close code counted (its `reason` label is its name, [`close::name`]).
-    pub const REASONS: [u32; 5] = [
+    pub const REASONS: [u32; 6] = [
+        close::NOT_ALLOWED,
         close::REFUSED,
         close::PROTOCOL,
         close::HELLO_TIMEOUT,
@@ -599,6 +643,53 @@ pub fn sample_of(r: &router::telemetry::TelemetryReport) -> (Sample, usize) {
 mod tests {
     use super::*;
     use router::telemetry::{SiteReport, TelemetryReport};
+
+    /// A `Renew` is answered only for a node of the topology in force: one that arrives on a
+    /// removed node's session as the apply ends it gets a refusal, not a certificate. (A removed
+    /// router kept getting its certificate renewed for as long as its session stayed.)
+    #[tokio::test]
+    async fn no_certificate_for_a_node_the_topology_in_force_does_not_have() {
+        use crate::controller::tests::{yaml, yaml_without};
+        use crate::controller::{records::Origin, renew::DEFAULT_VALIDITY};
+
+        let ca = tempfile::tempdir().unwrap();
+        router::pki::init(ca.path()).unwrap();
+        let issuer = NodeIssuer::load(ca.path(), DEFAULT_VALIDITY).unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let store = Arc::new(crate::store::redb::RedbStore::open(state.path()).unwrap());
+        let ctl = Controller::open(store, Some((&yaml("5ms"), "t.yaml"))).unwrap();
+        let ask = |node: &str| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut limit = RenewLimit::default();
+            renew(
+                &ctl,
+                &issuer,
+                node,
+                key.public_key_raw(),
+                &mut limit,
+                Instant::now(),
+            )
+        };
+        assert!(matches!(ask("e"), ToRouter::Certificate { .. }));
+
+        ctl.apply(
+            &yaml_without("5ms", &["e"]),
+            "t",
+            "remove e",
+            Origin::Apply,
+            false,
+            None,
+        )
+        .await
+        .unwrap();
+        match ask("e") {
+            ToRouter::RenewRefused { reason } => {
+                assert_eq!(reason, "node e is not in the topology")
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert!(matches!(ask("t"), ToRouter::Certificate { .. }));
+    }
 
     #[test]
     fn the_report_budget_allows_a_burst_then_the_rate() {

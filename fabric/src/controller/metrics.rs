@@ -175,7 +175,7 @@ fn sessions_closed(s: &mut String, ctl: &Controller) {
         s,
         name,
         "counter",
-        "Router connections the controller closed since it started, by reason: refused (unknown node or name mismatch), protocol (a frame over its limit, undecodable, or an answer to a version the session did not send), hello_timeout, write_stalled (the router took no byte of its control stream for the write-stall bound), superseded (a newer session of the same node took over).",
+        "Router connections the controller closed since it started, by reason: not_allowed (a topology change removed the node), refused (unknown node or name mismatch), protocol (a frame over its limit, undecodable, or an answer to a version the session did not send), hello_timeout, write_stalled (the router took no byte of its control stream for the write-stall bound), superseded (a newer session of the same node took over).",
     );
     for code in SessionCloses::REASONS {
         let (v, reason) = (ctl.session_closes.get(code), SessionCloses::reason(code));

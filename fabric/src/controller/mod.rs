@@ -108,8 +108,36 @@ pub struct RouterLive {
 #[derive(Debug, Clone)]
 struct CurrentSession {
     id: u64,
-    /// Told when a newer session of the node takes over.
-    superseded: Arc<Notify>,
+    /// Told when the controller ends the session (a newer session of the node took over, or
+    /// the node left the topology).
+    end: Arc<Ending>,
+}
+
+/// Why the controller ends a router's control session ([`RouterSession::ended`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// A newer session of the node passed its hello checks.
+    Superseded,
+    /// The node is not in the topology in force since `topology_version` (an apply or a
+    /// rollback removed it).
+    Removed { topology_version: u64 },
+}
+
+/// How a session is told to end: the first reason given, and a wake-up.
+#[derive(Debug, Default)]
+struct Ending {
+    why: std::sync::OnceLock<SessionEnd>,
+    notify: Notify,
+}
+
+impl Ending {
+    /// Tells the session to end for `why`, unless it was told already.
+    fn end(&self, why: SessionEnd) {
+        if self.why.set(why).is_ok() {
+            // A permit is kept if the session is not waiting at this instant.
+            self.notify.notify_one();
+        }
+    }
 }
 
 /// One control session of a router ([`distribute`]), from [`Controller::router_session_start`]
@@ -118,11 +146,13 @@ struct CurrentSession {
 /// end leaves the node connected. A router that reconnects after a network blip gets its new
 /// session while the controller's side of the old one can live on until its idle timeout; each
 /// ended session marked the node disconnected, the old one's end too, under the new one.
+/// A session of a node that a topology change removes is told to end too, before the version
+/// without the node is published.
 #[derive(Debug)]
 pub struct RouterSession {
     node: String,
     id: u64,
-    superseded: Arc<Notify>,
+    end: Arc<Ending>,
 }
 
 impl RouterSession {
@@ -136,10 +166,15 @@ impl RouterSession {
         self.id
     }
 
-    /// Completes once a newer session of the node took over (cancel-safe; at once when it
-    /// already has).
-    pub async fn superseded(&self) {
-        self.superseded.notified().await
+    /// Completes once the controller ends this session: a newer session of the node took over,
+    /// or the node left the topology (cancel-safe; at once when it already happened).
+    pub async fn ended(&self) -> SessionEnd {
+        loop {
+            if let Some(why) = self.end.why.get() {
+                return *why;
+            }
+            self.end.notify.notified().await;
+        }
     }
 }
 
@@ -323,9 +358,12 @@ impl Controller {
                 "topology history: wrote the metadata of versions stored by an earlier build"
             );
         }
+        // The routers of the topology in force (the store keeps the records of removed nodes).
         let routers = DashMap::new();
         for (node, rec) in store::read(&*store, |tx| records::ROUTERS.all(tx))? {
-            routers.insert(node, RouterLive::new(rec, false));
+            if topology.node(&node).is_some() {
+                routers.insert(node, RouterLive::new(rec, false));
+            }
         }
         let peers = router::tls::PeerNames::new(topology.nodes.iter().map(|n| n.id.to_string()));
         let current = Arc::new(Current {
@@ -516,13 +554,15 @@ impl Controller {
             topology: topology.clone(),
             warnings: warnings.clone(),
         });
-        // Routers of the new topology may connect; removed ones are refused at their next handshake.
+        // Routers of the new topology may connect; removed ones are refused at their next
+        // handshake, and their sessions end now, before the new version goes out.
         self.peers
             .set(topology.nodes.iter().map(|n| n.id.to_string()));
         {
             let mut inner = lock(&self.inner);
             inner.live.set_topology(topology.clone());
             inner.current = current;
+            self.end_removed(&topology, version);
             self.publish_locked(&mut inner, true)?;
         }
         let published = started.elapsed();
@@ -720,44 +760,83 @@ impl Controller {
 
     /// A control session of `node` passed its hello checks: it is the node's current session
     /// from now on, and the node is connected. Returns it, and the number of the session it
-    /// supersedes, if the node had one (that session is told to end: [`RouterSession::superseded`]).
+    /// supersedes, if the node had one (that session is told to end: [`RouterSession::ended`]).
+    /// A topology change that removed the node since its hello was checked ends it at once
+    /// ([`SessionEnd::Removed`]).
     pub fn router_session_start(&self, node: &str) -> (RouterSession, Option<u64>) {
         let id = self.last_session.fetch_add(1, Relaxed) + 1;
-        let superseded = Arc::new(Notify::new());
-        let mut e = self
-            .routers
-            .entry(node.to_string())
-            .or_insert_with(|| RouterLive::unrecorded(node, true));
-        let older = e.session.replace(CurrentSession {
-            id,
-            superseded: superseded.clone(),
-        });
-        if let Some(older) = &older {
-            // A permit is kept if that session is not waiting at this instant.
-            older.superseded.notify_one();
+        let end = Arc::new(Ending::default());
+        let older = {
+            let mut e = self
+                .routers
+                .entry(node.to_string())
+                .or_insert_with(|| RouterLive::unrecorded(node, true));
+            let older = e.session.replace(CurrentSession {
+                id,
+                end: end.clone(),
+            });
+            if let Some(older) = &older {
+                older.end.end(SessionEnd::Superseded);
+            }
+            e.connected = true;
+            e.last_seen = Instant::now();
+            e.record.last_seen_unix_ms = records::now_unix_ms();
+            older
+        };
+        // After the session is in place (and its entry lock let go: an apply takes the
+        // topology's lock, then the routers'): an apply that removed the node either saw the
+        // session and ended it, or committed its topology before this check.
+        let cur = lock(&self.inner).current.clone();
+        if cur.topology.node(node).is_none() {
+            end.end(SessionEnd::Removed {
+                topology_version: cur.record.version,
+            });
         }
-        e.connected = true;
-        e.last_seen = Instant::now();
-        e.record.last_seen_unix_ms = records::now_unix_ms();
         let session = RouterSession {
             node: node.to_string(),
             id,
-            superseded,
+            end,
         };
         (session, older.map(|o| o.id))
     }
 
     /// `session` ended. When it is its node's current one, the node is disconnected (and no
-    /// longer draining); the end of a superseded session changes nothing. Returns whether it
-    /// was the current one.
+    /// longer draining), and forgotten if the topology in force no longer has it; the end of a
+    /// superseded session changes nothing. Returns whether it was the current one.
     pub fn router_session_end(&self, session: &RouterSession) -> bool {
-        self.current_router(session, |e| {
+        let current = self.current_router(session, |e| {
             e.session = None;
             e.connected = false;
             e.draining = false;
             e.last_seen = Instant::now();
             e.record.last_seen_unix_ms = records::now_unix_ms();
-        })
+        });
+        if current && !self.is_node(&session.node) {
+            self.routers
+                .remove_if(&session.node, |_, e| e.session.is_none());
+        }
+        current
+    }
+
+    /// Ends the control sessions of the routers `topology` does not have (it is in force from
+    /// `topology_version` on) and forgets those that have none: a removed node gets no further
+    /// version (which carries the whole topology, backends and circuits), no certificate, and
+    /// no line in the controller's records. Called with the topology's lock held, before the
+    /// version without the node is published.
+    fn end_removed(&self, topology: &Topology, topology_version: u64) {
+        self.routers.retain(|node, e| {
+            if topology.node(node).is_some() {
+                return true;
+            }
+            match &e.session {
+                Some(s) => {
+                    s.end.end(SessionEnd::Removed { topology_version });
+                    // Forgotten at its session's end (`router_session_end`).
+                    true
+                }
+                None => false,
+            }
+        });
     }
 
     /// Whether `session` is its node's current one (what it reports counts).
@@ -978,7 +1057,7 @@ mod tests {
     use topology::{Latency, ServiceName};
 
     /// e reaches s1 (near) or s2 (far) through transit t.
-    fn yaml(far: &str) -> String {
+    pub(super) fn yaml(far: &str) -> String {
         let node = |id: &str, kind: &str, n: u8, extra: &str| {
             format!(
                 "  - {{id: {id}, kind: {kind}, region: r, country: AU, location: {{lat: 0, lon: 0}}, \
@@ -1104,9 +1183,10 @@ mod tests {
         let (new, superseded) = ctl.router_session_start("e");
         assert_eq!(superseded, Some(old.id()));
         assert!(new.id() > old.id());
-        tokio::time::timeout(Duration::from_secs(5), old.superseded())
+        let why = tokio::time::timeout(Duration::from_secs(5), old.ended())
             .await
             .expect("the older session is told");
+        assert_eq!(why, SessionEnd::Superseded);
         // The older session's late answers and reports are not taken.
         assert!(!ctl.router_ack(&old, 4, 1));
         assert!(!ctl.router_nack(&old, 6, 1, "late"));
@@ -1131,6 +1211,92 @@ mod tests {
         assert_eq!(r.record.applied_version, 7);
         assert!(!r.connected && !r.draining);
         assert!(!ctl.router_ack(&new, 8, 1), "an ended session");
+    }
+
+    /// `yaml(far)` without the nodes `gone` and their links.
+    pub(super) fn yaml_without(far: &str, gone: &[&str]) -> String {
+        yaml(far)
+            .lines()
+            .filter(|l| {
+                !gone.iter().any(|n| {
+                    [format!("id: {n},"), format!("a: {n},"), format!("b: {n},")]
+                        .iter()
+                        .any(|p| l.contains(p.as_str()))
+                })
+            })
+            .map(|l| format!("{l}\n"))
+            .collect()
+    }
+
+    /// A topology change that removes a node ends its current session (the session is told
+    /// before the version without the node is published) and forgets the router once that
+    /// session ends, a disconnected one at once, also when the controller opens its store again;
+    /// a session whose hello was checked before the change and that starts after it is ended at
+    /// its start. (A removed router's session lived on, got every version and its certificate
+    /// renewed; its record stayed.)
+    #[tokio::test]
+    async fn a_removed_nodes_session_is_ended_and_the_router_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RedbStore::open(dir.path()).unwrap());
+        let ctl = Controller::open(store, Some((&yaml("5ms"), "t.yaml"))).unwrap();
+        let known = |ctl: &Controller, n: &str| ctl.routers().iter().any(|r| r.record.node == n);
+        async fn told(s: &RouterSession) -> Result<SessionEnd, tokio::time::error::Elapsed> {
+            tokio::time::timeout(Duration::from_secs(5), s.ended()).await
+        }
+        let (e, _) = ctl.router_session_start("e");
+        let (s2, _) = ctl.router_session_start("s2");
+        let (t, _) = ctl.router_session_start("t");
+        assert!(ctl.router_ack(&e, 5, 1) && ctl.router_ack(&s2, 5, 1) && ctl.router_ack(&t, 5, 1));
+        assert!(ctl.router_session_end(&s2));
+        ctl.flush_routers().await.unwrap();
+        assert!(
+            known(&ctl, "s2"),
+            "a disconnected router of the topology is kept"
+        );
+
+        let text = yaml_without("5ms", &["e", "s2"]);
+        let out = ctl
+            .apply(&text, "t", "remove e and s2", Origin::Apply, false, None)
+            .await
+            .unwrap();
+        let v = out.version.expect("applied");
+        assert_eq!(
+            told(&e).await.expect("e's session is told"),
+            SessionEnd::Removed {
+                topology_version: v
+            }
+        );
+        assert!(
+            !known(&ctl, "s2"),
+            "a disconnected removed router is forgotten"
+        );
+        assert!(known(&ctl, "e"), "e is known until its session ends");
+        assert!(ctl.router_session_end(&e));
+        assert!(!known(&ctl, "e"));
+        let (late, _) = ctl.router_session_start("e");
+        assert_eq!(
+            told(&late)
+                .await
+                .expect("a session started after the apply"),
+            SessionEnd::Removed {
+                topology_version: v
+            }
+        );
+        assert!(ctl.router_session_end(&late));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), t.ended())
+                .await
+                .is_err(),
+            "t is still in the topology"
+        );
+        assert!(known(&ctl, "t"));
+
+        // The store keeps the removed routers' records; the controller opened again skips them.
+        let store = ctl.store().clone();
+        drop((ctl, e, late, t));
+        let ctl = Controller::open(store, None).unwrap();
+        assert!(!known(&ctl, "e") && !known(&ctl, "s2"));
+        assert!(known(&ctl, "t"));
     }
 
     /// The router's decode path: one frame through its reader, then its message decoder.

@@ -72,7 +72,7 @@ async fn start_router_with(
     let mut cfg = router::RouterConfig::new(NodeId::new(NODE), id, client.snapshots());
     cfg.cert_resolver = Some(cert.clone());
     let handle = router::Router::spawn(cfg).await.expect("router starts");
-    client.set_telemetry(handle.telemetry_source());
+    client.attach(&handle);
     (LiveRouter { client, handle }, cert)
 }
 

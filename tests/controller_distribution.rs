@@ -942,3 +942,58 @@ async fn an_apply_that_removes_a_node_closes_its_session() {
     assert_eq!(d.ctl.session_closes.get(close::SUPERSEDED), 0);
     d.shutdown().await;
 }
+
+/// A router that drains applies no more snapshots, and so acknowledges none: a version applied
+/// while it drains reaches the other routers, and the draining one stays at the version it runs,
+/// shown `behind` and `draining`, its session up. (Its control client handed every snapshot over
+/// and acknowledged it, though the control task no longer applied any: the controller counted
+/// the router as running versions it never ran, for status, circuits and `wait_acknowledged`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_router_does_not_acknowledge_versions_it_does_not_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = fabric_yaml(84, 1, 1, 10);
+    let (d, tls) = controller_with_pki(dir.path(), &fabric_nodes(1, 1), &yaml).await;
+    let edge = LiveRouter::start(d.quic_addr, "edge-0", &tls, None, &[]).await;
+    let transit = start_client(d.quic_addr, "transit-0", &tls, None).await;
+    let applied = |node: &str| router_status(&d, node).map_or(0, |r| r.record.applied_version);
+    let first = d.ctl.published().version;
+    eventually(
+        Duration::from_secs(10),
+        "both routers at the first version",
+        || applied("edge-0") == first && applied("transit-0") == first,
+    )
+    .await;
+
+    edge.handle.begin_drain();
+    eventually(Duration::from_secs(10), "edge-0 shown draining", || {
+        router_status(&d, "edge-0").is_some_and(|r| r.connected && r.draining)
+    })
+    .await;
+    let out = apply(&d, &format!("# version 2\n{yaml}"), "while edge-0 drains").await;
+    assert_eq!(out.version, Some(2));
+    let second = d.ctl.published().version;
+    assert!(second > first);
+    eventually(
+        Duration::from_secs(10),
+        "transit-0 at the second version",
+        || applied("transit-0") >= second && transit.topology_version() == 2,
+    )
+    .await;
+    stays(
+        Duration::from_secs(2),
+        "edge-0 acknowledged a version it does not apply",
+        || applied("edge-0") == first,
+    )
+    .await;
+    assert_eq!(edge.handle.telemetry().snapshot_version, first);
+    assert_eq!(edge.client.topology_version(), 1);
+    assert!(edge.client.is_connected() && edge.client.connects() == 1);
+    let text = status_text(&d).await;
+    let line = status_line(&text, "edge-0");
+    assert!(
+        line.contains("behind") && line.contains("draining") && !line.contains("rejected"),
+        "{text}"
+    );
+    edge.handle.shutdown().await;
+    d.shutdown().await;
+}

@@ -115,9 +115,10 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     sock.listen(BACKLOG)
 }
 
-/// Rebuilds this edge's circuit table from a new snapshot (limiters carried over) and keeps the
-/// circuit VIP listeners in step. Control path; called on every snapshot.
-pub(crate) fn apply_circuits(shared: &Arc<Shared>, snap: &crate::Snapshot) {
+/// Rebuilds this edge's circuit table from a new snapshot (limiters carried over) and, when
+/// `bind` (the router is not draining), keeps the circuit VIP listeners in step. Control path;
+/// called on every snapshot.
+pub(crate) fn apply_circuits(shared: &Arc<Shared>, snap: &crate::Snapshot, bind: bool) {
     let is_edge = snap
         .topology
         .node(shared.node.as_str())
@@ -129,9 +130,11 @@ pub(crate) fn apply_circuits(shared: &Arc<Shared>, snap: &crate::Snapshot) {
     };
     let table = Arc::new(table);
     shared.circuits.store(table.clone());
-    shared.vip_listeners.sync(&table, |l, service| {
-        tokio::spawn(accept_loop(shared.clone(), l, Some(service))).abort_handle()
-    });
+    if bind {
+        shared.vip_listeners.sync(&table, |l, service| {
+            tokio::spawn(accept_loop(shared.clone(), l, Some(service))).abort_handle()
+        });
+    }
 }
 
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, service: Option<ServiceName>) {

@@ -360,9 +360,10 @@ impl Control {
     }
 
     /// Applies snapshots and rebuilds the table until aborted. When the router starts to drain
-    /// it closes the edge's client listeners and applies no more snapshots, but keeps its
-    /// dialers, and so its probes and its neighbours' down verdicts, for the streams still open
-    /// (aborted at the end of the drain).
+    /// it applies a snapshot handed over before the drain began (the control client acknowledged
+    /// it), binding no listener, then closes the edge's client listeners and applies no more
+    /// snapshots, but keeps its dialers, and so its probes and its neighbours' down verdicts,
+    /// for the streams still open (aborted at the end of the drain).
     pub async fn run(mut self, mut snapshots: tokio::sync::watch::Receiver<Arc<crate::Snapshot>>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut source_open = true;
@@ -375,17 +376,29 @@ impl Control {
                 // First: with a snapshot waiting too, the drain wins, and no listener is bound
                 // again once it has begun.
                 biased;
-                r = shutdown.wait_for(|d| *d), if !draining && watching => match r {
-                    Ok(_) => {
+                r = shutdown.wait_for(|d| *d), if !draining && watching => {
+                    // Its lock let go first: applying reads the flag again.
+                    let began = r.is_ok();
+                    drop(r);
+                    if began {
                         draining = true;
+                        // A snapshot waiting now was handed over before the drain began (the
+                        // control client hands none over once it has, under the flag's lock)
+                        // and acknowledged: it is applied, binding no listener (the router
+                        // drains: `apply_snapshot`).
+                        if source_open && snapshots.borrow().has_changed() {
+                            let snap = snapshots.borrow_and_update().clone();
+                            self.apply_snapshot(snap);
+                        }
                         // Closes the client listeners (their tasks are aborted on drop), and the
                         // circuits' VIP listeners again: a snapshot applied while the drain
                         // began could have bound them after `begin_drain` closed them.
                         self.listeners = crate::edge::Listeners::default();
                         self.shared.vip_listeners.close_all();
+                    } else {
+                        watching = false;
                     }
-                    Err(_) => watching = false,
-                },
+                }
                 r = snapshots.changed(), if source_open && !draining => {
                     if r.is_err() {
                         // Source gone (file mode after start, or controller client stopped):
@@ -409,6 +422,8 @@ impl Control {
         self.listeners.sync(&self.shared, &snap)
     }
 
+    /// Makes `snap` the router's snapshot: peers, circuits, listeners, dialers, site services.
+    /// A draining router binds no listener (client or circuit VIP).
     pub fn apply_snapshot(&mut self, snap: Arc<Snapshot>) {
         let sh = self.shared.clone();
         let topo = snap.topology.clone();
@@ -416,10 +431,13 @@ impl Control {
         names.extend(sh.extra_peer_names.iter().cloned());
         sh.peers.set(names);
         sh.snapshot.store(snap.clone());
-        crate::edge::apply_circuits(&sh, &snap);
+        let bind = !sh.draining();
+        crate::edge::apply_circuits(&sh, &snap, bind);
         // Bind errors after start are logged (the last good listeners stay); at start they fail
         // `Router::spawn` (see `sync_listeners`).
-        let _ = self.listeners.sync(&sh, &snap);
+        if bind {
+            let _ = self.listeners.sync(&sh, &snap);
+        }
 
         // Neighbours: dial every node we share a link with.
         let mut want: HashMap<NodeId, SocketAddr> = HashMap::new();

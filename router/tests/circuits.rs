@@ -239,7 +239,9 @@ async fn a_circuit_takes_its_reserved_path_when_it_is_not_the_nearest() {
 /// arrives as the drain begins: ten edges each get a new snapshot (the same circuit) and the
 /// drain at once, and none takes a connection at the VIP afterwards. (The control task chose
 /// between the two at random: half the time it applied the snapshot, which bound the VIP again
-/// after the drain had closed it, and nothing closed it until the process ended.)
+/// after the drain had closed it, and nothing closed it until the process ended.) The snapshot,
+/// handed over before the drain began, is applied all the same: the control client acknowledged
+/// it. (The drain was taken first and the snapshot never applied.)
 #[tokio::test]
 async fn a_draining_edge_binds_no_vip_again() {
     let dir = ca_dir();
@@ -278,6 +280,11 @@ async fn a_draining_edge_binds_no_vip_again() {
             || "the control task never took its turn".into(),
         )
         .await;
+        assert_eq!(
+            edge.telemetry().snapshot_version,
+            2,
+            "edge {i}: the snapshot handed over before the drain"
+        );
         assert!(
             tokio::net::TcpStream::connect(at).await.is_err(),
             "edge {i}: a draining edge took a connection at its VIP"

@@ -418,7 +418,7 @@ impl LiveRouter {
         let mut cfg = router::RouterConfig::new(NodeId::new(node), id, client.snapshots());
         cfg.dial_overrides = dial.iter().map(|(n, a)| (NodeId::new(n), *a)).collect();
         let handle = router::Router::spawn(cfg).await?;
-        client.set_telemetry(handle.telemetry_source());
+        client.attach(&handle);
         Ok(LiveRouter { client, handle })
     }
 

@@ -480,7 +480,7 @@ fn run_with_controller(args: &RouterArgs, controller: SocketAddr) -> ExitCode {
                 return ExitCode::from(1);
             }
         };
-        client.set_telemetry(handle.telemetry_source());
+        client.attach(&handle);
         if let Some(addr) = handle.quic_addr() {
             println!(
                 "router {} listening on {addr} (controller {controller})",
@@ -488,7 +488,8 @@ fn run_with_controller(args: &RouterArgs, controller: SocketAddr) -> ExitCode {
             );
         }
         // The control session stays up while the router drains: the controller sees it draining
-        // (its telemetry says so) and routes around it too.
+        // (its telemetry says so) and routes around it too. It applies no version from then on,
+        // and acknowledges none (`attach`): the controller shows it behind.
         drain_on_signal(handle).await;
         // The latest snapshot on disk before the process goes (a restart while the controller
         // is away starts from it), unless the disk is stuck.

@@ -310,7 +310,7 @@ impl DemoFabric {
                 node: node.clone(),
                 source,
             })?;
-        client.set_telemetry(handle.telemetry_source());
+        client.attach(&handle);
         self.routers
             .insert(node.clone(), DemoRouter { handle, client });
         Ok(())

@@ -4,7 +4,10 @@
 //!
 //! A snapshot is applied and acknowledged first and stored after, by a task of its own that
 //! writes the latest one it was given (a `Writer`): an ACK says the router runs on that version,
-//! not that the version is on disk. Revocation lists and renewed certificates from the controller
+//! not that the version is on disk. Once the router it feeds drains ([`ControlClient::attach`]),
+//! a snapshot is neither applied (its control task applies no more) nor acknowledged nor stored:
+//! the session stays up (the controller sees the router draining) and keeps the snapshots it
+//! gets as the base of the next delta, and the controller sees the router behind. Revocation lists and renewed certificates from the controller
 //! are installed (checked, adopted, written to the TLS directory) by tasks of their own too. A
 //! disk that stalls (a hung NFS mount, a failing disk) delays only those, never applying,
 //! acknowledging, telemetry or the session's timers; a write slower than [`SLOW_WRITE`] is logged.
@@ -189,6 +192,11 @@ pub type TelemetrySource = Arc<dyn Fn() -> Option<TelemetryReport> + Send + Sync
 struct Shared {
     cfg: ClientConfig,
     telemetry: Mutex<Option<TelemetrySource>>,
+    /// The drain flag of the router this client feeds ([`ControlClient::attach`]); `None`: no
+    /// router attached (every snapshot is handed over).
+    drain: Mutex<Option<watch::Receiver<bool>>>,
+    /// Whether a snapshot was held back for the drain yet (said once at info).
+    held_back: AtomicBool,
     connected: AtomicBool,
     /// Control connections established so far (1 = never reconnected).
     connects: AtomicU64,
@@ -468,6 +476,8 @@ impl ControlClient {
         let shared = Arc::new(Shared {
             cfg,
             telemetry: Mutex::new(None),
+            drain: Mutex::new(None),
+            held_back: AtomicBool::new(false),
             connected: AtomicBool::new(false),
             connects: AtomicU64::new(0),
             stale: AtomicBool::new(false),
@@ -520,6 +530,17 @@ impl ControlClient {
     pub fn set_telemetry(&self, source: TelemetrySource) {
         if let Ok(mut t) = self.shared.telemetry.lock() {
             *t = Some(source);
+        }
+    }
+
+    /// Feeds `router`, the data plane given [`ControlClient::snapshots`]: its telemetry is what
+    /// the client reports ([`ControlClient::set_telemetry`]), and once it drains the client
+    /// hands it no more snapshots and acknowledges none (a draining router's control task
+    /// applies no more, and an ACK says the router applied the version).
+    pub fn attach(&self, router: &crate::RouterHandle) {
+        self.set_telemetry(router.telemetry_source());
+        if let Ok(mut d) = self.shared.drain.lock() {
+            *d = Some(router.shared.shutdown.clone());
         }
     }
 
@@ -737,6 +758,9 @@ async fn converse(
     shared.connects.fetch_add(1, Ordering::Relaxed);
     tracing::info!(controller = %cfg.controller, "connected to the controller");
 
+    // What the controller's next delta builds on: the last snapshot it sent that this router
+    // took, applied or (draining) not.
+    let mut base = tx.borrow().clone();
     let mut frames = proto::FrameReader::new(MAX_TO_ROUTER);
     let mut tick = tokio::time::interval(cfg.telemetry_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -790,7 +814,7 @@ async fn converse(
                         }
                         None
                     }
-                    msg => handle(shared, tx, msg)?,
+                    msg => handle(shared, tx, &mut base, msg)?,
                 };
                 if let Some(reply) = reply {
                     write(&mut send, &reply, stall).await?;
@@ -907,9 +931,13 @@ fn check(node: &NodeId, snap: &Snapshot) -> Result<(), String> {
     Ok(())
 }
 
+/// Takes one message of the controller's: a snapshot (whole or a delta on `base`) is checked,
+/// becomes the `base` of the next delta, and is handed to the data plane and acknowledged,
+/// unless the router drains ([`hand_over`]).
 fn handle(
     shared: &Shared,
     tx: &watch::Sender<Arc<Snapshot>>,
+    base: &mut Arc<Snapshot>,
     msg: ToRouter,
 ) -> Result<Option<FromRouter>, ControlError> {
     let node = &shared.cfg.node;
@@ -942,7 +970,7 @@ fn handle(
             changes,
             live,
         } => {
-            let cur = tx.borrow().clone();
+            let cur = base.clone();
             if cur.version != base_version {
                 let have = (cur.version != 0).then_some(cur.version);
                 return Ok(Some(FromRouter::Resync { have_version: have }));
@@ -963,7 +991,7 @@ fn handle(
             topology_version,
             live,
         } => {
-            let cur = tx.borrow().clone();
+            let cur = base.clone();
             if cur.version != base_version {
                 let have = (cur.version != 0).then_some(cur.version);
                 return Ok(Some(FromRouter::Resync { have_version: have }));
@@ -985,10 +1013,21 @@ fn handle(
         return Ok(Some(FromRouter::Nack { version, reason }));
     }
     let snap = Arc::new(snap);
+    *base = snap.clone();
+    if !hand_over(shared, tx, &snap) {
+        // Not stored either: the stored snapshot is one the router ran on.
+        if !shared.held_back.swap(true, Ordering::Relaxed) {
+            tracing::info!(
+                version,
+                "draining: snapshots from the controller are no longer applied nor acknowledged"
+            );
+        }
+        tracing::debug!(version, topology_version, "draining: snapshot not applied");
+        return Ok(None);
+    }
     shared
         .topology_version
         .store(topology_version, Ordering::Relaxed);
-    tx.send_replace(snap.clone());
     tracing::debug!(version, topology_version, "applied snapshot");
     // Stored after it applied, by the store's own task (the latest snapshot wins: a burst of
     // live updates is one write): the ACK says the router runs on this version, which is what
@@ -1006,6 +1045,23 @@ fn handle(
         });
     }
     Ok(Some(FromRouter::Ack { version }))
+}
+
+/// Hands `snap` to the data plane, unless the attached router drains: its control task applies
+/// no more snapshots then (`routes::Control::run`), and one handed over anyway would be
+/// acknowledged and never applied. The drain flag is read, and the snapshot handed over, under
+/// the flag's lock: a drain that begins after this finds the snapshot waiting, and the control
+/// task applies it as it takes the drain; one that began before is seen here. True when handed
+/// over.
+fn hand_over(shared: &Shared, tx: &watch::Sender<Arc<Snapshot>>, snap: &Arc<Snapshot>) -> bool {
+    let drain = shared.drain.lock().ok().and_then(|d| d.clone());
+    // Held until the snapshot is in: `RouterHandle::begin_drain` waits for it.
+    let draining = drain.as_ref().map(|d| d.borrow());
+    if draining.as_deref() == Some(&true) {
+        return false;
+    }
+    tx.send_replace(snap.clone());
+    true
 }
 
 /// When the next renewal request is due: when the presented certificate is

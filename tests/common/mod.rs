@@ -473,9 +473,9 @@ pub struct Nginx {
 }
 
 impl Nginx {
-    /// `None` when nginx is not installed (scripts/deps installs it).
-    pub fn start(dir: &Path, root: &Path, addr: SocketAddr, wrapper: &[String]) -> Option<Nginx> {
-        let nginx = which("nginx")?;
+    /// Panics when nginx is not installed (scripts/deps installs it) or does not start.
+    pub fn start(dir: &Path, root: &Path, addr: SocketAddr, wrapper: &[String]) -> Nginx {
+        let nginx = which("nginx").expect("nginx is not installed: run scripts/deps");
         let conf = dir.join("nginx.conf");
         let d = dir.display();
         std::fs::write(
@@ -488,7 +488,7 @@ impl Nginx {
                 root.display()
             ),
         )
-        .ok()?;
+        .expect("write nginx.conf");
         let (prog, pre): (String, Vec<String>) = match wrapper.split_first() {
             Some((p, rest)) => (
                 p.clone(),
@@ -510,15 +510,14 @@ impl Nginx {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .ok()?;
-        let n = Nginx {
+            .unwrap_or_else(|e| panic!("spawn nginx ({}): {e}", nginx.display()));
+        Nginx {
             _proc: Proc {
                 name: "nginx".into(),
                 child,
             },
             addr,
-        };
-        Some(n)
+        }
     }
 }
 

@@ -1,12 +1,121 @@
 //! The nearest site dies (SIGKILL) mid-run: open connections fail cleanly, new ones go to the
 //! next site, no client connection hangs.
+//!
+//! "Fail cleanly" is a TCP reset: the edge resets a client's connection whose upstream is lost
+//! (a FIN would make a response cut off mid-way look complete to the client).
 
 mod common;
 
-use std::io::{BufRead, ErrorKind, Read, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::*;
+
+/// What a client sends to have the backend stream bytes to it until the connection ends.
+const STREAM: &str = "stream";
+
+/// A TCP backend on loopback, a thread per connection: writes `greeting`, then echoes each line
+/// it reads, except [`STREAM`], after which it writes bytes until a write fails.
+fn greeting_backend(greeting: &str) -> SocketAddr {
+    let l = TcpListener::bind((LOCAL, 0)).unwrap();
+    let addr = l.local_addr().unwrap();
+    let greeting = greeting.to_string();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let greeting = greeting.clone();
+            std::thread::spawn(move || {
+                let _ = s.write_all(greeting.as_bytes());
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut line = String::new();
+                while matches!(r.read_line(&mut line), Ok(n) if n > 0) {
+                    if line.trim_end() == STREAM {
+                        let block = vec![0x5a_u8; 64 * 1024];
+                        while s.write_all(&block).is_ok() {}
+                        return;
+                    }
+                    if s.write_all(line.as_bytes()).is_err() {
+                        return;
+                    }
+                    line.clear();
+                }
+                let _ = s.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+/// A transfer in progress: a client through the edge that asked its site's backend to stream,
+/// and reads everything from a thread of its own until the connection ends.
+struct Transfer {
+    got: Arc<AtomicU64>,
+    reader: JoinHandle<std::io::Result<()>>,
+}
+
+impl Transfer {
+    /// Starts one through the edge's `port`, checking that `site` greeted it.
+    fn start(port: u16, site: &str) -> Transfer {
+        let (mut r, greeting) = greet(port).unwrap();
+        assert_eq!(greeting, format!("SITE={site}"));
+        r.get_mut()
+            .write_all(format!("{STREAM}\n").as_bytes())
+            .unwrap();
+        let got = Arc::new(AtomicU64::new(0));
+        let counted = got.clone();
+        let reader = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match r.read(&mut buf) {
+                    Ok(0) => return Ok(()),
+                    Ok(n) => counted.fetch_add(n as u64, Ordering::Relaxed),
+                    Err(e) => return Err(e),
+                };
+            }
+        });
+        Transfer { got, reader }
+    }
+
+    /// Waits until bytes are flowing: `at_least` more than when called.
+    fn wait_flowing(&self, at_least: u64) {
+        let from = self.got.load(Ordering::Relaxed);
+        eventually(DEADLINE, "the transfer's bytes flowing", || {
+            self.got.load(Ordering::Relaxed) >= from + at_least
+        });
+    }
+
+    /// Waits for the transfer to end and asserts that the client saw a reset, not an end of
+    /// stream (or its 10 s read timeout).
+    fn assert_reset(self, what: &str) {
+        let end = self.reader.join().expect("reader thread");
+        let got = self.got.load(Ordering::Relaxed);
+        match end {
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+            other => {
+                panic!("{what}: the transfer ended with {other:?} after {got} bytes, not a reset")
+            }
+        }
+    }
+}
+
+/// Reads from an open connection through the edge that is expected to be reset: a reset, not
+/// an end of stream, nor the 10 s read timeout (a hang).
+fn assert_reset(r: &mut BufReader<TcpStream>, what: &str) {
+    let t = Instant::now();
+    let mut rest = Vec::new();
+    match r.read_to_end(&mut rest) {
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        other => panic!(
+            "{what}: ended with {other:?} after {:?} ({} more bytes), not a reset",
+            t.elapsed(),
+            rest.len()
+        ),
+    }
+}
 
 /// A new connection made right after a site was killed: it must be served by `site` and echo.
 /// Returns when its greeting arrived, measured from `killed`.
@@ -31,9 +140,9 @@ fn fresh_connection_served_by(f: &Fabric, port: u16, site: &str, killed: Instant
 /// with the edge preferring site-near and holding both sites as candidates (a first try on
 /// site-near has site-far to fall back on). Returns the fabric and the service port.
 fn near_and_far(through_transit: bool) -> (Fabric, u16) {
-    // Each backend greets with its site's name, then echoes.
-    let b1 = echo_backend("SITE=site-near\n");
-    let b2 = echo_backend("SITE=site-far\n");
+    // Each backend greets with its site's name, then echoes (or streams).
+    let b1 = greeting_backend("SITE=site-near\n");
+    let b2 = greeting_backend("SITE=site-far\n");
     let port = free_tcp_port(LOCAL);
     let mut y = TopoYaml::default();
     y.edge("edge", free_udp(LOCAL), LOCAL, None)
@@ -65,12 +174,10 @@ fn nearest_site_killed_open_connections_fail_cleanly_and_new_ones_move_to_next_s
         f.metric("edge", "tasman_neighbour_up", "neighbour=\"site-far\"") == 1
     });
 
-    let mut open = Vec::new();
-    for _ in 0..5 {
-        let (r, site) = greet(port).unwrap();
-        assert_eq!(site, "SITE=site-near");
-        open.push(r);
-    }
+    let open = held_on(port, "site-near", 5);
+    // And one receiving a response when the site dies.
+    let transfer = Transfer::start(port, "site-near");
+    transfer.wait_flowing(1 << 20);
 
     f.kill("site-near");
     let killed = Instant::now();
@@ -79,19 +186,10 @@ fn nearest_site_killed_open_connections_fail_cleanly_and_new_ones_move_to_next_s
     // detected dead) fails before any byte came back, so the edge retries on the next site.
     let first_new = fresh_connection_served_by(&f, port, "site-far", killed);
 
-    // Every connection that was open ends (reset or EOF) instead of hanging.
+    // Every connection that was open is reset, instead of hanging or ending as if complete.
+    transfer.assert_reset("the transfer running when site-near died");
     for (i, mut r) in open.into_iter().enumerate() {
-        let mut buf = [0u8; 64];
-        let t = Instant::now();
-        let res = r.read(&mut buf);
-        match res {
-            Ok(0) => {}
-            Err(e) if !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            other => panic!(
-                "open connection {i} did not fail cleanly: {other:?} after {:?}",
-                t.elapsed()
-            ),
-        }
+        assert_reset(&mut r, &format!("open connection {i}"));
     }
     let all_closed = killed.elapsed();
 
@@ -213,7 +311,8 @@ fn a_site_stopped_with_sigterm_drains_open_connections_while_new_ones_go_elsewhe
 }
 
 /// A second signal stops a draining router without waiting for its drain timeout (here an hour):
-/// what is still open is cut, and the process exits.
+/// what is still open is cut (a transfer under way is reset, not ended as if complete), and the
+/// process exits.
 #[test]
 fn a_second_signal_stops_a_draining_router_at_once() {
     let (mut f, port) = near_and_far(false);
@@ -223,11 +322,14 @@ fn a_second_signal_stops_a_draining_router_at_once() {
     f.start_with("site-near", &["--drain-timeout", "1h"]);
     f.wait_preferred("edge", "chat", "site-near");
     let mut open = held_on(port, "site-near", 1);
+    let transfer = Transfer::start(port, "site-near");
 
     f.signal("site-near", libc::SIGTERM);
     eventually(DEADLINE, "site-near draining", || {
         f.metric("site-near", "tasman_router_draining", "") == 1
     });
+    // The transfer carries on while the router drains, until the second signal.
+    transfer.wait_flowing(1 << 20);
     f.signal("site-near", libc::SIGINT);
     let status = f.wait_exit("site-near", DEADLINE);
     assert!(
@@ -235,11 +337,7 @@ fn a_second_signal_stops_a_draining_router_at_once() {
         "site-near: {status}\n{}",
         f.log("site-near")
     );
-    // The open connection ends (reset or EOF) rather than hanging.
-    let mut rest = Vec::new();
-    let end = open[0].read_to_end(&mut rest);
-    assert!(
-        !matches!(&end, Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)),
-        "the open connection outlived the router: {end:?}"
-    );
+    // What was open is reset rather than hanging or ending as if complete.
+    transfer.assert_reset("the transfer cut by the second signal");
+    assert_reset(&mut open[0], "the idle connection cut by the second signal");
 }

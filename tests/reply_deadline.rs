@@ -102,17 +102,26 @@ fn wait(what: &str, cond: impl FnMut() -> bool) {
 }
 
 /// Connects to the edge's service `port` and sends [`CLIENT_BYTES`] from a task of its own (it
-/// stops at the first failed write). The read half.
-async fn sending_client(port: u16) -> tokio::net::tcp::OwnedReadHalf {
+/// stops at the first failed write). The read half, and where the writer puts the error that
+/// stopped it.
+async fn sending_client(
+    port: u16,
+) -> (
+    tokio::net::tcp::OwnedReadHalf,
+    Arc<std::sync::Mutex<Option<std::io::ErrorKind>>>,
+) {
     let (r, mut w) = TcpStream::connect((LOCAL, port))
         .await
         .unwrap()
         .into_split();
+    let failed = Arc::new(std::sync::Mutex::new(None));
+    let failed_w = failed.clone();
     tokio::spawn(async move {
         let block = vec![0x5a_u8; 1024 * 1024];
         let mut sent = 0;
         while sent < CLIENT_BYTES {
-            if w.write_all(&block).await.is_err() {
+            if let Err(e) = w.write_all(&block).await {
+                *failed_w.lock().unwrap() = Some(e.kind());
                 return;
             }
             sent += block.len();
@@ -120,7 +129,7 @@ async fn sending_client(port: u16) -> tokio::net::tcp::OwnedReadHalf {
         // Held open (no FIN): the attempt waits for the site, not for the client.
         std::future::pending::<()>().await;
     });
-    r
+    (r, failed)
 }
 
 /// The edge (reply deadline 2 s) and one site whose backend's accept queue is full (backend
@@ -153,15 +162,20 @@ async fn the_reply_deadline_ends_an_attempt_whose_client_bytes_wait_for_flow_con
     });
 
     let started = Instant::now();
-    let mut r = sending_client(port).await;
+    let (mut r, write_failed) = sending_client(port).await;
     let mut buf = [0u8; 64];
     let end = tokio::time::timeout(WITHIN, r.read(&mut buf)).await;
     let took = started.elapsed();
     let up = metric(&edge, "tasman_bytes_up_total", "");
     println!("client connection ended after {took:?}: {end:?}; {up} bytes handed to the stream");
     match end {
-        Ok(Ok(0)) | Ok(Err(_)) => {}
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        // The socket reports a reset once: to the writer, if its write came first.
+        Ok(Ok(0)) => wait("the client's writer to see the reset", || {
+            *write_failed.lock().unwrap() == Some(std::io::ErrorKind::ConnectionReset)
+        }),
         Ok(Ok(n)) => panic!("the client got {n} bytes from a site that never connected"),
+        Ok(Err(e)) => panic!("the client connection ended with {e}, not a reset"),
         Err(_) => panic!(
             "the client connection was still open after {WITHIN:?} (reply deadline 2 s); \
              the edge handed {up} bytes to the stream"
@@ -236,7 +250,7 @@ async fn a_first_hop_declared_down_while_client_bytes_wait_moves_the_attempt() {
             && metric(&edge, "tasman_neighbour_up", "") == 2
     });
 
-    let r = sending_client(port).await;
+    let (r, _) = sending_client(port).await;
     // The window to site-near is full (less the header): the edge's write now waits.
     let window = STREAM_RECEIVE_WINDOW as u64;
     wait(
@@ -383,8 +397,8 @@ fn the_reply_and_backend_connect_timeout_flags_reach_the_routers() {
     let took = started.elapsed();
     println!("client connection ended after {took:?}: {end:?}");
     match end {
-        Ok(0) => {}
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Ok(0) => panic!("the client connection ended with a FIN, not a reset"),
         Ok(n) => panic!("the client got {n} bytes from a site that never connected"),
         Err(e) => panic!("the client connection was still open after {took:?}: {e}"),
     }

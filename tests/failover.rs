@@ -261,10 +261,18 @@ fn echo_line(r: &mut std::io::BufReader<std::net::TcpStream>, msg: &str) {
 /// A rolling restart's first half: SIGTERM to the nearest site's router. It drains: connections
 /// open on it keep working, every new connection goes to the next site without a failure, and
 /// the process exits (status 0) as soon as its last connection closes, well before its drain
-/// timeout (30 s by default).
+/// timeout (here an hour, so that only the last connection's end can explain the exit).
 #[test]
 fn a_site_stopped_with_sigterm_drains_open_connections_while_new_ones_go_elsewhere() {
     let (mut f, port) = near_and_far(false);
+    // Restarted with a drain timeout of an hour, once the edge has seen it go and come back.
+    f.kill("site-near");
+    f.wait_preferred("edge", "chat", "site-far");
+    f.start_with("site-near", &["--drain-timeout", "1h"]);
+    f.wait_preferred("edge", "chat", "site-near");
+    eventually(DEADLINE, "both sites candidates at the edge", || {
+        f.metric("edge", "tasman_service_candidates", "service=\"chat\"") == 2
+    });
     let mut open = held_on(port, "site-near", 3);
 
     f.signal("site-near", libc::SIGTERM);
@@ -301,13 +309,18 @@ fn a_site_stopped_with_sigterm_drains_open_connections_while_new_ones_go_elsewhe
     );
 
     drop(open);
+    let closed = Instant::now();
     let status = f.wait_exit("site-near", DEADLINE);
-    assert!(
-        status.success(),
-        "site-near: {status}\n{}",
-        f.log("site-near")
+    let log = f.log("site-near");
+    println!(
+        "site-near exited {:?} after its last connection closed",
+        closed.elapsed()
     );
-    assert!(f.log("site-near").contains("draining"));
+    assert!(status.success(), "site-near: {status}\n{log}");
+    assert!(log.contains("draining"), "{log}");
+    // It stopped because nothing was left open, not at its drain timeout.
+    assert!(!log.contains("drain timeout"), "{log}");
+    assert!(log.contains("router stopped"), "{log}");
 }
 
 /// A second signal stops a draining router without waiting for its drain timeout (here an hour):

@@ -1,14 +1,19 @@
-//! 1,000 concurrent client connections through one edge all complete correctly.
+//! 1,000 concurrent client connections through one edge all complete correctly, and all of
+//! them are open through the fabric at once: each is held, mid-exchange, until every one of
+//! them has had its first part echoed, while the routers' gauges count 1,000 open streams.
 
 mod common;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CLIENTS: usize = 1000;
+/// What each client sends (and reads back) before it is held.
+const FIRST: usize = 4 * 1024;
 
 async fn echo_backend() -> SocketAddr {
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
@@ -30,6 +35,10 @@ async fn echo_backend() -> SocketAddr {
     addr
 }
 
+/// Every client connects, sends its first [`FIRST`] bytes and reads their echo, then waits for
+/// the release: all 1,000 connections are then open edge -> transit -> site -> backend at once
+/// (an edge serving one connection at a time, or capping its streams, never gets them all
+/// there). Once released, each sends the rest, half-closes and checks the whole echo.
 #[test]
 fn a_thousand_concurrent_clients_through_one_edge_all_complete() {
     let limit = raise_nofile();
@@ -55,26 +64,65 @@ fn a_thousand_concurrent_clients_through_one_edge_all_complete() {
     f.start_all();
     f.wait_preferred("edge", "chat", "site");
 
-    let barrier = Arc::new(tokio::sync::Barrier::new(CLIENTS));
+    let connected = Arc::new(tokio::sync::Barrier::new(CLIENTS));
+    // Clients whose first part came back (and which now wait), and clients that failed.
+    let held = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let (release, released) = tokio::sync::watch::channel(false);
+    let tasks: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let (connected, held, failed) = (connected.clone(), held.clone(), failed.clone());
+            let mut released = released.clone();
+            rt.spawn(async move {
+                let client = async {
+                    let s = tokio::net::TcpStream::connect((LOCAL, port)).await;
+                    // Every connection is open before any sends. (A failed connect still
+                    // reaches the barrier, so the others are not held forever.)
+                    connected.wait().await;
+                    let mut s = s?;
+                    let mut msg = vec![0u8; 2 * FIRST + i];
+                    fill(&mut msg, &mut (i as u64 + 1));
+                    s.write_all(&msg[..FIRST]).await?;
+                    let mut back = vec![0u8; FIRST];
+                    s.read_exact(&mut back).await?;
+                    if back != msg[..FIRST] {
+                        return Ok(false);
+                    }
+                    held.fetch_add(1, Ordering::SeqCst);
+                    // Held open, mid-exchange, until every client got here.
+                    let _ = released.wait_for(|r| *r).await;
+                    s.write_all(&msg[FIRST..]).await?;
+                    s.shutdown().await?;
+                    let mut rest = Vec::with_capacity(msg.len() - FIRST);
+                    s.read_to_end(&mut rest).await?;
+                    Ok::<bool, std::io::Error>(rest == msg[FIRST..])
+                };
+                let r = client.await;
+                if !matches!(r, Ok(true)) {
+                    failed.fetch_add(1, Ordering::SeqCst);
+                }
+                r
+            })
+        })
+        .collect();
+
+    eventually(
+        DEADLINE * 4,
+        "every client's first part echoed (or failed)",
+        || held.load(Ordering::SeqCst) + failed.load(Ordering::SeqCst) == CLIENTS,
+    );
+    let at_once = held.load(Ordering::SeqCst);
+    // Every connection is open through the fabric now: counted by the edge and the site as a
+    // client (backend) stream, by the transit as a relayed one.
+    let gauges = [
+        ("edge", "tasman_streams_active"),
+        ("transit", "tasman_relayed_streams_active"),
+        ("site", "tasman_streams_active"),
+    ]
+    .map(|(node, name)| (node, f.metric(node, name, "")));
+    release.send(true).unwrap();
+
     let results = rt.block_on(async {
-        let mut tasks = Vec::new();
-        for i in 0..CLIENTS {
-            let barrier = barrier.clone();
-            tasks.push(tokio::spawn(async move {
-                let s = tokio::net::TcpStream::connect((LOCAL, port)).await;
-                // Every connection is open before any sends: they are all concurrent. (A failed
-                // connect still reaches the barrier, so the others are not held forever.)
-                barrier.wait().await;
-                let mut s = s?;
-                let mut msg = vec![0u8; 8 * 1024 + i];
-                fill(&mut msg, &mut (i as u64 + 1));
-                s.write_all(&msg).await?;
-                s.shutdown().await?;
-                let mut back = Vec::with_capacity(msg.len());
-                s.read_to_end(&mut back).await?;
-                Ok::<bool, std::io::Error>(back == msg)
-            }));
-        }
         let mut out = Vec::new();
         for t in tasks {
             out.push(tokio::time::timeout(DEADLINE * 4, t).await);
@@ -87,6 +135,18 @@ fn a_thousand_concurrent_clients_through_one_edge_all_complete() {
             Ok(Ok(Ok(true))) => ok += 1,
             other => eprintln!("client {i}: {other:?}"),
         }
+    }
+    println!("{at_once} clients held at once; open streams then: {gauges:?}");
+    assert_eq!(
+        at_once, CLIENTS,
+        "only {at_once} of {CLIENTS} clients had their first part echoed while all were held \
+         open; streams open then: {gauges:?}"
+    );
+    for (node, open) in gauges {
+        assert!(
+            open >= CLIENTS as u64,
+            "{node} counted {open} open streams while all {CLIENTS} clients were held: {gauges:?}"
+        );
     }
     assert_eq!(
         ok, CLIENTS,

@@ -12,8 +12,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    LOCAL, Proc, circuit_cli, circuit_create_args, free_tcp_port, free_udp, make_pki,
-    spawn_controller, tasman,
+    LOCAL, Proc, circuit_cli, circuit_create_args, free_tcp_port, free_udp, http_get, make_pki,
+    metric_sum, spawn_controller, tasman,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use traffic::{assert_refused, blast, connect_from, sink_backend, steady_mbps};
@@ -72,6 +72,8 @@ async fn circuits_become_active_on_acknowledgement_and_carry_their_rates_through
     );
     let (quic, admin) = (ctl.quic.to_string(), ctl.admin.clone());
 
+    // The edge's metrics endpoint: its refusals are counted there.
+    let e1_metrics = SocketAddr::new(LOCAL, free_tcp_port(LOCAL));
     let _routers: Vec<Proc> = ["e1", "t1", "s1"]
         .iter()
         .map(|n| Proc {
@@ -81,6 +83,10 @@ async fn circuits_become_active_on_acknowledgement_and_carry_their_rates_through
                 .arg(&pki)
                 .arg("--state-dir")
                 .arg(dir.path().join(n))
+                .args(match *n {
+                    "e1" => vec!["--metrics".to_string(), e1_metrics.to_string()],
+                    _ => vec![],
+                })
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(dir.path().join(format!("{n}.log"))).unwrap())
                 .spawn()
@@ -126,8 +132,29 @@ async fn circuits_become_active_on_acknowledgement_and_carry_their_rates_through
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // A client with no circuit is refused.
+    // A client with no circuit is refused: by the edge, which counts it (a connection that
+    // never reached the edge, which `assert_refused` lets pass, would not be).
+    let refused = || async move {
+        tokio::task::spawn_blocking(move || {
+            metric_sum(
+                &http_get(e1_metrics, "/metrics").expect("e1's /metrics"),
+                "tasman_stream_errors_total",
+                "code=\"circuit_refused\"",
+            )
+        })
+        .await
+        .unwrap()
+    };
+    let before = refused().await;
     assert_refused(Ipv4Addr::new(127, 0, 0, 4), SocketAddr::new(LOCAL, port)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while refused().await <= before {
+        assert!(
+            Instant::now() < deadline,
+            "the edge never counted the refusal (circuit_refused stayed at {before})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     let dur = Duration::from_millis(6500);
     let a = connect_from(Ipv4Addr::new(127, 0, 0, 2), v1).await.unwrap();

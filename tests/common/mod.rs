@@ -414,13 +414,7 @@ impl Fabric {
                 .success()
                 .then(|| String::from_utf8_lossy(&out.stdout).into_owned());
         }
-        let mut s = TcpStream::connect_timeout(addr, Duration::from_secs(2)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).ok()?;
-        let (head, body) = out.split_once("\r\n\r\n")?;
-        head.starts_with("HTTP/1.").then(|| body.to_string())
+        http_get(*addr, path)
     }
 
     /// The `/telemetry` JSON of `node`'s router.
@@ -453,6 +447,17 @@ impl Fabric {
             filter,
         )
     }
+}
+
+/// HTTP/1.0 GET of `path` on `addr` (a router's metrics endpoint): the body of an HTTP answer.
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.").then(|| body.to_string())
 }
 
 /// The sum of the samples of metric `name` in Prometheus text `text` whose labels contain

@@ -74,16 +74,20 @@ async fn a_router_says_its_snapshot_is_stale_past_max_stale_and_recovers() {
     let (d, tls) =
         controller_with_pki(dir.path(), &fabric_nodes(1, 1), &fabric_yaml(66, 1, 1, 10)).await;
     let addr = d.quic_addr;
-    // Stale after 3 s without a word: heartbeats come every 2 s.
-    let c = start_client_with(addr, "edge-0", &tls, |cfg| {
-        cfg.max_stale = Duration::from_secs(3)
-    })
+    // Stale after 6 s without a word: heartbeats come every 2 s, so a connected router hears
+    // three of them in that time, and one late by up to 4 s does not make it stale.
+    let max_stale = Duration::from_secs(6);
+    let c = start_client_with(addr, "edge-0", &tls, |cfg| cfg.max_stale = max_stale).await;
+    // Fresh all along for longer than max_stale: only heartbeats can do that.
+    stays(
+        max_stale + Duration::from_secs(3),
+        "heartbeats keep a connected router fresh",
+        || !c.is_stale() && c.is_connected(),
+    )
     .await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    assert!(!c.is_stale(), "heartbeats keep a connected router fresh");
     d.shutdown().await;
     eventually(
-        Duration::from_secs(10),
+        max_stale + Duration::from_secs(30),
         "stale after max_stale without the controller",
         || c.is_stale(),
     )
@@ -463,13 +467,44 @@ async fn repeated_resync_requests_get_the_current_version_in_full_once() {
     d.shutdown().await;
 }
 
+/// What this test binary's tracing events say at WARN and above (the controller runs in this
+/// process and logs with `tracing`, as `tasman controller` does to its stderr), from the first
+/// call on: every test's, so a test looks for its own words in it.
+fn captured_log() -> &'static std::sync::Mutex<Vec<u8>> {
+    use std::sync::{Mutex, OnceLock};
+    static LOG: OnceLock<&'static Mutex<Vec<u8>>> = OnceLock::new();
+    LOG.get_or_init(|| {
+        let log: &'static Mutex<Vec<u8>> = Box::leak(Box::default());
+        struct Sink(&'static Mutex<Vec<u8>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        use tracing_subscriber::util::SubscriberInitExt;
+        tracing_subscriber::fmt()
+            .with_max_level(tracing_subscriber::filter::LevelFilter::WARN)
+            .with_ansi(false)
+            .with_writer(move || Sink(log))
+            .finish()
+            .try_init()
+            .expect("the only tracing subscriber of this test binary");
+        log
+    })
+}
+
 /// The reason a router gives for rejecting a version is its word, up to a whole frame (1 MiB) of
 /// it: the controller keeps (in the store, in `tasman status`) and logs a bounded part of it, as
 /// it does with a hello's node name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejection_reason_is_kept_and_logged_bounded() {
-    use router::control::proto::{self, FromRouter, ToRouter};
+    use router::control::proto::{self, FromRouter, MAX_REASON, ToRouter};
 
+    let log = captured_log();
     let dir = tempfile::tempdir().unwrap();
     let (d, tls) =
         controller_with_pki(dir.path(), &fabric_nodes(1, 1), &fabric_yaml(72, 1, 1, 10)).await;
@@ -498,10 +533,44 @@ async fn a_rejection_reason_is_kept_and_logged_bounded() {
         .and_then(|r| r.record.last_nack)
         .unwrap();
     assert_eq!(kept.version, version);
+    // The reason's first MAX_REASON bytes at most, whole characters, the cut marked.
     assert!(
-        kept.reason.len() <= 1024 && kept.reason.starts_with("€€"),
-        "kept {} bytes of the reason",
-        kept.reason.len()
+        kept.reason.len() <= MAX_REASON + "...".len()
+            && kept.reason.len() > MAX_REASON - "€".len()
+            && kept.reason.starts_with("€€")
+            && kept.reason.ends_with("€..."),
+        "kept {} bytes of the reason: {:?}",
+        kept.reason.len(),
+        kept.reason
+    );
+    // `tasman status` shows the rejection with that reason, on a line of bounded length.
+    let status = status_text(&d).await;
+    let line = status_line(&status, "edge-0");
+    assert!(
+        line.contains(&format!("rejected snapshot {version} ")) && line.contains(&kept.reason),
+        "status line of edge-0: {line:?}\nall of it:\n{status}"
+    );
+    assert!(
+        line.len() <= kept.reason.len() + 512,
+        "{} bytes: {line}",
+        line.len()
+    );
+    // The controller logged it, bounded the same way.
+    let logged = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+    let line = logged
+        .lines()
+        .find(|l| l.contains("router rejected snapshot") && l.contains("€€"))
+        .unwrap_or_else(|| panic!("no rejection logged; the log:\n{logged}"));
+    assert!(
+        line.contains(&format!("router rejected snapshot: {}", kept.reason))
+            && line.contains("edge-0")
+            && line.contains(&format!("version={version}")),
+        "{line}"
+    );
+    assert!(
+        line.len() <= kept.reason.len() + 512,
+        "{} bytes: {line}",
+        line.len()
     );
     d.shutdown().await;
 }

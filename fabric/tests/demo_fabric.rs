@@ -62,7 +62,9 @@ async fn requests_take_the_emulated_latency_follow_a_live_edit_and_fail_over() {
         "TTFB {:?} below the link's round trip",
         r.ttfb
     );
-    assert!(r.ttfb < Duration::from_millis(500), "TTFB {:?}", r.ttfb);
+    // Not a speed test (a debug build on 2 busy cores): the site's name shows the path; this
+    // only catches a first byte held back for seconds.
+    assert!(r.ttfb < Duration::from_secs(5), "TTFB {:?}", r.ttfb);
 
     // Raising the emulated latency live shows up in the next request.
     let near = NodeId::new("near");
@@ -98,7 +100,7 @@ async fn requests_take_the_emulated_latency_follow_a_live_edit_and_fail_over() {
     f.wait_acknowledged(2, Duration::from_secs(10))
         .await
         .expect("every router acknowledges version 2");
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(30);
     while f
         .router(&edge)
         .and_then(|r| r.routes().preferred("chat").map(|c| c.site.to_string()))

@@ -173,7 +173,15 @@ impl Entry {
         })
     }
 
+    /// Encodes the entry. A list longer than [`MAX_LIST`] is cut as [`Entry::trimmed_to`] cuts:
+    /// neighbours down and unhealthy services are kept first (the first `MAX_LIST` by id would
+    /// leave out a down report of any neighbour beyond them).
     fn encode(&self, out: &mut BytesMut) {
+        if (self.neighbours.len() > MAX_LIST || self.services.len() > MAX_LIST)
+            && let Some(cut) = self.trimmed_to(usize::MAX)
+        {
+            return cut.encode(out);
+        }
         put_name(out, self.origin.as_str());
         out.put_u64(self.generation);
         let n = self.neighbours.len().min(MAX_LIST);
@@ -418,6 +426,33 @@ mod tests {
             next, 0,
             "all carried (the huge one cannot be): back to the start"
         );
+    }
+
+    /// A transit with 70 links whose 70th neighbour (by id) died: the entry fits a datagram whole,
+    /// but a list holds at most `MAX_LIST`; the neighbours down are the ones kept. (The first 64 by
+    /// id were sent, and the down report never left the router.)
+    #[test]
+    fn a_neighbour_down_beyond_the_list_bound_is_reported() {
+        let own = Entry {
+            origin: "transit".into(),
+            generation: 7,
+            neighbours: (0..70)
+                .map(|i| NeighbourState {
+                    id: NodeId::new(format!("n{i:02}")),
+                    up: i != 69,
+                    rtt_us: 100,
+                })
+                .collect(),
+            services: Vec::new(),
+        };
+        let (pong, _) = Probe::encode_pong(1, &[own], 0, 1500);
+        let Probe::Pong { entries, .. } = Probe::decode(pong).unwrap() else {
+            panic!("not a pong");
+        };
+        let sent = &entries[0].neighbours;
+        assert_eq!(sent.len(), MAX_LIST);
+        let down: Vec<_> = sent.iter().filter(|n| !n.up).map(|n| n.id.as_str()).collect();
+        assert_eq!(down, ["n69"], "the neighbour down is not reported");
     }
 
     proptest! {

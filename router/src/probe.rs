@@ -22,6 +22,8 @@ use topology::{NodeId, ServiceName};
 const PING: u8 = 1;
 const PONG: u8 = 2;
 const MAX_NAME: usize = 63;
+/// A pong's bytes before its entries: type, sequence number, entry count.
+const PONG_HEADER: usize = 10;
 /// Bound on list lengths in one entry / one digest.
 pub const MAX_LIST: usize = 64;
 
@@ -173,6 +175,29 @@ impl Entry {
         })
     }
 
+    /// The size of [`Entry::encode`]'s output.
+    fn encoded_len(&self) -> usize {
+        if self.neighbours.len() > MAX_LIST || self.services.len() > MAX_LIST {
+            return self
+                .trimmed_to(usize::MAX)
+                .map_or(0, |cut| cut.encoded_len());
+        }
+        name_len(self.origin.as_str())
+            + 8
+            + 1
+            + self
+                .neighbours
+                .iter()
+                .map(|n| name_len(n.id.as_str()) + 5)
+                .sum::<usize>()
+            + 1
+            + self
+                .services
+                .iter()
+                .map(|s| name_len(s.service.as_str()) + 9)
+                .sum::<usize>()
+    }
+
     /// Encodes the entry. A list longer than [`MAX_LIST`] is cut as [`Entry::trimmed_to`] cuts:
     /// neighbours down and unhealthy services are kept first (the first `MAX_LIST` by id would
     /// leave out a down report of any neighbour beyond them).
@@ -245,13 +270,20 @@ impl Probe {
         b.freeze()
     }
 
-    /// Encodes a pong: `entries[0]` (the responder's own entry) first, cut to fit if it must
-    /// ([`Entry::trimmed_to`]), then as many of the other
-    /// entries as fit in `max_len` bytes (and [`MAX_LIST`]), taken in order from index `start`
-    /// of `entries[1..]` and wrapping around. Returns the datagram and the `start` of the next
-    /// pong: the first entry this one did not carry. A responder that passes it on pong after
-    /// pong carries every entry in turn; always starting from the same place would send the same
-    /// subset every time once there are more entries than fit, and the rest would never arrive.
+    /// Encodes a pong: `entries[0]` (the responder's own entry) first, then as many of the
+    /// other entries (learned ones) as fit in `max_len` bytes (and [`MAX_LIST`]), taken in order
+    /// from index `start` of `entries[1..]` and wrapping around. Returns the datagram and the
+    /// `start` of the next pong: the first entry this one did not carry. A responder that passes
+    /// it on pong after pong carries every entry in turn; always starting from the same place
+    /// would send the same subset every time once there are more entries than fit, and the rest
+    /// would never arrive.
+    ///
+    /// Room is shared so that both kinds always go: the own entry takes what the learned entries
+    /// do not need, but when they need it, at most half of the room ([`Entry::trimmed_to`] cuts
+    /// it: neighbours down first). The first learned entry of a pong goes cut to the room left
+    /// when it does not fit whole (so does one larger than any pong), and the ones after it go
+    /// whole or wait for the next pong, which they start. Every pong so carries at least one
+    /// learned entry, and a round of all of them takes at most as many pongs as there are.
     pub fn encode_pong(
         seq: u64,
         entries: &[Entry],
@@ -262,44 +294,52 @@ impl Probe {
         out.put_u8(PONG);
         out.put_u64(seq);
         out.put_u8(0);
-        let mut count = 0u8;
-        let mut scratch = BytesMut::new();
-        let mut add = |e: &Entry, out: &mut BytesMut, count: &mut u8| {
-            scratch.clear();
-            e.encode(&mut scratch);
-            if out.len() + scratch.len() > max_len {
-                return false;
-            }
-            out.extend_from_slice(&scratch);
-            *count += 1;
-            true
-        };
         let Some((own, learned)) = entries.split_first() else {
             return (out.freeze(), 0);
         };
-        // The own entry always goes, cut to fit when it does not (a hub with many neighbours
-        // on a path of small datagrams): it is the only source of what this router sees.
-        if !add(own, &mut out, &mut count)
-            && let Some(cut) = own.trimmed_to(max_len.saturating_sub(out.len()))
-        {
-            add(&cut, &mut out, &mut count);
+        let room = max_len.saturating_sub(PONG_HEADER);
+        // What the learned entries need of the room, counted up to half of it.
+        let mut need = 0;
+        for e in learned {
+            if need >= room / 2 {
+                break;
+            }
+            need += e.encoded_len();
+        }
+        let own_room = room - need.min(room / 2);
+        let mut count = 0u8;
+        let own_len = own.encoded_len();
+        if own_len <= own_room {
+            own.encode(&mut out);
+            count += 1;
+        } else if let Some(cut) = own.trimmed_to(own_room) {
+            cut.encode(&mut out);
+            count += 1;
         }
         let n = learned.len();
         let first = if n == 0 { 0 } else { start % n };
         let mut next = first;
-        let mut carried = 0;
         for i in 0..n {
             if count as usize >= MAX_LIST {
                 break;
             }
             let at = (first + i) % n;
-            if add(&learned[at], &mut out, &mut count) {
-                carried += 1;
-            } else if carried > 0 {
+            let e = &learned[at];
+            let left = max_len.saturating_sub(out.len());
+            if e.encoded_len() <= left {
+                e.encode(&mut out);
+                count += 1;
+            } else if i == 0 {
+                // Too large for the room of a whole pong: cut (a room too small even for its
+                // origin carries nothing, and the round goes on).
+                if let Some(cut) = e.trimmed_to(left) {
+                    cut.encode(&mut out);
+                    count += 1;
+                }
+            } else {
+                // The next pong starts with it.
                 break;
             }
-            // Carried, or too large to fit even behind the own entry alone (so never): the next
-            // pong starts after it.
             next = (at + 1) % n;
         }
         out[9] = count;
@@ -362,7 +402,7 @@ mod tests {
         let (small, _) = Probe::encode_pong(7, &es, 0, 60);
         assert!(small.len() <= 60);
         assert!(
-            matches!(Probe::decode(small).unwrap(), Probe::Pong { entries, .. } if entries.len() == 1)
+            matches!(Probe::decode(small).unwrap(), Probe::Pong { entries, .. } if entries[0].origin.as_str() == "s1")
         );
         assert_eq!(
             Probe::decode(Probe::encode_ping(9)).unwrap(),
@@ -405,27 +445,40 @@ mod tests {
         assert!(missing.is_empty(), "never carried: {missing:?}");
     }
 
+    /// An entry larger than any pong goes cut, first in its pong, and the round goes on after it.
+    /// (It was skipped for good.)
     #[test]
-    fn an_entry_too_large_for_any_pong_is_skipped_not_waited_for() {
+    fn an_entry_too_large_for_any_pong_goes_cut() {
         let mut huge = entry("huge");
         huge.neighbours = (0..60)
             .map(|i| NeighbourState {
                 id: NodeId::new(format!("neighbour-with-a-long-name-{i:03}")),
-                up: true,
+                up: i != 59,
                 rtt_us: 1,
             })
             .collect();
-        let entries = [entry("me"), huge, entry("a"), entry("b")];
-        let (b, next) = Probe::encode_pong(1, &entries, 0, 1200);
-        let Probe::Pong { entries: got, .. } = Probe::decode(b).unwrap() else {
-            panic!()
+        let entries = [entry("me"), huge.clone(), entry("a"), entry("b")];
+        let names = |b: Bytes| {
+            let Probe::Pong { entries: got, .. } = Probe::decode(b).unwrap() else {
+                panic!()
+            };
+            got
         };
-        let names: Vec<_> = got.iter().map(|e| e.origin.as_str()).collect();
-        assert_eq!(names, ["me", "a", "b"]);
-        assert_eq!(
-            next, 0,
-            "all carried (the huge one cannot be): back to the start"
+        let (b, next) = Probe::encode_pong(1, &entries, 0, 1200);
+        assert!(b.len() <= 1200);
+        let got = names(b);
+        let origins: Vec<_> = got.iter().map(|e| e.origin.as_str()).collect();
+        assert_eq!(origins, ["me", "huge"]);
+        assert!(got[1].neighbours.len() < huge.neighbours.len());
+        assert!(
+            got[1].neighbours.contains(&huge.neighbours[59]),
+            "down first"
         );
+        assert_eq!(next, 1);
+        let (b, next) = Probe::encode_pong(2, &entries, next, 1200);
+        let origins: Vec<_> = names(b).iter().map(|e| e.origin.to_string()).collect();
+        assert_eq!(origins, ["me", "a", "b"]);
+        assert_eq!(next, 0, "the round starts again with the huge one");
     }
 
     /// A transit with 70 links whose 70th neighbour (by id) died: the entry fits a datagram whole,
@@ -451,8 +504,89 @@ mod tests {
         };
         let sent = &entries[0].neighbours;
         assert_eq!(sent.len(), MAX_LIST);
-        let down: Vec<_> = sent.iter().filter(|n| !n.up).map(|n| n.id.as_str()).collect();
+        let down: Vec<_> = sent
+            .iter()
+            .filter(|n| !n.up)
+            .map(|n| n.id.as_str())
+            .collect();
         assert_eq!(down, ["n69"], "the neighbour down is not reported");
+    }
+
+    /// A hub's pongs (its own entry as large as a datagram or most of one) carry every learned
+    /// entry within as many pongs as there are entries, those too large for the room left cut
+    /// to fit (their neighbours down first). (The own entry was cut to the whole datagram, and a
+    /// learned entry that did not fit behind it was skipped for good: routers two hops from a
+    /// hub never learned its neighbours' links down.)
+    #[test]
+    fn a_hubs_pongs_carry_every_learned_entry_in_turn() {
+        let hub = |origin: &str, n: usize| Entry {
+            origin: origin.into(),
+            generation: 7,
+            neighbours: (0..n)
+                .map(|i| NeighbourState {
+                    id: NodeId::new(format!("{origin}-{i:0>w$}", w = 19 - origin.len())),
+                    up: i % 10 != 3,
+                    rtt_us: 1000,
+                })
+                .collect(),
+            services: Vec::new(),
+        };
+        let size = |e: &Entry| {
+            let mut b = BytesMut::new();
+            e.encode(&mut b);
+            b.len()
+        };
+        let max = 1160;
+        // 20-character names: the own entry fits a datagram whole with 30 links, not with 50.
+        for own_links in [30, 50] {
+            let own = hub("hub", own_links);
+            // Another hub's entry, larger than a datagram; a relayer's of 383 bytes; small ones.
+            let mut learned = vec![hub("far-hub", 60), hub("relay", 14)];
+            assert!(size(&learned[0]) > max, "{}", size(&learned[0]));
+            if own_links == 30 {
+                assert!(size(&own) < max && size(&own) + size(&learned[1]) + 10 > max);
+            } else {
+                assert!(size(&own) > max);
+            }
+            learned.extend((0..8).map(|i| entry(&format!("s{i}"))));
+            learned.sort_by(|a, b| a.origin.cmp(&b.origin));
+            let entries: Vec<Entry> = std::iter::once(own.clone())
+                .chain(learned.iter().cloned())
+                .collect();
+            let mut seen: std::collections::BTreeMap<NodeId, Vec<NeighbourState>> =
+                Default::default();
+            let mut start = 0;
+            for seq in 0..learned.len() as u64 {
+                let (b, next) = Probe::encode_pong(seq, &entries, start, max);
+                assert!(b.len() <= max, "{}", b.len());
+                start = next;
+                let Probe::Pong { entries: got, .. } = Probe::decode(b).unwrap() else {
+                    panic!("not a pong");
+                };
+                assert_eq!(got[0].origin.as_str(), "hub", "the own entry goes first");
+                for n in own.neighbours.iter().filter(|n| !n.up) {
+                    assert!(got[0].neighbours.contains(n), "own {} down not sent", n.id);
+                }
+                for e in &got[1..] {
+                    seen.entry(e.origin.clone())
+                        .or_default()
+                        .extend(e.neighbours.iter().cloned());
+                }
+            }
+            for e in &learned {
+                let Some(carried) = seen.get(&e.origin) else {
+                    panic!("{own_links} links: {} never carried", e.origin);
+                };
+                for n in e.neighbours.iter().filter(|n| !n.up) {
+                    assert!(
+                        carried.contains(n),
+                        "{own_links} links: {}--{} down never carried",
+                        e.origin,
+                        n.id
+                    );
+                }
+            }
+        }
     }
 
     proptest! {

@@ -24,6 +24,9 @@ const PONG: u8 = 2;
 const MAX_NAME: usize = 63;
 /// A pong's bytes before its entries: type, sequence number, entry count.
 const PONG_HEADER: usize = 10;
+/// The smallest datagram a pong may have to fit: quinn's at QUIC's smallest MTU (1,200 bytes)
+/// is a little larger.
+pub const MIN_DATAGRAM: usize = 1150;
 /// Bound on list lengths in one entry / one digest.
 pub const MAX_LIST: usize = 64;
 
@@ -262,6 +265,30 @@ impl Entry {
     }
 }
 
+/// An upper bound on the pongs of `max_len` bytes a responder takes to carry each of `entries`
+/// once ([`Probe::encode_pong`]'s round), whichever of them is its own. Behind the own entry (at
+/// most half of the room when the learned ones need it) a pong ends when the next entry does not
+/// fit, so two consecutive pongs take more than the room left, or when it carries 63 entries;
+/// and every pong carries at least one. (Entries coming and going between pongs shift the round
+/// by as many.)
+pub fn rotation_bound(entries: &[Entry], max_len: usize) -> usize {
+    let room = max_len.saturating_sub(PONG_HEADER);
+    let lens: Vec<usize> = entries.iter().map(Entry::encoded_len).collect();
+    let own = lens
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(0)
+        .min(room.div_ceil(2));
+    let left = room - own;
+    if entries.is_empty() || left == 0 {
+        return entries.len().max(1);
+    }
+    let bytes: usize = lens.iter().map(|l| (*l).min(left)).sum();
+    let bound = (2 * bytes).div_ceil(left) + 1 + entries.len().div_ceil(MAX_LIST - 1);
+    bound.min(entries.len()).max(1)
+}
+
 impl Probe {
     pub fn encode_ping(seq: u64) -> Bytes {
         let mut b = BytesMut::with_capacity(9);
@@ -283,7 +310,7 @@ impl Probe {
     /// it: neighbours down first). The first learned entry of a pong goes cut to the room left
     /// when it does not fit whole (so does one larger than any pong), and the ones after it go
     /// whole or wait for the next pong, which they start. Every pong so carries at least one
-    /// learned entry, and a round of all of them takes at most as many pongs as there are.
+    /// learned entry, and a round of all of them takes at most [`rotation_bound`] pongs.
     pub fn encode_pong(
         seq: u64,
         entries: &[Entry],

@@ -28,7 +28,7 @@ use topology::{
 
 use crate::Shared;
 use crate::neighbours::{self, Neighbour};
-use crate::probe::{Entry, NeighbourState};
+use crate::probe::{self, Entry, NeighbourState, ServiceState};
 use crate::site;
 use crate::snapshot::Snapshot;
 
@@ -192,10 +192,48 @@ impl Routes {
 /// never across `.await`.
 #[derive(Default)]
 pub(crate) struct Evidence {
+    /// [`Evidence::ttl`] and the topology it was derived from.
+    ttl: Mutex<Option<(Arc<Graph>, Duration)>>,
     /// Ordered by origin, so that consecutive digests list the entries in the same order and a
     /// responder's pongs can carry them in turn (`Probe::encode_pong`).
     learned: Mutex<BTreeMap<NodeId, (Entry, Instant)>>,
     site_down: Mutex<HashMap<(NodeId, ServiceName), Instant>>,
+}
+
+/// Every node's entry, whole, as the topology has it (for sizes: every link up, no load).
+fn entries_of(graph: &Graph) -> Vec<Entry> {
+    let mut services = vec![Vec::new(); graph.node_count()];
+    for s in graph.services() {
+        for site in &s.sites {
+            services[site.node as usize].push(ServiceState {
+                service: s.name.clone(),
+                healthy: true,
+                active: 0,
+                capacity: site.capacity,
+            });
+        }
+    }
+    services
+        .into_iter()
+        .enumerate()
+        .map(|(i, services)| {
+            let i = i as u32;
+            Entry {
+                origin: graph.id(i).clone(),
+                generation: 0,
+                neighbours: graph
+                    .neighbours(i)
+                    .iter()
+                    .map(|e| NeighbourState {
+                        id: graph.id(e.to).clone(),
+                        up: true,
+                        rtt_us: 0,
+                    })
+                    .collect(),
+                services,
+            }
+        })
+        .collect()
 }
 
 fn now_ns() -> u64 {
@@ -206,9 +244,35 @@ fn now_ns() -> u64 {
 }
 
 impl Evidence {
-    /// Entries older than this are forgotten (their origin stopped refreshing them).
+    /// Entries older than this are forgotten (their origin stopped refreshing them). Derived from
+    /// the topology (once per topology): [`Evidence::ttl_for`].
     pub fn ttl(shared: &Shared) -> Duration {
-        (shared.probe.interval * 20).max(Duration::from_secs(2))
+        let graph = shared.graph.load_full();
+        let interval = shared.probe.interval;
+        let Ok(mut cached) = shared.evidence.ttl.lock() else {
+            return Self::ttl_for(&graph, interval);
+        };
+        match &*cached {
+            Some((g, ttl)) if Arc::ptr_eq(g, &graph) => *ttl,
+            _ => {
+                let ttl = Self::ttl_for(&graph, interval);
+                *cached = Some((graph, ttl));
+                ttl
+            }
+        }
+    }
+
+    /// max(2 s, 20 probe intervals, 2 rounds of a responder's pongs): a responder carries a learned
+    /// entry once a round ([`probe::rotation_bound`] of every node's entry, at the smallest
+    /// datagram), so in a fabric of hundreds of nodes, where a round takes longer than 2 s, an
+    /// entry is not forgotten between two of its turns, even with one of them lost. (Probe
+    /// intervals are taken to be the same on every router.)
+    fn ttl_for(graph: &Graph, interval: Duration) -> Duration {
+        let rounds = probe::rotation_bound(&entries_of(graph), probe::MIN_DATAGRAM);
+        let rounds = u32::try_from(rounds).unwrap_or(u32::MAX);
+        (interval * 20)
+            .max(Duration::from_secs(2))
+            .max(interval.saturating_mul(rounds.saturating_mul(2)))
     }
 
     /// Takes the entries of a probe reply; returns whether anything changed that routing uses.
@@ -716,7 +780,6 @@ pub fn preferred_sites(routes: &Routes) -> BTreeMap<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::probe::ServiceState;
     use topology::builder::{TopologyBuilder, ms};
 
     fn graph() -> Graph {
@@ -752,6 +815,67 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    /// 300 transits with 20-character names, 4 links each: a responder's pongs take longer than
+    /// 2 s (20 pongs) to carry every entry once. The TTL covers two such rounds, so no entry is
+    /// forgotten between its turns. (It was max(2 s, 20 intervals), whatever the fabric: entries
+    /// two hops away or more came and went.)
+    #[test]
+    fn the_ttl_covers_two_rounds_of_pongs_in_a_large_fabric() {
+        let n = 300;
+        let name = |i: usize| format!("transit-node-{:07}", i % n);
+        let mut b = TopologyBuilder::new();
+        for i in 0..n {
+            b.node(&name(i), NodeKind::Transit);
+        }
+        for i in 0..n {
+            b.link(&name(i), &name(i + 1), ms(1.0))
+                .link(&name(i), &name(i + 7), ms(1.0));
+        }
+        let g = Graph::new(&b.build());
+        let interval = Duration::from_millis(100);
+        let ttl = Evidence::ttl_for(&g, interval);
+        // A responder's digest: its own entry, then every other node's, whole, links up.
+        let entries: Vec<Entry> = (0..n)
+            .map(|i| {
+                let mut neighbours: Vec<NeighbourState> = [i + 1, i + n - 1, i + 7, i + n - 7]
+                    .iter()
+                    .map(|j| NeighbourState {
+                        id: NodeId::new(name(*j)),
+                        up: true,
+                        rtt_us: 1000,
+                    })
+                    .collect();
+                neighbours.sort_by(|a, b| a.id.cmp(&b.id));
+                Entry {
+                    origin: NodeId::new(name(i)),
+                    generation: 1,
+                    neighbours,
+                    services: Vec::new(),
+                }
+            })
+            .collect();
+        let (mut seen, mut start, mut pongs) = (std::collections::BTreeSet::new(), 0, 0u32);
+        while seen.len() < n - 1 {
+            assert!(pongs < 10 * n as u32, "a round never ends");
+            let (pong, next) = probe::Probe::encode_pong(1, &entries, start, probe::MIN_DATAGRAM);
+            start = next;
+            pongs += 1;
+            let Ok(probe::Probe::Pong { entries: got, .. }) = probe::Probe::decode(pong) else {
+                panic!("not a pong");
+            };
+            seen.extend(got[1..].iter().map(|e| e.origin.clone()));
+        }
+        assert!(
+            pongs > 20,
+            "a round takes {pongs} pongs: the test shows nothing"
+        );
+        assert!(
+            interval * pongs * 2 <= ttl,
+            "a round takes {pongs} pongs ({:?}), the TTL is {ttl:?}",
+            interval * pongs
+        );
     }
 
     #[test]

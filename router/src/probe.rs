@@ -5,16 +5,20 @@
 //! [`Probe::Ping`] datagram on it every `interval` (default 100 ms). The neighbour answers with a
 //! [`Probe::Pong`] that echoes the sequence number and carries a digest: its own [`Entry`] plus
 //! the freshest entries it learned from its own neighbours. An entry is originated by one node
-//! (`origin`, `generation` = its clock in ns, so restarts move forward) and says which of the
-//! origin's neighbours it sees up (with RTT) or down, and, for a site, each service's health,
-//! active streams and capacity. Receivers keep the highest generation per origin and drop entries
-//! after a TTL, so a site's death reaches an edge behind a transit one probe interval after the
-//! transit sees it (the transit's own entry says "link to the site down").
+//! (`origin`, `generation` = its clock in ns) and says which of the origin's neighbours it sees
+//! up (with RTT) or down, and, for a site, each service's health, active streams and capacity; it
+//! travels with its age (how long ago its origin made it). Receivers keep the highest generation
+//! per origin and drop entries after a TTL, so a site's death reaches an edge behind a transit
+//! one probe interval after the transit sees it (the transit's own entry says "link to the site
+//! down").
 //!
 //! Wire format (big-endian): `u8 type (1 ping, 2 pong)`, `u64 seq`; pong adds `u8 entry count`,
 //! then per entry: name origin, `u64 generation`, `u8 n`, n × (name, `u8 up`, `u32 rtt_us`),
-//! `u8 s`, s × (name service, `u8 healthy`, `u32 active`, `u32 capacity`). A name is `u8 len`
-//! (1..=63) + UTF-8. Decoding is bounded by the datagram size and never panics.
+//! `u8 s`, s × (name service, `u8 healthy`, `u32 active`, `u32 capacity`); then extensions, each
+//! `u8 kind`, `u16 len`, len bytes: kind 1 holds a `u32` age in milliseconds per entry, in order.
+//! A name is `u8 len` (1..=63) + UTF-8. Routers from before the extensions read the entries and
+//! ignore what follows; a receiver skips kinds it does not know. Decoding is bounded by the
+//! datagram size and never panics.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use topology::{NodeId, ServiceName};
@@ -24,6 +28,12 @@ const PONG: u8 = 2;
 const MAX_NAME: usize = 63;
 /// A pong's bytes before its entries: type, sequence number, entry count.
 const PONG_HEADER: usize = 10;
+/// The kind of a pong's extension that carries the entries' ages.
+const EXT_AGES: u8 = 1;
+/// An extension's kind and length.
+const EXT_HEADER: usize = 3;
+/// What each entry adds to the ages extension.
+const AGE_LEN: usize = 4;
 /// The smallest datagram a pong may have to fit: quinn's at QUIC's smallest MTU (1,200 bytes)
 /// is a little larger.
 pub const MIN_DATAGRAM: usize = 1150;
@@ -52,10 +62,13 @@ pub struct Entry {
     pub generation: u64,
     pub neighbours: Vec<NeighbourState>,
     pub services: Vec<ServiceState>,
+    /// How long ago its origin made it, in milliseconds: 0 from the origin, and each router
+    /// that passes it on adds how long it held it (0 from a sender older than the field).
+    pub age_ms: u32,
 }
 
 impl Entry {
-    /// Same content, ignoring the generation (a refresh that changes nothing).
+    /// Same content, ignoring the generation and the age (a refresh that changes nothing).
     pub fn same_content(&self, other: &Entry) -> bool {
         self.origin == other.origin
             && self.services == other.services
@@ -175,6 +188,7 @@ impl Entry {
             generation: self.generation,
             neighbours,
             services,
+            age_ms: self.age_ms,
         })
     }
 
@@ -261,6 +275,7 @@ impl Entry {
             generation,
             neighbours,
             services,
+            age_ms: 0,
         })
     }
 }
@@ -272,9 +287,9 @@ impl Entry {
 /// and every pong carries at least one. (Entries coming and going between pongs shift the round
 /// by as many.)
 pub fn rotation_bound(entries: &[Entry], max_len: usize) -> usize {
-    let room = max_len.saturating_sub(PONG_HEADER);
-    let lens: Vec<usize> = entries.iter().map(Entry::encoded_len).collect();
-    let own = lens
+    let room = max_len.saturating_sub(PONG_HEADER + EXT_HEADER);
+    let costs: Vec<usize> = entries.iter().map(|e| e.encoded_len() + AGE_LEN).collect();
+    let own = costs
         .iter()
         .copied()
         .max()
@@ -284,7 +299,7 @@ pub fn rotation_bound(entries: &[Entry], max_len: usize) -> usize {
     if entries.is_empty() || left == 0 {
         return entries.len().max(1);
     }
-    let bytes: usize = lens.iter().map(|l| (*l).min(left)).sum();
+    let bytes: usize = costs.iter().map(|c| (*c).min(left)).sum();
     let bound = (2 * bytes).div_ceil(left) + 1 + entries.len().div_ceil(MAX_LIST - 1);
     bound.min(entries.len()).max(1)
 }
@@ -299,11 +314,11 @@ impl Probe {
 
     /// Encodes a pong: `entries[0]` (the responder's own entry) first, then as many of the
     /// other entries (learned ones) as fit in `max_len` bytes (and [`MAX_LIST`]), taken in order
-    /// from index `start` of `entries[1..]` and wrapping around. Returns the datagram and the
-    /// `start` of the next pong: the first entry this one did not carry. A responder that passes
-    /// it on pong after pong carries every entry in turn; always starting from the same place
-    /// would send the same subset every time once there are more entries than fit, and the rest
-    /// would never arrive.
+    /// from index `start` of `entries[1..]` and wrapping around, then their ages (the
+    /// extension). Returns the datagram and the `start` of the next pong: the first entry this
+    /// one did not carry. A responder that passes it on pong after pong carries every entry in
+    /// turn; always starting from the same place would send the same subset every time once
+    /// there are more entries than fit, and the rest would never arrive.
     ///
     /// Room is shared so that both kinds always go: the own entry takes what the learned entries
     /// do not need, but when they need it, at most half of the room ([`Entry::trimmed_to`] cuts
@@ -324,44 +339,46 @@ impl Probe {
         let Some((own, learned)) = entries.split_first() else {
             return (out.freeze(), 0);
         };
-        let room = max_len.saturating_sub(PONG_HEADER);
+        // Each entry costs its encoding and its age; the ages' extension header is set aside.
+        let cost = |e: &Entry| e.encoded_len() + AGE_LEN;
+        let room = max_len.saturating_sub(PONG_HEADER + EXT_HEADER);
         // What the learned entries need of the room, counted up to half of it.
         let mut need = 0;
         for e in learned {
             if need >= room / 2 {
                 break;
             }
-            need += e.encoded_len();
+            need += cost(e);
         }
         let own_room = room - need.min(room / 2);
-        let mut count = 0u8;
-        let own_len = own.encoded_len();
-        if own_len <= own_room {
-            own.encode(&mut out);
-            count += 1;
-        } else if let Some(cut) = own.trimmed_to(own_room) {
-            cut.encode(&mut out);
-            count += 1;
+        let mut ages: Vec<u32> = Vec::new();
+        fn put(e: &Entry, out: &mut BytesMut, ages: &mut Vec<u32>) {
+            e.encode(out);
+            ages.push(e.age_ms);
+        }
+        if cost(own) <= own_room {
+            put(own, &mut out, &mut ages);
+        } else if let Some(cut) = own.trimmed_to(own_room.saturating_sub(AGE_LEN)) {
+            put(&cut, &mut out, &mut ages);
         }
         let n = learned.len();
         let first = if n == 0 { 0 } else { start % n };
         let mut next = first;
         for i in 0..n {
-            if count as usize >= MAX_LIST {
+            if ages.len() >= MAX_LIST {
                 break;
             }
             let at = (first + i) % n;
             let e = &learned[at];
-            let left = max_len.saturating_sub(out.len());
-            if e.encoded_len() <= left {
-                e.encode(&mut out);
-                count += 1;
+            let used = out.len() + EXT_HEADER + AGE_LEN * ages.len();
+            let left = max_len.saturating_sub(used);
+            if cost(e) <= left {
+                put(e, &mut out, &mut ages);
             } else if i == 0 {
                 // Too large for the room of a whole pong: cut (a room too small even for its
                 // origin carries nothing, and the round goes on).
-                if let Some(cut) = e.trimmed_to(left) {
-                    cut.encode(&mut out);
-                    count += 1;
+                if let Some(cut) = e.trimmed_to(left.saturating_sub(AGE_LEN)) {
+                    put(&cut, &mut out, &mut ages);
                 }
             } else {
                 // The next pong starts with it.
@@ -369,10 +386,21 @@ impl Probe {
             }
             next = (at + 1) % n;
         }
-        out[9] = count;
+        out[9] = ages.len() as u8;
+        if !ages.is_empty() {
+            out.put_u8(EXT_AGES);
+            out.put_u16((AGE_LEN * ages.len()) as u16);
+            for age in ages {
+                out.put_u32(age);
+            }
+        }
         (out.freeze(), next)
     }
 
+    /// Decodes a probe. After a pong's entries come extensions, each `u8 kind`, `u16 len` and
+    /// `len` bytes: a receiver skips the kinds it does not know, and a sender older than them
+    /// sends none. What does not make an extension whole (a truncated one, or ages that are not
+    /// one per entry) is ignored, as routers older than the extensions ignore it all.
     pub fn decode(mut b: impl Buf) -> Result<Probe, ProbeError> {
         need(&b, 9)?;
         let ty = b.get_u8();
@@ -384,6 +412,22 @@ impl Probe {
                 let mut entries = Vec::with_capacity(n);
                 for _ in 0..n {
                     entries.push(Entry::decode(&mut b)?);
+                }
+                let mut aged = false;
+                while b.remaining() >= EXT_HEADER {
+                    let kind = b.get_u8();
+                    let len = b.get_u16() as usize;
+                    if b.remaining() < len {
+                        break;
+                    }
+                    if kind == EXT_AGES && len == AGE_LEN * entries.len() && !aged {
+                        for e in &mut entries {
+                            e.age_ms = b.get_u32();
+                        }
+                        aged = true;
+                    } else {
+                        b.advance(len);
+                    }
                 }
                 Ok(Probe::Pong { seq, entries })
             }
@@ -412,6 +456,7 @@ mod tests {
                 active: 3,
                 capacity: 10,
             }],
+            age_ms: 0,
         }
     }
 
@@ -524,6 +569,7 @@ mod tests {
                 })
                 .collect(),
             services: Vec::new(),
+            age_ms: 0,
         };
         let (pong, _) = Probe::encode_pong(1, &[own], 0, 1500);
         let Probe::Pong { entries, .. } = Probe::decode(pong).unwrap() else {
@@ -557,6 +603,7 @@ mod tests {
                 })
                 .collect(),
             services: Vec::new(),
+            age_ms: 0,
         };
         let size = |e: &Entry| {
             let mut b = BytesMut::new();
@@ -616,6 +663,39 @@ mod tests {
         }
     }
 
+    /// Ages ride in an extension after the entries, which routers older than it never read: the
+    /// pong up to the extension is a pong of the same entries (of age 0). An extension of an
+    /// unknown kind is skipped, and one that is broken is ignored.
+    #[test]
+    fn ages_ride_in_an_extension_older_routers_skip() {
+        let mut es = [entry("me"), entry("a"), entry("b")];
+        es[1].age_ms = 1500;
+        es[2].age_ms = 7;
+        let (pong, _) = Probe::encode_pong(3, &es, 0, 1200);
+        let pong_of = |b: &[u8]| match Probe::decode(b) {
+            Ok(Probe::Pong { seq: 3, entries }) => entries,
+            p => panic!("{p:?}"),
+        };
+        assert_eq!(pong_of(&pong), es);
+        let ages = EXT_HEADER + AGE_LEN * es.len();
+        let old = &pong[..pong.len() - ages];
+        let unaged: Vec<Entry> = es
+            .iter()
+            .map(|e| Entry {
+                age_ms: 0,
+                ..e.clone()
+            })
+            .collect();
+        assert_eq!(pong_of(old), unaged);
+        let mut unknown = BytesMut::from(old);
+        unknown.put_u8(9);
+        unknown.put_u16(2);
+        unknown.put_u16(0xffff);
+        unknown.extend_from_slice(&pong[old.len()..]);
+        assert_eq!(pong_of(&unknown), es);
+        assert_eq!(pong_of(&pong[..pong.len() - 1]), unaged);
+    }
+
     proptest! {
         #[test]
         fn random_datagrams_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..1500)) {
@@ -646,6 +726,7 @@ mod tests {
                 active: 1,
                 capacity: 2,
             }],
+            age_ms: 0,
         };
         let mut whole = BytesMut::new();
         own.encode(&mut whole);

@@ -231,6 +231,7 @@ fn entries_of(graph: &Graph) -> Vec<Entry> {
                     })
                     .collect(),
                 services,
+                age_ms: 0,
             }
         })
         .collect()
@@ -379,6 +380,7 @@ impl Shared {
             generation: now_ns(),
             neighbours,
             services,
+            age_ms: 0,
         }
     }
 
@@ -814,6 +816,7 @@ mod tests {
                     capacity: 1,
                 })
                 .collect(),
+            age_ms: 0,
         }
     }
 
@@ -853,6 +856,7 @@ mod tests {
                     generation: 1,
                     neighbours,
                     services: Vec::new(),
+                    age_ms: 0,
                 }
             })
             .collect();

@@ -64,6 +64,7 @@ fn own_entry(name: &str, generation: u64) -> Entry {
         generation,
         neighbours: Vec::new(),
         services: Vec::new(),
+        age_ms: 0,
     }
 }
 

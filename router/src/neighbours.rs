@@ -413,7 +413,7 @@ async fn probe_until_down(
                 live.reply(tokio::time::Instant::now());
                 pongs += 1;
                 nb.rtt_us.store(conn.rtt().as_micros() as u64, Relaxed);
-                let mut changed = shared.evidence.learn(&shared.node, &shared.graph.load(), entries);
+                let mut changed = crate::routes::Evidence::learn_from(shared, &nb.id, entries);
                 if !nb.is_up() && down_since.is_none_or(|t| t.elapsed() >= p.hold_down) {
                     nb.set_up(conn);
                     *down_since = None;

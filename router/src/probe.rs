@@ -7,10 +7,10 @@
 //! the freshest entries it learned from its own neighbours. An entry is originated by one node
 //! (`origin`, `generation` = its clock in ns) and says which of the origin's neighbours it sees
 //! up (with RTT) or down, and, for a site, each service's health, active streams and capacity; it
-//! travels with its age (how long ago its origin made it). Receivers keep the highest generation
-//! per origin and drop entries after a TTL, so a site's death reaches an edge behind a transit
-//! one probe interval after the transit sees it (the transit's own entry says "link to the site
-//! down").
+//! travels with its age (how long ago its origin made it). Receivers keep one entry per origin
+//! (`routes::Evidence::learn`: the origin's own word, else the highest generation) and drop it
+//! when it is a TTL old, so a site's death reaches an edge behind a transit one probe interval
+//! after the transit sees it (the transit's own entry says "link to the site down").
 //!
 //! Wire format (big-endian): `u8 type (1 ping, 2 pong)`, `u64 seq`; pong adds `u8 entry count`,
 //! then per entry: name origin, `u64 generation`, `u8 n`, n × (name, `u8 up`, `u32 rtt_us`),

@@ -195,7 +195,8 @@ pub(crate) struct Evidence {
     /// [`Evidence::ttl`] and the topology it was derived from.
     ttl: Mutex<Option<(Arc<Graph>, Duration)>>,
     /// Ordered by origin, so that consecutive digests list the entries in the same order and a
-    /// responder's pongs can carry them in turn (`Probe::encode_pong`).
+    /// responder's pongs can carry them in turn (`Probe::encode_pong`). Each with the instant it
+    /// was taken, its `age_ms` being its age then.
     learned: Mutex<BTreeMap<NodeId, (Entry, Instant)>>,
     site_down: Mutex<HashMap<(NodeId, ServiceName), Instant>>,
 }
@@ -237,6 +238,38 @@ fn entries_of(graph: &Graph) -> Vec<Entry> {
         .collect()
 }
 
+/// How many links away from `me` the farthest node of `graph` is (1 if `me` is not in it).
+fn eccentricity(graph: &Graph, me: &NodeId) -> usize {
+    let Some(start) = graph.index(me.as_str()) else {
+        return 1;
+    };
+    let mut dist = vec![usize::MAX; graph.node_count()];
+    dist[start as usize] = 0;
+    let mut queue = std::collections::VecDeque::from([start]);
+    let mut far = 0;
+    while let Some(i) = queue.pop_front() {
+        let d = dist[i as usize];
+        far = far.max(d);
+        for e in graph.neighbours(i) {
+            if dist[e.to as usize] == usize::MAX {
+                dist[e.to as usize] = d + 1;
+                queue.push_back(e.to);
+            }
+        }
+    }
+    far.max(1)
+}
+
+/// How far ahead of this router's clock a relayed entry's generation (its origin's clock) may be:
+/// the clock skew allowed between hosts, as certificates allow it (`pki`'s backdating). One further
+/// ahead is refused: it would hold its origin's own entries out of the map while it lives.
+const CLOCK_AHEAD: Duration = Duration::from_secs(300);
+
+/// An entry's age now: its age when taken at `at`, and the time since.
+fn age_of(e: &Entry, at: Instant, now: Instant) -> Duration {
+    Duration::from_millis(e.age_ms.into()) + now.saturating_duration_since(at)
+}
+
 fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -245,38 +278,52 @@ fn now_ns() -> u64 {
 }
 
 impl Evidence {
-    /// Entries older than this are forgotten (their origin stopped refreshing them). Derived from
-    /// the topology (once per topology): [`Evidence::ttl_for`].
+    /// Entries older than this (since their origin made them) are forgotten. Derived from the
+    /// topology (once per topology): [`Evidence::ttl_for`].
     pub fn ttl(shared: &Shared) -> Duration {
         let graph = shared.graph.load_full();
         let interval = shared.probe.interval;
         let Ok(mut cached) = shared.evidence.ttl.lock() else {
-            return Self::ttl_for(&graph, interval);
+            return Self::ttl_for(&graph, &shared.node, interval);
         };
         match &*cached {
             Some((g, ttl)) if Arc::ptr_eq(g, &graph) => *ttl,
             _ => {
-                let ttl = Self::ttl_for(&graph, interval);
+                let ttl = Self::ttl_for(&graph, &shared.node, interval);
                 *cached = Some((graph, ttl));
                 ttl
             }
         }
     }
 
-    /// max(2 s, 20 probe intervals, 2 rounds of a responder's pongs): a responder carries a learned
-    /// entry once a round ([`probe::rotation_bound`] of every node's entry, at the smallest
-    /// datagram), so in a fabric of hundreds of nodes, where a round takes longer than 2 s, an
-    /// entry is not forgotten between two of its turns, even with one of them lost. (Probe
-    /// intervals are taken to be the same on every router.)
-    fn ttl_for(graph: &Graph, interval: Duration) -> Duration {
+    /// An entry older than this is forgotten: max(2 s, 20 probe intervals, (hops + 1) rounds of a
+    /// responder's pongs), where `hops` is how far (in links, at most a header's path) the
+    /// farthest node is from `me`. An entry's age counts from its making at its origin, and each
+    /// router on its way holds it until the next copy comes, up to a round of its neighbour's
+    /// pongs ([`probe::rotation_bound`] of every node's entry, at the smallest datagram), so an
+    /// entry from `hops` away may be that many rounds old: in a fabric of hundreds of nodes, where a
+    /// round takes longer than 2 s, no entry is forgotten between two of its turns, with one of
+    /// them lost. (Probe intervals are taken to be the same on every router.)
+    fn ttl_for(graph: &Graph, me: &NodeId, interval: Duration) -> Duration {
         let rounds = probe::rotation_bound(&entries_of(graph), probe::MIN_DATAGRAM);
-        let rounds = u32::try_from(rounds).unwrap_or(u32::MAX);
+        let hops = eccentricity(graph, me).min(crate::header::MAX_HOPS + 1);
+        let rounds = u32::try_from(rounds.saturating_mul(hops + 1)).unwrap_or(u32::MAX);
         (interval * 20)
             .max(Duration::from_secs(2))
-            .max(interval.saturating_mul(rounds.saturating_mul(2)))
+            .max(interval.saturating_mul(rounds))
     }
 
-    /// Takes the entries of a probe reply; returns whether anything changed that routing uses.
+    /// Takes the entries of a pong from the neighbour `peer` ([`Evidence::learn`]).
+    pub fn learn_from(shared: &Shared, peer: &NodeId, entries: Vec<Entry>) -> bool {
+        let ttl = Self::ttl(shared);
+        let graph = shared.graph.load();
+        shared
+            .evidence
+            .learn(&shared.node, peer, &graph, ttl, entries)
+    }
+
+    /// Takes the entries of a probe reply from the neighbour `peer`; returns whether anything
+    /// changed that routing uses.
     ///
     /// The neighbour is authenticated, but what it relays is network input: entries are checked
     /// against the current topology (`graph`). One whose origin is not a node of it is dropped,
@@ -284,9 +331,27 @@ impl Evidence {
     /// services it does not have. Made-up names would otherwise each take a slot for the TTL,
     /// force a table rebuild, be cloned into every digest and flooded on. The map so holds at
     /// most one entry per node of the topology.
-    pub fn learn(&self, me: &NodeId, graph: &Graph, entries: Vec<Entry>) -> bool {
+    ///
+    /// Which entry of an origin is kept: the one `peer` sends of itself, always (its word on
+    /// itself, whatever its generation: a router restarted on a clock that is behind is taken at
+    /// once); otherwise one of a higher generation than the one held, unless it is older than
+    /// that one (a copy of the same origin's entry from before a restart, still going round).
+    /// An entry `ttl` old or more is dropped, whoever sends it: ages are carried and grow from
+    /// router to router ([`Entry::age_ms`]), so a copy taken back from a neighbour is as old as
+    /// it was, and an origin's last entry is gone everywhere `ttl` after it made it. A relayed
+    /// entry whose generation is more than [`CLOCK_AHEAD`] ahead of this router's clock is
+    /// refused (one of `u64::MAX` would win over its origin's entries for as long as it lived).
+    pub fn learn(
+        &self,
+        me: &NodeId,
+        peer: &NodeId,
+        graph: &Graph,
+        ttl: Duration,
+        entries: Vec<Entry>,
+    ) -> bool {
         let mut changed = false;
         let now = Instant::now();
+        let ahead = now_ns().saturating_add(CLOCK_AHEAD.as_nanos() as u64);
         let Ok(mut map) = self.learned.lock() else {
             return false;
         };
@@ -294,14 +359,20 @@ impl Evidence {
             if &e.origin == me || graph.index(e.origin.as_str()).is_none() {
                 continue;
             }
+            let own = &e.origin == peer;
+            let age = Duration::from_millis(e.age_ms.into());
+            if age >= ttl || (!own && e.generation > ahead) {
+                continue;
+            }
             e.neighbours
                 .retain(|n| graph.link_index(&LinkId::new(&e.origin, &n.id)).is_some());
             e.services
                 .retain(|s| graph.service(s.service.as_str()).is_some());
             match map.get_mut(&e.origin) {
-                Some((old, at)) if old.generation >= e.generation => {
-                    let _ = at;
-                }
+                Some((old, at))
+                    if !own
+                        && age_of(old, *at, now) < ttl
+                        && (old.generation >= e.generation || age > age_of(old, *at, now)) => {}
                 Some(slot) => {
                     changed |= !slot.0.same_content(&e);
                     *slot = (e, now);
@@ -329,12 +400,23 @@ impl Evidence {
         }
     }
 
+    /// The entries younger than `ttl`, each with its age now (rounded up to the millisecond, so
+    /// that it never shrinks on its way).
     fn fresh(&self, ttl: Duration) -> Vec<Entry> {
         let Ok(mut map) = self.learned.lock() else {
             return Vec::new();
         };
-        map.retain(|_, (_, at)| at.elapsed() < ttl);
-        map.values().map(|(e, _)| e.clone()).collect()
+        let now = Instant::now();
+        map.retain(|_, (e, at)| age_of(e, *at, now) < ttl);
+        map.values()
+            .map(|(e, at)| {
+                let ms = age_of(e, *at, now).as_nanos().div_ceil(1_000_000);
+                Entry {
+                    age_ms: u32::try_from(ms).unwrap_or(u32::MAX),
+                    ..e.clone()
+                }
+            })
+            .collect()
     }
 
     fn down_sites(&self) -> Vec<(NodeId, ServiceName)> {
@@ -795,6 +877,8 @@ mod tests {
         Graph::new(&b.build())
     }
 
+    const HOUR: Duration = Duration::from_secs(3600);
+
     fn entry(origin: &str, generation: u64, neighbours: &[&str], services: &[&str]) -> Entry {
         Entry {
             origin: origin.into(),
@@ -821,11 +905,12 @@ mod tests {
     }
 
     /// 300 transits with 20-character names, 4 links each: a responder's pongs take longer than
-    /// 2 s (20 pongs) to carry every entry once. The TTL covers two such rounds, so no entry is
-    /// forgotten between its turns. (It was max(2 s, 20 intervals), whatever the fabric: entries
-    /// two hops away or more came and went.)
+    /// 2 s (20 pongs) to carry every entry once. The TTL covers a round for every hop to the
+    /// farthest node (a header's path at most), and one more: an entry's age grows by up to a
+    /// round at every router on its way. (It was max(2 s, 20 intervals), whatever the fabric:
+    /// entries two hops away or more came and went.)
     #[test]
-    fn the_ttl_covers_two_rounds_of_pongs_in_a_large_fabric() {
+    fn the_ttl_covers_a_round_of_pongs_per_hop_in_a_large_fabric() {
         let n = 300;
         let name = |i: usize| format!("transit-node-{:07}", i % n);
         let mut b = TopologyBuilder::new();
@@ -838,7 +923,8 @@ mod tests {
         }
         let g = Graph::new(&b.build());
         let interval = Duration::from_millis(100);
-        let ttl = Evidence::ttl_for(&g, interval);
+        let me = NodeId::new(name(0));
+        let ttl = Evidence::ttl_for(&g, &me, interval);
         // A responder's digest: its own entry, then every other node's, whole, links up.
         let entries: Vec<Entry> = (0..n)
             .map(|i| {
@@ -875,10 +961,142 @@ mod tests {
             pongs > 20,
             "a round takes {pongs} pongs: the test shows nothing"
         );
+        let hops = eccentricity(&g, &me).min(crate::header::MAX_HOPS + 1) as u32;
+        assert!(hops > 2, "{hops} hops: the test shows nothing");
         assert!(
-            interval * pongs * 2 <= ttl,
-            "a round takes {pongs} pongs ({:?}), the TTL is {ttl:?}",
+            interval * pongs * (hops + 1) <= ttl,
+            "a round takes {pongs} pongs ({:?}), {hops} hops, the TTL is {ttl:?}",
             interval * pongs
+        );
+    }
+
+    fn holds(ev: &Evidence, origin: &str, ttl: Duration) -> Option<Entry> {
+        ev.fresh(ttl)
+            .into_iter()
+            .find(|e| e.origin.as_str() == origin)
+    }
+
+    /// A site's last entry, taken from the site by the transit, then passed to the edge half a
+    /// TTL later and back and forth between the two, pong after pong: it is gone from both a TTL
+    /// after the site made it. (Each copy aged from when it was taken, so a router whose copy
+    /// had expired took it back, as new, from the other: a dead origin's last entry lived for
+    /// ever.)
+    #[test]
+    fn an_origins_last_entry_is_gone_a_ttl_after_it_was_made_however_it_is_relayed() {
+        let g = graph();
+        let ttl = Duration::from_millis(500);
+        let (edge, transit, site) = (
+            NodeId::new("edge"),
+            NodeId::new("transit"),
+            NodeId::new("site"),
+        );
+        let (at_edge, at_transit) = (Evidence::default(), Evidence::default());
+        let made = Instant::now();
+        let last = entry("site", now_ns(), &["transit"], &["echo"]);
+        assert!(at_transit.learn(&transit, &site, &g, ttl, vec![last]));
+        // The transit's pongs carry the entry to the edge half a TTL later (its turn in their
+        // round), and from then on the two pass their digests to each other.
+        while made.elapsed() < ttl / 2 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut edge_had_it = false;
+        loop {
+            at_edge.learn(&edge, &transit, &g, ttl, at_transit.fresh(ttl));
+            at_transit.learn(&transit, &edge, &g, ttl, at_edge.fresh(ttl));
+            edge_had_it |= holds(&at_edge, "site", ttl).is_some();
+            let held = [&at_edge, &at_transit].map(|ev| holds(ev, "site", ttl).is_some());
+            if held == [false, false] {
+                break;
+            }
+            assert!(
+                made.elapsed() < ttl * 10,
+                "the site's last entry is still held (edge, transit: {held:?}) {:?} after it was made",
+                made.elapsed()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(edge_had_it, "the edge never learned the entry");
+        let gone = made.elapsed();
+        assert!(
+            gone >= ttl / 2 && gone < ttl * 3,
+            "gone {gone:?} after it was made"
+        );
+    }
+
+    /// A neighbour relays the site's entry with the generation u64::MAX: refused (it would have
+    /// won over every entry the site makes, for as long as it was relayed). One within the
+    /// clock skew allowed holds the site's entries out for the TTL at most.
+    #[test]
+    fn a_generation_from_the_far_future_is_refused() {
+        let g = graph();
+        let ttl = Duration::from_millis(300);
+        let (edge, transit) = (NodeId::new("edge"), NodeId::new("transit"));
+        let ev = Evidence::default();
+        let forged = entry("site", u64::MAX, &["transit"], &["echo"]);
+        assert!(!ev.learn(&edge, &transit, &g, ttl, vec![forged]));
+        assert_eq!(holds(&ev, "site", ttl), None);
+        let real = entry("site", now_ns(), &[], &[]);
+        assert!(ev.learn(&edge, &transit, &g, ttl, vec![real.clone()]));
+        assert_eq!(
+            holds(&ev, "site", ttl).map(|e| e.generation),
+            Some(real.generation)
+        );
+
+        let ahead = now_ns() + 60_000_000_000;
+        assert!(ev.learn(
+            &edge,
+            &transit,
+            &g,
+            ttl,
+            vec![entry("site", ahead, &["transit"], &[])]
+        ));
+        let t = Instant::now();
+        loop {
+            let real = entry("site", now_ns(), &[], &[]);
+            ev.learn(&edge, &transit, &g, ttl, vec![real]);
+            if holds(&ev, "site", ttl).is_some_and(|e| e.generation < ahead) {
+                break;
+            }
+            assert!(
+                t.elapsed() < ttl * 10,
+                "the site's entries are still held out"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(t.elapsed() >= ttl / 2, "{:?}", t.elapsed());
+    }
+
+    /// The site restarts on a host whose clock is an hour behind: the transit takes the site's
+    /// own entry at once, though its generation is lower than the one it holds, and the copy of
+    /// the site's entry from before the restart, older, that the edge relays does not take its
+    /// place again. (The site was hidden until its clock passed the old generation.)
+    #[test]
+    fn an_entry_from_its_origin_is_taken_whatever_its_generation() {
+        let g = graph();
+        let ttl = Duration::from_secs(2);
+        let (edge, transit, site) = (
+            NodeId::new("edge"),
+            NodeId::new("transit"),
+            NodeId::new("site"),
+        );
+        let ev = Evidence::default();
+        let before = entry("site", now_ns(), &["transit"], &["echo"]);
+        assert!(ev.learn(&transit, &edge, &g, ttl, vec![before.clone()]));
+        let mut after = entry("site", now_ns() - 3_600_000_000_000, &[], &["echo"]);
+        after.services[0].healthy = true;
+        assert!(ev.learn(&transit, &site, &g, ttl, vec![after.clone()]));
+        assert_eq!(
+            holds(&ev, "site", ttl).map(|e| e.generation),
+            Some(after.generation)
+        );
+        let relayed = Entry {
+            age_ms: 50,
+            ..before
+        };
+        assert!(!ev.learn(&transit, &edge, &g, ttl, vec![relayed]));
+        assert_eq!(
+            holds(&ev, "site", ttl).map(|e| e.generation),
+            Some(after.generation)
         );
     }
 
@@ -899,7 +1117,7 @@ mod tests {
                 &["site", "ghost", "edge"],
                 &["echo", "fake"],
             ));
-            ev.learn(&me, &g, entries);
+            ev.learn(&me, &NodeId::new("transit"), &g, HOUR, entries);
         }
         let fresh = ev.fresh(Duration::from_secs(60));
         assert_eq!(fresh.len(), 1, "only the real origin is kept: {fresh:?}");
@@ -923,7 +1141,8 @@ mod tests {
             .link("edge", "old2", ms(1.0));
         let before = Graph::new(&b.build());
         let olds = vec![entry("old1", 1, &[], &[]), entry("old2", 1, &[], &[])];
-        assert!(ev.learn(&me, &before, olds));
+        let peer = NodeId::new("old1");
+        assert!(ev.learn(&me, &peer, &before, HOUR, olds));
         // The next snapshot replaced them with `new`: the map never holds more entries than the
         // topology has nodes, and the removed ones go first.
         let mut b = TopologyBuilder::new();
@@ -931,7 +1150,7 @@ mod tests {
             .node("new", NodeKind::Transit)
             .link("edge", "new", ms(1.0));
         let after = Graph::new(&b.build());
-        assert!(ev.learn(&me, &after, vec![entry("new", 1, &[], &[])]));
+        assert!(ev.learn(&me, &peer, &after, HOUR, vec![entry("new", 1, &[], &[])]));
         let fresh = ev.fresh(Duration::from_secs(60));
         let origins: Vec<_> = fresh.iter().map(|e| e.origin.as_str()).collect();
         assert_eq!(origins, ["new"]);

@@ -203,6 +203,60 @@ async fn a_neighbour_cannot_flood_unsolicited_or_made_up_evidence() {
     assert!(made_up.is_empty(), "made-up links learned: {made_up:?}");
 }
 
+/// A neighbour whose clock runs far ahead (its generations beyond what a relayed entry may have,
+/// `CLOCK_AHEAD`) is still heard on itself: the edge takes the transit's own entry, which says its
+/// link to the near site is down, and prefers the far site. (Had the edge taken it for a relayed
+/// copy, it would have refused it, and kept trying the near site through the transit.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_neighbours_word_on_itself_is_taken_whatever_its_clock() {
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let t = two_sites(backend, free_tcp_port(), true);
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    let transport = router::transport::transport_config();
+    let (_transit, _) = fake_neighbour(
+        dir.path(),
+        &t,
+        "transit",
+        transport,
+        |conn, pings| async move {
+            while let Ok(d) = conn.read_datagram().await {
+                if let Ok(Probe::Ping { seq }) = Probe::decode(d) {
+                    pings.fetch_add(1, Relaxed);
+                    let mut own = own_entry("transit", u64::MAX);
+                    own.neighbours.push(NeighbourState {
+                        id: NodeId::new("near"),
+                        up: false,
+                        rtt_us: 0,
+                    });
+                    let (pong, _) = Probe::encode_pong(seq, &[own], 0, 1200);
+                    let _ = conn.send_datagram(pong);
+                }
+            }
+        },
+    );
+    let (edge, _) = spawn_node(&snap, dir.path(), "edge", |_| {}).await;
+    let (_far, _) = spawn_node(&snap, dir.path(), "far", |_| {}).await;
+    let near_link = topology::LinkId::new(&NodeId::new("transit"), &NodeId::new("near"));
+    wait_until(
+        Duration::from_secs(20),
+        || {
+            let r = edge.routes();
+            r.live.down_links.contains(&near_link)
+                && r.preferred("echo").is_some_and(|c| c.site.as_str() == "far")
+        },
+        || {
+            let r = edge.routes();
+            format!(
+                "the transit's word on its link to near was not taken: down links {:?}, candidates {:?}",
+                r.live.down_links,
+                r.candidates("echo")
+            )
+        },
+    )
+    .await;
+}
+
 /// Answers every ping with a pong carrying the fake's own entry, as a router does.
 async fn answer_pings(name: &'static str, conn: quinn::Connection, pings: Arc<AtomicU64>) {
     let mut generation = 0;

@@ -5,6 +5,9 @@
 //!   ending with `data: [DONE]`. A POST body is read (at most 64 KiB) and ignored.
 //! - `GET /healthz` answers `ok`.
 //!
+//! A client may shut down its write side once its request is sent (Tasman passes a client's FIN
+//! on to the backend): the stream still runs to its end.
+//!
 //! Every response names the site and service that served it in `x-tasman-site` and
 //! `x-tasman-service`, so a client can see where the fabric sent it.
 
@@ -166,7 +169,10 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch
         let shared = shared.clone();
         conns.spawn(async move {
             let svc = service_fn(move |req| handle(shared.clone(), req));
+            // Half-closes allowed: a client's FIN (Tasman passes it on) arriving while a
+            // completion streams would otherwise make hyper drop the connection mid-response.
             let _ = http1::Builder::new()
+                .half_close(true)
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
@@ -393,6 +399,28 @@ mod tests {
             5,
             "default token count: {resp}"
         );
+    }
+
+    /// A client that sends its request and then shuts down its write side (as Tasman passes a
+    /// client's FIN on to the backend) still gets the whole stream: hyper's server drops a
+    /// connection that reads EOF in the middle of a response unless half-closes are allowed.
+    #[tokio::test]
+    async fn a_client_that_half_closes_after_its_request_gets_the_whole_stream() {
+        let b = start().await;
+        let mut s = TcpStream::connect(b.local_addr()).await.expect("connect");
+        s.write_all(b"GET /v1/completions?tokens=20&delay_ms=10 HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("write");
+        s.shutdown().await.expect("half-close");
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+            .await
+            .expect("in time")
+            .expect("read");
+        let resp = String::from_utf8(out).expect("utf-8 response");
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+        assert_eq!(resp.matches("\"token\"").count(), 20, "{resp}");
+        assert!(resp.contains("data: [DONE]"), "{resp}");
     }
 
     #[tokio::test]

@@ -98,7 +98,9 @@ pub struct EmulatorOptions {
     pub max_flows: usize,
     /// A flow with no packet in either direction for this long is forgotten.
     pub flow_idle_timeout: Duration,
-    /// Seed for the loss and jitter draws (reproducible tests); `None` seeds from the OS.
+    /// Seed for the loss and jitter draws (reproducible tests: the client direction and each
+    /// flow's return direction get seeds derived from it in the order the flows are created);
+    /// `None` seeds from the OS.
     pub seed: Option<u64>,
 }
 
@@ -320,8 +322,11 @@ impl LinkEmulator {
         });
         let (shutdown, stop) = watch::channel(false);
         let (tx, rx) = mpsc::unbounded_channel();
+        // Seeds are handed out here and as flows are created (under the flow table's lock), in
+        // an order that does not depend on when each task first runs.
+        let dir = Direction::new(shared.rng());
         tokio::spawn(scheduler(socket.clone(), shared.clone(), rx, stop.clone()));
-        tokio::spawn(client_reader(socket, shared.clone(), tx, stop));
+        tokio::spawn(client_reader(socket, shared.clone(), dir, tx, stop));
         Ok(LinkHandle {
             local_addr,
             shared,
@@ -345,12 +350,12 @@ fn stamp(epoch: Instant) -> u64 {
 async fn client_reader(
     socket: Arc<UdpSocket>,
     shared: Arc<Shared>,
+    mut dir: Direction,
     tx: mpsc::UnboundedSender<Queued>,
     mut stop: watch::Receiver<bool>,
 ) {
     let flows: Arc<Mutex<HashMap<SocketAddr, Flow>>> = Arc::default();
     let epoch = Instant::now();
-    let mut dir = Direction::new(shared.rng());
     let mut slab = BytesMut::with_capacity(SLAB);
     loop {
         if slab.capacity() < MAX_DATAGRAM {
@@ -397,7 +402,11 @@ async fn client_reader(
     }
 }
 
-/// Binds a client's upstream socket and spawns the task that relays the target's replies.
+/// Binds a client's upstream socket and spawns the task that relays the target's replies. Called
+/// under the flow table's lock, so the return direction's seed follows the order flows are
+/// created in (a seed drawn by the task itself would follow the order tasks first run in, which
+/// the runtime decides: with a fixed seed, two flows created together swapped their draws from
+/// one run to the next).
 fn new_flow(
     shared: &Arc<Shared>,
     listen: &Arc<UdpSocket>,
@@ -420,6 +429,7 @@ fn new_flow(
     let upstream = Arc::new(UdpSocket::from_std(std_sock)?);
     let last_seen = Arc::new(AtomicU64::new(stamp(epoch)));
     tokio::spawn(upstream_reader(UpstreamTask {
+        dir: Direction::new(shared.rng()),
         upstream: upstream.clone(),
         client,
         shared: shared.clone(),
@@ -436,6 +446,8 @@ fn new_flow(
 }
 
 struct UpstreamTask {
+    /// The return direction's scheduling state, its RNG seeded when the flow was created.
+    dir: Direction,
     upstream: Arc<UdpSocket>,
     client: SocketAddr,
     shared: Arc<Shared>,
@@ -450,7 +462,6 @@ struct UpstreamTask {
 async fn upstream_reader(mut t: UpstreamTask) {
     let idle = t.shared.options.flow_idle_timeout;
     let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
-    let mut dir = Direction::new(t.shared.rng());
     let mut slab = BytesMut::with_capacity(SLAB);
     loop {
         if slab.capacity() < MAX_DATAGRAM {
@@ -485,7 +496,7 @@ async fn upstream_reader(mut t: UpstreamTask) {
         let data = slab.split().freeze();
         t.last_seen.store(stamp(t.epoch), Ordering::Relaxed);
         t.shared.counters.received.fetch_add(1, Ordering::Relaxed);
-        enqueue(&t.shared, &t.tx, &mut dir, Dest::Client(t.client), data);
+        enqueue(&t.shared, &t.tx, &mut t.dir, Dest::Client(t.client), data);
     }
 }
 
@@ -849,6 +860,154 @@ mod tests {
             first_burst_done < second_burst_start,
             "bursts interleaved: {order:?}"
         );
+    }
+
+    /// Which of `n` replies to each of two clients come through a link that drops half of them,
+    /// its draws seeded with `seed`. The clients' flows are created in the same order each time
+    /// (client 0's first); `together` only changes when their reply tasks first run: with both
+    /// first datagrams waiting at once, both flows are created before either task runs (and
+    /// tokio runs the later-spawned one first); otherwise client 1 sends only after client 0's
+    /// flow has carried a reply.
+    async fn replies_through_a_lossy_link(seed: u64, together: bool, n: u32) -> [Vec<u32>; 2] {
+        let target = UdpSocket::bind(lo()).await.expect("bind target");
+        let options = EmulatorOptions {
+            seed: Some(seed),
+            ..EmulatorOptions::default()
+        };
+        let link = LinkEmulator::spawn_with(
+            lo(),
+            target.local_addr().expect("addr"),
+            LinkProfile::default(),
+            options,
+        )
+        .await
+        .expect("spawn");
+        // Each client sends through a std socket (a send that never waits for the runtime) and
+        // receives through a tokio clone of it.
+        let mut senders = Vec::new();
+        let mut receivers = Vec::new();
+        for _ in 0..2 {
+            let s = std::net::UdpSocket::bind(lo()).expect("bind client");
+            s.set_nonblocking(true).expect("nonblocking");
+            let r = UdpSocket::from_std(s.try_clone().expect("clone")).expect("tokio socket");
+            senders.push(s);
+            receivers.push(r);
+        }
+        let mut flows = [lo(), lo()];
+        let mut buf = [0u8; 64];
+        // Each client's first datagram (`c` and its index) makes its flow; the target notes
+        // the flow's address and answers it, still loss-free.
+        let hello = |i: usize| vec![b'c', i as u8];
+        if together {
+            for (i, s) in senders.iter().enumerate() {
+                s.send_to(&hello(i), link.local_addr()).expect("send");
+            }
+        }
+        for (i, sender) in senders.iter().enumerate() {
+            if !together {
+                sender.send_to(&hello(i), link.local_addr()).expect("send");
+            }
+            let (len, from) =
+                tokio::time::timeout(Duration::from_secs(5), target.recv_from(&mut buf))
+                    .await
+                    .expect("hello within 5 s")
+                    .expect("recv");
+            let c = usize::from(buf[1]);
+            assert_eq!(len, 2);
+            flows[c] = from;
+            target.send_to(b"hi", from).await.expect("answer");
+            if !together {
+                let (len, _) =
+                    tokio::time::timeout(Duration::from_secs(5), receivers[c].recv_from(&mut buf))
+                        .await
+                        .expect("answer within 5 s")
+                        .expect("recv");
+                assert_eq!(&buf[..len], b"hi");
+            }
+        }
+        if together {
+            for r in &receivers {
+                let (len, _) = tokio::time::timeout(Duration::from_secs(5), r.recv_from(&mut buf))
+                    .await
+                    .expect("answer within 5 s")
+                    .expect("recv");
+                assert_eq!(&buf[..len], b"hi");
+            }
+        }
+        link.set_profile(LinkProfile {
+            loss: 0.5,
+            ..LinkProfile::default()
+        });
+        for seq in 0..n {
+            for flow in flows {
+                target
+                    .send_to(&seq.to_be_bytes(), flow)
+                    .await
+                    .expect("send reply");
+            }
+        }
+        // Two hellos and their answers, then the replies.
+        let handled = u64::from(2 * n) + 4;
+        assert!(
+            eventually(Duration::from_secs(10), || {
+                let s = link.stats();
+                s.forwarded + s.dropped_loss == handled
+            })
+            .await,
+            "{:?}",
+            link.stats()
+        );
+        // Forwarded on loopback is delivered: what came is in the sockets' buffers now (read
+        // through the non-blocking std sockets, which never wait).
+        let mut got = [Vec::new(), Vec::new()];
+        for (c, s) in senders.iter().enumerate() {
+            while let Ok((len, _)) = s.recv_from(&mut buf) {
+                assert_eq!(len, 4);
+                got[c].push(u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]));
+            }
+        }
+        let s = link.stats();
+        assert_eq!(
+            (got[0].len() + got[1].len()) as u64,
+            s.forwarded - 4,
+            "what was forwarded arrived: {s:?}"
+        );
+        got
+    }
+
+    /// Each flow's draws come from a seed fixed by the order the flows were created in, not by
+    /// the order their tasks happen to run in: the same seed and the same clients give the same
+    /// losses, also when both flows start at once.
+    #[test]
+    fn a_seed_gives_each_flow_the_same_draws_however_its_task_is_scheduled() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        const N: u32 = 64;
+        // On the worker, so that nothing of the emulator runs while the test sends.
+        let (apart, together) = rt
+            .block_on(async {
+                tokio::spawn(async {
+                    let apart = replies_through_a_lossy_link(11, false, N).await;
+                    let together = replies_through_a_lossy_link(11, true, N).await;
+                    (apart, together)
+                })
+                .await
+            })
+            .expect("test task");
+        for got in &apart {
+            assert!(
+                !got.is_empty() && got.len() < N as usize,
+                "loss 0.5 dropped none or all of {N}: {got:?}"
+            );
+        }
+        assert_ne!(
+            apart[0], apart[1],
+            "both flows drew the same losses: the test could not tell them apart"
+        );
+        assert_eq!(apart, together, "the same seed gave other losses");
     }
 
     #[tokio::test]

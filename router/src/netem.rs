@@ -860,6 +860,19 @@ mod tests {
             first_burst_done < second_burst_start,
             "bursts interleaved: {order:?}"
         );
+        // And the jitter was applied: each burst is sent within about 1 ms, so its packets'
+        // delays, spread over the 10 ms, put them out of order (about half of a burst's 1,225
+        // pairs swap; none at all without jitter, whatever the machine's load, as the scheduler
+        // sends in due order).
+        let swapped: usize = order
+            .iter()
+            .enumerate()
+            .map(|(i, a)| order[i + 1..].iter().filter(|b| *b < a).count())
+            .sum();
+        assert!(
+            swapped >= 100,
+            "only {swapped} pairs out of order: no jitter? {order:?}"
+        );
     }
 
     /// Which of `n` replies to each of two clients come through a link that drops half of them,

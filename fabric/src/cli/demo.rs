@@ -118,9 +118,15 @@ fn declared_rtt(t: &Topology, path: &[NodeId]) -> Latency {
         })
 }
 
+/// The middle value, or halfway between the two middle ones for an even count.
 fn median(mut v: Vec<Duration>) -> Option<Duration> {
     v.sort();
-    v.get(v.len() / 2).copied()
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some(v[n / 2 - 1] + v[n / 2].saturating_sub(v[n / 2 - 1]) / 2),
+    }
 }
 
 /// The preferred (site, path) of `edge` for `service`, as its routing table says now.
@@ -813,4 +819,21 @@ fn check_plan(fabric: &DemoFabric, edge: &NodeId, impact: &[topology::diff::Impa
         "  The plan's {} prediction(s) for {edge}: {right} match the edge's routing table now.",
         entries.len()
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_median_of_an_even_count_is_halfway_between_its_two_middle_values() {
+        let ms = Duration::from_millis;
+        assert_eq!(median(Vec::new()), None);
+        assert_eq!(median(vec![ms(30), ms(10), ms(20)]), Some(ms(20)));
+        assert_eq!(median(vec![ms(40), ms(10)]), Some(ms(25)));
+        assert_eq!(
+            median(vec![ms(1), ms(100), ms(3), ms(2)]),
+            Some(ms(2) + ms(1) / 2)
+        );
+    }
 }

@@ -3,18 +3,118 @@
 //! several edges, fails a site over, raises a link's latency through the admin API, drains a
 //! site as planned maintenance does, keeps the
 //! fabric up (`--keep`) for `tasman status` with the printed admin address and token, and exits 0
-//! on SIGTERM.
+//! on SIGTERM. Ctrl-C in the middle of the tour stops the fabric and leaves nothing in the
+//! temporary directory.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+/// Held by each test while its demo runs: a demo is 21 routers and 54 link emulators, and two
+/// at once on a small machine slow each other past their start-up deadlines.
+static ONE_DEMO_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_demo_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_DEMO_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Waits for `child` to exit, at most until `deadline`; kills it then.
+fn wait_until(child: &mut Child, deadline: Instant) -> Option<ExitStatus> {
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().expect("wait for tasman demo") {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+/// The entries of `dir`, by name.
+fn entries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .expect("read the temporary directory")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Ctrl-C while the tour runs: the demo stops the fabric and removes its directory (the demo
+/// CA's and every node's private key) before it exits; a process killed by the signal left it.
+#[test]
+fn ctrl_c_during_the_tour_stops_the_fabric_and_removes_its_directory() {
+    let _one = one_demo_at_a_time();
+    let tmp = tempfile::tempdir().expect("temporary directory");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tasman"))
+        .args(["demo", "--quick", "--ephemeral-ports"])
+        .env("TMPDIR", tmp.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("run tasman demo");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut out = String::new();
+    let deadline = Instant::now() + Duration::from_secs(150);
+    let mut touring = false;
+    while !touring && Instant::now() < deadline {
+        match rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(line) => {
+                // Printed once the fabric runs, before the first request.
+                touring = line.starts_with("Requests:");
+                out.push_str(&line);
+                out.push('\n');
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    assert!(touring, "the tour did not start:\n{out}");
+    // The demo keeps its PKI and state under TMPDIR.
+    let during = entries(tmp.path());
+    assert_eq!(during.len(), 1, "{during:?}");
+    assert!(
+        tmp.path().join(&during[0]).join("pki").is_dir(),
+        "{during:?}"
+    );
+
+    let signalled = Instant::now();
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGINT);
+    }
+    let status = wait_until(&mut child, signalled + Duration::from_secs(60));
+    let _ = reader.join();
+    out.extend(rx.try_iter().map(|l| l + "\n"));
+    let status = status.unwrap_or_else(|| panic!("still running 60 s after Ctrl-C:\n{out}"));
+    assert!(
+        entries(tmp.path()).is_empty(),
+        "left behind in TMPDIR: {:?} (exit: {status:?})",
+        entries(tmp.path())
+    );
+    // It exited on its own (not killed by the signal), with the tour unfinished.
+    assert_eq!(status.code(), Some(1), "{status:?}\n{out}");
+    assert!(out.contains("Demo interrupted."), "{out}");
+    eprintln!("exited {:?} after Ctrl-C", signalled.elapsed());
+}
 
 /// Runs `tasman demo --keep`: the tour, then (the fabric kept up) `tasman status` against the
 /// admin address and token the demo printed, then SIGTERM. Returns the demo's whole stdout,
 /// whether it exited 0, and the status output.
 fn run_demo_keep() -> (String, bool, String) {
+    let _one = one_demo_at_a_time();
     let mut child = Command::new(env!("CARGO_BIN_EXE_tasman"))
         .args(["demo", "--quick", "--ephemeral-ports", "--keep"])
         .stdout(Stdio::piped())

@@ -2,7 +2,7 @@
 //! failover and a live topology edit.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -83,7 +83,31 @@ pub fn run(args: DemoArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match rt.block_on(tour(args, topo, &text, &source)) {
+    // Ctrl-C and SIGTERM are caught from here on, before anything is written to disk: they stop
+    // the fabric, and its directory (the demo CA's and every node's private key) is removed.
+    let signals = match rt.block_on(async { Signals::install() }) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: cannot listen for signals: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let dir = match tempfile::Builder::new().prefix("tasman-demo-").tempdir() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("error: cannot create a temporary directory: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let outcome = rt.block_on(tour(args, topo, &text, &source, dir.path(), signals));
+    // What a cut-short shutdown left running stops with the runtime; only then is the directory
+    // removed, so that nothing writes into it after.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    let path = dir.path().display().to_string();
+    if let Err(e) = dir.close() {
+        eprintln!("warning: could not remove the demo's directory {path}: {e}");
+    }
+    match outcome {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {
@@ -126,6 +150,42 @@ fn median(mut v: Vec<Duration>) -> Option<Duration> {
         0 => None,
         _ if n % 2 == 1 => Some(v[n / 2]),
         _ => Some(v[n / 2 - 1] + v[n / 2].saturating_sub(v[n / 2 - 1]) / 2),
+    }
+}
+
+/// SIGINT (Ctrl-C) and SIGTERM, caught from [`Signals::install`] on: neither kills the process
+/// after it (tokio keeps a handler installed once it has one).
+struct Signals {
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers at once; must run inside the runtime.
+    fn install() -> std::io::Result<Signals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Signals {
+                interrupt: signal(SignalKind::interrupt())?,
+                terminate: signal(SignalKind::terminate())?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Signals {})
+    }
+
+    /// Resolves at the next signal.
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
 
@@ -236,6 +296,8 @@ async fn tour(
     topo: Topology,
     text: &str,
     source: &str,
+    dir: &Path,
+    mut signals: Signals,
 ) -> Result<bool, crate::demo::DemoError> {
     let n = if args.quick { 1 } else { args.requests.max(1) };
     let services: Vec<String> = topo
@@ -299,9 +361,17 @@ async fn tour(
     let t = Instant::now();
     let options = DemoOptions {
         ephemeral_ports: args.ephemeral_ports,
+        dir: Some(dir.to_path_buf()),
         ..DemoOptions::default()
     };
-    let mut fabric = DemoFabric::start(text, options).await?;
+    // A signal while the fabric starts drops what has started; the runtime's shutdown stops it.
+    let mut fabric = tokio::select! {
+        f = DemoFabric::start(text, options) => f?,
+        () = signals.next() => {
+            println!("\nDemo interrupted while the fabric started.");
+            return Ok(false);
+        }
+    };
     let (admin, _) = fabric.admin();
     println!(
         "Started the controller (routers connect to {}, admin API on {admin}), {} routers, {} link emulators",
@@ -313,6 +383,54 @@ async fn tour(
         "and a demo backend per site and service; all neighbours up after {}.\n",
         fmt_ms(t.elapsed())
     );
+
+    // The tour, and with --keep the wait after it, until it ends or a signal comes.
+    let mut verdict = None;
+    let toured = tokio::select! {
+        r = steps(&mut fabric, &args, &edges, &all_edges, &services, n, &mut verdict) => Some(r),
+        () = signals.next() => None,
+    };
+    match (&toured, verdict) {
+        (None, None) => println!(
+            "\nInterrupted: stopping the fabric (a second Ctrl-C stops without waiting for it)."
+        ),
+        (None, Some(_)) => println!("stopping"),
+        (Some(_), _) => {}
+    }
+    tokio::select! {
+        () = fabric.shutdown() => {}
+        () = signals.next() => println!("Second signal: not waiting for the fabric to stop."),
+    }
+    if let Some(Err(e)) = toured {
+        return Err(e);
+    }
+    let Some(ok) = verdict else {
+        println!("\nDemo interrupted.");
+        return Ok(false);
+    };
+    println!(
+        "\n{}",
+        if ok {
+            "Demo complete."
+        } else {
+            "Demo finished with errors (see above)."
+        }
+    );
+    Ok(ok)
+}
+
+/// The tour once the fabric runs: the tables, the failover, the live edit, the maintenance, and
+/// with `--keep` the restarted fabric left up until a signal (this future then never ends).
+/// `verdict` is set once the tour is over: whether all of it went right.
+async fn steps(
+    fabric: &mut DemoFabric,
+    args: &DemoArgs,
+    edges: &[NodeId],
+    all_edges: &[NodeId],
+    services: &[String],
+    n: usize,
+    verdict: &mut Option<bool>,
+) -> Result<(), crate::demo::DemoError> {
     let t = Instant::now();
     let off = fabric.wait_settled(Duration::from_secs(3)).await;
     if off.is_empty() {
@@ -336,14 +454,14 @@ async fn tour(
     println!("the backend answered with; \"path\" is the edge's routing table's preferred path.\n");
 
     let mut all_ok = true;
-    for edge in &edges {
+    for edge in edges {
         let node = fabric.topology().node(edge.as_str()).cloned();
         if let Some(node) = node {
             println!("{} ({}, {})", edge, node.region, node.country);
         }
         let mut rows = Vec::new();
-        for s in &services {
-            let (row, ok) = measure(&fabric, edge, s, n).await;
+        for s in services {
+            let (row, ok) = measure(fabric, edge, s, n).await;
             all_ok &= ok;
             rows.push(row);
         }
@@ -353,29 +471,29 @@ async fn tour(
 
     // Failover.
     let (Some(first_edge), Some(first_service)) = (edges.first(), services.first()) else {
-        fabric.shutdown().await;
-        return Ok(all_ok);
+        *verdict = Some(all_ok);
+        return Ok(());
     };
     let victim = match &args.fail {
         Some(s) => NodeId::new(s),
-        None => match preferred(&fabric, first_edge, first_service) {
+        None => match preferred(fabric, first_edge, first_service) {
             Some((site, _)) => site,
             None => {
                 eprintln!("error: {first_edge} has no route for {first_service}");
-                fabric.shutdown().await;
-                return Ok(false);
+                *verdict = Some(false);
+                return Ok(());
             }
         },
     };
     if !fabric.is_running(&victim) {
         eprintln!("error: {victim} is not a running node");
-        fabric.shutdown().await;
-        return Ok(false);
+        *verdict = Some(false);
+        return Ok(());
     }
     let before: BTreeMap<(NodeId, String), (NodeId, Vec<NodeId>)> = all_edges
         .iter()
         .flat_map(|e| services.iter().map(move |s| (e.clone(), s.clone())))
-        .filter_map(|(e, s)| preferred(&fabric, &e, &s).map(|p| ((e, s), p)))
+        .filter_map(|(e, s)| preferred(fabric, &e, &s).map(|p| ((e, s), p)))
         .collect();
     println!("Failover: {victim} goes dark now (its links drop everything, as in a power cut).");
     println!("Every 10 ms a new client connection asks {first_edge} for {first_service}.");
@@ -385,7 +503,7 @@ async fn tour(
     let detect = async {
         let deadline = t0 + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if preferred(&fabric, first_edge, first_service).is_some_and(|(s, _)| s != victim) {
+            if preferred(fabric, first_edge, first_service).is_some_and(|(s, _)| s != victim) {
                 return Some(t0.elapsed());
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -450,7 +568,7 @@ async fn tour(
     let deadline = Instant::now() + Duration::from_secs(3);
     while Instant::now() < deadline
         && before.iter().any(|((e, s), (site, _))| {
-            *site == victim && preferred(&fabric, e, s).is_some_and(|(now, _)| now == victim)
+            *site == victim && preferred(fabric, e, s).is_some_and(|(now, _)| now == victim)
         })
     {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -460,15 +578,15 @@ async fn tour(
         if *site != victim {
             continue;
         }
-        match preferred(&fabric, e, s) {
+        match preferred(fabric, e, s) {
             Some((now, path)) => println!("  {e:12} {s:12} {site} ⇒ {now}  ({})", path_str(&path)),
             None => println!("  {e:12} {s:12} {site} ⇒ no site left"),
         }
     }
     println!("\n{first_edge} after the failover");
     let mut rows = Vec::new();
-    for s in &services {
-        let (row, ok) = measure(&fabric, first_edge, s, n).await;
+    for s in services {
+        let (row, ok) = measure(fabric, first_edge, s, n).await;
         all_ok &= ok
             || fabric
                 .topology()
@@ -478,8 +596,9 @@ async fn tour(
     }
     print_rows(&rows);
 
-    let edit_ok = live_edit(&mut fabric, &edges, first_service, n).await;
-    let (drain_ok, drained) = maintenance(&mut fabric, first_edge, first_service).await;
+    let edit_ok = live_edit(fabric, edges, first_service, n).await;
+    let (drain_ok, drained) = maintenance(fabric, first_edge, first_service).await;
+    *verdict = Some(all_ok && failover_ok && edit_ok && drain_ok);
 
     if args.keep {
         println!("\nRestarting {victim}...");
@@ -500,26 +619,17 @@ async fn tour(
         println!("  tasman topology get           # the text in force; history, rollback VERSION");
         println!("  tasman topology edit          # $EDITOR, the plan, then applied live");
         println!("The fabric is up. Try (Ctrl-C stops it):");
-        for e in &edges {
+        for e in edges {
             if let Some(a) = fabric.service_addr(e, first_service) {
                 println!(
                     "  curl -sN -D - 'http://{a}/v1/completions?tokens=20&delay_ms=50'   # via {e}"
                 );
             }
         }
-        crate::cli::router::wait_for_signal().await; // Ctrl-C or SIGTERM
-        println!("stopping");
+        // Until Ctrl-C or SIGTERM, which the caller waits for.
+        std::future::pending::<()>().await;
     }
-    fabric.shutdown().await;
-    println!(
-        "\n{}",
-        if all_ok && failover_ok && edit_ok && drain_ok {
-            "Demo complete."
-        } else {
-            "Demo finished with errors (see above)."
-        }
-    );
-    Ok(all_ok && failover_ok && edit_ok && drain_ok)
+    Ok(())
 }
 
 /// Planned maintenance: the site `edge` uses for `service` drains (as `tasman router` does on

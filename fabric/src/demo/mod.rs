@@ -21,6 +21,7 @@ pub mod edit;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -55,6 +56,11 @@ pub struct DemoOptions {
     /// port 0, free ports are used.
     pub controller_listen: SocketAddr,
     pub controller_admin: SocketAddr,
+    /// Where to keep the PKI (the demo CA's and every node's private key) and the controller's
+    /// state. `None`: a new temporary directory, removed when the fabric is dropped. A directory
+    /// given here is the caller's to remove: `tasman demo` removes its own once its runtime, and
+    /// with it every task that could still write there, is gone.
+    pub dir: Option<PathBuf>,
 }
 
 /// The admin API's usual address (`tasman status` and friends try it by default).
@@ -71,6 +77,7 @@ impl Default for DemoOptions {
             jitter: Latency::ZERO,
             controller_listen: SocketAddr::from(([127, 0, 0, 1], 7400)),
             controller_admin: SocketAddr::from(([127, 0, 0, 1], 7401)),
+            dir: None,
         }
     }
 }
@@ -130,7 +137,9 @@ pub struct DemoFabric {
     /// The topology in force at the controller (as of the last apply through this handle).
     topology: Arc<Topology>,
     /// `pki/` (CA, every node's and the controller's certificate) and `controller/` (its state).
-    dir: tempfile::TempDir,
+    dir: PathBuf,
+    /// The temporary directory `dir` is, unless the options named one.
+    _temp: Option<tempfile::TempDir>,
     controller: Daemon,
     admin: AdminClient,
     options: DemoOptions,
@@ -163,18 +172,24 @@ impl DemoFabric {
         } else {
             text.to_string()
         };
-        let dir = tempfile::tempdir().map_err(|source| DemoError::Io {
-            what: "temporary directory".into(),
-            source,
-        })?;
-        let pki = dir.path().join("pki");
+        let (dir, temp) = match &options.dir {
+            Some(d) => (d.clone(), None),
+            None => {
+                let t = tempfile::tempdir().map_err(|source| DemoError::Io {
+                    what: "temporary directory".into(),
+                    source,
+                })?;
+                (t.path().to_path_buf(), Some(t))
+            }
+        };
+        let pki = dir.join("pki");
         router::pki::init(&pki).map_err(|e| DemoError::Pki(e.to_string()))?;
         daemon::ensure_pki(&pki)?;
         for n in &topology.nodes {
             router::pki::issue(&pki, n.id.as_str()).map_err(|e| DemoError::Pki(e.to_string()))?;
         }
-        let state = dir.path().join("controller");
-        let file = dir.path().join("topology.yaml");
+        let state = dir.join("controller");
+        let file = dir.join("topology.yaml");
         std::fs::write(&file, &import).map_err(|source| DemoError::Io {
             what: file.display().to_string(),
             source,
@@ -255,6 +270,7 @@ impl DemoFabric {
         let mut fabric = DemoFabric {
             topology: topology.clone(),
             dir,
+            _temp: temp,
             controller,
             admin,
             options,
@@ -280,7 +296,7 @@ impl DemoFabric {
     }
 
     async fn spawn_router(&mut self, node: &NodeId) -> Result<(), DemoError> {
-        let pki = self.dir.path().join("pki");
+        let pki = self.dir.join("pki");
         let identity = || {
             router::tls::TlsIdentity::load(&pki, node.as_str())
                 .map_err(|e| DemoError::Pki(e.to_string()))
@@ -541,7 +557,7 @@ impl DemoFabric {
 
     /// The controller's state directory (deleted when the demo ends).
     pub fn state_dir(&self) -> std::path::PathBuf {
-        self.dir.path().join("controller")
+        self.dir.join("controller")
     }
 
     /// The topology text in force at the controller, as the operator wrote it.
@@ -688,11 +704,15 @@ impl DemoFabric {
         }
     }
 
-    /// Stops every router, the controller, every emulator and backend.
+    /// Stops every router (all at once: each may take up to its drain and close timeouts), the
+    /// controller, every emulator and backend. Dropped before its end (a second Ctrl-C), it
+    /// leaves what still runs to the runtime's shutdown.
     pub async fn shutdown(mut self) {
+        let mut routers = tokio::task::JoinSet::new();
         for (_, r) in std::mem::take(&mut self.routers) {
-            r.shutdown().await;
+            routers.spawn(r.shutdown());
         }
+        while routers.join_next().await.is_some() {}
         self.controller.shutdown().await;
         for h in self.links.values() {
             h.shutdown();

@@ -4,9 +4,9 @@
 //! site as planned maintenance does, keeps the
 //! fabric up (`--keep`) for `tasman status` with the printed admin address and token, and exits 0
 //! on SIGTERM. Ctrl-C in the middle of the tour stops the fabric and leaves nothing in the
-//! temporary directory.
+//! temporary directory; a `--fail` that would show no failover is refused.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -108,6 +108,85 @@ fn ctrl_c_during_the_tour_stops_the_fabric_and_removes_its_directory() {
     assert_eq!(status.code(), Some(1), "{status:?}\n{out}");
     assert!(out.contains("Demo interrupted."), "{out}");
     eprintln!("exited {:?} after Ctrl-C", signalled.elapsed());
+}
+
+/// Runs `tasman demo ARGS`; returns its exit status (None: killed at `within`), stdout and
+/// stderr.
+fn run_demo(args: &[&str], within: Duration) -> (Option<ExitStatus>, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tasman"))
+        .arg("demo")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run tasman demo");
+    let read_all = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    };
+    let out = read_all(Box::new(child.stdout.take().expect("stdout")));
+    let err = read_all(Box::new(child.stderr.take().expect("stderr")));
+    let status = wait_until(&mut child, Instant::now() + within);
+    (
+        status,
+        out.join().expect("stdout"),
+        err.join().expect("stderr"),
+    )
+}
+
+/// `--fail` must name the site the first edge uses for the first service: stopping another
+/// moves nothing there, and the failover would be "shown" at once without happening. A node
+/// that is no site is refused before the fabric starts.
+#[test]
+fn a_fail_site_that_would_show_no_failover_is_refused() {
+    let _one = one_demo_at_a_time();
+    let (status, out, err) = run_demo(
+        &[
+            "--quick",
+            "--ephemeral-ports",
+            "--edges",
+            "lax-edge-1",
+            "--fail",
+            "syd-site-1",
+        ],
+        Duration::from_secs(150),
+    );
+    let status = status.unwrap_or_else(|| panic!("still running after 150 s:\n{out}\n{err}"));
+    assert_eq!(status.code(), Some(1), "{out}\n{err}");
+    assert!(
+        err.contains("error: --fail syd-site-1: ")
+            && err.contains("lax-edge-1")
+            && err.contains("llm-chat"),
+        "{err}"
+    );
+    assert!(
+        !out.contains("Failover:") && !out.contains("First new connection"),
+        "{out}"
+    );
+
+    for (node, says) in [
+        ("lax-edge-1", "not a site"),
+        ("nowhere-1", "no such node in the topology"),
+    ] {
+        let started = Instant::now();
+        let (status, out, err) = run_demo(
+            &["--quick", "--ephemeral-ports", "--fail", node],
+            Duration::from_secs(60),
+        );
+        assert_eq!(status.and_then(|s| s.code()), Some(1), "{out}\n{err}");
+        assert!(
+            err.contains(&format!("error: --fail {node}: {says} (sites: ")),
+            "{err}"
+        );
+        assert!(
+            !out.contains("Started the controller"),
+            "the fabric started for a --fail that is no site:\n{out}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(30));
+    }
 }
 
 /// Runs `tasman demo --keep`: the tour, then (the fabric kept up) `tasman status` against the
@@ -259,10 +338,23 @@ fn demo_serves_every_edge_fails_over_and_moves_a_path_by_a_live_edit_then_exits_
         !chat.contains("syd-site-1") && chat.contains("-site-"),
         "llm-chat did not move: {chat}"
     );
-    assert!(
-        stdout.contains("First new connection served by"),
-        "{stdout}"
-    );
+    // The time reported is when the first byte of that connection's answer came, not its end.
+    let first = stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("First new connection served by "))
+        .unwrap_or_else(|| panic!("no first new connection:\n{stdout}"));
+    let ms = |s: &str| -> f64 {
+        s.trim()
+            .strip_suffix(" ms")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("not a time in ms: {s:?} in {first}"))
+    };
+    let (at, ttfb) = first
+        .split_once(": its first byte ")
+        .and_then(|(_, r)| r.split_once(" after the stop (TTFB "))
+        .and_then(|(at, r)| Some((ms(at), ms(r.split_once(')')?.0))))
+        .unwrap_or_else(|| panic!("{first}"));
+    assert!(at >= ttfb, "first byte at {at} ms, TTFB {ttfb} ms: {first}");
     assert!(stdout.contains("Demo complete."), "{stdout}");
 
     // Planned maintenance: the edge's site drains while a slow completion streams through it;

@@ -36,7 +36,8 @@ pub struct DemoArgs {
     /// Tokyo and Los Angeles edges when present, else every edge).
     #[arg(long, value_delimiter = ',', value_name = "EDGE,...")]
     edges: Vec<String>,
-    /// Site to stop for the failover (default: the first edge's nearest site for the first service).
+    /// Site to stop for the failover: the site the first edge uses for the first service (the
+    /// default); another is refused, as stopping it would move nothing there.
     #[arg(long, value_name = "SITE")]
     fail: Option<String>,
     /// Use free ports instead of the topology's fixed ones (to run beside another fabric; tests use this).
@@ -341,6 +342,28 @@ async fn tour(
             return Ok(false);
         }
     }
+    if let Some(site) = &args.fail
+        && topo
+            .node(site)
+            .is_none_or(|node| node.kind != NodeKind::Site)
+    {
+        let sites: Vec<&str> = topo
+            .nodes
+            .iter()
+            .filter(|n| n.kind == NodeKind::Site)
+            .map(|n| n.id.as_str())
+            .collect();
+        eprintln!(
+            "error: --fail {site}: {} (sites: {})",
+            if topo.node(site).is_some() {
+                "not a site"
+            } else {
+                "no such node in the topology"
+            },
+            sites.join(", ")
+        );
+        return Ok(false);
+    }
 
     println!(
         "Tasman demo: {source}: {} nodes, {} links, {} services, all on loopback.",
@@ -419,6 +442,27 @@ async fn tour(
     Ok(ok)
 }
 
+/// The site the failover stops: the one `edge` sends `service` to now, which `--fail` must name
+/// if given (stopping any other would show no failover at all).
+fn failover_site(
+    fabric: &DemoFabric,
+    fail: Option<&str>,
+    edge: &NodeId,
+    service: &str,
+) -> Result<NodeId, String> {
+    let Some((site, _)) = preferred(fabric, edge, service) else {
+        return Err(format!("{edge} has no route for {service}"));
+    };
+    match fail {
+        Some(f) if f != site.as_str() => Err(format!(
+            "--fail {f}: the failover is shown from {edge} (the first edge) for {service}, which \
+             {edge} sends to {site}, not {f}: stopping {f} would move nothing there (fail {site}, \
+             or put an edge that uses {f} first in --edges)"
+        )),
+        _ => Ok(site),
+    }
+}
+
 /// The tour once the fabric runs: the tables, the failover, the live edit, the maintenance, and
 /// with `--keep` the restarted fabric left up until a signal (this future then never ends).
 /// `verdict` is set once the tour is over: whether all of it went right.
@@ -431,6 +475,15 @@ async fn steps(
     n: usize,
     verdict: &mut Option<bool>,
 ) -> Result<(), crate::demo::DemoError> {
+    // A --fail that shows nothing is refused before the tables, not after them.
+    if let (Some(fail), Some(first_edge), Some(first_service)) =
+        (&args.fail, edges.first(), services.first())
+        && let Err(e) = failover_site(fabric, Some(fail), first_edge, first_service)
+    {
+        eprintln!("error: {e}");
+        *verdict = Some(false);
+        return Ok(());
+    }
     let t = Instant::now();
     let off = fabric.wait_settled(Duration::from_secs(3)).await;
     if off.is_empty() {
@@ -474,16 +527,13 @@ async fn steps(
         *verdict = Some(all_ok);
         return Ok(());
     };
-    let victim = match &args.fail {
-        Some(s) => NodeId::new(s),
-        None => match preferred(fabric, first_edge, first_service) {
-            Some((site, _)) => site,
-            None => {
-                eprintln!("error: {first_edge} has no route for {first_service}");
-                *verdict = Some(false);
-                return Ok(());
-            }
-        },
+    let victim = match failover_site(fabric, args.fail.as_deref(), first_edge, first_service) {
+        Ok(site) => site,
+        Err(e) => {
+            eprintln!("error: {e}");
+            *verdict = Some(false);
+            return Ok(());
+        }
     };
     if !fabric.is_running(&victim) {
         eprintln!("error: {victim} is not a running node");
@@ -520,11 +570,17 @@ async fn steps(
             tokio::select! {
                 _ = tick.tick(), if Instant::now() < give_up => {
                     tried += 1;
-                    set.spawn(async move { client::complete(addr, 8, Duration::from_secs(10)).await });
+                    set.spawn(async move {
+                        let started = Instant::now();
+                        (started, client::complete(addr, 8, Duration::from_secs(10)).await)
+                    });
                 }
                 Some(done) = set.join_next() => match done {
-                    Ok(Ok(r)) if r.site != victim.as_str() => first = Some((t0.elapsed(), r)),
-                    Ok(Ok(_)) => {}
+                    // When its first byte came: the connection's start plus its time to it.
+                    Ok((started, Ok(r))) if r.site != victim.as_str() => {
+                        first = Some((started.duration_since(t0) + r.ttfb, r));
+                    }
+                    Ok((_, Ok(_))) => {}
                     _ => failed += 1,
                 },
                 else => break,
@@ -532,7 +588,7 @@ async fn steps(
         }
         // Connections still in flight finish too: none may hang.
         while let Some(done) = set.join_next().await {
-            if !matches!(done, Ok(Ok(_))) {
+            if !matches!(done, Ok((_, Ok(_)))) {
                 failed += 1;
             }
         }
@@ -548,7 +604,7 @@ async fn steps(
                 DemoOptions::default().probe.misses
             );
             println!(
-                "  First new connection served by {} {} after the stop (TTFB {}); {tried} connections tried, {failed} failed.",
+                "  First new connection served by {}: its first byte {} after the stop (TTFB {}); {tried} connections tried, {failed} failed.",
                 r.site,
                 fmt_ms(*at),
                 fmt_ms(r.ttfb)
@@ -557,7 +613,7 @@ async fn steps(
         }
         _ => {
             println!(
-                "  no failover within 10 s: detection {detected:?}, first response from another site {:?}",
+                "  no failover within 10 s: detection {detected:?}, first byte from another site {:?}",
                 first.map(|f| f.0.0)
             );
             false

@@ -57,8 +57,9 @@ pub use snapshot::Snapshot;
 pub use telemetry::TelemetryReport;
 
 /// Probe timing (BFD-style). A neighbour is down after `misses` probes in a row went unanswered
-/// (after a miss the next probe goes out at once), or after `interval * misses` without any sign
-/// of life, whichever comes first (see `neighbours::Liveness`).
+/// (after a miss the next probe goes out at once), or after `interval * misses` plus a slack
+/// (`max(interval / 2, 4 x RTT variation)`) without any sign of life, whichever comes first (see
+/// `neighbours::Liveness`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ProbeConfig {
     /// Probe every this often (default 100 ms).

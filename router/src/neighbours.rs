@@ -139,7 +139,7 @@ pub(crate) fn probe_timeout(rtt: Duration) -> Duration {
 /// What the liveness detector wants done at its deadline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Verdict {
-    /// `misses` probes in a row went unanswered (or no sign of life for `interval * misses`).
+    /// `misses` probes in a row went unanswered (or no sign of life for [`Liveness::detect`]).
     Down,
     /// The outstanding probe was missed: send another one now (fast re-probe).
     Reprobe,
@@ -164,9 +164,18 @@ pub(crate) const DEAD_AFTER: Duration = Duration::from_secs(1);
 /// a miss the next probe goes out at once (fast re-probe, like HAProxy's `fastinter`), so that
 /// `misses` consecutive misses confirm a dead peer in about `interval + misses x timeout`
 /// (190 ms with the defaults on a short link) instead of `interval x misses`. Whatever happens,
-/// no sign of life for `interval x misses` is also down (the classic rule; it decides on links
-/// whose RTT makes the timeout long). A reply resets the count: a single lost probe or reply
-/// never takes a link down.
+/// no sign of life for `interval x misses` plus a slack is also down (the classic rule; it
+/// decides on links whose RTT makes the timeout long). A reply resets the count: one or two lost
+/// probes or replies never take a link down.
+///
+/// The classic rule's slack ([`Liveness::detect`]): replies come `interval` apart, so after
+/// `misses - 1` lost ones the next reply is due exactly `interval x misses` after the last; without
+/// a slack the verdict and that reply race, and on a long link (where the re-probe's timeout is
+/// longer than the classic rule) any jitter decides. The slack is `max(interval / 2, 4 x RTT
+/// variation)`, the variation measured from the probes' own round trips. The classic rule counts
+/// from the first reply due on a new connection (one handshake RTT after it was made,
+/// [`Liveness::for_connection`]), not from the handshake: a link whose RTT is longer than
+/// `interval x misses` would otherwise be declared down before its first reply could arrive.
 ///
 /// Probes are QUIC DATAGRAM frames, which are congestion-controlled: after a burst of loss under
 /// a bulk transfer the congestion window can stay full until quinn's loss-probe timer fires, and
@@ -174,7 +183,13 @@ pub(crate) const DEAD_AFTER: Duration = Duration::from_secs(1);
 /// this router is not held against the peer ([`Liveness::unsent`]); [`HARD_SILENCE`] bounds that.
 #[derive(Debug)]
 pub(crate) struct Liveness {
-    detect: Duration,
+    /// `interval x misses`: the classic rule's silence, before its slack.
+    misses_time: Duration,
+    interval: Duration,
+    /// Smoothed RTT and its mean deviation over the probes' round trips (RFC 6298's estimator),
+    /// for the classic rule's slack.
+    srtt: Option<Duration>,
+    rttvar: Duration,
     misses_needed: u32,
     /// Last reply (or traffic credited as a sign of life).
     last_alive: tokio::time::Instant,
@@ -192,13 +207,44 @@ impl Liveness {
     pub fn new(p: crate::ProbeConfig, now: tokio::time::Instant) -> Self {
         let misses_needed = p.misses.max(1);
         Liveness {
-            detect: p.interval * misses_needed,
+            misses_time: p.interval * misses_needed,
+            interval: p.interval,
+            srtt: None,
+            rttvar: Duration::ZERO,
             misses_needed,
             last_alive: now,
             last_heard: now,
             outstanding: None,
             misses: 0,
             down: false,
+        }
+    }
+    /// The detector of a connection made at `now` with a handshake RTT of `rtt`: the classic rule
+    /// counts from `now + rtt`, when the first reply is due at the earliest (probes go out from
+    /// `now` on).
+    pub fn for_connection(p: crate::ProbeConfig, now: tokio::time::Instant, rtt: Duration) -> Self {
+        let mut live = Liveness::new(p, now);
+        live.last_alive = now + rtt;
+        live
+    }
+    /// How long without a sign of life is down whatever the probes' timeouts say: `interval x
+    /// misses` plus a slack of `max(interval / 2, 4 x RTT variation)` (see [`Liveness`]).
+    pub fn detect(&self) -> Duration {
+        self.misses_time + (self.interval / 2).max(self.rttvar * 4)
+    }
+    /// A probe's round trip took `rtt` (RFC 6298's smoothing: the variation moves by a quarter
+    /// of each new deviation, the average by an eighth).
+    pub fn rtt_sample(&mut self, rtt: Duration) {
+        match self.srtt {
+            None => {
+                self.srtt = Some(rtt);
+                self.rttvar = rtt / 2;
+            }
+            Some(srtt) => {
+                let dev = srtt.abs_diff(rtt);
+                self.rttvar = (self.rttvar * 3 + dev) / 4;
+                self.srtt = Some((srtt * 7 + rtt) / 8);
+            }
         }
     }
     /// A reply arrived: the peer is alive.
@@ -227,7 +273,7 @@ impl Liveness {
     /// fire before that either.
     pub fn unsent(&mut self, now: tokio::time::Instant, timeout: Duration) {
         self.outstanding = Some(now + timeout);
-        if let Some(t) = (now + timeout).checked_sub(self.detect) {
+        if let Some(t) = (now + timeout).checked_sub(self.detect()) {
             self.last_alive = self.last_alive.max(t);
         }
     }
@@ -268,7 +314,7 @@ impl Liveness {
         if self.down {
             return self.last_heard + DEAD_AFTER;
         }
-        let classic = (self.last_alive + self.detect).min(self.last_heard + HARD_SILENCE);
+        let classic = (self.last_alive + self.detect()).min(self.last_heard + HARD_SILENCE);
         self.outstanding.map_or(classic, |o| o.min(classic))
     }
     /// At the deadline: is the peer down (or, once down, dead), or does a missed probe call for
@@ -278,7 +324,7 @@ impl Liveness {
             return (now >= self.last_heard + DEAD_AFTER).then_some(Verdict::Dead);
         }
         let verdict =
-            if now >= self.last_alive + self.detect || now >= self.last_heard + HARD_SILENCE {
+            if now >= self.last_alive + self.detect() || now >= self.last_heard + HARD_SILENCE {
                 Some(Verdict::Down)
             } else {
                 match self.outstanding {
@@ -321,7 +367,9 @@ async fn probe_until_down(
     let mut seq: u64 = 0;
     // The highest ping answered so far.
     let mut answered: u64 = 0;
-    let mut live = Liveness::new(p, tokio::time::Instant::now());
+    let mut live = Liveness::for_connection(p, tokio::time::Instant::now(), conn.rtt());
+    // When the last few pings were sent (by sequence number), for the RTT samples.
+    let mut sent_at = [(0u64, tokio::time::Instant::now()); 16];
     let mut udp_rx = conn.stats().udp_rx.datagrams;
     // Datagrams received, and pings transmitted (only pings are sent as datagrams on a dialled
     // connection), when the outstanding probe was queued.
@@ -333,13 +381,18 @@ async fn probe_until_down(
     let mut pongs: u64 = 0;
     let mut pongs_at_tick: u64 = 0;
     let mut prev_tick = tokio::time::Instant::now();
-    let send_probe = |seq: &mut u64, live: &mut Liveness, at_probe: &mut (u64, u64)| {
+    let send_probe = |seq: &mut u64,
+                      live: &mut Liveness,
+                      at_probe: &mut (u64, u64),
+                      sent_at: &mut [(u64, tokio::time::Instant); 16]| {
         *seq += 1;
         if live.outstanding.is_none() {
             *at_probe = mark();
         }
         let _ = conn.send_datagram(Probe::encode_ping(*seq));
-        live.probe_sent(tokio::time::Instant::now(), probe_timeout(conn.rtt()));
+        let now = tokio::time::Instant::now();
+        sent_at[(*seq % 16) as usize] = (*seq, now);
+        live.probe_sent(now, probe_timeout(conn.rtt()));
     };
     loop {
         tokio::select! {
@@ -380,7 +433,9 @@ async fn probe_until_down(
                         conn.close(quinn::VarInt::from_u32(close::DECLARED_DOWN), b"missed probes");
                         return answered > 0;
                     }
-                    Some(Verdict::Reprobe) => send_probe(&mut seq, &mut live, &mut at_probe),
+                    Some(Verdict::Reprobe) => {
+                        send_probe(&mut seq, &mut live, &mut at_probe, &mut sent_at)
+                    }
                     None => {}
                 }
             }
@@ -399,7 +454,7 @@ async fn probe_until_down(
                     live.heard(prev_tick);
                 }
                 prev_tick = tokio::time::Instant::now();
-                send_probe(&mut seq, &mut live, &mut at_probe);
+                send_probe(&mut seq, &mut live, &mut at_probe, &mut sent_at);
             }
             d = conn.read_datagram() => {
                 let Ok(bytes) = d else { return answered > 0 };
@@ -410,7 +465,12 @@ async fn probe_until_down(
                     continue;
                 }
                 answered = echoed;
-                live.reply(tokio::time::Instant::now());
+                let now = tokio::time::Instant::now();
+                let (sent_seq, sent) = sent_at[(echoed % 16) as usize];
+                if sent_seq == echoed {
+                    live.rtt_sample(now - sent);
+                }
+                live.reply(now);
                 pongs += 1;
                 nb.rtt_us.store(conn.rtt().as_micros() as u64, Relaxed);
                 let mut changed = crate::routes::Evidence::learn_from(shared, &nb.id, entries);
@@ -442,26 +502,35 @@ mod tests {
     /// `rtt`), sending a probe every interval and re-probing on misses; returns when it is
     /// declared down.
     fn run(p: ProbeConfig, rtt: Duration, dies_at: Duration, lose: &[u64]) -> Option<Duration> {
+        run_late(p, rtt, dies_at, lose, &[])
+    }
+
+    /// [`run`], the replies to the probes numbered in `late` taking that much longer. A reply
+    /// due at the very instant of the detector's deadline comes after it: whichever the real
+    /// race would favour, a verdict that close to a reply is a failure.
+    fn run_late(
+        p: ProbeConfig,
+        rtt: Duration,
+        dies_at: Duration,
+        lose: &[u64],
+        late: &[(u64, Duration)],
+    ) -> Option<Duration> {
         let t0 = T::now();
-        let mut live = Liveness::new(p, t0);
+        let mut live = Liveness::for_connection(p, t0, rtt);
         let timeout = probe_timeout(rtt);
         let mut next_tick = t0;
-        let mut replies: Vec<T> = Vec::new();
+        // (arrival, round trip)
+        let mut replies: Vec<(T, Duration)> = Vec::new();
         let mut seq = 0u64;
         let mut now = t0;
         while now < t0 + Duration::from_secs(10) {
             // The next event: a tick, a reply, or the detector's deadline.
-            let next_reply = replies.iter().min().copied();
+            let next_reply = replies.iter().map(|r| r.0).min();
             let next = [Some(next_tick), next_reply, Some(live.deadline())]
                 .into_iter()
                 .flatten()
                 .min()?;
             now = next;
-            if Some(now) == next_reply {
-                replies.retain(|r| *r != now);
-                live.reply(now);
-                continue;
-            }
             let mut send = false;
             if now == live.deadline() {
                 match live.at_deadline(now, true, timeout) {
@@ -470,6 +539,13 @@ mod tests {
                     None => {}
                 }
             }
+            if Some(now) == next_reply {
+                for (_, took) in replies.iter().filter(|r| r.0 == now) {
+                    live.rtt_sample(*took);
+                }
+                replies.retain(|r| r.0 != now);
+                live.reply(now);
+            }
             if now == next_tick {
                 next_tick += p.interval;
                 send = true;
@@ -477,8 +553,13 @@ mod tests {
             if send {
                 seq += 1;
                 live.probe_sent(now, timeout);
-                if now + rtt < t0 + dies_at && !lose.contains(&seq) {
-                    replies.push(now + rtt);
+                let extra = late
+                    .iter()
+                    .find(|l| l.0 == seq)
+                    .map_or(Duration::ZERO, |l| l.1);
+                let took = rtt + extra;
+                if now + took < t0 + dies_at && !lose.contains(&seq) {
+                    replies.push((now + took, took));
                 }
             }
         }
@@ -632,6 +713,41 @@ mod tests {
             live.at_deadline(back + timeout, true, timeout),
             Some(Verdict::Reprobe)
         );
+    }
+
+    #[test]
+    fn two_lost_probes_in_a_row_do_not_take_a_long_link_down() {
+        // 150 ms RTT: the re-probe's timeout (450 ms) is longer than the classic rule, which
+        // decides. Probes 5 and 6 lost, the reply to 7 a little late (2 ms of jitter): it comes
+        // 3 x interval + 2 ms after the last one. (Down at 3 x interval, before the slack.)
+        let p = ProbeConfig::default();
+        let forever = Duration::from_secs(3600);
+        let late = [(7, 2 * MS)];
+        assert_eq!(run_late(p, 150 * MS, forever, &[5, 6], &late), None);
+        assert_eq!(run_late(p, 150 * MS, forever, &[5, 6, 20, 21], &late), None);
+        // Jitter well beyond half an interval is measured, and widens the slack with it.
+        let jittery: Vec<(u64, Duration)> = (1..200)
+            .map(|s| (s, if s % 2 == 0 { 60 * MS } else { Duration::ZERO }))
+            .collect();
+        assert_eq!(run_late(p, 150 * MS, forever, &[40, 41], &jittery), None);
+        // Three lost in a row are still down, in 3 x interval + the slack once the RTT has
+        // settled (the variation starts at half the first sample).
+        let down = run(p, 150 * MS, forever, &[25, 26, 27]).expect("down");
+        let last_reply = 2300 * MS + 150 * MS; // the reply to probe 24
+        assert!(
+            down - last_reply <= p.interval * 3 + p.interval / 2 + MS,
+            "down {down:?}"
+        );
+    }
+
+    #[test]
+    fn a_link_longer_than_the_classic_rule_is_not_down_before_its_first_reply() {
+        // 400 ms RTT: the first reply comes 400 ms after the connection, past interval x misses.
+        let p = ProbeConfig::default();
+        assert_eq!(run(p, 400 * MS, Duration::from_secs(3600), &[]), None);
+        // A peer that never answers at all is still down, counting from the first reply due.
+        let down = run(p, 400 * MS, Duration::ZERO, &[]).expect("down");
+        assert!(down <= 400 * MS + p.interval * 3 + p.interval / 2 + 200 * MS + MS);
     }
 
     #[test]

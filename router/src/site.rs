@@ -110,14 +110,21 @@ pub(crate) fn reconcile(
         for s in &me.serves {
             let svc = match old.get(&s.service) {
                 Some(o) if o.backend == s.backend && o.capacity == s.capacity => o.clone(),
-                o => Arc::new(SiteService {
-                    service: s.service.clone(),
-                    backend: s.backend,
-                    capacity: s.capacity,
-                    active: o.map(|o| o.active.clone()).unwrap_or_default(),
-                    healthy: Arc::new(AtomicBool::new(true)),
-                    down_at_ms: Arc::new(AtomicU64::new(0)),
-                }),
+                o => {
+                    // Same backend, another capacity: its health and hold-down go on (a new
+                    // record, healthy and never down, would advertise a backend in an outage
+                    // healthy at once). A new backend is judged afresh.
+                    let same = o.filter(|o| o.backend == s.backend);
+                    Arc::new(SiteService {
+                        service: s.service.clone(),
+                        backend: s.backend,
+                        capacity: s.capacity,
+                        active: o.map(|o| o.active.clone()).unwrap_or_default(),
+                        healthy: same
+                            .map_or_else(|| Arc::new(AtomicBool::new(true)), |o| o.healthy.clone()),
+                        down_at_ms: same.map(|o| o.down_at_ms.clone()).unwrap_or_default(),
+                    })
+                }
             };
             new.insert(s.service.clone(), svc);
         }

@@ -1836,3 +1836,52 @@ async fn a_routers_own_measurement_lowers_a_stale_published_weight() {
         h.shutdown().await;
     }
 }
+
+/// A snapshot that changes only a service's capacity keeps its health: a service down (its
+/// backend refuses) stays down through the hold-down and beyond, instead of starting afresh
+/// as healthy. (The site made a new service record, healthy and never down, for any change:
+/// lowering a capacity during a backend outage advertised the site healthy at once.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capacity_change_keeps_a_down_service_down() {
+    let dir = ca_dir();
+    // Nothing listens there: every health check is refused.
+    let backend = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
+    let snap = edge_site("echo", backend, free_tcp_port());
+    let (site, tx) = spawn_node(&snap, dir.path(), "site", |_| {}).await;
+    let report = || {
+        let t = site.telemetry();
+        let s = t.sites.iter().find(|s| s.service.as_str() == "echo");
+        s.map(|s| (s.healthy, s.capacity))
+    };
+    wait_until(
+        Duration::from_secs(20),
+        || report() == Some((false, 100)),
+        || format!("the service with a refusing backend: {:?}", report()),
+    )
+    .await;
+    let mut t = (*snap.topology).clone();
+    let n = t
+        .nodes
+        .iter_mut()
+        .find(|n| n.id.as_str() == "site")
+        .unwrap();
+    n.serves[0].capacity = 10;
+    tx.send(Arc::new(Snapshot::new(2, Arc::new(t)))).unwrap();
+    wait_until(
+        Duration::from_secs(20),
+        || report().is_some_and(|(_, capacity)| capacity == 10),
+        || format!("the capacity change was not applied: {:?}", report()),
+    )
+    .await;
+    // Through the hold-down (1 s) and past it, with the backend still refusing: down.
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        assert_eq!(
+            report(),
+            Some((false, 10)),
+            "healthy after a capacity change"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    site.shutdown().await;
+}

@@ -145,7 +145,8 @@ impl Code {
                 | Code::UnknownService
         )
     }
-    /// Whether the edge marks the chosen site down for the service for a hold-down at once.
+    /// Whether the edge may mark the chosen site down for the service for a hold-down at once:
+    /// when the code is the site's word (`edge::blames_site`: a transit may send the last two).
     pub fn marks_site_down(self) -> bool {
         matches!(
             self,

@@ -254,11 +254,8 @@ async fn handle_client(
             Attempt::Retry(code, told) => {
                 last = code;
                 shared.metrics.error(code);
-                // Only the path's word marks the site down: what this router saw of its own
-                // first hop is the neighbour's verdict's business (a down first hop is avoided
-                // by every route through it already), and says nothing about the site, which
-                // may be reachable another way.
-                if told == Told::Path && code.marks_site_down() {
+                // Only the site's word marks it down ([`blames_site`]).
+                if blames_site(code, told, &cand.path) {
                     shared.evidence.mark_site_down(
                         &cand.site,
                         &service,
@@ -279,6 +276,27 @@ async fn handle_client(
     }
     tracing::debug!(node = %shared.node, %service, %client, code = %last, "client connection failed");
     splice::reset_tcp(&tcp);
+}
+
+/// Whether a try that ended with `code` on `path` (edge first, site last) says the site cannot
+/// take the service now, so that the edge marks it down for the hold-down. Only the path's word
+/// counts: what this router saw of its own first hop is the neighbour's verdict's business (a
+/// down first hop is avoided by every route through it already), and says nothing about the
+/// site, which may be reachable another way. Of the path's codes, `backend_refused`, `site_full`
+/// and `service_not_served` only a site sends. `shutting_down` is the site's word only when the
+/// site is the first hop: through a transit it may be the transit's (draining), which says
+/// nothing about the site. `next_hop_unreachable` is a transit's, about its next hop: the site
+/// only when one transit stands between the edge and the site. (A draining or cut-off node
+/// leaves the table anyway at the next probe round, through its own or its neighbours' entries.)
+fn blames_site(code: Code, told: Told, path: &[topology::NodeId]) -> bool {
+    if told != Told::Path || !code.marks_site_down() {
+        return false;
+    }
+    match code {
+        Code::ShuttingDown => path.len() <= 2,
+        Code::NextHopUnreachable => path.len() == 3,
+        _ => true,
+    }
 }
 
 /// Client bytes sent before the site accepted, kept to replay on the next candidate: the very
@@ -510,6 +528,31 @@ async fn attempt(
 mod tests {
     use super::*;
     use crate::splice::{assert_future_within, future_size, never};
+
+    #[test]
+    fn only_the_sites_word_marks_it_down() {
+        let path = |hops: &[&str]| -> Vec<topology::NodeId> {
+            hops.iter().map(|h| topology::NodeId::new(h)).collect()
+        };
+        let direct = path(&["edge", "site"]);
+        let one = path(&["edge", "transit", "site"]);
+        let two = path(&["edge", "t1", "t2", "site"]);
+        for code in [Code::BackendRefused, Code::SiteFull, Code::ServiceNotServed] {
+            for p in [&direct, &one, &two] {
+                assert!(blames_site(code, Told::Path, p), "{code} on {p:?}");
+                assert!(!blames_site(code, Told::Here, p), "{code} on {p:?}");
+            }
+        }
+        // A draining site, straight from it; through a transit, the transit may be draining.
+        assert!(blames_site(Code::ShuttingDown, Told::Path, &direct));
+        assert!(!blames_site(Code::ShuttingDown, Told::Path, &one));
+        assert!(!blames_site(Code::ShuttingDown, Told::Path, &two));
+        // A transit's next hop: the site only when the transit is next to it.
+        assert!(blames_site(Code::NextHopUnreachable, Told::Path, &one));
+        assert!(!blames_site(Code::NextHopUnreachable, Told::Path, &two));
+        assert!(!blames_site(Code::NextHopUnreachable, Told::Here, &one));
+        assert!(!blames_site(Code::UpstreamLost, Told::Path, &direct));
+    }
 
     #[test]
     fn client_task_future_size() {

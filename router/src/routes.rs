@@ -19,8 +19,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::task::AbortHandle;
 use topology::graph::Graph;
 use topology::route::{
-    Candidate, LiveState, RoutingTable, SiteLoad, Spread, TryOrder, client_key, dial_site_key,
-    dial_takes_client, dial_takes_turn, on_path, preferred_first,
+    Candidate, Hysteresis, LiveState, RoutingTable, SiteLoad, Spread, TryOrder, client_key,
+    dial_site_key, dial_takes_client, dial_takes_turn, on_path, preferred_first,
 };
 use topology::{
     Affinity, FULL_DIAL, Latency, LinkId, NodeId, NodeKind, ServiceName, Topology, Vip,
@@ -474,12 +474,82 @@ impl Shared {
     }
 }
 
+/// How long after its exclusion a preferred site that dropped out of the candidates (or was
+/// drained) is taken back when it returns ([`Preference`]): this many hold-downs.
+pub(crate) const REVERT_WITHIN_HOLD_DOWNS: u32 = 10;
+
+/// An edge's preferred site for one service: [`Hysteresis::select`] against the incumbent, made
+/// revertive. When the incumbent leaves the candidates (a `site_full` mark for a hold-down, the
+/// only transit on its path draining, a down verdict on a CPU-starved neighbour) the best
+/// remaining site takes over, as it must; the one it replaced is remembered, and if it returns
+/// within the revert window and costs less than the site that replaced it, it is the incumbent
+/// again (then hysteresis judges as if it had never left). Without this a brief exclusion of
+/// the nearest site moved the service for good to a farther one that the nearest did not beat
+/// by the anti-flap margins (2 ms against 8 ms, say), and the spread's group with it.
+///
+/// [`Hysteresis::select`]: topology::route::Hysteresis::select
+#[derive(Debug, Default, Clone, PartialEq)]
+pub(crate) struct Preference {
+    /// The site chosen at the last rebuild.
+    pub site: Option<NodeId>,
+    /// The incumbent that left the candidates (or was drained), and when.
+    displaced: Option<(NodeId, Instant)>,
+}
+
+impl Preference {
+    /// Picks from ranked `cands` at `now`; a displaced incumbent is forgotten `window` after it
+    /// left.
+    pub fn select<'a>(
+        &mut self,
+        h: &Hysteresis,
+        cands: &'a [Candidate],
+        now: Instant,
+        window: Duration,
+    ) -> Option<&'a Candidate> {
+        // A site hysteresis may keep: a candidate, and not drained unless the best one is.
+        let selectable = |id: &NodeId| {
+            let best_drained = cands.first().is_some_and(|c| c.drained);
+            cands
+                .iter()
+                .find(|c| &c.site == id)
+                .filter(|c| !c.drained || best_drained)
+        };
+        if self
+            .displaced
+            .as_ref()
+            .is_some_and(|(_, at)| now.saturating_duration_since(*at) > window)
+        {
+            self.displaced = None;
+        }
+        let mut incumbent = self.site.clone();
+        if let Some((back, _)) = &self.displaced
+            && let Some(b) = selectable(back)
+        {
+            let replaced_by = incumbent.as_ref().and_then(|id| selectable(id));
+            if replaced_by.is_none_or(|r| b.cost < r.cost) {
+                incumbent = Some(back.clone());
+            }
+            self.displaced = None;
+        }
+        let chosen = h.select(incumbent.as_ref(), cands);
+        if let Some(inc) = incumbent
+            && chosen.is_none_or(|c| c.site != inc)
+            && selectable(&inc).is_none()
+            && self.displaced.is_none()
+        {
+            self.displaced = Some((inc, now));
+        }
+        self.site = chosen.map(|c| c.site.clone());
+        chosen
+    }
+}
+
 /// The control task's state: applies snapshots, owns the dialers and site checkers, rebuilds.
 pub(crate) struct Control {
     shared: Arc<Shared>,
     dialers: HashMap<NodeId, (Arc<Neighbour>, AbortHandle)>,
     checkers: HashMap<ServiceName, AbortHandle>,
-    incumbents: HashMap<ServiceName, NodeId>,
+    incumbents: HashMap<ServiceName, Preference>,
     graph: Option<(Arc<Topology>, Arc<Graph>)>,
     listeners: crate::edge::Listeners,
 }
@@ -759,18 +829,17 @@ impl Control {
                             .filter(|c| fits_a_header(c))
                             .cloned()
                             .collect();
-                        let chosen = sh
-                            .hysteresis
-                            .select(self.incumbents.get(&svc.name), &cands)
+                        let pref = self.incumbents.entry(svc.name.clone()).or_default();
+                        let before_site = pref.site.clone();
+                        let window = sh.probe.hold_down * REVERT_WITHIN_HOLD_DOWNS;
+                        let chosen = pref
+                            .select(&sh.hysteresis, &cands, Instant::now(), window)
                             .map(|c| c.site.clone());
                         if let Some(site) = chosen {
                             cands = preferred_first(cands, &site);
-                            if self.incumbents.get(&svc.name) != Some(&site) {
+                            if before_site.as_ref() != Some(&site) {
                                 tracing::info!(node = %sh.node, service = %svc.name, site = %site, "preferred site");
-                                self.incumbents.insert(svc.name.clone(), site);
                             }
-                        } else {
-                            self.incumbents.remove(&svc.name);
                         }
                         let before = previous.by_service.get(&svc.name);
                         let tickets = before.map(|r| r.tickets.clone()).unwrap_or_default();
@@ -1097,6 +1166,117 @@ mod tests {
         assert_eq!(
             holds(&ev, "site", ttl).map(|e| e.generation),
             Some(after.generation)
+        );
+    }
+
+    fn cand(site: &str, cost_ms: f64) -> Candidate {
+        Candidate {
+            site: site.into(),
+            path: vec!["edge".into(), site.into()],
+            latency: ms(cost_ms),
+            penalty: Latency::ZERO,
+            cost: ms(cost_ms),
+            drained: false,
+            weight: 100,
+            dial: FULL_DIAL,
+        }
+    }
+
+    #[test]
+    fn a_preferred_site_that_left_for_a_moment_is_preferred_again_within_the_window() {
+        let h = Hysteresis::default();
+        let w = Duration::from_secs(10);
+        let t0 = Instant::now();
+        let (near, far, farther) = (cand("near", 2.0), cand("far", 8.0), cand("farther", 9.0));
+        let both = [near.clone(), far.clone()];
+        let pick = |p: &mut Preference, c: &[Candidate], at: Duration| {
+            p.select(&h, c, t0 + at, w).map(|c| c.site.to_string())
+        };
+        let mut p = Preference::default();
+        assert_eq!(pick(&mut p, &both, Duration::ZERO).as_deref(), Some("near"));
+        // `near` leaves; `far` takes over and would keep the service by the margins alone.
+        let only_far = [far.clone()];
+        assert_eq!(
+            pick(&mut p, &only_far, Duration::from_secs(1)).as_deref(),
+            Some("far")
+        );
+        assert_eq!(
+            h.select(Some(&"far".into()), &both).unwrap().site.as_str(),
+            "far"
+        );
+        assert_eq!(
+            pick(&mut p, &both, Duration::from_secs(2)).as_deref(),
+            Some("near")
+        );
+        // Past the window it is not taken back: the margins decide.
+        assert_eq!(
+            pick(&mut p, &only_far, Duration::from_secs(3)).as_deref(),
+            Some("far")
+        );
+        assert_eq!(
+            pick(&mut p, &both, Duration::from_secs(14)).as_deref(),
+            Some("far")
+        );
+        // Nothing at all for a moment, then `far` back before `near`: `near` is still taken
+        // back when it returns.
+        let mut p = Preference::default();
+        pick(&mut p, &both, Duration::ZERO);
+        assert_eq!(pick(&mut p, &[], Duration::from_secs(1)), None);
+        assert_eq!(
+            pick(&mut p, &only_far, Duration::from_secs(2)).as_deref(),
+            Some("far")
+        );
+        assert_eq!(
+            pick(&mut p, &both, Duration::from_secs(3)).as_deref(),
+            Some("near")
+        );
+        // A site that left is not taken back in place of a cheaper one: `far`, preferred while
+        // `near` was away, leaves, and `near` keeps the service when `far` returns.
+        let mut p = Preference::default();
+        assert_eq!(
+            pick(&mut p, &only_far, Duration::ZERO).as_deref(),
+            Some("far")
+        );
+        let only_near = [near.clone()];
+        assert_eq!(
+            pick(&mut p, &only_near, Duration::from_secs(1)).as_deref(),
+            Some("near")
+        );
+        assert_eq!(
+            pick(&mut p, &both, Duration::from_secs(2)).as_deref(),
+            Some("near")
+        );
+        // Back as the cheaper of two that replaced it in turn: `far` leaves, `farther` takes
+        // over, then `far` is back.
+        let mut p = Preference::default();
+        let far_first = [far.clone(), farther.clone()];
+        pick(&mut p, &far_first, Duration::ZERO);
+        let only_farther = [farther.clone()];
+        assert_eq!(
+            pick(&mut p, &only_farther, Duration::from_secs(1)).as_deref(),
+            Some("farther")
+        );
+        assert_eq!(
+            pick(&mut p, &far_first, Duration::from_secs(2)).as_deref(),
+            Some("far")
+        );
+        // A drained incumbent gives way, and is taken back once its drain ends.
+        let mut p = Preference::default();
+        pick(&mut p, &both, Duration::ZERO);
+        let mut drained_near = near.clone();
+        drained_near.drained = true;
+        let drained = [far.clone(), drained_near];
+        assert_eq!(
+            pick(&mut p, &drained, Duration::from_secs(1)).as_deref(),
+            Some("far")
+        );
+        assert_eq!(
+            pick(&mut p, &drained, Duration::from_secs(2)).as_deref(),
+            Some("far")
+        );
+        assert_eq!(
+            pick(&mut p, &both, Duration::from_secs(3)).as_deref(),
+            Some("near")
         );
     }
 

@@ -1885,3 +1885,79 @@ async fn a_capacity_change_keeps_a_down_service_down() {
     }
     site.shutdown().await;
 }
+
+/// An edge whose nearest site leaves its candidates for a moment takes it back when it returns:
+/// `near` (2 ms) is full for as long as one client holds its only slot, `far` (8 ms) takes the
+/// service meanwhile, and `near` is preferred again once the slot is free. (The 6 ms between
+/// them is within the anti-flap margins, and hysteresis kept `far` for good.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nearest_site_is_preferred_again_after_a_brief_exclusion() {
+    let dir = ca_dir();
+    let (near_backend, far_backend) = (echo_backend().await, echo_backend().await);
+    let port = free_tcp_port();
+    let mut tb = TopologyBuilder::new();
+    tb.node("edge", NodeKind::Edge)
+        .node("near", NodeKind::Site)
+        .node("far", NodeKind::Site)
+        .link("edge", "near", ms(2.0))
+        .link("edge", "far", ms(8.0))
+        .service("echo");
+    let mut t = addressed(tb.build(), port);
+    serve(&mut t, "near", "echo", near_backend);
+    serve(&mut t, "far", "echo", far_backend);
+    let near = t
+        .nodes
+        .iter_mut()
+        .find(|n| n.id.as_str() == "near")
+        .unwrap();
+    near.serves[0].capacity = 1;
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t)));
+    // `far` starts once the edge prefers `near`: whichever came up first would keep the service.
+    let (edge, _etx) = spawn_node(&snap, dir.path(), "edge", |_| {}).await;
+    let (near, _ntx) = spawn_node(&snap, dir.path(), "near", |_| {}).await;
+    let state = || {
+        let r = edge.routes();
+        let preferred = r.preferred("echo").map(|c| c.site.to_string());
+        (preferred, r.candidates("echo").map_or(0, |c| c.len()))
+    };
+    let prefers = |site: &str, candidates: usize| {
+        let (p, n) = state();
+        p.as_deref() == Some(site) && n == candidates
+    };
+    wait_until(
+        Duration::from_secs(20),
+        || prefers("near", 1),
+        || format!("edge (preferred, candidates): {:?}", state()),
+    )
+    .await;
+    let (far, _ftx) = spawn_node(&snap, dir.path(), "far", |_| {}).await;
+    wait_until(
+        Duration::from_secs(20),
+        || prefers("near", 2),
+        || format!("edge (preferred, candidates): {:?}", state()),
+    )
+    .await;
+    // The one slot of `near` taken: it is full, out of the candidates, and `far` takes over.
+    let held = held_connection(port, b"near's only slot").await;
+    wait_until(
+        Duration::from_secs(20),
+        || prefers("far", 1),
+        || format!("edge with near full (preferred, candidates): {:?}", state()),
+    )
+    .await;
+    drop(held);
+    wait_until(
+        Duration::from_secs(5),
+        || prefers("near", 2),
+        || {
+            format!(
+                "edge with near free again (preferred, candidates): {:?}",
+                state()
+            )
+        },
+    )
+    .await;
+    for h in [edge, near, far] {
+        h.shutdown().await;
+    }
+}

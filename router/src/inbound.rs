@@ -42,6 +42,10 @@ async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
         return;
     };
     tracing::debug!(node = %shared.node, %peer, remote = %conn.remote_address(), "peer connected");
+    // It is back: our own dial to it need not wait out its backoff.
+    if let Some(nb) = shared.neighbours.load().get(peer.as_str()) {
+        nb.peer_connected();
+    }
     let _trust_watch = tls::watch_trust(shared.cert.clone(), conn.clone());
     // Where the next pong's learned entries start: each pong goes on where the previous one
     // stopped, so entries beyond one datagram's worth are carried in turn (`Probe::encode_pong`).

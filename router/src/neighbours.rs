@@ -32,6 +32,9 @@ pub(crate) struct Neighbour {
     /// through it give up and try the next candidate instead of waiting for the connection to
     /// close ([`DEAD_AFTER`]).
     went_down: tokio::sync::Notify,
+    /// Woken when the neighbour connects to us ([`Neighbour::peer_connected`]): a dialer waiting
+    /// out its backoff, or an attempt stuck on a lost Initial, dials again at once.
+    wake: tokio::sync::Notify,
 }
 
 impl Neighbour {
@@ -44,6 +47,7 @@ impl Neighbour {
             rtt_us: AtomicU64::new(0),
             dial_failures: AtomicU64::new(0),
             went_down: tokio::sync::Notify::new(),
+            wake: tokio::sync::Notify::new(),
         }
     }
     /// Hot path: one atomic load. `None` while the neighbour is down.
@@ -68,6 +72,11 @@ impl Neighbour {
         self.up.store(false, Relaxed);
         self.went_down.notify_waiters();
     }
+    /// The neighbour's own connection to this router was accepted: it is reachable now. Wakes
+    /// our dialer if it is between attempts or in one (not while it holds a connection).
+    pub fn peer_connected(&self) {
+        self.wake.notify_waiters();
+    }
     /// Completes when the neighbour is declared down after this call (check [`Neighbour::is_up`]
     /// after creating it).
     pub fn went_down(&self) -> tokio::sync::futures::Notified<'_> {
@@ -88,11 +97,22 @@ impl Neighbour {
 /// to a neighbour never connected yet (it starts later than this router) do not start it, so
 /// such a neighbour is up at its first answered probe.
 ///
+/// The neighbour's own connection to us, accepted ([`Neighbour::peer_connected`]), says it is
+/// back: the dialer then stops waiting (its backoff, up to 3 s after a long outage, or an attempt
+/// whose Initial went to the neighbour while it was away and would be sent again only at QUIC's
+/// probe timeout, within [`CONNECT_TIMEOUT`]) and dials at once, so that a neighbour returning
+/// from a long outage is up again about when its hold-down allows.
+///
 /// [`ProbeConfig::hold_down`]: crate::ProbeConfig::hold_down
 pub(crate) async fn run_dialer(shared: Arc<Shared>, nb: Arc<Neighbour>) {
     let mut backoff = BACKOFF_MIN;
     let mut down_since: Option<Instant> = None;
     loop {
+        // Registered before the attempt, so that a connection accepted from the neighbour
+        // during it or before the backoff sleep below is not missed.
+        let woken = nb.wake.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
         let attempt = async {
             let connecting = shared.endpoint.connect(nb.addr, nb.id.as_str()).ok()?;
             tokio::time::timeout(CONNECT_TIMEOUT, connecting)
@@ -100,7 +120,14 @@ pub(crate) async fn run_dialer(shared: Arc<Shared>, nb: Arc<Neighbour>) {
                 .ok()?
                 .ok()
         };
-        if let Some(conn) = attempt.await {
+        let made = tokio::select! {
+            made = attempt => made,
+            _ = woken.as_mut() => {
+                tracing::debug!(node = %shared.node, neighbour = %nb.id, "neighbour connected to us: dialling again");
+                continue;
+            }
+        };
+        if let Some(conn) = made {
             tracing::debug!(node = %shared.node, neighbour = %nb.id, "connected");
             let _trust_watch = crate::tls::watch_trust(shared.cert.clone(), conn.clone());
             let answered = probe_until_down(&shared, &nb, &conn, &mut down_since).await;
@@ -116,12 +143,20 @@ pub(crate) async fn run_dialer(shared: Arc<Shared>, nb: Arc<Neighbour>) {
                 tracing::debug!(node = %shared.node, neighbour = %nb.id,
                     reason = ?conn.close_reason(), "connection closed before answering a probe");
             }
+            // What woke it while it held a connection is old news.
+            woken.set(nb.wake.notified());
+            woken.as_mut().enable();
         } else {
             nb.dial_failures.fetch_add(1, Relaxed);
             tracing::debug!(node = %shared.node, neighbour = %nb.id, "dial failed");
         }
         let jitter = rand::rng().random_range(0..=backoff.as_millis() as u64 / 2);
-        tokio::time::sleep(backoff + Duration::from_millis(jitter)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(backoff + Duration::from_millis(jitter)) => {}
+            _ = woken.as_mut() => {
+                tracing::debug!(node = %shared.node, neighbour = %nb.id, "neighbour connected to us: backoff cut short");
+            }
+        }
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
 }

@@ -1961,3 +1961,75 @@ async fn the_nearest_site_is_preferred_again_after_a_brief_exclusion() {
         h.shutdown().await;
     }
 }
+
+/// A neighbour back from an outage long enough for the dialer's backoff to grow is up again
+/// within its hold-down of its return: its own connection to us wakes our dialer. (Our dialer
+/// went on waiting: its attempt, whose Initial had gone out while the neighbour was away, until
+/// QUIC sent it again or the 3 s connect timeout, then its backoff, so that the neighbour stayed
+/// down for seconds after it was back.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_neighbour_back_from_an_outage_is_up_within_its_hold_down() {
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let port = free_tcp_port();
+    let snap = edge_site("echo", backend, port);
+    let (edge, _etx) = spawn_node(&snap, dir.path(), "edge", |_| {}).await;
+    let (site, _stx) = spawn_node(&snap, dir.path(), "site", |_| {}).await;
+    wait_for_route(&edge, "echo", Duration::from_secs(20), "no route at first").await;
+    let neighbour = || {
+        let t = edge.telemetry();
+        let n = t.neighbours.iter().find(|n| n.id.as_str() == "site");
+        n.map(|n| (n.up, n.dial_failures))
+    };
+    site.shutdown().await;
+    // The site is away once its socket is closed (its port free again); then a dial runs into
+    // the connect timeout (3 s: the port answers nothing).
+    let addr = snap.topology.node("site").unwrap().address;
+    wait_until(
+        Duration::from_secs(20),
+        || std::net::UdpSocket::bind(addr).is_ok(),
+        || format!("the site's address {addr} is still bound"),
+    )
+    .await;
+    let failed_before = neighbour().map_or(0, |n| n.1);
+    let away = Instant::now();
+    wait_until(
+        Duration::from_secs(20),
+        || neighbour().is_some_and(|(up, failures)| !up && failures > failed_before),
+        || {
+            format!(
+                "edge's site neighbour (up, dial failures): {:?}",
+                neighbour()
+            )
+        },
+    )
+    .await;
+    eprintln!(
+        "failure {:?} after the site left ({failed_before} before)",
+        away.elapsed()
+    );
+    // The next dial has begun by now and its Initial, gone to nobody, has been sent again once
+    // (QUIC's first probe timeout, ~1 s): without a wake-up that dial would not connect before
+    // its own timeout. (The assertion below holds whatever the dialer is doing.)
+    tokio::time::sleep(Duration::from_millis(1400)).await;
+    let (_site, _stx) = spawn_issued(&snap, dir.path(), "site", |_| {}).await;
+    let back = Instant::now();
+    let hold_down = router::ProbeConfig::default().hold_down;
+    wait_until(
+        Duration::from_secs(20),
+        || neighbour().is_some_and(|(up, _)| up),
+        || {
+            format!(
+                "edge's site neighbour (up, dial failures) {:?} after its return",
+                neighbour()
+            )
+        },
+    )
+    .await;
+    eprintln!("up {:?} after the site's return", back.elapsed());
+    assert!(
+        back.elapsed() < hold_down,
+        "up {:?} after the site's return",
+        back.elapsed()
+    );
+}

@@ -2,9 +2,9 @@
 //! evidence that feeds it, and the control task that rebuilds it.
 //!
 //! Rebuilds happen off the data path (snapshot applied, neighbour up/down, evidence learned
-//! from probes, a site marked down by a reset code, and once a second for RTT drift), and the
-//! result is swapped in with one `ArcSwap::store`. A connection's lookup is one atomic load plus
-//! a hash lookup: no graph work, no contended lock.
+//! from probes, a site marked down by a reset code or its mark ending, and once a second for RTT
+//! drift), and the result is swapped in with one `ArcSwap::store`. A connection's lookup is one
+//! atomic load plus a hash lookup: no graph work, no contended lock.
 //!
 //! Local evidence wins over the snapshot's live state: the snapshot's `LiveState` is the base,
 //! then this router's own neighbour states, the entries learned hop by hop from probes
@@ -419,6 +419,13 @@ impl Evidence {
             .collect()
     }
 
+    /// When the first site mark ends (the control task rebuilds then: the site is back at once,
+    /// not at the next periodic rebuild, up to a second later).
+    fn next_mark_expiry(&self) -> Option<Instant> {
+        let m = self.site_down.lock().ok()?;
+        m.values().min().copied()
+    }
+
     fn down_sites(&self) -> Vec<(NodeId, ServiceName)> {
         let Ok(mut m) = self.site_down.lock() else {
             return Vec::new();
@@ -590,6 +597,11 @@ impl Control {
         // the router running, as documented.
         let (mut draining, mut watching) = (false, true);
         loop {
+            // A site mark that ends is a change like the others.
+            let mark_ends = self.shared.evidence.next_mark_expiry();
+            let mark_ended = tokio::time::sleep_until(
+                mark_ends.map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std),
+            );
             tokio::select! {
                 // First: with a snapshot waiting too, the drain wins, and no listener is bound
                 // again once it has begun.
@@ -628,6 +640,7 @@ impl Control {
                     self.apply_snapshot(snap);
                 }
                 _ = self.shared.changed.notified() => {}
+                _ = mark_ended, if mark_ends.is_some() => {}
                 _ = tick.tick() => {}
             }
             self.rebuild();

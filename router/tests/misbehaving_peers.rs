@@ -490,6 +490,84 @@ async fn transit_hands_back_a_stream_its_next_hop_will_not_take() {
     assert!(m.contains("tasman_failovers_total{node=\"edge\"} 1"), "{m}");
 }
 
+/// A site (a fake here) that answers probes and refuses every stream with `site_full`.
+async fn always_full(conn: quinn::Connection, pings: Arc<AtomicU64>) {
+    let refuse = async {
+        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+            let code = router::codes::Code::SiteFull.varint();
+            let _ = send.reset(code);
+            let _ = recv.stop(code);
+        }
+    };
+    tokio::join!(answer_pings("near", conn.clone(), pings), refuse);
+}
+
+/// A site marked down by a reset code is back in the edge's table when the mark ends, not at the
+/// next periodic rebuild, up to a second later. The mark is made just after a periodic rebuild
+/// (the table is otherwise quiet: nothing the edge learns changes), so that it ends just after
+/// the next one. (It came back only at the one after that, a second late.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_mark_ends_at_its_hold_down() {
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let port = free_tcp_port();
+    let t = two_sites(backend, port, false);
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    let _near = fake_neighbour(
+        dir.path(),
+        &t,
+        "near",
+        router::transport::transport_config(),
+        always_full,
+    );
+    let (edge, _) = spawn_node(&snap, dir.path(), "edge", |_| {}).await;
+    let (_far, _) = spawn_node(&snap, dir.path(), "far", |_| {}).await;
+    edge_prefers_near_with_far_as_fallback(&edge).await;
+    let rebuilds = || {
+        metric(
+            &edge.metrics_text(),
+            "tasman_table_rebuilds_total{node=\"edge\"}",
+        )
+        .unwrap()
+    };
+    let preferred = || edge.routes().preferred("echo").map(|c| c.site.to_string());
+    // A periodic rebuild, seen within a poll of it.
+    let before = rebuilds();
+    wait_until(
+        Duration::from_secs(10),
+        || rebuilds() > before,
+        || "no table rebuild for 10 s".into(),
+    )
+    .await;
+    let rebuilt = Instant::now();
+    let hold_down = router::ProbeConfig::default().hold_down;
+    let back = echo_roundtrip(port, b"near is full", Duration::from_secs(10)).await;
+    assert_eq!(back.unwrap(), b"near is full", "far did not take it");
+    let m = edge.metrics_text();
+    assert!(
+        m.contains("tasman_stream_errors_total{node=\"edge\",code=\"site_full\"} 1"),
+        "{m}"
+    );
+    // Marked down (the rebuild that follows the mark takes a moment).
+    wait_until(
+        hold_down / 2,
+        || preferred().as_deref() == Some("far"),
+        || format!("near was not marked down: edge prefers {:?}", preferred()),
+    )
+    .await;
+    wait_until(
+        Duration::from_secs(20),
+        || preferred().as_deref() == Some("near"),
+        || format!("edge still prefers {:?}", preferred()),
+    )
+    .await;
+    let after = rebuilt.elapsed();
+    assert!(
+        after >= hold_down && after < hold_down + Duration::from_millis(500),
+        "near preferred again {after:?} after the rebuild before its mark"
+    );
+}
+
 /// A draining edge waits for a client connection that is still being set up (its site has not
 /// answered yet) instead of closing under it: the site answers during the drain, the connection
 /// works, and the shutdown ends once it closes.

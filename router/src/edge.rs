@@ -532,7 +532,7 @@ mod tests {
     #[test]
     fn only_the_sites_word_marks_it_down() {
         let path = |hops: &[&str]| -> Vec<topology::NodeId> {
-            hops.iter().map(|h| topology::NodeId::new(h)).collect()
+            hops.iter().copied().map(topology::NodeId::new).collect()
         };
         let direct = path(&["edge", "site"]);
         let one = path(&["edge", "transit", "site"]);

@@ -532,7 +532,7 @@ impl Preference {
         if let Some((back, _)) = &self.displaced
             && let Some(b) = selectable(back)
         {
-            let replaced_by = incumbent.as_ref().and_then(|id| selectable(id));
+            let replaced_by = incumbent.as_ref().and_then(&selectable);
             if replaced_by.is_none_or(|r| b.cost < r.cost) {
                 incumbent = Some(back.clone());
             }

@@ -17,6 +17,12 @@ use crate::probe::Probe;
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// A dial still pending this long when the neighbour has connected to us lost its Initial: it
+/// is made again at once. Quinn sends a lost Initial again at its probe timeout, about 1 s after
+/// the first (which reaches a neighbour back by then), then only 2 s after that, with
+/// [`CONNECT_TIMEOUT`]. Past the first resend, not before: a dial given up leaves its connection
+/// closing on the endpoint for three probe timeouts (3 s), and one resend would have made it.
+const STUCK_AFTER: Duration = Duration::from_millis(1500);
 
 pub(crate) struct Neighbour {
     pub id: NodeId,
@@ -98,10 +104,11 @@ impl Neighbour {
 /// such a neighbour is up at its first answered probe.
 ///
 /// The neighbour's own connection to us, accepted ([`Neighbour::peer_connected`]), says it is
-/// back: the dialer then stops waiting (its backoff, up to 3 s after a long outage, or an attempt
-/// whose Initial went to the neighbour while it was away and would be sent again only at QUIC's
-/// probe timeout, within [`CONNECT_TIMEOUT`]) and dials at once, so that a neighbour returning
-/// from a long outage is up again about when its hold-down allows.
+/// back: the dialer then stops waiting and dials at once: out of its backoff (up to 3 s after a
+/// long outage), or out of an attempt pending for [`STUCK_AFTER`], whose Initial went to the
+/// neighbour while it was away and would be sent again only at QUIC's probe timeout, within
+/// [`CONNECT_TIMEOUT`]. A neighbour returning from a long outage is so up again about when its
+/// hold-down allows.
 ///
 /// [`ProbeConfig::hold_down`]: crate::ProbeConfig::hold_down
 pub(crate) async fn run_dialer(shared: Arc<Shared>, nb: Arc<Neighbour>) {
@@ -120,13 +127,24 @@ pub(crate) async fn run_dialer(shared: Arc<Shared>, nb: Arc<Neighbour>) {
                 .ok()?
                 .ok()
         };
-        let made = tokio::select! {
-            made = attempt => made,
-            _ = woken.as_mut() => {
-                tracing::debug!(node = %shared.node, neighbour = %nb.id, "neighbour connected to us: dialling again");
-                continue;
+        // The neighbour connecting to us during the attempt says it is there: an attempt still
+        // pending `STUCK_AFTER` after it began has lost its Initial, and is made again. A younger
+        // one is left alone: a handshake under way (both ends dial each other at start), or one
+        // that quinn's first resend of the Initial will complete.
+        let stuck_at = tokio::time::Instant::now() + STUCK_AFTER;
+        tokio::pin!(attempt);
+        let mut peer_back = false;
+        let made = loop {
+            tokio::select! {
+                made = &mut attempt => break made,
+                _ = woken.as_mut(), if !peer_back => peer_back = true,
+                _ = tokio::time::sleep_until(stuck_at), if peer_back => break None,
             }
         };
+        if made.is_none() && peer_back {
+            tracing::debug!(node = %shared.node, neighbour = %nb.id, "neighbour connected to us: dialling again");
+            continue;
+        }
         if let Some(conn) = made {
             tracing::debug!(node = %shared.node, neighbour = %nb.id, "connected");
             let _trust_watch = crate::tls::watch_trust(shared.cert.clone(), conn.clone());

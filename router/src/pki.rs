@@ -183,7 +183,8 @@ fn offset(t: SystemTime) -> Result<time::OffsetDateTime, PkiError> {
 }
 
 /// Writes `path` through a temporary file renamed into place (readers see the old or the new
-/// file, never a partial one).
+/// file, never a partial one), the file synced before the rename and the directory after it
+/// ([`rename_synced`]).
 fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), PkiError> {
     // Named for this process: two processes writing one file never write the same temporary.
     let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
@@ -201,12 +202,78 @@ fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), PkiError>
     f.write_all(contents.as_bytes()).map_err(io_err(&tmp))?;
     f.sync_all().map_err(io_err(&tmp))?;
     drop(f);
-    fs::rename(&tmp, path).map_err(io_err(path))
+    rename_synced(&tmp, path)
+}
+
+/// Renames `from` to `to`, then syncs `to`'s directory so that the rename survives a power
+/// loss. Every change of a name in a PKI or TLS directory goes through here (or
+/// [`remove_synced`]): a rename left in the page cache can be rolled back by a crash after the
+/// command reported success, e.g. `ca.crl.pem` back to a list without the certificate just
+/// revoked, whose CRL number the next `revoke` would then reuse for another list.
+pub(crate) fn rename_synced(from: &Path, to: &Path) -> Result<(), PkiError> {
+    fs::rename(from, to).map_err(io_err(to))?;
+    #[cfg(test)]
+    durability::changed(to);
+    sync_dir(parent_dir(to));
+    Ok(())
+}
+
+/// Removes `path`, then syncs its directory ([`rename_synced`]).
+fn remove_synced(path: &Path) -> Result<(), PkiError> {
+    fs::remove_file(path).map_err(io_err(path))?;
+    #[cfg(test)]
+    durability::changed(path);
+    sync_dir(parent_dir(path));
+    Ok(())
+}
+
+/// The directory `path` is in (`.` for a bare file name).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
+/// What this thread renamed, removed and synced, in order (tests of durability: a rename that
+/// no sync of its directory follows is lost to a power cut).
+#[cfg(test)]
+pub(crate) mod durability {
+    use std::cell::RefCell;
+    use std::path::{Path, PathBuf};
+
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub(crate) enum Event {
+        /// A name in this directory was renamed to or removed.
+        Changed(PathBuf),
+        /// This directory was synced.
+        Synced(PathBuf),
+    }
+
+    thread_local! {
+        static EVENTS: RefCell<Vec<Event>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub(crate) fn changed(path: &Path) {
+        let dir = super::parent_dir(path).to_path_buf();
+        EVENTS.with(|e| e.borrow_mut().push(Event::Changed(dir)));
+    }
+
+    pub(crate) fn synced(dir: &Path) {
+        EVENTS.with(|e| e.borrow_mut().push(Event::Synced(dir.to_path_buf())));
+    }
+
+    /// The events since the last call.
+    pub(crate) fn take() -> Vec<Event> {
+        EVENTS.with(|e| std::mem::take(&mut *e.borrow_mut()))
+    }
 }
 
 /// Makes the renames in `dir` durable (best effort: not every file system can sync a
 /// directory, and the files themselves are synced before they are renamed).
 fn sync_dir(dir: &Path) {
+    #[cfg(test)]
+    durability::synced(dir);
     if let Ok(d) = fs::File::open(dir) {
         let _ = d.sync_all();
     }
@@ -236,7 +303,11 @@ fn lock_dir(dir: &Path) -> Result<Option<fs::File>, PkiError> {
 
 /// Creates `dir` (if needed) and writes a new CA into it. Refuses to overwrite an existing CA.
 pub fn init(dir: &Path) -> Result<(), PkiError> {
-    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    if !dir.is_dir() {
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        // The new directory's entry in its parent, as for a rename.
+        sync_dir(parent_dir(dir));
+    }
     let cert_path = dir.join(CA_CERT);
     let key_path = dir.join(CA_KEY);
     for p in [&cert_path, &key_path] {
@@ -401,8 +472,7 @@ pub fn retire_ca(dir: &Path) -> Result<usize, PkiError> {
                 .map(|c| c.pem.as_str())
                 .collect();
             if kept.is_empty() {
-                let path = dir.join(CA_CRL);
-                fs::remove_file(&path).map_err(io_err(&path))?;
+                remove_synced(&dir.join(CA_CRL))?;
             } else {
                 write_crl(dir, &kept)?;
             }
@@ -460,9 +530,8 @@ pub fn write_node_files(
     let key_next = dir.join(format!("{name}.key.{STAGED}"));
     write_file(&key_next, key_pem, true)?;
     write_file(&cert_next, chain_pem, false)?;
-    fs::rename(&key_next, &key_path).map_err(io_err(&key_path))?;
-    fs::rename(&cert_next, &cert_path).map_err(io_err(&cert_path))?;
-    sync_dir(dir);
+    rename_synced(&key_next, &key_path)?;
+    rename_synced(&cert_next, &cert_path)?;
     Ok((cert_path, key_path))
 }
 
@@ -1463,6 +1532,58 @@ mod tests {
         fs::write(d.path().join(CA_CRL), &theirs).unwrap();
         let e = revoke(d.path(), &node("n1"), RevokeReason::Unspecified).unwrap_err();
         assert!(matches!(e, PkiError::BadCrl { .. }), "{e}");
+    }
+
+    /// Every public writer of a CA directory syncs the directory after each name it changed
+    /// (a rename or a removal), before it returns: a power cut after `revoke` reported success
+    /// could otherwise bring back the list without that certificate.
+    #[test]
+    fn every_writer_syncs_the_directory_after_each_rename() {
+        use durability::Event;
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("pki");
+        let check = |what: &str| {
+            let events = durability::take();
+            let changes = events
+                .iter()
+                .filter(|e| matches!(e, Event::Changed(_)))
+                .count();
+            assert!(changes > 0, "{what}: changed no name through the helper");
+            for (i, e) in events.iter().enumerate() {
+                if let Event::Changed(at) = e {
+                    assert!(
+                        events[i + 1..].contains(&Event::Synced(at.clone())),
+                        "{what}: a change in {} is not followed by a sync of it: {events:?}",
+                        at.display()
+                    );
+                }
+            }
+        };
+        durability::take();
+        init(&dir).unwrap();
+        check("init");
+        issue(&dir, "n1").unwrap();
+        check("issue");
+        revoke(&dir, &node("n1"), RevokeReason::KeyCompromise).unwrap();
+        check("revoke");
+        let crl = fs::read_to_string(dir.join(CA_CRL)).unwrap();
+        write_crl(&dir, &crl).unwrap();
+        check("write_crl");
+        rotate_ca(&dir).unwrap();
+        check("rotate_ca");
+        issue(&dir, "n2").unwrap();
+        revoke(&dir, &node("n2"), RevokeReason::KeyCompromise).unwrap();
+        durability::take();
+        // The retired CA's list goes, the issuing CA's is written again.
+        retire_ca(&dir).unwrap();
+        check("retire_ca");
+        // Only the retired CA had a list: the file is removed.
+        fs::remove_file(dir.join(CA_KEY_OLD)).unwrap();
+        rotate_ca(&dir).unwrap();
+        durability::take();
+        retire_ca(&dir).unwrap();
+        check("retire_ca (the list removed)");
+        assert!(!dir.join(CA_CRL).exists());
     }
 
     #[test]

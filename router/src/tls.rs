@@ -125,7 +125,7 @@ impl TlsIdentity {
         // would see the old one).
         if let Some(staged) = staged {
             let cert_path = dir.join(format!("{name}.pem"));
-            match std::fs::rename(&staged, &cert_path) {
+            match pki::rename_synced(&staged, &cert_path) {
                 Ok(()) => tracing::warn!(node = %name,
                     "finished an interrupted certificate install: {} -> {}",
                     staged.display(), cert_path.display()),

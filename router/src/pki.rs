@@ -54,8 +54,8 @@ pub enum PkiError {
     },
     #[error("{path} already exists (refusing to overwrite a CA; remove it first)")]
     Exists { path: PathBuf },
-    #[error("{name:?} is not a valid node name (letters, digits, '-', '.', at most 63 bytes)")]
-    BadName { name: String },
+    #[error("{name:?} is not a valid node name: {why}")]
+    BadName { name: String, why: &'static str },
     #[error("{path}: not a usable key: {reason}")]
     BadKey { path: PathBuf, reason: String },
     #[error("{path}: {reason}")]
@@ -87,16 +87,50 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
     }
 }
 
-/// Whether `name` can be a node identity (a DNS name label sequence, no wildcards).
+/// Whether `name` can be a node identity (a DNS name label sequence, no wildcards, not one
+/// whose files would be the CA's: [`name_problem`]).
 pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
+    name_problem(name).is_none()
+}
+
+/// What is wrong with `name` as a node identity, if anything. A node's files are `NAME.pem` and
+/// `NAME.key` (and `.next`, `.tmp` beside them) in the directory that holds the CA's files, so
+/// `ca` (whose files are `ca.pem` and `ca.key`) and every name under `ca.` (`ca.crl` is
+/// `ca.crl.pem`) are the CA's, in any case (a case-insensitive file system or DNS name match
+/// makes `CA` the same). `controller` is a valid name: `tasman pki issue controller` is how the
+/// controller's own certificate is made (topology validation keeps it off every node, and the
+/// controller never renews a certificate for it).
+pub fn name_problem(name: &str) -> Option<&'static str> {
+    let syntax = !name.is_empty()
         && name.len() <= 63
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
         && !name.starts_with(['-', '.'])
         && !name.ends_with(['-', '.'])
-        && !name.contains("..")
+        && !name.contains("..");
+    if !syntax {
+        return Some("letters, digits, '-', '.', at most 63 bytes");
+    }
+    let lower = name.to_ascii_lowercase();
+    if lower == "ca" || lower.starts_with("ca.") {
+        return Some(
+            "`ca` and names under `ca.` are reserved (its files would replace the CA's: ca.pem, \
+             ca.key, ca.crl.pem)",
+        );
+    }
+    None
+}
+
+/// [`name_problem`] as an error.
+fn check_name(name: &str) -> Result<(), PkiError> {
+    match name_problem(name) {
+        None => Ok(()),
+        Some(why) => Err(PkiError::BadName {
+            name: name.to_string(),
+            why,
+        }),
+    }
 }
 
 fn ca_params() -> CertificateParams {
@@ -519,11 +553,7 @@ pub fn write_node_files(
     key_pem: &str,
     chain_pem: &str,
 ) -> Result<(PathBuf, PathBuf), PkiError> {
-    if !valid_name(name) {
-        return Err(PkiError::BadName {
-            name: name.to_string(),
-        });
-    }
+    check_name(name)?;
     let cert_path = dir.join(format!("{name}.pem"));
     let key_path = dir.join(format!("{name}.key"));
     let cert_next = dir.join(format!("{name}.pem.{STAGED}"));
@@ -538,11 +568,7 @@ pub fn write_node_files(
 /// The parameters of every node certificate: the name as the only DNS SAN and the common name,
 /// not a CA, digital signatures, server and client authentication, the given window.
 fn node_params(name: &str, validity: Validity) -> Result<CertificateParams, PkiError> {
-    if !valid_name(name) {
-        return Err(PkiError::BadName {
-            name: name.to_string(),
-        });
-    }
+    check_name(name)?;
     let mut params = CertificateParams::new(vec![name.to_string()])?;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, name);
@@ -1017,9 +1043,7 @@ pub fn revoke(
     let serial = match target {
         RevokeTarget::Serial(s) => s.clone(),
         RevokeTarget::Node(name) => {
-            if !valid_name(name) {
-                return Err(PkiError::BadName { name: name.clone() });
-            }
+            check_name(name)?;
             let path = dir.join(format!("{name}.pem"));
             let bad = |reason: String| PkiError::BadCert {
                 path: path.clone(),
@@ -1648,6 +1672,38 @@ mod tests {
                 matches!(issue(d.path(), n), Err(PkiError::BadName { .. })),
                 "{n}"
             );
+        }
+    }
+
+    /// `ca`'s files are the CA's (`ca.pem`, `ca.key`), `ca.crl`'s its list (`ca.crl.pem`):
+    /// issuing, revoking or installing for such a name is refused and leaves every CA file as
+    /// it was (`issue ca` renamed a new key over `ca.key`: the CA was gone).
+    #[test]
+    fn names_whose_files_are_the_cas_are_refused_and_the_ca_is_untouched() {
+        let d = tempfile::tempdir().unwrap();
+        init(d.path()).unwrap();
+        issue(d.path(), "n1").unwrap();
+        revoke(d.path(), &node("n1"), RevokeReason::KeyCompromise).unwrap();
+        let ca_files = [CA_CERT, CA_KEY, CA_CRL];
+        let read = || ca_files.map(|f| fs::read(d.path().join(f)).unwrap());
+        let before = read();
+        for n in ["ca", "CA", "ca.crl", "Ca.Crl", "ca.key", "ca.x"] {
+            let e = issue(d.path(), n).unwrap_err();
+            assert!(matches!(e, PkiError::BadName { .. }), "{n}: {e}");
+            assert!(e.to_string().contains("reserved"), "{n}: {e}");
+            let e = revoke(d.path(), &node(n), RevokeReason::Unspecified).unwrap_err();
+            assert!(matches!(e, PkiError::BadName { .. }), "{n}: {e}");
+            let e = write_node_files(d.path(), n, "key", "chain").unwrap_err();
+            assert!(matches!(e, PkiError::BadName { .. }), "{n}: {e}");
+            assert_eq!(read(), before, "{n}: the CA's files are untouched");
+        }
+        // Still the CA it was: it signs, and its key verifies what it signed before.
+        CaSigner::load(d.path()).unwrap();
+        issue(d.path(), "n2").unwrap();
+        assert_eq!(chain(d.path(), "n2")[1], chain(d.path(), "n1")[1]);
+        // Names that merely start with the letters are nodes like any other.
+        for n in ["cab", "ca-1", "controller"] {
+            issue(d.path(), n).unwrap();
         }
     }
 

@@ -61,6 +61,22 @@ pub fn is_valid_id(s: &str) -> bool {
         })
 }
 
+/// Why `id` cannot be a node's id although it is a valid id, if it cannot: a node's id is the
+/// name in its certificate and of its files beside the CA's, and these names are taken.
+pub fn reserved_node_id(id: &str) -> Option<&'static str> {
+    match id {
+        "ca" => Some(
+            "the CA's files are ca.pem and ca.key: a node's certificate files of that name would \
+             replace them",
+        ),
+        "controller" => Some(
+            "it is the controller's certificate name: a node's certificate for it would be a \
+             controller every router trusts",
+        ),
+        _ => None,
+    }
+}
+
 id_newtype!(
     /// A node's id, e.g. `syd-edge-1`. Also the name in its certificate.
     NodeId

@@ -576,6 +576,15 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
         let id_node = f.required(cx, "id");
         let id = id_node.and_then(|n| ident(cx, n, &Of("id", &label)));
         let id_pos = id_node.map(|n| n.pos).unwrap_or(f.pos);
+        if let Some(id) = &id
+            && let Some(why) = reserved_node_id(id)
+        {
+            // Kept as the id even when refused: the rest of the text is checked as written.
+            cx.newer(
+                id_pos,
+                format!("id of {label}: \"{id}\" is reserved ({why})"),
+            );
+        }
         let what = match &id {
             Some(id) => format!("node \"{id}\""),
             None => label.clone(),

@@ -108,6 +108,14 @@ impl NodeIssuer {
                 wait.as_secs().max(1)
             ));
         }
+        if node.eq_ignore_ascii_case(router::control::client::CONTROLLER_NAME) {
+            // Only a stored topology from before the rule that reserves the id can have such a
+            // node: its certificate would be a controller identity to every router.
+            return refuse(format!(
+                "{node:?} is the controller's certificate name, reserved: rename the node in the \
+                 topology"
+            ));
+        }
         let Some(ca) = &self.ca else {
             return refuse(
                 "certificate renewal is not enabled on this controller (it runs without \
@@ -389,6 +397,16 @@ mod tests {
             .unwrap();
         assert_eq!(chain.len(), 2, "the leaf and one CA");
         assert_eq!(chain[1], bundle[0].der);
+    }
+
+    /// A node `controller` (possible only in a stored topology from before the id was
+    /// reserved) gets no certificate: it would be a controller identity to every router.
+    #[test]
+    fn no_certificate_is_signed_for_the_controllers_name() {
+        let (_d, i) = issuer();
+        let mut limit = RenewLimit::default();
+        let m = i.answer("controller", &raw_key(), &mut limit, Instant::now());
+        assert!(refused(&m).contains("reserved"), "{m:?}");
     }
 
     #[test]

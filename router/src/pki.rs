@@ -565,11 +565,35 @@ pub fn write_node_files(
     Ok((cert_path, key_path))
 }
 
+/// Bytes of a serial number [`random_serial`] makes.
+pub const SERIAL_BYTES: usize = 16;
+
+/// A new certificate's serial number: [`SERIAL_BYTES`] from a cryptographic random number
+/// generator, the top bit clear (a positive DER integer of at most 16 bytes), never zero. rcgen's
+/// default, a hash of the certified public key, gave two certificates over one key the same
+/// serial: a node asking twice with one key (or for another node's key) got a certificate whose
+/// serial was already another's, and revoking one revoked both (RFC 5280 wants serials unique
+/// per CA).
+pub fn random_serial() -> Serial {
+    use rand::Rng;
+    loop {
+        let mut b = [0u8; SERIAL_BYTES];
+        rand::rng().fill(&mut b);
+        b[0] &= 0x7f;
+        let s = Serial::from_der_content(&b);
+        if !s.0.is_empty() {
+            return s;
+        }
+    }
+}
+
 /// The parameters of every node certificate: the name as the only DNS SAN and the common name,
-/// not a CA, digital signatures, server and client authentication, the given window.
+/// not a CA, digital signatures, server and client authentication, the given window, a new
+/// [`random_serial`].
 fn node_params(name: &str, validity: Validity) -> Result<CertificateParams, PkiError> {
     check_name(name)?;
     let mut params = CertificateParams::new(vec![name.to_string()])?;
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(random_serial().as_bytes()));
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, name);
     params.distinguished_name = dn;
@@ -838,6 +862,12 @@ impl std::str::FromStr for Serial {
         }
         Ok(serial)
     }
+}
+
+/// The serial number of a certificate (DER); `None`: it does not parse.
+pub fn serial_of(cert: &CertificateDer<'_>) -> Option<Serial> {
+    let (_, x) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    Some(Serial::from_der_content(x.raw_serial()))
 }
 
 /// One revoked certificate of a CRL.
@@ -1726,6 +1756,35 @@ mod tests {
             ca.sign("../n1", v, &raw),
             Err(PkiError::BadName { .. })
         ));
+    }
+
+    /// Two certificates over one public key (a router asking twice with one key, or a node
+    /// asking with another's) have different serials, each positive and at most 16 bytes: the
+    /// serial was a hash of the key, so revoking one revoked the other.
+    #[test]
+    fn two_certificates_over_one_key_have_different_serials() {
+        let d = tempfile::tempdir().unwrap();
+        init(d.path()).unwrap();
+        let ca = CaSigner::load(d.path()).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let raw = RawP256PublicKey::new(key.public_key_raw()).unwrap();
+        let v = Validity::for_duration(Duration::from_secs(3600)).unwrap();
+        let serial = |chain: &str| {
+            let leaf = CertificateDer::pem_slice_iter(chain.as_bytes())
+                .next()
+                .unwrap()
+                .unwrap();
+            let (_, x) = x509_parser::parse_x509_certificate(leaf.as_ref()).unwrap();
+            x.raw_serial().to_vec()
+        };
+        let a = serial(&ca.sign("n1", v, &raw).unwrap());
+        let b = serial(&ca.sign("n1", v, &raw).unwrap());
+        let c = serial(&ca.sign("n2", v, &raw).unwrap());
+        assert!(a != b && b != c && a != c, "{a:?} {b:?} {c:?}");
+        for s in [a, b, c] {
+            // The DER integer's content: no sign byte (the top bit is clear), 16 bytes at most.
+            assert!(s.len() <= SERIAL_BYTES && s[0] < 0x80, "{s:?}");
+        }
     }
 
     #[test]

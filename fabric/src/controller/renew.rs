@@ -399,6 +399,34 @@ mod tests {
         assert_eq!(chain[1], bundle[0].der);
     }
 
+    /// The leaf's serial of an answer.
+    fn serial_of(m: &ToRouter) -> pki::Serial {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let ToRouter::Certificate { chain_pem } = m else {
+            panic!("expected a certificate, got {m:?}");
+        };
+        let leaf = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap();
+        pki::serial_of(&leaf).unwrap()
+    }
+
+    /// Two renewals over one public key, of one node or of two (a node sending another's key),
+    /// get certificates with different serials: revoking one does not revoke the other.
+    #[test]
+    fn two_renewals_with_one_key_get_different_serials() {
+        let (_d, i) = issuer();
+        let key = raw_key();
+        let t0 = Instant::now();
+        let mut limit = RenewLimit::default();
+        let a = serial_of(&i.answer("edge-1", &key, &mut limit, t0));
+        let b = serial_of(&i.answer("edge-1", &key, &mut limit, t0 + MIN_INTERVAL));
+        let c = serial_of(&i.answer("edge-2", &key, &mut RenewLimit::default(), t0));
+        assert!(a != b && b != c && a != c, "{a} {b} {c}");
+    }
+
     /// A node `controller` (possible only in a stored topology from before the id was
     /// reserved) gets no certificate: it would be a controller identity to every router.
     #[test]

@@ -376,7 +376,8 @@ impl StubController {
                                         let validity =
                                             Validity::for_duration(Duration::from_secs(3600))
                                                 .unwrap();
-                                        let chain_pem = ca.sign(NODE, validity, &key).unwrap();
+                                        let chain_pem =
+                                            ca.sign(NODE, validity, &key).unwrap().chain_pem;
                                         let answer = ToRouter::Certificate { chain_pem };
                                         let frame = proto::encode(&answer).unwrap();
                                         if send.write_all(&frame).await.is_err() {
@@ -678,4 +679,123 @@ async fn revocation_lists_reach_routers_through_the_controller() {
         || !r.client.is_connected(),
     )
     .await;
+}
+
+/// A leaked key after renewals through the controller: the router (on a TLS directory of its
+/// own, as on a real host) renews, so the certificate it presents is one the CA directory's
+/// `edge-0.pem` never held. `tasman pki revoke edge-0` still revokes it: the controller closes
+/// the session that presented it with the revoked code, and handshakes with it are refused from
+/// then on. (Only the serial of the CA directory's `edge-0.pem` was revoked: the
+/// renewed certificate stayed valid, and went on renewing itself.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_node_revokes_the_certificate_it_renewed() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("pki");
+    pki(&ca, &fabric_nodes(1, 1));
+    let now = SystemTime::now();
+    // 80 s of lifetime, 50 s of them gone: due at 70 % (56 s), in about 6 s.
+    let short =
+        Validity::between(now - Duration::from_secs(50), now + Duration::from_secs(30)).unwrap();
+    pki::issue_with(&ca, NODE, short).unwrap();
+    let d = daemon::start(daemon::DaemonConfig {
+        ca_dir: Some(ca.clone()),
+        issue_valid_for: Duration::from_secs(3600),
+        cert_reload_interval: Duration::from_millis(200),
+        ..import_config(&dir.path().join("state"), &ca, &fabric_yaml(89, 1, 1, 10))
+    })
+    .await
+    .expect("controller starts");
+    let own = dir.path().join("router-tls");
+    std::fs::create_dir_all(&own).unwrap();
+    for f in [
+        pki::CA_CERT.to_string(),
+        format!("{NODE}.pem"),
+        format!("{NODE}.key"),
+    ] {
+        std::fs::copy(ca.join(&f), own.join(&f)).unwrap();
+    }
+    let (r, cert) = start_router(&d, &own).await;
+    eventually(
+        Duration::from_secs(40),
+        "the router renewed its certificate",
+        || cert.renewals(Renewal::Renewed) == 1,
+    )
+    .await;
+    let renewed = cert.current().cert[0].clone();
+    let renewed_serial = pki::serial_of(&renewed).unwrap();
+    let on_file = TlsIdentity::load(&ca, NODE).unwrap().chain[0].clone();
+    assert_ne!(
+        pki::serial_of(&on_file).unwrap(),
+        renewed_serial,
+        "the CA directory's {NODE}.pem is not what the router presents"
+    );
+    // The router's control client again, started on its files: its session presents the
+    // renewed certificate (the first one's presented the certificate it renewed).
+    r.stop().await;
+    assert_eq!(TlsIdentity::load(&own, NODE).unwrap().chain[0], renewed);
+    let client = start_client(d.quic_addr, NODE, &own, None).await;
+    assert!(client.is_connected());
+    assert_eq!(d.cert.revoked_closed(), 0);
+
+    let revoked = pki::revoke(
+        &ca,
+        &pki::RevokeTarget::Node(NODE.into()),
+        pki::RevokeReason::KeyCompromise,
+    )
+    .unwrap();
+    assert!(
+        revoked.added.contains(&renewed_serial),
+        "{renewed_serial} among {:?}",
+        revoked.added
+    );
+    eventually(
+        Duration::from_secs(10),
+        "the controller closed the session that presented the renewed certificate",
+        || d.cert.revoked_closed() >= 1,
+    )
+    .await;
+    assert!(
+        d.cert
+            .revoked(&[renewed.clone(), d.cert.trusted()[0].clone()])
+    );
+    eventually(
+        Duration::from_secs(10),
+        "the router is disconnected",
+        || !client.is_connected(),
+    )
+    .await;
+    drop(client);
+    // A handshake with the renewed certificate (the router's files): refused with TLS's
+    // certificate_revoked alert (44). With TLS 1.3 the client may take its handshake as done
+    // before the controller has checked its certificate: the refusal then closes it.
+    let refused = {
+        use fabric::controller::distribute::CONTROLLER_NAME;
+        let id = TlsIdentity::load(&own, NODE).unwrap();
+        assert_eq!(
+            id.chain[0], renewed,
+            "the router's files hold the renewed certificate"
+        );
+        let peers = PeerNames::new([CONTROLLER_NAME.to_string()]);
+        let cfg = router::tls::client_config(&id, &peers, Default::default()).unwrap();
+        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        ep.set_default_client_config(cfg);
+        let attempt = async {
+            match ep.connect(d.quic_addr, CONTROLLER_NAME).unwrap().await {
+                Err(e) => e,
+                Ok(conn) => conn.closed().await,
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), attempt)
+            .await
+            .expect("refused within 10 s")
+    };
+    match &refused {
+        quinn::ConnectionError::ConnectionClosed(c) => assert_eq!(
+            c.error_code,
+            quinn::TransportErrorCode::crypto(44),
+            "{refused}"
+        ),
+        other => panic!("expected a close with the certificate_revoked alert, got {other}"),
+    }
+    d.shutdown().await;
 }

@@ -20,7 +20,10 @@
 //! finds the right one (webpki tries every anchor whose name matches; see the test
 //! `two_cas_with_one_name_each_verify_their_own_leaves`).
 //!
-//! [`revoke`] puts a certificate of the issuing CA on that CA's revocation list (an X.509 CRL
+//! Every certificate signed here ([`CaSigner::sign`]: `tasman pki issue`, the controller's
+//! renewals) has a random serial and is recorded in [`ISSUED`] before it is handed out.
+//! [`revoke`] puts certificates of the issuing CA (a node's: every one recorded for it) on that
+//! CA's revocation list (an X.509 CRL
 //! signed by `ca.key`, its issuer the issuing certificate's subject byte for byte, as webpki
 //! matches it; the CRL number one higher each time) in [`CA_CRL`]; [`parse_crls`] checks such a
 //! file against a bundle (the key that signed each list decides, not the shared name) for
@@ -208,11 +211,7 @@ fn humanize(d: Duration) -> String {
 
 fn offset(t: SystemTime) -> Result<time::OffsetDateTime, PkiError> {
     // X.509 times stop at 9999-12-31; anything inside MAX_VALIDITY (or a sane past) fits.
-    let secs = match t.duration_since(SystemTime::UNIX_EPOCH) {
-        Ok(d) => d.as_secs() as i64,
-        Err(e) => -(e.duration().as_secs() as i64),
-    };
-    time::OffsetDateTime::from_unix_timestamp(secs)
+    time::OffsetDateTime::from_unix_timestamp(unix(t))
         .map_err(|e| PkiError::BadValidity(e.to_string()))
 }
 
@@ -314,8 +313,9 @@ fn sync_dir(dir: &Path) {
 }
 
 /// The file whose lock the commands that read, change and write a CA directory's files
-/// ([`rotate_ca`], [`retire_ca`], [`revoke`]) hold, one at a time: two `tasman pki revoke` runs at
-/// once would otherwise both sign list number N + 1, and one revocation would be lost.
+/// ([`rotate_ca`], [`retire_ca`], [`revoke`], and [`CaSigner::sign`] to record a certificate)
+/// hold, one at a time: two `tasman pki revoke` runs at once would otherwise both sign list
+/// number N + 1, and one revocation would be lost.
 pub const LOCK: &str = ".tasman-pki.lock";
 
 /// Waits for and holds `dir`'s [`LOCK`] until the file is dropped. `None`: there is no such
@@ -533,8 +533,8 @@ pub fn issue_with(
 ) -> Result<(PathBuf, PathBuf), PkiError> {
     let ca = CaSigner::load(dir)?;
     let key = KeyPair::generate()?;
-    let chain = ca.sign(name, validity, &key)?;
-    write_node_files(dir, name, &key.serialize_pem(), &chain)
+    let signed = ca.sign(name, validity, &key)?;
+    write_node_files(dir, name, &key.serialize_pem(), &signed.chain_pem)
 }
 
 /// What a new pair's files are called while they are staged: `<name>.key.next`,
@@ -615,6 +615,18 @@ fn node_params(name: &str, validity: Validity) -> Result<CertificateParams, PkiE
 pub struct CaSigner {
     issuer: Issuer<'static, KeyPair>,
     ca: BundleCert,
+    /// The CA directory, where each certificate signed is recorded ([`ISSUED`]).
+    dir: PathBuf,
+    /// [`ca_id`] of the issuing CA.
+    ca_id: String,
+}
+
+/// A certificate [`CaSigner::sign`] issued, recorded in its directory's [`ISSUED`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signed {
+    /// The leaf, then the issuing CA, in PEM.
+    pub chain_pem: String,
+    pub serial: Serial,
 }
 
 impl std::fmt::Debug for CaSigner {
@@ -638,11 +650,19 @@ impl CaSigner {
         // The issuer's name, key identifier and key usages come from the issuing certificate
         // itself, so a leaf's issuer (and a CRL's, see [`revoke`]) is byte for byte that
         // certificate's subject, whatever parameters it was made with.
+        let ca_id = ca_id(&key);
         let issuer = Issuer::from_ca_cert_der(&ca.der, key).map_err(|e| PkiError::BadCert {
             path: dir.join(CA_CERT),
             reason: format!("the issuing CA certificate: {e}"),
         })?;
-        Ok(CaSigner { issuer, ca })
+        // A signer that could not record what it signs must not start signing.
+        open_issued(dir)?;
+        Ok(CaSigner {
+            issuer,
+            ca,
+            dir: dir.to_path_buf(),
+            ca_id,
+        })
     }
 
     /// The issuing CA certificate.
@@ -652,18 +672,158 @@ impl CaSigner {
 
     /// A certificate for `name` over `public_key`, valid for `validity`: the chain in PEM (the
     /// leaf, then the issuing CA; never the rest of the bundle, which a peer trusts or not on
-    /// its own).
+    /// its own), and its serial. Recorded in the directory's [`ISSUED`] (written and synced,
+    /// under the directory's [`LOCK`]) before it is returned, so that `revoke NODE` finds every
+    /// certificate of the node, whoever holds it. Nothing is returned when the record fails.
     pub fn sign(
         &self,
         name: &str,
         validity: Validity,
         public_key: &impl PublicKeyData,
-    ) -> Result<String, PkiError> {
-        let cert = node_params(name, validity)?.signed_by(public_key, &self.issuer)?;
-        let mut chain = cert.pem();
-        chain.push_str(&self.ca.pem);
-        Ok(chain)
+    ) -> Result<Signed, PkiError> {
+        let params = node_params(name, validity)?;
+        let serial = params
+            .serial_number
+            .as_ref()
+            .map(|s| Serial::from_der_content(&s.to_bytes()))
+            .ok_or_else(|| PkiError::BadValidity("no serial number".into()))?;
+        let cert = params.signed_by(public_key, &self.issuer)?;
+        let mut chain_pem = cert.pem();
+        chain_pem.push_str(&self.ca.pem);
+        let record = IssuedRecord {
+            serial: serial.clone(),
+            node: name.to_string(),
+            not_after: unix(validity.not_after),
+            ca: self.ca_id.clone(),
+        };
+        let _turn = lock_dir(&self.dir)?;
+        append_issued(&self.dir, &record)?;
+        Ok(Signed { chain_pem, serial })
     }
+}
+
+/// The record of every certificate issued from a CA directory ([`CaSigner::sign`]: `tasman pki
+/// issue` and a controller's renewals with `--ca-dir`), one line each, appended and synced before
+/// the certificate is handed out: `serial=HEX node=NAME not_after=UNIX ca=HEX` (`ca`: the
+/// signing CA, [`ca_id`]). [`revoke`] of a node revokes every unexpired certificate of it in
+/// here: after a renewal through the controller, `NODE.pem` in the CA directory is no longer the
+/// certificate the node (or whoever holds its key) presents.
+pub const ISSUED: &str = "ca.issued.log";
+
+/// One line of [`ISSUED`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedRecord {
+    pub serial: Serial,
+    pub node: String,
+    /// Unix time the certificate expires.
+    pub not_after: i64,
+    /// [`ca_id`] of the CA that signed it.
+    pub ca: String,
+}
+
+impl IssuedRecord {
+    fn line(&self) -> String {
+        format!(
+            "serial={} node={} not_after={} ca={}\n",
+            self.serial, self.node, self.not_after, self.ca
+        )
+    }
+
+    fn parse(line: &str) -> Option<Self> {
+        let (mut serial, mut node, mut not_after, mut ca) = (None, None, None, None);
+        for field in line.split_ascii_whitespace() {
+            let (k, v) = field.split_once('=')?;
+            match k {
+                "serial" => serial = Some(v.parse::<Serial>().ok()?),
+                "node" => node = Some(v.to_string()),
+                "not_after" => not_after = Some(v.parse::<i64>().ok()?),
+                "ca" => ca = Some(v.to_string()),
+                _ => {}
+            }
+        }
+        Some(IssuedRecord {
+            serial: serial?,
+            node: node?,
+            not_after: not_after?,
+            ca: ca?,
+        })
+    }
+}
+
+/// The identifier of a CA in [`ISSUED`]: the hex of the first 20 bytes of the SHA-256 of its
+/// public key (as rcgen derives a subject key identifier). CAs share their name, not their key.
+fn ca_id(key: &KeyPair) -> String {
+    CertificateParams::default()
+        .key_identifier(key)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Unix seconds of `t` (negative before 1970).
+fn unix(t: SystemTime) -> i64 {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => d.as_secs() as i64,
+        Err(e) => -(e.duration().as_secs() as i64),
+    }
+}
+
+/// `dir`'s [`ISSUED`], opened to append (created when missing: its name synced into `dir`).
+fn open_issued(dir: &Path) -> Result<fs::File, PkiError> {
+    let path = dir.join(ISSUED);
+    let existed = path.exists();
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    if !existed {
+        sync_dir(dir);
+    }
+    Ok(f)
+}
+
+/// Appends `rec` to `dir`'s [`ISSUED`] and syncs it; the caller holds the directory's [`LOCK`].
+/// A last line left unfinished by a crash (its certificate was never handed out) is ended
+/// first, so that the new line is whole on its own.
+fn append_issued(dir: &Path, rec: &IssuedRecord) -> Result<(), PkiError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let path = dir.join(ISSUED);
+    let mut f = open_issued(dir)?;
+    let len = f.metadata().map_err(io_err(&path))?.len();
+    let mut line = rec.line();
+    if len > 0 {
+        let mut last = [0u8; 1];
+        f.seek(SeekFrom::Start(len - 1))
+            .and_then(|_| f.read_exact(&mut last))
+            .map_err(io_err(&path))?;
+        if last[0] != b'\n' {
+            line.insert(0, '\n');
+        }
+    }
+    f.write_all(line.as_bytes()).map_err(io_err(&path))?;
+    f.sync_all().map_err(io_err(&path))
+}
+
+/// The certificates recorded in `dir`'s [`ISSUED`] (none when there is no such file), and how
+/// many of its lines could not be read (skipped: a line cut short by a crash, or edited).
+pub fn read_issued(dir: &Path) -> Result<(Vec<IssuedRecord>, usize), PkiError> {
+    let path = dir.join(ISSUED);
+    let text = match fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
+        Err(e) => return Err(io_err(&path)(e)),
+    };
+    let mut records = Vec::new();
+    let mut unreadable = 0;
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        match IssuedRecord::parse(line) {
+            Some(r) => records.push(r),
+            None => unreadable += 1,
+        }
+    }
+    Ok((records, unreadable))
 }
 
 /// A P-256 public key as raw bytes (the uncompressed point, as
@@ -717,10 +877,10 @@ impl CaSigner {
         validity: Validity,
     ) -> Result<i64, String> {
         let key = KeyPair::generate().map_err(|e| e.to_string())?;
-        let chain = self
+        let signed = self
             .sign(cert.name(), validity, &key)
             .map_err(|e| e.to_string())?;
-        crate::tls::install(cert, &key, &chain)
+        crate::tls::install(cert, &key, &signed.chain_pem)
     }
 }
 
@@ -1034,8 +1194,9 @@ pub fn write_crl(dir: &Path, text: &str) -> Result<PathBuf, PkiError> {
     Ok(path)
 }
 
-/// What [`revoke`] revokes: a node's current certificate (its `<name>.pem` in the directory),
-/// or a certificate by serial number (one whose file is gone).
+/// What [`revoke`] revokes: a node's certificates (every unexpired one recorded in the
+/// directory's [`ISSUED`], and its `<name>.pem` there), or a certificate by serial number (one
+/// neither names).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RevokeTarget {
     Node(String),
@@ -1045,23 +1206,114 @@ pub enum RevokeTarget {
 /// What [`revoke`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Revoked {
-    pub serial: Serial,
+    /// The serials it put on the list (none: all were on it already, and nothing was written).
+    pub added: Vec<Serial>,
+    /// The target's serials that were on the list already.
+    pub already: Vec<Serial>,
+    /// Unexpired certificates of the node signed by another CA than the issuing one (a CA being
+    /// rotated out): the issuing CA's list cannot revoke them.
+    pub other_ca: Vec<Serial>,
+    /// Lines of [`ISSUED`] that could not be read (skipped).
+    pub unreadable: usize,
     /// The issuing CA's list now: its number and length.
     pub number: u64,
     pub entries: usize,
-    /// The serial was already on the list: nothing was written.
-    pub already: bool,
     pub path: PathBuf,
 }
 
-/// Adds a certificate of the issuing CA of `dir` (the one for `ca.key`) to that CA's revocation
+/// The serials `revoke` of node `name` takes from `dir` (the issuing CA's, in the order found:
+/// `<name>.pem`'s, then [`ISSUED`]'s unexpired ones for the name), the other CAs' unexpired ones,
+/// and the number of unreadable lines of [`ISSUED`]. Refuses when the issuing CA has none.
+fn node_serials(
+    dir: &Path,
+    name: &str,
+    ca: &CaFiles,
+) -> Result<(Vec<Serial>, Vec<Serial>, usize), PkiError> {
+    check_name(name)?;
+    let issuing_der = &ca.bundle[ca.issuing].der;
+    let path = dir.join(format!("{name}.pem"));
+    let bad = |reason: String| PkiError::BadCert {
+        path: path.clone(),
+        reason,
+    };
+    let not_issuing = || {
+        bad(format!(
+            "not issued by the issuing CA (the one for {CA_KEY}); revocation lists are per CA \
+             and this one can only revoke its own certificates: a certificate of a CA being \
+             rotated out stops being accepted at `tasman pki retire-ca` (re-issue the node from \
+             the issuing CA, then finish the rotation)"
+        ))
+    };
+    let (mut mine, mut others) = (Vec::new(), Vec::new());
+    // `<name>.pem`: the certificate `tasman pki issue` wrote last (maybe before the record was
+    // kept), expired or not.
+    let from_file = (|| {
+        let pem = fs::read(&path).map_err(|e| {
+            bad(format!(
+                "no certificate of {name} to revoke here ({e}, and no unexpired one recorded in {ISSUED}); \
+                 revoke one held elsewhere with --serial"
+            ))
+        })?;
+        let leaf = CertificateDer::pem_slice_iter(&pem)
+            .next()
+            .ok_or_else(|| bad("no certificate in file".into()))?
+            .map_err(|e| bad(e.to_string()))?;
+        let (_, x) = x509_parser::parse_x509_certificate(leaf.as_ref())
+            .map_err(|e| bad(format!("unparsable: {e}")))?;
+        let (_, issuing) = x509_parser::parse_x509_certificate(issuing_der.as_ref())
+            .map_err(|e| bad(format!("the issuing CA certificate: {e}")))?;
+        let serial = Serial::from_der_content(x.raw_serial());
+        Ok((
+            serial,
+            x.verify_signature(Some(issuing.public_key())).is_ok(),
+        ))
+    })();
+    let file_problem = match from_file {
+        Ok((serial, true)) => {
+            mine.push(serial);
+            None
+        }
+        Ok((serial, false)) => {
+            others.push(serial);
+            Some(not_issuing())
+        }
+        Err(e) => Some(e),
+    };
+    // Every certificate issued for the name since: renewals through the controller included,
+    // which `<name>.pem` here never holds.
+    let (records, unreadable) = read_issued(dir)?;
+    let issuing_id = ca_id(&ca.key);
+    let now = unix(SystemTime::now());
+    for r in records {
+        if !r.node.eq_ignore_ascii_case(name) || r.not_after <= now {
+            continue;
+        }
+        let list = if r.ca == issuing_id {
+            &mut mine
+        } else {
+            &mut others
+        };
+        if !list.contains(&r.serial) {
+            list.push(r.serial);
+        }
+    }
+    match file_problem {
+        Some(e) if mine.is_empty() => Err(e),
+        _ => Ok((mine, others, unreadable)),
+    }
+}
+
+/// Adds certificates of the issuing CA of `dir` (the one for `ca.key`) to that CA's revocation
 /// list and writes [`CA_CRL`] (by rename): the previous entries kept, the CRL number one higher,
 /// signed by `ca.key`, the issuer exactly the issuing certificate's subject (as in every leaf it
 /// signed). Lists of the bundle's other CAs in the file are kept as they are. A node's
-/// certificate must come from the issuing CA (one from a CA being rotated out ends with
-/// [`retire_ca`]); a serial is taken as the issuing CA's (it does nothing to another CA's
-/// certificate of that serial). Refuses a directory without a CA and a [`CA_CRL`] that does not
-/// check out against the bundle.
+/// certificates are its `<name>.pem` and every unexpired one recorded for it in [`ISSUED`] (one
+/// list number for all); only the issuing CA's are revoked (one from a CA being rotated out ends
+/// with [`retire_ca`]), and at least one must be. A serial is taken as the issuing CA's (it does
+/// nothing to another CA's certificate of that serial). Refuses a directory without a CA and a
+/// [`CA_CRL`] that does not check out against the bundle. Holds the directory's [`LOCK`]
+/// throughout, as [`CaSigner::sign`] does to record a certificate: a certificate is either in
+/// the record this revocation read, or signed after it.
 pub fn revoke(
     dir: &Path,
     target: &RevokeTarget,
@@ -1070,65 +1322,37 @@ pub fn revoke(
     let _turn = lock_dir(dir)?;
     let ca = CaFiles::read(dir)?;
     let issuing_der = ca.bundle[ca.issuing].der.clone();
-    let serial = match target {
-        RevokeTarget::Serial(s) => s.clone(),
-        RevokeTarget::Node(name) => {
-            check_name(name)?;
-            let path = dir.join(format!("{name}.pem"));
-            let bad = |reason: String| PkiError::BadCert {
-                path: path.clone(),
-                reason,
-            };
-            let pem = fs::read(&path).map_err(|e| {
-                bad(format!(
-                    "no certificate of {name} to revoke here ({e}); revoke one held elsewhere \
-                     with --serial"
-                ))
-            })?;
-            let leaf = CertificateDer::pem_slice_iter(&pem)
-                .next()
-                .ok_or_else(|| bad("no certificate in file".into()))?
-                .map_err(|e| bad(e.to_string()))?;
-            let (_, x) = x509_parser::parse_x509_certificate(leaf.as_ref())
-                .map_err(|e| bad(format!("unparsable: {e}")))?;
-            let (_, issuing) = x509_parser::parse_x509_certificate(issuing_der.as_ref())
-                .map_err(|e| bad(format!("the issuing CA certificate: {e}")))?;
-            if x.verify_signature(Some(issuing.public_key())).is_err() {
-                return Err(bad(format!(
-                    "not issued by the issuing CA (the one for {CA_KEY}); revocation lists are \
-                     per CA and this one can only revoke its own certificates: a certificate \
-                     of a CA being rotated out stops being accepted at `tasman pki retire-ca` \
-                     (re-issue the node from the issuing CA, then finish the rotation)"
-                )));
-            }
-            Serial::from_der_content(x.raw_serial())
-        }
+    let (serials, other_ca, unreadable) = match target {
+        RevokeTarget::Serial(s) => (vec![s.clone()], Vec::new(), 0),
+        RevokeTarget::Node(name) => node_serials(dir, name, &ca)?,
     };
     let path = dir.join(CA_CRL);
     let existing = crls_in(dir, &ca.bundle)?;
     let (mine, others): (Vec<_>, Vec<_>) = existing.into_iter().partition(|c| c.ca == ca.issuing);
     let mine = mine.into_iter().next();
-    if let Some(m) = &mine
-        && m.revokes(&serial)
-    {
+    let (already, added): (Vec<Serial>, Vec<Serial>) = serials
+        .into_iter()
+        .partition(|s| mine.as_ref().is_some_and(|m| m.revokes(s)));
+    if added.is_empty() {
         return Ok(Revoked {
-            serial,
-            number: m.number,
-            entries: m.entries.len(),
-            already: true,
+            added,
+            already,
+            other_ca,
+            unreadable,
+            number: mine.as_ref().map_or(0, |m| m.number),
+            entries: mine.as_ref().map_or(0, |m| m.entries.len()),
             path,
         });
     }
     let now = SystemTime::now();
     let mut entries = mine.as_ref().map(|m| m.entries.clone()).unwrap_or_default();
-    entries.push(RevokedEntry {
-        serial: serial.clone(),
-        revoked_at: now
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0),
-        reason: Some(reason),
-    });
+    for serial in &added {
+        entries.push(RevokedEntry {
+            serial: serial.clone(),
+            revoked_at: unix(now).max(0),
+            reason: Some(reason),
+        });
+    }
     let number = mine.as_ref().map_or(0, |m| m.number) + 1;
     let revoked_certs = entries
         .iter()
@@ -1160,10 +1384,12 @@ pub fn revoke(
     }
     write_file(&path, &text, false)?;
     Ok(Revoked {
-        serial,
+        added,
+        already,
+        other_ca,
+        unreadable,
         number,
         entries: entries.len(),
-        already: false,
         path,
     })
 }
@@ -1380,8 +1606,8 @@ mod tests {
         issue(d.path(), "n2").unwrap();
         let (s1, s2) = (leaf_serial(d.path(), "n1"), leaf_serial(d.path(), "n2"));
         let r = revoke(d.path(), &node("n1"), RevokeReason::KeyCompromise).unwrap();
-        assert_eq!((r.number, r.entries, r.already), (1, 1, false));
-        assert_eq!(r.serial, s1);
+        assert_eq!((r.number, r.entries), (1, 1));
+        assert_eq!((r.added, r.already), (vec![s1.clone()], vec![]));
         let first = read_crls(d.path()).unwrap();
         assert_eq!(first.len(), 1);
         assert_eq!(
@@ -1403,12 +1629,133 @@ mod tests {
         // Again: nothing written, the number stays.
         let text = fs::read_to_string(d.path().join(CA_CRL)).unwrap();
         let r = revoke(d.path(), &node("n1"), RevokeReason::Unspecified).unwrap();
-        assert!(r.already);
+        assert_eq!((r.added, r.already), (vec![], vec![s1.clone()]));
         assert_eq!(r.number, 2);
         assert_eq!(fs::read_to_string(d.path().join(CA_CRL)).unwrap(), text);
         // A re-issued node has a new serial, not on the list.
         issue(d.path(), "n1").unwrap();
         assert!(!crls[0].revokes(&leaf_serial(d.path(), "n1")));
+    }
+
+    /// A certificate over a new key for `name`, signed by the CA in `dir` as the controller
+    /// signs a renewal (recorded, not written to `<name>.pem`); its serial.
+    fn renewed(dir: &Path, name: &str, validity: Validity) -> Serial {
+        let key = KeyPair::generate().unwrap();
+        let raw = RawP256PublicKey::new(key.public_key_raw()).unwrap();
+        CaSigner::load(dir)
+            .unwrap()
+            .sign(name, validity, &raw)
+            .unwrap()
+            .serial
+    }
+
+    fn hours(h: u64) -> Validity {
+        Validity::for_duration(Duration::from_secs(h * 3600)).unwrap()
+    }
+
+    /// `revoke NODE` after renewals through the controller: the certificates the node (or
+    /// whoever has its key) presents are the renewed ones, recorded in `ca.issued.log` and never
+    /// written to `NODE.pem` in the CA directory. All of them go on the list with `NODE.pem`'s,
+    /// in one list number; another node's and expired ones do not. (Only `NODE.pem`'s serial
+    /// was revoked: the renewed certificates stayed valid, and renewed themselves forever.)
+    #[test]
+    fn revoking_a_node_revokes_every_unexpired_certificate_recorded_for_it() {
+        let d = tempfile::tempdir().unwrap();
+        init(d.path()).unwrap();
+        issue(d.path(), "n1").unwrap();
+        let file = leaf_serial(d.path(), "n1");
+        let (r1, r2) = (
+            renewed(d.path(), "n1", hours(24)),
+            renewed(d.path(), "n1", hours(24)),
+        );
+        let other = renewed(d.path(), "n2", hours(24));
+        let now = SystemTime::now();
+        let past = Validity::between(
+            now - Duration::from_secs(7200),
+            now - Duration::from_secs(60),
+        );
+        let expired = renewed(d.path(), "n1", past.unwrap());
+        let (records, unreadable) = read_issued(d.path()).unwrap();
+        assert_eq!(unreadable, 0);
+        let recorded: Vec<_> = records
+            .iter()
+            .map(|r| (r.node.as_str(), &r.serial))
+            .collect();
+        assert_eq!(
+            recorded,
+            [
+                ("n1", &file),
+                ("n1", &r1),
+                ("n1", &r2),
+                ("n2", &other),
+                ("n1", &expired)
+            ]
+        );
+
+        let r = revoke(d.path(), &node("n1"), RevokeReason::KeyCompromise).unwrap();
+        assert_eq!(r.added, [file.clone(), r1.clone(), r2.clone()]);
+        assert!(r.already.is_empty() && r.other_ca.is_empty());
+        assert_eq!((r.number, r.entries), (1, 3));
+        let crl = read_crls(d.path()).unwrap().remove(0);
+        for s in [&file, &r1, &r2] {
+            assert!(crl.revokes(s), "{s}");
+        }
+        assert!(!crl.revokes(&other) && !crl.revokes(&expired));
+
+        // Renewed again before the list reached the controller: the next revoke adds that one.
+        let r3 = renewed(d.path(), "n1", hours(24));
+        let r = revoke(d.path(), &node("n1"), RevokeReason::KeyCompromise).unwrap();
+        assert_eq!((r.added, r.already.len(), r.number), (vec![r3], 3, 2));
+        // A node without a NODE.pem here: the record alone names its certificates.
+        assert!(!d.path().join("n2.pem").exists());
+        let r = revoke(d.path(), &node("n2"), RevokeReason::Unspecified).unwrap();
+        assert_eq!(r.added, [other]);
+    }
+
+    /// A record cut short by a crash (its certificate was never handed out) is skipped and
+    /// counted, and the next record is whole on a line of its own.
+    #[test]
+    fn a_record_cut_short_is_skipped_and_the_next_one_is_whole() {
+        let d = tempfile::tempdir().unwrap();
+        init(d.path()).unwrap();
+        let first = renewed(d.path(), "n1", hours(1));
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .open(d.path().join(ISSUED))
+            .unwrap();
+        f.write_all(b"serial=7f0a node=n1 not_af").unwrap();
+        drop(f);
+        let next = renewed(d.path(), "n1", hours(1));
+        let (records, unreadable) = read_issued(d.path()).unwrap();
+        let serials: Vec<_> = records.iter().map(|r| &r.serial).collect();
+        assert_eq!((serials, unreadable), (vec![&first, &next], 1));
+        let r = revoke(d.path(), &node("n1"), RevokeReason::Unspecified).unwrap();
+        assert_eq!((r.added, r.unreadable), (vec![first, next], 1));
+    }
+
+    /// During a CA rotation, a node's recorded certificates of the CA being rotated out (a
+    /// controller not restarted yet signs with it) cannot go on the issuing CA's list: they are
+    /// reported, and the issuing CA's are revoked.
+    #[test]
+    fn recorded_certificates_of_another_ca_are_reported_not_listed() {
+        let d = tempfile::tempdir().unwrap();
+        init(d.path()).unwrap();
+        issue(d.path(), "n1").unwrap();
+        let old_file = leaf_serial(d.path(), "n1");
+        let old_signer = CaSigner::load(d.path()).unwrap();
+        rotate_ca(d.path()).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let old_renewal = old_signer.sign("n1", hours(1), &key).unwrap().serial;
+        // Only the old CA's: refused, as before.
+        let e = revoke(d.path(), &node("n1"), RevokeReason::Unspecified).unwrap_err();
+        assert!(
+            e.to_string().contains("not issued by the issuing CA"),
+            "{e}"
+        );
+        let new = renewed(d.path(), "n1", hours(1));
+        let r = revoke(d.path(), &node("n1"), RevokeReason::Unspecified).unwrap();
+        assert_eq!(r.added, [new]);
+        assert_eq!(r.other_ca, [old_file, old_renewal]);
     }
 
     /// webpki matches a list to a certificate by issuer name, byte for byte: the list's issuer
@@ -1745,7 +2092,7 @@ mod tests {
         let key = KeyPair::generate().unwrap();
         let raw = RawP256PublicKey::new(key.public_key_raw()).unwrap();
         let v = Validity::for_duration(Duration::from_secs(3600)).unwrap();
-        let chain = ca.sign("n1", v, &raw).unwrap();
+        let chain = ca.sign("n1", v, &raw).unwrap().chain_pem;
         assert_eq!(chain.matches("BEGIN CERTIFICATE").count(), 2);
         // The key the router kept and the certificate it got back make a pair a resolver takes.
         write_node_files(d.path(), "n1", &key.serialize_pem(), &chain).unwrap();
@@ -1777,9 +2124,9 @@ mod tests {
             let (_, x) = x509_parser::parse_x509_certificate(leaf.as_ref()).unwrap();
             x.raw_serial().to_vec()
         };
-        let a = serial(&ca.sign("n1", v, &raw).unwrap());
-        let b = serial(&ca.sign("n1", v, &raw).unwrap());
-        let c = serial(&ca.sign("n2", v, &raw).unwrap());
+        let a = serial(&ca.sign("n1", v, &raw).unwrap().chain_pem);
+        let b = serial(&ca.sign("n1", v, &raw).unwrap().chain_pem);
+        let c = serial(&ca.sign("n2", v, &raw).unwrap().chain_pem);
         assert!(a != b && b != c && a != c, "{a:?} {b:?} {c:?}");
         for s in [a, b, c] {
             // The DER integer's content: no sign byte (the top bit is clear), 16 bytes at most.

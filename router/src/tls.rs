@@ -1624,7 +1624,7 @@ mod tests {
             rcgen::KeyPair::generate().unwrap(),
             rcgen::KeyPair::generate().unwrap(),
         );
-        let answer = ca.sign("n1", validity, &now).unwrap();
+        let answer = ca.sign("n1", validity, &now).unwrap().chain_pem;
         assert_eq!(certifies(&answer, &now), Some(true));
         assert_eq!(certifies(&answer, &earlier), Some(false));
         assert_eq!(certifies("no certificate here", &now), None);
@@ -1659,7 +1659,11 @@ mod tests {
     fn renewal(d: &Path) -> (rcgen::KeyPair, String) {
         let key = rcgen::KeyPair::generate().unwrap();
         let v = pki::Validity::for_duration(Duration::from_secs(30 * 86_400)).unwrap();
-        let chain = pki::CaSigner::load(d).unwrap().sign("n1", v, &key).unwrap();
+        let chain = pki::CaSigner::load(d)
+            .unwrap()
+            .sign("n1", v, &key)
+            .unwrap()
+            .chain_pem;
         (key, chain)
     }
 

@@ -1533,7 +1533,8 @@ async fn a_stuck_certificate_write_does_not_hold_the_session() {
             Validity::for_duration(Duration::from_secs(3600)).unwrap(),
             &RawP256PublicKey::new(&key).unwrap(),
         )
-        .unwrap();
+        .unwrap()
+        .chain_pem;
     controller.send(&ToRouter::Certificate { chain_pem });
     controller.send(&live_after_1());
     controller.acked(2).await;

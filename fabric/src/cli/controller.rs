@@ -46,7 +46,9 @@ pub struct ControllerArgs {
     #[arg(long)]
     pub admin_token_file: Option<PathBuf>,
     /// Renew routers' certificates: the PKI directory holding the fabric CA (ca.pem and ca.key,
-    /// as written by `tasman pki init`). Without it, renewal requests are refused.
+    /// as written by `tasman pki init`). The controller records every certificate it issues in
+    /// its ca.issued.log (so it must be able to write there), where `tasman pki revoke NODE`
+    /// finds them. Without it, renewal requests are refused.
     #[arg(long, value_name = "DIR")]
     pub ca_dir: Option<PathBuf>,
     /// How long a renewed certificate is valid (routers renew at 70 % of it): a duration from

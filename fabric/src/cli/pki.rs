@@ -64,9 +64,11 @@ pub enum PkiCommand {
         #[arg(long, default_value = "pki")]
         dir: PathBuf,
     },
-    /// Revoke a certificate of the issuing CA: NODE's current one (NODE.pem in DIR) or the one
-    /// with serial number HEX. Adds it to the CA's revocation list and writes ca.crl.pem (signed
-    /// by ca.key, CRL number one higher, earlier entries kept). A controller with `--ca-dir DIR`
+    /// Revoke certificates of the issuing CA: every unexpired one of NODE recorded in
+    /// ca.issued.log (all that `tasman pki issue` and a controller with `--ca-dir DIR` issued,
+    /// renewals included) and NODE.pem in DIR; or the one with serial number HEX. Adds them to
+    /// the CA's revocation list and writes ca.crl.pem (signed by ca.key, CRL number one higher,
+    /// earlier entries kept). A controller with `--ca-dir DIR`
     /// sends it to its routers; otherwise copy it to every node's TLS directory. Nodes take it
     /// within their reload interval (10 s), refuse the certificate from then on and close the
     /// connections that presented it. Re-issue the node (a new key and serial) to let it back
@@ -75,7 +77,7 @@ pub enum PkiCommand {
         after_help = "Examples:\n  tasman pki revoke syd-edge-1 --reason key-compromise --dir pki\n  tasman pki revoke --serial 3f:a0:12:9c --dir pki\n  cp pki/ca.crl.pem /etc/tasman/tls/   # on every node"
     )]
     Revoke {
-        /// The node whose current certificate (NODE.pem) is revoked.
+        /// The node whose certificates (every unexpired one recorded, and NODE.pem) are revoked.
         #[arg(required_unless_present = "serial", conflicts_with = "serial")]
         node: Option<String>,
         /// The serial number (hex, `:` between bytes allowed) of the certificate to revoke.
@@ -104,6 +106,67 @@ fn parse_valid_for(s: &str) -> Result<std::time::Duration, String> {
     pki::Validity::for_duration(d)
         .map(|_| d)
         .map_err(|e| format!("--valid-for {s:?}: {e}"))
+}
+
+/// Says what `revoke` did (on stderr; the list's path is on stdout).
+fn report_revoked(r: &pki::Revoked, target: &pki::RevokeTarget, reason: pki::RevokeReason) {
+    let list = |serials: &[pki::Serial]| {
+        serials
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let whose = match target {
+        pki::RevokeTarget::Node(n) => format!(" of {n}"),
+        pki::RevokeTarget::Serial(_) => String::new(),
+    };
+    if r.unreadable > 0 {
+        eprintln!(
+            "warning: {} line(s) of {} could not be read and were skipped (a line cut short by \
+             a crash, or edited): check it for certificates of this node",
+            r.unreadable,
+            pki::ISSUED
+        );
+    }
+    if !r.other_ca.is_empty() {
+        eprintln!(
+            "warning: {} certificate(s){whose} signed by another CA of the bundle (a CA being \
+             rotated out) cannot go on the issuing CA's list: {}. They stay accepted until \
+             `tasman pki retire-ca` ends that CA",
+            r.other_ca.len(),
+            list(&r.other_ca)
+        );
+    }
+    if r.added.is_empty() {
+        eprintln!(
+            "already revoked: serial(s) {} (list number {}, {} revoked); nothing written",
+            list(&r.already),
+            r.number,
+            r.entries
+        );
+        return;
+    }
+    let also = if r.already.is_empty() {
+        String::new()
+    } else {
+        format!(" ({} already on it)", list(&r.already))
+    };
+    eprintln!(
+        "revoked {} certificate(s){whose} ({reason}): serial(s) {}{also}; list number {}, {} \
+         revoked. Next: a controller with --ca-dir on this directory sends {} to its routers \
+         (otherwise copy it to every node's TLS directory; nodes take it within 10 s){}",
+        r.added.len(),
+        list(&r.added),
+        r.number,
+        r.entries,
+        pki::CA_CRL,
+        match target {
+            pki::RevokeTarget::Node(n) =>
+                format!(", and re-issue {n} (`tasman pki issue {n}`) to let it back in"),
+            pki::RevokeTarget::Serial(_) => String::new(),
+        }
+    );
 }
 
 /// Says what went wrong; the exit code for it.
@@ -195,30 +258,7 @@ pub fn run(args: PkiArgs) -> ExitCode {
             match pki::revoke(&dir, &target, reason) {
                 Ok(r) => {
                     println!("{}", r.path.display());
-                    if r.already {
-                        eprintln!(
-                            "serial {} is already revoked (list number {}, {} revoked); nothing \
-                             written",
-                            r.serial, r.number, r.entries
-                        );
-                    } else {
-                        eprintln!(
-                            "revoked serial {} ({reason}): list number {}, {} revoked. Next: a \
-                             controller with --ca-dir on this directory sends {} to its routers \
-                             (otherwise copy it to every node's TLS directory; nodes take it \
-                             within 10 s){}",
-                            r.serial,
-                            r.number,
-                            r.entries,
-                            pki::CA_CRL,
-                            match &target {
-                                pki::RevokeTarget::Node(n) => format!(
-                                    ", and re-issue {n} (`tasman pki issue {n}`) to let it back in"
-                                ),
-                                pki::RevokeTarget::Serial(_) => String::new(),
-                            }
-                        );
-                    }
+                    report_revoked(&r, &target, reason);
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(&e),

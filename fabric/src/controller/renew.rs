@@ -135,9 +135,9 @@ impl NodeIssuer {
             Err(e) => return refuse(e.to_string()),
         };
         match ca.sign(node, validity, &key) {
-            Ok(chain_pem) => {
+            Ok(pki::Signed { chain_pem, serial }) => {
                 let not_after = humantime::format_rfc3339_seconds(validity.not_after);
-                tracing::info!(node, %not_after, "issued a renewed node certificate");
+                tracing::info!(node, %serial, %not_after, "issued a renewed node certificate");
                 ToRouter::Certificate { chain_pem }
             }
             Err(e) => refuse(format!("signing failed: {e}")),

@@ -79,6 +79,8 @@ pub enum PkiError {
     BadCrl { path: PathBuf, reason: String },
     #[error("invalid validity period: {0}")]
     BadValidity(String),
+    #[error("the certificate presented (serial {serial}) is revoked in {path}")]
+    Revoked { serial: Serial, path: PathBuf },
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
 }
@@ -681,6 +683,33 @@ impl CaSigner {
         validity: Validity,
         public_key: &impl PublicKeyData,
     ) -> Result<Signed, PkiError> {
+        self.sign_checked(name, validity, public_key, None)
+    }
+
+    /// [`CaSigner::sign`] for a renewal by the holder of the certificate with serial
+    /// `presented`: refused ([`PkiError::Revoked`]) when a list of the directory's [`CA_CRL`]
+    /// revokes it. Checked under the directory's [`LOCK`], with the record: a `revoke` either
+    /// came first (and this is refused) or reads the record after this certificate is in it.
+    /// (The lists the controller enforces at handshakes reach it at its next look at the file:
+    /// in between, the holder of a key just revoked could otherwise get a certificate no
+    /// revocation had seen.)
+    pub fn sign_renewal(
+        &self,
+        name: &str,
+        validity: Validity,
+        public_key: &impl PublicKeyData,
+        presented: &Serial,
+    ) -> Result<Signed, PkiError> {
+        self.sign_checked(name, validity, public_key, Some(presented))
+    }
+
+    fn sign_checked(
+        &self,
+        name: &str,
+        validity: Validity,
+        public_key: &impl PublicKeyData,
+        presented: Option<&Serial>,
+    ) -> Result<Signed, PkiError> {
         let params = node_params(name, validity)?;
         let serial = params
             .serial_number
@@ -697,6 +726,18 @@ impl CaSigner {
             ca: self.ca_id.clone(),
         };
         let _turn = lock_dir(&self.dir)?;
+        if let Some(presented) = presented {
+            let bundle = read_ca_bundle(&self.dir.join(CA_CERT))?;
+            if crls_in(&self.dir, &bundle)?
+                .iter()
+                .any(|c| c.revokes(presented))
+            {
+                return Err(PkiError::Revoked {
+                    serial: presented.clone(),
+                    path: self.dir.join(CA_CRL),
+                });
+            }
+        }
         append_issued(&self.dir, &record)?;
         Ok(Signed { chain_pem, serial })
     }
@@ -877,8 +918,14 @@ impl CaSigner {
         validity: Validity,
     ) -> Result<i64, String> {
         let key = KeyPair::generate().map_err(|e| e.to_string())?;
+        let presented = cert
+            .current()
+            .cert
+            .first()
+            .and_then(serial_of)
+            .ok_or("the certificate presented does not parse")?;
         let signed = self
-            .sign(cert.name(), validity, &key)
+            .sign_renewal(cert.name(), validity, &key, &presented)
             .map_err(|e| e.to_string())?;
         crate::tls::install(cert, &key, &signed.chain_pem)
     }
@@ -1710,6 +1757,28 @@ mod tests {
         assert!(!d.path().join("n2.pem").exists());
         let r = revoke(d.path(), &node("n2"), RevokeReason::Unspecified).unwrap();
         assert_eq!(r.added, [other]);
+    }
+
+    /// A renewal by the holder of a revoked certificate is refused, as soon as the list is in
+    /// the CA directory (the controller enforces it at handshakes only once it has read it), and
+    /// nothing is recorded; another certificate's holder still renews.
+    #[test]
+    fn a_renewal_for_a_revoked_certificate_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        init(d.path()).unwrap();
+        issue(d.path(), "n1").unwrap();
+        issue(d.path(), "n2").unwrap();
+        let (s1, s2) = (leaf_serial(d.path(), "n1"), leaf_serial(d.path(), "n2"));
+        let ca = CaSigner::load(d.path()).unwrap();
+        let key = KeyPair::generate().unwrap();
+        revoke(d.path(), &node("n1"), RevokeReason::KeyCompromise).unwrap();
+        let recorded = read_issued(d.path()).unwrap().0.len();
+        let e = ca.sign_renewal("n1", hours(1), &key, &s1).unwrap_err();
+        assert!(matches!(e, PkiError::Revoked { .. }), "{e}");
+        assert!(e.to_string().contains(&s1.to_string()), "{e}");
+        assert_eq!(read_issued(d.path()).unwrap().0.len(), recorded);
+        ca.sign_renewal("n2", hours(1), &key, &s2).unwrap();
+        assert_eq!(read_issued(d.path()).unwrap().0.len(), recorded + 1);
     }
 
     /// A record cut short by a crash (its certificate was never handed out) is skipped and

@@ -39,7 +39,7 @@ use router::tls;
 use topology::{Latency, NodeId, ServiceName};
 
 use super::live::{NeighbourSample, Sample};
-use super::renew::{NodeIssuer, RenewLimit};
+use super::renew::NodeIssuer;
 use super::{Controller, RouterSession, SessionEnd};
 
 /// The controller's certificate name.
@@ -222,7 +222,7 @@ async fn refuse(send: &mut quinn::SendStream, reason: String) -> ConnError {
 /// code and the reason.
 async fn connection(
     ctl: &Arc<Controller>,
-    issuer: &NodeIssuer,
+    issuer: &Arc<NodeIssuer>,
     conn: quinn::Connection,
     write_stall: Duration,
 ) -> Result<(), ConnError> {
@@ -256,7 +256,7 @@ async fn write(
 
 async fn handshake_and_session(
     ctl: &Arc<Controller>,
-    issuer: &NodeIssuer,
+    issuer: &Arc<NodeIssuer>,
     conn: &quinn::Connection,
     write_stall: Duration,
 ) -> Result<(), ConnError> {
@@ -290,6 +290,18 @@ async fn handshake_and_session(
     if !ctl.is_node(&node) {
         return Err(refuse(&mut send, format!("node {node} is not in the topology")).await);
     }
+    // The certificate the router presented: what a renewal on this session renews (it must be
+    // due, and not revoked). There is one: the name above came from it.
+    let Some(presented) = conn
+        .peer_identity()
+        .and_then(|any| {
+            any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .and_then(|chain| chain.first().cloned())
+    else {
+        return Err(refuse(&mut send, "no certificate presented".into()).await);
+    };
     let (rs, superseded) = ctl.router_session_start(&node);
     tracing::info!(
         node,
@@ -313,16 +325,18 @@ async fn handshake_and_session(
                 topology_version,
             },
         }),
-        res = session(ctl, issuer, &rs, crl, &mut send, &mut recv, write_stall) => res,
+        res = session(ctl, issuer, &rs, &presented, crl, &mut send, &mut recv, write_stall) => res,
     };
     ctl.router_session_end(&rs);
     res
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn session(
     ctl: &Arc<Controller>,
-    issuer: &NodeIssuer,
+    issuer: &Arc<NodeIssuer>,
     rs: &RouterSession,
+    presented: &rustls::pki_types::CertificateDer<'static>,
     takes_crl: bool,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
@@ -352,7 +366,6 @@ async fn session(
     let mut warned_rtt = false;
     let mut warned_rate = false;
     let mut budget = ReportBudget::new(Instant::now());
-    let mut renew_limit = RenewLimit::default();
     loop {
         if force_full || changed {
             changed = false;
@@ -444,7 +457,8 @@ async fn session(
                     }
                     FromRouter::Hello { .. } => {}
                     FromRouter::Renew { public_key } => {
-                        let reply = renew(ctl, issuer, node, &public_key, &mut renew_limit, Instant::now());
+                        // The name certified is the one this session authenticated.
+                        let reply = renew(ctl, issuer, node, public_key, presented, Instant::now()).await;
                         write(send, proto::encode(&reply)?, stall).await?;
                     }
                 }
@@ -461,12 +475,12 @@ async fn session(
 /// the one the session authenticated, and only while the topology in force has that node: a
 /// request that arrives as an apply removes it (its session is being ended) gets no
 /// certificate.
-fn renew(
+async fn renew(
     ctl: &Controller,
-    issuer: &NodeIssuer,
+    issuer: &Arc<NodeIssuer>,
     node: &str,
-    public_key: &[u8],
-    limit: &mut RenewLimit,
+    public_key: Vec<u8>,
+    presented: &rustls::pki_types::CertificateDer<'static>,
     now: Instant,
 ) -> ToRouter {
     if !ctl.is_node(node) {
@@ -474,7 +488,13 @@ fn renew(
         tracing::warn!(node, "certificate renewal refused: {reason}");
         return ToRouter::RenewRefused { reason };
     }
-    issuer.answer(node, public_key, limit, now)
+    // The answer takes the CA directory's lock and writes its record: off the async workers.
+    let (i, n, p) = (issuer.clone(), node.to_string(), presented.clone());
+    tokio::task::spawn_blocking(move || i.answer(&n, &public_key, &p, now))
+        .await
+        .unwrap_or_else(|e| ToRouter::RenewRefused {
+            reason: format!("renewal failed: {e}"),
+        })
 }
 
 /// The versions a session wrote and the router has not answered yet (at most
@@ -654,23 +674,38 @@ mod tests {
 
         let ca = tempfile::tempdir().unwrap();
         router::pki::init(ca.path()).unwrap();
-        let issuer = NodeIssuer::load(ca.path(), DEFAULT_VALIDITY).unwrap();
+        let issuer = Arc::new(NodeIssuer::load(ca.path(), DEFAULT_VALIDITY).unwrap());
         let state = tempfile::tempdir().unwrap();
         let store = Arc::new(crate::store::redb::RedbStore::open(state.path()).unwrap());
         let ctl = Controller::open(store, Some((&yaml("5ms"), "t.yaml"))).unwrap();
-        let ask = |node: &str| {
+        // What each node's session presented: a certificate due for renewal.
+        let presented = |node: &str| {
+            let now = std::time::SystemTime::now();
+            let due = router::pki::Validity::between(
+                now - std::time::Duration::from_secs(1000),
+                now + std::time::Duration::from_secs(300),
+            )
+            .unwrap();
+            router::pki::issue_with(ca.path(), node, due).unwrap();
+            router::tls::TlsIdentity::load(ca.path(), node)
+                .unwrap()
+                .chain[0]
+                .clone()
+        };
+        let ask = async |node: &str| {
             let key = rcgen::KeyPair::generate().unwrap();
-            let mut limit = RenewLimit::default();
+            let p = presented(node);
             renew(
                 &ctl,
                 &issuer,
                 node,
-                key.public_key_raw(),
-                &mut limit,
+                key.public_key_raw().to_vec(),
+                &p,
                 Instant::now(),
             )
+            .await
         };
-        assert!(matches!(ask("e"), ToRouter::Certificate { .. }));
+        assert!(matches!(ask("e").await, ToRouter::Certificate { .. }));
 
         ctl.apply(
             &yaml_without("5ms", &["e"]),
@@ -682,13 +717,13 @@ mod tests {
         )
         .await
         .unwrap();
-        match ask("e") {
+        match ask("e").await {
             ToRouter::RenewRefused { reason } => {
                 assert_eq!(reason, "node e is not in the topology")
             }
             other => panic!("expected a refusal, got {other:?}"),
         }
-        assert!(matches!(ask("t"), ToRouter::Certificate { .. }));
+        assert!(matches!(ask("t").await, ToRouter::Certificate { .. }));
     }
 
     #[test]

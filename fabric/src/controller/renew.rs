@@ -3,22 +3,39 @@
 //! A router whose certificate is due ([`router::pki::renew_at`]) sends `Renew` with the raw
 //! public key of a key it just made; the controller answers with a certificate over that key
 //! for the node its session authenticated (never a name the router states), signed by the
-//! fabric CA, valid for [`NodeIssuer`]'s lifetime, or with `RenewRefused` and why. A session
-//! gets at most one certificate per [`MIN_INTERVAL`] (requests in between are refused). With the
-//! CA, the controller renews its own certificate on the same schedule
+//! fabric CA, valid for [`NodeIssuer`]'s lifetime, or with `RenewRefused` and why. The
+//! certificate the session presented must be due for renewal ([`pki::renew_at`], with
+//! [`due_slack`]) and not revoked in the CA directory's list, so a stolen key renews no faster
+//! than its certificate's schedule and not at all once revoked; every certificate issued is
+//! recorded in the CA directory ([`pki::ISSUED`]), where `tasman pki revoke NODE` finds it. A
+//! node gets at most one answer per [`MIN_INTERVAL`], across its sessions (requests in between
+//! are refused). With the CA, the controller renews its own certificate on the same schedule
 //! ([`NodeIssuer::renew_own`]).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rustls::pki_types::CertificateDer;
 
 use router::control::proto::ToRouter;
 use router::pki::{self, CaSigner, RawP256PublicKey, Validity};
 use router::tls::{self, CertResolver, Renewal};
 use tokio::sync::watch;
 
-/// A session may ask for a certificate at most this often.
+/// A node may ask for a certificate at most this often (over all its sessions).
 pub const MIN_INTERVAL: Duration = Duration::from_secs(10);
+/// The most a renewal may come before the presented certificate is due ([`due_slack`]).
+pub const MAX_DUE_SLACK: Duration = Duration::from_secs(300);
+
+/// How early (seconds) a renewal of a certificate valid from `not_before` to `not_after` may
+/// come before [`pki::renew_at`]: a tenth of its lifetime, at most [`MAX_DUE_SLACK`] (clocks
+/// of the router and the controller disagree a little; a 24 h certificate may renew 5 minutes
+/// early, one of the shortest, 10 minutes and the 5 minutes of backdating, 90 s early).
+pub fn due_slack(not_before: i64, not_after: i64) -> i64 {
+    (not_after.saturating_sub(not_before) / 10).clamp(0, MAX_DUE_SLACK.as_secs() as i64)
+}
 /// How long an issued certificate is valid by default (Linkerd's workload certificates: 24 h).
 pub const DEFAULT_VALIDITY: Duration = Duration::from_secs(24 * 3600);
 /// The shortest validity `tasman controller --issue-valid-for` accepts.
@@ -36,6 +53,9 @@ pub struct NodeIssuer {
     /// What the controller trusts now ([`NodeIssuer::sign_within`]): the signing CA must stay in
     /// its bundle in force.
     trust: std::sync::OnceLock<Arc<CertResolver>>,
+    /// When each node last asked ([`MIN_INTERVAL`]): per node, not per session, so that
+    /// reconnecting does not reset it.
+    last_asked: Mutex<HashMap<String, Instant>>,
 }
 
 impl NodeIssuer {
@@ -47,6 +67,7 @@ impl NodeIssuer {
             ca_dir: None,
             crl: watch::Sender::new(None),
             trust: std::sync::OnceLock::new(),
+            last_asked: Mutex::default(),
         }
     }
 
@@ -60,6 +81,7 @@ impl NodeIssuer {
             ca_dir: Some(ca_dir.to_path_buf()),
             crl: watch::Sender::new(None),
             trust: std::sync::OnceLock::new(),
+            last_asked: Mutex::default(),
         })
     }
 
@@ -88,22 +110,23 @@ impl NodeIssuer {
         self.ca.as_ref().map(|c| c.ca_cert())
     }
 
-    /// The answer to a `Renew { public_key }` on `node`'s session at `now`, counting against
-    /// `limit` (every request it lets through does, answered or refused).
+    /// The answer to a `Renew { public_key }` on `node`'s session, which presented `presented`,
+    /// at `now` (the rate limit's clock: every request it lets through counts, answered or
+    /// refused). Blocking (the CA directory's lock, its list and the record's write).
     pub fn answer(
         &self,
         node: &str,
         public_key: &[u8],
-        limit: &mut RenewLimit,
+        presented: &CertificateDer<'_>,
         now: Instant,
     ) -> ToRouter {
         let refuse = |reason: String| {
             tracing::warn!(node, "certificate renewal refused: {reason}");
             ToRouter::RenewRefused { reason }
         };
-        if let Err(wait) = limit.take(now) {
+        if let Err(wait) = self.take_turn(node, now) {
             return refuse(format!(
-                "too soon: one renewal per {}s per session (ask again in {}s)",
+                "too soon: one renewal per {}s per node (ask again in {}s)",
                 MIN_INTERVAL.as_secs(),
                 wait.as_secs().max(1)
             ));
@@ -126,6 +149,27 @@ impl NodeIssuer {
         if let Some(why) = self.untrusted_ca() {
             return refuse(why);
         }
+        let (Some(serial), Ok(nb), Ok(na)) = (
+            pki::serial_of(presented),
+            tls::not_before(presented),
+            tls::not_after(presented),
+        ) else {
+            return refuse("the certificate this session presented does not parse".into());
+        };
+        // The router asks once its certificate is due: asked earlier, it is not the router's
+        // schedule, and a stolen key must not renew itself faster than that.
+        let due = pki::renew_at(nb, na);
+        let unix_now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        if unix_now + due_slack(nb, na) < due {
+            let at = UNIX_EPOCH + Duration::from_secs(due.max(0) as u64);
+            return refuse(format!(
+                "not due: the certificate presented (serial {serial}) is due for renewal at {} \
+                 (70 % of its lifetime), ask then",
+                humantime::format_rfc3339_seconds(at)
+            ));
+        }
         let key = match RawP256PublicKey::new(public_key) {
             Ok(k) => k,
             Err(e) => return refuse(e),
@@ -134,14 +178,28 @@ impl NodeIssuer {
             Ok(v) => v,
             Err(e) => return refuse(e.to_string()),
         };
-        match ca.sign(node, validity, &key) {
+        match ca.sign_renewal(node, validity, &key, &serial) {
             Ok(pki::Signed { chain_pem, serial }) => {
                 let not_after = humantime::format_rfc3339_seconds(validity.not_after);
                 tracing::info!(node, %serial, %not_after, "issued a renewed node certificate");
                 ToRouter::Certificate { chain_pem }
             }
+            Err(e @ pki::PkiError::Revoked { .. }) => refuse(e.to_string()),
             Err(e) => refuse(format!("signing failed: {e}")),
         }
+    }
+
+    /// Whether `node` may ask at `now` (and spends its turn); else how long until it may.
+    fn take_turn(&self, node: &str, now: Instant) -> Result<(), Duration> {
+        let mut last = self.last_asked.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = last.get(node) {
+            let since = now.saturating_duration_since(*t);
+            if since < MIN_INTERVAL {
+                return Err(MIN_INTERVAL - since);
+            }
+        }
+        last.insert(node.to_string(), now);
+        Ok(())
     }
 }
 
@@ -272,27 +330,6 @@ impl NodeIssuer {
     }
 }
 
-/// One session's renewal rate limit: a request at most every [`MIN_INTERVAL`].
-#[derive(Debug, Default)]
-pub struct RenewLimit {
-    last: Option<Instant>,
-}
-
-impl RenewLimit {
-    /// Whether a request at `now` is allowed (and spends the allowance); else how long until
-    /// the next one is.
-    pub fn take(&mut self, now: Instant) -> Result<(), Duration> {
-        if let Some(last) = self.last {
-            let since = now.saturating_duration_since(last);
-            if since < MIN_INTERVAL {
-                return Err(MIN_INTERVAL - since);
-            }
-        }
-        self.last = Some(now);
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,16 +355,43 @@ mod tests {
         }
     }
 
+    /// `node`'s certificate, issued from the CA in `dir` for `validity` (what its session
+    /// presented).
+    fn presented(dir: &Path, node: &str, validity: Validity) -> CertificateDer<'static> {
+        pki::issue_with(dir, node, validity).unwrap();
+        router::tls::TlsIdentity::load(dir, node).unwrap().chain[0].clone()
+    }
+
+    /// A validity due for renewal since 90 s (70 % of 1300 s), valid for 5 more minutes.
+    fn due_validity() -> Validity {
+        let now = SystemTime::now();
+        Validity::between(
+            now - Duration::from_secs(1000),
+            now + Duration::from_secs(300),
+        )
+        .unwrap()
+    }
+
+    /// `node`'s certificate from `dir`'s CA, due for renewal.
+    fn due(dir: &Path, node: &str) -> CertificateDer<'static> {
+        presented(dir, node, due_validity())
+    }
+
+    fn is_certificate(m: &ToRouter) -> bool {
+        matches!(m, ToRouter::Certificate { .. })
+    }
+
     #[test]
     fn a_good_key_gets_a_certificate_for_the_session_node() {
-        let (_d, i) = issuer();
-        let mut limit = RenewLimit::default();
-        let ToRouter::Certificate { chain_pem } =
-            i.answer("edge-1", &raw_key(), &mut limit, Instant::now())
-        else {
+        let (d, i) = issuer();
+        let ToRouter::Certificate { chain_pem } = i.answer(
+            "edge-1",
+            &raw_key(),
+            &due(d.path(), "edge-1"),
+            Instant::now(),
+        ) else {
             panic!("expected a certificate");
         };
-        use rustls::pki_types::CertificateDer;
         use rustls::pki_types::pem::PemObject;
         let leaf = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
             .next()
@@ -339,6 +403,13 @@ mod tests {
         let life = router::tls::not_after(&leaf).unwrap() - router::tls::not_before(&leaf).unwrap();
         // 24 h, plus the 5 minutes a new certificate is backdated.
         assert_eq!(life, 24 * 3600 + 300);
+        // Recorded in the CA directory, where `tasman pki revoke edge-1` finds it.
+        let (records, _) = pki::read_issued(d.path()).unwrap();
+        let last = records.last().unwrap();
+        assert_eq!(
+            (last.node.as_str(), Some(&last.serial)),
+            ("edge-1", pki::serial_of(&leaf).as_ref())
+        );
     }
 
     /// A controller not restarted after `retire-ca` removed its signing CA from the bundle in
@@ -353,12 +424,9 @@ mod tests {
             CertResolver::new(&router::tls::TlsIdentity::load(d.path(), "controller").unwrap())
                 .unwrap();
         i.sign_within(cert.clone());
-        let mut limit = RenewLimit::default();
         let now = Instant::now();
-        assert!(matches!(
-            i.answer("edge-1", &raw_key(), &mut limit, now),
-            ToRouter::Certificate { .. }
-        ));
+        let edge = due(d.path(), "edge-1");
+        assert!(is_certificate(&i.answer("edge-1", &raw_key(), &edge, now)));
         // The rotation goes on without this controller being restarted: the new CA signs the
         // controller's certificate, and the old one (this controller's signing CA) is retired.
         pki::rotate_ca(d.path()).unwrap();
@@ -369,7 +437,7 @@ mod tests {
         let _ = cert.reload_tick();
         assert_eq!(cert.trusted().len(), 1, "the pruned bundle is in force");
         let later = now + MIN_INTERVAL;
-        let why = refused(&i.answer("edge-1", &raw_key(), &mut limit, later)).to_string();
+        let why = refused(&i.answer("edge-1", &raw_key(), &edge, later)).to_string();
         assert!(why.contains("no longer in its trust bundle"), "{why}");
         assert!(i.renew_own_now(&cert).unwrap_err().contains("restart it"));
     }
@@ -378,7 +446,6 @@ mod tests {
     /// leaf and the new (issuing) CA only: what trusts the bundle, or just the new CA, accepts it.
     #[test]
     fn a_rotated_ca_answers_with_the_leaf_and_the_issuing_ca_only() {
-        use rustls::pki_types::CertificateDer;
         use rustls::pki_types::pem::PemObject;
         let d = tempfile::tempdir().unwrap();
         pki::init(d.path()).unwrap();
@@ -386,10 +453,12 @@ mod tests {
         let bundle = pki::read_ca_bundle(&d.path().join(pki::CA_CERT)).unwrap();
         let i = NodeIssuer::load(d.path(), DEFAULT_VALIDITY).unwrap();
         assert_eq!(i.ca_cert(), Some(&bundle[0].der));
-        let mut limit = RenewLimit::default();
-        let ToRouter::Certificate { chain_pem } =
-            i.answer("edge-1", &raw_key(), &mut limit, Instant::now())
-        else {
+        let ToRouter::Certificate { chain_pem } = i.answer(
+            "edge-1",
+            &raw_key(),
+            &due(d.path(), "edge-1"),
+            Instant::now(),
+        ) else {
             panic!("expected a certificate");
         };
         let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
@@ -401,7 +470,6 @@ mod tests {
 
     /// The leaf's serial of an answer.
     fn serial_of(m: &ToRouter) -> pki::Serial {
-        use rustls::pki_types::CertificateDer;
         use rustls::pki_types::pem::PemObject;
         let ToRouter::Certificate { chain_pem } = m else {
             panic!("expected a certificate, got {m:?}");
@@ -417,13 +485,13 @@ mod tests {
     /// get certificates with different serials: revoking one does not revoke the other.
     #[test]
     fn two_renewals_with_one_key_get_different_serials() {
-        let (_d, i) = issuer();
+        let (d, i) = issuer();
         let key = raw_key();
         let t0 = Instant::now();
-        let mut limit = RenewLimit::default();
-        let a = serial_of(&i.answer("edge-1", &key, &mut limit, t0));
-        let b = serial_of(&i.answer("edge-1", &key, &mut limit, t0 + MIN_INTERVAL));
-        let c = serial_of(&i.answer("edge-2", &key, &mut RenewLimit::default(), t0));
+        let (e1, e2) = (due(d.path(), "edge-1"), due(d.path(), "edge-2"));
+        let a = serial_of(&i.answer("edge-1", &key, &e1, t0));
+        let b = serial_of(&i.answer("edge-1", &key, &e1, t0 + MIN_INTERVAL));
+        let c = serial_of(&i.answer("edge-2", &key, &e2, t0));
         assert!(a != b && b != c && a != c, "{a} {b} {c}");
     }
 
@@ -431,55 +499,104 @@ mod tests {
     /// reserved) gets no certificate: it would be a controller identity to every router.
     #[test]
     fn no_certificate_is_signed_for_the_controllers_name() {
-        let (_d, i) = issuer();
-        let mut limit = RenewLimit::default();
-        let m = i.answer("controller", &raw_key(), &mut limit, Instant::now());
+        let (d, i) = issuer();
+        let m = i.answer(
+            "controller",
+            &raw_key(),
+            &due(d.path(), "controller"),
+            Instant::now(),
+        );
         assert!(refused(&m).contains("reserved"), "{m:?}");
+    }
+
+    /// A renewal asked before the presented certificate is due (70 % of its lifetime, with a
+    /// tenth of it, at most 5 minutes, of slack) is refused: a stolen key renews no faster
+    /// than the legitimate schedule (a fresh 24 h certificate was renewed at once, again and
+    /// again). Once due, it is answered.
+    #[test]
+    fn a_renewal_before_the_presented_certificate_is_due_is_refused() {
+        let (d, i) = issuer();
+        let t0 = Instant::now();
+        let fresh = presented(
+            d.path(),
+            "edge-1",
+            Validity::for_duration(DEFAULT_VALIDITY).unwrap(),
+        );
+        let m = i.answer("edge-1", &raw_key(), &fresh, t0);
+        assert!(refused(&m).contains("not due"), "{m:?}");
+        // Due in 4 minutes, within the 5 minutes of slack of a 24 h certificate: answered.
+        let now = SystemTime::now();
+        let day = Duration::from_secs(86_400);
+        let soon = Validity::between(
+            now - day * 7 / 10 + Duration::from_secs(240),
+            now + day * 3 / 10 + Duration::from_secs(240),
+        )
+        .unwrap();
+        let soon = presented(d.path(), "edge-2", soon);
+        assert!(is_certificate(&i.answer("edge-2", &raw_key(), &soon, t0)));
+        // Due in 10 minutes: refused.
+        let later = Validity::between(
+            now - day * 7 / 10 + Duration::from_secs(600),
+            now + day * 3 / 10 + Duration::from_secs(600),
+        )
+        .unwrap();
+        let later = presented(d.path(), "edge-3", later);
+        let m = i.answer("edge-3", &raw_key(), &later, t0);
+        assert!(refused(&m).contains("not due"), "{m:?}");
+        assert_eq!(due_slack(0, 86_400), 300);
+        assert_eq!(due_slack(0, 900), 90);
+    }
+
+    /// The holder of a certificate revoked in the CA directory's list gets no renewal, even
+    /// before the controller has read the list (it enforces it at handshakes only then).
+    #[test]
+    fn a_renewal_for_a_revoked_certificate_is_refused() {
+        let (d, i) = issuer();
+        let edge = due(d.path(), "edge-1");
+        let serial = pki::serial_of(&edge).unwrap();
+        let revoke = pki::RevokeTarget::Serial(serial.clone());
+        pki::revoke(d.path(), &revoke, pki::RevokeReason::KeyCompromise).unwrap();
+        let m = i.answer("edge-1", &raw_key(), &edge, Instant::now());
+        let why = refused(&m);
+        assert!(
+            why.contains("revoked") && why.contains(&serial.to_string()),
+            "{why}"
+        );
     }
 
     #[test]
     fn bad_public_key_bytes_are_refused_not_signed() {
-        let (_d, i) = issuer();
+        let (d, i) = issuer();
         let now = Instant::now();
         let good = raw_key();
         let mut compressed = good.clone();
         compressed[0] = 0x03;
+        let edge = due(d.path(), "edge-1");
         for (n, bad) in [vec![], vec![0x04; 64], vec![0x04; 66], compressed]
             .into_iter()
             .enumerate()
         {
-            // A fresh session each time: the rate limit is not what refuses these.
-            let mut limit = RenewLimit::default();
-            let m = i.answer("edge-1", &bad, &mut limit, now + MIN_INTERVAL * n as u32);
+            // Each past the rate limit: it is not what refuses these.
+            let m = i.answer("edge-1", &bad, &edge, now + MIN_INTERVAL * n as u32);
             assert!(refused(&m).contains("public key"), "{m:?}");
         }
     }
 
+    /// One answer per node per 10 s, whichever session asks: a node reconnecting does not get
+    /// a new allowance (it did, per session). Another node has its own.
     #[test]
-    fn one_renewal_per_session_per_10s() {
-        let (_d, i) = issuer();
-        let mut limit = RenewLimit::default();
+    fn one_renewal_per_node_per_10s_across_sessions() {
+        let (d, i) = issuer();
         let t0 = Instant::now();
-        let ok = |m: &ToRouter| matches!(m, ToRouter::Certificate { .. });
-        assert!(ok(&i.answer("n", &raw_key(), &mut limit, t0)));
-        let m = i.answer("n", &raw_key(), &mut limit, t0 + Duration::from_secs(9));
-        assert!(refused(&m).contains("too soon"), "{m:?}");
-        assert!(ok(&i.answer(
-            "n",
-            &raw_key(),
-            &mut limit,
-            t0 + Duration::from_secs(10)
-        )));
-        let m = i.answer("n", &raw_key(), &mut limit, t0 + Duration::from_secs(19));
-        assert!(refused(&m).contains("too soon"), "{m:?}");
-        // Another session has its own allowance.
-        let mut other = RenewLimit::default();
-        assert!(ok(&i.answer(
-            "m",
-            &raw_key(),
-            &mut other,
-            t0 + Duration::from_secs(19)
-        )));
+        let (n, m) = (due(d.path(), "n"), due(d.path(), "m"));
+        assert!(is_certificate(&i.answer("n", &raw_key(), &n, t0)));
+        // The same node, a session later (as after a reconnect).
+        let r = i.answer("n", &raw_key(), &n, t0 + S(9));
+        assert!(refused(&r).contains("too soon"), "{r:?}");
+        assert!(is_certificate(&i.answer("n", &raw_key(), &n, t0 + S(10))));
+        let r = i.answer("n", &raw_key(), &n, t0 + S(19));
+        assert!(refused(&r).contains("too soon"), "{r:?}");
+        assert!(is_certificate(&i.answer("m", &raw_key(), &m, t0 + S(19))));
     }
 
     const S: fn(u64) -> Duration = Duration::from_secs;
@@ -606,8 +723,9 @@ mod tests {
     #[test]
     fn without_a_ca_every_request_is_refused_with_the_reason() {
         let i = NodeIssuer::disabled();
-        let mut limit = RenewLimit::default();
-        let m = i.answer("n", &raw_key(), &mut limit, Instant::now());
+        let d = tempfile::tempdir().unwrap();
+        pki::init(d.path()).unwrap();
+        let m = i.answer("n", &raw_key(), &due(d.path(), "n"), Instant::now());
         assert!(refused(&m).contains("--ca-dir"), "{m:?}");
     }
 

@@ -593,9 +593,9 @@ async fn the_admin_api_answers_a_late_or_oversized_body_with_a_json_error() {
 
     // A body over the limit, written while the answer is read, to the daemon's own listener
     // (its body-read timeout is 30 s; a loaded machine may take more than the 500 ms above to
-    // send 32 MiB). The write half stays open (the task returns it) while the answer is read,
-    // as a client waiting for it keeps it (a half-close would not lose the answer either: the
-    // server allows half-closed connections, see router::http_serve).
+    // send 32 MiB). The write half stays open (the task returns it): shut down once the body
+    // was written, the connection was closed without an answer (hyper's server does not
+    // support half-closed connections by default).
     let len = fabric::admin::MAX_BODY + 1;
     let (mut rx, mut tx) = tokio::net::TcpStream::connect(d.admin_addr)
         .await

@@ -49,38 +49,15 @@ fn entries(dir: &Path) -> Vec<String> {
 fn ctrl_c_during_the_tour_stops_the_fabric_and_removes_its_directory() {
     let _one = one_demo_at_a_time();
     let tmp = tempfile::tempdir().expect("temporary directory");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tasman"))
-        .args(["demo", "--quick", "--ephemeral-ports"])
-        .env("TMPDIR", tmp.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("run tasman demo");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut out = String::new();
-    let deadline = Instant::now() + Duration::from_secs(150);
-    let mut touring = false;
-    while !touring && Instant::now() < deadline {
-        match rx.recv_timeout(Duration::from_secs(1)) {
-            Ok(line) => {
-                // Printed once the fabric runs, before the first request.
-                touring = line.starts_with("Requests:");
-                out.push_str(&line);
-                out.push('\n');
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-        }
-    }
+    let mut demo = Demo::start(&["--quick", "--ephemeral-ports"], Some(tmp.path()));
+    // Printed once the fabric runs, before the first request.
+    let touring = demo.read_until("Requests:");
+    let Demo {
+        mut child,
+        rx,
+        reader,
+        mut out,
+    } = demo;
     assert!(touring, "the tour did not start:\n{out}");
     // The demo keeps its PKI and state under TMPDIR.
     let during = entries(tmp.path());
@@ -108,6 +85,67 @@ fn ctrl_c_during_the_tour_stops_the_fabric_and_removes_its_directory() {
     assert_eq!(status.code(), Some(1), "{status:?}\n{out}");
     assert!(out.contains("Demo interrupted."), "{out}");
     eprintln!("exited {:?} after Ctrl-C", signalled.elapsed());
+}
+
+/// A `tasman demo` running, its stdout read line by line on a thread.
+struct Demo {
+    child: Child,
+    rx: mpsc::Receiver<String>,
+    reader: std::thread::JoinHandle<()>,
+    /// What it printed so far.
+    out: String,
+}
+
+impl Demo {
+    /// Starts `tasman demo ARGS` (with `TMPDIR` set when given), stderr inherited.
+    fn start(args: &[&str], tmpdir: Option<&Path>) -> Demo {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tasman"));
+        cmd.arg("demo").args(args);
+        if let Some(dir) = tmpdir {
+            cmd.env("TMPDIR", dir);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("run tasman demo");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Demo {
+            child,
+            rx,
+            reader,
+            out: String::new(),
+        }
+    }
+
+    /// Reads lines until one starts with `prefix` (true), the output ends or 150 s pass.
+    fn read_until(&mut self, prefix: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(150);
+        while Instant::now() < deadline {
+            match self.rx.recv_timeout(Duration::from_secs(1)) {
+                Ok(line) => {
+                    let found = line.starts_with(prefix);
+                    self.out.push_str(&line);
+                    self.out.push('\n');
+                    if found {
+                        return true;
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return false,
+            }
+        }
+        false
+    }
 }
 
 /// Runs `tasman demo ARGS`; returns its exit status (None: killed at `within`), stdout and
@@ -194,36 +232,14 @@ fn a_fail_site_that_would_show_no_failover_is_refused() {
 /// whether it exited 0, and the status output.
 fn run_demo_keep() -> (String, bool, String) {
     let _one = one_demo_at_a_time();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tasman"))
-        .args(["demo", "--quick", "--ephemeral-ports", "--keep"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("run tasman demo");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut out = String::new();
-    let deadline = Instant::now() + Duration::from_secs(150);
-    let mut up = false;
-    while !up && Instant::now() < deadline {
-        match rx.recv_timeout(Duration::from_secs(1)) {
-            Ok(line) => {
-                up = line.starts_with("The fabric is up");
-                out.push_str(&line);
-                out.push('\n');
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-        }
-    }
+    let mut demo = Demo::start(&["--quick", "--ephemeral-ports", "--keep"], None);
+    let up = demo.read_until("The fabric is up");
+    let Demo {
+        mut child,
+        rx,
+        reader,
+        mut out,
+    } = demo;
     let mut status = String::new();
     if up {
         // The admin address and token, as printed for the operator.

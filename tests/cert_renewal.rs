@@ -7,7 +7,7 @@
 mod controller_common;
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -636,15 +636,7 @@ async fn revocation_lists_reach_routers_through_the_controller() {
     })
     .await
     .expect("controller starts");
-    let own = dir.path().join("router-tls");
-    std::fs::create_dir_all(&own).unwrap();
-    for f in [
-        pki::CA_CERT.to_string(),
-        format!("{NODE}.pem"),
-        format!("{NODE}.key"),
-    ] {
-        std::fs::copy(ca.join(&f), own.join(&f)).unwrap();
-    }
+    let own = own_tls_dir(&ca, &dir.path().join("router-tls"));
     let (r, cert) = start_router(&d, &own).await;
     // In force, and saved in the router's directory (written just after it is adopted).
     let took = |n: u64| {
@@ -705,15 +697,7 @@ async fn revoking_a_node_revokes_the_certificate_it_renewed() {
     })
     .await
     .expect("controller starts");
-    let own = dir.path().join("router-tls");
-    std::fs::create_dir_all(&own).unwrap();
-    for f in [
-        pki::CA_CERT.to_string(),
-        format!("{NODE}.pem"),
-        format!("{NODE}.key"),
-    ] {
-        std::fs::copy(ca.join(&f), own.join(&f)).unwrap();
-    }
+    let own = own_tls_dir(&ca, &dir.path().join("router-tls"));
     let (r, cert) = start_router(&d, &own).await;
     eventually(
         Duration::from_secs(40),
@@ -798,4 +782,18 @@ async fn revoking_a_node_revokes_the_certificate_it_renewed() {
         other => panic!("expected a close with the certificate_revoked alert, got {other}"),
     }
     d.shutdown().await;
+}
+
+/// A TLS directory of the router's own at `own`: the CA bundle and `NODE`'s pair copied from the
+/// CA directory `ca` (so that what the router installs is not the CA directory's files).
+fn own_tls_dir(ca: &Path, own: &Path) -> PathBuf {
+    std::fs::create_dir_all(own).unwrap();
+    for f in [
+        pki::CA_CERT.to_string(),
+        format!("{NODE}.pem"),
+        format!("{NODE}.key"),
+    ] {
+        std::fs::copy(ca.join(&f), own.join(&f)).unwrap();
+    }
+    own.to_path_buf()
 }

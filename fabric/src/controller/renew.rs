@@ -111,8 +111,8 @@ impl NodeIssuer {
     }
 
     /// The answer to a `Renew { public_key }` on `node`'s session, which presented `presented`,
-    /// at `now` (the rate limit's clock: every request it lets through counts, answered or
-    /// refused). Blocking (the CA directory's lock, its list and the record's write).
+    /// at `now` (the rate limit's clock: every request that passes the checks before it counts,
+    /// answered or refused after). Blocking (the CA directory's lock, its list and the record's write).
     pub fn answer(
         &self,
         node: &str,
@@ -124,13 +124,6 @@ impl NodeIssuer {
             tracing::warn!(node, "certificate renewal refused: {reason}");
             ToRouter::RenewRefused { reason }
         };
-        if let Err(wait) = self.take_turn(node, now) {
-            return refuse(format!(
-                "too soon: one renewal per {}s per node (ask again in {}s)",
-                MIN_INTERVAL.as_secs(),
-                wait.as_secs().max(1)
-            ));
-        }
         if node.eq_ignore_ascii_case(router::control::client::CONTROLLER_NAME) {
             // Only a stored topology from before the rule that reserves the id can have such a
             // node: its certificate would be a controller identity to every router.
@@ -168,6 +161,16 @@ impl NodeIssuer {
                 "not due: the certificate presented (serial {serial}) is due for renewal at {} \
                  (70 % of its lifetime), ask then",
                 humantime::format_rfc3339_seconds(at)
+            ));
+        }
+        // The node's turn is spent only by a request that got this far: one refused above (not
+        // due, reserved name, no CA) costs nothing, so a stolen key asking early cannot spend the
+        // real router's turn.
+        if let Err(wait) = self.take_turn(node, now) {
+            return refuse(format!(
+                "too soon: one renewal per {}s per node (ask again in {}s)",
+                MIN_INTERVAL.as_secs(),
+                wait.as_secs().max(1)
             ));
         }
         let key = match RawP256PublicKey::new(public_key) {
@@ -597,6 +600,19 @@ mod tests {
         let r = i.answer("n", &raw_key(), &n, t0 + S(19));
         assert!(refused(&r).contains("too soon"), "{r:?}");
         assert!(is_certificate(&i.answer("m", &raw_key(), &m, t0 + S(19))));
+    }
+
+    /// A request refused as not due (a stolen key asking early) does not spend the node's
+    /// turn: the real router, due, renews right after it.
+    #[test]
+    fn a_refused_early_request_does_not_spend_the_nodes_turn() {
+        let (d, i) = issuer();
+        let t0 = Instant::now();
+        let early = presented(d.path(), "n", Validity::for_duration(S(86_400)).unwrap());
+        let r = i.answer("n", &raw_key(), &early, t0);
+        assert!(refused(&r).contains("not due"), "{r:?}");
+        let n = due(d.path(), "n");
+        assert!(is_certificate(&i.answer("n", &raw_key(), &n, t0 + S(1))));
     }
 
     const S: fn(u64) -> Duration = Duration::from_secs;

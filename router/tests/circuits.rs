@@ -15,7 +15,7 @@ use topology::{Bandwidth, NodeId, ServiceName, Topology};
 use common::traffic::{assert_refused, blast, connect_from, sink_backend, steady_mbps};
 use common::{
     addressed, ca_dir, echo_backend, free_tcp_port, line_topology, metric, serve, spawn_all,
-    spawn_node, wait_until,
+    spawn_node, wait_for_route, wait_until,
 };
 
 fn topo(backend: SocketAddr, port: u16) -> Topology {
@@ -309,10 +309,11 @@ async fn a_services_clients_list_admits_only_its_prefixes() {
         |_, _| {},
     )
     .await;
-    wait_until(
+    wait_for_route(
+        &hs[0],
+        "llm",
         Duration::from_secs(10),
-        || hs[0].routes().preferred("llm").is_some(),
-        || "edge never got a route".into(),
+        "edge never got a route",
     )
     .await;
     let listener = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
@@ -338,6 +339,8 @@ async fn a_services_clients_list_admits_only_its_prefixes() {
         || format!("refusal not counted: {}", hs[0].metrics_text()),
     )
     .await;
+    // Closed first: the shutdowns below drain what is still open.
+    drop(ok);
     for h in hs {
         h.shutdown().await;
     }

@@ -179,24 +179,37 @@ fn canonical_sock(a: SocketAddr) -> SocketAddr {
     SocketAddr::new(canonical(a.ip()), a.port())
 }
 
-/// Listeners on this edge's circuit VIPs, kept in step with the circuit table. A VIP that
-/// cannot be bound here (not a local address) is logged and left to transparent mode
-/// (iptables REDIRECT to the transparent port classifies by original destination the same way).
+/// Listeners on this edge's circuit VIPs, kept in step with the circuit table (at each snapshot
+/// and each tick of the control task). A VIP that cannot be bound here (not a local address) is
+/// logged once and left to transparent mode (iptables REDIRECT to the transparent port
+/// classifies by original destination the same way); it is tried again at each sync, so a VIP
+/// whose port was held by a listener being closed is bound a second later.
 #[derive(Default)]
 pub struct VipListeners {
-    bound: Mutex<HashMap<SocketAddr, AbortHandle>>,
+    bound: Mutex<VipState>,
+}
+
+#[derive(Default)]
+struct VipState {
+    bound: HashMap<SocketAddr, AbortHandle>,
+    /// VIPs that could not be bound, with the last error's kind (logged once per kind).
+    failed: HashMap<SocketAddr, std::io::ErrorKind>,
 }
 
 impl VipListeners {
-    /// Binds listeners for new VIPs and closes those no longer wanted. `spawn` starts the
-    /// accept loop for a bound listener (the edge's, with the VIP's service).
+    /// Binds listeners for new VIPs and closes those no longer wanted. A VIP that `covered`
+    /// says a client listener already serves (a wildcard address on its port) is not bound.
+    /// `spawn` starts the accept loop for a bound listener (the edge's, with the VIP's service).
     pub fn sync(
         &self,
         table: &CircuitTable,
+        covered: impl Fn(SocketAddr) -> bool,
         spawn: impl Fn(TcpListener, ServiceName) -> AbortHandle,
     ) {
-        let want: HashMap<SocketAddr, &ServiceName> = table.vips().collect();
-        let mut bound = self.bound.lock().unwrap_or_else(|p| p.into_inner());
+        let want: HashMap<SocketAddr, &ServiceName> =
+            table.vips().filter(|(addr, _)| !covered(*addr)).collect();
+        let mut st = self.bound.lock().unwrap_or_else(|p| p.into_inner());
+        let VipState { bound, failed } = &mut *st;
         bound.retain(|addr, h| {
             let keep = want.contains_key(addr);
             if !keep {
@@ -204,6 +217,7 @@ impl VipListeners {
             }
             keep
         });
+        failed.retain(|addr, _| want.contains_key(addr));
         for (addr, service) in want {
             if bound.contains_key(&addr) {
                 continue;
@@ -211,10 +225,13 @@ impl VipListeners {
             match bind(addr) {
                 Ok(l) => {
                     tracing::info!(%addr, %service, "circuit VIP listener");
+                    failed.remove(&addr);
                     bound.insert(addr, spawn(l, service.clone()));
                 }
                 Err(e) => {
-                    tracing::warn!(%addr, error = %e, "cannot bind circuit VIP (transparent mode still works)")
+                    if failed.insert(addr, e.kind()) != Some(e.kind()) {
+                        tracing::warn!(%addr, error = %e, "cannot bind circuit VIP (transparent mode still works; tried again every second)")
+                    }
                 }
             }
         }
@@ -222,10 +239,11 @@ impl VipListeners {
 
     /// Closes every VIP listener (router shutdown).
     pub fn close_all(&self) {
-        let mut bound = self.bound.lock().unwrap_or_else(|p| p.into_inner());
-        for (_, h) in bound.drain() {
+        let mut st = self.bound.lock().unwrap_or_else(|p| p.into_inner());
+        for (_, h) in st.bound.drain() {
             h.abort();
         }
+        st.failed.clear();
     }
 }
 

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
+use arc_swap::ArcSwapOption;
 use bytes::{Bytes, BytesMut};
 use quinn::{ReadError, RecvStream, SendStream, WriteError};
 use tokio::net::{TcpListener, TcpStream};
@@ -29,10 +30,21 @@ use crate::{RouterError, Shared};
 
 /// The edge's client listeners: one per service port on the client address, plus the
 /// transparent port. Kept in step with each snapshot (a new service port is bound, a removed one
-/// closed; established connections are not touched).
+/// closed; established connections are not touched) and retried on the control task's tick.
+///
+/// An address that stays wanted keeps its socket, even when the snapshot gives it to another
+/// service (or makes it the transparent port): the accept loop reads its service per connection.
+/// Closing a listener is asynchronous (its task drops the socket when it next runs), so a bind
+/// that needs a socket just closed (a changed client address on the same port) can fail with
+/// `AddrInUse`: a wanted address that could not be bound is tried again at every
+/// [`Listeners::sync`], which the control task calls every second, and counted in
+/// `tasman_edge_listeners_unbound` meanwhile.
 #[derive(Default)]
 pub(crate) struct Listeners {
-    open: HashMap<SocketAddr, (Option<ServiceName>, AbortHandle)>,
+    open: HashMap<SocketAddr, (Arc<ArcSwapOption<ServiceName>>, AbortHandle)>,
+    /// Wanted addresses that could not be bound, with the last error's kind (logged once per
+    /// kind, not at every retry).
+    failed: HashMap<SocketAddr, std::io::ErrorKind>,
 }
 
 impl Drop for Listeners {
@@ -65,13 +77,20 @@ impl Listeners {
                 want.insert(SocketAddr::new(ip, port), None);
             }
         }
-        self.open.retain(|addr, (svc, h)| {
-            let keep = want.get(addr) == Some(svc);
-            if !keep {
-                h.abort();
+        self.open.retain(|addr, (svc, h)| match want.get(addr) {
+            Some(wanted) => {
+                if svc.load().as_deref() != wanted.as_ref() {
+                    tracing::info!(node = %shared.node, %addr, service = ?wanted, "listener now serves another service");
+                    svc.store(wanted.clone().map(Arc::new));
+                }
+                true
             }
-            keep
+            None => {
+                h.abort();
+                false
+            }
         });
+        self.failed.retain(|addr, _| want.contains_key(addr));
         let mut first_err = None;
         for (addr, svc) in want {
             if self.open.contains_key(&addr) {
@@ -85,17 +104,42 @@ impl Listeners {
                         }
                         None => tracing::info!(node = %shared.node, %addr, "transparent listener"),
                     }
+                    self.failed.remove(&addr);
+                    let svc = Arc::new(ArcSwapOption::new(svc.map(Arc::new)));
                     let h =
                         tokio::spawn(accept_loop(shared.clone(), l, svc.clone())).abort_handle();
                     self.open.insert(addr, (svc, h));
                 }
                 Err(source) => {
-                    tracing::error!(node = %shared.node, %addr, error = %source, "cannot bind listener");
+                    if self.failed.insert(addr, source.kind()) != Some(source.kind()) {
+                        tracing::error!(node = %shared.node, %addr, error = %source, "cannot bind listener (tried again every second)");
+                    }
                     first_err.get_or_insert(RouterError::Bind { addr, source });
                 }
             }
         }
+        shared
+            .metrics
+            .listeners_unbound
+            .store(self.failed.len() as u64, Relaxed);
         first_err.map_or(Ok(()), Err)
+    }
+
+    /// Ports on which a listener bound to the unspecified address accepts every local address
+    /// of `v4` (or IPv6) family: a circuit VIP on such a port is already served (its bind would
+    /// fail with `AddrInUse`). A `::` listener takes IPv4 too (dual stack, as bound here).
+    pub fn covers(&self, vip: SocketAddr) -> bool {
+        self.open.keys().any(|a| {
+            a.port() == vip.port() && a.ip().is_unspecified() && (a.is_ipv6() || vip.is_ipv4())
+        })
+    }
+
+    /// Closes every listener (the router drains).
+    pub fn close_all(&mut self) {
+        for (_, (_, h)) in self.open.drain() {
+            h.abort();
+        }
+        self.failed.clear();
     }
 }
 
@@ -115,10 +159,9 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     sock.listen(BACKLOG)
 }
 
-/// Rebuilds this edge's circuit table from a new snapshot (limiters carried over) and, when
-/// `bind` (the router is not draining), keeps the circuit VIP listeners in step. Control path;
-/// called on every snapshot.
-pub(crate) fn apply_circuits(shared: &Arc<Shared>, snap: &crate::Snapshot, bind: bool) {
+/// Rebuilds this edge's circuit table from a new snapshot (limiters carried over). Control
+/// path; called on every snapshot, before [`bind_vips`].
+pub(crate) fn apply_circuits(shared: &Arc<Shared>, snap: &crate::Snapshot) {
     let is_edge = snap
         .topology
         .node(shared.node.as_str())
@@ -128,16 +171,29 @@ pub(crate) fn apply_circuits(shared: &Arc<Shared>, snap: &crate::Snapshot, bind:
     } else {
         CircuitTable::default()
     };
-    let table = Arc::new(table);
-    shared.circuits.store(table.clone());
-    if bind {
-        shared.vip_listeners.sync(&table, |l, service| {
-            tokio::spawn(accept_loop(shared.clone(), l, Some(service))).abort_handle()
-        });
-    }
+    shared.circuits.store(Arc::new(table));
 }
 
-async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, service: Option<ServiceName>) {
+/// Keeps the circuit VIP listeners in step with the circuit table, after the client listeners
+/// (`listeners`): a VIP on the port of a wildcard client listener is served by it and not bound
+/// (bound first, it would take the port from the wildcard listener).
+pub(crate) fn bind_vips(shared: &Arc<Shared>, listeners: &Listeners) {
+    let table = shared.circuits.load_full();
+    shared.vip_listeners.sync(
+        &table,
+        |vip| listeners.covers(vip),
+        |l, service| {
+            let svc = Arc::new(ArcSwapOption::from_pointee(service));
+            tokio::spawn(accept_loop(shared.clone(), l, svc)).abort_handle()
+        },
+    );
+}
+
+async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    service: Arc<ArcSwapOption<ServiceName>>,
+) {
     let local_v6 = listener.local_addr().is_ok_and(|a| a.is_ipv6());
     loop {
         let (tcp, client) = match listener.accept().await {
@@ -151,13 +207,13 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, service: Option
         };
         // Where the client connected: the listener's address, or the original destination
         // before an iptables REDIRECT (a service VIP or a circuit VIP).
+        let service = service.load().as_deref().cloned();
         let dst = match &service {
             Some(_) => tcp.local_addr().ok(),
             None => crate::orig_dst::original_dst(&tcp, local_v6).ok(),
         };
-        let service = service
-            .clone()
-            .or_else(|| dst.and_then(|d| shared.routes.load().service_for(d).cloned()));
+        let service =
+            service.or_else(|| dst.and_then(|d| shared.routes.load().service_for(d).cloned()));
         let (service, circuit) = match shared.circuits.load().classify(
             service.as_ref(),
             client.ip(),
@@ -558,5 +614,31 @@ mod tests {
     fn client_task_future_size() {
         let n = future_size(|| handle_client(never(), never(), never(), never(), never()));
         assert_future_within("edge client task", n, 2560);
+    }
+
+    /// A circuit VIP on the port of a listener on the unspecified address is served by it (and
+    /// its own bind would take that port from the wildcard listener at a restart, or fail):
+    /// `0.0.0.0` covers IPv4 VIPs, `::` both families; a listener on a specific address, or on
+    /// another port, covers none.
+    #[tokio::test]
+    async fn wildcard_listeners_cover_vips_on_their_port() {
+        let mut l = Listeners::default();
+        let mut open = |addr: &str| {
+            let h = tokio::spawn(std::future::pending::<()>()).abort_handle();
+            l.open
+                .insert(addr.parse().unwrap(), (Arc::new(ArcSwapOption::empty()), h));
+        };
+        open("0.0.0.0:8443");
+        open("127.0.0.1:9000");
+        open("[::]:7000");
+        let covers = |l: &Listeners, vip: &str| l.covers(vip.parse().unwrap());
+        assert!(covers(&l, "10.1.0.1:8443"));
+        assert!(!covers(&l, "[fd00::1]:8443"));
+        assert!(!covers(&l, "10.1.0.1:8444"));
+        assert!(!covers(&l, "127.0.0.2:9000"));
+        assert!(covers(&l, "10.1.0.1:7000"));
+        assert!(covers(&l, "[fd00::1]:7000"));
+        l.close_all();
+        assert!(!covers(&l, "10.1.0.1:8443"));
     }
 }

@@ -64,6 +64,9 @@ pub struct Metrics {
     /// a timeout or a protocol error), a certificate name that is not a node of the topology,
     /// and a connection closed because a snapshot removed its peer.
     pub refused_peers_total: AtomicU64,
+    /// Client listeners (service ports and the transparent port) the snapshot asks for that
+    /// could not be bound; tried again every second ([`crate::edge::Listeners`]).
+    pub listeners_unbound: AtomicU64,
     errors: [AtomicU64; Code::ALL.len()],
 }
 
@@ -120,6 +123,13 @@ impl Metrics {
             "Proxied client/backend streams open now.",
             "gauge",
             self.streams_active.load(Relaxed),
+        );
+        counter(
+            &mut s,
+            "edge_listeners_unbound",
+            "Client listeners (service ports, transparent port) the snapshot asks for that could not be bound; tried again every second.",
+            "gauge",
+            self.listeners_unbound.load(Relaxed),
         );
         counter(
             &mut s,

@@ -623,7 +623,8 @@ impl Control {
                         // Closes the client listeners (their tasks are aborted on drop), and the
                         // circuits' VIP listeners again: a snapshot applied while the drain
                         // began could have bound them after `begin_drain` closed them.
-                        self.listeners = crate::edge::Listeners::default();
+                        self.listeners.close_all();
+                        self.shared.metrics.listeners_unbound.store(0, Ordering::Relaxed);
                         self.shared.vip_listeners.close_all();
                     } else {
                         watching = false;
@@ -641,7 +642,13 @@ impl Control {
                 }
                 _ = self.shared.changed.notified() => {}
                 _ = mark_ended, if mark_ends.is_some() => {}
-                _ = tick.tick() => {}
+                _ = tick.tick() => {
+                    // Listeners that could not be bound are tried again (a closed listener's
+                    // port is free once its task has run).
+                    if !draining {
+                        self.resync_listeners();
+                    }
+                }
             }
             self.rebuild();
         }
@@ -653,6 +660,17 @@ impl Control {
         self.listeners.sync(&self.shared, &snap)
     }
 
+    /// Brings the client listeners, then the circuit VIP listeners, in line with the current
+    /// snapshot and circuit table, unless the router drains (it binds no listener then). Bind
+    /// errors are logged ([`crate::edge::Listeners::sync`]).
+    fn resync_listeners(&mut self) {
+        if self.shared.draining() {
+            return;
+        }
+        let _ = self.sync_listeners();
+        crate::edge::bind_vips(&self.shared, &self.listeners);
+    }
+
     /// Makes `snap` the router's snapshot: peers, circuits, listeners, dialers, site services.
     /// A draining router binds no listener (client or circuit VIP).
     pub fn apply_snapshot(&mut self, snap: Arc<Snapshot>) {
@@ -662,13 +680,10 @@ impl Control {
         names.extend(sh.extra_peer_names.iter().cloned());
         sh.peers.set(names);
         sh.snapshot.store(snap.clone());
-        let bind = !sh.draining();
-        crate::edge::apply_circuits(&sh, &snap, bind);
-        // Bind errors after start are logged (the last good listeners stay); at start they fail
-        // `Router::spawn` (see `sync_listeners`).
-        if bind {
-            let _ = self.listeners.sync(&sh, &snap);
-        }
+        crate::edge::apply_circuits(&sh, &snap);
+        // Bind errors after start are logged and tried again at each tick (the last good
+        // listeners stay); at start they fail `Router::spawn` (see `sync_listeners`).
+        self.resync_listeners();
 
         // Neighbours: dial every node we share a link with.
         let mut want: HashMap<NodeId, SocketAddr> = HashMap::new();

@@ -77,6 +77,62 @@ fn move_service_port(t: &topology::Topology, txs: &[Source]) -> u16 {
     new_port
 }
 
+/// A snapshot that gives a service's port to another service (here a rename that keeps the
+/// port) has the edge serve the new service on it: the listener is kept. (It was closed and
+/// bound again; a close is asynchronous, so the bind failed with `AddrInUse`, only logged, and
+/// nothing tried it again: clients were refused until the next snapshot.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_given_to_another_service_keeps_being_served() {
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let port = free_tcp_port();
+    let t = line_topology("echo", backend, port);
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    let (hs, txs) = spawn_all(&snap, dir.path(), |_, _| {}).await;
+    wait_for_route(&hs[0], "echo", Duration::from_secs(10), "no route").await;
+    assert_eq!(
+        echo_roundtrip(port, b"v1", Duration::from_secs(10))
+            .await
+            .unwrap(),
+        b"v1"
+    );
+
+    let mut t2 = t.clone();
+    t2.services[0].name = ServiceName::new("echo-v2");
+    for s in t2.nodes.iter_mut().flat_map(|n| n.serves.iter_mut()) {
+        s.service = ServiceName::new("echo-v2");
+    }
+    let snap2 = Arc::new(Snapshot::new(2, Arc::new(t2)));
+    for tx in &txs {
+        tx.send(snap2.clone()).unwrap();
+    }
+    wait_for_route(&hs[0], "echo-v2", Duration::from_secs(10), "no route v2").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let served = echo_roundtrip(port, b"v2", Duration::from_secs(10))
+            .await
+            .is_ok_and(|b| b == b"v2");
+        if served {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the port is not served after the rename: {}",
+            hs[0].metrics_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let m = hs[0].metrics_text();
+    assert_eq!(
+        metric(&m, "tasman_edge_listeners_unbound{node=\"edge\"}"),
+        Some(0),
+        "{m}"
+    );
+    for h in hs {
+        h.shutdown().await;
+    }
+}
+
 /// Checks a Prometheus text exposition (format 0.0.4): each series comes after its family's
 /// HELP and TYPE lines (one of each), and a family's series are one group. Returns the series
 /// lines.

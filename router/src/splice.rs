@@ -75,6 +75,10 @@ fn read_error_code(e: &ReadError) -> Code {
     }
 }
 
+/// A read that drains the socket with fewer bytes than this is copied out of its block
+/// ([`TcpBuf::read`]).
+const SMALL_READ: usize = TCP_BUF / 4;
+
 /// A connection that fills its read buffer in one read is a bulk transfer: its reads double up to
 /// this, so idle and interactive connections keep the small buffer (memory per connection) and
 /// bulk ones hand quinn fewer, larger chunks (throughput).
@@ -86,12 +90,17 @@ pub const TCP_BUF_MAX: usize = 256 * 1024;
 /// socket (returns less than the room it had) lets go of the block, and the next read waits for
 /// readiness before it allocates. An idle connection so holds no read memory (a `TCP_BUF` block
 /// kept across the wait cost ~4-8 KiB of RSS per idle connection, edge and site each), and an
-/// interactive one allocates once per message, reusing the allocator's freed blocks. Bulk
+/// interactive one allocates once per message, reusing the allocator's freed blocks, and copies
+/// a message under [`SMALL_READ`] out of its block (so a chunk never keeps more than 4 times its
+/// bytes alive while quinn or a replay holds it). Bulk
 /// transfers (reads grown past `TCP_BUF`) keep sharing one block across reads.
 pub(crate) struct TcpBuf {
     buf: BytesMut,
     /// Bytes asked for per read (doubles while reads fill it, up to `TCP_BUF_MAX`).
     want: usize,
+    /// Memory the last chunk of a read that drained the socket keeps alive (tests).
+    #[cfg(test)]
+    pinned: usize,
 }
 
 /// The read side of a TCP connection: the bytes, and readiness without a buffer.
@@ -116,6 +125,8 @@ impl TcpBuf {
         TcpBuf {
             buf: BytesMut::new(),
             want: TCP_BUF,
+            #[cfg(test)]
+            pinned: 0,
         }
     }
 
@@ -135,14 +146,26 @@ impl TcpBuf {
         if grow && n == room && room >= self.want && self.want < TCP_BUF_MAX {
             self.want *= 2;
         }
-        let chunk = self.buf.split().freeze();
         if n < room && self.want == TCP_BUF {
-            // Drained: the chunk alone keeps the block, until quinn has it acknowledged. A bulk
-            // transfer (reads grown past `TCP_BUF`) keeps its block: its next read, likely soon
-            // and large, fills the tail instead of taking a new block.
-            self.buf = BytesMut::new();
+            // Drained: the block is let go. A bulk transfer (reads grown past `TCP_BUF`) keeps
+            // its block: its next read, likely soon and large, fills the tail instead of taking
+            // a new block.
+            let block = std::mem::take(&mut self.buf);
+            #[cfg(test)]
+            {
+                self.pinned = if n < SMALL_READ { n } else { block.capacity() };
+            }
+            if n < SMALL_READ {
+                // A small read is copied out: a chunk of a few bytes (a streamed token, a
+                // keystroke) would otherwise keep the whole block alive until quinn has it
+                // acknowledged, or while an edge holds it for a replay (whose limit counts
+                // bytes): 1,000 one-byte chunks held 16 MB. Chunks so hold at most 4 times
+                // their bytes.
+                return Ok(Bytes::copy_from_slice(&block));
+            }
+            return Ok(block.freeze());
         }
-        Ok(chunk)
+        Ok(self.buf.split().freeze())
     }
 
     /// Whether a block is held between reads (tests).
@@ -987,6 +1010,18 @@ mod tests {
         assert!(!buf.holds_block(), "no block while waiting");
         a.write_all(b"again").await.unwrap();
         assert_eq!(&buf.read(&mut b, true).await.unwrap()[..], b"again");
+        assert_eq!(buf.pinned, 5, "a small chunk keeps no block alive");
+        let big = vec![3u8; SMALL_READ + 1];
+        a.write_all(&big).await.unwrap();
+        let mut got = 0;
+        while got < big.len() {
+            got += buf.read(&mut b, true).await.unwrap().len();
+        }
+        assert!(
+            buf.pinned <= 4 * (SMALL_READ + 1),
+            "a larger chunk keeps at most 4 times its bytes: {}",
+            buf.pinned
+        );
         a.write_all(&vec![7u8; 4 * TCP_BUF]).await.unwrap();
         let mut total = 0;
         while total < 4 * TCP_BUF {

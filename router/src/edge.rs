@@ -493,6 +493,9 @@ async fn attempt(
     let mut hold: Option<Hold> = None;
     let outcome = loop {
         tokio::select! {
+            // In order: an answer already there wins over a deadline or a down verdict that
+            // fires at the same moment (the backend has the request: no retry).
+            biased;
             r = recv.read(&mut reply[got..]) => match r {
                 Ok(Some(n)) => {
                     got += n;

@@ -195,13 +195,17 @@ async fn accept_loop(
     service: Arc<ArcSwapOption<ServiceName>>,
 ) {
     let local_v6 = listener.local_addr().is_ok_and(|a| a.is_ipv6());
+    let mut backoff = crate::http_serve::AcceptBackoff::new();
     loop {
         let (tcp, client) = match listener.accept().await {
-            Ok(x) => x,
+            Ok(x) => {
+                backoff.accepted();
+                x
+            }
             Err(e) => {
-                // EMFILE and friends: back off briefly instead of spinning.
-                tracing::warn!(node = %shared.node, error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                // EMFILE and friends: a pause that doubles up to 1 s (logged about once a
+                // second), not a spin nor 100 warnings a second.
+                backoff.failed("edge", &e).await;
                 continue;
             }
         };

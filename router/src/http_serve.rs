@@ -57,6 +57,39 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
+/// The pause after failed accepts of one listener ([`ACCEPT_BACKOFF_MIN`] doubled on each
+/// failure in a row, up to [`ACCEPT_BACKOFF_MAX`]); shared by every accept loop of a node.
+pub(crate) struct AcceptBackoff(Duration);
+
+impl AcceptBackoff {
+    pub fn new() -> Self {
+        AcceptBackoff(ACCEPT_BACKOFF_MIN)
+    }
+
+    /// An accept succeeded: the next failure pauses briefly again.
+    pub fn accepted(&mut self) {
+        self.0 = ACCEPT_BACKOFF_MIN;
+    }
+
+    /// After a failed accept: nothing for the failure of the connection being accepted (reset
+    /// before it was accepted: the next one is fine), else a pause, logged, that doubles while
+    /// failures go on.
+    pub async fn failed(&mut self, server: &str, e: &std::io::Error) {
+        if is_connection_error(e) {
+            tracing::debug!(server, error = %e, "accept failed");
+            return;
+        }
+        tracing::warn!(server, error = %e, retry_in = ?self.0, "accept failed");
+        tokio::time::sleep(self.0).await;
+        self.0 = (self.0 * 2).min(ACCEPT_BACKOFF_MAX);
+    }
+
+    #[cfg(test)]
+    fn pause(&self) -> Duration {
+        self.0
+    }
+}
+
 /// How a server words an answer [`serve`] gives on its own, without its service (a request body
 /// that did not arrive in time): the content type and body for a status and a reason. A server
 /// whose service answers errors in a shape of its own (the admin API's JSON) words these the
@@ -271,7 +304,7 @@ pub async fn serve_with_refusal<S, B>(
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
     let mut conns = JoinSet::new();
-    let mut backoff = ACCEPT_BACKOFF_MIN;
+    let mut backoff = AcceptBackoff::new();
     loop {
         // A slot first: at the cap, new connections wait in the kernel's backlog.
         let Ok(slot) = slots.clone().acquire_owned().await else {
@@ -279,18 +312,11 @@ pub async fn serve_with_refusal<S, B>(
         };
         let (tcp, remote) = match listener.accept().await {
             Ok(accepted) => {
-                backoff = ACCEPT_BACKOFF_MIN;
+                backoff.accepted();
                 accepted
             }
-            // That connection's own failure (reset before it was accepted): the next one is fine.
-            Err(e) if is_connection_error(&e) => {
-                tracing::debug!(server = name, error = %e, "accept failed");
-                continue;
-            }
             Err(e) => {
-                tracing::warn!(server = name, error = %e, retry_in = ?backoff, "accept failed");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                backoff.failed(name, &e).await;
                 continue;
             }
         };
@@ -581,5 +607,26 @@ mod tests {
             took > 2 * timeout,
             "read in {took:?}: too fast to tell a stall timeout from a deadline"
         );
+    }
+
+    /// Failed accepts pause 10 ms, doubling to 1 s while they go on, and not at all for a
+    /// connection reset before it was accepted; an accept starts again from 10 ms.
+    #[tokio::test(start_paused = true)]
+    async fn failed_accepts_back_off_up_to_a_second() {
+        let mut b = AcceptBackoff::new();
+        let emfile = std::io::Error::from_raw_os_error(libc::EMFILE);
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionAborted);
+        let t0 = tokio::time::Instant::now();
+        b.failed("t", &reset).await;
+        assert_eq!(t0.elapsed(), Duration::ZERO);
+        let mut pauses = Vec::new();
+        for _ in 0..9 {
+            let t = tokio::time::Instant::now();
+            b.failed("t", &emfile).await;
+            pauses.push(t.elapsed().as_millis());
+        }
+        assert_eq!(pauses, [10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
+        b.accepted();
+        assert_eq!(b.pause(), ACCEPT_BACKOFF_MIN);
     }
 }

@@ -1,6 +1,7 @@
 //! The routers' opt-in tuning flags. `--keep-awake`: every router on a path (edge, transit, site)
 //! spins while traffic moves through it, and stops a window after it stops. `--worker-threads`:
-//! the router's runtime has that many workers. `--hysteresis-*`: an edge reports its margins.
+//! the router's runtime has that many workers. `--hysteresis-*`: an edge reports its margins. And
+//! the open-file limit a router raises for itself.
 
 mod common;
 
@@ -82,6 +83,33 @@ fn worker_threads_sets_the_routers_runtime_workers() {
     let workers = |n: &str| f.metric(n, "tasman_runtime_workers", "");
     assert_eq!(workers("site"), 1, "--worker-threads 1");
     assert_eq!(workers("edge"), cores, "the default: one per core");
+}
+
+/// A router raises its soft open-file limit to the hard limit at start (an edge started with
+/// the usual 1,024 would stop accepting at about a thousand clients): started under a soft
+/// limit of 256, it runs with the hard one.
+#[test]
+fn a_router_raises_its_open_file_limit_to_the_hard_one() {
+    let mut f = edge_and_site();
+    f.wrapper = ["prlimit", "--nofile=256:", "--"]
+        .map(String::from)
+        .to_vec();
+    f.start("site");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", f.pid("site")))
+        .expect("the router's /proc limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("an open-files line");
+    let nums: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    let (soft, hard) = (nums[0], nums[1]);
+    assert_ne!(hard, "256", "the test needs a hard limit above 256: {line}");
+    assert_eq!(soft, hard, "{line}\n{}", f.log("site"));
+    assert!(
+        f.log("site").contains("open-file limit"),
+        "{}",
+        f.log("site")
+    );
 }
 
 /// `--hysteresis-*`: an edge reports the anti-flap margins it runs with (the controller's apply

@@ -26,6 +26,7 @@ pub mod header;
 pub mod http_serve;
 mod inbound;
 pub mod keep_awake;
+pub mod limits;
 pub mod metrics;
 mod neighbours;
 pub mod netem;

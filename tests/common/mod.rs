@@ -350,6 +350,15 @@ impl Fabric {
         });
     }
 
+    /// The process id of `node`'s running router.
+    pub fn pid(&self, node: &str) -> u32 {
+        self.procs
+            .get(node)
+            .unwrap_or_else(|| panic!("{node} is not running"))
+            .child
+            .id()
+    }
+
     /// Starts every node's router, one after another.
     pub fn start_all(&mut self) {
         for n in self.node_ids.clone() {

@@ -75,6 +75,7 @@ fn parse_issue_valid_for(s: &str) -> Result<std::time::Duration, String> {
 
 pub fn run(args: ControllerArgs) -> ExitCode {
     super::init_tracing();
+    super::raise_nofile();
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -54,6 +54,15 @@ pub fn init_tracing() {
         .try_init();
 }
 
+/// For the long-running commands (router, controller): raises the open-file limit to its hard
+/// limit ([`::router::limits::raise_nofile`]) and logs it.
+pub fn raise_nofile() {
+    match ::router::limits::raise_nofile() {
+        Ok(n) => tracing::info!(open_files = n, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
+}
+
 /// Entry point of the binary. Exit codes: 0 success, 1 a domain failure (invalid input,
 /// refused request), 2 unreadable input or usage error.
 pub fn main() -> ExitCode {

@@ -380,6 +380,7 @@ impl RouterArgs {
 
 pub fn run(args: RouterArgs) -> ExitCode {
     super::init_tracing();
+    super::raise_nofile();
     if let Some(controller) = args.controller {
         return run_with_controller(&args, controller);
     }

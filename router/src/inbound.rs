@@ -19,12 +19,24 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>) {
             incoming.refuse();
             continue;
         }
-        tokio::spawn(serve_connection(shared.clone(), incoming));
+        // Handshakes at once are bounded (a flood of Initials from forged addresses).
+        match shared.handshakes.admit(incoming) {
+            Ok((incoming, ticket)) => {
+                tokio::spawn(serve_connection(shared.clone(), incoming, ticket));
+            }
+            Err(turned) => shared.metrics.handshake_turned(turned),
+        }
     }
 }
 
-async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
-    let conn = match incoming.await {
+async fn serve_connection(
+    shared: Arc<Shared>,
+    incoming: quinn::Incoming,
+    ticket: crate::transport::HandshakeTicket,
+) {
+    let conn = incoming.await;
+    drop(ticket);
+    let conn = match conn {
         Ok(c) => c,
         Err(e) => {
             // Certificate refusals (wrong CA, name not in the topology) end here.

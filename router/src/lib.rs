@@ -216,6 +216,8 @@ pub(crate) struct Shared {
     /// This edge's circuits (classification and rate limiters); empty on other roles.
     pub circuits: ArcSwap<circuits::CircuitTable>,
     pub vip_listeners: circuits::VipListeners,
+    /// Bounds the incoming handshakes in progress.
+    pub handshakes: transport::HandshakeGate,
     pub neighbours: ArcSwap<HashMap<NodeId, Arc<neighbours::Neighbour>>>,
     pub sites: ArcSwap<HashMap<topology::ServiceName, Arc<site::SiteService>>>,
     pub evidence: routes::Evidence,
@@ -403,6 +405,7 @@ impl Router {
             routes: ArcSwap::from_pointee(routes::Routes::default()),
             circuits: ArcSwap::from_pointee(circuits::CircuitTable::default()),
             vip_listeners: circuits::VipListeners::default(),
+            handshakes: transport::HandshakeGate::new(transport::HandshakeGate::ROUTER),
             neighbours: ArcSwap::from_pointee(HashMap::new()),
             sites: ArcSwap::from_pointee(HashMap::new()),
             evidence: routes::Evidence::default(),

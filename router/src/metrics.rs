@@ -67,6 +67,10 @@ pub struct Metrics {
     /// Client listeners (service ports and the transparent port) the snapshot asks for that
     /// could not be bound; tried again every second ([`crate::edge::Listeners`]).
     pub listeners_unbound: AtomicU64,
+    /// Incoming handshakes sent a Retry (address validation) or refused because too many were
+    /// in progress ([`crate::transport::HandshakeGate`]).
+    pub handshakes_retried: AtomicU64,
+    pub handshakes_refused: AtomicU64,
     errors: [AtomicU64; Code::ALL.len()],
 }
 
@@ -98,6 +102,15 @@ impl Metrics {
         })
     }
 
+    /// Counts a handshake the gate turned away.
+    pub fn handshake_turned(&self, turned: crate::transport::Turned) {
+        match turned {
+            crate::transport::Turned::Retried => &self.handshakes_retried,
+            crate::transport::Turned::Refused => &self.handshakes_refused,
+        }
+        .fetch_add(1, Relaxed);
+    }
+
     pub fn error(&self, code: Code) {
         if let Some(i) = Code::ALL.iter().position(|c| *c == code) {
             self.errors[i].fetch_add(1, Relaxed);
@@ -123,6 +136,20 @@ impl Metrics {
             "Proxied client/backend streams open now.",
             "gauge",
             self.streams_active.load(Relaxed),
+        );
+        counter(
+            &mut s,
+            "handshakes_retried_total",
+            "Incoming QUIC handshakes sent a Retry to prove their address first (more than 64 in progress).",
+            "counter",
+            self.handshakes_retried.load(Relaxed),
+        );
+        counter(
+            &mut s,
+            "handshakes_refused_total",
+            "Incoming QUIC handshakes refused: 1,024 were in progress.",
+            "counter",
+            self.handshakes_refused.load(Relaxed),
         );
         counter(
             &mut s,

@@ -182,6 +182,69 @@ pub fn dial_transport_config_with(w: Windows) -> TransportConfig {
 mod tests {
     use super::*;
 
+    /// The gate admits handshakes up to `validate_above`, then only peers that proved their
+    /// address (a Retry first: the client comes back with its token), and refuses at `max`; a
+    /// handshake that ends makes room. Real quinn endpoints on loopback; the admitted handshakes
+    /// are held, never completed, as a flood's would be.
+    #[tokio::test]
+    async fn the_handshake_gate_retries_then_refuses_past_its_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::pki::init(dir.path()).unwrap();
+        crate::pki::issue(dir.path(), "srv").unwrap();
+        crate::pki::issue(dir.path(), "cli").unwrap();
+        let peers = crate::tls::PeerNames::new(["srv".to_string(), "cli".to_string()]);
+        let srv_id = crate::tls::TlsIdentity::load(dir.path(), "srv").unwrap();
+        let cli_id = crate::tls::TlsIdentity::load(dir.path(), "cli").unwrap();
+        let server_cfg = crate::tls::server_config(&srv_id, &peers, shared_transport()).unwrap();
+        let client_cfg = crate::tls::client_config(&cli_id, &peers, shared_transport()).unwrap();
+        let server = quinn::Endpoint::server(server_cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let at = server.local_addr().unwrap();
+        let gate = HandshakeGate::new((2, 4));
+        let mut held = Vec::new();
+        let mut clients = Vec::new();
+        // What the gate does with each client's attempts, in order, until one is admitted or
+        // refused.
+        let mut next = async |held: &mut Vec<_>| {
+            let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+            client.set_default_client_config(client_cfg.clone());
+            let connecting = client.connect(at, "srv").unwrap();
+            clients.push((client, tokio::spawn(connecting)));
+            let mut seen = Vec::new();
+            loop {
+                let incoming = tokio::time::timeout(Duration::from_secs(10), server.accept())
+                    .await
+                    .expect("no attempt reached the server")
+                    .unwrap();
+                let validated = incoming.remote_address_validated();
+                match gate.admit(incoming) {
+                    Ok(admitted) => {
+                        held.push(admitted);
+                        seen.push(("admitted", validated));
+                        return seen;
+                    }
+                    Err(Turned::Retried) => seen.push(("retried", validated)),
+                    Err(Turned::Refused) => {
+                        seen.push(("refused", validated));
+                        return seen;
+                    }
+                }
+            }
+        };
+        assert_eq!(next(&mut held).await, [("admitted", false)]);
+        assert_eq!(next(&mut held).await, [("admitted", false)]);
+        assert_eq!(gate.in_progress(), 2);
+        let proved = [("retried", false), ("admitted", true)];
+        assert_eq!(next(&mut held).await, proved);
+        assert_eq!(next(&mut held).await, proved);
+        assert_eq!(gate.in_progress(), 4);
+        assert_eq!(next(&mut held).await, [("refused", false)]);
+        // A handshake ends: room for one more, still past `validate_above`.
+        held.pop();
+        assert_eq!(gate.in_progress(), 3);
+        assert_eq!(next(&mut held).await, proved);
+        assert_eq!(gate.in_progress(), 4);
+    }
+
     #[test]
     fn udp_buffers_reach_the_wanted_size_past_the_sysctl_cap_when_permitted() {
         let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
@@ -212,5 +275,77 @@ mod tests {
             assert!(rcv >= want(cap("/proc/sys/net/core/rmem_max")), "{rcv}");
             assert!(snd >= want(cap("/proc/sys/net/core/wmem_max")), "{snd}");
         }
+    }
+}
+
+/// Bounds the QUIC handshakes an endpoint runs at once. Each accepted handshake costs an ECDHE
+/// and a certificate signature and holds its state until it completes or times out
+/// ([`IDLE_TIMEOUT`]); a flood of Initials from spoofed sources (which never complete) would
+/// otherwise make the endpoint sign for every one and hold them all, with up to three times
+/// their bytes sent back to the forged addresses. Above `validate_above` handshakes in
+/// progress, a peer that has not proven its address is sent a Retry first (one round trip more
+/// for a real peer, no state and no signature for a forged one); at `max`, new ones are refused.
+pub struct HandshakeGate {
+    in_progress: Arc<std::sync::atomic::AtomicUsize>,
+    validate_above: usize,
+    max: usize,
+}
+
+/// One handshake counted by a [`HandshakeGate`] until dropped.
+pub struct HandshakeTicket(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for HandshakeTicket {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// What a [`HandshakeGate`] did with an incoming connection it did not admit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Turned {
+    /// Sent a Retry: the peer comes back with a token proving its address.
+    Retried,
+    /// Refused (at the cap).
+    Refused,
+}
+
+impl HandshakeGate {
+    /// A router's peers are its neighbours: tens of handshakes at once at most.
+    pub const ROUTER: (usize, usize) = (64, 1024);
+    /// A controller's are every router, all at once after it restarts.
+    pub const CONTROLLER: (usize, usize) = (1024, 16_384);
+
+    pub fn new((validate_above, max): (usize, usize)) -> Self {
+        HandshakeGate {
+            in_progress: Arc::default(),
+            validate_above,
+            max,
+        }
+    }
+
+    /// Handshakes in progress now.
+    pub fn in_progress(&self) -> usize {
+        self.in_progress.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Admits `incoming` (counted until the ticket is dropped: hold it until the handshake
+    /// ends), or turns it away.
+    pub fn admit(
+        &self,
+        incoming: quinn::Incoming,
+    ) -> Result<(quinn::Incoming, HandshakeTicket), Turned> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = self.in_progress.load(Relaxed);
+        if now >= self.max {
+            incoming.refuse();
+            return Err(Turned::Refused);
+        }
+        if now >= self.validate_above && !incoming.remote_address_validated() {
+            // Only an unvalidated peer can be retried; it is not one here.
+            let _ = incoming.retry();
+            return Err(Turned::Retried);
+        }
+        self.in_progress.fetch_add(1, Relaxed);
+        Ok((incoming, HandshakeTicket(self.in_progress.clone())))
     }
 }

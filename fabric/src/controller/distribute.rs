@@ -35,6 +35,7 @@ use bytes::Bytes;
 use router::codes::close;
 use router::control::proto::{self, FromRouter, MAX_FROM_ROUTER, ToRouter, clip};
 use router::tls;
+use router::transport::HandshakeGate;
 
 use topology::{Latency, NodeId, ServiceName};
 
@@ -125,13 +126,25 @@ pub async fn serve(
     cert: Arc<tls::CertResolver>,
     write_stall: Duration,
 ) {
+    // Handshakes at once are bounded (a flood of Initials from forged addresses): every
+    // router at once after a restart fits; past that, peers prove their address first.
+    let gate = HandshakeGate::new(HandshakeGate::CONTROLLER);
     while let Some(incoming) = endpoint.accept().await {
+        let remote = incoming.remote_address();
+        let (incoming, ticket) = match gate.admit(incoming) {
+            Ok(admitted) => admitted,
+            Err(turned) => {
+                tracing::debug!(%remote, ?turned, in_progress = gate.in_progress(), "handshake turned away");
+                continue;
+            }
+        };
         let ctl = ctl.clone();
         let issuer = issuer.clone();
         let cert = cert.clone();
         tokio::spawn(async move {
-            let remote = incoming.remote_address();
-            match incoming.await {
+            let conn = incoming.await;
+            drop(ticket);
+            match conn {
                 Ok(conn) => {
                     let _trust_watch = tls::watch_trust(cert, conn.clone());
                     match connection(&ctl, &issuer, conn.clone(), write_stall).await {

@@ -32,14 +32,16 @@ pub(crate) struct Neighbour {
     up: AtomicBool,
     rtt_us: AtomicU64,
     /// Dial attempts that ended without a usable connection: refused, no answer within
-    /// `CONNECT_TIMEOUT`, or closed before it answered a probe (the peer refused our certificate).
+    /// `CONNECT_TIMEOUT` (or within `STUCK_AFTER`, given up when the neighbour connected to us),
+    /// or closed before it answered a probe (the peer refused our certificate).
     dial_failures: AtomicU64,
     /// Woken when the neighbour is declared down: streams still waiting for their first answer
     /// through it give up and try the next candidate instead of waiting for the connection to
     /// close ([`DEAD_AFTER`]).
     went_down: tokio::sync::Notify,
     /// Woken when the neighbour connects to us ([`Neighbour::peer_connected`]): a dialer waiting
-    /// out its backoff, or an attempt stuck on a lost Initial, dials again at once.
+    /// out its backoff, or an attempt stuck on a lost Initial, dials again at once (once until a
+    /// dial makes a connection, [`run_dialer`]).
     wake: tokio::sync::Notify,
 }
 
@@ -79,7 +81,8 @@ impl Neighbour {
         self.went_down.notify_waiters();
     }
     /// The neighbour's own connection to this router was accepted: it is reachable now. Wakes
-    /// our dialer if it is between attempts or in one (not while it holds a connection).
+    /// our dialer if it is between attempts or in one (not while it holds a connection, nor
+    /// after a first wake until a dial makes a connection: [`run_dialer`]).
     pub fn peer_connected(&self) {
         self.wake.notify_waiters();
     }
@@ -108,12 +111,21 @@ impl Neighbour {
 /// long outage), or out of an attempt pending for [`STUCK_AFTER`], whose Initial went to the
 /// neighbour while it was away and would be sent again only at QUIC's probe timeout, within
 /// [`CONNECT_TIMEOUT`]. A neighbour returning from a long outage is so up again about when its
-/// hold-down allows.
+/// hold-down allows. The attempt given up counts as a failed dial.
+///
+/// One wake is heeded until a dial makes a connection again: once a wake has cut a backoff short
+/// or given up an attempt, the dial it brought on is left to its end, and if it fails it is
+/// counted and followed by the full backoff, as any failed dial, with wakes ignored. A neighbour
+/// that connects to us but does not take our dials (drops or refuses them, or refuses our
+/// certificate) so gets one early dial, not one per connection it makes: it cannot drive our
+/// dial rate above the backoff's.
 ///
 /// [`ProbeConfig::hold_down`]: crate::ProbeConfig::hold_down
 pub(crate) async fn run_dialer(shared: Arc<Shared>, nb: Arc<Neighbour>) {
     let mut backoff = BACKOFF_MIN;
     let mut down_since: Option<Instant> = None;
+    // Cleared when a wake is acted on, set again when a dial makes a connection.
+    let mut heed_wakes = true;
     loop {
         // Registered before the attempt, so that a connection accepted from the neighbour
         // during it or before the backoff sleep below is not missed.
@@ -137,11 +149,13 @@ pub(crate) async fn run_dialer(shared: Arc<Shared>, nb: Arc<Neighbour>) {
         let made = loop {
             tokio::select! {
                 made = &mut attempt => break made,
-                _ = woken.as_mut(), if !peer_back => peer_back = true,
+                _ = woken.as_mut(), if heed_wakes && !peer_back => peer_back = true,
                 _ = tokio::time::sleep_until(stuck_at), if peer_back => break None,
             }
         };
         if made.is_none() && peer_back {
+            nb.dial_failures.fetch_add(1, Relaxed);
+            heed_wakes = false;
             tracing::debug!(node = %shared.node, neighbour = %nb.id, "neighbour connected to us: dialling again");
             continue;
         }
@@ -156,6 +170,7 @@ pub(crate) async fn run_dialer(shared: Arc<Shared>, nb: Arc<Neighbour>) {
             if answered {
                 backoff = BACKOFF_MIN;
                 down_since = Some(Instant::now());
+                heed_wakes = true;
             } else {
                 nb.dial_failures.fetch_add(1, Relaxed);
                 tracing::debug!(node = %shared.node, neighbour = %nb.id,
@@ -171,7 +186,8 @@ pub(crate) async fn run_dialer(shared: Arc<Shared>, nb: Arc<Neighbour>) {
         let jitter = rand::rng().random_range(0..=backoff.as_millis() as u64 / 2);
         tokio::select! {
             _ = tokio::time::sleep(backoff + Duration::from_millis(jitter)) => {}
-            _ = woken.as_mut() => {
+            _ = woken.as_mut(), if heed_wakes => {
+                heed_wakes = false;
                 tracing::debug!(node = %shared.node, neighbour = %nb.id, "neighbour connected to us: backoff cut short");
             }
         }

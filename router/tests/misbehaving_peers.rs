@@ -1,6 +1,7 @@
 //! Routers next to a misbehaving neighbour: a real QUIC peer on loopback, with a certificate for
 //! a node of the topology, that answers probes (so it is up) but then withholds streams or
-//! floods made-up evidence; and a router's control client next to a controller that opens streams
+//! floods made-up evidence, or that connects again and again but takes none of the router's
+//! dials; and a router's control client next to a controller that opens streams
 //! of its own, stops reading, stops talking or grants no stream, or on a disk that stalls. Routers
 //! are spawned in-process, as in `inprocess.rs`.
 
@@ -566,6 +567,184 @@ async fn a_site_mark_ends_at_its_hold_down() {
         after >= hold_down && after < hold_down + Duration::from_millis(500),
         "near preferred again {after:?} after the rebuild before its mark"
     );
+}
+
+/// What a nagging neighbour does with the dials it gets.
+#[derive(Debug, Clone, Copy)]
+enum Dials {
+    /// Dropped unanswered: each one runs into its connect timeout.
+    Ignored,
+    /// Refused at once.
+    Refused,
+}
+
+/// A QUIC peer posing as node `name` of `topo` (certificate issued in `dir`) on the node's
+/// address, that takes none of the dials it gets ([`Dials`]) and, once [`Nagging::nag`] is
+/// called, connects to a router again and again, each connection waking the router's dialer to
+/// it.
+struct Nagging {
+    ep: quinn::Endpoint,
+    /// When each dial was first seen (a dial's resent Initials are one dial).
+    dials: Arc<std::sync::Mutex<Vec<Instant>>>,
+    /// Its connections to the router that completed their handshake.
+    connected: Arc<AtomicU64>,
+}
+
+impl Nagging {
+    fn start(dir: &std::path::Path, topo: &Topology, name: &str, dials: Dials) -> Nagging {
+        router::pki::issue(dir, name).unwrap();
+        let id = router::tls::TlsIdentity::load(dir, name).unwrap();
+        let peers = router::tls::PeerNames::new(topo.nodes.iter().map(|n| n.id.to_string()));
+        let transport = Arc::new(router::transport::transport_config());
+        let server = router::tls::server_config(&id, &peers, transport.clone()).unwrap();
+        let client = router::tls::client_config(&id, &peers, transport).unwrap();
+        let addr = topo.node(name).unwrap().address;
+        let ep = router::transport::endpoint(addr, server, client).unwrap();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (accepting, times) = (ep.clone(), seen.clone());
+        tokio::spawn(async move {
+            let mut ids = std::collections::HashSet::new();
+            while let Some(incoming) = accepting.accept().await {
+                if ids.insert(incoming.orig_dst_cid()) {
+                    times.lock().unwrap().push(Instant::now());
+                }
+                match dials {
+                    Dials::Ignored => incoming.ignore(),
+                    Dials::Refused => incoming.refuse(),
+                }
+            }
+        });
+        Nagging {
+            ep,
+            dials: seen,
+            connected: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Connects to node `to` of `topo` from now on, one connection after another, each held
+    /// for 50 ms.
+    fn nag(&self, topo: &Topology, to: &'static str) {
+        let (ep, connected) = (self.ep.clone(), self.connected.clone());
+        let addr = topo.node(to).unwrap().address;
+        tokio::spawn(async move {
+            loop {
+                let Ok(connecting) = ep.connect(addr, to) else {
+                    return;
+                };
+                if let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(1), connecting).await
+                {
+                    connected.fetch_add(1, Relaxed);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    conn.close(0u32.into(), b"");
+                }
+            }
+        });
+    }
+
+    fn dials(&self) -> Vec<Instant> {
+        self.dials.lock().unwrap().clone()
+    }
+
+    fn connected(&self) -> u64 {
+        self.connected.load(Relaxed)
+    }
+}
+
+/// An edge whose one neighbour is `near` (a site serving echo), on loopback.
+fn edge_and_near(backend: SocketAddr) -> Topology {
+    let mut b = TopologyBuilder::new();
+    b.node("edge", NodeKind::Edge)
+        .node("near", NodeKind::Site)
+        .link("edge", "near", ms(1.0))
+        .service("echo");
+    let mut t = addressed(b.build(), free_tcp_port());
+    serve(&mut t, "near", "echo", backend);
+    t
+}
+
+/// The edge's failed dials to `near`, from its metrics.
+fn dial_failures(edge: &RouterHandle) -> u64 {
+    let series = "tasman_neighbour_dial_failures_total{node=\"edge\",neighbour=\"near\"}";
+    metric(&edge.metrics_text(), series).unwrap_or(0)
+}
+
+/// A neighbour that connects to the edge again and again but never answers the edge's dials:
+/// every dial that ends is counted as failed, and the wake its connections give the edge's
+/// dialer is heeded once: the dial given up for it is counted, and the dial it brings on runs
+/// to its 3 s connect timeout. (Each of its connections woke the dialer, which gave up its
+/// attempt 1.5 s in and dialled again at once, without counting it: a dial every 1.5 s for as
+/// long as the neighbour kept connecting, and no failure counted.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_neighbour_that_never_answers_our_dials_does_not_hurry_them() {
+    let dir = ca_dir();
+    let t = edge_and_near(echo_backend().await);
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    let near = Nagging::start(dir.path(), &t, "near", Dials::Ignored);
+    let (edge, _) = spawn_node(&snap, dir.path(), "edge", |_| {}).await;
+    near.nag(&t, "edge");
+    let report = || {
+        format!(
+            "{} failed dials counted, {} dials made, {} connections of the neighbour",
+            dial_failures(&edge),
+            near.dials().len(),
+            near.connected()
+        )
+    };
+    wait_until(
+        Duration::from_secs(15),
+        || dial_failures(&edge) >= 2,
+        report,
+    )
+    .await;
+    let failed_at = Instant::now();
+    // Read before the failures: each dial but the last has ended, and was counted, by then.
+    let dials = near.dials();
+    let failed = dial_failures(&edge);
+    assert!(dials.len() as u64 <= failed + 1, "{}", report());
+    // The first dial given up 1.5 s in, then the second to its connect timeout.
+    let took = failed_at - dials[0];
+    assert!(
+        took >= Duration::from_secs(4),
+        "two dials failed within {took:?} of the first: the second was given up early ({})",
+        report()
+    );
+    assert!(near.connected() >= 10, "{}", report());
+    edge.shutdown().await;
+}
+
+/// A neighbour that connects to the edge again and again and refuses the edge's dials is
+/// redialled with the backoff: its connections cut one backoff short, not each one, and every
+/// refusal is counted. (Each of its connections woke the dialer out of its backoff: a dial
+/// every time the neighbour connected, every 50 ms or so.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_neighbour_that_refuses_our_dials_does_not_hurry_them() {
+    let dir = ca_dir();
+    let t = edge_and_near(echo_backend().await);
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    let near = Nagging::start(dir.path(), &t, "near", Dials::Refused);
+    let (edge, _) = spawn_node(&snap, dir.path(), "edge", |_| {}).await;
+    near.nag(&t, "edge");
+    let report = || {
+        format!(
+            "{} failed dials counted, {} dials made, {} connections of the neighbour",
+            dial_failures(&edge),
+            near.dials().len(),
+            near.connected()
+        )
+    };
+    wait_until(Duration::from_secs(20), || near.dials().len() >= 8, report).await;
+    // Backoffs of 50, 100, 200, 400, 800, 1600 and 2000 ms (each up to half again) between the
+    // 8 dials, one of them cut short: 3.15 s at least.
+    let dials = near.dials();
+    let took = dials[7] - dials[0];
+    assert!(
+        took >= Duration::from_secs(3),
+        "8 dials within {took:?}: the backoff was cut short ({})",
+        report()
+    );
+    wait_until(Duration::from_secs(5), || dial_failures(&edge) >= 8, report).await;
+    assert!(near.connected() >= 10, "{}", report());
+    edge.shutdown().await;
 }
 
 /// A draining edge waits for a client connection that is still being set up (its site has not

@@ -10,6 +10,22 @@ use tokio::net::{TcpListener, TcpStream};
 
 const CHUNK: usize = 256 * 1024;
 
+/// The next connection on `listener`. An accept error (EMFILE when the 10,000-connection run
+/// meets the open-file limit, say) is logged and accepting goes on after a short pause: a server
+/// that stopped at the first error would leave the run to fail later, and misleadingly, with "no
+/// echo within 30 s".
+pub async fn accept(listener: &TcpListener, what: &str) -> TcpStream {
+    loop {
+        match listener.accept().await {
+            Ok((s, _)) => return s,
+            Err(e) => {
+                eprintln!("{what} server: accept: {e} (accepting again in 50 ms)");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 /// Accepts connections; each is read to EOF, then the byte count goes back (8 bytes, big endian).
 pub async fn count_sink(addr: SocketAddr) -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)
@@ -17,7 +33,8 @@ pub async fn count_sink(addr: SocketAddr) -> anyhow::Result<SocketAddr> {
         .with_context(|| format!("bind sink {addr}"))?;
     let local = listener.local_addr()?;
     tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
+        loop {
+            let mut s = accept(&listener, "sink").await;
             tokio::spawn(async move {
                 let mut buf = vec![0u8; CHUNK];
                 let mut n = 0u64;
@@ -43,7 +60,8 @@ pub async fn echo_server(addr: SocketAddr) -> anyhow::Result<SocketAddr> {
         .with_context(|| format!("bind echo {addr}"))?;
     let local = listener.local_addr()?;
     tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
+        loop {
+            let s = accept(&listener, "echo").await;
             let _ = s.set_nodelay(true);
             tokio::spawn(async move {
                 let (mut r, mut w) = s.into_split();

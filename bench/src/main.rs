@@ -266,7 +266,7 @@ struct Rate {
     name: &'static str,
     /// The median of the rounds' times (halfway between the two middle ones for an even count).
     elapsed: Duration,
-    /// Every round, sorted.
+    /// Every round, in the order they ran.
     all: Vec<Duration>,
     /// CPU seconds per GiB of every process on the path (the median of the rounds').
     cpu_per_gib: f64,
@@ -485,12 +485,13 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
     let rates: Vec<Rate> = NAMES
         .iter()
         .zip(runs.into_iter().zip(cpus).zip(udp_drops))
-        .map(|(name, ((mut v, mut c), drops))| {
-            v.sort();
+        .map(|(name, ((v, mut c), drops))| {
+            let mut sorted = v.clone();
+            sorted.sort();
             c.sort_by(f64::total_cmp);
             Rate {
                 name,
-                elapsed: stats::median(&v).unwrap_or(Duration::MAX),
+                elapsed: stats::median(&sorted).unwrap_or(Duration::MAX),
                 all: v,
                 cpu_per_gib: stats::median(&c).unwrap_or(f64::NAN),
                 drops,
@@ -780,16 +781,16 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
     writeln!(
         md,
         "{} MiB written on one connection, half-closed, until the receiver's byte count comes back; {} rounds,\n\
-         every path once per round (interleaved), median round shown. CPU: user + system time of every\n\
-         process on the path (the benchmark process, which holds the client, the sink and both bare quinn\n\
-         endpoints; the routers; the quinn proxy pair; HAProxy) during the run, per GiB moved. UDP drops:\n\
-         datagrams the kernel discarded because a socket's receive buffer was full (`RcvbufErrors`, whole\n\
-         machine, during the path's runs).\n",
+         every path once per round (interleaved): the median round, and every round in the order run.\n\
+         CPU: user + system time of every process on the path (the benchmark process, which holds the\n\
+         client, the sink and both bare quinn endpoints; the routers; the quinn proxy pair; HAProxy)\n\
+         during the run, per GiB moved. UDP drops: datagrams the kernel discarded because a socket's\n\
+         receive buffer was full (`RcvbufErrors`, whole machine, during the path's runs).\n",
         args.mib, args.rounds
     )?;
     writeln!(
         md,
-        "| path | time (median) | Gbit/s (median) | Gbit/s, every round | vs bare quinn | CPU s per GiB, all processes | UDP drops, all rounds |\n|---|---:|---:|---:|---:|---:|---:|"
+        "| path | time (median) | Gbit/s (median) | Gbit/s, rounds in the order run | vs bare quinn | CPU s per GiB, all processes | UDP drops, all rounds |\n|---|---:|---:|---:|---:|---:|---:|"
     )?;
     let quinn_rate = gbps(bytes, rates[T_QUINN].elapsed);
     for r in &rates {

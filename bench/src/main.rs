@@ -53,6 +53,9 @@ enum Cmd {
         node: String,
         #[arg(long)]
         tls_dir: PathBuf,
+        /// As `tasman router --metrics`.
+        #[arg(long)]
+        metrics: Option<SocketAddr>,
         /// As `tasman router --keep-awake` (one thread).
         #[arg(long, value_parser = humantime::parse_duration)]
         keep_awake: Option<Duration>,
@@ -158,9 +161,12 @@ fn main() -> ExitCode {
             topology,
             node,
             tls_dir,
+            metrics,
             keep_awake,
             ..
-        } => rt.block_on(procs::serve_router(topology, node, tls_dir, keep_awake)),
+        } => rt.block_on(procs::serve_router(
+            topology, node, tls_dir, metrics, keep_awake,
+        )),
         Cmd::ServeQuinnProxy {
             role,
             tls_dir,
@@ -662,6 +668,16 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
             fabric.start(n)?;
         }
         wait_echo(e1_echo).await?;
+        // Every neighbour connection made again (each router dials each of its neighbours: e1
+        // and s1 each other, s1 and t1 each other) before "before": one still being made
+        // would land inside the measurement. Then as long a settle as "after" gets.
+        let t = Instant::now();
+        fabric.wait_neighbours_up(Duration::from_secs(20)).await?;
+        eprintln!(
+            "  every neighbour up {:.0} ms after the first echo through the restarted routers",
+            t.elapsed().as_secs_f64() * 1000.0
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let e1_before = fabric.rss_kib("e1")?;
     let s1_before = fabric.rss_kib("s1")?;
@@ -775,8 +791,9 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
         md,
         "Everything runs on loopback on this one machine: the client, the sink or echo server, and each\n\
          router in its own process (`tasman-bench serve-router`, the same `router::Router` that `tasman router`\n\
-         runs, default configuration). The machine's cores are shared by the client, the servers and the\n\
-         routers, so a proxy's figures include competition for CPU with its own load generator.\n\n\
+         runs, default configuration plus a `--metrics` endpoint, from which the benchmark reads neighbour\n\
+         state). The machine's cores are shared by the client, the servers and the routers, so a proxy's\n\
+         figures include competition for CPU with its own load generator.\n\n\
          The minimal quinn proxy pair is the simplest form of two proxy processes joined by QUIC: an entry\n\
          process carries each client TCP connection on one bidirectional stream of its one QUIC connection\n\
          to an exit process, which connects TCP to the sink or echo server (`tasman-bench serve-quinn-proxy`,\n\
@@ -1008,9 +1025,11 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
     writeln!(
         md,
         "{} client connections held open through edge -> site to an echo server (each proven by one echoed\n\
-         byte; opened in {:.1} s, 256 at a time). Resident memory (VmRSS) of each router process before and after;\n\
-         the edge and the site are restarted first, so that memory their allocator kept from the runs above\n\
-         does not absorb the connections.\n",
+         byte; opened in {:.1} s, 256 at a time). Resident memory (VmRSS) of each router process before and\n\
+         after (0.5 s after the last connection opened). The edge and the site are restarted first, so that\n\
+         memory their allocator kept from the runs above does not absorb the connections; \"before\" is taken\n\
+         once every router reports each of its neighbours up (the neighbour connections the restart cut,\n\
+         in both directions, made again) and 0.5 s more have passed.\n",
         args.conns,
         open_time.as_secs_f64()
     )?;

@@ -194,6 +194,33 @@ pub async fn which_site(addr: SocketAddr, timeout: Duration) -> anyhow::Result<S
         .context("no x-tasman-site header")
 }
 
+/// The body of one HTTP/1.1 GET of `path` with `Connection: close` (a router's metrics endpoint);
+/// an error unless the answer is a 200 within 2 s.
+pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let fut = async {
+        let mut s = TcpStream::connect(addr).await?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: bench\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp).await?;
+        Ok::<_, std::io::Error>(resp)
+    };
+    let resp = tokio::time::timeout(Duration::from_secs(2), fut)
+        .await
+        .context("timed out")??;
+    let text = String::from_utf8_lossy(&resp);
+    if !text.starts_with("HTTP/1.1 200") {
+        bail!(
+            "GET {path} from {addr}: {:?}",
+            text.lines().next().unwrap_or("")
+        );
+    }
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Ok(body.to_string())
+}
+
 /// Percentile of sorted nanoseconds, in microseconds.
 pub fn percentile_us(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {

@@ -20,6 +20,10 @@ pub struct ProcFabric {
     dir: tempfile::TempDir,
     topology_path: PathBuf,
     children: BTreeMap<String, Child>,
+    /// Each router's metrics endpoint (`--metrics`), on its QUIC address's IP.
+    metrics: BTreeMap<String, SocketAddr>,
+    /// How many neighbours each router has (its links in the topology).
+    neighbours: BTreeMap<String, usize>,
 }
 
 impl ProcFabric {
@@ -32,10 +36,22 @@ impl ProcFabric {
         }
         let topology_path = dir.path().join("topology.json");
         std::fs::write(&topology_path, serde_json::to_vec(topology)?)?;
+        let mut metrics = BTreeMap::new();
+        let mut neighbours = BTreeMap::new();
+        for n in &topology.nodes {
+            let ip = n.address.ip();
+            metrics.insert(
+                n.id.to_string(),
+                SocketAddr::new(ip, crate::net::free_tcp_port(ip)?),
+            );
+            neighbours.insert(n.id.to_string(), topology.links_of(&n.id).count());
+        }
         Ok(ProcFabric {
             dir,
             topology_path,
             children: BTreeMap::new(),
+            metrics,
+            neighbours,
         })
     }
 
@@ -47,6 +63,7 @@ impl ProcFabric {
     /// [`ProcFabric::start`] with more `serve-router` arguments.
     pub fn start_with(&mut self, node: &str, extra: &[&str]) -> anyhow::Result<()> {
         let exe = std::env::current_exe()?;
+        let metrics = self.metrics.get(node).context("no such node")?;
         let mut child = Command::new(exe)
             .arg("serve-router")
             .arg("--topology")
@@ -55,6 +72,8 @@ impl ProcFabric {
             .arg(node)
             .arg("--tls-dir")
             .arg(self.dir.path())
+            .arg("--metrics")
+            .arg(metrics.to_string())
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -91,6 +110,39 @@ impl ProcFabric {
             .id())
     }
 
+    /// Waits until every running router reports each of its neighbours up (`tasman_neighbour_up`
+    /// on its metrics endpoint): every neighbour connection, in both directions, is made and
+    /// answers probes.
+    pub async fn wait_neighbours_up(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut waiting = Vec::new();
+            for node in self.children.keys() {
+                let (Some(addr), Some(want)) = (self.metrics.get(node), self.neighbours.get(node))
+                else {
+                    bail!("no metrics endpoint for {node}");
+                };
+                let up = match crate::net::http_get(*addr, "/metrics").await {
+                    Ok(text) => neighbours_up(&text),
+                    Err(_) => 0,
+                };
+                if up < *want {
+                    waiting.push(format!("{node} ({up} of {want} up)"));
+                }
+            }
+            if waiting.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "neighbours not all up within {timeout:?}: {}",
+                    waiting.join(", ")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Resident memory of a router process, in KiB.
     pub fn rss_kib(&self, node: &str) -> anyhow::Result<u64> {
         let child = self.children.get(node).context("no such router process")?;
@@ -105,6 +157,15 @@ impl Drop for ProcFabric {
             let _ = c.wait();
         }
     }
+}
+
+/// How many `tasman_neighbour_up` series of a router's /metrics text are 1.
+fn neighbours_up(metrics: &str) -> usize {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("tasman_neighbour_up{"))
+        .filter(|l| l.rsplit(' ').next() == Some("1"))
+        .count()
 }
 
 /// The machine's count of UDP datagrams dropped because a socket's receive buffer was full
@@ -133,6 +194,7 @@ pub async fn serve_router(
     topology: PathBuf,
     node: String,
     tls_dir: PathBuf,
+    metrics: Option<SocketAddr>,
     keep_awake: Option<Duration>,
 ) -> anyhow::Result<()> {
     // Router logs only when asked (e.g. TASMAN_BENCH_LOG=router=debug): logging costs time.
@@ -147,6 +209,7 @@ pub async fn serve_router(
     let (_tx, rx) = tokio::sync::watch::channel(snapshot);
     let tls = router::tls::TlsIdentity::load(&tls_dir, &node)?;
     let mut cfg = router::RouterConfig::new(NodeId::new(&node), tls, rx);
+    cfg.metrics_addr = metrics;
     cfg.keep_awake = keep_awake.map(|window| router::keep_awake::Config { window, threads: 1 });
     let _handle = router::Router::spawn(cfg).await?;
     println!("ready");
@@ -388,5 +451,21 @@ pub fn spin(threads: usize) -> ! {
     }
     loop {
         std::hint::spin_loop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_neighbours_reported_up_count() {
+        let text = "# HELP tasman_neighbour_up Neighbour state (1 up).\n\
+                    # TYPE tasman_neighbour_up gauge\n\
+                    tasman_neighbour_up{node=\"s1\",neighbour=\"e1\"} 1\n\
+                    tasman_neighbour_up{node=\"s1\",neighbour=\"t1\"} 0\n\
+                    tasman_neighbour_up_total{node=\"s1\"} 1\n\
+                    tasman_neighbour_rtt_seconds{node=\"s1\",neighbour=\"e1\"} 0.0001\n";
+        assert_eq!(neighbours_up(text), 1);
     }
 }

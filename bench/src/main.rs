@@ -797,9 +797,11 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
          The minimal quinn proxy pair is the simplest form of two proxy processes joined by QUIC: an entry\n\
          process carries each client TCP connection on one bidirectional stream of its one QUIC connection\n\
          to an exit process, which connects TCP to the sink or echo server (`tasman-bench serve-quinn-proxy`,\n\
-         the routers' runtime, TLS and transport configuration). Each side copies each way with\n\
-         `tokio::io::copy_buf` through a 256 KiB buffer (the routers' largest TCP read), passes half-closes\n\
-         on and sets TCP_NODELAY; no header, routing, metrics or health.\n"
+         the routers' runtime, TLS and transport configuration). Each side moves the bytes without copying\n\
+         them, as the routers do: TCP -> QUIC reads into 256 KiB blocks (the routers' largest TCP read) and\n\
+         hands quinn the frozen bytes (`write_chunk`); QUIC -> TCP takes quinn's own chunks (`read_chunks`,\n\
+         16 at a time) and writes them with vectored writes. It passes half-closes on and sets TCP_NODELAY;\n\
+         no header, routing, metrics or health.\n"
     )?;
 
     writeln!(md, "### Throughput of one TCP stream\n")?;

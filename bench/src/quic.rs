@@ -7,15 +7,18 @@
 //! connection to an exit, which connects TCP to a fixed target. The same TLS and transport
 //! configuration as the routers, and nothing else: no header, routing, metrics or health.
 
+use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use bytes::{Buf, Bytes, BytesMut};
 use router::tls::{PeerNames, TlsIdentity};
 use router::{pki, tls, transport};
-use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 
 const CHUNK: usize = 256 * 1024;
@@ -188,7 +191,7 @@ pub async fn proxy_entry(
         .with_context(|| format!("bind {listen}"))?;
     println!("ready {}", listener.local_addr()?);
     loop {
-        let (tcp, _) = listener.accept().await?;
+        let tcp = crate::net::accept(&listener, "quinn proxy entry").await;
         let conn = conn.clone();
         tokio::spawn(async move {
             tcp.set_nodelay(true)?;
@@ -226,33 +229,77 @@ pub async fn proxy_exit(
     Ok(())
 }
 
-/// Bytes each side of the minimal quinn proxy pair reads and writes at a time, per direction: the
-/// routers' largest TCP read (`TCP_BUF_MAX` in router/src/splice.rs). With `tokio::io::copy`'s
-/// own 8 KiB buffer (a syscall and a quinn write per 8 KiB) the pair used about a quarter more CPU
-/// per GiB, and was slower than edge -> site, in quick runs on a loaded 2-core machine: not a
-/// floor. Allocated per connection, side and direction (the pair is not in the memory part).
-const PROXY_COPY_BUF: usize = 256 * 1024;
+/// Bytes each side of the minimal quinn proxy pair reads from TCP into one block: the routers'
+/// largest TCP read (`TCP_BUF_MAX` in router/src/splice.rs). A new block is taken when less than a
+/// quarter of this is left in the current one. (With an 8 KiB buffer, a syscall and a quinn
+/// write per 8 KiB, the pair used about a quarter more CPU per GiB in quick runs: not a floor.)
+const PROXY_READ: usize = 256 * 1024;
 
-/// `tokio::io::copy_buf` each way between a TCP connection and a quinn stream; EOF on one side
-/// becomes a half-close of the other (`finish`, TCP shutdown), and the other way keeps flowing.
+/// Chunks taken from quinn per read on QUIC -> TCP, written with one vectored write (the routers'
+/// `IOV` in router/src/splice.rs).
+const PROXY_IOV: usize = 16;
+
+/// Both ways between a TCP connection and a quinn stream, without copying the bytes, as the
+/// routers do (router/src/splice.rs): TCP -> QUIC reads into a block and hands quinn the frozen
+/// bytes (`write_chunk`, which keeps them instead of copying them into its send buffer); QUIC ->
+/// TCP takes quinn's own chunks (`read_chunks`) and writes them with vectored writes. EOF on one
+/// side becomes a half-close of the other (`finish`, TCP shutdown), and the other way keeps
+/// flowing.
 async fn copy_both_ways(
     tcp: TcpStream,
     mut send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    mut recv: quinn::RecvStream,
 ) -> anyhow::Result<()> {
-    let (rd, mut wr) = tcp.into_split();
+    let (mut rd, mut wr) = tcp.into_split();
     let tcp_to_quic = async {
-        let mut rd = BufReader::with_capacity(PROXY_COPY_BUF, rd);
-        tokio::io::copy_buf(&mut rd, &mut send).await?;
+        let mut block = BytesMut::new();
+        loop {
+            if block.capacity() - block.len() < PROXY_READ / 4 {
+                block = BytesMut::with_capacity(PROXY_READ);
+            }
+            if rd.read_buf(&mut block).await? == 0 {
+                break;
+            }
+            send.write_chunk(block.split().freeze()).await?;
+        }
         send.finish()?;
         anyhow::Ok(())
     };
     let quic_to_tcp = async {
-        let mut recv = BufReader::with_capacity(PROXY_COPY_BUF, recv);
-        tokio::io::copy_buf(&mut recv, &mut wr).await?;
+        let mut bufs: [Bytes; PROXY_IOV] = Default::default();
+        while let Some(k) = recv.read_chunks(&mut bufs).await? {
+            write_all_chunks(&mut wr, &mut bufs[..k]).await?;
+        }
         wr.shutdown().await?;
         anyhow::Ok(())
     };
     tokio::try_join!(tcp_to_quic, quic_to_tcp)?;
+    Ok(())
+}
+
+/// Writes `bufs` to `wr` in full with vectored writes (up to [`PROXY_IOV`] chunks each).
+async fn write_all_chunks(wr: &mut OwnedWriteHalf, bufs: &mut [Bytes]) -> std::io::Result<()> {
+    let mut first = 0;
+    while first < bufs.len() {
+        if bufs[first].is_empty() {
+            first += 1;
+            continue;
+        }
+        let io: [IoSlice<'_>; PROXY_IOV] =
+            std::array::from_fn(|i| IoSlice::new(bufs.get(first + i).map_or(&[], |b| &b[..])));
+        let k = (bufs.len() - first).min(PROXY_IOV);
+        let mut written = wr.write_vectored(&io[..k]).await?;
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while written > 0 && first < bufs.len() {
+            let n = bufs[first].len().min(written);
+            bufs[first].advance(n);
+            written -= n;
+            if bufs[first].is_empty() {
+                first += 1;
+            }
+        }
+    }
     Ok(())
 }

@@ -189,6 +189,10 @@ pub fn cpu_ms_of(pids: &[u32]) -> anyhow::Result<u64> {
     pids.iter().map(|p| cpu_ms(*p)).sum()
 }
 
+/// Spinning threads of a router started with `--keep-awake` (as `tasman router`'s default
+/// `--keep-awake-threads`).
+pub const KEEP_AWAKE_THREADS: usize = 1;
+
 /// The body of `tasman-bench serve-router`: one router in this process until killed.
 pub async fn serve_router(
     topology: PathBuf,
@@ -210,7 +214,10 @@ pub async fn serve_router(
     let tls = router::tls::TlsIdentity::load(&tls_dir, &node)?;
     let mut cfg = router::RouterConfig::new(NodeId::new(&node), tls, rx);
     cfg.metrics_addr = metrics;
-    cfg.keep_awake = keep_awake.map(|window| router::keep_awake::Config { window, threads: 1 });
+    cfg.keep_awake = keep_awake.map(|window| router::keep_awake::Config {
+        window,
+        threads: KEEP_AWAKE_THREADS,
+    });
     let _handle = router::Router::spawn(cfg).await?;
     println!("ready");
     std::future::pending::<()>().await;
@@ -407,19 +414,26 @@ impl Drop for Haproxy {
     }
 }
 
-/// One spinning thread per core in a process of its own under `SCHED_IDLE` (`chrt --idle 0`):
-/// the cores never go idle, yet the spinner runs only when nothing else wants a core, so it
-/// takes (almost) no CPU from the processes under test. What it changes is the cost of a
-/// wake-up: on this VM a process woken on an idle vCPU first waits for the vCPU to leave its halt
-/// (a trip through the hypervisor); on a busy one it preempts the spinner at once. It stands for a
-/// host whose cores are kept busy by other work, as a loaded production router's are.
+/// Spinning threads in a process of its own under `SCHED_IDLE` (`chrt --idle 0`): one per core
+/// ([`Spinner::per_core`]) and the cores never go idle, yet the spinner runs only when nothing
+/// else wants a core, so it takes (almost) no CPU from the processes under test. What it changes
+/// is the cost of a wake-up: on this VM a process woken on an idle vCPU first waits for the vCPU
+/// to leave its halt (a trip through the hypervisor); on a busy one it preempts the spinner at
+/// once. It stands for a host whose cores are kept busy by other work, as a loaded production
+/// router's are. With as many threads as `--keep-awake` routers run ([`Spinner::start`]), it is
+/// the condition those routers put every process of the host in.
 pub struct Spinner {
     child: Child,
 }
 
 impl Spinner {
-    pub fn start() -> anyhow::Result<Self> {
-        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    /// One thread per core.
+    pub fn per_core() -> anyhow::Result<Self> {
+        Self::start(std::thread::available_parallelism().map_or(2, |n| n.get()))
+    }
+
+    /// `threads` threads; returns once the process has been spinning for a clock tick.
+    pub fn start(threads: usize) -> anyhow::Result<Self> {
         let child = Command::new("chrt")
             .arg("--idle")
             .arg("0")
@@ -429,7 +443,15 @@ impl Spinner {
             .stdout(Stdio::null())
             .spawn()
             .context("starting the idle-priority spinner (chrt, from util-linux)")?;
-        Ok(Spinner { child })
+        let spinner = Spinner { child };
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while cpu_ms(spinner.child.id()).unwrap_or(0) == 0 {
+            if Instant::now() > deadline {
+                bail!("the idle-priority spinner did not start spinning within 2 s");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(spinner)
     }
 }
 

@@ -24,9 +24,16 @@
 //! when they arrived less than J apart. The queue is bounded; a packet that finds it full is dropped
 //! and counted, as a real router's buffer would.
 //!
+//! Outages: [`LinkHandle::cut_for`] cuts the link for a fixed time and the emulator restores it
+//! on its own at the deadline (a cut through `set_profile(LinkProfile::cut())` lasts until the
+//! caller sets another profile, so its length is the caller's scheduling, which a loaded machine
+//! can stretch by hundreds of milliseconds). Every datagram on the link at any moment of the cut
+//! is lost: the ones that reach the emulator during it, and the ones it was still holding (delay,
+//! jitter) when it began.
+//!
 //! Hot path: each reader receives into a shared `BytesMut` slab and hands the scheduler a frozen
-//! `Bytes` slice of it (no per-packet allocation while slabs are recycled); the profile is read
-//! lock-free through `ArcSwap`.
+//! `Bytes` slice of it (no per-packet allocation while slabs are recycled); the profile and the
+//! last cut are read lock-free through `ArcSwap`.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -36,7 +43,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::{Bytes, BytesMut};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -133,6 +140,8 @@ pub struct LinkStats {
     pub dropped_loss: u64,
     /// Packets dropped because the queue was full (or the flow table was).
     pub dropped_queue_full: u64,
+    /// Packets lost to a timed cut ([`LinkHandle::cut_for`]).
+    pub dropped_cut: u64,
     /// Packets the kernel refused to send.
     pub send_errors: u64,
 }
@@ -143,7 +152,23 @@ struct Counters {
     forwarded: AtomicU64,
     dropped_loss: AtomicU64,
     dropped_queue_full: AtomicU64,
+    dropped_cut: AtomicU64,
     send_errors: AtomicU64,
+}
+
+/// A timed cut: the link carries nothing from `from` until `until`.
+#[derive(Debug, Clone, Copy)]
+struct Cut {
+    from: Instant,
+    until: Instant,
+}
+
+impl Cut {
+    /// Whether a packet that reached the emulator at `arrived` and is due to leave at `due` was
+    /// on the link at some moment of the cut (an empty cut loses nothing).
+    fn loses(&self, arrived: Instant, due: Instant) -> bool {
+        self.from < self.until && arrived < self.until && due >= self.from
+    }
 }
 
 /// Where a queued packet goes.
@@ -156,6 +181,8 @@ enum Dest {
 
 struct Queued {
     due: Instant,
+    /// When the packet reached the emulator (for a cut that begins while it is held).
+    arrived: Instant,
     seq: u64,
     dest: Dest,
     data: Bytes,
@@ -181,6 +208,8 @@ impl Ord for Queued {
 /// State shared by the emulator's tasks.
 struct Shared {
     profile: ArcSwap<LinkProfile>,
+    /// The last timed cut ([`LinkHandle::cut_for`]), also once it is over.
+    cut: ArcSwapOption<Cut>,
     counters: Counters,
     queued: AtomicUsize,
     options: EmulatorOptions,
@@ -261,6 +290,37 @@ impl LinkHandle {
         **self.shared.profile.load()
     }
 
+    /// Cuts the link for `duration` from now, in both directions, and restores it on its own at
+    /// the deadline: every datagram that reaches the emulator before then is dropped, and so is
+    /// every one it still holds (delay, jitter) when the cut begins, as on a cut fibre (counted
+    /// in [`LinkStats::dropped_cut`]); from the deadline on, packets pass with the profile in
+    /// force again. The outage lasts `duration` however late the caller runs next, which a
+    /// restore by [`LinkHandle::set_profile`] cannot promise on a loaded machine. A cut in
+    /// progress is made to end `duration` from now instead (`cut_for(Duration::ZERO)` ends it
+    /// at once; what was held during it is still lost). The profile is left alone.
+    pub fn cut_for(&self, duration: Duration) {
+        let now = Instant::now();
+        // A duration past what an Instant holds cuts for a century.
+        let until = now
+            .checked_add(duration)
+            .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 86_400)))
+            .unwrap_or(now);
+        let from = match self.shared.cut.load().as_deref() {
+            Some(c) if c.from <= now && now < c.until => c.from,
+            _ => now,
+        };
+        self.shared.cut.store(Some(Arc::new(Cut { from, until })));
+    }
+
+    /// Whether a timed cut is in progress.
+    pub fn is_cut(&self) -> bool {
+        self.shared
+            .cut
+            .load()
+            .as_ref()
+            .is_some_and(|c| Instant::now() < c.until)
+    }
+
     /// Counters so far.
     pub fn stats(&self) -> LinkStats {
         let c = &self.shared.counters;
@@ -269,6 +329,7 @@ impl LinkHandle {
             forwarded: c.forwarded.load(Ordering::Relaxed),
             dropped_loss: c.dropped_loss.load(Ordering::Relaxed),
             dropped_queue_full: c.dropped_queue_full.load(Ordering::Relaxed),
+            dropped_cut: c.dropped_cut.load(Ordering::Relaxed),
             send_errors: c.send_errors.load(Ordering::Relaxed),
         }
     }
@@ -291,6 +352,7 @@ impl std::fmt::Debug for LinkHandle {
             .field("local_addr", &self.local_addr)
             .field("target", &self.shared.target)
             .field("profile", &self.profile())
+            .field("cut", &self.is_cut())
             .finish()
     }
 }
@@ -320,6 +382,7 @@ impl LinkEmulator {
         let local_addr = socket.local_addr()?;
         let shared = Arc::new(Shared {
             profile: ArcSwap::from_pointee(profile.sanitized()),
+            cut: ArcSwapOption::empty(),
             counters: Counters::default(),
             queued: AtomicUsize::new(0),
             seq: AtomicU64::new(0),
@@ -507,7 +570,8 @@ async fn upstream_reader(mut t: UpstreamTask) {
     }
 }
 
-/// Applies loss and the queue bound, then hands the packet to the scheduler with its due time.
+/// Applies a cut, loss and the queue bound, then hands the packet to the scheduler with its due
+/// time.
 fn enqueue(
     shared: &Shared,
     tx: &mpsc::UnboundedSender<Queued>,
@@ -515,8 +579,17 @@ fn enqueue(
     dest: Dest,
     data: Bytes,
 ) {
-    let profile = shared.profile.load();
     let now = Instant::now();
+    if shared
+        .cut
+        .load()
+        .as_ref()
+        .is_some_and(|c| c.from <= now && now < c.until)
+    {
+        shared.counters.dropped_cut.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let profile = shared.profile.load();
     let Some(due) = dir.schedule(&profile, now) else {
         shared.counters.dropped_loss.fetch_add(1, Ordering::Relaxed);
         return;
@@ -534,6 +607,7 @@ fn enqueue(
     if tx
         .send(Queued {
             due,
+            arrived: now,
             seq,
             dest,
             data,
@@ -558,6 +632,16 @@ async fn scheduler(
         while heap.peek().is_some_and(|Reverse(q)| q.due <= now) {
             let Some(Reverse(q)) = heap.pop() else { break };
             shared.queued.fetch_sub(1, Ordering::AcqRel);
+            // Held when a cut began, and due during or after it: lost on the cut link.
+            if shared
+                .cut
+                .load()
+                .as_ref()
+                .is_some_and(|c| c.loses(q.arrived, q.due))
+            {
+                shared.counters.dropped_cut.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             send(&listen, &shared, q).await;
         }
         let next = heap.peek().map(|Reverse(q)| q.due);
@@ -1098,6 +1182,184 @@ mod tests {
             "{:?}",
             link.stats()
         );
+    }
+
+    /// Receives one datagram on `sock` within 5 s.
+    async fn recv_one(sock: &UdpSocket) -> (Vec<u8>, SocketAddr) {
+        let mut buf = [0u8; 64];
+        let (n, from) = tokio::time::timeout(Duration::from_secs(5), sock.recv_from(&mut buf))
+            .await
+            .expect("datagram within 5 s")
+            .expect("recv");
+        (buf[..n].to_vec(), from)
+    }
+
+    /// A timed cut drops what comes either way until its deadline, then the link carries
+    /// packets again with nothing more asked of it.
+    #[tokio::test]
+    async fn a_timed_cut_drops_both_ways_and_ends_on_its_own_at_its_deadline() {
+        const CUT: Duration = Duration::from_millis(1500);
+        let target = UdpSocket::bind(lo()).await.expect("bind target");
+        let link = LinkEmulator::spawn(
+            lo(),
+            target.local_addr().expect("addr"),
+            LinkProfile::default(),
+        )
+        .await
+        .expect("spawn");
+        let client = UdpSocket::bind(lo()).await.expect("bind client");
+        // The client's flow, and an answer back through it.
+        client
+            .send_to(b"hello", link.local_addr())
+            .await
+            .expect("send");
+        let (got, flow) = recv_one(&target).await;
+        assert_eq!(got, b"hello");
+        target.send_to(b"hi", flow).await.expect("answer");
+        assert_eq!(recv_one(&client).await.0, b"hi");
+
+        let start = std::time::Instant::now();
+        link.cut_for(CUT);
+        assert!(link.is_cut());
+        client
+            .send_to(b"lost up", link.local_addr())
+            .await
+            .expect("send");
+        target.send_to(b"lost down", flow).await.expect("send");
+        assert!(
+            eventually(Duration::from_secs(5), || link.stats().dropped_cut == 2).await,
+            "{:?}",
+            link.stats()
+        );
+        assert!(
+            start.elapsed() < CUT,
+            "the test ran too late to send within the cut: {:?}",
+            start.elapsed()
+        );
+        assert_eq!(link.stats().forwarded, 2, "{:?}", link.stats());
+
+        // Nothing more is asked of the link: the client sends until the target hears it.
+        let heard = async {
+            loop {
+                client
+                    .send_to(b"again", link.local_addr())
+                    .await
+                    .expect("send");
+                let mut buf = [0u8; 64];
+                if let Ok(r) =
+                    tokio::time::timeout(Duration::from_millis(20), target.recv_from(&mut buf))
+                        .await
+                {
+                    let (n, _) = r.expect("recv");
+                    return buf[..n].to_vec();
+                }
+            }
+        };
+        let got = tokio::time::timeout(Duration::from_secs(10), heard)
+            .await
+            .expect("the link carries packets again within 10 s");
+        let back_after = start.elapsed();
+        // The first datagram through is one sent after the deadline, not the one cut.
+        assert_eq!(got, b"again");
+        assert!(
+            back_after >= CUT,
+            "a packet passed {back_after:?} into a {CUT:?} cut"
+        );
+        assert!(!link.is_cut());
+        // The other way too, and what was cut that way never arrives.
+        target.send_to(b"back", flow).await.expect("send");
+        assert_eq!(recv_one(&client).await.0, b"back");
+        assert_eq!(
+            link.profile(),
+            LinkProfile::default(),
+            "the profile is kept"
+        );
+        println!("link back {back_after:?} after a {CUT:?} cut");
+    }
+
+    /// A packet the link still holds (its delay) when a cut begins is lost, although it is due
+    /// after the cut: it was on the link during it.
+    #[tokio::test]
+    async fn a_cut_loses_the_packets_the_link_was_holding() {
+        let sink = UdpSocket::bind(lo()).await.expect("bind sink");
+        let link = LinkEmulator::spawn(
+            lo(),
+            sink.local_addr().expect("addr"),
+            LinkProfile::delay(ms(1000)),
+        )
+        .await
+        .expect("spawn");
+        let client = UdpSocket::bind(lo()).await.expect("bind client");
+        client
+            .send_to(b"held", link.local_addr())
+            .await
+            .expect("send");
+        assert!(
+            eventually(Duration::from_secs(5), || link.stats().received == 1).await,
+            "{:?}",
+            link.stats()
+        );
+        link.cut_for(Duration::from_millis(100));
+        assert!(
+            eventually(Duration::from_secs(5), || !link.is_cut()).await,
+            "the cut ended"
+        );
+        client
+            .send_to(b"after", link.local_addr())
+            .await
+            .expect("send");
+        assert_eq!(recv_one(&sink).await.0, b"after", "{:?}", link.stats());
+        // Counted once sent, a moment after the sink may have it.
+        assert!(
+            eventually(Duration::from_secs(5), || link.stats().forwarded == 1).await,
+            "{:?}",
+            link.stats()
+        );
+        assert_eq!(link.stats().dropped_cut, 1, "{:?}", link.stats());
+    }
+
+    /// A cut made while one is in progress moves its end: `Duration::ZERO` ends it at once,
+    /// and what the link held during it is still lost; with no cut in progress an empty cut
+    /// loses nothing. A duration no `Instant` holds cuts for good, without a panic.
+    #[tokio::test]
+    async fn a_new_cut_moves_the_end_of_the_one_in_progress() {
+        let sink = UdpSocket::bind(lo()).await.expect("bind sink");
+        let link = LinkEmulator::spawn(
+            lo(),
+            sink.local_addr().expect("addr"),
+            LinkProfile::delay(ms(1000)),
+        )
+        .await
+        .expect("spawn");
+        let client = UdpSocket::bind(lo()).await.expect("bind client");
+        let to = link.local_addr();
+        let received = |n: u64| {
+            let link = &link;
+            async move { eventually(Duration::from_secs(5), || link.stats().received == n).await }
+        };
+        client.send_to(b"kept", to).await.expect("send");
+        assert!(received(1).await, "{:?}", link.stats());
+        link.cut_for(Duration::ZERO);
+        assert!(!link.is_cut());
+        assert_eq!(recv_one(&sink).await.0, b"kept", "{:?}", link.stats());
+        client.send_to(b"held", to).await.expect("send");
+        assert!(received(2).await, "{:?}", link.stats());
+        link.cut_for(Duration::MAX);
+        assert!(link.is_cut());
+        client.send_to(b"lost", to).await.expect("send");
+        assert!(received(3).await, "{:?}", link.stats());
+        assert_eq!(link.stats().dropped_cut, 1, "{:?}", link.stats());
+        link.cut_for(Duration::ZERO);
+        assert!(!link.is_cut());
+        client.send_to(b"after", to).await.expect("send");
+        // "held", due first, was held during the cut.
+        assert_eq!(recv_one(&sink).await.0, b"after", "{:?}", link.stats());
+        assert!(
+            eventually(Duration::from_secs(5), || link.stats().forwarded == 2).await,
+            "{:?}",
+            link.stats()
+        );
+        assert_eq!(link.stats().dropped_cut, 2, "{:?}", link.stats());
     }
 
     #[tokio::test]

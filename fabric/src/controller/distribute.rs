@@ -611,22 +611,15 @@ fn report_node(r: &router::telemetry::TelemetryReport) -> &str {
 /// (what routing reads) and also folded into one [`SiteLoad`](topology::route::SiteLoad) for
 /// routers of an older version: streams and capacity add up, and the site counts as healthy
 /// while any of its services is (a router refuses streams for a failed backend itself, and
-/// edges retry elsewhere). A service reported twice keeps its last entry.
+/// edges retry elsewhere). A service reported twice keeps its last entry, in both. Whether the
+/// node is a site and serves these services is the aggregator's business
+/// ([`LiveAggregator::observe`](super::live::LiveAggregator::observe)).
 ///
 /// A neighbour sample with an RTT above [`MAX_RTT`] is left out; the second value counts them.
 /// Anti-flap margins outside what `tasman router` accepts (a margin above [`Latency::MAX`], a
 /// ratio not in (0, 1]) are left out: the plan then assumes the defaults for that edge.
 pub fn sample_of(r: &router::telemetry::TelemetryReport) -> (Sample, usize) {
-    // Saturating: the numbers are the router's word, and a sum must not overflow (a panic).
-    let sum = |f: fn(&router::telemetry::SiteReport) -> u32| {
-        r.sites.iter().map(f).fold(0u32, u32::saturating_add)
-    };
-    let site = (!r.sites.is_empty()).then(|| topology::route::SiteLoad {
-        active_streams: sum(|s| s.active_streams),
-        capacity: sum(|s| s.capacity),
-        healthy: r.sites.iter().any(|s| s.healthy),
-    });
-    let services = r
+    let services: std::collections::BTreeMap<ServiceName, topology::route::SiteLoad> = r
         .sites
         .iter()
         .map(|s| {
@@ -638,6 +631,8 @@ pub fn sample_of(r: &router::telemetry::TelemetryReport) -> (Sample, usize) {
             (s.service.clone(), load)
         })
         .collect();
+    // Saturating: the numbers are the router's word, and a sum must not overflow (a panic).
+    let site = super::live::summed(&services);
     let neighbours: Vec<NeighbourSample> = r
         .neighbours
         .iter()

@@ -13,7 +13,7 @@
 //! it is measured more than `abs_threshold` above its declared latency, and loses it (the
 //! declared value applies) once it is back within half of that.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -99,6 +99,8 @@ struct Index {
     /// Declared latency per link.
     links: HashMap<LinkId, Latency>,
     nodes: HashMap<NodeId, NodeKind>,
+    /// Per site node, the services it serves.
+    serves: HashMap<NodeId, HashSet<ServiceName>>,
 }
 
 impl Index {
@@ -110,9 +112,61 @@ impl Index {
                 .iter()
                 .map(|n| (n.id.clone(), n.kind))
                 .collect(),
+            serves: topology
+                .nodes
+                .iter()
+                .filter(|n| n.kind == NodeKind::Site)
+                .map(|n| {
+                    (
+                        n.id.clone(),
+                        n.serves.iter().map(|s| s.service.clone()).collect(),
+                    )
+                })
+                .collect(),
             topology,
         }
     }
+
+    /// Whether `site` is a site node that serves `service`.
+    fn serves(&self, site: &NodeId, service: &ServiceName) -> bool {
+        self.serves.get(site).is_some_and(|s| s.contains(service))
+    }
+
+    /// A site's report as this topology takes it: from a site node only, for the services it
+    /// serves only (a router's report is its word: one that names services the site does not
+    /// serve, or a node that is no site, would otherwise have them published to every router).
+    /// The summed load is the reported one when nothing was left out, else the sum of what is
+    /// kept (None when nothing is).
+    fn site_report(
+        &self,
+        node: &NodeId,
+        load: SiteLoad,
+        services: &BTreeMap<ServiceName, SiteLoad>,
+    ) -> Option<SiteView> {
+        if self.nodes.get(node) != Some(&NodeKind::Site) {
+            return None;
+        }
+        let kept: BTreeMap<ServiceName, SiteLoad> = services
+            .iter()
+            .filter(|(service, _)| self.serves(node, service))
+            .map(|(service, load)| (service.clone(), *load))
+            .collect();
+        if kept.len() == services.len() {
+            return Some((load, kept));
+        }
+        Some((summed(&kept)?, kept))
+    }
+}
+
+/// A site's load summed over its services: streams and capacity add up (saturating: the
+/// numbers are the router's word), and the site counts as healthy while any of its services is
+/// (None: no service).
+pub fn summed(services: &BTreeMap<ServiceName, SiteLoad>) -> Option<SiteLoad> {
+    services.values().copied().reduce(|a, b| SiteLoad {
+        active_streams: a.active_streams.saturating_add(b.active_streams),
+        capacity: a.capacity.saturating_add(b.capacity),
+        healthy: a.healthy || b.healthy,
+    })
 }
 
 /// What a site last reported about itself.
@@ -157,12 +211,25 @@ impl LiveAggregator {
     /// The topology reports are matched against from now on (after an apply). Observations of
     /// links and nodes it no longer has are dropped: the state kept is bounded by the topology
     /// in force, however many ids come and go.
+    /// What sites reported is kept as the new topology takes it ([`Index::site_report`]), and
+    /// edges' sites in use only where the site still serves the service.
     pub fn set_topology(&mut self, topology: Arc<Topology>) {
         self.index = Index::new(topology);
         let index = &self.index;
         self.links.retain(|id, _| index.links.contains_key(id));
-        self.sites.retain(|id, _| index.nodes.contains_key(id));
-        self.preferred.retain(|id, _| index.nodes.contains_key(id));
+        self.sites.retain(
+            |id, obs| match index.site_report(id, obs.load, &obs.services) {
+                Some((load, services)) => {
+                    (obs.load, obs.services) = (load, services);
+                    true
+                }
+                None => false,
+            },
+        );
+        self.preferred.retain(|id, c| {
+            c.sites.retain(|service, site| index.serves(site, service));
+            index.nodes.get(id) == Some(&NodeKind::Edge)
+        });
     }
 
     pub fn published(&self) -> &LiveState {
@@ -171,6 +238,12 @@ impl LiveAggregator {
 
     /// Merges one report. Returns true when it moves the fabric's live state beyond the
     /// anti-flap thresholds (a recomputation is then worth scheduling).
+    ///
+    /// A report is the router's word, and what is published goes to every router: a load is
+    /// taken from a site node only, for the services it serves in the topology in force (what
+    /// else it names is dropped, and the summed load is then the sum of what is kept), and an
+    /// edge's sites in use only where the site serves the service. Links are those of the
+    /// topology.
     ///
     /// The cost is the report's size, not the fabric's: only the links and the site it reports
     /// are compared with what is published (observations ageing out elsewhere are the
@@ -200,23 +273,29 @@ impl LiveAggregator {
             touched.push(id);
         }
         let kind = self.index.nodes.get(&s.node).copied();
-        let site_reported = match s.site {
-            Some(load) if kind.is_some() => {
+        let site = s
+            .site
+            .and_then(|load| self.index.site_report(&s.node, load, &s.services));
+        let site_reported = match site {
+            Some((load, services)) => {
                 let obs = SiteObs {
                     load,
-                    services: s.services,
+                    services,
                     at: now,
                 };
                 self.sites.insert(s.node.clone(), obs);
                 true
             }
-            _ => false,
+            None => false,
         };
         let changed = touched.iter().any(|id| self.link_changed(id, now))
             || (site_reported && self.site_changed(&s.node, now));
         if kind == Some(NodeKind::Edge) {
+            // Only sites that serve the service in this topology: the plan starts from them.
+            let mut sites = s.preferred;
+            sites.retain(|service, site| self.index.serves(site, service));
             let choice = EdgeChoice {
-                sites: s.preferred,
+                sites,
                 margins: s.margins,
                 at: now,
             };
@@ -279,6 +358,16 @@ impl LiveAggregator {
         if !self.fresh(obs.at, now) {
             return None;
         }
+        Some(self.held_site(site, &obs.load, &obs.services))
+    }
+
+    /// A site's load, summed and per service, with the anti-flap band of [`Self::site_view`].
+    fn held_site(
+        &self,
+        site: &NodeId,
+        load: &SiteLoad,
+        services: &BTreeMap<ServiceName, SiteLoad>,
+    ) -> SiteView {
         let held = |published: Option<&SiteLoad>, load: &SiteLoad| {
             let keep = published.copied().filter(|p| {
                 p.healthy == load.healthy
@@ -288,18 +377,14 @@ impl LiveAggregator {
             keep.unwrap_or(*load)
         };
         let published = self.published.service_load.get(site);
-        let services = obs
-            .services
+        let services = services
             .iter()
             .map(|(service, load)| {
                 let p = published.and_then(|m| m.get(service));
                 (service.clone(), held(p, load))
             })
             .collect();
-        Some((
-            held(self.published.site_load.get(site), &obs.load),
-            services,
-        ))
+        (held(self.published.site_load.get(site), load), services)
     }
 
     /// What is published for one site, in [`SiteView`] form (None: nothing).
@@ -336,9 +421,13 @@ impl LiveAggregator {
     /// The live state that would be published now: fresh observations, with the anti-flap
     /// thresholds applied against what is currently published.
     pub fn merged(&self, now: Instant) -> LiveState {
+        self.merged_in(&self.index, now)
+    }
+
+    fn merged_in(&self, index: &Index, now: Instant) -> LiveState {
         let mut out = LiveState::default();
         for (id, obs) in &self.links {
-            let Some(declared) = self.index.links.get(id) else {
+            let Some(declared) = index.links.get(id) else {
                 continue;
             };
             let (down, weight) = self.link_view(id, obs, *declared, now);
@@ -350,14 +439,16 @@ impl LiveAggregator {
             }
         }
         for (site, obs) in &self.sites {
-            if !self.index.nodes.contains_key(site) {
+            if !self.fresh(obs.at, now) {
                 continue;
             }
-            if let Some((load, services)) = self.site_view(site, obs, now) {
-                out.site_load.insert(site.clone(), load);
-                if !services.is_empty() {
-                    out.service_load.insert(site.clone(), services);
-                }
+            let Some((load, services)) = index.site_report(site, obs.load, &obs.services) else {
+                continue;
+            };
+            let (load, services) = self.held_site(site, &load, &services);
+            out.site_load.insert(site.clone(), load);
+            if !services.is_empty() {
+                out.service_load.insert(site.clone(), services);
             }
         }
         out
@@ -529,7 +620,11 @@ mod tests {
     #[test]
     fn a_sites_load_is_published_per_service() {
         let mut b = TopologyBuilder::new();
-        b.node("s", NodeKind::Site);
+        b.node("s", NodeKind::Site)
+            .service("chat")
+            .service("embed")
+            .serve("s", "chat", 100)
+            .serve("s", "embed", 100);
         let mut agg = LiveAggregator::new(LiveParams::default(), Arc::new(b.build()));
         let load = |active_streams, capacity| SiteLoad {
             active_streams,
@@ -563,6 +658,85 @@ mod tests {
         agg.publish(agg.merged(now));
         assert_eq!(per(&agg, "chat"), load(94, 100));
         assert_eq!(agg.published().site_load["s"], load(100, 200));
+    }
+
+    /// Only a site's report of the services it serves is published: a site naming a service
+    /// it does not serve, an edge or a transit reporting a site's load, or an edge reporting a
+    /// site in use that does not serve the service, is left out (every name a router reported
+    /// was published to every router, every time). A topology that stops a site serving a
+    /// service drops that service's load at once.
+    #[test]
+    fn only_what_sites_serve_is_published() {
+        let mut b = TopologyBuilder::new();
+        b.node("e", NodeKind::Edge)
+            .node("t", NodeKind::Transit)
+            .node("s", NodeKind::Site)
+            .node("s2", NodeKind::Site)
+            .service("chat")
+            .service("embed")
+            .serve("s", "chat", 100)
+            .serve("s", "embed", 100)
+            .serve("s2", "embed", 100);
+        let mut agg = LiveAggregator::new(LiveParams::default(), Arc::new(b.build()));
+        let load = |active_streams| SiteLoad {
+            active_streams,
+            capacity: 100,
+            healthy: true,
+        };
+        let report = |node: &str, services: &[(&str, u32)]| {
+            let services: BTreeMap<ServiceName, SiteLoad> = services
+                .iter()
+                .map(|(s, n)| (ServiceName::new(s), load(*n)))
+                .collect();
+            Sample {
+                node: NodeId::new(node),
+                neighbours: Vec::new(),
+                site: summed(&services),
+                services,
+                preferred: BTreeMap::new(),
+                margins: None,
+            }
+        };
+        let now = Instant::now();
+        agg.observe(report("s", &[("chat", 10), ("invented", 50)]), now);
+        agg.observe(report("e", &[("chat", 1)]), now);
+        agg.observe(report("t", &[("made-up", 1)]), now);
+        // A site that reports only what it does not serve reports nothing.
+        agg.observe(report("s2", &[("chat", 7)]), now);
+        let mut choices = report("e", &[]);
+        choices.preferred = BTreeMap::from([
+            (ServiceName::new("chat"), NodeId::new("s")),
+            (ServiceName::new("embed"), NodeId::new("t")),
+            (ServiceName::new("invented"), NodeId::new("s")),
+        ]);
+        agg.observe(choices, now);
+        let merged = agg.merged(now);
+        assert_eq!(
+            merged.service_load,
+            BTreeMap::from([(
+                NodeId::new("s"),
+                BTreeMap::from([(ServiceName::new("chat"), load(10))])
+            )]),
+        );
+        assert_eq!(
+            merged.site_load,
+            BTreeMap::from([(NodeId::new("s"), load(10))]),
+            "summed over what is kept"
+        );
+        assert_eq!(
+            agg.incumbents(now),
+            BTreeMap::from([(
+                NodeId::new("e"),
+                BTreeMap::from([(ServiceName::new("chat"), NodeId::new("s"))])
+            )])
+        );
+        // s stops serving chat: its load for chat goes with it.
+        let mut b = TopologyBuilder::new();
+        b.node("s", NodeKind::Site)
+            .service("embed")
+            .serve("s", "embed", 100);
+        agg.set_topology(Arc::new(b.build()));
+        assert_eq!(agg.merged(now), LiveState::default());
     }
 
     /// Samples resuming after a gap start a new average: an 80 ms RTT seen before the link

@@ -105,12 +105,15 @@ fn render(diff: &TopologyDiff, impact: &[ImpactEntry]) -> String {
 }
 
 impl Plan {
-    /// `incumbents`: the sites edges report in use, `margins`: the anti-flap margins they
-    /// report (see [`topology::diff::impact_with`]).
+    /// `old_live` and `new_live`: the live state under each topology (the controller's
+    /// telemetry merged against its declared latencies and sites: `LiveAggregator::merged`
+    /// and `merged_for`); `incumbents`: the sites edges report in use, `margins`: the
+    /// anti-flap margins they report (see [`topology::diff::impact_with`]).
     pub fn compute(
         old: &Topology,
         new: &Topology,
-        live: &LiveState,
+        old_live: &LiveState,
+        new_live: &LiveState,
         incumbents: &topology::diff::Incumbents,
         margins: &topology::diff::Margins,
     ) -> Plan {
@@ -119,9 +122,9 @@ impl Plan {
         // propagation floor), so a raised declared latency counts even where it was measured lower.
         let impact = topology::diff::impact_with(
             old,
-            &live.floored(old),
+            &old_live.floored(old),
             new,
-            &live.floored(new),
+            &new_live.floored(new),
             incumbents,
             margins,
         );

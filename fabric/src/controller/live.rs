@@ -92,9 +92,10 @@ pub struct RttEntry {
 
 /// The topology the aggregator matches reports against, indexed by id: every report is looked
 /// up link by link under the controller's lock, and `Topology::link` scans every link (a
-/// transit's report times the fabric's links, every second, per router).
+/// transit's report times the fabric's links, every second, per router). Built off the
+/// controller's lock for [`LiveAggregator::merged_for`]: it costs the topology's size.
 #[derive(Debug, Default)]
-struct Index {
+pub struct Index {
     topology: Arc<Topology>,
     /// Declared latency per link.
     links: HashMap<LinkId, Latency>,
@@ -104,7 +105,7 @@ struct Index {
 }
 
 impl Index {
-    fn new(topology: Arc<Topology>) -> Index {
+    pub fn new(topology: Arc<Topology>) -> Index {
         Index {
             links: topology.links.iter().map(|l| (l.id(), l.latency)).collect(),
             nodes: topology
@@ -422,6 +423,15 @@ impl LiveAggregator {
     /// thresholds applied against what is currently published.
     pub fn merged(&self, now: Instant) -> LiveState {
         self.merged_in(&self.index, now)
+    }
+
+    /// The live state that would be published now if `topology` (indexed) were in force: what
+    /// [`Self::set_topology`] then [`Self::merged`] would give, without changing the aggregator
+    /// (the impact plan's new side). Measurements are floored at, and compared with, the new
+    /// declared latencies: a link whose declared latency is lowered below its measured one keeps
+    /// its measurement, which under the old declared latency was no excess, and so not merged.
+    pub fn merged_for(&self, topology: &Index, now: Instant) -> LiveState {
+        self.merged_in(topology, now)
     }
 
     fn merged_in(&self, index: &Index, now: Instant) -> LiveState {

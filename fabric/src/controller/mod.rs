@@ -466,11 +466,14 @@ impl Controller {
     ) -> Result<ApplyOutcome, ControllerError> {
         let started = Instant::now();
         // Up to 16 MiB of text: seconds of CPU, never on a runtime worker.
-        let (topology, warnings) = {
+        // The index the plan merges telemetry against is built there too (not under the lock).
+        let (topology, warnings, index) = {
             let text = text.to_owned();
-            tokio::task::spawn_blocking(move || validate(&text))
-                .await
-                .map_err(|e| ControllerError::Internal(e.to_string()))??
+            tokio::task::spawn_blocking(move || {
+                validate(&text).map(|(t, w)| (t.clone(), w, live::Index::new(t)))
+            })
+            .await
+            .map_err(|e| ControllerError::Internal(e.to_string()))??
         };
         let validated = started.elapsed();
         let _serial = self.apply_lock.lock().await;
@@ -478,12 +481,16 @@ impl Controller {
         // pushed to the routers yet (they act on their own evidence sooner anyway): a site that
         // just died is not predicted as a destination.
         // It starts from the sites edges report in use, and moves them as routers would.
-        let (old, live, incumbents, margins) = {
+        // The new side merges the same observations against the new topology, as the first
+        // version published after the apply does (a measurement below the old declared latency
+        // is no excess there, but it is above a lowered one).
+        let (old, live, new_live, incumbents, margins) = {
             let inner = lock(&self.inner);
             let now = Instant::now();
             let merged = inner.live.merged(now);
+            let new_live = inner.live.merged_for(&index, now);
             let (incumbents, margins) = (inner.live.incumbents(now), inner.live.margins(now));
-            (inner.current.clone(), merged, incumbents, margins)
+            (inner.current.clone(), merged, new_live, incumbents, margins)
         };
         if let Some(expected) = base_version
             && expected != old.record.version
@@ -504,6 +511,7 @@ impl Controller {
                     &old_topology,
                     &new_topology,
                     &live,
+                    &new_live,
                     &incumbents,
                     &margins,
                 )
@@ -1478,6 +1486,85 @@ mod tests {
             text.contains("e chat: site changes: s2 (6.00 ms via e > t > s2) -> s1 (2.00 ms"),
             "{text}"
         );
+    }
+
+    /// The plan's new side merges telemetry against the new declared latencies, as the version
+    /// the apply publishes does. e--t 1 ms, t--s1 declared 40 ms but measured 12 ms one-way,
+    /// t--s2 20 ms, e on s2; t--s1 lowered to 5 ms: routers see s1 at 13 ms against s2's 21 ms,
+    /// within the 10 ms margin, and stay. (The plan merged under the old topology, where 12 ms
+    /// is no excess over 40 ms: the measurement was missing, s1 was predicted at 6 ms, a move.)
+    #[tokio::test]
+    async fn the_plan_merges_telemetry_against_the_new_declared_latencies() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RedbStore::open(dir.path()).unwrap());
+        let text = |near: &str| {
+            let t = yaml("20ms");
+            let declared = "{a: t, b: s1, latency: 1ms";
+            assert!(t.contains(declared), "{t}");
+            t.replace(declared, &format!("{{a: t, b: s1, latency: {near}"))
+        };
+        let ctl = Controller::open(store, Some((&text("40ms"), "t.yaml"))).unwrap();
+        ctl.on_telemetry(Sample {
+            node: NodeId::new("t"),
+            neighbours: vec![NeighbourSample {
+                neighbour: NodeId::new("s1"),
+                rtt: Some(Duration::from_millis(24)),
+                up: true,
+            }],
+            site: None,
+            services: BTreeMap::new(),
+            preferred: BTreeMap::new(),
+            margins: None,
+        });
+        ctl.on_telemetry(Sample {
+            node: NodeId::new("e"),
+            neighbours: vec![],
+            site: None,
+            services: BTreeMap::new(),
+            preferred: BTreeMap::from([(ServiceName::new("chat"), NodeId::new("s2"))]),
+            margins: None,
+        });
+        let lowered = text("5ms");
+        let planned = ctl
+            .apply(&lowered, "test", "lower", Origin::Apply, true, None)
+            .await
+            .unwrap()
+            .plan;
+        assert!(planned.changed);
+        assert!(
+            !planned.text.contains("site changes"),
+            "e stays on s2: {}",
+            planned.text
+        );
+        // The same impact from what the apply publishes.
+        let (old_topology, old_live, incumbents, margins) = {
+            let inner = lock(&ctl.inner);
+            let now = Instant::now();
+            (
+                inner.current.topology.clone(),
+                inner.live.merged(now),
+                inner.live.incumbents(now),
+                inner.live.margins(now),
+            )
+        };
+        ctl.apply(&lowered, "test", "lower", Origin::Apply, false, None)
+            .await
+            .unwrap();
+        let p = ctl.published();
+        let link = topology::LinkId::new(&NodeId::new("t"), &NodeId::new("s1"));
+        assert_eq!(
+            p.live.link_latency.get(&link),
+            Some(&Latency::from_micros(12_000))
+        );
+        let published = topology::diff::impact_with(
+            &old_topology,
+            &old_live.floored(&old_topology),
+            &p.topology,
+            &p.live.floored(&p.topology),
+            &incumbents,
+            &margins,
+        );
+        assert_eq!(planned.impact, published, "{}", planned.text);
     }
 
     /// Applying the text in force again (a retry whose first answer was lost) makes no new

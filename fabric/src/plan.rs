@@ -18,9 +18,13 @@ pub struct Plan {
     pub text: String,
     /// Circuits the change would hurt: links over-committed, nodes or links removed or down
     /// under a circuit's reserved path, sites no longer serving (or allowed for) a circuit's
-    /// service ([`crate::circuits::check`]).
+    /// service ([`crate::circuits::check`]), that the topology in force does not cause already.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub circuits: Vec<topology::circuit::ReservationIssue>,
+    /// The circuits' problems under the topology in force that the change leaves as they are
+    /// (a circuit failed by an earlier change, say): not this change's doing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub circuits_already: Vec<topology::circuit::ReservationIssue>,
 }
 
 fn cand(c: &Option<Candidate>) -> String {
@@ -135,19 +139,200 @@ impl Plan {
             impact,
             text,
             circuits: Vec::new(),
+            circuits_already: Vec::new(),
         }
     }
 
     /// Flags what the new topology does to the circuits' reservations (the apply goes ahead:
-    /// the operator decides; circuits whose path breaks become `failed`).
-    pub fn with_circuits(mut self, new: &Topology, circuits: &[crate::circuits::Circuit]) -> Plan {
-        self.circuits = crate::circuits::check(new, circuits);
+    /// the operator decides; circuits whose path breaks become `failed`): the problems the
+    /// change causes apart from those the old topology has already, listed on their own.
+    pub fn with_circuits(
+        mut self,
+        old: &Topology,
+        new: &Topology,
+        circuits: &[crate::circuits::Circuit],
+    ) -> Plan {
+        let before = crate::circuits::check(old, circuits);
+        let (already, caused): (Vec<_>, Vec<_>) = crate::circuits::check(new, circuits)
+            .into_iter()
+            .partition(|i| was_there(i, &before));
+        (self.circuits, self.circuits_already) = (caused, already);
         if !self.circuits.is_empty() {
-            let _ = writeln!(self.text, "circuits ({} problem(s)):", self.circuits.len());
+            let _ = writeln!(
+                self.text,
+                "circuits: this change causes {} problem(s):",
+                self.circuits.len()
+            );
             for i in &self.circuits {
                 let _ = writeln!(self.text, "  ! {i}");
             }
         }
+        if !self.circuits_already.is_empty() {
+            let _ = writeln!(
+                self.text,
+                "circuits: {} problem(s) already there before this change, not caused by it:",
+                self.circuits_already.len()
+            );
+            for i in &self.circuits_already {
+                let _ = writeln!(self.text, "    {i}");
+            }
+        }
         self
+    }
+}
+
+/// Whether the old topology has `issue` already. An over-committed link counts when the change
+/// does not lower its capacity (the circuits' reservations are the same on both sides; a lower
+/// capacity makes the over-commitment worse, and that is the change's doing).
+fn was_there(
+    issue: &topology::circuit::ReservationIssue,
+    before: &[topology::circuit::ReservationIssue],
+) -> bool {
+    use topology::circuit::ReservationIssue::OverCommitted;
+    match issue {
+        OverCommitted { link, capacity, .. } => before.iter().any(|b| {
+            matches!(b, OverCommitted { link: l, capacity: c, .. } if l == link && c <= capacity)
+        }),
+        _ => before.contains(issue),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::circuits::{AEnd, Circuit, CircuitState};
+    use topology::builder::{TopologyBuilder, ms};
+    use topology::circuit::{BEnd, CircuitId, ReservationIssue};
+    use topology::{AdminState, Bandwidth, LinkId, NodeId, NodeKind, ServiceName};
+
+    fn circuit(id: &str, path: &[&str], state: CircuitState, mbps: u64) -> Circuit {
+        Circuit {
+            id: CircuitId::new(id),
+            name: id.to_string(),
+            a_end: AEnd {
+                edge: NodeId::new(path[0]),
+                prefix: "10.1.0.0/24".parse().unwrap(),
+            },
+            b_end: BEnd {
+                service: ServiceName::new("chat"),
+                regions: Vec::new(),
+                sites: Vec::new(),
+            },
+            requested_rate: Bandwidth::from_mbps(mbps),
+            assigned_rate: None,
+            pool: None,
+            vip: None,
+            port: None,
+            site: Some(NodeId::new(path[path.len() - 1])),
+            path: path.iter().map(|n| NodeId::new(*n)).collect(),
+            latency: None,
+            held: None,
+            state,
+            reason: None,
+            idempotency_key: None,
+            created_by: "test".into(),
+            created_unix_ms: 0,
+            updated_unix_ms: 0,
+            revision: 1,
+        }
+    }
+
+    /// e > t > s, and s2 behind t; t--s at `capacity` Mbps, up or down.
+    fn topo(capacity: u64, t_s: AdminState) -> Topology {
+        let mut b = TopologyBuilder::new();
+        b.node("e", NodeKind::Edge)
+            .node("t", NodeKind::Transit)
+            .node("s", NodeKind::Site)
+            .node("s2", NodeKind::Site)
+            .service("chat")
+            .serve("s", "chat", 10)
+            .serve("s2", "chat", 10)
+            .link("e", "t", ms(1.0))
+            .link_with("t", "s", ms(1.0), t_s)
+            .link("t", "s2", ms(1.0));
+        let mut t = b.build();
+        let t_s = LinkId::new(&NodeId::new("t"), &NodeId::new("s"));
+        for l in t.links.iter_mut().filter(|l| l.id() == t_s) {
+            l.capacity = Bandwidth::from_mbps(capacity);
+        }
+        t
+    }
+
+    fn plan(old: &Topology, new: &Topology, circuits: &[Circuit]) -> Plan {
+        Plan::compute(
+            old,
+            new,
+            &LiveState::default(),
+            &LiveState::default(),
+            &Default::default(),
+            &Default::default(),
+        )
+        .with_circuits(old, new, circuits)
+    }
+
+    /// The plan tells the circuits' problems a change causes from those the topology in force
+    /// has already: a circuit failed long ago by a removed node, and a link over-committed
+    /// before, are no problem of a change that leaves them so (they were listed as the
+    /// problems of every change, a comment-only one too).
+    #[test]
+    fn the_plan_tells_the_circuit_problems_a_change_causes_from_those_already_there() {
+        let circuits = [
+            // Failed when transit gone, on its path, was removed.
+            circuit("c-1", &["e", "gone", "s2"], CircuitState::Failed, 10),
+            // 150 Mbps reserved on t--s.
+            circuit("c-2", &["e", "t", "s"], CircuitState::Active, 150),
+        ];
+        let removed = |i: &ReservationIssue| matches!(i, ReservationIssue::NodeRemoved { circuit, .. } if circuit.as_str() == "c-1");
+        let over = |i: &ReservationIssue| matches!(i, ReservationIssue::OverCommitted { .. });
+
+        // No change at all: nothing caused, c-1's old problems set apart.
+        let v1 = topo(1000, AdminState::Up);
+        let p = plan(&v1, &v1, &circuits);
+        assert!(p.circuits.is_empty(), "{:?}", p.circuits);
+        assert!(
+            p.circuits_already.iter().any(removed),
+            "{:?}",
+            p.circuits_already
+        );
+        assert!(!p.text.contains("this change causes"), "{}", p.text);
+        assert!(
+            p.text
+                .contains("already there before this change, not caused by it")
+                && p.text.contains("circuit c-1 is reserved through node gone"),
+            "{}",
+            p.text
+        );
+
+        // t--s down: c-2's problem is this change's; c-1's still are not.
+        let down = topo(1000, AdminState::Down);
+        let p = plan(&v1, &down, &circuits);
+        assert_eq!(
+            p.circuits,
+            vec![ReservationIssue::LinkDown {
+                circuit: CircuitId::new("c-2"),
+                link: LinkId::new(&NodeId::new("t"), &NodeId::new("s")),
+            }]
+        );
+        assert!(p.circuits_already.iter().all(|i| !over(i)));
+        assert!(p.circuits_already.iter().any(removed));
+        assert!(
+            p.text
+                .contains("this change causes 1 problem(s):\n  ! circuit c-2"),
+            "{}",
+            p.text
+        );
+
+        // Over-committed at 100 Mbps already: raising the capacity to 120 leaves it so (not
+        // caused), lowering it to 50 makes it worse (caused).
+        let small = topo(100, AdminState::Up);
+        let p = plan(&small, &topo(120, AdminState::Up), &circuits);
+        assert!(p.circuits.is_empty(), "{:?}", p.circuits);
+        assert!(p.circuits_already.iter().any(over));
+        let p = plan(&small, &topo(50, AdminState::Up), &circuits);
+        assert!(p.circuits.iter().any(over), "{:?}", p.circuits);
+        assert!(!p.circuits_already.iter().any(over));
+        // And from 1000 Mbps to 100: caused.
+        let p = plan(&v1, &small, &circuits);
+        assert!(p.circuits.iter().any(over), "{:?}", p.circuits);
     }
 }

@@ -515,7 +515,7 @@ impl Controller {
                     &incumbents,
                     &margins,
                 )
-                .with_circuits(&new_topology, &circuits)
+                .with_circuits(&old_topology, &new_topology, &circuits)
             }
         };
         // The text of the version in force, byte for byte (a retried apply or rollback, whose

@@ -374,6 +374,107 @@ fi
     d.shutdown().await;
 }
 
+/// `apply` and `rollback` with `--base-version N` are refused (409, exit 1, nothing changed) once
+/// someone else changed the topology after version N, and go ahead while N is in force; a dry
+/// run says which version its plan was computed against and how to pin it. (Neither command
+/// could send a base version: the one computed after your dry run overwrote a change made in
+/// between.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_and_rollback_with_a_base_version_do_not_overwrite_a_change_made_since() {
+    let dir = tempfile::tempdir().unwrap();
+    let v1 = fabric_yaml(95, 1, 1, 10);
+    let (d, env) = setup(dir.path(), &v1).await;
+    let env = std::sync::Arc::new(env);
+    let file = |name: &str, text: &str| {
+        let f = dir.path().join(name);
+        std::fs::write(&f, text).unwrap();
+        f.display().to_string()
+    };
+    let (f2, f3) = (
+        file(
+            "v2.yaml",
+            &format!(
+                "{v1}# someone else's change
+"
+            ),
+        ),
+        file(
+            "v3.yaml",
+            &format!(
+                "{v1}# my change
+"
+            ),
+        ),
+    );
+    let run = |args: Vec<String>| {
+        let e = env.clone();
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let out = tasman(&e, &args, &[], "");
+            (out.status.code(), text(&out.stdout), text(&out.stderr))
+        })
+    };
+    let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+
+    // My dry run, against version 1: it says how to apply exactly that plan.
+    let (code, so, se) = run(args(&["topology", "apply", &f3, "--dry-run"]))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "{se}");
+    assert!(
+        so.contains(&format!(
+            "to apply exactly this plan: tasman topology apply {f3} --base-version 1"
+        )),
+        "{so}"
+    );
+    // Someone else applies version 2 meanwhile.
+    let (code, _, se) = run(args(&["topology", "apply", &f2])).await.unwrap();
+    assert_eq!(code, Some(0), "{se}");
+    assert_eq!(d.ctl.current().record.version, 2);
+
+    // Pinned to version 1, my apply and a rollback are refused; version 2 stays.
+    for refused in [
+        args(&["topology", "apply", &f3, "--base-version", "1"]),
+        args(&["topology", "apply", &f3, "--base-version", "1", "--dry-run"]),
+        args(&["topology", "rollback", "1", "--base-version", "1"]),
+    ] {
+        let (code, so, se) = run(refused.clone()).await.unwrap();
+        assert_eq!(code, Some(1), "{refused:?}: {so}{se}");
+        assert!(
+            se.contains("the topology changed since version 1 (now 2)"),
+            "{refused:?}: {se}"
+        );
+    }
+    assert_eq!(d.ctl.current().record.version, 2);
+    assert!(d.ctl.current().record.text.ends_with(
+        "# someone else's change
+"
+    ));
+    assert_eq!(d.ctl.history(100).unwrap().len(), 2);
+
+    // Pinned to the version in force, they go ahead.
+    let (code, so, se) = run(args(&["topology", "apply", &f3, "--base-version", "2"]))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "{se}");
+    assert!(so.contains("applied: version 3 (was 2)"), "{so}");
+    let (code, so, se) = run(args(&["topology", "rollback", "1", "--dry-run"]))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "{se}");
+    assert!(
+        so.contains("to apply exactly this plan: tasman topology rollback 1 --base-version 3"),
+        "{so}"
+    );
+    let (code, so, se) = run(args(&["topology", "rollback", "1", "--base-version", "3"]))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "{se}");
+    assert!(so.contains("applied: version 4 (was 3)"), "{so}");
+    assert_eq!(d.ctl.current().record.text, v1);
+    d.shutdown().await;
+}
+
 /// Bytes read from `s` until the server closes it or `limit` passes (None: still open).
 async fn read_until_closed(s: &mut tokio::net::TcpStream, limit: Duration) -> Option<Vec<u8>> {
     use tokio::io::AsyncReadExt;

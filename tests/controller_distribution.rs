@@ -975,7 +975,7 @@ async fn an_apply_that_removes_a_node_closes_its_session() {
     // back to version 2, its session ends the same way.
     let back = d
         .ctl
-        .rollback(1, "test", "", false)
+        .rollback(1, "test", "", false, None)
         .await
         .expect("rollback");
     assert_eq!(back.version, Some(3));
@@ -992,7 +992,7 @@ async fn an_apply_that_removes_a_node_closes_its_session() {
     .await;
     let out = d
         .ctl
-        .rollback(2, "test", "", false)
+        .rollback(2, "test", "", false, None)
         .await
         .expect("rollback");
     assert_eq!(out.version, Some(4));

@@ -109,7 +109,8 @@ pub struct ApplyRequest {
     pub message: String,
     #[serde(default)]
     pub author: String,
-    /// Refuse unless this is still the current version (optimistic concurrency for `edit`).
+    /// Refuse unless this is still the current version (optimistic concurrency: `edit`, and
+    /// `apply --base-version`).
     #[serde(default)]
     pub base_version: Option<u64>,
 }
@@ -158,6 +159,10 @@ pub struct RollbackRequest {
     pub author: String,
     #[serde(default)]
     pub dry_run: bool,
+    /// Refuse unless this is still the current version (as an apply's). Left out when None: a
+    /// controller older than the field refuses it as unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_version: Option<u64>,
 }
 
 async fn rollback(
@@ -166,7 +171,13 @@ async fn rollback(
 ) -> Result<Json<ApplyOutcome>, ApiError> {
     let out = st
         .ctl
-        .rollback(req.version, author(&req.author), &req.message, req.dry_run)
+        .rollback(
+            req.version,
+            author(&req.author),
+            &req.message,
+            req.dry_run,
+            req.base_version,
+        )
         .await?;
     circuits_after(&st, &out).await;
     Ok(Json(out))

@@ -25,7 +25,10 @@ pub struct GetArgs {
 
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Example:\n  tasman topology apply apac.yaml --dry-run\n  tasman topology apply apac.yaml -m \"raise syd-mel latency\""
+    after_help = "Example:\n  tasman topology apply apac.yaml --dry-run\n  tasman topology apply apac.yaml --base-version 6 -m \"raise syd-mel latency\"\n\n\
+With --base-version N the controller refuses the change (exit 1) unless version N is still the\n\
+one in force: a change someone else applied since (the plan you saw did not include it) is not\n\
+overwritten. A dry run prints the N its plan was computed against."
 )]
 pub struct ApplyArgs {
     /// The topology YAML to apply.
@@ -33,6 +36,9 @@ pub struct ApplyArgs {
     /// Validate and show the impact plan; change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Refuse unless version N is still the one in force (nothing applied, exit 1).
+    #[arg(long, value_name = "N")]
+    pub base_version: Option<u64>,
     /// A note kept in the history.
     #[arg(short, long, default_value = "")]
     pub message: String,
@@ -51,12 +57,17 @@ pub struct HistoryArgs {
 
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Example:\n  tasman topology rollback 3\n\nCreates a new version with the text of VERSION."
+    after_help = "Example:\n  tasman topology rollback 3\n  tasman topology rollback 3 --base-version 6\n\n\
+Creates a new version with the text of VERSION. With --base-version N the controller refuses it\n\
+(exit 1) unless version N is still the one in force."
 )]
 pub struct RollbackArgs {
     pub version: u64,
     #[arg(long)]
     pub dry_run: bool,
+    /// Refuse unless version N is still the one in force (nothing rolled back, exit 1).
+    #[arg(long, value_name = "N")]
+    pub base_version: Option<u64>,
     #[arg(short, long, default_value = "")]
     pub message: String,
     #[command(flatten)]
@@ -124,8 +135,9 @@ pub fn get(args: GetArgs) -> ExitCode {
     }
 }
 
-/// The plan as operators read it.
-fn print_outcome(o: &ApplyOutcome) {
+/// The plan as operators read it. `again`: the command that makes the change, for a dry run to
+/// say how to make exactly the change it planned (with `--base-version`).
+fn print_outcome(o: &ApplyOutcome, again: Option<&str>) {
     for w in &o.warnings {
         eprintln!("{}", w.display("topology"));
     }
@@ -151,10 +163,31 @@ fn print_outcome(o: &ApplyOutcome) {
             o.previous_version,
             if o.dry_run { "would be " } else { "" }
         ),
-        None => println!(
-            "dry run: nothing applied (current version {})",
-            o.previous_version
-        ),
+        None => {
+            println!(
+                "dry run: nothing applied (current version {})",
+                o.previous_version
+            );
+            if let Some(again) = again {
+                println!(
+                    "to apply exactly this plan: {again} --base-version {}",
+                    o.previous_version
+                );
+            }
+        }
+    }
+}
+
+/// `file` quoted for a POSIX shell when it needs it.
+fn shell_word(file: &str) -> String {
+    let plain = !file.is_empty()
+        && file
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./:@%+=,".contains(&b));
+    if plain {
+        file.to_string()
+    } else {
+        format!("'{}'", file.replace('\'', "'\\''"))
     }
 }
 
@@ -173,13 +206,14 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
         dry_run: args.dry_run,
         message: args.message,
         author: author(),
-        base_version: None,
+        base_version: args.base_version,
     };
     match block_on(c.post::<_, ApplyOutcome>("/v1/topology", &req)).and_then(|r| r) {
         Ok(o) => {
+            let again = format!("tasman topology apply {}", shell_word(&file));
             match args.admin.output {
                 Output::Json => print_json(&o),
-                Output::Text => print_outcome(&o),
+                Output::Text => print_outcome(&o, Some(&again)),
             }
             ExitCode::SUCCESS
         }
@@ -248,12 +282,14 @@ pub fn rollback(args: RollbackArgs) -> ExitCode {
         message: args.message,
         author: author(),
         dry_run: args.dry_run,
+        base_version: args.base_version,
     };
     match block_on(c.post::<_, ApplyOutcome>("/v1/topology/rollback", &req)).and_then(|r| r) {
         Ok(o) => {
+            let again = format!("tasman topology rollback {}", args.version);
             match args.admin.output {
                 Output::Json => print_json(&o),
-                Output::Text => print_outcome(&o),
+                Output::Text => print_outcome(&o, Some(&again)),
             }
             ExitCode::SUCCESS
         }
@@ -372,7 +408,8 @@ async fn edit_loop(c: &AdminClient, args: &EditArgs) -> Result<ExitCode, ClientE
                 }
                 Err(e) => return Err(e),
             };
-            print_outcome(&plan);
+            // edit applies against the version it opened already.
+            print_outcome(&plan, None);
             if !args.yes {
                 print!("Apply this change? [y/N] ");
                 let _ = std::io::stdout().flush();

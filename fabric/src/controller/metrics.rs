@@ -251,16 +251,19 @@ mod tests {
             .unwrap();
         // A rollback to the version in force changes nothing and is not counted; a real one
         // (to 1 from 2, a comment added) is.
-        assert_eq!(ctl.rollback(1, "t", "", false).await.unwrap().version, None);
+        assert_eq!(
+            ctl.rollback(1, "t", "", false, None).await.unwrap().version,
+            None
+        );
         let commented = format!("# two\n{YAML}");
         ctl.apply(&commented, "t", "comment", Origin::Apply, false, None)
             .await
             .unwrap();
         assert_eq!(
-            ctl.rollback(1, "t", "", false).await.unwrap().version,
+            ctl.rollback(1, "t", "", false, None).await.unwrap().version,
             Some(3)
         );
-        assert!(ctl.rollback(99, "t", "", false).await.is_err());
+        assert!(ctl.rollback(99, "t", "", false, None).await.is_err());
 
         let text = render(&ctl, &cert);
         let m = parse(&text);

@@ -435,7 +435,9 @@ impl Controller {
 
     /// Validates `text`, computes the impact plan against the current topology and, unless
     /// `dry_run`, commits it durably as the next version and distributes it. `base_version`
-    /// guards against applying over someone else's change (used by `tasman topology edit`).
+    /// guards against applying over someone else's change: unless it is the version in force,
+    /// the apply (or dry run) is refused ([`ControllerError::Conflict`]; `tasman topology edit`,
+    /// and `apply`/`rollback --base-version`).
     pub async fn apply(
         &self,
         text: &str,
@@ -595,13 +597,15 @@ impl Controller {
         })
     }
 
-    /// Applies the text of an earlier version as a new version.
+    /// Applies the text of an earlier version as a new version. `base_version` guards against
+    /// rolling back over someone else's change, as [`Self::apply`]'s.
     pub async fn rollback(
         &self,
         to: u64,
         author: &str,
         message: &str,
         dry_run: bool,
+        base_version: Option<u64>,
     ) -> Result<ApplyOutcome, ControllerError> {
         let out = async {
             let rec = self
@@ -619,7 +623,7 @@ impl Controller {
                 &msg,
                 Origin::Rollback { to },
                 dry_run,
-                None,
+                base_version,
             )
             .await
         }
@@ -1591,7 +1595,7 @@ mod tests {
         assert!(again.unchanged && !again.dry_run);
         assert!(!again.plan.changed);
         let back = ctl
-            .rollback(2, "test", "", false)
+            .rollback(2, "test", "", false, None)
             .await
             .expect("a rollback to the version in force");
         assert_eq!(back.version, None);

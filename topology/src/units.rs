@@ -31,6 +31,8 @@ pub enum UnitError {
     NotPositive { value: String },
     #[error("{value:?} is out of range (at most {max})")]
     OutOfRange { value: String, max: &'static str },
+    #[error("{value:?} is negative")]
+    Negative { value: String },
 }
 
 const LATENCY_UNITS: &str =
@@ -106,6 +108,87 @@ impl Latency {
     pub fn saturating_add(self, other: Latency) -> Latency {
         Latency(self.0.saturating_add(other.0))
     }
+
+    /// Reads a latency as [`Display`](fmt::Display) prints it, exactly (integer arithmetic, no
+    /// float): any value from zero up to `u64::MAX` ns, in ns, us, ms or s, with a decimal
+    /// fraction. For stored data and API answers, whose latencies are sums (a path's
+    /// [`saturating_add`](Self::saturating_add) of link latencies) that may exceed
+    /// [`Latency::MAX`]. Operator input goes through [`FromStr`] instead: positive, at most
+    /// [`Latency::MAX`].
+    pub fn read_back(s: &str) -> Result<Latency, UnitError> {
+        const EXPECTED: &str = "a number with a unit: ns, us, ms or s, e.g. \"12ms\" or \"70s\"";
+        let t = s.trim();
+        if t.is_empty() {
+            return Err(UnitError::Empty { expected: EXPECTED });
+        }
+        let end = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
+        let (num, unit) = t.split_at(end);
+        let unit = unit.trim();
+        let bad = || UnitError::BadNumber {
+            value: t.to_string(),
+            expected: EXPECTED,
+        };
+        if num.is_empty() {
+            return Err(if latency_secs(t).is_ok_and(|n| n < 0.0) {
+                UnitError::Negative {
+                    value: t.to_string(),
+                }
+            } else {
+                bad()
+            });
+        }
+        if unit.is_empty() {
+            return Err(UnitError::MissingUnit {
+                value: t.to_string(),
+                expected: EXPECTED,
+            });
+        }
+        let scale: u128 = match unit {
+            "ns" => 1,
+            "us" | "µs" => 1_000,
+            "ms" => 1_000_000,
+            "s" => 1_000_000_000,
+            other => {
+                return Err(UnitError::UnknownUnit {
+                    value: t.to_string(),
+                    unit: other.to_string(),
+                    expected: EXPECTED,
+                });
+            }
+        };
+        let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+        if (int.is_empty() && frac.is_empty()) || frac.contains('.') {
+            return Err(bad());
+        }
+        let too_big = || UnitError::OutOfRange {
+            value: t.to_string(),
+            max: "18446744073.709551615s",
+        };
+        // Whole units, digit by digit, checked: a long string of digits is out of range, not
+        // an overflow.
+        let mut ns: u128 = 0;
+        for d in int.bytes() {
+            ns = ns
+                .checked_mul(10)
+                .and_then(|n| n.checked_add(u128::from(d - b'0')))
+                .filter(|n| *n <= u128::from(u64::MAX))
+                .ok_or_else(too_big)?;
+        }
+        ns = ns.checked_mul(scale).ok_or_else(too_big)?;
+        // The fraction, rounded to the nanosecond: ten digits are one more than a second has
+        // nanosecond digits.
+        let frac = &frac[..frac.len().min(10)];
+        if !frac.is_empty() {
+            let digits: u128 = frac.parse().map_err(|_| bad())?;
+            let denom = 10u128.pow(frac.len() as u32);
+            ns += (digits * scale + denom / 2) / denom;
+        }
+        u64::try_from(ns)
+            .map(Latency::from_nanos)
+            .map_err(|_| too_big())
+    }
 }
 
 /// The seconds a latency string says, any sign (a number and one of the latency units).
@@ -162,7 +245,9 @@ impl fmt::Display for Latency {
         } else if ns.is_multiple_of(1_000_000) {
             write!(f, "{}ms", ns / 1_000_000)
         } else if ns >= 1_000_000 && ns.is_multiple_of(1_000) {
-            write!(f, "{}ms", ns as f64 / 1e6)
+            // Exact at any size (a float loses digits past 2^53 ns): "1.5ms", "70001.25ms".
+            let frac = format!("{:03}", ns % 1_000_000 / 1_000);
+            write!(f, "{}.{}ms", ns / 1_000_000, frac.trim_end_matches('0'))
         } else if ns.is_multiple_of(1_000) {
             write!(f, "{}us", ns / 1_000)
         } else {
@@ -178,14 +263,13 @@ impl Serialize for Latency {
 }
 
 impl<'de> Deserialize<'de> for Latency {
-    /// Reads back whatever [`Display`](fmt::Display) prints, zero included: a path cost or a
-    /// load penalty can be zero. Operator input goes through [`FromStr`], which refuses zero.
+    /// Reads back exactly whatever [`Display`](fmt::Display) prints ([`Latency::read_back`]):
+    /// zero (a path cost or a load penalty can be zero) and sums above [`Latency::MAX`] (a
+    /// path's latency, a candidate's cost, stored in circuit records and read back by the
+    /// CLI). Operator input goes through [`FromStr`], which refuses both.
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        if latency_secs(&s) == Ok(0.0) {
-            return Ok(Latency::ZERO);
-        }
-        s.parse().map_err(serde::de::Error::custom)
+        Latency::read_back(&s).map_err(serde::de::Error::custom)
     }
 }
 
@@ -340,14 +424,75 @@ mod tests {
         ));
     }
 
+    /// A sum of latencies above `Latency::MAX` (a path of two 35 s links; a candidate's cost)
+    /// reads back through serde: it is stored in circuit records and read back by the CLI, and
+    /// a record that cannot be read makes the whole circuits table unreadable. Operator input
+    /// (`FromStr`) keeps its limit.
+    #[test]
+    fn sums_above_max_read_back_but_operator_input_keeps_its_limit() {
+        let link: Latency = "35s".parse().unwrap();
+        let path = link.saturating_add(link);
+        let json = serde_json::to_string(&path).unwrap();
+        assert_eq!(json, "\"70s\"");
+        assert_eq!(serde_json::from_str::<Latency>(&json).unwrap(), path);
+        assert!(matches!(
+            "70s".parse::<Latency>(),
+            Err(UnitError::OutOfRange { .. })
+        ));
+        for (text, ns) in [
+            ("70001.25ms", 70_001_250_000),
+            ("1.5ms", 1_500_000),
+            ("0.5s", 500_000_000),
+            ("18446744073709551615ns", u64::MAX),
+            ("18446744073.709551615s", u64::MAX),
+        ] {
+            assert_eq!(
+                Latency::read_back(text),
+                Ok(Latency::from_nanos(ns)),
+                "{text}"
+            );
+        }
+        for (text, why) in [
+            ("18446744073709551616ns", "out of range"),
+            ("99999999999999999999999999s", "out of range"),
+            ("-70s", "is negative"),
+            ("70", "has no unit"),
+            ("70 parsecs", "unknown unit"),
+            ("1.2.3ms", "not a number"),
+            ("ms", "not a number"),
+        ] {
+            let e = Latency::read_back(text).unwrap_err().to_string();
+            assert!(e.contains(why), "{text}: {e}");
+        }
+    }
+
     proptest::proptest! {
-        /// Every latency up to `Latency::MAX` reads back: the controller caps measured weights
-        /// there, and a router refuses a whole snapshot whose latency it cannot read.
+        /// Every latency, zero to `u64::MAX` ns, reads back through serde as exactly itself:
+        /// Display prints it exactly and the deserializer reads it exactly.
+        #[test]
+        fn every_latency_round_trips_through_serde(ns in proptest::prelude::any::<u64>()) {
+            let l = Latency::from_nanos(ns);
+            let json = serde_json::to_string(&l).unwrap();
+            let back = serde_json::from_str::<Latency>(&json);
+            proptest::prop_assert_eq!(back.as_ref().ok(), Some(&l), "{}: {:?}", json, back);
+        }
+
+        /// Latencies printed in milliseconds with a fraction (whole microseconds, at least
+        /// 1 ms), the form a float printed inexactly past 2^53 ns.
+        #[test]
+        fn fractional_milliseconds_round_trip(us in 1_000..=u64::MAX / 1_000) {
+            let l = Latency::from_micros(us);
+            let json = serde_json::to_string(&l).unwrap();
+            let back = serde_json::from_str::<Latency>(&json);
+            proptest::prop_assert_eq!(back.as_ref().ok(), Some(&l), "{}: {:?}", json, back);
+        }
+
+        /// Every operator value up to the limit reads back through serde as itself.
         #[test]
         fn latencies_up_to_max_read_back(ns in 1..=Latency::MAX.as_nanos()) {
-            let json = serde_json::to_string(&Latency::from_nanos(ns)).unwrap();
-            let back = serde_json::from_str::<Latency>(&json);
-            proptest::prop_assert!(back.as_ref().is_ok_and(|l| *l <= Latency::MAX), "{json}: {back:?}");
+            let l = Latency::from_nanos(ns);
+            let json = serde_json::to_string(&l).unwrap();
+            proptest::prop_assert_eq!(serde_json::from_str::<Latency>(&json).ok(), Some(l), "{}", json);
         }
     }
 

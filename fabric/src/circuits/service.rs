@@ -878,6 +878,41 @@ mod tests {
         assert!(lock(&svc.pending).is_empty());
     }
 
+    /// A circuit over two 31 s links (each accepted by validation) has a path latency of 62 s,
+    /// above what an operator may write for one link: its record is read back, so listing
+    /// circuits, an apply (which plans with them) and a restart of the service still work.
+    /// (The record's "62s" could not be read back: every read of the circuits table failed as
+    /// corrupt, and the controller could not start again.)
+    #[tokio::test]
+    async fn a_circuit_whose_path_latency_is_above_a_links_limit_is_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let slow = yaml(POOL, false).replace("latency: 1ms", "latency: 31s");
+        assert_eq!(slow.matches("latency: 31s").count(), 2);
+        let ctl = Controller::open(FaultyStore::open(dir.path()), Some((&slow, "t.yaml"))).unwrap();
+        let svc = CircuitService::new(ctl.clone(), DEFAULT_PROVISION_TIMEOUT).unwrap();
+        let (c, created) = svc
+            .create(spec("c1", "10.1.0.0/24", "100Mbps"), None, "ops".into())
+            .await
+            .unwrap();
+        assert!(created);
+        assert_eq!(c.latency, Some(topology::Latency::from_micros(62_000_000)));
+        let listed = svc.list().unwrap();
+        assert_eq!(listed, std::slice::from_ref(&c));
+        ctl.apply(
+            &slow.replace("capacity: 1Gbps", "capacity: 2Gbps"),
+            "ops",
+            "more capacity",
+            Origin::Apply,
+            false,
+            None,
+        )
+        .await
+        .unwrap();
+        svc.on_topology_applied().await.unwrap();
+        let restarted = CircuitService::new(ctl.clone(), DEFAULT_PROVISION_TIMEOUT).unwrap();
+        assert_eq!(restarted.get("c1").unwrap(), c);
+    }
+
     /// When failing the circuits an apply broke fails (the store refused), the settle loop's
     /// next pass does it.
     #[tokio::test]

@@ -146,8 +146,24 @@ pub struct LinkHeadroom {
 
 /// Per-link capacity, reservations and free bandwidth, for every link of `topo`. Reservations
 /// that name links the topology no longer has are ignored here (see [`check_reservations`]).
+///
+/// What one circuit holds on a link: its reservations on one path add up (a shrink holds the
+/// old rate's excess on the path it keeps); of its reservations on different paths (a move
+/// holds the old path until the new one is acknowledged) the largest counts, since the edge
+/// enforces one rate limiter per circuit: a link both paths cross carries at most that.
 pub fn headroom(topo: &Topology, reservations: &[Reservation]) -> BTreeMap<LinkId, LinkHeadroom> {
-    let mut holders: BTreeMap<LinkId, BTreeSet<&CircuitId>> = BTreeMap::new();
+    let mut by_path: BTreeMap<(&CircuitId, &[NodeId]), Bandwidth> = BTreeMap::new();
+    for r in reservations {
+        let rate = by_path.entry((&r.circuit, r.path.as_slice())).or_default();
+        *rate = rate.saturating_add(r.rate);
+    }
+    let mut held: BTreeMap<LinkId, BTreeMap<&CircuitId, Bandwidth>> = BTreeMap::new();
+    for ((circuit, path), rate) in by_path {
+        for id in path_links(path) {
+            let h = held.entry(id).or_default().entry(circuit).or_default();
+            *h = (*h).max(rate);
+        }
+    }
     let mut out: BTreeMap<LinkId, LinkHeadroom> = topo
         .links
         .iter()
@@ -163,15 +179,13 @@ pub fn headroom(topo: &Topology, reservations: &[Reservation]) -> BTreeMap<LinkI
             )
         })
         .collect();
-    for r in reservations {
-        for id in path_links(&r.path) {
-            if let Some(h) = out.get_mut(&id) {
-                h.reserved = h.reserved.saturating_add(r.rate);
-                h.free = h.capacity.saturating_sub(h.reserved);
-                let circuits = holders.entry(id).or_default();
-                circuits.insert(&r.circuit);
-                h.circuits = circuits.len();
-            }
+    for (id, circuits) in held {
+        if let Some(h) = out.get_mut(&id) {
+            h.reserved = circuits
+                .values()
+                .fold(Bandwidth::ZERO, |sum, r| sum.saturating_add(*r));
+            h.free = h.capacity.saturating_sub(h.reserved);
+            h.circuits = circuits.len();
         }
     }
     out
@@ -311,8 +325,10 @@ pub fn place(
 
 /// Re-places circuit `id` at `new_rate`, make-before-break: the circuit keeps its current path
 /// when every link of it has room for the new rate (its own old reservation counts as its own);
-/// otherwise a new path is placed while the old reservation is still held, so the old path
-/// keeps working until the controller switches over and releases it.
+/// otherwise a new path is placed against the other circuits' reservations only. The old path
+/// keeps working until the controller switches over and releases it, but its reservation is
+/// not charged to the new one: the edge enforces one limiter per circuit, so a link both paths
+/// cross carries the larger rate, not their sum ([`headroom`] counts it so).
 pub fn resize(
     topo: &Topology,
     reservations: &[Reservation],
@@ -346,8 +362,10 @@ pub fn resize(
             });
         }
     }
-    // Elsewhere: everything, the old reservation included, stays held (make before break).
-    place(topo, reservations, req)
+    // Elsewhere: against the others' reservations. The old one stays held until the switch
+    // (make before break), but the circuit's own two reservations are never both in use on a
+    // link: the new path may share links with the old one.
+    place_with(topo, &room_without_self, req)
 }
 
 /// A problem a topology change would cause to circuits already placed.
@@ -1255,6 +1273,64 @@ mod tests {
             resize(&t, &rs, &CircuitId::new("zz"), &req("1Mbps")),
             Err(PlacementError::UnknownCircuit(_))
         ));
+    }
+
+    /// Edges e and e2, transit t, sites s1 (near) and s2; every link 1 Gbps; c-2 holds 300M on
+    /// e2 -> t -> s1, c-1 600M on e -> t -> s1. Growing c-1 to 800M cannot stay on t--s1 and
+    /// moves to s2: the new path shares e--t with the old one, which carries the larger rate
+    /// (one limiter per circuit), not both. (c-1's own 600M was charged against the new path,
+    /// and the refusal counted them as "reserved by other circuits".)
+    #[test]
+    fn a_resize_that_moves_is_not_charged_its_own_old_reservation() {
+        let t = Topology {
+            nodes: vec![
+                node("e", NodeKind::Edge, "au-east"),
+                node("e2", NodeKind::Edge, "au-east"),
+                node("t", NodeKind::Transit, "au-east"),
+                node("s1", NodeKind::Site, "au-east"),
+                node("s2", NodeKind::Site, "au-east"),
+            ],
+            links: vec![
+                link("e", "t", 1, "1Gbps"),
+                link("e2", "t", 1, "1Gbps"),
+                link("t", "s1", 1, "1Gbps"),
+                link("t", "s2", 5, "1Gbps"),
+            ],
+            ..topo()
+        };
+        let from = |edge: &str, rate: &str| PlacementRequest {
+            edge: NodeId::new(edge),
+            ..req(rate)
+        };
+        let c2 = place(&t, &[], &from("e2", "300Mbps")).unwrap();
+        let c1 = place(&t, &[], &from("e", "600Mbps")).unwrap();
+        assert_eq!((c1.site.as_str(), c2.site.as_str()), ("s1", "s1"));
+        let rs = vec![resv("c-2", &c2, "300Mbps"), resv("c-1", &c1, "600Mbps")];
+        let moved = resize(&t, &rs, &CircuitId::new("c-1"), &from("e", "800Mbps"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            moved.path,
+            [NodeId::new("e"), NodeId::new("t"), NodeId::new("s2")]
+        );
+        // While the old path is held: e--t carries at most 800M of c-1, not 1.4G.
+        let held = vec![rs[0].clone(), rs[1].clone(), resv("c-1", &moved, "800Mbps")];
+        let et = &headroom(&t, &held)[&LinkId::parse("e--t").unwrap()];
+        assert_eq!(
+            (et.reserved, et.free, et.circuits),
+            (Bandwidth::from_mbps(800), Bandwidth::from_mbps(200), 1)
+        );
+        assert_eq!(check_reservations(&t, &held), []);
+        // A refusal counts the other circuits only: with c-3 on t--s2, 800M fits nowhere.
+        let c3 = place(&t, &rs, &from("e2", "500Mbps")).unwrap();
+        assert_eq!(c3.site.as_str(), "s2");
+        let rs3 = vec![rs[0].clone(), rs[1].clone(), resv("c-3", &c3, "500Mbps")];
+        let err = resize(&t, &rs3, &CircuitId::new("c-1"), &from("e", "800Mbps")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "cannot place 800Mbps from \"e\" to \"llm\": link s1--t has only 700Mbps free \
+             (capacity 1Gbps, 300Mbps reserved by other circuits) on the best path e -> t -> s1; \
+             at most 700Mbps fits on any path now"
+        );
     }
 
     #[test]

@@ -142,6 +142,31 @@ struct StrictBEnd {
     sites: Vec<NodeId>,
 }
 
+/// A create request as a circuit's record keeps it with its idempotency key
+/// ([`Circuit::created_with`]): the [`CircuitSpec`], read as a stored record is (an unknown
+/// field ignored, so that a record of a later build stays readable).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeptRequest {
+    pub name: String,
+    pub a_end: AEnd,
+    pub b_end: BEnd,
+    pub rate: Bandwidth,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+}
+
+impl From<&CircuitSpec> for KeptRequest {
+    fn from(s: &CircuitSpec) -> Self {
+        KeptRequest {
+            name: s.name.clone(),
+            a_end: s.a_end.clone(),
+            b_end: s.b_end.clone(),
+            rate: s.rate,
+            pool: s.pool.clone(),
+        }
+    }
+}
+
 /// Capacity a circuit still holds on its old path (or its old, larger rate) while a resize is
 /// provisioning: released when the new reservation is acknowledged (make before break).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -185,6 +210,11 @@ pub struct Circuit {
     pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// The create request its idempotency key was used with (kept with a key only): a replay
+    /// of the create is compared with it, not with the circuit as it is now (a resize changes
+    /// its rate). Records stored before it was kept have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_with: Option<KeptRequest>,
     pub created_by: String,
     pub created_unix_ms: u64,
     pub updated_unix_ms: u64,
@@ -540,8 +570,9 @@ pub fn admit(
 }
 
 /// Creates a circuit: admission, then one record in `provisioning` with its path reserved and
-/// its VIP allocated. With an idempotency key already used, returns that circuit unchanged
-/// (`false`) when the spec is the same, and refuses when it differs.
+/// its VIP allocated. With an idempotency key already used, returns that circuit as it is now
+/// (`false`; it may have been resized or deleted since) when the spec is the one the key was
+/// first used with (pool included), and refuses when it differs.
 pub fn create(
     tx: &mut dyn WriteTxn,
     topo: &Topology,
@@ -555,10 +586,17 @@ pub fn create(
             let c = CIRCUITS
                 .get(tx, &id)?
                 .ok_or_else(|| CircuitError::NotFound(id.clone()))?;
-            let same = c.name == spec.name
-                && c.a_end == spec.a_end
-                && c.b_end == spec.b_end
-                && c.requested_rate == spec.rate;
+            let same = match &c.created_with {
+                Some(kept) => *kept == KeptRequest::from(spec),
+                // A record stored before requests were kept: compared with the circuit as it
+                // is (a resize since, or another pool, is not told apart).
+                None => {
+                    c.name == spec.name
+                        && c.a_end == spec.a_end
+                        && c.b_end == spec.b_end
+                        && c.requested_rate == spec.rate
+                }
+            };
             if !same {
                 return Err(CircuitError::Conflict(format!(
                     "idempotency key {k:?} was used for circuit {} ({}) with a different request",
@@ -590,6 +628,7 @@ pub fn create(
         state: CircuitState::Requested,
         reason: None,
         idempotency_key: key.map(str::to_string),
+        created_with: key.map(|_| KeptRequest::from(spec)),
         created_by: actor.to_string(),
         created_unix_ms: now,
         updated_unix_ms: now,
@@ -988,7 +1027,7 @@ fn list(nodes: &BTreeSet<NodeId>) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::time::Duration;
 
     use super::*;
@@ -1264,6 +1303,82 @@ mod tests {
 
     fn rate(s: &str) -> Bandwidth {
         s.parse().unwrap()
+    }
+
+    /// A replayed create is compared with the request its idempotency key was first used
+    /// with: after a resize, the same request returns the circuit (at its new rate), and a
+    /// request with another rate or pool is refused, also one asking for the circuit's
+    /// current rate. (The replay was compared with the circuit as it is now: the identical
+    /// request was refused as "different" after a resize, and the pool not compared at all.)
+    #[test]
+    fn a_replayed_create_is_compared_with_the_request_the_key_was_used_with() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(dir.path()).unwrap();
+        let t = topo(true);
+        let original = spec("acme", "10.1.0.0/24", "100Mbps");
+        let (c, created) =
+            store::transaction(&s, |tx| create(tx, &t, &original, Some("order-1"), "ops")).unwrap();
+        assert!(created);
+        store::transaction(&s, |tx| resize(tx, &t, "acme", rate("200Mbps"), "ops")).unwrap();
+        let (again, created) =
+            store::transaction(&s, |tx| create(tx, &t, &original, Some("order-1"), "ops"))
+                .unwrap_or_else(|e| panic!("the same request: {e}"));
+        assert!(!created);
+        assert_eq!(
+            (again.id.clone(), again.requested_rate),
+            (c.id.clone(), rate("200Mbps"))
+        );
+        let other_pool = CircuitSpec {
+            pool: Some("elsewhere".into()),
+            ..original.clone()
+        };
+        let current_rate = CircuitSpec {
+            rate: rate("200Mbps"),
+            ..original.clone()
+        };
+        for (what, other) in [("another pool", other_pool), ("another rate", current_rate)] {
+            let err = store::transaction(&s, |tx| create(tx, &t, &other, Some("order-1"), "ops"))
+                .unwrap_err();
+            assert!(
+                matches!(&err, CircuitError::Conflict(m) if m.contains("with a different request")),
+                "{what}: {err}"
+            );
+        }
+        assert_eq!(store::read(&s, |tx| all(tx)).unwrap().len(), 1);
+    }
+
+    /// A record stored before creates kept their request (no `created_with`) still loads, and
+    /// a replay of its key is compared with the record as before.
+    #[test]
+    fn a_record_without_its_create_request_loads_and_replays_compare_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(dir.path()).unwrap();
+        let t = topo(true);
+        let original = spec("acme", "10.1.0.0/24", "100Mbps");
+        let (c, _) =
+            store::transaction(&s, |tx| create(tx, &t, &original, Some("order-1"), "ops")).unwrap();
+        assert!(c.created_with.is_some());
+        // The record as an older build wrote it.
+        let mut old = serde_json::to_value(&c).unwrap();
+        old.as_object_mut().unwrap().remove("created_with");
+        store::transaction(&s, |tx| {
+            tx.put(CIRCUITS.name, c.id.as_str(), old.to_string().as_bytes())
+        })
+        .unwrap();
+        let loaded = store::read(&s, |tx| find(tx, "acme")).unwrap();
+        assert_eq!(loaded.created_with, None);
+        let (again, created) =
+            store::transaction(&s, |tx| create(tx, &t, &original, Some("order-1"), "ops")).unwrap();
+        assert_eq!((again, created), (loaded, false));
+        let err = store::transaction(&s, |tx| {
+            let other = CircuitSpec {
+                rate: rate("200Mbps"),
+                ..original.clone()
+            };
+            create(tx, &t, &other, Some("order-1"), "ops")
+        })
+        .unwrap_err();
+        assert!(matches!(err, CircuitError::Conflict(_)), "{err}");
     }
 
     /// Retrying a resize that worked (a timeout, a re-run pipeline) is answered with the

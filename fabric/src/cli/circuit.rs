@@ -72,7 +72,7 @@ pub enum CircuitCmd {
     Validate(SpecArgs),
     /// Create a circuit: place it, reserve its rate on every link of the path, allocate a VIP.
     #[command(
-        after_help = "Example:\n  tasman circuit create --name acme-syd --edge syd-edge-1 --prefix 203.0.113.0/24 \\\n      --service llm-chat --region au-east --rate 500Mbps --idempotency-key order-1234 --wait\n\nA retried create with the same --idempotency-key returns the same circuit. --wait blocks until\nthe circuit is active (every router on its path acknowledged it) or failed."
+        after_help = "Example:\n  tasman circuit create --name acme-syd --edge syd-edge-1 --prefix 203.0.113.0/24 \\\n      --service llm-chat --region au-east --rate 500Mbps --idempotency-key order-1234 --wait\n\nA retried create with the same --idempotency-key (and the same request) returns the same\ncircuit, as it is now. --wait blocks until the circuit is active (every router on its path\nacknowledged it) or failed (exit 1), and exits 1 at once when the key's circuit was deleted."
     )]
     Create(CreateArgs),
     /// List circuits.
@@ -235,6 +235,18 @@ enum CmdError {
     Client(#[from] ClientError),
     #[error("circuit {id} failed: {reason}")]
     Failed { id: String, reason: String },
+    /// A replayed create's circuit was deleted: it will never become active.
+    #[error(
+        "circuit {id} was created earlier with idempotency key {key:?} and has since been deleted \
+         (it is {state}); it will not become active: a new circuit needs a new idempotency key"
+    )]
+    KeyDeleted {
+        id: String,
+        key: String,
+        state: CircuitState,
+    },
+    #[error("circuit {id} was deleted while waiting for it to become active (it is {state})")]
+    Deleted { id: String, state: CircuitState },
     #[error("circuit {id} is still {state} after {waited:?}")]
     Timeout {
         id: String,
@@ -317,11 +329,27 @@ async fn exec(client: &AdminClient, cmd: CircuitCmd, out: Output) -> Result<(), 
             };
             let resp: CreateResponse = client.post("/v1/circuits", &req).await?;
             if !resp.created {
-                eprintln!(
-                    "circuit {} already created with idempotency key {:?}",
-                    resp.circuit.id,
-                    a.idempotency_key.unwrap_or_default()
-                );
+                let (c, key) = (&resp.circuit, a.idempotency_key.unwrap_or_default());
+                if is_removed(c.state) {
+                    // It will never become active: waiting would only run into the timeout.
+                    if a.wait.wait {
+                        return Err(CmdError::KeyDeleted {
+                            id: c.id.to_string(),
+                            key,
+                            state: c.state,
+                        });
+                    }
+                    eprintln!(
+                        "circuit {} was created earlier with idempotency key {key:?} and has \
+                         since been deleted (it is {}); a new circuit needs a new idempotency key",
+                        c.id, c.state
+                    );
+                } else {
+                    eprintln!(
+                        "circuit {} already created with idempotency key {key:?}",
+                        c.id
+                    );
+                }
             }
             let c = if a.wait.wait {
                 wait(client, resp.circuit.id.as_str(), &a.wait, false).await?
@@ -425,7 +453,16 @@ async fn exec(client: &AdminClient, cmd: CircuitCmd, out: Output) -> Result<(), 
     }
 }
 
-/// Polls the circuit until it settles (or `deadline`): active/failed, or decommissioned.
+/// Deleted: decommissioning or decommissioned.
+fn is_removed(s: CircuitState) -> bool {
+    matches!(
+        s,
+        CircuitState::Decommissioning | CircuitState::Decommissioned
+    )
+}
+
+/// Polls the circuit until it settles (or `deadline`): active/failed, or decommissioned. A
+/// circuit awaited active that is deleted meanwhile ends the wait with an error.
 async fn wait(
     client: &AdminClient,
     id: &str,
@@ -440,6 +477,12 @@ async fn wait(
         } else {
             matches!(c.state, CircuitState::Active | CircuitState::Failed)
         };
+        if !gone && is_removed(c.state) {
+            return Err(CmdError::Deleted {
+                id: c.id.to_string(),
+                state: c.state,
+            });
+        }
         if done {
             if c.state == CircuitState::Failed {
                 return Err(CmdError::Failed {
@@ -612,4 +655,144 @@ fn table(v: &[Circuit]) -> String {
         ));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use clap::Parser;
+
+    use super::*;
+    use crate::admin::{AdminState, bind, serve};
+    use crate::circuits::service::{CircuitService, DEFAULT_PROVISION_TIMEOUT};
+    use crate::controller::Controller;
+    use crate::store::redb::RedbStore;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: CircuitCmd,
+    }
+
+    /// Runs `tasman circuit ARGS` against the admin API at `addr` (token `tok`), as [`run`]
+    /// does, and returns what it returned.
+    async fn circuit(addr: std::net::SocketAddr, args: &[String]) -> Result<(), CmdError> {
+        let addr = addr.to_string();
+        let argv = ["circuit"]
+            .into_iter()
+            .chain(args.iter().map(String::as_str))
+            .chain(["--controller", &addr, "--token", "tok", "-o", "json"]);
+        let cmd = Cli::try_parse_from(argv).unwrap().cmd;
+        let CircuitCmd::Create(a) = &cmd else {
+            panic!("a create");
+        };
+        let client = AdminClient::new(&a.spec.admin.client_args()).unwrap();
+        exec(&client, cmd, Output::Json).await
+    }
+
+    /// `create` of `name` from `prefix` at e to chat, with idempotency key `key`, and
+    /// `--wait --timeout 10` when `wait`.
+    fn create(key: &str, name: &str, prefix: &str, wait: bool) -> Vec<String> {
+        let mut v: Vec<String> = [
+            "create",
+            "--edge",
+            "e",
+            "--service",
+            "chat",
+            "--rate",
+            "100Mbps",
+            "--name",
+            name,
+            "--prefix",
+            prefix,
+            "--idempotency-key",
+            key,
+        ]
+        .map(String::from)
+        .to_vec();
+        if wait {
+            v.extend(["--wait", "--timeout", "10"].map(String::from));
+        }
+        v
+    }
+
+    /// `create --wait` stops at once, exit 1 and saying why, when its circuit is deleted: a
+    /// replay of a create whose circuit was deleted since (the controller answers with that
+    /// circuit, `created: false`), and a circuit deleted while the create waits for it. (Both
+    /// waited for the whole --timeout, then said the circuit was "still decommissioning".)
+    /// An admin API (token `tok`) on a controller of e, t, s with circuits; no router.
+    struct Api {
+        _dir: tempfile::TempDir,
+        svc: Arc<CircuitService>,
+        addr: std::net::SocketAddr,
+        server: tokio::task::JoinHandle<()>,
+    }
+
+    async fn api() -> Api {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RedbStore::open(dir.path()).unwrap());
+        let text = crate::circuits::tests::yaml("127.79.0.0/28", true);
+        let ctl = Controller::open(store, Some((&text, "t.yaml"))).unwrap();
+        let svc = CircuitService::new(ctl.clone(), DEFAULT_PROVISION_TIMEOUT).unwrap();
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve(listener, AdminState::new(ctl, "tok", svc.clone())));
+        Api {
+            _dir: dir,
+            svc,
+            addr,
+            server,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn create_wait_stops_when_its_circuit_is_deleted() {
+        let Api {
+            svc, addr, server, ..
+        } = api().await;
+
+        // No router acknowledges: a first create without --wait leaves it provisioning.
+        circuit(addr, &create("order-1", "acme", "10.1.0.0/24", false))
+            .await
+            .unwrap();
+        svc.delete("acme".into(), "ops".into()).await.unwrap();
+        let start = Instant::now();
+        let err = circuit(addr, &create("order-1", "acme", "10.1.0.0/24", true))
+            .await
+            .unwrap_err();
+        assert!(start.elapsed() < Duration::from_secs(5), "{err}");
+        assert!(
+            matches!(
+                &err,
+                CmdError::KeyDeleted { id, key, state: CircuitState::Decommissioning }
+                    if id == "c-000001" && key == "order-1"
+            ),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .contains("a new circuit needs a new idempotency key"),
+            "{err}"
+        );
+
+        // Deleted while the create waits for it.
+        let waiting = tokio::spawn(async move {
+            circuit(addr, &create("order-2", "acme2", "10.2.0.0/24", true)).await
+        });
+        let created = Instant::now();
+        while svc.get("acme2").is_err() {
+            assert!(created.elapsed() < Duration::from_secs(10), "never created");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        svc.delete("acme2".into(), "ops".into()).await.unwrap();
+        let start = Instant::now();
+        let err = waiting.await.unwrap().unwrap_err();
+        assert!(start.elapsed() < Duration::from_secs(5), "{err}");
+        assert!(
+            matches!(&err, CmdError::Deleted { id, .. } if id == "c-000002"),
+            "{err}"
+        );
+        server.abort();
+    }
 }

@@ -306,6 +306,22 @@ impl TryFrom<String> for LinkId {
     }
 }
 
+/// The IPv4 prefix an IPv4-mapped IPv6 prefix stands for (`::ffff:10.0.0.0/104` is
+/// `10.0.0.0/8`): one inside `::ffff:0:0/96`; `None` for any other prefix. Routers see a client
+/// or destination with a mapped address as IPv4, and an IPv6 prefix contains no IPv4 address,
+/// so a mapped prefix in the configuration never matches: validation refuses it, naming this
+/// form.
+pub fn ipv4_mapped(p: IpNetwork) -> Option<ipnetwork::Ipv4Network> {
+    let IpNetwork::V6(v6) = p else {
+        return None;
+    };
+    let v4 = v6
+        .network()
+        .to_ipv4_mapped()
+        .filter(|_| v6.prefix() >= 96)?;
+    ipnetwork::Ipv4Network::new(v4, v6.prefix() - 96).ok()
+}
+
 /// A virtual IP (or a prefix of them) and the port on which a service is reached there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Vip {

@@ -395,7 +395,42 @@ fn prefix(cx: &mut Cx, node: &YNode, what: &dyn fmt::Display) -> Option<IpNetwor
             format!("{s:?} is not an IP prefix (e.g. 203.0.113.0/24 or 2001:db8::/32)")
         })
     })?;
-    host_bits_check(cx, node.pos, what, p)
+    let p = host_bits_check(cx, node.pos, what, p)?;
+    mapped_check(
+        cx,
+        node.pos,
+        what,
+        &p,
+        ipv4_mapped(p).map(|v4| v4.to_string()),
+        p,
+    )
+}
+
+/// Refuses an IPv4-mapped IPv6 address or prefix (`shown`), suggesting its IPv4 form `v4`:
+/// routers see clients and destinations with mapped addresses as IPv4, so the mapped form never
+/// matches. A rule added after texts were stored: only a warning on a stored text.
+fn mapped_check<T>(
+    cx: &mut Cx,
+    pos: Pos,
+    what: &dyn fmt::Display,
+    shown: &dyn fmt::Display,
+    v4: Option<String>,
+    value: T,
+) -> Option<T> {
+    match v4 {
+        Some(v4)
+            if cx.newer(
+                pos,
+                format!(
+                    "{what}: {shown} is an IPv4-mapped address, which never matches (routers see \
+                     such clients and destinations as IPv4); write {v4}"
+                ),
+            ) =>
+        {
+            None
+        }
+        _ => Some(value),
+    }
 }
 
 fn host_bits_check(
@@ -656,6 +691,13 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
         let state = f.get("state").map(|n| state(cx, n, &Of("state", &what)));
         let client_address = f.get("client_address").map(|n| {
             let ip = ip_addr(cx, n, &Of("client_address", &what))?;
+            let v4 = match ip {
+                IpAddr::V6(v6) => v6.to_ipv4_mapped().map(|a| a.to_string()),
+                IpAddr::V4(_) => None,
+            };
+            // Reported but kept: its IPv4 form still counts in the checks below (a pool
+            // holding it).
+            let _ = mapped_check(cx, n.pos, &Of("client_address", &what), &ip, v4, ());
             // A wildcard is a listen address (every address of the edge's host); a multicast
             // or broadcast address cannot take TCP connections at all.
             if let Some(not) = not_unicast(ip).filter(|_| !ip.to_canonical().is_unspecified())
@@ -834,7 +876,14 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
                 let vw = format!("VIP of {what}");
                 match parse_with(cx, v, &vw, Vip::from_str).and_then(|vip| {
                     host_bits_check(cx, v.pos, &vw, vip.prefix)?;
-                    Some(vip)
+                    let v4 = ipv4_mapped(vip.prefix).map(|p| {
+                        Vip {
+                            prefix: IpNetwork::V4(p),
+                            port: vip.port,
+                        }
+                        .to_string()
+                    });
+                    mapped_check(cx, v.pos, &vw, &vip, v4, vip)
                 }) {
                     Some(vip) => {
                         parsed_vips.push((vip, v.pos, owners.len() - 1));

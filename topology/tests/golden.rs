@@ -99,13 +99,15 @@ fn documents_with_warnings_load_and_report_pinned_warnings() {
 }
 
 /// The rules added after texts were stored (an unusable address, a pool holding an edge's
-/// client_address, a transparent port taken by a service, a reserved node id) refuse a new text but only warn on a
+/// client_address, a transparent port taken by a service, a reserved node id, an IPv4-mapped
+/// address or prefix) refuse a new text but only warn on a
 /// stored one (`load_stored`), so that a controller upgraded onto a store holding such a text
 /// still starts: each error of `load` is a warning of `load_stored`, and nothing else changes.
 /// (The controller refused to start: its store's text in force no longer loaded.)
 #[test]
 fn rules_added_since_a_text_was_stored_only_warn_on_it() {
     for name in [
+        "ipv4_mapped_addresses",
         "pool_contains_client_address",
         "reserved_node_ids",
         "transparent_port_is_a_service_port",

@@ -385,6 +385,13 @@ fn check_prefix(p: IpNetwork) -> Result<(), CircuitError> {
             p.prefix()
         )));
     }
+    // The edge sees a client with a mapped address as IPv4, which an IPv6 prefix never holds.
+    if let Some(v4) = topology::ipv4_mapped(p) {
+        return Err(CircuitError::Invalid(format!(
+            "prefix {p} is an IPv4-mapped address, which never matches (the edge sees such \
+             clients as IPv4); write {v4}"
+        )));
+    }
     Ok(())
 }
 
@@ -1303,6 +1310,29 @@ pub(crate) mod tests {
 
     fn rate(s: &str) -> Bandwidth {
         s.parse().unwrap()
+    }
+
+    /// An IPv4-mapped prefix is refused in a create (the API) and in `--prefix` (the CLI),
+    /// naming its IPv4 form: the edge sees those clients as IPv4, so it would never match.
+    /// (The circuit was created, and its clients refused.)
+    #[test]
+    fn an_ipv4_mapped_prefix_is_refused_naming_its_ipv4_form() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(dir.path()).unwrap();
+        let t = topo(true);
+        let want = "prefix ::ffff:10.0.0.0/104 is an IPv4-mapped address, which never matches \
+                    (the edge sees such clients as IPv4); write 10.0.0.0/8";
+        let mut mapped = spec("acme", "10.1.0.0/24", "1Mbps");
+        mapped.a_end.prefix = "::ffff:10.0.0.0/104".parse().unwrap();
+        let err = store::transaction(&s, |tx| create(tx, &t, &mapped, None, "ops")).unwrap_err();
+        assert_eq!(err.to_string(), format!("invalid circuit: {want}"));
+        assert_eq!(store::read(&s, |tx| all(tx)).unwrap(), []);
+        let err = parse_prefix("::ffff:10.0.0.0/104").unwrap_err();
+        assert_eq!(err.to_string(), format!("invalid circuit: {want}"));
+        // An IPv6 prefix that merely holds the mapped range is an IPv6 prefix.
+        for ok in ["::/0", "::fffe:0:0/95", "2001:db8::/32", "10.0.0.0/8"] {
+            parse_prefix(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
     }
 
     /// A replayed create is compared with the request its idempotency key was first used

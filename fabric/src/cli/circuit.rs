@@ -746,6 +746,42 @@ mod tests {
         }
     }
 
+    /// A create through the API with an IPv4-mapped prefix is refused (422), naming the IPv4
+    /// form, and creates nothing.
+    #[tokio::test]
+    async fn the_api_refuses_an_ipv4_mapped_prefix() {
+        let Api {
+            svc, addr, server, ..
+        } = api().await;
+        let client = AdminClient::new(&AdminArgs {
+            controller: addr.to_string(),
+            token: Some("tok".into()),
+            token_file: None,
+            output: TextOrJson::Json,
+            request_timeout: Duration::from_secs(20),
+        })
+        .unwrap();
+        let mut spec = crate::circuits::tests::spec("acme", "10.1.0.0/24", "1Mbps");
+        spec.a_end.prefix = "::ffff:10.1.0.0/120".parse().unwrap();
+        let req = CreateRequest {
+            spec,
+            idempotency_key: None,
+            author: "ops".into(),
+        };
+        let err = client
+            .post::<_, CreateResponse>("/v1/circuits", &req)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, ClientError::Refused { status: 422, error, .. }
+                if error.contains("::ffff:10.1.0.0/120 is an IPv4-mapped address")
+                    && error.ends_with("write 10.1.0.0/24")),
+            "{err}"
+        );
+        assert_eq!(svc.list().unwrap(), []);
+        server.abort();
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn create_wait_stops_when_its_circuit_is_deleted() {
         let Api {

@@ -230,6 +230,7 @@ mod tests {
             state,
             reason: None,
             idempotency_key: None,
+            created_with: None,
             created_by: "test".into(),
             created_unix_ms: 0,
             updated_unix_ms: 0,

@@ -8,7 +8,7 @@
 //! (`origin`, `generation` = its clock in ns) and says which of the origin's neighbours it sees
 //! up (with RTT) or down, and, for a site, each service's health, active streams and capacity; it
 //! travels with its age (how long ago its origin made it). Receivers keep one entry per origin
-//! (`routes::Evidence::learn`: the origin's own word, else the highest generation) and drop it
+//! (`routes::Evidence::learn`: the origin's own word, else the youngest copy) and drop it
 //! when it is a TTL old, so a site's death reaches an edge behind a transit one probe interval
 //! after the transit sees it (the transit's own entry says "link to the site down").
 //!
@@ -59,6 +59,8 @@ pub struct ServiceState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     pub origin: NodeId,
+    /// Its origin's clock, in ns, when it made it: receivers tell copies of one entry from
+    /// another by it, and compare it with no clock.
     pub generation: u64,
     pub neighbours: Vec<NeighbourState>,
     pub services: Vec<ServiceState>,

@@ -196,7 +196,9 @@ pub(crate) struct Evidence {
     ttl: Mutex<Option<(Arc<Graph>, Duration)>>,
     /// Ordered by origin, so that consecutive digests list the entries in the same order and a
     /// responder's pongs can carry them in turn (`Probe::encode_pong`). Each with the instant it
-    /// was taken, its `age_ms` being its age then.
+    /// was taken, its `age_ms` being its age then. An entry a TTL old stays until another of its
+    /// origin replaces it (or the origin leaves the topology), unused and not passed on: its
+    /// generation keeps copies of it out ([`Evidence::learn`]).
     learned: Mutex<BTreeMap<NodeId, (Entry, Instant)>>,
     site_down: Mutex<HashMap<(NodeId, ServiceName), Instant>>,
 }
@@ -260,14 +262,16 @@ fn eccentricity(graph: &Graph, me: &NodeId) -> usize {
     far.max(1)
 }
 
-/// How far ahead of this router's clock a relayed entry's generation (its origin's clock) may be:
-/// the clock skew allowed between hosts, as certificates allow it (`pki`'s backdating). One further
-/// ahead is refused: it would hold its origin's own entries out of the map while it lives.
-const CLOCK_AHEAD: Duration = Duration::from_secs(300);
-
 /// An entry's age now: its age when taken at `at`, and the time since.
 fn age_of(e: &Entry, at: Instant, now: Instant) -> Duration {
     Duration::from_millis(e.age_ms.into()) + now.saturating_duration_since(at)
+}
+
+/// Whether a relayed copy takes the place of the entry `held` (taken at `at`): it is of another
+/// generation, and younger ([`Evidence::learn`]).
+fn replaces(copy: &Entry, held: &Entry, at: Instant, now: Instant) -> bool {
+    copy.generation != held.generation
+        && Duration::from_millis(copy.age_ms.into()) < age_of(held, at, now)
 }
 
 fn now_ns() -> u64 {
@@ -333,14 +337,24 @@ impl Evidence {
     /// most one entry per node of the topology.
     ///
     /// Which entry of an origin is kept: the one `peer` sends of itself, always (its word on
-    /// itself, whatever its generation: a router restarted on a clock that is behind is taken at
-    /// once); otherwise one of a higher generation than the one held, unless it is older than
-    /// that one (a copy of the same origin's entry from before a restart, still going round).
-    /// An entry `ttl` old or more is dropped, whoever sends it: ages are carried and grow from
-    /// router to router ([`Entry::age_ms`]), so a copy taken back from a neighbour is as old as
-    /// it was, and an origin's last entry is gone everywhere `ttl` after it made it. A relayed
-    /// entry whose generation is more than [`CLOCK_AHEAD`] ahead of this router's clock is
-    /// refused (one of `u64::MAX` would win over its origin's entries for as long as it lived).
+    /// itself). A relayed copy replaces the one held when it is younger, by the ages they carry
+    /// ([`Entry::age_ms`]: its origin made it more recently), and is not of the same generation:
+    /// a held entry `ttl` old is so replaced by any other. Generations are compared with nothing
+    /// but the held one's, for equality, never with a clock: an origin whose clock is far ahead
+    /// of this router's, or far behind, or that restarted on a clock stepped back, is heard
+    /// through relays like any other, and a copy from before its restart, still going round, is
+    /// older and loses. A copy of the generation held does not make it younger: a router older
+    /// than the ages (whose copies are 0 ms old) passing an origin's last entry back does not keep
+    /// it, nor, once it is `ttl` old, bring it back. A forged generation (`u64::MAX`) so counts for
+    /// nothing: a forged copy is taken only by claiming to be younger than the one held, as a copy
+    /// of any generation from a lying neighbour could, and gives way to the first copy younger
+    /// than it is by then (or to its origin's own word). Ages count the time copies are held, not
+    /// the time they fly between routers, so of two copies made a few milliseconds apart, the
+    /// older one, come a longer way, may be taken for a moment.
+    ///
+    /// An entry `ttl` old or more is dropped, whoever sends it: ages grow from router to router,
+    /// so a copy taken back from a neighbour is as old as it was, and an origin's last entry is
+    /// gone everywhere `ttl` after it made it.
     pub fn learn(
         &self,
         me: &NodeId,
@@ -351,7 +365,6 @@ impl Evidence {
     ) -> bool {
         let mut changed = false;
         let now = Instant::now();
-        let ahead = now_ns().saturating_add(CLOCK_AHEAD.as_nanos() as u64);
         let Ok(mut map) = self.learned.lock() else {
             return false;
         };
@@ -361,7 +374,7 @@ impl Evidence {
             }
             let own = &e.origin == peer;
             let age = Duration::from_millis(e.age_ms.into());
-            if age >= ttl || (!own && e.generation > ahead) {
+            if age >= ttl {
                 continue;
             }
             e.neighbours
@@ -369,12 +382,10 @@ impl Evidence {
             e.services
                 .retain(|s| graph.service(s.service.as_str()).is_some());
             match map.get_mut(&e.origin) {
-                Some((old, at))
-                    if !own
-                        && age_of(old, *at, now) < ttl
-                        && (old.generation >= e.generation || age > age_of(old, *at, now)) => {}
+                Some((old, at)) if !own && !replaces(&e, old, *at, now) => {}
                 Some(slot) => {
-                    changed |= !slot.0.same_content(&e);
+                    // An entry `ttl` old was not in use: its successor is news.
+                    changed |= age_of(&slot.0, slot.1, now) >= ttl || !slot.0.same_content(&e);
                     *slot = (e, now);
                 }
                 None => {
@@ -403,12 +414,12 @@ impl Evidence {
     /// The entries younger than `ttl`, each with its age now (rounded up to the millisecond, so
     /// that it never shrinks on its way).
     fn fresh(&self, ttl: Duration) -> Vec<Entry> {
-        let Ok(mut map) = self.learned.lock() else {
+        let Ok(map) = self.learned.lock() else {
             return Vec::new();
         };
         let now = Instant::now();
-        map.retain(|_, (e, at)| age_of(e, *at, now) < ttl);
         map.values()
+            .filter(|(e, at)| age_of(e, *at, now) < ttl)
             .map(|(e, at)| {
                 let ms = age_of(e, *at, now).as_nanos().div_ceil(1_000_000);
                 Entry {
@@ -1120,47 +1131,205 @@ mod tests {
         );
     }
 
-    /// A neighbour relays the site's entry with the generation u64::MAX: refused (it would have
-    /// won over every entry the site makes, for as long as it was relayed). One within the
-    /// clock skew allowed holds the site's entries out for the TTL at most.
+    /// A neighbour relays a forged copy of the site's entry, generation u64::MAX: it is taken
+    /// like any copy younger than the one held, and gives way to the first genuine copy younger
+    /// than it is by then. (A generation higher than the receiver's clock allowed was refused,
+    /// because it would have won over every entry the site made while it was relayed.)
     #[test]
-    fn a_generation_from_the_far_future_is_refused() {
+    fn a_forged_generation_gives_way_to_a_fresher_copy() {
+        let g = graph();
+        let (edge, transit) = (NodeId::new("edge"), NodeId::new("transit"));
+        let ev = Evidence::default();
+        let genuine = |age_ms| Entry {
+            age_ms,
+            ..entry("site", now_ns(), &[], &["echo"])
+        };
+        assert!(ev.learn(&edge, &transit, &g, HOUR, vec![genuine(20)]));
+        let forged = entry("site", u64::MAX, &["transit"], &[]);
+        let taken = Instant::now();
+        assert!(ev.learn(&edge, &transit, &g, HOUR, vec![forged]));
+        let held = |ev: &Evidence| holds(ev, "site", HOUR).map(|e| e.generation);
+        assert_eq!(held(&ev), Some(u64::MAX));
+        // A copy made before it (by its own word) does not replace it.
+        assert!(!ev.learn(&edge, &transit, &g, HOUR, vec![genuine(30_000)]));
+        assert_eq!(held(&ev), Some(u64::MAX));
+        // Copies 20 ms old, relayed pong after pong: the first one after the forged copy is
+        // 20 ms old replaces it.
+        while held(&ev) == Some(u64::MAX) {
+            assert!(
+                taken.elapsed() < Duration::from_secs(10),
+                "the forged copy is still held"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+            ev.learn(&edge, &transit, &g, HOUR, vec![genuine(20)]);
+        }
+        assert!(
+            taken.elapsed() >= Duration::from_millis(20),
+            "{:?}",
+            taken.elapsed()
+        );
+    }
+
+    /// The site's clock is an hour ahead of the edge's (or the edge's an hour behind): the
+    /// edge learns the site's entries through the transit, each one in place of the one before.
+    /// (A relayed generation more than 5 min ahead of the receiver's clock was refused: the site
+    /// was heard by its neighbours only.)
+    #[test]
+    fn an_origin_whose_clock_is_far_ahead_is_learned_through_a_relay_and_updates() {
+        let g = graph();
+        let (edge, transit) = (NodeId::new("edge"), NodeId::new("transit"));
+        let ev = Evidence::default();
+        let first = Entry {
+            age_ms: 50,
+            ..entry("site", now_ns() + 3_600_000_000_000, &["transit"], &[])
+        };
+        assert!(ev.learn(&edge, &transit, &g, HOUR, vec![first.clone()]));
+        assert_eq!(
+            holds(&ev, "site", HOUR).map(|e| e.generation),
+            Some(first.generation)
+        );
+        let mut next = Entry {
+            generation: first.generation + 100_000_000,
+            age_ms: 10,
+            ..entry("site", 0, &["transit"], &["echo"])
+        };
+        next.services[0].healthy = true;
+        assert!(ev.learn(&edge, &transit, &g, HOUR, vec![next.clone()]));
+        let held = holds(&ev, "site", HOUR).expect("the site's entry");
+        assert_eq!(held.generation, next.generation);
+        assert!(held.services[0].healthy);
+    }
+
+    /// The site's host lost its clock and started at 1970 (generations of a few seconds): its
+    /// entries, relayed by the transit, replace the one the edge held from before and each other.
+    /// (A relayed entry replaced the one held only with a higher generation: the site's entries
+    /// were ignored until the one from before was a TTL old.)
+    #[test]
+    fn an_origin_whose_clock_is_far_behind_is_learned_through_a_relay_and_updates() {
+        let g = graph();
+        let (edge, transit) = (NodeId::new("edge"), NodeId::new("transit"));
+        let ev = Evidence::default();
+        let before = Entry {
+            age_ms: 100,
+            ..entry("site", now_ns(), &["transit"], &[])
+        };
+        assert!(ev.learn(&edge, &transit, &g, HOUR, vec![before]));
+        for (i, age_ms) in [(0u64, 40), (1, 20), (2, 5)] {
+            let mut behind = Entry {
+                age_ms,
+                ..entry(
+                    "site",
+                    5_000_000_000 + i * 100_000_000,
+                    &["transit"],
+                    &["echo"],
+                )
+            };
+            behind.services[0].active = i as u32 + 1;
+            assert!(ev.learn(&edge, &transit, &g, HOUR, vec![behind.clone()]));
+            assert_eq!(
+                holds(&ev, "site", HOUR).map(|e| e.generation),
+                Some(behind.generation),
+                "entry {i}"
+            );
+        }
+    }
+
+    /// The site restarts on a clock stepped back 2 s: its first entry since, relayed by the
+    /// transit, replaces the one the edge held from before the restart (its generation is lower,
+    /// but it was made later), and a copy from before the restart still going round, older, does
+    /// not take its place again. (It was ignored until the old entry was a TTL old.)
+    #[test]
+    fn a_restarted_origin_whose_generation_is_lower_replaces_with_a_fresher_copy() {
+        let g = graph();
+        let (edge, transit) = (NodeId::new("edge"), NodeId::new("transit"));
+        let ev = Evidence::default();
+        let before = Entry {
+            age_ms: 200,
+            ..entry("site", now_ns(), &["transit"], &["echo"])
+        };
+        assert!(ev.learn(&edge, &transit, &g, HOUR, vec![before.clone()]));
+        let mut after = Entry {
+            age_ms: 10,
+            ..entry("site", before.generation - 2_000_000_000, &[], &["echo"])
+        };
+        after.services[0].healthy = true;
+        assert!(ev.learn(&edge, &transit, &g, HOUR, vec![after.clone()]));
+        assert_eq!(
+            holds(&ev, "site", HOUR).map(|e| e.generation),
+            Some(after.generation)
+        );
+        let still_going_round = Entry {
+            age_ms: 30_000,
+            generation: before.generation + 1,
+            ..before
+        };
+        assert!(!ev.learn(&edge, &transit, &g, HOUR, vec![still_going_round]));
+        assert_eq!(
+            holds(&ev, "site", HOUR).map(|e| e.generation),
+            Some(after.generation)
+        );
+    }
+
+    /// A copy of a higher generation than the entry held, but older than it is now, does not
+    /// replace it: it was made before the one held, whatever its generation says.
+    #[test]
+    fn a_stale_copy_of_a_higher_generation_does_not_replace_a_fresher_entry() {
+        let g = graph();
+        let (edge, transit) = (NodeId::new("edge"), NodeId::new("transit"));
+        let ev = Evidence::default();
+        let held = Entry {
+            age_ms: 100,
+            ..entry("site", now_ns(), &["transit"], &["echo"])
+        };
+        assert!(ev.learn(&edge, &transit, &g, HOUR, vec![held.clone()]));
+        let stale = Entry {
+            generation: held.generation + 60_000_000_000,
+            age_ms: 30_000,
+            ..entry("site", 0, &[], &[])
+        };
+        assert!(!ev.learn(&edge, &transit, &g, HOUR, vec![stale]));
+        let now = holds(&ev, "site", HOUR).expect("the site's entry");
+        assert_eq!((now.generation, now.services.len()), (held.generation, 1));
+    }
+
+    /// A router older than the ages (its copies are 0 ms old) passes the site's last entry back
+    /// to the edge pong after pong: the copy, of the generation the edge holds, does not make the
+    /// edge's entry younger, and the entry is gone a TTL after the site made it, and stays gone.
+    /// (A copy of the same generation was taken in place of the one held once that one was a
+    /// TTL old, or had been dropped, as new: the two kept a dead site's last entry for ever.)
+    #[test]
+    fn a_copy_of_the_same_generation_does_not_make_the_entry_younger() {
         let g = graph();
         let ttl = Duration::from_millis(300);
         let (edge, transit) = (NodeId::new("edge"), NodeId::new("transit"));
         let ev = Evidence::default();
-        let forged = entry("site", u64::MAX, &["transit"], &["echo"]);
-        assert!(!ev.learn(&edge, &transit, &g, ttl, vec![forged]));
-        assert_eq!(holds(&ev, "site", ttl), None);
-        let real = entry("site", now_ns(), &[], &[]);
-        assert!(ev.learn(&edge, &transit, &g, ttl, vec![real.clone()]));
-        assert_eq!(
-            holds(&ev, "site", ttl).map(|e| e.generation),
-            Some(real.generation)
-        );
-
-        let ahead = now_ns() + 60_000_000_000;
-        assert!(ev.learn(
-            &edge,
-            &transit,
-            &g,
-            ttl,
-            vec![entry("site", ahead, &["transit"], &[])]
-        ));
-        let t = Instant::now();
+        let made = Instant::now();
+        let last = entry("site", now_ns(), &["transit"], &["echo"]);
+        assert!(ev.learn(&edge, &transit, &g, ttl, vec![last.clone()]));
         loop {
-            let real = entry("site", now_ns(), &[], &[]);
-            ev.learn(&edge, &transit, &g, ttl, vec![real]);
-            if holds(&ev, "site", ttl).is_some_and(|e| e.generation < ahead) {
+            std::thread::sleep(Duration::from_millis(5));
+            ev.learn(&edge, &transit, &g, ttl, vec![last.clone()]);
+            if holds(&ev, "site", ttl).is_none() {
                 break;
             }
             assert!(
-                t.elapsed() < ttl * 10,
-                "the site's entries are still held out"
+                made.elapsed() < ttl * 10,
+                "the site's last entry is still held {:?} after it was made",
+                made.elapsed()
             );
-            std::thread::sleep(Duration::from_millis(5));
         }
-        assert!(t.elapsed() >= ttl / 2, "{:?}", t.elapsed());
+        let gone = made.elapsed();
+        assert!(gone >= ttl, "gone {gone:?} after it was made");
+        while made.elapsed() < gone + ttl {
+            std::thread::sleep(Duration::from_millis(5));
+            ev.learn(&edge, &transit, &g, ttl, vec![last.clone()]);
+            assert_eq!(
+                holds(&ev, "site", ttl),
+                None,
+                "taken back {:?} after it was made",
+                made.elapsed()
+            );
+        }
     }
 
     /// The site restarts on a host whose clock is an hour behind: the transit takes the site's

@@ -59,8 +59,9 @@ pub struct ServiceState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     pub origin: NodeId,
-    /// Its origin's clock, in ns, when it made it: receivers tell copies of one entry from
-    /// another by it, and compare it with no clock.
+    /// Its origin's clock, in ns, when it made it, or one more than its previous entry's if the
+    /// clock has not moved past that (no two entries of an origin share one): receivers tell
+    /// copies of one entry from another by it, and compare it with no clock.
     pub generation: u64,
     pub neighbours: Vec<NeighbourState>,
     pub services: Vec<ServiceState>,

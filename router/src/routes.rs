@@ -201,6 +201,8 @@ pub(crate) struct Evidence {
     /// generation keeps copies of it out ([`Evidence::learn`]).
     learned: Mutex<BTreeMap<NodeId, (Entry, Instant)>>,
     site_down: Mutex<HashMap<(NodeId, ServiceName), Instant>>,
+    /// The generation this router last gave its own entry ([`next_generation`]).
+    generation: AtomicU64,
 }
 
 /// Every node's entry, whole, as the topology has it (for sizes: every link up, no load).
@@ -272,6 +274,19 @@ fn age_of(e: &Entry, at: Instant, now: Instant) -> Duration {
 fn replaces(copy: &Entry, held: &Entry, at: Instant, now: Instant) -> bool {
     copy.generation != held.generation
         && Duration::from_millis(copy.age_ms.into()) < age_of(held, at, now)
+}
+
+/// The generation of this router's next own entry: its clock in ns, or one more than the last
+/// one (`last`) if the clock has not moved past it. Receivers tell copies of one entry from
+/// another by it alone ([`Evidence::learn`]), so no two entries of a router may share one: on a
+/// clock that stands still (before 1970 it reads 0), steps back or ticks coarser than entries
+/// are made, a relayed copy of each new entry would be taken for one already held, and the
+/// router heard by its neighbours only.
+fn next_generation(last: &AtomicU64, now: u64) -> u64 {
+    let next = |g: u64| now.max(g.saturating_add(1));
+    let (Ok(g) | Err(g)) =
+        last.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |g| Some(next(g)));
+    next(g)
 }
 
 fn now_ns() -> u64 {
@@ -477,7 +492,7 @@ impl Shared {
         services.sort_by(|a, b| a.service.cmp(&b.service));
         Entry {
             origin: self.node.clone(),
-            generation: now_ns(),
+            generation: next_generation(&self.evidence.generation, now_ns()),
             neighbours,
             services,
             age_ms: 0,
@@ -1290,6 +1305,26 @@ mod tests {
         assert!(!ev.learn(&edge, &transit, &g, HOUR, vec![stale]));
         let now = holds(&ev, "site", HOUR).expect("the site's entry");
         assert_eq!((now.generation, now.services.len()), (held.generation, 1));
+    }
+
+    /// A router's own entries each have a generation of their own, whatever its clock does:
+    /// it follows the clock while the clock moves ahead. (The generation was the clock: on one
+    /// standing still, or before 1970, every entry had the same one, and relays, taking each
+    /// copy for the one they held, let the router's entry die out beyond its neighbours.)
+    #[test]
+    fn own_generations_differ_whatever_the_clock_does() {
+        let last = AtomicU64::default();
+        let mut given = std::collections::BTreeSet::new();
+        let clock = [0, 0, 0, 5_000, 5_000, 10, 7_000, 7_000, 7_000, 6_999];
+        for now in clock {
+            let g = next_generation(&last, now);
+            assert!(
+                given.insert(g),
+                "generation {g} given twice, clock at {now}"
+            );
+            assert!(g >= now, "generation {g} behind the clock at {now}");
+        }
+        assert_eq!(next_generation(&last, 9_000_000), 9_000_000);
     }
 
     /// A router older than the ages (its copies are 0 ms old) passes the site's last entry back

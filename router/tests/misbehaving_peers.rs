@@ -204,10 +204,11 @@ async fn a_neighbour_cannot_flood_unsolicited_or_made_up_evidence() {
     assert!(made_up.is_empty(), "made-up links learned: {made_up:?}");
 }
 
-/// A neighbour whose clock runs far ahead (its generations beyond what a relayed entry may have,
-/// `CLOCK_AHEAD`) is still heard on itself: the edge takes the transit's own entry, which says its
-/// link to the near site is down, and prefers the far site. (Had the edge taken it for a relayed
-/// copy, it would have refused it, and kept trying the near site through the transit.)
+/// A neighbour whose clock runs far ahead (generation u64::MAX, the same in every pong) is heard on
+/// itself: the edge takes the transit's own entry, which says its link to the near site is down,
+/// and prefers the far site. (A relayed generation more than 5 min ahead of the receiver's clock
+/// was refused, and a neighbour's entry taken for a relayed copy would have been; a relayed copy
+/// of the generation held does not refresh it, the neighbour's word does.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_neighbours_word_on_itself_is_taken_whatever_its_clock() {
     let dir = ca_dir();

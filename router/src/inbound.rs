@@ -88,8 +88,11 @@ async fn serve_connection(
                 Ok(bytes) => {
                     if let Ok(Probe::Ping { seq }) = Probe::decode(bytes) {
                         let max = conn.max_datagram_size().unwrap_or(1200);
-                        let digest = shared.digest();
-                        let (pong, next) = Probe::encode_pong(seq, &digest, rotation, max);
+                        let (own, learned, taken) = shared.digest();
+                        let aged = taken.elapsed().as_nanos().div_ceil(1_000_000);
+                        let aged = u32::try_from(aged).unwrap_or(u32::MAX);
+                        let (pong, next) =
+                            Probe::encode_pong_parts(seq, &own, &learned, aged, rotation, max);
                         rotation = next;
                         let _ = conn.send_datagram(pong);
                     }

@@ -335,13 +335,32 @@ impl Probe {
         start: usize,
         max_len: usize,
     ) -> (Bytes, usize) {
+        match entries.split_first() {
+            Some((own, learned)) => Self::encode_pong_parts(seq, own, learned, 0, start, max_len),
+            None => {
+                let mut out = BytesMut::with_capacity(PONG_HEADER);
+                out.put_u8(PONG);
+                out.put_u64(seq);
+                out.put_u8(0);
+                (out.freeze(), 0)
+            }
+        }
+    }
+
+    /// [`Probe::encode_pong`] of `own` and `learned`, the learned entries `aged_ms` older than
+    /// their `age_ms` says (a digest reused since their ages were taken).
+    pub fn encode_pong_parts(
+        seq: u64,
+        own: &Entry,
+        learned: &[Entry],
+        aged_ms: u32,
+        start: usize,
+        max_len: usize,
+    ) -> (Bytes, usize) {
         let mut out = BytesMut::with_capacity(max_len.min(1500));
         out.put_u8(PONG);
         out.put_u64(seq);
         out.put_u8(0);
-        let Some((own, learned)) = entries.split_first() else {
-            return (out.freeze(), 0);
-        };
         // Each entry costs its encoding and its age; the ages' extension header is set aside.
         let cost = |e: &Entry| e.encoded_len() + AGE_LEN;
         let room = max_len.saturating_sub(PONG_HEADER + EXT_HEADER);
@@ -355,14 +374,14 @@ impl Probe {
         }
         let own_room = room - need.min(room / 2);
         let mut ages: Vec<u32> = Vec::new();
-        fn put(e: &Entry, out: &mut BytesMut, ages: &mut Vec<u32>) {
+        fn put(e: &Entry, aged: u32, out: &mut BytesMut, ages: &mut Vec<u32>) {
             e.encode(out);
-            ages.push(e.age_ms);
+            ages.push(e.age_ms.saturating_add(aged));
         }
         if cost(own) <= own_room {
-            put(own, &mut out, &mut ages);
+            put(own, 0, &mut out, &mut ages);
         } else if let Some(cut) = own.trimmed_to(own_room.saturating_sub(AGE_LEN)) {
-            put(&cut, &mut out, &mut ages);
+            put(&cut, 0, &mut out, &mut ages);
         }
         let n = learned.len();
         let first = if n == 0 { 0 } else { start % n };
@@ -376,12 +395,12 @@ impl Probe {
             let used = out.len() + EXT_HEADER + AGE_LEN * ages.len();
             let left = max_len.saturating_sub(used);
             if cost(e) <= left {
-                put(e, &mut out, &mut ages);
+                put(e, aged_ms, &mut out, &mut ages);
             } else if i == 0 {
                 // Too large for the room of a whole pong: cut (a room too small even for its
                 // origin carries nothing, and the round goes on).
                 if let Some(cut) = e.trimmed_to(left.saturating_sub(AGE_LEN)) {
-                    put(&cut, &mut out, &mut ages);
+                    put(&cut, aged_ms, &mut out, &mut ages);
                 }
             } else {
                 // The next pong starts with it.
@@ -669,6 +688,23 @@ mod tests {
     /// Ages ride in an extension after the entries, which routers older than it never read: the
     /// pong up to the extension is a pong of the same entries (of age 0). An extension of an
     /// unknown kind is skipped, and one that is broken is ignored.
+    #[test]
+    fn a_reused_digest_goes_out_with_the_ages_it_gained_since() {
+        let mut es = [entry("me"), entry("a"), entry("b")];
+        es[1].age_ms = 1500;
+        es[2].age_ms = u32::MAX - 3;
+        let (pong, _) = Probe::encode_pong_parts(3, &es[0], &es[1..], 40, 0, 1200);
+        let Ok(Probe::Pong { seq: 3, entries }) = Probe::decode(pong) else {
+            panic!("not a pong");
+        };
+        let ages: Vec<u32> = entries.iter().map(|e| e.age_ms).collect();
+        assert_eq!(
+            ages,
+            [0, 1540, u32::MAX],
+            "own entry 0 ms; learned ones aged"
+        );
+    }
+
     #[test]
     fn ages_ride_in_an_extension_older_routers_skip() {
         let mut es = [entry("me"), entry("a"), entry("b")];

@@ -232,7 +232,41 @@ async fn accept_loop(
                 continue;
             }
         };
-        tokio::spawn(handle_client(shared.clone(), tcp, client, service, circuit));
+        // Descriptors are finite: at the cap a new client is refused at once (a reset: it
+        // may try another edge), before it holds a descriptor and a site's capacity slot.
+        let Some(slot) = ClientSlot::take(&shared) else {
+            shared.metrics.clients_over_cap.fetch_add(1, Relaxed);
+            tracing::debug!(node = %shared.node, %client, "client refused: at --max-client-connections");
+            splice::reset_tcp(&tcp);
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            handle_client(shared, tcp, client, service, circuit).await
+        });
+    }
+}
+
+/// One of the edge's client connections, counted in `clients_open` from its accept until it
+/// ends (dropped), against `Shared::max_clients`.
+struct ClientSlot(Arc<Shared>);
+
+impl ClientSlot {
+    fn take(shared: &Arc<Shared>) -> Option<ClientSlot> {
+        let open = &shared.metrics.clients_open;
+        let before = open.fetch_add(1, Relaxed);
+        if before >= shared.max_clients as u64 {
+            open.fetch_sub(1, Relaxed);
+            return None;
+        }
+        Some(ClientSlot(shared.clone()))
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.0.metrics.clients_open.fetch_sub(1, Relaxed);
     }
 }
 

@@ -126,6 +126,10 @@ pub struct RouterConfig {
     pub windows: transport::Windows,
     /// Client bytes an edge keeps to replay on the next candidate (default 64 KiB).
     pub replay_limit: usize,
+    /// Client connections an edge holds at once; more are reset at accept. `None` (the
+    /// default): the open-file limit less [`RESERVED_DESCRIPTORS`] (at least 64), so that
+    /// clients cannot take the descriptors the router needs for itself.
+    pub max_client_connections: Option<usize>,
     /// Extra names a peer may present besides the topology's node ids (e.g. `controller`).
     pub extra_peer_names: Vec<String>,
     /// What this router presents (share one with the control client so both present the same,
@@ -164,6 +168,7 @@ impl RouterConfig {
             write_stall_timeout: Some(Duration::from_secs(30)),
             windows: transport::Windows::default(),
             replay_limit: 64 * 1024,
+            max_client_connections: None,
             extra_peer_names: Vec::new(),
             cert_resolver: None,
             cert_reload_interval: Some(Duration::from_secs(10)),
@@ -203,6 +208,8 @@ pub(crate) struct Shared {
     pub idle_timeout: Option<Duration>,
     pub write_stall_timeout: Option<Duration>,
     pub replay_limit: usize,
+    /// [`RouterConfig::max_client_connections`], resolved at start.
+    pub max_clients: usize,
     pub endpoint: quinn::Endpoint,
     pub peers: tls::PeerNames,
     /// The certificate and key presented (reloaded in place).
@@ -231,6 +238,28 @@ pub(crate) struct Shared {
     pub shutdown: watch::Receiver<bool>,
     pub drain_timeout: Duration,
     pub started: Instant,
+}
+
+/// Descriptors an edge keeps for itself beyond its clients (its QUIC socket, listeners, the
+/// metrics endpoint's clients, certificate and snapshot files): the default cap on client
+/// connections is the open-file limit less this.
+pub const RESERVED_DESCRIPTORS: usize = 256;
+
+/// The default [`RouterConfig::max_client_connections`]: the soft open-file limit less
+/// [`RESERVED_DESCRIPTORS`], at least 64.
+pub fn default_max_clients() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit on a local struct.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
+    let files = if ok && lim.rlim_cur != libc::RLIM_INFINITY {
+        usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX)
+    } else {
+        1 << 20
+    };
+    files.saturating_sub(RESERVED_DESCRIPTORS).max(64)
 }
 
 impl Shared {
@@ -395,6 +424,9 @@ impl Router {
             idle_timeout: cfg.idle_timeout,
             write_stall_timeout: cfg.write_stall_timeout,
             replay_limit: cfg.replay_limit,
+            max_clients: cfg
+                .max_client_connections
+                .unwrap_or_else(default_max_clients),
             endpoint,
             peers,
             cert: cert.clone(),

@@ -70,6 +70,10 @@ pub struct Metrics {
     /// Incoming handshakes sent a Retry (address validation) or refused because too many were
     /// in progress ([`crate::transport::HandshakeGate`]).
     pub handshakes_retried: AtomicU64,
+    /// An edge's client connections open now (accepted, not yet ended), and those refused
+    /// because `--max-client-connections` were open.
+    pub clients_open: AtomicU64,
+    pub clients_over_cap: AtomicU64,
     pub handshakes_refused: AtomicU64,
     errors: [AtomicU64; Code::ALL.len()],
 }
@@ -136,6 +140,20 @@ impl Metrics {
             "Proxied client/backend streams open now.",
             "gauge",
             self.streams_active.load(Relaxed),
+        );
+        counter(
+            &mut s,
+            "edge_clients_open",
+            "An edge's client connections open now, from accept to their end.",
+            "gauge",
+            self.clients_open.load(Relaxed),
+        );
+        counter(
+            &mut s,
+            "edge_clients_over_cap_total",
+            "Client connections an edge reset at once because --max-client-connections were open.",
+            "counter",
+            self.clients_over_cap.load(Relaxed),
         );
         counter(
             &mut s,

@@ -133,6 +133,69 @@ async fn a_port_given_to_another_service_keeps_being_served() {
     }
 }
 
+/// An edge holds at most `max_client_connections` clients at once: one more is reset at accept
+/// and counted, and once one of them ends a new client is served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_resets_clients_beyond_its_cap_and_serves_again_below_it() {
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let port = free_tcp_port();
+    let snap = edge_site("echo", backend, port);
+    let (hs, _txs) = spawn_all(&snap, dir.path(), |id, cfg| {
+        if id == "edge" {
+            cfg.max_client_connections = Some(3);
+        }
+    })
+    .await;
+    wait_for_route(&hs[0], "echo", Duration::from_secs(10), "no route").await;
+    // Three clients, each answered (the echo proves it is through), held open.
+    let mut held = Vec::new();
+    for i in 0..3u8 {
+        let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        c.write_all(&[i]).await.unwrap();
+        let mut b = [0u8; 1];
+        tokio::time::timeout(Duration::from_secs(10), c.read_exact(&mut b))
+            .await
+            .expect("no echo")
+            .unwrap();
+        assert_eq!(b[0], i);
+        held.push(c);
+    }
+    let over = |h: &RouterHandle| {
+        metric(
+            &h.metrics_text(),
+            "tasman_edge_clients_over_cap_total{node=\"edge\"}",
+        )
+    };
+    assert_eq!(over(&hs[0]), Some(0));
+    // A fourth: reset, nothing echoed.
+    let back = echo_roundtrip(port, b"four", Duration::from_secs(10)).await;
+    assert!(
+        back.as_ref().map_or(true, |b| b.is_empty()),
+        "a fourth client was served: {back:?}"
+    );
+    assert_eq!(over(&hs[0]), Some(1));
+    // One ends: a new client is served once the edge has seen it go.
+    drop(held.pop());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ok = echo_roundtrip(port, b"again", Duration::from_secs(10))
+            .await
+            .is_ok_and(|b| b == b"again");
+        if ok {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not served below the cap");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(held);
+    for h in hs {
+        h.shutdown().await;
+    }
+}
+
 /// Checks a Prometheus text exposition (format 0.0.4): each series comes after its family's
 /// HELP and TYPE lines (one of each), and a family's series are one group. Returns the series
 /// lines.

@@ -134,6 +134,12 @@ pub struct RouterArgs {
     /// GiB) or decimal (kB, MB, GB), e.g. 256KiB.
     #[arg(long, default_value = "64KiB", value_parser = parse_replay_limit, value_name = "BYTES")]
     pub replay_limit: usize,
+    /// Edge: client connections held at once; a client beyond them is reset at accept (it may
+    /// try another edge) and counted in tasman_edge_clients_over_cap_total. `auto`: the
+    /// open-file limit (raised to its hard limit at start) less 256 descriptors kept for the
+    /// router itself, at least 64. A whole number from 1, or auto.
+    #[arg(long, default_value = "auto", value_parser = parse_max_clients, value_name = "N")]
+    pub max_client_connections: MaxClients,
     /// Edge, anti-flap margins (reported to the controller, whose apply plan predicts the
     /// edge's moves with them).
     #[command(flatten)]
@@ -254,6 +260,20 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
 }
 
 /// `--replay-limit`: a byte count ([`parse_bytes`]) up to [`MAX_REPLAY_LIMIT`].
+/// `--max-client-connections`: a count, or `auto` (`None`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaxClients(pub Option<usize>);
+
+fn parse_max_clients(s: &str) -> Result<MaxClients, String> {
+    if s == "auto" {
+        return Ok(MaxClients(None));
+    }
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(MaxClients(Some(n))),
+        _ => Err(format!("{s:?}: expected a whole number from 1, or auto")),
+    }
+}
+
 fn parse_replay_limit(s: &str) -> Result<usize, String> {
     match parse_bytes(s)? {
         n if n > MAX_REPLAY_LIMIT => Err(format!(
@@ -358,6 +378,7 @@ impl RouterArgs {
         cfg.header_timeout = self.header_timeout;
         cfg.reply_timeout = self.reply_timeout;
         cfg.replay_limit = self.replay_limit;
+        cfg.max_client_connections = self.max_client_connections.0;
         cfg.hysteresis = self.hysteresis.hysteresis();
         for w in self.timeout_warnings() {
             tracing::warn!(node = %self.node, "{w}");
@@ -671,6 +692,17 @@ mod tests {
     }
 
     #[test]
+    fn max_client_connections_is_a_count_from_one_or_auto() {
+        assert_eq!(parse_max_clients("auto"), Ok(MaxClients(None)));
+        assert_eq!(parse_max_clients("1"), Ok(MaxClients(Some(1))));
+        assert_eq!(parse_max_clients("50000"), Ok(MaxClients(Some(50_000))));
+        for bad in ["0", "-1", "1.5", "", "10k"] {
+            let e = parse_max_clients(bad).unwrap_err();
+            assert!(e.contains("whole number from 1, or auto"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn replay_limit_is_a_byte_count_up_to_64_mib() {
         let p = |s| parse_replay_limit(s);
         assert_eq!(p("0"), Ok(0));
@@ -744,6 +776,7 @@ mod tests {
         assert_eq!(got.header_timeout, want.header_timeout);
         assert_eq!(got.reply_timeout, want.reply_timeout);
         assert_eq!(got.replay_limit, want.replay_limit);
+        assert_eq!(got.max_client_connections, want.max_client_connections);
         assert_eq!(got.hysteresis.absolute, want.hysteresis.absolute);
         assert_eq!(got.hysteresis.relative, want.hysteresis.relative);
         assert!(
@@ -769,7 +802,10 @@ mod tests {
             "25ms",
             "--hysteresis-ratio",
             "0.5",
+            "--max-client-connections",
+            "5000",
         ]);
+        assert_eq!(cfg.max_client_connections, Some(5000));
         assert_eq!(cfg.max_tries, 5);
         assert_eq!(cfg.backend_connect_timeout, Duration::from_secs(30));
         assert_eq!(cfg.header_timeout, Duration::from_millis(250));

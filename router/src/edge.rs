@@ -45,6 +45,8 @@ pub(crate) struct Listeners {
     /// Wanted addresses that could not be bound, with the last error's kind (logged once per
     /// kind, not at every retry).
     failed: HashMap<SocketAddr, std::io::ErrorKind>,
+    /// Every address the last sync wanted, bound or not ([`Listeners::covers`]).
+    wanted: Vec<SocketAddr>,
 }
 
 impl Drop for Listeners {
@@ -91,6 +93,7 @@ impl Listeners {
             }
         });
         self.failed.retain(|addr, _| want.contains_key(addr));
+        self.wanted = want.keys().copied().collect();
         let mut first_err = None;
         for (addr, svc) in want {
             if self.open.contains_key(&addr) {
@@ -125,11 +128,14 @@ impl Listeners {
         first_err.map_or(Ok(()), Err)
     }
 
-    /// Ports on which a listener bound to the unspecified address accepts every local address
-    /// of `v4` (or IPv6) family: a circuit VIP on such a port is already served (its bind would
-    /// fail with `AddrInUse`). A `::` listener takes IPv4 too (dual stack, as bound here).
+    /// Whether a wanted listener on the unspecified address serves `vip` (every local address
+    /// of its family on its port): a circuit VIP on such a port is not bound, or is closed, so
+    /// that the wildcard listener can be bound (a wildcard bind fails with `AddrInUse` while a
+    /// specific address listens on its port; it is tried again at the next tick, once the
+    /// VIP's task has let its socket go). A `::` listener takes IPv4 too (dual stack). Wanted,
+    /// not only bound: a wildcard listener added while a VIP held its port would never bind.
     pub fn covers(&self, vip: SocketAddr) -> bool {
-        self.open.keys().any(|a| {
+        self.wanted.iter().any(|a| {
             a.port() == vip.port() && a.ip().is_unspecified() && (a.is_ipv6() || vip.is_ipv4())
         })
     }
@@ -140,6 +146,7 @@ impl Listeners {
             h.abort();
         }
         self.failed.clear();
+        self.wanted.clear();
     }
 }
 
@@ -664,14 +671,11 @@ mod tests {
     #[tokio::test]
     async fn wildcard_listeners_cover_vips_on_their_port() {
         let mut l = Listeners::default();
-        let mut open = |addr: &str| {
-            let h = tokio::spawn(std::future::pending::<()>()).abort_handle();
-            l.open
-                .insert(addr.parse().unwrap(), (Arc::new(ArcSwapOption::empty()), h));
-        };
-        open("0.0.0.0:8443");
-        open("127.0.0.1:9000");
-        open("[::]:7000");
+        // Wanted: bound or not (the wildcard one may wait for a VIP to let its port go).
+        let mut want = |addr: &str| l.wanted.push(addr.parse().unwrap());
+        want("0.0.0.0:8443");
+        want("127.0.0.1:9000");
+        want("[::]:7000");
         let covers = |l: &Listeners, vip: &str| l.covers(vip.parse().unwrap());
         assert!(covers(&l, "10.1.0.1:8443"));
         assert!(!covers(&l, "[fd00::1]:8443"));

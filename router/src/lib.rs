@@ -248,16 +248,11 @@ pub const RESERVED_DESCRIPTORS: usize = 256;
 /// The default [`RouterConfig::max_client_connections`]: the soft open-file limit less
 /// [`RESERVED_DESCRIPTORS`], at least 64.
 pub fn default_max_clients() -> usize {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit on a local struct.
-    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
-    let files = if ok && lim.rlim_cur != libc::RLIM_INFINITY {
-        usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX)
-    } else {
-        1 << 20
+    let files = match limits::nofile() {
+        Ok(lim) if lim.rlim_cur != libc::RLIM_INFINITY => {
+            usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX)
+        }
+        _ => 1 << 20,
     };
     files.saturating_sub(RESERVED_DESCRIPTORS).max(64)
 }

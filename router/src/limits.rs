@@ -8,15 +8,9 @@
 /// thousand connections. The hard limit is the operator's ceiling (`LimitNOFILE=`, `ulimit
 /// -Hn`); going up to it needs no privilege.
 pub fn raise_nofile() -> std::io::Result<u64> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit on a local struct; no other effect.
+    let mut lim = nofile()?;
+    // SAFETY: setrlimit on a local struct; no other effect.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
         if lim.rlim_cur < lim.rlim_max {
             let raised = libc::rlimit {
                 rlim_cur: lim.rlim_max,
@@ -29,4 +23,17 @@ pub fn raise_nofile() -> std::io::Result<u64> {
         }
     }
     Ok(lim.rlim_cur)
+}
+
+/// The open-file limits (soft and hard) now.
+pub fn nofile() -> std::io::Result<libc::rlimit> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit on a local struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(lim)
 }

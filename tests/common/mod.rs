@@ -35,20 +35,9 @@ pub fn tasman() -> &'static str {
 #[allow(unused_imports)] // every test binary includes this module; not all of them need all
 pub use testkit::{eventually, free_tcp_port, free_udp};
 
-/// Raises RLIMIT_NOFILE to its hard limit (children inherit it).
+/// Raises RLIMIT_NOFILE to its hard limit (children inherit it), as the routers do.
 pub fn raise_nofile() -> u64 {
-    // SAFETY: plain getrlimit/setrlimit on a local struct.
-    unsafe {
-        let mut r = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {
-            r.rlim_cur = r.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-        }
-        r.rlim_cur
-    }
+    router::limits::raise_nofile().unwrap_or(0)
 }
 
 /// Whether the tests run as root (network namespaces, iptables).

@@ -192,8 +192,8 @@ pub struct VipListeners {
 #[derive(Default)]
 struct VipState {
     bound: HashMap<SocketAddr, AbortHandle>,
-    /// VIPs that could not be bound, with the last error's kind (logged once per kind).
-    failed: HashMap<SocketAddr, std::io::ErrorKind>,
+    /// VIPs that could not be bound.
+    failed: crate::edge::BindFailures,
 }
 
 impl VipListeners {
@@ -217,7 +217,7 @@ impl VipListeners {
             }
             keep
         });
-        failed.retain(|addr, _| want.contains_key(addr));
+        failed.keep(|addr| want.contains_key(addr));
         for (addr, service) in want {
             if bound.contains_key(&addr) {
                 continue;
@@ -225,11 +225,11 @@ impl VipListeners {
             match bind(addr) {
                 Ok(l) => {
                     tracing::info!(%addr, %service, "circuit VIP listener");
-                    failed.remove(&addr);
+                    failed.bound(&addr);
                     bound.insert(addr, spawn(l, service.clone()));
                 }
                 Err(e) => {
-                    if failed.insert(addr, e.kind()) != Some(e.kind()) {
+                    if failed.failed(addr, &e) {
                         tracing::warn!(%addr, error = %e, "cannot bind circuit VIP (transparent mode still works; tried again every second)")
                     }
                 }
@@ -243,7 +243,7 @@ impl VipListeners {
         for (_, h) in st.bound.drain() {
             h.abort();
         }
-        st.failed.clear();
+        st.failed.0.clear();
     }
 }
 

@@ -42,11 +42,33 @@ use crate::{RouterError, Shared};
 #[derive(Default)]
 pub(crate) struct Listeners {
     open: HashMap<SocketAddr, (Arc<ArcSwapOption<ServiceName>>, AbortHandle)>,
-    /// Wanted addresses that could not be bound, with the last error's kind (logged once per
-    /// kind, not at every retry).
-    failed: HashMap<SocketAddr, std::io::ErrorKind>,
+    /// Wanted addresses that could not be bound.
+    failed: BindFailures,
     /// Every address the last sync wanted, bound or not ([`Listeners::covers`]).
     wanted: Vec<SocketAddr>,
+}
+
+/// Listener addresses that could not be bound, with the last error's kind: a failure is logged
+/// once per kind, not at every retry (the client and circuit VIP listeners are tried again
+/// every second).
+#[derive(Default)]
+pub(crate) struct BindFailures(pub(crate) HashMap<SocketAddr, std::io::ErrorKind>);
+
+impl BindFailures {
+    /// Forgets the addresses no longer wanted.
+    pub fn keep(&mut self, wanted: impl Fn(&SocketAddr) -> bool) {
+        self.0.retain(|addr, _| wanted(addr));
+    }
+
+    /// `addr` is bound now.
+    pub fn bound(&mut self, addr: &SocketAddr) {
+        self.0.remove(addr);
+    }
+
+    /// Records that `addr` could not be bound; whether to log it (a new kind of failure).
+    pub fn failed(&mut self, addr: SocketAddr, e: &std::io::Error) -> bool {
+        self.0.insert(addr, e.kind()) != Some(e.kind())
+    }
 }
 
 impl Drop for Listeners {
@@ -92,7 +114,7 @@ impl Listeners {
                 false
             }
         });
-        self.failed.retain(|addr, _| want.contains_key(addr));
+        self.failed.keep(|addr| want.contains_key(addr));
         self.wanted = want.keys().copied().collect();
         let mut first_err = None;
         for (addr, svc) in want {
@@ -107,14 +129,14 @@ impl Listeners {
                         }
                         None => tracing::info!(node = %shared.node, %addr, "transparent listener"),
                     }
-                    self.failed.remove(&addr);
+                    self.failed.bound(&addr);
                     let svc = Arc::new(ArcSwapOption::new(svc.map(Arc::new)));
                     let h =
                         tokio::spawn(accept_loop(shared.clone(), l, svc.clone())).abort_handle();
                     self.open.insert(addr, (svc, h));
                 }
                 Err(source) => {
-                    if self.failed.insert(addr, source.kind()) != Some(source.kind()) {
+                    if self.failed.failed(addr, &source) {
                         tracing::error!(node = %shared.node, %addr, error = %source, "cannot bind listener (tried again every second)");
                     }
                     first_err.get_or_insert(RouterError::Bind { addr, source });
@@ -124,7 +146,7 @@ impl Listeners {
         shared
             .metrics
             .listeners_unbound
-            .store(self.failed.len() as u64, Relaxed);
+            .store(self.failed.0.len() as u64, Relaxed);
         first_err.map_or(Ok(()), Err)
     }
 
@@ -145,7 +167,7 @@ impl Listeners {
         for (_, (_, h)) in self.open.drain() {
             h.abort();
         }
-        self.failed.clear();
+        self.failed.0.clear();
         self.wanted.clear();
     }
 }

@@ -669,6 +669,27 @@ fn dial_failures(edge: &RouterHandle) -> u64 {
     metric(&edge.metrics_text(), series).unwrap_or(0)
 }
 
+/// An edge whose neighbour `near` (a [`Nagging`] peer treating the edge's dials as `dials`)
+/// connects to it again and again.
+async fn nagged_edge(dir: &std::path::Path, dials: Dials) -> (Nagging, RouterHandle) {
+    let t = edge_and_near(echo_backend().await);
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    let near = Nagging::start(dir, &t, "near", dials);
+    let (edge, _) = spawn_node(&snap, dir, "edge", |_| {}).await;
+    near.nag(&t, "edge");
+    (near, edge)
+}
+
+/// What the edge counted and the nagging neighbour saw, for a failure message.
+fn nag_report(edge: &RouterHandle, near: &Nagging) -> String {
+    format!(
+        "{} failed dials counted, {} dials made, {} connections of the neighbour",
+        dial_failures(edge),
+        near.dials().len(),
+        near.connected()
+    )
+}
+
 /// A neighbour that connects to the edge again and again but never answers the edge's dials:
 /// every dial that ends is counted as failed, and the wake its connections give the edge's
 /// dialer is heeded once: the dial given up for it is counted, and the dial it brings on runs
@@ -678,19 +699,8 @@ fn dial_failures(edge: &RouterHandle) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_neighbour_that_never_answers_our_dials_does_not_hurry_them() {
     let dir = ca_dir();
-    let t = edge_and_near(echo_backend().await);
-    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
-    let near = Nagging::start(dir.path(), &t, "near", Dials::Ignored);
-    let (edge, _) = spawn_node(&snap, dir.path(), "edge", |_| {}).await;
-    near.nag(&t, "edge");
-    let report = || {
-        format!(
-            "{} failed dials counted, {} dials made, {} connections of the neighbour",
-            dial_failures(&edge),
-            near.dials().len(),
-            near.connected()
-        )
-    };
+    let (near, edge) = nagged_edge(dir.path(), Dials::Ignored).await;
+    let report = || nag_report(&edge, &near);
     wait_until(
         Duration::from_secs(15),
         || dial_failures(&edge) >= 2,
@@ -720,19 +730,8 @@ async fn a_neighbour_that_never_answers_our_dials_does_not_hurry_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_neighbour_that_refuses_our_dials_does_not_hurry_them() {
     let dir = ca_dir();
-    let t = edge_and_near(echo_backend().await);
-    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
-    let near = Nagging::start(dir.path(), &t, "near", Dials::Refused);
-    let (edge, _) = spawn_node(&snap, dir.path(), "edge", |_| {}).await;
-    near.nag(&t, "edge");
-    let report = || {
-        format!(
-            "{} failed dials counted, {} dials made, {} connections of the neighbour",
-            dial_failures(&edge),
-            near.dials().len(),
-            near.connected()
-        )
-    };
+    let (near, edge) = nagged_edge(dir.path(), Dials::Refused).await;
+    let report = || nag_report(&edge, &near);
     wait_until(Duration::from_secs(20), || near.dials().len() >= 8, report).await;
     // Backoffs of 50, 100, 200, 400, 800, 1600 and 2000 ms (each up to half again) between the
     // 8 dials, one of them cut short: 3.15 s at least.

@@ -85,6 +85,18 @@ fn terminate(p: &mut Proc, log: impl Fn() -> String) -> ExitStatus {
     }
 }
 
+/// Writes an edge and a site joined by a link, in `dir`; the file's path.
+fn write_topology(dir: &std::path::Path) -> std::path::PathBuf {
+    let mut y = TopoYaml::default();
+    y.edge("e1", free_udp(LOCAL), LOCAL, None)
+        .site("s1", free_udp(LOCAL), &[("svc", free_udp(LOCAL), 100)])
+        .link("e1", "s1", "1ms")
+        .service("svc", free_tcp_port(LOCAL), &[]);
+    let topo = dir.join("topology.yaml");
+    std::fs::write(&topo, y.render()).unwrap();
+    topo
+}
+
 /// A router in controller mode whose stored snapshot never reads (its start goes on without it
 /// after 5 s, leaving a blocking thread in the read) serves, and exits after SIGTERM. (It
 /// drained, stored its snapshot, and then waited for ever for the stuck thread as its runtime
@@ -92,13 +104,7 @@ fn terminate(p: &mut Proc, log: impl Fn() -> String) -> ExitStatus {
 #[test]
 fn a_router_whose_stored_snapshot_never_reads_exits_after_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let mut y = TopoYaml::default();
-    y.edge("e1", free_udp(LOCAL), LOCAL, None)
-        .site("s1", free_udp(LOCAL), &[("svc", free_udp(LOCAL), 100)])
-        .link("e1", "s1", "1ms")
-        .service("svc", free_tcp_port(LOCAL), &[]);
-    let topo = dir.path().join("topology.yaml");
-    std::fs::write(&topo, y.render()).unwrap();
+    let topo = write_topology(dir.path());
     let pki = dir.path().join("pki");
     make_pki(&pki, &["controller", "e1"]);
     let ctl = spawn_controller(
@@ -177,13 +183,7 @@ fn a_router_whose_stored_snapshot_never_reads_exits_after_sigterm() {
 #[test]
 fn a_controller_whose_revocation_lists_never_read_exits_after_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let mut y = TopoYaml::default();
-    y.edge("e1", free_udp(LOCAL), LOCAL, None)
-        .site("s1", free_udp(LOCAL), &[("svc", free_udp(LOCAL), 100)])
-        .link("e1", "s1", "1ms")
-        .service("svc", free_tcp_port(LOCAL), &[]);
-    let topo = dir.path().join("topology.yaml");
-    std::fs::write(&topo, y.render()).unwrap();
+    let topo = write_topology(dir.path());
     // The CA directory apart from the controller's TLS directory, which the controller reads
     // (its own ca.crl.pem too) before it is up.
     let ca = dir.path().join("ca");

@@ -1453,6 +1453,18 @@ mod tests {
         assert!(!out.plan.text.contains("s1 ("), "{}", out.plan.text);
     }
 
+    /// Edge `e`'s report that it uses `s2` for `chat`, with `margins`.
+    fn e_uses_s2(margins: Option<topology::Hysteresis>) -> Sample {
+        Sample {
+            node: NodeId::new("e"),
+            neighbours: vec![],
+            site: None,
+            services: BTreeMap::new(),
+            preferred: BTreeMap::from([(ServiceName::new("chat"), NodeId::new("s2"))]),
+            margins,
+        }
+    }
+
     #[tokio::test]
     async fn the_plan_starts_from_the_sites_edges_report_in_use() {
         let dir = tempfile::tempdir().unwrap();
@@ -1460,14 +1472,7 @@ mod tests {
         let ctl = Controller::open(store, Some((&yaml("5ms"), "t.yaml"))).unwrap();
         // s1 costs 2 ms from e, s2 6 ms; e reports it uses s2 for chat (s1 does not beat it by
         // the 10 ms margin: a router keeps s2).
-        ctl.on_telemetry(Sample {
-            node: NodeId::new("e"),
-            neighbours: vec![],
-            site: None,
-            services: BTreeMap::new(),
-            preferred: BTreeMap::from([(ServiceName::new("chat"), NodeId::new("s2"))]),
-            margins: None,
-        });
+        ctl.on_telemetry(e_uses_s2(None));
         let plan = |far: &'static str| {
             let ctl = &ctl;
             async move {
@@ -1520,14 +1525,7 @@ mod tests {
             preferred: BTreeMap::new(),
             margins: None,
         });
-        ctl.on_telemetry(Sample {
-            node: NodeId::new("e"),
-            neighbours: vec![],
-            site: None,
-            services: BTreeMap::new(),
-            preferred: BTreeMap::from([(ServiceName::new("chat"), NodeId::new("s2"))]),
-            margins: None,
-        });
+        ctl.on_telemetry(e_uses_s2(None));
         let lowered = text("5ms");
         let planned = ctl
             .apply(&lowered, "test", "lower", Origin::Apply, true, None)
@@ -1614,14 +1612,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(RedbStore::open(dir.path()).unwrap());
         let ctl = Controller::open(store, Some((&yaml("5ms"), "t.yaml"))).unwrap();
-        let report = |margins| Sample {
-            node: NodeId::new("e"),
-            neighbours: vec![],
-            site: None,
-            services: BTreeMap::new(),
-            preferred: BTreeMap::from([(ServiceName::new("chat"), NodeId::new("s2"))]),
-            margins,
-        };
+        let report = |margins| e_uses_s2(margins);
         let plan = || async {
             ctl.apply(&yaml("20ms"), "test", "raise", Origin::Apply, true, None)
                 .await

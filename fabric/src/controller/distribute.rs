@@ -35,7 +35,7 @@ use bytes::Bytes;
 use router::codes::close;
 use router::control::proto::{self, FromRouter, MAX_FROM_ROUTER, ToRouter, clip};
 use router::tls;
-use router::transport::HandshakeGate;
+use router::transport::{HandshakeGate, Turned};
 
 use topology::{Latency, NodeId, ServiceName};
 
@@ -134,6 +134,7 @@ pub async fn serve(
         let (incoming, ticket) = match gate.admit(incoming) {
             Ok(admitted) => admitted,
             Err(turned) => {
+                ctl.handshakes_turned.count(turned);
                 tracing::debug!(%remote, ?turned, in_progress = gate.in_progress(), "handshake turned away");
                 continue;
             }
@@ -570,6 +571,27 @@ impl SessionCloses {
             .iter()
             .position(|c| *c == code)
             .map_or(0, |i| self.0[i].load(Relaxed))
+    }
+}
+
+/// Router handshakes the [`HandshakeGate`] turned away since the controller started: sent a
+/// Retry (more than [`HandshakeGate::CONTROLLER`]`.0` in progress, the peer's address not yet
+/// proven) or refused (at [`HandshakeGate::CONTROLLER`]`.1`). Served as
+/// `tasman_controller_handshakes_retried_total` and `tasman_controller_handshakes_refused_total`:
+/// a flood of forged Initials shows there, not only in debug logs.
+#[derive(Debug, Default)]
+pub struct HandshakesTurned {
+    pub retried: AtomicU64,
+    pub refused: AtomicU64,
+}
+
+impl HandshakesTurned {
+    pub fn count(&self, turned: Turned) {
+        match turned {
+            Turned::Retried => &self.retried,
+            Turned::Refused => &self.refused,
+        }
+        .fetch_add(1, Relaxed);
     }
 }
 

@@ -71,6 +71,7 @@ pub fn render(ctl: &Controller, cert: &CertResolver) -> String {
     changes(&mut s, "applies", "Topology applies", ctl.applies());
     changes(&mut s, "rollbacks", "Topology rollbacks", ctl.rollbacks());
     sessions_closed(&mut s, ctl);
+    handshakes_turned(&mut s, ctl);
     circuits(&mut s, ctl);
     cert.render_metrics(cert.name(), &mut s);
     s
@@ -183,6 +184,33 @@ fn sessions_closed(s: &mut String, ctl: &Controller) {
     }
 }
 
+/// `tasman_controller_handshakes_{retried,refused}_total`.
+fn handshakes_turned(s: &mut String, ctl: &Controller) {
+    let (validate_above, max) = router::transport::HandshakeGate::CONTROLLER;
+    let t = &ctl.handshakes_turned;
+    for (name, help, v) in [
+        (
+            "handshakes_retried_total",
+            format!(
+                "Incoming router handshakes sent a Retry to prove their address first (more than {validate_above} in progress)."
+            ),
+            &t.retried,
+        ),
+        (
+            "handshakes_refused_total",
+            format!("Incoming router handshakes refused: {max} were in progress."),
+            &t.refused,
+        ),
+    ] {
+        header(s, name, "counter", &help);
+        let _ = writeln!(
+            s,
+            "tasman_controller_{name} {}",
+            v.load(std::sync::atomic::Ordering::Relaxed)
+        );
+    }
+}
+
 /// `tasman_controller_circuits{state}`, every state (0 when none is in it). Left out, with a
 /// warning, when the store cannot be read: the other series still tell what they know.
 fn circuits(s: &mut String, ctl: &Controller) {
@@ -205,6 +233,7 @@ mod tests {
     use super::*;
     use crate::controller::records::Origin;
     use crate::store::redb::RedbStore;
+    use router::transport::Turned;
     use std::sync::Arc;
 
     const YAML: &str = "version: 1\nnodes:\n  - {id: e, kind: edge, region: r, country: AU, location: {lat: 0, lon: 0}, address: \"127.0.0.1:7000\", client_address: \"127.0.0.1\"}\n  - {id: s, kind: site, region: r, country: AU, location: {lat: 0, lon: 0}, address: \"127.0.0.2:7000\", serves: [{service: chat, backend: \"127.0.0.9:9001\", capacity: 10}]}\nlinks:\n  - {a: e, b: s, latency: 1ms, capacity: 1Gbps}\nservices:\n  - {name: chat, port: 8080}\n";
@@ -265,6 +294,9 @@ mod tests {
         );
         assert!(ctl.rollback(99, "t", "", false, None).await.is_err());
 
+        ctl.handshakes_turned.count(Turned::Retried);
+        ctl.handshakes_turned.count(Turned::Retried);
+        ctl.handshakes_turned.count(Turned::Refused);
         let text = render(&ctl, &cert);
         let m = parse(&text);
         let v = |k: &str| *m.get(k).unwrap_or_else(|| panic!("no {k} in\n{text}"));
@@ -307,6 +339,8 @@ mod tests {
             v("tasman_controller_topology_rollbacks_total{result=\"rejected\"}"),
             1.0
         );
+        assert_eq!(v("tasman_controller_handshakes_retried_total"), 2.0);
+        assert_eq!(v("tasman_controller_handshakes_refused_total"), 1.0);
         for reason in SessionCloses::REASONS.map(SessionCloses::reason) {
             assert_eq!(
                 v(&format!(

@@ -274,6 +274,8 @@ pub struct Controller {
     rollbacks: ChangeCounter,
     /// Router connections closed by the controller, by close code ([`distribute`]).
     pub session_closes: distribute::SessionCloses,
+    /// Router handshakes the handshake gate turned away ([`distribute`]).
+    pub handshakes_turned: distribute::HandshakesTurned,
     /// The last [`RouterSession`] number handed out.
     last_session: AtomicU64,
 }
@@ -399,6 +401,7 @@ impl Controller {
             applies: ChangeCounter::default(),
             rollbacks: ChangeCounter::default(),
             session_closes: Default::default(),
+            handshakes_turned: Default::default(),
             last_session: AtomicU64::new(0),
         }))
     }

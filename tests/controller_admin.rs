@@ -458,6 +458,18 @@ async fn apply_and_rollback_with_a_base_version_do_not_overwrite_a_change_made_s
         .unwrap();
     assert_eq!(code, Some(0), "{se}");
     assert!(so.contains("applied: version 3 (was 2)"), "{so}");
+    // The same command again, as a retry whose first answer was lost: version 3 is my text, so
+    // nothing is overwritten and nothing is applied (not a 409 that reads as someone else's
+    // change).
+    let (code, so, se) = run(args(&["topology", "apply", &f3, "--base-version", "2"]))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "{so}{se}");
+    assert!(
+        so.contains("unchanged: version 3 has this text already"),
+        "{so}"
+    );
+    assert_eq!(d.ctl.current().record.version, 3);
     let (code, so, se) = run(args(&["topology", "rollback", "1", "--dry-run"]))
         .await
         .unwrap();
@@ -472,6 +484,13 @@ async fn apply_and_rollback_with_a_base_version_do_not_overwrite_a_change_made_s
     assert_eq!(code, Some(0), "{se}");
     assert!(so.contains("applied: version 4 (was 3)"), "{so}");
     assert_eq!(d.ctl.current().record.text, v1);
+    // Retried, the rollback finds its text in force: unchanged, no version 5.
+    let (code, so, se) = run(args(&["topology", "rollback", "1", "--base-version", "3"]))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "{so}{se}");
+    assert!(so.contains("unchanged: version 4"), "{so}");
+    assert_eq!(d.ctl.current().record.version, 4);
     d.shutdown().await;
 }
 

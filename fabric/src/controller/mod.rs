@@ -497,8 +497,12 @@ impl Controller {
             let (incumbents, margins) = (inner.live.incumbents(now), inner.live.margins(now));
             (inner.current.clone(), merged, new_live, incumbents, margins)
         };
+        // A text already in force changes nothing whatever the base (below: `unchanged`): a
+        // retried `--base-version N` apply whose first attempt made N+1 is answered as done,
+        // not refused as if someone else had changed the topology.
         if let Some(expected) = base_version
             && expected != old.record.version
+            && text != old.record.text
         {
             return Err(ControllerError::Conflict {
                 expected,

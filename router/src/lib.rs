@@ -364,6 +364,10 @@ pub struct RouterHandle {
     control_task: JoinHandle<()>,
     /// Served until the end of a drain, so that it can be watched.
     metrics_task: Option<JoinHandle<()>>,
+    /// The certificate, trust and revocation-list reload: kept until the end of a drain, which
+    /// can last `--drain-timeout`, so that a list or certificate copied in meanwhile still acts
+    /// on the connections the drain keeps.
+    reload_task: Option<JoinHandle<()>>,
 }
 
 impl Router {
@@ -451,9 +455,10 @@ impl Router {
         control.sync_listeners()?;
         let control_task = tokio::spawn(control.run(cfg.snapshots));
         tasks.push(tokio::spawn(inbound::accept_loop(shared.clone())));
-        if let Some(every) = cfg.cert_reload_interval.filter(|d| !d.is_zero()) {
-            tasks.push(tokio::spawn(cert.clone().reload_every(every)));
-        }
+        let reload_task = cfg
+            .cert_reload_interval
+            .filter(|d| !d.is_zero())
+            .map(|every| tokio::spawn(cert.clone().reload_every(every)));
         let mut metrics_task = None;
         if let Some(addr) = cfg.metrics_addr {
             let listener = metrics::bind(addr)
@@ -474,6 +479,7 @@ impl Router {
             tasks,
             control_task,
             metrics_task,
+            reload_task,
         })
     }
 }
@@ -514,10 +520,10 @@ impl RouterHandle {
             .metrics
             .draining
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        // The accept loop and the certificate reload stop (their tasks are aborted), the control
-        // task closes the client listeners (it sees the drain) and applies no more snapshots;
-        // streams in flight and the connections they use keep running, and so do the tasks
-        // answering probes and the dialers probing the neighbours.
+        // The accept loop stops (its task is aborted), the control task closes the client
+        // listeners (it sees the drain) and applies no more snapshots; streams in flight and the
+        // connections they use keep running, and so do the tasks answering probes, the dialers
+        // probing the neighbours and the certificate reload.
         for t in &self.tasks {
             t.abort();
         }
@@ -569,7 +575,7 @@ impl RouterHandle {
         sh.endpoint
             .close(quinn::VarInt::from_u32(codes::close::NORMAL), b"shutdown");
         let _ = tokio::time::timeout(Duration::from_millis(500), sh.endpoint.wait_idle()).await;
-        if let Some(t) = &self.metrics_task {
+        for t in self.metrics_task.iter().chain(&self.reload_task) {
             t.abort();
         }
         if let Some(k) = &sh.keep_awake {

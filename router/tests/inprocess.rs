@@ -1059,6 +1059,35 @@ fn leaf_file(dir: &std::path::Path, name: &str) -> Vec<u8> {
     router::tls::TlsIdentity::load(dir, name).unwrap().chain[0].to_vec()
 }
 
+/// A draining router keeps reloading its files: a drain can last `--drain-timeout` (minutes, for
+/// long inference streams), and a revocation list or a renewed certificate copied in meanwhile
+/// must still take effect on the connections it keeps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_router_still_reloads_its_certificate() {
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let port = free_tcp_port();
+    let snap = edge_site("echo", backend, port);
+    let (hs, _txs) = spawn_all(&snap, dir.path(), |_, cfg| fast_reload(cfg)).await;
+    wait_for_route(&hs[0], "echo", Duration::from_secs(10), "no route").await;
+    hs[1].begin_drain();
+    router::pki::issue(dir.path(), "site").unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        || {
+            metric(
+                &hs[1].metrics_text(),
+                "tasman_tls_cert_reloads_total{node=\"site\"}",
+            ) == Some(1)
+        },
+        || format!("the draining site never reloaded: {}", hs[1].metrics_text()),
+    )
+    .await;
+    for h in hs {
+        h.shutdown().await;
+    }
+}
+
 /// A site's certificate re-issued with a new key is presented to new connections once the site
 /// has reloaded it; a restarted edge (a new connection to the site) carries traffic over it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

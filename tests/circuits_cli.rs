@@ -254,6 +254,24 @@ fn placement_refuses_what_does_not_fit_naming_the_link_and_fits_after_a_delete()
     let y =
         String::from_utf8_lossy(&c.circuit(&["show", "beta", "-o", "yaml"]).stdout).into_owned();
     assert!(y.contains("requested_rate: 600Mbps"), "{y}");
+
+    // Shared automation sets TASMAN_AUTHOR, as for topology changes: it names the author of a
+    // circuit change too (over $USER).
+    let out = Command::new(tasman())
+        .args(["circuit", "resize", "beta", "--rate", "500Mbps"])
+        .args(["--controller", &c.admin, "--token-file"])
+        .arg(c.state.join("admin-token"))
+        .env("USER", "tester")
+        .env("TASMAN_AUTHOR", "provisioning-bot")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let h = String::from_utf8_lossy(&c.circuit(&["history", "beta"]).stdout).into_owned();
+    assert!(
+        h.lines()
+            .any(|l| l.contains("provisioning-bot") && l.contains("resize")),
+        "{h}"
+    );
 }
 
 #[test]

@@ -623,6 +623,7 @@ pub fn circuit_cli(admin: &str, state: &Path, args: &[&str]) -> Output {
         .args(["--controller", admin, "--token-file"])
         .arg(state.join("admin-token"))
         .env("USER", "tester")
+        .env_remove("TASMAN_AUTHOR")
         .output()
         .expect("run tasman circuit")
 }

@@ -126,8 +126,8 @@ pub struct SpecArgs {
     /// Address pool for the VIP (default: the topology's first pool).
     #[arg(long)]
     pub pool: Option<String>,
-    /// Recorded in the audit trail (default $USER).
-    #[arg(long, env = "USER", default_value = "unknown", hide_env_values = true)]
+    /// Recorded in the audit trail (default $TASMAN_AUTHOR, else $USER).
+    #[arg(long, default_value_t = super::author(), hide_default_value = true)]
     pub author: String,
     #[command(flatten)]
     pub admin: CircuitAdmin,
@@ -210,7 +210,8 @@ pub struct ResizeArgs {
     /// The new rate, e.g. 1Gbps.
     #[arg(long)]
     pub rate: Bandwidth,
-    #[arg(long, env = "USER", default_value = "unknown", hide_env_values = true)]
+    /// Recorded in the audit trail (default $TASMAN_AUTHOR, else $USER).
+    #[arg(long, default_value_t = super::author(), hide_default_value = true)]
     pub author: String,
     #[command(flatten)]
     pub wait: WaitArgs,
@@ -221,7 +222,8 @@ pub struct ResizeArgs {
 #[derive(Debug, Clone, Args)]
 pub struct DeleteArgs {
     pub id: String,
-    #[arg(long, env = "USER", default_value = "unknown", hide_env_values = true)]
+    /// Recorded in the audit trail (default $TASMAN_AUTHOR, else $USER).
+    #[arg(long, default_value_t = super::author(), hide_default_value = true)]
     pub author: String,
     #[command(flatten)]
     pub wait: WaitArgs,

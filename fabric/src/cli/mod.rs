@@ -44,6 +44,14 @@ pub enum Command {
     Circuit(circuit::CircuitCmd),
 }
 
+/// Who a change is recorded as: `$TASMAN_AUTHOR`, else `$USER`, else `unknown` (topology and
+/// circuit commands alike; `--author` overrides it on the circuit commands).
+pub fn author() -> String {
+    std::env::var("TASMAN_AUTHOR")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
 /// Logs to stderr; `RUST_LOG` filters (default `info`).
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

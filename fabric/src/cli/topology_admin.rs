@@ -89,12 +89,6 @@ pub struct EditArgs {
     pub admin: AdminArgs,
 }
 
-fn author() -> String {
-    std::env::var("TASMAN_AUTHOR")
-        .or_else(|_| std::env::var("USER"))
-        .unwrap_or_else(|_| "unknown".into())
-}
-
 fn print_json<T: serde::Serialize>(v: &T) {
     match serde_json::to_string_pretty(v) {
         Ok(s) => println!("{s}"),
@@ -205,7 +199,7 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
         text,
         dry_run: args.dry_run,
         message: args.message,
-        author: author(),
+        author: super::author(),
         base_version: args.base_version,
     };
     match block_on(c.post::<_, ApplyOutcome>("/v1/topology", &req)).and_then(|r| r) {
@@ -280,7 +274,7 @@ pub fn rollback(args: RollbackArgs) -> ExitCode {
     let req = RollbackRequest {
         version: args.version,
         message: args.message,
-        author: author(),
+        author: super::author(),
         dry_run: args.dry_run,
         base_version: args.base_version,
     };
@@ -390,7 +384,7 @@ async fn edit_loop(c: &AdminClient, args: &EditArgs) -> Result<ExitCode, ClientE
                 text: text.clone(),
                 dry_run: true,
                 message: args.message.clone(),
-                author: author(),
+                author: super::author(),
                 base_version: Some(base),
             };
             let plan = match c.post::<_, ApplyOutcome>("/v1/topology", &req).await {

@@ -1,8 +1,12 @@
 //! A node with a certificate from another CA, or with a name not in the topology, is refused;
-//! a node of the topology with the fabric CA's certificate is accepted.
+//! a node of the topology with the fabric CA's certificate is accepted. Both ways: by the router
+//! that accepts the connection, and by the router that dials a neighbour (a server at the
+//! neighbour's address presenting another CA's certificate, or another name's, is not taken).
 
 mod common;
 
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
@@ -99,6 +103,288 @@ fn foreign_ca_and_names_outside_the_topology_are_refused() {
     eventually(DEADLINE, "refusals counted", || {
         f.metric("site", "tasman_refused_peers_total", "") >= 2
     });
+}
+
+/// What an impostor saw of the connections made to it (one record per certificate it presented).
+#[derive(Default)]
+struct Seen {
+    /// Handshakes that completed: the dialler took the certificate.
+    handshakes: AtomicU64,
+    /// The codes of the handshakes the dialler aborted (a TLS alert is `0x100 + alert`).
+    aborted: Mutex<Vec<u64>>,
+    /// Bidirectional streams the dialler opened (a client connection carried here).
+    streams: AtomicU64,
+}
+
+impl Seen {
+    fn aborted(&self) -> Vec<u64> {
+        self.aborted.lock().unwrap().clone()
+    }
+}
+
+/// A QUIC server made by the test at a node's address, standing in for that node: mutual TLS
+/// with the fabric's protocol (it takes the edge's certificate), presenting the certificate it
+/// is given, answering probes as the site serving `chat` would, and taking data streams (echoed
+/// behind the site's reply). Each certificate it presents has its own [`Seen`].
+struct Impostor {
+    ep: quinn::Endpoint,
+    /// The record of the certificate presented now; swapped with the server config, under this
+    /// lock, which the accept loop holds from taking a connection to starting its handshake.
+    seen: Arc<Mutex<Arc<Seen>>>,
+}
+
+impl Impostor {
+    /// Serves at `addr` presenting `id` (which trusts the fabric's CA, so that it takes the
+    /// edge); runs on the current runtime.
+    fn start(addr: std::net::SocketAddr, id: &TlsIdentity) -> Impostor {
+        let ep = quinn::Endpoint::server(Self::config(id), addr).expect("impostor endpoint");
+        let seen: Arc<Mutex<Arc<Seen>>> = Arc::default();
+        let (accepting, current) = (ep.clone(), seen.clone());
+        tokio::spawn(async move {
+            while let Some(incoming) = accepting.accept().await {
+                let (seen, connecting) = {
+                    let seen = current.lock().unwrap();
+                    (seen.clone(), incoming.accept())
+                };
+                let Ok(connecting) = connecting else { continue };
+                tokio::spawn(async move {
+                    match connecting.await {
+                        Ok(conn) => {
+                            seen.handshakes.fetch_add(1, Relaxed);
+                            impersonate(conn, seen).await;
+                        }
+                        Err(quinn::ConnectionError::ConnectionClosed(c)) => {
+                            seen.aborted.lock().unwrap().push(u64::from(c.error_code));
+                        }
+                        Err(_) => {}
+                    }
+                });
+            }
+        });
+        Impostor { ep, seen }
+    }
+
+    fn config(id: &TlsIdentity) -> quinn::ServerConfig {
+        let peers = PeerNames::new(["edge".to_string()]);
+        router::tls::server_config(id, &peers, router::transport::shared_transport())
+            .expect("impostor server config")
+    }
+
+    /// Presents `id` from now on; the record of what it sees.
+    fn present(&self, id: &TlsIdentity) -> Arc<Seen> {
+        let mut seen = self.seen.lock().unwrap();
+        self.ep.set_server_config(Some(Self::config(id)));
+        *seen = Arc::default();
+        seen.clone()
+    }
+}
+
+/// Plays the site on a connection the dialler accepted: probes answered with the site's entry
+/// (`chat` healthy, the edge up), data streams counted and echoed behind the site's reply.
+async fn impersonate(conn: quinn::Connection, seen: Arc<Seen>) {
+    use router::probe::{Entry, NeighbourState, ServiceState};
+    loop {
+        tokio::select! {
+            s = conn.accept_bi() => match s {
+                Ok((mut send, mut recv)) => {
+                    seen.streams.fetch_add(1, Relaxed);
+                    tokio::spawn(async move {
+                        if router::header::Header::decode(&mut &read_header(&mut recv).await[..]).is_err() {
+                            return;
+                        }
+                        let _ = send.write_all(&router::header::REPLY_OK).await;
+                        let mut buf = [0u8; 4096];
+                        while let Ok(Some(n)) = recv.read(&mut buf).await {
+                            if send.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                        let _ = send.finish();
+                    });
+                }
+                Err(_) => return,
+            },
+            d = conn.read_datagram() => match d {
+                Ok(b) => {
+                    if let Ok(Probe::Ping { seq }) = Probe::decode(b) {
+                        let generation = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .unwrap()
+                            .as_nanos() as u64;
+                        let own = Entry {
+                            origin: "site".into(),
+                            generation,
+                            neighbours: vec![NeighbourState { id: "edge".into(), up: true, rtt_us: 1000 }],
+                            services: vec![ServiceState { service: "chat".into(), healthy: true, active: 0, capacity: 10 }],
+                            age_ms: 0,
+                        };
+                        let (pong, _) = Probe::encode_pong(seq, &[own], 0, conn.max_datagram_size().unwrap_or(1200));
+                        let _ = conn.send_datagram(pong);
+                    }
+                }
+                Err(_) => return,
+            },
+        }
+    }
+}
+
+/// A stream's header as sent (prefix and the body it announces); empty if it does not come.
+async fn read_header(recv: &mut quinn::RecvStream) -> Vec<u8> {
+    let mut prefix = [0u8; router::header::PREFIX_LEN];
+    if recv.read_exact(&mut prefix).await.is_err() {
+        return Vec::new();
+    }
+    let Ok(n) = router::header::Header::body_len(prefix) else {
+        return Vec::new();
+    };
+    let mut h = prefix.to_vec();
+    h.resize(prefix.len() + n, 0);
+    if recv.read_exact(&mut h[prefix.len()..]).await.is_err() {
+        return Vec::new();
+    }
+    h
+}
+
+/// A client connection to the edge's `chat` port that sends `msg`: what came back before the
+/// connection ended (reset or closed), or `None` if nothing did.
+fn through_edge(port: u16, msg: &[u8]) -> Option<Vec<u8>> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect((LOCAL, port)).expect("connect to the edge");
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let _ = s.write_all(msg);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut got = Vec::new();
+    match s.read_to_end(&mut got) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("the edge neither answered nor ended the connection: {e}"),
+    }
+    (!got.is_empty()).then_some(got)
+}
+
+/// The TLS alerts a dialler aborts a handshake with, as QUIC error codes (RFC 9001, 20.1): a
+/// chain from another CA is `unknown_ca`, or `decrypt_error` when that CA has the fabric CA's
+/// subject name (as every `tasman pki init` CA has: its signature is then checked against the
+/// fabric CA's key, and fails); a certificate for another name is `bad_certificate`.
+const FOREIGN_CA: [u64; 2] = [0x100 + 48, 0x100 + 51];
+const WRONG_NAME: [u64; 1] = [0x100 + 42];
+
+/// The router that dials refuses too: the edge dials its neighbour `site`, whose address a
+/// server made by the test holds, presenting (a) a certificate for `site` from another CA,
+/// (b) one from the fabric's CA for `mallory`, a name outside the topology, and (c) one from the
+/// fabric's CA for `other`, a node of the topology but not the neighbour dialled. Each time the
+/// edge aborts the handshake (the impostor sees the alert, the edge counts failed dials), never
+/// brings `site` up, and carries no client connection to it. Then (d) the same impostor with the
+/// site's own certificate is taken, and gets the client's bytes: the impostor is convincing, so
+/// what the edge refused above it refused for the certificate alone.
+#[test]
+fn a_router_dialling_a_neighbour_refuses_an_impostor_with_a_foreign_or_wrong_certificate() {
+    let mut y = edge_and_site();
+    y.transit("other", free_udp(LOCAL))
+        .link("other", "site", "1ms");
+    let mut f = Fabric::new(&y);
+    let topo = topology::load(&std::fs::read_to_string(&f.yaml).unwrap())
+        .unwrap()
+        .topology;
+    let site_addr = topo.node("site").unwrap().address;
+    let chat_port = topo
+        .services
+        .iter()
+        .find(|s| s.name.as_str() == "chat")
+        .and_then(|s| s.port)
+        .expect("chat's port");
+    make_pki_issue(&f.pki, "mallory");
+    let other_ca = tempfile::tempdir().unwrap();
+    make_pki(other_ca.path(), &["site"]);
+    let fabric_cas = TlsIdentity::load(&f.pki, "edge").unwrap().cas;
+    let mut foreign = TlsIdentity::load(other_ca.path(), "site").unwrap();
+    foreign.cas = fabric_cas;
+    let mallory = TlsIdentity::load(&f.pki, "mallory").unwrap();
+    let wrong_node = TlsIdentity::load(&f.pki, "other").unwrap();
+    let real = TlsIdentity::load(&f.pki, "site").unwrap();
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let impostor = rt.block_on(async { Impostor::start(site_addr, &foreign) });
+    f.start("edge");
+    let dial_failures = |f: &Fabric| {
+        f.metric(
+            "edge",
+            "tasman_neighbour_dial_failures_total",
+            "neighbour=\"site\"",
+        )
+    };
+    for (what, id, alert) in [
+        (
+            "a certificate for site from another CA",
+            &foreign,
+            &FOREIGN_CA[..],
+        ),
+        (
+            "a fabric certificate for mallory (not in the topology)",
+            &mallory,
+            &WRONG_NAME[..],
+        ),
+        (
+            "a fabric certificate for other (not the neighbour dialled)",
+            &wrong_node,
+            &WRONG_NAME[..],
+        ),
+    ] {
+        let seen = impostor.present(id);
+        let failed = dial_failures(&f);
+        eventually(DEADLINE, &format!("the edge refuses {what} twice"), || {
+            // Taken instead: fail at once, saying so.
+            assert_eq!(
+                seen.handshakes.load(Relaxed),
+                0,
+                "{what}: the edge completed a handshake"
+            );
+            seen.aborted().len() >= 2 && dial_failures(&f) >= failed + 2
+        });
+        assert!(
+            seen.aborted().iter().all(|c| alert.contains(c)),
+            "{what}: the edge aborted with {:x?}, expected TLS alerts {alert:x?}",
+            seen.aborted()
+        );
+        assert_eq!(
+            seen.handshakes.load(Relaxed),
+            0,
+            "{what}: a handshake completed"
+        );
+        assert_eq!(
+            f.metric("edge", "tasman_neighbour_up", "neighbour=\"site\""),
+            0,
+            "{what}: the edge brought site up"
+        );
+        // A client of `chat` is not carried to it: refused at the edge (it has no route).
+        assert_eq!(through_edge(chat_port, b"secret"), None, "{what}");
+        assert_eq!(
+            seen.streams.load(Relaxed),
+            0,
+            "{what}: a data stream reached the impostor"
+        );
+        assert_eq!(
+            f.metric("edge", "tasman_streams_total", ""),
+            0,
+            "{what}: the edge proxied a client"
+        );
+    }
+
+    // The control: the site's own certificate, at the same address, is taken.
+    let seen = impostor.present(&real);
+    eventually(DEADLINE, "the edge brings site up", || {
+        f.metric("edge", "tasman_neighbour_up", "neighbour=\"site\"") == 1
+    });
+    f.wait_preferred("edge", "chat", "site");
+    assert_eq!(
+        through_edge(chat_port, b"secret").as_deref(),
+        Some(&b"secret"[..])
+    );
+    assert_eq!(seen.streams.load(Relaxed), 1);
+    assert_eq!(f.metric("edge", "tasman_streams_total", ""), 1);
+    assert!(seen.aborted().is_empty(), "{:x?}", seen.aborted());
+    drop(impostor);
+    drop(rt);
 }
 
 fn make_pki_issue(dir: &std::path::Path, name: &str) {

@@ -1,8 +1,10 @@
-//! Transparent mode: in a network namespace made by the test, an iptables REDIRECT rule sends a
-//! connection for a VIP to the edge's transparent port; the edge reads the original destination
-//! (SO_ORIGINAL_DST), maps VIP:port to the service, and carries it to the backend. The edge
-//! listens dual-stack (`client_address: "::"`), and an ip6tables rule does the same for an IPv6
-//! VIP (IP6T_SO_ORIGINAL_DST).
+//! Transparent mode: in a network namespace made by the test, iptables REDIRECT rules send
+//! connections for the VIPs of two services to the edge's transparent port; the edge reads the
+//! original destination (SO_ORIGINAL_DST), maps VIP:port to its service, and carries it to that
+//! service's backend (each answers differently). A redirected connection to an address and port
+//! of no service's VIP is reset and counted as `unknown_service`. The edge listens dual-stack
+//! (`client_address: "::"`), and ip6tables rules do the same for IPv6 VIPs
+//! (IP6T_SO_ORIGINAL_DST).
 //!
 //! It needs root, network namespaces with IPv6, and `ip`, `iptables`, `ip6tables`, `curl` and
 //! `nginx` (`scripts/deps` installs them; CI runs as root). Where any of that is missing the
@@ -13,8 +15,11 @@
 
 mod common;
 
+use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use common::*;
 
@@ -60,6 +65,21 @@ impl Drop for NetNs {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
     }
+}
+
+/// Runs `f` on a thread of its own that has entered network namespace `ns` (setns moves only
+/// the calling thread), and returns what it returns.
+fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: setns on an open namespace file; it changes this thread's namespace only.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("thread in the namespace")
 }
 
 /// The environment variable that lets this test skip what the machine cannot do (set to `1`).
@@ -120,15 +140,23 @@ fn iptables_redirect_to_a_vip_reaches_the_backend_through_the_edge() {
         unavailable("no IPv6 route can be added in the network namespace (IPv6 disabled?)");
     }
 
-    let vip = "198.18.0.10";
-    let vip6 = "2001:db8::10";
+    // Two services, each with a VIP of each family on port 80, and a backend of its own that
+    // answers differently: the edge must tell them apart by the original destination.
     let vip_port = 80u16;
+    let services = [
+        ("chat", "198.18.0.10", "2001:db8::10"),
+        ("embed", "198.18.0.20", "2001:db8::20"),
+    ];
+    // Redirected too, but no service's: an address of no VIP, and a VIP's address on a port
+    // that is not the VIP's.
+    let unmapped_v4 = [("198.18.0.30", vip_port), ("198.18.0.10", 8080)];
+    let unmapped_v6 = [("2001:db8::30", vip_port), ("2001:db8::10", 8080)];
     // Ports are picked in the host namespace; the fresh namespace has all of them free.
     let tport = free_tcp_port(LOCAL);
-    let backend = SocketAddr::new(LOCAL, free_tcp_port(LOCAL));
-    // Locally made connections to a VIP:80 are redirected to the edge's transparent port.
-    let redirect = |tables: &str, vip: &str| {
-        let (port, to) = (vip_port.to_string(), tport.to_string());
+    // Locally made connections to each VIP:port (and each unmapped one) are redirected to the
+    // edge's transparent port.
+    let redirect = |tables: &str, dst: &str, port: u16| {
+        let (port, to) = (port.to_string(), tport.to_string());
         ns.run(&[
             tables,
             "-t",
@@ -138,7 +166,7 @@ fn iptables_redirect_to_a_vip_reaches_the_backend_through_the_edge() {
             "-p",
             "tcp",
             "-d",
-            vip,
+            dst,
             "--dport",
             &port,
             "-j",
@@ -147,38 +175,66 @@ fn iptables_redirect_to_a_vip_reaches_the_backend_through_the_edge() {
             &to,
         ])
     };
-    assert!(redirect("iptables", vip));
+    for (_, vip, vip6) in services {
+        assert!(redirect("iptables", vip, vip_port));
+        if v6 {
+            assert!(redirect("ip6tables", vip6, vip_port));
+        }
+    }
+    for (dst, port) in unmapped_v4 {
+        assert!(redirect("iptables", dst, port));
+    }
     if v6 {
-        assert!(redirect("ip6tables", vip6));
+        for (dst, port) in unmapped_v6 {
+            assert!(redirect("ip6tables", dst, port));
+        }
     }
 
-    let www = tempfile::tempdir().unwrap();
-    std::fs::write(
-        www.path().join("hello.txt"),
-        "hello from the site backend\n",
-    )
-    .unwrap();
-    let ngx_dir = tempfile::tempdir().unwrap();
-    let _nginx = Nginx::start(ngx_dir.path(), www.path(), backend, &ns.exec());
+    let body = |service: &str| format!("hello from the {service} backend\n");
+    let mut backends = Vec::new();
+    let mut nginxes = Vec::new();
+    let mut dirs = Vec::new();
+    for (service, _, _) in services {
+        let backend = SocketAddr::new(LOCAL, free_tcp_port(LOCAL));
+        let www = tempfile::tempdir().unwrap();
+        std::fs::write(www.path().join("hello.txt"), body(service)).unwrap();
+        let ngx_dir = tempfile::tempdir().unwrap();
+        nginxes.push(Nginx::start(
+            ngx_dir.path(),
+            www.path(),
+            backend,
+            &ns.exec(),
+        ));
+        dirs.push((www, ngx_dir));
+        backends.push(backend);
+    }
 
     let mut y = TopoYaml::default();
     // Dual-stack client side: IPv4 clients arrive as v4-mapped addresses on the same socket.
     let any6 = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
     y.edge("edge", free_udp(LOCAL), any6, Some(tport))
-        .site("site", free_udp(LOCAL), &[("chat", backend, 100)])
-        .link("edge", "site", "1ms")
-        .service(
-            "chat",
+        .site(
+            "site",
+            free_udp(LOCAL),
+            &[("chat", backends[0], 100), ("embed", backends[1], 100)],
+        )
+        .link("edge", "site", "1ms");
+    for (service, vip, vip6) in services {
+        y.service(
+            service,
             free_tcp_port(LOCAL),
             &[
                 &format!("{vip}/32:{vip_port}"),
                 &format!("[{vip6}/128]:{vip_port}"),
             ],
         );
+    }
     let mut f = Fabric::new(&y);
     f.wrapper = ns.exec();
     f.start_all();
-    f.wait_preferred("edge", "chat", "site");
+    for (service, _, _) in services {
+        f.wait_preferred("edge", service, "site");
+    }
 
     let curl = |url: String| {
         Command::new("ip")
@@ -197,35 +253,89 @@ fn iptables_redirect_to_a_vip_reaches_the_backend_through_the_edge() {
             .unwrap()
     };
     // nginx answers in the namespace (it was started before the routers).
-    eventually(DEADLINE, "nginx answering in the namespace", || {
-        curl(format!("http://{backend}/hello.txt")).status.success()
-    });
-    let out = curl(format!("http://{vip}:{vip_port}/hello.txt"));
-    assert!(
-        out.status.success(),
-        "curl to the VIP failed: {}\nedge log:\n{}\nsite log:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        f.log("edge"),
-        f.log("site")
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "hello from the site backend\n"
-    );
-    assert!(f.metric("edge", "tasman_streams_total", "") >= 1);
-    if v6 {
-        let out = curl(format!("http://[{vip6}]:{vip_port}/hello.txt"));
-        assert!(
-            out.status.success(),
-            "curl to the IPv6 VIP failed: {}\nedge log:\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            f.log("edge")
+    for (backend, (service, _, _)) in backends.iter().zip(services) {
+        eventually(
+            DEADLINE,
+            &format!("{service}'s nginx answering in the namespace"),
+            || {
+                let out = curl(format!("http://{backend}/hello.txt"));
+                out.status.success() && out.stdout == body(service).as_bytes()
+            },
         );
-        assert_eq!(
-            String::from_utf8_lossy(&out.stdout),
-            "hello from the site backend\n"
-        );
-        assert!(f.metric("edge", "tasman_streams_total", "") >= 2);
     }
+    let unknown = |f: &Fabric| {
+        f.metric(
+            "edge",
+            "tasman_stream_errors_total",
+            "code=\"unknown_service\"",
+        )
+    };
+    let mut proxied = 0;
+    let mut refused = 0;
+    let mut hosts = vec![services.map(|(s, vip, _)| (s, vip.to_string())).to_vec()];
+    let mut unmapped = vec![unmapped_v4.map(|(a, p)| format!("{a}:{p}")).to_vec()];
+    if v6 {
+        hosts.push(
+            services
+                .map(|(s, _, vip6)| (s, format!("[{vip6}]")))
+                .to_vec(),
+        );
+        unmapped.push(unmapped_v6.map(|(a, p)| format!("[{a}]:{p}")).to_vec());
+    }
+    for (hosts, unmapped) in hosts.iter().zip(&unmapped) {
+        // Each VIP reaches its own service's backend.
+        for (service, host) in hosts {
+            let out = curl(format!("http://{host}:{vip_port}/hello.txt"));
+            assert!(
+                out.status.success(),
+                "curl to {service}'s VIP {host} failed: {}\nedge log:\n{}\nsite log:\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                f.log("edge"),
+                f.log("site")
+            );
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                body(service),
+                "{service}'s VIP {host} reached another backend"
+            );
+            proxied += 1;
+            assert_eq!(f.metric("edge", "tasman_streams_total", ""), proxied);
+        }
+        // A redirected connection to no service's VIP:port is reset at the edge, counted as
+        // `unknown_service`, and carried nowhere.
+        for dst in unmapped {
+            let before = unknown(&f);
+            let dst: SocketAddr = dst.parse().unwrap();
+            let got = in_netns(&ns.0, move || {
+                let mut s = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(10))?;
+                s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                // A request, so that a connection carried to a backend gets an answer to show.
+                s.write_all(b"GET /hello.txt HTTP/1.0\r\n\r\n")?;
+                let mut buf = [0u8; 64];
+                s.read(&mut buf).map(|n| buf[..n].to_vec())
+            });
+            match got {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+                Ok(answer) => panic!(
+                    "{dst} (no service's): expected a reset, got {:?}",
+                    String::from_utf8_lossy(&answer)
+                ),
+                Err(e) => panic!("{dst} (no service's): expected a reset, got {e}"),
+            }
+            refused += 1;
+            assert_eq!(
+                unknown(&f),
+                before + 1,
+                "{dst}: not refused as unknown_service"
+            );
+            assert_eq!(
+                f.metric("edge", "tasman_streams_total", ""),
+                proxied,
+                "{dst} was proxied"
+            );
+        }
+    }
+    assert_eq!(unknown(&f), refused);
     drop(f);
+    drop(nginxes);
 }

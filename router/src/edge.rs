@@ -342,13 +342,17 @@ async fn handle_client(
         limit: shared.replay_limit,
         eof: false,
     };
+    // `NoRoute` until a try says otherwise: also when the service has no candidate left (every
+    // site it has is down or unreachable), which is counted below.
     let mut last = Code::NoRoute;
+    let mut tried = false;
     // A circuit's connections take its reserved path first when the table still offers it;
     // others start on the site dealt to them among the equally near ones, unless its traffic
     // dial declines them (`Routes::order`). The other candidates, in rank order and the declined
     // sites last, remain the fallback (unreserved for a circuit). The declined sites are tried
     // past `max_tries`: without their dials they would have been tried first.
     for (i, cand) in order.tries(shared.max_tries).map(|i| &cands[i]).enumerate() {
+        tried = true;
         if i > 0 {
             shared.metrics.failovers_total.fetch_add(1, Relaxed);
             tracing::info!(node = %shared.node, %service, site = %cand.site, code = %last, "retrying on next candidate");
@@ -396,6 +400,9 @@ async fn handle_client(
                 break;
             }
         }
+    }
+    if !tried {
+        shared.metrics.error(Code::NoRoute);
     }
     tracing::debug!(node = %shared.node, %service, %client, code = %last, "client connection failed");
     splice::reset_tcp(&tcp);

@@ -1059,6 +1059,45 @@ fn leaf_file(dir: &std::path::Path, name: &str) -> Vec<u8> {
     router::tls::TlsIdentity::load(dir, name).unwrap().chain[0].to_vec()
 }
 
+/// A client of a service whose only site is gone (the edge declared its neighbour down) is
+/// reset and counted under `no_route`, as one of a service the table does not know is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_of_a_service_with_no_site_left_is_counted_as_no_route() {
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let port = free_tcp_port();
+    let snap = edge_site("echo", backend, port);
+    let (mut hs, _txs) = spawn_all(&snap, dir.path(), |_, _| {}).await;
+    wait_for_route(&hs[0], "echo", Duration::from_secs(10), "no route").await;
+    hs.remove(1).shutdown().await;
+    let edge = &hs[0];
+    let no_route = || {
+        metric(
+            &edge.metrics_text(),
+            "tasman_stream_errors_total{node=\"edge\",code=\"no_route\"}",
+        )
+    };
+    let mut tries = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        tries += 1;
+        let r = echo_roundtrip(port, b"x", Duration::from_secs(5)).await;
+        if no_route().unwrap_or(0) >= 1 {
+            assert!(r.is_err(), "a client with no route was answered: {r:?}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{tries} clients tried, none counted as no_route: {}",
+            edge.metrics_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for h in hs {
+        h.shutdown().await;
+    }
+}
+
 /// A draining router keeps reloading its files: a drain can last `--drain-timeout` (minutes, for
 /// long inference streams), and a revocation list or a renewed certificate copied in meanwhile
 /// must still take effect on the connections it keeps.

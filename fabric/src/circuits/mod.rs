@@ -400,6 +400,30 @@ pub fn all(tx: &dyn ReadTxn) -> Result<Vec<Circuit>, StoreError> {
     Ok(CIRCUITS.all(tx)?.into_iter().map(|(_, c)| c).collect())
 }
 
+/// The circuits of `ids` the live table holds (others are skipped), in the order given: each is
+/// read by its key, so the cost is that of `ids`, not of the table.
+pub fn by_ids<'a>(
+    tx: &dyn ReadTxn,
+    ids: impl IntoIterator<Item = &'a CircuitId>,
+) -> Result<Vec<Circuit>, StoreError> {
+    let mut out = Vec::new();
+    for id in ids {
+        out.extend(CIRCUITS.get(tx, id.as_str())?);
+    }
+    Ok(out)
+}
+
+/// The ids of the circuits whose routers' acknowledgements can still move them on
+/// ([`Circuit::awaits_ack`]): what [`settle`] and [`expire`] are given when every such circuit
+/// is to be looked at (the service's start; tests). It reads the whole live table.
+pub fn awaiting_ack(tx: &dyn ReadTxn) -> Result<Vec<CircuitId>, StoreError> {
+    Ok(all(tx)?
+        .into_iter()
+        .filter(Circuit::awaits_ack)
+        .map(|c| c.id)
+        .collect())
+}
+
 /// A circuit by id, or by name among the circuits not yet decommissioned (then the newest).
 pub fn find(tx: &dyn ReadTxn, id_or_name: &str) -> Result<Circuit, CircuitError> {
     if let Some(c) = CIRCUITS.get(tx, id_or_name)? {
@@ -786,20 +810,23 @@ pub fn delete(
     Ok(c)
 }
 
-/// What the routers have acknowledged: called with a predicate "has this router applied a
-/// snapshot at least as new as version V", and the version in which each pending circuit was
-/// first distributed in its current form (`None` for a circuit not pending, or changed since
-/// that was decided: the caller compares revisions). Moves circuits to `active` /
-/// `decommissioned` once the routers [`Circuit::awaited`] under `topo` (the topology in force)
-/// acknowledged, and releases held capacity. Returns the circuits changed.
+/// What the routers have acknowledged: called with the circuits to look at (`ids`: those the
+/// caller waits for, read by id, so that a pass costs what is pending and not every circuit
+/// ever created), a predicate "has this router applied a snapshot at least as new as version
+/// V", and the version in which each pending circuit was first distributed in its current form
+/// (`None` for a circuit not pending, or changed since that was decided: the caller compares
+/// revisions). Moves circuits to `active` / `decommissioned` once the routers
+/// [`Circuit::awaited`] under `topo` (the topology in force) acknowledged, and releases held
+/// capacity. Returns the circuits changed.
 pub fn settle(
     tx: &mut dyn WriteTxn,
     topo: &Topology,
+    ids: &[CircuitId],
     pending: &dyn Fn(&Circuit) -> Option<u64>,
     acked: &dyn Fn(&NodeId, u64) -> bool,
 ) -> Result<Vec<Circuit>, StoreError> {
     let mut changed = Vec::new();
-    for mut c in all(tx)? {
+    for mut c in by_ids(tx, ids)? {
         if !c.awaits_ack() {
             continue;
         }
@@ -874,8 +901,9 @@ pub fn settle(
 /// (they recover to `active` when the acknowledgements arrive).
 pub const NOT_ACKED: &str = "not acknowledged";
 
-/// Acts on the provisioning and decommissioning circuits `overdue` gives a version for
-/// (distributed in it `timeout` ago or longer; `None` as for [`settle`]) that routers
+/// Acts on the provisioning and decommissioning circuits of `ids` (read by id, as in [`settle`])
+/// `overdue` gives a version for (distributed in it `timeout` ago or longer; `None` as for
+/// [`settle`]) that routers
 /// [`Circuit::awaited`] under `topo` have not acknowledged: a provisioning one is marked failed,
 /// naming them; a decommissioning one becomes `decommissioned` anyway, its history naming them
 /// (its capacity and VIP were released at its delete; a router that comes back gets the
@@ -884,11 +912,12 @@ pub fn expire(
     tx: &mut dyn WriteTxn,
     topo: &Topology,
     timeout: std::time::Duration,
+    ids: &[CircuitId],
     overdue: &dyn Fn(&Circuit) -> Option<u64>,
     acked: &dyn Fn(&NodeId, u64) -> bool,
 ) -> Result<Vec<Circuit>, StoreError> {
     let mut changed = Vec::new();
-    for mut c in all(tx)? {
+    for mut c in by_ids(tx, ids)? {
         if !matches!(
             c.state,
             CircuitState::Provisioning | CircuitState::Decommissioning
@@ -1261,15 +1290,26 @@ pub(crate) mod tests {
         })
         .unwrap();
         let expired = store::transaction(&s, |tx| {
-            expire(tx, &t, Duration::from_secs(60), &|_| Some(7), &|_, _| false)
+            let ids = awaiting_ack(tx)?;
+            expire(
+                tx,
+                &t,
+                Duration::from_secs(60),
+                &ids,
+                &|_| Some(7),
+                &|_, _| false,
+            )
         })
         .unwrap();
         assert_eq!(expired.len(), 1);
         let failed = store::transaction(&s, |tx| fail_broken(tx, &topo(false), 2)).unwrap();
         assert_eq!(failed.len(), 1, "the topology did not fail it");
         assert!(!failed[0].awaits_ack(), "{:?}", failed[0]);
-        let settled =
-            store::transaction(&s, |tx| settle(tx, &t, &|_| Some(7), &|_, _| true)).unwrap();
+        let settled = store::transaction(&s, |tx| {
+            let ids = awaiting_ack(tx)?;
+            settle(tx, &t, &ids, &|_| Some(7), &|_, _| true)
+        })
+        .unwrap();
         assert_eq!(settled, []);
         let c = store::read(&s, |tx| find(tx, "c1")).unwrap();
         assert_eq!(c.state, CircuitState::Failed);
@@ -1298,8 +1338,11 @@ pub(crate) mod tests {
         .unwrap();
         let mut empty = (*t).clone();
         empty.nodes.clear();
-        let settled =
-            store::transaction(&s, |tx| settle(tx, &empty, &|_| Some(3), &|_, _| false)).unwrap();
+        let settled = store::transaction(&s, |tx| {
+            let ids = awaiting_ack(tx)?;
+            settle(tx, &empty, &ids, &|_| Some(3), &|_, _| false)
+        })
+        .unwrap();
         assert_eq!(settled.len(), 1);
         let h = store::read(&s, |tx| history(tx, &settled[0].id)).unwrap();
         assert_eq!(
@@ -1445,7 +1488,11 @@ pub(crate) mod tests {
                 .unwrap_or_else(|e| panic!("retried resize to {to}: {e}"));
             assert_eq!(retry, first);
             // Let the resize finish before the next one.
-            store::transaction(&s, |tx| settle(tx, &t, &|_| Some(0), &|_, _| true)).unwrap();
+            store::transaction(&s, |tx| {
+                let ids = awaiting_ack(tx)?;
+                settle(tx, &t, &ids, &|_| Some(0), &|_, _| true)
+            })
+            .unwrap();
         }
     }
 }

@@ -4,7 +4,7 @@
 //! `decommissioned`), or to `failed` when the path's routers do not acknowledge in time (a
 //! removal not acknowledged in time is `decommissioned` anyway).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -50,6 +50,12 @@ struct Pending {
 
 pub struct CircuitService {
     ctl: Arc<Controller>,
+    /// The circuits awaiting acknowledgement: the only ones a settle pass reads (by id). It is
+    /// memory, not a store table: it holds what is not durable anyway (the snapshot version
+    /// that carried each circuit, and when), and a crash cannot make it drift from the store,
+    /// since [`Self::new`] rebuilds it from the records at every start (what
+    /// [`Circuit::awaits_ack`] says of each). Each operation inserts what it changed after its
+    /// transaction commits ([`Self::publish`]); each pass removes what it settled.
     pending: Mutex<BTreeMap<CircuitId, Pending>>,
     provision_timeout: Duration,
     /// The topology version whose broken circuits have been failed ([`super::fail_broken`]).
@@ -298,9 +304,14 @@ impl CircuitService {
             .collect();
         let acked = move |n: &NodeId, v: u64| applied.get(n.as_str()).is_some_and(|a| *a >= v);
         let topo = self.ctl.current().topology.clone();
-        let circuits = self.list()?;
+        // The pending circuits only, each by id: a pass costs what is pending, not every
+        // circuit ever created.
+        let circuits = store::read(&**self.ctl.store(), |tx| super::by_ids(tx, pending.keys()))?;
         let now = Instant::now();
         let (mut ready, mut overdue, mut done) = (BTreeMap::new(), BTreeMap::new(), Vec::new());
+        // A pending circuit the live table no longer holds (archived) waits for nothing.
+        let found: BTreeSet<&CircuitId> = circuits.iter().map(|c| &c.id).collect();
+        done.extend(pending.keys().filter(|id| !found.contains(id)).cloned());
         for c in &circuits {
             let Some(p) = pending.get(&c.id) else {
                 continue;
@@ -356,8 +367,19 @@ impl CircuitService {
                     let (version, revision) = decided.get(&c.id)?;
                     (*revision == c.revision).then_some(*version)
                 };
-                let a = super::settle(tx, &topo, &|c| unchanged(&ready, c), &acked)?;
-                let f = super::expire(tx, &topo, timeout, &|c| unchanged(&overdue, c), &acked)?;
+                let (ready_ids, overdue_ids): (Vec<_>, Vec<_>) = (
+                    ready.keys().cloned().collect(),
+                    overdue.keys().cloned().collect(),
+                );
+                let a = super::settle(tx, &topo, &ready_ids, &|c| unchanged(&ready, c), &acked)?;
+                let f = super::expire(
+                    tx,
+                    &topo,
+                    timeout,
+                    &overdue_ids,
+                    &|c| unchanged(&overdue, c),
+                    &acked,
+                )?;
                 Ok((a, f))
             })
         })
@@ -506,6 +528,58 @@ mod tests {
 
         let restarted = CircuitService::new(ctl.clone(), DEFAULT_PROVISION_TIMEOUT).unwrap();
         assert!(lock(&restarted.pending).is_empty());
+    }
+
+    /// A settle pass reads the circuits awaiting acknowledgement only, not every circuit ever
+    /// created: with 30 circuits active and one provisioning, a pass that activates that one
+    /// reads its record (before and inside its transaction), and a pass with nothing pending
+    /// reads none. (Every pass decoded the whole circuits table three times.)
+    #[tokio::test]
+    async fn a_settle_pass_reads_only_the_circuits_awaiting_acknowledgement() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FaultyStore::open(dir.path());
+        let ctl = Controller::open(
+            store.clone(),
+            Some((&yaml("127.79.0.0/26", true), "t.yaml")),
+        )
+        .unwrap();
+        let svc = CircuitService::new(ctl.clone(), DEFAULT_PROVISION_TIMEOUT).unwrap();
+        for i in 1..=30 {
+            svc.create(
+                spec(&format!("c{i}"), &format!("10.{i}.0.0/24"), "1Mbps"),
+                None,
+                "ops".into(),
+            )
+            .await
+            .unwrap();
+        }
+        let _first = ack(&ctl, &["e", "s"]);
+        svc.settle_once().await.unwrap();
+        assert!(
+            svc.list()
+                .unwrap()
+                .iter()
+                .all(|c| c.state == CircuitState::Active)
+        );
+        let (late, _) = svc
+            .create(spec("late", "10.99.0.0/24", "1Mbps"), None, "ops".into())
+            .await
+            .unwrap();
+        let _second = ack(&ctl, &["e", "s"]);
+        store.reset_rows_read();
+        svc.settle_once().await.unwrap();
+        let read = store.rows_read(super::super::CIRCUITS.name);
+        assert!(
+            read <= 2,
+            "a pass settling one circuit read {read} circuit records"
+        );
+        assert_eq!(
+            svc.get(late.id.as_str()).unwrap().state,
+            CircuitState::Active
+        );
+        store.reset_rows_read();
+        svc.settle_once().await.unwrap();
+        assert_eq!(store.rows_read(super::super::CIRCUITS.name), 0);
     }
 
     /// A delete that commits while a settle pass has decided that the circuit's routers

@@ -1,5 +1,8 @@
-//! Test-only: a store that counts its write transactions and fails them on demand.
+//! Test-only: a store that counts its write transactions and fails them on demand, and counts
+//! the rows its transactions read from each table.
 
+use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 
@@ -8,13 +11,16 @@ use super::{ReadTxn, Store, StoreError, WriteTxn};
 
 /// [`RedbStore`] whose write transactions are counted (`writes`, the ones that ran) and fail
 /// while `fail` is set, and the next `fail_next` ones; a failing write first runs
-/// `during_failure`, once (what happens while a transaction is in flight).
+/// `during_failure`, once (what happens while a transaction is in flight). Every row a read or
+/// write transaction reads (`get` that finds one, `scan`) is counted per table ([`Self::rows_read`]):
+/// what a test asserts an operation does not read.
 pub struct FaultyStore {
     pub inner: RedbStore,
     pub writes: AtomicUsize,
     pub fail: AtomicBool,
     pub fail_next: AtomicUsize,
     pub during_failure: Mutex<Option<Box<dyn Fn() + Send>>>,
+    rows: Mutex<BTreeMap<&'static str, usize>>,
 }
 
 impl FaultyStore {
@@ -25,7 +31,80 @@ impl FaultyStore {
             fail: false.into(),
             fail_next: 0.into(),
             during_failure: Mutex::new(None),
+            rows: Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// Rows read from `table` since the store was opened (or [`Self::reset_rows_read`]).
+    pub fn rows_read(&self, table: &str) -> usize {
+        self.rows.lock().unwrap().get(table).copied().unwrap_or(0)
+    }
+
+    pub fn reset_rows_read(&self) {
+        self.rows.lock().unwrap().clear();
+    }
+}
+
+/// Adds `n` rows read from `table` to `rows`.
+fn count(rows: &Mutex<BTreeMap<&'static str, usize>>, table: &'static str, n: usize) {
+    *rows.lock().unwrap().entry(table).or_default() += n;
+}
+
+/// A transaction of a [`FaultyStore`]: reads are counted, everything is passed on.
+struct Counted<'a, T: ?Sized> {
+    tx: &'a mut T,
+    rows: &'a Mutex<BTreeMap<&'static str, usize>>,
+}
+
+impl<T: ReadTxn + ?Sized> ReadTxn for Counted<'_, T> {
+    fn get(&self, table: &'static str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let v = self.tx.get(table, key)?;
+        count(self.rows, table, usize::from(v.is_some()));
+        Ok(v)
+    }
+    fn scan(
+        &self,
+        table: &'static str,
+        range: (Bound<&str>, Bound<&str>),
+        limit: usize,
+        reverse: bool,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let rows = self.tx.scan(table, range, limit, reverse)?;
+        count(self.rows, table, rows.len());
+        Ok(rows)
+    }
+    fn last_key(&self, table: &'static str) -> Result<Option<String>, StoreError> {
+        self.tx.last_key(table)
+    }
+}
+
+impl<T: WriteTxn + ?Sized> WriteTxn for Counted<'_, T> {
+    fn put(&mut self, table: &'static str, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.tx.put(table, key, value)
+    }
+    fn delete(&mut self, table: &'static str, key: &str) -> Result<bool, StoreError> {
+        self.tx.delete(table, key)
+    }
+}
+
+/// A read view only reads: [`Counted`] over it needs `&mut` for its writes only.
+struct ReadOnly<'a>(&'a dyn ReadTxn);
+
+impl ReadTxn for ReadOnly<'_> {
+    fn get(&self, table: &'static str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.0.get(table, key)
+    }
+    fn scan(
+        &self,
+        table: &'static str,
+        range: (Bound<&str>, Bound<&str>),
+        limit: usize,
+        reverse: bool,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.0.scan(table, range, limit, reverse)
+    }
+    fn last_key(&self, table: &'static str) -> Result<Option<String>, StoreError> {
+        self.0.last_key(table)
     }
 }
 
@@ -34,7 +113,14 @@ impl Store for FaultyStore {
         &self,
         f: &mut dyn FnMut(&dyn ReadTxn) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
-        self.inner.read(f)
+        let rows = &self.rows;
+        self.inner.read(&mut |tx| {
+            let mut view = ReadOnly(tx);
+            f(&Counted {
+                tx: &mut view,
+                rows,
+            })
+        })
     }
     fn write(
         &self,
@@ -52,6 +138,7 @@ impl Store for FaultyStore {
             return Err(StoreError::Backend("injected failure".into()));
         }
         self.writes.fetch_add(1, SeqCst);
-        self.inner.write(f)
+        let rows = &self.rows;
+        self.inner.write(&mut |tx| f(&mut Counted { tx, rows }))
     }
 }

@@ -592,6 +592,7 @@ async fn a_router_that_stops_reading_is_closed_once_writes_to_it_stall() {
     let stall = Duration::from_secs(1);
     let d = daemon::start(DaemonConfig {
         write_stall_timeout: stall,
+        circuit_retention: Some(fabric::circuits::DEFAULT_RETENTION),
         ..import_config(
             &dir.path().join("state"),
             &tls,

@@ -141,6 +141,7 @@ pub fn daemon_config(state: &Path, tls: &Path, listen: SocketAddr) -> DaemonConf
         ca_dir: None,
         issue_valid_for: fabric::controller::renew::DEFAULT_VALIDITY,
         write_stall_timeout: fabric::controller::distribute::WRITE_STALL_TIMEOUT,
+        circuit_retention: Some(fabric::circuits::DEFAULT_RETENTION),
     }
 }
 

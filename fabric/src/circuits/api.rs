@@ -4,10 +4,11 @@
 //! |---|---|---|
 //! | POST | /v1/circuits/validate | admission only: `CircuitSpec` -> `Admission` |
 //! | POST | /v1/circuits | create: `{spec, idempotency_key, author}` -> `CreateResponse` |
-//! | GET | /v1/circuits | all circuits |
+//! | GET | /v1/circuits | all circuits (the live table: not the archived ones) |
+//! | GET | /v1/archived-circuits | the circuits archived after the retention period (`Archived`) |
 //! | GET | /v1/circuits/headroom | per-link capacity, reserved, free |
-//! | GET | /v1/circuits/{id} | one circuit (id or name) |
-//! | GET | /v1/circuits/{id}/history | its audit trail |
+//! | GET | /v1/circuits/{id} | one circuit (id or name); 410 Gone, naming when, for an archived id |
+//! | GET | /v1/circuits/{id}/history | its audit trail (an archived circuit's too, by id) |
 //! | POST | /v1/circuits/{id}/resize | `{rate, author}` |
 //! | POST | /v1/circuits/{id}/delete | `{author}` |
 
@@ -20,13 +21,14 @@ use topology::Bandwidth;
 use topology::circuit::LinkHeadroom;
 
 use super::service::ServiceError;
-use super::{Admission, Circuit, CircuitError, CircuitSpec, HistoryEntry};
+use super::{Admission, Archived, Circuit, CircuitError, CircuitSpec, HistoryEntry};
 use crate::admin::{AdminState, ApiError, off_workers};
 use crate::controller::records::{MAX_META_FIELD, clipped};
 
 pub fn routes() -> axum::Router<AdminState> {
     axum::Router::new()
         .route("/v1/circuits", get(list).post(create))
+        .route("/v1/archived-circuits", get(list_archived))
         .route("/v1/circuits/validate", post(validate))
         .route("/v1/circuits/headroom", get(headroom))
         .route("/v1/circuits/{id}", get(show))
@@ -52,6 +54,8 @@ impl From<ServiceError> for ApiError {
                 StatusCode::CONFLICT
             }
             ServiceError::Circuit(CircuitError::NotFound(_)) => StatusCode::NOT_FOUND,
+            // Known, and gone for good: not a typo to correct.
+            ServiceError::Circuit(CircuitError::Archived { .. }) => StatusCode::GONE,
             ServiceError::Circuit(CircuitError::Store(_))
             | ServiceError::Controller(_)
             | ServiceError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -115,6 +119,11 @@ async fn list(State(st): State<AdminState>) -> Result<Json<Vec<Circuit>>, ApiErr
     Ok(Json(off_workers(move || svc.list()).await?))
 }
 
+async fn list_archived(State(st): State<AdminState>) -> Result<Json<Vec<Archived>>, ApiError> {
+    let svc = st.circuits.clone();
+    Ok(Json(off_workers(move || svc.list_archived()).await?))
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct HeadroomRow {
     pub link: topology::LinkId,
@@ -145,6 +154,9 @@ async fn show(
 pub struct HistoryResponse {
     pub circuit: Circuit,
     pub history: Vec<HistoryEntry>,
+    /// When the circuit was archived (its history is kept; it is found by id then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archived_unix_ms: Option<u64>,
 }
 
 async fn history(
@@ -152,8 +164,9 @@ async fn history(
     Path(id): Path<String>,
 ) -> Result<Json<HistoryResponse>, ApiError> {
     let svc = st.circuits.clone();
-    let (circuit, history) = off_workers(move || svc.history(&id)).await?;
-    Ok(Json(HistoryResponse { circuit, history }))
+    Ok(Json(
+        off_workers(move || svc.history_with_archive(&id)).await?,
+    ))
 }
 
 #[derive(Debug, Serialize, Deserialize)]

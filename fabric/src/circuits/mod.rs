@@ -320,6 +320,30 @@ pub const CIRCUIT_KEYS: Table<String> = Table::new("circuit_keys");
 pub const CIRCUIT_HISTORY: Table<HistoryEntry> = Table::new("circuit_history");
 /// `next_id`.
 pub const CIRCUIT_META: Table<u64> = Table::new("circuit_meta");
+/// Circuit id -> [`Archived`]: the circuits decommissioned for longer than the retention, out of
+/// [`CIRCUITS`] (which every create, apply, listing and metrics scrape reads whole). Read by id
+/// (a `get`, a replayed create's key, history) or whole by `list --archived` only.
+pub const CIRCUITS_ARCHIVE: Table<Archived> = Table::new("circuits_archive");
+
+/// A circuit the retention sweep moved out of the live table ([`archive`]): its last record,
+/// unchanged (decommissioned, its capacity and VIP long released), and when it moved. Its
+/// history entries and its idempotency key (in [`CIRCUIT_KEYS`]) stay where they are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Archived {
+    pub archived_unix_ms: u64,
+    pub circuit: Circuit,
+}
+
+/// The default of `--circuit-retention`: how long a decommissioned circuit stays in the live
+/// table (listed, counted in the metrics) before the sweep archives it. Megaport hides a
+/// DECOMMISSIONED service after 30 days.
+pub const DEFAULT_RETENTION: std::time::Duration = std::time::Duration::from_secs(30 * 86_400);
+
+/// A time for messages: RFC 3339, to the second, UTC.
+fn rfc3339(unix_ms: u64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(unix_ms);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
 
 /// Why a circuit operation was refused or failed.
 #[derive(Debug, thiserror::Error)]
@@ -332,6 +356,18 @@ pub enum CircuitError {
     Pool(#[from] PoolError),
     #[error("no circuit {0:?} (by id or name)")]
     NotFound(String),
+    /// Looked up by id, the circuit is in the archive ([`archive`]): gone, not unknown.
+    #[error(
+        "circuit {id} ({name}) was decommissioned and then archived at {}, after the retention \
+         period (--circuit-retention); `tasman circuit list --archived` and `tasman circuit \
+         history {id}` still show it",
+        rfc3339(*archived_unix_ms)
+    )]
+    Archived {
+        id: CircuitId,
+        name: String,
+        archived_unix_ms: u64,
+    },
     #[error("{0}")]
     Conflict(String),
     #[error(transparent)]
@@ -424,7 +460,9 @@ pub fn awaiting_ack(tx: &dyn ReadTxn) -> Result<Vec<CircuitId>, StoreError> {
         .collect())
 }
 
-/// A circuit by id, or by name among the circuits not yet decommissioned (then the newest).
+/// A circuit by id, or by name among the circuits not yet decommissioned (then the newest), in
+/// the live table. An archived circuit is found by id only ([`CircuitError::Archived`]): its name
+/// may have been given to another circuit since, and finding it would read the whole archive.
 pub fn find(tx: &dyn ReadTxn, id_or_name: &str) -> Result<Circuit, CircuitError> {
     if let Some(c) = CIRCUITS.get(tx, id_or_name)? {
         return Ok(c);
@@ -434,9 +472,31 @@ pub fn find(tx: &dyn ReadTxn, id_or_name: &str) -> Result<Circuit, CircuitError>
         .filter(|c| c.name == id_or_name)
         .collect();
     by_name.sort_by_key(|c| (c.state != CircuitState::Decommissioned, c.created_unix_ms));
-    by_name
-        .pop()
-        .ok_or_else(|| CircuitError::NotFound(id_or_name.to_string()))
+    if let Some(c) = by_name.pop() {
+        return Ok(c);
+    }
+    match CIRCUITS_ARCHIVE.get(tx, id_or_name)? {
+        Some(a) => Err(CircuitError::Archived {
+            id: a.circuit.id,
+            name: a.circuit.name,
+            archived_unix_ms: a.archived_unix_ms,
+        }),
+        None => Err(CircuitError::NotFound(id_or_name.to_string())),
+    }
+}
+
+/// An archived circuit, by id.
+pub fn find_archived(tx: &dyn ReadTxn, id: &str) -> Result<Option<Archived>, StoreError> {
+    CIRCUITS_ARCHIVE.get(tx, id)
+}
+
+/// Every archived circuit, in id order (the whole archive: for `list --archived`).
+pub fn all_archived(tx: &dyn ReadTxn) -> Result<Vec<Archived>, StoreError> {
+    Ok(CIRCUITS_ARCHIVE
+        .all(tx)?
+        .into_iter()
+        .map(|(_, a)| a)
+        .collect())
 }
 
 /// The keys of one circuit's history entries: from `<id>/` to `<id>0` (excluded; `'0'` is the
@@ -511,9 +571,23 @@ fn record(
     from: Option<CircuitState>,
     detail: String,
 ) -> Result<(), StoreError> {
+    record_at(tx, c, c.updated_unix_ms, actor, action, from, detail)
+}
+
+/// [`record`], at `time_unix_ms` rather than the circuit's last change (an archived circuit's
+/// record keeps the time it was decommissioned).
+fn record_at(
+    tx: &mut dyn WriteTxn,
+    c: &Circuit,
+    time_unix_ms: u64,
+    actor: &str,
+    action: &str,
+    from: Option<CircuitState>,
+    detail: String,
+) -> Result<(), StoreError> {
     let n = next_history_seq(tx, &c.id)?;
     let entry = HistoryEntry {
-        time_unix_ms: c.updated_unix_ms,
+        time_unix_ms,
         actor: actor.to_string(),
         action: action.to_string(),
         from,
@@ -614,9 +688,15 @@ pub fn create(
     if let Some(k) = key {
         check_name("idempotency key", k, MAX_KEY)?;
         if let Some(id) = CIRCUIT_KEYS.get(tx, k)? {
-            let c = CIRCUITS
-                .get(tx, &id)?
-                .ok_or_else(|| CircuitError::NotFound(id.clone()))?;
+            // The key outlives the circuit's stay in the live table (a tombstone): a replay of
+            // an archived circuit's create gets that circuit, decommissioned, as before its
+            // archiving, never a new circuit.
+            let c = match CIRCUITS.get(tx, &id)? {
+                Some(c) => c,
+                None => find_archived(tx, &id)?
+                    .map(|a| a.circuit)
+                    .ok_or_else(|| CircuitError::NotFound(id.clone()))?,
+            };
             let same = match &c.created_with {
                 Some(kept) => *kept == KeptRequest::from(spec),
                 // A record stored before requests were kept: compared with the circuit as it
@@ -1054,6 +1134,87 @@ pub fn fail_broken(
     Ok(changed)
 }
 
+impl Circuit {
+    /// When the circuit was decommissioned (`None`: it is not). No operation changes a
+    /// decommissioned record (a delete returns it as it is, a resize refuses it, `fail_broken`
+    /// skips it as not live, `settle` and `expire` act on circuits awaiting acknowledgement
+    /// only), so its last change is its decommissioning.
+    pub fn decommissioned_unix_ms(&self) -> Option<u64> {
+        (self.state == CircuitState::Decommissioned).then_some(self.updated_unix_ms)
+    }
+
+    /// Whether the retention sweep archives it at `now_unix_ms`: decommissioned for `retention`
+    /// or longer. Only `decommissioned` is archived: it is the one state nothing leaves. A
+    /// `failed` circuit still holds its VIP and reservation and is in the snapshots until it is
+    /// deleted (then it is decommissioned, and its retention starts); a `decommissioning` one
+    /// still waits for its routers.
+    pub fn due_for_archive(&self, now_unix_ms: u64, retention: std::time::Duration) -> bool {
+        let retention_ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
+        self.decommissioned_unix_ms()
+            .is_some_and(|t| now_unix_ms.saturating_sub(t) >= retention_ms)
+    }
+}
+
+/// The ids of the circuits [`Circuit::due_for_archive`] at `now_unix_ms`: a read of the whole
+/// live table, which the sweep does once per run (hourly), not per operation.
+pub fn due_for_archive(
+    tx: &dyn ReadTxn,
+    now_unix_ms: u64,
+    retention: std::time::Duration,
+) -> Result<Vec<CircuitId>, StoreError> {
+    Ok(all(tx)?
+        .into_iter()
+        .filter(|c| c.due_for_archive(now_unix_ms, retention))
+        .map(|c| c.id)
+        .collect())
+}
+
+/// Moves the circuits of `ids` that are due at `now_unix_ms` (read again here, by id) from the
+/// live table to the archive, each with a history entry (`archive`) and an audit entry, all in
+/// the caller's transaction: a crash leaves a circuit in one table or the other, never both or
+/// neither. Returns what it archived.
+pub fn archive(
+    tx: &mut dyn WriteTxn,
+    ids: &[CircuitId],
+    now_unix_ms: u64,
+    retention: std::time::Duration,
+) -> Result<Vec<Archived>, StoreError> {
+    let mut moved = Vec::new();
+    for c in by_ids(tx, ids)? {
+        let Some(since) = c
+            .decommissioned_unix_ms()
+            .filter(|_| c.due_for_archive(now_unix_ms, retention))
+        else {
+            continue;
+        };
+        let detail = format!(
+            "decommissioned at {}, {} ago (retention {}): moved out of the live circuits",
+            rfc3339(since),
+            humantime::format_duration(std::time::Duration::from_secs(
+                now_unix_ms.saturating_sub(since) / 1000
+            )),
+            humantime::format_duration(retention)
+        );
+        record_at(
+            tx,
+            &c,
+            now_unix_ms,
+            "controller",
+            "archive",
+            Some(c.state),
+            detail,
+        )?;
+        CIRCUITS.delete(tx, c.id.as_str())?;
+        let a = Archived {
+            archived_unix_ms: now_unix_ms,
+            circuit: c,
+        };
+        CIRCUITS_ARCHIVE.put(tx, a.circuit.id.as_str(), &a)?;
+        moved.push(a);
+    }
+    Ok(moved)
+}
+
 fn list(nodes: &BTreeSet<NodeId>) -> String {
     nodes
         .iter()
@@ -1452,6 +1613,189 @@ pub(crate) mod tests {
         })
         .unwrap_err();
         assert!(matches!(err, CircuitError::Conflict(_)), "{err}");
+    }
+
+    /// `name`'s id, in a test's store.
+    fn id_of(s: &RedbStore, name: &str) -> CircuitId {
+        store::read(s, |tx| find(tx, name)).unwrap().id
+    }
+
+    /// The retention, on the sweep's clock (`now`): a circuit decommissioned for the retention
+    /// or longer moves to the archive, not a moment sooner; circuits in other states stay,
+    /// whatever their age (a failed one still holds its VIP and reservation). The archived one
+    /// leaves the live table (lists, metrics, admission read it) and name lookups; by id it is
+    /// found as archived, saying when; its history says why; a second sweep moves nothing.
+    #[test]
+    fn a_decommissioned_circuit_is_archived_once_the_retention_has_passed() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(dir.path()).unwrap();
+        let t = topo(true);
+        let day = Duration::from_secs(86_400);
+        let retention = 30 * day;
+        let names = ["gone", "active", "failed", "leaving"];
+        store::transaction(&s, |tx| -> Result<(), CircuitError> {
+            for (i, n) in names.iter().enumerate() {
+                let prefix = format!("10.{}.0.0/24", i + 1);
+                create(tx, &t, &spec(n, &prefix, "100Mbps"), None, "ops")?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        let [gone, active, failed, leaving] = names.map(|n| id_of(&s, n));
+        store::transaction(&s, |tx| -> Result<(), CircuitError> {
+            let acked = [gone.clone(), active.clone(), leaving.clone()];
+            settle(tx, &t, &acked, &|_| Some(1), &|_, _| true)?;
+            let late = [failed.clone()];
+            expire(tx, &t, day, &late, &|_| Some(1), &|_, _| false)?;
+            delete(tx, gone.as_str(), "ops")?;
+            delete(tx, leaving.as_str(), "ops")?;
+            settle(
+                tx,
+                &t,
+                std::slice::from_ref(&gone),
+                &|_| Some(2),
+                &|_, _| true,
+            )?;
+            Ok(())
+        })
+        .unwrap();
+        let before = store::read(&s, |tx| all(tx)).unwrap();
+        let states: Vec<CircuitState> = before.iter().map(|c| c.state).collect();
+        use CircuitState::*;
+        assert_eq!(states, [Decommissioned, Active, Failed, Decommissioning]);
+        let record = before[0].clone();
+        let at = record.decommissioned_unix_ms().unwrap();
+        let retention_ms = retention.as_millis() as u64;
+        let ids: Vec<CircuitId> = before.iter().map(|c| c.id.clone()).collect();
+        let sweep = |now: u64| {
+            let due = store::read(&s, |tx| due_for_archive(tx, now, retention)).unwrap();
+            let moved = store::transaction(&s, |tx| archive(tx, &ids, now, retention)).unwrap();
+            assert_eq!(
+                due,
+                moved
+                    .iter()
+                    .map(|a| a.circuit.id.clone())
+                    .collect::<Vec<_>>()
+            );
+            moved
+        };
+        assert_eq!(sweep(at + retention_ms - 1), [], "a moment too young");
+        let moved = sweep(at + retention_ms);
+        assert_eq!(
+            moved,
+            [Archived {
+                archived_unix_ms: at + retention_ms,
+                circuit: record.clone(),
+            }]
+        );
+        assert_eq!(
+            sweep(at + 1000 * retention_ms),
+            [],
+            "none of the others, ever"
+        );
+
+        let live = store::read(&s, |tx| all(tx)).unwrap();
+        assert_eq!(live, before[1..]);
+        let archived = store::read(&s, |tx| all_archived(tx)).unwrap();
+        assert_eq!(archived, moved);
+        let err = store::read(&s, |tx| find(tx, "gone")).unwrap_err();
+        assert!(matches!(err, CircuitError::NotFound(_)), "{err}");
+        let err = store::read(&s, |tx| find(tx, gone.as_str())).unwrap_err();
+        let when = rfc3339(at + retention_ms);
+        assert!(
+            matches!(&err, CircuitError::Archived { id, name, archived_unix_ms }
+                if *id == gone && name == "gone" && *archived_unix_ms == at + retention_ms),
+            "{err}"
+        );
+        assert!(
+            err.to_string().starts_with(&format!(
+                "circuit {gone} (gone) was decommissioned and then archived at {when}"
+            )),
+            "{err}"
+        );
+        let h = store::read(&s, |tx| history(tx, &gone)).unwrap();
+        let last = h.last().unwrap();
+        assert_eq!(
+            (
+                last.action.as_str(),
+                last.time_unix_ms,
+                last.from,
+                last.to,
+                last.detail.as_str()
+            ),
+            (
+                "archive",
+                at + retention_ms,
+                Some(Decommissioned),
+                Decommissioned,
+                format!(
+                    "decommissioned at {}, 30days ago (retention 30days): moved out of the live \
+                     circuits",
+                    rfc3339(at)
+                )
+                .as_str()
+            )
+        );
+        // A retention of zero archives at the first sweep.
+        assert!(!live[0].due_for_archive(at, Duration::ZERO), "active: never");
+        assert!(record.due_for_archive(at, Duration::ZERO));
+    }
+
+    /// A replayed create whose circuit was archived gets that circuit (decommissioned,
+    /// `created` false) as before its archiving, and creates nothing: the key stays, with the
+    /// request it was used with in the archived record. Another request with the key is still
+    /// refused. The circuit's name, VIP and capacity were free since its delete.
+    #[test]
+    fn a_replayed_create_of_an_archived_circuit_gets_that_circuit_not_a_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(dir.path()).unwrap();
+        let t = topo(true);
+        let original = spec("acme", "10.1.0.0/24", "900Mbps");
+        let (c, _) =
+            store::transaction(&s, |tx| create(tx, &t, &original, Some("order-1"), "ops")).unwrap();
+        store::transaction(&s, |tx| -> Result<(), CircuitError> {
+            delete(tx, "acme", "ops")?;
+            settle(
+                tx,
+                &t,
+                std::slice::from_ref(&c.id),
+                &|_| Some(1),
+                &|_, _| true,
+            )?;
+            Ok(())
+        })
+        .unwrap();
+        let decommissioned = store::read(&s, |tx| find(tx, c.id.as_str())).unwrap();
+        let now = decommissioned.updated_unix_ms + 1;
+        let ids = [c.id.clone()];
+        let moved = store::transaction(&s, |tx| archive(tx, &ids, now, Duration::ZERO)).unwrap();
+        assert_eq!(moved.len(), 1);
+
+        let (again, created) =
+            store::transaction(&s, |tx| create(tx, &t, &original, Some("order-1"), "ops")).unwrap();
+        assert_eq!((again, created), (decommissioned, false));
+        assert_eq!(store::read(&s, |tx| all(tx)).unwrap(), []);
+        assert_eq!(
+            store::read(&s, |tx| CIRCUIT_META.get(tx, "next_id")).unwrap(),
+            Some(2)
+        );
+        let other = CircuitSpec {
+            rate: rate("100Mbps"),
+            ..original.clone()
+        };
+        let err = store::transaction(&s, |tx| create(tx, &t, &other, Some("order-1"), "ops"))
+            .unwrap_err();
+        assert!(
+            matches!(&err, CircuitError::Conflict(m) if m.contains("with a different request")),
+            "{err}"
+        );
+        // The same circuit again, under a new key: a new one, on the same VIP and 900Mbps of
+        // the same 1Gbps link.
+        let (new, created) =
+            store::transaction(&s, |tx| create(tx, &t, &original, Some("order-2"), "ops")).unwrap();
+        assert!(created);
+        assert_eq!((new.id.as_str(), new.vip), ("c-000002", c.vip));
+        assert_eq!(new.path, c.path);
     }
 
     /// Retrying a resize that worked (a timeout, a re-run pipeline) is answered with the

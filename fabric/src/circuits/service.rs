@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use topology::circuit::CircuitId;
 use topology::{Bandwidth, NodeId, Topology};
 
-use super::{Admission, Circuit, CircuitError, CircuitSpec, CircuitState, HistoryEntry};
+use super::api::HistoryResponse;
+use super::{Admission, Archived, Circuit, CircuitError, CircuitSpec, CircuitState, HistoryEntry};
 use crate::controller::{Controller, ControllerError, records};
 use crate::store::{self, StoreError};
 
@@ -22,6 +23,17 @@ use crate::store::{self, StoreError};
 pub const DEFAULT_PROVISION_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often acknowledgements are checked.
 const SETTLE_EVERY: Duration = Duration::from_millis(100);
+/// How many circuits one archiving transaction moves at most: a first sweep after an upgrade
+/// may have years of decommissioned circuits to move, and one transaction for all of them
+/// would hold the store's writer (every operation waits for it) for as long.
+const ARCHIVE_BATCH: usize = 256;
+
+/// How often the retention sweep runs: hourly, or as often as the retention when it is
+/// shorter (a short retention, as tests use, is kept within twice itself), but not more than
+/// once a second (each run reads the whole live table).
+pub fn sweep_every(retention: Duration) -> Duration {
+    retention.clamp(Duration::from_secs(1), Duration::from_secs(3600))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -58,6 +70,9 @@ pub struct CircuitService {
     /// transaction commits ([`Self::publish`]); each pass removes what it settled.
     pending: Mutex<BTreeMap<CircuitId, Pending>>,
     provision_timeout: Duration,
+    /// How long a decommissioned circuit stays in the live table before the sweep archives it
+    /// (`None`: never).
+    retention: Option<Duration>,
     /// The topology version whose broken circuits have been failed ([`super::fail_broken`]).
     checked: AtomicU64,
     /// Tests: runs in [`Self::settle_once`] between its decisions and their transaction.
@@ -87,12 +102,23 @@ impl CircuitService {
         ctl: Arc<Controller>,
         provision_timeout: Duration,
     ) -> Result<Arc<Self>, ServiceError> {
+        Self::with_retention(ctl, provision_timeout, Some(super::DEFAULT_RETENTION))
+    }
+
+    /// [`Self::new`], archiving decommissioned circuits after `retention` (`None`: never;
+    /// [`Self::sweep_loop`] does it).
+    pub fn with_retention(
+        ctl: Arc<Controller>,
+        provision_timeout: Duration,
+        retention: Option<Duration>,
+    ) -> Result<Arc<Self>, ServiceError> {
         let cur = ctl.current();
         fail_broken_durably(&**ctl.store(), &cur.topology, cur.record.version)?;
         let svc = Arc::new(CircuitService {
             ctl,
             pending: Mutex::new(BTreeMap::new()),
             provision_timeout,
+            retention,
             checked: AtomicU64::new(cur.record.version),
             #[cfg(test)]
             between: Mutex::new(None),
@@ -124,13 +150,39 @@ impl CircuitService {
         })?)
     }
 
+    /// The circuits archived after the retention period (the whole archive).
+    pub fn list_archived(&self) -> Result<Vec<Archived>, ServiceError> {
+        Ok(store::read(&**self.ctl.store(), |tx| {
+            super::all_archived(tx)
+        })?)
+    }
+
     pub fn history(&self, id_or_name: &str) -> Result<(Circuit, Vec<HistoryEntry>), ServiceError> {
+        let h = self.history_with_archive(id_or_name)?;
+        Ok((h.circuit, h.history))
+    }
+
+    /// A circuit's history, an archived one's too (by id; its history is kept), saying when it
+    /// was archived.
+    pub fn history_with_archive(&self, id_or_name: &str) -> Result<HistoryResponse, ServiceError> {
         Ok(store::read(
             &**self.ctl.store(),
             |tx| -> Result<_, CircuitError> {
-                let c = super::find(tx, id_or_name)?;
-                let h = super::history(tx, &c.id)?;
-                Ok((c, h))
+                let (circuit, archived_unix_ms) = match super::find(tx, id_or_name) {
+                    Ok(c) => (c, None),
+                    Err(CircuitError::Archived { id, .. }) => {
+                        let a = super::find_archived(tx, id.as_str())?
+                            .ok_or_else(|| CircuitError::NotFound(id.to_string()))?;
+                        (a.circuit, Some(a.archived_unix_ms))
+                    }
+                    Err(e) => return Err(e),
+                };
+                let history = super::history(tx, &circuit.id)?;
+                Ok(HistoryResponse {
+                    circuit,
+                    history,
+                    archived_unix_ms,
+                })
             },
         )?)
     }
@@ -415,6 +467,56 @@ impl CircuitService {
         Ok(())
     }
 
+    /// One retention sweep at `now_unix_ms` (the caller's clock: tests pass a later one):
+    /// moves every circuit decommissioned for the retention or longer to the archive, in
+    /// transactions of [`ARCHIVE_BATCH`] circuits, each circuit's move whole in one. Returns how
+    /// many it moved. Nothing is published: a decommissioned circuit is in no snapshot.
+    pub async fn sweep_once(&self, now_unix_ms: u64) -> Result<usize, ServiceError> {
+        let Some(retention) = self.retention else {
+            return Ok(0);
+        };
+        let store = self.ctl.store().clone();
+        let moved = tokio::task::spawn_blocking(move || -> Result<usize, StoreError> {
+            let due = store::read(&*store, |tx| {
+                super::due_for_archive(tx, now_unix_ms, retention)
+            })?;
+            let mut moved = 0;
+            for batch in due.chunks(ARCHIVE_BATCH) {
+                moved += store::transaction(&*store, |tx| {
+                    super::archive(tx, batch, now_unix_ms, retention)
+                })?
+                .len();
+            }
+            Ok(moved)
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(e.to_string()))??;
+        if moved > 0 {
+            tracing::info!(
+                moved,
+                retention = %humantime::format_duration(retention),
+                "circuits: archived those decommissioned for longer than the retention"
+            );
+        }
+        Ok(moved)
+    }
+
+    /// Spawned once by the daemon: a retention sweep at start (the first after an upgrade
+    /// archives what earlier builds kept), then every [`sweep_every`]. Returns at once when
+    /// the retention is off.
+    pub async fn sweep_loop(self: Arc<Self>) {
+        let Some(retention) = self.retention else {
+            tracing::info!("circuits: retention off, decommissioned circuits are never archived");
+            return;
+        };
+        loop {
+            if let Err(e) = self.sweep_once(records::now_unix_ms()).await {
+                tracing::error!("circuits: archiving decommissioned circuits: {e}");
+            }
+            tokio::time::sleep(sweep_every(retention)).await;
+        }
+    }
+
     /// Spawned once by the daemon.
     pub async fn settle_loop(self: Arc<Self>) {
         loop {
@@ -580,6 +682,101 @@ mod tests {
         store.reset_rows_read();
         svc.settle_once().await.unwrap();
         assert_eq!(store.rows_read(super::super::CIRCUITS.name), 0);
+    }
+
+    /// c1 created, activated, deleted and decommissioned (its routers acknowledge each step)
+    /// on a store in `dir`; returns when it was decommissioned. The controller is gone when it
+    /// returns (as when it stops).
+    async fn decommissioned_c1(dir: &std::path::Path) -> u64 {
+        let store = Arc::new(RedbStore::open(dir).unwrap());
+        let (ctl, svc) = with_c1(store).await;
+        let _first = ack(&ctl, &["e", "s"]);
+        svc.settle_once().await.unwrap();
+        svc.delete("c1".into(), "ops".into()).await.unwrap();
+        let _second = ack(&ctl, &["e", "s"]);
+        svc.settle_once().await.unwrap();
+        let c = svc.get("c1").unwrap();
+        c.decommissioned_unix_ms()
+            .unwrap_or_else(|| panic!("not decommissioned: {c:?}"))
+    }
+
+    /// A store as a build before the archive left it (its decommissioned circuits in the live
+    /// table, no archive table) is archived by the upgraded controller's first sweep once the
+    /// retention has passed, and a restart keeps it archived: not listed, not in the snapshot's
+    /// list, found by id as archived, its history whole with the archiving last.
+    #[tokio::test]
+    async fn the_first_sweep_archives_what_an_earlier_build_kept_and_a_restart_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = decommissioned_c1(dir.path()).await;
+        let retention_ms = super::super::DEFAULT_RETENTION.as_millis() as u64;
+        {
+            let store = Arc::new(RedbStore::open(dir.path()).unwrap());
+            let archive = store::read(&*store, |tx| super::super::all_archived(tx)).unwrap();
+            assert_eq!(archive, [], "an old store has no archive");
+            let ctl = Controller::open(store, None).unwrap();
+            let svc = CircuitService::new(ctl, DEFAULT_PROVISION_TIMEOUT).unwrap();
+            assert_eq!(svc.sweep_once(at + retention_ms - 1).await.unwrap(), 0);
+            assert_eq!(svc.list().unwrap().len(), 1);
+            assert_eq!(svc.sweep_once(at + retention_ms).await.unwrap(), 1);
+        }
+        let store = Arc::new(RedbStore::open(dir.path()).unwrap());
+        let ctl = Controller::open(store, None).unwrap();
+        let svc = CircuitService::new(ctl, DEFAULT_PROVISION_TIMEOUT).unwrap();
+        assert_eq!(svc.list().unwrap(), []);
+        let archived = svc.list_archived().unwrap();
+        assert_eq!(
+            archived
+                .iter()
+                .map(|a| (a.circuit.name.as_str(), a.archived_unix_ms))
+                .collect::<Vec<_>>(),
+            [("c1", at + retention_ms)]
+        );
+        let err = svc.get("c-000001").unwrap_err();
+        assert!(
+            matches!(&err, ServiceError::Circuit(CircuitError::Archived { .. })),
+            "{err}"
+        );
+        let h = svc.history_with_archive("c-000001").unwrap();
+        assert_eq!(h.archived_unix_ms, Some(at + retention_ms));
+        assert_eq!(
+            h.history
+                .iter()
+                .map(|e| e.action.as_str())
+                .collect::<Vec<_>>(),
+            [
+                "create",
+                "place",
+                "activate",
+                "delete",
+                "decommission",
+                "archive"
+            ]
+        );
+        // Later sweeps find nothing more to move.
+        assert_eq!(svc.sweep_once(at + 2 * retention_ms).await.unwrap(), 0);
+    }
+
+    /// `--circuit-retention off`: nothing is ever archived.
+    #[tokio::test]
+    async fn with_the_retention_off_nothing_is_archived() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = decommissioned_c1(dir.path()).await;
+        let store = Arc::new(RedbStore::open(dir.path()).unwrap());
+        let ctl = Controller::open(store, None).unwrap();
+        let svc = CircuitService::with_retention(ctl, DEFAULT_PROVISION_TIMEOUT, None).unwrap();
+        assert_eq!(
+            svc.sweep_once(at + 100 * 365 * 86_400_000).await.unwrap(),
+            0
+        );
+        assert_eq!(svc.get("c1").unwrap().state, CircuitState::Decommissioned);
+    }
+
+    #[test]
+    fn the_sweep_runs_hourly_or_as_often_as_a_shorter_retention() {
+        let s = Duration::from_secs;
+        assert_eq!(sweep_every(super::super::DEFAULT_RETENTION), s(3600));
+        assert_eq!(sweep_every(s(90)), s(90));
+        assert_eq!(sweep_every(Duration::ZERO), s(1));
     }
 
     /// A delete that commits while a settle pass has decided that the circuit's routers

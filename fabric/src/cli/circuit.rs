@@ -17,7 +17,7 @@ use super::admin_client::{
 use crate::circuits::api::{
     CreateRequest, CreateResponse, DeleteRequest, HistoryResponse, ResizeRequest,
 };
-use crate::circuits::{AEnd, Admission, Circuit, CircuitSpec, CircuitState};
+use crate::circuits::{AEnd, Admission, Archived, Circuit, CircuitSpec, CircuitState};
 
 /// Output of the circuit commands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
@@ -77,7 +77,7 @@ pub enum CircuitCmd {
     Create(CreateArgs),
     /// List circuits.
     #[command(
-        after_help = "Example:\n  tasman circuit list -o table\n  tasman circuit list --all -o json   # decommissioned ones too"
+        after_help = "Example:\n  tasman circuit list -o table\n  tasman circuit list --all -o json   # decommissioned ones too\n  tasman circuit list --archived      # those archived after the retention period"
     )]
     List(ListArgs),
     /// Show one circuit (by id or name).
@@ -186,6 +186,10 @@ pub struct ListArgs {
     /// Include decommissioned circuits.
     #[arg(long)]
     pub all: bool,
+    /// List the circuits archived after the controller's --circuit-retention instead (with
+    /// when each was archived).
+    #[arg(long, conflicts_with = "all")]
+    pub archived: bool,
     #[command(flatten)]
     pub admin: CircuitAdmin,
 }
@@ -360,6 +364,10 @@ async fn exec(client: &AdminClient, cmd: CircuitCmd, out: Output) -> Result<(), 
             };
             print_circuit(out, &c)
         }
+        CircuitCmd::List(a) if a.archived => {
+            let v: Vec<Archived> = client.get("/v1/archived-circuits").await?;
+            print_value(out, &v, || archived_table(&v))
+        }
         CircuitCmd::List(a) => {
             let mut v: Vec<Circuit> = client.get("/v1/circuits").await?;
             if !a.all {
@@ -407,8 +415,12 @@ async fn exec(client: &AdminClient, cmd: CircuitCmd, out: Output) -> Result<(), 
         CircuitCmd::History(a) => {
             let h: HistoryResponse = client.get(&format!("{}/history", id_path(&a.id))).await?;
             print_value(out, &h, || {
+                let archived = h
+                    .archived_unix_ms
+                    .map(|t| format!(", archived {}", super::fmt_time(t)))
+                    .unwrap_or_default();
                 let mut s = format!(
-                    "{} ({}), {}\n",
+                    "{} ({}), {}{archived}\n",
                     h.circuit.id, h.circuit.name, h.circuit.state
                 );
                 for e in &h.history {
@@ -659,6 +671,27 @@ fn table(v: &[Circuit]) -> String {
     s
 }
 
+fn archived_table(v: &[Archived]) -> String {
+    let mut s = format!(
+        "{:<10} {:<20} {:<28} {:<14} {:>10} {:<19} {}\n",
+        "ID", "NAME", "A-END", "B-END", "RATE", "DECOMMISSIONED", "ARCHIVED"
+    );
+    for a in v {
+        let c = &a.circuit;
+        s.push_str(&format!(
+            "{:<10} {:<20} {:<28} {:<14} {:>10} {:<19} {}\n",
+            c.id.to_string(),
+            c.name,
+            format!("{} {}", c.a_end.edge, c.a_end.prefix),
+            c.b_end.service.to_string(),
+            c.requested_rate.to_string(),
+            super::fmt_time(c.decommissioned_unix_ms().unwrap_or(c.updated_unix_ms)),
+            super::fmt_time(a.archived_unix_ms),
+        ));
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -680,17 +713,24 @@ mod tests {
     /// Runs `tasman circuit ARGS` against the admin API at `addr` (token `tok`), as [`run`]
     /// does, and returns what it returned.
     async fn circuit(addr: std::net::SocketAddr, args: &[String]) -> Result<(), CmdError> {
-        let addr = addr.to_string();
+        let at = addr.to_string();
         let argv = ["circuit"]
             .into_iter()
             .chain(args.iter().map(String::as_str))
-            .chain(["--controller", &addr, "--token", "tok", "-o", "json"]);
+            .chain(["--controller", &at, "--token", "tok", "-o", "json"]);
         let cmd = Cli::try_parse_from(argv).unwrap().cmd;
-        let CircuitCmd::Create(a) = &cmd else {
-            panic!("a create");
-        };
-        let client = AdminClient::new(&a.spec.admin.client_args()).unwrap();
-        exec(&client, cmd, Output::Json).await
+        exec(&client(addr), cmd, Output::Json).await
+    }
+
+    fn client(addr: std::net::SocketAddr) -> AdminClient {
+        AdminClient::new(&AdminArgs {
+            controller: addr.to_string(),
+            token: Some("tok".into()),
+            token_file: None,
+            output: TextOrJson::Json,
+            request_timeout: Duration::from_secs(20),
+        })
+        .unwrap()
     }
 
     /// `create` of `name` from `prefix` at e to chat, with idempotency key `key`, and
@@ -781,6 +821,101 @@ mod tests {
             "{err}"
         );
         assert_eq!(svc.list().unwrap(), []);
+        server.abort();
+    }
+
+    /// An archived circuit through the API and the commands: `show` by id is refused with 410
+    /// Gone naming when it was archived (exit 1), by name it is unknown (404); `list --archived`
+    /// lists it and `list --all` does not; `history` by id still shows it; a replayed create
+    /// with `--wait` stops at once, as for a deleted circuit.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_archived_circuit_is_gone_by_id_and_listed_with_archived() {
+        let Api {
+            svc, addr, server, ..
+        } = api().await;
+        circuit(addr, &create("order-1", "acme", "10.1.0.0/24", false))
+            .await
+            .unwrap();
+        svc.delete("acme".into(), "ops".into()).await.unwrap();
+        let ctl = svc.controller().clone();
+        let p = ctl.published();
+        let _sessions: Vec<_> = ["e", "s"]
+            .into_iter()
+            .map(|n| {
+                let (session, _) = ctl.router_session_start(n);
+                assert!(ctl.router_ack(&session, p.version, p.topology_version));
+                session
+            })
+            .collect();
+        svc.settle_once().await.unwrap();
+        let c = svc.get("acme").unwrap();
+        assert_eq!(c.state, CircuitState::Decommissioned);
+        let at = c.updated_unix_ms + crate::circuits::DEFAULT_RETENTION.as_millis() as u64;
+        assert_eq!(svc.sweep_once(at).await.unwrap(), 1);
+
+        let api = client(addr);
+        let err = api
+            .get::<Circuit>("/v1/circuits/c-000001")
+            .await
+            .unwrap_err();
+        let when =
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(at));
+        assert!(
+            matches!(&err, ClientError::Refused { status: 410, error, .. }
+                if error.starts_with(&format!(
+                    "circuit c-000001 (acme) was decommissioned and then archived at {when}"))),
+            "{err}"
+        );
+        assert_eq!(err.exit_code(), 1);
+        let err = api.get::<Circuit>("/v1/circuits/acme").await.unwrap_err();
+        assert!(
+            matches!(&err, ClientError::Refused { status: 404, .. }),
+            "{err}"
+        );
+        let listed: Vec<Circuit> = api.get("/v1/circuits").await.unwrap();
+        assert_eq!(listed, []);
+        let archived: Vec<Archived> = api.get("/v1/archived-circuits").await.unwrap();
+        assert_eq!(
+            archived
+                .iter()
+                .map(|a| (a.circuit.id.as_str(), a.archived_unix_ms))
+                .collect::<Vec<_>>(),
+            [("c-000001", at)]
+        );
+        let h: HistoryResponse = api.get("/v1/circuits/c-000001/history").await.unwrap();
+        assert_eq!(
+            (
+                h.archived_unix_ms,
+                h.history.last().map(|e| e.action.as_str())
+            ),
+            (Some(at), Some("archive"))
+        );
+        let table = archived_table(&archived);
+        assert!(
+            table.contains("c-000001") && table.contains(&crate::cli::fmt_time(at)),
+            "{table}"
+        );
+        for args in [
+            &["list", "--archived"][..],
+            &["history", "c-000001"],
+            &["list", "--all"],
+        ] {
+            let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+            circuit(addr, &args)
+                .await
+                .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        }
+        let start = Instant::now();
+        let err = circuit(addr, &create("order-1", "acme", "10.1.0.0/24", true))
+            .await
+            .unwrap_err();
+        assert!(start.elapsed() < Duration::from_secs(5), "{err}");
+        assert!(
+            matches!(&err, CmdError::KeyDeleted { id, state: CircuitState::Decommissioned, .. }
+                if id == "c-000001"),
+            "{err}"
+        );
+        assert_eq!(svc.list().unwrap(), [], "the replay created nothing");
         server.abort();
     }
 

@@ -55,6 +55,26 @@ pub struct ControllerArgs {
     /// 10m to 3650d.
     #[arg(long, default_value = "24h", value_parser = parse_issue_valid_for, value_name = "DURATION")]
     pub issue_valid_for: std::time::Duration,
+    /// How long a decommissioned circuit stays listed (`tasman circuit list --all`, the
+    /// metrics) before it is archived: found by id only then (`show` says when it was
+    /// archived), listed by `tasman circuit list --archived`. A duration (e.g. 30d, 72h); 0
+    /// archives at the next hourly sweep; `off` never archives.
+    #[arg(long, default_value = "30d", value_parser = parse_retention, value_name = "DURATION")]
+    pub circuit_retention: Retention,
+}
+
+/// `--circuit-retention`: a duration, or `off` (never archive). A newtype, since clap reads
+/// an `Option` field as an optional flag, not as a flag whose value may say "none".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention(pub Option<std::time::Duration>);
+
+fn parse_retention(s: &str) -> Result<Retention, String> {
+    if s.trim().eq_ignore_ascii_case("off") {
+        return Ok(Retention(None));
+    }
+    humantime::parse_duration(s.trim())
+        .map(|d| Retention(Some(d)))
+        .map_err(|e| format!("{s:?}: {e} (expected e.g. 30d, 72h or 0, or off to never archive)"))
 }
 
 /// `--issue-valid-for`: a `humantime` duration from [`renew::MIN_VALIDITY`] to
@@ -96,6 +116,7 @@ pub fn run(args: ControllerArgs) -> ExitCode {
             ca_dir: args.ca_dir,
             issue_valid_for: args.issue_valid_for,
             write_stall_timeout: crate::controller::distribute::WRITE_STALL_TIMEOUT,
+            circuit_retention: args.circuit_retention.0,
         };
         let d = match daemon::start(cfg).await {
             Ok(d) => d,
@@ -167,5 +188,28 @@ mod tests {
         assert!(p("0s").is_err());
         assert!(p("3651d").is_err());
         assert!(p("soon").is_err());
+    }
+
+    #[test]
+    fn circuit_retention_is_a_duration_or_off() {
+        let day = std::time::Duration::from_secs(86_400);
+        assert_eq!(parse_retention("30d"), Ok(Retention(Some(30 * day))));
+        assert_eq!(
+            parse_retention("0"),
+            Ok(Retention(Some(std::time::Duration::ZERO)))
+        );
+        assert_eq!(parse_retention(" OFF "), Ok(Retention(None)));
+        let err = parse_retention("30 days please").unwrap_err();
+        assert!(err.contains("or off to never archive"), "{err}");
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: ControllerArgs,
+        }
+        let parsed = <Cli as clap::Parser>::try_parse_from(["tasman", "--state", "s"]).unwrap();
+        assert_eq!(
+            parsed.args.circuit_retention,
+            Retention(Some(crate::circuits::DEFAULT_RETENTION))
+        );
     }
 }

@@ -41,6 +41,10 @@ pub struct DaemonConfig {
     /// closes that router's connection ([`distribute::WRITE_STALL_TIMEOUT`]; no flag sets it,
     /// tests shorten it).
     pub write_stall_timeout: Duration,
+    /// How long a decommissioned circuit stays in the live circuits table before the retention
+    /// sweep moves it to the archive (`--circuit-retention`, default
+    /// [`crate::circuits::DEFAULT_RETENTION`]); `None`: never.
+    pub circuit_retention: Option<Duration>,
 }
 
 /// The controller's default [`DaemonConfig::cert_reload_interval`] (as a router's).
@@ -255,9 +259,10 @@ pub async fn start(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
         }
         None => None,
     };
-    let circuits = crate::circuits::service::CircuitService::new(
+    let circuits = crate::circuits::service::CircuitService::with_retention(
         ctl.clone(),
         crate::circuits::service::DEFAULT_PROVISION_TIMEOUT,
+        cfg.circuit_retention,
     )?;
     let state = AdminState::new(ctl.clone(), &token, circuits.clone());
     let mut tasks = Vec::new();
@@ -274,6 +279,7 @@ pub async fn start(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
                 .clone()
                 .watch_crl(cert.clone(), cfg.cert_reload_interval),
         ),
+        tokio::spawn(circuits.clone().sweep_loop()),
         tokio::spawn(circuits.settle_loop()),
         tokio::spawn(distribute::serve(
             ctl.clone(),
@@ -329,6 +335,7 @@ mod tests {
             ca_dir: None,
             issue_valid_for: super::super::renew::DEFAULT_VALIDITY,
             write_stall_timeout: distribute::WRITE_STALL_TIMEOUT,
+            circuit_retention: Some(crate::circuits::DEFAULT_RETENTION),
         }
     }
 

@@ -211,8 +211,10 @@ fn handshakes_turned(s: &mut String, ctl: &Controller) {
     }
 }
 
-/// `tasman_controller_circuits{state}`, every state (0 when none is in it). Left out, with a
-/// warning, when the store cannot be read: the other series still tell what they know.
+/// `tasman_controller_circuits{state}`, every state (0 when none is in it), of the live circuits
+/// table: a circuit archived after the retention period (`--circuit-retention`) is no longer
+/// counted, so `decommissioned` counts those of that period. Left out, with a warning, when the
+/// store cannot be read: the other series still tell what they know.
 fn circuits(s: &mut String, ctl: &Controller) {
     let all = match store::read(&**ctl.store(), |tx| crate::circuits::all(tx)) {
         Ok(all) => all,

@@ -215,6 +215,7 @@ impl DemoFabric {
             ca_dir: None,
             issue_valid_for: crate::controller::renew::DEFAULT_VALIDITY,
             write_stall_timeout: crate::controller::distribute::WRITE_STALL_TIMEOUT,
+            circuit_retention: Some(crate::circuits::DEFAULT_RETENTION),
         })
         .await?;
         let admin = AdminClient::new(&AdminArgs {

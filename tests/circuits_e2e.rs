@@ -12,8 +12,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    LOCAL, Proc, circuit_cli, circuit_create_args, free_tcp_port, free_udp, http_get, make_pki,
-    metric_sum, spawn_controller, tasman,
+    ControllerProc, LOCAL, Proc, circuit_cli, circuit_create_args, eventually, free_tcp_port,
+    free_udp, http_get, make_pki, metric_sum, spawn_controller, tasman,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use traffic::{assert_refused, blast, connect_from, sink_backend, steady_mbps};
@@ -188,4 +188,112 @@ async fn circuits_become_active_on_acknowledgement_and_carry_their_rates_through
         &["delete", "fast", "--wait", "--timeout", "60", "-o", "json"],
     ));
     assert_eq!(d["state"], "decommissioned", "{d}");
+}
+
+/// `tasman controller` on `state` with the PKI in `pki` and `extra` flags (SIGKILLed on drop).
+fn controller(
+    topo: &std::path::Path,
+    state: &std::path::Path,
+    pki: &std::path::Path,
+    extra: &[&str],
+) -> ControllerProc {
+    spawn_controller(
+        Command::new(tasman())
+            .args(["controller", "--topology"])
+            .arg(topo)
+            .arg("--state")
+            .arg(state)
+            .arg("--tls-dir")
+            .arg(pki)
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .args(extra)
+            .stderr(Stdio::null()),
+    )
+}
+
+/// `--circuit-retention`: a circuit its routers decommissioned leaves the live list for the
+/// archive once the retention has passed (1 s here; the sweep runs as often): `list --all` no
+/// longer shows it, `list --archived` does, `show` by id says it was archived (exit 1). After a
+/// SIGKILL and a restart it is still archived, and a replay of its create (same idempotency
+/// key) gets it, decommissioned, rather than a new circuit.
+#[test]
+fn a_decommissioned_circuit_is_archived_after_the_retention_and_stays_so_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    make_pki(&pki, &["controller", "e1", "t1", "s1"]);
+    let backend = SocketAddr::new(LOCAL, free_tcp_port(LOCAL));
+    let topo = dir.path().join("topology.yaml");
+    std::fs::write(&topo, topology(free_tcp_port(LOCAL), backend)).unwrap();
+    let state = dir.path().join("state");
+    let ctl = controller(&topo, &state, &pki, &["--circuit-retention", "1s"]);
+    let _routers: Vec<Proc> = ["e1", "t1", "s1"]
+        .iter()
+        .map(|n| Proc {
+            name: n.to_string(),
+            child: Command::new(tasman())
+                .args(["router", "--controller", &ctl.quic.to_string(), "--node", n])
+                .arg("--tls-dir")
+                .arg(&pki)
+                .arg("--state-dir")
+                .arg(dir.path().join(n))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        })
+        .collect();
+    let mut create = circuit_create_args("acme", "127.0.0.2/32", "10Mbps");
+    create.extend(["--idempotency-key", "order-1", "-o", "json"]);
+    let cli = |admin: &str, args: &[&str]| circuit_cli(admin, &state, args);
+    let mut wait = create.clone();
+    wait.extend(["--wait", "--timeout", "60"]);
+    let c = json(&cli(&ctl.admin, &wait));
+    assert_eq!(c["state"], "active", "{c}");
+    let d = json(&cli(
+        &ctl.admin,
+        &["delete", "acme", "--wait", "--timeout", "60", "-o", "json"],
+    ));
+    assert_eq!(d["state"], "decommissioned", "{d}");
+
+    let ids = |admin: &str, list: &str| -> Vec<String> {
+        json(&cli(admin, &["list", list, "-o", "json"]))
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                // `--archived` lists archived records, `--all` circuits.
+                let c = v.get("circuit").unwrap_or(v);
+                c["id"].as_str().unwrap().to_string()
+            })
+            .collect()
+    };
+    eventually(Duration::from_secs(30), "the circuit is archived", || {
+        ids(&ctl.admin, "--archived") == ["c-000001"]
+    });
+    assert_eq!(ids(&ctl.admin, "--all"), Vec::<String>::new());
+    let show = cli(&ctl.admin, &["show", "c-000001"]);
+    let err = String::from_utf8_lossy(&show.stderr);
+    assert_eq!(show.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("circuit c-000001 (acme) was decommissioned and then archived at"),
+        "{err}"
+    );
+
+    drop(ctl);
+    let ctl = controller(&topo, &state, &pki, &["--circuit-retention", "1s"]);
+    assert_eq!(ids(&ctl.admin, "--archived"), ["c-000001"]);
+    assert_eq!(ids(&ctl.admin, "--all"), Vec::<String>::new());
+    let again = json(&cli(&ctl.admin, &create));
+    assert_eq!(
+        (again["id"].as_str(), again["state"].as_str()),
+        (Some("c-000001"), Some("decommissioned")),
+        "{again}"
+    );
+    assert_eq!(
+        ids(&ctl.admin, "--all"),
+        Vec::<String>::new(),
+        "a replay creates nothing"
+    );
+    let h = String::from_utf8_lossy(&cli(&ctl.admin, &["history", "c-000001"]).stdout).into_owned();
+    assert!(h.contains("archive") && h.contains(", archived "), "{h}");
 }

@@ -1737,7 +1737,10 @@ pub(crate) mod tests {
             )
         );
         // A retention of zero archives at the first sweep.
-        assert!(!live[0].due_for_archive(at, Duration::ZERO), "active: never");
+        assert!(
+            !live[0].due_for_archive(at, Duration::ZERO),
+            "active: never"
+        );
         assert!(record.due_for_archive(at, Duration::ZERO));
     }
 

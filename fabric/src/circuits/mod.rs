@@ -9,6 +9,8 @@
 //! path the topology still has acknowledged a snapshot without it, or the acknowledgement
 //! timeout passed). A create that cannot be placed is refused and
 //! records nothing, so `requested` only shows inside the history of the create transaction.
+//! A circuit decommissioned for longer than the retention (`--circuit-retention`) leaves the
+//! live table for the archive ([`archive`]): found by id only then, its key and history kept.
 //!
 //! Requested and assigned values are separate fields: `requested_rate` is what the operator
 //! asked for last, `assigned_rate` what the fabric has acknowledged and enforces. They differ

@@ -2,7 +2,8 @@
 //! transaction (off the async threads), republishes the snapshot when the set of provisioned
 //! circuits changes, and watches routers' acknowledgements to move circuits to `active` (or
 //! `decommissioned`), or to `failed` when the path's routers do not acknowledge in time (a
-//! removal not acknowledged in time is `decommissioned` anyway).
+//! removal not acknowledged in time is `decommissioned` anyway). A sweep archives the circuits
+//! decommissioned for longer than the retention ([`CircuitService::sweep_loop`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};

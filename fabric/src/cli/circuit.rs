@@ -477,6 +477,19 @@ fn is_removed(s: CircuitState) -> bool {
 
 /// Polls the circuit until it settles (or `deadline`): active/failed, or decommissioned. A
 /// circuit awaited active that is deleted meanwhile ends the wait with an error.
+/// The circuit `id` as it is now, an archived one's last record included: with a short
+/// `--circuit-retention`, a circuit can be archived between two looks of a `--wait` (which is
+/// then done, or stops as for a deleted one), and its history still has it.
+async fn current(client: &AdminClient, id: &str) -> Result<Circuit, ClientError> {
+    match client.get(&id_path(id)).await {
+        Err(ClientError::Refused { status: 410, .. }) => {
+            let h: HistoryResponse = client.get(&format!("{}/history", id_path(id))).await?;
+            Ok(h.circuit)
+        }
+        other => other,
+    }
+}
+
 async fn wait(
     client: &AdminClient,
     id: &str,
@@ -485,7 +498,7 @@ async fn wait(
 ) -> Result<Circuit, CmdError> {
     let start = Instant::now();
     loop {
-        let c: Circuit = client.get(&id_path(id)).await?;
+        let c = current(client, id).await?;
         let done = if gone {
             c.state == CircuitState::Decommissioned
         } else {
@@ -916,6 +929,18 @@ mod tests {
             "{err}"
         );
         assert_eq!(svc.list().unwrap(), [], "the replay created nothing");
+        // A `delete --wait` whose circuit is archived before it looks again (a retention of
+        // 0 or seconds) is done, not refused; a create's wait stops as for a deleted one.
+        let w = WaitArgs {
+            wait: true,
+            timeout: 10,
+        };
+        let c = wait(&api, "c-000001", &w, true)
+            .await
+            .unwrap_or_else(|e| panic!("delete --wait: {e}"));
+        assert_eq!(c.state, CircuitState::Decommissioned);
+        let err = wait(&api, "c-000001", &w, false).await.unwrap_err();
+        assert!(matches!(&err, CmdError::Deleted { .. }), "{err}");
         server.abort();
     }
 

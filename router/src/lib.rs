@@ -130,6 +130,10 @@ pub struct RouterConfig {
     /// default): the open-file limit less [`RESERVED_DESCRIPTORS`] (at least 64), so that
     /// clients cannot take the descriptors the router needs for itself.
     pub max_client_connections: Option<usize>,
+    /// Client connections an edge holds at once from one source (an IPv4 address, or an IPv6
+    /// /64); more from it are reset at accept, so that one client cannot take the whole
+    /// `max_client_connections` (default [`SourceCap::Auto`]).
+    pub max_client_connections_per_source: SourceCap,
     /// Extra names a peer may present besides the topology's node ids (e.g. `controller`).
     pub extra_peer_names: Vec<String>,
     /// What this router presents (share one with the control client so both present the same,
@@ -169,6 +173,7 @@ impl RouterConfig {
             windows: transport::Windows::default(),
             replay_limit: 64 * 1024,
             max_client_connections: None,
+            max_client_connections_per_source: SourceCap::Auto,
             extra_peer_names: Vec::new(),
             cert_resolver: None,
             cert_reload_interval: Some(Duration::from_secs(10)),
@@ -210,6 +215,9 @@ pub(crate) struct Shared {
     pub replay_limit: usize,
     /// [`RouterConfig::max_client_connections`], resolved at start.
     pub max_clients: usize,
+    /// The open client connections per source, against
+    /// [`RouterConfig::max_client_connections_per_source`] (resolved at start).
+    pub sources: edge::SourceCounts,
     pub endpoint: quinn::Endpoint,
     pub peers: tls::PeerNames,
     /// The certificate and key presented (reloaded in place).
@@ -255,6 +263,36 @@ pub fn default_max_clients() -> usize {
         _ => 1 << 20,
     };
     files.saturating_sub(RESERVED_DESCRIPTORS).max(64)
+}
+
+/// [`RouterConfig::max_client_connections_per_source`]: the most client connections an edge
+/// holds at once from one source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SourceCap {
+    /// A quarter of the resolved `max_client_connections`, at least
+    /// [`SourceCap::AUTO_MIN`]. Not less: many users can share one address (a NAT, an
+    /// enterprise's egress), and they are one source here; not more: one source must leave
+    /// room for the others.
+    #[default]
+    Auto,
+    /// No per-source cap (only `max_client_connections`).
+    Off,
+    /// At most this many (at least 1).
+    At(usize),
+}
+
+impl SourceCap {
+    /// The least [`SourceCap::Auto`] resolves to.
+    pub const AUTO_MIN: usize = 64;
+
+    /// The cap for an edge whose overall cap is `max_clients`; `None`: none.
+    pub fn resolve(self, max_clients: usize) -> Option<usize> {
+        match self {
+            SourceCap::Auto => Some((max_clients / 4).max(Self::AUTO_MIN)),
+            SourceCap::Off => None,
+            SourceCap::At(n) => Some(n.max(1)),
+        }
+    }
 }
 
 impl Shared {
@@ -412,6 +450,9 @@ impl Router {
             ),
             None => None,
         };
+        let max_clients = cfg
+            .max_client_connections
+            .unwrap_or_else(default_max_clients);
         let shared = Arc::new(Shared {
             node: cfg.node.clone(),
             probe: cfg.probe,
@@ -423,9 +464,10 @@ impl Router {
             idle_timeout: cfg.idle_timeout,
             write_stall_timeout: cfg.write_stall_timeout,
             replay_limit: cfg.replay_limit,
-            max_clients: cfg
-                .max_client_connections
-                .unwrap_or_else(default_max_clients),
+            max_clients,
+            sources: edge::SourceCounts::new(
+                cfg.max_client_connections_per_source.resolve(max_clients),
+            ),
             endpoint,
             peers,
             cert: cert.clone(),
@@ -582,5 +624,30 @@ impl RouterHandle {
             k.stop();
         }
         tracing::info!(node = %self.shared.node, "router stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_auto_source_cap_is_a_quarter_of_the_overall_cap_at_least_64() {
+        assert_eq!(SourceCap::Auto.resolve(1_048_320), Some(262_080));
+        assert_eq!(SourceCap::Auto.resolve(65_280), Some(16_320));
+        assert_eq!(SourceCap::Auto.resolve(256), Some(64));
+        assert_eq!(SourceCap::Auto.resolve(64), Some(64));
+        assert_eq!(
+            SourceCap::Auto.resolve(3),
+            Some(64),
+            "above the overall cap: no harm"
+        );
+        assert_eq!(SourceCap::Off.resolve(1000), None);
+        assert_eq!(SourceCap::At(3).resolve(1000), Some(3));
+        assert_eq!(
+            SourceCap::At(0).resolve(1000),
+            Some(1),
+            "never 0: no source served"
+        );
     }
 }

@@ -70,10 +70,12 @@ pub struct Metrics {
     /// Incoming handshakes sent a Retry (address validation) or refused because too many were
     /// in progress ([`crate::transport::HandshakeGate`]).
     pub handshakes_retried: AtomicU64,
-    /// An edge's client connections open now (accepted, not yet ended), and those refused
-    /// because `--max-client-connections` were open.
+    /// An edge's client connections open now (accepted, not yet ended), those refused
+    /// because `--max-client-connections` were open, and those refused because
+    /// `--max-client-connections-per-source` were open from their source.
     pub clients_open: AtomicU64,
     pub clients_over_cap: AtomicU64,
+    pub clients_over_source_cap: AtomicU64,
     pub handshakes_refused: AtomicU64,
     errors: [AtomicU64; Code::ALL.len()],
 }
@@ -154,6 +156,13 @@ impl Metrics {
             "Client connections an edge reset at once because --max-client-connections were open.",
             "counter",
             self.clients_over_cap.load(Relaxed),
+        );
+        counter(
+            &mut s,
+            "edge_clients_over_source_cap_total",
+            "Client connections an edge reset at once because --max-client-connections-per-source were open from their source (an IPv4 address, an IPv6 /64).",
+            "counter",
+            self.clients_over_source_cap.load(Relaxed),
         );
         counter(
             &mut s,

@@ -4,7 +4,7 @@
 mod common;
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -194,6 +194,108 @@ async fn an_edge_resets_clients_beyond_its_cap_and_serves_again_below_it() {
     for h in hs {
         h.shutdown().await;
     }
+}
+
+/// An edge holds at most `max_client_connections_per_source` clients from one address: one
+/// more from it is reset at accept and counted, while a client from another address is served;
+/// once one of the first ends, the address is served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_resets_a_source_beyond_its_cap_and_serves_other_sources() {
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let port = free_tcp_port();
+    let snap = edge_site("echo", backend, port);
+    let (hs, _txs) = spawn_all(&snap, dir.path(), |id, cfg| {
+        if id == "edge" {
+            cfg.max_client_connections_per_source = router::SourceCap::At(3);
+        }
+    })
+    .await;
+    wait_for_route(&hs[0], "echo", Duration::from_secs(10), "no route").await;
+    let one = Ipv4Addr::new(127, 0, 0, 1);
+    let other = Ipv4Addr::new(127, 0, 0, 2);
+    // Three clients from 127.0.0.1, each answered, held open.
+    let mut held = Vec::new();
+    for i in 0..3u8 {
+        let c = echoed_from(one, port, i)
+            .await
+            .expect("served below the cap");
+        held.push(c);
+    }
+    let count = |series: &str| metric(&hs[0].metrics_text(), &format!("{series}{{node=\"edge\"}}"));
+    let over_source = || count("tasman_edge_clients_over_source_cap_total");
+    assert_eq!(over_source(), Some(0));
+    // A fourth from 127.0.0.1: reset, nothing echoed, counted against its source.
+    let back = roundtrip_from(one, port, b"four").await;
+    assert!(
+        back.as_ref().map_or(true, |b| b.is_empty()),
+        "a fourth client from {one} was served: {back:?}"
+    );
+    assert_eq!(over_source(), Some(1));
+    assert_eq!(
+        count("tasman_edge_clients_over_cap_total"),
+        Some(0),
+        "the overall cap is not the one reached"
+    );
+    // Another address is served meanwhile (and held: its slot is its own source's).
+    let from_other = echoed_from(other, port, 9)
+        .await
+        .expect("a client from another address is served");
+    // One of 127.0.0.1's ends: 127.0.0.1 is served again once the edge has seen it go.
+    drop(held.pop());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ok = roundtrip_from(one, port, b"again")
+            .await
+            .is_ok_and(|b| b == b"again");
+        if ok {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{one} not served below its cap: {}",
+            hs[0].metrics_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop((held, from_other));
+    for h in hs {
+        h.shutdown().await;
+    }
+}
+
+/// A TCP connection to the edge's `port` on 127.0.0.1 from address `from`.
+async fn connect_from(from: Ipv4Addr, port: u16) -> std::io::Result<tokio::net::TcpStream> {
+    let s = tokio::net::TcpSocket::new_v4()?;
+    s.bind(SocketAddr::from((from, 0)))?;
+    s.connect(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+        .await
+}
+
+/// A client from `from` that sent `byte` and had it echoed, held open; an error if it was
+/// reset or not answered within 10 s.
+async fn echoed_from(
+    from: Ipv4Addr,
+    port: u16,
+    byte: u8,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let mut c = connect_from(from, port).await?;
+    c.write_all(&[byte]).await?;
+    let mut b = [0u8; 1];
+    tokio::time::timeout(Duration::from_secs(10), c.read_exact(&mut b)).await??;
+    assert_eq!(b[0], byte);
+    Ok(c)
+}
+
+/// [`common::echo_roundtrip`] from address `from`: sends `msg`, closes its side, and returns
+/// what came back.
+async fn roundtrip_from(from: Ipv4Addr, port: u16, msg: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut c = connect_from(from, port).await?;
+    c.write_all(msg).await?;
+    c.shutdown().await?;
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut back)).await??;
+    Ok(back)
 }
 
 /// Checks a Prometheus text exposition (format 0.0.4): each series comes after its family's

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Args;
-use router::{ProbeConfig, Router, RouterConfig, RouterHandle, Snapshot};
+use router::{ProbeConfig, Router, RouterConfig, RouterHandle, Snapshot, SourceCap};
 use topology::{Hysteresis, Latency, NodeId};
 
 #[derive(Args, Debug, Clone)]
@@ -140,6 +140,15 @@ pub struct RouterArgs {
     /// router itself, at least 64. A whole number from 1, or auto.
     #[arg(long, default_value = "auto", value_parser = parse_max_clients, value_name = "N")]
     pub max_client_connections: MaxClients,
+    /// Edge: client connections held at once from one source (an IPv4 address; an IPv6 /64,
+    /// which one host routinely has), so that one client cannot take them all; a client beyond
+    /// them is reset at accept and counted in tasman_edge_clients_over_source_cap_total.
+    /// Many users can share an address (a NAT, an enterprise's egress, a proxy in front of the
+    /// edge that does not keep client addresses): hence `auto`, a quarter of
+    /// --max-client-connections, at least 64. A whole number from 1, auto, or off (no
+    /// per-source cap).
+    #[arg(long, default_value = "auto", value_parser = parse_source_cap, value_name = "N")]
+    pub max_client_connections_per_source: SourceCap,
     /// Edge, anti-flap margins (reported to the controller, whose apply plan predicts the
     /// edge's moves with them).
     #[command(flatten)]
@@ -259,7 +268,6 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
-/// `--replay-limit`: a byte count ([`parse_bytes`]) up to [`MAX_REPLAY_LIMIT`].
 /// `--max-client-connections`: a count, or `auto` (`None`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MaxClients(pub Option<usize>);
@@ -274,6 +282,21 @@ fn parse_max_clients(s: &str) -> Result<MaxClients, String> {
     }
 }
 
+/// `--max-client-connections-per-source`: a count, `auto` or `off`.
+fn parse_source_cap(s: &str) -> Result<SourceCap, String> {
+    match s {
+        "auto" => Ok(SourceCap::Auto),
+        "off" => Ok(SourceCap::Off),
+        _ => match s.parse::<usize>() {
+            Ok(n) if n >= 1 => Ok(SourceCap::At(n)),
+            _ => Err(format!(
+                "{s:?}: expected a whole number from 1, auto, or off"
+            )),
+        },
+    }
+}
+
+/// `--replay-limit`: a byte count ([`parse_bytes`]) up to [`MAX_REPLAY_LIMIT`].
 fn parse_replay_limit(s: &str) -> Result<usize, String> {
     match parse_bytes(s)? {
         n if n > MAX_REPLAY_LIMIT => Err(format!(
@@ -379,6 +402,7 @@ impl RouterArgs {
         cfg.reply_timeout = self.reply_timeout;
         cfg.replay_limit = self.replay_limit;
         cfg.max_client_connections = self.max_client_connections.0;
+        cfg.max_client_connections_per_source = self.max_client_connections_per_source;
         cfg.hysteresis = self.hysteresis.hysteresis();
         for w in self.timeout_warnings() {
             tracing::warn!(node = %self.node, "{w}");
@@ -703,6 +727,21 @@ mod tests {
     }
 
     #[test]
+    fn max_client_connections_per_source_is_a_count_from_one_auto_or_off() {
+        assert_eq!(parse_source_cap("auto"), Ok(SourceCap::Auto));
+        assert_eq!(parse_source_cap("off"), Ok(SourceCap::Off));
+        assert_eq!(parse_source_cap("1"), Ok(SourceCap::At(1)));
+        assert_eq!(parse_source_cap("2000"), Ok(SourceCap::At(2000)));
+        for bad in ["0", "-1", "1.5", "", "10k", "none", "Off", "AUTO"] {
+            let e = parse_source_cap(bad).unwrap_err();
+            assert!(
+                e.contains("whole number from 1, auto, or off"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn replay_limit_is_a_byte_count_up_to_64_mib() {
         let p = |s| parse_replay_limit(s);
         assert_eq!(p("0"), Ok(0));
@@ -777,6 +816,10 @@ mod tests {
         assert_eq!(got.reply_timeout, want.reply_timeout);
         assert_eq!(got.replay_limit, want.replay_limit);
         assert_eq!(got.max_client_connections, want.max_client_connections);
+        assert_eq!(
+            got.max_client_connections_per_source,
+            want.max_client_connections_per_source
+        );
         assert_eq!(got.hysteresis.absolute, want.hysteresis.absolute);
         assert_eq!(got.hysteresis.relative, want.hysteresis.relative);
         assert!(
@@ -804,8 +847,11 @@ mod tests {
             "0.5",
             "--max-client-connections",
             "5000",
+            "--max-client-connections-per-source",
+            "200",
         ]);
         assert_eq!(cfg.max_client_connections, Some(5000));
+        assert_eq!(cfg.max_client_connections_per_source, SourceCap::At(200));
         assert_eq!(cfg.max_tries, 5);
         assert_eq!(cfg.backend_connect_timeout, Duration::from_secs(30));
         assert_eq!(cfg.header_timeout, Duration::from_millis(250));
@@ -835,6 +881,8 @@ mod tests {
             ("--hysteresis-margin", "61s"),
             ("--hysteresis-ratio", "0"),
             ("--hysteresis-ratio", "1.5"),
+            ("--max-client-connections-per-source", "0"),
+            ("--max-client-connections-per-source", "none"),
         ] {
             let e = match parse(&[&format!("{flag}={bad}")]) {
                 Ok(_) => panic!("{flag} {bad} accepted"),

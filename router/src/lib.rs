@@ -514,6 +514,16 @@ impl Router {
             });
             metrics_task = Some(tokio::spawn(metrics::serve(listener, report)));
         }
+        if me.kind == topology::NodeKind::Edge {
+            // What `auto` came to, so an operator need not work it out from the open-file limit.
+            let per_source = cfg.max_client_connections_per_source.resolve(max_clients);
+            tracing::info!(
+                node = %cfg.node,
+                max_client_connections = max_clients,
+                max_client_connections_per_source = per_source.map_or("off".to_string(), |n| n.to_string()),
+                "client connection caps"
+            );
+        }
         tracing::info!(node = %cfg.node, kind = %me.kind, addr = %me.address, "router started");
         Ok(RouterHandle {
             shared,

@@ -552,6 +552,11 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
             None,
         ),
         (
+            "Tasman edge -> site, both routers with `--worker-threads 1` (opt-in)",
+            1,
+            Some(e4_echo),
+        ),
+        (
             "Tasman edge -> site, both routers with `--keep-awake 2ms` (opt-in)",
             1,
             Some(e3_echo),
@@ -569,12 +574,13 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
     const L_HAPROXY_PAIR: usize = 4;
     const L_QPAIR: usize = 5;
     const L_QUINN: usize = 6;
-    const L_KEEP_AWAKE: usize = 7;
+    const L_ONE_WORKER: usize = 7;
+    const L_KEEP_AWAKE: usize = 8;
     // Direct TCP while as many idle-priority threads spin as the `--keep-awake` routers run (one
     // set per router, two routers): they keep the cores out of their halt for every process of
     // the host, the client and the echo server too, so the routers' added latency is the
     // keep-awake row less this one, not less direct TCP with idle cores.
-    const L_DIRECT_SPIN: usize = 8;
+    const L_DIRECT_SPIN: usize = 9;
     let keep_awake_spinners = 2 * procs::KEEP_AWAKE_THREADS;
     // The baseline each row's added latency is measured from.
     let baseline = |i: usize| {
@@ -588,18 +594,20 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
     // The processes each path's round trips run through (their CPU is counted per round trip).
     let me = std::process::id();
     let (echo_pid, hap_pid, chain_pid) = (echo_proc.pid(), hap_echo.pid(), hap_chain.pid());
-    let (e1, e2, t1, s1, e3, s3) = (
+    let (e1, e2, t1, s1, e3, s3, e4, s4) = (
         fabric.pid("e1")?,
         fabric.pid("e2")?,
         fabric.pid("t1")?,
         fabric.pid("s1")?,
         fabric.pid("e3")?,
         fabric.pid("s3")?,
+        fabric.pid("e4")?,
+        fabric.pid("s4")?,
     );
     let mut qpair = qpair_echo.pids();
     qpair.extend([me, echo_pid]);
     // Not the spinners': they are on no path, and stand for other work on the host.
-    let pids: [Vec<u32>; 9] = [
+    let pids: [Vec<u32>; 10] = [
         vec![me, echo_pid],
         vec![me, echo_pid, hap_pid],
         vec![me, echo_pid, e1, s1],
@@ -607,6 +615,7 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
         vec![me, echo_pid, chain_pid, hap_pid],
         qpair,
         vec![me],
+        vec![me, echo_pid, e4, s4],
         vec![me, echo_pid, e3, s3],
         vec![me, echo_pid],
     ];
@@ -616,7 +625,7 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
     // spinner keeping both cores busy (`procs::Spinner`), to show what the idle vCPUs' wake-ups cost.
     let mut samples: [Vec<Vec<u64>>; 2] =
         [vec![Vec::new(); lat_paths], vec![Vec::new(); lat_paths]];
-    let mut cpu_ms = [[0u64; 9]; 2];
+    let mut cpu_ms = [[0u64; 10]; 2];
     let per_round = args.pings.div_ceil(LAT_ROUNDS);
     for _ in 0..LAT_ROUNDS {
         for busy in [0, 1] {
@@ -669,13 +678,15 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
             eprintln!(
                 "  added p50: edge -> site {:.1} us, transit {:.1} us more; minimal quinn proxy pair \
                  {:.1} us; two HAProxys {:.1} us; quinn over TCP {:.1} us; edge -> site with \
-                 --keep-awake {:.1} us (over direct TCP with {keep_awake_spinners} spinner threads)",
+                 --keep-awake {:.1} us (over direct TCP with {keep_awake_spinners} spinner threads); \
+                 edge -> site with --worker-threads 1 {:.1} us",
                 added(L_EDGE_SITE),
                 lats[L_TRANSIT].p50 - lats[L_EDGE_SITE].p50,
                 added(L_QPAIR),
                 added(L_HAPROXY_PAIR),
                 added(L_QUINN),
                 added(L_KEEP_AWAKE),
+                added(L_ONE_WORKER),
             );
         }
     }
@@ -941,6 +952,15 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
         haproxy_pair + quic_leg,
         (one_hop - qpair).abs(),
         if one_hop >= qpair { "more" } else { "less" }
+    )?;
+    let one_worker = lats[L_ONE_WORKER].p50 - direct_p50;
+    writeln!(
+        md,
+        "With `tasman router --worker-threads 1` on both routers (opt-in), edge -> site adds **{one_worker:.1} µs**\n\
+         at p50 (target < 100 µs per hop: {}): each router's tasks (its QUIC endpoint and connection\n\
+         drivers, the splice tasks) then run on one thread, so no hand-off between them wakes another\n\
+         thread.\n",
+        if one_worker < 100.0 { "met" } else { "missed" },
     )?;
     let spin_direct = lats[L_DIRECT_SPIN].p50;
     let keep_awake = lats[L_KEEP_AWAKE].p50 - spin_direct;

@@ -132,8 +132,7 @@ async fn circuits_become_active_on_acknowledgement_and_carry_their_rates_through
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // A client with no circuit is refused: by the edge, which counts it (a connection that
-    // never reached the edge, which `assert_refused` lets pass, would not be).
+    // A client with no circuit is refused: reset by the edge, which counts it.
     let refused = || async move {
         tokio::task::spawn_blocking(move || {
             metric_sum(

@@ -2259,12 +2259,23 @@ async fn the_nearest_site_is_preferred_again_after_a_brief_exclusion() {
 }
 
 /// A neighbour back from an outage long enough for the dialer's backoff to grow is up again
-/// within its hold-down of its return: its own connection to us wakes our dialer. (Our dialer
-/// went on waiting: its attempt, whose Initial had gone out while the neighbour was away, until
-/// QUIC sent it again or the 3 s connect timeout, then its backoff, so that the neighbour stayed
-/// down for seconds after it was back.)
+/// without waiting for our dial pending at its return: its own connection to us wakes our
+/// dialer. (Our dialer went on waiting: its attempt, whose Initial had gone out while the
+/// neighbour was away, until QUIC sent it again or the 3 s connect timeout, then its backoff, so
+/// that the neighbour stayed down for seconds after it was back.)
+///
+/// Timed on the edge's clock, not from the site's return: that pending dial began after a dial
+/// failure and its backoff (at least 100 ms), and on its own it connects at the earliest with
+/// its Initial's second resend, 3 s after it began (quinn's probe timeouts, about 1 s then 2 s),
+/// or at its connect timeout (3 s). The neighbour must be up before then. Woken, the dialer
+/// gives the attempt up at most 1.5 s after it began (`STUCK_AFTER`) and dials at once, which
+/// leaves more than a second for the site to start and the handshake and first probe.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_neighbour_back_from_an_outage_is_up_within_its_hold_down() {
+async fn a_neighbour_back_from_an_outage_is_up_before_our_pending_dial_would_connect() {
+    // The pending dial began at least this long after the failure seen below.
+    const BACKOFF_AFTER_A_FAILURE: Duration = Duration::from_millis(100);
+    // How long after it began that dial would connect on its own at the earliest.
+    const ALONE: Duration = Duration::from_millis(2990);
     let dir = ca_dir();
     let backend = echo_backend().await;
     let port = free_tcp_port();
@@ -2289,28 +2300,33 @@ async fn a_neighbour_back_from_an_outage_is_up_within_its_hold_down() {
     .await;
     let failed_before = neighbour().map_or(0, |n| n.1);
     let away = Instant::now();
-    wait_until(
-        Duration::from_secs(20),
-        || neighbour().is_some_and(|(up, failures)| !up && failures > failed_before),
-        || {
-            format!(
-                "edge's site neighbour (up, dial failures): {:?}",
-                neighbour()
-            )
-        },
-    )
-    .await;
+    // A failed dial, seen within a poll of it: it came after `quiet`, the last poll that did not
+    // see it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut quiet = Instant::now();
+    loop {
+        let polled = Instant::now();
+        if neighbour().is_some_and(|(up, failures)| !up && failures > failed_before) {
+            break;
+        }
+        quiet = polled;
+        assert!(
+            Instant::now() < deadline,
+            "edge's site neighbour (up, dial failures): {:?}",
+            neighbour()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     eprintln!(
         "failure {:?} after the site left ({failed_before} before)",
         away.elapsed()
     );
     // The next dial has begun by now and its Initial, gone to nobody, has been sent again once
     // (QUIC's first probe timeout, ~1 s): without a wake-up that dial would not connect before
-    // its own timeout. (The assertion below holds whatever the dialer is doing.)
+    // its second resend or its timeout.
     tokio::time::sleep(Duration::from_millis(1400)).await;
     let (_site, _stx) = spawn_issued(&snap, dir.path(), "site", |_| {}).await;
     let back = Instant::now();
-    let hold_down = router::ProbeConfig::default().hold_down;
     wait_until(
         Duration::from_secs(20),
         || neighbour().is_some_and(|(up, _)| up),
@@ -2322,10 +2338,15 @@ async fn a_neighbour_back_from_an_outage_is_up_within_its_hold_down() {
         },
     )
     .await;
-    eprintln!("up {:?} after the site's return", back.elapsed());
+    let (since_back, since_quiet) = (back.elapsed(), quiet.elapsed());
+    eprintln!(
+        "up {since_back:?} after the site's return, {since_quiet:?} after the poll before the \
+         failed dial"
+    );
     assert!(
-        back.elapsed() < hold_down,
-        "up {:?} after the site's return",
-        back.elapsed()
+        since_quiet < BACKOFF_AFTER_A_FAILURE + ALONE,
+        "up {since_quiet:?} after the poll before the failed dial ({since_back:?} after the \
+         site's return): no sooner than the dial pending at the return would have connected on \
+         its own"
     );
 }

@@ -175,36 +175,37 @@ mod tests {
     use super::*;
     use tokio::net::{TcpListener, TcpStream};
 
-    #[test]
-    fn reserve_charges_exactly_the_rate_after_the_burst() {
+    /// On tokio's paused clock (the bucket's), which stands still between the calls: the waits
+    /// are exact.
+    #[tokio::test(start_paused = true)]
+    async fn reserve_charges_exactly_the_rate_after_the_burst() {
         let b = TokenBucket::new(Bandwidth::from_mbps(8)); // 1 MB/s: 1 byte per us.
         // Burst: 20 ms = 20 KB, but at least 128 KiB = 131 ms at this rate. A new bucket is empty.
         assert_eq!(b.burst_ns.load(Ordering::Relaxed), 131_072_000);
-        let w = b.reserve(100_000);
-        assert!(
-            w > Duration::from_millis(95) && w <= Duration::from_millis(100),
-            "{w:?}"
-        );
+        assert_eq!(b.reserve(100_000), Duration::from_millis(100));
         // The next 100 KB wait 100 ms more.
-        let w = b.reserve(100_000);
-        assert!(
-            w > Duration::from_millis(195) && w <= Duration::from_millis(200),
-            "{w:?}"
-        );
+        assert_eq!(b.reserve(100_000), Duration::from_millis(200));
+        // Time spent waiting counts: 150 ms on, the next 100 KB are due 300 ms from the start.
+        tokio::time::advance(Duration::from_millis(150)).await;
+        assert_eq!(b.reserve(100_000), Duration::from_millis(150));
         b.set_rate(Bandwidth::from_mbps(80));
         assert_eq!(b.rate(), Bandwidth::from_mbps(80));
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    /// On tokio's paused clock: the idle time is exactly what was slept, and nothing passes
+    /// between the two reserves (on the real clock a busy machine could let the second wait
+    /// shrink below its bound).
+    #[tokio::test(start_paused = true)]
     async fn idle_credit_is_capped_at_the_burst() {
         let b = TokenBucket::new(Bandwidth::from_mbps(8));
         tokio::time::sleep(Duration::from_millis(431)).await;
-        // 300 ms idle after filling up, but only 131 ms of credit: 131 KB go at once, 69 KB wait.
+        // 300 ms idle after filling up, but only 131.072 ms of credit: 131 KB go at once, and
+        // the 69 KB after them wait for all but the 72 us of credit left.
         assert!(b.reserve(131_000).is_zero());
-        let w = b.reserve(69_000);
-        assert!(
-            w >= Duration::from_millis(60),
-            "credit beyond the burst: {w:?}"
+        assert_eq!(
+            b.reserve(69_000),
+            Duration::from_micros(69_000 - 72),
+            "credit beyond the burst"
         );
     }
 

@@ -177,8 +177,11 @@ async fn circuits_become_active_on_acknowledgement_and_carry_their_rates_through
     eprintln!(
         "e2e: circuit fast {r1:.2} Mbit/s of 100, circuit slow {r2:.2} Mbit/s of 40, concurrently on one edge"
     );
-    assert!((90.0..=100.5).contains(&r1), "fast carried {r1:.2} Mbit/s");
-    assert!((36.0..=40.2).contains(&r2), "slow carried {r2:.2} Mbit/s");
+    // The upper bounds are the limiter's point. The lower ones are a throughput floor on a
+    // busy 2-core machine running the suite, so generous: 60 % still fails a limiter that
+    // charges each byte twice (50 %).
+    assert!((60.0..=100.5).contains(&r1), "fast carried {r1:.2} Mbit/s");
+    assert!((24.0..=40.2).contains(&r2), "slow carried {r2:.2} Mbit/s");
 
     // Delete: decommissioned once the routers acknowledged a snapshot without it.
     let d = json(&circuit_cli(

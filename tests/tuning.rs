@@ -63,7 +63,7 @@ fn routers_spin_while_traffic_moves_and_stop_after_the_window() {
         nodes.iter().all(|n| spinning(&f, n) == 0)
     });
     for n in nodes {
-        let text = f.get(n, "/metrics").unwrap_or_default();
+        let text = f.metrics_text(n);
         let spun: f64 = text
             .lines()
             .find(|l| l.starts_with("tasman_keep_awake_spin_seconds_total"))

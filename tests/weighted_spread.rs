@@ -13,7 +13,7 @@ use common::*;
 
 /// The edge's `tasman_service_site_share` gauges for `service`: site -> share.
 fn shares(f: &Fabric, service: &str) -> BTreeMap<String, f64> {
-    let text = f.get("edge", "/metrics").unwrap_or_default();
+    let text = f.metrics_text("edge");
     let svc = format!("service=\"{service}\"");
     text.lines()
         .filter(|l| l.starts_with("tasman_service_site_share{") && l.contains(&svc))

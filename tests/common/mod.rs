@@ -398,7 +398,15 @@ impl Fabric {
 
     /// HTTP/1.0 GET on a router's metrics endpoint.
     pub fn get(&self, node: &str, path: &str) -> Option<String> {
-        let addr = self.metrics.get(node)?;
+        self.fetch(node, path).ok()
+    }
+
+    /// [`Fabric::get`], saying why when there is no answer.
+    pub fn fetch(&self, node: &str, path: &str) -> Result<String, String> {
+        let addr = self
+            .metrics
+            .get(node)
+            .ok_or_else(|| format!("{node} has no metrics address (never started)"))?;
         if let Some((prog, rest)) = self.wrapper.split_first() {
             // Inside a network namespace: ask curl in there.
             let out = Command::new(prog)
@@ -406,13 +414,38 @@ impl Fabric {
                 .args(["curl", "-sS", "--fail", "--max-time", "5"])
                 .arg(format!("http://{addr}{path}"))
                 .output()
-                .ok()?;
-            return out
-                .status
-                .success()
-                .then(|| String::from_utf8_lossy(&out.stdout).into_owned());
+                .map_err(|e| format!("run curl: {e}"))?;
+            return if out.status.success() {
+                Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+            } else {
+                Err(format!(
+                    "curl http://{addr}{path}: {}: {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))
+            };
         }
-        http_get(*addr, path)
+        http_fetch(*addr, path)
+    }
+
+    /// The /metrics text of `node`'s router. A router that does not answer fails the test (with
+    /// the error and its log): read as nothing, every "nothing counted" check would pass for a
+    /// router that died. Retried for 10 s first: one slow answer on a loaded machine is no
+    /// failure.
+    pub fn metrics_text(&self, node: &str) -> String {
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.fetch(node, "/metrics") {
+                Ok(text) => return text,
+                Err(e) if std::time::Instant::now() >= end => {
+                    panic!(
+                        "router {node}'s /metrics did not answer for 10 s: {e}\n{node} log:\n{}",
+                        self.log(node)
+                    )
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
     }
 
     /// The `/telemetry` JSON of `node`'s router.
@@ -437,25 +470,33 @@ impl Fabric {
         });
     }
 
-    /// A counter or gauge from `node`'s /metrics (sum over label sets matching `filter`).
+    /// A counter or gauge from `node`'s /metrics (sum over label sets matching `filter`). An
+    /// unreachable router fails the test ([`Fabric::metrics_text`]).
     pub fn metric(&self, node: &str, name: &str, filter: &str) -> u64 {
-        metric_sum(
-            &self.get(node, "/metrics").unwrap_or_default(),
-            name,
-            filter,
-        )
+        metric_sum(&self.metrics_text(node), name, filter)
     }
 }
 
 /// HTTP/1.0 GET of `path` on `addr` (a router's metrics endpoint): the body of an HTTP answer.
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    http_fetch(addr, path).ok()
+}
+
+/// [`http_get`], saying why when there is no answer.
+pub fn http_fetch(addr: SocketAddr, path: &str) -> Result<String, String> {
+    let err = |what: &str, e: std::io::Error| format!("{what} {addr}: {e}");
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .map_err(|e| err("connect to", e))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| err("set a read timeout on", e))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").map_err(|e| err("write to", e))?;
     let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let (head, body) = out.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.").then(|| body.to_string())
+    s.read_to_string(&mut out)
+        .map_err(|e| err("read from", e))?;
+    match out.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.") => Ok(body.to_string()),
+        _ => Err(format!("GET {path} on {addr}: not an HTTP answer: {out:?}")),
+    }
 }
 
 /// The sum of the samples of metric `name` in Prometheus text `text` whose labels contain

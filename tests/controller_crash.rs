@@ -52,7 +52,23 @@ async fn sigkill_during_applies_loses_no_answered_apply_and_half_applies_none() 
     let acked: Arc<Mutex<Vec<(u64, String)>>> = Arc::default();
     let mut total_attempts = 0u64;
 
-    for round in 0..10u64 {
+    // At least ten rounds, and on until ten applies in all were answered, so that the test
+    // exercised real applies: a slow disk or a busy machine fits fewer into a kill window, and
+    // gets more windows (within a generous bound) instead of failing.
+    const ROUNDS: u64 = 10;
+    const ACKED: usize = 10;
+    const MAX_ROUNDS: u64 = 100;
+    let started = std::time::Instant::now();
+    for round in 0u64.. {
+        let acked_so_far = acked.lock().unwrap().len();
+        if round >= ROUNDS && acked_so_far >= ACKED {
+            break;
+        }
+        assert!(
+            round < MAX_ROUNDS && started.elapsed() < Duration::from_secs(300),
+            "only {acked_so_far} applies answered of {total_attempts} in {round} rounds ({:?})",
+            started.elapsed()
+        );
         let ctl = start(&state, &topo);
         let c = client(&ctl.admin, &state);
 
@@ -127,10 +143,7 @@ async fn sigkill_during_applies_loses_no_answered_apply_and_half_applies_none() 
             .unwrap();
     }
     let acked = acked.lock().unwrap().len();
-    assert!(
-        acked >= 10,
-        "the test exercised real applies ({acked} answered of {total_attempts})"
-    );
+    eprintln!("{acked} applies answered of {total_attempts}");
 
     // Final check after the last kill.
     let ctl = start(&state, &topo);

@@ -870,9 +870,9 @@ async fn status_and_the_apply_plan_show_a_traffic_dial() {
     let dir = tempfile::tempdir().unwrap();
     // A 1 ms ring: each edge has its sites 3 and 4 ms away, within 2 ms, so they share it.
     let plain = fabric_yaml(70, 2, 2, 1);
-    let site0 = "250.1:9001, capacity: 100}";
-    assert_eq!(plain.matches(site0).count(), 1, "{plain}");
-    let dialled = plain.replace(site0, "250.1:9001, capacity: 100, dial: 50}");
+    let site0 = format!("250.1:{}, capacity: 100}}", fabric_ports(70).backend);
+    assert_eq!(plain.matches(&site0).count(), 1, "{plain}");
+    let dialled = plain.replace(&site0, &site0.replace('}', ", dial: 50}"));
     let (d, env) = setup(dir.path(), &dialled).await;
     let env = std::sync::Arc::new(env);
     let e = env.clone();

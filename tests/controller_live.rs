@@ -11,23 +11,29 @@ use controller_common::*;
 use router::netem::{LinkEmulator, LinkProfile};
 use topology::Latency;
 
-/// edge-0 reaches site-0 through transit-1 (declared 5 ms) or transit-2 (declared 10 ms).
+/// edge-0 reaches site-0 through transit-1 (declared 5 ms) or transit-2 (declared 10 ms), on
+/// 127.<net>.0.x with the free ports of [`fabric_ports`] (the same for each call with `net`).
 fn two_path_yaml(net: u8) -> String {
+    let FabricPorts {
+        quic,
+        service,
+        backend,
+    } = fabric_ports(net);
     format!(
         "# two paths
 version: 1
 nodes:
-  - {{id: edge-0, kind: edge, region: r, country: AU, location: {{lat: 0, lon: 0}}, address: 127.{net}.0.1:7000, client_address: 127.{net}.0.1}}
-  - {{id: transit-1, kind: transit, region: r, country: AU, location: {{lat: 0, lon: 0}}, address: 127.{net}.0.2:7000}}
-  - {{id: transit-2, kind: transit, region: r, country: AU, location: {{lat: 0, lon: 0}}, address: 127.{net}.0.3:7000}}
+  - {{id: edge-0, kind: edge, region: r, country: AU, location: {{lat: 0, lon: 0}}, address: 127.{net}.0.1:{quic}, client_address: 127.{net}.0.1}}
+  - {{id: transit-1, kind: transit, region: r, country: AU, location: {{lat: 0, lon: 0}}, address: 127.{net}.0.2:{quic}}}
+  - {{id: transit-2, kind: transit, region: r, country: AU, location: {{lat: 0, lon: 0}}, address: 127.{net}.0.3:{quic}}}
   - id: site-0
     kind: site
     region: r
     country: AU
     location: {{lat: 0, lon: 0}}
-    address: 127.{net}.0.4:7000
+    address: 127.{net}.0.4:{quic}
     serves:
-      - {{service: echo, backend: 127.{net}.0.9:9001, capacity: 100}}
+      - {{service: echo, backend: 127.{net}.0.9:{backend}, capacity: 100}}
 links:
   - {{a: edge-0, b: transit-1, latency: 5ms, capacity: 10Gbps}}
   - {{a: edge-0, b: transit-2, latency: 10ms, capacity: 10Gbps}}
@@ -35,7 +41,7 @@ links:
   - {{a: transit-2, b: site-0, latency: 1ms, capacity: 10Gbps}}
 services:
   - name: echo
-    port: 8080
+    port: {service}
 "
     )
 }
@@ -56,19 +62,19 @@ async fn raised_link_latency_moves_the_edge_to_another_path_without_a_topology_e
     let net = 71;
     let dir = tempfile::tempdir().unwrap();
     let (d, tls) = controller_with_pki(dir.path(), &nodes(), &two_path_yaml(net)).await;
-    let _backend = echo_backend(addr(net, 9, 9001)).await;
+    let _backend = echo_backend(addr(net, 9, fabric_ports(net).backend)).await;
 
     // Both directions of edge-0 <-> transit-1 go through an emulator (each side dials).
     let e_to_t1 = LinkEmulator::spawn(
         addr(net, 1, 0),
-        addr(net, 2, 7000),
+        addr(net, 2, fabric_ports(net).quic),
         LinkProfile::delay(Latency::from_micros(500)),
     )
     .await
     .unwrap();
     let t1_to_e = LinkEmulator::spawn(
         addr(net, 2, 0),
-        addr(net, 1, 7000),
+        addr(net, 1, fabric_ports(net).quic),
         LinkProfile::delay(Latency::from_micros(500)),
     )
     .await
@@ -89,7 +95,10 @@ async fn raised_link_latency_moves_the_edge_to_another_path_without_a_topology_e
         || edge.path("echo") == ["edge-0", "transit-1", "site-0"],
     )
     .await;
-    assert!(echo_through(addr(net, 1, 8080)).await, "traffic flows");
+    assert!(
+        echo_through(addr(net, 1, fabric_ports(net).service)).await,
+        "traffic flows"
+    );
     eventually(
         Duration::from_secs(20),
         "the controller measured edge-0--transit-1",
@@ -146,7 +155,7 @@ async fn raised_link_latency_moves_the_edge_to_another_path_without_a_topology_e
     .await;
     assert_eq!(edge.path("echo"), ["edge-0", "transit-2", "site-0"]);
     assert!(
-        echo_through(addr(net, 1, 8080)).await,
+        echo_through(addr(net, 1, fabric_ports(net).service)).await,
         "traffic flows on the new path"
     );
 
@@ -162,7 +171,7 @@ async fn routers_forward_without_the_controller_restart_from_disk_and_resync() {
     let dir = tempfile::tempdir().unwrap();
     let (d, tls) = controller_with_pki(dir.path(), &nodes(), &two_path_yaml(net)).await;
     let ctl_addr = d.quic_addr;
-    let _backend = echo_backend(addr(net, 9, 9001)).await;
+    let _backend = echo_backend(addr(net, 9, fabric_ports(net).backend)).await;
     let rstate = |n: &str| Some(dir.path().join(format!("router-{n}")));
     let mut routers = Vec::new();
     for n in NODES {
@@ -173,7 +182,7 @@ async fn routers_forward_without_the_controller_restart_from_disk_and_resync() {
         routers_acknowledged(&d, v1) == 4
     })
     .await;
-    let client_addr = addr(net, 1, 8080);
+    let client_addr = addr(net, 1, fabric_ports(net).service);
     eventually(Duration::from_secs(20), "traffic flows", || {
         routers[0].path("echo").len() == 3
     })

@@ -39,12 +39,43 @@ pub async fn stays(window: Duration, what: &str, mut cond: impl FnMut() -> bool)
     }
 }
 
+/// The ports of the fabrics [`fabric_yaml`] makes on loopback network 127.<net>: free when
+/// first asked for (a fixed port that some process of the host holds on the wildcard address
+/// would keep a test's routers from binding theirs), then the same for the rest of the test
+/// binary, so that every version of a net's fabric has the same addresses.
+#[derive(Debug, Clone, Copy)]
+pub struct FabricPorts {
+    /// Every node's QUIC port.
+    pub quic: u16,
+    /// The service's port (the edges' client listeners).
+    pub service: u16,
+    /// The sites' backends' port.
+    pub backend: u16,
+}
+
+/// [`FabricPorts`] of network 127.<net>.
+pub fn fabric_ports(net: u8) -> FabricPorts {
+    static PORTS: std::sync::Mutex<std::collections::BTreeMap<u8, FabricPorts>> =
+        std::sync::Mutex::new(std::collections::BTreeMap::new());
+    let mut ports = PORTS.lock().unwrap_or_else(|p| p.into_inner());
+    *ports.entry(net).or_insert_with(|| {
+        let ip = |c, d| std::net::IpAddr::from([127, net, c, d]);
+        FabricPorts {
+            quic: testkit::free_udp(ip(0, 1)).port(),
+            service: testkit::free_tcp_port(ip(251, 1)),
+            backend: testkit::free_tcp_port(ip(250, 1)),
+        }
+    })
+}
+
 /// A fabric of `edges` edge routers, `transits` transit PoPs in a ring and two sites, in the
-/// topology YAML format. Addresses are 127.<net>.x.y (nothing listens unless a test starts
-/// real routers). `latency_ms` is the declared one-way latency of the transit ring links.
+/// topology YAML format. Addresses are 127.<net>.x.y, with the ports of [`fabric_ports`]
+/// (nothing listens unless a test starts real routers). `latency_ms` is the declared one-way
+/// latency of the transit ring links.
 pub fn fabric_yaml(net: u8, edges: usize, transits: usize, ring_latency_ms: u32) -> String {
+    let ports = fabric_ports(net);
     let mut y = String::from("# generated test fabric\nversion: 1\nnodes:\n");
-    let addr = |i: usize| format!("127.{net}.{}.{}:7000", i / 250, i % 250 + 1);
+    let addr = |i: usize| format!("127.{net}.{}.{}:{}", i / 250, i % 250 + 1, ports.quic);
     let mut i = 0;
     let mut node = |y: &mut String, id: &str, kind: &str, extra: &str| {
         let _ = writeln!(
@@ -63,8 +94,9 @@ pub fn fabric_yaml(net: u8, edges: usize, transits: usize, ring_latency_ms: u32)
             &format!("site-{s}"),
             "site",
             &format!(
-                "\n    serves:\n      - {{service: llm-chat, backend: 127.{net}.250.{}:9001, capacity: 100}}",
-                s + 1
+                "\n    serves:\n      - {{service: llm-chat, backend: 127.{net}.250.{}:{}, capacity: 100}}",
+                s + 1,
+                ports.backend
             ),
         );
     }
@@ -106,7 +138,11 @@ pub fn fabric_yaml(net: u8, edges: usize, transits: usize, ring_latency_ms: u32)
             e % transits
         );
     }
-    y.push_str("services:\n  - name: llm-chat\n    port: 8443\n");
+    let _ = write!(
+        y,
+        "services:\n  - name: llm-chat\n    port: {}\n",
+        ports.service
+    );
     y
 }
 

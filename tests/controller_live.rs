@@ -210,11 +210,16 @@ async fn routers_forward_without_the_controller_restart_from_disk_and_resync() {
     assert!(last >= v1);
     edge.stop().await;
     // (The old endpoint's UDP port is released once its last connection is gone.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let edge = loop {
         match LiveRouter::try_start(ctl_addr, "edge-0", &tls, rstate("edge-0"), &[]).await {
             Ok(r) => break r,
             Err(e) => {
                 assert!(format!("{e}").contains("in use"), "{e}");
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the restarted edge could not bind for 30 s: {e}"
+                );
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }

@@ -114,11 +114,9 @@ fn a_controller_names_its_invalid_import_file_in_each_diagnostic() {
     let topo = dir.path().join("import.yaml");
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let text = std::fs::read_to_string(root.join("examples/apac.yaml")).unwrap();
-    std::fs::write(
-        &topo,
-        text.replacen("b: sin-transit-1,", "b: sin-transit-9,", 1),
-    )
-    .unwrap();
+    let link = "b: sin-transit-1,";
+    assert!(text.contains(link), "examples/apac.yaml has no {link:?}");
+    std::fs::write(&topo, text.replacen(link, "b: sin-transit-9,", 1)).unwrap();
     let out = controller_cmd(&dir.path().join("state"), &topo)
         .env("RUST_LOG", "off")
         .output()

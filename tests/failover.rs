@@ -209,31 +209,54 @@ fn nearest_site_killed_open_connections_fail_cleanly_and_new_ones_move_to_next_s
 /// up on it as soon as it declares its next hop down (code `next_hop_unreachable`, before any
 /// byte came back), and the edge retries it on the next site. Without that, the first try would
 /// wait for the transit's connection to the dead site to close.
+///
+/// The edge learns that the site is down from the transit's probe answers, a moment after the
+/// transit's verdict: a connection that comes only then (a busy machine) goes to the next site at
+/// once, with no first try to hand back. Such a round shows nothing either way; the site is
+/// started again and killed again (at most three rounds).
 #[test]
 fn site_behind_a_transit_killed_first_tries_are_handed_back_and_retried() {
     let (mut f, port) = near_and_far(true);
-    eventually(DEADLINE, "transit's neighbours up", || {
-        f.metric("transit", "tasman_neighbour_up", "") == 3
-    });
-    assert_eq!(greet(port).unwrap().1, "SITE=site-near");
-
-    f.kill("site-near");
-    let killed = Instant::now();
-    let first_new = fresh_connection_served_by(&f, port, "site-far", killed);
-
-    // The first try was handed back by the transit, not lost with the dead connection.
-    assert_eq!(
+    let handed_back = |f: &Fabric| {
         f.metric(
             "transit",
             "tasman_stream_errors_total",
-            "code=\"next_hop_unreachable\""
-        ),
-        1,
-        "the transit reset the first try when site-near was declared down"
-    );
-    assert!(f.metric("edge", "tasman_failovers_total", "") >= 1);
-    f.wait_preferred("edge", "chat", "site-far");
-    println!("first new connection served by site-far {first_new:?} after the kill");
+            "code=\"next_hop_unreachable\"",
+        )
+    };
+    for round in 1..=3 {
+        eventually(DEADLINE, "transit's neighbours up", || {
+            f.metric("transit", "tasman_neighbour_up", "") == 3
+        });
+        assert_eq!(greet(port).unwrap().1, "SITE=site-near");
+        let failovers = f.metric("edge", "tasman_failovers_total", "");
+        let before = handed_back(&f);
+
+        f.kill("site-near");
+        let killed = Instant::now();
+        let first_new = fresh_connection_served_by(&f, port, "site-far", killed);
+        let retried = f.metric("edge", "tasman_failovers_total", "") - failovers;
+        let handed = handed_back(&f) - before;
+        if retried == 0 && handed == 0 {
+            eprintln!(
+                "round {round}: the edge knew site-near was down before the new connection \
+                 came ({first_new:?} after the kill): no first try on it; again"
+            );
+            f.start("site-near");
+            f.wait_preferred("edge", "chat", "site-near");
+            continue;
+        }
+        // The first try was handed back by the transit, not lost with the dead connection.
+        assert_eq!(
+            handed, 1,
+            "the transit reset the first try when site-near was declared down"
+        );
+        assert!(retried >= 1, "the edge retried the first try");
+        f.wait_preferred("edge", "chat", "site-far");
+        println!("first new connection served by site-far {first_new:?} after the kill");
+        return;
+    }
+    panic!("in three rounds, the edge knew site-near was down before each new connection came");
 }
 
 /// Connections through the edge to `site`: each greeted by it and echoing once.

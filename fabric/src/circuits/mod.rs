@@ -983,6 +983,19 @@ pub fn settle(
 /// (they recover to `active` when the acknowledgements arrive).
 pub const NOT_ACKED: &str = "not acknowledged";
 
+/// The snapshot version of a change no snapshot has carried yet (its publication failed): no
+/// router acknowledges it.
+pub const UNPUBLISHED: u64 = u64::MAX;
+
+/// How a failure or decommission names the snapshot it waited for.
+fn snapshot_name(version: u64) -> String {
+    if version == UNPUBLISHED {
+        "never published".into()
+    } else {
+        format!("snapshot {version}")
+    }
+}
+
 /// Acts on the provisioning and decommissioning circuits of `ids` (read by id, as in [`settle`])
 /// `overdue` gives a version for (distributed in it `timeout` ago or longer; `None` as for
 /// [`settle`]) that routers
@@ -1024,15 +1037,20 @@ pub fn expire(
             c.state = CircuitState::Decommissioned;
             c.assigned_rate = None;
             let detail = format!(
-                "removal not acknowledged by {} within {} s (snapshot {version}); \
+                "removal not acknowledged by {} within {} s ({}); \
                  decommissioned without them",
                 list(&missing),
-                timeout.as_secs()
+                timeout.as_secs(),
+                snapshot_name(version)
             );
             record(tx, &c, "controller", "decommission", Some(from), detail)?;
         } else {
             c.state = CircuitState::Failed;
-            let reason = format!("{NOT_ACKED} by {} (snapshot {version})", list(&missing));
+            let reason = format!(
+                "{NOT_ACKED} by {} ({})",
+                list(&missing),
+                snapshot_name(version)
+            );
             c.reason = Some(reason.clone());
             record(tx, &c, "controller", "fail", Some(from), reason)?;
         }

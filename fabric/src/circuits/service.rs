@@ -6,7 +6,7 @@
 //! decommissioned for longer than the retention ([`CircuitService::sweep_loop`]).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -53,7 +53,8 @@ impl From<StoreError> for ServiceError {
 }
 
 /// Pending acknowledgement: the snapshot version that first carried the circuit's current
-/// revision, and when it was published.
+/// revision ([`super::UNPUBLISHED`] while no snapshot has: its publication failed), and when
+/// it was committed.
 #[derive(Debug, Clone, Copy)]
 struct Pending {
     revision: u64,
@@ -70,12 +71,19 @@ pub struct CircuitService {
     /// [`Circuit::awaits_ack`] says of each). Each operation inserts what it changed after its
     /// transaction commits ([`Self::publish`]); each pass removes what it settled.
     pending: Mutex<BTreeMap<CircuitId, Pending>>,
+    /// A publication failed after its transaction committed: the next settle pass publishes
+    /// again (the entries it left [`super::UNPUBLISHED`] then get the version that carries
+    /// them).
+    republish: AtomicBool,
     provision_timeout: Duration,
     /// How long a decommissioned circuit stays in the live table before the sweep archives it
     /// (`None`: never).
     retention: Option<Duration>,
     /// The topology version whose broken circuits have been failed ([`super::fail_broken`]).
     checked: AtomicU64,
+    /// Tests: how many of the next publications fail.
+    #[cfg(test)]
+    fail_publish: std::sync::atomic::AtomicUsize,
     /// Tests: runs in [`Self::settle_once`] between its decisions and their transaction.
     #[cfg(test)]
     between: Mutex<Option<Box<dyn FnOnce() + Send>>>,
@@ -118,9 +126,12 @@ impl CircuitService {
         let svc = Arc::new(CircuitService {
             ctl,
             pending: Mutex::new(BTreeMap::new()),
+            republish: AtomicBool::new(false),
             provision_timeout,
             retention,
             checked: AtomicU64::new(cur.record.version),
+            #[cfg(test)]
+            fail_publish: 0.into(),
             #[cfg(test)]
             between: Mutex::new(None),
             #[cfg(test)]
@@ -245,15 +256,30 @@ impl CircuitService {
     }
 
     /// Publishes the circuits in the store to routers and starts waiting for `changed`'s
-    /// acknowledgements.
+    /// acknowledgements. When it fails, `changed` still waits, for a snapshot that carries it
+    /// ([`super::UNPUBLISHED`]), and the next settle pass publishes again: each of its callers
+    /// has committed `changed` already, so nothing may forget it (until a restart rebuilt the
+    /// pending set, a circuit was left provisioning, never settled nor expired, and its
+    /// routers never told).
     fn publish(&self, changed: &[Circuit]) -> Result<u64, ServiceError> {
         // Held across read-and-publish, so that two operations finishing together cannot
         // publish an older list last.
         let mut p = lock(&self.pending);
-        let circuits = self.list()?;
-        let version = self
-            .ctl
-            .publish_circuits(Arc::new(super::provisioned(&circuits)))?;
+        let published = self.publish_locked();
+        let version = match &published {
+            Ok(v) => *v,
+            Err(_) => {
+                self.republish.store(true, Ordering::SeqCst);
+                super::UNPUBLISHED
+            }
+        };
+        // This snapshot carries every circuit committed before its read of the store, those
+        // an earlier failure left unpublished too.
+        if published.is_ok() {
+            for e in p.values_mut().filter(|e| e.version == super::UNPUBLISHED) {
+                e.version = version;
+            }
+        }
         for c in changed {
             p.insert(
                 c.id.clone(),
@@ -264,7 +290,35 @@ impl CircuitService {
                 },
             );
         }
-        Ok(version)
+        published
+    }
+
+    fn publish_locked(&self) -> Result<u64, ServiceError> {
+        #[cfg(test)]
+        if self
+            .fail_publish
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(ServiceError::Internal(
+                "injected publication failure".into(),
+            ));
+        }
+        let circuits = self.list()?;
+        Ok(self
+            .ctl
+            .publish_circuits(Arc::new(super::provisioned(&circuits)))?)
+    }
+
+    /// [`Self::publish`] after an operation committed `changed`: a failure is logged, not
+    /// returned, as the operation stands (durable, and published by the next settle pass).
+    fn publish_committed(&self, changed: &Circuit) {
+        if let Err(e) = self.publish(std::slice::from_ref(changed)) {
+            tracing::error!(
+                "circuits: publishing {} (committed) failed, the next pass tries again: {e}",
+                changed.id
+            );
+        }
     }
 
     /// Creates a circuit (or returns the one created earlier with the same idempotency key).
@@ -280,7 +334,7 @@ impl CircuitService {
             .write(move |tx, topo| super::create(tx, topo, &spec2, key.as_deref(), &actor))
             .await?;
         if created {
-            self.publish(std::slice::from_ref(&c))?;
+            self.publish_committed(&c);
         }
         Ok((c, created))
     }
@@ -296,7 +350,7 @@ impl CircuitService {
             .write(move |tx, topo| super::resize(tx, topo, &id_or_name, rate, &actor))
             .await?;
         if c.revision != before.revision {
-            self.publish(std::slice::from_ref(&c))?;
+            self.publish_committed(&c);
         }
         Ok(c)
     }
@@ -307,7 +361,7 @@ impl CircuitService {
             .write(move |tx, _| super::delete(tx, &id_or_name, &actor))
             .await?;
         if c.revision != before.revision {
-            self.publish(std::slice::from_ref(&c))?;
+            self.publish_committed(&c);
         }
         Ok(c)
     }
@@ -344,6 +398,11 @@ impl CircuitService {
             && let Err(e) = self.on_topology_applied().await
         {
             tracing::error!("circuits: failing those the topology in force breaks: {e}");
+        }
+        if self.republish.swap(false, Ordering::SeqCst)
+            && let Err(e) = self.publish(&[])
+        {
+            tracing::error!("circuits: publishing again: {e}");
         }
         let pending = lock(&self.pending).clone();
         if pending.is_empty() {
@@ -1204,5 +1263,75 @@ mod tests {
         let writes = store.writes.load(SeqCst);
         svc.settle_once().await.unwrap();
         assert_eq!(store.writes.load(SeqCst), writes);
+    }
+
+    /// A create whose publication fails after its transaction committed is answered (it stands,
+    /// durably), and the next settle pass publishes it: routers get it, and their
+    /// acknowledgement of that snapshot activates it. (The create answered an error, and the
+    /// circuit, left out of the pending set, stayed provisioning and unpublished until a
+    /// restart.)
+    #[tokio::test]
+    async fn a_circuit_whose_publication_failed_is_published_by_the_next_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctl = Controller::open(
+            FaultyStore::open(dir.path()),
+            Some((&yaml(POOL, true), "t.yaml")),
+        )
+        .unwrap();
+        let svc = CircuitService::new(ctl.clone(), DEFAULT_PROVISION_TIMEOUT).unwrap();
+        let before = ctl.published().version;
+        svc.fail_publish.store(1, SeqCst);
+        let (c, created) = svc
+            .create(spec("c1", "10.1.0.0/24", "100Mbps"), None, "ops".into())
+            .await
+            .unwrap();
+        assert!(created);
+        assert_eq!(
+            ctl.published().version,
+            before,
+            "published despite the failure"
+        );
+        assert!(ctl.published().circuits.is_empty());
+        // Routers acknowledging the snapshot that lacks it do not activate it.
+        let _old = ack(&ctl, &["e", "s"]);
+        svc.settle_once().await.unwrap();
+        assert!(ctl.published().circuits.iter().any(|p| p.id == c.id));
+        assert_eq!(svc.get("c1").unwrap().state, CircuitState::Provisioning);
+        let _new = ack(&ctl, &["e", "s"]);
+        svc.settle_once().await.unwrap();
+        assert_eq!(svc.get("c1").unwrap().state, CircuitState::Active);
+        assert!(lock(&svc.pending).is_empty());
+    }
+
+    /// A circuit no publication carried within the provisioning timeout fails, saying so, and
+    /// still becomes active once a publication carries it and its routers acknowledge it.
+    #[tokio::test]
+    async fn a_circuit_never_published_in_time_fails_and_recovers_once_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctl = Controller::open(
+            FaultyStore::open(dir.path()),
+            Some((&yaml(POOL, true), "t.yaml")),
+        )
+        .unwrap();
+        let svc = CircuitService::new(ctl.clone(), Duration::ZERO).unwrap();
+        // The create's publication and the first pass's both fail.
+        svc.fail_publish.store(2, SeqCst);
+        svc.create(spec("c1", "10.1.0.0/24", "100Mbps"), None, "ops".into())
+            .await
+            .unwrap();
+        let _acks = ack(&ctl, &["e", "s"]);
+        svc.settle_once().await.unwrap();
+        let c = svc.get("c1").unwrap();
+        assert_eq!(c.state, CircuitState::Failed);
+        assert_eq!(
+            c.reason.as_deref(),
+            Some("not acknowledged by e, s (never published)")
+        );
+        assert!(ctl.published().circuits.is_empty());
+        svc.settle_once().await.unwrap();
+        assert_eq!(ctl.published().circuits.len(), 1);
+        let _acks = ack(&ctl, &["e", "s"]);
+        svc.settle_once().await.unwrap();
+        assert_eq!(svc.get("c1").unwrap().state, CircuitState::Active);
     }
 }

@@ -127,3 +127,25 @@ fn help_shows_an_example() {
     assert_eq!(out.status.code(), Some(0));
     assert!(text(&out.stdout).contains("tasman topology validate examples/apac.yaml"));
 }
+
+/// Output into a pipe whose reader has gone (`tasman topology validate ... | head -0`) ends the
+/// command quietly, killed by SIGPIPE like any Unix filter; it panicked ("failed printing to
+/// stdout: Broken pipe") with a backtrace on stderr and exit status 101.
+#[cfg(unix)]
+#[test]
+fn a_closed_stdout_pipe_ends_it_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    // Closed before the command starts: its first write finds no reader.
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_tasman"))
+        .args(["topology", "validate"])
+        .arg(repo("examples/apac.yaml"))
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("run tasman");
+    let stderr = text(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}", out.status);
+}

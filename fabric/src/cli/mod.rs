@@ -75,6 +75,12 @@ pub fn raise_nofile() {
 /// refused request), 2 unreadable input or usage error.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(
+        cli.command,
+        Command::Demo(_) | Command::Router(_) | Command::Controller(_)
+    ) {
+        die_on_closed_stdout();
+    }
     match cli.command {
         Command::Demo(args) => demo::run(args),
         Command::Topology(args) => topology::run(args),
@@ -83,6 +89,19 @@ pub fn main() -> ExitCode {
         Command::Controller(args) => controller::run(args),
         Command::Status(args) => status::run(args),
         Command::Circuit(cmd) => circuit::run(cmd),
+    }
+}
+
+/// For the one-shot commands: output into a pipe whose reader has gone (`tasman circuit list |
+/// head -3`) ends the process quietly, as for any Unix filter, instead of a panic with a
+/// backtrace ("failed printing to stdout: Broken pipe"). Rust ignores SIGPIPE by default; this
+/// restores the default action. Sockets are unaffected (std sends with MSG_NOSIGNAL), and the
+/// daemons keep ignoring it.
+fn die_on_closed_stdout() {
+    #[cfg(unix)]
+    // SAFETY: called once, before any thread is started; SIG_DFL is a valid disposition.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

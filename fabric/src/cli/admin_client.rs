@@ -29,7 +29,8 @@ pub enum Output {
 #[derive(Debug, Clone, Args)]
 pub struct AdminArgs {
     /// Admin API address (host:port or http://host:port).
-    #[arg(long, env = "TASMAN_CONTROLLER", default_value = "127.0.0.1:7401")]
+    #[arg(long, env = "TASMAN_CONTROLLER", default_value = "127.0.0.1:7401",
+          value_parser = parse_controller, value_name = "HOST:PORT")]
     pub controller: String,
     /// Bearer token for the admin API.
     #[arg(long, env = "TASMAN_TOKEN", hide_env_values = true)]
@@ -45,6 +46,48 @@ pub struct AdminArgs {
     #[arg(long, env = "TASMAN_REQUEST_TIMEOUT", default_value = "60s",
           value_parser = parse_request_timeout, value_name = "DURATION")]
     pub request_timeout: Duration,
+}
+
+/// `--controller`: `HOST:PORT` or `http://HOST:PORT` (a trailing `/` allowed), as the
+/// `HOST:PORT` the client connects to. The admin API is plain HTTP at its root: a scheme other
+/// than `http://`, a path, or a missing port are refused here, naming the flag, rather than
+/// failing later as an address that cannot be resolved.
+pub(crate) fn parse_controller(s: &str) -> Result<String, String> {
+    let t = s.trim();
+    let rest = match t.split_once("://") {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
+        Some((scheme, _)) => {
+            return Err(format!(
+                "{s:?}: the admin API is plain HTTP, not {scheme}: write HOST:PORT or \
+                 http://HOST:PORT"
+            ));
+        }
+        None => t,
+    };
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.contains('/') {
+        return Err(format!(
+            "{s:?}: a path is not allowed (the admin API is at the root): write HOST:PORT or \
+             http://HOST:PORT"
+        ));
+    }
+    let port = match authority.rsplit_once(':') {
+        // An IPv6 address without brackets ("::1") has colons but no port.
+        Some((host, port)) if !host.is_empty() && (!host.contains(':') || host.ends_with(']')) => {
+            port
+        }
+        _ => {
+            return Err(format!(
+                "{s:?} has no port: write HOST:PORT, e.g. 127.0.0.1:7401 or [::1]:7401"
+            ));
+        }
+    };
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(authority.to_string()),
+        _ => Err(format!(
+            "{s:?}: port {port:?} is not a port number (1 to 65535)"
+        )),
+    }
 }
 
 /// `--request-timeout`'s default.
@@ -76,6 +119,9 @@ pub enum ClientError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// A token file with nothing in it: sending no token would only be refused as a wrong one.
+    #[error("{}: the token file is empty (--token-file / TASMAN_TOKEN_FILE)", .0.display())]
+    EmptyTokenFile(PathBuf),
     /// The controller refused the request (status, its message and diagnostics).
     #[error("{error}")]
     Refused {
@@ -116,20 +162,29 @@ impl AdminClient {
     pub fn new(args: &AdminArgs) -> Result<Self, ClientError> {
         let token = match (&args.token, &args.token_file) {
             (Some(t), _) => t.clone(),
-            (None, Some(p)) => std::fs::read_to_string(p)
-                .map_err(|source| ClientError::TokenFile {
-                    path: p.clone(),
-                    source,
-                })?
-                .trim()
-                .to_string(),
+            (None, Some(p)) => {
+                let t = std::fs::read_to_string(p)
+                    .map_err(|source| ClientError::TokenFile {
+                        path: p.clone(),
+                        source,
+                    })?
+                    .trim()
+                    .to_string();
+                if t.is_empty() {
+                    return Err(ClientError::EmptyTokenFile(p.clone()));
+                }
+                t
+            }
             (None, None) => String::new(),
         };
-        let authority = args
-            .controller
-            .trim_start_matches("http://")
-            .trim_end_matches('/')
-            .to_string();
+        // Normally normalised by clap already ([`parse_controller`]); a value built in code
+        // that does not parse is kept as given, and fails to connect naming it.
+        let authority = parse_controller(&args.controller).unwrap_or_else(|_| {
+            args.controller
+                .trim_start_matches("http://")
+                .trim_end_matches('/')
+                .to_string()
+        });
         Ok(AdminClient {
             authority,
             token,
@@ -205,20 +260,37 @@ impl AdminClient {
             .map_err(|e| ClientError::Protocol(e.to_string()))?
             .to_bytes();
         if !status.is_success() {
-            let (error, diagnostics) = match serde_json::from_slice::<ErrorBody>(&bytes) {
-                Ok(b) => (b.error, b.diagnostics),
-                Err(_) => (
-                    format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)),
-                    Vec::new(),
-                ),
-            };
-            return Err(ClientError::Refused {
-                status: status.as_u16(),
-                error,
-                diagnostics,
+            // Every refusal of the controller is a JSON error body. Anything else came from
+            // something that is not its admin API (another service on that port, a proxy): not
+            // a refusal of the request (exit 1) but an unusable controller address (exit 2).
+            return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(b) => ClientError::Refused {
+                    status: status.as_u16(),
+                    error: b.error,
+                    diagnostics: b.diagnostics,
+                },
+                Err(_) => ClientError::Protocol(format!(
+                    "HTTP {status} from {} without the admin API's error body ({}): is \
+                     --controller the controller's admin address?",
+                    self.authority,
+                    excerpt(&bytes)
+                )),
             });
         }
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+}
+
+/// The start of a body that is not ours, on one line, for an error message.
+fn excerpt(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let one_line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if one_line.is_empty() {
+        return "empty body".to_string();
+    }
+    match one_line.char_indices().nth(120) {
+        Some((i, _)) => format!("body starts {:?}...", &one_line[..i]),
+        None => format!("body {one_line:?}"),
     }
 }
 
@@ -240,4 +312,128 @@ pub fn report(e: &ClientError, file: &str) -> std::process::ExitCode {
         }
     }
     std::process::ExitCode::from(e.exit_code())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn args(controller: &str) -> AdminArgs {
+        AdminArgs {
+            controller: controller.into(),
+            token: Some("tok".into()),
+            token_file: None,
+            output: Output::Text,
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// A server on `127.0.0.1:0` answering every request with a 404 of this type and body.
+    async fn answering(content_type: &str, body: &str) -> std::net::SocketAddr {
+        let answer = format!(
+            "HTTP/1.1 404 Not Found\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(answer.as_bytes()).await;
+                let _ = s.shutdown().await;
+            }
+        });
+        addr
+    }
+
+    /// Something other than the admin API on --controller's port (a web server's HTML 404)
+    /// is an unusable address, exit 2, with the start of its body on one line; it was
+    /// reported as the controller refusing the request (exit 1) with the whole page.
+    #[tokio::test]
+    async fn a_non_controller_answer_is_not_a_refusal() {
+        let page = "<html>\n<body>\n<h1>File not found</h1>\n</body></html>";
+        let addr = answering("text/html", page).await;
+        let c = AdminClient::new(&args(&addr.to_string())).unwrap();
+        let err = c.get::<serde_json::Value>("/v1/status").await.unwrap_err();
+        assert!(matches!(err, ClientError::Protocol(_)), "{err:?}");
+        assert_eq!(err.exit_code(), 2);
+        let msg = err.to_string();
+        assert!(
+            msg.contains("HTTP 404 Not Found")
+                && msg.contains("<html> <body> <h1>File not found</h1>")
+                && msg.contains("is --controller the controller's admin address?")
+                && !msg.contains('\n'),
+            "{msg}"
+        );
+
+        // The controller's own refusals (a JSON error body) stay refusals.
+        let refusal = r#"{"error":"no circuit \"x\""}"#;
+        let addr = answering("application/json", refusal).await;
+        let c = AdminClient::new(&args(&addr.to_string())).unwrap();
+        let err = c
+            .get::<serde_json::Value>("/v1/circuits/x")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, ClientError::Refused { status: 404, error, .. }
+                if error == "no circuit \"x\""),
+            "{err:?}"
+        );
+        assert_eq!(err.exit_code(), 1);
+    }
+
+    /// An empty token file is refused before any request (exit 2, naming the file); it sent no
+    /// token, and the controller's answer pointed at --token instead.
+    #[test]
+    fn an_empty_token_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admin-token");
+        std::fs::write(&path, " \n").unwrap();
+        let mut a = args("127.0.0.1:7401");
+        a.token = None;
+        a.token_file = Some(path.clone());
+        let err = AdminClient::new(&a).err().expect("refused");
+        assert_eq!(err.exit_code(), 2);
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}: the token file is empty (--token-file / TASMAN_TOKEN_FILE)",
+                path.display()
+            )
+        );
+        std::fs::write(&path, "tok\n").unwrap();
+        assert_eq!(AdminClient::new(&a).unwrap().token, "tok");
+    }
+
+    /// `--controller` takes HOST:PORT or http://HOST:PORT; https, a path or no port are refused
+    /// naming what is wrong (they failed as "failed to lookup address information", "invalid
+    /// port value" or "invalid socket address").
+    #[test]
+    fn controller_address_is_checked() {
+        for (given, want) in [
+            ("127.0.0.1:7401", "127.0.0.1:7401"),
+            ("http://127.0.0.1:7401", "127.0.0.1:7401"),
+            ("HTTP://ctl.example:7401/", "ctl.example:7401"),
+            ("[::1]:7401", "[::1]:7401"),
+            (" localhost:7401 ", "localhost:7401"),
+        ] {
+            assert_eq!(parse_controller(given).as_deref(), Ok(want), "{given}");
+        }
+        for (given, why) in [
+            ("https://127.0.0.1:7401", "plain HTTP, not https"),
+            ("http://127.0.0.1:7401/api", "a path is not allowed"),
+            ("ctl.example", "has no port"),
+            ("::1", "has no port"),
+            ("127.0.0.1:", "is not a port number"),
+            ("127.0.0.1:99999", "is not a port number"),
+            ("127.0.0.1:0", "is not a port number"),
+            (":7401", "has no port"),
+        ] {
+            let e = parse_controller(given).unwrap_err();
+            assert!(e.contains(why), "{given}: {e}");
+        }
+    }
 }

@@ -33,7 +33,8 @@ pub enum Output {
 #[derive(Debug, Clone, Args)]
 pub struct CircuitAdmin {
     /// Admin API address (host:port or http://host:port).
-    #[arg(long, env = "TASMAN_CONTROLLER", default_value = "127.0.0.1:7401")]
+    #[arg(long, env = "TASMAN_CONTROLLER", default_value = "127.0.0.1:7401",
+          value_parser = crate::cli::admin_client::parse_controller, value_name = "HOST:PORT")]
     pub controller: String,
     /// Bearer token for the admin API.
     #[arg(long, env = "TASMAN_TOKEN", hide_env_values = true)]

@@ -166,9 +166,20 @@ pub struct WaitArgs {
     /// Block until the circuit is active or failed (decommissioned for delete).
     #[arg(long)]
     pub wait: bool,
-    /// How long --wait waits, in seconds.
-    #[arg(long, value_name = "SECONDS", default_value_t = 120)]
-    pub timeout: u64,
+    /// How long --wait waits: seconds (120) or a duration (2m, 90s).
+    #[arg(long, value_name = "SECONDS", default_value = "120", requires = "wait",
+          value_parser = parse_wait_timeout)]
+    pub timeout: Duration,
+}
+
+/// `--timeout`: whole seconds, as it always took, or a duration with a unit (`2m`, `90s`).
+fn parse_wait_timeout(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    if let Ok(secs) = t.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(t)
+        .map_err(|e| format!("{s:?}: {e} (expected seconds, e.g. 120, or a duration, e.g. 2m)"))
 }
 
 #[derive(Debug, Clone, Args)]
@@ -520,11 +531,11 @@ async fn wait(
             }
             return Ok(c);
         }
-        if start.elapsed() >= Duration::from_secs(w.timeout) {
+        if start.elapsed() >= w.timeout {
             return Err(CmdError::Timeout {
                 id: c.id.to_string(),
                 state: c.state,
-                waited: Duration::from_secs(w.timeout),
+                waited: w.timeout,
             });
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -747,6 +758,41 @@ mod tests {
         .unwrap()
     }
 
+    /// `--timeout` bounds `--wait`: given without it, it is refused instead of ignored; it takes
+    /// seconds as before and a duration with a unit (`2m` was refused as "invalid digit found
+    /// in string").
+    #[test]
+    fn timeout_needs_wait_and_takes_a_duration() {
+        let parse = |extra: &[&str]| {
+            let argv = ["circuit", "delete", "acme"].iter().chain(extra).copied();
+            Cli::try_parse_from(argv).map(|c| match c.cmd {
+                CircuitCmd::Delete(a) => a.wait,
+                _ => unreachable!(),
+            })
+        };
+        let w = parse(&[]).unwrap();
+        assert_eq!((w.wait, w.timeout), (false, Duration::from_secs(120)));
+        for (given, secs) in [("30", 30), ("2m", 120), ("90s", 90), (" 5 ", 5)] {
+            let w = parse(&["--wait", "--timeout", given]).unwrap();
+            assert_eq!(w.timeout, Duration::from_secs(secs), "{given}");
+        }
+        let err = parse(&["--timeout", "30"]).unwrap_err();
+        assert_eq!(
+            err.kind(),
+            clap::error::ErrorKind::MissingRequiredArgument,
+            "{err}"
+        );
+        assert!(err.to_string().contains("--wait"), "{err}");
+        let err = parse(&["--wait", "--timeout", "soon"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("'soon' for '--timeout <SECONDS>'")
+                && err.contains("expected seconds, e.g. 120, or a duration, e.g. 2m"),
+            "{err}"
+        );
+    }
+
     /// `create` of `name` from `prefix` at e to chat, with idempotency key `key`, and
     /// `--wait --timeout 10` when `wait`.
     fn create(key: &str, name: &str, prefix: &str, wait: bool) -> Vec<String> {
@@ -934,7 +980,7 @@ mod tests {
         // 0 or seconds) is done, not refused; a create's wait stops as for a deleted one.
         let w = WaitArgs {
             wait: true,
-            timeout: 10,
+            timeout: Duration::from_secs(10),
         };
         let c = wait(&api, "c-000001", &w, true)
             .await

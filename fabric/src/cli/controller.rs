@@ -57,8 +57,9 @@ pub struct ControllerArgs {
     pub issue_valid_for: std::time::Duration,
     /// How long a decommissioned circuit stays listed (`tasman circuit list --all`, the
     /// metrics) before it is archived: found by id only then (`show` says when it was
-    /// archived), listed by `tasman circuit list --archived`. A duration (e.g. 30d, 72h); 0
-    /// archives at the next hourly sweep; `off` never archives.
+    /// archived), listed by `tasman circuit list --archived`. A duration (e.g. 30d, 72h); the
+    /// sweep runs hourly, or as often as a shorter retention (once a second at most: 0
+    /// archives within a second); `off` never archives.
     #[arg(long, default_value = "30d", value_parser = parse_retention, value_name = "DURATION")]
     pub circuit_retention: Retention,
 }

@@ -99,7 +99,12 @@ fn setup() -> (tempfile::TempDir, PathBuf) {
 fn bad_input_is_refused_with_a_clear_message_and_changes_nothing() {
     let (dir, topo) = setup();
     let c = Controller::start(&topo, &dir.path().join("state"));
-    let cases: [(Vec<&str>, i32, &str); 6] = [
+    let keyed = |key| {
+        let mut a = create_args("a", "10.0.0.0/24", "100Mbps");
+        a.extend(["--idempotency-key", key]);
+        a
+    };
+    let cases: [(Vec<&str>, i32, &str); 8] = [
         (
             create_args("a", "10.0.0.0/24", "100Mbps")
                 .into_iter()
@@ -128,10 +133,22 @@ fn bad_input_is_refused_with_a_clear_message_and_changes_nothing() {
             1,
             "rate 2Gbps exceeds the capacity of every path from \"e1\" to \"llm\": the widest path is limited by link s1--t1 with capacity 1Gbps",
         ),
+        // Malformed names and keys are bad input (exit 2) named by their flag, as the docs
+        // say; they were sent and refused by the controller (exit 1) without the flag.
         (
             create_args("bad name!", "10.0.0.0/24", "100Mbps"),
-            1,
-            "contains ' '",
+            2,
+            "invalid value 'bad name!' for '--name <NAME>': name \"bad name!\" contains ' '",
+        ),
+        (
+            create_args("c-7", "10.0.0.0/24", "100Mbps"),
+            2,
+            "invalid value 'c-7' for '--name <NAME>': name \"c-7\" has the form of a circuit id",
+        ),
+        (
+            keyed("order 7"),
+            2,
+            "invalid value 'order 7' for '--idempotency-key <IDEMPOTENCY_KEY>': idempotency key \"order 7\" contains ' '",
         ),
     ];
     for (args, code, msg) in cases {

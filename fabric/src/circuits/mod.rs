@@ -398,6 +398,23 @@ fn check_name(what: &str, s: &str, max: usize) -> Result<(), CircuitError> {
     Ok(())
 }
 
+/// A circuit's name as [`admit`] takes it: 1 to 64 letters, digits, `-`, `_`, `.` or `:`, and
+/// not of the form of an id. Public for the CLI, to refuse a malformed `--name` before asking.
+pub fn check_circuit_name(name: &str) -> Result<(), CircuitError> {
+    check_name("name", name, MAX_NAME)?;
+    if is_id_form(name) {
+        return Err(CircuitError::Invalid(format!(
+            "name {name:?} has the form of a circuit id (c- and digits), which commands taking an id or a name would read as an id; choose another name"
+        )));
+    }
+    Ok(())
+}
+
+/// An idempotency key as a create takes it: 1 to 128 letters, digits, `-`, `_`, `.` or `:`.
+pub fn check_idempotency_key(key: &str) -> Result<(), CircuitError> {
+    check_name("idempotency key", key, MAX_KEY)
+}
+
 /// `c-` and one or more digits: the form of circuit ids (`c-000007`).
 fn is_id_form(s: &str) -> bool {
     s.strip_prefix("c-")
@@ -625,13 +642,7 @@ pub fn admit(
     circuits: &[Circuit],
     spec: &CircuitSpec,
 ) -> Result<Admission, CircuitError> {
-    check_name("name", &spec.name, MAX_NAME)?;
-    if is_id_form(&spec.name) {
-        return Err(CircuitError::Invalid(format!(
-            "name {:?} has the form of a circuit id (c- and digits), which commands taking an id or a name would read as an id; choose another name",
-            spec.name
-        )));
-    }
+    check_circuit_name(&spec.name)?;
     check_prefix(spec.a_end.prefix)?;
     if let Some(other) = circuits
         .iter()
@@ -688,7 +699,7 @@ pub fn create(
     actor: &str,
 ) -> Result<(Circuit, bool), CircuitError> {
     if let Some(k) = key {
-        check_name("idempotency key", k, MAX_KEY)?;
+        check_idempotency_key(k)?;
         if let Some(id) = CIRCUIT_KEYS.get(tx, k)? {
             // The key outlives the circuit's stay in the live table (a tombstone): a replay of
             // an archived circuit's create gets that circuit, decommissioned, as before its

@@ -104,7 +104,7 @@ pub enum CircuitCmd {
 #[derive(Debug, Clone, Args)]
 pub struct SpecArgs {
     /// The circuit's name (letters, digits, '-', '_', '.', ':').
-    #[arg(long)]
+    #[arg(long, value_parser = parse_name)]
     pub name: String,
     /// A-end: the edge node the customer connects to.
     #[arg(long)]
@@ -134,12 +134,28 @@ pub struct SpecArgs {
     pub admin: CircuitAdmin,
 }
 
+/// The text of a [`crate::circuits::CircuitError::Invalid`] for a flag's message.
+fn invalid(e: crate::circuits::CircuitError) -> String {
+    e.to_string()
+        .trim_start_matches("invalid circuit: ")
+        .to_string()
+}
+
+/// `--name`: refused here (exit 2, naming the flag) when the controller would refuse it as
+/// malformed.
+fn parse_name(s: &str) -> Result<String, String> {
+    crate::circuits::check_circuit_name(s).map_err(invalid)?;
+    Ok(s.to_string())
+}
+
+/// `--idempotency-key`: as `--name`.
+fn parse_idempotency_key(s: &str) -> Result<String, String> {
+    crate::circuits::check_idempotency_key(s).map_err(invalid)?;
+    Ok(s.to_string())
+}
+
 fn parse_prefix(s: &str) -> Result<IpNetwork, String> {
-    crate::circuits::parse_prefix(s).map_err(|e| {
-        e.to_string()
-            .trim_start_matches("invalid circuit: ")
-            .to_string()
-    })
+    crate::circuits::parse_prefix(s).map_err(invalid)
 }
 
 impl SpecArgs {
@@ -187,7 +203,7 @@ pub struct CreateArgs {
     #[command(flatten)]
     pub spec: SpecArgs,
     /// A retried create with the same key returns the same circuit instead of a second one.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_idempotency_key)]
     pub idempotency_key: Option<String>,
     #[command(flatten)]
     pub wait: WaitArgs,

@@ -8,7 +8,9 @@ use std::process::ExitCode;
 use clap::Args;
 
 use super::admin_client::{AdminArgs, AdminClient, ClientError, Output, block_on, report};
-use crate::admin::topology::{ApplyRequest, CurrentResponse, HistoryEntry, RollbackRequest};
+use crate::admin::topology::{
+    ApplyRequest, CurrentResponse, HistoryEntry, MAX_HISTORY_LIMIT, RollbackRequest,
+};
 use crate::controller::ApplyOutcome;
 
 #[derive(Debug, Args)]
@@ -49,10 +51,22 @@ pub struct ApplyArgs {
 #[derive(Debug, Args)]
 #[command(after_help = "Example:\n  tasman topology history --limit 10")]
 pub struct HistoryArgs {
-    #[arg(long, default_value_t = 20)]
+    /// How many versions, newest first: 1 to 10000 (what one request returns at most).
+    #[arg(long, default_value_t = 20, value_parser = parse_limit)]
     pub limit: usize,
     #[command(flatten)]
     pub admin: AdminArgs,
+}
+
+/// `--limit`: 1 to [`MAX_HISTORY_LIMIT`]. The controller caps a larger one and lists one
+/// version for 0, so both are refused here rather than answered with another count.
+fn parse_limit(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX_HISTORY_LIMIT).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "{s:?}: expected a number of versions from 1 to {MAX_HISTORY_LIMIT}"
+        )),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -434,4 +448,35 @@ async fn edit_loop(c: &AdminClient, args: &EditArgs) -> Result<ExitCode, ClientE
         let _ = std::fs::remove_dir_all(&dir);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        history: HistoryArgs,
+    }
+
+    /// `history --limit` is 1 to 10000: 0 listed one version and a larger one was cut to 10000
+    /// by the controller, both without a word.
+    #[test]
+    fn history_limit_is_from_1_to_the_controllers_maximum() {
+        let limit =
+            |v: &str| Cli::try_parse_from(["history", "--limit", v]).map(|c| c.history.limit);
+        assert_eq!(Cli::try_parse_from(["history"]).unwrap().history.limit, 20);
+        assert_eq!(limit("1").unwrap(), 1);
+        assert_eq!(limit("10000").unwrap(), 10_000);
+        for bad in ["0", "10001", " 20000 ", "many"] {
+            let err = limit(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("for '--limit <LIMIT>'")
+                    && err.contains("expected a number of versions from 1 to 10000"),
+                "{bad}: {err}"
+            );
+        }
+    }
 }

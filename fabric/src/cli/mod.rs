@@ -93,16 +93,33 @@ pub fn main() -> ExitCode {
 }
 
 /// For the one-shot commands: output into a pipe whose reader has gone (`tasman circuit list |
-/// head -3`) ends the process quietly, as for any Unix filter, instead of a panic with a
-/// backtrace ("failed printing to stdout: Broken pipe"). Rust ignores SIGPIPE by default; this
-/// restores the default action. Sockets are unaffected (std sends with MSG_NOSIGNAL), and the
-/// daemons keep ignoring it.
+/// head -3`) ends the process quietly, killed by SIGPIPE as any Unix filter is, instead of a
+/// panic with a backtrace ("failed printing to stdout: Broken pipe").
+///
+/// SIGPIPE itself stays ignored (Rust's default): the admin client's TCP writes are vectored
+/// (`writev`, which has no MSG_NOSIGNAL), so with the default action a controller closing the
+/// connection during a write would kill the command silently instead of failing it with an
+/// error. Only the print's own failure, caught by a panic hook, raises SIGPIPE.
 fn die_on_closed_stdout() {
-    #[cfg(unix)]
-    // SAFETY: called once, before any thread is started; SIG_DFL is a valid disposition.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+            #[cfg(unix)]
+            // SAFETY: SIG_DFL is a valid disposition, and raise only sends a signal to this
+            // thread; the default action for SIGPIPE ends the whole process.
+            unsafe {
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+                libc::raise(libc::SIGPIPE);
+            }
+        }
+        default(info)
+    }));
 }
 
 /// `2026-11-29 02:37:23` (UTC) from unix milliseconds.

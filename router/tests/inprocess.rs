@@ -540,6 +540,37 @@ fn errors(h: &RouterHandle, code: &str) -> u64 {
     metric(&h.metrics_text(), &series).unwrap_or(0)
 }
 
+/// What an edge knows that explains a failed client connection: its candidates for `service`,
+/// and its metrics on tries, errors and neighbours.
+fn edge_view(edge: &RouterHandle, service: &str) -> String {
+    let m = edge.metrics_text();
+    let lines: Vec<_> = m
+        .lines()
+        .filter(|l| {
+            [
+                "tasman_stream_errors_total",
+                "tasman_failovers_total",
+                "tasman_neighbour_",
+                "tasman_edge_clients_",
+                "tasman_table_rebuilds_total",
+            ]
+            .iter()
+            .any(|p| l.starts_with(p))
+        })
+        .collect();
+    let cands: Vec<_> = edge
+        .routes()
+        .candidates(service)
+        .iter()
+        .flat_map(|c| c.iter())
+        .map(|c| format!("{} (cost {:?})", c.site, c.cost))
+        .collect();
+    format!(
+        "edge candidates for {service}: {cands:?}\nedge metrics:\n{}",
+        lines.join("\n")
+    )
+}
+
 /// The router of node `id`.
 fn node<'a>(hs: &'a [RouterHandle], id: &str) -> &'a RouterHandle {
     hs.iter()
@@ -1414,11 +1445,14 @@ async fn near_and_far(
 
 /// A client connection through the edge that has echoed `hello` once.
 async fn held_connection(port: u16, hello: &[u8]) -> tokio::net::TcpStream {
-    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    echo_once(&mut c, hello).await.unwrap();
-    c
+    try_held_connection(port, hello).await.unwrap()
+}
+
+/// [`held_connection`], its failure returned: the connect or the echo's error.
+async fn try_held_connection(port: u16, hello: &[u8]) -> std::io::Result<tokio::net::TcpStream> {
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    echo_once(&mut c, hello).await?;
+    Ok(c)
 }
 
 /// Writes `msg` on `c` and reads it back, within 10 s.
@@ -1818,9 +1852,12 @@ async fn a_neighbour_refusing_our_certificate_is_redialled_with_backoff() {
 
 // ---- Traffic dials ----
 
-/// Opens `n` client connections through the edge on `port`, `batch` at a time, each held until
-/// the backends count it; returns how many more connections backends `a` and `b` served.
+/// Opens `n` client connections through `edge` on `port`, `batch` at a time, each held until
+/// the backends count it; returns how many more connections backends `a` and `b` served. A
+/// connection that fails says how (the error, and how long after its connect) with the edge's
+/// view: its errors by code, failovers, neighbours and candidates.
 async fn served(
+    edge: &RouterHandle,
     port: u16,
     n: usize,
     batch: usize,
@@ -1834,12 +1871,25 @@ async fn served(
         let open: Vec<_> = (0..k)
             .map(|i| {
                 let hello = format!("connection {i}").into_bytes();
-                tokio::spawn(async move { held_connection(port, &hello).await })
+                tokio::spawn(async move {
+                    let t0 = Instant::now();
+                    try_held_connection(port, &hello)
+                        .await
+                        .map_err(|e| (e, t0.elapsed()))
+                })
             })
             .collect();
         let mut conns = Vec::with_capacity(k);
-        for c in open {
-            conns.push(c.await.unwrap());
+        for (i, c) in open.into_iter().enumerate() {
+            match c.await.unwrap() {
+                Ok(c) => conns.push(c),
+                Err((e, after)) => panic!(
+                    "connection {} of {n} failed after {after:?}: {:?}: {e}\n{}",
+                    done + i,
+                    e.kind(),
+                    edge_view(edge, "echo")
+                ),
+            }
         }
         // Held past `HELD`, so that the backends tell them from health checks.
         wait_until(
@@ -1905,7 +1955,9 @@ async fn a_dialled_site_takes_its_share_and_never_refuses() {
     .await;
     assert_eq!(
         shares(&hs[0]),
-        [("near".to_string(), 0.25), ("far".to_string(), 0.75)]
+        [("near".to_string(), 0.25), ("far".to_string(), 0.75)],
+        "edge candidates: {:?}",
+        hs[0].routes().candidates("echo")
     );
     let m = hs[0].metrics_text();
     assert!(
@@ -1916,7 +1968,7 @@ async fn a_dialled_site_takes_its_share_and_never_refuses() {
         "{m}"
     );
 
-    let (near, far) = served(port, 200, 25, &a, &b).await;
+    let (near, far) = served(&hs[0], port, 200, 25, &a, &b).await;
     assert_eq!(near + far, 200);
     assert!(
         (40..=60).contains(&near),
@@ -1927,7 +1979,7 @@ async fn a_dialled_site_takes_its_share_and_never_refuses() {
     let far_router = hs.remove(2);
     assert_eq!(far_router.telemetry().node.as_str(), "far");
     far_router.shutdown().await;
-    let (near, far) = served(port, 40, 10, &a, &b).await;
+    let (near, far) = served(&hs[0], port, 40, 10, &a, &b).await;
     assert_eq!((near, far), (40, 0), "with far stopped");
     for h in hs {
         h.shutdown().await;

@@ -60,6 +60,9 @@ pub struct Metrics {
     pub table_rebuilds: AtomicU64,
     /// Neighbours declared down after missed probes.
     pub neighbour_down_total: AtomicU64,
+    /// Probe deadlines met late because this router stalled, which re-probed instead of
+    /// judging the neighbour.
+    pub probe_stalls_total: AtomicU64,
     /// Incoming connections refused: every failed handshake (a refused certificate, but also
     /// a timeout or a protocol error), a certificate name that is not a node of the topology,
     /// and a connection closed because a snapshot removed its peer.
@@ -261,6 +264,13 @@ impl Metrics {
             "Neighbours declared down after missed probes.",
             "counter",
             self.neighbour_down_total.load(Relaxed),
+        );
+        counter(
+            &mut s,
+            "probe_stalls_total",
+            "Probe deadlines met more than a probe timeout late (this router was not running: starved of CPU or paused), which probed again instead of judging the neighbour.",
+            "counter",
+            self.probe_stalls_total.load(Relaxed),
         );
         counter(
             &mut s,

@@ -226,6 +226,10 @@ pub(crate) const HARD_SILENCE: Duration = Duration::from_secs(2);
 /// comes back without its transfers being cut, and a dead one's streams end after this.
 pub(crate) const DEAD_AFTER: Duration = Duration::from_secs(1);
 
+/// How many deadlines in a row, met late by this router's own stall, may re-probe instead of
+/// judging the peer ([`Liveness::stalled`]).
+pub(crate) const MAX_STALL_GRACES: u32 = 3;
+
 /// BFD-style liveness of one neighbour connection, as a pure state machine (times are passed in).
 ///
 /// A probe is *missed* when neither its reply nor any other packet from the peer arrived within
@@ -250,6 +254,12 @@ pub(crate) const DEAD_AFTER: Duration = Duration::from_secs(1);
 /// a bulk transfer the congestion window can stay full until quinn's loss-probe timer fires, and
 /// nothing at all is sent to the peer (so it has nothing to answer). A probe that has not left
 /// this router is not held against the peer ([`Liveness::unsent`]); [`HARD_SILENCE`] bounds that.
+///
+/// Nor is a stall of this router's own process (starved of CPU, paused): its deadline's timer
+/// then fires late, and the peer's replies may be waiting unread in this router's own socket.
+/// A deadline met more than a probe timeout late re-probes instead of judging
+/// ([`Liveness::stalled`]), up to [`MAX_STALL_GRACES`] times in a row without hearing from the
+/// peer, which bounds what a router that keeps stalling adds to a dead peer's detection.
 #[derive(Debug)]
 pub(crate) struct Liveness {
     /// `interval x misses`: the classic rule's silence, before its slack.
@@ -267,6 +277,8 @@ pub(crate) struct Liveness {
     /// Deadline of the oldest probe not yet answered.
     outstanding: Option<tokio::time::Instant>,
     misses: u32,
+    /// Stall graces given since the peer last answered ([`Liveness::stalled`]).
+    graces: u32,
     /// A `Down` verdict was given and the peer has not [`Liveness::recovered`] since: only
     /// [`DEAD_AFTER`] of silence is watched for.
     down: bool,
@@ -285,6 +297,7 @@ impl Liveness {
             last_heard: now,
             outstanding: None,
             misses: 0,
+            graces: 0,
             down: false,
         }
     }
@@ -327,6 +340,27 @@ impl Liveness {
     pub fn answered(&mut self) {
         self.outstanding = None;
         self.misses = 0;
+        self.graces = 0;
+    }
+    /// At a deadline met late because this router itself was not running (see [`Liveness`]):
+    /// whether the peer gets the benefit of the doubt. If so, the outstanding probe is
+    /// forgotten (the caller sends another) and neither the classic rule nor [`HARD_SILENCE`]
+    /// may give a verdict before `now + timeout`, one probe timeout for the replies waiting in
+    /// the socket to be read. Not once down, and not past [`MAX_STALL_GRACES`] in a row.
+    pub fn stalled(&mut self, now: tokio::time::Instant, timeout: Duration) -> bool {
+        if self.down || self.graces >= MAX_STALL_GRACES {
+            return false;
+        }
+        self.graces += 1;
+        self.outstanding = None;
+        let until = now + timeout;
+        if let Some(t) = until.checked_sub(self.detect()) {
+            self.last_alive = self.last_alive.max(t);
+        }
+        if let Some(t) = until.checked_sub(HARD_SILENCE) {
+            self.last_heard = self.last_heard.max(t);
+        }
+        true
     }
     /// Credits traffic seen up to `at` as a sign of life for the classic rule.
     pub fn credit(&mut self, at: tokio::time::Instant) {
@@ -464,8 +498,9 @@ async fn probe_until_down(
         live.probe_sent(now, probe_timeout(conn.rtt()));
     };
     loop {
+        let deadline = live.deadline();
         tokio::select! {
-            _ = tokio::time::sleep_until(live.deadline()) => {
+            _ = tokio::time::sleep_until(deadline) => {
                 // Any packet from the peer since the probe went out answers it (a reply may
                 // queue behind bulk data); a dead peer sends nothing.
                 let st = conn.stats();
@@ -473,10 +508,25 @@ async fn probe_until_down(
                     live.answered();
                     continue;
                 }
+                let now = tokio::time::Instant::now();
+                let timeout = probe_timeout(conn.rtt());
+                // Met late: this router was not running (the peer's replies may be unread in
+                // our socket), so it re-probes instead of judging.
+                let late = now.saturating_duration_since(deadline);
+                if late > timeout && live.stalled(now, timeout) {
+                    tracing::debug!(
+                        node = %shared.node,
+                        neighbour = %nb.id,
+                        late_ms = late.as_millis() as u64,
+                        "probe deadline met late (this router stalled): probing again"
+                    );
+                    shared.metrics.probe_stalls_total.fetch_add(1, Relaxed);
+                    send_probe(&mut seq, &mut live, &mut at_probe, &mut sent_at);
+                    continue;
+                }
                 // A probe still queued behind a full congestion window has not left.
                 let probe_left = st.frame_tx.datagram > at_probe.1;
-                let now = tokio::time::Instant::now();
-                match live.at_deadline(now, probe_left, probe_timeout(conn.rtt())) {
+                match live.at_deadline(now, probe_left, timeout) {
                     Some(Verdict::Down) => {
                         let path = &st.path;
                         tracing::warn!(
@@ -825,5 +875,76 @@ mod tests {
         let rtt = Duration::from_micros(300);
         // Probes 5, 6 (fast re-probe) and 7 (fast re-probe) lost: down.
         assert!(run(p, rtt, Duration::from_secs(3600), &[5, 6, 7]).is_some());
+    }
+
+    /// This router stalls for 500 ms with a probe outstanding, its peer alive: the deadline met
+    /// late re-probes instead of judging (the classic rule and the hard silence, both passed
+    /// during the stall, wait one more probe timeout), and the reply read just after the stall
+    /// keeps the peer up. (The late deadline declared a live peer down.)
+    #[test]
+    fn a_deadline_met_late_by_our_own_stall_reprobes_instead_of_judging() {
+        let p = ProbeConfig::default();
+        let t0 = T::now();
+        let timeout = probe_timeout(Duration::from_micros(300));
+        let mut live = Liveness::new(p, t0);
+        live.probe_sent(t0, timeout);
+        let due = live.deadline();
+        let woke = due + Duration::from_millis(500);
+        // What the caller does: the deadline came more than a timeout late.
+        assert!(woke - due > timeout);
+        assert!(live.stalled(woke, timeout));
+        live.probe_sent(woke, timeout);
+        assert_eq!(live.deadline(), woke + timeout);
+        // Before that deadline, nothing is decided; the reply waiting in the socket is read.
+        assert_eq!(live.expire(woke + timeout - MS), None);
+        live.reply(woke + MS);
+        assert_eq!(live.expire(woke + timeout), None);
+        assert!(!live.down);
+        // Without the grace, the late deadline was a down verdict.
+        let mut judged = Liveness::new(p, t0);
+        judged.probe_sent(t0, timeout);
+        assert_eq!(judged.at_deadline(woke, true, timeout), Some(Verdict::Down));
+    }
+
+    /// A dead peer is still declared down by a router whose every deadline is met late: after
+    /// [`MAX_STALL_GRACES`] graces in a row (nothing heard), the next late deadline judges.
+    #[test]
+    fn a_router_that_keeps_stalling_still_declares_a_dead_peer_down() {
+        let p = ProbeConfig::default();
+        let t0 = T::now();
+        let timeout = probe_timeout(Duration::from_micros(300));
+        let mut live = Liveness::new(p, t0);
+        live.probe_sent(t0, timeout);
+        let late = timeout * 2;
+        let mut graces = 0;
+        let down_at = loop {
+            let now = live.deadline() + late;
+            if live.stalled(now, timeout) {
+                graces += 1;
+                live.probe_sent(now, timeout);
+                continue;
+            }
+            if let Some(Verdict::Down) = live.at_deadline(now, true, timeout) {
+                break now;
+            }
+            live.probe_sent(now, timeout);
+            assert!(now - t0 < Duration::from_secs(10), "never declared down");
+        };
+        assert_eq!(graces, MAX_STALL_GRACES);
+        // Each grace costs a probe timeout plus the lateness: bounded.
+        assert!(
+            down_at - t0 <= live.detect() + (timeout + late) * (MAX_STALL_GRACES + 1),
+            "down after {:?}",
+            down_at - t0
+        );
+        // A reply resets the graces.
+        let mut live = Liveness::new(p, t0);
+        live.probe_sent(t0, timeout);
+        for _ in 0..MAX_STALL_GRACES {
+            assert!(live.stalled(live.deadline() + late, timeout));
+        }
+        assert!(!live.stalled(live.deadline() + late, timeout));
+        live.reply(live.deadline());
+        assert!(live.stalled(live.deadline() + late, timeout));
     }
 }

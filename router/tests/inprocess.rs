@@ -2420,3 +2420,76 @@ async fn a_neighbour_back_from_an_outage_is_up_before_our_pending_dial_would_con
          its own"
     );
 }
+
+/// The process the three routers share stalls for 600 ms (both runtime workers blocked, as
+/// when the host starves it of CPU or a debugger pauses it): no router declares a neighbour
+/// down, since each probe deadline met late probes again instead of judging, and a client is
+/// served right after. (Every deadline that passed during the stall was a down verdict: the
+/// peers' replies were waiting unread in the routers' own sockets.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stall_of_the_routers_own_process_takes_no_neighbour_down() {
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let port = free_tcp_port();
+    let t = line_topology("echo", backend, port);
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t)));
+    let (hs, _txs) = spawn_all(&snap, dir.path(), |_, _| {}).await;
+    wait_for_route(
+        &hs[0],
+        "echo",
+        Duration::from_secs(10),
+        "edge never got a route",
+    )
+    .await;
+    let counter = |h: &RouterHandle, name: &str| {
+        let node = h.telemetry().node.to_string();
+        metric(&h.metrics_text(), &format!("{name}{{node=\"{node}\"}}")).unwrap_or(0)
+    };
+    let downs = |hs: &[RouterHandle]| {
+        hs.iter()
+            .map(|h| counter(h, "tasman_neighbour_down_total"))
+            .sum::<u64>()
+    };
+    let before = downs(&hs);
+    // Both workers block at once, so that no router task runs for the whole stall.
+    let barrier = Arc::new(std::sync::Barrier::new(3));
+    let stalls: Vec<_> = (0..2)
+        .map(|_| {
+            let b = barrier.clone();
+            tokio::spawn(async move {
+                b.wait();
+                std::thread::sleep(Duration::from_millis(600));
+            })
+        })
+        .collect();
+    barrier.wait();
+    for s in stalls {
+        s.await.unwrap();
+    }
+    let msg = b"after the stall";
+    assert_eq!(
+        echo_roundtrip(port, msg, Duration::from_secs(5))
+            .await
+            .unwrap(),
+        msg
+    );
+    // Give any verdict the stall would cause time to come (a few probe rounds).
+    let until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < until {
+        assert_eq!(
+            downs(&hs),
+            before,
+            "a neighbour was declared down after the stall: {}",
+            hs.iter().map(|h| h.metrics_text()).collect::<String>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stalled: u64 = hs
+        .iter()
+        .map(|h| counter(h, "tasman_probe_stalls_total"))
+        .sum();
+    assert!(stalled > 0, "no late probe deadline counted");
+    for h in hs {
+        h.shutdown().await;
+    }
+}

@@ -704,3 +704,41 @@ fn a_ca_rotation_needs_no_restart() {
         0
     );
 }
+
+/// `tasman pki issue` refuses a name no topology can give a node (uppercase, dots, a doubled
+/// hyphen), before issuing any of the names it was given: no router
+/// could load such a certificate (a router reads ID.pem by its node id). `controller` and
+/// a node id not in any topology yet are issued. (`SYD-EDGE-1` was issued, exit 0.)
+#[test]
+fn pki_issue_refuses_a_name_that_no_node_can_have() {
+    let dir = tempfile::tempdir().unwrap();
+    tasman_pki(dir.path(), &["init"]);
+    for (bad, hint) in [
+        ("SYD-EDGE-1", Some("did you mean syd-edge-1?")),
+        ("syd.edge.1", None),
+        ("syd--edge", None),
+    ] {
+        let out = std::process::Command::new(tasman())
+            .args(["pki", "issue", "good-1", bad, "--dir"])
+            .arg(dir.path())
+            .output()
+            .expect("run tasman pki");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {stderr}");
+        assert!(
+            stderr.contains(&format!("error: {bad}: not a node id")),
+            "{bad}: {stderr}"
+        );
+        if let Some(hint) = hint {
+            assert!(stderr.contains(hint), "{bad}: {stderr}");
+        }
+        assert!(
+            !dir.path().join("good-1.pem").exists()
+                && !dir.path().join(format!("{bad}.pem")).exists(),
+            "{bad}: a certificate was issued"
+        );
+    }
+    tasman_pki(dir.path(), &["issue", "controller", "new-node-7"]);
+    assert!(dir.path().join("controller.pem").exists());
+    assert!(dir.path().join("new-node-7.pem").exists());
+}

@@ -175,6 +175,27 @@ fn fail(e: &PkiError) -> ExitCode {
     exit_for(e)
 }
 
+/// Why `name` cannot be a node's certificate name although the certificate could be made: it
+/// is no node id a topology can hold (`controller`, the controller's own, is allowed).
+fn not_a_node_id(name: &str) -> Option<String> {
+    if name == "controller" || topology::is_valid_id(name) || !pki::valid_name(name) {
+        // An invalid certificate name is refused by `pki::issue_with`, with its own reason.
+        return None;
+    }
+    Some(format!(
+        "not a node id: ids are 1-63 lowercase letters and digits joined by single hyphens \
+         (e.g. syd-edge-1), and a router loads its certificate as ID.pem by its id, so no \
+         router could use this one{}",
+        if name.bytes().any(|b| b.is_ascii_uppercase())
+            && topology::is_valid_id(&name.to_ascii_lowercase())
+        {
+            format!(" (did you mean {}?)", name.to_ascii_lowercase())
+        } else {
+            String::new()
+        }
+    ))
+}
+
 fn exit_for(e: &PkiError) -> ExitCode {
     match e {
         PkiError::Io { .. }
@@ -200,6 +221,12 @@ pub fn run(args: PkiArgs) -> ExitCode {
             dir,
             valid_for,
         } => {
+            // Checked before any is issued: a name no topology can give a node would make a
+            // certificate no router loads (a router reads ID.pem by its node id).
+            if let Some((n, why)) = nodes.iter().find_map(|n| not_a_node_id(n).map(|w| (n, w))) {
+                eprintln!("error: {n}: {why}");
+                return ExitCode::from(2);
+            }
             for n in &nodes {
                 let issued = pki::Validity::for_duration(valid_for)
                     .and_then(|v| pki::issue_with(&dir, n, v));
@@ -314,5 +341,21 @@ mod tests {
         }
         assert!(parse_valid_for("0d").unwrap_err().contains("--valid-for"));
         assert!(parse_valid_for("100y").unwrap_err().contains("--valid-for"));
+    }
+
+    #[test]
+    fn a_certificate_name_must_be_a_node_id_or_controller() {
+        for ok in ["controller", "syd-edge-1", "e1"] {
+            assert_eq!(not_a_node_id(ok), None, "{ok}");
+        }
+        let upper = not_a_node_id("SYD-Edge-1").unwrap();
+        assert!(upper.contains("did you mean syd-edge-1?"), "{upper}");
+        for bad in ["a.b", "a--b"] {
+            let why = not_a_node_id(bad).unwrap();
+            assert!(
+                why.starts_with("not a node id") && !why.contains("did you mean"),
+                "{why}"
+            );
+        }
     }
 }

@@ -212,6 +212,9 @@ pub(crate) enum Verdict {
     Down,
     /// The outstanding probe was missed: send another one now (fast re-probe).
     Reprobe,
+    /// The deadline was met late because this router itself was not running: nothing is
+    /// judged; send another probe now ([`Liveness::stalled`]).
+    Stalled,
     /// Declared down, then [`DEAD_AFTER`] without any packet: close the connection.
     Dead,
 }
@@ -342,13 +345,15 @@ impl Liveness {
         self.misses = 0;
         self.graces = 0;
     }
-    /// At a deadline met late because this router itself was not running (see [`Liveness`]):
-    /// whether the peer gets the benefit of the doubt. If so, the outstanding probe is
-    /// forgotten (the caller sends another) and neither the classic rule nor [`HARD_SILENCE`]
-    /// may give a verdict before `now + timeout`, one probe timeout for the replies waiting in
-    /// the socket to be read. Not once down, and not past [`MAX_STALL_GRACES`] in a row.
-    pub fn stalled(&mut self, now: tokio::time::Instant, timeout: Duration) -> bool {
-        if self.down || self.graces >= MAX_STALL_GRACES {
+    /// Whether the deadline, met at `now`, came more than a probe timeout late because this
+    /// router itself was not running (see [`Liveness`]), and the peer gets the benefit of the
+    /// doubt. If so, the outstanding probe is forgotten (the caller sends another) and neither
+    /// the classic rule nor [`HARD_SILENCE`] may give a verdict before `now + timeout`, one probe
+    /// timeout for the replies waiting in the socket to be read. Not once down, and not past
+    /// [`MAX_STALL_GRACES`] in a row.
+    fn stalled(&mut self, now: tokio::time::Instant, timeout: Duration) -> bool {
+        let late = now.saturating_duration_since(self.deadline());
+        if late <= timeout || self.down || self.graces >= MAX_STALL_GRACES {
             return false;
         }
         self.graces += 1;
@@ -381,14 +386,17 @@ impl Liveness {
         }
     }
     /// At the deadline, nothing having come from the peer since the outstanding probe was
-    /// queued: `probe_left` says whether that probe has been transmitted. Down, a re-probe, or
-    /// nothing yet.
+    /// queued: `probe_left` says whether that probe has been transmitted. Down, a re-probe, a
+    /// stall of this router's own, or nothing yet.
     pub fn at_deadline(
         &mut self,
         now: tokio::time::Instant,
         probe_left: bool,
         timeout: Duration,
     ) -> Option<Verdict> {
+        if self.stalled(now, timeout) {
+            return Some(Verdict::Stalled);
+        }
         if !self.down
             && !probe_left
             && self.outstanding.is_some()
@@ -509,24 +517,9 @@ async fn probe_until_down(
                     continue;
                 }
                 let now = tokio::time::Instant::now();
-                let timeout = probe_timeout(conn.rtt());
-                // Met late: this router was not running (the peer's replies may be unread in
-                // our socket), so it re-probes instead of judging.
-                let late = now.saturating_duration_since(deadline);
-                if late > timeout && live.stalled(now, timeout) {
-                    tracing::debug!(
-                        node = %shared.node,
-                        neighbour = %nb.id,
-                        late_ms = late.as_millis() as u64,
-                        "probe deadline met late (this router stalled): probing again"
-                    );
-                    shared.metrics.probe_stalls_total.fetch_add(1, Relaxed);
-                    send_probe(&mut seq, &mut live, &mut at_probe, &mut sent_at);
-                    continue;
-                }
                 // A probe still queued behind a full congestion window has not left.
                 let probe_left = st.frame_tx.datagram > at_probe.1;
-                match live.at_deadline(now, probe_left, timeout) {
+                match live.at_deadline(now, probe_left, probe_timeout(conn.rtt())) {
                     Some(Verdict::Down) => {
                         let path = &st.path;
                         tracing::warn!(
@@ -554,6 +547,17 @@ async fn probe_until_down(
                     }
                     Some(Verdict::Reprobe) => {
                         send_probe(&mut seq, &mut live, &mut at_probe, &mut sent_at)
+                    }
+                    Some(Verdict::Stalled) => {
+                        // The peer's replies may be unread in our socket: probe again.
+                        tracing::debug!(
+                            node = %shared.node,
+                            neighbour = %nb.id,
+                            late_ms = now.saturating_duration_since(deadline).as_millis() as u64,
+                            "probe deadline met late (this router stalled): probing again"
+                        );
+                        shared.metrics.probe_stalls_total.fetch_add(1, Relaxed);
+                        send_probe(&mut seq, &mut live, &mut at_probe, &mut sent_at);
                     }
                     None => {}
                 }
@@ -654,7 +658,7 @@ mod tests {
             if now == live.deadline() {
                 match live.at_deadline(now, true, timeout) {
                     Some(Verdict::Down | Verdict::Dead) => return Some(now - t0),
-                    Some(Verdict::Reprobe) => send = true,
+                    Some(Verdict::Reprobe | Verdict::Stalled) => send = true,
                     None => {}
                 }
             }
@@ -877,22 +881,27 @@ mod tests {
         assert!(run(p, rtt, Duration::from_secs(3600), &[5, 6, 7]).is_some());
     }
 
+    /// A detector with a probe outstanding since `t0`, on a short link, and the probe timeout.
+    fn probing(t0: T) -> (Liveness, Duration) {
+        let timeout = probe_timeout(Duration::from_micros(300));
+        let mut live = Liveness::new(ProbeConfig::default(), t0);
+        live.probe_sent(t0, timeout);
+        (live, timeout)
+    }
+
     /// This router stalls for 500 ms with a probe outstanding, its peer alive: the deadline met
     /// late re-probes instead of judging (the classic rule and the hard silence, both passed
     /// during the stall, wait one more probe timeout), and the reply read just after the stall
     /// keeps the peer up. (The late deadline declared a live peer down.)
     #[test]
     fn a_deadline_met_late_by_our_own_stall_reprobes_instead_of_judging() {
-        let p = ProbeConfig::default();
         let t0 = T::now();
-        let timeout = probe_timeout(Duration::from_micros(300));
-        let mut live = Liveness::new(p, t0);
-        live.probe_sent(t0, timeout);
-        let due = live.deadline();
-        let woke = due + Duration::from_millis(500);
-        // What the caller does: the deadline came more than a timeout late.
-        assert!(woke - due > timeout);
-        assert!(live.stalled(woke, timeout));
+        let (mut live, timeout) = probing(t0);
+        let woke = live.deadline() + Duration::from_millis(500);
+        assert_eq!(
+            live.at_deadline(woke, true, timeout),
+            Some(Verdict::Stalled)
+        );
         live.probe_sent(woke, timeout);
         assert_eq!(live.deadline(), woke + timeout);
         // Before that deadline, nothing is decided; the reply waiting in the socket is read.
@@ -900,32 +909,29 @@ mod tests {
         live.reply(woke + MS);
         assert_eq!(live.expire(woke + timeout), None);
         assert!(!live.down);
-        // Without the grace, the late deadline was a down verdict.
-        let mut judged = Liveness::new(p, t0);
-        judged.probe_sent(t0, timeout);
-        assert_eq!(judged.at_deadline(woke, true, timeout), Some(Verdict::Down));
+        // A deadline met late by no more than a probe timeout is judged as ever.
+        let (mut judged, timeout) = probing(t0);
+        let woke = judged.deadline() + timeout;
+        assert_eq!(
+            judged.at_deadline(woke, true, timeout),
+            Some(Verdict::Reprobe)
+        );
     }
 
     /// A dead peer is still declared down by a router whose every deadline is met late: after
     /// [`MAX_STALL_GRACES`] graces in a row (nothing heard), the next late deadline judges.
     #[test]
     fn a_router_that_keeps_stalling_still_declares_a_dead_peer_down() {
-        let p = ProbeConfig::default();
         let t0 = T::now();
-        let timeout = probe_timeout(Duration::from_micros(300));
-        let mut live = Liveness::new(p, t0);
-        live.probe_sent(t0, timeout);
+        let (mut live, timeout) = probing(t0);
         let late = timeout * 2;
         let mut graces = 0;
         let down_at = loop {
             let now = live.deadline() + late;
-            if live.stalled(now, timeout) {
-                graces += 1;
-                live.probe_sent(now, timeout);
-                continue;
-            }
-            if let Some(Verdict::Down) = live.at_deadline(now, true, timeout) {
-                break now;
+            match live.at_deadline(now, true, timeout) {
+                Some(Verdict::Down) => break now,
+                Some(Verdict::Stalled) => graces += 1,
+                _ => {}
             }
             live.probe_sent(now, timeout);
             assert!(now - t0 < Duration::from_secs(10), "never declared down");
@@ -938,13 +944,17 @@ mod tests {
             down_at - t0
         );
         // A reply resets the graces.
-        let mut live = Liveness::new(p, t0);
-        live.probe_sent(t0, timeout);
+        let (mut live, timeout) = probing(t0);
         for _ in 0..MAX_STALL_GRACES {
-            assert!(live.stalled(live.deadline() + late, timeout));
+            assert_eq!(
+                live.at_deadline(live.deadline() + late, true, timeout),
+                Some(Verdict::Stalled)
+            );
         }
-        assert!(!live.stalled(live.deadline() + late, timeout));
         live.reply(live.deadline());
-        assert!(live.stalled(live.deadline() + late, timeout));
+        assert_eq!(
+            live.at_deadline(live.deadline() + late, true, timeout),
+            Some(Verdict::Stalled)
+        );
     }
 }

@@ -1411,21 +1411,6 @@ async fn near_and_far(
     b: SocketAddr,
     near_tune: impl Fn(&mut RouterConfig),
 ) -> (Vec<RouterHandle>, Vec<Source>, u16) {
-    near_and_far_tuned(dir, a, b, |id, cfg| {
-        if id == "near" {
-            near_tune(cfg)
-        }
-    })
-    .await
-}
-
-/// [`near_and_far`], each router's config `tune`d (with its node id).
-async fn near_and_far_tuned(
-    dir: &std::path::Path,
-    a: SocketAddr,
-    b: SocketAddr,
-    tune: impl Fn(&str, &mut RouterConfig),
-) -> (Vec<RouterHandle>, Vec<Source>, u16) {
     let port = free_tcp_port();
     let mut tb = TopologyBuilder::new();
     tb.node("edge", NodeKind::Edge)
@@ -1438,7 +1423,12 @@ async fn near_and_far_tuned(
     serve(&mut t, "near", "echo", a);
     serve(&mut t, "far", "echo", b);
     let snap = Arc::new(Snapshot::new(1, Arc::new(t)));
-    let (hs, txs) = spawn_all(&snap, dir, tune).await;
+    let (hs, txs) = spawn_all(&snap, dir, |id, cfg| {
+        if id == "near" {
+            near_tune(cfg)
+        }
+    })
+    .await;
     wait_until(
         Duration::from_secs(20),
         || {
@@ -1927,19 +1917,11 @@ async fn served(
 /// the edge's new connections and the far site the rest, though the far one is 30 ms farther
 /// and would otherwise take none. A dial never refuses: with the far site's router stopped,
 /// every connection still succeeds on the dialled near site.
-///
-/// The routers' probes tolerate 20 misses (2 s of silence, which `HARD_SILENCE` bounds anyway)
-/// instead of 3: with the default 350 ms, a stall of the test process (a loaded host) had the
-/// edge, or `near` (whose entry then says its link to the edge is down), declare the other
-/// down, and with `far` stopped the edge had no candidate left and reset the client
-/// (`no_route`): a liveness verdict, which this test is not about. Far's stop is seen through
-/// its closed connection, not through probes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dialled_site_takes_its_share_and_never_refuses() {
     let dir = ca_dir();
     let (a, b) = (tracked_echo_backend().await, tracked_echo_backend().await);
-    let stall_proof = |_: &str, cfg: &mut RouterConfig| cfg.probe.misses = 20;
-    let (mut hs, txs, port) = near_and_far_tuned(dir.path(), a.addr, b.addr, stall_proof).await;
+    let (mut hs, txs, port) = near_and_far(dir.path(), a.addr, b.addr, |_| {}).await;
     let mut t = (*txs[0].borrow().topology).clone();
     for s in t
         .nodes
@@ -2428,19 +2410,7 @@ async fn a_neighbour_back_from_an_outage_is_up_before_our_pending_dial_would_con
 /// peers' replies were waiting unread in the routers' own sockets.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stall_of_the_routers_own_process_takes_no_neighbour_down() {
-    let dir = ca_dir();
-    let backend = echo_backend().await;
-    let port = free_tcp_port();
-    let t = line_topology("echo", backend, port);
-    let snap = Arc::new(Snapshot::new(1, Arc::new(t)));
-    let (hs, _txs) = spawn_all(&snap, dir.path(), |_, _| {}).await;
-    wait_for_route(
-        &hs[0],
-        "echo",
-        Duration::from_secs(10),
-        "edge never got a route",
-    )
-    .await;
+    let (hs, _txs, port, _dir) = line_fabric(echo_backend().await, |_, _| {}).await;
     let counter = |h: &RouterHandle, name: &str| {
         let node = h.telemetry().node.to_string();
         metric(&h.metrics_text(), &format!("{name}{{node=\"{node}\"}}")).unwrap_or(0)

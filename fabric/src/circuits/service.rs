@@ -267,19 +267,19 @@ impl CircuitService {
         let mut p = lock(&self.pending);
         let published = self.publish_locked();
         let version = match &published {
-            Ok(v) => *v,
+            Ok(v) => {
+                // This snapshot carries every circuit committed before its read of the store,
+                // those an earlier failure left unpublished too.
+                for e in p.values_mut().filter(|e| e.version == super::UNPUBLISHED) {
+                    e.version = *v;
+                }
+                *v
+            }
             Err(_) => {
                 self.republish.store(true, Ordering::SeqCst);
                 super::UNPUBLISHED
             }
         };
-        // This snapshot carries every circuit committed before its read of the store, those
-        // an earlier failure left unpublished too.
-        if published.is_ok() {
-            for e in p.values_mut().filter(|e| e.version == super::UNPUBLISHED) {
-                e.version = version;
-            }
-        }
         for c in changed {
             p.insert(
                 c.id.clone(),
@@ -629,6 +629,18 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(c.path, [NodeId::new("e"), NodeId::new("s")]);
+        (ctl, svc)
+    }
+
+    /// A controller on a [`FaultyStore`] in `dir` that starts with the topology `text`, and its
+    /// circuit service with the provisioning timeout `timeout`.
+    fn service_on(
+        dir: &std::path::Path,
+        text: &str,
+        timeout: Duration,
+    ) -> (Arc<Controller>, Arc<CircuitService>) {
+        let ctl = Controller::open(FaultyStore::open(dir), Some((text, "t.yaml"))).unwrap();
+        let svc = CircuitService::new(ctl.clone(), timeout).unwrap();
         (ctl, svc)
     }
 
@@ -1125,12 +1137,7 @@ mod tests {
     #[tokio::test]
     async fn a_removal_waits_for_no_router_the_topology_no_longer_has() {
         let dir = tempfile::tempdir().unwrap();
-        let ctl = Controller::open(
-            FaultyStore::open(dir.path()),
-            Some((&yaml(POOL, false), "t.yaml")),
-        )
-        .unwrap();
-        let svc = CircuitService::new(ctl.clone(), DEFAULT_PROVISION_TIMEOUT).unwrap();
+        let (ctl, svc) = service_on(dir.path(), &yaml(POOL, false), DEFAULT_PROVISION_TIMEOUT);
         let (c, _) = svc
             .create(spec("c1", "10.1.0.0/24", "100Mbps"), None, "ops".into())
             .await
@@ -1176,13 +1183,8 @@ mod tests {
     #[tokio::test]
     async fn a_removal_not_acknowledged_in_time_is_decommissioned_anyway() {
         let dir = tempfile::tempdir().unwrap();
-        let ctl = Controller::open(
-            FaultyStore::open(dir.path()),
-            Some((&yaml(POOL, true), "t.yaml")),
-        )
-        .unwrap();
         // Every acknowledgement is overdue at once.
-        let svc = CircuitService::new(ctl.clone(), Duration::ZERO).unwrap();
+        let (ctl, svc) = service_on(dir.path(), &yaml(POOL, true), Duration::ZERO);
         svc.create(spec("c1", "10.1.0.0/24", "100Mbps"), None, "ops".into())
             .await
             .unwrap();
@@ -1219,8 +1221,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let slow = yaml(POOL, false).replace("latency: 1ms", "latency: 31s");
         assert_eq!(slow.matches("latency: 31s").count(), 2);
-        let ctl = Controller::open(FaultyStore::open(dir.path()), Some((&slow, "t.yaml"))).unwrap();
-        let svc = CircuitService::new(ctl.clone(), DEFAULT_PROVISION_TIMEOUT).unwrap();
+        let (ctl, svc) = service_on(dir.path(), &slow, DEFAULT_PROVISION_TIMEOUT);
         let (c, created) = svc
             .create(spec("c1", "10.1.0.0/24", "100Mbps"), None, "ops".into())
             .await
@@ -1273,12 +1274,7 @@ mod tests {
     #[tokio::test]
     async fn a_circuit_whose_publication_failed_is_published_by_the_next_pass() {
         let dir = tempfile::tempdir().unwrap();
-        let ctl = Controller::open(
-            FaultyStore::open(dir.path()),
-            Some((&yaml(POOL, true), "t.yaml")),
-        )
-        .unwrap();
-        let svc = CircuitService::new(ctl.clone(), DEFAULT_PROVISION_TIMEOUT).unwrap();
+        let (ctl, svc) = service_on(dir.path(), &yaml(POOL, true), DEFAULT_PROVISION_TIMEOUT);
         let before = ctl.published().version;
         svc.fail_publish.store(1, SeqCst);
         let (c, created) = svc
@@ -1308,12 +1304,7 @@ mod tests {
     #[tokio::test]
     async fn a_circuit_never_published_in_time_fails_and_recovers_once_published() {
         let dir = tempfile::tempdir().unwrap();
-        let ctl = Controller::open(
-            FaultyStore::open(dir.path()),
-            Some((&yaml(POOL, true), "t.yaml")),
-        )
-        .unwrap();
-        let svc = CircuitService::new(ctl.clone(), Duration::ZERO).unwrap();
+        let (ctl, svc) = service_on(dir.path(), &yaml(POOL, true), Duration::ZERO);
         // The create's publication and the first pass's both fail.
         svc.fail_publish.store(2, SeqCst);
         svc.create(spec("c1", "10.1.0.0/24", "100Mbps"), None, "ops".into())

@@ -179,12 +179,8 @@ impl AdminClient {
         };
         // Normally normalised by clap already ([`parse_controller`]); a value built in code
         // that does not parse is kept as given, and fails to connect naming it.
-        let authority = parse_controller(&args.controller).unwrap_or_else(|_| {
-            args.controller
-                .trim_start_matches("http://")
-                .trim_end_matches('/')
-                .to_string()
-        });
+        let authority =
+            parse_controller(&args.controller).unwrap_or_else(|_| args.controller.clone());
         Ok(AdminClient {
             authority,
             token,

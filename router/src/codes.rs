@@ -198,7 +198,8 @@ pub mod close {
     /// The controller took a newer control session of the same node (the same certificate name)
     /// and closed this older one: a node has one live session, the newest (a router that
     /// reconnects after a network blip gets its new session at once, while the controller's side
-    /// of the old one could otherwise stay until its idle timeout).
+    /// of the old one could otherwise stay until its idle timeout). A router closes so the oldest
+    /// of a peer's connections past `inbound::MAX_CONNECTIONS_PER_PEER` (4) at once.
     pub const SUPERSEDED: u32 = 10;
     /// A router's control client heard no byte from the controller for its silence bound
     /// (`control::client::SILENCE_TIMEOUT`, 20 s: ten heartbeats) on a connection still up: the

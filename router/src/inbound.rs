@@ -1,8 +1,9 @@
 //! Incoming QUIC connections: authenticate the peer's node name, answer its probes, and serve
 //! the streams it opens (relay them as a transit, or terminate them as a site).
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
 use quinn::{RecvStream, SendStream};
@@ -25,6 +26,57 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>) {
                 tokio::spawn(serve_connection(shared.clone(), incoming, ticket));
             }
             Err(turned) => shared.metrics.handshake_turned(turned),
+        }
+    }
+}
+
+/// Connections one peer (one node name) may hold to this router at once. A neighbour dials one;
+/// a second is there while a restarted neighbour's old connection has not timed out yet. Each is
+/// granted [`crate::transport::MAX_CONCURRENT_STREAMS`] streams, whose state quinn allocates at
+/// once (about 1.3 MiB), and may fill its receive windows: past this, the oldest is closed
+/// (`superseded`), so that a peer (a leaked node certificate) cannot make the router hold more.
+pub(crate) const MAX_CONNECTIONS_PER_PEER: usize = 4;
+
+/// The authenticated incoming connections, by peer name.
+#[derive(Default)]
+pub(crate) struct PeerConnections(Mutex<HashMap<String, Vec<quinn::Connection>>>);
+
+impl PeerConnections {
+    /// Counts `conn` as `peer`'s newest connection until the returned guard drops; returns the
+    /// oldest of its connections past [`MAX_CONNECTIONS_PER_PEER`], for the caller to close.
+    fn register<'a>(
+        &'a self,
+        peer: &str,
+        conn: &quinn::Connection,
+    ) -> (Registered<'a>, Option<quinn::Connection>) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let conns = map.entry(peer.to_string()).or_default();
+        conns.push(conn.clone());
+        let oldest = (conns.len() > MAX_CONNECTIONS_PER_PEER).then(|| conns.remove(0));
+        let registered = Registered {
+            set: self,
+            peer: peer.to_string(),
+            id: conn.stable_id(),
+        };
+        (registered, oldest)
+    }
+}
+
+/// A connection counted in [`PeerConnections`], until dropped.
+struct Registered<'a> {
+    set: &'a PeerConnections,
+    peer: String,
+    id: usize,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        let mut map = self.set.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(conns) = map.get_mut(&self.peer) {
+            conns.retain(|c| c.stable_id() != self.id);
+            if conns.is_empty() {
+                map.remove(&self.peer);
+            }
         }
     }
 }
@@ -54,6 +106,23 @@ async fn serve_connection(
         return;
     };
     tracing::debug!(node = %shared.node, %peer, remote = %conn.remote_address(), "peer connected");
+    let (_registered, oldest) = shared.inbound.register(&peer, &conn);
+    if let Some(old) = oldest {
+        shared
+            .metrics
+            .peer_connections_superseded_total
+            .fetch_add(1, Relaxed);
+        tracing::info!(node = %shared.node, %peer, remote = %old.remote_address(), "closing the oldest connection of a peer past its cap");
+        old.close(
+            quinn::VarInt::from_u32(close::SUPERSEDED),
+            b"superseded by a newer connection of the same node",
+        );
+    }
+    // Streams only now: none were granted at the handshake, before the peer was known
+    // (`transport::accept_transport_config_with`).
+    conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(
+        crate::transport::MAX_CONCURRENT_STREAMS,
+    ));
     // It is back: our own dial to it need not wait out its backoff.
     if let Some(nb) = shared.neighbours.load().get(peer.as_str()) {
         nb.peer_connected();

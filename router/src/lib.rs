@@ -233,6 +233,9 @@ pub(crate) struct Shared {
     pub vip_listeners: circuits::VipListeners,
     /// Bounds the incoming handshakes in progress.
     pub handshakes: transport::HandshakeGate,
+    /// The authenticated incoming connections, by peer (at most
+    /// [`inbound::MAX_CONNECTIONS_PER_PEER`] each).
+    pub inbound: inbound::PeerConnections,
     pub neighbours: ArcSwap<HashMap<NodeId, Arc<neighbours::Neighbour>>>,
     pub sites: ArcSwap<HashMap<topology::ServiceName, Arc<site::SiteService>>>,
     pub evidence: routes::Evidence,
@@ -427,7 +430,7 @@ impl Router {
             .collect();
         names.extend(cfg.extra_peer_names.iter().cloned());
         let peers = tls::PeerNames::new(names);
-        let transport = Arc::new(transport::transport_config_with(cfg.windows));
+        let transport = Arc::new(transport::accept_transport_config_with(cfg.windows));
         let cert = match &cfg.cert_resolver {
             Some(c) => c.clone(),
             None => tls::CertResolver::new(&cfg.tls)?,
@@ -479,6 +482,7 @@ impl Router {
             circuits: ArcSwap::from_pointee(circuits::CircuitTable::default()),
             vip_listeners: circuits::VipListeners::default(),
             handshakes: transport::HandshakeGate::new(transport::HandshakeGate::ROUTER),
+            inbound: Default::default(),
             neighbours: ArcSwap::from_pointee(HashMap::new()),
             sites: ArcSwap::from_pointee(HashMap::new()),
             evidence: routes::Evidence::default(),

@@ -63,6 +63,9 @@ pub struct Metrics {
     /// Probe deadlines met late because this router stalled, which re-probed instead of
     /// judging the neighbour.
     pub probe_stalls_total: AtomicU64,
+    /// Connections of a peer closed because it opened a newer one past
+    /// [`crate::inbound::MAX_CONNECTIONS_PER_PEER`].
+    pub peer_connections_superseded_total: AtomicU64,
     /// Incoming connections refused: every failed handshake (a refused certificate, but also
     /// a timeout or a protocol error), a certificate name that is not a node of the topology,
     /// and a connection closed because a snapshot removed its peer.
@@ -271,6 +274,13 @@ impl Metrics {
             "Probe deadlines met more than a probe timeout late (this router was not running: starved of CPU or paused), which probed again instead of judging the neighbour.",
             "counter",
             self.probe_stalls_total.load(Relaxed),
+        );
+        counter(
+            &mut s,
+            "peer_connections_superseded_total",
+            "Incoming connections closed because their peer (the same node name) opened a newer one past the cap of 4 at once.",
+            "counter",
+            self.peer_connections_superseded_total.load(Relaxed),
         );
         counter(
             &mut s,

@@ -38,7 +38,8 @@ pub const UDP_BUFFER: usize = 8 * 1024 * 1024;
 pub const MTU_UPPER_BOUND: u16 = 6500;
 
 /// The transport configuration every fabric connection uses; the connections a router accepts
-/// use it as it is ([`dial_transport_config`] for those it dials).
+/// use it as [`accept_transport_config_with`] gives it, and those it dials as
+/// [`dial_transport_config`] does.
 ///
 /// A neighbour may open bidirectional streams only: the router serves no other. A stream nothing
 /// reads keeps what the peer sends into it (up to the stream window, the connection window over
@@ -171,11 +172,24 @@ pub fn dial_transport_config() -> TransportConfig {
     dial_transport_config_with(Windows::default())
 }
 
-/// [`dial_transport_config`] with other receive windows.
-pub fn dial_transport_config_with(w: Windows) -> TransportConfig {
+/// The transport configuration of the connections a router accepts: [`transport_config_with`],
+/// but no stream granted at the handshake. quinn allocates its state for every stream id granted
+/// as the connection is made (`StreamsState::new`: about 1.3 MiB at [`MAX_CONCURRENT_STREAMS`]),
+/// before the peer's certificate is checked, so that a flood of handshakes that never complete
+/// (up to the [`HandshakeGate`]'s bound, held for the [`IDLE_TIMEOUT`]) held gigabytes. The
+/// router grants [`MAX_CONCURRENT_STREAMS`] once the peer is a node of the topology
+/// (`inbound::serve_connection`): a neighbour's first stream waits for that `MAX_STREAMS` frame,
+/// one round trip after the handshake at most.
+pub fn accept_transport_config_with(w: Windows) -> TransportConfig {
     let mut t = transport_config_with(w);
     t.max_concurrent_bidi_streams(VarInt::from_u32(0));
     t
+}
+
+/// [`dial_transport_config`] with other receive windows: no stream granted, as on an accepted
+/// connection at its handshake, and none granted later.
+pub fn dial_transport_config_with(w: Windows) -> TransportConfig {
+    accept_transport_config_with(w)
 }
 
 #[cfg(test)]

@@ -1860,3 +1860,58 @@ async fn a_report_of_many_neighbours_is_cut_to_what_the_controller_takes() {
     assert!(client.is_connected());
     drop(client);
 }
+
+/// A peer with a node's certificate (a leaked one, or a buggy neighbour) that opens connection
+/// after connection to the edge: each is granted its streams once authenticated, and past 4 at
+/// once the oldest is closed with `superseded`, so that the edge holds 4 at most (each costs
+/// quinn's state for its 16,384 streams, about 1.3 MiB, and its receive windows). The newest
+/// still carry streams. (The edge held every one.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_holds_four_connections_at_most_the_oldest_closed_as_superseded() {
+    let dir = ca_dir();
+    let t = edge_and_near(echo_backend().await);
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    let (edge, _) = spawn_node(&snap, dir.path(), "edge", |_| {}).await;
+    router::pki::issue(dir.path(), "near").unwrap();
+    let id = router::tls::TlsIdentity::load(dir.path(), "near").unwrap();
+    let peers = router::tls::PeerNames::new(t.nodes.iter().map(|n| n.id.to_string()));
+    let client =
+        router::tls::client_config(&id, &peers, router::transport::shared_transport()).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(client);
+    let at = t.node("edge").unwrap().address;
+    let mut conns = Vec::new();
+    for i in 0..6 {
+        let conn = tokio::time::timeout(Duration::from_secs(10), ep.connect(at, "edge").unwrap())
+            .await
+            .expect("no handshake within 10 s")
+            .unwrap();
+        // A stream opens once the edge has taken the connection (and granted streams).
+        tokio::time::timeout(Duration::from_secs(10), conn.open_bi())
+            .await
+            .unwrap_or_else(|_| panic!("connection {i} was granted no stream"))
+            .unwrap();
+        conns.push(conn);
+    }
+    for (i, conn) in conns.iter().take(2).enumerate() {
+        let why = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+            .await
+            .unwrap_or_else(|_| panic!("connection {i} still open"));
+        let superseded = router::codes::close::SUPERSEDED;
+        assert!(
+            matches!(&why, quinn::ConnectionError::ApplicationClosed(c)
+                if c.error_code == quinn::VarInt::from_u32(superseded)),
+            "connection {i}: {why}"
+        );
+    }
+    for (i, conn) in conns.iter().enumerate().skip(2) {
+        assert!(conn.close_reason().is_none(), "connection {i} closed");
+        tokio::time::timeout(Duration::from_secs(10), conn.open_bi())
+            .await
+            .unwrap_or_else(|_| panic!("connection {i} takes no more streams"))
+            .unwrap();
+    }
+    let series = "tasman_peer_connections_superseded_total{node=\"edge\"}";
+    assert_eq!(metric(&edge.metrics_text(), series), Some(2));
+    edge.shutdown().await;
+}

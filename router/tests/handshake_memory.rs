@@ -1,0 +1,169 @@
+//! What handshakes that never complete (a flood of Initials, no certificate needed) make a router
+//! hold, measured with a counting global allocator: this binary has this one test, so that no
+//! other test allocates beside it.
+
+mod common;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicIsize, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use router::Snapshot;
+use topology::NodeKind;
+use topology::builder::{TopologyBuilder, ms};
+
+use common::{addressed, ca_dir, free_tcp_port, spawn_node, wait_until};
+
+/// Bytes allocated and not freed, by the whole process.
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+struct Counting;
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(l) };
+        if !p.is_null() {
+            LIVE.fetch_add(l.size() as isize, Relaxed);
+        }
+        p
+    }
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc_zeroed(l) };
+        if !p.is_null() {
+            LIVE.fetch_add(l.size() as isize, Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        unsafe { System.dealloc(p, l) };
+        LIVE.fetch_sub(l.size() as isize, Relaxed);
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        let q = unsafe { System.realloc(p, l, new) };
+        if !q.is_null() {
+            LIVE.fetch_add(new as isize - l.size() as isize, Relaxed);
+        }
+        q
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// A UDP relay in front of `to` that passes what it is sent on to `to` and drops every answer,
+/// as for a client that sent its Initial and went away (or forged its source address). Returns
+/// its address and the count of answers dropped.
+async fn black_hole(to: SocketAddr) -> (SocketAddr, Arc<AtomicU64>) {
+    let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let back = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let at = front.local_addr().unwrap();
+    let answers = Arc::new(AtomicU64::new(0));
+    let counted = answers.clone();
+    let (mut a, mut b) = (vec![0u8; 65536], vec![0u8; 65536]);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                r = front.recv_from(&mut a) => {
+                    let Ok((n, _)) = r else { return };
+                    let _ = back.send_to(&a[..n], to).await;
+                }
+                r = back.recv(&mut b) => {
+                    if r.is_err() {
+                        return;
+                    }
+                    counted.fetch_add(1, Relaxed);
+                }
+            }
+        }
+    });
+    (at, answers)
+}
+
+/// Starts `n` handshakes to the QUIC server at `to` from one client endpoint (with a
+/// certificate of a CA that server does not trust), each behind its own [`black_hole`], and
+/// waits until the server has answered every one (it has taken them in). Returns how much the
+/// process's heap grew per handshake, client and server side together, and the client. One
+/// handshake first, not measured, has both endpoints allocate what they allocate once.
+async fn held_handshakes(to: SocketAddr, n: usize) -> (isize, quinn::Endpoint) {
+    let other_ca = ca_dir();
+    router::pki::issue(other_ca.path(), "mallory").unwrap();
+    let id = router::tls::TlsIdentity::load(other_ca.path(), "mallory").unwrap();
+    let peers = router::tls::PeerNames::new(["edge".to_string()]);
+    // Grants the server no stream, so that the client side costs little.
+    let transport = Arc::new(router::transport::dial_transport_config());
+    let client = router::tls::client_config(&id, &peers, transport).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(client);
+    let mut holes = Vec::new();
+    for _ in 0..=n {
+        holes.push(black_hole(to).await);
+    }
+    let answered = |holes: &[(SocketAddr, Arc<AtomicU64>)]| {
+        holes.iter().all(|(_, answers)| answers.load(Relaxed) > 0)
+    };
+    let mut before = 0;
+    for round in [&holes[..1], &holes[1..]] {
+        before = LIVE.load(Relaxed);
+        for (at, _) in round {
+            tokio::spawn(ep.connect(*at, "edge").unwrap());
+        }
+        wait_until(
+            Duration::from_secs(10),
+            || answered(round),
+            || "the server did not answer every handshake".into(),
+        )
+        .await;
+    }
+    let grown = LIVE.load(Relaxed) - before;
+    (grown / n as isize, ep)
+}
+
+/// A router holds little for a handshake that has not shown a certificate yet: it grants a
+/// peer its streams (whose state quinn allocates at once, for each stream id granted) only once
+/// the peer's certificate names a node. 16 handshakes that never complete, each through a
+/// relay that drops the router's answers: less than 256 KiB each. The control: the same
+/// handshakes held by an endpoint that grants its 16,384 streams at the handshake (as the
+/// router did) cost more than 1 MiB each, which, with the 1,024 handshakes a router admits at
+/// once, was over a GiB held by anyone who can send Initials.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_in_progress_holds_no_stream_state() {
+    const N: usize = 16;
+    let dir = ca_dir();
+    let mut b = TopologyBuilder::new();
+    b.node("edge", NodeKind::Edge)
+        .node("near", NodeKind::Site)
+        .link("edge", "near", ms(1.0))
+        .service("echo");
+    let t = addressed(b.build(), free_tcp_port());
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    let (edge, _) = spawn_node(&snap, dir.path(), "edge", |_| {}).await;
+    let (per_handshake, _clients) = held_handshakes(t.node("edge").unwrap().address, N).await;
+    assert!(
+        per_handshake < 256 * 1024,
+        "the router held {per_handshake} bytes per handshake in progress"
+    );
+
+    // The control: an endpoint that grants its streams at the handshake.
+    let id = router::tls::TlsIdentity::load(dir.path(), "edge").unwrap();
+    let peers = router::tls::PeerNames::new(["edge".to_string(), "near".to_string()]);
+    let server =
+        router::tls::server_config(&id, &peers, router::transport::shared_transport()).unwrap();
+    let control = quinn::Endpoint::server(server, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let accepting = control.clone();
+    tokio::spawn(async move {
+        while let Some(incoming) = accepting.accept().await {
+            tokio::spawn(incoming.into_future());
+        }
+    });
+    let (granting, _clients) = held_handshakes(control.local_addr().unwrap(), N).await;
+    assert!(
+        granting > 1024 * 1024,
+        "the control held only {granting} bytes per handshake: the measure is not telling"
+    );
+    println!(
+        "per handshake in progress: router {per_handshake} B, granting at the handshake {granting} B"
+    );
+    edge.shutdown().await;
+}

@@ -746,24 +746,29 @@ async fn attempt(
     };
     // The site answered while a chunk was still on its way: it goes before the splice reads
     // more of the client. Not under the deadline: the site is connected and reads its stream
-    // now, and from here on the connection is the splice's, whose writes wait for the site
-    // the same way. The backend has taken the request: a failure from here on is not retried
-    // (another site would get the request a second time), whatever its code.
+    // now; but each write must take a byte within the idle timeout, as no splice timer runs
+    // yet (a peer that withholds its window would hold the client for ever). The backend
+    // has taken the request: a failure from here on is not retried (another site would get the
+    // request a second time), whatever its code.
     let outcome = match outcome {
         Ok(()) => loop {
             if pending.is_empty() {
                 break Ok(());
             }
-            match forward(&mut send, &mut pending, &mut hold).await {
-                Ok(n) => {
+            match shared
+                .bounded_write(forward(&mut send, &mut pending, &mut hold))
+                .await
+            {
+                Some(Ok(n)) => {
                     shared.metrics.bytes_up.fetch_add(n as u64, Relaxed);
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     break Err(match write_failed(e) {
                         Attempt::Retry(code, _) => Attempt::Fatal(code),
                         a => a,
                     });
                 }
+                None => break Err(Attempt::Fatal(Code::IdleTimeout)),
             }
         },
         e => e,

@@ -299,6 +299,21 @@ impl SourceCap {
 }
 
 impl Shared {
+    /// `write`, a stream's QUIC write before its splice (a site's answer, the rest of an edge's
+    /// chunk after it), for the idle timeout at most: `None` if it took longer. No splice timer
+    /// runs yet, and a peer that withholds its flow-control window would otherwise hold the
+    /// stream (a client's slot, or a site's capacity slot and its backend connection) for ever.
+    /// The idle timeout, as the splice gives its own QUIC writes, not the write-stall one: the
+    /// window such a write waits for is shared with the connection's other streams, and one
+    /// that others' stopped readers filled is freed by their write-stall resets, up to two
+    /// write-stall timeouts later.
+    pub async fn bounded_write<T>(&self, write: impl std::future::Future<Output = T>) -> Option<T> {
+        match self.idle_timeout {
+            Some(d) => tokio::time::timeout(d, write).await.ok(),
+            None => Some(write.await),
+        }
+    }
+
     /// Prometheus text: the counters, then the presented certificate's series.
     pub fn render_metrics(&self, t: &TelemetryReport) -> String {
         let mut s = self.metrics.render(t, &self.routes.load());

@@ -240,8 +240,17 @@ pub(crate) async fn serve(
         }
     };
     let _ = tcp.set_nodelay(true);
-    if send.write_all(&REPLY_OK).await.is_err() {
-        return;
+    match shared.bounded_write(send.write_all(&REPLY_OK)).await {
+        Some(Ok(())) => {}
+        Some(Err(_)) => return,
+        None => {
+            // The edge's side grants no window for two bytes.
+            tracing::debug!(node = %shared.node, service = %svc.service, "reply not taken: stream reset");
+            shared.metrics.error(Code::IdleTimeout);
+            let _ = send.reset(Code::IdleTimeout.varint());
+            let _ = recv.stop(Code::IdleTimeout.varint());
+            return;
+        }
     }
     tracing::debug!(node = %shared.node, service = %svc.service, connect_us = started.elapsed().as_micros() as u64, "backend connected");
     drop(starting);

@@ -1915,3 +1915,153 @@ async fn a_peer_holds_four_connections_at_most_the_oldest_closed_as_superseded()
     assert_eq!(metric(&edge.metrics_text(), series), Some(2));
     edge.shutdown().await;
 }
+
+/// Answers each stream's header with `ok` once the edge says it is blocked on the stream's
+/// flow-control window (a `STREAM_DATA_BLOCKED` frame), then neither reads nor grants more, and
+/// holds the stream.
+async fn answer_ok_then_take_nothing(conn: quinn::Connection) {
+    let mut held = Vec::new();
+    while let Ok((mut send, recv)) = conn.accept_bi().await {
+        let until = Instant::now() + Duration::from_secs(10);
+        while conn.stats().frame_rx.stream_data_blocked == 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let _ = send.write_all(&router::header::REPLY_OK).await;
+        held.push((send, recv));
+    }
+}
+
+/// The near site (a fake) answers a client's stream with `ok` while the edge still has a chunk
+/// of the client's request to forward, and then takes no byte more (its stream window full,
+/// never read): the edge resets the client connection after its idle timeout (`idle_timeout`,
+/// not retried: the site has the request) and frees the client's slot. (That write, after the
+/// answer and before the splice, had no timer: the client was held for ever.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_resets_a_client_whose_site_answers_then_takes_nothing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = ca_dir();
+    let port = free_tcp_port();
+    let t = two_sites(echo_backend().await, port, false);
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    let mut tight = router::transport::transport_config();
+    tight.stream_receive_window(8192u32.into());
+    let _near = fake_neighbour(dir.path(), &t, "near", tight, |c, p| async move {
+        tokio::spawn(answer_ok_then_take_nothing(c.clone()));
+        answer_pings("near", c, p).await
+    });
+    let (edge, _) = spawn_node(&snap, dir.path(), "edge", |c| {
+        c.idle_timeout = Some(Duration::from_secs(1));
+        c.probe.hold_down = Duration::from_secs(600);
+    })
+    .await;
+    let (_far, _) = spawn_node(&snap, dir.path(), "far", |_| {}).await;
+    edge_prefers_near_with_far_as_fallback(&edge).await;
+
+    let c = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let (mut rd, mut wr) = c.into_split();
+    tokio::spawn(async move {
+        let _ = wr.write_all(&vec![7u8; 1 << 20]).await;
+    });
+    let mut b = [0u8; 1];
+    let ended = tokio::time::timeout(Duration::from_secs(15), rd.read(&mut b))
+        .await
+        .expect("the client connection was still open 15 s on");
+    assert!(
+        matches!(ended, Ok(0) | Err(_)),
+        "the client got a byte: {ended:?}"
+    );
+    let m = edge.metrics_text();
+    assert_eq!(
+        metric(
+            &m,
+            "tasman_stream_errors_total{node=\"edge\",code=\"idle_timeout\"}"
+        ),
+        Some(1),
+        "{m}"
+    );
+    wait_until(
+        Duration::from_secs(10),
+        || {
+            metric(
+                &edge.metrics_text(),
+                "tasman_edge_clients_open{node=\"edge\"}",
+            ) == Some(0)
+        },
+        || edge.metrics_text(),
+    )
+    .await;
+}
+
+/// An edge (a fake) opens a stream to the site with a valid header but grants it no window, so
+/// that the site's two-byte answer cannot leave: the site resets the stream after its idle
+/// timeout (`idle_timeout`), closes the backend connection it made and frees the
+/// capacity slot. (That write had no timer: the slot, the backend connection and the drain's
+/// count of starting streams were held for ever.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_resets_a_stream_whose_edge_grants_no_window_for_its_answer() {
+    let dir = ca_dir();
+    let backend = common::tracked_echo_backend().await;
+    let t = edge_and_near(backend.addr);
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    let (near, _) = spawn_node(&snap, dir.path(), "near", |c| {
+        c.idle_timeout = Some(Duration::from_secs(1));
+    })
+    .await;
+    router::pki::issue(dir.path(), "edge").unwrap();
+    let id = router::tls::TlsIdentity::load(dir.path(), "edge").unwrap();
+    let peers = router::tls::PeerNames::new(t.nodes.iter().map(|n| n.id.to_string()));
+    let mut closed = router::transport::transport_config();
+    closed.stream_receive_window(0u32.into());
+    let client = router::tls::client_config(&id, &peers, Arc::new(closed)).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(client);
+    let conn = ep
+        .connect(t.node("near").unwrap().address, "near")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let header = router::header::Header {
+        kind: router::header::Kind::Data,
+        service: topology::ServiceName::new("echo"),
+        hops: Vec::new(),
+        client: None,
+        circuit: None,
+    };
+    let mut bytes = bytes::BytesMut::new();
+    header.encode(&mut bytes).unwrap();
+    send.write_all(&bytes).await.unwrap();
+    let mut b = [0u8; 2];
+    let got = tokio::time::timeout(Duration::from_secs(15), recv.read(&mut b))
+        .await
+        .expect("the site neither answered nor reset the stream within 15 s");
+    let idle = quinn::VarInt::from_u32(router::codes::Code::IdleTimeout as u32);
+    assert!(
+        matches!(got, Err(quinn::ReadError::Reset(c)) if c == idle),
+        "{got:?}"
+    );
+    let m = near.metrics_text();
+    assert_eq!(
+        metric(
+            &m,
+            "tasman_stream_errors_total{node=\"near\",code=\"idle_timeout\"}"
+        ),
+        Some(1),
+        "{m}"
+    );
+    let active = "tasman_site_active_streams{node=\"near\",service=\"echo\"}";
+    wait_until(
+        Duration::from_secs(10),
+        || backend.held() == 0 && metric(&near.metrics_text(), active) == Some(0),
+        || {
+            format!(
+                "backend connections held: {}; {}",
+                backend.held(),
+                near.metrics_text()
+            )
+        },
+    )
+    .await;
+}

@@ -8,8 +8,10 @@
 //! Hostile input is refused while reading, before anything is expanded: nesting deeper than
 //! [`MAX_DEPTH`], more than [`MAX_YAML_NODES`] nodes (a copy of each anchored node included),
 //! more than [`MAX_ALIASES`] aliases, aliases
-//! that would copy more than [`MAX_ALIAS_REPLAYED_EVENTS`] nodes in total (billion laughs), more
-//! than one document, and YAML tags (none are meaningful in a topology).
+//! that would copy more than [`MAX_ALIAS_REPLAYED_EVENTS`] nodes in total (billion laughs),
+//! anchors and aliases that would copy more than [`MAX_ANCHOR_COPY_BYTES`] of scalar text in
+//! total (an alias to a long scalar), more than one document, and YAML tags (none are
+//! meaningful in a topology).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -18,7 +20,8 @@ use serde_saphyr::granit_parser::{Event, Options, Parser, ScalarStyle, ScanError
 
 use crate::diag::Diagnostic;
 use crate::yaml::{
-    MAX_ALIAS_REPLAYED_EVENTS, MAX_ALIASES, MAX_DEPTH, MAX_DOCUMENT_BYTES, MAX_YAML_NODES,
+    MAX_ALIAS_REPLAYED_EVENTS, MAX_ALIASES, MAX_ANCHOR_COPY_BYTES, MAX_DEPTH, MAX_DOCUMENT_BYTES,
+    MAX_YAML_NODES,
 };
 
 /// Source position of a YAML node (1-based line and column, in characters).
@@ -123,16 +126,32 @@ fn resolve_plain(text: Cow<'_, str>) -> YValue<'_> {
     YValue::Str(text)
 }
 
+/// What a node costs to copy: its nodes, and the bytes of its scalars' text.
+#[derive(Debug, Clone, Copy, Default)]
+struct Size {
+    nodes: usize,
+    bytes: usize,
+}
+
+impl std::ops::AddAssign for Size {
+    fn add_assign(&mut self, o: Size) {
+        self.nodes += o.nodes;
+        self.bytes += o.bytes;
+    }
+}
+
 struct Builder<'a> {
     parser: Parser<'a, serde_saphyr::granit_parser::StrInput<'a>>,
-    /// Anchored nodes, with their size in nodes (what an alias to them costs).
-    anchors: HashMap<usize, (YNode<'a>, usize)>,
+    /// Anchored nodes, with their size (what an alias to them costs).
+    anchors: HashMap<usize, (YNode<'a>, Size)>,
     nodes: usize,
     aliases: usize,
     replayed: usize,
+    /// Scalar bytes copied for anchors and aliases.
+    copied: usize,
 }
 
-type Built<'a> = Result<(YNode<'a>, usize), Diagnostic>;
+type Built<'a> = Result<(YNode<'a>, Size), Diagnostic>;
 
 impl<'a> Builder<'a> {
     fn next(&mut self) -> Result<(Event<'a>, Span), Diagnostic> {
@@ -177,7 +196,24 @@ impl<'a> Builder<'a> {
         Ok(())
     }
 
-    /// Builds the node that starts with `ev`; returns it with its size in nodes.
+    /// Counts `bytes` of scalar text copied (for an anchor or an alias) at `p`.
+    fn copy_bytes(&mut self, bytes: usize, p: Pos) -> Result<(), Diagnostic> {
+        self.copied += bytes;
+        if self.copied > MAX_ANCHOR_COPY_BYTES {
+            return Err(Diagnostic::error(
+                p.line,
+                p.column,
+                format!(
+                    "anchors and aliases copy more than {} MiB of text; aliases are for sharing \
+                     small settings (write the values out instead)",
+                    MAX_ANCHOR_COPY_BYTES / (1024 * 1024)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Builds the node that starts with `ev`; returns it with its size.
     fn node(&mut self, ev: Event<'a>, span: Span, depth: usize) -> Built<'a> {
         let p = pos(&span);
         let (node, size, anchor) = match ev {
@@ -189,7 +225,11 @@ impl<'a> Builder<'a> {
                 } else {
                     YValue::Str(text)
                 };
-                (YNode { pos: p, value }, 1, anchor)
+                let bytes = match &value {
+                    YValue::Str(s) => s.len(),
+                    _ => 0,
+                };
+                (YNode { pos: p, value }, Size { nodes: 1, bytes }, anchor)
             }
             Event::SequenceStart(_, anchor, tag) => {
                 self.count(&span)?;
@@ -198,7 +238,7 @@ impl<'a> Builder<'a> {
                     return Err(Diagnostic::error(p.line, p.column, nesting_message()));
                 }
                 let mut items = Vec::new();
-                let mut size = 1;
+                let mut size = Size { nodes: 1, bytes: 0 };
                 loop {
                     let (ev, sp) = self.next()?;
                     if matches!(ev, Event::SequenceEnd) {
@@ -224,7 +264,7 @@ impl<'a> Builder<'a> {
                     return Err(Diagnostic::error(p.line, p.column, nesting_message()));
                 }
                 let mut entries = Vec::new();
-                let mut size = 1;
+                let mut size = Size { nodes: 1, bytes: 0 };
                 loop {
                     let (ev, sp) = self.next()?;
                     if matches!(ev, Event::MappingEnd) {
@@ -233,7 +273,8 @@ impl<'a> Builder<'a> {
                     let (k, ks) = self.node(ev, sp, depth + 1)?;
                     let (ev, sp) = self.next()?;
                     let (v, vs) = self.node(ev, sp, depth + 1)?;
-                    size += ks + vs;
+                    size += ks;
+                    size += vs;
                     entries.push((k, v));
                 }
                 (
@@ -254,14 +295,14 @@ impl<'a> Builder<'a> {
                         format!("more than {MAX_ALIASES} aliases are refused"),
                     ));
                 }
-                let Some((target, size)) = self.anchors.get(&id) else {
+                let Some(size) = self.anchors.get(&id).map(|(_, size)| *size) else {
                     return Err(Diagnostic::error(
                         p.line,
                         p.column,
                         "YAML: alias to an unknown anchor",
                     ));
                 };
-                self.replayed += size;
+                self.replayed += size.nodes;
                 if self.replayed > MAX_ALIAS_REPLAYED_EVENTS {
                     return Err(Diagnostic::error(
                         p.line,
@@ -272,10 +313,10 @@ impl<'a> Builder<'a> {
                         ),
                     ));
                 }
-                let size = *size;
-                self.nodes += size;
+                self.copy_bytes(size.bytes, p)?;
+                self.nodes += size.nodes;
                 // The copy is positioned where it is used: diagnostics point at the alias.
-                let mut n = target.clone();
+                let mut n = self.anchors[&id].0.clone();
                 n.pos = p;
                 return Ok((n, size));
             }
@@ -298,7 +339,8 @@ impl<'a> Builder<'a> {
             // The anchored node is copied (for its aliases), used or not: the copy counts against
             // the node limit, so that anchors nested around a large node cannot copy it once
             // per level, unbounded by any alias.
-            self.nodes += size;
+            self.copy_bytes(size.bytes, p)?;
+            self.nodes += size.nodes;
             if self.nodes > MAX_YAML_NODES {
                 return Err(Diagnostic::error(
                     p.line,
@@ -354,6 +396,7 @@ pub(crate) fn parse_tree(text: &str) -> Result<YNode<'_>, Diagnostic> {
         nodes: 0,
         aliases: 0,
         replayed: 0,
+        copied: 0,
     };
     let mut root = None;
     loop {

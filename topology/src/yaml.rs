@@ -23,6 +23,10 @@ pub const MAX_YAML_NODES: usize = 3_000_000;
 /// allowed for sharing small settings, never to multiply a document (billion laughs).
 pub const MAX_ALIASES: usize = 1_000;
 pub const MAX_ALIAS_REPLAYED_EVENTS: usize = 10_000;
+/// Most bytes of scalar text copied for anchors and their aliases in total: each anchored node
+/// is copied once, and again for each alias to it, so that counting nodes alone let one alias
+/// to a long scalar copy all of it (999 aliases to a 16 MiB block scalar held about 16 GiB).
+pub const MAX_ANCHOR_COPY_BYTES: usize = 4 * 1024 * 1024;
 
 /// A successfully loaded topology, plus the warnings found on the way.
 #[derive(Debug, Clone)]

@@ -110,6 +110,50 @@ x: ",
     );
 }
 
+/// Aliases to one long scalar, within the alias and node limits (which count nodes, and a
+/// scalar is one node whatever its length): each alias copied the whole text (999 aliases to a
+/// 16 MiB block scalar held about 16 GiB). The text copied for anchors and aliases is bounded,
+/// and the alias that crosses the bound is named by its line.
+#[test]
+fn aliases_to_a_long_scalar_are_refused_by_the_bytes_they_copy() {
+    let big = "y".repeat(256 * 1024);
+    let mut text = format!(
+        "version: 1
+x: &big |
+  {big}
+nodes:
+"
+    );
+    for _ in 0..40 {
+        text.push_str(
+            "  - *big
+",
+        );
+    }
+    let d = refused(&text);
+    assert!(
+        d[0].message
+            .contains("anchors and aliases copy more than 4 MiB of text"),
+        "{}",
+        d[0].message
+    );
+    // Each copy is 256 KiB and the block's newline: the anchor's and 15 aliases' pass 4 MiB,
+    // so the 15th alias (line 19) is the one refused.
+    assert_eq!((d[0].line, d[0].column), (19, 5), "{}", d[0]);
+    // A few aliases to it are fine (the document fails later, on what it says).
+    let few = format!(
+        "version: 1
+x: &big |
+  {big}
+nodes:
+  - *big
+  - *big
+"
+    );
+    let d = refused(&few);
+    assert!(!d.iter().any(|d| d.message.contains("copy more")), "{d:?}");
+}
+
 #[test]
 fn many_aliases_to_one_anchor_are_refused() {
     let mut text = String::from("version: 1\nx: &big [1, 2, 3, 4, 5, 6, 7, 8]\nnodes:\n");

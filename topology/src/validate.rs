@@ -66,6 +66,8 @@ struct Cx {
     diags: Vec<Diagnostic>,
     /// A stored text gets the rules added since as warnings ([`Cx::newer`]).
     texts: Texts,
+    /// Unknown names given the closest known ones so far ([`Cx::known_list`]).
+    hinted: usize,
 }
 
 /// How a text is validated: as a new one (every rule), or as one a controller stored under an
@@ -476,19 +478,33 @@ fn country(cx: &mut Cx, node: &YNode, what: &dyn fmt::Display) -> Option<Country
 fn distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();
     let mut prev: Vec<usize> = (0..=b.len()).collect();
+    let mut cur = vec![0; b.len() + 1];
     for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
+        cur[0] = i + 1;
         for (j, cb) in b.iter().enumerate() {
             cur[j + 1] = (prev[j] + usize::from(ca != *cb))
                 .min(prev[j + 1] + 1)
                 .min(cur[j] + 1);
         }
-        prev = cur;
+        std::mem::swap(&mut prev, &mut cur);
     }
     prev[b.len()]
 }
 
+/// Longest word a "did you mean" hint is searched for: the longest id, field or region name
+/// is 63 characters, so a longer word is close to none, and its distance to each would cost
+/// its length times theirs.
+const MAX_HINTED_LEN: usize = 64;
+
+/// Unknown names in one document that get the closest known ones: each costs a distance to
+/// every known name (10,000 node ids in a large fabric), and a document that renamed its nodes
+/// but not its links has 100,000 unknown link ends (that took minutes).
+const MAX_HINTED_NAMES: usize = 100;
+
 fn closest<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    if word.chars().count() > MAX_HINTED_LEN {
+        return None;
+    }
     let limit = (word.chars().count() / 3).max(2);
     candidates
         .map(|c| (distance(word, c), c))
@@ -497,22 +513,40 @@ fn closest<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> Option<
         .map(|(_, c)| c)
 }
 
-/// "(known: a, b, c)" for short lists; the closest few for long ones.
-fn known_list<'a>(word: &str, known: impl Iterator<Item = &'a str> + Clone) -> String {
-    const SHOW: usize = 8;
-    let total = known.clone().count();
-    if total == 0 {
-        return "(no valid ones are defined)".to_string();
+impl Cx {
+    /// "(known: a, b, c)" for short lists; the closest few for long ones, for the first
+    /// [`MAX_HINTED_NAMES`] unknown names of the document and words of [`MAX_HINTED_LEN`]
+    /// characters at most.
+    fn known_list<'a>(
+        &mut self,
+        word: &str,
+        known: impl Iterator<Item = &'a str> + Clone,
+    ) -> String {
+        const SHOW: usize = 8;
+        let total = known.clone().count();
+        if total == 0 {
+            return "(no valid ones are defined)".to_string();
+        }
+        if total <= SHOW {
+            let mut all: Vec<&str> = known.collect();
+            all.sort_unstable();
+            return format!("(known: {})", all.join(", "));
+        }
+        if word.chars().count() > MAX_HINTED_LEN {
+            return format!("({total} known, none that long)");
+        }
+        if self.hinted >= MAX_HINTED_NAMES {
+            return format!(
+                "({total} known; the closest are given for the first {MAX_HINTED_NAMES} unknown \
+                 names only)"
+            );
+        }
+        self.hinted += 1;
+        let mut ranked: Vec<(usize, &str)> = known.map(|k| (distance(word, k), k)).collect();
+        ranked.sort_unstable();
+        let near: Vec<&str> = ranked.iter().take(5).map(|(_, k)| *k).collect();
+        format!("(closest of {total} known: {})", near.join(", "))
     }
-    if total <= SHOW {
-        let mut all: Vec<&str> = known.collect();
-        all.sort_unstable();
-        return format!("(known: {})", all.join(", "));
-    }
-    let mut ranked: Vec<(usize, &str)> = known.map(|k| (distance(word, k), k)).collect();
-    ranked.sort_unstable();
-    let near: Vec<&str> = ranked.iter().take(5).map(|(_, k)| *k).collect();
-    format!("(closest of {total} known: {})", near.join(", "))
 }
 
 /// `node "syd-edge-1"` when the entry has a valid `key`, else the positional `label` (`node 3`),
@@ -544,6 +578,7 @@ pub(crate) fn validate(root: &YNode, texts: Texts) -> Result<Loaded, Vec<Diagnos
     let mut cx = Cx {
         diags: Vec::new(),
         texts,
+        hinted: 0,
     };
     let topology = walk(&mut cx, root);
     let mut diags = cx.diags;
@@ -913,11 +948,12 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
                                     residency.regions.push(Region::new(reg))
                                 }
                                 Some(reg) => {
+                                    let known =
+                                        cx.known_list(&reg, regions.iter().map(String::as_str));
                                     cx.err(
                                         rn.pos,
                                         format!(
-                                            "residency of {what}: unknown region \"{reg}\" {}",
-                                            known_list(&reg, regions.iter().map(String::as_str))
+                                            "residency of {what}: unknown region \"{reg}\" {known}"
                                         ),
                                     );
                                     ok = false;
@@ -1016,13 +1052,8 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
             let service = sf.required(cx, "service").and_then(|n| {
                 let s = ident(cx, n, &Of("service", &sw))?;
                 if !service_names.contains_key(s.as_str()) {
-                    cx.err(
-                        n.pos,
-                        format!(
-                            "unknown service \"{s}\" in {sw} {}",
-                            known_list(&s, service_names.keys().map(String::as_str))
-                        ),
-                    );
+                    let known = cx.known_list(&s, service_names.keys().map(String::as_str));
+                    cx.err(n.pos, format!("unknown service \"{s}\" in {sw} {known}"));
                     return None;
                 }
                 if let Some(first) = served.get(s.as_str()) {
@@ -1103,13 +1134,8 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
             if ids.contains_key(s) {
                 Some((NodeId::new(s), n.pos))
             } else {
-                cx.err(
-                    n.pos,
-                    format!(
-                        "unknown node \"{s}\" in {what} {}",
-                        known_list(s, ids.keys().map(String::as_str))
-                    ),
-                );
+                let known = cx.known_list(s, ids.keys().map(String::as_str));
+                cx.err(n.pos, format!("unknown node \"{s}\" in {what} {known}"));
                 None
             }
         };
@@ -1197,6 +1223,7 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
         let mut aside = Cx {
             diags: Vec::new(),
             texts: cx.texts,
+            hinted: 0,
         };
         let pfx_node = f.required(&mut aside, "prefix");
         let prefix =

@@ -274,3 +274,56 @@ fn many_vips_and_pools_validate_without_comparing_all_pairs() {
     eprintln!("validated in {took:?}");
     assert_eq!(loaded.expect("valid"), (300_000, 200_000));
 }
+
+/// A large fabric whose node ids were renamed but not its links' ends: each unknown end was
+/// compared with every node id (the "closest of N known" hint), 100,000 ends times 10,000 ids
+/// (minutes). The closest known names are searched for the first 100 unknown names only, and
+/// never for a word longer than any name can be (a 1 MiB link end); the others still name the
+/// count known.
+#[test]
+fn unknown_names_get_the_closest_known_ones_for_the_first_100_only() {
+    let mut text = String::from("version: 1\nnodes:\n");
+    for i in 0..10_000 {
+        text.push_str(&format!("  - {{id: node-{i}}}\n"));
+    }
+    text.push_str("links:\n");
+    for i in 0..2_000 {
+        text.push_str(&format!("  - {{a: nod-{i}, b: node-{i}, latency: 1ms}}\n"));
+    }
+    let long = "x".repeat(1024 * 1024);
+    text.push_str(&format!("  - {{a: \"{long}\", b: node-1, latency: 1ms}}\n"));
+    let d = refused(&text);
+    let unknown: Vec<&Diagnostic> = d
+        .iter()
+        .filter(|d| d.message.starts_with("unknown node"))
+        .collect();
+    assert_eq!(unknown.len(), 2_001);
+    let hinted = unknown
+        .iter()
+        .filter(|d| d.message.contains("(closest of 10000 known: "))
+        .count();
+    assert_eq!(hinted, 100);
+    // The first one's hint is right: `nod-0` is one letter from `node-0`.
+    assert!(
+        unknown[0]
+            .message
+            .contains("(closest of 10000 known: node-0"),
+        "{}",
+        unknown[0].message
+    );
+    let unhinted = unknown
+        .iter()
+        .filter(|d| {
+            d.message.contains(
+                "(10000 known; the closest are given for the first 100 unknown names only)",
+            )
+        })
+        .count();
+    assert_eq!(unhinted, 1_900);
+    assert!(
+        unknown
+            .iter()
+            .any(|d| d.message.ends_with("(10000 known, none that long)")),
+        "no diagnostic for the long end"
+    );
+}

@@ -283,6 +283,14 @@ fn number(cx: &mut Cx, node: &YNode, what: &dyn fmt::Display) -> Option<f64> {
     match &node.value {
         YValue::Int(i) => Some(*i as f64),
         YValue::Float(f) if f.is_finite() => Some(*f),
+        YValue::Float(f) => {
+            let found = if f.is_nan() { ".nan" } else { "an infinity" };
+            cx.err(
+                node.pos,
+                format!("{what} must be a finite number, found {found}"),
+            );
+            None
+        }
         other => {
             cx.err(
                 node.pos,
@@ -1657,6 +1665,29 @@ mod tests {
             let loaded = crate::load(&two_edges(any, any));
             assert!(loaded.is_ok(), "{any} on two edges: {:?}", loaded.err());
         }
+    }
+
+    /// `.nan` and `.inf` are YAML floats, but not coordinates: the message says so (it said
+    /// "must be a number, found a number").
+    #[test]
+    fn a_coordinate_that_is_not_finite_is_named_as_such() {
+        let text = two_edges("127.20.0.1", "127.20.0.2").replacen(
+            "lat: -33.9, lon: 151.2",
+            "lat: .nan, lon: -.inf",
+            1,
+        );
+        let errs: Vec<String> = crate::load(&text)
+            .unwrap_err()
+            .iter()
+            .map(|d| d.to_string())
+            .collect();
+        assert_eq!(
+            errs,
+            [
+                "3:72: error: lat of node \"e1\" must be a finite number, found .nan",
+                "3:83: error: lon of node \"e1\" must be a finite number, found an infinity",
+            ]
+        );
     }
 
     #[test]

@@ -346,16 +346,33 @@ pub fn init(dir: &Path) -> Result<(), PkiError> {
     }
     let cert_path = dir.join(CA_CERT);
     let key_path = dir.join(CA_KEY);
-    for p in [&cert_path, &key_path] {
-        if p.exists() {
-            return Err(PkiError::Exists { path: p.clone() });
-        }
+    if cert_path.exists() {
+        return Err(PkiError::Exists { path: cert_path });
     }
-    let key = KeyPair::generate()?;
+    // The key is written first: a key without its certificate is an init cut off between the
+    // two (a crash), which this one completes with a certificate for that key (nothing can
+    // have been issued without the certificate), instead of refusing until the key is removed
+    // by hand.
+    let key = if key_path.exists() {
+        let pem = fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
+        KeyPair::from_pem(&pem).map_err(|e| PkiError::BadKey {
+            path: key_path.clone(),
+            reason: e.to_string(),
+        })?
+    } else {
+        let key = KeyPair::generate()?;
+        write_file(&key_path, &key.serialize_pem(), true)?;
+        key
+    };
     let cert = ca_params().self_signed(&key)?;
-    write_file(&key_path, &key.serialize_pem(), true)?;
     write_file(&cert_path, &cert.pem(), false)?;
     Ok(())
+}
+
+/// Writes a secret file (mode 0600) through a temporary file renamed into place, synced: a
+/// crash leaves the old file or the whole new one, never an empty or partial one.
+pub fn write_secret(path: &Path, contents: &str) -> Result<(), PkiError> {
+    write_file(path, contents, true)
 }
 
 /// One CA certificate of a trust bundle: its DER, and its PEM block as found in the file.
@@ -1492,6 +1509,20 @@ mod tests {
                 == 2
         );
         assert!(fs::read_to_string(k).unwrap().contains("PRIVATE KEY"));
+    }
+
+    /// An init cut off after writing the CA key (the certificate is written second) is completed
+    /// by the next: a certificate for that key, which then issues. (The next init refused, the
+    /// key being there, and a controller's first start failed until the key was removed by hand.)
+    #[test]
+    fn an_init_cut_off_after_its_key_is_completed_by_the_next() {
+        let d = tempfile::tempdir().unwrap();
+        init(d.path()).unwrap();
+        let key = fs::read_to_string(d.path().join(CA_KEY)).unwrap();
+        fs::remove_file(d.path().join(CA_CERT)).unwrap();
+        init(d.path()).unwrap();
+        assert_eq!(fs::read_to_string(d.path().join(CA_KEY)).unwrap(), key);
+        issue(d.path(), "syd-edge-1").expect("the new certificate is the key's");
     }
 
     fn bundle(dir: &Path) -> Vec<BundleCert> {

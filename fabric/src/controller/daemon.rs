@@ -157,17 +157,9 @@ fn token(cfg: &DaemonConfig) -> Result<String, DaemonError> {
             let mut bytes = [0u8; 24];
             rand::rng().fill(&mut bytes);
             let t: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-            let mut opts = std::fs::OpenOptions::new();
-            opts.write(true).create_new(true);
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::OpenOptionsExt;
-                opts.mode(0o600);
-            }
-            use std::io::Write;
-            let mut f = opts.open(&path).map_err(io(&path))?;
-            f.write_all(t.as_bytes()).map_err(io(&path))?;
-            f.sync_all().map_err(io(&path))?;
+            // Whole or not at all: a crash mid-write left an empty file, which every later
+            // start refused (`EmptyToken`) until it was removed by hand.
+            router::pki::write_secret(&path, &t)?;
             tracing::info!(path = %path.display(), "generated an admin token");
             Ok(t)
         }

@@ -1520,17 +1520,7 @@ async fn a_site_that_shuts_down_drains_its_open_connections_and_sends_new_ones_a
     );
 
     // A new stream that reaches the draining site anyway is refused with `shutting_down`.
-    let (mut send, mut recv) = raw.open_bi().await.unwrap();
-    let header = router::header::Header {
-        kind: router::header::Kind::Data,
-        service: topology::ServiceName::new("echo"),
-        hops: Vec::new(),
-        client: None,
-        circuit: None,
-    };
-    let mut buf = bytes::BytesMut::new();
-    header.encode(&mut buf).unwrap();
-    send.write_all(&buf).await.unwrap();
+    let (_send, mut recv) = common::open_data_stream(&raw, "echo").await;
     let refused = tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(1024))
         .await
         .unwrap();

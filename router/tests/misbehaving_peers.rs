@@ -2022,17 +2022,7 @@ async fn a_site_resets_a_stream_whose_edge_grants_no_window_for_its_answer() {
         .unwrap()
         .await
         .unwrap();
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let header = router::header::Header {
-        kind: router::header::Kind::Data,
-        service: topology::ServiceName::new("echo"),
-        hops: Vec::new(),
-        client: None,
-        circuit: None,
-    };
-    let mut bytes = bytes::BytesMut::new();
-    header.encode(&mut bytes).unwrap();
-    send.write_all(&bytes).await.unwrap();
+    let (_send, mut recv) = common::open_data_stream(&conn, "echo").await;
     let mut b = [0u8; 2];
     let got = tokio::time::timeout(Duration::from_secs(15), recv.read(&mut b))
         .await

@@ -230,3 +230,23 @@ pub async fn wait_for_route(h: &RouterHandle, service: &str, within: Duration, w
     )
     .await;
 }
+
+/// Opens a stream on `conn` (to a site) and writes a data stream's header for `service` with no
+/// hops left, as the last hop before the site does.
+pub async fn open_data_stream(
+    conn: &quinn::Connection,
+    service: &str,
+) -> (quinn::SendStream, quinn::RecvStream) {
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    let header = router::header::Header {
+        kind: router::header::Kind::Data,
+        service: ServiceName::new(service),
+        hops: Vec::new(),
+        client: None,
+        circuit: None,
+    };
+    let mut buf = bytes::BytesMut::new();
+    header.encode(&mut buf).unwrap();
+    send.write_all(&buf).await.unwrap();
+    (send, recv)
+}

@@ -33,7 +33,7 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>) {
 /// Connections one peer (one node name) may hold to this router at once. A neighbour dials one;
 /// a second is there while a restarted neighbour's old connection has not timed out yet. Each is
 /// granted [`crate::transport::MAX_CONCURRENT_STREAMS`] streams, whose state quinn allocates at
-/// once (about 1.3 MiB), and may fill its receive windows: past this, the oldest is closed
+/// once (1.45 MB measured), and may fill its receive windows: past this, the oldest is closed
 /// (`superseded`), so that a peer (a leaked node certificate) cannot make the router hold more.
 pub(crate) const MAX_CONNECTIONS_PER_PEER: usize = 4;
 
@@ -213,7 +213,8 @@ pub(crate) async fn read_header(recv: &mut RecvStream) -> Result<Header, NoHeade
     Ok(Header::decode(&mut &buf[..PREFIX_LEN + n])?)
 }
 
-fn refuse(shared: &Shared, send: &mut SendStream, recv: &mut RecvStream, code: Code) {
+/// Ends a stream both ways with `code`, counted.
+pub(crate) fn refuse(shared: &Shared, send: &mut SendStream, recv: &mut RecvStream, code: Code) {
     shared.metrics.error(code);
     let _ = send.reset(code.varint());
     let _ = recv.stop(code.varint());

@@ -188,9 +188,7 @@ pub(crate) async fn serve(
 ) {
     let svc = shared.sites.load().get(&header.service).cloned();
     let refuse = |send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, code: Code| {
-        shared.metrics.error(code);
-        let _ = send.reset(code.varint());
-        let _ = recv.stop(code.varint());
+        crate::inbound::refuse(&shared, send, recv, code)
     };
     let Some(svc) = svc else {
         let known = shared
@@ -246,10 +244,7 @@ pub(crate) async fn serve(
         None => {
             // The edge's side grants no window for two bytes.
             tracing::debug!(node = %shared.node, service = %svc.service, "reply not taken: stream reset");
-            shared.metrics.error(Code::IdleTimeout);
-            let _ = send.reset(Code::IdleTimeout.varint());
-            let _ = recv.stop(Code::IdleTimeout.varint());
-            return;
+            return refuse(&mut send, &mut recv, Code::IdleTimeout);
         }
     }
     tracing::debug!(node = %shared.node, service = %svc.service, connect_us = started.elapsed().as_micros() as u64, "backend connected");

@@ -1864,7 +1864,7 @@ async fn a_report_of_many_neighbours_is_cut_to_what_the_controller_takes() {
 /// A peer with a node's certificate (a leaked one, or a buggy neighbour) that opens connection
 /// after connection to the edge: each is granted its streams once authenticated, and past 4 at
 /// once the oldest is closed with `superseded`, so that the edge holds 4 at most (each costs
-/// quinn's state for its 16,384 streams, about 1.3 MiB, and its receive windows). The newest
+/// quinn's state for its 16,384 streams, 1.45 MB, and its receive windows). The newest
 /// still carry streams. (The edge held every one.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_holds_four_connections_at_most_the_oldest_closed_as_superseded() {

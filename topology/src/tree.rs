@@ -196,10 +196,11 @@ impl<'a> Builder<'a> {
         Ok(())
     }
 
-    /// Counts `bytes` of scalar text copied (for an anchor or an alias) at `p`.
-    fn copy_bytes(&mut self, bytes: usize, p: Pos) -> Result<(), Diagnostic> {
-        self.copied += bytes;
-        if self.copied > MAX_ANCHOR_COPY_BYTES {
+    /// Counts `bytes` of scalar text copied (for an anchor or an alias) at `p` in `copied`
+    /// (the builder's; a field, so that an anchor may stay borrowed meanwhile).
+    fn copy_bytes(copied: &mut usize, bytes: usize, p: Pos) -> Result<(), Diagnostic> {
+        *copied += bytes;
+        if *copied > MAX_ANCHOR_COPY_BYTES {
             return Err(Diagnostic::error(
                 p.line,
                 p.column,
@@ -295,13 +296,14 @@ impl<'a> Builder<'a> {
                         format!("more than {MAX_ALIASES} aliases are refused"),
                     ));
                 }
-                let Some(size) = self.anchors.get(&id).map(|(_, size)| *size) else {
+                let Some((target, size)) = self.anchors.get(&id) else {
                     return Err(Diagnostic::error(
                         p.line,
                         p.column,
                         "YAML: alias to an unknown anchor",
                     ));
                 };
+                let size = *size;
                 self.replayed += size.nodes;
                 if self.replayed > MAX_ALIAS_REPLAYED_EVENTS {
                     return Err(Diagnostic::error(
@@ -313,10 +315,10 @@ impl<'a> Builder<'a> {
                         ),
                     ));
                 }
-                self.copy_bytes(size.bytes, p)?;
+                Self::copy_bytes(&mut self.copied, size.bytes, p)?;
                 self.nodes += size.nodes;
                 // The copy is positioned where it is used: diagnostics point at the alias.
-                let mut n = self.anchors[&id].0.clone();
+                let mut n = target.clone();
                 n.pos = p;
                 return Ok((n, size));
             }
@@ -339,7 +341,7 @@ impl<'a> Builder<'a> {
             // The anchored node is copied (for its aliases), used or not: the copy counts against
             // the node limit, so that anchors nested around a large node cannot copy it once
             // per level, unbounded by any alias.
-            self.copy_bytes(size.bytes, p)?;
+            Self::copy_bytes(&mut self.copied, size.bytes, p)?;
             self.nodes += size.nodes;
             if self.nodes > MAX_YAML_NODES {
                 return Err(Diagnostic::error(

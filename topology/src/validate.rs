@@ -79,6 +79,13 @@ pub(crate) enum Texts {
 }
 
 impl Cx {
+    fn new(texts: Texts) -> Self {
+        Cx {
+            diags: Vec::new(),
+            texts,
+            hinted: 0,
+        }
+    }
     /// A rule added after texts were accepted without it: an error for a new text, a warning
     /// for a stored one, which an upgraded controller must still start on (the operator then
     /// applies a fixed text). Returns whether it was an error, so that the caller drops the
@@ -510,10 +517,11 @@ const MAX_HINTED_LEN: usize = 64;
 const MAX_HINTED_NAMES: usize = 100;
 
 fn closest<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
-    if word.chars().count() > MAX_HINTED_LEN {
+    let len = word.chars().count();
+    if len > MAX_HINTED_LEN {
         return None;
     }
-    let limit = (word.chars().count() / 3).max(2);
+    let limit = (len / 3).max(2);
     candidates
         .map(|c| (distance(word, c), c))
         .filter(|(d, _)| *d <= limit)
@@ -583,11 +591,7 @@ struct NodeEntry<'a> {
 }
 
 pub(crate) fn validate(root: &YNode, texts: Texts) -> Result<Loaded, Vec<Diagnostic>> {
-    let mut cx = Cx {
-        diags: Vec::new(),
-        texts,
-        hinted: 0,
-    };
+    let mut cx = Cx::new(texts);
     let topology = walk(&mut cx, root);
     let mut diags = cx.diags;
     diags.sort();
@@ -1228,11 +1232,7 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
             .as_ref()
             .map(|(n, _)| format!("pool \"{n}\""))
             .unwrap_or(label);
-        let mut aside = Cx {
-            diags: Vec::new(),
-            texts: cx.texts,
-            hinted: 0,
-        };
+        let mut aside = Cx::new(cx.texts);
         let pfx_node = f.required(&mut aside, "prefix");
         let prefix =
             pfx_node.and_then(|n| Some((prefix(&mut aside, n, &Of("prefix", &what))?, n.pos)));

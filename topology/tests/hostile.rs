@@ -117,20 +117,13 @@ x: ",
 #[test]
 fn aliases_to_a_long_scalar_are_refused_by_the_bytes_they_copy() {
     let big = "y".repeat(256 * 1024);
-    let mut text = format!(
-        "version: 1
-x: &big |
-  {big}
-nodes:
-"
-    );
-    for _ in 0..40 {
-        text.push_str(
-            "  - *big
-",
-        );
-    }
-    let d = refused(&text);
+    let with_aliases = |n: usize| {
+        format!(
+            "version: 1\nx: &big |\n  {big}\nnodes:\n{}",
+            "  - *big\n".repeat(n)
+        )
+    };
+    let d = refused(&with_aliases(40));
     assert!(
         d[0].message
             .contains("anchors and aliases copy more than 4 MiB of text"),
@@ -141,16 +134,7 @@ nodes:
     // so the 15th alias (line 19) is the one refused.
     assert_eq!((d[0].line, d[0].column), (19, 5), "{}", d[0]);
     // A few aliases to it are fine (the document fails later, on what it says).
-    let few = format!(
-        "version: 1
-x: &big |
-  {big}
-nodes:
-  - *big
-  - *big
-"
-    );
-    let d = refused(&few);
+    let d = refused(&with_aliases(2));
     assert!(!d.iter().any(|d| d.message.contains("copy more")), "{d:?}");
 }
 

@@ -11,10 +11,8 @@ use std::sync::atomic::{AtomicIsize, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use router::Snapshot;
-use topology::NodeKind;
-use topology::builder::{TopologyBuilder, ms};
 
-use common::{addressed, ca_dir, free_tcp_port, spawn_node, wait_until};
+use common::{ca_dir, echo_backend, edge_and_near, spawn_node, wait_until};
 
 /// Bytes allocated and not freed, by the whole process.
 static LIVE: AtomicIsize = AtomicIsize::new(0);
@@ -131,12 +129,7 @@ async fn held_handshakes(to: SocketAddr, n: usize) -> (isize, quinn::Endpoint) {
 async fn a_handshake_in_progress_holds_no_stream_state() {
     const N: usize = 16;
     let dir = ca_dir();
-    let mut b = TopologyBuilder::new();
-    b.node("edge", NodeKind::Edge)
-        .node("near", NodeKind::Site)
-        .link("edge", "near", ms(1.0))
-        .service("echo");
-    let t = addressed(b.build(), free_tcp_port());
+    let t = edge_and_near(echo_backend().await);
     let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
     let (edge, _) = spawn_node(&snap, dir.path(), "edge", |_| {}).await;
     let (per_handshake, _clients) = held_handshakes(t.node("edge").unwrap().address, N).await;

@@ -15,8 +15,9 @@ use topology::builder::{TopologyBuilder, ms};
 use topology::{NodeKind, ServiceName};
 
 use common::{
-    Source, addressed, ca_dir, echo_backend, echo_roundtrip, free_tcp_port, line_topology, metric,
-    serve, spawn_all, spawn_issued, spawn_node, tracked_echo_backend, wait_for_route, wait_until,
+    Source, addressed, ca_dir, connect_as, echo_backend, echo_roundtrip, free_tcp_port,
+    line_topology, metric, serve, spawn_all, spawn_issued, spawn_node, tracked_echo_backend,
+    wait_for_route, wait_until,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1648,26 +1649,6 @@ async fn a_drain_ends_at_its_timeout_and_cuts_what_is_still_open() {
         || "the backend connection outlived the drain".into(),
     )
     .await;
-}
-
-/// A QUIC connection to `addr` (expected to present `name`) with `as_node`'s certificate.
-async fn connect_as(
-    dir: &std::path::Path,
-    as_node: &str,
-    addr: SocketAddr,
-    name: &str,
-) -> (quinn::Endpoint, quinn::Connection) {
-    let id = router::tls::TlsIdentity::load(dir, as_node).unwrap();
-    let peers = router::tls::PeerNames::new([name.to_string()]);
-    let cfg = router::tls::client_config(&id, &peers, Arc::new(quinn::TransportConfig::default()))
-        .unwrap();
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(cfg);
-    let conn = tokio::time::timeout(Duration::from_secs(5), ep.connect(addr, name).unwrap())
-        .await
-        .expect("handshake timed out")
-        .expect("handshake failed");
-    (ep, conn)
 }
 
 /// The client direction of a rotation: a router dialling a neighbour presents the certificate it

@@ -20,8 +20,8 @@ use topology::builder::{TopologyBuilder, ms};
 use topology::{NodeId, NodeKind, Topology};
 
 use common::{
-    addressed, ca_dir, echo_backend, echo_roundtrip, free_tcp_port, metric, serve, spawn_node,
-    wait_until,
+    addressed, ca_dir, echo_backend, echo_roundtrip, edge_and_near, free_tcp_port, metric, serve,
+    spawn_node, wait_until,
 };
 
 /// A QUIC peer posing as node `name` of `topo` (certificate issued in `dir`), listening on the
@@ -698,18 +698,6 @@ impl Nagging {
     fn connected(&self) -> u64 {
         self.connected.load(Relaxed)
     }
-}
-
-/// An edge whose one neighbour is `near` (a site serving echo), on loopback.
-fn edge_and_near(backend: SocketAddr) -> Topology {
-    let mut b = TopologyBuilder::new();
-    b.node("edge", NodeKind::Edge)
-        .node("near", NodeKind::Site)
-        .link("edge", "near", ms(1.0))
-        .service("echo");
-    let mut t = addressed(b.build(), free_tcp_port());
-    serve(&mut t, "near", "echo", backend);
-    t
 }
 
 /// The edge's failed dials to `near`, from its metrics.
@@ -1873,19 +1861,13 @@ async fn a_peer_holds_four_connections_at_most_the_oldest_closed_as_superseded()
     let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
     let (edge, _) = spawn_node(&snap, dir.path(), "edge", |_| {}).await;
     router::pki::issue(dir.path(), "near").unwrap();
-    let id = router::tls::TlsIdentity::load(dir.path(), "near").unwrap();
-    let peers = router::tls::PeerNames::new(t.nodes.iter().map(|n| n.id.to_string()));
-    let client =
-        router::tls::client_config(&id, &peers, router::transport::shared_transport()).unwrap();
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(client);
     let at = t.node("edge").unwrap().address;
     let mut conns = Vec::new();
+    let mut endpoints = Vec::new();
     for i in 0..6 {
-        let conn = tokio::time::timeout(Duration::from_secs(10), ep.connect(at, "edge").unwrap())
-            .await
-            .expect("no handshake within 10 s")
-            .unwrap();
+        let transport = router::transport::transport_config();
+        let (ep, conn) = common::connect_as_with(dir.path(), "near", at, "edge", transport).await;
+        endpoints.push(ep);
         // A stream opens once the edge has taken the connection (and granted streams).
         tokio::time::timeout(Duration::from_secs(10), conn.open_bi())
             .await
@@ -1922,10 +1904,12 @@ async fn a_peer_holds_four_connections_at_most_the_oldest_closed_as_superseded()
 async fn answer_ok_then_take_nothing(conn: quinn::Connection) {
     let mut held = Vec::new();
     while let Ok((mut send, recv)) = conn.accept_bi().await {
-        let until = Instant::now() + Duration::from_secs(10);
-        while conn.stats().frame_rx.stream_data_blocked == 0 && Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_until(
+            Duration::from_secs(10),
+            || conn.stats().frame_rx.stream_data_blocked > 0,
+            || "the edge never said it was blocked on the stream's window".into(),
+        )
+        .await;
         let _ = send.write_all(&router::header::REPLY_OK).await;
         held.push((send, recv));
     }
@@ -2010,18 +1994,10 @@ async fn a_site_resets_a_stream_whose_edge_grants_no_window_for_its_answer() {
     })
     .await;
     router::pki::issue(dir.path(), "edge").unwrap();
-    let id = router::tls::TlsIdentity::load(dir.path(), "edge").unwrap();
-    let peers = router::tls::PeerNames::new(t.nodes.iter().map(|n| n.id.to_string()));
     let mut closed = router::transport::transport_config();
     closed.stream_receive_window(0u32.into());
-    let client = router::tls::client_config(&id, &peers, Arc::new(closed)).unwrap();
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(client);
-    let conn = ep
-        .connect(t.node("near").unwrap().address, "near")
-        .unwrap()
-        .await
-        .unwrap();
+    let near_addr = t.node("near").unwrap().address;
+    let (_ep, conn) = common::connect_as_with(dir.path(), "edge", near_addr, "near", closed).await;
     let (_send, mut recv) = common::open_data_stream(&conn, "echo").await;
     let mut b = [0u8; 2];
     let got = tokio::time::timeout(Duration::from_secs(15), recv.read(&mut b))

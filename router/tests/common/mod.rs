@@ -250,3 +250,45 @@ pub async fn open_data_stream(
     send.write_all(&buf).await.unwrap();
     (send, recv)
 }
+
+/// A QUIC connection to `addr` (expected to present `name`) with `as_node`'s certificate.
+pub async fn connect_as(
+    dir: &std::path::Path,
+    as_node: &str,
+    addr: SocketAddr,
+    name: &str,
+) -> (quinn::Endpoint, quinn::Connection) {
+    connect_as_with(dir, as_node, addr, name, quinn::TransportConfig::default()).await
+}
+
+/// [`connect_as`] with the client's `transport`.
+pub async fn connect_as_with(
+    dir: &std::path::Path,
+    as_node: &str,
+    addr: SocketAddr,
+    name: &str,
+    transport: quinn::TransportConfig,
+) -> (quinn::Endpoint, quinn::Connection) {
+    let id = router::tls::TlsIdentity::load(dir, as_node).unwrap();
+    let peers = router::tls::PeerNames::new([name.to_string()]);
+    let cfg = router::tls::client_config(&id, &peers, Arc::new(transport)).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(cfg);
+    let conn = tokio::time::timeout(Duration::from_secs(5), ep.connect(addr, name).unwrap())
+        .await
+        .expect("handshake timed out")
+        .expect("handshake failed");
+    (ep, conn)
+}
+
+/// An edge whose one neighbour is `near` (a site serving echo at `backend`), on loopback.
+pub fn edge_and_near(backend: SocketAddr) -> Topology {
+    let mut b = TopologyBuilder::new();
+    b.node("edge", NodeKind::Edge)
+        .node("near", NodeKind::Site)
+        .link("edge", "near", ms(1.0))
+        .service("echo");
+    let mut t = addressed(b.build(), free_tcp_port());
+    serve(&mut t, "near", "echo", backend);
+    t
+}

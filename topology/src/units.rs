@@ -33,6 +33,12 @@ pub enum UnitError {
     OutOfRange { value: String, max: &'static str },
     #[error("{value:?} is negative")]
     Negative { value: String },
+    /// `MBps` and its kin are bytes per second by convention; rates are in bits, and reading
+    /// one as the other would be off by eight.
+    #[error(
+        "{value:?} reads as bytes per second: rates are in bits per second (write {bits:?} for that many bytes per second)"
+    )]
+    BytesPerSecond { value: String, bits: String },
 }
 
 const LATENCY_UNITS: &str =
@@ -308,6 +314,17 @@ impl FromStr for Bandwidth {
     type Err = UnitError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (n, unit) = split_number(s, BANDWIDTH_UNITS)?;
+        // Case-insensitive, except the bytes-per-second spelling (`MBps`, `GBps`, `Bps`...):
+        // it is refused rather than read as bits, eight times too small.
+        if let Some(prefix) = unit.strip_suffix("Bps")
+            && matches!(prefix, "" | "k" | "K" | "M" | "G" | "T")
+        {
+            let bits = format!("{}{}bps", n * 8.0, prefix.to_ascii_uppercase());
+            return Err(UnitError::BytesPerSecond {
+                value: s.trim().to_string(),
+                bits,
+            });
+        }
         let mult: f64 = match unit.to_ascii_lowercase().as_str() {
             "bps" => 1.0,
             "kbps" => 1e3,
@@ -515,5 +532,28 @@ mod tests {
             "0Mbps".parse::<Bandwidth>(),
             Err(UnitError::NotPositive { .. })
         ));
+        // Any case reads as bits, but the bytes-per-second spelling is refused, not read as
+        // bits (eight times too small), and the message gives the rate in bits.
+        assert_eq!("100MBPS".parse::<Bandwidth>().unwrap().bps(), 100_000_000);
+        assert_eq!("100mbps".parse::<Bandwidth>().unwrap().bps(), 100_000_000);
+        assert_eq!("100Kbps".parse::<Bandwidth>().unwrap().bps(), 100_000);
+        for (bytes, bits) in [
+            ("100MBps", "800Mbps"),
+            ("1.5GBps", "12Gbps"),
+            ("10kBps", "80Kbps"),
+            ("64Bps", "512bps"),
+            ("2TBps", "16Tbps"),
+        ] {
+            let err = bytes.parse::<Bandwidth>().unwrap_err();
+            assert_eq!(
+                err,
+                UnitError::BytesPerSecond {
+                    value: bytes.to_string(),
+                    bits: bits.to_string()
+                },
+                "{bytes}"
+            );
+            assert!(err.to_string().contains("bits per second"), "{err}");
+        }
     }
 }

@@ -32,7 +32,8 @@ pub struct AdminArgs {
     #[arg(long, env = "TASMAN_CONTROLLER", default_value = "127.0.0.1:7401",
           value_parser = parse_controller, value_name = "HOST:PORT")]
     pub controller: String,
-    /// Bearer token for the admin API.
+    /// Bearer token for the admin API. Wins over --token-file when both are set (on the command
+    /// line or in the environment).
     #[arg(long, env = "TASMAN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// Read the bearer token from this file (e.g. the controller's `<state>/admin-token`).

@@ -36,7 +36,8 @@ pub struct CircuitAdmin {
     #[arg(long, env = "TASMAN_CONTROLLER", default_value = "127.0.0.1:7401",
           value_parser = crate::cli::admin_client::parse_controller, value_name = "HOST:PORT")]
     pub controller: String,
-    /// Bearer token for the admin API.
+    /// Bearer token for the admin API. Wins over --token-file when both are set (on the command
+    /// line or in the environment).
     #[arg(long, env = "TASMAN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// Read the bearer token from this file (e.g. the controller's `<state>/admin-token`).
@@ -122,7 +123,8 @@ pub struct SpecArgs {
     #[arg(long = "site")]
     pub sites: Vec<String>,
     /// Rate, e.g. 500Mbps or 1Gbps (each direction).
-    #[arg(long)]
+    // (A leading `-` is taken as the value, so that `-5Mbps` is refused as not positive.)
+    #[arg(long, allow_hyphen_values = true)]
     pub rate: Bandwidth,
     /// Address pool for the VIP (default: the topology's first pool).
     #[arg(long)]
@@ -240,7 +242,8 @@ pub struct IdArgs {
 pub struct ResizeArgs {
     pub id: String,
     /// The new rate, e.g. 1Gbps.
-    #[arg(long)]
+    // (A leading `-` is taken as the value, so that `-5Mbps` is refused as not positive.)
+    #[arg(long, allow_hyphen_values = true)]
     pub rate: Bandwidth,
     /// Recorded in the audit trail (default $TASMAN_AUTHOR, else $USER).
     #[arg(long, default_value_t = super::author(), hide_default_value = true)]
@@ -807,6 +810,55 @@ mod tests {
                 && err.contains("expected seconds, e.g. 120, or a duration, e.g. 2m"),
             "{err}"
         );
+    }
+
+    /// `--rate` of create and resize: a negative rate is refused as not positive (clap took
+    /// `-5Mbps` for an unknown flag `-5`), and a rate in bytes per second is refused naming
+    /// the rate in bits (`100MBps` was read as 100 megabits).
+    #[test]
+    fn rate_refuses_negative_values_and_bytes_per_second() {
+        let rate = |args: &[&str]| {
+            Cli::try_parse_from(args.iter().copied()).map(|c| match c.cmd {
+                CircuitCmd::Create(a) => a.spec.rate,
+                CircuitCmd::Resize(a) => a.rate,
+                _ => unreachable!(),
+            })
+        };
+        let create = |r: &'static str| {
+            vec![
+                "circuit",
+                "create",
+                "--name",
+                "n",
+                "--edge",
+                "e",
+                "--prefix",
+                "10.0.0.0/24",
+                "--service",
+                "chat",
+                "--rate",
+                r,
+            ]
+        };
+        let resize = |r: &'static str| vec!["circuit", "resize", "acme", "--rate", r];
+        for argv in [create("100Mbps"), resize("100mbps")] {
+            assert_eq!(rate(&argv).unwrap().bps(), 100_000_000);
+        }
+        for argv in [create("-5Mbps"), resize("-5Mbps")] {
+            let err = rate(&argv).unwrap_err().to_string();
+            assert!(
+                err.contains("invalid value '-5Mbps' for '--rate <RATE>'")
+                    && err.contains("must be greater than zero"),
+                "{err}"
+            );
+        }
+        for argv in [create("100MBps"), resize("100MBps")] {
+            let err = rate(&argv).unwrap_err().to_string();
+            assert!(
+                err.contains("reads as bytes per second") && err.contains("\"800Mbps\""),
+                "{err}"
+            );
+        }
     }
 
     /// `create` of `name` from `prefix` at e to chat, with idempotency key `key`, and

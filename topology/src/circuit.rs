@@ -324,8 +324,10 @@ pub fn place(
 }
 
 /// Re-places circuit `id` at `new_rate`, make-before-break: the circuit keeps its current path
-/// when every link of it has room for the new rate (its own old reservation counts as its own);
-/// otherwise a new path is placed against the other circuits' reservations only. The old path
+/// when every link of it has room for the new rate (its own old reservation counts as its own),
+/// and always when the new rate is no larger than the one it holds there and the path is still
+/// usable and eligible (a shrink frees capacity, also on an over-committed link); otherwise a
+/// new path is placed against the other circuits' reservations only. The old path
 /// keeps working until the controller switches over and releases it, but its reservation is
 /// not charged to the new one: the edge enforces one limiter per circuit, so a link both paths
 /// cross carries the larger rate, not their sum ([`headroom`] counts it so).
@@ -345,16 +347,20 @@ pub fn resize(
         .cloned()
         .collect();
     let room_without_self = headroom(topo, &others);
-    // In place: the old path, if it is still usable and has room for the new rate.
+    // In place: the old path, if it is still usable and has room for the new rate. A shrink
+    // needs no room: it only lowers what the circuit holds, so it stays even on a link an
+    // apply left over-committed (where nothing is free), rather than being refused or moved
+    // off a path it already holds more than enough on.
     if let Some(site) = own.path.last() {
         let eligible = eligible_sites(topo, &req.edge, &req.b_end)?;
         let usable = own.path.first() == Some(&req.edge)
             && eligible.contains(site)
-            && path_usable(topo, &own.path)
-            && path_links(&own.path)
+            && path_usable(topo, &own.path);
+        let fits = req.rate <= own.rate
+            || path_links(&own.path)
                 .iter()
                 .all(|l| room_without_self.get(l).is_some_and(|h| h.free >= req.rate));
-        if usable {
+        if usable && fits {
             return Ok(Placement {
                 site: site.clone(),
                 path: own.path.clone(),
@@ -1273,6 +1279,48 @@ mod tests {
             resize(&t, &rs, &CircuitId::new("zz"), &req("1Mbps")),
             Err(PlacementError::UnknownCircuit(_))
         ));
+    }
+
+    /// c1 (600M) and c2 (400M) fill the fast path; an apply lowers t1--site-a to 500M, leaving
+    /// it over-committed with nothing free. Shrinking c1 to 200M keeps its path: a shrink only
+    /// lowers what it holds. (It looked for 200M free beside c2, found 100M, and placed again:
+    /// pinned to site-a it was refused, unpinned it moved to the slow site-b.)
+    #[test]
+    fn a_shrink_on_an_over_committed_link_keeps_its_path() {
+        let mut t = topo();
+        let p = place(&t, &[], &req("600Mbps")).unwrap();
+        let rs = vec![resv("c1", &p, "600Mbps"), resv("c2", &p, "400Mbps")];
+        t.links[1].capacity = "500Mbps".parse().unwrap();
+        assert!(matches!(
+            check_reservations(&t, &rs)[..],
+            [ReservationIssue::OverCommitted { .. }]
+        ));
+        let shrink = resize(&t, &rs, &CircuitId::new("c1"), &req("200Mbps"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((shrink.site.as_str(), &shrink.path), ("site-a", &p.path));
+        let mut pinned = req("200Mbps");
+        pinned.b_end.sites = vec![NodeId::new("site-a")];
+        let shrink =
+            resize(&t, &rs, &CircuitId::new("c1"), &pinned).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(shrink.path, p.path);
+        // The same rate stays too (the controller answers it before placing, but the maths
+        // agrees).
+        assert_eq!(
+            resize(&t, &rs, &CircuitId::new("c1"), &req("600Mbps"))
+                .unwrap()
+                .path,
+            p.path
+        );
+        // A shrink off a path no longer usable still moves.
+        let mut down = t.clone();
+        down.links[1].state = AdminState::Down;
+        assert_eq!(
+            resize(&down, &rs, &CircuitId::new("c1"), &req("200Mbps"))
+                .unwrap()
+                .site
+                .as_str(),
+            "site-b"
+        );
     }
 
     /// Edges e and e2, transit t, sites s1 (near) and s2; every link 1 Gbps; c-2 holds 300M on

@@ -6,7 +6,8 @@
 //! until the TAT minus the burst allowance (if that is in the future). Idle time builds credit
 //! up to the burst and no further. There is no lock and no per-connection state, so any number of
 //! splice loops on any number of threads can share one bucket, and the rate can be changed live
-//! (a circuit resize) without touching the connections.
+//! (a circuit resize) without touching the connections: [`TokenBucket::set_rate`] rescales the
+//! TAT, charged at the old rate, in the same lock-free way.
 //!
 //! A circuit's rate applies to each direction separately (like the full-duplex link capacity it
 //! reserves): [`CircuitLimiter`] holds one bucket per direction, each shared by all connections.
@@ -70,10 +71,49 @@ impl TokenBucket {
     }
 
     /// Changes the rate for every connection sharing the bucket, at once.
+    ///
+    /// The TAT was charged at the old rate, so it is rescaled, in either direction, for the
+    /// circuit to carry the new rate from the change on: the debt beyond the burst (bytes
+    /// already granted, which the next caller would wait out) is the same bytes at the new rate,
+    /// so a busy 1 Mbit/s circuit resized to 1 Gbit/s does not wait out seconds owed at 1 Mbit/s,
+    /// and one shrunk does not run on at the old rate until its debt is paid. The burst allowance
+    /// in use keeps its share of the new burst instead (an empty bucket stays empty, a full one
+    /// full): counted as bytes, the 20 ms of burst a busy 8 Gbit/s circuit has used would be 20 s
+    /// at 8 Mbit/s, a stall for credit that was never debt. Chunks already waiting keep their
+    /// wait, and one reserved during the change may be charged at either rate.
     pub fn set_rate(&self, rate: Bandwidth) {
         let bps = rate.bps().max(1);
-        self.bps.store(bps, Ordering::Relaxed);
-        self.burst_ns.store(burst_ns(bps), Ordering::Relaxed);
+        let burst = burst_ns(bps);
+        // Swapped, so that of two changes at once each rescales from the rate the other set.
+        let old_bps = self.bps.swap(bps, Ordering::AcqRel);
+        self.burst_ns.store(burst, Ordering::Relaxed);
+        if old_bps == bps {
+            return;
+        }
+        let old_burst = burst_ns(old_bps);
+        let now = self.now_ns();
+        let mut cur = self.tat_ns.load(Ordering::Relaxed);
+        loop {
+            // A TAT in the past is a full bucket: nothing is owed, nothing to rescale.
+            if cur <= now {
+                return;
+            }
+            let ahead = cur - now;
+            let used = ahead.min(old_burst);
+            let debt = ahead - used;
+            // In u128, rounded up like every charge: nothing overflows and nothing is given away.
+            let used = (u128::from(used) * u128::from(burst)).div_ceil(u128::from(old_burst));
+            let debt = (u128::from(debt) * u128::from(old_bps)).div_ceil(u128::from(bps));
+            let ahead = u64::try_from(used.saturating_add(debt)).unwrap_or(u64::MAX);
+            let next = now.saturating_add(ahead);
+            match self
+                .tat_ns
+                .compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return,
+                Err(actual) => cur = actual,
+            }
+        }
     }
 
     fn now_ns(&self) -> u64 {
@@ -190,6 +230,34 @@ mod tests {
         assert_eq!(b.reserve(100_000), Duration::from_millis(150));
         b.set_rate(Bandwidth::from_mbps(80));
         assert_eq!(b.rate(), Bandwidth::from_mbps(80));
+    }
+
+    /// On tokio's paused clock. A busy 8 Mbit/s circuit owes 1 s; resized to 8 Gbit/s, that
+    /// debt is 1 ms at the new rate and the bucket stays empty (20 ms of burst now): the next
+    /// 1,000 bytes wait 1.001 ms, not the 1.1 s still owed at the old rate.
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_increase_rescales_the_debt_charged_at_the_old_rate() {
+        let b = TokenBucket::new(Bandwidth::from_mbps(8));
+        assert_eq!(b.reserve(1_000_000), Duration::from_secs(1));
+        b.set_rate(Bandwidth::from_mbps(8_000));
+        let wait = b.reserve(1_000);
+        assert!(wait < Duration::from_millis(10), "waited {wait:?}");
+        assert_eq!(wait, Duration::from_micros(1_001));
+    }
+
+    /// On tokio's paused clock. A busy 8 Gbit/s circuit has used its 20 ms of burst and owes
+    /// 1 ms more; shrunk to 8 Mbit/s, the 1 MB owed take 1 s at the new rate, and the burst in
+    /// use is the whole new burst (the bucket stays empty): the next 1,000 bytes wait 1.001 s.
+    /// Neither at once (the debt waited out at the old rate) nor 21 s (the burst counted as
+    /// 20 MB owed).
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_decrease_rescales_the_debt_but_not_the_burst_in_use() {
+        let b = TokenBucket::new(Bandwidth::from_mbps(8_000)); // 1 byte per ns.
+        tokio::time::advance(Duration::from_millis(20)).await;
+        assert!(b.reserve(20_000_000).is_zero());
+        assert_eq!(b.reserve(1_000_000), Duration::from_millis(1));
+        b.set_rate(Bandwidth::from_mbps(8));
+        assert_eq!(b.reserve(1_000), Duration::from_micros(1_001_000));
     }
 
     /// On tokio's paused clock: the idle time is exactly what was slept, and nothing passes

@@ -1114,7 +1114,8 @@ fn path_issues(
 
 /// Marks circuits a new topology breaks ([`broken_by`]) as failed, with the topology as the
 /// reason, and releases what a resize still holds on an old path the topology breaks
-/// ([`held_broken_by`]; the circuit goes on waiting for its new path's acknowledgement).
+/// ([`held_broken_by`]; the circuit goes on waiting for its new path's acknowledgement). A
+/// circuit failed for its new path keeps what it holds on an old one the topology leaves intact.
 /// Idempotent: a second run with the same topology changes nothing.
 pub fn fail_broken(
     tx: &mut dyn WriteTxn,
@@ -1130,7 +1131,9 @@ pub fn fail_broken(
         }
         c.updated_unix_ms = now_unix_ms();
         c.revision += 1;
-        if let Some(h) = c.held.take().filter(|_| !held_issues.is_empty()) {
+        // Only a break of the held path releases it: a circuit failed for its new path keeps
+        // what it holds on the old one, like the rest of its reservation, until it is deleted.
+        if let Some(h) = c.held.take_if(|_| !held_issues.is_empty()) {
             record(
                 tx,
                 &c,

@@ -1130,6 +1130,68 @@ mod tests {
         );
     }
 
+    /// A circuit moved by a resize holds its old path until the new one is acknowledged. A
+    /// topology that breaks only the new path fails the circuit, which keeps what it holds on
+    /// the old one (intact) like the rest of its reservation, until it is deleted. (The hold
+    /// vanished with the failure, and no `release` entry said so.)
+    #[tokio::test]
+    async fn a_break_on_the_path_a_resize_moves_to_keeps_the_hold_on_the_old_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ctl, svc) = with_c1(FaultyStore::open(dir.path())).await;
+        svc.create(spec("c2", "10.2.0.0/24", "850Mbps"), None, "ops".into())
+            .await
+            .unwrap();
+        let _sessions = ack(&ctl, &["e", "s"]);
+        svc.settle_once().await.unwrap();
+        // 200Mbps no longer fits on e–s beside c2: c1 moves via t, holding e–s meanwhile.
+        let c = svc
+            .resize("c1".into(), "200Mbps".parse().unwrap(), "ops".into())
+            .await
+            .unwrap();
+        assert_eq!(
+            c.path,
+            [NodeId::new("e"), NodeId::new("t"), NodeId::new("s")]
+        );
+        let held = c.held.clone().expect("the old path held");
+        // Version 2 removes t (and its links), leaving e–s.
+        let without_t: String = yaml(POOL, true)
+            .lines()
+            .filter(|l| !["id: t,", "a: t,", "b: t,"].iter().any(|t| l.contains(t)))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        ctl.apply(&without_t, "ops", "drop t", Origin::Apply, false, None)
+            .await
+            .unwrap();
+        svc.on_topology_applied().await.unwrap();
+        let c = svc.get("c1").unwrap();
+        assert!(failed_by_version_2(&c), "{c:?}");
+        assert_eq!(c.held.as_ref(), Some(&held), "{c:?}");
+        let (_, history) = svc.history("c1").unwrap();
+        assert_eq!(
+            history
+                .iter()
+                .rev()
+                .take(2)
+                .map(|e| e.action.as_str())
+                .collect::<Vec<_>>(),
+            ["fail", "resize"]
+        );
+        let es = topology::LinkId::new(&NodeId::new("e"), &NodeId::new("s"));
+        let room = topology::circuit::headroom(
+            &ctl.current().topology,
+            &super::super::reservations(&svc.list().unwrap()),
+        );
+        assert_eq!(
+            (room[&es].reserved, room[&es].circuits),
+            ("950Mbps".parse().unwrap(), 2)
+        );
+        // The same topology again changes nothing; a delete releases the hold with the rest.
+        svc.on_topology_applied().await.unwrap();
+        assert_eq!(svc.get("c1").unwrap(), c);
+        let c = svc.delete("c1".into(), "ops".into()).await.unwrap();
+        assert_eq!(c.held, None);
+    }
+
     /// A topology removes the transit of a circuit's path (the circuit fails), and the operator
     /// deletes it: its removal waits for the routers still in the topology only, and is
     /// decommissioned once they acknowledge. (It waited for the removed transit, which is

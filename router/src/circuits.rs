@@ -98,7 +98,11 @@ impl CircuitTable {
                 limiter,
             });
             if let (Some(ip), Some(port)) = (spec.vip, spec.port) {
-                t.by_vip.insert(SocketAddr::new(ip, port), c.clone());
+                // Keyed as `classify` looks it up: a VIP from an IPv4-mapped pool (refused in a
+                // new text, kept with a warning in a stored one) is the IPv4 address clients
+                // reach, and the listener binds that.
+                t.by_vip
+                    .insert(canonical_sock(SocketAddr::new(ip, port)), c.clone());
             }
             t.by_service
                 .entry(spec.service.clone())
@@ -369,6 +373,45 @@ mod tests {
         assert_eq!(
             id(&t.classify(Some(&ServiceName::new("open")), ip("192.0.2.1"), None)),
             "open/-"
+        );
+    }
+
+    /// A VIP allocated from an IPv4-mapped pool (a stored text keeps one, with a warning) is
+    /// matched as the IPv4 address a client connects to. (`by_vip` kept `::ffff:127.77.0.1`,
+    /// `classify` looked up `127.77.0.1`: the circuit's clients were refused.)
+    #[test]
+    fn an_ipv4_mapped_vip_classifies_connections_to_its_ipv4_address() {
+        let me = NodeId::new("syd");
+        let s = snap(
+            vec![circuit(
+                "c-1",
+                "syd",
+                "10.0.0.0/8",
+                "llm",
+                Some("::ffff:127.77.0.1"),
+                100,
+            )],
+            true,
+        );
+        let t = CircuitTable::build(&me, &s, &CircuitTable::default());
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let sock = |s: &str| Some(s.parse::<SocketAddr>().unwrap());
+        assert_eq!(
+            id(&t.classify(None, ip("10.1.2.3"), sock("127.77.0.1:8080"))),
+            "llm/c-1"
+        );
+        assert_eq!(
+            id(&t.classify(None, ip("10.1.2.3"), sock("[::ffff:127.77.0.1]:8080"))),
+            "llm/c-1"
+        );
+        assert_eq!(
+            id(&t.classify(None, ip("192.0.2.1"), sock("127.77.0.1:8080"))),
+            "refused:circuit_refused"
+        );
+        // The listener binds the address clients reach.
+        assert_eq!(
+            t.vips().map(|(a, _)| a).collect::<Vec<_>>(),
+            ["127.77.0.1:8080".parse::<SocketAddr>().unwrap()]
         );
     }
 

@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use bytes::{Bytes, BytesMut};
@@ -21,12 +21,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
 use tokio::time::Sleep;
 use topology::route::Candidate;
-use topology::{NodeKind, ServiceName};
+use topology::{NodeId, NodeKind, ServiceName};
 
 use crate::circuits::{CircuitTable, Classified, EdgeCircuit};
 use crate::codes::Code;
 use crate::header::{Header, REPLY_OK};
 use crate::ratelimit::TokenBucket;
+use crate::routes::Routes;
 use crate::splice::{self, Side, TcpBuf};
 use crate::{RouterError, Shared};
 
@@ -452,14 +453,6 @@ async fn handle_client(
     let _ = tcp.set_nodelay(true);
     // Counted until the splice starts (a draining router waits for it).
     let starting = crate::metrics::Held::count(&shared.metrics.streams_starting);
-    // Circuit classification (and refusal without one) happened at accept.
-    let routes = shared.routes.load_full();
-    let reserved = circuit.as_ref().map(|c| c.spec.path.as_slice());
-    let Some((cands, order)) = routes.order(service.as_str(), client.ip(), reserved) else {
-        shared.metrics.error(Code::NoRoute);
-        splice::reset_tcp(&tcp);
-        return;
-    };
     let mut buf = TcpBuf::new();
     let mut replay = Replay {
         chunks: Vec::new(),
@@ -468,70 +461,169 @@ async fn handle_client(
         limit: shared.replay_limit,
         eof: false,
     };
+    // The tries are a future of their own: their state (the tables, the candidates tried) is
+    // let go when the splice starts, so a connection's task keeps only what the splice needs.
+    let accepted = tries(
+        &shared,
+        &mut tcp,
+        client,
+        &service,
+        circuit.as_deref(),
+        &mut buf,
+        &mut replay,
+    )
+    .await;
+    let Some((send, recv)) = accepted else {
+        splice::reset_tcp(&tcp);
+        return;
+    };
+    drop(replay);
+    drop(starting);
+    let limiter = circuit.as_ref().map(|c| &*c.limiter);
+    splice::tcp_quic_with(&shared, tcp, send, recv, Side::Edge, &mut buf, limiter).await;
+}
+
+/// The tries of one client connection, until a site accepts its stream (returned) or none is
+/// left to try (`None`: the caller resets the client; the reasons are counted here).
+async fn tries(
+    shared: &Shared,
+    tcp: &mut TcpStream,
+    client: SocketAddr,
+    service: &ServiceName,
+    circuit: Option<&EdgeCircuit>,
+    buf: &mut TcpBuf,
+    replay: &mut Replay,
+) -> Option<(SendStream, RecvStream)> {
+    // Circuit classification (and refusal without one) happened at accept.
+    let mut routes = shared.routes.load_full();
+    let reserved = circuit.map(|c| c.spec.path.as_slice());
+    let Some((mut cands, mut order)) = routes.order(service.as_str(), client.ip(), reserved) else {
+        shared.metrics.error(Code::NoRoute);
+        return None;
+    };
     // `NoRoute` until a try says otherwise: also when the service has no candidate left (every
     // site it has is down or unreachable), which is counted below.
     let mut last = Code::NoRoute;
-    let mut tried = false;
+    // Tries made, and the (site, path) of each that failed: when the table is rebuilt under a
+    // connection (say, a down verdict on the first hop its candidates share), its remaining
+    // tries go on in the new table, past what it tried already ([`newer_table`]).
+    let mut made = 0;
+    let mut failed: Vec<(NodeId, Vec<NodeId>)> = Vec::new();
     // A circuit's connections take its reserved path first when the table still offers it;
     // others start on the site dealt to them among the equally near ones, unless its traffic
     // dial declines them (`Routes::order`). The other candidates, in rank order and the declined
     // sites last, remain the fallback (unreserved for a circuit). The declined sites are tried
     // past `max_tries`: without their dials they would have been tried first.
-    for (i, cand) in order.tries(shared.max_tries).map(|i| &cands[i]).enumerate() {
-        tried = true;
-        if i > 0 {
-            shared.metrics.failovers_total.fetch_add(1, Relaxed);
-            tracing::info!(node = %shared.node, %service, site = %cand.site, code = %last, "retrying on next candidate");
-        }
-        match attempt(
-            &shared,
-            cand,
-            &service,
-            client,
-            &mut tcp,
-            &mut buf,
-            &mut replay,
-            circuit.as_deref(),
-        )
-        .await
-        {
-            Attempt::Accepted(send, recv) => {
-                tracing::debug!(node = %shared.node, %client, %service, site = %cand.site, "site accepted");
-                drop(replay);
-                drop(starting);
-                let limiter = circuit.as_ref().map(|c| &*c.limiter);
-                splice::tcp_quic_with(&shared, tcp, send, recv, Side::Edge, &mut buf, limiter)
-                    .await;
-                return;
+    let accepted = 'tables: loop {
+        let mut first_table;
+        let mut next_table;
+        let walk: &mut (dyn Iterator<Item = usize> + Send) = if made == 0 {
+            first_table = order.tries(shared.max_tries);
+            &mut first_table
+        } else {
+            // A newer table: its candidates not tried yet, within what is left of the budget.
+            next_table = order
+                .iter()
+                .filter(|&i| {
+                    !failed
+                        .iter()
+                        .any(|(site, path)| *site == cands[i].site && *path == cands[i].path)
+                })
+                .take(shared.max_tries.saturating_sub(made))
+                .collect::<Vec<_>>()
+                .into_iter();
+            &mut next_table
+        };
+        for i in walk {
+            let cand = &cands[i];
+            if made > 0 {
+                shared.metrics.failovers_total.fetch_add(1, Relaxed);
+                tracing::info!(node = %shared.node, %service, site = %cand.site, code = %last, "retrying on next candidate");
             }
-            Attempt::Retry(code, told) => {
-                last = code;
-                shared.metrics.error(code);
-                // Only the site's word marks it down ([`blames_site`]).
-                if blames_site(code, told, &cand.path) {
-                    shared.evidence.mark_site_down(
-                        &cand.site,
-                        &service,
-                        Instant::now() + shared.probe.hold_down,
-                    );
-                    shared.changed.notify_one();
+            made += 1;
+            match attempt(shared, cand, service, client, tcp, buf, replay, circuit).await {
+                Attempt::Accepted(send, recv) => {
+                    tracing::debug!(node = %shared.node, %client, %service, site = %cand.site, "site accepted");
+                    break 'tables Some((send, recv));
                 }
-                if replay.overflow {
-                    break;
+                Attempt::Retry(code, told) => {
+                    last = code;
+                    shared.metrics.error(code);
+                    // Only the site's word marks it down ([`blames_site`]).
+                    if blames_site(code, told, &cand.path) {
+                        shared.evidence.mark_site_down(
+                            &cand.site,
+                            service,
+                            Instant::now() + shared.probe.hold_down,
+                        );
+                        shared.changed.notify_one();
+                    }
+                    if replay.overflow {
+                        break 'tables None;
+                    }
+                    failed.push((cand.site.clone(), cand.path.clone()));
+                    let own_hop_down = told == Told::Here && !first_hop_up(shared, cand);
+                    if let Some(newer) = newer_table(shared, &routes, own_hop_down).await {
+                        match newer.order(service.as_str(), client.ip(), reserved) {
+                            Some((c, o)) => (cands, order) = (c, o),
+                            None => break 'tables None,
+                        }
+                        routes = newer;
+                        continue 'tables;
+                    }
+                }
+                Attempt::Fatal(code) => {
+                    last = code;
+                    shared.metrics.error(code);
+                    break 'tables None;
                 }
             }
-            Attempt::Fatal(code) => {
-                last = code;
-                shared.metrics.error(code);
-                break;
-            }
         }
+        break None;
+    };
+    if accepted.is_none() {
+        if made == 0 {
+            shared.metrics.error(Code::NoRoute);
+        }
+        tracing::debug!(node = %shared.node, %service, %client, code = %last, "client connection failed");
     }
-    if !tried {
-        shared.metrics.error(Code::NoRoute);
+    accepted
+}
+
+/// How long a client connection whose try failed on a first hop that is down here waits for
+/// the routing table that the hop's down verdict rebuilds, before it goes on with the one it
+/// has. The rebuild follows the verdict within microseconds to milliseconds (one shortest-path
+/// run); the wait ends as soon as it is stored.
+const REBUILD_WAIT: Duration = Duration::from_millis(100);
+
+/// Whether `cand`'s first hop is up on this router.
+fn first_hop_up(shared: &Shared, cand: &Candidate) -> bool {
+    cand.next_hop()
+        .and_then(|first| shared.neighbours.load().get(first).map(|nb| nb.is_up()))
+        .unwrap_or(false)
+}
+
+/// The routing table a client connection goes on with after a failed try, when one newer than
+/// `current` is stored: at once, or, when `wait` (the try failed on this router's own first
+/// hop, which is down here: its verdict rebuilds the table), as soon as it is stored, within
+/// [`REBUILD_WAIT`]. Without it, the tries left would use the table loaded when the connection
+/// came, whose next candidates may share the first hop that just went down: a transit that
+/// every near site sits behind took down the connections waiting on it, though the table that
+/// followed had a way around it.
+async fn newer_table(shared: &Shared, current: &Arc<Routes>, wait: bool) -> Option<Arc<Routes>> {
+    // Registered before the check, so a rebuild in between is not missed.
+    let rebuilt = shared.rebuilt.notified();
+    tokio::pin!(rebuilt);
+    rebuilt.as_mut().enable();
+    let now = shared.routes.load_full();
+    if !Arc::ptr_eq(&now, current) {
+        return Some(now);
     }
-    tracing::debug!(node = %shared.node, %service, %client, code = %last, "client connection failed");
-    splice::reset_tcp(&tcp);
+    if !wait {
+        return None;
+    }
+    tokio::time::timeout(REBUILD_WAIT, rebuilt).await.ok()?;
+    Some(shared.routes.load_full())
 }
 
 /// Whether a try that ended with `code` on `path` (edge first, site last) says the site cannot

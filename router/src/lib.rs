@@ -241,6 +241,10 @@ pub(crate) struct Shared {
     pub evidence: routes::Evidence,
     /// Local evidence changed: rebuild the routing table.
     pub changed: Notify,
+    /// The routing table was stored anew (`routes::Control::rebuild`): wakes a client
+    /// connection whose try failed on this router's own first hop, waiting for the table that
+    /// the hop's down verdict brings (`edge::newer_table`).
+    pub rebuilt: Notify,
     /// Shared with the keep-awake spinners, which watch its byte counters.
     pub metrics: Arc<metrics::Metrics>,
     pub keep_awake: Option<keep_awake::KeepAwake>,
@@ -502,6 +506,7 @@ impl Router {
             sites: ArcSwap::from_pointee(HashMap::new()),
             evidence: routes::Evidence::default(),
             changed: Notify::new(),
+            rebuilt: Notify::new(),
             metrics,
             keep_awake,
             shutdown,

@@ -990,6 +990,7 @@ impl Control {
         }
         routes.live = live;
         sh.routes.store(Arc::new(routes));
+        sh.rebuilt.notify_waiters();
         sh.metrics
             .table_rebuilds
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

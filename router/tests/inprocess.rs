@@ -2434,3 +2434,110 @@ async fn a_stall_of_the_routers_own_process_takes_no_neighbour_down() {
         h.shutdown().await;
     }
 }
+
+/// A client connection whose try waits on its first hop when that hop is declared down goes on
+/// in the table the verdict rebuilds. Here the edge's one candidate for the site sat behind t1
+/// (1 ms); the table after t1's verdict reaches the site through t2 (20 ms). (Every try used the
+/// table loaded when the connection came: the retry found the same dead first hop and the
+/// client was reset, though the edge had a way around it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_try_on_a_first_hop_declared_down_goes_on_in_the_rebuilt_table() {
+    use router::netem::{LinkEmulator, LinkProfile};
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let port = free_tcp_port();
+    let mut tb = TopologyBuilder::new();
+    tb.node("edge", NodeKind::Edge)
+        .node("t1", NodeKind::Transit)
+        .node("t2", NodeKind::Transit)
+        .node("site", NodeKind::Site)
+        .link("edge", "t1", ms(1.0))
+        .link("edge", "t2", ms(20.0))
+        .link("t1", "site", ms(1.0))
+        .link("t2", "site", ms(1.0))
+        .service("echo");
+    let mut t = addressed(tb.build(), port);
+    serve(&mut t, "site", "echo", backend);
+    // The edge reaches t1 through a link emulator, to be cut (silent, not refused).
+    let link = LinkEmulator::spawn(
+        "127.0.0.1:0".parse().unwrap(),
+        t.node("t1").unwrap().address,
+        LinkProfile::delay(topology::Latency::ZERO),
+    )
+    .await
+    .unwrap();
+    let via = link.local_addr();
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t)));
+    let (hs, _txs) = spawn_all(&snap, dir.path(), |id, cfg| {
+        if id == "edge" {
+            cfg.dial_overrides = [(topology::NodeId::new("t1"), via)].into();
+        }
+    })
+    .await;
+    let edge = node(&hs, "edge");
+    let path = |e: &RouterHandle| {
+        e.routes().preferred("echo").map(|c| {
+            c.path
+                .iter()
+                .map(|n| n.as_str())
+                .collect::<Vec<_>>()
+                .join(" -> ")
+        })
+    };
+    let up = |e: &RouterHandle, nb: &str| {
+        metric(
+            &e.metrics_text(),
+            &format!("tasman_neighbour_up{{node=\"edge\",neighbour=\"{nb}\"}}"),
+        ) == Some(1)
+    };
+    // Every link up at the edge (t2's too): the table the verdict brings has the way around t1.
+    wait_until(
+        Duration::from_secs(20),
+        || {
+            path(edge).as_deref() == Some("edge -> t1 -> site")
+                && up(edge, "t2")
+                && edge.routes().live.down_links.is_empty()
+        },
+        || {
+            format!(
+                "{}\ndown links: {:?}",
+                edge_view(edge, "echo"),
+                edge.routes().live.down_links
+            )
+        },
+    )
+    .await;
+    let relayed = |id: &str| {
+        let h = node(&hs, id);
+        metric(
+            &h.metrics_text(),
+            &format!("tasman_relayed_streams_total{{node=\"{id}\"}}"),
+        )
+        .unwrap_or(0)
+    };
+    let through_t2 = relayed("t2");
+    link.set_profile(LinkProfile::cut());
+    // The connection comes at once: its first try goes to t1 (the verdict takes three missed
+    // probes, 300 ms or more) and waits there for an answer that cannot come.
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let answered = echo_once(&mut c, b"around t1").await;
+    assert!(
+        answered.is_ok(),
+        "the client was not served after t1's verdict: {answered:?}\n{}",
+        edge_view(edge, "echo")
+    );
+    // It was the case under test: a first try given up on t1's verdict, then the way through t2.
+    assert_eq!(path(edge).as_deref(), Some("edge -> t2 -> site"));
+    assert!(
+        errors(edge, "next_hop_unreachable") >= 1,
+        "{}",
+        edge_view(edge, "echo")
+    );
+    assert_eq!(relayed("t2"), through_t2 + 1);
+    drop(c);
+    for h in hs {
+        h.shutdown().await;
+    }
+}

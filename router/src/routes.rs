@@ -561,8 +561,8 @@ pub(crate) struct Preference {
 }
 
 impl Preference {
-    /// Picks from ranked `cands` at `now`; a displaced incumbent is forgotten `window` after it
-    /// left.
+    /// Picks from ranked `cands` at `now`; a displaced incumbent is taken back the first time
+    /// it is a candidate cheaper than its replacement, and forgotten `window` after it left.
     pub fn select<'a>(
         &mut self,
         h: &Hysteresis,
@@ -590,10 +590,14 @@ impl Preference {
             && let Some(b) = selectable(back)
         {
             let replaced_by = incumbent.as_ref().and_then(&selectable);
+            // Back and cheaper: the incumbent again. Back but dearer (a site returning from
+            // `site_full` is still busy, its load penalty high) it stays remembered, to be
+            // taken back once cheaper within the window: forgotten at its first look, it was
+            // never taken back from the case the revert is for.
             if replaced_by.is_none_or(|r| b.cost < r.cost) {
                 incumbent = Some(back.clone());
+                self.displaced = None;
             }
-            self.displaced = None;
         }
         let chosen = h.select(incumbent.as_ref(), cands);
         if let Some(inc) = incumbent
@@ -1559,6 +1563,29 @@ mod tests {
         );
         assert_eq!(
             pick(&mut p, &far_first, Duration::from_secs(2)).as_deref(),
+            Some("far")
+        );
+        // Back dearer at first (a site that was full returns still busy, its load penalty
+        // high), then cheaper: taken back then, within the window.
+        let mut p = Preference::default();
+        pick(&mut p, &both, Duration::ZERO);
+        pick(&mut p, &only_far, Duration::from_secs(1));
+        let busy_near = [far.clone(), cand("near", 41.0)];
+        assert_eq!(
+            pick(&mut p, &busy_near, Duration::from_secs(2)).as_deref(),
+            Some("far")
+        );
+        assert_eq!(
+            pick(&mut p, &both, Duration::from_secs(3)).as_deref(),
+            Some("near")
+        );
+        // Not past the window, though.
+        let mut p = Preference::default();
+        pick(&mut p, &both, Duration::ZERO);
+        pick(&mut p, &only_far, Duration::from_secs(1));
+        pick(&mut p, &busy_near, Duration::from_secs(2));
+        assert_eq!(
+            pick(&mut p, &both, Duration::from_secs(12)).as_deref(),
             Some("far")
         );
         // A drained incumbent gives way, and is taken back once its drain ends.

@@ -609,13 +609,13 @@ impl Hysteresis {
     }
 }
 
-/// How much more than the preferred site another site may cost and still share its new
-/// connections ([`Spread`]). Differences this small are measurement noise on a wide-area path
+/// How much more than the nearest site (the cheapest candidate of the preferred site's drain
+/// class) another site may cost and still share new connections ([`Spread`]). Differences this small are measurement noise on a wide-area path
 /// (the controller publishes a measured link weight only when it is 2 ms above the declared
 /// one, for the same reason), so such sites count as equally near.
 pub const SPREAD_WITHIN: Latency = Latency::from_micros(2_000);
 
-/// A member of a [`Spread`] group stays in it until it costs more than this above the preferred
+/// A member of a [`Spread`] group stays in it until it costs more than this above the nearest
 /// site ([`Spread::sticky`]); a site joins only within [`SPREAD_WITHIN`]. The band between is the
 /// group's anti-flap: a site whose measured cost hovers around the join threshold (RTT noise on
 /// a busy host, a path whose jitter is a millisecond or two) does not move in and out of the
@@ -680,8 +680,9 @@ const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
 ///
 /// The group is the first candidate (the preferred site, after [`Hysteresis`]) and the
 /// candidates ranked right after it that are in the same drain class and cost at most
-/// [`SPREAD_WITHIN`] more than it; a router that had a site in its last group keeps it until it
-/// costs more than [`SPREAD_LEAVE`] above ([`Spread::sticky`]). Each member takes new connections in proportion to its
+/// [`SPREAD_WITHIN`] more than the cheapest of that class (the preferred site itself, unless
+/// hysteresis keeps it though it costs more); a router that had a site in its last group keeps
+/// it until it costs more than [`SPREAD_LEAVE`] above ([`Spread::sticky`]). Each member takes new connections in proportion to its
 /// [`Candidate::weight`]; a site outside the group takes none while the group can serve. Open
 /// connections never move.
 ///
@@ -730,19 +731,31 @@ impl Spread {
 
     /// The group of ranked `candidates` (preferred first) when `was_member` names the sites of
     /// the previous group: such a site stays while it costs at most [`SPREAD_LEAVE`] more than
-    /// the first candidate, any other joins only within [`SPREAD_WITHIN`]. The group stays a
-    /// prefix of the ranked list: it ends at the first candidate that does not qualify.
+    /// the cheapest candidate of the first one's drain class, any other joins only within
+    /// [`SPREAD_WITHIN`]; the first candidate is always in it. The group stays a prefix of the
+    /// ranked list: it ends at the first candidate that does not qualify.
+    ///
+    /// The bands are measured from the cheapest, not from the first: a preferred site that
+    /// hysteresis keeps though its load penalty made it dearer would otherwise carry the band
+    /// up with it, and a busy Sydney site at 4.7 ms would share with Melbourne at 6.5 ms while
+    /// the other Sydney site, at 1.5 ms, sat idle.
     pub fn sticky(candidates: &[Candidate], was_member: impl Fn(&NodeId) -> bool) -> Spread {
         let Some(first) = candidates.first() else {
             return Spread::default();
         };
+        let nearest = candidates
+            .iter()
+            .filter(|c| c.drained == first.drained)
+            .map(|c| c.cost)
+            .min()
+            .unwrap_or(first.cost);
         let qualifies = |c: &Candidate| {
             let within = if was_member(&c.site) {
                 SPREAD_LEAVE
             } else {
                 SPREAD_WITHIN
             };
-            c.drained == first.drained && c.cost <= first.cost.saturating_add(within)
+            c.drained == first.drained && c.cost <= nearest.saturating_add(within)
         };
         let members =
             std::iter::once(first).chain(candidates[1..].iter().take_while(|c| qualifies(c)));
@@ -1565,9 +1578,21 @@ mod tests {
             (0..4).map(|i| three.share(i)).collect::<Vec<_>>(),
             [0.25, 0.25, 0.5, 0.0]
         );
-        // A preferred site kept by hysteresis may cost more than the sites after it.
+        // A preferred site kept by hysteresis may cost more than the sites after it: it stays
+        // in the group, whose band is measured from the cheapest (8 ms: 10.5 is beyond it).
         let (_, sticky) = spread_of(&[9.0, 8.0, 10.5, 11.5], &[1, 1, 1, 1]);
+        assert_eq!(sticky.members(), 2);
+        let (_, sticky) = spread_of(&[9.0, 8.0, 9.9, 11.5], &[1, 1, 1, 1]);
         assert_eq!(sticky.members(), 3);
+        // The operator guide's case: syd-1 (0.8 ms, now 4.7 with its load penalty, kept by
+        // hysteresis), syd-2 at 1.5 and mel at 6.5. Melbourne takes no share while syd-2 is
+        // idle (it did: within 2 ms of syd-1's 4.7), member before or not.
+        let (ranked, _) = spread_of(&[4.7, 1.5, 6.5], &[300, 100, 100]);
+        assert_eq!(Spread::new(&ranked).members(), 2);
+        let was = |ids: &'static [&'static str]| move |n: &NodeId| ids.contains(&n.as_str());
+        assert_eq!(Spread::sticky(&ranked, was(&["s0", "s1"])).members(), 2);
+        // A member too: 6.5 is beyond 1.5 + 4.
+        assert_eq!(Spread::sticky(&ranked, was(&["s2"])).members(), 2);
         // Drained sites do not share with drain-free ones, nor the other way round.
         let (mut ranked, _) = spread_of(&[5.0, 5.0, 5.0], &[1, 1, 1]);
         ranked[2].drained = true;

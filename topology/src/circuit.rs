@@ -431,6 +431,20 @@ pub enum ReservationIssue {
         service: ServiceName,
         service_vip: String,
     },
+    /// The new topology makes the circuit's VIP its edge's `client_address`, and a service
+    /// listens there on the VIP's port: the edge classifies that listener's connections by
+    /// their destination, the circuit's VIP, so the service's other clients there would be
+    /// refused. Shown in the plan, like [`ReservationIssue::VipShadowed`]; the circuit is not
+    /// failed: change the edge's `client_address` or the service's port, or delete the circuit.
+    #[error(
+        "circuit {circuit}'s VIP {vip} would be edge {edge}'s client_address, where service {service} listens on the same port: the edge would take that service's connections there for the circuit"
+    )]
+    VipIsClientAddress {
+        circuit: CircuitId,
+        vip: SocketAddr,
+        edge: NodeId,
+        service: ServiceName,
+    },
     #[error(
         "circuit {circuit} ends at site {site}, which would no longer be allowed for {service}: {reason}"
     )]
@@ -529,21 +543,37 @@ pub fn check_reservations(topo: &Topology, reservations: &[Reservation]) -> Vec<
 }
 
 /// Checks that no service VIP of `topo` covers a circuit's VIP at `port` ([`ReservationIssue::
-/// VipShadowed`]): a pool moved by an apply no longer keeps service VIPs off a live circuit's.
+/// VipShadowed`]), and that the circuit's `edge` does not listen for a service on that address
+/// and port ([`ReservationIssue::VipIsClientAddress`]): a pool moved by an apply no longer keeps
+/// them off a live circuit's VIP (allocation skips both only when it hands the VIP out).
 pub fn check_vip(
     topo: &Topology,
     circuit: &CircuitId,
+    edge: &NodeId,
     vip: IpAddr,
     port: u16,
 ) -> Option<ReservationIssue> {
     let at = SocketAddr::new(vip.to_canonical(), port);
-    topo.services.iter().find_map(|s| {
+    let shadowed = topo.services.iter().find_map(|s| {
         let v = s.vips.iter().find(|v| v.contains(at))?;
         Some(ReservationIssue::VipShadowed {
             circuit: circuit.clone(),
             vip: at,
             service: s.name.clone(),
             service_vip: format!("{}:{}", v.prefix, v.port),
+        })
+    });
+    shadowed.or_else(|| {
+        let client = topo.node(edge.as_str())?.client_address?.to_canonical();
+        let service = topo
+            .services
+            .iter()
+            .find(|s| client == at.ip() && s.port == Some(port))?;
+        Some(ReservationIssue::VipIsClientAddress {
+            circuit: circuit.clone(),
+            vip: at,
+            edge: edge.clone(),
+            service: service.name.clone(),
         })
     })
 }

@@ -572,7 +572,9 @@ pub fn check(topo: &Topology, circuits: &[Circuit]) -> Vec<placement::Reservatio
     issues.extend(
         live().filter_map(|c| placement::check_site(topo, &c.id, &c.b_end, c.site.as_ref()?)),
     );
-    issues.extend(live().filter_map(|c| placement::check_vip(topo, &c.id, c.vip?, c.port?)));
+    issues.extend(
+        live().filter_map(|c| placement::check_vip(topo, &c.id, &c.a_end.edge, c.vip?, c.port?)),
+    );
     issues
 }
 

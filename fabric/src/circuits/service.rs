@@ -1072,6 +1072,49 @@ mod tests {
         assert_eq!(svc.get("c1").unwrap().state, CircuitState::Active);
     }
 
+    /// The same for an edge whose new `client_address` is a live circuit's VIP, with a service
+    /// on the VIP's port: that listener's connections would be classified as the circuit's
+    /// (the rest of the service's clients there refused). The plan said nothing of it.
+    #[tokio::test]
+    async fn a_client_address_on_a_circuit_vip_shows_in_the_plan() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ctl, svc) = with_c1(FaultyStore::open(dir.path())).await;
+        let _sessions = ack(&ctl, &["e", "s"]);
+        svc.settle_once().await.unwrap();
+        let c = svc.get("c1").unwrap();
+        assert_eq!(
+            (c.vip, c.port),
+            (Some("127.79.0.1".parse().unwrap()), Some(8080))
+        );
+        let text = yaml("127.80.0.0/28", true).replace(
+            "client_address: \"127.0.0.1\"",
+            "client_address: \"127.79.0.1\"",
+        );
+        let issue = "circuit c-000001's VIP 127.79.0.1:8080 would be edge e's client_address, \
+                     where service chat listens on the same port: the edge would take that \
+                     service's connections there for the circuit";
+        let dry = ctl
+            .apply(&text, "ops", "move the edge", Origin::Apply, true, None)
+            .await
+            .unwrap();
+        let listed: Vec<String> = dry.plan.circuits.iter().map(|i| i.to_string()).collect();
+        assert_eq!(listed, [issue], "plan");
+        // Another port on that address is no issue.
+        let other_port = text.replace("{name: chat, port: 8080}", "{name: chat, port: 8081}");
+        let dry = ctl
+            .apply(
+                &other_port,
+                "ops",
+                "move the edge",
+                Origin::Apply,
+                true,
+                None,
+            )
+            .await
+            .unwrap();
+        assert!(dry.plan.circuits.is_empty(), "{:?}", dry.plan.circuits);
+    }
+
     /// A circuit moved by a resize holds its old path until the new one is acknowledged. A
     /// topology that breaks the old path releases what it holds there and leaves the circuit
     /// waiting for its new path, which then activates it. (It failed the circuit for good, and

@@ -504,9 +504,9 @@ async fn tries(
     // `NoRoute` until a try says otherwise: also when the service has no candidate left (every
     // site it has is down or unreachable), which is counted below.
     let mut last = Code::NoRoute;
-    // Tries made, and the (site, path) of each that failed: when the table is rebuilt under a
-    // connection (say, a down verdict on the first hop its candidates share), its remaining
-    // tries go on in the new table, past what it tried already ([`newer_table`]).
+    // Tries made, and the (site, path) of each that failed: when a try fails on this router's
+    // own first hop, declared down, the remaining tries go on in the table that verdict rebuilds,
+    // past what was tried already ([`newer_table`]).
     let mut made = 0;
     let mut failed: Vec<(NodeId, Vec<NodeId>)> = Vec::new();
     // A circuit's connections take its reserved path first when the table still offers it;
@@ -521,16 +521,15 @@ async fn tries(
             first_table = order.tries(shared.max_tries);
             &mut first_table
         } else {
-            // A newer table: its candidates not tried yet, within what is left of the budget.
+            // A newer table: the same walk over its candidates not tried yet, with what is left
+            // of the budget (the declined sites still after it, outside it).
+            let tried = |i: usize| {
+                failed
+                    .iter()
+                    .any(|(site, path)| *site == cands[i].site && *path == cands[i].path)
+            };
             next_table = order
-                .iter()
-                .filter(|&i| {
-                    !failed
-                        .iter()
-                        .any(|(site, path)| *site == cands[i].site && *path == cands[i].path)
-                })
-                .take(shared.max_tries.saturating_sub(made))
-                .collect::<Vec<_>>()
+                .tries_past(shared.max_tries.saturating_sub(made), tried)
                 .into_iter();
             &mut next_table
         };
@@ -561,9 +560,18 @@ async fn tries(
                     if replay.overflow {
                         break 'tables None;
                     }
+                    // Given up on this router's own first hop, down here, with tries left: the
+                    // table its verdict rebuilds may have a way around it.
+                    let down_hop = cand
+                        .next_hop()
+                        .filter(|_| told == Told::Here && made < shared.max_tries)
+                        .filter(|hop| !first_hop_up(shared, hop))
+                        .cloned();
                     failed.push((cand.site.clone(), cand.path.clone()));
-                    let own_hop_down = told == Told::Here && !first_hop_up(shared, cand);
-                    if let Some(newer) = newer_table(shared, &routes, own_hop_down).await {
+                    let Some(down_hop) = down_hop else {
+                        continue;
+                    };
+                    if let Some(newer) = newer_table(shared, &routes, &down_hop).await {
                         match newer.order(service.as_str(), client.ip(), reserved) {
                             Some((c, o)) => (cands, order) = (c, o),
                             None => break 'tables None,
@@ -596,34 +604,36 @@ async fn tries(
 /// run); the wait ends as soon as it is stored.
 const REBUILD_WAIT: Duration = Duration::from_millis(100);
 
-/// Whether `cand`'s first hop is up on this router.
-fn first_hop_up(shared: &Shared, cand: &Candidate) -> bool {
-    cand.next_hop()
-        .and_then(|first| shared.neighbours.load().get(first).map(|nb| nb.is_up()))
-        .unwrap_or(false)
+/// Whether this router's neighbour `hop` is up.
+fn first_hop_up(shared: &Shared, hop: &NodeId) -> bool {
+    shared
+        .neighbours
+        .load()
+        .get(hop)
+        .is_some_and(|nb| nb.is_up())
 }
 
-/// The routing table a client connection goes on with after a failed try, when one newer than
-/// `current` is stored: at once, or, when `wait` (the try failed on this router's own first
-/// hop, which is down here: its verdict rebuilds the table), as soon as it is stored, within
-/// [`REBUILD_WAIT`]. Without it, the tries left would use the table loaded when the connection
-/// came, whose next candidates may share the first hop that just went down: a transit that
-/// every near site sits behind took down the connections waiting on it, though the table that
-/// followed had a way around it.
-async fn newer_table(shared: &Shared, current: &Arc<Routes>, wait: bool) -> Option<Arc<Routes>> {
-    // Registered before the check, so a rebuild in between is not missed.
-    let rebuilt = shared.rebuilt.notified();
-    tokio::pin!(rebuilt);
-    rebuilt.as_mut().enable();
-    let now = shared.routes.load_full();
-    if !Arc::ptr_eq(&now, current) {
-        return Some(now);
+/// The routing table a client connection goes on with after a try given up on this router's
+/// own first hop `hop`, down here: the first table stored with the link to `hop` down (the one
+/// the hop's verdict rebuilds), at once or within [`REBUILD_WAIT`]. Without it, the tries left
+/// would use the table loaded when the connection came, whose next candidates may share the
+/// hop that just went down: a transit that every near site sits behind took down the
+/// connections waiting on it, though the table that followed had a way around it. A table
+/// rebuilt for another reason (the 1 s tick) does not count: it may still route through `hop`.
+async fn newer_table(shared: &Shared, current: &Arc<Routes>, hop: &NodeId) -> Option<Arc<Routes>> {
+    let link = topology::LinkId::new(&shared.node, hop);
+    let deadline = tokio::time::Instant::now() + REBUILD_WAIT;
+    loop {
+        // Registered before the check, so a rebuild in between is not missed.
+        let rebuilt = shared.rebuilt.notified();
+        tokio::pin!(rebuilt);
+        rebuilt.as_mut().enable();
+        let now = shared.routes.load_full();
+        if !Arc::ptr_eq(&now, current) && now.live.down_links.contains(&link) {
+            return Some(now);
+        }
+        tokio::time::timeout_at(deadline, rebuilt).await.ok()?;
     }
-    if !wait {
-        return None;
-    }
-    tokio::time::timeout(REBUILD_WAIT, rebuilt).await.ok()?;
-    Some(shared.routes.load_full())
 }
 
 /// Whether a try that ended with `code` on `path` (edge first, site last) says the site cannot

@@ -589,7 +589,14 @@ impl Preference {
         if let Some((back, _)) = &self.displaced
             && let Some(b) = selectable(back)
         {
-            let replaced_by = incumbent.as_ref().and_then(&selectable);
+            // What it must beat: the site that replaced it, or, that one gone too, the best
+            // other site there is (a site back from full, still dear, is not taken back over a
+            // cheaper one because the one that replaced it left).
+            let replaced_by = incumbent.as_ref().and_then(&selectable).or_else(|| {
+                cands
+                    .iter()
+                    .find(|c| &c.site != back && selectable(&c.site).is_some())
+            });
             // Back and cheaper: the incumbent again. Back but dearer (a site returning from
             // `site_full` is still busy, its load penalty high) it stays remembered, to be
             // taken back once cheaper within the window: forgotten at its first look, it was
@@ -1577,6 +1584,30 @@ mod tests {
         );
         assert_eq!(
             pick(&mut p, &both, Duration::from_secs(3)).as_deref(),
+            Some("near")
+        );
+        // Its replacement gone too, it is taken back only if cheaper than the best other
+        // site: still busy at 15 ms, not over `farther` at 9; at 2 ms, over it.
+        let mut p = Preference::default();
+        pick(&mut p, &both, Duration::ZERO);
+        pick(&mut p, &only_far, Duration::from_secs(1));
+        let busy = cand("near", 15.0);
+        assert_eq!(
+            pick(
+                &mut p,
+                &[farther.clone(), busy.clone()],
+                Duration::from_secs(2)
+            )
+            .as_deref(),
+            Some("farther")
+        );
+        assert_eq!(
+            pick(
+                &mut p,
+                &[near.clone(), farther.clone()],
+                Duration::from_secs(3)
+            )
+            .as_deref(),
             Some("near")
         );
         // Not past the window, though.

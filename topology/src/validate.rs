@@ -16,7 +16,7 @@ use crate::diag::Diagnostic;
 use crate::model::*;
 use crate::overlap;
 use crate::tree::{Pos, YNode, YValue};
-use crate::units::{Bandwidth, Latency};
+use crate::units::{Bandwidth, Latency, UnitError};
 use crate::yaml::Loaded;
 
 /// Most nodes, links and services in one document (the 10,000-node / 50,000-link benchmark fits
@@ -330,6 +330,26 @@ fn parse_with<T, E: std::fmt::Display>(
     let s = text(cx, node, what)?;
     match parse(&s) {
         Ok(v) => Some(v),
+        Err(e) => {
+            cx.err(node.pos, format!("{what}: {e}"));
+            None
+        }
+    }
+}
+
+/// A link capacity. The bytes-per-second spelling (`10GBps`) is refused in a new text; a text
+/// stored before that rule keeps the meaning earlier builds gave it, bits per second (a
+/// warning), so that a controller upgraded onto it still starts.
+fn capacity(cx: &mut Cx, node: &YNode, what: &dyn fmt::Display) -> Option<Bandwidth> {
+    let s = text(cx, node, what)?;
+    match Bandwidth::from_str(&s) {
+        Ok(v) => Some(v),
+        Err(e @ UnitError::BytesPerSecond { .. }) => {
+            if cx.newer(node.pos, format!("{what}: {e}")) {
+                return None;
+            }
+            Bandwidth::from_str(&s.to_ascii_lowercase()).ok()
+        }
         Err(e) => {
             cx.err(node.pos, format!("{what}: {e}"));
             None
@@ -1158,7 +1178,7 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
             .and_then(|n| parse_with(cx, n, &Of("latency", &what), Latency::from_str));
         let capacity = f
             .required(cx, "capacity")
-            .and_then(|n| parse_with(cx, n, &Of("capacity", &what), Bandwidth::from_str));
+            .and_then(|n| capacity(cx, n, &Of("capacity", &what)));
         let st = f.get("state").map(|n| state(cx, n, &Of("state", &what)));
         let mut ends_ok = false;
         if let (Some((a, _)), Some((b, bpos))) = (&a, &b) {

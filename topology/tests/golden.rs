@@ -98,7 +98,8 @@ fn documents_with_warnings_load_and_report_pinned_warnings() {
     );
 }
 
-/// The rules added after texts were stored (an unusable address, a pool holding an edge's
+/// The rules added after texts were stored (a capacity in bytes per second, an unusable
+/// address, a pool holding an edge's
 /// client_address, a transparent port taken by a service, a reserved node id, an IPv4-mapped
 /// address or prefix) refuse a new text but only warn on a
 /// stored one (`load_stored`), so that a controller upgraded onto a store holding such a text
@@ -107,6 +108,7 @@ fn documents_with_warnings_load_and_report_pinned_warnings() {
 #[test]
 fn rules_added_since_a_text_was_stored_only_warn_on_it() {
     for name in [
+        "bytes_per_second_capacity",
         "ipv4_mapped_addresses",
         "pool_contains_client_address",
         "reserved_node_ids",
@@ -137,4 +139,14 @@ fn rules_added_since_a_text_was_stored_only_warn_on_it() {
             );
         }
     }
+    // A stored byte rate keeps the meaning earlier builds gave it: bits.
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/invalid/bytes_per_second_capacity.yaml"),
+    )
+    .unwrap();
+    let stored = topology::load_stored(&text).unwrap();
+    assert_eq!(
+        stored.topology.links[0].capacity,
+        topology::Bandwidth::from_mbps(10_000)
+    );
 }

@@ -323,6 +323,12 @@ mod tests {
         }
     }
 
+    /// How `t` classifies a connection from `client` to `dest` that came in on no service
+    /// listener (a VIP's).
+    fn by_vip(t: &CircuitTable, client: &str, dest: &str) -> String {
+        id(&t.classify(None, client.parse().unwrap(), Some(dest.parse().unwrap())))
+    }
+
     #[test]
     fn classifies_by_vip_then_longest_prefix_and_refuses_without_circuit() {
         let me = NodeId::new("syd");
@@ -340,18 +346,15 @@ mod tests {
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         let sock = |s: &str| Some(s.parse::<SocketAddr>().unwrap());
         // By VIP: the VIP's circuit, whatever the longest prefix says.
-        assert_eq!(
-            id(&t.classify(None, ip("10.1.2.3"), sock("127.77.0.1:8080"))),
-            "llm/c-1"
-        );
+        assert_eq!(by_vip(&t, "10.1.2.3", "127.77.0.1:8080"), "llm/c-1");
         // A VIP only serves its customer's prefix.
         assert_eq!(
-            id(&t.classify(None, ip("192.0.2.1"), sock("127.77.0.2:8080"))),
+            by_vip(&t, "192.0.2.1", "127.77.0.2:8080"),
             "refused:circuit_refused"
         );
         // Another edge's VIP is not ours.
         assert_eq!(
-            id(&t.classify(None, ip("10.1.2.3"), sock("127.77.0.3:8080"))),
+            by_vip(&t, "10.1.2.3", "127.77.0.3:8080"),
             "refused:unknown_service"
         );
         // By listener: longest prefix.
@@ -394,18 +397,13 @@ mod tests {
             true,
         );
         let t = CircuitTable::build(&me, &s, &CircuitTable::default());
-        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        let sock = |s: &str| Some(s.parse::<SocketAddr>().unwrap());
+        assert_eq!(by_vip(&t, "10.1.2.3", "127.77.0.1:8080"), "llm/c-1");
         assert_eq!(
-            id(&t.classify(None, ip("10.1.2.3"), sock("127.77.0.1:8080"))),
+            by_vip(&t, "10.1.2.3", "[::ffff:127.77.0.1]:8080"),
             "llm/c-1"
         );
         assert_eq!(
-            id(&t.classify(None, ip("10.1.2.3"), sock("[::ffff:127.77.0.1]:8080"))),
-            "llm/c-1"
-        );
-        assert_eq!(
-            id(&t.classify(None, ip("192.0.2.1"), sock("127.77.0.1:8080"))),
+            by_vip(&t, "192.0.2.1", "127.77.0.1:8080"),
             "refused:circuit_refused"
         );
         // The listener binds the address clients reach.

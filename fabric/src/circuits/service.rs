@@ -659,6 +659,18 @@ mod tests {
         .unwrap();
     }
 
+    /// Applies the test topology without t and its links (e–s stays).
+    async fn drop_t(ctl: &Controller) {
+        let without_t: String = yaml(POOL, true)
+            .lines()
+            .filter(|l| !["id: t,", "a: t,", "b: t,"].iter().any(|t| l.contains(t)))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        ctl.apply(&without_t, "ops", "drop t", Origin::Apply, false, None)
+            .await
+            .unwrap();
+    }
+
     /// `nodes` acknowledge the snapshot the controller publishes now.
     fn ack(ctl: &Controller, nodes: &[&str]) -> Vec<RouterSession> {
         let p = ctl.published();
@@ -1059,12 +1071,7 @@ mod tests {
         );
         let issue = "circuit c-000001's VIP 127.79.0.1:8080 is inside service chat's VIP \
                      127.79.0.0/28:8080: the edge would take those connections for the circuit";
-        let dry = ctl
-            .apply(&text, "ops", "move the pool", Origin::Apply, true, None)
-            .await
-            .unwrap();
-        let listed: Vec<String> = dry.plan.circuits.iter().map(|i| i.to_string()).collect();
-        assert_eq!(listed, [issue], "plan");
+        assert_eq!(planned(&ctl, &text).await, [issue], "plan");
         ctl.apply(&text, "ops", "move the pool", Origin::Apply, false, None)
             .await
             .unwrap();
@@ -1093,26 +1100,47 @@ mod tests {
         let issue = "circuit c-000001's VIP 127.79.0.1:8080 would be edge e's client_address, \
                      where service chat listens on the same port: the edge would take that \
                      service's connections there for the circuit";
-        let dry = ctl
-            .apply(&text, "ops", "move the edge", Origin::Apply, true, None)
-            .await
-            .unwrap();
-        let listed: Vec<String> = dry.plan.circuits.iter().map(|i| i.to_string()).collect();
-        assert_eq!(listed, [issue], "plan");
+        assert_eq!(planned(&ctl, &text).await, [issue], "plan");
         // Another port on that address is no issue.
         let other_port = text.replace("{name: chat, port: 8080}", "{name: chat, port: 8081}");
+        assert_eq!(planned(&ctl, &other_port).await, Vec::<String>::new());
+    }
+
+    /// The circuit problems the apply plan of `text` lists (a dry run).
+    async fn planned(ctl: &Controller, text: &str) -> Vec<String> {
         let dry = ctl
-            .apply(
-                &other_port,
-                "ops",
-                "move the edge",
-                Origin::Apply,
-                true,
-                None,
-            )
+            .apply(text, "ops", "plan", Origin::Apply, true, None)
             .await
             .unwrap();
-        assert!(dry.plan.circuits.is_empty(), "{:?}", dry.plan.circuits);
+        dry.plan.circuits.iter().map(|i| i.to_string()).collect()
+    }
+
+    /// c1 (100Mbps on e–s) and c2 (850Mbps) active, then c1 resized to 200Mbps: no longer
+    /// fitting on e–s beside c2, it moves via t, holding e–s meanwhile. Returns c1 as resized,
+    /// with the sessions that acknowledged e–s (keep them).
+    async fn c1_moved_via_t(
+        dir: &std::path::Path,
+    ) -> (
+        Arc<Controller>,
+        Arc<CircuitService>,
+        Circuit,
+        Vec<RouterSession>,
+    ) {
+        let (ctl, svc) = with_c1(FaultyStore::open(dir)).await;
+        svc.create(spec("c2", "10.2.0.0/24", "850Mbps"), None, "ops".into())
+            .await
+            .unwrap();
+        let sessions = ack(&ctl, &["e", "s"]);
+        svc.settle_once().await.unwrap();
+        let c = svc
+            .resize("c1".into(), "200Mbps".parse().unwrap(), "ops".into())
+            .await
+            .unwrap();
+        assert_eq!(
+            c.path,
+            [NodeId::new("e"), NodeId::new("t"), NodeId::new("s")]
+        );
+        (ctl, svc, c, sessions)
     }
 
     /// A circuit moved by a resize holds its old path until the new one is acknowledged. A
@@ -1122,21 +1150,7 @@ mod tests {
     #[tokio::test]
     async fn a_break_on_the_path_a_resize_leaves_releases_it_and_fails_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let (ctl, svc) = with_c1(FaultyStore::open(dir.path())).await;
-        svc.create(spec("c2", "10.2.0.0/24", "850Mbps"), None, "ops".into())
-            .await
-            .unwrap();
-        let _sessions = ack(&ctl, &["e", "s"]);
-        svc.settle_once().await.unwrap();
-        // 200Mbps no longer fits on e–s beside c2: c1 moves via t, holding e–s meanwhile.
-        let c = svc
-            .resize("c1".into(), "200Mbps".parse().unwrap(), "ops".into())
-            .await
-            .unwrap();
-        assert_eq!(
-            c.path,
-            [NodeId::new("e"), NodeId::new("t"), NodeId::new("s")]
-        );
+        let (ctl, svc, c, _sessions) = c1_moved_via_t(dir.path()).await;
         assert!(c.held.is_some(), "{c:?}");
         drop_es(&ctl).await;
         svc.on_topology_applied().await.unwrap();
@@ -1180,31 +1194,10 @@ mod tests {
     #[tokio::test]
     async fn a_break_on_the_path_a_resize_moves_to_keeps_the_hold_on_the_old_one() {
         let dir = tempfile::tempdir().unwrap();
-        let (ctl, svc) = with_c1(FaultyStore::open(dir.path())).await;
-        svc.create(spec("c2", "10.2.0.0/24", "850Mbps"), None, "ops".into())
-            .await
-            .unwrap();
-        let _sessions = ack(&ctl, &["e", "s"]);
-        svc.settle_once().await.unwrap();
-        // 200Mbps no longer fits on e–s beside c2: c1 moves via t, holding e–s meanwhile.
-        let c = svc
-            .resize("c1".into(), "200Mbps".parse().unwrap(), "ops".into())
-            .await
-            .unwrap();
-        assert_eq!(
-            c.path,
-            [NodeId::new("e"), NodeId::new("t"), NodeId::new("s")]
-        );
+        let (ctl, svc, c, _sessions) = c1_moved_via_t(dir.path()).await;
         let held = c.held.clone().expect("the old path held");
         // Version 2 removes t (and its links), leaving e–s.
-        let without_t: String = yaml(POOL, true)
-            .lines()
-            .filter(|l| !["id: t,", "a: t,", "b: t,"].iter().any(|t| l.contains(t)))
-            .map(|l| format!("{l}\n"))
-            .collect();
-        ctl.apply(&without_t, "ops", "drop t", Origin::Apply, false, None)
-            .await
-            .unwrap();
+        drop_t(&ctl).await;
         svc.on_topology_applied().await.unwrap();
         let c = svc.get("c1").unwrap();
         assert!(failed_by_version_2(&c), "{c:?}");
@@ -1255,16 +1248,7 @@ mod tests {
         svc.settle_once().await.unwrap();
         assert_eq!(svc.get("c1").unwrap().state, CircuitState::Active);
         // Version 2: no t (e–s instead).
-        let without_t: String = yaml(POOL, true)
-            .lines()
-            .filter(|l| {
-                !l.contains("id: t,") && !l.contains("a: e, b: t") && !l.contains("a: t, b: s")
-            })
-            .map(|l| format!("{l}\n"))
-            .collect();
-        ctl.apply(&without_t, "ops", "drop t", Origin::Apply, false, None)
-            .await
-            .unwrap();
+        drop_t(&ctl).await;
         svc.on_topology_applied().await.unwrap();
         assert!(failed_by_version_2(&svc.get("c1").unwrap()));
         svc.delete("c1".into(), "ops".into()).await.unwrap();

@@ -145,8 +145,9 @@ impl Code {
                 | Code::UnknownService
         )
     }
-    /// Whether the edge may mark the chosen site down for the service for a hold-down at once:
-    /// when the code is the site's word (`edge::blames_site`: a transit may send the last two).
+    /// Whether the edge may mark the chosen site down for the service, or a link of its path,
+    /// for a hold-down at once: when the code is the path's word about it (`edge::blame`: a
+    /// transit may send the last two; its `next_hop_unreachable` marks its link to the site).
     pub fn marks_site_down(self) -> bool {
         matches!(
             self,

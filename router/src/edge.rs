@@ -548,14 +548,18 @@ async fn tries(
                 Attempt::Retry(code, told) => {
                     last = code;
                     shared.metrics.error(code);
-                    // Only the site's word marks it down ([`blames_site`]).
-                    if blames_site(code, told, &cand.path) {
-                        shared.evidence.mark_site_down(
-                            &cand.site,
-                            service,
-                            Instant::now() + shared.probe.hold_down,
-                        );
-                        shared.changed.notify_one();
+                    // Only the path's word marks the site, or the link it names, down ([`blame`]).
+                    let until = Instant::now() + shared.probe.hold_down;
+                    match blame(code, told, &cand.path) {
+                        Some(Blame::Site) => {
+                            shared.evidence.mark_site_down(&cand.site, service, until);
+                            shared.changed.notify_one();
+                        }
+                        Some(Blame::Link(link)) => {
+                            shared.evidence.mark_link_down(link, until);
+                            shared.changed.notify_one();
+                        }
+                        None => {}
                     }
                     if replay.overflow {
                         break 'tables None;
@@ -636,24 +640,37 @@ async fn newer_table(shared: &Shared, current: &Arc<Routes>, hop: &NodeId) -> Op
     }
 }
 
-/// Whether a try that ended with `code` on `path` (edge first, site last) says the site cannot
-/// take the service now, so that the edge marks it down for the hold-down. Only the path's word
-/// counts: what this router saw of its own first hop is the neighbour's verdict's business (a
-/// down first hop is avoided by every route through it already), and says nothing about the
-/// site, which may be reachable another way. Of the path's codes, `backend_refused`, `site_full`
-/// and `service_not_served` only a site sends. `shutting_down` is the site's word only when the
-/// site is the first hop: through a transit it may be the transit's (draining), which says
-/// nothing about the site. `next_hop_unreachable` is a transit's, about its next hop: the site
-/// only when one transit stands between the edge and the site. (A draining or cut-off node
-/// leaves the table anyway at the next probe round, through its own or its neighbours' entries.)
-fn blames_site(code: Code, told: Told, path: &[topology::NodeId]) -> bool {
+/// What a failed try says, for the hold-down: the site cannot take the service now, or one link
+/// of the path is out.
+#[derive(Debug, PartialEq, Eq)]
+enum Blame {
+    Site,
+    Link(topology::LinkId),
+}
+
+/// What a try that ended with `code` on `path` (edge first, site last) holds against the path,
+/// so that the edge marks it down for the hold-down. Only the path's word counts: what this
+/// router saw of its own first hop is the neighbour's verdict's business (a down first hop is
+/// avoided by every route through it already), and says nothing about the site, which may be
+/// reachable another way. Of the path's codes, `backend_refused`, `site_full` and
+/// `service_not_served` only a site sends: the site. `shutting_down` is the site's word only
+/// when the site is the first hop: through a transit it may be the transit's (draining), which
+/// says nothing about the site. `next_hop_unreachable` is a transit's, about its next hop: when
+/// one transit stands between the edge and the site, the link from that transit to the site
+/// (not the site: another transit may still reach it). On a longer path the edge cannot tell
+/// which transit sent it. (A draining or cut-off node leaves the table anyway at the next probe
+/// round, through its own or its neighbours' entries.)
+fn blame(code: Code, told: Told, path: &[topology::NodeId]) -> Option<Blame> {
     if told != Told::Path || !code.marks_site_down() {
-        return false;
+        return None;
     }
     match code {
-        Code::ShuttingDown => path.len() <= 2,
-        Code::NextHopUnreachable => path.len() == 3,
-        _ => true,
+        Code::ShuttingDown => (path.len() <= 2).then_some(Blame::Site),
+        Code::NextHopUnreachable => match path {
+            [_, transit, site] => Some(Blame::Link(topology::LinkId::new(transit, site))),
+            _ => None,
+        },
+        _ => Some(Blame::Site),
     }
 }
 
@@ -896,7 +913,7 @@ mod tests {
     use crate::splice::{assert_future_within, future_size, never};
 
     #[test]
-    fn only_the_sites_word_marks_it_down() {
+    fn only_the_paths_word_marks_the_site_or_a_link_down() {
         let path = |hops: &[&str]| -> Vec<topology::NodeId> {
             hops.iter().copied().map(topology::NodeId::new).collect()
         };
@@ -905,19 +922,30 @@ mod tests {
         let two = path(&["edge", "t1", "t2", "site"]);
         for code in [Code::BackendRefused, Code::SiteFull, Code::ServiceNotServed] {
             for p in [&direct, &one, &two] {
-                assert!(blames_site(code, Told::Path, p), "{code} on {p:?}");
-                assert!(!blames_site(code, Told::Here, p), "{code} on {p:?}");
+                assert_eq!(
+                    blame(code, Told::Path, p),
+                    Some(Blame::Site),
+                    "{code} on {p:?}"
+                );
+                assert_eq!(blame(code, Told::Here, p), None, "{code} on {p:?}");
             }
         }
         // A draining site, straight from it; through a transit, the transit may be draining.
-        assert!(blames_site(Code::ShuttingDown, Told::Path, &direct));
-        assert!(!blames_site(Code::ShuttingDown, Told::Path, &one));
-        assert!(!blames_site(Code::ShuttingDown, Told::Path, &two));
-        // A transit's next hop: the site only when the transit is next to it.
-        assert!(blames_site(Code::NextHopUnreachable, Told::Path, &one));
-        assert!(!blames_site(Code::NextHopUnreachable, Told::Path, &two));
-        assert!(!blames_site(Code::NextHopUnreachable, Told::Here, &one));
-        assert!(!blames_site(Code::UpstreamLost, Told::Path, &direct));
+        assert_eq!(
+            blame(Code::ShuttingDown, Told::Path, &direct),
+            Some(Blame::Site)
+        );
+        assert_eq!(blame(Code::ShuttingDown, Told::Path, &one), None);
+        assert_eq!(blame(Code::ShuttingDown, Told::Path, &two), None);
+        // A transit's next hop: its link to the site when the transit is next to it (another
+        // transit may still reach the site); on a longer path, unknown.
+        assert_eq!(
+            blame(Code::NextHopUnreachable, Told::Path, &one),
+            Some(Blame::Link(topology::LinkId::new(&one[1], &one[2])))
+        );
+        assert_eq!(blame(Code::NextHopUnreachable, Told::Path, &two), None);
+        assert_eq!(blame(Code::NextHopUnreachable, Told::Here, &one), None);
+        assert_eq!(blame(Code::UpstreamLost, Told::Path, &direct), None);
     }
 
     #[test]

@@ -201,6 +201,9 @@ pub(crate) struct Evidence {
     /// generation keeps copies of it out ([`Evidence::learn`]).
     learned: Mutex<BTreeMap<NodeId, (Entry, Instant)>>,
     site_down: Mutex<HashMap<(NodeId, ServiceName), Instant>>,
+    /// Links of a path held out of this router's table until the instant (a reset code said so:
+    /// a transit's `next_hop_unreachable` about its link to the site).
+    link_down: Mutex<HashMap<LinkId, Instant>>,
     /// The generation this router last gave its own entry ([`next_generation`]).
     generation: AtomicU64,
     /// The learned entries as last handed to pongs, and when ([`Evidence::digest`]).
@@ -439,6 +442,13 @@ impl Evidence {
         }
     }
 
+    /// Marks `link` down until `until` (a reset code said so), for every service.
+    pub fn mark_link_down(&self, link: LinkId, until: Instant) {
+        if let Ok(mut m) = self.link_down.lock() {
+            m.insert(link, until);
+        }
+    }
+
     /// The entries younger than `ttl`, each with its age now (rounded up to the millisecond, so
     /// that it never shrinks on its way).
     fn fresh(&self, ttl: Duration) -> Vec<Entry> {
@@ -476,11 +486,21 @@ impl Evidence {
         (entries, now)
     }
 
-    /// When the first site mark ends (the control task rebuilds then: the site is back at once,
-    /// not at the next periodic rebuild, up to a second later).
+    /// When the first site or link mark ends (the control task rebuilds then: the site or link is
+    /// back at once, not at the next periodic rebuild, up to a second later).
     fn next_mark_expiry(&self) -> Option<Instant> {
-        let m = self.site_down.lock().ok()?;
-        m.values().min().copied()
+        let sites = self.site_down.lock().ok()?.values().min().copied();
+        let links = self.link_down.lock().ok()?.values().min().copied();
+        sites.into_iter().chain(links).min()
+    }
+
+    fn down_links(&self) -> Vec<LinkId> {
+        let Ok(mut m) = self.link_down.lock() else {
+            return Vec::new();
+        };
+        let now = Instant::now();
+        m.retain(|_, until| *until > now);
+        m.keys().cloned().collect()
     }
 
     fn down_sites(&self) -> Vec<(NodeId, ServiceName)> {
@@ -870,6 +890,10 @@ impl Control {
             }
         }
         live.link_latency.extend(local_latency);
+        // Marked down by a reset code: down whatever the probes say, until the mark ends.
+        for id in sh.evidence.down_links() {
+            local_up.insert(id, false);
+        }
         for (id, up) in local_up {
             if up {
                 live.down_links.remove(&id);
@@ -1187,6 +1211,25 @@ mod tests {
             gone >= ttl / 2 && gone < ttl * 3,
             "gone {gone:?} after it was made"
         );
+    }
+
+    /// A link marked down (a transit's `next_hop_unreachable` about it) is down until its mark
+    /// ends, and the first mark to end, site or link, is when the table is rebuilt.
+    #[test]
+    fn a_link_mark_holds_until_it_ends_and_times_the_next_rebuild() {
+        let ev = Evidence::default();
+        let (t1, site) = (NodeId::new("t1"), NodeId::new("site"));
+        let link = LinkId::new(&t1, &site);
+        let now = Instant::now();
+        assert_eq!(ev.next_mark_expiry(), None);
+        ev.mark_site_down(&site, &ServiceName::new("echo"), now + HOUR);
+        ev.mark_link_down(link.clone(), now + Duration::from_secs(30));
+        assert_eq!(ev.down_links(), std::slice::from_ref(&link));
+        assert_eq!(ev.next_mark_expiry(), Some(now + Duration::from_secs(30)));
+        // Ended: gone, and the site's mark times the next rebuild.
+        ev.mark_link_down(link, now);
+        assert!(ev.down_links().is_empty());
+        assert_eq!(ev.next_mark_expiry(), Some(now + HOUR));
     }
 
     /// Pongs share the learned entries of one digest for up to [`DIGEST_REUSE`] (each ping

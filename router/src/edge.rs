@@ -530,6 +530,7 @@ async fn tries(
             };
             next_table = order
                 .tries_past(shared.max_tries.saturating_sub(made), tried)
+                .collect::<Vec<_>>()
                 .into_iter();
             &mut next_table
         };
@@ -549,17 +550,15 @@ async fn tries(
                     last = code;
                     shared.metrics.error(code);
                     // Only the path's word marks the site, or the link it names, down ([`blame`]).
-                    let until = Instant::now() + shared.probe.hold_down;
-                    match blame(code, told, &cand.path) {
-                        Some(Blame::Site) => {
-                            shared.evidence.mark_site_down(&cand.site, service, until);
-                            shared.changed.notify_one();
+                    if let Some(blamed) = blame(code, told, &cand.path) {
+                        let until = Instant::now() + shared.probe.hold_down;
+                        match blamed {
+                            Blame::Site => {
+                                shared.evidence.mark_site_down(&cand.site, service, until)
+                            }
+                            Blame::Link(link) => shared.evidence.mark_link_down(link, until),
                         }
-                        Some(Blame::Link(link)) => {
-                            shared.evidence.mark_link_down(link, until);
-                            shared.changed.notify_one();
-                        }
-                        None => {}
+                        shared.changed.notify_one();
                     }
                     if replay.overflow {
                         break 'tables None;

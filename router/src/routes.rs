@@ -495,22 +495,22 @@ impl Evidence {
     }
 
     fn down_links(&self) -> Vec<LinkId> {
-        let Ok(mut m) = self.link_down.lock() else {
-            return Vec::new();
-        };
-        let now = Instant::now();
-        m.retain(|_, until| *until > now);
-        m.keys().cloned().collect()
+        unexpired(&self.link_down)
     }
 
     fn down_sites(&self) -> Vec<(NodeId, ServiceName)> {
-        let Ok(mut m) = self.site_down.lock() else {
-            return Vec::new();
-        };
-        let now = Instant::now();
-        m.retain(|_, until| *until > now);
-        m.keys().cloned().collect()
+        unexpired(&self.site_down)
     }
+}
+
+/// The marks of `marks` that have not ended, the ended ones dropped.
+fn unexpired<K: Clone>(marks: &Mutex<HashMap<K, Instant>>) -> Vec<K> {
+    let Ok(mut m) = marks.lock() else {
+        return Vec::new();
+    };
+    let now = Instant::now();
+    m.retain(|_, until| *until > now);
+    m.keys().cloned().collect()
 }
 
 impl Shared {

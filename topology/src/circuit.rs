@@ -565,10 +565,10 @@ pub fn check_vip(
     });
     shadowed.or_else(|| {
         let client = topo.node(edge.as_str())?.client_address?.to_canonical();
-        let service = topo
-            .services
-            .iter()
-            .find(|s| client == at.ip() && s.port == Some(port))?;
+        if client != at.ip() {
+            return None;
+        }
+        let service = topo.services.iter().find(|s| s.port == Some(port))?;
         Some(ReservationIssue::VipIsClientAddress {
             circuit: circuit.clone(),
             vip: at,

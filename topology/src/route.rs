@@ -1005,24 +1005,24 @@ impl TryOrder {
     /// dial adds tries, it never leaves a connection without one it would have had. Without a
     /// dial that declined, exactly the first `budget`.
     pub fn tries(self, budget: usize) -> impl Iterator<Item = usize> {
-        (self.start..self.len)
-            .take(budget)
-            .chain(0..self.start)
-            .map(move |pos| self.at(pos))
+        self.tries_past(budget, |_| false)
     }
 
     /// [`TryOrder::tries`] past the candidates already `tried`: up to `budget` of the others
     /// from the start of the order, then every other site that declined. (An edge going on in
     /// a newer table after a try failed on its own first hop.)
-    pub fn tries_past(self, budget: usize, tried: impl Fn(usize) -> bool) -> Vec<usize> {
-        let at = |pos| self.at(pos);
-        let mut v: Vec<usize> = (self.start..self.len)
+    pub fn tries_past(
+        self,
+        budget: usize,
+        tried: impl Fn(usize) -> bool + Copy,
+    ) -> impl Iterator<Item = usize> {
+        let at = move |pos| self.at(pos);
+        let untried = move |i: &usize| !tried(*i);
+        (self.start..self.len)
             .map(at)
-            .filter(|&i| !tried(i))
+            .filter(untried)
             .take(budget)
-            .collect();
-        v.extend((0..self.start).map(at).filter(|&i| !tried(i)));
-        v
+            .chain((0..self.start).map(at).filter(untried))
     }
 }
 
@@ -1895,10 +1895,13 @@ mod tests {
         assert_eq!(tries(TryOrder::new(5, 0).dialled(|i| i == 1), 2), [1, 2, 0]);
         // Past the tried ones: the budget counts only the others, and the declined sites not
         // tried still follow it.
-        assert_eq!(walked.tries_past(2, |i| i == 2), [3, 4, 0, 1]);
-        assert_eq!(walked.tries_past(1, |i| i == 2 || i == 0), [3, 1]);
-        assert_eq!(walked.tries_past(0, |i| i == 0), [1]);
-        assert_eq!(TryOrder::new(4, 0).tries_past(2, |i| i == 0), [1, 2]);
+        let past = |o: TryOrder, budget, tried: fn(usize) -> bool| {
+            o.tries_past(budget, tried).collect::<Vec<_>>()
+        };
+        assert_eq!(past(walked, 2, |i| i == 2), [3, 4, 0, 1]);
+        assert_eq!(past(walked, 1, |i| i == 2 || i == 0), [3, 1]);
+        assert_eq!(past(walked, 0, |i| i == 0), [1]);
+        assert_eq!(past(TryOrder::new(4, 0), 2, |i| i == 0), [1, 2]);
     }
 
     /// A site takes its dial's share of the connections offered to it over any run of

@@ -676,6 +676,13 @@ async fn revocation_lists_reach_routers_through_the_controller() {
         || !r.client.is_connected(),
     )
     .await;
+    // It goes on trying (from 100 ms apart): the controller takes no session of it again.
+    stays(
+        Duration::from_secs(3),
+        "no new session of the revoked router",
+        || router_status(&d, NODE).is_some_and(|s| !s.connected),
+    )
+    .await;
 }
 
 /// A leaked key after renewals through the controller: the router (on a TLS directory of its

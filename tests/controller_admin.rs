@@ -312,6 +312,10 @@ fi
     .await
     .unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    // Exit 1 for the refusal asked, not for an editor or request failure.
+    let so = text(&out.stdout);
+    assert!(so.contains("Apply this change? [y/N]"), "{so}");
+    assert!(so.contains("not applied; your edit is kept in"), "{so}");
     assert_eq!(d.ctl.current().record.version, 4);
 
     // History lists all four, newest first.

@@ -209,7 +209,6 @@ fn a_fail_site_that_would_show_no_failover_is_refused() {
         ("lax-edge-1", "not a site"),
         ("nowhere-1", "no such node in the topology"),
     ] {
-        let started = Instant::now();
         let (status, out, err) = run_demo(
             &["--quick", "--ephemeral-ports", "--fail", node],
             Duration::from_secs(60),
@@ -223,7 +222,6 @@ fn a_fail_site_that_would_show_no_failover_is_refused() {
             !out.contains("Started the controller"),
             "the fabric started for a --fail that is no site:\n{out}"
         );
-        assert!(started.elapsed() < Duration::from_secs(30));
     }
 }
 
@@ -311,7 +309,8 @@ fn demo_with_an_invalid_topology_prints_file_line_col_errors_and_exits_one() {
 fn demo_serves_every_edge_fails_over_and_moves_a_path_by_a_live_edit_then_exits_zero() {
     let (stdout, ok, status, ran) = run_demo_keep();
     assert!(ok, "tasman demo failed:\n{stdout}");
-    assert!(ran < Duration::from_secs(150), "demo took {ran:?}");
+    // A hang guard, not a speed check (a run takes about a minute).
+    assert!(ran < Duration::from_secs(600), "demo took {ran:?}");
 
     // Every default edge printed its table with real sites.
     for edge in [

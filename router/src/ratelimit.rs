@@ -331,8 +331,9 @@ mod tests {
     }
 
     /// Circuit A (100 Mbit/s, one bulk connection) and circuit B (40 Mbit/s, two connections
-    /// sharing its bucket) run at once over real TCP sockets for over 5 s: each gets 90-100 % of
-    /// its own rate, and B's two connections share B's rate.
+    /// sharing its bucket) run at once over real TCP sockets for over 5 s: neither goes over its
+    /// own rate, each gets at least 60 % of it (a floor that survives a busy CI machine and still
+    /// fails a limiter charging each byte twice), and B's two connections share B's rate.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn circuits_carry_their_rate_and_do_not_affect_each_other() {
         let a = CircuitLimiter::new(Bandwidth::from_mbps(100));

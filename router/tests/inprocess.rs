@@ -2266,7 +2266,7 @@ async fn the_nearest_site_is_preferred_again_after_a_brief_exclusion() {
     .await;
     drop(held);
     wait_until(
-        Duration::from_secs(5),
+        Duration::from_secs(20),
         || prefers("near", 2),
         || {
             format!(

@@ -5,8 +5,8 @@ use std::net::IpAddr;
 
 use proptest::prelude::*;
 use topology::circuit::{
-    BEnd, CircuitId, PlacementError, PlacementRequest, Reservation, Shortfall, allocate_vip,
-    headroom, place,
+    BEnd, CircuitId, PlacementError, PlacementRequest, PoolError, Reservation, Shortfall,
+    allocate_vip, headroom, place,
 };
 use topology::*;
 
@@ -127,12 +127,29 @@ fn run(t: &Topology, ops: &[Op]) -> BTreeMap<u64, Live> {
         match op {
             Op::Create(e, r) => {
                 let rs = reservations(&live);
-                let Ok(p) = place(t, &rs, &request(*e, *r)) else {
-                    continue;
+                let req = request(*e, *r);
+                // A refusal is allowed only for the reason it gives, and only when it is true:
+                // a placement that refused everything, or a pool that ran dry early, fails here.
+                let p = match place(t, &rs, &req) {
+                    Ok(p) => p,
+                    Err(PlacementError::InsufficientCapacity(s)) => {
+                        assert!(s.free < req.rate && s.max_available < req.rate, "{s}");
+                        continue;
+                    }
+                    Err(PlacementError::ExceedsCapacity { capacity, .. }) => {
+                        assert!(capacity < req.rate, "refused {} under {capacity}", req.rate);
+                        continue;
+                    }
+                    Err(e) => panic!("unexpected refusal: {e}"),
                 };
                 let used: BTreeSet<IpAddr> = live.values().map(|l| l.vip).collect();
-                let Ok((_, vip)) = allocate_vip(t, None, &used) else {
-                    continue;
+                let vip = match allocate_vip(t, None, &used) {
+                    Ok((_, vip)) => vip,
+                    Err(PoolError::Exhausted { usable, .. }) => {
+                        assert_eq!(usable, used.len() as u128, "pool called full too early");
+                        continue;
+                    }
+                    Err(e) => panic!("unexpected pool refusal: {e}"),
                 };
                 assert!(t.pools[0].prefix.contains(vip), "{vip} outside the pool");
                 next += 1;

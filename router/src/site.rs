@@ -147,10 +147,18 @@ pub(crate) fn reconcile(
     shared.sites.store(Arc::new(new));
 }
 
+/// Checks the backend every [`CHECK_INTERVAL`]: [`DOWN_AFTER`] failures in a row mark it
+/// unhealthy, [`UP_AFTER`] successes in a row and the hold-down make it healthy again.
+///
+/// A check that takes longer than the interval (a backend that drops SYNs: each check waits
+/// the whole connect timeout) delays the next one instead of leaving a backlog of ticks: a
+/// burst of connects at the recovering backend, the successes it needs all in a few
+/// microseconds instead of an interval apart.
 async fn check_loop(shared: Arc<Shared>, svc: Arc<SiteService>) {
     let mut ok = 0u32;
     let mut fail = 0u32;
     let mut tick = tokio::time::interval(CHECK_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let r = tokio::time::timeout(

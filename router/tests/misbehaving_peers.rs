@@ -1998,6 +1998,74 @@ async fn an_edge_resets_a_client_whose_site_answers_then_takes_nothing() {
     .await;
 }
 
+/// A backend that drops SYNs (its accept queue full) makes each health check wait the whole
+/// connect timeout, longer than the check interval. When it recovers, the checks go on an
+/// interval apart: no backlog of missed ticks fired at it at once. (Burst: after 8 s of outage
+/// about ten connects landed within a millisecond, and the two successes the site needs came
+/// that close together.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_after_an_outage_of_slow_connects_do_not_come_in_a_burst() {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    // An accept queue of one, filled: further SYNs are dropped, connects time out.
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _filler = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let dir = ca_dir();
+    let t = common::edge_and_near(addr);
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t)));
+    let (near, _) = spawn_node(&snap, dir.path(), "near", |c| {
+        c.backend_connect_timeout = Duration::from_millis(1200);
+    })
+    .await;
+    let healthy = || near.telemetry().sites.iter().all(|s| s.healthy);
+    wait_until(
+        Duration::from_secs(30),
+        || !healthy(),
+        || format!("never unhealthy: {:?}", near.telemetry()),
+    )
+    .await;
+    // The outage goes on (part of the scenario, not a wait for anything): long enough for a
+    // backlog of ticks (2 due for each 1.2 s check) to build up.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    // The backend recovers: a real accept queue, every connection accepted and timed.
+    socket2::SockRef::from(&listener).listen(1024).unwrap();
+    let accepted = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let recovered = Instant::now();
+    let times = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((c, _)) = listener.accept().await {
+            times.lock().unwrap().push(Instant::now());
+            drop(c);
+        }
+    });
+    wait_until(Duration::from_secs(30), healthy, || {
+        format!("never healthy again: {:?}", near.telemetry())
+    })
+    .await;
+    // The filler is accepted first; then the check that was waiting (its SYN sent again), the
+    // tick that was due behind it, and the next an interval later.
+    let Some(first) = accepted.lock().unwrap().get(1).copied() else {
+        panic!("healthy with no check reaching the backend")
+    };
+    // The whole window observed (a burst would have come by its first millisecond).
+    tokio::time::sleep_until((first + Duration::from_millis(400)).into()).await;
+    let times = accepted.lock().unwrap().clone();
+    let early = times
+        .iter()
+        .skip(1)
+        .filter(|t| t.duration_since(first) < Duration::from_millis(400))
+        .count();
+    assert!(
+        early <= 2,
+        "{early} checks within 400 ms of the first after the backend recovered: {:?}",
+        times
+            .iter()
+            .map(|t| t.duration_since(recovered))
+            .collect::<Vec<_>>()
+    );
+}
+
 /// An edge (a fake) opens a stream to the site with a valid header but grants it no window, so
 /// that the site's two-byte answer cannot leave: the site resets the stream after its idle
 /// timeout (`idle_timeout`), closes the backend connection it made and frees the

@@ -102,9 +102,12 @@ impl Neighbour {
 /// handshake every [`BACKOFF_MIN`] for as long as it refuses us.
 ///
 /// The hold-down (a neighbour that went down comes back up only [`ProbeConfig::hold_down`] after
-/// it went down) is for flapping neighbours: it starts when a connection is lost. Failed dials
-/// to a neighbour never connected yet (it starts later than this router) do not start it, so
-/// such a neighbour is up at its first answered probe.
+/// it last failed) is for flapping neighbours: it starts when the neighbour is declared down
+/// (missed probes) or its connection is lost, and starts over at every failure before it is up
+/// again (missed probes again, [`Verdict::Relapse`], or another connection lost), so that a
+/// neighbour failing more often than the hold-down stays down instead of flapping the routes.
+/// Failed dials to a neighbour never connected yet (it starts later than this router) do not
+/// start it, so such a neighbour is up at its first answered probe.
 ///
 /// The neighbour's own connection to us, accepted ([`Neighbour::peer_connected`]), says it is
 /// back: the dialer then stops waiting and dials at once: out of its backoff (up to 3 s after a
@@ -217,6 +220,10 @@ pub(crate) enum Verdict {
     Stalled,
     /// Declared down, then [`DEAD_AFTER`] without any packet: close the connection.
     Dead,
+    /// Declared down and not up again yet, it failed the same test again (`misses` probes in a
+    /// row, or no sign of life for [`Liveness::detect`]): its hold-down starts over, so that a
+    /// neighbour flapping faster than the hold-down stays down instead of flapping the routes.
+    Relapse,
 }
 
 /// Longest silence (no packet at all from the peer) tolerated whatever else holds, even while
@@ -282,8 +289,9 @@ pub(crate) struct Liveness {
     misses: u32,
     /// Stall graces given since the peer last answered ([`Liveness::stalled`]).
     graces: u32,
-    /// A `Down` verdict was given and the peer has not [`Liveness::recovered`] since: only
-    /// [`DEAD_AFTER`] of silence is watched for.
+    /// A `Down` verdict was given and the peer has not [`Liveness::recovered`] since: probes go
+    /// on being judged (a failure is a [`Verdict::Relapse`]), and [`DEAD_AFTER`] of silence
+    /// closes the connection.
     down: bool,
 }
 
@@ -422,17 +430,20 @@ impl Liveness {
     }
     /// When [`Liveness::expire`] must run next.
     pub fn deadline(&self) -> tokio::time::Instant {
-        if self.down {
-            return self.last_heard + DEAD_AFTER;
-        }
-        let classic = (self.last_alive + self.detect()).min(self.last_heard + HARD_SILENCE);
+        // Once down, no packet for DEAD_AFTER (shorter than HARD_SILENCE) ends the connection.
+        let silence = if self.down {
+            self.last_heard + DEAD_AFTER
+        } else {
+            self.last_heard + HARD_SILENCE
+        };
+        let classic = (self.last_alive + self.detect()).min(silence);
         self.outstanding.map_or(classic, |o| o.min(classic))
     }
-    /// At the deadline: is the peer down (or, once down, dead), or does a missed probe call for
-    /// a re-probe?
+    /// At the deadline: is the peer down (or, once down, dead, or failing again), or does a
+    /// missed probe call for a re-probe?
     pub fn expire(&mut self, now: tokio::time::Instant) -> Option<Verdict> {
-        if self.down {
-            return (now >= self.last_heard + DEAD_AFTER).then_some(Verdict::Dead);
+        if self.down && now >= self.last_heard + DEAD_AFTER {
+            return Some(Verdict::Dead);
         }
         let verdict =
             if now >= self.last_alive + self.detect() || now >= self.last_heard + HARD_SILENCE {
@@ -451,8 +462,28 @@ impl Liveness {
                     _ => None,
                 }
             };
-        self.down = verdict == Some(Verdict::Down);
+        if verdict == Some(Verdict::Down) {
+            if self.down {
+                // Judged afresh from now: the next relapse needs as much failure again.
+                self.last_alive = now;
+                self.misses = 0;
+                self.outstanding = None;
+                return Some(Verdict::Relapse);
+            }
+            // Down until `recovered`, whatever later verdicts say.
+            self.down = true;
+        }
         verdict
+    }
+}
+
+/// A neighbour not up failed its probes again: a hold-down running (it was up, then failed on
+/// this connection or lost one) starts over; a neighbour never up has none.
+fn fail_again(shared: &Shared, nb: &Neighbour, down_since: &mut Option<Instant>) {
+    tracing::debug!(node = %shared.node, neighbour = %nb.id,
+        holding_down = down_since.is_some(), "missed probes while not up");
+    if down_since.is_some() {
+        *down_since = Some(Instant::now());
     }
 }
 
@@ -520,6 +551,10 @@ async fn probe_until_down(
                 // A probe still queued behind a full congestion window has not left.
                 let probe_left = st.frame_tx.datagram > at_probe.1;
                 match live.at_deadline(now, probe_left, probe_timeout(conn.rtt())) {
+                    // Failing again before it is up: in its hold-down, the hold-down starts
+                    // over; never up, it has none to start (and nothing to take down).
+                    Some(Verdict::Relapse) => fail_again(shared, nb, down_since),
+                    Some(Verdict::Down) if !nb.is_up() => fail_again(shared, nb, down_since),
                     Some(Verdict::Down) => {
                         let path = &st.path;
                         tracing::warn!(
@@ -534,10 +569,8 @@ async fn probe_until_down(
                             "neighbour down: missed probes"
                         );
                         shared.metrics.neighbour_down_total.fetch_add(1, Relaxed);
-                        if nb.is_up() {
-                            nb.set_down();
-                            shared.changed.notify_one();
-                        }
+                        nb.set_down();
+                        shared.changed.notify_one();
                         *down_since = Some(Instant::now());
                     }
                     Some(Verdict::Dead) => {
@@ -657,7 +690,9 @@ mod tests {
             let mut send = false;
             if now == live.deadline() {
                 match live.at_deadline(now, true, timeout) {
-                    Some(Verdict::Down | Verdict::Dead) => return Some(now - t0),
+                    Some(Verdict::Down | Verdict::Dead | Verdict::Relapse) => {
+                        return Some(now - t0);
+                    }
                     Some(Verdict::Reprobe | Verdict::Stalled) => send = true,
                     None => {}
                 }
@@ -814,9 +849,16 @@ mod tests {
         live.probe_sent(t0, timeout);
         let (mut verdicts, dead_at) = silent_peer_until(&mut live, timeout, Verdict::Dead);
         assert_eq!(verdicts.pop(), Some(Verdict::Dead));
+        // Silent while down, it fails the classic rule again and again: each a relapse (its
+        // hold-down starting over), none another down.
+        let relapses = verdicts.split_off(3);
         assert_eq!(
             verdicts,
             [Verdict::Reprobe, Verdict::Reprobe, Verdict::Down]
+        );
+        assert!(
+            !relapses.is_empty() && relapses.iter().all(|v| *v == Verdict::Relapse),
+            "{relapses:?}"
         );
         assert_eq!(
             dead_at,
@@ -829,13 +871,56 @@ mod tests {
         silent_peer_until(&mut live, timeout, Verdict::Down);
         let back = t0 + Duration::from_millis(500);
         live.reply(back);
-        assert_eq!(live.deadline(), back + DEAD_AFTER);
+        assert_eq!(live.deadline(), back + live.detect());
         live.recovered();
         live.probe_sent(back, timeout);
         assert_eq!(
             live.at_deadline(back + timeout, true, timeout),
             Some(Verdict::Reprobe)
         );
+    }
+
+    /// A peer declared down that answers for a while and then misses `misses` probes in a row
+    /// again, before it was up, relapses (its hold-down starts over) at the same point a peer
+    /// that is up would be declared down; one that goes on answering never relapses.
+    #[test]
+    fn a_peer_down_that_fails_again_relapses_and_one_that_answers_does_not() {
+        let p = ProbeConfig::default();
+        let rtt = Duration::from_micros(300);
+        let timeout = probe_timeout(rtt);
+        let t0 = T::now();
+        let mut live = Liveness::new(p, t0);
+        live.probe_sent(t0, timeout);
+        let (_, down_at) = silent_peer_until(&mut live, timeout, Verdict::Down);
+        // Back: it answers every probe for 2 s (20 intervals); no verdict at all.
+        let mut now = down_at;
+        for _ in 0..20 {
+            now += p.interval;
+            live.probe_sent(now, timeout);
+            assert!(
+                live.deadline() > now + rtt,
+                "a verdict due before the reply"
+            );
+            live.reply(now + rtt);
+        }
+        // Then silent again, each probe leaving: re-probes, then a relapse, not a down (and not
+        // dead: it was heard well within DEAD_AFTER).
+        let quiet = now + rtt;
+        now += p.interval;
+        live.probe_sent(now, timeout);
+        let (verdicts, at) = silent_peer_until(&mut live, timeout, Verdict::Relapse);
+        assert_eq!(
+            verdicts,
+            [Verdict::Reprobe, Verdict::Reprobe, Verdict::Relapse]
+        );
+        assert!(
+            at < quiet + DEAD_AFTER,
+            "relapse {:?} after quiet",
+            at - quiet
+        );
+        // Judged afresh from the relapse: it takes as much failure again to relapse again.
+        assert!(live.deadline() > at, "{:?}", live.deadline() - at);
+        assert_eq!(live.expire(at), None);
     }
 
     #[test]

@@ -1620,6 +1620,94 @@ async fn a_draining_transit_still_declares_a_silent_neighbour_down() {
     }
 }
 
+/// A neighbour that flaps (its link silent for 350 ms every 500 ms) faster than the hold-down
+/// (1 s) is declared down once and stays down while it flaps: each failure while down starts
+/// the hold-down over. It is up again once it has answered for a whole hold-down after the
+/// last cut. (Misses while down went unjudged: it came up at the first reply a hold-down after
+/// the first verdict, and went down again at the next cut, about every 1.5 s.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flapping_neighbour_stays_down_until_it_answers_for_a_whole_hold_down() {
+    use router::netem::{LinkEmulator, LinkProfile};
+    const HOLD_DOWN: Duration = Duration::from_secs(1);
+    let dir = ca_dir();
+    let backend = tracked_echo_backend().await;
+    let port = free_tcp_port();
+    let t = line_topology("echo", backend.addr, port);
+    let site_addr = t.node("site").unwrap().address;
+    let link = LinkEmulator::spawn(
+        "127.0.0.1:0".parse().unwrap(),
+        site_addr,
+        LinkProfile::delay(topology::Latency::ZERO),
+    )
+    .await
+    .unwrap();
+    let via = link.local_addr();
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t)));
+    let (hs, _txs) = spawn_all(&snap, dir.path(), |id, cfg| {
+        cfg.probe.hold_down = HOLD_DOWN;
+        if id == "transit" {
+            cfg.dial_overrides = [(topology::NodeId::new("site"), via)].into();
+        }
+    })
+    .await;
+    let transit = node(&hs, "transit");
+    let site_up = || {
+        transit
+            .telemetry()
+            .neighbours
+            .iter()
+            .any(|n| n.id.as_str() == "site" && n.up)
+    };
+    let downs = || {
+        metric(
+            &transit.metrics_text(),
+            "tasman_neighbour_down_total{node=\"transit\"}",
+        )
+        .unwrap_or(0)
+    };
+    wait_until(Duration::from_secs(20), site_up, || {
+        format!("site never up at the transit: {:?}", transit.telemetry())
+    })
+    .await;
+    assert_eq!(downs(), 0);
+
+    // Flap for about 5 s; from the first verdict on, the site is never up.
+    let mut verdict_seen = false;
+    let mut last_cut = Instant::now();
+    for _ in 0..10 {
+        link.cut_for(Duration::from_millis(350));
+        last_cut = Instant::now();
+        let cycle = last_cut;
+        while cycle.elapsed() < Duration::from_millis(500) {
+            verdict_seen |= downs() >= 1;
+            assert!(
+                !(verdict_seen && site_up()),
+                "the flapping site was up again: {:?}",
+                transit.telemetry()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    // The last cut ended by now; the link carries everything from here on.
+    assert!(verdict_seen, "no down verdict: {}", transit.metrics_text());
+    assert_eq!(downs(), 1, "declared down more than once while flapping");
+    // Answering again: up once a whole hold-down has passed since it last failed (in the last
+    // cut, so more than a hold-down after that cut began).
+    wait_until(Duration::from_secs(20), site_up, || {
+        format!("site never up again: {:?}", transit.telemetry())
+    })
+    .await;
+    assert!(
+        last_cut.elapsed() >= HOLD_DOWN,
+        "up {:?} after the last cut began",
+        last_cut.elapsed()
+    );
+    assert_eq!(downs(), 1);
+    for h in hs {
+        h.shutdown().await;
+    }
+}
+
 /// The drain is bounded: a connection still open at the drain timeout is cut, and the shutdown
 /// completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

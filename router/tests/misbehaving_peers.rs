@@ -888,6 +888,61 @@ async fn a_draining_edge_waits_for_a_connection_still_being_set_up() {
         .unwrap();
 }
 
+/// A neighbour whose first connection never answers a probe (its QUIC stack acknowledges the
+/// pings, nothing answers them) and is then closed was never up: the missed probes start no
+/// hold-down, and the next connection, which answers, is up at its first pong. (The down verdict
+/// on the never-up connection was counted and started the hold-down, here 10 min.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_neighbour_never_up_gets_no_hold_down_for_its_missed_probes() {
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let t = two_sites(backend, free_tcp_port(), true);
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    let connections = Arc::new(AtomicU64::new(0));
+    let (_transit, pings) = fake_neighbour(
+        dir.path(),
+        &t,
+        "transit",
+        router::transport::transport_config(),
+        move |conn, pings| {
+            let first = connections.fetch_add(1, Relaxed) == 0;
+            async move {
+                if first {
+                    // Long enough for the missed probes' verdict (about 350 ms).
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    conn.close(0u32.into(), b"first connection");
+                } else {
+                    answer_pings("transit", conn, pings).await;
+                }
+            }
+        },
+    );
+    let (edge, _) = spawn_node(&snap, dir.path(), "edge", |c| {
+        c.probe.hold_down = Duration::from_secs(600);
+    })
+    .await;
+    let up = || {
+        edge.telemetry()
+            .neighbours
+            .iter()
+            .any(|n| n.id.as_str() == "transit" && n.up)
+    };
+    wait_until(Duration::from_secs(20), up, || {
+        format!(
+            "transit never up ({} pings answered): {:?}",
+            pings.load(Relaxed),
+            edge.telemetry()
+        )
+    })
+    .await;
+    let m = edge.metrics_text();
+    assert_eq!(
+        metric(&m, "tasman_neighbour_down_total{node=\"edge\"}"),
+        Some(0),
+        "{m}"
+    );
+}
+
 /// A router reads only the bidirectional streams of connections its neighbours dialled. Any
 /// other stream a neighbour could open (unidirectional ones, or any on a connection the router
 /// dialled) nothing ever reads: each took up to a stream window (32 MiB), the connection window over all,

@@ -315,9 +315,13 @@ impl FromStr for Bandwidth {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (n, unit) = split_number(s, BANDWIDTH_UNITS)?;
         // Case-insensitive, except the bytes-per-second spelling (`MBps`, `GBps`, `Bps`...):
-        // it is refused rather than read as bits, eight times too small.
+        // it is refused rather than read as bits, eight times too small. The capital `B` says
+        // bytes whatever the prefix's case: `10gBps` and `10mBps` are the same mistake.
         if let Some(prefix) = unit.strip_suffix("Bps")
-            && matches!(prefix, "" | "k" | "K" | "M" | "G" | "T")
+            && matches!(
+                prefix.to_ascii_lowercase().as_str(),
+                "" | "k" | "m" | "g" | "t"
+            )
         {
             let bits = format!("{}{}bps", n * 8.0, prefix.to_ascii_uppercase());
             return Err(UnitError::BytesPerSecond {
@@ -543,6 +547,12 @@ mod tests {
             ("10kBps", "80Kbps"),
             ("64Bps", "512bps"),
             ("2TBps", "16Tbps"),
+            // The unit prefix in either case: only the `Bps` says bytes, and `10gBps` read as
+            // bits is the same eight-fold mistake.
+            ("10gBps", "80Gbps"),
+            ("10mBps", "80Mbps"),
+            ("10tBps", "80Tbps"),
+            ("10KBps", "80Kbps"),
         ] {
             let err = bytes.parse::<Bandwidth>().unwrap_err();
             assert_eq!(

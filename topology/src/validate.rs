@@ -1710,6 +1710,31 @@ mod tests {
         );
     }
 
+    /// A byte rate with a lower-case prefix (`1gBps`) is refused in a new text like `1GBps`,
+    /// and a stored text keeps the reading earlier builds gave it (bits), with a warning.
+    #[test]
+    fn a_byte_rate_with_a_lower_case_prefix_is_refused_but_a_stored_one_reads_as_bits() {
+        let text = two_edges("127.20.0.1", "127.20.0.2").replacen("1Gbps", "1gBps", 1);
+        let errs: Vec<String> = crate::load(&text)
+            .unwrap_err()
+            .iter()
+            .map(|d| d.to_string())
+            .collect();
+        assert_eq!(
+            errs,
+            [
+                "7:44: error: capacity of link 1: \"1gBps\" reads as bytes per second: rates are in \
+              bits per second (write \"8Gbps\" for that many bytes per second)"
+            ]
+        );
+        let stored = crate::load_stored(&text).unwrap_or_else(|d| panic!("{d:?}"));
+        assert_eq!(stored.warnings.len(), 1, "{:?}", stored.warnings);
+        assert_eq!(
+            stored.topology.links[0].capacity,
+            Bandwidth::from_mbps(1_000)
+        );
+    }
+
     #[test]
     fn closest_suggests_near_misses_only() {
         assert_eq!(

@@ -317,9 +317,11 @@ impl<'a> Builder<'a> {
                 }
                 Self::copy_bytes(&mut self.copied, size.bytes, p)?;
                 self.nodes += size.nodes;
-                // The copy is positioned where it is used: diagnostics point at the alias.
+                // The copy is positioned where it is used, every node of it (not only its top):
+                // a problem inside it is the alias's (a duplicate id in a copied node is at the
+                // alias, not at the anchored node's id). Bounded like the copy itself.
                 let mut n = target.clone();
-                n.pos = p;
+                place(&mut n, p);
                 return Ok((n, size));
             }
             other => {
@@ -356,6 +358,20 @@ impl<'a> Builder<'a> {
             self.anchors.insert(anchor, (node.clone(), size));
         }
         Ok((node, size))
+    }
+}
+
+/// Gives `n` and every node inside it the position `p` (an alias's copy). Recursion is as deep
+/// as the copied node, at most [`MAX_DEPTH`].
+fn place(n: &mut YNode<'_>, p: Pos) {
+    n.pos = p;
+    match &mut n.value {
+        YValue::Seq(items) => items.iter_mut().for_each(|i| place(i, p)),
+        YValue::Map(entries) => entries.iter_mut().for_each(|(k, v)| {
+            place(k, p);
+            place(v, p);
+        }),
+        _ => {}
     }
 }
 
@@ -521,9 +537,20 @@ mod tests {
 
     #[test]
     fn aliases_are_copied_at_their_use() {
-        let t = parse_tree("a: &x {k: 1}\nb: *x\n").unwrap_or_else(|d| panic!("{d}"));
+        let t = parse_tree("a: &x {k: [1]}\nb: *x\n").unwrap_or_else(|d| panic!("{d}"));
         let YValue::Map(m) = &t.value else { panic!() };
-        assert_eq!(m[1].1.pos, Pos { line: 2, column: 4 });
-        assert_eq!(m[1].1.value, m[0].1.value);
+        let at = Pos { line: 2, column: 4 };
+        assert_eq!(m[1].1.pos, at);
+        // Every node of the copy is at the alias; the values are the anchored node's.
+        let YValue::Map(copy) = &m[1].1.value else {
+            panic!()
+        };
+        let YValue::Seq(items) = &copy[0].1.value else {
+            panic!()
+        };
+        assert_eq!((copy[0].0.pos, copy[0].1.pos, items[0].pos), (at, at, at));
+        let mut anchored = m[0].1.clone();
+        place(&mut anchored, at);
+        assert_eq!(m[1].1, anchored);
     }
 }

@@ -668,7 +668,8 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
     }
     let mut entries: Vec<NodeEntry> = Vec::with_capacity(node_items.len());
     let mut ids: HashMap<String, (usize, Pos)> = HashMap::with_capacity(node_items.len());
-    let mut quic: HashMap<SocketAddr, String> = HashMap::new();
+    // Each QUIC address in its IPv4 form when mapped, with the address as written and its node.
+    let mut quic: HashMap<SocketAddr, (SocketAddr, String)> = HashMap::new();
     let mut regions: HashSet<String> = HashSet::new();
     for (i, item) in node_items.iter().enumerate() {
         let label = format!("node {}", i + 1);
@@ -743,16 +744,38 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
             {
                 return None;
             }
-            if let Some(other) = quic.get(&a) {
-                cx.err(
+            // `[::ffff:127.10.0.1]:7000` is the endpoint `127.10.0.1:7000` (a dual-stack socket
+            // binds and dials the one as the other), so the uniqueness check below compared as
+            // written would take both. The IPv4 form is the one to write, as for every other
+            // address field. A rule added after texts were stored: only a warning on a stored
+            // one, whose mapped address then counts as its IPv4 form below.
+            let canonical = SocketAddr::new(a.ip().to_canonical(), a.port());
+            if canonical != a
+                && cx.newer(
                     n.pos,
                     format!(
-                        "address of {what}: {a} is already the QUIC address of node \"{other}\""
+                        "address of {what}: {a} is an IPv4-mapped address, the same endpoint as \
+                         {canonical}; write {canonical}"
                     ),
-                );
+                )
+            {
                 return None;
             }
-            quic.insert(a, id.clone().unwrap_or_else(|| label.clone()));
+            if let Some((written, other)) = quic.get(&canonical) {
+                let msg = format!(
+                    "address of {what}: {a} is already the QUIC address of node \"{other}\""
+                );
+                // The same endpoint written differently was accepted before the rule above.
+                if *written == a {
+                    cx.err(n.pos, msg);
+                    return None;
+                }
+                if cx.newer(n.pos, format!("{msg} (written {written})")) {
+                    return None;
+                }
+            } else {
+                quic.insert(canonical, (a, id.clone().unwrap_or_else(|| label.clone())));
+            }
             Some(a)
         });
         let state = f.get("state").map(|n| state(cx, n, &Of("state", &what)));

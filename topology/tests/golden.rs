@@ -110,6 +110,7 @@ fn rules_added_since_a_text_was_stored_only_warn_on_it() {
     for name in [
         "bytes_per_second_capacity",
         "ipv4_mapped_addresses",
+        "ipv4_mapped_quic_address",
         "pool_contains_client_address",
         "reserved_node_ids",
         "transparent_port_is_a_service_port",
@@ -139,6 +140,21 @@ fn rules_added_since_a_text_was_stored_only_warn_on_it() {
             );
         }
     }
+    // A stored text's mapped QUIC address counts as its IPv4 form: the endpoint another node
+    // has (accepted before the rule) is a warning too, naming both spellings.
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/invalid/ipv4_mapped_quic_address.yaml"),
+    )
+    .unwrap();
+    let stored = topology::load_stored(&text).unwrap();
+    assert!(
+        stored.warnings.iter().any(|d| d.to_string()
+            == "17:14: warning: address of node \"syd-site-1\": [::ffff:127.10.0.1]:7000 is already \
+                the QUIC address of node \"syd-edge-1\" (written 127.10.0.1:7000) (accepted in \
+                this stored version; a new text is refused for it)"),
+        "{:?}",
+        stored.warnings
+    );
     // A stored byte rate keeps the meaning earlier builds gave it: bits.
     let text = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/invalid/bytes_per_second_capacity.yaml"),

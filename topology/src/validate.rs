@@ -653,7 +653,31 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
 
     // Nodes, first pass: ids, kinds and the fields every kind has.
     let node_items = match top.required(cx, "nodes") {
-        Some(n) => list(cx, n, &"nodes"),
+        Some(n) => {
+            let items = list(cx, n, &"nodes");
+            // `nodes:` with nothing after it (a file cut off there) or `nodes: []` read as a
+            // valid fabric of nothing, which routes nothing: the field is required for a
+            // reason. Pointed at the key, since a null value has no text of its own. A rule
+            // added after texts were stored: only a warning on a stored one.
+            if items.is_empty() && matches!(&n.value, YValue::Seq(_) | YValue::Null) {
+                let at = match n.value {
+                    YValue::Null => top.key_pos("nodes").unwrap_or(n.pos),
+                    _ => n.pos,
+                };
+                cx.newer(
+                    at,
+                    format!(
+                        "nodes is {}: a topology needs at least one node",
+                        if matches!(n.value, YValue::Null) {
+                            "empty (nothing follows `nodes:`)"
+                        } else {
+                            "an empty list"
+                        }
+                    ),
+                );
+            }
+            items
+        }
         None => &[],
     };
     if node_items.len() > MAX_NODES {
@@ -1756,6 +1780,25 @@ mod tests {
             stored.topology.links[0].capacity,
             Bandwidth::from_mbps(1_000)
         );
+    }
+
+    /// `nodes: []` is refused like a `nodes:` with nothing after it (tests/invalid/empty_nodes),
+    /// at the list; a stored text with it still loads, with a warning.
+    #[test]
+    fn an_empty_list_of_nodes_is_refused() {
+        let text = "version: 1\nnodes: []\n";
+        let errs: Vec<String> = crate::load(text)
+            .unwrap_err()
+            .iter()
+            .map(|d| d.to_string())
+            .collect();
+        assert_eq!(
+            errs,
+            ["2:8: error: nodes is an empty list: a topology needs at least one node"]
+        );
+        let stored = crate::load_stored(text).unwrap_or_else(|d| panic!("{d:?}"));
+        assert!(stored.topology.nodes.is_empty());
+        assert_eq!(stored.warnings.len(), 1, "{:?}", stored.warnings);
     }
 
     #[test]

@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 
-use crate::model::{AdminState, LinkId, NodeId, NodeKind, ServiceName, Topology};
+use crate::model::{AdminState, LinkId, NodeId, NodeKind, Service, ServiceName, Topology};
 
 /// One direction of a link in the adjacency array.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -219,13 +219,20 @@ impl Graph {
             .iter()
             .map(|s| (s.name.as_str(), Vec::new()))
             .collect();
+        // Each serves entry's service by name: `Topology::service` is a scan of the services,
+        // once per serves entry (10,000 services on thousands of sites). The first of a name
+        // wins, as it did there (an unvalidated topology may repeat one).
+        let mut by_name: HashMap<&str, &Service> = HashMap::with_capacity(topo.services.len());
+        for s in &topo.services {
+            by_name.entry(s.name.as_str()).or_insert(s);
+        }
         for (gi, &ti) in order.iter().enumerate() {
             let node = &topo.nodes[ti as usize];
             if node.kind != NodeKind::Site {
                 continue;
             }
             for served in &node.serves {
-                let Some(svc) = topo.service(served.service.as_str()) else {
+                let Some(svc) = by_name.get(served.service.as_str()) else {
                     continue;
                 };
                 if !svc.residency.allows(node) {

@@ -5,7 +5,7 @@
 //! incomplete, which is then left out of the model, but its id still counts as known so that
 //! one typo does not cascade into a page of "unknown node" errors.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
@@ -17,7 +17,7 @@ use crate::model::*;
 use crate::overlap;
 use crate::tree::{Pos, YNode, YValue};
 use crate::units::{Bandwidth, Latency, UnitError};
-use crate::yaml::Loaded;
+use crate::yaml::{Loaded, MAX_DIAGNOSTICS};
 
 /// Most nodes, links and services in one document (the 10,000-node / 50,000-link benchmark fits
 /// with room to spare).
@@ -63,7 +63,13 @@ impl fmt::Display for Of<'_> {
 }
 
 struct Cx {
-    diags: Vec<Diagnostic>,
+    /// The first [`MAX_DIAGNOSTICS`] by position (the greatest on top, to be dropped for a
+    /// smaller one), so that a document with millions of problems holds a thousand.
+    diags: BinaryHeap<Diagnostic>,
+    /// Every error found, kept or not: the document is invalid if any.
+    errors: usize,
+    /// Dropped past [`MAX_DIAGNOSTICS`]: errors and warnings.
+    dropped: (usize, usize),
     /// A stored text gets the rules added since as warnings ([`Cx::newer`]).
     texts: Texts,
     /// Unknown names given the closest known ones so far ([`Cx::known_list`]).
@@ -81,7 +87,9 @@ pub(crate) enum Texts {
 impl Cx {
     fn new(texts: Texts) -> Self {
         Cx {
-            diags: Vec::new(),
+            diags: BinaryHeap::new(),
+            errors: 0,
+            dropped: (0, 0),
             texts,
             hinted: 0,
         }
@@ -105,12 +113,43 @@ impl Cx {
     }
 
     fn err(&mut self, pos: Pos, msg: impl Into<String>) {
-        self.diags
-            .push(Diagnostic::error(pos.line, pos.column, msg));
+        self.push(Diagnostic::error(pos.line, pos.column, msg));
     }
     fn warn(&mut self, pos: Pos, msg: impl Into<String>) {
-        self.diags
-            .push(Diagnostic::warning(pos.line, pos.column, msg));
+        self.push(Diagnostic::warning(pos.line, pos.column, msg));
+    }
+    /// Keeps `d` if it is among the first [`MAX_DIAGNOSTICS`] by position so far, and counts
+    /// the one dropped.
+    fn push(&mut self, d: Diagnostic) {
+        self.errors += usize::from(d.is_error());
+        self.diags.push(d);
+        if self.diags.len() > MAX_DIAGNOSTICS
+            && let Some(last) = self.diags.pop()
+        {
+            if last.is_error() {
+                self.dropped.0 += 1;
+            } else {
+                self.dropped.1 += 1;
+            }
+        }
+    }
+    /// The diagnostics kept, sorted, and then one counting those dropped (an error if any was).
+    fn finish(self) -> Vec<Diagnostic> {
+        let mut diags = self.diags.into_sorted_vec();
+        let (errors, warnings) = self.dropped;
+        if errors + warnings > 0 {
+            let msg = format!(
+                "{} more problems not shown ({errors} errors, {warnings} warnings): only the \
+                 first {MAX_DIAGNOSTICS} by position are listed",
+                errors + warnings
+            );
+            diags.push(if errors > 0 {
+                Diagnostic::error(0, 0, msg)
+            } else {
+                Diagnostic::warning(0, 0, msg)
+            });
+        }
+        diags
     }
 }
 
@@ -615,10 +654,10 @@ struct NodeEntry<'a> {
 pub(crate) fn validate(root: &YNode, texts: Texts) -> Result<Loaded, Vec<Diagnostic>> {
     let mut cx = Cx::new(texts);
     let topology = walk(&mut cx, root);
-    let mut diags = cx.diags;
-    diags.sort();
+    let errors = cx.errors;
+    let diags = cx.finish();
     match topology {
-        Some(topology) if !diags.iter().any(Diagnostic::is_error) => Ok(Loaded {
+        Some(topology) if errors == 0 => Ok(Loaded {
             topology,
             warnings: diags,
         }),
@@ -1315,7 +1354,7 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
         pool_entries.push(PoolEntry {
             name,
             what,
-            prefix_diags: aside.diags,
+            prefix_diags: aside.diags.into_vec(),
             prefix,
         });
     }
@@ -1346,7 +1385,9 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
             pools_ok = false;
             continue;
         }
-        cx.diags.extend(e.prefix_diags);
+        for d in e.prefix_diags {
+            cx.push(d);
+        }
         let Some((p, pos)) = e.prefix else {
             pools_ok = false;
             continue;
@@ -1516,7 +1557,7 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
         && services.len() == service_items.len()
         && links_ok
         && pools_ok;
-    if !complete || cx.diags.iter().any(Diagnostic::is_error) {
+    if !complete || cx.errors > 0 {
         return None;
     }
     let nodes: Vec<Node> = entries.into_iter().filter_map(|e| e.node).collect();

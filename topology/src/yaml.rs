@@ -28,6 +28,11 @@ pub const MAX_ALIAS_REPLAYED_EVENTS: usize = 10_000;
 /// to a long scalar copy all of it (999 aliases to a 16 MiB block scalar held about 16 GiB).
 pub const MAX_ANCHOR_COPY_BYTES: usize = 4 * 1024 * 1024;
 
+/// Most diagnostics one load returns, then one that counts the rest: lists of empty entries
+/// (`serves: [{}, {}, ...]`), bounded only by [`MAX_YAML_NODES`], made millions (gigabytes of
+/// messages nobody reads past the first screens). The first ones by position are kept.
+pub const MAX_DIAGNOSTICS: usize = 1_000;
+
 /// A successfully loaded topology, plus the warnings found on the way.
 #[derive(Debug, Clone)]
 pub struct Loaded {

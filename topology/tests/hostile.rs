@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use topology::{Diagnostic, MAX_DOCUMENT_BYTES, load};
+use topology::{Diagnostic, MAX_DIAGNOSTICS, MAX_DOCUMENT_BYTES, load};
 
 /// How long a load may run before it counts as a hang: a guard, not a speed test (a debug build
 /// on 2 busy cores). Each test's diagnostic shows which check refused the document: before
@@ -263,25 +263,34 @@ fn many_vips_and_pools_validate_without_comparing_all_pairs() {
 /// compared with every node id (the "closest of N known" hint), 100,000 ends times 10,000 ids
 /// (minutes). The closest known names are searched for the first 100 unknown names only, and
 /// never for a word longer than any name can be (a 1 MiB link end); the others still name the
-/// count known.
+/// count known. (900 unknown ends, so that every one is among the diagnostics shown; the nodes
+/// are valid, so that theirs do not take the places.)
 #[test]
 fn unknown_names_get_the_closest_known_ones_for_the_first_100_only() {
     let mut text = String::from("version: 1\nnodes:\n");
-    for i in 0..10_000 {
-        text.push_str(&format!("  - {{id: node-{i}}}\n"));
+    for i in 0..10_000u32 {
+        let [_, _, c, d] = i.to_be_bytes();
+        text.push_str(&format!(
+            "  - {{id: node-{i}, kind: transit, region: r, country: AU, location: {{lat: 0, lon: 0}}, \
+             address: \"127.1.{c}.{d}:7000\"}}\n"
+        ));
     }
     text.push_str("links:\n");
-    for i in 0..2_000 {
-        text.push_str(&format!("  - {{a: nod-{i}, b: node-{i}, latency: 1ms}}\n"));
+    for i in 0..900 {
+        text.push_str(&format!(
+            "  - {{a: nod-{i}, b: node-{i}, latency: 1ms, capacity: 1Gbps}}\n"
+        ));
     }
     let long = "x".repeat(1024 * 1024);
-    text.push_str(&format!("  - {{a: \"{long}\", b: node-1, latency: 1ms}}\n"));
+    text.push_str(&format!(
+        "  - {{a: \"{long}\", b: node-1, latency: 1ms, capacity: 1Gbps}}\n"
+    ));
     let d = refused(&text);
     let unknown: Vec<&Diagnostic> = d
         .iter()
         .filter(|d| d.message.starts_with("unknown node"))
         .collect();
-    assert_eq!(unknown.len(), 2_001);
+    assert_eq!(unknown.len(), 901);
     let hinted = unknown
         .iter()
         .filter(|d| d.message.contains("(closest of 10000 known: "))
@@ -303,7 +312,7 @@ fn unknown_names_get_the_closest_known_ones_for_the_first_100_only() {
             )
         })
         .count();
-    assert_eq!(unhinted, 1_900);
+    assert_eq!(unhinted, 800);
     assert!(
         unknown
             .iter()
@@ -357,4 +366,34 @@ fn an_isolated_edge_is_one_warning_whatever_the_number_of_services() {
         w[0].message
     );
     assert!(w[0].message.ends_with(" and 195 more"), "{}", w[0].message);
+}
+
+/// Lists of empty entries, bounded only by the YAML node limit, made millions of diagnostics
+/// (each `{}` in `serves` is three missing fields, each in `pools` two). The first 1,000 by
+/// position are kept, then one line counts the rest.
+#[test]
+fn diagnostics_stop_at_a_limit_and_count_the_rest() {
+    let site = "  - {id: s, kind: site, region: r, country: AU, location: {lat: 0, lon: 0}, \
+                address: \"127.0.0.1:7000\", serves: [";
+    let text = format!(
+        "version: 1\nnodes:\n{site}{}]}}\nservices:\n  - {{name: chat}}\npools: [{}]\n",
+        "{},".repeat(200_000),
+        "{},".repeat(200_000)
+    );
+    let d = refused(&text);
+    assert_eq!(d.len(), MAX_DIAGNOSTICS + 1, "{:?}", &d[..3]);
+    let last = &d[MAX_DIAGNOSTICS];
+    assert!(last.is_error(), "{last}");
+    assert_eq!((last.line, last.column), (0, 0));
+    assert_eq!(
+        last.message,
+        "999001 more problems not shown (999001 errors, 0 warnings): only the first 1000 by \
+         position are listed"
+    );
+    // The ones shown are the first: the site's first serves entries, in order.
+    assert!(d[..MAX_DIAGNOSTICS].windows(2).all(|w| w[0] <= w[1]));
+    assert_eq!(
+        d[0].to_string(),
+        "3:113: error: missing field \"backend\" in serves entry 1 of node \"s\""
+    );
 }

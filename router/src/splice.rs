@@ -146,6 +146,13 @@ impl TcpBuf {
         if grow && n == room && room >= self.want && self.want < TCP_BUF_MAX {
             self.want *= 2;
         }
+        if n < room && n < self.want / 4 {
+            // A small read that drained the socket: a bulk phase (reads grown past `TCP_BUF`)
+            // is over, and its block's tail, up to `TCP_BUF_MAX`, is not kept for a
+            // connection that may now sit idle or trickle for hours. The next bulk read grows
+            // again from `TCP_BUF`.
+            self.want = TCP_BUF;
+        }
         if n < room && self.want == TCP_BUF {
             // Drained: the block is let go. A bulk transfer (reads grown past `TCP_BUF`) keeps
             // its block: its next read, likely soon and large, fills the tail instead of taking
@@ -1028,6 +1035,17 @@ mod tests {
             total += buf.read(&mut b, true).await.unwrap().len();
         }
         assert!(buf.want > TCP_BUF, "a full read doubles the next one");
+        // The bulk phase over (a small message, then quiet): back to the small buffer, and no
+        // block held while idle (it held the grown block's tail, up to 256 KiB, for as long as
+        // the connection lasted).
+        a.write_all(b"done").await.unwrap();
+        assert_eq!(&buf.read(&mut b, true).await.unwrap()[..], b"done");
+        assert_eq!(buf.want, TCP_BUF, "a small read after bulk ones");
+        assert!(
+            !buf.holds_block(),
+            "a block held after the bulk phase ended"
+        );
+        assert_eq!(buf.pinned, 4, "a small chunk keeps no block alive");
         drop(a);
         assert!(buf.read(&mut b, true).await.unwrap().is_empty(), "EOF");
     }

@@ -68,6 +68,38 @@ fn write_error_code(e: &WriteError) -> Code {
     }
 }
 
+/// What the peer's stop of a send stream not finished (or the loss of its connection) means: the
+/// code to give up with; `None` once the stream was finished and acknowledged.
+fn stopped_code(r: Result<Option<quinn::VarInt>, quinn::StoppedError>) -> Option<Code> {
+    match r {
+        Ok(Some(c)) => Some(Code::from_varint(c).unwrap_or(Code::Internal)),
+        Ok(None) => None,
+        Err(_) => Some(Code::UpstreamLost),
+    }
+}
+
+/// Runs `work` to its end, unless `stopped` (a [`SendStream::stopped`] of a stream `work` has
+/// yet to finish) says first that the peer gave the stream up: then its code.
+///
+/// For a direction left waiting on its read side once the other has ended: a site whose client
+/// sent its FIN waits for its backend, a transit for its next hop, and a stream the peer then
+/// stops, or whose connection is lost, would be noticed only at the next byte to write.
+async fn unless_stopped<T>(
+    work: std::pin::Pin<&mut impl std::future::Future<Output = T>>,
+    stopped: std::pin::Pin<
+        &mut impl std::future::Future<Output = Result<Option<quinn::VarInt>, quinn::StoppedError>>,
+    >,
+) -> Result<T, Code> {
+    let mut work = work;
+    tokio::select! {
+        r = work.as_mut() => Ok(r),
+        r = stopped => match stopped_code(r) {
+            Some(code) => Err(code),
+            None => Ok(work.await),
+        },
+    }
+}
+
 fn read_error_code(e: &ReadError) -> Code {
     match e {
         ReadError::Reset(c) => Code::from_varint(*c).unwrap_or(Code::Internal),
@@ -546,6 +578,8 @@ pub(crate) async fn tcp_quic_with(
     shared.metrics.streams_total.fetch_add(1, Relaxed);
     let activity = Activity::default();
     let watch = WriteWatch::default();
+    // Watched once QUIC -> TCP has ended (`unless_stopped` says why).
+    let stopped = send.stopped();
     let outcome = {
         let (mut rd, mut wr) = tcp.split();
         let up = tcp_to_quic(
@@ -570,11 +604,16 @@ pub(crate) async fn tcp_quic_with(
         // timeouts (`ConnTimer::tick`; none when both are off).
         let (idle, stall) = (shared.idle_timeout, shared.write_stall_timeout);
         let sleep = ConnTimer::tick(idle, stall).map(tokio::time::sleep);
-        tokio::pin!(up, down, sleep);
+        tokio::pin!(up, down, sleep, stopped);
         let mut timer = ConnTimer::new(sleep.as_pin_mut(), idle, stall, &activity, &watch);
-        let (mut up_done, mut down_done) = (false, false);
+        let (mut up_done, mut down_done, mut acked) = (false, false, false);
         loop {
             tokio::select! {
+                // Polled only while TCP -> QUIC is all that is left: no cost per chunk before.
+                r = &mut stopped, if down_done && !up_done && !acked => match stopped_code(r) {
+                    Some(code) => break Err(Abort(code)),
+                    None => acked = true,
+                },
                 r = &mut up, if !up_done => match r {
                     Ok(()) => up_done = true,
                     Err(a) => break Err(a),
@@ -746,6 +785,29 @@ async fn pump_from(
     }
 }
 
+/// How [`relay`] ended.
+enum RelayEnd {
+    /// Both directions ran to their end.
+    Done,
+    /// The next hop was declared down before it answered.
+    GaveUp,
+    /// Toward the downstream had ended; the upstream stopped the stream (or its connection
+    /// was lost) while the downstream's answer was still coming.
+    UpstreamStopped(Code),
+    /// The other way round.
+    DownstreamStopped(Code),
+}
+
+impl RelayEnd {
+    fn of(gave_up: bool) -> Self {
+        if gave_up {
+            RelayEnd::GaveUp
+        } else {
+            RelayEnd::Done
+        }
+    }
+}
+
 /// Relays a stream between an upstream and a downstream neighbour (transit).
 ///
 /// Until the downstream answers (its first bytes, FIN or reset), `next_hop_down` is watched as
@@ -753,8 +815,11 @@ async fn pump_from(
 /// [`Code::NextHopUnreachable`], which the edge retries on its next candidate, as it does when
 /// its own first hop goes down. Without the watch such a first try would wait for the dead
 /// connection to close (`neighbours::DEAD_AFTER`). Once the downstream has answered, a down
-/// verdict no longer touches the stream: it ends with its connection. Returns the code it reset
-/// with when it gave up. Bytes forwarded either way are added to `moved`.
+/// verdict no longer touches the stream: it ends with its connection. Once one direction has
+/// ended, a stop of the other (or the loss of its connection) at its receiving end is passed on
+/// to its sending end as a stop with the same code, so that both ends let go (the site its
+/// backend connection and capacity slot) without waiting for a byte to write. Returns the code
+/// it reset with when it gave up. Bytes forwarded either way are added to `moved`.
 pub(crate) async fn relay(
     mut up_send: SendStream,
     mut up_recv: RecvStream,
@@ -763,7 +828,10 @@ pub(crate) async fn relay(
     next_hop_down: impl std::future::Future<Output = ()>,
     moved: &AtomicU64,
 ) -> Option<Code> {
-    let gave_up = {
+    // Watched once the other direction has ended (`unless_stopped`): a stop, or a lost
+    // connection, on either side is passed to the other as a stop with its code.
+    let (up_stopped, down_stopped) = (up_send.stopped(), down_send.stopped());
+    let end = {
         let up = pump(&mut up_recv, &mut down_send, moved);
         let down = async {
             let mut g = Gather::default();
@@ -774,20 +842,34 @@ pub(crate) async fn relay(
             pump_from(&mut down_recv, &mut up_send, g, first, moved).await;
             false
         };
-        tokio::pin!(up, down);
+        tokio::pin!(up, down, up_stopped, down_stopped);
         // Both directions run to their end, unless the downstream gave up first.
         tokio::select! {
-            () = &mut up => down.await,
-            gave_up = &mut down => {
-                if !gave_up {
-                    up.await;
+            () = &mut up => match unless_stopped(down, up_stopped).await {
+                Ok(gave_up) => RelayEnd::of(gave_up),
+                Err(code) => RelayEnd::UpstreamStopped(code),
+            },
+            gave_up = &mut down => if gave_up {
+                RelayEnd::GaveUp
+            } else {
+                match unless_stopped(up, down_stopped).await {
+                    Ok(()) => RelayEnd::Done,
+                    Err(code) => RelayEnd::DownstreamStopped(code),
                 }
-                gave_up
-            }
+            },
         }
     };
-    if !gave_up {
-        return None;
+    match end {
+        RelayEnd::Done => return None,
+        RelayEnd::UpstreamStopped(code) => {
+            let _ = down_recv.stop(code.varint());
+            return None;
+        }
+        RelayEnd::DownstreamStopped(code) => {
+            let _ = up_recv.stop(code.varint());
+            return None;
+        }
+        RelayEnd::GaveUp => {}
     }
     let code = Code::NextHopUnreachable;
     let _ = up_send.reset(code.varint());

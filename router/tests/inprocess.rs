@@ -679,6 +679,68 @@ async fn the_site_alone_enforces_the_idle_timeout() {
     a_silent_client_is_reset(|id| (id == "site").then_some(IDLE)).await;
 }
 
+/// A backend that reads each connection to its end (the client's FIN) and then holds it, saying
+/// nothing: a long computation, or a server that waits for its client to close.
+async fn silent_after_eof_backend() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut sink = Vec::new();
+                let _ = s.read_to_end(&mut sink).await;
+                std::future::pending::<()>().await;
+                drop(s);
+            });
+        }
+    });
+    addr
+}
+
+/// A client that sends its request and its FIN, and then waits for an answer the backend never
+/// gives, is reset by the edge at its idle timeout. The edge's stop reaches the site through the
+/// transit, whose direction toward the site had already ended (the FIN passed on): the transit
+/// and then the site notice it on the direction still open, and the site frees its capacity
+/// slot and the backend connection. (Only a write or a read on that direction was watched: with
+/// the backend silent and the site's idle timeout off, the slot, the backend connection and the
+/// transit's relay stayed held for ever.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_given_up_by_the_edge_after_its_fin_is_freed_at_the_site() {
+    let backend = silent_after_eof_backend().await;
+    let (hs, _txs, port, _dir) = idle_fabric(backend, |id| (id == "edge").then_some(IDLE)).await;
+    let site = node(&hs, "site");
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    c.write_all(b"a request").await.unwrap();
+    c.shutdown().await.unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        || site.telemetry().sites[0].active_streams == 1,
+        || format!("the stream never reached the site: {:?}", site.telemetry()),
+    )
+    .await;
+    let mut b = [0u8; 1];
+    let got = tokio::time::timeout(Duration::from_secs(10), c.read(&mut b))
+        .await
+        .expect("the waiting client was not reset within 10 s");
+    assert_eq!(
+        got.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the client sees a reset"
+    );
+    wait_until(
+        Duration::from_secs(10),
+        || site.telemetry().sites[0].active_streams == 0,
+        || format!("the site kept its capacity slot: {:?}", site.telemetry()),
+    )
+    .await;
+    assert_eq!(errors(site, "idle_timeout"), 1, "{}", site.metrics_text());
+    for h in hs {
+        h.shutdown().await;
+    }
+}
+
 /// A byte each way every 100 ms keeps a connection open through several idle timeouts: the
 /// exchanges go on until the connection has lived four idle timeouts and made at least ten of
 /// them, however long each took on a busy machine.

@@ -106,7 +106,9 @@ impl Default for LinkProfile {
 /// Knobs that are not part of the link's physics.
 #[derive(Debug, Clone)]
 pub struct EmulatorOptions {
-    /// Most packets queued (both directions together) before new ones are dropped.
+    /// Most packets queued in each direction before new ones in that direction are dropped (a
+    /// real link's queues are per direction: a sender filling one does not starve the
+    /// acknowledgements and probe replies coming back the other way).
     pub queue_limit: usize,
     /// Most distinct client source addresses; packets from further ones are dropped.
     pub max_flows: usize,
@@ -179,6 +181,16 @@ enum Dest {
     Client(SocketAddr),
 }
 
+impl Dest {
+    /// Index of the direction's queue in [`Shared::queued`].
+    fn queue(&self) -> usize {
+        match self {
+            Dest::Upstream(_) => 0,
+            Dest::Client(_) => 1,
+        }
+    }
+}
+
 struct Queued {
     due: Instant,
     /// When the packet reached the emulator (for a cut that begins while it is held).
@@ -211,7 +223,8 @@ struct Shared {
     /// The last timed cut ([`LinkHandle::cut_for`]), also once it is over.
     cut: ArcSwapOption<Cut>,
     counters: Counters,
-    queued: AtomicUsize,
+    /// Packets queued toward the target and back to clients ([`Dest::queue`]).
+    queued: [AtomicUsize; 2],
     options: EmulatorOptions,
     seq: AtomicU64,
     /// Seeds handed to per-direction RNGs, derived from the options' seed.
@@ -384,7 +397,7 @@ impl LinkEmulator {
             profile: ArcSwap::from_pointee(profile.sanitized()),
             cut: ArcSwapOption::empty(),
             counters: Counters::default(),
-            queued: AtomicUsize::new(0),
+            queued: [AtomicUsize::new(0), AtomicUsize::new(0)],
             seq: AtomicU64::new(0),
             next_seed: AtomicU64::new(0),
             target,
@@ -594,9 +607,10 @@ fn enqueue(
         shared.counters.dropped_loss.fetch_add(1, Ordering::Relaxed);
         return;
     };
-    // Reserve a queue slot; give it back if the queue was already full.
-    if shared.queued.fetch_add(1, Ordering::AcqRel) >= shared.options.queue_limit {
-        shared.queued.fetch_sub(1, Ordering::AcqRel);
+    // Reserve a slot in the direction's queue; give it back if the queue was already full.
+    let queued = &shared.queued[dest.queue()];
+    if queued.fetch_add(1, Ordering::AcqRel) >= shared.options.queue_limit {
+        queued.fetch_sub(1, Ordering::AcqRel);
         shared
             .counters
             .dropped_queue_full
@@ -614,7 +628,7 @@ fn enqueue(
         })
         .is_err()
     {
-        shared.queued.fetch_sub(1, Ordering::AcqRel);
+        queued.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -631,7 +645,7 @@ async fn scheduler(
         let now = Instant::now();
         while heap.peek().is_some_and(|Reverse(q)| q.due <= now) {
             let Some(Reverse(q)) = heap.pop() else { break };
-            shared.queued.fetch_sub(1, Ordering::AcqRel);
+            shared.queued[q.dest.queue()].fetch_sub(1, Ordering::AcqRel);
             // Held when a cut began, and due during or after it: lost on the cut link.
             if shared
                 .cut
@@ -1179,6 +1193,65 @@ mod tests {
         assert_eq!(stats.dropped_queue_full, 40, "{stats:?}");
         assert!(
             eventually(Duration::from_secs(5), || link.stats().forwarded == 10).await,
+            "{:?}",
+            link.stats()
+        );
+    }
+
+    /// The queues are per direction: a client filling the one toward the target does not keep
+    /// the target's answers from coming back. (One queue for both dropped them.)
+    #[tokio::test]
+    async fn a_full_queue_one_way_leaves_the_other_way_open() {
+        let target = UdpSocket::bind(lo()).await.expect("bind target");
+        let options = EmulatorOptions {
+            queue_limit: 10,
+            ..EmulatorOptions::default()
+        };
+        let link = LinkEmulator::spawn_with(
+            lo(),
+            target.local_addr().expect("addr"),
+            LinkProfile::delay(ms(300)),
+            options,
+        )
+        .await
+        .expect("spawn");
+        let client = UdpSocket::bind(lo()).await.expect("bind client");
+        for i in 0u32..50 {
+            client
+                .send_to(&i.to_be_bytes(), link.local_addr())
+                .await
+                .expect("send");
+        }
+        assert!(
+            eventually(Duration::from_secs(5), || link.stats().received == 50).await,
+            "{:?}",
+            link.stats()
+        );
+        assert_eq!(link.stats().dropped_queue_full, 40, "{:?}", link.stats());
+        // The first packets arrive (300 ms later); the client fills its direction again, and
+        // the flow's answer goes back while that queue is full.
+        let (_, flow) = recv_one(&target).await;
+        for i in 50u32..100 {
+            client
+                .send_to(&i.to_be_bytes(), link.local_addr())
+                .await
+                .expect("send");
+        }
+        assert!(
+            eventually(Duration::from_secs(5), || link.stats().received == 100).await,
+            "{:?}",
+            link.stats()
+        );
+        let dropped = link.stats().dropped_queue_full;
+        assert!(
+            dropped >= 80,
+            "the client's direction is not full: {dropped} dropped"
+        );
+        target.send_to(b"answer", flow).await.expect("answer");
+        assert_eq!(recv_one(&client).await.0, b"answer");
+        assert_eq!(
+            link.stats().dropped_queue_full,
+            dropped,
             "{:?}",
             link.stats()
         );

@@ -244,6 +244,10 @@ impl Shared {
     }
 }
 
+/// The most delay, and the most jitter, a packet is given: a profile asking for more (through the
+/// library; the CLI refuses it) holds packets this long.
+pub const MAX_DELAY: Duration = Duration::from_secs(24 * 3600);
+
 /// Per-direction scheduling state, owned by the direction's reader task.
 struct Direction {
     rng: SmallRng,
@@ -259,13 +263,17 @@ impl Direction {
         }
     }
 
-    /// Decides a packet's fate: `None` when the loss draw drops it, else its due time.
+    /// Decides a packet's fate: `None` when the loss draw drops it, else its due time. Delay
+    /// and jitter count up to [`MAX_DELAY`] each (an `Instant` plus `Duration::MAX` panics,
+    /// which ended the direction's reader task and so the relay that way).
     fn schedule(&mut self, profile: &LinkProfile, now: Instant) -> Option<Instant> {
         if profile.loss > 0.0 && self.rng.random::<f64>() < profile.loss {
             return None;
         }
-        self.base = self.base.max(now + profile.delay.as_duration());
-        let jitter = profile.jitter.as_nanos();
+        self.base = self
+            .base
+            .max(now + profile.delay.as_duration().min(MAX_DELAY));
+        let jitter = profile.jitter.as_nanos().min(MAX_DELAY.as_nanos() as u64);
         let extra = if jitter == 0 {
             0
         } else {
@@ -1255,6 +1263,38 @@ mod tests {
             "{:?}",
             link.stats()
         );
+    }
+
+    /// A profile with a delay beyond what a clock can add (`Duration::MAX`) holds packets, and
+    /// the relay goes on taking them. (The addition panicked in the reader task, which stopped
+    /// relaying that way for good: the second packet was never read.)
+    #[tokio::test]
+    async fn an_absurd_delay_holds_packets_and_the_relay_goes_on() {
+        let target = UdpSocket::bind(lo()).await.expect("bind target");
+        let link = LinkEmulator::spawn(
+            lo(),
+            target.local_addr().expect("addr"),
+            LinkProfile {
+                delay: Latency::from_duration(Duration::MAX),
+                jitter: Latency::from_duration(Duration::MAX),
+                loss: 0.0,
+            },
+        )
+        .await
+        .expect("spawn");
+        let client = UdpSocket::bind(lo()).await.expect("bind client");
+        for packet in [b"first", b"again"] {
+            client
+                .send_to(packet, link.local_addr())
+                .await
+                .expect("send");
+        }
+        assert!(
+            eventually(Duration::from_secs(5), || link.stats().received == 2).await,
+            "{:?}",
+            link.stats()
+        );
+        assert_eq!(link.stats().forwarded, 0, "{:?}", link.stats());
     }
 
     /// Receives one datagram on `sock` within 5 s.

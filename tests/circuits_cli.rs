@@ -104,7 +104,7 @@ fn bad_input_is_refused_with_a_clear_message_and_changes_nothing() {
         a.extend(["--idempotency-key", key]);
         a
     };
-    let cases: [(Vec<&str>, i32, &str); 8] = [
+    let cases: [(Vec<&str>, i32, &str); 9] = [
         (
             create_args("a", "10.0.0.0/24", "100Mbps")
                 .into_iter()
@@ -144,6 +144,11 @@ fn bad_input_is_refused_with_a_clear_message_and_changes_nothing() {
             create_args("c-7", "10.0.0.0/24", "100Mbps"),
             2,
             "invalid value 'c-7' for '--name <NAME>': name \"c-7\" has the form of a circuit id",
+        ),
+        (
+            create_args("headroom", "10.0.0.0/24", "100Mbps"),
+            2,
+            "invalid value 'headroom' for '--name <NAME>': name \"headroom\" is reserved",
         ),
         (
             keyed("order 7"),

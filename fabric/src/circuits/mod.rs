@@ -398,13 +398,23 @@ fn check_name(what: &str, s: &str, max: usize) -> Result<(), CircuitError> {
     Ok(())
 }
 
-/// A circuit's name as [`admit`] takes it: 1 to 64 letters, digits, `-`, `_`, `.` or `:`, and
-/// not of the form of an id. Public for the CLI, to refuse a malformed `--name` before asking.
+/// Names the admin API's own paths under `/v1/circuits/` take: a circuit so named could not be
+/// shown (`/v1/circuits/headroom` answers the headroom, whatever circuit has that name).
+pub const RESERVED_NAMES: [&str; 2] = ["headroom", "validate"];
+
+/// A circuit's name as [`admit`] takes it: 1 to 64 letters, digits, `-`, `_`, `.` or `:`, not
+/// of the form of an id, and not one of [`RESERVED_NAMES`]. Public for the CLI, to refuse a
+/// malformed `--name` before asking.
 pub fn check_circuit_name(name: &str) -> Result<(), CircuitError> {
     check_name("name", name, MAX_NAME)?;
     if is_id_form(name) {
         return Err(CircuitError::Invalid(format!(
             "name {name:?} has the form of a circuit id (c- and digits), which commands taking an id or a name would read as an id; choose another name"
+        )));
+    }
+    if RESERVED_NAMES.contains(&name) {
+        return Err(CircuitError::Invalid(format!(
+            "name {name:?} is reserved (/v1/circuits/{name} is a path of the admin API of its own); choose another name"
         )));
     }
     Ok(())

@@ -386,6 +386,25 @@ impl StubController {
                                     }
                                 }
                                 Answers::SecondAfterFirst => {}
+                                Answers::RefuseFirstThenCertifySecond if keys.len() == 2 => {
+                                    let key = pki::RawP256PublicKey::new(&keys[1]).unwrap();
+                                    let validity =
+                                        Validity::for_duration(Duration::from_secs(3600)).unwrap();
+                                    let chain_pem =
+                                        ca.sign(NODE, validity, &key).unwrap().chain_pem;
+                                    for answer in [
+                                        ToRouter::RenewRefused {
+                                            reason: "the first request, refused late".into(),
+                                        },
+                                        ToRouter::Certificate { chain_pem },
+                                    ] {
+                                        let frame = proto::encode(&answer).unwrap();
+                                        if send.write_all(&frame).await.is_err() {
+                                            return;
+                                        }
+                                    }
+                                }
+                                Answers::RefuseFirstThenCertifySecond => {}
                             }
                         }
                     }
@@ -411,6 +430,8 @@ enum Answers {
     /// The first request is answered late: only after the second came, right before the
     /// second's answer.
     SecondAfterFirst,
+    /// As `SecondAfterFirst`, the late answer to the first a refusal.
+    RefuseFirstThenCertifySecond,
 }
 
 impl Drop for StubController {
@@ -615,6 +636,35 @@ async fn a_late_answer_to_an_earlier_request_does_not_spoil_the_current_one() {
         cert.renewals(Renewal::Invalid),
         0,
         "the late answer is not taken for the second request's"
+    );
+    assert_ne!(cert.current().cert[0].as_ref(), old_leaf.as_slice());
+    r.stop().await;
+}
+
+/// A late refusal of a request that timed out (and was asked again with a new key) answers that
+/// request, not the one still waiting: the certificate that follows for the second is installed.
+/// (The refusal took the second request's key, and its certificate was then ignored as one no
+/// renewal asked for.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_refusal_of_an_earlier_request_does_not_use_up_the_current_one() {
+    let (_dir, stub, r, cert) = stub_and_router(99, Answers::RefuseFirstThenCertifySecond).await;
+    let old_leaf = cert.current().cert[0].to_vec();
+    eventually(
+        Duration::from_secs(60),
+        "the second request's answer installed",
+        || cert.renewals(Renewal::Renewed) == 1,
+    )
+    .await;
+    assert_eq!(stub.renews().len(), 2);
+    assert_eq!(
+        cert.renewals(Renewal::NoAnswer),
+        1,
+        "the first, when the second went"
+    );
+    assert_eq!(
+        cert.renewals(Renewal::Refused),
+        0,
+        "the first was counted already; the second was not refused"
     );
     assert_ne!(cert.current().cert[0].as_ref(), old_leaf.as_slice());
     r.stop().await;

@@ -1068,3 +1068,57 @@ async fn a_draining_router_does_not_acknowledge_versions_it_does_not_apply() {
     edge.handle.shutdown().await;
     d.shutdown().await;
 }
+
+/// A version that moves a router's own QUIC address is applied: the router rebinds its endpoint
+/// at the new address (its neighbours dial that one from the same version). One whose address
+/// cannot be bound on the router's host is refused with the reason, and the router stays on the
+/// version it runs. (The address was bound once, at start: the router acknowledged the move and
+/// went on listening at the old address, where no neighbour dialled any more.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_that_moves_a_routers_address_rebinds_it_or_is_refused() {
+    use std::net::SocketAddr;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = fabric_yaml(86, 1, 1, 10);
+    let ports = fabric_ports(86);
+    let (d, tls) = controller_with_pki(dir.path(), &fabric_nodes(1, 1), &yaml).await;
+    let edge = LiveRouter::start(d.quic_addr, "edge-0", &tls, None, &[]).await;
+    let applied = || router_status(&d, "edge-0").map_or(0, |r| r.record.applied_version);
+    let first = d.ctl.published().version;
+    eventually(
+        Duration::from_secs(10),
+        "edge-0 at the first version",
+        || applied() == first,
+    )
+    .await;
+    // edge-0 is the fourth node (after the transit and the two sites).
+    let old: SocketAddr = format!("127.86.0.4:{}", ports.quic).parse().unwrap();
+    assert_eq!(edge.handle.quic_addr(), Some(old));
+
+    let moved: SocketAddr = format!("127.86.0.200:{}", ports.quic).parse().unwrap();
+    let text = yaml.replace(&format!("address: {old}"), &format!("address: {moved}"));
+    assert_ne!(text, yaml);
+    assert_eq!(apply(&d, &text, "move edge-0").await.version, Some(2));
+    let second = d.ctl.published().version;
+    eventually(Duration::from_secs(10), "edge-0 at the new address", || {
+        applied() == second && edge.handle.quic_addr() == Some(moved)
+    })
+    .await;
+
+    // An address of no interface of this host (TEST-NET-1): refused, and nothing changes.
+    let away = text.replace(
+        &format!("address: {moved}"),
+        &format!("address: 192.0.2.1:{}", ports.quic),
+    );
+    assert_eq!(apply(&d, &away, "move edge-0 away").await.version, Some(3));
+    eventually(Duration::from_secs(10), "edge-0 refuses version 3", || {
+        router_status(&d, "edge-0")
+            .and_then(|r| r.record.last_nack)
+            .is_some_and(|n| n.reason.contains("192.0.2.1"))
+    })
+    .await;
+    assert_eq!(applied(), second);
+    assert_eq!(edge.handle.quic_addr(), Some(moved));
+    assert_eq!(edge.client.topology_version(), 2);
+    edge.handle.shutdown().await;
+    d.shutdown().await;
+}

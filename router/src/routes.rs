@@ -764,6 +764,20 @@ impl Control {
     pub fn apply_snapshot(&mut self, snap: Arc<Snapshot>) {
         let sh = self.shared.clone();
         let topo = snap.topology.clone();
+        // A topology that moved this node: the endpoint follows (the control client refused a
+        // version whose address cannot be bound here, so this seldom fails).
+        if let Some(me) = topo.node(sh.node.as_str())
+            && sh.endpoint.local_addr().ok() != Some(me.address)
+        {
+            match crate::transport::rebind(&sh.endpoint, me.address) {
+                Ok(()) => {
+                    tracing::info!(node = %sh.node, addr = %me.address, "QUIC endpoint moved to the topology's new address")
+                }
+                Err(e) => {
+                    tracing::error!(node = %sh.node, addr = %me.address, "cannot move the QUIC endpoint to the topology's new address (it stays where it is): {e}")
+                }
+            }
+        }
         let mut names: Vec<String> = topo.nodes.iter().map(|n| n.id.to_string()).collect();
         names.extend(sh.extra_peer_names.iter().cloned());
         sh.peers.set(names);

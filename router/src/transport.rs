@@ -90,18 +90,7 @@ pub fn endpoint(
     server: quinn::ServerConfig,
     client: quinn::ClientConfig,
 ) -> std::io::Result<quinn::Endpoint> {
-    let domain = if addr.is_ipv4() {
-        socket2::Domain::IPV4
-    } else {
-        socket2::Domain::IPV6
-    };
-    let sock = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
-    size_buffers(&sock);
-    if addr.is_ipv6() {
-        let _ = sock.set_only_v6(false);
-    }
-    sock.bind(&addr.into())?;
-    let udp = Arc::new(crate::udp::FabricUdp::new(sock.into())?);
+    let udp = fabric_socket(addr)?;
     let mut config = quinn::EndpointConfig::default();
     config
         .max_udp_payload_size(MTU_UPPER_BOUND)
@@ -114,6 +103,30 @@ pub fn endpoint(
     )?;
     ep.set_default_client_config(client);
     Ok(ep)
+}
+
+/// The endpoint's UDP socket, bound at `addr`, its buffers sized ([`size_buffers`]).
+fn fabric_socket(addr: SocketAddr) -> std::io::Result<Arc<crate::udp::FabricUdp>> {
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let sock = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    size_buffers(&sock);
+    if addr.is_ipv6() {
+        let _ = sock.set_only_v6(false);
+    }
+    sock.bind(&addr.into())?;
+    Ok(Arc::new(crate::udp::FabricUdp::new(sock.into())?))
+}
+
+/// Moves `ep` to a socket bound at `addr` (a topology that moved this node). Connections this
+/// router dialled go on from the new address (QUIC migrates them); those its neighbours dialled
+/// end, and they dial the new address, which the same topology gives them. On error the old
+/// socket is kept.
+pub fn rebind(ep: &quinn::Endpoint, addr: SocketAddr) -> std::io::Result<()> {
+    ep.rebind_abstract(fabric_socket(addr)?)
 }
 
 /// Gives the socket [`UDP_BUFFER`]-byte kernel buffers. The kernel caps `SO_RCVBUF`/`SO_SNDBUF`

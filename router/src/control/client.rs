@@ -195,6 +195,9 @@ struct Shared {
     /// The drain flag of the router this client feeds ([`ControlClient::attach`]); `None`: no
     /// router attached (every snapshot is handed over).
     drain: Mutex<Option<watch::Receiver<bool>>>,
+    /// The QUIC endpoint of the router this client feeds ([`ControlClient::attach`]): a version
+    /// that moves the node is checked against where it is bound.
+    endpoint: Mutex<Option<quinn::Endpoint>>,
     /// Whether a snapshot was held back for the drain yet (said once at info).
     held_back: AtomicBool,
     connected: AtomicBool,
@@ -229,7 +232,12 @@ struct Renewed {
 /// [`Writer::send`] was given is written by a task of its own, one write at a time, off the async
 /// workers. Values sent while a write runs replace each other (the latest is written next), so a
 /// disk that stalls holds one blocking thread and delays only these writes, never the session.
-/// A write running longer than [`SLOW_WRITE`] is logged at warn, and again when it ends.
+/// A write running longer than [`SLOW_WRITE`] is logged at warn, and again when it ends. A write
+/// that fails (`write` returns false: a full disk) is tried again after [`RETRY_MIN`], doubling
+/// to [`RETRY_MAX`], until it succeeds or a newer value replaces it; until then it does not
+/// count as written ([`Writer::flush`] waits for it). (A failed write counted as written and was
+/// not tried again: a router whose controller then went away, restarted after space was freed,
+/// came back on an older snapshot, or none, and `close` said all was written.)
 struct Writer<T> {
     /// The latest value, numbered.
     tx: watch::Sender<Option<(u64, T)>>,
@@ -237,34 +245,66 @@ struct Writer<T> {
     written: watch::Receiver<u64>,
 }
 
+/// The first wait before a failed write is tried again ([`Writer`]).
+const RETRY_MIN: Duration = Duration::from_secs(1);
+/// The longest wait between tries of a write that keeps failing.
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
 impl<T: Clone + Send + Sync + 'static> Writer<T> {
     /// The writer, and its task (abort it to stop the writer; a write already running on its
-    /// blocking thread still ends). `what` names a write in the logs; `write` does one.
+    /// blocking thread still ends). `what` names a write in the logs; `write` does one and says
+    /// whether it succeeded.
     fn spawn(
         what: &'static str,
-        write: impl Fn(T) + Send + Sync + 'static,
+        write: impl Fn(T) -> bool + Send + Sync + 'static,
     ) -> (Self, JoinHandle<()>) {
         let (tx, mut rx) = watch::channel(None::<(u64, T)>);
         let (written_tx, written) = watch::channel(0u64);
         let write = Arc::new(write);
         let task = tokio::spawn(async move {
-            while rx.changed().await.is_ok() {
+            // The last write failed: the latest value is tried again after `retry`, unless a
+            // newer one comes first.
+            let (mut failed, mut retry) = (false, RETRY_MIN);
+            loop {
+                if failed {
+                    tokio::select! {
+                        r = rx.changed() => {
+                            if r.is_err() {
+                                return;
+                            }
+                            retry = RETRY_MIN;
+                        }
+                        () = tokio::time::sleep(retry) => retry = (retry * 2).min(RETRY_MAX),
+                    }
+                } else if rx.changed().await.is_err() {
+                    return;
+                }
                 let Some((n, value)) = rx.borrow_and_update().clone() else {
                     continue;
                 };
                 let w = write.clone();
                 let started = tokio::time::Instant::now();
                 let mut job = tokio::task::spawn_blocking(move || w(value));
-                if tokio::time::timeout(SLOW_WRITE, &mut job).await.is_err() {
-                    tracing::warn!(
-                        "{what} has taken over {}s so far (is the disk stuck?); the control \
-                         session goes on without it, and a newer one waits for it",
-                        SLOW_WRITE.as_secs()
-                    );
-                    let _ = job.await;
-                    tracing::warn!("{what} ended after {}s", started.elapsed().as_secs());
+                let ok = match tokio::time::timeout(SLOW_WRITE, &mut job).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        tracing::warn!(
+                            "{what} has taken over {}s so far (is the disk stuck?); the \
+                             control session goes on without it, and a newer one waits for it",
+                            SLOW_WRITE.as_secs()
+                        );
+                        let r = job.await;
+                        tracing::warn!("{what} ended after {}s", started.elapsed().as_secs());
+                        r
+                    }
+                };
+                failed = !matches!(ok, Ok(true));
+                if failed {
+                    tracing::warn!("{what} failed; trying again in {}s", retry.as_secs());
+                } else {
+                    retry = RETRY_MIN;
+                    written_tx.send_replace(n);
                 }
-                written_tx.send_replace(n);
             }
         });
         (Writer { tx, written }, task)
@@ -450,10 +490,15 @@ impl ControlClient {
         let store = cfg.state_dir.clone().map(|dir| {
             let (writer, task) = Writer::spawn("storing the snapshot", move |s: StoredSnapshot| {
                 match disk::save(&dir, &s) {
-                    Ok(()) => tracing::debug!(version = s.version, "stored the snapshot"),
-                    // A full disk must not stop routing: the snapshot applied, the error is logged.
+                    Ok(()) => {
+                        tracing::debug!(version = s.version, "stored the snapshot");
+                        true
+                    }
+                    // A full disk must not stop routing: the snapshot applied, the error is
+                    // logged, and the write tried again.
                     Err(e) => {
-                        tracing::error!(version = s.version, "could not store the snapshot: {e}")
+                        tracing::error!(version = s.version, "could not store the snapshot: {e}");
+                        false
                     }
                 }
             });
@@ -465,18 +510,25 @@ impl ControlClient {
         let c = cert.clone();
         let (crls, task) = Writer::spawn("installing the revocation lists", move |pem: String| {
             tls::install_crl(&c, &pem);
+            // Its own errors are logged and counted; a newer list is sent in full.
+            true
         });
         tasks.push(task);
         let (c, s) = (cert.clone(), schedule.clone());
         let (certs, task) = Writer::spawn(
             "installing the renewed certificate",
-            move |r: Arc<Renewed>| install_renewed(&c, &s, &r),
+            move |r: Arc<Renewed>| {
+                install_renewed(&c, &s, &r);
+                // A failure is logged and counted; the schedule, told of no success, asks again.
+                true
+            },
         );
         tasks.push(task);
         let shared = Arc::new(Shared {
             cfg,
             telemetry: Mutex::new(None),
             drain: Mutex::new(None),
+            endpoint: Mutex::new(None),
             held_back: AtomicBool::new(false),
             connected: AtomicBool::new(false),
             connects: AtomicU64::new(0),
@@ -541,6 +593,9 @@ impl ControlClient {
         self.set_telemetry(router.telemetry_source());
         if let Ok(mut d) = self.shared.drain.lock() {
             *d = Some(router.shared.shutdown.clone());
+        }
+        if let Ok(mut e) = self.shared.endpoint.lock() {
+            *e = Some(router.shared.endpoint.clone());
         }
     }
 
@@ -764,6 +819,9 @@ async fn converse(
     let mut frames = proto::FrameReader::new(MAX_TO_ROUTER);
     let mut tick = tokio::time::interval(cfg.telemetry_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Renewal requests sent on this session and not answered yet: the controller answers them
+    // in order, so with more than one waiting an answer is for an earlier one, not `pending`'s.
+    let mut asked = 0u32;
     loop {
         let renew = renew_due(shared);
         let far = tokio::time::Instant::now() + Duration::from_secs(3600);
@@ -789,10 +847,12 @@ async fn converse(
                             .and_then(|k| tls::certifies(&chain_pem, k))
                             == Some(false) =>
                     {
+                        asked = asked.saturating_sub(1);
                         tracing::info!("ignoring a certificate for an earlier renewal request");
                         None
                     }
                     ToRouter::Certificate { chain_pem } => {
+                        asked = asked.saturating_sub(1);
                         match pending.take() {
                             Some(key) => shared.certs.send(Arc::new(Renewed { key, chain_pem })),
                             None => tracing::debug!("ignoring a certificate no renewal asked for"),
@@ -803,7 +863,15 @@ async fn converse(
                         shared.crls.send(pem);
                         None
                     }
+                    // A refusal of an earlier request (counted unanswered when the next went)
+                    // leaves the one waiting alone.
+                    ToRouter::RenewRefused { .. } if asked > 1 => {
+                        asked -= 1;
+                        tracing::info!("ignoring a refusal of an earlier renewal request");
+                        None
+                    }
                     ToRouter::RenewRefused { reason } => {
+                        asked = asked.saturating_sub(1);
                         if pending.take().is_some() {
                             let reason = clip(reason);
                             shared.cert.count_renewal(Renewal::Refused);
@@ -852,6 +920,7 @@ async fn converse(
                 let req = FromRouter::Renew { public_key: key.public_key_raw().to_vec() };
                 renew_attempted(shared);
                 *pending = Some(key);
+                asked += 1;
                 write(&mut send, &req, stall).await?;
             }
             _ = tick.tick() => {
@@ -923,10 +992,21 @@ fn telemetry_frame(
 }
 
 /// Checks that a snapshot can run on this router. The data plane builds its routing table from
-/// it; anything that cannot work here is refused with a reason instead.
-fn check(node: &NodeId, snap: &Snapshot) -> Result<(), String> {
-    if snap.topology.node(node.as_str()).is_none() {
+/// it; anything that cannot work here is refused with a reason instead. `bound`: where the
+/// router's endpoint is bound (`None` before a router is attached): a version that moves the
+/// node must give an address this host can bind (the data plane moves the endpoint there).
+fn check(node: &NodeId, snap: &Snapshot, bound: Option<SocketAddr>) -> Result<(), String> {
+    let Some(me) = snap.topology.node(node.as_str()) else {
         return Err(format!("node {node} is not in topology"));
+    };
+    if let Some(bound) = bound
+        && bound != me.address
+        && let Err(e) = std::net::UdpSocket::bind(me.address)
+    {
+        return Err(format!(
+            "cannot move node {node}'s QUIC address from {bound} to {}: {e}",
+            me.address
+        ));
     }
     Ok(())
 }
@@ -1008,7 +1088,12 @@ fn handle(
         }
     };
     let version = snap.version;
-    if let Err(reason) = check(node, &snap) {
+    let bound = shared
+        .endpoint
+        .lock()
+        .ok()
+        .and_then(|e| e.as_ref().and_then(|e| e.local_addr().ok()));
+    if let Err(reason) = check(node, &snap, bound) {
         tracing::error!(version, "rejecting snapshot: {reason}");
         return Ok(Some(FromRouter::Nack { version, reason }));
     }
@@ -1149,6 +1234,34 @@ mod tests {
 
     const S: fn(u64) -> Duration = Duration::from_secs;
 
+    /// A write that fails is tried again after its back-off, with no newer value sent, and is
+    /// not counted as written until it succeeds: `flush` (what `close` waits for) says so. (A
+    /// failed write counted as written and was never tried again.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_write_is_tried_again_and_not_counted_written_until_it_succeeds() {
+        let written = Arc::new(Mutex::new(Vec::new()));
+        let failures_left = Arc::new(AtomicU64::new(2));
+        let (w, f) = (written.clone(), failures_left.clone());
+        let (writer, task) = Writer::spawn("test write", move |v: u32| {
+            if f.load(Ordering::Relaxed) > 0 {
+                f.fetch_sub(1, Ordering::Relaxed);
+                return false;
+            }
+            w.lock().unwrap().push(v);
+            true
+        });
+        writer.send(7);
+        assert!(
+            !writer.flush(Duration::from_millis(500)).await,
+            "a failed write counted as written"
+        );
+        // Tried again after 1 s, then 2 s: the third try succeeds.
+        assert!(writer.flush(S(20)).await, "never written");
+        assert_eq!(failures_left.load(Ordering::Relaxed), 0);
+        assert_eq!(*written.lock().unwrap(), [7]);
+        task.abort();
+    }
+
     /// A writer writes the latest value (those sent during a write coalesce), and `flush`
     /// returns once the latest is written: what `ControlClient::close` waits for before a
     /// router stops (dropping it aborts the writer's task, and a snapshot still waiting was
@@ -1167,6 +1280,7 @@ mod tests {
             }
             std::thread::sleep(Duration::from_millis(50));
             w.lock().unwrap().push(v);
+            true
         });
         assert!(
             writer.flush(S(1)).await,

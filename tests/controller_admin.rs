@@ -130,16 +130,16 @@ async fn invalid_apply_changes_nothing_and_reports_line_and_column() {
     let dir = tempfile::tempdir().unwrap();
     let good = fabric_yaml(63, 2, 2, 10);
     let (d, env) = setup(dir.path(), &good).await;
+    let env = std::sync::Arc::new(env);
     // A link to a node that does not exist.
     let bad = good.replace("{a: edge-1, b: transit-1", "{a: edge-9, b: transit-1");
     let bad_line = bad.lines().position(|l| l.contains("edge-9")).unwrap() + 1;
     let file = dir.path().join("bad.yaml");
     std::fs::write(&file, &bad).unwrap();
-    let f = file.display().to_string();
-    let out =
-        tokio::task::spawn_blocking(move || tasman(&env, &["topology", "apply", &f], &[], ""))
-            .await
-            .unwrap();
+    let (e, f) = (env.clone(), file.display().to_string());
+    let out = tokio::task::spawn_blocking(move || tasman(&e, &["topology", "apply", &f], &[], ""))
+        .await
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
     let prefix = format!("{}:{bad_line}:", file.display());
@@ -151,6 +151,33 @@ async fn invalid_apply_changes_nothing_and_reports_line_and_column() {
     assert_eq!(d.ctl.current().record.version, 1);
     assert_eq!(d.ctl.current().record.text, good);
     assert_eq!(d.ctl.history(100).unwrap().len(), 1);
+
+    // A valid text's warnings point into the file too (they were "topology:LINE:COL").
+    let lonely = good.replace(
+        "links:\n",
+        &format!(
+            "  - id: edge-9\n    kind: edge\n    region: au-east\n    country: AU\n    \
+             location: {{lat: -33.8, lon: 151.2}}\n    address: 127.63.9.9:{}\n    \
+             client_address: 127.63.9.10\nlinks:\n",
+            fabric_ports(63).quic
+        ),
+    );
+    let file = dir.path().join("lonely.yaml");
+    std::fs::write(&file, &lonely).unwrap();
+    let (e, f) = (env.clone(), file.display().to_string());
+    let out = tokio::task::spawn_blocking(move || {
+        tasman(&e, &["topology", "apply", &f, "--dry-run"], &[], "")
+    })
+    .await
+    .unwrap();
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let prefix = format!("{}:", file.display());
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with(&prefix) && l.contains("warning") && l.contains("edge-9")),
+        "{err}"
+    );
     d.shutdown().await;
 }
 
@@ -317,6 +344,21 @@ fi
     assert!(so.contains("Apply this change? [y/N]"), "{so}");
     assert!(so.contains("not applied; your edit is kept in"), "{so}");
     assert_eq!(d.ctl.current().record.version, 4);
+    // Kept in a directory of this user's only, made for this edit (a predictable, shared one
+    // let another user of the host swap the text applied).
+    let kept = so
+        .lines()
+        .find_map(|l| l.split("your edit is kept in ").nth(1))
+        .map(std::path::PathBuf::from)
+        .unwrap();
+    assert!(kept.exists(), "{}", kept.display());
+    let kept_dir = kept.parent().unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(kept_dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{} has mode {mode:o}", kept_dir.display());
+    }
+    std::fs::remove_dir_all(kept_dir).unwrap();
 
     // History lists all four, newest first.
     let e = env.clone();
@@ -598,6 +640,72 @@ async fn the_admin_api_serves_at_most_its_connection_cap() {
         .await
         .expect("served once a slot is free");
     assert!(got.starts_with(b"HTTP/1.1 200"), "{}", text(&got));
+    server.abort();
+    d.shutdown().await;
+}
+
+/// One address holds at most its share of the connections: a third from an address holding
+/// two is closed at once, and a client from another address is served. And a request without
+/// the token is answered with the connection closed (kept alive, a client without the token held
+/// its slot with a request every few seconds). (One address could take every slot, the
+/// operators' commands waiting in the backlog until they timed out.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_holds_at_most_its_share_of_the_admin_apis_connections() {
+    use tokio::io::AsyncWriteExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (d, env) = setup(dir.path(), &fabric_yaml(66, 1, 1, 10)).await;
+    let limits = fabric::admin::ServeLimits {
+        header_read_timeout: Duration::from_secs(60),
+        max_connections: 3,
+        max_per_source: 2,
+        ..fabric::admin::DEFAULT_LIMITS
+    };
+    let (addr, server) = serve_admin(&d, &env, limits).await;
+    let from = |ip: &str| {
+        let ip: std::net::IpAddr = ip.parse().unwrap();
+        async move {
+            let s = tokio::net::TcpSocket::new_v4().unwrap();
+            s.bind((ip, 0).into()).unwrap();
+            s.connect(addr).await.unwrap()
+        }
+    };
+
+    // Without the token: refused, and the connection closed after the answer.
+    let mut anonymous = from("127.0.0.1").await;
+    anonymous
+        .write_all(b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let got = read_until_closed(&mut anonymous, Duration::from_secs(10))
+        .await
+        .expect("a refused client's connection stays open");
+    assert!(got.starts_with(b"HTTP/1.1 401"), "{}", text(&got));
+
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = from("127.0.0.1").await;
+        s.write_all(b"GET /v1/status HTTP/1.1\r\n").await.unwrap();
+        held.push(s);
+    }
+    // Wait until both are served (holding their slots): a third from the same address is
+    // closed without an answer.
+    let mut third = from("127.0.0.1").await;
+    let got = read_until_closed(&mut third, Duration::from_secs(10))
+        .await
+        .expect("a third connection from one address was kept");
+    assert!(got.is_empty(), "{}", text(&got));
+    // Another address is served.
+    let mut other = from("127.0.0.2").await;
+    other
+        .write_all(get_topology(&env, "close").as_bytes())
+        .await
+        .unwrap();
+    let got = read_until_closed(&mut other, Duration::from_secs(10))
+        .await
+        .expect("a client of another address was not served");
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{}", text(&got));
+    drop(held);
     server.abort();
     d.shutdown().await;
 }

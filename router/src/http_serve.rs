@@ -4,6 +4,8 @@
 //! Their listeners are open to the network, and every connection costs a descriptor and a task
 //! before any request is looked at, so [`serve`] bounds what one client can hold:
 //! - at most [`Limits::max_connections`] connections at once; more wait in the listen backlog;
+//! - at most [`Limits::max_per_source`] of them from one IP address; more from it are closed at
+//!   once (one client cannot hold every slot and keep the others waiting);
 //! - a request's headers must arrive within [`Limits::header_read_timeout`], which also bounds how
 //!   long a kept-alive connection may idle between requests (hyper restarts the timer for the next
 //!   request's headers);
@@ -115,6 +117,47 @@ pub struct Limits {
     pub write_timeout: Duration,
     /// Connections served at once; more wait in the listen backlog until one ends.
     pub max_connections: usize,
+    /// Connections served at once from one IP address; one more from it is closed as soon as it
+    /// is accepted.
+    pub max_per_source: usize,
+}
+
+/// Connections open per source address ([`Limits::max_per_source`]); an entry lives as long as
+/// one of its connections, so there are at most [`Limits::max_connections`].
+type Sources = Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>;
+
+/// One connection counted against its source; uncounted when dropped.
+struct SourceShare {
+    sources: Sources,
+    ip: std::net::IpAddr,
+}
+
+impl SourceShare {
+    /// Counts a connection from `ip`, or `None` when it already has `max` open.
+    fn take(sources: &Sources, ip: std::net::IpAddr, max: usize) -> Option<SourceShare> {
+        let mut map = sources.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(ip).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(SourceShare {
+            sources: sources.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for SourceShare {
+    fn drop(&mut self) {
+        let mut map = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// A request body that fails once [`Limits::body_read_timeout`] has passed since the headers
@@ -299,6 +342,7 @@ pub async fn serve_with_refusal<S, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let sources = Sources::default();
     let mut http = hyper::server::conn::http1::Builder::new();
     // hyper applies the header read timeout only with a timer.
     http.timer(TokioTimer::new())
@@ -321,6 +365,12 @@ pub async fn serve_with_refusal<S, B>(
             }
         };
         while conns.try_join_next().is_some() {}
+        let ip = remote.ip().to_canonical();
+        let Some(share) = SourceShare::take(&sources, ip, limits.max_per_source) else {
+            // Closed at once, its slot free again for the others.
+            tracing::debug!(server = name, %remote, max = limits.max_per_source, "connection refused: its address holds its share already");
+            continue;
+        };
         let service = service.clone();
         let per_request = service_fn(move |req: Request<Incoming>| {
             let timed_out = Arc::new(AtomicBool::new(false));
@@ -343,7 +393,7 @@ pub async fn serve_with_refusal<S, B>(
         });
         let http = http.clone();
         conns.spawn(async move {
-            let _slot = slot;
+            let (_slot, _share) = (slot, share);
             let io = TokioIo::new(WriteTimeout::new(tcp, limits.write_timeout));
             if let Err(e) = http.serve_connection(io, per_request).await {
                 tracing::debug!(server = name, %remote, "connection: {e}");
@@ -451,6 +501,7 @@ mod tests {
             body_read_timeout: timeout,
             write_timeout: Duration::from_secs(60),
             max_connections: 1,
+            max_per_source: 1,
         })
         .await;
         let started = std::time::Instant::now();
@@ -482,6 +533,7 @@ mod tests {
             body_read_timeout: timeout,
             write_timeout: Duration::from_secs(60),
             max_connections: 1,
+            max_per_source: 1,
         })
         .await;
         let (mut rx, mut tx) = TcpStream::connect(addr).await.unwrap().into_split();
@@ -518,6 +570,7 @@ mod tests {
             body_read_timeout: Duration::from_secs(60),
             write_timeout: Duration::from_secs(60),
             max_connections: 1,
+            max_per_source: 1,
         })
         .await;
         let mut stalled = TcpStream::connect(addr).await.unwrap();
@@ -540,6 +593,7 @@ mod tests {
             body_read_timeout: Duration::from_secs(60),
             write_timeout: Duration::from_millis(300),
             max_connections: 1,
+            max_per_source: 1,
         })
         .await;
         let mut stalled = connect_with_receive_buffer(addr, 4 << 10).await;
@@ -575,6 +629,7 @@ mod tests {
             body_read_timeout: Duration::from_secs(60),
             write_timeout: timeout,
             max_connections: 1,
+            max_per_source: 1,
         })
         .await;
         let mut slow = connect_with_receive_buffer(addr, 256 << 10).await;

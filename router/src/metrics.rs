@@ -425,6 +425,7 @@ pub const LIMITS: Limits = Limits {
     body_read_timeout: BODY_READ_TIMEOUT,
     write_timeout: WRITE_TIMEOUT,
     max_connections: 64,
+    max_per_source: 16,
 };
 
 /// The text of a scrape: (Prometheus text, telemetry JSON).
@@ -513,6 +514,7 @@ mod tests {
         let limits = Limits {
             header_read_timeout,
             max_connections,
+            max_per_source: max_connections,
             ..LIMITS
         };
         tokio::spawn(serve_with(listener, Pages::WithTelemetry(report()), limits));
@@ -669,6 +671,7 @@ mod tests {
             exhaust_descriptors();
             let limits = Limits {
                 max_connections: 8,
+                max_per_source: 8,
                 ..LIMITS
             };
             let server = tokio::spawn(serve_with(listener, Pages::WithTelemetry(report()), limits));

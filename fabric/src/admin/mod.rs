@@ -119,12 +119,14 @@ pub fn router(state: AdminState) -> axum::Router {
 /// (the token is checked per request), so a client must not hold them forever, or any number.
 pub use router::http_serve::Limits as ServeLimits;
 
-/// The admin API's [`ServeLimits`]: the shared timeouts, and 256 connections at once.
+/// The admin API's [`ServeLimits`]: the shared timeouts, 256 connections at once, 32 of them
+/// from one address (operators on one bastion host share its address).
 pub const DEFAULT_LIMITS: ServeLimits = ServeLimits {
     header_read_timeout: http_serve::HEADER_READ_TIMEOUT,
     body_read_timeout: http_serve::BODY_READ_TIMEOUT,
     write_timeout: http_serve::WRITE_TIMEOUT,
     max_connections: 256,
+    max_per_source: 32,
 };
 
 /// Serves the admin API on `listener` with [`DEFAULT_LIMITS`] until the task is dropped.
@@ -217,11 +219,20 @@ async fn auth(State(st): State<AdminState>, req: Request, next: Next) -> Respons
         {
             next.run(req).await
         }
-        _ => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token (see --token / TASMAN_TOKEN)",
-        )
-        .into_response(),
+        _ => {
+            let mut refused = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token (see --token / TASMAN_TOKEN)",
+            )
+            .into_response();
+            // No keep-alive for a client without the token: it would hold its slot with a
+            // request every few seconds, each restarting the header timeout.
+            refused.headers_mut().insert(
+                header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+            refused
+        }
     }
 }
 
@@ -469,6 +480,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let limits = ServeLimits {
             max_connections: 1,
+            max_per_source: 1,
             ..DEFAULT_LIMITS
         };
         let server = tokio::spawn(serve_with(

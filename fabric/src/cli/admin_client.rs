@@ -107,6 +107,15 @@ pub(crate) fn parse_request_timeout(s: &str) -> Result<Duration, String> {
 pub enum ClientError {
     #[error("cannot reach the controller at {addr}: {reason}")]
     Unreachable { addr: String, reason: String },
+    /// The connection ended after the request went out, before the whole answer came (the
+    /// controller restarting, a proxy cutting it): like [`ClientError::TimedOut`], the change
+    /// may have been made. (It was reported as unreachable, which reads as "nothing happened":
+    /// a create retried without an idempotency key then met its own circuit's name.)
+    #[error(
+        "the connection to the controller at {addr} ended before its answer ({reason}); a change \
+         requested may still have been made: check before retrying"
+    )]
+    Lost { addr: String, reason: String },
     /// No complete answer in time. A change may still be made: the request may have reached
     /// the controller.
     #[error(
@@ -246,15 +255,22 @@ impl AdminClient {
         let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let lost = |reason: String| ClientError::Lost {
+            addr: self.authority.clone(),
+            reason,
+        };
         let resp = sender
             .send_request(req)
             .await
-            .map_err(|e| unreachable(e.to_string()))?;
+            .map_err(|e| lost(e.to_string()))?;
         let status = resp.status();
         let bytes = Limited::new(resp.into_body(), MAX_RESPONSE)
             .collect()
             .await
-            .map_err(|e| ClientError::Protocol(e.to_string()))?
+            .map_err(|e| match e.downcast::<hyper::Error>() {
+                Ok(e) => lost(e.to_string()),
+                Err(e) => ClientError::Protocol(e.to_string()),
+            })?
             .to_bytes();
         if !status.is_success() {
             // Every refusal of the controller is a JSON error body. Anything else came from
@@ -380,6 +396,41 @@ mod tests {
             "{err:?}"
         );
         assert_eq!(err.exit_code(), 1);
+    }
+
+    /// A connection that ends after the request went out, before any answer (the controller
+    /// restarting after its commit), says the change may have been made (exit 2); it said it
+    /// could not reach the controller.
+    #[tokio::test]
+    async fn a_connection_lost_after_the_request_says_the_change_may_have_been_made() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                // The whole request read, then closed without a word.
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.ends_with(b"{}") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                drop(s);
+            }
+        });
+        let c = AdminClient::new(&args(&addr.to_string())).unwrap();
+        let err = c
+            .post::<_, serde_json::Value>("/v1/circuits", &serde_json::json!({}))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ClientError::Lost { .. }), "{err:?}");
+        assert_eq!(err.exit_code(), 2);
+        assert!(
+            err.to_string()
+                .contains("a change requested may still have been made"),
+            "{err}"
+        );
     }
 
     /// An empty token file is refused before any request (exit 2, naming the file); it sent no

@@ -145,9 +145,11 @@ pub fn get(args: GetArgs) -> ExitCode {
 
 /// The plan as operators read it. `again`: the command that makes the change, for a dry run to
 /// say how to make exactly the change it planned (with `--base-version`).
-fn print_outcome(o: &ApplyOutcome, again: Option<&str>) {
+/// Prints an apply's outcome; its warnings point into `source` (the file applied, the version
+/// rolled back to, the file edited), as the errors of the same command do.
+fn print_outcome(o: &ApplyOutcome, source: &str, again: Option<&str>) {
     for w in &o.warnings {
-        eprintln!("{}", w.display("topology"));
+        eprintln!("{}", w.display(source));
     }
     if o.plan.text.trim().is_empty() {
         println!(
@@ -221,7 +223,7 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
             let again = format!("tasman topology apply {}", shell_word(&file));
             match args.admin.output {
                 Output::Json => print_json(&o),
-                Output::Text => print_outcome(&o, Some(&again)),
+                Output::Text => print_outcome(&o, &file, Some(&again)),
             }
             ExitCode::SUCCESS
         }
@@ -297,7 +299,9 @@ pub fn rollback(args: RollbackArgs) -> ExitCode {
             let again = format!("tasman topology rollback {}", args.version);
             match args.admin.output {
                 Output::Json => print_json(&o),
-                Output::Text => print_outcome(&o, Some(&again)),
+                Output::Text => {
+                    print_outcome(&o, &format!("version {}", args.version), Some(&again))
+                }
             }
             ExitCode::SUCCESS
         }
@@ -372,10 +376,22 @@ pub fn edit(args: EditArgs) -> ExitCode {
 async fn edit_loop(c: &AdminClient, args: &EditArgs) -> Result<ExitCode, ClientError> {
     let cur: CurrentResponse = c.get("/v1/topology").await?;
     let base = cur.record.version;
-    let dir = std::env::temp_dir().join(format!("tasman-edit-{}", std::process::id()));
     let io_err = |e: std::io::Error| ClientError::Protocol(format!("temporary file: {e}"));
-    std::fs::create_dir_all(&dir).map_err(io_err)?;
-    let path = dir.join(format!("topology-v{base}.yaml"));
+    // A directory of a random name, made for this edit and only this user's (0700): a name
+    // others can guess (`tasman-edit-<pid>`, which an existing directory satisfied) let another
+    // user of a shared host make it first and read, swap or redirect the text this command
+    // applies with the operator's token.
+    let dir = {
+        use std::os::unix::fs::PermissionsExt;
+        tempfile::Builder::new()
+            .prefix("tasman-edit-")
+            .permissions(std::fs::Permissions::from_mode(0o700))
+            .tempdir()
+            .map_err(io_err)?
+    };
+    let path = dir.path().join(format!("topology-v{base}.yaml"));
+    // Whether the operator was told where the edit is kept.
+    let mut told = false;
     let result = async {
         std::fs::write(&path, &cur.record.text).map_err(io_err)?;
         let mut last_invalid: Option<String> = None;
@@ -417,7 +433,7 @@ async fn edit_loop(c: &AdminClient, args: &EditArgs) -> Result<ExitCode, ClientE
                 Err(e) => return Err(e),
             };
             // edit applies against the version it opened already.
-            print_outcome(&plan, None);
+            print_outcome(&plan, &path.display().to_string(), None);
             if !args.yes {
                 print!("Apply this change? [y/N] ");
                 let _ = std::io::stdout().flush();
@@ -425,6 +441,7 @@ async fn edit_loop(c: &AdminClient, args: &EditArgs) -> Result<ExitCode, ClientE
                 let _ = std::io::stdin().lock().read_line(&mut answer);
                 if !matches!(answer.trim(), "y" | "Y" | "yes") {
                     println!("not applied; your edit is kept in {}", path.display());
+                    told = true;
                     return Ok(ExitCode::from(1));
                 }
             }
@@ -443,9 +460,15 @@ async fn edit_loop(c: &AdminClient, args: &EditArgs) -> Result<ExitCode, ClientE
         }
     }
     .await;
-    // Keep the file when the operator declined (they may want it); remove it otherwise.
+    // Removed once applied (or unchanged); kept on any other end, the operator's work in it
+    // (a refusal, a conflict with another apply, a controller away), and said where.
     if matches!(&result, Ok(code) if *code == ExitCode::SUCCESS) {
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = dir.close();
+    } else {
+        let _ = dir.keep();
+        if !told {
+            eprintln!("your edit is kept in {}", path.display());
+        }
     }
     result
 }

@@ -68,36 +68,55 @@ fn write_error_code(e: &WriteError) -> Code {
     }
 }
 
-/// What the peer's stop of a send stream not finished (or the loss of its connection) means: the
-/// code to give up with; `None` once the stream was finished and acknowledged.
-fn stopped_code(r: Result<Option<quinn::VarInt>, quinn::StoppedError>) -> Option<Code> {
-    match r {
-        Ok(Some(c)) => Some(Code::from_varint(c).unwrap_or(Code::Internal)),
-        Ok(None) => None,
-        Err(_) => Some(Code::UpstreamLost),
+/// How often a direction left waiting on its read side once the other has ended checks that
+/// the stream it sends on is still wanted ([`read_unless_stopped`]).
+const STOP_CHECK: Duration = Duration::from_secs(1);
+
+/// Whether the peer stopped `send` (or its connection is lost): a zero-length write, polled once
+/// and never waited for. (quinn's `SendStream::stopped` keeps an entry per stream it is polled
+/// for until that stream finishes or is stopped: every stream this router reset itself leaked
+/// one on a connection that lives for days.)
+fn stop_of(send: &mut SendStream) -> Option<Code> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::pin::pin!(send.write(&[])).poll(&mut cx) {
+        Poll::Ready(Err(e)) => Some(write_error_code(&e)),
+        _ => None,
     }
 }
 
-/// Runs `work` to its end, unless `stopped` (a [`SendStream::stopped`] of a stream `work` has
-/// yet to finish) says first that the peer gave the stream up: then its code.
+/// Waits for `read`. Once `watch` is set (the other direction has ended, its FIN passed on), a
+/// check every [`STOP_CHECK`] while it waits looks at `send`, the stream this direction writes:
+/// a stop from the far end, or the loss of its connection, ends the wait with its code.
 ///
-/// For a direction left waiting on its read side once the other has ended: a site whose client
-/// sent its FIN waits for its backend, a transit for its next hop, and a stream the peer then
-/// stops, or whose connection is lost, would be noticed only at the next byte to write.
-async fn unless_stopped<T>(
-    work: std::pin::Pin<&mut impl std::future::Future<Output = T>>,
-    stopped: std::pin::Pin<
-        &mut impl std::future::Future<Output = Result<Option<quinn::VarInt>, quinn::StoppedError>>,
-    >,
-) -> Result<T, Code> {
-    let mut work = work;
-    tokio::select! {
-        r = work.as_mut() => Ok(r),
-        r = stopped => match stopped_code(r) {
-            Some(code) => Err(code),
-            None => Ok(work.await),
-        },
-    }
+/// A site whose client sent its FIN waits on its backend, a transit on its next hop: a stream
+/// the far end then gave up (an edge's idle timeout, drain, crash) showed only at the next byte
+/// to write, and with a silent backend the site's capacity slot, the backend connection and the
+/// transit's relay were held until then. `tick` is the direction's timer, made at its first
+/// need (none for a stream that never half-closes); before `watch` is set this costs a relaxed
+/// load per poll.
+/// (`read` is pinned by the caller, whose future holds it anyway.)
+fn read_unless_stopped<'a, T>(
+    mut read: Pin<&'a mut impl std::future::Future<Output = T>>,
+    send: &'a mut SendStream,
+    watch: &'a AtomicBool,
+    tick: &'a mut Option<Pin<Box<tokio::time::Sleep>>>,
+) -> impl std::future::Future<Output = Result<T, Code>> + 'a {
+    std::future::poll_fn(move |cx| {
+        if let Poll::Ready(r) = read.as_mut().poll(cx) {
+            return Poll::Ready(Ok(r));
+        }
+        // Looked at on every poll: the other direction ends while this one waits.
+        if watch.load(Relaxed) {
+            let t = tick.get_or_insert_with(|| Box::pin(tokio::time::sleep(STOP_CHECK)));
+            while t.as_mut().poll(cx).is_ready() {
+                if let Some(code) = stop_of(send) {
+                    return Poll::Ready(Err(code));
+                }
+                t.as_mut().reset(tokio::time::Instant::now() + STOP_CHECK);
+            }
+        }
+        Poll::Pending
+    })
 }
 
 fn read_error_code(e: &ReadError) -> Code {
@@ -130,6 +149,8 @@ pub(crate) struct TcpBuf {
     buf: BytesMut,
     /// Bytes asked for per read (doubles while reads fill it, up to `TCP_BUF_MAX`).
     want: usize,
+    /// The last read drained the socket (returned less than the room it had).
+    drained: bool,
     /// Memory the last chunk of a read that drained the socket keeps alive (tests).
     #[cfg(test)]
     pinned: usize,
@@ -157,6 +178,7 @@ impl TcpBuf {
         TcpBuf {
             buf: BytesMut::new(),
             want: TCP_BUF,
+            drained: false,
             #[cfg(test)]
             pinned: 0,
         }
@@ -165,6 +187,19 @@ impl TcpBuf {
     /// Reads once; an empty chunk is EOF. Cancel safe (nothing is consumed unless it returns).
     /// `grow`: let bulk transfers read larger chunks.
     pub async fn read(&mut self, rd: &mut impl TcpRead, grow: bool) -> std::io::Result<Bytes> {
+        if self.want > TCP_BUF && self.drained {
+            // A bulk connection that drained its socket, and whose next read would have to
+            // wait: the bulk phase is over. Back to `TCP_BUF`, and the grown block's tail (up to
+            // `TCP_BUF_MAX`) is not kept across the wait, which may last hours (a client waiting
+            // for a long answer after its prompt). Mid-transfer the socket is seldom empty, and
+            // the block is kept. (Readiness is only looked at: the read below waits for it with
+            // this task's waker.)
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            if rd.stream().poll_read_ready(&mut cx).is_pending() {
+                self.want = TCP_BUF;
+                self.buf = BytesMut::new();
+            }
+        }
         if self.buf.capacity() == 0 {
             // The last read drained the socket (tokio cleared its readiness): wait for data
             // before taking memory.
@@ -178,13 +213,7 @@ impl TcpBuf {
         if grow && n == room && room >= self.want && self.want < TCP_BUF_MAX {
             self.want *= 2;
         }
-        if n < room && n < self.want / 4 {
-            // A small read that drained the socket: a bulk phase (reads grown past `TCP_BUF`)
-            // is over, and its block's tail, up to `TCP_BUF_MAX`, is not kept for a
-            // connection that may now sit idle or trickle for hours. The next bulk read grows
-            // again from `TCP_BUF`.
-            self.want = TCP_BUF;
-        }
+        self.drained = n < room;
         if n < room && self.want == TCP_BUF {
             // Drained: the block is let go. A bulk transfer (reads grown past `TCP_BUF`) keeps
             // its block: its next read, likely soon and large, fills the tail instead of taking
@@ -406,6 +435,8 @@ impl std::future::Future for ConnTimer<'_> {
 }
 
 /// TCP → QUIC until EOF (then FIN).
+// The pump's two streams, its buffer and its four per-connection signals, each used as is.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn tcp_to_quic(
     shared: &Shared,
     rd: &mut impl TcpRead,
@@ -414,10 +445,19 @@ pub(crate) async fn tcp_to_quic(
     side: Side,
     bucket: Option<&TokenBucket>,
     activity: &Activity,
+    watch_stop: &AtomicBool,
 ) -> Result<(), Abort> {
     let mut fair = Fairness::default();
+    let mut tick = None;
     loop {
-        let chunk = match buf.read(rd, bucket.is_none()).await {
+        // The read future ends here, so that it shares its place in this future's state with
+        // the write below (left alive to the end of the loop's body, it cost 192 bytes in every
+        // open connection's future).
+        let read = {
+            let read = std::pin::pin!(buf.read(rd, bucket.is_none()));
+            read_unless_stopped(read, send, watch_stop, &mut tick).await
+        };
+        let chunk = match read.map_err(Abort)? {
             Ok(c) if c.is_empty() => {
                 let _ = send.finish();
                 return Ok(());
@@ -578,8 +618,8 @@ pub(crate) async fn tcp_quic_with(
     shared.metrics.streams_total.fetch_add(1, Relaxed);
     let activity = Activity::default();
     let watch = WriteWatch::default();
-    // Watched once QUIC -> TCP has ended (`unless_stopped` says why).
-    let stopped = send.stopped();
+    // Set once QUIC -> TCP has ended ([`read_unless_stopped`]).
+    let watch_stop = AtomicBool::new(false);
     let outcome = {
         let (mut rd, mut wr) = tcp.split();
         let up = tcp_to_quic(
@@ -590,6 +630,7 @@ pub(crate) async fn tcp_quic_with(
             side,
             limiter.map(|l| &l.up),
             &activity,
+            &watch_stop,
         );
         let down = quic_to_tcp(
             shared,
@@ -604,22 +645,20 @@ pub(crate) async fn tcp_quic_with(
         // timeouts (`ConnTimer::tick`; none when both are off).
         let (idle, stall) = (shared.idle_timeout, shared.write_stall_timeout);
         let sleep = ConnTimer::tick(idle, stall).map(tokio::time::sleep);
-        tokio::pin!(up, down, sleep, stopped);
+        tokio::pin!(up, down, sleep);
         let mut timer = ConnTimer::new(sleep.as_pin_mut(), idle, stall, &activity, &watch);
-        let (mut up_done, mut down_done, mut acked) = (false, false, false);
+        let (mut up_done, mut down_done) = (false, false);
         loop {
             tokio::select! {
-                // Polled only while TCP -> QUIC is all that is left: no cost per chunk before.
-                r = &mut stopped, if down_done && !up_done && !acked => match stopped_code(r) {
-                    Some(code) => break Err(Abort(code)),
-                    None => acked = true,
-                },
                 r = &mut up, if !up_done => match r {
                     Ok(()) => up_done = true,
                     Err(a) => break Err(a),
                 },
                 r = &mut down, if !down_done => match r {
-                    Ok(()) => down_done = true,
+                    Ok(()) => {
+                        down_done = true;
+                        watch_stop.store(true, Relaxed);
+                    }
                     Err(a) => break Err(a),
                 },
                 code = &mut timer, if timer.sleep.is_some() => {
@@ -747,21 +786,31 @@ async fn gather(recv: &mut RecvStream, g: &mut Gather) -> Gathered {
 /// the bytes in flight (a 32 MiB stream window holds ~23,000 segments of 1,452 bytes). So the
 /// pump writes what is ready as one block ([`gather`]; one `memcpy` when it is several chunks):
 /// under load many packets per segment, and an interactive exchange still goes out at once.
-async fn pump(recv: &mut RecvStream, send: &mut SendStream, moved: &AtomicU64) {
+async fn pump(
+    recv: &mut RecvStream,
+    send: &mut SendStream,
+    moved: &AtomicU64,
+    watch_stop: &AtomicBool,
+) {
     let mut g = Gather::default();
     let first = gather(recv, &mut g).await;
-    pump_from(recv, send, g, first, moved).await;
+    pump_from(recv, send, g, first, moved, watch_stop).await;
 }
 
-/// [`pump`], with its first block already gathered. Counts what it forwards in `moved`.
+/// [`pump`], with its first block already gathered. Counts what it forwards in `moved`. Once
+/// `watch_stop` is set (the other direction has ended), a stop of `send` from the far end (or
+/// the loss of its connection) seen while it waits is passed on as a stop of `recv` with its
+/// code ([`read_unless_stopped`]).
 async fn pump_from(
     recv: &mut RecvStream,
     send: &mut SendStream,
     mut g: Gather,
     mut got: Gathered,
     moved: &AtomicU64,
+    watch_stop: &AtomicBool,
 ) {
     let mut fair = Fairness::default();
+    let mut tick = None;
     loop {
         let Gathered { block, fin, failed } = got;
         let n = block.len();
@@ -781,30 +830,17 @@ async fn pump_from(
             let _ = send.finish();
             return;
         }
-        got = gather(recv, &mut g).await;
-    }
-}
-
-/// How [`relay`] ended.
-enum RelayEnd {
-    /// Both directions ran to their end.
-    Done,
-    /// The next hop was declared down before it answered.
-    GaveUp,
-    /// Toward the downstream had ended; the upstream stopped the stream (or its connection
-    /// was lost) while the downstream's answer was still coming.
-    UpstreamStopped(Code),
-    /// The other way round.
-    DownstreamStopped(Code),
-}
-
-impl RelayEnd {
-    fn of(gave_up: bool) -> Self {
-        if gave_up {
-            RelayEnd::GaveUp
-        } else {
-            RelayEnd::Done
-        }
+        let next = {
+            let next = std::pin::pin!(gather(recv, &mut g));
+            read_unless_stopped(next, send, watch_stop, &mut tick).await
+        };
+        got = match next {
+            Ok(got) => got,
+            Err(code) => {
+                let _ = recv.stop(code.varint());
+                return;
+            }
+        };
     }
 }
 
@@ -816,10 +852,10 @@ impl RelayEnd {
 /// its own first hop goes down. Without the watch such a first try would wait for the dead
 /// connection to close (`neighbours::DEAD_AFTER`). Once the downstream has answered, a down
 /// verdict no longer touches the stream: it ends with its connection. Once one direction has
-/// ended, a stop of the other (or the loss of its connection) at its receiving end is passed on
-/// to its sending end as a stop with the same code, so that both ends let go (the site its
-/// backend connection and capacity slot) without waiting for a byte to write. Returns the code
-/// it reset with when it gave up. Bytes forwarded either way are added to `moved`.
+/// ended, a stop of the other's sending end (or the loss of its connection) is passed to its
+/// receiving end as a stop with the same code ([`pump_from`]), so that both ends let go (the
+/// site its backend connection and capacity slot) without waiting for a byte to write. Returns
+/// the code it reset with when it gave up. Bytes forwarded either way are added to `moved`.
 pub(crate) async fn relay(
     mut up_send: SendStream,
     mut up_recv: RecvStream,
@@ -828,48 +864,37 @@ pub(crate) async fn relay(
     next_hop_down: impl std::future::Future<Output = ()>,
     moved: &AtomicU64,
 ) -> Option<Code> {
-    // Watched once the other direction has ended (`unless_stopped`): a stop, or a lost
-    // connection, on either side is passed to the other as a stop with its code.
-    let (up_stopped, down_stopped) = (up_send.stopped(), down_send.stopped());
-    let end = {
-        let up = pump(&mut up_recv, &mut down_send, moved);
+    // Each set once the other direction has ended ([`pump_from`]).
+    let (up_watch, down_watch) = (AtomicBool::new(false), AtomicBool::new(false));
+    let gave_up = {
+        let up = pump(&mut up_recv, &mut down_send, moved, &up_watch);
         let down = async {
             let mut g = Gather::default();
             let first = tokio::select! {
                 got = gather(&mut down_recv, &mut g) => got,
                 () = next_hop_down => return true,
             };
-            pump_from(&mut down_recv, &mut up_send, g, first, moved).await;
+            pump_from(&mut down_recv, &mut up_send, g, first, moved, &down_watch).await;
             false
         };
-        tokio::pin!(up, down, up_stopped, down_stopped);
+        tokio::pin!(up, down);
         // Both directions run to their end, unless the downstream gave up first.
         tokio::select! {
-            () = &mut up => match unless_stopped(down, up_stopped).await {
-                Ok(gave_up) => RelayEnd::of(gave_up),
-                Err(code) => RelayEnd::UpstreamStopped(code),
-            },
-            gave_up = &mut down => if gave_up {
-                RelayEnd::GaveUp
-            } else {
-                match unless_stopped(up, down_stopped).await {
-                    Ok(()) => RelayEnd::Done,
-                    Err(code) => RelayEnd::DownstreamStopped(code),
+            () = &mut up => {
+                down_watch.store(true, Relaxed);
+                down.await
+            }
+            gave_up = &mut down => {
+                if !gave_up {
+                    up_watch.store(true, Relaxed);
+                    up.await;
                 }
-            },
+                gave_up
+            }
         }
     };
-    match end {
-        RelayEnd::Done => return None,
-        RelayEnd::UpstreamStopped(code) => {
-            let _ = down_recv.stop(code.varint());
-            return None;
-        }
-        RelayEnd::DownstreamStopped(code) => {
-            let _ = up_recv.stop(code.varint());
-            return None;
-        }
-        RelayEnd::GaveUp => {}
+    if !gave_up {
+        return None;
     }
     let code = Code::NextHopUnreachable;
     let _ = up_send.reset(code.varint());
@@ -1117,17 +1142,24 @@ mod tests {
             total += buf.read(&mut b, true).await.unwrap().len();
         }
         assert!(buf.want > TCP_BUF, "a full read doubles the next one");
-        // The bulk phase over (a small message, then quiet): back to the small buffer, and no
-        // block held while idle (it held the grown block's tail, up to 256 KiB, for as long as
-        // the connection lasted).
+        // The bulk phase over (a small message, then quiet): the read that has to wait goes
+        // back to the small buffer and holds no block (it held the grown block's tail, up to
+        // 256 KiB, for as long as the connection lasted).
         a.write_all(b"done").await.unwrap();
         assert_eq!(&buf.read(&mut b, true).await.unwrap()[..], b"done");
-        assert_eq!(buf.want, TCP_BUF, "a small read after bulk ones");
+        {
+            let mut read = std::pin::pin!(buf.read(&mut b, true));
+            let polled =
+                std::future::poll_fn(|cx| std::task::Poll::Ready(read.as_mut().poll(cx))).await;
+            assert!(polled.is_pending(), "nothing to read yet");
+        }
+        assert_eq!(buf.want, TCP_BUF, "a wait after bulk reads");
         assert!(
             !buf.holds_block(),
-            "a block held after the bulk phase ended"
+            "a block held across the wait after the bulk phase"
         );
-        assert_eq!(buf.pinned, 4, "a small chunk keeps no block alive");
+        a.write_all(b"more").await.unwrap();
+        assert_eq!(&buf.read(&mut b, true).await.unwrap()[..], b"more");
         drop(a);
         assert!(buf.read(&mut b, true).await.unwrap().is_empty(), "EOF");
     }

@@ -357,11 +357,13 @@ impl Liveness {
     /// router itself was not running (see [`Liveness`]), and the peer gets the benefit of the
     /// doubt. If so, the outstanding probe is forgotten (the caller sends another) and neither
     /// the classic rule nor [`HARD_SILENCE`] may give a verdict before `now + timeout`, one probe
-    /// timeout for the replies waiting in the socket to be read. Not once down, and not past
-    /// [`MAX_STALL_GRACES`] in a row.
+    /// timeout for the replies waiting in the socket to be read. Not past [`MAX_STALL_GRACES`]
+    /// in a row. Down too: a relapse (the hold-down starting over) or the connection closed as
+    /// dead for this router's own stall would keep a live neighbour out for as long as this
+    /// router is starved.
     fn stalled(&mut self, now: tokio::time::Instant, timeout: Duration) -> bool {
         let late = now.saturating_duration_since(self.deadline());
-        if late <= timeout || self.down || self.graces >= MAX_STALL_GRACES {
+        if late <= timeout || self.graces >= MAX_STALL_GRACES {
             return false;
         }
         self.graces += 1;
@@ -370,7 +372,8 @@ impl Liveness {
         if let Some(t) = until.checked_sub(self.detect()) {
             self.last_alive = self.last_alive.max(t);
         }
-        if let Some(t) = until.checked_sub(HARD_SILENCE) {
+        let silence = if self.down { DEAD_AFTER } else { HARD_SILENCE };
+        if let Some(t) = until.checked_sub(silence) {
             self.last_heard = self.last_heard.max(t);
         }
         true
@@ -878,6 +881,30 @@ mod tests {
             live.at_deadline(back + timeout, true, timeout),
             Some(Verdict::Reprobe)
         );
+    }
+
+    /// A deadline met late by this router's own stall while the peer is down re-probes (a
+    /// grace), as when it is up: no relapse, and no close as dead, for the router's own stall.
+    #[test]
+    fn a_stall_of_our_own_while_a_peer_is_down_is_no_relapse() {
+        let p = ProbeConfig::default();
+        let timeout = probe_timeout(Duration::from_micros(300));
+        let t0 = T::now();
+        let mut live = Liveness::new(p, t0);
+        live.probe_sent(t0, timeout);
+        let (_, down_at) = silent_peer_until(&mut live, timeout, Verdict::Down);
+        let back = down_at + p.interval;
+        live.probe_sent(back, timeout);
+        live.reply(back);
+        // The next deadline, met 500 ms late (this router was not running).
+        let late = live.deadline() + Duration::from_millis(500);
+        assert_eq!(
+            live.at_deadline(late, true, timeout),
+            Some(Verdict::Stalled)
+        );
+        // The replies read now: alive, no verdict.
+        live.reply(late);
+        assert!(live.deadline() > late);
     }
 
     /// A peer declared down that answers for a while and then misses `misses` probes in a row

@@ -767,7 +767,8 @@ impl Control {
         // A topology that moved this node: the endpoint follows (the control client refused a
         // version whose address cannot be bound here, so this seldom fails).
         if let Some(me) = topo.node(sh.node.as_str())
-            && sh.endpoint.local_addr().ok() != Some(me.address)
+            && let Ok(bound) = sh.endpoint.local_addr()
+            && !crate::transport::bound_at(bound, me.address)
         {
             match crate::transport::rebind(&sh.endpoint, me.address) {
                 Ok(()) => {

@@ -121,6 +121,13 @@ fn fabric_socket(addr: SocketAddr) -> std::io::Result<Arc<crate::udp::FabricUdp>
     Ok(Arc::new(crate::udp::FabricUdp::new(sock.into())?))
 }
 
+/// Whether the endpoint bound at `bound` is at `addr` already: the same address whatever its
+/// spelling (an IPv4-mapped IPv6 address of a stored topology, the IPv4 form it is now written
+/// in: rebinding would fail on the router's own socket).
+pub fn bound_at(bound: SocketAddr, addr: SocketAddr) -> bool {
+    bound.ip().to_canonical() == addr.ip().to_canonical() && bound.port() == addr.port()
+}
+
 /// Moves `ep` to a socket bound at `addr` (a topology that moved this node). Connections this
 /// router dialled go on from the new address (QUIC migrates them); those its neighbours dialled
 /// end, and they dial the new address, which the same topology gives them. On error the old
@@ -208,6 +215,24 @@ pub fn dial_transport_config_with(w: Windows) -> TransportConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A node whose stored address was IPv4-mapped and is now written in its IPv4 form has not
+    /// moved: rebinding would collide with the router's own socket (and the control client
+    /// refused every later version as unbindable).
+    #[test]
+    fn an_address_in_another_spelling_is_where_the_endpoint_is_bound() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(bound_at(
+            a("[::ffff:127.10.0.1]:7000"),
+            a("127.10.0.1:7000")
+        ));
+        assert!(bound_at(
+            a("127.10.0.1:7000"),
+            a("[::ffff:127.10.0.1]:7000")
+        ));
+        assert!(!bound_at(a("127.10.0.1:7000"), a("127.10.0.1:7001")));
+        assert!(!bound_at(a("127.10.0.1:7000"), a("127.10.0.2:7000")));
+    }
 
     /// The gate admits handshakes up to `validate_above`, then only peers that proved their
     /// address (a Retry first: the client comes back with its token), and refuses at `max`; a

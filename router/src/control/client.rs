@@ -1000,7 +1000,7 @@ fn check(node: &NodeId, snap: &Snapshot, bound: Option<SocketAddr>) -> Result<()
         return Err(format!("node {node} is not in topology"));
     };
     if let Some(bound) = bound
-        && bound != me.address
+        && !crate::transport::bound_at(bound, me.address)
         && let Err(e) = std::net::UdpSocket::bind(me.address)
     {
         return Err(format!(

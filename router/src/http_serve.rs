@@ -367,8 +367,10 @@ pub async fn serve_with_refusal<S, B>(
         while conns.try_join_next().is_some() {}
         let ip = remote.ip().to_canonical();
         let Some(share) = SourceShare::take(&sources, ip, limits.max_per_source) else {
-            // Closed at once, its slot free again for the others.
+            // Told why in one non-blocking write (a client sees a refusal, not a connection
+            // that ended after its request went out), closed at once, its slot free again.
             tracing::debug!(server = name, %remote, max = limits.max_per_source, "connection refused: its address holds its share already");
+            let _ = tcp.try_write(&over_share(limits.max_per_source, refusal));
             continue;
         };
         let service = service.clone();
@@ -400,6 +402,23 @@ pub async fn serve_with_refusal<S, B>(
             }
         });
     }
+}
+
+/// The whole answer to a connection beyond its address's share: 503, and the connection closed.
+fn over_share(max: usize, refusal: Refusal) -> Vec<u8> {
+    let status = StatusCode::SERVICE_UNAVAILABLE;
+    let (content_type, body) = refusal(
+        status,
+        &format!("too many connections from this address (at most {max} at once)"),
+    );
+    let mut answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\
+         connection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    answer.extend_from_slice(&body);
+    answer
 }
 
 fn body_timed_out<B>(timeout: Duration, refusal: Refusal) -> Response<Either<B, Full<Bytes>>> {

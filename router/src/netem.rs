@@ -1215,10 +1215,12 @@ mod tests {
             queue_limit: 10,
             ..EmulatorOptions::default()
         };
+        // Long enough that the client's queue is still full when the answer comes, however slow
+        // the machine is to send the second burst.
         let link = LinkEmulator::spawn_with(
             lo(),
             target.local_addr().expect("addr"),
-            LinkProfile::delay(ms(300)),
+            LinkProfile::delay(ms(2000)),
             options,
         )
         .await
@@ -1236,7 +1238,7 @@ mod tests {
             link.stats()
         );
         assert_eq!(link.stats().dropped_queue_full, 40, "{:?}", link.stats());
-        // The first packets arrive (300 ms later); the client fills its direction again, and
+        // The first packets arrive (2 s later); the client fills its direction again, and
         // the flow's answer goes back while that queue is full.
         let (_, flow) = recv_one(&target).await;
         for i in 50u32..100 {

@@ -259,10 +259,15 @@ impl AdminClient {
             addr: self.authority.clone(),
             reason,
         };
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| lost(e.to_string()))?;
+        // Canceled: the connection ended before the request was sent (nothing reached the
+        // controller); any other failure from here on may follow a request it took.
+        let resp = sender.send_request(req).await.map_err(|e| {
+            if e.is_canceled() {
+                unreachable(e.to_string())
+            } else {
+                lost(e.to_string())
+            }
+        })?;
         let status = resp.status();
         let bytes = Limited::new(resp.into_body(), MAX_RESPONSE)
             .collect()

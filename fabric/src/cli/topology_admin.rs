@@ -433,7 +433,17 @@ async fn edit_loop(c: &AdminClient, args: &EditArgs) -> Result<ExitCode, ClientE
                 Err(e) => return Err(e),
             };
             // edit applies against the version it opened already.
-            print_outcome(&plan, &path.display().to_string(), None);
+            // Its warnings' lines are the text's without the header of errors it may still
+            // have on top in the file: counted in the file's lines.
+            let header = edited
+                .split_inclusive('\n')
+                .take_while(|l| l.starts_with(EDIT_MARK))
+                .count();
+            let mut shown = plan.clone();
+            for w in shown.warnings.iter_mut().filter(|w| w.line > 0) {
+                w.line += header;
+            }
+            print_outcome(&shown, &path.display().to_string(), None);
             if !args.yes {
                 print!("Apply this change? [y/N] ");
                 let _ = std::io::stdout().flush();

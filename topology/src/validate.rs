@@ -478,29 +478,33 @@ fn prefix(cx: &mut Cx, node: &YNode, what: &dyn fmt::Display) -> Option<IpNetwor
         what,
         &p,
         ipv4_mapped(p).map(|v4| v4.to_string()),
+        NEVER_MATCHES,
         p,
     )
 }
 
-/// Refuses an IPv4-mapped IPv6 address or prefix (`shown`), suggesting its IPv4 form `v4`:
-/// routers see clients and destinations with mapped addresses as IPv4, so the mapped form never
-/// matches. A rule added after texts were stored: only a warning on a stored text.
+/// Why a mapped address in a field that routers match clients or destinations against is
+/// refused ([`mapped_check`]).
+const NEVER_MATCHES: &str =
+    "which never matches (routers see such clients and destinations as IPv4)";
+
+/// Refuses an IPv4-mapped IPv6 address or prefix (`shown`), suggesting its IPv4 form `v4`, for
+/// the reason `why` (e.g. [`NEVER_MATCHES`]). A rule added after texts were stored: only a
+/// warning on a stored text.
 fn mapped_check<T>(
     cx: &mut Cx,
     pos: Pos,
     what: &dyn fmt::Display,
     shown: &dyn fmt::Display,
     v4: Option<String>,
+    why: &str,
     value: T,
 ) -> Option<T> {
     match v4 {
         Some(v4)
             if cx.newer(
                 pos,
-                format!(
-                    "{what}: {shown} is an IPv4-mapped address, which never matches (routers see \
-                     such clients and destinations as IPv4); write {v4}"
-                ),
+                format!("{what}: {shown} is an IPv4-mapped address, {why}; write {v4}"),
             ) =>
         {
             None
@@ -591,16 +595,16 @@ fn closest<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> Option<
 impl Cx {
     /// "(known: a, b, c)" for short lists; the closest few for long ones, for the first
     /// [`MAX_HINTED_NAMES`] unknown names of the document and words of [`MAX_HINTED_LEN`]
-    /// characters at most. `total` is how many `known` yields: passed in (the map's length)
-    /// rather than counted, so that the unknown names past the hinted ones cost nothing per
-    /// known name (counting walked the map once per unknown name).
+    /// characters at most. How many `known` yields is its exact length, not counted, so that
+    /// the unknown names past the hinted ones cost nothing per known name (counting walked the
+    /// map once per unknown name).
     fn known_list<'a>(
         &mut self,
         word: &str,
-        total: usize,
-        known: impl Iterator<Item = &'a str>,
+        known: impl ExactSizeIterator<Item = &'a str>,
     ) -> String {
         const SHOW: usize = 8;
+        let total = known.len();
         if total == 0 {
             return "(no valid ones are defined)".to_string();
         }
@@ -815,17 +819,15 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
             // address field. A rule added after texts were stored: only a warning on a stored
             // one, whose mapped address then counts as its IPv4 form below.
             let canonical = SocketAddr::new(a.ip().to_canonical(), a.port());
-            if canonical != a
-                && cx.newer(
-                    n.pos,
-                    format!(
-                        "address of {what}: {a} is an IPv4-mapped address, the same endpoint as \
-                         {canonical}; write {canonical}"
-                    ),
-                )
-            {
-                return None;
-            }
+            mapped_check(
+                cx,
+                n.pos,
+                &Of("address", &what),
+                &a,
+                (canonical != a).then(|| canonical.to_string()),
+                &format!("the same endpoint as {canonical}"),
+                (),
+            )?;
             if let Some((written, other)) = quic.get(&canonical) {
                 let msg = format!(
                     "address of {what}: {a} is already the QUIC address of node \"{other}\""
@@ -852,7 +854,15 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
             };
             // Reported but kept: its IPv4 form still counts in the checks below (a pool
             // holding it).
-            let _ = mapped_check(cx, n.pos, &Of("client_address", &what), &ip, v4, ());
+            let _ = mapped_check(
+                cx,
+                n.pos,
+                &Of("client_address", &what),
+                &ip,
+                v4,
+                NEVER_MATCHES,
+                (),
+            );
             // A wildcard is a listen address (every address of the edge's host); a multicast
             // or broadcast address cannot take TCP connections at all.
             if let Some(not) = not_unicast(ip).filter(|_| !ip.to_canonical().is_unspecified())
@@ -1038,7 +1048,7 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
                         }
                         .to_string()
                     });
-                    mapped_check(cx, v.pos, &vw, &vip, v4, vip)
+                    mapped_check(cx, v.pos, &vw, &vip, v4, NEVER_MATCHES, vip)
                 }) {
                     Some(vip) => {
                         parsed_vips.push((vip, v.pos, owners.len() - 1));
@@ -1068,11 +1078,8 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
                                     residency.regions.push(Region::new(reg))
                                 }
                                 Some(reg) => {
-                                    let known = cx.known_list(
-                                        &reg,
-                                        regions.len(),
-                                        regions.iter().map(String::as_str),
-                                    );
+                                    let known =
+                                        cx.known_list(&reg, regions.iter().map(String::as_str));
                                     cx.err(
                                         rn.pos,
                                         format!(
@@ -1175,11 +1182,7 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
             let service = sf.required(cx, "service").and_then(|n| {
                 let s = ident(cx, n, &Of("service", &sw))?;
                 if !service_names.contains_key(s.as_str()) {
-                    let known = cx.known_list(
-                        &s,
-                        service_names.len(),
-                        service_names.keys().map(String::as_str),
-                    );
+                    let known = cx.known_list(&s, service_names.keys().map(String::as_str));
                     cx.err(n.pos, format!("unknown service \"{s}\" in {sw} {known}"));
                     return None;
                 }
@@ -1261,7 +1264,7 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
             if ids.contains_key(s) {
                 Some((NodeId::new(s), n.pos))
             } else {
-                let known = cx.known_list(s, ids.len(), ids.keys().map(String::as_str));
+                let known = cx.known_list(s, ids.keys().map(String::as_str));
                 cx.err(n.pos, format!("unknown node \"{s}\" in {what} {known}"));
                 None
             }
@@ -1716,7 +1719,6 @@ fn reachability_warnings(
         for ss in &n.serves {
             if let Some(&k) = service_index.get(ss.service.as_str())
                 && t.services[k].residency.allows(n)
-                && sites[k].last() != Some(&i)
             {
                 sites[k].push(i);
             }
@@ -1811,6 +1813,15 @@ fn reachability_warnings(
 mod tests {
     use super::*;
 
+    /// What loading `text` refuses it with, one line per diagnostic.
+    fn load_errors(text: &str) -> Vec<String> {
+        crate::load(text)
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
     fn two_edges(client_a: &str, client_b: &str) -> String {
         let node = |id: &str, kind: &str, n: u8, extra: &str| {
             format!(
@@ -1866,11 +1877,7 @@ mod tests {
             "lat: .nan, lon: -.inf",
             1,
         );
-        let errs: Vec<String> = crate::load(&text)
-            .unwrap_err()
-            .iter()
-            .map(|d| d.to_string())
-            .collect();
+        let errs = load_errors(&text);
         assert_eq!(
             errs,
             [
@@ -1885,11 +1892,7 @@ mod tests {
     #[test]
     fn a_byte_rate_with_a_lower_case_prefix_is_refused_but_a_stored_one_reads_as_bits() {
         let text = two_edges("127.20.0.1", "127.20.0.2").replacen("1Gbps", "1gBps", 1);
-        let errs: Vec<String> = crate::load(&text)
-            .unwrap_err()
-            .iter()
-            .map(|d| d.to_string())
-            .collect();
+        let errs = load_errors(&text);
         assert_eq!(
             errs,
             [
@@ -1910,11 +1913,7 @@ mod tests {
     #[test]
     fn an_empty_list_of_nodes_is_refused() {
         let text = "version: 1\nnodes: []\n";
-        let errs: Vec<String> = crate::load(text)
-            .unwrap_err()
-            .iter()
-            .map(|d| d.to_string())
-            .collect();
+        let errs = load_errors(text);
         assert_eq!(
             errs,
             ["2:8: error: nodes is an empty list: a topology needs at least one node"]
@@ -1925,8 +1924,8 @@ mod tests {
     }
 
     /// An unknown name past the first [`MAX_HINTED_NAMES`] (or one too long for a hint) costs
-    /// nothing per known name: the count is passed in, not walked from the map each time (it
-    /// was, for every unknown name: quadratic in a renamed fabric).
+    /// nothing per known name: the count is the iterator's exact length, not walked from the map
+    /// each time (it was, for every unknown name: quadratic in a renamed fabric).
     #[test]
     fn unknown_names_past_the_hinted_ones_do_not_walk_the_known_ones() {
         use std::cell::Cell;
@@ -1942,14 +1941,14 @@ mod tests {
         cx.hinted = MAX_HINTED_NAMES;
         let long = "x".repeat(MAX_HINTED_LEN + 1);
         for word in ["nod-1", long.as_str()] {
-            let hint = cx.known_list(word, names.len(), known());
+            let hint = cx.known_list(word, known());
             assert!(hint.starts_with("(1000 known"), "{hint}");
         }
         assert_eq!(walked.get(), 0);
         // The first hinted names still get the closest ones, and the count.
         cx.hinted = 0;
         assert!(
-            cx.known_list("nod-1", names.len(), known())
+            cx.known_list("nod-1", known())
                 .starts_with("(closest of 1000 known: node-1, "),
         );
     }

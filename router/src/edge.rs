@@ -362,7 +362,8 @@ pub(crate) fn source_key(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// An edge's open client connections per source ([`source_key`]), against its per-source cap.
+/// Open connections per source ([`source_key`]), against a per-source cap: an edge's clients, and
+/// the connections of the small HTTP servers ([`crate::http_serve`]).
 /// A source is in the map while it has a connection open: the map is bounded by the open
 /// clients, not by the sources ever seen. Each change holds the source's shard lock for a few
 /// instructions (the `entry` API), never across an await, so a take and a give-back racing on
@@ -384,7 +385,7 @@ impl SourceCounts {
     /// Counts one more connection from `client`'s source ([`source_key`]), returned;
     /// `Ok(None)` when there is no cap (nothing counted), `Err(source)` when the source holds
     /// the cap already (nothing counted either).
-    fn take(&self, client: IpAddr) -> Result<Option<IpAddr>, IpAddr> {
+    pub(crate) fn take(&self, client: IpAddr) -> Result<Option<IpAddr>, IpAddr> {
         let Some(cap) = self.cap else {
             return Ok(None);
         };
@@ -401,7 +402,7 @@ impl SourceCounts {
 
     /// Counts one connection from `source` less (one [`SourceCounts::take`] counted),
     /// forgetting the source at 0.
-    fn give_back(&self, source: IpAddr) {
+    pub(crate) fn give_back(&self, source: IpAddr) {
         match self.open.entry(source) {
             Entry::Occupied(mut e) if *e.get() > 1 => *e.get_mut() -= 1,
             Entry::Occupied(e) => {

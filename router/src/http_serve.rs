@@ -4,8 +4,9 @@
 //! Their listeners are open to the network, and every connection costs a descriptor and a task
 //! before any request is looked at, so [`serve`] bounds what one client can hold:
 //! - at most [`Limits::max_connections`] connections at once; more wait in the listen backlog;
-//! - at most [`Limits::max_per_source`] of them from one IP address; more from it are closed at
-//!   once (one client cannot hold every slot and keep the others waiting);
+//! - at most [`Limits::max_per_source`] of them from one source (an IPv4 address, an IPv6 /64,
+//!   as an edge counts its clients); more from it are answered 503 and closed at once (one
+//!   client cannot hold every slot and keep the others waiting);
 //! - a request's headers must arrive within [`Limits::header_read_timeout`], which also bounds how
 //!   long a kept-alive connection may idle between requests (hyper restarts the timer for the next
 //!   request's headers);
@@ -117,45 +118,22 @@ pub struct Limits {
     pub write_timeout: Duration,
     /// Connections served at once; more wait in the listen backlog until one ends.
     pub max_connections: usize,
-    /// Connections served at once from one IP address; one more from it is closed as soon as it
-    /// is accepted.
+    /// Connections served at once from one source ([`crate::edge::source_key`]); one more from
+    /// it is answered 503 and closed as soon as it is accepted.
     pub max_per_source: usize,
 }
 
-/// Connections open per source address ([`Limits::max_per_source`]); an entry lives as long as
-/// one of its connections, so there are at most [`Limits::max_connections`].
-type Sources = Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>;
-
-/// One connection counted against its source; uncounted when dropped.
+/// One connection counted against its source ([`crate::edge::SourceCounts`], as an edge counts
+/// its clients); given back when dropped.
 struct SourceShare {
-    sources: Sources,
-    ip: std::net::IpAddr,
-}
-
-impl SourceShare {
-    /// Counts a connection from `ip`, or `None` when it already has `max` open.
-    fn take(sources: &Sources, ip: std::net::IpAddr, max: usize) -> Option<SourceShare> {
-        let mut map = sources.lock().unwrap_or_else(|e| e.into_inner());
-        let n = map.entry(ip).or_default();
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(SourceShare {
-            sources: sources.clone(),
-            ip,
-        })
-    }
+    sources: Arc<crate::edge::SourceCounts>,
+    source: Option<std::net::IpAddr>,
 }
 
 impl Drop for SourceShare {
     fn drop(&mut self) {
-        let mut map = self.sources.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = map.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.ip);
-            }
+        if let Some(source) = self.source {
+            self.sources.give_back(source);
         }
     }
 }
@@ -342,7 +320,7 @@ pub async fn serve_with_refusal<S, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let sources = Sources::default();
+    let sources = Arc::new(crate::edge::SourceCounts::new(Some(limits.max_per_source)));
     let mut http = hyper::server::conn::http1::Builder::new();
     // hyper applies the header read timeout only with a timer.
     http.timer(TokioTimer::new())
@@ -365,13 +343,16 @@ pub async fn serve_with_refusal<S, B>(
             }
         };
         while conns.try_join_next().is_some() {}
-        let ip = remote.ip().to_canonical();
-        let Some(share) = SourceShare::take(&sources, ip, limits.max_per_source) else {
+        let Ok(source) = sources.take(remote.ip()) else {
             // Told why in one non-blocking write (a client sees a refusal, not a connection
             // that ended after its request went out), closed at once, its slot free again.
             tracing::debug!(server = name, %remote, max = limits.max_per_source, "connection refused: its address holds its share already");
             let _ = tcp.try_write(&over_share(limits.max_per_source, refusal));
             continue;
+        };
+        let share = SourceShare {
+            sources: sources.clone(),
+            source,
         };
         let service = service.clone();
         let per_request = service_fn(move |req: Request<Incoming>| {

@@ -372,8 +372,7 @@ impl Liveness {
         if let Some(t) = until.checked_sub(self.detect()) {
             self.last_alive = self.last_alive.max(t);
         }
-        let silence = if self.down { DEAD_AFTER } else { HARD_SILENCE };
-        if let Some(t) = until.checked_sub(silence) {
+        if let Some(t) = until.checked_sub(self.silence()) {
             self.last_heard = self.last_heard.max(t);
         }
         true
@@ -431,15 +430,14 @@ impl Liveness {
             self.outstanding = Some(now + timeout);
         }
     }
+    /// The longest silence (no packet at all) that gives no verdict: [`HARD_SILENCE`], and once
+    /// down [`DEAD_AFTER`] (shorter), which ends the connection.
+    fn silence(&self) -> Duration {
+        if self.down { DEAD_AFTER } else { HARD_SILENCE }
+    }
     /// When [`Liveness::expire`] must run next.
     pub fn deadline(&self) -> tokio::time::Instant {
-        // Once down, no packet for DEAD_AFTER (shorter than HARD_SILENCE) ends the connection.
-        let silence = if self.down {
-            self.last_heard + DEAD_AFTER
-        } else {
-            self.last_heard + HARD_SILENCE
-        };
-        let classic = (self.last_alive + self.detect()).min(silence);
+        let classic = (self.last_alive + self.detect()).min(self.last_heard + self.silence());
         self.outstanding.map_or(classic, |o| o.min(classic))
     }
     /// At the deadline: is the peer down (or, once down, dead, or failing again), or does a

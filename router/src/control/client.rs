@@ -819,8 +819,7 @@ async fn converse(
     let mut frames = proto::FrameReader::new(MAX_TO_ROUTER);
     let mut tick = tokio::time::interval(cfg.telemetry_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Renewal requests sent on this session and not answered yet: the controller answers them
-    // in order, so with more than one waiting an answer is for an earlier one, not `pending`'s.
+    // Renewal requests sent on this session and not answered yet.
     let mut asked = 0u32;
     loop {
         let renew = renew_due(shared);
@@ -838,6 +837,12 @@ async fn converse(
                 if shared.stale.swap(false, Ordering::Relaxed) {
                     tracing::warn!("controller reachable again; snapshot no longer stale");
                 }
+                // Renewal answers come in the order of the requests: with more than one waiting,
+                // this one is for an earlier request, not `pending`'s.
+                let earlier = asked > 1;
+                if matches!(msg, ToRouter::Certificate { .. } | ToRouter::RenewRefused { .. }) {
+                    asked = asked.saturating_sub(1);
+                }
                 let reply = match msg {
                     // An answer to an earlier request (that timed out and was asked again
                     // with a new key) must not use up the key of the request still waiting.
@@ -847,12 +852,10 @@ async fn converse(
                             .and_then(|k| tls::certifies(&chain_pem, k))
                             == Some(false) =>
                     {
-                        asked = asked.saturating_sub(1);
                         tracing::info!("ignoring a certificate for an earlier renewal request");
                         None
                     }
                     ToRouter::Certificate { chain_pem } => {
-                        asked = asked.saturating_sub(1);
                         match pending.take() {
                             Some(key) => shared.certs.send(Arc::new(Renewed { key, chain_pem })),
                             None => tracing::debug!("ignoring a certificate no renewal asked for"),
@@ -865,13 +868,11 @@ async fn converse(
                     }
                     // A refusal of an earlier request (counted unanswered when the next went)
                     // leaves the one waiting alone.
-                    ToRouter::RenewRefused { .. } if asked > 1 => {
-                        asked -= 1;
+                    ToRouter::RenewRefused { .. } if earlier => {
                         tracing::info!("ignoring a refusal of an earlier renewal request");
                         None
                     }
                     ToRouter::RenewRefused { reason } => {
-                        asked = asked.saturating_sub(1);
                         if pending.take().is_some() {
                             let reason = clip(reason);
                             shared.cert.count_renewal(Renewal::Refused);

@@ -364,47 +364,35 @@ impl StubController {
                         if let Ok(FromRouter::Renew { public_key }) = proto::decode(&frame) {
                             seen.lock().unwrap().push(Instant::now());
                             keys.push(public_key);
-                            match answers {
-                                Answers::None => {}
+                            // A certificate for a request's key, signed as the controller would.
+                            let certify = |key: &[u8]| {
+                                let key = pki::RawP256PublicKey::new(key).unwrap();
+                                let validity =
+                                    Validity::for_duration(Duration::from_secs(3600)).unwrap();
+                                let chain_pem = ca.sign(NODE, validity, &key).unwrap().chain_pem;
+                                ToRouter::Certificate { chain_pem }
+                            };
+                            let replies = match answers {
                                 Answers::CloseSession => {
                                     conn.close(0u32.into(), b"unexpected message");
                                     return;
                                 }
                                 Answers::SecondAfterFirst if keys.len() == 2 => {
-                                    for key in &keys {
-                                        let key = pki::RawP256PublicKey::new(key).unwrap();
-                                        let validity =
-                                            Validity::for_duration(Duration::from_secs(3600))
-                                                .unwrap();
-                                        let chain_pem =
-                                            ca.sign(NODE, validity, &key).unwrap().chain_pem;
-                                        let answer = ToRouter::Certificate { chain_pem };
-                                        let frame = proto::encode(&answer).unwrap();
-                                        if send.write_all(&frame).await.is_err() {
-                                            return;
-                                        }
-                                    }
+                                    keys.iter().map(|k| certify(k)).collect()
                                 }
-                                Answers::SecondAfterFirst => {}
-                                Answers::RefuseFirstThenCertifySecond if keys.len() == 2 => {
-                                    let key = pki::RawP256PublicKey::new(&keys[1]).unwrap();
-                                    let validity =
-                                        Validity::for_duration(Duration::from_secs(3600)).unwrap();
-                                    let chain_pem =
-                                        ca.sign(NODE, validity, &key).unwrap().chain_pem;
-                                    for answer in [
-                                        ToRouter::RenewRefused {
-                                            reason: "the first request, refused late".into(),
-                                        },
-                                        ToRouter::Certificate { chain_pem },
-                                    ] {
-                                        let frame = proto::encode(&answer).unwrap();
-                                        if send.write_all(&frame).await.is_err() {
-                                            return;
-                                        }
-                                    }
+                                Answers::RefuseFirstThenCertifySecond if keys.len() == 2 => vec![
+                                    ToRouter::RenewRefused {
+                                        reason: "the first request, refused late".into(),
+                                    },
+                                    certify(&keys[1]),
+                                ],
+                                _ => Vec::new(),
+                            };
+                            for reply in replies {
+                                let frame = proto::encode(&reply).unwrap();
+                                if send.write_all(&frame).await.is_err() {
+                                    return;
                                 }
-                                Answers::RefuseFirstThenCertifySecond => {}
                             }
                         }
                     }

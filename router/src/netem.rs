@@ -1170,33 +1170,45 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_full_queue_drops_and_counts() {
-        let sink = UdpSocket::bind(lo()).await.expect("bind sink");
+    /// A link to `target` with `delay` and a queue of 10 packets each way.
+    async fn ten_packet_queue(target: &UdpSocket, delay: u64) -> LinkHandle {
         let options = EmulatorOptions {
             queue_limit: 10,
             ..EmulatorOptions::default()
         };
-        let link = LinkEmulator::spawn_with(
+        LinkEmulator::spawn_with(
             lo(),
-            sink.local_addr().expect("addr"),
-            LinkProfile::delay(ms(300)),
+            target.local_addr().expect("addr"),
+            LinkProfile::delay(ms(delay)),
             options,
         )
         .await
-        .expect("spawn");
-        let client = UdpSocket::bind(lo()).await.expect("bind client");
-        for i in 0u32..50 {
+        .expect("spawn")
+    }
+
+    /// Sends packets numbered `range` from `client` into `link`, and waits until the link has
+    /// received them all (`range.end` in all).
+    async fn burst(client: &UdpSocket, link: &LinkHandle, range: std::ops::Range<u32>) {
+        let all = u64::from(range.end);
+        for i in range {
             client
                 .send_to(&i.to_be_bytes(), link.local_addr())
                 .await
                 .expect("send");
         }
         assert!(
-            eventually(Duration::from_secs(5), || link.stats().received == 50).await,
+            eventually(Duration::from_secs(5), || link.stats().received == all).await,
             "{:?}",
             link.stats()
         );
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_drops_and_counts() {
+        let sink = UdpSocket::bind(lo()).await.expect("bind sink");
+        let link = ten_packet_queue(&sink, 300).await;
+        let client = UdpSocket::bind(lo()).await.expect("bind client");
+        burst(&client, &link, 0..50).await;
         let stats = link.stats();
         assert_eq!(stats.dropped_queue_full, 40, "{stats:?}");
         assert!(
@@ -1211,47 +1223,16 @@ mod tests {
     #[tokio::test]
     async fn a_full_queue_one_way_leaves_the_other_way_open() {
         let target = UdpSocket::bind(lo()).await.expect("bind target");
-        let options = EmulatorOptions {
-            queue_limit: 10,
-            ..EmulatorOptions::default()
-        };
         // Long enough that the client's queue is still full when the answer comes, however slow
         // the machine is to send the second burst.
-        let link = LinkEmulator::spawn_with(
-            lo(),
-            target.local_addr().expect("addr"),
-            LinkProfile::delay(ms(2000)),
-            options,
-        )
-        .await
-        .expect("spawn");
+        let link = ten_packet_queue(&target, 2000).await;
         let client = UdpSocket::bind(lo()).await.expect("bind client");
-        for i in 0u32..50 {
-            client
-                .send_to(&i.to_be_bytes(), link.local_addr())
-                .await
-                .expect("send");
-        }
-        assert!(
-            eventually(Duration::from_secs(5), || link.stats().received == 50).await,
-            "{:?}",
-            link.stats()
-        );
+        burst(&client, &link, 0..50).await;
         assert_eq!(link.stats().dropped_queue_full, 40, "{:?}", link.stats());
         // The first packets arrive (2 s later); the client fills its direction again, and
         // the flow's answer goes back while that queue is full.
         let (_, flow) = recv_one(&target).await;
-        for i in 50u32..100 {
-            client
-                .send_to(&i.to_be_bytes(), link.local_addr())
-                .await
-                .expect("send");
-        }
-        assert!(
-            eventually(Duration::from_secs(5), || link.stats().received == 100).await,
-            "{:?}",
-            link.stats()
-        );
+        burst(&client, &link, 50..100).await;
         let dropped = link.stats().dropped_queue_full;
         assert!(
             dropped >= 80,
@@ -1285,17 +1266,7 @@ mod tests {
         .await
         .expect("spawn");
         let client = UdpSocket::bind(lo()).await.expect("bind client");
-        for packet in [b"first", b"again"] {
-            client
-                .send_to(packet, link.local_addr())
-                .await
-                .expect("send");
-        }
-        assert!(
-            eventually(Duration::from_secs(5), || link.stats().received == 2).await,
-            "{:?}",
-            link.stats()
-        );
+        burst(&client, &link, 0..2).await;
         assert_eq!(link.stats().forwarded, 0, "{:?}", link.stats());
     }
 

@@ -16,8 +16,8 @@ use topology::{NodeKind, ServiceName};
 
 use common::{
     Source, addressed, ca_dir, connect_as, echo_backend, echo_roundtrip, free_tcp_port,
-    line_topology, metric, serve, spawn_all, spawn_issued, spawn_node, tracked_echo_backend,
-    wait_for_route, wait_until,
+    line_topology, metric, neighbour_up, serve, spawn_all, spawn_issued, spawn_node,
+    tracked_echo_backend, wait_for_route, wait_until,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1605,33 +1605,60 @@ async fn a_site_that_shuts_down_drains_its_open_connections_and_sends_new_ones_a
     echo_once(&mut fresh, b"after").await.unwrap();
 }
 
-/// A draining transit keeps probing its neighbours for the streams still open through it: when
-/// the link to its next hop goes silent during the drain, it declares that neighbour down, and
-/// the stream on it ends (a reset for its client) instead of waiting for QUIC's idle timeout. (The
-/// drain stopped the dialers, which send the probes: no verdict came during a drain.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_draining_transit_still_declares_a_silent_neighbour_down() {
+/// The line fabric (edge, transit, site; its snapshot sources and client port returned), every
+/// node `tune`d, the transit's link to the site through a link emulator (no delay) that a test
+/// can cut.
+async fn line_via_emulator(
+    dir: &std::path::Path,
+    backend: std::net::SocketAddr,
+    tune: impl Fn(&mut RouterConfig),
+) -> (
+    Vec<RouterHandle>,
+    Vec<Source>,
+    router::netem::LinkHandle,
+    u16,
+) {
     use router::netem::{LinkEmulator, LinkProfile};
-    let dir = ca_dir();
-    let backend = tracked_echo_backend().await;
     let port = free_tcp_port();
-    let t = line_topology("echo", backend.addr, port);
-    let site_addr = t.node("site").unwrap().address;
+    let t = line_topology("echo", backend, port);
     let link = LinkEmulator::spawn(
         "127.0.0.1:0".parse().unwrap(),
-        site_addr,
+        t.node("site").unwrap().address,
         LinkProfile::delay(topology::Latency::ZERO),
     )
     .await
     .unwrap();
     let via = link.local_addr();
     let snap = Arc::new(Snapshot::new(1, Arc::new(t)));
-    let (mut hs, _txs) = spawn_all(&snap, dir.path(), |id, cfg| {
+    let (hs, txs) = spawn_all(&snap, dir, |id, cfg| {
+        tune(cfg);
         if id == "transit" {
             cfg.dial_overrides = [(topology::NodeId::new("site"), via)].into();
         }
     })
     .await;
+    (hs, txs, link, port)
+}
+
+/// Down verdicts the transit gave (`tasman_neighbour_down_total`).
+fn transit_downs(transit: &RouterHandle) -> u64 {
+    metric(
+        &transit.metrics_text(),
+        "tasman_neighbour_down_total{node=\"transit\"}",
+    )
+    .unwrap_or(0)
+}
+
+/// A draining transit keeps probing its neighbours for the streams still open through it: when
+/// the link to its next hop goes silent during the drain, it declares that neighbour down, and
+/// the stream on it ends (a reset for its client) instead of waiting for QUIC's idle timeout. (The
+/// drain stopped the dialers, which send the probes: no verdict came during a drain.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_transit_still_declares_a_silent_neighbour_down() {
+    use router::netem::LinkProfile;
+    let dir = ca_dir();
+    let backend = tracked_echo_backend().await;
+    let (mut hs, _txs, link, port) = line_via_emulator(dir.path(), backend.addr, |_| {}).await;
     wait_for_route(
         node(&hs, "edge"),
         "echo",
@@ -1645,13 +1672,7 @@ async fn a_draining_transit_still_declares_a_silent_neighbour_down() {
         .position(|h| h.telemetry().node.as_str() == "transit")
         .unwrap();
     let transit = hs.remove(at);
-    let downs = |h: &RouterHandle| {
-        metric(
-            &h.metrics_text(),
-            "tasman_neighbour_down_total{node=\"transit\"}",
-        )
-        .unwrap_or(0)
-    };
+    let downs = |h: &RouterHandle| transit_downs(h);
     assert_eq!(downs(&transit), 0);
     transit.begin_drain();
     link.set_profile(LinkProfile::cut());
@@ -1689,44 +1710,16 @@ async fn a_draining_transit_still_declares_a_silent_neighbour_down() {
 /// the first verdict, and went down again at the next cut, about every 1.5 s.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flapping_neighbour_stays_down_until_it_answers_for_a_whole_hold_down() {
-    use router::netem::{LinkEmulator, LinkProfile};
     const HOLD_DOWN: Duration = Duration::from_secs(1);
     let dir = ca_dir();
     let backend = tracked_echo_backend().await;
-    let port = free_tcp_port();
-    let t = line_topology("echo", backend.addr, port);
-    let site_addr = t.node("site").unwrap().address;
-    let link = LinkEmulator::spawn(
-        "127.0.0.1:0".parse().unwrap(),
-        site_addr,
-        LinkProfile::delay(topology::Latency::ZERO),
-    )
-    .await
-    .unwrap();
-    let via = link.local_addr();
-    let snap = Arc::new(Snapshot::new(1, Arc::new(t)));
-    let (hs, _txs) = spawn_all(&snap, dir.path(), |id, cfg| {
+    let (hs, _txs, link, _port) = line_via_emulator(dir.path(), backend.addr, |cfg| {
         cfg.probe.hold_down = HOLD_DOWN;
-        if id == "transit" {
-            cfg.dial_overrides = [(topology::NodeId::new("site"), via)].into();
-        }
     })
     .await;
     let transit = node(&hs, "transit");
-    let site_up = || {
-        transit
-            .telemetry()
-            .neighbours
-            .iter()
-            .any(|n| n.id.as_str() == "site" && n.up)
-    };
-    let downs = || {
-        metric(
-            &transit.metrics_text(),
-            "tasman_neighbour_down_total{node=\"transit\"}",
-        )
-        .unwrap_or(0)
-    };
+    let site_up = || neighbour_up(transit, "site");
+    let downs = || transit_downs(transit);
     wait_until(Duration::from_secs(20), site_up, || {
         format!("site never up at the transit: {:?}", transit.telemetry())
     })

@@ -165,12 +165,7 @@ async fn a_neighbour_cannot_flood_unsolicited_or_made_up_evidence() {
             }
         });
     let (edge, _) = spawn_node(&snap, dir.path(), "edge", |_| {}).await;
-    let up = || {
-        edge.telemetry()
-            .neighbours
-            .iter()
-            .any(|n| n.id.as_str() == "transit" && n.up)
-    };
+    let up = || common::neighbour_up(&edge, "transit");
     wait_until(Duration::from_secs(20), up, || {
         format!("transit never up: {:?}", edge.telemetry())
     })
@@ -921,12 +916,7 @@ async fn a_neighbour_never_up_gets_no_hold_down_for_its_missed_probes() {
         c.probe.hold_down = Duration::from_secs(600);
     })
     .await;
-    let up = || {
-        edge.telemetry()
-            .neighbours
-            .iter()
-            .any(|n| n.id.as_str() == "transit" && n.up)
-    };
+    let up = || common::neighbour_up(&edge, "transit");
     wait_until(Duration::from_secs(20), up, || {
         format!(
             "transit never up ({} pings answered): {:?}",

@@ -282,6 +282,14 @@ pub async fn connect_as_with(
 }
 
 /// An edge whose one neighbour is `near` (a site serving echo at `backend`), on loopback.
+/// Whether `h` has neighbour `id` up (its telemetry).
+pub fn neighbour_up(h: &RouterHandle, id: &str) -> bool {
+    h.telemetry()
+        .neighbours
+        .iter()
+        .any(|n| n.id.as_str() == id && n.up)
+}
+
 pub fn edge_and_near(backend: SocketAddr) -> Topology {
     let mut b = TopologyBuilder::new();
     b.node("edge", NodeKind::Edge)

@@ -214,17 +214,12 @@ impl Graph {
             })
             .collect();
 
-        let mut services: BTreeMap<&str, Vec<ServingSite>> = topo
-            .services
-            .iter()
-            .map(|s| (s.name.as_str(), Vec::new()))
-            .collect();
-        // Each serves entry's service by name: `Topology::service` is a scan of the services,
-        // once per serves entry (10,000 services on thousands of sites). The first of a name
-        // wins, as it did there (an unvalidated topology may repeat one).
-        let mut by_name: HashMap<&str, &Service> = HashMap::with_capacity(topo.services.len());
+        // Each service by name, with its sites: one lookup per serves entry (`Topology::service`
+        // was a scan of the services for each, 10,000 services on thousands of sites). The
+        // first of a name wins, as it did there (an unvalidated topology may repeat one).
+        let mut services: BTreeMap<&str, (&Service, Vec<ServingSite>)> = BTreeMap::new();
         for s in &topo.services {
-            by_name.entry(s.name.as_str()).or_insert(s);
+            services.entry(s.name.as_str()).or_insert((s, Vec::new()));
         }
         for (gi, &ti) in order.iter().enumerate() {
             let node = &topo.nodes[ti as usize];
@@ -232,15 +227,13 @@ impl Graph {
                 continue;
             }
             for served in &node.serves {
-                let Some(svc) = by_name.get(served.service.as_str()) else {
+                let Some((svc, list)) = services.get_mut(served.service.as_str()) else {
                     continue;
                 };
                 if !svc.residency.allows(node) {
                     continue;
                 }
-                if let Some(list) = services.get_mut(served.service.as_str())
-                    && list.last().is_none_or(|s| s.node != gi as u32)
-                {
+                if list.last().is_none_or(|s| s.node != gi as u32) {
                     list.push(ServingSite {
                         node: gi as u32,
                         capacity: served.capacity,
@@ -252,7 +245,7 @@ impl Graph {
         }
         let services = services
             .into_iter()
-            .map(|(name, sites)| ServiceSites {
+            .map(|(name, (_, sites))| ServiceSites {
                 name: ServiceName::new(name),
                 sites,
             })

@@ -320,9 +320,7 @@ impl<'a> Builder<'a> {
                 // The copy is positioned where it is used, every node of it (not only its top):
                 // a problem inside it is the alias's (a duplicate id in a copied node is at the
                 // alias, not at the anchored node's id). Bounded like the copy itself.
-                let mut n = target.clone();
-                place(&mut n, p);
-                return Ok((n, size));
+                return Ok((placed(target, p), size));
             }
             other => {
                 return Err(Diagnostic::error(
@@ -361,18 +359,20 @@ impl<'a> Builder<'a> {
     }
 }
 
-/// Gives `n` and every node inside it the position `p` (an alias's copy). Recursion is as deep
-/// as the copied node, at most [`MAX_DEPTH`].
-fn place(n: &mut YNode<'_>, p: Pos) {
-    n.pos = p;
-    match &mut n.value {
-        YValue::Seq(items) => items.iter_mut().for_each(|i| place(i, p)),
-        YValue::Map(entries) => entries.iter_mut().for_each(|(k, v)| {
-            place(k, p);
-            place(v, p);
-        }),
-        _ => {}
-    }
+/// A copy of `n` with every node of it at position `p` (an alias's copy), made in one walk.
+/// Recursion is as deep as the copied node, at most [`MAX_DEPTH`].
+fn placed<'a>(n: &YNode<'a>, p: Pos) -> YNode<'a> {
+    let value = match &n.value {
+        YValue::Seq(items) => YValue::Seq(items.iter().map(|i| placed(i, p)).collect()),
+        YValue::Map(entries) => YValue::Map(
+            entries
+                .iter()
+                .map(|(k, v)| (placed(k, p), placed(v, p)))
+                .collect(),
+        ),
+        scalar => scalar.clone(),
+    };
+    YNode { pos: p, value }
 }
 
 pub(crate) fn nesting_message() -> String {
@@ -549,8 +549,7 @@ mod tests {
             panic!()
         };
         assert_eq!((copy[0].0.pos, copy[0].1.pos, items[0].pos), (at, at, at));
-        let mut anchored = m[0].1.clone();
-        place(&mut anchored, at);
+        let anchored = placed(&m[0].1, at);
         assert_eq!(m[1].1, anchored);
     }
 }

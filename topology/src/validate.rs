@@ -704,21 +704,18 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
             // valid fabric of nothing, which routes nothing: the field is required for a
             // reason. Pointed at the key, since a null value has no text of its own. A rule
             // added after texts were stored: only a warning on a stored one.
-            if items.is_empty() && matches!(&n.value, YValue::Seq(_) | YValue::Null) {
-                let at = match n.value {
-                    YValue::Null => top.key_pos("nodes").unwrap_or(n.pos),
-                    _ => n.pos,
-                };
+            let empty = match &n.value {
+                YValue::Null => Some((
+                    top.key_pos("nodes").unwrap_or(n.pos),
+                    "empty (nothing follows `nodes:`)",
+                )),
+                YValue::Seq(s) if s.is_empty() => Some((n.pos, "an empty list")),
+                _ => None,
+            };
+            if let Some((at, how)) = empty {
                 cx.newer(
                     at,
-                    format!(
-                        "nodes is {}: a topology needs at least one node",
-                        if matches!(n.value, YValue::Null) {
-                            "empty (nothing follows `nodes:`)"
-                        } else {
-                            "an empty list"
-                        }
-                    ),
+                    format!("nodes is {how}: a topology needs at least one node"),
                 );
             }
             items

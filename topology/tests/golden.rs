@@ -117,10 +117,7 @@ fn rules_added_since_a_text_was_stored_only_warn_on_it() {
         "transparent_port_is_a_service_port",
         "unusable_addresses",
     ] {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/invalid")
-            .join(format!("{name}.yaml"));
-        let text = std::fs::read_to_string(&path).unwrap();
+        let text = invalid_text(name);
         let errors = topology::load(&text).expect_err(name);
         let stored = topology::load_stored(&text)
             .unwrap_or_else(|d| panic!("{name}: a stored text is refused: {d:?}"));
@@ -143,10 +140,7 @@ fn rules_added_since_a_text_was_stored_only_warn_on_it() {
     }
     // A stored text's mapped QUIC address counts as its IPv4 form: the endpoint another node
     // has (accepted before the rule) is a warning too, naming both spellings.
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/invalid/ipv4_mapped_quic_address.yaml"),
-    )
-    .unwrap();
+    let text = invalid_text("ipv4_mapped_quic_address");
     let stored = topology::load_stored(&text).unwrap();
     assert!(
         stored.warnings.iter().any(|d| d.to_string()
@@ -157,13 +151,18 @@ fn rules_added_since_a_text_was_stored_only_warn_on_it() {
         stored.warnings
     );
     // A stored byte rate keeps the meaning earlier builds gave it: bits.
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/invalid/bytes_per_second_capacity.yaml"),
-    )
-    .unwrap();
+    let text = invalid_text("bytes_per_second_capacity");
     let stored = topology::load_stored(&text).unwrap();
     assert_eq!(
         stored.topology.links[0].capacity,
         topology::Bandwidth::from_mbps(10_000)
     );
+}
+
+/// The text of `tests/invalid/NAME.yaml`.
+fn invalid_text(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/invalid")
+        .join(format!("{name}.yaml"));
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }

@@ -312,17 +312,18 @@ pub fn rollback(args: RollbackArgs) -> ExitCode {
 /// Marks the lines `edit` adds on top of the text (removed before validation).
 const EDIT_MARK: &str = "# tasman-edit: ";
 
-fn strip_header(text: &str) -> String {
+/// `text` without the [`EDIT_MARK`] lines on top, and how many there were.
+fn strip_header(text: &str) -> (String, usize) {
     let mut out = String::with_capacity(text.len());
-    let mut in_header = true;
+    let mut header = 0;
     for line in text.split_inclusive('\n') {
-        if in_header && line.starts_with(EDIT_MARK) {
+        if out.is_empty() && line.starts_with(EDIT_MARK) {
+            header += 1;
             continue;
         }
-        in_header = false;
         out.push_str(line);
     }
-    out
+    (out, header)
 }
 
 fn with_errors(text: &str, error: &str, diags: &[crate::admin::Diag]) -> String {
@@ -401,7 +402,7 @@ async fn edit_loop(c: &AdminClient, args: &EditArgs) -> Result<ExitCode, ClientE
                 return Ok(ExitCode::from(2));
             }
             let edited = std::fs::read_to_string(&path).map_err(io_err)?;
-            let text = strip_header(&edited);
+            let (text, header) = strip_header(&edited);
             if text == cur.record.text {
                 println!("no changes");
                 return Ok(ExitCode::SUCCESS);
@@ -435,10 +436,6 @@ async fn edit_loop(c: &AdminClient, args: &EditArgs) -> Result<ExitCode, ClientE
             // edit applies against the version it opened already.
             // Its warnings' lines are the text's without the header of errors it may still
             // have on top in the file: counted in the file's lines.
-            let header = edited
-                .split_inclusive('\n')
-                .take_while(|l| l.starts_with(EDIT_MARK))
-                .count();
             let mut shown = plan.clone();
             for w in shown.warnings.iter_mut().filter(|w| w.line > 0) {
                 w.line += header;

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::graph::Graph;
-use crate::model::{NodeId, NodeKind, ServiceName, Topology};
+use crate::model::{Link, NodeId, NodeKind, ServiceName, Topology};
 use crate::route::{
     Candidate, Hysteresis, LiveState, RouteError, RoutingTable, Share, Spread, preferred_first,
 };
@@ -85,10 +85,27 @@ impl TopologyDiff {
 pub fn diff(old: &Topology, new: &Topology) -> TopologyDiff {
     TopologyDiff {
         nodes: section(&old.nodes, &new.nodes, |n| n.id.to_string()),
-        links: section(&old.links, &new.links, |l| l.id().to_string()),
+        links: section(&sorted_ends(&old.links), &sorted_ends(&new.links), |l| {
+            l.id().to_string()
+        }),
         services: section(&old.services, &new.services, |s| s.name.to_string()),
         pools: section(&old.pools, &new.pools, |p| p.name.to_string()),
     }
+}
+
+/// A link's ends in the order its id names them: a link is undirected, so `a: x, b: y` and
+/// `a: y, b: x` are the same link, not a change of both ends.
+fn sorted_ends(links: &[Link]) -> Vec<Link> {
+    links
+        .iter()
+        .map(|l| {
+            let mut l = l.clone();
+            if l.a > l.b {
+                std::mem::swap(&mut l.a, &mut l.b);
+            }
+            l
+        })
+        .collect()
 }
 
 fn to_value<T: Serialize>(v: &T) -> Value {
@@ -116,10 +133,14 @@ fn section<T: Serialize>(old: &[T], new: &[T], id: impl Fn(&T) -> String) -> Sec
             Some(nv) if nv != ov => {
                 let mut fields = Vec::new();
                 fields_diff(String::new(), ov, nv, &mut fields);
-                d.changed.push(ChangedItem {
-                    id: k.clone(),
-                    fields,
-                });
+                // Nothing but the order of a list changed (a site's `serves`, a service's
+                // `clients`...): every list of the model is a set.
+                if !fields.is_empty() {
+                    d.changed.push(ChangedItem {
+                        id: k.clone(),
+                        fields,
+                    });
+                }
             }
             Some(_) => {}
         }
@@ -208,6 +229,7 @@ fn fields_diff(path: String, old: &Value, new: &Value, out: &mut Vec<FieldChange
                     fields_diff(format!("{path}[{k}]"), ov, nv, out);
                 }
             }
+            _ if same_set(o, n) => {}
             _ => out.push(FieldChange {
                 field: path,
                 old: old.clone(),
@@ -220,6 +242,16 @@ fn fields_diff(path: String, old: &Value, new: &Value, out: &mut Vec<FieldChange
             new: new.clone(),
         }),
     }
+}
+
+/// Whether two lists hold the same elements, in any order (with as many copies of each).
+fn same_set(o: &[Value], n: &[Value]) -> bool {
+    let sorted = |l: &[Value]| {
+        let mut v: Vec<String> = l.iter().map(Value::to_string).collect();
+        v.sort_unstable();
+        v
+    };
+    o.len() == n.len() && sorted(o) == sorted(n)
 }
 
 /// How one (edge, service) pair's choice changes.
@@ -550,6 +582,31 @@ mod tests {
         // JSON round trip: the CLI prints this.
         let text = serde_json::to_string(&d).unwrap();
         assert_eq!(serde_json::from_str::<TopologyDiff>(&text).unwrap(), d);
+    }
+
+    #[test]
+    fn swapped_link_ends_and_reordered_sets_are_no_change() {
+        let mut b = base();
+        b.serve("s1", "embed", 5);
+        let old = b.build();
+        let mut new = old.clone();
+        for l in &mut new.links {
+            std::mem::swap(&mut l.a, &mut l.b);
+        }
+        new.links.reverse();
+        new.nodes[2].serves.reverse(); // s1: chat, embed -> embed, chat
+        new.services[0].clients = vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()];
+        let mut newer = new.clone();
+        newer.services[0].clients.reverse();
+        let d = diff(&old, &new);
+        assert!(d.nodes.is_empty() && d.links.is_empty(), "{d:#?}");
+        assert_eq!(d.services.changed.len(), 1, "{d:#?}");
+        assert!(diff(&new, &newer).is_empty(), "{:#?}", diff(&new, &newer));
+        // A real change among reordered entries is still reported, and only it.
+        newer.services[0].clients[1] = "192.168.0.0/16".parse().unwrap();
+        let d = diff(&new, &newer);
+        assert_eq!(d.services.changed[0].fields.len(), 1, "{d:#?}");
+        assert_eq!(d.services.changed[0].fields[0].field, "clients");
     }
 
     #[test]

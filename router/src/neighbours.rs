@@ -286,6 +286,10 @@ pub(crate) struct Liveness {
     last_heard: tokio::time::Instant,
     /// Deadline of the oldest probe not yet answered.
     outstanding: Option<tokio::time::Instant>,
+    /// The sequence number of that probe: a late answer to an older one does not answer it.
+    outstanding_seq: u64,
+    /// The last probe's sequence number (the first is 1).
+    sent: u64,
     misses: u32,
     /// Stall graces given since the peer last answered ([`Liveness::stalled`]).
     graces: u32,
@@ -307,6 +311,8 @@ impl Liveness {
             last_alive: now,
             last_heard: now,
             outstanding: None,
+            outstanding_seq: 0,
+            sent: 0,
             misses: 0,
             graces: 0,
             down: false,
@@ -340,11 +346,22 @@ impl Liveness {
             }
         }
     }
-    /// A reply arrived: the peer is alive.
-    pub fn reply(&mut self, now: tokio::time::Instant) {
+    /// The answer to probe `echoed` arrived: the peer is alive. A late answer to a probe older
+    /// than the outstanding one (re-sent when the older was missed) does not answer that one:
+    /// the peer may have died since it sent it.
+    pub fn reply(&mut self, now: tokio::time::Instant, echoed: u64) {
         self.last_alive = now;
         self.heard(now);
-        self.answered();
+        if echoed >= self.outstanding_seq {
+            self.answered();
+        } else {
+            self.misses = 0;
+            self.graces = 0;
+        }
+    }
+    /// The last probe's sequence number (0 before the first).
+    pub fn sent(&self) -> u64 {
+        self.sent
     }
     /// Other packets from the peer arrived since the outstanding probe went out: it is answered
     /// (the reply may be queued behind them), without extending the classic deadline.
@@ -424,11 +441,15 @@ impl Liveness {
     pub fn recovered(&mut self) {
         self.down = false;
     }
-    /// A probe was sent at `now`; it is missed at `now + timeout` unless answered.
-    pub fn probe_sent(&mut self, now: tokio::time::Instant, timeout: Duration) {
+    /// A probe goes out at `now`: its sequence number. It is missed at `now + timeout` unless
+    /// answered.
+    pub fn probe_sent(&mut self, now: tokio::time::Instant, timeout: Duration) -> u64 {
+        self.sent += 1;
         if self.outstanding.is_none() {
             self.outstanding = Some(now + timeout);
+            self.outstanding_seq = self.sent;
         }
+        self.sent
     }
     /// The longest silence (no packet at all) that gives no verdict: [`HARD_SILENCE`], and once
     /// down [`DEAD_AFTER`] (shorter), which ends the connection.
@@ -507,7 +528,6 @@ async fn probe_until_down(
     let p = shared.probe;
     let mut tick = tokio::time::interval(p.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut seq: u64 = 0;
     // The highest ping answered so far.
     let mut answered: u64 = 0;
     let mut live = Liveness::for_connection(p, tokio::time::Instant::now(), conn.rtt());
@@ -524,18 +544,16 @@ async fn probe_until_down(
     let mut pongs: u64 = 0;
     let mut pongs_at_tick: u64 = 0;
     let mut prev_tick = tokio::time::Instant::now();
-    let send_probe = |seq: &mut u64,
-                      live: &mut Liveness,
+    let send_probe = |live: &mut Liveness,
                       at_probe: &mut (u64, u64),
                       sent_at: &mut [(u64, tokio::time::Instant); 16]| {
-        *seq += 1;
         if live.outstanding.is_none() {
             *at_probe = mark();
         }
-        let _ = conn.send_datagram(Probe::encode_ping(*seq));
         let now = tokio::time::Instant::now();
-        sent_at[(*seq % 16) as usize] = (*seq, now);
-        live.probe_sent(now, probe_timeout(conn.rtt()));
+        let seq = live.probe_sent(now, probe_timeout(conn.rtt()));
+        let _ = conn.send_datagram(Probe::encode_ping(seq));
+        sent_at[(seq % 16) as usize] = (seq, now);
     };
     loop {
         let deadline = live.deadline();
@@ -580,7 +598,7 @@ async fn probe_until_down(
                         return answered > 0;
                     }
                     Some(Verdict::Reprobe) => {
-                        send_probe(&mut seq, &mut live, &mut at_probe, &mut sent_at)
+                        send_probe(&mut live, &mut at_probe, &mut sent_at)
                     }
                     Some(Verdict::Stalled) => {
                         // The peer's replies may be unread in our socket: probe again.
@@ -591,7 +609,7 @@ async fn probe_until_down(
                             "probe deadline met late (this router stalled): probing again"
                         );
                         shared.metrics.probe_stalls_total.fetch_add(1, Relaxed);
-                        send_probe(&mut seq, &mut live, &mut at_probe, &mut sent_at);
+                        send_probe(&mut live, &mut at_probe, &mut sent_at);
                     }
                     None => {}
                 }
@@ -611,14 +629,14 @@ async fn probe_until_down(
                     live.heard(prev_tick);
                 }
                 prev_tick = tokio::time::Instant::now();
-                send_probe(&mut seq, &mut live, &mut at_probe, &mut sent_at);
+                send_probe(&mut live, &mut at_probe, &mut sent_at);
             }
             d = conn.read_datagram() => {
                 let Ok(bytes) = d else { return answered > 0 };
                 let Ok(Probe::Pong { seq: echoed, entries }) = Probe::decode(bytes) else { continue };
                 // Only the first answer to a ping we sent counts: a neighbour cannot push
                 // evidence (and table rebuilds) faster than we probe it.
-                if !answers(seq, answered, echoed) {
+                if !answers(live.sent(), answered, echoed) {
                     continue;
                 }
                 answered = echoed;
@@ -627,7 +645,7 @@ async fn probe_until_down(
                 if sent_seq == echoed {
                     live.rtt_sample(now - sent);
                 }
-                live.reply(now);
+                live.reply(now, echoed);
                 pongs += 1;
                 nb.rtt_us.store(conn.rtt().as_micros() as u64, Relaxed);
                 let mut changed = crate::routes::Evidence::learn_from(shared, &nb.id, entries);
@@ -676,9 +694,8 @@ mod tests {
         let mut live = Liveness::for_connection(p, t0, rtt);
         let timeout = probe_timeout(rtt);
         let mut next_tick = t0;
-        // (arrival, round trip)
-        let mut replies: Vec<(T, Duration)> = Vec::new();
-        let mut seq = 0u64;
+        // (arrival, round trip, the probe answered)
+        let mut replies: Vec<(T, Duration, u64)> = Vec::new();
         let mut now = t0;
         while now < t0 + Duration::from_secs(10) {
             // The next event: a tick, a reply, or the detector's deadline.
@@ -699,26 +716,25 @@ mod tests {
                 }
             }
             if Some(now) == next_reply {
-                for (_, took) in replies.iter().filter(|r| r.0 == now) {
+                for (_, took, echoed) in replies.iter().filter(|r| r.0 == now) {
                     live.rtt_sample(*took);
+                    live.reply(now, *echoed);
                 }
                 replies.retain(|r| r.0 != now);
-                live.reply(now);
             }
             if now == next_tick {
                 next_tick += p.interval;
                 send = true;
             }
             if send {
-                seq += 1;
-                live.probe_sent(now, timeout);
+                let seq = live.probe_sent(now, timeout);
                 let extra = late
                     .iter()
                     .find(|l| l.0 == seq)
                     .map_or(Duration::ZERO, |l| l.1);
                 let took = rtt + extra;
                 if now + took < t0 + dies_at && !lose.contains(&seq) {
-                    replies.push((now + took, took));
+                    replies.push((now + took, took, seq));
                 }
             }
         }
@@ -841,6 +857,41 @@ mod tests {
         }
     }
 
+    /// A probe missed and re-sent, then the late answer to the first: the peer was alive when
+    /// it sent that, but the re-sent probe still has its deadline (a peer that died right after
+    /// answering is found one probe timeout later, not one interval later), and a miss there
+    /// counts afresh from one.
+    #[test]
+    fn a_late_answer_to_an_older_probe_leaves_the_newer_one_outstanding() {
+        let p = ProbeConfig::default();
+        let timeout = probe_timeout(Duration::from_micros(300));
+        let t0 = T::now();
+        let mut live = Liveness::new(p, t0);
+        let first = live.probe_sent(t0, timeout);
+        assert_eq!(
+            live.at_deadline(t0 + timeout, true, timeout),
+            Some(Verdict::Reprobe)
+        );
+        let again = live.probe_sent(t0 + timeout, timeout);
+        assert_eq!(again, first + 1);
+        let late = t0 + timeout + 5 * MS;
+        live.reply(late, first);
+        assert_eq!(
+            live.deadline(),
+            t0 + 2 * timeout,
+            "the re-sent probe's deadline"
+        );
+        assert_eq!(
+            live.at_deadline(t0 + 2 * timeout, true, timeout),
+            Some(Verdict::Reprobe),
+            "one miss since the late answer, not two"
+        );
+        // The answer to the newest probe answers it.
+        let newest = live.probe_sent(t0 + 2 * timeout, timeout);
+        live.reply(t0 + 2 * timeout + MS, newest);
+        assert_eq!(live.deadline(), t0 + 2 * timeout + MS + live.detect());
+    }
+
     #[test]
     fn a_peer_declared_down_is_dead_after_its_last_packet_plus_dead_after_unless_it_recovers() {
         let p = ProbeConfig::default();
@@ -871,7 +922,7 @@ mod tests {
         live.probe_sent(t0, timeout);
         silent_peer_until(&mut live, timeout, Verdict::Down);
         let back = t0 + Duration::from_millis(500);
-        live.reply(back);
+        live.reply(back, live.sent());
         assert_eq!(live.deadline(), back + live.detect());
         live.recovered();
         live.probe_sent(back, timeout);
@@ -893,7 +944,7 @@ mod tests {
         let (_, down_at) = silent_peer_until(&mut live, timeout, Verdict::Down);
         let back = down_at + p.interval;
         live.probe_sent(back, timeout);
-        live.reply(back);
+        live.reply(back, live.sent());
         // The next deadline, met 500 ms late (this router was not running).
         let late = live.deadline() + Duration::from_millis(500);
         assert_eq!(
@@ -901,7 +952,7 @@ mod tests {
             Some(Verdict::Stalled)
         );
         // The replies read now: alive, no verdict.
-        live.reply(late);
+        live.reply(late, live.sent());
         assert!(live.deadline() > late);
     }
 
@@ -926,7 +977,7 @@ mod tests {
                 live.deadline() > now + rtt,
                 "a verdict due before the reply"
             );
-            live.reply(now + rtt);
+            live.reply(now + rtt, live.sent());
         }
         // Then silent again, each probe leaving: re-probes, then a relapse, not a down (and not
         // dead: it was heard well within DEAD_AFTER).
@@ -1016,7 +1067,7 @@ mod tests {
         assert_eq!(live.deadline(), woke + timeout);
         // Before that deadline, nothing is decided; the reply waiting in the socket is read.
         assert_eq!(live.expire(woke + timeout - MS), None);
-        live.reply(woke + MS);
+        live.reply(woke + MS, live.sent());
         assert_eq!(live.expire(woke + timeout), None);
         assert!(!live.down);
         // A deadline met late by no more than a probe timeout is judged as ever.
@@ -1061,7 +1112,7 @@ mod tests {
                 Some(Verdict::Stalled)
             );
         }
-        live.reply(live.deadline());
+        live.reply(live.deadline(), live.sent());
         assert_eq!(
             live.at_deadline(live.deadline() + late, true, timeout),
             Some(Verdict::Stalled)

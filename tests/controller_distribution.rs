@@ -576,6 +576,79 @@ async fn a_rejection_reason_is_kept_and_logged_bounded() {
     d.shutdown().await;
 }
 
+/// The next message of a session but revocation lists and heartbeats, within 10 s.
+async fn first_snapshot(recv: &mut quinn::RecvStream) -> router::control::proto::ToRouter {
+    use router::control::proto::{self, ToRouter};
+    loop {
+        let frame = tokio::time::timeout(
+            Duration::from_secs(10),
+            proto::read_frame(recv, proto::MAX_TO_ROUTER),
+        )
+        .await
+        .expect("a frame within 10 s")
+        .expect("a frame")
+        .expect("not the end of the stream");
+        match proto::decode::<ToRouter>(&frame).unwrap() {
+            ToRouter::Crl { .. } | ToRouter::Heartbeat { .. } => continue,
+            other => return other,
+        }
+    }
+}
+
+fn version_of(msg: &router::control::proto::ToRouter) -> u64 {
+    match msg {
+        router::control::proto::ToRouter::Snapshot { version, .. } => *version,
+        other => panic!("expected a snapshot, got {other:?}"),
+    }
+}
+
+/// A rejected version is offered again: at once to the router's next session (a restarted
+/// router, or one whose reason has passed: a port that was taken), and within a session after a
+/// back-off (from `NACK_RETRY_FIRST`, doubling). It was never sent to the node again, on any
+/// session, until some newer version came: a router without a stored snapshot waited for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_version_is_offered_again_to_a_new_session_and_after_a_back_off() {
+    use router::control::proto::{self, FromRouter};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (d, tls) =
+        controller_with_pki(dir.path(), &fabric_nodes(1, 1), &fabric_yaml(74, 1, 1, 10)).await;
+    let mut s = raw_hello(d.quic_addr, &tls, "edge-0", "edge-0").await;
+    let version = version_of(&first_snapshot(&mut s.recv).await);
+    let nack = |reason: &str| {
+        proto::encode(&FromRouter::Nack {
+            version,
+            reason: reason.into(),
+        })
+        .unwrap()
+    };
+    s.send
+        .write_all(&nack("cannot bind: port taken"))
+        .await
+        .unwrap();
+    // The same session: offered again after the back-off, in full.
+    let nacked = std::time::Instant::now();
+    let again = first_snapshot(&mut s.recv).await;
+    assert_eq!(version_of(&again), version);
+    assert!(
+        nacked.elapsed() >= fabric::controller::distribute::NACK_RETRY_FIRST / 2,
+        "offered again after {:?}",
+        nacked.elapsed()
+    );
+    s.send.write_all(&nack("still taken")).await.unwrap();
+    // A new session of the node: offered at once, its first message.
+    s.conn.close(0u32.into(), b"restart");
+    let mut s2 = raw_hello(d.quic_addr, &tls, "edge-0", "edge-0").await;
+    let started = std::time::Instant::now();
+    assert_eq!(version_of(&first_snapshot(&mut s2.recv).await), version);
+    assert!(
+        started.elapsed() < fabric::controller::distribute::NACK_RETRY_FIRST,
+        "the new session waited {:?}",
+        started.elapsed()
+    );
+    d.shutdown().await;
+}
+
 /// A router that stops reading its control stream (here a peer that says hello, never reads, and
 /// grants an 8 KiB stream window, well under the first snapshot): once the controller has been
 /// unable to write a byte to it for the write-stall bound, it closes the connection with

@@ -43,6 +43,14 @@ use super::live::{NeighbourSample, Sample};
 use super::renew::NodeIssuer;
 use super::{Controller, RouterSession, SessionEnd};
 
+/// A version a router rejected is offered to it again this long after the rejection (in full,
+/// on the same session), then after twice as long each time it is rejected again, up to
+/// [`NACK_RETRY_MAX`]: a reason may pass (a port taken for a while). Its next session gets
+/// the current version at once, whatever its last session said.
+pub const NACK_RETRY_FIRST: Duration = Duration::from_secs(2);
+/// The longest wait before a rejected version is offered again on the same session.
+pub const NACK_RETRY_MAX: Duration = Duration::from_secs(300);
+
 /// The controller's certificate name.
 pub const CONTROLLER_NAME: &str = router::control::client::CONTROLLER_NAME;
 /// With nothing else to send, a heartbeat this often refreshes routers' staleness clocks.
@@ -380,11 +388,16 @@ async fn session(
     let mut warned_rtt = false;
     let mut warned_rate = false;
     let mut budget = ReportBudget::new(Instant::now());
+    // The version this session's router rejected last (see [`NACK_RETRY_FIRST`]).
+    let mut rejected: Option<Rejected> = None;
     loop {
         if force_full || changed {
             changed = false;
             let p = rx.borrow_and_update().clone();
-            if ctl.nacked(node) != Some(p.version) && (force_full || sent != Some(p.version)) {
+            let refused = rejected
+                .as_ref()
+                .is_some_and(|r| r.version == p.version && r.retry_at.is_some());
+            if !refused && (force_full || sent != Some(p.version)) {
                 let bytes = match &p.delta {
                     Some((base, delta)) if !force_full && sent == Some(*base) => delta.clone(),
                     _ => {
@@ -409,7 +422,16 @@ async fn session(
                 write(send, proto::encode(&msg)?, stall).await?;
             }
         }
+        let retry_at = rejected.as_ref().and_then(|r| r.retry_at);
         tokio::select! {
+            _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {
+                // Offered again in full at the top of the loop, if it is still the current one.
+                if let Some(r) = &mut rejected {
+                    r.retry_at = None;
+                    tracing::info!(node, version = r.version, "offering a rejected version again");
+                }
+                force_full = true;
+            }
             res = crls.changed(), if takes_crl && !crl_due => {
                 // The sender lives as long as the issuer: an error only at shutdown.
                 crl_due = res.is_ok();
@@ -428,12 +450,16 @@ async fn session(
                             .answer(version)
                             .ok_or(ConnError::NotSent { what: "acknowledgement", version })?;
                         ctl.router_ack(rs, version, tv);
+                        rejected = None;
                     }
                     FromRouter::Nack { version, reason } => {
                         let tv = unanswered
                             .answer(version)
                             .ok_or(ConnError::NotSent { what: "rejection", version })?;
                         ctl.router_nack(rs, version, tv, &clip(reason));
+                        rejected = Some(Rejected::again(rejected.take(), version));
+                        // It holds an older version: no delta on top of the one it rejected.
+                        sent = None;
                     }
                     FromRouter::Resync { .. } => {
                         force_full = sent_full != Some(rx.borrow().version);
@@ -481,6 +507,32 @@ async fn session(
                 let v = rx.borrow().version;
                 write(send, proto::encode(&ToRouter::Heartbeat { version: v })?, stall).await?;
             }
+        }
+    }
+}
+
+/// A version the router rejected on this session: offered again at `retry_at` (`None`: offered
+/// again, not answered yet), after `wait`.
+#[derive(Debug, Clone, Copy)]
+struct Rejected {
+    version: u64,
+    retry_at: Option<tokio::time::Instant>,
+    wait: Duration,
+}
+
+impl Rejected {
+    /// `version` rejected, `last` the version rejected before it on this session: the same one
+    /// waits twice as long as last time, up to [`NACK_RETRY_MAX`]; another starts from
+    /// [`NACK_RETRY_FIRST`].
+    fn again(last: Option<Rejected>, version: u64) -> Rejected {
+        let wait = match last {
+            Some(r) if r.version == version => (r.wait * 2).min(NACK_RETRY_MAX),
+            _ => NACK_RETRY_FIRST,
+        };
+        Rejected {
+            version,
+            retry_at: Some(tokio::time::Instant::now() + wait),
+            wait,
         }
     }
 }

@@ -949,13 +949,6 @@ impl Controller {
         taken
     }
 
-    /// The version this router rejected last, if any (never sent to it again).
-    pub fn nacked(&self, node: &str) -> Option<u64> {
-        self.routers
-            .get(node)
-            .and_then(|r| r.record.last_nack.as_ref().map(|n| n.version))
-    }
-
     /// `f` on the router's record, while `session` is its current one, queued for the store.
     fn update_router(&self, session: &RouterSession, f: impl FnOnce(&mut RouterRecord)) -> bool {
         let mut rec = None;

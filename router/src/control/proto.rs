@@ -44,8 +44,7 @@ pub const MAX_REASON: usize = 256;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ToRouter {
-    /// A full snapshot. Always the first message of a connection (unless the controller's
-    /// current version is one this router rejected).
+    /// A full snapshot. Always the first message of a connection.
     Snapshot {
         version: u64,
         topology_version: u64,

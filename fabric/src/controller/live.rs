@@ -86,7 +86,7 @@ pub struct RttEntry {
     /// The one-way weight in force (published), ms.
     pub weight_ms: f64,
     pub up: bool,
-    /// Age of the newest sample, ms (None: never measured).
+    /// Age of `rtt_ms`'s newest sample, ms (None: never measured).
     pub age_ms: Option<u64>,
 }
 
@@ -507,7 +507,6 @@ impl LiveAggregator {
             .map(|l| {
                 let id = l.id();
                 let obs = self.links.get(&id);
-                let newest = obs.and_then(|o| o.ends.values().map(|(_, t)| *t).max());
                 let up = !self.published.down_links.contains(&id);
                 let weight = self
                     .published
@@ -523,7 +522,10 @@ impl LiveAggregator {
                     declared_one_way_ms: l.latency.as_millis_f64(),
                     weight_ms: weight.as_millis_f64(),
                     up,
-                    age_ms: newest.map(|t| now.saturating_duration_since(t).as_millis() as u64),
+                    // The RTT's own age: a link reported down keeps its last RTT, ageing.
+                    age_ms: obs
+                        .and_then(|o| o.rtt_updated)
+                        .map(|t| now.saturating_duration_since(t).as_millis() as u64),
                 }
             })
             .collect()
@@ -568,6 +570,37 @@ mod tests {
         m.link_latency
             .get(&LinkId::new(&NodeId::new("e"), &NodeId::new("t")))
             .map(|l| l.as_millis_f64())
+    }
+
+    /// A link reported down by both ends for a minute still shows its last measured RTT, but
+    /// aged a minute: the age is that of the RTT shown, not of the newest report (an up/down
+    /// word refreshed it every second, so a dead link's last RTT looked fresh).
+    #[test]
+    fn the_rtt_matrix_ages_the_rtt_it_shows() {
+        let t0 = Instant::now();
+        let mut agg = LiveAggregator::new(LiveParams::default(), Arc::new(topo()));
+        step(&mut agg, 80.0, t0);
+        let later = t0 + Duration::from_secs(60);
+        for (me, peer) in [("e", "t"), ("t", "e")] {
+            agg.observe(
+                Sample {
+                    node: NodeId::new(me),
+                    neighbours: vec![NeighbourSample {
+                        neighbour: NodeId::new(peer),
+                        rtt: None,
+                        up: false,
+                    }],
+                    site: None,
+                    services: BTreeMap::new(),
+                    preferred: BTreeMap::new(),
+                    margins: None,
+                },
+                later,
+            );
+        }
+        let row = &agg.rtt_matrix(later)[0];
+        assert_eq!(row.rtt_ms, Some(80.0));
+        assert_eq!(row.age_ms, Some(60_000), "{row:?}");
     }
 
     /// A report costs its own size, not the fabric's: the same 200-neighbour report takes about

@@ -3,7 +3,8 @@
 //! original destination (SO_ORIGINAL_DST), maps VIP:port to its service, and carries it to that
 //! service's backend (each answers differently). A redirected connection to an address and port
 //! of no service's VIP is reset and counted as `unknown_service`. The edge listens dual-stack
-//! (`client_address: "::"`), and ip6tables rules do the same for IPv6 VIPs
+//! (`client_address: "::"`, in a namespace where `net.ipv6.bindv6only` is 1, so that the edge
+//! has to ask for dual stack itself), and ip6tables rules do the same for IPv6 VIPs
 //! (IP6T_SO_ORIGINAL_DST).
 //!
 //! It needs root, network namespaces with IPv6, and `ip`, `iptables`, `ip6tables`, `curl` and
@@ -121,6 +122,9 @@ fn iptables_redirect_to_a_vip_reaches_the_backend_through_the_edge() {
         return;
     };
     assert!(ns.run(&["ip", "link", "set", "lo", "up"]));
+    // IPv6 sockets are IPv6-only by default here (as on hosts that set it): the edge's `::`
+    // listeners must ask for dual stack themselves to take IPv4 clients.
+    assert!(ns.run(&["sh", "-c", "echo 1 > /proc/sys/net/ipv6/bindv6only"]));
     // The VIP is not an address of the namespace: a route makes it reachable, and the NAT rule
     // redirects it before it leaves.
     assert!(ns.run(&[

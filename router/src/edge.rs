@@ -185,6 +185,11 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     } else {
         tokio::net::TcpSocket::new_v6()?
     };
+    if addr.ip().is_unspecified() && addr.is_ipv6() {
+        // `::` is dual stack ([`Listeners::covers`] counts on it), whatever the host's
+        // `net.ipv6.bindv6only` says.
+        socket2::SockRef::from(&sock).set_only_v6(false)?;
+    }
     sock.set_reuseaddr(true)?;
     sock.set_nodelay(true)?;
     sock.bind(addr)?;

@@ -691,10 +691,13 @@ struct Replay {
     eof: bool,
 }
 
-fn read_code(e: &ReadError) -> Code {
+/// How an attempt ends when its stream's reply could not be read: the code the path reset it
+/// with, or the path lost here (the first hop's connection ended: this router's own word, as
+/// when a write fails, so that the retry may wait for the table that goes around that hop).
+fn read_failed(e: &ReadError) -> Attempt {
     match e {
-        ReadError::Reset(c) => Code::from_varint(*c).unwrap_or(Code::Internal),
-        _ => Code::UpstreamLost,
+        ReadError::Reset(c) => classify(Code::from_varint(*c).unwrap_or(Code::Internal)),
+        _ => Attempt::Retry(Code::UpstreamLost, Told::Here),
     }
 }
 
@@ -828,7 +831,7 @@ async fn attempt(
                     }
                 }
                 Ok(None) => break Err(Attempt::Retry(Code::UpstreamLost, Told::Here)),
-                Err(e) => break Err(classify(read_code(&e))),
+                Err(e) => break Err(read_failed(&e)),
             },
             r = buf.read(tcp, circuit.is_none()), if pending.is_empty() && !replay.eof => match r {
                 Ok(b) if b.is_empty() => {
@@ -916,6 +919,38 @@ async fn attempt(
 mod tests {
     use super::*;
     use crate::splice::{assert_future_within, future_size, never};
+
+    /// A reply that cannot be read because the first hop's connection ended is this router's
+    /// word (`Here`), as a failed write is: only then does a retry wait for the table that goes
+    /// around that hop. A reset is the path's word.
+    #[test]
+    fn a_lost_connection_while_waiting_for_the_reply_is_this_routers_word() {
+        let told = |a: Attempt| match a {
+            Attempt::Retry(code, told) => Some((code, told)),
+            _ => None,
+        };
+        let lost = ReadError::ConnectionLost(quinn::ConnectionError::TimedOut);
+        assert_eq!(
+            told(read_failed(&lost)),
+            Some((Code::UpstreamLost, Told::Here))
+        );
+        let closed = ReadError::ConnectionLost(quinn::ConnectionError::Reset);
+        assert_eq!(
+            told(read_failed(&closed)),
+            Some((Code::UpstreamLost, Told::Here))
+        );
+        let reset = ReadError::Reset(Code::BackendRefused.varint());
+        assert_eq!(
+            told(read_failed(&reset)),
+            Some((Code::BackendRefused, Told::Path))
+        );
+        assert_eq!(
+            told(write_failed(WriteError::ConnectionLost(
+                quinn::ConnectionError::TimedOut
+            ))),
+            Some((Code::UpstreamLost, Told::Here))
+        );
+    }
 
     #[test]
     fn only_the_paths_word_marks_the_site_or_a_link_down() {

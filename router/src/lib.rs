@@ -513,12 +513,26 @@ impl Router {
             drain_timeout: cfg.drain_timeout,
             started: Instant::now(),
         });
+        // Every port is bound before any task starts: a start that fails leaves nothing running
+        // (a task spawned here and not handed back would serve on, detached).
+        let metrics_listener = match cfg.metrics_addr {
+            Some(addr) => Some(
+                metrics::bind(addr)
+                    .await
+                    .map_err(|source| RouterError::Bind { addr, source })?,
+            ),
+            None => None,
+        };
         let mut tasks = Vec::new();
         // Apply the first snapshot synchronously so that routes and sites exist before return.
         let mut control = routes::Control::new(shared.clone());
         control.apply_snapshot(first.clone());
         control.rebuild();
-        control.sync_listeners()?;
+        if let Err(e) = control.sync_listeners() {
+            // The circuit VIPs' accept loops, which the snapshot started, hold the router.
+            shared.vip_listeners.close_all();
+            return Err(e);
+        }
         let control_task = tokio::spawn(control.run(cfg.snapshots));
         tasks.push(tokio::spawn(inbound::accept_loop(shared.clone())));
         let reload_task = cfg
@@ -526,10 +540,7 @@ impl Router {
             .filter(|d| !d.is_zero())
             .map(|every| tokio::spawn(cert.clone().reload_every(every)));
         let mut metrics_task = None;
-        if let Some(addr) = cfg.metrics_addr {
-            let listener = metrics::bind(addr)
-                .await
-                .map_err(|source| RouterError::Bind { addr, source })?;
+        if let Some(listener) = metrics_listener {
             let s = shared.clone();
             let report = Arc::new(move || {
                 let t = s.telemetry();
@@ -664,6 +675,68 @@ impl RouterHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A router whose start fails (here its metrics port is taken) leaves nothing running: its
+    /// client listener and its QUIC socket are free again. (The control task and the QUIC accept
+    /// loop were spawned before the metrics bind, and kept serving, detached.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_start_that_fails_leaves_nothing_running() {
+        let dir = tempfile::tempdir().unwrap();
+        pki::init(dir.path()).unwrap();
+        pki::issue(dir.path(), "edge").unwrap();
+        let local = std::net::Ipv4Addr::LOCALHOST;
+        let free_udp = || {
+            std::net::UdpSocket::bind((local, 0))
+                .unwrap()
+                .local_addr()
+                .unwrap()
+        };
+        let free_tcp = || {
+            std::net::TcpListener::bind((local, 0))
+                .unwrap()
+                .local_addr()
+                .unwrap()
+        };
+        let (quic, client) = (free_udp(), free_tcp());
+        let text = format!(
+            "version: 1\nnodes:\n\
+             - {{id: edge, kind: edge, region: r, country: AU, location: {{lat: 0, lon: 0}}, address: \"{quic}\", client_address: \"{local}\"}}\n\
+             - {{id: site, kind: site, region: r, country: AU, location: {{lat: 0, lon: 0}}, address: \"{}\", serves: [{{service: chat, backend: \"{}\", capacity: 10}}]}}\n\
+             links:\n\
+             - {{a: edge, b: site, latency: 1ms, capacity: 1Gbps}}\n\
+             services:\n\
+             - {{name: chat, port: {}}}\n",
+            free_udp(),
+            free_tcp(),
+            client.port()
+        );
+        let t = topology::load(&text).expect("valid topology").topology;
+        let taken = std::net::TcpListener::bind((local, 0)).unwrap();
+        let (_tx, rx) = tokio::sync::watch::channel(Arc::new(Snapshot::new(1, Arc::new(t))));
+        let tls = tls::TlsIdentity::load(dir.path(), "edge").unwrap();
+        let mut cfg = RouterConfig::new(topology::NodeId::new("edge"), tls, rx);
+        cfg.metrics_addr = Some(taken.local_addr().unwrap());
+        assert!(matches!(
+            Router::spawn(cfg).await,
+            Err(RouterError::Bind { .. })
+        ));
+        // Whatever was started is let go within a moment (aborted tasks drop their sockets).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let refused = std::net::TcpStream::connect(client).is_err();
+            let unbound = std::net::UdpSocket::bind(quic).is_ok();
+            if refused && unbound {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still running after a failed start: client port accepting {}, QUIC port bound {}",
+                !refused,
+                !unbound
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 
     #[test]
     fn the_auto_source_cap_is_a_quarter_of_the_overall_cap_at_least_64() {

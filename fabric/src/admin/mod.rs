@@ -312,7 +312,9 @@ impl IntoResponse for ApiError {
 impl From<ControllerError> for ApiError {
     fn from(e: ControllerError) -> Self {
         let status = match &e {
-            ControllerError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ControllerError::Invalid(_) | ControllerError::TooLarge { .. } => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             ControllerError::Conflict { .. } => StatusCode::CONFLICT,
             ControllerError::NoSuchVersion(_) => StatusCode::NOT_FOUND,
             _ => StatusCode::INTERNAL_SERVER_ERROR,

@@ -55,6 +55,13 @@ pub enum ControllerError {
     Store(#[from] StoreError),
     #[error("encoding a snapshot: {0}")]
     Encode(#[from] proto::ProtoError),
+    /// Routers refuse a control frame over [`proto::MAX_TO_ROUTER`] (and would reconnect to
+    /// be sent it again, for ever): such a version is never published.
+    #[error(
+        "the snapshot would be {bytes} bytes, over the {max} bytes a router takes in one frame: \
+         make the topology or the circuits smaller"
+    )]
+    TooLarge { bytes: usize, max: usize },
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -489,13 +496,21 @@ impl Controller {
         // The new side merges the same observations against the new topology, as the first
         // version published after the apply does (a measurement below the old declared latency
         // is no excess there, but it is above a lowered one).
-        let (old, live, new_live, incumbents, margins) = {
+        let (old, live, new_live, incumbents, margins, provisioned) = {
             let inner = lock(&self.inner);
             let now = Instant::now();
             let merged = inner.live.merged(now);
             let new_live = inner.live.merged_for(&index, now);
             let (incumbents, margins) = (inner.live.incumbents(now), inner.live.margins(now));
-            (inner.current.clone(), merged, new_live, incumbents, margins)
+            let provisioned = inner.circuits.clone();
+            (
+                inner.current.clone(),
+                merged,
+                new_live,
+                incumbents,
+                margins,
+                provisioned,
+            )
         };
         // A text already in force changes nothing whatever the base (below: `unchanged`): a
         // retried `--base-version N` apply whose first attempt made N+1 is answered as done,
@@ -510,6 +525,7 @@ impl Controller {
             });
         }
         let circuits = self.read_off_workers(crate::circuits::all).await?;
+        let new_live_probe = new_live.clone();
         // The impact plan (one shortest-path tree per edge: ~0.3 s at 1,000 edges) is
         // informational, it never blocks an apply; so a real apply commits and distributes
         // first and computes the plan while routers are already applying the new version.
@@ -531,6 +547,21 @@ impl Controller {
         // first attempt's answer was lost): nothing to do, no new version. A text that differs
         // only in comments or layout is a new version (history keeps it), with no routing change.
         let unchanged = text == old.record.text;
+        // A version whose snapshot routers would refuse is never committed (nor passes a dry
+        // run): it could not be distributed (checked again, with the circuits then in force,
+        // when it is published).
+        if !unchanged {
+            let probe = Current {
+                record: old.record.clone(),
+                topology: topology.clone(),
+                warnings: Vec::new(),
+            };
+            tokio::task::spawn_blocking(move || {
+                encode(0, &probe, &provisioned, new_live_probe, None).map(drop)
+            })
+            .await
+            .map_err(|e| ControllerError::Internal(e.to_string()))??;
+        }
         if dry_run || unchanged {
             let plan = tokio::task::spawn_blocking(plan_of)
                 .await
@@ -675,10 +706,10 @@ impl Controller {
         inner.seq += 1;
         let version = self.epoch << 32 | inner.seq;
         let live = inner.live.merged(Instant::now());
-        inner.live.publish(live.clone());
         let base = (!topology_changed && prev.topology_version == inner.current.record.version)
             .then_some(prev.version);
-        let mut p = encode(version, &inner.current, &inner.circuits, live, base)?;
+        let mut p = encode(version, &inner.current, &inner.circuits, live.clone(), base)?;
+        inner.live.publish(live);
         // A topology change with the same circuits goes out as a delta when it is exact.
         if topology_changed && Arc::ptr_eq(&prev.circuits, &inner.circuits) {
             let changes = proto::TopologyDelta::between(&prev.topology, &inner.current.topology);
@@ -704,8 +735,12 @@ impl Controller {
         circuits: Arc<Vec<ProvisionedCircuit>>,
     ) -> Result<u64, ControllerError> {
         let mut inner = lock(&self.inner);
-        inner.circuits = circuits;
-        self.publish_locked(&mut inner, true)?;
+        let before = std::mem::replace(&mut inner.circuits, circuits);
+        if let Err(e) = self.publish_locked(&mut inner, true) {
+            // Not published: the snapshots to come carry the circuits routers have.
+            inner.circuits = before;
+            return Err(e);
+        }
         Ok(self.published.borrow().version)
     }
 
@@ -1037,6 +1072,14 @@ fn encode(
         live: live.clone(),
         circuits: circuits.clone(),
     })?;
+    // The frame's payload, after its 4-byte length, is what a router's limit bounds.
+    let bytes = full.len().saturating_sub(4);
+    if bytes > proto::MAX_TO_ROUTER {
+        return Err(ControllerError::TooLarge {
+            bytes,
+            max: proto::MAX_TO_ROUTER,
+        });
+    }
     let delta = match base {
         Some(base_version) => Some((
             base_version,
@@ -1088,6 +1131,61 @@ mod tests {
             node("s1", "site", 3, &serves(9001)),
             node("s2", "site", 4, &serves(9002)),
         )
+    }
+
+    /// A circuit whose path names a node id of `id_len` bytes (only its size matters here).
+    fn bulky_circuit(id_len: usize) -> ProvisionedCircuit {
+        ProvisionedCircuit {
+            id: topology::circuit::CircuitId::new("c-000001"),
+            edge: NodeId::new("e"),
+            prefix: "10.0.0.0/24".parse().unwrap(),
+            service: ServiceName::new("chat"),
+            vip: None,
+            port: None,
+            rate: topology::Bandwidth::from_mbps(10),
+            path: vec![NodeId::new("x".repeat(id_len))],
+        }
+    }
+
+    /// A version whose snapshot is over the routers' frame limit is never published (routers
+    /// would refuse it, reconnect, and be sent it again, for ever): circuits that would make it
+    /// so are refused and the circuits in force stay; a topology that would is refused before
+    /// it is committed (dry runs too), and nothing changes.
+    #[tokio::test]
+    async fn a_snapshot_over_the_routers_frame_limit_is_never_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RedbStore::open(dir.path()).unwrap());
+        let ctl = Controller::open(store, Some((&yaml("5ms"), "t.yaml"))).unwrap();
+        let max = proto::MAX_TO_ROUTER;
+        let first = ctl.published().version;
+        match ctl.publish_circuits(Arc::new(vec![bulky_circuit(max)])) {
+            Err(ControllerError::TooLarge { bytes, max: m }) => assert!(bytes > max && m == max),
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+        assert_eq!(ctl.published().version, first, "nothing published");
+        // Circuits that fit: the snapshot 20 bytes under the limit.
+        let base = ctl
+            .publish_circuits(Arc::new(vec![bulky_circuit(0)]))
+            .map(|_| ctl.published().full.len() - 4)
+            .unwrap();
+        let v = ctl
+            .publish_circuits(Arc::new(vec![bulky_circuit(max - 20 - base)]))
+            .unwrap();
+        assert_eq!(ctl.published().full.len() - 4, max - 20);
+        // A topology some 50 bytes larger (its nodes' latitudes) does not fit with them.
+        let bigger = yaml("5ms").replace("lat: 0,", "lat: -33.86881971234,");
+        for dry_run in [true, false] {
+            match ctl
+                .apply(&bigger, "me", "", Origin::Apply, dry_run, None)
+                .await
+            {
+                Err(ControllerError::TooLarge { bytes, .. }) => assert!(bytes > max),
+                other => panic!("dry run {dry_run}: expected TooLarge, got {other:?}"),
+            }
+        }
+        assert_eq!(ctl.published().version, v);
+        assert_eq!(ctl.current().record.version, 1, "nothing committed");
+        assert_eq!(ctl.history(10).unwrap().len(), 1);
     }
 
     /// A batch of routers' records whose transaction failed is written by the next flush, and a

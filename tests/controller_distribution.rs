@@ -649,6 +649,63 @@ async fn a_rejected_version_is_offered_again_to_a_new_session_and_after_a_back_o
     d.shutdown().await;
 }
 
+/// A router that writes its telemetry while the controller writes it a snapshot larger than its
+/// stream window: the controller reads ahead while it writes (here 3 MiB of reports, over the
+/// 1.25 MB stream window quinn grants by default), so the router's writes finish and it can
+/// go back to reading. (The session read nothing while it wrote: the router's report writes
+/// stopped, so it stopped reading, so the snapshot's write stopped, until both ends' write-stall
+/// timers closed the connection, and the next session did the same.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_reads_telemetry_while_it_writes_a_large_snapshot() {
+    use router::control::proto::{self, FromRouter};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (d, tls) = controller_with_pki(
+        dir.path(),
+        &fabric_nodes(1, 1),
+        &fabric_yaml(75, 300, 2, 10),
+    )
+    .await;
+    let window: u32 = 8 << 10;
+    assert!(d.ctl.published().full.len() > 4 * window as usize);
+    let mut s = raw_hello_with(d.quic_addr, &tls, "edge-0", "edge-0", |t| {
+        t.stream_receive_window(window.into());
+    })
+    .await;
+    eventually(Duration::from_secs(10), "edge-0's session", || {
+        router_status(&d, "edge-0").is_some_and(|r| r.connected)
+    })
+    .await;
+    // About 100 KiB per report, 30 of them, written without reading.
+    let neighbours = (0..1000)
+        .map(|i| neighbour(&format!("transit-{i}"), 4_000))
+        .collect();
+    let frame = proto::encode(&FromRouter::Telemetry(telemetry_report(
+        "edge-0", neighbours,
+    )))
+    .unwrap();
+    assert!(frame.len() > 64 << 10 && frame.len() < proto::MAX_FROM_ROUTER);
+    let total = 3 << 20;
+    let writes = async {
+        let mut sent = 0;
+        while sent < total {
+            s.send.write_all(&frame).await.unwrap();
+            sent += frame.len();
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), writes)
+        .await
+        .expect("3 MiB of reports written within 10 s while the controller writes a snapshot");
+    // The snapshot then arrives whole, on the same session.
+    let snapshot = first_snapshot(&mut s.recv).await;
+    assert!(matches!(
+        snapshot,
+        router::control::proto::ToRouter::Snapshot { .. }
+    ));
+    assert!(router_status(&d, "edge-0").is_some_and(|r| r.connected));
+    d.shutdown().await;
+}
+
 /// A router that stops reading its control stream (here a peer that says hello, never reads, and
 /// grants an 8 KiB stream window, well under the first snapshot): once the controller has been
 /// unable to write a byte to it for the write-stall bound, it closes the connection with

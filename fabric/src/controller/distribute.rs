@@ -370,7 +370,7 @@ async fn session(
     let mut crls = issuer.crl();
     let mut crl_due = takes_crl;
     // Cancel-safe: heartbeats and new versions win the select while a report is arriving.
-    let mut frames = proto::FrameReader::new(MAX_FROM_ROUTER);
+    let mut inbox = Inbox::new();
     // The version last written to this router (it applies messages in order).
     let mut sent: Option<u64> = None;
     // The version last sent in full. A `Resync` asks for the current version in full: once it
@@ -405,7 +405,7 @@ async fn session(
                         p.full.clone()
                     }
                 };
-                write(send, bytes, stall).await?;
+                inbox.write(recv, send, bytes, stall).await?;
                 sent = Some(p.version);
                 unanswered.sent(p.version, p.topology_version);
                 heartbeat.reset();
@@ -419,7 +419,7 @@ async fn session(
                 let msg = ToRouter::Crl {
                     pem: pem.to_string(),
                 };
-                write(send, proto::encode(&msg)?, stall).await?;
+                inbox.write(recv, send, proto::encode(&msg)?, stall).await?;
             }
         }
         let retry_at = rejected.as_ref().and_then(|r| r.retry_at);
@@ -442,7 +442,7 @@ async fn session(
                 }
                 changed = true; // sent at the top of the loop
             }
-            frame = frames.next(recv) => {
+            frame = inbox.next(recv) => {
                 let Some(payload) = frame? else { return Ok(()) };
                 match proto::decode::<FromRouter>(&payload)? {
                     FromRouter::Ack { version } => {
@@ -499,13 +499,85 @@ async fn session(
                     FromRouter::Renew { public_key } => {
                         // The name certified is the one this session authenticated.
                         let reply = renew(ctl, issuer, node, public_key, presented, Instant::now()).await;
-                        write(send, proto::encode(&reply)?, stall).await?;
+                        inbox.write(recv, send, proto::encode(&reply)?, stall).await?;
                     }
                 }
             }
             _ = heartbeat.tick() => {
                 let v = rx.borrow().version;
-                write(send, proto::encode(&ToRouter::Heartbeat { version: v })?, stall).await?;
+                inbox.write(recv, send, proto::encode(&ToRouter::Heartbeat { version: v })?, stall).await?;
+            }
+        }
+    }
+}
+
+/// Most bytes of frames a session reads ahead of its handling while it writes ([`Inbox`]).
+const READ_AHEAD: usize = 4 << 20;
+
+/// What a session reads from its router. While the session writes, it goes on reading: frames
+/// wait here (up to [`READ_AHEAD`] bytes, then reading waits too) and are handled, in order,
+/// before any read anew. A router writing its telemetry while the session writes it a large
+/// snapshot could otherwise block on its write (the session's stream window full), stop
+/// reading, and so block the session's write: neither would move until both write-stall timers
+/// closed the connection.
+struct Inbox {
+    reader: proto::FrameReader,
+    ahead: std::collections::VecDeque<Vec<u8>>,
+    bytes: usize,
+    /// The router ended its stream (cleanly, between frames) during a write.
+    ended: bool,
+}
+
+impl Inbox {
+    fn new() -> Inbox {
+        Inbox {
+            reader: proto::FrameReader::new(MAX_FROM_ROUTER),
+            ahead: Default::default(),
+            bytes: 0,
+            ended: false,
+        }
+    }
+
+    /// The next frame: one read ahead, else one from the stream (`None`: it ended). Cancel
+    /// safe: a frame read ahead is taken only when this returns it; the reader keeps a partial
+    /// frame across polls.
+    async fn next(
+        &mut self,
+        recv: &mut quinn::RecvStream,
+    ) -> Result<Option<Vec<u8>>, proto::ProtoError> {
+        if let Some(f) = self.ahead.pop_front() {
+            self.bytes -= f.len();
+            return Ok(Some(f));
+        }
+        if self.ended {
+            return Ok(None);
+        }
+        self.reader.next(recv).await
+    }
+
+    /// [`write`], reading ahead meanwhile.
+    async fn write(
+        &mut self,
+        recv: &mut quinn::RecvStream,
+        send: &mut quinn::SendStream,
+        bytes: Bytes,
+        stall: Duration,
+    ) -> Result<(), ConnError> {
+        let written = write(send, bytes, stall);
+        tokio::pin!(written);
+        loop {
+            tokio::select! {
+                biased;
+                res = &mut written => return res,
+                frame = self.reader.next(recv), if !self.ended && self.bytes < READ_AHEAD => {
+                    match frame? {
+                        Some(f) => {
+                            self.bytes += f.len();
+                            self.ahead.push_back(f);
+                        }
+                        None => self.ended = true,
+                    }
+                }
             }
         }
     }

@@ -478,11 +478,24 @@ impl Pages {
 async fn serve_with(listener: tokio::net::TcpListener, pages: Pages, limits: Limits) {
     // No route reads a body: hyper closes a connection whose request body is left unread.
     let svc = service_fn(move |req: Request<RequestBody>| {
-        let (status, ctype, body) = match pages.page(req.uri().path()) {
-            Some((ctype, body)) => (200, ctype, body),
-            None => (404, "text/plain", pages.not_found().to_string()),
-        };
+        let (pages, path) = (pages.clone(), req.uri().path().to_string());
         async move {
+            let page = match &pages {
+                // The controller's page reads its store: off the runtime's workers.
+                Pages::MetricsOnly(_) => {
+                    let p = pages.clone();
+                    tokio::task::spawn_blocking(move || p.page(&path)).await
+                }
+                Pages::WithTelemetry(_) => Ok(pages.page(&path)),
+            };
+            let (status, ctype, body) = match page {
+                Ok(Some((ctype, body))) => (200, ctype, body),
+                Ok(None) => (404, "text/plain", pages.not_found().to_string()),
+                Err(e) => {
+                    tracing::error!("metrics page failed: {e}");
+                    (500, "text/plain", "internal error\n".to_string())
+                }
+            };
             Response::builder()
                 .status(status)
                 .header("content-type", ctype)
@@ -603,6 +616,39 @@ mod tests {
         let back = get(addr, "/telemetry").await;
         assert!(back.starts_with("HTTP/1.1 404"), "{back}");
         assert!(back.ends_with("not found: try /metrics\n"), "{back}");
+    }
+
+    /// The controller's page reads its store (every circuit): rendered off the runtime's
+    /// workers, a slow read does not stop the other tasks of a one-thread runtime (a control
+    /// session's heartbeats, say). It was rendered on the worker, which it held for as long.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_slow_metrics_only_page_does_not_hold_the_runtime() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve_metrics(
+            listener,
+            Arc::new(|| {
+                std::thread::sleep(Duration::from_millis(1500));
+                "tasman_up 1\n".to_string()
+            }),
+        ));
+        let ticks = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let t = ticks.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_millis(50));
+            loop {
+                every.tick().await;
+                t.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        let before = ticks.load(std::sync::atomic::Ordering::Relaxed);
+        let back = get(addr, "/metrics").await;
+        assert!(back.ends_with("tasman_up 1\n"), "{back}");
+        let during = ticks.load(std::sync::atomic::Ordering::Relaxed) - before;
+        assert!(
+            during >= 10,
+            "only {during} ticks of 50 ms during a 1.5 s page"
+        );
     }
 
     #[tokio::test]

@@ -8,9 +8,10 @@
 //! The text tells no more than node ids, versions, counts and the certificate's expiry.
 //!
 //! Series are bounded by the nodes of the topology in force (routers of earlier topologies the
-//! controller still remembers are left out) and the circuit states; nothing grows with traffic,
-//! circuits or history. A scrape reads the in-memory state and one store read transaction (the
-//! circuits table), as an admin `GET` does.
+//! controller still remembers are left out) and the circuit states; the text's size does not grow
+//! with traffic, circuits or history. A scrape reads the in-memory state and one store read
+//! transaction (the whole circuits table, so its cost grows with it), on the blocking pool, as an
+//! admin `GET` does (`router::metrics::serve_metrics` renders it there).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;

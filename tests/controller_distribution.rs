@@ -706,6 +706,44 @@ async fn the_controller_reads_telemetry_while_it_writes_a_large_snapshot() {
     d.shutdown().await;
 }
 
+/// A router asking for certificate renewals in a tight loop gets the issuer's answer for a few
+/// of them (a burst, then one every 10 s) and a cheap refusal for the rest: each answer by the
+/// issuer costs a blocking task, the CA directory's lock and a warning in the log, so a router
+/// (or a stolen key) could flood them at line rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_requests_beyond_a_small_budget_are_refused_cheaply() {
+    use router::control::proto::{self, FromRouter, ToRouter};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (d, tls) =
+        controller_with_pki(dir.path(), &fabric_nodes(1, 1), &fabric_yaml(76, 1, 1, 10)).await;
+    let mut s = raw_hello(d.quic_addr, &tls, "edge-0", "edge-0").await;
+    // Not a key: the issuer refuses it, as it would a request not due (its answer, either way).
+    let ask = proto::encode(&FromRouter::Renew {
+        public_key: vec![4; 65],
+    })
+    .unwrap();
+    let asked = 40;
+    for _ in 0..asked {
+        s.send.write_all(&ask).await.unwrap();
+    }
+    let (mut by_issuer, mut over_budget) = (0, 0);
+    while by_issuer + over_budget < asked {
+        match first_snapshot(&mut s.recv).await {
+            ToRouter::RenewRefused { reason } if reason.contains("too many renewal requests") => {
+                over_budget += 1
+            }
+            ToRouter::RenewRefused { .. } | ToRouter::Certificate { .. } => by_issuer += 1,
+            _ => {}
+        }
+    }
+    assert!(
+        (1..=fabric::controller::distribute::RENEW_BURST as usize).contains(&by_issuer),
+        "{by_issuer} of {asked} requests answered by the issuer"
+    );
+    d.shutdown().await;
+}
+
 /// A router that stops reading its control stream (here a peer that says hello, never reads, and
 /// grants an 8 KiB stream window, well under the first snapshot): once the controller has been
 /// unable to write a byte to it for the write-stall bound, it closes the connection with

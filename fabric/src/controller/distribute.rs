@@ -66,6 +66,11 @@ pub const MAX_RTT: Duration = Latency::MAX.as_duration().saturating_mul(2);
 /// publishes; reports beyond the budget are dropped (counted per router, `reports_dropped`).
 pub const TELEMETRY_PER_SEC: u32 = 10;
 pub const TELEMETRY_BURST: u32 = 20;
+/// Certificate renewal requests a session answers through the issuer in a burst, then one every
+/// [`RENEW_EVERY`]; the others get a refusal that costs nothing (a router asks once when its
+/// certificate is due, then again only when unanswered).
+pub const RENEW_BURST: u32 = 4;
+pub const RENEW_EVERY: Duration = Duration::from_secs(10);
 /// A router must open its control stream and send its hello within this time.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Streams a router may open on its connection: its control stream, the only one the controller
@@ -387,7 +392,9 @@ async fn session(
     // Warn once per session about refused telemetry; later refusals are counted and debug-logged.
     let mut warned_rtt = false;
     let mut warned_rate = false;
-    let mut budget = ReportBudget::new(Instant::now());
+    let mut budget = Budget::reports(Instant::now());
+    let mut renewals = Budget::renewals(Instant::now());
+    let mut warned_renewals = false;
     // The version this session's router rejected last (see [`NACK_RETRY_FIRST`]).
     let mut rejected: Option<Rejected> = None;
     loop {
@@ -497,8 +504,21 @@ async fn session(
                     }
                     FromRouter::Hello { .. } => {}
                     FromRouter::Renew { public_key } => {
-                        // The name certified is the one this session authenticated.
-                        let reply = renew(ctl, issuer, node, public_key, presented, Instant::now()).await;
+                        let now = Instant::now();
+                        let reply = if renewals.take(now) {
+                            // The name certified is the one this session authenticated.
+                            renew(ctl, issuer, node, public_key, presented, now).await
+                        } else {
+                            if !warned_renewals {
+                                warned_renewals = true;
+                                tracing::warn!(node, "refusing renewal requests beyond {RENEW_BURST}, then one every {RENEW_EVERY:?}");
+                            }
+                            ToRouter::RenewRefused {
+                                reason: format!(
+                                    "too many renewal requests: {RENEW_BURST}, then one every {RENEW_EVERY:?}"
+                                ),
+                            }
+                        };
                         inbox.write(recv, send, proto::encode(&reply)?, stall).await?;
                     }
                 }
@@ -719,27 +739,42 @@ impl HandshakesTurned {
     }
 }
 
-/// A token bucket of telemetry reports, per session ([`TELEMETRY_PER_SEC`], [`TELEMETRY_BURST`]).
+/// A token bucket of a session's requests of one kind: telemetry reports
+/// ([`TELEMETRY_PER_SEC`], [`TELEMETRY_BURST`]), renewal requests ([`RENEW_EVERY`],
+/// [`RENEW_BURST`]).
 #[derive(Debug)]
-struct ReportBudget {
+struct Budget {
     tokens: f64,
+    burst: f64,
+    per_sec: f64,
     last: Instant,
 }
 
-impl ReportBudget {
-    fn new(now: Instant) -> Self {
-        ReportBudget {
-            tokens: f64::from(TELEMETRY_BURST),
+impl Budget {
+    /// Telemetry reports.
+    fn reports(now: Instant) -> Self {
+        Budget::new(now, TELEMETRY_BURST, f64::from(TELEMETRY_PER_SEC))
+    }
+
+    /// Certificate renewal requests.
+    fn renewals(now: Instant) -> Self {
+        Budget::new(now, RENEW_BURST, 1.0 / RENEW_EVERY.as_secs_f64())
+    }
+
+    fn new(now: Instant, burst: u32, per_sec: f64) -> Self {
+        Budget {
+            tokens: f64::from(burst),
+            burst: f64::from(burst),
+            per_sec,
             last: now,
         }
     }
 
-    /// True when a report arriving at `now` is within the budget (and spends it).
+    /// True when a request arriving at `now` is within the budget (and spends it).
     fn take(&mut self, now: Instant) -> bool {
-        let refill =
-            now.saturating_duration_since(self.last).as_secs_f64() * f64::from(TELEMETRY_PER_SEC);
+        let refill = now.saturating_duration_since(self.last).as_secs_f64() * self.per_sec;
         self.last = now;
-        self.tokens = (self.tokens + refill).min(f64::from(TELEMETRY_BURST));
+        self.tokens = (self.tokens + refill).min(self.burst);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
@@ -881,9 +916,22 @@ mod tests {
     }
 
     #[test]
+    fn the_renewal_budget_allows_a_burst_then_one_every_ten_seconds() {
+        let t0 = Instant::now();
+        let mut b = Budget::renewals(t0);
+        assert_eq!(
+            (0..100).filter(|_| b.take(t0)).count(),
+            RENEW_BURST as usize
+        );
+        assert!(!b.take(t0 + RENEW_EVERY / 2));
+        assert!(b.take(t0 + RENEW_EVERY + RENEW_EVERY / 2));
+        assert!(!b.take(t0 + RENEW_EVERY + RENEW_EVERY / 2));
+    }
+
+    #[test]
     fn the_report_budget_allows_a_burst_then_the_rate() {
         let t0 = Instant::now();
-        let mut b = ReportBudget::new(t0);
+        let mut b = Budget::reports(t0);
         let taken = (0..1000).filter(|_| b.take(t0)).count();
         assert_eq!(taken, TELEMETRY_BURST as usize, "a burst, then nothing");
         // One second later: one second's worth, however many arrive.

@@ -1001,9 +1001,19 @@ fn addr_from(v4: bool, x: u128) -> IpAddr {
     }
 }
 
+/// An address as IPv4 and as IPv4-mapped IPv6 (`10.9.0.1`, `::ffff:10.9.0.1`), whichever it
+/// was written as; an IPv6 address that is not IPv4-mapped, twice.
+fn both_forms(ip: IpAddr) -> [IpAddr; 2] {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => [IpAddr::V4(v4), IpAddr::V6(v4.to_ipv6_mapped())],
+        v6 => [v6, v6],
+    }
+}
+
 /// Allocates the lowest usable address of a pool that is not in `used` (the VIPs of every
-/// circuit the controller holds, from any pool). `pool` names the pool; `None` takes the first.
-/// Costs O(allocated addresses in the pool), whatever the pool's size.
+/// circuit the controller holds, from any pool; an IPv4 address and its IPv4-mapped form are
+/// one). `pool` names the pool; `None` takes the first. Costs O(allocated addresses),
+/// whatever the pool's size.
 pub fn allocate_vip(
     topo: &Topology,
     pool: Option<&str>,
@@ -1023,15 +1033,22 @@ pub fn allocate_vip(
     // An edge's client_address is never handed out: a VIP equal to it would take every
     // connection to that edge's service listeners for the circuit. (Validation refuses a pool
     // holding one; a text stored before that rule may still have it.)
-    let mut taken = used.clone();
-    taken.extend(
-        topo.nodes
-            .iter()
-            .filter(|n| n.kind == NodeKind::Edge)
-            .filter_map(|n| n.client_address)
-            .map(|ip| ip.to_canonical())
-            .filter(|ip| !ip.is_unspecified()),
-    );
+    let clients = topo
+        .nodes
+        .iter()
+        .filter(|n| n.kind == NodeKind::Edge)
+        .filter_map(|n| n.client_address)
+        .filter(|ip| !ip.to_canonical().is_unspecified());
+    // Each address taken in both of its forms: an IPv4 address and its IPv4-mapped IPv6 form
+    // are one address to routers, and a pool written `::ffff:10.9.0.0/125` (stored before
+    // validation refused a mapped prefix) and rewritten `10.9.0.0/29`, or the other way
+    // round, keeps the VIPs it handed out in the old form.
+    let taken: BTreeSet<IpAddr> = used
+        .iter()
+        .copied()
+        .chain(clients)
+        .flat_map(both_forms)
+        .collect();
     let used = &taken;
     let (lo, hi) = usable_range(p.prefix);
     let v4 = lo.is_ipv4();
@@ -1662,5 +1679,22 @@ mod tests {
             allocate_vip(&v6, None, &BTreeSet::new()).unwrap_err(),
             PoolError::NoPools
         );
+    }
+
+    /// A VIP in use counts in both of its forms: an IPv4 address and its IPv4-mapped IPv6 form
+    /// are one address to routers. A pool stored as `::ffff:10.9.0.0/125` (before validation
+    /// refused a mapped prefix) and rewritten as `10.9.0.0/29` keeps the VIPs it handed out,
+    /// and the other way round. (They were compared as written: the same address went to two
+    /// circuits.)
+    #[test]
+    fn vips_in_use_count_in_their_ipv4_and_ipv4_mapped_forms() {
+        let mut t = topo();
+        let mapped: BTreeSet<IpAddr> = ["::ffff:10.9.0.1".parse().unwrap()].into();
+        let (_, ip) = allocate_vip(&t, None, &mapped).unwrap();
+        assert_eq!(ip.to_string(), "10.9.0.2");
+        t.pools[0].prefix = "::ffff:10.9.0.0/125".parse().unwrap();
+        let v4: BTreeSet<IpAddr> = ["10.9.0.1".parse().unwrap()].into();
+        let (_, ip) = allocate_vip(&t, None, &v4).unwrap();
+        assert_eq!(ip.to_string(), "::ffff:10.9.0.2");
     }
 }

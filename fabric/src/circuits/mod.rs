@@ -1888,4 +1888,33 @@ pub(crate) mod tests {
             .unwrap();
         }
     }
+
+    /// A VIP stored in its IPv4-mapped form (from a pool written `::ffff:127.79.0.0/122`
+    /// before validation refused it, since rewritten as IPv4) is still in use: a new circuit
+    /// gets another address. (The in-use set was compared as written, and the second circuit
+    /// got the first one's VIP.)
+    #[test]
+    fn a_vip_stored_in_its_ipv4_mapped_form_is_not_handed_out_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(dir.path()).unwrap();
+        let t = topo(true);
+        let (c1, _) = store::transaction(&s, |tx| {
+            create(tx, &t, &spec("c1", "10.1.0.0/24", "1Mbps"), None, "ops")
+        })
+        .unwrap();
+        let Some(IpAddr::V4(v4)) = c1.vip else {
+            panic!("{c1:?}");
+        };
+        // The record as it was stored when the pool was written IPv4-mapped.
+        let old = Circuit {
+            vip: Some(IpAddr::V6(v4.to_ipv6_mapped())),
+            ..c1.clone()
+        };
+        store::transaction(&s, |tx| save(tx, &old)).unwrap();
+        let (c2, _) = store::transaction(&s, |tx| {
+            create(tx, &t, &spec("c2", "10.2.0.0/24", "1Mbps"), None, "ops")
+        })
+        .unwrap();
+        assert_ne!(c2.vip.map(|ip| ip.to_canonical()), c1.vip, "{c2:?}");
+    }
 }

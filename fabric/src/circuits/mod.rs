@@ -379,6 +379,8 @@ pub enum CircuitError {
 /// Limits on operator-chosen strings.
 const MAX_NAME: usize = 64;
 const MAX_KEY: usize = 128;
+/// How many regions, and how many sites, a circuit's B-end may name.
+pub const MAX_B_END_ENTRIES: usize = 64;
 
 fn check_name(what: &str, s: &str, max: usize) -> Result<(), CircuitError> {
     if s.is_empty() || s.len() > max {
@@ -423,6 +425,44 @@ pub fn check_circuit_name(name: &str) -> Result<(), CircuitError> {
 /// An idempotency key as a create takes it: 1 to 128 letters, digits, `-`, `_`, `.` or `:`.
 pub fn check_idempotency_key(key: &str) -> Result<(), CircuitError> {
     check_name("idempotency key", key, MAX_KEY)
+}
+
+/// A B-end's `regions` and `sites` as [`admit`] takes them: at most [`MAX_B_END_ENTRIES`] each,
+/// each a valid id (as the topology's), named once. Checked before placement, since the record
+/// keeps the lists (twice, with an idempotency key) and a refusal names them.
+fn check_b_end(b: &BEnd) -> Result<(), CircuitError> {
+    let regions = b.regions.iter().map(topology::Region::as_str);
+    let sites = b.sites.iter().map(NodeId::as_str);
+    check_b_end_list("b_end.regions", regions.collect())?;
+    check_b_end_list("b_end.sites", sites.collect())
+}
+
+fn check_b_end_list(what: &str, ids: Vec<&str>) -> Result<(), CircuitError> {
+    if ids.len() > MAX_B_END_ENTRIES {
+        return Err(CircuitError::Invalid(format!(
+            "{what} lists {} entries; at most {MAX_B_END_ENTRIES}",
+            ids.len()
+        )));
+    }
+    let mut seen = BTreeSet::new();
+    for id in ids {
+        if !topology::is_valid_id(id) {
+            // A long one is not echoed back.
+            let shown = if id.len() > MAX_NAME {
+                format!("an entry of {} characters", id.len())
+            } else {
+                format!("{id:?}")
+            };
+            return Err(CircuitError::Invalid(format!(
+                "{what}: {shown} is not a valid id (1-63 lowercase letters and digits joined by \
+                 single hyphens)"
+            )));
+        }
+        if !seen.insert(id) {
+            return Err(CircuitError::Invalid(format!("{what} lists {id:?} twice")));
+        }
+    }
+    Ok(())
 }
 
 /// `c-` and one or more digits: the form of circuit ids (`c-000007`).
@@ -647,8 +687,8 @@ pub struct Admission {
     pub port: Option<u16>,
 }
 
-/// Checks a spec against the topology and the circuits held now: names, prefix, placement with
-/// capacity, a VIP. Writes nothing.
+/// Checks a spec against the topology and the circuits held now: names, prefix, the B-end's
+/// lists, placement with capacity, a VIP. Writes nothing.
 pub fn admit(
     topo: &Topology,
     circuits: &[Circuit],
@@ -656,6 +696,7 @@ pub fn admit(
 ) -> Result<Admission, CircuitError> {
     check_circuit_name(&spec.name)?;
     check_prefix(spec.a_end.prefix)?;
+    check_b_end(&spec.b_end)?;
     if let Some(other) = circuits
         .iter()
         .find(|c| c.state.is_live() && c.name == spec.name)
@@ -1916,5 +1957,88 @@ pub(crate) mod tests {
         })
         .unwrap();
         assert_ne!(c2.vip.map(|ip| ip.to_canonical()), c1.vip, "{c2:?}");
+    }
+
+    /// The B-end's `regions` and `sites` are bounded (at most [`MAX_B_END_ENTRIES`] each), ids,
+    /// and each named once: a create or a validate refuses anything else as invalid, naming the
+    /// field, and records nothing. (Any list was taken, kept twice in the record, and echoed
+    /// whole by a refusal.)
+    #[test]
+    fn a_b_end_with_too_many_invalid_or_repeated_regions_or_sites_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(dir.path()).unwrap();
+        let t = topo(true);
+        // Each list holds the region or site the circuit can be placed in ("r", "s").
+        let many = |first: &str| {
+            std::iter::once(first.to_string())
+                .chain((1..=MAX_B_END_ENTRIES).map(|i| format!("{first}{i}")))
+                .collect::<Vec<_>>()
+        };
+        let cases: [(&str, Vec<String>, Vec<String>, String); 6] = [
+            (
+                "too many regions",
+                many("r"),
+                vec![],
+                format!(
+                    "b_end.regions lists {} entries; at most {MAX_B_END_ENTRIES}",
+                    MAX_B_END_ENTRIES + 1
+                ),
+            ),
+            (
+                "too many sites",
+                vec![],
+                many("s"),
+                format!(
+                    "b_end.sites lists {} entries; at most {MAX_B_END_ENTRIES}",
+                    MAX_B_END_ENTRIES + 1
+                ),
+            ),
+            (
+                "a repeated region",
+                vec!["r".into(), "r".into()],
+                vec![],
+                "b_end.regions lists \"r\" twice".into(),
+            ),
+            (
+                "a repeated site",
+                vec![],
+                vec!["s".into(), "s".into()],
+                "b_end.sites lists \"s\" twice".into(),
+            ),
+            (
+                "an invalid region",
+                vec!["r".into(), "R!".into()],
+                vec![],
+                "b_end.regions: \"R!\" is not a valid id".into(),
+            ),
+            (
+                "a long site",
+                vec![],
+                vec!["s".into(), "s".repeat(1000)],
+                "b_end.sites: an entry of 1000 characters is not a valid id".into(),
+            ),
+        ];
+        for (what, regions, sites, want) in cases {
+            let mut sp = spec("acme", "10.1.0.0/24", "1Mbps");
+            sp.b_end.regions = regions.iter().map(topology::Region::new).collect();
+            sp.b_end.sites = sites.iter().map(NodeId::new).collect();
+            let err = admit(&t, &[], &sp).unwrap_err();
+            assert!(
+                matches!(&err, CircuitError::Invalid(m) if m.starts_with(&want)),
+                "{what}: {err}"
+            );
+            assert!(err.to_string().len() < 400, "{what}: {err}");
+            let err = store::transaction(&s, |tx| create(tx, &t, &sp, None, "ops")).unwrap_err();
+            assert!(matches!(&err, CircuitError::Invalid(_)), "{what}: {err}");
+        }
+        assert_eq!(store::read(&s, |tx| all(tx)).unwrap(), []);
+        // At most as many as allowed, each once, is fine.
+        let mut sp = spec("acme", "10.1.0.0/24", "1Mbps");
+        sp.b_end.regions = many("r")[..MAX_B_END_ENTRIES]
+            .iter()
+            .map(topology::Region::new)
+            .collect();
+        sp.b_end.sites = vec![NodeId::new("s")];
+        store::transaction(&s, |tx| create(tx, &t, &sp, None, "ops")).unwrap();
     }
 }

@@ -854,7 +854,8 @@ fn arrows(path: &[NodeId]) -> String {
 /// Changes a circuit's rate, re-checking admission. Make before break: the circuit keeps its
 /// path when the new rate fits there; otherwise a new path is reserved while the old one is
 /// still held (`held`), and the old one is released only once the new one is acknowledged.
-/// The rate it already has returns the circuit unchanged (same revision), so a retry succeeds.
+/// The rate it already has returns the circuit unchanged (same revision), so a retry succeeds,
+/// also once the circuit has failed.
 pub fn resize(
     tx: &mut dyn WriteTxn,
     topo: &Topology,
@@ -863,16 +864,17 @@ pub fn resize(
     actor: &str,
 ) -> Result<Circuit, CircuitError> {
     let mut c = find(tx, id_or_name)?;
+    // First: a retry of a resize that worked (which may still hold the old rate or path, or
+    // have failed since, its routers not acknowledging in time) is answered with the circuit
+    // as it is, not refused. A deleted one is refused: it has no rate any more.
+    if c.state.is_live() && rate == c.requested_rate {
+        return Ok(c);
+    }
     if !matches!(c.state, CircuitState::Active | CircuitState::Provisioning) {
         return Err(CircuitError::Conflict(format!(
             "circuit {} is {}; only a provisioning or active circuit can be resized",
             c.id, c.state
         )));
-    }
-    // First: a retry of a resize that worked (which may still hold the old rate or path) is
-    // answered with the circuit as it is, not refused.
-    if rate == c.requested_rate {
-        return Ok(c);
     }
     if c.held.is_some() {
         return Err(CircuitError::Conflict(format!(
@@ -2040,5 +2042,38 @@ pub(crate) mod tests {
             .collect();
         sp.b_end.sites = vec![NodeId::new("s")];
         store::transaction(&s, |tx| create(tx, &t, &sp, None, "ops")).unwrap();
+    }
+
+    /// Retrying a resize that worked is answered with the circuit as it is also once the
+    /// circuit has failed (its routers did not acknowledge the resize in time): the rate it
+    /// already has changes nothing. Another rate is still refused. (The retry was refused as a
+    /// resize of a failed circuit.)
+    #[test]
+    fn retrying_a_resize_of_a_circuit_failed_since_returns_it_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(dir.path()).unwrap();
+        let t = topo(true);
+        store::transaction(&s, |tx| {
+            create(tx, &t, &spec("c1", "10.1.0.0/24", "100Mbps"), None, "ops")
+        })
+        .unwrap();
+        store::transaction(&s, |tx| resize(tx, &t, "c1", rate("200Mbps"), "ops")).unwrap();
+        let expired = store::transaction(&s, |tx| {
+            let ids = awaiting_ack(tx)?;
+            expire(tx, &t, Duration::ZERO, &ids, &|_| Some(1), &|_, _| false)
+        })
+        .unwrap();
+        let failed = store::read(&s, |tx| find(tx, "c1")).unwrap();
+        assert_eq!(expired, std::slice::from_ref(&failed));
+        assert_eq!(failed.state, CircuitState::Failed);
+        let retry = store::transaction(&s, |tx| resize(tx, &t, "c1", rate("200Mbps"), "ops"))
+            .unwrap_or_else(|e| panic!("the retried resize: {e}"));
+        assert_eq!(retry, failed);
+        let err =
+            store::transaction(&s, |tx| resize(tx, &t, "c1", rate("300Mbps"), "ops")).unwrap_err();
+        assert!(
+            matches!(&err, CircuitError::Conflict(m) if m.contains("is failed")),
+            "{err}"
+        );
     }
 }

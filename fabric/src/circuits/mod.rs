@@ -465,6 +465,11 @@ fn check_b_end_list(what: &str, ids: Vec<&str>) -> Result<(), CircuitError> {
     Ok(())
 }
 
+/// The number of a circuit id (`c-000007`: 7), which orders ids beyond six digits too.
+fn id_number(id: &CircuitId) -> Option<u64> {
+    id.as_str().strip_prefix("c-")?.parse().ok()
+}
+
 /// `c-` and one or more digits: the form of circuit ids (`c-000007`).
 fn is_id_form(s: &str) -> bool {
     s.strip_prefix("c-")
@@ -529,19 +534,19 @@ pub fn awaiting_ack(tx: &dyn ReadTxn) -> Result<Vec<CircuitId>, StoreError> {
         .collect())
 }
 
-/// A circuit by id, or by name among the circuits not yet decommissioned (then the newest), in
-/// the live table. An archived circuit is found by id only ([`CircuitError::Archived`]): its name
+/// A circuit by id, or by name in the live table: the live one of that name (not deleted;
+/// there is one at most), else the newest (the highest id; ids are given in order, clocks may
+/// go back). An archived circuit is found by id only ([`CircuitError::Archived`]): its name
 /// may have been given to another circuit since, and finding it would read the whole archive.
 pub fn find(tx: &dyn ReadTxn, id_or_name: &str) -> Result<Circuit, CircuitError> {
     if let Some(c) = CIRCUITS.get(tx, id_or_name)? {
         return Ok(c);
     }
-    let mut by_name: Vec<Circuit> = all(tx)?
+    let by_name = all(tx)?
         .into_iter()
         .filter(|c| c.name == id_or_name)
-        .collect();
-    by_name.sort_by_key(|c| (c.state != CircuitState::Decommissioned, c.created_unix_ms));
-    if let Some(c) = by_name.pop() {
+        .max_by_key(|c| (c.state.is_live(), id_number(&c.id)));
+    if let Some(c) = by_name {
         return Ok(c);
     }
     match CIRCUITS_ARCHIVE.get(tx, id_or_name)? {
@@ -2075,5 +2080,34 @@ pub(crate) mod tests {
             matches!(&err, CircuitError::Conflict(m) if m.contains("is failed")),
             "{err}"
         );
+    }
+
+    /// A name finds the live circuit of that name before a deleted one, and then the newest by
+    /// id, whatever the clocks said when they were created. (The newest by creation time won,
+    /// and a circuit still decommissioning counted as live.)
+    #[test]
+    fn a_name_finds_the_live_circuit_then_the_highest_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(dir.path()).unwrap();
+        let t = topo(true);
+        let (c1, _) = store::transaction(&s, |tx| {
+            create(tx, &t, &spec("acme", "10.1.0.0/24", "1Mbps"), None, "ops")
+        })
+        .unwrap();
+        store::transaction(&s, |tx| delete(tx, "acme", "ops")).unwrap();
+        let (c2, _) = store::transaction(&s, |tx| {
+            create(tx, &t, &spec("acme", "10.1.0.0/24", "1Mbps"), None, "ops")
+        })
+        .unwrap();
+        // The controller's clock went back between the two creates.
+        let skewed = Circuit {
+            created_unix_ms: c1.created_unix_ms - 60_000,
+            ..c2.clone()
+        };
+        store::transaction(&s, |tx| save(tx, &skewed)).unwrap();
+        assert_eq!(store::read(&s, |tx| find(tx, "acme")).unwrap().id, c2.id);
+        // Both deleted: the newer one.
+        store::transaction(&s, |tx| delete(tx, c2.id.as_str(), "ops")).unwrap();
+        assert_eq!(store::read(&s, |tx| find(tx, "acme")).unwrap().id, c2.id);
     }
 }

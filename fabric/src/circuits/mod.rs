@@ -860,20 +860,21 @@ fn arrows(path: &[NodeId]) -> String {
 /// path when the new rate fits there; otherwise a new path is reserved while the old one is
 /// still held (`held`), and the old one is released only once the new one is acknowledged.
 /// The rate it already has returns the circuit unchanged (same revision), so a retry succeeds,
-/// also once the circuit has failed.
+/// also once the circuit has failed. Returns the circuit and whether it was changed now (to be
+/// published: the name may find another circuit here than before the transaction).
 pub fn resize(
     tx: &mut dyn WriteTxn,
     topo: &Topology,
     id_or_name: &str,
     rate: Bandwidth,
     actor: &str,
-) -> Result<Circuit, CircuitError> {
+) -> Result<(Circuit, bool), CircuitError> {
     let mut c = find(tx, id_or_name)?;
     // First: a retry of a resize that worked (which may still hold the old rate or path, or
     // have failed since, its routers not acknowledging in time) is answered with the circuit
     // as it is, not refused. A deleted one is refused: it has no rate any more.
     if c.state.is_live() && rate == c.requested_rate {
-        return Ok(c);
+        return Ok((c, false));
     }
     if !matches!(c.state, CircuitState::Active | CircuitState::Provisioning) {
         return Err(CircuitError::Conflict(format!(
@@ -929,22 +930,24 @@ pub fn resize(
     };
     record(tx, &c, actor, "resize", Some(from), detail)?;
     save(tx, &c)?;
-    Ok(c)
+    Ok((c, true))
 }
 
 /// Starts decommissioning: the circuit leaves the snapshots and releases its capacity and VIP
 /// at once; it becomes `decommissioned` when the routers of its path acknowledge that.
+/// Returns the circuit and whether it was changed now (a circuit deleted already is returned
+/// as it is), as [`resize`] does.
 pub fn delete(
     tx: &mut dyn WriteTxn,
     id_or_name: &str,
     actor: &str,
-) -> Result<Circuit, CircuitError> {
+) -> Result<(Circuit, bool), CircuitError> {
     let mut c = find(tx, id_or_name)?;
     if matches!(
         c.state,
         CircuitState::Decommissioning | CircuitState::Decommissioned
     ) {
-        return Ok(c);
+        return Ok((c, false));
     }
     let from = c.state;
     c.state = CircuitState::Decommissioning;
@@ -960,7 +963,7 @@ pub fn delete(
         format!("capacity {} and VIP released", c.requested_rate),
     )?;
     save(tx, &c)?;
-    Ok(c)
+    Ok((c, true))
 }
 
 /// What the routers have acknowledged: called with the circuits to look at (`ids`: those the
@@ -1913,8 +1916,10 @@ pub(crate) mod tests {
         })
         .unwrap();
         for (to, held_path) in [("400Mbps", "e s"), ("900Mbps", "e t s")] {
-            let first = store::transaction(&s, |tx| resize(tx, &t, "c1", rate(to), "ops"))
-                .unwrap_or_else(|e| panic!("resize to {to}: {e}"));
+            let (first, changed) =
+                store::transaction(&s, |tx| resize(tx, &t, "c1", rate(to), "ops"))
+                    .unwrap_or_else(|e| panic!("resize to {to}: {e}"));
+            assert!(changed, "{to}");
             assert!(first.held.is_some(), "{to}: {first:?}");
             assert_eq!(
                 first
@@ -1927,7 +1932,7 @@ pub(crate) mod tests {
             );
             let retry = store::transaction(&s, |tx| resize(tx, &t, "c1", rate(to), "ops"))
                 .unwrap_or_else(|e| panic!("retried resize to {to}: {e}"));
-            assert_eq!(retry, first);
+            assert_eq!(retry, (first, false));
             // Let the resize finish before the next one.
             store::transaction(&s, |tx| {
                 let ids = awaiting_ack(tx)?;
@@ -2073,7 +2078,7 @@ pub(crate) mod tests {
         assert_eq!(failed.state, CircuitState::Failed);
         let retry = store::transaction(&s, |tx| resize(tx, &t, "c1", rate("200Mbps"), "ops"))
             .unwrap_or_else(|e| panic!("the retried resize: {e}"));
-        assert_eq!(retry, failed);
+        assert_eq!(retry, (failed, false));
         let err =
             store::transaction(&s, |tx| resize(tx, &t, "c1", rate("300Mbps"), "ops")).unwrap_err();
         assert!(

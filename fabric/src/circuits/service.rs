@@ -91,6 +91,9 @@ pub struct CircuitService {
     /// `pending`.
     #[cfg(test)]
     after: Mutex<Option<AfterHook>>,
+    /// Tests: runs in [`Self::resize`] and [`Self::delete`] before their transaction.
+    #[cfg(test)]
+    before_write: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 /// What a test runs in [`CircuitService::settle_once`] after its transaction.
@@ -136,6 +139,8 @@ impl CircuitService {
             between: Mutex::new(None),
             #[cfg(test)]
             after: Mutex::new(None),
+            #[cfg(test)]
+            before_write: Mutex::new(None),
         });
         // The controller starts with no circuits in its snapshot: publish the stored ones, and
         // wait for that version's acknowledgement for those not settled yet.
@@ -345,25 +350,38 @@ impl CircuitService {
         rate: Bandwidth,
         actor: String,
     ) -> Result<Circuit, ServiceError> {
-        let before = self.get(&id_or_name)?;
-        let c = self
+        #[cfg(test)]
+        self.run_before_write();
+        // Whether the transaction changed the circuit, not a comparison with a read before it:
+        // the name may find another circuit by then.
+        let (c, changed) = self
             .write(move |tx, topo| super::resize(tx, topo, &id_or_name, rate, &actor))
             .await?;
-        if c.revision != before.revision {
+        if changed {
             self.publish_committed(&c);
         }
         Ok(c)
     }
 
     pub async fn delete(&self, id_or_name: String, actor: String) -> Result<Circuit, ServiceError> {
-        let before = self.get(&id_or_name)?;
-        let c = self
+        #[cfg(test)]
+        self.run_before_write();
+        let (c, changed) = self
             .write(move |tx, _| super::delete(tx, &id_or_name, &actor))
             .await?;
-        if c.revision != before.revision {
+        if changed {
             self.publish_committed(&c);
         }
         Ok(c)
+    }
+
+    /// Tests: runs the [`Self::before_write`] hook, once.
+    #[cfg(test)]
+    fn run_before_write(&self) {
+        let f = lock(&self.before_write).take();
+        if let Some(f) = f {
+            f();
+        }
     }
 
     /// After a topology apply: circuits whose path the topology in force breaks become
@@ -875,7 +893,7 @@ mod tests {
         let _sessions = ack(&ctl, &["e", "s"]);
         let ctl2 = ctl.clone();
         *lock(&svc.between) = Some(Box::new(move || {
-            let deleted =
+            let (deleted, _) =
                 store::transaction(&**ctl2.store(), |tx| super::super::delete(tx, "c1", "ops"))
                     .unwrap();
             assert_eq!(deleted.state, CircuitState::Decommissioning);
@@ -1413,5 +1431,59 @@ mod tests {
         let _acks = ack(&ctl, &["e", "s"]);
         svc.settle_once().await.unwrap();
         assert_eq!(svc.get("c1").unwrap().state, CircuitState::Active);
+    }
+
+    /// A resize or a delete by name while that name moves to another circuit (the one it found
+    /// is deleted and a new one created under its name before the operation's transaction)
+    /// publishes what it changed, and awaits its acknowledgement: whether it changed something
+    /// is what its transaction did, not a comparison of the revisions of two circuits. (The
+    /// revision of the circuit the name found first was compared with the new one's: equal,
+    /// the change was neither published nor awaited.)
+    #[tokio::test]
+    async fn a_resize_or_delete_by_a_name_that_moved_publishes_what_it_changed() {
+        for op in ["resize", "delete"] {
+            let dir = tempfile::tempdir().unwrap();
+            let (ctl, svc) = with_c1(FaultyStore::open(dir.path())).await;
+            let _acks = ack(&ctl, &["e", "s"]);
+            svc.settle_once().await.unwrap();
+            let old = svc.get("c1").unwrap();
+            assert_eq!(old.state, CircuitState::Active);
+            let ctl2 = ctl.clone();
+            *lock(&svc.before_write) = Some(Box::new(move || {
+                let topo = ctl2.current().topology.clone();
+                let new = spec("c1", "10.9.0.0/24", "100Mbps");
+                store::transaction(&**ctl2.store(), |tx| {
+                    super::super::delete(tx, "c1", "ops")?;
+                    super::super::create(tx, &topo, &new, None, "ops")
+                })
+                .unwrap();
+            }));
+            let c = match op {
+                "resize" => {
+                    svc.resize("c1".into(), "200Mbps".parse().unwrap(), "ops".into())
+                        .await
+                }
+                _ => svc.delete("c1".into(), "ops".into()).await,
+            }
+            .unwrap();
+            assert_ne!(c.id, old.id, "{op}");
+            assert_eq!(
+                c.revision, old.revision,
+                "{op}: revisions equal, the case at hand"
+            );
+            let pending = lock(&svc.pending).get(&c.id).map(|p| p.revision);
+            assert_eq!(pending, Some(c.revision), "{op}: its change is not awaited");
+            let published: Vec<_> = ctl
+                .published()
+                .circuits
+                .iter()
+                .map(|p| (p.id.clone(), p.rate))
+                .collect();
+            let want = match op {
+                "resize" => vec![(c.id.clone(), "200Mbps".parse().unwrap())],
+                _ => vec![],
+            };
+            assert_eq!(published, want, "{op}: not published");
+        }
     }
 }

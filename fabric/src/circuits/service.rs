@@ -53,8 +53,9 @@ impl From<StoreError> for ServiceError {
 }
 
 /// Pending acknowledgement: the snapshot version that first carried the circuit's current
-/// revision ([`super::UNPUBLISHED`] while no snapshot has: its publication failed), and when
-/// it was committed.
+/// revision ([`super::UNPUBLISHED`] while no snapshot has: its publication failed), and since
+/// when its routers are waited for (the acknowledgement timeout counts from there): its
+/// publication, or its commit while it is unpublished.
 #[derive(Debug, Clone, Copy)]
 struct Pending {
     revision: u64,
@@ -274,9 +275,12 @@ impl CircuitService {
         let version = match &published {
             Ok(v) => {
                 // This snapshot carries every circuit committed before its read of the store,
-                // those an earlier failure left unpublished too.
+                // those an earlier failure left unpublished too: their routers have had them
+                // from now on, not since the failure.
+                let now = Instant::now();
                 for e in p.values_mut().filter(|e| e.version == super::UNPUBLISHED) {
                     e.version = *v;
+                    e.since = now;
                 }
                 *v
             }
@@ -1485,5 +1489,38 @@ mod tests {
             };
             assert_eq!(published, want, "{op}: not published");
         }
+    }
+
+    /// The acknowledgement timeout counts from the publication that carried the change, not
+    /// from a failed one before it: a circuit whose first publication failed is not failed at
+    /// once when a later one carries it, and is once its routers have not acknowledged that
+    /// one within the timeout. (The wait was counted from the failed publication.)
+    #[tokio::test]
+    async fn the_acknowledgement_timeout_counts_from_the_publication_that_carried_the_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let timeout = Duration::from_millis(500);
+        let (ctl, svc) = service_on(dir.path(), &yaml(POOL, true), timeout);
+        svc.fail_publish.store(1, SeqCst);
+        let (c, _) = svc
+            .create(spec("c1", "10.1.0.0/24", "100Mbps"), None, "ops".into())
+            .await
+            .unwrap();
+        tokio::time::sleep(timeout + Duration::from_millis(100)).await;
+        // This pass publishes it: its routers have had it for no time at all.
+        svc.settle_once().await.unwrap();
+        assert!(ctl.published().circuits.iter().any(|p| p.id == c.id));
+        let c = svc.get("c1").unwrap();
+        assert_eq!(c.state, CircuitState::Provisioning, "{c:?}");
+        tokio::time::sleep(timeout + Duration::from_millis(100)).await;
+        svc.settle_once().await.unwrap();
+        let c = svc.get("c1").unwrap();
+        assert_eq!(c.state, CircuitState::Failed);
+        assert_eq!(
+            c.reason,
+            Some(format!(
+                "not acknowledged by e, s (snapshot {})",
+                ctl.published().version
+            ))
+        );
     }
 }

@@ -76,11 +76,12 @@ impl Controller {
         serde_json::from_slice(&out.stdout).expect("JSON output")
     }
 
+    /// Every circuit (`list --all`): the output must be an array.
     fn list(&self) -> Vec<serde_json::Value> {
-        self.json(&["list", "--all"])
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
+        let list = self.json(&["list", "--all"]);
+        list.as_array()
+            .unwrap_or_else(|| panic!("list --all: not an array: {list}"))
+            .clone()
     }
 }
 
@@ -170,16 +171,15 @@ fn bad_input_is_refused_with_a_clear_message_and_changes_nothing() {
     let mut v = create_args("a", "10.0.0.0/24", "2Gbps");
     v[0] = "validate";
     assert_eq!(c.circuit(&v).status.code(), Some(1));
-    assert!(c.list().is_empty(), "a refused request changed nothing");
-    let headroom = c.json(&["headroom"]);
-    assert!(
-        headroom
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|r| r["reserved"] == "0bps"),
-        "{headroom}"
+    assert_eq!(
+        c.list(),
+        Vec::<serde_json::Value>::new(),
+        "a refused request changed nothing"
     );
+    let headroom = c.json(&["headroom"]);
+    let rows = headroom.as_array().expect("headroom: an array");
+    assert_eq!(rows.len(), 3, "a row per link: {headroom}");
+    assert!(rows.iter().all(|r| r["reserved"] == "0bps"), "{headroom}");
 }
 
 #[test]

@@ -1493,10 +1493,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = RedbStore::open(dir.path()).unwrap();
         let t = topo(true);
-        store::transaction(&s, |tx| {
-            create(tx, &t, &spec("acme", "10.1.0.0/24", "1Mbps"), None, "ops")
-        })
-        .unwrap();
+        created(&s, &t, "acme", "10.1.0.0/24", "1Mbps");
         for name in ["c-000001", "c-000002", "c-1", "c-0000042"] {
             let err = store::transaction(&s, |tx| {
                 create(tx, &t, &spec(name, "10.2.0.0/24", "1Mbps"), None, "ops")
@@ -1543,10 +1540,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = RedbStore::open(dir.path()).unwrap();
         let t = topo(true);
-        store::transaction(&s, |tx| {
-            create(tx, &t, &spec("c1", "10.1.0.0/24", "100Mbps"), None, "ops")
-        })
-        .unwrap();
+        created(&s, &t, "c1", "10.1.0.0/24", "100Mbps");
         let expired = store::transaction(&s, |tx| {
             let ids = awaiting_ack(tx)?;
             expire(
@@ -1607,6 +1601,15 @@ pub(crate) mod tests {
             h.last().unwrap().detail,
             "removal awaits no acknowledgement: e, s no longer in the topology"
         );
+    }
+
+    /// Circuit `name` for `prefix` at `rate`, created in a transaction of its own.
+    fn created(s: &RedbStore, t: &Topology, name: &str, prefix: &str, rate: &str) -> Circuit {
+        store::transaction(s, |tx| {
+            create(tx, t, &spec(name, prefix, rate), None, "ops")
+        })
+        .unwrap()
+        .0
     }
 
     fn rate(s: &str) -> Bandwidth {
@@ -1906,15 +1909,9 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = RedbStore::open(dir.path()).unwrap();
         let t = topo(true);
-        store::transaction(&s, |tx| {
-            create(tx, &t, &spec("c1", "10.1.0.0/24", "600Mbps"), None, "ops")
-        })
-        .unwrap();
+        created(&s, &t, "c1", "10.1.0.0/24", "600Mbps");
         // A second circuit leaves e–s 200Mbps: growing c1 to 900Mbps moves it via t.
-        store::transaction(&s, |tx| {
-            create(tx, &t, &spec("c2", "10.2.0.0/24", "200Mbps"), None, "ops")
-        })
-        .unwrap();
+        created(&s, &t, "c2", "10.2.0.0/24", "200Mbps");
         for (to, held_path) in [("400Mbps", "e s"), ("900Mbps", "e t s")] {
             let (first, changed) =
                 store::transaction(&s, |tx| resize(tx, &t, "c1", rate(to), "ops"))
@@ -1951,10 +1948,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = RedbStore::open(dir.path()).unwrap();
         let t = topo(true);
-        let (c1, _) = store::transaction(&s, |tx| {
-            create(tx, &t, &spec("c1", "10.1.0.0/24", "1Mbps"), None, "ops")
-        })
-        .unwrap();
+        let c1 = created(&s, &t, "c1", "10.1.0.0/24", "1Mbps");
         let Some(IpAddr::V4(v4)) = c1.vip else {
             panic!("{c1:?}");
         };
@@ -1964,10 +1958,7 @@ pub(crate) mod tests {
             ..c1.clone()
         };
         store::transaction(&s, |tx| save(tx, &old)).unwrap();
-        let (c2, _) = store::transaction(&s, |tx| {
-            create(tx, &t, &spec("c2", "10.2.0.0/24", "1Mbps"), None, "ops")
-        })
-        .unwrap();
+        let c2 = created(&s, &t, "c2", "10.2.0.0/24", "1Mbps");
         assert_ne!(c2.vip.map(|ip| ip.to_canonical()), c1.vip, "{c2:?}");
     }
 
@@ -2063,10 +2054,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = RedbStore::open(dir.path()).unwrap();
         let t = topo(true);
-        store::transaction(&s, |tx| {
-            create(tx, &t, &spec("c1", "10.1.0.0/24", "100Mbps"), None, "ops")
-        })
-        .unwrap();
+        created(&s, &t, "c1", "10.1.0.0/24", "100Mbps");
         store::transaction(&s, |tx| resize(tx, &t, "c1", rate("200Mbps"), "ops")).unwrap();
         let expired = store::transaction(&s, |tx| {
             let ids = awaiting_ack(tx)?;
@@ -2095,15 +2083,9 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = RedbStore::open(dir.path()).unwrap();
         let t = topo(true);
-        let (c1, _) = store::transaction(&s, |tx| {
-            create(tx, &t, &spec("acme", "10.1.0.0/24", "1Mbps"), None, "ops")
-        })
-        .unwrap();
+        let c1 = created(&s, &t, "acme", "10.1.0.0/24", "1Mbps");
         store::transaction(&s, |tx| delete(tx, "acme", "ops")).unwrap();
-        let (c2, _) = store::transaction(&s, |tx| {
-            create(tx, &t, &spec("acme", "10.1.0.0/24", "1Mbps"), None, "ops")
-        })
-        .unwrap();
+        let c2 = created(&s, &t, "acme", "10.1.0.0/24", "1Mbps");
         // The controller's clock went back between the two creates.
         let skewed = Circuit {
             created_unix_ms: c1.created_unix_ms - 60_000,

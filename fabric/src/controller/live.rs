@@ -533,6 +533,25 @@ impl LiveAggregator {
 }
 
 #[cfg(test)]
+impl Sample {
+    /// A report of `node` about one neighbour, and nothing else.
+    pub(crate) fn one_link(node: &str, neighbour: &str, rtt: Option<Duration>, up: bool) -> Sample {
+        Sample {
+            node: NodeId::new(node),
+            neighbours: vec![NeighbourSample {
+                neighbour: NodeId::new(neighbour),
+                rtt,
+                up,
+            }],
+            site: None,
+            services: BTreeMap::new(),
+            preferred: BTreeMap::new(),
+            margins: None,
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use topology::NodeKind;
@@ -549,21 +568,8 @@ mod tests {
     /// One report from `e` (and one from `t`) with this RTT; returns the weight to publish.
     fn step(agg: &mut LiveAggregator, rtt_ms: f64, now: Instant) -> Option<f64> {
         for (me, peer) in [("e", "t"), ("t", "e")] {
-            agg.observe(
-                Sample {
-                    node: NodeId::new(me),
-                    neighbours: vec![NeighbourSample {
-                        neighbour: NodeId::new(peer),
-                        rtt: Some(Duration::from_secs_f64(rtt_ms / 1000.0)),
-                        up: true,
-                    }],
-                    site: None,
-                    services: BTreeMap::new(),
-                    preferred: BTreeMap::new(),
-                    margins: None,
-                },
-                now,
-            );
+            let rtt = Duration::from_secs_f64(rtt_ms / 1000.0);
+            agg.observe(Sample::one_link(me, peer, Some(rtt), true), now);
         }
         let m = agg.merged(now);
         agg.publish(m.clone());
@@ -582,21 +588,7 @@ mod tests {
         step(&mut agg, 80.0, t0);
         let later = t0 + Duration::from_secs(60);
         for (me, peer) in [("e", "t"), ("t", "e")] {
-            agg.observe(
-                Sample {
-                    node: NodeId::new(me),
-                    neighbours: vec![NeighbourSample {
-                        neighbour: NodeId::new(peer),
-                        rtt: None,
-                        up: false,
-                    }],
-                    site: None,
-                    services: BTreeMap::new(),
-                    preferred: BTreeMap::new(),
-                    margins: None,
-                },
-                later,
-            );
+            agg.observe(Sample::one_link(me, peer, None, false), later);
         }
         let row = &agg.rtt_matrix(later)[0];
         assert_eq!(row.rtt_ms, Some(80.0));

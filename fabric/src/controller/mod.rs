@@ -1523,18 +1523,7 @@ mod tests {
         let store = Arc::new(RedbStore::open(dir.path()).unwrap());
         let ctl = Controller::open(store, Some((&yaml("10ms"), "t.yaml"))).unwrap();
         // The transit reports s1 down. No recompute loop runs here, so nothing is published.
-        ctl.on_telemetry(Sample {
-            node: NodeId::new("t"),
-            neighbours: vec![NeighbourSample {
-                neighbour: NodeId::new("s1"),
-                rtt: None,
-                up: false,
-            }],
-            site: None,
-            services: BTreeMap::new(),
-            preferred: BTreeMap::new(),
-            margins: None,
-        });
+        ctl.on_telemetry(Sample::one_link("t", "s1", None, false));
         assert!(ctl.published().live.down_links.is_empty());
         // Raising the far site's link moves e's cost: it is on s2 already, s1 being cut off.
         let out = ctl

@@ -1456,18 +1456,7 @@ mod tests {
         assert_eq!(refused, 2, "RTTs above MAX_RTT are no measurements");
         ctl.on_telemetry(sample);
         // A sample that did not come through the conversion: still capped.
-        ctl.on_telemetry(Sample {
-            node: NodeId::new("s2"),
-            neighbours: vec![NeighbourSample {
-                neighbour: NodeId::new("t"),
-                rtt: Some(Duration::MAX),
-                up: true,
-            }],
-            site: None,
-            services: BTreeMap::new(),
-            preferred: BTreeMap::new(),
-            margins: None,
-        });
+        ctl.on_telemetry(Sample::one_link("s2", "t", Some(Duration::MAX), true));
         // Published as a live delta (as the recompute loop does), then in full.
         ctl.publish_locked(&mut lock(&ctl.inner), false).unwrap();
         let p = ctl.published();
@@ -1600,18 +1589,12 @@ mod tests {
             t.replace(declared, &format!("{{a: t, b: s1, latency: {near}"))
         };
         let ctl = Controller::open(store, Some((&text("40ms"), "t.yaml"))).unwrap();
-        ctl.on_telemetry(Sample {
-            node: NodeId::new("t"),
-            neighbours: vec![NeighbourSample {
-                neighbour: NodeId::new("s1"),
-                rtt: Some(Duration::from_millis(24)),
-                up: true,
-            }],
-            site: None,
-            services: BTreeMap::new(),
-            preferred: BTreeMap::new(),
-            margins: None,
-        });
+        ctl.on_telemetry(Sample::one_link(
+            "t",
+            "s1",
+            Some(Duration::from_millis(24)),
+            true,
+        ));
         ctl.on_telemetry(e_uses_s2(None));
         let lowered = text("5ms");
         let planned = ctl

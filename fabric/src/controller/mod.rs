@@ -1108,7 +1108,6 @@ fn encode(
 mod tests {
     use super::*;
     use crate::store::redb::RedbStore;
-    use live::NeighbourSample;
     use topology::{Latency, ServiceName};
 
     /// e reaches s1 (near) or s2 (far) through transit t.

@@ -226,7 +226,7 @@ async fn a_telemetry_flood_is_dropped_and_counted_while_versions_still_flow() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_and_bad_frames_close_the_connection_with_a_code_and_the_reason() {
     use router::codes::close;
-    use router::control::proto::{self, ToRouter};
+    use router::control::proto::ToRouter;
 
     let dir = tempfile::tempdir().unwrap();
     let (d, tls) =
@@ -243,15 +243,7 @@ async fn refusals_and_bad_frames_close_the_connection_with_a_code_and_the_reason
 
     // edge-0's certificate, transit-0's hello: Refused, then the close with the reason.
     let mut s = raw_hello(d.quic_addr, &tls, "edge-0", "transit-0").await;
-    let frame = tokio::time::timeout(
-        Duration::from_secs(10),
-        proto::read_frame(&mut s.recv, proto::MAX_TO_ROUTER),
-    )
-    .await
-    .expect("an answer within 10 s")
-    .expect("a frame")
-    .expect("not the end of the stream");
-    match proto::decode::<ToRouter>(&frame).unwrap() {
+    match next_message(&mut s.recv).await {
         ToRouter::Refused { reason } => assert!(reason.contains("does not match"), "{reason}"),
         other => panic!("expected Refused, got {other:?}"),
     }
@@ -503,25 +495,14 @@ fn captured_log() -> &'static std::sync::Mutex<Vec<u8>> {
 /// it does with a hello's node name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejection_reason_is_kept_and_logged_bounded() {
-    use router::control::proto::{self, FromRouter, MAX_REASON, ToRouter};
+    use router::control::proto::{self, FromRouter, MAX_REASON};
 
     let log = captured_log();
     let dir = tempfile::tempdir().unwrap();
     let (d, tls) =
         controller_with_pki(dir.path(), &fabric_nodes(1, 1), &fabric_yaml(72, 1, 1, 10)).await;
     let mut s = raw_hello(d.quic_addr, &tls, "edge-0", "edge-0").await;
-    let first = tokio::time::timeout(
-        Duration::from_secs(10),
-        proto::read_frame(&mut s.recv, proto::MAX_TO_ROUTER),
-    )
-    .await
-    .expect("a snapshot within 10 s")
-    .expect("a frame")
-    .expect("not the end of the stream");
-    let version = match proto::decode::<ToRouter>(&first).unwrap() {
-        ToRouter::Snapshot { version, .. } => version,
-        other => panic!("expected a snapshot, got {other:?}"),
-    };
+    let version = version_of(&next_message(&mut s.recv).await);
     let reason = "€".repeat(300_000);
     let nack = proto::encode(&FromRouter::Nack { version, reason }).unwrap();
     assert!(nack.len() < proto::MAX_FROM_ROUTER);
@@ -576,25 +557,32 @@ async fn a_rejection_reason_is_kept_and_logged_bounded() {
     d.shutdown().await;
 }
 
-/// The next message of a session but revocation lists and heartbeats, within 10 s.
-async fn first_snapshot(recv: &mut quinn::RecvStream) -> router::control::proto::ToRouter {
-    use router::control::proto::{self, ToRouter};
+/// The next message on a control stream made by hand, within 10 s.
+async fn next_message(recv: &mut quinn::RecvStream) -> router::control::proto::ToRouter {
+    use router::control::proto;
+    let frame = tokio::time::timeout(
+        Duration::from_secs(10),
+        proto::read_frame(recv, proto::MAX_TO_ROUTER),
+    )
+    .await
+    .expect("a frame within 10 s")
+    .expect("a frame")
+    .expect("not the end of the stream");
+    proto::decode(&frame).unwrap()
+}
+
+/// The next message but revocation lists and heartbeats, within 10 s each.
+async fn next_news(recv: &mut quinn::RecvStream) -> router::control::proto::ToRouter {
+    use router::control::proto::ToRouter;
     loop {
-        let frame = tokio::time::timeout(
-            Duration::from_secs(10),
-            proto::read_frame(recv, proto::MAX_TO_ROUTER),
-        )
-        .await
-        .expect("a frame within 10 s")
-        .expect("a frame")
-        .expect("not the end of the stream");
-        match proto::decode::<ToRouter>(&frame).unwrap() {
+        match next_message(recv).await {
             ToRouter::Crl { .. } | ToRouter::Heartbeat { .. } => continue,
             other => return other,
         }
     }
 }
 
+/// The version of a message that must be a snapshot.
 fn version_of(msg: &router::control::proto::ToRouter) -> u64 {
     match msg {
         router::control::proto::ToRouter::Snapshot { version, .. } => *version,
@@ -614,7 +602,7 @@ async fn a_rejected_version_is_offered_again_to_a_new_session_and_after_a_back_o
     let (d, tls) =
         controller_with_pki(dir.path(), &fabric_nodes(1, 1), &fabric_yaml(74, 1, 1, 10)).await;
     let mut s = raw_hello(d.quic_addr, &tls, "edge-0", "edge-0").await;
-    let version = version_of(&first_snapshot(&mut s.recv).await);
+    let version = version_of(&next_news(&mut s.recv).await);
     let nack = |reason: &str| {
         proto::encode(&FromRouter::Nack {
             version,
@@ -628,7 +616,7 @@ async fn a_rejected_version_is_offered_again_to_a_new_session_and_after_a_back_o
         .unwrap();
     // The same session: offered again after the back-off, in full.
     let nacked = std::time::Instant::now();
-    let again = first_snapshot(&mut s.recv).await;
+    let again = next_news(&mut s.recv).await;
     assert_eq!(version_of(&again), version);
     assert!(
         nacked.elapsed() >= fabric::controller::distribute::NACK_RETRY_FIRST / 2,
@@ -640,7 +628,7 @@ async fn a_rejected_version_is_offered_again_to_a_new_session_and_after_a_back_o
     s.conn.close(0u32.into(), b"restart");
     let mut s2 = raw_hello(d.quic_addr, &tls, "edge-0", "edge-0").await;
     let started = std::time::Instant::now();
-    assert_eq!(version_of(&first_snapshot(&mut s2.recv).await), version);
+    assert_eq!(version_of(&next_news(&mut s2.recv).await), version);
     assert!(
         started.elapsed() < fabric::controller::distribute::NACK_RETRY_FIRST,
         "the new session waited {:?}",
@@ -697,7 +685,7 @@ async fn the_controller_reads_telemetry_while_it_writes_a_large_snapshot() {
         .await
         .expect("3 MiB of reports written within 10 s while the controller writes a snapshot");
     // The snapshot then arrives whole, on the same session.
-    let snapshot = first_snapshot(&mut s.recv).await;
+    let snapshot = next_news(&mut s.recv).await;
     assert!(matches!(
         snapshot,
         router::control::proto::ToRouter::Snapshot { .. }
@@ -729,7 +717,7 @@ async fn renewal_requests_beyond_a_small_budget_are_refused_cheaply() {
     }
     let (mut by_issuer, mut over_budget) = (0, 0);
     while by_issuer + over_budget < asked {
-        match first_snapshot(&mut s.recv).await {
+        match next_news(&mut s.recv).await {
             ToRouter::RenewRefused { reason } if reason.contains("too many renewal requests") => {
                 over_budget += 1
             }
@@ -813,20 +801,11 @@ async fn a_router_that_stops_reading_is_closed_once_writes_to_it_stall() {
 /// router's bytes until the connection ended.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_router_cannot_open_streams_the_controller_never_reads() {
-    use router::control::proto;
-
     let dir = tempfile::tempdir().unwrap();
     let (d, tls) =
         controller_with_pki(dir.path(), &fabric_nodes(1, 1), &fabric_yaml(74, 1, 1, 10)).await;
     let mut s = raw_hello(d.quic_addr, &tls, "edge-0", "edge-0").await;
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        proto::read_frame(&mut s.recv, proto::MAX_TO_ROUTER),
-    )
-    .await
-    .expect("a snapshot within 10 s")
-    .expect("a frame")
-    .expect("not the end of the stream");
+    next_message(&mut s.recv).await;
     for (what, uni) in [("bidirectional", false), ("unidirectional", true)] {
         let n = bytes_taken(&s.conn, uni).await;
         assert_eq!(
@@ -846,7 +825,7 @@ async fn a_router_cannot_open_streams_the_controller_never_reads() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ack_of_a_version_the_session_did_not_send_closes_it_unrecorded() {
     use router::codes::close;
-    use router::control::proto::{self, FromRouter, ToRouter};
+    use router::control::proto::{self, FromRouter};
 
     let dir = tempfile::tempdir().unwrap();
     let (d, tls) =
@@ -856,18 +835,7 @@ async fn an_ack_of_a_version_the_session_did_not_send_closes_it_unrecorded() {
     let mut sent = None;
     for (n, bogus) in [(1, None), (2, Some(1))] {
         let mut s = raw_hello(d.quic_addr, &tls, "edge-0", "edge-0").await;
-        let first = tokio::time::timeout(
-            Duration::from_secs(10),
-            proto::read_frame(&mut s.recv, proto::MAX_TO_ROUTER),
-        )
-        .await
-        .expect("a snapshot within 10 s")
-        .expect("a frame")
-        .expect("not the end of the stream");
-        let version = match proto::decode::<ToRouter>(&first).unwrap() {
-            ToRouter::Snapshot { version, .. } => version,
-            other => panic!("expected a snapshot, got {other:?}"),
-        };
+        let version = version_of(&next_message(&mut s.recv).await);
         if sent.is_none() {
             // The version sent, acknowledged: recorded.
             s.send.write_all(&ack(version)).await.unwrap();

@@ -863,11 +863,9 @@ mod tests {
     /// counts afresh from one.
     #[test]
     fn a_late_answer_to_an_older_probe_leaves_the_newer_one_outstanding() {
-        let p = ProbeConfig::default();
-        let timeout = probe_timeout(Duration::from_micros(300));
         let t0 = T::now();
-        let mut live = Liveness::new(p, t0);
-        let first = live.probe_sent(t0, timeout);
+        let (mut live, timeout) = probing(t0);
+        let first = live.sent();
         assert_eq!(
             live.at_deadline(t0 + timeout, true, timeout),
             Some(Verdict::Reprobe)
@@ -894,11 +892,8 @@ mod tests {
 
     #[test]
     fn a_peer_declared_down_is_dead_after_its_last_packet_plus_dead_after_unless_it_recovers() {
-        let p = ProbeConfig::default();
-        let timeout = probe_timeout(Duration::from_micros(300));
         let t0 = T::now();
-        let mut live = Liveness::new(p, t0);
-        live.probe_sent(t0, timeout);
+        let (mut live, timeout) = probing(t0);
         let (mut verdicts, dead_at) = silent_peer_until(&mut live, timeout, Verdict::Dead);
         assert_eq!(verdicts.pop(), Some(Verdict::Dead));
         // Silent while down, it fails the classic rule again and again: each a relapse (its
@@ -918,8 +913,7 @@ mod tests {
             "dead one DEAD_AFTER after the last packet"
         );
         // A peer that answers while down is not dead; once recovered, misses count afresh.
-        let mut live = Liveness::new(p, t0);
-        live.probe_sent(t0, timeout);
+        let (mut live, _) = probing(t0);
         silent_peer_until(&mut live, timeout, Verdict::Down);
         let back = t0 + Duration::from_millis(500);
         live.reply(back, live.sent());
@@ -936,13 +930,10 @@ mod tests {
     /// grace), as when it is up: no relapse, and no close as dead, for the router's own stall.
     #[test]
     fn a_stall_of_our_own_while_a_peer_is_down_is_no_relapse() {
-        let p = ProbeConfig::default();
-        let timeout = probe_timeout(Duration::from_micros(300));
         let t0 = T::now();
-        let mut live = Liveness::new(p, t0);
-        live.probe_sent(t0, timeout);
+        let (mut live, timeout) = probing(t0);
         let (_, down_at) = silent_peer_until(&mut live, timeout, Verdict::Down);
-        let back = down_at + p.interval;
+        let back = down_at + ProbeConfig::default().interval;
         live.probe_sent(back, timeout);
         live.reply(back, live.sent());
         // The next deadline, met 500 ms late (this router was not running).

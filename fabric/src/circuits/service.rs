@@ -1511,9 +1511,16 @@ mod tests {
         assert!(ctl.published().circuits.iter().any(|p| p.id == c.id));
         let c = svc.get("c1").unwrap();
         assert_eq!(c.state, CircuitState::Provisioning, "{c:?}");
-        tokio::time::sleep(timeout + Duration::from_millis(100)).await;
-        svc.settle_once().await.unwrap();
-        let c = svc.get("c1").unwrap();
+        // Then failed, once the timeout has passed since that publication.
+        let deadline = std::time::Instant::now() + 20 * timeout;
+        let c = loop {
+            svc.settle_once().await.unwrap();
+            let c = svc.get("c1").unwrap();
+            if c.state != CircuitState::Provisioning || std::time::Instant::now() > deadline {
+                break c;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
         assert_eq!(c.state, CircuitState::Failed);
         assert_eq!(
             c.reason,

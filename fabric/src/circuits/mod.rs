@@ -431,13 +431,17 @@ pub fn check_idempotency_key(key: &str) -> Result<(), CircuitError> {
 /// each a valid id (as the topology's), named once. Checked before placement, since the record
 /// keeps the lists (twice, with an idempotency key) and a refusal names them.
 fn check_b_end(b: &BEnd) -> Result<(), CircuitError> {
-    let regions = b.regions.iter().map(topology::Region::as_str);
-    let sites = b.sites.iter().map(NodeId::as_str);
-    check_b_end_list("b_end.regions", regions.collect())?;
-    check_b_end_list("b_end.sites", sites.collect())
+    check_b_end_list(
+        "b_end.regions",
+        b.regions.iter().map(topology::Region::as_str),
+    )?;
+    check_b_end_list("b_end.sites", b.sites.iter().map(NodeId::as_str))
 }
 
-fn check_b_end_list(what: &str, ids: Vec<&str>) -> Result<(), CircuitError> {
+fn check_b_end_list<'a>(
+    what: &str,
+    ids: impl ExactSizeIterator<Item = &'a str>,
+) -> Result<(), CircuitError> {
     if ids.len() > MAX_B_END_ENTRIES {
         return Err(CircuitError::Invalid(format!(
             "{what} lists {} entries; at most {MAX_B_END_ENTRIES}",

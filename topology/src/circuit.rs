@@ -1049,12 +1049,11 @@ pub fn allocate_vip(
         .chain(clients)
         .flat_map(both_forms)
         .collect();
-    let used = &taken;
     let (lo, hi) = usable_range(p.prefix);
     let v4 = lo.is_ipv4();
     let mut candidate = addr_u128(lo);
     let end = addr_u128(hi);
-    for u in used.range(lo..=hi) {
+    for u in taken.range(lo..=hi) {
         let u = addr_u128(*u);
         if u == candidate {
             if candidate == end {

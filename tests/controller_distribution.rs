@@ -219,6 +219,54 @@ async fn a_telemetry_flood_is_dropped_and_counted_while_versions_still_flow() {
     d.shutdown().await;
 }
 
+/// A report naming another node than the one its session authenticated is not merged (it would
+/// speak for that node's links) and is counted, so that the operator sees a misconfigured or
+/// misbehaving router. (It was dropped without a trace.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telemetry_naming_another_node_is_dropped_and_counted() {
+    use std::sync::atomic::Ordering;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (d, tls) =
+        controller_with_pki(dir.path(), &fabric_nodes(1, 1), &fabric_yaml(80, 1, 1, 10)).await;
+    let RawSession {
+        ep: _ep,
+        conn,
+        mut send,
+        recv,
+    } = raw_hello(d.quic_addr, &tls, "edge-0", "edge-0").await;
+    let topology_version = topology_versions(recv);
+    eventually(Duration::from_secs(10), "the first snapshot", || {
+        topology_version.load(Ordering::Relaxed) == 1
+    })
+    .await;
+
+    // Three reports speaking for transit-0 (within the rate budget).
+    for _ in 0..3 {
+        send.write_all(&telemetry_frame("transit-0", "site-0", 4_000))
+            .await
+            .unwrap();
+    }
+    let mut text = String::new();
+    let mut saw = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !saw && tokio::time::Instant::now() < deadline {
+        text = status_text(&d).await;
+        saw = status_line(&text, "edge-0").contains("3 reports naming another node dropped");
+        if !saw {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert!(
+        saw,
+        "edge-0's status line tells the dropped reports:\n{text}"
+    );
+    let edge = router_status(&d, "edge-0").expect("edge-0 is known");
+    assert_eq!((edge.reports_misnamed, edge.reports_dropped), (3, 0));
+    assert!(conn.close_reason().is_none(), "the session stays up");
+    d.shutdown().await;
+}
+
 /// The controller ends a control connection it refuses, or whose frames do not decode, with an
 /// application close code and the reason, after the `Refused` frame has reached the router.
 /// (It dropped the connection: quinn closed it with code 0 and no reason, possibly discarding

@@ -55,6 +55,9 @@ pub struct RouterStatus {
     /// Telemetry reports dropped for coming too fast since the controller started.
     #[serde(default)]
     pub reports_dropped: u64,
+    /// Telemetry reports dropped for naming another node than the router's own.
+    #[serde(default)]
+    pub reports_misnamed: u64,
     /// It is draining before it stops: new connections go around it.
     #[serde(default)]
     pub draining: bool,
@@ -148,6 +151,7 @@ pub fn build(st: &AdminState) -> Status {
                 last_nack: r.and_then(|r| r.record.last_nack.clone()),
                 samples_refused: r.map_or(0, |r| r.samples_refused),
                 reports_dropped: r.map_or(0, |r| r.reports_dropped),
+                reports_misnamed: r.map_or(0, |r| r.reports_misnamed),
                 draining: r.is_some_and(|r| r.connected && r.draining),
             }
         })

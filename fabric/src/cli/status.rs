@@ -71,6 +71,12 @@ pub fn run(args: StatusArgs) -> ExitCode {
                 r.reports_dropped
             ));
         }
+        if r.reports_misnamed > 0 {
+            state.push_str(&format!(
+                "; {} reports naming another node dropped",
+                r.reports_misnamed
+            ));
+        }
         if r.samples_refused > 0 {
             state.push_str(&format!("; {} implausible RTTs refused", r.samples_refused));
         }

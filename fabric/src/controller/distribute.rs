@@ -392,6 +392,7 @@ async fn session(
     // Warn once per session about refused telemetry; later refusals are counted and debug-logged.
     let mut warned_rtt = false;
     let mut warned_rate = false;
+    let mut warned_name = false;
     let mut budget = Budget::reports(Instant::now());
     let mut renewals = Budget::renewals(Instant::now());
     let mut warned_renewals = false;
@@ -500,6 +501,18 @@ async fn session(
                                 }
                             }
                             ctl.on_telemetry(sample);
+                        } else if report_node(&report) != node {
+                            // It would speak for another node's links: only a misbehaving
+                            // router sends one (its hello named the session's node).
+                            ctl.router_report_misnamed(rs);
+                            if !warned_name {
+                                warned_name = true;
+                                tracing::warn!(
+                                    node,
+                                    named = %clip(report_node(&report).to_string()),
+                                    "dropping telemetry reports naming another node (counted in status)"
+                                );
+                            }
                         }
                     }
                     FromRouter::Hello { .. } => {}

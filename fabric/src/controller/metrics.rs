@@ -96,7 +96,7 @@ fn gauge(s: &mut String, name: &str, help: &str, value: impl std::fmt::Display) 
 fn per_router(s: &mut String, routers: &[RouterLive]) {
     type Value = fn(&RouterLive, Instant) -> Option<String>;
     let now = Instant::now();
-    let series: [(&str, &str, &str, Value); 7] = [
+    let series: [(&str, &str, &str, Value); 8] = [
         (
             "router_connected",
             "gauge",
@@ -135,6 +135,12 @@ fn per_router(s: &mut String, routers: &[RouterLive]) {
             "counter",
             "Telemetry reports of the router dropped for coming too fast, since the controller started.",
             |r, _| Some(r.reports_dropped.to_string()),
+        ),
+        (
+            "router_reports_misnamed_total",
+            "counter",
+            "Telemetry reports of the router dropped for naming another node, since the controller started.",
+            |r, _| Some(r.reports_misnamed.to_string()),
         ),
         (
             "router_samples_refused_total",

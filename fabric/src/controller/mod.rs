@@ -106,6 +106,9 @@ pub struct RouterLive {
     /// Telemetry reports dropped for coming faster than [`distribute::TELEMETRY_PER_SEC`],
     /// since the controller started.
     pub reports_dropped: u64,
+    /// Telemetry reports dropped for naming another node than the one its session
+    /// authenticated (a misconfigured or misbehaving router), since the controller started.
+    pub reports_misnamed: u64,
     /// Its last telemetry said it is draining before it stops (cleared when its current session
     /// ends).
     pub draining: bool,
@@ -196,6 +199,7 @@ impl RouterLive {
             last_telemetry: None,
             samples_refused: 0,
             reports_dropped: 0,
+            reports_misnamed: 0,
             draining: false,
         }
     }
@@ -943,6 +947,11 @@ impl Controller {
     /// [`distribute`]).
     pub fn router_report_dropped(&self, session: &RouterSession) {
         self.current_router(session, |e| e.reports_dropped += 1);
+    }
+
+    /// A telemetry report on `session` named another node than the session's and was dropped.
+    pub fn router_report_misnamed(&self, session: &RouterSession) {
+        self.current_router(session, |e| e.reports_misnamed += 1);
     }
 
     /// A router acknowledged `version` (of `topology_version`) on `session`. Not taken from a

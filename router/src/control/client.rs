@@ -450,11 +450,22 @@ async fn stored_snapshot(dir: PathBuf, node: &NodeId) -> Option<StoredSnapshot> 
         }
     };
     match loaded {
-        Ok(Some(s)) if s.topology.node(node.as_str()).is_some() => Some(s),
-        Ok(Some(_)) => {
-            tracing::warn!(node = %node, "stored snapshot does not contain this node; ignoring it");
-            None
-        }
+        Ok(Some(s)) => match s
+            .topology
+            .node(node.as_str())
+            .map(|n| bindable(node, n.address))
+        {
+            Some(Ok(())) => Some(s),
+            // The router would exit at its start, before the controller could send it another.
+            Some(Err(e)) => {
+                tracing::warn!("ignoring the stored snapshot (waiting for the controller's): {e}");
+                None
+            }
+            None => {
+                tracing::warn!(node = %node, "stored snapshot does not contain this node; ignoring it");
+                None
+            }
+        },
         Ok(None) => None,
         Err(e) => {
             tracing::warn!("ignoring the stored snapshot: {e}");
@@ -996,20 +1007,40 @@ fn telemetry_frame(
 /// it; anything that cannot work here is refused with a reason instead. `bound`: where the
 /// router's endpoint is bound (`None` before a router is attached): a version that moves the
 /// node must give an address this host can bind (the data plane moves the endpoint there).
-fn check(node: &NodeId, snap: &Snapshot, bound: Option<SocketAddr>) -> Result<(), String> {
+/// `running`: the node's address in the snapshot in force (`None` before the first): before a
+/// router is attached, a snapshot giving the node an address it did not have is one the router
+/// about to start binds, so this host must be able to (acknowledged and stored, an unbindable
+/// one made the router exit at its start, and again at every restart from the stored copy).
+fn check(
+    node: &NodeId,
+    snap: &Snapshot,
+    bound: Option<SocketAddr>,
+    running: Option<SocketAddr>,
+) -> Result<(), String> {
     let Some(me) = snap.topology.node(node.as_str()) else {
         return Err(format!("node {node} is not in topology"));
     };
-    if let Some(bound) = bound
-        && !crate::transport::bound_at(bound, me.address)
-        && let Err(e) = std::net::UdpSocket::bind(me.address)
-    {
-        return Err(format!(
-            "cannot move node {node}'s QUIC address from {bound} to {}: {e}",
-            me.address
-        ));
+    match bound {
+        Some(bound) if !crate::transport::bound_at(bound, me.address) => {
+            if let Err(e) = std::net::UdpSocket::bind(me.address) {
+                return Err(format!(
+                    "cannot move node {node}'s QUIC address from {bound} to {}: {e}",
+                    me.address
+                ));
+            }
+        }
+        Some(_) => {}
+        None if running != Some(me.address) => bindable(node, me.address)?,
+        None => {}
     }
     Ok(())
+}
+
+/// Whether this host can bind `addr`, node `node`'s QUIC address (tried, then let go).
+fn bindable(node: &NodeId, addr: SocketAddr) -> Result<(), String> {
+    std::net::UdpSocket::bind(addr)
+        .map(drop)
+        .map_err(|e| format!("node {node}'s QUIC address {addr} cannot be bound on this host: {e}"))
 }
 
 /// Takes one message of the controller's: a snapshot (whole or a delta on `base`) is checked,
@@ -1094,7 +1125,8 @@ fn handle(
         .lock()
         .ok()
         .and_then(|e| e.as_ref().and_then(|e| e.local_addr().ok()));
-    if let Err(reason) = check(node, &snap, bound) {
+    let running = tx.borrow().topology.node(node.as_str()).map(|n| n.address);
+    if let Err(reason) = check(node, &snap, bound, running) {
         tracing::error!(version, "rejecting snapshot: {reason}");
         return Ok(Some(FromRouter::Nack { version, reason }));
     }
@@ -1338,6 +1370,74 @@ mod tests {
 
     fn secs<const N: usize>(s: [u64; N]) -> [Duration; N] {
         s.map(S)
+    }
+
+    /// A snapshot holding node `a` at `addr`.
+    fn with_a_at(addr: &str) -> Snapshot {
+        let node: topology::Node = serde_json::from_value(serde_json::json!({
+            "id": "a", "kind": "transit", "region": "au-east", "country": "AU",
+            "location": {"lat": 0.0, "lon": 0.0}, "address": addr,
+        }))
+        .unwrap();
+        let mut t = topology::Topology::default();
+        t.nodes.push(node);
+        Snapshot {
+            version: 1,
+            topology: Arc::new(t),
+            live: Default::default(),
+            circuits: Arc::default(),
+        }
+    }
+
+    /// Before a router is attached, a snapshot giving the node an address this host cannot
+    /// bind is refused (acknowledged and stored, the router exited binding it at its start, and
+    /// again at every restart from the stored copy, never living long enough to be sent a
+    /// fixed one); the address the snapshot in force gives it is not tried again (the router
+    /// may hold it by then).
+    #[test]
+    fn before_a_router_is_attached_an_unbindable_address_is_refused() {
+        let a = NodeId::new("a");
+        // TEST-NET-1: on no interface of this host.
+        let foreign = with_a_at("192.0.2.1:4433");
+        let e = check(&a, &foreign, None, None).unwrap_err();
+        assert!(e.contains("192.0.2.1:4433 cannot be bound"), "{e}");
+        assert!(check(&a, &foreign, None, Some("127.0.0.1:1".parse().unwrap())).is_err());
+        // The address in force: held by the router about to run, not tried.
+        let held = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let at = held.local_addr().unwrap();
+        let same = with_a_at(&at.to_string());
+        assert_eq!(check(&a, &same, None, Some(at)), Ok(()));
+        assert!(check(&a, &same, None, None).is_err(), "held: not bindable");
+        drop(held);
+        assert_eq!(check(&a, &same, None, None), Ok(()));
+    }
+
+    /// A stored snapshot whose address for the node cannot be bound is not started from: the
+    /// router waits for the controller's instead of exiting at every start.
+    #[tokio::test]
+    async fn a_stored_snapshot_with_an_unbindable_address_is_not_started_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let stored = |s: Snapshot| StoredSnapshot {
+            version: s.version,
+            topology_version: 1,
+            received_unix_ms: 0,
+            topology: s.topology,
+            live: s.live,
+            circuits: s.circuits,
+        };
+        let a = NodeId::new("a");
+        disk::save(dir.path(), &stored(with_a_at("192.0.2.1:4433"))).unwrap();
+        assert!(
+            stored_snapshot(dir.path().to_path_buf(), &a)
+                .await
+                .is_none()
+        );
+        disk::save(dir.path(), &stored(with_a_at("127.0.0.1:0"))).unwrap();
+        assert!(
+            stored_snapshot(dir.path().to_path_buf(), &a)
+                .await
+                .is_some()
+        );
     }
 
     /// (The whole reason was logged, up to 64 MiB a line at each reconnect.)

@@ -1135,14 +1135,15 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
     // reported naming the first such VIP, and its service is left out. The VIPs kept are
     // disjoint per port, in declaration order (`vips`, with their service's name).
     let mut vips: Vec<(Vip, String)> = Vec::with_capacity(parsed_vips.len());
+    // Kept for the backends' check below (a backend inside a VIP).
+    let mut vip_index =
+        overlap::Disjoint::new(parsed_vips.iter().map(|(v, _, _)| (v.port, v.prefix)));
     {
-        let mut kept =
-            overlap::Disjoint::new(parsed_vips.iter().map(|(v, _, _)| (v.port, v.prefix)));
         let mut overlapping = vec![false; service_items.len()];
         let mut any = false;
         for (c, (vip, pos, owner)) in parsed_vips.iter().enumerate() {
             let (what, name, entry) = &owners[*owner];
-            if let Some(first) = kept.first_overlap(vip.port, vip.prefix) {
+            if let Some(first) = vip_index.first_overlap(vip.port, vip.prefix) {
                 let (other, other_owner) = &vips[first];
                 cx.err(
                     *pos,
@@ -1151,7 +1152,7 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
                 overlapping[*entry] = true;
                 any = true;
             } else {
-                kept.add(c, vip.port, vip.prefix, vips.len());
+                vip_index.add(c, vip.port, vip.prefix, vips.len());
                 vips.push((*vip, name.clone()));
             }
         }
@@ -1163,6 +1164,8 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
 
     // Sites' `serves`, now that services are known.
     let mut mentioned: HashSet<String> = HashSet::new();
+    // Every backend parsed, with its site and service, for the loop check below.
+    let mut backends: Vec<(String, String, SocketAddr, Pos)> = Vec::new();
     for e in entries.iter_mut() {
         let Some(serves) = e.fields.get("serves") else {
             continue;
@@ -1194,6 +1197,7 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
                 mentioned.insert(s.clone());
                 Some(s)
             });
+            let backend_pos = sf.get("backend").map(|n| n.pos);
             let backend = sf
                 .required(cx, "backend")
                 .and_then(|n| socket_addr(cx, n, &Of("backend", &sw), "127.30.0.1:8000"));
@@ -1213,6 +1217,9 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
             };
             match (service, backend, capacity, weight, dial) {
                 (Some(service), Some(backend), Some(capacity), Some(weight), Some(dial)) => {
+                    if let (Some(id), Some(pos)) = (&e.id, backend_pos) {
+                        backends.push((id.clone(), service.clone(), backend, pos));
+                    }
                     if let Some(node) = &mut e.node {
                         node.serves.push(SiteService {
                             service: ServiceName::new(service),
@@ -1517,6 +1524,7 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
             _ => {}
         }
     }
+    loop_warnings(cx, &entries, &ports, &vip_index, &vips, &backends);
     // The nodes serving each service, in node order, gathered once: filtering every node per
     // service was services times serves entries (10,000 services on 50,000 nodes).
     let mut serving_by: HashMap<&str, Vec<&NodeEntry>> = HashMap::new();
@@ -1582,6 +1590,68 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
 
 /// Warns for each link between two edges or two sites (in link order): only transits relay, so
 /// no client path can use it (its two routers still probe each other over it).
+/// A backend that is one of the fabric's own client listeners (a service's port or the
+/// transparent port on an edge's client_address) or inside a service VIP sends each connection
+/// the site makes back into the fabric, which routes it to a site again: a loop that holds a
+/// connection at every turn until a cap refuses one. Warned, not refused: the same address may
+/// be another host's (edges and sites on different hosts with private addresses).
+fn loop_warnings(
+    cx: &mut Cx,
+    entries: &[NodeEntry],
+    ports: &HashMap<u16, String>,
+    vip_index: &overlap::Disjoint<u16>,
+    vips: &[(Vip, String)],
+    backends: &[(String, String, SocketAddr, Pos)],
+) {
+    if backends.is_empty() {
+        return;
+    }
+    // Each edge's client address (not a wildcard: that is any address of the edge's own host,
+    // which a topology does not tell), with the edge and its transparent port.
+    let mut edges: HashMap<IpAddr, (&str, Option<u16>)> = HashMap::new();
+    for n in entries.iter().filter_map(|e| e.node.as_ref()) {
+        if n.kind == NodeKind::Edge
+            && let Some(ip) = n.client_address
+            && !ip.is_unspecified()
+        {
+            edges
+                .entry(ip.to_canonical())
+                .or_insert((n.id.as_str(), n.transparent_port));
+        }
+    }
+    for (site, service, backend, pos) in backends {
+        let ip = backend.ip().to_canonical();
+        let what = if let Some((edge, transparent)) = edges.get(&ip) {
+            if let Some(listening) = ports.get(&backend.port()) {
+                Some(format!(
+                    "edge node \"{edge}\"'s listener of service \"{listening}\""
+                ))
+            } else if *transparent == Some(backend.port()) {
+                Some(format!("edge node \"{edge}\"'s transparent port"))
+            } else {
+                None
+            }
+        } else {
+            None
+        };
+        let what = what.or_else(|| {
+            let host = IpNetwork::from(ip);
+            vip_index
+                .first_overlap(backend.port(), host)
+                .and_then(|i| vips.get(i))
+                .map(|(vip, owner)| format!("inside VIP {vip} of service \"{owner}\""))
+        });
+        if let Some(what) = what {
+            cx.warn(
+                *pos,
+                format!(
+                    "backend of service \"{service}\" at site node \"{site}\": {backend} is {what}, so the site's connections would come back into the fabric (a loop)"
+                ),
+            );
+        }
+    }
+}
+
 fn idle_link_warnings(
     cx: &mut Cx,
     t: &Topology,

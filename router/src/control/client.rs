@@ -450,15 +450,16 @@ async fn stored_snapshot(dir: PathBuf, node: &NodeId) -> Option<StoredSnapshot> 
         }
     };
     match loaded {
-        Ok(Some(s)) => match s
-            .topology
-            .node(node.as_str())
-            .map(|n| bindable(node, n.address))
-        {
-            Some(Ok(())) => Some(s),
-            // The router would exit at its start, before the controller could send it another.
-            Some(Err(e)) => {
-                tracing::warn!("ignoring the stored snapshot (waiting for the controller's): {e}");
+        Ok(Some(s)) => match s.topology.node(node.as_str()).map(|n| try_bind(n.address)) {
+            // In use: by this router's previous process, most likely, whose socket is still
+            // going away; its start fails and is tried again, and this snapshot is right.
+            Some(Ok(()) | Err(std::io::ErrorKind::AddrInUse)) => Some(s),
+            // Not an address of this host: the router would exit at every start, before the
+            // controller could send it another.
+            Some(Err(kind)) => {
+                tracing::warn!(
+                    "ignoring the stored snapshot (waiting for the controller's): node {node}'s QUIC address in it cannot be bound on this host: {kind}"
+                );
                 None
             }
             None => {
@@ -1043,6 +1044,13 @@ fn bindable(node: &NodeId, addr: SocketAddr) -> Result<(), String> {
         .map_err(|e| format!("node {node}'s QUIC address {addr} cannot be bound on this host: {e}"))
 }
 
+/// [`bindable`], telling only the kind of error.
+fn try_bind(addr: SocketAddr) -> Result<(), std::io::ErrorKind> {
+    std::net::UdpSocket::bind(addr)
+        .map(drop)
+        .map_err(|e| e.kind())
+}
+
 /// Takes one message of the controller's: a snapshot (whole or a delta on `base`) is checked,
 /// becomes the `base` of the next delta, and is handed to the data plane and acknowledged,
 /// unless the router drains ([`hand_over`]).
@@ -1412,8 +1420,8 @@ mod tests {
         assert_eq!(check(&a, &same, None, None), Ok(()));
     }
 
-    /// A stored snapshot whose address for the node cannot be bound is not started from: the
-    /// router waits for the controller's instead of exiting at every start.
+    /// A stored snapshot whose address for the node is not one of this host's is not started
+    /// from: the router waits for the controller's instead of exiting at every start.
     #[tokio::test]
     async fn a_stored_snapshot_with_an_unbindable_address_is_not_started_from() {
         let dir = tempfile::tempdir().unwrap();
@@ -1433,6 +1441,16 @@ mod tests {
                 .is_none()
         );
         disk::save(dir.path(), &stored(with_a_at("127.0.0.1:0"))).unwrap();
+        assert!(
+            stored_snapshot(dir.path().to_path_buf(), &a)
+                .await
+                .is_some()
+        );
+        // In use (the router's previous process still going away): started from, its start
+        // tried again until the address is free.
+        let held = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let at = held.local_addr().unwrap().to_string();
+        disk::save(dir.path(), &stored(with_a_at(&at))).unwrap();
         assert!(
             stored_snapshot(dir.path().to_path_buf(), &a)
                 .await

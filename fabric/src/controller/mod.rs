@@ -267,6 +267,12 @@ pub struct ApplyOutcome {
     pub unchanged: bool,
     pub warnings: Vec<crate::admin::Diag>,
     pub plan: crate::plan::Plan,
+    /// The version was committed (it is the version in force) but its snapshot could not be
+    /// published, with why: routers run the one before it until a later change can be. It
+    /// cannot be published when it is over the routers' frame limit, which the check before
+    /// the commit rules out but for circuits published in between.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_distributed: Option<String>,
 }
 
 pub struct Controller {
@@ -289,6 +295,9 @@ pub struct Controller {
     pub handshakes_turned: distribute::HandshakesTurned,
     /// The last [`RouterSession`] number handed out.
     last_session: AtomicU64,
+    /// Tests: run once by an apply just before it commits.
+    #[cfg(test)]
+    before_commit: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 struct Inner {
@@ -414,6 +423,8 @@ impl Controller {
             session_closes: Default::default(),
             handshakes_turned: Default::default(),
             last_session: AtomicU64::new(0),
+            #[cfg(test)]
+            before_commit: Mutex::new(None),
         }))
     }
 
@@ -584,7 +595,12 @@ impl Controller {
                 unchanged,
                 warnings: diags(&warnings),
                 plan,
+                not_distributed: None,
             });
+        }
+        #[cfg(test)]
+        if let Some(f) = lock(&self.before_commit).take() {
+            f();
         }
         let store = self.store.clone();
         let (text2, topo2, author2, message2) = (
@@ -610,13 +626,22 @@ impl Controller {
         // handshake, and their sessions end now, before the new version goes out.
         self.peers
             .set(topology.nodes.iter().map(|n| n.id.to_string()));
-        {
+        let not_distributed = {
             let mut inner = lock(&self.inner);
             inner.live.set_topology(topology.clone());
             inner.current = current;
             self.end_removed(&topology, version);
-            self.publish_locked(&mut inner, true)?;
-        }
+            // Committed: it is the version in force whatever happens now, so a failure to
+            // publish it is told with it, not as the apply's failure (which said the change
+            // was refused while history showed it).
+            self.publish_locked(&mut inner, true).err().map(|e| {
+                tracing::error!(
+                    version,
+                    "topology version {version} committed but not distributed (routers keep the one before): {e}"
+                );
+                e.to_string()
+            })
+        };
         let published = started.elapsed();
         let plan = tokio::task::spawn_blocking(plan_of)
             .await
@@ -636,6 +661,7 @@ impl Controller {
             unchanged: false,
             warnings: diags(&warnings),
             plan,
+            not_distributed,
         })
     }
 
@@ -1194,6 +1220,48 @@ mod tests {
         assert_eq!(ctl.published().version, v);
         assert_eq!(ctl.current().record.version, 1, "nothing committed");
         assert_eq!(ctl.history(10).unwrap().len(), 1);
+    }
+
+    /// Circuits published between an apply's size check and its commit can make the committed
+    /// version's snapshot too large to publish: the apply says it applied that version (it is
+    /// in force, history shows it) and that it was not distributed, and why. (It answered the
+    /// publication's error, a refusal of a change that had been made.)
+    #[tokio::test]
+    async fn a_committed_version_that_cannot_be_published_is_told_applied_and_not_distributed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RedbStore::open(dir.path()).unwrap());
+        let ctl = Controller::open(store, Some((&yaml("5ms"), "t.yaml"))).unwrap();
+        let max = proto::MAX_TO_ROUTER;
+        let base = ctl
+            .publish_circuits(Arc::new(vec![bulky_circuit(0)]))
+            .map(|_| ctl.published().full.len() - 4)
+            .unwrap();
+        // 200 bytes under the limit: a topology some 50 bytes larger fits...
+        ctl.publish_circuits(Arc::new(vec![bulky_circuit(max - 200 - base)]))
+            .unwrap();
+        let bigger = yaml("5ms").replace("lat: 0,", "lat: -33.86881971234,");
+        ctl.apply(&bigger, "me", "", Origin::Apply, true, None)
+            .await
+            .expect("the larger topology fits with these circuits");
+        // ... until circuits exactly at the limit are published just before the commit.
+        let c = ctl.clone();
+        *lock(&ctl.before_commit) = Some(Box::new(move || {
+            c.publish_circuits(Arc::new(vec![bulky_circuit(max - base)]))
+                .expect("at the limit, with the topology in force");
+        }));
+        let carried = ctl.published().version;
+        let out = ctl
+            .apply(&bigger, "me", "", Origin::Apply, false, None)
+            .await
+            .expect("committed: not an error");
+        assert_eq!(out.version, Some(2));
+        let why = out.not_distributed.expect("told not distributed");
+        assert!(why.contains("over the"), "{why}");
+        assert_eq!(ctl.current().record.version, 2, "in force");
+        assert_eq!(ctl.history(10).unwrap().len(), 2);
+        let p = ctl.published();
+        assert!(p.version > carried, "the circuits went out");
+        assert_eq!(p.topology_version, 1, "routers keep the version before");
     }
 
     /// A batch of routers' records whose transaction failed is written by the next flush, and a

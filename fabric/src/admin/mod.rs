@@ -11,11 +11,14 @@
 //! |---|---|---|
 //! | GET | /v1/topology | the topology in force, text as applied |
 //! | GET | /v1/topology/versions/{v} | one version |
-//! | GET | /v1/topology/history?limit=N | newest first (at most 10,000), metadata only: size and SHA-256 of each text, not the text |
+//! | GET | /v1/topology/history?limit=N | newest first (N from 1, at most 10,000), metadata only: size and SHA-256 of each text, not the text |
 //! | POST | /v1/topology | apply (or dry-run) `{text, dry_run, message, author, base_version}` |
 //! | POST | /v1/topology/rollback | `{version, message, author, dry_run}` |
 //! | GET | /v1/status | routers, per-service choices, RTT matrix |
 //! | GET | /v1/rtt | the RTT matrix alone (per link: smoothed RTT, declared latency, weight, up, sample age) |
+//!
+//! A query parameter a route does not take (`history`'s `limit` is the only one) is refused with
+//! 400 naming it ([`NoQuery`]), as an unknown field of a request body is refused with 422.
 
 pub mod status;
 pub mod topology;
@@ -276,6 +279,14 @@ where
         )),
     }
 }
+
+/// The query of a route that takes none (every route but `GET /v1/topology/history`): a
+/// parameter is refused (400, naming it) rather than ignored, as an unknown field of a request
+/// body is. A client that believes it asked for something (`?dry_run=true` on an apply) must not
+/// get something else. Each handler extracts it first, so that it is what refuses such a request.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoQuery {}
 
 /// The JSON error body of every refused request.
 #[derive(Debug, Serialize)]
@@ -728,6 +739,82 @@ mod tests {
             addr,
             server,
         }
+    }
+
+    /// `GET /v1/topology/history?limit=0` is refused (400, naming `limit`), as the CLI's
+    /// `--limit` refuses 0 (it listed one version). A query parameter a route does not take is
+    /// refused (400, naming it) rather than ignored, as an unknown field of a request body is:
+    /// `?limt=5` listed the default 50 versions, and a parameter on any other route (say a
+    /// `dry_run=true` on an apply, or `all` on the circuits' list) passed unseen.
+    #[tokio::test]
+    async fn history_limit_zero_and_unknown_query_parameters_are_refused_naming_them() {
+        let StatusServer {
+            ctl, addr, server, ..
+        } = status_server().await;
+        let apply = serde_json::json!({ "text": yaml("5ms") }).to_string();
+        let refused = [
+            (get("/v1/topology/history?limit=0", "tok"), "limit"),
+            (get("/v1/topology/history?limt=5", "tok"), "limt"),
+            (get("/v1/topology/history?limit=5&x=1", "tok"), "x"),
+            (get("/v1/topology?version=1", "tok"), "version"),
+            (get("/v1/topology/versions/1?text=no", "tok"), "text"),
+            (post("/v1/topology?dry_run=true", "tok", &apply), "dry_run"),
+            (
+                post(
+                    "/v1/topology/rollback?dry_run=true",
+                    "tok",
+                    r#"{"version": 1}"#,
+                ),
+                "dry_run",
+            ),
+            (get("/v1/status?verbose=1", "tok"), "verbose"),
+            (get("/v1/rtt?link=a", "tok"), "link"),
+            (get("/v1/circuits?all=true", "tok"), "all"),
+            (get("/v1/archived-circuits?limit=5", "tok"), "limit"),
+            (get("/v1/circuits/headroom?link=a", "tok"), "link"),
+            (get("/v1/circuits/c-000001?x=1", "tok"), "x"),
+            (get("/v1/circuits/c-000001/history?limit=5", "tok"), "limit"),
+            (post("/v1/circuits/validate?pool=p", "tok", "{}"), "pool"),
+            (
+                post("/v1/circuits?idempotency_key=k", "tok", "{}"),
+                "idempotency_key",
+            ),
+            (
+                post("/v1/circuits/c-000001/resize?rate=1Mbps", "tok", "{}"),
+                "rate",
+            ),
+            (
+                post("/v1/circuits/c-000001/delete?wait=1", "tok", "{}"),
+                "wait",
+            ),
+        ];
+        for (req, name) in refused {
+            let line = req.lines().next().unwrap_or_default().to_string();
+            let back = exchange(addr, &req).await;
+            assert!(back.starts_with("HTTP/1.1 400"), "{line}: {back}");
+            assert!(
+                back.contains("content-type: application/json"),
+                "{line}: {back}"
+            );
+            let body = back.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+            let v: serde_json::Value = serde_json::from_str(body).unwrap();
+            let error = v["error"].as_str().unwrap_or_default();
+            assert!(error.contains(&format!("`{name}`")), "{line}: {error}");
+        }
+        // Nothing was applied on the way.
+        assert_eq!(ctl.current().record.version, 1);
+        for (path, rows) in [
+            ("/v1/topology/history", 1),
+            ("/v1/topology/history?limit=1", 1),
+            ("/v1/topology/history?limit=99999", 1),
+        ] {
+            let back = exchange(addr, &get(path, "tok")).await;
+            assert!(back.starts_with("HTTP/1.1 200"), "{path}: {back}");
+            let body = back.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+            let got: Vec<self::topology::HistoryEntry> = serde_json::from_str(body).unwrap();
+            assert_eq!(got.len(), rows, "{path}");
+        }
+        server.abort();
     }
 
     /// `GET /v1/status` builds its answer (a routing table per edge: seconds for thousands of

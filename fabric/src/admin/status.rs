@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -18,7 +18,7 @@ use topology::NodeKind;
 use topology::graph::Graph;
 use topology::route::RoutingTable;
 
-use super::{AdminState, ApiError, off_workers};
+use super::{AdminState, ApiError, NoQuery, off_workers};
 use crate::controller::live::RttEntry;
 use crate::controller::records::Nack;
 
@@ -230,7 +230,7 @@ impl StatusBuilds {
 /// [`build`] on tokio's blocking pool ([`off_workers`]): on a runtime worker it would stall the
 /// routers' control sessions and every other request that worker serves while it runs. Calls
 /// at the same time share one build ([`StatusBuilds`]).
-async fn status(State(st): State<AdminState>) -> Response {
+async fn status(State(st): State<AdminState>, _: Query<NoQuery>) -> Response {
     let builds = st.status_builds.clone();
     // A build started at another topology version is not joined: a call made after an apply
     // shows the applied version.
@@ -288,6 +288,6 @@ async fn status(State(st): State<AdminState>) -> Response {
     }
 }
 
-async fn rtt(State(st): State<AdminState>) -> Json<Vec<RttRow>> {
+async fn rtt(State(st): State<AdminState>, _: Query<NoQuery>) -> Json<Vec<RttRow>> {
     Json(st.ctl.rtt_matrix().into_iter().map(RttRow::from).collect())
 }

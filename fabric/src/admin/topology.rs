@@ -5,7 +5,7 @@ use axum::extract::{Path, Query, State};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 
-use super::{AdminState, ApiError, off_workers};
+use super::{AdminState, ApiError, NoQuery, off_workers};
 use crate::controller::ApplyOutcome;
 use crate::controller::records::{Origin, TopologyVersion, VersionMeta};
 
@@ -25,7 +25,7 @@ pub struct CurrentResponse {
     pub snapshot_version: u64,
 }
 
-async fn current(State(st): State<AdminState>) -> Json<CurrentResponse> {
+async fn current(State(st): State<AdminState>, _: Query<NoQuery>) -> Json<CurrentResponse> {
     let cur = st.ctl.current();
     Json(CurrentResponse {
         record: cur.record.clone(),
@@ -33,7 +33,10 @@ async fn current(State(st): State<AdminState>) -> Json<CurrentResponse> {
     })
 }
 
+/// The query of `GET /v1/topology/history`. An unknown parameter is refused (400, naming it):
+/// a misspelt `limit` would list another number of versions than asked.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct HistoryQuery {
     pub limit: Option<usize>,
 }
@@ -61,6 +64,17 @@ async fn history(
     State(st): State<AdminState>,
     Query(q): Query<HistoryQuery>,
 ) -> Result<Json<Vec<HistoryEntry>>, ApiError> {
+    // 0 is refused, as the CLI's `--limit` refuses it: no caller means to list nothing. A limit
+    // over the maximum is capped (documented as at most that many).
+    if q.limit == Some(0) {
+        return Err(ApiError::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            format!(
+                "query parameter `limit` is 0: expected a number of versions from 1 to \
+                 {MAX_HISTORY_LIMIT}"
+            ),
+        ));
+    }
     let cur = st.ctl.current().record.version;
     let limit = q.limit.unwrap_or(50).min(MAX_HISTORY_LIMIT);
     let ctl = st.ctl.clone();
@@ -83,6 +97,7 @@ async fn history(
 
 async fn version(
     State(st): State<AdminState>,
+    _: Query<NoQuery>,
     Path(v): Path<u64>,
 ) -> Result<Json<TopologyVersion>, ApiError> {
     let ctl = st.ctl.clone();
@@ -121,6 +136,7 @@ fn author(a: &str) -> &str {
 
 async fn apply(
     State(st): State<AdminState>,
+    _: Query<NoQuery>,
     Json(req): Json<ApplyRequest>,
 ) -> Result<Json<ApplyOutcome>, ApiError> {
     let out = st
@@ -167,6 +183,7 @@ pub struct RollbackRequest {
 
 async fn rollback(
     State(st): State<AdminState>,
+    _: Query<NoQuery>,
     Json(req): Json<RollbackRequest>,
 ) -> Result<Json<ApplyOutcome>, ApiError> {
     let out = st

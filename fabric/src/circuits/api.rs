@@ -11,9 +11,11 @@
 //! | GET | /v1/circuits/{id}/history | its audit trail (an archived circuit's too, by id) |
 //! | POST | /v1/circuits/{id}/resize | `{rate, author}` |
 //! | POST | /v1/circuits/{id}/delete | `{author}` |
+//!
+//! None takes a query parameter: one is refused (400, naming it; [`NoQuery`]).
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
@@ -22,7 +24,7 @@ use topology::circuit::LinkHeadroom;
 
 use super::service::ServiceError;
 use super::{Admission, Archived, Circuit, CircuitError, CircuitSpec, HistoryEntry};
-use crate::admin::{AdminState, ApiError, off_workers};
+use crate::admin::{AdminState, ApiError, NoQuery, off_workers};
 use crate::controller::records::{MAX_META_FIELD, clipped};
 
 pub fn routes() -> axum::Router<AdminState> {
@@ -78,6 +80,7 @@ fn actor(a: &str) -> String {
 
 async fn validate(
     State(st): State<AdminState>,
+    _: Query<NoQuery>,
     Json(spec): Json<CircuitSpec>,
 ) -> Result<Json<Admission>, ApiError> {
     let svc = st.circuits.clone();
@@ -105,6 +108,7 @@ pub struct CreateResponse {
 
 async fn create(
     State(st): State<AdminState>,
+    _: Query<NoQuery>,
     Json(req): Json<CreateRequest>,
 ) -> Result<Json<CreateResponse>, ApiError> {
     let (circuit, created) = st
@@ -114,12 +118,18 @@ async fn create(
     Ok(Json(CreateResponse { circuit, created }))
 }
 
-async fn list(State(st): State<AdminState>) -> Result<Json<Vec<Circuit>>, ApiError> {
+async fn list(
+    State(st): State<AdminState>,
+    _: Query<NoQuery>,
+) -> Result<Json<Vec<Circuit>>, ApiError> {
     let svc = st.circuits.clone();
     Ok(Json(off_workers(move || svc.list()).await?))
 }
 
-async fn list_archived(State(st): State<AdminState>) -> Result<Json<Vec<Archived>>, ApiError> {
+async fn list_archived(
+    State(st): State<AdminState>,
+    _: Query<NoQuery>,
+) -> Result<Json<Vec<Archived>>, ApiError> {
     let svc = st.circuits.clone();
     Ok(Json(off_workers(move || svc.list_archived()).await?))
 }
@@ -131,7 +141,10 @@ pub struct HeadroomRow {
     pub headroom: LinkHeadroom,
 }
 
-async fn headroom(State(st): State<AdminState>) -> Result<Json<Vec<HeadroomRow>>, ApiError> {
+async fn headroom(
+    State(st): State<AdminState>,
+    _: Query<NoQuery>,
+) -> Result<Json<Vec<HeadroomRow>>, ApiError> {
     let svc = st.circuits.clone();
     Ok(Json(
         off_workers(move || svc.headroom())
@@ -144,6 +157,7 @@ async fn headroom(State(st): State<AdminState>) -> Result<Json<Vec<HeadroomRow>>
 
 async fn show(
     State(st): State<AdminState>,
+    _: Query<NoQuery>,
     Path(id): Path<String>,
 ) -> Result<Json<Circuit>, ApiError> {
     let svc = st.circuits.clone();
@@ -161,6 +175,7 @@ pub struct HistoryResponse {
 
 async fn history(
     State(st): State<AdminState>,
+    _: Query<NoQuery>,
     Path(id): Path<String>,
 ) -> Result<Json<HistoryResponse>, ApiError> {
     let svc = st.circuits.clone();
@@ -179,6 +194,7 @@ pub struct ResizeRequest {
 
 async fn resize(
     State(st): State<AdminState>,
+    _: Query<NoQuery>,
     Path(id): Path<String>,
     Json(req): Json<ResizeRequest>,
 ) -> Result<Json<Circuit>, ApiError> {
@@ -196,6 +212,7 @@ pub struct DeleteRequest {
 
 async fn delete(
     State(st): State<AdminState>,
+    _: Query<NoQuery>,
     Path(id): Path<String>,
     Json(req): Json<DeleteRequest>,
 ) -> Result<Json<Circuit>, ApiError> {

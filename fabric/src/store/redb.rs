@@ -163,6 +163,10 @@ fn scan_table<T: ReadableTable<&'static str, &'static [u8]>>(
     reverse: bool,
 ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
     let mut out = Vec::new();
+    // `push` checks the limit after taking an entry: a limit of 0 would take one.
+    if limit == 0 {
+        return Ok(out);
+    }
     let range = t.range::<&str>(range).map_err(be)?;
     let mut push = |item: Result<
         (
@@ -336,6 +340,33 @@ mod tests {
         .unwrap();
         drop(s);
         std::fs::read(dir.join(FILE)).unwrap()
+    }
+
+    /// A scan with a limit of 0 reads nothing, forwards or in reverse. (It returned one entry:
+    /// the limit was checked after the first was taken, so `history?limit=0` listed a version.)
+    #[test]
+    fn a_scan_with_a_limit_of_zero_returns_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(dir.path()).unwrap();
+        store::transaction(&s, |tx| -> Result<(), StoreError> {
+            for i in 1..=3 {
+                T.put(tx, &seq_key(i), &format!("v{i}"))?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        for reverse in [false, true] {
+            let rows = store::read(&s, |tx| {
+                tx.scan("t", (Bound::Unbounded, Bound::Unbounded), 0, reverse)
+            })
+            .unwrap();
+            assert_eq!(rows, [], "reverse: {reverse}");
+            let rows = store::read(&s, |tx| {
+                tx.scan("t", (Bound::Unbounded, Bound::Unbounded), 2, reverse)
+            })
+            .unwrap();
+            assert_eq!(rows.len(), 2, "reverse: {reverse}");
+        }
     }
 
     /// A second controller on the same state directory is refused, naming the file and the

@@ -292,6 +292,23 @@ enum CmdError {
     },
     #[error("cannot print {0}")]
     Print(String),
+    /// An id or name that is one of [`crate::circuits::RESERVED_NAMES`]: no circuit's.
+    #[error(
+        "no circuit {0:?} (by id or name): {0:?} is reserved, no circuit may take it \
+         (/v1/circuits/{0} is a path of the admin API of its own)"
+    )]
+    Reserved(String),
+}
+
+impl CmdError {
+    /// The exit code [`run`] returns for it: the client's for a client error (1 refused, 2
+    /// unreachable or unusable), else 1.
+    fn exit_code(&self) -> u8 {
+        match self {
+            CmdError::Client(e) => e.exit_code(),
+            _ => 1,
+        }
+    }
 }
 
 pub fn run(cmd: CircuitCmd) -> ExitCode {
@@ -315,9 +332,20 @@ pub fn run(cmd: CircuitCmd) -> ExitCode {
         Ok(Err(CmdError::Client(e))) | Err(e) => report(&e, "circuit"),
         Ok(Err(e)) => {
             eprintln!("error: {e}");
-            ExitCode::from(1)
+            ExitCode::from(e.exit_code())
         }
     }
+}
+
+/// Refuses a reserved name ([`crate::circuits::RESERVED_NAMES`]) given as a circuit's id or
+/// name: no circuit has one (a create refuses it), and asking would reach the admin API's own
+/// path instead (`GET /v1/circuits/headroom` answers the headroom table). Refused as an unknown
+/// circuit is (exit 1), without asking.
+fn not_reserved(id: &str) -> Result<(), CmdError> {
+    if crate::circuits::RESERVED_NAMES.contains(&id) {
+        return Err(CmdError::Reserved(id.to_string()));
+    }
+    Ok(())
 }
 
 fn id_path(id: &str) -> String {
@@ -407,10 +435,12 @@ async fn exec(client: &AdminClient, cmd: CircuitCmd, out: Output) -> Result<(), 
             print_value(out, &v, || table(&v))
         }
         CircuitCmd::Show(a) => {
+            not_reserved(&a.id)?;
             let c: Circuit = client.get(&id_path(&a.id)).await?;
             print_circuit(out, &c)
         }
         CircuitCmd::Resize(a) => {
+            not_reserved(&a.id)?;
             let c: Circuit = client
                 .post(
                     &format!("{}/resize", id_path(&a.id)),
@@ -428,6 +458,7 @@ async fn exec(client: &AdminClient, cmd: CircuitCmd, out: Output) -> Result<(), 
             print_circuit(out, &c)
         }
         CircuitCmd::Delete(a) => {
+            not_reserved(&a.id)?;
             let c: Circuit = client
                 .post(
                     &format!("{}/delete", id_path(&a.id)),
@@ -444,6 +475,7 @@ async fn exec(client: &AdminClient, cmd: CircuitCmd, out: Output) -> Result<(), 
             print_circuit(out, &c)
         }
         CircuitCmd::History(a) => {
+            not_reserved(&a.id)?;
             let h: HistoryResponse = client.get(&format!("{}/history", id_path(&a.id))).await?;
             print_value(out, &h, || {
                 let archived = h
@@ -1056,6 +1088,44 @@ mod tests {
         assert_eq!(c.state, CircuitState::Decommissioned);
         let err = wait(&api, "c-000001", &w, false).await.unwrap_err();
         assert!(matches!(&err, CmdError::Deleted { .. }), "{err}");
+        server.abort();
+    }
+
+    /// `show`, `history`, `resize` and `delete` of a reserved name (`headroom`, `validate`:
+    /// paths of the admin API of their own, which no circuit may take) say there is no such
+    /// circuit and why, with exit 1 as for any unknown circuit, and change nothing. (`show
+    /// headroom` read the headroom table as a circuit and exited 2, "unexpected answer from the
+    /// controller"; `show validate` was refused with 405; the others said only "no circuit".)
+    #[tokio::test]
+    async fn a_reserved_name_is_no_circuit_with_exit_1() {
+        let Api {
+            svc, addr, server, ..
+        } = api().await;
+        circuit(addr, &create("order-1", "acme", "10.1.0.0/24", false))
+            .await
+            .unwrap();
+        for name in crate::circuits::RESERVED_NAMES {
+            for args in [
+                &["show", name][..],
+                &["history", name],
+                &["resize", name, "--rate", "1Mbps"],
+                &["delete", name],
+            ] {
+                let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+                let err = circuit(addr, &args).await.unwrap_err();
+                assert_eq!(err.exit_code(), 1, "{args:?}: {err}");
+                let msg = err.to_string();
+                assert!(
+                    msg.starts_with(&format!("no circuit {name:?}")) && msg.contains("reserved"),
+                    "{args:?}: {msg}"
+                );
+            }
+        }
+        let c = svc.get("acme").unwrap();
+        assert_eq!(
+            (c.revision, c.requested_rate.to_string()),
+            (1, "100Mbps".into())
+        );
         server.abort();
     }
 

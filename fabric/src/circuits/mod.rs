@@ -438,7 +438,9 @@ fn check_b_end(b: &BEnd) -> Result<(), CircuitError> {
     check_b_end_list("b_end.sites", b.sites.iter().map(NodeId::as_str))
 }
 
-fn check_b_end_list<'a>(
+/// One list of a B-end (`what` names it) as [`check_b_end`] takes it. Public for the CLI, to
+/// refuse `--region` and `--site` before asking, naming the flag.
+pub fn check_b_end_list<'a>(
     what: &str,
     ids: impl ExactSizeIterator<Item = &'a str>,
 ) -> Result<(), CircuitError> {
@@ -450,23 +452,30 @@ fn check_b_end_list<'a>(
     }
     let mut seen = BTreeSet::new();
     for id in ids {
-        if !topology::is_valid_id(id) {
-            // A long one is not echoed back.
-            let shown = if id.len() > MAX_NAME {
-                format!("an entry of {} characters", id.len())
-            } else {
-                format!("{id:?}")
-            };
-            return Err(CircuitError::Invalid(format!(
-                "{what}: {shown} is not a valid id (1-63 lowercase letters and digits joined by \
-                 single hyphens)"
-            )));
-        }
+        check_b_end_id(id).map_err(|e| CircuitError::Invalid(format!("{what}: {e}")))?;
         if !seen.insert(id) {
             return Err(CircuitError::Invalid(format!("{what} lists {id:?} twice")));
         }
     }
     Ok(())
+}
+
+/// One entry of a B-end's `regions` or `sites`: an id, as the topology's. The refusal says why
+/// without naming the list (the caller does). Public for the CLI, to refuse a malformed
+/// `--region` or `--site` value as clap refuses any.
+pub fn check_b_end_id(id: &str) -> Result<(), String> {
+    if topology::is_valid_id(id) {
+        return Ok(());
+    }
+    // A long one is not echoed back.
+    let shown = if id.len() > MAX_NAME {
+        format!("an entry of {} characters", id.len())
+    } else {
+        format!("{id:?}")
+    };
+    Err(format!(
+        "{shown} is not a valid id (1-63 lowercase letters and digits joined by single hyphens)"
+    ))
 }
 
 /// The number of a circuit id (`c-000007`: 7), which orders ids beyond six digits too.

@@ -116,11 +116,11 @@ pub struct SpecArgs {
     /// B-end: the service.
     #[arg(long)]
     pub service: String,
-    /// B-end: only sites in these regions (repeatable).
-    #[arg(long = "region")]
+    /// B-end: only sites in these regions (repeatable, at most 64, each once).
+    #[arg(long = "region", value_name = "REGION", value_parser = parse_b_end_id)]
     pub regions: Vec<String>,
-    /// B-end: only these sites (repeatable).
-    #[arg(long = "site")]
+    /// B-end: only these sites (repeatable, at most 64, each once).
+    #[arg(long = "site", value_name = "SITE", value_parser = parse_b_end_id)]
     pub sites: Vec<String>,
     /// Rate, e.g. 500Mbps or 1Gbps (each direction).
     // (A leading `-` is taken as the value, so that `-5Mbps` is refused as not positive.)
@@ -156,11 +156,31 @@ fn parse_idempotency_key(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
+/// `--region`, `--site`: one id each, as the controller takes them; refused here (exit 2, naming
+/// the flag) when malformed. How many, and each once, are checked once all are given
+/// ([`SpecArgs::check`]).
+fn parse_b_end_id(s: &str) -> Result<String, String> {
+    crate::circuits::check_b_end_id(s)?;
+    Ok(s.to_string())
+}
+
 fn parse_prefix(s: &str) -> Result<IpNetwork, String> {
     crate::circuits::parse_prefix(s).map_err(invalid)
 }
 
 impl SpecArgs {
+    /// What the controller would refuse of `--region` and `--site` as a whole (more than
+    /// [`crate::circuits::MAX_B_END_ENTRIES`], one given twice), refused before asking (exit 2,
+    /// naming the flag, as a malformed value is), by the controller's own check.
+    fn check(&self) -> Result<(), CmdError> {
+        let list = |flag: &str, ids: &[String]| {
+            crate::circuits::check_b_end_list(flag, ids.iter().map(String::as_str))
+                .map_err(|e| CmdError::Usage(invalid(e)))
+        };
+        list("--region", &self.regions)?;
+        list("--site", &self.sites)
+    }
+
     fn spec(&self) -> CircuitSpec {
         CircuitSpec {
             name: self.name.clone(),
@@ -292,6 +312,9 @@ enum CmdError {
     },
     #[error("cannot print {0}")]
     Print(String),
+    /// Flags the controller would refuse as malformed, checked before asking (exit 2).
+    #[error("{0}")]
+    Usage(String),
     /// An id or name that is one of [`crate::circuits::RESERVED_NAMES`]: no circuit's.
     #[error(
         "no circuit {0:?} (by id or name): {0:?} is reserved, no circuit may take it \
@@ -306,6 +329,7 @@ impl CmdError {
     fn exit_code(&self) -> u8 {
         match self {
             CmdError::Client(e) => e.exit_code(),
+            CmdError::Usage(_) => 2,
             _ => 1,
         }
     }
@@ -367,6 +391,7 @@ fn id_path(id: &str) -> String {
 async fn exec(client: &AdminClient, cmd: CircuitCmd, out: Output) -> Result<(), CmdError> {
     match cmd {
         CircuitCmd::Validate(a) => {
+            a.check()?;
             let adm: Admission = client.post("/v1/circuits/validate", &a.spec()).await?;
             print_value(out, &adm, || {
                 format!(
@@ -387,6 +412,7 @@ async fn exec(client: &AdminClient, cmd: CircuitCmd, out: Output) -> Result<(), 
             })
         }
         CircuitCmd::Create(a) => {
+            a.spec.check()?;
             let req = CreateRequest {
                 spec: a.spec.spec(),
                 idempotency_key: a.idempotency_key.clone(),
@@ -1088,6 +1114,80 @@ mod tests {
         assert_eq!(c.state, CircuitState::Decommissioned);
         let err = wait(&api, "c-000001", &w, false).await.unwrap_err();
         assert!(matches!(&err, CmdError::Deleted { .. }), "{err}");
+        server.abort();
+    }
+
+    /// `--region` and `--site` of validate and create are checked before asking, as `--name`
+    /// and `--prefix` are, each refused with exit 2 naming the flag: an entry that is not an id
+    /// (by clap, as any malformed value), one given twice, more than 64. Nothing is asked of the
+    /// controller. (Each went to the controller, which refused it with exit 1 naming the JSON
+    /// field `b_end.regions` or `b_end.sites`.)
+    #[tokio::test]
+    async fn malformed_regions_and_sites_are_refused_before_asking_naming_the_flag() {
+        let Api {
+            svc, addr, server, ..
+        } = api().await;
+        let spec = |cmd: &str, extra: &[String]| -> Vec<String> {
+            let mut v: Vec<String> = [
+                cmd,
+                "--name",
+                "acme",
+                "--edge",
+                "e",
+                "--prefix",
+                "10.1.0.0/24",
+                "--service",
+                "chat",
+                "--rate",
+                "1Mbps",
+            ]
+            .map(String::from)
+            .to_vec();
+            v.extend(extra.iter().cloned());
+            v
+        };
+        let flags = |flag: &str, values: &[String]| -> Vec<String> {
+            values
+                .iter()
+                .flat_map(|v| [flag.to_string(), v.clone()])
+                .collect()
+        };
+        for cmd in ["validate", "create"] {
+            for (flag, bad) in [("--region", "AU-East"), ("--site", "s_1")] {
+                let argv = ["circuit".to_string()]
+                    .into_iter()
+                    .chain(spec(cmd, &flags(flag, &[bad.to_string()])));
+                let err = Cli::try_parse_from(argv).err().unwrap_or_else(|| {
+                    panic!("{cmd} {flag} {bad}: parsed");
+                });
+                let msg = err.to_string();
+                assert_eq!(err.exit_code(), 2, "{msg}");
+                assert!(
+                    msg.contains(&format!("invalid value '{bad}' for '{flag} <"))
+                        && msg.contains("is not a valid id"),
+                    "{msg}"
+                );
+            }
+            for flag in ["--region", "--site"] {
+                let many: Vec<String> = (0..=crate::circuits::MAX_B_END_ENTRIES)
+                    .map(|i| format!("x{i}"))
+                    .collect();
+                for (values, want) in [
+                    (
+                        vec!["r".to_string(), "r".to_string()],
+                        format!("{flag} lists \"r\" twice"),
+                    ),
+                    (many, format!("{flag} lists 65 entries; at most 64")),
+                ] {
+                    let err = circuit(addr, &spec(cmd, &flags(flag, &values)))
+                        .await
+                        .unwrap_err();
+                    assert_eq!(err.exit_code(), 2, "{cmd} {flag}: {err}");
+                    assert!(err.to_string().starts_with(&want), "{cmd} {flag}: {err}");
+                }
+            }
+        }
+        assert_eq!(svc.list().unwrap(), []);
         server.abort();
     }
 

@@ -129,9 +129,6 @@ pub struct SpecArgs {
     /// Address pool for the VIP (default: the topology's first pool).
     #[arg(long)]
     pub pool: Option<String>,
-    /// Recorded in the audit trail (default $TASMAN_AUTHOR, else $USER).
-    #[arg(long, default_value_t = super::author(), hide_default_value = true)]
-    pub author: String,
     #[command(flatten)]
     pub admin: CircuitAdmin,
 }
@@ -227,6 +224,10 @@ pub struct CreateArgs {
     /// A retried create with the same key returns the same circuit instead of a second one.
     #[arg(long, value_parser = parse_idempotency_key)]
     pub idempotency_key: Option<String>,
+    /// Recorded in the audit trail (default $TASMAN_AUTHOR, else $USER). Not a flag of
+    /// validate, which records nothing.
+    #[arg(long, default_value_t = super::author(), hide_default_value = true)]
+    pub author: String,
     #[command(flatten)]
     pub wait: WaitArgs,
 }
@@ -416,7 +417,7 @@ async fn exec(client: &AdminClient, cmd: CircuitCmd, out: Output) -> Result<(), 
             let req = CreateRequest {
                 spec: a.spec.spec(),
                 idempotency_key: a.idempotency_key.clone(),
-                author: a.spec.author.clone(),
+                author: a.author.clone(),
             };
             let resp: CreateResponse = client.post("/v1/circuits", &req).await?;
             if !resp.created {
@@ -916,6 +917,37 @@ mod tests {
                 err.contains("reads as bytes per second") && err.contains("\"800Mbps\""),
                 "{err}"
             );
+        }
+    }
+
+    /// `validate` refuses `--author` (it records nothing, and took the flag only to ignore it:
+    /// its help said "Recorded in the audit trail"); `create` takes it as before.
+    #[test]
+    fn author_is_a_flag_of_create_not_of_validate() {
+        let argv = |cmd: &'static str| {
+            [
+                "circuit",
+                cmd,
+                "--name",
+                "n",
+                "--edge",
+                "e",
+                "--prefix",
+                "10.0.0.0/24",
+                "--service",
+                "chat",
+                "--rate",
+                "1Mbps",
+                "--author",
+                "alice",
+            ]
+        };
+        let err = Cli::try_parse_from(argv("validate")).err().expect("parsed");
+        assert_eq!(err.kind(), clap::error::ErrorKind::UnknownArgument, "{err}");
+        assert!(err.to_string().contains("--author"), "{err}");
+        match Cli::try_parse_from(argv("create")).unwrap().cmd {
+            CircuitCmd::Create(a) => assert_eq!(a.author, "alice"),
+            _ => unreachable!(),
         }
     }
 

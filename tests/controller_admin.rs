@@ -462,14 +462,24 @@ async fn apply_and_rollback_with_a_base_version_do_not_overwrite_a_change_made_s
     };
     let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
 
-    // My dry run, against version 1: it says how to apply exactly that plan.
-    let (code, so, se) = run(args(&["topology", "apply", &f3, "--dry-run"]))
-        .await
-        .unwrap();
+    // My dry run, against version 1: it says how to apply exactly that plan (on this
+    // controller, with this message).
+    let (code, so, se) = run(args(&[
+        "topology",
+        "apply",
+        &f3,
+        "--dry-run",
+        "-m",
+        "my change",
+    ]))
+    .await
+    .unwrap();
     assert_eq!(code, Some(0), "{se}");
     assert!(
         so.contains(&format!(
-            "to apply exactly this plan: tasman topology apply {f3} --base-version 1"
+            "to apply exactly this plan: tasman topology apply {f3} --controller {} \
+             -m 'my change' --base-version 1",
+            env.admin
         )),
         "{so}"
     );
@@ -521,7 +531,11 @@ async fn apply_and_rollback_with_a_base_version_do_not_overwrite_a_change_made_s
         .unwrap();
     assert_eq!(code, Some(0), "{se}");
     assert!(
-        so.contains("to apply exactly this plan: tasman topology rollback 1 --base-version 3"),
+        so.contains(&format!(
+            "to apply exactly this plan: tasman topology rollback 1 --controller {} \
+             --base-version 3",
+            env.admin
+        )),
         "{so}"
     );
     let (code, so, se) = run(args(&["topology", "rollback", "1", "--base-version", "3"]))

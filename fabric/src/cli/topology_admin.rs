@@ -188,7 +188,7 @@ fn print_outcome(o: &ApplyOutcome, source: &str, again: Option<&str>) {
     }
 }
 
-/// `file` quoted for a POSIX shell when it needs it.
+/// `file` (any word) quoted for a POSIX shell when it needs it.
 fn shell_word(file: &str) -> String {
     let plain = !file.is_empty()
         && file
@@ -199,6 +199,35 @@ fn shell_word(file: &str) -> String {
     } else {
         format!("'{}'", file.replace('\'', "'\\''"))
     }
+}
+
+/// The command a dry run of `apply` shows for applying exactly its plan (before the
+/// `--base-version`).
+fn apply_again(file: &Path, admin: &AdminArgs, message: &str) -> String {
+    let file = shell_word(&file.display().to_string());
+    again(format!("tasman topology apply {file}"), admin, message)
+}
+
+/// As [`apply_again`], for a dry run of `rollback`.
+fn rollback_again(version: u64, admin: &AdminArgs, message: &str) -> String {
+    again(
+        format!("tasman topology rollback {version}"),
+        admin,
+        message,
+    )
+}
+
+/// `command` with the controller the dry run asked and its message, each quoted for the shell.
+/// The controller always, as resolved (from `--controller`, `TASMAN_CONTROLLER` or the
+/// default): pasted in another shell or environment, the command must still go to the
+/// controller whose plan it shows, not to whichever the environment there names. The token is
+/// never shown (whoever pastes it brings theirs).
+fn again(command: String, admin: &AdminArgs, message: &str) -> String {
+    let mut s = format!("{command} --controller {}", shell_word(&admin.controller));
+    if !message.is_empty() {
+        s.push_str(&format!(" -m {}", shell_word(message)));
+    }
+    s
 }
 
 pub fn apply(args: ApplyArgs) -> ExitCode {
@@ -214,13 +243,13 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
     let req = ApplyRequest {
         text,
         dry_run: args.dry_run,
-        message: args.message,
+        message: args.message.clone(),
         author: super::author(),
         base_version: args.base_version,
     };
     match block_on(c.post::<_, ApplyOutcome>("/v1/topology", &req)).and_then(|r| r) {
         Ok(o) => {
-            let again = format!("tasman topology apply {}", shell_word(&file));
+            let again = apply_again(&args.file, &args.admin, &args.message);
             match args.admin.output {
                 Output::Json => print_json(&o),
                 Output::Text => print_outcome(&o, &file, Some(&again)),
@@ -289,14 +318,14 @@ pub fn rollback(args: RollbackArgs) -> ExitCode {
     };
     let req = RollbackRequest {
         version: args.version,
-        message: args.message,
+        message: args.message.clone(),
         author: super::author(),
         dry_run: args.dry_run,
         base_version: args.base_version,
     };
     match block_on(c.post::<_, ApplyOutcome>("/v1/topology/rollback", &req)).and_then(|r| r) {
         Ok(o) => {
-            let again = format!("tasman topology rollback {}", args.version);
+            let again = rollback_again(args.version, &args.admin, &args.message);
             match args.admin.output {
                 Output::Json => print_json(&o),
                 Output::Text => {
@@ -489,6 +518,109 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         history: HistoryArgs,
+    }
+
+    #[derive(Parser)]
+    struct ApplyCli {
+        #[command(flatten)]
+        apply: ApplyArgs,
+    }
+
+    #[derive(Parser)]
+    struct RollbackCli {
+        #[command(flatten)]
+        rollback: RollbackArgs,
+    }
+
+    /// The words a POSIX shell makes of `command`.
+    fn shell_words(command: &str) -> Vec<String> {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "set -- {command}; for w in \"$@\"; do printf '%s\\0' \"$w\"; done"
+            ))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .split_terminator('\0')
+            .map(String::from)
+            .collect()
+    }
+
+    /// The command a dry run of `apply` or `rollback` shows for applying exactly its plan
+    /// targets the controller the dry run asked (as resolved: `--controller`, else
+    /// `TASMAN_CONTROLLER`, else the default) and keeps its `-m` message, each quoted for the
+    /// shell. (Both were dropped: pasted, the command applied to the default controller, or the
+    /// one in the environment, with no message.)
+    #[test]
+    fn a_dry_runs_command_to_apply_its_plan_keeps_the_controller_and_the_message() {
+        let message = "it's \"$HOME\" `date`; rm -rf x\nsecond line";
+        let apply = ApplyCli::try_parse_from([
+            "apply",
+            "my apac.yaml",
+            "--dry-run",
+            "--controller",
+            "http://10.0.0.1:7401/",
+            "-m",
+            message,
+        ])
+        .unwrap()
+        .apply;
+        let again = apply_again(&apply.file, &apply.admin, &apply.message);
+        assert_eq!(
+            shell_words(&again),
+            [
+                "tasman",
+                "topology",
+                "apply",
+                "my apac.yaml",
+                "--controller",
+                "10.0.0.1:7401",
+                "-m",
+                message
+            ],
+            "{again}"
+        );
+        let rollback = RollbackCli::try_parse_from([
+            "rollback",
+            "3",
+            "--dry-run",
+            "--controller",
+            "[::1]:7401",
+            "-m",
+            message,
+        ])
+        .unwrap()
+        .rollback;
+        let again = rollback_again(rollback.version, &rollback.admin, &rollback.message);
+        assert_eq!(
+            shell_words(&again),
+            [
+                "tasman",
+                "topology",
+                "rollback",
+                "3",
+                "--controller",
+                "[::1]:7401",
+                "-m",
+                message
+            ],
+            "{again}"
+        );
+        // Without -m, none; the controller is there whatever the way it was given.
+        let apply = ApplyCli::try_parse_from(["apply", "a.yaml", "--dry-run"])
+            .unwrap()
+            .apply;
+        let again = apply_again(&apply.file, &apply.admin, &apply.message);
+        assert_eq!(
+            again,
+            format!(
+                "tasman topology apply a.yaml --controller {}",
+                apply.admin.controller
+            )
+        );
     }
 
     /// `history --limit` is 1 to 10000: 0 listed one version and a larger one was cut to 10000

@@ -355,20 +355,43 @@ fn strip_header(text: &str) -> (String, usize) {
     (out, header)
 }
 
+/// `text` with `error` and `diags` on top, as [`EDIT_MARK`] lines.
 fn with_errors(text: &str, error: &str, diags: &[crate::admin::Diag]) -> String {
-    let header_lines = diags.len() + 2;
-    let mut out = format!("{EDIT_MARK}{error}; fix and save, or save unchanged to give up\n");
+    let first = format!("{error}; fix and save, or save unchanged to give up");
+    let last = "(these lines are removed before the topology is checked)";
+    // A message may hold line breaks (the loader quotes an unknown key as written): the header
+    // ends at the first line without the mark, so each of its lines is a marked line.
+    let lines = |m: &str| m.split('\n').count();
+    let header_lines =
+        lines(&first) + diags.iter().map(|d| lines(&d.message)).sum::<usize>() + lines(last);
+    let mut out = String::new();
+    let mut marked = |message: &str| {
+        for line in message.split('\n') {
+            // Other control characters (a carriage return an editor may take for a line
+            // break, an escape sequence) are written escaped.
+            let line: String = line
+                .chars()
+                .map(|c| {
+                    if c.is_control() && c != '\t' {
+                        c.escape_default().to_string()
+                    } else {
+                        c.to_string()
+                    }
+                })
+                .collect();
+            out.push_str(&format!("{EDIT_MARK}{line}\n"));
+        }
+    };
+    marked(&first);
     for d in diags {
         // Line numbers as shown in this file (after these header lines).
         let line = if d.line > 0 { d.line + header_lines } else { 0 };
-        out.push_str(&format!(
-            "{EDIT_MARK}{line}:{}: {}: {}\n",
+        marked(&format!(
+            "{line}:{}: {}: {}",
             d.column, d.severity, d.message
         ));
     }
-    out.push_str(&format!(
-        "{EDIT_MARK}(these lines are removed before the topology is checked)\n"
-    ));
+    marked(last);
     out.push_str(text);
     out
 }
@@ -621,6 +644,45 @@ mod tests {
                 apply.admin.controller
             )
         );
+    }
+
+    /// `strip_header` removes every line `with_errors` adds, also for messages of several lines
+    /// (the loader quotes an unknown key as written, so a key "a\nb" makes a message of two):
+    /// each line of a message is a header line, and a diagnostic's line number points into the
+    /// file as shown. (A message's second line was written without the mark: the header ended
+    /// there, and the rest of the message was sent with the text as YAML.)
+    #[test]
+    fn the_edit_header_of_messages_of_several_lines_is_removed_whole() {
+        let t = "version: 1\nnodes: []\n# tasman-edit: the operator's own, kept\n";
+        let diags = [
+            crate::admin::Diag {
+                line: 2,
+                column: 1,
+                severity: "error".into(),
+                message: "unknown field \"a\nb\" in node 1\n(expected one of: id, kind)".into(),
+            },
+            crate::admin::Diag {
+                line: 0,
+                column: 0,
+                severity: "warning".into(),
+                message: "one\r\ntwo\rthree".into(),
+            },
+        ];
+        let shown = with_errors(t, "invalid topology:\n2 errors", &diags);
+        let (stripped, header) = strip_header(&shown);
+        assert_eq!(stripped, t, "{shown}");
+        assert_eq!(header, shown.lines().count() - t.lines().count(), "{shown}");
+        assert!(
+            shown.contains(&format!(
+                "{EDIT_MARK}{}:1: error: unknown field",
+                header + 2
+            )),
+            "{shown}"
+        );
+        for line in shown.lines().take(header) {
+            assert!(line.starts_with(EDIT_MARK), "{line:?} in {shown}");
+            assert!(!line.contains('\r'), "{line:?} in {shown}");
+        }
     }
 
     /// `history --limit` is 1 to 10000: 0 listed one version and a larger one was cut to 10000

@@ -13,6 +13,10 @@
 //! | POST | /v1/circuits/{id}/delete | `{author}` |
 //!
 //! None takes a query parameter: one is refused (400, naming it; [`NoQuery`]).
+//!
+//! A request naming what the topology does not have (an edge, a service, a pool) or that is
+//! malformed is refused with 422; one the fabric's state refuses (no path with room, no pool or
+//! no free VIP, a used idempotency key) with 409. The CLI exits 1 for either.
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -52,9 +56,16 @@ impl From<ServiceError> for ApiError {
                 }
                 _ => StatusCode::CONFLICT,
             },
-            ServiceError::Circuit(CircuitError::Pool(_) | CircuitError::Conflict(_)) => {
-                StatusCode::CONFLICT
-            }
+            // A pool the topology does not have is a typo in the request, as an unknown edge
+            // or service is; no pools, or none with an address free, is the fabric's state.
+            ServiceError::Circuit(CircuitError::Pool(p)) => match p {
+                topology::circuit::PoolError::UnknownPool { .. } => {
+                    StatusCode::UNPROCESSABLE_ENTITY
+                }
+                topology::circuit::PoolError::NoPools
+                | topology::circuit::PoolError::Exhausted { .. } => StatusCode::CONFLICT,
+            },
+            ServiceError::Circuit(CircuitError::Conflict(_)) => StatusCode::CONFLICT,
             ServiceError::Circuit(CircuitError::NotFound(_)) => StatusCode::NOT_FOUND,
             // Known, and gone for good: not a typo to correct.
             ServiceError::Circuit(CircuitError::Archived { .. }) => StatusCode::GONE,

@@ -1042,6 +1042,73 @@ mod tests {
         server.abort();
     }
 
+    /// An unknown `pool` in a validate or a create is refused as a malformed request (422, as an
+    /// unknown edge or service is), not as a conflict with the fabric's state (409, which an
+    /// exhausted pool still is; both exit 1 in the CLI). Nothing is created. (It was a 409.)
+    #[tokio::test]
+    async fn an_unknown_pool_is_refused_with_422_and_an_exhausted_one_with_409() {
+        let Api {
+            svc, addr, server, ..
+        } = api().await;
+        let api = client(addr);
+        let mut spec = crate::circuits::tests::spec("acme", "10.1.0.0/24", "1Mbps");
+        spec.pool = Some("vipz".into());
+        let err = api
+            .post::<_, Admission>("/v1/circuits/validate", &spec)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, ClientError::Refused { status: 422, error, .. }
+                if error.starts_with("unknown pool \"vipz\" (pools: vips")),
+            "{err}"
+        );
+        assert_eq!(err.exit_code(), 1);
+        let req = CreateRequest {
+            spec,
+            idempotency_key: None,
+            author: "ops".into(),
+        };
+        let err = api
+            .post::<_, CreateResponse>("/v1/circuits", &req)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, ClientError::Refused { status: 422, .. }),
+            "{err}"
+        );
+        assert_eq!(svc.list().unwrap(), []);
+
+        // 127.79.0.0/28 has 14 usable addresses: the 15th circuit finds none.
+        for i in 1..=14 {
+            let spec =
+                crate::circuits::tests::spec(&format!("c{i}"), &format!("10.{i}.0.0/24"), "1Mbps");
+            let req = CreateRequest {
+                spec,
+                idempotency_key: None,
+                author: "ops".into(),
+            };
+            api.post::<_, CreateResponse>("/v1/circuits", &req)
+                .await
+                .unwrap_or_else(|e| panic!("circuit {i}: {e}"));
+        }
+        let req = CreateRequest {
+            spec: crate::circuits::tests::spec("c15", "10.15.0.0/24", "1Mbps"),
+            idempotency_key: None,
+            author: "ops".into(),
+        };
+        let err = api
+            .post::<_, CreateResponse>("/v1/circuits", &req)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, ClientError::Refused { status: 409, error, .. }
+                if error.contains("is exhausted")),
+            "{err}"
+        );
+        assert_eq!(err.exit_code(), 1);
+        server.abort();
+    }
+
     /// An archived circuit through the API and the commands: `show` by id is refused with 410
     /// Gone naming when it was archived (exit 1), by name it is unknown (404); `list --archived`
     /// lists it and `list --all` does not; `history` by id still shows it; a replayed create

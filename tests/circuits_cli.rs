@@ -105,7 +105,12 @@ fn bad_input_is_refused_with_a_clear_message_and_changes_nothing() {
         a.extend(["--idempotency-key", key]);
         a
     };
-    let cases: [(Vec<&str>, i32, &str); 9] = [
+    let with = |extra: &[&'static str]| {
+        let mut a = create_args("a", "10.0.0.0/24", "100Mbps");
+        a.extend(extra);
+        a
+    };
+    let cases: [(Vec<&str>, i32, &str); 14] = [
         (
             create_args("a", "10.0.0.0/24", "100Mbps")
                 .into_iter()
@@ -155,6 +160,40 @@ fn bad_input_is_refused_with_a_clear_message_and_changes_nothing() {
             keyed("order 7"),
             2,
             "invalid value 'order 7' for '--idempotency-key <IDEMPOTENCY_KEY>': idempotency key \"order 7\" contains ' '",
+        ),
+        // So are malformed regions and sites; they were refused by the controller (exit 1)
+        // naming the JSON field b_end.regions.
+        (
+            with(&["--region", "AU-East"]),
+            2,
+            "invalid value 'AU-East' for '--region <REGION>': \"AU-East\" is not a valid id",
+        ),
+        (
+            with(&["--site", "s1", "--site", "s1"]),
+            2,
+            "--site lists \"s1\" twice",
+        ),
+        // A reserved name is no circuit's (exit 1, as an unknown one): `show headroom` read
+        // the headroom table as a circuit and exited 2.
+        (
+            vec!["show", "headroom"],
+            1,
+            "no circuit \"headroom\" (by id or name): \"headroom\" is reserved",
+        ),
+        (
+            vec!["history", "validate"],
+            1,
+            "no circuit \"validate\" (by id or name): \"validate\" is reserved",
+        ),
+        // validate records nothing: it has no --author to record.
+        (
+            {
+                let mut v = with(&["--author", "alice"]);
+                v[0] = "validate";
+                v
+            },
+            2,
+            "unexpected argument '--author'",
         ),
     ];
     for (args, code, msg) in cases {

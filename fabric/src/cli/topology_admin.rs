@@ -188,6 +188,22 @@ fn print_outcome(o: &ApplyOutcome, source: &str, again: Option<&str>) {
     }
 }
 
+/// Exit status of an apply that answered an outcome: 0, or 1 (told on stderr) when its version
+/// was committed but could not be distributed: it is the version in force, and routers keep the
+/// one before until a change makes it fit.
+fn distributed(o: &ApplyOutcome) -> ExitCode {
+    match (&o.not_distributed, o.version) {
+        (Some(why), Some(v)) => {
+            eprintln!(
+                "error: version {v} is committed (the version in force on the controller) but was not distributed: {why}; routers keep version {} until a later change can be",
+                o.previous_version
+            );
+            ExitCode::from(1)
+        }
+        _ => ExitCode::SUCCESS,
+    }
+}
+
 /// `file` (any word) quoted for a POSIX shell when it needs it.
 fn shell_word(file: &str) -> String {
     let plain = !file.is_empty()
@@ -254,7 +270,7 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
                 Output::Json => print_json(&o),
                 Output::Text => print_outcome(&o, &file, Some(&again)),
             }
-            ExitCode::SUCCESS
+            distributed(&o)
         }
         Err(e) => report(&e, &file),
     }
@@ -332,7 +348,7 @@ pub fn rollback(args: RollbackArgs) -> ExitCode {
                     print_outcome(&o, &format!("version {}", args.version), Some(&again))
                 }
             }
-            ExitCode::SUCCESS
+            distributed(&o)
         }
         Err(e) => report(&e, &format!("version {}", args.version)),
     }
@@ -515,7 +531,7 @@ async fn edit_loop(c: &AdminClient, args: &EditArgs) -> Result<ExitCode, ClientE
                     println!("unchanged: version {base} has this text already; nothing applied")
                 }
             }
-            return Ok(ExitCode::SUCCESS);
+            return Ok(distributed(&out));
         }
     }
     .await;
@@ -535,6 +551,23 @@ async fn edit_loop(c: &AdminClient, args: &EditArgs) -> Result<ExitCode, ClientE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A version committed but not distributed is an error for the operator (exit 1, told
+    /// with the version in force and the one routers keep), not a success.
+    #[test]
+    fn a_committed_version_not_distributed_exits_1() {
+        let outcome = |not_distributed: Option<&str>| ApplyOutcome {
+            version: Some(8),
+            previous_version: 7,
+            dry_run: false,
+            unchanged: false,
+            warnings: Vec::new(),
+            plan: Default::default(),
+            not_distributed: not_distributed.map(str::to_string),
+        };
+        assert_eq!(distributed(&outcome(None)), ExitCode::SUCCESS);
+        assert_eq!(distributed(&outcome(Some("too large"))), ExitCode::from(1));
+    }
     use clap::Parser;
 
     #[derive(Parser)]

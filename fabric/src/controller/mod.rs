@@ -240,6 +240,8 @@ impl ChangeCounter {
         let n = match outcome {
             // The text in force already: nothing changed.
             Ok(o) if o.unchanged => return,
+            // Committed, but routers were not sent it: not the change the operator asked for.
+            Ok(o) if o.not_distributed.is_some() => &self.rejected,
             Ok(_) => &self.accepted,
             Err(_) => &self.rejected,
         };
@@ -1262,6 +1264,9 @@ mod tests {
         let p = ctl.published();
         assert!(p.version > carried, "the circuits went out");
         assert_eq!(p.topology_version, 1, "routers keep the version before");
+        // Not the change asked for: counted with the failed ones.
+        let n = ctl.applies.get();
+        assert_eq!((n.accepted, n.rejected), (0, 1));
     }
 
     /// A batch of routers' records whose transaction failed is written by the next flush, and a

@@ -478,7 +478,7 @@ async fn apply_and_rollback_with_a_base_version_do_not_overwrite_a_change_made_s
     assert!(
         so.contains(&format!(
             "to apply exactly this plan: tasman topology apply {f3} --controller {} \
-             -m 'my change' --base-version 1",
+             --message='my change' --base-version 1",
             env.admin
         )),
         "{so}"

@@ -195,8 +195,7 @@ fn distributed(o: &ApplyOutcome) -> ExitCode {
     match (&o.not_distributed, o.version) {
         (Some(why), Some(v)) => {
             eprintln!(
-                "error: version {v} is committed (the version in force on the controller) but was not distributed: {why}; routers keep version {} until a later change can be",
-                o.previous_version
+                "error: version {v} is committed (the version in force on the controller) but was not distributed: {why}; routers keep the version they run until a later change can be"
             );
             ExitCode::from(1)
         }
@@ -241,7 +240,8 @@ fn rollback_again(version: u64, admin: &AdminArgs, message: &str) -> String {
 fn again(command: String, admin: &AdminArgs, message: &str) -> String {
     let mut s = format!("{command} --controller {}", shell_word(&admin.controller));
     if !message.is_empty() {
-        s.push_str(&format!(" -m {}", shell_word(message)));
+        // `--message=`: a message beginning with `-` would be read as a flag after `-m`.
+        s.push_str(&format!(" --message={}", shell_word(message)));
     }
     s
 }
@@ -461,6 +461,8 @@ async fn edit_loop(c: &AdminClient, args: &EditArgs) -> Result<ExitCode, ClientE
     let path = dir.path().join(format!("topology-v{base}.yaml"));
     // Whether the operator was told where the edit is kept.
     let mut told = false;
+    // Its text is the version in force (applied, distributed or not, or unchanged).
+    let mut in_force = false;
     let result = async {
         std::fs::write(&path, &cur.record.text).map_err(io_err)?;
         let mut last_invalid: Option<String> = None;
@@ -531,13 +533,14 @@ async fn edit_loop(c: &AdminClient, args: &EditArgs) -> Result<ExitCode, ClientE
                     println!("unchanged: version {base} has this text already; nothing applied")
                 }
             }
+            in_force = true;
             return Ok(distributed(&out));
         }
     }
     .await;
-    // Removed once applied (or unchanged); kept on any other end, the operator's work in it
+    // Removed once applied (or unchanged), even if not distributed; kept on any other end, the operator's work in it
     // (a refusal, a conflict with another apply, a controller away), and said where.
-    if matches!(&result, Ok(code) if *code == ExitCode::SUCCESS) {
+    if in_force || matches!(&result, Ok(code) if *code == ExitCode::SUCCESS) {
         let _ = dir.close();
     } else {
         let _ = dir.keep();
@@ -612,15 +615,15 @@ mod tests {
     /// one in the environment, with no message.)
     #[test]
     fn a_dry_runs_command_to_apply_its_plan_keeps_the_controller_and_the_message() {
-        let message = "it's \"$HOME\" `date`; rm -rf x\nsecond line";
+        let message = "-5ms: it's \"$HOME\" `date`; rm -rf x\nsecond line";
+        let flag = format!("--message={message}");
         let apply = ApplyCli::try_parse_from([
             "apply",
             "my apac.yaml",
             "--dry-run",
             "--controller",
             "http://10.0.0.1:7401/",
-            "-m",
-            message,
+            flag.as_str(),
         ])
         .unwrap()
         .apply;
@@ -634,19 +637,21 @@ mod tests {
                 "my apac.yaml",
                 "--controller",
                 "10.0.0.1:7401",
-                "-m",
-                message
+                flag.as_str()
             ],
             "{again}"
         );
+        // Pasted, it means what the dry run meant (`-m -5ms...` would not parse).
+        let words = shell_words(&again);
+        let pasted = ApplyCli::try_parse_from(&words[2..]).unwrap().apply;
+        assert_eq!(pasted.message, message);
         let rollback = RollbackCli::try_parse_from([
             "rollback",
             "3",
             "--dry-run",
             "--controller",
             "[::1]:7401",
-            "-m",
-            message,
+            flag.as_str(),
         ])
         .unwrap()
         .rollback;
@@ -660,8 +665,7 @@ mod tests {
                 "3",
                 "--controller",
                 "[::1]:7401",
-                "-m",
-                message
+                flag.as_str()
             ],
             "{again}"
         );

@@ -1588,13 +1588,13 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
     Some(topology)
 }
 
-/// Warns for each link between two edges or two sites (in link order): only transits relay, so
-/// no client path can use it (its two routers still probe each other over it).
 /// A backend that is one of the fabric's own client listeners (a service's port or the
 /// transparent port on an edge's client_address) or inside a service VIP sends each connection
 /// the site makes back into the fabric, which routes it to a site again: a loop that holds a
 /// connection at every turn until a cap refuses one. Warned, not refused: the same address may
-/// be another host's (edges and sites on different hosts with private addresses).
+/// be another host's (edges and sites on different hosts with private addresses). An edge
+/// without a client_address (its listeners on 127.0.0.1) is not compared: a site's loopback
+/// backend is on the site's own host.
 fn loop_warnings(
     cx: &mut Cx,
     entries: &[NodeEntry],
@@ -1652,6 +1652,8 @@ fn loop_warnings(
     }
 }
 
+/// Warns for each link between two edges or two sites (in link order): only transits relay, so
+/// no client path can use it (its two routers still probe each other over it).
 fn idle_link_warnings(
     cx: &mut Cx,
     t: &Topology,

@@ -219,6 +219,56 @@ async fn a_telemetry_flood_is_dropped_and_counted_while_versions_still_flow() {
     d.shutdown().await;
 }
 
+/// Heartbeats are recorded on disk as the controller's last word (at most every tenth of
+/// `max_stale`, 1 s here), and a client restarted from disk while the controller is away counts
+/// its staleness from that, not from when its stored version came. (Only the version's arrival
+/// was stored: on a quiet fabric, a restart while the controller was away raised a false STALE
+/// SNAPSHOT.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_from_disk_counts_staleness_from_the_last_heartbeat() {
+    use router::control::disk;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (d, tls) =
+        controller_with_pki(dir.path(), &fabric_nodes(1, 1), &fabric_yaml(85, 1, 1, 10)).await;
+    let state = dir.path().join("router-edge-0");
+    let tune = |cfg: &mut router::control::ClientConfig| {
+        cfg.state_dir = Some(state.clone());
+        cfg.max_stale = Duration::from_secs(10);
+    };
+    let client = start_client_with(d.quic_addr, "edge-0", &tls, tune).await;
+    let stored = || disk::load(&state).ok().flatten();
+    eventually(Duration::from_secs(10), "the snapshot is stored", || {
+        stored().is_some()
+    })
+    .await;
+    let came = stored().unwrap().received_unix_ms;
+    // Heartbeats every 2 s: one at least 2 s after the version is recorded.
+    eventually(
+        Duration::from_secs(20),
+        "a later heartbeat is recorded",
+        || disk::load_contact(&state).is_some_and(|t| t >= came + 2_000),
+    )
+    .await;
+    assert!(client.close(Duration::from_secs(5)).await);
+    let ctl_addr = d.quic_addr;
+    d.shutdown().await;
+    let last = disk::load_contact(&state).unwrap();
+    assert_eq!(
+        stored().unwrap().received_unix_ms,
+        came,
+        "no new version came"
+    );
+
+    let restarted = start_client_with(ctl_addr, "edge-0", &tls, tune).await;
+    assert!(!restarted.is_connected());
+    assert!(
+        restarted.last_contact_unix_ms() >= last,
+        "staleness counts from {} (the version came at {came}, the last heartbeat recorded at {last})",
+        restarted.last_contact_unix_ms()
+    );
+}
+
 /// A report naming another node than the one its session authenticated is not merged (it would
 /// speak for that node's links) and is counted, so that the operator sees a misconfigured or
 /// misbehaving router. (It was dropped without a trace.)

@@ -216,6 +216,11 @@ struct Shared {
     renew: Arc<Mutex<RenewSchedule>>,
     /// Stores applied snapshots in `cfg.state_dir` (`None`: no state dir).
     store: Option<Writer<StoredSnapshot>>,
+    /// Records the last word from the controller in `cfg.state_dir` ([`disk::save_contact`]),
+    /// at most every [`contact_every`].
+    contact: Option<Writer<u64>>,
+    /// Unix ms of the last contact sent to `contact`.
+    contact_sent_ms: AtomicU64,
     /// Installs the revocation lists the controller sends ([`tls::install_crl`]).
     crls: Writer<String>,
     /// Installs renewed certificates ([`tls::install`]).
@@ -401,6 +406,9 @@ impl ControlClient {
         if let Some(store) = &self.shared.store {
             all &= store.flush(left()).await;
         }
+        if let Some(contact) = &self.shared.contact {
+            all &= contact.flush(left()).await;
+        }
         all &= self.shared.crls.flush(left()).await;
         all &= self.shared.certs.flush(left()).await;
         if !all {
@@ -433,7 +441,16 @@ pub const STORED_READ_LIMIT: Duration = Duration::from_secs(5);
 /// `node`. Read on a blocking thread: a read that never returns (a hung mount, a failing disk)
 /// holds that thread only, and the start goes on without it.
 async fn stored_snapshot(dir: PathBuf, node: &NodeId) -> Option<StoredSnapshot> {
-    let read = tokio::task::spawn_blocking(move || disk::load(&dir));
+    // With the last word from the controller recorded since that version came, if later.
+    let read = tokio::task::spawn_blocking(move || {
+        let contact = disk::load_contact(&dir);
+        disk::load(&dir).map(|stored| {
+            stored.map(|mut s| {
+                s.received_unix_ms = s.received_unix_ms.max(contact.unwrap_or(0));
+                s
+            })
+        })
+    });
     let loaded = match tokio::time::timeout(STORED_READ_LIMIT, read).await {
         Ok(Ok(loaded)) => loaded,
         Ok(Err(e)) => {
@@ -514,6 +531,15 @@ impl ControlClient {
             tasks.push(task);
             writer
         });
+        let contact = cfg.state_dir.clone().map(|dir| {
+            let (writer, task) = Writer::spawn("recording the controller's last word", move |ms| {
+                disk::save_contact(&dir, ms)
+                    .inspect_err(|e| tracing::warn!("could not record the last contact: {e}"))
+                    .is_ok()
+            });
+            tasks.push(task);
+            writer
+        });
         // File writes and signature checks, each a Writer: a stuck TLS directory holds neither
         // the session nor more than one blocking thread each.
         let c = cert.clone();
@@ -548,6 +574,8 @@ impl ControlClient {
             cert,
             renew: schedule,
             store,
+            contact,
+            contact_sent_ms: AtomicU64::new(0),
             crls,
             certs,
         });
@@ -557,9 +585,10 @@ impl ControlClient {
                 topology_version = s.topology_version,
                 "running on the snapshot stored on disk until the controller answers"
             );
+            // The last word from the controller (not later than now: a clock set back since).
             shared
                 .last_contact_ms
-                .store(s.received_unix_ms, Ordering::Relaxed);
+                .store(s.received_unix_ms.min(now_ms()), Ordering::Relaxed);
             shared
                 .topology_version
                 .store(s.topology_version, Ordering::Relaxed);
@@ -615,6 +644,12 @@ impl ControlClient {
     /// How many control connections were established (more than 1: it reconnected).
     pub fn connects(&self) -> u64 {
         self.shared.connects.load(Ordering::Relaxed)
+    }
+
+    /// Unix ms of the last word from the controller: of this process, or the one recorded on
+    /// disk before a restart (or the stored snapshot's arrival), what staleness counts from.
+    pub fn last_contact_unix_ms(&self) -> u64 {
+        self.shared.last_contact_ms.load(Ordering::Relaxed)
     }
 
     /// True once the router has gone `max_stale` without hearing from the controller.
@@ -842,7 +877,7 @@ async fn converse(
             frame = frames.next(&mut recv) => {
                 let Some(payload) = frame? else { return Ok(()) };
                 let msg: ToRouter = proto::decode(&payload)?;
-                shared.last_contact_ms.store(now_ms(), Ordering::Relaxed);
+                contacted(shared, now_ms());
                 if shared.stale.swap(false, Ordering::Relaxed) {
                     tracing::warn!("controller reachable again; snapshot no longer stale");
                 }
@@ -1248,6 +1283,25 @@ fn fmt_unix(t: i64) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
+/// How often the last word from the controller is recorded on disk at most: a tenth of
+/// `max_stale` (a restart's staleness errs by no more), from 1 s to a minute.
+fn contact_every(max_stale: Duration) -> Duration {
+    (max_stale / 10).clamp(Duration::from_secs(1), Duration::from_secs(60))
+}
+
+/// The controller was heard from at `now` (unix ms).
+fn contacted(shared: &Shared, now: u64) {
+    shared.last_contact_ms.store(now, Ordering::Relaxed);
+    if let Some(contact) = &shared.contact {
+        let every = contact_every(shared.cfg.max_stale).as_millis() as u64;
+        let sent = shared.contact_sent_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(sent) >= every {
+            shared.contact_sent_ms.store(now, Ordering::Relaxed);
+            contact.send(now);
+        }
+    }
+}
+
 async fn staleness_watch(shared: Arc<Shared>) {
     let period =
         (shared.cfg.max_stale / 10).clamp(Duration::from_millis(100), Duration::from_secs(60));
@@ -1423,6 +1477,39 @@ mod tests {
         assert_eq!(check(&a, &same, None, None), Ok(()));
         drop(held);
         assert_eq!(check(&a, &same, None, None), Ok(()));
+    }
+
+    /// A restart counts staleness from the last word from the controller recorded on disk, not
+    /// from when the stored version came (a quiet fabric sends no new version for days, and a
+    /// restart while the controller is away raised a false STALE SNAPSHOT at once).
+    #[tokio::test]
+    async fn a_stored_snapshot_is_dated_by_the_last_recorded_contact() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = with_a_at("127.0.0.1:0");
+        let stored = |received_unix_ms| StoredSnapshot {
+            version: s.version,
+            topology_version: 1,
+            received_unix_ms,
+            topology: s.topology.clone(),
+            live: s.live.clone(),
+            circuits: s.circuits.clone(),
+        };
+        let a = NodeId::new("a");
+        let read = || stored_snapshot(dir.path().to_path_buf(), &a);
+        disk::save(dir.path(), &stored(1_000)).unwrap();
+        assert_eq!(read().await.unwrap().received_unix_ms, 1_000);
+        disk::save_contact(dir.path(), 5_000).unwrap();
+        assert_eq!(read().await.unwrap().received_unix_ms, 5_000);
+        // A version stored after the last recorded contact: its own time.
+        disk::save(dir.path(), &stored(9_000)).unwrap();
+        assert_eq!(read().await.unwrap().received_unix_ms, 9_000);
+    }
+
+    #[test]
+    fn contact_is_recorded_every_tenth_of_max_stale_from_1s_to_a_minute() {
+        assert_eq!(contact_every(S(24 * 3600)), S(60));
+        assert_eq!(contact_every(S(300)), S(30));
+        assert_eq!(contact_every(S(3)), S(1));
     }
 
     /// A stored snapshot whose address for the node is not one of this host's is not started

@@ -14,6 +14,10 @@ use topology::circuit::ProvisionedCircuit;
 use topology::route::LiveState;
 
 pub const FILE_NAME: &str = "snapshot.json";
+/// When the router last heard from the controller (unix ms, as text): heartbeats refresh it in
+/// memory every 2 s and here now and then ([`save_contact`]), so that a restart while the
+/// controller is away counts staleness from that, not from when the stored version came.
+pub const CONTACT_FILE: &str = "contact";
 /// A stored snapshot larger than this is neither written nor read. Twice the wire's bound: what
 /// is stored is a snapshot that came over the wire, re-encoded with a few fields more, or one
 /// built from it by deltas; [`save`] refuses what [`load`] would refuse, so a snapshot is never
@@ -83,6 +87,34 @@ fn save_at_most(dir: &Path, snap: &StoredSnapshot, max: u64) -> Result<(), DiskE
     Ok(())
 }
 
+/// Records `unix_ms` as the last word from the controller, atomically like [`save`] (a torn
+/// file would read as none, which only makes a restart's staleness count from the snapshot).
+pub fn save_contact(dir: &Path, unix_ms: u64) -> Result<(), DiskError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let final_path = dir.join(CONTACT_FILE);
+    let tmp = dir.join(format!("{CONTACT_FILE}.tmp"));
+    {
+        let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+        f.write_all(unix_ms.to_string().as_bytes())
+            .map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+    }
+    std::fs::rename(&tmp, &final_path).map_err(io(&final_path))
+}
+
+/// The last word from the controller [`save_contact`] recorded; None when there is none or it
+/// does not read as a number (at most 32 bytes are read).
+pub fn load_contact(dir: &Path) -> Option<u64> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(dir.join(CONTACT_FILE))
+        .ok()?
+        .take(32)
+        .read_to_string(&mut text)
+        .ok()?;
+    text.trim().parse().ok()
+}
+
 /// The stored snapshot, `Ok(None)` when there is none.
 pub fn load(dir: &Path) -> Result<Option<StoredSnapshot>, DiskError> {
     load_at_most(dir, MAX_FILE)
@@ -113,6 +145,18 @@ fn load_at_most(dir: &Path, max: u64) -> Result<Option<StoredSnapshot>, DiskErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_contact_time_reads_back_and_garbage_reads_as_none() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(load_contact(dir.path()), None);
+        save_contact(dir.path(), 1_764_750_000_123).unwrap();
+        assert_eq!(load_contact(dir.path()), Some(1_764_750_000_123));
+        std::fs::write(dir.path().join(CONTACT_FILE), "12x").unwrap();
+        assert_eq!(load_contact(dir.path()), None);
+        std::fs::write(dir.path().join(CONTACT_FILE), "9".repeat(1 << 20)).unwrap();
+        assert_eq!(load_contact(dir.path()), None);
+    }
 
     #[test]
     fn saved_snapshot_loads_back_and_a_torn_file_is_an_error() {

@@ -221,3 +221,60 @@ fn a_controller_whose_revocation_lists_never_read_exits_after_sigterm() {
     assert!(status.success(), "{status}:\n{}", log());
     drop(stuck);
 }
+
+/// A router asked to stop while it starts (in controller mode, waiting for a first snapshot the
+/// controller does not give it: it refuses this node) exits cleanly, status 0. (Its signal
+/// handlers were installed only once it served: the SIGTERM killed it by the default action,
+/// "signal: 15"; the controller had the same window during its start.)
+#[test]
+fn a_router_stopped_while_it_starts_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let topo = write_topology(dir.path());
+    let pki = dir.path().join("pki");
+    // `x9` has a certificate of the fabric's CA but is no node of the topology.
+    make_pki(&pki, &["controller", "x9"]);
+    let ctl = spawn_controller(
+        Command::new(tasman())
+            .args(["controller", "--topology"])
+            .arg(&topo)
+            .arg("--state")
+            .arg(dir.path().join("controller"))
+            .arg("--tls-dir")
+            .arg(&pki)
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .stderr(Stdio::null()),
+    );
+    let log_path = dir.path().join("x9.log");
+    let mut cmd = Command::new(tasman());
+    die_with_parent(&mut cmd);
+    let child = cmd
+        .args([
+            "router",
+            "--controller",
+            &ctl.quic.to_string(),
+            "--node",
+            "x9",
+        ])
+        .arg("--tls-dir")
+        .arg(&pki)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut router = Proc {
+        name: "router x9".into(),
+        child,
+    };
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    // Refused in its TLS handshake or after its hello, by one log line or the other.
+    eventually(DEADLINE, "the controller to refuse the router", || {
+        if let Ok(Some(status)) = router.child.try_wait() {
+            panic!("the router exited early ({status}):\n{}", log());
+        }
+        let log = log();
+        log.contains("controller refused this router") || log.contains("control connection:")
+    });
+    let status = terminate(&mut router, log);
+    assert!(status.success(), "{status}:\n{}", log());
+}

@@ -105,6 +105,13 @@ pub fn run(args: ControllerArgs) -> ExitCode {
         }
     };
     let code = rt.block_on(async move {
+        let mut signals = match super::Signals::install() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("error: cannot listen for signals: {e}");
+                return ExitCode::from(1);
+            }
+        };
         let cfg = DaemonConfig {
             topology_file: args.topology.clone(),
             state_dir: args.state,
@@ -119,7 +126,11 @@ pub fn run(args: ControllerArgs) -> ExitCode {
             write_stall_timeout: crate::controller::distribute::WRITE_STALL_TIMEOUT,
             circuit_retention: args.circuit_retention.0,
         };
-        let d = match daemon::start(cfg).await {
+        let started = tokio::select! {
+            started = daemon::start(cfg) => started,
+            _ = signals.next() => return super::router::stopped_while_starting(),
+        };
+        let d = match started {
             Ok(d) => d,
             Err(e) => {
                 eprintln!("error: {e}");
@@ -151,7 +162,7 @@ pub fn run(args: ControllerArgs) -> ExitCode {
             "controller listening quic={} admin={}{metrics}",
             d.quic_addr, d.admin_addr
         );
-        wait_for_signal().await;
+        signals.next().await;
         d.shutdown().await;
         ExitCode::SUCCESS
     });
@@ -159,21 +170,6 @@ pub fn run(args: ControllerArgs) -> ExitCode {
     // not hold the exit.
     rt.shutdown_timeout(std::time::Duration::from_secs(5));
     code
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use topology::{Hysteresis, Latency, LinkId, NodeId, NodeKind, ServiceName, Topology};
 
+use super::Signals;
 use crate::demo::client::{self, Reply};
 use crate::demo::edit::{EdgeChoice, choose_latency_edit, set_link_latency};
 use crate::demo::{APAC_YAML, DemoFabric, DemoOptions};
@@ -151,42 +152,6 @@ fn median(mut v: Vec<Duration>) -> Option<Duration> {
         0 => None,
         _ if n % 2 == 1 => Some(v[n / 2]),
         _ => Some(v[n / 2 - 1] + v[n / 2].saturating_sub(v[n / 2 - 1]) / 2),
-    }
-}
-
-/// SIGINT (Ctrl-C) and SIGTERM, caught from [`Signals::install`] on: neither kills the process
-/// after it (tokio keeps a handler installed once it has one).
-struct Signals {
-    #[cfg(unix)]
-    interrupt: tokio::signal::unix::Signal,
-    #[cfg(unix)]
-    terminate: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    /// Installs the handlers at once; must run inside the runtime.
-    fn install() -> std::io::Result<Signals> {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{SignalKind, signal};
-            Ok(Signals {
-                interrupt: signal(SignalKind::interrupt())?,
-                terminate: signal(SignalKind::terminate())?,
-            })
-        }
-        #[cfg(not(unix))]
-        Ok(Signals {})
-    }
-
-    /// Resolves at the next signal.
-    async fn next(&mut self) {
-        #[cfg(unix)]
-        tokio::select! {
-            _ = self.interrupt.recv() => {}
-            _ = self.terminate.recv() => {}
-        }
-        #[cfg(not(unix))]
-        let _ = tokio::signal::ctrl_c().await;
     }
 }
 

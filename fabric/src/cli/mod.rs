@@ -143,3 +143,43 @@ pub fn fmt_time(unix_ms: u64) -> String {
         rem % 60
     )
 }
+
+/// SIGINT (Ctrl-C) and SIGTERM, caught from [`Signals::install`] on: neither kills the process
+/// after it (tokio keeps a handler installed once it has one), and one that comes before
+/// [`Signals::next`] is awaited is kept for it. The demo, routers and the controller install
+/// them first thing in their runtime: a stop asked for while they start is not lost (routers
+/// and the controller installed them only once they served, and a SIGTERM before that killed
+/// the process by the default action, exit "signal 15", nothing drained nor stored).
+pub(crate) struct Signals {
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers at once; must run inside the runtime.
+    pub(crate) fn install() -> std::io::Result<Signals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Signals {
+                interrupt: signal(SignalKind::interrupt())?,
+                terminate: signal(SignalKind::terminate())?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Signals {})
+    }
+
+    /// Resolves at the next signal.
+    pub(crate) async fn next(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -458,17 +458,27 @@ pub fn run(args: RouterArgs) -> ExitCode {
         }
     };
     let code = rt.block_on(async move {
-        let handle = match Router::spawn(cfg).await {
-            Ok(h) => h,
+        let mut signals = match super::Signals::install() {
+            Ok(s) => s,
             Err(e) => {
-                eprintln!("error: {e}");
+                eprintln!("error: cannot listen for signals: {e}");
                 return ExitCode::from(1);
             }
+        };
+        let handle = tokio::select! {
+            spawned = Router::spawn(cfg) => match spawned {
+                Ok(h) => h,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(1);
+                }
+            },
+            _ = signals.next() => return stopped_while_starting(),
         };
         if let Some(addr) = handle.quic_addr() {
             println!("router {} listening on {addr}", args.node);
         }
-        drain_on_signal(handle).await;
+        drain_on_signal(handle, &mut signals).await;
         ExitCode::SUCCESS
     });
     // Blocking threads still stuck (a hung disk under a snapshot or certificate write) do
@@ -494,6 +504,13 @@ fn run_with_controller(args: &RouterArgs, controller: SocketAddr) -> ExitCode {
         }
     };
     let code = rt.block_on(async move {
+        let mut signals = match super::Signals::install() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("error: cannot listen for signals: {e}");
+                return ExitCode::from(1);
+            }
+        };
         // One resolver for the control connection and the router: a reloaded certificate is
         // presented on both.
         let cert = match router::tls::CertResolver::new(&tls) {
@@ -507,24 +524,31 @@ fn run_with_controller(args: &RouterArgs, controller: SocketAddr) -> ExitCode {
         ccfg.cert = Some(cert.clone());
         ccfg.state_dir = args.state_dir.clone();
         ccfg.max_stale = args.max_stale;
-        let client = match router::control::ControlClient::start(ccfg).await {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::from(1);
-            }
+        // It waits for the controller's first snapshot as long as it takes (none on disk).
+        let client = tokio::select! {
+            started = router::control::ControlClient::start(ccfg) => match started {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(1);
+                }
+            },
+            _ = signals.next() => return stopped_while_starting(),
         };
         let mut cfg = match args.config(client.snapshots()) {
             Ok(c) => c,
             Err(code) => return code,
         };
         cfg.cert_resolver = Some(cert);
-        let handle = match Router::spawn(cfg).await {
-            Ok(h) => h,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::from(1);
-            }
+        let handle = tokio::select! {
+            spawned = Router::spawn(cfg) => match spawned {
+                Ok(h) => h,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(1);
+                }
+            },
+            _ = signals.next() => return stopped_while_starting(),
         };
         client.attach(&handle);
         if let Some(addr) = handle.quic_addr() {
@@ -536,7 +560,7 @@ fn run_with_controller(args: &RouterArgs, controller: SocketAddr) -> ExitCode {
         // The control session stays up while the router drains: the controller sees it draining
         // (its telemetry says so) and routes around it too. It applies no version from then on,
         // and acknowledges none (`attach`): the controller shows it behind.
-        drain_on_signal(handle).await;
+        drain_on_signal(handle, &mut signals).await;
         // The latest snapshot on disk before the process goes (a restart while the controller
         // is away starts from it), unless the disk is stuck.
         client.close(STORE_ON_EXIT).await;
@@ -550,26 +574,16 @@ fn run_with_controller(args: &RouterArgs, controller: SocketAddr) -> ExitCode {
 
 /// Waits for SIGINT or SIGTERM, then drains the router ([`RouterHandle::shutdown_or`]); a second
 /// signal stops it without waiting for open connections.
-async fn drain_on_signal(handle: RouterHandle) {
-    wait_for_signal().await;
+async fn drain_on_signal(handle: RouterHandle, signals: &mut super::Signals) {
+    signals.next().await;
     tracing::info!("signal received: draining (a second signal stops at once)");
-    handle.shutdown_or(wait_for_signal()).await;
+    handle.shutdown_or(signals.next()).await;
 }
 
-/// Resolves on SIGINT or SIGTERM.
-pub async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
+/// A stop asked for before the process served: nothing to drain.
+pub fn stopped_while_starting() -> ExitCode {
+    tracing::info!("signal received while starting: stopping");
+    ExitCode::SUCCESS
 }
 
 #[cfg(test)]

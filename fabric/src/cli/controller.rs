@@ -105,12 +105,9 @@ pub fn run(args: ControllerArgs) -> ExitCode {
         }
     };
     let code = rt.block_on(async move {
-        let mut signals = match super::Signals::install() {
+        let mut signals = match super::Signals::install_or_exit() {
             Ok(s) => s,
-            Err(e) => {
-                eprintln!("error: cannot listen for signals: {e}");
-                return ExitCode::from(1);
-            }
+            Err(code) => return code,
         };
         let cfg = DaemonConfig {
             topology_file: args.topology.clone(),
@@ -126,9 +123,9 @@ pub fn run(args: ControllerArgs) -> ExitCode {
             write_stall_timeout: crate::controller::distribute::WRITE_STALL_TIMEOUT,
             circuit_retention: args.circuit_retention.0,
         };
-        let started = tokio::select! {
-            started = daemon::start(cfg) => started,
-            _ = signals.next() => return super::router::stopped_while_starting(),
+        let started = match signals.unless(daemon::start(cfg)).await {
+            Ok(started) => started,
+            Err(code) => return code,
         };
         let d = match started {
             Ok(d) => d,

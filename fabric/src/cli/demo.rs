@@ -87,12 +87,9 @@ pub fn run(args: DemoArgs) -> ExitCode {
     };
     // Ctrl-C and SIGTERM are caught from here on, before anything is written to disk: they stop
     // the fabric, and its directory (the demo CA's and every node's private key) is removed.
-    let signals = match rt.block_on(async { Signals::install() }) {
+    let signals = match rt.block_on(async { Signals::install_or_exit() }) {
         Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: cannot listen for signals: {e}");
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
     let dir = match tempfile::Builder::new().prefix("tasman-demo-").tempdir() {
         Ok(d) => d,

@@ -172,6 +172,26 @@ impl Signals {
         Ok(Signals {})
     }
 
+    /// [`Self::install`], or the error said and the exit status to return.
+    pub(crate) fn install_or_exit() -> Result<Signals, ExitCode> {
+        Signals::install().map_err(|e| {
+            eprintln!("error: cannot listen for signals: {e}");
+            ExitCode::from(1)
+        })
+    }
+
+    /// `f`'s output, or `Err` with the exit status of a stop asked for before it finished (a
+    /// start cut short: nothing to drain).
+    pub(crate) async fn unless<T>(&mut self, f: impl Future<Output = T>) -> Result<T, ExitCode> {
+        tokio::select! {
+            out = f => Ok(out),
+            () = self.next() => {
+                tracing::info!("signal received while starting: stopping");
+                Err(ExitCode::SUCCESS)
+            }
+        }
+    }
+
     /// Resolves at the next signal.
     pub(crate) async fn next(&mut self) {
         #[cfg(unix)]

@@ -458,22 +458,13 @@ pub fn run(args: RouterArgs) -> ExitCode {
         }
     };
     let code = rt.block_on(async move {
-        let mut signals = match super::Signals::install() {
+        let mut signals = match super::Signals::install_or_exit() {
             Ok(s) => s,
-            Err(e) => {
-                eprintln!("error: cannot listen for signals: {e}");
-                return ExitCode::from(1);
-            }
+            Err(code) => return code,
         };
-        let handle = tokio::select! {
-            spawned = Router::spawn(cfg) => match spawned {
-                Ok(h) => h,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(1);
-                }
-            },
-            _ = signals.next() => return stopped_while_starting(),
+        let handle = match spawn(cfg, &mut signals).await {
+            Ok(h) => h,
+            Err(code) => return code,
         };
         if let Some(addr) = handle.quic_addr() {
             println!("router {} listening on {addr}", args.node);
@@ -504,12 +495,9 @@ fn run_with_controller(args: &RouterArgs, controller: SocketAddr) -> ExitCode {
         }
     };
     let code = rt.block_on(async move {
-        let mut signals = match super::Signals::install() {
+        let mut signals = match super::Signals::install_or_exit() {
             Ok(s) => s,
-            Err(e) => {
-                eprintln!("error: cannot listen for signals: {e}");
-                return ExitCode::from(1);
-            }
+            Err(code) => return code,
         };
         // One resolver for the control connection and the router: a reloaded certificate is
         // presented on both.
@@ -525,30 +513,25 @@ fn run_with_controller(args: &RouterArgs, controller: SocketAddr) -> ExitCode {
         ccfg.state_dir = args.state_dir.clone();
         ccfg.max_stale = args.max_stale;
         // It waits for the controller's first snapshot as long as it takes (none on disk).
-        let client = tokio::select! {
-            started = router::control::ControlClient::start(ccfg) => match started {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(1);
-                }
-            },
-            _ = signals.next() => return stopped_while_starting(),
+        let client = match signals
+            .unless(router::control::ControlClient::start(ccfg))
+            .await
+        {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(1);
+            }
+            Err(code) => return code,
         };
         let mut cfg = match args.config(client.snapshots()) {
             Ok(c) => c,
             Err(code) => return code,
         };
         cfg.cert_resolver = Some(cert);
-        let handle = tokio::select! {
-            spawned = Router::spawn(cfg) => match spawned {
-                Ok(h) => h,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(1);
-                }
-            },
-            _ = signals.next() => return stopped_while_starting(),
+        let handle = match spawn(cfg, &mut signals).await {
+            Ok(h) => h,
+            Err(code) => return code,
         };
         client.attach(&handle);
         if let Some(addr) = handle.quic_addr() {
@@ -580,10 +563,12 @@ async fn drain_on_signal(handle: RouterHandle, signals: &mut super::Signals) {
     handle.shutdown_or(signals.next()).await;
 }
 
-/// A stop asked for before the process served: nothing to drain.
-pub fn stopped_while_starting() -> ExitCode {
-    tracing::info!("signal received while starting: stopping");
-    ExitCode::SUCCESS
+/// Spawns the router, unless a signal comes first; `Err`: the exit status (the error said).
+async fn spawn(cfg: RouterConfig, signals: &mut super::Signals) -> Result<RouterHandle, ExitCode> {
+    signals.unless(Router::spawn(cfg)).await?.map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(1)
+    })
 }
 
 #[cfg(test)]

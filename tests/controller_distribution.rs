@@ -157,6 +157,33 @@ async fn large_snapshots_arrive_whole_while_telemetry_ticks_every_millisecond() 
     d.shutdown().await;
 }
 
+/// A control session of `node` made by hand ([`raw_hello`]) that has its first snapshot: what
+/// the controller sends is read in the background (so it never waits on the session), keeping
+/// the topology version it last sent. Keep the endpoint while the connection is in use.
+async fn hello_with_first_snapshot(
+    d: &fabric::controller::daemon::Daemon,
+    tls: &std::path::Path,
+    node: &str,
+) -> (
+    quinn::Endpoint,
+    quinn::Connection,
+    quinn::SendStream,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    let RawSession {
+        ep,
+        conn,
+        send,
+        recv,
+    } = raw_hello(d.quic_addr, tls, node, node).await;
+    let topology_version = topology_versions(recv);
+    eventually(Duration::from_secs(10), "the first snapshot", || {
+        topology_version.load(std::sync::atomic::Ordering::Relaxed) == 1
+    })
+    .await;
+    (ep, conn, send, topology_version)
+}
+
 /// A router sending telemetry in a tight loop: the reports beyond its budget are dropped and
 /// counted, its session stays up, and new versions still reach it and every other router.
 /// (Each report was merged under the controller's global lock, with no limit.)
@@ -169,18 +196,8 @@ async fn a_telemetry_flood_is_dropped_and_counted_while_versions_still_flow() {
         controller_with_pki(dir.path(), &fabric_nodes(1, 2), &fabric_yaml(67, 1, 2, 10)).await;
     let other = start_client(d.quic_addr, "transit-1", &tls, None).await;
 
-    let RawSession {
-        ep: _ep,
-        conn,
-        mut send,
-        recv,
-    } = raw_hello(d.quic_addr, &tls, "edge-0", "edge-0").await;
-    // Read what the controller sends (so it never waits on us), keeping the topology version.
-    let topology_version = topology_versions(recv);
-    eventually(Duration::from_secs(10), "the first snapshot", || {
-        topology_version.load(Ordering::Relaxed) == 1
-    })
-    .await;
+    let (_ep, conn, mut send, topology_version) =
+        hello_with_first_snapshot(&d, &tls, "edge-0").await;
 
     const FLOOD: u64 = 5_000;
     let frame = telemetry_frame("edge-0", "transit-0", 4_000);
@@ -274,22 +291,10 @@ async fn a_restart_from_disk_counts_staleness_from_the_last_heartbeat() {
 /// misbehaving router. (It was dropped without a trace.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn telemetry_naming_another_node_is_dropped_and_counted() {
-    use std::sync::atomic::Ordering;
-
     let dir = tempfile::tempdir().unwrap();
     let (d, tls) =
         controller_with_pki(dir.path(), &fabric_nodes(1, 1), &fabric_yaml(80, 1, 1, 10)).await;
-    let RawSession {
-        ep: _ep,
-        conn,
-        mut send,
-        recv,
-    } = raw_hello(d.quic_addr, &tls, "edge-0", "edge-0").await;
-    let topology_version = topology_versions(recv);
-    eventually(Duration::from_secs(10), "the first snapshot", || {
-        topology_version.load(Ordering::Relaxed) == 1
-    })
-    .await;
+    let (_ep, conn, mut send, _) = hello_with_first_snapshot(&d, &tls, "edge-0").await;
 
     // Three reports speaking for transit-0 (within the rate budget).
     for _ in 0..3 {
@@ -297,18 +302,13 @@ async fn telemetry_naming_another_node_is_dropped_and_counted() {
             .await
             .unwrap();
     }
-    let mut text = String::new();
-    let mut saw = false;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while !saw && tokio::time::Instant::now() < deadline {
-        text = status_text(&d).await;
-        saw = status_line(&text, "edge-0").contains("3 reports naming another node dropped");
-        if !saw {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
+    eventually(Duration::from_secs(15), "the three reports counted", || {
+        router_status(&d, "edge-0").is_some_and(|r| r.reports_misnamed == 3)
+    })
+    .await;
+    let text = status_text(&d).await;
     assert!(
-        saw,
+        status_line(&text, "edge-0").contains("3 reports naming another node dropped"),
         "edge-0's status line tells the dropped reports:\n{text}"
     );
     let edge = router_status(&d, "edge-0").expect("edge-0 is known");

@@ -11,8 +11,8 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    DEADLINE, LOCAL, Proc, TopoYaml, die_with_parent, eventually, free_tcp_port, free_udp,
-    http_get, make_pki, spawn_controller, tasman,
+    ControllerProc, DEADLINE, LOCAL, Proc, TopoYaml, die_with_parent, eventually, free_tcp_port,
+    free_udp, http_get, make_pki, spawn_controller, tasman,
 };
 
 /// How long a process may take to exit after SIGTERM: its drain, and the 5 s bounds on the
@@ -85,6 +85,51 @@ fn terminate(p: &mut Proc, log: impl Fn() -> String) -> ExitStatus {
     }
 }
 
+/// `tasman controller` of `topo` with the PKI in `pki`, its state in `dir`/controller.
+fn fabric_controller(dir: &Path, topo: &Path, pki: &Path) -> ControllerProc {
+    spawn_controller(
+        Command::new(tasman())
+            .args(["controller", "--topology"])
+            .arg(topo)
+            .arg("--state")
+            .arg(dir.join("controller"))
+            .arg("--tls-dir")
+            .arg(pki)
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .stderr(Stdio::null()),
+    )
+}
+
+/// `tasman router` of `node` in controller mode (its certificate in `pki`), logging at info to
+/// `log`, with the arguments `more` adds.
+fn controlled_router(
+    ctl: &ControllerProc,
+    node: &str,
+    pki: &Path,
+    log: &Path,
+    more: impl FnOnce(&mut Command),
+) -> Proc {
+    let mut cmd = Command::new(tasman());
+    die_with_parent(&mut cmd);
+    cmd.args([
+        "router",
+        "--controller",
+        &ctl.quic.to_string(),
+        "--node",
+        node,
+    ])
+    .arg("--tls-dir")
+    .arg(pki)
+    .env("RUST_LOG", "info")
+    .stdout(Stdio::null())
+    .stderr(std::fs::File::create(log).unwrap());
+    more(&mut cmd);
+    Proc {
+        name: format!("router {node}"),
+        child: cmd.spawn().unwrap(),
+    }
+}
+
 /// Writes an edge and a site joined by a link, in `dir`; the file's path.
 fn write_topology(dir: &std::path::Path) -> std::path::PathBuf {
     let mut y = TopoYaml::default();
@@ -107,47 +152,18 @@ fn a_router_whose_stored_snapshot_never_reads_exits_after_sigterm() {
     let topo = write_topology(dir.path());
     let pki = dir.path().join("pki");
     make_pki(&pki, &["controller", "e1"]);
-    let ctl = spawn_controller(
-        Command::new(tasman())
-            .args(["controller", "--topology"])
-            .arg(&topo)
-            .arg("--state")
-            .arg(dir.path().join("controller"))
-            .arg("--tls-dir")
-            .arg(&pki)
-            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-            .stderr(Stdio::null()),
-    );
+    let ctl = fabric_controller(dir.path(), &topo, &pki);
 
     let state = dir.path().join("e1-state");
     std::fs::create_dir(&state).unwrap();
     let stuck = HungFile::at(&state.join(router::control::disk::FILE_NAME));
     let metrics = std::net::SocketAddr::new(LOCAL, free_tcp_port(LOCAL));
     let log_path = dir.path().join("e1.log");
-    let mut cmd = Command::new(tasman());
-    die_with_parent(&mut cmd);
-    let child = cmd
-        .args([
-            "router",
-            "--controller",
-            &ctl.quic.to_string(),
-            "--node",
-            "e1",
-        ])
-        .arg("--tls-dir")
-        .arg(&pki)
-        .arg("--state-dir")
-        .arg(&state)
-        .args(["--metrics", &metrics.to_string()])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
-    let mut router = Proc {
-        name: "router e1".into(),
-        child,
-    };
+    let mut router = controlled_router(&ctl, "e1", &pki, &log_path, |cmd| {
+        cmd.arg("--state-dir")
+            .arg(&state)
+            .args(["--metrics", &metrics.to_string()]);
+    });
     let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     // Serving (its metrics endpoint is bound last), on the controller's snapshot: the stored
     // one was given up after 5 s.
@@ -233,39 +249,9 @@ fn a_router_stopped_while_it_starts_exits_cleanly() {
     let pki = dir.path().join("pki");
     // `x9` has a certificate of the fabric's CA but is no node of the topology.
     make_pki(&pki, &["controller", "x9"]);
-    let ctl = spawn_controller(
-        Command::new(tasman())
-            .args(["controller", "--topology"])
-            .arg(&topo)
-            .arg("--state")
-            .arg(dir.path().join("controller"))
-            .arg("--tls-dir")
-            .arg(&pki)
-            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-            .stderr(Stdio::null()),
-    );
+    let ctl = fabric_controller(dir.path(), &topo, &pki);
     let log_path = dir.path().join("x9.log");
-    let mut cmd = Command::new(tasman());
-    die_with_parent(&mut cmd);
-    let child = cmd
-        .args([
-            "router",
-            "--controller",
-            &ctl.quic.to_string(),
-            "--node",
-            "x9",
-        ])
-        .arg("--tls-dir")
-        .arg(&pki)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
-    let mut router = Proc {
-        name: "router x9".into(),
-        child,
-    };
+    let mut router = controlled_router(&ctl, "x9", &pki, &log_path, |_| {});
     let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     // Refused in its TLS handshake or after its hello, by one log line or the other.
     eventually(DEADLINE, "the controller to refuse the router", || {

@@ -1455,6 +1455,19 @@ mod tests {
         }
     }
 
+    /// [`with_a_at`] as stored, having come at `received_unix_ms`.
+    fn stored_a_at(addr: &str, received_unix_ms: u64) -> StoredSnapshot {
+        let s = with_a_at(addr);
+        StoredSnapshot {
+            version: s.version,
+            topology_version: 1,
+            received_unix_ms,
+            topology: s.topology,
+            live: s.live,
+            circuits: s.circuits,
+        }
+    }
+
     /// Before a router is attached, a snapshot giving the node an address this host cannot
     /// bind is refused (acknowledged and stored, the router exited binding it at its start, and
     /// again at every restart from the stored copy, never living long enough to be sent a
@@ -1485,15 +1498,7 @@ mod tests {
     #[tokio::test]
     async fn a_stored_snapshot_is_dated_by_the_last_recorded_contact() {
         let dir = tempfile::tempdir().unwrap();
-        let s = with_a_at("127.0.0.1:0");
-        let stored = |received_unix_ms| StoredSnapshot {
-            version: s.version,
-            topology_version: 1,
-            received_unix_ms,
-            topology: s.topology.clone(),
-            live: s.live.clone(),
-            circuits: s.circuits.clone(),
-        };
+        let stored = |received_unix_ms| stored_a_at("127.0.0.1:0", received_unix_ms);
         let a = NodeId::new("a");
         let read = || stored_snapshot(dir.path().to_path_buf(), &a);
         disk::save(dir.path(), &stored(1_000)).unwrap();
@@ -1517,22 +1522,15 @@ mod tests {
     #[tokio::test]
     async fn a_stored_snapshot_with_an_unbindable_address_is_not_started_from() {
         let dir = tempfile::tempdir().unwrap();
-        let stored = |s: Snapshot| StoredSnapshot {
-            version: s.version,
-            topology_version: 1,
-            received_unix_ms: 0,
-            topology: s.topology,
-            live: s.live,
-            circuits: s.circuits,
-        };
+        let stored = |addr: &str| stored_a_at(addr, 0);
         let a = NodeId::new("a");
-        disk::save(dir.path(), &stored(with_a_at("192.0.2.1:4433"))).unwrap();
+        disk::save(dir.path(), &stored("192.0.2.1:4433")).unwrap();
         assert!(
             stored_snapshot(dir.path().to_path_buf(), &a)
                 .await
                 .is_none()
         );
-        disk::save(dir.path(), &stored(with_a_at("127.0.0.1:0"))).unwrap();
+        disk::save(dir.path(), &stored("127.0.0.1:0")).unwrap();
         assert!(
             stored_snapshot(dir.path().to_path_buf(), &a)
                 .await
@@ -1542,7 +1540,7 @@ mod tests {
         // tried again until the address is free.
         let held = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let at = held.local_addr().unwrap().to_string();
-        disk::save(dir.path(), &stored(with_a_at(&at))).unwrap();
+        disk::save(dir.path(), &stored(&at)).unwrap();
         assert!(
             stored_snapshot(dir.path().to_path_buf(), &a)
                 .await

@@ -21,6 +21,7 @@ pub mod backend;
 pub mod circuits;
 pub mod codes;
 pub mod control;
+pub mod durable;
 mod edge;
 pub mod header;
 pub mod http_serve;

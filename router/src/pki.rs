@@ -34,6 +34,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use crate::durable::{self, sync_dir};
+
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
@@ -246,72 +248,12 @@ fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), PkiError>
 /// command reported success, e.g. `ca.crl.pem` back to a list without the certificate just
 /// revoked, whose CRL number the next `revoke` would then reuse for another list.
 pub(crate) fn rename_synced(from: &Path, to: &Path) -> Result<(), PkiError> {
-    fs::rename(from, to).map_err(io_err(to))?;
-    #[cfg(test)]
-    durability::changed(to);
-    sync_dir(parent_dir(to));
-    Ok(())
+    durable::rename(from, to).map_err(io_err(to))
 }
 
 /// Removes `path`, then syncs its directory ([`rename_synced`]).
 fn remove_synced(path: &Path) -> Result<(), PkiError> {
-    fs::remove_file(path).map_err(io_err(path))?;
-    #[cfg(test)]
-    durability::changed(path);
-    sync_dir(parent_dir(path));
-    Ok(())
-}
-
-/// The directory `path` is in (`.` for a bare file name).
-fn parent_dir(path: &Path) -> &Path {
-    match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    }
-}
-
-/// What this thread renamed, removed and synced, in order (tests of durability: a rename that
-/// no sync of its directory follows is lost to a power cut).
-#[cfg(test)]
-pub(crate) mod durability {
-    use std::cell::RefCell;
-    use std::path::{Path, PathBuf};
-
-    #[derive(Debug, Clone, PartialEq, Eq)]
-    pub(crate) enum Event {
-        /// A name in this directory was renamed to or removed.
-        Changed(PathBuf),
-        /// This directory was synced.
-        Synced(PathBuf),
-    }
-
-    thread_local! {
-        static EVENTS: RefCell<Vec<Event>> = const { RefCell::new(Vec::new()) };
-    }
-
-    pub(crate) fn changed(path: &Path) {
-        let dir = super::parent_dir(path).to_path_buf();
-        EVENTS.with(|e| e.borrow_mut().push(Event::Changed(dir)));
-    }
-
-    pub(crate) fn synced(dir: &Path) {
-        EVENTS.with(|e| e.borrow_mut().push(Event::Synced(dir.to_path_buf())));
-    }
-
-    /// The events since the last call.
-    pub(crate) fn take() -> Vec<Event> {
-        EVENTS.with(|e| std::mem::take(&mut *e.borrow_mut()))
-    }
-}
-
-/// Makes the renames in `dir` durable (best effort: not every file system can sync a
-/// directory, and the files themselves are synced before they are renamed).
-fn sync_dir(dir: &Path) {
-    #[cfg(test)]
-    durability::synced(dir);
-    if let Ok(d) = fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
+    durable::remove_file(path).map_err(io_err(path))
 }
 
 /// The file whose lock the commands that read, change and write a CA directory's files
@@ -340,9 +282,8 @@ fn lock_dir(dir: &Path) -> Result<Option<fs::File>, PkiError> {
 /// Creates `dir` (if needed) and writes a new CA into it. Refuses to overwrite an existing CA.
 pub fn init(dir: &Path) -> Result<(), PkiError> {
     if !dir.is_dir() {
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
-        // The new directory's entry in its parent, as for a rename.
-        sync_dir(parent_dir(dir));
+        // The new directories' entries in their parents, as for a rename.
+        durable::create_dir_all(dir).map_err(io_err(dir))?;
     }
     let cert_path = dir.join(CA_CERT);
     let key_path = dir.join(CA_KEY);
@@ -837,6 +778,7 @@ fn open_issued(dir: &Path) -> Result<fs::File, PkiError> {
         .open(&path)
         .map_err(io_err(&path))?;
     if !existed {
+        durable::changed(&path);
         sync_dir(dir);
     }
     Ok(f)
@@ -2040,27 +1982,10 @@ mod tests {
     /// could otherwise bring back the list without that certificate.
     #[test]
     fn every_writer_syncs_the_directory_after_each_rename() {
-        use durability::Event;
+        use crate::durable::record::{assert_every_change_synced as check, take};
         let d = tempfile::tempdir().unwrap();
         let dir = d.path().join("pki");
-        let check = |what: &str| {
-            let events = durability::take();
-            let changes = events
-                .iter()
-                .filter(|e| matches!(e, Event::Changed(_)))
-                .count();
-            assert!(changes > 0, "{what}: changed no name through the helper");
-            for (i, e) in events.iter().enumerate() {
-                if let Event::Changed(at) = e {
-                    assert!(
-                        events[i + 1..].contains(&Event::Synced(at.clone())),
-                        "{what}: a change in {} is not followed by a sync of it: {events:?}",
-                        at.display()
-                    );
-                }
-            }
-        };
-        durability::take();
+        take();
         init(&dir).unwrap();
         check("init");
         issue(&dir, "n1").unwrap();
@@ -2074,14 +1999,14 @@ mod tests {
         check("rotate_ca");
         issue(&dir, "n2").unwrap();
         revoke(&dir, &node("n2"), RevokeReason::KeyCompromise).unwrap();
-        durability::take();
+        take();
         // The retired CA's list goes, the issuing CA's is written again.
         retire_ca(&dir).unwrap();
         check("retire_ca");
         // Only the retired CA had a list: the file is removed.
         fs::remove_file(dir.join(CA_KEY_OLD)).unwrap();
         rotate_ca(&dir).unwrap();
-        durability::take();
+        take();
         retire_ca(&dir).unwrap();
         check("retire_ca (the list removed)");
         assert!(!dir.join(CA_CRL).exists());

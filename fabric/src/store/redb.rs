@@ -44,7 +44,9 @@ impl RedbStore {
     /// store: that would silently replace whatever it held, and a controller started with
     /// `--topology` would import that file again as version 1).
     pub fn open(dir: &Path) -> Result<RedbStore, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+        // The new directories' entries made durable: the first commit's fsync covers the
+        // file's contents, not the names that lead to it.
+        router::durable::create_dir_all(dir).map_err(|source| StoreError::Io {
             path: dir.display().to_string(),
             source,
         })?;
@@ -67,7 +69,12 @@ impl RedbStore {
             }
         });
         let store = match opened {
-            Ok(Ok(db)) => RedbStore { db },
+            Ok(Ok(db)) => {
+                if !exists {
+                    router::durable::sync_dir(dir);
+                }
+                RedbStore { db }
+            }
             Ok(Err(e)) => return Err(refused(open_problem(dir, &path, &e))),
             Err(panicked) => {
                 return Err(refused(format!(

@@ -59,7 +59,7 @@ pub fn save(dir: &Path, snap: &StoredSnapshot) -> Result<(), DiskError> {
 }
 
 fn save_at_most(dir: &Path, snap: &StoredSnapshot, max: u64) -> Result<(), DiskError> {
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    crate::durable::create_dir_all(dir).map_err(io(dir))?;
     let final_path = dir.join(FILE_NAME);
     let tmp = dir.join(format!("{FILE_NAME}.tmp"));
     let bytes = serde_json::to_vec(snap).map_err(|e| DiskError::Corrupt {
@@ -80,17 +80,13 @@ fn save_at_most(dir: &Path, snap: &StoredSnapshot, max: u64) -> Result<(), DiskE
         f.write_all(&bytes).map_err(io(&tmp))?;
         f.sync_all().map_err(io(&tmp))?;
     }
-    std::fs::rename(&tmp, &final_path).map_err(io(&final_path))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))?;
-    Ok(())
+    crate::durable::rename(&tmp, &final_path).map_err(io(&final_path))
 }
 
 /// Records `unix_ms` as the last word from the controller, atomically like [`save`] (a torn
 /// file would read as none, which only makes a restart's staleness count from the snapshot).
 pub fn save_contact(dir: &Path, unix_ms: u64) -> Result<(), DiskError> {
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    crate::durable::create_dir_all(dir).map_err(io(dir))?;
     let final_path = dir.join(CONTACT_FILE);
     let tmp = dir.join(format!("{CONTACT_FILE}.tmp"));
     {
@@ -174,6 +170,35 @@ mod tests {
         assert_eq!(load(dir.path()).unwrap(), Some(snap));
         std::fs::write(dir.path().join(FILE_NAME), b"{\"version\": 9, ").unwrap();
         assert!(matches!(load(dir.path()), Err(DiskError::Corrupt { .. })));
+    }
+
+    /// The first save into a new `--state-dir` makes its directories durable with the file: a
+    /// power cut after the router acknowledged a stored version must not take the directory
+    /// entry (and so the file) with it.
+    #[test]
+    fn the_first_save_syncs_the_new_state_directory_into_its_parent() {
+        use crate::durable::record::{Event, assert_every_change_synced, take};
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("var/tasman");
+        let snap = StoredSnapshot {
+            version: 9,
+            topology_version: 3,
+            received_unix_ms: 1,
+            topology: Arc::new(Topology::default()),
+            live: LiveState::default(),
+            circuits: Arc::default(),
+        };
+        take();
+        save(&dir, &snap).unwrap();
+        let events = assert_every_change_synced("the first save");
+        for made_in in [t.path().to_path_buf(), t.path().join("var")] {
+            assert!(
+                events.contains(&Event::Changed(made_in.clone())),
+                "a directory made in {}: {events:?}",
+                made_in.display()
+            );
+        }
+        assert!(events.contains(&Event::Changed(dir.clone())), "{events:?}");
     }
 
     /// What `save` writes, `load` reads back: a snapshot over the bound is not written (the

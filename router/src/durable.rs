@@ -1,0 +1,166 @@
+//! Making changes of names in a directory survive a power cut: a new file's contents are synced
+//! by their writer, but the name that points at it (a rename, a removal, a new directory) lives
+//! in its directory, which has to be synced too. Shared by the router's state directory, the PKI
+//! directories and the controller's store.
+
+use std::fs;
+use std::io;
+use std::path::Path;
+
+/// Syncs `dir`, making the names changed in it durable. Best effort: not every file system can
+/// sync a directory (an error is ignored; the files themselves are synced by their writers).
+pub fn sync_dir(dir: &Path) {
+    #[cfg(test)]
+    record::synced(dir);
+    if let Ok(d) = fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// Renames `from` to `to`, then syncs `to`'s directory.
+pub fn rename(from: &Path, to: &Path) -> io::Result<()> {
+    fs::rename(from, to)?;
+    changed(to);
+    sync_dir(parent_dir(to));
+    Ok(())
+}
+
+/// Removes the file `path`, then syncs its directory.
+pub fn remove_file(path: &Path) -> io::Result<()> {
+    fs::remove_file(path)?;
+    changed(path);
+    sync_dir(parent_dir(path));
+    Ok(())
+}
+
+/// [`fs::create_dir_all`], syncing the directory each new directory was made in, top down: a
+/// file synced into a new directory is otherwise lost to a power cut with the directory's own
+/// entry (the first start of a controller or router on a new `--state-dir`).
+pub fn create_dir_all(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut missing = Vec::new();
+    let mut at = dir;
+    while !at.as_os_str().is_empty() && !at.is_dir() {
+        missing.push(at);
+        match at.parent() {
+            Some(p) => at = p,
+            None => break,
+        }
+    }
+    for d in missing.into_iter().rev() {
+        match fs::create_dir(d) {
+            Ok(()) => {
+                changed(d);
+                sync_dir(parent_dir(d));
+            }
+            // Made meanwhile by another process, which syncs its own.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The directory `path` is in (`.` for a bare file name).
+pub fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
+/// Records that a name in `path`'s directory changed by other means than this module's (tests
+/// check that a sync of the directory follows).
+pub(crate) fn changed(path: &Path) {
+    #[cfg(test)]
+    record::changed(path);
+    let _ = path;
+}
+
+/// What this thread changed and synced, in order (tests of durability: a change of a name that
+/// no sync of its directory follows is lost to a power cut).
+#[cfg(test)]
+pub(crate) mod record {
+    use std::cell::RefCell;
+    use std::path::{Path, PathBuf};
+
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub(crate) enum Event {
+        /// A name in this directory was renamed to, removed or made.
+        Changed(PathBuf),
+        /// This directory was synced.
+        Synced(PathBuf),
+    }
+
+    thread_local! {
+        static EVENTS: RefCell<Vec<Event>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub(crate) fn changed(path: &Path) {
+        let dir = super::parent_dir(path).to_path_buf();
+        EVENTS.with(|e| e.borrow_mut().push(Event::Changed(dir)));
+    }
+
+    pub(crate) fn synced(dir: &Path) {
+        EVENTS.with(|e| e.borrow_mut().push(Event::Synced(dir.to_path_buf())));
+    }
+
+    /// The events since the last call.
+    pub(crate) fn take() -> Vec<Event> {
+        EVENTS.with(|e| std::mem::take(&mut *e.borrow_mut()))
+    }
+
+    /// Asserts that at least one name changed since the last [`take`], and that a sync of its
+    /// directory follows every change. Returns the events.
+    pub(crate) fn assert_every_change_synced(what: &str) -> Vec<Event> {
+        let events = take();
+        assert!(
+            events.iter().any(|e| matches!(e, Event::Changed(_))),
+            "{what}: changed no name through the helpers"
+        );
+        for (i, e) in events.iter().enumerate() {
+            if let Event::Changed(at) = e {
+                assert!(
+                    events[i + 1..].contains(&Event::Synced(at.clone())),
+                    "{what}: a change in {} is not followed by a sync of it: {events:?}",
+                    at.display()
+                );
+            }
+        }
+        events
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::record::{Event, take};
+    use super::*;
+
+    #[test]
+    fn each_new_directory_is_synced_into_its_parent_top_down() {
+        let t = tempfile::tempdir().unwrap();
+        let deep = t.path().join("a/b/c");
+        take();
+        create_dir_all(&deep).unwrap();
+        assert!(deep.is_dir());
+        let want: Vec<Event> = [t.path(), &t.path().join("a"), &t.path().join("a/b")]
+            .into_iter()
+            .flat_map(|p| [Event::Changed(p.into()), Event::Synced(p.into())])
+            .collect();
+        assert_eq!(take(), want);
+        // Nothing new, nothing synced.
+        create_dir_all(&deep).unwrap();
+        assert_eq!(take(), []);
+        // A file where a directory should be is an error, not a loop.
+        fs::write(t.path().join("f"), b"").unwrap();
+        assert!(create_dir_all(&t.path().join("f/g")).is_err());
+    }
+
+    #[test]
+    fn a_relative_directory_is_made_in_the_working_directory() {
+        assert_eq!(parent_dir(Path::new("x")), Path::new("."));
+        assert_eq!(parent_dir(Path::new("x/y")), Path::new("x"));
+    }
+}

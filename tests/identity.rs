@@ -10,6 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
+
+/// The routers re-read their TLS files every second (10 s by default): each reload these tests
+/// wait for then takes about a second, not ten.
+const FAST_RELOAD: &[&str] = &["--tls-reload-interval", "1s"];
 use router::probe::Probe;
 use router::tls::{PeerNames, TlsIdentity};
 
@@ -64,7 +68,7 @@ fn edge_and_site() -> TopoYaml {
 #[test]
 fn foreign_ca_and_names_outside_the_topology_are_refused() {
     let mut f = Fabric::new(&edge_and_site());
-    f.start("site");
+    f.start_with("site", FAST_RELOAD);
     let site_addr = topology::load(&std::fs::read_to_string(&f.yaml).unwrap())
         .unwrap()
         .topology
@@ -305,7 +309,7 @@ fn a_router_dialling_a_neighbour_refuses_an_impostor_with_a_foreign_or_wrong_cer
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     let impostor = rt.block_on(async { Impostor::start(site_addr, &foreign) });
-    f.start("edge");
+    f.start_with("edge", FAST_RELOAD);
     let dial_failures = |f: &Fabric| {
         f.metric(
             "edge",
@@ -455,8 +459,8 @@ fn old_and_new_ca_certificates_connect_during_a_rotation_and_not_after_it() {
     assert_eq!(issuer_of(&f.pki, "site"), new_ca);
     assert_eq!(issuer_of(&f.pki, "edge"), old_ca);
 
-    f.start("site");
-    f.start("edge");
+    f.start_with("site", FAST_RELOAD);
+    f.start_with("edge", FAST_RELOAD);
     eventually(
         DEADLINE,
         "edge (old CA) and site (new CA) connected both ways",
@@ -473,7 +477,7 @@ fn old_and_new_ca_certificates_connect_during_a_rotation_and_not_after_it() {
     );
     f.signal("site", libc::SIGTERM);
     f.wait_exit("site", DEADLINE);
-    f.start("site");
+    f.start_with("site", FAST_RELOAD);
     eventually(
         DEADLINE,
         "the site refused the edge's old-CA certificate",
@@ -505,8 +509,8 @@ fn old_and_new_ca_certificates_connect_during_a_rotation_and_not_after_it() {
 #[test]
 fn a_revoked_certificate_loses_its_live_connection_and_is_refused_until_reissued() {
     let mut f = Fabric::new(&edge_and_site());
-    f.start("site");
-    f.start("edge");
+    f.start_with("site", FAST_RELOAD);
+    f.start_with("edge", FAST_RELOAD);
     eventually(DEADLINE, "edge and site connected both ways", || {
         up(&f, "edge", "site") && up(&f, "site", "edge")
     });
@@ -563,8 +567,8 @@ fn a_ca_rotation_needs_no_restart() {
     let old_ca = issuer_of(&f.pki, "edge");
     let edge_dir = f.own_tls_dir("edge");
     let site_dir = f.own_tls_dir("site");
-    f.start("site");
-    f.start("edge");
+    f.start_with("site", FAST_RELOAD);
+    f.start_with("edge", FAST_RELOAD);
     eventually(DEADLINE, "edge and site connected both ways", || {
         up(&f, "edge", "site") && up(&f, "site", "edge")
     });

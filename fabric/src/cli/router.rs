@@ -78,6 +78,11 @@ pub struct RouterArgs {
     /// duration (e.g. 30s, 10m); 0 does not wait.
     #[arg(long, default_value = "30s", value_parser = parse_long_duration, value_name = "DURATION")]
     pub drain_timeout: std::time::Duration,
+    /// Re-read this node's certificate, key, CA bundle and revocation list from `--tls-dir` this
+    /// often, and adopt what passes the checks (no restart for a re-issued certificate, a CA
+    /// rotation or a revocation). A duration (e.g. 10s, 1m); `off` or 0: read them at start only.
+    #[arg(long, default_value = "10s", value_parser = parse_duration_or_off, value_name = "DURATION")]
+    pub tls_reload_interval: std::time::Duration,
     /// Trade CPU for latency: while bytes moved through this router within DURATION, keep cores
     /// out of their idle halt with spinning threads at the kernel's idle priority (they take no
     /// CPU from real work, but the cores show busy). Lowers the latency each request through
@@ -410,6 +415,8 @@ impl RouterArgs {
         cfg.idle_timeout = Some(self.idle_timeout).filter(|t| !t.is_zero());
         cfg.write_stall_timeout = Some(self.write_stall_timeout).filter(|t| !t.is_zero());
         cfg.drain_timeout = self.drain_timeout;
+        cfg.cert_reload_interval =
+            Some(self.tls_reload_interval).filter(|t| !t.is_zero());
         cfg.keep_awake = (!self.keep_awake.is_zero()).then_some(router::keep_awake::Config {
             window: self.keep_awake,
             threads: usize::from(self.keep_awake_threads),
@@ -638,6 +645,15 @@ mod tests {
         );
         assert_eq!(
             args(&["--drain-timeout", "0s"]).drain_timeout,
+            Duration::ZERO
+        );
+        assert_eq!(args(&[]).tls_reload_interval, Duration::from_secs(10));
+        assert_eq!(
+            args(&["--tls-reload-interval", "1s"]).tls_reload_interval,
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            args(&["--tls-reload-interval", "off"]).tls_reload_interval,
             Duration::ZERO
         );
         assert_eq!(args(&[]).write_stall_timeout, Duration::from_secs(30));

@@ -155,8 +155,7 @@ pub(crate) fn reconcile(
 /// burst of connects at the recovering backend, the successes it needs all in a few
 /// microseconds instead of an interval apart.
 async fn check_loop(shared: Arc<Shared>, svc: Arc<SiteService>) {
-    let mut ok = 0u32;
-    let mut fail = 0u32;
+    let mut checker = Checker::default();
     let mut tick = tokio::time::interval(CHECK_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -166,23 +165,56 @@ async fn check_loop(shared: Arc<Shared>, svc: Arc<SiteService>) {
             tokio::net::TcpStream::connect(svc.backend),
         )
         .await;
-        if matches!(r, Ok(Ok(_))) {
-            ok += 1;
-            fail = 0;
-            if !svc.healthy.load(Relaxed)
-                && ok >= UP_AFTER
-                && svc.held_down_long_enough(ms_since(shared.started), shared.probe.hold_down)
-            {
+        let now_ms = ms_since(shared.started);
+        match checker.observe(&svc, matches!(r, Ok(Ok(_))), now_ms, shared.probe.hold_down) {
+            Some(true) => {
                 svc.healthy.store(true, Relaxed);
                 tracing::info!(node = %shared.node, service = %svc.service, "backend healthy again");
                 shared.changed.notify_one();
             }
+            Some(false) => svc.mark_unhealthy(&shared, "health check failed"),
+            None => {}
+        }
+    }
+}
+
+/// The health checks' count of successes and failures in a row.
+#[derive(Debug, Default)]
+struct Checker {
+    ok: u32,
+    fail: u32,
+    /// The service's last mark down this checker has seen: a mark by the serving path (a
+    /// refused connect) between two checks ends the run of successes before it.
+    down_seen_ms: u64,
+}
+
+impl Checker {
+    /// Counts one check's result at `now_ms`: `Some(true)` when the service becomes healthy
+    /// again ([`UP_AFTER`] successes in a row since it was last marked down, and the hold-down
+    /// over), `Some(false)` when it is to be marked unhealthy, `None` when nothing changes.
+    fn observe(
+        &mut self,
+        svc: &SiteService,
+        success: bool,
+        now_ms: u64,
+        hold_down: Duration,
+    ) -> Option<bool> {
+        let down_at = svc.down_at_ms.load(Relaxed);
+        if down_at != self.down_seen_ms {
+            self.down_seen_ms = down_at;
+            self.ok = 0;
+        }
+        if success {
+            self.ok += 1;
+            self.fail = 0;
+            (!svc.healthy.load(Relaxed)
+                && self.ok >= UP_AFTER
+                && svc.held_down_long_enough(now_ms, hold_down))
+            .then_some(true)
         } else {
-            ok = 0;
-            fail += 1;
-            if fail >= DOWN_AFTER {
-                svc.mark_unhealthy(&shared, "health check failed");
-            }
+            self.ok = 0;
+            self.fail += 1;
+            (self.fail >= DOWN_AFTER).then_some(false)
         }
     }
 }
@@ -274,6 +306,31 @@ mod tests {
             healthy: Arc::new(AtomicBool::new(false)),
             down_at_ms: Arc::default(),
         }
+    }
+
+    /// A connect refused on the serving path marks the service down between two checks: the
+    /// successes the checker counted before it do not count towards its return (it needs
+    /// [`UP_AFTER`] in a row after the mark, whatever the hold-down).
+    #[test]
+    fn a_mark_down_by_the_serving_path_restarts_the_run_of_successes() {
+        let hold = Duration::from_millis(100);
+        let svc = service();
+        svc.healthy.store(true, Relaxed);
+        let mut c = Checker::default();
+        for t in [500, 1000, 1500] {
+            assert_eq!(c.observe(&svc, true, t, hold), None);
+        }
+        // Refused on the serving path at 1,700 ms.
+        svc.mark_down_at(1700);
+        svc.healthy.store(false, Relaxed);
+        // The hold-down is over at the next check, but it is the first success since the mark.
+        assert_eq!(c.observe(&svc, true, 2000, hold), None, "up on one check");
+        assert_eq!(c.observe(&svc, true, 2500, hold), Some(true));
+        svc.healthy.store(true, Relaxed);
+        // Failures: down at the third in a row.
+        assert_eq!(c.observe(&svc, false, 3000, hold), None);
+        assert_eq!(c.observe(&svc, false, 3500, hold), None);
+        assert_eq!(c.observe(&svc, false, 4000, hold), Some(false));
     }
 
     #[test]

@@ -415,8 +415,7 @@ impl RouterArgs {
         cfg.idle_timeout = Some(self.idle_timeout).filter(|t| !t.is_zero());
         cfg.write_stall_timeout = Some(self.write_stall_timeout).filter(|t| !t.is_zero());
         cfg.drain_timeout = self.drain_timeout;
-        cfg.cert_reload_interval =
-            Some(self.tls_reload_interval).filter(|t| !t.is_zero());
+        cfg.cert_reload_interval = Some(self.tls_reload_interval).filter(|t| !t.is_zero());
         cfg.keep_awake = (!self.keep_awake.is_zero()).then_some(router::keep_awake::Config {
             window: self.keep_awake,
             threads: usize::from(self.keep_awake_threads),

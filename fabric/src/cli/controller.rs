@@ -62,6 +62,11 @@ pub struct ControllerArgs {
     /// archives within a second); `off` never archives.
     #[arg(long, default_value = "30d", value_parser = parse_retention, value_name = "DURATION")]
     pub circuit_retention: Retention,
+    /// Re-read the controller's own certificate, key and CA bundle from its TLS directory, and
+    /// the revocation lists, this often (as a router's `--tls-reload-interval`). A duration
+    /// (e.g. 10s, 1m; at least 100ms); `off` or 0: read them at start only.
+    #[arg(long, default_value = "10s", value_parser = super::router::parse_reload_interval, value_name = "DURATION")]
+    pub tls_reload_interval: std::time::Duration,
 }
 
 /// `--circuit-retention`: a duration, or `off` (never archive). A newtype, since clap reads
@@ -117,7 +122,7 @@ pub fn run(args: ControllerArgs) -> ExitCode {
             metrics: args.metrics,
             tls_dir: args.tls_dir,
             admin_token_file: args.admin_token_file,
-            cert_reload_interval: daemon::CERT_RELOAD_INTERVAL,
+            cert_reload_interval: args.tls_reload_interval,
             ca_dir: args.ca_dir,
             issue_valid_for: args.issue_valid_for,
             write_stall_timeout: crate::controller::distribute::WRITE_STALL_TIMEOUT,
@@ -205,5 +210,12 @@ mod tests {
             parsed.args.circuit_retention,
             Retention(Some(crate::circuits::DEFAULT_RETENTION))
         );
+        assert_eq!(
+            parsed.args.tls_reload_interval,
+            daemon::CERT_RELOAD_INTERVAL
+        );
+        let off = ["tasman", "--state", "s", "--tls-reload-interval", "off"];
+        let parsed = <Cli as clap::Parser>::try_parse_from(off).unwrap();
+        assert_eq!(parsed.args.tls_reload_interval, std::time::Duration::ZERO);
     }
 }

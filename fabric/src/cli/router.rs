@@ -80,8 +80,9 @@ pub struct RouterArgs {
     pub drain_timeout: std::time::Duration,
     /// Re-read this node's certificate, key, CA bundle and revocation list from `--tls-dir` this
     /// often, and adopt what passes the checks (no restart for a re-issued certificate, a CA
-    /// rotation or a revocation). A duration (e.g. 10s, 1m); `off` or 0: read them at start only.
-    #[arg(long, default_value = "10s", value_parser = parse_duration_or_off, value_name = "DURATION")]
+    /// rotation or a revocation). A duration (e.g. 10s, 1m; at least 100ms); `off` or 0: read
+    /// them at start only.
+    #[arg(long, default_value = "10s", value_parser = parse_reload_interval, value_name = "DURATION")]
     pub tls_reload_interval: std::time::Duration,
     /// Trade CPU for latency: while bytes moved through this router within DURATION, keep cores
     /// out of their idle halt with spinning threads at the kernel's idle priority (they take no
@@ -222,6 +223,17 @@ fn parse_duration_or_off(s: &str) -> Result<std::time::Duration, String> {
         return Ok(std::time::Duration::ZERO);
     }
     parse_long_duration(s)
+}
+
+/// `--tls-reload-interval` (a router's and the controller's): `off` or 0 (read at start only),
+/// else at least 100 ms (each reload reads the files and checks signatures).
+pub(super) fn parse_reload_interval(s: &str) -> Result<std::time::Duration, String> {
+    match parse_duration_or_off(s)? {
+        d if !d.is_zero() && d < std::time::Duration::from_millis(100) => {
+            Err(format!("{s:?} must be at least 100ms (or off)"))
+        }
+        d => Ok(d),
+    }
 }
 
 /// `--write-stall-timeout`: `off` or 0 (none), else at least a second.
@@ -655,6 +667,7 @@ mod tests {
             args(&["--tls-reload-interval", "off"]).tls_reload_interval,
             Duration::ZERO
         );
+        assert!(parse(&["--tls-reload-interval", "10ms"]).is_err());
         assert_eq!(args(&[]).write_stall_timeout, Duration::from_secs(30));
         assert_eq!(
             args(&["--write-stall-timeout", "2m"]).write_stall_timeout,

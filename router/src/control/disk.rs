@@ -142,6 +142,18 @@ fn load_at_most(dir: &Path, max: u64) -> Result<Option<StoredSnapshot>, DiskErro
 mod tests {
     use super::*;
 
+    /// An empty topology's snapshot, version `version`.
+    fn stored(version: u64) -> StoredSnapshot {
+        StoredSnapshot {
+            version,
+            topology_version: 3,
+            received_unix_ms: 1,
+            topology: Arc::new(Topology::default()),
+            live: LiveState::default(),
+            circuits: Arc::default(),
+        }
+    }
+
     #[test]
     fn the_contact_time_reads_back_and_garbage_reads_as_none() {
         let dir = tempfile::tempdir().unwrap();
@@ -158,14 +170,7 @@ mod tests {
     fn saved_snapshot_loads_back_and_a_torn_file_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         assert!(load(dir.path()).unwrap().is_none());
-        let snap = StoredSnapshot {
-            version: 9,
-            topology_version: 3,
-            received_unix_ms: 1,
-            topology: Arc::new(Topology::default()),
-            live: LiveState::default(),
-            circuits: Arc::default(),
-        };
+        let snap = stored(9);
         save(dir.path(), &snap).unwrap();
         assert_eq!(load(dir.path()).unwrap(), Some(snap));
         std::fs::write(dir.path().join(FILE_NAME), b"{\"version\": 9, ").unwrap();
@@ -180,14 +185,7 @@ mod tests {
         use crate::durable::record::{Event, assert_every_change_synced, take};
         let t = tempfile::tempdir().unwrap();
         let dir = t.path().join("var/tasman");
-        let snap = StoredSnapshot {
-            version: 9,
-            topology_version: 3,
-            received_unix_ms: 1,
-            topology: Arc::new(Topology::default()),
-            live: LiveState::default(),
-            circuits: Arc::default(),
-        };
+        let snap = stored(9);
         take();
         save(&dir, &snap).unwrap();
         let events = assert_every_change_synced("the first save");
@@ -207,21 +205,13 @@ mod tests {
     #[test]
     fn a_snapshot_over_the_bound_is_not_stored_and_the_stored_one_stays() {
         let dir = tempfile::tempdir().unwrap();
-        let snap = |version| StoredSnapshot {
-            version,
-            topology_version: 3,
-            received_unix_ms: 1,
-            topology: Arc::new(Topology::default()),
-            live: LiveState::default(),
-            circuits: Arc::default(),
-        };
-        let max = serde_json::to_vec(&snap(9)).unwrap().len() as u64;
-        save_at_most(dir.path(), &snap(9), max).unwrap();
-        assert_eq!(load_at_most(dir.path(), max).unwrap(), Some(snap(9)));
+        let max = serde_json::to_vec(&stored(9)).unwrap().len() as u64;
+        save_at_most(dir.path(), &stored(9), max).unwrap();
+        assert_eq!(load_at_most(dir.path(), max).unwrap(), Some(stored(9)));
         // Version 10 takes one more byte.
-        let e = save_at_most(dir.path(), &snap(10), max).unwrap_err();
+        let e = save_at_most(dir.path(), &stored(10), max).unwrap_err();
         assert!(e.to_string().contains("not stored"), "{e}");
-        assert_eq!(load_at_most(dir.path(), max).unwrap(), Some(snap(9)));
+        assert_eq!(load_at_most(dir.path(), max).unwrap(), Some(stored(9)));
         assert!(MAX_FILE > super::super::proto::MAX_TO_ROUTER as u64);
     }
 }

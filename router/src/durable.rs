@@ -4,8 +4,8 @@
 //! directories and the controller's store.
 
 use std::fs;
-use std::io;
-use std::path::Path;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
 
 /// Syncs `dir`, making the names changed in it durable. Best effort: not every file system can
 /// sync a directory (an error is ignored; the files themselves are synced by their writers).
@@ -15,6 +15,36 @@ pub fn sync_dir(dir: &Path) {
     if let Ok(d) = fs::File::open(dir) {
         let _ = d.sync_all();
     }
+}
+
+/// An I/O error of [`write`], with the file it is about (the temporary or the final one).
+#[derive(Debug)]
+pub struct WriteError {
+    pub path: PathBuf,
+    pub source: io::Error,
+}
+
+/// Writes `path` whole through the temporary file `tmp` beside it: readers see the old file or
+/// the new one, never part of one. The file is synced before it is renamed over `path`, and the
+/// directory after ([`rename`]). `secret`: readable by its owner only (unix).
+pub fn write(path: &Path, tmp: &Path, contents: &[u8], secret: bool) -> Result<(), WriteError> {
+    let at = |p: &Path| {
+        let path = p.to_path_buf();
+        move |source| WriteError { path, source }
+    };
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    if secret {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let _ = secret;
+    let mut f = opts.open(tmp).map_err(at(tmp))?;
+    f.write_all(contents).map_err(at(tmp))?;
+    f.sync_all().map_err(at(tmp))?;
+    drop(f);
+    rename(tmp, path).map_err(at(path))
 }
 
 /// Renames `from` to `to`, then syncs `to`'s directory.
@@ -37,18 +67,10 @@ pub fn remove_file(path: &Path) -> io::Result<()> {
 /// file synced into a new directory is otherwise lost to a power cut with the directory's own
 /// entry (the first start of a controller or router on a new `--state-dir`).
 pub fn create_dir_all(dir: &Path) -> io::Result<()> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    let mut missing = Vec::new();
-    let mut at = dir;
-    while !at.as_os_str().is_empty() && !at.is_dir() {
-        missing.push(at);
-        match at.parent() {
-            Some(p) => at = p,
-            None => break,
-        }
-    }
+    let missing: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|a| !a.as_os_str().is_empty() && !a.is_dir())
+        .collect();
     for d in missing.into_iter().rev() {
         match fs::create_dir(d) {
             Ok(()) => {

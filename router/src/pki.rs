@@ -221,25 +221,13 @@ fn offset(t: SystemTime) -> Result<time::OffsetDateTime, PkiError> {
 
 /// Writes `path` through a temporary file renamed into place (readers see the old or the new
 /// file, never a partial one), the file synced before the rename and the directory after it
-/// ([`rename_synced`]).
+/// ([`durable::write`]).
 fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), PkiError> {
     // Named for this process: two processes writing one file never write the same temporary.
     let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
     tmp_name.push(format!(".{}.tmp", std::process::id()));
     let tmp = path.with_file_name(tmp_name);
-    let mut opts = fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    if secret {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let _ = secret;
-    let mut f = opts.open(&tmp).map_err(io_err(&tmp))?;
-    f.write_all(contents.as_bytes()).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    drop(f);
-    rename_synced(&tmp, path)
+    durable::write(path, &tmp, contents.as_bytes(), secret).map_err(|e| io_err(&e.path)(e.source))
 }
 
 /// Renames `from` to `to`, then syncs `to`'s directory so that the rename survives a power
@@ -281,10 +269,8 @@ fn lock_dir(dir: &Path) -> Result<Option<fs::File>, PkiError> {
 
 /// Creates `dir` (if needed) and writes a new CA into it. Refuses to overwrite an existing CA.
 pub fn init(dir: &Path) -> Result<(), PkiError> {
-    if !dir.is_dir() {
-        // The new directories' entries in their parents, as for a rename.
-        durable::create_dir_all(dir).map_err(io_err(dir))?;
-    }
+    // The new directories' entries in their parents, as for a rename.
+    durable::create_dir_all(dir).map_err(io_err(dir))?;
     let cert_path = dir.join(CA_CERT);
     let key_path = dir.join(CA_KEY);
     if cert_path.exists() {

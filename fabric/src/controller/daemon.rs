@@ -175,7 +175,7 @@ pub async fn start(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
     {
         return Err(DaemonError::NoCa { dir: dir.clone() });
     }
-    router::durable::create_dir_all(&cfg.state_dir).map_err(io(&cfg.state_dir))?;
+    // The store makes its directory (durably) if it is new.
     let store = Arc::new(RedbStore::open(&cfg.state_dir)?);
     // The file is read only for the first import: afterwards the store is the truth, and the
     // file may be gone.

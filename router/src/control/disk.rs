@@ -4,7 +4,6 @@
 //! Written atomically: temp file, fsync, rename over `snapshot.json`, fsync the directory. A
 //! crash at any point leaves either the old or the new file, never a torn one.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -75,12 +74,7 @@ fn save_at_most(dir: &Path, snap: &StoredSnapshot, max: u64) -> Result<(), DiskE
             ),
         });
     }
-    {
-        let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(&bytes).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-    }
-    crate::durable::rename(&tmp, &final_path).map_err(io(&final_path))
+    crate::durable::write(&final_path, &tmp, &bytes, false).map_err(|e| io(&e.path)(e.source))
 }
 
 /// Records `unix_ms` as the last word from the controller, atomically like [`save`] (a torn
@@ -89,13 +83,9 @@ pub fn save_contact(dir: &Path, unix_ms: u64) -> Result<(), DiskError> {
     crate::durable::create_dir_all(dir).map_err(io(dir))?;
     let final_path = dir.join(CONTACT_FILE);
     let tmp = dir.join(format!("{CONTACT_FILE}.tmp"));
-    {
-        let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(unix_ms.to_string().as_bytes())
-            .map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-    }
-    std::fs::rename(&tmp, &final_path).map_err(io(&final_path))
+    let text = unix_ms.to_string();
+    crate::durable::write(&final_path, &tmp, text.as_bytes(), false)
+        .map_err(|e| io(&e.path)(e.source))
 }
 
 /// The last word from the controller [`save_contact`] recorded; None when there is none or it

@@ -6,7 +6,7 @@
 mod common;
 
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -85,19 +85,24 @@ fn terminate(p: &mut Proc, log: impl Fn() -> String) -> ExitStatus {
     }
 }
 
-/// `tasman controller` of `topo` with the PKI in `pki`, its state in `dir`/controller.
-fn fabric_controller(dir: &Path, topo: &Path, pki: &Path) -> ControllerProc {
-    spawn_controller(
+/// `tasman controller` of [`write_topology`]'s fabric, everything in `dir`: a PKI (returned)
+/// with certificates for the controller and `router`, its state in `dir`/controller.
+fn fabric_controller(dir: &Path, router: &str) -> (PathBuf, ControllerProc) {
+    let topo = write_topology(dir);
+    let pki = dir.join("pki");
+    make_pki(&pki, &["controller", router]);
+    let ctl = spawn_controller(
         Command::new(tasman())
             .args(["controller", "--topology"])
-            .arg(topo)
+            .arg(&topo)
             .arg("--state")
             .arg(dir.join("controller"))
             .arg("--tls-dir")
-            .arg(pki)
+            .arg(&pki)
             .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
             .stderr(Stdio::null()),
-    )
+    );
+    (pki, ctl)
 }
 
 /// `tasman router` of `node` in controller mode (its certificate in `pki`), logging at info to
@@ -131,7 +136,7 @@ fn controlled_router(
 }
 
 /// Writes an edge and a site joined by a link, in `dir`; the file's path.
-fn write_topology(dir: &std::path::Path) -> std::path::PathBuf {
+fn write_topology(dir: &Path) -> PathBuf {
     let mut y = TopoYaml::default();
     y.edge("e1", free_udp(LOCAL), LOCAL, None)
         .site("s1", free_udp(LOCAL), &[("svc", free_udp(LOCAL), 100)])
@@ -149,10 +154,7 @@ fn write_topology(dir: &std::path::Path) -> std::path::PathBuf {
 #[test]
 fn a_router_whose_stored_snapshot_never_reads_exits_after_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let topo = write_topology(dir.path());
-    let pki = dir.path().join("pki");
-    make_pki(&pki, &["controller", "e1"]);
-    let ctl = fabric_controller(dir.path(), &topo, &pki);
+    let (pki, ctl) = fabric_controller(dir.path(), "e1");
 
     let state = dir.path().join("e1-state");
     std::fs::create_dir(&state).unwrap();
@@ -245,11 +247,8 @@ fn a_controller_whose_revocation_lists_never_read_exits_after_sigterm() {
 #[test]
 fn a_router_stopped_while_it_starts_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let topo = write_topology(dir.path());
-    let pki = dir.path().join("pki");
     // `x9` has a certificate of the fabric's CA but is no node of the topology.
-    make_pki(&pki, &["controller", "x9"]);
-    let ctl = fabric_controller(dir.path(), &topo, &pki);
+    let (pki, ctl) = fabric_controller(dir.path(), "x9");
     let log_path = dir.path().join("x9.log");
     let mut router = controlled_router(&ctl, "x9", &pki, &log_path, |_| {});
     let log = || std::fs::read_to_string(&log_path).unwrap_or_default();

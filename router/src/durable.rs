@@ -181,7 +181,7 @@ mod tests {
     }
 
     #[test]
-    fn a_relative_directory_is_made_in_the_working_directory() {
+    fn the_directory_of_a_bare_file_name_is_the_working_directory() {
         assert_eq!(parent_dir(Path::new("x")), Path::new("."));
         assert_eq!(parent_dir(Path::new("x/y")), Path::new("x"));
     }

@@ -286,6 +286,40 @@ async fn a_restart_from_disk_counts_staleness_from_the_last_heartbeat() {
     );
 }
 
+/// Two routers on one state directory would overwrite each other's stored snapshot and share its
+/// temporary file: a second client on a directory in use is refused, naming the directory and
+/// the process that holds it, and the directory is free again once the first client is gone.
+/// (The second started and both wrote there.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_directory_in_use_is_refused_until_its_client_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, tls) =
+        controller_with_pki(dir.path(), &fabric_nodes(1, 1), &fabric_yaml(87, 1, 1, 10)).await;
+    let state = dir.path().join("router-edge-0");
+    let on_state = |cfg: &mut router::control::ClientConfig| cfg.state_dir = Some(state.clone());
+    let first = start_client_with(d.quic_addr, "edge-0", &tls, on_state).await;
+
+    let id = router::tls::TlsIdentity::load(&tls, "edge-0").unwrap();
+    let mut cfg =
+        router::control::ClientConfig::new(d.quic_addr, topology::NodeId::new("edge-0"), id);
+    on_state(&mut cfg);
+    let err = match router::control::ControlClient::start(cfg).await {
+        Ok(_) => panic!("a second client started on a state directory in use"),
+        Err(e) => e.to_string(),
+    };
+    for part in [
+        state.display().to_string(),
+        "in use".to_string(),
+        format!("process {}", std::process::id()),
+    ] {
+        assert!(err.contains(&part), "{part:?} not in: {err}");
+    }
+
+    drop(first);
+    let again = start_client_with(d.quic_addr, "edge-0", &tls, on_state).await;
+    drop(again);
+}
+
 /// A report naming another node than the one its session authenticated is not merged (it would
 /// speak for that node's links) and is counted, so that the operator sees a misconfigured or
 /// misbehaving router. (It was dropped without a trace.)

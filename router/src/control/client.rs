@@ -137,6 +137,8 @@ pub enum ControlError {
     Write(#[from] quinn::WriteError),
     #[error("controller refused this router: {0}")]
     Refused(String),
+    #[error("state directory: {0}")]
+    StateDir(disk::DiskError),
     #[error("timed out connecting to the controller")]
     Timeout,
     #[error(
@@ -181,7 +183,8 @@ impl ControlError {
             | ControlError::Write(_)
             | ControlError::Refused(_)
             | ControlError::Timeout
-            | ControlError::Superseded => None,
+            | ControlError::Superseded
+            | ControlError::StateDir(_) => None,
         }
     }
 }
@@ -392,6 +395,8 @@ pub struct ControlClient {
     shared: Arc<Shared>,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     tasks: Vec<JoinHandle<()>>,
+    /// This router's hold on its state directory ([`disk::lock`]), let go with the client.
+    _state_lock: Option<disk::StateLock>,
 }
 
 impl ControlClient {
@@ -436,6 +441,35 @@ fn now_ms() -> u64 {
 /// How long [`ControlClient::start`] waits for the stored snapshot before it goes on without
 /// it (and waits for the controller's): a stuck state directory must not hold the start.
 pub const STORED_READ_LIMIT: Duration = Duration::from_secs(5);
+
+/// [`disk::lock`] on `dir`, on a blocking thread bounded like the stored snapshot's read. Only a
+/// directory that another router holds fails the start; a lock that cannot be taken (a
+/// read-only or stuck disk) is logged and the router goes on without it, as it does with a
+/// snapshot it cannot store: a disk must not stop routing.
+async fn lock_state_dir(dir: PathBuf) -> Result<Option<disk::StateLock>, ControlError> {
+    let shown = dir.display().to_string();
+    let lock = tokio::task::spawn_blocking(move || disk::lock(&dir));
+    match tokio::time::timeout(STORED_READ_LIMIT, lock).await {
+        Ok(Ok(Ok(held))) => Ok(Some(held)),
+        Ok(Ok(Err(e @ disk::DiskError::InUse { .. }))) => Err(ControlError::StateDir(e)),
+        Ok(Ok(Err(e))) => {
+            tracing::warn!("going on without a lock on the state directory: {e}");
+            Ok(None)
+        }
+        Ok(Err(e)) => {
+            tracing::warn!("going on without a lock on the state directory {shown}: {e}");
+            Ok(None)
+        }
+        Err(_) => {
+            tracing::warn!(
+                limit = ?STORED_READ_LIMIT,
+                "going on without a lock on the state directory {shown}: not taken in time (a \
+                 stuck state directory?)"
+            );
+            Ok(None)
+        }
+    }
+}
 
 /// The snapshot stored in `dir`, when it can be read within [`STORED_READ_LIMIT`] and holds
 /// `node`. Read on a blocking thread: a read that never returns (a hung mount, a failing disk)
@@ -493,6 +527,10 @@ impl ControlClient {
     /// Starts the client and returns once the router has a snapshot to run on: the one on disk
     /// (at once), else the controller's first one (waits, reconnecting, as long as it takes).
     pub async fn start(cfg: ClientConfig) -> Result<ControlClient, ControlError> {
+        let state_lock = match &cfg.state_dir {
+            Some(dir) => lock_state_dir(dir.clone()).await?,
+            None => None,
+        };
         let from_disk = match &cfg.state_dir {
             Some(dir) => stored_snapshot(dir.clone(), &cfg.node).await,
             None => None,
@@ -608,6 +646,7 @@ impl ControlClient {
             shared,
             snapshots: rx,
             tasks,
+            _state_lock: state_lock,
         })
     }
 

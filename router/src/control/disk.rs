@@ -17,6 +17,9 @@ pub const FILE_NAME: &str = "snapshot.json";
 /// memory every 2 s and here now and then ([`save_contact`]), so that a restart while the
 /// controller is away counts staleness from that, not from when the stored version came.
 pub const CONTACT_FILE: &str = "contact";
+/// Held locked (`flock`, exclusive) by the one router that uses the directory ([`lock`]); it
+/// holds that router's process id, for the message a second one gets.
+pub const LOCK_FILE: &str = "lock";
 /// A stored snapshot larger than this is neither written nor read. Twice the wire's bound: what
 /// is stored is a snapshot that came over the wire, re-encoded with a few fields more, or one
 /// built from it by deltas; [`save`] refuses what [`load`] would refuse, so a snapshot is never
@@ -44,6 +47,52 @@ pub enum DiskError {
     },
     #[error("{path}: not a stored snapshot: {reason}")]
     Corrupt { path: PathBuf, reason: String },
+    #[error(
+        "{dir} is in use by another router ({}): each router needs its own state directory",
+        holder.map_or("its lock file names no process".to_string(), |p| format!("process {p}"))
+    )]
+    InUse { dir: PathBuf, holder: Option<u32> },
+}
+
+/// The hold [`lock`] takes on a state directory; dropping it lets the directory go.
+#[derive(Debug)]
+pub struct StateLock {
+    _file: std::fs::File,
+}
+
+/// Takes `dir` (made if missing) for this process alone, so that two routers never write one
+/// stored snapshot (each would start from the other's): an exclusive `flock` on its
+/// [`LOCK_FILE`], held until the returned value is dropped, released by the kernel if the
+/// process dies. [`DiskError::InUse`] names the holder when another has it. The lock is
+/// advisory: it keeps out routers, not other programs.
+pub fn lock(dir: &Path) -> Result<StateLock, DiskError> {
+    use std::io::{Read, Write};
+    crate::durable::create_dir_all(dir).map_err(io(dir))?;
+    let path = dir.join(LOCK_FILE);
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io(&path))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let _ = (&file).take(32).read_to_string(&mut text);
+            return Err(DiskError::InUse {
+                dir: dir.to_path_buf(),
+                holder: text.trim().parse().ok(),
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io(&path)(e)),
+    }
+    // Who holds it, for a second router's message only: not worth failing the start for.
+    let _ = file
+        .set_len(0)
+        .and_then(|()| write!(file, "{}", std::process::id()));
+    Ok(StateLock { _file: file })
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DiskError + '_ {

@@ -1129,22 +1129,35 @@ fn try_bind(addr: SocketAddr) -> Result<(), std::io::ErrorKind> {
     }
 }
 
-/// Takes one message of the controller's: a snapshot (whole or a delta on `base`) is checked,
-/// becomes the `base` of the next delta, and is handed to the data plane and acknowledged,
-/// unless the router drains ([`hand_over`]).
-fn handle(
-    shared: &Shared,
-    tx: &watch::Sender<Arc<Snapshot>>,
-    base: &mut Arc<Snapshot>,
-    msg: ToRouter,
-) -> Result<Option<FromRouter>, ControlError> {
-    let node = &shared.cfg.node;
+/// What one message of the controller's asks of the session ([`next_step`]).
+#[derive(Debug)]
+enum Step {
+    /// Nothing for the snapshot (heartbeats, renewal answers, revocation lists).
+    Nothing,
+    /// A snapshot to check and apply, and its topology version.
+    Apply(Snapshot, u64),
+    /// A delta on a version this router does not have: ask for the current one whole.
+    Resync { have_version: Option<u64> },
+    /// A snapshot refused as it stands, with the reason.
+    Nack { version: u64, reason: String },
+}
+
+/// The snapshot a message of the controller's makes from `base`, the last one the session
+/// took. Version 0 means "none yet" on this side (the placeholder a start waits behind): a
+/// snapshot numbered 0 is refused, and a delta on version 0 is never applied to the placeholder's
+/// empty topology but answered with a resync. (A controller never numbers a version 0; one that
+/// did, hostile or broken, had it applied and acknowledged while a router's start waited for
+/// ever, and had its delta on "version 0" built on nothing.)
+fn next_step(base: &Snapshot, msg: ToRouter) -> Result<Step, ControlError> {
+    // The placeholder is no base.
+    let have = (base.version != 0).then_some(base.version);
+    let on_base = |base_version: u64| have == Some(base_version);
     let (snap, topology_version) = match msg {
         // Renewal answers are the session's (it holds the key).
         ToRouter::Heartbeat { .. }
         | ToRouter::Certificate { .. }
         | ToRouter::RenewRefused { .. }
-        | ToRouter::Crl { .. } => return Ok(None),
+        | ToRouter::Crl { .. } => return Ok(Step::Nothing),
         ToRouter::Refused { reason } => return Err(ControlError::refused(reason)),
         ToRouter::Snapshot {
             version,
@@ -1161,49 +1174,68 @@ fn handle(
             },
             topology_version,
         ),
+        ToRouter::Delta { base_version, .. } | ToRouter::Live { base_version, .. }
+            if !on_base(base_version) =>
+        {
+            return Ok(Step::Resync { have_version: have });
+        }
         ToRouter::Delta {
             version,
-            base_version,
             topology_version,
             changes,
             live,
-        } => {
-            let cur = base.clone();
-            if cur.version != base_version {
-                let have = (cur.version != 0).then_some(cur.version);
-                return Ok(Some(FromRouter::Resync { have_version: have }));
-            }
-            (
-                Snapshot {
-                    version,
-                    topology: Arc::new(changes.apply(&cur.topology)),
-                    live,
-                    circuits: cur.circuits.clone(),
-                },
-                topology_version,
-            )
-        }
+            ..
+        } => (
+            Snapshot {
+                version,
+                topology: Arc::new(changes.apply(&base.topology)),
+                live,
+                circuits: base.circuits.clone(),
+            },
+            topology_version,
+        ),
         ToRouter::Live {
             version,
-            base_version,
             topology_version,
             live,
-        } => {
-            let cur = base.clone();
-            if cur.version != base_version {
-                let have = (cur.version != 0).then_some(cur.version);
-                return Ok(Some(FromRouter::Resync { have_version: have }));
-            }
-            (
-                Snapshot {
-                    version,
-                    topology: cur.topology.clone(),
-                    live,
-                    circuits: cur.circuits.clone(),
-                },
-                topology_version,
-            )
+            ..
+        } => (
+            Snapshot {
+                version,
+                topology: base.topology.clone(),
+                live,
+                circuits: base.circuits.clone(),
+            },
+            topology_version,
+        ),
+    };
+    if snap.version == 0 {
+        return Ok(Step::Nack {
+            version: 0,
+            reason: "version 0 is no version (it means none yet)".to_string(),
+        });
+    }
+    Ok(Step::Apply(snap, topology_version))
+}
+
+/// Takes one message of the controller's: a snapshot (whole or a delta on `base`,
+/// [`next_step`]) is checked, becomes the `base` of the next delta, and is handed to the data
+/// plane and acknowledged, unless the router drains ([`hand_over`]).
+fn handle(
+    shared: &Shared,
+    tx: &watch::Sender<Arc<Snapshot>>,
+    base: &mut Arc<Snapshot>,
+    msg: ToRouter,
+) -> Result<Option<FromRouter>, ControlError> {
+    let node = &shared.cfg.node;
+    let (snap, topology_version) = match next_step(base, msg)? {
+        Step::Nothing => return Ok(None),
+        Step::Resync { have_version } => return Ok(Some(FromRouter::Resync { have_version })),
+        Step::Nack { version, reason } => {
+            tracing::error!(version, "rejecting snapshot: {reason}");
+            return Ok(Some(FromRouter::Nack { version, reason }));
         }
+        Step::Apply(snap, topology_version) => (snap, topology_version),
     };
     let version = snap.version;
     let bound = shared
@@ -1529,6 +1561,78 @@ mod tests {
         assert_eq!(check(&a, &same, None, None), Ok(()));
         drop(held);
         assert_eq!(check(&a, &same, None, None), Ok(()));
+    }
+
+    /// Version 0 is "none yet" on the router's side: a snapshot numbered 0 is refused, and a
+    /// delta or live update on version 0 is not built on the placeholder's empty topology but
+    /// answered with a resync. (Both were applied and acknowledged.)
+    #[test]
+    fn version_0_is_refused_and_never_a_base() {
+        use crate::control::proto::TopologyDelta;
+        let placeholder = Snapshot {
+            version: 0,
+            topology: Arc::default(),
+            live: Default::default(),
+            circuits: Arc::default(),
+        };
+        let a = with_a_at("127.0.0.1:0");
+        let whole = |version| ToRouter::Snapshot {
+            version,
+            topology_version: 1,
+            topology: a.topology.clone(),
+            live: Default::default(),
+            circuits: Arc::default(),
+        };
+        let delta = |version, base_version| ToRouter::Delta {
+            version,
+            base_version,
+            topology_version: 1,
+            changes: TopologyDelta {
+                nodes_upsert: a.topology.nodes.clone(),
+                ..TopologyDelta::default()
+            },
+            live: Default::default(),
+        };
+        let live = |version, base_version| ToRouter::Live {
+            version,
+            base_version,
+            topology_version: 1,
+            live: Default::default(),
+        };
+        let step = |base: &Snapshot, msg| next_step(base, msg).unwrap();
+
+        assert!(
+            matches!(step(&placeholder, whole(0)), Step::Nack { version: 0, ref reason } if reason.contains("version 0")),
+            "{:?}",
+            step(&placeholder, whole(0))
+        );
+        assert!(matches!(step(&a, whole(0)), Step::Nack { version: 0, .. }));
+        for msg in [delta(1, 0), live(1, 0)] {
+            let got = step(&placeholder, msg);
+            assert!(
+                matches!(got, Step::Resync { have_version: None }),
+                "{got:?}"
+            );
+        }
+        // What a controller does send is taken: a whole snapshot, then deltas on it.
+        assert!(matches!(step(&placeholder, whole(1)), Step::Apply(ref s, 1) if s.version == 1));
+        assert!(matches!(step(&a, delta(2, 1)), Step::Apply(ref s, 1) if s.version == 2));
+        assert!(matches!(step(&a, live(2, 1)), Step::Apply(ref s, 1) if s.version == 2));
+        let got = step(&a, delta(3, 2));
+        assert!(
+            matches!(
+                got,
+                Step::Resync {
+                    have_version: Some(1)
+                }
+            ),
+            "{got:?}"
+        );
+        // A delta numbered 0 on a real base is refused too.
+        assert!(matches!(
+            step(&a, delta(0, 1)),
+            Step::Nack { version: 0, .. }
+        ));
     }
 
     /// A restart counts staleness from the last word from the controller recorded on disk, not

@@ -65,11 +65,14 @@ impl From<ServiceError> for ApiError {
                 topology::circuit::PoolError::NoPools
                 | topology::circuit::PoolError::Exhausted { .. } => StatusCode::CONFLICT,
             },
-            ServiceError::Circuit(CircuitError::Conflict(_)) => StatusCode::CONFLICT,
+            // The fabric's state, as a pool with no address free is.
+            ServiceError::Circuit(CircuitError::Conflict(_) | CircuitError::TooLarge { .. }) => {
+                StatusCode::CONFLICT
+            }
             ServiceError::Circuit(CircuitError::NotFound(_)) => StatusCode::NOT_FOUND,
             // Known, and gone for good: not a typo to correct.
             ServiceError::Circuit(CircuitError::Archived { .. }) => StatusCode::GONE,
-            ServiceError::Circuit(CircuitError::Store(_))
+            ServiceError::Circuit(CircuitError::Store(_) | CircuitError::Internal(_))
             | ServiceError::Controller(_)
             | ServiceError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };

@@ -372,8 +372,17 @@ pub enum CircuitError {
     },
     #[error("{0}")]
     Conflict(String),
+    /// With the change, the snapshot routers are sent would be over the frame limit a router
+    /// takes ([`crate::controller::Controller::check_circuits_fit`]): the change is not made.
+    #[error(
+        "not made: with it, the snapshot sent to routers would be {bytes} bytes, over the {max} \
+         bytes a router takes in one frame; delete circuits or make the topology smaller"
+    )]
+    TooLarge { bytes: usize, max: usize },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("internal: {0}")]
+    Internal(String),
 }
 
 /// Limits on operator-chosen strings.

@@ -331,6 +331,8 @@ impl CircuitService {
     }
 
     /// Creates a circuit (or returns the one created earlier with the same idempotency key).
+    /// A circuit the routers' snapshot would be too large with is refused, not committed
+    /// ([`fits`]).
     /// Returns the circuit and whether it was created now.
     pub async fn create(
         &self,
@@ -339,8 +341,15 @@ impl CircuitService {
         actor: String,
     ) -> Result<(Circuit, bool), ServiceError> {
         let spec2 = spec.clone();
+        let ctl = self.ctl.clone();
         let (c, created) = self
-            .write(move |tx, topo| super::create(tx, topo, &spec2, key.as_deref(), &actor))
+            .write(move |tx, topo| {
+                let (c, created) = super::create(tx, topo, &spec2, key.as_deref(), &actor)?;
+                if created {
+                    fits(&ctl, tx)?;
+                }
+                Ok((c, created))
+            })
             .await?;
         if created {
             self.publish_committed(&c);
@@ -358,8 +367,15 @@ impl CircuitService {
         self.run_before_write();
         // Whether the transaction changed the circuit, not a comparison with a read before it:
         // the name may find another circuit by then.
+        let ctl = self.ctl.clone();
         let (c, changed) = self
-            .write(move |tx, topo| super::resize(tx, topo, &id_or_name, rate, &actor))
+            .write(move |tx, topo| {
+                let (c, changed) = super::resize(tx, topo, &id_or_name, rate, &actor)?;
+                if changed {
+                    fits(&ctl, tx)?;
+                }
+                Ok((c, changed))
+            })
             .await?;
         if changed {
             self.publish_committed(&c);
@@ -625,6 +641,20 @@ fn fail_broken_durably(
         return Ok(Vec::new());
     }
     store::transaction(store, |tx| super::fail_broken(tx, topo, version))
+}
+
+/// Refuses, inside its transaction, a change of circuits that would make the snapshot routers
+/// are sent too large to send ([`Controller::check_circuits_fit`] on the circuits `tx` holds
+/// with it): committed, it could never be published (each pass would try and fail until the
+/// provisioning timeout failed it) while its answer said it was made. A create or resize only:
+/// a delete makes the snapshot smaller.
+fn fits(ctl: &Controller, tx: &dyn store::ReadTxn) -> Result<(), CircuitError> {
+    let circuits = Arc::new(super::provisioned(&super::all(tx)?));
+    match ctl.check_circuits_fit(&circuits) {
+        Ok(()) => Ok(()),
+        Err(ControllerError::TooLarge { bytes, max }) => Err(CircuitError::TooLarge { bytes, max }),
+        Err(e) => Err(CircuitError::Internal(e.to_string())),
+    }
 }
 
 #[cfg(test)]
@@ -1375,6 +1405,62 @@ mod tests {
         let writes = store.writes.load(SeqCst);
         svc.settle_once().await.unwrap();
         assert_eq!(store.writes.load(SeqCst), writes);
+    }
+
+    /// A create or resize with which the routers' snapshot would be over their frame limit is
+    /// refused (409) and not committed: nothing stored, nothing published, the circuit keeps
+    /// its rate; within the limit the same changes go through. (The create was committed and
+    /// answered as made, then never published: each pass failed it again until the
+    /// provisioning timeout marked it failed.)
+    #[tokio::test]
+    async fn a_circuit_change_the_routers_snapshot_could_not_carry_is_refused_uncommitted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ctl, svc) = service_on(dir.path(), &yaml(POOL, true), DEFAULT_PROVISION_TIMEOUT);
+        let size = || ctl.published().full.len() - 4;
+        let c1 = || spec("c1", "10.1.0.0/24", "100Mbps");
+        // Room for the snapshot as it is, not for a circuit more.
+        ctl.set_snapshot_limit(size() + 10);
+        let before = ctl.published().version;
+        let err = svc.create(c1(), None, "ops".into()).await.unwrap_err();
+        assert!(
+            matches!(err, ServiceError::Circuit(CircuitError::TooLarge { .. })),
+            "{err}"
+        );
+        assert!(err.to_string().contains("not made"), "{err}");
+        let api = crate::admin::ApiError::from(err);
+        assert_eq!(api.status, axum::http::StatusCode::CONFLICT);
+        assert!(svc.list().unwrap().is_empty(), "committed");
+        assert_eq!(ctl.published().version, before, "published");
+
+        ctl.set_snapshot_limit(router::control::proto::MAX_TO_ROUTER);
+        let (c, created) = svc.create(c1(), None, "ops".into()).await.unwrap();
+        assert!(created);
+        // Room for the snapshot with c1 as it is, as the check counts it (a version number of
+        // 20 digits, the longest): "100.5Mbps" is two bytes longer, "50Mbps" one shorter.
+        let digits = ctl.published().version.to_string().len();
+        ctl.set_snapshot_limit(size() + 20 - digits);
+        let before = ctl.published().version;
+        let err = svc
+            .resize("c1".into(), "100.5Mbps".parse().unwrap(), "ops".into())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ServiceError::Circuit(CircuitError::TooLarge { .. })),
+            "{err}"
+        );
+        let now = svc.get("c1").unwrap();
+        assert_eq!(
+            (now.requested_rate, now.revision),
+            (c.requested_rate, c.revision),
+            "committed"
+        );
+        assert_eq!(ctl.published().version, before, "published");
+        // Smaller fits.
+        let now = svc
+            .resize("c1".into(), "50Mbps".parse().unwrap(), "ops".into())
+            .await
+            .unwrap();
+        assert_eq!(now.requested_rate, "50Mbps".parse().unwrap());
     }
 
     /// A create whose publication fails after its transaction committed is answered (it stands,

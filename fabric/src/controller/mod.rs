@@ -16,7 +16,7 @@ pub mod renew;
 pub mod throttle;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -297,6 +297,9 @@ pub struct Controller {
     pub handshakes_turned: distribute::HandshakesTurned,
     /// The last [`RouterSession`] number handed out.
     last_session: AtomicU64,
+    /// The largest snapshot published, in bytes: [`proto::MAX_TO_ROUTER`], a router's frame
+    /// limit (tests lower it, [`Controller::set_snapshot_limit`]).
+    snapshot_limit: AtomicUsize,
     /// Tests: run once by an apply just before it commits.
     #[cfg(test)]
     before_commit: Mutex<Option<Box<dyn FnOnce() + Send>>>,
@@ -401,6 +404,7 @@ impl Controller {
             &Arc::default(),
             LiveState::default(),
             None,
+            proto::MAX_TO_ROUTER,
         )?;
         let (published, _) = watch::channel(Arc::new(first));
         let live = LiveAggregator::new(LiveParams::default(), current.topology.clone());
@@ -425,6 +429,7 @@ impl Controller {
             session_closes: Default::default(),
             handshakes_turned: Default::default(),
             last_session: AtomicU64::new(0),
+            snapshot_limit: AtomicUsize::new(proto::MAX_TO_ROUTER),
             #[cfg(test)]
             before_commit: Mutex::new(None),
         }))
@@ -573,8 +578,17 @@ impl Controller {
                 topology: topology.clone(),
                 warnings: Vec::new(),
             };
+            let max = self.snapshot_limit();
             tokio::task::spawn_blocking(move || {
-                encode(0, &probe, &provisioned, new_live_probe, None).map(drop)
+                encode(
+                    PROBE_VERSION,
+                    &probe,
+                    &provisioned,
+                    new_live_probe,
+                    None,
+                    max,
+                )
+                .map(drop)
             })
             .await
             .map_err(|e| ControllerError::Internal(e.to_string()))??;
@@ -740,7 +754,14 @@ impl Controller {
         let live = inner.live.merged(Instant::now());
         let base = (!topology_changed && prev.topology_version == inner.current.record.version)
             .then_some(prev.version);
-        let mut p = encode(version, &inner.current, &inner.circuits, live.clone(), base)?;
+        let mut p = encode(
+            version,
+            &inner.current,
+            &inner.circuits,
+            live.clone(),
+            base,
+            self.snapshot_limit(),
+        )?;
         inner.live.publish(live);
         // A topology change with the same circuits goes out as a delta when it is exact.
         if topology_changed && Arc::ptr_eq(&prev.circuits, &inner.circuits) {
@@ -758,6 +779,38 @@ impl Controller {
         }
         self.published.send_replace(Arc::new(p));
         Ok(())
+    }
+
+    fn snapshot_limit(&self) -> usize {
+        self.snapshot_limit.load(Relaxed)
+    }
+
+    /// Tests: publish no snapshot over `bytes` (instead of [`proto::MAX_TO_ROUTER`]).
+    #[cfg(test)]
+    pub(crate) fn set_snapshot_limit(&self, bytes: usize) {
+        self.snapshot_limit.store(bytes, Relaxed);
+    }
+
+    /// Whether a snapshot carrying `circuits` instead of those in force, with the topology in
+    /// force and the live state last published, is within the limit a router takes: a circuit
+    /// operation checks its change before it commits it, so that what it commits can be sent
+    /// ([`ControllerError::TooLarge`] when not). A full encode, as a publication does: run it
+    /// off the runtime's workers.
+    pub fn check_circuits_fit(
+        &self,
+        circuits: &Arc<Vec<ProvisionedCircuit>>,
+    ) -> Result<(), ControllerError> {
+        let current = lock(&self.inner).current.clone();
+        let live = self.published.borrow().live.clone();
+        encode(
+            PROBE_VERSION,
+            &current,
+            circuits,
+            live,
+            None,
+            self.snapshot_limit(),
+        )
+        .map(drop)
     }
 
     /// Replaces the provisioned circuits and distributes them at once (a full snapshot).
@@ -1094,12 +1147,18 @@ fn diags(d: &[Diagnostic]) -> Vec<crate::admin::Diag> {
     d.iter().map(crate::admin::Diag::from).collect()
 }
 
+/// The version a size check encodes a snapshot with: the longest a version number can be
+/// written, so that the check never passes a snapshot its real version makes too large (a real
+/// one is `epoch << 32 | seq`, 13 digits and more; version 0 counted 12 bytes short or more).
+const PROBE_VERSION: u64 = u64::MAX;
+
 fn encode(
     version: u64,
     cur: &Current,
     circuits: &Arc<Vec<ProvisionedCircuit>>,
     live: LiveState,
     base: Option<u64>,
+    max: usize,
 ) -> Result<Published, ControllerError> {
     let topology_version = cur.record.version;
     let full = proto::encode(&ToRouter::Snapshot {
@@ -1111,11 +1170,8 @@ fn encode(
     })?;
     // The frame's payload, after its 4-byte length, is what a router's limit bounds.
     let bytes = full.len().saturating_sub(4);
-    if bytes > proto::MAX_TO_ROUTER {
-        return Err(ControllerError::TooLarge {
-            bytes,
-            max: proto::MAX_TO_ROUTER,
-        });
+    if bytes > max {
+        return Err(ControllerError::TooLarge { bytes, max });
     }
     let delta = match base {
         Some(base_version) => Some((

@@ -72,6 +72,12 @@ pub struct CircuitService {
     /// [`Circuit::awaits_ack`] says of each). Each operation inserts what it changed after its
     /// transaction commits ([`Self::publish`]); each pass removes what it settled.
     pending: Mutex<BTreeMap<CircuitId, Pending>>,
+    /// Held by a publication across its read of the circuits, its publication and its update
+    /// of `pending`, so that two operations finishing together cannot publish an older list
+    /// last. Only publications take it, on blocking threads ([`Self::publish_off_workers`]):
+    /// `pending` itself is held briefly, so that a publication waiting on the disk holds no
+    /// settle pass.
+    publishing: Mutex<()>,
     /// A publication failed after its transaction committed: the next settle pass publishes
     /// again (the entries it left [`super::UNPUBLISHED`] then get the version that carries
     /// them).
@@ -130,6 +136,7 @@ impl CircuitService {
         let svc = Arc::new(CircuitService {
             ctl,
             pending: Mutex::new(BTreeMap::new()),
+            publishing: Mutex::new(()),
             republish: AtomicBool::new(false),
             provision_timeout,
             retention,
@@ -268,10 +275,9 @@ impl CircuitService {
     /// pending set, a circuit was left provisioning, never settled nor expired, and its
     /// routers never told).
     fn publish(&self, changed: &[Circuit]) -> Result<u64, ServiceError> {
-        // Held across read-and-publish, so that two operations finishing together cannot
-        // publish an older list last.
-        let mut p = lock(&self.pending);
+        let _serial = lock(&self.publishing);
         let published = self.publish_locked();
+        let mut p = lock(&self.pending);
         let version = match &published {
             Ok(v) => {
                 // This snapshot carries every circuit committed before its read of the store,
@@ -319,10 +325,23 @@ impl CircuitService {
             .publish_circuits(Arc::new(super::provisioned(&circuits)))?)
     }
 
+    /// [`Self::publish`] on a blocking thread: it reads every circuit from the store and
+    /// encodes a full snapshot (megabytes on a large fabric), and the runtime's workers also
+    /// serve routers' control sessions and the admin API.
+    async fn publish_off_workers(
+        self: &Arc<Self>,
+        changed: Vec<Circuit>,
+    ) -> Result<u64, ServiceError> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.publish(&changed))
+            .await
+            .map_err(|e| ServiceError::Internal(e.to_string()))?
+    }
+
     /// [`Self::publish`] after an operation committed `changed`: a failure is logged, not
     /// returned, as the operation stands (durable, and published by the next settle pass).
-    fn publish_committed(&self, changed: &Circuit) {
-        if let Err(e) = self.publish(std::slice::from_ref(changed)) {
+    async fn publish_committed(self: &Arc<Self>, changed: &Circuit) {
+        if let Err(e) = self.publish_off_workers(vec![changed.clone()]).await {
             tracing::error!(
                 "circuits: publishing {} (committed) failed, the next pass tries again: {e}",
                 changed.id
@@ -335,7 +354,7 @@ impl CircuitService {
     /// ([`fits`]).
     /// Returns the circuit and whether it was created now.
     pub async fn create(
-        &self,
+        self: &Arc<Self>,
         spec: CircuitSpec,
         key: Option<String>,
         actor: String,
@@ -352,13 +371,13 @@ impl CircuitService {
             })
             .await?;
         if created {
-            self.publish_committed(&c);
+            self.publish_committed(&c).await;
         }
         Ok((c, created))
     }
 
     pub async fn resize(
-        &self,
+        self: &Arc<Self>,
         id_or_name: String,
         rate: Bandwidth,
         actor: String,
@@ -378,19 +397,23 @@ impl CircuitService {
             })
             .await?;
         if changed {
-            self.publish_committed(&c);
+            self.publish_committed(&c).await;
         }
         Ok(c)
     }
 
-    pub async fn delete(&self, id_or_name: String, actor: String) -> Result<Circuit, ServiceError> {
+    pub async fn delete(
+        self: &Arc<Self>,
+        id_or_name: String,
+        actor: String,
+    ) -> Result<Circuit, ServiceError> {
         #[cfg(test)]
         self.run_before_write();
         let (c, changed) = self
             .write(move |tx, _| super::delete(tx, &id_or_name, &actor))
             .await?;
         if changed {
-            self.publish_committed(&c);
+            self.publish_committed(&c).await;
         }
         Ok(c)
     }
@@ -406,7 +429,7 @@ impl CircuitService {
 
     /// After a topology apply: circuits whose path the topology in force breaks become
     /// `failed`, and the snapshot is republished. When this fails, the settle loop retries it.
-    pub async fn on_topology_applied(&self) -> Result<(), ServiceError> {
+    pub async fn on_topology_applied(self: &Arc<Self>) -> Result<(), ServiceError> {
         let cur = self.ctl.current();
         let version = cur.record.version;
         let store = self.ctl.store().clone();
@@ -420,7 +443,7 @@ impl CircuitService {
             // A circuit that only let go of its old path still awaits its new path's
             // acknowledgement, now at its new revision.
             let waiting: Vec<Circuit> = changed.into_iter().filter(Circuit::awaits_ack).collect();
-            self.publish(&waiting)?;
+            self.publish_off_workers(waiting).await?;
         }
         Ok(())
     }
@@ -429,7 +452,7 @@ impl CircuitService {
     /// (its run after the apply failed), settles circuits whose routers acknowledged, fails
     /// overdue provisioning ones and decommissions overdue removals, and stops waiting for those no acknowledgement moves on any more (failed
     /// by a topology change). Writes nothing when none of them changes.
-    pub async fn settle_once(&self) -> Result<(), ServiceError> {
+    pub async fn settle_once(self: &Arc<Self>) -> Result<(), ServiceError> {
         // Its failure must not hold up the others: settling and expiry go on, and the next
         // pass tries it again.
         if self.ctl.current().record.version != self.checked.load(Ordering::SeqCst)
@@ -438,7 +461,7 @@ impl CircuitService {
             tracing::error!("circuits: failing those the topology in force breaks: {e}");
         }
         if self.republish.swap(false, Ordering::SeqCst)
-            && let Err(e) = self.publish(&[])
+            && let Err(e) = self.publish_off_workers(Vec::new()).await
         {
             tracing::error!("circuits: publishing again: {e}");
         }
@@ -456,7 +479,15 @@ impl CircuitService {
         let topo = self.ctl.current().topology.clone();
         // The pending circuits only, each by id: a pass costs what is pending, not every
         // circuit ever created.
-        let circuits = store::read(&**self.ctl.store(), |tx| super::by_ids(tx, pending.keys()))?;
+        let (store, ids) = (
+            self.ctl.store().clone(),
+            pending.keys().cloned().collect::<Vec<_>>(),
+        );
+        let circuits = tokio::task::spawn_blocking(move || {
+            store::read(&*store, |tx| super::by_ids(tx, ids.iter()))
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(e.to_string()))??;
         let now = Instant::now();
         let (mut ready, mut overdue, mut done) = (BTreeMap::new(), BTreeMap::new(), Vec::new());
         // A pending circuit the live table no longer holds (archived) waits for nothing.
@@ -1405,6 +1436,55 @@ mod tests {
         let writes = store.writes.load(SeqCst);
         svc.settle_once().await.unwrap();
         assert_eq!(store.writes.load(SeqCst), writes);
+    }
+
+    /// Circuit operations, their publication and settle passes use the store (and encode
+    /// snapshots) on blocking threads, never on a worker of the runtime, whose workers also
+    /// serve routers' control sessions and the admin API: here, never on the test's own thread,
+    /// the one worker of its runtime. (A publication read every circuit and encoded the snapshot
+    /// on the worker that ran the operation, and a settle pass read the pending circuits there.)
+    #[tokio::test]
+    async fn circuit_operations_use_the_store_off_the_runtimes_workers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FaultyStore::open(dir.path());
+        let ctl = Controller::open(store.clone(), Some((&yaml(POOL, true), "t.yaml"))).unwrap();
+        let svc = CircuitService::new(ctl.clone(), DEFAULT_PROVISION_TIMEOUT).unwrap();
+        let worker = std::thread::current().name().unwrap().to_string();
+        // Each step since the last (opening, the test's own reads and its topology apply use
+        // the store where they are called).
+        let off_workers = |step: &str| {
+            let threads = store.threads();
+            assert!(!threads.is_empty(), "{step}: the store was not used");
+            assert!(
+                !threads.contains(&worker),
+                "{step}: the store was used on the runtime's worker {worker:?}: {threads:?}"
+            );
+        };
+        store.reset_threads();
+        svc.create(spec("c1", "10.1.0.0/24", "100Mbps"), None, "ops".into())
+            .await
+            .unwrap();
+        off_workers("create");
+        let _acks = ack(&ctl, &["e", "s"]);
+        store.reset_threads();
+        svc.settle_once().await.unwrap();
+        off_workers("settle");
+        assert_eq!(svc.get("c1").unwrap().state, CircuitState::Active);
+        store.reset_threads();
+        svc.resize("c1".into(), "200Mbps".parse().unwrap(), "ops".into())
+            .await
+            .unwrap();
+        svc.settle_once().await.unwrap();
+        off_workers("resize and settle");
+        // A publication that failed is published again by the next pass.
+        svc.fail_publish.store(1, SeqCst);
+        svc.delete("c1".into(), "ops".into()).await.unwrap();
+        svc.settle_once().await.unwrap();
+        off_workers("delete and publish again");
+        drop_t(&ctl).await;
+        store.reset_threads();
+        svc.on_topology_applied().await.unwrap();
+        off_workers("after a topology apply");
     }
 
     /// A create or resize with which the routers' snapshot would be over their frame limit is

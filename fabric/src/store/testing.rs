@@ -21,6 +21,8 @@ pub struct FaultyStore {
     pub fail_next: AtomicUsize,
     pub during_failure: Mutex<Option<Box<dyn Fn() + Send>>>,
     rows: Mutex<BTreeMap<&'static str, usize>>,
+    /// The names of the threads transactions ran on ([`Self::threads`]).
+    threads: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl FaultyStore {
@@ -32,7 +34,23 @@ impl FaultyStore {
             fail_next: 0.into(),
             during_failure: Mutex::new(None),
             rows: Mutex::new(BTreeMap::new()),
+            threads: Mutex::new(Default::default()),
         })
+    }
+
+    /// The names of the threads read and write transactions ran on since the store was opened
+    /// (or [`Self::reset_threads`]); `?` for a thread without a name.
+    pub fn threads(&self) -> std::collections::BTreeSet<String> {
+        self.threads.lock().unwrap().clone()
+    }
+
+    pub fn reset_threads(&self) {
+        self.threads.lock().unwrap().clear();
+    }
+
+    fn on_this_thread(&self) {
+        let name = std::thread::current().name().unwrap_or("?").to_string();
+        self.threads.lock().unwrap().insert(name);
     }
 
     /// Rows read from `table` since the store was opened (or [`Self::reset_rows_read`]).
@@ -113,6 +131,7 @@ impl Store for FaultyStore {
         &self,
         f: &mut dyn FnMut(&dyn ReadTxn) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
+        self.on_this_thread();
         let rows = &self.rows;
         self.inner.read(&mut |tx| {
             let mut view = ReadOnly(tx);
@@ -126,6 +145,7 @@ impl Store for FaultyStore {
         &self,
         f: &mut dyn FnMut(&mut dyn WriteTxn) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
+        self.on_this_thread();
         let next = self
             .fail_next
             .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))

@@ -254,7 +254,7 @@ async fn to_completion(req: Request, next: Next) -> Response {
         return next.run(req).await;
     }
     tokio::spawn(next.run(req)).await.unwrap_or_else(|e| {
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("internal: {e}")).into_response()
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, crate::task_failed(e)).into_response()
     })
 }
 
@@ -275,7 +275,7 @@ where
         Ok(r) => r.map_err(Into::into),
         Err(e) => Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
-            format!("internal: {e}"),
+            crate::task_failed(e),
         )),
     }
 }
@@ -474,6 +474,36 @@ mod tests {
              content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
             body.len()
         )
+    }
+
+    /// A request whose handler panics, on a blocking thread or in a write's task, is answered
+    /// 500 saying it failed, not why: the panic's message (paths, names, a record's bytes) is
+    /// for the log. (It was the body: "internal: task 12 panicked with message ...".)
+    #[tokio::test]
+    async fn a_panic_is_answered_500_without_its_message() {
+        let e = off_workers(|| -> Result<(), ApiError> { panic!("secret-41 at /var/lib/x") })
+            .await
+            .unwrap_err();
+        assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(!e.error.contains("secret-41"), "{}", e.error);
+        assert!(e.error.contains("log"), "{}", e.error);
+
+        async fn panics() -> &'static str {
+            panic!("secret-42 at /var/lib/x")
+        }
+        let app = axum::Router::new()
+            .route("/p", axum::routing::post(panics))
+            .layer(axum::middleware::from_fn(to_completion));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let back = exchange(addr, &post("/p", "tok", "{}")).await;
+        assert!(back.starts_with("HTTP/1.1 500"), "{back}");
+        assert!(!back.contains("secret-42"), "{back}");
+        let body = back.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        let e: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert!(e["error"].as_str().unwrap().contains("log"), "{back}");
+        server.abort();
     }
 
     /// A client that goes away while its apply is being committed must not leave the change

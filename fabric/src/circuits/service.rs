@@ -256,7 +256,7 @@ impl CircuitService {
                 })
             })
             .await
-            .map_err(|e| ServiceError::Internal(e.to_string()))??;
+            .map_err(|e| ServiceError::Internal(crate::task_failed(e)))??;
             if let Some(r) = res {
                 return Ok(r);
             }
@@ -335,7 +335,7 @@ impl CircuitService {
         let me = self.clone();
         tokio::task::spawn_blocking(move || me.publish(&changed))
             .await
-            .map_err(|e| ServiceError::Internal(e.to_string()))?
+            .map_err(|e| ServiceError::Internal(crate::task_failed(e)))?
     }
 
     /// [`Self::publish`] after an operation committed `changed`: a failure is logged, not
@@ -437,7 +437,7 @@ impl CircuitService {
             fail_broken_durably(&*store, &cur.topology, cur.record.version)
         })
         .await
-        .map_err(|e| ServiceError::Internal(e.to_string()))??;
+        .map_err(|e| ServiceError::Internal(crate::task_failed(e)))??;
         self.checked.fetch_max(version, Ordering::SeqCst);
         if !changed.is_empty() {
             // A circuit that only let go of its old path still awaits its new path's
@@ -487,7 +487,7 @@ impl CircuitService {
             store::read(&*store, |tx| super::by_ids(tx, ids.iter()))
         })
         .await
-        .map_err(|e| ServiceError::Internal(e.to_string()))??;
+        .map_err(|e| ServiceError::Internal(crate::task_failed(e)))??;
         let now = Instant::now();
         let (mut ready, mut overdue, mut done) = (BTreeMap::new(), BTreeMap::new(), Vec::new());
         // A pending circuit the live table no longer holds (archived) waits for nothing.
@@ -565,7 +565,7 @@ impl CircuitService {
             })
         })
         .await
-        .map_err(|e| ServiceError::Internal(e.to_string()))??;
+        .map_err(|e| ServiceError::Internal(crate::task_failed(e)))??;
         #[cfg(test)]
         {
             let f = lock(&self.after).take();
@@ -619,7 +619,7 @@ impl CircuitService {
             Ok(moved)
         })
         .await
-        .map_err(|e| ServiceError::Internal(e.to_string()))??;
+        .map_err(|e| ServiceError::Internal(crate::task_failed(e)))??;
         if moved > 0 {
             tracing::info!(
                 moved,

@@ -664,7 +664,7 @@ async fn renew(
     tokio::task::spawn_blocking(move || i.answer(&n, &public_key, &p, now))
         .await
         .unwrap_or_else(|e| ToRouter::RenewRefused {
-            reason: format!("renewal failed: {e}"),
+            reason: crate::task_failed(e),
         })
 }
 

@@ -507,7 +507,7 @@ impl Controller {
                 validate(&text).map(|(t, w)| (t.clone(), w, live::Index::new(t)))
             })
             .await
-            .map_err(|e| ControllerError::Internal(e.to_string()))??
+            .map_err(|e| ControllerError::Internal(crate::task_failed(e)))??
         };
         let validated = started.elapsed();
         let _serial = self.apply_lock.lock().await;
@@ -591,12 +591,12 @@ impl Controller {
                 .map(drop)
             })
             .await
-            .map_err(|e| ControllerError::Internal(e.to_string()))??;
+            .map_err(|e| ControllerError::Internal(crate::task_failed(e)))??;
         }
         if dry_run || unchanged {
             let plan = tokio::task::spawn_blocking(plan_of)
                 .await
-                .map_err(|e| ControllerError::Internal(e.to_string()))?;
+                .map_err(|e| ControllerError::Internal(crate::task_failed(e)))?;
             if unchanged && !dry_run {
                 tracing::info!(
                     version = old.record.version,
@@ -631,7 +631,7 @@ impl Controller {
             })
         })
         .await
-        .map_err(|e| ControllerError::Internal(e.to_string()))??;
+        .map_err(|e| ControllerError::Internal(crate::task_failed(e)))??;
         let version = record.version;
         let current = Arc::new(Current {
             record,
@@ -661,7 +661,7 @@ impl Controller {
         let published = started.elapsed();
         let plan = tokio::task::spawn_blocking(plan_of)
             .await
-            .map_err(|e| ControllerError::Internal(e.to_string()))?;
+            .map_err(|e| ControllerError::Internal(crate::task_failed(e)))?;
         tracing::info!(
             version,
             author,
@@ -739,7 +739,7 @@ impl Controller {
         let store = self.store.clone();
         Ok(tokio::task::spawn_blocking(move || store::read(&*store, f))
             .await
-            .map_err(|e| ControllerError::Internal(e.to_string()))??)
+            .map_err(|e| ControllerError::Internal(crate::task_failed(e)))??)
     }
 
     /// Encodes and publishes the next version. `full_only`: the topology changed (no delta).
@@ -1118,7 +1118,7 @@ impl Controller {
             (batch, res)
         })
         .await
-        .map_err(|e| ControllerError::Internal(e.to_string()))?;
+        .map_err(|e| ControllerError::Internal(crate::task_failed(e)))?;
         if res.is_err() {
             let mut dirty = lock(&self.dirty_routers);
             for (node, rec) in batch {

@@ -19,54 +19,11 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
+use common::netns::NetNs;
 use common::*;
-
-/// A network namespace deleted on drop.
-struct NetNs(String);
-
-impl NetNs {
-    fn create(name: &str) -> Option<NetNs> {
-        let _ = Command::new("ip")
-            .args(["netns", "del", name])
-            .stderr(Stdio::null())
-            .status();
-        let ok = Command::new("ip")
-            .args(["netns", "add", name])
-            .status()
-            .ok()?
-            .success();
-        ok.then(|| NetNs(name.to_string()))
-    }
-    fn exec(&self) -> Vec<String> {
-        vec!["ip".into(), "netns".into(), "exec".into(), self.0.clone()]
-    }
-    fn run(&self, args: &[&str]) -> bool {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.0])
-            .args(args)
-            .output();
-        match out {
-            Ok(o) if o.status.success() => true,
-            Ok(o) => {
-                eprintln!("{args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
-                false
-            }
-            Err(e) => {
-                eprintln!("{args:?} failed: {e}");
-                false
-            }
-        }
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
 
 /// Runs `f` on a thread of its own that has entered network namespace `ns` (setns moves only
 /// the calling thread), and returns what it returns.
@@ -83,22 +40,11 @@ fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static)
     .expect("thread in the namespace")
 }
 
-/// The environment variable that lets this test skip what the machine cannot do (set to `1`).
-const OPT_OUT: &str = "TASMAN_SKIP_NETNS";
-
-/// The machine cannot run (part of) this test because of `why`: a failure, unless [`OPT_OUT`]
-/// is set to 1, in which case the skip is printed and the caller leaves that part out.
+/// The machine cannot run (part of) this test because of `why` ([`netns::unavailable`]).
 fn unavailable(why: &str) {
-    if std::env::var(OPT_OUT).is_ok_and(|v| v == "1") {
-        // Printed to stdout as well: a passing test's stderr is not shown by default.
-        println!("SKIPPED ({OPT_OUT}=1): {why}");
-        eprintln!("SKIPPED ({OPT_OUT}=1): {why}");
-        return;
-    }
-    panic!(
-        "{why}. This test needs root, network namespaces with IPv6, and ip, iptables, \
-         ip6tables, curl and nginx (run scripts/deps as root); set {OPT_OUT}=1 to skip it on a \
-         machine that cannot make network namespaces"
+    netns::unavailable(
+        why,
+        "root, network namespaces with IPv6, and ip, iptables, ip6tables, curl and nginx",
     );
 }
 

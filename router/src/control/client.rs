@@ -471,10 +471,80 @@ async fn lock_state_dir(dir: PathBuf) -> Result<Option<disk::StateLock>, Control
     }
 }
 
+/// How often a start whose stored snapshot gives this node an address that is not on this host
+/// yet ([`FromDisk::Late`]) tries to bind it again.
+pub const LATE_ADDRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// The snapshot stored on disk, as a start can use it ([`stored_snapshot`]).
+#[derive(Debug)]
+enum FromDisk {
+    /// Its address for this node can be bound here (or is in use: most often by this router's
+    /// previous process, still going away).
+    Ready(StoredSnapshot),
+    /// Its address for this node is not one of this host's (`EADDRNOTAVAIL`): not yet, at boot
+    /// before the network is configured, or never. The start runs on it once the address can
+    /// be bound, unless the controller's snapshot comes first ([`wait_bindable`]).
+    Late(StoredSnapshot, SocketAddr),
+}
+
+#[cfg(test)]
+impl FromDisk {
+    fn snapshot(&self) -> &StoredSnapshot {
+        match self {
+            FromDisk::Ready(s) | FromDisk::Late(s, _) => s,
+        }
+    }
+}
+
+/// Waits until `addr` can be bound (`bindable`, tried at once and then every `every`) while
+/// `wanted()` holds; true when it can.
+async fn wait_bindable(
+    addr: SocketAddr,
+    every: Duration,
+    bindable: impl Fn(SocketAddr) -> Result<(), std::io::ErrorKind>,
+    wanted: impl Fn() -> bool,
+) -> bool {
+    loop {
+        if !wanted() {
+            return false;
+        }
+        if bindable(addr).is_ok() {
+            return true;
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Hands the stored snapshot `s` to the data plane unless a snapshot is there already (the
+/// controller's, which is newer), running `first` before any receiver can see it; true when
+/// handed over.
+fn hand_stored(
+    tx: &watch::Sender<Arc<Snapshot>>,
+    s: &StoredSnapshot,
+    first: impl FnOnce(),
+) -> bool {
+    let mut first = Some(first);
+    tx.send_if_modified(|cur| {
+        if cur.version != 0 {
+            return false;
+        }
+        if let Some(f) = first.take() {
+            f();
+        }
+        *cur = Arc::new(Snapshot {
+            version: s.version,
+            topology: s.topology.clone(),
+            live: s.live.clone(),
+            circuits: s.circuits.clone(),
+        });
+        true
+    })
+}
+
 /// The snapshot stored in `dir`, when it can be read within [`STORED_READ_LIMIT`] and holds
 /// `node`. Read on a blocking thread: a read that never returns (a hung mount, a failing disk)
 /// holds that thread only, and the start goes on without it.
-async fn stored_snapshot(dir: PathBuf, node: &NodeId) -> Option<StoredSnapshot> {
+async fn stored_snapshot(dir: PathBuf, node: &NodeId) -> Option<FromDisk> {
     // With the last word from the controller recorded since that version came, if later.
     let read = tokio::task::spawn_blocking(move || {
         let contact = disk::load_contact(&dir);
@@ -501,10 +571,21 @@ async fn stored_snapshot(dir: PathBuf, node: &NodeId) -> Option<StoredSnapshot> 
         }
     };
     match loaded {
-        Ok(Some(s)) => match s.topology.node(node.as_str()).map(|n| try_bind(n.address)) {
-            Some(Ok(())) => Some(s),
+        Ok(Some(s)) => match s
+            .topology
+            .node(node.as_str())
+            .map(|n| (n.address, try_bind(n.address)))
+        {
+            Some((_, Ok(()))) => Some(FromDisk::Ready(s)),
+            Some((addr, Err(std::io::ErrorKind::AddrNotAvailable))) => {
+                tracing::warn!(
+                    "node {node}'s QUIC address {addr} in the stored snapshot is not on this host \
+                     (yet): running on that snapshot once it is, unless the controller's comes first"
+                );
+                Some(FromDisk::Late(s, addr))
+            }
             // The router would exit at every start, before the controller could send it another.
-            Some(Err(kind)) => {
+            Some((_, Err(kind))) => {
                 tracing::warn!(
                     "ignoring the stored snapshot (waiting for the controller's): node {node}'s QUIC address in it cannot be bound on this host: {kind}"
                 );
@@ -617,25 +698,37 @@ impl ControlClient {
             crls,
             certs,
         });
-        if let Some(s) = from_disk {
-            tracing::info!(
-                version = s.version,
-                topology_version = s.topology_version,
-                "running on the snapshot stored on disk until the controller answers"
-            );
-            // The last word from the controller (not later than now: a clock set back since).
-            shared
-                .last_contact_ms
-                .store(s.received_unix_ms.min(now_ms()), Ordering::Relaxed);
-            shared
-                .topology_version
-                .store(s.topology_version, Ordering::Relaxed);
-            tx.send_replace(Arc::new(Snapshot {
-                version: s.version,
-                topology: s.topology,
-                live: s.live,
-                circuits: s.circuits,
-            }));
+        let adopt = |shared: &Shared, tx: &watch::Sender<Arc<Snapshot>>, s: &StoredSnapshot| {
+            let adopted = hand_stored(tx, s, || {
+                // The last word from the controller (not later than now: a clock set back
+                // since).
+                shared
+                    .last_contact_ms
+                    .store(s.received_unix_ms.min(now_ms()), Ordering::Relaxed);
+                shared
+                    .topology_version
+                    .store(s.topology_version, Ordering::Relaxed);
+            });
+            if adopted {
+                tracing::info!(
+                    version = s.version,
+                    topology_version = s.topology_version,
+                    "running on the snapshot stored on disk until the controller answers"
+                );
+            }
+        };
+        match from_disk {
+            Some(FromDisk::Ready(s)) => adopt(&shared, &tx, &s),
+            Some(FromDisk::Late(s, addr)) => {
+                let (shared, tx) = (shared.clone(), tx.clone());
+                tasks.push(tokio::spawn(async move {
+                    let waiting = || tx.borrow().version == 0;
+                    if wait_bindable(addr, LATE_ADDRESS_EVERY, try_bind, waiting).await {
+                        adopt(&shared, &tx, &s);
+                    }
+                }));
+            }
+            None => {}
         }
         let endpoint = client_endpoint(&shared.cfg, &shared.cert)?;
         tasks.push(tokio::spawn(run(shared.clone(), endpoint, tx)));
@@ -1645,12 +1738,12 @@ mod tests {
         let a = NodeId::new("a");
         let read = || stored_snapshot(dir.path().to_path_buf(), &a);
         disk::save(dir.path(), &stored(1_000)).unwrap();
-        assert_eq!(read().await.unwrap().received_unix_ms, 1_000);
+        assert_eq!(read().await.unwrap().snapshot().received_unix_ms, 1_000);
         disk::save_contact(dir.path(), 5_000).unwrap();
-        assert_eq!(read().await.unwrap().received_unix_ms, 5_000);
+        assert_eq!(read().await.unwrap().snapshot().received_unix_ms, 5_000);
         // A version stored after the last recorded contact: its own time.
         disk::save(dir.path(), &stored(9_000)).unwrap();
-        assert_eq!(read().await.unwrap().received_unix_ms, 9_000);
+        assert_eq!(read().await.unwrap().snapshot().received_unix_ms, 9_000);
     }
 
     #[test]
@@ -1667,28 +1760,66 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let stored = |addr: &str| stored_a_at(addr, 0);
         let a = NodeId::new("a");
+        let read = || stored_snapshot(dir.path().to_path_buf(), &a);
+        // Not on this host: started from once it is ([`wait_bindable`]), not at once.
         disk::save(dir.path(), &stored("192.0.2.1:4433")).unwrap();
         assert!(
-            stored_snapshot(dir.path().to_path_buf(), &a)
-                .await
-                .is_none()
+            matches!(read().await, Some(FromDisk::Late(_, at)) if at.to_string() == "192.0.2.1:4433")
         );
         disk::save(dir.path(), &stored("127.0.0.1:0")).unwrap();
-        assert!(
-            stored_snapshot(dir.path().to_path_buf(), &a)
-                .await
-                .is_some()
-        );
+        assert!(matches!(read().await, Some(FromDisk::Ready(_))));
         // In use (the router's previous process still going away): started from, its start
         // tried again until the address is free.
         let held = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let at = held.local_addr().unwrap().to_string();
         disk::save(dir.path(), &stored(&at)).unwrap();
-        assert!(
-            stored_snapshot(dir.path().to_path_buf(), &a)
-                .await
-                .is_some()
-        );
+        assert!(matches!(read().await, Some(FromDisk::Ready(_))));
+    }
+
+    /// A stored snapshot whose address is not on this host yet (a boot that starts the router
+    /// before the network is configured, while the controller is away) is run on as soon as
+    /// the address can be bound, unless the controller's snapshot came first: then the newer
+    /// one stays. (It was given up for good, and the router waited for the controller.)
+    #[tokio::test]
+    async fn a_stored_snapshot_whose_address_comes_late_is_run_on_once_it_is_here() {
+        let addr: SocketAddr = "192.0.2.1:4433".parse().unwrap();
+        let every = Duration::from_millis(1);
+        // Bindable at the fourth try.
+        let tries = std::sync::atomic::AtomicU32::new(0);
+        let comes_late = |_| match tries.fetch_add(1, Ordering::SeqCst) {
+            0..3 => Err(std::io::ErrorKind::AddrNotAvailable),
+            _ => Ok(()),
+        };
+        assert!(wait_bindable(addr, every, comes_late, || true).await);
+        assert_eq!(tries.load(Ordering::SeqCst), 4);
+        // Never bindable, no longer wanted: it stops.
+        let never = |_| Err(std::io::ErrorKind::AddrNotAvailable);
+        let wanted = std::sync::atomic::AtomicU32::new(3);
+        let still = || wanted.fetch_sub(1, Ordering::SeqCst) > 0;
+        assert!(!wait_bindable(addr, every, never, still).await);
+
+        // Handed over only while no snapshot is there, `first` before it shows.
+        let stored = stored_a_at("192.0.2.1:4433", 0);
+        let placeholder = Snapshot {
+            version: 0,
+            topology: Arc::default(),
+            live: Default::default(),
+            circuits: Arc::default(),
+        };
+        let (tx, rx) = watch::channel(Arc::new(placeholder));
+        let ran = std::cell::Cell::new(false);
+        assert!(hand_stored(&tx, &stored, || ran.set(true)));
+        assert!(ran.get());
+        assert_eq!(rx.borrow().version, stored.version);
+        let controllers = Snapshot {
+            version: 7,
+            ..with_a_at("127.0.0.1:0")
+        };
+        tx.send_replace(Arc::new(controllers));
+        let ran = std::cell::Cell::new(false);
+        assert!(!hand_stored(&tx, &stored, || ran.set(true)));
+        assert!(!ran.get());
+        assert_eq!(rx.borrow().version, 7);
     }
 
     /// (The whole reason was logged, up to 64 MiB a line at each reconnect.)

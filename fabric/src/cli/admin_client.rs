@@ -299,6 +299,51 @@ impl AdminClient {
     }
 }
 
+/// An answer of the admin API as this CLI reads it (through `Deref`, as `T`) and as the
+/// controller wrote it: it serializes as the latter, so `-o json` and `-o yaml` print every
+/// field the controller sent, those a newer controller added that this CLI does not know
+/// included (as `kubectl -o json` prints the server's object), while the table output reads `T`.
+#[derive(Debug, Clone)]
+pub struct Answer<T> {
+    raw: serde_json::Value,
+    typed: T,
+}
+
+impl<T: DeserializeOwned> Answer<T> {
+    /// The answer `raw` (a whole body, or a part of one), read as `T`.
+    pub fn from_value(raw: serde_json::Value) -> Result<Self, serde_json::Error> {
+        let typed = T::deserialize(&raw)?;
+        Ok(Answer { raw, typed })
+    }
+}
+
+impl<T> Answer<T> {
+    /// The answer as the controller wrote it.
+    pub fn raw(&self) -> &serde_json::Value {
+        &self.raw
+    }
+}
+
+impl<T> std::ops::Deref for Answer<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.typed
+    }
+}
+
+impl<'de, T: DeserializeOwned> serde::Deserialize<'de> for Answer<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = serde_json::Value::deserialize(d)?;
+        Answer::from_value(raw).map_err(serde::de::Error::custom)
+    }
+}
+
+impl<T> Serialize for Answer<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.raw.serialize(s)
+    }
+}
+
 /// The start of a body that is not ours, on one line, for an error message.
 fn excerpt(bytes: &[u8]) -> String {
     let text = String::from_utf8_lossy(bytes);
@@ -345,6 +390,36 @@ mod tests {
             output: Output::Text,
             request_timeout: Duration::from_secs(10),
         }
+    }
+
+    /// `-o json` prints what the controller sent: a field this CLI does not know (one a newer
+    /// controller added) survives, in place, while the CLI reads the fields it knows; a body
+    /// without one it needs is refused. (Answers were read into the CLI's types and printed
+    /// again, dropping such fields.)
+    #[test]
+    fn an_answer_prints_the_fields_this_cli_does_not_know() {
+        use crate::admin::topology::HistoryEntry;
+        let entry = HistoryEntry {
+            version: 3,
+            author: "ops".into(),
+            time_unix_ms: 1_796_000_000_000,
+            message: "m".into(),
+            origin: crate::controller::records::Origin::Apply,
+            current: true,
+            bytes: 10,
+            sha256: "ab".into(),
+        };
+        let mut body = serde_json::json!([entry]);
+        body[0]["added_by_a_newer_controller"] = serde_json::json!({"x": [1, 2]});
+        let rows: Vec<Answer<HistoryEntry>> = serde_json::from_value(body.clone()).unwrap();
+        assert_eq!((rows[0].version, rows[0].author.as_str()), (3, "ops"));
+        assert_eq!(serde_json::to_value(&rows).unwrap(), body);
+        let yaml = serde_saphyr::to_string(&rows).unwrap();
+        assert!(yaml.contains("added_by_a_newer_controller"), "{yaml}");
+        let mut short = body;
+        short[0].as_object_mut().unwrap().remove("version");
+        let err = serde_json::from_value::<Vec<Answer<HistoryEntry>>>(short).unwrap_err();
+        assert!(err.to_string().contains("version"), "{err}");
     }
 
     /// A server on `127.0.0.1:0` answering every request with a 404 of this type and body.

@@ -12,7 +12,7 @@ use topology::circuit::BEnd;
 use topology::{Bandwidth, NodeId, Region, ServiceName};
 
 use super::admin_client::{
-    AdminArgs, AdminClient, ClientError, Output as TextOrJson, block_on, report,
+    AdminArgs, AdminClient, Answer, ClientError, Output as TextOrJson, block_on, report,
 };
 use crate::circuits::api::{
     CreateRequest, CreateResponse, DeleteRequest, HistoryResponse, ResizeRequest,
@@ -393,7 +393,7 @@ async fn exec(client: &AdminClient, cmd: CircuitCmd, out: Output) -> Result<(), 
     match cmd {
         CircuitCmd::Validate(a) => {
             a.check()?;
-            let adm: Admission = client.post("/v1/circuits/validate", &a.spec()).await?;
+            let adm: Answer<Admission> = client.post("/v1/circuits/validate", &a.spec()).await?;
             print_value(out, &adm, || {
                 format!(
                     "ok: {} fits: path {} ({}) to site {}, VIP {}{} from pool {}\n",
@@ -419,7 +419,7 @@ async fn exec(client: &AdminClient, cmd: CircuitCmd, out: Output) -> Result<(), 
                 idempotency_key: a.idempotency_key.clone(),
                 author: a.author.clone(),
             };
-            let resp: CreateResponse = client.post("/v1/circuits", &req).await?;
+            let resp: Answer<CreateResponse> = client.post("/v1/circuits", &req).await?;
             if !resp.created {
                 let (c, key) = (&resp.circuit, a.idempotency_key.unwrap_or_default());
                 if is_removed(c.state) {
@@ -446,16 +446,17 @@ async fn exec(client: &AdminClient, cmd: CircuitCmd, out: Output) -> Result<(), 
             let c = if a.wait.wait {
                 wait(client, resp.circuit.id.as_str(), &a.wait, false).await?
             } else {
-                resp.circuit
+                Answer::from_value(resp.raw()["circuit"].clone())
+                    .map_err(|e| ClientError::Protocol(e.to_string()))?
             };
             print_circuit(out, &c)
         }
         CircuitCmd::List(a) if a.archived => {
-            let v: Vec<Archived> = client.get("/v1/archived-circuits").await?;
+            let v: Vec<Answer<Archived>> = client.get("/v1/archived-circuits").await?;
             print_value(out, &v, || archived_table(&v))
         }
         CircuitCmd::List(a) => {
-            let mut v: Vec<Circuit> = client.get("/v1/circuits").await?;
+            let mut v: Vec<Answer<Circuit>> = client.get("/v1/circuits").await?;
             if !a.all {
                 v.retain(|c| c.state != CircuitState::Decommissioned);
             }
@@ -463,12 +464,12 @@ async fn exec(client: &AdminClient, cmd: CircuitCmd, out: Output) -> Result<(), 
         }
         CircuitCmd::Show(a) => {
             not_reserved(&a.id)?;
-            let c: Circuit = client.get(&id_path(&a.id)).await?;
+            let c: Answer<Circuit> = client.get(&id_path(&a.id)).await?;
             print_circuit(out, &c)
         }
         CircuitCmd::Resize(a) => {
             not_reserved(&a.id)?;
-            let c: Circuit = client
+            let c: Answer<Circuit> = client
                 .post(
                     &format!("{}/resize", id_path(&a.id)),
                     &ResizeRequest {
@@ -486,7 +487,7 @@ async fn exec(client: &AdminClient, cmd: CircuitCmd, out: Output) -> Result<(), 
         }
         CircuitCmd::Delete(a) => {
             not_reserved(&a.id)?;
-            let c: Circuit = client
+            let c: Answer<Circuit> = client
                 .post(
                     &format!("{}/delete", id_path(&a.id)),
                     &DeleteRequest {
@@ -503,7 +504,8 @@ async fn exec(client: &AdminClient, cmd: CircuitCmd, out: Output) -> Result<(), 
         }
         CircuitCmd::History(a) => {
             not_reserved(&a.id)?;
-            let h: HistoryResponse = client.get(&format!("{}/history", id_path(&a.id))).await?;
+            let h: Answer<HistoryResponse> =
+                client.get(&format!("{}/history", id_path(&a.id))).await?;
             print_value(out, &h, || {
                 let archived = h
                     .archived_unix_ms
@@ -570,11 +572,13 @@ fn is_removed(s: CircuitState) -> bool {
 /// The circuit `id` as it is now, an archived one's last record included: with a short
 /// `--circuit-retention`, a circuit can be archived between two looks of a `--wait` (which is
 /// then done, or stops as for a deleted one), and its history still has it.
-async fn current(client: &AdminClient, id: &str) -> Result<Circuit, ClientError> {
+async fn current(client: &AdminClient, id: &str) -> Result<Answer<Circuit>, ClientError> {
     match client.get(&id_path(id)).await {
         Err(ClientError::Refused { status: 410, .. }) => {
-            let h: HistoryResponse = client.get(&format!("{}/history", id_path(id))).await?;
-            Ok(h.circuit)
+            let h: Answer<HistoryResponse> =
+                client.get(&format!("{}/history", id_path(id))).await?;
+            Answer::from_value(h.raw()["circuit"].clone())
+                .map_err(|e| ClientError::Protocol(e.to_string()))
         }
         other => other,
     }
@@ -585,7 +589,7 @@ async fn wait(
     id: &str,
     w: &WaitArgs,
     gone: bool,
-) -> Result<Circuit, CmdError> {
+) -> Result<Answer<Circuit>, CmdError> {
     let start = Instant::now();
     loop {
         let c = current(client, id).await?;
@@ -650,7 +654,7 @@ fn vip(c: &Circuit) -> String {
     }
 }
 
-fn print_circuit(out: Output, c: &Circuit) -> Result<(), CmdError> {
+fn print_circuit(out: Output, c: &Answer<Circuit>) -> Result<(), CmdError> {
     print_value(out, c, || {
         let path = if c.path.is_empty() {
             "-".to_string()
@@ -748,7 +752,7 @@ fn print_circuit(out: Output, c: &Circuit) -> Result<(), CmdError> {
     })
 }
 
-fn table(v: &[Circuit]) -> String {
+fn table(v: &[impl std::ops::Deref<Target = Circuit>]) -> String {
     let mut s = format!(
         "{:<10} {:<20} {:<15} {:<28} {:<14} {:>10} {:>10} {:<22} {}\n",
         "ID", "NAME", "STATE", "A-END", "B-END", "REQUESTED", "ASSIGNED", "VIP", "PATH"
@@ -774,7 +778,7 @@ fn table(v: &[Circuit]) -> String {
     s
 }
 
-fn archived_table(v: &[Archived]) -> String {
+fn archived_table(v: &[impl std::ops::Deref<Target = Archived>]) -> String {
     let mut s = format!(
         "{:<10} {:<20} {:<28} {:<14} {:>10} {:<19} {}\n",
         "ID", "NAME", "A-END", "B-END", "RATE", "DECOMMISSIONED", "ARCHIVED"
@@ -1175,7 +1179,7 @@ mod tests {
             ),
             (Some(at), Some("archive"))
         );
-        let table = archived_table(&archived);
+        let table = archived_table(&archived.iter().collect::<Vec<_>>());
         assert!(
             table.contains("c-000001") && table.contains(&crate::cli::fmt_time(at)),
             "{table}"

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use super::admin_client::{AdminArgs, AdminClient, Output, block_on, report};
+use super::admin_client::{AdminArgs, AdminClient, Answer, Output, block_on, report};
 use crate::admin::status::Status;
 
 #[derive(Debug, Args)]
@@ -29,7 +29,7 @@ pub fn run(args: StatusArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return report(&e, ""),
     };
-    let st = match block_on(c.get::<Status>("/v1/status")).and_then(|r| r) {
+    let st = match block_on(c.get::<Answer<Status>>("/v1/status")).and_then(|r| r) {
         Ok(s) => s,
         Err(e) => return report(&e, ""),
     };

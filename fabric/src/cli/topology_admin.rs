@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use super::admin_client::{AdminArgs, AdminClient, ClientError, Output, block_on, report};
+use super::admin_client::{AdminArgs, AdminClient, Answer, ClientError, Output, block_on, report};
 use crate::admin::topology::{
     ApplyRequest, CurrentResponse, HistoryEntry, MAX_HISTORY_LIMIT, RollbackRequest,
 };
@@ -263,7 +263,7 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
         author: super::author(),
         base_version: args.base_version,
     };
-    match block_on(c.post::<_, ApplyOutcome>("/v1/topology", &req)).and_then(|r| r) {
+    match block_on(c.post::<_, Answer<ApplyOutcome>>("/v1/topology", &req)).and_then(|r| r) {
         Ok(o) => {
             let again = apply_again(&args.file, &args.admin, &args.message);
             match args.admin.output {
@@ -282,7 +282,7 @@ pub fn history(args: HistoryArgs) -> ExitCode {
         Err(code) => return code,
     };
     match block_on(
-        c.get::<Vec<HistoryEntry>>(&format!("/v1/topology/history?limit={}", args.limit)),
+        c.get::<Vec<Answer<HistoryEntry>>>(&format!("/v1/topology/history?limit={}", args.limit)),
     )
     .and_then(|r| r)
     {
@@ -339,7 +339,8 @@ pub fn rollback(args: RollbackArgs) -> ExitCode {
         dry_run: args.dry_run,
         base_version: args.base_version,
     };
-    match block_on(c.post::<_, ApplyOutcome>("/v1/topology/rollback", &req)).and_then(|r| r) {
+    match block_on(c.post::<_, Answer<ApplyOutcome>>("/v1/topology/rollback", &req)).and_then(|r| r)
+    {
         Ok(o) => {
             let again = rollback_again(args.version, &args.admin, &args.message);
             match args.admin.output {

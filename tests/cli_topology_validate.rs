@@ -71,6 +71,46 @@ fn invalid_file_exits_one_with_every_diagnostic_as_file_line_col() {
     assert!(text(&out.stdout).contains("invalid: 3 errors, 0 warnings"));
 }
 
+/// A document with more problems than are listed (the first 1,000, then a line counting the
+/// rest) is summed up with its own numbers, not the list's. (The summary said "1001 errors":
+/// the listed ones, and the line counting the others as one.)
+#[test]
+fn a_capped_list_is_summed_up_with_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("many.yaml");
+    // 1,500 links naming unknown nodes: two errors each.
+    let mut doc = String::from(
+        "version: 1\nnodes:\n  - {id: e, kind: edge, region: r, country: AU, \
+         location: {lat: 0, lon: 0}, address: \"127.0.0.1:7000\", client_address: \"127.0.0.1\"}\n\
+         links:\n",
+    );
+    for i in 0..1500 {
+        doc.push_str(&format!("  - {{a: x{i}, b: y{i}, latency: 1ms}}\n"));
+    }
+    std::fs::write(&f, doc).unwrap();
+    let out = validate(&[&f]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    let (listed, more) = stderr.lines().fold((0, None), |(n, more), l| {
+        match l.split_once(" more problems not shown (") {
+            Some((_, rest)) => (n, rest.split_once(" errors").map(|(e, _)| e.to_string())),
+            None => (n + usize::from(l.contains(": error: ")), more),
+        }
+    });
+    let more: usize = more
+        .expect("a line counting the problems not listed")
+        .parse()
+        .unwrap();
+    assert_eq!(listed, 1000, "{stderr}");
+    let total = listed + more;
+    assert!(total >= 3000, "{total}");
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains(&format!("invalid: {total} errors, ")),
+        "{stdout}"
+    );
+}
+
 #[test]
 fn unreadable_files_exit_two() {
     let dir = tempfile::tempdir().expect("tempdir");

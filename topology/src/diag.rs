@@ -70,3 +70,58 @@ impl fmt::Display for Diagnostic {
         )
     }
 }
+
+/// The message of the entry that ends a capped list of diagnostics, counting those left out
+/// ([`crate::MAX_DIAGNOSTICS`] are listed); [`tally`] reads it back.
+pub(crate) fn not_shown_message(errors: usize, warnings: usize) -> String {
+    format!(
+        "{} more problems not shown ({errors} errors, {warnings} warnings): only the first {} by \
+         position are listed",
+        errors + warnings,
+        crate::MAX_DIAGNOSTICS
+    )
+}
+
+/// The errors and warnings a capped list left out, when `d` is the entry that counts them.
+fn not_shown(d: &Diagnostic) -> Option<(usize, usize)> {
+    if (d.line, d.column) != (0, 0) {
+        return None;
+    }
+    let (_, counts) = d.message.split_once(" more problems not shown (")?;
+    let (errors, rest) = counts.split_once(" errors, ")?;
+    let (warnings, _) = rest.split_once(" warnings)")?;
+    Some((errors.parse().ok()?, warnings.parse().ok()?))
+}
+
+/// How many errors and warnings `diags` stand for: those listed, plus those a capped list's
+/// last entry counts as not shown (that entry itself is not counted), so that a summary line
+/// ("invalid: N errors") gives the document's numbers, not the list's.
+pub fn tally(diags: &[Diagnostic]) -> (usize, usize) {
+    diags.iter().fold((0, 0), |(e, w), d| match not_shown(d) {
+        Some((more_e, more_w)) => (e + more_e, w + more_w),
+        None if d.is_error() => (e + 1, w),
+        None => (e, w + 1),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The capped list's last entry counts what it left out; the entries listed count one each.
+    #[test]
+    fn a_tally_counts_what_a_capped_list_left_out() {
+        let listed = [
+            Diagnostic::error(3, 1, "a"),
+            Diagnostic::warning(4, 1, "b"),
+            Diagnostic::error(5, 1, "c"),
+        ];
+        assert_eq!(tally(&listed), (2, 1));
+        let mut capped = listed.to_vec();
+        capped.push(Diagnostic::error(0, 0, not_shown_message(7, 2)));
+        assert_eq!(tally(&capped), (9, 3));
+        // A document-wide problem that only looks like it is one problem.
+        let other = Diagnostic::error(0, 0, "document is 20 MB, over the limit");
+        assert_eq!(tally(&[other]), (1, 0));
+    }
+}

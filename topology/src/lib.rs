@@ -17,7 +17,7 @@ pub mod units;
 mod validate;
 pub mod yaml;
 
-pub use diag::{Diagnostic, Severity};
+pub use diag::{Diagnostic, Severity, tally};
 pub use graph::Graph;
 pub use model::*;
 pub use route::{

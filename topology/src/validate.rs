@@ -138,11 +138,7 @@ impl Cx {
         let mut diags = self.diags.into_sorted_vec();
         let (errors, warnings) = self.dropped;
         if errors + warnings > 0 {
-            let msg = format!(
-                "{} more problems not shown ({errors} errors, {warnings} warnings): only the \
-                 first {MAX_DIAGNOSTICS} by position are listed",
-                errors + warnings
-            );
+            let msg = crate::diag::not_shown_message(errors, warnings);
             diags.push(if errors > 0 {
                 Diagnostic::error(0, 0, msg)
             } else {

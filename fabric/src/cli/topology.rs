@@ -94,7 +94,7 @@ pub enum LoadFileError {
     #[error("{0}")]
     Unreadable(String),
     /// Read, but not a valid topology: exit status 1.
-    #[error("invalid topology ({} problems)", .0.len())]
+    #[error("invalid topology ({} problems)", { let (e, w) = ::topology::tally(.0); e + w })]
     Invalid(Vec<Diagnostic>),
 }
 
@@ -190,14 +190,15 @@ fn validate(args: &ValidateArgs) -> ExitCode {
                 );
             }
             Err(LoadFileError::Invalid(d)) => {
-                let e = d.iter().filter(|d| d.is_error()).count();
+                // The document's numbers: a capped list's last line counts those not listed.
+                let (e, w) = topology::tally(&d);
                 invalid += 1;
                 errors += e;
-                warnings += d.len() - e;
+                warnings += w;
                 println!(
                     "{file}: invalid: {}, {}",
                     plural(e, "error", "errors"),
-                    plural(d.len() - e, "warning", "warnings")
+                    plural(w, "warning", "warnings")
                 );
             }
             Err(LoadFileError::Unreadable(_)) => {

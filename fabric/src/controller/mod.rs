@@ -36,11 +36,11 @@ use throttle::{Backoff, BackoffParams};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {
-    #[error("the topology is invalid ({} error(s))", .0.iter().filter(|d| d.is_error()).count())]
+    #[error("the topology is invalid ({} error(s))", topology::tally(.0).0)]
     Invalid(Vec<Diagnostic>),
     /// The store's current version no longer loads (a newer loader is stricter): the operator
     /// must see why rather than the controller serving something else.
-    #[error("the stored topology version {version} is invalid under this build ({} error(s))", .diags.iter().filter(|d| d.is_error()).count())]
+    #[error("the stored topology version {version} is invalid under this build ({} error(s))", topology::tally(.diags).0)]
     InvalidStored {
         version: u64,
         diags: Vec<Diagnostic>,

@@ -300,6 +300,9 @@ pub struct Controller {
     /// The largest snapshot published, in bytes: [`proto::MAX_TO_ROUTER`], a router's frame
     /// limit (tests lower it, [`Controller::set_snapshot_limit`]).
     snapshot_limit: AtomicUsize,
+    /// Tests: an apply's plan panics.
+    #[cfg(test)]
+    pub(crate) plan_panics: std::sync::atomic::AtomicBool,
     /// Tests: run once by an apply just before it commits.
     #[cfg(test)]
     before_commit: Mutex<Option<Box<dyn FnOnce() + Send>>>,
@@ -431,6 +434,8 @@ impl Controller {
             last_session: AtomicU64::new(0),
             snapshot_limit: AtomicUsize::new(proto::MAX_TO_ROUTER),
             #[cfg(test)]
+            plan_panics: false.into(),
+            #[cfg(test)]
             before_commit: Mutex::new(None),
         }))
     }
@@ -551,9 +556,13 @@ impl Controller {
         // The impact plan (one shortest-path tree per edge: ~0.3 s at 1,000 edges) is
         // informational, it never blocks an apply; so a real apply commits and distributes
         // first and computes the plan while routers are already applying the new version.
+        #[cfg(test)]
+        let plan_panics = self.plan_panics.load(Relaxed);
         let plan_of = {
             let (old_topology, new_topology) = (old.topology.clone(), topology.clone());
             move || {
+                #[cfg(test)]
+                assert!(!plan_panics, "injected failure of the plan");
                 crate::plan::Plan::compute(
                     &old_topology,
                     &new_topology,
@@ -659,9 +668,22 @@ impl Controller {
             })
         };
         let published = started.elapsed();
+        // Committed and published: a plan that fails now (a bug) is told in the plan, not as
+        // the apply's failure, which would say a change in force was refused.
         let plan = tokio::task::spawn_blocking(plan_of)
             .await
-            .map_err(|e| ControllerError::Internal(crate::task_failed(e)))?;
+            .unwrap_or_else(|e| {
+                // Logged there, with the panic's message.
+                let _ = crate::task_failed(e);
+                crate::plan::Plan {
+                    changed: true,
+                    text: format!(
+                        "no plan: computing it failed unexpectedly (the controller's log says \
+                         why); version {version} is applied"
+                    ),
+                    ..Default::default()
+                }
+            });
         tracing::info!(
             version,
             author,
@@ -1278,6 +1300,30 @@ mod tests {
         assert_eq!(ctl.published().version, v);
         assert_eq!(ctl.current().record.version, 1, "nothing committed");
         assert_eq!(ctl.history(10).unwrap().len(), 1);
+    }
+
+    /// An apply whose plan fails after its commit (a bug: the plan panics) answers the version
+    /// it applied, with the failure in the plan's text: the change is in force. (It answered
+    /// 500, a refusal of a change that had been made.)
+    #[tokio::test]
+    async fn an_apply_whose_plan_fails_after_the_commit_answers_the_version_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RedbStore::open(dir.path()).unwrap());
+        let ctl = Controller::open(store, Some((&yaml("5ms"), "t.yaml"))).unwrap();
+        ctl.plan_panics.store(true, Relaxed);
+        let out = ctl
+            .apply(&yaml("50ms"), "me", "", Origin::Apply, false, None)
+            .await
+            .expect("applied: not an error");
+        assert_eq!(out.version, Some(2));
+        assert!(
+            out.plan.text.starts_with("no plan: computing it failed"),
+            "{}",
+            out.plan.text
+        );
+        assert!(!out.plan.text.contains("injected"), "{}", out.plan.text);
+        assert_eq!(ctl.current().record.version, 2);
+        assert_eq!(ctl.published().topology_version, 2);
     }
 
     /// Circuits published between an apply's size check and its commit can make the committed

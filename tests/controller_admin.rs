@@ -425,6 +425,31 @@ fi
 /// run says which version its plan was computed against and how to pin it. (Neither command
 /// could send a base version: the one computed after your dry run overwrote a change made in
 /// between.)
+/// `topology edit` asks in the terminal: `-o json` is refused (exit 2, saying what to use)
+/// before it asks the controller anything, not ignored (a script reading JSON got a prompt).
+#[test]
+fn edit_refuses_json_output() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tasman"))
+        .args([
+            "topology",
+            "edit",
+            "-o",
+            "json",
+            "--controller",
+            "127.0.0.1:1",
+        ])
+        .env("EDITOR", "false")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("is interactive and prints no JSON")
+            && stderr.contains("--dry-run -o json"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apply_and_rollback_with_a_base_version_do_not_overwrite_a_change_made_since() {
     let dir = tempfile::tempdir().unwrap();

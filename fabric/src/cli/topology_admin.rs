@@ -433,6 +433,15 @@ fn run_editor(path: &Path) -> Result<(), String> {
 }
 
 pub fn edit(args: EditArgs) -> ExitCode {
+    // It asks in the terminal and prints the plan for a person: a JSON reader would get a
+    // prompt and text, or wait on the prompt.
+    if args.admin.output == Output::Json {
+        eprintln!(
+            "error: `tasman topology edit` is interactive and prints no JSON; for a plan in \
+             JSON: `tasman topology apply FILE --dry-run -o json`"
+        );
+        return ExitCode::from(2);
+    }
     let c = match client(&args.admin) {
         Ok(c) => c,
         Err(code) => return code,

@@ -523,14 +523,11 @@ fn hand_stored(
     s: &StoredSnapshot,
     first: impl FnOnce(),
 ) -> bool {
-    let mut first = Some(first);
     tx.send_if_modified(|cur| {
         if cur.version != 0 {
             return false;
         }
-        if let Some(f) = first.take() {
-            f();
-        }
+        first();
         *cur = Arc::new(Snapshot {
             version: s.version,
             topology: s.topology.clone(),
@@ -616,13 +613,8 @@ impl ControlClient {
             Some(dir) => stored_snapshot(dir.clone(), &cfg.node).await,
             None => None,
         };
-        let placeholder = Snapshot {
-            version: 0,
-            topology: Arc::default(),
-            live: Default::default(),
-            circuits: Arc::default(),
-        };
-        let (tx, mut rx) = watch::channel(Arc::new(placeholder));
+        // Version 0, the placeholder: no snapshot yet.
+        let (tx, mut rx) = watch::channel(Arc::new(Snapshot::default()));
         let cert = match &cfg.cert {
             Some(c) => c.clone(),
             None => tls::CertResolver::new(&cfg.identity)?,
@@ -1662,12 +1654,7 @@ mod tests {
     #[test]
     fn version_0_is_refused_and_never_a_base() {
         use crate::control::proto::TopologyDelta;
-        let placeholder = Snapshot {
-            version: 0,
-            topology: Arc::default(),
-            live: Default::default(),
-            circuits: Arc::default(),
-        };
+        let placeholder = Snapshot::default();
         let a = with_a_at("127.0.0.1:0");
         let whole = |version| ToRouter::Snapshot {
             version,
@@ -1800,12 +1787,7 @@ mod tests {
 
         // Handed over only while no snapshot is there, `first` before it shows.
         let stored = stored_a_at("192.0.2.1:4433", 0);
-        let placeholder = Snapshot {
-            version: 0,
-            topology: Arc::default(),
-            live: Default::default(),
-            circuits: Arc::default(),
-        };
+        let placeholder = Snapshot::default();
         let (tx, rx) = watch::channel(Arc::new(placeholder));
         let ran = std::cell::Cell::new(false);
         assert!(hand_stored(&tx, &stored, || ran.set(true)));

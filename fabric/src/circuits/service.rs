@@ -46,6 +46,13 @@ pub enum ServiceError {
     Internal(String),
 }
 
+/// A blocking task that panicked or was cancelled ([`crate::task_failed`]).
+impl From<tokio::task::JoinError> for ServiceError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        ServiceError::Internal(crate::task_failed(e))
+    }
+}
+
 impl From<StoreError> for ServiceError {
     fn from(e: StoreError) -> Self {
         ServiceError::Circuit(CircuitError::Store(e))
@@ -255,8 +262,7 @@ impl CircuitService {
                     f(tx, &topo).map(Some)
                 })
             })
-            .await
-            .map_err(|e| ServiceError::Internal(crate::task_failed(e)))??;
+            .await??;
             if let Some(r) = res {
                 return Ok(r);
             }
@@ -333,9 +339,7 @@ impl CircuitService {
         changed: Vec<Circuit>,
     ) -> Result<u64, ServiceError> {
         let me = self.clone();
-        tokio::task::spawn_blocking(move || me.publish(&changed))
-            .await
-            .map_err(|e| ServiceError::Internal(crate::task_failed(e)))?
+        tokio::task::spawn_blocking(move || me.publish(&changed)).await?
     }
 
     /// [`Self::publish`] after an operation committed `changed`: a failure is logged, not
@@ -436,8 +440,7 @@ impl CircuitService {
         let changed = tokio::task::spawn_blocking(move || {
             fail_broken_durably(&*store, &cur.topology, cur.record.version)
         })
-        .await
-        .map_err(|e| ServiceError::Internal(crate::task_failed(e)))??;
+        .await??;
         self.checked.fetch_max(version, Ordering::SeqCst);
         if !changed.is_empty() {
             // A circuit that only let go of its old path still awaits its new path's
@@ -486,8 +489,7 @@ impl CircuitService {
         let circuits = tokio::task::spawn_blocking(move || {
             store::read(&*store, |tx| super::by_ids(tx, ids.iter()))
         })
-        .await
-        .map_err(|e| ServiceError::Internal(crate::task_failed(e)))??;
+        .await??;
         let now = Instant::now();
         let (mut ready, mut overdue, mut done) = (BTreeMap::new(), BTreeMap::new(), Vec::new());
         // A pending circuit the live table no longer holds (archived) waits for nothing.
@@ -564,8 +566,7 @@ impl CircuitService {
                 Ok((a, f))
             })
         })
-        .await
-        .map_err(|e| ServiceError::Internal(crate::task_failed(e)))??;
+        .await??;
         #[cfg(test)]
         {
             let f = lock(&self.after).take();
@@ -618,8 +619,7 @@ impl CircuitService {
             }
             Ok(moved)
         })
-        .await
-        .map_err(|e| ServiceError::Internal(crate::task_failed(e)))??;
+        .await??;
         if moved > 0 {
             tracing::info!(
                 moved,

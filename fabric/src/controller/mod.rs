@@ -66,6 +66,14 @@ pub enum ControllerError {
     Internal(String),
 }
 
+/// A blocking task of the controller that panicked or was cancelled ([`crate::task_failed`]:
+/// logged, and told without the panic's message).
+impl From<tokio::task::JoinError> for ControllerError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        ControllerError::Internal(crate::task_failed(e))
+    }
+}
+
 /// The topology in force.
 #[derive(Debug, Clone)]
 pub struct Current {
@@ -511,8 +519,7 @@ impl Controller {
             tokio::task::spawn_blocking(move || {
                 validate(&text).map(|(t, w)| (t.clone(), w, live::Index::new(t)))
             })
-            .await
-            .map_err(|e| ControllerError::Internal(crate::task_failed(e)))??
+            .await??
         };
         let validated = started.elapsed();
         let _serial = self.apply_lock.lock().await;
@@ -599,13 +606,10 @@ impl Controller {
                 )
                 .map(drop)
             })
-            .await
-            .map_err(|e| ControllerError::Internal(crate::task_failed(e)))??;
+            .await??;
         }
         if dry_run || unchanged {
-            let plan = tokio::task::spawn_blocking(plan_of)
-                .await
-                .map_err(|e| ControllerError::Internal(crate::task_failed(e)))?;
+            let plan = tokio::task::spawn_blocking(plan_of).await?;
             if unchanged && !dry_run {
                 tracing::info!(
                     version = old.record.version,
@@ -639,8 +643,7 @@ impl Controller {
                 records::commit_topology(tx, &text2, &topo2, &author2, &message2, origin)
             })
         })
-        .await
-        .map_err(|e| ControllerError::Internal(crate::task_failed(e)))??;
+        .await??;
         let version = record.version;
         let current = Arc::new(Current {
             record,
@@ -759,9 +762,7 @@ impl Controller {
         f: impl FnOnce(&dyn store::ReadTxn) -> Result<R, StoreError> + Send + 'static,
     ) -> Result<R, ControllerError> {
         let store = self.store.clone();
-        Ok(tokio::task::spawn_blocking(move || store::read(&*store, f))
-            .await
-            .map_err(|e| ControllerError::Internal(crate::task_failed(e)))??)
+        Ok(tokio::task::spawn_blocking(move || store::read(&*store, f)).await??)
     }
 
     /// Encodes and publishes the next version. `full_only`: the topology changed (no delta).
@@ -1139,8 +1140,7 @@ impl Controller {
             });
             (batch, res)
         })
-        .await
-        .map_err(|e| ControllerError::Internal(crate::task_failed(e)))?;
+        .await?;
         if res.is_err() {
             let mut dirty = lock(&self.dirty_routers);
             for (node, rec) in batch {

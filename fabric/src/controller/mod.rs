@@ -589,22 +589,9 @@ impl Controller {
         // run): it could not be distributed (checked again, with the circuits then in force,
         // when it is published).
         if !unchanged {
-            let probe = Current {
-                record: old.record.clone(),
-                topology: topology.clone(),
-                warnings: Vec::new(),
-            };
-            let max = self.snapshot_limit();
+            let (max, probe, at) = (self.snapshot_limit(), topology.clone(), old.record.version);
             tokio::task::spawn_blocking(move || {
-                encode(
-                    PROBE_VERSION,
-                    &probe,
-                    &provisioned,
-                    new_live_probe,
-                    None,
-                    max,
-                )
-                .map(drop)
+                fits(at, &probe, &provisioned, new_live_probe, max)
             })
             .await??;
         }
@@ -825,15 +812,14 @@ impl Controller {
     ) -> Result<(), ControllerError> {
         let current = lock(&self.inner).current.clone();
         let live = self.published.borrow().live.clone();
-        encode(
-            PROBE_VERSION,
-            &current,
+        let max = self.snapshot_limit();
+        fits(
+            current.record.version,
+            &current.topology,
             circuits,
             live,
-            None,
-            self.snapshot_limit(),
+            max,
         )
-        .map(drop)
     }
 
     /// Replaces the provisioned circuits and distributes them at once (a full snapshot).
@@ -1169,10 +1155,44 @@ fn diags(d: &[Diagnostic]) -> Vec<crate::admin::Diag> {
     d.iter().map(crate::admin::Diag::from).collect()
 }
 
-/// The version a size check encodes a snapshot with: the longest a version number can be
-/// written, so that the check never passes a snapshot its real version makes too large (a real
-/// one is `epoch << 32 | seq`, 13 digits and more; version 0 counted 12 bytes short or more).
-const PROBE_VERSION: u64 = u64::MAX;
+/// Whether the full snapshot of `topology` (at `topology_version`), `circuits` and `live` would
+/// be within `max` bytes ([`ControllerError::TooLarge`] when not), checked before a change is
+/// committed. Its snapshot version is counted at its longest (`u64::MAX`), so that the check
+/// never passes a snapshot its real version makes too large (a real one is `epoch << 32 | seq`,
+/// 13 digits and more).
+fn fits(
+    topology_version: u64,
+    topology: &Arc<Topology>,
+    circuits: &Arc<Vec<ProvisionedCircuit>>,
+    live: LiveState,
+    max: usize,
+) -> Result<(), ControllerError> {
+    full_frame(u64::MAX, topology_version, topology, circuits, live, max).map(drop)
+}
+
+/// The full snapshot's frame, refused when its payload is over `max` bytes.
+fn full_frame(
+    version: u64,
+    topology_version: u64,
+    topology: &Arc<Topology>,
+    circuits: &Arc<Vec<ProvisionedCircuit>>,
+    live: LiveState,
+    max: usize,
+) -> Result<Bytes, ControllerError> {
+    let full = proto::encode(&ToRouter::Snapshot {
+        version,
+        topology_version,
+        topology: topology.clone(),
+        live,
+        circuits: circuits.clone(),
+    })?;
+    // The frame's payload, after its 4-byte length, is what a router's limit bounds.
+    let bytes = full.len().saturating_sub(4);
+    if bytes > max {
+        return Err(ControllerError::TooLarge { bytes, max });
+    }
+    Ok(full)
+}
 
 fn encode(
     version: u64,
@@ -1183,18 +1203,14 @@ fn encode(
     max: usize,
 ) -> Result<Published, ControllerError> {
     let topology_version = cur.record.version;
-    let full = proto::encode(&ToRouter::Snapshot {
+    let full = full_frame(
         version,
         topology_version,
-        topology: cur.topology.clone(),
-        live: live.clone(),
-        circuits: circuits.clone(),
-    })?;
-    // The frame's payload, after its 4-byte length, is what a router's limit bounds.
-    let bytes = full.len().saturating_sub(4);
-    if bytes > max {
-        return Err(ControllerError::TooLarge { bytes, max });
-    }
+        &cur.topology,
+        circuits,
+        live.clone(),
+        max,
+    )?;
     let delta = match base {
         Some(base_version) => Some((
             base_version,

@@ -318,9 +318,9 @@ impl<T: DeserializeOwned> Answer<T> {
 }
 
 impl<T> Answer<T> {
-    /// The answer as the controller wrote it.
-    pub fn raw(&self) -> &serde_json::Value {
-        &self.raw
+    /// Its field `name` (a circuit in a create's or a history's answer), read as `U`.
+    pub fn field<U: DeserializeOwned>(&self, name: &str) -> Result<Answer<U>, ClientError> {
+        Answer::from_value(self.raw[name].clone()).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 }
 

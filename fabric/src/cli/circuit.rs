@@ -446,8 +446,7 @@ async fn exec(client: &AdminClient, cmd: CircuitCmd, out: Output) -> Result<(), 
             let c = if a.wait.wait {
                 wait(client, resp.circuit.id.as_str(), &a.wait, false).await?
             } else {
-                Answer::from_value(resp.raw()["circuit"].clone())
-                    .map_err(|e| ClientError::Protocol(e.to_string()))?
+                resp.field("circuit")?
             };
             print_circuit(out, &c)
         }
@@ -577,8 +576,7 @@ async fn current(client: &AdminClient, id: &str) -> Result<Answer<Circuit>, Clie
         Err(ClientError::Refused { status: 410, .. }) => {
             let h: Answer<HistoryResponse> =
                 client.get(&format!("{}/history", id_path(id))).await?;
-            Answer::from_value(h.raw()["circuit"].clone())
-                .map_err(|e| ClientError::Protocol(e.to_string()))
+            h.field("circuit")
         }
         other => other,
     }

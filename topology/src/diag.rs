@@ -27,6 +27,9 @@ pub struct Diagnostic {
     pub column: usize,
     pub severity: Severity,
     pub message: String,
+    /// On the entry that ends a capped list ([`Diagnostic::not_shown`]): the errors and
+    /// warnings the list left out, which [`tally`] counts.
+    pub not_shown: Option<(usize, usize)>,
 }
 
 impl Diagnostic {
@@ -36,6 +39,7 @@ impl Diagnostic {
             line,
             column,
             message: message.into(),
+            not_shown: None,
         }
     }
     pub fn warning(line: usize, column: usize, message: impl Into<String>) -> Self {
@@ -44,6 +48,26 @@ impl Diagnostic {
             line,
             column,
             message: message.into(),
+            not_shown: None,
+        }
+    }
+    /// The entry that ends a list capped at [`crate::MAX_DIAGNOSTICS`], counting the `errors`
+    /// and `warnings` it left out (an error if any error was).
+    pub(crate) fn not_shown(errors: usize, warnings: usize) -> Self {
+        let message = format!(
+            "{} more problems not shown ({errors} errors, {warnings} warnings): only the first {} \
+             by position are listed",
+            errors + warnings,
+            crate::MAX_DIAGNOSTICS
+        );
+        let d = if errors > 0 {
+            Diagnostic::error(0, 0, message)
+        } else {
+            Diagnostic::warning(0, 0, message)
+        };
+        Diagnostic {
+            not_shown: Some((errors, warnings)),
+            ..d
         }
     }
     pub fn is_error(&self) -> bool {
@@ -71,33 +95,11 @@ impl fmt::Display for Diagnostic {
     }
 }
 
-/// The message of the entry that ends a capped list of diagnostics, counting those left out
-/// ([`crate::MAX_DIAGNOSTICS`] are listed); [`tally`] reads it back.
-pub(crate) fn not_shown_message(errors: usize, warnings: usize) -> String {
-    format!(
-        "{} more problems not shown ({errors} errors, {warnings} warnings): only the first {} by \
-         position are listed",
-        errors + warnings,
-        crate::MAX_DIAGNOSTICS
-    )
-}
-
-/// The errors and warnings a capped list left out, when `d` is the entry that counts them.
-fn not_shown(d: &Diagnostic) -> Option<(usize, usize)> {
-    if (d.line, d.column) != (0, 0) {
-        return None;
-    }
-    let (_, counts) = d.message.split_once(" more problems not shown (")?;
-    let (errors, rest) = counts.split_once(" errors, ")?;
-    let (warnings, _) = rest.split_once(" warnings)")?;
-    Some((errors.parse().ok()?, warnings.parse().ok()?))
-}
-
 /// How many errors and warnings `diags` stand for: those listed, plus those a capped list's
 /// last entry counts as not shown (that entry itself is not counted), so that a summary line
 /// ("invalid: N errors") gives the document's numbers, not the list's.
 pub fn tally(diags: &[Diagnostic]) -> (usize, usize) {
-    diags.iter().fold((0, 0), |(e, w), d| match not_shown(d) {
+    diags.iter().fold((0, 0), |(e, w), d| match d.not_shown {
         Some((more_e, more_w)) => (e + more_e, w + more_w),
         None if d.is_error() => (e + 1, w),
         None => (e, w + 1),
@@ -118,7 +120,7 @@ mod tests {
         ];
         assert_eq!(tally(&listed), (2, 1));
         let mut capped = listed.to_vec();
-        capped.push(Diagnostic::error(0, 0, not_shown_message(7, 2)));
+        capped.push(Diagnostic::not_shown(7, 2));
         assert_eq!(tally(&capped), (9, 3));
         // A document-wide problem that only looks like it is one problem.
         let other = Diagnostic::error(0, 0, "document is 20 MB, over the limit");

@@ -138,12 +138,7 @@ impl Cx {
         let mut diags = self.diags.into_sorted_vec();
         let (errors, warnings) = self.dropped;
         if errors + warnings > 0 {
-            let msg = crate::diag::not_shown_message(errors, warnings);
-            diags.push(if errors > 0 {
-                Diagnostic::error(0, 0, msg)
-            } else {
-                Diagnostic::warning(0, 0, msg)
-            });
+            diags.push(Diagnostic::not_shown(errors, warnings));
         }
         diags
     }

@@ -299,11 +299,7 @@ async fn a_state_directory_in_use_is_refused_until_its_client_is_gone() {
     let on_state = |cfg: &mut router::control::ClientConfig| cfg.state_dir = Some(state.clone());
     let first = start_client_with(d.quic_addr, "edge-0", &tls, on_state).await;
 
-    let id = router::tls::TlsIdentity::load(&tls, "edge-0").unwrap();
-    let mut cfg =
-        router::control::ClientConfig::new(d.quic_addr, topology::NodeId::new("edge-0"), id);
-    on_state(&mut cfg);
-    let err = match router::control::ControlClient::start(cfg).await {
+    let err = match try_start_client_with(d.quic_addr, "edge-0", &tls, on_state).await {
         Ok(_) => panic!("a second client started on a state directory in use"),
         Err(e) => e.to_string(),
     };

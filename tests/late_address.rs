@@ -53,19 +53,17 @@ fn a_router_runs_on_its_stored_snapshot_once_its_late_address_appears() {
     let d = dir.path();
     let pki = d.join("pki");
     make_pki(&pki, &["controller", "e1"]);
-    std::fs::write(
-        d.join("topology.yaml"),
-        format!(
-            "version: 1\nnodes:\n  \
-             - {{id: e1, kind: edge, region: au-east, country: AU, location: {{lat: -33.8, lon: 151.2}}, \
-             address: \"{LATE}:7000\", client_address: \"127.0.0.1\"}}\n  \
-             - {{id: s1, kind: site, region: au-east, country: AU, location: {{lat: -33.8, lon: 151.2}}, \
-             address: \"127.0.0.1:7002\", serves: [{{service: chat, backend: \"127.0.0.1:9000\", capacity: 10}}]}}\n\
-             links:\n  - {{a: e1, b: s1, latency: 1ms, capacity: 1Gbps}}\n\
-             services:\n  - {{name: chat, port: 8080}}\n"
-        ),
-    )
-    .unwrap();
+    let at = |a: &str| a.parse::<std::net::SocketAddr>().unwrap();
+    let mut y = TopoYaml::default();
+    y.edge("e1", at(&format!("{LATE}:7000")), LOCAL, None)
+        .site(
+            "s1",
+            at("127.0.0.1:7002"),
+            &[("chat", at("127.0.0.1:9000"), 10)],
+        )
+        .link("e1", "s1", "1ms")
+        .service("chat", 8080, &[]);
+    std::fs::write(d.join("topology.yaml"), y.render()).unwrap();
     let (pki_s, state) = (pki.display().to_string(), d.join("e1-state"));
     let state_s = state.display().to_string();
     let router_args = [

@@ -273,10 +273,22 @@ pub async fn start_client_with(
     tls: &Path,
     tune: impl FnOnce(&mut ClientConfig),
 ) -> ControlClient {
+    try_start_client_with(ctl, node, tls, tune)
+        .await
+        .expect("client starts")
+}
+
+/// [`start_client_with`], for a start that may be refused.
+pub async fn try_start_client_with(
+    ctl: SocketAddr,
+    node: &str,
+    tls: &Path,
+    tune: impl FnOnce(&mut ClientConfig),
+) -> Result<ControlClient, router::control::ControlError> {
     let id = TlsIdentity::load(tls, node).expect("identity");
     let mut cfg = ClientConfig::new(ctl, NodeId::new(node), id);
     tune(&mut cfg);
-    ControlClient::start(cfg).await.expect("client starts")
+    ControlClient::start(cfg).await
 }
 
 /// A control connection made by hand with `node`'s certificate (no control client), for tests

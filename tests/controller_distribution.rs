@@ -765,6 +765,61 @@ async fn a_rejected_version_is_offered_again_to_a_new_session_and_after_a_back_o
     d.shutdown().await;
 }
 
+/// A router whose reason for rejecting a version has passed (the address it was refused for is
+/// on its host now) asks for it again with a `Resync` and gets it at once, not at the end of a
+/// back-off that doubles to 5 minutes; one that rejects and asks in turn gets it no more than
+/// once a `NACK_RETRY_FIRST`. (A `Resync` after a rejection went unanswered: the version had
+/// gone out in full already.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_version_is_offered_again_at_once_when_the_router_asks() {
+    use fabric::controller::distribute::NACK_RETRY_FIRST;
+    use router::control::proto::{self, FromRouter};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (d, tls) =
+        controller_with_pki(dir.path(), &fabric_nodes(1, 1), &fabric_yaml(79, 1, 1, 10)).await;
+    let mut s = raw_hello(d.quic_addr, &tls, "edge-0", "edge-0").await;
+    let version = version_of(&next_news(&mut s.recv).await);
+    let frame = |m: &FromRouter| proto::encode(m).unwrap();
+    let nack = frame(&FromRouter::Nack {
+        version,
+        reason: "node edge-0's QUIC address cannot be bound on this host".into(),
+    });
+    let resync = frame(&FromRouter::Resync { have_version: None });
+    // Rejected twice: the next offer would come 2 x NACK_RETRY_FIRST after the second.
+    s.send.write_all(&nack).await.unwrap();
+    assert_eq!(version_of(&next_news(&mut s.recv).await), version);
+    s.send.write_all(&nack).await.unwrap();
+    let asked = std::time::Instant::now();
+    s.send.write_all(&resync).await.unwrap();
+    assert_eq!(version_of(&next_news(&mut s.recv).await), version);
+    assert!(
+        asked.elapsed() < NACK_RETRY_FIRST,
+        "offered again {:?} after the router asked",
+        asked.elapsed()
+    );
+    // Rejected and asked for at once again: not before NACK_RETRY_FIRST since the last ask.
+    s.send.write_all(&nack).await.unwrap();
+    s.send.write_all(&resync).await.unwrap();
+    assert_eq!(version_of(&next_news(&mut s.recv).await), version);
+    assert!(
+        asked.elapsed() >= NACK_RETRY_FIRST,
+        "offered again {:?} after the first ask",
+        asked.elapsed()
+    );
+    // Taken: a Resync now asks for nothing the router lacks.
+    let ack = frame(&FromRouter::Ack { version });
+    s.send.write_all(&ack).await.unwrap();
+    s.send.write_all(&resync).await.unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the acknowledgement recorded",
+        || router_status(&d, "edge-0").is_some_and(|r| r.record.applied_version == version),
+    )
+    .await;
+    d.shutdown().await;
+}
+
 /// A router that writes its telemetry while the controller writes it a snapshot larger than its
 /// stream window: the controller reads ahead while it writes (here 3 MiB of reports, over the
 /// 1.25 MB stream window quinn grants by default), so the router's writes finish and it can

@@ -45,8 +45,10 @@ use super::{Controller, RouterSession, SessionEnd};
 
 /// A version a router rejected is offered to it again this long after the rejection (in full,
 /// on the same session), then after twice as long each time it is rejected again, up to
-/// [`NACK_RETRY_MAX`]: a reason may pass (a port taken for a while). Its next session gets
-/// the current version at once, whatever its last session said.
+/// [`NACK_RETRY_MAX`]: a reason may pass (a port taken for a while). A router that sees its
+/// reason pass (its address came) says so with a `Resync` and gets it at once (one a
+/// [`NACK_RETRY_FIRST`] at most). Its next session gets the current version at once, whatever
+/// its last session said.
 pub const NACK_RETRY_FIRST: Duration = Duration::from_secs(2);
 /// The longest wait before a rejected version is offered again on the same session.
 pub const NACK_RETRY_MAX: Duration = Duration::from_secs(300);
@@ -470,7 +472,25 @@ async fn session(
                         sent = None;
                     }
                     FromRouter::Resync { .. } => {
-                        force_full = sent_full != Some(rx.borrow().version);
+                        let current = rx.borrow().version;
+                        match &mut rejected {
+                            // The reason it was rejected for has passed (its address came): the
+                            // back-off ends, no sooner than [`NACK_RETRY_FIRST`] after the last
+                            // one a Resync ended (a router that rejects and asks in turn gets a
+                            // full snapshot that often, not once a round trip).
+                            Some(r) if r.version == current && r.retry_at.is_some() => {
+                                let now = tokio::time::Instant::now();
+                                let at = r.asked.map_or(now, |a| (a + NACK_RETRY_FIRST).max(now));
+                                r.retry_at = Some(at);
+                                r.asked = Some(at);
+                                tracing::info!(
+                                    node,
+                                    version = current,
+                                    "the router asks for the version it rejected: offering it again"
+                                );
+                            }
+                            _ => force_full = sent_full != Some(current),
+                        }
                     }
                     FromRouter::Telemetry(report) => {
                         ctl.router_seen(rs);
@@ -617,12 +637,14 @@ impl Inbox {
 }
 
 /// A version the router rejected on this session: offered again at `retry_at` (`None`: offered
-/// again, not answered yet), after `wait`.
+/// again, not answered yet), after `wait`, or sooner at the router's `Resync` (the last one
+/// at `asked`).
 #[derive(Debug, Clone, Copy)]
 struct Rejected {
     version: u64,
     retry_at: Option<tokio::time::Instant>,
     wait: Duration,
+    asked: Option<tokio::time::Instant>,
 }
 
 impl Rejected {
@@ -630,14 +652,15 @@ impl Rejected {
     /// waits twice as long as last time, up to [`NACK_RETRY_MAX`]; another starts from
     /// [`NACK_RETRY_FIRST`].
     fn again(last: Option<Rejected>, version: u64) -> Rejected {
-        let wait = match last {
-            Some(r) if r.version == version => (r.wait * 2).min(NACK_RETRY_MAX),
-            _ => NACK_RETRY_FIRST,
+        let (wait, asked) = match last {
+            Some(r) if r.version == version => ((r.wait * 2).min(NACK_RETRY_MAX), r.asked),
+            _ => (NACK_RETRY_FIRST, None),
         };
         Rejected {
             version,
             retry_at: Some(tokio::time::Instant::now() + wait),
             wait,
+            asked,
         }
     }
 }

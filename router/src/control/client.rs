@@ -989,6 +989,14 @@ async fn converse(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Renewal requests sent on this session and not answered yet.
     let mut asked = 0u32;
+    // The address the controller's last snapshot was refused for, not on this host then
+    // ([`Refusal::late`]): tried every [`LATE_ADDRESS_EVERY`], and once it can be bound the
+    // controller is asked for its snapshot again, which it sends at once. (The controller alone
+    // offered it again, after a back-off doubling to 5 minutes: a router started before its
+    // address was configured, with no stored snapshot to wait on, stayed down that long.)
+    let mut awaited: Option<SocketAddr> = None;
+    let mut late = tokio::time::interval(LATE_ADDRESS_EVERY);
+    late.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let renew = renew_due(shared);
         let far = tokio::time::Instant::now() + Duration::from_secs(3600);
@@ -1051,7 +1059,7 @@ async fn converse(
                         }
                         None
                     }
-                    msg => handle(shared, tx, &mut base, msg)?,
+                    msg => handle(shared, tx, &mut base, &mut awaited, msg)?,
                 };
                 if let Some(reply) = reply {
                     write(&mut send, &reply, stall).await?;
@@ -1091,6 +1099,19 @@ async fn converse(
                 *pending = Some(key);
                 asked += 1;
                 write(&mut send, &req, stall).await?;
+            }
+            _ = late.tick(), if awaited.is_some() => {
+                if let Some(addr) = awaited.filter(|a| try_bind(*a).is_ok()) {
+                    awaited = None;
+                    tracing::info!(
+                        %addr,
+                        "node {}'s QUIC address is on this host now: asking the controller for its snapshot again",
+                        cfg.node
+                    );
+                    let have = base.version;
+                    let again = FromRouter::Resync { have_version: (have != 0).then_some(have) };
+                    write(&mut send, &again, stall).await?;
+                }
             }
             _ = tick.tick() => {
                 let source = shared.telemetry.lock().ok().and_then(|t| t.clone());
@@ -1173,16 +1194,20 @@ fn check(
     snap: &Snapshot,
     bound: Option<SocketAddr>,
     running: Option<SocketAddr>,
-) -> Result<(), String> {
+) -> Result<(), Refusal> {
     let Some(me) = snap.topology.node(node.as_str()) else {
-        return Err(format!("node {node} is not in topology"));
+        return Err(Refusal::new(format!("node {node} is not in topology")));
     };
     match bound {
         Some(bound) if !crate::transport::bound_at(bound, me.address) => {
             if let Err(e) = std::net::UdpSocket::bind(me.address) {
-                return Err(format!(
-                    "cannot move node {node}'s QUIC address from {bound} to {}: {e}",
-                    me.address
+                return Err(Refusal::binding(
+                    me.address,
+                    e.kind(),
+                    format!(
+                        "cannot move node {node}'s QUIC address from {bound} to {}: {e}",
+                        me.address
+                    ),
                 ));
             }
         }
@@ -1193,11 +1218,36 @@ fn check(
     Ok(())
 }
 
+/// Why [`check`] refused a snapshot.
+#[derive(Debug, PartialEq)]
+struct Refusal {
+    /// What the NACK says.
+    reason: String,
+    /// The node's address, when it was refused as not on this host (`EADDRNOTAVAIL`): one that
+    /// may come (a boot that starts the router before the network, an address being added),
+    /// which the session watches for ([`converse`]), asking for the snapshot again once it is.
+    late: Option<SocketAddr>,
+}
+
+impl Refusal {
+    fn new(reason: String) -> Refusal {
+        Refusal { reason, late: None }
+    }
+
+    /// A refusal of `addr`, which could not be bound (`kind`).
+    fn binding(addr: SocketAddr, kind: std::io::ErrorKind, reason: String) -> Refusal {
+        let late = (kind == std::io::ErrorKind::AddrNotAvailable).then_some(addr);
+        Refusal { reason, late }
+    }
+}
+
 /// Whether this host can bind `addr`, node `node`'s QUIC address (tried, then let go). An
 /// address in use passes ([`try_bind`]).
-fn bindable(node: &NodeId, addr: SocketAddr) -> Result<(), String> {
+fn bindable(node: &NodeId, addr: SocketAddr) -> Result<(), Refusal> {
     try_bind(addr).map_err(|kind| {
-        format!("node {node}'s QUIC address {addr} cannot be bound on this host: {kind}")
+        let reason =
+            format!("node {node}'s QUIC address {addr} cannot be bound on this host: {kind}");
+        Refusal::binding(addr, kind, reason)
     })
 }
 
@@ -1305,11 +1355,13 @@ fn next_step(base: &Snapshot, msg: ToRouter) -> Result<Step, ControlError> {
 
 /// Takes one message of the controller's: a snapshot (whole or a delta on `base`,
 /// [`next_step`]) is checked, becomes the `base` of the next delta, and is handed to the data
-/// plane and acknowledged, unless the router drains ([`hand_over`]).
+/// plane and acknowledged, unless the router drains ([`hand_over`]). `awaited`: the address
+/// whose absence the last checked snapshot was refused for ([`Refusal::late`]), if it was.
 fn handle(
     shared: &Shared,
     tx: &watch::Sender<Arc<Snapshot>>,
     base: &mut Arc<Snapshot>,
+    awaited: &mut Option<SocketAddr>,
     msg: ToRouter,
 ) -> Result<Option<FromRouter>, ControlError> {
     let node = &shared.cfg.node;
@@ -1329,10 +1381,12 @@ fn handle(
         .ok()
         .and_then(|e| e.as_ref().and_then(|e| e.local_addr().ok()));
     let running = tx.borrow().topology.node(node.as_str()).map(|n| n.address);
-    if let Err(reason) = check(node, &snap, bound, running) {
+    if let Err(Refusal { reason, late }) = check(node, &snap, bound, running) {
         tracing::error!(version, "rejecting snapshot: {reason}");
+        *awaited = late;
         return Ok(Some(FromRouter::Nack { version, reason }));
     }
+    *awaited = None;
     let snap = Arc::new(snap);
     *base = snap.clone();
     if !hand_over(shared, tx, &snap) {
@@ -1635,7 +1689,12 @@ mod tests {
         // TEST-NET-1: on no interface of this host.
         let foreign = with_a_at("192.0.2.1:4433");
         let e = check(&a, &foreign, None, None).unwrap_err();
-        assert!(e.contains("192.0.2.1:4433 cannot be bound"), "{e}");
+        assert!(e.reason.contains("192.0.2.1:4433 cannot be bound"), "{e:?}");
+        // Not this host's (yet): the session watches for it.
+        assert_eq!(e.late, Some("192.0.2.1:4433".parse().unwrap()));
+        // A reason no address can end.
+        let absent = check(&NodeId::new("b"), &foreign, None, None).unwrap_err();
+        assert_eq!(absent.late, None, "{absent:?}");
         assert!(check(&a, &foreign, None, Some("127.0.0.1:1".parse().unwrap())).is_err());
         // The address in force: held by the router about to run, not tried.
         let held = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();

@@ -7,7 +7,8 @@
 //!                              ◀─────────── Snapshot{version, topology_version, topology, live}   (full)
 //!   Ack{version} | Nack{version, reason} ─▶
 //!                              ◀─────────── Live{version, base_version, live}   (delta: topology unchanged)
-//!   Resync{have_version}       ───────────▶   (delta did not apply: send a full snapshot)
+//!   Resync{have_version}       ───────────▶   (delta did not apply, or a rejection's reason
+//!                                               passed: send a full snapshot)
 //!   Telemetry(report)          ───────────▶   (every second)
 //!                              ◀─────────── Heartbeat{version}   (refreshes the router's staleness clock)
 //!   Renew{public_key}          ───────────▶   (the router's certificate is due for renewal)
@@ -200,12 +201,14 @@ pub enum FromRouter {
         version: u64,
     },
     /// The router rejected `version` and keeps its previous snapshot. The controller records
-    /// it and does not send that version to this router again.
+    /// it and offers that version to this router again only after a back-off (or at a
+    /// `Resync`).
     Nack {
         version: u64,
         reason: String,
     },
-    /// A delta arrived for a base the router does not hold: send the current version in full.
+    /// Send the current version in full: a delta arrived for a base the router does not hold,
+    /// or the reason the router rejected the current version has passed (its address came).
     Resync {
         have_version: Option<u64>,
     },

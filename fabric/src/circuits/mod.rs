@@ -812,32 +812,9 @@ pub fn create(
     }
     let circuits = all(tx)?;
     let adm = admit(topo, &circuits, spec)?;
-    let n = CIRCUIT_META.get(tx, "next_id")?.unwrap_or(1);
+    let n = next_number(tx)?;
     CIRCUIT_META.put(tx, "next_id", &(n + 1))?;
-    let now = now_unix_ms();
-    let mut c = Circuit {
-        id: CircuitId::new(format!("c-{n:06}")),
-        name: spec.name.clone(),
-        a_end: spec.a_end.clone(),
-        b_end: spec.b_end.clone(),
-        requested_rate: spec.rate,
-        assigned_rate: None,
-        pool: Some(adm.pool.clone()),
-        vip: Some(adm.vip),
-        port: adm.port,
-        site: Some(adm.placement.site.clone()),
-        path: adm.placement.path.clone(),
-        latency: Some(adm.placement.latency),
-        held: None,
-        state: CircuitState::Requested,
-        reason: None,
-        idempotency_key: key.map(str::to_string),
-        created_with: key.map(|_| KeptRequest::from(spec)),
-        created_by: actor.to_string(),
-        created_unix_ms: now,
-        updated_unix_ms: now,
-        revision: 1,
-    };
+    let mut c = admitted(spec, &adm, n, key, actor);
     record(
         tx,
         &c,
@@ -869,6 +846,62 @@ pub fn create(
         CIRCUIT_KEYS.put(tx, k, &c.id.to_string())?;
     }
     Ok((c, true))
+}
+
+/// The number the next circuit created gets (its id is `c-` and the number).
+fn next_number(tx: &dyn ReadTxn) -> Result<u64, StoreError> {
+    Ok(CIRCUIT_META.get(tx, "next_id")?.unwrap_or(1))
+}
+
+/// The circuit that `spec`, admitted as `adm`, becomes as circuit number `n`: requested, its
+/// path and VIP those of the admission.
+fn admitted(
+    spec: &CircuitSpec,
+    adm: &Admission,
+    n: u64,
+    key: Option<&str>,
+    actor: &str,
+) -> Circuit {
+    let now = now_unix_ms();
+    Circuit {
+        id: CircuitId::new(format!("c-{n:06}")),
+        name: spec.name.clone(),
+        a_end: spec.a_end.clone(),
+        b_end: spec.b_end.clone(),
+        requested_rate: spec.rate,
+        assigned_rate: None,
+        pool: Some(adm.pool.clone()),
+        vip: Some(adm.vip),
+        port: adm.port,
+        site: Some(adm.placement.site.clone()),
+        path: adm.placement.path.clone(),
+        latency: Some(adm.placement.latency),
+        held: None,
+        state: CircuitState::Requested,
+        reason: None,
+        idempotency_key: key.map(str::to_string),
+        created_with: key.map(|_| KeptRequest::from(spec)),
+        created_by: actor.to_string(),
+        created_unix_ms: now,
+        updated_unix_ms: now,
+        revision: 1,
+    }
+}
+
+/// What routers would be sent were `spec`, admitted as `adm` against `circuits` (those in
+/// `tx`), created now: the circuits provisioned and it, as [`create`] would number it. A
+/// validate checks its size as a create does.
+pub fn carried_if_created(
+    tx: &dyn ReadTxn,
+    circuits: &[Circuit],
+    spec: &CircuitSpec,
+    adm: &Admission,
+) -> Result<Vec<ProvisionedCircuit>, StoreError> {
+    let mut c = admitted(spec, adm, next_number(tx)?, None, "");
+    c.state = CircuitState::Provisioning;
+    let mut carried = provisioned(circuits);
+    carried.extend(c.provisioned());
+    Ok(carried)
 }
 
 fn arrows(path: &[NodeId]) -> String {

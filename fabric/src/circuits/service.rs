@@ -230,11 +230,19 @@ impl CircuitService {
         ))
     }
 
-    /// Admission only: where the circuit would go and which VIP it would get. Writes nothing.
+    /// Admission only: where the circuit would go and which VIP it would get, and that the
+    /// routers' snapshot would be within their limit with it ([`fits`]: a create checks both).
+    /// Writes nothing. A full encode: run it off the runtime's workers.
     pub fn validate(&self, spec: &CircuitSpec) -> Result<Admission, ServiceError> {
         let topo = self.ctl.current().topology.clone();
-        let circuits = self.list()?;
-        Ok(super::admit(&topo, &circuits, spec)?)
+        let (adm, carried) = store::read(&**self.ctl.store(), |tx| {
+            let circuits = super::all(tx)?;
+            let adm = super::admit(&topo, &circuits, spec)?;
+            let carried = super::carried_if_created(tx, &circuits, spec, &adm)?;
+            Ok::<_, CircuitError>((adm, carried))
+        })?;
+        carries(&self.ctl, carried)?;
+        Ok(adm)
     }
 
     /// Runs `f` in one durable transaction against the topology in force, retrying if a
@@ -680,8 +688,15 @@ fn fail_broken_durably(
 /// provisioning timeout failed it) while its answer said it was made. A create or resize only:
 /// a delete makes the snapshot smaller.
 fn fits(ctl: &Controller, tx: &dyn store::ReadTxn) -> Result<(), CircuitError> {
-    let circuits = Arc::new(super::provisioned(&super::all(tx)?));
-    match ctl.check_circuits_fit(&circuits) {
+    carries(ctl, super::provisioned(&super::all(tx)?))
+}
+
+/// Whether the routers' snapshot, carrying `circuits`, is within the limit they take.
+fn carries(
+    ctl: &Controller,
+    circuits: Vec<topology::circuit::ProvisionedCircuit>,
+) -> Result<(), CircuitError> {
+    match ctl.check_circuits_fit(&Arc::new(circuits)) {
         Ok(()) => Ok(()),
         Err(ControllerError::TooLarge { bytes, max }) => Err(CircuitError::TooLarge { bytes, max }),
         Err(e) => Err(CircuitError::Internal(e.to_string())),
@@ -1511,6 +1526,27 @@ mod tests {
         assert_eq!(api.status, axum::http::StatusCode::CONFLICT);
         assert!(svc.list().unwrap().is_empty(), "committed");
         assert_eq!(ctl.published().version, before, "published");
+
+        // A validate says so too, at the very limit a create has: the smallest limit it passes
+        // at is the smallest the create passes at. (It passed, and the create it vouched for
+        // was refused.)
+        let err = svc.validate(&c1()).unwrap_err();
+        assert!(
+            matches!(err, ServiceError::Circuit(CircuitError::TooLarge { .. })),
+            "{err}"
+        );
+        let least = (size()..size() + 4096)
+            .find(|&limit| {
+                ctl.set_snapshot_limit(limit);
+                svc.validate(&c1()).is_ok()
+            })
+            .expect("a limit validate passes at");
+        ctl.set_snapshot_limit(least - 1);
+        assert!(svc.create(c1(), None, "ops".into()).await.is_err());
+        ctl.set_snapshot_limit(least);
+        let (made, _) = svc.create(c1(), None, "ops".into()).await.unwrap();
+        svc.delete(made.id.to_string(), "ops".into()).await.unwrap();
+        svc.settle_once().await.unwrap();
 
         ctl.set_snapshot_limit(router::control::proto::MAX_TO_ROUTER);
         let (c, created) = svc.create(c1(), None, "ops".into()).await.unwrap();

@@ -1294,6 +1294,20 @@ fn next_step(base: &Snapshot, msg: ToRouter) -> Result<Step, ControlError> {
         | ToRouter::RenewRefused { .. }
         | ToRouter::Crl { .. } => return Ok(Step::Nothing),
         ToRouter::Refused { reason } => return Err(ControlError::refused(reason)),
+        ToRouter::Delta { base_version, .. } | ToRouter::Live { base_version, .. }
+            if !on_base(base_version) =>
+        {
+            return Ok(Step::Resync { have_version: have });
+        }
+        // Refused before anything is built from it.
+        ToRouter::Snapshot { version: 0, .. }
+        | ToRouter::Delta { version: 0, .. }
+        | ToRouter::Live { version: 0, .. } => {
+            return Ok(Step::Nack {
+                version: 0,
+                reason: "version 0 is no version (it means none yet)".to_string(),
+            });
+        }
         ToRouter::Snapshot {
             version,
             topology_version,
@@ -1309,11 +1323,6 @@ fn next_step(base: &Snapshot, msg: ToRouter) -> Result<Step, ControlError> {
             },
             topology_version,
         ),
-        ToRouter::Delta { base_version, .. } | ToRouter::Live { base_version, .. }
-            if !on_base(base_version) =>
-        {
-            return Ok(Step::Resync { have_version: have });
-        }
         ToRouter::Delta {
             version,
             topology_version,
@@ -1344,12 +1353,6 @@ fn next_step(base: &Snapshot, msg: ToRouter) -> Result<Step, ControlError> {
             topology_version,
         ),
     };
-    if snap.version == 0 {
-        return Ok(Step::Nack {
-            version: 0,
-            reason: "version 0 is no version (it means none yet)".to_string(),
-        });
-    }
     Ok(Step::Apply(snap, topology_version))
 }
 
@@ -1746,6 +1749,11 @@ mod tests {
             step(&placeholder, whole(0))
         );
         assert!(matches!(step(&a, whole(0)), Step::Nack { version: 0, .. }));
+        // On a base the router holds too.
+        for msg in [delta(0, 1), live(0, 1)] {
+            let got = step(&a, msg);
+            assert!(matches!(got, Step::Nack { version: 0, .. }), "{got:?}");
+        }
         for msg in [delta(1, 0), live(1, 0)] {
             let got = step(&placeholder, msg);
             assert!(

@@ -1685,24 +1685,43 @@ mod tests {
 
     /// An applied text (up to 16 MiB: seconds of CPU) is validated on a blocking thread, not
     /// within the apply's poll on a runtime worker, where every other task of that worker would
-    /// wait for it: the first poll of an apply of an invalid text has not validated it yet.
-    #[tokio::test]
-    async fn an_applied_text_is_validated_off_the_runtime_workers() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(RedbStore::open(dir.path()).unwrap());
-        let ctl = Controller::open(store, Some((&yaml("10ms"), "t.yaml"))).unwrap();
-        let invalid = yaml("10ms").replace("latency: 1ms", "latency: 1parsec");
-        let mut apply =
-            std::pin::pin!(ctl.apply(&invalid, "test", "bad", Origin::Apply, true, None));
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        assert!(
-            apply.as_mut().poll(&mut cx).is_pending(),
-            "the text was validated within the poll"
-        );
-        assert!(
-            matches!(apply.await, Err(ControllerError::Invalid(_))),
-            "an invalid text is refused"
-        );
+    /// wait for it: with the runtime's one blocking thread held, the first poll of an apply of
+    /// an invalid text has not validated it, and once the thread is let go the text is refused.
+    /// (The test polled with the blocking pool free, and a validation that finished on it
+    /// before the poll looked at its result made the poll ready: it failed now and then.)
+    #[test]
+    fn an_applied_text_is_validated_off_the_runtime_workers() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .max_blocking_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Arc::new(RedbStore::open(dir.path()).unwrap());
+            let ctl = Controller::open(store, Some((&yaml("10ms"), "t.yaml"))).unwrap();
+            let invalid = yaml("10ms").replace("latency: 1ms", "latency: 1parsec");
+            let (held, release) = std::sync::mpsc::channel::<()>();
+            let (go, on_hold) = tokio::sync::oneshot::channel();
+            let holder = tokio::task::spawn_blocking(move || {
+                let _ = go.send(());
+                let _ = release.recv();
+            });
+            on_hold.await.unwrap();
+            let mut apply =
+                std::pin::pin!(ctl.apply(&invalid, "test", "bad", Origin::Apply, true, None));
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            assert!(
+                apply.as_mut().poll(&mut cx).is_pending(),
+                "the text was validated within the poll"
+            );
+            drop(held);
+            holder.await.unwrap();
+            assert!(
+                matches!(apply.await, Err(ControllerError::Invalid(_))),
+                "an invalid text is refused"
+            );
+        });
     }
 
     #[tokio::test]

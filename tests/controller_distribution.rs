@@ -767,9 +767,10 @@ async fn a_rejected_version_is_offered_again_to_a_new_session_and_after_a_back_o
 
 /// A router whose reason for rejecting a version has passed (the address it was refused for is
 /// on its host now) asks for it again with a `Resync` and gets it at once, not at the end of a
-/// back-off that doubles to 5 minutes; one that rejects and asks in turn gets it no more than
-/// once a `NACK_RETRY_FIRST`. (A `Resync` after a rejection went unanswered: the version had
-/// gone out in full already.)
+/// back-off that doubles to 5 minutes, however many times it asks; one that rejects and asks in
+/// turn gets it no sooner than half the back-off's wait after its last ask, and still before
+/// the back-off's own offer. (A `Resync` after a rejection went unanswered: the version had gone
+/// out in full already.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_version_is_offered_again_at_once_when_the_router_asks() {
     use fabric::controller::distribute::NACK_RETRY_FIRST;
@@ -790,7 +791,9 @@ async fn a_rejected_version_is_offered_again_at_once_when_the_router_asks() {
     s.send.write_all(&nack).await.unwrap();
     assert_eq!(version_of(&next_news(&mut s.recv).await), version);
     s.send.write_all(&nack).await.unwrap();
+    // Asked twice: the second ask does not push the offer back.
     let asked = std::time::Instant::now();
+    s.send.write_all(&resync).await.unwrap();
     s.send.write_all(&resync).await.unwrap();
     assert_eq!(version_of(&next_news(&mut s.recv).await), version);
     assert!(
@@ -798,14 +801,21 @@ async fn a_rejected_version_is_offered_again_at_once_when_the_router_asks() {
         "offered again {:?} after the router asked",
         asked.elapsed()
     );
-    // Rejected and asked for at once again: not before NACK_RETRY_FIRST since the last ask.
+    // Rejected a third time (the back-off's next offer 4 x NACK_RETRY_FIRST away) and asked for
+    // at once: offered half that wait after the last ask.
+    let nacked = std::time::Instant::now();
     s.send.write_all(&nack).await.unwrap();
     s.send.write_all(&resync).await.unwrap();
     assert_eq!(version_of(&next_news(&mut s.recv).await), version);
     assert!(
-        asked.elapsed() >= NACK_RETRY_FIRST,
+        asked.elapsed() >= 2 * NACK_RETRY_FIRST,
         "offered again {:?} after the first ask",
         asked.elapsed()
+    );
+    assert!(
+        nacked.elapsed() < 4 * NACK_RETRY_FIRST,
+        "offered again {:?} after the third rejection: by the back-off",
+        nacked.elapsed()
     );
     // Taken, and recorded so.
     let ack = frame(&FromRouter::Ack { version });
@@ -816,6 +826,45 @@ async fn a_rejected_version_is_offered_again_at_once_when_the_router_asks() {
         || router_status(&d, "edge-0").is_some_and(|r| r.record.applied_version == version),
     )
     .await;
+    d.shutdown().await;
+}
+
+/// A rejected version's back-off, ending after a newer version went out, offers nothing: the
+/// router has the newer one (or is answering it). (It sent the newer one again in full.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejection_overtaken_by_a_newer_version_offers_nothing_again() {
+    use fabric::controller::distribute::NACK_RETRY_FIRST;
+    use router::control::proto::{self, FromRouter};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (d, tls) =
+        controller_with_pki(dir.path(), &fabric_nodes(1, 2), &fabric_yaml(81, 1, 2, 10)).await;
+    let mut s = raw_hello(d.quic_addr, &tls, "edge-0", "edge-0").await;
+    let version = version_of(&next_news(&mut s.recv).await);
+    let nack = proto::encode(&FromRouter::Nack {
+        version,
+        reason: "cannot bind: port taken".into(),
+    })
+    .unwrap();
+    s.send.write_all(&nack).await.unwrap();
+    eventually(Duration::from_secs(10), "the rejection recorded", || {
+        router_status(&d, "edge-0").is_some_and(|r| r.record.last_nack.is_some())
+    })
+    .await;
+    // A transit ring link's latency changes.
+    apply(&d, &fabric_yaml(81, 1, 2, 20), "newer").await;
+    let newer = version_of(&next_news(&mut s.recv).await);
+    assert!(newer > version, "{newer} after {version}");
+    // Past the rejected version's back-off, with margin: nothing more.
+    let more = tokio::time::timeout(2 * NACK_RETRY_FIRST, next_news(&mut s.recv)).await;
+    let shown = |m: &router::control::proto::ToRouter| {
+        format!("{m:?}").chars().take(100).collect::<String>()
+    };
+    assert!(
+        more.is_err(),
+        "sent again: {:?}",
+        more.as_ref().ok().map(shown)
+    );
     d.shutdown().await;
 }
 

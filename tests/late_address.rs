@@ -224,7 +224,8 @@ fn a_router_without_a_stored_snapshot_asks_again_once_its_late_address_appears()
         "e1.log",
         "asking the controller for its snapshot again",
     );
-    // It was not the controller's back-off that ended the wait.
+    // No fourth rejection, and the controller brought its offer forward because the router
+    // asked (it logs that only when the ask moves the offer earlier than its back-off's).
     assert_eq!(rejections(), 3, "{}", f.log("e1.log"));
     let ctl_log = f.log("controller.log");
     assert!(

@@ -46,8 +46,9 @@ use super::{Controller, RouterSession, SessionEnd};
 /// A version a router rejected is offered to it again this long after the rejection (in full,
 /// on the same session), then after twice as long each time it is rejected again, up to
 /// [`NACK_RETRY_MAX`]: a reason may pass (a port taken for a while). A router that sees its
-/// reason pass (its address came) says so with a `Resync` and gets it at once (at most once
-/// per [`NACK_RETRY_FIRST`]). Its next session gets the current version at once, whatever
+/// reason pass (its address came) says so with a `Resync` and gets it at once (asked again
+/// and again, no sooner than half the back-off's wait, [`NACK_RETRY_FIRST`] at least, since the
+/// last time). Its next session gets the current version at once, whatever
 /// its last session said.
 pub const NACK_RETRY_FIRST: Duration = Duration::from_secs(2);
 /// The longest wait before a rejected version is offered again on the same session.
@@ -435,12 +436,16 @@ async fn session(
         let retry_at = rejected.as_ref().and_then(|r| r.retry_at);
         tokio::select! {
             _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {
-                // Offered again in full at the top of the loop, if it is still the current one.
+                // Offered again in full at the top of the loop, if it is still the current one
+                // (a newer one went out as it came, or will: offering that again would send the
+                // router a full snapshot it has, or is answering).
                 if let Some(r) = &mut rejected {
                     r.retry_at = None;
-                    tracing::info!(node, version = r.version, "offering a rejected version again");
+                    if r.version == rx.borrow().version {
+                        tracing::info!(node, version = r.version, "offering a rejected version again");
+                        force_full = true;
+                    }
                 }
-                force_full = true;
             }
             res = crls.changed(), if takes_crl && !crl_due => {
                 // The sender lives as long as the issuer: an error only at shutdown.
@@ -475,19 +480,27 @@ async fn session(
                         let current = rx.borrow().version;
                         match &mut rejected {
                             // The reason it was rejected for has passed (its address came): the
-                            // back-off ends, no sooner than [`NACK_RETRY_FIRST`] after the last
-                            // one a Resync ended (a router that rejects and asks in turn gets a
-                            // full snapshot that often, not once a round trip).
-                            Some(r) if r.version == current && r.retry_at.is_some() => {
+                            // back-off ends at once the first time; after that, no sooner than
+                            // half the back-off's wait (2 s at least) after the last time a
+                            // Resync ended it, so a router that rejects and asks in turn gets a
+                            // full snapshot less and less often, not once a round trip. A Resync
+                            // that would not bring the offer forward changes nothing (nor is it
+                            // logged: the router could send any number).
+                            Some(Rejected { version, retry_at: Some(due), wait, asked })
+                                if *version == current =>
+                            {
                                 let now = tokio::time::Instant::now();
-                                let at = r.asked.map_or(now, |a| (a + NACK_RETRY_FIRST).max(now));
-                                r.retry_at = Some(at);
-                                r.asked = Some(at);
-                                tracing::info!(
-                                    node,
-                                    version = current,
-                                    "the router asks for the version it rejected: offering it again"
-                                );
+                                let floor = (*wait / 2).max(NACK_RETRY_FIRST);
+                                let at = asked.map_or(now, |a| (a + floor).max(now));
+                                if at < *due {
+                                    *due = at;
+                                    *asked = Some(at);
+                                    tracing::info!(
+                                        node,
+                                        version = current,
+                                        "the router asks for the version it rejected: offering it again"
+                                    );
+                                }
                             }
                             _ => force_full = sent_full != Some(current),
                         }

@@ -897,10 +897,8 @@ pub fn carried_if_created(
     spec: &CircuitSpec,
     adm: &Admission,
 ) -> Result<Vec<ProvisionedCircuit>, StoreError> {
-    let mut c = admitted(spec, adm, next_number(tx)?, None, "");
-    c.state = CircuitState::Provisioning;
     let mut carried = provisioned(circuits);
-    carried.extend(c.provisioned());
+    carried.extend(admitted(spec, adm, next_number(tx)?, None, "").provisioned());
     Ok(carried)
 }
 

@@ -46,10 +46,9 @@ use super::{Controller, RouterSession, SessionEnd};
 /// A version a router rejected is offered to it again this long after the rejection (in full,
 /// on the same session), then after twice as long each time it is rejected again, up to
 /// [`NACK_RETRY_MAX`]: a reason may pass (a port taken for a while). A router that sees its
-/// reason pass (its address came) says so with a `Resync` and gets it at once (asked again
-/// and again, no sooner than half the back-off's wait, [`NACK_RETRY_FIRST`] at least, since the
-/// last time). Its next session gets the current version at once, whatever
-/// its last session said.
+/// reason pass (its address came) says so with a `Resync` and gets it at once (asked again and
+/// again, no sooner than half the back-off's wait, [`NACK_RETRY_FIRST`] at least, since the last
+/// time). Its next session gets the current version at once, whatever its last session said.
 pub const NACK_RETRY_FIRST: Duration = Duration::from_secs(2);
 /// The longest wait before a rejected version is offered again on the same session.
 pub const NACK_RETRY_MAX: Duration = Duration::from_secs(300);

@@ -718,30 +718,42 @@ fn version_of(msg: &router::control::proto::ToRouter) -> u64 {
     }
 }
 
+/// A controller on `yaml` (a PKI for `nodes` in `dir`), a session made by hand as edge-0, and
+/// the version first offered to it.
+async fn offered_to_edge_0(
+    dir: &std::path::Path,
+    nodes: &[String],
+    yaml: &str,
+) -> (
+    fabric::controller::daemon::Daemon,
+    std::path::PathBuf,
+    RawSession,
+    u64,
+) {
+    let (d, tls) = controller_with_pki(dir, nodes, yaml).await;
+    let mut s = raw_hello(d.quic_addr, &tls, "edge-0", "edge-0").await;
+    let version = version_of(&next_news(&mut s.recv).await);
+    (d, tls, s, version)
+}
+
+/// edge-0's rejection of `version` for `reason`.
+fn nack(version: u64, reason: &str) -> router::control::proto::FromRouter {
+    router::control::proto::FromRouter::Nack {
+        version,
+        reason: reason.into(),
+    }
+}
+
 /// A rejected version is offered again: at once to the router's next session (a restarted
 /// router, or one whose reason has passed: a port that was taken), and within a session after a
 /// back-off (from `NACK_RETRY_FIRST`, doubling). It was never sent to the node again, on any
 /// session, until some newer version came: a router without a stored snapshot waited for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_version_is_offered_again_to_a_new_session_and_after_a_back_off() {
-    use router::control::proto::{self, FromRouter};
-
     let dir = tempfile::tempdir().unwrap();
-    let (d, tls) =
-        controller_with_pki(dir.path(), &fabric_nodes(1, 1), &fabric_yaml(74, 1, 1, 10)).await;
-    let mut s = raw_hello(d.quic_addr, &tls, "edge-0", "edge-0").await;
-    let version = version_of(&next_news(&mut s.recv).await);
-    let nack = |reason: &str| {
-        proto::encode(&FromRouter::Nack {
-            version,
-            reason: reason.into(),
-        })
-        .unwrap()
-    };
-    s.send
-        .write_all(&nack("cannot bind: port taken"))
-        .await
-        .unwrap();
+    let (d, tls, mut s, version) =
+        offered_to_edge_0(dir.path(), &fabric_nodes(1, 1), &fabric_yaml(74, 1, 1, 10)).await;
+    s.say(&nack(version, "cannot bind: port taken")).await;
     // The same session: offered again after the back-off, in full.
     let nacked = std::time::Instant::now();
     let again = next_news(&mut s.recv).await;
@@ -751,7 +763,7 @@ async fn a_rejected_version_is_offered_again_to_a_new_session_and_after_a_back_o
         "offered again after {:?}",
         nacked.elapsed()
     );
-    s.send.write_all(&nack("still taken")).await.unwrap();
+    s.say(&nack(version, "still taken")).await;
     // A new session of the node: offered at once, its first message.
     s.conn.close(0u32.into(), b"restart");
     let mut s2 = raw_hello(d.quic_addr, &tls, "edge-0", "edge-0").await;
@@ -774,27 +786,24 @@ async fn a_rejected_version_is_offered_again_to_a_new_session_and_after_a_back_o
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_version_is_offered_again_at_once_when_the_router_asks() {
     use fabric::controller::distribute::NACK_RETRY_FIRST;
-    use router::control::proto::{self, FromRouter};
+    use router::control::proto::FromRouter;
 
     let dir = tempfile::tempdir().unwrap();
-    let (d, tls) =
-        controller_with_pki(dir.path(), &fabric_nodes(1, 1), &fabric_yaml(79, 1, 1, 10)).await;
-    let mut s = raw_hello(d.quic_addr, &tls, "edge-0", "edge-0").await;
-    let version = version_of(&next_news(&mut s.recv).await);
-    let frame = |m: &FromRouter| proto::encode(m).unwrap();
-    let nack = frame(&FromRouter::Nack {
+    let (d, _, mut s, version) =
+        offered_to_edge_0(dir.path(), &fabric_nodes(1, 1), &fabric_yaml(79, 1, 1, 10)).await;
+    let nack = nack(
         version,
-        reason: "node edge-0's QUIC address cannot be bound on this host".into(),
-    });
-    let resync = frame(&FromRouter::Resync { have_version: None });
+        "node edge-0's QUIC address cannot be bound on this host",
+    );
+    let resync = FromRouter::Resync { have_version: None };
     // Rejected twice: the next offer would come 2 x NACK_RETRY_FIRST after the second.
-    s.send.write_all(&nack).await.unwrap();
+    s.say(&nack).await;
     assert_eq!(version_of(&next_news(&mut s.recv).await), version);
-    s.send.write_all(&nack).await.unwrap();
+    s.say(&nack).await;
     // Asked twice: the second ask does not push the offer back.
     let asked = std::time::Instant::now();
-    s.send.write_all(&resync).await.unwrap();
-    s.send.write_all(&resync).await.unwrap();
+    s.say(&resync).await;
+    s.say(&resync).await;
     assert_eq!(version_of(&next_news(&mut s.recv).await), version);
     assert!(
         asked.elapsed() < NACK_RETRY_FIRST,
@@ -804,8 +813,8 @@ async fn a_rejected_version_is_offered_again_at_once_when_the_router_asks() {
     // Rejected a third time (the back-off's next offer 4 x NACK_RETRY_FIRST away) and asked for
     // at once: offered half that wait after the last ask.
     let nacked = std::time::Instant::now();
-    s.send.write_all(&nack).await.unwrap();
-    s.send.write_all(&resync).await.unwrap();
+    s.say(&nack).await;
+    s.say(&resync).await;
     assert_eq!(version_of(&next_news(&mut s.recv).await), version);
     assert!(
         asked.elapsed() >= 2 * NACK_RETRY_FIRST,
@@ -818,8 +827,7 @@ async fn a_rejected_version_is_offered_again_at_once_when_the_router_asks() {
         nacked.elapsed()
     );
     // Taken, and recorded so.
-    let ack = frame(&FromRouter::Ack { version });
-    s.send.write_all(&ack).await.unwrap();
+    s.say(&FromRouter::Ack { version }).await;
     eventually(
         Duration::from_secs(10),
         "the acknowledgement recorded",
@@ -834,19 +842,11 @@ async fn a_rejected_version_is_offered_again_at_once_when_the_router_asks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejection_overtaken_by_a_newer_version_offers_nothing_again() {
     use fabric::controller::distribute::NACK_RETRY_FIRST;
-    use router::control::proto::{self, FromRouter};
 
     let dir = tempfile::tempdir().unwrap();
-    let (d, tls) =
-        controller_with_pki(dir.path(), &fabric_nodes(1, 2), &fabric_yaml(81, 1, 2, 10)).await;
-    let mut s = raw_hello(d.quic_addr, &tls, "edge-0", "edge-0").await;
-    let version = version_of(&next_news(&mut s.recv).await);
-    let nack = proto::encode(&FromRouter::Nack {
-        version,
-        reason: "cannot bind: port taken".into(),
-    })
-    .unwrap();
-    s.send.write_all(&nack).await.unwrap();
+    let (d, _, mut s, version) =
+        offered_to_edge_0(dir.path(), &fabric_nodes(1, 2), &fabric_yaml(81, 1, 2, 10)).await;
+    s.say(&nack(version, "cannot bind: port taken")).await;
     eventually(Duration::from_secs(10), "the rejection recorded", || {
         router_status(&d, "edge-0").is_some_and(|r| r.record.last_nack.is_some())
     })

@@ -337,6 +337,14 @@ pub struct RawSession {
     pub recv: quinn::RecvStream,
 }
 
+impl RawSession {
+    /// Sends `msg` on the control stream.
+    pub async fn say(&mut self, msg: &router::control::proto::FromRouter) {
+        let frame = router::control::proto::encode(msg).expect("encode");
+        self.send.write_all(&frame).await.expect("send");
+    }
+}
+
 /// A connection with `cert`'s certificate that opens its control stream and says hello as `node`.
 pub async fn raw_hello(ctl: SocketAddr, tls: &Path, cert: &str, node: &str) -> RawSession {
     raw_hello_with(ctl, tls, cert, node, |_| {}).await

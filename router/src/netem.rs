@@ -31,6 +31,11 @@
 //! is lost: the ones that reach the emulator during it, and the ones it was still holding (delay,
 //! jitter) when it began.
 //!
+//! Bandwidth: a profile with a `rate_bps` serialises each direction's packets one after another
+//! at that rate before their delay, and holds at most `buffer` of queue (tail drop beyond it):
+//! a sender faster than the link builds a standing queue, and its RTT grows by the queueing, as
+//! at a real bottleneck.
+//!
 //! Hot path: each reader receives into a shared `BytesMut` slab and hands the scheduler a frozen
 //! `Bytes` slice of it (no per-packet allocation while slabs are recycled); the profile and the
 //! last cut are read lock-free through `ArcSwap`.
@@ -66,6 +71,14 @@ pub struct LinkProfile {
     pub jitter: Latency,
     /// Probability in `[0, 1]` that a packet is dropped.
     pub loss: f64,
+    /// Bandwidth in bits per second; 0 is unlimited. A packet waits for the ones before it in
+    /// its direction to be serialised at this rate, then for `delay`: a sender faster than the
+    /// rate builds a queue, as at a real bottleneck, and the queueing shows in every RTT.
+    pub rate_bps: u64,
+    /// The most queueing a rate-limited link holds (its buffer, counted in time at `rate_bps`):
+    /// a packet that would wait longer for its turn is dropped (tail drop, counted as
+    /// `dropped_queue_full`).
+    pub buffer: Latency,
 }
 
 impl LinkProfile {
@@ -75,15 +88,25 @@ impl LinkProfile {
             delay,
             jitter: Latency::ZERO,
             loss: 0.0,
+            rate_bps: 0,
+            buffer: Latency::ZERO,
+        }
+    }
+
+    /// This profile with a bottleneck of `rate_bps` bits per second and `buffer` of queue.
+    pub fn with_rate(self, rate_bps: u64, buffer: Latency) -> Self {
+        LinkProfile {
+            rate_bps,
+            buffer,
+            ..self
         }
     }
 
     /// A link that drops everything (a cut fibre).
     pub fn cut() -> Self {
         LinkProfile {
-            delay: Latency::ZERO,
-            jitter: Latency::ZERO,
             loss: 1.0,
+            ..LinkProfile::delay(Latency::ZERO)
         }
     }
 
@@ -253,6 +276,20 @@ struct Direction {
     rng: SmallRng,
     /// Due time without jitter of the last packet: never goes backwards, so zero jitter keeps order.
     base: Instant,
+    /// When the last packet accepted on a rate-limited link has been serialised (the end of
+    /// the direction's queue).
+    busy_until: Instant,
+}
+
+/// What [`Direction::schedule`] decides for a packet.
+#[derive(Debug, PartialEq)]
+enum Fate {
+    /// Sent at this instant.
+    Due(Instant),
+    /// Dropped by the loss draw.
+    Lost,
+    /// Dropped: the rate-limited link's buffer is full.
+    Overflow,
 }
 
 impl Direction {
@@ -260,26 +297,39 @@ impl Direction {
         Direction {
             rng,
             base: Instant::now(),
+            busy_until: Instant::now(),
         }
     }
 
-    /// Decides a packet's fate: `None` when the loss draw drops it, else its due time. Delay
-    /// and jitter count up to [`MAX_DELAY`] each (an `Instant` plus `Duration::MAX` panics,
-    /// which ended the direction's reader task and so the relay that way).
-    fn schedule(&mut self, profile: &LinkProfile, now: Instant) -> Option<Instant> {
+    /// Decides the fate of a packet of `len` bytes: lost to the loss draw, dropped at a full
+    /// buffer, or its due time. Delay and jitter count up to [`MAX_DELAY`] each (an `Instant`
+    /// plus `Duration::MAX` panics, which ended the direction's reader task and so the relay
+    /// that way).
+    fn schedule(&mut self, profile: &LinkProfile, now: Instant, len: usize) -> Fate {
         if profile.loss > 0.0 && self.rng.random::<f64>() < profile.loss {
-            return None;
+            return Fate::Lost;
+        }
+        // Serialisation: after the packets before it, at the link's rate.
+        let mut sent = now;
+        if profile.rate_bps > 0 {
+            let start = self.busy_until.max(now);
+            if start - now > profile.buffer.as_duration().min(MAX_DELAY) {
+                return Fate::Overflow;
+            }
+            let nanos = (len as u128 * 8 * 1_000_000_000) / u128::from(profile.rate_bps);
+            self.busy_until = start + Duration::from_nanos(nanos.min(MAX_DELAY.as_nanos()) as u64);
+            sent = self.busy_until;
         }
         self.base = self
             .base
-            .max(now + profile.delay.as_duration().min(MAX_DELAY));
+            .max(sent + profile.delay.as_duration().min(MAX_DELAY));
         let jitter = profile.jitter.as_nanos().min(MAX_DELAY.as_nanos() as u64);
         let extra = if jitter == 0 {
             0
         } else {
             self.rng.random_range(0..=jitter)
         };
-        Some(self.base + Duration::from_nanos(extra))
+        Fate::Due(self.base + Duration::from_nanos(extra))
     }
 }
 
@@ -611,9 +661,19 @@ fn enqueue(
         return;
     }
     let profile = shared.profile.load();
-    let Some(due) = dir.schedule(&profile, now) else {
-        shared.counters.dropped_loss.fetch_add(1, Ordering::Relaxed);
-        return;
+    let due = match dir.schedule(&profile, now, data.len()) {
+        Fate::Due(due) => due,
+        Fate::Lost => {
+            shared.counters.dropped_loss.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        Fate::Overflow => {
+            shared
+                .counters
+                .dropped_queue_full
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
     };
     // Reserve a slot in the direction's queue; give it back if the queue was already full.
     let queued = &shared.queued[dest.queue()];
@@ -766,6 +826,47 @@ mod tests {
         cond()
     }
 
+    /// A rate-limited direction serialises packets one after another at its rate before their
+    /// delay, holds at most its buffer of queue (the next packet is dropped) and drains with time.
+    #[test]
+    fn a_rate_limited_link_queues_at_its_rate_and_drops_beyond_its_buffer() {
+        let us = |n: u64| Duration::from_micros(n);
+        // 8 Mbit/s: a 1,000-byte packet takes 1 ms to serialise; 2.5 ms of buffer.
+        let profile = LinkProfile::delay(ms(10)).with_rate(8_000_000, Latency::from_micros(2_500));
+        let mut dir = Direction::new(SmallRng::seed_from_u64(1));
+        let t0 = Instant::now();
+        let fates: Vec<Fate> = (0..5).map(|_| dir.schedule(&profile, t0, 1_000)).collect();
+        assert_eq!(
+            fates,
+            [
+                Fate::Due(t0 + us(11_000)),
+                Fate::Due(t0 + us(12_000)),
+                Fate::Due(t0 + us(13_000)),
+                // Its turn would come 3 ms from now: beyond the 2.5 ms buffer.
+                Fate::Overflow,
+                Fate::Overflow,
+            ]
+        );
+        // 2 ms later one packet's worth is left ahead: queued again, behind it.
+        assert_eq!(
+            dir.schedule(&profile, t0 + us(2_000), 500),
+            Fate::Due(t0 + us(13_500))
+        );
+        // Drained: a packet long after goes at once, after its serialisation and delay.
+        assert_eq!(
+            dir.schedule(&profile, t0 + us(100_000), 1_000),
+            Fate::Due(t0 + us(111_000))
+        );
+        // Unlimited (rate 0): no serialisation, no buffer.
+        let mut dir = Direction::new(SmallRng::seed_from_u64(1));
+        for _ in 0..3 {
+            assert_eq!(
+                dir.schedule(&LinkProfile::delay(ms(10)), t0, 60_000),
+                Fate::Due(t0 + us(10_000))
+            );
+        }
+    }
+
     #[tokio::test]
     async fn delay_is_applied_in_both_directions() {
         let echo = echo_server().await;
@@ -833,9 +934,8 @@ mod tests {
     async fn loss_rate_is_roughly_honoured() {
         let sink = UdpSocket::bind(lo()).await.expect("bind sink");
         let profile = LinkProfile {
-            delay: Latency::ZERO,
-            jitter: Latency::ZERO,
             loss: 0.3,
+            ..LinkProfile::default()
         };
         let options = EmulatorOptions {
             seed: Some(7),
@@ -930,7 +1030,7 @@ mod tests {
         let profile = LinkProfile {
             delay: ms(5),
             jitter: ms(10),
-            loss: 0.0,
+            ..LinkProfile::default()
         };
         let options = EmulatorOptions {
             seed: Some(3),
@@ -1260,7 +1360,7 @@ mod tests {
             LinkProfile {
                 delay: Latency::from_duration(Duration::MAX),
                 jitter: Latency::from_duration(Duration::MAX),
-                loss: 0.0,
+                ..LinkProfile::default()
             },
         )
         .await

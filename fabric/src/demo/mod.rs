@@ -247,9 +247,8 @@ impl DemoFabric {
         let mut links = BTreeMap::new();
         for l in &topology.links {
             let profile = LinkProfile {
-                delay: l.latency,
                 jitter: options.jitter,
-                loss: 0.0,
+                ..LinkProfile::delay(l.latency)
             };
             for (from, to) in [(&l.a, &l.b), (&l.b, &l.a)] {
                 let (Some(f), Some(t)) = (index.get(from), index.get(to)) else {
@@ -683,9 +682,8 @@ impl DemoFabric {
         }
         for l in self.topology.links_of(node) {
             let profile = LinkProfile {
-                delay: l.latency,
                 jitter: self.options.jitter,
-                loss: 0.0,
+                ..LinkProfile::delay(l.latency)
             };
             self.set_link_profile(&l.a, &l.b, profile);
         }

@@ -374,6 +374,7 @@ impl Shared {
                     id: n.id.clone(),
                     rtt_us: n.rtt_us(),
                     up: self.advertised(n.is_up()),
+                    srtt_us: n.srtt_us(),
                     path_mtu: path.map_or(0, |p| p.current_mtu),
                     lost_packets: path.map_or(0, |p| p.lost_packets),
                     dial_failures: n.dial_failures(),

@@ -312,15 +312,21 @@ impl Metrics {
         }
         // One gauge or counter per neighbour: (name, type, help, value).
         type Value = fn(&crate::telemetry::NeighbourReport) -> f64;
-        let per_neighbour: [(&str, &str, &str, Value); 5] = [
+        let per_neighbour: [(&str, &str, &str, Value); 6] = [
             ("neighbour_up", "gauge", "Neighbour state (1 up).", |n| {
                 f64::from(u8::from(n.up))
             }),
             (
                 "neighbour_rtt_seconds",
                 "gauge",
-                "QUIC RTT to the neighbour.",
+                "RTT to the neighbour as routing takes it: the lowest of the last 10 s.",
                 |n| n.rtt_us as f64 / 1e6,
+            ),
+            (
+                "neighbour_srtt_seconds",
+                "gauge",
+                "QUIC smoothed RTT of the connection to the neighbour, queueing included.",
+                |n| n.srtt_us as f64 / 1e6,
             ),
             (
                 "neighbour_path_mtu_bytes",

@@ -30,7 +30,11 @@ pub(crate) struct Neighbour {
     /// Set only while the neighbour is up (connected, answering probes, past its hold-down).
     conn: ArcSwapOption<quinn::Connection>,
     up: AtomicBool,
+    /// The link's RTT as routing takes it: the lowest sampled over the last [`MIN_RTT_WINDOW`]
+    /// ([`MinRtt`]), in microseconds (0 until the first connection).
     rtt_us: AtomicU64,
+    /// QUIC's smoothed RTT of our connection to it, queueing included (metrics only).
+    srtt_us: AtomicU64,
     /// Dial attempts that ended without a usable connection: refused, no answer within
     /// `CONNECT_TIMEOUT` (or within `STUCK_AFTER`, given up when the neighbour connected to us),
     /// or closed before it answered a probe (the peer refused our certificate).
@@ -53,6 +57,7 @@ impl Neighbour {
             conn: ArcSwapOption::empty(),
             up: AtomicBool::new(false),
             rtt_us: AtomicU64::new(0),
+            srtt_us: AtomicU64::new(0),
             dial_failures: AtomicU64::new(0),
             went_down: tokio::sync::Notify::new(),
             wake: tokio::sync::Notify::new(),
@@ -67,6 +72,9 @@ impl Neighbour {
     }
     pub fn rtt_us(&self) -> u64 {
         self.rtt_us.load(Relaxed)
+    }
+    pub fn srtt_us(&self) -> u64 {
+        self.srtt_us.load(Relaxed)
     }
     pub fn dial_failures(&self) -> u64 {
         self.dial_failures.load(Relaxed)
@@ -206,6 +214,55 @@ pub(crate) const MIN_PROBE_TIMEOUT: Duration = Duration::from_millis(30);
 /// [`MIN_PROBE_TIMEOUT`].
 pub(crate) fn probe_timeout(rtt: Duration) -> Duration {
     (rtt * 3).max(MIN_PROBE_TIMEOUT)
+}
+
+/// How far back [`MinRtt`] looks: BBR's min-RTT filter length. A queue that lasts less than this
+/// (a transfer's own, on the link it crosses) does not raise the link's cost; a lasting rise (a
+/// longer path under the link, a queue that does not drain) shows within it.
+pub(crate) const MIN_RTT_WINDOW: Duration = Duration::from_secs(10);
+/// [`MIN_RTT_WINDOW`] in slots of one second: the window moves one slot at a time.
+const MIN_RTT_SLOTS: usize = MIN_RTT_WINDOW.as_secs() as usize;
+
+/// The lowest RTT sampled over the last [`MIN_RTT_WINDOW`] (9 to 10 s: one minimum per second,
+/// the last ten seconds kept), which routing takes a link's latency from. QUIC's smoothed RTT of
+/// the connection carrying traffic includes the queue that traffic builds at the link's
+/// bottleneck: routing on it, a bulk upload made its own path look far, and moved every new
+/// client to a farther site while it ran. The minimum is the propagation delay plus the least
+/// queueing seen; it falls at once and rises only when a whole window has gone by above it.
+/// Samples: each probe's round trip and QUIC's smoothed RTT when its answer comes, the lower.
+pub(crate) struct MinRtt {
+    start: tokio::time::Instant,
+    /// Per slot: (the second since `start` it holds, the lowest sample in that second).
+    slots: [(u64, Duration); MIN_RTT_SLOTS],
+}
+
+impl MinRtt {
+    /// A filter whose first sample, taken at `now`, is `rtt`.
+    pub fn new(now: tokio::time::Instant, rtt: Duration) -> Self {
+        let mut m = MinRtt {
+            start: now,
+            slots: [(u64::MAX, Duration::MAX); MIN_RTT_SLOTS],
+        };
+        m.sample(now, rtt);
+        m
+    }
+
+    /// Takes the sample `rtt` seen at `now`; returns the lowest of the window.
+    pub fn sample(&mut self, now: tokio::time::Instant, rtt: Duration) -> Duration {
+        let second = now.saturating_duration_since(self.start).as_secs();
+        let slot = &mut self.slots[(second % MIN_RTT_SLOTS as u64) as usize];
+        if slot.0 != second {
+            *slot = (second, rtt);
+        } else {
+            slot.1 = slot.1.min(rtt);
+        }
+        self.slots
+            .iter()
+            .filter(|(s, _)| *s != u64::MAX && *s + MIN_RTT_SLOTS as u64 > second)
+            .map(|(_, rtt)| *rtt)
+            .min()
+            .unwrap_or(rtt)
+    }
 }
 
 /// What the liveness detector wants done at its deadline.
@@ -531,6 +588,8 @@ async fn probe_until_down(
     // The highest ping answered so far.
     let mut answered: u64 = 0;
     let mut live = Liveness::for_connection(p, tokio::time::Instant::now(), conn.rtt());
+    // Per connection: a new one may take another path. Its first sample is the handshake's.
+    let mut min_rtt = MinRtt::new(tokio::time::Instant::now(), conn.rtt());
     // When the last few pings were sent (by sequence number), for the RTT samples.
     let mut sent_at = [(0u64, tokio::time::Instant::now()); 16];
     let mut udp_rx = conn.stats().udp_rx.datagrams;
@@ -642,12 +701,17 @@ async fn probe_until_down(
                 answered = echoed;
                 let now = tokio::time::Instant::now();
                 let (sent_seq, sent) = sent_at[(echoed % 16) as usize];
+                let srtt = conn.rtt();
+                let mut sample = srtt;
                 if sent_seq == echoed {
                     live.rtt_sample(now - sent);
+                    sample = sample.min(now - sent);
                 }
                 live.reply(now, echoed);
                 pongs += 1;
-                nb.rtt_us.store(conn.rtt().as_micros() as u64, Relaxed);
+                let rtt = min_rtt.sample(now, sample);
+                nb.rtt_us.store(rtt.as_micros() as u64, Relaxed);
+                nb.srtt_us.store(srtt.as_micros() as u64, Relaxed);
                 let mut changed = crate::routes::Evidence::learn_from(shared, &nb.id, entries);
                 if !nb.is_up() && down_since.is_none_or(|t| t.elapsed() >= p.hold_down) {
                     nb.set_up(conn);
@@ -754,6 +818,28 @@ mod tests {
         assert!(!answers(5, 3, 6), "a ping not sent yet");
         assert!(!answers(5, 3, u64::MAX));
         assert!(!answers(0, 0, 0), "unsolicited, before any ping");
+    }
+
+    /// The filter falls with the first lower sample, holds through higher ones (a queue) for a
+    /// whole window, and then takes the lowest of the last ten seconds.
+    #[test]
+    fn min_rtt_falls_at_once_and_rises_only_after_a_window() {
+        let t0 = tokio::time::Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let ms = Duration::from_millis;
+        let mut m = MinRtt::new(t0, ms(12));
+        assert_eq!(m.sample(at(100), ms(10)), ms(10), "falls at once");
+        // A queue: 200 ms round trips every 100 ms for 9.8 s, the 10 ms one still in the window.
+        for i in 2..100 {
+            assert_eq!(m.sample(at(i * 100), ms(200)), ms(10), "at {} ms", i * 100);
+        }
+        // Second 10: the slot of second 0 (its 10 ms and 12 ms) has left the window.
+        assert_eq!(m.sample(at(10_000), ms(200)), ms(200));
+        assert_eq!(m.sample(at(10_500), ms(150)), ms(150));
+        assert_eq!(m.sample(at(11_000), ms(190)), ms(150));
+        // A long silence: only the new sample is in the window.
+        assert_eq!(m.sample(at(60_000), ms(30)), ms(30));
+        assert_eq!(MinRtt::new(t0, ms(7)).sample(t0, ms(9)), ms(7));
     }
 
     #[test]

@@ -38,9 +38,15 @@ pub struct HysteresisReport {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NeighbourReport {
     pub id: NodeId,
-    /// Smoothed QUIC RTT of our connection to it, in microseconds (0 when never connected).
+    /// The link's RTT as routing takes it, in microseconds (0 when never connected): the lowest
+    /// sampled over the last 10 s (probe round trips, QUIC's smoothed RTT), so that a queue the
+    /// link's own traffic builds does not count.
     pub rtt_us: u64,
     pub up: bool,
+    /// QUIC's smoothed RTT of our connection to it, queueing included, in microseconds (0 when
+    /// never connected).
+    #[serde(default)]
+    pub srtt_us: u64,
     /// Largest UDP payload the connection has confirmed (path MTU discovery), bytes; 0 when
     /// there is no connection.
     #[serde(default)]
@@ -206,6 +212,7 @@ mod tests {
             id: NodeId::new(format!("n{i:04}")),
             rtt_us: 1_000 + i as u64,
             up,
+            srtt_us: 1_500 + i as u64,
             path_mtu: 1452,
             lost_packets: 0,
             dial_failures: 0,

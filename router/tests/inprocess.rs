@@ -2684,3 +2684,128 @@ async fn a_try_on_a_first_hop_declared_down_goes_on_in_the_rebuilt_table() {
         h.shutdown().await;
     }
 }
+
+/// A bulk transfer that fills its own link's queue does not push the link's cost up: routing
+/// takes a link's latency from the lowest RTT of the last 10 s, not from the smoothed RTT of the
+/// connection carrying the transfer, which includes the queue the transfer itself builds. (It
+/// did: a 20 Mbit/s link with 200 ms of buffer, filled by one upload, made the nearest site look
+/// farther than one 15 ms away, and every new client went there while the upload ran.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_transfer_filling_its_links_queue_does_not_move_new_clients() {
+    use common::traffic::sink_backend;
+    use router::netem::{LinkEmulator, LinkProfile};
+    let dir = ca_dir();
+    let ((sink, got), far_backend) = (sink_backend().await, echo_backend().await);
+    let port = free_tcp_port();
+    let mut tb = TopologyBuilder::new();
+    tb.node("edge", NodeKind::Edge)
+        .node("near", NodeKind::Site)
+        .node("far", NodeKind::Site)
+        .link("edge", "near", ms(5.0))
+        .link("edge", "far", ms(15.0))
+        .service("echo");
+    let mut t = addressed(tb.build(), port);
+    serve(&mut t, "near", "echo", sink);
+    serve(&mut t, "far", "echo", far_backend);
+    // The edge's connection to `near` (the one its streams take) crosses a 20 Mbit/s bottleneck.
+    let bottleneck = LinkProfile::delay(topology::Latency::from_micros(5_000))
+        .with_rate(20_000_000, topology::Latency::from_micros(200_000));
+    let link = LinkEmulator::spawn(
+        "127.0.0.1:0".parse().unwrap(),
+        t.node("near").unwrap().address,
+        bottleneck,
+    )
+    .await
+    .unwrap();
+    let via = link.local_addr();
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t)));
+    let (hs, _txs) = spawn_all(&snap, dir.path(), |id, cfg| {
+        if id == "edge" {
+            cfg.dial_overrides = [(topology::NodeId::new("near"), via)].into();
+        }
+    })
+    .await;
+    let edge = &hs[0];
+    let near_cost = || {
+        edge.routes()
+            .candidates("echo")
+            .and_then(|c| c.iter().find(|c| c.site.as_str() == "near").map(|c| c.cost))
+    };
+    let srtt = || {
+        edge.telemetry()
+            .neighbours
+            .iter()
+            .find(|n| n.id.as_str() == "near")
+            .map_or(0, |n| n.srtt_us)
+    };
+    wait_until(
+        Duration::from_secs(20),
+        || {
+            edge.routes()
+                .preferred("echo")
+                .is_some_and(|c| c.site.as_str() == "near")
+                && edge
+                    .routes()
+                    .candidates("echo")
+                    .is_some_and(|c| c.len() == 2)
+        },
+        || format!("edge routes: {:?}", edge.routes().candidates("echo")),
+    )
+    .await;
+    // 8 MiB: over 3 s through the bottleneck, well inside the 10 s the link's minimum RTT
+    // holds (the client's writes end long before, into the fabric's buffers).
+    const UPLOAD: u64 = 8 << 20;
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let upload = tokio::spawn(async move {
+        let block = vec![7u8; 64 * 1024];
+        for _ in 0..UPLOAD / block.len() as u64 {
+            c.write_all(&block).await.unwrap();
+        }
+        c.shutdown().await.unwrap();
+        c
+    });
+    let arrived = || {
+        got.lock()
+            .unwrap()
+            .iter()
+            .any(|(tag, s)| *tag == 7 && s.last().is_some_and(|(_, n)| *n == UPLOAD))
+    };
+    // While the upload crosses: its queue shows in the connection's smoothed RTT (the test makes
+    // the condition it is about), and never in the route's cost.
+    let (mut worst_srtt, mut worst_cost) = (0u64, topology::Latency::ZERO);
+    let started = Instant::now();
+    while !arrived() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the upload did not arrive within 30 s"
+        );
+        worst_srtt = worst_srtt.max(srtt());
+        let cost = near_cost().expect("near stays a candidate");
+        worst_cost = worst_cost.max(cost);
+        assert!(
+            cost < ms(10.0),
+            "near's cost rose to {cost} with the upload's queue (srtt {} us) after {:?}",
+            srtt(),
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(upload.await.unwrap());
+    assert!(
+        worst_srtt > 60_000,
+        "the upload never queued on the bottleneck: smoothed RTT at most {worst_srtt} us"
+    );
+    assert_eq!(
+        edge.routes()
+            .preferred("echo")
+            .map(|c| c.site.to_string())
+            .as_deref(),
+        Some("near"),
+        "worst cost of near {worst_cost}"
+    );
+    for h in hs {
+        h.shutdown().await;
+    }
+}

@@ -1864,6 +1864,7 @@ async fn a_report_of_many_neighbours_is_cut_to_what_the_controller_takes() {
                 id: NodeId::new(format!("neighbour-{i:05}")),
                 rtt_us: 10_000 + i,
                 up: i % 10 != 0,
+                srtt_us: 10_000 + i,
                 path_mtu: 1452,
                 lost_packets: 0,
                 dial_failures: 0,

@@ -416,6 +416,7 @@ pub fn neighbour(id: &str, rtt_us: u64) -> NeighbourReport {
         id: NodeId::new(id),
         rtt_us,
         up: true,
+        srtt_us: rtt_us,
         path_mtu: 1452,
         lost_packets: 0,
         dial_failures: 0,

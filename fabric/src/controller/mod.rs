@@ -1638,6 +1638,7 @@ mod tests {
                     id: NodeId::new(n),
                     rtt_us: *rtt_us,
                     up: true,
+                    srtt_us: *rtt_us,
                     path_mtu: 1452,
                     lost_packets: 0,
                     dial_failures: 0,

@@ -50,8 +50,9 @@ pub struct RouterArgs {
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
     /// Probe interval per neighbour. A latency as in the topology: a number with ns, us, ms or s
-    /// (e.g. 100ms, 0.5s), above 0 and at most 60s.
-    #[arg(long, default_value = "100ms", value_name = "LATENCY")]
+    /// (e.g. 100ms, 0.5s), from 10ms (tokio's timers tick in milliseconds; a shorter interval
+    /// only sent more probes than a link needs) to 60s.
+    #[arg(long, default_value = "100ms", value_name = "LATENCY", value_parser = parse_probe_interval)]
     pub probe_interval: Latency,
     /// Missed probes in a row before a neighbour is declared down (a missed probe is re-sent at
     /// once). 1 to 100.
@@ -234,6 +235,18 @@ pub(super) fn parse_reload_interval(s: &str) -> Result<std::time::Duration, Stri
         }
         d => Ok(d),
     }
+}
+
+/// Shortest `--probe-interval`.
+const MIN_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// `--probe-interval`: a latency from [`MIN_PROBE_INTERVAL`] to 60 s.
+fn parse_probe_interval(s: &str) -> Result<Latency, String> {
+    let l: Latency = s.parse().map_err(|e| format!("{e}"))?;
+    if l.as_duration() < MIN_PROBE_INTERVAL {
+        return Err(format!("{s:?} must be at least 10ms"));
+    }
+    Ok(l)
 }
 
 /// `--write-stall-timeout`: `off` or 0 (none), else at least a second.
@@ -684,6 +697,23 @@ mod tests {
                 .to_string();
             assert!(e.contains("must be at least 1s"), "{short}: {e}");
         }
+    }
+
+    #[test]
+    fn probe_interval_is_from_10ms_to_60s() {
+        let interval = |v: &str| parse(&["--probe-interval", v]).map(|r| r.probe_interval);
+        assert_eq!(
+            parse(&[]).unwrap().probe_interval,
+            Latency::from_micros(100_000)
+        );
+        assert_eq!(interval("10ms").unwrap(), Latency::from_micros(10_000));
+        assert_eq!(interval("0.5s").unwrap(), Latency::from_micros(500_000));
+        for bad in ["1us", "9ms", "0", "61s", "fast"] {
+            let e = interval(bad).unwrap_err().to_string();
+            assert!(e.contains("--probe-interval"), "{bad}: {e}");
+        }
+        let e = interval("1us").unwrap_err().to_string();
+        assert!(e.contains("at least 10ms"), "{e}");
     }
 
     #[test]

@@ -105,6 +105,15 @@ async fn serve_connection(
         );
         return;
     };
+    if !is_neighbour(&shared, &peer) {
+        shared.metrics.refused_peers_total.fetch_add(1, Relaxed);
+        tracing::info!(node = %shared.node, %peer, remote = %conn.remote_address(), "refused a node that is not a neighbour of this one");
+        conn.close(
+            quinn::VarInt::from_u32(close::NOT_A_NEIGHBOUR),
+            b"not a neighbour of this node in the topology",
+        );
+        return;
+    }
     tracing::debug!(node = %shared.node, %peer, remote = %conn.remote_address(), "peer connected");
     let (_registered, oldest) = shared.inbound.register(&peer, &conn);
     if let Some(old) = oldest {
@@ -131,19 +140,24 @@ async fn serve_connection(
     // Where the next pong's learned entries start: each pong goes on where the previous one
     // stopped, so entries beyond one datagram's worth are carried in turn (`Probe::encode_pong`).
     let mut rotation = 0;
-    // A peer the topology no longer has (a snapshot removed it) is closed at its next stream or
-    // probe, as its next handshake would be refused: it must not go on relaying through us.
+    // A peer the topology no longer has (a snapshot removed it), or no longer links to this
+    // node, is closed at its next stream or probe, as its next handshake would be refused: it
+    // must not go on relaying through us.
     let removed = || {
-        let gone = !shared.peers.contains(&peer);
-        if gone {
-            shared.metrics.refused_peers_total.fetch_add(1, Relaxed);
-            tracing::info!(node = %shared.node, %peer, "closing the connection of a peer the topology no longer has");
-            conn.close(
-                quinn::VarInt::from_u32(close::NOT_ALLOWED),
-                b"no longer a node of the topology",
-            );
-        }
-        gone
+        let (code, why): (u32, &[u8]) = if !shared.peers.contains(&peer) {
+            (close::NOT_ALLOWED, b"no longer a node of the topology")
+        } else if !is_neighbour(&shared, &peer) {
+            (
+                close::NOT_A_NEIGHBOUR,
+                b"no longer a neighbour of this node",
+            )
+        } else {
+            return false;
+        };
+        shared.metrics.refused_peers_total.fetch_add(1, Relaxed);
+        tracing::info!(node = %shared.node, %peer, reason = %String::from_utf8_lossy(why), "closing the connection of a peer");
+        conn.close(quinn::VarInt::from_u32(code), why);
+        true
     };
     loop {
         tokio::select! {
@@ -170,6 +184,14 @@ async fn serve_connection(
             },
         }
     }
+}
+
+/// Whether `peer` may hold a connection to this router: a node this one shares a link with in
+/// the snapshot in force (peering is with configured neighbours only: every hop of a path is a
+/// link, so no one else has streams to send here), or a name the configuration adds
+/// (`RouterConfig::extra_peer_names`).
+fn is_neighbour(shared: &Shared, peer: &str) -> bool {
+    shared.neighbours.load().contains_key(peer) || shared.extra_peer_names.iter().any(|n| n == peer)
 }
 
 /// Why no header came: a bad one (the peer's fault: refused and counted by its code), or a stream

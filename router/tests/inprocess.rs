@@ -2809,3 +2809,87 @@ async fn a_bulk_transfer_filling_its_links_queue_does_not_move_new_clients() {
         h.shutdown().await;
     }
 }
+
+/// Only a neighbour may connect: a node of the topology that shares no link with this router is
+/// closed at once with `not_a_neighbour` (close code 3), as a peering session is only with a
+/// configured neighbour; and a neighbour whose link a snapshot removes is closed at its next
+/// stream or probe. (Any node of the topology was served: an edge could send clients straight
+/// to a site it has no link to, over a path the topology does not have.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_neighbour_may_connect() {
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let port = free_tcp_port();
+    let t = line_topology("echo", backend, port);
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    let (hs, txs) = spawn_all(&snap, dir.path(), |_, _| {}).await;
+    wait_for_route(
+        node(&hs, "edge"),
+        "echo",
+        Duration::from_secs(10),
+        "edge never got a route",
+    )
+    .await;
+    let site = node(&hs, "site");
+    let refused = || {
+        metric(
+            &site.metrics_text(),
+            "tasman_refused_peers_total{node=\"site\"}",
+        )
+        .unwrap_or(0)
+    };
+    let before = refused();
+    // The edge is a node of the topology, but not the site's neighbour.
+    let (_ep, conn) = connect_as(dir.path(), "edge", site.quic_addr().unwrap(), "site").await;
+    let closed = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .expect("a non-neighbour's connection stayed open");
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(
+                c.error_code,
+                quinn::VarInt::from_u32(router::codes::close::NOT_A_NEIGHBOUR)
+            )
+        }
+        other => panic!("closed with {other}, not not_a_neighbour"),
+    }
+    assert_eq!(refused(), before + 1, "{}", site.metrics_text());
+
+    // The transit, the site's neighbour, is served; once a snapshot removes their link, its
+    // connection is closed at its next stream or probe.
+    let (_ep, conn) = connect_as(dir.path(), "transit", site.quic_addr().unwrap(), "site").await;
+    conn.open_bi().await.expect("a neighbour opens a stream");
+    let mut unlinked = t.clone();
+    unlinked
+        .links
+        .retain(|l| !(l.a.as_str() == "site" || l.b.as_str() == "site"));
+    let next = Arc::new(Snapshot::new(2, Arc::new(unlinked)));
+    txs[hs
+        .iter()
+        .position(|h| h.telemetry().node.as_str() == "site")
+        .unwrap()]
+    .send(next)
+    .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        || site.telemetry().snapshot_version == 2,
+        || "the site never applied version 2".into(),
+    )
+    .await;
+    // A stream or a datagram: either is its next word (the datagram may close it first).
+    conn.send_datagram(bytes::Bytes::from_static(b"ping?")).ok();
+    if let Ok((mut send, _recv)) = conn.open_bi().await {
+        let _ = send.write_all(b"x").await;
+    }
+    let closed = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .expect("an ex-neighbour's connection stayed open");
+    assert!(
+        matches!(&closed, quinn::ConnectionError::ApplicationClosed(c)
+            if c.error_code == quinn::VarInt::from_u32(router::codes::close::NOT_A_NEIGHBOUR)),
+        "{closed}"
+    );
+    for h in hs {
+        h.shutdown().await;
+    }
+}

@@ -192,9 +192,11 @@ fn malformed_headers_reset_the_stream_with_a_code_and_the_router_keeps_serving()
         .site("site", free_udp(LOCAL), &[("echo", backend, 100)])
         .link("edge", "transit", "1ms")
         .link("transit", "site", "1ms")
+        // The edge's own link to the site: only a neighbour may connect to a router.
+        .link("edge", "site", "1ms")
         .service("echo", free_tcp_port(LOCAL), &[]);
     let mut f = Fabric::new(&y);
-    // The test plays the edge: it holds the edge's certificate.
+    // The test plays the edge, a neighbour of both: it holds the edge's certificate.
     f.start("transit");
     f.start("site");
     eventually(DEADLINE, "transit sees site up", || {

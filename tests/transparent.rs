@@ -289,3 +289,77 @@ fn iptables_redirect_to_a_vip_reaches_the_backend_through_the_edge() {
     drop(f);
     drop(nginxes);
 }
+
+/// A service VIP that is an address of the edge's host itself (an anycast-style VIP, no NAT
+/// rule) is served on the transparent port: a client connecting straight to VIP:port arrives on
+/// the edge's wildcard transparent listener, and with no original destination to read (no NAT,
+/// so no conntrack entry) the edge takes the address the client connected to. In a namespace
+/// with no iptables rule at all, so that conntrack tracks nothing. (Such a client was reset as
+/// `unknown_service`: only a connection conntrack happened to track had a destination.)
+#[test]
+fn a_vip_on_the_edge_host_is_served_on_the_transparent_port_without_nat() {
+    if !is_root() {
+        unavailable("not root (a network namespace needs it)");
+        return;
+    }
+    let ns_name = format!("tasman-tpl-{}", std::process::id());
+    let Some(ns) = NetNs::create(&ns_name) else {
+        unavailable("`ip netns add` failed: no network namespace can be made here");
+        return;
+    };
+    assert!(ns.run(&["ip", "link", "set", "lo", "up"]));
+    // An echo backend in the namespace (the site connects to it from there).
+    let backend = SocketAddr::new(LOCAL, free_tcp_port(LOCAL));
+    let listener = in_netns(&ns.0, move || std::net::TcpListener::bind(backend).unwrap());
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let tport = free_tcp_port(LOCAL);
+    // 127.0.0.2 is an address of the namespace (all of 127/8 is, on `lo`).
+    let vip = format!("127.0.0.2/32:{tport}");
+    let mut y = TopoYaml::default();
+    y.edge(
+        "edge",
+        free_udp(LOCAL),
+        IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        Some(tport),
+    )
+    .site("site", free_udp(LOCAL), &[("echo", backend, 100)])
+    .link("edge", "site", "1ms")
+    .service("echo", free_tcp_port(LOCAL), &[&vip]);
+    let mut f = Fabric::new(&y);
+    f.wrapper = ns.exec();
+    f.start_all();
+    f.wait_preferred("edge", "echo", "site");
+    let dst: SocketAddr = format!("127.0.0.2:{tport}").parse().unwrap();
+    let got = in_netns(&ns.0, move || {
+        let mut s = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(10))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(b"straight to the VIP")?;
+        let mut buf = [0u8; 19];
+        s.read_exact(&mut buf).map(|()| buf.to_vec())
+    });
+    match got {
+        Ok(echoed) => assert_eq!(echoed, b"straight to the VIP"),
+        Err(e) => panic!(
+            "a client straight to the VIP {dst} was not served ({e}); unknown_service: {}\nedge log:\n{}",
+            f.metric(
+                "edge",
+                "tasman_stream_errors_total",
+                "code=\"unknown_service\""
+            ),
+            f.log("edge")
+        ),
+    }
+    assert_eq!(f.metric("edge", "tasman_streams_total", ""), 1);
+    drop(f);
+}

@@ -247,11 +247,17 @@ async fn accept_loop(
             }
         };
         // Where the client connected: the listener's address, or the original destination
-        // before an iptables REDIRECT (a service VIP or a circuit VIP).
+        // before an iptables REDIRECT (a service VIP or a circuit VIP). With none to read (no
+        // NAT rule took the connection, so conntrack has no entry for it, or is not loaded),
+        // the client connected straight to the transparent port at this address: a VIP the
+        // host holds itself.
         let service = service.load().as_deref().cloned();
         let dst = match &service {
             Some(_) => tcp.local_addr().ok(),
-            None => crate::orig_dst::original_dst(&tcp, local_v6).ok(),
+            None => crate::orig_dst::original_dst(&tcp, local_v6)
+                .or_else(|_| tcp.local_addr())
+                .ok()
+                .map(|d| SocketAddr::new(d.ip().to_canonical(), d.port())),
         };
         let service =
             service.or_else(|| dst.and_then(|d| shared.routes.load().service_for(d).cloned()));

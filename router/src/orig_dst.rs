@@ -5,7 +5,9 @@ use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
 
-/// The address the client originally connected to, before NAT rewrote it.
+/// The address the client originally connected to, before NAT rewrote it. An error when
+/// conntrack has no entry for the connection (no NAT rule took it) or is not loaded: the caller
+/// then takes the connection's local address, where the client did connect.
 #[cfg(target_os = "linux")]
 pub fn original_dst(sock: &impl AsRawFd, local_is_v6: bool) -> io::Result<SocketAddr> {
     let fd = sock.as_raw_fd();
@@ -30,7 +32,8 @@ pub fn original_dst(sock: &impl AsRawFd, local_is_v6: bool) -> io::Result<Socket
                     addr.sin6_scope_id,
                 )));
             }
-            // A v4 connection on a dual-stack socket: fall through to the IPv4 option.
+            // A v4 connection on a dual-stack socket (its IPv4 conntrack entry), or a v6 one
+            // with no entry (the IPv4 option then finds none either): the IPv4 option.
         }
         let mut addr: libc::sockaddr_in = std::mem::zeroed();
         let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;

@@ -24,4 +24,5 @@ pub use route::{
     Candidate, Hysteresis, LiveState, RouteError, RoutingTable, SiteLoad, Spread, route,
 };
 pub use units::{Bandwidth, Latency, UnitError};
+pub use validate::{MAX_LINKS, MAX_NODES, MAX_SERVICES};
 pub use yaml::{Loaded, MAX_DIAGNOSTICS, MAX_DOCUMENT_BYTES, load, load_stored, to_yaml};

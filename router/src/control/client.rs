@@ -1195,6 +1195,21 @@ fn check(
     bound: Option<SocketAddr>,
     running: Option<SocketAddr>,
 ) -> Result<(), Refusal> {
+    // A controller's document never holds more (it validates what it is given); a snapshot
+    // that does, whole or grown by deltas (the frame bound is per frame, not on what deltas
+    // build up), would take memory and table rebuilds without bound.
+    let t = &snap.topology;
+    for (what, n, max) in [
+        ("nodes", t.nodes.len(), topology::MAX_NODES),
+        ("links", t.links.len(), topology::MAX_LINKS),
+        ("services", t.services.len(), topology::MAX_SERVICES),
+    ] {
+        if n > max {
+            return Err(Refusal::new(format!(
+                "the topology has {n} {what}, over the limit of {max}"
+            )));
+        }
+    }
     let Some(me) = snap.topology.node(node.as_str()) else {
         return Err(Refusal::new(format!("node {node} is not in topology")));
     };
@@ -1708,6 +1723,57 @@ mod tests {
         assert_eq!(check(&a, &same, None, None), Ok(()));
         drop(held);
         assert_eq!(check(&a, &same, None, None), Ok(()));
+    }
+
+    /// A topology over the limits a topology document has (nodes, links, services) is refused,
+    /// a delta's result as a whole snapshot: deltas within the frame bound could otherwise
+    /// grow the router's topology without end. (Every delta was applied and acknowledged.)
+    #[test]
+    fn a_topology_over_the_document_limits_is_refused() {
+        use crate::control::proto::TopologyDelta;
+        let a = NodeId::new("a");
+        let base = with_a_at("127.0.0.1:0");
+        let link = |i: usize| topology::Link {
+            a: NodeId::new("a"),
+            b: NodeId::new(format!("n{i}")),
+            latency: topology::Latency::from_micros(1_000),
+            capacity: topology::Bandwidth::from_mbps(1_000),
+            state: Default::default(),
+        };
+        let grow = |base: &Snapshot, from: usize, n: usize| {
+            let delta = ToRouter::Delta {
+                version: base.version + 1,
+                base_version: base.version,
+                topology_version: base.version + 1,
+                changes: TopologyDelta {
+                    links_upsert: (from..from + n).map(link).collect(),
+                    ..Default::default()
+                },
+                live: Default::default(),
+            };
+            match next_step(base, delta).unwrap() {
+                Step::Apply(s, _) => s,
+                _ => panic!("a delta on its base is applied"),
+            }
+        };
+        let half = topology::MAX_LINKS / 2 + 1;
+        let once = grow(&base, 0, half);
+        assert_eq!(check(&a, &once, None, None), Ok(()));
+        let twice = grow(&once, half, half);
+        assert_eq!(twice.topology.links.len(), 2 * half);
+        let e = check(&a, &twice, None, None).unwrap_err();
+        assert!(e.reason.contains("over the limit of 250000"), "{e:?}");
+        assert_eq!(e.late, None);
+        let mut many = with_a_at("127.0.0.1:0");
+        let t = Arc::make_mut(&mut many.topology);
+        let n = t.nodes[0].clone();
+        t.nodes.resize(topology::MAX_NODES + 1, n);
+        assert!(
+            check(&a, &many, None, None)
+                .unwrap_err()
+                .reason
+                .contains("nodes")
+        );
     }
 
     /// Version 0 is "none yet" on the router's side: a snapshot numbered 0 is refused, and a

@@ -225,10 +225,18 @@ pub enum FromRouter {
 pub enum ProtoError {
     #[error("frame of {size} bytes exceeds the limit of {max}")]
     TooLarge { size: usize, max: usize },
+    /// serde's word, clipped ([`clip`]): it quotes what it refused, which a peer can make as
+    /// long as a frame (a 64 MiB variant name), and the error is logged.
     #[error("malformed message: {0}")]
-    Malformed(#[from] serde_json::Error),
+    Malformed(String),
     #[error("connection: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl From<serde_json::Error> for ProtoError {
+    fn from(e: serde_json::Error) -> Self {
+        ProtoError::Malformed(clip(e.to_string()))
+    }
 }
 
 /// Encodes `msg` as one frame (length prefix included).
@@ -597,6 +605,25 @@ mod tests {
         assert!(read_frame(&mut r, MAX_TO_ROUTER).await.is_err());
         let mut r = &f[..2];
         assert!(read_frame(&mut r, MAX_TO_ROUTER).await.is_err());
+    }
+
+    #[test]
+    fn a_malformed_messages_error_is_bounded_whatever_it_quotes() {
+        let long = "x".repeat(1 << 20);
+        for frame in [
+            format!(r#"{{"type":"{long}"}}"#),
+            format!(r#"{{"type":"heartbeat","version":"{long}"}}"#),
+        ] {
+            let e = decode::<ToRouter>(frame.as_bytes())
+                .unwrap_err()
+                .to_string();
+            assert!(e.len() < 300, "{} bytes", e.len());
+            assert!(e.starts_with("malformed message: "), "{e}");
+            let e = decode::<FromRouter>(frame.as_bytes())
+                .unwrap_err()
+                .to_string();
+            assert!(e.len() < 300, "{} bytes", e.len());
+        }
     }
 
     #[test]

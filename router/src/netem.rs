@@ -279,6 +279,9 @@ struct Direction {
     /// When the last packet accepted on a rate-limited link has been serialised (the end of
     /// the direction's queue).
     busy_until: Instant,
+    /// The rate `busy_until` was reckoned at: a profile with another rate drains what is queued
+    /// at its own.
+    busy_rate: u64,
 }
 
 /// What [`Direction::schedule`] decides for a packet.
@@ -298,6 +301,7 @@ impl Direction {
             rng,
             base: Instant::now(),
             busy_until: Instant::now(),
+            busy_rate: 0,
         }
     }
 
@@ -308,6 +312,19 @@ impl Direction {
     fn schedule(&mut self, profile: &LinkProfile, now: Instant, len: usize) -> Fate {
         if profile.loss > 0.0 && self.rng.random::<f64>() < profile.loss {
             return Fate::Lost;
+        }
+        // What is queued when the rate changes drains at the new rate (none: at once).
+        if profile.rate_bps != self.busy_rate {
+            let queued = self.busy_until.saturating_duration_since(now);
+            let scaled = match profile.rate_bps {
+                0 => Duration::ZERO,
+                r => Duration::from_nanos(
+                    (queued.as_nanos() * u128::from(self.busy_rate) / u128::from(r))
+                        .min(MAX_DELAY.as_nanos()) as u64,
+                ),
+            };
+            self.busy_until = now + scaled;
+            self.busy_rate = profile.rate_bps;
         }
         // Serialisation: after the packets before it, at the link's rate.
         let mut sent = now;
@@ -660,22 +677,9 @@ fn enqueue(
         shared.counters.dropped_cut.fetch_add(1, Ordering::Relaxed);
         return;
     }
-    let profile = shared.profile.load();
-    let due = match dir.schedule(&profile, now, data.len()) {
-        Fate::Due(due) => due,
-        Fate::Lost => {
-            shared.counters.dropped_loss.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        Fate::Overflow => {
-            shared
-                .counters
-                .dropped_queue_full
-                .fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-    };
-    // Reserve a slot in the direction's queue; give it back if the queue was already full.
+    // Reserve a slot in the direction's queue first (a packet dropped for want of one takes no
+    // time on a rate-limited link); give it back if the queue was already full, or the packet
+    // is dropped on the way.
     let queued = &shared.queued[dest.queue()];
     if queued.fetch_add(1, Ordering::AcqRel) >= shared.options.queue_limit {
         queued.fetch_sub(1, Ordering::AcqRel);
@@ -685,6 +689,23 @@ fn enqueue(
             .fetch_add(1, Ordering::Relaxed);
         return;
     }
+    let profile = shared.profile.load();
+    let due = match dir.schedule(&profile, now, data.len()) {
+        Fate::Due(due) => due,
+        Fate::Lost => {
+            queued.fetch_sub(1, Ordering::AcqRel);
+            shared.counters.dropped_loss.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        Fate::Overflow => {
+            queued.fetch_sub(1, Ordering::AcqRel);
+            shared
+                .counters
+                .dropped_queue_full
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    };
     let seq = shared.seq.fetch_add(1, Ordering::Relaxed);
     if tx
         .send(Queued {
@@ -857,6 +878,16 @@ mod tests {
             dir.schedule(&profile, t0 + us(100_000), 1_000),
             Fate::Due(t0 + us(111_000))
         );
+        // A new rate drains what is queued at its own: 3 ms queued at 8 Mbit/s is 0.75 ms at
+        // 32 Mbit/s, within a 1 ms buffer (reckoned at the old rate, it overflowed it). The
+        // packet still leaves after the ones held before it (order is kept).
+        let mut dir = Direction::new(SmallRng::seed_from_u64(1));
+        for _ in 0..3 {
+            dir.schedule(&profile, t0, 1_000);
+        }
+        let faster = LinkProfile::delay(ms(10)).with_rate(32_000_000, Latency::from_micros(1_000));
+        assert_eq!(dir.schedule(&faster, t0, 1_000), Fate::Due(t0 + us(13_000)));
+        assert_eq!(dir.busy_until, t0 + us(1_000));
         // Unlimited (rate 0): no serialisation, no buffer.
         let mut dir = Direction::new(SmallRng::seed_from_u64(1));
         for _ in 0..3 {

@@ -2870,9 +2870,13 @@ async fn only_a_neighbour_may_connect() {
         .unwrap()]
     .send(next)
     .unwrap();
+    // Its neighbours are what the check reads (stored after the version it reports).
     wait_until(
         Duration::from_secs(10),
-        || site.telemetry().snapshot_version == 2,
+        || {
+            let t = site.telemetry();
+            t.snapshot_version == 2 && t.neighbours.iter().all(|n| n.id.as_str() != "transit")
+        },
         || "the site never applied version 2".into(),
     )
     .await;

@@ -681,28 +681,20 @@ fn enqueue(
     // time on a rate-limited link); give it back if the queue was already full, or the packet
     // is dropped on the way.
     let queued = &shared.queued[dest.queue()];
-    if queued.fetch_add(1, Ordering::AcqRel) >= shared.options.queue_limit {
-        queued.fetch_sub(1, Ordering::AcqRel);
-        shared
-            .counters
-            .dropped_queue_full
-            .fetch_add(1, Ordering::Relaxed);
-        return;
-    }
-    let profile = shared.profile.load();
-    let due = match dir.schedule(&profile, now, data.len()) {
+    let fate = if queued.fetch_add(1, Ordering::AcqRel) >= shared.options.queue_limit {
+        Fate::Overflow
+    } else {
+        dir.schedule(&shared.profile.load(), now, data.len())
+    };
+    let due = match fate {
         Fate::Due(due) => due,
-        Fate::Lost => {
+        dropped => {
             queued.fetch_sub(1, Ordering::AcqRel);
-            shared.counters.dropped_loss.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        Fate::Overflow => {
-            queued.fetch_sub(1, Ordering::AcqRel);
-            shared
-                .counters
-                .dropped_queue_full
-                .fetch_add(1, Ordering::Relaxed);
+            let counter = match dropped {
+                Fate::Lost => &shared.counters.dropped_loss,
+                _ => &shared.counters.dropped_queue_full,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
             return;
         }
     };

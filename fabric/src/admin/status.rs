@@ -96,6 +96,9 @@ pub struct RttRow {
     pub a: String,
     pub b: String,
     pub rtt_ms: Option<f64>,
+    /// QUIC's smoothed RTT, queueing included (absent from an older controller's answer).
+    #[serde(default)]
+    pub srtt_ms: Option<f64>,
     pub declared_one_way_ms: f64,
     pub weight_ms: f64,
     pub up: bool,
@@ -109,6 +112,7 @@ impl From<RttEntry> for RttRow {
             a: e.a,
             b: e.b,
             rtt_ms: e.rtt_ms,
+            srtt_ms: e.srtt_ms,
             declared_one_way_ms: e.declared_one_way_ms,
             weight_ms: e.weight_ms,
             up: e.up,

@@ -870,6 +870,10 @@ pub fn sample_of(r: &router::telemetry::TelemetryReport) -> (Sample, usize) {
             neighbour: n.id.clone(),
             rtt: (n.rtt_us > 0).then(|| Duration::from_micros(n.rtt_us)),
             up: n.up,
+            // Shown only: an implausible one is left out, not the report refused for it.
+            srtt: (n.srtt_us > 0)
+                .then(|| Duration::from_micros(n.srtt_us))
+                .filter(|d| *d <= MAX_RTT),
         })
         .collect();
     let refused = r.neighbours.len() - neighbours.len();

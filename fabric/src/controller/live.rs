@@ -62,14 +62,20 @@ pub struct Sample {
 #[derive(Debug, Clone, PartialEq)]
 pub struct NeighbourSample {
     pub neighbour: NodeId,
+    /// The link's RTT as the router routes on it (the lowest of its last 10 s).
     pub rtt: Option<Duration>,
     pub up: bool,
+    /// QUIC's smoothed RTT of the router's connection to it, queueing included (shown, not
+    /// published: routing leaves a link's own queue out).
+    pub srtt: Option<Duration>,
 }
 
 #[derive(Debug, Default)]
 struct LinkObs {
     ewma_rtt_ns: Option<f64>,
     rtt_updated: Option<Instant>,
+    /// The smoothed RTT of the newest report from either end that had one.
+    srtt: Option<Duration>,
     /// Per reporting end: link up?, when.
     ends: BTreeMap<NodeId, (bool, Instant)>,
 }
@@ -80,8 +86,12 @@ pub struct RttEntry {
     pub link: String,
     pub a: String,
     pub b: String,
-    /// Smoothed round-trip time, if measured.
+    /// Round-trip time as routing takes it (an EWMA of what the ends report: each the lowest of
+    /// its last 10 s), if measured.
     pub rtt_ms: Option<f64>,
+    /// QUIC's smoothed RTT in the newest report from either end, queueing included: above
+    /// `rtt_ms` while traffic queues on the link (None: never reported).
+    pub srtt_ms: Option<f64>,
     pub declared_one_way_ms: f64,
     /// The one-way weight in force (published), ms.
     pub weight_ms: f64,
@@ -270,6 +280,9 @@ impl LiveAggregator {
                     _ => x,
                 });
                 obs.rtt_updated = Some(now);
+                if let Some(srtt) = n.srtt {
+                    obs.srtt = Some(srtt);
+                }
             }
             touched.push(id);
         }
@@ -519,6 +532,7 @@ impl LiveAggregator {
                     a: id.0.to_string(),
                     b: id.1.to_string(),
                     rtt_ms: obs.and_then(|o| o.ewma_rtt_ns).map(|ns| ns / 1e6),
+                    srtt_ms: obs.and_then(|o| o.srtt).map(|d| d.as_secs_f64() * 1e3),
                     declared_one_way_ms: l.latency.as_millis_f64(),
                     weight_ms: weight.as_millis_f64(),
                     up,
@@ -542,6 +556,7 @@ impl Sample {
                 neighbour: NodeId::new(neighbour),
                 rtt,
                 up,
+                srtt: None,
             }],
             site: None,
             services: BTreeMap::new(),
@@ -595,6 +610,42 @@ mod tests {
         assert_eq!(row.age_ms, Some(60_000), "{row:?}");
     }
 
+    /// A router's report carries both RTTs of a link: the one it routes on (the lowest of its
+    /// last 10 s, which the weight follows) and QUIC's smoothed one, queueing included; the RTT
+    /// matrix shows both, so that an operator sees a link's queue that routing leaves out.
+    #[test]
+    fn the_rtt_matrix_shows_the_smoothed_rtt_beside_the_routing_one() {
+        use router::telemetry::{NeighbourReport, TelemetryReport};
+        let t0 = Instant::now();
+        let mut agg = LiveAggregator::new(LiveParams::default(), Arc::new(topo()));
+        let report = |node: &str, peer: &str, srtt_us: u64| TelemetryReport {
+            node: NodeId::new(node),
+            snapshot_version: 1,
+            neighbours: vec![NeighbourReport {
+                id: NodeId::new(peer),
+                rtt_us: 1_000,
+                up: true,
+                srtt_us,
+                path_mtu: 1452,
+                lost_packets: 0,
+                dial_failures: 0,
+            }],
+            sites: Vec::new(),
+            preferred: BTreeMap::new(),
+            draining: false,
+            hysteresis: None,
+        };
+        let (sample, _) = super::super::distribute::sample_of(&report("e", "t", 41_500));
+        agg.observe(sample, t0);
+        let row = &agg.rtt_matrix(t0)[0];
+        assert_eq!(row.rtt_ms, Some(1.0));
+        assert_eq!(row.srtt_ms, Some(41.5), "{row:?}");
+        // An older router's report (no smoothed RTT) leaves the last one shown.
+        let (older, _) = super::super::distribute::sample_of(&report("t", "e", 0));
+        agg.observe(older, t0 + Duration::from_secs(1));
+        assert_eq!(agg.rtt_matrix(t0)[0].srtt_ms, Some(41.5));
+    }
+
     /// A report costs its own size, not the fabric's: the same 200-neighbour report takes about
     /// as long against 200 links as against 4,200 links that are all observed. (Looking links up
     /// by scanning the topology, and comparing the whole merged state after each report, made a
@@ -614,6 +665,7 @@ mod tests {
                         neighbour: NodeId::new(format!("{prefix}{i}")),
                         rtt: Some(Duration::from_millis(9)),
                         up: true,
+                        srtt: None,
                     })
                     .collect(),
                 site: None,

@@ -179,7 +179,8 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
-fn canonical_sock(a: SocketAddr) -> SocketAddr {
+/// `a` with an IPv4-mapped IPv6 address written as IPv4.
+pub(crate) fn canonical_sock(a: SocketAddr) -> SocketAddr {
     SocketAddr::new(canonical(a.ip()), a.port())
 }
 

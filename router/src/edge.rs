@@ -257,7 +257,7 @@ async fn accept_loop(
             None => crate::orig_dst::original_dst(&tcp, local_v6)
                 .or_else(|_| tcp.local_addr())
                 .ok()
-                .map(|d| SocketAddr::new(d.ip().to_canonical(), d.port())),
+                .map(crate::circuits::canonical_sock),
         };
         let service =
             service.or_else(|| dst.and_then(|d| shared.routes.load().service_for(d).cloned()));

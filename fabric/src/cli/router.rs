@@ -244,7 +244,10 @@ const MIN_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_millis
 fn parse_probe_interval(s: &str) -> Result<Latency, String> {
     let l: Latency = s.parse().map_err(|e| format!("{e}"))?;
     if l.as_duration() < MIN_PROBE_INTERVAL {
-        return Err(format!("{s:?} must be at least 10ms"));
+        return Err(format!(
+            "{s:?} must be at least {}",
+            humantime::format_duration(MIN_PROBE_INTERVAL)
+        ));
     }
     Ok(l)
 }

@@ -125,12 +125,13 @@ pub fn run(args: StatusArgs) -> ExitCode {
         "{:<36} {:>10} {:>10} {:>12} {:>10} {:<5} AGE",
         "LINK", "RTT ms", "SRTT ms", "DECLARED ms", "WEIGHT ms", "UP"
     );
+    let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}"));
     for r in &st.rtt {
         println!(
             "{:<36} {:>10} {:>10} {:>12.2} {:>10.2} {:<5} {}",
             r.link,
-            r.rtt_ms.map_or("-".into(), |v| format!("{v:.2}")),
-            r.srtt_ms.map_or("-".into(), |v| format!("{v:.2}")),
+            ms(r.rtt_ms),
+            ms(r.srtt_ms),
             r.declared_one_way_ms,
             r.weight_ms,
             if r.up { "up" } else { "DOWN" },

@@ -322,19 +322,10 @@ fn a_vip_on_the_edge_host_is_served_on_the_transparent_port_without_nat() {
     );
     // An echo backend in the namespace (the site connects to it from there).
     let backend = SocketAddr::new(LOCAL, free_tcp_port(LOCAL));
-    let listener = in_netns(&ns.0, move || std::net::TcpListener::bind(backend).unwrap());
-    std::thread::spawn(move || {
-        for mut s in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 || s.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
+    echo_on(
+        in_netns(&ns.0, move || std::net::TcpListener::bind(backend).unwrap()),
+        "",
+    );
     let tport = free_tcp_port(LOCAL);
     // 127.0.0.2 is an address of the namespace (all of 127/8 is, on `lo`).
     let vip = format!("127.0.0.2/32:{tport}");

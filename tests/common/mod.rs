@@ -570,7 +570,11 @@ impl Nginx {
 /// A TCP backend on loopback, a thread per connection: writes `greeting` (may be empty), echoes
 /// until EOF, then half-closes.
 pub fn echo_backend(greeting: &str) -> SocketAddr {
-    let l = std::net::TcpListener::bind((LOCAL, 0)).unwrap();
+    echo_on(std::net::TcpListener::bind((LOCAL, 0)).unwrap(), greeting)
+}
+
+/// [`echo_backend`] on listener `l` (bound where the caller wants: in a network namespace, say).
+pub fn echo_on(l: std::net::TcpListener, greeting: &str) -> SocketAddr {
     let addr = l.local_addr().unwrap();
     let greeting = greeting.to_string();
     std::thread::spawn(move || {

@@ -1475,16 +1475,7 @@ async fn near_and_far(
     near_tune: impl Fn(&mut RouterConfig),
 ) -> (Vec<RouterHandle>, Vec<Source>, u16) {
     let port = free_tcp_port();
-    let mut tb = TopologyBuilder::new();
-    tb.node("edge", NodeKind::Edge)
-        .node("near", NodeKind::Site)
-        .node("far", NodeKind::Site)
-        .link("edge", "near", ms(10.0))
-        .link("edge", "far", ms(40.0))
-        .service("echo");
-    let mut t = addressed(tb.build(), port);
-    serve(&mut t, "near", "echo", a);
-    serve(&mut t, "far", "echo", b);
+    let t = near_and_far_topology(a, b, port, 10.0, 40.0);
     let snap = Arc::new(Snapshot::new(1, Arc::new(t)));
     let (hs, txs) = spawn_all(&snap, dir, |id, cfg| {
         if id == "near" {
@@ -1492,18 +1483,45 @@ async fn near_and_far(
         }
     })
     .await;
+    prefers_near(&hs[0]).await;
+    (hs, txs, port)
+}
+
+/// An edge and two sites, `near` and `far`, serving echo at `a` and `b`, their links declared
+/// `near_ms` and `far_ms` long; clients on `port`.
+fn near_and_far_topology(
+    a: SocketAddr,
+    b: SocketAddr,
+    port: u16,
+    near_ms: f64,
+    far_ms: f64,
+) -> topology::Topology {
+    let mut tb = TopologyBuilder::new();
+    tb.node("edge", NodeKind::Edge)
+        .node("near", NodeKind::Site)
+        .node("far", NodeKind::Site)
+        .link("edge", "near", ms(near_ms))
+        .link("edge", "far", ms(far_ms))
+        .service("echo");
+    let mut t = addressed(tb.build(), port);
+    serve(&mut t, "near", "echo", a);
+    serve(&mut t, "far", "echo", b);
+    t
+}
+
+/// Waits until `edge` prefers `near`, with both sites among its candidates.
+async fn prefers_near(edge: &RouterHandle) {
     wait_until(
         Duration::from_secs(20),
         || {
-            let r = hs[0].routes();
+            let r = edge.routes();
             r.preferred("echo")
                 .is_some_and(|c| c.site.as_str() == "near")
                 && r.candidates("echo").is_some_and(|c| c.len() == 2)
         },
-        || format!("edge routes: {:?}", hs[0].routes().candidates("echo")),
+        || format!("edge routes: {:?}", edge.routes().candidates("echo")),
     )
     .await;
-    (hs, txs, port)
 }
 
 /// A client connection through the edge that has echoed `hello` once.
@@ -2697,16 +2715,7 @@ async fn a_bulk_transfer_filling_its_links_queue_does_not_move_new_clients() {
     let dir = ca_dir();
     let ((sink, got), far_backend) = (sink_backend().await, echo_backend().await);
     let port = free_tcp_port();
-    let mut tb = TopologyBuilder::new();
-    tb.node("edge", NodeKind::Edge)
-        .node("near", NodeKind::Site)
-        .node("far", NodeKind::Site)
-        .link("edge", "near", ms(5.0))
-        .link("edge", "far", ms(15.0))
-        .service("echo");
-    let mut t = addressed(tb.build(), port);
-    serve(&mut t, "near", "echo", sink);
-    serve(&mut t, "far", "echo", far_backend);
+    let t = near_and_far_topology(sink, far_backend, port, 5.0, 15.0);
     // The edge's connection to `near` (the one its streams take) crosses a 20 Mbit/s bottleneck.
     let bottleneck = LinkProfile::delay(topology::Latency::from_micros(5_000))
         .with_rate(20_000_000, topology::Latency::from_micros(200_000));
@@ -2738,20 +2747,7 @@ async fn a_bulk_transfer_filling_its_links_queue_does_not_move_new_clients() {
             .find(|n| n.id.as_str() == "near")
             .map_or(0, |n| n.srtt_us)
     };
-    wait_until(
-        Duration::from_secs(20),
-        || {
-            edge.routes()
-                .preferred("echo")
-                .is_some_and(|c| c.site.as_str() == "near")
-                && edge
-                    .routes()
-                    .candidates("echo")
-                    .is_some_and(|c| c.len() == 2)
-        },
-        || format!("edge routes: {:?}", edge.routes().candidates("echo")),
-    )
-    .await;
+    prefers_near(edge).await;
     // 8 MiB: over 3 s through the bottleneck, well inside the 10 s the link's minimum RTT
     // holds (the client's writes end long before, into the fabric's buffers).
     const UPLOAD: u64 = 8 << 20;
@@ -2817,19 +2813,7 @@ async fn a_bulk_transfer_filling_its_links_queue_does_not_move_new_clients() {
 /// to a site it has no link to, over a path the topology does not have.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_a_neighbour_may_connect() {
-    let dir = ca_dir();
-    let backend = echo_backend().await;
-    let port = free_tcp_port();
-    let t = line_topology("echo", backend, port);
-    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
-    let (hs, txs) = spawn_all(&snap, dir.path(), |_, _| {}).await;
-    wait_for_route(
-        node(&hs, "edge"),
-        "echo",
-        Duration::from_secs(10),
-        "edge never got a route",
-    )
-    .await;
+    let (hs, txs, _port, dir) = line_fabric(echo_backend().await, |_, _| {}).await;
     let site = node(&hs, "site");
     let refused = || {
         metric(
@@ -2841,35 +2825,23 @@ async fn only_a_neighbour_may_connect() {
     let before = refused();
     // The edge is a node of the topology, but not the site's neighbour.
     let (_ep, conn) = connect_as(dir.path(), "edge", site.quic_addr().unwrap(), "site").await;
-    let closed = tokio::time::timeout(Duration::from_secs(10), conn.closed())
-        .await
-        .expect("a non-neighbour's connection stayed open");
-    match closed {
-        quinn::ConnectionError::ApplicationClosed(c) => {
-            assert_eq!(
-                c.error_code,
-                quinn::VarInt::from_u32(router::codes::close::NOT_A_NEIGHBOUR)
-            )
-        }
-        other => panic!("closed with {other}, not not_a_neighbour"),
-    }
+    closed_as_not_a_neighbour(&conn, "a non-neighbour's connection").await;
     assert_eq!(refused(), before + 1, "{}", site.metrics_text());
 
     // The transit, the site's neighbour, is served; once a snapshot removes their link, its
     // connection is closed at its next stream or probe.
     let (_ep, conn) = connect_as(dir.path(), "transit", site.quic_addr().unwrap(), "site").await;
     conn.open_bi().await.expect("a neighbour opens a stream");
-    let mut unlinked = t.clone();
+    let position = hs
+        .iter()
+        .position(|h| h.telemetry().node.as_str() == "site")
+        .unwrap();
+    let mut unlinked = (*txs[position].borrow().topology).clone();
     unlinked
         .links
         .retain(|l| !(l.a.as_str() == "site" || l.b.as_str() == "site"));
     let next = Arc::new(Snapshot::new(2, Arc::new(unlinked)));
-    txs[hs
-        .iter()
-        .position(|h| h.telemetry().node.as_str() == "site")
-        .unwrap()]
-    .send(next)
-    .unwrap();
+    txs[position].send(next).unwrap();
     // Its neighbours are what the check reads (stored after the version it reports).
     wait_until(
         Duration::from_secs(10),
@@ -2885,15 +2857,20 @@ async fn only_a_neighbour_may_connect() {
     if let Ok((mut send, _recv)) = conn.open_bi().await {
         let _ = send.write_all(b"x").await;
     }
-    let closed = tokio::time::timeout(Duration::from_secs(10), conn.closed())
-        .await
-        .expect("an ex-neighbour's connection stayed open");
-    assert!(
-        matches!(&closed, quinn::ConnectionError::ApplicationClosed(c)
-            if c.error_code == quinn::VarInt::from_u32(router::codes::close::NOT_A_NEIGHBOUR)),
-        "{closed}"
-    );
+    closed_as_not_a_neighbour(&conn, "an ex-neighbour's connection").await;
     for h in hs {
         h.shutdown().await;
     }
+}
+
+/// Waits (10 s at most) for the router to close `conn`, `what`, with `not_a_neighbour`.
+async fn closed_as_not_a_neighbour(conn: &quinn::Connection, what: &str) {
+    let closed = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .unwrap_or_else(|_| panic!("{what} stayed open"));
+    assert!(
+        matches!(&closed, quinn::ConnectionError::ApplicationClosed(c)
+            if c.error_code == quinn::VarInt::from_u32(router::codes::close::NOT_A_NEIGHBOUR)),
+        "{what}: closed with {closed}, not not_a_neighbour"
+    );
 }

@@ -318,10 +318,7 @@ impl Direction {
             let queued = self.busy_until.saturating_duration_since(now);
             let scaled = match profile.rate_bps {
                 0 => Duration::ZERO,
-                r => Duration::from_nanos(
-                    (queued.as_nanos() * u128::from(self.busy_rate) / u128::from(r))
-                        .min(MAX_DELAY.as_nanos()) as u64,
-                ),
+                r => capped(queued.as_nanos() * u128::from(self.busy_rate) / u128::from(r)),
             };
             self.busy_until = now + scaled;
             self.busy_rate = profile.rate_bps;
@@ -334,7 +331,7 @@ impl Direction {
                 return Fate::Overflow;
             }
             let nanos = (len as u128 * 8 * 1_000_000_000) / u128::from(profile.rate_bps);
-            self.busy_until = start + Duration::from_nanos(nanos.min(MAX_DELAY.as_nanos()) as u64);
+            self.busy_until = start + capped(nanos);
             sent = self.busy_until;
         }
         self.base = self
@@ -348,6 +345,11 @@ impl Direction {
         };
         Fate::Due(self.base + Duration::from_nanos(extra))
     }
+}
+
+/// `nanos` as a duration of at most [`MAX_DELAY`].
+fn capped(nanos: u128) -> Duration {
+    Duration::from_nanos(nanos.min(MAX_DELAY.as_nanos()) as u64)
 }
 
 /// A running link emulator. Dropping the handle stops it too.

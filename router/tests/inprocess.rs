@@ -1636,13 +1636,27 @@ async fn line_via_emulator(
     router::netem::LinkHandle,
     u16,
 ) {
-    use router::netem::{LinkEmulator, LinkProfile};
+    use router::netem::LinkProfile;
     let port = free_tcp_port();
     let t = line_topology("echo", backend, port);
-    let link = LinkEmulator::spawn(
+    let profile = LinkProfile::delay(topology::Latency::ZERO);
+    let (hs, txs, link) = spawn_via_emulator(t, dir, ("transit", "site"), profile, tune).await;
+    (hs, txs, link, port)
+}
+
+/// Starts every node of `t` (version 1), each config `tune`d, `from` dialling `to` through a link
+/// emulator with `profile` (returned, to change or cut the link).
+async fn spawn_via_emulator(
+    t: topology::Topology,
+    dir: &std::path::Path,
+    (from, to): (&str, &str),
+    profile: router::netem::LinkProfile,
+    tune: impl Fn(&mut RouterConfig),
+) -> (Vec<RouterHandle>, Vec<Source>, router::netem::LinkHandle) {
+    let link = router::netem::LinkEmulator::spawn(
         "127.0.0.1:0".parse().unwrap(),
-        t.node("site").unwrap().address,
-        LinkProfile::delay(topology::Latency::ZERO),
+        t.node(to).unwrap().address,
+        profile,
     )
     .await
     .unwrap();
@@ -1650,12 +1664,12 @@ async fn line_via_emulator(
     let snap = Arc::new(Snapshot::new(1, Arc::new(t)));
     let (hs, txs) = spawn_all(&snap, dir, |id, cfg| {
         tune(cfg);
-        if id == "transit" {
-            cfg.dial_overrides = [(topology::NodeId::new("site"), via)].into();
+        if id == from {
+            cfg.dial_overrides = [(topology::NodeId::new(to), via)].into();
         }
     })
     .await;
-    (hs, txs, link, port)
+    (hs, txs, link)
 }
 
 /// Down verdicts the transit gave (`tasman_neighbour_down_total`).
@@ -2603,7 +2617,7 @@ async fn a_stall_of_the_routers_own_process_takes_no_neighbour_down() {
 /// client was reset, though the edge had a way around it.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_try_on_a_first_hop_declared_down_goes_on_in_the_rebuilt_table() {
-    use router::netem::{LinkEmulator, LinkProfile};
+    use router::netem::LinkProfile;
     let dir = ca_dir();
     let backend = echo_backend().await;
     let port = free_tcp_port();
@@ -2620,21 +2634,8 @@ async fn a_try_on_a_first_hop_declared_down_goes_on_in_the_rebuilt_table() {
     let mut t = addressed(tb.build(), port);
     serve(&mut t, "site", "echo", backend);
     // The edge reaches t1 through a link emulator, to be cut (silent, not refused).
-    let link = LinkEmulator::spawn(
-        "127.0.0.1:0".parse().unwrap(),
-        t.node("t1").unwrap().address,
-        LinkProfile::delay(topology::Latency::ZERO),
-    )
-    .await
-    .unwrap();
-    let via = link.local_addr();
-    let snap = Arc::new(Snapshot::new(1, Arc::new(t)));
-    let (hs, _txs) = spawn_all(&snap, dir.path(), |id, cfg| {
-        if id == "edge" {
-            cfg.dial_overrides = [(topology::NodeId::new("t1"), via)].into();
-        }
-    })
-    .await;
+    let profile = LinkProfile::delay(topology::Latency::ZERO);
+    let (hs, _txs, link) = spawn_via_emulator(t, dir.path(), ("edge", "t1"), profile, |_| {}).await;
     let edge = node(&hs, "edge");
     let path = |e: &RouterHandle| {
         e.routes().preferred("echo").map(|c| {
@@ -2711,7 +2712,7 @@ async fn a_try_on_a_first_hop_declared_down_goes_on_in_the_rebuilt_table() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bulk_transfer_filling_its_links_queue_does_not_move_new_clients() {
     use common::traffic::sink_backend;
-    use router::netem::{LinkEmulator, LinkProfile};
+    use router::netem::LinkProfile;
     let dir = ca_dir();
     let ((sink, got), far_backend) = (sink_backend().await, echo_backend().await);
     let port = free_tcp_port();
@@ -2719,21 +2720,8 @@ async fn a_bulk_transfer_filling_its_links_queue_does_not_move_new_clients() {
     // The edge's connection to `near` (the one its streams take) crosses a 20 Mbit/s bottleneck.
     let bottleneck = LinkProfile::delay(topology::Latency::from_micros(5_000))
         .with_rate(20_000_000, topology::Latency::from_micros(200_000));
-    let link = LinkEmulator::spawn(
-        "127.0.0.1:0".parse().unwrap(),
-        t.node("near").unwrap().address,
-        bottleneck,
-    )
-    .await
-    .unwrap();
-    let via = link.local_addr();
-    let snap = Arc::new(Snapshot::new(1, Arc::new(t)));
-    let (hs, _txs) = spawn_all(&snap, dir.path(), |id, cfg| {
-        if id == "edge" {
-            cfg.dial_overrides = [(topology::NodeId::new("near"), via)].into();
-        }
-    })
-    .await;
+    let (hs, _txs, _link) =
+        spawn_via_emulator(t, dir.path(), ("edge", "near"), bottleneck, |_| {}).await;
     let edge = &hs[0];
     let near_cost = || {
         edge.routes()

@@ -17,7 +17,8 @@
 //! ```
 //!
 //! Each frame is a 4-byte big-endian length and that many bytes of JSON. A reader refuses a
-//! frame over its limit ([`MAX_TO_ROUTER`], [`MAX_FROM_ROUTER`]) before reading it. The
+//! frame over its limit ([`MAX_TO_ROUTER`], [`MAX_FROM_ROUTER`]) before reading it, and
+//! [`decode`] holds a few times a frame's size at most while it decodes it ([`Message`]). The
 //! controller encodes each version once ([`encode`]) and writes the same `Bytes` to every
 //! router (go-control-plane #238: per-connection serialisation dominates at scale).
 
@@ -42,7 +43,9 @@ pub const MAX_FROM_ROUTER: usize = 1 << 20;
 /// it. See [`clip`].
 pub const MAX_REASON: usize = 256;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Written as JSON objects with a `type` field naming the variant (serde's internally tagged
+/// form); read by [`decode`], variant by variant ([`Message`]).
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ToRouter {
     /// A full snapshot. Always the first message of a connection.
@@ -185,7 +188,8 @@ impl TopologyDelta {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Written and read as [`ToRouter`] is.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum FromRouter {
     /// First message: who the router is and which snapshot version it already has (from disk).
@@ -253,8 +257,133 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Bytes, ProtoError> {
     Ok(buf.freeze())
 }
 
-pub fn decode<'a, T: Deserialize<'a>>(payload: &'a [u8]) -> Result<T, ProtoError> {
-    Ok(serde_json::from_slice(payload)?)
+/// Decodes one frame's payload.
+pub fn decode<T: Message>(payload: &[u8]) -> Result<T, ProtoError> {
+    T::decode(payload)
+}
+
+/// A message of the control protocol, read in two passes over its frame: the first takes the
+/// `type` field alone (every other value skipped, nothing kept), the second the named variant's
+/// fields into their own types (fields nobody knows skipped, not kept).
+///
+/// serde's derived reader for an internally tagged enum cannot know the variant before the
+/// whole object is read, so it first copies every value of the object, unknown fields included,
+/// into a tree of its own, about 16 bytes of tree for each byte of `[],[],...`: a frame of
+/// 64 MiB took 1 GiB (and one of empty strings in a list of names 2 GiB) before a byte of it
+/// was checked. Read this way, what a frame costs is what it decodes to
+/// (`router/tests/control_decode_memory.rs` measures it).
+pub trait Message: Sized {
+    fn decode(payload: &[u8]) -> Result<Self, ProtoError>;
+}
+
+/// The `type` of a message, borrowed from the frame when it has no escapes.
+#[derive(Deserialize)]
+struct Kind<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
+}
+
+fn kind(payload: &[u8]) -> Result<std::borrow::Cow<'_, str>, ProtoError> {
+    let Kind { kind } = serde_json::from_slice(payload)?;
+    Ok(kind)
+}
+
+fn unknown_kind(kind: &str, expected: &str) -> ProtoError {
+    ProtoError::Malformed(clip(format!(
+        "unknown message type `{kind}`, expected one of {expected}"
+    )))
+}
+
+/// `$enum::$variant { fields }` read from `$payload` through a struct of the same fields (and
+/// serde attributes): the compiler checks that the fields are the variant's, and the round-trip
+/// tests below that the attributes (defaults) are.
+macro_rules! variant {
+    ($payload:expr, $enum:ident :: $variant:ident { $($(#[$attr:meta])* $field:ident : $ty:ty),* $(,)? }) => {{
+        #[derive(Deserialize)]
+        struct Fields {
+            $($(#[$attr])* $field: $ty),*
+        }
+        let Fields { $($field),* } = serde_json::from_slice($payload)?;
+        $enum::$variant { $($field),* }
+    }};
+}
+
+impl Message for ToRouter {
+    fn decode(payload: &[u8]) -> Result<Self, ProtoError> {
+        Ok(match &*kind(payload)? {
+            "snapshot" => variant!(payload, ToRouter::Snapshot {
+                version: u64,
+                topology_version: u64,
+                topology: Arc<Topology>,
+                live: LiveState,
+                #[serde(default)]
+                circuits: Arc<Vec<ProvisionedCircuit>>,
+            }),
+            "live" => variant!(
+                payload,
+                ToRouter::Live {
+                    version: u64,
+                    base_version: u64,
+                    topology_version: u64,
+                    live: LiveState,
+                }
+            ),
+            "delta" => variant!(
+                payload,
+                ToRouter::Delta {
+                    version: u64,
+                    base_version: u64,
+                    topology_version: u64,
+                    changes: TopologyDelta,
+                    live: LiveState,
+                }
+            ),
+            "heartbeat" => variant!(payload, ToRouter::Heartbeat { version: u64 }),
+            "refused" => variant!(payload, ToRouter::Refused { reason: String }),
+            "certificate" => variant!(payload, ToRouter::Certificate { chain_pem: String }),
+            "renew_refused" => variant!(payload, ToRouter::RenewRefused { reason: String }),
+            "crl" => variant!(payload, ToRouter::Crl { pem: String }),
+            other => {
+                return Err(unknown_kind(
+                    other,
+                    "snapshot, live, delta, heartbeat, refused, certificate, renew_refused, crl",
+                ));
+            }
+        })
+    }
+}
+
+impl Message for FromRouter {
+    fn decode(payload: &[u8]) -> Result<Self, ProtoError> {
+        Ok(match &*kind(payload)? {
+            "hello" => variant!(payload, FromRouter::Hello {
+                node: String,
+                have_version: Option<u64>,
+                #[serde(default)]
+                crl: bool,
+            }),
+            "ack" => variant!(payload, FromRouter::Ack { version: u64 }),
+            "nack" => variant!(
+                payload,
+                FromRouter::Nack {
+                    version: u64,
+                    reason: String,
+                }
+            ),
+            "resync" => variant!(payload, FromRouter::Resync {
+                have_version: Option<u64>,
+            }),
+            // A newtype variant: the report's fields sit beside `type`, which it skips.
+            "telemetry" => FromRouter::Telemetry(serde_json::from_slice(payload)?),
+            "renew" => variant!(payload, FromRouter::Renew { public_key: Vec<u8> }),
+            other => {
+                return Err(unknown_kind(
+                    other,
+                    "hello, ack, nack, resync, telemetry, renew",
+                ));
+            }
+        })
+    }
 }
 
 /// `s` cut to at most [`MAX_REASON`] bytes (at a character boundary), `...` marking the cut.
@@ -385,7 +514,7 @@ mod tests {
         let ids: Vec<&str> = delta.nodes_upsert.iter().map(|n| n.id.as_str()).collect();
         assert_eq!(ids, ["near"]);
         let wire = encode(&delta).unwrap();
-        let back: TopologyDelta = decode(&wire[4..]).unwrap();
+        let back: TopologyDelta = serde_json::from_slice(&wire[4..]).unwrap();
         let applied = back.apply(&old);
         assert_eq!(applied, new);
         assert_eq!(applied.node("near").unwrap().serves[0].dial, 25);
@@ -393,7 +522,7 @@ mod tests {
         let undo = TopologyDelta::between(&new, &old);
         let wire = encode(&undo).unwrap();
         assert!(!String::from_utf8_lossy(&wire).contains("dial"));
-        let back: TopologyDelta = decode(&wire[4..]).unwrap();
+        let back: TopologyDelta = serde_json::from_slice(&wire[4..]).unwrap();
         assert_eq!(back.apply(&new), old);
     }
 
@@ -635,6 +764,136 @@ mod tests {
         let cut = clip("€".repeat(100_000));
         assert_eq!(cut, format!("{}...", "€".repeat(85)));
         assert!(cut.len() <= MAX_REASON + 3);
+    }
+
+    /// Every message reads back as it was written (the per-variant readers of [`Message`] keep
+    /// the enum's fields and defaults), and one from an older sender, without the fields added
+    /// since, takes their defaults.
+    #[test]
+    fn every_message_reads_back_as_written() {
+        use topology::NodeKind;
+        use topology::builder::{TopologyBuilder, ms};
+        let old = TopologyBuilder::new()
+            .node("edge", NodeKind::Edge)
+            .node("site", NodeKind::Site)
+            .link("edge", "site", ms(1.0))
+            .service("chat")
+            .serve("site", "chat", 10)
+            .build();
+        let mut new = old.clone();
+        new.links[0].latency = topology::Latency::from_micros(2_000);
+        let mut live = LiveState::default();
+        live.down_nodes.insert(NodeId::new("site"));
+        let to_router = [
+            ToRouter::Snapshot {
+                version: 3,
+                topology_version: 2,
+                topology: Arc::new(old.clone()),
+                live: live.clone(),
+                circuits: Arc::new(Vec::new()),
+            },
+            ToRouter::Live {
+                version: 4,
+                base_version: 3,
+                topology_version: 2,
+                live: live.clone(),
+            },
+            ToRouter::Delta {
+                version: 5,
+                base_version: 4,
+                topology_version: 3,
+                changes: TopologyDelta::between(&old, &new),
+                live,
+            },
+            ToRouter::Heartbeat { version: 5 },
+            ToRouter::Refused {
+                reason: "no such node".into(),
+            },
+            ToRouter::Certificate {
+                chain_pem: "-----BEGIN CERTIFICATE-----".into(),
+            },
+            ToRouter::RenewRefused {
+                reason: "too soon".into(),
+            },
+            ToRouter::Crl {
+                pem: "-----BEGIN X509 CRL-----".into(),
+            },
+        ];
+        for m in to_router {
+            let wire = encode(&m).unwrap();
+            assert_eq!(decode::<ToRouter>(&wire[4..]).unwrap(), m);
+        }
+        let from_router = [
+            FromRouter::Hello {
+                node: "edge".into(),
+                have_version: Some(3),
+                crl: true,
+            },
+            FromRouter::Hello {
+                node: "edge".into(),
+                have_version: None,
+                crl: false,
+            },
+            FromRouter::Ack { version: 3 },
+            FromRouter::Nack {
+                version: 3,
+                reason: "address not here".into(),
+            },
+            FromRouter::Resync {
+                have_version: Some(2),
+            },
+            FromRouter::Telemetry(TelemetryReport {
+                node: NodeId::new("edge"),
+                snapshot_version: 3,
+                neighbours: Vec::new(),
+                sites: Vec::new(),
+                preferred: [("chat".to_string(), "site".to_string())].into(),
+                draining: true,
+                hysteresis: None,
+            }),
+            FromRouter::Renew {
+                public_key: vec![4; 65],
+            },
+        ];
+        for m in from_router {
+            let wire = encode(&m).unwrap();
+            assert_eq!(decode::<FromRouter>(&wire[4..]).unwrap(), m);
+        }
+        // An older sender's: no circuits in a snapshot, no crl in a hello, no have_version.
+        let live = serde_json::to_string(&LiveState::default()).unwrap();
+        let topo = serde_json::to_string(&old).unwrap();
+        let snap = format!(
+            r#"{{"type":"snapshot","version":1,"topology_version":1,"topology":{topo},"live":{live}}}"#
+        );
+        let ToRouter::Snapshot { circuits, .. } = decode(snap.as_bytes()).unwrap() else {
+            panic!("a snapshot");
+        };
+        assert!(circuits.is_empty());
+        assert_eq!(
+            decode::<FromRouter>(br#"{"node":"edge","type":"hello"}"#).unwrap(),
+            FromRouter::Hello {
+                node: "edge".into(),
+                have_version: None,
+                crl: false,
+            }
+        );
+    }
+
+    #[test]
+    fn a_message_of_no_known_type_is_refused_naming_it() {
+        let e = decode::<ToRouter>(br#"{"type":"ping","version":1}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown message type `ping`"), "{e}");
+        let e = decode::<FromRouter>(br#"{"version":1}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing field `type`"), "{e}");
+        // The type is read before anything else is checked, wherever it stands.
+        let e = decode::<FromRouter>(br#"{"version":"x","type":"ack"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("invalid type"), "{e}");
     }
 
     #[test]

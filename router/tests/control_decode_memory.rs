@@ -1,63 +1,24 @@
 //! What decoding one control frame costs in memory, measured with a counting global allocator
-//! (this binary has this one test, so that nothing else allocates beside it). A frame may be
+//! (`common/counting.rs`). A frame may be
 //! [`MAX_TO_ROUTER`] (64 MiB) from the controller and [`MAX_FROM_ROUTER`] (1 MiB) from each
 //! router; the decoder must not turn one into many times its size, whatever the frame holds:
 //! fields nobody knows, lists of empty values, long strings.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicIsize, Ordering::Relaxed};
-
 use router::control::proto::{self, FromRouter, MAX_FROM_ROUTER, MAX_TO_ROUTER, ToRouter};
 
-/// Bytes allocated and not freed, by the whole process, and the most of it since [`reset_peak`].
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-static PEAK: AtomicIsize = AtomicIsize::new(0);
-
-fn grew(by: isize) {
-    let now = LIVE.fetch_add(by, Relaxed) + by;
-    PEAK.fetch_max(now, Relaxed);
-}
-
-struct Counting;
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(l) };
-        if !p.is_null() {
-            grew(l.size() as isize);
-        }
-        p
-    }
-    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc_zeroed(l) };
-        if !p.is_null() {
-            grew(l.size() as isize);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        unsafe { System.dealloc(p, l) };
-        LIVE.fetch_sub(l.size() as isize, Relaxed);
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        let q = unsafe { System.realloc(p, l, new) };
-        if !q.is_null() {
-            grew(new as isize - l.size() as isize);
-        }
-        q
-    }
-}
+#[path = "common/counting.rs"]
+mod counting;
 
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
+static ALLOCATOR: counting::Counting = counting::Counting;
 
 /// The most memory in use above what was in use before `f` ran, while it ran (its result
 /// dropped inside, so what it decoded counts).
 fn peak_of<T>(f: impl FnOnce() -> T) -> usize {
-    let before = LIVE.load(Relaxed);
-    PEAK.store(before, Relaxed);
+    let before = counting::live();
+    counting::reset_peak();
     drop(f());
-    (PEAK.load(Relaxed) - before).max(0) as usize
+    (counting::peak() - before).max(0) as usize
 }
 
 /// `head`, then `item` repeated (comma-separated) until the frame is about `size` bytes, then

@@ -1,54 +1,22 @@
 //! What handshakes that never complete (a flood of Initials, no certificate needed) make a router
-//! hold, measured with a counting global allocator: this binary has this one test, so that no
-//! other test allocates beside it.
+//! hold, measured with a counting global allocator (`common/counting.rs`).
 
 mod common;
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicIsize, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use router::Snapshot;
 
 use common::{ca_dir, echo_backend, edge_and_near, spawn_node, wait_until};
 
-/// Bytes allocated and not freed, by the whole process.
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-struct Counting;
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(l) };
-        if !p.is_null() {
-            LIVE.fetch_add(l.size() as isize, Relaxed);
-        }
-        p
-    }
-    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc_zeroed(l) };
-        if !p.is_null() {
-            LIVE.fetch_add(l.size() as isize, Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        unsafe { System.dealloc(p, l) };
-        LIVE.fetch_sub(l.size() as isize, Relaxed);
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        let q = unsafe { System.realloc(p, l, new) };
-        if !q.is_null() {
-            LIVE.fetch_add(new as isize - l.size() as isize, Relaxed);
-        }
-        q
-    }
-}
+#[path = "common/counting.rs"]
+mod counting;
 
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
+static ALLOCATOR: counting::Counting = counting::Counting;
 
 /// A UDP relay in front of `to` that passes what it is sent on to `to` and drops every answer,
 /// as for a client that sent its Initial and went away (or forged its source address). Returns
@@ -103,7 +71,7 @@ async fn held_handshakes(to: SocketAddr, n: usize) -> (isize, quinn::Endpoint) {
     };
     let mut before = 0;
     for round in [&holes[..1], &holes[1..]] {
-        before = LIVE.load(Relaxed);
+        before = counting::live();
         for (at, _) in round {
             tokio::spawn(ep.connect(*at, "edge").unwrap());
         }
@@ -114,7 +82,7 @@ async fn held_handshakes(to: SocketAddr, n: usize) -> (isize, quinn::Endpoint) {
         )
         .await;
     }
-    let grown = LIVE.load(Relaxed) - before;
+    let grown = counting::live() - before;
     (grown / n as isize, ep)
 }
 

@@ -110,10 +110,16 @@ impl Hasher for FxHasher {
 
 type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
 
-/// Latencies are kept in nanoseconds, clamped to at least 1 ns: a zero-weight edge would make
-/// equal-cost tie-breaking ambiguous (see `route`), and a measured 0 is a measurement artefact.
+/// Latencies are kept in nanoseconds, clamped to 1 ns .. [`Latency::MAX`] (60 s): a zero-weight
+/// edge would make equal-cost tie-breaking ambiguous (see `route`), and a measured 0 is a
+/// measurement artefact. The ceiling is the most a topology may declare; a topology or a live
+/// state read from the wire can hold any latency up to `u64::MAX` ns, and a path's cost that
+/// reached the search key's ceiling (2^56 ns) added nothing per link, which made two transits
+/// each other's predecessor. Capped, a path of fewer than 1.2 million links stays under it.
+///
+/// [`Latency::MAX`]: crate::units::Latency::MAX
 pub(crate) fn weight_ns(l: crate::units::Latency) -> u64 {
-    l.as_nanos().max(1)
+    l.min(crate::units::Latency::MAX).as_nanos().max(1)
 }
 
 impl Graph {

@@ -528,10 +528,12 @@ pub fn on_path(
     })
 }
 
+/// The path from `origin` to `site` along `prev`. A path has at most one step per node: should
+/// `prev` ever hold a cycle, the walk stops there (a short path, never a hang).
 fn path_to(graph: &Graph, prev: &[u32], origin: u32, site: u32) -> Vec<NodeId> {
     let mut rev = vec![site];
     let mut at = site;
-    while at != origin {
+    while at != origin && rev.len() <= graph.node_count() {
         at = prev[at as usize];
         if at == NO_PREV {
             // Unreachable for a settled node; an empty-ended path is better than a hang.
@@ -1029,6 +1031,49 @@ impl TryOrder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A latency too large for any link (from the wire: the controller's snapshot or live state
+    /// reads any value up to `u64::MAX` ns) leaves every path ending at its origin: a path
+    /// whose cost reached the key's ceiling added nothing per link, two transits tied, each
+    /// became the other's predecessor, and `path_to` pushed onto its path until memory ran out.
+    #[test]
+    fn a_latency_past_any_limit_still_gives_paths_that_end_at_the_origin() {
+        use crate::builder::{TopologyBuilder, ms};
+        let mut b = TopologyBuilder::new();
+        b.node("z", NodeKind::Edge)
+            .node("c", NodeKind::Transit)
+            .node("b", NodeKind::Transit)
+            .node("a", NodeKind::Transit)
+            .node("s", NodeKind::Site)
+            .link("z", "c", ms(1.0))
+            .link("c", "b", ms(1.0))
+            .link("b", "a", ms(1.0))
+            .link("a", "s", ms(1.0))
+            .service("chat")
+            .serve("s", "chat", 10);
+        let declared = b.build();
+        let mut huge_declared = declared.clone();
+        huge_declared.links[0].latency = Latency::from_nanos(1 << 57);
+        let mut huge_live = LiveState::default();
+        huge_live.link_latency.insert(
+            LinkId::new(&NodeId::new("b"), &NodeId::new("c")),
+            Latency::from_nanos(u64::MAX),
+        );
+        for (topo, live) in [(huge_declared, LiveState::default()), (declared, huge_live)] {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let _ = tx.send(route(&topo, &NodeId::new("z"), "chat", &live));
+            });
+            let got = rx
+                .recv_timeout(std::time::Duration::from_secs(20))
+                .expect("routing returns")
+                .unwrap();
+            let path: Vec<&str> = got[0].path.iter().map(|n| n.as_str()).collect();
+            assert_eq!(path, ["z", "c", "b", "a", "s"]);
+            // Each link counts at most `Latency::MAX` (60 s), the limit of any declared one.
+            assert!(got[0].latency <= Latency::from_nanos(Latency::MAX.as_nanos() + 3_000_000));
+        }
+    }
     use crate::builder::{TopologyBuilder, country, ms};
     use crate::model::{NodeKind, Region, Residency};
 

@@ -1323,6 +1323,24 @@ fn next_step(base: &Snapshot, msg: ToRouter) -> Result<Step, ControlError> {
                 reason: "version 0 is no version (it means none yet)".to_string(),
             });
         }
+        // A version names one snapshot, and the controller numbers them upwards: a delta that
+        // would make its base's version (or an older one) name another snapshot is refused, or a
+        // later delta "on" that version would build on whichever copy the router happened to hold.
+        ToRouter::Delta {
+            version,
+            base_version,
+            ..
+        }
+        | ToRouter::Live {
+            version,
+            base_version,
+            ..
+        } if version <= base_version => {
+            return Ok(Step::Nack {
+                version,
+                reason: format!("version {version} does not follow its base, {base_version}"),
+            });
+        }
         ToRouter::Snapshot {
             version,
             topology_version,
@@ -1841,6 +1859,22 @@ mod tests {
             ),
             "{got:?}"
         );
+        // A delta or live update that does not move past its base names another snapshot with
+        // the base's version (or an older one): refused, the base kept.
+        let mut ten = a.clone();
+        ten.version = 10;
+        for (base, msg, version) in [
+            (&a, delta(1, 1), 1),
+            (&a, live(1, 1), 1),
+            (&ten, live(3, 10), 3),
+            (&ten, delta(9, 10), 9),
+        ] {
+            let got = step(base, msg);
+            assert!(
+                matches!(got, Step::Nack { version: v, ref reason } if v == version && reason.contains("does not follow")),
+                "{got:?}"
+            );
+        }
     }
 
     /// A restart counts staleness from the last word from the controller recorded on disk, not

@@ -9,7 +9,6 @@
 //! table build does no string work beyond reading the live state.
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::model::{AdminState, LinkId, NodeId, NodeKind, Service, ServiceName, Topology};
 
@@ -71,44 +70,13 @@ pub struct Graph {
     services: Vec<ServiceSites>,
 }
 
-/// The Fx hash (rustc's): a multiply and rotate per 8 bytes, several times faster than SipHash
-/// on short ids. Ids come from the operator's file, not from peers, so flooding is not a concern.
-#[derive(Default, Clone, Copy)]
-pub struct FxHasher(u64);
-
-impl FxHasher {
-    fn add(&mut self, word: u64) {
-        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-}
-
-impl Hasher for FxHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        let mut chunks = bytes.chunks_exact(8);
-        for c in &mut chunks {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(c);
-            self.add(u64::from_le_bytes(w));
-        }
-        let rest = chunks.remainder();
-        if !rest.is_empty() {
-            let mut w = [0u8; 8];
-            w[..rest.len()].copy_from_slice(rest);
-            self.add(u64::from_le_bytes(w));
-        }
-    }
-    fn write_u8(&mut self, i: u8) {
-        self.add(u64::from(i));
-    }
-    fn write_usize(&mut self, i: usize) {
-        self.add(i as u64);
-    }
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
+/// The graph's maps from names to indices hash with std's keyed SipHash (a random key per
+/// map): the names reach a router from the controller's frames, and the Fx hash used before (a
+/// multiply and rotate per 8 bytes, unkeyed and invertible) let names be made to share one hash
+/// in ~300 tries each, which made every lookup compare with all of them: 8,000 such names took
+/// 114 ms to index instead of 1 ms, growing with the square of their number. SipHash costs a
+/// few percent of a graph's build (`cargo bench -p tasman-topology --bench route`).
+type IdMap<K, V> = HashMap<K, V>;
 
 /// Latencies are kept in nanoseconds, clamped to 1 ns .. [`Latency::MAX`] (60 s): a zero-weight
 /// edge would make equal-cost tie-breaking ambiguous (see `route`), and a measured 0 is a
@@ -155,7 +123,7 @@ impl Graph {
         let mut link_ends = Vec::with_capacity(topo.links.len());
         let mut link_state = Vec::with_capacity(topo.links.len());
         let mut link_latency_ns = Vec::with_capacity(topo.links.len());
-        let mut link_by_id = IdMap::with_capacity_and_hasher(topo.links.len(), Default::default());
+        let mut link_by_id = IdMap::with_capacity(topo.links.len());
         let mut degree = vec![0u32; ids.len() + 1];
         for (li, link) in topo.links.iter().enumerate() {
             let ends = match (lookup(&link.a), lookup(&link.b)) {
@@ -369,6 +337,101 @@ impl Graph {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::hash::BuildHasher;
+    use std::hash::{BuildHasherDefault, Hasher};
+
+    /// The Fx hash (rustc's), which the graph's maps used before: unkeyed.
+    #[derive(Default, Clone, Copy)]
+    struct FxHasher(u64);
+
+    impl FxHasher {
+        fn add(&mut self, word: u64) {
+            self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+
+    impl Hasher for FxHasher {
+        fn write(&mut self, bytes: &[u8]) {
+            let mut chunks = bytes.chunks_exact(8);
+            for c in &mut chunks {
+                let mut w = [0u8; 8];
+                w.copy_from_slice(c);
+                self.add(u64::from_le_bytes(w));
+            }
+            let rest = chunks.remainder();
+            if !rest.is_empty() {
+                let mut w = [0u8; 8];
+                w[..rest.len()].copy_from_slice(rest);
+                self.add(u64::from_le_bytes(w));
+            }
+        }
+        fn write_u8(&mut self, i: u8) {
+            self.add(u64::from(i));
+        }
+        fn write_usize(&mut self, i: usize) {
+            self.add(i as u64);
+        }
+        fn finish(&self) -> u64 {
+            self.0
+        }
+    }
+
+    /// `n` distinct 24-byte printable ASCII ids with one and the same Fx hash: the Fx step is invertible,
+    /// so the third word of each is solved for from the first two.
+    fn fx_colliding_ids(n: usize) -> Vec<NodeId> {
+        const K: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+        let add = |h: u64, w: u64| (h.rotate_left(5) ^ w).wrapping_mul(K);
+        // K's inverse modulo 2^64 (Newton's iteration).
+        let mut k_inv = K;
+        for _ in 0..6 {
+            k_inv = k_inv.wrapping_mul(2u64.wrapping_sub(K.wrapping_mul(k_inv)));
+        }
+        let target = 0x0123_4567_89ab_cdef_u64;
+        let w1 = u64::from_le_bytes(*b"node-id-");
+        let mut out = Vec::with_capacity(n);
+        let mut c = 0u64;
+        while out.len() < n {
+            c += 1;
+            let mut w2 = [0u8; 8];
+            let mut x = c;
+            for b in &mut w2 {
+                *b = b'a' + (x % 26) as u8;
+                x /= 26;
+            }
+            let h2 = add(add(0, w1), u64::from_le_bytes(w2));
+            let w3 = (target.wrapping_mul(k_inv) ^ h2.rotate_left(5)).to_le_bytes();
+            if w3.iter().all(|b| b.is_ascii_graphic()) {
+                let id: Vec<u8> = [w1.to_le_bytes(), w2, w3].concat();
+                out.push(NodeId::new(std::str::from_utf8(&id).unwrap()));
+            }
+        }
+        out
+    }
+
+    /// Node names reach a router from the controller's frames, not only from an operator's
+    /// file: names made to share one hash must not share one hash in the graph's maps, or
+    /// every lookup compares with all of them (50,000 such names took seconds to index, and
+    /// links named by them minutes, on the control task of every router).
+    #[test]
+    fn names_made_to_collide_do_not_collide_in_the_graph() {
+        let ids = fx_colliding_ids(200);
+        let fx = BuildHasherDefault::<FxHasher>::default();
+        let unkeyed: std::collections::HashSet<u64> = ids.iter().map(|i| fx.hash_one(i)).collect();
+        assert_eq!(
+            unkeyed.len(),
+            1,
+            "the names collide under an unkeyed Fx hash"
+        );
+        let mut b = crate::builder::TopologyBuilder::new();
+        for id in &ids {
+            b.node(id.as_str(), NodeKind::Transit);
+        }
+        let g = Graph::new(&b.build());
+        assert_eq!(g.node_count(), ids.len());
+        let keyed: std::collections::HashSet<u64> =
+            ids.iter().map(|i| g.by_id.hasher().hash_one(i)).collect();
+        assert!(keyed.len() > 190, "{} distinct hashes of 200", keyed.len());
+    }
     use crate::builder::{TopologyBuilder, ms};
 
     #[test]

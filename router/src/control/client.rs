@@ -631,6 +631,12 @@ impl ControlClient {
                         tracing::debug!(version = s.version, "stored the snapshot");
                         true
                     }
+                    // Over the stored form's bound: writing it again would only encode it
+                    // again (up to the bound) every 30 s. The stored snapshot stays.
+                    Err(e @ disk::DiskError::TooLarge { .. }) => {
+                        tracing::error!(version = s.version, "could not store the snapshot: {e}");
+                        true
+                    }
                     // A full disk must not stop routing: the snapshot applied, the error is
                     // logged, and the write tried again.
                     Err(e) => {
@@ -1362,15 +1368,44 @@ fn next_step(base: &Snapshot, msg: ToRouter) -> Result<Step, ControlError> {
             changes,
             live,
             ..
-        } => (
-            Snapshot {
-                version,
-                topology: Arc::new(changes.apply(&base.topology)),
-                live,
-                circuits: base.circuits.clone(),
-            },
-            topology_version,
-        ),
+        } => {
+            // A frame bounds each delta, not what deltas build: a topology no full snapshot
+            // could carry is refused (the element counts are checked later, in `check`), or a
+            // chain of deltas of large elements would grow it without end.
+            // A delta that changes nothing keeps the base's topology, shared (neither copied
+            // nor measured again).
+            if changes.changes_nothing_in(&base.topology) {
+                return Ok(Step::Apply(
+                    Snapshot {
+                        version,
+                        topology: base.topology.clone(),
+                        live,
+                        circuits: base.circuits.clone(),
+                    },
+                    topology_version,
+                ));
+            }
+            let topology = changes.apply(&base.topology);
+            let max = proto::MAX_TO_ROUTER;
+            if proto::write_json_at_most(&topology, &mut std::io::sink(), max).is_none() {
+                return Ok(Step::Nack {
+                    version,
+                    reason: format!(
+                        "the topology this delta builds takes more than {max} bytes encoded, \
+                         more than a full snapshot carries"
+                    ),
+                });
+            }
+            (
+                Snapshot {
+                    version,
+                    topology: Arc::new(topology),
+                    live,
+                    circuits: base.circuits.clone(),
+                },
+                topology_version,
+            )
+        }
         ToRouter::Live {
             version,
             topology_version,
@@ -1791,6 +1826,45 @@ mod tests {
                 .unwrap_err()
                 .reason
                 .contains("nodes")
+        );
+    }
+
+    /// A chain of deltas, each within its frame, cannot build a topology larger than a full
+    /// snapshot may be: the delta that would is refused, and its base stays the base.
+    #[test]
+    fn deltas_cannot_build_a_topology_larger_than_a_full_snapshot() {
+        use crate::control::proto::{MAX_TO_ROUTER, TopologyDelta};
+        let base = with_a_at("127.0.0.1:0");
+        // A node named by a little over a third of a frame: each delta fits in its frame.
+        let big = |c: char| {
+            let mut n = base.topology.nodes[0].clone();
+            n.id = NodeId::new(c.to_string().repeat(MAX_TO_ROUTER / 3 + 1));
+            n
+        };
+        let add = |base: &Snapshot, node| {
+            let delta = ToRouter::Delta {
+                version: base.version + 1,
+                base_version: base.version,
+                topology_version: base.version + 1,
+                changes: TopologyDelta {
+                    nodes_upsert: vec![node],
+                    ..Default::default()
+                },
+                live: Default::default(),
+            };
+            next_step(base, delta).unwrap()
+        };
+        let Step::Apply(once, _) = add(&base, big('x')) else {
+            panic!("a third of a frame is taken");
+        };
+        let Step::Apply(twice, _) = add(&once, big('y')) else {
+            panic!("two thirds of a frame are taken");
+        };
+        let got = add(&twice, big('z'));
+        assert!(
+            matches!(got, Step::Nack { version: 4, ref reason } if reason.contains("more than a full snapshot")),
+            "{:?}",
+            matches!(got, Step::Apply(..))
         );
     }
 

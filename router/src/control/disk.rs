@@ -47,6 +47,13 @@ pub enum DiskError {
     },
     #[error("{path}: not a stored snapshot: {reason}")]
     Corrupt { path: PathBuf, reason: String },
+    /// [`save`] refused a snapshot whose stored form passes the limit (the stored one stays).
+    /// Trying it again cannot succeed: the caller gives it up.
+    #[error(
+        "{path}: not stored: the snapshot takes more than the limit of {max} bytes (the stored \
+         snapshot is kept)"
+    )]
+    TooLarge { path: PathBuf, max: u64 },
     #[error(
         "{dir} is in use by another router ({}): each router needs its own state directory",
         holder.map_or("its lock file names no process".to_string(), |p| format!("process {p}"))
@@ -110,17 +117,13 @@ fn save_at_most(dir: &Path, snap: &StoredSnapshot, max: u64) -> Result<(), DiskE
     crate::durable::create_dir_all(dir).map_err(io(dir))?;
     let final_path = dir.join(FILE_NAME);
     let tmp = dir.join(format!("{FILE_NAME}.tmp"));
-    let bytes = serde_json::to_vec(snap).map_err(|e| DiskError::Corrupt {
-        path: tmp.clone(),
-        reason: e.to_string(),
-    })?;
-    if bytes.len() as u64 > max {
-        return Err(DiskError::Corrupt {
+    // Encoded up to the limit and no further: memory and time bounded by it.
+    let mut bytes = Vec::new();
+    let limit = usize::try_from(max).unwrap_or(usize::MAX);
+    if super::proto::write_json_at_most(snap, &mut bytes, limit).is_none() {
+        return Err(DiskError::TooLarge {
             path: final_path,
-            reason: format!(
-                "not stored: {} bytes exceeds the limit of {max} (the stored snapshot is kept)",
-                bytes.len()
-            ),
+            max,
         });
     }
     crate::durable::write(&final_path, &tmp, &bytes, false).map_err(|e| io(&e.path)(e.source))
@@ -249,6 +252,7 @@ mod tests {
         assert_eq!(load_at_most(dir.path(), max).unwrap(), Some(stored(9)));
         // Version 10 takes one more byte.
         let e = save_at_most(dir.path(), &stored(10), max).unwrap_err();
+        assert!(matches!(e, DiskError::TooLarge { .. }), "{e}");
         assert!(e.to_string().contains("not stored"), "{e}");
         assert_eq!(load_at_most(dir.path(), max).unwrap(), Some(stored(9)));
         assert!(MAX_FILE > super::super::proto::MAX_TO_ROUTER as u64);

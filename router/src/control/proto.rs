@@ -143,6 +143,17 @@ impl TopologyDelta {
         }
     }
 
+    /// Whether applying it to `base` gives `base` again without looking further: no element
+    /// upserted or removed, and `base`'s services and pools.
+    pub fn changes_nothing_in(&self, base: &Topology) -> bool {
+        self.nodes_upsert.is_empty()
+            && self.nodes_remove.is_empty()
+            && self.links_upsert.is_empty()
+            && self.links_remove.is_empty()
+            && self.services == base.services
+            && self.pools == base.pools
+    }
+
     /// `base` with these changes: changed elements in place (the first of an id, if the base has
     /// it twice), new ones appended. Elements are looked up by id through a map, so the cost is
     /// the sizes' sum, not their product: a router applies a delta on its control task (the
@@ -255,6 +266,41 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Bytes, ProtoError> {
     })?;
     buf[..4].copy_from_slice(&len32.to_be_bytes());
     Ok(buf.freeze())
+}
+
+/// Writes `value`'s JSON to `out` unless it takes more than `max` bytes, and returns its length;
+/// `None` when it would take more (or does not encode): the encoding stops there, so its time
+/// and memory are bounded by `max` whatever `value` holds.
+pub fn write_json_at_most<T: Serialize>(
+    value: &T,
+    out: &mut impl std::io::Write,
+    max: usize,
+) -> Option<usize> {
+    struct Capped<'a, W> {
+        out: &'a mut W,
+        written: usize,
+        max: usize,
+    }
+    impl<W: std::io::Write> std::io::Write for Capped<'_, W> {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            if b.len() > self.max - self.written {
+                return Err(std::io::Error::other("over the limit"));
+            }
+            self.out.write_all(b)?;
+            self.written += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.out.flush()
+        }
+    }
+    let mut capped = Capped {
+        out,
+        written: 0,
+        max,
+    };
+    serde_json::to_writer(&mut capped, value).ok()?;
+    Some(capped.written)
 }
 
 /// Decodes one frame's payload.
@@ -894,6 +940,41 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("invalid type"), "{e}");
+    }
+
+    #[test]
+    fn a_delta_between_equal_topologies_changes_nothing() {
+        use topology::NodeKind;
+        use topology::builder::{TopologyBuilder, ms};
+        let t = TopologyBuilder::new()
+            .node("edge", NodeKind::Edge)
+            .node("site", NodeKind::Site)
+            .link("edge", "site", ms(1.0))
+            .service("chat")
+            .serve("site", "chat", 10)
+            .build();
+        assert!(TopologyDelta::between(&t, &t).changes_nothing_in(&t));
+        let mut other = t.clone();
+        other.services[0].requires_circuit = true;
+        let d = TopologyDelta::between(&t, &other);
+        assert!(!d.changes_nothing_in(&t));
+        assert_eq!(d.apply(&t), other);
+        let mut moved = t.clone();
+        moved.links[0].latency = topology::Latency::from_micros(5_000);
+        assert!(!TopologyDelta::between(&t, &moved).changes_nothing_in(&t));
+    }
+
+    #[test]
+    fn json_is_written_up_to_its_limit_and_no_further() {
+        let value = vec!["abc"; 1_000];
+        let len = serde_json::to_vec(&value).unwrap().len();
+        let mut out = Vec::new();
+        assert_eq!(write_json_at_most(&value, &mut out, len), Some(len));
+        assert_eq!(out, serde_json::to_vec(&value).unwrap());
+        let mut out = Vec::new();
+        assert_eq!(write_json_at_most(&value, &mut out, len - 1), None);
+        assert!(out.len() < len, "{} bytes written", out.len());
+        assert_eq!(write_json_at_most(&value, &mut std::io::sink(), 10), None);
     }
 
     #[test]

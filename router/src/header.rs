@@ -27,8 +27,12 @@ use topology::{NodeId, ServiceName};
 pub const VERSION: u8 = 1;
 /// Upper bound on a whole header, prefix included.
 pub const MAX_HEADER_LEN: usize = 1280;
-/// Upper bound on the remaining hops.
-pub const MAX_HOPS: usize = 16;
+/// Upper bound on the remaining hops: a path names at most `topology::MAX_PATH_NODES`, the
+/// first hop (the edge's neighbour) is the connection the stream opens on, and the edge itself
+/// is not named.
+pub const MAX_HOPS: usize = topology::MAX_PATH_NODES - 2;
+// The wire format's limit: a change to the path bound is a change of the protocol.
+const _: () = assert!(MAX_HOPS == 16);
 /// Upper bound on a service, node or circuit name.
 pub const MAX_NAME_LEN: usize = 63;
 /// Bytes before the body: version, kind, body length.

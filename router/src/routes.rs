@@ -961,7 +961,6 @@ impl Control {
                                     .iter()
                                     .any(|(s, n)| s == &c.site && n == &svc.name)
                             })
-                            .filter(|c| fits_a_header(c))
                             .cloned()
                             .collect();
                         let pref = self.incumbents.entry(svc.name.clone()).or_default();
@@ -1008,8 +1007,7 @@ impl Control {
                             .filter(|c| c.edge == sh.node && c.service == svc.name)
                             .filter(|c| !cands.iter().any(|k| k.path == c.path))
                             .filter_map(|c| {
-                                let first = on_path(graph, &live, svc.name.as_str(), &c.path)
-                                    .filter(fits_a_header)?;
+                                let first = on_path(graph, &live, svc.name.as_str(), &c.path)?;
                                 let down = unhealthy
                                     .iter()
                                     .any(|(s, n)| s == &first.site && n == &svc.name);
@@ -1045,12 +1043,6 @@ impl Control {
             .table_rebuilds
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
-}
-
-/// Whether a stream to `c` can name its path in a header (`header::MAX_HOPS` after the first
-/// hop): a site farther than that is left out of the table, as unreachable.
-fn fits_a_header(c: &Candidate) -> bool {
-    c.path.len() <= crate::header::MAX_HOPS + 2
 }
 
 /// Summary of a table for logs and tests: service -> preferred site.

@@ -30,6 +30,7 @@ use crate::graph::Graph;
 use crate::model::{
     AdminState, LinkId, NodeId, NodeKind, Pool, PoolName, Region, ServiceName, Topology,
 };
+use crate::route::MAX_PATH_NODES;
 use crate::units::{Bandwidth, Latency};
 
 /// A circuit's id, e.g. `c-000042`. Assigned by the controller, never reused.
@@ -232,6 +233,18 @@ pub enum PlacementError {
         "no path from \"{edge}\" to any eligible site serving \"{service}\": every route crosses a link or node that is down"
     )]
     Unreachable { edge: NodeId, service: ServiceName },
+    /// Sites can be reached, but only along paths longer than a stream can name.
+    #[error(
+        "no path from \"{edge}\" to a site serving \"{service}\" within {max} nodes: the lowest-latency path to site \"{site}\" has {nodes} nodes (a stream's header names at most {} hops)",
+        .max - 2
+    )]
+    TooFar {
+        edge: NodeId,
+        service: ServiceName,
+        site: NodeId,
+        nodes: usize,
+        max: usize,
+    },
     #[error(
         "rate {asked} exceeds the capacity of every path from \"{edge}\" to \"{service}\": the widest path is limited by link {bottleneck} with capacity {capacity}"
     )]
@@ -637,7 +650,7 @@ fn path_usable(topo: &Topology, path: &[NodeId]) -> bool {
     }) && path_links(path)
         .iter()
         .all(|l| topo.link(l).is_some_and(|l| l.state != AdminState::Down))
-        && path.len() >= 2
+        && (2..=MAX_PATH_NODES).contains(&path.len())
         && path[1..path.len() - 1].iter().all(|n| {
             topo.node(n.as_str())
                 .is_some_and(|n| n.kind == NodeKind::Transit)
@@ -778,19 +791,25 @@ impl View {
     }
 
     /// Dijkstra from `from` over links for which `fits` holds; the best path to any of
-    /// `targets`.
+    /// `targets` that names at most [`MAX_PATH_NODES`] nodes. Targets whose lowest-latency path
+    /// is longer are passed over (the first of them is reported when no target is in reach).
     fn shortest(
         &self,
         from: &NodeId,
         targets: &BTreeSet<NodeId>,
         fits: impl Fn(&LinkId) -> bool,
-    ) -> Option<Vec<NodeId>> {
+    ) -> Reach {
         let g = &self.graph;
-        let origin = g.index(from.as_str())?;
+        let Some(origin) = g.index(from.as_str()) else {
+            return Reach::None;
+        };
         let is_target = self.targets(targets);
         let n = g.node_count();
         let mut dist = vec![(u32::MAX, u64::MAX); n];
         let mut prev = vec![u32::MAX; n];
+        // Links on each node's chosen path.
+        let mut links = vec![0usize; n];
+        let mut too_far = None;
         let mut heap = BinaryHeap::new();
         dist[origin as usize] = (0, 0);
         heap.push(Reverse(((0u32, 0u64), origin)));
@@ -799,6 +818,11 @@ impl View {
                 continue;
             }
             if is_target[u as usize] {
+                let nodes = links[u as usize] + 1;
+                if nodes > MAX_PATH_NODES {
+                    too_far.get_or_insert((g.id(u).clone(), nodes));
+                    continue;
+                }
                 let mut path = vec![g.id(u).clone()];
                 let mut cur = u;
                 while prev[cur as usize] != u32::MAX {
@@ -806,7 +830,7 @@ impl View {
                     path.push(g.id(cur).clone());
                 }
                 path.reverse();
-                return Some(path);
+                return Reach::Path(path);
             }
             if !self.relays(u, origin) {
                 continue;
@@ -824,11 +848,15 @@ impl View {
                 if nd < dist[e.to as usize] {
                     dist[e.to as usize] = nd;
                     prev[e.to as usize] = u;
+                    links[e.to as usize] = links[u as usize] + 1;
                     heap.push(Reverse((nd, e.to)));
                 }
             }
         }
-        None
+        match too_far {
+            Some((site, nodes)) => Reach::TooFar { site, nodes },
+            None => Reach::None,
+        }
     }
 
     /// Widest path (maximum bottleneck of `width`) from `from` to any of `targets`: the largest
@@ -876,6 +904,16 @@ impl View {
     }
 }
 
+/// What [`View::shortest`] found.
+enum Reach {
+    /// The best path to a target, at most [`MAX_PATH_NODES`] nodes.
+    Path(Vec<NodeId>),
+    /// Targets in reach only along longer paths: the nearest, and its path's length in nodes.
+    TooFar { site: NodeId, nodes: usize },
+    /// No target in reach.
+    None,
+}
+
 fn place_with(
     topo: &Topology,
     room: &BTreeMap<LinkId, LinkHeadroom>,
@@ -885,21 +923,38 @@ fn place_with(
     let view = View::new(topo);
     let edge = &req.edge;
     let free = |l: &LinkId| room.get(l).map_or(Bandwidth::ZERO, |h| h.free);
-    if let Some(path) = view.shortest(edge, &sites, |l| free(l) >= req.rate) {
-        let site = path.last().cloned().unwrap_or_else(|| req.edge.clone());
-        let latency = path_latency(topo, &path);
-        return Ok(Placement {
-            site,
-            path,
-            latency,
-        });
+    let too_far = |site: NodeId, nodes: usize| PlacementError::TooFar {
+        edge: req.edge.clone(),
+        service: req.b_end.service.clone(),
+        site,
+        nodes,
+        max: MAX_PATH_NODES,
+    };
+    match view.shortest(edge, &sites, |l| free(l) >= req.rate) {
+        Reach::Path(path) => {
+            let site = path.last().cloned().unwrap_or_else(|| req.edge.clone());
+            let latency = path_latency(topo, &path);
+            return Ok(Placement {
+                site,
+                path,
+                latency,
+            });
+        }
+        // A path has room, but is too long to use: that, not capacity, is what refuses it
+        // (the capacity figures below count paths of any length).
+        Reach::TooFar { site, nodes } => return Err(too_far(site, nodes)),
+        Reach::None => {}
     }
     // Refused: say why, naming the link that blocks.
-    let Some(best) = view.shortest(edge, &sites, |_| true) else {
-        return Err(PlacementError::Unreachable {
-            edge: req.edge.clone(),
-            service: req.b_end.service.clone(),
-        });
+    let best = match view.shortest(edge, &sites, |_| true) {
+        Reach::Path(path) => path,
+        Reach::TooFar { site, nodes } => return Err(too_far(site, nodes)),
+        Reach::None => {
+            return Err(PlacementError::Unreachable {
+                edge: req.edge.clone(),
+                service: req.b_end.service.clone(),
+            });
+        }
     };
     let capacity_of = |l: &LinkId| room.get(l).map_or(0, |h| h.capacity.bps());
     if let Some((cap, link)) = view.widest(edge, &sites, capacity_of)
@@ -1266,6 +1321,52 @@ mod tests {
             place(&t, &[], &req("10Mbps")).unwrap_err().to_string(),
             "no path from \"edge\" to any eligible site serving \"llm\": every route crosses a link or node that is down"
         );
+    }
+
+    /// A site nearest by latency but 19 nodes away (17 transits between) cannot carry a
+    /// stream: its path is longer than a header names, so a circuit to it would be placed and
+    /// never work. The nearest site whose path fits is used; with none, the refusal says why.
+    #[test]
+    fn a_path_longer_than_a_header_names_is_refused_and_a_nearer_site_used() {
+        let mut t = topo();
+        let mut prev = "edge".to_string();
+        for k in 1..=17 {
+            let c = format!("c{k:02}");
+            t.nodes.push(node(&c, NodeKind::Transit, "au-east"));
+            t.links.push(link(&prev, &c, 0, "10Gbps"));
+            prev = c;
+        }
+        t.nodes.push(node("site-c", NodeKind::Site, "au-east"));
+        t.links.push(link(&prev, "site-c", 0, "10Gbps"));
+
+        let p = place(&t, &[], &req("10Mbps")).unwrap();
+        assert_eq!(p.site.as_str(), "site-a");
+        assert_eq!(p.path.len(), 3);
+
+        // Room for 2 Gbps only on the long path.
+        let err = place(&t, &[], &req("2Gbps")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "no path from \"edge\" to a site serving \"llm\" within 18 nodes: the lowest-latency path to site \"site-c\" has 19 nodes (a stream's header names at most 16 hops)"
+        );
+        // And no other site at all.
+        t.links[1].state = AdminState::Down;
+        t.links[3].state = AdminState::Down;
+        assert!(matches!(
+            place(&t, &[], &req("10Mbps")),
+            Err(PlacementError::TooFar {
+                nodes: 19,
+                max: 18,
+                ..
+            })
+        ));
+        // A reserved path that long is not kept by a resize either.
+        let long: Vec<NodeId> = std::iter::once("edge".to_string())
+            .chain((1..=17).map(|k| format!("c{k:02}")))
+            .chain(std::iter::once("site-c".to_string()))
+            .map(|n| NodeId::new(&n))
+            .collect();
+        assert!(!path_usable(&t, &long));
     }
 
     #[test]

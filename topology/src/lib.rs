@@ -21,7 +21,8 @@ pub use diag::{Diagnostic, Severity, tally};
 pub use graph::Graph;
 pub use model::*;
 pub use route::{
-    Candidate, Hysteresis, LiveState, RouteError, RoutingTable, SiteLoad, Spread, route,
+    Candidate, Hysteresis, LiveState, MAX_PATH_NODES, RouteError, RoutingTable, SiteLoad, Spread,
+    route,
 };
 pub use units::{Bandwidth, Latency, UnitError};
 pub use validate::{MAX_LINKS, MAX_NODES, MAX_SERVICES};

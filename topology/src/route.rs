@@ -17,7 +17,7 @@
 //!   order of the YAML.
 //!
 //! Then, per service, every serving site that is allowed by the service's residency, not down,
-//! reachable, and eligible by load ([`SiteLoad::penalty`]) becomes a [`Candidate`]. Candidates
+//! reachable by a path of at most [`MAX_PATH_NODES`] nodes, and eligible by load ([`SiteLoad::penalty`]) becomes a [`Candidate`]. Candidates
 //! are ranked by `(drained, cost, site id, path)`: every drain-free candidate comes before
 //! every drained one, then lower cost (latency + load penalty) wins.
 
@@ -289,6 +289,13 @@ pub struct RoutingTable {
 const LATENCY_BITS: u32 = 56;
 const LATENCY_MASK: u64 = (1 << LATENCY_BITS) - 1;
 const UNREACHED: u64 = u64::MAX;
+
+/// The most nodes a path may name, its origin and its site included: a stream's header names
+/// the hops after the first, at most 16 (the router's `header::MAX_HOPS`). A site whose best
+/// path is longer is no candidate, as if unreachable; a reserved path longer is refused.
+/// Bounding the path also bounds a table's size: at most this many names per candidate,
+/// whatever the depth of the graph.
+pub const MAX_PATH_NODES: usize = 18;
 const NO_PREV: u32 = u32::MAX;
 
 fn key_add(key: u64, drained: u8, weight_ns: u64) -> u64 {
@@ -352,6 +359,8 @@ impl RoutingTable {
         // No decrease-key: stale heap entries are skipped when popped.
         let mut dist = vec![UNREACHED; n];
         let mut prev = vec![NO_PREV; n];
+        // Links on each node's chosen path (saturating: only `<= MAX_PATH_NODES` matters).
+        let mut links = vec![0u16; n];
         let mut heap = BinaryHeap::with_capacity(n);
         if !node_blocked[origin as usize] {
             dist[origin as usize] = 0;
@@ -378,11 +387,13 @@ impl RoutingTable {
                 if cand < dist[v] {
                     dist[v] = cand;
                     prev[v] = u;
+                    links[v] = links[u as usize].saturating_add(1);
                     heap.push(Reverse((cand, e.to)));
                 } else if cand == dist[v] && u < prev[v] {
                     // Weights are >= 1 ns, so every equal-cost predecessor is settled before
                     // `v` is, and this rule cannot create a cycle.
                     prev[v] = u;
+                    links[v] = links[u as usize].saturating_add(1);
                 }
             }
         }
@@ -393,7 +404,7 @@ impl RoutingTable {
             let start = candidates.len();
             for site in &svc.sites {
                 let key = dist[site.node as usize];
-                if key == UNREACHED {
+                if key == UNREACHED || usize::from(links[site.node as usize]) >= MAX_PATH_NODES {
                     continue;
                 }
                 let (drained, latency_ns) = (key >> LATENCY_BITS, key & LATENCY_MASK);
@@ -466,7 +477,7 @@ impl RoutingTable {
 /// first, its site last), when every part of it can carry a stream now: each node known and
 /// not down (declared or in `live`), each node between the ends a transit, a link between each
 /// pair and none down, and the site one that may serve `service` (residency included) and not
-/// full. Its latency and penalty are reckoned as [`RoutingTable::build`] does (measured
+/// full, and the path at most [`MAX_PATH_NODES`] long. Its latency and penalty are reckoned as [`RoutingTable::build`] does (measured
 /// latencies in `live` replace declared ones); `drained` when it crosses a drained link or node.
 /// `None` when any part cannot: a reserved path is taken as it is or not at all.
 pub fn on_path(
@@ -475,7 +486,7 @@ pub fn on_path(
     service: &str,
     path: &[NodeId],
 ) -> Option<Candidate> {
-    if path.len() < 2 {
+    if path.len() < 2 || path.len() > MAX_PATH_NODES {
         return None;
     }
     let svc = graph.service(service)?;
@@ -497,18 +508,19 @@ pub fn on_path(
     let mut drained = false;
     for pair in nodes.windows(2) {
         let (u, v) = (pair[0], pair[1]);
-        let at = graph.neighbours(u).iter().position(|e| e.to == v)?;
-        let e = &graph.neighbours(u)[at];
+        // By the link's id, not a scan of `u`'s neighbours: a hub may have thousands.
         let id = LinkId::new(graph.id(u), graph.id(v));
-        if graph.link_state(e.link) == AdminState::Down || live.down_links.contains(&id) {
+        let l = graph.link_index(&id)?;
+        if graph.link_state(l) == AdminState::Down || live.down_links.contains(&id) {
             return None;
         }
         let w = live
             .link_latency
             .get(&id)
-            .map_or(e.latency_ns, |l| weight_ns(*l));
+            .map_or(graph.link_latency_ns(l), |l| weight_ns(*l));
         latency_ns = latency_ns.saturating_add(w);
-        drained |= graph.neighbour_drain(u)[at] > 0;
+        drained |=
+            graph.link_state(l) == AdminState::Drain || graph.node_state(v) == AdminState::Drain;
     }
     let site_id = graph.id(site.node);
     let penalty = match live.load_of(site_id.as_str(), service) {
@@ -1085,6 +1097,45 @@ mod tests {
     }
     fn nid(s: &str) -> NodeId {
         NodeId::new(s)
+    }
+
+    /// A comb: a chain of 4,000 transits from the edge, a site serving one service on each.
+    /// Only the sites whose path fits a stream's header (at most `MAX_PATH_NODES` names) are
+    /// candidates: every site was one before, its path naming up to 4,002 nodes, the table
+    /// holding ~8 million names (quadratic in the chain's length), all of which routers then
+    /// threw away. A reserved path too long is refused by `on_path` as well.
+    #[test]
+    fn sites_beyond_the_path_limit_are_no_candidates_and_the_table_stays_small() {
+        const TEETH: usize = 4000;
+        let mut b = TopologyBuilder::new();
+        b.node("e", NodeKind::Edge).service("x");
+        let mut prev = "e".to_string();
+        for k in 1..=TEETH {
+            let (t, s) = (format!("t{k:04}"), format!("s{k:04}"));
+            b.node(&t, NodeKind::Transit)
+                .node(&s, NodeKind::Site)
+                .link(&prev, &t, ms(1.0))
+                .link(&t, &s, ms(1.0))
+                .serve(&s, "x", 1);
+            prev = t;
+        }
+        let t = b.build();
+        let c = route(&t, &nid("e"), "x", &LiveState::default()).unwrap();
+        // e, t0001..t00kk, s00kk: k + 2 nodes, so k <= MAX_PATH_NODES - 2.
+        assert_eq!(c.len(), MAX_PATH_NODES - 2, "{} candidates", c.len());
+        assert!(c.iter().all(|c| c.path.len() <= MAX_PATH_NODES));
+        assert_eq!(c.last().unwrap().path.len(), MAX_PATH_NODES);
+        assert_eq!(c[0].site.as_str(), "s0001");
+
+        let g = Graph::new(&t);
+        let live = LiveState::default();
+        let fits: Vec<NodeId> = c.last().unwrap().path.clone();
+        assert!(on_path(&g, &live, "x", &fits).is_some());
+        let mut too_long: Vec<NodeId> = fits[..fits.len() - 1].to_vec();
+        too_long.push(nid(&format!("t{:04}", MAX_PATH_NODES - 1)));
+        too_long.push(nid(&format!("s{:04}", MAX_PATH_NODES - 1)));
+        assert_eq!(too_long.len(), MAX_PATH_NODES + 1);
+        assert!(on_path(&g, &live, "x", &too_long).is_none());
     }
 
     /// edge -- t1 (5) -- s1 (1); edge -- t2 (2) -- s2 (20); t1 -- t2 (1)

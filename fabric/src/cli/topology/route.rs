@@ -18,7 +18,8 @@ Examples:
 Ranking: candidates that need no drained node or link first, then by cost = path latency (sum
 of the declared one-way link latencies) + load penalty (0 here: a file has no load reports), then
 by site id. A site is a candidate when it is up, serves the service, is allowed by the service's
-residency, and is reachable without crossing a down node or link.
+residency, and is reachable without crossing a down node or link, along a lowest-latency path of
+at most 18 nodes (a stream's header names at most 16 hops).
 Share: the expected share of new connections tried first at the site (the equally near sites
 by weight, then traffic dials, which may send a share to sites farther away).
 JSON output: {\"from\":..,\"service\":..,\"down\":[..],\"candidates\":[{\"site\":..,\"path\":[..],

@@ -10,7 +10,7 @@
 //! then this router's own neighbour states, the entries learned hop by hop from probes
 //! (`crate::probe`), and the sites marked down locally are layered on top.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -101,9 +101,14 @@ impl ServiceRoute {
     }
 
     /// The turn counter of `site`'s dial in this table, if it has one.
-    fn dial_turns_of(&self, site: &NodeId) -> Option<Arc<AtomicU64>> {
-        let i = self.candidates.iter().position(|c| &c.site == site)?;
-        self.dial_turns.get(i).cloned()
+    /// Each candidate site's dial turns (empty when no dial is set), the first of a site
+    /// winning.
+    fn dial_turns_by_site(&self) -> HashMap<&NodeId, &Arc<AtomicU64>> {
+        let mut by_site = HashMap::with_capacity(self.dial_turns.len());
+        for (c, turns) in self.candidates.iter().zip(self.dial_turns.iter()) {
+            by_site.entry(&c.site).or_insert(turns);
+        }
+        by_site
     }
 }
 
@@ -788,11 +793,17 @@ impl Control {
         // listeners stay); at start they fail `Router::spawn` (see `sync_listeners`).
         self.resync_listeners();
 
-        // Neighbours: dial every node we share a link with.
+        // Neighbours: dial every node we share a link with. Nodes by id through one map, the
+        // first of an id winning as in `Topology::node` (not a scan of the nodes per link: a hub
+        // may have thousands of links in a topology of as many nodes).
+        let mut nodes: HashMap<&NodeId, &topology::Node> = HashMap::with_capacity(topo.nodes.len());
+        for n in &topo.nodes {
+            nodes.entry(&n.id).or_insert(n);
+        }
         let mut want: HashMap<NodeId, SocketAddr> = HashMap::new();
         for l in topo.links_of(&sh.node) {
             if let Some(other) = l.other_end(&sh.node)
-                && let Some(n) = topo.node(other.as_str())
+                && let Some(n) = nodes.get(other)
             {
                 let addr = sh.dial_overrides.get(other).copied().unwrap_or(n.address);
                 want.insert(other.clone(), addr);
@@ -840,11 +851,16 @@ impl Control {
     }
 
     /// Merges the snapshot's live state with local evidence.
-    fn live_state(&self, snap: &Snapshot) -> (LiveState, Vec<(NodeId, ServiceName)>) {
+    fn live_state(&self, snap: &Snapshot, graph: &Graph) -> (LiveState, Unhealthy) {
         let sh = &self.shared;
-        let topo = &snap.topology;
         let mut live = snap.live.clone();
-        let declared = |id: &LinkId| topo.link(id).map(|l| l.latency).unwrap_or(Latency::ZERO);
+        // By the graph's index, not a scan of the links for each one measured (thousands of
+        // links, each reported by both its ends).
+        let declared = |id: &LinkId| {
+            graph.link_index(id).map_or(Latency::ZERO, |l| {
+                Latency::from_nanos(graph.link_latency_ns(l))
+            })
+        };
         // What local evidence (this router's probes, or a fresh entry from one of the link's
         // ends) says of each link it covers: up only if no piece of it says down. It overrides
         // the snapshot both ways: the controller's "down" for a link seen up here is older news
@@ -916,7 +932,11 @@ impl Control {
                 live.down_links.insert(id);
             }
         }
-        (live, unhealthy)
+        let mut by_site = Unhealthy::default();
+        for (site, service) in unhealthy {
+            by_site.entry(site).or_default().insert(service);
+        }
+        (live, by_site)
     }
 
     pub fn rebuild(&mut self) {
@@ -925,7 +945,7 @@ impl Control {
         let Some((_, graph)) = &self.graph else {
             return;
         };
-        let (live, unhealthy) = self.live_state(&snap);
+        let (live, unhealthy) = self.live_state(&snap, graph);
         let topo = &snap.topology;
         let vips = topo
             .services
@@ -956,11 +976,7 @@ impl Control {
                         let mut cands: Vec<Candidate> = table
                             .candidates(svc.name.as_str())
                             .iter()
-                            .filter(|c| {
-                                !unhealthy
-                                    .iter()
-                                    .any(|(s, n)| s == &c.site && n == &svc.name)
-                            })
+                            .filter(|c| !is_unhealthy(&unhealthy, &c.site, &svc.name))
                             .cloned()
                             .collect();
                         let pref = self.incumbents.entry(svc.name.clone()).or_default();
@@ -977,21 +993,27 @@ impl Control {
                         }
                         let before = previous.by_service.get(&svc.name);
                         let tickets = before.map(|r| r.tickets.clone()).unwrap_or_default();
-                        // The last group's members keep their place in the anti-flap band.
-                        let was_member = |site: &NodeId| {
-                            before.is_some_and(|r| {
+                        // The last group's members keep their place in the anti-flap band. Sets
+                        // and maps by site, not scans: a service may have thousands of sites.
+                        let members: HashSet<&NodeId> = before
+                            .map(|r| {
                                 r.candidates[..r.spread.members()]
                                     .iter()
-                                    .any(|c| &c.site == site)
+                                    .map(|c| &c.site)
+                                    .collect()
                             })
-                        };
+                            .unwrap_or_default();
+                        let was_member = |site: &NodeId| members.contains(site);
                         // Dials: each site's turns go on from the last table's count.
                         let (dial_turns, dial_keys) = if cands.iter().any(|c| c.dial < FULL_DIAL) {
+                            let turns_by_site =
+                                before.map(|r| r.dial_turns_by_site()).unwrap_or_default();
                             cands
                                 .iter()
                                 .map(|c| {
-                                    let turns = before
-                                        .and_then(|r| r.dial_turns_of(&c.site))
+                                    let turns = turns_by_site
+                                        .get(&c.site)
+                                        .map(|t| Arc::clone(t))
                                         .unwrap_or_default();
                                     (turns, dial_site_key(&c.site))
                                 })
@@ -1001,16 +1023,16 @@ impl Control {
                         };
                         // This edge's circuits of the service on a path the table does not
                         // offer: that path first, when it can carry a stream now.
+                        let offered: HashSet<&[NodeId]> =
+                            cands.iter().map(|k| k.path.as_slice()).collect();
                         let reserved = snap
                             .circuits
                             .iter()
                             .filter(|c| c.edge == sh.node && c.service == svc.name)
-                            .filter(|c| !cands.iter().any(|k| k.path == c.path))
+                            .filter(|c| !offered.contains(c.path.as_slice()))
                             .filter_map(|c| {
                                 let first = on_path(graph, &live, svc.name.as_str(), &c.path)?;
-                                let down = unhealthy
-                                    .iter()
-                                    .any(|(s, n)| s == &first.site && n == &svc.name);
+                                let down = is_unhealthy(&unhealthy, &first.site, &svc.name);
                                 // A drained path is for when nothing else works, reserved or not.
                                 let drained = first.drained && cands.iter().any(|k| !k.drained);
                                 (!down && !drained).then(|| {
@@ -1043,6 +1065,14 @@ impl Control {
             .table_rebuilds
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
+}
+
+/// The services each site is known unhealthy for (local evidence and fresh flooded entries):
+/// one lookup per candidate, not a scan of every report.
+type Unhealthy = HashMap<NodeId, HashSet<ServiceName>>;
+
+fn is_unhealthy(u: &Unhealthy, site: &NodeId, service: &ServiceName) -> bool {
+    u.get(site).is_some_and(|s| s.contains(service))
 }
 
 /// Summary of a table for logs and tests: service -> preferred site.

@@ -27,6 +27,7 @@
 //! from the controller ends it too ([`close::CONTROLLER_SILENT`]); the client then reconnects
 //! with its back-off, running on its last good snapshot meanwhile.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -1216,9 +1217,24 @@ fn check(
             )));
         }
     }
+    names(t)?;
     let Some(me) = snap.topology.node(node.as_str()) else {
         return Err(Refusal::new(format!("node {node} is not in topology")));
     };
+    // What this node serves must be a service of the topology: one that is not has no port,
+    // no residency and no table entry, and its health checks and load reports would be for
+    // nothing any edge asks for.
+    let services: HashSet<&str> = t.services.iter().map(|s| s.name.as_str()).collect();
+    if let Some(s) = me
+        .serves
+        .iter()
+        .find(|s| !services.contains(s.service.as_str()))
+    {
+        return Err(Refusal::new(format!(
+            "node {node} serves \"{}\", which is not a service of the topology",
+            s.service
+        )));
+    }
     match bound {
         Some(bound) if !crate::transport::bound_at(bound, me.address) => {
             if let Err(e) = std::net::UdpSocket::bind(me.address) {
@@ -1235,6 +1251,60 @@ fn check(
         Some(_) => {}
         None if running != Some(me.address) => bindable(node, me.address)?,
         None => {}
+    }
+    Ok(())
+}
+
+/// Every name a snapshot gives is an id a document could hold (`topology::is_valid_id`), and no
+/// two nodes share one: the controller only publishes validated documents, so anything else
+/// is a corrupt or hostile snapshot. Names reach a stream's header (63 bytes at most), peer
+/// certificate names, metrics labels and logs; two nodes of one id would be one node here and
+/// two at the controller (`Topology::node` takes the first, a map of ids the last).
+fn names(t: &topology::Topology) -> Result<(), Refusal> {
+    // The name shown in a refusal: escaped and cut (it is the sender's text).
+    let shown = |s: &str| {
+        let mut e: String = s.escape_default().collect();
+        if e.len() > 80 {
+            e.truncate(e.floor_char_boundary(80));
+            e.push_str("...");
+        }
+        e
+    };
+    let invalid = |what: &str, s: &str| {
+        Refusal::new(format!(
+            "{what} \"{}\" is not a valid id (1 to 63 lowercase letters, digits and single hyphens)",
+            shown(s)
+        ))
+    };
+    let mut ids: HashSet<&str> = HashSet::with_capacity(t.nodes.len());
+    for n in &t.nodes {
+        if !topology::is_valid_id(n.id.as_str()) {
+            return Err(invalid("node", n.id.as_str()));
+        }
+        if !ids.insert(n.id.as_str()) {
+            return Err(Refusal::new(format!("two nodes have the id \"{}\"", n.id)));
+        }
+        if let Some(s) = n
+            .serves
+            .iter()
+            .find(|s| !topology::is_valid_id(s.service.as_str()))
+        {
+            return Err(invalid("the service served by node", s.service.as_str()));
+        }
+    }
+    for l in &t.links {
+        for end in [&l.a, &l.b] {
+            if !topology::is_valid_id(end.as_str()) {
+                return Err(invalid("link end", end.as_str()));
+            }
+        }
+    }
+    if let Some(s) = t
+        .services
+        .iter()
+        .find(|s| !topology::is_valid_id(s.name.as_str()))
+    {
+        return Err(invalid("service", s.name.as_str()));
     }
     Ok(())
 }
@@ -1827,6 +1897,86 @@ mod tests {
                 .reason
                 .contains("nodes")
         );
+    }
+
+    /// A snapshot naming a node, a link end or a service by what no document could hold (too
+    /// long for a stream's header, control characters for the logs, `--` making link names
+    /// ambiguous), or two nodes by one id, is refused, the name shown escaped and cut: it was
+    /// applied and acknowledged, and streams to such a node failed one by one (`no_route`).
+    #[test]
+    fn a_snapshot_naming_a_node_or_service_by_an_invalid_id_is_refused() {
+        let a = NodeId::new("a");
+        let good = with_a_at("127.0.0.1:0");
+        assert_eq!(check(&a, &good, None, None), Ok(()));
+        let other = |id: &str| {
+            let mut n = good.topology.nodes[0].clone();
+            n.id = NodeId::new(id);
+            n
+        };
+        let long = "x".repeat(64);
+        for (bad, says) in [
+            (long.as_str(), "node \"xxxx"),
+            ("Edge", "node \"Edge\" is not a valid id"),
+            ("a--b", "node \"a--b\""),
+            ("evil\n2026-12-04 ERROR forged", "node \"evil\\n2026"),
+        ] {
+            let mut s = good.clone();
+            Arc::make_mut(&mut s.topology).nodes.push(other(bad));
+            let e = check(&a, &s, None, None).unwrap_err();
+            assert!(e.reason.contains(says), "{bad:?}: {e:?}");
+            assert!(e.reason.len() < 200 && !e.reason.contains('\n'), "{e:?}");
+        }
+        let mut twice = good.clone();
+        Arc::make_mut(&mut twice.topology).nodes.push(other("a"));
+        let e = check(&a, &twice, None, None).unwrap_err();
+        assert_eq!(e.reason, "two nodes have the id \"a\"");
+
+        let mut link = good.clone();
+        Arc::make_mut(&mut link.topology)
+            .links
+            .push(topology::Link {
+                a: NodeId::new("a"),
+                b: NodeId::new(&"y".repeat(1000)),
+                latency: topology::Latency::from_micros(1_000),
+                capacity: topology::Bandwidth::from_mbps(1_000),
+                state: Default::default(),
+            });
+        let e = check(&a, &link, None, None).unwrap_err();
+        assert!(e.reason.starts_with("link end \"yyy"), "{e:?}");
+        assert!(e.reason.len() < 200, "{e:?}");
+
+        let mut svc = good.clone();
+        let t = Arc::make_mut(&mut svc.topology);
+        t.services
+            .push(serde_json::from_value(serde_json::json!({"name": "Chat"})).unwrap());
+        let e = check(&a, &svc, None, None).unwrap_err();
+        assert!(e.reason.starts_with("service \"Chat\""), "{e:?}");
+    }
+
+    /// A snapshot in which this node serves a service the topology does not have is refused:
+    /// applied, the site ran health checks and reported load for a service no edge can ask
+    /// for, and its table had no entry to go with them.
+    #[test]
+    fn a_snapshot_in_which_this_node_serves_an_unknown_service_is_refused() {
+        let a = NodeId::new("a");
+        let mut s = with_a_at("127.0.0.1:0");
+        let t = Arc::make_mut(&mut s.topology);
+        t.nodes[0].kind = topology::NodeKind::Site;
+        t.nodes[0].serves.push(
+            serde_json::from_value(serde_json::json!({
+                "service": "chat", "backend": "127.0.0.1:9", "capacity": 1
+            }))
+            .unwrap(),
+        );
+        let e = check(&a, &s, None, None).unwrap_err();
+        assert_eq!(
+            e.reason,
+            "node a serves \"chat\", which is not a service of the topology"
+        );
+        let t = Arc::make_mut(&mut s.topology);
+        t.services
+            .push(serde_json::from_value(serde_json::json!({"name": "chat"})).unwrap());
+        assert_eq!(check(&a, &s, None, None), Ok(()));
     }
 
     /// A chain of deltas, each within its frame, cannot build a topology larger than a full

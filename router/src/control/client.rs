@@ -1936,7 +1936,7 @@ mod tests {
             .links
             .push(topology::Link {
                 a: NodeId::new("a"),
-                b: NodeId::new(&"y".repeat(1000)),
+                b: NodeId::new("y".repeat(1000)),
                 latency: topology::Latency::from_micros(1_000),
                 capacity: topology::Bandwidth::from_mbps(1_000),
                 state: Default::default(),

@@ -432,13 +432,34 @@ impl Message for FromRouter {
     }
 }
 
-/// `s` cut to at most [`MAX_REASON`] bytes (at a character boundary), `...` marking the cut.
-pub fn clip(mut s: String) -> String {
-    if s.len() > MAX_REASON {
-        s.truncate(s.floor_char_boundary(MAX_REASON));
-        s.push_str("...");
+/// `s` made safe to log and show: control characters (a newline forging a log line, terminal
+/// escapes) and bidirectional and line-separator format characters (text that reads
+/// differently than it is) escaped as Rust writes them (`\n`, `\u{202e}`), then cut to at most
+/// [`MAX_REASON`] bytes at a character boundary, `...` marking the cut; escapes count toward
+/// the limit. Reasons and names come from the peer.
+pub fn clip(s: String) -> String {
+    let unsafe_char = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if s.len() <= MAX_REASON && !s.chars().any(unsafe_char) {
+        return s;
     }
-    s
+    let mut out = String::with_capacity(MAX_REASON + 3);
+    for c in s.chars() {
+        let before = out.len();
+        if unsafe_char(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+        if out.len() > MAX_REASON {
+            out.truncate(before);
+            out.push_str("...");
+            break;
+        }
+    }
+    out
 }
 
 /// Reads one frame's payload; `None` at a clean end of stream before a frame starts.
@@ -810,6 +831,26 @@ mod tests {
         let cut = clip("€".repeat(100_000));
         assert_eq!(cut, format!("{}...", "€".repeat(85)));
         assert!(cut.len() <= MAX_REASON + 3);
+    }
+
+    /// A reason from the peer cannot forge a log line or reorder what is shown: control and
+    /// bidirectional characters are escaped (a NACK reason with a newline was logged as two
+    /// lines, the second the sender's), and the escapes count toward the limit.
+    #[test]
+    fn clip_escapes_control_characters() {
+        assert_eq!(
+            clip("bad\n2026-12-04T00:00:00Z INFO forged\r\x1b[2J".into()),
+            "bad\\n2026-12-04T00:00:00Z INFO forged\\r\\u{1b}[2J"
+        );
+        assert_eq!(clip("abc\u{202e}fed".into()), "abc\\u{202e}fed");
+        assert_eq!(clip("tab\tok é".into()), "tab\\tok é");
+        let cut = clip("\n".repeat(1000));
+        assert_eq!(cut, format!("{}...", "\\n".repeat(MAX_REASON / 2)));
+        // Nothing to escape, short: unchanged.
+        assert_eq!(
+            clip("node a: version 7 refused".into()),
+            "node a: version 7 refused"
+        );
     }
 
     /// Every message reads back as it was written (the per-variant readers of [`Message`] keep

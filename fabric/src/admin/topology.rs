@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{AdminState, ApiError, NoQuery, off_workers};
 use crate::controller::ApplyOutcome;
-use crate::controller::records::{Origin, TopologyVersion, VersionMeta};
+use crate::controller::records::{MAX_META_FIELD, Origin, TopologyVersion, VersionMeta, clipped};
 
 pub fn routes() -> axum::Router<AdminState> {
     axum::Router::new()
@@ -130,8 +130,16 @@ pub struct ApplyRequest {
     pub base_version: Option<u64>,
 }
 
-fn author(a: &str) -> &str {
-    if a.is_empty() { "unknown" } else { a }
+/// The version's author: `unknown` when blank, else at most [`MAX_META_FIELD`] bytes of the
+/// operator's text, as a circuit's (`circuits::api::actor`): a name, logged at every apply and
+/// read back by every listing. (The message, free text, is kept whole in the version.)
+fn author(a: &str) -> String {
+    let a = a.trim();
+    if a.is_empty() {
+        "unknown".to_string()
+    } else {
+        clipped(a, MAX_META_FIELD)
+    }
 }
 
 async fn apply(
@@ -143,7 +151,7 @@ async fn apply(
         .ctl
         .apply(
             &req.text,
-            author(&req.author),
+            &author(&req.author),
             &req.message,
             Origin::Apply,
             req.dry_run,
@@ -190,7 +198,7 @@ async fn rollback(
         .ctl
         .rollback(
             req.version,
-            author(&req.author),
+            &author(&req.author),
             &req.message,
             req.dry_run,
             req.base_version,

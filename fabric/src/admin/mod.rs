@@ -49,6 +49,8 @@ pub struct AdminState {
     token: Arc<str>,
     /// The `GET /v1/status` build that calls share.
     pub status_builds: Arc<status::StatusBuilds>,
+    /// Permits for changes running to completion ([`to_completion`]).
+    changes: Arc<tokio::sync::Semaphore>,
     #[cfg(test)]
     status_gate: Arc<Gate>,
 }
@@ -64,6 +66,7 @@ impl AdminState {
             circuits,
             token: Arc::from(token.trim()),
             status_builds: Arc::default(),
+            changes: Arc::new(tokio::sync::Semaphore::new(MAX_CHANGES_RUNNING)),
             #[cfg(test)]
             status_gate: Arc::default(),
         }
@@ -111,7 +114,10 @@ pub fn router(state: AdminState) -> axum::Router {
         .merge(topology::routes())
         .merge(status::routes())
         .merge(crate::circuits::api::routes())
-        .layer(middleware::from_fn(to_completion))
+        .layer(middleware::from_fn_with_state(
+            state.changes.clone(),
+            to_completion,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn(json_errors))
@@ -254,17 +260,45 @@ async fn auth(State(st): State<AdminState>, req: Request, next: Next) -> Respons
 /// circuits published and tracked) would leave the store ahead of what the controller serves
 /// until it restarts: routers would not get the committed version, and circuit operations, which
 /// check that the two agree, would fail until then.
-async fn to_completion(req: Request, next: Next) -> Response {
+///
+/// At most [`MAX_CHANGES_RUNNING`] such tasks run at once; a request beyond waits for a permit
+/// while its client waits (its body unread), and one whose client goes away meanwhile is dropped
+/// having started nothing. Without the bound, a client that sent a large apply and hung up,
+/// again and again, left a detached task per request, each holding its body and a copy of its
+/// text while queued for the apply lock: memory without limit, the connection bounds no help.
+async fn to_completion(
+    State(changes): State<Arc<tokio::sync::Semaphore>>,
+    req: Request,
+    next: Next,
+) -> Response {
     if matches!(
         *req.method(),
         axum::http::Method::GET | axum::http::Method::HEAD
     ) {
         return next.run(req).await;
     }
-    tokio::spawn(next.run(req)).await.unwrap_or_else(|e| {
+    let Ok(permit) = changes.acquire_owned().await else {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the controller is stopping",
+        )
+        .into_response();
+    };
+    tokio::spawn(async move {
+        let r = next.run(req).await;
+        drop(permit);
+        r
+    })
+    .await
+    .unwrap_or_else(|e| {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, crate::task_failed(e)).into_response()
     })
 }
+
+/// Most changes (requests other than GET and HEAD) running at once: applies are serialised by
+/// the controller anyway, and a circuit operation takes a write transaction; more would only
+/// queue, each holding its request.
+pub const MAX_CHANGES_RUNNING: usize = 8;
 
 /// Runs `f`, a handler's store reads or heavy computation, on tokio's blocking pool. A read that
 /// waits on a slow disk, or a computation that takes seconds, then holds a blocking thread
@@ -501,7 +535,10 @@ mod tests {
         }
         let app = axum::Router::new()
             .route("/p", axum::routing::post(panics))
-            .layer(axum::middleware::from_fn(to_completion));
+            .layer(axum::middleware::from_fn_with_state(
+                Arc::new(tokio::sync::Semaphore::new(MAX_CHANGES_RUNNING)),
+                to_completion,
+            ));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(async move { axum::serve(listener, app).await });
@@ -584,6 +621,91 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        server.abort();
+    }
+
+    /// At most `MAX_CHANGES_RUNNING` changes run at once: the next waits, with its client, and
+    /// runs once one ends; a waiting request whose client goes away never runs. (Every change
+    /// ran at once, each a detached task holding its request, whether its client stayed or not.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn changes_past_the_bound_wait_and_a_gone_client_s_change_never_runs() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        #[derive(Clone)]
+        struct Held {
+            started: Arc<AtomicUsize>,
+            release: Arc<tokio::sync::Semaphore>,
+        }
+        async fn held(axum::extract::State(h): axum::extract::State<Held>) -> &'static str {
+            h.started.fetch_add(1, SeqCst);
+            h.release.acquire().await.unwrap().forget();
+            "done"
+        }
+        let h = Held {
+            started: Arc::default(),
+            release: Arc::new(tokio::sync::Semaphore::new(0)),
+        };
+        let app = axum::Router::new()
+            .route("/p", axum::routing::post(held))
+            .with_state(h.clone())
+            .layer(axum::middleware::from_fn_with_state(
+                Arc::new(tokio::sync::Semaphore::new(MAX_CHANGES_RUNNING)),
+                to_completion,
+            ));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let started = |n: usize| {
+            let h = h.clone();
+            async move {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+                while h.started.load(SeqCst) != n {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "{} started, waiting for {n}",
+                        h.started.load(SeqCst)
+                    );
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        };
+        let mut clients = Vec::new();
+        let send = || {
+            let req = post("/p", "tok", "{}");
+            tokio::spawn(async move { exchange(addr, &req).await })
+        };
+        for _ in 0..MAX_CHANGES_RUNNING {
+            clients.push(send());
+        }
+        started(MAX_CHANGES_RUNNING).await;
+        // One more, whose client goes away while it waits.
+        let mut gone = TcpStream::connect(addr).await.unwrap();
+        gone.write_all(post("/p", "tok", "{}").as_bytes())
+            .await
+            .unwrap();
+        // And one that stays.
+        let waiting = send();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(h.started.load(SeqCst), MAX_CHANGES_RUNNING);
+        drop(gone);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // One held change ends: the client that stayed is next; the gone one never runs.
+        h.release.add_permits(1);
+        started(MAX_CHANGES_RUNNING + 1).await;
+        h.release.add_permits(MAX_CHANGES_RUNNING + 8);
+        let back = tokio::time::timeout(Duration::from_secs(20), waiting)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(back.starts_with("HTTP/1.1 200"), "{back}");
+        for c in clients {
+            let back = tokio::time::timeout(Duration::from_secs(20), c)
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(back.starts_with("HTTP/1.1 200"), "{back}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(h.started.load(SeqCst), MAX_CHANGES_RUNNING + 1);
         server.abort();
     }
 

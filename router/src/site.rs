@@ -22,6 +22,12 @@ use crate::telemetry::SiteReport;
 const CHECK_INTERVAL: Duration = Duration::from_millis(500);
 const DOWN_AFTER: u32 = 3;
 const UP_AFTER: u32 = 2;
+/// The serving path marks the service down after this many of its backend connects in a row
+/// failed (Envoy's outlier detection ejects after 5 consecutive connect failures); any
+/// connect that succeeds, a stream's or a check's, ends the run. One failure refuses only its
+/// stream: a backend behind a load balancer with one dead target of four refused a quarter of
+/// connects, and each marked the whole service down for the hold-down, for every edge.
+const SERVE_DOWN_AFTER: u32 = 5;
 
 pub(crate) struct SiteService {
     pub service: ServiceName,
@@ -33,9 +39,20 @@ pub(crate) struct SiteService {
     /// 64 bits: a `u32` of milliseconds wraps after 49.7 days, and a wrap inside the hold-down
     /// would keep the service unhealthy for another 49.7 days.
     down_at_ms: Arc<AtomicU64>,
+    /// Backend connects that failed in a row (streams' and checks'), for [`SERVE_DOWN_AFTER`].
+    failed_connects: Arc<AtomicU32>,
 }
 
 impl SiteService {
+    /// Counts a failed backend connect of a stream: whether the service is to be marked down
+    /// ([`SERVE_DOWN_AFTER`] in a row).
+    fn connect_failed(&self) -> bool {
+        self.failed_connects.fetch_add(1, Relaxed).saturating_add(1) >= SERVE_DOWN_AFTER
+    }
+    /// A backend connect (a stream's or a check's) succeeded: the run of failures ends.
+    fn connect_succeeded(&self) {
+        self.failed_connects.store(0, Relaxed);
+    }
     pub fn state(&self) -> ServiceState {
         ServiceState {
             service: self.service.clone(),
@@ -123,6 +140,9 @@ pub(crate) fn reconcile(
                         healthy: same
                             .map_or_else(|| Arc::new(AtomicBool::new(true)), |o| o.healthy.clone()),
                         down_at_ms: same.map(|o| o.down_at_ms.clone()).unwrap_or_default(),
+                        failed_connects: same
+                            .map(|o| o.failed_connects.clone())
+                            .unwrap_or_default(),
                     })
                 }
             };
@@ -166,7 +186,11 @@ async fn check_loop(shared: Arc<Shared>, svc: Arc<SiteService>) {
         )
         .await;
         let now_ms = ms_since(shared.started);
-        match checker.observe(&svc, matches!(r, Ok(Ok(_))), now_ms, shared.probe.hold_down) {
+        let success = matches!(r, Ok(Ok(_)));
+        if success {
+            svc.connect_succeeded();
+        }
+        match checker.observe(&svc, success, now_ms, shared.probe.hold_down) {
             Some(true) => {
                 svc.healthy.store(true, Relaxed);
                 tracing::info!(node = %shared.node, service = %svc.service, "backend healthy again");
@@ -273,10 +297,18 @@ pub(crate) async fn serve(
                 Ok(Err(e)) => e.to_string(),
                 _ => "connect timeout".to_string(),
             };
-            svc.mark_unhealthy(&shared, &why);
+            if svc.connect_failed() {
+                svc.mark_unhealthy(
+                    &shared,
+                    &format!("{SERVE_DOWN_AFTER} stream connects in a row failed, the last: {why}"),
+                );
+            } else {
+                tracing::debug!(node = %shared.node, service = %svc.service, backend = %svc.backend, "a stream's backend connect failed: {why}");
+            }
             return refuse(&mut send, &mut recv, Code::BackendRefused);
         }
     };
+    svc.connect_succeeded();
     let _ = tcp.set_nodelay(true);
     match shared.bounded_write(send.write_all(&REPLY_OK)).await {
         Some(Ok(())) => {}
@@ -305,10 +337,27 @@ mod tests {
             active: Arc::default(),
             healthy: Arc::new(AtomicBool::new(false)),
             down_at_ms: Arc::default(),
+            failed_connects: Arc::default(),
         }
     }
 
-    /// A connect refused on the serving path marks the service down between two checks: the
+    /// The serving path's rule: down at the fifth failed connect in a row, a success (a
+    /// stream's or a check's) starting the count again.
+    #[test]
+    fn the_serving_path_marks_down_after_five_failed_connects_in_a_row() {
+        let svc = service();
+        for _ in 0..4 {
+            assert!(!svc.connect_failed());
+        }
+        svc.connect_succeeded();
+        for _ in 0..4 {
+            assert!(!svc.connect_failed());
+        }
+        assert!(svc.connect_failed());
+        assert!(svc.connect_failed(), "and at each failure after");
+    }
+
+    /// Connects refused on the serving path mark the service down between two checks: the
     /// successes the checker counted before it do not count towards its return (it needs
     /// [`UP_AFTER`] in a row after the mark, whatever the hold-down).
     #[test]

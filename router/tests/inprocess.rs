@@ -2331,6 +2331,73 @@ async fn a_routers_own_measurement_lowers_a_stale_published_weight() {
     }
 }
 
+/// One backend connect refused on the serving path refuses its stream, and leaves the service
+/// healthy: a backend that refuses now and then (a load balancer with a dead target) is not
+/// advertised down to every edge for a hold-down at each refusal. (One refusal marked it down.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_refused_backend_connect_leaves_the_service_healthy() {
+    async fn echo_on(listener: tokio::net::TcpListener) {
+        loop {
+            let Ok((mut c, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = c.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    }
+    let dir = ca_dir();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    let echo = tokio::spawn(echo_on(listener));
+    let port = free_tcp_port();
+    let snap = edge_site("echo", backend, port);
+    let (site, _tx) = spawn_node(&snap, dir.path(), "site", |_| {}).await;
+    let (edge, _etx) = spawn_node(&snap, dir.path(), "edge", |_| {}).await;
+    // Served once the edge has its neighbour.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let back = echo_roundtrip(port, b"first", Duration::from_secs(20)).await;
+        if back.as_deref().ok() == Some(&b"first"[..]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never served: {back:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The backend goes away for a moment: a stream comes, its connect is refused.
+    echo.abort();
+    let _ = echo.await;
+    let refused = || {
+        metric(
+            &site.metrics_text(),
+            "tasman_stream_errors_total{node=\"site\",code=\"backend_refused\"}",
+        )
+        .unwrap_or(0)
+    };
+    let _ = echo_roundtrip(port, b"refused", Duration::from_secs(20)).await;
+    wait_until(
+        Duration::from_secs(20),
+        || refused() >= 1,
+        || format!("no refused stream at the site: {}", site.metrics_text()),
+    )
+    .await;
+    // Back at once, before the checks could count it down (3 in a row, 500 ms apart).
+    let listener = tokio::net::TcpListener::bind(backend).await.unwrap();
+    let echo = tokio::spawn(echo_on(listener));
+    let healthy = || site.telemetry().sites.first().map(|s| s.healthy);
+    assert!(refused() < 5, "{} refusals", refused());
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        assert_eq!(healthy(), Some(true), "marked down by one refused connect");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    echo.abort();
+    edge.shutdown().await;
+    site.shutdown().await;
+}
+
 /// A snapshot that changes only a service's capacity keeps its health: a service down (its
 /// backend refuses) stays down through the hold-down and beyond, instead of starting afresh
 /// as healthy. (The site made a new service record, healthy and never down, for any change:

@@ -425,6 +425,66 @@ fi
 /// run says which version its plan was computed against and how to pin it. (Neither command
 /// could send a base version: the one computed after your dry run overwrote a change made in
 /// between.)
+/// The admin API is plain HTTP: an `--admin` address other than loopback is refused at start
+/// (exit 2, nothing created), saying why and what to do, unless `--admin-insecure-remote` is
+/// given; then the controller serves there. (Any address was taken, silently: the token that
+/// changes the topology crossed the network in clear text.)
+#[test]
+fn a_remote_admin_address_needs_the_insecure_flag() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = dir.path().join("t.yaml");
+    std::fs::write(&yaml, fabric_yaml(63, 1, 1, 1)).unwrap();
+    let state = dir.path().join("state");
+    let controller = |extra: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_tasman"));
+        c.args(["controller", "--topology"])
+            .arg(&yaml)
+            .arg("--state")
+            .arg(&state)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(extra);
+        c
+    };
+    for admin in ["0.0.0.0:0", "[::]:0", "[::ffff:10.1.2.3]:7401"] {
+        let mut child = controller(&["--admin", admin])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("the controller started with --admin {admin}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{admin}");
+        let stderr = text(&out.stderr);
+        assert!(
+            stderr.contains("plain HTTP") && stderr.contains("--admin-insecure-remote"),
+            "{stderr}"
+        );
+        assert!(!state.exists(), "the state directory was created");
+    }
+    let mut child = controller(&["--admin", "0.0.0.0:0", "--admin-insecure-remote"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    let _ = std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line);
+    let _ = child.kill();
+    let _ = child.wait();
+    let admin = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("admin="))
+        .unwrap_or_else(|| panic!("the controller did not start: {line:?}"));
+    assert!(admin.starts_with("0.0.0.0:"), "{line}");
+}
+
 /// `topology edit` asks in the terminal: `-o json` is refused (exit 2, saying what to use)
 /// before it asks the controller anything, not ignored (a script reading JSON got a prompt).
 #[test]

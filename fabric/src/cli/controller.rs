@@ -31,9 +31,15 @@ pub struct ControllerArgs {
     /// QUIC address routers connect to.
     #[arg(long, default_value = "0.0.0.0:7400")]
     pub listen: SocketAddr,
-    /// Admin API (HTTP) address.
+    /// Admin API (HTTP) address. A loopback address unless --admin-insecure-remote: the API is
+    /// plain HTTP, and its bearer token changes the topology and circuits.
     #[arg(long, default_value = "127.0.0.1:7401")]
     pub admin: SocketAddr,
+    /// Serve the admin API on a --admin address that is not loopback, its bearer token and
+    /// every change crossing the network in clear text (put it behind a TLS proxy or an SSH
+    /// tunnel instead where you can).
+    #[arg(long)]
+    pub admin_insecure_remote: bool,
     /// Serve Prometheus metrics on GET /metrics at this address (no authentication, as a
     /// router's --metrics; off by default).
     #[arg(long)]
@@ -99,8 +105,30 @@ fn parse_issue_valid_for(s: &str) -> Result<std::time::Duration, String> {
         .map_err(|e| format!("{s:?}: {e}"))
 }
 
+/// Why `--admin ADDR` is refused, if it is: an address other than loopback without
+/// `--admin-insecure-remote` (as Vault refuses a listener without TLS unless `tls_disable`).
+fn admin_refusal(addr: SocketAddr, insecure_remote: bool) -> Option<String> {
+    let loopback = addr.ip().to_canonical().is_loopback();
+    (!loopback && !insecure_remote).then(|| {
+        format!(
+            "--admin {addr}: the admin API is plain HTTP, and its bearer token (which changes the \
+             topology and circuits) would cross the network in clear text. Bind it to a loopback \
+             address (e.g. 127.0.0.1:{port}) and reach it through an SSH tunnel or a TLS proxy, \
+             or pass --admin-insecure-remote to serve it there anyway",
+            port = addr.port()
+        )
+    })
+}
+
 pub fn run(args: ControllerArgs) -> ExitCode {
+    if let Some(why) = admin_refusal(args.admin, args.admin_insecure_remote) {
+        eprintln!("error: {why}");
+        return ExitCode::from(2);
+    }
     super::init_tracing();
+    if !args.admin.ip().to_canonical().is_loopback() {
+        tracing::warn!(admin = %args.admin, "--admin-insecure-remote: the admin API is plain HTTP, its bearer token crossing the network in clear text");
+    }
     super::raise_nofile();
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

@@ -33,6 +33,9 @@ pub(crate) struct SiteService {
     pub service: ServiceName,
     pub backend: SocketAddr,
     pub capacity: u32,
+    /// The HTTP path the checks `GET` (`topology::SiteService::health_check`); `None`: a TCP
+    /// connect is the check.
+    health_check: Option<String>,
     active: Arc<AtomicU32>,
     healthy: Arc<AtomicBool>,
     /// When the service was last marked unhealthy (ms since router start), for the hold-down.
@@ -126,19 +129,32 @@ pub(crate) fn reconcile(
     if let Some(me) = topo.node(shared.node.as_str()) {
         for s in &me.serves {
             let svc = match old.get(&s.service) {
-                Some(o) if o.backend == s.backend && o.capacity == s.capacity => o.clone(),
+                Some(o)
+                    if o.backend == s.backend
+                        && o.capacity == s.capacity
+                        && o.health_check == s.health_check =>
+                {
+                    o.clone()
+                }
                 o => {
-                    // Same backend, another capacity: its health and hold-down go on (a new
-                    // record, healthy and never down, would advertise a backend in an outage
-                    // healthy at once). A new backend is judged afresh.
+                    // Same backend, another capacity or health check: its health and hold-down
+                    // go on (a new record, healthy and never down, would advertise a backend in
+                    // an outage healthy at once), its checker starts again. A new backend is
+                    // judged afresh: healthy at once when a connect is the check, healthy once
+                    // its HTTP check passes when it has one (a model server still loading
+                    // accepts connections, and answers 503).
                     let same = o.filter(|o| o.backend == s.backend);
+                    let fresh = s.health_check.is_none();
                     Arc::new(SiteService {
                         service: s.service.clone(),
                         backend: s.backend,
                         capacity: s.capacity,
+                        health_check: s.health_check.clone(),
                         active: o.map(|o| o.active.clone()).unwrap_or_default(),
-                        healthy: same
-                            .map_or_else(|| Arc::new(AtomicBool::new(true)), |o| o.healthy.clone()),
+                        healthy: same.map_or_else(
+                            || Arc::new(AtomicBool::new(fresh)),
+                            |o| o.healthy.clone(),
+                        ),
                         down_at_ms: same.map(|o| o.down_at_ms.clone()).unwrap_or_default(),
                         failed_connects: same
                             .map(|o| o.failed_connects.clone())
@@ -180,15 +196,19 @@ async fn check_loop(shared: Arc<Shared>, svc: Arc<SiteService>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let r = tokio::time::timeout(
+        let r = check_once(
+            svc.backend,
+            svc.health_check.as_deref(),
             shared.backend_connect_timeout,
-            tokio::net::TcpStream::connect(svc.backend),
         )
         .await;
         let now_ms = ms_since(shared.started);
-        let success = matches!(r, Ok(Ok(_)));
-        if success {
+        if r.connected {
             svc.connect_succeeded();
+        }
+        let success = r.failure.is_none();
+        if let Some(why) = &r.failure {
+            tracing::debug!(node = %shared.node, service = %svc.service, backend = %svc.backend, "health check failed: {why}");
         }
         match checker.observe(&svc, success, now_ms, shared.probe.hold_down) {
             Some(true) => {
@@ -196,9 +216,90 @@ async fn check_loop(shared: Arc<Shared>, svc: Arc<SiteService>) {
                 tracing::info!(node = %shared.node, service = %svc.service, "backend healthy again");
                 shared.changed.notify_one();
             }
-            Some(false) => svc.mark_unhealthy(&shared, "health check failed"),
+            Some(false) => svc.mark_unhealthy(
+                &shared,
+                &format!(
+                    "health check failed: {}",
+                    r.failure.as_deref().unwrap_or("unknown")
+                ),
+            ),
             None => {}
         }
+    }
+}
+
+/// What one health check found.
+struct CheckResult {
+    /// The TCP connect succeeded (whatever the HTTP answer).
+    connected: bool,
+    /// Why the check failed; `None`: healthy.
+    failure: Option<String>,
+}
+
+/// The most of an HTTP answer a check reads: its status line must be in it.
+const MAX_CHECK_ANSWER: usize = 1024;
+
+/// One health check of `backend`, within `within`: a TCP connect, then, with a `path`, an
+/// HTTP/1.1 `GET` of it whose status must be 2xx or 3xx (as Envoy's and AWS's HTTP checks).
+/// Only the status line is read, at most [`MAX_CHECK_ANSWER`] bytes.
+async fn check_once(backend: SocketAddr, path: Option<&str>, within: Duration) -> CheckResult {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut connected = false;
+    let run = async {
+        let mut tcp = tokio::net::TcpStream::connect(backend)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        connected = true;
+        let Some(path) = path else {
+            return Ok(());
+        };
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {backend}\r\nUser-Agent: tasman-health-check\r\n\
+             Accept: */*\r\nConnection: close\r\n\r\n"
+        );
+        tcp.write_all(request.as_bytes())
+            .await
+            .map_err(|e| format!("sending the request: {e}"))?;
+        let mut buf = [0u8; MAX_CHECK_ANSWER];
+        let mut n = 0;
+        while n < buf.len() && !buf[..n].contains(&b'\n') {
+            match tcp.read(&mut buf[n..]).await {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) => return Err(format!("reading the answer: {e}")),
+            }
+        }
+        http_status_ok(&buf[..n])
+    };
+    let failure = match tokio::time::timeout(within, run).await {
+        Ok(Ok(())) => None,
+        Ok(Err(why)) => Some(why),
+        Err(_) => Some(format!("no answer within {within:?}")),
+    };
+    CheckResult { connected, failure }
+}
+
+/// Whether an HTTP answer's status line (`HTTP/1.1 200 OK`) says 2xx or 3xx.
+fn http_status_ok(head: &[u8]) -> Result<(), String> {
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let mut parts = line.split(|&b| b == b' ');
+    let status = match (parts.next(), parts.next()) {
+        (Some(v), Some(code)) if v.starts_with(b"HTTP/") && code.len() == 3 => {
+            std::str::from_utf8(code)
+                .ok()
+                .and_then(|c| c.parse::<u16>().ok())
+        }
+        _ => None,
+    };
+    match status {
+        Some(s) if (200..400).contains(&s) => Ok(()),
+        Some(s) => Err(format!("HTTP status {s}")),
+        None if head.is_empty() => Err("closed without an answer".to_string()),
+        None => Err(format!(
+            "not an HTTP answer: {:?}",
+            String::from_utf8_lossy(&line[..line.len().min(64)])
+        )),
     }
 }
 
@@ -334,11 +435,27 @@ mod tests {
             service: ServiceName::new("echo"),
             backend: "127.0.0.1:1".parse().unwrap(),
             capacity: 1,
+            health_check: None,
             active: Arc::default(),
             healthy: Arc::new(AtomicBool::new(false)),
             down_at_ms: Arc::default(),
             failed_connects: Arc::default(),
         }
+    }
+
+    #[test]
+    fn an_http_check_passes_on_2xx_and_3xx_only() {
+        assert_eq!(http_status_ok(b"HTTP/1.1 200 OK\r\n"), Ok(()));
+        assert_eq!(http_status_ok(b"HTTP/1.0 302 Found\r\nLocation: /"), Ok(()));
+        assert_eq!(http_status_ok(b"HTTP/1.1 204\r\n"), Ok(()));
+        assert_eq!(
+            http_status_ok(b"HTTP/1.1 503 Service Unavailable\r\n"),
+            Err("HTTP status 503".to_string())
+        );
+        assert!(http_status_ok(b"").is_err());
+        assert!(http_status_ok(b"SSH-2.0-OpenSSH\r\n").is_err());
+        assert!(http_status_ok(b"HTTP/1.1 2000 OK\r\n").is_err());
+        assert!(http_status_ok(&[0xff; 2000]).is_err());
     }
 
     /// The serving path's rule: down at the fifth failed connect in a row, a success (a

@@ -2331,6 +2331,114 @@ async fn a_routers_own_measurement_lowers_a_stale_published_weight() {
     }
 }
 
+/// With a `health_check` path, the site checks its backend by HTTP: a backend that accepts
+/// connections but answers 503 (a model server loading its weights) is unhealthy from the
+/// start and takes no stream; once it answers 200 it is healthy and serves; 503 again, and it
+/// is down after three checks. (A TCP connect was the only check: such a backend was healthy
+/// throughout, and every client got its 503.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_health_check_keeps_a_backend_that_answers_503_out() {
+    use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering::SeqCst};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let status = Arc::new(AtomicU16::new(503));
+    let checks = Arc::new(AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    let http = {
+        let (status, checks) = (status.clone(), checks.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut c, _)) = listener.accept().await else {
+                    return;
+                };
+                let (status, checks) = (status.clone(), checks.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut n = 0;
+                    while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") && n < buf.len() {
+                        match c.read(&mut buf[n..]).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(k) => n += k,
+                        }
+                    }
+                    if buf[..n].starts_with(b"GET /health ") {
+                        checks.fetch_add(1, SeqCst);
+                    }
+                    let s = status.load(SeqCst);
+                    let answer =
+                        format!("HTTP/1.1 {s} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                    let _ = c.write_all(answer.as_bytes()).await;
+                    let _ = c.shutdown().await;
+                });
+            }
+        })
+    };
+    let dir = ca_dir();
+    let port = free_tcp_port();
+    let mut t = (*edge_site("echo", backend, port).topology).clone();
+    let site_node = t
+        .nodes
+        .iter_mut()
+        .find(|n| n.id.as_str() == "site")
+        .unwrap();
+    site_node.serves[0].health_check = Some("/health".into());
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t)));
+    let (site, _tx) = spawn_node(&snap, dir.path(), "site", |_| {}).await;
+    let (edge, _etx) = spawn_node(&snap, dir.path(), "edge", |_| {}).await;
+    let healthy = || site.telemetry().sites.first().map(|s| s.healthy);
+
+    // Checked three times, answering 503 each: unhealthy, and no client is sent there.
+    wait_until(
+        Duration::from_secs(20),
+        || checks.load(SeqCst) >= 3,
+        || format!("{} health checks", checks.load(SeqCst)),
+    )
+    .await;
+    assert_eq!(healthy(), Some(false), "healthy while answering 503");
+    let back = echo_roundtrip(port, b"GET / HTTP/1.1\r\n\r\n", Duration::from_secs(20)).await;
+    assert!(
+        !back
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with(b"HTTP/1.1 503"),
+        "a client reached the backend that answers 503"
+    );
+
+    // Ready: healthy, and serving.
+    status.store(200, SeqCst);
+    wait_until(
+        Duration::from_secs(20),
+        || healthy() == Some(true),
+        || format!("still unhealthy after answering 200: {:?}", healthy()),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let back = echo_roundtrip(port, b"GET / HTTP/1.1\r\n\r\n", Duration::from_secs(20)).await;
+        if back
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with(b"HTTP/1.1 200")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never served: {back:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // 503 again: down after three checks.
+    status.store(503, SeqCst);
+    wait_until(
+        Duration::from_secs(20),
+        || healthy() == Some(false),
+        || format!("still healthy while answering 503: {:?}", healthy()),
+    )
+    .await;
+    http.abort();
+    edge.shutdown().await;
+    site.shutdown().await;
+}
+
 /// One backend connect refused on the serving path refuses its stream, and leaves the service
 /// healthy: a backend that refuses now and then (a load balancer with a dead target) is not
 /// advertised down to every edge for a hold-down at each refusal. (One refusal marked it down.)

@@ -102,6 +102,7 @@ impl TopologyBuilder {
                 capacity,
                 weight: default_weight(),
                 dial: default_dial(),
+                health_check: None,
             });
         }
         self

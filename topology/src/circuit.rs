@@ -1149,6 +1149,7 @@ mod tests {
                     capacity: 10,
                     weight: 100,
                     dial: 100,
+                    health_check: None,
                 }]
             } else {
                 vec![]

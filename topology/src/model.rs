@@ -224,6 +224,21 @@ pub struct SiteService {
     /// without dials serialises (and diffs) as it did before dials existed.
     #[serde(default = "default_dial", skip_serializing_if = "is_full_dial")]
     pub dial: u8,
+    /// The backend's health is checked by an HTTP `GET` of this path (a 2xx or 3xx answer is
+    /// healthy) instead of a TCP connect alone: a model server accepts connections while it
+    /// still loads its weights, and answers its health path 503 until it is ready. See
+    /// [`is_valid_health_path`]. Left out of the serialised form when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<String>,
+}
+
+/// The longest `health_check` path.
+pub const MAX_HEALTH_PATH: usize = 256;
+
+/// Whether `p` can be a `health_check` path: `/` then visible ASCII (no space or control
+/// character: it is written into a request line as it is), at most [`MAX_HEALTH_PATH`] bytes.
+pub fn is_valid_health_path(p: &str) -> bool {
+    p.starts_with('/') && p.len() <= MAX_HEALTH_PATH && p.bytes().all(|b| b.is_ascii_graphic())
 }
 
 pub fn default_weight() -> u32 {

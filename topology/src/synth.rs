@@ -130,6 +130,7 @@ pub fn topology(p: &Params) -> Topology {
                     capacity: 64 + rng.below(512) as u32,
                     weight: 100,
                     dial: 100,
+                    health_check: None,
                 });
             }
         }

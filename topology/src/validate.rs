@@ -39,7 +39,14 @@ const NODE_FIELDS: &[&str] = &[
     "serves",
 ];
 const LOCATION_FIELDS: &[&str] = &["lat", "lon"];
-const SERVES_FIELDS: &[&str] = &["service", "backend", "capacity", "weight", "dial"];
+const SERVES_FIELDS: &[&str] = &[
+    "service",
+    "backend",
+    "capacity",
+    "weight",
+    "dial",
+    "health_check",
+];
 const LINK_FIELDS: &[&str] = &["a", "b", "latency", "capacity", "state"];
 const SERVICE_FIELDS: &[&str] = &[
     "name",
@@ -1206,8 +1213,33 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
                 Some(n) => integer(cx, n, &Of("dial", &sw), 0, FULL_DIAL.into())
                     .and_then(|d| u8::try_from(d).ok()),
             };
-            match (service, backend, capacity, weight, dial) {
-                (Some(service), Some(backend), Some(capacity), Some(weight), Some(dial)) => {
+            let health_check = match sf.get("health_check") {
+                None => Some(None),
+                Some(n) => string(cx, n, &Of("health_check", &sw)).and_then(|p| {
+                    if is_valid_health_path(p) {
+                        Some(Some(p.to_string()))
+                    } else {
+                        let shown: String = p.chars().take(80).collect::<String>();
+                        cx.err(
+                            n.pos,
+                            format!(
+                                "health_check of {sw}: {shown:?} is not an HTTP path (a `/` then \
+                                 visible ASCII, no spaces, at most {MAX_HEALTH_PATH} bytes, e.g. /health)"
+                            ),
+                        );
+                        None
+                    }
+                }),
+            };
+            match (service, backend, capacity, weight, dial, health_check) {
+                (
+                    Some(service),
+                    Some(backend),
+                    Some(capacity),
+                    Some(weight),
+                    Some(dial),
+                    Some(health_check),
+                ) => {
                     if let (Some(id), Some(pos)) = (&e.id, backend_pos) {
                         backends.push((id.clone(), service.clone(), backend, pos));
                     }
@@ -1218,6 +1250,7 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
                             capacity,
                             weight,
                             dial,
+                            health_check,
                         });
                     }
                 }

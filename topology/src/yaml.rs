@@ -122,6 +122,9 @@ pub fn to_yaml(t: &Topology) -> String {
                 if !crate::model::is_full_dial(&s.dial) {
                     let _ = write!(o, ", dial: {}", s.dial);
                 }
+                if let Some(p) = &s.health_check {
+                    let _ = write!(o, ", health_check: {}", q(p));
+                }
                 o.push_str("}\n");
             }
         }
@@ -265,5 +268,66 @@ services:
         let plain = crate::synth::topology(&crate::synth::Params::default());
         assert!(!to_yaml(&plain).contains("dial"));
         assert!(!serde_json::to_string(&plain).unwrap().contains("dial"));
+    }
+
+    /// A `health_check` path reads from the file and writes back when set; one that is not a
+    /// path (no leading `/`, a space that would split the request line, a control character)
+    /// is refused at its line and column, naming the field.
+    #[test]
+    fn health_check_paths_round_trip_and_bad_ones_are_refused_where_they_are() {
+        let doc = |hc: &str| {
+            format!(
+                r#"
+version: 1
+nodes:
+  - {{id: e, kind: edge, region: r, country: AU, location: {{lat: 0, lon: 0}}, address: "127.0.0.1:7000", client_address: 127.0.0.1}}
+  - id: s1
+    kind: site
+    region: r
+    country: AU
+    location: {{lat: 0, lon: 0}}
+    address: "127.0.0.1:7001"
+    serves:
+      - {{service: chat, backend: "127.0.0.1:9000", capacity: 8{hc}}}
+links:
+  - {{a: e, b: s1, latency: 1ms, capacity: 1Gbps}}
+services:
+  - {{name: chat, port: 8000}}
+"#
+            )
+        };
+        let t = load(&doc(", health_check: /v1/health?ready=1"))
+            .unwrap_or_else(|d| panic!("{d:#?}"))
+            .topology;
+        assert_eq!(
+            t.nodes[1].serves[0].health_check.as_deref(),
+            Some("/v1/health?ready=1")
+        );
+        let yaml = to_yaml(&t);
+        assert!(
+            yaml.contains(r#"health_check: "/v1/health?ready=1""#),
+            "{yaml}"
+        );
+        assert_eq!(load(&yaml).unwrap().topology, t);
+        let json = serde_json::to_value(&t).unwrap();
+        assert_eq!(serde_json::from_value::<Topology>(json).unwrap(), t);
+
+        let none = load(&doc("")).unwrap().topology;
+        assert_eq!(none.nodes[1].serves[0].health_check, None);
+        assert!(!to_yaml(&none).contains("health_check"));
+        assert!(
+            !serde_json::to_string(&none)
+                .unwrap()
+                .contains("health_check")
+        );
+
+        for bad in ["health", "\"/a b\"", "\"/a\\r\\nHost: evil\"", "8080"] {
+            let d = load(&doc(&format!(", health_check: {bad}"))).unwrap_err();
+            let msg = format!("{d:?}");
+            assert!(
+                msg.contains("health_check") && msg.contains("line: 12, column: 79"),
+                "{bad}: {msg}"
+            );
+        }
     }
 }

@@ -28,6 +28,7 @@ fn node(id: &str, kind: NodeKind) -> Node {
                 capacity: 10,
                 weight: 100,
                 dial: 100,
+                health_check: None,
             }]
         } else {
             vec![]

@@ -1291,6 +1291,19 @@ fn names(t: &topology::Topology) -> Result<(), Refusal> {
         {
             return Err(invalid("the service served by node", s.service.as_str()));
         }
+        // Written into a health check's request line as it is.
+        if let Some(p) = n
+            .serves
+            .iter()
+            .filter_map(|s| s.health_check.as_deref())
+            .find(|p| !topology::is_valid_health_path(p))
+        {
+            return Err(Refusal::new(format!(
+                "node {} has the health_check \"{}\", which is not an HTTP path",
+                n.id,
+                shown(p)
+            )));
+        }
     }
     for l in &t.links {
         for end in [&l.a, &l.b] {
@@ -1944,6 +1957,21 @@ mod tests {
         let e = check(&a, &link, None, None).unwrap_err();
         assert!(e.reason.starts_with("link end \"yyy"), "{e:?}");
         assert!(e.reason.len() < 200, "{e:?}");
+
+        let mut hc = good.clone();
+        let t = Arc::make_mut(&mut hc.topology);
+        t.services
+            .push(serde_json::from_value(serde_json::json!({"name": "chat"})).unwrap());
+        t.nodes[0].serves.push(
+            serde_json::from_value(serde_json::json!({
+                "service": "chat", "backend": "127.0.0.1:9", "capacity": 1,
+                "health_check": "/h HTTP/1.1\r\nHost: evil\r\n\r\nGET /x"
+            }))
+            .unwrap(),
+        );
+        let e = check(&a, &hc, None, None).unwrap_err();
+        assert!(e.reason.contains("is not an HTTP path"), "{e:?}");
+        assert!(!e.reason.contains('\r'), "{e:?}");
 
         let mut svc = good.clone();
         let t = Arc::make_mut(&mut svc.topology);

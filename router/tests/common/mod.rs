@@ -57,6 +57,7 @@ pub fn serve(t: &mut Topology, site: &str, service: &str, backend: SocketAddr) {
         capacity: 100,
         weight: 100,
         dial: 100,
+        health_check: None,
     });
 }
 

@@ -420,11 +420,6 @@ fi
     d.shutdown().await;
 }
 
-/// `apply` and `rollback` with `--base-version N` are refused (409, exit 1, nothing changed) once
-/// someone else changed the topology after version N, and go ahead while N is in force; a dry
-/// run says which version its plan was computed against and how to pin it. (Neither command
-/// could send a base version: the one computed after your dry run overwrote a change made in
-/// between.)
 /// The admin API is plain HTTP: an `--admin` address other than loopback is refused at start
 /// (exit 2, nothing created), saying why and what to do, unless `--admin-insecure-remote` is
 /// given; then the controller serves there. (Any address was taken, silently: the token that
@@ -510,6 +505,11 @@ fn edit_refuses_json_output() {
     );
 }
 
+/// `apply` and `rollback` with `--base-version N` are refused (409, exit 1, nothing changed) once
+/// someone else changed the topology after version N, and go ahead while N is in force; a dry
+/// run says which version its plan was computed against and how to pin it. (Neither command
+/// could send a base version: the one computed after your dry run overwrote a change made in
+/// between.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apply_and_rollback_with_a_base_version_do_not_overwrite_a_change_made_since() {
     let dir = tempfile::tempdir().unwrap();

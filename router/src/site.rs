@@ -42,7 +42,9 @@ pub(crate) struct SiteService {
     /// 64 bits: a `u32` of milliseconds wraps after 49.7 days, and a wrap inside the hold-down
     /// would keep the service unhealthy for another 49.7 days.
     down_at_ms: Arc<AtomicU64>,
-    /// Backend connects that failed in a row (streams' and checks'), for [`SERVE_DOWN_AFTER`].
+    /// Streams' backend connects that failed in a row, for [`SERVE_DOWN_AFTER`]; any connect
+    /// that succeeds, a stream's or a check's, ends the run (failed checks count in the
+    /// checker's own run, [`DOWN_AFTER`]).
     failed_connects: Arc<AtomicU32>,
 }
 

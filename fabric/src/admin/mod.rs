@@ -50,7 +50,7 @@ pub struct AdminState {
     /// The `GET /v1/status` build that calls share.
     pub status_builds: Arc<status::StatusBuilds>,
     /// Permits for changes running to completion ([`to_completion`]).
-    changes: Arc<tokio::sync::Semaphore>,
+    changes: Changes,
     #[cfg(test)]
     status_gate: Arc<Gate>,
 }
@@ -66,7 +66,7 @@ impl AdminState {
             circuits,
             token: Arc::from(token.trim()),
             status_builds: Arc::default(),
-            changes: Arc::new(tokio::sync::Semaphore::new(MAX_CHANGES_RUNNING)),
+            changes: Changes::new(MAX_CHANGE_WAIT),
             #[cfg(test)]
             status_gate: Arc::default(),
         }
@@ -266,23 +266,33 @@ async fn auth(State(st): State<AdminState>, req: Request, next: Next) -> Respons
 /// having started nothing. Without the bound, a client that sent a large apply and hung up,
 /// again and again, left a detached task per request, each holding its body and a copy of its
 /// text while queued for the apply lock: memory without limit, the connection bounds no help.
-async fn to_completion(
-    State(changes): State<Arc<tokio::sync::Semaphore>>,
-    req: Request,
-    next: Next,
-) -> Response {
+async fn to_completion(State(changes): State<Changes>, req: Request, next: Next) -> Response {
     if matches!(
         *req.method(),
         axum::http::Method::GET | axum::http::Method::HEAD
     ) {
         return next.run(req).await;
     }
-    let Ok(permit) = changes.acquire_owned().await else {
-        return ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the controller is stopping",
-        )
-        .into_response();
+    let permit = match tokio::time::timeout(changes.wait, changes.permits.acquire_owned()).await {
+        Ok(Ok(permit)) => permit,
+        // Waited long enough (the request's body, unread meanwhile, has a deadline of its
+        // own), or closed.
+        _ => {
+            let mut busy = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "{MAX_CHANGES_RUNNING} changes are running and none ended within {:?}: try \
+                     again",
+                    changes.wait
+                ),
+            )
+            .into_response();
+            busy.headers_mut().insert(
+                header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+            return busy;
+        }
     };
     tokio::spawn(async move {
         let r = next.run(req).await;
@@ -299,6 +309,27 @@ async fn to_completion(
 /// the controller anyway, and a circuit operation takes a write transaction; more would only
 /// queue, each holding its request.
 pub const MAX_CHANGES_RUNNING: usize = 8;
+
+/// How long a change waits for one of the [`MAX_CHANGES_RUNNING`] to end before it is answered
+/// 503 (`Retry-After: 1`): within the 30 s its body has to arrive, which starts with its headers
+/// and is not read while it waits.
+pub const MAX_CHANGE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The permits of [`to_completion`] and how long a change waits for one.
+#[derive(Clone)]
+struct Changes {
+    permits: Arc<tokio::sync::Semaphore>,
+    wait: std::time::Duration,
+}
+
+impl Changes {
+    fn new(wait: std::time::Duration) -> Changes {
+        Changes {
+            permits: Arc::new(tokio::sync::Semaphore::new(MAX_CHANGES_RUNNING)),
+            wait,
+        }
+    }
+}
 
 /// Runs `f`, a handler's store reads or heavy computation, on tokio's blocking pool. A read that
 /// waits on a slow disk, or a computation that takes seconds, then holds a blocking thread
@@ -536,7 +567,7 @@ mod tests {
         let app = axum::Router::new()
             .route("/p", axum::routing::post(panics))
             .layer(axum::middleware::from_fn_with_state(
-                Arc::new(tokio::sync::Semaphore::new(MAX_CHANGES_RUNNING)),
+                Changes::new(MAX_CHANGE_WAIT),
                 to_completion,
             ));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -624,19 +655,23 @@ mod tests {
         server.abort();
     }
 
-    /// At most `MAX_CHANGES_RUNNING` changes run at once: the next waits, with its client, and
-    /// runs once one ends; a waiting request whose client goes away never runs. (Every change
-    /// ran at once, each a detached task holding its request, whether its client stayed or not.)
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn changes_past_the_bound_wait_and_a_gone_client_s_change_never_runs() {
-        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-        #[derive(Clone)]
-        struct Held {
-            started: Arc<AtomicUsize>,
-            release: Arc<tokio::sync::Semaphore>,
-        }
+    /// Changes (`POST /p`) that start, count themselves and wait for a release.
+    #[derive(Clone)]
+    struct Held {
+        started: Arc<std::sync::atomic::AtomicUsize>,
+        release: Arc<tokio::sync::Semaphore>,
+    }
+
+    /// Serves [`Held`] changes behind [`to_completion`] with `wait`.
+    async fn serve_held(
+        wait: Duration,
+    ) -> (
+        SocketAddr,
+        Held,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    ) {
         async fn held(axum::extract::State(h): axum::extract::State<Held>) -> &'static str {
-            h.started.fetch_add(1, SeqCst);
+            h.started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             h.release.acquire().await.unwrap().forget();
             "done"
         }
@@ -648,12 +683,55 @@ mod tests {
             .route("/p", axum::routing::post(held))
             .with_state(h.clone())
             .layer(axum::middleware::from_fn_with_state(
-                Arc::new(tokio::sync::Semaphore::new(MAX_CHANGES_RUNNING)),
+                Changes::new(wait),
                 to_completion,
             ));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        (addr, h, server)
+    }
+
+    /// A change that waits longer than its bound for one of `MAX_CHANGES_RUNNING` to end is
+    /// answered 503 with `Retry-After`, before its unread body's own deadline would answer 408.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_change_that_waits_too_long_is_answered_503() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (addr, h, server) = serve_held(Duration::from_millis(300)).await;
+        let mut clients = Vec::new();
+        for _ in 0..MAX_CHANGES_RUNNING {
+            let req = post("/p", "tok", "{}");
+            clients.push(tokio::spawn(async move { exchange(addr, &req).await }));
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while h.started.load(SeqCst) != MAX_CHANGES_RUNNING {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the changes did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let back = exchange(addr, &post("/p", "tok", "{}")).await;
+        assert!(back.starts_with("HTTP/1.1 503"), "{back}");
+        assert!(
+            back.to_ascii_lowercase().contains("retry-after: 1"),
+            "{back}"
+        );
+        h.release.add_permits(MAX_CHANGES_RUNNING);
+        for c in clients {
+            assert!(c.await.unwrap().starts_with("HTTP/1.1 200"));
+        }
+        assert_eq!(h.started.load(SeqCst), MAX_CHANGES_RUNNING);
+        server.abort();
+    }
+
+    /// At most `MAX_CHANGES_RUNNING` changes run at once: the next waits, with its client, and
+    /// runs once one ends; a waiting request whose client goes away never runs. (Every change
+    /// ran at once, each a detached task holding its request, whether its client stayed or not.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn changes_past_the_bound_wait_and_a_gone_client_s_change_never_runs() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (addr, h, server) = serve_held(MAX_CHANGE_WAIT).await;
         let started = |n: usize| {
             let h = h.clone();
             async move {

@@ -112,9 +112,10 @@ pub struct RouterArgs {
     #[arg(long, default_value_t = 3, value_name = "N",
           value_parser = clap::value_parser!(u16).range(1..=MAX_TRIES))]
     pub max_tries: u16,
-    /// Site: how long it waits for its backend to accept a TCP connection (and each health
-    /// check's connect) before it refuses the stream with `backend_refused`, which the edge
-    /// retries on its next candidate, and marks the service down. The default is above one
+    /// Site: how long it waits for its backend to accept a TCP connection before it refuses
+    /// the stream with `backend_refused`, which the edge retries on its next candidate (the
+    /// 5th such failure in a row marks the service down), and how long each health check may
+    /// take (a connect, or a connect and the status line of a `health_check` GET). The default is above one
     /// retransmitted SYN (1 s). Raise it for backends slow to accept, and the edges'
     /// --reply-timeout above it, else they give up first. 1ms to 10m.
     #[arg(long, default_value = "2s", value_parser = parse_timeout, value_name = "DURATION")]

@@ -1289,7 +1289,10 @@ fn names(t: &topology::Topology) -> Result<(), Refusal> {
             .iter()
             .find(|s| !topology::is_valid_id(s.service.as_str()))
         {
-            return Err(invalid("the service served by node", s.service.as_str()));
+            return Err(invalid(
+                &format!("the service served by node {}", shown(n.id.as_str())),
+                s.service.as_str(),
+            ));
         }
         // Written into a health check's request line as it is.
         if let Some(p) = n

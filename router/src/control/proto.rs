@@ -440,7 +440,10 @@ impl Message for FromRouter {
 pub fn clip(s: String) -> String {
     let unsafe_char = |c: char| {
         c.is_control()
-            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+            || matches!(
+                c,
+                '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+            )
     };
     if s.len() <= MAX_REASON && !s.chars().any(unsafe_char) {
         return s;

@@ -6,8 +6,9 @@ use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 
 use super::{AdminState, ApiError, NoQuery, off_workers};
+use crate::circuits::api::actor;
 use crate::controller::ApplyOutcome;
-use crate::controller::records::{MAX_META_FIELD, Origin, TopologyVersion, VersionMeta, clipped};
+use crate::controller::records::{Origin, TopologyVersion, VersionMeta};
 
 pub fn routes() -> axum::Router<AdminState> {
     axum::Router::new()
@@ -130,16 +131,11 @@ pub struct ApplyRequest {
     pub base_version: Option<u64>,
 }
 
-/// The version's author: `unknown` when blank, else at most [`MAX_META_FIELD`] bytes of the
-/// operator's text, as a circuit's (`circuits::api::actor`): a name, logged at every apply and
-/// read back by every listing. (The message, free text, is kept whole in the version.)
+/// The version's author, as a circuit's ([`actor`]: trimmed, `unknown` when blank, at most
+/// `MAX_META_FIELD` bytes): a name, logged at every apply and read back by every listing. (The
+/// message, free text, is kept whole in the version.)
 fn author(a: &str) -> String {
-    let a = a.trim();
-    if a.is_empty() {
-        "unknown".to_string()
-    } else {
-        clipped(a, MAX_META_FIELD)
-    }
+    actor(a)
 }
 
 async fn apply(

@@ -83,7 +83,7 @@ impl From<ServiceError> for ApiError {
 /// Who made a change, for the circuit's record, its history and the audit log: `unknown` when
 /// blank, else at most [`MAX_META_FIELD`] bytes of the operator's text (free-form within the
 /// body limit, and read back by every listing of circuits).
-fn actor(a: &str) -> String {
+pub(crate) fn actor(a: &str) -> String {
     let a = a.trim();
     if a.is_empty() {
         "unknown".to_string()

@@ -845,11 +845,18 @@ impl View {
                     d.0.saturating_add(drained),
                     d.1.saturating_add(e.latency_ns),
                 );
-                if nd < dist[e.to as usize] {
-                    dist[e.to as usize] = nd;
-                    prev[e.to as usize] = u;
-                    links[e.to as usize] = links[u as usize] + 1;
+                let v = e.to as usize;
+                if nd < dist[v] {
+                    dist[v] = nd;
+                    prev[v] = u;
+                    links[v] = links[u as usize] + 1;
                     heap.push(Reverse((nd, e.to)));
+                } else if nd == dist[v] && (links[u as usize] + 1, u) < (links[v], prev[v]) {
+                    // Equal cost: the fewest links, then the smallest predecessor, as routing
+                    // ties (`route::RoutingTable::build`). Every equal-cost predecessor is
+                    // settled before `v` (weights >= 1 ns), so `v`'s links are final when popped.
+                    prev[v] = u;
+                    links[v] = links[u as usize] + 1;
                 }
             }
         }
@@ -1368,6 +1375,33 @@ mod tests {
             .map(|n| NodeId::new(&n))
             .collect();
         assert!(!path_usable(&t, &long));
+    }
+
+    /// Between two equally fast paths, placement takes the one with fewer links, as routing
+    /// does: 17 transits at 1 ms then 19 ms (19 nodes, found first) or 8 at 4 ms (10 nodes),
+    /// 36 ms both. The first found was kept, and the site refused as too far.
+    #[test]
+    fn an_equally_fast_path_with_fewer_links_is_placed() {
+        let mut t = topo();
+        t.links.retain(|l| l.a.as_str() != "edge");
+        let mut chain = |name: char, n: usize, each: u64, last: u64| {
+            let mut prev = "edge".to_string();
+            for k in 1..=n {
+                let c = format!("{name}{k:02}");
+                t.nodes.push(node(&c, NodeKind::Transit, "au-east"));
+                t.links.push(link(&prev, &c, each, "10Gbps"));
+                prev = c;
+            }
+            t.links.push(link(&prev, "site-a", last, "10Gbps"));
+        };
+        chain('a', 17, 1, 19);
+        chain('b', 8, 4, 4);
+        t.links
+            .retain(|l| l.a.as_str() != "t1" && l.b.as_str() != "t1");
+        let p = place(&t, &[], &req("10Mbps")).unwrap();
+        assert_eq!(p.site.as_str(), "site-a");
+        assert_eq!(p.path.len(), 10, "{:?}", p.path);
+        assert_eq!(p.latency, Latency::from_micros(36_000));
     }
 
     #[test]

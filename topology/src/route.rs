@@ -12,9 +12,10 @@
 //! - drained nodes and links (admin `drain`) usable, but the path cost is lexicographic
 //!   `(drained elements on the path, latency)`: a path with a drained element is chosen only
 //!   when the site cannot be reached without one, and such a candidate has `drained: true`;
-//! - ties between equal-cost paths resolved by the smallest predecessor id at each hop (node
-//!   indices are in id order), so the result depends on ids and numbers only, never on the
-//!   order of the YAML.
+//! - ties between equal-cost paths resolved by the fewest links, then the smallest predecessor
+//!   id at each hop (node indices are in id order), so the result depends on ids and numbers
+//!   only, never on the order of the YAML, and a path within [`MAX_PATH_NODES`] is not lost to
+//!   an equally fast longer one.
 //!
 //! Then, per service, every serving site that is allowed by the service's residency, not down,
 //! reachable by a path of at most [`MAX_PATH_NODES`] nodes, and eligible by load ([`SiteLoad::penalty`]) becomes a [`Candidate`]. Candidates
@@ -389,9 +390,11 @@ impl RoutingTable {
                     prev[v] = u;
                     links[v] = links[u as usize].saturating_add(1);
                     heap.push(Reverse((cand, e.to)));
-                } else if cand == dist[v] && u < prev[v] {
+                } else if cand == dist[v]
+                    && (links[u as usize].saturating_add(1), u) < (links[v], prev[v])
+                {
                     // Weights are >= 1 ns, so every equal-cost predecessor is settled before
-                    // `v` is, and this rule cannot create a cycle.
+                    // `v` is (its links final), and this rule cannot create a cycle.
                     prev[v] = u;
                     links[v] = links[u as usize].saturating_add(1);
                 }
@@ -1136,6 +1139,37 @@ mod tests {
         too_long.push(nid(&format!("s{:04}", MAX_PATH_NODES - 1)));
         assert_eq!(too_long.len(), MAX_PATH_NODES + 1);
         assert!(on_path(&g, &live, "x", &too_long).is_none());
+    }
+
+    /// Two equally fast paths to one site: 17 transits `a01`..`a17` (lower ids, 19 nodes with
+    /// the ends) and 8 transits `b01`..`b08`, 36 ms each. Ties go to the fewest links, so the
+    /// site is a candidate along the path a stream can name; by the smallest predecessor alone
+    /// (`a17` before `b08`) it took the 19-node path and was left out.
+    #[test]
+    fn an_equally_fast_path_with_fewer_links_wins_the_tie() {
+        let mut b = TopologyBuilder::new();
+        b.node("e", NodeKind::Edge)
+            .node("s", NodeKind::Site)
+            .service("x")
+            .serve("s", "x", 1);
+        let mut prev = "e".to_string();
+        for k in 1..=17 {
+            let t = format!("a{k:02}");
+            b.node(&t, NodeKind::Transit).link(&prev, &t, ms(1.0));
+            prev = t;
+        }
+        b.link(&prev, "s", ms(19.0));
+        let mut prev = "e".to_string();
+        for k in 1..=8 {
+            let t = format!("b{k:02}");
+            b.node(&t, NodeKind::Transit).link(&prev, &t, ms(4.0));
+            prev = t;
+        }
+        b.link(&prev, "s", ms(4.0));
+        let c = route(&b.build(), &nid("e"), "x", &LiveState::default()).unwrap();
+        assert_eq!(ids(&c), ["s"]);
+        assert_eq!(c[0].path.len(), 10, "{:?}", path(&c[0]));
+        assert_eq!(c[0].latency, ms(36.0));
     }
 
     /// edge -- t1 (5) -- s1 (1); edge -- t2 (2) -- s2 (20); t1 -- t2 (1)

@@ -448,6 +448,21 @@ impl Diag {
 
 #[cfg(test)]
 mod tests {
+    /// The circuit service of `ctl`, as the controller's daemon makes it.
+    fn circuits_of(ctl: &Arc<Controller>) -> Arc<crate::circuits::service::CircuitService> {
+        crate::circuits::service::CircuitService::new(
+            ctl.clone(),
+            crate::circuits::service::DEFAULT_PROVISION_TIMEOUT,
+        )
+        .unwrap()
+    }
+
+    /// Serves `state` on a loopback port: its address, and the server's task.
+    async fn serve_on_loopback(state: AdminState) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        (addr, tokio::spawn(serve(listener, state)))
+    }
     use std::time::{Duration, Instant};
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -590,11 +605,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(gated(dir.path()));
         let ctl = Controller::open(store.clone(), Some((&yaml("1ms"), "t.yaml"))).unwrap();
-        let circuits = crate::circuits::service::CircuitService::new(
-            ctl.clone(),
-            crate::circuits::service::DEFAULT_PROVISION_TIMEOUT,
-        )
-        .unwrap();
+        let circuits = circuits_of(&ctl);
         let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let limits = ServeLimits {
@@ -799,14 +810,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(RedbStore::open(dir.path()).unwrap());
         let ctl = Controller::open(store, Some((&yaml("1ms"), "t.yaml"))).unwrap();
-        let circuits = crate::circuits::service::CircuitService::new(
-            ctl.clone(),
-            crate::circuits::service::DEFAULT_PROVISION_TIMEOUT,
-        )
-        .unwrap();
-        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(serve(listener, AdminState::new(ctl, "tok", circuits)));
+        let circuits = circuits_of(&ctl);
+        let (addr, server) = serve_on_loopback(AdminState::new(ctl, "tok", circuits)).await;
         for (auth, status) in [
             ("bearer tok", "200"),
             ("BEARER tok", "200"),
@@ -841,17 +846,8 @@ mod tests {
         let pool = "pools:\n  - {name: vips, prefix: 127.79.0.0/28}\n";
         let (v1, v2) = (yaml("1ms") + pool, yaml("2ms") + pool);
         let ctl = Controller::open(store.clone(), Some((&v1, "t.yaml"))).unwrap();
-        let circuits = crate::circuits::service::CircuitService::new(
-            ctl.clone(),
-            crate::circuits::service::DEFAULT_PROVISION_TIMEOUT,
-        )
-        .unwrap();
-        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(serve(
-            listener,
-            AdminState::new(ctl.clone(), "tok", circuits),
-        ));
+        let circuits = circuits_of(&ctl);
+        let (addr, server) = serve_on_loopback(AdminState::new(ctl.clone(), "tok", circuits)).await;
         let long = "x".repeat(4 << 20);
         let head = |r: &str| r.chars().take(300).collect::<String>();
 
@@ -923,14 +919,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(gated(dir.path()));
         let ctl = Controller::open(store.clone(), Some((&yaml("1ms"), "t.yaml"))).unwrap();
-        let circuits = crate::circuits::service::CircuitService::new(
-            ctl.clone(),
-            crate::circuits::service::DEFAULT_PROVISION_TIMEOUT,
-        )
-        .unwrap();
-        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(serve(listener, AdminState::new(ctl, "tok", circuits)));
+        let circuits = circuits_of(&ctl);
+        let (addr, server) = serve_on_loopback(AdminState::new(ctl, "tok", circuits)).await;
         let dry_run = serde_json::json!({ "text": yaml("2ms"), "dry_run": true }).to_string();
         let requests = [
             (
@@ -1000,11 +990,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(RedbStore::open(dir.path()).unwrap());
         let ctl = Controller::open(store, Some((&yaml("1ms"), "t.yaml"))).unwrap();
-        let circuits = crate::circuits::service::CircuitService::new(
-            ctl.clone(),
-            crate::circuits::service::DEFAULT_PROVISION_TIMEOUT,
-        )
-        .unwrap();
+        let circuits = circuits_of(&ctl);
         let state = AdminState::new(ctl.clone(), "tok", circuits);
         let (gate, builds) = (state.status_gate.clone(), state.status_builds.clone());
         let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();

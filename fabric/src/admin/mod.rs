@@ -910,6 +910,50 @@ mod tests {
         server.abort();
     }
 
+    /// `GET /v1/topology/history` flags as current the version its rows were read with: an
+    /// apply that commits while the history's read waits is listed, and flagged. (The current
+    /// version was read from memory before the rows: the new row came unflagged, the one
+    /// before it flagged current.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn history_flags_the_version_current_in_the_read_of_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(gated(dir.path()));
+        let ctl = Controller::open(store.clone(), Some((&yaml("1ms"), "t.yaml"))).unwrap();
+        let circuits = circuits_of(&ctl);
+        let (addr, server) = serve_on_loopback(AdminState::new(ctl.clone(), "tok", circuits)).await;
+        let (entered, release) = store.read_gate.hold();
+        let history =
+            tokio::spawn(async move { exchange(addr, &get("/v1/topology/history", "tok")).await });
+        tokio::task::spawn_blocking(move || entered.recv_timeout(Duration::from_secs(20)))
+            .await
+            .unwrap()
+            .expect("the history's read did not reach the store");
+        let out = ctl
+            .apply(
+                &yaml("2ms"),
+                "me",
+                "",
+                crate::controller::records::Origin::Apply,
+                false,
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(out.version, Some(2));
+        let _ = release.send(());
+        let back = history.await.unwrap();
+        let body = &back[back.find("\r\n\r\n").unwrap() + 4..];
+        let rows: Vec<serde_json::Value> = serde_json::from_str(body).unwrap();
+        let current: Vec<u64> = rows
+            .iter()
+            .filter(|r| r["current"] == true)
+            .map(|r| r["version"].as_u64().unwrap())
+            .collect();
+        assert_eq!(rows.len(), 2, "{body}");
+        assert_eq!(current, [2], "{body}");
+        server.abort();
+    }
+
     /// Every admin GET that reads the store, and an apply's and a rollback's own reads, read it
     /// off the runtime's workers: while the read waits on the disk, the same runtime (here its
     /// only thread, which would stall outright) keeps answering other requests, and the

@@ -76,15 +76,16 @@ async fn history(
             ),
         ));
     }
-    let cur = st.ctl.current().record.version;
     let limit = q.limit.unwrap_or(50).min(MAX_HISTORY_LIMIT);
     let ctl = st.ctl.clone();
-    let rows = off_workers(move || ctl.history(limit)).await?;
+    // The current version from the same read as the rows: read from memory before it, an
+    // apply committed in between was listed but not flagged, and the version before it was.
+    let (cur, rows) = off_workers(move || ctl.history_with_current(limit)).await?;
     Ok(Json(
         rows.into_iter()
             .map(|r: VersionMeta| HistoryEntry {
                 version: r.version,
-                current: r.version == cur,
+                current: Some(r.version) == cur,
                 bytes: r.bytes,
                 author: r.author,
                 time_unix_ms: r.time_unix_ms,

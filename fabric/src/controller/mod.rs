@@ -736,6 +736,17 @@ impl Controller {
         Ok(store::read(&*self.store, |tx| records::history(tx, limit))?)
     }
 
+    /// [`Self::history`] and the version the store holds as current, read together: the two
+    /// agree even while an apply commits (the version in memory is taken up only after).
+    pub fn history_with_current(
+        &self,
+        limit: usize,
+    ) -> Result<(Option<u64>, Vec<VersionMeta>), ControllerError> {
+        Ok(store::read(&*self.store, |tx| {
+            Ok::<_, StoreError>((records::current_version(tx)?, records::history(tx, limit)?))
+        })?)
+    }
+
     /// One version, text and all. Reads the store on the calling thread, like [`Self::history`].
     pub fn version(&self, v: u64) -> Result<Option<TopologyVersion>, ControllerError> {
         Ok(store::read(&*self.store, |tx| records::version(tx, v))?)

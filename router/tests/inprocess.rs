@@ -2895,8 +2895,18 @@ async fn a_bulk_transfer_filling_its_links_queue_does_not_move_new_clients() {
     // The edge's connection to `near` (the one its streams take) crosses a 20 Mbit/s bottleneck.
     let bottleneck = LinkProfile::delay(topology::Latency::from_micros(5_000))
         .with_rate(20_000_000, topology::Latency::from_micros(200_000));
+    // A narrow anti-flap band: near (5.75 ms measured) must win over far (15 ms) whichever
+    // neighbour came up first (by the default 10 ms band, far kept a preference it took before
+    // near was up, and the setup waited for near in vain). A narrower band only makes a cost
+    // that the upload raised move clients sooner.
+    let narrow = |cfg: &mut RouterConfig| {
+        cfg.hysteresis = topology::Hysteresis {
+            absolute: ms(1.0),
+            relative: 0.9,
+        }
+    };
     let (hs, _txs, _link) =
-        spawn_via_emulator(t, dir.path(), ("edge", "near"), bottleneck, |_| {}).await;
+        spawn_via_emulator(t, dir.path(), ("edge", "near"), bottleneck, narrow).await;
     let edge = &hs[0];
     let near_cost = || {
         edge.routes()

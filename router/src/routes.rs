@@ -793,21 +793,27 @@ impl Control {
         // listeners stay); at start they fail `Router::spawn` (see `sync_listeners`).
         self.resync_listeners();
 
-        // Neighbours: dial every node we share a link with. Nodes by id through one map, the
-        // first of an id winning as in `Topology::node` (not a scan of the nodes per link: a hub
-        // may have thousands of links in a topology of as many nodes).
-        let mut nodes: HashMap<&NodeId, &topology::Node> = HashMap::with_capacity(topo.nodes.len());
-        for n in &topo.nodes {
-            nodes.entry(&n.id).or_insert(n);
-        }
-        let mut want: HashMap<NodeId, SocketAddr> = HashMap::new();
-        for l in topo.links_of(&sh.node) {
-            if let Some(other) = l.other_end(&sh.node)
-                && let Some(n) = nodes.get(other)
-            {
-                let addr = sh.dial_overrides.get(other).copied().unwrap_or(n.address);
-                want.insert(other.clone(), addr);
+        let graph = match &self.graph {
+            Some((t, graph)) if Arc::ptr_eq(t, &topo) => graph.clone(),
+            _ => {
+                let graph = Arc::new(Graph::new(&topo));
+                sh.graph.store(graph.clone());
+                self.graph = Some((topo.clone(), graph.clone()));
+                graph
             }
+        };
+
+        // Neighbours: dial every node we share a link with, found through the graph's index
+        // (the first node of an id, as `Topology::node`), not a scan of the nodes per link.
+        let mut want: HashMap<NodeId, SocketAddr> = HashMap::new();
+        for e in graph
+            .index(sh.node.as_str())
+            .map_or(&[][..], |me| graph.neighbours(me))
+        {
+            let other = graph.id(e.to);
+            let n = &topo.nodes[graph.topology_position(e.to)];
+            let addr = sh.dial_overrides.get(other).copied().unwrap_or(n.address);
+            want.insert(other.clone(), addr);
         }
         self.dialers.retain(|id, (nb, h)| {
             let keep = want.get(id) == Some(&nb.addr);
@@ -838,16 +844,6 @@ impl Control {
 
         // Site services.
         site::reconcile(&sh, &topo, &mut self.checkers);
-
-        if self
-            .graph
-            .as_ref()
-            .is_none_or(|(t, _)| !Arc::ptr_eq(t, &topo))
-        {
-            let graph = Arc::new(Graph::new(&topo));
-            sh.graph.store(graph.clone());
-            self.graph = Some((topo.clone(), graph));
-        }
     }
 
     /// Merges the snapshot's live state with local evidence.
@@ -886,7 +882,10 @@ impl Control {
         for nb in sh.neighbours.load().values() {
             link_rtt(&sh.node, &nb.id, nb.is_up(), nb.rtt_us());
         }
-        let mut unhealthy: Vec<(NodeId, ServiceName)> = sh.evidence.down_sites();
+        let mut unhealthy = Unhealthy::default();
+        for (site, service) in sh.evidence.down_sites() {
+            unhealthy.entry(site).or_default().insert(service);
+        }
         for e in sh.evidence.fresh(Evidence::ttl(sh)) {
             for n in &e.neighbours {
                 link_rtt(&e.origin, &n.id, n.up, n.rtt_us as u64);
@@ -914,7 +913,10 @@ impl Control {
                         },
                     );
                     if !s.healthy {
-                        unhealthy.push((e.origin.clone(), s.service.clone()));
+                        unhealthy
+                            .entry(e.origin.clone())
+                            .or_default()
+                            .insert(s.service.clone());
                     }
                 }
                 live.site_load.insert(e.origin.clone(), load);
@@ -932,11 +934,7 @@ impl Control {
                 live.down_links.insert(id);
             }
         }
-        let mut by_site = Unhealthy::default();
-        for (site, service) in unhealthy {
-            by_site.entry(site).or_default().insert(service);
-        }
-        (live, by_site)
+        (live, unhealthy)
     }
 
     pub fn rebuild(&mut self) {
@@ -1013,7 +1011,7 @@ impl Control {
                                 .map(|c| {
                                     let turns = turns_by_site
                                         .get(&c.site)
-                                        .map(|t| Arc::clone(t))
+                                        .map(|&t| t.clone())
                                         .unwrap_or_default();
                                     (turns, dial_site_key(&c.site))
                                 })

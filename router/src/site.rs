@@ -54,9 +54,13 @@ impl SiteService {
     fn connect_failed(&self) -> bool {
         self.failed_connects.fetch_add(1, Relaxed).saturating_add(1) >= SERVE_DOWN_AFTER
     }
-    /// A backend connect (a stream's or a check's) succeeded: the run of failures ends.
+    /// A backend connect (a stream's or a check's) succeeded: the run of failures ends. Read
+    /// first, written only when there was a run: every stream calls this, and a store on each
+    /// would move the counter's cache line between the cores serving the service.
     fn connect_succeeded(&self) {
-        self.failed_connects.store(0, Relaxed);
+        if self.failed_connects.load(Relaxed) != 0 {
+            self.failed_connects.store(0, Relaxed);
+        }
     }
     pub fn state(&self) -> ServiceState {
         ServiceState {

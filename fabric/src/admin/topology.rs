@@ -132,13 +132,6 @@ pub struct ApplyRequest {
     pub base_version: Option<u64>,
 }
 
-/// The version's author, as a circuit's ([`actor`]: trimmed, `unknown` when blank, at most
-/// `MAX_META_FIELD` bytes): a name, logged at every apply and read back by every listing. (The
-/// message, free text, is kept whole in the version.)
-fn author(a: &str) -> String {
-    actor(a)
-}
-
 async fn apply(
     State(st): State<AdminState>,
     _: Query<NoQuery>,
@@ -148,7 +141,7 @@ async fn apply(
         .ctl
         .apply(
             &req.text,
-            &author(&req.author),
+            &actor(&req.author),
             &req.message,
             Origin::Apply,
             req.dry_run,
@@ -195,7 +188,7 @@ async fn rollback(
         .ctl
         .rollback(
             req.version,
-            &author(&req.author),
+            &actor(&req.author),
             &req.message,
             req.dry_run,
             req.base_version,

@@ -108,8 +108,7 @@ fn parse_issue_valid_for(s: &str) -> Result<std::time::Duration, String> {
 /// Why `--admin ADDR` is refused, if it is: an address other than loopback without
 /// `--admin-insecure-remote` (as Vault refuses a listener without TLS unless `tls_disable`).
 fn admin_refusal(addr: SocketAddr, insecure_remote: bool) -> Option<String> {
-    let loopback = addr.ip().to_canonical().is_loopback();
-    (!loopback && !insecure_remote).then(|| {
+    (!admin_is_loopback(addr) && !insecure_remote).then(|| {
         format!(
             "--admin {addr}: the admin API is plain HTTP, and its bearer token (which changes the \
              topology and circuits) would cross the network in clear text. Bind it to a loopback \
@@ -120,13 +119,18 @@ fn admin_refusal(addr: SocketAddr, insecure_remote: bool) -> Option<String> {
     })
 }
 
+/// Whether `--admin ADDR` is a loopback address (an IPv4-mapped one too).
+fn admin_is_loopback(addr: SocketAddr) -> bool {
+    addr.ip().to_canonical().is_loopback()
+}
+
 pub fn run(args: ControllerArgs) -> ExitCode {
     if let Some(why) = admin_refusal(args.admin, args.admin_insecure_remote) {
         eprintln!("error: {why}");
         return ExitCode::from(2);
     }
     super::init_tracing();
-    if !args.admin.ip().to_canonical().is_loopback() {
+    if !admin_is_loopback(args.admin) {
         tracing::warn!(admin = %args.admin, "--admin-insecure-remote: the admin API is plain HTTP, its bearer token crossing the network in clear text");
     }
     super::raise_nofile();

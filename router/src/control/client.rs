@@ -1262,14 +1262,7 @@ fn check(
 /// two at the controller (`Topology::node` takes the first, a map of ids the last).
 fn names(t: &topology::Topology) -> Result<(), Refusal> {
     // The name shown in a refusal: escaped and cut (it is the sender's text).
-    let shown = |s: &str| {
-        let mut e: String = s.escape_default().collect();
-        if e.len() > 80 {
-            e.truncate(e.floor_char_boundary(80));
-            e.push_str("...");
-        }
-        e
-    };
+    let shown = |s: &str| super::proto::clip_to(s.to_string(), 80);
     let invalid = |what: &str, s: &str| {
         Refusal::new(format!(
             "{what} \"{}\" is not a valid id (1 to 63 lowercase letters, digits and single hyphens)",

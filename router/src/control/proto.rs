@@ -438,6 +438,11 @@ impl Message for FromRouter {
 /// [`MAX_REASON`] bytes at a character boundary, `...` marking the cut; escapes count toward
 /// the limit. Reasons and names come from the peer.
 pub fn clip(s: String) -> String {
+    clip_to(s, MAX_REASON)
+}
+
+/// [`clip`] to at most `max` bytes (and the `...`), for a peer's name inside a longer text.
+pub fn clip_to(s: String, max: usize) -> String {
     let unsafe_char = |c: char| {
         c.is_control()
             || matches!(
@@ -445,10 +450,10 @@ pub fn clip(s: String) -> String {
                 '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
             )
     };
-    if s.len() <= MAX_REASON && !s.chars().any(unsafe_char) {
+    if s.len() <= max && !s.chars().any(unsafe_char) {
         return s;
     }
-    let mut out = String::with_capacity(MAX_REASON + 3);
+    let mut out = String::with_capacity(max + 3);
     for c in s.chars() {
         let before = out.len();
         if unsafe_char(c) {
@@ -456,7 +461,7 @@ pub fn clip(s: String) -> String {
         } else {
             out.push(c);
         }
-        if out.len() > MAX_REASON {
+        if out.len() > max {
             out.truncate(before);
             out.push_str("...");
             break;

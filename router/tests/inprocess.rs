@@ -2331,6 +2331,21 @@ async fn a_routers_own_measurement_lowers_a_stale_published_weight() {
     }
 }
 
+/// Sends `msg` through the edge on `port` until the answer is one `served` accepts (the edge
+/// may not have its neighbour yet, or still hold the site down): a round trip is the condition,
+/// tried every 20 ms for at most 20 s.
+async fn roundtrip_until(port: u16, msg: &[u8], served: impl Fn(&[u8]) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let back = echo_roundtrip(port, msg, Duration::from_secs(20)).await;
+        if back.as_deref().is_ok_and(&served) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never served: {back:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// With a `health_check` path, the site checks its backend by HTTP: a backend that accepts
 /// connections but answers 503 (a model server loading its weights) is unhealthy from the
 /// start and takes no stream; once it answers 200 it is healthy and serves; 503 again, and it
@@ -2412,19 +2427,10 @@ async fn an_http_health_check_keeps_a_backend_that_answers_503_out() {
         || format!("still unhealthy after answering 200: {:?}", healthy()),
     )
     .await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let back = echo_roundtrip(port, b"GET / HTTP/1.1\r\n\r\n", Duration::from_secs(20)).await;
-        if back
-            .as_deref()
-            .unwrap_or_default()
-            .starts_with(b"HTTP/1.1 200")
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never served: {back:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    roundtrip_until(port, b"GET / HTTP/1.1\r\n\r\n", |b| {
+        b.starts_with(b"HTTP/1.1 200")
+    })
+    .await;
 
     // 503 again: down after three checks.
     status.store(503, SeqCst);
@@ -2464,15 +2470,7 @@ async fn one_refused_backend_connect_leaves_the_service_healthy() {
     let (site, _tx) = spawn_node(&snap, dir.path(), "site", |_| {}).await;
     let (edge, _etx) = spawn_node(&snap, dir.path(), "edge", |_| {}).await;
     // Served once the edge has its neighbour.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let back = echo_roundtrip(port, b"first", Duration::from_secs(20)).await;
-        if back.as_deref().ok() == Some(&b"first"[..]) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never served: {back:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    roundtrip_until(port, b"first", |b| b == b"first").await;
 
     // The backend goes away for a moment: a stream comes, its connect is refused.
     echo.abort();

@@ -673,6 +673,28 @@ mod tests {
         release: Arc<tokio::sync::Semaphore>,
     }
 
+    impl Held {
+        /// Waits (20 s at most) until `n` changes have started.
+        async fn started(&self, n: usize) {
+            let started = || self.started.load(std::sync::atomic::Ordering::SeqCst);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            while started() != n {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{} started, waiting for {n}",
+                    started()
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+
+    /// Sends a change to `addr` from a task of its own; its whole response when it ends.
+    fn send_change(addr: SocketAddr) -> tokio::task::JoinHandle<String> {
+        let req = post("/p", "tok", "{}");
+        tokio::spawn(async move { exchange(addr, &req).await })
+    }
+
     /// Serves [`Held`] changes behind [`to_completion`] with `wait`.
     async fn serve_held(
         wait: Duration,
@@ -709,19 +731,10 @@ mod tests {
     async fn a_change_that_waits_too_long_is_answered_503() {
         use std::sync::atomic::Ordering::SeqCst;
         let (addr, h, server) = serve_held(Duration::from_millis(300)).await;
-        let mut clients = Vec::new();
-        for _ in 0..MAX_CHANGES_RUNNING {
-            let req = post("/p", "tok", "{}");
-            clients.push(tokio::spawn(async move { exchange(addr, &req).await }));
-        }
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while h.started.load(SeqCst) != MAX_CHANGES_RUNNING {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the changes did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let clients: Vec<_> = (0..MAX_CHANGES_RUNNING)
+            .map(|_| send_change(addr))
+            .collect();
+        h.started(MAX_CHANGES_RUNNING).await;
         let back = exchange(addr, &post("/p", "tok", "{}")).await;
         assert!(back.starts_with("HTTP/1.1 503"), "{back}");
         assert!(
@@ -743,43 +756,24 @@ mod tests {
     async fn changes_past_the_bound_wait_and_a_gone_client_s_change_never_runs() {
         use std::sync::atomic::Ordering::SeqCst;
         let (addr, h, server) = serve_held(MAX_CHANGE_WAIT).await;
-        let started = |n: usize| {
-            let h = h.clone();
-            async move {
-                let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-                while h.started.load(SeqCst) != n {
-                    assert!(
-                        tokio::time::Instant::now() < deadline,
-                        "{} started, waiting for {n}",
-                        h.started.load(SeqCst)
-                    );
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            }
-        };
-        let mut clients = Vec::new();
-        let send = || {
-            let req = post("/p", "tok", "{}");
-            tokio::spawn(async move { exchange(addr, &req).await })
-        };
-        for _ in 0..MAX_CHANGES_RUNNING {
-            clients.push(send());
-        }
-        started(MAX_CHANGES_RUNNING).await;
+        let clients: Vec<_> = (0..MAX_CHANGES_RUNNING)
+            .map(|_| send_change(addr))
+            .collect();
+        h.started(MAX_CHANGES_RUNNING).await;
         // One more, whose client goes away while it waits.
         let mut gone = TcpStream::connect(addr).await.unwrap();
         gone.write_all(post("/p", "tok", "{}").as_bytes())
             .await
             .unwrap();
         // And one that stays.
-        let waiting = send();
+        let waiting = send_change(addr);
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(h.started.load(SeqCst), MAX_CHANGES_RUNNING);
         drop(gone);
         tokio::time::sleep(Duration::from_millis(200)).await;
         // One held change ends: the client that stayed is next; the gone one never runs.
         h.release.add_permits(1);
-        started(MAX_CHANGES_RUNNING + 1).await;
+        h.started(MAX_CHANGES_RUNNING + 1).await;
         h.release.add_permits(MAX_CHANGES_RUNNING + 8);
         let back = tokio::time::timeout(Duration::from_secs(20), waiting)
             .await

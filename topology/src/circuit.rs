@@ -839,8 +839,7 @@ impl View {
                 if !fits(&self.link_ids[e.link as usize]) {
                     continue;
                 }
-                let drained = u32::from(g.link_state(e.link) == AdminState::Drain)
-                    + u32::from(g.node_state(e.to) == AdminState::Drain);
+                let drained = u32::from(g.drain_entering(e.link, e.to));
                 let nd = (
                     d.0.saturating_add(drained),
                     d.1.saturating_add(e.latency_ns),

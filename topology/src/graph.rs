@@ -183,8 +183,10 @@ impl Graph {
         let edge_drain = edges
             .iter()
             .map(|e| {
-                u8::from(link_state[e.link as usize] == AdminState::Drain)
-                    + u8::from(topo.nodes[order[e.to as usize] as usize].state == AdminState::Drain)
+                drained_entered(
+                    link_state[e.link as usize],
+                    topo.nodes[order[e.to as usize] as usize].state,
+                )
             })
             .collect();
 
@@ -292,6 +294,12 @@ impl Graph {
         &self.edge_drain[self.offsets[i] as usize..self.offsets[i + 1] as usize]
     }
 
+    /// The drained elements (0..=2) entered by taking `link` to node `to`: the one rule
+    /// [`Graph::neighbour_drain`] holds for each edge, for a caller that has the link's index.
+    pub fn drain_entering(&self, link: u32, to: u32) -> u8 {
+        drained_entered(self.link_state(link), self.node_state(to))
+    }
+
     /// The link index of `a--b` (either order).
     pub fn link_index(&self, id: &LinkId) -> Option<u32> {
         self.link_by_id.get(id).copied()
@@ -332,6 +340,11 @@ impl Graph {
             .ok()
             .map(|i| &self.services[i])
     }
+}
+
+/// How many drained elements a step enters: the link, and the node it leads to.
+fn drained_entered(link: AdminState, to: AdminState) -> u8 {
+    u8::from(link == AdminState::Drain) + u8::from(to == AdminState::Drain)
 }
 
 #[cfg(test)]

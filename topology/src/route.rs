@@ -522,8 +522,7 @@ pub fn on_path(
             .get(&id)
             .map_or(graph.link_latency_ns(l), |l| weight_ns(*l));
         latency_ns = latency_ns.saturating_add(w);
-        drained |=
-            graph.link_state(l) == AdminState::Drain || graph.node_state(v) == AdminState::Drain;
+        drained |= graph.drain_entering(l, v) > 0;
     }
     let site_id = graph.id(site.node);
     let penalty = match live.load_of(site_id.as_str(), service) {

@@ -1219,7 +1219,7 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
                     if is_valid_health_path(p) {
                         Some(Some(p.to_string()))
                     } else {
-                        let shown: String = p.chars().take(80).collect::<String>();
+                        let shown: String = p.chars().take(80).collect();
                         cx.err(
                             n.pos,
                             format!(

@@ -1196,45 +1196,24 @@ fn telemetry_frame(
 /// router is attached, a snapshot giving the node an address it did not have is one the router
 /// about to start binds, so this host must be able to (acknowledged and stored, an unbindable
 /// one made the router exit at its start, and again at every restart from the stored copy).
-fn check(
+/// The topology's own checks ([`check_topology`]: sizes, names, what this node serves) are
+/// left out when `topology_checked`: the snapshot shares the topology of one that passed them
+/// (a live update, or a delta that changed no topology), and they cost a pass over every node
+/// and link.
+fn check_with(
     node: &NodeId,
     snap: &Snapshot,
     bound: Option<SocketAddr>,
     running: Option<SocketAddr>,
+    topology_checked: bool,
 ) -> Result<(), Refusal> {
-    // A controller's document never holds more (it validates what it is given); a snapshot
-    // that does, whole or grown by deltas (the frame bound is per frame, not on what deltas
-    // build up), would take memory and table rebuilds without bound.
     let t = &snap.topology;
-    for (what, n, max) in [
-        ("nodes", t.nodes.len(), topology::MAX_NODES),
-        ("links", t.links.len(), topology::MAX_LINKS),
-        ("services", t.services.len(), topology::MAX_SERVICES),
-    ] {
-        if n > max {
-            return Err(Refusal::new(format!(
-                "the topology has {n} {what}, over the limit of {max}"
-            )));
-        }
+    if !topology_checked {
+        check_topology(node, t)?;
     }
-    names(t)?;
-    let Some(me) = snap.topology.node(node.as_str()) else {
+    let Some(me) = t.node(node.as_str()) else {
         return Err(Refusal::new(format!("node {node} is not in topology")));
     };
-    // What this node serves must be a service of the topology: one that is not has no port,
-    // no residency and no table entry, and its health checks and load reports would be for
-    // nothing any edge asks for.
-    let services: HashSet<&str> = t.services.iter().map(|s| s.name.as_str()).collect();
-    if let Some(s) = me
-        .serves
-        .iter()
-        .find(|s| !services.contains(s.service.as_str()))
-    {
-        return Err(Refusal::new(format!(
-            "node {node} serves \"{}\", which is not a service of the topology",
-            s.service
-        )));
-    }
     match bound {
         Some(bound) if !crate::transport::bound_at(bound, me.address) => {
             if let Err(e) = std::net::UdpSocket::bind(me.address) {
@@ -1251,6 +1230,44 @@ fn check(
         Some(_) => {}
         None if running != Some(me.address) => bindable(node, me.address)?,
         None => {}
+    }
+    Ok(())
+}
+
+/// The checks of a snapshot's topology alone, for [`check_with`].
+fn check_topology(node: &NodeId, t: &topology::Topology) -> Result<(), Refusal> {
+    // A controller's document never holds more (it validates what it is given); a snapshot
+    // that does, whole or grown by deltas (the frame bound is per frame, not on what deltas
+    // build up), would take memory and table rebuilds without bound.
+    for (what, n, max) in [
+        ("nodes", t.nodes.len(), topology::MAX_NODES),
+        ("links", t.links.len(), topology::MAX_LINKS),
+        ("services", t.services.len(), topology::MAX_SERVICES),
+    ] {
+        if n > max {
+            return Err(Refusal::new(format!(
+                "the topology has {n} {what}, over the limit of {max}"
+            )));
+        }
+    }
+    names(t)?;
+    // Not here: `check_with` refuses it, whether the topology was checked or not.
+    let Some(me) = t.node(node.as_str()) else {
+        return Ok(());
+    };
+    // What this node serves must be a service of the topology: one that is not has no port,
+    // no residency and no table entry, and its health checks and load reports would be for
+    // nothing any edge asks for.
+    let services: HashSet<&str> = t.services.iter().map(|s| s.name.as_str()).collect();
+    if let Some(s) = me
+        .serves
+        .iter()
+        .find(|s| !services.contains(s.service.as_str()))
+    {
+        return Err(Refusal::new(format!(
+            "node {node} serves \"{}\", which is not a service of the topology",
+            s.service
+        )));
     }
     Ok(())
 }
@@ -1318,7 +1335,7 @@ fn names(t: &topology::Topology) -> Result<(), Refusal> {
     Ok(())
 }
 
-/// Why [`check`] refused a snapshot.
+/// Why [`check_with`] refused a snapshot.
 #[derive(Debug, PartialEq)]
 struct Refusal {
     /// What the NACK says.
@@ -1531,7 +1548,10 @@ fn handle(
         .ok()
         .and_then(|e| e.as_ref().and_then(|e| e.local_addr().ok()));
     let running = tx.borrow().topology.node(node.as_str()).map(|n| n.address);
-    if let Err(Refusal { reason, late }) = check(node, &snap, bound, running) {
+    // A live update (or a delta that changed no topology) keeps its base's checked topology.
+    let topology_checked = Arc::ptr_eq(&snap.topology, &base.topology);
+    if let Err(Refusal { reason, late }) = check_with(node, &snap, bound, running, topology_checked)
+    {
         tracing::error!(version, "rejecting snapshot: {reason}");
         *awaited = late;
         return Ok(Some(FromRouter::Nack { version, reason }));
@@ -1688,6 +1708,16 @@ async fn staleness_watch(shared: Arc<Shared>) {
 
 #[cfg(test)]
 mod tests {
+    /// Every check of [`check_with`], the topology's too.
+    fn check(
+        node: &NodeId,
+        snap: &Snapshot,
+        bound: Option<SocketAddr>,
+        running: Option<SocketAddr>,
+    ) -> Result<(), Refusal> {
+        check_with(node, snap, bound, running, false)
+    }
+
     use super::*;
     use tokio::time::Instant;
 

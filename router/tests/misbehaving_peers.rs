@@ -2098,10 +2098,15 @@ async fn health_checks_after_an_outage_of_slow_connects_do_not_come_in_a_burst()
     })
     .await;
     // The filler is accepted first; then the check that was waiting (its SYN sent again), the
-    // tick that was due behind it, and the next an interval later.
-    let Some(first) = accepted.lock().unwrap().get(1).copied() else {
-        panic!("healthy with no check reaching the backend")
-    };
+    // tick that was due behind it, and the next an interval later. The kernel completes a
+    // check's connection before the accept task takes it: wait for the task to record it.
+    wait_until(
+        Duration::from_secs(5),
+        || accepted.lock().unwrap().len() >= 2,
+        || "healthy with no check reaching the backend".to_string(),
+    )
+    .await;
+    let first = accepted.lock().unwrap()[1];
     // The whole window observed (a burst would have come by its first millisecond).
     tokio::time::sleep_until((first + Duration::from_millis(400)).into()).await;
     let times = accepted.lock().unwrap().clone();

@@ -574,15 +574,21 @@ pub(crate) const REVERT_WITHIN_HOLD_DOWNS: u32 = 10;
 /// within the revert window and costs less than the site that replaced it, it is the incumbent
 /// again (then hysteresis judges as if it had never left). Without this a brief exclusion of
 /// the nearest site moved the service for good to a farther one that the nearest did not beat
-/// by the anti-flap margins (2 ms against 8 ms, say), and the spread's group with it.
+/// by the anti-flap margins (2 ms against 8 ms, say), and the spread's group with it. The
+/// margins are only for sites that were both on offer at the last rebuild: a site new to the
+/// candidates that is the cheapest is taken at once ([`Hysteresis::select_since`]).
 ///
 /// [`Hysteresis::select`]: topology::route::Hysteresis::select
+/// [`Hysteresis::select_since`]: topology::route::Hysteresis::select_since
 #[derive(Debug, Default, Clone, PartialEq)]
 pub(crate) struct Preference {
     /// The site chosen at the last rebuild.
     pub site: Option<NodeId>,
     /// The incumbent that left the candidates (or was drained), and when.
     displaced: Option<(NodeId, Instant)>,
+    /// The sites that were candidates at the last rebuild: a best site not among them is taken
+    /// past the margins ([`Hysteresis::select_since`]).
+    offered: HashSet<NodeId>,
 }
 
 impl Preference {
@@ -631,7 +637,7 @@ impl Preference {
                 self.displaced = None;
             }
         }
-        let chosen = h.select(incumbent.as_ref(), cands);
+        let chosen = h.select_since(incumbent.as_ref(), cands, |s| self.offered.contains(s));
         if let Some(inc) = incumbent
             && chosen.is_none_or(|c| c.site != inc)
             && selectable(&inc).is_none()
@@ -640,6 +646,8 @@ impl Preference {
             self.displaced = Some((inc, now));
         }
         self.site = chosen.map(|c| c.site.clone());
+        self.offered.clear();
+        self.offered.extend(cands.iter().map(|c| c.site.clone()));
         chosen
     }
 }
@@ -1572,6 +1580,50 @@ mod tests {
         }
     }
 
+    /// The site that came up first does not keep the service against a nearer one that came
+    /// up after it (2 ms against 8: within the margins); once both are on offer, the margins
+    /// judge changes in their costs.
+    #[test]
+    fn a_nearer_site_that_comes_up_later_takes_the_service() {
+        let h = Hysteresis::default();
+        let w = Duration::from_secs(10);
+        let t0 = Instant::now();
+        let (near, far) = (cand("near", 2.0), cand("far", 8.0));
+        let pick = |p: &mut Preference, c: &[Candidate], at: Duration| {
+            p.select(&h, c, t0 + at, w).map(|c| c.site.to_string())
+        };
+        let mut p = Preference::default();
+        assert_eq!(
+            pick(&mut p, &[far.clone()], Duration::ZERO).as_deref(),
+            Some("far")
+        );
+        let both = [near.clone(), far.clone()];
+        assert_eq!(
+            pick(&mut p, &both, Duration::from_secs(1)).as_deref(),
+            Some("near")
+        );
+        // Both on offer, `near` first measured dearer: `far` keeps the service when `near`'s
+        // cost falls within the margins.
+        let mut p = Preference::default();
+        let near_dear = [far.clone(), cand("near", 12.0)];
+        assert_eq!(
+            pick(&mut p, &near_dear, Duration::ZERO).as_deref(),
+            Some("far")
+        );
+        assert_eq!(
+            pick(&mut p, &both, Duration::from_secs(1)).as_deref(),
+            Some("far")
+        );
+        // Back after the revert window, the nearest: taken, as a site new to the candidates.
+        let mut p = Preference::default();
+        pick(&mut p, &both, Duration::ZERO);
+        pick(&mut p, &[far.clone()], Duration::from_secs(1));
+        assert_eq!(
+            pick(&mut p, &both, Duration::from_secs(60)).as_deref(),
+            Some("near")
+        );
+    }
+
     #[test]
     fn a_preferred_site_that_left_for_a_moment_is_preferred_again_within_the_window() {
         let h = Hysteresis::default();
@@ -1598,14 +1650,16 @@ mod tests {
             pick(&mut p, &both, Duration::from_secs(2)).as_deref(),
             Some("near")
         );
-        // Past the window it is not taken back: the margins decide.
+        // Past the window, a site back as the cheapest is still taken (new to the candidates:
+        // `a_nearer_site_that_comes_up_later_takes_the_service`); one back dearer and cheaper
+        // only later is not (below, "Not past the window, though").
         assert_eq!(
             pick(&mut p, &only_far, Duration::from_secs(3)).as_deref(),
             Some("far")
         );
         assert_eq!(
             pick(&mut p, &both, Duration::from_secs(14)).as_deref(),
-            Some("far")
+            Some("near")
         );
         // Nothing at all for a moment, then `far` back before `near`: `near` is still taken
         // back when it returns.

@@ -374,8 +374,9 @@ pub fn impact(old: &Topology, new: &Topology, live: &LiveState) -> Vec<ImpactEnt
 /// anti-flap margins (the default for an edge not in `margins`).
 ///
 /// Before: the edge's reported site (with its cheapest path on `old`) while it is still a
-/// candidate there, else the cheapest candidate. After: what [`Hysteresis::select`] keeps or
-/// picks on `new` with that site as the incumbent, as the edge's router does.
+/// candidate there, else the cheapest candidate. After: what [`Hysteresis::select_since`] keeps
+/// or picks on `new` with that site as the incumbent and `old`'s candidates as the ones on offer
+/// before, as the edge's router does.
 pub fn impact_with(
     old: &Topology,
     old_live: &LiveState,
@@ -408,9 +409,13 @@ pub fn impact_with(
             let o = before
                 .get(service)
                 .and_then(|cands| in_use(incumbents, edge, service.as_str(), cands).0);
-            let n = after
-                .get(service)
-                .and_then(|cands| hysteresis.select(o.map(|c| &c.site), cands));
+            // A site that was not on offer before the change is taken if it is the best.
+            let offered = before.get(service).copied().unwrap_or_default();
+            let n = after.get(service).and_then(|cands| {
+                hysteresis.select_since(o.map(|c| &c.site), cands, |site| {
+                    offered.iter().any(|c| &c.site == site)
+                })
+            });
             let old_group = group_of(before.get(service).copied().unwrap_or_default(), o, &[]);
             let (old_shares, old_members) = match &old_group {
                 // A group of one has no members to keep (as before dials: the band is for
@@ -771,6 +776,16 @@ mod tests {
         // the cheapest candidate stands in for it.
         let stale = using("embed", "s1");
         assert!(with(&old, &old, &stale).is_empty());
+
+        // s1 back up (it was `down`): cheaper than the s2 in use, though not by the margins,
+        // and new to the edge's candidates, so the edge takes it as its router would.
+        let mut b = base();
+        b.node_state("s1", AdminState::Down);
+        let s1_down = b.build();
+        assert_eq!(
+            kinds(&with(&s1_down, &old, &s2)),
+            [entry("chat", ImpactKind::SiteChanged, "s2", "s1")]
+        );
     }
 
     #[test]

@@ -623,6 +623,27 @@ impl Hysteresis {
             Some(current)
         }
     }
+
+    /// [`Hysteresis::select`] for a choice made again: `was_candidate` tells whether a site was
+    /// among the candidates of the last one. The margins keep the incumbent against noise in
+    /// the measured costs of sites that were both on offer; a best candidate whose site was not
+    /// (it has just come up, been added, or come back within reach) is taken at once, as if
+    /// there were no incumbent. Without this, whichever site came up first kept the service
+    /// against a nearer one that came up a moment later (8 ms against 2 ms, say: within the
+    /// margins), for as long as both stayed up.
+    pub fn select_since<'a>(
+        &self,
+        incumbent: Option<&NodeId>,
+        candidates: &'a [Candidate],
+        was_candidate: impl Fn(&NodeId) -> bool,
+    ) -> Option<&'a Candidate> {
+        let best = candidates.first()?;
+        if was_candidate(&best.site) {
+            self.select(incumbent, candidates)
+        } else {
+            Some(best)
+        }
+    }
 }
 
 /// How much more than the nearest site (the cheapest candidate of the preferred site's drain
@@ -1654,6 +1675,58 @@ mod tests {
             "s1"
         );
         assert!(h.select(None, &[]).is_none());
+    }
+
+    #[test]
+    fn a_best_site_new_to_the_candidates_is_taken_past_the_margins() {
+        let t = small().build();
+        let mut c = route(&t, &nid("edge"), "chat", &LiveState::default()).unwrap();
+        c[1].cost = ms(9.0);
+        let h = Hysteresis::default();
+        let inc = Some(nid("s2"));
+        // s1 (4 ms) was on offer at the last choice: the margins keep s2 (9 ms).
+        let was = |_: &NodeId| true;
+        assert_eq!(
+            h.select_since(inc.as_ref(), &c, was).unwrap().site.as_str(),
+            "s2"
+        );
+        // s1 was not (it just came up): taken at once.
+        let only_s2 = |s: &NodeId| s.as_str() == "s2";
+        assert_eq!(
+            h.select_since(inc.as_ref(), &c, only_s2)
+                .unwrap()
+                .site
+                .as_str(),
+            "s1"
+        );
+        // New but not the best: the margins decide as before.
+        let only_s1 = |s: &NodeId| s.as_str() == "s1";
+        assert_eq!(
+            h.select_since(inc.as_ref(), &c, only_s1)
+                .unwrap()
+                .site
+                .as_str(),
+            "s2"
+        );
+        let mut s2_best = c.clone();
+        s2_best.swap(0, 1);
+        s2_best[0].cost = ms(3.0);
+        assert_eq!(
+            h.select_since(Some(&nid("s1")), &s2_best, only_s1)
+                .unwrap()
+                .site
+                .as_str(),
+            "s2"
+        );
+        let s1_kept = |s: &NodeId| s.as_str() != "nobody";
+        assert_eq!(
+            h.select_since(Some(&nid("s1")), &s2_best, s1_kept)
+                .unwrap()
+                .site
+                .as_str(),
+            "s1"
+        );
+        assert!(h.select_since(None, &[], was).is_none());
     }
 
     fn spread_of(costs_ms: &[f64], weights: &[u32]) -> (Vec<Candidate>, Spread) {

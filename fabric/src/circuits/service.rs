@@ -666,7 +666,10 @@ impl CircuitService {
 }
 
 /// [`super::fail_broken`] in one durable transaction, only when a circuit is broken: most
-/// applies break none, and then nothing is written.
+/// applies break none, and then nothing is written. Only while `version` is the store's
+/// current one: a newer version committed meanwhile (a quick second apply, a rollback) may
+/// have the links `topo` lacks, and may carry circuits created since on them; its own
+/// follow-up judges the circuits.
 fn fail_broken_durably(
     store: &dyn store::Store,
     topo: &Topology,
@@ -679,7 +682,13 @@ fn fail_broken_durably(
     {
         return Ok(Vec::new());
     }
-    store::transaction(store, |tx| super::fail_broken(tx, topo, version))
+    store::transaction(store, |tx| {
+        // The number only: the version's text can be megabytes.
+        if records::current_version(tx)? != Some(version) {
+            return Ok(Vec::new());
+        }
+        super::fail_broken(tx, topo, version)
+    })
 }
 
 /// Refuses, inside its transaction, a change of circuits that would make the snapshot routers
@@ -1070,6 +1079,35 @@ mod tests {
         let _again = CircuitService::new(ctl.clone(), DEFAULT_PROVISION_TIMEOUT).unwrap();
         assert_eq!(svc.get("c1").unwrap(), c);
         assert_eq!(store.writes.load(SeqCst), writes);
+    }
+
+    /// The follow-up of an apply that runs after a newer version was committed (two applies
+    /// in quick succession, a rollback) fails nothing: the newer version's own follow-up
+    /// judges the circuits. (Version 2's follow-up failed c1 for a link version 3 has again,
+    /// for good: a circuit failed by a topology waits for no acknowledgement.)
+    #[tokio::test]
+    async fn the_follow_up_of_an_apply_superseded_before_it_ran_fails_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FaultyStore::open(dir.path());
+        let (ctl, svc) = with_c1(store.clone()).await;
+        drop_es(&ctl).await;
+        let v2 = ctl.current();
+        assert_eq!(v2.record.version, 2);
+        ctl.apply(
+            &yaml(POOL, true),
+            "ops",
+            "e–s back",
+            Origin::Apply,
+            false,
+            None,
+        )
+        .await
+        .unwrap();
+        let failed = fail_broken_durably(&*store, &v2.topology, 2).unwrap();
+        assert_eq!(failed, []);
+        assert_ne!(svc.get("c1").unwrap().state, CircuitState::Failed);
+        svc.on_topology_applied().await.unwrap();
+        assert_ne!(svc.get("c1").unwrap().state, CircuitState::Failed);
     }
 
     /// A topology that sets a node of a circuit's path down, removes its service, or leaves

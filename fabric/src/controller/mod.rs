@@ -560,6 +560,7 @@ impl Controller {
         }
         let circuits = self.read_off_workers(crate::circuits::all).await?;
         let new_live_probe = new_live.clone();
+        let new_live_commit = new_live.clone();
         // The impact plan (one shortest-path tree per edge: ~0.3 s at 1,000 edges) is
         // informational, it never blocks an apply; so a real apply commits and distributes
         // first and computes the plan while routers are already applying the new version.
@@ -590,6 +591,7 @@ impl Controller {
         // when it is published).
         if !unchanged {
             let (max, probe, at) = (self.snapshot_limit(), topology.clone(), old.record.version);
+            let provisioned = provisioned.clone();
             tokio::task::spawn_blocking(move || {
                 fits(at, &probe, &provisioned, new_live_probe, max)
             })
@@ -625,9 +627,20 @@ impl Controller {
             author.to_string(),
             message.to_string(),
         );
+        let (max, at) = (self.snapshot_limit(), old.record.version);
         let record = tokio::task::spawn_blocking(move || {
             store::transaction(&*store, |tx| {
+                // Circuits committed since the check above (their publication, which `provisioned`
+                // is read from, still to come) go out with this version too: checked again with
+                // those the store holds, inside the transaction, so that none commits between. A
+                // version too large with them could never be sent, nor could the circuits be
+                // published at the controller's next start.
+                let stored = Arc::new(crate::circuits::provisioned(&crate::circuits::all(tx)?));
+                if stored != provisioned {
+                    fits(at, &topo2, &stored, new_live_commit, max)?;
+                }
                 records::commit_topology(tx, &text2, &topo2, &author2, &message2, origin)
+                    .map_err(ControllerError::from)
             })
         })
         .await??;
@@ -1396,6 +1409,48 @@ mod tests {
         // Not the change asked for: counted with the failed ones.
         let n = ctl.applies.get();
         assert_eq!((n.accepted, n.rejected), (0, 1));
+    }
+
+    /// A circuit committed while an apply is between its size check and its commit is carried
+    /// by the new version's snapshot: the apply checks again inside its transaction, with the
+    /// circuits the store holds, and is refused. (It committed a version that the circuits then
+    /// made too large to send: a controller restarted on that store could not publish its
+    /// circuits, and refused to start.)
+    #[tokio::test]
+    async fn an_apply_checks_again_with_the_circuits_committed_before_it() {
+        use crate::circuits::tests::{spec, yaml};
+        let pool = "127.79.0.0/28";
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RedbStore::open(dir.path()).unwrap());
+        let ctl = Controller::open(store.clone(), Some((&yaml(pool, true), "t.yaml"))).unwrap();
+        let topo = ctl.current().topology.clone();
+        let create = |store: &RedbStore, topo: &Topology, name: &str, prefix: &str| {
+            store::transaction(store, |tx| {
+                crate::circuits::create(tx, topo, &spec(name, prefix, "1Mbps"), None, "ops")
+            })
+            .unwrap();
+        };
+        create(&store, &topo, "c1", "10.1.0.0/24");
+        let stored = store::read(&*store, |tx| crate::circuits::all(tx)).unwrap();
+        ctl.publish_circuits(Arc::new(crate::circuits::provisioned(&stored)))
+            .unwrap();
+        // Room for a few more bytes, not for another circuit.
+        ctl.set_snapshot_limit(ctl.published().full.len() + 16);
+        let edited = yaml(pool, true).replace("latency: 1ms", "latency: 2ms");
+        ctl.apply(&edited, "me", "", Origin::Apply, true, None)
+            .await
+            .expect("the edit fits with c1");
+        let s2 = store.clone();
+        *lock(&ctl.before_commit) = Some(Box::new(move || {
+            create(&s2, &topo, "c2", "10.2.0.0/24");
+        }));
+        let e = ctl
+            .apply(&edited, "me", "", Origin::Apply, false, None)
+            .await
+            .expect_err("too large with c2");
+        assert!(matches!(e, ControllerError::TooLarge { .. }), "{e}");
+        assert_eq!(ctl.current().record.version, 1);
+        assert_eq!(ctl.history(10).unwrap().len(), 1);
     }
 
     /// A batch of routers' records whose transaction failed is written by the next flush, and a

@@ -158,13 +158,20 @@ impl CircuitService {
             before_write: Mutex::new(None),
         });
         // The controller starts with no circuits in its snapshot: publish the stored ones, and
-        // wait for that version's acknowledgement for those not settled yet.
+        // wait for that version's acknowledgement for those not settled yet. A publication
+        // that fails (a snapshot over the routers' limit) does not stop the controller: routers
+        // keep the snapshot they hold, the operator can delete circuits or roll back through
+        // the API, and each settle pass publishes again.
         let unsettled: Vec<Circuit> = svc
             .list()?
             .into_iter()
             .filter(Circuit::awaits_ack)
             .collect();
-        svc.publish(&unsettled)?;
+        if let Err(e) = svc.publish(&unsettled) {
+            tracing::error!(
+                "circuits: the stored circuits are not distributed (routers keep the snapshot they have; retried at each settle pass): {e}"
+            );
+        }
         Ok(svc)
     }
 
@@ -1648,6 +1655,30 @@ mod tests {
         svc.settle_once().await.unwrap();
         assert_eq!(svc.get("c1").unwrap().state, CircuitState::Active);
         assert!(lock(&svc.pending).is_empty());
+    }
+
+    /// A controller whose stored circuits it cannot publish at start (the snapshot would be
+    /// over the routers' limit) still starts: routers keep the snapshot they have, the
+    /// operator can delete circuits or roll the topology back through the API, and the next
+    /// settle pass publishes once the snapshot fits. (The service refused to start, and with it
+    /// the controller: nothing could be changed until the store was edited by hand.)
+    #[tokio::test]
+    async fn circuits_too_large_to_publish_at_start_do_not_stop_the_controller() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FaultyStore::open(dir.path());
+        let (ctl, _svc) = with_c1(store.clone()).await;
+        let limit = ctl.published().full.len() - 8;
+        drop((ctl, _svc));
+        let ctl = Controller::open(store, None).unwrap();
+        ctl.set_snapshot_limit(limit);
+        let svc = CircuitService::new(ctl.clone(), DEFAULT_PROVISION_TIMEOUT)
+            .expect("starts with circuits it cannot publish yet");
+        assert!(ctl.published().circuits.is_empty());
+        svc.settle_once().await.unwrap();
+        assert!(ctl.published().circuits.is_empty(), "still too large");
+        ctl.set_snapshot_limit(router::control::proto::MAX_TO_ROUTER);
+        svc.settle_once().await.unwrap();
+        assert_eq!(ctl.published().circuits.len(), 1);
     }
 
     /// A circuit no publication carried within the provisioning timeout fails, saying so, and

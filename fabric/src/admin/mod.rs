@@ -278,7 +278,7 @@ async fn to_completion(State(changes): State<Changes>, req: Request, next: Next)
         // Waited long enough (the request's body, unread meanwhile, has a deadline of its
         // own), or closed.
         _ => {
-            let mut busy = ApiError::new(
+            return ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!(
                     "{MAX_CHANGES_RUNNING} changes are running and none ended within {:?}: try \
@@ -287,11 +287,6 @@ async fn to_completion(State(changes): State<Changes>, req: Request, next: Next)
                 ),
             )
             .into_response();
-            busy.headers_mut().insert(
-                header::RETRY_AFTER,
-                axum::http::HeaderValue::from_static("1"),
-            );
-            return busy;
         }
     };
     tokio::spawn(async move {
@@ -388,8 +383,16 @@ impl ApiError {
 }
 
 impl IntoResponse for ApiError {
+    /// A 503 says when to try again (`Retry-After: 1`): nothing was changed.
     fn into_response(self) -> Response {
-        (self.status, Json(&self)).into_response()
+        let mut r = (self.status, Json(&self)).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            r.headers_mut().insert(
+                header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
+        r
     }
 }
 

@@ -75,6 +75,7 @@ impl From<ServiceError> for ApiError {
             ServiceError::Circuit(CircuitError::Store(_) | CircuitError::Internal(_))
             | ServiceError::Controller(_)
             | ServiceError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ServiceError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError::new(status, e.to_string())
     }

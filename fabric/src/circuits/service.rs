@@ -44,7 +44,15 @@ pub enum ServiceError {
     Controller(#[from] ControllerError),
     #[error("internal: {0}")]
     Internal(String),
+    /// Try again shortly (503, `Retry-After`): nothing was written.
+    #[error("busy: {0}")]
+    Busy(String),
 }
+
+/// How long a circuit change waits for the controller to switch to a topology version the
+/// store already holds ([`CircuitService::write`]): an apply publishes right after its commit,
+/// in milliseconds, unless the controller is starved.
+pub const STALE_WAIT: Duration = Duration::from_secs(5);
 
 /// A blocking task that panicked or was cancelled ([`crate::task_failed`]).
 impl From<tokio::task::JoinError> for ServiceError {
@@ -252,8 +260,11 @@ impl CircuitService {
         Ok(adm)
     }
 
-    /// Runs `f` in one durable transaction against the topology in force, retrying if a
-    /// topology apply committed in between (so admission never uses a stale topology).
+    /// Runs `f` in one durable transaction against the topology in force (so admission never
+    /// uses a stale topology). When the store holds a newer topology version than the
+    /// controller has switched to (an apply between its commit and its publication), the
+    /// transaction is aborted, writing nothing, and `f` runs again once the controller has
+    /// switched; [`ServiceError::Busy`] if that takes longer than [`STALE_WAIT`].
     async fn write<R: Send + 'static>(
         &self,
         f: impl Fn(&mut dyn store::WriteTxn, &Topology) -> Result<R, CircuitError>
@@ -261,32 +272,50 @@ impl CircuitService {
         + Sync
         + 'static,
     ) -> Result<R, ServiceError> {
+        /// Why a transaction ended without committing.
+        enum Abort {
+            Stale(u64),
+            Failed(CircuitError),
+        }
+        impl From<StoreError> for Abort {
+            fn from(e: StoreError) -> Self {
+                Abort::Failed(CircuitError::Store(e))
+            }
+        }
         let f = Arc::new(f);
-        for _ in 0..20 {
+        let deadline = Instant::now() + STALE_WAIT;
+        loop {
             let cur = self.ctl.current();
             let (store, f) = (self.ctl.store().clone(), f.clone());
             let expected = cur.record.version;
             let topo = cur.topology.clone();
             let res = tokio::task::spawn_blocking(move || {
-                store::transaction(&*store, |tx| -> Result<Option<R>, CircuitError> {
+                store::transaction(&*store, |tx| -> Result<R, Abort> {
                     // The number only: the version's text can be megabytes.
                     let now = records::current_version(tx)?;
                     if now != Some(expected) {
-                        return Ok(None);
+                        return Err(Abort::Stale(now.unwrap_or(0)));
                     }
-                    f(tx, &topo).map(Some)
+                    f(tx, &topo).map_err(Abort::Failed)
                 })
             })
-            .await??;
-            if let Some(r) = res {
-                return Ok(r);
+            .await?;
+            let newer = match res {
+                Ok(r) => return Ok(r),
+                Err(Abort::Failed(e)) => return Err(e.into()),
+                Err(Abort::Stale(v)) => v,
+            };
+            // The store has a newer topology than the controller has switched to: wait for
+            // the switch (the apply publishes right after its commit).
+            while self.ctl.current().record.version == expected {
+                if Instant::now() >= deadline {
+                    return Err(ServiceError::Busy(format!(
+                        "topology version {newer} is committed but not in force yet after                          {STALE_WAIT:?}; try again"
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            // The store has a newer topology than the controller has published yet.
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Err(ServiceError::Internal(
-            "the topology kept changing; try again".into(),
-        ))
     }
 
     /// Publishes the circuits in the store to routers and starts waiting for `changed`'s
@@ -1655,6 +1684,56 @@ mod tests {
         svc.settle_once().await.unwrap();
         assert_eq!(svc.get("c1").unwrap().state, CircuitState::Active);
         assert!(lock(&svc.pending).is_empty());
+    }
+
+    /// A circuit change made while the store holds a topology version the controller has not
+    /// switched to yet waits for the switch, writing nothing meanwhile, and is then made
+    /// against that version. (It committed an empty transaction, an fsync, every 20 ms, and
+    /// gave up after 400 ms with a 500 saying the topology "kept changing".)
+    #[tokio::test]
+    async fn a_circuit_change_waits_for_a_committed_topology_to_be_in_force_writing_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FaultyStore::open(dir.path());
+        let (ctl, svc) = with_c1(store.clone()).await;
+        // Version 2 committed behind the controller's back: in the store, not in force.
+        let (text, topo) = (yaml(POOL, true) + "# v2\n", ctl.current().topology.clone());
+        store::transaction(&*store, |tx| {
+            records::commit_topology(tx, &text, &topo, "ops", "", Origin::Apply)
+        })
+        .unwrap();
+        let writes = store.writes.load(SeqCst);
+        let s2 = svc.clone();
+        let create = tokio::spawn(async move {
+            s2.create(spec("c2", "10.2.0.0/24", "1Mbps"), None, "ops".into())
+                .await
+        });
+        // Long enough for the retries the old loop made (one every 20 ms).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!create.is_finished(), "{:?}", create.await);
+        // One transaction, aborted on the version; none while waiting.
+        assert_eq!(
+            store.writes.load(SeqCst),
+            writes + 1,
+            "retried while waiting"
+        );
+        // The controller switches (an apply of version 3), and the change is made.
+        let v3 = yaml(POOL, true) + "# v3\n";
+        ctl.apply(&v3, "ops", "", Origin::Apply, false, None)
+            .await
+            .unwrap();
+        let (c, created) = create.await.unwrap().unwrap();
+        assert!(created);
+        assert_eq!(c.name, "c2");
+        assert_eq!(ctl.current().record.version, 3);
+    }
+
+    /// The answer to a change that could not wait longer is a 503 with `Retry-After`.
+    #[test]
+    fn busy_is_answered_503_with_retry_after() {
+        use axum::response::IntoResponse;
+        let r = crate::admin::ApiError::from(ServiceError::Busy("x".into())).into_response();
+        assert_eq!(r.status(), axum::http::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()["retry-after"], "1");
     }
 
     /// A controller whose stored circuits it cannot publish at start (the snapshot would be

@@ -1511,15 +1511,24 @@ fn near_and_far_topology(
 
 /// Waits until `edge` prefers `near`, with both sites among its candidates.
 async fn prefers_near(edge: &RouterHandle) {
+    prefers(edge, "near", 2, "").await;
+}
+
+/// Waits until `edge` prefers `site` for `echo`, with `candidates` sites among its candidates
+/// (`when`: the moment, for the failure's message).
+async fn prefers(edge: &RouterHandle, site: &str, candidates: usize, when: &str) {
+    let state = || {
+        let r = edge.routes();
+        let preferred = r.preferred("echo").map(|c| c.site.to_string());
+        (preferred, r.candidates("echo").map_or(0, |c| c.len()))
+    };
     wait_until(
         Duration::from_secs(20),
         || {
-            let r = edge.routes();
-            r.preferred("echo")
-                .is_some_and(|c| c.site.as_str() == "near")
-                && r.candidates("echo").is_some_and(|c| c.len() == 2)
+            let (p, n) = state();
+            p.as_deref() == Some(site) && n == candidates
         },
-        || format!("edge routes: {:?}", edge.routes().candidates("echo")),
+        || format!("edge {when}(preferred, candidates): {:?}", state()),
     )
     .await;
 }
@@ -2562,16 +2571,7 @@ async fn the_nearest_site_is_preferred_again_after_a_brief_exclusion() {
     let dir = ca_dir();
     let (near_backend, far_backend) = (echo_backend().await, echo_backend().await);
     let port = free_tcp_port();
-    let mut tb = TopologyBuilder::new();
-    tb.node("edge", NodeKind::Edge)
-        .node("near", NodeKind::Site)
-        .node("far", NodeKind::Site)
-        .link("edge", "near", ms(2.0))
-        .link("edge", "far", ms(8.0))
-        .service("echo");
-    let mut t = addressed(tb.build(), port);
-    serve(&mut t, "near", "echo", near_backend);
-    serve(&mut t, "far", "echo", far_backend);
+    let mut t = near_and_far_topology(near_backend, far_backend, port, 2.0, 8.0);
     let near = t
         .nodes
         .iter_mut()
@@ -2582,48 +2582,14 @@ async fn the_nearest_site_is_preferred_again_after_a_brief_exclusion() {
     // `far` starts once the edge prefers `near`: one known order for the setup.
     let (edge, _etx) = spawn_node(&snap, dir.path(), "edge", |_| {}).await;
     let (near, _ntx) = spawn_node(&snap, dir.path(), "near", |_| {}).await;
-    let state = || {
-        let r = edge.routes();
-        let preferred = r.preferred("echo").map(|c| c.site.to_string());
-        (preferred, r.candidates("echo").map_or(0, |c| c.len()))
-    };
-    let prefers = |site: &str, candidates: usize| {
-        let (p, n) = state();
-        p.as_deref() == Some(site) && n == candidates
-    };
-    wait_until(
-        Duration::from_secs(20),
-        || prefers("near", 1),
-        || format!("edge (preferred, candidates): {:?}", state()),
-    )
-    .await;
+    prefers(&edge, "near", 1, "").await;
     let (far, _ftx) = spawn_node(&snap, dir.path(), "far", |_| {}).await;
-    wait_until(
-        Duration::from_secs(20),
-        || prefers("near", 2),
-        || format!("edge (preferred, candidates): {:?}", state()),
-    )
-    .await;
+    prefers(&edge, "near", 2, "").await;
     // The one slot of `near` taken: it is full, out of the candidates, and `far` takes over.
     let held = held_connection(port, b"near's only slot").await;
-    wait_until(
-        Duration::from_secs(20),
-        || prefers("far", 1),
-        || format!("edge with near full (preferred, candidates): {:?}", state()),
-    )
-    .await;
+    prefers(&edge, "far", 1, "with near full ").await;
     drop(held);
-    wait_until(
-        Duration::from_secs(20),
-        || prefers("near", 2),
-        || {
-            format!(
-                "edge with near free again (preferred, candidates): {:?}",
-                state()
-            )
-        },
-    )
-    .await;
+    prefers(&edge, "near", 2, "with near free again ").await;
     for h in [edge, near, far] {
         h.shutdown().await;
     }
@@ -2638,41 +2604,13 @@ async fn a_nearer_site_that_starts_later_takes_the_service() {
     let dir = ca_dir();
     let (near_backend, far_backend) = (echo_backend().await, echo_backend().await);
     let port = free_tcp_port();
-    let mut tb = TopologyBuilder::new();
-    tb.node("edge", NodeKind::Edge)
-        .node("near", NodeKind::Site)
-        .node("far", NodeKind::Site)
-        .link("edge", "near", ms(2.0))
-        .link("edge", "far", ms(8.0))
-        .service("echo");
-    let mut t = addressed(tb.build(), port);
-    serve(&mut t, "near", "echo", near_backend);
-    serve(&mut t, "far", "echo", far_backend);
+    let t = near_and_far_topology(near_backend, far_backend, port, 2.0, 8.0);
     let snap = Arc::new(Snapshot::new(1, Arc::new(t)));
     let (edge, _etx) = spawn_node(&snap, dir.path(), "edge", |_| {}).await;
     let (far, _ftx) = spawn_node(&snap, dir.path(), "far", |_| {}).await;
-    let state = || {
-        let r = edge.routes();
-        let preferred = r.preferred("echo").map(|c| c.site.to_string());
-        (preferred, r.candidates("echo").map_or(0, |c| c.len()))
-    };
-    let prefers = |site: &str, candidates: usize| {
-        let (p, n) = state();
-        p.as_deref() == Some(site) && n == candidates
-    };
-    wait_until(
-        Duration::from_secs(20),
-        || prefers("far", 1),
-        || format!("edge (preferred, candidates): {:?}", state()),
-    )
-    .await;
+    prefers(&edge, "far", 1, "").await;
     let (near, _ntx) = spawn_node(&snap, dir.path(), "near", |_| {}).await;
-    wait_until(
-        Duration::from_secs(20),
-        || prefers("near", 2),
-        || format!("edge with near up (preferred, candidates): {:?}", state()),
-    )
-    .await;
+    prefers(&edge, "near", 2, "with near up ").await;
     for h in [edge, near, far] {
         h.shutdown().await;
     }

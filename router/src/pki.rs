@@ -1403,20 +1403,24 @@ fn key_id_method(ca: &CertificateDer<'_>) -> rcgen::KeyIdMethod {
 }
 
 /// Unix time (seconds) at which a certificate valid from `not_before` to `not_after` should be
-/// renewed: at 70 % of its lifetime, but at least [`RENEW_MIN_LEAD`] and at most
-/// [`RENEW_MAX_LEAD`] before it expires (as Linkerd does for its workload certificates).
+/// renewed: after 70 % of its lifetime, but at least [`RENEW_MIN_AFTER`] and at most
+/// [`RENEW_MAX_AFTER`] after it became valid (as Linkerd's proxies refresh their identity), and
+/// never after it expires. A certificate issued by hand for a year is so replaced after a day,
+/// by one whose key the router made, instead of on its last day, when one day of the
+/// controller away would let it expire.
 pub fn renew_at(not_before: i64, not_after: i64) -> i64 {
     let life = not_after.saturating_sub(not_before).max(0);
-    let at = not_before.saturating_add(life * 7 / 10);
-    let earliest = not_after.saturating_sub(RENEW_MAX_LEAD.as_secs() as i64);
-    let latest = not_after.saturating_sub(RENEW_MIN_LEAD.as_secs() as i64);
-    at.clamp(earliest, latest)
+    let after = (life * 7 / 10).clamp(
+        RENEW_MIN_AFTER.as_secs() as i64,
+        RENEW_MAX_AFTER.as_secs() as i64,
+    );
+    not_before.saturating_add(after).min(not_after)
 }
 
-/// The least time before expiry a renewal is due ([`renew_at`]).
-pub const RENEW_MIN_LEAD: Duration = Duration::from_secs(10);
-/// The most time before expiry a renewal is due ([`renew_at`]).
-pub const RENEW_MAX_LEAD: Duration = Duration::from_secs(24 * 3600);
+/// The least time after it became valid that a certificate is due for renewal ([`renew_at`]).
+pub const RENEW_MIN_AFTER: Duration = Duration::from_secs(10);
+/// The most time after it became valid that a certificate is due for renewal ([`renew_at`]).
+pub const RENEW_MAX_AFTER: Duration = Duration::from_secs(24 * 3600);
 
 #[cfg(test)]
 mod tests {
@@ -2165,18 +2169,19 @@ mod tests {
     }
 
     #[test]
-    fn renewal_is_due_at_70_percent_clamped_to_10s_and_24h_before_expiry() {
+    fn renewal_is_due_at_70_percent_of_the_lifetime_clamped_to_10s_and_24h_after_its_start() {
         let day = 86_400;
-        // 30 days: 70 % is 9 days before expiry, more than 24 h: 24 h before.
-        assert_eq!(renew_at(0, 30 * day), 29 * day);
+        // 30 days: 70 % is 21 days in, more than 24 h: after 24 h (it renewed on day 29).
+        assert_eq!(renew_at(0, 30 * day), day);
+        assert_eq!(renew_at(0, 365 * day), day);
         // 24 h (Linkerd's default lifetime): at 70 %.
         assert_eq!(renew_at(1_000, 1_000 + day), 1_000 + day * 7 / 10);
-        // One minute: at 42 s (18 s before expiry, more than 10 s).
+        // One minute: at 42 s.
         assert_eq!(renew_at(100, 160), 142);
-        // 20 s: 70 % would be 6 s before expiry: 10 s before.
-        assert_eq!(renew_at(100, 120), 110);
-        // Shorter than 10 s, or backwards: 10 s before expiry (already due).
-        assert_eq!(renew_at(100, 105), 95);
-        assert_eq!(renew_at(100, 50), 40);
+        // 12 s: 70 % would be 8.4 s in: 10 s in.
+        assert_eq!(renew_at(100, 112), 110);
+        // Shorter than 10 s, or backwards: at expiry (already due).
+        assert_eq!(renew_at(100, 105), 105);
+        assert_eq!(renew_at(100, 50), 50);
     }
 }

@@ -149,12 +149,23 @@ impl NodeIssuer {
         ) else {
             return refuse("the certificate this session presented does not parse".into());
         };
-        // The router asks once its certificate is due: asked earlier, it is not the router's
-        // schedule, and a stolen key must not renew itself faster than that.
-        let due = pki::renew_at(nb, na);
         let unix_now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
+        // A session outlives the certificate it presented. Expired, it proves nothing any more
+        // (a revocation lists unexpired certificates only): the router reconnects with the
+        // certificate it holds now, and asks on that session.
+        if unix_now >= na {
+            let at = UNIX_EPOCH + Duration::from_secs(na.max(0) as u64);
+            return refuse(format!(
+                "the certificate this session presented (serial {serial}) expired at {}: \
+                 reconnect with the current one",
+                humantime::format_rfc3339_seconds(at)
+            ));
+        }
+        // The router asks once its certificate is due: asked earlier, it is not the router's
+        // schedule, and a stolen key must not renew itself faster than that.
+        let due = pki::renew_at(nb, na);
         if unix_now + due_slack(nb, na) < due {
             let at = UNIX_EPOCH + Duration::from_secs(due.max(0) as u64);
             return refuse(format!(
@@ -548,6 +559,29 @@ mod tests {
         assert!(refused(&m).contains("not due"), "{m:?}");
         assert_eq!(due_slack(0, 86_400), 300);
         assert_eq!(due_slack(0, 900), 90);
+    }
+
+    /// A session whose certificate has expired since its handshake gets no renewal: a session
+    /// outlives its certificate, and a revocation lists unexpired certificates only, so a
+    /// stolen key on a long session renewed itself after its node was revoked. (Refused now,
+    /// the router reconnects with the certificate it holds.)
+    #[test]
+    fn a_renewal_on_a_session_whose_certificate_expired_is_refused() {
+        let (d, i) = issuer();
+        let now = SystemTime::now();
+        let hour = Duration::from_secs(3600);
+        let expired = Validity::between(now - hour * 25, now - hour).unwrap();
+        let expired = presented(d.path(), "edge-1", expired);
+        let m = i.answer("edge-1", &raw_key(), &expired, Instant::now());
+        assert!(refused(&m).contains("expired"), "{m:?}");
+        // Its turn is not spent: a reconnected session asks at once.
+        let m = i.answer(
+            "edge-1",
+            &raw_key(),
+            &due(d.path(), "edge-1"),
+            Instant::now(),
+        );
+        assert!(is_certificate(&m), "{m:?}");
     }
 
     /// The holder of a certificate revoked in the CA directory's list gets no renewal, even

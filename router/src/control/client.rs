@@ -151,6 +151,10 @@ pub enum ControlError {
     WriteStalled(Duration),
     #[error("no byte from the controller for {0:?}: its session stopped talking")]
     Silent(Duration),
+    /// The node certificate was renewed during the session: the controller must see the new
+    /// one (it renews only what a session presented, and refuses an expired one).
+    #[error("the node certificate was renewed: reconnecting to present it")]
+    Renewed,
 }
 
 impl ControlError {
@@ -186,6 +190,7 @@ impl ControlError {
             | ControlError::Timeout
             | ControlError::Superseded
             | ControlError::StateDir(_) => None,
+            ControlError::Renewed => Some(close::NORMAL),
         }
     }
 }
@@ -229,6 +234,8 @@ struct Shared {
     crls: Writer<String>,
     /// Installs renewed certificates ([`tls::install`]).
     certs: Writer<Arc<Renewed>>,
+    /// Notified when `certs` installed one: the session reconnects to present it.
+    installed: Arc<tokio::sync::Notify>,
 }
 
 /// A certificate the controller sent for a renewal request, with that request's key.
@@ -667,11 +674,14 @@ impl ControlClient {
             true
         });
         tasks.push(task);
-        let (c, s) = (cert.clone(), schedule.clone());
+        let installed = Arc::new(tokio::sync::Notify::new());
+        let (c, s, i) = (cert.clone(), schedule.clone(), installed.clone());
         let (certs, task) = Writer::spawn(
             "installing the renewed certificate",
             move |r: Arc<Renewed>| {
-                install_renewed(&c, &s, &r);
+                if install_renewed(&c, &s, &r) {
+                    i.notify_one();
+                }
                 // A failure is logged and counted; the schedule, told of no success, asks again.
                 true
             },
@@ -696,6 +706,7 @@ impl ControlClient {
             contact_sent_ms: AtomicU64::new(0),
             crls,
             certs,
+            installed,
         });
         let adopt = |shared: &Shared, tx: &watch::Sender<Arc<Snapshot>>, s: &StoredSnapshot| {
             let adopted = hand_stored(tx, s, || {
@@ -882,6 +893,12 @@ async fn run(shared: Arc<Shared>, endpoint: quinn::Endpoint, tx: watch::Sender<A
                 }
                 superseded.saturating_add(1)
             }
+            Err(e @ ControlError::Renewed) => {
+                tracing::info!("{e}");
+                // At once: the controller holds the routers' state, the session nothing of
+                // its own to wait out.
+                continue;
+            }
             res => {
                 match res {
                     Ok(()) => tracing::info!("controller closed the control connection"),
@@ -910,12 +927,15 @@ async fn session(
     pending: &mut Option<rcgen::KeyPair>,
 ) -> Result<(), ControlError> {
     let cfg = &shared.cfg;
+    // The certificate this session presents: the resolver's at the handshake. Read before it,
+    // so that one installed meanwhile makes a needless reconnect at worst, never a missed one.
+    let presented = (shared.cert.not_before(), shared.cert.not_after());
     let connecting = endpoint.connect(cfg.controller, CONTROLLER_NAME)?;
     let conn = tokio::time::timeout(Duration::from_secs(5), connecting)
         .await
         .map_err(|_| ControlError::Timeout)??;
     let _trust_watch = tls::watch_trust(shared.cert.clone(), conn.clone());
-    let res = converse(shared, &conn, tx, pending).await;
+    let res = converse(shared, &conn, tx, pending, presented).await;
     // The read or write that failed says less than the controller's close code.
     if is_superseded(conn.close_reason().as_ref()) {
         return Err(ControlError::Superseded);
@@ -968,6 +988,7 @@ async fn converse(
     conn: &quinn::Connection,
     tx: &watch::Sender<Arc<Snapshot>>,
     pending: &mut Option<rcgen::KeyPair>,
+    presented: (i64, i64),
 ) -> Result<(), ControlError> {
     let cfg = &shared.cfg;
     let (stall, silence) = (cfg.write_stall_timeout, cfg.silence_timeout);
@@ -1106,6 +1127,14 @@ async fn converse(
                 *pending = Some(key);
                 asked += 1;
                 write(&mut send, &req, stall).await?;
+            }
+            // A renewed certificate installed: this session still presents the one before,
+            // which the controller's renewals judge, and which expires. (A notice left from a
+            // session before, whose certificate this one already presents, changes nothing.)
+            _ = shared.installed.notified() => {
+                if (shared.cert.not_before(), shared.cert.not_after()) != presented {
+                    return Err(ControlError::Renewed);
+                }
             }
             _ = late.tick(), if awaited.is_some() => {
                 if let Some(addr) = awaited.filter(|a| try_bind(*a).is_ok()) {
@@ -1640,7 +1669,7 @@ fn renew_attempted(shared: &Shared) {
 /// Installs a renewed certificate with the key its request was made with (`cert` checks it
 /// first), or keeps the current pair and says why; `schedule` starts its back-off again once it
 /// is installed. Blocking (file writes): run by a `Writer`.
-fn install_renewed(cert: &tls::CertResolver, schedule: &Mutex<RenewSchedule>, r: &Renewed) {
+fn install_renewed(cert: &tls::CertResolver, schedule: &Mutex<RenewSchedule>, r: &Renewed) -> bool {
     match tls::install(cert, &r.key, &r.chain_pem) {
         Ok(not_after) => {
             cert.count_renewal(Renewal::Renewed);
@@ -1648,12 +1677,14 @@ fn install_renewed(cert: &tls::CertResolver, schedule: &Mutex<RenewSchedule>, r:
                 s.succeeded(tokio::time::Instant::now());
             }
             tracing::info!(not_after, expires = %fmt_unix(not_after), "renewed the node certificate through the controller");
+            true
         }
         Err(e) => {
             cert.count_renewal(Renewal::Invalid);
             tracing::warn!(
                 "the renewed certificate was not installed, keeping the current one: {e}"
             );
+            false
         }
     }
 }

@@ -32,8 +32,15 @@ pub fn write(path: &Path, tmp: &Path, contents: &[u8], secret: bool) -> Result<(
         let path = p.to_path_buf();
         move |source| WriteError { path, source }
     };
+    // A new file, never one that is there: a temporary left by a crash keeps its own mode (a
+    // key written into a world-readable one), and a symbolic link there would send the
+    // contents to its target. `create_new` follows no link (O_EXCL).
+    match fs::remove_file(tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(at(tmp)(e)),
+        _ => {}
+    }
     let mut opts = fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
+    opts.write(true).create_new(true);
     #[cfg(unix)]
     if secret {
         use std::os::unix::fs::OpenOptionsExt;
@@ -178,6 +185,31 @@ mod tests {
         // A file where a directory should be is an error, not a loop.
         fs::write(t.path().join("f"), b"").unwrap();
         assert!(create_dir_all(&t.path().join("f/g")).is_err());
+    }
+
+    /// A secret is written into a new file of mode 0600 whatever the temporary's path held: a
+    /// file left by a crash with a wider mode, or a symbolic link (whose target is left alone).
+    /// (The old temporary was opened as it was: its mode kept, a link followed.)
+    #[cfg(unix)]
+    #[test]
+    fn a_secret_goes_into_a_new_private_file_not_what_the_temporary_path_held() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let (path, tmp) = (t.path().join("node.key"), t.path().join("node.key.tmp"));
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        fs::write(&tmp, b"left by a crash").unwrap();
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644)).unwrap();
+        write(&path, &tmp, b"secret 1", true).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"secret 1");
+        assert_eq!(mode(&path), 0o600);
+        let elsewhere = t.path().join("elsewhere");
+        fs::write(&elsewhere, b"not yours").unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &tmp).unwrap();
+        write(&path, &tmp, b"secret 2", true).unwrap();
+        assert_eq!(fs::read(&elsewhere).unwrap(), b"not yours");
+        assert_eq!(fs::read(&path).unwrap(), b"secret 2");
+        assert_eq!(mode(&path), 0o600);
+        assert!(!fs::symlink_metadata(&path).unwrap().file_type().is_symlink());
     }
 
     #[test]

@@ -822,9 +822,9 @@ impl RawP256PublicKey {
     /// Length of an uncompressed P-256 point: 0x04, then 32 bytes of x and 32 of y.
     pub const LEN: usize = 65;
 
-    /// Refuses anything but 65 bytes starting with 0x04 (an uncompressed point). A point off
-    /// the curve is not caught here: the certificate is then useless to anyone, and the router
-    /// refuses it (its key does not match).
+    /// Refuses anything but 65 bytes starting with 0x04 (an uncompressed point) that is a point
+    /// of the curve (checked by an ECDH with a throwaway key, which validates the peer's point):
+    /// a CA certifies no key that cannot exist.
     pub fn new(bytes: &[u8]) -> Result<Self, String> {
         if bytes.len() != Self::LEN {
             return Err(format!(
@@ -839,6 +839,13 @@ impl RawP256PublicKey {
                 bytes[0]
             ));
         }
+        use ring::agreement;
+        let rng = ring::rand::SystemRandom::new();
+        let mine = agreement::EphemeralPrivateKey::generate(&agreement::ECDH_P256, &rng)
+            .map_err(|_| "no random key for checking the public key".to_string())?;
+        let theirs = agreement::UnparsedPublicKey::new(&agreement::ECDH_P256, bytes);
+        agreement::agree_ephemeral(mine, &theirs, |_| ())
+            .map_err(|_| "public key is not a point of the P-256 curve".to_string())?;
         Ok(RawP256PublicKey(bytes.to_vec()))
     }
 }
@@ -2163,6 +2170,9 @@ mod tests {
             [good.clone(), vec![0]].concat(),
             compressed,
             key.subject_public_key_info(),
+            // 65 bytes, 0x04 first, off the curve (the certificate was signed).
+            [vec![0x04], vec![0x01; 64]].concat(),
+            [&good[..64], &[good[64] ^ 1]].concat(),
         ] {
             assert!(RawP256PublicKey::new(&bad).is_err(), "{bad:?}");
         }

@@ -746,3 +746,72 @@ fn pki_issue_refuses_a_name_that_no_node_can_have() {
     assert!(dir.path().join("controller.pem").exists());
     assert!(dir.path().join("new-node-7.pem").exists());
 }
+
+/// A node's key made on the node (`tasman pki keygen`), its public key certified on the CA's
+/// host (`tasman pki issue NODE --public-key`): the CA's directory never holds the node's key,
+/// and the node's directory, with the certificate and `ca.pem` copied in, is an identity a
+/// router loads. (`pki issue` made every key on the CA's host, to be copied to its node.)
+#[test]
+fn a_node_key_made_on_the_node_is_certified_without_leaving_it() {
+    let (ca, node) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    tasman_pki(ca.path(), &["init"]);
+    tasman_pki(node.path(), &["keygen", "syd-edge-1"]);
+    let public = node.path().join("syd-edge-1.pub");
+    let public_arg = public.to_str().unwrap();
+    tasman_pki(
+        ca.path(),
+        &["issue", "syd-edge-1", "--public-key", public_arg],
+    );
+    assert!(ca.path().join("syd-edge-1.pem").exists());
+    assert!(
+        !ca.path().join("syd-edge-1.key").exists(),
+        "a key on the CA's host"
+    );
+    for f in ["syd-edge-1.pem", "ca.pem"] {
+        std::fs::copy(ca.path().join(f), node.path().join(f)).unwrap();
+    }
+    let id = TlsIdentity::load(node.path(), "syd-edge-1").expect("the node's identity");
+    assert_eq!(id.chain.len(), 2);
+    // Refused: a second key over the first, two nodes for one key, a file that is no key.
+    let run = |dir: &std::path::Path, args: &[&str]| {
+        std::process::Command::new(tasman())
+            .arg("pki")
+            .args(args)
+            .arg("--dir")
+            .arg(dir)
+            .output()
+            .expect("run tasman pki")
+    };
+    let out = run(node.path(), &["keygen", "syd-edge-1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+    let out = run(
+        ca.path(),
+        &[
+            "issue",
+            "syd-edge-1",
+            "syd-edge-2",
+            "--public-key",
+            public_arg,
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("one NODE"));
+    let not_a_key = node.path().join("syd-edge-1.pem");
+    let out = run(
+        ca.path(),
+        &[
+            "issue",
+            "syd-edge-2",
+            "--public-key",
+            not_a_key.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no PEM PUBLIC KEY"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!ca.path().join("syd-edge-2.pem").exists());
+}

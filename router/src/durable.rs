@@ -209,7 +209,12 @@ mod tests {
         assert_eq!(fs::read(&elsewhere).unwrap(), b"not yours");
         assert_eq!(fs::read(&path).unwrap(), b"secret 2");
         assert_eq!(mode(&path), 0o600);
-        assert!(!fs::symlink_metadata(&path).unwrap().file_type().is_symlink());
+        assert!(
+            !fs::symlink_metadata(&path)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
     }
 
     #[test]

@@ -59,6 +59,11 @@ pub enum PkiError {
     },
     #[error("{path} already exists (refusing to overwrite a CA; remove it first)")]
     Exists { path: PathBuf },
+    #[error(
+        "{path} already exists: the node has a key (its certificate renews through the \
+         controller); remove it first to make a new one"
+    )]
+    KeyExists { path: PathBuf },
     #[error("{name:?} is not a valid node name: {why}")]
     BadName { name: String, why: &'static str },
     #[error("{path}: not a usable key: {reason}")]
@@ -481,6 +486,77 @@ pub fn issue_with(
     let key = KeyPair::generate()?;
     let signed = ca.sign(name, validity, &key)?;
     write_node_files(dir, name, &key.serialize_pem(), &signed.chain_pem)
+}
+
+/// The file `tasman pki keygen` writes a node's public key to, beside its key: `<name>.pub`
+/// (a PEM `PUBLIC KEY`, SubjectPublicKeyInfo). No node's files end in `.pub`.
+pub fn public_key_file(name: &str) -> String {
+    format!("{name}.pub")
+}
+
+/// Makes a node's key where the node runs: `<name>.key` (readable by its owner only) and its
+/// public key, `<name>.pub` ([`public_key_file`]), in `dir`. The CA's host then certifies the
+/// public key ([`issue_for_key`]): the private key never leaves the node. Refuses when
+/// `<name>.key` exists (the node has a key; its certificate renews through the controller).
+/// The two paths (key, public key).
+pub fn keygen(dir: &Path, name: &str) -> Result<(PathBuf, PathBuf), PkiError> {
+    check_name(name)?;
+    let key_path = dir.join(format!("{name}.key"));
+    if key_path.exists() {
+        return Err(PkiError::KeyExists { path: key_path });
+    }
+    durable::create_dir_all(dir).map_err(io_err(dir))?;
+    let key = KeyPair::generate()?;
+    let pub_path = dir.join(public_key_file(name));
+    write_file(&key_path, &key.serialize_pem(), true)?;
+    write_file(&pub_path, &key.public_key_pem(), false)?;
+    Ok((key_path, pub_path))
+}
+
+/// A P-256 public key from a PEM `PUBLIC KEY` (SubjectPublicKeyInfo) text, as `openssl pkey
+/// -pubout` or [`keygen`] writes it. `path` names it in errors.
+pub fn read_public_key(path: &Path, pem: &str) -> Result<RawP256PublicKey, PkiError> {
+    use rustls::pki_types::SubjectPublicKeyInfoDer;
+    use rustls::pki_types::pem::PemObject;
+    use x509_parser::prelude::FromDer;
+    let bad = |reason: String| PkiError::BadKey {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let der = SubjectPublicKeyInfoDer::from_pem_slice(pem.as_bytes())
+        .map_err(|e| bad(format!("no PEM PUBLIC KEY in it ({e})")))?;
+    let (_, spki) = x509_parser::x509::SubjectPublicKeyInfo::from_der(der.as_ref())
+        .map_err(|e| bad(format!("not a SubjectPublicKeyInfo: {e}")))?;
+    let ec = x509_parser::oid_registry::OID_KEY_TYPE_EC_PUBLIC_KEY;
+    let p256 = x509_parser::oid_registry::OID_EC_P256;
+    let curve = spki
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.as_oid().ok());
+    if spki.algorithm.algorithm != ec || curve.as_ref() != Some(&p256) {
+        return Err(bad(
+            "not a P-256 (prime256v1) EC key: nodes use ECDSA P-256".into(),
+        ));
+    }
+    RawP256PublicKey::new(&spki.subject_public_key.data).map_err(bad)
+}
+
+/// Issues `<name>.pem` in `dir` (the CA directory) for the public key `key` (made on the node
+/// by [`keygen`]), valid for `validity`: the certificate only, no key. Copy it to the node's
+/// TLS directory, beside its `<name>.key`. The certificate's path.
+pub fn issue_for_key(
+    dir: &Path,
+    name: &str,
+    validity: Validity,
+    key: &RawP256PublicKey,
+) -> Result<PathBuf, PkiError> {
+    check_name(name)?;
+    let ca = CaSigner::load(dir)?;
+    let signed = ca.sign(name, validity, key)?;
+    let cert_path = dir.join(format!("{name}.pem"));
+    write_file(&cert_path, &signed.chain_pem, false)?;
+    Ok(cert_path)
 }
 
 /// What a new pair's files are called while they are staged: `<name>.key.next`,
@@ -2104,6 +2180,40 @@ mod tests {
         for n in ["cab", "ca-1", "controller"] {
             issue(d.path(), n).unwrap();
         }
+    }
+
+    /// A node's key made where it runs: the CA's host certifies its public key and writes the
+    /// certificate only; the node's directory, with the CA's certificate, is an identity.
+    #[test]
+    fn a_key_made_on_the_node_is_certified_without_leaving_it() {
+        let (ca_dir, node_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        init(ca_dir.path()).unwrap();
+        let (key, public) = keygen(node_dir.path(), "n1").unwrap();
+        assert_eq!(key, node_dir.path().join("n1.key"));
+        assert_eq!(public, node_dir.path().join("n1.pub"));
+        assert!(matches!(
+            keygen(node_dir.path(), "n1"),
+            Err(PkiError::KeyExists { .. })
+        ));
+        let text = std::fs::read_to_string(&public).unwrap();
+        let raw = read_public_key(&public, &text).unwrap();
+        let v = Validity::for_duration(Duration::from_secs(3600)).unwrap();
+        let cert = issue_for_key(ca_dir.path(), "n1", v, &raw).unwrap();
+        assert!(
+            !ca_dir.path().join("n1.key").exists(),
+            "no key on the CA's host"
+        );
+        std::fs::copy(&cert, node_dir.path().join("n1.pem")).unwrap();
+        std::fs::copy(ca_dir.path().join(CA_CERT), node_dir.path().join(CA_CERT)).unwrap();
+        let id = crate::tls::TlsIdentity::load(node_dir.path(), "n1").unwrap();
+        assert!(crate::tls::CertResolver::new(&id).is_ok());
+        // Not a P-256 public key: refused, naming the file.
+        let p384 = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+        let e = read_public_key(&public, &p384.public_key_pem()).unwrap_err();
+        assert!(e.to_string().contains("P-256"), "{e}");
+        assert!(e.to_string().contains("n1.pub"), "{e}");
+        let e = read_public_key(&public, &KeyPair::generate().unwrap().serialize_pem());
+        assert!(matches!(e, Err(PkiError::BadKey { .. })), "{e:?}");
     }
 
     #[test]

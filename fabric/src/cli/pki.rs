@@ -27,19 +27,36 @@ pub enum PkiCommand {
     /// Issue a certificate (NODE.pem, NODE.key) for each NODE, signed by the CA in DIR, with a new
     /// key. The node id is the certificate's name (DNS SAN); use `controller` for the controller.
     /// Re-issuing rotates it: a running router presents the new files within its reload interval
-    /// (10 s), once they pass its checks.
+    /// (10 s), once they pass its checks. With `--public-key FILE` (one NODE; the file from
+    /// `tasman pki keygen` on the node): NODE.pem only, for that key, which never left the node.
     #[command(
-        after_help = "Examples:\n  tasman pki issue syd-edge-1 syd-site-1 controller --dir pki\n  tasman pki issue syd-edge-1 --valid-for 90d --dir pki"
+        after_help = "Examples:\n  tasman pki issue syd-edge-1 syd-site-1 controller --dir pki\n  tasman pki issue syd-edge-1 --valid-for 90d --dir pki\n  tasman pki issue syd-edge-1 --public-key syd-edge-1.pub --dir pki   # key made on the node"
     )]
     Issue {
         #[arg(required = true)]
         nodes: Vec<String>,
         #[arg(long, default_value = "pki")]
         dir: PathBuf,
+        /// Certify this public key (PEM `PUBLIC KEY`, P-256, as `tasman pki keygen` writes it)
+        /// instead of making a key: writes NODE.pem only. One NODE.
+        #[arg(long, value_name = "FILE")]
+        public_key: Option<PathBuf>,
         /// How long the certificates are valid from now: a duration (e.g. 365d, 90d, 12h), more
         /// than zero and at most 3650d.
         #[arg(long, default_value = "365d", value_parser = parse_valid_for, value_name = "DURATION")]
         valid_for: std::time::Duration,
+    },
+    /// Make NODE's key on the node itself: NODE.key (owner-readable only) and its public key
+    /// NODE.pub in DIR (the node's TLS directory). Take NODE.pub (not the key) to the CA's host,
+    /// `tasman pki issue NODE --public-key NODE.pub`, and bring NODE.pem and ca.pem back: the
+    /// private key never leaves the node. Refuses when NODE.key exists.
+    #[command(
+        after_help = "Example (on the node, then on the CA's host):\n  tasman pki keygen syd-edge-1 --dir /etc/tasman/tls\n  tasman pki issue syd-edge-1 --public-key syd-edge-1.pub --dir pki"
+    )]
+    Keygen {
+        node: String,
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
     },
     /// Start a CA rotation in DIR: a new CA becomes the issuing CA (ca.key; the old key is kept
     /// as ca.key.old) and ca.pem becomes the trust bundle of the new CA and every CA it held.
@@ -220,12 +237,42 @@ pub fn run(args: PkiArgs) -> ExitCode {
             nodes,
             dir,
             valid_for,
+            public_key,
         } => {
             // Checked before any is issued: a name no topology can give a node would make a
             // certificate no router loads (a router reads ID.pem by its node id).
             if let Some((n, why)) = nodes.iter().find_map(|n| not_a_node_id(n).map(|w| (n, w))) {
                 eprintln!("error: {n}: {why}");
                 return ExitCode::from(2);
+            }
+            if let Some(file) = public_key {
+                let [n] = nodes.as_slice() else {
+                    eprintln!(
+                        "error: --public-key certifies one node's key: give one NODE (got {})",
+                        nodes.len()
+                    );
+                    return ExitCode::from(2);
+                };
+                let issued = std::fs::read_to_string(&file)
+                    .map_err(|source| PkiError::Io {
+                        path: file.clone(),
+                        source,
+                    })
+                    .and_then(|text| pki::read_public_key(&file, &text))
+                    .and_then(|key| {
+                        let v = pki::Validity::for_duration(valid_for)?;
+                        pki::issue_for_key(&dir, n, v, &key)
+                    });
+                return match issued {
+                    Ok(cert) => {
+                        println!("{}", cert.display());
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("error: {n}: {e}");
+                        exit_for(&e)
+                    }
+                };
             }
             for n in &nodes {
                 let issued = pki::Validity::for_duration(valid_for)
@@ -239,6 +286,29 @@ pub fn run(args: PkiArgs) -> ExitCode {
                 }
             }
             ExitCode::SUCCESS
+        }
+        PkiCommand::Keygen { node, dir } => {
+            if let Some(why) = not_a_node_id(&node) {
+                eprintln!("error: {node}: {why}");
+                return ExitCode::from(2);
+            }
+            match pki::keygen(&dir, &node) {
+                Ok((_key, public)) => {
+                    println!("{}", public.display());
+                    eprintln!(
+                        "{node}.key made in {}; take {} (the public key only) to the CA's host: \
+                         tasman pki issue {node} --public-key {}",
+                        dir.display(),
+                        public.display(),
+                        pki::public_key_file(&node)
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {node}: {e}");
+                    exit_for(&e)
+                }
+            }
         }
         PkiCommand::RotateCa { dir } => match pki::rotate_ca(&dir) {
             Ok(n) => {

@@ -837,6 +837,53 @@ async fn a_rejected_version_is_offered_again_at_once_when_the_router_asks() {
     d.shutdown().await;
 }
 
+/// Versions that change only the live state after a rejection (same topology, same
+/// circuits) are the same offer: held back with the rejected one until its back-off ends, then
+/// the current one goes, once. A new topology goes at once. (Each went out in full as it came,
+/// to be rejected again: a router rejecting for a lasting reason got a full snapshot at every
+/// live update.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_updates_after_a_rejection_wait_with_the_rejected_version() {
+    use fabric::controller::distribute::NACK_RETRY_FIRST;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (d, _, mut s, version) =
+        offered_to_edge_0(dir.path(), &fabric_nodes(1, 2), &fabric_yaml(83, 1, 2, 10)).await;
+    let nacked = std::time::Instant::now();
+    s.say(&nack(version, "cannot bind: port taken")).await;
+    eventually(Duration::from_secs(10), "the rejection recorded", || {
+        router_status(&d, "edge-0").is_some_and(|r| r.record.last_nack.is_some())
+    })
+    .await;
+    // A new version with the same topology and circuits (the circuit service publishing).
+    let circuits = d.ctl.published().circuits.clone();
+    let live_only = d
+        .ctl
+        .publish_circuits(std::sync::Arc::new((*circuits).clone()))
+        .unwrap();
+    assert!(live_only > version);
+    // Not sent before the back-off ends; then the current version, once.
+    let offered = version_of(&next_news(&mut s.recv).await);
+    assert_eq!(offered, live_only);
+    assert!(
+        nacked.elapsed() >= NACK_RETRY_FIRST / 2,
+        "sent {:?} after the rejection",
+        nacked.elapsed()
+    );
+    // Rejected again, then a new topology: sent at once, before the back-off (2 x 2 s) ends.
+    s.say(&nack(offered, "still taken")).await;
+    let applied = std::time::Instant::now();
+    apply(&d, &fabric_yaml(83, 1, 2, 20), "newer").await;
+    let newer = version_of(&next_news(&mut s.recv).await);
+    assert!(newer > live_only, "{newer} after {live_only}");
+    assert!(
+        applied.elapsed() < 2 * NACK_RETRY_FIRST,
+        "sent {:?} after the apply",
+        applied.elapsed()
+    );
+    d.shutdown().await;
+}
+
 /// A rejected version's back-off, ending after a newer version went out, offers nothing: the
 /// router has the newer one (or is answering it). (It sent the newer one again in full.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -37,6 +37,7 @@ use router::control::proto::{self, FromRouter, MAX_FROM_ROUTER, ToRouter, clip};
 use router::tls;
 use router::transport::{HandshakeGate, Turned};
 
+use topology::circuit::ProvisionedCircuit;
 use topology::{Latency, NodeId, ServiceName};
 
 use super::live::{NeighbourSample, Sample};
@@ -400,13 +401,15 @@ async fn session(
     let mut warned_renewals = false;
     // The version this session's router rejected last (see [`NACK_RETRY_FIRST`]).
     let mut rejected: Option<Rejected> = None;
+    // What was last written as a version: its topology version and circuits.
+    let mut last_written: Option<(u64, u64, Arc<Vec<ProvisionedCircuit>>)> = None;
     loop {
         if force_full || changed {
             changed = false;
             let p = rx.borrow_and_update().clone();
             let refused = rejected
                 .as_ref()
-                .is_some_and(|r| r.version == p.version && r.retry_at.is_some());
+                .is_some_and(|r| r.offers(&p) && r.retry_at.is_some());
             if !refused && (force_full || sent != Some(p.version)) {
                 let bytes = match &p.delta {
                     Some((base, delta)) if !force_full && sent == Some(*base) => delta.clone(),
@@ -417,6 +420,7 @@ async fn session(
                 };
                 inbox.write(recv, send, bytes, stall).await?;
                 sent = Some(p.version);
+                last_written = Some((p.version, p.topology_version, p.circuits.clone()));
                 unanswered.sent(p.version, p.topology_version);
                 heartbeat.reset();
             }
@@ -440,7 +444,7 @@ async fn session(
                 // router a full snapshot it has, or is answering).
                 if let Some(r) = &mut rejected {
                     r.retry_at = None;
-                    if r.version == rx.borrow().version {
+                    if r.offers(&rx.borrow()) {
                         tracing::info!(node, version = r.version, "offering a rejected version again");
                         force_full = true;
                     }
@@ -471,12 +475,19 @@ async fn session(
                             .answer(version)
                             .ok_or(ConnError::NotSent { what: "rejection", version })?;
                         ctl.router_nack(rs, version, tv, &clip(reason));
-                        rejected = Some(Rejected::again(rejected.take(), version));
+                        let content = last_written
+                            .as_ref()
+                            .filter(|(v, _, _)| *v == version)
+                            .map(|(_, tv, c)| (*tv, c.clone()));
+                        rejected = Some(Rejected::again(rejected.take(), version, content));
                         // It holds an older version: no delta on top of the one it rejected.
                         sent = None;
                     }
                     FromRouter::Resync { .. } => {
-                        let current = rx.borrow().version;
+                        let (current, offers) = {
+                            let p = rx.borrow();
+                            (p.version, rejected.as_ref().is_some_and(|r| r.offers(&p)))
+                        };
                         match &mut rejected {
                             // The reason it was rejected for has passed (its address came): the
                             // back-off ends at once the first time; after that, no sooner than
@@ -485,9 +496,12 @@ async fn session(
                             // full snapshot less and less often, not once a round trip. A Resync
                             // that would not bring the offer forward changes nothing (nor is it
                             // logged: the router could send any number).
-                            Some(Rejected { version, retry_at: Some(due), wait, asked })
-                                if *version == current =>
-                            {
+                            Some(Rejected {
+                                retry_at: Some(due),
+                                wait,
+                                asked,
+                                ..
+                            }) if offers => {
                                 let now = tokio::time::Instant::now();
                                 let floor = (*wait / 2).max(NACK_RETRY_FIRST);
                                 let at = asked.map_or(now, |a| (a + floor).max(now));
@@ -650,30 +664,54 @@ impl Inbox {
 
 /// A version the router rejected on this session: offered again at `retry_at` (`None`: offered
 /// again, not answered yet), after `wait`, or sooner at the router's `Resync` (the last one
-/// at `asked`).
-#[derive(Debug, Clone, Copy)]
+/// at `asked`). Later versions with the same topology and circuits (`content`, when the session
+/// knows what it sent: live-state updates) are the same offer: held back with it, not sent in
+/// full as they come only to be rejected again.
+#[derive(Debug, Clone)]
 struct Rejected {
     version: u64,
+    content: Option<(u64, Arc<Vec<ProvisionedCircuit>>)>,
     retry_at: Option<tokio::time::Instant>,
     wait: Duration,
     asked: Option<tokio::time::Instant>,
 }
 
 impl Rejected {
-    /// `version` rejected, `last` the version rejected before it on this session: the same one
-    /// waits twice as long as last time, up to [`NACK_RETRY_MAX`]; another starts from
-    /// [`NACK_RETRY_FIRST`].
-    fn again(last: Option<Rejected>, version: u64) -> Rejected {
+    /// `version` (with `content`, when known) rejected, `last` what was rejected before it on
+    /// this session: the same offer waits twice as long as last time, up to
+    /// [`NACK_RETRY_MAX`]; another starts from [`NACK_RETRY_FIRST`].
+    fn again(
+        last: Option<Rejected>,
+        version: u64,
+        content: Option<(u64, Arc<Vec<ProvisionedCircuit>>)>,
+    ) -> Rejected {
+        let same = |r: &Rejected| {
+            r.version == version || content.as_ref().is_some_and(|(tv, c)| r.holds(*tv, c))
+        };
         let (wait, asked) = match last {
-            Some(r) if r.version == version => ((r.wait * 2).min(NACK_RETRY_MAX), r.asked),
+            Some(r) if same(&r) => ((r.wait * 2).min(NACK_RETRY_MAX), r.asked),
             _ => (NACK_RETRY_FIRST, None),
         };
         Rejected {
             version,
+            content,
             retry_at: Some(tokio::time::Instant::now() + wait),
             wait,
             asked,
         }
+    }
+
+    /// Whether a version of topology `topology_version` carrying `circuits` offers what was
+    /// rejected (only the live state differs).
+    fn holds(&self, topology_version: u64, circuits: &Arc<Vec<ProvisionedCircuit>>) -> bool {
+        self.content.as_ref().is_some_and(|(tv, c)| {
+            *tv == topology_version && (Arc::ptr_eq(c, circuits) || **c == **circuits)
+        })
+    }
+
+    /// Whether `p` is the rejected version, or the same offer.
+    fn offers(&self, p: &super::Published) -> bool {
+        self.version == p.version || self.holds(p.topology_version, &p.circuits)
     }
 }
 

@@ -17,11 +17,6 @@ use crate::probe::ServiceState;
 use crate::splice::{self, Side};
 use crate::telemetry::SiteReport;
 
-/// Health checks: a TCP connect every this often; down after 3 failures, up after 2 successes
-/// (and the hold-down).
-const CHECK_INTERVAL: Duration = Duration::from_millis(500);
-const DOWN_AFTER: u32 = 3;
-const UP_AFTER: u32 = 2;
 /// The serving path marks the service down after this many of its backend connects in a row
 /// failed (Envoy's outlier detection ejects after 5 consecutive connect failures); any
 /// connect that succeeds, a stream's or a check's, ends the run. One failure refuses only its
@@ -36,6 +31,8 @@ pub(crate) struct SiteService {
     /// The HTTP path the checks `GET` (`topology::SiteService::health_check`); `None`: a TCP
     /// connect is the check.
     health_check: Option<String>,
+    /// How often it is checked and how many results in a row change its health.
+    health: topology::HealthPolicy,
     active: Arc<AtomicU32>,
     healthy: Arc<AtomicBool>,
     /// When the service was last marked unhealthy (ms since router start), for the hold-down.
@@ -44,7 +41,7 @@ pub(crate) struct SiteService {
     down_at_ms: Arc<AtomicU64>,
     /// Streams' backend connects that failed in a row, for [`SERVE_DOWN_AFTER`]; any connect
     /// that succeeds, a stream's or a check's, ends the run (failed checks count in the
-    /// checker's own run, [`DOWN_AFTER`]).
+    /// checker's own run, `unhealthy_after`).
     failed_connects: Arc<AtomicU32>,
 }
 
@@ -138,7 +135,8 @@ pub(crate) fn reconcile(
                 Some(o)
                     if o.backend == s.backend
                         && o.capacity == s.capacity
-                        && o.health_check == s.health_check =>
+                        && o.health_check == s.health_check
+                        && o.health == s.health =>
                 {
                     o.clone()
                 }
@@ -156,6 +154,7 @@ pub(crate) fn reconcile(
                         backend: s.backend,
                         capacity: s.capacity,
                         health_check: s.health_check.clone(),
+                        health: s.health,
                         active: o.map(|o| o.active.clone()).unwrap_or_default(),
                         healthy: same.map_or_else(
                             || Arc::new(AtomicBool::new(fresh)),
@@ -189,8 +188,9 @@ pub(crate) fn reconcile(
     shared.sites.store(Arc::new(new));
 }
 
-/// Checks the backend every [`CHECK_INTERVAL`]: [`DOWN_AFTER`] failures in a row mark it
-/// unhealthy, [`UP_AFTER`] successes in a row and the hold-down make it healthy again.
+/// Checks the backend every `health_interval` (500 ms by default): `unhealthy_after` failures
+/// in a row (3) mark it unhealthy, `healthy_after` successes in a row (2) and the hold-down make
+/// it healthy again ([`topology::HealthPolicy`]).
 ///
 /// A check that takes longer than the interval (a backend that drops SYNs: each check waits
 /// the whole connect timeout) delays the next one instead of leaving a backlog of ticks: a
@@ -198,7 +198,7 @@ pub(crate) fn reconcile(
 /// microseconds instead of an interval apart.
 async fn check_loop(shared: Arc<Shared>, svc: Arc<SiteService>) {
     let mut checker = Checker::default();
-    let mut tick = tokio::time::interval(CHECK_INTERVAL);
+    let mut tick = tokio::time::interval(svc.health.interval.as_duration());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
@@ -321,7 +321,7 @@ struct Checker {
 
 impl Checker {
     /// Counts one check's result at `now_ms`: `Some(true)` when the service becomes healthy
-    /// again ([`UP_AFTER`] successes in a row since it was last marked down, and the hold-down
+    /// again (`healthy_after` successes in a row since it was last marked down, and the hold-down
     /// over), `Some(false)` when it is to be marked unhealthy, `None` when nothing changes.
     fn observe(
         &mut self,
@@ -339,13 +339,13 @@ impl Checker {
             self.ok += 1;
             self.fail = 0;
             (!svc.healthy.load(Relaxed)
-                && self.ok >= UP_AFTER
+                && self.ok >= svc.health.healthy_after
                 && svc.held_down_long_enough(now_ms, hold_down))
             .then_some(true)
         } else {
             self.ok = 0;
             self.fail += 1;
-            (self.fail >= DOWN_AFTER).then_some(false)
+            (self.fail >= svc.health.unhealthy_after).then_some(false)
         }
     }
 }
@@ -442,6 +442,7 @@ mod tests {
             backend: "127.0.0.1:1".parse().unwrap(),
             capacity: 1,
             health_check: None,
+            health: topology::HealthPolicy::default(),
             active: Arc::default(),
             healthy: Arc::new(AtomicBool::new(false)),
             down_at_ms: Arc::default(),
@@ -482,7 +483,7 @@ mod tests {
 
     /// Connects refused on the serving path mark the service down between two checks: the
     /// successes the checker counted before it do not count towards its return (it needs
-    /// [`UP_AFTER`] in a row after the mark, whatever the hold-down).
+    /// `healthy_after` in a row after the mark, whatever the hold-down).
     #[test]
     fn a_mark_down_by_the_serving_path_restarts_the_run_of_successes() {
         let hold = Duration::from_millis(100);
@@ -503,6 +504,29 @@ mod tests {
         assert_eq!(c.observe(&svc, false, 3000, hold), None);
         assert_eq!(c.observe(&svc, false, 3500, hold), None);
         assert_eq!(c.observe(&svc, false, 4000, hold), Some(false));
+    }
+
+    /// The serves entry's thresholds decide: down at the first failure with `unhealthy_after:
+    /// 1`, up at the fourth success with `healthy_after: 4` (they were 3 and 2 whatever the
+    /// topology said).
+    #[test]
+    fn the_topologys_thresholds_decide_when_health_changes() {
+        let hold = Duration::ZERO;
+        let mut svc = service();
+        svc.health = topology::HealthPolicy {
+            interval: topology::Latency::from_micros(100_000),
+            unhealthy_after: 1,
+            healthy_after: 4,
+        };
+        svc.healthy.store(true, Relaxed);
+        let mut c = Checker::default();
+        assert_eq!(c.observe(&svc, false, 100, hold), Some(false));
+        svc.mark_down_at(100);
+        svc.healthy.store(false, Relaxed);
+        for t in [200, 300, 400] {
+            assert_eq!(c.observe(&svc, true, t, hold), None, "at {t} ms");
+        }
+        assert_eq!(c.observe(&svc, true, 500, hold), Some(true));
     }
 
     #[test]

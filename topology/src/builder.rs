@@ -103,6 +103,7 @@ impl TopologyBuilder {
                 weight: default_weight(),
                 dial: default_dial(),
                 health_check: None,
+                health: Default::default(),
             });
         }
         self

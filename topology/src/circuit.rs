@@ -1156,6 +1156,7 @@ mod tests {
                     weight: 100,
                     dial: 100,
                     health_check: None,
+                    health: Default::default(),
                 }]
             } else {
                 vec![]

@@ -230,6 +230,99 @@ pub struct SiteService {
     /// [`is_valid_health_path`]. Left out of the serialised form when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<String>,
+    /// How often the check runs and how many results in a row change the backend's health
+    /// (`health_interval`, `unhealthy_after`, `healthy_after` in the text).
+    #[serde(flatten)]
+    pub health: HealthPolicy,
+}
+
+/// How a site checks one backend's health: a check every `interval`; `unhealthy_after`
+/// failures in a row mark it unhealthy, `healthy_after` successes in a row (and the router's
+/// hold-down) healthy again. Each field is left out of the serialised form at its default, so
+/// a topology without them serialises (and diffs) as before they existed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthPolicy {
+    #[serde(
+        rename = "health_interval",
+        default = "HealthPolicy::default_interval",
+        skip_serializing_if = "HealthPolicy::is_default_interval"
+    )]
+    pub interval: Latency,
+    #[serde(
+        default = "HealthPolicy::default_unhealthy_after",
+        skip_serializing_if = "HealthPolicy::is_default_unhealthy_after"
+    )]
+    pub unhealthy_after: u32,
+    #[serde(
+        default = "HealthPolicy::default_healthy_after",
+        skip_serializing_if = "HealthPolicy::is_default_healthy_after"
+    )]
+    pub healthy_after: u32,
+}
+
+impl HealthPolicy {
+    /// A check every 500 ms (the anchors suggest 1 s; half of it halves detection).
+    pub const DEFAULT_INTERVAL: Latency = Latency::from_micros(500_000);
+    /// The shortest `health_interval`: a check is a TCP connect (and a request) to a backend.
+    pub const MIN_INTERVAL: Latency = Latency::from_micros(100_000);
+    /// The longest `health_interval`.
+    pub const MAX_INTERVAL: Latency = Latency::from_micros(60_000_000);
+    /// Failures in a row that mark the backend unhealthy.
+    pub const DEFAULT_UNHEALTHY_AFTER: u32 = 3;
+    /// Successes in a row that make it healthy again.
+    pub const DEFAULT_HEALTHY_AFTER: u32 = 2;
+    /// The most `unhealthy_after` or `healthy_after` can be.
+    pub const MAX_THRESHOLD: u32 = 100;
+
+    fn default_interval() -> Latency {
+        Self::DEFAULT_INTERVAL
+    }
+    fn is_default_interval(v: &Latency) -> bool {
+        *v == Self::DEFAULT_INTERVAL
+    }
+    fn default_unhealthy_after() -> u32 {
+        Self::DEFAULT_UNHEALTHY_AFTER
+    }
+    fn is_default_unhealthy_after(v: &u32) -> bool {
+        *v == Self::DEFAULT_UNHEALTHY_AFTER
+    }
+    fn default_healthy_after() -> u32 {
+        Self::DEFAULT_HEALTHY_AFTER
+    }
+    fn is_default_healthy_after(v: &u32) -> bool {
+        *v == Self::DEFAULT_HEALTHY_AFTER
+    }
+
+    /// What is wrong with it, if anything (a field out of its bounds), naming the field.
+    pub fn problem(&self) -> Option<String> {
+        if self.interval < Self::MIN_INTERVAL || self.interval > Self::MAX_INTERVAL {
+            return Some(format!(
+                "health_interval {} is outside {}..={}",
+                self.interval,
+                Self::MIN_INTERVAL,
+                Self::MAX_INTERVAL
+            ));
+        }
+        for (name, v) in [
+            ("unhealthy_after", self.unhealthy_after),
+            ("healthy_after", self.healthy_after),
+        ] {
+            if !(1..=Self::MAX_THRESHOLD).contains(&v) {
+                return Some(format!("{name} {v} is outside 1..={}", Self::MAX_THRESHOLD));
+            }
+        }
+        None
+    }
+}
+
+impl Default for HealthPolicy {
+    fn default() -> Self {
+        HealthPolicy {
+            interval: Self::DEFAULT_INTERVAL,
+            unhealthy_after: Self::DEFAULT_UNHEALTHY_AFTER,
+            healthy_after: Self::DEFAULT_HEALTHY_AFTER,
+        }
+    }
 }
 
 /// The longest `health_check` path.

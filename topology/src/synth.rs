@@ -131,6 +131,7 @@ pub fn topology(p: &Params) -> Topology {
                     weight: 100,
                     dial: 100,
                     health_check: None,
+                    health: Default::default(),
                 });
             }
         }

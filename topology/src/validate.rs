@@ -46,6 +46,9 @@ const SERVES_FIELDS: &[&str] = &[
     "weight",
     "dial",
     "health_check",
+    "health_interval",
+    "unhealthy_after",
+    "healthy_after",
 ];
 const LINK_FIELDS: &[&str] = &["a", "b", "latency", "capacity", "state"];
 const SERVICE_FIELDS: &[&str] = &[
@@ -372,6 +375,47 @@ fn parse_with<T, E: std::fmt::Display>(
             None
         }
     }
+}
+
+/// A serves entry's health check timing (`health_interval`, `unhealthy_after`,
+/// `healthy_after`), each bounded ([`HealthPolicy`]) and defaulted when left out.
+fn health_policy(cx: &mut Cx, sf: &Fields, sw: &str) -> Option<HealthPolicy> {
+    let mut policy = HealthPolicy::default();
+    let mut ok = true;
+    if let Some(n) = sf.get("health_interval") {
+        match parse_with(cx, n, &Of("health_interval", &sw), Latency::from_str) {
+            Some(v) if (HealthPolicy::MIN_INTERVAL..=HealthPolicy::MAX_INTERVAL).contains(&v) => {
+                policy.interval = v
+            }
+            Some(v) => {
+                cx.err(
+                    n.pos,
+                    format!(
+                        "health_interval of {sw}: {v} is outside {}..={} (how often the \
+                         backend is checked)",
+                        HealthPolicy::MIN_INTERVAL,
+                        HealthPolicy::MAX_INTERVAL
+                    ),
+                );
+                ok = false;
+            }
+            None => ok = false,
+        }
+    }
+    for (name, slot) in [
+        ("unhealthy_after", &mut policy.unhealthy_after),
+        ("healthy_after", &mut policy.healthy_after),
+    ] {
+        if let Some(n) = sf.get(name) {
+            match integer(cx, n, &Of(name, &sw), 1, HealthPolicy::MAX_THRESHOLD.into())
+                .and_then(|v| u32::try_from(v).ok())
+            {
+                Some(v) => *slot = v,
+                None => ok = false,
+            }
+        }
+    }
+    ok.then_some(policy)
 }
 
 /// A link capacity. The bytes-per-second spelling (`10GBps`) is refused in a new text; a text
@@ -1231,7 +1275,16 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
                     }
                 }),
             };
-            match (service, backend, capacity, weight, dial, health_check) {
+            let health = health_policy(cx, &sf, &sw);
+            match (
+                service,
+                backend,
+                capacity,
+                weight,
+                dial,
+                health_check,
+                health,
+            ) {
                 (
                     Some(service),
                     Some(backend),
@@ -1239,6 +1292,7 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
                     Some(weight),
                     Some(dial),
                     Some(health_check),
+                    Some(health),
                 ) => {
                     if let (Some(id), Some(pos)) = (&e.id, backend_pos) {
                         backends.push((id.clone(), service.clone(), backend, pos));
@@ -1251,6 +1305,7 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
                             weight,
                             dial,
                             health_check,
+                            health,
                         });
                     }
                 }

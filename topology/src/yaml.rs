@@ -125,6 +125,16 @@ pub fn to_yaml(t: &Topology) -> String {
                 if let Some(p) = &s.health_check {
                     let _ = write!(o, ", health_check: {}", q(p));
                 }
+                let (h, d) = (&s.health, crate::model::HealthPolicy::default());
+                if h.interval != d.interval {
+                    let _ = write!(o, ", health_interval: {}", q(h.interval));
+                }
+                if h.unhealthy_after != d.unhealthy_after {
+                    let _ = write!(o, ", unhealthy_after: {}", h.unhealthy_after);
+                }
+                if h.healthy_after != d.healthy_after {
+                    let _ = write!(o, ", healthy_after: {}", h.healthy_after);
+                }
                 o.push_str("}\n");
             }
         }
@@ -326,6 +336,74 @@ services:
             let msg = format!("{d:?}");
             assert!(
                 msg.contains("health_check") && msg.contains("line: 12, column: 79"),
+                "{bad}: {msg}"
+            );
+        }
+    }
+    /// A serves entry's check timing reads from the file and writes back when set (nothing when
+    /// left at the defaults); a value out of bounds is refused at its line and column, naming
+    /// the field and the bounds.
+    #[test]
+    fn health_check_timing_round_trips_and_out_of_bounds_values_are_refused_where_they_are() {
+        let doc = |extra: &str| {
+            format!(
+                r#"
+version: 1
+nodes:
+  - {{id: e, kind: edge, region: r, country: AU, location: {{lat: 0, lon: 0}}, address: "127.0.0.1:7000", client_address: 127.0.0.1}}
+  - id: s1
+    kind: site
+    region: r
+    country: AU
+    location: {{lat: 0, lon: 0}}
+    address: "127.0.0.1:7001"
+    serves:
+      - {{service: chat, backend: "127.0.0.1:9000", capacity: 8{extra}}}
+links:
+  - {{a: e, b: s1, latency: 1ms, capacity: 1Gbps}}
+services:
+  - {{name: chat, port: 8000}}
+"#
+            )
+        };
+        let t = load(&doc(
+            ", health_interval: 2s, unhealthy_after: 5, healthy_after: 1",
+        ))
+        .unwrap_or_else(|d| panic!("{d:#?}"))
+        .topology;
+        let h = t.nodes[1].serves[0].health;
+        assert_eq!(
+            (h.interval, h.unhealthy_after, h.healthy_after),
+            (crate::units::Latency::from_micros(2_000_000), 5, 1)
+        );
+        let yaml = to_yaml(&t);
+        assert!(yaml.contains("health_interval: \"2s\""), "{yaml}");
+        assert_eq!(load(&yaml).unwrap().topology, t);
+        let json = serde_json::to_value(&t).unwrap();
+        assert_eq!(json["nodes"][1]["serves"][0]["unhealthy_after"], 5);
+        assert_eq!(serde_json::from_value::<Topology>(json).unwrap(), t);
+        let plain = load(&doc("")).unwrap().topology;
+        assert_eq!(
+            plain.nodes[1].serves[0].health,
+            crate::model::HealthPolicy::default()
+        );
+        for text in [to_yaml(&plain), serde_json::to_string(&plain).unwrap()] {
+            assert!(
+                !text.contains("health_interval") && !text.contains("healthy_after"),
+                "{text}"
+            );
+        }
+        for (bad, field, bounds) in [
+            (", health_interval: 10ms", "health_interval", "100ms"),
+            (", health_interval: 61s", "health_interval", "60s"),
+            (", health_interval: soon", "health_interval", ""),
+            (", unhealthy_after: 0", "unhealthy_after", "1"),
+            (", healthy_after: 101", "healthy_after", "100"),
+        ] {
+            let d = load(&doc(bad)).unwrap_err();
+            let msg = format!("{d:?}");
+            assert!(
+                msg.contains(field) && msg.contains(bounds) && msg.contains("line: 12, column: "),
                 "{bad}: {msg}"
             );
         }

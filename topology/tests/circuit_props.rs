@@ -29,6 +29,7 @@ fn node(id: &str, kind: NodeKind) -> Node {
                 weight: 100,
                 dial: 100,
                 health_check: None,
+                health: Default::default(),
             }]
         } else {
             vec![]

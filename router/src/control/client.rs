@@ -1346,6 +1346,17 @@ fn names(t: &topology::Topology) -> Result<(), Refusal> {
                 shown(p)
             )));
         }
+        // A zero interval would spin a checker; thresholds of zero would never mark anything.
+        if let Some((svc, why)) = n
+            .serves
+            .iter()
+            .find_map(|s| s.health.problem().map(|why| (&s.service, why)))
+        {
+            return Err(Refusal::new(format!(
+                "node {} serves {svc} with {why}",
+                n.id
+            )));
+        }
     }
     for l in &t.links {
         for end in [&l.a, &l.b] {
@@ -2029,6 +2040,34 @@ mod tests {
         let e = check(&a, &hc, None, None).unwrap_err();
         assert!(e.reason.contains("is not an HTTP path"), "{e:?}");
         assert!(!e.reason.contains('\r'), "{e:?}");
+        // A check every 0 s (a checker spinning), or a threshold of 0.
+        for (field, value, said) in [
+            (
+                "health_interval",
+                serde_json::json!("0ns"),
+                "health_interval 0",
+            ),
+            ("unhealthy_after", serde_json::json!(0), "unhealthy_after 0"),
+            (
+                "healthy_after",
+                serde_json::json!(1000),
+                "healthy_after 1000",
+            ),
+        ] {
+            let mut hp = good.clone();
+            let t = Arc::make_mut(&mut hp.topology);
+            t.services
+                .push(serde_json::from_value(serde_json::json!({"name": "chat"})).unwrap());
+            let mut entry = serde_json::json!({
+                "service": "chat", "backend": "127.0.0.1:9", "capacity": 1,
+            });
+            entry[field] = value;
+            t.nodes[0]
+                .serves
+                .push(serde_json::from_value(entry).unwrap());
+            let e = check(&a, &hp, None, None).unwrap_err();
+            assert!(e.reason.contains(said), "{field}: {e:?}");
+        }
 
         let mut svc = good.clone();
         let t = Arc::make_mut(&mut svc.topology);

@@ -58,6 +58,7 @@ pub fn serve(t: &mut Topology, site: &str, service: &str, backend: SocketAddr) {
         weight: 100,
         dial: 100,
         health_check: None,
+        health: Default::default(),
     });
 }
 

@@ -292,6 +292,8 @@ pub struct Controller {
     routers: DashMap<String, RouterLive>,
     /// Routers whose record changed since the last flush to the store.
     dirty_routers: Mutex<BTreeMap<String, RouterRecord>>,
+    /// Held by the flush writing `dirty_routers` ([`Controller::flush_routers`]).
+    flushing: Mutex<()>,
     recompute: Notify,
     apply_lock: tokio::sync::Mutex<()>,
     /// Names allowed to connect (the nodes of the current topology); swapped on every apply.
@@ -431,6 +433,7 @@ impl Controller {
             published,
             routers,
             dirty_routers: Mutex::new(BTreeMap::new()),
+            flushing: Mutex::new(()),
             recompute: Notify::new(),
             apply_lock: tokio::sync::Mutex::new(()),
             peers,
@@ -1134,30 +1137,33 @@ impl Controller {
 
     /// Writes the routers' records changed since the last flush. When the transaction fails the
     /// batch is queued again (the next flush retries it), except for routers whose record
-    /// changed meanwhile: the newer record is the one to keep.
-    pub async fn flush_routers(&self) -> Result<(), ControllerError> {
-        let batch = std::mem::take(&mut *lock(&self.dirty_routers));
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let store = self.store.clone();
-        let (batch, res) = tokio::task::spawn_blocking(move || {
-            let res = store::transaction(&*store, |tx| -> Result<(), StoreError> {
+    /// changed meanwhile: the newer record is the one to keep. One flush at a time, its batch
+    /// taken once it is its turn, on the blocking thread that writes it: an older batch never
+    /// commits after a newer one (the periodic flush cut off at shutdown goes on writing, and
+    /// the shutdown's own flush waits for it).
+    pub async fn flush_routers(self: &Arc<Self>) -> Result<(), ControllerError> {
+        let ctl = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let _serial = lock(&ctl.flushing);
+            let batch = std::mem::take(&mut *lock(&ctl.dirty_routers));
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let res = store::transaction(&*ctl.store, |tx| -> Result<(), StoreError> {
                 for (node, rec) in &batch {
                     records::ROUTERS.put(tx, node, rec)?;
                 }
                 Ok(())
             });
-            (batch, res)
-        })
-        .await?;
-        if res.is_err() {
-            let mut dirty = lock(&self.dirty_routers);
-            for (node, rec) in batch {
-                dirty.entry(node).or_insert(rec);
+            if res.is_err() {
+                let mut dirty = lock(&ctl.dirty_routers);
+                for (node, rec) in batch {
+                    dirty.entry(node).or_insert(rec);
+                }
             }
-        }
-        Ok(res?)
+            Ok(res?)
+        })
+        .await?
     }
 
     pub fn is_node(&self, node: &str) -> bool {
@@ -1451,6 +1457,49 @@ mod tests {
         assert!(matches!(e, ControllerError::TooLarge { .. }), "{e}");
         assert_eq!(ctl.current().record.version, 1);
         assert_eq!(ctl.history(10).unwrap().len(), 1);
+    }
+
+    /// Two flushes at once (the periodic one cut off by shutdown goes on writing while the
+    /// shutdown's own runs): the older batch never commits after the newer. (Each took its
+    /// batch at once and wrote it on its own thread: a router's older record could overwrite
+    /// its newer one.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_older_batch_of_routers_records_never_commits_after_a_newer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::testing::FaultyStore::open(dir.path());
+        let ctl = Controller::open(store.clone(), Some((&yaml("5ms"), "t.yaml"))).unwrap();
+        let (e, _) = ctl.router_session_start("e");
+        ctl.router_ack(&e, 7, 1);
+        // The first flush's write waits until told to go on.
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let (entered, started) = std::sync::mpsc::channel::<()>();
+        *lock(&store.before_write) = Some(Box::new(move || {
+            let _ = entered.send(());
+            let _ = wait.recv();
+        }));
+        let first = tokio::spawn({
+            let ctl = ctl.clone();
+            async move { ctl.flush_routers().await }
+        });
+        tokio::task::spawn_blocking(move || started.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        ctl.router_ack(&e, 8, 1);
+        let second = tokio::spawn({
+            let ctl = ctl.clone();
+            async move { ctl.flush_routers().await }
+        });
+        // The second flush has had its chance to write first.
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        go.send(()).unwrap();
+        first.await.unwrap().unwrap();
+        second.await.unwrap().unwrap();
+        let stored = store::read(&*ctl.store, |tx| records::ROUTERS.get(tx, "e")).unwrap();
+        assert_eq!(stored.map(|r| r.applied_version), Some(8));
     }
 
     /// A batch of routers' records whose transaction failed is written by the next flush, and a

@@ -20,6 +20,8 @@ pub struct FaultyStore {
     pub fail: AtomicBool,
     pub fail_next: AtomicUsize,
     pub during_failure: Mutex<Option<Box<dyn Fn() + Send>>>,
+    /// Run (taken: once) at the start of the next write transaction, on its thread.
+    pub before_write: Mutex<Option<Box<dyn FnOnce() + Send>>>,
     rows: Mutex<BTreeMap<&'static str, usize>>,
     /// The names of the threads transactions ran on ([`Self::threads`]).
     threads: Mutex<std::collections::BTreeSet<String>>,
@@ -33,6 +35,7 @@ impl FaultyStore {
             fail: false.into(),
             fail_next: 0.into(),
             during_failure: Mutex::new(None),
+            before_write: Mutex::new(None),
             rows: Mutex::new(BTreeMap::new()),
             threads: Mutex::new(Default::default()),
         })
@@ -146,6 +149,10 @@ impl Store for FaultyStore {
         f: &mut dyn FnMut(&mut dyn WriteTxn) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         self.on_this_thread();
+        let hook = self.before_write.lock().ok().and_then(|mut h| h.take());
+        if let Some(hook) = hook {
+            hook();
+        }
         let next = self
             .fail_next
             .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))

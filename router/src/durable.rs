@@ -32,22 +32,39 @@ pub fn write(path: &Path, tmp: &Path, contents: &[u8], secret: bool) -> Result<(
         let path = p.to_path_buf();
         move |source| WriteError { path, source }
     };
-    // A new file, never one that is there: a temporary left by a crash keeps its own mode (a
-    // key written into a world-readable one), and a symbolic link there would send the
-    // contents to its target. `create_new` follows no link (O_EXCL).
-    match fs::remove_file(tmp) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(at(tmp)(e)),
-        _ => {}
-    }
-    let mut opts = fs::OpenOptions::new();
-    opts.write(true).create_new(true);
+    // Never through a symbolic link at the temporary's path (it would send the contents to its
+    // target): the open refuses one (O_NOFOLLOW), which is removed and the open made again. A
+    // temporary left by a crash is reused (truncated), and a secret's mode is set on the open
+    // file whatever the leftover's was.
+    let open = || {
+        let mut opts = fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.custom_flags(libc::O_NOFOLLOW);
+            if secret {
+                opts.mode(0o600);
+            }
+        }
+        opts.open(tmp)
+    };
+    let f = match open() {
+        #[cfg(unix)]
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            fs::remove_file(tmp).map_err(at(tmp))?;
+            open()
+        }
+        r => r,
+    };
+    let mut f = f.map_err(at(tmp))?;
     #[cfg(unix)]
     if secret {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(fs::Permissions::from_mode(0o600))
+            .map_err(at(tmp))?;
     }
     let _ = secret;
-    let mut f = opts.open(tmp).map_err(at(tmp))?;
     f.write_all(contents).map_err(at(tmp))?;
     f.sync_all().map_err(at(tmp))?;
     drop(f);
@@ -187,12 +204,13 @@ mod tests {
         assert!(create_dir_all(&t.path().join("f/g")).is_err());
     }
 
-    /// A secret is written into a new file of mode 0600 whatever the temporary's path held: a
-    /// file left by a crash with a wider mode, or a symbolic link (whose target is left alone).
-    /// (The old temporary was opened as it was: its mode kept, a link followed.)
+    /// A secret is written with mode 0600 whatever the temporary's path held: a file left by a
+    /// crash with a wider mode (its mode set on the open file), or a symbolic link (removed, its
+    /// target left alone). (The old temporary was opened as it was: its mode kept, a link
+    /// followed.)
     #[cfg(unix)]
     #[test]
-    fn a_secret_goes_into_a_new_private_file_not_what_the_temporary_path_held() {
+    fn a_secret_is_written_private_and_never_through_a_link_at_the_temporary_path() {
         use std::os::unix::fs::PermissionsExt;
         let t = tempfile::tempdir().unwrap();
         let (path, tmp) = (t.path().join("node.key"), t.path().join("node.key.tmp"));

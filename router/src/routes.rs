@@ -586,10 +586,21 @@ pub(crate) struct Preference {
     pub site: Option<NodeId>,
     /// The incumbent that left the candidates (or was drained), and when.
     displaced: Option<(NodeId, Instant)>,
-    /// The sites that were candidates at the last rebuild: a best site not among them is taken
-    /// past the margins ([`Hysteresis::select_since`]).
-    offered: HashSet<NodeId>,
+    /// The sites that were candidates at the last rebuild, each with when it became one (and
+    /// has stayed one since): a best site not among them, or one for less than [`SETTLING`],
+    /// is taken past the margins ([`Hysteresis::select_since`]).
+    offered: HashMap<NodeId, Instant>,
 }
+
+/// How long after a site became a candidate its cost is still settling: its link's first RTT
+/// samples come from handshakes (inflated when the fabric starts at once, by CPU contention),
+/// and the lowest RTT over [`MIN_RTT_WINDOW`] replaces them as calmer ones arrive. Within it,
+/// the site takes the service if it is the cheapest, past the anti-flap margins: otherwise a
+/// choice made on an inflated first sample (45 ms measured for a site 30 ms away, against
+/// another at 40) was kept for good.
+///
+/// [`MIN_RTT_WINDOW`]: crate::neighbours::MIN_RTT_WINDOW
+pub(crate) const SETTLING: Duration = Duration::from_secs(10);
 
 impl Preference {
     /// Picks from ranked `cands` at `now`; a displaced incumbent is taken back the first time
@@ -637,7 +648,12 @@ impl Preference {
                 self.displaced = None;
             }
         }
-        let chosen = h.select_since(incumbent.as_ref(), cands, |s| self.offered.contains(s));
+        let settled = |s: &NodeId| {
+            self.offered
+                .get(s)
+                .is_some_and(|since| now.saturating_duration_since(*since) >= SETTLING)
+        };
+        let chosen = h.select_since(incumbent.as_ref(), cands, settled);
         if let Some(inc) = incumbent
             && chosen.is_none_or(|c| c.site != inc)
             && selectable(&inc).is_none()
@@ -646,8 +662,11 @@ impl Preference {
             self.displaced = Some((inc, now));
         }
         self.site = chosen.map(|c| c.site.clone());
-        self.offered.clear();
-        self.offered.extend(cands.iter().map(|c| c.site.clone()));
+        let offered = std::mem::take(&mut self.offered);
+        self.offered = cands
+            .iter()
+            .map(|c| (c.site.clone(), offered.get(&c.site).copied().unwrap_or(now)))
+            .collect();
         chosen
     }
 }
@@ -1581,8 +1600,9 @@ mod tests {
     }
 
     /// The site that came up first does not keep the service against a nearer one that came
-    /// up after it (2 ms against 8: within the margins); once both are on offer, the margins
-    /// judge changes in their costs.
+    /// up after it (2 ms against 8: within the margins), nor against one whose first measured
+    /// cost was inflated; once both have been on offer for `SETTLING`, the margins judge
+    /// changes in their costs.
     #[test]
     fn a_nearer_site_that_comes_up_later_takes_the_service() {
         let h = Hysteresis::default();
@@ -1602,8 +1622,8 @@ mod tests {
             pick(&mut p, &both, Duration::from_secs(1)).as_deref(),
             Some("near")
         );
-        // Both on offer, `near` first measured dearer: `far` keeps the service when `near`'s
-        // cost falls within the margins.
+        // Both on offer, `near` first measured dearer (an inflated first RTT): its cost falls
+        // while it settles, and it takes the service past the margins.
         let mut p = Preference::default();
         let near_dear = [far.clone(), cand("near", 12.0)];
         assert_eq!(
@@ -1611,7 +1631,19 @@ mod tests {
             Some("far")
         );
         assert_eq!(
-            pick(&mut p, &both, Duration::from_secs(1)).as_deref(),
+            pick(&mut p, &both, Duration::from_secs(3)).as_deref(),
+            Some("near")
+        );
+        // Settled (on offer for `SETTLING`), the margins judge: `far` keeps the service when
+        // `near`'s cost falls within them.
+        let mut p = Preference::default();
+        assert_eq!(
+            pick(&mut p, &near_dear, Duration::ZERO).as_deref(),
+            Some("far")
+        );
+        assert_eq!(pick(&mut p, &near_dear, SETTLING).as_deref(), Some("far"));
+        assert_eq!(
+            pick(&mut p, &both, SETTLING + Duration::from_secs(1)).as_deref(),
             Some("far")
         );
         // Back after the revert window, the nearest: taken, as a site new to the candidates.

@@ -310,7 +310,8 @@ impl CircuitService {
             while self.ctl.current().record.version == expected {
                 if Instant::now() >= deadline {
                     return Err(ServiceError::Busy(format!(
-                        "topology version {newer} is committed but not in force yet after                          {STALE_WAIT:?}; try again"
+                        "topology version {newer} is committed but not in force yet after \
+                         {STALE_WAIT:?}; try again"
                     )));
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -346,6 +347,12 @@ impl CircuitService {
             }
         };
         for c in changed {
+            // Two operations on one circuit commit in order, but may publish in the other: the
+            // later revision's entry stays (an earlier one in its place made every settle pass
+            // skip the circuit, for good).
+            if p.get(&c.id).is_some_and(|e| e.revision > c.revision) {
+                continue;
+            }
             p.insert(
                 c.id.clone(),
                 Pending {
@@ -1725,6 +1732,37 @@ mod tests {
         assert!(created);
         assert_eq!(c.name, "c2");
         assert_eq!(ctl.current().record.version, 3);
+    }
+
+    /// Two changes of one circuit whose publications run in the other order than their
+    /// commits: the later revision is the one waited for, and the circuit settles. (The earlier
+    /// one's entry replaced it: every settle pass skipped the circuit, which stayed
+    /// `provisioning` until a restart.)
+    #[tokio::test]
+    async fn a_late_publication_of_an_earlier_revision_does_not_replace_the_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ctl, svc) = with_c1(FaultyStore::open(dir.path())).await;
+        let _sessions = ack(&ctl, &["e", "s"]);
+        svc.settle_once().await.unwrap();
+        let first = svc
+            .resize("c1".into(), Bandwidth::from_mbps(200), "a".into())
+            .await
+            .unwrap();
+        let _sessions = ack(&ctl, &["e", "s"]);
+        svc.settle_once().await.unwrap();
+        let second = svc
+            .resize("c1".into(), Bandwidth::from_mbps(300), "b".into())
+            .await
+            .unwrap();
+        assert!(second.revision > first.revision);
+        // The first change's publication comes last.
+        svc.publish(std::slice::from_ref(&first)).unwrap();
+        assert_eq!(lock(&svc.pending)[&second.id].revision, second.revision);
+        let _sessions = ack(&ctl, &["e", "s"]);
+        svc.settle_once().await.unwrap();
+        let c = svc.get("c1").unwrap();
+        assert_eq!(c.state, CircuitState::Active, "{c:?}");
+        assert!(lock(&svc.pending).is_empty());
     }
 
     /// The answer to a change that could not wait longer is a 503 with `Retry-After`.

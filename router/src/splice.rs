@@ -61,6 +61,25 @@ impl Side {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Abort(pub Code);
 
+/// How the TCP → QUIC direction ended without failing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ended {
+    /// The TCP side's FIN, passed on as the stream's FIN.
+    Eof,
+    /// The far end stopped the stream with this code: it takes no more of these bytes (a
+    /// backend that answered early and closed, say). The TCP side is no longer read; the other
+    /// direction, whose answer may still be coming, goes on.
+    Stopped(Code),
+}
+
+/// The code of a peer's stop of the stream (not of a lost connection).
+fn stop_code(e: &WriteError) -> Option<Code> {
+    match e {
+        WriteError::Stopped(c) => Some(Code::from_varint(*c).unwrap_or(Code::Internal)),
+        _ => None,
+    }
+}
+
 fn write_error_code(e: &WriteError) -> Code {
     match e {
         WriteError::Stopped(c) => Code::from_varint(*c).unwrap_or(Code::Internal),
@@ -75,11 +94,12 @@ const STOP_CHECK: Duration = Duration::from_secs(1);
 /// Whether the peer stopped `send` (or its connection is lost): a zero-length write, polled once
 /// and never waited for. (quinn's `SendStream::stopped` keeps an entry per stream it is polled
 /// for until that stream finishes or is stopped: every stream this router reset itself leaked
-/// one on a connection that lives for days.)
-fn stop_of(send: &mut SendStream) -> Option<Code> {
+/// one on a connection that lives for days.) `Ok`: a stop, with its code; `Err`: the
+/// connection's loss.
+fn stop_of(send: &mut SendStream) -> Option<Result<Code, Code>> {
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     match std::pin::pin!(send.write(&[])).poll(&mut cx) {
-        Poll::Ready(Err(e)) => Some(write_error_code(&e)),
+        Poll::Ready(Err(e)) => Some(stop_code(&e).ok_or_else(|| write_error_code(&e))),
         _ => None,
     }
 }
@@ -100,7 +120,7 @@ fn read_unless_stopped<'a, T>(
     send: &'a mut SendStream,
     watch: &'a AtomicBool,
     tick: &'a mut Option<Pin<Box<tokio::time::Sleep>>>,
-) -> impl std::future::Future<Output = Result<T, Code>> + 'a {
+) -> impl std::future::Future<Output = Result<T, Result<Code, Code>>> + 'a {
     std::future::poll_fn(move |cx| {
         if let Poll::Ready(r) = read.as_mut().poll(cx) {
             return Poll::Ready(Ok(r));
@@ -434,7 +454,7 @@ impl std::future::Future for ConnTimer<'_> {
     }
 }
 
-/// TCP → QUIC until EOF (then FIN).
+/// TCP → QUIC until EOF (then FIN), or until the far end stops the stream ([`Ended`]).
 // The pump's two streams, its buffer and its four per-connection signals, each used as is.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn tcp_to_quic(
@@ -446,7 +466,7 @@ pub(crate) async fn tcp_to_quic(
     bucket: Option<&TokenBucket>,
     activity: &Activity,
     watch_stop: &AtomicBool,
-) -> Result<(), Abort> {
+) -> Result<Ended, Abort> {
     let mut fair = Fairness::default();
     let mut tick = None;
     loop {
@@ -457,10 +477,15 @@ pub(crate) async fn tcp_to_quic(
             let read = std::pin::pin!(buf.read(rd, bucket.is_none()));
             read_unless_stopped(read, send, watch_stop, &mut tick).await
         };
-        let chunk = match read.map_err(Abort)? {
+        let read = match read {
+            Ok(r) => r,
+            Err(Ok(stopped)) => return Ok(Ended::Stopped(stopped)),
+            Err(Err(lost)) => return Err(Abort(lost)),
+        };
+        let chunk = match read {
             Ok(c) if c.is_empty() => {
                 let _ = send.finish();
-                return Ok(());
+                return Ok(Ended::Eof);
             }
             Ok(c) => c,
             Err(_) => {
@@ -474,7 +499,10 @@ pub(crate) async fn tcp_to_quic(
             b.take(n).await;
         }
         if let Err(e) = send.write_chunk(chunk).await {
-            return Err(Abort(write_error_code(&e)));
+            return match stop_code(&e) {
+                Some(stopped) => Ok(Ended::Stopped(stopped)),
+                None => Err(Abort(write_error_code(&e))),
+            };
         }
         count(shared, side, true, n);
         activity.mark();
@@ -620,6 +648,8 @@ pub(crate) async fn tcp_quic_with(
     let watch = WriteWatch::default();
     // Set once QUIC -> TCP has ended ([`read_unless_stopped`]).
     let watch_stop = AtomicBool::new(false);
+    // The far end stopped the client's bytes ([`Ended::Stopped`]).
+    let mut stopped = None;
     let outcome = {
         let (mut rd, mut wr) = tcp.split();
         let up = tcp_to_quic(
@@ -648,10 +678,14 @@ pub(crate) async fn tcp_quic_with(
         tokio::pin!(up, down, sleep);
         let mut timer = ConnTimer::new(sleep.as_pin_mut(), idle, stall, &activity, &watch);
         let (mut up_done, mut down_done) = (false, false);
-        loop {
+        let outcome = loop {
             tokio::select! {
                 r = &mut up, if !up_done => match r {
-                    Ok(()) => up_done = true,
+                    Ok(Ended::Eof) => up_done = true,
+                    Ok(Ended::Stopped(code)) => {
+                        up_done = true;
+                        stopped = Some(code);
+                    }
                     Err(a) => break Err(a),
                 },
                 r = &mut down, if !down_done => match r {
@@ -669,15 +703,63 @@ pub(crate) async fn tcp_quic_with(
             if up_done && down_done {
                 break Ok(());
             }
-        }
+        };
+        (outcome, up_done, down_done)
     };
-    if let Err(Abort(code)) = outcome {
+    let (outcome, up_done, down_done) = outcome;
+    if let Some(code) = stopped {
         shared.metrics.error(code);
-        let _ = send.reset(code.varint());
-        let _ = recv.stop(code.varint());
-        reset_tcp(&tcp);
     }
+    // A direction that ended cleanly keeps its end: a finished stream is delivered whole (a
+    // reset would drop what it still buffers: the answer of a backend that closed early), and a
+    // TCP side that was sent everything and a FIN is closed, not reset (an RST drops what its
+    // send buffer still holds), after a lingering read when its bytes were not all taken.
+    let lingering = match outcome {
+        Err(Abort(code)) => {
+            shared.metrics.error(code);
+            if !up_done {
+                let _ = send.reset(code.varint());
+            }
+            if !down_done {
+                let _ = recv.stop(code.varint());
+                reset_tcp(&tcp);
+                None
+            } else {
+                Some(tcp)
+            }
+        }
+        Ok(()) => stopped.map(|_| tcp),
+    };
     shared.metrics.streams_active.fetch_sub(1, Relaxed);
+    drop((send, recv));
+    if let Some(tcp) = lingering {
+        Box::pin(linger(tcp)).await;
+    }
+}
+
+/// How long a connection whose client bytes are no longer taken (the far end stopped them) is
+/// read, and its bytes dropped, after its answer went out whole: closed with unread bytes, a
+/// socket sends an RST at once, and the client's kernel throws away the end of the answer it
+/// had not yet handed over (nginx's `lingering_close`, 5 s).
+const LINGER: Duration = Duration::from_secs(2);
+/// The most a lingering close reads ([`LINGER`]).
+const LINGER_BYTES: usize = 16 << 20;
+
+/// Reads and drops what the client still sends, until it closes, [`LINGER`] passes or
+/// [`LINGER_BYTES`] came; then the socket is closed (dropped).
+async fn linger(mut tcp: TcpStream) {
+    use tokio::io::AsyncReadExt;
+    let mut scratch = vec![0u8; 16 << 10];
+    let _ = tokio::time::timeout(LINGER, async {
+        let mut read = 0;
+        while read < LINGER_BYTES {
+            match tcp.read(&mut scratch).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => read += n,
+            }
+        }
+    })
+    .await;
 }
 
 /// Opens a stream on the next hop `conn` and writes `chunks` (the header, and an edge's replay) to
@@ -836,7 +918,7 @@ async fn pump_from(
         };
         got = match next {
             Ok(got) => got,
-            Err(code) => {
+            Err(Ok(code) | Err(code)) => {
                 let _ = recv.stop(code.varint());
                 return;
             }

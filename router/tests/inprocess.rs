@@ -3030,3 +3030,85 @@ async fn closed_as_not_a_neighbour(conn: &quinn::Connection, what: &str) {
         "{what}: closed with {closed}, not not_a_neighbour"
     );
 }
+
+/// A backend that answers before it has read the whole request and closes (a 413 to a large
+/// upload, say): the client gets the whole answer and a clean end, though its upload is cut
+/// short. The site stops the client's bytes and the edge stops reading them, and neither resets
+/// the direction that finished. (The site reset its finished stream, which dropped the answer
+/// the edge had not yet handed to the client, and the edge reset the client's connection.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_sent_before_the_request_ended_reaches_the_client_whole() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const ANSWER: usize = 8 << 20;
+    let dir = ca_dir();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        // Health checks connect and close; the request's connection sends.
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut first = [0u8; 1024];
+                if s.read_exact(&mut first).await.is_err() {
+                    return;
+                }
+                let answer: Vec<u8> = (0..ANSWER).map(|i| (i % 251) as u8).collect();
+                let _ = s.write_all(&answer).await;
+                let _ = s.shutdown().await;
+                // Closed with the rest of the request unread: the kernel answers it with an
+                // RST.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                drop(s);
+            });
+        }
+    });
+    let port = free_tcp_port();
+    let snap = edge_site("upload", backend, port);
+    let (edge, _etx) = spawn_node(&snap, dir.path(), "edge", |_| {}).await;
+    let (site, _stx) = spawn_node(&snap, dir.path(), "site", |_| {}).await;
+    wait_for_route(&edge, "upload", Duration::from_secs(20), "no route").await;
+    let client = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let (mut rd, mut wr) = client.into_split();
+    // The upload goes on until the fabric stops taking it; its errors are not the test's.
+    let upload = tokio::spawn(async move {
+        let chunk = vec![7u8; 64 << 10];
+        for _ in 0..1024 {
+            if wr.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+        wr
+    });
+    // The answer is read only once the site has given the request up, so that most of it is
+    // still on its way (in the streams' buffers) when that happens.
+    let aborted = || {
+        common::metric(
+            &site.metrics_text(),
+            "tasman_stream_errors_total{node=\"site\",code=\"backend_abort\"}",
+        )
+        .unwrap_or(0)
+            >= 1
+    };
+    wait_until(Duration::from_secs(20), aborted, || {
+        format!(
+            "the site did not give the request up:\n{}",
+            site.metrics_text()
+        )
+    })
+    .await;
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), rd.read_to_end(&mut got)).await;
+    let read = read.expect("the answer within 20 s");
+    assert!(
+        read.is_ok(),
+        "the client's read: {read:?} after {} bytes",
+        got.len()
+    );
+    assert_eq!(got.len(), ANSWER);
+    assert!(got.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8));
+    upload.abort();
+    for h in [edge, site] {
+        h.shutdown().await;
+    }
+}

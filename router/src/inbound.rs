@@ -298,6 +298,8 @@ async fn relay(
     // candidate; `next_hop_unreachable` hands it back at once.
     let deadline = tokio::time::sleep(shared.header_timeout);
     tokio::pin!(deadline);
+    // Counted from here: a drain waits for a stream being handed on as for one relayed.
+    let starting = crate::metrics::Held::count(&shared.metrics.streams_starting);
     let Some((dsend, drecv)) = splice::open_next_hop(
         &conn,
         &mut [buf.freeze()],
@@ -310,6 +312,7 @@ async fn relay(
     };
     shared.metrics.relayed_total.fetch_add(1, Relaxed);
     let _open = crate::metrics::Held::count(&shared.metrics.relays_active);
+    drop(starting);
     if let Some(code) = splice::relay(
         send,
         recv,

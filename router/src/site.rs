@@ -419,7 +419,15 @@ pub(crate) async fn serve(
     let _ = tcp.set_nodelay(true);
     match shared.bounded_write(send.write_all(&REPLY_OK)).await {
         Some(Ok(())) => {}
-        Some(Err(_)) => return,
+        // Stopped by the edge (its reply deadline passed) or the connection lost: counted and
+        // both halves ended with the code, as every other refusal.
+        Some(Err(e)) => {
+            let code = match e {
+                quinn::WriteError::Stopped(c) => Code::from_varint(c).unwrap_or(Code::Internal),
+                _ => Code::UpstreamLost,
+            };
+            return refuse(&mut send, &mut recv, code);
+        }
         None => {
             // The edge's side grants no window for two bytes.
             tracing::debug!(node = %shared.node, service = %svc.service, "reply not taken: stream reset");

@@ -129,7 +129,12 @@ impl Code {
         }
     }
     /// Whether an edge may retry the client connection on the next candidate (when nothing came
-    /// back to the client yet): the failure happened before the backend took the request.
+    /// back to the client yet). The failure happened, as far as the edge can know, before a
+    /// backend took the request; not always in fact: a site that accepted the stream, wrote its
+    /// reply and began handing the request to its backend, on a path whose later link then
+    /// failed before the reply came back, is reported `upstream_lost` or
+    /// `next_hop_unreachable`, and the request may reach a second backend (`--replay-limit 0`
+    /// retries only connections that sent nothing).
     pub fn retryable(self) -> bool {
         matches!(
             self,

@@ -198,7 +198,14 @@ pub(crate) fn reconcile(
 /// microseconds instead of an interval apart.
 async fn check_loop(shared: Arc<Shared>, svc: Arc<SiteService>) {
     let mut checker = Checker::default();
-    let mut tick = tokio::time::interval(svc.health.interval.as_duration());
+    // Bounded again here (a zero interval panics the timer): every snapshot received is
+    // checked, but one stored on disk by hand or by a build before the bounds is not.
+    let every = svc
+        .health
+        .interval
+        .as_duration()
+        .max(topology::HealthPolicy::MIN_INTERVAL.as_duration());
+    let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
@@ -339,13 +346,13 @@ impl Checker {
             self.ok += 1;
             self.fail = 0;
             (!svc.healthy.load(Relaxed)
-                && self.ok >= svc.health.healthy_after
+                && self.ok >= svc.health.healthy_after.max(1)
                 && svc.held_down_long_enough(now_ms, hold_down))
             .then_some(true)
         } else {
             self.ok = 0;
             self.fail += 1;
-            (self.fail >= svc.health.unhealthy_after).then_some(false)
+            (self.fail >= svc.health.unhealthy_after.max(1)).then_some(false)
         }
     }
 }

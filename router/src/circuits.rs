@@ -109,6 +109,19 @@ impl CircuitTable {
                 .or_default()
                 .push(c);
         }
+        // A circuit the snapshot no longer has: its capacity went back to the fabric, so its
+        // connections still open end at their next bytes.
+        let kept: HashSet<&str> = t
+            .by_service
+            .values()
+            .flatten()
+            .map(|c| c.id.as_str())
+            .collect();
+        for (id, c) in &old {
+            if !kept.contains(id) {
+                c.limiter.revoke();
+            }
+        }
         for v in t.by_service.values_mut() {
             v.sort_by(|a, b| {
                 b.spec

@@ -38,7 +38,13 @@ pub struct TokenBucket {
     tat_ns: AtomicU64,
     bps: AtomicU64,
     burst_ns: AtomicU64,
+    /// The circuit is gone ([`CircuitLimiter::revoke`]): nothing more is granted.
+    revoked: std::sync::atomic::AtomicBool,
 }
+
+/// The circuit a bucket belongs to was removed: its connections carry no more bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Revoked;
 
 fn burst_ns(bps: u64) -> u64 {
     let min = bytes_to_ns(MIN_BURST_BYTES, bps);
@@ -63,7 +69,13 @@ impl TokenBucket {
             tat_ns: AtomicU64::new(burst),
             bps: AtomicU64::new(bps),
             burst_ns: AtomicU64::new(burst),
+            revoked: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Whether the circuit is gone ([`CircuitLimiter::revoke`]).
+    pub fn is_revoked(&self) -> bool {
+        self.revoked.load(Ordering::Relaxed)
     }
 
     pub fn rate(&self) -> Bandwidth {
@@ -144,13 +156,21 @@ impl TokenBucket {
     }
 
     /// Takes `bytes` and waits until they may be sent. Call before writing a chunk.
-    pub async fn take(&self, bytes: usize) {
+    /// [`Revoked`] once the circuit is gone, before and after the wait: the connection ends.
+    pub async fn take(&self, bytes: usize) -> Result<(), Revoked> {
+        if self.is_revoked() {
+            return Err(Revoked);
+        }
         let wait = self.reserve(bytes);
         if !wait.is_zero() {
             // Boxed: a timer inline would grow every splice's future (and so every open
             // connection), circuit or not, by its size.
             Box::pin(tokio::time::sleep(wait)).await;
         }
+        if self.is_revoked() {
+            return Err(Revoked);
+        }
+        Ok(())
     }
 }
 
@@ -176,6 +196,12 @@ impl CircuitLimiter {
         self.up.set_rate(rate);
         self.down.set_rate(rate);
     }
+    /// The circuit was removed: its connections end at their next chunk either way (reset with
+    /// `circuit_refused`), so that it carries nothing once its capacity went back to the fabric.
+    pub fn revoke(&self) {
+        self.up.revoked.store(true, Ordering::Relaxed);
+        self.down.revoked.store(true, Ordering::Relaxed);
+    }
 }
 
 /// The chunk size of [`copy_limited`]: small enough that one chunk is a fraction of the burst at
@@ -200,8 +226,10 @@ where
         if n == 0 {
             break;
         }
-        if let Some(b) = bucket {
-            b.take(n).await;
+        if let Some(b) = bucket
+            && b.take(n).await.is_err()
+        {
+            return Err(std::io::Error::other("the circuit was removed"));
         }
         w.write_all(&buf[..n]).await?;
         total += n as u64;

@@ -495,8 +495,12 @@ pub(crate) async fn tcp_to_quic(
             }
         };
         let n = chunk.len();
-        if let Some(b) = bucket {
-            b.take(n).await;
+        if let Some(b) = bucket
+            && b.take(n).await.is_err()
+        {
+            let code = Code::CircuitRefused;
+            let _ = send.reset(code.varint());
+            return Err(Abort(code));
         }
         if let Err(e) = send.write_chunk(chunk).await {
             return match stop_code(&e) {
@@ -575,8 +579,12 @@ pub(crate) async fn quic_to_tcp(
         match recv.read_chunks(&mut bufs[..per_read]).await {
             Ok(Some(k)) => {
                 let n: usize = bufs[..k].iter().map(Bytes::len).sum();
-                if let Some(b) = bucket {
-                    b.take(n).await;
+                if let Some(b) = bucket
+                    && b.take(n).await.is_err()
+                {
+                    let code = Code::CircuitRefused;
+                    let _ = recv.stop(code.varint());
+                    return Err(Abort(code));
                 }
                 // Waiting for the TCP side only, not for the circuit's rate above.
                 watch.waiting(true);

@@ -348,3 +348,67 @@ async fn a_services_clients_list_admits_only_its_prefixes() {
         h.shutdown().await;
     }
 }
+
+/// A circuit removed from the snapshot (deleted: its capacity back to the fabric) carries no
+/// more bytes: its connection still open is reset with `circuit_refused` at its next bytes, and
+/// a new connection from its prefix is refused. (Connections kept flowing at the old rate on
+/// capacity the controller had handed back.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_circuits_open_connections_end() {
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let port = free_tcp_port();
+    let t = Arc::new(topo(backend, port));
+    let mut snap = Snapshot::new(1, t.clone());
+    snap.circuits = Arc::new(vec![circuit("c-000001", "127.0.0.2/32", None, port, 100)]);
+    let (hs, txs) = spawn_all(&Arc::new(snap), dir.path(), |_, _| {}).await;
+    wait_for_route(&hs[0], "llm", Duration::from_secs(10), "no route").await;
+    let listener = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
+    let mut c = connect_from(Ipv4Addr::new(127, 0, 0, 2), listener)
+        .await
+        .unwrap();
+    let mut back = [0u8; 5];
+    c.write_all(b"hello").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), c.read_exact(&mut back))
+        .await
+        .expect("an echo in time")
+        .unwrap();
+    // Version 2: no circuit.
+    let v2 = Arc::new(Snapshot::new(2, t));
+    for tx in &txs {
+        tx.send_replace(v2.clone());
+    }
+    wait_until(
+        Duration::from_secs(10),
+        || hs[0].routes().version == 2,
+        || "the edge never applied version 2".into(),
+    )
+    .await;
+    // The next bytes end the connection: reset, or closed, never echoed.
+    let _ = c.write_all(b"again").await;
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut rest))
+        .await
+        .expect("the connection ended in time");
+    assert!(
+        rest.is_empty(),
+        "echoed after the circuit was removed: {rest:?} ({end:?})"
+    );
+    wait_until(
+        Duration::from_secs(10),
+        || {
+            metric(
+                &hs[0].metrics_text(),
+                "tasman_stream_errors_total{node=\"edge\",code=\"circuit_refused\"}",
+            )
+            .is_some_and(|n| n >= 1)
+        },
+        || format!("not counted: {}", hs[0].metrics_text()),
+    )
+    .await;
+    assert_refused(Ipv4Addr::new(127, 0, 0, 2), listener).await;
+    drop(c);
+    for h in hs {
+        h.shutdown().await;
+    }
+}

@@ -600,7 +600,7 @@ pub(crate) struct Preference {
 /// another at 40) was kept for good.
 ///
 /// [`MIN_RTT_WINDOW`]: crate::neighbours::MIN_RTT_WINDOW
-pub(crate) const SETTLING: Duration = Duration::from_secs(10);
+pub const SETTLING: Duration = Duration::from_secs(10);
 
 impl Preference {
     /// Picks from ranked `cands` at `now`; a displaced incumbent is taken back the first time

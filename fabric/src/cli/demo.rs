@@ -775,6 +775,9 @@ async fn maintenance(
 /// controller's admin API, show the controller's plan, wait for every router's
 /// acknowledgement, and show the edge's new path from real requests. False when it failed.
 async fn live_edit(fabric: &mut DemoFabric, edges: &[NodeId], service: &str, n: usize) -> bool {
+    // The plan predicts settled edges: past their first seconds, when a site just offered
+    // still takes a service past the margins.
+    fabric.wait_preferences_settled().await;
     let choices: Vec<EdgeChoice> = edges
         .iter()
         .filter_map(|e| {

@@ -148,6 +148,9 @@ pub struct DemoFabric {
     /// dialling; each carries both directions of its traffic).
     links: BTreeMap<(NodeId, NodeId), LinkHandle>,
     backends: BTreeMap<(NodeId, ServiceName), BackendHandle>,
+    /// When every router had all its neighbours up at the start: each edge's sites were offered
+    /// by then ([`DemoFabric::wait_preferences_settled`]).
+    converged: Instant,
 }
 
 impl DemoFabric {
@@ -277,6 +280,7 @@ impl DemoFabric {
             routers: BTreeMap::new(),
             links,
             backends,
+            converged: Instant::now(),
         };
         // The core (transits and sites) first, until its RTT measurements, and the controller's
         // weights smoothed from them, have settled; then the edges. Every router's first RTT
@@ -292,6 +296,7 @@ impl DemoFabric {
             fabric.spawn_router(&n.id).await?;
         }
         fabric.wait_converged(Duration::from_secs(30)).await?;
+        fabric.converged = Instant::now();
         Ok(fabric)
     }
 
@@ -377,6 +382,15 @@ impl DemoFabric {
         ids.iter()
             .map(|id| router::routes::preferred_sites(&self.routers[*id].handle.routes()))
             .collect()
+    }
+
+    /// Waits until the edges' sites have been offered for [`router::routes::SETTLING`] (and a
+    /// second more) since the fabric converged at its start: before that, a preference still
+    /// moves to a newly offered cheapest site past the anti-flap margins, which the
+    /// controller's plan (steady state) does not predict.
+    pub async fn wait_preferences_settled(&self) {
+        let until = self.converged + router::routes::SETTLING + Duration::from_secs(1);
+        tokio::time::sleep_until(until.into()).await;
     }
 
     /// Waits until every edge's routing table sees each link's latency close to the declared

@@ -74,7 +74,7 @@ impl TokenBucket {
     }
 
     /// Whether the circuit is gone ([`CircuitLimiter::revoke`]).
-    pub fn is_revoked(&self) -> bool {
+    fn is_revoked(&self) -> bool {
         self.revoked.load(Ordering::Relaxed)
     }
 
@@ -156,7 +156,7 @@ impl TokenBucket {
     }
 
     /// Takes `bytes` and waits until they may be sent. Call before writing a chunk.
-    /// [`Revoked`] once the circuit is gone, before and after the wait: the connection ends.
+    /// [`Revoked`] once the circuit is gone, before the wait and after one: the connection ends.
     pub async fn take(&self, bytes: usize) -> Result<(), Revoked> {
         if self.is_revoked() {
             return Err(Revoked);
@@ -166,9 +166,9 @@ impl TokenBucket {
             // Boxed: a timer inline would grow every splice's future (and so every open
             // connection), circuit or not, by its size.
             Box::pin(tokio::time::sleep(wait)).await;
-        }
-        if self.is_revoked() {
-            return Err(Revoked);
+            if self.is_revoked() {
+                return Err(Revoked);
+            }
         }
         Ok(())
     }

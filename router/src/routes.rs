@@ -575,8 +575,8 @@ pub(crate) const REVERT_WITHIN_HOLD_DOWNS: u32 = 10;
 /// again (then hysteresis judges as if it had never left). Without this a brief exclusion of
 /// the nearest site moved the service for good to a farther one that the nearest did not beat
 /// by the anti-flap margins (2 ms against 8 ms, say), and the spread's group with it. The
-/// margins are only for sites that were both on offer at the last rebuild: a site new to the
-/// candidates that is the cheapest is taken at once ([`Hysteresis::select_since`]).
+/// margins are only for sites that have both been on offer for [`SETTLING`]: a site newer to
+/// the candidates that is the cheapest is taken at once ([`Hysteresis::select_since`]).
 ///
 /// [`Hysteresis::select`]: topology::route::Hysteresis::select
 /// [`Hysteresis::select_since`]: topology::route::Hysteresis::select_since

@@ -428,13 +428,7 @@ pub(crate) async fn serve(
         Some(Ok(())) => {}
         // Stopped by the edge (its reply deadline passed) or the connection lost: counted and
         // both halves ended with the code, as every other refusal.
-        Some(Err(e)) => {
-            let code = match e {
-                quinn::WriteError::Stopped(c) => Code::from_varint(c).unwrap_or(Code::Internal),
-                _ => Code::UpstreamLost,
-            };
-            return refuse(&mut send, &mut recv, code);
-        }
+        Some(Err(e)) => return refuse(&mut send, &mut recv, splice::write_error_code(&e)),
         None => {
             // The edge's side grants no window for two bytes.
             tracing::debug!(node = %shared.node, service = %svc.service, "reply not taken: stream reset");

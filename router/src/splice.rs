@@ -80,11 +80,9 @@ fn stop_code(e: &WriteError) -> Option<Code> {
     }
 }
 
-fn write_error_code(e: &WriteError) -> Code {
-    match e {
-        WriteError::Stopped(c) => Code::from_varint(*c).unwrap_or(Code::Internal),
-        _ => Code::UpstreamLost,
-    }
+/// The code a failed write ends with: the peer's stop code, else `upstream_lost`.
+pub(crate) fn write_error_code(e: &WriteError) -> Code {
+    stop_code(e).unwrap_or(Code::UpstreamLost)
 }
 
 /// How often a direction left waiting on its read side once the other has ended checks that
@@ -99,7 +97,7 @@ const STOP_CHECK: Duration = Duration::from_secs(1);
 fn stop_of(send: &mut SendStream) -> Option<Result<Code, Code>> {
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     match std::pin::pin!(send.write(&[])).poll(&mut cx) {
-        Poll::Ready(Err(e)) => Some(stop_code(&e).ok_or_else(|| write_error_code(&e))),
+        Poll::Ready(Err(e)) => Some(stop_code(&e).ok_or(Code::UpstreamLost)),
         _ => None,
     }
 }
@@ -505,7 +503,7 @@ pub(crate) async fn tcp_to_quic(
         if let Err(e) = send.write_chunk(chunk).await {
             return match stop_code(&e) {
                 Some(stopped) => Ok(Ended::Stopped(stopped)),
-                None => Err(Abort(write_error_code(&e))),
+                None => Err(Abort(Code::UpstreamLost)),
             };
         }
         count(shared, side, true, n);
@@ -658,7 +656,7 @@ pub(crate) async fn tcp_quic_with(
     let watch_stop = AtomicBool::new(false);
     // The far end stopped the client's bytes ([`Ended::Stopped`]).
     let mut stopped = None;
-    let outcome = {
+    let (outcome, up_done, down_done) = {
         let (mut rd, mut wr) = tcp.split();
         let up = tcp_to_quic(
             shared,
@@ -714,7 +712,6 @@ pub(crate) async fn tcp_quic_with(
         };
         (outcome, up_done, down_done)
     };
-    let (outcome, up_done, down_done) = outcome;
     if let Some(code) = stopped {
         shared.metrics.error(code);
     }

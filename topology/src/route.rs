@@ -624,11 +624,12 @@ impl Hysteresis {
         }
     }
 
-    /// [`Hysteresis::select`] for a choice made again: `was_candidate` tells whether a site was
-    /// among the candidates of the last one. The margins keep the incumbent against noise in
-    /// the measured costs of sites that were both on offer; a best candidate whose site was not
-    /// (it has just come up, been added, or come back within reach) is taken at once, as if
-    /// there were no incumbent. Without this, whichever site came up first kept the service
+    /// [`Hysteresis::select`] for a choice made again: `was_candidate` tells whether a site has
+    /// been on offer long enough for its cost to count (a router: for its settling time; the
+    /// apply plan: among the old topology's candidates). The margins keep the incumbent against
+    /// noise in the measured costs of sites that were both on offer; a best candidate whose
+    /// site was not (it has just come up, been added, or come back within reach) is taken at
+    /// once, as if there were no incumbent. Without this, whichever site came up first kept the service
     /// against a nearer one that came up a moment later (8 ms against 2 ms, say: within the
     /// margins), for as long as both stayed up.
     pub fn select_since<'a>(

@@ -280,14 +280,11 @@ services:
         assert!(!serde_json::to_string(&plain).unwrap().contains("dial"));
     }
 
-    /// A `health_check` path reads from the file and writes back when set; one that is not a
-    /// path (no leading `/`, a space that would split the request line, a control character)
-    /// is refused at its line and column, naming the field.
-    #[test]
-    fn health_check_paths_round_trip_and_bad_ones_are_refused_where_they_are() {
-        let doc = |hc: &str| {
-            format!(
-                r#"
+    /// An edge and a site serving `chat`, `extra` appended to the site's serves entry (line 12,
+    /// its fields from column 79).
+    fn one_site_serving_chat(extra: &str) -> String {
+        format!(
+            r#"
 version: 1
 nodes:
   - {{id: e, kind: edge, region: r, country: AU, location: {{lat: 0, lon: 0}}, address: "127.0.0.1:7000", client_address: 127.0.0.1}}
@@ -298,14 +295,21 @@ nodes:
     location: {{lat: 0, lon: 0}}
     address: "127.0.0.1:7001"
     serves:
-      - {{service: chat, backend: "127.0.0.1:9000", capacity: 8{hc}}}
+      - {{service: chat, backend: "127.0.0.1:9000", capacity: 8{extra}}}
 links:
   - {{a: e, b: s1, latency: 1ms, capacity: 1Gbps}}
 services:
   - {{name: chat, port: 8000}}
 "#
-            )
-        };
+        )
+    }
+
+    /// A `health_check` path reads from the file and writes back when set; one that is not a
+    /// path (no leading `/`, a space that would split the request line, a control character)
+    /// is refused at its line and column, naming the field.
+    #[test]
+    fn health_check_paths_round_trip_and_bad_ones_are_refused_where_they_are() {
+        let doc = one_site_serving_chat;
         let t = load(&doc(", health_check: /v1/health?ready=1"))
             .unwrap_or_else(|d| panic!("{d:#?}"))
             .topology;
@@ -345,27 +349,7 @@ services:
     /// the field and the bounds.
     #[test]
     fn health_check_timing_round_trips_and_out_of_bounds_values_are_refused_where_they_are() {
-        let doc = |extra: &str| {
-            format!(
-                r#"
-version: 1
-nodes:
-  - {{id: e, kind: edge, region: r, country: AU, location: {{lat: 0, lon: 0}}, address: "127.0.0.1:7000", client_address: 127.0.0.1}}
-  - id: s1
-    kind: site
-    region: r
-    country: AU
-    location: {{lat: 0, lon: 0}}
-    address: "127.0.0.1:7001"
-    serves:
-      - {{service: chat, backend: "127.0.0.1:9000", capacity: 8{extra}}}
-links:
-  - {{a: e, b: s1, latency: 1ms, capacity: 1Gbps}}
-services:
-  - {{name: chat, port: 8000}}
-"#
-            )
-        };
+        let doc = one_site_serving_chat;
         let t = load(&doc(
             ", health_interval: 2s, unhealthy_after: 5, healthy_after: 1",
         ))

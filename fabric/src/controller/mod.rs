@@ -1490,10 +1490,8 @@ mod tests {
             let ctl = ctl.clone();
             async move { ctl.flush_routers().await }
         });
-        // The second flush has had its chance to write first.
-        for _ in 0..50 {
-            tokio::task::yield_now().await;
-        }
+        // The second flush has had its chance to write first (nothing to wait for: with the
+        // fix it waits, without it it wrote).
         tokio::time::sleep(Duration::from_millis(100)).await;
         go.send(()).unwrap();
         first.await.unwrap().unwrap();

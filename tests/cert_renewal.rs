@@ -370,7 +370,7 @@ impl StubController {
                     }
                     let mut keys = Vec::new();
                     while let Ok(Some(frame)) = frames.next(&mut recv).await {
-                        if let Ok(FromRouter::Renew { public_key }) = proto::decode(&frame) {
+                        if let Ok(FromRouter::Renew { public_key, .. }) = proto::decode(&frame) {
                             seen.lock().unwrap().push(Instant::now());
                             keys.push(public_key);
                             // A certificate for a request's key, signed as the controller would.

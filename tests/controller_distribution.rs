@@ -987,6 +987,7 @@ async fn renewal_requests_beyond_a_small_budget_are_refused_cheaply() {
     // Not a key: the issuer refuses it, as it would a request not due (its answer, either way).
     let ask = proto::encode(&FromRouter::Renew {
         public_key: vec![4; 65],
+        proof: Vec::new(),
     })
     .unwrap();
     let asked = 40;

@@ -924,6 +924,73 @@ impl RawP256PublicKey {
             .map_err(|_| "public key is not a point of the P-256 curve".to_string())?;
         Ok(RawP256PublicKey(bytes.to_vec()))
     }
+
+    /// Checks `proof` ([`prove_possession`]): a signature by this key's private half over
+    /// `binding`, which the asking session's TLS exported ([`session_binding`]). Without it a
+    /// router could have its name certified over a key it does not hold (another node's, read
+    /// from that node's certificate), and the holder of that key present the certificate as it.
+    pub fn verify_possession(&self, binding: &SessionBinding, proof: &[u8]) -> Result<(), String> {
+        if proof.is_empty() {
+            return Err(
+                "no proof of possession of the key (a router from before proofs were asked: \
+                 upgrade it, or issue its certificate with `tasman pki issue`)"
+                    .into(),
+            );
+        }
+        ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, &self.0)
+            .verify(&possession_message(binding, &self.0), proof)
+            .map_err(|_| {
+                "the proof of possession does not verify: not signed by the key asked for, or \
+                 not for this session"
+                    .to_string()
+            })
+    }
+}
+
+/// Keying material both ends of one TLS session export alike (RFC 5705, under
+/// [`BINDING_LABEL`]) and no other session has: what a proof of possession signs, so that
+/// a proof made for one session proves nothing on another.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct SessionBinding([u8; 32]);
+
+impl SessionBinding {
+    /// A binding of these bytes: what [`session_binding`] exported (tests make their own).
+    pub fn new(bytes: [u8; 32]) -> SessionBinding {
+        SessionBinding(bytes)
+    }
+}
+
+/// The exporter label of a [`SessionBinding`].
+pub const BINDING_LABEL: &[u8] = b"EXPORTER-tasman-renewal-proof-v1";
+
+impl std::fmt::Debug for SessionBinding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SessionBinding(..)")
+    }
+}
+
+/// The [`SessionBinding`] of `conn` (`None`: its TLS exports nothing, which a QUIC connection
+/// past its handshake always does).
+pub fn session_binding(conn: &quinn::Connection) -> Option<SessionBinding> {
+    let mut out = [0u8; 32];
+    conn.export_keying_material(&mut out, BINDING_LABEL, b"")
+        .ok()
+        .map(|()| SessionBinding(out))
+}
+
+/// What a proof of possession signs: a context string, the session's binding and the raw
+/// public key asked for.
+fn possession_message(binding: &SessionBinding, public_key: &[u8]) -> Vec<u8> {
+    const CONTEXT: &[u8] = b"tasman certificate renewal: proof of possession\0";
+    [CONTEXT, &binding.0, public_key].concat()
+}
+
+/// The proof a `Renew` carries that the router holds `key`: an ECDSA P-256 SHA-256 signature
+/// (ASN.1 DER) by it over the session's `binding` and its public key
+/// ([`RawP256PublicKey::verify_possession`]).
+pub fn prove_possession(key: &KeyPair, binding: &SessionBinding) -> Result<Vec<u8>, PkiError> {
+    use rcgen::SigningKey;
+    Ok(key.sign(&possession_message(binding, key.public_key_raw()))?)
 }
 
 impl PublicKeyData for RawP256PublicKey {

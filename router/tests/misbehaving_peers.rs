@@ -1811,7 +1811,7 @@ async fn a_stuck_certificate_write_does_not_hold_the_session() {
     let (client, cert) = control_client_with_cert(dir.path(), &controller).await;
     let key = controller
         .next("a renewal request", |m| match m {
-            FromRouter::Renew { public_key } => Some(public_key),
+            FromRouter::Renew { public_key, .. } => Some(public_key),
             _ => None,
         })
         .await;

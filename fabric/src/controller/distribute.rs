@@ -41,7 +41,7 @@ use topology::circuit::ProvisionedCircuit;
 use topology::{Latency, NodeId, ServiceName};
 
 use super::live::{NeighbourSample, Sample};
-use super::renew::NodeIssuer;
+use super::renew::{NodeIssuer, Request};
 use super::{Controller, RouterSession, SessionEnd};
 
 /// A version a router rejected is offered to it again this long after the rejection (in full,
@@ -332,6 +332,8 @@ async fn handshake_and_session(
     else {
         return Err(refuse(&mut send, "no certificate presented".into()).await);
     };
+    // What a renewal's proof of possession signs: this session's alone.
+    let binding = router::pki::session_binding(conn);
     let (rs, superseded) = ctl.router_session_start(&node);
     tracing::info!(
         node,
@@ -355,7 +357,7 @@ async fn handshake_and_session(
                 topology_version,
             },
         }),
-        res = session(ctl, issuer, &rs, &presented, crl, &mut send, &mut recv, write_stall) => res,
+        res = session(ctl, issuer, &rs, (&presented, binding), crl, &mut send, &mut recv, write_stall) => res,
     };
     ctl.router_session_end(&rs);
     res
@@ -366,7 +368,10 @@ async fn session(
     ctl: &Arc<Controller>,
     issuer: &Arc<NodeIssuer>,
     rs: &RouterSession,
-    presented: &rustls::pki_types::CertificateDer<'static>,
+    (presented, binding): (
+        &rustls::pki_types::CertificateDer<'static>,
+        Option<router::pki::SessionBinding>,
+    ),
     takes_crl: bool,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
@@ -562,11 +567,12 @@ async fn session(
                         }
                     }
                     FromRouter::Hello { .. } => {}
-                    FromRouter::Renew { public_key } => {
+                    FromRouter::Renew { public_key, proof } => {
                         let now = Instant::now();
                         let reply = if renewals.take(now) {
                             // The name certified is the one this session authenticated.
-                            renew(ctl, issuer, node, public_key, presented, now).await
+                            let req = Request { public_key, proof, binding };
+                            renew(ctl, issuer, node, req, presented, now).await
                         } else {
                             if !warned_renewals {
                                 warned_renewals = true;
@@ -715,7 +721,7 @@ impl Rejected {
     }
 }
 
-/// The answer to a `Renew { public_key }` on `node`'s session at `now`. The name certified is
+/// The answer to a `Renew` (`req`) on `node`'s session at `now`. The name certified is
 /// the one the session authenticated, and only while the topology in force has that node: a
 /// request that arrives as an apply removes it (its session is being ended) gets no
 /// certificate.
@@ -723,7 +729,7 @@ async fn renew(
     ctl: &Controller,
     issuer: &Arc<NodeIssuer>,
     node: &str,
-    public_key: Vec<u8>,
+    req: Request,
     presented: &rustls::pki_types::CertificateDer<'static>,
     now: Instant,
 ) -> ToRouter {
@@ -734,7 +740,7 @@ async fn renew(
     }
     // The answer takes the CA directory's lock and writes its record: off the async workers.
     let (i, n, p) = (issuer.clone(), node.to_string(), presented.clone());
-    tokio::task::spawn_blocking(move || i.answer(&n, &public_key, &p, now))
+    tokio::task::spawn_blocking(move || i.answer(&n, &req, &p, now))
         .await
         .unwrap_or_else(|e| ToRouter::RenewRefused {
             reason: crate::task_failed(e),
@@ -973,16 +979,14 @@ mod tests {
         };
         let ask = async |node: &str| {
             let key = rcgen::KeyPair::generate().unwrap();
+            let binding = router::pki::SessionBinding::new([1; 32]);
+            let req = Request {
+                public_key: key.public_key_raw().to_vec(),
+                proof: router::pki::prove_possession(&key, &binding).unwrap(),
+                binding: Some(binding),
+            };
             let p = presented(node);
-            renew(
-                &ctl,
-                &issuer,
-                node,
-                key.public_key_raw().to_vec(),
-                &p,
-                Instant::now(),
-            )
-            .await
+            renew(&ctl, &issuer, node, req, &p, Instant::now()).await
         };
         assert!(matches!(ask("e").await, ToRouter::Certificate { .. }));
 

@@ -1,7 +1,8 @@
 //! Renewal of node certificates through the controller (opt-in: `tasman controller --ca-dir`).
 //!
 //! A router whose certificate is due ([`router::pki::renew_at`]) sends `Renew` with the raw
-//! public key of a key it just made; the controller answers with a certificate over that key
+//! public key of a key it just made and a signature by that key over the session's TLS binding
+//! ([`pki::prove_possession`]: proof that it holds the key); the controller answers with a certificate over that key
 //! for the node its session authenticated (never a name the router states), signed by the
 //! fabric CA, valid for [`NodeIssuer`]'s lifetime, or with `RenewRefused` and why. The
 //! certificate the session presented must be due for renewal ([`pki::renew_at`], with
@@ -23,6 +24,16 @@ use router::control::proto::ToRouter;
 use router::pki::{self, CaSigner, RawP256PublicKey, Validity};
 use router::tls::{self, CertResolver, Renewal};
 use tokio::sync::watch;
+
+/// A `Renew` as its session read it: the raw public key asked for, the router's proof that it
+/// holds its private half ([`pki::prove_possession`]), and the binding of the session it came
+/// on, which the proof must sign (`None`: the session's TLS exported none).
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub public_key: Vec<u8>,
+    pub proof: Vec<u8>,
+    pub binding: Option<pki::SessionBinding>,
+}
 
 /// A node may ask for a certificate at most this often (over all its sessions).
 pub const MIN_INTERVAL: Duration = Duration::from_secs(10);
@@ -110,13 +121,13 @@ impl NodeIssuer {
         self.ca.as_ref().map(|c| c.ca_cert())
     }
 
-    /// The answer to a `Renew { public_key }` on `node`'s session, which presented `presented`,
-    /// at `now` (the rate limit's clock: every request that passes the checks before it counts,
-    /// answered or refused after). Blocking (the CA directory's lock, its list and the record's write).
+    /// The answer to `req` on `node`'s session, which presented `presented`, at `now` (the rate
+    /// limit's clock: every request that passes the checks before it counts, answered or
+    /// refused after). Blocking (the CA directory's lock, its list and the record's write).
     pub fn answer(
         &self,
         node: &str,
-        public_key: &[u8],
+        req: &Request,
         presented: &CertificateDer<'_>,
         now: Instant,
     ) -> ToRouter {
@@ -184,10 +195,18 @@ impl NodeIssuer {
                 wait.as_secs().max(1)
             ));
         }
-        let key = match RawP256PublicKey::new(public_key) {
+        let key = match RawP256PublicKey::new(&req.public_key) {
             Ok(k) => k,
             Err(e) => return refuse(e),
         };
+        // The router holds the key: else its name could be certified over another's key (read
+        // from that node's certificate), which would then present the certificate as it.
+        let Some(binding) = &req.binding else {
+            return refuse("this session's TLS exports no binding to check a proof on".into());
+        };
+        if let Err(e) = key.verify_possession(binding, &req.proof) {
+            return refuse(e);
+        }
         let validity = match Validity::for_duration(self.valid_for) {
             Ok(v) => v,
             Err(e) => return refuse(e.to_string()),
@@ -355,11 +374,18 @@ mod tests {
         (d, i)
     }
 
-    fn raw_key() -> Vec<u8> {
-        rcgen::KeyPair::generate()
-            .unwrap()
-            .public_key_raw()
-            .to_vec()
+    /// The binding of the session tests' requests come on.
+    const BINDING: [u8; 32] = [7; 32];
+
+    /// A request for a new key, with its proof of possession on [`BINDING`].
+    fn raw_key() -> Request {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let binding = pki::SessionBinding::new(BINDING);
+        Request {
+            public_key: key.public_key_raw().to_vec(),
+            proof: pki::prove_possession(&key, &binding).unwrap(),
+            binding: Some(binding),
+        }
     }
 
     fn refused(m: &ToRouter) -> &str {
@@ -495,6 +521,58 @@ mod tests {
         pki::serial_of(&leaf).unwrap()
     }
 
+    /// A request is answered only with a proof that the router holds the key: a router
+    /// cannot have its name certified over a key it only read (another node's, from that
+    /// node's certificate), nor reuse a proof made on another session, nor send none.
+    #[test]
+    fn a_renewal_without_proof_of_possession_is_refused() {
+        let (d, i) = issuer();
+        let t0 = Instant::now();
+        let edge = due(d.path(), "edge-1");
+        let mine = raw_key();
+        let theirs = raw_key();
+        let cases = [
+            (
+                "another's key, my proof",
+                Request {
+                    public_key: theirs.public_key.clone(),
+                    ..mine.clone()
+                },
+                "does not verify",
+            ),
+            (
+                "a proof made on another session",
+                Request {
+                    binding: Some(pki::SessionBinding::new([8; 32])),
+                    ..mine.clone()
+                },
+                "does not verify",
+            ),
+            (
+                "no proof (a router from before proofs)",
+                Request {
+                    proof: Vec::new(),
+                    ..mine.clone()
+                },
+                "no proof of possession",
+            ),
+            (
+                "a session without a binding",
+                Request {
+                    binding: None,
+                    ..mine.clone()
+                },
+                "exports no binding",
+            ),
+        ];
+        for (n, (what, req, why)) in cases.into_iter().enumerate() {
+            let m = i.answer("edge-1", &req, &edge, t0 + MIN_INTERVAL * n as u32);
+            assert!(refused(&m).contains(why), "{what}: {m:?}");
+        }
+        let m = i.answer("edge-1", &mine, &edge, t0 + MIN_INTERVAL * 9);
+        assert!(is_certificate(&m), "{m:?}");
+    }
+
     /// Two renewals over one public key, of one node or of two (a node sending another's key),
     /// get certificates with different serials: revoking one does not revoke the other.
     #[test]
@@ -606,13 +684,17 @@ mod tests {
         let (d, i) = issuer();
         let now = Instant::now();
         let good = raw_key();
-        let mut compressed = good.clone();
+        let mut compressed = good.public_key.clone();
         compressed[0] = 0x03;
         let edge = due(d.path(), "edge-1");
         for (n, bad) in [vec![], vec![0x04; 64], vec![0x04; 66], compressed]
             .into_iter()
             .enumerate()
         {
+            let bad = Request {
+                public_key: bad,
+                ..good.clone()
+            };
             // Each past the rate limit: it is not what refuses these.
             let m = i.answer("edge-1", &bad, &edge, now + MIN_INTERVAL * n as u32);
             assert!(refused(&m).contains("public key"), "{m:?}");

@@ -14,7 +14,8 @@
 //!
 //! It also renews the node certificate through the controller: once the presented certificate
 //! is due ([`pki::renew_at`]: 70 % of its lifetime, 10 s to 24 h before expiry) it makes a new
-//! key, sends `Renew` with its public key, and installs the certificate that comes back (checked
+//! key, sends `Renew` with its public key and a proof that it holds the key (a signature over
+//! the session's TLS binding, [`pki::prove_possession`]), and installs the certificate that comes back (checked
 //! by the [`tls::CertResolver`] first, then written to the node's files, then reloaded: the
 //! session does not wait for it). A refusal or no answer is retried after [`RENEW_BACKOFF_MIN`],
 //! doubling to [`RENEW_BACKOFF_MAX`]; the certificate in use keeps working until it expires.
@@ -1110,8 +1111,16 @@ async fn converse(
                     shared.cert.count_renewal(Renewal::NoAnswer);
                     tracing::warn!("no answer to the last certificate renewal request; asking again");
                 }
-                let key = match rcgen::KeyPair::generate() {
-                    Ok(k) => k,
+                // A new key, and the proof that this router holds it, for this session only.
+                let made = (|| {
+                    let k = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
+                    let binding = pki::session_binding(conn)
+                        .ok_or("the session's TLS exports no binding to prove the key on")?;
+                    let proof = pki::prove_possession(&k, &binding).map_err(|e| e.to_string())?;
+                    Ok::<_, String>((k, proof))
+                })();
+                let (key, proof) = match made {
+                    Ok(made) => made,
                     Err(e) => {
                         tracing::error!("cannot make a key to renew the node certificate: {e}");
                         renew_attempted(shared);
@@ -1122,7 +1131,7 @@ async fn converse(
                     expires = %fmt_unix(shared.cert.not_after()),
                     "the node certificate is due for renewal: asking the controller"
                 );
-                let req = FromRouter::Renew { public_key: key.public_key_raw().to_vec() };
+                let req = FromRouter::Renew { public_key: key.public_key_raw().to_vec(), proof };
                 renew_attempted(shared);
                 *pending = Some(key);
                 asked += 1;

@@ -229,10 +229,14 @@ pub enum FromRouter {
     },
     Telemetry(TelemetryReport),
     /// Asks for a certificate over a new key: the raw P-256 public key (65 bytes, an
-    /// uncompressed point). The name certified is the one the connection authenticated, never
-    /// one the router states.
+    /// uncompressed point) and the proof that the router holds it (a signature by it over this
+    /// connection's TLS binding, [`crate::pki::prove_possession`]; empty from a router before
+    /// proofs, which is refused). The name certified is the one the connection authenticated,
+    /// never one the router states.
     Renew {
         public_key: Vec<u8>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        proof: Vec<u8>,
     },
 }
 
@@ -421,7 +425,14 @@ impl Message for FromRouter {
             }),
             // A newtype variant: the report's fields sit beside `type`, which it skips.
             "telemetry" => FromRouter::Telemetry(serde_json::from_slice(payload)?),
-            "renew" => variant!(payload, FromRouter::Renew { public_key: Vec<u8> }),
+            "renew" => variant!(
+                payload,
+                FromRouter::Renew {
+                    public_key: Vec<u8>,
+                    #[serde(default)]
+                    proof: Vec<u8>,
+                }
+            ),
             other => {
                 return Err(unknown_kind(
                     other,
@@ -948,6 +959,11 @@ mod tests {
             }),
             FromRouter::Renew {
                 public_key: vec![4; 65],
+                proof: vec![0x30; 70],
+            },
+            FromRouter::Renew {
+                public_key: vec![4; 65],
+                proof: Vec::new(),
             },
         ];
         for m in from_router {

@@ -105,6 +105,19 @@ fn cases() -> Vec<Case> {
             true,
         ),
         case(
+            "a snapshot whose site's service has a field nobody knows",
+            filled(
+                &snapshot(
+                    r#"{"links":[],"services":[],"nodes":[{"id":"a","kind":"site","region":"r","country":"AU","location":{"lat":0,"lon":0},"address":"127.0.0.1:1","serves":[{"service":"s","backend":"127.0.0.1:2","capacity":1,"pad":["#,
+                ),
+                "[]",
+                "]}]}]}}",
+                to,
+            ),
+            SKIPPED,
+            true,
+        ),
+        case(
             "an ack with a field nobody knows",
             filled(r#"{"type":"ack","version":1,"pad":["#, "[]", "]}", from),
             SKIPPED,

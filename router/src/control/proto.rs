@@ -504,6 +504,8 @@ pub struct FrameReader {
     payload_read: usize,
     /// When a read last took bytes from the stream.
     progress: Option<tokio::time::Instant>,
+    /// A read failed: the stream is out of step with its frames.
+    broken: bool,
 }
 
 impl FrameReader {
@@ -515,6 +517,7 @@ impl FrameReader {
             payload: Vec::new(),
             payload_read: 0,
             progress: None,
+            broken: false,
         }
     }
 
@@ -526,8 +529,26 @@ impl FrameReader {
     }
 
     /// The next frame's payload; `None` at a clean end of stream between frames. Every await
-    /// point is a single `read`, whose result is kept before the next one starts.
+    /// point is a single `read`, whose result is kept before the next one starts. After an
+    /// error every call fails: where the next frame starts is unknown (a refused frame's
+    /// payload is still in the stream), so nothing read after it is a frame.
     pub async fn next<R: AsyncRead + Unpin>(
+        &mut self,
+        r: &mut R,
+    ) -> Result<Option<Vec<u8>>, ProtoError> {
+        if self.broken {
+            return Err(ProtoError::Io(std::io::Error::other(
+                "the stream failed earlier: no frame boundary to read from",
+            )));
+        }
+        let res = self.read_frame(r).await;
+        // A cancelled read (the future dropped) leaves the reader as it was: only an error
+        // breaks it.
+        self.broken = res.is_err();
+        res
+    }
+
+    async fn read_frame<R: AsyncRead + Unpin>(
         &mut self,
         r: &mut R,
     ) -> Result<Option<Vec<u8>>, ProtoError> {
@@ -578,6 +599,31 @@ fn truncated() -> ProtoError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// After a frame is refused (or the stream fails inside one), the reader reads no more:
+    /// the refused payload is still in the stream, and read on, it came back as an empty frame,
+    /// then its first bytes as the next length.
+    #[tokio::test]
+    async fn a_frame_reader_reads_nothing_more_after_an_error() {
+        let mut bytes: Vec<u8> = vec![0, 0, 0, 9];
+        bytes.extend_from_slice(br#"{"type":1}"#);
+        let mut r = &bytes[..];
+        let mut frames = FrameReader::new(4);
+        assert!(matches!(
+            frames.next(&mut r).await,
+            Err(ProtoError::TooLarge { size: 9, max: 4 })
+        ));
+        for _ in 0..2 {
+            let again = frames.next(&mut r).await;
+            assert!(again.is_err(), "{again:?}");
+        }
+        // A truncated frame, too.
+        let mut r: &[u8] = &[0, 0, 0, 3, b'{'];
+        let mut frames = FrameReader::new(4);
+        assert!(frames.next(&mut r).await.is_err());
+        let mut more: &[u8] = &[0, 0, 0, 1, b'x'];
+        assert!(frames.next(&mut more).await.is_err());
+    }
 
     /// A traffic dial travels to routers: a change of a dial alone upserts its site in the delta,
     /// and the decoded delta applied to the old topology gives the new one, dial included.

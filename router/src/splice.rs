@@ -934,7 +934,7 @@ async fn pump_from(
 /// Relays a stream between an upstream and a downstream neighbour (transit).
 ///
 /// Until the downstream answers (its first bytes, FIN or reset), `next_hop_down` is watched as
-/// well: if the next hop is declared down first, all four halves are reset with
+/// well (and, once the upstream direction has ended, a stop from the upstream, as after it): if the next hop is declared down first, all four halves are reset with
 /// [`Code::NextHopUnreachable`], which the edge retries on its next candidate, as it does when
 /// its own first hop goes down. Without the watch such a first try would wait for the dead
 /// connection to close (`neighbours::DEAD_AFTER`). Once the downstream has answered, a down
@@ -957,11 +957,26 @@ pub(crate) async fn relay(
         let up = pump(&mut up_recv, &mut down_send, moved, &up_watch);
         let down = async {
             let mut g = Gather::default();
-            let first = tokio::select! {
-                got = gather(&mut down_recv, &mut g) => got,
-                () = next_hop_down => return true,
+            // Before the downstream's first bytes as after them: once the upstream direction
+            // has ended, a stop from the upstream (an edge that gave up waiting for the answer)
+            // ends this one, which would otherwise wait on a downstream that never answers.
+            let mut tick = None;
+            let first = {
+                let read = std::pin::pin!(gather(&mut down_recv, &mut g));
+                let read = read_unless_stopped(read, &mut up_send, &down_watch, &mut tick);
+                tokio::select! {
+                    got = read => got,
+                    () = next_hop_down => return true,
+                }
             };
-            pump_from(&mut down_recv, &mut up_send, g, first, moved, &down_watch).await;
+            match first {
+                Ok(first) => {
+                    pump_from(&mut down_recv, &mut up_send, g, first, moved, &down_watch).await
+                }
+                Err(Ok(code) | Err(code)) => {
+                    let _ = down_recv.stop(code.varint());
+                }
+            }
             false
         };
         tokio::pin!(up, down);
@@ -1186,6 +1201,46 @@ mod tests {
             assert_eq!(gave_up, None);
             assert_eq!(moved.load(Relaxed), 2, "one byte each way was forwarded");
         }
+    }
+
+    /// An edge that gives up on a stream before the site has answered (its reply deadline, its
+    /// client gone) ends the transit's relay, even when the site never answers nor lets go: the
+    /// relay held the stream (and a slot of the edge's connection's stream limit) until the
+    /// site's connection closed.
+    #[tokio::test]
+    async fn a_transit_relay_ends_when_the_edge_gives_up_before_the_site_answers() {
+        let code = Code::UpstreamLost;
+        let (edge, t_up, _d1) = quic_pair().await;
+        let (t_down, site, _d2) = quic_pair().await;
+        let (mut e_send, mut e_recv) = edge.open_bi().await.unwrap();
+        e_send.write_all(b"q").await.unwrap();
+        let (up_send, up_recv) = t_up.accept_bi().await.unwrap();
+        let (down_send, down_recv) = t_down.open_bi().await.unwrap();
+        let moved: &'static AtomicU64 = Box::leak(Box::default());
+        let relay = tokio::spawn(relay(
+            up_send,
+            up_recv,
+            down_send,
+            down_recv,
+            std::future::pending(),
+            moved,
+        ));
+        // The site takes the stream and the byte, and then neither answers nor lets go.
+        let (mut s_send, mut s_recv) = site.accept_bi().await.unwrap();
+        let mut b = [0u8; 1];
+        s_recv.read_exact(&mut b).await.unwrap();
+        e_send.reset(code.varint()).unwrap();
+        e_recv.stop(code.varint()).unwrap();
+        let gave_up = tokio::time::timeout(Duration::from_secs(10), relay)
+            .await
+            .expect("the relay outlived the edge giving up")
+            .unwrap();
+        assert_eq!(gave_up, None);
+        // And the site is told: its half towards the transit is stopped.
+        let seen = tokio::time::timeout(Duration::from_secs(5), s_send.stopped())
+            .await
+            .expect("the site's stream was not stopped");
+        assert!(seen.is_ok(), "{seen:?}");
     }
 
     #[tokio::test]

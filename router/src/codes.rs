@@ -134,11 +134,17 @@ impl Code {
     /// reply and began handing the request to its backend, on a path whose later link then
     /// failed before the reply came back, is reported `upstream_lost` or
     /// `next_hop_unreachable`, and the request may reach a second backend (`--replay-limit 0`
-    /// retries only connections that sent nothing).
+    /// retries only connections that sent nothing). A hop that refused the stream's header (it
+    /// came late, or in a version or form the hop does not take, as in a rolling upgrade)
+    /// handed nothing to a backend.
     pub fn retryable(self) -> bool {
         matches!(
             self,
-            Code::NoRoute
+            Code::MalformedHeader
+                | Code::UnsupportedVersion
+                | Code::HeaderTooLarge
+                | Code::HeaderTimeout
+                | Code::NoRoute
                 | Code::NextHopUnreachable
                 | Code::NotANeighbour
                 | Code::WrongRole

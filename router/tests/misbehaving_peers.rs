@@ -515,6 +515,76 @@ async fn always_full(conn: quinn::Connection, pings: Arc<AtomicU64>) {
     tokio::join!(answer_pings("near", conn.clone(), pings), refuse);
 }
 
+/// A first hop that resets a stream for its header (it did not arrive in time, or it is of a
+/// version or form this hop does not take, as in a rolling upgrade) never handed the request
+/// to a backend: the edge tries the next site, and does not mark the hop down. (The client was
+/// reset, though far would have answered.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_refused_for_its_header_is_tried_on_the_next_site() {
+    use router::codes::Code;
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let port = free_tcp_port();
+    let t = two_sites(backend, port, false);
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    let codes = [
+        Code::HeaderTimeout,
+        Code::UnsupportedVersion,
+        Code::MalformedHeader,
+        Code::HeaderTooLarge,
+    ];
+    let round = Arc::new(AtomicU64::new(0));
+    let refusing = round.clone();
+    let _near = fake_neighbour(
+        dir.path(),
+        &t,
+        "near",
+        router::transport::transport_config(),
+        move |conn, pings| {
+            let round = refusing.clone();
+            async move {
+                let refuse = async {
+                    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                        let code = codes[round.load(Relaxed) as usize % codes.len()].varint();
+                        let _ = send.reset(code);
+                        let _ = recv.stop(code);
+                    }
+                };
+                tokio::join!(answer_pings("near", conn.clone(), pings), refuse);
+            }
+        },
+    );
+    let (edge, _) = spawn_node(&snap, dir.path(), "edge", |c| {
+        c.probe.hold_down = Duration::from_secs(600);
+    })
+    .await;
+    let (_far, _) = spawn_node(&snap, dir.path(), "far", |_| {}).await;
+    edge_prefers_near_with_far_as_fallback(&edge).await;
+    for (i, code) in codes.iter().enumerate() {
+        round.store(i as u64, Relaxed);
+        let back = echo_roundtrip(port, b"try far", Duration::from_secs(10)).await;
+        assert_eq!(
+            back.as_deref().ok(),
+            Some(&b"try far"[..]),
+            "{code}: {back:?}"
+        );
+        let m = edge.metrics_text();
+        let series = format!(
+            "tasman_stream_errors_total{{node=\"edge\",code=\"{}\"}}",
+            code.name()
+        );
+        assert_eq!(metric(&m, &series), Some(1), "{code}: {m}");
+        assert_eq!(
+            edge.routes()
+                .preferred("echo")
+                .map(|c| c.site.to_string())
+                .as_deref(),
+            Some("near"),
+            "{code}: near was marked down"
+        );
+    }
+}
+
 /// A site marked down by a reset code is back in the edge's table when the mark ends, not at the
 /// next periodic rebuild, up to a second later. The mark is made just after a periodic rebuild
 /// (the table is otherwise quiet: nothing the edge learns changes), so that it ends just after

@@ -4,10 +4,11 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use rand::Rng;
+use tokio::time::Instant;
 use topology::NodeId;
 
 use crate::Shared;
@@ -389,8 +390,18 @@ impl Liveness {
         self.misses_time + (self.interval / 2).max(self.rttvar * 4)
     }
     /// A probe's round trip took `rtt` (RFC 6298's smoothing: the variation moves by a quarter
-    /// of each new deviation, the average by an eighth).
+    /// of each new deviation, the average by an eighth). A sample counts for at most the
+    /// average plus the slack in force (`max(interval / 2, 4 x variation)`): one far longer
+    /// than the rest is mostly this router's own delay (a pong read after a stall, a probe that
+    /// sat behind a full congestion window), and whole it widened the slack for seconds (1 s on
+    /// a 300 us link: a silence of 1.3 s, not 350 ms, was down). Jitter within the slack is
+    /// measured as ever and widens it; a path that really got longer moves the average there
+    /// sample by sample (the slack judges silence, which a longer path alone does not make).
     pub fn rtt_sample(&mut self, rtt: Duration) {
+        let rtt = match self.srtt {
+            Some(srtt) => rtt.min(srtt + (self.interval / 2).max(self.rttvar * 4)),
+            None => rtt,
+        };
         match self.srtt {
             None => {
                 self.srtt = Some(rtt);
@@ -481,11 +492,12 @@ impl Liveness {
         if self.stalled(now, timeout) {
             return Some(Verdict::Stalled);
         }
-        if !self.down
-            && !probe_left
-            && self.outstanding.is_some()
-            && now < self.last_heard + HARD_SILENCE
-        {
+        if self.down && now >= self.last_heard + DEAD_AFTER {
+            return Some(Verdict::Dead);
+        }
+        // Down too: a probe that has not left is no miss, and a relapse for it would start the
+        // hold-down over for as long as this router's own window stays full.
+        if !probe_left && self.outstanding.is_some() && now < self.last_heard + self.silence() {
             self.unsent(now, timeout);
             return None;
         }
@@ -542,11 +554,12 @@ impl Liveness {
                 }
             };
         if verdict == Some(Verdict::Down) {
+            // Judged afresh from now: a relapse needs as much failure again (the verdict's own
+            // deadline, left in the past, made one at once).
+            self.last_alive = now;
+            self.misses = 0;
+            self.outstanding = None;
             if self.down {
-                // Judged afresh from now: the next relapse needs as much failure again.
-                self.last_alive = now;
-                self.misses = 0;
-                self.outstanding = None;
                 return Some(Verdict::Relapse);
             }
             // Down until `recovered`, whatever later verdicts say.
@@ -1117,6 +1130,90 @@ mod tests {
         let rtt = Duration::from_micros(300);
         // Probes 5, 6 (fast re-probe) and 7 (fast re-probe) lost: down.
         assert!(run(p, rtt, Duration::from_secs(3600), &[5, 6, 7]).is_some());
+    }
+
+    /// A neighbour down (in its hold-down) whose probes sit behind this router's own full
+    /// congestion window (a bulk upload on the connection after a cut healed) is not failing
+    /// again: an unsent probe is no miss there either, and only [`DEAD_AFTER`] of silence ends
+    /// it. (Three unsent probes were a relapse that started the hold-down over, again and again
+    /// while the upload stalled.)
+    #[test]
+    fn a_down_neighbours_unsent_probes_are_not_a_relapse() {
+        let t0 = T::now();
+        let (mut live, timeout) = probing(t0);
+        silent_peer_until(&mut live, timeout, Verdict::Down);
+        // It answers, then its probes stay queued here.
+        let back = live.deadline();
+        live.reply(back, live.sent());
+        live.probe_sent(back + 100 * MS, timeout);
+        let mut verdicts = Vec::new();
+        let dead = loop {
+            let at = live.deadline();
+            assert!(
+                at - back <= DEAD_AFTER + timeout,
+                "no verdict for {:?}",
+                at - back
+            );
+            match live.at_deadline(at, false, timeout) {
+                Some(Verdict::Dead) => break at,
+                Some(v) => verdicts.push(v),
+                None => {}
+            }
+        };
+        assert!(
+            !verdicts.contains(&Verdict::Relapse),
+            "unsent probes judged as missed: {verdicts:?}"
+        );
+        assert!(
+            dead - back >= DEAD_AFTER,
+            "dead {:?} after the answer",
+            dead - back
+        );
+    }
+
+    /// The verdict `Down` judges the neighbour afresh from then on: the next verdict is not a
+    /// relapse at the same instant (which started a hold-down over as it began).
+    #[test]
+    fn a_down_verdict_is_not_followed_by_a_relapse_at_once() {
+        let t0 = T::now();
+        // Down by the probes' misses, and by the silence rule (the answers stopped coming, no
+        // probe judged: a long link's probe timeout outlasts the rule).
+        let (mut by_misses, timeout) = probing(t0);
+        let (_, at) = silent_peer_until(&mut by_misses, timeout, Verdict::Down);
+        let mut by_silence = Liveness::new(ProbeConfig::default(), t0);
+        let quiet = by_silence.deadline();
+        assert_eq!(by_silence.expire(quiet), Some(Verdict::Down));
+        for (mut live, at) in [(by_misses, at), (by_silence, quiet)] {
+            let next = live.deadline();
+            assert!(
+                next > at,
+                "next deadline {:?} before the verdict",
+                at - next
+            );
+            assert_eq!(live.expire(at), None);
+        }
+    }
+
+    /// One round trip far longer than the rest (a pong read after this router's own stall, a
+    /// probe that sat behind a full congestion window) does not widen the silence that is down
+    /// for seconds after it: a sample counts for at most the silence it would have ended.
+    #[test]
+    fn one_huge_rtt_sample_does_not_blunt_detection() {
+        let p = ProbeConfig::default();
+        let mut live = Liveness::new(p, T::now());
+        for _ in 0..50 {
+            live.rtt_sample(Duration::from_micros(300));
+        }
+        let settled = live.detect();
+        live.rtt_sample(Duration::from_secs(1));
+        for _ in 0..3 {
+            live.rtt_sample(Duration::from_micros(300));
+        }
+        assert!(
+            live.detect() <= settled + settled / 2,
+            "detection {:?}, {settled:?} before the sample",
+            live.detect()
+        );
     }
 
     /// A detector with a probe outstanding since `t0`, on a short link, and the probe timeout.

@@ -1614,7 +1614,7 @@ mod tests {
         };
         let mut p = Preference::default();
         assert_eq!(
-            pick(&mut p, &[far.clone()], Duration::ZERO).as_deref(),
+            pick(&mut p, std::slice::from_ref(&far), Duration::ZERO).as_deref(),
             Some("far")
         );
         let both = [near.clone(), far.clone()];
@@ -1649,7 +1649,7 @@ mod tests {
         // Back after the revert window, the nearest: taken, as a site new to the candidates.
         let mut p = Preference::default();
         pick(&mut p, &both, Duration::ZERO);
-        pick(&mut p, &[far.clone()], Duration::from_secs(1));
+        pick(&mut p, std::slice::from_ref(&far), Duration::from_secs(1));
         assert_eq!(
             pick(&mut p, &both, Duration::from_secs(60)).as_deref(),
             Some("near")

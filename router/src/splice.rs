@@ -1226,7 +1226,7 @@ mod tests {
             moved,
         ));
         // The site takes the stream and the byte, and then neither answers nor lets go.
-        let (mut s_send, mut s_recv) = site.accept_bi().await.unwrap();
+        let (s_send, mut s_recv) = site.accept_bi().await.unwrap();
         let mut b = [0u8; 1];
         s_recv.read_exact(&mut b).await.unwrap();
         e_send.reset(code.varint()).unwrap();

@@ -84,6 +84,8 @@ struct Cx {
     texts: Texts,
     /// Unknown names given the closest known ones so far ([`Cx::known_list`]).
     hinted: usize,
+    /// Distance cells the hints may still compute ([`HINT_CELLS`]).
+    hint_cells: u64,
 }
 
 /// How a text is validated: as a new one (every rule), or as one a controller stored under an
@@ -102,6 +104,7 @@ impl Cx {
             dropped: (0, 0),
             texts,
             hinted: 0,
+            hint_cells: HINT_CELLS,
         }
     }
     /// A rule added after texts were accepted without it: an error for a new text, a warning
@@ -621,6 +624,11 @@ const MAX_HINTED_LEN: usize = 64;
 /// but not its links has 100,000 unknown link ends (that took minutes).
 const MAX_HINTED_NAMES: usize = 100;
 
+/// Distance cells (one character of the unknown word against one of a known name) all of a
+/// document's hints may compute: 100 hints over 50,000 ids of 63 characters were 2 x 10^10
+/// (minutes); 100 over 10,000 ids of 10 characters are under 10^8.
+const HINT_CELLS: u64 = 100_000_000;
+
 fn closest<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
     let len = word.chars().count();
     if len > MAX_HINTED_LEN {
@@ -664,8 +672,16 @@ impl Cx {
                  names only)"
             );
         }
+        let known: Vec<&str> = known.collect();
+        let len = word.chars().count() as u64;
+        let cells: u64 = known.iter().map(|k| len * k.len() as u64).sum();
+        if cells > self.hint_cells {
+            return format!("({total} known; too many to search for the closest)");
+        }
+        self.hint_cells -= cells;
         self.hinted += 1;
-        let mut ranked: Vec<(usize, &str)> = known.map(|k| (distance(word, k), k)).collect();
+        let mut ranked: Vec<(usize, &str)> =
+            known.into_iter().map(|k| (distance(word, k), k)).collect();
         ranked.sort_unstable();
         let near: Vec<&str> = ranked.iter().take(5).map(|(_, k)| *k).collect();
         format!("(closest of {total} known: {})", near.join(", "))
@@ -1525,6 +1541,26 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
 
     // Cross-checks that need everything above.
     let any_port = services.iter().any(|(s, _)| s.port.is_some());
+    // The services listening on edges, for an edge without a client_address: the first few
+    // and a count, made once (named in full, once per such edge, 10,000 services on 50,000
+    // edges were 32 GB of messages).
+    let with_port = {
+        let named: Vec<&str> = services
+            .iter()
+            .filter(|(s, _)| s.port.is_some())
+            .map(|(s, _)| s.name.as_str())
+            .collect();
+        let mut text = named
+            .iter()
+            .take(UNREACHABLE_SHOWN)
+            .copied()
+            .collect::<Vec<_>>()
+            .join(", ");
+        if named.len() > UNREACHABLE_SHOWN {
+            text.push_str(&format!(" and {} more", named.len() - UNREACHABLE_SHOWN));
+        }
+        text
+    };
     let mut client_addrs: HashMap<IpAddr, String> = HashMap::new();
     for e in &entries {
         let (Some(id), Some(kind)) = (&e.id, e.kind) else {
@@ -1564,16 +1600,10 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
         match kind {
             NodeKind::Edge => match e.fields.get("client_address") {
                 None if any_port => {
-                    let with_port: Vec<&str> = services
-                        .iter()
-                        .filter(|(s, _)| s.port.is_some())
-                        .map(|(s, _)| s.name.as_str())
-                        .collect();
                     cx.err(
                         e.id_pos,
                         format!(
-                            "edge node \"{id}\" has no client_address, but services listen on edges ({})",
-                            with_port.join(", ")
+                            "edge node \"{id}\" has no client_address, but services listen on edges ({with_port})"
                         ),
                     );
                 }
@@ -1787,7 +1817,8 @@ fn location(cx: &mut Cx, node: &YNode, what: &dyn fmt::Display) -> Option<Locati
     })
 }
 
-/// Services named in an edge's "cannot reach" warning; the others are counted.
+/// Services named in an edge's "cannot reach" warning (and in its "no client_address"
+/// error); the others are counted.
 const UNREACHABLE_SHOWN: usize = 5;
 
 /// Warns for each edge from which no allowed site of some service can be reached over links and

@@ -321,6 +321,67 @@ fn unknown_names_get_the_closest_known_ones_for_the_first_100_only() {
     );
 }
 
+/// Long ids make each distance of a "did you mean" hint long: 100 unknown link ends of 64
+/// characters against 50,000 ids of 63 were 2 x 10^10 steps (minutes). The hints share a
+/// budget of steps; past it, the count known is given.
+#[test]
+fn hints_against_many_long_ids_stay_within_a_budget() {
+    let mut text = String::from("version: 1\nnodes:\n");
+    let stem = "a".repeat(57);
+    for i in 0..50_000u32 {
+        let [_, _, c, d] = i.to_be_bytes();
+        text.push_str(&format!(
+            "  - {{id: {stem}-{i:05}, kind: transit, region: r, country: AU, \
+             location: {{lat: 0, lon: 0}}, address: \"127.1.{c}.{d}:7000\"}}\n"
+        ));
+    }
+    text.push_str("links:\n");
+    for i in 0..100 {
+        text.push_str(&format!(
+            "  - {{a: {stem}x-{i:05}, b: {stem}y-{i:05}, latency: 1ms, capacity: 1Gbps}}\n"
+        ));
+    }
+    let d = refused(&text);
+    let unknown: Vec<&Diagnostic> = d
+        .iter()
+        .filter(|d| d.message.starts_with("unknown node"))
+        .collect();
+    assert_eq!(unknown.len(), 200, "{:?}", &d[..3]);
+    assert!(
+        unknown.iter().all(|d| d
+            .message
+            .contains("(50000 known; too many to search for the closest)")),
+        "{}",
+        unknown[0].message
+    );
+}
+
+/// An edge without a client_address while services listen on edges names the first few of
+/// them and counts the rest: it named every one, once per edge (10,000 services on 50,000
+/// edges, 32 GB of messages).
+#[test]
+fn an_edge_without_client_address_names_a_few_services() {
+    // Its `services:` (none) last: the ones with ports follow.
+    let mut text = isolated_edges(0, 2_000);
+    for i in 0..2_000u32 {
+        text.push_str(&format!("  - {{name: svc-{i}, port: {}}}\n", 10_000 + i));
+    }
+    let d = refused(&text);
+    let no_address: Vec<&Diagnostic> = d
+        .iter()
+        .filter(|d| d.message.contains("has no client_address"))
+        .collect();
+    assert!(no_address.len() >= 900, "{}", no_address.len());
+    for d in no_address {
+        assert!(
+            d.message
+                .ends_with("(svc-0, svc-1, svc-2, svc-3, svc-4 and 1995 more)"),
+            "{}",
+            &d.message[..d.message.len().min(300)]
+        );
+    }
+}
+
 /// A valid fabric with `services` services, all served by one site, and `edges` edges that link
 /// to nothing.
 fn isolated_edges(services: u32, edges: u32) -> String {

@@ -29,6 +29,11 @@ pub enum UnitError {
     },
     #[error("{value:?} must be greater than zero")]
     NotPositive { value: String },
+    /// Positive, but finer than the unit the value is kept in.
+    #[error("{value:?} is below the smallest value, {min}")]
+    TooSmall { value: String, min: &'static str },
+    #[error("{value:?} is not a whole number of bits per second")]
+    NotWhole { value: String },
     #[error("{value:?} is out of range (at most {max})")]
     OutOfRange { value: String, max: &'static str },
     #[error("{value:?} is negative")]
@@ -232,8 +237,9 @@ impl FromStr for Latency {
         }
         let d = Duration::from_secs_f64(secs);
         if d.is_zero() {
-            return Err(UnitError::NotPositive {
+            return Err(UnitError::TooSmall {
                 value: s.trim().to_string(),
+                min: "1ns",
             });
         }
         Ok(Latency(d))
@@ -324,6 +330,17 @@ impl FromStr for Bandwidth {
             )
         {
             let bits = format!("{}{}bps", n * 8.0, prefix.to_ascii_uppercase());
+            // As bits, over the limit: the limit is the word (a suggestion that is refused in
+            // turn helps nobody).
+            if bits
+                .parse::<Bandwidth>()
+                .is_err_and(|e| matches!(e, UnitError::OutOfRange { .. }))
+            {
+                return Err(UnitError::OutOfRange {
+                    value: s.trim().to_string(),
+                    max: "1000Tbps",
+                });
+            }
             return Err(UnitError::BytesPerSecond {
                 value: s.trim().to_string(),
                 bits,
@@ -344,9 +361,15 @@ impl FromStr for Bandwidth {
             }
         };
         let bps = n * mult;
-        if bps < 1.0 {
+        if bps <= 0.0 {
             return Err(UnitError::NotPositive {
                 value: s.trim().to_string(),
+            });
+        }
+        if bps < 1.0 {
+            return Err(UnitError::TooSmall {
+                value: s.trim().to_string(),
+                min: "1bps",
             });
         }
         // 1 Pbps: far above any link we model, far below u64 overflow.
@@ -354,6 +377,14 @@ impl FromStr for Bandwidth {
             return Err(UnitError::OutOfRange {
                 value: s.trim().to_string(),
                 max: "1000Tbps",
+            });
+        }
+        // A fraction of a bit per second is a typo, not a rate ("1.4bps" was 1 bps); the
+        // tolerance covers the float's rounding of a whole rate ("1.1Gbps" is 1.1 x 10^9 and
+        // a little).
+        if (bps - bps.round()).abs() > (bps * 1e-12).max(1e-3) {
+            return Err(UnitError::NotWhole {
+                value: s.trim().to_string(),
             });
         }
         Ok(Bandwidth(bps.round() as u64))
@@ -397,6 +428,47 @@ impl<'de> Deserialize<'de> for Bandwidth {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each refusal gives the real reason, and a suggestion is one that would be taken.
+    #[test]
+    fn unit_refusals_say_why_and_suggest_only_what_is_taken() {
+        let why = |s: &str, f: fn(&str) -> Option<UnitError>| f(s).unwrap().to_string();
+        let bw = |s: &str| s.parse::<Bandwidth>().err();
+        let lat = |s: &str| s.parse::<Latency>().err();
+        assert_eq!(
+            why("0.5bps", bw),
+            "\"0.5bps\" is below the smallest value, 1bps"
+        );
+        assert_eq!(
+            why("0.4ns", lat),
+            "\"0.4ns\" is below the smallest value, 1ns"
+        );
+        assert_eq!(why("0bps", bw), "\"0bps\" must be greater than zero");
+        assert_eq!(
+            why("1.4bps", bw),
+            "\"1.4bps\" is not a whole number of bits per second"
+        );
+        assert_eq!("1.1Gbps".parse::<Bandwidth>().unwrap().bps(), 1_100_000_000);
+        assert!("2.5bps".parse::<Bandwidth>().is_err());
+        assert_eq!("0.001Kbps".parse::<Bandwidth>().unwrap().bps(), 1);
+        assert_eq!(
+            why("200TBps", bw),
+            "\"200TBps\" is out of range (at most 1000Tbps)"
+        );
+        let e = why("100TBps", bw);
+        assert!(
+            e.contains("write \"800TBps\"") || e.contains("write \"800Tbps\""),
+            "{e}"
+        );
+        let suggested = e
+            .split("write \"")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap();
+        assert!(suggested.parse::<Bandwidth>().is_ok(), "{suggested}");
+    }
 
     #[test]
     fn latency_parses_and_prints() {

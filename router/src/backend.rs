@@ -28,7 +28,7 @@ use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -51,6 +51,9 @@ pub struct BackendConfig {
     pub tokens: usize,
     /// Delay between tokens unless the request says otherwise.
     pub token_delay: Duration,
+    /// How long a connection may take to send a request's headers (and may sit idle between
+    /// requests) before it is closed.
+    pub header_timeout: Duration,
 }
 
 impl BackendConfig {
@@ -60,6 +63,7 @@ impl BackendConfig {
             service: service.into(),
             tokens: 16,
             token_delay: Duration::from_millis(2),
+            header_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -167,11 +171,16 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch
         };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
+        let header_timeout = shared.cfg.header_timeout;
         conns.spawn(async move {
             let svc = service_fn(move |req| handle(shared.clone(), req));
             // Half-closes allowed: a client's FIN (Tasman passes it on) arriving while a
             // completion streams would otherwise make hyper drop the connection mid-response.
+            // hyper's header timeout needs a timer: without one it is off, and a client that
+            // never finished its headers held its connection for good.
             let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
                 .half_close(true)
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
@@ -366,6 +375,26 @@ mod tests {
         DemoBackend::spawn("127.0.0.1:0".parse().expect("literal"), cfg)
             .await
             .expect("spawn backend")
+    }
+
+    /// A connection that never finishes its request's headers is closed after the header
+    /// timeout (hyper's was off without a timer: it was held for good).
+    #[tokio::test]
+    async fn a_request_whose_headers_never_end_is_closed() {
+        let cfg = BackendConfig {
+            header_timeout: Duration::from_millis(300),
+            ..BackendConfig::new("syd-site", "llm")
+        };
+        let b = DemoBackend::spawn("127.0.0.1:0".parse().expect("literal"), cfg)
+            .await
+            .expect("spawn backend");
+        let mut s = TcpStream::connect(b.local_addr()).await.expect("connect");
+        s.write_all(b"GET /v1/completions HTTP/1.1\r\nhost: x\r\n")
+            .await
+            .expect("write");
+        let mut out = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+        assert!(closed.is_ok(), "the connection is still open");
     }
 
     /// Sends one raw HTTP/1.1 request with `Connection: close` and returns the whole response.

@@ -490,9 +490,18 @@ async fn handle_client(
         return;
     };
     drop(replay);
-    drop(starting);
     let limiter = circuit.as_ref().map(|c| &*c.limiter);
-    splice::tcp_quic_with(&shared, tcp, send, recv, Side::Edge, &mut buf, limiter).await;
+    splice::tcp_quic_with(
+        &shared,
+        tcp,
+        send,
+        recv,
+        Side::Edge,
+        &mut buf,
+        limiter,
+        starting,
+    )
+    .await;
 }
 
 /// The tries of one client connection, until a site accepts its stream (returned) or none is

@@ -436,8 +436,7 @@ pub(crate) async fn serve(
         }
     }
     tracing::debug!(node = %shared.node, service = %svc.service, connect_us = started.elapsed().as_micros() as u64, "backend connected");
-    drop(starting);
-    splice::tcp_quic(&shared, tcp, send, recv, Side::Site).await;
+    splice::tcp_quic(&shared, tcp, send, recv, Side::Site, starting).await;
     drop(slot);
 }
 

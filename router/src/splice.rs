@@ -34,6 +34,7 @@ use tokio::net::TcpStream;
 
 use crate::Shared;
 use crate::codes::Code;
+use crate::metrics::Held;
 use crate::ratelimit::{CircuitLimiter, TokenBucket};
 
 /// Bytes read from TCP per syscall (to start with). A connection's current block lives as long
@@ -626,19 +627,23 @@ pub(crate) fn reset_tcp(tcp: &TcpStream) {
 }
 
 /// Full-duplex splice of an accepted stream; returns when both directions ended or one failed.
+/// `starting` is the stream's count among those starting (`streams_starting`), let go once it
+/// counts as active: a drain, which waits for both, never sees it in neither.
 pub(crate) async fn tcp_quic(
     shared: &Shared,
     tcp: TcpStream,
     send: SendStream,
     recv: RecvStream,
     side: Side,
+    starting: Held<'_>,
 ) {
     let mut buf = TcpBuf::new();
-    tcp_quic_with(shared, tcp, send, recv, side, &mut buf, None).await;
+    tcp_quic_with(shared, tcp, send, recv, side, &mut buf, None, starting).await;
 }
 
 /// As [`tcp_quic`], with a caller-provided (reused) buffer, and the circuit's limiter when the
 /// connection belongs to one (client-to-service bytes take from `up`, the others from `down`).
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn tcp_quic_with(
     shared: &Shared,
     mut tcp: TcpStream,
@@ -647,8 +652,10 @@ pub(crate) async fn tcp_quic_with(
     side: Side,
     buf: &mut TcpBuf,
     limiter: Option<&CircuitLimiter>,
+    starting: Held<'_>,
 ) {
     shared.metrics.streams_active.fetch_add(1, Relaxed);
+    drop(starting);
     shared.metrics.streams_total.fetch_add(1, Relaxed);
     let activity = Activity::default();
     let watch = WriteWatch::default();
@@ -1046,6 +1053,7 @@ mod tests {
                 Side::Edge,
                 never(),
                 None,
+                never(),
             )
         });
         assert_future_within("tcp_quic_with", n, 2048);

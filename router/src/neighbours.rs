@@ -102,6 +102,18 @@ impl Neighbour {
     }
 }
 
+/// Closes a neighbour's connection when dropped ([`run_dialer`] aborted).
+struct CloseOnDrop<'a>(&'a quinn::Connection);
+
+impl Drop for CloseOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.0.close_reason().is_none() {
+            self.0
+                .close(quinn::VarInt::from_u32(close::NORMAL), b"topology changed");
+        }
+    }
+}
+
 /// Dials `nb` forever (until aborted), with exponential backoff and jitter between attempts.
 ///
 /// A connection counts as made only once it has answered a probe: the handshake completes on
@@ -174,6 +186,10 @@ pub(crate) async fn run_dialer(shared: Arc<Shared>, nb: Arc<Neighbour>) {
         if let Some(conn) = made {
             tracing::debug!(node = %shared.node, neighbour = %nb.id, "connected");
             let _trust_watch = crate::tls::watch_trust(shared.cert.clone(), conn.clone());
+            // The dialer aborted (the link left the topology, or its address changed) while
+            // it holds the connection closes it, down or up: streams still on it must not run
+            // on unprobed and unwatched. (Ended here, it is closed already.)
+            let _close = CloseOnDrop(&conn);
             let answered = probe_until_down(&shared, &nb, &conn, &mut down_since).await;
             if nb.is_up() {
                 nb.set_down();

@@ -1744,6 +1744,65 @@ async fn a_draining_transit_still_declares_a_silent_neighbour_down() {
     }
 }
 
+/// A snapshot that removes the link to a neighbour that is down (in its hold-down) but still
+/// connected closes that connection, and the streams still on it end: they ran on over a link
+/// the topology no longer has, no longer probed nor watched for revocation, until QUIC's idle
+/// timeout or for good. (Only an up neighbour's connection was closed.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_the_link_to_a_down_neighbour_closes_its_connection() {
+    let dir = ca_dir();
+    let backend = tracked_echo_backend().await;
+    let (hs, txs, link, port) = line_via_emulator(dir.path(), backend.addr, |cfg| {
+        cfg.probe.hold_down = Duration::from_secs(600);
+    })
+    .await;
+    wait_for_route(
+        node(&hs, "edge"),
+        "echo",
+        Duration::from_secs(10),
+        "edge never got a route",
+    )
+    .await;
+    let mut held = held_connection(port, b"before").await;
+    let transit = node(&hs, "transit");
+    // Down for a moment, not dead: the connection and the stream on it stay.
+    link.cut_for(Duration::from_millis(600));
+    wait_until(
+        Duration::from_secs(20),
+        || transit_downs(transit) >= 1,
+        || format!("no down verdict: {}", transit.metrics_text()),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    echo_once(&mut held, b"still").await.unwrap();
+    assert!(!neighbour_up(transit, "site"));
+    // The transit--site link goes; the site is reached from the edge directly instead.
+    let mut t = (*txs[0].borrow().topology).clone();
+    let (tr, site) = (
+        topology::NodeId::new("transit"),
+        topology::NodeId::new("site"),
+    );
+    for l in &mut t.links {
+        if l.id() == topology::LinkId::new(&tr, &site) {
+            l.a = topology::NodeId::new("edge");
+            l.b = topology::NodeId::new("site");
+        }
+    }
+    let next = Arc::new(Snapshot::new(2, Arc::new(t)));
+    for tx in &txs {
+        tx.send(next.clone()).unwrap();
+    }
+    let mut b = [0u8; 1];
+    let got = tokio::time::timeout(Duration::from_secs(5), held.read(&mut b)).await;
+    assert!(
+        matches!(got, Ok(Err(_)) | Ok(Ok(0))),
+        "the stream over the removed link is still open: {got:?}"
+    );
+    for h in hs {
+        h.shutdown().await;
+    }
+}
+
 /// A neighbour that flaps (its link silent for 350 ms every 500 ms) faster than the hold-down
 /// (1 s) is declared down once and stays down while it flaps: each failure while down starts
 /// the hold-down over. It is up again once it has answered for a whole hold-down after the

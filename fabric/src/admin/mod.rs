@@ -440,12 +440,17 @@ impl From<&::topology::Diagnostic> for Diag {
 }
 
 impl Diag {
-    /// `FILE:LINE:COL: severity: message`, as the loader prints it.
+    /// `FILE:LINE:COL: severity: message`, as the loader prints it; a problem with the whole
+    /// document (line 0) as `FILE: severity: message`.
     pub fn display(&self, file: &str) -> String {
-        format!(
-            "{file}:{}:{}: {}: {}",
-            self.line, self.column, self.severity, self.message
-        )
+        if self.line == 0 {
+            format!("{file}: {}: {}", self.severity, self.message)
+        } else {
+            format!(
+                "{file}:{}:{}: {}: {}",
+                self.line, self.column, self.severity, self.message
+            )
+        }
     }
 }
 
@@ -570,6 +575,33 @@ mod tests {
     /// A request whose handler panics, on a blocking thread or in a write's task, is answered
     /// 500 saying it failed, not why: the panic's message (paths, names, a record's bytes) is
     /// for the log. (It was the body: "internal: task 12 panicked with message ...".)
+    /// A diagnostic about the whole document prints without a position, as the loader prints
+    /// it (it printed `FILE:0:0:`); one with a position keeps `FILE:LINE:COL:`.
+    #[test]
+    fn a_whole_document_diagnostic_prints_without_a_position() {
+        let diags =
+            ::topology::load("version: 1\nnodes: [\n").expect_err("an unclosed list is refused");
+        let mut shown: Vec<String> = diags
+            .iter()
+            .map(|d| Diag::from(d).display("t.yaml"))
+            .collect();
+        let whole = Diag {
+            line: 0,
+            column: 0,
+            severity: "error".into(),
+            message: "too many problems".into(),
+        };
+        shown.push(whole.display("t.yaml"));
+        let loader = ::topology::Diagnostic::error(0, 0, "too many problems").display("t.yaml");
+        assert_eq!(shown.last().unwrap(), &loader);
+        assert_eq!(loader, "t.yaml: error: too many problems");
+        assert!(
+            shown[0].starts_with("t.yaml:") && !shown[0].starts_with("t.yaml:0:"),
+            "{shown:?}"
+        );
+        assert_eq!(shown[0], diags[0].display("t.yaml"));
+    }
+
     #[tokio::test]
     async fn a_panic_is_answered_500_without_its_message() {
         let e = off_workers(|| -> Result<(), ApiError> { panic!("secret-41 at /var/lib/x") })

@@ -411,10 +411,11 @@ impl Controller {
             topology,
             warnings,
         });
+        let circuits: Arc<Vec<ProvisionedCircuit>> = Arc::default();
         let first = encode(
             epoch << 32 | 1,
             &current,
-            &Arc::default(),
+            &circuits,
             LiveState::default(),
             None,
             proto::MAX_TO_ROUTER,
@@ -425,7 +426,7 @@ impl Controller {
             store,
             inner: Mutex::new(Inner {
                 current,
-                circuits: Arc::default(),
+                circuits,
                 live,
                 backoff: Backoff::new(BackoffParams::default()),
                 seq: 1,
@@ -800,8 +801,12 @@ impl Controller {
             self.snapshot_limit(),
         )?;
         inner.live.publish(live);
-        // A topology change with the same circuits goes out as a delta when it is exact.
-        if topology_changed && Arc::ptr_eq(&prev.circuits, &inner.circuits) {
+        // A topology change with the same circuits goes out as a delta when it is exact and
+        // smaller than the snapshot (which is within the routers' frame limit): one that
+        // replaces most of the topology carries more, and could pass the limit.
+        if topology_changed
+            && (Arc::ptr_eq(&prev.circuits, &inner.circuits) || prev.circuits == inner.circuits)
+        {
             let changes = proto::TopologyDelta::between(&prev.topology, &inner.current.topology);
             if changes.apply(&prev.topology) == *inner.current.topology {
                 let frame = proto::encode(&ToRouter::Delta {
@@ -811,7 +816,9 @@ impl Controller {
                     changes,
                     live: p.live.clone(),
                 })?;
-                p.delta = Some((prev.version, frame));
+                if frame.len() < p.full.len() {
+                    p.delta = Some((prev.version, frame));
+                }
             }
         }
         self.published.send_replace(Arc::new(p));
@@ -1346,6 +1353,45 @@ mod tests {
         assert_eq!(ctl.published().version, v);
         assert_eq!(ctl.current().record.version, 1, "nothing committed");
         assert_eq!(ctl.history(10).unwrap().len(), 1);
+    }
+
+    /// A topology change goes out as a delta only when the delta is smaller than the full
+    /// snapshot: one that replaces most of the topology (every node renamed) carries more than
+    /// the snapshot (the new elements and every removed id), and one near the frame limit would
+    /// pass it while the snapshot fits, so every router would close its session as a protocol
+    /// error and reconnect at once. (The delta was published whatever its size; and the first
+    /// apply after a start sent no delta at all, the circuits of the first version being
+    /// another empty list.)
+    #[tokio::test]
+    async fn a_topology_delta_goes_out_only_when_smaller_than_the_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RedbStore::open(dir.path()).unwrap());
+        let ctl = Controller::open(store, Some((&yaml("5ms"), "t.yaml"))).unwrap();
+        ctl.apply(&yaml("50ms"), "me", "", Origin::Apply, false, None)
+            .await
+            .unwrap();
+        let p = ctl.published();
+        let (_, small) = p.delta.clone().expect("one link's latency: a delta");
+        assert!(small.len() < p.full.len());
+        let mut renamed = yaml("50ms");
+        for (from, to) in [("e", "e9"), ("t", "t9"), ("s1", "s8"), ("s2", "s9")] {
+            for field in ["id", "a", "b"] {
+                renamed = renamed.replace(&format!("{field}: {from},"), &format!("{field}: {to},"));
+            }
+        }
+        assert!(!renamed.contains("id: e,"), "{renamed}");
+        ctl.apply(&renamed, "me", "", Origin::Apply, false, None)
+            .await
+            .unwrap();
+        let p = ctl.published();
+        assert_eq!(p.topology_version, 3);
+        let full = p.full.len();
+        if let Some((_, d)) = &p.delta {
+            panic!(
+                "a delta of {} bytes went out for a snapshot of {full}",
+                d.len()
+            );
+        }
     }
 
     /// An apply whose plan fails after its commit (a bug: the plan panics) answers the version

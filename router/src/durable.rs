@@ -58,17 +58,25 @@ pub fn write(path: &Path, tmp: &Path, contents: &[u8], secret: bool) -> Result<(
         r => r,
     };
     let mut f = f.map_err(at(tmp))?;
-    #[cfg(unix)]
-    if secret {
-        use std::os::unix::fs::PermissionsExt;
-        f.set_permissions(fs::Permissions::from_mode(0o600))
-            .map_err(at(tmp))?;
+    let written = (|| {
+        #[cfg(unix)]
+        if secret {
+            use std::os::unix::fs::PermissionsExt;
+            f.set_permissions(fs::Permissions::from_mode(0o600))
+                .map_err(at(tmp))?;
+        }
+        let _ = secret;
+        f.write_all(contents).map_err(at(tmp))?;
+        f.sync_all().map_err(at(tmp))?;
+        drop(f);
+        rename(tmp, path).map_err(at(path))
+    })();
+    // A failed write leaves no temporary behind: part of a large file written before the disk
+    // filled would hold its free space for as long as the writer retries (best effort).
+    if written.is_err() {
+        let _ = fs::remove_file(tmp);
     }
-    let _ = secret;
-    f.write_all(contents).map_err(at(tmp))?;
-    f.sync_all().map_err(at(tmp))?;
-    drop(f);
-    rename(tmp, path).map_err(at(path))
+    written
 }
 
 /// Renames `from` to `to`, then syncs `to`'s directory.
@@ -202,6 +210,29 @@ mod tests {
         // A file where a directory should be is an error, not a loop.
         fs::write(t.path().join("f"), b"").unwrap();
         assert!(create_dir_all(&t.path().join("f/g")).is_err());
+    }
+
+    /// A write that fails removes its temporary (here the rename: the final path is a
+    /// directory that is not empty), and the file in place is untouched. (The temporary, with
+    /// all it held, stayed: on a full disk, its blocks.)
+    #[test]
+    fn a_failed_write_leaves_no_temporary() {
+        let t = tempfile::tempdir().unwrap();
+        let (path, tmp) = (
+            t.path().join("snapshot.json"),
+            t.path().join("snapshot.json.tmp"),
+        );
+        fs::create_dir(&path).unwrap();
+        fs::write(path.join("kept"), b"x").unwrap();
+        let e = write(&path, &tmp, &[7u8; 4096], false).expect_err("renamed over a directory");
+        assert_eq!(e.path, path);
+        assert!(!tmp.exists(), "the temporary stayed");
+        assert_eq!(fs::read(path.join("kept")).unwrap(), b"x");
+        // And a write that can be made still is.
+        let other = t.path().join("other");
+        write(&other, &tmp, b"ok", true).unwrap();
+        assert_eq!(fs::read(&other).unwrap(), b"ok");
+        assert!(!tmp.exists());
     }
 
     /// A secret is written with mode 0600 whatever the temporary's path held: a file left by a

@@ -1209,6 +1209,48 @@ async fn reconnects_keeping_its_snapshot(
     );
 }
 
+/// A `ControlClient::start` cancelled before the controller answered (a caller's timeout)
+/// stops what it started: its dialling of the controller ends with it. (Its tasks ran on
+/// detached: the client kept dialling as that node for good, and its writers could still store
+/// into the state directory whose lock it had let go.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_start_stops_dialling_the_controller() {
+    use router::control::{ClientConfig, ControlClient};
+    let dir = ca_dir();
+    router::pki::issue(dir.path(), "edge").unwrap();
+    let state = tempfile::tempdir().unwrap();
+    // A controller that never answers: what reaches it is counted.
+    let silent = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let id = router::tls::TlsIdentity::load(dir.path(), "edge").unwrap();
+    let mut cfg = ClientConfig::new(silent.local_addr().unwrap(), NodeId::new("edge"), id);
+    cfg.state_dir = Some(state.path().to_path_buf());
+    let mut buf = vec![0u8; 65536];
+    let started = tokio::time::timeout(Duration::from_millis(300), ControlClient::start(cfg));
+    assert!(started.await.is_err(), "no snapshot: still starting");
+    // It was dialling: its first Initial arrived.
+    tokio::time::timeout(Duration::from_secs(5), silent.recv_from(&mut buf))
+        .await
+        .expect("the client never dialled")
+        .unwrap();
+    // What left before the cancel took effect (a close) is read, then nothing more comes:
+    // quinn retransmits an unanswered Initial 1 s, then 2 s, after the last (its first PTOs),
+    // and the client dials again after a failed attempt.
+    let quiet_from = Instant::now() + Duration::from_millis(500);
+    let mut late = 0;
+    while let Ok(r) = tokio::time::timeout_at(
+        (quiet_from + Duration::from_secs(4)).into(),
+        silent.recv_from(&mut buf),
+    )
+    .await
+    {
+        r.unwrap();
+        if Instant::now() >= quiet_from {
+            late += 1;
+        }
+    }
+    assert_eq!(late, 0, "the cancelled client kept dialling the controller");
+}
+
 /// A control client of router `edge` (certificate in `dir`) to `addr`, `tune`d, once it has a
 /// snapshot.
 async fn control_client(

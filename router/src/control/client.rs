@@ -403,7 +403,7 @@ impl RenewSchedule {
 pub struct ControlClient {
     shared: Arc<Shared>,
     snapshots: watch::Receiver<Arc<Snapshot>>,
-    tasks: Vec<JoinHandle<()>>,
+    tasks: Tasks,
     /// This router's hold on its state directory ([`disk::lock`]), let go with the client.
     _state_lock: Option<disk::StateLock>,
 }
@@ -432,9 +432,22 @@ impl ControlClient {
     }
 }
 
-impl Drop for ControlClient {
+/// The client's tasks, aborted when dropped: with the client, or with [`ControlClient::start`]'s
+/// future when a caller cancels it (a timeout) before it returned, which would otherwise leave
+/// them running detached (dialling the controller for good, writing into a state directory whose
+/// lock went with the future). Declared after the lock, so dropped before it.
+#[derive(Default)]
+struct Tasks(Vec<JoinHandle<()>>);
+
+impl Tasks {
+    fn push(&mut self, t: JoinHandle<()>) {
+        self.0.push(t);
+    }
+}
+
+impl Drop for Tasks {
     fn drop(&mut self) {
-        for t in &self.tasks {
+        for t in &self.0 {
             t.abort();
         }
     }
@@ -632,7 +645,7 @@ impl ControlClient {
             cfg.renew_backoff_min,
             cfg.renew_backoff_max,
         )));
-        let mut tasks = Vec::new();
+        let mut tasks = Tasks::default();
         let store = cfg.state_dir.clone().map(|dir| {
             let (writer, task) = Writer::spawn("storing the snapshot", move |s: StoredSnapshot| {
                 match disk::save(&dir, &s) {

@@ -403,7 +403,7 @@ impl RenewSchedule {
 pub struct ControlClient {
     shared: Arc<Shared>,
     snapshots: watch::Receiver<Arc<Snapshot>>,
-    tasks: Tasks,
+    _tasks: Tasks,
     /// This router's hold on its state directory ([`disk::lock`]), let go with the client.
     _state_lock: Option<disk::StateLock>,
 }
@@ -762,7 +762,7 @@ impl ControlClient {
         Ok(ControlClient {
             shared,
             snapshots: rx,
-            tasks,
+            _tasks: tasks,
             _state_lock: state_lock,
         })
     }

@@ -215,7 +215,7 @@ struct Shared {
     connects: AtomicU64,
     stale: AtomicBool,
     /// Unix ms of the last message from the controller (or of the snapshot loaded from disk).
-    last_contact_ms: AtomicU64,
+    last_contact: LastContact,
     /// The topology version of the snapshot in force.
     topology_version: AtomicU64,
     /// Telemetry reports sent cut to the controller's frame limit ([`telemetry_frame`]).
@@ -710,7 +710,7 @@ impl ControlClient {
             connected: AtomicBool::new(false),
             connects: AtomicU64::new(0),
             stale: AtomicBool::new(false),
-            last_contact_ms: AtomicU64::new(now_ms()),
+            last_contact: LastContact::new(now_ms()),
             topology_version: AtomicU64::new(0),
             telemetry_trimmed: AtomicU64::new(0),
             cert,
@@ -726,9 +726,7 @@ impl ControlClient {
             let adopted = hand_stored(tx, s, || {
                 // The last word from the controller (not later than now: a clock set back
                 // since).
-                shared
-                    .last_contact_ms
-                    .store(s.received_unix_ms.min(now_ms()), Ordering::Relaxed);
+                shared.last_contact.stored(s.received_unix_ms.min(now_ms()));
                 shared
                     .topology_version
                     .store(s.topology_version, Ordering::Relaxed);
@@ -805,7 +803,7 @@ impl ControlClient {
     /// Unix ms of the last word from the controller: of this process, or the one recorded on
     /// disk before a restart (or the stored snapshot's arrival), what staleness counts from.
     pub fn last_contact_unix_ms(&self) -> u64 {
-        self.shared.last_contact_ms.load(Ordering::Relaxed)
+        self.shared.last_contact.get()
     }
 
     /// True once the router has gone `max_stale` without hearing from the controller.
@@ -1734,8 +1732,41 @@ fn contact_every(max_stale: Duration) -> Duration {
 }
 
 /// The controller was heard from at `now` (unix ms).
+/// Unix ms of the last word from the controller, what staleness counts from: the client's start
+/// until it hears from the controller or adopts a stored snapshot (then the time recorded with
+/// it). A stored snapshot adopted late (its address came after the controller's first words:
+/// `FromDisk::Late`) does not set it back: it only replaces the start's value. One atomic, so
+/// that a contact and an adoption racing cannot leave the older time.
+struct LastContact {
+    ms: AtomicU64,
+    started: u64,
+}
+
+impl LastContact {
+    fn new(now: u64) -> Self {
+        LastContact {
+            ms: AtomicU64::new(now),
+            started: now,
+        }
+    }
+    fn get(&self) -> u64 {
+        self.ms.load(Ordering::Relaxed)
+    }
+    /// The controller spoke at `now` (never taken for the start's value).
+    fn heard(&self, now: u64) {
+        self.ms.store(now.max(self.started + 1), Ordering::Relaxed);
+    }
+    /// A stored snapshot received at `at` was adopted: counts only if nothing was heard since
+    /// the start.
+    fn stored(&self, at: u64) {
+        let _ = self
+            .ms
+            .compare_exchange(self.started, at, Ordering::Relaxed, Ordering::Relaxed);
+    }
+}
+
 fn contacted(shared: &Shared, now: u64) {
-    shared.last_contact_ms.store(now, Ordering::Relaxed);
+    shared.last_contact.heard(now);
     if let Some(contact) = &shared.contact {
         let every = contact_every(shared.cfg.max_stale).as_millis() as u64;
         let sent = shared.contact_sent_ms.load(Ordering::Relaxed);
@@ -1752,7 +1783,7 @@ async fn staleness_watch(shared: Arc<Shared>) {
     let mut last_log = 0u64;
     loop {
         tokio::time::sleep(period).await;
-        let age_ms = now_ms().saturating_sub(shared.last_contact_ms.load(Ordering::Relaxed));
+        let age_ms = now_ms().saturating_sub(shared.last_contact.get());
         if age_ms > shared.cfg.max_stale.as_millis() as u64 {
             shared.stale.store(true, Ordering::Relaxed);
             let now = now_ms();
@@ -1780,6 +1811,31 @@ mod tests {
         running: Option<SocketAddr>,
     ) -> Result<(), Refusal> {
         check_with(node, snap, bound, running, false)
+    }
+
+    /// The last contact follows the controller's words, and a stored snapshot adopted after
+    /// the controller spoke does not set it back to the time stored with it (which made a
+    /// connected router stale until the next heartbeat after an outage longer than
+    /// `max_stale`); adopted before, it counts from its own time.
+    #[test]
+    fn a_stored_snapshot_adopted_late_does_not_set_the_last_contact_back() {
+        let day = 24 * 3600 * 1000;
+        let start = 10 * day;
+        let c = LastContact::new(start);
+        c.heard(start + 5);
+        c.stored(start - 2 * day);
+        assert_eq!(c.get(), start + 5);
+        c.heard(start + 2000);
+        assert_eq!(c.get(), start + 2000);
+        // Adopted at once (nothing heard yet): staleness counts from the stored time.
+        let c = LastContact::new(start);
+        c.stored(start - 2 * day);
+        assert_eq!(c.get(), start - 2 * day);
+        // Heard in the start's own millisecond: still a contact, not the start.
+        let c = LastContact::new(start);
+        c.heard(start);
+        c.stored(start - 2 * day);
+        assert_eq!(c.get(), start + 1);
     }
 
     use super::*;

@@ -487,6 +487,41 @@ pub fn check_b_end_id(id: &str) -> Result<(), String> {
     ))
 }
 
+/// A name a spec gives for something of the topology (`field` names where): an id, or the
+/// request is refused naming the field, a long one not echoed back (a request body may be
+/// megabytes; the refusal quotes what it refuses).
+fn check_spec_id(field: &str, id: &str) -> Result<(), CircuitError> {
+    check_b_end_id(id).map_err(|e| CircuitError::Invalid(format!("{field}: {e}")))
+}
+
+/// Each region a B-end names is one the topology has (a node's region), as the topology's own
+/// `residency` regions must be: a typo is the request's fault (422), not the fabric's state
+/// (no eligible site, 409, which a client may retry).
+fn check_regions_known(topo: &Topology, b: &BEnd) -> Result<(), CircuitError> {
+    let Some(unknown) = b
+        .regions
+        .iter()
+        .find(|r| !topo.nodes.iter().any(|n| n.region == **r))
+    else {
+        return Ok(());
+    };
+    let known: BTreeSet<&str> = topo.nodes.iter().map(|n| n.region.as_str()).collect();
+    const SHOWN: usize = 10;
+    let mut list = known
+        .iter()
+        .take(SHOWN)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if known.len() > SHOWN {
+        list.push_str(&format!(" and {} more", known.len() - SHOWN));
+    }
+    Err(CircuitError::Invalid(format!(
+        "b_end.regions: unknown region {:?} (the topology's regions: {list})",
+        unknown.as_str()
+    )))
+}
+
 /// The number of a circuit id (`c-000007`: 7), which orders ids beyond six digits too.
 fn id_number(id: &CircuitId) -> Option<u64> {
     id.as_str().strip_prefix("c-")?.parse().ok()
@@ -723,7 +758,13 @@ pub fn admit(
 ) -> Result<Admission, CircuitError> {
     check_circuit_name(&spec.name)?;
     check_prefix(spec.a_end.prefix)?;
+    check_spec_id("a_end.edge", spec.a_end.edge.as_str())?;
+    check_spec_id("b_end.service", spec.b_end.service.as_str())?;
+    if let Some(pool) = &spec.pool {
+        check_spec_id("pool", pool)?;
+    }
     check_b_end(&spec.b_end)?;
+    check_regions_known(topo, &spec.b_end)?;
     if let Some(other) = circuits
         .iter()
         .find(|c| c.state.is_live() && c.name == spec.name)
@@ -1005,6 +1046,9 @@ pub fn delete(
     let from = c.state;
     c.state = CircuitState::Decommissioning;
     c.held = None;
+    // A failure's reason is about the circuit it no longer is (its history keeps it): a
+    // deleted circuit showed `decommissioning`, then `decommissioned`, with it for good.
+    c.reason = None;
     c.updated_unix_ms = now_unix_ms();
     c.revision += 1;
     record(
@@ -1163,6 +1207,7 @@ pub fn expire(
         if from == CircuitState::Decommissioning {
             c.state = CircuitState::Decommissioned;
             c.assigned_rate = None;
+            c.reason = None;
             let detail = format!(
                 "removal not acknowledged by {} within {} s ({}); \
                  decommissioned without them",
@@ -2088,13 +2133,20 @@ pub(crate) mod tests {
             assert!(matches!(&err, CircuitError::Invalid(_)), "{what}: {err}");
         }
         assert_eq!(store::read(&s, |tx| all(tx)).unwrap(), []);
-        // At most as many as allowed, each once, is fine.
+        // At most as many as allowed, each once, passes these checks (and is then refused for
+        // the first region the topology does not have); the topology's own is fine.
         let mut sp = spec("acme", "10.1.0.0/24", "1Mbps");
         sp.b_end.regions = many("r")[..MAX_B_END_ENTRIES]
             .iter()
             .map(topology::Region::new)
             .collect();
         sp.b_end.sites = vec![NodeId::new("s")];
+        let err = admit(&t, &[], &sp).unwrap_err();
+        assert!(
+            matches!(&err, CircuitError::Invalid(m) if m.starts_with("b_end.regions: unknown region")),
+            "{err}"
+        );
+        sp.b_end.regions = vec![topology::Region::new("r")];
         store::transaction(&s, |tx| create(tx, &t, &sp, None, "ops")).unwrap();
     }
 
@@ -2126,6 +2178,79 @@ pub(crate) mod tests {
             matches!(&err, CircuitError::Conflict(m) if m.contains("is failed")),
             "{err}"
         );
+    }
+
+    /// A failed circuit that is deleted loses its failure's reason (the history keeps it),
+    /// also when its removal is not acknowledged in time. (It showed `decommissioning`, then
+    /// `decommissioned`, with the failure's reason, as if its removal had failed.)
+    #[test]
+    fn a_deleted_failed_circuit_loses_its_failures_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(dir.path()).unwrap();
+        let t = topo(true);
+        created(&s, &t, "c1", "10.1.0.0/24", "100Mbps");
+        let never = |s: &RedbStore| {
+            store::transaction(s, |tx| {
+                let ids = awaiting_ack(tx)?;
+                expire(tx, &t, Duration::ZERO, &ids, &|_| Some(1), &|_, _| false)
+            })
+            .unwrap()
+        };
+        never(&s);
+        let failed = store::read(&s, |tx| find(tx, "c1")).unwrap();
+        assert_eq!(failed.state, CircuitState::Failed);
+        assert!(failed.reason.is_some());
+        let (deleted, _) = store::transaction(&s, |tx| delete(tx, "c1", "ops")).unwrap();
+        assert_eq!(deleted.state, CircuitState::Decommissioning);
+        assert_eq!(deleted.reason, None);
+        never(&s);
+        let gone = store::read(&s, |tx| find(tx, "c1")).unwrap();
+        assert_eq!(gone.state, CircuitState::Decommissioned);
+        assert_eq!(gone.reason, None);
+        let history = store::read(&s, |tx| history(tx, &gone.id)).unwrap();
+        assert!(
+            history.iter().any(|h| h.action == "fail"),
+            "the failure stays in the history: {history:?}"
+        );
+    }
+
+    /// A spec naming a region the topology does not have is refused as invalid (422), naming
+    /// the field, the region and the topology's regions: a typo is the request's fault, not
+    /// the fabric's state. (It was "no eligible site", 409, which a client may retry.) The
+    /// edge, service and pool a spec names are ids, refused naming their field, and a long one
+    /// is not echoed back. (They went unchecked into messages that quoted them whole.)
+    #[test]
+    fn a_spec_names_the_topologys_regions_and_ids() {
+        let t = topo(true);
+        let mut sp = spec("c1", "10.1.0.0/24", "1Mbps");
+        sp.b_end.regions = vec![topology::Region::new("au-eats")];
+        match admit(&t, &[], &sp) {
+            Err(CircuitError::Invalid(m)) => {
+                assert!(m.contains("b_end.regions") && m.contains("au-eats"), "{m}");
+                assert!(m.contains("the topology's regions: r"), "{m}");
+            }
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+        sp.b_end.regions = vec![topology::Region::new("r")];
+        admit(&t, &[], &sp).expect("a region of the topology");
+        let long = "a".repeat(1 << 20);
+        for field in ["a_end.edge", "b_end.service", "pool"] {
+            let mut sp = spec("c1", "10.1.0.0/24", "1Mbps");
+            match field {
+                "a_end.edge" => sp.a_end.edge = NodeId::new(&long),
+                "b_end.service" => sp.b_end.service = topology::ServiceName::new(&long),
+                _ => sp.pool = Some(long.clone()),
+            }
+            match admit(&t, &[], &sp) {
+                Err(CircuitError::Invalid(m)) => {
+                    assert!(m.starts_with(field) && m.len() < 200, "{field}: {m:.300}")
+                }
+                other => panic!(
+                    "{field}: expected Invalid, got {:.300}",
+                    format!("{other:?}")
+                ),
+            }
+        }
     }
 
     /// A name finds the live circuit of that name before a deleted one, and then the newest by

@@ -192,6 +192,15 @@ fn omitted_default(field: &str) -> Option<Value> {
     match field {
         "dial" => Some(Value::from(crate::model::FULL_DIAL)),
         "affinity" => serde_json::to_value(crate::model::Affinity::default()).ok(),
+        "health_interval" => {
+            serde_json::to_value(crate::model::HealthPolicy::DEFAULT_INTERVAL).ok()
+        }
+        "unhealthy_after" => Some(Value::from(
+            crate::model::HealthPolicy::DEFAULT_UNHEALTHY_AFTER,
+        )),
+        "healthy_after" => Some(Value::from(
+            crate::model::HealthPolicy::DEFAULT_HEALTHY_AFTER,
+        )),
         _ => None,
     }
 }
@@ -386,23 +395,35 @@ pub fn impact_with(
     margins: &Margins,
 ) -> Vec<ImpactEntry> {
     let (og, ng) = (Graph::new(old), Graph::new(new));
-    let edges: BTreeSet<&NodeId> = old
-        .nodes
-        .iter()
-        .chain(&new.nodes)
-        .filter(|n| n.kind == NodeKind::Edge)
-        .map(|n| &n.id)
-        .collect();
+    let edges_of = |t: &'_ Topology| -> BTreeSet<NodeId> {
+        t.nodes
+            .iter()
+            .filter(|n| n.kind == NodeKind::Edge)
+            .map(|n| n.id.clone())
+            .collect()
+    };
+    let (old_edges, new_edges) = (edges_of(old), edges_of(new));
     let mut out = Vec::new();
-    for edge in edges {
+    for edge in old_edges.union(&new_edges) {
         let hysteresis = margins.get(edge).copied().unwrap_or_default();
+        // A node serves clients only on the side where it is an edge (routers build service
+        // routes on edges only): one that becomes a transit loses every service, one that
+        // becomes an edge gains them. A table built from a transit has candidates all the same.
+        let table =
+            |t, g, live, is_edge: bool| is_edge.then(|| RoutingTable::build(t, g, edge, live));
         let (old_table, new_table) = (
-            RoutingTable::build(old, &og, edge, old_live),
-            RoutingTable::build(new, &ng, edge, new_live),
+            table(old, &og, old_live, old_edges.contains(edge)),
+            table(new, &ng, new_live, new_edges.contains(edge)),
         );
         let (before, after) = (
-            candidates_per_service(&old_table),
-            candidates_per_service(&new_table),
+            old_table
+                .as_ref()
+                .map(candidates_per_service)
+                .unwrap_or_default(),
+            new_table
+                .as_ref()
+                .map(candidates_per_service)
+                .unwrap_or_default(),
         );
         let services: BTreeSet<&ServiceName> = before.keys().chain(after.keys()).copied().collect();
         for service in services {
@@ -681,6 +702,89 @@ mod tests {
                 .collect::<Vec<_>>(),
             [("edge2", "chat", ImpactKind::Gained)]
         );
+    }
+
+    /// A node that stops being an edge loses every service it served, and one that becomes an
+    /// edge gains those it can reach: routers build service routes on edges only. (The plan
+    /// built a table from the node whatever its kind, so an edge made a transit changed
+    /// nothing, and a transit made an edge gained nothing.)
+    #[test]
+    fn a_node_changing_kind_loses_or_gains_its_services() {
+        let old = base().build();
+        let live = LiveState::default();
+        let kinds = |i: &[ImpactEntry]| {
+            i.iter()
+                .map(|e| (e.edge.to_string(), e.service.to_string(), e.kind))
+                .collect::<Vec<_>>()
+        };
+        let owned = |v: &[(&str, &str, ImpactKind)]| {
+            v.iter()
+                .map(|(e, s, k)| (e.to_string(), s.to_string(), *k))
+                .collect::<Vec<_>>()
+        };
+        let mut demoted = old.clone();
+        demoted.nodes[0].kind = NodeKind::Transit;
+        assert_eq!(demoted.nodes[0].id.as_str(), "edge");
+        assert_eq!(
+            kinds(&impact(&old, &demoted, &live)),
+            owned(&[
+                ("edge", "chat", ImpactKind::Lost),
+                ("edge", "embed", ImpactKind::Lost)
+            ])
+        );
+        // t made an edge gains chat (s1, its neighbour); the old edge's way to s1 went through
+        // t, which relays no more, so it moves to s2.
+        let mut promoted = old.clone();
+        promoted.nodes[1].kind = NodeKind::Edge;
+        assert_eq!(promoted.nodes[1].id.as_str(), "t");
+        assert_eq!(
+            kinds(&impact(&old, &promoted, &live)),
+            owned(&[
+                ("edge", "chat", ImpactKind::SiteChanged),
+                ("t", "chat", ImpactKind::Gained)
+            ])
+        );
+    }
+
+    /// A health-check field set from its default, or back to it, prints its default on that
+    /// side, as `dial` and `affinity` do: the model leaves all three out of its written form
+    /// at their defaults. (They printed as `null -> 5`.)
+    #[test]
+    fn health_check_fields_diff_from_their_defaults() {
+        let old = base().build();
+        let mut new = old.clone();
+        let s1 = new
+            .nodes
+            .iter_mut()
+            .find(|n| n.id.as_str() == "s1")
+            .unwrap();
+        s1.serves[0].health.unhealthy_after = 5;
+        s1.serves[0].health.healthy_after = 4;
+        s1.serves[0].health.interval = crate::Latency::from_micros(2_000_000);
+        let d = diff(&old, &new);
+        let shown: Vec<(String, Value, Value)> = d.nodes.changed[0]
+            .fields
+            .iter()
+            .map(|f| (f.field.clone(), f.old.clone(), f.new.clone()))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                (
+                    "serves[chat].health_interval".to_string(),
+                    json!("500ms"),
+                    json!("2s")
+                ),
+                ("serves[chat].healthy_after".to_string(), json!(2), json!(4)),
+                (
+                    "serves[chat].unhealthy_after".to_string(),
+                    json!(3),
+                    json!(5)
+                ),
+            ]
+        );
+        let back = diff(&new, &old);
+        assert_eq!(back.nodes.changed[0].fields[2].new, json!(3));
     }
 
     #[test]

@@ -255,17 +255,29 @@ async fn handle(
             ));
         }
     };
-    // The prompt is not used; read it (bounded) so that the connection stays reusable.
-    if Limited::new(req.into_body(), MAX_BODY)
-        .collect()
-        .await
-        .is_err()
-    {
-        return Ok(text(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            &shared,
-            "request body over 64 KiB\n",
-        ));
+    // The prompt is not used; read it (bounded in size, and in time as the headers are: a body
+    // that stops short of its length held the connection for good) so that the connection
+    // stays reusable.
+    let body = Limited::new(req.into_body(), MAX_BODY).collect();
+    match tokio::time::timeout(shared.cfg.header_timeout, body).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(_)) => {
+            return Ok(text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &shared,
+                "request body over 64 KiB\n",
+            ));
+        }
+        Err(_) => {
+            let mut resp = text(
+                StatusCode::REQUEST_TIMEOUT,
+                &shared,
+                "request body not received in time\n",
+            );
+            resp.headers_mut()
+                .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+            return Ok(resp);
+        }
     }
     shared.requests.fetch_add(1, Ordering::Relaxed);
     let mut resp = Response::new(TokenBody::new(tokens, delay).boxed());
@@ -395,6 +407,29 @@ mod tests {
         let mut out = Vec::new();
         let closed = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
         assert!(closed.is_ok(), "the connection is still open");
+    }
+
+    /// A request whose body stops short of its length is answered 408 and its connection
+    /// closed after the header timeout. (The body was read without a time limit: the
+    /// connection, and through a fabric a site's slot, was held for good.)
+    #[tokio::test]
+    async fn a_request_whose_body_never_ends_is_answered_and_closed() {
+        let cfg = BackendConfig {
+            header_timeout: Duration::from_millis(300),
+            ..BackendConfig::new("syd-site", "llm")
+        };
+        let b = DemoBackend::spawn("127.0.0.1:0".parse().expect("literal"), cfg)
+            .await
+            .expect("spawn backend");
+        let mut s = TcpStream::connect(b.local_addr()).await.expect("connect");
+        s.write_all(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nhi")
+            .await
+            .expect("write");
+        let mut out = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+        assert!(closed.is_ok(), "the connection is still open");
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.starts_with("HTTP/1.1 408"), "{out}");
     }
 
     /// Sends one raw HTTP/1.1 request with `Connection: close` and returns the whole response.

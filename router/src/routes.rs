@@ -676,6 +676,7 @@ pub(crate) struct Control {
     shared: Arc<Shared>,
     dialers: HashMap<NodeId, (Arc<Neighbour>, AbortHandle)>,
     checkers: HashMap<ServiceName, AbortHandle>,
+    retired_services: crate::site::Retired,
     incumbents: HashMap<ServiceName, Preference>,
     graph: Option<(Arc<Topology>, Arc<Graph>)>,
     listeners: crate::edge::Listeners,
@@ -698,6 +699,7 @@ impl Control {
             shared,
             dialers: HashMap::new(),
             checkers: HashMap::new(),
+            retired_services: HashMap::new(),
             incumbents: HashMap::new(),
             graph: None,
             listeners: Default::default(),
@@ -870,7 +872,7 @@ impl Control {
         sh.neighbours.store(Arc::new(map));
 
         // Site services.
-        site::reconcile(&sh, &topo, &mut self.checkers);
+        site::reconcile(&sh, &topo, &mut self.checkers, &mut self.retired_services);
     }
 
     /// Merges the snapshot's live state with local evidence.

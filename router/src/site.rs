@@ -121,17 +121,25 @@ fn ms_since(t: Instant) -> u64 {
     u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
+/// The site services a snapshot removed while streams still held slots of them: a service
+/// served again before those streams end takes its record back, so that its count of open
+/// streams (and the health of the same backend) goes on. (A fresh record counted 0 while the
+/// old streams ran on: a site at capacity took as many again.) A record leaves once its last
+/// slot is given back.
+pub(crate) type Retired = HashMap<ServiceName, Arc<SiteService>>;
+
 /// Brings the site services in line with the topology (keeps counters of unchanged services).
 pub(crate) fn reconcile(
     shared: &Arc<Shared>,
     topo: &Topology,
     checkers: &mut HashMap<ServiceName, AbortHandle>,
+    retired: &mut Retired,
 ) {
     let old = shared.sites.load_full();
     let mut new = HashMap::new();
     if let Some(me) = topo.node(shared.node.as_str()) {
         for s in &me.serves {
-            let svc = match old.get(&s.service) {
+            let svc = match old.get(&s.service).or_else(|| retired.get(&s.service)) {
                 Some(o)
                     if o.backend == s.backend
                         && o.capacity == s.capacity
@@ -170,6 +178,13 @@ pub(crate) fn reconcile(
             new.insert(s.service.clone(), svc);
         }
     }
+    for (name, svc) in old.iter() {
+        if !new.contains_key(name) {
+            retired.insert(name.clone(), svc.clone());
+        }
+    }
+    // Held by slots: the record's own reference and one per slot.
+    retired.retain(|name, svc| !new.contains_key(name) && Arc::strong_count(&svc.active) > 1);
     checkers.retain(|name, h| {
         let keep = new
             .get(name)
@@ -293,8 +308,17 @@ async fn check_once(backend: SocketAddr, path: Option<&str>, within: Duration) -
 }
 
 /// Whether an HTTP answer's status line (`HTTP/1.1 200 OK`) says 2xx or 3xx.
+/// Only a whole line counts: an answer cut off inside it (the backend closed, or the line is
+/// longer than what is read) is a failure, not `HTTP/1.1 200` taken for a success.
 fn http_status_ok(head: &[u8]) -> Result<(), String> {
-    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let Some(end) = head.iter().position(|&b| b == b'\n') else {
+        return Err(if head.is_empty() {
+            "closed without an answer".to_string()
+        } else {
+            "the answer ended inside its status line".to_string()
+        });
+    };
+    let line = &head[..end];
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let mut parts = line.split(|&b| b == b' ');
     let status = match (parts.next(), parts.next()) {
@@ -308,7 +332,6 @@ fn http_status_ok(head: &[u8]) -> Result<(), String> {
     match status {
         Some(s) if (200..400).contains(&s) => Ok(()),
         Some(s) => Err(format!("HTTP status {s}")),
-        None if head.is_empty() => Err("closed without an answer".to_string()),
         None => Err(format!(
             "not an HTTP answer: {:?}",
             String::from_utf8_lossy(&line[..line.len().min(64)])
@@ -468,6 +491,12 @@ mod tests {
             Err("HTTP status 503".to_string())
         );
         assert!(http_status_ok(b"").is_err());
+        // Cut off inside the status line (the backend closed): not a success.
+        assert_eq!(
+            http_status_ok(b"HTTP/1.1 200"),
+            Err("the answer ended inside its status line".to_string())
+        );
+        assert!(http_status_ok(b"HTTP/1.1 200 OK").is_err());
         assert!(http_status_ok(b"SSH-2.0-OpenSSH\r\n").is_err());
         assert!(http_status_ok(b"HTTP/1.1 2000 OK\r\n").is_err());
         assert!(http_status_ok(&[0xff; 2000]).is_err());

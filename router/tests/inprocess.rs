@@ -1554,6 +1554,94 @@ async fn echo_once(c: &mut tokio::net::TcpStream, msg: &[u8]) -> std::io::Result
     Ok(())
 }
 
+/// A service removed from a site and served again while a stream of it is still open keeps
+/// counting that stream: at capacity 1, a second client is refused while the first is open.
+/// (The service came back with a fresh count of 0, so the site took as many streams again as
+/// its capacity, and its gauge said 0 with one open.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_served_again_keeps_counting_its_open_streams() {
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let port = free_tcp_port();
+    let mut t = line_topology("echo", backend, port);
+    fn site(t: &mut topology::Topology) -> &mut topology::Node {
+        t.nodes
+            .iter_mut()
+            .find(|n| n.id.as_str() == "site")
+            .unwrap()
+    }
+    site(&mut t).serves[0].capacity = 1;
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    let (hs, txs) = spawn_all(&snap, dir.path(), |_, _| {}).await;
+    wait_for_route(
+        node(&hs, "edge"),
+        "echo",
+        Duration::from_secs(10),
+        "no route",
+    )
+    .await;
+    let mut held = held_connection(port, b"first").await;
+    let active = |h: &RouterHandle| {
+        metric(
+            &h.metrics_text(),
+            "tasman_site_active_streams{node=\"site\",service=\"echo\"}",
+        )
+    };
+    assert_eq!(active(node(&hs, "site")), Some(1));
+    let mut without = t.clone();
+    site(&mut without).serves.clear();
+    for (v, topo) in [(2, without), (3, t.clone())] {
+        let next = Arc::new(Snapshot::new(v, Arc::new(topo)));
+        for tx in &txs {
+            tx.send(next.clone()).unwrap();
+        }
+        wait_until(
+            Duration::from_secs(10),
+            || hs.iter().all(|h| h.telemetry().snapshot_version == v),
+            || format!("snapshot {v} not applied"),
+        )
+        .await;
+    }
+    wait_for_route(
+        node(&hs, "edge"),
+        "echo",
+        Duration::from_secs(10),
+        "no route at 3",
+    )
+    .await;
+    assert_eq!(active(node(&hs, "site")), Some(1), "the open stream counts");
+    // Full: the second client is refused (no other site), the first still served.
+    assert!(
+        try_held_connection(port, b"second").await.is_err(),
+        "a second stream was taken at capacity 1"
+    );
+    echo_once(&mut held, b"still").await.unwrap();
+    drop(held);
+    wait_until(
+        Duration::from_secs(10),
+        || active(node(&hs, "site")) == Some(0),
+        || {
+            format!(
+                "the slot was not given back: {:?}",
+                active(node(&hs, "site"))
+            )
+        },
+    )
+    .await;
+    // The count ends with the stream: a new client is served.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while try_held_connection(port, b"third").await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "no stream served after the slot came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for h in hs {
+        h.shutdown().await;
+    }
+}
+
 /// A site that is shut down drains: its open connection keeps working, neighbours route new
 /// connections to the next site at once (its probe replies say it is going), a stream that still
 /// reaches it is refused with `shutting_down` (which an edge retries elsewhere), and the shutdown

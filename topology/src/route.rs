@@ -56,22 +56,32 @@ impl LiveState {
     /// topology (an apply's impact plan, the controller's published weights).
     pub fn floored(&self, topo: &Topology) -> LiveState {
         let mut out = self.clone();
+        if out.link_latency.is_empty() {
+            return out;
+        }
+        // One pass over the links (`Topology::link` scans them all: per measured weight, that
+        // was measured weights x links, seconds on a large fabric).
+        let declared: std::collections::HashMap<LinkId, Latency> =
+            topo.links.iter().map(|l| (l.id(), l.latency)).collect();
         for (id, lat) in out.link_latency.iter_mut() {
-            if let Some(l) = topo.link(id) {
-                *lat = (*lat).max(l.latency);
+            if let Some(l) = declared.get(id) {
+                *lat = (*lat).max(*l);
             }
         }
         out
     }
 
     /// The load that decides whether `site` may take a new stream of `service`, and its
-    /// penalty: the service's own entry, else the site's summed entry (an older sender), else
-    /// none (no telemetry yet: healthy and unloaded).
+    /// penalty: the service's own entry; the site's summed entry only for a site with no
+    /// per-service entries at all (an older sender); else none (no telemetry yet: healthy and
+    /// unloaded). A site that reports per service but not this one (it has not applied the
+    /// version that gives it the service yet, or its entry was cut) has not reported it: its
+    /// other services' sum does not speak for it.
     pub fn load_of(&self, site: &str, service: &str) -> Option<&SiteLoad> {
-        self.service_load
-            .get(site)
-            .and_then(|m| m.get(service))
-            .or_else(|| self.site_load.get(site))
+        match self.service_load.get(site) {
+            Some(per_service) => per_service.get(service),
+            None => self.site_load.get(site),
+        }
     }
 }
 
@@ -1486,8 +1496,8 @@ mod tests {
 
     /// A site's load is read per service: `chat` full on s1 leaves it out of `chat`'s
     /// candidates even though the site's summed load (`chat` + an idle `embed`) is at 50 %,
-    /// and `embed` still takes s1 first. Without a service's own entry the summed one applies
-    /// (an older sender).
+    /// and `embed` still takes s1 first. The summed one applies only to a site with no
+    /// per-service entries (an older sender).
     #[test]
     fn a_full_service_is_not_hidden_by_an_idle_one_on_the_same_site() {
         let mut b = small();
@@ -1519,8 +1529,16 @@ mod tests {
         let path = [nid("edge"), nid("t1"), nid("s1")];
         assert!(on_path(&g, &live, "chat", &path).is_none());
         assert!(on_path(&g, &live, "embed", &path).is_some());
-        // No entry of its own: the summed one (90 %) gives `embed` its penalty.
+        // A site that reports per service but not `embed` (it has not applied the version
+        // that gives it `embed` yet) has not reported `embed`: the sum of its other services
+        // (`chat` full) does not speak for it. (It did: `embed` was left out as full.)
         live.service_load.get_mut("s1").unwrap().remove("embed");
+        let embed = route(&t, &nid("edge"), "embed", &live).unwrap();
+        assert_eq!(ids(&embed), ["s1", "s2"]);
+        assert_eq!(embed[0].penalty, Latency::ZERO);
+        // No per-service entries at all (an older sender): the summed one (90 %) gives
+        // `embed` its penalty.
+        live.service_load.remove("s1");
         live.site_load.insert(nid("s1"), load(180, 200));
         let embed = route(&t, &nid("edge"), "embed", &live).unwrap();
         assert_eq!(ids(&embed), ["s2", "s1"]);

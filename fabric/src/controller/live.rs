@@ -357,7 +357,10 @@ impl LiveAggregator {
             // applies again, rather than an old excess (e.g. RTTs inflated while the
             // fabric started) being kept by the anti-flap rule below.
             Some(_) if excess <= abs / 2 => None,
-            Some(p) if !self.moved(p, measured) => Some(p),
+            // Kept only at or above the declared latency: an apply that raised it past the
+            // value published must not leave a weight under the propagation floor (routers
+            // take a snapshot's weights as they are).
+            Some(p) if p >= declared && !self.moved(p, measured) => Some(p),
             // Only an excess beyond the threshold is worth a weight of its own.
             None if excess <= abs => None,
             _ => Some(measured),
@@ -383,9 +386,14 @@ impl LiveAggregator {
         services: &BTreeMap<ServiceName, SiteLoad>,
     ) -> SiteView {
         let held = |published: Option<&SiteLoad>, load: &SiteLoad| {
+            // Never across the line where a site is full (no candidate: `load_penalty` is
+            // None): a site that filled up within the band was published with room, and one
+            // published full stayed so with room again.
+            let full = |l: &SiteLoad| l.active_streams >= l.capacity;
             let keep = published.copied().filter(|p| {
                 p.healthy == load.healthy
                     && p.capacity == load.capacity
+                    && full(p) == full(load)
                     && p.active_streams.abs_diff(load.active_streams) <= (load.capacity / 20).max(1)
             });
             keep.unwrap_or(*load)
@@ -731,20 +739,60 @@ mod tests {
             margins: None,
         };
         let now = Instant::now();
-        assert!(agg.observe(report(100, 0), now));
+        assert!(agg.observe(report(90, 0), now));
         agg.publish(agg.merged(now));
         let per = |agg: &LiveAggregator, s: &str| agg.published().service_load["s"][s];
-        assert_eq!(per(&agg, "chat"), load(100, 100));
+        assert_eq!(per(&agg, "chat"), load(90, 100));
         assert_eq!(per(&agg, "embed"), load(0, 100));
-        assert_eq!(agg.published().site_load["s"], load(100, 200));
+        assert_eq!(agg.published().site_load["s"], load(90, 200));
         // Within 5 % of a service's capacity: nothing moves, nothing to push.
-        assert!(!agg.observe(report(97, 3), now));
+        assert!(!agg.observe(report(87, 3), now));
         assert_eq!(agg.merged(now), *agg.published());
         // One service moving past its band is a change, though the sum stays within its own.
-        assert!(agg.observe(report(94, 0), now));
+        assert!(agg.observe(report(84, 0), now));
         agg.publish(agg.merged(now));
-        assert_eq!(per(&agg, "chat"), load(94, 100));
-        assert_eq!(agg.published().site_load["s"], load(100, 200));
+        assert_eq!(per(&agg, "chat"), load(84, 100));
+        assert_eq!(agg.published().site_load["s"], load(90, 200));
+    }
+
+    /// The load band never holds a load across the line where the site is full: reaching its
+    /// capacity within the band is published (routers then take it off their candidates), and
+    /// so is room again. (96 of 100 stayed published while the site was at 100 of 100.)
+    #[test]
+    fn a_site_filling_up_within_the_band_is_published_full() {
+        let mut b = TopologyBuilder::new();
+        b.node("s", NodeKind::Site)
+            .service("chat")
+            .serve("s", "chat", 100);
+        let mut agg = LiveAggregator::new(LiveParams::default(), Arc::new(b.build()));
+        let load = |active_streams| SiteLoad {
+            active_streams,
+            capacity: 100,
+            healthy: true,
+        };
+        let report = |active| Sample {
+            node: NodeId::new("s"),
+            neighbours: Vec::new(),
+            site: Some(load(active)),
+            services: [(ServiceName::new("chat"), load(active))].into(),
+            preferred: BTreeMap::new(),
+            margins: None,
+        };
+        let now = Instant::now();
+        let chat = |agg: &LiveAggregator| agg.published().service_load["s"]["chat"];
+        agg.observe(report(96), now);
+        agg.publish(agg.merged(now));
+        assert_eq!(chat(&agg), load(96));
+        assert!(agg.observe(report(100), now), "full is a change");
+        agg.publish(agg.merged(now));
+        assert_eq!(chat(&agg), load(100));
+        assert_eq!(chat(&agg).penalty(100), None, "no candidate while full");
+        assert_eq!(agg.published().site_load["s"], load(100));
+        assert!(agg.observe(report(98), now), "room again is a change");
+        agg.publish(agg.merged(now));
+        assert_eq!(chat(&agg), load(98));
+        // Within the band on the same side of the line: held.
+        assert!(!agg.observe(report(95), now));
     }
 
     /// Only a site's report of the services it serves is published: a site naming a service
@@ -882,5 +930,34 @@ mod tests {
         // Never below the declared latency.
         assert_eq!(step(&mut agg, 0.1, now), None);
         assert_eq!(step(&mut agg, 80.0, now), Some(40.0));
+    }
+
+    /// A weight held by the anti-flap band is not kept under a declared latency that an apply
+    /// raised past it: the measurement, floored at the new declared value, goes out instead.
+    /// (9.6 ms stayed published for a link declared at 10 ms: routers take snapshot weights
+    /// as they are, so they routed on less than the link's propagation delay.)
+    #[test]
+    fn a_held_weight_never_stays_under_a_raised_declared_latency() {
+        let mut agg = LiveAggregator::new(
+            LiveParams {
+                alpha: 1.0,
+                ..LiveParams::default()
+            },
+            Arc::new(topo()),
+        );
+        let now = Instant::now();
+        assert_eq!(step(&mut agg, 19.2, now), Some(9.6));
+        // 11.5 ms one way: within the 2 ms band of 9.6.
+        assert_eq!(
+            step(&mut agg, 23.0, now),
+            Some(9.6),
+            "held: within the band"
+        );
+        let mut raised = topo();
+        raised.links[0].latency = topology::Latency::from_micros(10_000);
+        agg.set_topology(Arc::new(raised));
+        // 1.5 ms above the new floor: a weight of its own, the measurement.
+        let weight = step(&mut agg, 23.0, now);
+        assert_eq!(weight, Some(11.5), "not held under the declared 10 ms");
     }
 }

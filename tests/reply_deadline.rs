@@ -373,6 +373,136 @@ async fn an_attempt_unanswered_at_the_reply_deadline_moves_to_the_next_site() {
     drop((backend, near));
 }
 
+/// A backend that greets at once, then reads slowly (16 KiB every 100 ms, its receive buffer
+/// small) for `slow`, then as fast as it can: a site that answered at once but takes the
+/// request's bytes slowly. The number of connections that brought it bytes (the site's health
+/// checks bring none).
+fn greet_then_slow_reader(
+    greeting: &'static str,
+    slow: Duration,
+) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(16 * 1024).unwrap();
+    sock.bind((LOCAL, 0).into()).unwrap();
+    let l = sock.listen(16).unwrap().into_std().unwrap();
+    l.set_nonblocking(false).unwrap();
+    let addr = l.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let count = count.clone();
+            std::thread::spawn(move || {
+                let _ = s.write_all(greeting.as_bytes());
+                let start = Instant::now();
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut counted = false;
+                loop {
+                    let slow_now = start.elapsed() < slow;
+                    let want = if slow_now { 16 * 1024 } else { buf.len() };
+                    let read = s.read(&mut buf[..want]);
+                    if !counted && matches!(read, Ok(n) if n > 0) {
+                        counted = true;
+                        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    match read {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) if slow_now => std::thread::sleep(Duration::from_millis(100)),
+                        Ok(_) => {}
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// A retry whose replay is larger than the stream window still reads the site's answer while
+/// it writes: site-far answers at once, and the edge carries the connection on to it, though
+/// the replay waits on site-far's flow control past the reply deadline. (The replay was written
+/// before the answer was read: at the deadline the edge gave up a site whose backend had the
+/// request, and reset the client.) The first path crosses a transit, so that the first try
+/// takes more than one stream window of the client's bytes before its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_reads_the_answer_while_its_replay_waits_for_flow_control() {
+    let backend = full_backend().await;
+    let (far_backend, far_requests) =
+        greet_then_slow_reader("SITE=site-far\n", Duration::from_secs(6));
+    let port = free_tcp_port(LOCAL);
+    let mut y = TopoYaml::default();
+    y.edge("edge", free_udp(LOCAL), LOCAL, None)
+        .transit("transit", free_udp(LOCAL))
+        .site("site-near", free_udp(LOCAL), &[("chat", backend.addr, 100)])
+        .site("site-far", free_udp(LOCAL), &[("chat", far_backend, 100)])
+        .link("edge", "transit", "1ms")
+        .link("transit", "site-near", "1ms")
+        .link("edge", "site-far", "20ms")
+        .service("chat", port, &[]);
+    let snap = snapshot(&y);
+    let pki = tempfile::tempdir().unwrap();
+    router::pki::init(pki.path()).unwrap();
+    let (_near, _n) = spawn(&snap, pki.path(), "site-near", |c| {
+        c.backend_connect_timeout = BACKEND_CONNECT;
+    })
+    .await;
+    let (_transit, _t) = spawn(&snap, pki.path(), "transit", |_| {}).await;
+    let (_far, _f) = spawn(&snap, pki.path(), "site-far", |_| {}).await;
+    // The client sends 1.5 stream windows: the first try (edge -> transit -> site-near)
+    // takes them all (a window to the transit, a window from it to site-near), and its
+    // deadline moves them, replayed, to site-far.
+    let client_bytes = STREAM_RECEIVE_WINDOW as usize * 3 / 2;
+    let (edge, _e) = spawn(&snap, pki.path(), "edge", |c| {
+        c.reply_timeout = Duration::from_secs(3);
+        c.replay_limit = client_bytes + 8 * 1024 * 1024;
+    })
+    .await;
+    wait("the edge prefers site-near, site-far next", || {
+        edge.routes()
+            .preferred("chat")
+            .is_some_and(|c| c.site.as_str() == "site-near")
+            && metric(&edge, "tasman_service_candidates", "service=\"chat\"") == 2
+            && metric(&edge, "tasman_neighbour_up", "") == 2
+    });
+    let (r, mut w) = TcpStream::connect((LOCAL, port))
+        .await
+        .unwrap()
+        .into_split();
+    tokio::spawn(async move {
+        let block = vec![0x5a_u8; 1024 * 1024];
+        let mut sent = 0;
+        while sent < client_bytes {
+            if w.write_all(&block).await.is_err() {
+                return;
+            }
+            sent += block.len();
+        }
+        std::future::pending::<()>().await;
+    });
+    let mut r = tokio::io::BufReader::new(r);
+    let mut greeting = String::new();
+    let got = tokio::time::timeout(Duration::from_secs(60), r.read_line(&mut greeting)).await;
+    assert!(
+        matches!(got, Ok(Ok(n)) if n > 0),
+        "no answer from site-far: {got:?}; edge: {}",
+        edge.metrics_text()
+    );
+    assert_eq!(greeting, "SITE=site-far\n");
+    assert_eq!(
+        metric(
+            &edge,
+            "tasman_stream_errors_total",
+            "code=\"upstream_lost\""
+        ),
+        1,
+        "only the first try ended at its deadline"
+    );
+    assert_eq!(metric(&edge, "tasman_failovers_total", ""), 1);
+    assert_eq!(far_requests.load(std::sync::atomic::Ordering::Relaxed), 1);
+    drop(backend);
+}
+
 /// The same as the first test with `tasman router` processes: an edge started with
 /// `--reply-timeout 3s` in front of a site started with `--backend-connect-timeout 60s`, whose
 /// backend's accept queue is full. The client's connection ends at the edge's deadline, well

@@ -799,10 +799,12 @@ async fn attempt(
         tracing::warn!(node = %shared.node, site = %cand.site, %service, "cannot send a stream on this path: {e}");
         return Attempt::Retry(Code::NoRoute, Told::Here);
     }
-    // The header, then what the client sent to the failed candidates, in one write.
-    let mut out: Vec<Bytes> = std::iter::once(hbuf.freeze())
-        .chain(replay.chunks.iter().cloned())
-        .collect();
+    // The header alone; what the client sent to the failed candidates (the replay) is written
+    // in the loop below, where the site's answer is watched: written here, a replay larger than
+    // the stream window waited on flow control without reading the answer, and a site that
+    // had answered (its backend had the request) was given up at the deadline and the request
+    // sent to the next one.
+    let mut out = [hbuf.freeze()];
     // The reply deadline runs from before the stream is opened, and the first hop's down verdict
     // is watched from then (`open_next_hop`). Nothing came back yet, so a first hop that would not
     // take the stream leaves the connection to the next candidate.
@@ -820,9 +822,11 @@ async fn attempt(
         };
         return Attempt::Retry(code, Told::Here);
     };
-    if replay.eof {
-        let _ = send.finish();
-    }
+    // The replay's chunks, in order, then the client's bytes as they come. Replayed bytes
+    // were counted in `bytes_up` when first sent: `uncounted` of what is written next is not.
+    let mut backlog: std::collections::VecDeque<Bytes> = replay.chunks.iter().cloned().collect();
+    let mut uncounted = replay.len;
+    let mut finished = false;
     let mut reply = [0u8; REPLY_OK.len()];
     let mut got = 0;
     // The client's chunk on its way to the site: what quinn has not taken yet, and the circuit's
@@ -833,7 +837,32 @@ async fn attempt(
     // the client is read meanwhile (backpressure, as in the splice).
     let mut pending = Bytes::new();
     let mut hold: Option<Hold> = None;
+    // The next chunk to write: the replay's first; the stream finished once all is written
+    // after the client's half-close.
+    fn next(
+        pending: &mut Bytes,
+        backlog: &mut std::collections::VecDeque<Bytes>,
+        eof: bool,
+        finished: &mut bool,
+        send: &mut SendStream,
+    ) {
+        if pending.is_empty() {
+            if let Some(b) = backlog.pop_front() {
+                *pending = b;
+            } else if eof && !*finished {
+                *finished = true;
+                let _ = send.finish();
+            }
+        }
+    }
     let outcome = loop {
+        next(
+            &mut pending,
+            &mut backlog,
+            replay.eof,
+            &mut finished,
+            &mut send,
+        );
         tokio::select! {
             // In order: an answer already there wins over a deadline or a down verdict that
             // fires at the same moment (the backend has the request: no retry).
@@ -850,8 +879,8 @@ async fn attempt(
             },
             r = buf.read(tcp, circuit.is_none()), if pending.is_empty() && !replay.eof => match r {
                 Ok(b) if b.is_empty() => {
+                    // Finished at the top of the loop (nothing is left to write).
                     replay.eof = true;
-                    let _ = send.finish();
                 }
                 Ok(b) => {
                     let n = b.len();
@@ -873,7 +902,9 @@ async fn attempt(
             },
             r = forward(&mut send, &mut pending, &mut hold), if !pending.is_empty() => match r {
                 Ok(n) => {
-                    shared.metrics.bytes_up.fetch_add(n as u64, Relaxed);
+                    let replayed = n.min(uncounted);
+                    uncounted -= replayed;
+                    shared.metrics.bytes_up.fetch_add((n - replayed) as u64, Relaxed);
                 }
                 Err(e) => break Err(write_failed(e)),
             },
@@ -894,6 +925,13 @@ async fn attempt(
     // request a second time), whatever its code.
     let outcome = match outcome {
         Ok(()) => loop {
+            next(
+                &mut pending,
+                &mut backlog,
+                replay.eof,
+                &mut finished,
+                &mut send,
+            );
             if pending.is_empty() {
                 break Ok(());
             }
@@ -902,7 +940,12 @@ async fn attempt(
                 .await
             {
                 Some(Ok(n)) => {
-                    shared.metrics.bytes_up.fetch_add(n as u64, Relaxed);
+                    let replayed = n.min(uncounted);
+                    uncounted -= replayed;
+                    shared
+                        .metrics
+                        .bytes_up
+                        .fetch_add((n - replayed) as u64, Relaxed);
                 }
                 Some(Err(e)) => {
                     break Err(match write_failed(e) {

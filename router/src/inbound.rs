@@ -137,6 +137,7 @@ async fn serve_connection(
         nb.peer_connected();
     }
     let _trust_watch = tls::watch_trust(shared.cert.clone(), conn.clone());
+    let peer_id: Arc<str> = peer.as_str().into();
     // Where the next pong's learned entries start: each pong goes on where the previous one
     // stopped, so entries beyond one datagram's worth are carried in turn (`Probe::encode_pong`).
     let mut rotation = 0;
@@ -163,7 +164,7 @@ async fn serve_connection(
         tokio::select! {
             s = conn.accept_bi() => match s {
                 Ok(_) if removed() => break,
-                Ok((send, recv)) => { tokio::spawn(serve_stream(shared.clone(), send, recv)); }
+                Ok((send, recv)) => { tokio::spawn(serve_stream(shared.clone(), peer_id.clone(), send, recv)); }
                 Err(_) => break,
             },
             d = conn.read_datagram() => match d {
@@ -242,7 +243,22 @@ pub(crate) fn refuse(shared: &Shared, send: &mut SendStream, recv: &mut RecvStre
     let _ = recv.stop(code.varint());
 }
 
-async fn serve_stream(shared: Arc<Shared>, mut send: SendStream, mut recv: RecvStream) {
+/// Whether the hops a stream still has to visit could be a path from `peer` through this node:
+/// a path visits each node once, so hops that name this node, the peer that sent the stream, or
+/// a node twice are a loop, which no router builds (a peer that made one would have the stream
+/// relayed back to itself, or around two transits, and hold each relay for good).
+fn hops_loop(node: &str, peer: &str, hops: &[topology::NodeId]) -> bool {
+    hops.iter()
+        .enumerate()
+        .any(|(i, h)| h.as_str() == node || h.as_str() == peer || hops[..i].contains(h))
+}
+
+async fn serve_stream(
+    shared: Arc<Shared>,
+    peer: Arc<str>,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
     let header = match tokio::time::timeout(shared.header_timeout, read_header(&mut recv)).await {
         Ok(Ok(h)) => h,
         Ok(Err(NoHeader::Bad(e))) => {
@@ -265,6 +281,10 @@ async fn serve_stream(shared: Arc<Shared>, mut send: SendStream, mut recv: RecvS
     }
     if !shared.routes.load().relays {
         return refuse(&shared, &mut send, &mut recv, Code::WrongRole);
+    }
+    if hops_loop(shared.node.as_str(), &peer, &header.hops) {
+        tracing::debug!(node = %shared.node, %peer, hops = ?header.hops, "stream header whose path loops");
+        return refuse(&shared, &mut send, &mut recv, Code::MalformedHeader);
     }
     // Boxed: the relay's state (two pumps' chunk arrays) is the larger of the two, and inline it
     // would size every site stream's task too.

@@ -1086,6 +1086,62 @@ async fn a_neighbour_cannot_open_streams_the_router_never_reads() {
     drop(edge);
 }
 
+/// A neighbour cannot have a transit relay a stream along a path that loops: hops that name the
+/// transit itself, the neighbour that sent the stream, or a node twice are refused as a
+/// malformed header, while a path that does not loop is handed on (here refused only because
+/// its next hop is not running). (They were relayed: a neighbour could have its streams come back
+/// to itself, or go around two transits, and hold each relay for good.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transit_refuses_a_path_that_loops() {
+    use router::codes::Code;
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let t = two_sites(backend, free_tcp_port(), true);
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    let (_transit, _tx) = spawn_node(&snap, dir.path(), "transit", |_| {}).await;
+    router::pki::issue(dir.path(), "edge").unwrap();
+    let addr = t.node("transit").unwrap().address;
+    let (_ep, conn) = common::connect_as(dir.path(), "edge", addr, "transit").await;
+    let code_for = |hops: &'static [&'static str]| {
+        let conn = conn.clone();
+        async move {
+            let (mut send, mut recv) = conn.open_bi().await.unwrap();
+            let header = router::header::Header {
+                kind: router::header::Kind::Data,
+                service: topology::ServiceName::new("echo"),
+                hops: hops.iter().map(|h| NodeId::new(*h)).collect(),
+                client: None,
+                circuit: None,
+            };
+            let mut buf = bytes::BytesMut::new();
+            header.encode(&mut buf).unwrap();
+            send.write_all(&buf).await.unwrap();
+            let mut b = [0u8; 8];
+            match tokio::time::timeout(Duration::from_secs(10), recv.read(&mut b)).await {
+                Ok(Err(quinn::ReadError::Reset(c))) => Code::from_varint(c),
+                other => panic!("{hops:?}: not reset: {other:?}"),
+            }
+        }
+    };
+    for hops in [
+        &["edge"][..],
+        &["near", "transit"][..],
+        &["near", "near"][..],
+        &["near", "edge"][..],
+    ] {
+        assert_eq!(
+            code_for(hops).await,
+            Some(Code::MalformedHeader),
+            "{hops:?}"
+        );
+    }
+    assert_eq!(
+        code_for(&["near"]).await,
+        Some(Code::NextHopUnreachable),
+        "a path that does not loop is handed on"
+    );
+}
+
 /// A controller for the control client's tests: quinn with a `controller` certificate issued in
 /// `dir`, accepting the router `edge`, with `transport`. Each connection is sent on the returned
 /// channel once established; its control stream, once the router's hello came on it, goes to

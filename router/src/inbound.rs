@@ -355,7 +355,21 @@ mod tests {
 
     #[test]
     fn stream_task_future_size() {
-        let n = future_size(|| serve_stream(never(), never(), never()));
+        let n = future_size(|| serve_stream(never(), never(), never(), never()));
         assert_future_within("site/transit stream task", n, 3072);
+    }
+
+    #[test]
+    fn a_path_loops_when_it_names_this_node_the_sender_or_a_node_twice() {
+        let ids = |v: &[&str]| {
+            v.iter()
+                .map(|h| topology::NodeId::new(*h))
+                .collect::<Vec<_>>()
+        };
+        assert!(!hops_loop("t", "e", &ids(&["t2", "s"])));
+        assert!(!hops_loop("t", "e", &[]));
+        for bad in [&["t"][..], &["e"], &["t2", "t", "e"], &["t2", "s", "t2"]] {
+            assert!(hops_loop("t", "e", &ids(bad)), "{bad:?}");
+        }
     }
 }

@@ -322,14 +322,17 @@ pub fn parse_ca_bundle(text: &str) -> Result<Vec<BundleCert>, String> {
     const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
     const END: &str = "-----END CERTIFICATE-----";
     let mut certs = Vec::new();
+    // Each kept certificate's place in the file (1-based), for messages.
+    let mut places: Vec<usize> = Vec::new();
+    let mut n = 0;
     let mut rest = text;
     while let Some(start) = rest.find(BEGIN) {
+        n += 1;
         let after = &rest[start..];
         let end = after
             .find(END)
-            .ok_or_else(|| format!("certificate {} has no end line", certs.len() + 1))?;
+            .ok_or_else(|| format!("certificate {n} has no end line"))?;
         let pem = format!("{}\n", &after[..end + END.len()]);
-        let n = certs.len() + 1;
         let der = CertificateDer::from_pem_slice(pem.as_bytes())
             .map_err(|e| format!("certificate {n}: {e}"))?;
         let (_, parsed) = x509_parser::parse_x509_certificate(der.as_ref())
@@ -340,8 +343,40 @@ pub fn parse_ca_bundle(text: &str) -> Result<Vec<BundleCert>, String> {
                 parsed.subject()
             ));
         }
-        certs.push(BundleCert { der, pem });
         rest = &after[end + END.len()..];
+        // A CA listed twice would get two verifiers, and a revocation list only the first:
+        // the second would accept what the list revokes. The same certificate again is
+        // dropped (an operator appending a CA the file already had); another certificate of
+        // the same CA (subject and key) is refused.
+        let mut same = None;
+        for (i, c) in certs.iter().enumerate() {
+            let c: &BundleCert = c;
+            if c.der == der {
+                same = Some(None);
+                break;
+            }
+            if let Ok((_, other)) = x509_parser::parse_x509_certificate(c.der.as_ref())
+                && other.subject().as_raw() == parsed.subject().as_raw()
+                && other.public_key().raw == parsed.public_key().raw
+            {
+                same = Some(Some(places[i]));
+                break;
+            }
+        }
+        match same {
+            Some(None) => continue,
+            Some(Some(first)) => {
+                return Err(format!(
+                    "certificates {first} and {n} are two certificates of the same CA ({}, the \
+                     same key): list each CA once",
+                    parsed.subject()
+                ));
+            }
+            None => {
+                certs.push(BundleCert { der, pem });
+                places.push(n);
+            }
+        }
     }
     if certs.is_empty() {
         return Err("no certificate in file".into());
@@ -1630,6 +1665,35 @@ mod tests {
         assert_eq!(both.len(), 2);
         assert_eq!((&both[0].der, &both[1].der), (&ca_a[0].der, &ca_b[0].der));
         assert_ne!(both[0].der, both[1].der);
+    }
+
+    /// A CA listed twice is kept once; two certificates of one CA (its key, its subject) are
+    /// refused naming both places: either way each CA has one verifier, which its revocation
+    /// list reaches.
+    #[test]
+    fn a_ca_twice_in_a_bundle_is_kept_once_or_refused() {
+        let d = tempfile::tempdir().unwrap();
+        init(d.path()).unwrap();
+        let first = bundle(d.path()).remove(0);
+        let other = tempfile::tempdir().unwrap();
+        init(other.path()).unwrap();
+        let b = bundle(other.path()).remove(0);
+        let text = format!("{}{}{}", first.pem, b.pem, first.pem);
+        let kept = parse_ca_bundle(&text).unwrap();
+        assert_eq!(
+            kept.iter().map(|c| &c.der).collect::<Vec<_>>(),
+            [&first.der, &b.der]
+        );
+        // The same key certified again (`init` completes a directory whose ca.pem is gone).
+        fs::remove_file(d.path().join(CA_CERT)).unwrap();
+        init(d.path()).unwrap();
+        let again = bundle(d.path()).remove(0);
+        assert_ne!(again.der, first.der);
+        let e = parse_ca_bundle(&format!("{}{}{}", first.pem, b.pem, again.pem)).unwrap_err();
+        assert!(
+            e.contains("certificates 1 and 3") && e.contains("same CA"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -376,6 +376,13 @@ impl fmt::Debug for CertResolver {
     }
 }
 
+/// A refusal's reason without its numbers, to tell one refusal from the next: an expired or
+/// not-yet-valid certificate's reason carries the time of the check, which made every reload a
+/// new refusal (counted and logged every 10 s, where the promise is once per set of files).
+fn refusal_kind(reason: &str) -> String {
+    reason.chars().filter(|c| !c.is_ascii_digit()).collect()
+}
+
 impl CertResolver {
     /// Presents `id`'s certificate (its key must match); reloads come from `id.dir`.
     pub fn new(id: &TlsIdentity) -> Result<Arc<Self>, TlsError> {
@@ -515,7 +522,7 @@ impl CertResolver {
         match checked {
             Ok(ck) => self.present(ck),
             Err(reason) => {
-                let seen = (leaf, reason.clone());
+                let seen = (leaf, refusal_kind(&reason));
                 let new = match self.last_refusal.lock() {
                     Ok(l) if l.as_ref() == Some(&seen) => false,
                     Ok(mut l) => {
@@ -1803,6 +1810,32 @@ mod tests {
         assert_refused(&r, &old, "certificate refused");
     }
 
+    /// The same expired certificate refused a second later is the same refusal (counted and
+    /// logged once): its reason differs only in the time of the check.
+    #[test]
+    fn an_expired_certificate_is_one_refusal_whatever_the_time() {
+        let (d, r) = setup();
+        let now = SystemTime::now();
+        let day = Duration::from_secs(86_400);
+        let past = pki::Validity::between(now - 10 * day, now - day).unwrap();
+        pki::issue_with(d.path(), "n1", past).unwrap();
+        let id = TlsIdentity::load(d.path(), "n1").unwrap();
+        let reason = r.check(&id).unwrap_err();
+        assert!(reason.contains("certificate refused"), "{reason}");
+        let later = reason
+            .split(|c: char| !c.is_ascii_digit())
+            .filter(|n| n.len() >= 9)
+            .fold(reason.clone(), |t, n| {
+                t.replace(n, &(n.parse::<u64>().unwrap() + 1).to_string())
+            });
+        assert_ne!(later, reason, "the reason carries the time: {reason}");
+        assert_eq!(refusal_kind(&later), refusal_kind(&reason));
+        assert_ne!(
+            refusal_kind(&reason),
+            refusal_kind("key does not match the certificate")
+        );
+    }
+
     #[test]
     fn reload_refuses_a_key_that_does_not_match() {
         let (d, r) = setup();
@@ -1897,6 +1930,27 @@ mod tests {
     fn revoke(dir: &Path, name: &str) {
         let target = pki::RevokeTarget::Node(name.into());
         pki::revoke(dir, &target, pki::RevokeReason::KeyCompromise).unwrap();
+    }
+
+    /// A CA listed twice in `ca.pem` (an operator appending a CA the file already had) is
+    /// trusted once, so its revocation list covers every certificate it signed. (Each copy
+    /// had a verifier of its own and the list went to the first only: the second accepted a
+    /// revoked certificate.)
+    #[test]
+    fn a_ca_listed_twice_is_trusted_once_and_its_list_revokes() {
+        let d = tempfile::tempdir().unwrap();
+        pki::init(d.path()).unwrap();
+        let ca = d.path().join(pki::CA_CERT);
+        let once = std::fs::read_to_string(&ca).unwrap();
+        std::fs::write(&ca, format!("{once}{once}")).unwrap();
+        pki::issue(d.path(), "n1").unwrap();
+        pki::issue(d.path(), "n2").unwrap();
+        let r = CertResolver::new(&TlsIdentity::load(d.path(), "n1").unwrap()).unwrap();
+        assert_eq!(accepts(&r, d.path(), "n2"), Ok(()));
+        revoke(d.path(), "n2");
+        assert_eq!(r.reload_crl(), CrlReload::Adopted);
+        assert_eq!(accepts(&r, d.path(), "n2"), REVOKED);
+        assert_eq!(accepts(&r, d.path(), "n1"), Ok(()));
     }
 
     #[test]

@@ -47,6 +47,18 @@ fn entries(dir: &Path) -> Vec<String> {
 /// CA's and every node's private key) before it exits; a process killed by the signal left it.
 #[test]
 fn ctrl_c_during_the_tour_stops_the_fabric_and_removes_its_directory() {
+    interrupted_during_the_tour(libc::SIGINT);
+}
+
+/// The terminal closed while the tour runs (SIGHUP) stops the demo as Ctrl-C does, its
+/// directory removed. (SIGHUP killed it by the default action: the directory, the demo CA's
+/// key in it, was left behind.)
+#[test]
+fn a_closed_terminal_during_the_tour_stops_the_fabric_and_removes_its_directory() {
+    interrupted_during_the_tour(libc::SIGHUP);
+}
+
+fn interrupted_during_the_tour(sig: libc::c_int) {
     let _one = one_demo_at_a_time();
     let tmp = tempfile::tempdir().expect("temporary directory");
     let mut demo = Demo::start(&["--quick", "--ephemeral-ports"], Some(tmp.path()));
@@ -70,7 +82,7 @@ fn ctrl_c_during_the_tour_stops_the_fabric_and_removes_its_directory() {
     let signalled = Instant::now();
     // SAFETY: kill(2) on our own child's pid.
     unsafe {
-        libc::kill(child.id() as libc::pid_t, libc::SIGINT);
+        libc::kill(child.id() as libc::pid_t, sig);
     }
     let status = wait_until(&mut child, signalled + Duration::from_secs(60));
     let _ = reader.join();
@@ -248,7 +260,23 @@ fn run_demo_keep() -> (String, bool, String, Duration) {
             .find_map(|l| l.trim().strip_prefix("export "))
             .unwrap_or_default()
             .to_string();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tasman"));
+        // The status command as printed: the demo's own binary by its path (`scripts/demo`
+        // runs it through cargo, so `tasman` need not be on PATH; a bare `tasman` was printed).
+        let printed = out
+            .lines()
+            .map(str::trim)
+            .find(|l| l.split_whitespace().nth(1) == Some("status"))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap_or_default()
+            .to_string();
+        assert_eq!(
+            std::path::Path::new(&printed).canonicalize().ok(),
+            std::path::Path::new(env!("CARGO_BIN_EXE_tasman"))
+                .canonicalize()
+                .ok(),
+            "the printed status command is not the demo's binary: {printed:?}"
+        );
+        let mut cmd = Command::new(&printed);
         cmd.arg("status");
         for kv in env.split_whitespace() {
             if let Some((k, v)) = kv.split_once('=') {

@@ -630,12 +630,17 @@ async fn steps(
             "The controller: admin API on {admin}, state in {} (deleted on exit). Ask it:",
             fabric.state_dir().display()
         );
+        // This binary's own path: `scripts/demo` runs it through cargo, so `tasman` may not be
+        // on PATH (the hints printed a bare `tasman`, "command not found").
+        let exe = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.to_str().map(str::to_string))
+            .filter(|p| !p.contains(|c: char| c.is_whitespace() || "'\"$`\\".contains(c)))
+            .unwrap_or_else(|| "tasman".into());
         println!("  export TASMAN_CONTROLLER={admin} TASMAN_TOKEN={token}");
-        println!(
-            "  tasman status                 # routers, versions, each edge's site, RTT matrix"
-        );
-        println!("  tasman topology get           # the text in force; history, rollback VERSION");
-        println!("  tasman topology edit          # $EDITOR, the plan, then applied live");
+        println!("  {exe} status           # routers, versions, each edge's site, RTT matrix");
+        println!("  {exe} topology get     # the text in force; history, rollback VERSION");
+        println!("  {exe} topology edit    # $EDITOR, the plan, then applied live");
         println!("The fabric is up. Try (Ctrl-C stops it):");
         for e in edges {
             if let Some(a) = fabric.service_addr(e, first_service) {

@@ -144,7 +144,9 @@ pub fn fmt_time(unix_ms: u64) -> String {
     )
 }
 
-/// SIGINT (Ctrl-C) and SIGTERM, caught from [`Signals::install`] on: neither kills the process
+/// SIGINT (Ctrl-C), SIGTERM and SIGHUP (the terminal closed), caught from [`Signals::install`]
+/// on, each a stop as SIGTERM is (SIGHUP killed the process by the default action: a demo closed
+/// with its terminal left its temporary directory, the demo CA's key in it): none kills the process
 /// after it (tokio keeps a handler installed once it has one), and one that comes before
 /// [`Signals::next`] is awaited is kept for it. The demo, routers and the controller install
 /// them first thing in their runtime: a stop asked for while they start is not lost (routers
@@ -155,6 +157,8 @@ pub(crate) struct Signals {
     interrupt: tokio::signal::unix::Signal,
     #[cfg(unix)]
     terminate: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    hangup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -166,6 +170,7 @@ impl Signals {
             Ok(Signals {
                 interrupt: signal(SignalKind::interrupt())?,
                 terminate: signal(SignalKind::terminate())?,
+                hangup: signal(SignalKind::hangup())?,
             })
         }
         #[cfg(not(unix))]
@@ -198,6 +203,7 @@ impl Signals {
         tokio::select! {
             _ = self.interrupt.recv() => {}
             _ = self.terminate.recv() => {}
+            _ = self.hangup.recv() => {}
         }
         #[cfg(not(unix))]
         let _ = tokio::signal::ctrl_c().await;

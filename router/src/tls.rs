@@ -387,8 +387,29 @@ impl CertResolver {
     /// Presents `id`'s certificate (its key must match); reloads come from `id.dir`.
     pub fn new(id: &TlsIdentity) -> Result<Arc<Self>, TlsError> {
         let provider = provider();
-        let trust = Trust::build(&id.cas, vec![None; id.cas.len()], &provider)?;
-        let ck = CertifiedKey::from_der(id.chain.clone(), id.key.clone_key(), &provider)?;
+        // Errors name the files they are about, when the identity came from a directory (a key
+        // that is not its certificate's said only `KeyMismatch`).
+        let trust = Trust::build(&id.cas, vec![None; id.cas.len()], &provider).map_err(|e| {
+            match &id.dir {
+                Some(dir) => TlsError::File {
+                    path: dir.join(crate::pki::CA_CERT),
+                    reason: e.to_string(),
+                },
+                None => e,
+            }
+        })?;
+        let ck = CertifiedKey::from_der(id.chain.clone(), id.key.clone_key(), &provider).map_err(
+            |e| match &id.dir {
+                Some(dir) => TlsError::File {
+                    path: dir.join(format!("{}.pem", id.name)),
+                    reason: format!(
+                        "{e}: is {} the key of this certificate?",
+                        dir.join(format!("{}.key", id.name)).display()
+                    ),
+                },
+                None => e.into(),
+            },
+        )?;
         let not_after = not_after(&id.chain[0]).unwrap_or(0);
         let not_before = not_before(&id.chain[0]).unwrap_or(0);
         Ok(Arc::new(CertResolver {
@@ -1834,6 +1855,23 @@ mod tests {
             refusal_kind(&reason),
             refusal_kind("key does not match the certificate")
         );
+    }
+
+    /// At start, a key that is not its certificate's is refused naming both files (it said
+    /// only `keys may not be consistent: KeyMismatch`).
+    #[test]
+    fn a_key_that_is_not_the_certificates_is_refused_at_start_naming_the_files() {
+        let d = tempfile::tempdir().unwrap();
+        pki::init(d.path()).unwrap();
+        pki::issue(d.path(), "n1").unwrap();
+        let old_key = fs::read(d.path().join("n1.key")).unwrap();
+        pki::issue(d.path(), "n1").unwrap();
+        fs::write(d.path().join("n1.key"), old_key).unwrap();
+        let Err(e) = CertResolver::new(&TlsIdentity::load(d.path(), "n1").unwrap()) else {
+            panic!("a key that is not the certificate's was taken");
+        };
+        let e = e.to_string();
+        assert!(e.contains("n1.pem") && e.contains("n1.key"), "{e}");
     }
 
     #[test]

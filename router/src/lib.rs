@@ -415,6 +415,16 @@ impl Shared {
 
 pub struct Router;
 
+/// A router's count of open streams, from [`RouterHandle::open_streams`].
+#[derive(Clone)]
+pub struct OpenStreams(Arc<Shared>);
+
+impl OpenStreams {
+    pub fn get(&self) -> u64 {
+        self.0.open_streams()
+    }
+}
+
 /// A running router. Dropping it does not stop it; call [`RouterHandle::shutdown`].
 pub struct RouterHandle {
     shared: Arc<Shared>,
@@ -599,6 +609,11 @@ impl RouterHandle {
     /// The current routing table (for tests, the demo and `path explain`-style output).
     pub fn routes(&self) -> Arc<routes::Routes> {
         self.shared.routes.load_full()
+    }
+    /// The router's count of open streams (proxied, being set up, or relayed: what a drain
+    /// waits for), readable after [`RouterHandle::shutdown`] took the handle.
+    pub fn open_streams(&self) -> OpenStreams {
+        OpenStreams(self.shared.clone())
     }
     /// Starts draining (the first step of [`RouterHandle::shutdown_or`]) and returns at once:
     /// from here on the router takes no new stream and tells its neighbours so. Calling it again,

@@ -679,10 +679,24 @@ impl DemoFabric {
         r.handle.begin_drain();
         Ok(tokio::spawn(async move {
             let t = Instant::now();
+            // When its last stream ended, as the router's drain sees it: the shutdown's own
+            // time after it (closing the endpoint, up to 500 ms) made a drain that ended in time
+            // look like one that ran into its timeout on a slow machine.
+            let open = r.handle.open_streams();
+            let emptied = tokio::spawn(async move {
+                while open.get() > 0 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                t.elapsed()
+            });
             // The control session stays up while it drains, as `tasman router`'s does.
             r.handle.shutdown().await;
             drop(r.client);
-            t.elapsed()
+            let stopped = t.elapsed();
+            match tokio::time::timeout(Duration::from_secs(1), emptied).await {
+                Ok(Ok(d)) => d,
+                _ => stopped,
+            }
         }))
     }
 

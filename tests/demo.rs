@@ -303,6 +303,27 @@ fn run_demo_keep() -> (String, bool, String, Duration) {
     (out, exited.success(), status, ran)
 }
 
+/// A port the demo's fixed addresses need, held by another program (here the controller's
+/// admin port on every address), ends the demo with exit 1, the error, and a hint to run it on
+/// free ports. (It said only "Address already in use".)
+#[test]
+fn a_port_the_demo_needs_in_use_is_refused_with_a_hint() {
+    let _one = one_demo_at_a_time();
+    // Held on 0.0.0.0: the demo's 127.0.0.1:7401 cannot be bound beside it. A machine where
+    // something else holds it already proves the same.
+    let _held = std::net::TcpListener::bind(("0.0.0.0", 7401));
+    let out = Command::new(env!("CARGO_BIN_EXE_tasman"))
+        .args(["demo", "--quick"])
+        .output()
+        .expect("run tasman demo");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("in use") && err.contains("--ephemeral-ports"),
+        "{err}"
+    );
+}
+
 /// A --topology file the demo cannot run is reported as `tasman topology validate` reports it,
 /// `FILE:LINE:COL: error: message` (it printed the severity's Debug form, `Error`), and the demo
 /// exits 1 without starting anything.

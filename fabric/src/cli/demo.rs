@@ -47,6 +47,7 @@ pub struct DemoArgs {
 }
 
 pub fn run(args: DemoArgs) -> ExitCode {
+    let ephemeral = args.ephemeral_ports;
     let text = match &args.topology {
         None => APAC_YAML.to_string(),
         Some(p) => match super::topology::read_text_or_report(p) {
@@ -111,6 +112,14 @@ pub fn run(args: DemoArgs) -> ExitCode {
         Ok(false) => ExitCode::from(1),
         Err(e) => {
             eprintln!("error: {e}");
+            // The demo's fixed addresses (the topology's ports, the controller's 7400 and
+            // 7401), one taken by another program: the way around it.
+            let text = e.to_string();
+            if !ephemeral && text.contains("in use") {
+                eprintln!(
+                    "hint: another program holds a port the demo uses; `scripts/demo --ephemeral-ports` runs it on free ports"
+                );
+            }
             ExitCode::from(1)
         }
     }

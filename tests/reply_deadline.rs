@@ -103,11 +103,11 @@ fn wait(what: &str, cond: impl FnMut() -> bool) {
     tokio::task::block_in_place(|| eventually(DEADLINE, what, cond));
 }
 
-/// Connects to the edge's service `port` and sends [`CLIENT_BYTES`] from a task of its own (it
-/// stops at the first failed write). The read half, and where the writer puts the error that
-/// stopped it.
+/// Connects to the edge's service `port` and sends `bytes` from a task of its own (it stops at
+/// the first failed write). The read half, and where the writer puts the error that stopped it.
 async fn sending_client(
     port: u16,
+    bytes: usize,
 ) -> (
     tokio::net::tcp::OwnedReadHalf,
     Arc<std::sync::Mutex<Option<std::io::ErrorKind>>>,
@@ -121,7 +121,7 @@ async fn sending_client(
     tokio::spawn(async move {
         let block = vec![0x5a_u8; 1024 * 1024];
         let mut sent = 0;
-        while sent < CLIENT_BYTES {
+        while sent < bytes {
             if let Err(e) = w.write_all(&block).await {
                 *failed_w.lock().unwrap() = Some(e.kind());
                 return;
@@ -164,7 +164,7 @@ async fn the_reply_deadline_ends_an_attempt_whose_client_bytes_wait_for_flow_con
     });
 
     let started = Instant::now();
-    let (mut r, write_failed) = sending_client(port).await;
+    let (mut r, write_failed) = sending_client(port, CLIENT_BYTES).await;
     let mut buf = [0u8; 64];
     let end = tokio::time::timeout(WITHIN, r.read(&mut buf)).await;
     let took = started.elapsed();
@@ -257,7 +257,7 @@ async fn a_first_hop_declared_down_while_client_bytes_wait_moves_the_attempt() {
             && metric(&edge, "tasman_neighbour_up", "") == 2
     });
 
-    let (r, _) = sending_client(port).await;
+    let (r, _) = sending_client(port, CLIENT_BYTES).await;
     // The window to site-near is full (less the header): the edge's write now waits.
     let window = STREAM_RECEIVE_WINDOW as u64;
     wait(
@@ -465,21 +465,7 @@ async fn a_retry_reads_the_answer_while_its_replay_waits_for_flow_control() {
             && metric(&edge, "tasman_service_candidates", "service=\"chat\"") == 2
             && metric(&edge, "tasman_neighbour_up", "") == 2
     });
-    let (r, mut w) = TcpStream::connect((LOCAL, port))
-        .await
-        .unwrap()
-        .into_split();
-    tokio::spawn(async move {
-        let block = vec![0x5a_u8; 1024 * 1024];
-        let mut sent = 0;
-        while sent < client_bytes {
-            if w.write_all(&block).await.is_err() {
-                return;
-            }
-            sent += block.len();
-        }
-        std::future::pending::<()>().await;
-    });
+    let (r, _) = sending_client(port, client_bytes).await;
     let mut r = tokio::io::BufReader::new(r);
     let mut greeting = String::new();
     let got = tokio::time::timeout(Duration::from_secs(60), r.read_line(&mut greeting)).await;

@@ -389,10 +389,9 @@ mod tests {
             .expect("spawn backend")
     }
 
-    /// A connection that never finishes its request's headers is closed after the header
-    /// timeout (hyper's was off without a timer: it was held for good).
-    #[tokio::test]
-    async fn a_request_whose_headers_never_end_is_closed() {
+    /// Sends `request` (unfinished) to a backend whose header timeout is 300 ms and reads until
+    /// the backend closes, within 10 s: what came back, or `None` while the connection is open.
+    async fn unfinished_request(request: &[u8]) -> Option<String> {
         let cfg = BackendConfig {
             header_timeout: Duration::from_millis(300),
             ..BackendConfig::new("syd-site", "llm")
@@ -401,12 +400,20 @@ mod tests {
             .await
             .expect("spawn backend");
         let mut s = TcpStream::connect(b.local_addr()).await.expect("connect");
-        s.write_all(b"GET /v1/completions HTTP/1.1\r\nhost: x\r\n")
-            .await
-            .expect("write");
+        s.write_all(request).await.expect("write");
         let mut out = Vec::new();
         let closed = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
-        assert!(closed.is_ok(), "the connection is still open");
+        closed
+            .is_ok()
+            .then(|| String::from_utf8_lossy(&out).into_owned())
+    }
+
+    /// A connection that never finishes its request's headers is closed after the header
+    /// timeout (hyper's was off without a timer: it was held for good).
+    #[tokio::test]
+    async fn a_request_whose_headers_never_end_is_closed() {
+        let closed = unfinished_request(b"GET /v1/completions HTTP/1.1\r\nhost: x\r\n").await;
+        assert!(closed.is_some(), "the connection is still open");
     }
 
     /// A request whose body stops short of its length is answered 408 and its connection
@@ -414,21 +421,11 @@ mod tests {
     /// connection, and through a fabric a site's slot, was held for good.)
     #[tokio::test]
     async fn a_request_whose_body_never_ends_is_answered_and_closed() {
-        let cfg = BackendConfig {
-            header_timeout: Duration::from_millis(300),
-            ..BackendConfig::new("syd-site", "llm")
-        };
-        let b = DemoBackend::spawn("127.0.0.1:0".parse().expect("literal"), cfg)
-            .await
-            .expect("spawn backend");
-        let mut s = TcpStream::connect(b.local_addr()).await.expect("connect");
-        s.write_all(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nhi")
-            .await
-            .expect("write");
-        let mut out = Vec::new();
-        let closed = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
-        assert!(closed.is_ok(), "the connection is still open");
-        let out = String::from_utf8_lossy(&out);
+        let out = unfinished_request(
+            b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nhi",
+        )
+        .await
+        .expect("the connection is still open");
         assert!(out.starts_with("HTTP/1.1 408"), "{out}");
     }
 

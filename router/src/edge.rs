@@ -767,6 +767,62 @@ async fn forward(
     Ok(written.bytes)
 }
 
+/// What an attempt writes to its stream: the replay (what the client sent to the failed
+/// candidates, `replay.chunks[..replayed_end]`), then the client's chunks as they come, one at a
+/// time in `pending`; the stream is finished once everything before the client's half-close
+/// is written.
+struct Outgoing {
+    /// The chunk on its way: what quinn has not taken yet.
+    pending: Bytes,
+    /// The next replay chunk to write, and the end of the replay (chunks the client sends
+    /// during this attempt are added to `replay.chunks` after it).
+    next_replayed: usize,
+    replayed_end: usize,
+    /// Replayed bytes not written yet: counted in `bytes_up` when first sent, not again.
+    uncounted: usize,
+    finished: bool,
+}
+
+impl Outgoing {
+    fn new(replay: &Replay) -> Self {
+        Outgoing {
+            pending: Bytes::new(),
+            next_replayed: 0,
+            replayed_end: replay.chunks.len(),
+            uncounted: replay.len,
+            finished: false,
+        }
+    }
+
+    /// With nothing pending: the next replay chunk, else (all written and the client
+    /// half-closed) the stream's finish.
+    fn refill(&mut self, replay: &Replay, send: &mut SendStream) {
+        if !self.pending.is_empty() {
+            return;
+        }
+        let next = (self.next_replayed < self.replayed_end)
+            .then(|| replay.chunks.get(self.next_replayed))
+            .flatten();
+        if let Some(chunk) = next {
+            self.pending = chunk.clone();
+            self.next_replayed += 1;
+        } else if replay.eof && !self.finished {
+            self.finished = true;
+            let _ = send.finish();
+        }
+    }
+
+    /// `n` bytes were written: those not replayed are counted in `bytes_up`.
+    fn written(&mut self, shared: &Shared, n: usize) {
+        let replayed = n.min(self.uncounted);
+        self.uncounted -= replayed;
+        shared
+            .metrics
+            .bytes_up
+            .fetch_add((n - replayed) as u64, Relaxed);
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn attempt(
     shared: &Shared,
@@ -822,47 +878,19 @@ async fn attempt(
         };
         return Attempt::Retry(code, Told::Here);
     };
-    // The replay's chunks, in order, then the client's bytes as they come. Replayed bytes
-    // were counted in `bytes_up` when first sent: `uncounted` of what is written next is not.
-    let mut backlog: std::collections::VecDeque<Bytes> = replay.chunks.iter().cloned().collect();
-    let mut uncounted = replay.len;
-    let mut finished = false;
     let mut reply = [0u8; REPLY_OK.len()];
     let mut got = 0;
-    // The client's chunk on its way to the site: what quinn has not taken yet, and the circuit's
-    // rate limit holding it back. While it waits (the site does not read its stream yet, e.g. it
-    // is still connecting to its backend, so flow control stops us once the stream window is
-    // full; or the circuit is over its rate) the reply, the deadline and the down verdict are
-    // still polled: they bound the whole attempt, not only its wait between chunks. No more of
-    // the client is read meanwhile (backpressure, as in the splice).
-    let mut pending = Bytes::new();
+    // What goes to the site: the replay, then the client's chunks as they come (`out.pending`,
+    // what quinn has not taken yet, and the circuit's rate limit holding it back). While it
+    // waits (the site does not read its stream yet, e.g. it is still connecting to its backend,
+    // so flow control stops us once the stream window is full; or the circuit is over its rate)
+    // the reply, the deadline and the down verdict are still polled: they bound the whole
+    // attempt, not only its wait between chunks. No more of the client is read meanwhile
+    // (backpressure, as in the splice).
+    let mut out = Outgoing::new(replay);
     let mut hold: Option<Hold> = None;
-    // The next chunk to write: the replay's first; the stream finished once all is written
-    // after the client's half-close.
-    fn next(
-        pending: &mut Bytes,
-        backlog: &mut std::collections::VecDeque<Bytes>,
-        eof: bool,
-        finished: &mut bool,
-        send: &mut SendStream,
-    ) {
-        if pending.is_empty() {
-            if let Some(b) = backlog.pop_front() {
-                *pending = b;
-            } else if eof && !*finished {
-                *finished = true;
-                let _ = send.finish();
-            }
-        }
-    }
     let outcome = loop {
-        next(
-            &mut pending,
-            &mut backlog,
-            replay.eof,
-            &mut finished,
-            &mut send,
-        );
+        out.refill(replay, &mut send);
         tokio::select! {
             // In order: an answer already there wins over a deadline or a down verdict that
             // fires at the same moment (the backend has the request: no retry).
@@ -877,7 +905,7 @@ async fn attempt(
                 Ok(None) => break Err(Attempt::Retry(Code::UpstreamLost, Told::Here)),
                 Err(e) => break Err(read_failed(&e)),
             },
-            r = buf.read(tcp, circuit.is_none()), if pending.is_empty() && !replay.eof => match r {
+            r = buf.read(tcp, circuit.is_none()), if out.pending.is_empty() && !replay.eof => match r {
                 Ok(b) if b.is_empty() => {
                     // Finished at the top of the loop (nothing is left to write).
                     replay.eof = true;
@@ -896,16 +924,12 @@ async fn attempt(
                     if let Some(c) = circuit {
                         hold = held_back(&c.limiter.up, n);
                     }
-                    pending = b;
+                    out.pending = b;
                 }
                 Err(_) => break Err(Attempt::Fatal(Code::ClientAbort)),
             },
-            r = forward(&mut send, &mut pending, &mut hold), if !pending.is_empty() => match r {
-                Ok(n) => {
-                    let replayed = n.min(uncounted);
-                    uncounted -= replayed;
-                    shared.metrics.bytes_up.fetch_add((n - replayed) as u64, Relaxed);
-                }
+            r = forward(&mut send, &mut out.pending, &mut hold), if !out.pending.is_empty() => match r {
+                Ok(n) => out.written(shared, n),
                 Err(e) => break Err(write_failed(e)),
             },
             // Nothing came back within the deadline: like any failure before the first byte
@@ -925,28 +949,15 @@ async fn attempt(
     // request a second time), whatever its code.
     let outcome = match outcome {
         Ok(()) => loop {
-            next(
-                &mut pending,
-                &mut backlog,
-                replay.eof,
-                &mut finished,
-                &mut send,
-            );
-            if pending.is_empty() {
+            out.refill(replay, &mut send);
+            if out.pending.is_empty() {
                 break Ok(());
             }
             match shared
-                .bounded_write(forward(&mut send, &mut pending, &mut hold))
+                .bounded_write(forward(&mut send, &mut out.pending, &mut hold))
                 .await
             {
-                Some(Ok(n)) => {
-                    let replayed = n.min(uncounted);
-                    uncounted -= replayed;
-                    shared
-                        .metrics
-                        .bytes_up
-                        .fetch_add((n - replayed) as u64, Relaxed);
-                }
+                Some(Ok(n)) => out.written(shared, n),
                 Some(Err(e)) => {
                     break Err(match write_failed(e) {
                         Attempt::Retry(code, _) => Attempt::Fatal(code),

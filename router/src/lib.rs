@@ -415,14 +415,15 @@ impl Shared {
 
 pub struct Router;
 
-/// A router's count of open streams, from [`RouterHandle::open_streams`].
-#[derive(Clone)]
-pub struct OpenStreams(Arc<Shared>);
-
-impl OpenStreams {
-    pub fn get(&self) -> u64 {
-        self.0.open_streams()
-    }
+/// How a router's drain ended ([`RouterHandle::shutdown_or`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drain {
+    /// Its last stream ended this long after the drain began.
+    Emptied(Duration),
+    /// `drain_timeout` passed with streams still open; they were cut.
+    TimedOut,
+    /// Stopped before either (`stop` resolved).
+    Stopped,
 }
 
 /// A running router. Dropping it does not stop it; call [`RouterHandle::shutdown`].
@@ -610,11 +611,6 @@ impl RouterHandle {
     pub fn routes(&self) -> Arc<routes::Routes> {
         self.shared.routes.load_full()
     }
-    /// The router's count of open streams (proxied, being set up, or relayed: what a drain
-    /// waits for), readable after [`RouterHandle::shutdown`] took the handle.
-    pub fn open_streams(&self) -> OpenStreams {
-        OpenStreams(self.shared.clone())
-    }
     /// Starts draining (the first step of [`RouterHandle::shutdown_or`]) and returns at once:
     /// from here on the router takes no new stream and tells its neighbours so. Calling it again,
     /// or shutting down afterwards, is fine.
@@ -635,8 +631,8 @@ impl RouterHandle {
     }
 
     /// Drains, then stops: see [`RouterHandle::shutdown_or`] (no early stop).
-    pub async fn shutdown(self) {
-        self.shutdown_or(std::future::pending()).await;
+    pub async fn shutdown(self) -> Drain {
+        self.shutdown_or(std::future::pending()).await
     }
 
     /// Drains, then stops. Draining: the edge's client listeners close, no new peer connection
@@ -646,7 +642,7 @@ impl RouterHandle {
     /// waiting for the controller. Open connections carry on, and are still probed and relayed.
     /// Once none is left, or after `drain_timeout`, or when `stop` resolves (a second signal),
     /// every QUIC connection is closed and what is still open is cut.
-    pub async fn shutdown_or(self, stop: impl std::future::Future<Output = ()>) {
+    pub async fn shutdown_or(self, stop: impl std::future::Future<Output = ()>) -> Drain {
         // The control task (dialers, health checks) ends with the drain, also when this future
         // is dropped before the drain ends.
         struct AbortOnDrop(tokio::task::AbortHandle);
@@ -660,20 +656,23 @@ impl RouterHandle {
         let sh = &self.shared;
         let timeout = sh.drain_timeout;
         tracing::info!(node = %sh.node, open = sh.open_streams(), ?timeout, "draining");
+        let began = tokio::time::Instant::now();
         let drained = async {
             while sh.open_streams() > 0 {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         };
-        tokio::select! {
-            () = drained => {}
+        let drain = tokio::select! {
+            () = drained => Drain::Emptied(began.elapsed()),
             _ = tokio::time::sleep(timeout) => {
                 tracing::warn!(node = %sh.node, open = sh.open_streams(), ?timeout, "drain timeout: closing what is still open");
+                Drain::TimedOut
             }
             () = stop => {
                 tracing::warn!(node = %sh.node, open = sh.open_streams(), "stopping without waiting for the drain");
+                Drain::Stopped
             }
-        }
+        };
         self.control_task.abort();
         sh.vip_listeners.close_all();
         sh.endpoint
@@ -686,6 +685,7 @@ impl RouterHandle {
             k.stop();
         }
         tracing::info!(node = %self.shared.node, "router stopped");
+        drain
     }
 }
 

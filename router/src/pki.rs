@@ -321,9 +321,9 @@ pub struct BundleCert {
 pub fn parse_ca_bundle(text: &str) -> Result<Vec<BundleCert>, String> {
     const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
     const END: &str = "-----END CERTIFICATE-----";
-    let mut certs = Vec::new();
-    // Each kept certificate's place in the file (1-based), for messages.
-    let mut places: Vec<usize> = Vec::new();
+    let mut certs: Vec<BundleCert> = Vec::new();
+    // Each kept certificate's place in the file (1-based) and its CA (subject and key).
+    let mut cas: Vec<(usize, Vec<u8>, Vec<u8>)> = Vec::new();
     let mut n = 0;
     let mut rest = text;
     while let Some(start) = rest.find(BEGIN) {
@@ -348,35 +348,19 @@ pub fn parse_ca_bundle(text: &str) -> Result<Vec<BundleCert>, String> {
         // the second would accept what the list revokes. The same certificate again is
         // dropped (an operator appending a CA the file already had); another certificate of
         // the same CA (subject and key) is refused.
-        let mut same = None;
-        for (i, c) in certs.iter().enumerate() {
-            let c: &BundleCert = c;
-            if c.der == der {
-                same = Some(None);
-                break;
-            }
-            if let Ok((_, other)) = x509_parser::parse_x509_certificate(c.der.as_ref())
-                && other.subject().as_raw() == parsed.subject().as_raw()
-                && other.public_key().raw == parsed.public_key().raw
-            {
-                same = Some(Some(places[i]));
-                break;
-            }
+        if certs.iter().any(|c| c.der == der) {
+            continue;
         }
-        match same {
-            Some(None) => continue,
-            Some(Some(first)) => {
-                return Err(format!(
-                    "certificates {first} and {n} are two certificates of the same CA ({}, the \
-                     same key): list each CA once",
-                    parsed.subject()
-                ));
-            }
-            None => {
-                certs.push(BundleCert { der, pem });
-                places.push(n);
-            }
+        let (subject, key) = (parsed.subject().as_raw(), parsed.public_key().raw);
+        if let Some((first, ..)) = cas.iter().find(|(_, s, k)| s == subject && k == key) {
+            return Err(format!(
+                "certificates {first} and {n} are two certificates of the same CA ({}, the \
+                 same key): list each CA once",
+                parsed.subject()
+            ));
         }
+        cas.push((n, subject.to_vec(), key.to_vec()));
+        certs.push(BundleCert { der, pem });
     }
     if certs.is_empty() {
         return Err("no certificate in file".into());

@@ -3,6 +3,18 @@
 
 use std::fmt;
 
+/// The first `shown` of `names`, joined with commas, and how many more there are (`a, b and 3
+/// more`): a message names a few of a long list, not all of it (10,000 services named in
+/// every message of 50,000 edges were 32 GB).
+pub fn first_few<'a>(names: impl ExactSizeIterator<Item = &'a str>, shown: usize) -> String {
+    let total = names.len();
+    let mut text = names.take(shown).collect::<Vec<_>>().join(", ");
+    if total > shown {
+        text.push_str(&format!(" and {} more", total - shown));
+    }
+    text
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Severity {
     Error,

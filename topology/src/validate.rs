@@ -1550,16 +1550,7 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
             .filter(|(s, _)| s.port.is_some())
             .map(|(s, _)| s.name.as_str())
             .collect();
-        let mut text = named
-            .iter()
-            .take(UNREACHABLE_SHOWN)
-            .copied()
-            .collect::<Vec<_>>()
-            .join(", ");
-        if named.len() > UNREACHABLE_SHOWN {
-            text.push_str(&format!(" and {} more", named.len() - UNREACHABLE_SHOWN));
-        }
-        text
+        crate::diag::first_few(named.into_iter(), UNREACHABLE_SHOWN)
     };
     let mut client_addrs: HashMap<IpAddr, String> = HashMap::new();
     for e in &entries {

@@ -506,16 +506,7 @@ fn check_regions_known(topo: &Topology, b: &BEnd) -> Result<(), CircuitError> {
         return Ok(());
     };
     let known: BTreeSet<&str> = topo.nodes.iter().map(|n| n.region.as_str()).collect();
-    const SHOWN: usize = 10;
-    let mut list = known
-        .iter()
-        .take(SHOWN)
-        .copied()
-        .collect::<Vec<_>>()
-        .join(", ");
-    if known.len() > SHOWN {
-        list.push_str(&format!(" and {} more", known.len() - SHOWN));
-    }
+    let list = topology::diag::first_few(known.into_iter(), 10);
     Err(CircuitError::Invalid(format!(
         "b_end.regions: unknown region {:?} (the topology's regions: {list})",
         unknown.as_str()

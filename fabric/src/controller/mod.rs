@@ -803,10 +803,9 @@ impl Controller {
         inner.live.publish(live);
         // A topology change with the same circuits goes out as a delta when it is exact and
         // smaller than the snapshot (which is within the routers' frame limit): one that
-        // replaces most of the topology carries more, and could pass the limit.
-        if topology_changed
-            && (Arc::ptr_eq(&prev.circuits, &inner.circuits) || prev.circuits == inner.circuits)
-        {
+        // replaces most of the topology carries more, and could pass the limit. (`Arc`'s `==`
+        // compares the pointers first.)
+        if topology_changed && prev.circuits == inner.circuits {
             let changes = proto::TopologyDelta::between(&prev.topology, &inner.current.topology);
             if changes.apply(&prev.topology) == *inner.current.topology {
                 let frame = proto::encode(&ToRouter::Delta {

@@ -1731,7 +1731,6 @@ fn contact_every(max_stale: Duration) -> Duration {
     (max_stale / 10).clamp(Duration::from_secs(1), Duration::from_secs(60))
 }
 
-/// The controller was heard from at `now` (unix ms).
 /// Unix ms of the last word from the controller, what staleness counts from: the client's start
 /// until it hears from the controller or adopts a stored snapshot (then the time recorded with
 /// it). A stored snapshot adopted late (its address came after the controller's first words:
@@ -1765,6 +1764,7 @@ impl LastContact {
     }
 }
 
+/// The controller was heard from at `now` (unix ms).
 fn contacted(shared: &Shared, now: u64) {
     shared.last_contact.heard(now);
     if let Some(contact) = &shared.contact {

@@ -586,9 +586,10 @@ pub(crate) struct Preference {
     pub site: Option<NodeId>,
     /// The incumbent that left the candidates (or was drained), and when.
     displaced: Option<(NodeId, Instant)>,
-    /// The sites that were candidates at the last rebuild, each with when it became one (and
-    /// has stayed one since): a best site not among them, or one for less than [`SETTLING`],
-    /// is taken past the margins ([`Hysteresis::select_since`]).
+    /// The sites that were candidates at the last rebuild, not drained (unless all were),
+    /// each with when it became one (and has stayed one since): a best site not among them,
+    /// or one for less than [`SETTLING`], is taken past the margins
+    /// ([`Hysteresis::select_since`]).
     offered: HashMap<NodeId, Instant>,
 }
 
@@ -662,9 +663,13 @@ impl Preference {
             self.displaced = Some((inc, now));
         }
         self.site = chosen.map(|c| c.site.clone());
+        // A drained site is not on offer (unless every site is drained): counted as one, it
+        // had settled by the end of a drain longer than `SETTLING`, and the margins kept the
+        // service on the farther site that replaced it, for good.
         let offered = std::mem::take(&mut self.offered);
         self.offered = cands
             .iter()
+            .filter(|c| selectable(&c.site).is_some())
             .map(|c| (c.site.clone(), offered.get(&c.site).copied().unwrap_or(now)))
             .collect();
         chosen
@@ -1802,6 +1807,69 @@ mod tests {
         assert_eq!(
             pick(&mut p, &both, Duration::from_secs(3)).as_deref(),
             Some("near")
+        );
+    }
+
+    /// A drain longer than the revert window (maintenance of minutes) ends: the site, nearest,
+    /// takes the service back as a site new to the candidates, and so does a site added
+    /// drained and undrained later. A drained site is no site on offer: while it was counted
+    /// as one, it had "settled" by the time its drain ended and the margins kept the service
+    /// for good on one 8 ms away.
+    #[test]
+    fn a_site_whose_long_drain_ends_takes_the_service_back() {
+        let h = Hysteresis::default();
+        let w = Duration::from_secs(10);
+        let t0 = Instant::now();
+        let (near, far) = (cand("near", 2.0), cand("far", 8.0));
+        let both = [near.clone(), far.clone()];
+        let mut drained_near = near.clone();
+        drained_near.drained = true;
+        let drained = [far.clone(), drained_near];
+        let pick = |p: &mut Preference, c: &[Candidate], at: Duration| {
+            p.select(&h, c, t0 + at, w).map(|c| c.site.to_string())
+        };
+        let mut p = Preference::default();
+        assert_eq!(pick(&mut p, &both, Duration::ZERO).as_deref(), Some("near"));
+        for at in [1, 30, 60] {
+            assert_eq!(
+                pick(&mut p, &drained, Duration::from_secs(at)).as_deref(),
+                Some("far")
+            );
+        }
+        assert_eq!(
+            pick(&mut p, &both, Duration::from_secs(61)).as_deref(),
+            Some("near"),
+            "the drain ended"
+        );
+        // Added drained, undrained a minute later.
+        let mut p = Preference::default();
+        assert_eq!(
+            pick(&mut p, std::slice::from_ref(&far), Duration::ZERO).as_deref(),
+            Some("far")
+        );
+        for at in [1, 30, 60] {
+            assert_eq!(
+                pick(&mut p, &drained, Duration::from_secs(at)).as_deref(),
+                Some("far")
+            );
+        }
+        assert_eq!(
+            pick(&mut p, &both, Duration::from_secs(61)).as_deref(),
+            Some("near"),
+            "undrained"
+        );
+        // Everything drained: the drained sites are what is on offer, and the margins judge
+        // among them once they have settled.
+        let mut all = drained.clone();
+        all[0].drained = true;
+        let mut p = Preference::default();
+        assert_eq!(pick(&mut p, &all, Duration::ZERO).as_deref(), Some("far"));
+        let mut near_cheaper = [all[1].clone(), all[0].clone()];
+        near_cheaper[0].cost = ms(7.0);
+        assert_eq!(
+            pick(&mut p, &near_cheaper, SETTLING + Duration::from_secs(1)).as_deref(),
+            Some("far"),
+            "1 ms cheaper, within the margins"
         );
     }
 

@@ -455,6 +455,10 @@ pub async fn serve_metrics(listener: tokio::net::TcpListener, render: Render) {
     serve_with(listener, Pages::MetricsOnly(render), LIMITS).await
 }
 
+/// Renders of the controller's page in flight at once, whoever still waits for them: a
+/// render handed to the blocking pool runs to its end even if its scraper hung up.
+const MAX_RENDERS: usize = 2;
+
 /// What a metrics listener serves; a page is rendered only when it is asked for.
 #[derive(Clone)]
 enum Pages {
@@ -483,14 +487,26 @@ impl Pages {
 
 async fn serve_with(listener: tokio::net::TcpListener, pages: Pages, limits: Limits) {
     // No route reads a body: hyper closes a connection whose request body is left unread.
+    let renders = Arc::new(tokio::sync::Semaphore::new(MAX_RENDERS));
     let svc = service_fn(move |req: Request<RequestBody>| {
         let (pages, path) = (pages.clone(), req.uri().path().to_string());
+        let renders = renders.clone();
         async move {
             let page = match &pages {
-                // The controller's page reads its store: off the runtime's workers.
+                // The controller's page reads its store: off the runtime's workers, and at
+                // most `MAX_RENDERS` at once (the permit goes with the job, which outlives a
+                // scraper that hangs up; one that hangs up while waiting takes no turn).
                 Pages::MetricsOnly(_) => {
                     let p = pages.clone();
-                    tokio::task::spawn_blocking(move || p.page(&path)).await
+                    match renders.acquire_owned().await {
+                        Ok(turn) => tokio::task::spawn_blocking(move || {
+                            let _turn = turn;
+                            p.page(&path)
+                        })
+                        .await
+                        .map_err(|e| e.to_string()),
+                        Err(closed) => Err(closed.to_string()),
+                    }
                 }
                 Pages::WithTelemetry(_) => Ok(pages.page(&path)),
             };
@@ -654,6 +670,56 @@ mod tests {
         assert!(
             during >= 10,
             "only {during} ticks of 50 ms during a 1.5 s page"
+        );
+    }
+
+    /// A scraper that hangs up right after its request gives its connection slot back at once,
+    /// but a page already handed to the blocking pool cannot be cancelled: a loop of
+    /// connect, GET, close (no token needed) ran a render (a read of every circuit) per
+    /// connection, all at once, up to the blocking pool's 512 threads, while the admin API's
+    /// reads queued behind them. Renders in flight are now bounded, whoever is still waiting.
+    #[tokio::test]
+    async fn scrapes_that_hang_up_do_not_pile_up_renders() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        let (running, peak, done) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let (r, p, d) = (running.clone(), peak.clone(), done.clone());
+        let render: Render = Arc::new(move || {
+            let now = r.fetch_add(1, SeqCst) + 1;
+            p.fetch_max(now, SeqCst);
+            std::thread::sleep(Duration::from_millis(300));
+            r.fetch_sub(1, SeqCst);
+            d.fetch_add(1, SeqCst);
+            "tasman_up 1\n".to_string()
+        });
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = Limits {
+            max_connections: 4,
+            max_per_source: 4,
+            ..LIMITS
+        };
+        tokio::spawn(serve_with(listener, Pages::MetricsOnly(render), limits));
+        for _ in 0..40 {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            c.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await
+                .unwrap();
+            // Wait until the server has the request (its render started or waits), then go.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            drop(c);
+        }
+        // A scrape that waits for its page still gets it.
+        let back = get(addr, "/metrics").await;
+        assert!(back.ends_with("tasman_up 1\n"), "{back}");
+        assert!(
+            peak.load(SeqCst) <= MAX_RENDERS,
+            "{} renders ran at once ({} in all)",
+            peak.load(SeqCst),
+            done.load(SeqCst)
         );
     }
 

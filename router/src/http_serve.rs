@@ -385,7 +385,8 @@ pub async fn serve_with_refusal<S, B>(
     }
 }
 
-/// The whole answer to a connection beyond its address's share: 503, and the connection closed.
+/// The whole answer to a connection beyond its address's share: 503 (try again in a second),
+/// and the connection closed.
 fn over_share(max: usize, refusal: Refusal) -> Vec<u8> {
     let status = StatusCode::SERVICE_UNAVAILABLE;
     let (content_type, body) = refusal(
@@ -394,7 +395,7 @@ fn over_share(max: usize, refusal: Refusal) -> Vec<u8> {
     );
     let mut answer = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\
-         connection: close\r\n\r\n",
+         retry-after: 1\r\nconnection: close\r\n\r\n",
         body.len()
     )
     .into_bytes();
@@ -525,6 +526,23 @@ mod tests {
     }
 
     /// The timeout bounds the whole body, not the silence between its bytes.
+    /// A connection beyond its address's share is told when to try again, as every other 503
+    /// of the admin API is (`Retry-After: 1`); it said nothing.
+    #[tokio::test]
+    async fn a_connection_over_its_share_is_told_when_to_try_again() {
+        let addr = start(Limits {
+            max_per_source: 1,
+            ..crate::metrics::LIMITS
+        })
+        .await;
+        let mut held = TcpStream::connect(addr).await.unwrap();
+        held.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let mut second = TcpStream::connect(addr).await.unwrap();
+        let back = until_closed(&mut second, Duration::from_secs(10)).await;
+        assert!(back.starts_with("HTTP/1.1 503"), "{back}");
+        assert!(back.contains("\r\nretry-after: 1\r\n"), "{back}");
+    }
+
     #[tokio::test]
     async fn a_body_that_trickles_in_is_cut_off_at_the_timeout() {
         let timeout = Duration::from_millis(300);

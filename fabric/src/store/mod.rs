@@ -58,7 +58,8 @@ pub enum StoreError {
 /// changes a field (a JSON record decodes without fields it does not know, and a rewrite would
 /// drop them): a build refuses a store of a newer schema rather than lose what it cannot read.
 /// A store with no stamp was written before the stamp existed, which is schema 1.
-pub const SCHEMA: u64 = 1;
+/// Schema 2: a circuit's `created_with` (the request its idempotency key was first used with).
+pub const SCHEMA: u64 = 2;
 
 /// Where the schema stamp lives.
 const STORE_META: Table<u64> = Table::new("store_meta");
@@ -66,7 +67,9 @@ const SCHEMA_KEY: &str = "schema";
 
 /// Checks the store's schema stamp before anything reads a record: a store of a newer schema
 /// is refused ([`StoreError::Schema`]); a store without a stamp (new, or written before stamps
-/// existed) is stamped [`SCHEMA`], in a transaction of its own. A stamped store is not written.
+/// existed) or of an older schema is stamped [`SCHEMA`], in a transaction of its own, so that
+/// an older build refuses it from then on (this build reads every older record; an older build
+/// would rewrite this build's without their new fields). A store of this schema is not written.
 /// Every backend's `open` calls it.
 pub fn check_schema(store: &dyn Store) -> Result<(), StoreError> {
     let stamp = |tx: &dyn ReadTxn| STORE_META.get(tx, SCHEMA_KEY);
@@ -78,12 +81,12 @@ pub fn check_schema(store: &dyn Store) -> Result<(), StoreError> {
     };
     match read(store, stamp)? {
         Some(found) if found > SCHEMA => refuse(found),
-        Some(_) => Ok(()),
-        None => transaction(store, |tx| match stamp(tx)? {
+        Some(SCHEMA) => Ok(()),
+        _ => transaction(store, |tx| match stamp(tx)? {
             // Stamped in between by another writer: check that one.
             Some(found) if found > SCHEMA => refuse(found),
-            Some(_) => Ok(()),
-            None => STORE_META.put(tx, SCHEMA_KEY, &SCHEMA),
+            Some(SCHEMA) => Ok(()),
+            _ => STORE_META.put(tx, SCHEMA_KEY, &SCHEMA),
         }),
     }
 }

@@ -522,8 +522,8 @@ mod tests {
         open_caught(dir.path()).unwrap();
     }
 
-    /// A new store is stamped with this build's schema; a store written before stamps existed
-    /// is stamped on open, its records untouched; a store stamped by a newer build is refused,
+    /// A new store is stamped with this build's schema; a store written before stamps existed,
+    /// or stamped by an earlier build, is stamped on open, its records untouched; a store stamped by a newer build is refused,
     /// naming the file and both schemas, and left as it was (not stamped down, not written).
     #[test]
     fn a_store_of_a_newer_schema_is_refused_and_an_unstamped_one_is_stamped() {
@@ -545,6 +545,20 @@ mod tests {
 
         // As an earlier build left it: records, no stamp.
         set(&s, None);
+        drop(s);
+        let s = open_caught(dir.path()).unwrap();
+        assert_eq!(stamp(&s), Some(store::SCHEMA));
+        assert_eq!(store::read(&s, |tx| T.all(tx)).unwrap().len(), 1);
+
+        // Stamped by an earlier build: raised to this build's schema on open, so that the
+        // earlier build, which would rewrite this build's records without the fields it does
+        // not know (a circuit's `created_with`, added after schema 1), refuses it from now on.
+        // It was left at 1.
+        assert!(
+            store::SCHEMA >= 2,
+            "circuits gained created_with after schema 1"
+        );
+        set(&s, Some(1));
         drop(s);
         let s = open_caught(dir.path()).unwrap();
         assert_eq!(stamp(&s), Some(store::SCHEMA));

@@ -155,11 +155,20 @@ pub fn now_unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// The topology version in force, if any was ever applied.
+/// The topology version in force, if any was ever applied. A pointer to a version the store
+/// does not hold is corrupt: read as no version, a controller started with `--topology` would
+/// import the file again on top of the history.
 pub fn current(tx: &dyn ReadTxn) -> Result<Option<TopologyVersion>, StoreError> {
-    match META.get(tx, CURRENT)? {
-        Some(v) => TOPOLOGY_VERSIONS.get(tx, &seq_key(v)),
-        None => Ok(None),
+    let Some(v) = META.get(tx, CURRENT)? else {
+        return Ok(None);
+    };
+    match TOPOLOGY_VERSIONS.get(tx, &seq_key(v))? {
+        Some(rec) => Ok(Some(rec)),
+        None => Err(StoreError::Corrupt {
+            table: META.name,
+            key: CURRENT.to_string(),
+            reason: format!("it names topology version {v}, which the store does not hold"),
+        }),
     }
 }
 
@@ -408,6 +417,25 @@ mod tests {
     /// Every way a version is made (import, apply, rollback) writes its metadata in the same
     /// transaction: size and hash of its text, author, message (clipped), origin. An aborted
     /// transaction writes neither the version nor its metadata.
+    /// A store whose pointer to the version in force names a version it does not hold (a hand
+    /// edit, or damage whose checksums hold) is refused as corrupt, naming the pointer: it read
+    /// as a store with no topology, and a controller started with `--topology` imported the
+    /// file again as a new version on top of the history.
+    #[test]
+    fn a_pointer_to_a_missing_version_is_corrupt_not_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(dir.path()).unwrap();
+        for m in ["one", "two", "three"] {
+            commit(&s, &yaml("1ms", 0), m, Origin::Apply).unwrap();
+        }
+        store::transaction(&s, |tx| META.put(tx, CURRENT, &7)).unwrap();
+        let e = store::read(&s, |tx| current(tx)).unwrap_err();
+        assert!(
+            matches!(&e, StoreError::Corrupt { table: "meta", key, .. } if key == CURRENT),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("version 7"), "{e}");
+    }
     #[test]
     fn each_committed_version_has_its_metadata_and_an_aborted_one_neither() {
         let dir = tempfile::tempdir().unwrap();

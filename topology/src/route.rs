@@ -912,9 +912,7 @@ impl Spread {
         for (i, (&upto, &site)) in self.cumulative.iter().zip(&self.sites).enumerate() {
             let weight = (upto - before) as f64;
             before = upto;
-            // 53 random bits, centred in their interval: u is never 0 or 1.
-            let u = ((mix(key ^ site) >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-            let score = weight / -u.ln();
+            let score = weight / -unit_open(mix(key ^ site)).ln();
             if score > best.1 {
                 best = (i, score);
             }
@@ -936,6 +934,14 @@ impl Spread {
     }
 }
 
+/// A hash as a number in (0, 1), never 0 or 1: its top 52 bits, centred in their interval
+/// (every such value is exact in an `f64`). With 53 bits the top one, `2^53 - 0.5`, rounded to
+/// `2^53`, so a hash of all ones gave 1, and rendezvous hashing a score of minus infinity for
+/// the member that should have won (a client can pick its address to get it).
+fn unit_open(hash: u64) -> f64 {
+    ((hash >> 12) as f64 + 0.5) / (1u64 << 52) as f64
+}
+
 /// `dial` as a chance in `[0, 1]`.
 fn dial_fraction(dial: u8) -> f64 {
     f64::from(dial.min(FULL_DIAL)) / f64::from(FULL_DIAL)
@@ -945,7 +951,8 @@ fn dial_fraction(dial: u8) -> f64 {
 /// (counting from 0, per service and site). Turn `t` is taken when `(t mod 100) · dial mod 100 <
 /// dial`: a Beatty sequence, so turn 0 is taken (a canary gets its first connection at once) and
 /// the turns taken in any run of consecutive turns number `run · dial / 100` rounded up or down,
-/// never further off (the count up to turn `t` is `⌈t · dial / 100⌉`). 0 never takes one, 100
+/// never further off (the count of turns `0..t`, for `t` from 1 to 100, is
+/// `⌊(t - 1) · dial / 100⌋ + 1`). 0 never takes one, 100
 /// (or more) always does. The counter wraps after 2^64 turns with one uneven run.
 pub fn dial_takes_turn(dial: u8, turn: u64) -> bool {
     match u64::from(dial) {
@@ -1082,6 +1089,27 @@ mod tests {
     /// reads any value up to `u64::MAX` ns) leaves every path ending at its origin: a path
     /// whose cost reached the key's ceiling added nothing per link, two transits tied, each
     /// became the other's predecessor, and `path_to` pushed onto its path until memory ran out.
+    /// A hash of all ones is below 1 and one of zeros above 0 (a hash of all ones gave exactly
+    /// 1: a winning member of rendezvous hashing scored minus infinity and lost).
+    #[test]
+    fn a_hash_as_a_unit_number_is_never_0_or_1() {
+        for h in [0, 1, 1 << 11, u64::MAX >> 1, u64::MAX - 1, u64::MAX] {
+            let u = unit_open(h);
+            assert!(u > 0.0 && u < 1.0, "{h:#x}: {u}");
+            assert!((-u.ln()).is_finite() && -u.ln() > 0.0, "{h:#x}");
+        }
+    }
+
+    /// The count of turns taken among `0..t` is what `dial_takes_turn`'s doc says.
+    #[test]
+    fn dial_turns_taken_follow_their_formula() {
+        for dial in 1..100u64 {
+            for t in 1..=100u64 {
+                let taken = (0..t).filter(|&n| dial_takes_turn(dial as u8, n)).count() as u64;
+                assert_eq!(taken, (t - 1) * dial / 100 + 1, "dial {dial}, {t} turns");
+            }
+        }
+    }
     #[test]
     fn a_latency_past_any_limit_still_gives_paths_that_end_at_the_origin() {
         use crate::builder::{TopologyBuilder, ms};

@@ -15,7 +15,10 @@
 //! - every link of the path must have the circuit's rate free: capacity minus the rates of the
 //!   circuits already reserved on it. Links are full duplex and a circuit reserves its rate in
 //!   both directions, so one number per link is enough;
-//! - among the paths that fit, the one with the lowest declared latency wins.
+//! - among the paths that fit, the one with the lowest declared latency wins;
+//! - a path names at most [`MAX_PATH_NODES`] nodes: a site whose lowest-latency path with room
+//!   is longer is passed over (as routing passes over a site whose best path is), and the
+//!   capacity figures of a refusal count only paths within that limit.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
@@ -233,7 +236,12 @@ pub enum PlacementError {
         "no path from \"{edge}\" to any eligible site serving \"{service}\": every route crosses a link or node that is down"
     )]
     Unreachable { edge: NodeId, service: ServiceName },
-    /// Sites can be reached, but only along paths longer than a stream can name.
+    /// Sites can be reached, but only along paths longer than a stream can name: the
+    /// lowest-latency path to each is longer whatever the rate, or the rate fits on a path
+    /// within the limit but the lowest-latency path with room to that site is longer. When the
+    /// paths within the limit are too narrow, capacity is the reason given instead
+    /// ([`PlacementError::ExceedsCapacity`], [`PlacementError::InsufficientCapacity`]), also
+    /// when a longer path would have the room.
     #[error(
         "no path from \"{edge}\" to a site serving \"{service}\" within {max} nodes: the lowest-latency path to site \"{site}\" has {nodes} nodes (a stream's header names at most {} hops)",
         .max - 2
@@ -245,6 +253,8 @@ pub enum PlacementError {
         nodes: usize,
         max: usize,
     },
+    /// No path within [`MAX_PATH_NODES`] nodes has the rate's capacity, reservations aside:
+    /// `bottleneck` limits the widest of them.
     #[error(
         "rate {asked} exceeds the capacity of every path from \"{edge}\" to \"{service}\": the widest path is limited by link {bottleneck} with capacity {capacity}"
     )]
@@ -288,7 +298,8 @@ pub struct Shortfall {
     pub capacity: Bandwidth,
     pub reserved: Bandwidth,
     pub best_path: Vec<NodeId>,
-    /// The largest rate that would fit on some path right now.
+    /// The largest rate that would fit on some path of at most [`MAX_PATH_NODES`] nodes right
+    /// now.
     pub max_available: Bandwidth,
 }
 
@@ -865,44 +876,71 @@ impl View {
         }
     }
 
-    /// Widest path (maximum bottleneck of `width`) from `from` to any of `targets`: the largest
-    /// rate that some path could carry, with the link that limits it.
+    /// Widest path (maximum bottleneck of `width`) from `from` to any of `targets` among the
+    /// paths of at most [`MAX_PATH_NODES`] nodes (longer ones placement refuses): the largest
+    /// rate that some usable path could carry, with the link that limits it. Ties go to the
+    /// path with fewer links, then to the target first in id order.
+    ///
+    /// Bellman-Ford by number of links: round k extends the paths of k - 1 links by one, from
+    /// the nodes whose width rose in the round before. O(`MAX_PATH_NODES` x links).
     fn widest(
         &self,
         from: &NodeId,
         targets: &BTreeSet<NodeId>,
         width: impl Fn(&LinkId) -> u64,
     ) -> Option<(u64, LinkId)> {
+        const NONE: u32 = u32::MAX;
         let g = &self.graph;
         let origin = g.index(from.as_str())?;
         let is_target = self.targets(targets);
-        // Per node: the best bottleneck width found and the link that sets it.
-        let mut best: Vec<(u64, u32)> = vec![(0, u32::MAX); g.node_count()];
-        let mut heap = BinaryHeap::new();
-        best[origin as usize] = (u64::MAX, u32::MAX);
-        heap.push((u64::MAX, origin));
+        // Per node: the best bottleneck width of a path of at most k links (so far) and the
+        // link that sets it; 0 is unreached (a link with nothing free carries nothing).
+        let mut best: Vec<(u64, u32)> = vec![(0, NONE); g.node_count()];
+        best[origin as usize] = (u64::MAX, NONE);
+        // The nodes whose width rose in the last round: only their paths are extended (the
+        // others' were, in the round after theirs rose).
+        let mut risen = vec![origin];
+        let mut is_risen = vec![false; g.node_count()];
         let mut answer: Option<(u64, u32)> = None;
-        while let Some((w, u)) = heap.pop() {
-            if w < best[u as usize].0 {
-                continue;
-            }
-            if is_target[u as usize] {
-                let limit = best[u as usize].1;
-                if limit != u32::MAX && answer.is_none_or(|(aw, _)| w > aw) {
-                    answer = Some((w, limit));
+        for _ in 1..MAX_PATH_NODES {
+            // The widths of the round before, so that a round adds one link, not several.
+            let last: Vec<(u32, (u64, u32))> = risen
+                .drain(..)
+                .map(|u| {
+                    is_risen[u as usize] = false;
+                    (u, best[u as usize])
+                })
+                .collect();
+            for (u, (w, limit)) in last {
+                if !self.relays(u, origin) {
+                    continue;
                 }
-                continue;
+                for e in self.usable(u) {
+                    let lw = width(&self.link_ids[e.link as usize]);
+                    let next = if lw < w || limit == NONE {
+                        (lw, e.link)
+                    } else {
+                        (w, limit)
+                    };
+                    let v = e.to as usize;
+                    if next.0 > best[v].0 {
+                        best[v] = next;
+                        if !is_risen[v] {
+                            is_risen[v] = true;
+                            risen.push(e.to);
+                        }
+                    }
+                }
             }
-            if !self.relays(u, origin) {
-                continue;
+            if risen.is_empty() {
+                break;
             }
-            let limit = best[u as usize].1;
-            for e in self.usable(u) {
-                let lw = width(&self.link_ids[e.link as usize]);
-                let next = if lw < w { (lw, e.link) } else { (w, limit) };
-                if next.0 > best[e.to as usize].0 {
-                    best[e.to as usize] = next;
-                    heap.push((next.0, e.to));
+            // Targets in id order (node indices are): a tie goes to the first.
+            risen.sort_unstable();
+            for &v in &risen {
+                let (w, limit) = best[v as usize];
+                if is_target[v as usize] && answer.is_none_or(|(aw, _)| w > aw) {
+                    answer = Some((w, limit));
                 }
             }
         }
@@ -936,7 +974,10 @@ fn place_with(
         nodes,
         max: MAX_PATH_NODES,
     };
-    match view.shortest(edge, &sites, |l| free(l) >= req.rate) {
+    // A site reached, over the links with room, only along a path too long to use is not by
+    // itself the reason: a shorter path to it (or to another site) may lack the room, and then
+    // capacity is. Kept for when the length is (below).
+    let long_with_room = match view.shortest(edge, &sites, |l| free(l) >= req.rate) {
         Reach::Path(path) => {
             let site = path.last().cloned().unwrap_or_else(|| req.edge.clone());
             let latency = path_latency(topo, &path);
@@ -946,14 +987,13 @@ fn place_with(
                 latency,
             });
         }
-        // A path has room, but is too long to use: that, not capacity, is what refuses it
-        // (the capacity figures below count paths of any length).
-        Reach::TooFar { site, nodes } => return Err(too_far(site, nodes)),
-        Reach::None => {}
-    }
+        Reach::TooFar { site, nodes } => Some(too_far(site, nodes)),
+        Reach::None => None,
+    };
     // Refused: say why, naming the link that blocks.
     let best = match view.shortest(edge, &sites, |_| true) {
         Reach::Path(path) => path,
+        // Too long whatever the rate: the length, not capacity, refuses it.
         Reach::TooFar { site, nodes } => return Err(too_far(site, nodes)),
         Reach::None => {
             return Err(PlacementError::Unreachable {
@@ -974,9 +1014,18 @@ fn place_with(
             capacity: Bandwidth::from_bps(cap),
         });
     }
+    // Both widths count only the paths within the node limit, as placement does.
     let max_available = view
         .widest(edge, &sites, |l| free(l).bps())
         .map_or(0, |(w, _)| w);
+    // The rate fits on a path within the limit, but the lowest-latency path with room to its
+    // site is longer (sites are reached by their lowest-latency path only, as in routing):
+    // the length refuses it, not capacity.
+    if max_available >= req.rate.bps()
+        && let Some(e) = long_with_room
+    {
+        return Err(e);
+    }
     // The tightest link of the otherwise-best path among those that lack room.
     let bottleneck = path_links(&best)
         .into_iter()
@@ -1331,31 +1380,49 @@ mod tests {
         );
     }
 
+    /// edge -> c01 .. c17 -> `site` (19 nodes), each link `ms` long and 10 Gbps wide.
+    fn with_chain(mut t: Topology, site: &str, ms: u64) -> Topology {
+        let mut prev = "edge".to_string();
+        for k in 1..=17 {
+            let c = format!("c{k:02}");
+            t.nodes.push(node(&c, NodeKind::Transit, "au-east"));
+            t.links.push(link(&prev, &c, ms, "10Gbps"));
+            prev = c;
+        }
+        if t.node(site).is_none() {
+            t.nodes.push(node(site, NodeKind::Site, "au-east"));
+        }
+        t.links.push(link(&prev, site, ms, "10Gbps"));
+        t
+    }
+
+    /// The path of [`with_chain`]'s chain to `site`.
+    fn chain_to(site: &str) -> Vec<NodeId> {
+        std::iter::once("edge".to_string())
+            .chain((1..=17).map(|k| format!("c{k:02}")))
+            .chain(std::iter::once(site.to_string()))
+            .map(|n| NodeId::new(&n))
+            .collect()
+    }
+
     /// A site nearest by latency but 19 nodes away (17 transits between) cannot carry a
     /// stream: its path is longer than a header names, so a circuit to it would be placed and
     /// never work. The nearest site whose path fits is used; with none, the refusal says why.
     #[test]
     fn a_path_longer_than_a_header_names_is_refused_and_a_nearer_site_used() {
-        let mut t = topo();
-        let mut prev = "edge".to_string();
-        for k in 1..=17 {
-            let c = format!("c{k:02}");
-            t.nodes.push(node(&c, NodeKind::Transit, "au-east"));
-            t.links.push(link(&prev, &c, 0, "10Gbps"));
-            prev = c;
-        }
-        t.nodes.push(node("site-c", NodeKind::Site, "au-east"));
-        t.links.push(link(&prev, "site-c", 0, "10Gbps"));
+        let mut t = with_chain(topo(), "site-c", 0);
 
         let p = place(&t, &[], &req("10Mbps")).unwrap();
         assert_eq!(p.site.as_str(), "site-a");
         assert_eq!(p.path.len(), 3);
 
-        // Room for 2 Gbps only on the long path.
+        // Room for 2 Gbps only on the long path, which no rate may use: the paths that may be
+        // used are too narrow, and the refusal says so (it said the long path was too long).
         let err = place(&t, &[], &req("2Gbps")).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "no path from \"edge\" to a site serving \"llm\" within 18 nodes: the lowest-latency path to site \"site-c\" has 19 nodes (a stream's header names at most 16 hops)"
+            "rate 2Gbps exceeds the capacity of every path from \"edge\" to \"llm\": the widest path is limited by \
+             link edge--t1 with capacity 1Gbps"
         );
         // And no other site at all.
         t.links[1].state = AdminState::Down;
@@ -1369,12 +1436,75 @@ mod tests {
             })
         ));
         // A reserved path that long is not kept by a resize either.
-        let long: Vec<NodeId> = std::iter::once("edge".to_string())
-            .chain((1..=17).map(|k| format!("c{k:02}")))
-            .chain(std::iter::once("site-c".to_string()))
-            .map(|n| NodeId::new(&n))
-            .collect();
-        assert!(!path_usable(&t, &long));
+        assert!(!path_usable(&t, &chain_to("site-c")));
+    }
+
+    /// 2 Gbps to site-a: its lowest-latency path edge -> t1 -> site-a (2 ms) is 1 Gbps wide; a
+    /// 10 Gbps chain of 17 transits (18 ms, 19 nodes) reaches it too. Capacity refuses it,
+    /// naming edge--t1. (The search among links with room found only the chain and refused
+    /// with "the lowest-latency path to site \"site-a\" has 19 nodes", which it has not.)
+    #[test]
+    fn a_rate_too_wide_for_the_short_path_is_refused_for_capacity_not_for_a_long_path_with_room() {
+        let t = with_chain(topo(), "site-a", 1);
+        let err = place(&t, &[], &req("2Gbps")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "rate 2Gbps exceeds the capacity of every path from \"edge\" to \"llm\": the widest path is limited by \
+             link edge--t1 with capacity 1Gbps"
+        );
+        assert_eq!(err.bottleneck().unwrap().to_string(), "edge--t1");
+    }
+
+    /// 500 Mbps fits on edge -> t1 -> site-a (1 Gbps), but site-a is nearer along a 0 ms chain
+    /// of 19 nodes with room too, and site-b's path is 400 Mbps wide. A site is reached by its
+    /// lowest-latency path with room (as routing reaches it), so the length refuses it, not
+    /// capacity: a capacity refusal here would say that at most 1 Gbps fits.
+    #[test]
+    fn a_site_nearer_along_a_long_path_with_room_is_refused_as_too_far_though_a_short_one_fits() {
+        let t = with_chain(topo(), "site-a", 0);
+        assert_eq!(
+            place(&t, &[], &req("10Mbps")).unwrap().site.as_str(),
+            "site-b"
+        );
+        let err = place(&t, &[], &req("500Mbps")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "no path from \"edge\" to a site serving \"llm\" within 18 nodes: the lowest-latency path to site \"site-a\" has 19 nodes (a stream's header names at most 16 hops)"
+        );
+    }
+
+    /// The topology of `a_path_longer_than_a_header_names_is_refused_and_a_nearer_site_used`,
+    /// the 19-node chain (0 ms, 10 Gbps) to site-c; circuits leave
+    /// 500 Mbps free on the chain, 100 Mbps on edge -> t1 -> site-a and nothing on t2--site-b.
+    /// 600 Mbps is refused, and at most 100 Mbps fits: the chain is longer than a header names.
+    /// (It said 500 Mbps, which placement would refuse as too far.)
+    #[test]
+    fn the_rate_that_fits_now_counts_only_paths_a_header_can_name() {
+        let t = with_chain(topo(), "site-c", 0);
+        let fast = place(&t, &[], &req("10Mbps")).unwrap();
+        assert_eq!(fast.site.as_str(), "site-a");
+        let mut r = req("10Mbps");
+        r.b_end.sites = vec![NodeId::new("site-b")];
+        let slow = place(&t, &[], &r).unwrap();
+        let rs = vec![
+            resv("c1", &fast, "900Mbps"),
+            resv("c2", &slow, "400Mbps"),
+            Reservation {
+                circuit: CircuitId::new("c3"),
+                path: chain_to("site-c"),
+                rate: "9500Mbps".parse().unwrap(),
+            },
+        ];
+        let err = place(&t, &rs, &req("600Mbps")).unwrap_err();
+        let PlacementError::InsufficientCapacity(s) = &err else {
+            panic!("{err}");
+        };
+        assert_eq!(s.max_available, Bandwidth::from_mbps(100), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "cannot place 600Mbps from \"edge\" to \"llm\": link edge--t1 has only 100Mbps free (capacity 1Gbps, \
+             900Mbps reserved by other circuits) on the best path edge -> t1 -> site-a; at most 100Mbps fits on any path now"
+        );
     }
 
     /// Between two equally fast paths, placement takes the one with fewer links, as routing

@@ -1140,6 +1140,30 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
         }
         let mut clients = Vec::new();
         if let Some(n) = f.get("clients") {
+            // Edges take an empty list as "any client": `clients: []` (a list emptied by
+            // mistake) or a `clients:` with nothing after it opened the service to everyone,
+            // silently. Leaving the field out says that. Pointed at the key for a null value, as
+            // for `nodes`. A rule added after texts were stored: only a warning on a stored one,
+            // whose service then still allows any client.
+            let empty = match &n.value {
+                YValue::Null => Some((
+                    f.key_pos("clients").unwrap_or(n.pos),
+                    "empty (nothing follows `clients:`)",
+                )),
+                YValue::Seq(s) if s.is_empty() => Some((n.pos, "an empty list")),
+                _ => None,
+            };
+            if let Some((at, how)) = empty
+                && cx.newer(
+                    at,
+                    format!(
+                        "clients of {what} is {how}: omit the field to allow any client, or list \
+                         the client prefixes allowed"
+                    ),
+                )
+            {
+                ok = false;
+            }
             for c in list(cx, n, &Of("clients", &what)) {
                 match prefix(cx, c, &Of("client prefix", &what)) {
                     Some(p) => clients.push(p),
@@ -2148,6 +2172,30 @@ mod tests {
                 errs[0].replace("error", "warning")
             )]
         );
+    }
+
+    /// An empty `clients` means "any client" to the edges, so `clients: []` (a list emptied by
+    /// mistake) opened an access-controlled service to everyone, silently: refused at the
+    /// list, like a `clients:` with nothing after it (tests/invalid/empty_clients). A stored text
+    /// with it still loads, with a warning, and its service still allows any client.
+    #[test]
+    fn an_empty_list_of_clients_is_refused_rather_than_allowing_any_client() {
+        let text = two_edges("127.20.0.1", "127.20.0.2").replacen(
+            "{name: chat, port: 8443}",
+            "{name: chat, port: 8443, clients: []}",
+            1,
+        );
+        let errs = load_errors(&text);
+        assert_eq!(
+            errs,
+            [
+                "10:39: error: clients of service \"chat\" is an empty list: omit the field to \
+                 allow any client, or list the client prefixes allowed"
+            ]
+        );
+        let stored = crate::load_stored(&text).unwrap_or_else(|d| panic!("{d:?}"));
+        assert_eq!(stored.warnings.len(), 1, "{:?}", stored.warnings);
+        assert!(stored.topology.services[0].clients.is_empty());
     }
 
     /// An unknown name past the first [`MAX_HINTED_NAMES`] (or one too long for a hint) costs

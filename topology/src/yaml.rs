@@ -59,7 +59,7 @@ fn load_as(text: &str, texts: crate::validate::Texts) -> Result<Loaded, Vec<Diag
 
 /// [`load`] for a text a controller accepted and stored under an earlier build: the rules this
 /// build added since (an unusable QUIC or client address, a pool holding an edge's
-/// client_address, a transparent port taken by a service, an empty `nodes`...) are warnings, so that an upgrade
+/// client_address, a transparent port taken by a service, an empty `nodes` or `clients`...) are warnings, so that an upgrade
 /// starts on its store and the operator can apply a fixed text. Everything else is as
 /// [`load`].
 pub fn load_stored(text: &str) -> Result<Loaded, Vec<Diagnostic>> {

@@ -98,8 +98,8 @@ fn documents_with_warnings_load_and_report_pinned_warnings() {
     );
 }
 
-/// The rules added after texts were stored (a capacity in bytes per second, no nodes, an
-/// unusable address, a pool holding an edge's
+/// The rules added after texts were stored (a capacity in bytes per second, no nodes, an empty
+/// `clients`, an unusable address, a pool holding an edge's
 /// client_address, a transparent port taken by a service, a reserved node id, an IPv4-mapped
 /// address or prefix) refuse a new text but only warn on a
 /// stored one (`load_stored`), so that a controller upgraded onto a store holding such a text
@@ -109,6 +109,7 @@ fn documents_with_warnings_load_and_report_pinned_warnings() {
 fn rules_added_since_a_text_was_stored_only_warn_on_it() {
     for name in [
         "bytes_per_second_capacity",
+        "empty_clients",
         "empty_nodes",
         "ipv4_mapped_addresses",
         "ipv4_mapped_quic_address",

@@ -1476,9 +1476,13 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
         .map(|(ip, id)| (ip.to_canonical(), id))
         .collect();
     edge_clients.sort_unstable();
-    // First what each entry says; then, in order, the checks against the pools kept before it
-    // (names, overlaps), which decide whether it is kept. The prefix's own diagnostics are kept
-    // aside until then: a pool whose name is taken is reported for that alone.
+    // First what each entry says; then, in order, the checks that decide whether it is kept:
+    // its name against every pool before it that has a valid one, kept or not (a name taken by
+    // a pool refused for its prefix is still taken once that is fixed), and its prefix against
+    // the prefixes held before it (those of the pools kept, and of a pool refused only for an
+    // invalid name, which would still overlap once that is fixed). The prefix's own
+    // diagnostics are kept aside until then: a pool whose name is taken is reported for that
+    // alone.
     struct PoolEntry {
         name: Option<(String, Pos)>,
         what: String,
@@ -1522,19 +1526,29 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
         &prefixes,
     );
     let mut kept = overlap::Disjoint::new(prefixes.iter().map(|&p| ((), p)));
-    let mut pool_names: HashSet<String> = HashSet::new();
+    // The prefixes held in `kept`, by the order `kept` returns, each with how messages name
+    // its pool (`pool "x"`, or `pool 3` for one whose name is invalid).
+    let mut held: Vec<(IpNetwork, String)> = Vec::new();
+    let mut pool_names: HashMap<String, Pos> = HashMap::new();
     let mut candidate = 0;
     for e in pool_entries {
         let what = &e.what;
         // This entry's index among those with a prefix (`prefixes`, `kept`'s candidates).
         let c = candidate;
         candidate += usize::from(e.prefix.is_some());
-        if let Some((n, pos)) = &e.name
-            && pool_names.contains(n)
-        {
-            cx.err(*pos, format!("duplicate pool name \"{n}\""));
-            pools_ok = false;
-            continue;
+        if let Some((n, pos)) = &e.name {
+            if let Some(first) = pool_names.get(n) {
+                cx.err(
+                    *pos,
+                    format!(
+                        "duplicate pool name \"{n}\" (first defined at line {})",
+                        first.line
+                    ),
+                );
+                pools_ok = false;
+                continue;
+            }
+            pool_names.insert(n.clone(), *pos);
         }
         for d in e.prefix_diags {
             cx.push(d);
@@ -1544,13 +1558,10 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
             continue;
         };
         if let Some(first) = kept.first_overlap((), p) {
-            let other = &pools[first];
+            let (other, owner) = &held[first];
             cx.err(
                 pos,
-                format!(
-                    "prefix of {what}: {p} overlaps {} of pool \"{}\"",
-                    other.prefix, other.name
-                ),
+                format!("prefix of {what}: {p} overlaps {other} of {owner}"),
             );
             pools_ok = false;
             continue;
@@ -1575,10 +1586,10 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
             pools_ok = false;
             continue;
         }
+        kept.add(c, (), p, held.len());
+        held.push((p, e.what));
         match e.name {
             Some((name, _)) => {
-                kept.add(c, (), p, pools.len());
-                pool_names.insert(name.clone());
                 pools.push(Pool {
                     name: PoolName::new(name),
                     prefix: p,
@@ -2196,6 +2207,29 @@ mod tests {
         let stored = crate::load_stored(&text).unwrap_or_else(|d| panic!("{d:?}"));
         assert_eq!(stored.warnings.len(), 1, "{:?}", stored.warnings);
         assert!(stored.topology.services[0].clients.is_empty());
+    }
+
+    /// A pool name is taken by the first pool that has it, kept or not: the second "wide" was
+    /// not reported when the first was refused (here for host bits), so fixing that one then
+    /// revealed the duplicate. And a pool refused only for its name still holds its prefix: a
+    /// pool inside it was not reported.
+    #[test]
+    fn a_pool_name_is_a_duplicate_even_of_a_refused_pool() {
+        let text = two_edges("127.20.0.1", "127.20.0.2")
+            + "pools:\n  - {name: wide, prefix: 10.0.0.1/16}\n  - {name: wide, prefix: 10.1.0.0/16}\n  \
+               - {name: Bad-Name, prefix: 10.2.0.0/16}\n  - {name: inner, prefix: 10.2.7.0/24}\n";
+        let errs = load_errors(&text);
+        assert_eq!(
+            errs,
+            [
+                "12:26: error: prefix of pool \"wide\": 10.0.0.1/16 has host bits set (did you \
+                 mean 10.0.0.0/16?)",
+                "13:12: error: duplicate pool name \"wide\" (first defined at line 12)",
+                "14:12: error: name of pool 3: \"Bad-Name\" is not a valid id (1-63 lowercase \
+                 letters and digits joined by single hyphens, e.g. syd-edge-1)",
+                "15:27: error: prefix of pool \"inner\": 10.2.7.0/24 overlaps 10.2.0.0/16 of pool 3",
+            ]
+        );
     }
 
     /// An unknown name past the first [`MAX_HINTED_NAMES`] (or one too long for a hint) costs

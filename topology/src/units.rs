@@ -44,6 +44,13 @@ pub enum UnitError {
         "{value:?} reads as bytes per second: rates are in bits per second (write {bits:?} for that many bytes per second)"
     )]
     BytesPerSecond { value: String, bits: String },
+    /// A bytes-per-second rate whose rate in bits would be refused too (`1.4Bps` is 11.2 bits
+    /// per second): the reason, and no rate to write, since any one suggested would be refused
+    /// in turn.
+    #[error(
+        "{value:?} reads as bytes per second: rates are in bits per second, and that many bytes per second {why}"
+    )]
+    UnusableBytesPerSecond { value: String, why: String },
 }
 
 const LATENCY_UNITS: &str =
@@ -330,21 +337,28 @@ impl FromStr for Bandwidth {
             )
         {
             let bits = format!("{}{}bps", n * 8.0, prefix.to_ascii_uppercase());
-            // As bits, over the limit: the limit is the word (a suggestion that is refused in
-            // turn helps nobody).
-            if bits
-                .parse::<Bandwidth>()
-                .is_err_and(|e| matches!(e, UnitError::OutOfRange { .. }))
-            {
-                return Err(UnitError::OutOfRange {
-                    value: s.trim().to_string(),
-                    max: "1000Tbps",
-                });
-            }
-            return Err(UnitError::BytesPerSecond {
-                value: s.trim().to_string(),
-                bits,
-            });
+            let value = s.trim().to_string();
+            // Only a rate in bits that is taken is suggested (one refused in turn helps
+            // nobody): over the limit, the limit is the word; otherwise the reason it is
+            // refused, without the rate.
+            let why = match bits.parse::<Bandwidth>() {
+                Ok(_) => return Err(UnitError::BytesPerSecond { value, bits }),
+                Err(UnitError::OutOfRange { .. }) => {
+                    return Err(UnitError::OutOfRange {
+                        value,
+                        max: "1000Tbps",
+                    });
+                }
+                Err(UnitError::NotWhole { .. }) => {
+                    "is not a whole number of bits per second".to_string()
+                }
+                Err(UnitError::TooSmall { min, .. }) => {
+                    format!("is below the smallest value, {min}")
+                }
+                Err(UnitError::NotPositive { .. }) => "is not greater than zero".to_string(),
+                Err(_) => "is not a rate in bits per second".to_string(),
+            };
+            return Err(UnitError::UnusableBytesPerSecond { value, why });
         }
         let mult: f64 = match unit.to_ascii_lowercase().as_str() {
             "bps" => 1.0,
@@ -428,6 +442,35 @@ impl<'de> Deserialize<'de> for Bandwidth {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A byte rate whose rate in bits is refused in turn (not a whole number of bits, under
+    /// 1bps, not positive) says why, with no rate to write: it suggested "11.2bps" for
+    /// `1.4Bps`, "0.8bps" for `0.1Bps`, "0bps" for `0Bps`. A suggestion given is always taken.
+    #[test]
+    fn a_byte_rate_that_is_refused_in_bits_too_gets_no_suggestion() {
+        let why = |s: &str| s.parse::<Bandwidth>().unwrap_err().to_string();
+        let base = "reads as bytes per second: rates are in bits per second, and that many bytes \
+                    per second";
+        for (bytes, reason) in [
+            ("1.4Bps", "is not a whole number of bits per second"),
+            ("0.1Bps", "is below the smallest value, 1bps"),
+            ("0.0001KBps", "is below the smallest value, 1bps"),
+            ("0Bps", "is not greater than zero"),
+            ("-1MBps", "is not greater than zero"),
+        ] {
+            assert_eq!(why(bytes), format!("{bytes:?} {base} {reason}"));
+        }
+        for bytes in [
+            "1.4Bps", "0.1Bps", "0Bps", "1.5Bps", "0.125Bps", "0.3KBps", "1.1GBps", "7.7MBps",
+            "0.7TBps", "125TBps",
+        ] {
+            let e = why(bytes);
+            if let Some(rest) = e.split("write \"").nth(1) {
+                let suggested = rest.split('"').next().unwrap();
+                assert!(suggested.parse::<Bandwidth>().is_ok(), "{bytes}: {e}");
+            }
+        }
+    }
 
     /// Each refusal gives the real reason, and a suggestion is one that would be taken.
     #[test]

@@ -423,7 +423,8 @@ fn health_policy(cx: &mut Cx, sf: &Fields, sw: &str) -> Option<HealthPolicy> {
 
 /// A link capacity. The bytes-per-second spelling (`10GBps`) is refused in a new text; a text
 /// stored before that rule keeps the meaning earlier builds gave it, bits per second (a
-/// warning), so that a controller upgraded onto it still starts.
+/// warning), so that a controller upgraded onto it still starts. A rate that reading refuses
+/// (`1.5Bps` as `1.5bps`, not a whole number) is an error, as the rate written in bits is.
 fn capacity(cx: &mut Cx, node: &YNode, what: &dyn fmt::Display) -> Option<Bandwidth> {
     let s = text(cx, node, what)?;
     match Bandwidth::from_str(&s) {
@@ -432,7 +433,16 @@ fn capacity(cx: &mut Cx, node: &YNode, what: &dyn fmt::Display) -> Option<Bandwi
             if cx.newer(node.pos, format!("{what}: {e}")) {
                 return None;
             }
-            Bandwidth::from_str(&s.to_ascii_lowercase()).ok()
+            match Bandwidth::from_str(&s.to_ascii_lowercase()) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    cx.err(
+                        node.pos,
+                        format!("{what}: read as bits per second, as earlier builds did: {e}"),
+                    );
+                    None
+                }
+            }
         }
         Err(e) => {
             cx.err(node.pos, format!("{what}: {e}"));
@@ -717,6 +727,13 @@ pub(crate) fn validate(root: &YNode, texts: Texts) -> Result<Loaded, Vec<Diagnos
     let mut cx = Cx::new(texts);
     let topology = walk(&mut cx, root);
     let errors = cx.errors;
+    // A value left out of the model is one reported as an error: a text refused with warnings
+    // only would give the caller nothing to fix.
+    debug_assert!(
+        topology.is_some() || errors > 0,
+        "a text refused without an error: {:?}",
+        cx.diags
+    );
     let diags = cx.finish();
     match topology {
         Some(topology) if errors == 0 => Ok(Loaded {
@@ -2137,6 +2154,44 @@ mod tests {
             stored.topology.links[0].capacity,
             Bandwidth::from_mbps(1_000)
         );
+    }
+
+    /// A stored text's byte rate is read as bits, as earlier builds did; when that reading is
+    /// refused too (`1.5Bps` as `1.5bps`, not a whole number; `0.5Bps` as `0.5bps`, under
+    /// 1bps), it is an error. The link was dropped with only the byte-rate warning, and
+    /// `load_stored` failed without an error to show.
+    #[test]
+    fn a_stored_byte_rate_that_bits_cannot_read_either_is_an_error() {
+        for (rate, why) in [
+            (
+                "1.5Bps",
+                "read as bits per second, as earlier builds did: \"1.5bps\" is not a whole \
+                 number of bits per second",
+            ),
+            (
+                "0.5Bps",
+                "read as bits per second, as earlier builds did: \"0.5bps\" is below the \
+                 smallest value, 1bps",
+            ),
+            (
+                "1.4Bps",
+                "\"1.4Bps\" reads as bytes per second: rates are in bits per second, and that \
+                 many bytes per second is not a whole number of bits per second",
+            ),
+        ] {
+            let text = two_edges("127.20.0.1", "127.20.0.2").replacen("1Gbps", rate, 1);
+            let diags = crate::load_stored(&text).unwrap_err();
+            let errors: Vec<String> = diags
+                .iter()
+                .filter(|d| d.is_error())
+                .map(ToString::to_string)
+                .collect();
+            assert_eq!(
+                errors,
+                [format!("7:44: error: capacity of link 1: {why}")],
+                "{rate}: {diags:?}"
+            );
+        }
     }
 
     /// `nodes: []` is refused like a `nodes:` with nothing after it (tests/invalid/empty_nodes),

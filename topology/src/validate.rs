@@ -1058,7 +1058,9 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
         );
         return None;
     }
-    let mut services: Vec<(Service, Pos)> = Vec::new();
+    // Each service kept, with the positions of its name and of its `residency` key (the name's
+    // when it has none), where problems with it are reported.
+    let mut services: Vec<(Service, Pos, Pos)> = Vec::new();
     let mut service_names: HashMap<String, Pos> = HashMap::new();
     let mut ports: HashMap<u16, String> = HashMap::new();
     // Every VIP that parses, with its position and its service (the index into `owners`); their
@@ -1251,6 +1253,7 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
                     affinity,
                 },
                 name_pos,
+                f.key_pos("residency").unwrap_or(name_pos),
             ));
             service_entry.push(i);
         }
@@ -1617,15 +1620,15 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
     }
 
     // Cross-checks that need everything above.
-    let any_port = services.iter().any(|(s, _)| s.port.is_some());
+    let any_port = services.iter().any(|(s, _, _)| s.port.is_some());
     // The services listening on edges, for an edge without a client_address: the first few
     // and a count, made once (named in full, once per such edge, 10,000 services on 50,000
     // edges were 32 GB of messages).
     let with_port = {
         let named: Vec<&str> = services
             .iter()
-            .filter(|(s, _)| s.port.is_some())
-            .map(|(s, _)| s.name.as_str())
+            .filter(|(s, _, _)| s.port.is_some())
+            .map(|(s, _, _)| s.name.as_str())
             .collect();
         crate::diag::first_few(named.into_iter(), UNREACHABLE_SHOWN)
     };
@@ -1710,7 +1713,7 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
             serving_by.entry(ss.service.as_str()).or_default().push(e);
         }
     }
-    for (s, pos) in &services {
+    for (s, pos, residency_pos) in &services {
         let serving: &[&NodeEntry] = serving_by.get(s.name.as_str()).map_or(&[], Vec::as_slice);
         if !mentioned.contains(s.name.as_str()) {
             cx.err(
@@ -1727,7 +1730,7 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
         {
             let sites: Vec<&str> = serving.iter().filter_map(|e| e.id.as_deref()).collect();
             cx.err(
-                *pos,
+                *residency_pos,
                 format!(
                     "residency of service \"{}\" allows none of the sites that serve it ({})",
                     s.name,
@@ -1749,7 +1752,7 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
     let topology = Topology {
         nodes,
         links,
-        services: services.into_iter().map(|(s, _)| s).collect(),
+        services: services.into_iter().map(|(s, _, _)| s).collect(),
         pools,
     };
     {
@@ -2283,6 +2286,23 @@ mod tests {
                 "14:12: error: name of pool 3: \"Bad-Name\" is not a valid id (1-63 lowercase \
                  letters and digits joined by single hyphens, e.g. syd-edge-1)",
                 "15:27: error: prefix of pool \"inner\": 10.2.7.0/24 overlaps 10.2.0.0/16 of pool 3",
+            ]
+        );
+    }
+
+    /// A residency that allows none of the service's sites is reported at the `residency`
+    /// field, the one to change (it was at the service's name).
+    #[test]
+    fn a_residency_that_allows_no_serving_site_is_reported_at_the_residency() {
+        let text = two_edges("127.20.0.1", "127.20.0.2").replacen(
+            "{name: chat, port: 8443}",
+            "{name: chat, port: 8443, residency: {countries: [NZ]}}",
+            1,
+        );
+        assert_eq!(
+            load_errors(&text),
+            [
+                "10:30: error: residency of service \"chat\" allows none of the sites that serve it (s1)"
             ]
         );
     }

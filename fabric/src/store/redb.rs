@@ -554,7 +554,7 @@ mod tests {
         // earlier build, which would rewrite this build's records without the fields it does
         // not know (a circuit's `created_with`, added after schema 1), refuses it from now on.
         // It was left at 1.
-        assert!(
+        const _: () = assert!(
             store::SCHEMA >= 2,
             "circuits gained created_with after schema 1"
         );

@@ -192,11 +192,14 @@ fn fail(e: &PkiError) -> ExitCode {
     exit_for(e)
 }
 
-/// Why `name` cannot be a node's certificate name although the certificate could be made: it
-/// is no node id a topology can hold (`controller`, the controller's own, is allowed).
+/// Why `name` cannot be a node's certificate name: no certificate name at all
+/// ([`pki::name_problem`]: `ca`, names under `ca.`, characters a DNS name cannot hold), or no
+/// node id a topology can hold (`controller`, the controller's own, is allowed).
 fn not_a_node_id(name: &str) -> Option<String> {
-    if name == "controller" || topology::is_valid_id(name) || !pki::valid_name(name) {
-        // An invalid certificate name is refused by `pki::issue_with`, with its own reason.
+    if let Some(why) = pki::name_problem(name) {
+        return Some(format!("not a certificate name: {why}"));
+    }
+    if name == "controller" || topology::is_valid_id(name) {
         return None;
     }
     Some(format!(
@@ -411,6 +414,30 @@ mod tests {
         }
         assert!(parse_valid_for("0d").unwrap_err().contains("--valid-for"));
         assert!(parse_valid_for("100y").unwrap_err().contains("--valid-for"));
+    }
+
+    /// A name that is no certificate name (`ca`, a name under `ca.`, `syd_edge_1`) among
+    /// several is refused before any is issued, exit 2, as the operator guide says: the names
+    /// before it were issued, their key and certificate replaced, and the command exited 1.
+    #[test]
+    fn an_invalid_name_among_several_issues_none() {
+        let dir = tempfile::tempdir().unwrap();
+        pki::init(dir.path()).unwrap();
+        for bad in ["ca", "CA", "ca.x", "syd_edge_1"] {
+            let code = run(PkiArgs {
+                command: PkiCommand::Issue {
+                    nodes: vec!["syd-edge-2".to_string(), bad.to_string()],
+                    dir: dir.path().to_path_buf(),
+                    public_key: None,
+                    valid_for: Duration::from_secs(86_400),
+                },
+            });
+            assert_eq!(code, ExitCode::from(2), "{bad}");
+            assert!(
+                !dir.path().join("syd-edge-2.pem").exists(),
+                "{bad}: syd-edge-2 was issued"
+            );
+        }
     }
 
     #[test]

@@ -33,7 +33,7 @@ pub struct AdminArgs {
           value_parser = parse_controller, value_name = "HOST:PORT")]
     pub controller: String,
     /// Bearer token for the admin API. Wins over --token-file when both are set (on the command
-    /// line or in the environment).
+    /// line or in the environment); an empty one counts as unset.
     #[arg(long, env = "TASMAN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// Read the bearer token from this file (e.g. the controller's `<state>/admin-token`).
@@ -170,7 +170,10 @@ pub struct AdminClient {
 
 impl AdminClient {
     pub fn new(args: &AdminArgs) -> Result<Self, ClientError> {
-        let token = match (&args.token, &args.token_file) {
+        // An empty token (`TASMAN_TOKEN=`, a CI secret that is unset) is no token: the file,
+        // if given, is read. It won, and the request went out without one (401).
+        let given = args.token.as_ref().filter(|t| !t.trim().is_empty());
+        let token = match (given, &args.token_file) {
             (Some(t), _) => t.clone(),
             (None, Some(p)) => {
                 let t = std::fs::read_to_string(p)
@@ -381,6 +384,24 @@ pub fn report(e: &ClientError, file: &str) -> std::process::ExitCode {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// An empty `--token` or `TASMAN_TOKEN` (a CI secret that is unset) counts as unset: the
+    /// token file is read. It won over the file, and the request went out with no token (401).
+    #[test]
+    fn an_empty_token_leaves_the_token_file_in_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("admin-token");
+        std::fs::write(&file, "tok\n").unwrap();
+        for empty in ["", "  "] {
+            let c = AdminClient::new(&AdminArgs {
+                token: Some(empty.into()),
+                token_file: Some(file.clone()),
+                ..args("127.0.0.1:1")
+            })
+            .unwrap();
+            assert_eq!(c.token, "tok", "{empty:?}");
+        }
+    }
 
     fn args(controller: &str) -> AdminArgs {
         AdminArgs {

@@ -108,26 +108,26 @@ pub struct SpecArgs {
     #[arg(long, value_parser = parse_name)]
     pub name: String,
     /// A-end: the edge node the customer connects to.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_id)]
     pub edge: String,
     /// A-end: the customer's source prefix, e.g. 203.0.113.0/24.
     #[arg(long, value_parser = parse_prefix)]
     pub prefix: IpNetwork,
     /// B-end: the service.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_id)]
     pub service: String,
     /// B-end: only sites in these regions (repeatable, at most 64, each once).
-    #[arg(long = "region", value_name = "REGION", value_parser = parse_b_end_id)]
+    #[arg(long = "region", value_name = "REGION", value_parser = parse_id)]
     pub regions: Vec<String>,
     /// B-end: only these sites (repeatable, at most 64, each once).
-    #[arg(long = "site", value_name = "SITE", value_parser = parse_b_end_id)]
+    #[arg(long = "site", value_name = "SITE", value_parser = parse_id)]
     pub sites: Vec<String>,
     /// Rate, e.g. 500Mbps or 1Gbps (each direction).
     // (A leading `-` is taken as the value, so that `-5Mbps` is refused as not positive.)
     #[arg(long, allow_hyphen_values = true)]
     pub rate: Bandwidth,
     /// Address pool for the VIP (default: the topology's first pool).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_id)]
     pub pool: Option<String>,
     #[command(flatten)]
     pub admin: CircuitAdmin,
@@ -153,10 +153,10 @@ fn parse_idempotency_key(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
-/// `--region`, `--site`: one id each, as the controller takes them; refused here (exit 2, naming
-/// the flag) when malformed. How many, and each once, are checked once all are given
-/// ([`SpecArgs::check`]).
-fn parse_b_end_id(s: &str) -> Result<String, String> {
+/// `--edge`, `--service`, `--pool`, `--region`, `--site`: one id each, as the controller takes
+/// them; refused here (exit 2, naming the flag) when malformed. How many regions and sites,
+/// and each once, are checked once all are given ([`SpecArgs::check`]).
+fn parse_id(s: &str) -> Result<String, String> {
     crate::circuits::check_b_end_id(s)?;
     Ok(s.to_string())
 }
@@ -210,11 +210,16 @@ pub struct WaitArgs {
 /// `--timeout`: whole seconds, as it always took, or a duration with a unit (`2m`, `90s`).
 fn parse_wait_timeout(s: &str) -> Result<Duration, String> {
     let t = s.trim();
-    if let Ok(secs) = t.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
+    let d = match t.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(t).map_err(|e| {
+            format!("{s:?}: {e} (expected seconds, e.g. 120, or a duration, e.g. 2m)")
+        })?,
+    };
+    if d.is_zero() {
+        return Err(format!("{s:?} must be greater than zero"));
     }
-    humantime::parse_duration(t)
-        .map_err(|e| format!("{s:?}: {e} (expected seconds, e.g. 120, or a duration, e.g. 2m)"))
+    Ok(d)
 }
 
 #[derive(Debug, Clone, Args)]
@@ -444,7 +449,14 @@ async fn exec(client: &AdminClient, cmd: CircuitCmd, out: Output) -> Result<(), 
                 }
             }
             let c = if a.wait.wait {
-                wait(client, resp.circuit.id.as_str(), &a.wait, false).await?
+                wait(
+                    client,
+                    resp.circuit.id.as_str(),
+                    resp.circuit.state,
+                    &a.wait,
+                    false,
+                )
+                .await?
             } else {
                 resp.field("circuit")?
             };
@@ -478,7 +490,7 @@ async fn exec(client: &AdminClient, cmd: CircuitCmd, out: Output) -> Result<(), 
                 )
                 .await?;
             let c = if a.wait.wait {
-                wait(client, c.id.as_str(), &a.wait, false).await?
+                wait(client, c.id.as_str(), c.state, &a.wait, false).await?
             } else {
                 c
             };
@@ -495,7 +507,7 @@ async fn exec(client: &AdminClient, cmd: CircuitCmd, out: Output) -> Result<(), 
                 )
                 .await?;
             let c = if a.wait.wait {
-                wait(client, c.id.as_str(), &a.wait, true).await?
+                wait(client, c.id.as_str(), c.state, &a.wait, true).await?
             } else {
                 c
             };
@@ -582,15 +594,49 @@ async fn current(client: &AdminClient, id: &str) -> Result<Answer<Circuit>, Clie
     }
 }
 
+/// Polls circuit `id` (last seen `state`) until it is done or `w.timeout` has passed, which
+/// bounds each poll too: a poll could take up to `--request-timeout` past it (60 s by default)
+/// and end as a request timeout, exit 2, not as the wait's. A poll that fails for want of the
+/// controller (restarting, a connection cut) is made again until the deadline: the change was
+/// made, and ending there read as if it had not been; at the deadline its error is the answer.
 async fn wait(
     client: &AdminClient,
     id: &str,
+    mut state: CircuitState,
     w: &WaitArgs,
     gone: bool,
 ) -> Result<Answer<Circuit>, CmdError> {
-    let start = Instant::now();
+    let deadline = Instant::now() + w.timeout;
+    let timed_out = |state| CmdError::Timeout {
+        id: id.to_string(),
+        state,
+        waited: w.timeout,
+    };
+    // The last poll's failure for want of the controller, the answer if the deadline comes
+    // before a poll goes through.
+    let mut failed: Option<ClientError> = None;
     loop {
-        let c = current(client, id).await?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        let c = match tokio::time::timeout(left, current(client, id)).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(
+                e @ (ClientError::Unreachable { .. }
+                | ClientError::Lost { .. }
+                | ClientError::TimedOut { .. }),
+            )) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(e.into());
+                }
+                failed = Some(e);
+                tokio::time::sleep(POLL.min(left)).await;
+                continue;
+            }
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => return Err(failed.map_or_else(|| timed_out(state), CmdError::from)),
+        };
+        failed = None;
+        state = c.state;
         let done = if gone {
             c.state == CircuitState::Decommissioned
         } else {
@@ -611,16 +657,16 @@ async fn wait(
             }
             return Ok(c);
         }
-        if start.elapsed() >= w.timeout {
-            return Err(CmdError::Timeout {
-                id: c.id.to_string(),
-                state: c.state,
-                waited: w.timeout,
-            });
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(timed_out(state));
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(POLL.min(left)).await;
     }
 }
+
+/// How often `--wait` looks at the circuit.
+const POLL: Duration = Duration::from_millis(100);
 
 fn print_value<T: Serialize>(
     out: Output,
@@ -871,6 +917,14 @@ mod tests {
                 && err.contains("expected seconds, e.g. 120, or a duration, e.g. 2m"),
             "{err}"
         );
+        // A wait of nothing would exit 1 after a change that was made, as --request-timeout
+        // refuses 0 too.
+        for zero in ["0", "0s"] {
+            let err = parse(&["--wait", "--timeout", zero])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("must be greater than zero"), "{err}");
+        }
     }
 
     /// `--rate` of create and resize: a negative rate is refused as not positive (clap took
@@ -918,6 +972,138 @@ mod tests {
             assert!(
                 err.contains("reads as bytes per second") && err.contains("\"800Mbps\""),
                 "{err}"
+            );
+        }
+    }
+
+    /// A client of `addr` that waits up to 20 s for each answer.
+    fn patient_client(addr: std::net::SocketAddr) -> AdminClient {
+        AdminClient::new(&AdminArgs {
+            controller: addr.to_string(),
+            token: Some("tok".into()),
+            token_file: None,
+            output: TextOrJson::Text,
+            request_timeout: Duration::from_secs(20),
+        })
+        .unwrap()
+    }
+
+    /// `--wait --timeout 1s` against a controller that stops answering ends at its own
+    /// deadline (exit 1, the state last seen), not at the poll's request timeout 20 s later
+    /// (exit 2, as a request timeout).
+    #[tokio::test]
+    async fn a_wait_ends_at_its_timeout_whatever_a_poll_takes() {
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = silent.local_addr().unwrap();
+        let held = tokio::spawn(async move {
+            let mut conns = Vec::new();
+            while let Ok((c, _)) = silent.accept().await {
+                conns.push(c);
+            }
+        });
+        let w = WaitArgs {
+            wait: true,
+            timeout: Duration::from_secs(1),
+        };
+        let started = Instant::now();
+        let err = wait(
+            &patient_client(addr),
+            "c-000001",
+            CircuitState::Provisioning,
+            &w,
+            false,
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                CmdError::Timeout {
+                    state: CircuitState::Provisioning,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(err.exit_code(), 1);
+        assert!(started.elapsed() < Duration::from_secs(10), "{err}");
+        held.abort();
+    }
+
+    /// A poll that fails for want of the controller (a restart cuts its connection) is made
+    /// again until the deadline, whose error is then the answer: the first failure ended the
+    /// wait, which read as if the change had not been made.
+    #[tokio::test]
+    async fn a_wait_looks_again_after_a_lost_connection() {
+        let cutting = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = cutting.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        let server = tokio::spawn(async move {
+            while let Ok((mut c, _)) = cutting.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut buf = [0u8; 4096];
+                let _ = tokio::io::AsyncReadExt::read(&mut c, &mut buf).await;
+                drop(c);
+            }
+        });
+        let w = WaitArgs {
+            wait: true,
+            timeout: Duration::from_secs(1),
+        };
+        let err = wait(
+            &patient_client(addr),
+            "c-000001",
+            CircuitState::Provisioning,
+            &w,
+            false,
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(&err, CmdError::Client(ClientError::Lost { .. })),
+            "{err}"
+        );
+        let n = accepted.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(n >= 2, "looked {n} time(s)");
+        server.abort();
+    }
+
+    /// `--edge`, `--service` and `--pool` take one id each, as `--region` and `--site` do:
+    /// refused before asking (exit 2, naming the flag). They went to the controller, whose 422
+    /// named a JSON field (`a_end.edge`) and exited 1.
+    #[test]
+    fn edge_service_and_pool_are_refused_naming_the_flag() {
+        for (flag, value) in [
+            ("--edge", "SYD-EDGE-1"),
+            ("--service", "llm_chat"),
+            ("--pool", "Pool A"),
+        ] {
+            let mut argv = vec![
+                "circuit",
+                "create",
+                "--name",
+                "n",
+                "--edge",
+                "e",
+                "--prefix",
+                "10.0.0.0/24",
+                "--service",
+                "chat",
+                "--rate",
+                "1Mbps",
+            ];
+            match argv.iter().position(|a| *a == flag) {
+                Some(at) => argv[at + 1] = value,
+                None => argv.extend([flag, value]),
+            }
+            let err = Cli::try_parse_from(argv).err().expect("parsed");
+            assert_eq!(err.exit_code(), 2, "{err}");
+            let msg = err.to_string();
+            assert!(
+                msg.contains(&format!("invalid value '{value}' for '{flag} <"))
+                    && msg.contains("is not a valid id"),
+                "{msg}"
             );
         }
     }
@@ -1209,11 +1395,13 @@ mod tests {
             wait: true,
             timeout: Duration::from_secs(10),
         };
-        let c = wait(&api, "c-000001", &w, true)
+        let c = wait(&api, "c-000001", CircuitState::Decommissioning, &w, true)
             .await
             .unwrap_or_else(|e| panic!("delete --wait: {e}"));
         assert_eq!(c.state, CircuitState::Decommissioned);
-        let err = wait(&api, "c-000001", &w, false).await.unwrap_err();
+        let err = wait(&api, "c-000001", CircuitState::Decommissioning, &w, false)
+            .await
+            .unwrap_err();
         assert!(matches!(&err, CmdError::Deleted { .. }), "{err}");
         server.abort();
     }

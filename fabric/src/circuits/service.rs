@@ -168,7 +168,8 @@ impl CircuitService {
         // The controller starts with no circuits in its snapshot: publish the stored ones, and
         // wait for that version's acknowledgement for those not settled yet. A publication
         // that fails (a snapshot over the routers' limit) does not stop the controller: routers
-        // keep the snapshot they hold, the operator can delete circuits or roll back through
+        // keep the snapshot they hold (no version without the stored circuits is served:
+        // `Published::with_circuits`), the operator can delete circuits or roll back through
         // the API, and each settle pass publishes again.
         let unsettled: Vec<Circuit> = svc
             .list()?
@@ -1581,6 +1582,40 @@ mod tests {
         store.reset_threads();
         svc.on_topology_applied().await.unwrap();
         off_workers("after a topology apply");
+    }
+
+    /// A controller that starts with stored circuits it cannot publish (a snapshot over the
+    /// routers' limit after an upgrade, a store read error) serves no router a version without
+    /// them until a publication carries them: every router kept its circuits' VIPs only until
+    /// it reconnected, then was served the start's version, with no circuits, and dropped them.
+    #[tokio::test]
+    async fn a_start_that_cannot_publish_its_circuits_serves_routers_none_without_them() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (_ctl, svc) = service_on(dir.path(), &yaml(POOL, true), DEFAULT_PROVISION_TIMEOUT);
+            svc.create(spec("c1", "10.1.0.0/24", "100Mbps"), None, "ops".into())
+                .await
+                .unwrap();
+        }
+        let ctl = Controller::open(FaultyStore::open(dir.path()), None).unwrap();
+        // Room for the snapshot without circuits only.
+        ctl.set_snapshot_limit(ctl.published().full.len() - 4 + 1);
+        let svc = CircuitService::new(ctl.clone(), DEFAULT_PROVISION_TIMEOUT).unwrap();
+        let p = ctl.published();
+        assert!(p.circuits.is_empty());
+        assert!(
+            !p.with_circuits,
+            "version {} is served to routers",
+            p.version
+        );
+        ctl.set_snapshot_limit(router::control::proto::MAX_TO_ROUTER);
+        svc.settle_once().await.unwrap();
+        let p = ctl.published();
+        assert!(
+            p.with_circuits && p.circuits.len() == 1,
+            "{}",
+            p.circuits.len()
+        );
     }
 
     /// A create or resize with which the routers' snapshot would be over their frame limit is

@@ -4,7 +4,9 @@
 //! match its `Hello`; it then gets the current version in full, and every later version as a
 //! delta when it holds the delta's base, else in full. Versions are taken from a `watch`
 //! channel, so a slow router skips intermediate versions rather than queueing them. A version
-//! the router rejected (NACK) is recorded and never sent to it again; the next version is.
+//! the router rejected (NACK) is recorded and offered again only after a back-off (or on the
+//! router's `Resync`); the next version goes out at once. A version without the stored
+//! circuits (`Published::with_circuits`) is never sent.
 //! A `Renew` is answered by the [`NodeIssuer`] for the session's authenticated node.
 //!
 //! A router that stops reading is closed once the controller has been unable to write a byte to it
@@ -415,21 +417,26 @@ async fn session(
             let refused = rejected
                 .as_ref()
                 .is_some_and(|r| r.offers(&p) && r.retry_at.is_some());
-            if !refused && (force_full || sent != Some(p.version)) {
-                let bytes = match &p.delta {
-                    Some((base, delta)) if !force_full && sent == Some(*base) => delta.clone(),
-                    _ => {
-                        sent_full = Some(p.version);
-                        p.full.clone()
-                    }
-                };
-                inbox.write(recv, send, bytes, stall).await?;
-                sent = Some(p.version);
-                last_written = Some((p.version, p.topology_version, p.circuits.clone()));
-                unanswered.sent(p.version, p.topology_version);
-                heartbeat.reset();
+            // A version without the stored circuits (they could not be published since the
+            // start) is no version to serve: the router keeps the snapshot it holds, with its
+            // circuits, until one carries them (then its first full snapshot goes out).
+            if p.with_circuits {
+                if !refused && (force_full || sent != Some(p.version)) {
+                    let bytes = match &p.delta {
+                        Some((base, delta)) if !force_full && sent == Some(*base) => delta.clone(),
+                        _ => {
+                            sent_full = Some(p.version);
+                            p.full.clone()
+                        }
+                    };
+                    inbox.write(recv, send, bytes, stall).await?;
+                    sent = Some(p.version);
+                    last_written = Some((p.version, p.topology_version, p.circuits.clone()));
+                    unanswered.sent(p.version, p.topology_version);
+                    heartbeat.reset();
+                }
+                force_full = false;
             }
-            force_full = false;
         }
         if crl_due {
             crl_due = false;

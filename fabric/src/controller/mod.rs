@@ -92,9 +92,14 @@ pub struct Published {
     pub circuits: Arc<Vec<ProvisionedCircuit>>,
     /// `ToRouter::Snapshot` frame.
     pub full: Bytes,
-    /// `ToRouter::Live` frame and its base version, when only the live state changed.
+    /// `ToRouter::Live` frame, or a topology `Delta` frame, and its base version.
     pub delta: Option<(u64, Bytes)>,
     pub at: Instant,
+    /// It carries the stored circuits: a publication made them part of the controller's
+    /// versions. Routers are served only such versions ([`distribute`]): the versions before
+    /// (the start's, and any while the stored circuits cannot be published) carry none, and a
+    /// router served one would drop every circuit it holds.
+    pub with_circuits: bool,
 }
 
 /// What the controller knows about one router right now (the durable part is in the store).
@@ -322,6 +327,9 @@ struct Inner {
     current: Arc<Current>,
     /// Provisioned circuits (set by the circuits module), carried in every full snapshot.
     circuits: Arc<Vec<ProvisionedCircuit>>,
+    /// `circuits` are the stored ones ([`Controller::publish_circuits`] went through once):
+    /// what [`Published::with_circuits`] says of each version.
+    circuits_published: bool,
     live: LiveAggregator,
     backoff: Backoff,
     seq: u64,
@@ -427,6 +435,7 @@ impl Controller {
             inner: Mutex::new(Inner {
                 current,
                 circuits,
+                circuits_published: false,
                 live,
                 backoff: Backoff::new(BackoffParams::default()),
                 seq: 1,
@@ -800,6 +809,7 @@ impl Controller {
             base,
             self.snapshot_limit(),
         )?;
+        p.with_circuits = inner.circuits_published;
         inner.live.publish(live);
         // A topology change with the same circuits goes out as a delta when it is exact and
         // smaller than the snapshot (which is within the routers' frame limit): one that
@@ -863,9 +873,11 @@ impl Controller {
     ) -> Result<u64, ControllerError> {
         let mut inner = lock(&self.inner);
         let before = std::mem::replace(&mut inner.circuits, circuits);
+        let published_before = std::mem::replace(&mut inner.circuits_published, true);
         if let Err(e) = self.publish_locked(&mut inner, true) {
             // Not published: the snapshots to come carry the circuits routers have.
             inner.circuits = before;
+            inner.circuits_published = published_before;
             return Err(e);
         }
         Ok(self.published.borrow().version)
@@ -1268,6 +1280,7 @@ fn encode(
         full,
         delta,
         at: Instant::now(),
+        with_circuits: false,
     })
 }
 

@@ -519,11 +519,14 @@ pub(crate) async fn tcp_to_quic(
 const IOV: usize = 16;
 
 /// Writes `bufs` to `wr` in full with vectored writes; each chunk is released once written.
-/// Each write that takes bytes is told to `watch`.
+/// Each write that takes bytes is told to `watch` and counts as `activity` (the idle timer's):
+/// a batch can be a stream window (quinn merges a slow reader's chunks), which a slow but
+/// steady reader takes for longer than the idle timeout, and only the whole batch counted.
 async fn write_all_chunks(
     wr: &mut (impl AsyncWrite + Unpin),
     bufs: &mut [Bytes],
     watch: &WriteWatch,
+    activity: &Activity,
 ) -> std::io::Result<()> {
     let mut first = 0;
     loop {
@@ -546,6 +549,7 @@ async fn write_all_chunks(
             return Err(std::io::ErrorKind::WriteZero.into());
         }
         watch.wrote();
+        activity.mark();
         while written > 0 && first < bufs.len() {
             let len = bufs[first].len();
             if written >= len {
@@ -560,6 +564,27 @@ async fn write_all_chunks(
     }
 }
 
+/// The next chunks of `recv` into `bufs` (how many; `None` at its end). `limited` (a rate-limited
+/// circuit): at most [`crate::ratelimit::CHUNK`] bytes, well inside the circuit's burst. One of
+/// quinn's chunks is not: it merges a slow reader's contiguous chunks, up to a stream window,
+/// and such a chunk was written at line rate once the bucket had paid for it.
+async fn read_batch(
+    recv: &mut RecvStream,
+    bufs: &mut [Bytes; IOV],
+    limited: bool,
+) -> Result<Option<usize>, ReadError> {
+    if !limited {
+        return recv.read_chunks(bufs).await;
+    }
+    Ok(recv
+        .read_chunk(crate::ratelimit::CHUNK, true)
+        .await?
+        .map(|c| {
+            bufs[0] = c.bytes;
+            1
+        }))
+}
+
 /// QUIC → TCP until FIN (then TCP shutdown of the write half).
 pub(crate) async fn quic_to_tcp(
     shared: &Shared,
@@ -570,12 +595,10 @@ pub(crate) async fn quic_to_tcp(
     activity: &Activity,
     watch: &WriteWatch,
 ) -> Result<(), Abort> {
-    // A rate-limited circuit takes one chunk at a time so that it stays well inside its burst.
-    let per_read = if bucket.is_some() { 1 } else { IOV };
     let mut bufs: [Bytes; IOV] = Default::default();
     let mut fair = Fairness::default();
     loop {
-        match recv.read_chunks(&mut bufs[..per_read]).await {
+        match read_batch(recv, &mut bufs, bucket.is_some()).await {
             Ok(Some(k)) => {
                 let n: usize = bufs[..k].iter().map(Bytes::len).sum();
                 if let Some(b) = bucket
@@ -587,7 +610,7 @@ pub(crate) async fn quic_to_tcp(
                 }
                 // Waiting for the TCP side only, not for the circuit's rate above.
                 watch.waiting(true);
-                let written = write_all_chunks(wr, &mut bufs[..k], watch).await;
+                let written = write_all_chunks(wr, &mut bufs[..k], watch, activity).await;
                 watch.waiting(false);
                 if written.is_err() {
                     let code = side.tcp_abort_code();
@@ -837,7 +860,11 @@ struct Gather {
 
 /// Waits for data on `recv`, then takes everything ready now (up to about [`RELAY_BLOCK`]) as
 /// one block: a lone chunk is handed on as it is; several are copied once into a block of
-/// exactly their size.
+/// exactly their size. "About": the last `read_chunks` can pass the mark by up to 16 chunks,
+/// and quinn merges the contiguous chunks of a stream with more than 2,048 unread (a next hop
+/// that holds it back), so a chunk can be up to a stream window. Bounding each read
+/// (`read_chunk` with a length) would settle flow control once per packet, which cost ~13 %
+/// more CPU per GiB on the edge's path (ARCHITECTURE).
 async fn gather(recv: &mut RecvStream, g: &mut Gather) -> Gathered {
     let mut r = recv.read_chunks(&mut g.bufs).await;
     let (mut total, mut fin, mut failed) = (0, false, None);
@@ -874,7 +901,7 @@ async fn gather(recv: &mut RecvStream, g: &mut Gather) -> Gathered {
 
 /// QUIC → QUIC, one direction (transit). Propagates FIN, resets and stops.
 ///
-/// quinn hands out one chunk per received packet, and its send buffer keeps one segment per chunk
+/// quinn hands out one chunk per received packet (unless it merged them: [`gather`]), and its send buffer keeps one segment per chunk
 /// written, which it scans from the oldest unacknowledged one for every packet it sends
 /// (`SendBuffer::get`). Forwarding packet-sized chunks as they came makes that scan quadratic in
 /// the bytes in flight (a 32 MiB stream window holds ~23,000 segments of 1,452 bytes). So the
@@ -1059,6 +1086,40 @@ mod tests {
         assert_future_within("tcp_quic_with", n, 2048);
     }
 
+    /// A batch written to a slow but steady reader counts as activity at each partial write,
+    /// not only once whole: a batch of a merged chunk (up to a stream window) to a reader of 8
+    /// KB/s took longer than the idle timeout, and the connection was cut as idle meanwhile.
+    #[tokio::test]
+    async fn each_partial_write_of_a_batch_counts_as_activity() {
+        let (mut a, mut b) = tokio::io::duplex(1024);
+        let mut chunks = vec![Bytes::from(vec![7u8; 64 * 1024])];
+        let (watch, activity) = (WriteWatch::default(), Activity::default());
+        watch.waiting(true);
+        let mut write = Box::pin(write_all_chunks(&mut a, &mut chunks, &watch, &activity));
+        let mut buf = vec![0u8; 1024];
+        for round in 0..8 {
+            // The write goes as far as the pipe takes, then waits for the reader.
+            assert!(
+                futures_poll_once(write.as_mut()).is_none(),
+                "the batch was written whole by round {round}"
+            );
+            assert!(
+                activity.take(),
+                "round {round}: no activity for a partial write"
+            );
+            b.read_exact(&mut buf).await.unwrap();
+        }
+    }
+
+    /// Polls `f` once: its output, if it is ready.
+    fn futures_poll_once<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> Option<F::Output> {
+        let waker = std::task::Waker::noop();
+        match f.poll(&mut std::task::Context::from_waker(waker)) {
+            std::task::Poll::Ready(v) => Some(v),
+            std::task::Poll::Pending => None,
+        }
+    }
+
     #[tokio::test]
     async fn vectored_writes_deliver_every_chunk_in_order_across_partial_writes() {
         // A 7-byte pipe: every write is partial, often mid-chunk.
@@ -1085,7 +1146,9 @@ mod tests {
         });
         let watch = WriteWatch::default();
         watch.waiting(true);
-        write_all_chunks(&mut a, &mut chunks, &watch).await.unwrap();
+        write_all_chunks(&mut a, &mut chunks, &watch, &Activity::default())
+            .await
+            .unwrap();
         assert!(
             chunks.iter().all(Bytes::is_empty),
             "written chunks are released"
@@ -1155,6 +1218,42 @@ mod tests {
         assert!(
             writes * 20 < packets,
             "{writes} writes for {packets} packets: the transit must not write one segment per packet"
+        );
+    }
+
+    /// A rate-limited read takes at most `ratelimit::CHUNK` bytes, also from a stream whose
+    /// reader fell behind, whose chunks quinn has merged (more than 2,048 unread): the one
+    /// chunk a limited read took could be megabytes, written at line rate in one burst.
+    #[tokio::test]
+    async fn a_rate_limited_read_takes_at_most_a_chunk_of_a_merged_stream() {
+        const TOTAL: usize = 24 << 20;
+        let (a, b, _dir) = quic_pair().await;
+        let data: Vec<u8> = (0..TOTAL).map(|i| (i * 7 % 251) as u8).collect();
+        let (mut send, _keep) = a.open_bi().await.unwrap();
+        send.write_all(&data).await.unwrap();
+        send.finish().unwrap();
+        let (_reply, mut recv) = b.accept_bi().await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while b.stats().udp_rx.bytes < TOTAL as u64 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "data did not arrive"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut bufs: [Bytes; IOV] = Default::default();
+        let (mut got, mut largest) = (Vec::new(), 0);
+        while let Some(k) = read_batch(&mut recv, &mut bufs, true).await.unwrap() {
+            let n: usize = bufs[..k].iter().map(Bytes::len).sum();
+            largest = largest.max(n);
+            for b in &mut bufs[..k] {
+                got.extend_from_slice(&std::mem::take(b));
+            }
+        }
+        assert!(got == data, "bytes intact and in order");
+        assert!(
+            largest <= crate::ratelimit::CHUNK,
+            "a limited read took {largest} bytes"
         );
     }
 

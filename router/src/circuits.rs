@@ -57,6 +57,14 @@ pub struct CircuitTable {
 }
 
 impl CircuitTable {
+    /// Revokes every circuit's limiter: their connections still open end at their next bytes
+    /// (the node carries no circuits any more: it is no longer an edge).
+    pub fn revoke_all(&self) {
+        for c in self.by_service.values().flatten() {
+            c.limiter.revoke();
+        }
+    }
+
     /// Builds the table for `node` from a snapshot, reusing `previous`'s limiters.
     pub fn build(node: &NodeId, snap: &Snapshot, previous: &CircuitTable) -> CircuitTable {
         let old: HashMap<&str, &Arc<EdgeCircuit>> = previous

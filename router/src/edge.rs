@@ -206,6 +206,10 @@ pub(crate) fn apply_circuits(shared: &Arc<Shared>, snap: &crate::Snapshot) {
     let table = if is_edge {
         CircuitTable::build(&shared.node, snap, &shared.circuits.load())
     } else {
+        // No longer an edge (an apply made it a transit): its circuits are gone from it, as
+        // a circuit the snapshot no longer has. Dropped unrevoked, their connections kept
+        // flowing at the circuits' rates, also once the circuits were deleted.
+        shared.circuits.load().revoke_all();
         CircuitTable::default()
     };
     shared.circuits.store(Arc::new(table));

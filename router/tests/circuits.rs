@@ -349,6 +349,64 @@ async fn a_services_clients_list_admits_only_its_prefixes() {
     }
 }
 
+/// An edge made something else by an apply (a transit) no longer carries its circuits: their
+/// connections still open end at their next bytes, as when the circuits are removed. (Its
+/// table was replaced by an empty one without revoking the old limiters, so those connections
+/// kept flowing at the circuits' rates, also once the circuits were deleted.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_made_a_transit_ends_its_circuits_connections() {
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let port = free_tcp_port();
+    let t = Arc::new(topo(backend, port));
+    let circuits = Arc::new(vec![circuit("c-000001", "127.0.0.2/32", None, port, 100)]);
+    let mut snap = Snapshot::new(1, t.clone());
+    snap.circuits = circuits.clone();
+    let (hs, txs) = spawn_all(&Arc::new(snap), dir.path(), |_, _| {}).await;
+    wait_for_route(&hs[0], "llm", Duration::from_secs(10), "no route").await;
+    let listener = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
+    let mut c = connect_from(Ipv4Addr::new(127, 0, 0, 2), listener)
+        .await
+        .unwrap();
+    let mut back = [0u8; 5];
+    c.write_all(b"hello").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), c.read_exact(&mut back))
+        .await
+        .expect("an echo in time")
+        .unwrap();
+    // Version 2: the edge is a transit; the circuits are still in the snapshot (failed, as the
+    // controller marks them, until deleted).
+    let mut t2 = (*t).clone();
+    for n in t2.nodes.iter_mut().filter(|n| n.id.as_str() == "edge") {
+        n.kind = topology::NodeKind::Transit;
+    }
+    let mut v2 = Snapshot::new(2, Arc::new(t2));
+    v2.circuits = circuits;
+    let v2 = Arc::new(v2);
+    for tx in &txs {
+        tx.send_replace(v2.clone());
+    }
+    wait_until(
+        Duration::from_secs(10),
+        || hs[0].routes().version == 2,
+        || "the edge never applied version 2".into(),
+    )
+    .await;
+    let _ = c.write_all(b"again").await;
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut rest))
+        .await
+        .expect("the connection ended in time");
+    assert!(
+        rest.is_empty(),
+        "echoed after the edge became a transit: {rest:?} ({end:?})"
+    );
+    drop(c);
+    for h in hs {
+        h.shutdown().await;
+    }
+}
+
 /// A circuit removed from the snapshot (deleted: its capacity back to the fabric) carries no
 /// more bytes: its connection still open is reset with `circuit_refused` at its next bytes, and
 /// a new connection from its prefix is refused. (Connections kept flowing at the old rate on

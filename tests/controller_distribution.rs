@@ -884,6 +884,48 @@ async fn live_updates_after_a_rejection_wait_with_the_rejected_version() {
     d.shutdown().await;
 }
 
+/// A rejection that arrives after a later version of the same offer went out (a live update
+/// written as a delta on the rejected version, which the router answers with `Resync`) is still
+/// that offer: rejected again, its back-off doubles. (Its content was taken only from the
+/// version written last, so such a rejection counted as a new offer: the back-off began again
+/// at 2 s, and a router rejecting for a lasting reason got a full snapshot every few seconds.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejection_answered_after_a_later_version_went_out_keeps_its_back_off() {
+    use fabric::controller::distribute::NACK_RETRY_FIRST;
+    use router::control::proto::{FromRouter, ToRouter};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (d, _, mut s, version) =
+        offered_to_edge_0(dir.path(), &fabric_nodes(1, 2), &fabric_yaml(88, 1, 2, 10)).await;
+    // The same offer again (the circuit service publishing), written on top of the first.
+    let circuits = d.ctl.published().circuits.clone();
+    let later = d
+        .ctl
+        .publish_circuits(std::sync::Arc::new((*circuits).clone()))
+        .unwrap();
+    match next_news(&mut s.recv).await {
+        ToRouter::Delta { version, .. } | ToRouter::Live { version, .. } => {
+            assert_eq!(version, later)
+        }
+        other => panic!("expected the later version as a delta, got {other:?}"),
+    }
+    // The router rejects the first, then asks for the rest (it lacks the delta's base): the
+    // current version, in full, at once (the router asked).
+    s.say(&nack(version, "cannot bind: port taken")).await;
+    s.say(&FromRouter::Resync { have_version: None }).await;
+    assert_eq!(version_of(&next_news(&mut s.recv).await), later);
+    // Rejected again: the same offer, so the back-off doubles (2 x NACK_RETRY_FIRST).
+    let nacked = std::time::Instant::now();
+    s.say(&nack(later, "still taken")).await;
+    assert_eq!(version_of(&next_news(&mut s.recv).await), later);
+    assert!(
+        nacked.elapsed() >= NACK_RETRY_FIRST * 3 / 2,
+        "offered again {:?} after the second rejection",
+        nacked.elapsed()
+    );
+    d.shutdown().await;
+}
+
 /// A rejected version's back-off, ending after a newer version went out, offers nothing: the
 /// router has the newer one (or is answering it). (It sent the newer one again in full.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

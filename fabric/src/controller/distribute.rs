@@ -408,8 +408,6 @@ async fn session(
     let mut warned_renewals = false;
     // The version this session's router rejected last (see [`NACK_RETRY_FIRST`]).
     let mut rejected: Option<Rejected> = None;
-    // What was last written as a version: its topology version and circuits.
-    let mut last_written: Option<(u64, u64, Arc<Vec<ProvisionedCircuit>>)> = None;
     loop {
         if force_full || changed {
             changed = false;
@@ -431,8 +429,7 @@ async fn session(
                     };
                     inbox.write(recv, send, bytes, stall).await?;
                     sent = Some(p.version);
-                    last_written = Some((p.version, p.topology_version, p.circuits.clone()));
-                    unanswered.sent(p.version, p.topology_version);
+                    unanswered.sent(p.version, p.topology_version, &p.circuits);
                     heartbeat.reset();
                 }
                 force_full = false;
@@ -476,22 +473,26 @@ async fn session(
                 let Some(payload) = frame? else { return Ok(()) };
                 match proto::decode::<FromRouter>(&payload)? {
                     FromRouter::Ack { version } => {
-                        let tv = unanswered
+                        let (tv, _) = unanswered
                             .answer(version)
                             .ok_or(ConnError::NotSent { what: "acknowledgement", version })?;
                         ctl.router_ack(rs, version, tv);
                         rejected = None;
                     }
                     FromRouter::Nack { version, reason } => {
-                        let tv = unanswered
+                        let (tv, circuits) = unanswered
                             .answer(version)
                             .ok_or(ConnError::NotSent { what: "rejection", version })?;
                         ctl.router_nack(rs, version, tv, &clip(reason));
-                        let content = last_written
-                            .as_ref()
-                            .filter(|(v, _, _)| *v == version)
-                            .map(|(_, tv, c)| (*tv, c.clone()));
-                        rejected = Some(Rejected::again(rejected.take(), version, content));
+                        // What it rejected, also when a later version went out before the
+                        // answer came (it was taken only from the version written last: a
+                        // rejection answered after a live update went out began the back-off
+                        // again, and the live updates were no longer held back with it).
+                        rejected = Some(Rejected::again(
+                            rejected.take(),
+                            version,
+                            Some((tv, circuits)),
+                        ));
                         // It holds an older version: no delta on top of the one it rejected.
                         sent = None;
                     }
@@ -759,23 +760,35 @@ async fn renew(
 /// NACK) what it applies in the order it arrived, and answers some versions with nothing (a
 /// delta for a base it lacks gets a `Resync`), so an answer consumes its version and every older
 /// one; a version may be in it twice (a delta, then the same version in full after a `Resync`).
+/// Each keeps its circuits too (a shared `Arc`): a rejection is compared with later versions by
+/// its content ([`Rejected`]).
 #[derive(Debug, Default)]
-struct Unanswered(std::collections::VecDeque<(u64, u64)>);
+struct Unanswered(std::collections::VecDeque<(u64, u64, Arc<Vec<ProvisionedCircuit>>)>);
 
 impl Unanswered {
-    /// `version` (of `topology_version`) was written to the router.
-    fn sent(&mut self, version: u64, topology_version: u64) {
+    /// `version` (of `topology_version`, carrying `circuits`) was written to the router.
+    fn sent(
+        &mut self,
+        version: u64,
+        topology_version: u64,
+        circuits: &Arc<Vec<ProvisionedCircuit>>,
+    ) {
         if self.0.len() == MAX_UNANSWERED {
             self.0.pop_front();
         }
-        self.0.push_back((version, topology_version));
+        self.0
+            .push_back((version, topology_version, circuits.clone()));
     }
 
-    /// The router answered `version`: its topology version, or `None` when this session did not
-    /// send it (or it was answered, or an answer to a later version came first).
-    fn answer(&mut self, version: u64) -> Option<u64> {
-        let at = self.0.iter().position(|(v, _)| *v == version)?;
-        self.0.drain(..=at).next_back().map(|(_, tv)| tv)
+    /// The router answered `version`: its topology version and circuits, or `None` when this
+    /// session did not send it (or it was answered, or an answer to a later version came
+    /// first).
+    fn answer(&mut self, version: u64) -> Option<(u64, Arc<Vec<ProvisionedCircuit>>)> {
+        let at = self.0.iter().position(|(v, _, _)| *v == version)?;
+        self.0
+            .drain(..=at)
+            .next_back()
+            .map(|(_, tv, circuits)| (tv, circuits))
     }
 }
 
@@ -1046,28 +1059,30 @@ mod tests {
     #[test]
     fn only_versions_sent_and_not_answered_yet_can_be_answered() {
         let mut u = Unanswered::default();
-        assert_eq!(u.answer(1), None, "nothing sent");
-        u.sent(10, 1);
-        u.sent(11, 1);
+        let none: Arc<Vec<ProvisionedCircuit>> = Arc::default();
+        let tv = |a: Option<(u64, Arc<Vec<ProvisionedCircuit>>)>| a.map(|(tv, _)| tv);
+        assert_eq!(tv(u.answer(1)), None, "nothing sent");
+        u.sent(10, 1, &none);
+        u.sent(11, 1, &none);
         // 11 went as a delta the router could not apply (Resync), then in full.
-        u.sent(11, 1);
-        u.sent(12, 2);
-        assert_eq!(u.answer(u64::MAX), None);
-        assert_eq!(u.answer(9), None);
+        u.sent(11, 1, &none);
+        u.sent(12, 2, &none);
+        assert_eq!(tv(u.answer(u64::MAX)), None);
+        assert_eq!(tv(u.answer(9)), None);
         // 10 unanswered (the router resynced): answering 11 passes over it.
-        assert_eq!(u.answer(11), Some(1));
-        assert_eq!(u.answer(10), None, "older than an answered version");
-        assert_eq!(u.answer(11), Some(1), "sent twice, answered twice");
-        assert_eq!(u.answer(11), None, "not a third time");
-        assert_eq!(u.answer(12), Some(2));
-        assert_eq!(u.answer(12), None);
+        assert_eq!(tv(u.answer(11)), Some(1));
+        assert_eq!(tv(u.answer(10)), None, "older than an answered version");
+        assert_eq!(tv(u.answer(11)), Some(1), "sent twice, answered twice");
+        assert_eq!(tv(u.answer(11)), None, "not a third time");
+        assert_eq!(tv(u.answer(12)), Some(2));
+        assert_eq!(tv(u.answer(12)), None);
         // Bounded: the oldest are forgotten.
         for v in 0..(MAX_UNANSWERED as u64 + 5) {
-            u.sent(100 + v, 3);
+            u.sent(100 + v, 3, &none);
         }
         assert_eq!(u.0.len(), MAX_UNANSWERED);
-        assert_eq!(u.answer(100), None);
-        assert_eq!(u.answer(105), Some(3));
+        assert_eq!(tv(u.answer(100)), None);
+        assert_eq!(tv(u.answer(105)), Some(3));
     }
 
     #[test]

@@ -365,7 +365,8 @@ impl Evidence {
     /// The neighbour is authenticated, but what it relays is network input: entries are checked
     /// against the current topology (`graph`). One whose origin is not a node of it is dropped,
     /// and so are neighbour states that name no link of the origin and service states of
-    /// services it does not have. Made-up names would otherwise each take a slot for the TTL,
+    /// services the topology does not have (a service the origin does not serve is kept, and
+    /// read only where the origin is a candidate for it: no table reads it). Made-up names would otherwise each take a slot for the TTL,
     /// force a table rebuild, be cloned into every digest and flooded on. The map so holds at
     /// most one entry per node of the topology.
     ///

@@ -230,12 +230,30 @@ pub(crate) fn bind_vips(shared: &Arc<Shared>, listeners: &Listeners) {
     );
 }
 
+/// The service a client is for: its listener's (`own`), or, on the transparent port (none), the
+/// service whose VIP it reached (`dst`). On a wildcard listener a VIP of another service, which
+/// the host holds, is that service's: it was carried as the listener's service, under that
+/// service's `clients` and circuit rules, while the same VIP redirected by iptables was the
+/// VIP's service.
+fn client_service(
+    own: Option<ServiceName>,
+    wildcard: bool,
+    dst: Option<SocketAddr>,
+    vip_service: impl FnOnce(SocketAddr) -> Option<ServiceName>,
+) -> Option<ServiceName> {
+    match own {
+        Some(own) if !wildcard => Some(own),
+        own => dst.and_then(vip_service).or(own),
+    }
+}
+
 async fn accept_loop(
     shared: Arc<Shared>,
     listener: TcpListener,
     service: Arc<ArcSwapOption<ServiceName>>,
 ) {
     let local_v6 = listener.local_addr().is_ok_and(|a| a.is_ipv6());
+    let wildcard = listener.local_addr().is_ok_and(|a| a.ip().is_unspecified());
     let mut backoff = crate::http_serve::AcceptBackoff::new();
     loop {
         let (tcp, client) = match listener.accept().await {
@@ -263,8 +281,9 @@ async fn accept_loop(
                 .ok()
                 .map(crate::circuits::canonical_sock),
         };
-        let service =
-            service.or_else(|| dst.and_then(|d| shared.routes.load().service_for(d).cloned()));
+        let service = client_service(service, wildcard, dst, |d| {
+            shared.routes.load().service_for(d).cloned()
+        });
         let (service, circuit) = match shared.circuits.load().classify(
             service.as_ref(),
             client.ip(),
@@ -996,6 +1015,34 @@ mod tests {
     /// A reply that cannot be read because the first hop's connection ended is this router's
     /// word (`Here`), as a failed write is: only then does a retry wait for the table that goes
     /// around that hop. A reset is the path's word.
+    /// A client of a wildcard listener that reached another service's VIP (held by the host) is
+    /// that service's client; a client of a listener bound to one address is its listener's;
+    /// one of the transparent port is its VIP's (none without one).
+    #[test]
+    fn a_service_vip_reached_on_a_wildcard_listener_is_its_services() {
+        let (a, b) = (ServiceName::new("a"), ServiceName::new("b"));
+        let vip: SocketAddr = "127.0.0.2:8443".parse().unwrap();
+        let other: SocketAddr = "127.0.0.1:8443".parse().unwrap();
+        let lookup = |d: SocketAddr| (d == vip).then(|| b.clone());
+        assert_eq!(
+            client_service(Some(a.clone()), true, Some(vip), lookup),
+            Some(b.clone())
+        );
+        assert_eq!(
+            client_service(Some(a.clone()), true, Some(other), lookup),
+            Some(a.clone())
+        );
+        assert_eq!(
+            client_service(Some(a.clone()), false, Some(vip), lookup),
+            Some(a.clone())
+        );
+        assert_eq!(
+            client_service(None, true, Some(vip), lookup),
+            Some(b.clone())
+        );
+        assert_eq!(client_service(None, false, Some(other), lookup), None);
+    }
+
     #[test]
     fn a_lost_connection_while_waiting_for_the_reply_is_this_routers_word() {
         let told = |a: Attempt| match a {

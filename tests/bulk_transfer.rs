@@ -190,10 +190,16 @@ fn bulk_through_a_transit_arrives_intact_although_its_next_hop_is_declared_down(
     drop(rt);
 }
 
+/// How long [`echo_through`] waits for one read or write to make progress before failing.
+const STALL: Duration = Duration::from_secs(60);
+
 /// Sends `total` pseudo-random bytes to an echo service on `port` while reading the echo; checks
 /// the count and the SHA-256 of what came back.
 fn echo_through(port: u16, total: u64) {
     let s = TcpStream::connect((LOCAL, port)).unwrap();
+    // A stall fails the test instead of hanging it: no byte either way for a minute.
+    s.set_read_timeout(Some(STALL)).unwrap();
+    s.set_write_timeout(Some(STALL)).unwrap();
     let mut w = s.try_clone().unwrap();
     let start = Instant::now();
     let writer = std::thread::spawn(move || {

@@ -3,6 +3,9 @@
 //! `edit` driven by a scripted $EDITOR.
 
 mod controller_common;
+#[path = "common/netns.rs"]
+#[allow(dead_code)]
+mod netns;
 
 use std::io::{Read, Write};
 use std::process::Command;
@@ -464,7 +467,21 @@ fn a_remote_admin_address_needs_the_insecure_flag() {
         );
         assert!(!state.exists(), "the state directory was created");
     }
-    let mut child = controller(&["--admin", "0.0.0.0:0", "--admin-insecure-remote"])
+    // Accepted, it listens on every address: in a network namespace of the test's own, so that
+    // nothing outside loopback is ever served.
+    let Some(ns) = netns::NetNs::create(&format!("tasman-admin-{}", std::process::id())) else {
+        netns::unavailable(
+            "`ip netns add` failed: no network namespace can be made here",
+            "root, network namespaces and ip",
+        );
+        return;
+    };
+    assert!(ns.run(&["ip", "link", "set", "lo", "up"]));
+    let plain = controller(&["--admin", "0.0.0.0:0", "--admin-insecure-remote"]);
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &ns.0])
+        .arg(plain.get_program())
+        .args(plain.get_args())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()

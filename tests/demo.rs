@@ -309,9 +309,9 @@ fn run_demo_keep() -> (String, bool, String, Duration) {
 #[test]
 fn a_port_the_demo_needs_in_use_is_refused_with_a_hint() {
     let _one = one_demo_at_a_time();
-    // Held on 0.0.0.0: the demo's 127.0.0.1:7401 cannot be bound beside it. A machine where
-    // something else holds it already proves the same.
-    let _held = std::net::TcpListener::bind(("0.0.0.0", 7401));
+    // Held on loopback, where the demo binds it. A machine where something else holds it
+    // already (on loopback or every address) proves the same.
+    let _held = std::net::TcpListener::bind(("127.0.0.1", 7401));
     let out = Command::new(env!("CARGO_BIN_EXE_tasman"))
         .args(["demo", "--quick"])
         .output()

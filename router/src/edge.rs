@@ -278,9 +278,9 @@ async fn accept_loop(
             Some(_) => tcp.local_addr().ok(),
             None => crate::orig_dst::original_dst(&tcp, local_v6)
                 .or_else(|_| tcp.local_addr())
-                .ok()
-                .map(crate::circuits::canonical_sock),
-        };
+                .ok(),
+        }
+        .map(crate::circuits::canonical_sock);
         let service = client_service(service, wildcard, dst, |d| {
             shared.routes.load().service_for(d).cloned()
         });
@@ -1012,9 +1012,6 @@ mod tests {
     use super::*;
     use crate::splice::{assert_future_within, future_size, never};
 
-    /// A reply that cannot be read because the first hop's connection ended is this router's
-    /// word (`Here`), as a failed write is: only then does a retry wait for the table that goes
-    /// around that hop. A reset is the path's word.
     /// A client of a wildcard listener that reached another service's VIP (held by the host) is
     /// that service's client; a client of a listener bound to one address is its listener's;
     /// one of the transparent port is its VIP's (none without one).
@@ -1043,6 +1040,9 @@ mod tests {
         assert_eq!(client_service(None, false, Some(other), lookup), None);
     }
 
+    /// A reply that cannot be read because the first hop's connection ended is this router's
+    /// word (`Here`), as a failed write is: only then does a retry wait for the table that goes
+    /// around that hop. A reset is the path's word.
     #[test]
     fn a_lost_connection_while_waiting_for_the_reply_is_this_routers_word() {
         let told = |a: Attempt| match a {

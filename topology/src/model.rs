@@ -480,8 +480,14 @@ pub struct Vip {
 }
 
 impl Vip {
+    /// Whether `addr` is one of this VIP's addresses at its port. An IPv4-mapped IPv6 address
+    /// (`::ffff:a.b.c.d`, an IPv4 client of a dual-stack socket) is read as the IPv4 address.
     pub fn contains(&self, addr: SocketAddr) -> bool {
-        self.port == addr.port() && self.prefix.contains(addr.ip())
+        let ip = match addr.ip() {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr.ip(), IpAddr::V4),
+            v4 => v4,
+        };
+        self.port == addr.port() && self.prefix.contains(ip)
     }
     pub fn overlaps(&self, other: &Vip) -> bool {
         self.port == other.port
@@ -665,6 +671,23 @@ impl Topology {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An IPv4 client of a dual-stack (`::`) socket is seen at an IPv4-mapped address; an IPv4
+    /// VIP covers it (VIPs themselves are never written mapped: validation refuses them). It
+    /// covered none: such a client of another service's VIP on a `::` listener was carried as
+    /// the listener's service.
+    #[test]
+    fn an_ipv4_vip_covers_the_ipv4_mapped_form_of_its_addresses() {
+        let vip: Vip = "198.18.0.0/24:8443".parse().unwrap();
+        let mapped = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(vip.contains(mapped("198.18.0.10:8443")));
+        assert!(vip.contains(mapped("[::ffff:198.18.0.10]:8443")));
+        assert!(!vip.contains(mapped("[::ffff:198.18.1.10]:8443")));
+        assert!(!vip.contains(mapped("[::ffff:198.18.0.10]:8444")));
+        let v6: Vip = "[2001:db8::/64]:443".parse().unwrap();
+        assert!(v6.contains(mapped("[2001:db8::7]:443")));
+        assert!(!v6.contains(mapped("[::ffff:198.18.0.10]:443")));
+    }
 
     /// A site's service keeps its health policy through its serialised form (as controller
     /// snapshots carry it), the policy's fields inline and left out at their defaults.

@@ -710,7 +710,7 @@ fn a_ca_rotation_needs_no_restart() {
 }
 
 /// `tasman pki issue` refuses a name no topology can give a node (uppercase, dots, a doubled
-/// hyphen), before issuing any of the names it was given: no router
+/// hyphen, a number: TLS refuses a server name that reads as one), before issuing any of the names it was given: no router
 /// could load such a certificate (a router reads ID.pem by its node id). `controller` and
 /// a node id not in any topology yet are issued. (`SYD-EDGE-1` was issued, exit 0.)
 #[test]
@@ -721,6 +721,8 @@ fn pki_issue_refuses_a_name_that_no_node_can_have() {
         ("SYD-EDGE-1", Some("did you mean syd-edge-1?")),
         ("syd.edge.1", None),
         ("syd--edge", None),
+        ("42", None),
+        ("0xbeef", None),
     ] {
         let out = std::process::Command::new(tasman())
             .args(["pki", "issue", "good-1", bad, "--dir"])

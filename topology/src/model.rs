@@ -62,8 +62,16 @@ pub fn is_valid_id(s: &str) -> bool {
 }
 
 /// Why `id` cannot be a node's id although it is a valid id, if it cannot: a node's id is the
-/// name in its certificate and of its files beside the CA's, and these names are taken.
+/// name in its certificate and of its files beside the CA's, and these names are taken; and it
+/// is the TLS server name its peers verify, which may not read as a number.
 pub fn reserved_node_id(id: &str) -> Option<&'static str> {
+    if reads_as_number(id) {
+        return Some(
+            "a node's id is the TLS server name its peers check, and TLS refuses a name that \
+             reads as a number (all digits, or 0x and hex digits): no connection to or from \
+             the node could be made",
+        );
+    }
     match id {
         "ca" => Some(
             "the CA's files are ca.pem and ca.key: a node's certificate files of that name would \
@@ -75,6 +83,16 @@ pub fn reserved_node_id(id: &str) -> Option<&'static str> {
         ),
         _ => None,
     }
+}
+
+/// Whether `id` (one DNS label) reads as a number: all decimal digits, or `0x` followed by hex
+/// digits. rustls refuses such a server name (the WHATWG "ends in a number" rule, against
+/// confusion with an IPv4 address), so a node so named could neither dial nor be verified.
+fn reads_as_number(id: &str) -> bool {
+    let b = id.as_bytes();
+    (!b.is_empty() && b.iter().all(u8::is_ascii_digit))
+        || b.strip_prefix(b"0x")
+            .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
 }
 
 id_newtype!(

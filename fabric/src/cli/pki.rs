@@ -199,8 +199,12 @@ fn not_a_node_id(name: &str) -> Option<String> {
     if let Some(why) = pki::name_problem(name) {
         return Some(format!("not a certificate name: {why}"));
     }
-    if name == "controller" || topology::is_valid_id(name) {
+    if name == "controller" {
         return None;
+    }
+    if topology::is_valid_id(name) {
+        // `ca` is refused above, as a certificate name; what is left is a name TLS refuses.
+        return topology::reserved_node_id(name).map(|why| format!("not a node id: {why}"));
     }
     Some(format!(
         "not a node id: ids are 1-63 lowercase letters and digits joined by single hyphens \

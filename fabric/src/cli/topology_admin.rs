@@ -192,15 +192,15 @@ fn print_outcome(o: &ApplyOutcome, source: &str, again: Option<&str>) {
 /// was committed but could not be distributed: it is the version in force, and routers keep the
 /// one before until a change makes it fit.
 fn distributed(o: &ApplyOutcome) -> ExitCode {
-    match (&o.not_distributed, o.version) {
-        (Some(why), Some(v)) => {
-            eprintln!(
-                "error: version {v} is committed (the version in force on the controller) but was not distributed: {why}; routers keep the version they run until a later change can be"
-            );
-            ExitCode::from(1)
-        }
-        _ => ExitCode::SUCCESS,
-    }
+    let Some(why) = &o.not_distributed else {
+        return ExitCode::SUCCESS;
+    };
+    // A new version, or (unchanged) the version in force, committed by an earlier attempt.
+    let v = o.version.unwrap_or(o.previous_version);
+    eprintln!(
+        "error: version {v} is committed (the version in force on the controller) but was not distributed: {why}; routers keep the version they run until a later change can be"
+    );
+    ExitCode::from(1)
 }
 
 /// `file` (any word) quoted for a POSIX shell when it needs it.
@@ -539,9 +539,11 @@ async fn edit_loop(c: &AdminClient, args: &EditArgs) -> Result<ExitCode, ClientE
             let out: ApplyOutcome = c.post("/v1/topology", &req).await?;
             match out.version {
                 Some(v) => println!("applied: version {v} (was {base})"),
-                None => {
-                    println!("unchanged: version {base} has this text already; nothing applied")
-                }
+                // Another apply made this text the version in force since `base` was read.
+                None => println!(
+                    "unchanged: version {} has this text already; nothing applied",
+                    out.previous_version
+                ),
             }
             in_force = true;
             return Ok(distributed(&out));

@@ -612,12 +612,27 @@ impl Controller {
         }
         if dry_run || unchanged {
             let plan = tokio::task::spawn_blocking(plan_of).await?;
+            // The version in force that was committed but could not be published (a retry of
+            // that apply, whose answer was lost) is published again now, and still told when
+            // it cannot be: "unchanged" alone said it was in force on the routers.
+            let mut not_distributed = None;
             if unchanged && !dry_run {
                 tracing::info!(
                     version = old.record.version,
                     author,
                     "topology unchanged: not applied"
                 );
+                let mut inner = lock(&self.inner);
+                let version = inner.current.record.version;
+                if self.published.borrow().topology_version != version {
+                    not_distributed = self.publish_locked(&mut inner, true).err().map(|e| {
+                        tracing::error!(
+                            version,
+                            "topology version {version} is in force but still not distributed (routers keep the one before): {e}"
+                        );
+                        e.to_string()
+                    });
+                }
             }
             return Ok(ApplyOutcome {
                 version: None,
@@ -626,7 +641,7 @@ impl Controller {
                 unchanged,
                 warnings: diags(&warnings),
                 plan,
-                not_distributed: None,
+                not_distributed,
             });
         }
         #[cfg(test)]
@@ -1473,6 +1488,27 @@ mod tests {
         // Not the change asked for: counted with the failed ones.
         let n = ctl.applies.get();
         assert_eq!((n.accepted, n.rejected), (0, 1));
+        // The same apply again (its answer lost, say): nothing to commit, and it still says the
+        // version in force was not distributed. (It said "unchanged", exit 0: as if in force.)
+        let again = ctl
+            .apply(&bigger, "me", "", Origin::Apply, false, None)
+            .await
+            .unwrap();
+        assert!(again.unchanged && again.version.is_none());
+        let why = again.not_distributed.expect("told not distributed again");
+        assert!(why.contains("over the"), "{why}");
+        assert_eq!(ctl.published().topology_version, 1);
+        // Once the circuits shrink, their publication carries the version in force, and a retry
+        // says nothing is missing.
+        ctl.publish_circuits(Arc::new(vec![bulky_circuit(0)]))
+            .unwrap();
+        assert_eq!(ctl.published().topology_version, 2);
+        let third = ctl
+            .apply(&bigger, "me", "", Origin::Apply, false, None)
+            .await
+            .unwrap();
+        assert!(third.unchanged && third.not_distributed.is_none());
+        assert_eq!(ctl.published().topology_version, 2);
     }
 
     /// A circuit committed while an apply is between its size check and its commit is carried

@@ -128,6 +128,74 @@ async fn unauthenticated_admin_requests_are_refused_and_status_needs_the_token()
     d.shutdown().await;
 }
 
+/// A read-only token (`<state>/admin-read-token`, generated beside the admin token) lets a
+/// dashboard or `tasman status` read everything and change nothing: GETs are served with it, a
+/// change is refused with 403 (the CLI exits 1 saying the token is read-only), and nothing
+/// changes; the admin token still changes the topology. (One token did everything: whatever
+/// polled the status could apply a topology or delete circuits.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_read_only_token_reads_everything_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, env) = setup(dir.path(), &fabric_yaml(61, 2, 2, 1)).await;
+    let read = std::fs::read_to_string(dir.path().join("state").join("admin-read-token"))
+        .expect("the read-only token is generated in the state directory");
+    let read = read.trim().to_string();
+    assert!(read.len() >= 32 && read != env.token, "{read:?}");
+    let ro = Env {
+        admin: env.admin.clone(),
+        token: read.clone(),
+    };
+    let changed = dir.path().join("changed.yaml");
+    std::fs::write(&changed, fabric_yaml(61, 2, 2, 2)).unwrap();
+    let file = changed.to_str().unwrap().to_string();
+    let addr = env.admin.clone();
+    let (reads, apply, delete) = tokio::task::spawn_blocking(move || {
+        let reads: Vec<_> = [
+            &["status"][..],
+            &["topology", "get"],
+            &["topology", "history"],
+            &["circuit", "list"],
+        ]
+        .iter()
+        .map(|args| (args.join(" "), tasman(&ro, args, &[], "")))
+        .collect();
+        let apply = tasman(&ro, &["topology", "apply", &file], &[], "");
+        let delete = http_status(
+            &addr,
+            &format!(
+                "POST /v1/circuits/1/delete HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {read}\r\n\
+                 Content-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+            ),
+        );
+        (reads, apply, delete)
+    })
+    .await
+    .unwrap();
+    for (what, out) in &reads {
+        assert!(out.status.success(), "{what}: {}", text(&out.stderr));
+    }
+    assert_eq!(apply.status.code(), Some(1), "{}", text(&apply.stderr));
+    assert!(
+        text(&apply.stderr).contains("read-only"),
+        "{}",
+        text(&apply.stderr)
+    );
+    assert_eq!(delete, 403);
+    assert_eq!(d.ctl.current().record.version, 1, "nothing changed");
+    let admin = Env {
+        admin: env.admin.clone(),
+        token: env.token.clone(),
+    };
+    let file = changed.to_str().unwrap().to_string();
+    let out =
+        tokio::task::spawn_blocking(move || tasman(&admin, &["topology", "apply", &file], &[], ""))
+            .await
+            .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(d.ctl.current().record.version, 2);
+    d.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_apply_changes_nothing_and_reports_line_and_column() {
     let dir = tempfile::tempdir().unwrap();

@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -47,6 +47,8 @@ pub struct AdminState {
     pub ctl: Arc<Controller>,
     pub circuits: Arc<crate::circuits::service::CircuitService>,
     token: Arc<str>,
+    /// A token that serves GET and HEAD requests only (empty: none).
+    read_token: Arc<str>,
     /// The `GET /v1/status` build that calls share.
     pub status_builds: Arc<status::StatusBuilds>,
     /// Permits for changes running to completion ([`to_completion`]).
@@ -65,11 +67,19 @@ impl AdminState {
             ctl,
             circuits,
             token: Arc::from(token.trim()),
+            read_token: Arc::from(""),
             status_builds: Arc::default(),
             changes: Changes::new(MAX_CHANGE_WAIT),
             #[cfg(test)]
             status_gate: Arc::default(),
         }
+    }
+
+    /// Also serves GET and HEAD requests (reads) to a client with `token`; any other method
+    /// with it is refused with 403.
+    pub fn with_read_token(mut self, token: &str) -> Self {
+        self.read_token = Arc::from(token.trim());
+        self
     }
 }
 
@@ -230,11 +240,22 @@ async fn auth(State(st): State<AdminState>, req: Request, next: Next) -> Respons
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(bearer);
+    let is = |expected: &str, t: &str| {
+        !expected.is_empty() && token_matches(t.trim().as_bytes(), expected.as_bytes())
+    };
     match given {
-        Some(t)
-            if !st.token.is_empty() && token_matches(t.trim().as_bytes(), st.token.as_bytes()) =>
-        {
-            next.run(req).await
+        Some(t) if is(&st.token, t) => next.run(req).await,
+        Some(t) if is(&st.read_token, t) => {
+            if matches!(*req.method(), Method::GET | Method::HEAD) {
+                next.run(req).await
+            } else {
+                ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "this token is read-only (the controller's admin-read-token): a change needs \
+                     the admin token",
+                )
+                .into_response()
+            }
         }
         _ => {
             let mut refused = ApiError::new(
@@ -267,10 +288,7 @@ async fn auth(State(st): State<AdminState>, req: Request, next: Next) -> Respons
 /// again and again, left a detached task per request, each holding its body and a copy of its
 /// text while queued for the apply lock: memory without limit, the connection bounds no help.
 async fn to_completion(State(changes): State<Changes>, req: Request, next: Next) -> Response {
-    if matches!(
-        *req.method(),
-        axum::http::Method::GET | axum::http::Method::HEAD
-    ) {
+    if matches!(*req.method(), Method::GET | Method::HEAD) {
         return next.run(req).await;
     }
     let permit = match tokio::time::timeout(changes.wait, changes.permits.acquire_owned()).await {

@@ -16,7 +16,8 @@ The first start imports --topology into the state directory; afterwards the stat
 truth (--topology is ignored; change the topology with `tasman topology apply|edit|rollback`).\n\
 Without --tls-dir, <state>/pki holds the fabric CA and the controller's certificate (created when\n\
 missing; issue router certificates from it); a --tls-dir without ca.pem is refused. Without\n\
---admin-token-file, the token is <state>/admin-token (generated when missing). With --metrics\n\
+--admin-token-file, the token is <state>/admin-token (generated when missing); the read-only\n\
+token <state>/admin-read-token (generated when missing) serves GET and HEAD only. With --metrics\n\
 ADDR, GET /metrics serves Prometheus text without a token (bind it where only your scraper\n\
 reaches). With --ca-dir DIR (the fabric CA, e.g. <state>/pki), routers renew their certificates\n\
 through the controller at 70 % of their lifetime, each new one valid for --issue-valid-for."

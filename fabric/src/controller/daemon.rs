@@ -106,6 +106,8 @@ pub struct Daemon {
     /// The certificate the controller presents to routers (reloaded from `tls_dir`).
     pub cert: Arc<router::tls::CertResolver>,
     pub token: String,
+    /// The read-only admin token ([`READ_TOKEN_FILE`]).
+    pub read_token: String,
     pub tls_dir: PathBuf,
     endpoint: quinn::Endpoint,
     tasks: Vec<JoinHandle<()>>,
@@ -150,17 +152,32 @@ fn token(cfg: &DaemonConfig) -> Result<String, DaemonError> {
         .admin_token_file
         .clone()
         .unwrap_or_else(|| cfg.state_dir.join("admin-token"));
+    token_at(path, cfg.admin_token_file.is_none())
+}
+
+/// The read-only admin token: `<state>/admin-read-token` ([`READ_TOKEN_FILE`]), generated when
+/// missing. It serves GET and HEAD requests only ([`crate::admin`]).
+fn read_token(cfg: &DaemonConfig) -> Result<String, DaemonError> {
+    token_at(cfg.state_dir.join(READ_TOKEN_FILE), true)
+}
+
+/// The read-only token's file in the state directory.
+pub const READ_TOKEN_FILE: &str = "admin-read-token";
+
+/// The token in the file at `path`; one is generated there when the file is missing and
+/// `generate` (a default path) says so.
+fn token_at(path: PathBuf, generate: bool) -> Result<String, DaemonError> {
     match std::fs::read_to_string(&path) {
         Ok(t) if t.trim().is_empty() => Err(DaemonError::EmptyToken { path }),
         Ok(t) => Ok(t.trim().to_string()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && cfg.admin_token_file.is_none() => {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && generate => {
             let mut bytes = [0u8; 24];
             rand::rng().fill(&mut bytes);
             let t: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
             // Whole or not at all: a crash mid-write left an empty file, which every later
             // start refused (`EmptyToken`) until it was removed by hand.
             router::pki::write_secret(&path, &t)?;
-            tracing::info!(path = %path.display(), "generated an admin token");
+            tracing::info!(path = %path.display(), "generated a token");
             Ok(t)
         }
         Err(e) => Err(DaemonError::Io { path, source: e }),
@@ -226,6 +243,13 @@ pub async fn start(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
         source,
     })?;
     let token = token(&cfg)?;
+    let read_token = read_token(&cfg)?;
+    if read_token == token {
+        tracing::warn!(
+            "the read-only token ({}) is the admin token: it can change everything",
+            cfg.state_dir.join(READ_TOKEN_FILE).display()
+        );
+    }
     let listener = admin::bind(cfg.admin)
         .await
         .map_err(|source| DaemonError::Admin {
@@ -256,7 +280,7 @@ pub async fn start(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
         crate::circuits::service::DEFAULT_PROVISION_TIMEOUT,
         cfg.circuit_retention,
     )?;
-    let state = AdminState::new(ctl.clone(), &token, circuits.clone());
+    let state = AdminState::new(ctl.clone(), &token, circuits.clone()).with_read_token(&read_token);
     let mut tasks = Vec::new();
     if !cfg.cert_reload_interval.is_zero() {
         let (cert, every) = (cert.clone(), cfg.cert_reload_interval);
@@ -299,6 +323,7 @@ pub async fn start(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
         admin_addr,
         metrics_addr,
         token,
+        read_token,
         tls_dir,
         cert,
         endpoint,

@@ -1,4 +1,5 @@
-//! The admin API: HTTP/JSON for the `tasman` CLI, every route behind a bearer token.
+//! The admin API: HTTP/JSON for the `tasman` CLI, every route behind a bearer token (the
+//! admin token; the read-only one is served GET and HEAD only).
 //!
 //! Routes are grouped per module (`topology`, `status`; circuits add theirs) and merged in
 //! [`router()`]; authentication and the body limit wrap the whole set, so a module cannot add an
@@ -13,7 +14,7 @@
 //! | GET | /v1/topology/versions/{v} | one version |
 //! | GET | /v1/topology/history?limit=N | newest first (N from 1, at most 10,000), metadata only: size and SHA-256 of each text, not the text |
 //! | POST | /v1/topology | apply (or dry-run) `{text, dry_run, message, author, base_version}` |
-//! | POST | /v1/topology/rollback | `{version, message, author, dry_run}` |
+//! | POST | /v1/topology/rollback | `{version, message, author, dry_run, base_version}` |
 //! | GET | /v1/status | routers, per-service choices, RTT matrix |
 //! | GET | /v1/rtt | the RTT matrix alone (per link: smoothed RTT, declared latency, weight, up, sample age) |
 //!

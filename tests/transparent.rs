@@ -68,9 +68,6 @@ fn iptables_redirect_to_a_vip_reaches_the_backend_through_the_edge() {
         return;
     };
     assert!(ns.run(&["ip", "link", "set", "lo", "up"]));
-    // IPv6 sockets are IPv6-only by default here (as on hosts that set it): the edge's `::`
-    // listeners must ask for dual stack themselves to take IPv4 clients.
-    assert!(ns.run(&["sh", "-c", "echo 1 > /proc/sys/net/ipv6/bindv6only"]));
     // The VIP is not an address of the namespace: a route makes it reachable, and the NAT rule
     // redirects it before it leaves.
     assert!(ns.run(&[
@@ -85,8 +82,13 @@ fn iptables_redirect_to_a_vip_reaches_the_backend_through_the_edge() {
     ]));
 
     // IPv6 in the namespace: loopback has ::1 once it is up, unless IPv6 is disabled here.
-    let v6 = ns.run(&["ip", "-6", "route", "add", "2001:db8::/64", "dev", "lo"]);
-    if !v6 {
+    let v6 = std::path::Path::new("/proc/sys/net/ipv6").exists()
+        && ns.run(&["ip", "-6", "route", "add", "2001:db8::/64", "dev", "lo"]);
+    if v6 {
+        // IPv6 sockets are IPv6-only by default here (as on hosts that set it): the edge's `::`
+        // listeners must ask for dual stack themselves to take IPv4 clients.
+        assert!(ns.run(&["sh", "-c", "echo 1 > /proc/sys/net/ipv6/bindv6only"]));
+    } else {
         unavailable("no IPv6 route can be added in the network namespace (IPv6 disabled?)");
     }
 
@@ -160,8 +162,13 @@ fn iptables_redirect_to_a_vip_reaches_the_backend_through_the_edge() {
     }
 
     let mut y = TopoYaml::default();
-    // Dual-stack client side: IPv4 clients arrive as v4-mapped addresses on the same socket.
-    let any6 = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+    // Dual-stack client side: IPv4 clients arrive as v4-mapped addresses on the same socket
+    // (an IPv4 socket on a host without IPv6, the IPv6 half skipped).
+    let any6 = if v6 {
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+    };
     y.edge("edge", free_udp(LOCAL), any6, Some(tport))
         .site(
             "site",

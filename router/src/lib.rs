@@ -354,11 +354,13 @@ impl Shared {
     /// Connections this router carries now: client or backend streams (edge, site) open or being
     /// set up, and relayed streams (transit).
     fn open_streams(&self) -> u64 {
-        use std::sync::atomic::Ordering::Relaxed;
+        use std::sync::atomic::Ordering::{Acquire, Relaxed};
         let m = &self.metrics;
-        m.streams_active.load(Relaxed)
-            + m.streams_starting.load(Relaxed)
-            + m.relays_active.load(Relaxed)
+        // A stream counts as active before it stops counting as starting (`Held`'s release
+        // pairs with this acquire): read in the other order, one moving between the two reads
+        // counted in neither, and a drain could end (closing the endpoint) as it began.
+        let starting = m.streams_starting.load(Acquire);
+        starting + m.streams_active.load(Relaxed) + m.relays_active.load(Relaxed)
     }
 
     /// What the router reports (to the controller, on `/telemetry`). Draining, it reports its

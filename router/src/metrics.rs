@@ -30,8 +30,10 @@ impl<'a> Held<'a> {
 }
 
 impl Drop for Held<'_> {
+    /// Release: what the holder counted elsewhere before letting go (a stream counted active) is
+    /// seen by whoever acquires this gauge's new value (`RouterHandle`'s drain).
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Relaxed);
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Release);
     }
 }
 

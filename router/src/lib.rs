@@ -540,14 +540,14 @@ impl Router {
         };
         let mut tasks = Vec::new();
         // Apply the first snapshot synchronously so that routes and sites exist before return.
+        // It binds the client listeners: one that cannot be bound (its port held by another
+        // program, its address not on the host yet) is logged, counted
+        // (`tasman_edge_listeners_unbound`) and tried again every second, as after the start; it
+        // does not fail the start, which would keep every other service of the edge down, at
+        // every restart, for as long as the snapshot names it.
         let mut control = routes::Control::new(shared.clone());
         control.apply_snapshot(first.clone());
         control.rebuild();
-        if let Err(e) = control.sync_listeners() {
-            // The circuit VIPs' accept loops, which the snapshot started, hold the router.
-            shared.vip_listeners.close_all();
-            return Err(e);
-        }
         let control_task = tokio::spawn(control.run(cfg.snapshots));
         tasks.push(tokio::spawn(inbound::accept_loop(shared.clone())));
         let reload_task = cfg

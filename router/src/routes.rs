@@ -783,7 +783,7 @@ impl Control {
     }
 
     /// Brings the edge listeners in line with the current snapshot.
-    pub fn sync_listeners(&mut self) -> Result<(), crate::RouterError> {
+    fn sync_listeners(&mut self) -> Result<(), crate::RouterError> {
         let snap = self.shared.snapshot.load_full();
         self.listeners.sync(&self.shared, &snap)
     }
@@ -824,8 +824,8 @@ impl Control {
         sh.peers.set(names);
         sh.snapshot.store(snap.clone());
         crate::edge::apply_circuits(&sh, &snap);
-        // Bind errors after start are logged and tried again at each tick (the last good
-        // listeners stay); at start they fail `Router::spawn` (see `sync_listeners`).
+        // Bind errors are logged and tried again at each tick (the last good listeners stay),
+        // at start as after it.
         self.resync_listeners();
 
         let graph = match &self.graph {

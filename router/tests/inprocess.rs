@@ -134,6 +134,53 @@ async fn a_port_given_to_another_service_keeps_being_served() {
     }
 }
 
+/// An edge starts when one of its client listeners cannot be bound (here the port is held by
+/// another program): that listener is counted unbound and tried again every second, and served
+/// once the port is free. (The start failed, exit 1: an edge whose stored or controller
+/// snapshot names a port held on its host could never start, every other service down with it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_starts_with_a_client_port_held_and_serves_it_once_free() {
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let held = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let port = held.local_addr().unwrap().port();
+    let t = line_topology("echo", backend, port);
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t)));
+    let (hs, _txs) = spawn_all(&snap, dir.path(), |_, _| {}).await;
+    wait_for_route(&hs[0], "echo", Duration::from_secs(10), "no route").await;
+    let m = hs[0].metrics_text();
+    assert_eq!(
+        metric(&m, "tasman_edge_listeners_unbound{node=\"edge\"}"),
+        Some(1),
+        "{m}"
+    );
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let served = echo_roundtrip(port, b"late", Duration::from_secs(10))
+            .await
+            .is_ok_and(|b| b == b"late");
+        if served {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the port is not served once free: {}",
+            hs[0].metrics_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let m = hs[0].metrics_text();
+    assert_eq!(
+        metric(&m, "tasman_edge_listeners_unbound{node=\"edge\"}"),
+        Some(0),
+        "{m}"
+    );
+    for h in hs {
+        h.shutdown().await;
+    }
+}
+
 /// An edge holds at most `max_client_connections` clients at once: one more is reset at accept
 /// and counted, and once one of them ends a new client is served again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -71,48 +71,78 @@ fn pair(tuning: Tuning) -> anyhow::Result<(tempfile::TempDir, quinn::Endpoint, q
     Ok((dir, a, b))
 }
 
-/// Sends `bytes` over one quinn stream and waits for the receiver's count; returns the time from
-/// the start of the handshake to the count.
-pub async fn push(bytes: u64, tuning: Tuning) -> anyhow::Result<Duration> {
-    let (_dir, a, b) = pair(tuning)?;
-    let b_addr = b.local_addr()?;
-    let receiver = tokio::spawn(async move {
-        let conn = b.accept().await.context("no incoming connection")?.await?;
-        let (mut send, mut recv) = conn.accept_bi().await?;
-        let mut n = 0u64;
-        while let Some(chunk) = recv.read_chunk(usize::MAX, true).await? {
-            n += chunk.bytes.len() as u64;
-        }
-        send.write_all(&n.to_be_bytes()).await?;
-        send.finish()?;
-        // Keep the connection until the sender has read the count.
-        conn.closed().await;
-        Ok::<_, anyhow::Error>(())
-    });
-    let buf: Vec<u8> = (0..CHUNK).map(|i| (i * 31 % 251) as u8).collect();
-    let start = Instant::now();
-    let conn = a.connect(b_addr, "bench-b")?.await.context("handshake")?;
-    let (mut send, mut recv) = conn.open_bi().await?;
-    let mut left = bytes;
-    while left > 0 {
-        let k = left.min(CHUNK as u64) as usize;
-        send.write_all(&buf[..k]).await?;
-        left -= k as u64;
-    }
-    send.finish()?;
-    let mut count = [0u8; 8];
-    recv.read_exact(&mut count).await?;
-    let elapsed = start.elapsed();
-    conn.close(0u32.into(), b"done");
-    let _ = tokio::time::timeout(Duration::from_secs(2), receiver).await;
-    if u64::from_be_bytes(count) != bytes {
-        bail!(
-            "receiver counted {} bytes of {bytes}",
-            u64::from_be_bytes(count)
-        );
-    }
-    Ok(elapsed)
+/// A bare quinn connection made and warmed for [`Warm::push`]: a first stream of [`WARM_UP`]
+/// bytes grew its window and found its path MTU, as the routers' long-lived connections have.
+pub struct Warm {
+    _dir: tempfile::TempDir,
+    conn: quinn::Connection,
+    receiver: tokio::task::JoinHandle<anyhow::Result<()>>,
+    buf: Bytes,
 }
+
+impl Warm {
+    pub async fn new(tuning: Tuning) -> anyhow::Result<Warm> {
+        let (dir, a, b) = pair(tuning)?;
+        let b_addr = b.local_addr()?;
+        let receiver = tokio::spawn(async move {
+            let conn = b.accept().await.context("no incoming connection")?.await?;
+            // Each stream: count its bytes, answer the count. Until the sender closes.
+            while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                let mut n = 0u64;
+                while let Some(chunk) = recv.read_chunk(usize::MAX, true).await? {
+                    n += chunk.bytes.len() as u64;
+                }
+                send.write_all(&n.to_be_bytes()).await?;
+                send.finish()?;
+            }
+            Ok::<_, anyhow::Error>(())
+        });
+        let buf = Bytes::from((0..CHUNK).map(|i| (i * 31 % 251) as u8).collect::<Vec<u8>>());
+        let conn = a.connect(b_addr, "bench-b")?.await.context("handshake")?;
+        let warm = Warm {
+            _dir: dir,
+            conn,
+            receiver,
+            buf,
+        };
+        warm.send_counted(WARM_UP).await?;
+        Ok(warm)
+    }
+
+    /// Sends `bytes` over a new stream of the warm connection and waits for the receiver's count;
+    /// returns the time from the stream's opening to the count. It hands quinn its bytes without
+    /// copying them (`write_chunk` of one shared buffer), as the routers write each chunk they
+    /// read. Closes the connection.
+    pub async fn push(self, bytes: u64) -> anyhow::Result<Duration> {
+        let start = Instant::now();
+        self.send_counted(bytes).await?;
+        let elapsed = start.elapsed();
+        self.conn.close(0u32.into(), b"done");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.receiver).await;
+        Ok(elapsed)
+    }
+
+    async fn send_counted(&self, n: u64) -> anyhow::Result<()> {
+        let (mut send, mut recv) = self.conn.open_bi().await?;
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(CHUNK as u64) as usize;
+            send.write_chunk(self.buf.slice(..k)).await?;
+            left -= k as u64;
+        }
+        send.finish()?;
+        let mut count = [0u8; 8];
+        recv.read_exact(&mut count).await?;
+        let counted = u64::from_be_bytes(count);
+        if counted != n {
+            bail!("receiver counted {counted} bytes of {n}");
+        }
+        Ok(())
+    }
+}
+
+/// The bytes of a [`Warm`] connection's first, untimed stream.
+const WARM_UP: u64 = 64 << 20;
 
 /// Round trips of `size` bytes on one bare quinn stream (echoed by a second endpoint in this
 /// process); nanoseconds per round trip after 500 warm-up round trips.

@@ -817,3 +817,65 @@ fn a_node_key_made_on_the_node_is_certified_without_leaving_it() {
     );
     assert!(!ca.path().join("syd-edge-2.pem").exists());
 }
+
+/// A router in controller mode that starts with a certificate the controller refuses (here an
+/// expired one) and no stored snapshot connects once its `--tls-dir` holds a good one, without a
+/// restart, as the guide promises of a re-issued certificate. (Its files were re-read only once
+/// the router ran on a first snapshot, which this refusal kept from coming: it waited for ever.)
+#[test]
+fn a_router_refused_before_its_first_snapshot_takes_up_a_reissued_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pki, ctl) = fabric_controller(dir.path(), "e1");
+    // The router's own directory: the fabric's CA, and an e1 certificate of that CA that expired
+    // an hour ago.
+    let own = dir.path().join("own");
+    std::fs::create_dir(&own).unwrap();
+    for f in ["ca.pem", "ca.key"] {
+        std::fs::copy(pki.join(f), own.join(f)).unwrap();
+    }
+    let now = std::time::SystemTime::now();
+    let expired = router::pki::Validity::between(
+        now - Duration::from_secs(7200),
+        now - Duration::from_secs(3600),
+    )
+    .unwrap();
+    router::pki::issue_with(&own, "e1", expired).unwrap();
+    std::fs::remove_file(own.join("ca.key")).unwrap();
+    let metrics = std::net::SocketAddr::new(LOCAL, free_tcp_port(LOCAL));
+    let log_path = dir.path().join("e1.log");
+    let router = controlled_router(&ctl, "e1", &own, &log_path, |cmd| {
+        cmd.args(["--metrics", &metrics.to_string()])
+            .args(["--tls-reload-interval", "200ms"]);
+    });
+    let mut router = router;
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    eventually(
+        DEADLINE,
+        "the controller to refuse the expired certificate",
+        || {
+            if let Ok(Some(status)) = router.child.try_wait() {
+                panic!("the router exited ({status}):\n{}", log());
+            }
+            log().contains("control connection")
+        },
+    );
+    // Not serving: no snapshot yet (the metrics endpoint is bound with the router).
+    assert!(http_get(metrics, "/metrics").is_none(), "{}", log());
+    // The re-issued pair, each file replaced whole (as `tasman pki issue` and a copy with
+    // rename do).
+    for f in ["e1.key", "e1.pem"] {
+        let tmp = own.join(format!("{f}.new"));
+        std::fs::copy(pki.join(f), &tmp).unwrap();
+        std::fs::rename(&tmp, own.join(f)).unwrap();
+    }
+    eventually(
+        DEADLINE,
+        "the router to take up the new certificate and serve",
+        || {
+            if let Ok(Some(status)) = router.child.try_wait() {
+                panic!("the router exited ({status}):\n{}", log());
+            }
+            http_get(metrics, "/metrics").is_some()
+        },
+    );
+}

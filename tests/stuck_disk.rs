@@ -6,13 +6,13 @@
 mod common;
 
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::path::Path;
+use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use common::{
-    ControllerProc, DEADLINE, LOCAL, Proc, TopoYaml, die_with_parent, eventually, free_tcp_port,
-    free_udp, http_get, make_pki, spawn_controller, tasman,
+    DEADLINE, LOCAL, Proc, controlled_router, eventually, fabric_controller, free_tcp_port,
+    http_get, make_pki, spawn_controller, tasman, write_topology,
 };
 
 /// How long a process may take to exit after SIGTERM: its drain, and the 5 s bounds on the
@@ -83,68 +83,6 @@ fn terminate(p: &mut Proc, log: impl Fn() -> String) -> ExitStatus {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// `tasman controller` of [`write_topology`]'s fabric, everything in `dir`: a PKI (returned)
-/// with certificates for the controller and `router`, its state in `dir`/controller.
-fn fabric_controller(dir: &Path, router: &str) -> (PathBuf, ControllerProc) {
-    let topo = write_topology(dir);
-    let pki = dir.join("pki");
-    make_pki(&pki, &["controller", router]);
-    let ctl = spawn_controller(
-        Command::new(tasman())
-            .args(["controller", "--topology"])
-            .arg(&topo)
-            .arg("--state")
-            .arg(dir.join("controller"))
-            .arg("--tls-dir")
-            .arg(&pki)
-            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-            .stderr(Stdio::null()),
-    );
-    (pki, ctl)
-}
-
-/// `tasman router` of `node` in controller mode (its certificate in `pki`), logging at info to
-/// `log`, with the arguments `more` adds.
-fn controlled_router(
-    ctl: &ControllerProc,
-    node: &str,
-    pki: &Path,
-    log: &Path,
-    more: impl FnOnce(&mut Command),
-) -> Proc {
-    let mut cmd = Command::new(tasman());
-    die_with_parent(&mut cmd);
-    cmd.args([
-        "router",
-        "--controller",
-        &ctl.quic.to_string(),
-        "--node",
-        node,
-    ])
-    .arg("--tls-dir")
-    .arg(pki)
-    .env("RUST_LOG", "info")
-    .stdout(Stdio::null())
-    .stderr(std::fs::File::create(log).unwrap());
-    more(&mut cmd);
-    Proc {
-        name: format!("router {node}"),
-        child: cmd.spawn().unwrap(),
-    }
-}
-
-/// Writes an edge and a site joined by a link, in `dir`; the file's path.
-fn write_topology(dir: &Path) -> PathBuf {
-    let mut y = TopoYaml::default();
-    y.edge("e1", free_udp(LOCAL), LOCAL, None)
-        .site("s1", free_udp(LOCAL), &[("svc", free_udp(LOCAL), 100)])
-        .link("e1", "s1", "1ms")
-        .service("svc", free_tcp_port(LOCAL), &[]);
-    let topo = dir.join("topology.yaml");
-    std::fs::write(&topo, y.render()).unwrap();
-    topo
 }
 
 /// A router in controller mode whose stored snapshot never reads (its start goes on without it

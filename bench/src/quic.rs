@@ -97,7 +97,11 @@ impl Warm {
             }
             Ok::<_, anyhow::Error>(())
         });
-        let buf = Bytes::from((0..CHUNK).map(|i| (i * 31 % 251) as u8).collect::<Vec<u8>>());
+        let buf = Bytes::from(
+            (0..CHUNK)
+                .map(|i| (i * 31 % 251) as u8)
+                .collect::<Vec<u8>>(),
+        );
         let conn = a.connect(b_addr, "bench-b")?.await.context("handshake")?;
         let warm = Warm {
             _dir: dir,

@@ -543,6 +543,12 @@ fn run_with_controller(args: &RouterArgs, controller: SocketAddr) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
+        // Re-read from now on, not from the router's start: a router the controller refuses
+        // (an expired certificate, a bundle without the controller's new CA) gets no first
+        // snapshot, and its re-issued files must be taken up without a restart all the same.
+        // The router runs no reload task of its own on this resolver (below).
+        let reload = (!args.tls_reload_interval.is_zero())
+            .then(|| tokio::spawn(cert.clone().reload_every(args.tls_reload_interval)));
         let mut ccfg = router::control::ClientConfig::new(controller, NodeId::new(&args.node), tls);
         ccfg.cert = Some(cert.clone());
         ccfg.state_dir = args.state_dir.clone();
@@ -564,6 +570,7 @@ fn run_with_controller(args: &RouterArgs, controller: SocketAddr) -> ExitCode {
             Err(code) => return code,
         };
         cfg.cert_resolver = Some(cert);
+        cfg.cert_reload_interval = None;
         let handle = match spawn(cfg, &mut signals).await {
             Ok(h) => h,
             Err(code) => return code,
@@ -582,6 +589,9 @@ fn run_with_controller(args: &RouterArgs, controller: SocketAddr) -> ExitCode {
         // The latest snapshot on disk before the process goes (a restart while the controller
         // is away starts from it), unless the disk is stuck.
         client.close(STORE_ON_EXIT).await;
+        if let Some(reload) = reload {
+            reload.abort();
+        }
         ExitCode::SUCCESS
     });
     // Blocking threads still stuck (a hung disk under a snapshot or certificate write) do

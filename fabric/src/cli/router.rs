@@ -423,6 +423,17 @@ impl RouterArgs {
             );
             ExitCode::from(2)
         })?;
+        Ok(self.config_with(snapshots, tls))
+    }
+
+    /// [`Self::config`] with `tls` already loaded (controller mode loaded it before its control
+    /// client started: loading it again could fail on files being replaced, or finish an
+    /// interrupted install while the client's renewal writes them).
+    pub fn config_with(
+        &self,
+        snapshots: tokio::sync::watch::Receiver<Arc<Snapshot>>,
+        tls: router::tls::TlsIdentity,
+    ) -> RouterConfig {
         let mut cfg = RouterConfig::new(NodeId::new(&self.node), tls, snapshots);
         cfg.metrics_addr = self.metrics;
         cfg.probe = ProbeConfig {
@@ -454,7 +465,7 @@ impl RouterArgs {
             .iter()
             .map(|(n, a)| (NodeId::new(n), *a))
             .collect::<HashMap<_, _>>();
-        Ok(cfg)
+        cfg
     }
 }
 
@@ -549,7 +560,8 @@ fn run_with_controller(args: &RouterArgs, controller: SocketAddr) -> ExitCode {
         // The router runs no reload task of its own on this resolver (below).
         let reload = (!args.tls_reload_interval.is_zero())
             .then(|| tokio::spawn(cert.clone().reload_every(args.tls_reload_interval)));
-        let mut ccfg = router::control::ClientConfig::new(controller, NodeId::new(&args.node), tls);
+        let mut ccfg =
+            router::control::ClientConfig::new(controller, NodeId::new(&args.node), tls.clone());
         ccfg.cert = Some(cert.clone());
         ccfg.state_dir = args.state_dir.clone();
         ccfg.max_stale = args.max_stale;
@@ -565,10 +577,9 @@ fn run_with_controller(args: &RouterArgs, controller: SocketAddr) -> ExitCode {
             }
             Err(code) => return code,
         };
-        let mut cfg = match args.config(client.snapshots()) {
-            Ok(c) => c,
-            Err(code) => return code,
-        };
+        // The identity loaded at start: the resolver, which the router presents and trusts
+        // through, has re-read the files since if they changed.
+        let mut cfg = args.config_with(client.snapshots(), tls);
         cfg.cert_resolver = Some(cert);
         cfg.cert_reload_interval = None;
         let handle = match spawn(cfg, &mut signals).await {

@@ -32,12 +32,13 @@ pub struct RouterArgs {
     /// The controller's QUIC address (controller mode).
     #[arg(long)]
     pub controller: Option<SocketAddr>,
-    /// Controller mode: where the last good snapshot is kept.
-    #[arg(long)]
+    /// Controller mode: where the last good snapshot is kept. Without it, only in memory: a
+    /// restart while the controller is away has nothing to run on.
+    #[arg(long, conflicts_with = "topology")]
     pub state_dir: Option<PathBuf>,
     /// Controller mode: say so loudly after this long without word from the controller
     /// (e.g. 24h, 90m, 600s).
-    #[arg(long, default_value = "24h", value_parser = parse_stale)]
+    #[arg(long, default_value = "24h", value_parser = parse_stale, conflicts_with = "topology")]
     pub max_stale: std::time::Duration,
     /// This node's id in the topology (also its certificate name).
     #[arg(long)]
@@ -564,6 +565,11 @@ fn run_with_controller(args: &RouterArgs, controller: SocketAddr) -> ExitCode {
             router::control::ClientConfig::new(controller, NodeId::new(&args.node), tls.clone());
         ccfg.cert = Some(cert.clone());
         ccfg.state_dir = args.state_dir.clone();
+        if ccfg.state_dir.is_none() {
+            tracing::warn!(
+                "no --state-dir: the last good snapshot is kept in memory only, so a restart                  while the controller is away has nothing to run on"
+            );
+        }
         ccfg.max_stale = args.max_stale;
         // It waits for the controller's first snapshot as long as it takes (none on disk).
         let client = match signals
@@ -721,6 +727,20 @@ mod tests {
                 .unwrap()
                 .to_string();
             assert!(e.contains("must be at least 1s"), "{short}: {e}");
+        }
+    }
+
+    /// `--state-dir` and `--max-stale` are controller mode's: with `--topology` they are
+    /// refused (exit 2), not ignored (a router run so kept no snapshot
+    /// while its operator thought it did).
+    #[test]
+    fn controller_mode_flags_are_refused_with_a_topology_file() {
+        for extra in [&["--state-dir", "st"][..], &["--max-stale", "1h"]] {
+            let e = parse(extra).err().expect("refused").to_string();
+            assert!(
+                e.contains("'--topology <TOPOLOGY>' cannot be used with '") && e.contains(extra[0]),
+                "{extra:?}: {e}"
+            );
         }
     }
 

@@ -528,7 +528,8 @@ impl Router {
             drain_timeout: cfg.drain_timeout,
             started: Instant::now(),
         });
-        // Every port is bound before any task starts: a start that fails leaves nothing running
+        // The metrics port (the one whose bind fails the start; the QUIC socket is bound
+        // already) is bound before any task starts: a start that fails leaves nothing running
         // (a task spawned here and not handed back would serve on, detached).
         let metrics_listener = match cfg.metrics_addr {
             Some(addr) => Some(

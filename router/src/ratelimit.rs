@@ -155,22 +155,46 @@ impl TokenBucket {
         }
     }
 
-    /// Takes `bytes` and waits until they may be sent. Call before writing a chunk.
-    /// [`Revoked`] once the circuit is gone, before the wait and after one: the connection ends.
-    pub async fn take(&self, bytes: usize) -> Result<(), Revoked> {
+    /// Takes `bytes` and waits until they may be sent, on `pace`'s timer. Call before writing a
+    /// chunk. [`Revoked`] once the circuit is gone, before the wait and after one: the
+    /// connection ends.
+    pub async fn take(&self, bytes: usize, pace: &mut Pace) -> Result<(), Revoked> {
         if self.is_revoked() {
             return Err(Revoked);
         }
         let wait = self.reserve(bytes);
         if !wait.is_zero() {
-            // Boxed: a timer inline would grow every splice's future (and so every open
-            // connection), circuit or not, by its size.
-            Box::pin(tokio::time::sleep(wait)).await;
+            pace.wait(wait).await;
             if self.is_revoked() {
                 return Err(Revoked);
             }
         }
         Ok(())
+    }
+}
+
+/// One copy loop's timer for [`TokenBucket::take`]: made at the first wait and reset for each
+/// one after, so that a circuit at its rate, which waits before nearly every chunk, allocates
+/// no timer per chunk. Boxed, and made only when needed: a timer inline would grow every
+/// splice's future (and so every open connection), circuit or not, by its size; this is one
+/// pointer.
+#[derive(Default)]
+pub struct Pace(Option<std::pin::Pin<Box<tokio::time::Sleep>>>);
+
+impl Pace {
+    async fn wait(&mut self, wait: Duration) {
+        let until = Instant::now() + wait;
+        let timer = self
+            .0
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+        timer.as_mut().reset(until);
+        timer.as_mut().await;
+    }
+
+    /// Where the timer lives, if one was made (tests: it is the same one for every wait).
+    #[cfg(test)]
+    fn timer_at(&self) -> Option<*const tokio::time::Sleep> {
+        self.0.as_ref().map(|t| &**t as *const _)
     }
 }
 
@@ -221,13 +245,14 @@ where
 {
     let mut buf = vec![0u8; CHUNK];
     let mut total = 0u64;
+    let mut pace = Pace::default();
     loop {
         let n = r.read(&mut buf).await?;
         if n == 0 {
             break;
         }
         if let Some(b) = bucket
-            && b.take(n).await.is_err()
+            && b.take(n, &mut pace).await.is_err()
         {
             return Err(std::io::Error::other("the circuit was removed"));
         }
@@ -242,6 +267,33 @@ where
 mod tests {
     use super::*;
     use tokio::net::{TcpListener, TcpStream};
+
+    /// A copy loop at its circuit's rate waits before nearly every chunk: on one timer, made at
+    /// the first wait and reset after, not one allocated per chunk (as `take` did).
+    #[tokio::test(start_paused = true)]
+    async fn waits_at_the_rate_reuse_one_timer() {
+        let b = TokenBucket::new(Bandwidth::from_mbps(8)); // 1 MB/s
+        let mut pace = Pace::default();
+        assert_eq!(pace.timer_at(), None);
+        let start = Instant::now();
+        // The burst (128 KiB) first, then every chunk waits.
+        for _ in 0..8 {
+            b.take(CHUNK, &mut pace).await.unwrap();
+        }
+        let first = pace.timer_at();
+        assert!(first.is_some(), "no chunk waited");
+        for _ in 0..20 {
+            b.take(CHUNK, &mut pace).await.unwrap();
+            assert_eq!(pace.timer_at(), first);
+        }
+        // The rate still holds: 28 chunks less the burst, at 1 byte per us.
+        let want = Duration::from_micros((28 * CHUNK - MIN_BURST_BYTES as usize) as u64);
+        let took = start.elapsed();
+        assert!(
+            took + Duration::from_millis(2) >= want,
+            "{took:?} < {want:?}"
+        );
+    }
 
     /// On tokio's paused clock (the bucket's), which stands still between the calls: the waits
     /// are exact.

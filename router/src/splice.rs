@@ -467,6 +467,7 @@ pub(crate) async fn tcp_to_quic(
     watch_stop: &AtomicBool,
 ) -> Result<Ended, Abort> {
     let mut fair = Fairness::default();
+    let mut pace = crate::ratelimit::Pace::default();
     let mut tick = None;
     loop {
         // The read future ends here, so that it shares its place in this future's state with
@@ -495,7 +496,7 @@ pub(crate) async fn tcp_to_quic(
         };
         let n = chunk.len();
         if let Some(b) = bucket
-            && b.take(n).await.is_err()
+            && b.take(n, &mut pace).await.is_err()
         {
             let code = Code::CircuitRefused;
             let _ = send.reset(code.varint());
@@ -597,12 +598,13 @@ pub(crate) async fn quic_to_tcp(
 ) -> Result<(), Abort> {
     let mut bufs: [Bytes; IOV] = Default::default();
     let mut fair = Fairness::default();
+    let mut pace = crate::ratelimit::Pace::default();
     loop {
         match read_batch(recv, &mut bufs, bucket.is_some()).await {
             Ok(Some(k)) => {
                 let n: usize = bufs[..k].iter().map(Bytes::len).sum();
                 if let Some(b) = bucket
-                    && b.take(n).await.is_err()
+                    && b.take(n, &mut pace).await.is_err()
                 {
                     let code = Code::CircuitRefused;
                     let _ = recv.stop(code.varint());

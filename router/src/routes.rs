@@ -204,7 +204,7 @@ pub(crate) struct Evidence {
     /// was taken, its `age_ms` being its age then. An entry a TTL old stays until another of its
     /// origin replaces it (or the origin leaves the topology), unused and not passed on: its
     /// generation keeps copies of it out ([`Evidence::learn`]).
-    learned: Mutex<BTreeMap<NodeId, (Entry, Instant)>>,
+    learned: Mutex<BTreeMap<NodeId, (Entry, Instant, Heard)>>,
     site_down: Mutex<HashMap<(NodeId, ServiceName), Instant>>,
     /// Links of a path held out of this router's table until the instant (a reset code said so:
     /// a transit's `next_hop_unreachable` about its link to the site).
@@ -281,6 +281,19 @@ fn eccentricity(graph: &Graph, me: &NodeId) -> usize {
     }
     far.max(1)
 }
+
+/// How a learned entry came: from its origin itself (a neighbour's word on itself) or relayed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Heard {
+    FromOrigin,
+    Relayed,
+}
+
+/// How long an origin's own word ([`Heard::FromOrigin`]) stands against relayed copies: a
+/// neighbour speaks for itself at every probe (100 ms by default), so a relayed copy of it
+/// matters only once it has gone silent; until then one claiming to be younger would be a
+/// neighbour's forgery (entries carry no signature), and would replace its word pong after pong.
+const OWN_WORD: Duration = Duration::from_secs(1);
 
 /// An entry's age now: its age when taken at `at`, and the time since.
 fn age_of(e: &Entry, at: Instant, now: Instant) -> Duration {
@@ -371,7 +384,8 @@ impl Evidence {
     /// most one entry per node of the topology.
     ///
     /// Which entry of an origin is kept: the one `peer` sends of itself, always (its word on
-    /// itself). A relayed copy replaces the one held when it is younger, by the ages they carry
+    /// itself), and no relayed copy replaces that word for [`OWN_WORD`] after it came. A relayed
+    /// copy replaces the one held when it is younger, by the ages they carry
     /// ([`Entry::age_ms`]: its origin made it more recently), and is not of the same generation:
     /// a held entry `ttl` old is so replaced by any other. Generations are compared with nothing
     /// but the held one's, for equality, never with a clock: an origin whose clock is far ahead
@@ -415,12 +429,19 @@ impl Evidence {
                 .retain(|n| graph.link_index(&LinkId::new(&e.origin, &n.id)).is_some());
             e.services
                 .retain(|s| graph.service(s.service.as_str()).is_some());
+            let heard = if own {
+                Heard::FromOrigin
+            } else {
+                Heard::Relayed
+            };
             match map.get_mut(&e.origin) {
-                Some((old, at)) if !own && !replaces(&e, old, *at, now) => {}
+                Some((_, at, Heard::FromOrigin))
+                    if !own && now.saturating_duration_since(*at) < OWN_WORD => {}
+                Some((old, at, _)) if !own && !replaces(&e, old, *at, now) => {}
                 Some(slot) => {
                     // An entry `ttl` old was not in use: its successor is news.
                     changed |= age_of(&slot.0, slot.1, now) >= ttl || !slot.0.same_content(&e);
-                    *slot = (e, now);
+                    *slot = (e, now, heard);
                 }
                 None => {
                     // Origins removed from the topology since they were learned make room first.
@@ -430,7 +451,7 @@ impl Evidence {
                             continue;
                         }
                     }
-                    map.insert(e.origin.clone(), (e, now));
+                    map.insert(e.origin.clone(), (e, now, heard));
                     changed = true;
                 }
             }
@@ -463,8 +484,8 @@ impl Evidence {
         };
         let now = Instant::now();
         map.values()
-            .filter(|(e, at)| age_of(e, *at, now) < ttl)
-            .map(|(e, at)| {
+            .filter(|(e, at, _)| age_of(e, *at, now) < ttl)
+            .map(|(e, at, _)| {
                 let ms = age_of(e, *at, now).as_nanos().div_ceil(1_000_000);
                 Entry {
                     age_ms: u32::try_from(ms).unwrap_or(u32::MAX),
@@ -1376,6 +1397,40 @@ mod tests {
             "{:?}",
             taken.elapsed()
         );
+    }
+
+    /// The origin's own word, fresh, is not replaced by a relayed copy however young it claims
+    /// to be: a neighbour relaying forged copies (age 0) of the site the edge hears itself is
+    /// ignored while the site speaks (every probe), and taken only once the site has been silent
+    /// for [`OWN_WORD`]. (Each forged copy replaced the site's own entry, pong after pong.)
+    #[test]
+    fn a_relayed_copy_does_not_replace_the_origins_fresh_own_word() {
+        let g = graph();
+        let (transit, site) = (NodeId::new("transit"), NodeId::new("site"));
+        let me = NodeId::new("edge");
+        let ev = Evidence::default();
+        let own = entry("site", now_ns(), &[], &["echo"]);
+        assert!(ev.learn(&me, &site, &g, HOUR, vec![own.clone()]));
+        let forged = Entry {
+            age_ms: 0,
+            ..entry("site", now_ns() + 1, &["transit"], &[])
+        };
+        let held = |ev: &Evidence| holds(ev, "site", HOUR).map(|e| e.generation);
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(!ev.learn(&me, &transit, &g, HOUR, vec![forged.clone()]));
+        assert_eq!(held(&ev), Some(own.generation));
+        // Silent for longer than its own word counts: the relayed copy is taken.
+        let silent = Instant::now();
+        while held(&ev) == Some(own.generation) {
+            assert!(
+                silent.elapsed() < OWN_WORD + Duration::from_secs(10),
+                "the relayed copy is never taken"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+            ev.learn(&me, &transit, &g, HOUR, vec![forged.clone()]);
+        }
+        assert!(silent.elapsed() + Duration::from_millis(10) >= OWN_WORD);
+        assert_eq!(held(&ev), Some(forged.generation));
     }
 
     /// The site's clock is an hour ahead of the edge's (or the edge's an hour behind): the

@@ -268,6 +268,14 @@ async fn accept_loop(
                 continue;
             }
         };
+        // Draining: the control task closes this listener at its next turn; a client accepted
+        // meanwhile is reset, not carried, so that it goes to another edge and the drain does not
+        // wait for it ("from the start it takes no new stream").
+        if shared.draining() {
+            shared.metrics.error(Code::ShuttingDown);
+            splice::reset_tcp(&tcp);
+            continue;
+        }
         // Where the client connected: the listener's address, or the original destination
         // before an iptables REDIRECT (a service VIP or a circuit VIP). With none to read (no
         // NAT rule took the connection, so conntrack has no entry for it, or is not loaded),

@@ -420,6 +420,40 @@ async fn a_router_that_never_opens_its_stream_is_closed_after_the_hello_timeout(
     d.shutdown().await;
 }
 
+/// A hello is a few dozen bytes: one announced larger than [`MAX_HELLO`] closes the connection
+/// at once as a protocol error, before its payload. (The controller took any frame up to 1 MiB
+/// as a hello, allocated at its announced size and held for the hello timeout: with one valid
+/// certificate, a peer could make it hold a mebibyte per connection it opened.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_announced_larger_than_a_hello_can_be_is_refused_at_once() {
+    use fabric::controller::distribute::{HELLO_TIMEOUT, MAX_HELLO};
+    use router::codes::close;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (d, tls) =
+        controller_with_pki(dir.path(), &fabric_nodes(1, 1), &fabric_yaml(68, 1, 1, 10)).await;
+    let (_ep, conn) = raw_control(d.quic_addr, &tls, "edge-0").await;
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    // 64 KiB: far more than any hello, far less than other frames may be.
+    let announced: u32 = 64 * 1024;
+    assert!(announced as usize > MAX_HELLO);
+    send.write_all(&announced.to_be_bytes()).await.unwrap();
+    match tokio::time::timeout(HELLO_TIMEOUT * 2, conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
+            assert_eq!(
+                c.error_code.into_inner(),
+                u64::from(close::PROTOCOL),
+                "{c:?}"
+            )
+        }
+        other => panic!("expected a protocol close, got {other:?}"),
+    }
+    // A hello of the usual size is still taken.
+    let s = raw_hello(d.quic_addr, &tls, "edge-0", "edge-0").await;
+    drop(s);
+    d.shutdown().await;
+}
+
 /// The controller re-reads its certificate: a re-issued one is presented to new router
 /// connections without a restart, while a connection made before keeps going.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -78,6 +78,11 @@ pub const RENEW_BURST: u32 = 4;
 pub const RENEW_EVERY: Duration = Duration::from_secs(10);
 /// A router must open its control stream and send its hello within this time.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest hello taken (a hello is a node id, a version and a flag: a few dozen bytes). A
+/// connection's frames are read at their announced size, so this bounds what a peer that has
+/// not said who it is yet can make the controller hold; later frames may be up to
+/// [`MAX_FROM_ROUTER`].
+pub const MAX_HELLO: usize = 4 * 1024;
 /// Streams a router may open on its connection: its control stream, the only one the controller
 /// reads (no unidirectional ones).
 pub const CONTROL_STREAMS: u32 = 1;
@@ -297,7 +302,7 @@ async fn handshake_and_session(
     // an idle connection open, so a peer that never opens a stream would hold its task forever.
     let opened = async {
         let (send, mut recv) = conn.accept_bi().await?;
-        let hello = proto::read_frame(&mut recv, MAX_FROM_ROUTER).await?;
+        let hello = proto::read_frame(&mut recv, MAX_HELLO).await?;
         Ok::<_, ConnError>((send, recv, hello))
     };
     let (mut send, mut recv, hello) = tokio::time::timeout(HELLO_TIMEOUT, opened)

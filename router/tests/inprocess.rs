@@ -78,6 +78,32 @@ fn move_service_port(t: &topology::Topology, txs: &[Source]) -> u16 {
     new_port
 }
 
+/// Waits (up to 10 s) until the edge `edge` echoes `msg` on `port`; then no client listener of
+/// its is unbound. `when` names the moment in the failure.
+async fn served_with_every_listener_bound(edge: &RouterHandle, port: u16, msg: &[u8], when: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let served = echo_roundtrip(port, msg, Duration::from_secs(10))
+            .await
+            .is_ok_and(|b| b == msg);
+        if served {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the port is not served {when}: {}",
+            edge.metrics_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let m = edge.metrics_text();
+    assert_eq!(
+        metric(&m, "tasman_edge_listeners_unbound{node=\"edge\"}"),
+        Some(0),
+        "{m}"
+    );
+}
+
 /// A snapshot that gives a service's port to another service (here a rename that keeps the
 /// port) has the edge serve the new service on it: the listener is kept. (It was closed and
 /// bound again; a close is asynchronous, so the bind failed with `AddrInUse`, only logged, and
@@ -108,27 +134,7 @@ async fn a_port_given_to_another_service_keeps_being_served() {
         tx.send(snap2.clone()).unwrap();
     }
     wait_for_route(&hs[0], "echo-v2", Duration::from_secs(10), "no route v2").await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let served = echo_roundtrip(port, b"v2", Duration::from_secs(10))
-            .await
-            .is_ok_and(|b| b == b"v2");
-        if served {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the port is not served after the rename: {}",
-            hs[0].metrics_text()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let m = hs[0].metrics_text();
-    assert_eq!(
-        metric(&m, "tasman_edge_listeners_unbound{node=\"edge\"}"),
-        Some(0),
-        "{m}"
-    );
+    served_with_every_listener_bound(&hs[0], port, b"v2", "after the rename").await;
     for h in hs {
         h.shutdown().await;
     }
@@ -155,27 +161,7 @@ async fn an_edge_starts_with_a_client_port_held_and_serves_it_once_free() {
         "{m}"
     );
     drop(held);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let served = echo_roundtrip(port, b"late", Duration::from_secs(10))
-            .await
-            .is_ok_and(|b| b == b"late");
-        if served {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the port is not served once free: {}",
-            hs[0].metrics_text()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let m = hs[0].metrics_text();
-    assert_eq!(
-        metric(&m, "tasman_edge_listeners_unbound{node=\"edge\"}"),
-        Some(0),
-        "{m}"
-    );
+    served_with_every_listener_bound(&hs[0], port, b"late", "once free").await;
     for h in hs {
         h.shutdown().await;
     }

@@ -736,7 +736,7 @@ mod tests {
     #[test]
     fn controller_mode_flags_are_refused_with_a_topology_file() {
         for extra in [&["--state-dir", "st"][..], &["--max-stale", "1h"]] {
-            let e = parse(extra).err().expect("refused").to_string();
+            let e = parse(extra).expect_err("refused").to_string();
             assert!(
                 e.contains("'--topology <TOPOLOGY>' cannot be used with '") && e.contains(extra[0]),
                 "{extra:?}: {e}"

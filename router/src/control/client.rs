@@ -590,6 +590,15 @@ async fn stored_snapshot(dir: PathBuf, node: &NodeId) -> Option<FromDisk> {
         }
     };
     match loaded {
+        // Checked as the controller's snapshots are (limits, names, what the node serves): a
+        // damaged file, or one stored by a release before a check, is not run.
+        Ok(Some(s)) if let Err(refusal) = check_topology(node, &s.topology) => {
+            tracing::warn!(
+                "ignoring the stored snapshot (waiting for the controller's): {}",
+                refusal.reason
+            );
+            None
+        }
         Ok(Some(s)) => match s
             .topology
             .node(node.as_str())
@@ -1049,9 +1058,13 @@ async fn converse(
             frame = frames.next(&mut recv) => {
                 let Some(payload) = frame? else { return Ok(()) };
                 let msg: ToRouter = proto::decode(&payload)?;
-                contacted(shared, now_ms());
-                if shared.stale.swap(false, Ordering::Relaxed) {
-                    tracing::warn!("controller reachable again; snapshot no longer stale");
+                // A refusal is no word on the snapshot: a router refused at every reconnect (a
+                // node removed, a certificate for another name) grows stale, and says so.
+                if !matches!(msg, ToRouter::Refused { .. }) {
+                    contacted(shared, now_ms());
+                    if shared.stale.swap(false, Ordering::Relaxed) {
+                        tracing::warn!("controller reachable again; snapshot no longer stale");
+                    }
                 }
                 // Renewal answers come in the order of the requests: with more than one waiting,
                 // this one is for an earlier request, not `pending`'s.
@@ -2326,6 +2339,32 @@ mod tests {
         assert_eq!(contact_every(S(24 * 3600)), S(60));
         assert_eq!(contact_every(S(300)), S(30));
         assert_eq!(contact_every(S(3)), S(1));
+    }
+
+    /// A stored snapshot is checked as the controller's are: one those checks refuse (here two
+    /// nodes of one id, as a damaged file, or one stored by a release before a check, could
+    /// hold) is not started from. (Only the node's presence and address were checked: the
+    /// router ran, at every start, what it would have refused from the controller.)
+    #[tokio::test]
+    async fn a_stored_snapshot_the_checks_refuse_is_not_started_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = NodeId::new("a");
+        let mut s = stored_a_at("127.0.0.1:0", 0);
+        disk::save(dir.path(), &s).unwrap();
+        assert!(matches!(
+            stored_snapshot(dir.path().to_path_buf(), &a).await,
+            Some(FromDisk::Ready(_))
+        ));
+        let mut t = (*s.topology).clone();
+        let twin = t.nodes[0].clone();
+        t.nodes.push(twin);
+        s.topology = Arc::new(t);
+        disk::save(dir.path(), &s).unwrap();
+        assert!(
+            stored_snapshot(dir.path().to_path_buf(), &a)
+                .await
+                .is_none()
+        );
     }
 
     /// A stored snapshot whose address for the node is not one of this host's is not started

@@ -124,8 +124,8 @@ impl Routes {
     /// that decline this connection to the end ([`TryOrder::dialled`]). A connection on a
     /// circuit whose `reserved` path can carry a stream starts on it instead, dials or not: the
     /// path is reserved for it (the table's own path to that site, or the reserved one when it
-    /// is another, built at the table's rebuild). No allocation; no dial work when no site has
-    /// a dial.
+    /// is another, built at the table's rebuild), unless it is drained and another path is not.
+    /// No allocation; no dial work when no site has a dial.
     pub fn order(
         &self,
         service: &str,
@@ -135,8 +135,15 @@ impl Routes {
         let r = self.by_service.get(service)?;
         let len = r.candidates.len();
         if let Some(path) = reserved {
+            // A drained path is for when nothing else works, reserved or not (as the reserved
+            // paths the table does not offer, at the rebuild).
+            let usable = |c: &Candidate| !c.drained || r.candidates.iter().all(|k| k.drained);
             if let Some(on_circuit) = r.candidates.iter().position(|c| c.path == path) {
-                return Some((r.candidates.clone(), TryOrder::new(len, on_circuit)));
+                if usable(&r.candidates[on_circuit]) {
+                    return Some((r.candidates.clone(), TryOrder::new(len, on_circuit)));
+                }
+                let order = r.dialled(TryOrder::new(len, r.deal(client)), client);
+                return Some((r.candidates.clone(), order));
             }
             if let Some(cands) = r.reserved.get(path) {
                 return Some((cands.clone(), TryOrder::new(cands.len(), 0)));

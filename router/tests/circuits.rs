@@ -238,6 +238,81 @@ async fn a_circuit_takes_its_reserved_path_when_it_is_not_the_nearest() {
     }
 }
 
+/// A circuit's reserved path that the table offers (its path to a site) is not tried first once
+/// that site is drained while another is not: a drained path is for when nothing else works,
+/// reserved or not, as docs/circuits.md says. (It went first, drained: a site drained for
+/// maintenance kept its circuits' new connections, those of `requires_circuit` services
+/// above all.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_circuit_leaves_its_offered_path_to_a_drained_site() {
+    use topology::NodeKind;
+    use topology::builder::{TopologyBuilder, ms};
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let port = free_tcp_port();
+    let mut b = TopologyBuilder::new();
+    b.node("edge", NodeKind::Edge)
+        .node("near", NodeKind::Site)
+        .node("far", NodeKind::Site)
+        .link("edge", "near", ms(1.0))
+        .link("edge", "far", ms(5.0))
+        .service("llm");
+    let mut t = addressed(b.build(), port);
+    serve(&mut t, "near", "llm", backend);
+    serve(&mut t, "far", "llm", backend);
+    let mut c = circuit("c-000001", "127.0.0.2/32", None, port, 100);
+    c.path = ["edge", "near"].into_iter().map(NodeId::new).collect();
+    let reserved = c.path.clone();
+    let mut snap = Snapshot::new(1, Arc::new(t));
+    snap.circuits = Arc::new(vec![c]);
+    let (hs, txs) = spawn_all(&Arc::new(snap.clone()), dir.path(), |_, _| {}).await;
+    let edge = hs
+        .iter()
+        .find(|h| h.telemetry().node.as_str() == "edge")
+        .unwrap();
+    let client: IpAddr = Ipv4Addr::new(127, 0, 0, 2).into();
+    let first_site = |edge: &router::RouterHandle| {
+        edge.routes()
+            .order("llm", client, Some(&reserved))
+            .and_then(|(cands, order)| cands.get(order.first()).map(|c| c.site.to_string()))
+    };
+    wait_until(
+        Duration::from_secs(20),
+        || first_site(edge).as_deref() == Some("near"),
+        || format!("circuit's first try {:?}", first_site(edge)),
+    )
+    .await;
+    let mut t = (*snap.topology).clone();
+    for n in &mut t.nodes {
+        if n.id.as_str() == "near" {
+            n.state = topology::AdminState::Drain;
+        }
+    }
+    let mut next = snap.clone();
+    next.version = 2;
+    next.topology = Arc::new(t);
+    let next = Arc::new(next);
+    for tx in &txs {
+        tx.send(next.clone()).unwrap();
+    }
+    wait_until(
+        Duration::from_secs(20),
+        || edge.routes().version == 2 && first_site(edge).as_deref() == Some("far"),
+        || {
+            format!(
+                "version {}: circuit's first try {:?}, candidates {:?}",
+                edge.routes().version,
+                first_site(edge),
+                edge.routes().candidates("llm")
+            )
+        },
+    )
+    .await;
+    for h in hs {
+        h.shutdown().await;
+    }
+}
+
 /// A draining edge binds no listener again, its circuits' VIPs included, even when a snapshot
 /// arrives as the drain begins: ten edges each get a new snapshot (the same circuit) and the
 /// drain at once, and none takes a connection at the VIP afterwards. (The control task chose

@@ -365,6 +365,29 @@ pub fn resize(
         .iter()
         .find(|r| &r.circuit == id)
         .ok_or_else(|| PlacementError::UnknownCircuit(id.clone()))?;
+    // The circuit's pinned sites as they were when it was made: one that has stopped serving
+    // the service since (an apply) is left out, not a reason to refuse a change of rate. None
+    // left: the list stays whole, and the error names them.
+    let req = &{
+        let mut req = req.clone();
+        if let Some(service) = topo.service(req.b_end.service.as_str()) {
+            let serving: Vec<&NodeId> = topo
+                .sites_serving(service.name.as_str())
+                .map(|(n, _)| &n.id)
+                .collect();
+            let still: Vec<NodeId> = req
+                .b_end
+                .sites
+                .iter()
+                .filter(|s| serving.contains(s))
+                .cloned()
+                .collect();
+            if !still.is_empty() {
+                req.b_end.sites = still;
+            }
+        }
+        req
+    };
     let others: Vec<Reservation> = reservations
         .iter()
         .filter(|r| &r.circuit != id)
@@ -1557,6 +1580,40 @@ mod tests {
             place(&t, &[], &req("10Mbps")).unwrap().site.as_str(),
             "site-b"
         );
+    }
+
+    /// A circuit pinned to two sites and placed on site-a: once site-b no longer serves the
+    /// service (an apply took it away), the circuit is still resized (it was refused, "site-b
+    /// does not serve", for a change of rate alone, shrinks included, until deleted with its
+    /// VIP); once none of its pinned sites serves, it is refused.
+    #[test]
+    fn a_resize_ignores_pinned_sites_that_no_longer_serve() {
+        let mut t = topo();
+        let mut r = req("100Mbps");
+        r.b_end.sites = vec![NodeId::new("site-a"), NodeId::new("site-b")];
+        let p = place(&t, &[], &r).unwrap();
+        assert_eq!(p.site.as_str(), "site-a");
+        let rs = vec![resv("c1", &p, "100Mbps")];
+        let node = |t: &mut Topology, id: &str| {
+            t.nodes
+                .iter_mut()
+                .find(|n| n.id.as_str() == id)
+                .unwrap()
+                .serves
+                .clear()
+        };
+        node(&mut t, "site-b");
+        let grown = PlacementRequest {
+            rate: "200Mbps".parse().unwrap(),
+            ..r.clone()
+        };
+        let g = resize(&t, &rs, &CircuitId::new("c1"), &grown).unwrap();
+        assert_eq!(g.path, p.path);
+        node(&mut t, "site-a");
+        assert!(matches!(
+            resize(&t, &rs, &CircuitId::new("c1"), &grown),
+            Err(PlacementError::SiteDoesNotServe { .. })
+        ));
     }
 
     #[test]

@@ -138,12 +138,12 @@ impl Routes {
             // A drained path is for when nothing else works, reserved or not (as the reserved
             // paths the table does not offer, at the rebuild).
             let usable = |c: &Candidate| !c.drained || r.candidates.iter().all(|k| k.drained);
-            if let Some(on_circuit) = r.candidates.iter().position(|c| c.path == path) {
-                if usable(&r.candidates[on_circuit]) {
-                    return Some((r.candidates.clone(), TryOrder::new(len, on_circuit)));
-                }
-                let order = r.dialled(TryOrder::new(len, r.deal(client)), client);
-                return Some((r.candidates.clone(), order));
+            // Offered but drained: the usual order below (an offered path is never among
+            // `reserved`, which holds the others).
+            if let Some(on_circuit) = r.candidates.iter().position(|c| c.path == path)
+                && usable(&r.candidates[on_circuit])
+            {
+                return Some((r.candidates.clone(), TryOrder::new(len, on_circuit)));
             }
             if let Some(cands) = r.reserved.get(path) {
                 return Some((cands.clone(), TryOrder::new(cands.len(), 0)));

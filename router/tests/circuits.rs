@@ -118,6 +118,23 @@ async fn circuits_on_one_edge_carry_their_own_rates_and_others_are_refused() {
     }
 }
 
+/// Sends every router `snap` as version 2 with `node` drained.
+fn send_drained(snap: &Snapshot, node: &str, txs: &[common::Source]) {
+    let mut t = (*snap.topology).clone();
+    for n in &mut t.nodes {
+        if n.id.as_str() == node {
+            n.state = topology::AdminState::Drain;
+        }
+    }
+    let mut next = snap.clone();
+    next.version = 2;
+    next.topology = Arc::new(t);
+    let next = Arc::new(next);
+    for tx in txs {
+        tx.send(next.clone()).unwrap();
+    }
+}
+
 /// A circuit whose reserved path is not the edge's nearest path to its site (placement took
 /// the longer one, e.g. because the nearer had no room left) carries its connections on the
 /// reserved path: through `t2`, not `t1`. (The edge's table holds one path per site, the
@@ -212,19 +229,7 @@ async fn a_circuit_takes_its_reserved_path_when_it_is_not_the_nearest() {
 
     // t2 drained (maintenance): a drained path is for when nothing else works, reserved or
     // not, so the table's path carries the circuit. (The reserved path went first, drained.)
-    let mut t = (*snap.topology).clone();
-    for n in &mut t.nodes {
-        if n.id.as_str() == "t2" {
-            n.state = topology::AdminState::Drain;
-        }
-    }
-    let mut next = snap.clone();
-    next.version = 2;
-    next.topology = Arc::new(t);
-    let next = Arc::new(next);
-    for tx in &txs {
-        tx.send(next.clone()).unwrap();
-    }
+    send_drained(&snap, "t2", &txs);
     wait_until(
         Duration::from_secs(20),
         || first_path(edge).is_some_and(|p| p.iter().any(|n| n.as_str() == "t1")),
@@ -282,19 +287,7 @@ async fn a_circuit_leaves_its_offered_path_to_a_drained_site() {
         || format!("circuit's first try {:?}", first_site(edge)),
     )
     .await;
-    let mut t = (*snap.topology).clone();
-    for n in &mut t.nodes {
-        if n.id.as_str() == "near" {
-            n.state = topology::AdminState::Drain;
-        }
-    }
-    let mut next = snap.clone();
-    next.version = 2;
-    next.topology = Arc::new(t);
-    let next = Arc::new(next);
-    for tx in &txs {
-        tx.send(next.clone()).unwrap();
-    }
+    send_drained(&snap, "near", &txs);
     wait_until(
         Duration::from_secs(20),
         || edge.routes().version == 2 && first_site(edge).as_deref() == Some("far"),

@@ -10,8 +10,10 @@
 //!
 //! Half-close: EOF on one side becomes `finish` (FIN) on the other, and the other direction keeps
 //! flowing. Errors: a reset arriving on QUIC resets the TCP socket (RST via zero linger); a TCP
-//! error resets the QUIC stream with a code; a lost connection resets the other side with
-//! `UpstreamLost`. No path ends with both sides waiting on each other.
+//! read error resets the QUIC stream with a code; a TCP write refused stops the stream it came
+//! from with a code and ends that direction only (the other reads on to the socket's end); a
+//! lost connection resets the other side with `UpstreamLost`. No path ends with both sides
+//! waiting on each other.
 //!
 //! Idle and stalled: with `RouterConfig::idle_timeout`, a TCP<->QUIC splice (edge and site each)
 //! that moved no chunk either way for the timeout resets both sides with `IdleTimeout`; with
@@ -71,6 +73,18 @@ pub(crate) enum Ended {
     /// backend that answered early and closed, say). The TCP side is no longer read; the other
     /// direction, whose answer may still be coming, goes on.
     Stopped(Code),
+}
+
+/// How the QUIC → TCP direction ended without failing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Delivered {
+    /// The stream's FIN, passed on as the TCP side's FIN: everything reached the TCP side.
+    Whole,
+    /// The TCP side refused a write (its peer closed or reset the connection): the stream was
+    /// stopped with this code. The other direction goes on to its end: what the TCP side sent
+    /// before it closed (a backend's early answer) is still in the socket, readable whole, and
+    /// then the read ends (FIN or the reset).
+    Refused(Code),
 }
 
 /// The code of a peer's stop of the stream (not of a lost connection).
@@ -586,7 +600,8 @@ async fn read_batch(
         }))
 }
 
-/// QUIC → TCP until FIN (then TCP shutdown of the write half).
+/// QUIC → TCP until FIN (then TCP shutdown of the write half), or until the TCP side refuses a
+/// write ([`Delivered::Refused`]).
 pub(crate) async fn quic_to_tcp(
     shared: &Shared,
     recv: &mut RecvStream,
@@ -595,7 +610,7 @@ pub(crate) async fn quic_to_tcp(
     bucket: Option<&TokenBucket>,
     activity: &Activity,
     watch: &WriteWatch,
-) -> Result<(), Abort> {
+) -> Result<Delivered, Abort> {
     let mut bufs: [Bytes; IOV] = Default::default();
     let mut fair = Fairness::default();
     let mut pace = crate::ratelimit::Pace::default();
@@ -617,7 +632,7 @@ pub(crate) async fn quic_to_tcp(
                 if written.is_err() {
                     let code = side.tcp_abort_code();
                     let _ = recv.stop(code.varint());
-                    return Err(Abort(code));
+                    return Ok(Delivered::Refused(code));
                 }
                 count(shared, side, false, n);
                 activity.mark();
@@ -625,7 +640,7 @@ pub(crate) async fn quic_to_tcp(
             }
             Ok(None) => {
                 let _ = wr.shutdown().await;
-                return Ok(());
+                return Ok(Delivered::Whole);
             }
             Err(e) => return Err(Abort(read_error_code(&e))),
         }
@@ -688,6 +703,8 @@ pub(crate) async fn tcp_quic_with(
     let watch_stop = AtomicBool::new(false);
     // The far end stopped the client's bytes ([`Ended::Stopped`]).
     let mut stopped = None;
+    // The TCP side refused a write ([`Delivered::Refused`]), counted when it happened.
+    let mut refused = None;
     let (outcome, up_done, down_done) = {
         let (mut rd, mut wr) = tcp.split();
         let up = tcp_to_quic(
@@ -727,9 +744,14 @@ pub(crate) async fn tcp_quic_with(
                     Err(a) => break Err(a),
                 },
                 r = &mut down, if !down_done => match r {
-                    Ok(()) => {
+                    Ok(end) => {
                         down_done = true;
                         watch_stop.store(true, Relaxed);
+                        if let Delivered::Refused(code) = end {
+                            // Counted now: the other direction may take long to end.
+                            shared.metrics.error(code);
+                            refused = Some(code);
+                        }
                     }
                     Err(a) => break Err(a),
                 },
@@ -750,10 +772,13 @@ pub(crate) async fn tcp_quic_with(
     // A direction that ended cleanly keeps its end: a finished stream is delivered whole (a
     // reset would drop what it still buffers: the answer of a backend that closed early), and a
     // TCP side that was sent everything and a FIN is closed, not reset (an RST drops what its
-    // send buffer still holds), after a lingering read when its bytes were not all taken.
+    // send buffer still holds), after a lingering close ([`linger`]) when its bytes were not all
+    // taken. A TCP side that refused a write is past saving: it is closed at once.
     let lingering = match outcome {
         Err(Abort(code)) => {
-            shared.metrics.error(code);
+            if refused != Some(code) {
+                shared.metrics.error(code);
+            }
             if !up_done {
                 let _ = send.reset(code.varint());
             }
@@ -762,10 +787,10 @@ pub(crate) async fn tcp_quic_with(
                 reset_tcp(&tcp);
                 None
             } else {
-                Some(tcp)
+                refused.is_none().then_some(tcp)
             }
         }
-        Ok(()) => stopped.map(|_| tcp),
+        Ok(()) => stopped.filter(|_| refused.is_none()).map(|_| tcp),
     };
     shared.metrics.streams_active.fetch_sub(1, Relaxed);
     drop((send, recv));
@@ -774,29 +799,76 @@ pub(crate) async fn tcp_quic_with(
     }
 }
 
-/// How long a connection whose client bytes are no longer taken (the far end stopped them) is
-/// read, and its bytes dropped, after its answer went out whole: closed with unread bytes, a
-/// socket sends an RST at once, and the client's kernel throws away the end of the answer it
-/// had not yet handed over (nginx's `lingering_close`, 5 s).
-const LINGER: Duration = Duration::from_secs(2);
-/// The most a lingering close reads ([`LINGER`]).
-const LINGER_BYTES: usize = 16 << 20;
+/// A lingering close ([`linger`]) gives up once the client has for this long neither acknowledged
+/// more of the answer nor sent a byte (nginx's `lingering_timeout`, 5 s).
+const LINGER_STALL: Duration = Duration::from_secs(10);
+/// The longest a lingering close lasts, however steadily the client takes the answer (nginx's
+/// `lingering_time`, 30 s).
+const LINGER_MAX: Duration = Duration::from_secs(60);
+/// How long a lingering close still reads, once the client has acknowledged the whole answer,
+/// for the client to close: an RST then drops nothing of the answer, but a client still
+/// uploading would see it at once.
+const LINGER_GRACE: Duration = Duration::from_secs(2);
+/// How often a lingering close looks at what the client has not yet acknowledged.
+const LINGER_TICK: Duration = Duration::from_millis(20);
 
-/// Reads and drops what the client still sends, until it closes, [`LINGER`] passes or
-/// [`LINGER_BYTES`] came; then the socket is closed (dropped).
+/// Closes a TCP socket whose answer (and FIN) went out whole but whose client bytes were no
+/// longer taken (the far end stopped them), without losing the answer. Closed with unread bytes,
+/// a socket sends an RST at once and throws away what its send buffer still holds: the tail of
+/// the answer. So this reads and drops what the client still sends, with no cap on the bytes,
+/// while it waits until the client has acknowledged everything sent, FIN included (the send
+/// queue, `SIOCOUTQ`, is empty), and then for the client to close ([`LINGER_GRACE`]). It gives
+/// up on a client that neither acknowledges nor sends anything for [`LINGER_STALL`], after
+/// [`LINGER_MAX`] in all, and at once on a socket error (a client's RST: nothing left to save).
 async fn linger(mut tcp: TcpStream) {
-    use tokio::io::AsyncReadExt;
+    let started = tokio::time::Instant::now();
     let mut scratch = vec![0u8; 16 << 10];
-    let _ = tokio::time::timeout(LINGER, async {
-        let mut read = 0;
-        while read < LINGER_BYTES {
-            match tcp.read(&mut scratch).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => read += n,
+    let mut tick = tokio::time::interval(LINGER_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut reading, mut outq, mut progress) = (true, u32::MAX, started);
+    let mut acked_at = None;
+    loop {
+        tokio::select! {
+            r = tcp.read(&mut scratch), if reading => match r {
+                Ok(0) => reading = false,
+                Ok(_) => progress = tokio::time::Instant::now(),
+                Err(_) => return,
+            },
+            now = tick.tick() => {
+                let Some(q) = unacked(&tcp) else { return };
+                if q < outq {
+                    (outq, progress) = (q, now);
+                }
+                if q == 0 {
+                    let at = *acked_at.get_or_insert(now);
+                    if !reading || now - at >= LINGER_GRACE {
+                        return;
+                    }
+                }
+                if now - progress >= LINGER_STALL || now - started >= LINGER_MAX {
+                    return;
+                }
             }
         }
-    })
-    .await;
+    }
+}
+
+/// Bytes sent on `tcp` that its peer has not acknowledged, a FIN counting as one (`SIOCOUTQ`);
+/// `None` when the kernel does not say.
+#[cfg(target_os = "linux")]
+fn unacked(tcp: &TcpStream) -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: `SIOCOUTQ` (`TIOCOUTQ` on Linux) writes one `c_int` through the pointer, which
+    // points at `n`; the descriptor is a TCP socket that `tcp` keeps open.
+    let r = unsafe { libc::ioctl(tcp.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    (r == 0).then(|| u32::try_from(n).ok()).flatten()
+}
+
+/// Elsewhere the send queue is not known: a lingering close waits out [`LINGER_GRACE`].
+#[cfg(not(target_os = "linux"))]
+fn unacked(_tcp: &TcpStream) -> Option<u32> {
+    Some(0)
 }
 
 /// Opens a stream on the next hop `conn` and writes `chunks` (the header, and an edge's replay) to

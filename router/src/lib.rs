@@ -360,7 +360,9 @@ impl Shared {
         // pairs with this acquire): read in the other order, one moving between the two reads
         // counted in neither, and a drain could end (closing the endpoint) as it began.
         let starting = m.streams_starting.load(Acquire);
-        starting + m.streams_active.load(Relaxed) + m.relays_active.load(Relaxed)
+        // Likewise a lingering socket counts as such before it stops counting as active.
+        let active = m.streams_active.load(Acquire);
+        starting + active + m.relays_active.load(Relaxed) + m.lingering.load(Relaxed)
     }
 
     /// What the router reports (to the controller, on `/telemetry`). Draining, it reports its

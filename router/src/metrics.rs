@@ -46,6 +46,9 @@ pub struct Metrics {
     pub relayed_total: AtomicU64,
     /// Streams a transit relays now.
     pub relays_active: AtomicU64,
+    /// TCP connections whose answer went out whole, read and dropped until their peer has
+    /// acknowledged it (`splice::linger`), now.
+    pub lingering: AtomicU64,
     /// Client connections (edge) and streams (site) being set up now: from arrival until the
     /// site has its backend connection and the splice starts (`streams_active` from then on).
     pub streams_starting: AtomicU64,
@@ -213,6 +216,13 @@ impl Metrics {
             "Streams relayed as a transit now.",
             "gauge",
             self.relays_active.load(Relaxed),
+        );
+        counter(
+            &mut s,
+            "tcp_lingering",
+            "TCP connections whose answer went out whole, waiting for the peer to acknowledge it before they close.",
+            "gauge",
+            self.lingering.load(Relaxed),
         );
         counter(
             &mut s,

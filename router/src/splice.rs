@@ -10,9 +10,10 @@
 //!
 //! Half-close: EOF on one side becomes `finish` (FIN) on the other, and the other direction keeps
 //! flowing. Errors: a reset arriving on QUIC resets the TCP socket (RST via zero linger); a TCP
-//! read error resets the QUIC stream with a code; a TCP write refused stops the stream it came
-//! from with a code and ends that direction only (the other reads on to the socket's end); a
-//! lost connection resets the other side with `UpstreamLost`. No path ends with both sides
+//! read error resets the QUIC stream with a code, and so does a TCP write refused, except when its
+//! peer had sent a FIN (`EPIPE`): that stops the stream it came from with a code and ends that
+//! direction only (the other reads on to the FIN); a lost connection resets the other side with
+//! `UpstreamLost`. No path ends with both sides
 //! waiting on each other.
 //!
 //! Idle and stalled: with `RouterConfig::idle_timeout`, a TCP<->QUIC splice (edge and site each)
@@ -80,10 +81,11 @@ pub(crate) enum Ended {
 pub(crate) enum Delivered {
     /// The stream's FIN, passed on as the TCP side's FIN: everything reached the TCP side.
     Whole,
-    /// The TCP side refused a write (its peer closed or reset the connection): the stream was
-    /// stopped with this code. The other direction goes on to its end: what the TCP side sent
-    /// before it closed (a backend's early answer) is still in the socket, readable whole, and
-    /// then the read ends (FIN or the reset).
+    /// The TCP side refused a write with `EPIPE`: its peer had closed its side (the FIN came) and
+    /// then the connection (an RST answered the bytes it did not read): the stream was stopped
+    /// with this code. The other direction goes on to its end: what the peer sent before its FIN
+    /// (a backend's early answer) is still in the socket, read whole, and then the FIN. (A write
+    /// refused otherwise, `ECONNRESET` for a reset with no FIN, fails the connection.)
     Refused(Code),
 }
 
@@ -629,10 +631,17 @@ pub(crate) async fn quic_to_tcp(
                 watch.waiting(true);
                 let written = write_all_chunks(wr, &mut bufs[..k], watch, activity).await;
                 watch.waiting(false);
-                if written.is_err() {
+                if let Err(e) = written {
                     let code = side.tcp_abort_code();
                     let _ = recv.stop(code.varint());
-                    return Ok(Delivered::Refused(code));
+                    // `EPIPE`: the peer had closed its side (its FIN came first, so what it sent
+                    // is whole) and then the connection. Anything else (`ECONNRESET`: a reset
+                    // with no FIN, a crash) fails the connection: the other direction would
+                    // read on to a clean end, since the write took the socket's error.
+                    return match e.kind() {
+                        std::io::ErrorKind::BrokenPipe => Ok(Delivered::Refused(code)),
+                        _ => Err(Abort(code)),
+                    };
                 }
                 count(shared, side, false, n);
                 activity.mark();
@@ -787,12 +796,21 @@ pub(crate) async fn tcp_quic_with(
                 reset_tcp(&tcp);
                 None
             } else {
-                refused.is_none().then_some(tcp)
+                // Not after this side's own read error either: the socket is dead.
+                (refused.is_none() && code != side.tcp_abort_code()).then_some(tcp)
             }
         }
         Ok(()) => stopped.filter(|_| refused.is_none()).map(|_| tcp),
     };
-    shared.metrics.streams_active.fetch_sub(1, Relaxed);
+    // Counted as lingering before it stops counting as active (the release pairs with the
+    // drain's acquire): a drain waits for lingering sockets too.
+    let _lingering = lingering
+        .is_some()
+        .then(|| Held::count(&shared.metrics.lingering));
+    shared
+        .metrics
+        .streams_active
+        .fetch_sub(1, std::sync::atomic::Ordering::Release);
     drop((send, recv));
     if let Some(tcp) = lingering {
         Box::pin(linger(tcp)).await;
@@ -809,45 +827,53 @@ const LINGER_MAX: Duration = Duration::from_secs(60);
 /// for the client to close: an RST then drops nothing of the answer, but a client still
 /// uploading would see it at once.
 const LINGER_GRACE: Duration = Duration::from_secs(2);
-/// How often a lingering close looks at what the client has not yet acknowledged.
+/// How often a lingering close looks at what the client has not yet acknowledged: every 20 ms
+/// while that shrinks, backing off, doubling, to every 500 ms while it does not.
 const LINGER_TICK: Duration = Duration::from_millis(20);
+const LINGER_TICK_MAX: Duration = Duration::from_millis(500);
 
 /// Closes a TCP socket whose answer (and FIN) went out whole but whose client bytes were no
 /// longer taken (the far end stopped them), without losing the answer. Closed with unread bytes,
 /// a socket sends an RST at once and throws away what its send buffer still holds: the tail of
 /// the answer. So this reads and drops what the client still sends, with no cap on the bytes,
 /// while it waits until the client has acknowledged everything sent, FIN included (the send
-/// queue, `SIOCOUTQ`, is empty), and then for the client to close ([`LINGER_GRACE`]). It gives
+/// queue, `SIOCOUTQ`, is empty), and then up to [`LINGER_GRACE`] for the client to close. It
+/// ends at once when the client closes (nothing is then left unread: the kernel sends the rest
+/// of the answer after the close) or resets. It gives
 /// up on a client that neither acknowledges nor sends anything for [`LINGER_STALL`], after
 /// [`LINGER_MAX`] in all, and at once on a socket error (a client's RST: nothing left to save).
 async fn linger(mut tcp: TcpStream) {
-    let started = tokio::time::Instant::now();
+    use tokio::time::Instant;
+    let started = Instant::now();
     let mut scratch = vec![0u8; 16 << 10];
-    let mut tick = tokio::time::interval(LINGER_TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let (mut reading, mut outq, mut progress) = (true, u32::MAX, started);
-    let mut acked_at = None;
+    let mut period = LINGER_TICK;
+    let tick = tokio::time::sleep(period);
+    tokio::pin!(tick);
+    let (mut outq, mut progress, mut acked_at) = (u32::MAX, started, None);
     loop {
         tokio::select! {
-            r = tcp.read(&mut scratch), if reading => match r {
-                Ok(0) => reading = false,
-                Ok(_) => progress = tokio::time::Instant::now(),
-                Err(_) => return,
+            r = tcp.read(&mut scratch) => match r {
+                // The client closed: with nothing left unread the close sends no RST, and the
+                // kernel goes on sending what the client has not yet acknowledged. Or an error
+                // (the client's RST): nothing left to save.
+                Ok(0) | Err(_) => return,
+                Ok(_) => progress = Instant::now(),
             },
-            now = tick.tick() => {
+            () = &mut tick => {
+                let now = Instant::now();
                 let Some(q) = unacked(&tcp) else { return };
                 if q < outq {
-                    (outq, progress) = (q, now);
+                    (outq, progress, period) = (q, now, LINGER_TICK);
+                } else {
+                    period = (period * 2).min(LINGER_TICK_MAX);
                 }
-                if q == 0 {
-                    let at = *acked_at.get_or_insert(now);
-                    if !reading || now - at >= LINGER_GRACE {
-                        return;
-                    }
+                if q == 0 && now - *acked_at.get_or_insert(now) >= LINGER_GRACE {
+                    return;
                 }
                 if now - progress >= LINGER_STALL || now - started >= LINGER_MAX {
                     return;
                 }
+                tick.as_mut().reset(now + period);
             }
         }
     }

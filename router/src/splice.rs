@@ -71,8 +71,9 @@ pub(crate) enum Ended {
     /// The TCP side's FIN, passed on as the stream's FIN.
     Eof,
     /// The far end stopped the stream with this code: it takes no more of these bytes (a
-    /// backend that answered early and closed, say). The TCP side is no longer read; the other
-    /// direction, whose answer may still be coming, goes on.
+    /// backend that answered early and closed, say). The TCP side's bytes were read and dropped
+    /// while the other direction, whose answer may still be coming, went on ([`discard`]); they
+    /// are then read by the lingering close ([`linger`]).
     Stopped(Code),
 }
 
@@ -469,8 +470,10 @@ impl std::future::Future for ConnTimer<'_> {
     }
 }
 
-/// TCP → QUIC until EOF (then FIN), or until the far end stops the stream ([`Ended`]).
-// The pump's two streams, its buffer and its four per-connection signals, each used as is.
+/// TCP → QUIC until EOF (then FIN), or until the far end stops the stream ([`Ended`]): its code is
+/// then put in `stopped` (the other direction sees it) and the TCP side's bytes are read and
+/// dropped ([`discard`]) until its EOF, unless the caller, once the answer is out, stops first.
+// The pump's two streams, its buffer and its five per-connection signals, each used as is.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn tcp_to_quic(
     shared: &Shared,
@@ -481,11 +484,12 @@ pub(crate) async fn tcp_to_quic(
     bucket: Option<&TokenBucket>,
     activity: &Activity,
     watch_stop: &AtomicBool,
+    stopped: &StoppedCode,
 ) -> Result<Ended, Abort> {
     let mut fair = Fairness::default();
     let mut pace = crate::ratelimit::Pace::default();
     let mut tick = None;
-    loop {
+    let code = loop {
         // The read future ends here, so that it shares its place in this future's state with
         // the write below (left alive to the end of the loop's body, it cost 192 bytes in every
         // open connection's future).
@@ -495,7 +499,7 @@ pub(crate) async fn tcp_to_quic(
         };
         let read = match read {
             Ok(r) => r,
-            Err(Ok(stopped)) => return Ok(Ended::Stopped(stopped)),
+            Err(Ok(code)) => break code,
             Err(Err(lost)) => return Err(Abort(lost)),
         };
         let chunk = match read {
@@ -519,15 +523,23 @@ pub(crate) async fn tcp_to_quic(
             return Err(Abort(code));
         }
         if let Err(e) = send.write_chunk(chunk).await {
-            return match stop_code(&e) {
-                Some(stopped) => Ok(Ended::Stopped(stopped)),
-                None => Err(Abort(Code::UpstreamLost)),
-            };
+            match stop_code(&e) {
+                Some(code) => break code,
+                None => return Err(Abort(Code::UpstreamLost)),
+            }
         }
         count(shared, side, true, n);
         activity.mark();
         fair.moved(n).await;
+    };
+    // Stopped: the other direction sees it, and, while the answer is still going out, what the
+    // TCP side sends is dropped (boxed: the future every connection keeps does not hold the
+    // discard's state). Once the answer is out the caller lingers instead.
+    stopped.set(code);
+    if !watch_stop.load(Relaxed) {
+        Box::pin(discard(rd)).await;
     }
+    Ok(Ended::Stopped(code))
 }
 
 /// Chunks taken from quinn per read on QUIC → TCP, written with one `writev`. quinn hands out one
@@ -710,8 +722,9 @@ pub(crate) async fn tcp_quic_with(
     let watch = WriteWatch::default();
     // Set once QUIC -> TCP has ended ([`read_unless_stopped`]).
     let watch_stop = AtomicBool::new(false);
-    // The far end stopped the client's bytes ([`Ended::Stopped`]).
-    let mut stopped = None;
+    // The far end stopped the client's bytes ([`Ended::Stopped`]); they are read and dropped
+    // from then on ([`discard`]).
+    let stopped = StoppedCode::default();
     // The TCP side refused a write ([`Delivered::Refused`]), counted when it happened.
     let mut refused = None;
     let (outcome, up_done, down_done) = {
@@ -725,6 +738,7 @@ pub(crate) async fn tcp_quic_with(
             limiter.map(|l| &l.up),
             &activity,
             &watch_stop,
+            &stopped,
         );
         let down = quic_to_tcp(
             shared,
@@ -745,16 +759,15 @@ pub(crate) async fn tcp_quic_with(
         let outcome = loop {
             tokio::select! {
                 r = &mut up, if !up_done => match r {
-                    Ok(Ended::Eof) => up_done = true,
-                    Ok(Ended::Stopped(code)) => {
-                        up_done = true;
-                        stopped = Some(code);
-                    }
+                    Ok(_) => up_done = true,
                     Err(a) => break Err(a),
                 },
                 r = &mut down, if !down_done => match r {
                     Ok(end) => {
                         down_done = true;
+                        // Bytes that are only dropped hold nothing up: the rest of them are
+                        // read by the lingering close.
+                        up_done |= stopped.get().is_some();
                         watch_stop.store(true, Relaxed);
                         if let Delivered::Refused(code) = end {
                             // Counted now: the other direction may take long to end.
@@ -775,6 +788,7 @@ pub(crate) async fn tcp_quic_with(
         };
         (outcome, up_done, down_done)
     };
+    let stopped = stopped.get();
     if let Some(code) = stopped {
         shared.metrics.error(code);
     }
@@ -814,6 +828,46 @@ pub(crate) async fn tcp_quic_with(
     drop((send, recv));
     if let Some(tcp) = lingering {
         Box::pin(linger(tcp)).await;
+    }
+}
+
+/// The code a far end stopped a direction's stream with, if it did ([`tcp_quic_with`]: set by
+/// that direction, read by the other and at the end; the future must be `Send`).
+pub(crate) struct StoppedCode(std::sync::atomic::AtomicU32);
+
+impl Default for StoppedCode {
+    fn default() -> Self {
+        StoppedCode(std::sync::atomic::AtomicU32::new(u32::MAX))
+    }
+}
+
+impl StoppedCode {
+    fn set(&self, code: Code) {
+        self.0.store(code as u32, Relaxed);
+    }
+    fn get(&self) -> Option<Code> {
+        match self.0.load(Relaxed) {
+            u32::MAX => None,
+            c => Code::from_u64(c.into()),
+        }
+    }
+}
+
+/// Reads and drops what the TCP side sends after the far end stopped its bytes
+/// ([`Ended::Stopped`]: a backend that answered early and closed), until its EOF or an error, or
+/// until the answer has gone out whole (the caller then stops polling it and lingers). A client
+/// that sends its whole request before it reads the answer, as most do, would otherwise wait on
+/// its upload while the edge waits on it to read the answer, until the write-stall timeout reset
+/// both (nginx discards the body of a request it answered early the same way). The bytes mark
+/// no activity: the idle and write-stall timeouts are about the answer.
+async fn discard(rd: &mut (impl AsyncRead + Unpin)) {
+    let mut scratch = vec![0u8; 16 << 10];
+    let mut fair = Fairness::default();
+    loop {
+        match rd.read(&mut scratch).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => fair.moved(n).await,
+        }
     }
 }
 

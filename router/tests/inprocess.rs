@@ -3392,6 +3392,20 @@ async fn a_client_reset_mid_upload_reaches_the_backend_as_a_reset() {
     }
 }
 
+/// Waits (10 s at most) for the edge's stream to end once its client has the whole answer, while
+/// the client still holds its connection open: the edge then lingers (until the client closes,
+/// or 2 s), and no longer counts the stream as active. (A stream stopped after its answer was out
+/// dropped the client's bytes until the client closed: the stream stayed active, and a drain
+/// waited its whole timeout for it.)
+async fn answer_out_stream_ended(edge: &RouterHandle) {
+    wait_until(
+        Duration::from_secs(10),
+        || common::metric(&edge.metrics_text(), "tasman_streams_active{node=\"edge\"}") == Some(0),
+        || format!("the edge's stream stayed active:\n{}", edge.metrics_text()),
+    )
+    .await;
+}
+
 /// Bytes sent on `tcp` that its peer has not acknowledged, a FIN counting as one (`SIOCOUTQ`).
 fn unacked(tcp: &tokio::net::TcpStream) -> i32 {
     use std::os::fd::AsRawFd;
@@ -3412,15 +3426,31 @@ fn unacked(tcp: &tokio::net::TcpStream) -> i32 {
 /// seen in about 1 in 30 runs of the test above under load, and here every time).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_early_answer_survives_an_upload_that_goes_on_past_it() {
-    // Small enough for the edge's send buffer to take it whole while the client reads nothing,
-    // so that the edge's splice ends and its lingering close begins with most of it unsent.
-    const ANSWER: usize = 128 << 10;
+    // Small enough for the edge's send buffer to take it whole while the client reads nothing
+    // (with a small receive window, so that it waits there), so that the edge's splice ends and
+    // its lingering close begins with most of it unsent.
+    upload_whole_then_read(128 << 10, Some(4096)).await;
+}
+
+/// The same with an answer larger than the sockets on the way hold: the edge reads and drops the
+/// client's upload from the site's stop on, not only once the answer is out. (It stopped reading
+/// it: the client waited on its upload, the edge on the client to read, until the write-stall
+/// timeout reset both, 30 s.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_answer_larger_than_the_buffers_survives_an_upload_that_goes_on_past_it() {
+    upload_whole_then_read(8 << 20, None).await;
+}
+
+/// A client of [`early_answer_fabric`] (`answer` bytes) with receive buffer `rcvbuf` writes 64
+/// MiB and then reads: the upload must go through and the answer arrive whole, with a clean end.
+async fn upload_whole_then_read(answer: usize, rcvbuf: Option<u32>) {
     const UPLOAD: usize = 64 << 20;
     let dir = ca_dir();
-    let (edge, site, port, _txs) = early_answer_fabric(dir.path(), ANSWER, |_| {}).await;
-    // A small receive window: the answer waits in the edge's send buffer, not in this one.
+    let (edge, site, port, _txs) = early_answer_fabric(dir.path(), answer, |_| {}).await;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
+    if let Some(size) = rcvbuf {
+        socket.set_recv_buffer_size(size).unwrap();
+    }
     let client = socket
         .connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
         .await
@@ -3436,10 +3466,20 @@ async fn an_early_answer_survives_an_upload_that_goes_on_past_it() {
         Ok::<_, std::io::Error>(())
     })
     .await
-    .expect("the upload within 60 s");
+    .unwrap_or_else(|_| panic!("the upload stuck after {sent} bytes for 60 s"));
+    let errors = |h: &RouterHandle| {
+        h.metrics_text()
+            .lines()
+            .filter(|l| l.starts_with("tasman_stream_errors_total{") || l.contains("lingering"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
     assert!(
         upload.is_ok(),
-        "the upload failed after {sent} bytes: {upload:?} (the edge closed the socket unread)"
+        "the upload failed after {sent} bytes: {upload:?} (the edge closed the socket unread); \
+         the edge:\n{}\nthe site:\n{}",
+        errors(&edge),
+        errors(&site)
     );
     let mut got = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(20), rd.read_to_end(&mut got)).await;
@@ -3449,8 +3489,9 @@ async fn an_early_answer_survives_an_upload_that_goes_on_past_it() {
         "the client's read: {read:?} after {} bytes",
         got.len()
     );
-    assert_eq!(got.len(), ANSWER, "the answer was cut short");
+    assert_eq!(got.len(), answer, "the answer was cut short");
     assert!(got.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8));
+    answer_out_stream_ended(&edge).await;
     drop(wr);
     for h in [edge, site] {
         h.shutdown().await;
@@ -3525,6 +3566,7 @@ async fn an_early_answer_still_in_the_sites_socket_outlives_the_backends_reset()
             >= 1,
         "the test's premise: the backend's reset ended the site's backend connection:\n{site_metrics}"
     );
+    answer_out_stream_ended(&edge).await;
     assert!(got.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8));
     upload.abort();
     for h in [edge, site] {

@@ -57,6 +57,9 @@ pub struct Metrics {
     /// Bytes from clients toward sites ("up") and back ("down"), counted where TCP meets QUIC.
     pub bytes_up: AtomicU64,
     pub bytes_down: AtomicU64,
+    /// Bytes read from a TCP side and dropped, the far end having stopped taking them (an early
+    /// answer): `splice::discard` and `splice::linger`.
+    pub bytes_discarded: AtomicU64,
     /// Bytes a transit forwarded between neighbours, both ways.
     pub relayed_bytes: AtomicU64,
     /// Client connections retried on another candidate.
@@ -244,6 +247,13 @@ impl Metrics {
             "Bytes from clients toward sites.",
             "counter",
             self.bytes_up.load(Relaxed),
+        );
+        counter(
+            &mut s,
+            "bytes_discarded_total",
+            "Bytes read from a client (edge) or backend (site) and dropped: the far end had stopped taking them (an early answer).",
+            "counter",
+            self.bytes_discarded.load(Relaxed),
         );
         counter(
             &mut s,

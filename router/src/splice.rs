@@ -72,8 +72,8 @@ pub(crate) enum Ended {
     Eof,
     /// The far end stopped the stream with this code: it takes no more of these bytes (a
     /// backend that answered early and closed, say). The TCP side's bytes were read and dropped
-    /// while the other direction, whose answer may still be coming, went on ([`discard`]); they
-    /// are then read by the lingering close ([`linger`]).
+    /// while the other direction, whose answer may still be coming, went on ([`discard`]); the
+    /// lingering close ([`linger`]) reads what the TCP side sends after that.
     Stopped(Code),
 }
 
@@ -537,7 +537,7 @@ pub(crate) async fn tcp_to_quic(
     // discard's state). Once the answer is out the caller lingers instead.
     stopped.set(code);
     if !watch_stop.load(Relaxed) {
-        Box::pin(discard(rd)).await;
+        Box::pin(discard(shared, rd, bucket)).await;
     }
     Ok(Ended::Stopped(code))
 }
@@ -789,7 +789,11 @@ pub(crate) async fn tcp_quic_with(
         (outcome, up_done, down_done)
     };
     let stopped = stopped.get();
-    if let Some(code) = stopped {
+    // One error per stream: a site that lost its backend both stops the upload and resets the
+    // answer, with the same code.
+    if let Some(code) = stopped
+        && !matches!(outcome, Err(Abort(c)) if c == code)
+    {
         shared.metrics.error(code);
     }
     // A direction that ended cleanly keeps its end: a finished stream is delivered whole (a
@@ -827,7 +831,7 @@ pub(crate) async fn tcp_quic_with(
         .fetch_sub(1, std::sync::atomic::Ordering::Release);
     drop((send, recv));
     if let Some(tcp) = lingering {
-        Box::pin(linger(tcp)).await;
+        Box::pin(linger(shared, tcp)).await;
     }
 }
 
@@ -854,22 +858,40 @@ impl StoppedCode {
 }
 
 /// Reads and drops what the TCP side sends after the far end stopped its bytes
-/// ([`Ended::Stopped`]: a backend that answered early and closed), until its EOF or an error, or
-/// until the answer has gone out whole (the caller then stops polling it and lingers). A client
-/// that sends its whole request before it reads the answer, as most do, would otherwise wait on
-/// its upload while the edge waits on it to read the answer, until the write-stall timeout reset
-/// both (nginx discards the body of a request it answered early the same way). The bytes mark
-/// no activity: the idle and write-stall timeouts are about the answer.
-async fn discard(rd: &mut (impl AsyncRead + Unpin)) {
+/// ([`Ended::Stopped`]: a backend that answered early and closed), until its EOF or an error,
+/// [`DISCARD_MAX`] or a revoked circuit, or until the answer has gone out whole (the caller then
+/// stops polling it and lingers). A client that sends its whole request before it reads the
+/// answer, as most do, would otherwise wait on its upload while the edge waits on it to read
+/// the answer, until the write-stall timeout reset both (nginx discards the body of a request it
+/// answered early the same way). A circuit's bytes still take from its bucket (they cross its
+/// bandwidth all the same). The bytes mark no activity: the idle and write-stall timeouts are
+/// about the answer (as nginx's `send_timeout` is), so a client whose upload outlasts the
+/// write-stall timeout while it reads nothing is still reset.
+async fn discard(shared: &Shared, rd: &mut (impl AsyncRead + Unpin), bucket: Option<&TokenBucket>) {
     let mut scratch = vec![0u8; 16 << 10];
     let mut fair = Fairness::default();
-    loop {
-        match rd.read(&mut scratch).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => fair.moved(n).await,
+    let mut pace = crate::ratelimit::Pace::default();
+    let _ = tokio::time::timeout(DISCARD_MAX, async {
+        loop {
+            let n = match rd.read(&mut scratch).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            shared.metrics.bytes_discarded.fetch_add(n as u64, Relaxed);
+            if let Some(b) = bucket
+                && b.take(n, &mut pace).await.is_err()
+            {
+                return;
+            }
+            fair.moved(n).await;
         }
-    }
+    })
+    .await;
 }
+
+/// The longest the TCP side's bytes are read and dropped while the answer goes out
+/// ([`discard`]); then the sender is held back again (and, once the answer is out, lingered on).
+const DISCARD_MAX: Duration = Duration::from_secs(60);
 
 /// A lingering close ([`linger`]) gives up once the client has for this long neither acknowledged
 /// more of the answer nor sent a byte (nginx's `lingering_timeout`, 5 s).
@@ -896,7 +918,7 @@ const LINGER_TICK_MAX: Duration = Duration::from_millis(500);
 /// of the answer after the close) or resets. It gives
 /// up on a client that neither acknowledges nor sends anything for [`LINGER_STALL`], after
 /// [`LINGER_MAX`] in all, and at once on a socket error (a client's RST: nothing left to save).
-async fn linger(mut tcp: TcpStream) {
+async fn linger(shared: &Shared, mut tcp: TcpStream) {
     use tokio::time::Instant;
     let started = Instant::now();
     let mut scratch = vec![0u8; 16 << 10];
@@ -911,7 +933,10 @@ async fn linger(mut tcp: TcpStream) {
                 // kernel goes on sending what the client has not yet acknowledged. Or an error
                 // (the client's RST): nothing left to save.
                 Ok(0) | Err(_) => return,
-                Ok(_) => progress = Instant::now(),
+                Ok(n) => {
+                    shared.metrics.bytes_discarded.fetch_add(n as u64, Relaxed);
+                    progress = Instant::now();
+                }
             },
             () = &mut tick => {
                 let now = Instant::now();

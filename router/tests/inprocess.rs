@@ -3213,29 +3213,16 @@ async fn closed_as_not_a_neighbour(conn: &quinn::Connection, what: &str) {
 
 /// A backend that answers before it has read the whole request and closes (a 413 to a large
 /// upload, say): the client gets the whole answer and a clean end, though its upload is cut
-/// short. The site stops the client's bytes and the edge stops reading them, and neither resets
+/// short. The site stops the client's bytes and the edge reads and drops them, and neither resets
 /// the direction that finished. (The site reset its finished stream, which dropped the answer
 /// the edge had not yet handed to the client, and the edge reset the client's connection.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_sent_before_the_request_ended_reaches_the_client_whole() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     const ANSWER: usize = 8 << 20;
     let dir = ca_dir();
     let (edge, site, port, _txs) = early_answer_fabric(dir.path(), ANSWER, |_| {}).await;
-    let client = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let (mut rd, mut wr) = client.into_split();
-    // The upload goes on until the fabric stops taking it; its errors are not the test's.
-    let upload = tokio::spawn(async move {
-        let chunk = vec![7u8; 64 << 10];
-        for _ in 0..1024 {
-            if wr.write_all(&chunk).await.is_err() {
-                break;
-            }
-        }
-        wr
-    });
+    let (mut rd, upload) = connect_uploading(port).await;
     // The answer is read only once the site has given the request up, so that most of it is
     // still on its way (in the streams' buffers) when that happens.
     let aborted = || {
@@ -3267,6 +3254,31 @@ async fn an_answer_sent_before_the_request_ended_reaches_the_client_whole() {
     for h in [edge, site] {
         h.shutdown().await;
     }
+}
+
+/// A client of the edge's `port` that uploads 64 MiB in the background, until the fabric stops
+/// taking it (its errors are not the test's), and whose read half is returned with the upload's
+/// task (which keeps the write half open).
+async fn connect_uploading(
+    port: u16,
+) -> (
+    tokio::net::tcp::OwnedReadHalf,
+    tokio::task::JoinHandle<tokio::net::tcp::OwnedWriteHalf>,
+) {
+    let client = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let (rd, mut wr) = client.into_split();
+    let upload = tokio::spawn(async move {
+        let chunk = vec![7u8; 64 << 10];
+        for _ in 0..1024 {
+            if wr.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+        wr
+    });
+    (rd, upload)
 }
 
 /// An edge and a site for service `upload`, whose backend reads the first KiB of a request,
@@ -3492,6 +3504,14 @@ async fn upload_whole_then_read(answer: usize, rcvbuf: Option<u32>) {
     assert_eq!(got.len(), answer, "the answer was cut short");
     assert!(got.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8));
     answer_out_stream_ended(&edge).await;
+    let dropped = common::metric(
+        &edge.metrics_text(),
+        "tasman_bytes_discarded_total{node=\"edge\"}",
+    );
+    assert!(
+        dropped.unwrap_or(0) > 0,
+        "the upload the site stopped was not counted as dropped: {dropped:?}"
+    );
     drop(wr);
     for h in [edge, site] {
         h.shutdown().await;
@@ -3516,19 +3536,7 @@ async fn an_early_answer_still_in_the_sites_socket_outlives_the_backends_reset()
         };
     })
     .await;
-    let client = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let (mut rd, mut wr) = client.into_split();
-    let upload = tokio::spawn(async move {
-        let chunk = vec![7u8; 64 << 10];
-        for _ in 0..1024 {
-            if wr.write_all(&chunk).await.is_err() {
-                break;
-            }
-        }
-        wr
-    });
+    let (mut rd, upload) = connect_uploading(port).await;
     // Read slowly (64 KiB every 20 ms): the answer backs up through the edge's small windows
     // into the site's socket, which still holds some of it when the backend, whose last byte
     // the site's kernel has just acknowledged, resets the connection.

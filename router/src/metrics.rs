@@ -58,7 +58,7 @@ pub struct Metrics {
     pub bytes_up: AtomicU64,
     pub bytes_down: AtomicU64,
     /// Bytes read from a TCP side and dropped, the far end having stopped taking them (an early
-    /// answer): `splice::discard` and `splice::linger`.
+    /// answer at the edge, a client gone at the site): `splice::discard` and `splice::linger`.
     pub bytes_discarded: AtomicU64,
     /// Bytes a transit forwarded between neighbours, both ways.
     pub relayed_bytes: AtomicU64,
@@ -251,7 +251,7 @@ impl Metrics {
         counter(
             &mut s,
             "bytes_discarded_total",
-            "Bytes read from a client (edge) or backend (site) and dropped: the far end had stopped taking them (an early answer).",
+            "Bytes read from a client (edge) or backend (site) and dropped: the far end had stopped taking them (an early answer at the edge, a client gone at the site).",
             "counter",
             self.bytes_discarded.load(Relaxed),
         );

@@ -74,7 +74,7 @@ impl TokenBucket {
     }
 
     /// Whether the circuit is gone ([`CircuitLimiter::revoke`]).
-    fn is_revoked(&self) -> bool {
+    pub(crate) fn is_revoked(&self) -> bool {
         self.revoked.load(Ordering::Relaxed)
     }
 

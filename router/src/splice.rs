@@ -72,8 +72,9 @@ pub(crate) enum Ended {
     Eof,
     /// The far end stopped the stream with this code: it takes no more of these bytes (a
     /// backend that answered early and closed, say). The TCP side's bytes were read and dropped
-    /// while the other direction, whose answer may still be coming, went on ([`discard`]); the
-    /// lingering close ([`linger`]) reads what the TCP side sends after that.
+    /// while the other direction, whose answer may still be coming, went on ([`discard`], for
+    /// [`DISCARD_MAX`] at most); the lingering close ([`linger`]) reads what the TCP side sends
+    /// after that.
     Stopped(Code),
 }
 
@@ -472,7 +473,8 @@ impl std::future::Future for ConnTimer<'_> {
 
 /// TCP → QUIC until EOF (then FIN), or until the far end stops the stream ([`Ended`]): its code is
 /// then put in `stopped` (the other direction sees it) and the TCP side's bytes are read and
-/// dropped ([`discard`]) until its EOF, unless the caller, once the answer is out, stops first.
+/// dropped ([`discard`]) until its EOF or [`DISCARD_MAX`], unless the caller, once the answer is
+/// out, stops first. A circuit revoked meanwhile fails the connection with `circuit_refused`.
 // The pump's two streams, its buffer and its five per-connection signals, each used as is.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn tcp_to_quic(
@@ -537,7 +539,10 @@ pub(crate) async fn tcp_to_quic(
     // discard's state). Once the answer is out the caller lingers instead.
     stopped.set(code);
     if !watch_stop.load(Relaxed) {
-        Box::pin(discard(shared, rd, bucket)).await;
+        let counter = &shared.metrics.bytes_discarded;
+        if Box::pin(discard(counter, rd, bucket)).await.is_err() {
+            return Err(Abort(Code::CircuitRefused));
+        }
     }
     Ok(Ended::Stopped(code))
 }
@@ -789,8 +794,8 @@ pub(crate) async fn tcp_quic_with(
         (outcome, up_done, down_done)
     };
     let stopped = stopped.get();
-    // One error per stream: a site that lost its backend both stops the upload and resets the
-    // answer, with the same code.
+    // A far end's stop and reset with the same code count once: a site that lost its backend
+    // both stops the upload and resets the answer.
     if let Some(code) = stopped
         && !matches!(outcome, Err(Abort(c)) if c == code)
     {
@@ -863,30 +868,36 @@ impl StoppedCode {
 /// stops polling it and lingers). A client that sends its whole request before it reads the
 /// answer, as most do, would otherwise wait on its upload while the edge waits on it to read
 /// the answer, until the write-stall timeout reset both (nginx discards the body of a request it
-/// answered early the same way). A circuit's bytes still take from its bucket (they cross its
-/// bandwidth all the same). The bytes mark no activity: the idle and write-stall timeouts are
-/// about the answer (as nginx's `send_timeout` is), so a client whose upload outlasts the
-/// write-stall timeout while it reads nothing is still reset.
-async fn discard(shared: &Shared, rd: &mut (impl AsyncRead + Unpin), bucket: Option<&TokenBucket>) {
+/// answered early the same way). The bytes do not cross the fabric, so a circuit's bucket is not
+/// charged for them (paced at a slow circuit's rate, a large upload outlasted the write-stall
+/// timeout); a circuit revoked meanwhile ends it with [`crate::ratelimit::Revoked`]. The bytes
+/// are counted in `counter` and mark no activity: the idle and write-stall timeouts are about
+/// the answer (as nginx's `send_timeout` is), so a client whose upload outlasts the write-stall
+/// timeout while it reads nothing is still reset.
+async fn discard(
+    counter: &AtomicU64,
+    rd: &mut (impl AsyncRead + Unpin),
+    bucket: Option<&TokenBucket>,
+) -> Result<(), crate::ratelimit::Revoked> {
     let mut scratch = vec![0u8; 16 << 10];
     let mut fair = Fairness::default();
-    let mut pace = crate::ratelimit::Pace::default();
-    let _ = tokio::time::timeout(DISCARD_MAX, async {
+    let read_and_drop = async {
         loop {
-            let n = match rd.read(&mut scratch).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            shared.metrics.bytes_discarded.fetch_add(n as u64, Relaxed);
-            if let Some(b) = bucket
-                && b.take(n, &mut pace).await.is_err()
-            {
-                return;
+            match rd.read(&mut scratch).await {
+                Ok(0) | Err(_) => return Ok(()),
+                Ok(n) => {
+                    counter.fetch_add(n as u64, Relaxed);
+                    if bucket.is_some_and(TokenBucket::is_revoked) {
+                        return Err(crate::ratelimit::Revoked);
+                    }
+                    fair.moved(n).await;
+                }
             }
-            fair.moved(n).await;
         }
-    })
-    .await;
+    };
+    tokio::time::timeout(DISCARD_MAX, read_and_drop)
+        .await
+        .unwrap_or(Ok(()))
 }
 
 /// The longest the TCP side's bytes are read and dropped while the answer goes out
@@ -1590,6 +1601,43 @@ mod tests {
         assert_eq!(&buf.read(&mut b, true).await.unwrap()[..], b"more");
         drop(a);
         assert!(buf.read(&mut b, true).await.unwrap().is_empty(), "EOF");
+    }
+
+    /// Dropping the bytes of a stopped upload ([`discard`]) ends at the sender's EOF at once,
+    /// after [`DISCARD_MAX`] with a sender that neither stops nor closes, and with `Revoked` at
+    /// the next bytes of a circuit revoked meanwhile; every byte read is counted.
+    #[tokio::test(start_paused = true)]
+    async fn discarding_ends_at_eof_at_its_cap_or_on_a_revoked_circuit() {
+        let counter = AtomicU64::new(0);
+        let (mut client, mut edge) = tokio::io::duplex(64 << 10);
+        client.write_all(&[7u8; 5000]).await.unwrap();
+        let start = tokio::time::Instant::now();
+        assert_eq!(discard(&counter, &mut edge, None).await, Ok(()));
+        let took = start.elapsed();
+        assert!(
+            took >= DISCARD_MAX && took < DISCARD_MAX + Duration::from_secs(1),
+            "a silent sender's bytes were dropped for {took:?}"
+        );
+        assert_eq!(counter.load(Relaxed), 5000);
+
+        let circuit = crate::ratelimit::CircuitLimiter::new(topology::Bandwidth::from_mbps(8));
+        circuit.revoke();
+        client.write_all(b"more").await.unwrap();
+        let start = tokio::time::Instant::now();
+        let ended = discard(&counter, &mut edge, Some(&circuit.up)).await;
+        assert_eq!(ended, Err(crate::ratelimit::Revoked));
+        assert!(start.elapsed() < Duration::from_secs(1));
+        assert_eq!(counter.load(Relaxed), 5004);
+
+        client.write_all(b"last").await.unwrap();
+        drop(client);
+        let start = tokio::time::Instant::now();
+        assert_eq!(discard(&counter, &mut edge, None).await, Ok(()));
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "EOF ends it at once"
+        );
+        assert_eq!(counter.load(Relaxed), 5008);
     }
 
     /// When [`ConnTimer`] ends a connection, in virtual time: `idle`, `stall`, whether a write

@@ -3291,6 +3291,17 @@ async fn early_answer_fabric(
     answer: usize,
     edge_tune: impl FnOnce(&mut RouterConfig),
 ) -> (RouterHandle, RouterHandle, u16, Vec<common::Source>) {
+    early_answer_fabric_with(dir, answer, true, edge_tune).await
+}
+
+/// [`early_answer_fabric`], whose backend sends no FIN before its RST unless `fin` (a crash in
+/// the middle of its answer, as the site sees it).
+async fn early_answer_fabric_with(
+    dir: &std::path::Path,
+    answer: usize,
+    fin: bool,
+    edge_tune: impl FnOnce(&mut RouterConfig),
+) -> (RouterHandle, RouterHandle, u16, Vec<common::Source>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let backend = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -3303,7 +3314,9 @@ async fn early_answer_fabric(
                 }
                 let bytes: Vec<u8> = (0..answer).map(|i| (i % 251) as u8).collect();
                 let _ = s.write_all(&bytes).await;
-                let _ = s.shutdown().await;
+                if fin {
+                    let _ = s.shutdown().await;
+                }
                 // Closed with the request unread, a socket sends an RST and throws away what
                 // its send buffer holds: it closes once the site has acknowledged the answer
                 // and the FIN (what a backend's lingering close would wait for), 20 s at most.
@@ -3529,6 +3542,100 @@ async fn upload_whole_then_read(answer: usize, rcvbuf: Option<u32>) {
     )
     .await;
     drop(wr);
+    for h in [edge, site] {
+        h.shutdown().await;
+    }
+}
+
+/// A backend that resets its connection, with no FIN, in the middle of a large answer while the
+/// client uploads: the site stops the upload and resets the answer, both with `backend_abort`,
+/// and the edge passes the reset on to the client and counts one error, whichever of the two it
+/// sees first. (When the stop came first, the edge counted the stop and the reset as two
+/// errors.) Each attempt is one connection; it tries until the stop came first in one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_crash_mid_answer_is_one_error_at_the_edge() {
+    use tokio::io::AsyncReadExt;
+    const ANSWER: usize = 16 << 20;
+    let dir = ca_dir();
+    let (edge, site, port, _txs) =
+        early_answer_fabric_with(dir.path(), ANSWER, false, |_| {}).await;
+    let edge_metric = |name: &str| common::metric(&edge.metrics_text(), name).unwrap_or(0);
+    let aborts = |h: &RouterHandle| {
+        let node = h.telemetry().node;
+        common::metric(
+            &h.metrics_text(),
+            &format!("tasman_stream_errors_total{{node=\"{node}\",code=\"backend_abort\"}}"),
+        )
+        .unwrap_or(0)
+    };
+    let dropped = || edge_metric("tasman_bytes_discarded_total{node=\"edge\"}");
+    let active = || edge_metric("tasman_streams_active{node=\"edge\"}");
+    let mut stop_first = 0;
+    for attempt in 1..=8u64 {
+        let (edge_before, dropped_before) = (aborts(&edge), dropped());
+        let (mut rd, upload) = connect_uploading(port).await;
+        wait_until(
+            Duration::from_secs(20),
+            || aborts(&site) >= attempt,
+            || {
+                format!(
+                    "attempt {attempt}: the site's backend never reset:\n{}",
+                    site.metrics_text()
+                )
+            },
+        )
+        .await;
+        // The edge has either seen the stop first (it drops the upload while its answer, which
+        // the client does not read yet, is still going out) or the reset (the stream ended).
+        wait_until(
+            Duration::from_secs(10),
+            || dropped() > dropped_before || active() == 0,
+            || {
+                format!(
+                    "attempt {attempt}: the edge saw neither:\n{}",
+                    edge.metrics_text()
+                )
+            },
+        )
+        .await;
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(20), rd.read_to_end(&mut got))
+            .await
+            .expect("the client's read ended within 20 s");
+        assert!(
+            got.len() < ANSWER,
+            "a crashed backend's answer arrived whole: {read:?}"
+        );
+        wait_until(
+            Duration::from_secs(10),
+            || active() == 0,
+            || format!("the edge's stream stayed active:\n{}", edge.metrics_text()),
+        )
+        .await;
+        upload.abort();
+        assert_eq!(
+            aborts(&edge),
+            edge_before + 1,
+            "attempt {attempt}: the edge's backend_abort errors for one stream:\n{}",
+            edge.metrics_text()
+        );
+        if dropped() > dropped_before {
+            stop_first += 1;
+            break;
+        }
+    }
+    assert_eq!(
+        stop_first, 1,
+        "the edge saw the reset first in all 8 attempts"
+    );
+    let others: Vec<String> = edge
+        .metrics_text()
+        .lines()
+        .filter(|l| l.starts_with("tasman_stream_errors_total{") && !l.contains("backend_abort"))
+        .filter(|l| !l.ends_with(" 0"))
+        .map(str::to_owned)
+        .collect();
+    assert!(others.is_empty(), "the edge's other errors: {others:?}");
     for h in [edge, site] {
         h.shutdown().await;
     }

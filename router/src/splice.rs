@@ -1612,7 +1612,12 @@ mod tests {
         let (mut client, mut edge) = tokio::io::duplex(64 << 10);
         client.write_all(&[7u8; 5000]).await.unwrap();
         let start = tokio::time::Instant::now();
-        assert_eq!(discard(&counter, &mut edge, None).await, Ok(()));
+        let ended = tokio::time::timeout(DISCARD_MAX * 2, discard(&counter, &mut edge, None));
+        assert_eq!(
+            ended.await,
+            Ok(Ok(())),
+            "a silent sender's bytes dropped with no end"
+        );
         let took = start.elapsed();
         assert!(
             took >= DISCARD_MAX && took < DISCARD_MAX + Duration::from_secs(1),
@@ -1620,7 +1625,22 @@ mod tests {
         );
         assert_eq!(counter.load(Relaxed), 5000);
 
+        // A live circuit's rate does not pace them (they do not cross the fabric): 4 MiB at
+        // 8 Mbit/s would take 4 s.
         let circuit = crate::ratelimit::CircuitLimiter::new(topology::Bandwidth::from_mbps(8));
+        let (mut sender, mut rd) = tokio::io::duplex(64 << 10);
+        let writer = tokio::spawn(async move {
+            sender.write_all(&vec![1u8; 4 << 20]).await.unwrap();
+        });
+        let start = tokio::time::Instant::now();
+        assert_eq!(discard(&counter, &mut rd, Some(&circuit.up)).await, Ok(()));
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "paced at the circuit's rate"
+        );
+        writer.await.unwrap();
+        assert_eq!(counter.load(Relaxed), 5000 + (4 << 20));
+        counter.store(5000, Relaxed);
         circuit.revoke();
         client.write_all(b"more").await.unwrap();
         let start = tokio::time::Instant::now();

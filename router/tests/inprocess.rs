@@ -3294,8 +3294,9 @@ async fn early_answer_fabric(
     early_answer_fabric_with(dir, answer, true, edge_tune).await
 }
 
-/// [`early_answer_fabric`], whose backend sends no FIN before its RST unless `fin` (a crash in
-/// the middle of its answer, as the site sees it).
+/// [`early_answer_fabric`], whose backend sends no FIN before its RST unless `fin` (a crash after
+/// its answer but before its FIN: the site has the whole answer, and the client gets it cut
+/// short).
 async fn early_answer_fabric_with(
     dir: &std::path::Path,
     answer: usize,
@@ -3518,7 +3519,7 @@ async fn upload_whole_then_read(answer: usize, rcvbuf: Option<u32>) {
     assert!(got.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8));
     answer_out_stream_ended(&edge).await;
     // Every byte of the upload the edge read went to the site or was dropped and counted (but
-    // the chunk in hand when the stop came, 1 MiB at most): the client still holds its
+    // the chunk in hand when the stop came, 256 KiB at most): the client still holds its
     // connection open, so the lingering close reads what is left.
     let carried = || {
         let text = edge.metrics_text();
@@ -3549,7 +3550,7 @@ async fn upload_whole_then_read(answer: usize, rcvbuf: Option<u32>) {
 
 /// A backend that resets its connection, with no FIN, in the middle of a large answer while the
 /// client uploads: the site stops the upload and resets the answer, both with `backend_abort`,
-/// and the edge passes the reset on to the client and counts one error, whichever of the two it
+/// and the edge cuts the client's answer short and counts one error, whichever of the two it
 /// sees first. (When the stop came first, the edge counted the stop and the reset as two
 /// errors.) Each attempt is one connection; it tries until the stop came first in one of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

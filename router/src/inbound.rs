@@ -141,6 +141,7 @@ async fn serve_connection(
     // Where the next pong's learned entries start: each pong goes on where the previous one
     // stopped, so entries beyond one datagram's worth are carried in turn (`Probe::encode_pong`).
     let mut rotation = 0;
+    let mut pongs = crate::probe::PongBudget::new(tokio::time::Instant::now());
     // A peer the topology no longer has (a snapshot removed it), or no longer links to this
     // node, is closed at its next stream or probe, as its next handshake would be refused: it
     // must not go on relaying through us.
@@ -171,6 +172,13 @@ async fn serve_connection(
                 Ok(_) if removed() => break,
                 Ok(bytes) => {
                     if let Ok(Probe::Ping { seq }) = Probe::decode(bytes) {
+                        // Each pong costs this router its own entry, a digest and up to a
+                        // datagram: a peer's burst of pings (a hundred fit in one packet) must
+                        // not be answered in full.
+                        if !pongs.take(tokio::time::Instant::now()) {
+                            shared.metrics.pings_ignored_total.fetch_add(1, Relaxed);
+                            continue;
+                        }
                         let max = conn.max_datagram_size().unwrap_or(1200);
                         let (own, learned, taken) = shared.digest();
                         let aged = taken.elapsed().as_nanos().div_ceil(1_000_000);

@@ -71,6 +71,9 @@ pub struct Metrics {
     /// Probe deadlines met late because this router stalled, which re-probed instead of
     /// judging the neighbour.
     pub probe_stalls_total: AtomicU64,
+    /// Pings of neighbours left unanswered, past a connection's budget
+    /// ([`crate::probe::PONG_BURST`]).
+    pub pings_ignored_total: AtomicU64,
     /// Connections of a peer closed because it opened a newer one past
     /// [`crate::inbound::MAX_CONNECTIONS_PER_PEER`].
     pub peer_connections_superseded_total: AtomicU64,
@@ -303,6 +306,13 @@ impl Metrics {
             "Incoming connections closed because their peer (the same node name) opened a newer one past the cap of 4 at once.",
             "counter",
             self.peer_connections_superseded_total.load(Relaxed),
+        );
+        counter(
+            &mut s,
+            "pings_ignored_total",
+            "Pings of neighbours left unanswered: past a connection's budget of 32 at once and 250 a second.",
+            "counter",
+            self.pings_ignored_total.load(Relaxed),
         );
         counter(
             &mut s,

@@ -721,6 +721,9 @@ async fn probe_until_down(
             }
             d = conn.read_datagram() => {
                 let Ok(bytes) = d else { return answered > 0 };
+                if Probe::pong_seq(&bytes).is_none_or(|echoed| !answers(live.sent(), answered, echoed)) {
+                    continue;
+                }
                 let Ok(Probe::Pong { seq: echoed, entries }) = Probe::decode(bytes) else { continue };
                 // Only the first answer to a ping we sent counts: a neighbour cannot push
                 // evidence (and table rebuilds) faster than we probe it.

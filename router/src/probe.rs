@@ -419,6 +419,15 @@ impl Probe {
         (out.freeze(), next)
     }
 
+    /// A pong's echoed sequence number, read without decoding its entries (a receiver drops
+    /// an answer it does not wait for before paying for them); `None` for anything else.
+    pub fn pong_seq(b: &[u8]) -> Option<u64> {
+        if *b.first()? != PONG {
+            return None;
+        }
+        Some(u64::from_be_bytes(b.get(1..9)?.try_into().ok()?))
+    }
+
     /// Decodes a probe. After a pong's entries come extensions, each `u8 kind`, `u16 len` and
     /// `len` bytes: a receiver skips the kinds it does not know, and a sender older than them
     /// sends none. What does not make an extension whole (a truncated one, or ages that are not
@@ -458,6 +467,52 @@ impl Probe {
     }
 }
 
+/// Pings answered on one connection: a burst of [`PONG_BURST`], then one every [`PONG_EVERY`]
+/// (250 a second). A neighbour probing at the shortest `--probe-interval` (10 ms), re-probes
+/// included, sends at most 200 a second; past the budget a ping is ignored (counted in
+/// `tasman_pings_ignored_total`), as a lost one would be.
+pub const PONG_BURST: u32 = 32;
+/// See [`PONG_BURST`].
+pub const PONG_EVERY: std::time::Duration = std::time::Duration::from_millis(4);
+
+/// A token bucket of pongs: [`PONG_BURST`] tokens, one more every [`PONG_EVERY`].
+#[derive(Debug)]
+pub struct PongBudget {
+    tokens: u32,
+    /// When the last token was earned (or when the bucket filled).
+    since: tokio::time::Instant,
+}
+
+impl PongBudget {
+    pub fn new(now: tokio::time::Instant) -> Self {
+        PongBudget {
+            tokens: PONG_BURST,
+            since: now,
+        }
+    }
+
+    /// Takes a token, if there is one at `now`.
+    pub fn take(&mut self, now: tokio::time::Instant) -> bool {
+        let earned = now.saturating_duration_since(self.since).as_nanos() / PONG_EVERY.as_nanos();
+        if earned > 0 {
+            if earned >= u128::from(PONG_BURST - self.tokens) {
+                self.tokens = PONG_BURST;
+                self.since = now;
+            } else {
+                // Less than PONG_BURST tokens: fits a u32.
+                let earned = earned as u32;
+                self.tokens += earned;
+                self.since += PONG_EVERY * earned;
+            }
+        }
+        if self.tokens == 0 {
+            return false;
+        }
+        self.tokens -= 1;
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -480,6 +535,35 @@ mod tests {
             }],
             age_ms: 0,
         }
+    }
+
+    #[test]
+    fn pongs_come_in_a_burst_then_at_their_rate() {
+        let t0 = tokio::time::Instant::now();
+        let mut b = PongBudget::new(t0);
+        let taken = |b: &mut PongBudget, at, n| (0..n).filter(|_| b.take(at)).count() as u32;
+        assert_eq!(taken(&mut b, t0, 100), PONG_BURST);
+        // 10 intervals later: 10 more, however many pings came.
+        assert_eq!(taken(&mut b, t0 + PONG_EVERY * 10, 100), 10);
+        // Part of an interval earns nothing, and the part is kept for the next one.
+        let t1 = t0 + PONG_EVERY * 10 + PONG_EVERY / 2;
+        assert_eq!(taken(&mut b, t1, 100), 0);
+        assert_eq!(taken(&mut b, t0 + PONG_EVERY * 11, 100), 1);
+        // A long silence refills the burst, no more.
+        assert_eq!(taken(&mut b, t0 + PONG_EVERY * 10_000, 100), PONG_BURST);
+        // A clock read out of order (never earlier in tokio, but) earns nothing and takes none.
+        assert_eq!(taken(&mut b, t0, 5), 0);
+    }
+
+    #[test]
+    fn a_pongs_sequence_number_is_read_without_its_entries() {
+        let es = [entry("s1"), entry("s2")];
+        let (pong, _) = Probe::encode_pong(7, &es, 0, 1200);
+        assert_eq!(Probe::pong_seq(&pong), Some(7));
+        assert_eq!(Probe::pong_seq(&pong[..9]), Some(7));
+        assert_eq!(Probe::pong_seq(&pong[..8]), None);
+        assert_eq!(Probe::pong_seq(&Probe::encode_ping(7)), None);
+        assert_eq!(Probe::pong_seq(&[]), None);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use router::probe::{Entry, NeighbourState, Probe};
+use router::probe::{Entry, NeighbourState, PONG_BURST, Probe};
 use router::{RouterHandle, Snapshot};
 use testkit::bytes_taken;
 use topology::builder::{TopologyBuilder, ms};
@@ -2347,4 +2347,60 @@ async fn a_site_resets_a_stream_whose_edge_grants_no_window_for_its_answer() {
     .await;
     // The site had made one (none held now could also mean none was ever made).
     assert_eq!(backend.ended_after_held(), 1);
+}
+
+/// A neighbour that sends pings in a burst (thousands in a few packets) gets a connection's
+/// budget of pongs, not one per ping: each pong costs the router its own entry, a digest and up
+/// to a datagram of upload. The ignored pings are counted. (The edge answered every one.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_pings_is_answered_within_a_budget() {
+    const PINGS: u64 = 5_000;
+    let dir = ca_dir();
+    let t = edge_and_near(echo_backend().await);
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    let (edge, _) = spawn_node(&snap, dir.path(), "edge", |_| {}).await;
+    router::pki::issue(dir.path(), "near").unwrap();
+    let at = t.node("edge").unwrap().address;
+    let (_ep, conn) = common::connect_as(dir.path(), "near", at, "edge").await;
+    // The edge serves probes once it has taken the connection (and granted streams).
+    tokio::time::timeout(Duration::from_secs(10), conn.open_bi())
+        .await
+        .expect("no stream granted")
+        .unwrap();
+    let pongs = Arc::new(AtomicU64::new(0));
+    let reader = tokio::spawn({
+        let (conn, pongs) = (conn.clone(), pongs.clone());
+        async move {
+            while let Ok(d) = conn.read_datagram().await {
+                if Probe::pong_seq(&d).is_some() {
+                    pongs.fetch_add(1, Relaxed);
+                }
+            }
+        }
+    });
+    let started = Instant::now();
+    for seq in 1..=PINGS {
+        conn.send_datagram_wait(Probe::encode_ping(seq))
+            .await
+            .unwrap();
+    }
+    // Most pings have reached the edge (a datagram can be lost): answered or ignored.
+    let ignored = "tasman_pings_ignored_total{node=\"edge\"}";
+    let seen = || metric(&edge.metrics_text(), ignored).unwrap_or(0) + pongs.load(Relaxed);
+    wait_until(
+        Duration::from_secs(20),
+        || seen() >= PINGS * 9 / 10,
+        || format!("{} of {PINGS} pings answered or ignored", seen()),
+    )
+    .await;
+    let (answered, took) = (pongs.load(Relaxed), started.elapsed());
+    // The budget: a burst, then one every 4 ms since the first ping.
+    let allowed = u64::from(PONG_BURST) + took.as_millis() as u64 / 4 + 1;
+    assert!(
+        (1..=allowed).contains(&answered),
+        "{answered} pongs for {PINGS} pings in {took:?} (at most {allowed})"
+    );
+    conn.close(0u32.into(), b"done");
+    reader.await.unwrap();
+    edge.shutdown().await;
 }

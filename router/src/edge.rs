@@ -798,6 +798,13 @@ async fn forward(
     Ok(written.bytes)
 }
 
+/// Drops what the site stopped before quinn took it, counted as dropped
+/// (`tasman_bytes_discarded_total`, as the splice counts what it drops after a stop).
+fn drop_pending(shared: &Shared, pending: &mut Bytes) {
+    let n = std::mem::take(pending).len();
+    shared.metrics.bytes_discarded.fetch_add(n as u64, Relaxed);
+}
+
 /// What an attempt writes to its stream: the replay (what the client sent to the failed
 /// candidates, `replay.chunks[..replayed_end]`), then the client's chunks as they come, one at a
 /// time in `pending`; the stream is finished once everything before the client's half-close
@@ -920,8 +927,16 @@ async fn attempt(
     // (backpressure, as in the splice).
     let mut out = Outgoing::new(replay);
     let mut hold: Option<Hold> = None;
+    // The site stopped the client's bytes before its answer was read: nothing more is written
+    // (nor read from the client), and the answer still decides. A site that refuses resets the
+    // stream too (`inbound::refuse`), read below; one that accepted and whose backend then
+    // answered early and closed (`splice::quic_to_tcp`'s `EPIPE`) sent its `ok` first, which may
+    // come after the stop (a lost packet): the stop alone must not give up on that answer.
+    let mut stopped: Option<quinn::VarInt> = None;
     let outcome = loop {
-        out.refill(replay, &mut send);
+        if stopped.is_none() {
+            out.refill(replay, &mut send);
+        }
         tokio::select! {
             // In order: an answer already there wins over a deadline or a down verdict that
             // fires at the same moment (the backend has the request: no retry).
@@ -936,7 +951,7 @@ async fn attempt(
                 Ok(None) => break Err(Attempt::Retry(Code::UpstreamLost, Told::Here)),
                 Err(e) => break Err(read_failed(&e)),
             },
-            r = buf.read(tcp, circuit.is_none()), if out.pending.is_empty() && !replay.eof => match r {
+            r = buf.read(tcp, circuit.is_none()), if out.pending.is_empty() && !replay.eof && stopped.is_none() => match r {
                 Ok(b) if b.is_empty() => {
                     // Finished at the top of the loop (nothing is left to write).
                     replay.eof = true;
@@ -959,14 +974,22 @@ async fn attempt(
                 }
                 Err(_) => break Err(Attempt::Fatal(Code::ClientAbort)),
             },
-            r = forward(&mut send, &mut out.pending, &mut hold), if !out.pending.is_empty() => match r {
+            r = forward(&mut send, &mut out.pending, &mut hold), if !out.pending.is_empty() && stopped.is_none() => match r {
                 Ok(n) => out.written(shared, n),
+                Err(WriteError::Stopped(code)) => {
+                    stopped = Some(code);
+                    drop_pending(shared, &mut out.pending);
+                }
                 Err(e) => break Err(write_failed(e)),
             },
             // Nothing came back within the deadline: like any failure before the first byte
             // back, the next candidate may take the connection (the site is not marked down:
-            // a slow answer is no proof of a dead site). Each try has its own deadline.
-            _ = &mut deadline => break Err(Attempt::Retry(Code::UpstreamLost, Told::Here)),
+            // a slow answer is no proof of a dead site). Each try has its own deadline. A stop
+            // with no answer after it is the stop's word.
+            _ = &mut deadline => break Err(match stopped {
+                Some(code) => write_failed(WriteError::Stopped(code)),
+                None => Attempt::Retry(Code::UpstreamLost, Told::Here),
+            }),
             // The first hop was declared down before the site answered: nothing came back yet,
             // so the next candidate can take the connection now.
             _ = &mut went_down => break Err(Attempt::Retry(Code::NextHopUnreachable, Told::Here)),
@@ -978,7 +1001,11 @@ async fn attempt(
     // yet (a peer that withholds its window would hold the client for ever). The backend
     // has taken the request: a failure from here on is not retried (another site would get the
     // request a second time), whatever its code.
+    // A stop (the backend answered early and closed) is no failure: the answer is spliced to
+    // the client, whose further bytes the splice drops (`splice::tcp_to_quic` meets the same
+    // stop).
     let outcome = match outcome {
+        Ok(()) if stopped.is_some() => Ok(()),
         Ok(()) => loop {
             out.refill(replay, &mut send);
             if out.pending.is_empty() {
@@ -989,6 +1016,10 @@ async fn attempt(
                 .await
             {
                 Some(Ok(n)) => out.written(shared, n),
+                Some(Err(WriteError::Stopped(_))) => {
+                    drop_pending(shared, &mut out.pending);
+                    break Ok(());
+                }
                 Some(Err(e)) => {
                     break Err(match write_failed(e) {
                         Attempt::Retry(code, _) => Attempt::Fatal(code),

@@ -2404,3 +2404,82 @@ async fn a_burst_of_pings_is_answered_within_a_budget() {
     reader.await.unwrap();
     edge.shutdown().await;
 }
+
+/// Answers each stream as a site whose backend answered early (`413`) and closed: once the edge
+/// is blocked on the stream's window (a chunk of the client's upload still to forward), `ok`,
+/// the answer and the end of the stream, and a stop of the upload with `backend_abort` (the
+/// site's failed write to the closed backend). `stop_first`: the stop goes out first and the
+/// answer 300 ms later, as when the packet with `ok` is lost and comes again, or when the edge
+/// gives up on the stream first.
+async fn answer_early_and_stop(conn: quinn::Connection, stop_first: bool) {
+    let mut held = Vec::new();
+    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+        wait_until(
+            Duration::from_secs(10),
+            || conn.stats().frame_rx.stream_data_blocked > 0,
+            || "the edge never said it was blocked on the stream's window".into(),
+        )
+        .await;
+        let stop = router::codes::Code::BackendAbort.varint();
+        if stop_first {
+            let _ = recv.stop(stop);
+            let _ = tokio::time::timeout(Duration::from_millis(300), send.stopped()).await;
+        }
+        let mut answer = router::header::REPLY_OK.to_vec();
+        answer.extend_from_slice(b"413");
+        let _ = send.write_all(&answer).await;
+        let _ = send.finish();
+        if !stop_first {
+            let _ = recv.stop(stop);
+        }
+        held.push((send, recv));
+    }
+}
+
+/// A backend answers early (before the upload ended) and closes, while the edge still has a
+/// chunk of the upload to forward: the client gets the answer and a clean end, whether the
+/// site's stop of the upload reaches the edge after its `ok` (in the flush before the splice)
+/// or before it. (Both were a reset of the client: the stop was taken as the attempt's failure,
+/// `backend_abort`, fatal.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_answer_reaches_the_client_when_the_stop_comes_before_the_splice() {
+    for stop_first in [false, true] {
+        early_answer_then_stop(stop_first).await;
+    }
+}
+
+async fn early_answer_then_stop(stop_first: bool) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = ca_dir();
+    let port = free_tcp_port();
+    let t = two_sites(echo_backend().await, port, false);
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    let mut tight = router::transport::transport_config();
+    tight.stream_receive_window(8192u32.into());
+    let _near = fake_neighbour(dir.path(), &t, "near", tight, move |c, p| async move {
+        tokio::spawn(answer_early_and_stop(c.clone(), stop_first));
+        answer_pings("near", c, p).await
+    });
+    let (edge, _) = spawn_node(&snap, dir.path(), "edge", |_| {}).await;
+    let (far, _) = spawn_node(&snap, dir.path(), "far", |_| {}).await;
+    edge_prefers_near_with_far_as_fallback(&edge).await;
+
+    let c = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let (mut rd, mut wr) = c.into_split();
+    tokio::spawn(async move {
+        let _ = wr.write_all(&vec![7u8; 1 << 20]).await;
+    });
+    let mut got = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(15), rd.read_to_end(&mut got))
+        .await
+        .expect("the client connection was still open 15 s on");
+    assert!(
+        ended.is_ok() && got == b"413",
+        "stop first: {stop_first}: {ended:?}, got {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    edge.shutdown().await;
+    far.shutdown().await;
+}

@@ -5,9 +5,10 @@
 //! `requested` (DESIGN) -> `provisioning` (DEPLOYABLE/CONFIGURED: placed, capacity reserved,
 //! VIP allocated, in the snapshots) -> `active` (LIVE: every router on the path acknowledged a
 //! snapshot that contains it) ; `failed` (with a reason) ; `decommissioning` (CANCELLED:
-//! removed from snapshots, capacity and VIP released) -> `decommissioned` (every router on the
-//! path the topology still has acknowledged a snapshot without it, or the acknowledgement
-//! timeout passed). A create that cannot be placed is refused and
+//! removed from snapshots, its capacity and VIP still held, since a router that has not
+//! acknowledged its removal still carries it) -> `decommissioned` (every router on the path the
+//! topology still has acknowledged a snapshot without it, or the acknowledgement timeout
+//! passed: its capacity and VIP released). A create that cannot be placed is refused and
 //! records nothing, so `requested` only shows inside the history of the create transaction.
 //! A circuit decommissioned for longer than the retention (`--circuit-retention`) leaves the
 //! live table for the archive ([`archive`]): found by id only then, its key and history kept.
@@ -64,7 +65,9 @@ impl CircuitState {
         CircuitState::Decommissioned,
     ];
 
-    /// States in which the circuit holds capacity and a VIP and is in the routers' snapshots.
+    /// States in which the circuit is in the routers' snapshots (and holds capacity and a
+    /// VIP): not deleted. A deleted circuit still holds them while `decommissioning`
+    /// ([`Self::holds_capacity`]).
     pub fn is_live(self) -> bool {
         matches!(
             self,
@@ -73,6 +76,15 @@ impl CircuitState {
                 | CircuitState::Active
                 | CircuitState::Failed
         )
+    }
+    /// States in which the circuit holds its capacity (its reservations) and its VIP against
+    /// other circuits' admission and resizes: live, and `decommissioning`. A deleted circuit is
+    /// out of the snapshots, but routers that have not acknowledged that (an edge cut off from
+    /// the controller, on its last snapshot) still carry it at its rate and map its VIP to it,
+    /// so both are released only when it is `decommissioned` (make before break, as a resize's
+    /// old path is held until the routers acknowledge the new one).
+    pub fn holds_capacity(self) -> bool {
+        self.is_live() || self == CircuitState::Decommissioning
     }
     /// States `--wait` stops at.
     pub fn is_settled(self) -> bool {
@@ -157,6 +169,34 @@ pub struct KeptRequest {
     pub pool: Option<String>,
 }
 
+impl KeptRequest {
+    /// Whether `spec` is the request kept: equal, the B-end's regions and sites taken as sets
+    /// ([`sorted_b_end`]). A record keeps them in the order given, as earlier builds did.
+    fn matches(&self, spec: &CircuitSpec) -> bool {
+        let ordered = |k: &KeptRequest| KeptRequest {
+            b_end: sorted_b_end(&k.b_end),
+            ..k.clone()
+        };
+        ordered(self) == ordered(&KeptRequest::from(spec))
+    }
+}
+
+/// `b` with its regions and sites sorted (duplicates kept: admission refuses a list naming one
+/// twice, so a request with one is not the request admitted).
+fn sorted_b_end(b: &BEnd) -> BEnd {
+    let mut b = b.clone();
+    b.regions.sort();
+    b.sites.sort();
+    b
+}
+
+/// Whether two B-ends are the same request: the same service, regions and sites, the lists
+/// compared as sets, as placement takes them (a retry listing them in another order is the
+/// same request).
+fn same_b_end(a: &BEnd, b: &BEnd) -> bool {
+    sorted_b_end(a) == sorted_b_end(b)
+}
+
 impl From<&CircuitSpec> for KeptRequest {
     fn from(s: &CircuitSpec) -> Self {
         KeptRequest {
@@ -191,7 +231,8 @@ pub struct Circuit {
     pub assigned_rate: Option<Bandwidth>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<PoolName>,
-    /// The circuit's VIP (kept in the record after decommissioning, for history; released).
+    /// The circuit's VIP (held while it is decommissioning; kept in the record once it is
+    /// decommissioned, for history, but released).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vip: Option<IpAddr>,
     /// The service's port at the VIP.
@@ -225,7 +266,8 @@ pub struct Circuit {
 }
 
 impl Circuit {
-    /// The reservations this circuit holds now (its path, plus what a resize still holds).
+    /// The reservations this circuit holds now (its path, plus what a resize still holds),
+    /// also while it is decommissioning ([`CircuitState::holds_capacity`]).
     pub fn reservations(&self) -> Vec<Reservation> {
         self.path_reservation()
             .into_iter()
@@ -233,9 +275,10 @@ impl Circuit {
             .collect()
     }
 
-    /// The reservation of the path the circuit is on (in the snapshots), when it holds one.
+    /// The reservation of the path the circuit is on (in the snapshots, or, decommissioning,
+    /// just taken out of them), when it holds one.
     pub fn path_reservation(&self) -> Option<Reservation> {
-        (self.state.is_live() && !self.path.is_empty()).then(|| Reservation {
+        (self.state.holds_capacity() && !self.path.is_empty()).then(|| Reservation {
             circuit: self.id.clone(),
             path: self.path.clone(),
             rate: self.requested_rate,
@@ -245,7 +288,7 @@ impl Circuit {
     /// What a resize still holds (the old path, or the old rate's excess), when it holds it.
     pub fn held_reservation(&self) -> Option<Reservation> {
         let h = self.held.as_ref()?;
-        (self.state.is_live() && !self.path.is_empty()).then(|| Reservation {
+        (self.state.holds_capacity() && !self.path.is_empty()).then(|| Reservation {
             circuit: self.id.clone(),
             path: h.path.clone(),
             rate: h.rate,
@@ -660,7 +703,7 @@ fn next_history_seq(tx: &dyn ReadTxn, id: &CircuitId) -> Result<u64, StoreError>
     }
 }
 
-/// Every reservation held now, by every circuit.
+/// Every reservation held now, by every circuit (a decommissioning one's too).
 pub fn reservations(circuits: &[Circuit]) -> Vec<Reservation> {
     circuits.iter().flat_map(Circuit::reservations).collect()
 }
@@ -669,9 +712,14 @@ pub fn reservations(circuits: &[Circuit]) -> Vec<Reservation> {
 /// or links of a reserved path removed or down, sites that may no longer carry a circuit's
 /// service, service VIPs over a circuit's VIP ([`placement::check_reservations`],
 /// [`placement::check_site`], [`placement::check_vip`]; the last fails no circuit).
+/// Live circuits only: a decommissioning one still holds its capacity until its routers
+/// acknowledge its removal (or the acknowledgement timeout passes), but it is leaving and
+/// nothing an apply does fails it, so the plan leaves it out (a link shrunk under what it holds
+/// is over-committed until then; admission and resizes there count it and wait for it).
 pub fn check(topo: &Topology, circuits: &[Circuit]) -> Vec<placement::ReservationIssue> {
-    let mut issues = placement::check_reservations(topo, &reservations(circuits));
     let live = || circuits.iter().filter(|c| c.state.is_live());
+    let held: Vec<Reservation> = live().flat_map(Circuit::reservations).collect();
+    let mut issues = placement::check_reservations(topo, &held);
     issues.extend(
         live().filter_map(|c| placement::check_site(topo, &c.id, &c.b_end, c.site.as_ref()?)),
     );
@@ -741,7 +789,10 @@ pub struct Admission {
 }
 
 /// Checks a spec against the topology and the circuits held now: names, prefix, the B-end's
-/// lists, placement with capacity, a VIP. Writes nothing.
+/// lists, placement with capacity, a VIP. Writes nothing. A decommissioning circuit still holds
+/// its capacity and its VIP ([`CircuitState::holds_capacity`]), but not its name or its prefix:
+/// it is out of the snapshots, so no router is sent the new circuit beside it, and a name finds
+/// the live circuit first ([`find`]).
 pub fn admit(
     topo: &Topology,
     circuits: &[Circuit],
@@ -784,7 +835,7 @@ pub fn admit(
     let placement = placement::place(topo, &reservations(circuits), &req)?;
     let used: BTreeSet<IpAddr> = circuits
         .iter()
-        .filter(|c| c.state.is_live())
+        .filter(|c| c.state.holds_capacity())
         .filter_map(|c| c.vip)
         .collect();
     let (pool, vip) = placement::allocate_vip(topo, spec.pool.as_deref(), &used)?;
@@ -802,7 +853,8 @@ pub fn admit(
 /// Creates a circuit: admission, then one record in `provisioning` with its path reserved and
 /// its VIP allocated. With an idempotency key already used, returns that circuit as it is now
 /// (`false`; it may have been resized or deleted since) when the spec is the one the key was
-/// first used with (pool included), and refuses when it differs.
+/// first used with (pool included; the B-end's regions and sites in any order), and refuses
+/// when it differs.
 pub fn create(
     tx: &mut dyn WriteTxn,
     topo: &Topology,
@@ -823,13 +875,13 @@ pub fn create(
                     .ok_or_else(|| CircuitError::NotFound(id.clone()))?,
             };
             let same = match &c.created_with {
-                Some(kept) => *kept == KeptRequest::from(spec),
+                Some(kept) => kept.matches(spec),
                 // A record stored before requests were kept: compared with the circuit as it
                 // is (a resize since, or another pool, is not told apart).
                 None => {
                     c.name == spec.name
                         && c.a_end == spec.a_end
-                        && c.b_end == spec.b_end
+                        && same_b_end(&c.b_end, &spec.b_end)
                         && c.requested_rate == spec.rate
                 }
             };
@@ -1018,8 +1070,10 @@ pub fn resize(
     Ok((c, true))
 }
 
-/// Starts decommissioning: the circuit leaves the snapshots and releases its capacity and VIP
-/// at once; it becomes `decommissioned` when the routers of its path acknowledge that.
+/// Starts decommissioning: the circuit leaves the snapshots at once (and drops what a resize
+/// still held), but holds its capacity and VIP until it becomes `decommissioned`, when the
+/// routers of its path acknowledge a snapshot without it or the acknowledgement timeout passes
+/// ([`settle`], [`expire`]): until then a router may still carry it.
 /// Returns the circuit and whether it was changed now (a circuit deleted already is returned
 /// as it is), as [`resize`] does.
 pub fn delete(
@@ -1048,7 +1102,11 @@ pub fn delete(
         actor,
         "delete",
         Some(from),
-        format!("capacity {} and VIP released", c.requested_rate),
+        format!(
+            "capacity {} and VIP held until the routers acknowledge the removal (or the \
+             acknowledgement timeout passes)",
+            c.requested_rate
+        ),
     )?;
     save(tx, &c)?;
     Ok((c, true))
@@ -1061,7 +1119,8 @@ pub fn delete(
 /// (`None` for a circuit not pending, or changed since that was decided: the caller compares
 /// revisions). Moves circuits to `active` / `decommissioned` once the routers
 /// [`Circuit::awaited`] under `topo` (the topology in force) acknowledged, and releases held
-/// capacity. Returns the circuits changed.
+/// capacity (what a resize held; a decommissioned circuit's capacity and VIP). Returns the
+/// circuits changed.
 pub fn settle(
     tx: &mut dyn WriteTxn,
     topo: &Topology,
@@ -1105,7 +1164,7 @@ pub fn settle(
         } else {
             c.assigned_rate = None;
             let gone: BTreeSet<NodeId> = c.routers().difference(&awaited).cloned().collect();
-            if awaited.is_empty() {
+            let removal = if awaited.is_empty() {
                 format!(
                     "removal awaits no acknowledgement: {} no longer in the topology",
                     list(&gone)
@@ -1121,7 +1180,8 @@ pub fn settle(
                     list(&awaited),
                     list(&gone)
                 )
-            }
+            };
+            format!("{removal}; {}", released(&c))
         };
         record(
             tx,
@@ -1149,6 +1209,11 @@ pub const NOT_ACKED: &str = "not acknowledged";
 /// router acknowledges it.
 pub const UNPUBLISHED: u64 = u64::MAX;
 
+/// What a decommission's history entry says it released (held since the delete).
+fn released(c: &Circuit) -> String {
+    format!("capacity {} and VIP released", c.requested_rate)
+}
+
 /// How a failure or decommission names the snapshot it waited for.
 fn snapshot_name(version: u64) -> String {
     if version == UNPUBLISHED {
@@ -1162,9 +1227,9 @@ fn snapshot_name(version: u64) -> String {
 /// `overdue` gives a version for (distributed in it `timeout` ago or longer; `None` as for
 /// [`settle`]) that routers
 /// [`Circuit::awaited`] under `topo` have not acknowledged: a provisioning one is marked failed,
-/// naming them; a decommissioning one becomes `decommissioned` anyway, its history naming them
-/// (its capacity and VIP were released at its delete; a router that comes back gets the
-/// snapshot without it).
+/// naming them; a decommissioning one becomes `decommissioned` anyway, its history naming them,
+/// which releases its capacity and VIP (held since its delete; a router that comes back gets
+/// the snapshot without it).
 pub fn expire(
     tx: &mut dyn WriteTxn,
     topo: &Topology,
@@ -1201,10 +1266,11 @@ pub fn expire(
             c.reason = None;
             let detail = format!(
                 "removal not acknowledged by {} within {} s ({}); \
-                 decommissioned without them",
+                 decommissioned without them; {}",
                 list(&missing),
                 timeout.as_secs(),
-                snapshot_name(version)
+                snapshot_name(version),
+                released(&c)
             );
             record(tx, &c, "controller", "decommission", Some(from), detail)?;
         } else {
@@ -1688,7 +1754,8 @@ pub(crate) mod tests {
         let h = store::read(&s, |tx| history(tx, &settled[0].id)).unwrap();
         assert_eq!(
             h.last().unwrap().detail,
-            "removal awaits no acknowledgement: e, s no longer in the topology"
+            "removal awaits no acknowledgement: e, s no longer in the topology; \
+             capacity 100Mbps and VIP released"
         );
     }
 
@@ -1766,6 +1833,65 @@ pub(crate) mod tests {
                 matches!(&err, CircuitError::Conflict(m) if m.contains("with a different request")),
                 "{what}: {err}"
             );
+        }
+        assert_eq!(store::read(&s, |tx| all(tx)).unwrap().len(), 1);
+    }
+
+    /// A replayed create is compared with the request its key was used with taking the
+    /// B-end's regions and sites as sets, as placement does: the same regions in another order
+    /// return the circuit, also for a record stored before requests were kept and for one
+    /// whose kept request an earlier build wrote in the order given; another set is refused.
+    /// (The lists were compared in order: a retry that listed them otherwise got 409 Conflict.)
+    #[test]
+    fn a_replayed_create_with_its_regions_in_another_order_gets_the_circuit() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(dir.path()).unwrap();
+        // t in region r2, so that the topology knows it.
+        let text = yaml("127.79.0.0/26", true).replacen(
+            "{id: t, kind: transit, region: r,",
+            "{id: t, kind: transit, region: r2,",
+            1,
+        );
+        let t = crate::controller::validate(&text).unwrap().0;
+        let with_regions = |regions: &[&str]| {
+            let mut sp = spec("acme", "10.1.0.0/24", "100Mbps");
+            sp.b_end.regions = regions.iter().map(topology::Region::new).collect();
+            sp
+        };
+        let (c, created) = store::transaction(&s, |tx| {
+            create(tx, &t, &with_regions(&["r2", "r"]), Some("order-1"), "ops")
+        })
+        .unwrap();
+        assert!(created);
+        let replay = |regions: &[&str]| {
+            store::transaction(&s, |tx| {
+                create(tx, &t, &with_regions(regions), Some("order-1"), "ops")
+            })
+        };
+        let (again, created) = replay(&["r", "r2"]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((again.id.clone(), created), (c.id.clone(), false));
+        for other in [&["r"][..], &["r", "r2", "r"], &[]] {
+            let err = replay(other).unwrap_err();
+            assert!(matches!(err, CircuitError::Conflict(_)), "{other:?}: {err}");
+        }
+        // The record as an earlier build wrote it: its kept request in the order given, or
+        // none kept (compared with the circuit's B-end).
+        let mut old = serde_json::to_value(&c).unwrap();
+        assert_eq!(
+            old["created_with"]["b_end"]["regions"],
+            serde_json::json!(["r2", "r"])
+        );
+        assert_eq!(old["b_end"]["regions"], serde_json::json!(["r2", "r"]));
+        for stored in [old.clone(), {
+            old.as_object_mut().unwrap().remove("created_with");
+            old
+        }] {
+            store::transaction(&s, |tx| {
+                tx.put(CIRCUITS.name, c.id.as_str(), stored.to_string().as_bytes())
+            })
+            .unwrap();
+            let (again, created) = replay(&["r", "r2"]).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!((again.id.clone(), created), (c.id.clone(), false));
         }
         assert_eq!(store::read(&s, |tx| all(tx)).unwrap().len(), 1);
     }

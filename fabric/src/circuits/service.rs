@@ -1439,7 +1439,8 @@ mod tests {
         assert_eq!(
             history.last().unwrap().detail,
             format!(
-                "removal acknowledged by e, s in snapshot {} (t no longer in the topology)",
+                "removal acknowledged by e, s in snapshot {} (t no longer in the topology); \
+                 capacity 100Mbps and VIP released",
                 ctl.published().version
             )
         );
@@ -1471,13 +1472,127 @@ mod tests {
             (
                 "decommission",
                 format!(
-                    "removal not acknowledged by s within 0 s (snapshot {}); decommissioned without them",
+                    "removal not acknowledged by s within 0 s (snapshot {}); decommissioned \
+                     without them; capacity 100Mbps and VIP released",
                     ctl.published().version
                 )
                 .as_str()
             )
         );
         assert!(lock(&svc.pending).is_empty());
+    }
+
+    /// Whether `err` is a refusal for want of capacity.
+    fn no_capacity(err: &ServiceError) -> bool {
+        matches!(
+            err,
+            ServiceError::Circuit(CircuitError::Placement(
+                topology::circuit::PlacementError::InsufficientCapacity(_)
+                    | topology::circuit::PlacementError::ExceedsCapacity { .. }
+            ))
+        )
+    }
+
+    /// c1 (600Mbps, on e -> t -> s: the only path, 1Gbps a link) active on `svc`, then
+    /// deleted: decommissioning, its routers not having acknowledged its removal. Returns it,
+    /// with the sessions that acknowledged its creation (keep them).
+    async fn c1_deleted_at_600(
+        ctl: &Controller,
+        svc: &Arc<CircuitService>,
+    ) -> (Circuit, Vec<RouterSession>) {
+        svc.create(spec("c1", "10.1.0.0/24", "600Mbps"), None, "ops".into())
+            .await
+            .unwrap();
+        let sessions = ack(ctl, &["e", "t", "s"]);
+        svc.settle_once().await.unwrap();
+        assert_eq!(svc.get("c1").unwrap().state, CircuitState::Active);
+        let c1 = svc.delete("c1".into(), "ops".into()).await.unwrap();
+        assert_eq!(c1.state, CircuitState::Decommissioning);
+        (c1, sessions)
+    }
+
+    /// A deleted circuit keeps its capacity and its VIP until it is decommissioned: routers
+    /// that have not acknowledged its removal (an edge cut off from the controller, on its last
+    /// snapshot) still carry it. While it is decommissioning, a create or a resize that needs
+    /// its capacity is refused, and a create that fits gets another VIP; it is out of the
+    /// snapshot, the apply plan does not list it, and an apply does not fail it. Once the
+    /// routers acknowledge its removal, the capacity and the VIP are free again. (Both were
+    /// free at the delete: a second 600Mbps circuit was admitted on a 1Gbps link the deleted
+    /// one still flowed on, and the next create got its VIP.)
+    #[tokio::test]
+    async fn a_deleted_circuit_holds_its_capacity_and_vip_until_decommissioned() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ctl, svc) = service_on(dir.path(), &yaml(POOL, false), DEFAULT_PROVISION_TIMEOUT);
+        let (c1, _first) = c1_deleted_at_600(&ctl, &svc).await;
+        let err = svc
+            .create(spec("c2", "10.2.0.0/24", "600Mbps"), None, "ops".into())
+            .await
+            .expect_err("600Mbps admitted beside the 600Mbps c1 still holds");
+        assert!(no_capacity(&err), "{err}");
+        let (c2, _) = svc
+            .create(spec("c2", "10.2.0.0/24", "300Mbps"), None, "ops".into())
+            .await
+            .unwrap();
+        assert_ne!(c2.vip, c1.vip, "c2 got the VIP c1 still holds");
+        let err = svc
+            .resize("c2".into(), "500Mbps".parse().unwrap(), "ops".into())
+            .await
+            .expect_err("a resize into what c1 still holds");
+        assert!(no_capacity(&err), "{err}");
+        // Out of the routers' snapshot (it holds, it is not carried).
+        let carried: Vec<CircuitId> = ctl
+            .published()
+            .circuits
+            .iter()
+            .map(|p| p.id.clone())
+            .collect();
+        assert_eq!(carried, std::slice::from_ref(&c2.id));
+        // A link shrunk under what c1 holds: the plan names no circuit (c2 fits), and the
+        // apply fails nothing, c1 still awaiting its routers.
+        let shrunk = yaml(POOL, false).replacen("capacity: 1Gbps", "capacity: 700Mbps", 1);
+        assert_eq!(planned(&ctl, &shrunk).await, Vec::<String>::new());
+        ctl.apply(&shrunk, "ops", "shrink", Origin::Apply, false, None)
+            .await
+            .unwrap();
+        svc.on_topology_applied().await.unwrap();
+        assert_eq!(svc.get("c1").unwrap().state, CircuitState::Decommissioning);
+        assert_eq!(svc.get("c2").unwrap().state, CircuitState::Provisioning);
+        // The routers acknowledge: c1 is decommissioned, its capacity and VIP free again.
+        let _second = ack(&ctl, &["e", "t", "s"]);
+        svc.settle_once().await.unwrap();
+        assert_eq!(svc.get("c1").unwrap().state, CircuitState::Decommissioned);
+        let (c3, _) = svc
+            .create(spec("c3", "10.3.0.0/24", "400Mbps"), None, "ops".into())
+            .await
+            .unwrap_or_else(|e| panic!("c1's capacity still held: {e}"));
+        assert_eq!(c3.vip, c1.vip, "the lowest free VIP: c1's, released");
+        let (_, history) = svc.history("c1").unwrap();
+        let delete = history.iter().find(|e| e.action == "delete").unwrap();
+        assert_eq!(
+            delete.detail,
+            "capacity 600Mbps and VIP held until the routers acknowledge the removal (or the \
+             acknowledgement timeout passes)"
+        );
+    }
+
+    /// A deleted circuit whose removal is not acknowledged in time is decommissioned anyway,
+    /// and then its capacity is free again.
+    #[tokio::test]
+    async fn a_removal_not_acknowledged_in_time_frees_the_capacity_once_expired() {
+        let dir = tempfile::tempdir().unwrap();
+        // Every acknowledgement is overdue at once.
+        let (ctl, svc) = service_on(dir.path(), &yaml(POOL, false), Duration::ZERO);
+        let _first = c1_deleted_at_600(&ctl, &svc).await;
+        let err = svc
+            .create(spec("c2", "10.2.0.0/24", "600Mbps"), None, "ops".into())
+            .await
+            .expect_err("600Mbps admitted beside the 600Mbps c1 still holds");
+        assert!(no_capacity(&err), "{err}");
+        svc.settle_once().await.unwrap();
+        assert_eq!(svc.get("c1").unwrap().state, CircuitState::Decommissioned);
+        svc.create(spec("c2", "10.2.0.0/24", "600Mbps"), None, "ops".into())
+            .await
+            .unwrap_or_else(|e| panic!("c1's capacity still held: {e}"));
     }
 
     /// A circuit over two 31 s links (each accepted by validation) has a path latency of 62 s,

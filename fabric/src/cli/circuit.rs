@@ -90,7 +90,7 @@ pub enum CircuitCmd {
         after_help = "Example:\n  tasman circuit resize c-000001 --rate 1Gbps --wait\n\nThe requested rate changes at once; the assigned rate changes when the routers acknowledge it."
     )]
     Resize(ResizeArgs),
-    /// Decommission a circuit: releases its capacity and VIP.
+    /// Decommission a circuit: its capacity and VIP are released once its routers acknowledge.
     #[command(after_help = "Example:\n  tasman circuit delete c-000001 --wait")]
     Delete(DeleteArgs),
     /// A circuit's audit trail: who changed what, and when.

@@ -760,9 +760,14 @@ fn classify(code: Code) -> Attempt {
 /// stopped it with, or the path lost.
 fn write_failed(e: WriteError) -> Attempt {
     match e {
-        WriteError::Stopped(c) => classify(Code::from_varint(c).unwrap_or(Code::Internal)),
+        WriteError::Stopped(c) => classify(stop_code(c)),
         _ => Attempt::Retry(Code::UpstreamLost, Told::Here),
     }
+}
+
+/// The code of a stop (an unknown one as `internal`).
+fn stop_code(c: quinn::VarInt) -> Code {
+    Code::from_varint(c).unwrap_or(Code::Internal)
 }
 
 /// A circuit's rate limit holding a chunk back. Boxed, as in `TokenBucket::take`: a timer
@@ -933,6 +938,7 @@ async fn attempt(
     // answered early and closed (`splice::quic_to_tcp`'s `EPIPE`) sent its `ok` first, which may
     // come after the stop (a lost packet): the stop alone must not give up on that answer.
     let mut stopped: Option<quinn::VarInt> = None;
+    let mut unsent = 0;
     let outcome = loop {
         if stopped.is_none() {
             out.refill(replay, &mut send);
@@ -978,7 +984,9 @@ async fn attempt(
                 Ok(n) => out.written(shared, n),
                 Err(WriteError::Stopped(code)) => {
                     stopped = Some(code);
-                    drop_pending(shared, &mut out.pending);
+                    // Not counted as dropped yet: it is still in the replay, which a retry
+                    // sends on.
+                    unsent = std::mem::take(&mut out.pending).len();
                 }
                 Err(e) => break Err(write_failed(e)),
             },
@@ -987,7 +995,7 @@ async fn attempt(
             // a slow answer is no proof of a dead site). Each try has its own deadline. A stop
             // with no answer after it is the stop's word.
             _ = &mut deadline => break Err(match stopped {
-                Some(code) => write_failed(WriteError::Stopped(code)),
+                Some(code) => classify(stop_code(code)),
                 None => Attempt::Retry(Code::UpstreamLost, Told::Here),
             }),
             // The first hop was declared down before the site answered: nothing came back yet,
@@ -1001,11 +1009,24 @@ async fn attempt(
     // yet (a peer that withholds its window would hold the client for ever). The backend
     // has taken the request: a failure from here on is not retried (another site would get the
     // request a second time), whatever its code.
-    // A stop (the backend answered early and closed) is no failure: the answer is spliced to
-    // the client, whose further bytes the splice drops (`splice::tcp_to_quic` meets the same
-    // stop).
+    // A stop with a code that is no refusal (`backend_abort`: the site's backend has the
+    // request, and answered early or failed) is the attempt's last word: whatever ends it after
+    // (the path lost, the first hop down, the stream ended with no answer) must not send the
+    // request to another site.
+    let outcome = match (outcome, stopped.map(stop_code)) {
+        (Err(Attempt::Retry(..)), Some(code)) if !code.retryable() => Err(Attempt::Fatal(code)),
+        (outcome, _) => outcome,
+    };
+    // A stop is no failure once the site answered: the answer is spliced to the client, whose
+    // further bytes the splice drops (`splice::tcp_to_quic` meets the same stop).
     let outcome = match outcome {
-        Ok(()) if stopped.is_some() => Ok(()),
+        Ok(()) if stopped.is_some() => {
+            shared
+                .metrics
+                .bytes_discarded
+                .fetch_add(unsent as u64, Relaxed);
+            Ok(())
+        }
         Ok(()) => loop {
             out.refill(replay, &mut send);
             if out.pending.is_empty() {

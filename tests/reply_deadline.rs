@@ -569,3 +569,68 @@ fn the_reply_and_backend_connect_timeout_flags_reach_the_routers() {
     drop(backend);
     drop(rt);
 }
+
+/// A client that sends its request a byte at a time makes a kept chunk of each read of its
+/// socket, and each counts 128 bytes beyond its byte against the replay limit: 200 one-byte
+/// pieces (200 bytes, ~26 KB in memory) pass a 16 KiB limit, so when the near site does not
+/// answer by the reply deadline the connection is not retried (counted as bytes alone they
+/// were kept, and replayed to the far site: ~100x the limit held per connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_sent_a_byte_at_a_time_counts_its_pieces_against_the_replay_limit() {
+    const PIECES: u64 = 200;
+    let backend = full_backend().await;
+    let far_backend = echo_backend("SITE=site-far\n");
+    let port = free_tcp_port(LOCAL);
+    let mut y = TopoYaml::default();
+    y.edge("edge", free_udp(LOCAL), LOCAL, None)
+        .site("site-near", free_udp(LOCAL), &[("chat", backend.addr, 100)])
+        .site("site-far", free_udp(LOCAL), &[("chat", far_backend, 100)])
+        .link("edge", "site-near", "1ms")
+        .link("edge", "site-far", "20ms")
+        .service("chat", port, &[]);
+    let snap = snapshot(&y);
+    let pki = tempfile::tempdir().unwrap();
+    router::pki::init(pki.path()).unwrap();
+    let (_near, _n) = spawn(&snap, pki.path(), "site-near", |c| {
+        c.backend_connect_timeout = BACKEND_CONNECT;
+    })
+    .await;
+    let (_far, _f) = spawn(&snap, pki.path(), "site-far", |_| {}).await;
+    let (edge, _e) = spawn(&snap, pki.path(), "edge", |c| {
+        // Ample for the pieces to go out one by one, well below `WITHIN`.
+        c.reply_timeout = Duration::from_secs(8);
+        c.replay_limit = 16 * 1024;
+    })
+    .await;
+    wait("the edge prefers site-near, site-far next", || {
+        edge.routes()
+            .preferred("chat")
+            .is_some_and(|c| c.site.as_str() == "site-near")
+            && metric(&edge, "tasman_service_candidates", "service=\"chat\"") == 2
+            && metric(&edge, "tasman_neighbour_up", "") == 2
+    });
+
+    let c = TcpStream::connect((LOCAL, port)).await.unwrap();
+    c.set_nodelay(true).unwrap();
+    let (r, mut w) = c.into_split();
+    // One byte, then the next once the edge has forwarded it: one read, one chunk, each.
+    let deadline = Instant::now() + DEADLINE;
+    for i in 1..=PIECES {
+        if w.write_all(b"x").await.is_err() {
+            break;
+        }
+        while metric(&edge, "tasman_bytes_up_total", "") < i {
+            assert!(Instant::now() < deadline, "byte {i} not forwarded");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    let mut r = tokio::io::BufReader::new(r);
+    let mut greeting = String::new();
+    let got = tokio::time::timeout(WITHIN, r.read_line(&mut greeting)).await;
+    assert!(
+        matches!(got, Ok(Ok(0)) | Ok(Err(_))),
+        "the connection was retried (greeted {greeting:?}): {got:?}"
+    );
+    assert_eq!(metric(&edge, "tasman_failovers_total", ""), 0);
+    drop(backend);
+}

@@ -500,6 +500,7 @@ async fn handle_client(
     let mut replay = Replay {
         chunks: Vec::new(),
         len: 0,
+        held: 0,
         overflow: false,
         limit: shared.replay_limit,
         eof: false,
@@ -731,11 +732,19 @@ struct Replay {
     chunks: Vec<Bytes>,
     /// Bytes in `chunks`.
     len: usize,
+    /// What `chunks` holds in memory, as counted against `limit`: their bytes plus
+    /// [`REPLAY_CHUNK_COST`] each.
+    held: usize,
     overflow: bool,
     limit: usize,
     /// The client half-closed already.
     eof: bool,
 }
+
+/// What one kept chunk costs beyond its bytes, counted against the replay limit: its slot in
+/// the list, its allocation and its shared header (a client that sends one byte at a time
+/// makes a chunk of each: counted as bytes alone, they held ~100x the limit in memory).
+const REPLAY_CHUNK_COST: usize = 128;
 
 /// How an attempt ends when its stream's reply could not be read: the code the path reset it
 /// with, or the path lost here (the first hop's connection ended: this router's own word, as
@@ -965,9 +974,11 @@ async fn attempt(
                 Ok(b) => {
                     let n = b.len();
                     if !replay.overflow {
-                        if replay.len + n <= replay.limit {
+                        let held = replay.held + n + REPLAY_CHUNK_COST;
+                        if held <= replay.limit {
                             replay.chunks.push(b.clone());
                             replay.len += n;
+                            replay.held = held;
                         } else {
                             replay.overflow = true;
                             replay.chunks = Vec::new();

@@ -72,6 +72,34 @@ pub struct ProbeConfig {
     pub hold_down: Duration,
 }
 
+impl ProbeConfig {
+    /// The bounds a router takes: an interval from 1 ms to 60 s (`tasman router` takes 10 ms at
+    /// least), 1 to 100 misses, a hold-down of at most an hour. A zero interval made every
+    /// neighbour's dialer task panic (tokio's `interval`), leaving a router that never had a
+    /// neighbour up and said nothing; a huge one overflowed its deadlines.
+    pub fn check(&self) -> Result<(), String> {
+        if !(Duration::from_millis(1)..=Duration::from_secs(60)).contains(&self.interval) {
+            return Err(format!(
+                "probe interval {:?}: must be from 1ms to 60s",
+                self.interval
+            ));
+        }
+        if !(1..=100).contains(&self.misses) {
+            return Err(format!(
+                "probe misses {}: must be from 1 to 100",
+                self.misses
+            ));
+        }
+        if self.hold_down > Duration::from_secs(3600) {
+            return Err(format!(
+                "hold-down {:?}: must be at most 1h",
+                self.hold_down
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for ProbeConfig {
     fn default() -> Self {
         ProbeConfig {
@@ -194,6 +222,8 @@ pub enum RouterError {
     Tls(#[from] tls::TlsError),
     #[error("starting the keep-awake threads: {0}")]
     KeepAwake(std::io::Error),
+    #[error("invalid configuration: {0}")]
+    Config(String),
     #[error("bind {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -452,6 +482,7 @@ impl Router {
     /// endpoint on the node's address, the edge listeners and the metrics endpoint, and returns
     /// once everything is bound (so callers can connect right away).
     pub async fn spawn(mut cfg: RouterConfig) -> Result<RouterHandle, RouterError> {
+        cfg.probe.check().map_err(RouterError::Config)?;
         let first = cfg.snapshots.borrow_and_update().clone();
         let me = first
             .topology
@@ -697,6 +728,43 @@ impl RouterHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Probe settings out of bounds are refused at start, naming the setting (a zero interval
+    /// panicked every neighbour's dialer task, and the router ran on with no neighbour up).
+    #[tokio::test]
+    async fn probe_settings_out_of_bounds_are_refused_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        pki::init(dir.path()).unwrap();
+        pki::issue(dir.path(), "edge").unwrap();
+        let text = "version: 1\nnodes:\n\
+             - {id: edge, kind: edge, region: r, country: AU, location: {lat: 0, lon: 0}, address: \"127.0.0.1:1\", client_address: \"127.0.0.1\"}\n\
+             - {id: site, kind: site, region: r, country: AU, location: {lat: 0, lon: 0}, address: \"127.0.0.1:2\", serves: [{service: chat, backend: \"127.0.0.1:3\", capacity: 10}]}\n\
+             links:\n\
+             - {a: edge, b: site, latency: 1ms, capacity: 1Gbps}\n\
+             services:\n\
+             - {name: chat, port: 4}\n";
+        let t = Arc::new(topology::load(text).expect("valid topology").topology);
+        type Set = fn(&mut ProbeConfig);
+        let bad: [(&str, Set); 5] = [
+            ("interval", |p| p.interval = Duration::ZERO),
+            ("interval", |p| p.interval = Duration::from_secs(61)),
+            ("misses", |p| p.misses = 0),
+            ("misses", |p| p.misses = 101),
+            ("hold-down", |p| p.hold_down = Duration::MAX),
+        ];
+        for (what, set) in bad {
+            let (_tx, rx) = tokio::sync::watch::channel(Arc::new(Snapshot::new(1, t.clone())));
+            let tls = tls::TlsIdentity::load(dir.path(), "edge").unwrap();
+            let mut cfg = RouterConfig::new(topology::NodeId::new("edge"), tls, rx);
+            set(&mut cfg.probe);
+            match Router::spawn(cfg).await {
+                Err(RouterError::Config(e)) => assert!(e.contains(what), "{what}: {e}"),
+                Err(e) => panic!("{what}: {e}"),
+                Ok(_) => panic!("{what}: started"),
+            }
+        }
+        assert_eq!(ProbeConfig::default().check(), Ok(()));
+    }
 
     /// A router whose start fails (here its metrics port is taken) leaves nothing running: its
     /// client listener and its QUIC socket are free again. (The control task and the QUIC accept

@@ -657,6 +657,8 @@ async fn probe_until_down(
                 let now = tokio::time::Instant::now();
                 // A probe still queued behind a full congestion window has not left.
                 let probe_left = st.frame_tx.datagram > at_probe.1;
+                // Read before the verdict: a down verdict restarts it from now.
+                let silent_ms = now.saturating_duration_since(live.last_alive()).as_millis() as u64;
                 match live.at_deadline(now, probe_left, probe_timeout(conn.rtt())) {
                     // Failing again before it is up: in its hold-down, the hold-down starts
                     // over; never up, it has none to start (and nothing to take down).
@@ -667,7 +669,7 @@ async fn probe_until_down(
                         tracing::warn!(
                             node = %shared.node,
                             neighbour = %nb.id,
-                            after_ms = live.last_alive().elapsed().as_millis() as u64,
+                            after_ms = silent_ms,
                             rtt_us = path.rtt.as_micros() as u64,
                             cwnd = path.cwnd,
                             lost_packets = path.lost_packets,

@@ -371,6 +371,9 @@ pub(crate) struct Liveness {
     /// on being judged (a failure is a [`Verdict::Relapse`]), and [`DEAD_AFTER`] of silence
     /// closes the connection.
     down: bool,
+    /// The connection's handshake RTT ([`Liveness::for_connection`]): the first probe sample is
+    /// capped as later ones are, from it.
+    handshake_rtt: Option<Duration>,
 }
 
 impl Liveness {
@@ -390,6 +393,7 @@ impl Liveness {
             misses: 0,
             graces: 0,
             down: false,
+            handshake_rtt: None,
         }
     }
     /// The detector of a connection made at `now` with a handshake RTT of `rtt`: the classic rule
@@ -398,6 +402,7 @@ impl Liveness {
     pub fn for_connection(p: crate::ProbeConfig, now: tokio::time::Instant, rtt: Duration) -> Self {
         let mut live = Liveness::new(p, now);
         live.last_alive = now + rtt;
+        live.handshake_rtt = Some(rtt);
         live
     }
     /// How long without a sign of life is down whatever the probes' timeouts say: `interval x
@@ -413,10 +418,14 @@ impl Liveness {
     /// a 300 us link: a silence of 1.3 s, not 350 ms, was down). Jitter within the slack is
     /// measured as ever and widens it; a path that really got longer moves the average there
     /// sample by sample (the slack judges silence, which a longer path alone does not make).
+    /// The first sample of a connection is capped likewise from its handshake RTT (as an
+    /// average with half of it as the variation): a first pong read late (this router busy just
+    /// after the handshake) widened the slack for seconds after every reconnect.
     pub fn rtt_sample(&mut self, rtt: Duration) {
-        let rtt = match self.srtt {
-            Some(srtt) => rtt.min(srtt + (self.interval / 2).max(self.rttvar * 4)),
-            None => rtt,
+        let rtt = match (self.srtt, self.handshake_rtt) {
+            (Some(srtt), _) => rtt.min(srtt + (self.interval / 2).max(self.rttvar * 4)),
+            (None, Some(h)) => rtt.min(h + (self.interval / 2).max(h * 2)),
+            (None, None) => rtt,
         };
         match self.srtt {
             None => {
@@ -1233,6 +1242,31 @@ mod tests {
         assert!(
             live.detect() <= settled + settled / 2,
             "detection {:?}, {settled:?} before the sample",
+            live.detect()
+        );
+    }
+
+    /// The same, the long sample being a connection's first: it is capped from the handshake
+    /// RTT. (Detection took 2.3 s after it, 350 ms before.)
+    #[test]
+    fn a_huge_first_rtt_sample_does_not_blunt_detection() {
+        let p = ProbeConfig::default();
+        let rtt = Duration::from_micros(300);
+        let settled = {
+            let mut live = Liveness::for_connection(p, T::now(), rtt);
+            for _ in 0..4 {
+                live.rtt_sample(rtt);
+            }
+            live.detect()
+        };
+        let mut live = Liveness::for_connection(p, T::now(), rtt);
+        live.rtt_sample(Duration::from_secs(1));
+        for _ in 0..3 {
+            live.rtt_sample(rtt);
+        }
+        assert!(
+            live.detect() <= settled + settled / 2,
+            "detection {:?}, {settled:?} without the long sample",
             live.detect()
         );
     }

@@ -317,6 +317,14 @@ async fn accept_loop(
                 continue;
             }
         };
+        // Looked at again once the slot is counted: a drain that began since the first look
+        // waits for this client (it counts `clients_open`, read after the drain is announced;
+        // the watch's lock orders the two), or this look sees it.
+        if shared.draining() {
+            shared.metrics.error(Code::ShuttingDown);
+            splice::reset_tcp(&tcp);
+            continue;
+        }
         let shared = shared.clone();
         tokio::spawn(async move {
             let _slot = slot;

@@ -694,7 +694,15 @@ impl RouterHandle {
         tracing::info!(node = %sh.node, open = sh.open_streams(), ?timeout, "draining");
         let began = tokio::time::Instant::now();
         let drained = async {
-            while sh.open_streams() > 0 {
+            // An edge's client counts in `clients_open` from its accept, before its task runs
+            // and counts it as starting (`edge::accept_loop`).
+            while sh.open_streams() > 0
+                || sh
+                    .metrics
+                    .clients_open
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    > 0
+            {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         };

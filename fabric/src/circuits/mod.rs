@@ -1070,10 +1070,11 @@ pub fn resize(
     Ok((c, true))
 }
 
-/// Starts decommissioning: the circuit leaves the snapshots at once (and drops what a resize
-/// still held), but holds its capacity and VIP until it becomes `decommissioned`, when the
-/// routers of its path acknowledge a snapshot without it or the acknowledgement timeout passes
-/// ([`settle`], [`expire`]): until then a router may still carry it.
+/// Starts decommissioning: the circuit leaves the snapshots at once, but holds its capacity
+/// (what a resize still holds too: the old path of a move not acknowledged yet, or an old
+/// rate's excess) and its VIP until it becomes `decommissioned`, when the routers of its paths
+/// acknowledge a snapshot without it or the acknowledgement timeout passes ([`settle`],
+/// [`expire`]): until then a router may still carry it, on either path.
 /// Returns the circuit and whether it was changed now (a circuit deleted already is returned
 /// as it is), as [`resize`] does.
 pub fn delete(
@@ -1090,7 +1091,8 @@ pub fn delete(
     }
     let from = c.state;
     c.state = CircuitState::Decommissioning;
-    c.held = None;
+    // `held` stays: a router that acknowledged neither the move nor the removal (an edge cut
+    // off) still sends the circuit on the old path, and its routers are awaited (`routers`).
     // A failure's reason is about the circuit it no longer is (its history keeps it): a
     // deleted circuit showed `decommissioning`, then `decommissioned`, with it for good.
     c.reason = None;
@@ -1103,9 +1105,13 @@ pub fn delete(
         "delete",
         Some(from),
         format!(
-            "capacity {} and VIP held until the routers acknowledge the removal (or the \
+            "capacity {}{} and VIP held until the routers acknowledge the removal (or the \
              acknowledgement timeout passes)",
-            c.requested_rate
+            c.requested_rate,
+            c.held
+                .as_ref()
+                .map(|h| format!(", and {} held on {} by a resize,", h.rate, arrows(&h.path)))
+                .unwrap_or_default()
         ),
     )?;
     save(tx, &c)?;
@@ -1181,7 +1187,7 @@ pub fn settle(
                     list(&gone)
                 )
             };
-            format!("{removal}; {}", released(&c))
+            format!("{removal}; {}", release(&mut c))
         };
         record(
             tx,
@@ -1209,9 +1215,22 @@ pub const NOT_ACKED: &str = "not acknowledged";
 /// router acknowledges it.
 pub const UNPUBLISHED: u64 = u64::MAX;
 
-/// What a decommission's history entry says it released (held since the delete).
-fn released(c: &Circuit) -> String {
-    format!("capacity {} and VIP released", c.requested_rate)
+/// Clears what a resize still held when a circuit deleted mid-resize is decommissioned (no
+/// longer counted by then: [`CircuitState::holds_capacity`]), and says what the decommission
+/// released (held since the delete) for its history entry.
+fn release(c: &mut Circuit) -> String {
+    let held = c
+        .held
+        .take()
+        .map(|h| {
+            format!(
+                "; released {} held on {} by a resize",
+                h.rate,
+                arrows(&h.path)
+            )
+        })
+        .unwrap_or_default();
+    format!("capacity {} and VIP released{held}", c.requested_rate)
 }
 
 /// How a failure or decommission names the snapshot it waited for.
@@ -1270,7 +1289,7 @@ pub fn expire(
                 list(&missing),
                 timeout.as_secs(),
                 snapshot_name(version),
-                released(&c)
+                release(&mut c)
             );
             record(tx, &c, "controller", "decommission", Some(from), detail)?;
         } else {
@@ -1312,8 +1331,13 @@ pub fn broken_by(topo: &Topology, c: &Circuit) -> Vec<String> {
 
 /// How `topo` breaks what a resize still holds (a node or link of the old path removed or
 /// down), for a circuit whose held reservation [`fail_broken`] would release: empty when it
-/// would not. Such a break does not fail the circuit, which is moving off that path.
+/// would not (not live: a decommissioning circuit keeps what it holds until it is
+/// decommissioned, as it keeps its path's reservation). Such a break does not fail the circuit,
+/// which is moving off that path.
 pub fn held_broken_by(topo: &Topology, c: &Circuit) -> Vec<String> {
+    if !c.state.is_live() {
+        return Vec::new();
+    }
     path_issues(topo, c.held_reservation())
         .map(|i| i.to_string())
         .collect()

@@ -1369,8 +1369,8 @@ mod tests {
 
     /// A circuit moved by a resize holds its old path until the new one is acknowledged. A
     /// topology that breaks only the new path fails the circuit, which keeps what it holds on
-    /// the old one (intact) like the rest of its reservation, until it is deleted. (The hold
-    /// vanished with the failure, and no `release` entry said so.)
+    /// the old one (intact) like the rest of its reservation, until it is deleted and
+    /// decommissioned. (The hold vanished with the failure, and no `release` entry said so.)
     #[tokio::test]
     async fn a_break_on_the_path_a_resize_moves_to_keeps_the_hold_on_the_old_one() {
         let dir = tempfile::tempdir().unwrap();
@@ -1401,11 +1401,16 @@ mod tests {
             (room[&es].reserved, room[&es].circuits),
             ("950Mbps".parse().unwrap(), 2)
         );
-        // The same topology again changes nothing; a delete releases the hold with the rest.
+        // The same topology again changes nothing; a delete keeps the hold with the rest until
+        // the routers still in the topology acknowledge the removal, which releases both.
         svc.on_topology_applied().await.unwrap();
         assert_eq!(svc.get("c1").unwrap(), c);
         let c = svc.delete("c1".into(), "ops".into()).await.unwrap();
-        assert_eq!(c.held, None);
+        assert_eq!(c.held.as_ref(), Some(&held));
+        let _removed = ack(&ctl, &["e", "s"]);
+        svc.settle_once().await.unwrap();
+        let c = svc.get("c1").unwrap();
+        assert_eq!((c.state, c.held), (CircuitState::Decommissioned, None));
     }
 
     /// A topology removes the transit of a circuit's path (the circuit fails), and the operator
@@ -1593,6 +1598,148 @@ mod tests {
         svc.create(spec("c2", "10.2.0.0/24", "600Mbps"), None, "ops".into())
             .await
             .unwrap_or_else(|e| panic!("c1's capacity still held: {e}"));
+    }
+
+    /// c1 (300Mbps) on e -> t -> s moved by a resize to 900Mbps on e -> s (c2, 600Mbps, leaves
+    /// too little there), holding its old path, and deleted before any router acknowledged the
+    /// move. Returns the sessions that acknowledged the circuits before the resize (keep them).
+    async fn c1_deleted_while_moving(
+        ctl: &Controller,
+        svc: &Arc<CircuitService>,
+    ) -> Vec<RouterSession> {
+        // c0 fills e–s for a while: c1 and c2 go via t.
+        svc.create(spec("c0", "10.9.0.0/24", "800Mbps"), None, "ops".into())
+            .await
+            .unwrap();
+        for (name, prefix, rate) in [
+            ("c1", "10.1.0.0/24", "300Mbps"),
+            ("c2", "10.2.0.0/24", "600Mbps"),
+        ] {
+            let (c, _) = svc
+                .create(spec(name, prefix, rate), None, "ops".into())
+                .await
+                .unwrap();
+            assert_eq!(
+                c.path,
+                [NodeId::new("e"), NodeId::new("t"), NodeId::new("s")]
+            );
+        }
+        svc.delete("c0".into(), "ops".into()).await.unwrap();
+        let sessions = ack(ctl, &["e", "t", "s"]);
+        svc.settle_once().await.unwrap();
+        assert_eq!(svc.get("c0").unwrap().state, CircuitState::Decommissioned);
+        let c1 = svc
+            .resize("c1".into(), "900Mbps".parse().unwrap(), "ops".into())
+            .await
+            .unwrap();
+        assert_eq!(c1.path, [NodeId::new("e"), NodeId::new("s")]);
+        let held = crate::circuits::Held {
+            path: vec![NodeId::new("e"), NodeId::new("t"), NodeId::new("s")],
+            rate: "300Mbps".parse().unwrap(),
+        };
+        assert_eq!(c1.held.as_ref(), Some(&held));
+        let c1 = svc.delete("c1".into(), "ops".into()).await.unwrap();
+        assert_eq!(c1.state, CircuitState::Decommissioning);
+        sessions
+    }
+
+    /// A circuit deleted in the middle of a move (a resize no router acknowledged yet, the edge
+    /// cut off, say) still holds its old path until it is decommissioned: routers may still
+    /// send it there. A create that needs that capacity is refused, and the removal waits for
+    /// the old path's routers too; once they acknowledge, it fits. (The delete dropped the
+    /// hold: a 400Mbps circuit was admitted on e–t–s beside the 300Mbps c1 still held there,
+    /// and the removal was decommissioned without waiting for t.)
+    #[tokio::test]
+    async fn a_circuit_deleted_while_moving_holds_its_old_path_until_decommissioned() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ctl, svc) = service_on(dir.path(), &yaml(POOL, true), DEFAULT_PROVISION_TIMEOUT);
+        let _first = c1_deleted_while_moving(&ctl, &svc).await;
+        // e–s: 900Mbps of c1's new path; e–t–s: c2's 600Mbps and the 300Mbps c1 held there.
+        let err = svc
+            .create(spec("c3", "10.3.0.0/24", "400Mbps"), None, "ops".into())
+            .await
+            .expect_err("400Mbps admitted beside the old path c1 still holds");
+        assert!(no_capacity(&err), "{err}");
+        let c1 = svc.get("c1").unwrap();
+        assert_eq!(
+            c1.held.as_ref().map(|h| h.rate.to_string()),
+            Some("300Mbps".into()),
+            "{c1:?}"
+        );
+        // The routers of c1's new path acknowledge its removal; t, on the old one, does not.
+        let _second = ack(&ctl, &["e", "s"]);
+        svc.settle_once().await.unwrap();
+        assert_eq!(svc.get("c1").unwrap().state, CircuitState::Decommissioning);
+        let err = svc
+            .create(spec("c3", "10.3.0.0/24", "400Mbps"), None, "ops".into())
+            .await
+            .expect_err("400Mbps admitted before t acknowledged c1's removal");
+        assert!(no_capacity(&err), "{err}");
+        let _third = ack(&ctl, &["t"]);
+        svc.settle_once().await.unwrap();
+        let (c1, history) = svc.history("c1").unwrap();
+        assert_eq!(
+            (c1.state, c1.held.as_ref()),
+            (CircuitState::Decommissioned, None)
+        );
+        let version = ctl.published().version;
+        let details: Vec<&str> = history
+            .iter()
+            .rev()
+            .take(2)
+            .map(|e| e.detail.as_str())
+            .collect();
+        assert_eq!(
+            details,
+            [
+                format!(
+                    "removal acknowledged by e, s, t in snapshot {version}; capacity 900Mbps and \
+                     VIP released; released 300Mbps held on e -> t -> s by a resize"
+                ),
+                "capacity 900Mbps, and 300Mbps held on e -> t -> s by a resize, and VIP held \
+                 until the routers acknowledge the removal (or the acknowledgement timeout \
+                 passes)"
+                    .to_string(),
+            ]
+        );
+        svc.create(spec("c3", "10.3.0.0/24", "400Mbps"), None, "ops".into())
+            .await
+            .unwrap_or_else(|e| panic!("c1's old path still held: {e}"));
+    }
+
+    /// A topology change that breaks the old path a circuit deleted mid-move still holds
+    /// neither fails the circuit nor releases the hold (a decommissioning circuit is leaving:
+    /// an apply leaves it alone); its removal then waits for no router the topology no longer
+    /// has. (With the hold kept through decommissioning, the apply released it, with a
+    /// `release` entry.)
+    #[tokio::test]
+    async fn an_apply_breaking_the_old_path_of_a_circuit_deleted_while_moving_leaves_it_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ctl, svc) = service_on(dir.path(), &yaml(POOL, true), DEFAULT_PROVISION_TIMEOUT);
+        let _first = c1_deleted_while_moving(&ctl, &svc).await;
+        let before = svc.get("c1").unwrap();
+        drop_t(&ctl).await;
+        svc.on_topology_applied().await.unwrap();
+        assert_eq!(svc.get("c1").unwrap(), before);
+        assert!(failed_by_version_2(&svc.get("c2").unwrap()));
+        let _second = ack(&ctl, &["e", "s"]);
+        svc.settle_once().await.unwrap();
+        let (c1, history) = svc.history("c1").unwrap();
+        assert_eq!(c1.state, CircuitState::Decommissioned);
+        assert_eq!(
+            history
+                .iter()
+                .map(|e| e.action.as_str())
+                .collect::<Vec<_>>(),
+            [
+                "create",
+                "place",
+                "activate",
+                "resize",
+                "delete",
+                "decommission"
+            ]
+        );
     }
 
     /// A circuit over two 31 s links (each accepted by validation) has a path latency of 62 s,

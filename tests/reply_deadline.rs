@@ -298,13 +298,22 @@ async fn a_first_hop_declared_down_while_client_bytes_wait_moves_the_attempt() {
     drop(backend);
 }
 
-/// The edge prefers site-near (1 ms), whose backend's accept queue is full (backend connect
-/// timeout 60 s), over site-far (20 ms), with a reply deadline of 2 s. A client that sends a
-/// request and waits: nothing comes back from site-near by the deadline, so the attempt is
-/// retried on site-far (`upstream_lost`, one failover), which gets the request replayed and
-/// answers, instead of the client's connection being reset.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_attempt_unanswered_at_the_reply_deadline_moves_to_the_next_site() {
+/// An edge (service `chat` on `port`, its config tuned by `tune`), site-near at 1 ms whose
+/// backend's accept queue is full (backend connect timeout [`BACKEND_CONNECT`]: it keeps
+/// connecting) and site-far at 20 ms, whose echo backend greets with `SITE=site-far`. Made once
+/// the edge prefers site-near, site-far next; the rest is kept for the test's length.
+struct NearFullFarEcho {
+    edge: RouterHandle,
+    port: u16,
+    _kept: (
+        FullBackend,
+        [RouterHandle; 2],
+        [tokio::sync::watch::Sender<Arc<Snapshot>>; 3],
+        tempfile::TempDir,
+    ),
+}
+
+async fn near_full_far_echo(tune: impl FnOnce(&mut RouterConfig)) -> NearFullFarEcho {
     let backend = full_backend().await;
     let far_backend = echo_backend("SITE=site-far\n");
     let port = free_tcp_port(LOCAL);
@@ -318,15 +327,12 @@ async fn an_attempt_unanswered_at_the_reply_deadline_moves_to_the_next_site() {
     let snap = snapshot(&y);
     let pki = tempfile::tempdir().unwrap();
     router::pki::init(pki.path()).unwrap();
-    let (near, _n) = spawn(&snap, pki.path(), "site-near", |c| {
+    let (near, n) = spawn(&snap, pki.path(), "site-near", |c| {
         c.backend_connect_timeout = BACKEND_CONNECT;
     })
     .await;
-    let (_far, _f) = spawn(&snap, pki.path(), "site-far", |_| {}).await;
-    let (edge, _e) = spawn(&snap, pki.path(), "edge", |c| {
-        c.reply_timeout = Duration::from_secs(2);
-    })
-    .await;
+    let (far, f) = spawn(&snap, pki.path(), "site-far", |_| {}).await;
+    let (edge, e) = spawn(&snap, pki.path(), "edge", tune).await;
     wait("the edge prefers site-near, site-far next", || {
         edge.routes()
             .preferred("chat")
@@ -334,6 +340,22 @@ async fn an_attempt_unanswered_at_the_reply_deadline_moves_to_the_next_site() {
             && metric(&edge, "tasman_service_candidates", "service=\"chat\"") == 2
             && metric(&edge, "tasman_neighbour_up", "") == 2
     });
+    NearFullFarEcho {
+        edge,
+        port,
+        _kept: (backend, [near, far], [n, f, e], pki),
+    }
+}
+
+/// The edge prefers site-near (1 ms), whose backend's accept queue is full (backend connect
+/// timeout 60 s), over site-far (20 ms), with a reply deadline of 2 s. A client that sends a
+/// request and waits: nothing comes back from site-near by the deadline, so the attempt is
+/// retried on site-far (`upstream_lost`, one failover), which gets the request replayed and
+/// answers, instead of the client's connection being reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_unanswered_at_the_reply_deadline_moves_to_the_next_site() {
+    let f = near_full_far_echo(|c| c.reply_timeout = Duration::from_secs(2)).await;
+    let (edge, port) = (&f.edge, f.port);
 
     let started = Instant::now();
     let mut c = TcpStream::connect((LOCAL, port)).await.unwrap();
@@ -354,13 +376,9 @@ async fn an_attempt_unanswered_at_the_reply_deadline_moves_to_the_next_site() {
         .expect("no echo of the replayed request")
         .unwrap();
     assert_eq!(echoed, "hello\n");
-    assert_eq!(metric(&edge, "tasman_failovers_total", ""), 1);
+    assert_eq!(metric(edge, "tasman_failovers_total", ""), 1);
     assert_eq!(
-        metric(
-            &edge,
-            "tasman_stream_errors_total",
-            "code=\"upstream_lost\""
-        ),
+        metric(edge, "tasman_stream_errors_total", "code=\"upstream_lost\""),
         1,
         "the first attempt ended at the reply deadline"
     );
@@ -370,7 +388,6 @@ async fn an_attempt_unanswered_at_the_reply_deadline_moves_to_the_next_site() {
             .preferred("chat")
             .is_some_and(|c| c.site.as_str() == "site-near")
     );
-    drop((backend, near));
 }
 
 /// A backend that greets at once, then reads slowly (16 KiB every 100 ms, its receive buffer
@@ -578,37 +595,13 @@ fn the_reply_and_backend_connect_timeout_flags_reach_the_routers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_sent_a_byte_at_a_time_counts_its_pieces_against_the_replay_limit() {
     const PIECES: u64 = 200;
-    let backend = full_backend().await;
-    let far_backend = echo_backend("SITE=site-far\n");
-    let port = free_tcp_port(LOCAL);
-    let mut y = TopoYaml::default();
-    y.edge("edge", free_udp(LOCAL), LOCAL, None)
-        .site("site-near", free_udp(LOCAL), &[("chat", backend.addr, 100)])
-        .site("site-far", free_udp(LOCAL), &[("chat", far_backend, 100)])
-        .link("edge", "site-near", "1ms")
-        .link("edge", "site-far", "20ms")
-        .service("chat", port, &[]);
-    let snap = snapshot(&y);
-    let pki = tempfile::tempdir().unwrap();
-    router::pki::init(pki.path()).unwrap();
-    let (_near, _n) = spawn(&snap, pki.path(), "site-near", |c| {
-        c.backend_connect_timeout = BACKEND_CONNECT;
-    })
-    .await;
-    let (_far, _f) = spawn(&snap, pki.path(), "site-far", |_| {}).await;
-    let (edge, _e) = spawn(&snap, pki.path(), "edge", |c| {
+    let f = near_full_far_echo(|c| {
         // Ample for the pieces to go out one by one, well below `WITHIN`.
         c.reply_timeout = Duration::from_secs(8);
         c.replay_limit = 16 * 1024;
     })
     .await;
-    wait("the edge prefers site-near, site-far next", || {
-        edge.routes()
-            .preferred("chat")
-            .is_some_and(|c| c.site.as_str() == "site-near")
-            && metric(&edge, "tasman_service_candidates", "service=\"chat\"") == 2
-            && metric(&edge, "tasman_neighbour_up", "") == 2
-    });
+    let (edge, port) = (&f.edge, f.port);
 
     let c = TcpStream::connect((LOCAL, port)).await.unwrap();
     c.set_nodelay(true).unwrap();
@@ -619,7 +612,7 @@ async fn a_request_sent_a_byte_at_a_time_counts_its_pieces_against_the_replay_li
         if w.write_all(b"x").await.is_err() {
             break;
         }
-        while metric(&edge, "tasman_bytes_up_total", "") < i {
+        while metric(edge, "tasman_bytes_up_total", "") < i {
             assert!(Instant::now() < deadline, "byte {i} not forwarded");
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
@@ -631,6 +624,5 @@ async fn a_request_sent_a_byte_at_a_time_counts_its_pieces_against_the_replay_li
         matches!(got, Ok(Ok(0)) | Ok(Err(_))),
         "the connection was retried (greeted {greeting:?}): {got:?}"
     );
-    assert_eq!(metric(&edge, "tasman_failovers_total", ""), 0);
-    drop(backend);
+    assert_eq!(metric(edge, "tasman_failovers_total", ""), 0);
 }

@@ -2091,6 +2091,16 @@ async fn a_report_of_many_neighbours_is_cut_to_what_the_controller_takes() {
     drop(client);
 }
 
+/// An edge (its neighbour `near` not running) and a certificate issued for `near`, to pose as
+/// it: the edge and its address.
+async fn edge_posed_as_near(dir: &std::path::Path) -> (RouterHandle, SocketAddr) {
+    let t = edge_and_near(echo_backend().await);
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    let (edge, _) = spawn_node(&snap, dir, "edge", |_| {}).await;
+    router::pki::issue(dir, "near").unwrap();
+    (edge, t.node("edge").unwrap().address)
+}
+
 /// A peer with a node's certificate (a leaked one, or a buggy neighbour) that opens connection
 /// after connection to the edge: each is granted its streams once authenticated, and past 4 at
 /// once the oldest is closed with `superseded`, so that the edge holds 4 at most (each costs
@@ -2099,11 +2109,7 @@ async fn a_report_of_many_neighbours_is_cut_to_what_the_controller_takes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_holds_four_connections_at_most_the_oldest_closed_as_superseded() {
     let dir = ca_dir();
-    let t = edge_and_near(echo_backend().await);
-    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
-    let (edge, _) = spawn_node(&snap, dir.path(), "edge", |_| {}).await;
-    router::pki::issue(dir.path(), "near").unwrap();
-    let at = t.node("edge").unwrap().address;
+    let (edge, at) = edge_posed_as_near(dir.path()).await;
     let mut conns = Vec::new();
     let mut endpoints = Vec::new();
     for i in 0..6 {
@@ -2140,6 +2146,47 @@ async fn a_peer_holds_four_connections_at_most_the_oldest_closed_as_superseded()
     edge.shutdown().await;
 }
 
+/// The fabric of the tests of a near site that answers streams its own way: `near` a fake
+/// (stream window 8 KiB, each connection's streams handed to `streams`, its pings answered),
+/// the edge (tuned by `tune`) and the far site real; made once the edge prefers near, far next.
+async fn fake_near_fabric<F, Fut>(
+    dir: &std::path::Path,
+    t: &Topology,
+    streams: F,
+    tune: impl FnOnce(&mut router::RouterConfig),
+) -> (quinn::Endpoint, RouterHandle, RouterHandle)
+where
+    F: Fn(quinn::Connection) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    let mut tight = router::transport::transport_config();
+    tight.stream_receive_window(8192u32.into());
+    let streams = Arc::new(streams);
+    let (near, _) = fake_neighbour(dir, t, "near", tight, move |c, p| {
+        tokio::spawn(streams(c.clone()));
+        answer_pings("near", c, p)
+    });
+    let (edge, _) = spawn_node(&snap, dir, "edge", tune).await;
+    let (far, _) = spawn_node(&snap, dir, "far", |_| {}).await;
+    edge_prefers_near_with_far_as_fallback(&edge).await;
+    (near, edge, far)
+}
+
+/// A client of the edge's service `port` that uploads 1 MiB from a task of its own (it stops
+/// at the first failed write): its read half.
+async fn uploading_client(port: u16) -> tokio::net::tcp::OwnedReadHalf {
+    use tokio::io::AsyncWriteExt;
+    let c = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let (rd, mut wr) = c.into_split();
+    tokio::spawn(async move {
+        let _ = wr.write_all(&vec![7u8; 1 << 20]).await;
+    });
+    rd
+}
+
 /// Answers each stream's header with `ok` once the edge says it is blocked on the stream's
 /// flow-control window (a `STREAM_DATA_BLOCKED` frame), then neither reads nor grants more, and
 /// holds the stream.
@@ -2164,32 +2211,16 @@ async fn answer_ok_then_take_nothing(conn: quinn::Connection) {
 /// answer and before the splice, had no timer: the client was held for ever.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_resets_a_client_whose_site_answers_then_takes_nothing() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     let dir = ca_dir();
     let port = free_tcp_port();
     let t = two_sites(echo_backend().await, port, false);
-    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
-    let mut tight = router::transport::transport_config();
-    tight.stream_receive_window(8192u32.into());
-    let _near = fake_neighbour(dir.path(), &t, "near", tight, |c, p| async move {
-        tokio::spawn(answer_ok_then_take_nothing(c.clone()));
-        answer_pings("near", c, p).await
-    });
-    let (edge, _) = spawn_node(&snap, dir.path(), "edge", |c| {
+    let (_near, edge, _far) = fake_near_fabric(dir.path(), &t, answer_ok_then_take_nothing, |c| {
         c.idle_timeout = Some(Duration::from_secs(1));
         c.probe.hold_down = Duration::from_secs(600);
     })
     .await;
-    let (_far, _) = spawn_node(&snap, dir.path(), "far", |_| {}).await;
-    edge_prefers_near_with_far_as_fallback(&edge).await;
-
-    let c = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let (mut rd, mut wr) = c.into_split();
-    tokio::spawn(async move {
-        let _ = wr.write_all(&vec![7u8; 1 << 20]).await;
-    });
+    let mut rd = uploading_client(port).await;
     let mut b = [0u8; 1];
     let ended = tokio::time::timeout(Duration::from_secs(15), rd.read(&mut b))
         .await
@@ -2356,11 +2387,7 @@ async fn a_site_resets_a_stream_whose_edge_grants_no_window_for_its_answer() {
 async fn a_burst_of_pings_is_answered_within_a_budget() {
     const PINGS: u64 = 5_000;
     let dir = ca_dir();
-    let t = edge_and_near(echo_backend().await);
-    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
-    let (edge, _) = spawn_node(&snap, dir.path(), "edge", |_| {}).await;
-    router::pki::issue(dir.path(), "near").unwrap();
-    let at = t.node("edge").unwrap().address;
+    let (edge, at) = edge_posed_as_near(dir.path()).await;
     let (_ep, conn) = common::connect_as(dir.path(), "near", at, "edge").await;
     // The edge serves probes once it has taken the connection (and granted streams).
     tokio::time::timeout(Duration::from_secs(10), conn.open_bi())
@@ -2465,28 +2492,18 @@ async fn an_early_answer_reaches_the_client_when_the_stop_comes_before_the_splic
 }
 
 async fn early_answer_then_stop(how: Early) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     let dir = ca_dir();
     let port = free_tcp_port();
     let t = two_sites(echo_backend().await, port, false);
-    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
-    let mut tight = router::transport::transport_config();
-    tight.stream_receive_window(8192u32.into());
-    let _near = fake_neighbour(dir.path(), &t, "near", tight, move |c, p| async move {
-        tokio::spawn(answer_early_and_stop(c.clone(), how));
-        answer_pings("near", c, p).await
-    });
-    let (edge, _) = spawn_node(&snap, dir.path(), "edge", |_| {}).await;
-    let (far, _) = spawn_node(&snap, dir.path(), "far", |_| {}).await;
-    edge_prefers_near_with_far_as_fallback(&edge).await;
-
-    let c = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let (mut rd, mut wr) = c.into_split();
-    tokio::spawn(async move {
-        let _ = wr.write_all(&vec![7u8; 1 << 20]).await;
-    });
+    let (_near, edge, far) = fake_near_fabric(
+        dir.path(),
+        &t,
+        move |c| answer_early_and_stop(c, how),
+        |_| {},
+    )
+    .await;
+    let mut rd = uploading_client(port).await;
     let mut got = Vec::new();
     let ended = tokio::time::timeout(Duration::from_secs(15), rd.read_to_end(&mut got))
         .await

@@ -770,6 +770,11 @@ mod tests {
 
     const POOL: &str = "127.79.0.0/28";
 
+    /// The actions of a history, in order.
+    fn actions(h: &[super::super::HistoryEntry]) -> Vec<&str> {
+        h.iter().map(|e| e.action.as_str()).collect()
+    }
+
     /// A controller on `store` with e, t, s and the link e–s, circuits on it, and circuit c1
     /// on e–s.
     async fn with_c1(store: Arc<dyn Store>) -> (Arc<Controller>, Arc<CircuitService>) {
@@ -974,10 +979,7 @@ mod tests {
         let h = svc.history_with_archive("c-000001").unwrap();
         assert_eq!(h.archived_unix_ms, Some(at + retention_ms));
         assert_eq!(
-            h.history
-                .iter()
-                .map(|e| e.action.as_str())
-                .collect::<Vec<_>>(),
+            actions(&h.history),
             [
                 "create",
                 "place",
@@ -1727,10 +1729,7 @@ mod tests {
         let (c1, history) = svc.history("c1").unwrap();
         assert_eq!(c1.state, CircuitState::Decommissioned);
         assert_eq!(
-            history
-                .iter()
-                .map(|e| e.action.as_str())
-                .collect::<Vec<_>>(),
+            actions(&history),
             [
                 "create",
                 "place",

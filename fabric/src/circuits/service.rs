@@ -564,10 +564,11 @@ impl CircuitService {
             // a newer snapshot, not acknowledged by this one).
             if c.awaited(&topo).iter().all(|n| acked(n, p.version)) {
                 ready.insert(c.id.clone(), (p.version, c.revision));
-            } else if matches!(
-                c.state,
-                CircuitState::Provisioning | CircuitState::Decommissioning
-            ) && now.duration_since(p.since) >= self.provision_timeout
+            } else if (c.state == CircuitState::Provisioning
+                // A removal no snapshot carries yet is not expired: no router was told, and its
+                // capacity and VIP stay held until one is (its time counts from that one).
+                || (c.state == CircuitState::Decommissioning && p.version != super::UNPUBLISHED))
+                && now.duration_since(p.since) >= self.provision_timeout
             {
                 overdue.insert(c.id.clone(), (p.version, c.revision));
             }
@@ -1600,6 +1601,41 @@ mod tests {
         svc.create(spec("c2", "10.2.0.0/24", "600Mbps"), None, "ops".into())
             .await
             .unwrap_or_else(|e| panic!("c1's capacity still held: {e}"));
+    }
+
+    /// A removal whose publications fail is not expired: no router has been told, so the
+    /// circuit's capacity and VIP stay held until a snapshot without it goes out, and its
+    /// acknowledgement timeout counts from that one. (It was decommissioned "never published" at
+    /// the timeout, its capacity free with every router still carrying it.)
+    #[tokio::test]
+    async fn a_removal_not_published_yet_is_not_expired() {
+        let dir = tempfile::tempdir().unwrap();
+        // Every acknowledgement is overdue at once.
+        let (ctl, svc) = service_on(dir.path(), &yaml(POOL, false), Duration::ZERO);
+        svc.create(spec("c1", "10.1.0.0/24", "600Mbps"), None, "ops".into())
+            .await
+            .unwrap();
+        let _sessions = ack(&ctl, &["e", "t", "s"]);
+        svc.settle_once().await.unwrap();
+        assert_eq!(svc.get("c1").unwrap().state, CircuitState::Active);
+        svc.fail_publish.store(usize::MAX, SeqCst);
+        svc.delete("c1".into(), "ops".into()).await.unwrap();
+        svc.settle_once().await.unwrap();
+        assert_eq!(
+            svc.get("c1").unwrap().state,
+            CircuitState::Decommissioning,
+            "expired before any snapshot carried the removal"
+        );
+        let err = svc
+            .create(spec("c2", "10.2.0.0/24", "600Mbps"), None, "ops".into())
+            .await
+            .expect_err("600Mbps admitted beside the 600Mbps c1 still holds");
+        assert!(no_capacity(&err), "{err}");
+        // Published at last: then overdue at once (no router acknowledges here).
+        svc.fail_publish.store(0, SeqCst);
+        svc.settle_once().await.unwrap();
+        svc.settle_once().await.unwrap();
+        assert_eq!(svc.get("c1").unwrap().state, CircuitState::Decommissioned);
     }
 
     /// c1 (300Mbps) on e -> t -> s moved by a resize to 900Mbps on e -> s (c2, 600Mbps, leaves

@@ -73,14 +73,16 @@ pub struct ProbeConfig {
 }
 
 impl ProbeConfig {
-    /// The bounds a router takes: an interval from 1 ms to 60 s (`tasman router` takes 10 ms at
-    /// least), 1 to 100 misses, a hold-down of at most an hour. A zero interval made every
-    /// neighbour's dialer task panic (tokio's `interval`), leaving a router that never had a
-    /// neighbour up and said nothing; a huge one overflowed its deadlines.
+    /// The bounds a router takes: an interval from 10 ms to 60 s (as `tasman router`'s
+    /// `--probe-interval`: a neighbour answers 250 pings a second at most,
+    /// [`probe::PONG_EVERY`]), 1 to 100 misses, a hold-down of at most an hour (the CLI takes 60 s
+    /// at most). A zero interval made every neighbour's dialer task panic (tokio's `interval`),
+    /// leaving a router that never had a neighbour up and said nothing; a huge one overflowed its
+    /// deadlines; one under 10 ms outran the neighbours' pong budget, and they flapped.
     pub fn check(&self) -> Result<(), String> {
-        if !(Duration::from_millis(1)..=Duration::from_secs(60)).contains(&self.interval) {
+        if !(Duration::from_millis(10)..=Duration::from_secs(60)).contains(&self.interval) {
             return Err(format!(
-                "probe interval {:?}: must be from 1ms to 60s",
+                "probe interval {:?}: must be from 10ms to 60s",
                 self.interval
             ));
         }
@@ -753,8 +755,9 @@ mod tests {
              - {name: chat, port: 4}\n";
         let t = Arc::new(topology::load(text).expect("valid topology").topology);
         type Set = fn(&mut ProbeConfig);
-        let bad: [(&str, Set); 5] = [
+        let bad: [(&str, Set); 6] = [
             ("interval", |p| p.interval = Duration::ZERO),
+            ("interval", |p| p.interval = Duration::from_millis(5)),
             ("interval", |p| p.interval = Duration::from_secs(61)),
             ("misses", |p| p.misses = 0),
             ("misses", |p| p.misses = 101),

@@ -137,7 +137,9 @@ pub struct RouterArgs {
     pub reply_timeout: std::time::Duration,
     /// Edge: client bytes kept per connection until its site answers, to replay on the next
     /// candidate; a connection whose client sent more than this before the answer is not
-    /// retried. Held in memory by every connection waiting for its site, hence at most 64MiB;
+    /// retried (each piece the bytes came in, one read of the client's socket, also counts 128
+    /// bytes, its bookkeeping). Held in memory by every connection waiting for its site, hence
+    /// at most 64MiB;
     /// 0 retries only clients that sent nothing yet. Raise it for clients that send large
     /// requests before any answer. A whole number with an optional unit, binary (B, KiB, MiB,
     /// GiB) or decimal (kB, MB, GB), e.g. 256KiB.

@@ -1198,6 +1198,11 @@ where
 
 /// Version 1 for a router `edge` (certificate issued in `dir`), as the controller frames it.
 fn edge_snapshot(dir: &std::path::Path) -> bytes::Bytes {
+    edge_snapshot_at(dir, 1)
+}
+
+/// As [`edge_snapshot`], numbered `version`.
+fn edge_snapshot_at(dir: &std::path::Path, version: u64) -> bytes::Bytes {
     use router::control::proto::{self, ToRouter};
     let mut b = TopologyBuilder::new();
     b.node("edge", NodeKind::Edge)
@@ -1207,7 +1212,7 @@ fn edge_snapshot(dir: &std::path::Path) -> bytes::Bytes {
     let topology = Arc::new(addressed(b.build(), free_tcp_port()));
     router::pki::issue(dir, "edge").unwrap();
     proto::encode(&ToRouter::Snapshot {
-        version: 1,
+        version,
         topology_version: 1,
         topology,
         live: Default::default(),
@@ -2526,4 +2531,27 @@ async fn early_answer_then_stop(how: Early) {
     }
     edge.shutdown().await;
     far.shutdown().await;
+}
+
+/// A controller whose state directory was restored from an older backup numbers its versions
+/// from the backup's, below what its routers hold: the router takes its snapshot (the
+/// controller is the authority) and counts it, with a warning. (Taken without a word.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_version_from_the_controller_is_taken_and_counted() {
+    let dir = ca_dir();
+    let mut controller = Puppet::start(dir.path());
+    controller
+        .to_router
+        .send(edge_snapshot_at(dir.path(), 10))
+        .unwrap();
+    let client = control_client(dir.path(), controller.addr, |_| {}).await;
+    controller.acked(10).await;
+    assert_eq!(client.version_regressions(), 0);
+    controller
+        .to_router
+        .send(edge_snapshot_at(dir.path(), 5))
+        .unwrap();
+    controller.acked(5).await;
+    assert_eq!(client.snapshots().borrow().version, 5);
+    assert_eq!(client.version_regressions(), 1);
 }

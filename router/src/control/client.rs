@@ -220,6 +220,8 @@ struct Shared {
     topology_version: AtomicU64,
     /// Telemetry reports sent cut to the controller's frame limit ([`telemetry_frame`]).
     telemetry_trimmed: AtomicU64,
+    /// Snapshots taken with a version below the one held ([`handle`]).
+    version_regressions: AtomicU64,
     /// What the control connection presents (the router's, when shared), and what renewals
     /// replace.
     cert: Arc<tls::CertResolver>,
@@ -722,6 +724,7 @@ impl ControlClient {
             last_contact: LastContact::new(now_ms()),
             topology_version: AtomicU64::new(0),
             telemetry_trimmed: AtomicU64::new(0),
+            version_regressions: AtomicU64::new(0),
             cert,
             renew: schedule,
             store,
@@ -828,6 +831,13 @@ impl ControlClient {
     /// more neighbours than one report holds: about 10,000).
     pub fn telemetry_trimmed(&self) -> u64 {
         self.shared.telemetry_trimmed.load(Ordering::Relaxed)
+    }
+
+    /// How many snapshots the controller sent with a version below the one the router held
+    /// (taken, and logged at warn): a controller whose state directory was restored from an
+    /// older backup numbers its versions from the backup's.
+    pub fn version_regressions(&self) -> u64 {
+        self.shared.version_regressions.load(Ordering::Relaxed)
     }
 }
 
@@ -1630,6 +1640,17 @@ fn handle(
         return Ok(Some(FromRouter::Nack { version, reason }));
     }
     *awaited = None;
+    // The controller is the authority, whatever its numbers: its store restored from an older
+    // backup starts again from the backup's versions (and topology). Taken, but said: the
+    // operator may not know the fleet went back.
+    if base.version != 0 && version < base.version {
+        shared.version_regressions.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            version,
+            held = base.version,
+            "the controller sent an older version than the one held (its state restored from a backup?): taking it"
+        );
+    }
     let snap = Arc::new(snap);
     *base = snap.clone();
     if !hand_over(shared, tx, &snap) {

@@ -900,6 +900,8 @@ async fn run(shared: Arc<Shared>, endpoint: quinn::Endpoint, tx: watch::Sender<A
         let started = tokio::time::Instant::now();
         let res = session(&shared, &endpoint, &tx, &mut pending).await;
         shared.connected.store(false, Ordering::Relaxed);
+        // The controller closed the session itself (a restart, an upgrade).
+        let mut closed = false;
         // The answer would have come on that session: the request is lost with it.
         if pending.take().is_some() {
             shared.cert.count_renewal(Renewal::NoAnswer);
@@ -931,6 +933,7 @@ async fn run(shared: Arc<Shared>, endpoint: quinn::Endpoint, tx: watch::Sender<A
                 continue;
             }
             res => {
+                closed = res.is_ok();
                 match res {
                     Ok(()) => tracing::info!("controller closed the control connection"),
                     Err(ControlError::Refused(r)) => {
@@ -941,11 +944,35 @@ async fn run(shared: Arc<Shared>, endpoint: quinn::Endpoint, tx: watch::Sender<A
                 0
             }
         };
-        if superseded == 0 && started.elapsed() > Duration::from_secs(10) {
+        let long = started.elapsed() > Duration::from_secs(10);
+        if superseded == 0 && long {
             backoff.reset();
         }
-        tokio::time::sleep(backoff.delay()).await;
+        // Every router of the fabric saw that close at once: spread out, they do not come back
+        // in one burst, each taking a full snapshot.
+        let delay = if closed && long {
+            reconnect_spread()
+        } else {
+            backoff.delay()
+        };
+        tokio::time::sleep(delay).await;
     }
+}
+
+/// How long after a controller's close of a long session a router reconnects: uniformly up to
+/// [`RECONNECT_SPREAD`].
+fn reconnect_spread() -> Duration {
+    RECONNECT_SPREAD.mul_f64(rand::rng().random::<f64>())
+}
+
+/// See [`reconnect_spread`]. The data plane runs on meanwhile (the snapshot held stays in
+/// force), so a second at most is of no cost to traffic.
+const RECONNECT_SPREAD: Duration = Duration::from_secs(1);
+
+/// How long a control connection's handshake may take: 5 s, plus up to 1 s drawn at each try,
+/// so that routers whose tries began together (the controller away) do not stay in step.
+fn connect_timeout() -> Duration {
+    Duration::from_secs(5) + Duration::from_secs(1).mul_f64(rand::rng().random::<f64>())
 }
 
 /// One control connection: connects, then serves it ([`converse`]) until it ends. An end that
@@ -962,7 +989,7 @@ async fn session(
     // so that one installed meanwhile makes a needless reconnect at worst, never a missed one.
     let presented = (shared.cert.not_before(), shared.cert.not_after());
     let connecting = endpoint.connect(cfg.controller, CONTROLLER_NAME)?;
-    let conn = tokio::time::timeout(Duration::from_secs(5), connecting)
+    let conn = tokio::time::timeout(connect_timeout(), connecting)
         .await
         .map_err(|_| ControlError::Timeout)??;
     let _trust_watch = tls::watch_trust(shared.cert.clone(), conn.clone());
@@ -1837,6 +1864,28 @@ async fn staleness_watch(shared: Arc<Shared>) {
 
 #[cfg(test)]
 mod tests {
+    /// After a controller's close, routers come back spread over a second, not within the
+    /// first back-off's 50-100 ms all at once; handshake timeouts differ by up to a second.
+    #[test]
+    fn reconnects_after_a_controller_close_are_spread() {
+        let draws: Vec<Duration> = (0..1000).map(|_| super::reconnect_spread()).collect();
+        let (min, max) = (draws.iter().min().unwrap(), draws.iter().max().unwrap());
+        assert!(
+            *min < Duration::from_millis(100) && *max > Duration::from_millis(900),
+            "{min:?}..{max:?}"
+        );
+        assert!(draws.iter().all(|d| *d <= super::RECONNECT_SPREAD));
+        let timeouts: Vec<Duration> = (0..1000).map(|_| super::connect_timeout()).collect();
+        let (min, max) = (
+            timeouts.iter().min().unwrap(),
+            timeouts.iter().max().unwrap(),
+        );
+        assert!(
+            *min >= Duration::from_secs(5) && *max - *min > Duration::from_millis(800),
+            "{min:?}..{max:?}"
+        );
+    }
+
     /// Every check of [`check_with`], the topology's too.
     fn check(
         node: &NodeId,

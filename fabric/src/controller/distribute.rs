@@ -28,8 +28,8 @@
 //! answered only for a node of the topology in force.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -689,7 +689,7 @@ impl Inbox {
 #[derive(Debug, Clone)]
 struct Rejected {
     version: u64,
-    content: Option<(u64, Arc<Vec<ProvisionedCircuit>>)>,
+    content: Option<(u64, Weak<Vec<ProvisionedCircuit>>)>,
     retry_at: Option<tokio::time::Instant>,
     wait: Duration,
     asked: Option<tokio::time::Instant>,
@@ -702,10 +702,17 @@ impl Rejected {
     fn again(
         last: Option<Rejected>,
         version: u64,
-        content: Option<(u64, Arc<Vec<ProvisionedCircuit>>)>,
+        content: Option<(u64, Weak<Vec<ProvisionedCircuit>>)>,
     ) -> Rejected {
         let same = |r: &Rejected| {
-            r.version == version || content.as_ref().is_some_and(|(tv, c)| r.holds(*tv, c))
+            r.version == version
+                || content.as_ref().is_some_and(|(tv, c)| {
+                    r.content.as_ref().is_some_and(|(rtv, rc)| {
+                        rtv == tv
+                            && (Weak::ptr_eq(rc, c)
+                                || rc.upgrade().zip(c.upgrade()).is_some_and(|(a, b)| a == b))
+                    })
+                })
         };
         let (wait, asked) = match last {
             Some(r) if same(&r) => ((r.wait * 2).min(NACK_RETRY_MAX), r.asked),
@@ -723,9 +730,9 @@ impl Rejected {
     /// Whether a version of topology `topology_version` carrying `circuits` offers what was
     /// rejected (only the live state differs).
     fn holds(&self, topology_version: u64, circuits: &Arc<Vec<ProvisionedCircuit>>) -> bool {
-        self.content.as_ref().is_some_and(|(tv, c)| {
-            *tv == topology_version && (Arc::ptr_eq(c, circuits) || **c == **circuits)
-        })
+        self.content
+            .as_ref()
+            .is_some_and(|(tv, c)| *tv == topology_version && same_circuits(c, circuits))
     }
 
     /// Whether `p` is the rejected version, or the same offer.
@@ -760,15 +767,28 @@ async fn renew(
         })
 }
 
+/// Whether `kept` (a version's circuits, held weakly) are `circuits`: the same list, or, while
+/// it lives, an equal one. A `Weak` keeps its allocation, so its address is not reused while it
+/// is held: the same address is the same list.
+fn same_circuits(
+    kept: &Weak<Vec<ProvisionedCircuit>>,
+    circuits: &Arc<Vec<ProvisionedCircuit>>,
+) -> bool {
+    std::ptr::eq(kept.as_ptr(), Arc::as_ptr(circuits))
+        || kept.upgrade().is_some_and(|c| *c == **circuits)
+}
+
 /// The versions a session wrote and the router has not answered yet (at most
 /// [`MAX_UNANSWERED`], oldest first), each with its topology version. A router answers (ACK or
 /// NACK) what it applies in the order it arrived, and answers some versions with nothing (a
 /// delta for a base it lacks gets a `Resync`), so an answer consumes its version and every older
 /// one; a version may be in it twice (a delta, then the same version in full after a `Resync`).
-/// Each keeps its circuits too (a shared `Arc`): a rejection is compared with later versions by
-/// its content ([`Rejected`]).
+/// Each keeps its circuits too, weakly: a rejection is compared with later versions by its
+/// content ([`Rejected`]), and a router that answers nothing does not hold the circuit lists of
+/// up to [`MAX_UNANSWERED`] versions alive (every circuit operation publishes a new one: with a
+/// shared `Arc` each, such a session held them all, hundreds of MB with many circuits).
 #[derive(Debug, Default)]
-struct Unanswered(std::collections::VecDeque<(u64, u64, Arc<Vec<ProvisionedCircuit>>)>);
+struct Unanswered(std::collections::VecDeque<(u64, u64, Weak<Vec<ProvisionedCircuit>>)>);
 
 impl Unanswered {
     /// `version` (of `topology_version`, carrying `circuits`) was written to the router.
@@ -782,13 +802,13 @@ impl Unanswered {
             self.0.pop_front();
         }
         self.0
-            .push_back((version, topology_version, circuits.clone()));
+            .push_back((version, topology_version, Arc::downgrade(circuits)));
     }
 
     /// The router answered `version`: its topology version and circuits, or `None` when this
     /// session did not send it (or it was answered, or an answer to a later version came
     /// first).
-    fn answer(&mut self, version: u64) -> Option<(u64, Arc<Vec<ProvisionedCircuit>>)> {
+    fn answer(&mut self, version: u64) -> Option<(u64, Weak<Vec<ProvisionedCircuit>>)> {
         let at = self.0.iter().position(|(v, _, _)| *v == version)?;
         self.0
             .drain(..=at)
@@ -1065,7 +1085,7 @@ mod tests {
     fn only_versions_sent_and_not_answered_yet_can_be_answered() {
         let mut u = Unanswered::default();
         let none: Arc<Vec<ProvisionedCircuit>> = Arc::default();
-        let tv = |a: Option<(u64, Arc<Vec<ProvisionedCircuit>>)>| a.map(|(tv, _)| tv);
+        let tv = |a: Option<(u64, Weak<Vec<ProvisionedCircuit>>)>| a.map(|(tv, _)| tv);
         assert_eq!(tv(u.answer(1)), None, "nothing sent");
         u.sent(10, 1, &none);
         u.sent(11, 1, &none);
@@ -1088,6 +1108,33 @@ mod tests {
         assert_eq!(u.0.len(), MAX_UNANSWERED);
         assert_eq!(tv(u.answer(100)), None);
         assert_eq!(tv(u.answer(105)), Some(3));
+    }
+
+    /// A session whose router answers nothing keeps no version's circuits alive: each circuit
+    /// operation publishes a new list, and with an `Arc` each the session held up to 256 of
+    /// them. A rejection still knows its content: the same list, or an equal one while it
+    /// lives, is the same offer; another is not.
+    #[test]
+    fn unanswered_versions_hold_no_circuit_list() {
+        let mut u = Unanswered::default();
+        let lists: Vec<Weak<Vec<ProvisionedCircuit>>> = (0..300u64)
+            .map(|v| {
+                let list = Arc::new(Vec::<ProvisionedCircuit>::with_capacity(1000));
+                u.sent(v + 1, 1, &list);
+                Arc::downgrade(&list)
+            })
+            .collect();
+        assert!(
+            lists.iter().all(|l| l.strong_count() == 0),
+            "circuit lists kept alive by the session"
+        );
+        let current = Arc::new(Vec::<ProvisionedCircuit>::new());
+        u.sent(301, 1, &current);
+        let (tv, kept) = u.answer(301).unwrap();
+        let r = Rejected::again(None, 301, Some((tv, kept)));
+        assert!(r.holds(1, &current), "the same list");
+        assert!(r.holds(1, &Arc::new(Vec::new())), "an equal list");
+        assert!(!r.holds(2, &current), "another topology");
     }
 
     #[test]

@@ -491,6 +491,41 @@ fi
     d.shutdown().await;
 }
 
+/// A message with a line break and an escape sequence, stored as given, is shown on its own
+/// row of `topology history`, escaped: it cannot forge a row nor rewrite the reader's screen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_cannot_forge_a_row_of_the_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let v1 = fabric_yaml(64, 1, 1, 10);
+    let (d, env) = setup(dir.path(), &v1).await;
+    let env = std::sync::Arc::new(env);
+    let file = dir.path().join("v2.yaml");
+    std::fs::write(&file, format!("{v1}# a comment\n")).unwrap();
+    let f = file.display().to_string();
+    let forged = "fix\n     42*  2026-01-01 00:00:00  alice  apply\u{1b}[2J";
+    let e = env.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        tasman(&e, &["topology", "apply", &f, "-m", forged], &[], "")
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let e = env.clone();
+    let out = tokio::task::spawn_blocking(move || tasman(&e, &["topology", "history"], &[], ""))
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let table = text(&out.stdout);
+    // A header and the two versions.
+    assert_eq!(table.lines().count(), 3, "{table}");
+    assert!(
+        !table.contains('\u{1b}') && !table.contains("\n     42*"),
+        "{table}"
+    );
+    assert!(table.contains("fix\\n     42*"), "{table}");
+    d.shutdown().await;
+}
+
 /// The admin API is plain HTTP: an `--admin` address other than loopback is refused at start
 /// (exit 2, nothing created), saying why and what to do, unless `--admin-insecure-remote` is
 /// given; then the controller serves there. (Any address was taken, silently: the token that

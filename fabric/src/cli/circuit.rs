@@ -531,10 +531,10 @@ async fn exec(client: &AdminClient, cmd: CircuitCmd, out: Output) -> Result<(), 
                     s.push_str(&format!(
                         "{}  {:<12} {:<11} {from}{}: {}\n",
                         super::fmt_time(e.time_unix_ms),
-                        e.actor,
+                        super::one_line(&e.actor),
                         e.action,
                         e.to,
-                        e.detail
+                        super::one_line(&e.detail)
                     ));
                 }
                 s

@@ -122,6 +122,27 @@ fn die_on_closed_stdout() {
     }));
 }
 
+/// `s` for one cell of a table printed to a terminal: its control characters (a line break
+/// that would forge a row, an escape sequence that would rewrite the reader's screen) written
+/// escaped, as `\n` or `\u{1b}`. Authors and messages are the operators' own words, stored as
+/// given; only their display is escaped.
+pub fn one_line(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    std::borrow::Cow::Owned(
+        s.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
+    )
+}
+
 /// `2026-11-29 02:37:23` (UTC) from unix milliseconds.
 pub fn fmt_time(unix_ms: u64) -> String {
     let secs = unix_ms / 1000;
@@ -207,5 +228,22 @@ impl Signals {
         }
         #[cfg(not(unix))]
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A message or author with a line break could forge a row of `topology history`, and an
+    /// escape sequence rewrite the reader's screen: a cell shows them escaped.
+    #[test]
+    fn a_cell_keeps_to_one_line_and_sends_no_escape_sequence() {
+        assert_eq!(super::one_line("fix the link"), "fix the link");
+        let forged = "fix\n     42*  2026-01-01 00:00:00  alice\u{1b}[2J\r\tend";
+        let shown = super::one_line(forged);
+        assert!(!shown.chars().any(char::is_control), "{shown:?}");
+        assert_eq!(
+            shown,
+            "fix\\n     42*  2026-01-01 00:00:00  alice\\u{1b}[2J\\r\\tend"
+        );
     }
 }

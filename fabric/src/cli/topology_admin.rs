@@ -312,11 +312,11 @@ pub fn history(args: HistoryArgs) -> ExitCode {
                             "{:>7}{mark}  {:<24}  {:<12}  {:<18}  {:>10}  {:<12}  {}",
                             r.version,
                             super::fmt_time(r.time_unix_ms),
-                            r.author,
+                            super::one_line(&r.author),
                             origin,
                             r.bytes,
                             sha,
-                            r.message
+                            super::one_line(&r.message)
                         );
                     }
                 }

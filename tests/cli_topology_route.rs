@@ -617,3 +617,48 @@ fn route_and_diff_show_a_traffic_dial() {
         stderr(&o)
     );
 }
+
+/// The old side of a diff is often the text in force, as `tasman topology get` prints it,
+/// which an older build may have stored under fewer rules (here an empty `clients`, refused in a new
+/// text since): it is read as the controller reads it, those rules as warnings, so the diff
+/// with the fixed text is shown. (The diff exited 1 on the old file's error.) The new side
+/// keeps every rule.
+#[test]
+fn a_diff_reads_its_old_side_as_a_stored_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let stored = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("topology/tests/invalid/empty_clients.yaml"),
+    )
+    .unwrap();
+    let fixed: String = stored
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("clients:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_ne!(stored, fixed);
+    let (old, new) = (dir.path().join("old.yaml"), dir.path().join("new.yaml"));
+    std::fs::write(&old, &stored).unwrap();
+    std::fs::write(&new, &fixed).unwrap();
+    let o = tasman(&[
+        "topology",
+        "diff",
+        old.to_str().unwrap(),
+        new.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("warning"), "{}", stderr(&o));
+    // An empty list and no list read alike (any client): the same model.
+    assert!(
+        stdout(&o).contains("no structural changes"),
+        "{}",
+        stdout(&o)
+    );
+    // The other way round, the new side's error still fails the diff.
+    let o = tasman(&[
+        "topology",
+        "diff",
+        new.to_str().unwrap(),
+        old.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+}

@@ -157,6 +157,16 @@ pub fn load_or_report(path: &Path) -> Result<Loaded, ExitCode> {
     result.map_err(|e| e.exit_code())
 }
 
+/// [`load_or_report`] for a text that may be one a controller stored under an earlier build
+/// (the topology in force, as `tasman topology get` prints it): the rules this build added
+/// since are warnings ([`::topology::load_stored`]), as the controller reads it.
+pub fn load_stored_or_report(path: &Path) -> Result<Loaded, ExitCode> {
+    let result =
+        read_text(path).and_then(|t| ::topology::load_stored(&t).map_err(LoadFileError::Invalid));
+    report(&path.display().to_string(), &result);
+    result.map_err(|e| e.exit_code())
+}
+
 fn plural(n: usize, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
 }

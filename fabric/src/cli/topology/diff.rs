@@ -35,7 +35,8 @@ Exit status: 0 compared (with or without differences), 1 an invalid topology, 2 
 #[derive(clap::Args, Debug)]
 #[command(after_help = DIFF_EXAMPLES)]
 pub struct DiffArgs {
-    /// The current topology file.
+    /// The current topology file (read as the controller reads its stored text: rules added
+    /// since an older build stored it are warnings).
     pub old: PathBuf,
     /// The proposed topology file.
     pub new: PathBuf,
@@ -56,8 +57,10 @@ struct DiffJson<'a> {
 }
 
 pub fn run(args: DiffArgs) -> ExitCode {
-    // Report problems in both files before giving up.
-    let old = load_or_report(&args.old);
+    // Report problems in both files before giving up. The old one is often the text in force
+    // (`tasman topology get`): read as the controller reads its stored text, the rules this
+    // build added since as warnings, so that its diff with a fixed text can be seen.
+    let old = super::load_stored_or_report(&args.old);
     let new = load_or_report(&args.new);
     let (old, new) = match (old, new) {
         (Ok(o), Ok(n)) => (o.topology, n.topology),

@@ -110,7 +110,7 @@ pub fn path_links(path: &[NodeId]) -> Vec<LinkId> {
 /// A circuit as the data plane needs it, in every snapshot the controller distributes: the
 /// edge classifies clients by `prefix` (and `vip`) and enforces `rate` both ways; transits and
 /// sites only need to know the circuit exists on their path.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ProvisionedCircuit {
     pub id: CircuitId,
     pub edge: NodeId,

@@ -28,8 +28,8 @@
 //! answered only for a node of the topology in force.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -39,7 +39,6 @@ use router::control::proto::{self, FromRouter, MAX_FROM_ROUTER, ToRouter, clip};
 use router::tls;
 use router::transport::{HandshakeGate, Turned};
 
-use topology::circuit::ProvisionedCircuit;
 use topology::{Latency, NodeId, ServiceName};
 
 use super::live::{NeighbourSample, Sample};
@@ -434,7 +433,7 @@ async fn session(
                     };
                     inbox.write(recv, send, bytes, stall).await?;
                     sent = Some(p.version);
-                    unanswered.sent(p.version, p.topology_version, &p.circuits);
+                    unanswered.sent(p.version, p.topology_version, p.circuits_digest);
                     heartbeat.reset();
                 }
                 force_full = false;
@@ -485,7 +484,7 @@ async fn session(
                         rejected = None;
                     }
                     FromRouter::Nack { version, reason } => {
-                        let (tv, circuits) = unanswered
+                        let (tv, digest) = unanswered
                             .answer(version)
                             .ok_or(ConnError::NotSent { what: "rejection", version })?;
                         ctl.router_nack(rs, version, tv, &clip(reason));
@@ -496,7 +495,7 @@ async fn session(
                         rejected = Some(Rejected::again(
                             rejected.take(),
                             version,
-                            Some((tv, circuits)),
+                            Some((tv, digest)),
                         ));
                         // It holds an older version: no delta on top of the one it rejected.
                         sent = None;
@@ -689,7 +688,7 @@ impl Inbox {
 #[derive(Debug, Clone)]
 struct Rejected {
     version: u64,
-    content: Option<(u64, Weak<Vec<ProvisionedCircuit>>)>,
+    content: Option<(u64, u64)>,
     retry_at: Option<tokio::time::Instant>,
     wait: Duration,
     asked: Option<tokio::time::Instant>,
@@ -699,20 +698,9 @@ impl Rejected {
     /// `version` (with `content`, when known) rejected, `last` what was rejected before it on
     /// this session: the same offer waits twice as long as last time, up to
     /// [`NACK_RETRY_MAX`]; another starts from [`NACK_RETRY_FIRST`].
-    fn again(
-        last: Option<Rejected>,
-        version: u64,
-        content: Option<(u64, Weak<Vec<ProvisionedCircuit>>)>,
-    ) -> Rejected {
+    fn again(last: Option<Rejected>, version: u64, content: Option<(u64, u64)>) -> Rejected {
         let same = |r: &Rejected| {
-            r.version == version
-                || content.as_ref().is_some_and(|(tv, c)| {
-                    r.content.as_ref().is_some_and(|(rtv, rc)| {
-                        rtv == tv
-                            && (Weak::ptr_eq(rc, c)
-                                || rc.upgrade().zip(c.upgrade()).is_some_and(|(a, b)| a == b))
-                    })
-                })
+            r.version == version || content.is_some_and(|(tv, digest)| r.holds(tv, digest))
         };
         let (wait, asked) = match last {
             Some(r) if same(&r) => ((r.wait * 2).min(NACK_RETRY_MAX), r.asked),
@@ -727,17 +715,15 @@ impl Rejected {
         }
     }
 
-    /// Whether a version of topology `topology_version` carrying `circuits` offers what was
-    /// rejected (only the live state differs).
-    fn holds(&self, topology_version: u64, circuits: &Arc<Vec<ProvisionedCircuit>>) -> bool {
-        self.content
-            .as_ref()
-            .is_some_and(|(tv, c)| *tv == topology_version && same_circuits(c, circuits))
+    /// Whether a version of topology `topology_version` whose circuits have `digest` offers
+    /// what was rejected (only the live state differs).
+    fn holds(&self, topology_version: u64, digest: u64) -> bool {
+        self.content == Some((topology_version, digest))
     }
 
     /// Whether `p` is the rejected version, or the same offer.
     fn offers(&self, p: &super::Published) -> bool {
-        self.version == p.version || self.holds(p.topology_version, &p.circuits)
+        self.version == p.version || self.holds(p.topology_version, p.circuits_digest)
     }
 }
 
@@ -767,53 +753,37 @@ async fn renew(
         })
 }
 
-/// Whether `kept` (a version's circuits, held weakly) are `circuits`: the same list, or, while
-/// it lives, an equal one. A `Weak` keeps its allocation, so its address is not reused while it
-/// is held: the same address is the same list.
-fn same_circuits(
-    kept: &Weak<Vec<ProvisionedCircuit>>,
-    circuits: &Arc<Vec<ProvisionedCircuit>>,
-) -> bool {
-    std::ptr::eq(kept.as_ptr(), Arc::as_ptr(circuits))
-        || kept.upgrade().is_some_and(|c| *c == **circuits)
-}
-
 /// The versions a session wrote and the router has not answered yet (at most
 /// [`MAX_UNANSWERED`], oldest first), each with its topology version. A router answers (ACK or
 /// NACK) what it applies in the order it arrived, and answers some versions with nothing (a
 /// delta for a base it lacks gets a `Resync`), so an answer consumes its version and every older
 /// one; a version may be in it twice (a delta, then the same version in full after a `Resync`).
-/// Each keeps its circuits too, weakly: a rejection is compared with later versions by its
-/// content ([`Rejected`]), and a router that answers nothing does not hold the circuit lists of
-/// up to [`MAX_UNANSWERED`] versions alive (every circuit operation publishes a new one: with a
-/// shared `Arc` each, such a session held them all, hundreds of MB with many circuits).
+/// Each keeps the digest of its circuits too ([`super::Published::circuits_digest`]): a
+/// rejection is compared with later versions by its content ([`Rejected`]). (An `Arc` of each
+/// list kept the lists of up to [`MAX_UNANSWERED`] versions alive for a router that answers
+/// nothing: every circuit operation publishes a new list.)
 #[derive(Debug, Default)]
-struct Unanswered(std::collections::VecDeque<(u64, u64, Weak<Vec<ProvisionedCircuit>>)>);
+struct Unanswered(std::collections::VecDeque<(u64, u64, u64)>);
 
 impl Unanswered {
-    /// `version` (of `topology_version`, carrying `circuits`) was written to the router.
-    fn sent(
-        &mut self,
-        version: u64,
-        topology_version: u64,
-        circuits: &Arc<Vec<ProvisionedCircuit>>,
-    ) {
+    /// `version` (of `topology_version`, its circuits' digest `digest`) was written to the
+    /// router.
+    fn sent(&mut self, version: u64, topology_version: u64, digest: u64) {
         if self.0.len() == MAX_UNANSWERED {
             self.0.pop_front();
         }
-        self.0
-            .push_back((version, topology_version, Arc::downgrade(circuits)));
+        self.0.push_back((version, topology_version, digest));
     }
 
     /// The router answered `version`: its topology version and circuits, or `None` when this
     /// session did not send it (or it was answered, or an answer to a later version came
     /// first).
-    fn answer(&mut self, version: u64) -> Option<(u64, Weak<Vec<ProvisionedCircuit>>)> {
+    fn answer(&mut self, version: u64) -> Option<(u64, u64)> {
         let at = self.0.iter().position(|(v, _, _)| *v == version)?;
         self.0
             .drain(..=at)
             .next_back()
-            .map(|(_, tv, circuits)| (tv, circuits))
+            .map(|(_, tv, digest)| (tv, digest))
     }
 }
 
@@ -1084,14 +1054,14 @@ mod tests {
     #[test]
     fn only_versions_sent_and_not_answered_yet_can_be_answered() {
         let mut u = Unanswered::default();
-        let none: Arc<Vec<ProvisionedCircuit>> = Arc::default();
-        let tv = |a: Option<(u64, Weak<Vec<ProvisionedCircuit>>)>| a.map(|(tv, _)| tv);
+        let none = super::super::circuits_digest(&[]);
+        let tv = |a: Option<(u64, u64)>| a.map(|(tv, _)| tv);
         assert_eq!(tv(u.answer(1)), None, "nothing sent");
-        u.sent(10, 1, &none);
-        u.sent(11, 1, &none);
+        u.sent(10, 1, none);
+        u.sent(11, 1, none);
         // 11 went as a delta the router could not apply (Resync), then in full.
-        u.sent(11, 1, &none);
-        u.sent(12, 2, &none);
+        u.sent(11, 1, none);
+        u.sent(12, 2, none);
         assert_eq!(tv(u.answer(u64::MAX)), None);
         assert_eq!(tv(u.answer(9)), None);
         // 10 unanswered (the router resynced): answering 11 passes over it.
@@ -1103,38 +1073,47 @@ mod tests {
         assert_eq!(tv(u.answer(12)), None);
         // Bounded: the oldest are forgotten.
         for v in 0..(MAX_UNANSWERED as u64 + 5) {
-            u.sent(100 + v, 3, &none);
+            u.sent(100 + v, 3, none);
         }
         assert_eq!(u.0.len(), MAX_UNANSWERED);
         assert_eq!(tv(u.answer(100)), None);
         assert_eq!(tv(u.answer(105)), Some(3));
     }
 
-    /// A session whose router answers nothing keeps no version's circuits alive: each circuit
-    /// operation publishes a new list, and with an `Arc` each the session held up to 256 of
-    /// them. A rejection still knows its content: the same list, or an equal one while it
-    /// lives, is the same offer; another is not.
+    /// A rejection is compared with later versions by what they carry: a version whose circuit
+    /// list is equal to the rejected one's (a republication that changed nothing for the
+    /// routers, as after an apply that fails a circuit, whose path stays) is the same offer,
+    /// whichever list it is; another topology or other circuits are not. A session keeps no
+    /// list alive. (Kept weakly, an equal list published after the rejected one was dropped
+    /// was another offer: the back-off restarted and a full snapshot went out.)
     #[test]
-    fn unanswered_versions_hold_no_circuit_list() {
+    fn a_rejected_offer_is_known_by_its_content_and_holds_no_list() {
+        use topology::circuit::ProvisionedCircuit;
+        let circuit = |rate: &str| ProvisionedCircuit {
+            id: topology::circuit::CircuitId::new("c-000001"),
+            edge: topology::NodeId::new("e"),
+            prefix: "10.1.0.0/24".parse().unwrap(),
+            service: topology::ServiceName::new("chat"),
+            vip: None,
+            port: None,
+            rate: rate.parse().unwrap(),
+            path: vec![topology::NodeId::new("e"), topology::NodeId::new("s")],
+        };
+        let digest = |c: &[ProvisionedCircuit]| super::super::circuits_digest(c);
         let mut u = Unanswered::default();
-        let lists: Vec<Weak<Vec<ProvisionedCircuit>>> = (0..300u64)
-            .map(|v| {
-                let list = Arc::new(Vec::<ProvisionedCircuit>::with_capacity(1000));
-                u.sent(v + 1, 1, &list);
-                Arc::downgrade(&list)
-            })
-            .collect();
-        assert!(
-            lists.iter().all(|l| l.strong_count() == 0),
-            "circuit lists kept alive by the session"
-        );
-        let current = Arc::new(Vec::<ProvisionedCircuit>::new());
-        u.sent(301, 1, &current);
+        {
+            let rejected_list = Arc::new(vec![circuit("100Mbps")]);
+            u.sent(301, 1, digest(&rejected_list));
+        }
         let (tv, kept) = u.answer(301).unwrap();
         let r = Rejected::again(None, 301, Some((tv, kept)));
-        assert!(r.holds(1, &current), "the same list");
-        assert!(r.holds(1, &Arc::new(Vec::new())), "an equal list");
-        assert!(!r.holds(2, &current), "another topology");
+        assert!(r.holds(1, digest(&[circuit("100Mbps")])), "an equal list");
+        assert!(
+            !r.holds(2, digest(&[circuit("100Mbps")])),
+            "another topology"
+        );
+        assert!(!r.holds(1, digest(&[circuit("200Mbps")])), "other circuits");
+        assert!(!r.holds(1, digest(&[])), "no circuits");
     }
 
     #[test]

@@ -90,6 +90,9 @@ pub struct Published {
     pub topology: Arc<Topology>,
     pub live: LiveState,
     pub circuits: Arc<Vec<ProvisionedCircuit>>,
+    /// A digest of `circuits` ([`circuits_digest`]): what a router's rejection of this version
+    /// is compared by, without keeping the list.
+    pub circuits_digest: u64,
     /// `ToRouter::Snapshot` frame.
     pub full: Bytes,
     /// `ToRouter::Live` frame, or a topology `Delta` frame, and its base version.
@@ -1257,6 +1260,15 @@ fn full_frame(
     Ok(full)
 }
 
+/// A digest of a circuit list (SipHash with this process's fixed keys): equal lists, equal
+/// digests, whichever allocation holds them.
+pub fn circuits_digest(circuits: &[ProvisionedCircuit]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    circuits.hash(&mut h);
+    h.finish()
+}
+
 fn encode(
     version: u64,
     cur: &Current,
@@ -1291,6 +1303,7 @@ fn encode(
         topology_version,
         topology: cur.topology.clone(),
         live,
+        circuits_digest: circuits_digest(circuits),
         circuits: circuits.clone(),
         full,
         delta,

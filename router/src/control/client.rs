@@ -900,8 +900,6 @@ async fn run(shared: Arc<Shared>, endpoint: quinn::Endpoint, tx: watch::Sender<A
         let started = tokio::time::Instant::now();
         let res = session(&shared, &endpoint, &tx, &mut pending).await;
         shared.connected.store(false, Ordering::Relaxed);
-        // The controller closed the session itself (a restart, an upgrade).
-        let mut closed = false;
         // The answer would have come on that session: the request is lost with it.
         if pending.take().is_some() {
             shared.cert.count_renewal(Renewal::NoAnswer);
@@ -933,7 +931,6 @@ async fn run(shared: Arc<Shared>, endpoint: quinn::Endpoint, tx: watch::Sender<A
                 continue;
             }
             res => {
-                closed = res.is_ok();
                 match res {
                     Ok(()) => tracing::info!("controller closed the control connection"),
                     Err(ControlError::Refused(r)) => {
@@ -944,23 +941,27 @@ async fn run(shared: Arc<Shared>, endpoint: quinn::Endpoint, tx: watch::Sender<A
                 0
             }
         };
-        let long = started.elapsed() > Duration::from_secs(10);
-        if superseded == 0 && long {
-            backoff.reset();
-        }
-        // Every router of the fabric saw that close at once: spread out, they do not come back
-        // in one burst, each taking a full snapshot.
-        let delay = if closed && long {
-            reconnect_spread()
-        } else {
-            backoff.delay()
-        };
-        tokio::time::sleep(delay).await;
+        let long = superseded == 0 && started.elapsed() > Duration::from_secs(10);
+        tokio::time::sleep(next_delay(&mut backoff, long)).await;
     }
 }
 
-/// How long after a controller's close of a long session a router reconnects: uniformly up to
-/// [`RECONNECT_SPREAD`].
+/// The wait before the next control connection. After a session of more than 10 s (not taken
+/// over by another process of this node) the back-off starts over, and the wait is drawn up to
+/// [`RECONNECT_SPREAD`]: such an end is most likely the controller's (a restart, an upgrade, a
+/// crash), met by every router of the fabric at once, and spread out they do not come back in
+/// one burst, each taking a full snapshot. Else the back-off's.
+fn next_delay(backoff: &mut Backoff, long: bool) -> Duration {
+    if long {
+        backoff.reset();
+        reconnect_spread()
+    } else {
+        backoff.delay()
+    }
+}
+
+/// How long after the end of a long session a router reconnects: uniformly up to
+/// [`RECONNECT_SPREAD`] ([`next_delay`]).
 fn reconnect_spread() -> Duration {
     RECONNECT_SPREAD.mul_f64(rand::rng().random::<f64>())
 }
@@ -1864,11 +1865,20 @@ async fn staleness_watch(shared: Arc<Shared>) {
 
 #[cfg(test)]
 mod tests {
-    /// After a controller's close, routers come back spread over a second, not within the
-    /// first back-off's 50-100 ms all at once; handshake timeouts differ by up to a second.
+    /// After a long session (its end most likely the controller's, whatever the error), routers
+    /// come back spread over a second, not within the first back-off's 50-100 ms all at once,
+    /// and the back-off starts over; after a short one, the back-off grows. Handshake timeouts
+    /// differ by up to a second.
     #[test]
     fn reconnects_after_a_controller_close_are_spread() {
-        let draws: Vec<Duration> = (0..1000).map(|_| super::reconnect_spread()).collect();
+        let mut b = super::Backoff {
+            next: Duration::from_secs(8),
+        };
+        let draws: Vec<Duration> = (0..1000).map(|_| super::next_delay(&mut b, true)).collect();
+        assert_eq!(b.next, super::Backoff::MIN);
+        let short = super::next_delay(&mut b, false);
+        assert!(short <= super::Backoff::MIN, "{short:?}");
+        assert_eq!(b.next, super::Backoff::MIN * 2);
         let (min, max) = (draws.iter().min().unwrap(), draws.iter().max().unwrap());
         assert!(
             *min < Duration::from_millis(100) && *max > Duration::from_millis(900),

@@ -123,17 +123,19 @@ fn die_on_closed_stdout() {
 }
 
 /// `s` for one cell of a table printed to a terminal: its control characters (a line break
-/// that would forge a row, an escape sequence that would rewrite the reader's screen) written
-/// escaped, as `\n` or `\u{1b}`. Authors and messages are the operators' own words, stored as
+/// that would forge a row, an escape sequence that would rewrite the reader's screen) and
+/// bidirectional format characters (a row that reads differently than it is) written escaped,
+/// as `\n` or `\u{202e}` ([`::router::control::proto::unsafe_to_show`]). Authors and messages are the operators' own words, stored as
 /// given; only their display is escaped.
 pub fn one_line(s: &str) -> std::borrow::Cow<'_, str> {
-    if !s.chars().any(char::is_control) {
+    use ::router::control::proto::unsafe_to_show;
+    if !s.chars().any(unsafe_to_show) {
         return std::borrow::Cow::Borrowed(s);
     }
     std::borrow::Cow::Owned(
         s.chars()
             .map(|c| {
-                if c.is_control() {
+                if unsafe_to_show(c) {
                     c.escape_default().to_string()
                 } else {
                     c.to_string()
@@ -245,5 +247,6 @@ mod tests {
             shown,
             "fix\\n     42*  2026-01-01 00:00:00  alice\\u{1b}[2J\\r\\tend"
         );
+        assert_eq!(super::one_line("a\u{202e}b"), "a\\u{202e}b");
     }
 }

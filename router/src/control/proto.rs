@@ -452,15 +452,20 @@ pub fn clip(s: String) -> String {
     clip_to(s, MAX_REASON)
 }
 
+/// Whether `c` is escaped before text from elsewhere is logged or shown ([`clip`]): a control
+/// character (a newline forging a line, a terminal escape), or a bidirectional or line-separator
+/// format character (text that reads differently than it is).
+pub fn unsafe_to_show(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+        )
+}
+
 /// [`clip`] to at most `max` bytes (and the `...`), for a peer's name inside a longer text.
 pub fn clip_to(s: String, max: usize) -> String {
-    let unsafe_char = |c: char| {
-        c.is_control()
-            || matches!(
-                c,
-                '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
-            )
-    };
+    let unsafe_char = unsafe_to_show;
     if s.len() <= max && !s.chars().any(unsafe_char) {
         return s;
     }

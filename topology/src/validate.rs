@@ -218,6 +218,18 @@ fn fields<'a>(
             );
             continue;
         };
+        if key.as_ref() == "<<" {
+            // YAML 1.1's merge key: YAML 1.2's core schema, which this reader follows, has none,
+            // so it is a field name; no near field name is what was meant.
+            cx.err(
+                k.pos,
+                format!(
+                    "merge keys (`<<`) are not supported in {what}: write its fields out (an alias \
+                     of a whole value, `*name`, is)"
+                ),
+            );
+            continue;
+        }
         if !allowed.contains(&key.as_ref()) {
             let hint = closest(key, allowed.iter().copied())
                 .map(|c| format!("; did you mean \"{c}\"?"))

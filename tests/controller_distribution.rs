@@ -889,12 +889,10 @@ async fn live_updates_after_a_rejection_wait_with_the_rejected_version() {
         router_status(&d, "edge-0").is_some_and(|r| r.record.last_nack.is_some())
     })
     .await;
-    // A new version with the same topology and circuits (the circuit service publishing).
-    let circuits = d.ctl.published().circuits.clone();
-    let live_only = d
-        .ctl
-        .publish_circuits(std::sync::Arc::new((*circuits).clone()))
-        .unwrap();
+    // A new version with the same topology and circuits (the circuit service publishing a new
+    // list, equal: the rejected version's own is let go, as in the controller).
+    let copy = (*d.ctl.published().circuits).clone();
+    let live_only = d.ctl.publish_circuits(std::sync::Arc::new(copy)).unwrap();
     assert!(live_only > version);
     // Not sent before the back-off ends; then the current version, once.
     let offered = version_of(&next_news(&mut s.recv).await);
@@ -931,12 +929,10 @@ async fn a_rejection_answered_after_a_later_version_went_out_keeps_its_back_off(
     let dir = tempfile::tempdir().unwrap();
     let (d, _, mut s, version) =
         offered_to_edge_0(dir.path(), &fabric_nodes(1, 2), &fabric_yaml(88, 1, 2, 10)).await;
-    // The same offer again (the circuit service publishing), written on top of the first.
-    let circuits = d.ctl.published().circuits.clone();
-    let later = d
-        .ctl
-        .publish_circuits(std::sync::Arc::new((*circuits).clone()))
-        .unwrap();
+    // The same offer again (the circuit service publishing an equal list, the first one's let
+    // go), written on top of the first.
+    let copy = (*d.ctl.published().circuits).clone();
+    let later = d.ctl.publish_circuits(std::sync::Arc::new(copy)).unwrap();
     match next_news(&mut s.recv).await {
         ToRouter::Delta { version, .. } | ToRouter::Live { version, .. } => {
             assert_eq!(version, later)

@@ -828,6 +828,12 @@ impl Controller {
             self.snapshot_limit(),
         )?;
         p.with_circuits = inner.circuits_published;
+        // The same list as the version before (a live update): its digest, not another pass.
+        if Arc::ptr_eq(&prev.circuits, &inner.circuits) {
+            p.circuits_digest = prev.circuits_digest;
+        } else {
+            p.circuits_digest = circuits_digest(&inner.circuits);
+        }
         inner.live.publish(live);
         // A topology change with the same circuits goes out as a delta when it is exact and
         // smaller than the snapshot (which is within the routers' frame limit): one that
@@ -1303,7 +1309,9 @@ fn encode(
         topology_version,
         topology: cur.topology.clone(),
         live,
-        circuits_digest: circuits_digest(circuits),
+        // Set by the caller that publishes it ([`Controller::publish_locked`]), which knows
+        // whether the list is the last version's; the start's first version holds none.
+        circuits_digest: circuits_digest(&[]),
         circuits: circuits.clone(),
         full,
         delta,

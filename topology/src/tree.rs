@@ -108,9 +108,12 @@ fn resolve_plain(text: Cow<'_, str>) -> YValue<'_> {
     {
         return YValue::Int(i);
     }
+    // Digits only after the prefix (YAML 1.2's core schema: `0x[0-9a-fA-F]+`, `0o[0-7]+`);
+    // `from_str_radix` alone also took a sign there (`0x+50`, `0x-1`), which makes a string.
     for (prefix, radix) in [("0x", 16), ("0o", 8)] {
         if let Some(rest) = s.strip_prefix(prefix)
             && !rest.is_empty()
+            && rest.chars().all(|c| c.is_digit(radix))
             && let Ok(i) = i128::from_str_radix(rest, radix)
         {
             return YValue::Int(i);
@@ -465,7 +468,7 @@ mod tests {
     #[test]
     fn tree_keeps_positions_and_core_schema_types() {
         let t = parse_tree(
-            "a: 1\nb:\n  - \"x\"\n  - 2.5\nc: NO\nd: [0x1f, 1e3, 12ms, ~, \"1\", 127.0.0.1:70]\n",
+            "a: 1\nb:\n  - \"x\"\n  - 2.5\nc: NO\nd: [0x1f, 1e3, 12ms, ~, \"1\", 127.0.0.1:70, 0x+1f, 0o-7, 0o17]\n",
         )
         .unwrap_or_else(|d| panic!("{d}"));
         let YValue::Map(m) = &t.value else {
@@ -500,7 +503,11 @@ mod tests {
                 &YValue::Str("12ms".into()),
                 &YValue::Null,
                 &YValue::Str("1".into()),
-                &YValue::Str("127.0.0.1:70".into())
+                &YValue::Str("127.0.0.1:70".into()),
+                // A sign after the prefix makes a string, as in YAML 1.2's core schema.
+                &YValue::Str("0x+1f".into()),
+                &YValue::Str("0o-7".into()),
+                &YValue::Int(15)
             ]
         );
     }

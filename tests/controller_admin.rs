@@ -493,6 +493,7 @@ fi
 
 /// A message with a line break and an escape sequence, stored as given, is shown on its own
 /// row of `topology history`, escaped: it cannot forge a row nor rewrite the reader's screen.
+/// `--before` lists the next page.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_cannot_forge_a_row_of_the_history() {
     let dir = tempfile::tempdir().unwrap();
@@ -523,6 +524,27 @@ async fn a_message_cannot_forge_a_row_of_the_history() {
         "{table}"
     );
     assert!(table.contains("fix\\n     42*"), "{table}");
+    // The next page: the versions older than the oldest listed (here only version 1).
+    let e = env.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        tasman(
+            &e,
+            &["topology", "history", "--before", "2", "-o", "json"],
+            &[],
+            "",
+        )
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let versions: Vec<u64> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["version"].as_u64().unwrap())
+        .collect();
+    assert_eq!(versions, [1]);
     d.shutdown().await;
 }
 

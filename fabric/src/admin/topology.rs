@@ -40,6 +40,8 @@ async fn current(State(st): State<AdminState>, _: Query<NoQuery>) -> Json<Curren
 #[serde(deny_unknown_fields)]
 pub struct HistoryQuery {
     pub limit: Option<usize>,
+    /// Only versions older than this one: the next page, from the oldest version listed.
+    pub before: Option<u64>,
 }
 
 /// One history row: the version's metadata ([`VersionMeta`]), never its text.
@@ -80,7 +82,8 @@ async fn history(
     let ctl = st.ctl.clone();
     // The current version from the same read as the rows: read from memory before it, an
     // apply committed in between was listed but not flagged, and the version before it was.
-    let (cur, rows) = off_workers(move || ctl.history_with_current(limit)).await?;
+    let before = q.before;
+    let (cur, rows) = off_workers(move || ctl.history_with_current(limit, before)).await?;
     Ok(Json(
         rows.into_iter()
             .map(|r: VersionMeta| HistoryEntry {

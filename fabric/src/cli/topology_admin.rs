@@ -49,11 +49,16 @@ pub struct ApplyArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(after_help = "Example:\n  tasman topology history --limit 10")]
+#[command(
+    after_help = "Examples:\n  tasman topology history --limit 10\n  tasman topology history --limit 10 --before 41   # the next 10, older than 41"
+)]
 pub struct HistoryArgs {
     /// How many versions, newest first: 1 to 10000 (what one request returns at most).
     #[arg(long, default_value_t = 20, value_parser = parse_limit)]
     pub limit: usize,
+    /// Only versions older than this one: the next page, from the oldest version listed.
+    #[arg(long, value_name = "VERSION")]
+    pub before: Option<u64>,
     #[command(flatten)]
     pub admin: AdminArgs,
 }
@@ -281,9 +286,10 @@ pub fn history(args: HistoryArgs) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    match block_on(
-        c.get::<Vec<Answer<HistoryEntry>>>(&format!("/v1/topology/history?limit={}", args.limit)),
-    )
+    match block_on(c.get::<Vec<Answer<HistoryEntry>>>(&match args.before {
+        Some(v) => format!("/v1/topology/history?limit={}&before={v}", args.limit),
+        None => format!("/v1/topology/history?limit={}", args.limit),
+    }))
     .and_then(|r| r)
     {
         Ok(rows) => {

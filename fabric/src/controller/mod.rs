@@ -782,12 +782,17 @@ impl Controller {
 
     /// [`Self::history`] and the version the store holds as current, read together: the two
     /// agree even while an apply commits (the version in memory is taken up only after).
+    /// `before`: only versions older than it ([`records::history_before`]).
     pub fn history_with_current(
         &self,
         limit: usize,
+        before: Option<u64>,
     ) -> Result<(Option<u64>, Vec<VersionMeta>), ControllerError> {
         Ok(store::read(&*self.store, |tx| {
-            Ok::<_, StoreError>((records::current_version(tx)?, records::history(tx, limit)?))
+            Ok::<_, StoreError>((
+                records::current_version(tx)?,
+                records::history_before(tx, limit, before)?,
+            ))
         })?)
     }
 

@@ -183,8 +183,20 @@ pub fn version(tx: &dyn ReadTxn, v: u64) -> Result<Option<TopologyVersion>, Stor
 
 /// Newest first, at most `limit`: the versions' metadata only, never their texts.
 pub fn history(tx: &dyn ReadTxn, limit: usize) -> Result<Vec<VersionMeta>, StoreError> {
+    history_before(tx, limit, None)
+}
+
+/// [`history`] of the versions older than `before` (all with `None`): the next page of a
+/// history longer than one request lists.
+pub fn history_before(
+    tx: &dyn ReadTxn,
+    limit: usize,
+    before: Option<u64>,
+) -> Result<Vec<VersionMeta>, StoreError> {
+    let key = before.map(seq_key);
+    let end = key.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
     Ok(TOPOLOGY_VERSION_META
-        .scan(tx, (Bound::Unbounded, Bound::Unbounded), limit, true)?
+        .scan(tx, (Bound::Unbounded, end), limit, true)?
         .into_iter()
         .map(|(_, m)| m)
         .collect())
@@ -509,6 +521,30 @@ mod tests {
         let versions: Vec<u64> = rows.iter().map(|m| m.version).collect();
         assert_eq!(versions, vec![5, 4, 3]);
         assert_eq!(rows[0].bytes, yaml("5ms", 500).len() as u64);
+    }
+
+    /// A history longer than one request lists is read page by page: the versions older than
+    /// the oldest listed. (Only the newest 10,000 could be listed.)
+    #[test]
+    fn history_pages_go_back_to_the_first_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(dir.path()).unwrap();
+        for i in 1..=12 {
+            commit(&s, &yaml(&format!("{i}ms"), i * 100), "", Origin::Apply).unwrap();
+        }
+        let page = |before: Option<u64>| -> Vec<u64> {
+            store::read(&s, |tx| history_before(tx, 5, before))
+                .unwrap()
+                .iter()
+                .map(|m| m.version)
+                .collect()
+        };
+        assert_eq!(page(None), vec![12, 11, 10, 9, 8]);
+        assert_eq!(page(Some(8)), vec![7, 6, 5, 4, 3]);
+        assert_eq!(page(Some(3)), vec![2, 1]);
+        assert_eq!(page(Some(1)), Vec::<u64>::new());
+        // Past the newest: from the newest.
+        assert_eq!(page(Some(100)), vec![12, 11, 10, 9, 8]);
     }
 
     /// Committing a version reads no version's text (the newest one's would be megabytes for a

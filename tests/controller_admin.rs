@@ -504,19 +504,22 @@ async fn a_message_cannot_forge_a_row_of_the_history() {
     std::fs::write(&file, format!("{v1}# a comment\n")).unwrap();
     let f = file.display().to_string();
     let forged = "fix\n     42*  2026-01-01 00:00:00  alice  apply\u{1b}[2J";
-    let e = env.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        tasman(&e, &["topology", "apply", &f, "-m", forged], &[], "")
-    })
-    .await
-    .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let e = env.clone();
-    let out = tokio::task::spawn_blocking(move || tasman(&e, &["topology", "history"], &[], ""))
-        .await
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let table = text(&out.stdout);
+    let run = |args: Vec<String>| {
+        let e = env.clone();
+        async move {
+            let out = tokio::task::spawn_blocking(move || {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                tasman(&e, &args, &[], "")
+            })
+            .await
+            .unwrap();
+            assert!(out.status.success(), "{}", text(&out.stderr));
+            text(&out.stdout)
+        }
+    };
+    let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    run(args(&["topology", "apply", &f, "-m", forged])).await;
+    let table = run(args(&["topology", "history"])).await;
     // A header and the two versions.
     assert_eq!(table.lines().count(), 3, "{table}");
     assert!(
@@ -525,22 +528,12 @@ async fn a_message_cannot_forge_a_row_of_the_history() {
     );
     assert!(table.contains("fix\\n     42*"), "{table}");
     // The next page: the versions older than the oldest listed (here only version 1).
-    let e = env.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        tasman(
-            &e,
-            &["topology", "history", "--before", "2", "-o", "json"],
-            &[],
-            "",
-        )
-    })
-    .await
-    .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let page = run(args(&[
+        "topology", "history", "--before", "2", "-o", "json",
+    ]))
+    .await;
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&page).unwrap();
     let versions: Vec<u64> = rows
-        .as_array()
-        .unwrap()
         .iter()
         .map(|r| r["version"].as_u64().unwrap())
         .collect();

@@ -2636,7 +2636,8 @@ async fn an_http_health_check_keeps_a_backend_that_answers_503_out() {
 
 /// One backend connect refused on the serving path refuses its stream, and leaves the service
 /// healthy: a backend that refuses now and then (a load balancer with a dead target) is not
-/// advertised down to every edge for a hold-down at each refusal. (One refusal marked it down.)
+/// advertised down to every edge for a hold-down at each refusal (one refusal marked it down),
+/// nor set aside by the edge that met the refusal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_refused_backend_connect_leaves_the_service_healthy() {
     async fn echo_on(listener: tokio::net::TcpListener) {
@@ -2657,7 +2658,10 @@ async fn one_refused_backend_connect_leaves_the_service_healthy() {
     let port = free_tcp_port();
     let snap = edge_site("echo", backend, port);
     let (site, _tx) = spawn_node(&snap, dir.path(), "site", |_| {}).await;
-    let (edge, _etx) = spawn_node(&snap, dir.path(), "edge", |_| {}).await;
+    let (edge, _etx) = spawn_node(&snap, dir.path(), "edge", |c| {
+        c.probe.hold_down = Duration::from_secs(30);
+    })
+    .await;
     // Served once the edge has its neighbour.
     roundtrip_until(port, b"first", |b| b == b"first").await;
 
@@ -2688,6 +2692,15 @@ async fn one_refused_backend_connect_leaves_the_service_healthy() {
         assert_eq!(healthy(), Some(true), "marked down by one refused connect");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // Nor does the edge set the site aside for its hold-down (30 s here) for that refusal: its
+    // next client is served. (It marked the site down: with no other site, every client was
+    // reset, `no_route`, for the whole hold-down.)
+    let again = echo_roundtrip(port, b"again", Duration::from_secs(5)).await;
+    assert!(
+        matches!(&again, Ok(b) if b == b"again"),
+        "{again:?}: {}",
+        edge.metrics_text()
+    );
     echo.abort();
     edge.shutdown().await;
     site.shutdown().await;

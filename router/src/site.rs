@@ -207,10 +207,11 @@ pub(crate) fn reconcile(
 /// in a row (3) mark it unhealthy, `healthy_after` successes in a row (2) and the hold-down make
 /// it healthy again ([`topology::HealthPolicy`]).
 ///
-/// A check that takes longer than the interval (a backend that drops SYNs: each check waits
-/// the whole connect timeout) delays the next one instead of leaving a backlog of ticks: a
-/// burst of connects at the recovering backend, the successes it needs all in a few
-/// microseconds instead of an interval apart.
+/// The next check starts an interval after the last one ended: one that takes longer than
+/// the interval (a backend that drops SYNs: each check waits the whole connect timeout) leaves
+/// no tick due behind it. (With tokio's `interval`, ticks piled up into a burst of connects at
+/// the recovering backend; with its `Delay` behaviour one overdue tick still fired at once, so
+/// the two successes `healthy_after` needs came microseconds apart, not an interval.)
 async fn check_loop(shared: Arc<Shared>, svc: Arc<SiteService>) {
     let mut checker = Checker::default();
     // Bounded again here (a zero interval panics the timer): every snapshot received is
@@ -220,10 +221,7 @@ async fn check_loop(shared: Arc<Shared>, svc: Arc<SiteService>) {
         .interval
         .as_duration()
         .max(topology::HealthPolicy::MIN_INTERVAL.as_duration());
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
         let r = check_once(
             svc.backend,
             svc.health_check.as_deref(),
@@ -253,6 +251,7 @@ async fn check_loop(shared: Arc<Shared>, svc: Arc<SiteService>) {
             ),
             None => {}
         }
+        tokio::time::sleep(every).await;
     }
 }
 

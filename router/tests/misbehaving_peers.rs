@@ -2260,7 +2260,7 @@ async fn an_edge_resets_a_client_whose_site_answers_then_takes_nothing() {
 /// connect timeout, longer than the check interval. When it recovers, the checks go on an
 /// interval apart: no backlog of missed ticks fired at it at once. (Burst: after 8 s of outage
 /// about ten connects landed within a millisecond, and the two successes the site needs came
-/// that close together.)
+/// that close together; later one overdue tick still fired at once after the slow check.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_checks_after_an_outage_of_slow_connects_do_not_come_in_a_burst() {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -2301,8 +2301,9 @@ async fn health_checks_after_an_outage_of_slow_connects_do_not_come_in_a_burst()
         format!("never healthy again: {:?}", near.telemetry())
     })
     .await;
-    // The filler is accepted first; then the check that was waiting (its SYN sent again), the
-    // tick that was due behind it, and the next an interval later. The kernel completes a
+    // The filler is accepted first; then the check that was waiting (its SYN sent again), and
+    // the next an interval after it ended (no tick due behind it: that one came at once, a
+    // second success microseconds after the first). The kernel completes a
     // check's connection before the accept task takes it: wait for the task to record it.
     wait_until(
         Duration::from_secs(5),
@@ -2320,7 +2321,7 @@ async fn health_checks_after_an_outage_of_slow_connects_do_not_come_in_a_burst()
         .filter(|t| t.duration_since(first) < Duration::from_millis(400))
         .count();
     assert!(
-        early <= 2,
+        early <= 1,
         "{early} checks within 400 ms of the first after the backend recovered: {:?}",
         times
             .iter()

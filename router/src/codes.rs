@@ -166,10 +166,7 @@ impl Code {
     pub fn marks_site_down(self) -> bool {
         matches!(
             self,
-            Code::SiteFull
-                | Code::ServiceNotServed
-                | Code::NextHopUnreachable
-                | Code::ShuttingDown
+            Code::SiteFull | Code::ServiceNotServed | Code::NextHopUnreachable | Code::ShuttingDown
         )
     }
 }

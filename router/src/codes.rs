@@ -97,6 +97,11 @@ impl Code {
     pub fn from_varint(v: quinn::VarInt) -> Option<Code> {
         Code::from_u64(v.into_inner())
     }
+    /// The code a peer reset or stopped a stream with: one this build does not know (a newer
+    /// peer's) as `internal`.
+    pub fn from_peer(v: quinn::VarInt) -> Code {
+        Code::from_varint(v).unwrap_or(Code::Internal)
+    }
     pub fn varint(self) -> quinn::VarInt {
         quinn::VarInt::from_u32(self as u32)
     }

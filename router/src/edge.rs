@@ -508,7 +508,6 @@ async fn handle_client(
     let mut replay = Replay {
         chunks: Vec::new(),
         len: 0,
-        held: 0,
         overflow: false,
         limit: shared.replay_limit,
         eof: false,
@@ -740,16 +739,14 @@ struct Replay {
     chunks: Vec<Bytes>,
     /// Bytes in `chunks`.
     len: usize,
-    /// What `chunks` holds in memory, as counted against `limit`: their bytes plus
-    /// [`REPLAY_CHUNK_COST`] each.
-    held: usize,
     overflow: bool,
     limit: usize,
     /// The client half-closed already.
     eof: bool,
 }
 
-/// What one kept chunk costs beyond its bytes, counted against the replay limit: its slot in
+/// What one kept chunk costs beyond its bytes, counted against the replay limit (with `len`:
+/// what the replay holds in memory): its slot in
 /// the list, its allocation and its shared header (a client that sends one byte at a time
 /// makes a chunk of each: counted as bytes alone, they held ~100x the limit in memory).
 const REPLAY_CHUNK_COST: usize = 128;
@@ -759,7 +756,7 @@ const REPLAY_CHUNK_COST: usize = 128;
 /// when a write fails, so that the retry may wait for the table that goes around that hop).
 fn read_failed(e: &ReadError) -> Attempt {
     match e {
-        ReadError::Reset(c) => classify(Code::from_varint(*c).unwrap_or(Code::Internal)),
+        ReadError::Reset(c) => classify(Code::from_peer(*c)),
         _ => Attempt::Retry(Code::UpstreamLost, Told::Here),
     }
 }
@@ -777,14 +774,9 @@ fn classify(code: Code) -> Attempt {
 /// stopped it with, or the path lost.
 fn write_failed(e: WriteError) -> Attempt {
     match e {
-        WriteError::Stopped(c) => classify(stop_code(c)),
+        WriteError::Stopped(c) => classify(Code::from_peer(c)),
         _ => Attempt::Retry(Code::UpstreamLost, Told::Here),
     }
-}
-
-/// The code of a stop (an unknown one as `internal`).
-fn stop_code(c: quinn::VarInt) -> Code {
-    Code::from_varint(c).unwrap_or(Code::Internal)
 }
 
 /// A circuit's rate limit holding a chunk back. Boxed, as in `TokenBucket::take`: a timer
@@ -954,12 +946,11 @@ async fn attempt(
     // stream too (`inbound::refuse`), read below; one that accepted and whose backend then
     // answered early and closed (`splice::quic_to_tcp`'s `EPIPE`) sent its `ok` first, which may
     // come after the stop (a lost packet): the stop alone must not give up on that answer.
-    let mut stopped: Option<quinn::VarInt> = None;
-    let mut unsent = 0;
+    // The chunk the stop met stays in `out.pending` (no more is read or refilled behind it),
+    // and in the replay, which a retry sends on.
+    let mut stopped: Option<Code> = None;
     let outcome = loop {
-        if stopped.is_none() {
-            out.refill(replay, &mut send);
-        }
+        out.refill(replay, &mut send);
         tokio::select! {
             // In order: an answer already there wins over a deadline or a down verdict that
             // fires at the same moment (the backend has the request: no retry).
@@ -974,7 +965,7 @@ async fn attempt(
                 Ok(None) => break Err(Attempt::Retry(Code::UpstreamLost, Told::Here)),
                 Err(e) => break Err(read_failed(&e)),
             },
-            r = buf.read(tcp, circuit.is_none()), if out.pending.is_empty() && !replay.eof && stopped.is_none() => match r {
+            r = buf.read(tcp, circuit.is_none()), if out.pending.is_empty() && !replay.eof => match r {
                 Ok(b) if b.is_empty() => {
                     // Finished at the top of the loop (nothing is left to write).
                     replay.eof = true;
@@ -982,11 +973,10 @@ async fn attempt(
                 Ok(b) => {
                     let n = b.len();
                     if !replay.overflow {
-                        let held = replay.held + n + REPLAY_CHUNK_COST;
-                        if held <= replay.limit {
+                        let chunks = replay.chunks.len() + 1;
+                        if replay.len + n + chunks * REPLAY_CHUNK_COST <= replay.limit {
                             replay.chunks.push(b.clone());
                             replay.len += n;
-                            replay.held = held;
                         } else {
                             replay.overflow = true;
                             replay.chunks = Vec::new();
@@ -1001,12 +991,7 @@ async fn attempt(
             },
             r = forward(&mut send, &mut out.pending, &mut hold), if !out.pending.is_empty() && stopped.is_none() => match r {
                 Ok(n) => out.written(shared, n),
-                Err(WriteError::Stopped(code)) => {
-                    stopped = Some(code);
-                    // Not counted as dropped yet: it is still in the replay, which a retry
-                    // sends on.
-                    unsent = std::mem::take(&mut out.pending).len();
-                }
+                Err(WriteError::Stopped(code)) => stopped = Some(Code::from_peer(code)),
                 Err(e) => break Err(write_failed(e)),
             },
             // Nothing came back within the deadline: like any failure before the first byte
@@ -1014,7 +999,7 @@ async fn attempt(
             // a slow answer is no proof of a dead site). Each try has its own deadline. A stop
             // with no answer after it is the stop's word.
             _ = &mut deadline => break Err(match stopped {
-                Some(code) => classify(stop_code(code)),
+                Some(code) => classify(code),
                 None => Attempt::Retry(Code::UpstreamLost, Told::Here),
             }),
             // The first hop was declared down before the site answered: nothing came back yet,
@@ -1032,7 +1017,7 @@ async fn attempt(
     // request, and answered early or failed) is the attempt's last word: whatever ends it after
     // (the path lost, the first hop down, the stream ended with no answer) must not send the
     // request to another site.
-    let outcome = match (outcome, stopped.map(stop_code)) {
+    let outcome = match (outcome, stopped) {
         (Err(Attempt::Retry(..)), Some(code)) if !code.retryable() => Err(Attempt::Fatal(code)),
         (outcome, _) => outcome,
     };
@@ -1040,10 +1025,7 @@ async fn attempt(
     // further bytes the splice drops (`splice::tcp_to_quic` meets the same stop).
     let outcome = match outcome {
         Ok(()) if stopped.is_some() => {
-            shared
-                .metrics
-                .bytes_discarded
-                .fetch_add(unsent as u64, Relaxed);
+            drop_pending(shared, &mut out.pending);
             Ok(())
         }
         Ok(()) => loop {

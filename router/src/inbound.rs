@@ -226,9 +226,7 @@ async fn read_part(recv: &mut RecvStream, buf: &mut [u8], needed: usize) -> Resu
             needed,
             had: needed - buf.len() + got,
         }),
-        ReadExactError::ReadError(ReadError::Reset(c)) => {
-            NoHeader::Ended(Code::from_varint(c).unwrap_or(Code::Internal))
-        }
+        ReadExactError::ReadError(ReadError::Reset(c)) => NoHeader::Ended(Code::from_peer(c)),
         ReadExactError::ReadError(_) => NoHeader::Ended(Code::UpstreamLost),
     })
 }

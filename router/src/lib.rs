@@ -73,23 +73,34 @@ pub struct ProbeConfig {
 }
 
 impl ProbeConfig {
-    /// The bounds a router takes: an interval from 10 ms to 60 s (as `tasman router`'s
-    /// `--probe-interval`: a neighbour answers 250 pings a second at most,
-    /// [`probe::PONG_EVERY`]), 1 to 100 misses, a hold-down of at most an hour (the CLI takes 60 s
-    /// at most). A zero interval made every neighbour's dialer task panic (tokio's `interval`),
-    /// leaving a router that never had a neighbour up and said nothing; a huge one overflowed its
-    /// deadlines; one under 10 ms outran the neighbours' pong budget, and they flapped.
+    /// The shortest interval (a neighbour answers 250 pings a second at most,
+    /// [`probe::PONG_EVERY`]); `tasman router --probe-interval` takes the same bounds.
+    pub const MIN_INTERVAL: Duration = Duration::from_millis(10);
+    /// The longest interval.
+    pub const MAX_INTERVAL: Duration = Duration::from_secs(60);
+    /// The most misses before a down verdict (`--probe-misses`).
+    pub const MAX_MISSES: u32 = 100;
+
+    /// The bounds a router takes: an interval from [`Self::MIN_INTERVAL`] to
+    /// [`Self::MAX_INTERVAL`], 1 to [`Self::MAX_MISSES`] misses, a hold-down of at most an hour
+    /// (the CLI takes 60 s at most). A zero interval made every neighbour's dialer task panic
+    /// (tokio's `interval`), leaving a router that never had a neighbour up and said nothing; a
+    /// huge one overflowed its deadlines; one under 10 ms outran the neighbours' pong budget,
+    /// and they flapped.
     pub fn check(&self) -> Result<(), String> {
-        if !(Duration::from_millis(10)..=Duration::from_secs(60)).contains(&self.interval) {
+        if !(Self::MIN_INTERVAL..=Self::MAX_INTERVAL).contains(&self.interval) {
             return Err(format!(
-                "probe interval {:?}: must be from 10ms to 60s",
-                self.interval
+                "probe interval {:?}: must be from {:?} to {:?}",
+                self.interval,
+                Self::MIN_INTERVAL,
+                Self::MAX_INTERVAL
             ));
         }
-        if !(1..=100).contains(&self.misses) {
+        if !(1..=Self::MAX_MISSES).contains(&self.misses) {
             return Err(format!(
-                "probe misses {}: must be from 1 to 100",
-                self.misses
+                "probe misses {}: must be from 1 to {}",
+                self.misses,
+                Self::MAX_MISSES
             ));
         }
         if self.hold_down > Duration::from_secs(3600) {
@@ -384,7 +395,9 @@ impl Shared {
     }
 
     /// Connections this router carries now: client or backend streams (edge, site) open or being
-    /// set up, and relayed streams (transit).
+    /// set up, and relayed streams (transit). An edge's client counts in `clients_open` from its
+    /// accept, before its task runs and counts it as starting (`edge::accept_loop`), and until
+    /// its lingering close ends: those streams are the larger of the two counts.
     fn open_streams(&self) -> u64 {
         use std::sync::atomic::Ordering::{Acquire, Relaxed};
         let m = &self.metrics;
@@ -394,7 +407,8 @@ impl Shared {
         let starting = m.streams_starting.load(Acquire);
         // Likewise a lingering socket counts as such before it stops counting as active.
         let active = m.streams_active.load(Acquire);
-        starting + active + m.relays_active.load(Relaxed) + m.lingering.load(Relaxed)
+        let streams = starting + active + m.lingering.load(Relaxed);
+        streams.max(m.clients_open.load(Relaxed)) + m.relays_active.load(Relaxed)
     }
 
     /// What the router reports (to the controller, on `/telemetry`). Draining, it reports its
@@ -696,15 +710,7 @@ impl RouterHandle {
         tracing::info!(node = %sh.node, open = sh.open_streams(), ?timeout, "draining");
         let began = tokio::time::Instant::now();
         let drained = async {
-            // An edge's client counts in `clients_open` from its accept, before its task runs
-            // and counts it as starting (`edge::accept_loop`).
-            while sh.open_streams() > 0
-                || sh
-                    .metrics
-                    .clients_open
-                    .load(std::sync::atomic::Ordering::Relaxed)
-                    > 0
-            {
+            while sh.open_streams() > 0 {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         };

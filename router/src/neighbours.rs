@@ -732,15 +732,13 @@ async fn probe_until_down(
             }
             d = conn.read_datagram() => {
                 let Ok(bytes) = d else { return answered > 0 };
+                // Only the first answer to a ping we sent counts: a neighbour cannot push
+                // evidence (and table rebuilds) faster than we probe it. Told by the sequence
+                // number alone, before the entries are decoded.
                 if Probe::pong_seq(&bytes).is_none_or(|echoed| !answers(live.sent(), answered, echoed)) {
                     continue;
                 }
                 let Ok(Probe::Pong { seq: echoed, entries }) = Probe::decode(bytes) else { continue };
-                // Only the first answer to a ping we sent counts: a neighbour cannot push
-                // evidence (and table rebuilds) faster than we probe it.
-                if !answers(live.sent(), answered, echoed) {
-                    continue;
-                }
                 answered = echoed;
                 let now = tokio::time::Instant::now();
                 let (sent_seq, sent) = sent_at[(echoed % 16) as usize];

@@ -94,7 +94,7 @@ pub(crate) enum Delivered {
 /// The code of a peer's stop of the stream (not of a lost connection).
 fn stop_code(e: &WriteError) -> Option<Code> {
     match e {
-        WriteError::Stopped(c) => Some(Code::from_varint(*c).unwrap_or(Code::Internal)),
+        WriteError::Stopped(c) => Some(Code::from_peer(*c)),
         _ => None,
     }
 }
@@ -158,7 +158,7 @@ fn read_unless_stopped<'a, T>(
 
 fn read_error_code(e: &ReadError) -> Code {
     match e {
-        ReadError::Reset(c) => Code::from_varint(*c).unwrap_or(Code::Internal),
+        ReadError::Reset(c) => Code::from_peer(*c),
         _ => Code::UpstreamLost,
     }
 }

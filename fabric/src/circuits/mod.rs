@@ -1110,7 +1110,7 @@ pub fn delete(
             c.requested_rate,
             c.held
                 .as_ref()
-                .map(|h| format!(", and {} held on {} by a resize,", h.rate, arrows(&h.path)))
+                .map(|h| format!(", and {},", held_by_resize(h)))
                 .unwrap_or_default()
         ),
     )?;
@@ -1222,15 +1222,14 @@ fn release(c: &mut Circuit) -> String {
     let held = c
         .held
         .take()
-        .map(|h| {
-            format!(
-                "; released {} held on {} by a resize",
-                h.rate,
-                arrows(&h.path)
-            )
-        })
+        .map(|h| format!("; released {}", held_by_resize(&h)))
         .unwrap_or_default();
     format!("capacity {} and VIP released{held}", c.requested_rate)
+}
+
+/// What a resize holds, for a history entry: `300Mbps held on e -> t -> s by a resize`.
+fn held_by_resize(h: &Held) -> String {
+    format!("{} held on {} by a resize", h.rate, arrows(&h.path))
 }
 
 /// How a failure or decommission names the snapshot it waited for.

@@ -564,11 +564,13 @@ impl CircuitService {
             // a newer snapshot, not acknowledged by this one).
             if c.awaited(&topo).iter().all(|n| acked(n, p.version)) {
                 ready.insert(c.id.clone(), (p.version, c.revision));
-            } else if (c.state == CircuitState::Provisioning
+            } else if match c.state {
+                CircuitState::Provisioning => true,
                 // A removal no snapshot carries yet is not expired: no router was told, and its
                 // capacity and VIP stay held until one is (its time counts from that one).
-                || (c.state == CircuitState::Decommissioning && p.version != super::UNPUBLISHED))
-                && now.duration_since(p.since) >= self.provision_timeout
+                CircuitState::Decommissioning => p.version != super::UNPUBLISHED,
+                _ => false,
+            } && now.duration_since(p.since) >= self.provision_timeout
             {
                 overdue.insert(c.id.clone(), (p.version, c.revision));
             }

@@ -57,7 +57,7 @@ pub struct RouterArgs {
     pub probe_interval: Latency,
     /// Missed probes in a row before a neighbour is declared down (a missed probe is re-sent at
     /// once). 1 to 100.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=i64::from(::router::ProbeConfig::MAX_MISSES)))]
     pub probe_misses: u32,
     /// Minimum time a neighbour or site stays down before it is used again. A latency as in the
     /// topology: a number with ns, us, ms or s (e.g. 1s, 500ms), above 0 and at most 60s.
@@ -241,8 +241,8 @@ pub(super) fn parse_reload_interval(s: &str) -> Result<std::time::Duration, Stri
     }
 }
 
-/// Shortest `--probe-interval`.
-const MIN_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
+/// Shortest `--probe-interval`: the router's own bound.
+const MIN_PROBE_INTERVAL: std::time::Duration = ::router::ProbeConfig::MIN_INTERVAL;
 
 /// `--probe-interval`: a latency from [`MIN_PROBE_INTERVAL`] to 60 s.
 fn parse_probe_interval(s: &str) -> Result<Latency, String> {

@@ -129,7 +129,15 @@ pub fn read_text_or_report(path: &Path) -> Result<String, ExitCode> {
 
 /// Reads and loads one topology file (see [`read_text`]).
 pub fn load_file(path: &Path) -> Result<Loaded, LoadFileError> {
-    ::topology::load(&read_text(path)?).map_err(LoadFileError::Invalid)
+    load_file_with(path, ::topology::load)
+}
+
+/// [`load_file`] with `load`'s rules ([`::topology::load`] or [`::topology::load_stored`]).
+fn load_file_with(
+    path: &Path,
+    load: fn(&str) -> Result<Loaded, Vec<::topology::Diagnostic>>,
+) -> Result<Loaded, LoadFileError> {
+    load(&read_text(path)?).map_err(LoadFileError::Invalid)
 }
 
 /// Prints a load result's diagnostics (warnings too) to stderr as FILE:LINE:COL.
@@ -152,17 +160,17 @@ fn report(file: &str, result: &Result<Loaded, LoadFileError>) {
 /// [`load_file`] for commands that need one topology: prints every diagnostic (and warnings on
 /// success) to stderr, and returns the exit code to use on failure.
 pub fn load_or_report(path: &Path) -> Result<Loaded, ExitCode> {
-    let result = load_file(path);
-    report(&path.display().to_string(), &result);
-    result.map_err(|e| e.exit_code())
+    report_load(path, load_file(path))
 }
 
 /// [`load_or_report`] for a text that may be one a controller stored under an earlier build
 /// (the topology in force, as `tasman topology get` prints it): the rules this build added
 /// since are warnings ([`::topology::load_stored`]), as the controller reads it.
 pub fn load_stored_or_report(path: &Path) -> Result<Loaded, ExitCode> {
-    let result =
-        read_text(path).and_then(|t| ::topology::load_stored(&t).map_err(LoadFileError::Invalid));
+    report_load(path, load_file_with(path, ::topology::load_stored))
+}
+
+fn report_load(path: &Path, result: Result<Loaded, LoadFileError>) -> Result<Loaded, ExitCode> {
     report(&path.display().to_string(), &result);
     result.map_err(|e| e.exit_code())
 }

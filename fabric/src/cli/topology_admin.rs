@@ -286,12 +286,11 @@ pub fn history(args: HistoryArgs) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    match block_on(c.get::<Vec<Answer<HistoryEntry>>>(&match args.before {
-        Some(v) => format!("/v1/topology/history?limit={}&before={v}", args.limit),
-        None => format!("/v1/topology/history?limit={}", args.limit),
-    }))
-    .and_then(|r| r)
-    {
+    let mut path = format!("/v1/topology/history?limit={}", args.limit);
+    if let Some(v) = args.before {
+        path.push_str(&format!("&before={v}"));
+    }
+    match block_on(c.get::<Vec<Answer<HistoryEntry>>>(&path)).and_then(|r| r) {
         Ok(rows) => {
             match args.admin.output {
                 Output::Json => print_json(&rows),

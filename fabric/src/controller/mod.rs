@@ -427,6 +427,7 @@ impl Controller {
             epoch << 32 | 1,
             &current,
             &circuits,
+            circuits_digest(&circuits),
             LiveState::default(),
             None,
             proto::MAX_TO_ROUTER,
@@ -824,21 +825,22 @@ impl Controller {
         let live = inner.live.merged(Instant::now());
         let base = (!topology_changed && prev.topology_version == inner.current.record.version)
             .then_some(prev.version);
+        // The same list as the version before (a live update): its digest, not another pass.
+        let digest = if Arc::ptr_eq(&prev.circuits, &inner.circuits) {
+            prev.circuits_digest
+        } else {
+            circuits_digest(&inner.circuits)
+        };
         let mut p = encode(
             version,
             &inner.current,
             &inner.circuits,
+            digest,
             live.clone(),
             base,
             self.snapshot_limit(),
         )?;
         p.with_circuits = inner.circuits_published;
-        // The same list as the version before (a live update): its digest, not another pass.
-        if Arc::ptr_eq(&prev.circuits, &inner.circuits) {
-            p.circuits_digest = prev.circuits_digest;
-        } else {
-            p.circuits_digest = circuits_digest(&inner.circuits);
-        }
         inner.live.publish(live);
         // A topology change with the same circuits goes out as a delta when it is exact and
         // smaller than the snapshot (which is within the routers' frame limit): one that
@@ -1280,10 +1282,12 @@ pub fn circuits_digest(circuits: &[ProvisionedCircuit]) -> u64 {
     h.finish()
 }
 
+/// `circuits_digest`: [`circuits_digest`] of `circuits`.
 fn encode(
     version: u64,
     cur: &Current,
     circuits: &Arc<Vec<ProvisionedCircuit>>,
+    circuits_digest: u64,
     live: LiveState,
     base: Option<u64>,
     max: usize,
@@ -1314,9 +1318,7 @@ fn encode(
         topology_version,
         topology: cur.topology.clone(),
         live,
-        // Set by the caller that publishes it ([`Controller::publish_locked`]), which knows
-        // whether the list is the last version's; the start's first version holds none.
-        circuits_digest: circuits_digest(&[]),
+        circuits_digest,
         circuits: circuits.clone(),
         full,
         delta,

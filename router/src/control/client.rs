@@ -886,8 +886,13 @@ impl Backoff {
         let base = self.next;
         self.next = (self.next * 2).min(Self::MAX);
         let half = base / 2;
-        half + half.mul_f64(rand::rng().random::<f64>())
+        half + up_to(half)
     }
+}
+
+/// A time drawn uniformly from zero to `d`.
+fn up_to(d: Duration) -> Duration {
+    d.mul_f64(rand::rng().random::<f64>())
 }
 
 async fn run(shared: Arc<Shared>, endpoint: quinn::Endpoint, tx: watch::Sender<Arc<Snapshot>>) {
@@ -963,7 +968,7 @@ fn next_delay(backoff: &mut Backoff, long: bool) -> Duration {
 /// How long after the end of a long session a router reconnects: uniformly up to
 /// [`RECONNECT_SPREAD`] ([`next_delay`]).
 fn reconnect_spread() -> Duration {
-    RECONNECT_SPREAD.mul_f64(rand::rng().random::<f64>())
+    up_to(RECONNECT_SPREAD)
 }
 
 /// See [`reconnect_spread`]. The data plane runs on meanwhile (the snapshot held stays in
@@ -973,7 +978,7 @@ const RECONNECT_SPREAD: Duration = Duration::from_secs(1);
 /// How long a control connection's handshake may take: 5 s, plus up to 1 s drawn at each try,
 /// so that routers whose tries began together (the controller away) do not stay in step.
 fn connect_timeout() -> Duration {
-    Duration::from_secs(5) + Duration::from_secs(1).mul_f64(rand::rng().random::<f64>())
+    Duration::from_secs(5) + up_to(Duration::from_secs(1))
 }
 
 /// One control connection: connects, then serves it ([`converse`]) until it ends. An end that

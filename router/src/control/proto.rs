@@ -465,14 +465,13 @@ pub fn unsafe_to_show(c: char) -> bool {
 
 /// [`clip`] to at most `max` bytes (and the `...`), for a peer's name inside a longer text.
 pub fn clip_to(s: String, max: usize) -> String {
-    let unsafe_char = unsafe_to_show;
-    if s.len() <= max && !s.chars().any(unsafe_char) {
+    if s.len() <= max && !s.chars().any(unsafe_to_show) {
         return s;
     }
     let mut out = String::with_capacity(max + 3);
     for c in s.chars() {
         let before = out.len();
-        if unsafe_char(c) {
+        if unsafe_to_show(c) {
             out.extend(c.escape_default());
         } else {
             out.push(c);

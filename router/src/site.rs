@@ -22,6 +22,10 @@ use crate::telemetry::SiteReport;
 /// connect that succeeds, a stream's or a check's, ends the run. One failure refuses only its
 /// stream: a backend behind a load balancer with one dead target of four refused a quarter of
 /// connects, and each marked the whole service down for the hold-down, for every edge.
+/// The same count marks it down after as many streams in a row whose backend accepted and then
+/// reset (or refused a write) before it sent a byte ([`SiteService::stream_ended`]): a TCP
+/// check connects to such a backend and finds it healthy, and its streams fail after the site
+/// said `ok`, too late for the edge to retry them elsewhere.
 const SERVE_DOWN_AFTER: u32 = 5;
 
 pub(crate) struct SiteService {
@@ -43,6 +47,10 @@ pub(crate) struct SiteService {
     /// that succeeds, a stream's or a check's, ends the run (failed checks count in the
     /// checker's own run, `unhealthy_after`).
     failed_connects: Arc<AtomicU32>,
+    /// Streams in a row whose backend reset before it sent a byte, for [`SERVE_DOWN_AFTER`]; a
+    /// stream whose backend sent a byte ends the run (a check does not: a TCP check connects to
+    /// a backend that resets every stream).
+    silent_resets: Arc<AtomicU32>,
 }
 
 impl SiteService {
@@ -58,6 +66,23 @@ impl SiteService {
         if self.failed_connects.load(Relaxed) != 0 {
             self.failed_connects.store(0, Relaxed);
         }
+    }
+    /// Counts a spliced stream's end: whether the service is to be marked down, its backend
+    /// having reset [`SERVE_DOWN_AFTER`] streams in a row before it sent a byte of any. Only
+    /// the backend's own failure counts (`backend_abort`): a stream the client or the fabric
+    /// ended, or one the backend closed cleanly without an answer, says nothing of it.
+    fn stream_ended(&self, end: splice::Spliced) -> Option<u32> {
+        if end.tcp_sent {
+            if self.silent_resets.load(Relaxed) != 0 {
+                self.silent_resets.store(0, Relaxed);
+            }
+            return None;
+        }
+        if end.aborted != Some(Code::BackendAbort) {
+            return None;
+        }
+        let n = self.silent_resets.fetch_add(1, Relaxed).saturating_add(1);
+        (n >= SERVE_DOWN_AFTER).then_some(n)
     }
     pub fn state(&self) -> ServiceState {
         ServiceState {
@@ -172,6 +197,7 @@ pub(crate) fn reconcile(
                         failed_connects: same
                             .map(|o| o.failed_connects.clone())
                             .unwrap_or_default(),
+                        silent_resets: same.map(|o| o.silent_resets.clone()).unwrap_or_default(),
                     })
                 }
             };
@@ -458,8 +484,14 @@ pub(crate) async fn serve(
         }
     }
     tracing::debug!(node = %shared.node, service = %svc.service, connect_us = started.elapsed().as_micros() as u64, "backend connected");
-    splice::tcp_quic(&shared, tcp, send, recv, Side::Site, starting).await;
+    let end = splice::tcp_quic(&shared, tcp, send, recv, Side::Site, starting).await;
     drop(slot);
+    if let Some(n) = svc.stream_ended(end) {
+        svc.mark_unhealthy(
+            &shared,
+            &format!("{n} streams in a row whose backend reset before it answered"),
+        );
+    }
 }
 
 #[cfg(test)]
@@ -477,6 +509,7 @@ mod tests {
             healthy: Arc::new(AtomicBool::new(false)),
             down_at_ms: Arc::default(),
             failed_connects: Arc::default(),
+            silent_resets: Arc::default(),
         }
     }
 
@@ -515,6 +548,41 @@ mod tests {
         }
         assert!(svc.connect_failed());
         assert!(svc.connect_failed(), "and at each failure after");
+    }
+
+    /// Streams whose backend reset before it answered: down at the fifth in a row; a stream it
+    /// answered ends the run; streams that ended otherwise (cleanly, or by the client or the
+    /// fabric) neither count nor end it.
+    #[test]
+    fn the_serving_path_marks_down_after_five_silent_resets_in_a_row() {
+        let svc = service();
+        let silent = splice::Spliced {
+            aborted: Some(Code::BackendAbort),
+            tcp_sent: false,
+        };
+        let answered = splice::Spliced {
+            aborted: Some(Code::BackendAbort),
+            tcp_sent: true,
+        };
+        for _ in 0..4 {
+            assert_eq!(svc.stream_ended(silent), None);
+        }
+        assert_eq!(svc.stream_ended(answered), None);
+        for _ in 0..4 {
+            assert_eq!(svc.stream_ended(silent), None);
+        }
+        for other in [None, Some(Code::ClientAbort), Some(Code::IdleTimeout)] {
+            let end = splice::Spliced {
+                aborted: other,
+                tcp_sent: false,
+            };
+            assert_eq!(svc.stream_ended(end), None, "{other:?}");
+        }
+        assert_eq!(svc.stream_ended(silent), Some(5));
+        assert_eq!(svc.stream_ended(silent), Some(6), "and at each one after");
+        // A check's or a stream's successful connect does not end this run.
+        svc.connect_succeeded();
+        assert_eq!(svc.stream_ended(silent), Some(7));
     }
 
     /// Connects refused on the serving path mark the service down between two checks: the

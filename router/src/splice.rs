@@ -188,6 +188,8 @@ pub(crate) struct TcpBuf {
     want: usize,
     /// The last read drained the socket (returned less than the room it had).
     drained: bool,
+    /// A read returned a byte ([`TcpBuf::read_any`]).
+    read_any: bool,
     /// Memory the last chunk of a read that drained the socket keeps alive (tests).
     #[cfg(test)]
     pinned: usize,
@@ -216,6 +218,7 @@ impl TcpBuf {
             buf: BytesMut::new(),
             want: TCP_BUF,
             drained: false,
+            read_any: false,
             #[cfg(test)]
             pinned: 0,
         }
@@ -247,6 +250,7 @@ impl TcpBuf {
         }
         let room = self.buf.capacity() - self.buf.len();
         let n = rd.read_buf(&mut self.buf).await?;
+        self.read_any |= n > 0;
         if grow && n == room && room >= self.want && self.want < TCP_BUF_MAX {
             self.want *= 2;
         }
@@ -271,6 +275,11 @@ impl TcpBuf {
             return Ok(block.freeze());
         }
         Ok(self.buf.split().freeze())
+    }
+
+    /// Whether a read returned a byte: the TCP side sent something (a site's backend answered).
+    pub fn read_any(&self) -> bool {
+        self.read_any
     }
 
     /// Whether a block is held between reads (tests).
@@ -702,13 +711,28 @@ pub(crate) async fn tcp_quic(
     recv: RecvStream,
     side: Side,
     starting: Held<'_>,
-) {
+) -> Spliced {
     let mut buf = TcpBuf::new();
-    tcp_quic_with(shared, tcp, send, recv, side, &mut buf, None, starting).await;
+    let aborted = tcp_quic_with(shared, tcp, send, recv, side, &mut buf, None, starting).await;
+    Spliced {
+        aborted,
+        tcp_sent: buf.read_any(),
+    }
+}
+
+/// How a splice ([`tcp_quic`]) ended, for a site's passive health check.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Spliced {
+    /// The code it was torn down with; `None`: both directions ended (cleanly, or one stopped
+    /// by the far end and the other finished).
+    pub aborted: Option<Code>,
+    /// Whether the TCP side sent a byte.
+    pub tcp_sent: bool,
 }
 
 /// As [`tcp_quic`], with a caller-provided (reused) buffer, and the circuit's limiter when the
 /// connection belongs to one (client-to-service bytes take from `up`, the others from `down`).
+/// Returns the code the splice was torn down with (`None`: it was not).
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn tcp_quic_with(
     shared: &Shared,
@@ -719,7 +743,7 @@ pub(crate) async fn tcp_quic_with(
     buf: &mut TcpBuf,
     limiter: Option<&CircuitLimiter>,
     starting: Held<'_>,
-) {
+) -> Option<Code> {
     shared.metrics.streams_active.fetch_add(1, Relaxed);
     drop(starting);
     shared.metrics.streams_total.fetch_add(1, Relaxed);
@@ -794,6 +818,10 @@ pub(crate) async fn tcp_quic_with(
         (outcome, up_done, down_done)
     };
     let stopped = stopped.get();
+    let aborted = match outcome {
+        Err(Abort(code)) => Some(code),
+        Ok(()) => None,
+    };
     // A far end's stop and reset with the same code count once: a site that lost its backend
     // both stops the upload and resets the answer.
     if let Some(code) = stopped
@@ -838,6 +866,7 @@ pub(crate) async fn tcp_quic_with(
     if let Some(tcp) = lingering {
         Box::pin(linger(shared, tcp)).await;
     }
+    aborted
 }
 
 /// The code a far end stopped a direction's stream with, if it did ([`tcp_quic_with`]: set by

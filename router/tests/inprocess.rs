@@ -2706,6 +2706,113 @@ async fn one_refused_backend_connect_leaves_the_service_healthy() {
     site.shutdown().await;
 }
 
+/// A backend that accepts every connection and resets it before answering passes a TCP check
+/// (it connects), and each of its streams fails after the site said `ok`, too late for the edge
+/// to try another site: the site marks the service down at the fifth such stream in a row (a
+/// stream it answered ends the run), so that edges route around it, and up again once its
+/// checks pass after the hold-down. (It stayed healthy for as long as it kept resetting.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_resets_every_stream_before_answering_is_marked_down() {
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    let resetting = Arc::new(AtomicBool::new(false));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    let server = {
+        let resetting = resetting.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut c, _)) = listener.accept().await else {
+                    return;
+                };
+                let reset = resetting.load(SeqCst);
+                tokio::spawn(async move {
+                    let (mut r, mut w) = c.split();
+                    if !reset {
+                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                        return;
+                    }
+                    // The request arrives (or the check's connection ends), then a reset.
+                    let mut b = [0u8; 64];
+                    let _ = r.read(&mut b).await;
+                    let _ = socket2::SockRef::from(&c).set_linger(Some(Duration::ZERO));
+                });
+            }
+        })
+    };
+    let dir = ca_dir();
+    let port = free_tcp_port();
+    let snap = edge_site("echo", backend, port);
+    let (site, _tx) = spawn_node(&snap, dir.path(), "site", |_| {}).await;
+    let (edge, _etx) = spawn_node(&snap, dir.path(), "edge", |_| {}).await;
+    roundtrip_until(port, b"first", |b| b == b"first").await;
+    let healthy = || site.telemetry().sites.first().map(|s| s.healthy);
+    // `n` streams reset in a row: each fails, and is counted at the site before the next.
+    async fn reset_streams(port: u16, site: &RouterHandle, n: u64) {
+        let aborts = || {
+            metric(
+                &site.metrics_text(),
+                "tasman_stream_errors_total{node=\"site\",code=\"backend_abort\"}",
+            )
+            .unwrap_or(0)
+        };
+        let before = aborts();
+        for i in 0..n {
+            let back = echo_roundtrip(port, b"lost", Duration::from_secs(20)).await;
+            assert!(
+                !matches!(&back, Ok(b) if b == b"lost"),
+                "stream {i} answered by a resetting backend"
+            );
+            wait_until(
+                Duration::from_secs(20),
+                || aborts() > before + i,
+                || format!("stream {i} not reset at the site: {}", site.metrics_text()),
+            )
+            .await;
+        }
+    }
+    resetting.store(true, SeqCst);
+    reset_streams(port, &site, 4).await;
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        assert_eq!(healthy(), Some(true), "down before five resets in a row");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // One answered stream ends the run: four more resets leave it healthy.
+    resetting.store(false, SeqCst);
+    roundtrip_until(port, b"answered", |b| b == b"answered").await;
+    resetting.store(true, SeqCst);
+    reset_streams(port, &site, 4).await;
+    let until = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < until {
+        assert_eq!(
+            healthy(),
+            Some(true),
+            "an answered stream did not end the run"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The fifth in a row: down.
+    reset_streams(port, &site, 1).await;
+    wait_until(
+        Duration::from_secs(10),
+        || healthy() == Some(false),
+        || format!("healthy after five resets in a row: {:?}", healthy()),
+    )
+    .await;
+    // Answering again: healthy once the hold-down is over and the checks pass, and serving.
+    resetting.store(false, SeqCst);
+    wait_until(
+        Duration::from_secs(20),
+        || healthy() == Some(true),
+        || format!("still down after answering again: {:?}", healthy()),
+    )
+    .await;
+    roundtrip_until(port, b"back", |b| b == b"back").await;
+    server.abort();
+    edge.shutdown().await;
+    site.shutdown().await;
+}
+
 /// A snapshot that changes only a service's capacity keeps its health: a service down (its
 /// backend refuses) stays down through the hold-down and beyond, instead of starting afresh
 /// as healthy. (The site made a new service record, healthy and never down, for any change:

@@ -297,6 +297,9 @@ pub(crate) struct Shared {
     pub shutdown: watch::Receiver<bool>,
     pub drain_timeout: Duration,
     pub started: Instant,
+    /// The control session feeding this router, if one is attached
+    /// ([`control::ControlClient::attach`]): its series on the metrics page.
+    pub control: std::sync::OnceLock<control::client::ControlStatus>,
 }
 
 /// Descriptors an edge keeps for itself beyond its clients (its QUIC socket, listeners, the
@@ -379,6 +382,9 @@ impl Shared {
             k.render_metrics(self.node.as_str(), &mut s);
         }
         self.cert.render_metrics(self.node.as_str(), &mut s);
+        if let Some(c) = self.control.get() {
+            c.render_metrics(self.node.as_str(), &mut s);
+        }
         s
     }
 
@@ -576,6 +582,7 @@ impl Router {
             shutdown,
             drain_timeout: cfg.drain_timeout,
             started: Instant::now(),
+            control: std::sync::OnceLock::new(),
         });
         // The metrics port (the one whose bind fails the start; the QUIC socket is bound
         // already) is bound before any task starts: a start that fails leaves nothing running

@@ -2556,3 +2556,100 @@ async fn an_older_version_from_the_controller_is_taken_and_counted() {
     assert_eq!(client.snapshots().borrow().version, 5);
     assert_eq!(client.version_regressions(), 1);
 }
+
+/// A router's metrics page shows its control session: connected, the version the controller
+/// names beside the one the router runs on (a heartbeat naming a version it does not have
+/// shows it behind), staleness once the controller is silent past `max_stale`, and versions
+/// that went back. (None of it was on the page: a router on an old or stale snapshot, or one
+/// whose controller went back to a backup, showed nothing a scraper could alert on.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routers_metrics_show_its_control_session() {
+    use router::control::proto::{self, ToRouter};
+    let dir = ca_dir();
+    let mut b = TopologyBuilder::new();
+    b.node("edge", NodeKind::Edge)
+        .node("site", NodeKind::Site)
+        .link("edge", "site", ms(1.0))
+        .service("echo");
+    let topology = Arc::new(addressed(b.build(), free_tcp_port()));
+    router::pki::issue(dir.path(), "edge").unwrap();
+    let snapshot = |version| {
+        proto::encode(&ToRouter::Snapshot {
+            version,
+            topology_version: 1,
+            topology: topology.clone(),
+            live: Default::default(),
+            circuits: Arc::default(),
+        })
+        .unwrap()
+    };
+    let mut controller = Puppet::start(dir.path());
+    controller.to_router.send(snapshot(10)).unwrap();
+    let client = control_client(dir.path(), controller.addr, |c| {
+        c.max_stale = Duration::from_secs(2);
+    })
+    .await;
+    controller.acked(10).await;
+    let id = router::tls::TlsIdentity::load(dir.path(), "edge").unwrap();
+    let cfg = router::RouterConfig::new(NodeId::new("edge"), id, client.snapshots());
+    let handle = router::Router::spawn(cfg).await.unwrap();
+    client.attach(&handle);
+    let m = |name: &str| {
+        metric(
+            &handle.metrics_text(),
+            &format!("tasman_{name}{{node=\"edge\"}}"),
+        )
+    };
+    wait_until(
+        Duration::from_secs(20),
+        || m("snapshot_version") == Some(10),
+        || handle.metrics_text(),
+    )
+    .await;
+    assert_eq!(m("control_connected"), Some(1));
+    assert_eq!(m("control_connects_total"), Some(1));
+    assert_eq!(m("control_controller_version"), Some(10));
+    assert_eq!(m("snapshot_stale"), Some(0));
+    assert_eq!(m("control_version_regressions_total"), Some(0));
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let contact = m("control_last_contact_timestamp_seconds").unwrap();
+    assert!(
+        now_s.abs_diff(contact) < 60,
+        "last contact {contact}, now {now_s}"
+    );
+
+    // The controller names a version the router does not have: it shows behind.
+    controller.send(&ToRouter::Heartbeat { version: 12 });
+    wait_until(
+        Duration::from_secs(20),
+        || m("control_controller_version") == Some(12),
+        || handle.metrics_text(),
+    )
+    .await;
+    assert_eq!(m("snapshot_version"), Some(10));
+    // Silent past `max_stale`: stale.
+    wait_until(
+        Duration::from_secs(20),
+        || m("snapshot_stale") == Some(1),
+        || handle.metrics_text(),
+    )
+    .await;
+    // An older version: taken and counted, and the router is no longer stale.
+    controller.to_router.send(snapshot(5)).unwrap();
+    controller.acked(5).await;
+    wait_until(
+        Duration::from_secs(20),
+        || {
+            m("snapshot_version") == Some(5)
+                && m("control_controller_version") == Some(5)
+                && m("control_version_regressions_total") == Some(1)
+                && m("snapshot_stale") == Some(0)
+        },
+        || handle.metrics_text(),
+    )
+    .await;
+    handle.shutdown().await;
+}

@@ -222,6 +222,10 @@ struct Shared {
     telemetry_trimmed: AtomicU64,
     /// Snapshots taken with a version below the one held ([`handle`]).
     version_regressions: AtomicU64,
+    /// The snapshot version the controller last named (a heartbeat's, or a snapshot's it
+    /// sent): above the router's while it runs on an older one (one it refused, or held back
+    /// in a drain). 0: none heard yet.
+    controller_version: AtomicU64,
     /// What the control connection presents (the router's, when shared), and what renewals
     /// replace.
     cert: Arc<tls::CertResolver>,
@@ -725,6 +729,7 @@ impl ControlClient {
             topology_version: AtomicU64::new(0),
             telemetry_trimmed: AtomicU64::new(0),
             version_regressions: AtomicU64::new(0),
+            controller_version: AtomicU64::new(0),
             cert,
             renew: schedule,
             store,
@@ -801,6 +806,10 @@ impl ControlClient {
         if let Ok(mut e) = self.shared.endpoint.lock() {
             *e = Some(router.shared.endpoint.clone());
         }
+        let _ = router
+            .shared
+            .control
+            .set(ControlStatus(Arc::downgrade(&self.shared)));
     }
 
     pub fn is_connected(&self) -> bool {
@@ -838,6 +847,73 @@ impl ControlClient {
     /// older backup numbers its versions from the backup's.
     pub fn version_regressions(&self) -> u64 {
         self.shared.version_regressions.load(Ordering::Relaxed)
+    }
+
+    /// The snapshot version the controller last named ([`ToRouter::Heartbeat`] or a snapshot
+    /// it sent); 0 before it named one.
+    pub fn controller_version(&self) -> u64 {
+        self.shared.controller_version.load(Ordering::Relaxed)
+    }
+}
+
+/// The control session's state on the router's `/metrics` page (set by
+/// [`ControlClient::attach`]); it renders nothing once the client is gone.
+pub struct ControlStatus(std::sync::Weak<Shared>);
+
+impl ControlStatus {
+    /// Appends the session's series to a scrape of `node`.
+    pub fn render_metrics(&self, node: &str, s: &mut String) {
+        let Some(c) = self.0.upgrade() else {
+            return;
+        };
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let series: [(&str, &str, &str, u64); 7] = [
+            (
+                "control_connected",
+                "gauge",
+                "1 while the control connection to the controller is up.",
+                u64::from(c.connected.load(Ordering::Relaxed)),
+            ),
+            (
+                "control_connects_total",
+                "counter",
+                "Control connections established (more than 1: it reconnected).",
+                load(&c.connects),
+            ),
+            (
+                "control_last_contact_timestamp_seconds",
+                "gauge",
+                "Unix time of the last word from the controller (or of the stored snapshot's arrival, until one came); staleness counts from it.",
+                c.last_contact.get() / 1000,
+            ),
+            (
+                "snapshot_stale",
+                "gauge",
+                "1 once nothing was heard from the controller for --max-stale: the router runs on its last snapshot.",
+                u64::from(c.stale.load(Ordering::Relaxed)),
+            ),
+            (
+                "control_controller_version",
+                "gauge",
+                "The snapshot version the controller last named (its heartbeats name the one it publishes); above tasman_snapshot_version while the router runs on an older one (one it refused: tasman status says why).",
+                load(&c.controller_version),
+            ),
+            (
+                "control_version_regressions_total",
+                "counter",
+                "Snapshots the controller sent with a version below the one held, taken (its state restored from an older backup?).",
+                load(&c.version_regressions),
+            ),
+            (
+                "control_telemetry_trimmed_total",
+                "counter",
+                "Telemetry reports sent cut to the controller's frame limit.",
+                load(&c.telemetry_trimmed),
+            ),
+        ];
+        for (name, kind, help, value) in series {
+            crate::metrics::series(s, node, &format!("tasman_{name}"), kind, help, value);
+        }
     }
 }
 
@@ -1648,6 +1724,13 @@ fn handle(
     msg: ToRouter,
 ) -> Result<Option<FromRouter>, ControlError> {
     let node = &shared.cfg.node;
+    if let ToRouter::Heartbeat { version }
+    | ToRouter::Snapshot { version, .. }
+    | ToRouter::Delta { version, .. }
+    | ToRouter::Live { version, .. } = &msg
+    {
+        shared.controller_version.store(*version, Ordering::Relaxed);
+    }
     let (snap, topology_version) = match next_step(base, msg)? {
         Step::Nothing => return Ok(None),
         Step::Resync { have_version } => return Ok(Some(FromRouter::Resync { have_version })),

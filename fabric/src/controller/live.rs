@@ -191,6 +191,42 @@ struct SiteObs {
 /// A site's published view: its summed load and its load per service.
 type SiteView = (SiteLoad, BTreeMap<ServiceName, SiteLoad>);
 
+/// What a telemetry report changed in the live state to publish ([`LiveAggregator::observe`]),
+/// least first. The controller throttles each kind with a back-off of its own: loads and RTTs
+/// of a busy fabric move every few seconds and keep theirs in its long wait (5 s), which must
+/// not delay a link going down or a site filling up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Change {
+    None,
+    /// Only costs move: a link's measured weight, a site's load within its room.
+    Gradual,
+    /// Where traffic may go: a link up or down, a site or service healthy or not, full or not.
+    Urgent,
+}
+
+impl Change {
+    pub fn any(self) -> bool {
+        self != Change::None
+    }
+}
+
+/// Whether `view` differs from `published` in what may take streams: a site or one of its
+/// services healthy or not, full or not, or reported where it was not (or the other way).
+fn eligibility_changed(published: Option<&SiteView>, view: Option<&SiteView>) -> bool {
+    let state = |l: &SiteLoad| (l.healthy, l.active_streams >= l.capacity);
+    match (published, view) {
+        (Some((pl, ps)), Some((vl, vs))) => {
+            state(pl) != state(vl)
+                || ps.len() != vs.len()
+                || ps
+                    .iter()
+                    .any(|(k, p)| vs.get(k).is_none_or(|v| state(p) != state(v)))
+        }
+        (None, None) => false,
+        _ => true,
+    }
+}
+
 /// What an edge last reported about its choices.
 #[derive(Debug)]
 struct EdgeChoice {
@@ -259,7 +295,7 @@ impl LiveAggregator {
     /// The cost is the report's size, not the fabric's: only the links and the site it reports
     /// are compared with what is published (observations ageing out elsewhere are the
     /// recompute loop's business, through [`Self::expired`]).
-    pub fn observe(&mut self, s: Sample, now: Instant) -> bool {
+    pub fn observe(&mut self, s: Sample, now: Instant) -> Change {
         let mut touched = Vec::with_capacity(s.neighbours.len());
         for n in &s.neighbours {
             let id = LinkId::new(&s.node, &n.neighbour);
@@ -302,8 +338,13 @@ impl LiveAggregator {
             }
             None => false,
         };
-        let changed = touched.iter().any(|id| self.link_changed(id, now))
-            || (site_reported && self.site_changed(&s.node, now));
+        let site_change = site_reported.then(|| self.site_change(&s.node, now));
+        let changed = touched
+            .iter()
+            .map(|id| self.link_change(id, now))
+            .chain(site_change)
+            .max()
+            .unwrap_or(Change::None);
         if kind == Some(NodeKind::Edge) {
             // Only sites that serve the service in this topology: the plan starts from them.
             let mut sites = s.preferred;
@@ -421,23 +462,39 @@ impl LiveAggregator {
         Some((load, services))
     }
 
-    /// Whether [`Self::merged`] differs from what is published for this link (of the topology).
-    fn link_changed(&self, id: &LinkId, now: Instant) -> bool {
+    /// How [`Self::merged`] differs from what is published for this link (of the topology):
+    /// up or down is [`Change::Urgent`], a weight [`Change::Gradual`].
+    fn link_change(&self, id: &LinkId, now: Instant) -> Change {
         let (down, weight) = match (self.links.get(id), self.index.links.get(id)) {
             (Some(obs), Some(declared)) => self.link_view(id, obs, *declared, now),
             _ => (false, None),
         };
-        down != self.published.down_links.contains(id)
-            || weight != self.published.link_latency.get(id).copied()
+        if down != self.published.down_links.contains(id) {
+            Change::Urgent
+        } else if weight != self.published.link_latency.get(id).copied() {
+            Change::Gradual
+        } else {
+            Change::None
+        }
     }
 
-    /// Whether [`Self::merged`] differs from what is published for this site (of the topology).
-    fn site_changed(&self, site: &NodeId, now: Instant) -> bool {
+    /// How [`Self::merged`] differs from what is published for this site (of the topology):
+    /// [`Change::Urgent`] when the site or one of its services can take streams where it could
+    /// not or the other way round ([`eligibility_changed`]), [`Change::Gradual`] for a load
+    /// that only moves costs.
+    fn site_change(&self, site: &NodeId, now: Instant) -> Change {
         let view = self
             .sites
             .get(site)
             .and_then(|obs| self.site_view(site, obs, now));
-        view != self.published_site(site)
+        let published = self.published_site(site);
+        if view == published {
+            Change::None
+        } else if eligibility_changed(published.as_ref(), view.as_ref()) {
+            Change::Urgent
+        } else {
+            Change::Gradual
+        }
     }
 
     /// The live state that would be published now: fresh observations, with the anti-flap
@@ -601,6 +658,32 @@ mod tests {
             .map(|l| l.as_millis_f64())
     }
 
+    /// A link's measured weight moving is a gradual change; the link going down or up again is
+    /// an urgent one.
+    #[test]
+    fn a_link_down_or_up_is_urgent_and_its_weight_gradual() {
+        let t0 = Instant::now();
+        let mut agg = LiveAggregator::new(LiveParams::default(), Arc::new(topo()));
+        step(&mut agg, 80.0, t0);
+        let rtt = |ms: u64| Some(Duration::from_millis(ms));
+        let t1 = t0 + Duration::from_secs(1);
+        let up = |agg: &mut LiveAggregator, ms| {
+            agg.observe(Sample::one_link("e", "t", rtt(ms), true), t1)
+        };
+        assert_eq!(up(&mut agg, 200), Change::Gradual);
+        assert_eq!(
+            agg.observe(Sample::one_link("e", "t", None, false), t1),
+            Change::Urgent
+        );
+        agg.publish(agg.merged(t1));
+        let t2 = t1 + Duration::from_secs(30);
+        assert_eq!(
+            agg.observe(Sample::one_link("e", "t", rtt(80), true), t2),
+            Change::Urgent,
+            "up again"
+        );
+    }
+
     /// A link reported down by both ends for a minute still shows its last measured RTT, but
     /// aged a minute: the age is that of the RTT shown, not of the newest report (an up/down
     /// word refreshed it every second, so a dead link's last RTT looked fresh).
@@ -739,17 +822,22 @@ mod tests {
             margins: None,
         };
         let now = Instant::now();
-        assert!(agg.observe(report(90, 0), now));
+        assert_eq!(
+            agg.observe(report(90, 0), now),
+            Change::Urgent,
+            "a new site"
+        );
         agg.publish(agg.merged(now));
         let per = |agg: &LiveAggregator, s: &str| agg.published().service_load["s"][s];
         assert_eq!(per(&agg, "chat"), load(90, 100));
         assert_eq!(per(&agg, "embed"), load(0, 100));
         assert_eq!(agg.published().site_load["s"], load(90, 200));
         // Within 5 % of a service's capacity: nothing moves, nothing to push.
-        assert!(!agg.observe(report(87, 3), now));
+        assert_eq!(agg.observe(report(87, 3), now), Change::None);
         assert_eq!(agg.merged(now), *agg.published());
         // One service moving past its band is a change, though the sum stays within its own.
-        assert!(agg.observe(report(84, 0), now));
+        // Only a cost moves: a gradual change.
+        assert_eq!(agg.observe(report(84, 0), now), Change::Gradual);
         agg.publish(agg.merged(now));
         assert_eq!(per(&agg, "chat"), load(84, 100));
         assert_eq!(agg.published().site_load["s"], load(90, 200));
@@ -783,16 +871,31 @@ mod tests {
         agg.observe(report(96), now);
         agg.publish(agg.merged(now));
         assert_eq!(chat(&agg), load(96));
-        assert!(agg.observe(report(100), now), "full is a change");
+        assert_eq!(
+            agg.observe(report(100), now),
+            Change::Urgent,
+            "full is an urgent change"
+        );
         agg.publish(agg.merged(now));
         assert_eq!(chat(&agg), load(100));
         assert_eq!(chat(&agg).penalty(100), None, "no candidate while full");
         assert_eq!(agg.published().site_load["s"], load(100));
-        assert!(agg.observe(report(98), now), "room again is a change");
+        assert_eq!(
+            agg.observe(report(98), now),
+            Change::Urgent,
+            "room again is an urgent change"
+        );
         agg.publish(agg.merged(now));
         assert_eq!(chat(&agg), load(98));
         // Within the band on the same side of the line: held.
-        assert!(!agg.observe(report(95), now));
+        assert_eq!(agg.observe(report(95), now), Change::None);
+        // Below the band: a gradual change; unhealthy: an urgent one.
+        assert_eq!(agg.observe(report(90), now), Change::Gradual);
+        let mut sick = report(90);
+        for l in sick.site.iter_mut().chain(sick.services.values_mut()) {
+            l.healthy = false;
+        }
+        assert_eq!(agg.observe(sick, now), Change::Urgent);
     }
 
     /// Only a site's report of the services it serves is published: a site naming a service

@@ -334,7 +334,12 @@ struct Inner {
     /// what [`Published::with_circuits`] says of each version.
     circuits_published: bool,
     live: LiveAggregator,
+    /// The RFC 8405 back-off of gradual changes (RTTs, loads within a site's room).
     backoff: Backoff,
+    /// The back-off of urgent ones (a link up or down, a site or service healthy or not, full or
+    /// not), kept apart: a busy fabric's loads hold `backoff` in its long wait (5 s), and a link
+    /// going down behind them waited as long (`live::Change`).
+    urgent: Backoff,
     seq: u64,
 }
 
@@ -442,6 +447,7 @@ impl Controller {
                 circuits_published: false,
                 live,
                 backoff: Backoff::new(BackoffParams::default()),
+                urgent: Backoff::new(BackoffParams::default()),
                 seq: 1,
             }),
             published,
@@ -918,17 +924,25 @@ impl Controller {
     pub fn on_telemetry(&self, sample: Sample) {
         let now = Instant::now();
         let mut inner = lock(&self.inner);
-        if inner.live.observe(sample, now) {
-            inner.backoff.event(now);
-            drop(inner);
-            self.recompute.notify_one();
-        }
+        match inner.live.observe(sample, now) {
+            live::Change::None => return,
+            live::Change::Gradual => inner.backoff.event(now),
+            live::Change::Urgent => inner.urgent.event(now),
+        };
+        drop(inner);
+        self.recompute.notify_one();
     }
 
     /// Runs recomputations when the back-off says so, and ages out stale telemetry. Spawned once.
     pub async fn recompute_loop(self: Arc<Self>) {
         loop {
-            let due = lock(&self.inner).backoff.due();
+            let due = {
+                let inner = lock(&self.inner);
+                [inner.backoff.due(), inner.urgent.due()]
+                    .into_iter()
+                    .flatten()
+                    .min()
+            };
             match due {
                 Some(due) => {
                     tokio::select! {
@@ -937,7 +951,9 @@ impl Controller {
                     }
                     let mut inner = lock(&self.inner);
                     let now = Instant::now();
+                    // One publication carries every change observed so far, of either kind.
                     inner.backoff.ran(now);
+                    inner.urgent.ran(now);
                     if inner.live.expired(now)
                         && let Err(e) = self.publish_locked(&mut inner, false)
                     {
@@ -1958,6 +1974,52 @@ mod tests {
                 "an invalid text is refused"
             );
         });
+    }
+
+    /// Gradual changes (a measured RTT) and urgent ones (a link down) wait behind back-offs of
+    /// their own: loads and RTTs that keep moving hold theirs in its 5 s long wait, and a link
+    /// going down is not held behind them (it waited as long).
+    #[tokio::test]
+    async fn a_link_down_is_not_held_behind_the_back_off_of_moving_rtts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RedbStore::open(dir.path()).unwrap());
+        let ctl = Controller::open(store, Some((&yaml("10ms"), "t.yaml"))).unwrap();
+        let dues = || {
+            let inner = lock(&ctl.inner);
+            (inner.backoff.due(), inner.urgent.due())
+        };
+        // RTTs keep moving (no recompute loop runs here): only the gradual back-off is due.
+        ctl.on_telemetry(Sample::one_link(
+            "t",
+            "s1",
+            Some(Duration::from_millis(40)),
+            true,
+        ));
+        let (gradual, urgent) = dues();
+        assert!(
+            gradual.is_some() && urgent.is_none(),
+            "{gradual:?} {urgent:?}"
+        );
+        // Held in its long wait, as a busy fabric's loads keep it.
+        {
+            let mut inner = lock(&ctl.inner);
+            let t = Instant::now();
+            inner.backoff.ran(t);
+            inner.backoff.event(t + Duration::from_millis(100));
+            inner.backoff.ran(t + Duration::from_millis(300));
+            let due = inner.backoff.event(t + Duration::from_millis(700));
+            assert!(due >= t + Duration::from_secs(5), "not in its long wait");
+        }
+        // The link goes down: due on the urgent back-off's first delay, not the long wait.
+        let before = Instant::now();
+        ctl.on_telemetry(Sample::one_link("t", "s1", None, false));
+        let (gradual, urgent) = dues();
+        let urgent = urgent.expect("the link down is due on the urgent back-off");
+        assert!(
+            urgent <= before + Duration::from_secs(1),
+            "{urgent:?} from {before:?}"
+        );
+        assert!(gradual.unwrap() > urgent);
     }
 
     #[tokio::test]

@@ -176,7 +176,8 @@ pub(crate) fn reconcile(
                 o => {
                     // Same backend, another capacity or health check: its health and hold-down
                     // go on (a new record, healthy and never down, would advertise a backend in
-                    // an outage healthy at once), its checker starts again. A new backend is
+                    // an outage healthy at once); its checker starts again if its checks changed
+                    // ([`checked_alike`]). A new backend is
                     // judged afresh: healthy at once when a connect is the check, healthy once
                     // its HTTP check passes when it has one (a model server still loading
                     // accepts connections, and answers 503).
@@ -214,7 +215,7 @@ pub(crate) fn reconcile(
     checkers.retain(|name, h| {
         let keep = new
             .get(name)
-            .is_some_and(|n| old.get(name).is_some_and(|o| Arc::ptr_eq(n, o)));
+            .is_some_and(|n| old.get(name).is_some_and(|o| checked_alike(n, o)));
         if !keep {
             h.abort();
         }
@@ -227,6 +228,20 @@ pub(crate) fn reconcile(
         }
     }
     shared.sites.store(Arc::new(new));
+}
+
+/// Whether the checker of `old` goes on for `new`: the same record, or one that only changed
+/// what checks do not read (its capacity) and shares the health the checker writes. (A
+/// capacity change restarted the checker: its runs of successes and failures began again, and
+/// an automation changing capacities every second kept a failing backend from ever being
+/// counted down.)
+fn checked_alike(new: &Arc<SiteService>, old: &Arc<SiteService>) -> bool {
+    Arc::ptr_eq(new, old)
+        || (new.backend == old.backend
+            && new.health_check == old.health_check
+            && new.health == old.health
+            && Arc::ptr_eq(&new.healthy, &old.healthy)
+            && Arc::ptr_eq(&new.down_at_ms, &old.down_at_ms))
 }
 
 /// Checks the backend every `health_interval` (500 ms by default): `unhealthy_after` failures

@@ -2862,6 +2862,68 @@ async fn a_capacity_change_keeps_a_down_service_down() {
     site.shutdown().await;
 }
 
+/// A capacity change leaves the service's health checker running: its count of results in a
+/// row goes on, and no check is made out of turn. (The checker started again at every change:
+/// a check at once, and its runs counted afresh, so that capacities changed more often than
+/// `unhealthy_after` checks kept a failing backend from ever being counted down.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capacity_change_does_not_restart_the_health_checks() {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    let checks = Arc::new(AtomicUsize::new(0));
+    let server = {
+        let checks = checks.clone();
+        tokio::spawn(async move {
+            while let Ok((c, _)) = listener.accept().await {
+                checks.fetch_add(1, SeqCst);
+                drop(c);
+            }
+        })
+    };
+    let dir = ca_dir();
+    let snap = edge_site("echo", backend, free_tcp_port());
+    let with_capacity = |capacity: u32, version: u64| {
+        let mut t = (*snap.topology).clone();
+        let n = t
+            .nodes
+            .iter_mut()
+            .find(|n| n.id.as_str() == "site")
+            .unwrap();
+        n.serves[0].capacity = capacity;
+        // One check every 20 s: the first at the start, the next well after the change.
+        n.serves[0].health.interval = topology::Latency::from_micros(20_000_000);
+        Arc::new(Snapshot::new(version, Arc::new(t)))
+    };
+    let (site, tx) = spawn_node(&with_capacity(100, 1), dir.path(), "site", |_| {}).await;
+    let capacity = || site.telemetry().sites.first().map(|s| s.capacity);
+    wait_until(
+        Duration::from_secs(20),
+        || checks.load(SeqCst) >= 1,
+        || "no first health check".into(),
+    )
+    .await;
+    let first = checks.load(SeqCst);
+    tx.send(with_capacity(10, 2)).unwrap();
+    wait_until(
+        Duration::from_secs(20),
+        || capacity() == Some(10),
+        || format!("the capacity change was not applied: {:?}", capacity()),
+    )
+    .await;
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        assert_eq!(
+            checks.load(SeqCst),
+            first,
+            "a check out of turn after a capacity change"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    server.abort();
+    site.shutdown().await;
+}
+
 /// An edge whose nearest site leaves its candidates for a moment takes it back when it returns:
 /// `near` (2 ms) is full for as long as one client holds its only slot, `far` (8 ms) takes the
 /// service meanwhile, and `near` is preferred again once the slot is free. (The 6 ms between

@@ -22,11 +22,47 @@ use crate::telemetry::SiteReport;
 /// connect that succeeds, a stream's or a check's, ends the run. One failure refuses only its
 /// stream: a backend behind a load balancer with one dead target of four refused a quarter of
 /// connects, and each marked the whole service down for the hold-down, for every edge.
-/// The same count marks it down after as many streams in a row whose backend accepted and then
-/// reset (or refused a write) before it sent a byte ([`SiteService::stream_ended`]): a TCP
-/// check connects to such a backend and finds it healthy, and its streams fail after the site
-/// said `ok`, too late for the edge to retry them elsewhere.
+/// As many streams in a row whose backend accepted and then reset the connection before it sent
+/// a byte ([`SiteService::stream_ended`]) have the site confirm the fault
+/// ([`closes_unprompted`]) and mark the service down if it holds: a TCP check connects to a
+/// backend that resets every connection (a proxy in front of a dead process) and finds it
+/// healthy, and its streams fail after the site said `ok`, too late for the edge to retry them
+/// elsewhere.
 const SERVE_DOWN_AFTER: u32 = 5;
+
+/// How long the connection of [`closes_unprompted`] must stay open, sent nothing, for the
+/// backend to be let off. A backend that resets every connection does so at once.
+const UNPROMPTED_WINDOW: Duration = Duration::from_millis(250);
+
+/// Whether `backend` closes or resets a connection it was sent nothing on within
+/// [`UNPROMPTED_WINDOW`] (why, if so): the confirmation of [`SERVE_DOWN_AFTER`] silent resets.
+/// The resets alone do not say the backend is at fault: clients choose what it reads, and a
+/// backend that resets on junk (a database given a bad startup packet, with bytes unread) or
+/// on a connection idle past its own timeout is healthy; neither closes a fresh connection
+/// that says nothing. A connect that fails or times out says nothing here (the checks and the
+/// connects of streams judge those); nor does a backend that speaks first (a banner).
+async fn closes_unprompted(backend: SocketAddr, connect_within: Duration) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut tcp =
+        match tokio::time::timeout(connect_within, tokio::net::TcpStream::connect(backend)).await {
+            Ok(Ok(tcp)) => tcp,
+            // Reset as the handshake ended (before the connect was looked at again).
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Some(format!(
+                    "reset a connection it was sent nothing on at once: {e}"
+                ));
+            }
+            _ => return None,
+        };
+    let mut byte = [0u8; 1];
+    match tokio::time::timeout(UNPROMPTED_WINDOW, tcp.read(&mut byte)).await {
+        Ok(Ok(0)) => Some("closed a connection it was sent nothing on at once".to_string()),
+        Ok(Err(e)) => Some(format!(
+            "reset a connection it was sent nothing on at once: {e}"
+        )),
+        Ok(Ok(_)) | Err(_) => None,
+    }
+}
 
 pub(crate) struct SiteService {
     pub service: ServiceName,
@@ -67,22 +103,28 @@ impl SiteService {
             self.failed_connects.store(0, Relaxed);
         }
     }
-    /// Counts a spliced stream's end: whether the service is to be marked down, its backend
-    /// having reset [`SERVE_DOWN_AFTER`] streams in a row before it sent a byte of any. Only
-    /// the backend's own failure counts (`backend_abort`): a stream the client or the fabric
-    /// ended, or one the backend closed cleanly without an answer, says nothing of it.
-    fn stream_ended(&self, end: splice::Spliced) -> Option<u32> {
+    /// Counts a spliced stream's end: whether the backend has now reset [`SERVE_DOWN_AFTER`]
+    /// streams in a row before it sent a byte of any, for the caller to confirm
+    /// ([`closes_unprompted`]); the run then starts again, whatever the confirmation finds.
+    /// Only the backend's own failure counts (`backend_abort`, a reset): a stream the client or
+    /// the fabric ended, or one the backend closed cleanly without an answer (a one-way
+    /// service's), says nothing of it; a stream it answered ends the run.
+    fn stream_ended(&self, end: splice::Spliced) -> bool {
         if end.tcp_sent {
             if self.silent_resets.load(Relaxed) != 0 {
                 self.silent_resets.store(0, Relaxed);
             }
-            return None;
+            return false;
         }
         if end.aborted != Some(Code::BackendAbort) {
-            return None;
+            return false;
         }
         let n = self.silent_resets.fetch_add(1, Relaxed).saturating_add(1);
-        (n >= SERVE_DOWN_AFTER).then_some(n)
+        if n < SERVE_DOWN_AFTER {
+            return false;
+        }
+        self.silent_resets.store(0, Relaxed);
+        true
     }
     pub fn state(&self) -> ServiceState {
         ServiceState {
@@ -501,11 +543,17 @@ pub(crate) async fn serve(
     tracing::debug!(node = %shared.node, service = %svc.service, connect_us = started.elapsed().as_micros() as u64, "backend connected");
     let end = splice::tcp_quic(&shared, tcp, send, recv, Side::Site, starting).await;
     drop(slot);
-    if let Some(n) = svc.stream_ended(end) {
-        svc.mark_unhealthy(
-            &shared,
-            &format!("{n} streams in a row whose backend reset before it answered"),
-        );
+    if svc.stream_ended(end) {
+        match closes_unprompted(svc.backend, shared.backend_connect_timeout).await {
+            Some(why) => svc.mark_unhealthy(
+                &shared,
+                &format!(
+                    "{SERVE_DOWN_AFTER} streams in a row reset by the backend before it answered, and it {why}"
+                ),
+            ),
+            None => tracing::info!(node = %shared.node, service = %svc.service, backend = %svc.backend,
+                "{SERVE_DOWN_AFTER} streams in a row reset by the backend before it answered; it keeps a connection it is sent nothing on open: left in service"),
+        }
     }
 }
 
@@ -580,24 +628,85 @@ mod tests {
             tcp_sent: true,
         };
         for _ in 0..4 {
-            assert_eq!(svc.stream_ended(silent), None);
+            assert!(!svc.stream_ended(silent));
         }
-        assert_eq!(svc.stream_ended(answered), None);
+        assert!(!svc.stream_ended(answered));
         for _ in 0..4 {
-            assert_eq!(svc.stream_ended(silent), None);
+            assert!(!svc.stream_ended(silent));
         }
         for other in [None, Some(Code::ClientAbort), Some(Code::IdleTimeout)] {
             let end = splice::Spliced {
                 aborted: other,
                 tcp_sent: false,
             };
-            assert_eq!(svc.stream_ended(end), None, "{other:?}");
+            assert!(!svc.stream_ended(end), "{other:?}");
         }
-        assert_eq!(svc.stream_ended(silent), Some(5));
-        assert_eq!(svc.stream_ended(silent), Some(6), "and at each one after");
-        // A check's or a stream's successful connect does not end this run.
+        assert!(svc.stream_ended(silent), "the fifth in a row");
+        // The run starts again after it; a successful connect does not end it.
+        for _ in 0..3 {
+            assert!(!svc.stream_ended(silent));
+        }
         svc.connect_succeeded();
-        assert_eq!(svc.stream_ended(silent), Some(7));
+        assert!(!svc.stream_ended(silent));
+        assert!(svc.stream_ended(silent), "five more in a row");
+    }
+
+    /// The confirmation: a backend that resets or closes a connection it is sent nothing on at
+    /// once is at fault; one that waits for its client (or speaks first) is not.
+    #[tokio::test]
+    async fn a_backend_is_at_fault_only_if_it_drops_a_silent_connection_at_once() {
+        async fn backend(how: u8) -> SocketAddr {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            tokio::spawn(async move {
+                while let Ok((mut c, _)) = l.accept().await {
+                    tokio::spawn(async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        match how {
+                            0 => {
+                                let _ = socket2::SockRef::from(&c).set_linger(Some(Duration::ZERO));
+                            }
+                            1 => {}
+                            2 => {
+                                let _ = c.write_all(b"220 ready\r\n").await;
+                                let _ = c.read(&mut [0u8; 16]).await;
+                            }
+                            _ => {
+                                let _ = c.read(&mut [0u8; 16]).await;
+                            }
+                        }
+                    });
+                }
+            });
+            addr
+        }
+        let within = Duration::from_secs(2);
+        let resets = closes_unprompted(backend(0).await, within).await;
+        assert!(
+            resets.as_deref().is_some_and(|w| w.contains("reset")),
+            "{resets:?}"
+        );
+        let closes = closes_unprompted(backend(1).await, within).await;
+        assert!(
+            closes.as_deref().is_some_and(|w| w.contains("closed")),
+            "{closes:?}"
+        );
+        assert_eq!(
+            closes_unprompted(backend(2).await, within).await,
+            None,
+            "a banner"
+        );
+        assert_eq!(
+            closes_unprompted(backend(3).await, within).await,
+            None,
+            "waits for its client"
+        );
+        let nothing = SocketAddr::from(([127, 0, 0, 1], 1));
+        assert_eq!(
+            closes_unprompted(nothing, within).await,
+            None,
+            "refused: the checks' part"
+        );
     }
 
     /// Connects refused on the serving path mark the service down between two checks: the

@@ -2706,35 +2706,53 @@ async fn one_refused_backend_connect_leaves_the_service_healthy() {
     site.shutdown().await;
 }
 
-/// A backend that accepts every connection and resets it before answering passes a TCP check
-/// (it connects), and each of its streams fails after the site said `ok`, too late for the edge
-/// to try another site: the site marks the service down at the fifth such stream in a row (a
-/// stream it answered ends the run), so that edges route around it, and up again once its
-/// checks pass after the hold-down. (It stayed healthy for as long as it kept resetting.)
+/// A backend that accepts every connection and resets it at once (a proxy in front of a dead
+/// process) passes a TCP check, and each of its streams fails after the site said `ok`, too
+/// late for the edge to try another site: at the fifth such stream in a row (a stream it
+/// answered ends the run) the site checks that it drops a connection it is sent nothing on,
+/// and marks the service down, so that edges route around it; up again once its checks pass
+/// after the hold-down. A healthy backend that resets streams whose client sent it junk is not
+/// marked down: clients choose what a backend reads. (It stayed healthy for as long as it kept
+/// resetting.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_that_resets_every_stream_before_answering_is_marked_down() {
-    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
-    let resetting = Arc::new(AtomicBool::new(false));
+    use std::sync::atomic::{AtomicU8, Ordering::SeqCst};
+    const ECHO: u8 = 0;
+    const RESET_AT_ONCE: u8 = 1;
+    const RESET_ON_JUNK: u8 = 2;
+    let mode = Arc::new(AtomicU8::new(ECHO));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let backend = listener.local_addr().unwrap();
     let server = {
-        let resetting = resetting.clone();
+        let mode = mode.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((mut c, _)) = listener.accept().await else {
                     return;
                 };
-                let reset = resetting.load(SeqCst);
+                let mode = mode.load(SeqCst);
                 tokio::spawn(async move {
-                    let (mut r, mut w) = c.split();
-                    if !reset {
-                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let reset = |c: &tokio::net::TcpStream| {
+                        let _ = socket2::SockRef::from(c).set_linger(Some(Duration::ZERO));
+                    };
+                    if mode == RESET_AT_ONCE {
+                        // A moment after the accept: a reset that reaches the connecting side
+                        // before its connect is looked at fails the connect instead (a
+                        // `backend_refused`, and a failed health check).
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        return reset(&c);
+                    }
+                    let mut first = [0u8; 4];
+                    if c.read_exact(&mut first).await.is_err() {
                         return;
                     }
-                    // The request arrives (or the check's connection ends), then a reset.
-                    let mut b = [0u8; 64];
-                    let _ = r.read(&mut b).await;
-                    let _ = socket2::SockRef::from(&c).set_linger(Some(Duration::ZERO));
+                    if mode == RESET_ON_JUNK && &first == b"JUNK" {
+                        return reset(&c);
+                    }
+                    let (mut r, mut w) = c.split();
+                    if w.write_all(&first).await.is_ok() {
+                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                    }
                 });
             }
         })
@@ -2746,53 +2764,66 @@ async fn a_backend_that_resets_every_stream_before_answering_is_marked_down() {
     let (edge, _etx) = spawn_node(&snap, dir.path(), "edge", |_| {}).await;
     roundtrip_until(port, b"first", |b| b == b"first").await;
     let healthy = || site.telemetry().sites.first().map(|s| s.healthy);
-    // `n` streams reset in a row: each fails, and is counted at the site before the next.
-    async fn reset_streams(port: u16, site: &RouterHandle, n: u64) {
-        let aborts = || {
+    // Streams until `n` were reset by the backend: each fails, and is counted at the site before
+    // the next. (A stream's connect may meet the reset instead, `backend_refused`: not counted.)
+    async fn reset_streams(port: u16, site: &RouterHandle, n: u64, msg: &[u8]) {
+        let errors = |code: &str| {
             metric(
                 &site.metrics_text(),
-                "tasman_stream_errors_total{node=\"site\",code=\"backend_abort\"}",
+                &format!("tasman_stream_errors_total{{node=\"site\",code=\"{code}\"}}"),
             )
             .unwrap_or(0)
         };
-        let before = aborts();
-        for i in 0..n {
-            let back = echo_roundtrip(port, b"lost", Duration::from_secs(20)).await;
+        let both = || errors("backend_abort") + errors("backend_refused");
+        let target = errors("backend_abort") + n;
+        for i in 0.. {
+            if errors("backend_abort") >= target {
+                return;
+            }
             assert!(
-                !matches!(&back, Ok(b) if b == b"lost"),
+                i < 4 * n,
+                "{i} streams for {n} resets: {}",
+                site.metrics_text()
+            );
+            let before = both();
+            let back = echo_roundtrip(port, msg, Duration::from_secs(20)).await;
+            assert!(
+                !matches!(&back, Ok(b) if b == msg),
                 "stream {i} answered by a resetting backend"
             );
             wait_until(
                 Duration::from_secs(20),
-                || aborts() > before + i,
+                || both() > before,
                 || format!("stream {i} not reset at the site: {}", site.metrics_text()),
             )
             .await;
         }
     }
-    resetting.store(true, SeqCst);
-    reset_streams(port, &site, 4).await;
-    let until = Instant::now() + Duration::from_millis(1500);
-    while Instant::now() < until {
-        assert_eq!(healthy(), Some(true), "down before five resets in a row");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let stays_healthy = |why: &'static str| async move {
+        let until = Instant::now() + Duration::from_millis(1500);
+        while Instant::now() < until {
+            assert_eq!(healthy(), Some(true), "{why}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    // Junk a healthy backend resets: the site finds it keeps a silent connection open.
+    mode.store(RESET_ON_JUNK, SeqCst);
+    reset_streams(port, &site, 6, b"JUNK and more").await;
+    stays_healthy("marked down for resetting junk").await;
+    roundtrip_until(port, b"fine", |b| b == b"fine").await;
+
+    // Four streams reset in a row: the service stays healthy.
+    mode.store(RESET_AT_ONCE, SeqCst);
+    reset_streams(port, &site, 4, b"lost").await;
+    stays_healthy("down before five resets in a row").await;
     // One answered stream ends the run: four more resets leave it healthy.
-    resetting.store(false, SeqCst);
+    mode.store(ECHO, SeqCst);
     roundtrip_until(port, b"answered", |b| b == b"answered").await;
-    resetting.store(true, SeqCst);
-    reset_streams(port, &site, 4).await;
-    let until = Instant::now() + Duration::from_millis(500);
-    while Instant::now() < until {
-        assert_eq!(
-            healthy(),
-            Some(true),
-            "an answered stream did not end the run"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    mode.store(RESET_AT_ONCE, SeqCst);
+    reset_streams(port, &site, 4, b"lost").await;
+    stays_healthy("an answered stream did not end the run").await;
     // The fifth in a row: down.
-    reset_streams(port, &site, 1).await;
+    reset_streams(port, &site, 1, b"lost").await;
     wait_until(
         Duration::from_secs(10),
         || healthy() == Some(false),
@@ -2800,7 +2831,7 @@ async fn a_backend_that_resets_every_stream_before_answering_is_marked_down() {
     )
     .await;
     // Answering again: healthy once the hold-down is over and the checks pass, and serving.
-    resetting.store(false, SeqCst);
+    mode.store(ECHO, SeqCst);
     wait_until(
         Duration::from_secs(20),
         || healthy() == Some(true),

@@ -298,8 +298,9 @@ pub(crate) struct Shared {
     pub drain_timeout: Duration,
     pub started: Instant,
     /// The control session feeding this router, if one is attached
-    /// ([`control::ControlClient::attach`]): its series on the metrics page.
-    pub control: std::sync::OnceLock<control::client::ControlStatus>,
+    /// ([`control::ControlClient::attach`]; the last one attached): its series on the metrics
+    /// page.
+    pub control: arc_swap::ArcSwapOption<control::client::ControlStatus>,
 }
 
 /// Descriptors an edge keeps for itself beyond its clients (its QUIC socket, listeners, the
@@ -382,7 +383,7 @@ impl Shared {
             k.render_metrics(self.node.as_str(), &mut s);
         }
         self.cert.render_metrics(self.node.as_str(), &mut s);
-        if let Some(c) = self.control.get() {
+        if let Some(c) = self.control.load().as_ref() {
             c.render_metrics(self.node.as_str(), &mut s);
         }
         s
@@ -582,7 +583,7 @@ impl Router {
             shutdown,
             drain_timeout: cfg.drain_timeout,
             started: Instant::now(),
-            control: std::sync::OnceLock::new(),
+            control: Default::default(),
         });
         // The metrics port (the one whose bind fails the start; the QUIC socket is bound
         // already) is bound before any task starts: a start that fails leaves nothing running

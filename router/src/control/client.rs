@@ -806,10 +806,8 @@ impl ControlClient {
         if let Ok(mut e) = self.shared.endpoint.lock() {
             *e = Some(router.shared.endpoint.clone());
         }
-        let _ = router
-            .shared
-            .control
-            .set(ControlStatus(Arc::downgrade(&self.shared)));
+        let status = ControlStatus(Arc::downgrade(&self.shared));
+        router.shared.control.store(Some(Arc::new(status)));
     }
 
     pub fn is_connected(&self) -> bool {

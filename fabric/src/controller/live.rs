@@ -13,7 +13,7 @@
 //! it is measured more than `abs_threshold` above its declared latency, and loses it (the
 //! declared value applies) once it is back within half of that.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -110,8 +110,8 @@ pub struct Index {
     /// Declared latency per link.
     links: HashMap<LinkId, Latency>,
     nodes: HashMap<NodeId, NodeKind>,
-    /// Per site node, the services it serves.
-    serves: HashMap<NodeId, HashSet<ServiceName>>,
+    /// Per site node, the services it serves and their declared capacities.
+    serves: HashMap<NodeId, HashMap<ServiceName, u32>>,
 }
 
 impl Index {
@@ -130,7 +130,10 @@ impl Index {
                 .map(|n| {
                     (
                         n.id.clone(),
-                        n.serves.iter().map(|s| s.service.clone()).collect(),
+                        n.serves
+                            .iter()
+                            .map(|s| (s.service.clone(), s.capacity))
+                            .collect(),
                     )
                 })
                 .collect(),
@@ -140,7 +143,9 @@ impl Index {
 
     /// Whether `site` is a site node that serves `service`.
     fn serves(&self, site: &NodeId, service: &ServiceName) -> bool {
-        self.serves.get(site).is_some_and(|s| s.contains(service))
+        self.serves
+            .get(site)
+            .is_some_and(|s| s.contains_key(service))
     }
 
     /// A site's report as this topology takes it: from a site node only, for the services it
@@ -210,21 +215,22 @@ impl Change {
     }
 }
 
-/// Whether `view` differs from `published` in what may take streams: a site or one of its
-/// services healthy or not, full or not, or reported where it was not (or the other way).
-fn eligibility_changed(published: Option<&SiteView>, view: Option<&SiteView>) -> bool {
-    let state = |l: &SiteLoad| (l.healthy, l.active_streams >= l.capacity);
-    match (published, view) {
-        (Some((pl, ps)), Some((vl, vs))) => {
-            state(pl) != state(vl)
-                || ps.len() != vs.len()
-                || ps
-                    .iter()
-                    .any(|(k, p)| vs.get(k).is_none_or(|v| state(p) != state(v)))
-        }
-        (None, None) => false,
-        _ => true,
+/// What routing reads of a site's view for `service` (as [`LiveState::load_of`]): the service's
+/// own entry, or the summed one for a site with no per-service entries; `None`: no entry.
+fn view_load<'a>(view: Option<&'a SiteView>, service: &ServiceName) -> Option<&'a SiteLoad> {
+    let (sum, per) = view?;
+    if per.is_empty() {
+        Some(sum)
+    } else {
+        per.get(service)
     }
+}
+
+/// Whether routing may send `service`'s streams to a site whose load it reads as `load`
+/// (`declared`: the service's declared capacity there): no entry counts as healthy and
+/// unloaded, and an entry as [`SiteLoad::penalty`] says (unhealthy or full: no).
+fn eligible(load: Option<&SiteLoad>, declared: u32) -> bool {
+    load.is_none_or(|l| l.penalty(declared).is_some())
 }
 
 /// What an edge last reported about its choices.
@@ -479,9 +485,9 @@ impl LiveAggregator {
     }
 
     /// How [`Self::merged`] differs from what is published for this site (of the topology):
-    /// [`Change::Urgent`] when the site or one of its services can take streams where it could
-    /// not or the other way round ([`eligibility_changed`]), [`Change::Gradual`] for a load
-    /// that only moves costs.
+    /// [`Change::Urgent`] when routing may now send one of its services' streams there where it
+    /// could not, or the other way round ([`eligible`]: healthy and with room, or no entry),
+    /// [`Change::Gradual`] for a load that only moves costs.
     fn site_change(&self, site: &NodeId, now: Instant) -> Change {
         let view = self
             .sites
@@ -489,8 +495,39 @@ impl LiveAggregator {
             .and_then(|obs| self.site_view(site, obs, now));
         let published = self.published_site(site);
         if view == published {
-            Change::None
-        } else if eligibility_changed(published.as_ref(), view.as_ref()) {
+            return Change::None;
+        }
+        let served = self.index.serves.get(site).into_iter().flatten();
+        let moved = served.into_iter().any(|(service, declared)| {
+            eligible(view_load(published.as_ref(), service), *declared)
+                != eligible(view_load(view.as_ref(), service), *declared)
+        });
+        if moved {
+            Change::Urgent
+        } else {
+            Change::Gradual
+        }
+    }
+
+    /// How what would be published now ([`Self::merged`]) differs from what is: the kind of
+    /// change observations ageing out make (a link's down report expiring brings it back up: an
+    /// urgent change, as the report that took it down was).
+    pub fn pending_change(&self, now: Instant) -> Change {
+        let merged = self.merged(now);
+        if merged == self.published {
+            return Change::None;
+        }
+        if merged.down_links != self.published.down_links {
+            return Change::Urgent;
+        }
+        let moved = self.index.serves.iter().any(|(site, served)| {
+            served.iter().any(|(service, declared)| {
+                let load =
+                    |l: &LiveState| eligible(l.load_of(site.as_str(), service.as_str()), *declared);
+                load(&merged) != load(&self.published)
+            })
+        });
+        if moved {
             Change::Urgent
         } else {
             Change::Gradual
@@ -684,6 +721,55 @@ mod tests {
         );
     }
 
+    /// A site's report of capacity 0 is read against the service's declared capacity, as
+    /// routing reads it: filling that up is urgent. A down link's reports ageing out bring it
+    /// back: an urgent change too.
+    #[test]
+    fn urgency_follows_what_routing_reads() {
+        let mut b = TopologyBuilder::new();
+        b.node("s", NodeKind::Site)
+            .node("t", NodeKind::Transit)
+            .link("s", "t", ms(1.0))
+            .service("chat")
+            .serve("s", "chat", 10);
+        let mut agg = LiveAggregator::new(LiveParams::default(), Arc::new(b.build()));
+        let load = |active_streams| SiteLoad {
+            active_streams,
+            capacity: 0,
+            healthy: true,
+        };
+        let report = |active| Sample {
+            node: NodeId::new("s"),
+            neighbours: Vec::new(),
+            site: Some(load(active)),
+            services: [(ServiceName::new("chat"), load(active))].into(),
+            preferred: BTreeMap::new(),
+            margins: None,
+        };
+        let t0 = Instant::now();
+        assert_eq!(agg.observe(report(2), t0), Change::Gradual);
+        agg.publish(agg.merged(t0));
+        assert_eq!(
+            agg.observe(report(10), t0),
+            Change::Urgent,
+            "full at 10 declared"
+        );
+        agg.publish(agg.merged(t0));
+        assert_eq!(agg.pending_change(t0), Change::None);
+        // The link goes down; its reports stop, and age out.
+        assert_eq!(
+            agg.observe(Sample::one_link("t", "s", None, false), t0),
+            Change::Urgent
+        );
+        agg.publish(agg.merged(t0));
+        let later = t0 + Duration::from_secs(60);
+        assert_eq!(
+            agg.pending_change(later),
+            Change::Urgent,
+            "back up as it ages out"
+        );
+    }
+
     /// A link reported down by both ends for a minute still shows its last measured RTT, but
     /// aged a minute: the age is that of the RTT shown, not of the newest report (an up/down
     /// word refreshed it every second, so a dead link's last RTT looked fresh).
@@ -822,11 +908,8 @@ mod tests {
             margins: None,
         };
         let now = Instant::now();
-        assert_eq!(
-            agg.observe(report(90, 0), now),
-            Change::Urgent,
-            "a new site"
-        );
+        // A first report, healthy and with room: routing read the site so before it.
+        assert_eq!(agg.observe(report(90, 0), now), Change::Gradual);
         agg.publish(agg.merged(now));
         let per = |agg: &LiveAggregator, s: &str| agg.published().service_load["s"][s];
         assert_eq!(per(&agg, "chat"), load(90, 100));

@@ -966,8 +966,15 @@ impl Controller {
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {
                             // Observations ageing out also change the live state.
                             let mut inner = lock(&self.inner);
-                            if inner.live.expired(Instant::now()) {
-                                inner.backoff.event(Instant::now());
+                            let now = Instant::now();
+                            match inner.live.pending_change(now) {
+                                live::Change::None => {}
+                                live::Change::Gradual => {
+                                    inner.backoff.event(now);
+                                }
+                                live::Change::Urgent => {
+                                    inner.urgent.event(now);
+                                }
                             }
                         }
                     }
@@ -2019,7 +2026,25 @@ mod tests {
             urgent <= before + Duration::from_secs(1),
             "{urgent:?} from {before:?}"
         );
-        assert!(gradual.unwrap() > urgent);
+        let gradual = gradual.unwrap();
+        assert!(gradual > urgent);
+        // The recompute loop publishes it on the urgent back-off's time, before the gradual
+        // one's is due.
+        let recompute = tokio::spawn(ctl.clone().recompute_loop());
+        let down = || !ctl.published().live.down_links.is_empty();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !down() {
+            assert!(
+                Instant::now() < deadline,
+                "the link down was never published"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(
+            Instant::now() < gradual,
+            "published only when the gradual back-off was due"
+        );
+        recompute.abort();
     }
 
     #[tokio::test]

@@ -315,7 +315,7 @@ async fn to_completion(State(changes): State<Changes>, req: Request, next: Next)
     })
     .await
     .unwrap_or_else(|e| {
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, crate::task_failed(e)).into_response()
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, crate::internal(e)).into_response()
     })
 }
 
@@ -345,12 +345,26 @@ impl Changes {
     }
 }
 
+/// Most [`off_workers`] tasks running at once.
+pub const MAX_READS_RUNNING: usize = 16;
+
+/// The permits of [`off_workers`].
+static READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_READS_RUNNING);
+
 /// Runs `f`, a handler's store reads or heavy computation, on tokio's blocking pool. A read that
 /// waits on a slow disk, or a computation that takes seconds, then holds a blocking thread
 /// instead of one of the runtime's workers, which also serve the routers' control sessions and
 /// every other request. The GET handlers that read the store, circuits' validate and the status
 /// (a routing table per edge) run through here; the controller's and circuits' write
 /// transactions run in `spawn_blocking` themselves.
+///
+/// At most [`MAX_READS_RUNNING`] run at once; a call waits for a permit before its task starts,
+/// and the task holds it to its end. A blocking task cannot be cancelled: a client that hangs
+/// up after its request (hyper then drops the handler) left its read running, so a client
+/// asking for a 16 MiB version and hanging up in a loop, never holding more than one
+/// connection, piled up reads without bound (each holding its decoded record, 512 blocking
+/// threads and a queue behind them), and the store's writes, which share that pool, behind
+/// them. One dropped while it waits never starts.
 pub(crate) async fn off_workers<R, E>(
     f: impl FnOnce() -> Result<R, E> + Send + 'static,
 ) -> Result<R, ApiError>
@@ -358,11 +372,23 @@ where
     R: Send + 'static,
     E: Into<ApiError> + Send + 'static,
 {
-    match tokio::task::spawn_blocking(f).await {
+    // Never closed.
+    let Ok(permit) = READS.acquire().await else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the controller is stopping".to_string(),
+        ));
+    };
+    let task = move || {
+        let r = f();
+        drop(permit);
+        r
+    };
+    match tokio::task::spawn_blocking(task).await {
         Ok(r) => r.map_err(Into::into),
         Err(e) => Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
-            crate::task_failed(e),
+            crate::internal(e),
         )),
     }
 }
@@ -498,6 +524,65 @@ mod tests {
     use super::*;
     use crate::store::redb::RedbStore;
     use crate::store::{self, Store, StoreError};
+
+    /// At most `MAX_READS_RUNNING` reads run off the workers at once, however many requests
+    /// ask; a read whose request was dropped while it waited for its turn never runs. (Each
+    /// ran at once on the blocking pool, to its end: a client that asked and hung up in a loop
+    /// piled up reads without bound.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_off_the_workers_are_bounded_and_a_dropped_one_never_starts() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let release_rx = Arc::new(std::sync::Mutex::new(release_rx));
+        let mut reads = Vec::new();
+        for _ in 0..4 * MAX_READS_RUNNING {
+            let (running, most, release_rx) = (running.clone(), most.clone(), release_rx.clone());
+            reads.push(tokio::spawn(off_workers(move || {
+                let now = running.fetch_add(1, SeqCst) + 1;
+                most.fetch_max(now, SeqCst);
+                let _ = release_rx.lock().unwrap().recv();
+                running.fetch_sub(1, SeqCst);
+                Ok::<_, ApiError>(())
+            })));
+        }
+        // As many as may run are running (other tests' reads may hold permits for a moment).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while running.load(SeqCst) < MAX_READS_RUNNING {
+            assert!(
+                Instant::now() < deadline,
+                "{} running",
+                running.load(SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // One more, dropped while it waits for its turn.
+        let ran = Arc::new(AtomicBool::new(false));
+        let dropped = {
+            let ran = ran.clone();
+            tokio::spawn(off_workers(move || {
+                ran.store(true, SeqCst);
+                Ok::<_, ApiError>(())
+            }))
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        dropped.abort();
+        let _ = dropped.await;
+        for _ in 0..4 * MAX_READS_RUNNING {
+            release_tx.send(()).unwrap();
+        }
+        for r in reads {
+            r.await.unwrap().unwrap();
+        }
+        assert_eq!(most.load(SeqCst), MAX_READS_RUNNING, "most running at once");
+        // Anything it started would have run by now.
+        let until = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < until {
+            assert!(!ran.load(SeqCst), "a read dropped while it waited ran");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 
     /// An edge and a site `latency` apart.
     fn yaml(latency: &str) -> String {
@@ -1164,6 +1249,8 @@ mod tests {
             ("/v1/topology/history", 1),
             ("/v1/topology/history?limit=1", 1),
             ("/v1/topology/history?limit=99999", 1),
+            // Past a `usize`: capped as well (it was refused 400).
+            ("/v1/topology/history?limit=99999999999999999999999", 1),
         ] {
             let back = exchange(addr, &get(path, "tok")).await;
             assert!(back.starts_with("HTTP/1.1 200"), "{path}: {back}");

@@ -749,7 +749,7 @@ async fn renew(
     tokio::task::spawn_blocking(move || i.answer(&n, &req, &p, now))
         .await
         .unwrap_or_else(|e| ToRouter::RenewRefused {
-            reason: crate::task_failed(e),
+            reason: crate::internal(e),
         })
 }
 

@@ -39,9 +39,23 @@ async fn current(State(st): State<AdminState>, _: Query<NoQuery>) -> Json<Curren
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HistoryQuery {
+    #[serde(default, deserialize_with = "capped_limit")]
     pub limit: Option<usize>,
     /// Only versions older than this one: the next page, from the oldest version listed.
     pub before: Option<u64>,
+}
+
+/// `limit`: a decimal number; one too large for a `usize` is as large as one can be (capped
+/// with the rest: it was refused 400, where the documentation says a limit over the maximum
+/// counts as the maximum).
+fn capped_limit<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(serde::de::Error::custom(format!(
+            "{s:?} is not a number of versions"
+        )));
+    }
+    Ok(Some(s.parse().unwrap_or(usize::MAX)))
 }
 
 /// One history row: the version's metadata ([`VersionMeta`]), never its text.

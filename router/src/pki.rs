@@ -1355,6 +1355,37 @@ pub fn write_crl(dir: &Path, text: &str) -> Result<PathBuf, PkiError> {
     Ok(path)
 }
 
+/// Saves the revocation lists a node has in force (`lists`: each with its CA's certificate) as
+/// `dir`'s [`CA_CRL`], keeping only those of a CA in `dir`'s [`CA_CERT`] as it is on disk now:
+/// the bundle a restart, and the next reload, check the file against. (The lists in force can
+/// hold a list of a CA the file's bundle has dropped, `retire-ca` having pruned both files
+/// before the node adopted them; written back, that list made the file unreadable: refused at
+/// each reload, dropped whole at a restart, which then ran with no list at all, and `tasman pki
+/// revoke` and renewals refused on a CA directory.) Under the directory's [`LOCK`] when it
+/// holds a CA key (a controller's `--ca-dir`, which those commands write under it). Whether it
+/// wrote: not when nothing is left to write, or the file holds it already.
+pub fn save_crls_in_force(
+    dir: &Path,
+    lists: &[(CertificateDer<'static>, String)],
+) -> Result<bool, PkiError> {
+    let _lock = if dir.join(CA_KEY).exists() {
+        lock_dir(dir)?
+    } else {
+        None
+    };
+    let bundle = read_ca_bundle(&dir.join(CA_CERT))?;
+    let text: String = lists
+        .iter()
+        .filter(|(ca, _)| bundle.iter().any(|b| b.der == *ca))
+        .map(|(_, pem)| pem.as_str())
+        .collect();
+    if text.is_empty() || fs::read(dir.join(CA_CRL)).ok().as_deref() == Some(text.as_bytes()) {
+        return Ok(false);
+    }
+    write_crl(dir, &text)?;
+    Ok(true)
+}
+
 /// What [`revoke`] revokes: a node's certificates (every unexpired one recorded in the
 /// directory's [`ISSUED`], and its `<name>.pem` there), or a certificate by serial number (one
 /// neither names).

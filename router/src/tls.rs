@@ -1052,7 +1052,8 @@ impl CertResolver {
 /// Installs revocation lists from the controller: adopted as if read from `ca.crl.pem`
 /// ([`CertResolver::reload_crl`]'s checks: against the bundle in force, no rollback), then, when
 /// a newer list was adopted, the lists in force written to that file (by rename) so that the node
-/// starts with them. The lists in force, not `pem`: a list `pem` leaves out (another CA's) stays
+/// starts with them, those of a CA the `ca.pem` on disk has dropped left out
+/// ([`pki::save_crls_in_force`]). The lists in force, not `pem`: a list `pem` leaves out (another CA's) stays
 /// in force, and must stay in the file too or a restart would drop it. A push that changes
 /// nothing writes nothing: the file may be newer than what is in force (`retire-ca` pruned it,
 /// and the tick has not adopted the pruned bundle yet), and must not be written back over. The
@@ -1069,11 +1070,17 @@ pub fn install_crl(cert: &CertResolver, pem: &str) -> CrlReload {
     if got != CrlReload::Adopted {
         return got;
     }
-    let in_force: String = cert.crls().iter().map(|c| c.pem.as_str()).collect();
+    let in_force: Vec<_> = {
+        let trust = cert.trust.load();
+        trust
+            .crls
+            .iter()
+            .zip(&trust.cas)
+            .filter_map(|(crl, ca)| Some((ca.clone(), crl.as_ref()?.pem.clone())))
+            .collect()
+    };
     if let Some(dir) = cert.dir()
-        && !in_force.is_empty()
-        && std::fs::read(dir.join(pki::CA_CRL)).ok().as_deref() != Some(in_force.as_bytes())
-        && let Err(e) = pki::write_crl(dir, &in_force)
+        && let Err(e) = pki::save_crls_in_force(dir, &in_force)
     {
         tracing::warn!(node = %cert.name, "revocation lists in force but not saved: {e}");
     }
@@ -2200,6 +2207,37 @@ mod tests {
             (1, 1),
             "pruned in force"
         );
+    }
+
+    /// A push that adopts a newer list while the node still has a retired CA's list in force
+    /// (`retire-ca` pruned both files, the node has not adopted them yet) saves only the lists
+    /// of the CAs in the `ca.pem` on disk. (It wrote the retired CA's list back: the file was
+    /// refused at each tick after, a restart dropped every list, and `tasman pki revoke`
+    /// failed on the directory.)
+    #[test]
+    fn a_push_adopted_after_retire_ca_leaves_the_retired_list_out_of_the_file() {
+        let d = tempfile::tempdir().unwrap();
+        pki::init(d.path()).unwrap();
+        pki::issue(d.path(), "old").unwrap();
+        revoke(d.path(), "old");
+        pki::rotate_ca(d.path()).unwrap();
+        pki::issue(d.path(), "n1").unwrap();
+        pki::issue(d.path(), "new").unwrap();
+        revoke(d.path(), "new");
+        let r = CertResolver::new(&TlsIdentity::load(d.path(), "n1").unwrap()).unwrap();
+        assert_eq!(r.crls().len(), 2);
+        pki::retire_ca(d.path()).unwrap();
+        // A revocation before the node's next tick: the push adopts a newer list.
+        pki::issue(d.path(), "n2").unwrap();
+        revoke(d.path(), "n2");
+        let text = fs::read_to_string(d.path().join(pki::CA_CRL)).unwrap();
+        assert_eq!(install_crl(&r, &text), CrlReload::Adopted);
+        pki::read_crls(d.path()).expect("the file reads against the bundle on disk");
+        revoke(d.path(), "n1");
+        let tick = r.reload_tick();
+        assert!(!matches!(tick.crl, CrlReload::Refused(_)), "{:?}", tick.crl);
+        let fresh = CertResolver::new(&TlsIdentity::load(d.path(), "n1").unwrap()).unwrap();
+        assert_eq!(fresh.crls().len(), 1, "a restart keeps the list in force");
     }
 
     /// An endpoint for each of `certs` (`a`, then `b`) and a connection from `a` to `b`: both

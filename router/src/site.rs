@@ -103,12 +103,13 @@ impl SiteService {
             self.failed_connects.store(0, Relaxed);
         }
     }
-    /// Counts a spliced stream's end: whether the backend has now reset [`SERVE_DOWN_AFTER`]
+    /// Counts a spliced stream's end: whether the backend has now dropped [`SERVE_DOWN_AFTER`]
     /// streams in a row before it sent a byte of any, for the caller to confirm
     /// ([`closes_unprompted`]); the run then starts again, whatever the confirmation finds.
-    /// Only the backend's own failure counts (`backend_abort`, a reset): a stream the client or
-    /// the fabric ended, or one the backend closed cleanly without an answer (a one-way
-    /// service's), says nothing of it; a stream it answered ends the run.
+    /// Only the backend's own doing counts: a reset (`backend_abort`), or a close while the
+    /// client's side was still open (a proxy in front of a dead process closes as often as it
+    /// resets). A stream the client or the fabric ended, or one the backend closed after the
+    /// client had (a one-way service's), says nothing of it; a stream it answered ends the run.
     fn stream_ended(&self, end: splice::Spliced) -> bool {
         if end.tcp_sent {
             if self.silent_resets.load(Relaxed) != 0 {
@@ -116,7 +117,9 @@ impl SiteService {
             }
             return false;
         }
-        if end.aborted != Some(Code::BackendAbort) {
+        let reset = end.aborted == Some(Code::BackendAbort);
+        let closed = end.aborted.is_none() && end.tcp_closed_first;
+        if !reset && !closed {
             return false;
         }
         let n = self.silent_resets.fetch_add(1, Relaxed).saturating_add(1);
@@ -621,11 +624,16 @@ mod tests {
         let svc = service();
         let silent = splice::Spliced {
             aborted: Some(Code::BackendAbort),
-            tcp_sent: false,
+            ..Default::default()
         };
         let answered = splice::Spliced {
             aborted: Some(Code::BackendAbort),
             tcp_sent: true,
+            ..Default::default()
+        };
+        let closed_first = splice::Spliced {
+            tcp_closed_first: true,
+            ..Default::default()
         };
         for _ in 0..4 {
             assert!(!svc.stream_ended(silent));
@@ -637,11 +645,16 @@ mod tests {
         for other in [None, Some(Code::ClientAbort), Some(Code::IdleTimeout)] {
             let end = splice::Spliced {
                 aborted: other,
-                tcp_sent: false,
+                ..Default::default()
             };
             assert!(!svc.stream_ended(end), "{other:?}");
         }
-        assert!(svc.stream_ended(silent), "the fifth in a row");
+        // Closed by the backend after the client's end: a one-way service's.
+        assert!(!svc.stream_ended(splice::Spliced::default()));
+        assert!(
+            svc.stream_ended(closed_first),
+            "the fifth in a row: closed first"
+        );
         // The run starts again after it; a successful connect does not end it.
         for _ in 0..3 {
             assert!(!svc.stream_ended(silent));
@@ -649,6 +662,15 @@ mod tests {
         svc.connect_succeeded();
         assert!(!svc.stream_ended(silent));
         assert!(svc.stream_ended(silent), "five more in a row");
+        // Torn down otherwise after the backend closed first: not the backend's doing.
+        for _ in 0..SERVE_DOWN_AFTER {
+            let end = splice::Spliced {
+                aborted: Some(Code::ClientAbort),
+                tcp_closed_first: true,
+                ..Default::default()
+            };
+            assert!(!svc.stream_ended(end));
+        }
     }
 
     /// The confirmation: a backend that resets or closes a connection it is sent nothing on at

@@ -713,26 +713,25 @@ pub(crate) async fn tcp_quic(
     starting: Held<'_>,
 ) -> Spliced {
     let mut buf = TcpBuf::new();
-    let aborted = tcp_quic_with(shared, tcp, send, recv, side, &mut buf, None, starting).await;
-    Spliced {
-        aborted,
-        tcp_sent: buf.read_any(),
-    }
+    tcp_quic_with(shared, tcp, send, recv, side, &mut buf, None, starting).await
 }
 
-/// How a splice ([`tcp_quic`]) ended, for a site's passive health check.
-#[derive(Debug, Clone, Copy)]
+/// How a splice ([`tcp_quic_with`]) ended, for a site's passive health check.
+#[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Spliced {
     /// The code it was torn down with; `None`: both directions ended (cleanly, or one stopped
     /// by the far end and the other finished).
     pub aborted: Option<Code>,
     /// Whether the TCP side sent a byte.
     pub tcp_sent: bool,
+    /// Whether the TCP side closed first: its FIN while the other direction was still open, or
+    /// a write it refused (`EPIPE`: it had closed, then reset).
+    pub tcp_closed_first: bool,
 }
 
 /// As [`tcp_quic`], with a caller-provided (reused) buffer, and the circuit's limiter when the
 /// connection belongs to one (client-to-service bytes take from `up`, the others from `down`).
-/// Returns the code the splice was torn down with (`None`: it was not).
+/// Returns how it ended.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn tcp_quic_with(
     shared: &Shared,
@@ -743,7 +742,7 @@ pub(crate) async fn tcp_quic_with(
     buf: &mut TcpBuf,
     limiter: Option<&CircuitLimiter>,
     starting: Held<'_>,
-) -> Option<Code> {
+) -> Spliced {
     shared.metrics.streams_active.fetch_add(1, Relaxed);
     drop(starting);
     shared.metrics.streams_total.fetch_add(1, Relaxed);
@@ -756,6 +755,8 @@ pub(crate) async fn tcp_quic_with(
     let stopped = StoppedCode::default();
     // The TCP side refused a write ([`Delivered::Refused`]), counted when it happened.
     let mut refused = None;
+    // The TCP side's FIN came while the QUIC -> TCP direction was still open.
+    let mut tcp_eof_first = false;
     let (outcome, up_done, down_done) = {
         let (mut rd, mut wr) = tcp.split();
         let up = tcp_to_quic(
@@ -788,7 +789,10 @@ pub(crate) async fn tcp_quic_with(
         let outcome = loop {
             tokio::select! {
                 r = &mut up, if !up_done => match r {
-                    Ok(_) => up_done = true,
+                    Ok(end) => {
+                        up_done = true;
+                        tcp_eof_first = end == Ended::Eof && !down_done;
+                    }
                     Err(a) => break Err(a),
                 },
                 r = &mut down, if !down_done => match r {
@@ -866,7 +870,11 @@ pub(crate) async fn tcp_quic_with(
     if let Some(tcp) = lingering {
         Box::pin(linger(shared, tcp)).await;
     }
-    aborted
+    Spliced {
+        aborted,
+        tcp_sent: buf.read_any(),
+        tcp_closed_first: tcp_eof_first || refused.is_some(),
+    }
 }
 
 /// The code a far end stopped a direction's stream with, if it did ([`tcp_quic_with`]: set by

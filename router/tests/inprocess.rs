@@ -2720,6 +2720,7 @@ async fn a_backend_that_resets_every_stream_before_answering_is_marked_down() {
     const ECHO: u8 = 0;
     const RESET_AT_ONCE: u8 = 1;
     const RESET_ON_JUNK: u8 = 2;
+    const CLOSE_AT_ONCE: u8 = 3;
     let mode = Arc::new(AtomicU8::new(ECHO));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let backend = listener.local_addr().unwrap();
@@ -2735,6 +2736,13 @@ async fn a_backend_that_resets_every_stream_before_answering_is_marked_down() {
                     let reset = |c: &tokio::net::TcpStream| {
                         let _ = socket2::SockRef::from(c).set_linger(Some(Duration::ZERO));
                     };
+                    if mode == CLOSE_AT_ONCE {
+                        // What came in the first moment read, then a FIN.
+                        let mut b = [0u8; 64];
+                        let _ =
+                            tokio::time::timeout(Duration::from_millis(20), c.read(&mut b)).await;
+                        return;
+                    }
                     if mode == RESET_AT_ONCE {
                         // A moment after the accept: a reset that reaches the connecting side
                         // before its connect is looked at fails the connect instead (a
@@ -2839,6 +2847,27 @@ async fn a_backend_that_resets_every_stream_before_answering_is_marked_down() {
     )
     .await;
     roundtrip_until(port, b"back", |b| b == b"back").await;
+
+    // A backend that closes (a FIN, no reset) before it answers, while its client waits: down
+    // as well. (The client does not half-close: the backend's close comes first.)
+    mode.store(CLOSE_AT_ONCE, SeqCst);
+    for i in 0.. {
+        if healthy() == Some(false) {
+            break;
+        }
+        assert!(
+            i < 40,
+            "still healthy after {i} streams closed before an answer"
+        );
+        let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let _ = c.write_all(b"lost").await;
+        let mut back = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(20), c.read_to_end(&mut back)).await;
+        assert!(back.is_empty(), "answered: {back:?}");
+        drop(c);
+    }
     server.abort();
     edge.shutdown().await;
     site.shutdown().await;

@@ -122,12 +122,12 @@ impl SiteService {
         if !reset && !closed {
             return false;
         }
-        let n = self.silent_resets.fetch_add(1, Relaxed).saturating_add(1);
-        if n < SERVE_DOWN_AFTER {
-            return false;
-        }
-        self.silent_resets.store(0, Relaxed);
-        true
+        // One step, so that of streams ending together only the one that reaches the count
+        // confirms (a load and a store let each one past it confirm too).
+        let before = self.silent_resets.fetch_update(Relaxed, Relaxed, |n| {
+            Some(if n + 1 >= SERVE_DOWN_AFTER { 0 } else { n + 1 })
+        });
+        matches!(before, Ok(n) if n + 1 >= SERVE_DOWN_AFTER)
     }
     pub fn state(&self) -> ServiceState {
         ServiceState {

@@ -1356,7 +1356,8 @@ pub fn write_crl(dir: &Path, text: &str) -> Result<PathBuf, PkiError> {
 }
 
 /// Saves the revocation lists a node has in force (`lists`: each with its CA's certificate) as
-/// `dir`'s [`CA_CRL`], keeping only those of a CA in `dir`'s [`CA_CERT`] as it is on disk now:
+/// `dir`'s [`CA_CRL`], keeping only those of a CA in `dir`'s [`CA_CERT`] as it is on disk now
+/// (and, per CA, the file's own list when it is newer):
 /// the bundle a restart, and the next reload, check the file against. (The lists in force can
 /// hold a list of a CA the file's bundle has dropped, `retire-ca` having pruned both files
 /// before the node adopted them; written back, that list made the file unreadable: refused at
@@ -1374,10 +1375,28 @@ pub fn save_crls_in_force(
         None
     };
     let bundle = read_ca_bundle(&dir.join(CA_CERT))?;
-    let text: String = lists
+    // What the file holds now, as a restart would read it: a list written there since this
+    // node adopted its own (`pki revoke` of the CA directory the node keeps its files in) is
+    // newer than the one in force, and is kept over it; a file that does not read is replaced.
+    let on_disk = crls_in(dir, &bundle).unwrap_or_default();
+    let ours: String = lists
         .iter()
         .filter(|(ca, _)| bundle.iter().any(|b| b.der == *ca))
         .map(|(_, pem)| pem.as_str())
+        .collect();
+    let cas: Vec<CertificateDer<'static>> = bundle.iter().map(|b| b.der.clone()).collect();
+    let ours = parse_crls(&ours, &cas).unwrap_or_default();
+    let text: String = (0..bundle.len())
+        .filter_map(|ca| {
+            let mine = ours.iter().find(|c| c.ca == ca);
+            let theirs = on_disk.iter().find(|c| c.ca == ca);
+            match (mine, theirs) {
+                (Some(m), Some(t)) if t.number > m.number => Some(t),
+                (Some(m), _) => Some(m),
+                (None, t) => t,
+            }
+        })
+        .map(|c| c.pem.as_str())
         .collect();
     if text.is_empty() || fs::read(dir.join(CA_CRL)).ok().as_deref() == Some(text.as_bytes()) {
         return Ok(false);

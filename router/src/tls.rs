@@ -2240,6 +2240,28 @@ mod tests {
         assert_eq!(fresh.crls().len(), 1, "a restart keeps the list in force");
     }
 
+    /// A push adopted late (a newer list was written to the CA directory the node keeps its
+    /// files in since the pushed one was read) leaves the newer list in the file. (It wrote the
+    /// older list over it: the later revocation was lost from the file, undone at a restart.)
+    #[test]
+    fn a_push_adopted_late_does_not_write_an_older_list_over_a_newer_one() {
+        let d = tempfile::tempdir().unwrap();
+        pki::init(d.path()).unwrap();
+        pki::issue(d.path(), "n1").unwrap();
+        for n in ["x", "y", "z"] {
+            pki::issue(d.path(), n).unwrap();
+        }
+        revoke(d.path(), "x");
+        let r = CertResolver::new(&TlsIdentity::load(d.path(), "n1").unwrap()).unwrap();
+        revoke(d.path(), "y");
+        let second = fs::read_to_string(d.path().join(pki::CA_CRL)).unwrap();
+        revoke(d.path(), "z");
+        assert_eq!(install_crl(&r, &second), CrlReload::Adopted);
+        let on_disk = pki::read_crls(d.path()).unwrap();
+        assert_eq!(on_disk.len(), 1);
+        assert_eq!(on_disk[0].number, 3, "the newer list was written over");
+    }
+
     /// An endpoint for each of `certs` (`a`, then `b`) and a connection from `a` to `b`: both
     /// endpoints, `a`'s end and `b`'s end.
     async fn connect_pair(

@@ -422,38 +422,57 @@ impl LiveAggregator {
         if !self.fresh(obs.at, now) {
             return None;
         }
-        Some(self.held_site(site, &obs.load, &obs.services))
+        Some(self.held_site(&self.index, site, &obs.load, &obs.services))
     }
 
     /// A site's load, summed and per service, with the anti-flap band of [`Self::site_view`].
+    /// A reported capacity of 0 is the declared one (`index`'s), as routing reads it
+    /// ([`SiteLoad::penalty`]): judged against 0, every such load was full and its band one
+    /// stream, and a service filling up its declared capacity was held with room.
     fn held_site(
         &self,
+        index: &Index,
         site: &NodeId,
         load: &SiteLoad,
         services: &BTreeMap<ServiceName, SiteLoad>,
     ) -> SiteView {
-        let held = |published: Option<&SiteLoad>, load: &SiteLoad| {
+        let held = |published: Option<&SiteLoad>, load: &SiteLoad, declared: u32| {
+            let capacity = |l: &SiteLoad| if l.capacity > 0 { l.capacity } else { declared };
             // Never across the line where a site is full (no candidate: `load_penalty` is
             // None): a site that filled up within the band was published with room, and one
             // published full stayed so with room again.
-            let full = |l: &SiteLoad| l.active_streams >= l.capacity;
+            let full = |l: &SiteLoad| l.active_streams >= capacity(l);
             let keep = published.copied().filter(|p| {
                 p.healthy == load.healthy
                     && p.capacity == load.capacity
                     && full(p) == full(load)
-                    && p.active_streams.abs_diff(load.active_streams) <= (load.capacity / 20).max(1)
+                    && p.active_streams.abs_diff(load.active_streams)
+                        <= (capacity(load) / 20).max(1)
             });
             keep.unwrap_or(*load)
         };
+        let declared = |service: &ServiceName| {
+            index
+                .serves
+                .get(site)
+                .and_then(|s| s.get(service))
+                .copied()
+                .unwrap_or(0)
+        };
         let published = self.published.service_load.get(site);
-        let services = services
+        let services: BTreeMap<ServiceName, SiteLoad> = services
             .iter()
             .map(|(service, load)| {
                 let p = published.and_then(|m| m.get(service));
-                (service.clone(), held(p, load))
+                (service.clone(), held(p, load, declared(service)))
             })
             .collect();
-        (held(self.published.site_load.get(site), load), services)
+        let declared_sum = index
+            .serves
+            .get(site)
+            .map_or(0, |s| s.values().fold(0u32, |a, c| a.saturating_add(*c)));
+        let sum = held(self.published.site_load.get(site), load, declared_sum);
+        (sum, services)
     }
 
     /// What is published for one site, in [`SiteView`] form (None: nothing).
@@ -570,7 +589,7 @@ impl LiveAggregator {
             let Some((load, services)) = index.site_report(site, obs.load, &obs.services) else {
                 continue;
             };
-            let (load, services) = self.held_site(site, &load, &services);
+            let (load, services) = self.held_site(index, site, &load, &services);
             out.site_load.insert(site.clone(), load);
             if !services.is_empty() {
                 out.service_load.insert(site.clone(), services);
@@ -748,6 +767,12 @@ mod tests {
         };
         let t0 = Instant::now();
         assert_eq!(agg.observe(report(2), t0), Change::Gradual);
+        agg.publish(agg.merged(t0));
+        assert_eq!(
+            agg.observe(report(9), t0),
+            Change::Gradual,
+            "moved past a one-stream band"
+        );
         agg.publish(agg.merged(t0));
         assert_eq!(
             agg.observe(report(10), t0),

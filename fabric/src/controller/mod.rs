@@ -293,6 +293,9 @@ pub struct ApplyOutcome {
     pub not_distributed: Option<String>,
 }
 
+/// How often the recompute loop looks for observations that aged out ([`Controller::recompute_loop`]).
+const EXPIRY_TICK: Duration = Duration::from_secs(1);
+
 pub struct Controller {
     store: Arc<dyn Store>,
     inner: Mutex<Inner>,
@@ -933,8 +936,13 @@ impl Controller {
         self.recompute.notify_one();
     }
 
-    /// Runs recomputations when the back-off says so, and ages out stale telemetry. Spawned once.
+    /// Runs recomputations when the back-offs say so, and ages out stale telemetry
+    /// ([`EXPIRY_TICK`]). Spawned once.
     pub async fn recompute_loop(self: Arc<Self>) {
+        // Observations ageing out change the live state without a report: looked at every
+        // second, whatever is due (on a busy fabric the gradual back-off is nearly always due,
+        // and an urgent change ageing out, a down link's reports expiring, waited behind it).
+        let mut next_tick = Instant::now() + EXPIRY_TICK;
         loop {
             let due = {
                 let inner = lock(&self.inner);
@@ -943,41 +951,37 @@ impl Controller {
                     .flatten()
                     .min()
             };
-            match due {
-                Some(due) => {
-                    tokio::select! {
-                        _ = tokio::time::sleep_until(due.into()) => {}
-                        _ = self.recompute.notified() => continue,
+            let wake = due.map_or(next_tick, |d| d.min(next_tick));
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake.into()) => {}
+                _ = self.recompute.notified() => continue,
+            }
+            let mut inner = lock(&self.inner);
+            let now = Instant::now();
+            if now >= next_tick {
+                next_tick = now + EXPIRY_TICK;
+                // Scheduled on the back-off of its kind, unless that one is due already (a
+                // change it will publish then: marking it again each second would hold the
+                // back-off in its long wait).
+                match inner.live.pending_change(now) {
+                    live::Change::None => {}
+                    live::Change::Gradual if inner.backoff.due().is_none() => {
+                        inner.backoff.event(now);
                     }
-                    let mut inner = lock(&self.inner);
-                    let now = Instant::now();
-                    // One publication carries every change observed so far, of either kind.
-                    inner.backoff.ran(now);
-                    inner.urgent.ran(now);
-                    if inner.live.expired(now)
-                        && let Err(e) = self.publish_locked(&mut inner, false)
-                    {
-                        tracing::error!("publishing live state: {e}");
+                    live::Change::Urgent if inner.urgent.due().is_none() => {
+                        inner.urgent.event(now);
                     }
+                    _ => {}
                 }
-                None => {
-                    tokio::select! {
-                        _ = self.recompute.notified() => {}
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {
-                            // Observations ageing out also change the live state.
-                            let mut inner = lock(&self.inner);
-                            let now = Instant::now();
-                            match inner.live.pending_change(now) {
-                                live::Change::None => {}
-                                live::Change::Gradual => {
-                                    inner.backoff.event(now);
-                                }
-                                live::Change::Urgent => {
-                                    inner.urgent.event(now);
-                                }
-                            }
-                        }
-                    }
+            }
+            if due.is_some_and(|d| now >= d) {
+                // One publication carries every change observed so far, of either kind.
+                inner.backoff.ran(now);
+                inner.urgent.ran(now);
+                if inner.live.expired(now)
+                    && let Err(e) = self.publish_locked(&mut inner, false)
+                {
+                    tracing::error!("publishing live state: {e}");
                 }
             }
         }
@@ -2042,6 +2046,44 @@ mod tests {
         }
         assert!(
             Instant::now() < gradual,
+            "published only when the gradual back-off was due"
+        );
+        recompute.abort();
+    }
+
+    /// A change that observations ageing out make (a down link's reports expire: it comes
+    /// back) is looked at every second and scheduled on its kind's back-off, also while the
+    /// gradual back-off is due: it was looked at only when nothing was due, and on a busy
+    /// fabric waited for the gradual one's long wait.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_link_back_by_ageing_out_is_not_held_behind_the_gradual_back_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RedbStore::open(dir.path()).unwrap());
+        let ctl = Controller::open(store, Some((&yaml("10ms"), "t.yaml"))).unwrap();
+        // The link down, published; its reports then stop.
+        ctl.on_telemetry(Sample::one_link("t", "s1", None, false));
+        let gradual_due = {
+            let mut inner = lock(&ctl.inner);
+            ctl.publish_locked(&mut inner, false).unwrap();
+            inner.urgent = Backoff::new(BackoffParams::default());
+            // The gradual back-off in its long wait, due 9 s from now (loads keep moving).
+            let t = Instant::now();
+            inner.backoff.event(t);
+            inner.backoff.ran(t);
+            inner.backoff.event(t + Duration::from_millis(100));
+            inner.backoff.ran(t + Duration::from_millis(300));
+            inner.backoff.event(t + Duration::from_secs(4))
+        };
+        assert!(!ctl.published().live.down_links.is_empty());
+        let recompute = tokio::spawn(ctl.clone().recompute_loop());
+        // Fresh for 5 s: then the link is published up again, before the gradual back-off.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ctl.published().live.down_links.is_empty() {
+            assert!(Instant::now() < deadline, "the link stayed down");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            Instant::now() < gradual_due,
             "published only when the gradual back-off was due"
         );
         recompute.abort();

@@ -430,11 +430,17 @@ pub fn impact_with(
             let o = before
                 .get(service)
                 .and_then(|cands| in_use(incumbents, edge, service.as_str(), cands).0);
-            // A site that was not on offer before the change is taken if it is the best.
+            // A site that was not on offer before the change is taken if it is the best. A
+            // drained one was not on offer (unless every site was drained), as routers hold it
+            // (`router::routes`' `selectable`): a site back from a drain is taken at once if it
+            // is the best, not weighed against the margins.
             let offered = before.get(service).copied().unwrap_or_default();
+            let all_drained = offered.first().is_some_and(|c| c.drained);
             let n = after.get(service).and_then(|cands| {
                 hysteresis.select_since(o.map(|c| &c.site), cands, |site| {
-                    offered.iter().any(|c| &c.site == site)
+                    offered
+                        .iter()
+                        .any(|c| &c.site == site && (!c.drained || all_drained))
                 })
             });
             let old_group = group_of(before.get(service).copied().unwrap_or_default(), o, &[]);
@@ -490,6 +496,29 @@ mod tests {
     use super::*;
     use crate::builder::{TopologyBuilder, ms};
     use crate::model::{AdminState, NodeKind, Pool, PoolName};
+
+    /// A nearer site back from a drain takes the service at once, as routers take it (a
+    /// drained site was not on offer): the plan predicted the margins keeping the farther site
+    /// and the two sharing.
+    #[test]
+    fn an_undrained_nearer_site_is_taken_as_routers_take_it() {
+        let mut b = TopologyBuilder::new();
+        b.node("edge", NodeKind::Edge)
+            .node("s1", NodeKind::Site)
+            .node("s2", NodeKind::Site)
+            .link("edge", "s1", ms(2.0))
+            .link("edge", "s2", ms(8.0))
+            .service("chat")
+            .serve("s1", "chat", 100)
+            .serve("s2", "chat", 100);
+        let new = b.build();
+        b.node_state("s1", AdminState::Drain);
+        let old = b.build();
+        let i = impact(&old, &new, &LiveState::default());
+        assert_eq!(i.len(), 1, "{i:#?}");
+        assert_eq!(i[0].kind, ImpactKind::SiteChanged, "{i:#?}");
+        assert_eq!(i[0].new.as_ref().unwrap().site.as_str(), "s1");
+    }
 
     fn base() -> TopologyBuilder {
         let mut b = TopologyBuilder::new();

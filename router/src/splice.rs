@@ -1163,19 +1163,7 @@ async fn pump_from(
         let Gathered { block, fin, failed } = got;
         let n = block.len();
         if n > 0 {
-            // A write the next hop grants no credit for is not all this end waits on: a reset
-            // of `recv` (its sender gave up: an edge's reply deadline, its client gone) or the
-            // loss of its connection ends it, passed on as a reset. (Only the write was awaited:
-            // a relay whose next hop never granted credit outlived the edge's reset for as long,
-            // holding the stream, a slot of the edge's connection and the drain.)
-            let written = tokio::select! {
-                r = send.write_chunk(block) => r,
-                Some(code) = sender_gone(recv) => {
-                    let _ = send.reset(code.varint());
-                    return;
-                }
-            };
-            if let Err(e) = written {
+            if let Err(e) = send.write_chunk(block).await {
                 let _ = recv.stop(write_error_code(&e).varint());
                 return;
             }
@@ -1201,17 +1189,6 @@ async fn pump_from(
                 return;
             }
         };
-    }
-}
-
-/// The code a relay's blocked write ends with when `recv`'s sender resets its stream (its code)
-/// or its connection is lost (`upstream_lost`); never ready otherwise (a stream finished, or
-/// stopped here, has nothing more to say). Cancel safe.
-async fn sender_gone(recv: &mut RecvStream) -> Option<Code> {
-    match recv.received_reset().await {
-        Ok(Some(code)) => Some(Code::from_peer(code)),
-        Ok(None) => std::future::pending().await,
-        Err(_) => Some(Code::UpstreamLost),
     }
 }
 
@@ -1598,64 +1575,6 @@ mod tests {
             .await
             .expect("the site's stream was not stopped");
         assert!(seen.is_ok(), "{seen:?}");
-    }
-
-    /// A relay whose next hop grants no credit (its write blocked) ends when the edge gives up:
-    /// the edge's reset is passed on, and the relay returns. (It waited on the write alone, and
-    /// held the stream, a slot of the edge's connection and a drain until the next hop granted
-    /// credit or went away.)
-    #[tokio::test]
-    async fn a_transit_relay_blocked_on_its_next_hop_ends_when_the_edge_gives_up() {
-        let code = Code::UpstreamLost;
-        let (edge, t_up, _d1) = quic_pair().await;
-        let (t_down, site, _d2) = quic_pair().await;
-        let (mut e_send, mut e_recv) = edge.open_bi().await.unwrap();
-        e_send.write_all(b"q").await.unwrap();
-        let (up_send, up_recv) = t_up.accept_bi().await.unwrap();
-        let (down_send, down_recv) = t_down.open_bi().await.unwrap();
-        let moved: &'static AtomicU64 = Box::leak(Box::default());
-        let relay = tokio::spawn(relay(
-            up_send,
-            up_recv,
-            down_send,
-            down_recv,
-            std::future::pending(),
-            moved,
-        ));
-        // The site takes the stream and its first byte, then reads nothing more: more than its
-        // windows can hold fills them, and the transit's write waits.
-        let (_s_send, mut s_recv) = site.accept_bi().await.unwrap();
-        let mut b = [0u8; 1];
-        s_recv.read_exact(&mut b).await.unwrap();
-        let big = vec![7u8; 96 << 20];
-        let blocked = tokio::time::timeout(Duration::from_secs(5), e_send.write_all(&big)).await;
-        assert!(blocked.is_err(), "the upload was taken whole: {blocked:?}");
-        let window = u64::from(crate::transport::STREAM_RECEIVE_WINDOW);
-        assert!(
-            moved.load(Relaxed) >= window / 2,
-            "{} bytes relayed",
-            moved.load(Relaxed)
-        );
-        // The edge gives up.
-        e_send.reset(code.varint()).unwrap();
-        e_recv.stop(code.varint()).unwrap();
-        let gave_up = tokio::time::timeout(Duration::from_secs(10), relay)
-            .await
-            .expect("the relay outlived the edge giving up");
-        assert!(gave_up.is_ok());
-        // And the site's stream is reset.
-        let mut rest = vec![0u8; 1 << 20];
-        let seen = tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                match s_recv.read(&mut rest).await {
-                    Ok(Some(_)) => continue,
-                    other => return other,
-                }
-            }
-        })
-        .await
-        .expect("the site's stream was neither reset nor ended");
-        assert!(matches!(seen, Err(quinn::ReadError::Reset(_))), "{seen:?}");
     }
 
     #[tokio::test]

@@ -912,7 +912,14 @@ async fn live_edit(fabric: &mut DemoFabric, edges: &[NodeId], service: &str, n: 
         .collect::<Vec<_>>()
     {
         let (row, row_ok) = measure(fabric, edge, &s, n).await;
-        ok &= row_ok || s != service;
+        // Every service the edge can still reach is served (only the edited one was counted:
+        // a failed row of another passed as "Demo complete."), as after the failover: a
+        // service whose every site is stopped is forgiven.
+        ok &= row_ok
+            || fabric
+                .topology()
+                .sites_serving(&s)
+                .all(|(site, _)| !fabric.is_running(&site.id));
         rows.push(row);
     }
     print_rows(&rows);

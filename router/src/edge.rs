@@ -596,6 +596,14 @@ async fn tries(
         };
         for i in walk {
             let cand = &cands[i];
+            // A circuit deleted since (or as) the client came carries nothing more: no try, and
+            // no retry on the next site (each carried the request to a backend, to be cut only at
+            // the splice's first bytes, for a circuit whose capacity was already given back).
+            if circuit.is_some_and(|c| c.limiter.up.is_revoked()) {
+                last = Code::CircuitRefused;
+                shared.metrics.error(last);
+                break 'tables None;
+            }
             if made > 0 {
                 shared.metrics.failovers_total.fetch_add(1, Relaxed);
                 tracing::info!(node = %shared.node, %service, site = %cand.site, code = %last, "retrying on next candidate");
@@ -653,7 +661,7 @@ async fn tries(
         break None;
     };
     if accepted.is_none() {
-        if made == 0 {
+        if made == 0 && last != Code::CircuitRefused {
             shared.metrics.error(Code::NoRoute);
         }
         tracing::debug!(node = %shared.node, %service, %client, code = %last, "client connection failed");
@@ -983,6 +991,10 @@ async fn attempt(
                         }
                     }
                     if let Some(c) = circuit {
+                        // Deleted meanwhile: its bytes go no further.
+                        if c.limiter.up.is_revoked() {
+                            break Err(Attempt::Fatal(Code::CircuitRefused));
+                        }
                         hold = held_back(&c.limiter.up, n);
                     }
                     out.pending = b;

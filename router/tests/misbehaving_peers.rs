@@ -2178,6 +2178,117 @@ where
     (near, edge, far)
 }
 
+/// A circuit deleted while one of its connections waits for its first site's answer carries
+/// nothing more: the try is not retried on the next site, and no byte of the request reaches a
+/// backend. (The retry carried the request to the far site's backend, to be cut only at the
+/// splice's first bytes, for a circuit whose capacity was already given back.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_circuit_deleted_during_its_first_try_is_not_retried_elsewhere() {
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = ca_dir();
+    // A backend that notes whether a byte reached it (health checks send none).
+    let reached = Arc::new(AtomicBool::new(false));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    {
+        let reached = reached.clone();
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = listener.accept().await {
+                let reached = reached.clone();
+                tokio::spawn(async move {
+                    let mut b = [0u8; 16];
+                    if matches!(c.read(&mut b).await, Ok(n) if n > 0) {
+                        reached.store(true, SeqCst);
+                    }
+                });
+            }
+        });
+    }
+    let port = free_tcp_port();
+    let mut t = two_sites(backend, port, false);
+    t.services[0].requires_circuit = true;
+    let circuit = topology::circuit::ProvisionedCircuit {
+        id: topology::circuit::CircuitId::new("c-000001"),
+        edge: NodeId::new("edge"),
+        prefix: "127.0.0.1/32".parse().unwrap(),
+        service: topology::ServiceName::new("echo"),
+        vip: None,
+        port: Some(port),
+        rate: topology::Bandwidth::from_mbps(100),
+        path: ["edge", "near"].into_iter().map(NodeId::new).collect(),
+    };
+    let mut snap = Snapshot::new(1, Arc::new(t.clone()));
+    snap.circuits = Arc::new(vec![circuit]);
+    let snap = Arc::new(snap);
+    // The near site reads each stream and answers nothing; it says when the request came (the
+    // edge has read it from the client: the retry's check, not the read's, is what is tested).
+    let (got_tx, mut got_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (_near, _) = fake_neighbour(
+        dir.path(),
+        &t,
+        "near",
+        router::transport::transport_config(),
+        move |c, p| {
+            let (got, conn) = (got_tx.clone(), c.clone());
+            tokio::spawn(async move {
+                while let Ok((send, mut recv)) = conn.accept_bi().await {
+                    let got = got.clone();
+                    tokio::spawn(async move {
+                        let _held = send;
+                        let (mut all, mut b) = (Vec::new(), [0u8; 512]);
+                        while let Ok(Some(n)) = recv.read(&mut b).await {
+                            all.extend_from_slice(&b[..n]);
+                            if all.windows(7).any(|w| w == b"request") {
+                                let _ = got.send(());
+                            }
+                        }
+                    });
+                }
+            });
+            answer_pings("near", c, p)
+        },
+    );
+    let (edge, etx) = spawn_node(&snap, dir.path(), "edge", |c| {
+        c.reply_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let (_far, _ftx) = spawn_node(&snap, dir.path(), "far", |_| {}).await;
+    edge_prefers_near_with_far_as_fallback(&edge).await;
+    let mut client = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    client.write_all(b"request").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), got_rx.recv())
+        .await
+        .expect("the near site got no request");
+    // The circuit is deleted while the try waits for the near site's answer.
+    let mut next = Snapshot::new(2, Arc::new(t.clone()));
+    next.circuits = Arc::new(Vec::new());
+    etx.send(Arc::new(next)).unwrap();
+    // The try's deadline passes, and no retry follows: the client's connection ends.
+    let mut back = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), client.read_to_end(&mut back))
+        .await
+        .expect("the client's connection stayed open");
+    assert!(back.is_empty(), "answered: {back:?}");
+    let m = edge.metrics_text();
+    let refused = metric(
+        &m,
+        "tasman_stream_errors_total{node=\"edge\",code=\"circuit_refused\"}",
+    );
+    assert!(refused.unwrap_or(0) >= 1, "{m}");
+    assert_eq!(
+        metric(&m, "tasman_failovers_total{node=\"edge\"}"),
+        Some(0),
+        "{m}"
+    );
+    assert!(
+        !reached.load(SeqCst),
+        "a byte of the deleted circuit's request reached a backend"
+    );
+}
+
 /// A client of the edge's service `port` that uploads 1 MiB from a task of its own (it stops
 /// at the first failed write): its read half.
 async fn uploading_client(port: u16) -> tokio::net::tcp::OwnedReadHalf {

@@ -26,7 +26,7 @@ use topology::{NodeId, NodeKind, ServiceName};
 use crate::circuits::{CircuitTable, Classified, EdgeCircuit};
 use crate::codes::Code;
 use crate::header::{Header, REPLY_OK};
-use crate::ratelimit::TokenBucket;
+use crate::ratelimit::{Revoked, TokenBucket};
 use crate::routes::Routes;
 use crate::splice::{self, Side, TcpBuf};
 use crate::{RouterError, Shared};
@@ -791,10 +791,14 @@ fn write_failed(e: WriteError) -> Attempt {
 /// inline would grow every client's attempt, circuit or not, by its size.
 type Hold = Pin<Box<Sleep>>;
 
-/// Takes `n` bytes from `bucket`: the wait before they may be sent, if any.
-fn held_back(bucket: &TokenBucket, n: usize) -> Option<Hold> {
+/// Takes `n` bytes from `bucket`: the wait before they may be sent, if any. [`Revoked`] once
+/// the circuit is gone, as [`TokenBucket::take`] says it: its bytes go no further.
+fn held_back(bucket: &TokenBucket, n: usize) -> Result<Option<Hold>, Revoked> {
+    if bucket.is_revoked() {
+        return Err(Revoked);
+    }
     let wait = bucket.reserve(n);
-    (!wait.is_zero()).then(|| Box::pin(tokio::time::sleep(wait)))
+    Ok((!wait.is_zero()).then(|| Box::pin(tokio::time::sleep(wait))))
 }
 
 /// Waits out `hold`, then hands quinn as much of `pending` as its flow control takes now, cut
@@ -991,11 +995,10 @@ async fn attempt(
                         }
                     }
                     if let Some(c) = circuit {
-                        // Deleted meanwhile: its bytes go no further.
-                        if c.limiter.up.is_revoked() {
-                            break Err(Attempt::Fatal(Code::CircuitRefused));
+                        match held_back(&c.limiter.up, n) {
+                            Ok(h) => hold = h,
+                            Err(Revoked) => break Err(Attempt::Fatal(Code::CircuitRefused)),
                         }
-                        hold = held_back(&c.limiter.up, n);
                     }
                     out.pending = b;
                 }

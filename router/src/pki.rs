@@ -1355,10 +1355,10 @@ pub fn write_crl(dir: &Path, text: &str) -> Result<PathBuf, PkiError> {
     Ok(path)
 }
 
-/// Saves the revocation lists a node has in force (`lists`: each with its CA's certificate) as
-/// `dir`'s [`CA_CRL`], keeping only those of a CA in `dir`'s [`CA_CERT`] as it is on disk now
-/// (and, per CA, the file's own list when it is newer):
-/// the bundle a restart, and the next reload, check the file against. (The lists in force can
+/// Saves the revocation lists a node has in force (`lists`: each, checked, with its CA's
+/// certificate) as `dir`'s [`CA_CRL`], keeping only those of a CA in `dir`'s [`CA_CERT`] as it
+/// is on disk now (and, per CA, the file's own list when it is newer): the bundle a restart,
+/// and the next reload, check the file against. (The lists in force can
 /// hold a list of a CA the file's bundle has dropped, `retire-ca` having pruned both files
 /// before the node adopted them; written back, that list made the file unreadable: refused at
 /// each reload, dropped whole at a restart, which then ran with no list at all, and `tasman pki
@@ -1367,7 +1367,7 @@ pub fn write_crl(dir: &Path, text: &str) -> Result<PathBuf, PkiError> {
 /// wrote: not when nothing is left to write, or the file holds it already.
 pub fn save_crls_in_force(
     dir: &Path,
-    lists: &[(CertificateDer<'static>, String)],
+    lists: &[(CertificateDer<'static>, CheckedCrl)],
 ) -> Result<bool, PkiError> {
     let _lock = if dir.join(CA_KEY).exists() {
         lock_dir(dir)?
@@ -1379,17 +1379,12 @@ pub fn save_crls_in_force(
     // node adopted its own (`pki revoke` of the CA directory the node keeps its files in) is
     // newer than the one in force, and is kept over it; a file that does not read is replaced.
     let on_disk = crls_in(dir, &bundle).unwrap_or_default();
-    let ours: String = lists
+    let text: String = bundle
         .iter()
-        .filter(|(ca, _)| bundle.iter().any(|b| b.der == *ca))
-        .map(|(_, pem)| pem.as_str())
-        .collect();
-    let cas: Vec<CertificateDer<'static>> = bundle.iter().map(|b| b.der.clone()).collect();
-    let ours = parse_crls(&ours, &cas).unwrap_or_default();
-    let text: String = (0..bundle.len())
-        .filter_map(|ca| {
-            let mine = ours.iter().find(|c| c.ca == ca);
-            let theirs = on_disk.iter().find(|c| c.ca == ca);
+        .enumerate()
+        .filter_map(|(i, ca)| {
+            let mine = lists.iter().find(|(der, _)| *der == ca.der).map(|(_, c)| c);
+            let theirs = on_disk.iter().find(|c| c.ca == i);
             match (mine, theirs) {
                 (Some(m), Some(t)) if t.number > m.number => Some(t),
                 (Some(m), _) => Some(m),

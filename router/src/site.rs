@@ -43,24 +43,24 @@ const UNPROMPTED_WINDOW: Duration = Duration::from_millis(250);
 /// connects of streams judge those); nor does a backend that speaks first (a banner).
 async fn closes_unprompted(backend: SocketAddr, connect_within: Duration) -> Option<String> {
     use tokio::io::AsyncReadExt;
-    let mut tcp =
-        match tokio::time::timeout(connect_within, tokio::net::TcpStream::connect(backend)).await {
-            Ok(Ok(tcp)) => tcp,
-            // Reset as the handshake ended (before the connect was looked at again).
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-                return Some(format!(
-                    "reset a connection it was sent nothing on at once: {e}"
-                ));
-            }
-            _ => return None,
-        };
-    let mut byte = [0u8; 1];
-    match tokio::time::timeout(UNPROMPTED_WINDOW, tcp.read(&mut byte)).await {
-        Ok(Ok(0)) => Some("closed a connection it was sent nothing on at once".to_string()),
-        Ok(Err(e)) => Some(format!(
+    let connect = tokio::time::timeout(connect_within, tokio::net::TcpStream::connect(backend));
+    let read = match connect.await {
+        Ok(Ok(mut tcp)) => {
+            let mut byte = [0u8; 1];
+            tokio::time::timeout(UNPROMPTED_WINDOW, tcp.read(&mut byte))
+                .await
+                .ok()?
+        }
+        // Reset as the handshake ended (before the connect was looked at again).
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => Err(e),
+        _ => return None,
+    };
+    match read {
+        Ok(0) => Some("closed a connection it was sent nothing on at once".to_string()),
+        Err(e) => Some(format!(
             "reset a connection it was sent nothing on at once: {e}"
         )),
-        Ok(Ok(_)) | Err(_) => None,
+        Ok(_) => None,
     }
 }
 
@@ -95,13 +95,9 @@ impl SiteService {
     fn connect_failed(&self) -> bool {
         self.failed_connects.fetch_add(1, Relaxed).saturating_add(1) >= SERVE_DOWN_AFTER
     }
-    /// A backend connect (a stream's or a check's) succeeded: the run of failures ends. Read
-    /// first, written only when there was a run: every stream calls this, and a store on each
-    /// would move the counter's cache line between the cores serving the service.
+    /// A backend connect (a stream's or a check's) succeeded: the run of failures ends.
     fn connect_succeeded(&self) {
-        if self.failed_connects.load(Relaxed) != 0 {
-            self.failed_connects.store(0, Relaxed);
-        }
+        end_run(&self.failed_connects);
     }
     /// Counts a spliced stream's end: whether the backend has now dropped [`SERVE_DOWN_AFTER`]
     /// streams in a row before it sent a byte of any, for the caller to confirm
@@ -112,9 +108,7 @@ impl SiteService {
     /// client had (a one-way service's), says nothing of it; a stream it answered ends the run.
     fn stream_ended(&self, end: splice::Spliced) -> bool {
         if end.tcp_sent {
-            if self.silent_resets.load(Relaxed) != 0 {
-                self.silent_resets.store(0, Relaxed);
-            }
+            end_run(&self.silent_resets);
             return false;
         }
         let reset = end.aborted == Some(Code::BackendAbort);
@@ -176,6 +170,15 @@ impl SiteService {
                 Err(v) => cur = v,
             }
         }
+    }
+}
+
+/// Ends a run counted in `run`. Read first, written only when there was a run: every stream
+/// ends one, and a store on each would move the counter's cache line between the cores serving
+/// the service.
+fn end_run(run: &AtomicU32) {
+    if run.load(Relaxed) != 0 {
+        run.store(0, Relaxed);
     }
 }
 
@@ -280,13 +283,11 @@ pub(crate) fn reconcile(
 /// capacity change restarted the checker: its runs of successes and failures began again, and
 /// an automation changing capacities every second kept a failing backend from ever being
 /// counted down.)
-fn checked_alike(new: &Arc<SiteService>, old: &Arc<SiteService>) -> bool {
-    Arc::ptr_eq(new, old)
-        || (new.backend == old.backend
-            && new.health_check == old.health_check
-            && new.health == old.health
-            && Arc::ptr_eq(&new.healthy, &old.healthy)
-            && Arc::ptr_eq(&new.down_at_ms, &old.down_at_ms))
+/// (`reconcile` shares the health, hold-down and runs only between records of one backend.)
+fn checked_alike(new: &SiteService, old: &SiteService) -> bool {
+    Arc::ptr_eq(&new.healthy, &old.healthy)
+        && new.health_check == old.health_check
+        && new.health == old.health
 }
 
 /// Checks the backend every `health_interval` (500 ms by default): `unhealthy_after` failures
@@ -551,11 +552,11 @@ pub(crate) async fn serve(
             Some(why) => svc.mark_unhealthy(
                 &shared,
                 &format!(
-                    "{SERVE_DOWN_AFTER} streams in a row reset by the backend before it answered, and it {why}"
+                    "{SERVE_DOWN_AFTER} streams in a row dropped by the backend before it answered, and it {why}"
                 ),
             ),
             None => tracing::info!(node = %shared.node, service = %svc.service, backend = %svc.backend,
-                "{SERVE_DOWN_AFTER} streams in a row reset by the backend before it answered; it keeps a connection it is sent nothing on open: left in service"),
+                "{SERVE_DOWN_AFTER} streams in a row dropped by the backend before it answered; it keeps a connection it is sent nothing on open: left in service"),
         }
     }
 }

@@ -1076,7 +1076,7 @@ pub fn install_crl(cert: &CertResolver, pem: &str) -> CrlReload {
             .crls
             .iter()
             .zip(&trust.cas)
-            .filter_map(|(crl, ca)| Some((ca.clone(), crl.as_ref()?.pem.clone())))
+            .filter_map(|(crl, ca)| Some((ca.clone(), crl.clone()?)))
             .collect()
     };
     if let Some(dir) = cert.dir()
@@ -2177,12 +2177,10 @@ mod tests {
         assert_eq!(accepts(&again, d.path(), "new"), REVOKED);
     }
 
-    /// `retire-ca` writes the pruned files while the node still has the retired CA's list in
-    /// force (it adopts the pruned bundle at its next tick): a controller's push that changes
-    /// nothing must not write that list back over the pruned file (it would be refused at the
-    /// tick against the pruned bundle, and `tasman pki revoke` would fail on the directory).
-    #[test]
-    fn a_push_that_changes_nothing_leaves_the_file_alone() {
+    /// A CA directory whose old CA (which revoked `old`) was rotated out and retired
+    /// (`retire-ca`: both files pruned), and a node `n1` of the new CA (which revoked `new`)
+    /// that still has both lists in force (its next tick would adopt the pruned files).
+    fn retired_with_the_old_list_in_force() -> (tempfile::TempDir, Arc<CertResolver>) {
         let d = tempfile::tempdir().unwrap();
         pki::init(d.path()).unwrap();
         pki::issue(d.path(), "old").unwrap();
@@ -2194,6 +2192,16 @@ mod tests {
         let r = CertResolver::new(&TlsIdentity::load(d.path(), "n1").unwrap()).unwrap();
         assert_eq!(r.crls().len(), 2);
         pki::retire_ca(d.path()).unwrap();
+        (d, r)
+    }
+
+    /// `retire-ca` writes the pruned files while the node still has the retired CA's list in
+    /// force (it adopts the pruned bundle at its next tick): a controller's push that changes
+    /// nothing must not write that list back over the pruned file (it would be refused at the
+    /// tick against the pruned bundle, and `tasman pki revoke` would fail on the directory).
+    #[test]
+    fn a_push_that_changes_nothing_leaves_the_file_alone() {
+        let (d, r) = retired_with_the_old_list_in_force();
         let pruned = fs::read_to_string(d.path().join(pki::CA_CRL)).unwrap();
         assert_eq!(install_crl(&r, &pruned), CrlReload::Unchanged);
         assert_eq!(
@@ -2216,17 +2224,7 @@ mod tests {
     /// failed on the directory.)
     #[test]
     fn a_push_adopted_after_retire_ca_leaves_the_retired_list_out_of_the_file() {
-        let d = tempfile::tempdir().unwrap();
-        pki::init(d.path()).unwrap();
-        pki::issue(d.path(), "old").unwrap();
-        revoke(d.path(), "old");
-        pki::rotate_ca(d.path()).unwrap();
-        pki::issue(d.path(), "n1").unwrap();
-        pki::issue(d.path(), "new").unwrap();
-        revoke(d.path(), "new");
-        let r = CertResolver::new(&TlsIdentity::load(d.path(), "n1").unwrap()).unwrap();
-        assert_eq!(r.crls().len(), 2);
-        pki::retire_ca(d.path()).unwrap();
+        let (d, r) = retired_with_the_old_list_in_force();
         // A revocation before the node's next tick: the push adopts a newer list.
         pki::issue(d.path(), "n2").unwrap();
         revoke(d.path(), "n2");

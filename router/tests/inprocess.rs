@@ -1262,6 +1262,14 @@ fn edge_site(service: &str, backend: SocketAddr, port: u16) -> Arc<Snapshot> {
     Arc::new(Snapshot::new(1, Arc::new(t)))
 }
 
+/// The node `site` of `t`.
+fn site_of(t: &mut topology::Topology) -> &mut topology::Node {
+    t.nodes
+        .iter_mut()
+        .find(|n| n.id.as_str() == "site")
+        .unwrap()
+}
+
 /// Reload the node's files every 50 ms.
 fn fast_reload(cfg: &mut RouterConfig) {
     cfg.cert_reload_interval = Some(Duration::from_millis(50));
@@ -1597,13 +1605,7 @@ async fn a_service_served_again_keeps_counting_its_open_streams() {
     let backend = echo_backend().await;
     let port = free_tcp_port();
     let mut t = line_topology("echo", backend, port);
-    fn site(t: &mut topology::Topology) -> &mut topology::Node {
-        t.nodes
-            .iter_mut()
-            .find(|n| n.id.as_str() == "site")
-            .unwrap()
-    }
-    site(&mut t).serves[0].capacity = 1;
+    site_of(&mut t).serves[0].capacity = 1;
     let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
     let (hs, txs) = spawn_all(&snap, dir.path(), |_, _| {}).await;
     wait_for_route(
@@ -1622,7 +1624,7 @@ async fn a_service_served_again_keeps_counting_its_open_streams() {
     };
     assert_eq!(active(node(&hs, "site")), Some(1));
     let mut without = t.clone();
-    site(&mut without).serves.clear();
+    site_of(&mut without).serves.clear();
     for (v, topo) in [(2, without), (3, t.clone())] {
         let next = Arc::new(Snapshot::new(v, Arc::new(topo)));
         for tx in &txs {
@@ -2580,12 +2582,7 @@ async fn an_http_health_check_keeps_a_backend_that_answers_503_out() {
     let dir = ca_dir();
     let port = free_tcp_port();
     let mut t = (*edge_site("echo", backend, port).topology).clone();
-    let site_node = t
-        .nodes
-        .iter_mut()
-        .find(|n| n.id.as_str() == "site")
-        .unwrap();
-    site_node.serves[0].health_check = Some("/health".into());
+    site_of(&mut t).serves[0].health_check = Some("/health".into());
     let snap = Arc::new(Snapshot::new(1, Arc::new(t)));
     let (site, _tx) = spawn_node(&snap, dir.path(), "site", |_| {}).await;
     let (edge, _etx) = spawn_node(&snap, dir.path(), "edge", |_| {}).await;
@@ -2911,12 +2908,7 @@ async fn a_capacity_change_keeps_a_down_service_down() {
     )
     .await;
     let mut t = (*snap.topology).clone();
-    let n = t
-        .nodes
-        .iter_mut()
-        .find(|n| n.id.as_str() == "site")
-        .unwrap();
-    n.serves[0].capacity = 10;
+    site_of(&mut t).serves[0].capacity = 10;
     tx.send(Arc::new(Snapshot::new(2, Arc::new(t)))).unwrap();
     wait_until(
         Duration::from_secs(20),
@@ -2960,14 +2952,10 @@ async fn a_capacity_change_does_not_restart_the_health_checks() {
     let snap = edge_site("echo", backend, free_tcp_port());
     let with_capacity = |capacity: u32, version: u64| {
         let mut t = (*snap.topology).clone();
-        let n = t
-            .nodes
-            .iter_mut()
-            .find(|n| n.id.as_str() == "site")
-            .unwrap();
-        n.serves[0].capacity = capacity;
+        let serves = &mut site_of(&mut t).serves[0];
+        serves.capacity = capacity;
         // One check every 20 s: the first at the start, the next well after the change.
-        n.serves[0].health.interval = topology::Latency::from_micros(20_000_000);
+        serves.health.interval = topology::Latency::from_micros(20_000_000);
         Arc::new(Snapshot::new(version, Arc::new(t)))
     };
     let (site, tx) = spawn_node(&with_capacity(100, 1), dir.path(), "site", |_| {}).await;

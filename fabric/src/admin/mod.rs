@@ -557,18 +557,21 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        // One more, dropped while it waits for its turn.
+        // One more, dropped while it waits for its turn: polled once (every permit is taken, so
+        // it waits), then dropped.
         let ran = Arc::new(AtomicBool::new(false));
-        let dropped = {
+        {
             let ran = ran.clone();
-            tokio::spawn(off_workers(move || {
+            let mut dropped = std::pin::pin!(off_workers(move || {
                 ran.store(true, SeqCst);
                 Ok::<_, ApiError>(())
-            }))
-        };
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        dropped.abort();
-        let _ = dropped.await;
+            }));
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            assert!(
+                dropped.as_mut().poll(&mut cx).is_pending(),
+                "no permit was free"
+            );
+        }
         for _ in 0..4 * MAX_READS_RUNNING {
             release_tx.send(()).unwrap();
         }

@@ -209,12 +209,6 @@ pub enum Change {
     Urgent,
 }
 
-impl Change {
-    pub fn any(self) -> bool {
-        self != Change::None
-    }
-}
-
 /// What routing reads of a site's view for `service` (as [`LiveState::load_of`]): the service's
 /// own entry, or the summed one for a site with no per-service entries; `None`: no entry.
 fn view_load<'a>(view: Option<&'a SiteView>, service: &ServiceName) -> Option<&'a SiteLoad> {
@@ -539,18 +533,15 @@ impl LiveAggregator {
         if merged.down_links != self.published.down_links {
             return Change::Urgent;
         }
-        let moved = self.index.serves.iter().any(|(site, served)| {
-            served.iter().any(|(service, declared)| {
-                let load =
-                    |l: &LiveState| eligible(l.load_of(site.as_str(), service.as_str()), *declared);
-                load(&merged) != load(&self.published)
-            })
-        });
-        if moved {
-            Change::Urgent
-        } else {
-            Change::Gradual
-        }
+        // The sites by the rule of the reports' ([`Self::site_change`]); anything else (weights)
+        // only moves costs.
+        self.index
+            .serves
+            .keys()
+            .map(|site| self.site_change(site, now))
+            .max()
+            .filter(|c| *c == Change::Urgent)
+            .unwrap_or(Change::Gradual)
     }
 
     /// The live state that would be published now: fresh observations, with the anti-flap
@@ -714,6 +705,28 @@ mod tests {
             .map(|l| l.as_millis_f64())
     }
 
+    /// A healthy load of `active` streams of `capacity` (0: not reported).
+    fn chat_load(active_streams: u32, capacity: u32) -> SiteLoad {
+        SiteLoad {
+            active_streams,
+            capacity,
+            healthy: true,
+        }
+    }
+
+    /// Site `s`'s report of service `chat` alone, [`chat_load`], summed and per service.
+    fn chat_report(active: u32, capacity: u32) -> Sample {
+        let load = chat_load(active, capacity);
+        Sample {
+            node: NodeId::new("s"),
+            neighbours: Vec::new(),
+            site: Some(load),
+            services: [(ServiceName::new("chat"), load)].into(),
+            preferred: BTreeMap::new(),
+            margins: None,
+        }
+    }
+
     /// A link's measured weight moving is a gradual change; the link going down or up again is
     /// an urgent one.
     #[test]
@@ -752,19 +765,7 @@ mod tests {
             .service("chat")
             .serve("s", "chat", 10);
         let mut agg = LiveAggregator::new(LiveParams::default(), Arc::new(b.build()));
-        let load = |active_streams| SiteLoad {
-            active_streams,
-            capacity: 0,
-            healthy: true,
-        };
-        let report = |active| Sample {
-            node: NodeId::new("s"),
-            neighbours: Vec::new(),
-            site: Some(load(active)),
-            services: [(ServiceName::new("chat"), load(active))].into(),
-            preferred: BTreeMap::new(),
-            margins: None,
-        };
+        let report = |active| chat_report(active, 0);
         let t0 = Instant::now();
         assert_eq!(agg.observe(report(2), t0), Change::Gradual);
         agg.publish(agg.merged(t0));
@@ -961,19 +962,8 @@ mod tests {
             .service("chat")
             .serve("s", "chat", 100);
         let mut agg = LiveAggregator::new(LiveParams::default(), Arc::new(b.build()));
-        let load = |active_streams| SiteLoad {
-            active_streams,
-            capacity: 100,
-            healthy: true,
-        };
-        let report = |active| Sample {
-            node: NodeId::new("s"),
-            neighbours: Vec::new(),
-            site: Some(load(active)),
-            services: [(ServiceName::new("chat"), load(active))].into(),
-            preferred: BTreeMap::new(),
-            margins: None,
-        };
+        let load = |active| chat_load(active, 100);
+        let report = |active| chat_report(active, 100);
         let now = Instant::now();
         let chat = |agg: &LiveAggregator| agg.published().service_load["s"]["chat"];
         agg.observe(report(96), now);

@@ -346,6 +346,25 @@ struct Inner {
     seq: u64,
 }
 
+impl Inner {
+    /// The back-off that throttles a change of this kind (`None`: no change).
+    fn backoff_of(&mut self, change: live::Change) -> Option<&mut Backoff> {
+        match change {
+            live::Change::None => None,
+            live::Change::Gradual => Some(&mut self.backoff),
+            live::Change::Urgent => Some(&mut self.urgent),
+        }
+    }
+
+    /// When the next recomputation is due, of either kind.
+    fn due(&self) -> Option<Instant> {
+        [self.backoff.due(), self.urgent.due()]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+}
+
 /// Validates topology text with the one loader (line:column diagnostics on failure).
 pub fn validate(text: &str) -> Result<(Arc<Topology>, Vec<Diagnostic>), ControllerError> {
     loaded(topology::load(text))
@@ -927,11 +946,11 @@ impl Controller {
     pub fn on_telemetry(&self, sample: Sample) {
         let now = Instant::now();
         let mut inner = lock(&self.inner);
-        match inner.live.observe(sample, now) {
-            live::Change::None => return,
-            live::Change::Gradual => inner.backoff.event(now),
-            live::Change::Urgent => inner.urgent.event(now),
+        let change = inner.live.observe(sample, now);
+        let Some(backoff) = inner.backoff_of(change) else {
+            return;
         };
+        backoff.event(now);
         drop(inner);
         self.recompute.notify_one();
     }
@@ -944,13 +963,7 @@ impl Controller {
         // and an urgent change ageing out, a down link's reports expiring, waited behind it).
         let mut next_tick = Instant::now() + EXPIRY_TICK;
         loop {
-            let due = {
-                let inner = lock(&self.inner);
-                [inner.backoff.due(), inner.urgent.due()]
-                    .into_iter()
-                    .flatten()
-                    .min()
-            };
+            let due = lock(&self.inner).due();
             let wake = due.map_or(next_tick, |d| d.min(next_tick));
             tokio::select! {
                 _ = tokio::time::sleep_until(wake.into()) => {}
@@ -963,15 +976,11 @@ impl Controller {
                 // Scheduled on the back-off of its kind, unless that one is due already (a
                 // change it will publish then: marking it again each second would hold the
                 // back-off in its long wait).
-                match inner.live.pending_change(now) {
-                    live::Change::None => {}
-                    live::Change::Gradual if inner.backoff.due().is_none() => {
-                        inner.backoff.event(now);
-                    }
-                    live::Change::Urgent if inner.urgent.due().is_none() => {
-                        inner.urgent.event(now);
-                    }
-                    _ => {}
+                let change = inner.live.pending_change(now);
+                if let Some(backoff) = inner.backoff_of(change)
+                    && backoff.due().is_none()
+                {
+                    backoff.event(now);
                 }
             }
             if due.is_some_and(|d| now >= d) {

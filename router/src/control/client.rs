@@ -1033,20 +1033,15 @@ async fn run(shared: Arc<Shared>, endpoint: quinn::Endpoint, tx: watch::Sender<A
 fn next_delay(backoff: &mut Backoff, long: bool) -> Duration {
     if long {
         backoff.reset();
-        reconnect_spread()
+        up_to(RECONNECT_SPREAD)
     } else {
         backoff.delay()
     }
 }
 
-/// How long after the end of a long session a router reconnects: uniformly up to
-/// [`RECONNECT_SPREAD`] ([`next_delay`]).
-fn reconnect_spread() -> Duration {
-    up_to(RECONNECT_SPREAD)
-}
-
-/// See [`reconnect_spread`]. The data plane runs on meanwhile (the snapshot held stays in
-/// force), so a second at most is of no cost to traffic.
+/// How long after the end of a long session a router may wait to reconnect ([`next_delay`]).
+/// The data plane runs on meanwhile (the snapshot held stays in force), so a second at most is
+/// of no cost to traffic.
 const RECONNECT_SPREAD: Duration = Duration::from_secs(1);
 
 /// How long a control connection's handshake may take: 5 s, plus up to 1 s drawn at each try,

@@ -7,13 +7,37 @@ use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-/// Syncs `dir`, making the names changed in it durable. Best effort: not every file system can
-/// sync a directory (an error is ignored; the files themselves are synced by their writers).
-pub fn sync_dir(dir: &Path) {
+/// Syncs `dir`, making the names changed in it durable. A file system that cannot sync a
+/// directory at all ([`cannot_sync_dirs`]), or a directory this process cannot open, is passed
+/// over (the files themselves are synced by their writers). Any other error is returned: an
+/// `EIO` says the directory's write-back failed, so the change it was to make durable may be
+/// lost to a power cut, and the caller must not report it done.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
     #[cfg(test)]
     record::synced(dir);
-    if let Ok(d) = fs::File::open(dir) {
-        let _ = d.sync_all();
+    let Ok(d) = fs::File::open(dir) else {
+        return Ok(());
+    };
+    match d.sync_all() {
+        Err(e) if cannot_sync_dirs(&e) => Ok(()),
+        r => r,
+    }
+}
+
+/// Whether `e`, from syncing a directory, says that its file system does not sync directories
+/// (Linux: `EINVAL` when it has no fsync, `ENOTSUP`/`EOPNOTSUPP`; elsewhere every error, as
+/// directories may not be synced there), rather than that a sync failed.
+fn cannot_sync_dirs(e: &io::Error) -> bool {
+    #[cfg(unix)]
+    {
+        [libc::EINVAL, libc::ENOTSUP, libc::EOPNOTSUPP, libc::EBADF]
+            .iter()
+            .any(|&c| e.raw_os_error() == Some(c))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = e;
+        true
     }
 }
 
@@ -83,16 +107,14 @@ pub fn write(path: &Path, tmp: &Path, contents: &[u8], secret: bool) -> Result<(
 pub fn rename(from: &Path, to: &Path) -> io::Result<()> {
     fs::rename(from, to)?;
     changed(to);
-    sync_dir(parent_dir(to));
-    Ok(())
+    sync_dir(parent_dir(to))
 }
 
 /// Removes the file `path`, then syncs its directory.
 pub fn remove_file(path: &Path) -> io::Result<()> {
     fs::remove_file(path)?;
     changed(path);
-    sync_dir(parent_dir(path));
-    Ok(())
+    sync_dir(parent_dir(path))
 }
 
 /// [`fs::create_dir_all`], syncing the directory each new directory was made in, top down: a
@@ -107,7 +129,7 @@ pub fn create_dir_all(dir: &Path) -> io::Result<()> {
         match fs::create_dir(d) {
             Ok(()) => {
                 changed(d);
-                sync_dir(parent_dir(d));
+                sync_dir(parent_dir(d))?;
             }
             // Made meanwhile by another process, which syncs its own.
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() => {}
@@ -191,6 +213,26 @@ pub(crate) mod record {
 mod tests {
     use super::record::{Event, take};
     use super::*;
+
+    /// A directory whose file system has no sync (procfs answers `EINVAL`) is passed over; a
+    /// failed sync (`EIO`, `ENOSPC`) is an error the caller sees. (Every error was dropped: a
+    /// rename whose directory never reached the disk was reported done.)
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn only_a_file_system_without_directory_sync_is_passed_over() {
+        sync_dir(Path::new("/proc")).expect("procfs has no fsync: passed over");
+        let t = tempfile::tempdir().unwrap();
+        sync_dir(t.path()).unwrap();
+        for unsupported in [libc::EINVAL, libc::ENOTSUP, libc::EOPNOTSUPP] {
+            assert!(cannot_sync_dirs(&io::Error::from_raw_os_error(unsupported)));
+        }
+        for failed in [libc::EIO, libc::ENOSPC, libc::EDQUOT] {
+            assert!(
+                !cannot_sync_dirs(&io::Error::from_raw_os_error(failed)),
+                "errno {failed} passed over"
+            );
+        }
+    }
 
     #[test]
     fn each_new_directory_is_synced_into_its_parent_top_down() {

@@ -860,7 +860,7 @@ fn open_issued(dir: &Path) -> Result<fs::File, PkiError> {
         .map_err(io_err(&path))?;
     if !existed {
         durable::changed(&path);
-        sync_dir(dir);
+        sync_dir(dir).map_err(io_err(dir))?;
     }
     Ok(f)
 }

@@ -71,7 +71,10 @@ impl RedbStore {
         let store = match opened {
             Ok(Ok(db)) => {
                 if !exists {
-                    router::durable::sync_dir(dir);
+                    router::durable::sync_dir(dir).map_err(|source| StoreError::Io {
+                        path: dir.display().to_string(),
+                        source,
+                    })?;
                 }
                 RedbStore { db }
             }

@@ -2766,5 +2766,13 @@ async fn a_routers_metrics_show_its_control_session() {
         || handle.metrics_text(),
     )
     .await;
+    // The client stopped: shown not connected (the series vanished: nothing to alert on).
+    drop(client);
+    wait_until(
+        Duration::from_secs(20),
+        || m("control_connected") == Some(0),
+        || handle.metrics_text(),
+    )
+    .await;
     handle.shutdown().await;
 }

@@ -855,13 +855,19 @@ impl ControlClient {
 }
 
 /// The control session's state on the router's `/metrics` page (set by
-/// [`ControlClient::attach`]); it renders nothing once the client is gone.
+/// [`ControlClient::attach`]); once the client is gone, only `tasman_control_connected 0`.
 pub struct ControlStatus(std::sync::Weak<Shared>);
 
 impl ControlStatus {
+    const CONNECTED_HELP: &str = "1 while the control connection to the controller is up.";
+
     /// Appends the session's series to a scrape of `node`.
     pub fn render_metrics(&self, node: &str, s: &mut String) {
         let Some(c) = self.0.upgrade() else {
+            // Stopped (a router whose control client ended): not connected, rather than a
+            // series that vanishes (an alert on `control_connected == 0` would not fire).
+            let (name, help) = ("tasman_control_connected", Self::CONNECTED_HELP);
+            crate::metrics::series(s, node, name, "gauge", help, 0u64);
             return;
         };
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -869,7 +875,7 @@ impl ControlStatus {
             (
                 "control_connected",
                 "gauge",
-                "1 while the control connection to the controller is up.",
+                Self::CONNECTED_HELP,
                 u64::from(c.connected.load(Ordering::Relaxed)),
             ),
             (

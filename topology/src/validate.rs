@@ -327,6 +327,14 @@ fn integer(
             );
             None
         }
+        // An integer too long for i128 is read as a float: out of range, not "not an integer".
+        YValue::Float(f) if f.is_finite() && f.fract() == 0.0 && f.abs() >= i128::MAX as f64 => {
+            cx.err(
+                node.pos,
+                format!("{what}: {f:e} is out of range (expected {min} to {max})"),
+            );
+            None
+        }
         other => {
             cx.err(
                 node.pos,
@@ -2129,6 +2137,26 @@ mod tests {
             let loaded = crate::load(&two_edges(any, any));
             assert!(loaded.is_ok(), "{any} on two edges: {:?}", loaded.err());
         }
+    }
+
+    /// An integer too long for any integer type is out of range, like a shorter one (it was
+    /// "must be an integer, found a number": the YAML reader takes it for a float); a fraction
+    /// is still not an integer.
+    #[test]
+    fn an_integer_of_43_digits_is_out_of_range_not_a_number() {
+        let text = two_edges("127.20.0.1", "127.20.0.2");
+        let long = "1".repeat(43);
+        let errs = load_errors(&text.replacen("port: 8443", &format!("port: {long}"), 1));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].ends_with("port of service \"chat\": 1.1111111111111111e42 is out of range (expected 1 to 65535)"),
+            "{errs:?}"
+        );
+        let errs = load_errors(&text.replacen("port: 8443", "port: 8443.5", 1));
+        assert!(
+            errs[0].ends_with("port of service \"chat\" must be an integer, found a number"),
+            "{errs:?}"
+        );
     }
 
     /// `.nan` and `.inf` are YAML floats, but not coordinates: the message says so (it said

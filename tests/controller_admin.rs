@@ -308,6 +308,12 @@ async fn apply_plan_history_rollback_and_edit_keep_the_operators_text() {
         .await
         .unwrap();
     assert_eq!(text(&out.stdout), v2);
+    // The version it is, for the next apply's `--base-version`, on stderr (stdout is the file).
+    assert!(
+        text(&out.stderr).contains("version 2: apply your edit with --base-version 2"),
+        "{}",
+        text(&out.stderr)
+    );
 
     // The same file again (a retry whose answer was lost): nothing applied, no version 3.
     let (e, f) = (env.clone(), file.display().to_string());

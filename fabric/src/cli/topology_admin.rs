@@ -137,10 +137,24 @@ pub fn get(args: GetArgs) -> ExitCode {
         Ok(v) => {
             match args.admin.output {
                 Output::Json => print_json(&v),
-                Output::Text => print!(
-                    "{}",
-                    v.get("text").and_then(|t| t.as_str()).unwrap_or_default()
-                ),
+                Output::Text => {
+                    print!(
+                        "{}",
+                        v.get("text").and_then(|t| t.as_str()).unwrap_or_default()
+                    );
+                    // The version the text is, on stderr (stdout is the file): what an apply
+                    // of the edited file names as its base, so that a change someone else made
+                    // meanwhile is refused rather than overwritten.
+                    if let Some(n) = v.get("version").and_then(|n| n.as_u64()) {
+                        if args.version.is_none() {
+                            eprintln!(
+                                "version {n}: apply your edit with --base-version {n} to refuse it over a newer change"
+                            );
+                        } else {
+                            eprintln!("version {n}");
+                        }
+                    }
+                }
             }
             ExitCode::SUCCESS
         }

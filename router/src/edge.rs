@@ -811,17 +811,35 @@ fn held_back(bucket: &TokenBucket, n: usize) -> Result<Option<Hold>, Revoked> {
 /// written part of it when dropped, losing the rest; `write(&[u8])` is cancel safe too but
 /// copies every chunk into a new buffer, where `write_chunks` hands quinn (a slice of) the very
 /// `Bytes` read from the client, which the replay list shares.
+///
+/// `circuit`: the bucket that held the chunk back. A circuit deleted during the hold carries
+/// nothing more ([`Forward::Revoked`]), as the splice's [`TokenBucket::take`] checks after its
+/// wait: the chunk was read while the circuit was live, but goes no further.
 async fn forward(
     send: &mut SendStream,
     pending: &mut Bytes,
     hold: &mut Option<Hold>,
-) -> Result<usize, WriteError> {
+    circuit: Option<&TokenBucket>,
+) -> Result<usize, Forward> {
     if let Some(h) = hold {
         h.as_mut().await;
         *hold = None;
+        if circuit.is_some_and(TokenBucket::is_revoked) {
+            return Err(Forward::Revoked);
+        }
     }
-    let written = send.write_chunks(std::slice::from_mut(pending)).await?;
+    let written = send
+        .write_chunks(std::slice::from_mut(pending))
+        .await
+        .map_err(Forward::Write)?;
     Ok(written.bytes)
+}
+
+/// Why [`forward`] wrote nothing.
+enum Forward {
+    Write(WriteError),
+    /// The circuit was deleted while the chunk was held back.
+    Revoked,
 }
 
 /// Drops what the site stopped before quinn took it, counted as dropped
@@ -953,6 +971,7 @@ async fn attempt(
     // (backpressure, as in the splice).
     let mut out = Outgoing::new(replay);
     let mut hold: Option<Hold> = None;
+    let up = circuit.map(|c| &c.limiter.up);
     // The site stopped the client's bytes before its answer was read: nothing more is written
     // (nor read from the client), and the answer still decides. A site that refuses resets the
     // stream too (`inbound::refuse`), read below; one that accepted and whose backend then
@@ -1004,10 +1023,11 @@ async fn attempt(
                 }
                 Err(_) => break Err(Attempt::Fatal(Code::ClientAbort)),
             },
-            r = forward(&mut send, &mut out.pending, &mut hold), if !out.pending.is_empty() && stopped.is_none() => match r {
+            r = forward(&mut send, &mut out.pending, &mut hold, up), if !out.pending.is_empty() && stopped.is_none() => match r {
                 Ok(n) => out.written(shared, n),
-                Err(WriteError::Stopped(code)) => stopped = Some(Code::from_peer(code)),
-                Err(e) => break Err(write_failed(e)),
+                Err(Forward::Write(WriteError::Stopped(code))) => stopped = Some(Code::from_peer(code)),
+                Err(Forward::Write(e)) => break Err(write_failed(e)),
+                Err(Forward::Revoked) => break Err(Attempt::Fatal(Code::CircuitRefused)),
             },
             // Nothing came back within the deadline: like any failure before the first byte
             // back, the next candidate may take the connection (the site is not marked down:
@@ -1049,15 +1069,16 @@ async fn attempt(
                 break Ok(());
             }
             match shared
-                .bounded_write(forward(&mut send, &mut out.pending, &mut hold))
+                .bounded_write(forward(&mut send, &mut out.pending, &mut hold, up))
                 .await
             {
                 Some(Ok(n)) => out.written(shared, n),
-                Some(Err(WriteError::Stopped(_))) => {
+                Some(Err(Forward::Write(WriteError::Stopped(_)))) => {
                     drop_pending(shared, &mut out.pending);
                     break Ok(());
                 }
-                Some(Err(e)) => {
+                Some(Err(Forward::Revoked)) => break Err(Attempt::Fatal(Code::CircuitRefused)),
+                Some(Err(Forward::Write(e))) => {
                     break Err(match write_failed(e) {
                         Attempt::Retry(code, _) => Attempt::Fatal(code),
                         a => a,

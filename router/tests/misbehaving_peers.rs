@@ -2289,6 +2289,150 @@ async fn a_circuit_deleted_during_its_first_try_is_not_retried_elsewhere() {
     );
 }
 
+/// What `/proc/net/tcp` says of the IPv4 connection from `local` to `remote` port (both on
+/// 127.0.0.1): its (send queue, receive queue) in bytes, if it is listed.
+fn tcp_queues(local: u16, remote: u16) -> Option<(u64, u64)> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let want = (
+        format!("0100007F:{local:04X}"),
+        format!("0100007F:{remote:04X}"),
+    );
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 5 || f[1] != want.0 || f[2] != want.1 {
+            return None;
+        }
+        let (tx, rx) = f[4].split_once(':')?;
+        Some((
+            u64::from_str_radix(tx, 16).ok()?,
+            u64::from_str_radix(rx, 16).ok()?,
+        ))
+    })
+}
+
+/// A client chunk that the edge read while its circuit was live, and that the circuit's rate
+/// holds back, goes no further once the circuit is deleted during the hold: the connection ends
+/// with `circuit_refused` and the site never gets the chunk. (It was written at the end of the
+/// hold: only the next read looked at the circuit.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_held_back_by_a_deleted_circuits_rate_goes_no_further() {
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let port = free_tcp_port();
+    let mut t = two_sites(backend, port, false);
+    t.services[0].requires_circuit = true;
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    // The near site reads each stream and answers nothing; it says when the request came, and
+    // notes whether the marker at the end of the held chunk did.
+    let (got_tx, mut got_rx) = tokio::sync::mpsc::unbounded_channel();
+    let marked = Arc::new(AtomicBool::new(false));
+    let near_marked = marked.clone();
+    let (_near, _) = fake_neighbour(
+        dir.path(),
+        &t,
+        "near",
+        router::transport::transport_config(),
+        move |c, p| {
+            let (got, conn, marked) = (got_tx.clone(), c.clone(), near_marked.clone());
+            tokio::spawn(async move {
+                while let Ok((send, mut recv)) = conn.accept_bi().await {
+                    let (got, marked) = (got.clone(), marked.clone());
+                    tokio::spawn(async move {
+                        let _held = send;
+                        let (mut all, mut b) = (Vec::new(), vec![0u8; 64 * 1024]);
+                        while let Ok(Some(n)) = recv.read(&mut b).await {
+                            let had = all.windows(7).any(|w| w == b"request");
+                            all.extend_from_slice(&b[..n]);
+                            if !had && all.windows(7).any(|w| w == b"request") {
+                                let _ = got.send(());
+                            }
+                            if all.windows(8).any(|w| w == b"MARKER!!") {
+                                marked.store(true, SeqCst);
+                            }
+                        }
+                    });
+                }
+            });
+            answer_pings("near", c, p)
+        },
+    );
+    let (edge, etx) = spawn_node(&snap, dir.path(), "edge", |c| {
+        c.reply_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let (_far, _ftx) = spawn_node(&snap, dir.path(), "far", |_| {}).await;
+    edge_prefers_near_with_far_as_fallback(&edge).await;
+    // The circuit comes now, so that its bucket has earned next to no credit: 32 kbit/s, 4 KB/s.
+    let circuit = topology::circuit::ProvisionedCircuit {
+        id: topology::circuit::CircuitId::new("c-000001"),
+        edge: NodeId::new("edge"),
+        prefix: "127.0.0.1/32".parse().unwrap(),
+        service: topology::ServiceName::new("echo"),
+        vip: None,
+        port: Some(port),
+        rate: topology::Bandwidth::from_bps(32_000),
+        path: ["edge", "near"].into_iter().map(NodeId::new).collect(),
+    };
+    let mut with = Snapshot::new(2, Arc::new(t.clone()));
+    with.circuits = Arc::new(vec![circuit]);
+    etx.send(Arc::new(with)).unwrap();
+    wait_until(
+        Duration::from_secs(20),
+        || {
+            metric(
+                &edge.metrics_text(),
+                "tasman_snapshot_version{node=\"edge\"}",
+            ) == Some(2)
+        },
+        || edge.metrics_text(),
+    )
+    .await;
+    let mut client = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    client.write_all(b"request").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), got_rx.recv())
+        .await
+        .expect("the near site got no request");
+    // One chunk of 12 KiB (one read of the edge's), held back ~3 s at the circuit's rate.
+    let mut chunk = vec![b'.'; 12 * 1024];
+    let at = chunk.len() - 8;
+    chunk[at..].copy_from_slice(b"MARKER!!");
+    client.write_all(&chunk).await.unwrap();
+    // The edge has read it (nothing left in either socket's queue) before the circuit goes.
+    let me = client.local_addr().unwrap().port();
+    wait_until(
+        Duration::from_secs(20),
+        || tcp_queues(me, port) == Some((0, 0)) && tcp_queues(port, me) == Some((0, 0)),
+        || format!("{:?} {:?}", tcp_queues(me, port), tcp_queues(port, me)),
+    )
+    .await;
+    assert!(
+        !marked.load(SeqCst),
+        "the chunk was not held back: the test proves nothing"
+    );
+    let mut without = Snapshot::new(3, Arc::new(t.clone()));
+    without.circuits = Arc::new(Vec::new());
+    etx.send(Arc::new(without)).unwrap();
+    let mut back = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(60), client.read_to_end(&mut back))
+        .await
+        .expect("the client's connection stayed open");
+    assert!(back.is_empty(), "answered: {back:?}");
+    assert!(
+        !marked.load(SeqCst),
+        "the chunk held back reached the site after its circuit was deleted"
+    );
+    let m = edge.metrics_text();
+    let refused = metric(
+        &m,
+        "tasman_stream_errors_total{node=\"edge\",code=\"circuit_refused\"}",
+    );
+    assert!(refused.unwrap_or(0) >= 1, "{m}");
+}
+
 /// A client of the edge's service `port` that uploads 1 MiB from a task of its own (it stops
 /// at the first failed write): its read half.
 async fn uploading_client(port: u16) -> tokio::net::tcp::OwnedReadHalf {

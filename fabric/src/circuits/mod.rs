@@ -1331,10 +1331,12 @@ pub fn broken_by(topo: &Topology, c: &Circuit) -> Vec<String> {
 /// How `topo` breaks what a resize still holds (a node or link of the old path removed or
 /// down), for a circuit whose held reservation [`fail_broken`] would release: empty when it
 /// would not (not live: a decommissioning circuit keeps what it holds until it is
-/// decommissioned, as it keeps its path's reservation). Such a break does not fail the circuit,
-/// which is moving off that path.
+/// decommissioned, as it keeps its path's reservation), and for a shrink (the old rate's excess
+/// held on the circuit's own path: a break there is the circuit's, [`broken_by`], and the excess
+/// stays with the rest of its reservation, as an edge not yet told of the shrink still sends at
+/// the old rate). Such a break does not fail the circuit, which is moving off that path.
 pub fn held_broken_by(topo: &Topology, c: &Circuit) -> Vec<String> {
-    if !c.state.is_live() {
+    if !c.state.is_live() || c.held.as_ref().is_some_and(|h| h.path == c.path) {
         return Vec::new();
     }
     path_issues(topo, c.held_reservation())

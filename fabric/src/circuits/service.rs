@@ -1372,6 +1372,33 @@ mod tests {
         );
     }
 
+    /// A shrink holds the old rate's excess on the circuit's own path until its routers
+    /// acknowledge the new rate. A topology that breaks that path fails the circuit, which keeps
+    /// the excess like the rest of its reservation: an edge that has not heard of the shrink
+    /// still sends at the old rate. (The break released the excess as if the circuit were
+    /// moving off that path, and a new circuit could be admitted into it.)
+    #[tokio::test]
+    async fn a_break_on_a_shrunk_circuits_path_keeps_the_old_rates_excess() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ctl, svc) = with_c1(FaultyStore::open(dir.path())).await;
+        let _sessions = ack(&ctl, &["e", "s"]);
+        svc.settle_once().await.unwrap();
+        assert_eq!(svc.get("c1").unwrap().state, CircuitState::Active);
+        let c = svc
+            .resize("c1".into(), "40Mbps".parse().unwrap(), "ops".into())
+            .await
+            .unwrap();
+        let held = c.held.clone().expect("the old rate's excess held");
+        assert_eq!(held.path, c.path);
+        drop_es(&ctl).await;
+        svc.on_topology_applied().await.unwrap();
+        let c = svc.get("c1").unwrap();
+        assert!(failed_by_version_2(&c), "{c:?}");
+        assert_eq!(c.held.as_ref(), Some(&held), "{c:?}");
+        let (_, history) = svc.history("c1").unwrap();
+        assert!(history.iter().all(|e| e.action != "release"), "{history:?}");
+    }
+
     /// A circuit moved by a resize holds its old path until the new one is acknowledged. A
     /// topology that breaks only the new path fails the circuit, which keeps what it holds on
     /// the old one (intact) like the rest of its reservation, until it is deleted and

@@ -799,7 +799,10 @@ pub fn admit(
     spec: &CircuitSpec,
 ) -> Result<Admission, CircuitError> {
     check_circuit_name(&spec.name)?;
-    check_prefix(spec.a_end.prefix)?;
+    check_prefix(spec.a_end.prefix).map_err(|e| match e {
+        CircuitError::Invalid(m) => CircuitError::Invalid(format!("a_end.prefix: {m}")),
+        e => e,
+    })?;
     check_spec_id("a_end.edge", spec.a_end.edge.as_str())?;
     check_spec_id("b_end.service", spec.b_end.service.as_str())?;
     if let Some(pool) = &spec.pool {
@@ -2375,6 +2378,15 @@ pub(crate) mod tests {
         }
         sp.b_end.regions = vec![topology::Region::new("r")];
         admit(&t, &[], &sp).expect("a region of the topology");
+        // A prefix with host bits, as the API takes it (the CLI's `--prefix` is checked first).
+        sp.a_end.prefix = "10.1.0.7/24".parse().unwrap();
+        match admit(&t, &[], &sp) {
+            Err(CircuitError::Invalid(m)) => assert!(
+                m.starts_with("a_end.prefix: prefix 10.1.0.7/24 has host bits set"),
+                "{m}"
+            ),
+            other => panic!("expected Invalid, got {other:?}"),
+        }
         let long = "a".repeat(1 << 20);
         for field in ["a_end.edge", "b_end.service", "pool"] {
             let mut sp = spec("c1", "10.1.0.0/24", "1Mbps");

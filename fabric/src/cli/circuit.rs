@@ -219,8 +219,19 @@ fn parse_wait_timeout(s: &str) -> Result<Duration, String> {
     if d.is_zero() {
         return Err(format!("{s:?} must be greater than zero"));
     }
+    // A deadline must be representable (`Instant + d` panics past it), after the change is made.
+    if d > MAX_WAIT {
+        return Err(format!(
+            "{s:?} is too long: at most {} seconds ({})",
+            MAX_WAIT.as_secs(),
+            humantime::format_duration(MAX_WAIT)
+        ));
+    }
     Ok(d)
 }
+
+/// The longest `--timeout` of a `--wait`: a year.
+const MAX_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
 
 #[derive(Debug, Clone, Args)]
 pub struct CreateArgs {
@@ -925,6 +936,19 @@ mod tests {
                 .to_string();
             assert!(err.contains("must be greater than zero"), "{err}");
         }
+        // A deadline past what an `Instant` holds panicked the wait, after the change was
+        // made: refused before it is made.
+        for huge in ["18446744073709551615", "1000y"] {
+            let err = parse(&["--wait", "--timeout", huge])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("is too long: at most 31536000 seconds"),
+                "{err}"
+            );
+        }
+        let w = parse(&["--wait", "--timeout", "365d"]).unwrap();
+        assert_eq!(w.timeout, MAX_WAIT);
     }
 
     /// `--rate` of create and resize: a negative rate is refused as not positive (clap took

@@ -2889,6 +2889,15 @@ async fn a_routers_metrics_show_its_control_session() {
     )
     .await;
     assert_eq!(m("snapshot_version"), Some(10));
+    // A snapshot numbered 0 (refused) names no version: the last one named stays. (It showed 0,
+    // "none heard yet".)
+    controller.to_router.send(snapshot(0)).unwrap();
+    controller
+        .next("the NACK of version 0", |msg| {
+            matches!(msg, proto::FromRouter::Nack { version: 0, .. }).then_some(())
+        })
+        .await;
+    assert_eq!(m("control_controller_version"), Some(12));
     // Silent past `max_stale`: stale.
     wait_until(
         Duration::from_secs(20),

@@ -1169,9 +1169,77 @@ async fn converse(
         let far = tokio::time::Instant::now() + Duration::from_secs(3600);
         let silent_at = frames.last_progress().unwrap_or(opened) + silence;
         tokio::select! {
-            // The stream first: after a long write (or a snapshot applied), bytes that arrived
-            // meanwhile are taken (and counted as progress) before the silence timer is looked at.
+            // The session's own timers first (they fire seldom), then the stream, then the
+            // silence timer: after a long write (or a snapshot applied), bytes that arrived
+            // meanwhile are taken (and counted as progress) before silence is looked at. (The
+            // stream came first of all: frames arriving faster than they were handled, a flood
+            // from a faulty controller, kept telemetry and renewal from ever running.)
             biased;
+            _ = tokio::time::sleep_until(renew.unwrap_or(far)), if renew.is_some() => {
+                // A renewed certificate installed since `renew` was computed is not due (the
+                // install is not waited for).
+                if renew_due(shared).is_none_or(|due| due > tokio::time::Instant::now()) {
+                    continue;
+                }
+                if pending.take().is_some() {
+                    shared.cert.count_renewal(Renewal::NoAnswer);
+                    tracing::warn!("no answer to the last certificate renewal request; asking again");
+                }
+                // A new key, and the proof that this router holds it, for this session only.
+                let made = (|| {
+                    let k = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
+                    let binding = pki::session_binding(conn)
+                        .ok_or("the session's TLS exports no binding to prove the key on")?;
+                    let proof = pki::prove_possession(&k, &binding).map_err(|e| e.to_string())?;
+                    Ok::<_, String>((k, proof))
+                })();
+                let (key, proof) = match made {
+                    Ok(made) => made,
+                    Err(e) => {
+                        tracing::error!("cannot make a key to renew the node certificate: {e}");
+                        renew_attempted(shared);
+                        continue;
+                    }
+                };
+                tracing::info!(
+                    expires = %fmt_unix(shared.cert.not_after()),
+                    "the node certificate is due for renewal: asking the controller"
+                );
+                let req = FromRouter::Renew { public_key: key.public_key_raw().to_vec(), proof };
+                renew_attempted(shared);
+                *pending = Some(key);
+                asked += 1;
+                write(&mut send, &req, stall).await?;
+            }
+            // A renewed certificate installed: this session still presents the one before,
+            // which the controller's renewals judge, and which expires. (A notice left from a
+            // session before, whose certificate this one already presents, changes nothing.)
+            _ = shared.installed.notified() => {
+                if (shared.cert.not_before(), shared.cert.not_after()) != presented {
+                    return Err(ControlError::Renewed);
+                }
+            }
+            _ = late.tick(), if awaited.is_some() => {
+                if let Some(addr) = awaited.filter(|a| try_bind(*a).is_ok()) {
+                    awaited = None;
+                    tracing::info!(
+                        %addr,
+                        "node {}'s QUIC address is on this host now: asking the controller for its snapshot again",
+                        cfg.node
+                    );
+                    let have = base.version;
+                    let again = FromRouter::Resync { have_version: (have != 0).then_some(have) };
+                    write(&mut send, &again, stall).await?;
+                }
+            }
+            _ = tick.tick() => {
+                let source = shared.telemetry.lock().ok().and_then(|t| t.clone());
+                if let Some(report) = source.and_then(|s| s())
+                    && let Some(frame) = telemetry_frame(shared, report)?
+                {
+                    write_frame(&mut send, frame, stall).await?;
+                }
+            }
             // Cancel-safe: the telemetry tick often fires while a large snapshot is arriving.
             frame = frames.next(&mut recv) => {
                 let Some(payload) = frame? else { return Ok(()) };
@@ -1241,71 +1309,6 @@ async fn converse(
                 let heard = frames.last_progress().unwrap_or(opened);
                 if heard.elapsed() >= silence {
                     return Err(ControlError::Silent(silence));
-                }
-            }
-            _ = tokio::time::sleep_until(renew.unwrap_or(far)), if renew.is_some() => {
-                // A renewed certificate installed since `renew` was computed is not due (the
-                // install is not waited for).
-                if renew_due(shared).is_none_or(|due| due > tokio::time::Instant::now()) {
-                    continue;
-                }
-                if pending.take().is_some() {
-                    shared.cert.count_renewal(Renewal::NoAnswer);
-                    tracing::warn!("no answer to the last certificate renewal request; asking again");
-                }
-                // A new key, and the proof that this router holds it, for this session only.
-                let made = (|| {
-                    let k = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
-                    let binding = pki::session_binding(conn)
-                        .ok_or("the session's TLS exports no binding to prove the key on")?;
-                    let proof = pki::prove_possession(&k, &binding).map_err(|e| e.to_string())?;
-                    Ok::<_, String>((k, proof))
-                })();
-                let (key, proof) = match made {
-                    Ok(made) => made,
-                    Err(e) => {
-                        tracing::error!("cannot make a key to renew the node certificate: {e}");
-                        renew_attempted(shared);
-                        continue;
-                    }
-                };
-                tracing::info!(
-                    expires = %fmt_unix(shared.cert.not_after()),
-                    "the node certificate is due for renewal: asking the controller"
-                );
-                let req = FromRouter::Renew { public_key: key.public_key_raw().to_vec(), proof };
-                renew_attempted(shared);
-                *pending = Some(key);
-                asked += 1;
-                write(&mut send, &req, stall).await?;
-            }
-            // A renewed certificate installed: this session still presents the one before,
-            // which the controller's renewals judge, and which expires. (A notice left from a
-            // session before, whose certificate this one already presents, changes nothing.)
-            _ = shared.installed.notified() => {
-                if (shared.cert.not_before(), shared.cert.not_after()) != presented {
-                    return Err(ControlError::Renewed);
-                }
-            }
-            _ = late.tick(), if awaited.is_some() => {
-                if let Some(addr) = awaited.filter(|a| try_bind(*a).is_ok()) {
-                    awaited = None;
-                    tracing::info!(
-                        %addr,
-                        "node {}'s QUIC address is on this host now: asking the controller for its snapshot again",
-                        cfg.node
-                    );
-                    let have = base.version;
-                    let again = FromRouter::Resync { have_version: (have != 0).then_some(have) };
-                    write(&mut send, &again, stall).await?;
-                }
-            }
-            _ = tick.tick() => {
-                let source = shared.telemetry.lock().ok().and_then(|t| t.clone());
-                if let Some(report) = source.and_then(|s| s())
-                    && let Some(frame) = telemetry_frame(shared, report)?
-                {
-                    write_frame(&mut send, frame, stall).await?;
                 }
             }
         }
@@ -1723,10 +1726,12 @@ fn handle(
     msg: ToRouter,
 ) -> Result<Option<FromRouter>, ControlError> {
     let node = &shared.cfg.node;
+    // 0 names no version (refused below): the metric keeps the last one named.
     if let ToRouter::Heartbeat { version }
     | ToRouter::Snapshot { version, .. }
     | ToRouter::Delta { version, .. }
     | ToRouter::Live { version, .. } = &msg
+        && *version != 0
     {
         shared.controller_version.store(*version, Ordering::Relaxed);
     }

@@ -156,6 +156,10 @@ pub enum ControlError {
     /// one (it renews only what a session presented, and refuses an expired one).
     #[error("the node certificate was renewed: reconnecting to present it")]
     Renewed,
+    /// The client's tasks ended before a snapshot came (a bug: they run until the client is
+    /// dropped); starting would hand the data plane the empty placeholder.
+    #[error("the control client stopped before a snapshot came")]
+    Stopped,
 }
 
 impl ControlError {
@@ -190,7 +194,8 @@ impl ControlError {
             | ControlError::Refused(_)
             | ControlError::Timeout
             | ControlError::Superseded
-            | ControlError::StateDir(_) => None,
+            | ControlError::StateDir(_)
+            | ControlError::Stopped => None,
             ControlError::Renewed => Some(close::NORMAL),
         }
     }
@@ -773,7 +778,9 @@ impl ControlClient {
         tasks.push(tokio::spawn(run(shared.clone(), endpoint, tx)));
         tasks.push(tokio::spawn(staleness_watch(shared.clone())));
         // The placeholder (version 0) is never handed out.
-        let _ = rx.wait_for(|s| s.version != 0).await;
+        if rx.wait_for(|s| s.version != 0).await.is_err() {
+            return Err(ControlError::Stopped);
+        }
         Ok(ControlClient {
             shared,
             snapshots: rx,

@@ -292,8 +292,12 @@ async fn to_completion(State(changes): State<Changes>, req: Request, next: Next)
     if matches!(*req.method(), Method::GET | Method::HEAD) {
         return next.run(req).await;
     }
+    let queued = Queued::enter(&changes.waiting);
     let permit = match tokio::time::timeout(changes.wait, changes.permits.acquire_owned()).await {
-        Ok(Ok(permit)) => permit,
+        Ok(Ok(permit)) => {
+            drop(queued);
+            permit
+        }
         // Waited long enough (the request's body, unread meanwhile, has a deadline of its
         // own), or closed.
         _ => {
@@ -334,6 +338,8 @@ pub const MAX_CHANGE_WAIT: std::time::Duration = std::time::Duration::from_secs(
 struct Changes {
     permits: Arc<tokio::sync::Semaphore>,
     wait: std::time::Duration,
+    /// Changes waiting for a permit now (their requests dropped when their clients go).
+    waiting: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Changes {
@@ -341,7 +347,24 @@ impl Changes {
         Changes {
             permits: Arc::new(tokio::sync::Semaphore::new(MAX_CHANGES_RUNNING)),
             wait,
+            waiting: Arc::default(),
         }
+    }
+}
+
+/// One change counted in [`Changes::waiting`] until dropped.
+struct Queued<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Queued<'a> {
+    fn enter(n: &'a std::sync::atomic::AtomicUsize) -> Queued<'a> {
+        n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Queued(n)
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -844,6 +867,7 @@ mod tests {
         SocketAddr,
         Held,
         tokio::task::JoinHandle<std::io::Result<()>>,
+        Arc<std::sync::atomic::AtomicUsize>,
     ) {
         async fn held(axum::extract::State(h): axum::extract::State<Held>) -> &'static str {
             h.started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -854,17 +878,29 @@ mod tests {
             started: Arc::default(),
             release: Arc::new(tokio::sync::Semaphore::new(0)),
         };
+        let changes = Changes::new(wait);
+        let waiting = changes.waiting.clone();
         let app = axum::Router::new()
             .route("/p", axum::routing::post(held))
             .with_state(h.clone())
-            .layer(axum::middleware::from_fn_with_state(
-                Changes::new(wait),
-                to_completion,
-            ));
+            .layer(axum::middleware::from_fn_with_state(changes, to_completion));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(async move { axum::serve(listener, app).await });
-        (addr, h, server)
+        (addr, h, server, waiting)
+    }
+
+    /// Waits (20 s at most) until `waiting` changes wait for a permit.
+    async fn queued(waiting: &std::sync::atomic::AtomicUsize, n: usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while waiting.load(std::sync::atomic::Ordering::Relaxed) != n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} changes waiting, not {n}",
+                waiting.load(std::sync::atomic::Ordering::Relaxed)
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// A change that waits longer than its bound for one of `MAX_CHANGES_RUNNING` to end is
@@ -872,7 +908,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_change_that_waits_too_long_is_answered_503() {
         use std::sync::atomic::Ordering::SeqCst;
-        let (addr, h, server) = serve_held(Duration::from_millis(300)).await;
+        let (addr, h, server, _) = serve_held(Duration::from_millis(300)).await;
         let clients: Vec<_> = (0..MAX_CHANGES_RUNNING)
             .map(|_| send_change(addr))
             .collect();
@@ -897,7 +933,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn changes_past_the_bound_wait_and_a_gone_client_s_change_never_runs() {
         use std::sync::atomic::Ordering::SeqCst;
-        let (addr, h, server) = serve_held(MAX_CHANGE_WAIT).await;
+        let (addr, h, server, waiting) = serve_held(MAX_CHANGE_WAIT).await;
         let clients: Vec<_> = (0..MAX_CHANGES_RUNNING)
             .map(|_| send_change(addr))
             .collect();
@@ -908,16 +944,17 @@ mod tests {
             .await
             .unwrap();
         // And one that stays.
-        let waiting = send_change(addr);
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let stays = send_change(addr);
+        queued(&waiting, 2).await;
         assert_eq!(h.started.load(SeqCst), MAX_CHANGES_RUNNING);
+        // The gone client's change leaves the queue before any permit is free: it never runs.
         drop(gone);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        // One held change ends: the client that stayed is next; the gone one never runs.
+        queued(&waiting, 1).await;
+        // One held change ends: the client that stayed is next.
         h.release.add_permits(1);
         h.started(MAX_CHANGES_RUNNING + 1).await;
         h.release.add_permits(MAX_CHANGES_RUNNING + 8);
-        let back = tokio::time::timeout(Duration::from_secs(20), waiting)
+        let back = tokio::time::timeout(Duration::from_secs(20), stays)
             .await
             .unwrap()
             .unwrap();
@@ -929,7 +966,7 @@ mod tests {
                 .unwrap();
             assert!(back.starts_with("HTTP/1.1 200"), "{back}");
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(waiting.load(SeqCst), 0);
         assert_eq!(h.started.load(SeqCst), MAX_CHANGES_RUNNING + 1);
         server.abort();
     }

@@ -1304,11 +1304,10 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert!(edge_had_it, "the edge never learned the entry");
+        // Not before its TTL from when it was made (passing it back and forth does not make it
+        // younger); the deadline above bounds how long after.
         let gone = made.elapsed();
-        assert!(
-            gone >= ttl / 2 && gone < ttl * 3,
-            "gone {gone:?} after it was made"
-        );
+        assert!(gone >= ttl, "gone {gone:?} after it was made");
     }
 
     /// A link marked down (a transit's `next_hop_unreachable` about it) is down until its mark

@@ -1927,13 +1927,14 @@ async fn removing_the_link_to_a_down_neighbour_closes_its_connection() {
 }
 
 /// A neighbour that flaps (its link silent for 350 ms every 500 ms) faster than the hold-down
-/// (1 s) is declared down once and stays down while it flaps: each failure while down starts
+/// (3 s: a cycle of the test's that runs late on a loaded machine must not leave the link up
+/// for a whole hold-down) is declared down once and stays down while it flaps: each failure while down starts
 /// the hold-down over. It is up again once it has answered for a whole hold-down after the
 /// last cut. (Misses while down went unjudged: it came up at the first reply a hold-down after
 /// the first verdict, and went down again at the next cut, about every 1.5 s.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flapping_neighbour_stays_down_until_it_answers_for_a_whole_hold_down() {
-    const HOLD_DOWN: Duration = Duration::from_secs(1);
+    const HOLD_DOWN: Duration = Duration::from_secs(3);
     let dir = ca_dir();
     let backend = tracked_echo_backend().await;
     let (hs, _txs, link, _port) = line_via_emulator(dir.path(), backend.addr, |cfg| {
@@ -1949,10 +1950,11 @@ async fn a_flapping_neighbour_stays_down_until_it_answers_for_a_whole_hold_down(
     .await;
     assert_eq!(downs(), 0);
 
-    // Flap for about 5 s; from the first verdict on, the site is never up.
+    // Flap for about 7 s (more than two hold-downs); from the first verdict on, the site is
+    // never up.
     let mut verdict_seen = false;
     let mut last_cut = Instant::now();
-    for _ in 0..10 {
+    for _ in 0..14 {
         link.cut_for(Duration::from_millis(350));
         last_cut = Instant::now();
         let cycle = last_cut;
@@ -2653,7 +2655,14 @@ async fn one_refused_backend_connect_leaves_the_service_healthy() {
     let backend = listener.local_addr().unwrap();
     let echo = tokio::spawn(echo_on(listener));
     let port = free_tcp_port();
-    let snap = edge_site("echo", backend, port);
+    let snap = {
+        let mut t = (*edge_site("echo", backend, port).topology).clone();
+        // One check every 20 s, the first at the start: only the refused stream could mark
+        // the service down in the window below (checks every 500 ms could, if the test ran
+        // late, and rightly).
+        site_of(&mut t).serves[0].health.interval = topology::Latency::from_micros(20_000_000);
+        Arc::new(Snapshot::new(1, Arc::new(t)))
+    };
     let (site, _tx) = spawn_node(&snap, dir.path(), "site", |_| {}).await;
     let (edge, _etx) = spawn_node(&snap, dir.path(), "edge", |c| {
         c.probe.hold_down = Duration::from_secs(30);
@@ -2679,7 +2688,7 @@ async fn one_refused_backend_connect_leaves_the_service_healthy() {
         || format!("no refused stream at the site: {}", site.metrics_text()),
     )
     .await;
-    // Back at once, before the checks could count it down (3 in a row, 500 ms apart).
+    // Back (no check came meanwhile).
     let listener = tokio::net::TcpListener::bind(backend).await.unwrap();
     let echo = tokio::spawn(echo_on(listener));
     let healthy = || site.telemetry().sites.first().map(|s| s.healthy);

@@ -87,6 +87,10 @@ pub(crate) struct SiteService {
     /// stream whose backend sent a byte ends the run (a check does not: a TCP check connects to
     /// a backend that resets every stream).
     silent_resets: Arc<AtomicU32>,
+    /// Marked down for dropping streams ([`closes_unprompted`] confirmed it), and not healthy
+    /// since: a TCP check connects to such a backend and finds it healthy, so until it is
+    /// healthy again its TCP checks also require it to keep a silent connection open.
+    silent_down: Arc<AtomicBool>,
 }
 
 impl SiteService {
@@ -247,6 +251,7 @@ pub(crate) fn reconcile(
                             .map(|o| o.failed_connects.clone())
                             .unwrap_or_default(),
                         silent_resets: same.map(|o| o.silent_resets.clone()).unwrap_or_default(),
+                        silent_down: same.map(|o| o.silent_down.clone()).unwrap_or_default(),
                     })
                 }
             };
@@ -309,12 +314,19 @@ async fn check_loop(shared: Arc<Shared>, svc: Arc<SiteService>) {
         .as_duration()
         .max(topology::HealthPolicy::MIN_INTERVAL.as_duration());
     loop {
-        let r = check_once(
+        let mut r = check_once(
             svc.backend,
             svc.health_check.as_deref(),
             shared.backend_connect_timeout,
         )
         .await;
+        // Down for dropping streams: a connect alone would bring it back at once, to drop the
+        // next five streams (an HTTP check fails on such a backend by itself).
+        if r.failure.is_none() && svc.health_check.is_none() && svc.silent_down.load(Relaxed) {
+            r.failure = closes_unprompted(svc.backend, shared.backend_connect_timeout)
+                .await
+                .map(|why| format!("it still {why}"));
+        }
         let now_ms = ms_since(shared.started);
         if r.connected {
             svc.connect_succeeded();
@@ -325,6 +337,7 @@ async fn check_loop(shared: Arc<Shared>, svc: Arc<SiteService>) {
         }
         match checker.observe(&svc, success, now_ms, shared.probe.hold_down) {
             Some(true) => {
+                svc.silent_down.store(false, Relaxed);
                 svc.healthy.store(true, Relaxed);
                 tracing::info!(node = %shared.node, service = %svc.service, "backend healthy again");
                 shared.changed.notify_one();
@@ -549,14 +562,19 @@ pub(crate) async fn serve(
     drop(slot);
     if svc.stream_ended(end) {
         match closes_unprompted(svc.backend, shared.backend_connect_timeout).await {
-            Some(why) => svc.mark_unhealthy(
-                &shared,
-                &format!(
-                    "{SERVE_DOWN_AFTER} streams in a row dropped by the backend before it answered, and it {why}"
-                ),
-            ),
-            None => tracing::info!(node = %shared.node, service = %svc.service, backend = %svc.backend,
-                "{SERVE_DOWN_AFTER} streams in a row dropped by the backend before it answered; it keeps a connection it is sent nothing on open: left in service"),
+            Some(why) => {
+                svc.silent_down.store(true, Relaxed);
+                svc.mark_unhealthy(
+                    &shared,
+                    &format!(
+                        "{SERVE_DOWN_AFTER} streams in a row dropped by the backend before it answered, and it {why}"
+                    ),
+                );
+            }
+            None => {
+                tracing::info!(node = %shared.node, service = %svc.service, backend = %svc.backend,
+                "{SERVE_DOWN_AFTER} streams in a row dropped by the backend before it answered; it keeps a connection it is sent nothing on open: left in service")
+            }
         }
     }
 }
@@ -577,6 +595,7 @@ mod tests {
             down_at_ms: Arc::default(),
             failed_connects: Arc::default(),
             silent_resets: Arc::default(),
+            silent_down: Arc::default(),
         }
     }
 

@@ -2844,6 +2844,18 @@ async fn a_backend_that_resets_every_stream_before_answering_is_marked_down() {
         || format!("healthy after five resets in a row: {:?}", healthy()),
     )
     .await;
+    // And down past its hold-down (1 s) and checks (every 500 ms) while it still drops what it
+    // accepts: its TCP checks connect, but it still drops a silent connection. (A connect
+    // brought it back after the hold-down, to drop five more streams, again and again.)
+    let until = Instant::now() + Duration::from_millis(3000);
+    while Instant::now() < until {
+        assert_eq!(
+            healthy(),
+            Some(false),
+            "back while still dropping connections"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     // Answering again: healthy once the hold-down is over and the checks pass, and serving.
     mode.store(ECHO, SeqCst);
     wait_until(

@@ -573,7 +573,7 @@ pub(crate) async fn serve(
             }
             None => {
                 tracing::info!(node = %shared.node, service = %svc.service, backend = %svc.backend,
-                "{SERVE_DOWN_AFTER} streams in a row dropped by the backend before it answered; it keeps a connection it is sent nothing on open: left in service")
+                "{SERVE_DOWN_AFTER} streams in a row dropped by the backend before it answered; it keeps a connection it is sent nothing on open (or could not be reached to ask): left in service")
             }
         }
     }

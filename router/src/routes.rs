@@ -850,6 +850,11 @@ impl Control {
         let mut names: Vec<String> = topo.nodes.iter().map(|n| n.id.to_string()).collect();
         names.extend(sh.extra_peer_names.iter().cloned());
         sh.peers.set(names);
+        // Site services first: a stream for a service this snapshot adds, served between the
+        // snapshot's store and the services' update, was refused `service_not_served` (the new
+        // topology says this site serves it), which sets the site aside at the edge for a
+        // hold-down.
+        site::reconcile(&sh, &topo, &mut self.checkers, &mut self.retired_services);
         sh.snapshot.store(snap.clone());
         crate::edge::apply_circuits(&sh, &snap);
         // Bind errors are logged and tried again at each tick (the last good listeners stay),
@@ -904,9 +909,6 @@ impl Control {
             .map(|(id, (nb, _))| (id.clone(), nb.clone()))
             .collect();
         sh.neighbours.store(Arc::new(map));
-
-        // Site services.
-        site::reconcile(&sh, &topo, &mut self.checkers, &mut self.retired_services);
     }
 
     /// Merges the snapshot's live state with local evidence.

@@ -263,8 +263,9 @@ pub(crate) fn reconcile(
             retired.insert(name.clone(), svc.clone());
         }
     }
-    // Held by slots: the record's own reference and one per slot.
-    retired.retain(|name, svc| !new.contains_key(name) && Arc::strong_count(&svc.active) > 1);
+    // Kept while a slot is taken: `active` counts them. (Its references do not: records of one
+    // service share it across a capacity change, and a checker still holds an older record.)
+    retired.retain(|name, svc| !new.contains_key(name) && svc.active.load(Relaxed) > 0);
     checkers.retain(|name, h| {
         let keep = new
             .get(name)

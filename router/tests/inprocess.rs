@@ -2539,6 +2539,99 @@ async fn roundtrip_until(port: u16, msg: &[u8], served: impl Fn(&[u8]) -> bool) 
     }
 }
 
+/// An HTTP backend that answers every request with the status in `status` (and closes),
+/// counting the `GET /health` requests (the site's checks) in `checks`.
+async fn http_status_backend(
+    status: Arc<std::sync::atomic::AtomicU16>,
+    checks: Arc<std::sync::atomic::AtomicUsize>,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    use std::sync::atomic::Ordering::SeqCst;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    let http = tokio::spawn(async move {
+        loop {
+            let Ok((mut c, _)) = listener.accept().await else {
+                return;
+            };
+            let (status, checks) = (status.clone(), checks.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut n = 0;
+                while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") && n < buf.len() {
+                    match c.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => n += k,
+                    }
+                }
+                if buf[..n].starts_with(b"GET /health ") {
+                    checks.fetch_add(1, SeqCst);
+                }
+                let s = status.load(SeqCst);
+                let answer =
+                    format!("HTTP/1.1 {s} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                let _ = c.write_all(answer.as_bytes()).await;
+                let _ = c.shutdown().await;
+            });
+        }
+    });
+    (backend, http)
+}
+
+/// A service whose capacity changed, then removed with no stream open, and served again with an
+/// HTTP check is judged afresh: unhealthy until its check passes (its backend, restarted,
+/// answers 503 while it loads). (Its old record stayed aside, taken for one held by a stream,
+/// and came back with its old health: healthy at once, sent clients until three checks failed.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_removed_with_no_stream_open_comes_back_judged_afresh() {
+    use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering::SeqCst};
+    let status = Arc::new(AtomicU16::new(200));
+    let checks = Arc::new(AtomicUsize::new(0));
+    let (backend, http) = http_status_backend(status.clone(), checks.clone()).await;
+    let dir = ca_dir();
+    let mut t = (*edge_site("echo", backend, free_tcp_port()).topology).clone();
+    site_of(&mut t).serves[0].health_check = Some("/health".into());
+    site_of(&mut t).serves[0].capacity = 10;
+    let (site, tx) = spawn_node(
+        &Arc::new(Snapshot::new(1, Arc::new(t.clone()))),
+        dir.path(),
+        "site",
+        |_| {},
+    )
+    .await;
+    let healthy = || site.telemetry().sites.first().map(|s| s.healthy);
+    wait_until(
+        Duration::from_secs(20),
+        || healthy() == Some(true),
+        || format!("never healthy: {:?}", healthy()),
+    )
+    .await;
+    let apply = |version: u64, topo: topology::Topology| {
+        tx.send(Arc::new(Snapshot::new(version, Arc::new(topo))))
+            .unwrap();
+        let site = &site;
+        async move {
+            wait_until(
+                Duration::from_secs(20),
+                || site.telemetry().snapshot_version == version,
+                || format!("snapshot {version} not applied"),
+            )
+            .await;
+        }
+    };
+    let mut bigger = t.clone();
+    site_of(&mut bigger).serves[0].capacity = 20;
+    apply(2, bigger.clone()).await;
+    let mut without = t.clone();
+    site_of(&mut without).serves.clear();
+    apply(3, without).await;
+    status.store(503, SeqCst);
+    apply(4, bigger).await;
+    assert_eq!(healthy(), Some(false), "came back with its old health");
+    http.abort();
+    site.shutdown().await;
+}
+
 /// With a `health_check` path, the site checks its backend by HTTP: a backend that accepts
 /// connections but answers 503 (a model server loading its weights) is unhealthy from the
 /// start and takes no stream; once it answers 200 it is healthy and serves; 503 again, and it
@@ -2547,40 +2640,9 @@ async fn roundtrip_until(port: u16, msg: &[u8], served: impl Fn(&[u8]) -> bool) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http_health_check_keeps_a_backend_that_answers_503_out() {
     use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering::SeqCst};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let status = Arc::new(AtomicU16::new(503));
     let checks = Arc::new(AtomicUsize::new(0));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let backend = listener.local_addr().unwrap();
-    let http = {
-        let (status, checks) = (status.clone(), checks.clone());
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut c, _)) = listener.accept().await else {
-                    return;
-                };
-                let (status, checks) = (status.clone(), checks.clone());
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 4096];
-                    let mut n = 0;
-                    while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") && n < buf.len() {
-                        match c.read(&mut buf[n..]).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(k) => n += k,
-                        }
-                    }
-                    if buf[..n].starts_with(b"GET /health ") {
-                        checks.fetch_add(1, SeqCst);
-                    }
-                    let s = status.load(SeqCst);
-                    let answer =
-                        format!("HTTP/1.1 {s} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
-                    let _ = c.write_all(answer.as_bytes()).await;
-                    let _ = c.shutdown().await;
-                });
-            }
-        })
-    };
+    let (backend, http) = http_status_backend(status.clone(), checks.clone()).await;
     let dir = ca_dir();
     let port = free_tcp_port();
     let mut t = (*edge_site("echo", backend, port).topology).clone();

@@ -921,6 +921,55 @@ async fn live_updates_after_a_rejection_wait_with_the_rejected_version() {
     d.shutdown().await;
 }
 
+/// A version held back with a rejected one (the rejected topology and circuits again) goes out
+/// once the router took a later version: the rejection is over. (Held back, it was marked seen
+/// and owed to no one: the ACK ended the back-off whose end would have offered it, and the
+/// router ran on the version before until something else changed.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_held_back_with_a_rejected_one_goes_once_a_later_one_is_taken() {
+    use router::control::proto::{FromRouter, ToRouter};
+    let dir = tempfile::tempdir().unwrap();
+    let (d, _, mut s, version) =
+        offered_to_edge_0(dir.path(), &fabric_nodes(1, 2), &fabric_yaml(93, 1, 2, 10)).await;
+    s.say(&nack(version, "cannot bind: port taken")).await;
+    eventually(Duration::from_secs(10), "the rejection recorded", || {
+        router_status(&d, "edge-0").is_some_and(|r| r.record.last_nack.is_some())
+    })
+    .await;
+    // Other circuits: another offer, sent at once.
+    let original = d.ctl.published().circuits.clone();
+    let mut other = (*original).clone();
+    other.push(topology::circuit::ProvisionedCircuit {
+        id: topology::circuit::CircuitId::new("c-000001"),
+        edge: topology::NodeId::new("edge-0"),
+        prefix: "10.9.0.0/24".parse().unwrap(),
+        service: topology::ServiceName::new("llm-chat"),
+        vip: None,
+        port: None,
+        rate: topology::Bandwidth::from_mbps(10),
+        path: ["edge-0", "transit-0", "site-0"]
+            .into_iter()
+            .map(topology::NodeId::new)
+            .collect(),
+    });
+    let other = d.ctl.publish_circuits(std::sync::Arc::new(other)).unwrap();
+    assert_eq!(version_of(&next_news(&mut s.recv).await), other);
+    // Back to the rejected version's circuits: held back with it.
+    let back = d.ctl.publish_circuits(original).unwrap();
+    // The router takes the other version: the rejection is over, and the held one goes.
+    s.say(&FromRouter::Ack { version: other }).await;
+    let next = tokio::time::timeout(Duration::from_secs(20), next_news(&mut s.recv))
+        .await
+        .expect("the held-back version never went out");
+    match next {
+        ToRouter::Snapshot { version, .. }
+        | ToRouter::Delta { version, .. }
+        | ToRouter::Live { version, .. } => assert_eq!(version, back),
+        other => panic!("expected version {back}, got {other:?}"),
+    }
+    d.shutdown().await;
+}
+
 /// A rejection that arrives after a later version of the same offer went out (a live update
 /// written as a delta on the rejected version, which the router answers with `Resync`) is still
 /// that offer: rejected again, its back-off doubles. (Its content was taken only from the

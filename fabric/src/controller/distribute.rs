@@ -412,6 +412,8 @@ async fn session(
     let mut warned_renewals = false;
     // The version this session's router rejected last (see [`NACK_RETRY_FIRST`]).
     let mut rejected: Option<Rejected> = None;
+    // The current version was held back with a rejected one (the same offer) and not sent.
+    let mut held_back = false;
     loop {
         if force_full || changed {
             changed = false;
@@ -423,6 +425,7 @@ async fn session(
             // start) is no version to serve: the router keeps the snapshot it holds, with its
             // circuits, until one carries them (then its first full snapshot goes out).
             if p.with_circuits {
+                held_back = refused && sent != Some(p.version);
                 if !refused && (force_full || sent != Some(p.version)) {
                     let bytes = match &p.delta {
                         Some((base, delta)) if !force_full && sent == Some(*base) => delta.clone(),
@@ -482,6 +485,9 @@ async fn session(
                             .ok_or(ConnError::NotSent { what: "acknowledgement", version })?;
                         ctl.router_ack(rs, version, tv);
                         rejected = None;
+                        // A version held back with the rejection is owed now (marked seen when
+                        // it was held back): the top of the loop sends it.
+                        changed |= held_back;
                     }
                     FromRouter::Nack { version, reason } => {
                         let (tv, digest) = unanswered
@@ -499,6 +505,9 @@ async fn session(
                         ));
                         // It holds an older version: no delta on top of the one it rejected.
                         sent = None;
+                        // The rejection it replaced may have held back a version that this one
+                        // does not: the top of the loop decides again.
+                        changed |= held_back;
                     }
                     FromRouter::Resync { .. } => {
                         let (current, offers) = {

@@ -415,6 +415,12 @@ async fn session(
     // The current version was held back with a rejected one (the same offer) and not sent.
     let mut held_back = false;
     loop {
+        // Told to end (superseded, or the node removed) while this task ran on: it sends
+        // nothing more, the version that removes the node least of all. The caller's select
+        // sees the end at its next look, woken by it.
+        if rs.is_ended() {
+            return std::future::pending().await;
+        }
         if force_full || changed {
             changed = false;
             let p = rx.borrow_and_update().clone();

@@ -192,6 +192,11 @@ impl RouterSession {
         self.id
     }
 
+    /// Whether the session was told to end ([`RouterSession::ended`] would be ready).
+    pub fn is_ended(&self) -> bool {
+        self.end.why.get().is_some()
+    }
+
     /// Completes once the controller ends this session: a newer session of the node took over,
     /// or the node left the topology (cancel-safe; at once when it already happened).
     pub async fn ended(&self) -> SessionEnd {

@@ -420,6 +420,61 @@ async fn a_router_that_never_opens_its_stream_is_closed_after_the_hello_timeout(
     d.shutdown().await;
 }
 
+/// One node's connections awaiting their hello are bounded: past [`MAX_AWAITING_HELLO`], the
+/// next is closed at once (`refused`), not held for the hello timeout; once they leave, the node
+/// connects as usual. (Each was held, with its task, for the hello timeout: one certificate
+/// could make the controller hold as many as it could open.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nodes_connections_awaiting_their_hello_are_bounded() {
+    use fabric::controller::distribute::{HELLO_TIMEOUT, MAX_AWAITING_HELLO};
+    use router::codes::close;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (d, tls) =
+        controller_with_pki(dir.path(), &fabric_nodes(1, 1), &fabric_yaml(67, 1, 1, 10)).await;
+    let mut silent = Vec::new();
+    for _ in 0..MAX_AWAITING_HELLO {
+        silent.push(raw_control(d.quic_addr, &tls, "edge-0").await);
+    }
+    let (_ep, conn) = raw_control(d.quic_addr, &tls, "edge-0").await;
+    match tokio::time::timeout(HELLO_TIMEOUT / 2, conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
+            assert_eq!(
+                c.error_code.into_inner(),
+                u64::from(close::REFUSED),
+                "{c:?}"
+            );
+            let reason = String::from_utf8_lossy(&c.reason).to_string();
+            assert!(reason.contains("await their hello"), "{reason}");
+        }
+        other => panic!("expected a refusal at once, got {other:?}"),
+    }
+    // The waiting ones still count until they go: each is closed when its connection ends.
+    for (ep, conn) in silent.drain(..) {
+        conn.close(0u32.into(), b"bye");
+        ep.wait_idle().await;
+    }
+    // (Their ends reach the controller in their own time: tried until a session is served.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut s = raw_hello(d.quic_addr, &tls, "edge-0", "edge-0").await;
+        let first = tokio::time::timeout(
+            Duration::from_secs(10),
+            router::control::proto::read_frame(&mut s.recv, router::control::proto::MAX_TO_ROUTER),
+        )
+        .await;
+        if matches!(first, Ok(Ok(Some(_)))) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no session after the silent connections left: {first:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    d.shutdown().await;
+}
+
 /// A hello is a few dozen bytes: one announced larger than [`MAX_HELLO`] closes the connection
 /// at once as a protocol error, before its payload. (The controller took any frame up to 1 MiB
 /// as a hello, allocated at its announced size and held for the hello timeout: with one valid

@@ -77,6 +77,11 @@ pub const RENEW_BURST: u32 = 4;
 pub const RENEW_EVERY: Duration = Duration::from_secs(10);
 /// A router must open its control stream and send its hello within this time.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections of one node (by its certificate) that may wait for their hello at once; more are
+/// closed at once (`close::REFUSED`). A router sends its hello as soon as it connects, and
+/// keeps at most one session; without a bound, one certificate could hold a connection and a
+/// task per handshake for [`HELLO_TIMEOUT`] each, as many as it could open.
+pub const MAX_AWAITING_HELLO: u32 = 4;
 /// The largest hello taken (a hello is a node id, a version and a flag: a few dozen bytes). A
 /// connection's frames are read at their announced size, so this bounds what a peer that has
 /// not said who it is yet can make the controller hold; later frames may be up to
@@ -151,6 +156,7 @@ pub async fn serve(
     // Handshakes at once are bounded (a flood of Initials from forged addresses): every
     // router at once after a restart fits; past that, peers prove their address first.
     let gate = HandshakeGate::new(HandshakeGate::CONTROLLER);
+    let awaiting = Arc::new(AwaitingHello::default());
     while let Some(incoming) = endpoint.accept().await {
         let remote = incoming.remote_address();
         let (incoming, ticket) = match gate.admit(incoming) {
@@ -164,13 +170,14 @@ pub async fn serve(
         let ctl = ctl.clone();
         let issuer = issuer.clone();
         let cert = cert.clone();
+        let awaiting = awaiting.clone();
         tokio::spawn(async move {
             let conn = incoming.await;
             drop(ticket);
             match conn {
                 Ok(conn) => {
                     let _trust_watch = tls::watch_trust(cert, conn.clone());
-                    match connection(&ctl, &issuer, conn.clone(), write_stall).await {
+                    match connection(&ctl, &issuer, conn.clone(), write_stall, &awaiting).await {
                         // Normal after a router reconnected: the newer session logged its start.
                         Err(e @ ConnError::Superseded { .. }) => {
                             let node = tls::peer_name(&conn, &ctl.peers).map(clip);
@@ -207,6 +214,8 @@ enum ConnError {
     Refused(String),
     #[error("no hello within {HELLO_TIMEOUT:?}")]
     Timeout,
+    #[error("{MAX_AWAITING_HELLO} connections of this node already await their hello")]
+    TooManyAwaiting,
     #[error("{what} of version {version}, which this session did not send (or it was answered)")]
     NotSent { what: &'static str, version: u64 },
     #[error("the router took no byte of its control stream for {0:?}: it stopped reading")]
@@ -222,7 +231,7 @@ impl ConnError {
     /// others are a connection already gone).
     fn close_code(&self) -> Option<u32> {
         match self {
-            ConnError::Refused(_) => Some(close::REFUSED),
+            ConnError::Refused(_) | ConnError::TooManyAwaiting => Some(close::REFUSED),
             ConnError::Timeout => Some(close::HELLO_TIMEOUT),
             ConnError::Stalled(_) => Some(close::WRITE_STALLED),
             ConnError::Superseded { .. } => Some(close::SUPERSEDED),
@@ -261,8 +270,9 @@ async fn connection(
     issuer: &Arc<NodeIssuer>,
     conn: quinn::Connection,
     write_stall: Duration,
+    awaiting: &Arc<AwaitingHello>,
 ) -> Result<(), ConnError> {
-    let res = handshake_and_session(ctl, issuer, &conn, write_stall).await;
+    let res = handshake_and_session(ctl, issuer, &conn, write_stall, awaiting).await;
     if let Err(e) = &res
         && let Some(code) = e.close_code()
     {
@@ -290,13 +300,55 @@ async fn write(
     Ok(())
 }
 
+/// Connections awaiting their hello, per node name of their certificate
+/// ([`MAX_AWAITING_HELLO`]).
+#[derive(Default)]
+struct AwaitingHello(dashmap::DashMap<String, u32>);
+
+/// One connection counted in [`AwaitingHello`] until dropped.
+struct Awaits<'a> {
+    of: &'a AwaitingHello,
+    node: String,
+}
+
+impl AwaitingHello {
+    /// Counts a connection of `node`, unless [`MAX_AWAITING_HELLO`] are counted already.
+    fn enter(&self, node: &str) -> Option<Awaits<'_>> {
+        let mut n = self.0.entry(node.to_string()).or_insert(0);
+        if *n >= MAX_AWAITING_HELLO {
+            return None;
+        }
+        *n += 1;
+        Some(Awaits {
+            of: self,
+            node: node.to_string(),
+        })
+    }
+}
+
+impl Drop for Awaits<'_> {
+    fn drop(&mut self) {
+        self.of.0.remove_if_mut(&self.node, |_, n| {
+            *n = n.saturating_sub(1);
+            *n == 0
+        });
+    }
+}
+
 async fn handshake_and_session(
     ctl: &Arc<Controller>,
     issuer: &Arc<NodeIssuer>,
     conn: &quinn::Connection,
     write_stall: Duration,
+    awaiting: &AwaitingHello,
 ) -> Result<(), ConnError> {
     let cert_name = tls::peer_name(conn, &ctl.peers);
+    // Counted until its hello was taken (a certificate of no node of the topology is refused
+    // at its hello, as before).
+    let awaits = match cert_name.as_deref() {
+        Some(name) => Some(awaiting.enter(name).ok_or(ConnError::TooManyAwaiting)?),
+        None => None,
+    };
     // The stream and the hello on it, both within the timeout: the endpoint's keep-alive holds
     // an idle connection open, so a peer that never opens a stream would hold its task forever.
     let opened = async {
@@ -307,6 +359,7 @@ async fn handshake_and_session(
     let (mut send, mut recv, hello) = tokio::time::timeout(HELLO_TIMEOUT, opened)
         .await
         .map_err(|_| ConnError::Timeout)??;
+    drop(awaits);
     let Some(hello) = hello else { return Ok(()) };
     let FromRouter::Hello {
         node,

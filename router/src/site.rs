@@ -390,14 +390,14 @@ async fn check_once(backend: SocketAddr, path: Option<&str>, within: Duration) -
             .map_err(|e| format!("sending the request: {e}"))?;
         let mut buf = [0u8; MAX_CHECK_ANSWER];
         let mut n = 0;
-        while n < buf.len() && !buf[..n].contains(&b'\n') {
+        while n < buf.len() && final_answer(&buf[..n]).is_none() {
             match tcp.read(&mut buf[n..]).await {
                 Ok(0) => break,
                 Ok(k) => n += k,
                 Err(e) => return Err(format!("reading the answer: {e}")),
             }
         }
-        http_status_ok(&buf[..n])
+        http_status_ok(final_answer(&buf[..n]).unwrap_or(&buf[..n]))
     };
     let failure = match tokio::time::timeout(within, run).await {
         Ok(Ok(())) => None,
@@ -405,6 +405,35 @@ async fn check_once(backend: SocketAddr, path: Option<&str>, within: Duration) -
         Err(_) => Some(format!("no answer within {within:?}")),
     };
     CheckResult { connected, failure }
+}
+
+/// The final answer in `head`, from its status line on, once that line is whole: interim
+/// (1xx) answers before it, each ended by an empty line, are skipped, as RFC 9110 (15.2) asks
+/// of a client (a backend may send `103 Early Hints` first). `None` while more bytes are
+/// needed.
+fn final_answer(head: &[u8]) -> Option<&[u8]> {
+    let mut at = 0;
+    loop {
+        let rest = &head[at..];
+        let line = &rest[..rest.iter().position(|&b| b == b'\n')?];
+        let interim = line.starts_with(b"HTTP/")
+            && line
+                .split(|&b| b == b' ')
+                .nth(1)
+                .is_some_and(|code| code.len() == 3 && code[0] == b'1');
+        if !interim {
+            return Some(rest);
+        }
+        let end = [&b"\r\n\r\n"[..], b"\n\n"]
+            .iter()
+            .filter_map(|blank| {
+                rest.windows(blank.len())
+                    .position(|w| w == *blank)
+                    .map(|p| p + blank.len())
+            })
+            .min()?;
+        at += end;
+    }
 }
 
 /// Whether an HTTP answer's status line (`HTTP/1.1 200 OK`) says 2xx or 3xx.
@@ -598,6 +627,37 @@ mod tests {
             silent_resets: Arc::default(),
             silent_down: Arc::default(),
         }
+    }
+
+    /// Interim answers (1xx) before the final one are skipped: a `103 Early Hints` then `200`
+    /// is healthy, a `100 Continue` then `503` is not. (The 103 failed the check.)
+    #[test]
+    fn an_http_check_judges_the_final_answer_after_interim_ones() {
+        let judge = |head: &[u8]| http_status_ok(final_answer(head).unwrap_or(head));
+        assert_eq!(
+            judge(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\n"),
+            Ok(())
+        );
+        assert_eq!(
+            judge(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 503 Busy\r\n"),
+            Err("HTTP status 503".to_string())
+        );
+        // Still waiting: an interim answer whose end, or whose final answer's status line,
+        // has not come.
+        assert_eq!(
+            final_answer(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n"),
+            None
+        );
+        assert_eq!(final_answer(b"HTTP/1.1 103 X\r\n\r\nHTTP/1.1 200"), None);
+        assert_eq!(
+            final_answer(b"HTTP/1.1 200 OK\r\n"),
+            Some(&b"HTTP/1.1 200 OK\r\n"[..])
+        );
+        // Cut off after the interim answer: judged by what came (a failure).
+        assert_eq!(
+            judge(b"HTTP/1.1 103 Early Hints\r\n"),
+            Err("HTTP status 103".to_string())
+        );
     }
 
     #[test]

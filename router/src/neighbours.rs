@@ -374,6 +374,9 @@ pub(crate) struct Liveness {
     /// The connection's handshake RTT ([`Liveness::for_connection`]): the first probe sample is
     /// capped as later ones are, from it.
     handshake_rtt: Option<Duration>,
+    /// When the last `Down` verdict was given: a deadline it moved into the past (the silence
+    /// allowed once down is shorter) was not missed by a stall of this router's.
+    judged: tokio::time::Instant,
 }
 
 impl Liveness {
@@ -394,6 +397,7 @@ impl Liveness {
             graces: 0,
             down: false,
             handshake_rtt: None,
+            judged: now,
         }
     }
     /// The detector of a connection made at `now` with a handshake RTT of `rtt`: the classic rule
@@ -472,7 +476,7 @@ impl Liveness {
     /// dead for this router's own stall would keep a live neighbour out for as long as this
     /// router is starved.
     fn stalled(&mut self, now: tokio::time::Instant, timeout: Duration) -> bool {
-        let late = now.saturating_duration_since(self.deadline());
+        let late = now.saturating_duration_since(self.deadline().max(self.judged));
         if late <= timeout || self.graces >= MAX_STALL_GRACES {
             return false;
         }
@@ -517,7 +521,7 @@ impl Liveness {
         if self.stalled(now, timeout) {
             return Some(Verdict::Stalled);
         }
-        if self.down && now >= self.last_heard + DEAD_AFTER {
+        if self.down && now >= self.last_heard + self.dead_after() {
             return Some(Verdict::Dead);
         }
         // Down too: a probe that has not left is no miss, and a relapse for it would start the
@@ -545,10 +549,25 @@ impl Liveness {
         }
         self.sent
     }
-    /// The longest silence (no packet at all) that gives no verdict: [`HARD_SILENCE`], and once
-    /// down [`DEAD_AFTER`] (shorter), which ends the connection.
+    /// The longest silence (no packet at all) that gives no verdict: [`Self::hard_silence`],
+    /// and once down [`Self::dead_after`] (shorter), which ends the connection.
     fn silence(&self) -> Duration {
-        if self.down { DEAD_AFTER } else { HARD_SILENCE }
+        if self.down {
+            self.dead_after()
+        } else {
+            self.hard_silence()
+        }
+    }
+    /// [`HARD_SILENCE`], or the classic rule's silence when that is longer: a probe interval
+    /// over about 2 s leaves a live peer silent that long between its pongs, and the fixed
+    /// bound took it down (and, with [`DEAD_AFTER`], closed its connection) after each one.
+    fn hard_silence(&self) -> Duration {
+        HARD_SILENCE.max(self.detect())
+    }
+    /// [`DEAD_AFTER`], or two probe intervals when that is longer (a neighbour down, answering
+    /// each probe of a long interval, is alive).
+    fn dead_after(&self) -> Duration {
+        DEAD_AFTER.max(self.interval * 2)
     }
     /// When [`Liveness::expire`] must run next.
     pub fn deadline(&self) -> tokio::time::Instant {
@@ -558,29 +577,31 @@ impl Liveness {
     /// At the deadline: is the peer down (or, once down, dead, or failing again), or does a
     /// missed probe call for a re-probe?
     pub fn expire(&mut self, now: tokio::time::Instant) -> Option<Verdict> {
-        if self.down && now >= self.last_heard + DEAD_AFTER {
+        if self.down && now >= self.last_heard + self.dead_after() {
             return Some(Verdict::Dead);
         }
-        let verdict =
-            if now >= self.last_alive + self.detect() || now >= self.last_heard + HARD_SILENCE {
-                Some(Verdict::Down)
-            } else {
-                match self.outstanding {
-                    Some(o) if now >= o => {
-                        self.outstanding = None;
-                        self.misses += 1;
-                        Some(if self.misses >= self.misses_needed {
-                            Verdict::Down
-                        } else {
-                            Verdict::Reprobe
-                        })
-                    }
-                    _ => None,
+        let verdict = if now >= self.last_alive + self.detect()
+            || now >= self.last_heard + self.hard_silence()
+        {
+            Some(Verdict::Down)
+        } else {
+            match self.outstanding {
+                Some(o) if now >= o => {
+                    self.outstanding = None;
+                    self.misses += 1;
+                    Some(if self.misses >= self.misses_needed {
+                        Verdict::Down
+                    } else {
+                        Verdict::Reprobe
+                    })
                 }
-            };
+                _ => None,
+            }
+        };
         if verdict == Some(Verdict::Down) {
             // Judged afresh from now: a relapse needs as much failure again (the verdict's own
             // deadline, left in the past, made one at once).
+            self.judged = now;
             self.last_alive = now;
             self.misses = 0;
             self.outstanding = None;
@@ -1275,6 +1296,47 @@ mod tests {
         let mut live = Liveness::new(ProbeConfig::default(), t0);
         live.probe_sent(t0, timeout);
         (live, timeout)
+    }
+
+    /// A probe interval longer than the fixed silences (2 s up, 1 s down): a live peer, silent
+    /// between its pongs for an interval, stays up, and a dead one is still found by its missed
+    /// probes. (It went down 2 s after each pong, was closed as dead 1 s later, and never came
+    /// up: every interval over about 2 s, which the bounds allow, left no neighbour up.)
+    #[test]
+    fn a_long_probe_interval_keeps_a_live_peer_up() {
+        let p = ProbeConfig {
+            interval: Duration::from_secs(5),
+            ..ProbeConfig::default()
+        };
+        let rtt = Duration::from_millis(1);
+        assert_eq!(run(p, rtt, Duration::from_secs(3600), &[]), None);
+        // Dead before the second probe (at 5 s): down at its misses.
+        let down = run(p, rtt, Duration::from_millis(4500), &[]).expect("a dead peer found");
+        assert!(down <= Duration::from_secs(5) + 4 * probe_timeout(rtt), "{down:?}");
+    }
+
+    /// Down by the hard silence (the probes stuck behind a full window, the peer dead), a
+    /// deadline right after is the dead verdict, not a stall of this router's: the shorter
+    /// silence allowed once down had put that deadline in the past. (It was taken for a stall:
+    /// `tasman_probe_stalls_total` counted one, the log blamed this router, and the close came
+    /// a probe timeout late.)
+    #[test]
+    fn a_down_by_the_hard_silence_is_followed_by_dead_not_a_stall() {
+        let t0 = T::now();
+        let (mut live, timeout) = probing(t0);
+        let mut now = t0;
+        loop {
+            now = live.deadline().max(now);
+            match live.at_deadline(now, false, timeout) {
+                Some(Verdict::Down) => break,
+                None => {}
+                other => panic!("{other:?} at {:?}", now - t0),
+            }
+            assert!(now - t0 < Duration::from_secs(10), "never down");
+        }
+        assert!(now - t0 >= HARD_SILENCE, "{:?}", now - t0);
+        let next = live.deadline().max(now);
+        assert_eq!(live.at_deadline(next, true, timeout), Some(Verdict::Dead));
     }
 
     /// This router stalls for 500 ms with a probe outstanding, its peer alive: the deadline met

@@ -17,6 +17,11 @@ use crate::probe::Probe;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How long a connection that answered probes must have lasted for the back-off to start over
+/// (and the neighbour's wakes to be heeded again): one that answers a ping and is then closed,
+/// again and again (a peer in a crash loop, or a misbehaving one), is redialled at the growing
+/// back-off, not every 50-75 ms.
+const STABLE_FOR: Duration = Duration::from_secs(1);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// A dial still pending this long when the neighbour has connected to us lost its Initial: it
 /// is made again at once. Quinn sends a lost Initial again at its probe timeout, about 1 s after
@@ -190,15 +195,18 @@ pub(crate) async fn run_dialer(shared: Arc<Shared>, nb: Arc<Neighbour>) {
             // it holds the connection closes it, down or up: streams still on it must not run
             // on unprobed and unwatched. (Ended here, it is closed already.)
             let _close = CloseOnDrop(&conn);
+            let began = Instant::now();
             let answered = probe_until_down(&shared, &nb, &conn, &mut down_since).await;
             if nb.is_up() {
                 nb.set_down();
                 shared.changed.notify_one();
             }
             if answered {
-                backoff = BACKOFF_MIN;
                 down_since = Some(Instant::now());
-                heed_wakes = true;
+                if began.elapsed() >= STABLE_FOR {
+                    backoff = BACKOFF_MIN;
+                    heed_wakes = true;
+                }
             } else {
                 nb.dial_failures.fetch_add(1, Relaxed);
                 tracing::debug!(node = %shared.node, neighbour = %nb.id,
@@ -1312,7 +1320,10 @@ mod tests {
         assert_eq!(run(p, rtt, Duration::from_secs(3600), &[]), None);
         // Dead before the second probe (at 5 s): down at its misses.
         let down = run(p, rtt, Duration::from_millis(4500), &[]).expect("a dead peer found");
-        assert!(down <= Duration::from_secs(5) + 4 * probe_timeout(rtt), "{down:?}");
+        assert!(
+            down <= Duration::from_secs(5) + 4 * probe_timeout(rtt),
+            "{down:?}"
+        );
     }
 
     /// Down by the hard silence (the probes stuck behind a full window, the peer dead), a

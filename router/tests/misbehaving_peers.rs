@@ -261,6 +261,53 @@ async fn a_neighbours_word_on_itself_is_taken_whatever_its_clock() {
     .await;
 }
 
+/// A neighbour that answers one ping per connection and then closes it (a peer in a crash loop,
+/// or a misbehaving one) is redialled at the growing back-off: a handful of dials in 3 s. (Any
+/// answered probe started the back-off over: a dial every 50-75 ms, for as long as it lasted.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_neighbour_that_closes_after_one_pong_is_redialled_at_the_back_off() {
+    let dir = ca_dir();
+    let t = common::edge_and_near(echo_backend().await);
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    let (accepted_tx, mut accepted) = tokio::sync::mpsc::unbounded_channel();
+    let (_near, _) = fake_neighbour(
+        dir.path(),
+        &t,
+        "near",
+        router::transport::transport_config(),
+        move |conn, _| {
+            let accepted = accepted_tx.clone();
+            async move {
+                let _ = accepted.send(tokio::time::Instant::now());
+                while let Ok(d) = conn.read_datagram().await {
+                    if let Ok(Probe::Ping { seq }) = Probe::decode(d) {
+                        let (pong, _) = Probe::encode_pong(seq, &[own_entry("near", 1)], 0, 1200);
+                        let _ = conn.send_datagram(pong);
+                        // The pong leaves (loopback), then the "crash".
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        conn.close(0u32.into(), b"crash");
+                        return;
+                    }
+                }
+            }
+        },
+    );
+    let (edge, _tx) = spawn_node(&snap, dir.path(), "edge", |_| {}).await;
+    let first = tokio::time::timeout(Duration::from_secs(20), accepted.recv())
+        .await
+        .expect("the edge never dialled")
+        .unwrap();
+    let end = first + Duration::from_secs(3);
+    let mut dials = 1;
+    while let Ok(Some(_)) = tokio::time::timeout_at(end, accepted.recv()).await {
+        dials += 1;
+    }
+    assert!(dials >= 2, "never redialled");
+    // 50, 100, 200, 400, 800, 1,600 ms (and up to half again): 7 at most; ~40 without it.
+    assert!(dials <= 12, "{dials} dials in 3 s: {}", edge.metrics_text());
+    edge.shutdown().await;
+}
+
 /// Answers every ping with a pong carrying the fake's own entry, as a router does.
 async fn answer_pings(name: &'static str, conn: quinn::Connection, pings: Arc<AtomicU64>) {
     let mut generation = 0;

@@ -623,6 +623,41 @@ impl Liveness {
     }
 }
 
+/// Frames the connection received from its peer: only what decrypted counts as a sign of life.
+/// (quinn counts a UDP datagram in `udp_rx` before it decrypts it: a forger who knows the
+/// connection's ID and the peer's address could keep a dead neighbour up with garbage.)
+fn frames_in(st: &quinn::ConnectionStats) -> u64 {
+    let f = &st.frame_rx;
+    [
+        f.acks,
+        f.ack_frequency,
+        f.crypto,
+        f.connection_close,
+        f.data_blocked,
+        f.datagram,
+        u64::from(f.handshake_done),
+        f.immediate_ack,
+        f.max_data,
+        f.max_stream_data,
+        f.max_streams_bidi,
+        f.max_streams_uni,
+        f.new_connection_id,
+        f.new_token,
+        f.path_challenge,
+        f.path_response,
+        f.ping,
+        f.reset_stream,
+        f.retire_connection_id,
+        f.stream_data_blocked,
+        f.streams_blocked_bidi,
+        f.streams_blocked_uni,
+        f.stop_sending,
+        f.stream,
+    ]
+    .iter()
+    .fold(0u64, |a, n| a.saturating_add(*n))
+}
+
 /// A neighbour not up failed its probes again: a hold-down running (it was up, then failed on
 /// this connection or lost one) starts over; a neighbour never up has none.
 fn fail_again(shared: &Shared, nb: &Neighbour, down_since: &mut Option<Instant>) {
@@ -659,12 +694,12 @@ async fn probe_until_down(
     let mut min_rtt = MinRtt::new(tokio::time::Instant::now(), conn.rtt());
     // When the last few pings were sent (by sequence number), for the RTT samples.
     let mut sent_at = [(0u64, tokio::time::Instant::now()); 16];
-    let mut udp_rx = conn.stats().udp_rx.datagrams;
-    // Datagrams received, and pings transmitted (only pings are sent as datagrams on a dialled
+    let mut udp_rx = frames_in(&conn.stats());
+    // Frames received, and pings transmitted (only pings are sent as datagrams on a dialled
     // connection), when the outstanding probe was queued.
     let mark = || {
         let st = conn.stats();
-        (st.udp_rx.datagrams, st.frame_tx.datagram)
+        (frames_in(&st), st.frame_tx.datagram)
     };
     let mut at_probe = mark();
     let mut pongs: u64 = 0;
@@ -688,7 +723,7 @@ async fn probe_until_down(
                 // Any packet from the peer since the probe went out answers it (a reply may
                 // queue behind bulk data); a dead peer sends nothing.
                 let st = conn.stats();
-                if live.outstanding.is_some() && st.udp_rx.datagrams > at_probe.0 {
+                if live.outstanding.is_some() && frames_in(&st) > at_probe.0 {
                     live.answered();
                     continue;
                 }
@@ -713,6 +748,7 @@ async fn probe_until_down(
                             lost_packets = path.lost_packets,
                             pings_sent = st.frame_tx.datagram,
                             datagrams_received = st.udp_rx.datagrams,
+                            frames_received = frames_in(&st),
                             "neighbour down: missed probes"
                         );
                         shared.metrics.neighbour_down_total.fetch_add(1, Relaxed);
@@ -746,8 +782,9 @@ async fn probe_until_down(
                 // Traffic beyond the probe replies (and their ACKs) is also a sign of life: a busy
                 // link must not be declared down because a reply queued behind bulk data. The
                 // margin keeps a dead peer's last few packets from extending its life.
-                let rx = conn.stats().udp_rx.datagrams;
-                let extra = (rx - udp_rx).saturating_sub(2 * (pongs - pongs_at_tick));
+                let rx = frames_in(&conn.stats());
+                // A pong's packet holds its DATAGRAM and often an ACK, and another ACK may follow.
+                let extra = rx.saturating_sub(udp_rx).saturating_sub(3 * (pongs - pongs_at_tick));
                 udp_rx = rx;
                 pongs_at_tick = pongs;
                 // Those packets arrived some time since the previous tick: credit that instant.

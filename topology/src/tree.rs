@@ -43,6 +43,9 @@ pub(crate) enum YValue<'a> {
     Null,
     Bool(bool),
     Int(i128),
+    /// An integer (decimal, `0x`, `0o`) too long for an `i128`, as written: out of range
+    /// wherever an integer is read (it was a float, or a string).
+    TooBig(Cow<'a, str>),
     Float(f64),
     /// Borrowed from the input unless escapes or folding changed it.
     Str(Cow<'a, str>),
@@ -56,7 +59,7 @@ impl YValue<'_> {
         match self {
             YValue::Null => "nothing (null)",
             YValue::Bool(_) => "a boolean",
-            YValue::Int(_) => "an integer",
+            YValue::Int(_) | YValue::TooBig(_) => "an integer",
             YValue::Float(_) => "a number",
             YValue::Str(_) => "a string",
             YValue::Seq(_) => "a list",
@@ -67,7 +70,7 @@ impl YValue<'_> {
     /// `latency: 12` gets the unit parser's "has no unit" message.
     pub fn scalar_text(&self) -> Option<String> {
         match self {
-            YValue::Str(s) => Some(s.to_string()),
+            YValue::Str(s) | YValue::TooBig(s) => Some(s.to_string()),
             YValue::Int(i) => Some(i.to_string()),
             YValue::Float(f) => Some(f.to_string()),
             YValue::Bool(b) => Some(b.to_string()),
@@ -102,11 +105,11 @@ fn resolve_plain(text: Cow<'_, str>) -> YValue<'_> {
         .strip_prefix(b"-")
         .or_else(|| b.strip_prefix(b"+"))
         .unwrap_or(b);
-    if !digits.is_empty()
-        && digits.iter().all(u8::is_ascii_digit)
-        && let Ok(i) = s.parse::<i128>()
-    {
-        return YValue::Int(i);
+    if !digits.is_empty() && digits.iter().all(u8::is_ascii_digit) {
+        return match s.parse::<i128>() {
+            Ok(i) => YValue::Int(i),
+            Err(_) => YValue::TooBig(text),
+        };
     }
     // Digits only after the prefix (YAML 1.2's core schema: `0x[0-9a-fA-F]+`, `0o[0-7]+`);
     // `from_str_radix` alone also took a sign there (`0x+50`, `0x-1`), which makes a string.
@@ -114,9 +117,11 @@ fn resolve_plain(text: Cow<'_, str>) -> YValue<'_> {
         if let Some(rest) = s.strip_prefix(prefix)
             && !rest.is_empty()
             && rest.chars().all(|c| c.is_digit(radix))
-            && let Ok(i) = i128::from_str_radix(rest, radix)
         {
-            return YValue::Int(i);
+            return match i128::from_str_radix(rest, radix) {
+                Ok(i) => YValue::Int(i),
+                Err(_) => YValue::TooBig(text),
+            };
         }
     }
     if b.iter().any(u8::is_ascii_digit)

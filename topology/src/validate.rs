@@ -88,6 +88,8 @@ struct Cx {
     hint_cells: u64,
     /// Unknown field names given the closest allowed one so far ([`MAX_HINTED_NAMES`]).
     hinted_fields: usize,
+    /// A hint was refused for [`HINT_CELLS`]: no later one is searched.
+    hints_spent: bool,
 }
 
 /// How a text is validated: as a new one (every rule), or as one a controller stored under an
@@ -107,6 +109,7 @@ impl Cx {
             texts,
             hinted: 0,
             hinted_fields: 0,
+            hints_spent: false,
             hint_cells: HINT_CELLS,
         }
     }
@@ -338,7 +341,21 @@ fn integer(
             );
             None
         }
-        // An integer too long for i128 is read as a float: out of range, not "not an integer".
+        // Too long for an i128 as written, or written as a float: out of range, not "not an
+        // integer".
+        YValue::TooBig(text) => {
+            let shown: String = text.chars().take(24).collect();
+            let more = if text.chars().count() > 24 {
+                format!("... ({} characters)", text.chars().count())
+            } else {
+                String::new()
+            };
+            cx.err(
+                node.pos,
+                format!("{what}: {shown}{more} is out of range (expected {min} to {max})"),
+            );
+            None
+        }
         YValue::Float(f) if f.is_finite() && f.fract() == 0.0 && f.abs() >= i128::MAX as f64 => {
             cx.err(
                 node.pos,
@@ -363,6 +380,18 @@ fn port(cx: &mut Cx, node: &YNode, what: &dyn fmt::Display) -> Option<u16> {
 fn number(cx: &mut Cx, node: &YNode, what: &dyn fmt::Display) -> Option<f64> {
     match &node.value {
         YValue::Int(i) => Some(*i as f64),
+        // A finite number when read as one (`lat: 1` then 400 digits is infinite: refused below
+        // as such).
+        YValue::TooBig(text) if text.parse::<f64>().is_ok_and(f64::is_finite) => {
+            text.parse::<f64>().ok()
+        }
+        YValue::TooBig(_) => {
+            cx.err(
+                node.pos,
+                format!("{what} must be a finite number, found an infinity"),
+            );
+            None
+        }
         YValue::Float(f) if f.is_finite() => Some(*f),
         YValue::Float(f) => {
             let found = if f.is_nan() { ".nan" } else { "an infinity" };
@@ -707,6 +736,9 @@ impl Cx {
         if word.chars().count() > MAX_HINTED_LEN {
             return format!("({total} known, none that long)");
         }
+        if self.hints_spent {
+            return format!("({total} known; too many to search for the closest)");
+        }
         if self.hinted >= MAX_HINTED_NAMES {
             return format!(
                 "({total} known; the closest are given for the first {MAX_HINTED_NAMES} unknown \
@@ -719,7 +751,7 @@ impl Cx {
         if cells > self.hint_cells {
             // The budget is spent: later unknown names take the cheap answer above, without
             // walking (and copying) the known names again each.
-            self.hinted = MAX_HINTED_NAMES;
+            self.hints_spent = true;
             return format!("({total} known; too many to search for the closest)");
         }
         self.hint_cells -= cells;
@@ -790,7 +822,9 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
         }
         Some(v) => match &v.value {
             YValue::Int(1) => {}
-            YValue::Int(n) => {
+            YValue::Int(_) | YValue::TooBig(_) => {
+                let n = v.value.scalar_text().unwrap_or_default();
+                let n: String = n.chars().take(24).collect();
                 cx.err(
                     v.pos,
                     format!("unsupported version {n} (this build reads version 1)"),
@@ -2163,9 +2197,18 @@ mod tests {
         let errs = load_errors(&text.replacen("port: 8443", &format!("port: {long}"), 1));
         assert_eq!(errs.len(), 1, "{errs:?}");
         assert!(
-            errs[0].ends_with("port of service \"chat\": 1.1111111111111111e42 is out of range (expected 1 to 65535)"),
+            errs[0].ends_with("port of service \"chat\": 111111111111111111111111... (43 characters) is out of range (expected 1 to 65535)"),
             "{errs:?}"
         );
+        // As long as a float can hold (400 digits), and in hex: the same.
+        for long in ["1".repeat(400), format!("0x{}", "f".repeat(40))] {
+            let errs = load_errors(&text.replacen("port: 8443", &format!("port: {long}"), 1));
+            assert_eq!(errs.len(), 1, "{errs:?}");
+            assert!(
+                errs[0].contains("is out of range (expected 1 to 65535)"),
+                "{errs:?}"
+            );
+        }
         let errs = load_errors(&text.replacen("port: 8443", "port: 8443.5", 1));
         assert!(
             errs[0].ends_with("port of service \"chat\" must be an integer, found a number"),
@@ -2412,7 +2455,7 @@ mod tests {
         let walked_once = walked.get();
         for _ in 0..100 {
             let hint = cx.known_list("nod-2", known());
-            assert!(hint.starts_with("(1000 known"), "{hint}");
+            assert_eq!(hint, "(1000 known; too many to search for the closest)");
         }
         assert_eq!(walked.get(), walked_once);
     }

@@ -173,6 +173,22 @@ impl<'a> Builder<'a> {
         }
     }
 
+    /// A collection takes no tag: `!!str` makes a scalar a string, and makes no list one (it
+    /// was ignored there, and the list loaded as a list).
+    fn refuse_collection_tag(tag: Option<&Tag>, span: &Span, what: &str) -> Result<(), Diagnostic> {
+        match tag {
+            Some(t) if t.is_yaml_core_schema_tag("str") => {
+                let p = pos(span);
+                Err(Diagnostic::error(
+                    p.line,
+                    p.column,
+                    format!("YAML tag \"!!str\" applies to a single value, not to a {what}"),
+                ))
+            }
+            _ => Self::refuse_tag(tag, span).map(|_| ()),
+        }
+    }
+
     fn refuse_tag(tag: Option<&Tag>, span: &Span) -> Result<bool, Diagnostic> {
         match tag {
             None => Ok(false),
@@ -242,7 +258,7 @@ impl<'a> Builder<'a> {
             }
             Event::SequenceStart(_, anchor, tag) => {
                 self.count(&span)?;
-                Self::refuse_tag(tag.as_deref(), &span)?;
+                Self::refuse_collection_tag(tag.as_deref(), &span, "list")?;
                 if depth >= MAX_DEPTH {
                     return Err(Diagnostic::error(p.line, p.column, nesting_message()));
                 }
@@ -268,7 +284,7 @@ impl<'a> Builder<'a> {
             }
             Event::MappingStart(_, anchor, tag) => {
                 self.count(&span)?;
-                Self::refuse_tag(tag.as_deref(), &span)?;
+                Self::refuse_collection_tag(tag.as_deref(), &span, "mapping")?;
                 if depth >= MAX_DEPTH {
                     return Err(Diagnostic::error(p.line, p.column, nesting_message()));
                 }
@@ -544,6 +560,20 @@ mod tests {
     fn tags_are_refused_except_str() {
         assert!(parse_tree("a: !!str 12\n").is_ok());
         let d = parse_tree("a: !!binary AAAA\n").expect_err("binary tag");
+        assert!(d.message.contains("not supported"), "{d}");
+        // `!!str` makes no list or mapping a string (it was ignored there).
+        for (text, what) in [
+            ("a: !!str [1, 2]\n", "list"),
+            ("a: !!str {b: 1}\n", "mapping"),
+        ] {
+            let d = parse_tree(text).expect_err(text);
+            assert_eq!(
+                d.message,
+                format!("YAML tag \"!!str\" applies to a single value, not to a {what}")
+            );
+            assert_eq!((d.line, d.column), (1, 10), "{d}");
+        }
+        let d = parse_tree("a: !!binary [1]\n").expect_err("binary tag on a list");
         assert!(d.message.contains("not supported"), "{d}");
     }
 

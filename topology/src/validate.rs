@@ -945,15 +945,20 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
             // A zone (`[fe80::1%2]:7000`, the scope id) is an interface index of the host that
             // reads it: on a neighbour's host it names another interface, or none. A rule added
             // after texts were stored: only a warning on a stored one.
+            // As written: `%0` parses to scope id 0, the same as no zone.
+            let zone = n
+                .value
+                .scalar_text()
+                .and_then(|t| t.split_once('%').map(|(_, z)| z.split(']').next().unwrap_or(z).to_string()));
             if let SocketAddr::V6(v6) = a
-                && v6.scope_id() != 0
+                && (v6.scope_id() != 0 || zone.is_some())
                 && cx.newer(
                     n.pos,
                     format!(
                         "address of {what}: {a} has a zone (%{}), an interface of one host, \
                          which neighbours on other hosts cannot dial (use a global or unique \
                          local address, without a zone)",
-                        v6.scope_id()
+                        zone.unwrap_or_else(|| v6.scope_id().to_string())
                     ),
                 )
             {
@@ -2338,6 +2343,11 @@ mod tests {
                 errs[0].replace("error", "warning")
             )]
         );
+        // Zone 0 too: it parses to scope id 0, as no zone does. (It was accepted.)
+        let zero = text.replacen("%2]", "%0]", 1);
+        let errs = load_errors(&zero);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].contains("has a zone (%0)"), "{errs:?}");
     }
 
     /// An empty `clients` means "any client" to the edges, so `clients: []` (a list emptied by

@@ -328,6 +328,12 @@ impl<'a> Builder<'a> {
                     ));
                 };
                 let size = *size;
+                // The copy nests as deep as its anchored node, from here: within the limit too
+                // (an alias inside as deep a list built 28 levels, and chained anchors ~550).
+                let h = height(target);
+                if h > 0 && depth + h > MAX_DEPTH {
+                    return Err(Diagnostic::error(p.line, p.column, nesting_message()));
+                }
                 self.replayed += size.nodes;
                 if self.replayed > MAX_ALIAS_REPLAYED_EVENTS {
                     return Err(Diagnostic::error(
@@ -380,6 +386,22 @@ impl<'a> Builder<'a> {
             self.anchors.insert(anchor, (node.clone(), size));
         }
         Ok((node, size))
+    }
+}
+
+/// How many levels of lists and mappings `n` nests (0 for a scalar). Recursion is as deep as
+/// that, at most [`MAX_DEPTH`] (aliases are checked against it where they are used).
+fn height(n: &YNode<'_>) -> usize {
+    match &n.value {
+        YValue::Seq(items) => 1 + items.iter().map(height).max().unwrap_or(0),
+        YValue::Map(entries) => {
+            1 + entries
+                .iter()
+                .map(|(k, v)| height(k).max(height(v)))
+                .max()
+                .unwrap_or(0)
+        }
+        _ => 0,
     }
 }
 
@@ -575,6 +597,21 @@ mod tests {
         }
         let d = parse_tree("a: !!binary [1]\n").expect_err("binary tag on a list");
         assert!(d.message.contains("not supported"), "{d}");
+    }
+
+    /// An alias nests its anchored node as deep as it is used: past the limit, refused at the
+    /// alias. (Copied without its depth, an alias inside as deep a list built 28 levels.)
+    #[test]
+    fn an_alias_counts_its_depth_where_it_is_used() {
+        let open = "[".repeat(14);
+        let close = "]".repeat(14);
+        let text = format!("x: &a {open}1{close}\ny: {open}*a{close}\n");
+        let d = parse_tree(&text).expect_err("28 levels through an alias");
+        assert_eq!(d.message, nesting_message());
+        assert_eq!(d.line, 2, "{d}");
+        // Within the limit, the same alias is taken.
+        let shallow = format!("x: &a {open}1{close}\ny: [*a]\n");
+        parse_tree(&shallow).unwrap_or_else(|d| panic!("{d}"));
     }
 
     #[test]

@@ -1813,7 +1813,10 @@ pub(crate) mod tests {
         let mut mapped = spec("acme", "10.1.0.0/24", "1Mbps");
         mapped.a_end.prefix = "::ffff:10.0.0.0/104".parse().unwrap();
         let err = store::transaction(&s, |tx| create(tx, &t, &mapped, None, "ops")).unwrap_err();
-        assert_eq!(err.to_string(), format!("invalid circuit: {want}"));
+        assert_eq!(
+            err.to_string(),
+            format!("invalid circuit: a_end.prefix: {want}")
+        );
         assert_eq!(store::read(&s, |tx| all(tx)).unwrap(), []);
         let err = parse_prefix("::ffff:10.0.0.0/104").unwrap_err();
         assert_eq!(err.to_string(), format!("invalid circuit: {want}"));

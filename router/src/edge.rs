@@ -134,8 +134,8 @@ impl Listeners {
                     }
                     self.failed.bound(&addr);
                     let svc = Arc::new(ArcSwapOption::new(svc.map(Arc::new)));
-                    let h =
-                        tokio::spawn(accept_loop(shared.clone(), l, svc.clone())).abort_handle();
+                    let h = tokio::spawn(accept_loop(shared.clone(), l, svc.clone(), false))
+                        .abort_handle();
                     self.open.insert(addr, (svc, h));
                 }
                 Err(source) => {
@@ -225,7 +225,7 @@ pub(crate) fn bind_vips(shared: &Arc<Shared>, listeners: &Listeners) {
         |vip| listeners.covers(vip),
         |l, service| {
             let svc = Arc::new(ArcSwapOption::from_pointee(service));
-            tokio::spawn(accept_loop(shared.clone(), l, svc)).abort_handle()
+            tokio::spawn(accept_loop(shared.clone(), l, svc, true)).abort_handle()
         },
     );
 }
@@ -247,10 +247,15 @@ fn client_service(
     }
 }
 
+/// Accepts the clients of one listener. `circuit_vip`: the listener is a circuit's VIP (one
+/// customer's address), whose clients are that circuit's or refused: never carried as plain
+/// clients of its service (between a circuit's deletion and its listener's close, those from
+/// outside its prefix were).
 async fn accept_loop(
     shared: Arc<Shared>,
     listener: TcpListener,
     service: Arc<ArcSwapOption<ServiceName>>,
+    circuit_vip: bool,
 ) {
     let local_v6 = listener.local_addr().is_ok_and(|a| a.is_ipv6());
     let wildcard = listener.local_addr().is_ok_and(|a| a.ip().is_unspecified());
@@ -298,6 +303,12 @@ async fn accept_loop(
             dst,
         ) {
             Classified::Circuit(s, c) => (s, Some(c)),
+            Classified::Plain(_) if circuit_vip => {
+                shared.metrics.error(Code::CircuitRefused);
+                tracing::debug!(node = %shared.node, %client, ?dst, "client of a circuit VIP no circuit holds: refused");
+                splice::reset_tcp(&tcp);
+                continue;
+            }
             Classified::Plain(s) => (s, None),
             Classified::Refused(code) => {
                 shared.metrics.error(code);
@@ -1054,6 +1065,10 @@ async fn attempt(
     // request to another site.
     let outcome = match (outcome, stopped) {
         (Err(Attempt::Retry(..)), Some(code)) if !code.retryable() => Err(Attempt::Fatal(code)),
+        // Part of the answer came (its 2 bytes split by a transit or a lost packet): the site
+        // sends it once its backend is connected, and passes the request on right after, so
+        // no other site may get the request.
+        (Err(Attempt::Retry(code, _)), _) if got > 0 => Err(Attempt::Fatal(code)),
         (outcome, _) => outcome,
     };
     // A stop is no failure once the site answered: the answer is spliced to the client, whose

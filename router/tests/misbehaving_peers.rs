@@ -2480,6 +2480,90 @@ async fn a_chunk_held_back_by_a_deleted_circuits_rate_goes_no_further() {
     assert!(refused.unwrap_or(0) >= 1, "{m}");
 }
 
+/// One byte of the site's 2-byte answer came, then nothing (the other split off by a transit
+/// or lost): the site had its backend connected, so the try is not retried on another site at
+/// the reply deadline: the client is reset, and no other backend gets the request. (Only a
+/// whole answer counted: the request went to the far site too.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_try_with_part_of_its_answer_back_is_not_retried_elsewhere() {
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = ca_dir();
+    // The far site's backend, which notes whether a byte reached it.
+    let reached = Arc::new(AtomicBool::new(false));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    {
+        let reached = reached.clone();
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = listener.accept().await {
+                let reached = reached.clone();
+                tokio::spawn(async move {
+                    let mut b = [0u8; 16];
+                    if matches!(c.read(&mut b).await, Ok(n) if n > 0) {
+                        reached.store(true, SeqCst);
+                    }
+                });
+            }
+        });
+    }
+    let port = free_tcp_port();
+    let t = two_sites(backend, port, false);
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    // The near site reads the request, sends the first byte of its answer, and stalls.
+    let (_near, _) = fake_neighbour(
+        dir.path(),
+        &t,
+        "near",
+        router::transport::transport_config(),
+        move |c, p| {
+            let conn = c.clone();
+            tokio::spawn(async move {
+                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    tokio::spawn(async move {
+                        let (mut all, mut b) = (Vec::new(), [0u8; 512]);
+                        while let Ok(Some(n)) = recv.read(&mut b).await {
+                            all.extend_from_slice(&b[..n]);
+                            if all.windows(7).any(|w| w == b"request") {
+                                break;
+                            }
+                        }
+                        let _ = send.write_all(&router::header::REPLY_OK[..1]).await;
+                        // Held (not finished, not reset) until the edge gives up.
+                        let _ = send.stopped().await;
+                    });
+                }
+            });
+            answer_pings("near", c, p)
+        },
+    );
+    let (edge, _etx) = spawn_node(&snap, dir.path(), "edge", |c| {
+        c.reply_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let (_far, _ftx) = spawn_node(&snap, dir.path(), "far", |_| {}).await;
+    edge_prefers_near_with_far_as_fallback(&edge).await;
+    let mut client = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    client.write_all(b"request").await.unwrap();
+    let mut back = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(30), client.read_to_end(&mut back))
+        .await
+        .expect("the client's connection stayed open");
+    assert!(back.is_empty(), "answered: {back:?}");
+    let m = edge.metrics_text();
+    assert_eq!(
+        metric(&m, "tasman_failovers_total{node=\"edge\"}"),
+        Some(0),
+        "{m}"
+    );
+    assert!(
+        !reached.load(SeqCst),
+        "the request reached the far site's backend after the near site had begun to answer"
+    );
+}
+
 /// A client of the edge's service `port` that uploads 1 MiB from a task of its own (it stops
 /// at the first failed write): its read half.
 async fn uploading_client(port: u16) -> tokio::net::tcp::OwnedReadHalf {

@@ -605,7 +605,6 @@ impl Router {
         // every restart, for as long as the snapshot names it.
         let mut control = routes::Control::new(shared.clone());
         control.apply_snapshot(first.clone());
-        control.rebuild();
         let control_task = tokio::spawn(control.run(cfg.snapshots));
         tasks.push(tokio::spawn(inbound::accept_loop(shared.clone())));
         let reload_task = cfg

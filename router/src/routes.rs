@@ -794,7 +794,9 @@ impl Control {
                         continue;
                     }
                     let snap = snapshots.borrow_and_update().clone();
+                    // Rebuilt inside.
                     self.apply_snapshot(snap);
+                    continue;
                 }
                 _ = self.shared.changed.notified() => {}
                 _ = mark_ended, if mark_ends.is_some() => {}
@@ -827,7 +829,8 @@ impl Control {
         crate::edge::bind_vips(&self.shared, &self.listeners);
     }
 
-    /// Makes `snap` the router's snapshot: peers, circuits, listeners, dialers, site services.
+    /// Makes `snap` the router's snapshot: peers, site services, circuits, dialers, the routing
+    /// table ([`Control::rebuild`]), then listeners.
     /// A draining router binds no listener (client or circuit VIP).
     pub fn apply_snapshot(&mut self, snap: Arc<Snapshot>) {
         let sh = self.shared.clone();
@@ -857,9 +860,6 @@ impl Control {
         site::reconcile(&sh, &topo, &mut self.checkers, &mut self.retired_services);
         sh.snapshot.store(snap.clone());
         crate::edge::apply_circuits(&sh, &snap);
-        // Bind errors are logged and tried again at each tick (the last good listeners stay),
-        // at start as after it.
-        self.resync_listeners();
 
         let graph = match &self.graph {
             Some((t, graph)) if Arc::ptr_eq(t, &topo) => graph.clone(),
@@ -909,6 +909,13 @@ impl Control {
             .map(|(id, (nb, _))| (id.clone(), nb.clone()))
             .collect();
         sh.neighbours.store(Arc::new(map));
+
+        // The routes of this snapshot, then its listeners: a listener bound (or moved to another
+        // service) before the table knew its service reset its first clients `no_route`, and a
+        // new VIP's `unknown_service`. Bind errors are logged and tried again at each tick (the
+        // last good listeners stay), at start as after it.
+        self.rebuild();
+        self.resync_listeners();
     }
 
     /// Merges the snapshot's live state with local evidence.

@@ -1280,13 +1280,23 @@ pub fn parse_crls(text: &str, bundle: &[CertificateDer<'_>]) -> Result<Vec<Check
                     crl.issuer()
                 )
             })?;
-        if let Ok(Some(ku)) = cas[ca].key_usage()
-            && !ku.value.crl_sign()
-        {
-            return Err(format!(
-                "CRL {n}: its CA ({}) may not sign CRLs (no cRLSign key usage)",
-                cas[ca].subject()
-            ));
+        // A key usage that cannot be read says nothing it may do: refused, like one without
+        // cRLSign (webpki does not look at a trust anchor's key usage for lists).
+        match cas[ca].key_usage() {
+            Ok(Some(ku)) if ku.value.crl_sign() => {}
+            Ok(None) => {}
+            Ok(Some(_)) => {
+                return Err(format!(
+                    "CRL {n}: its CA ({}) may not sign CRLs (no cRLSign key usage)",
+                    cas[ca].subject()
+                ));
+            }
+            Err(e) => {
+                return Err(format!(
+                    "CRL {n}: its CA's ({}) key usage cannot be read ({e}): it may not sign CRLs",
+                    cas[ca].subject()
+                ));
+            }
         }
         let number = crl
             .crl_number()

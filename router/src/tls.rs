@@ -170,10 +170,22 @@ impl TlsIdentity {
             reason,
         };
         let cert_path = dir.join(format!("{name}.pem"));
-        let chain = CertificateDer::pem_file_iter(&cert_path)
+        let staged = dir.join(format!("{name}.pem.{}", pki::STAGED));
+        let chain = match CertificateDer::pem_file_iter(&cert_path)
             .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| file_err(&cert_path, e.to_string()))?;
-        if chain.is_empty() {
+        {
+            Ok(chain) => chain,
+            // A first pair cut off between its two renames: the key in place, its certificate
+            // still staged (there was no certificate before it). Checked against the key below
+            // like any chain, and adopted as a staged one.
+            Err(e) if !cert_path.exists() && staged.exists() => {
+                tracing::debug!(node = %name, path = %staged.display(), "no {}: trying the staged certificate ({e})", cert_path.display());
+                Vec::new()
+            }
+            Err(e) => return Err(file_err(&cert_path, e.to_string())),
+        };
+        let first_install = chain.is_empty() && !cert_path.exists();
+        if chain.is_empty() && !first_install {
             return Err(file_err(&cert_path, "no certificate in file".into()));
         }
         let key_path = dir.join(format!("{name}.key"));
@@ -186,8 +198,7 @@ impl TlsIdentity {
                 .ok()
                 .and_then(|k| pki::is_for_key(chain.first()?, &k))
         };
-        if for_key(&chain) == Some(false) {
-            let staged = dir.join(format!("{name}.pem.{}", pki::STAGED));
+        if first_install || for_key(&chain) == Some(false) {
             if let Some(next) = CertificateDer::pem_file_iter(&staged)
                 .and_then(|it| it.collect::<Result<Vec<_>, _>>())
                 .ok()
@@ -196,6 +207,15 @@ impl TlsIdentity {
                 tracing::debug!(node = %name, path = %staged.display(),
                     "the key is newer than {}: taking the staged certificate for it", cert_path.display());
                 return Ok((next, key, Some(staged)));
+            }
+            if first_install {
+                return Err(file_err(
+                    &cert_path,
+                    format!(
+                        "missing, and {} is not a certificate for {name}.key",
+                        staged.display()
+                    ),
+                ));
             }
         }
         Ok((chain, key, None))
@@ -1759,6 +1779,25 @@ mod tests {
         let id = TlsIdentity::load(d.path(), "n1").unwrap();
         assert!(CertResolver::new(&id).is_err());
         assert_eq!(fs::read_to_string(&pem).unwrap(), old);
+        // A first pair cut off the same way (no certificate before it): loaded, and finished.
+        // (The missing `n1.pem` failed the load before the staged one was looked at.)
+        let (key, chain) = renewal(d.path());
+        fs::remove_file(&pem).unwrap();
+        fs::write(&staged, &chain).unwrap();
+        fs::write(d.path().join("n1.key"), key.serialize_pem()).unwrap();
+        let id = TlsIdentity::load(d.path(), "n1").expect("the staged first certificate");
+        CertResolver::new(&id).expect("the key with its staged certificate");
+        assert_eq!(fs::read_to_string(&pem).unwrap(), chain);
+        assert!(!staged.exists());
+        // With neither a certificate nor a staged one for the key: refused, naming the file.
+        fs::remove_file(&pem).unwrap();
+        let (_, other) = renewal(d.path());
+        fs::write(&staged, &other).unwrap();
+        let e = TlsIdentity::load(d.path(), "n1").unwrap_err().to_string();
+        assert!(
+            e.contains("n1.pem") && e.contains("not a certificate for n1.key"),
+            "{e}"
+        );
     }
 
     /// What a renewal writes is its certificate blocks, and only a chain a handshake can carry.

@@ -215,14 +215,14 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
     tokio::net::TcpListener::bind(addr).await
 }
 
-/// Constant-time comparison: the token must not leak through timing.
+/// Constant-time comparison: the token must not leak through timing, its length included
+/// (an operator's `--admin-token-file` may hold any length). The SHA-256 digests of both are
+/// compared, all 32 bytes whatever the inputs.
 fn token_matches(given: &[u8], expected: &[u8]) -> bool {
-    if given.len() != expected.len() {
-        return false;
-    }
-    given
-        .iter()
-        .zip(expected)
+    use sha2::Digest;
+    let (g, e) = (sha2::Sha256::digest(given), sha2::Sha256::digest(expected));
+    g.iter()
+        .zip(e.iter())
         .fold(0u8, |acc, (a, b)| acc | (a ^ b))
         == 0
 }
@@ -969,6 +969,19 @@ mod tests {
         assert_eq!(waiting.load(SeqCst), 0);
         assert_eq!(h.started.load(SeqCst), MAX_CHANGES_RUNNING + 1);
         server.abort();
+    }
+
+    /// Tokens match only whole: another length, one byte off, or empty are refused (compared
+    /// by digest, so that the length does not show in the time taken either).
+    #[test]
+    fn tokens_match_only_whole() {
+        let t = b"0123456789abcdef0123456789abcdef0123456789abcdef";
+        assert!(token_matches(t, t));
+        assert!(!token_matches(&t[..47], t));
+        assert!(!token_matches(b"", t));
+        let mut off = *t;
+        off[47] = b'0';
+        assert!(!token_matches(&off, t));
     }
 
     /// The bearer scheme's name is case-insensitive: a client that writes `bearer` or `BEARER`

@@ -141,6 +141,22 @@ pub enum ClientError {
     },
     #[error("unexpected answer from the controller: {0}")]
     Protocol(String),
+    /// A change's success answer (2xx) this CLI could not read (a newer controller's fields,
+    /// an answer past the size limit): the change was made, but what it did is unknown here.
+    #[error(
+        "the controller at {addr} answered HTTP {status}: the change was made, but its answer          could not be read ({reason}); see it with the matching `get`, `show` or `history`"
+    )]
+    UnreadableSuccess {
+        addr: String,
+        status: u16,
+        reason: String,
+    },
+    /// A token a request header cannot carry (a line break or control character inside it).
+    #[error(
+        "the admin token has a character a request header cannot carry (a line break or \
+         control character inside it): check --token / TASMAN_TOKEN or --token-file"
+    )]
+    BadToken,
 }
 
 impl ClientError {
@@ -190,6 +206,9 @@ impl AdminClient {
             }
             (None, None) => String::new(),
         };
+        if hyper::header::HeaderValue::from_str(&format!("Bearer {token}")).is_err() {
+            return Err(ClientError::BadToken);
+        }
         // Normally normalised by clap already ([`parse_controller`]); a value built in code
         // that does not parse is kept as given, and fails to connect naming it.
         let authority =
@@ -277,6 +296,14 @@ impl AdminClient {
             .await
             .map_err(|e| match e.downcast::<hyper::Error>() {
                 Ok(e) => lost(e.to_string()),
+                // Past the size limit: a change's success is still a success.
+                Err(e) if status.is_success() && method != "GET" && method != "HEAD" => {
+                    ClientError::UnreadableSuccess {
+                        addr: self.authority.clone(),
+                        status: status.as_u16(),
+                        reason: e.to_string(),
+                    }
+                }
                 Err(e) => ClientError::Protocol(e.to_string()),
             })?
             .to_bytes();
@@ -298,7 +325,19 @@ impl AdminClient {
                 )),
             });
         }
-        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
+        serde_json::from_slice(&bytes).map_err(|e| {
+            // A change (anything but a read) that succeeded: say so, as `Lost` does for one
+            // whose answer never came; a retry would meet its own change.
+            if method == "GET" || method == "HEAD" {
+                ClientError::Protocol(e.to_string())
+            } else {
+                ClientError::UnreadableSuccess {
+                    addr: self.authority.clone(),
+                    status: status.as_u16(),
+                    reason: e.to_string(),
+                }
+            }
+        })
     }
 }
 
@@ -445,8 +484,13 @@ mod tests {
 
     /// A server on `127.0.0.1:0` answering every request with a 404 of this type and body.
     async fn answering(content_type: &str, body: &str) -> std::net::SocketAddr {
+        answering_with("404 Not Found", content_type, body).await
+    }
+
+    /// A server on `127.0.0.1:0` answering every request with `status`, this type and body.
+    async fn answering_with(status: &str, content_type: &str, body: &str) -> std::net::SocketAddr {
         let answer = format!(
-            "HTTP/1.1 404 Not Found\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+            "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
              Connection: close\r\n\r\n{body}",
             body.len()
         );
@@ -461,6 +505,40 @@ mod tests {
             }
         });
         addr
+    }
+
+    /// A change's success answer this CLI cannot read (a newer controller's) says the change
+    /// was made; a read's is still an unexpected answer. (Both were "unexpected answer", which
+    /// reads as a failure: a create retried without a key then met its own circuit's name.)
+    #[tokio::test]
+    async fn an_unreadable_success_of_a_change_says_the_change_was_made() {
+        #[derive(serde::Deserialize, Debug)]
+        struct Needs {
+            #[allow(dead_code)]
+            diff: String,
+        }
+        let addr = answering_with("200 OK", "application/json", r#"{"version":8}"#).await;
+        let c = AdminClient::new(&args(&addr.to_string())).unwrap();
+        let err = c.post::<_, Needs>("/v1/topology", &()).await.unwrap_err();
+        assert!(
+            matches!(&err, ClientError::UnreadableSuccess { status: 200, .. }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("the change was made"), "{err}");
+        let err = c.get::<Needs>("/v1/topology").await.unwrap_err();
+        assert!(matches!(err, ClientError::Protocol(_)), "{err:?}");
+    }
+
+    /// A token a header cannot carry (a two-line token file) is refused before any request,
+    /// naming where tokens come from. (Every request failed to be built, reported as an
+    /// unexpected answer from the controller.)
+    #[test]
+    fn a_token_a_header_cannot_carry_is_refused_naming_its_flags() {
+        let mut a = args("127.0.0.1:1");
+        a.token = Some("abc\ndef".into());
+        let err = AdminClient::new(&a).err().expect("refused");
+        assert!(matches!(err, ClientError::BadToken), "{err:?}");
+        assert!(err.to_string().contains("--token-file"), "{err}");
     }
 
     /// Something other than the admin API on --controller's port (a web server's HTML 404)

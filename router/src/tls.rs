@@ -1153,8 +1153,14 @@ pub fn install(cert: &CertResolver, key: &rcgen::KeyPair, chain_pem: &str) -> Re
     };
     // Checked before the files are touched: a bad answer leaves them as they are.
     cert.check(&id)?;
-    crate::pki::write_node_files(dir, cert.name(), &key.serialize_pem(), &chain_pem)
-        .map_err(|e| e.to_string())?;
+    {
+        // Under the adoption lock, which the reload tick reads the pair under: it never reads
+        // half of this swap (the old certificate with the new key), which it refused and
+        // counted as a failed reload, for an alert to fire on.
+        let _one_at_a_time = cert.adopting.lock();
+        crate::pki::write_node_files(dir, cert.name(), &key.serialize_pem(), &chain_pem)
+            .map_err(|e| e.to_string())?;
+    }
     match cert.reload() {
         Reload::Refused(why) => Err(why),
         // Unchanged: a periodic reload took the new files first.

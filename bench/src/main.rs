@@ -102,18 +102,18 @@ struct AllArgs {
     /// MiB sent in each throughput run.
     #[arg(long, default_value_t = 2048)]
     mib: u64,
-    /// Ping-pongs per latency run.
-    #[arg(long, default_value_t = 10_000)]
+    /// Ping-pongs per latency run (a multiple of the 5 latency rounds).
+    #[arg(long, default_value_t = 10_000, value_parser = pings_per_run)]
     pings: usize,
     /// Concurrent proxied connections for the memory measurement.
     #[arg(long, default_value_t = 10_000)]
     conns: usize,
     /// Throughput rounds (each path once per round, interleaved; the median is reported).
-    #[arg(long, default_value_t = 3)]
-    rounds: usize,
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+    rounds: u16,
     /// Kill-and-failover runs.
-    #[arg(long, default_value_t = 5)]
-    failovers: usize,
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..))]
+    failovers: u16,
     /// Run only these parts (comma-separated) and print their figures to stderr; the report is
     /// written only when every part runs.
     #[arg(long, value_enum, value_delimiter = ',')]
@@ -290,6 +290,16 @@ struct Lat {
     mean: f64,
     /// CPU (user + system) of every process on the path per round trip, µs.
     cpu_us: f64,
+}
+
+/// `--pings`: at least one per latency round and a multiple of [`LAT_ROUNDS`], so that the
+/// report's count is the count run.
+fn pings_per_run(s: &str) -> Result<usize, String> {
+    let n: usize = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    if n == 0 || n % LAT_ROUNDS != 0 {
+        return Err(format!("{n} is not a positive multiple of {LAT_ROUNDS} (the latency rounds)"));
+    }
+    Ok(n)
 }
 
 /// Latency rounds (each path once per round).
@@ -1200,6 +1210,12 @@ async fn failover_once() -> anyhow::Result<Failover> {
     // about the same offset.
     let offset = Duration::from_micros(rand::rng().random_range(0..=KILL_JITTER_US));
     tokio::time::sleep(Duration::from_millis(500) + offset).await;
+    // Still on `near` at the kill: a move to `far` in the wait would make the "failover" the
+    // first attempt's own few milliseconds.
+    let last = net::which_site(addr, Duration::from_secs(2)).await;
+    if !matches!(&last, Ok(site) if site == "near") {
+        bail!("the edge left the near site before the kill: {last:?}");
+    }
 
     let t0 = Instant::now();
     fabric.kill("near")?;
@@ -1241,6 +1257,11 @@ async fn failover_once() -> anyhow::Result<Failover> {
         }
     }
     let total = total.context("no failover")?;
+    // Faster than one probe interval is no detection (a far site served without one): refused
+    // rather than reported.
+    if total < Duration::from_millis(100) {
+        bail!("a failover of {total:?}: faster than a probe interval, so not a detection");
+    }
     Ok(Failover {
         total,
         offset,

@@ -475,6 +475,32 @@ async fn a_nodes_connections_awaiting_their_hello_are_bounded() {
     d.shutdown().await;
 }
 
+/// A state directory a controller used (its read-only token is there) whose store is gone is
+/// refused at start, naming it: a new store would start from epoch 1 and the `--topology` file
+/// again, publishing version numbers the fabric has seen, with no circuits. (It started afresh.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_used_state_directory_without_its_store_is_refused() {
+    use fabric::controller::daemon;
+    let dir = tempfile::tempdir().unwrap();
+    let (d, tls) =
+        controller_with_pki(dir.path(), &fabric_nodes(1, 1), &fabric_yaml(66, 1, 1, 10)).await;
+    d.shutdown().await;
+    let state = dir.path().join("state");
+    std::fs::remove_file(state.join(fabric::store::redb::FILE)).unwrap();
+    let e = daemon::start(import_config(&state, &tls, &fabric_yaml(66, 1, 1, 10)))
+        .await
+        .err()
+        .expect("started on a used directory without its store");
+    let msg = e.to_string();
+    assert!(
+        matches!(e, daemon::DaemonError::StoreMissing { .. })
+            && msg.contains("state.redb")
+            && msg.contains("restore it from a backup"),
+        "{msg}"
+    );
+    assert!(!state.join(fabric::store::redb::FILE).exists());
+}
+
 /// A hello is a few dozen bytes: one announced larger than [`MAX_HELLO`] closes the connection
 /// at once as a protocol error, before its payload. (The controller took any frame up to 1 MiB
 /// as a hello, allocated at its announced size and held for the hello timeout: with one valid

@@ -95,6 +95,18 @@ pub enum DaemonError {
         dir.display()
     )]
     NoCa { dir: PathBuf },
+    /// The state directory was a controller's (its read-only token is there, written only
+    /// after a store opened) but holds no store: a new one would start from epoch 1 and the
+    /// `--topology` file again, reusing version numbers the fabric has seen, with no circuits.
+    #[error(
+        "{}: a controller used this state directory (its {} is there) but its store, {}, is \
+         missing: restore it from a backup; a new store would number versions from the start \
+         again and publish no circuits (to start afresh on purpose, use an empty directory)",
+        dir.display(),
+        READ_TOKEN_FILE,
+        crate::store::redb::FILE
+    )]
+    StoreMissing { dir: PathBuf },
 }
 
 pub struct Daemon {
@@ -191,6 +203,13 @@ pub async fn start(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
         && !dir.join(router::pki::CA_CERT).exists()
     {
         return Err(DaemonError::NoCa { dir: dir.clone() });
+    }
+    if !cfg.state_dir.join(crate::store::redb::FILE).exists()
+        && cfg.state_dir.join(READ_TOKEN_FILE).exists()
+    {
+        return Err(DaemonError::StoreMissing {
+            dir: cfg.state_dir.clone(),
+        });
     }
     // The store makes its directory (durably) if it is new.
     let store = Arc::new(RedbStore::open(&cfg.state_dir)?);

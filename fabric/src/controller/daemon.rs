@@ -133,7 +133,11 @@ impl Daemon {
         for t in &self.tasks {
             t.abort();
         }
-        let _ = self.ctl.flush_routers().await;
+        // The routers' last applied versions: lost to a failed write (a restart shows them
+        // older until each router answers again), which is said, as the flush loop says it.
+        if let Err(e) = self.ctl.flush_routers().await {
+            tracing::error!("could not store the routers' last records at shutdown: {e}");
+        }
         self.endpoint.wait_idle().await;
     }
 }

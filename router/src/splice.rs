@@ -1141,7 +1141,21 @@ async fn pump(
     watch_stop: &AtomicBool,
 ) {
     let mut g = Gather::default();
-    let first = gather(recv, &mut g).await;
+    // Watched for a stop from the start, as after its first bytes: a client that sends nothing
+    // after its header (a server-speaks-first backend) held the relay, and the edge its client,
+    // after the site had given up, until a byte came to write.
+    let mut tick = None;
+    let first = {
+        let next = std::pin::pin!(gather(recv, &mut g));
+        read_unless_stopped(next, send, watch_stop, &mut tick).await
+    };
+    let first = match first {
+        Ok(first) => first,
+        Err(Ok(code) | Err(code)) => {
+            let _ = recv.stop(code.varint());
+            return;
+        }
+    };
     pump_from(recv, send, g, first, moved, watch_stop).await;
 }
 
@@ -1575,6 +1589,58 @@ mod tests {
             .await
             .expect("the site's stream was not stopped");
         assert!(seen.is_ok(), "{seen:?}");
+    }
+
+    /// The site answers and ends its answer, then gives up on the upload (its idle timer) while
+    /// the edge has sent nothing after its header (a server-speaks-first backend, a client that
+    /// stays): the stop crosses the transit without waiting for a byte from the edge. (The
+    /// upstream direction looked for a stop only after its first forwarded bytes: the relay,
+    /// and the edge's client, were held until the edge sent one.)
+    #[tokio::test]
+    async fn a_stop_crosses_a_transit_before_the_edge_sends_a_byte() {
+        let code = Code::IdleTimeout;
+        let (edge, t_up, _d1) = quic_pair().await;
+        let (t_down, site, _d2) = quic_pair().await;
+        let (mut e_send, mut e_recv) = edge.open_bi().await.unwrap();
+        e_send.write_all(b"q").await.unwrap();
+        let (up_send, mut up_recv) = t_up.accept_bi().await.unwrap();
+        // The header, read by the transit before the relay starts.
+        let mut b = [0u8; 1];
+        up_recv.read_exact(&mut b).await.unwrap();
+        let (mut down_send, down_recv) = t_down.open_bi().await.unwrap();
+        down_send.write_all(b"h").await.unwrap();
+        let moved: &'static AtomicU64 = Box::leak(Box::default());
+        let relay = tokio::spawn(relay(
+            up_send,
+            up_recv,
+            down_send,
+            down_recv,
+            std::future::pending(),
+            moved,
+        ));
+        let (mut s_send, mut s_recv) = site.accept_bi().await.unwrap();
+        s_recv.read_exact(&mut b).await.unwrap();
+        s_send.write_all(b"a").await.unwrap();
+        s_send.finish().unwrap();
+        s_recv.stop(code.varint()).unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while let Some(n) = e_recv.read(&mut b).await.unwrap() {
+                answer.extend_from_slice(&b[..n]);
+            }
+        })
+        .await
+        .expect("the answer did not end at the edge");
+        assert_eq!(answer, b"a");
+        let stopped = tokio::time::timeout(Duration::from_secs(10), e_send.stopped())
+            .await
+            .expect("the site's stop did not reach the edge");
+        assert_eq!(stopped.unwrap(), Some(code.varint()));
+        let gave_up = tokio::time::timeout(Duration::from_secs(10), relay)
+            .await
+            .expect("the relay outlived both ends")
+            .unwrap();
+        assert_eq!(gave_up, None);
     }
 
     #[tokio::test]

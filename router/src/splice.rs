@@ -533,14 +533,27 @@ pub(crate) async fn tcp_to_quic(
             let _ = send.reset(code.varint());
             return Err(Abort(code));
         }
-        if let Err(e) = send.write_chunk(chunk).await {
+        // Each part quinn takes is activity: a bulk chunk (up to 256 KiB) going to a slow
+        // reader may take longer than the idle timeout to go whole, and it was marked only
+        // once whole (the connection was reset as idle while it moved).
+        let mut rest = [chunk];
+        let mut failed = None;
+        while !rest[0].is_empty() {
+            match send.write_chunks(&mut rest).await {
+                Ok(_) => activity.mark(),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Some(e) = failed {
             match stop_code(&e) {
                 Some(code) => break code,
                 None => return Err(Abort(Code::UpstreamLost)),
             }
         }
         count(shared, side, true, n);
-        activity.mark();
         fair.moved(n).await;
     };
     // Stopped: the other direction sees it, and, while the answer is still going out, what the

@@ -322,6 +322,22 @@ fn a_port_the_demo_needs_in_use_is_refused_with_a_hint() {
         err.contains("in use") && err.contains("--ephemeral-ports"),
         "{err}"
     );
+    drop(_held);
+    // An edge's service port: the edge logs it and retries, so the demo looks after the start.
+    // (Its requests failed, or reached the other program, with no hint.)
+    let _held = std::net::TcpListener::bind(("127.20.0.1", 8443)).expect("hold syd-edge-1's port");
+    let out = Command::new(env!("CARGO_BIN_EXE_tasman"))
+        .args(["demo", "--quick"])
+        .output()
+        .expect("run tasman demo");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("client listeners of syd-edge-1")
+            && err.contains("in use")
+            && err.contains("--ephemeral-ports"),
+        "{err}"
+    );
 }
 
 /// A --topology file the demo cannot run is reported as `tasman topology validate` reports it,

@@ -296,6 +296,27 @@ impl DemoFabric {
             fabric.spawn_router(&n.id).await?;
         }
         fabric.wait_converged(Duration::from_secs(30)).await?;
+        // An edge that cannot bind a client listener (its port held by another program) logs
+        // it and tries again every second: the demo's requests would then fail, or reach the
+        // other program. Refused here, naming the edges (and so with the hint for such ports).
+        let unbound: Vec<String> = fabric
+            .routers
+            .iter()
+            .filter(|(_, r)| {
+                router_metric(&r.handle.metrics_text(), "tasman_edge_listeners_unbound")
+                    .is_some_and(|n| n > 0)
+            })
+            .map(|(id, _)| id.to_string())
+            .collect();
+        if !unbound.is_empty() {
+            return Err(DemoError::Io {
+                what: format!("client listeners of {}", unbound.join(", ")),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    "a service port is in use by another program",
+                ),
+            });
+        }
         fabric.converged = Instant::now();
         Ok(fabric)
     }
@@ -832,4 +853,15 @@ impl FixedPorts {
     fn udp(&mut self, ip: IpAddr) -> std::io::Result<u16> {
         self.find(|p| std::net::UdpSocket::bind((ip, p)).is_ok())
     }
+}
+
+/// The value of the first series named `name` in a router's `/metrics` text (its one label
+/// set: `name{node="..."} N`).
+fn router_metric(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|v| v as u64)
 }

@@ -296,8 +296,10 @@ struct Lat {
 /// report's count is the count run.
 fn pings_per_run(s: &str) -> Result<usize, String> {
     let n: usize = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
-    if n == 0 || n % LAT_ROUNDS != 0 {
-        return Err(format!("{n} is not a positive multiple of {LAT_ROUNDS} (the latency rounds)"));
+    if n == 0 || !n.is_multiple_of(LAT_ROUNDS) {
+        return Err(format!(
+            "{n} is not a positive multiple of {LAT_ROUNDS} (the latency rounds)"
+        ));
     }
     Ok(n)
 }

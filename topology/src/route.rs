@@ -303,7 +303,8 @@ const UNREACHED: u64 = u64::MAX;
 
 /// The most nodes a path may name, its origin and its site included: a stream's header names
 /// the hops after the first, at most 16 (the router's `header::MAX_HOPS`). A site whose best
-/// path is longer is no candidate, as if unreachable; a reserved path longer is refused.
+/// path is longer takes its best path that fits (a hop-bounded search), and is no candidate when none
+/// does, as if unreachable; a reserved path longer is refused.
 /// Bounding the path also bounds a table's size: at most this many names per candidate,
 /// whatever the depth of the graph.
 pub const MAX_PATH_NODES: usize = 18;
@@ -411,14 +412,43 @@ impl RoutingTable {
             }
         }
 
+        // A site whose best path names more nodes than a stream's header can carry takes its
+        // best path within that bound (searched only when some site needs it): a path through
+        // a drained element rather than none (the search ranks drained elements first, so a
+        // long drain-free detour hid a short drained path), and a slower path that fits rather
+        // than none.
+        let too_long = graph.services().iter().flat_map(|s| &s.sites).any(|site| {
+            dist[site.node as usize] != UNREACHED
+                && usize::from(links[site.node as usize]) >= MAX_PATH_NODES
+        });
+        let bounded = too_long.then(|| {
+            Bounded::search(
+                graph,
+                origin,
+                &node_blocked,
+                &link_blocked,
+                overrides.as_deref(),
+            )
+        });
+
         let mut services = Vec::with_capacity(graph.services().len());
         let mut candidates = Vec::new();
         for svc in graph.services() {
             let start = candidates.len();
             for site in &svc.sites {
-                let key = dist[site.node as usize];
-                if key == UNREACHED || usize::from(links[site.node as usize]) >= MAX_PATH_NODES {
+                let mut key = dist[site.node as usize];
+                if key == UNREACHED {
                     continue;
+                }
+                let mut path = None;
+                if usize::from(links[site.node as usize]) >= MAX_PATH_NODES {
+                    match bounded.as_ref().and_then(|b| b.best(graph, origin, site.node)) {
+                        Some((k, p)) => {
+                            key = k;
+                            path = Some(p);
+                        }
+                        None => continue,
+                    }
                 }
                 let (drained, latency_ns) = (key >> LATENCY_BITS, key & LATENCY_MASK);
                 let id = graph.id(site.node);
@@ -432,7 +462,7 @@ impl RoutingTable {
                 let latency = Latency::from_nanos(latency_ns);
                 candidates.push(Candidate {
                     site: id.clone(),
-                    path: path_to(graph, &prev, origin, site.node),
+                    path: path.unwrap_or_else(|| path_to(graph, &prev, origin, site.node)),
                     latency,
                     penalty,
                     cost: latency.saturating_add(penalty),
@@ -554,6 +584,81 @@ pub fn on_path(
 
 /// The path from `origin` to `site` along `prev`. A path has at most one step per node: should
 /// `prev` ever hold a cycle, the walk stops there (a short path, never a hang).
+/// The best paths of at most [`MAX_PATH_NODES`] nodes from one origin, by the table's key
+/// (drained elements, then latency): a Bellman-Ford of `MAX_PATH_NODES - 1` rounds, round `k`
+/// the best over paths of at most `k` links, each round relaxing from the round before only
+/// (so that a path never has more links than its round). O(`MAX_PATH_NODES` x links) time and
+/// `MAX_PATH_NODES` x nodes predecessors: run only when some site's best path is longer.
+struct Bounded {
+    /// The best key over paths of at most `MAX_PATH_NODES - 1` links.
+    keys: Vec<u64>,
+    /// Per round, the predecessor of each node improved in that round (`NO_PREV`: carried
+    /// from the round before).
+    prevs: Vec<Vec<u32>>,
+}
+
+impl Bounded {
+    fn search(
+        graph: &Graph,
+        origin: u32,
+        node_blocked: &[bool],
+        link_blocked: &[bool],
+        overrides: Option<&[u64]>,
+    ) -> Bounded {
+        let n = graph.node_count();
+        let mut cur = vec![UNREACHED; n];
+        if !node_blocked[origin as usize] {
+            cur[origin as usize] = 0;
+        }
+        let mut prevs = vec![vec![NO_PREV; n]];
+        for _ in 1..MAX_PATH_NODES {
+            let mut next = cur.clone();
+            let mut prev = vec![NO_PREV; n];
+            for u in 0..n as u32 {
+                let key = cur[u as usize];
+                if key == UNREACHED || (u != origin && graph.node_kind(u) != NodeKind::Transit) {
+                    continue;
+                }
+                for (e, &drained) in graph.neighbours(u).iter().zip(graph.neighbour_drain(u)) {
+                    let v = e.to as usize;
+                    if link_blocked[e.link as usize] || node_blocked[v] {
+                        continue;
+                    }
+                    let w = overrides.map_or(e.latency_ns, |o| o[e.link as usize]);
+                    let cand = key_add(key, drained, w);
+                    if cand < next[v] {
+                        next[v] = cand;
+                        prev[v] = u;
+                    }
+                }
+            }
+            prevs.push(prev);
+            cur = next;
+        }
+        Bounded { keys: cur, prevs }
+    }
+
+    /// `site`'s best key within the bound and its path, if it has one.
+    fn best(&self, graph: &Graph, origin: u32, site: u32) -> Option<(u64, Vec<NodeId>)> {
+        let key = self.keys[site as usize];
+        if key == UNREACHED {
+            return None;
+        }
+        let mut rev = vec![site];
+        let (mut at, mut round) = (site, self.prevs.len() - 1);
+        while at != origin {
+            let p = self.prevs[round][at as usize];
+            if p != NO_PREV {
+                rev.push(p);
+                at = p;
+            }
+            // Carried or improved, the path to `at` so far is one of the round before.
+            round = round.checked_sub(1)?;
+        }
+        Some((key, rev.iter().rev().map(|&i| graph.id(i).clone()).collect()))
+    }
+}
+
 fn path_to(graph: &Graph, prev: &[u32], origin: u32, site: u32) -> Vec<NodeId> {
     let mut rev = vec![site];
     let mut at = site;
@@ -1198,6 +1303,54 @@ mod tests {
         too_long.push(nid(&format!("s{:04}", MAX_PATH_NODES - 1)));
         assert_eq!(too_long.len(), MAX_PATH_NODES + 1);
         assert!(on_path(&g, &live, "x", &too_long).is_none());
+    }
+
+    /// A site whose best path names more nodes than a header carries takes its best path that
+    /// fits: a slower direct link (50 ms) rather than none when its fastest path is a chain of
+    /// 17 transits (19 nodes, 18 ms); a short path over a drained link when its drain-free
+    /// path is that chain. (It was dropped, as if unreachable: draining a link there acted as
+    /// `down` for the site.)
+    #[test]
+    fn a_site_whose_best_path_is_too_long_takes_its_best_path_that_fits() {
+        let chain = |direct: Option<(f64, AdminState)>| {
+            let mut b = TopologyBuilder::new();
+            b.node("e", NodeKind::Edge)
+                .node("s", NodeKind::Site)
+                .service("x")
+                .serve("s", "x", 1);
+            let mut prev = "e".to_string();
+            for k in 1..=17 {
+                let t = format!("t{k:02}");
+                b.node(&t, NodeKind::Transit).link(&prev, &t, ms(1.0));
+                prev = t;
+            }
+            b.link(&prev, "s", ms(1.0));
+            let mut t = b.build();
+            if let Some((latency, state)) = direct {
+                let mut b2 = TopologyBuilder::new();
+                b2.node("e", NodeKind::Edge)
+                    .node("s", NodeKind::Site)
+                    .link("e", "s", ms(latency));
+                let mut link = b2.build().links.remove(0);
+                link.state = state;
+                t.links.push(link);
+            }
+            t
+        };
+        let live = LiveState::default();
+        // The chain alone: 19 nodes, no candidate.
+        assert!(route(&chain(None), &nid("e"), "x", &live).unwrap().is_empty());
+        // A slower direct link: taken.
+        let c = route(&chain(Some((50.0, AdminState::Up))), &nid("e"), "x", &live).unwrap();
+        assert_eq!(c.len(), 1);
+        assert_eq!(path(&c[0]), ["e", "s"]);
+        assert_eq!(c[0].latency, Latency::from_micros(50_000));
+        assert!(!c[0].drained);
+        // A faster drained direct link: taken, as drained.
+        let c = route(&chain(Some((1.0, AdminState::Drain))), &nid("e"), "x", &live).unwrap();
+        assert_eq!(c.len(), 1, "{c:?}");
+        assert_eq!(path(&c[0]), ["e", "s"]);
+        assert!(c[0].drained);
     }
 
     /// Two equally fast paths to one site: 17 transits `a01`..`a17` (lower ids, 19 nodes with

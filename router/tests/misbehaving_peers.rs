@@ -2225,33 +2225,80 @@ where
     (near, edge, far)
 }
 
+/// A backend that notes whether a byte reached it (health checks send none), and its address.
+async fn byte_noting_backend() -> (SocketAddr, Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    use tokio::io::AsyncReadExt;
+    let reached = Arc::new(AtomicBool::new(false));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    let noted = reached.clone();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = listener.accept().await {
+            let noted = noted.clone();
+            tokio::spawn(async move {
+                let mut b = [0u8; 16];
+                if matches!(c.read(&mut b).await, Ok(n) if n > 0) {
+                    noted.store(true, SeqCst);
+                }
+            });
+        }
+    });
+    (backend, reached)
+}
+
+/// A fake `near` site of `t` (its certificate issued in `dir`) that answers pings and hands
+/// each stream the edge opens to `serve`.
+fn fake_near<F, Fut>(dir: &std::path::Path, t: &Topology, serve: F) -> quinn::Endpoint
+where
+    F: Fn(quinn::SendStream, quinn::RecvStream) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let (ep, _) = fake_neighbour(
+        dir,
+        t,
+        "near",
+        router::transport::transport_config(),
+        move |c, p| {
+            let (conn, serve) = (c.clone(), serve.clone());
+            tokio::spawn(async move {
+                while let Ok((send, recv)) = conn.accept_bi().await {
+                    tokio::spawn(serve(send, recv));
+                }
+            });
+            answer_pings("near", c, p)
+        },
+    );
+    ep
+}
+
+/// Reads `recv` until `seen` says what came so far is enough (or it ends): what came.
+async fn read_until(recv: &mut quinn::RecvStream, seen: impl Fn(&[u8]) -> bool) -> Vec<u8> {
+    let (mut all, mut b) = (Vec::new(), vec![0u8; 64 * 1024]);
+    while let Ok(Some(n)) = recv.read(&mut b).await {
+        all.extend_from_slice(&b[..n]);
+        if seen(&all) {
+            break;
+        }
+    }
+    all
+}
+
+/// Whether `b` holds `what`.
+fn holds(b: &[u8], what: &[u8]) -> bool {
+    b.windows(what.len()).any(|w| w == what)
+}
+
 /// A circuit deleted while one of its connections waits for its first site's answer carries
 /// nothing more: the try is not retried on the next site, and no byte of the request reaches a
 /// backend. (The retry carried the request to the far site's backend, to be cut only at the
 /// splice's first bytes, for a circuit whose capacity was already given back.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_circuit_deleted_during_its_first_try_is_not_retried_elsewhere() {
-    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    use std::sync::atomic::Ordering::SeqCst;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = ca_dir();
-    // A backend that notes whether a byte reached it (health checks send none).
-    let reached = Arc::new(AtomicBool::new(false));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let backend = listener.local_addr().unwrap();
-    {
-        let reached = reached.clone();
-        tokio::spawn(async move {
-            while let Ok((mut c, _)) = listener.accept().await {
-                let reached = reached.clone();
-                tokio::spawn(async move {
-                    let mut b = [0u8; 16];
-                    if matches!(c.read(&mut b).await, Ok(n) if n > 0) {
-                        reached.store(true, SeqCst);
-                    }
-                });
-            }
-        });
-    }
+    let (backend, reached) = byte_noting_backend().await;
     let port = free_tcp_port();
     let mut t = two_sites(backend, port, false);
     t.services[0].requires_circuit = true;
@@ -2271,31 +2318,15 @@ async fn a_circuit_deleted_during_its_first_try_is_not_retried_elsewhere() {
     // The near site reads each stream and answers nothing; it says when the request came (the
     // edge has read it from the client: the retry's check, not the read's, is what is tested).
     let (got_tx, mut got_rx) = tokio::sync::mpsc::unbounded_channel();
-    let (_near, _) = fake_neighbour(
-        dir.path(),
-        &t,
-        "near",
-        router::transport::transport_config(),
-        move |c, p| {
-            let (got, conn) = (got_tx.clone(), c.clone());
-            tokio::spawn(async move {
-                while let Ok((send, mut recv)) = conn.accept_bi().await {
-                    let got = got.clone();
-                    tokio::spawn(async move {
-                        let _held = send;
-                        let (mut all, mut b) = (Vec::new(), [0u8; 512]);
-                        while let Ok(Some(n)) = recv.read(&mut b).await {
-                            all.extend_from_slice(&b[..n]);
-                            if all.windows(7).any(|w| w == b"request") {
-                                let _ = got.send(());
-                            }
-                        }
-                    });
-                }
-            });
-            answer_pings("near", c, p)
-        },
-    );
+    let _near = fake_near(dir.path(), &t, move |send, mut recv| {
+        let got = got_tx.clone();
+        async move {
+            let _held = send;
+            read_until(&mut recv, |b| holds(b, b"request")).await;
+            let _ = got.send(());
+            read_until(&mut recv, |_| false).await;
+        }
+    });
     let (edge, etx) = spawn_node(&snap, dir.path(), "edge", |c| {
         c.reply_timeout = Duration::from_secs(2);
     })
@@ -2376,35 +2407,19 @@ async fn a_chunk_held_back_by_a_deleted_circuits_rate_goes_no_further() {
     let (got_tx, mut got_rx) = tokio::sync::mpsc::unbounded_channel();
     let marked = Arc::new(AtomicBool::new(false));
     let near_marked = marked.clone();
-    let (_near, _) = fake_neighbour(
-        dir.path(),
-        &t,
-        "near",
-        router::transport::transport_config(),
-        move |c, p| {
-            let (got, conn, marked) = (got_tx.clone(), c.clone(), near_marked.clone());
-            tokio::spawn(async move {
-                while let Ok((send, mut recv)) = conn.accept_bi().await {
-                    let (got, marked) = (got.clone(), marked.clone());
-                    tokio::spawn(async move {
-                        let _held = send;
-                        let (mut all, mut b) = (Vec::new(), vec![0u8; 64 * 1024]);
-                        while let Ok(Some(n)) = recv.read(&mut b).await {
-                            let had = all.windows(7).any(|w| w == b"request");
-                            all.extend_from_slice(&b[..n]);
-                            if !had && all.windows(7).any(|w| w == b"request") {
-                                let _ = got.send(());
-                            }
-                            if all.windows(8).any(|w| w == b"MARKER!!") {
-                                marked.store(true, SeqCst);
-                            }
-                        }
-                    });
-                }
-            });
-            answer_pings("near", c, p)
-        },
-    );
+    let _near = fake_near(dir.path(), &t, move |send, mut recv| {
+        let (got, marked) = (got_tx.clone(), near_marked.clone());
+        async move {
+            let _held = send;
+            let all = read_until(&mut recv, |b| holds(b, b"request")).await;
+            let _ = got.send(());
+            let rest = read_until(&mut recv, |b| holds(b, b"MARKER!!")).await;
+            if holds(&all, b"MARKER!!") || holds(&rest, b"MARKER!!") {
+                marked.store(true, SeqCst);
+            }
+            read_until(&mut recv, |_| false).await;
+        }
+    });
     let (edge, etx) = spawn_node(&snap, dir.path(), "edge", |c| {
         c.reply_timeout = Duration::from_secs(30);
     })
@@ -2486,57 +2501,21 @@ async fn a_chunk_held_back_by_a_deleted_circuits_rate_goes_no_further() {
 /// whole answer counted: the request went to the far site too.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_try_with_part_of_its_answer_back_is_not_retried_elsewhere() {
-    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    use std::sync::atomic::Ordering::SeqCst;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = ca_dir();
     // The far site's backend, which notes whether a byte reached it.
-    let reached = Arc::new(AtomicBool::new(false));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let backend = listener.local_addr().unwrap();
-    {
-        let reached = reached.clone();
-        tokio::spawn(async move {
-            while let Ok((mut c, _)) = listener.accept().await {
-                let reached = reached.clone();
-                tokio::spawn(async move {
-                    let mut b = [0u8; 16];
-                    if matches!(c.read(&mut b).await, Ok(n) if n > 0) {
-                        reached.store(true, SeqCst);
-                    }
-                });
-            }
-        });
-    }
+    let (backend, reached) = byte_noting_backend().await;
     let port = free_tcp_port();
     let t = two_sites(backend, port, false);
     let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
     // The near site reads the request, sends the first byte of its answer, and stalls.
-    let (_near, _) = fake_neighbour(
-        dir.path(),
-        &t,
-        "near",
-        router::transport::transport_config(),
-        move |c, p| {
-            let conn = c.clone();
-            tokio::spawn(async move {
-                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-                    tokio::spawn(async move {
-                        let (mut all, mut b) = (Vec::new(), [0u8; 512]);
-                        while let Ok(Some(n)) = recv.read(&mut b).await {
-                            all.extend_from_slice(&b[..n]);
-                            if all.windows(7).any(|w| w == b"request") {
-                                break;
-                            }
-                        }
-                        let _ = send.write_all(&router::header::REPLY_OK[..1]).await;
-                        // Held (not finished, not reset) until the edge gives up.
-                        let _ = send.stopped().await;
-                    });
-                }
-            });
-            answer_pings("near", c, p)
-        },
-    );
+    let _near = fake_near(dir.path(), &t, |mut send, mut recv| async move {
+        read_until(&mut recv, |b| holds(b, b"request")).await;
+        let _ = send.write_all(&router::header::REPLY_OK[..1]).await;
+        // Held (not finished, not reset) until the edge gives up.
+        let _ = send.stopped().await;
+    });
     let (edge, _etx) = spawn_node(&snap, dir.path(), "edge", |c| {
         c.reply_timeout = Duration::from_secs(2);
     })

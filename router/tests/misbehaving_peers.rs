@@ -2272,6 +2272,21 @@ where
     ep
 }
 
+/// Circuit `c-000001` of the edge for clients from 127.0.0.1 to service `echo` on `port`, via
+/// `near`, at `rate`.
+fn local_circuit(port: u16, rate: topology::Bandwidth) -> topology::circuit::ProvisionedCircuit {
+    topology::circuit::ProvisionedCircuit {
+        id: topology::circuit::CircuitId::new("c-000001"),
+        edge: NodeId::new("edge"),
+        prefix: "127.0.0.1/32".parse().unwrap(),
+        service: topology::ServiceName::new("echo"),
+        vip: None,
+        port: Some(port),
+        rate,
+        path: ["edge", "near"].into_iter().map(NodeId::new).collect(),
+    }
+}
+
 /// Reads `recv` until `seen` says what came so far is enough (or it ends): what came.
 async fn read_until(recv: &mut quinn::RecvStream, seen: impl Fn(&[u8]) -> bool) -> Vec<u8> {
     let (mut all, mut b) = (Vec::new(), vec![0u8; 64 * 1024]);
@@ -2302,16 +2317,7 @@ async fn a_circuit_deleted_during_its_first_try_is_not_retried_elsewhere() {
     let port = free_tcp_port();
     let mut t = two_sites(backend, port, false);
     t.services[0].requires_circuit = true;
-    let circuit = topology::circuit::ProvisionedCircuit {
-        id: topology::circuit::CircuitId::new("c-000001"),
-        edge: NodeId::new("edge"),
-        prefix: "127.0.0.1/32".parse().unwrap(),
-        service: topology::ServiceName::new("echo"),
-        vip: None,
-        port: Some(port),
-        rate: topology::Bandwidth::from_mbps(100),
-        path: ["edge", "near"].into_iter().map(NodeId::new).collect(),
-    };
+    let circuit = local_circuit(port, topology::Bandwidth::from_mbps(100));
     let mut snap = Snapshot::new(1, Arc::new(t.clone()));
     snap.circuits = Arc::new(vec![circuit]);
     let snap = Arc::new(snap);
@@ -2427,16 +2433,7 @@ async fn a_chunk_held_back_by_a_deleted_circuits_rate_goes_no_further() {
     let (_far, _ftx) = spawn_node(&snap, dir.path(), "far", |_| {}).await;
     edge_prefers_near_with_far_as_fallback(&edge).await;
     // The circuit comes now, so that its bucket has earned next to no credit: 32 kbit/s, 4 KB/s.
-    let circuit = topology::circuit::ProvisionedCircuit {
-        id: topology::circuit::CircuitId::new("c-000001"),
-        edge: NodeId::new("edge"),
-        prefix: "127.0.0.1/32".parse().unwrap(),
-        service: topology::ServiceName::new("echo"),
-        vip: None,
-        port: Some(port),
-        rate: topology::Bandwidth::from_bps(32_000),
-        path: ["edge", "near"].into_iter().map(NodeId::new).collect(),
-    };
+    let circuit = local_circuit(port, topology::Bandwidth::from_bps(32_000));
     let mut with = Snapshot::new(2, Arc::new(t.clone()));
     with.circuits = Arc::new(vec![circuit]);
     etx.send(Arc::new(with)).unwrap();

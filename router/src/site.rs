@@ -323,7 +323,11 @@ async fn check_loop(shared: Arc<Shared>, svc: Arc<SiteService>) {
         .await;
         // Down for dropping streams: a connect alone would bring it back at once, to drop the
         // next five streams (an HTTP check fails on such a backend by itself).
-        if r.failure.is_none() && svc.health_check.is_none() && svc.silent_down.load(Relaxed) {
+        if r.failure.is_none()
+            && svc.health_check.is_none()
+            && svc.silent_down.load(Relaxed)
+            && !svc.healthy.load(Relaxed)
+        {
             r.failure = closes_unprompted(svc.backend, shared.backend_connect_timeout)
                 .await
                 .map(|why| format!("it still {why}"));
@@ -333,6 +337,11 @@ async fn check_loop(shared: Arc<Shared>, svc: Arc<SiteService>) {
             svc.connect_succeeded();
         }
         let success = r.failure.is_none();
+        // The flag means something only while the service is down: one left set by a mark
+        // that raced the recovery is cleared by the next check that finds it healthy.
+        if success && svc.healthy.load(Relaxed) && svc.silent_down.load(Relaxed) {
+            svc.silent_down.store(false, Relaxed);
+        }
         if let Some(why) = &r.failure {
             tracing::debug!(node = %shared.node, service = %svc.service, backend = %svc.backend, "health check failed: {why}");
         }
@@ -416,6 +425,7 @@ fn final_answer(head: &[u8]) -> Option<&[u8]> {
     loop {
         let rest = &head[at..];
         let line = &rest[..rest.iter().position(|&b| b == b'\n')?];
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
         let interim = line.starts_with(b"HTTP/")
             && line
                 .split(|&b| b == b' ')
@@ -642,6 +652,8 @@ mod tests {
             judge(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 503 Busy\r\n"),
             Err("HTTP status 503".to_string())
         );
+        // No reason phrase: the code is still read whole (the line's CR is not part of it).
+        assert_eq!(judge(b"HTTP/1.1 100\r\n\r\nHTTP/1.1 200 OK\r\n"), Ok(()));
         // Still waiting: an interim answer whose end, or whose final answer's status line,
         // has not come.
         assert_eq!(

@@ -537,16 +537,15 @@ pub(crate) async fn tcp_to_quic(
         // reader may take longer than the idle timeout to go whole, and it was marked only
         // once whole (the connection was reset as idle while it moved).
         let mut rest = [chunk];
-        let mut failed = None;
-        while !rest[0].is_empty() {
+        let failed = loop {
+            if rest[0].is_empty() {
+                break None;
+            }
             match send.write_chunks(&mut rest).await {
                 Ok(_) => activity.mark(),
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
+                Err(e) => break Some(e),
             }
-        }
+        };
         if let Some(e) = failed {
             match stop_code(&e) {
                 Some(code) => break code,

@@ -442,7 +442,10 @@ impl RoutingTable {
                 }
                 let mut path = None;
                 if usize::from(links[site.node as usize]) >= MAX_PATH_NODES {
-                    match bounded.as_ref().and_then(|b| b.best(graph, origin, site.node)) {
+                    match bounded
+                        .as_ref()
+                        .and_then(|b| b.best(graph, origin, site.node))
+                    {
                         Some((k, p)) => {
                             key = k;
                             path = Some(p);
@@ -655,7 +658,10 @@ impl Bounded {
             // Carried or improved, the path to `at` so far is one of the round before.
             round = round.checked_sub(1)?;
         }
-        Some((key, rev.iter().rev().map(|&i| graph.id(i).clone()).collect()))
+        Some((
+            key,
+            rev.iter().rev().map(|&i| graph.id(i).clone()).collect(),
+        ))
     }
 }
 
@@ -1339,7 +1345,11 @@ mod tests {
         };
         let live = LiveState::default();
         // The chain alone: 19 nodes, no candidate.
-        assert!(route(&chain(None), &nid("e"), "x", &live).unwrap().is_empty());
+        assert!(
+            route(&chain(None), &nid("e"), "x", &live)
+                .unwrap()
+                .is_empty()
+        );
         // A slower direct link: taken.
         let c = route(&chain(Some((50.0, AdminState::Up))), &nid("e"), "x", &live).unwrap();
         assert_eq!(c.len(), 1);
@@ -1347,7 +1357,13 @@ mod tests {
         assert_eq!(c[0].latency, Latency::from_micros(50_000));
         assert!(!c[0].drained);
         // A faster drained direct link: taken, as drained.
-        let c = route(&chain(Some((1.0, AdminState::Drain))), &nid("e"), "x", &live).unwrap();
+        let c = route(
+            &chain(Some((1.0, AdminState::Drain))),
+            &nid("e"),
+            "x",
+            &live,
+        )
+        .unwrap();
         assert_eq!(c.len(), 1, "{c:?}");
         assert_eq!(path(&c[0]), ["e", "s"]);
         assert!(c[0].drained);

@@ -475,8 +475,8 @@ async fn a_nodes_connections_awaiting_their_hello_are_bounded() {
     d.shutdown().await;
 }
 
-/// A state directory a controller used (its read-only token is there) whose store is gone is
-/// refused at start, naming it: a new store would start from epoch 1 and the `--topology` file
+/// A state directory whose store was made (its `store-made` is there) and is gone is refused at
+/// start, naming it: a new store would start from epoch 1 and the `--topology` file
 /// again, publishing version numbers the fabric has seen, with no circuits. (It started afresh.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_used_state_directory_without_its_store_is_refused() {
@@ -499,6 +499,15 @@ async fn a_used_state_directory_without_its_store_is_refused() {
         "{msg}"
     );
     assert!(!state.join(fabric::store::redb::FILE).exists());
+    // A new directory with a read-only token put there by the operator starts as usual.
+    let fresh = dir.path().join("fresh");
+    std::fs::create_dir_all(&fresh).unwrap();
+    std::fs::write(fresh.join(daemon::READ_TOKEN_FILE), "chosen-read-token\n").unwrap();
+    let d = daemon::start(import_config(&fresh, &tls, &fabric_yaml(66, 1, 1, 10)))
+        .await
+        .expect("a new directory with an operator's token");
+    assert_eq!(d.read_token, "chosen-read-token");
+    d.shutdown().await;
 }
 
 /// A hello is a few dozen bytes: one announced larger than [`MAX_HELLO`] closes the connection

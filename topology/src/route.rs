@@ -585,8 +585,6 @@ pub fn on_path(
     })
 }
 
-/// The path from `origin` to `site` along `prev`. A path has at most one step per node: should
-/// `prev` ever hold a cycle, the walk stops there (a short path, never a hang).
 /// The best paths of at most [`MAX_PATH_NODES`] nodes from one origin, by the table's key
 /// (drained elements, then latency): a Bellman-Ford of `MAX_PATH_NODES - 1` rounds, round `k`
 /// the best over paths of at most `k` links, each round relaxing from the round before only
@@ -665,6 +663,8 @@ impl Bounded {
     }
 }
 
+/// The path from `origin` to `site` along `prev`. A path has at most one step per node: should
+/// `prev` ever hold a cycle, the walk stops there (a short path, never a hang).
 fn path_to(graph: &Graph, prev: &[u32], origin: u32, site: u32) -> Vec<NodeId> {
     let mut rev = vec![site];
     let mut at = site;

@@ -88,8 +88,9 @@ struct Cx {
     hint_cells: u64,
     /// Unknown field names given the closest allowed one so far ([`MAX_HINTED_NAMES`]).
     hinted_fields: usize,
-    /// A hint was refused for [`HINT_CELLS`]: no later one is searched.
-    hints_spent: bool,
+    /// The fewest known names a hint was refused for ([`HINT_CELLS`]): no later one against
+    /// as many or more is searched (a smaller list, 12 services after 50,000 ids, still is).
+    hints_spent_at: usize,
 }
 
 /// How a text is validated: as a new one (every rule), or as one a controller stored under an
@@ -109,7 +110,7 @@ impl Cx {
             texts,
             hinted: 0,
             hinted_fields: 0,
-            hints_spent: false,
+            hints_spent_at: usize::MAX,
             hint_cells: HINT_CELLS,
         }
     }
@@ -385,11 +386,9 @@ fn number(cx: &mut Cx, node: &YNode, what: &dyn fmt::Display) -> Option<f64> {
         YValue::TooBig(text) if text.parse::<f64>().is_ok_and(f64::is_finite) => {
             text.parse::<f64>().ok()
         }
-        YValue::TooBig(_) => {
-            cx.err(
-                node.pos,
-                format!("{what} must be a finite number, found an infinity"),
-            );
+        YValue::TooBig(text) => {
+            let shown: String = text.chars().take(24).collect();
+            cx.err(node.pos, format!("{what}: {shown}... is out of range"));
             None
         }
         YValue::Float(f) if f.is_finite() => Some(*f),
@@ -736,7 +735,7 @@ impl Cx {
         if word.chars().count() > MAX_HINTED_LEN {
             return format!("({total} known, none that long)");
         }
-        if self.hints_spent {
+        if total >= self.hints_spent_at {
             return format!("({total} known; too many to search for the closest)");
         }
         if self.hinted >= MAX_HINTED_NAMES {
@@ -751,7 +750,7 @@ impl Cx {
         if cells > self.hint_cells {
             // The budget is spent: later unknown names take the cheap answer above, without
             // walking (and copying) the known names again each.
-            self.hints_spent = true;
+            self.hints_spent_at = self.hints_spent_at.min(total);
             return format!("({total} known; too many to search for the closest)");
         }
         self.hint_cells -= cells;

@@ -141,10 +141,13 @@ pub enum ClientError {
     },
     #[error("unexpected answer from the controller: {0}")]
     Protocol(String),
-    /// A change's success answer (2xx) this CLI could not read (a newer controller's fields,
-    /// an answer past the size limit): the change was made, but what it did is unknown here.
+    /// A success answer (2xx) to a request that may change something, in the admin API's JSON
+    /// but not one this CLI can read (a newer controller's fields, an answer past the size
+    /// limit): the controller accepted it, so a change it asked for was made.
     #[error(
-        "the controller at {addr} answered HTTP {status}: the change was made, but its answer          could not be read ({reason}); see it with the matching `get`, `show` or `history`"
+        "the controller at {addr} accepted the request (HTTP {status}), so a change it asked for \
+         was made, but its answer could not be read ({reason}); see it with the matching `get`, \
+         `show` or `history`"
     )]
     UnreadableSuccess {
         addr: String,
@@ -326,9 +329,11 @@ impl AdminClient {
             });
         }
         serde_json::from_slice(&bytes).map_err(|e| {
-            // A change (anything but a read) that succeeded: say so, as `Lost` does for one
-            // whose answer never came; a retry would meet its own change.
-            if method == "GET" || method == "HEAD" {
+            // A change (anything but a read) the controller accepted: say so, as `Lost` does
+            // for one whose answer never came; a retry would meet its own change. Only for an
+            // answer in JSON, as the admin API's are: another server's page is no acceptance.
+            let json = serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_ok();
+            if method == "GET" || method == "HEAD" || !json {
                 ClientError::Protocol(e.to_string())
             } else {
                 ClientError::UnreadableSuccess {
@@ -524,7 +529,10 @@ mod tests {
             matches!(&err, ClientError::UnreadableSuccess { status: 200, .. }),
             "{err:?}"
         );
-        assert!(err.to_string().contains("the change was made"), "{err}");
+        assert!(
+            err.to_string().contains("a change it asked for was made"),
+            "{err}"
+        );
         let err = c.get::<Needs>("/v1/topology").await.unwrap_err();
         assert!(matches!(err, ClientError::Protocol(_)), "{err:?}");
     }

@@ -230,8 +230,8 @@ fn parse_wait_timeout(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-/// The longest `--timeout` of a `--wait`: a year.
-const MAX_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The longest `--timeout` of a `--wait`: a year (`1y`, 365.25 days, as humantime reads it).
+const MAX_WAIT: Duration = Duration::from_secs(31_557_600);
 
 #[derive(Debug, Clone, Args)]
 pub struct CreateArgs {
@@ -943,11 +943,11 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(
-                err.contains("is too long: at most 31536000 seconds"),
+                err.contains("is too long: at most 31557600 seconds"),
                 "{err}"
             );
         }
-        let w = parse(&["--wait", "--timeout", "365d"]).unwrap();
+        let w = parse(&["--wait", "--timeout", "1y"]).unwrap();
         assert_eq!(w.timeout, MAX_WAIT);
     }
 

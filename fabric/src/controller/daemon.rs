@@ -95,15 +95,16 @@ pub enum DaemonError {
         dir.display()
     )]
     NoCa { dir: PathBuf },
-    /// The state directory was a controller's (its read-only token is there, written only
-    /// after a store opened) but holds no store: a new one would start from epoch 1 and the
-    /// `--topology` file again, reusing version numbers the fabric has seen, with no circuits.
+    /// The state directory held a controller's store ([`STORE_MADE`] is there) but holds none
+    /// now: a new one would start from epoch 1 and the `--topology` file again, reusing version
+    /// numbers the fabric has seen, with no circuits.
     #[error(
-        "{}: a controller used this state directory (its {} is there) but its store, {}, is \
-         missing: restore it from a backup; a new store would number versions from the start \
-         again and publish no circuits (to start afresh on purpose, use an empty directory)",
+        "{}: a controller's store was made in this state directory (its {} is there) but the \
+         store, {}, is missing: restore it from a backup; a new store would number versions \
+         from the start again and publish no circuits (to start afresh on purpose, use an \
+         empty directory)",
         dir.display(),
-        READ_TOKEN_FILE,
+        STORE_MADE,
         crate::store::redb::FILE
     )]
     StoreMissing { dir: PathBuf },
@@ -180,6 +181,10 @@ fn read_token(cfg: &DaemonConfig) -> Result<String, DaemonError> {
 /// The read-only token's file in the state directory.
 pub const READ_TOKEN_FILE: &str = "admin-read-token";
 
+/// Written in the state directory once its store exists: a start that finds it and no store is
+/// refused ([`DaemonError::StoreMissing`]).
+pub const STORE_MADE: &str = "store-made";
+
 /// The token in the file at `path`; one is generated there when the file is missing and
 /// `generate` (a default path) says so.
 fn token_at(path: PathBuf, generate: bool) -> Result<String, DaemonError> {
@@ -209,7 +214,7 @@ pub async fn start(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
         return Err(DaemonError::NoCa { dir: dir.clone() });
     }
     if !cfg.state_dir.join(crate::store::redb::FILE).exists()
-        && cfg.state_dir.join(READ_TOKEN_FILE).exists()
+        && cfg.state_dir.join(STORE_MADE).exists()
     {
         return Err(DaemonError::StoreMissing {
             dir: cfg.state_dir.clone(),
@@ -217,6 +222,21 @@ pub async fn start(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
     }
     // The store makes its directory (durably) if it is new.
     let store = Arc::new(RedbStore::open(&cfg.state_dir)?);
+    // Said once the store is there, for a later start to tell a used directory whose store
+    // went missing from a new one ([`DaemonError::StoreMissing`]).
+    let made = cfg.state_dir.join(STORE_MADE);
+    if !made.exists() {
+        router::durable::write(
+            &made,
+            &cfg.state_dir.join(format!("{STORE_MADE}.tmp")),
+            b"this directory holds a Tasman controller's store (state.redb): a start without it is refused\n",
+            false,
+        )
+        .map_err(|e| DaemonError::Io {
+            path: e.path,
+            source: e.source,
+        })?;
+    }
     // The file is read only for the first import: afterwards the store is the truth, and the
     // file may be gone.
     let stored = crate::store::read(&*store, |tx| super::records::current(tx))?.is_some();

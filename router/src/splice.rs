@@ -670,6 +670,10 @@ pub(crate) async fn quic_to_tcp(
                 let written = write_all_chunks(wr, &mut bufs[..k], watch, activity).await;
                 watch.waiting(false);
                 if let Err(e) = written {
+                    // What went before the failure was delivered: counted (the batch is cut
+                    // down to what is left as it is written).
+                    let left: usize = bufs[..k].iter().map(Bytes::len).sum();
+                    count(shared, side, false, n - left);
                     let code = side.tcp_abort_code();
                     let _ = recv.stop(code.varint());
                     // `EPIPE`: the peer had closed its side (its FIN came first, so what it sent

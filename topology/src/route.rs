@@ -367,6 +367,11 @@ impl RoutingTable {
             w
         });
 
+        let open = Open {
+            node_blocked: &node_blocked,
+            link_blocked: &link_blocked,
+            overrides: overrides.as_deref(),
+        };
         // Dijkstra over (drained count, latency ns), lexicographic, packed (see `key_add`).
         // No decrease-key: stale heap entries are skipped when popped.
         let mut dist = vec![UNREACHED; n];
@@ -382,25 +387,13 @@ impl RoutingTable {
             if key > dist[u as usize] {
                 continue;
             }
-            // Only the origin and transits relay: an edge or a site is an end of a path, never
-            // a hop in its middle (as for circuits).
-            if u != origin && graph.node_kind(u) != NodeKind::Transit {
-                continue;
-            }
-            for (e, &drained) in graph.neighbours(u).iter().zip(graph.neighbour_drain(u)) {
-                let v = e.to as usize;
-                if link_blocked[e.link as usize] || node_blocked[v] {
-                    continue;
-                }
-                let w = overrides
-                    .as_ref()
-                    .map_or(e.latency_ns, |o| o[e.link as usize]);
-                let cand = key_add(key, drained, w);
+            for (to, cand) in open.steps(graph, origin, u, key) {
+                let v = to as usize;
                 if cand < dist[v] {
                     dist[v] = cand;
                     prev[v] = u;
                     links[v] = links[u as usize].saturating_add(1);
-                    heap.push(Reverse((cand, e.to)));
+                    heap.push(Reverse((cand, to)));
                 } else if cand == dist[v]
                     && (links[u as usize].saturating_add(1), u) < (links[v], prev[v])
                 {
@@ -421,15 +414,7 @@ impl RoutingTable {
             dist[site.node as usize] != UNREACHED
                 && usize::from(links[site.node as usize]) >= MAX_PATH_NODES
         });
-        let bounded = too_long.then(|| {
-            Bounded::search(
-                graph,
-                origin,
-                &node_blocked,
-                &link_blocked,
-                overrides.as_deref(),
-            )
-        });
+        let bounded = too_long.then(|| Bounded::search(graph, origin, &open));
 
         let mut services = Vec::with_capacity(graph.services().len());
         let mut candidates = Vec::new();
@@ -585,6 +570,44 @@ pub fn on_path(
     })
 }
 
+/// What a table's searches may cross (the live state's down nodes and links among them) and
+/// the link weights in force (the live state's measured ones, where it has them).
+struct Open<'a> {
+    node_blocked: &'a [bool],
+    link_blocked: &'a [bool],
+    overrides: Option<&'a [u64]>,
+}
+
+impl Open<'_> {
+    /// One step from `u`, reached with `key`: each node its open links lead to, with the key
+    /// of the path through `u`. None unless `u` relays: only the origin and transits do (an
+    /// edge or a site is an end of a path, never a hop in its middle, as for circuits).
+    fn steps<'g>(
+        &'g self,
+        graph: &'g Graph,
+        origin: u32,
+        u: u32,
+        key: u64,
+    ) -> impl Iterator<Item = (u32, u64)> + 'g {
+        let relays = u == origin || graph.node_kind(u) == NodeKind::Transit;
+        let (links, drains) = if relays {
+            (graph.neighbours(u), graph.neighbour_drain(u))
+        } else {
+            (&[][..], &[][..])
+        };
+        links
+            .iter()
+            .zip(drains)
+            .filter(|(e, _)| {
+                !self.link_blocked[e.link as usize] && !self.node_blocked[e.to as usize]
+            })
+            .map(move |(e, &drained)| {
+                let w = self.overrides.map_or(e.latency_ns, |o| o[e.link as usize]);
+                (e.to, key_add(key, drained, w))
+            })
+    }
+}
+
 /// The best paths of at most [`MAX_PATH_NODES`] nodes from one origin, by the table's key
 /// (drained elements, then latency): a Bellman-Ford of `MAX_PATH_NODES - 1` rounds, round `k`
 /// the best over paths of at most `k` links, each round relaxing from the round before only
@@ -599,16 +622,10 @@ struct Bounded {
 }
 
 impl Bounded {
-    fn search(
-        graph: &Graph,
-        origin: u32,
-        node_blocked: &[bool],
-        link_blocked: &[bool],
-        overrides: Option<&[u64]>,
-    ) -> Bounded {
+    fn search(graph: &Graph, origin: u32, open: &Open<'_>) -> Bounded {
         let n = graph.node_count();
         let mut cur = vec![UNREACHED; n];
-        if !node_blocked[origin as usize] {
+        if !open.node_blocked[origin as usize] {
             cur[origin as usize] = 0;
         }
         let mut prevs = vec![vec![NO_PREV; n]];
@@ -617,16 +634,11 @@ impl Bounded {
             let mut prev = vec![NO_PREV; n];
             for u in 0..n as u32 {
                 let key = cur[u as usize];
-                if key == UNREACHED || (u != origin && graph.node_kind(u) != NodeKind::Transit) {
+                if key == UNREACHED {
                     continue;
                 }
-                for (e, &drained) in graph.neighbours(u).iter().zip(graph.neighbour_drain(u)) {
-                    let v = e.to as usize;
-                    if link_blocked[e.link as usize] || node_blocked[v] {
-                        continue;
-                    }
-                    let w = overrides.map_or(e.latency_ns, |o| o[e.link as usize]);
-                    let cand = key_add(key, drained, w);
+                for (to, cand) in open.steps(graph, origin, u, key) {
+                    let v = to as usize;
                     if cand < next[v] {
                         next[v] = cand;
                         prev[v] = u;

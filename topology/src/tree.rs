@@ -151,7 +151,8 @@ impl std::ops::AddAssign for Size {
 struct Builder<'a> {
     parser: Parser<'a, serde_saphyr::granit_parser::StrInput<'a>>,
     /// Anchored nodes, with their size (what an alias to them costs).
-    anchors: HashMap<usize, (YNode<'a>, Size)>,
+    /// Each anchored node, its size and its [`height`] (taken once, when it is anchored).
+    anchors: HashMap<usize, (YNode<'a>, Size, usize)>,
     nodes: usize,
     aliases: usize,
     replayed: usize,
@@ -320,17 +321,16 @@ impl<'a> Builder<'a> {
                         format!("more than {MAX_ALIASES} aliases are refused"),
                     ));
                 }
-                let Some((target, size)) = self.anchors.get(&id) else {
+                let Some((target, size, h)) = self.anchors.get(&id) else {
                     return Err(Diagnostic::error(
                         p.line,
                         p.column,
                         "YAML: alias to an unknown anchor",
                     ));
                 };
-                let size = *size;
+                let (size, h) = (*size, *h);
                 // The copy nests as deep as its anchored node, from here: within the limit too
                 // (an alias inside as deep a list built 28 levels, and chained anchors ~550).
-                let h = height(target);
                 if h > 0 && depth + h > MAX_DEPTH {
                     return Err(Diagnostic::error(p.line, p.column, nesting_message()));
                 }
@@ -383,7 +383,8 @@ impl<'a> Builder<'a> {
                     ),
                 ));
             }
-            self.anchors.insert(anchor, (node.clone(), size));
+            let h = height(&node);
+            self.anchors.insert(anchor, (node.clone(), size, h));
         }
         Ok((node, size))
     }

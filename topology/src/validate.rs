@@ -345,7 +345,7 @@ fn integer(
         // Too long for an i128 as written, or written as a float: out of range, not "not an
         // integer".
         YValue::TooBig(text) => {
-            let shown: String = text.chars().take(24).collect();
+            let shown = first_digits(text);
             let more = if text.chars().count() > 24 {
                 format!("... ({} characters)", text.chars().count())
             } else {
@@ -374,6 +374,12 @@ fn integer(
     }
 }
 
+/// The first 24 characters of a number as written, for a message (one too long for an
+/// `i128` may have thousands).
+fn first_digits(text: &str) -> String {
+    text.chars().take(24).collect()
+}
+
 fn port(cx: &mut Cx, node: &YNode, what: &dyn fmt::Display) -> Option<u16> {
     integer(cx, node, what, 1, 65535).and_then(|p| u16::try_from(p).ok())
 }
@@ -387,8 +393,10 @@ fn number(cx: &mut Cx, node: &YNode, what: &dyn fmt::Display) -> Option<f64> {
             text.parse::<f64>().ok()
         }
         YValue::TooBig(text) => {
-            let shown: String = text.chars().take(24).collect();
-            cx.err(node.pos, format!("{what}: {shown}... is out of range"));
+            cx.err(
+                node.pos,
+                format!("{what}: {}... is out of range", first_digits(text)),
+            );
             None
         }
         YValue::Float(f) if f.is_finite() => Some(*f),
@@ -822,8 +830,7 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
         Some(v) => match &v.value {
             YValue::Int(1) => {}
             YValue::Int(_) | YValue::TooBig(_) => {
-                let n = v.value.scalar_text().unwrap_or_default();
-                let n: String = n.chars().take(24).collect();
+                let n = first_digits(&v.value.scalar_text().unwrap_or_default());
                 cx.err(
                     v.pos,
                     format!("unsupported version {n} (this build reads version 1)"),

@@ -294,19 +294,22 @@ impl AdminClient {
             }
         })?;
         let status = resp.status();
+        // A success answer to a change (anything but a read) that this CLI cannot read: the
+        // controller accepted it, as said (as `Lost` says of one whose answer never came: a
+        // retry would meet its own change).
+        let change = method != "GET" && method != "HEAD";
+        let unreadable = |reason: String| ClientError::UnreadableSuccess {
+            addr: self.authority.clone(),
+            status: status.as_u16(),
+            reason,
+        };
         let bytes = Limited::new(resp.into_body(), MAX_RESPONSE)
             .collect()
             .await
             .map_err(|e| match e.downcast::<hyper::Error>() {
                 Ok(e) => lost(e.to_string()),
                 // Past the size limit: a change's success is still a success.
-                Err(e) if status.is_success() && method != "GET" && method != "HEAD" => {
-                    ClientError::UnreadableSuccess {
-                        addr: self.authority.clone(),
-                        status: status.as_u16(),
-                        reason: e.to_string(),
-                    }
-                }
+                Err(e) if status.is_success() && change => unreadable(e.to_string()),
                 Err(e) => ClientError::Protocol(e.to_string()),
             })?
             .to_bytes();
@@ -329,18 +332,13 @@ impl AdminClient {
             });
         }
         serde_json::from_slice(&bytes).map_err(|e| {
-            // A change (anything but a read) the controller accepted: say so, as `Lost` does
-            // for one whose answer never came; a retry would meet its own change. Only for an
-            // answer in JSON, as the admin API's are: another server's page is no acceptance.
+            // Only for an answer in JSON, as the admin API's are: another server's page is no
+            // acceptance.
             let json = serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_ok();
-            if method == "GET" || method == "HEAD" || !json {
-                ClientError::Protocol(e.to_string())
+            if change && json {
+                unreadable(e.to_string())
             } else {
-                ClientError::UnreadableSuccess {
-                    addr: self.authority.clone(),
-                    status: status.as_u16(),
-                    reason: e.to_string(),
-                }
+                ClientError::Protocol(e.to_string())
             }
         })
     }

@@ -213,9 +213,8 @@ pub async fn start(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
     {
         return Err(DaemonError::NoCa { dir: dir.clone() });
     }
-    if !cfg.state_dir.join(crate::store::redb::FILE).exists()
-        && cfg.state_dir.join(STORE_MADE).exists()
-    {
+    let made = cfg.state_dir.join(STORE_MADE);
+    if !cfg.state_dir.join(crate::store::redb::FILE).exists() && made.exists() {
         return Err(DaemonError::StoreMissing {
             dir: cfg.state_dir.clone(),
         });
@@ -224,7 +223,6 @@ pub async fn start(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
     let store = Arc::new(RedbStore::open(&cfg.state_dir)?);
     // Said once the store is there, for a later start to tell a used directory whose store
     // went missing from a new one ([`DaemonError::StoreMissing`]).
-    let made = cfg.state_dir.join(STORE_MADE);
     if !made.exists() {
         router::durable::write(
             &made,

@@ -654,6 +654,14 @@ impl RouterHandle {
         let weak = Arc::downgrade(&self.shared);
         Arc::new(move || weak.upgrade().map(|s| s.telemetry()))
     }
+    /// Client listeners (service and transparent) this edge could not bind and retries
+    /// (`tasman_edge_listeners_unbound`).
+    pub fn listeners_unbound(&self) -> u64 {
+        self.shared
+            .metrics
+            .listeners_unbound
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
     /// Prometheus text of this router's metrics.
     pub fn metrics_text(&self) -> String {
         self.shared.render_metrics(&self.shared.telemetry())

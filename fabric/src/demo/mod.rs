@@ -302,10 +302,7 @@ impl DemoFabric {
         let unbound: Vec<String> = fabric
             .routers
             .iter()
-            .filter(|(_, r)| {
-                router_metric(&r.handle.metrics_text(), "tasman_edge_listeners_unbound")
-                    .is_some_and(|n| n > 0)
-            })
+            .filter(|(_, r)| r.handle.listeners_unbound() > 0)
             .map(|(id, _)| id.to_string())
             .collect();
         if !unbound.is_empty() {
@@ -853,15 +850,4 @@ impl FixedPorts {
     fn udp(&mut self, ip: IpAddr) -> std::io::Result<u16> {
         self.find(|p| std::net::UdpSocket::bind((ip, p)).is_ok())
     }
-}
-
-/// The value of the first series named `name` in a router's `/metrics` text (its one label
-/// set: `name{node="..."} N`).
-fn router_metric(text: &str, name: &str) -> Option<u64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .map(|v| v as u64)
 }

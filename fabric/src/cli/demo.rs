@@ -171,7 +171,10 @@ fn preferred(f: &DemoFabric, edge: &NodeId, service: &str) -> Option<(NodeId, Ve
 
 struct Row {
     service: String,
+    /// The sites that served the requests, as shown (`a×6 b×4` when several did).
     site: String,
+    /// The same sites, by name.
+    served: Vec<String>,
     path: String,
     declared: String,
     ttfb: String,
@@ -255,6 +258,7 @@ async fn measure(f: &DemoFabric, edge: &NodeId, service: &str, n: usize) -> (Row
         Row {
             service: service.to_string(),
             site: served,
+            served: sites.into_keys().collect(),
             path: path_shown,
             declared,
             ttfb,
@@ -920,13 +924,8 @@ async fn live_edit(fabric: &mut DemoFabric, edges: &[NodeId], service: &str, n: 
         let (row, row_ok) = measure(fabric, edge, &s, n).await;
         // The edited service's requests were served by the predicted site (the table moving
         // alone is no proof: its row would show the old site beside a `(table: ...)` path).
-        // (Sites within the spread share the connections: "a×6 b×4" names the predicted one.)
-        let served_by = |site: &str| {
-            row.site
-                .split(' ')
-                .any(|p| p == site || p.strip_prefix(site).is_some_and(|r| r.starts_with('×')))
-        };
-        if s == service && !served_by(edit.after.0.as_str()) {
+        // (Sites within the spread share the connections: one of them is the predicted one.)
+        if s == service && !row.served.iter().any(|p| p == edit.after.0.as_str()) {
             println!(
                 "  {edge} {service}: served by {}, not by the predicted {}",
                 row.site, edit.after.0

@@ -694,7 +694,7 @@ async fn probe_until_down(
     let mut min_rtt = MinRtt::new(tokio::time::Instant::now(), conn.rtt());
     // When the last few pings were sent (by sequence number), for the RTT samples.
     let mut sent_at = [(0u64, tokio::time::Instant::now()); 16];
-    let mut udp_rx = frames_in(&conn.stats());
+    let mut frames_rx = frames_in(&conn.stats());
     // Frames received, and pings transmitted (only pings are sent as datagrams on a dialled
     // connection), when the outstanding probe was queued.
     let mark = || {
@@ -784,8 +784,8 @@ async fn probe_until_down(
                 // margin keeps a dead peer's last few packets from extending its life.
                 let rx = frames_in(&conn.stats());
                 // A pong's packet holds its DATAGRAM and often an ACK, and another ACK may follow.
-                let extra = rx.saturating_sub(udp_rx).saturating_sub(3 * (pongs - pongs_at_tick));
-                udp_rx = rx;
+                let extra = rx.saturating_sub(frames_rx).saturating_sub(3 * (pongs - pongs_at_tick));
+                frames_rx = rx;
                 pongs_at_tick = pongs;
                 // Those packets arrived some time since the previous tick: credit that instant.
                 if extra >= 32 {

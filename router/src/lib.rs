@@ -433,7 +433,7 @@ impl Shared {
                     up: self.advertised(n.is_up()),
                     srtt_us: n.srtt_us(),
                     path_mtu: path.map_or(0, |p| p.current_mtu),
-                    lost_packets: path.map_or(0, |p| p.lost_packets),
+                    lost_packets: n.lost_packets(),
                     dial_failures: n.dial_failures(),
                 }
             })

@@ -369,7 +369,7 @@ impl Metrics {
             (
                 "neighbour_lost_packets_total",
                 "counter",
-                "Packets the connection to the neighbour declared lost (resets with the connection).",
+                "Packets QUIC declared lost to the neighbour since the router started (its connections summed).",
                 |n| n.lost_packets as f64,
             ),
             (

@@ -3,7 +3,10 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicU64,
+    Ordering::{Relaxed, SeqCst},
+};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -45,6 +48,13 @@ pub(crate) struct Neighbour {
     /// `CONNECT_TIMEOUT` (or within `STUCK_AFTER`, given up when the neighbour connected to us),
     /// or closed before it answered a probe (the peer refused our certificate).
     dial_failures: AtomicU64,
+    /// Packets QUIC declared lost on this neighbour's connections that have ended (added when
+    /// one ends, after it is taken down): with the live connection's, a counter that does not
+    /// go back to 0 at each reconnect.
+    lost_before: AtomicU64,
+    /// The most [`Neighbour::lost_packets`] has answered: a read that races a connection's end
+    /// (the connection gone, its count not yet added) is not shown lower than the one before.
+    lost_shown: AtomicU64,
     /// Woken when the neighbour is declared down: streams still waiting for their first answer
     /// through it give up and try the next candidate instead of waiting for the connection to
     /// close ([`DEAD_AFTER`]).
@@ -65,6 +75,8 @@ impl Neighbour {
             rtt_us: AtomicU64::new(0),
             srtt_us: AtomicU64::new(0),
             dial_failures: AtomicU64::new(0),
+            lost_before: AtomicU64::new(0),
+            lost_shown: AtomicU64::new(0),
             went_down: tokio::sync::Notify::new(),
             wake: tokio::sync::Notify::new(),
         }
@@ -84,6 +96,29 @@ impl Neighbour {
     }
     pub fn dial_failures(&self) -> u64 {
         self.dial_failures.load(Relaxed)
+    }
+    /// Packets QUIC declared lost to this neighbour since the router started (its
+    /// `neighbour_lost_packets_total`): those of its ended connections and of the live one.
+    /// Never lower than an earlier answer.
+    pub fn lost_packets(&self) -> u64 {
+        // The ended connections' first: a connection that ends between the two reads is then
+        // counted in neither (shown no lower than before, below), never in both.
+        let before = self.lost_before.load(SeqCst);
+        let live = self.connection().map_or(0, |c| c.stats().path.lost_packets);
+        let v = before.saturating_add(live);
+        self.lost_shown.fetch_max(v, SeqCst).max(v)
+    }
+    /// A connection of this neighbour ended (it is down: [`Neighbour::connection`] is `None`):
+    /// its lost packets count from now on as [`Neighbour::lost_packets`]'s ended ones.
+    fn connection_ended(&self, conn: &quinn::Connection) {
+        self.lost_before
+            .fetch_add(conn.stats().path.lost_packets, SeqCst);
+    }
+    /// This neighbour replaces `old`, the same node at another address (a snapshot moved it):
+    /// its counters go on from `old`'s instead of falling back to 0 under the same labels.
+    pub fn succeed(&self, old: &Neighbour) {
+        self.dial_failures.store(old.dial_failures(), Relaxed);
+        self.lost_before.store(old.lost_packets(), SeqCst);
     }
     fn set_up(&self, conn: &quinn::Connection) {
         self.conn.store(Some(Arc::new(conn.clone())));
@@ -201,6 +236,7 @@ pub(crate) async fn run_dialer(shared: Arc<Shared>, nb: Arc<Neighbour>) {
                 nb.set_down();
                 shared.changed.notify_one();
             }
+            nb.connection_ended(&conn);
             if answered {
                 down_since = Some(Instant::now());
                 if began.elapsed() >= STABLE_FOR {

@@ -883,9 +883,15 @@ impl Control {
             let addr = sh.dial_overrides.get(other).copied().unwrap_or(n.address);
             want.insert(other.clone(), addr);
         }
+        // A neighbour whose address changed is replaced by one at the new address that goes on
+        // from its counters (the same series on `/metrics`).
+        let mut moved: HashMap<NodeId, Arc<Neighbour>> = HashMap::new();
         self.dialers.retain(|id, (nb, h)| {
             let keep = want.get(id) == Some(&nb.addr);
             if !keep {
+                if want.contains_key(id) {
+                    moved.insert(id.clone(), nb.clone());
+                }
                 h.abort();
                 if let Some(c) = nb.connection() {
                     c.close(
@@ -898,7 +904,11 @@ impl Control {
         });
         for (id, addr) in want {
             self.dialers.entry(id.clone()).or_insert_with(|| {
-                let nb = Arc::new(Neighbour::new(id, addr));
+                let nb = Neighbour::new(id, addr);
+                if let Some(old) = moved.get(&nb.id) {
+                    nb.succeed(old);
+                }
+                let nb = Arc::new(nb);
                 let h = tokio::spawn(neighbours::run_dialer(sh.clone(), nb.clone())).abort_handle();
                 (nb, h)
             });

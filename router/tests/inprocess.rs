@@ -15,7 +15,7 @@ use topology::builder::{TopologyBuilder, ms};
 use topology::{NodeKind, ServiceName};
 
 use common::{
-    Source, addressed, ca_dir, connect_as, echo_backend, echo_roundtrip, free_tcp_port,
+    Source, addressed, ca_dir, connect_as, echo_backend, echo_roundtrip, free_tcp_port, free_udp,
     line_topology, metric, neighbour_up, serve, spawn_all, spawn_issued, spawn_node,
     tracked_echo_backend, wait_for_route, wait_until,
 };
@@ -562,6 +562,157 @@ async fn a_neighbour_that_starts_late_is_up_without_a_hold_down() {
     assert_eq!(back.unwrap(), b"late");
 }
 
+/// A snapshot that moves a neighbour to another address keeps its failed dials counted: the
+/// neighbour at the new address goes on from the old one's count under the same series. (It
+/// started again from 0: a counter going down, and the failures of a node being re-addressed
+/// hidden.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_neighbour_moved_to_another_address_keeps_its_failed_dials() {
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let port = free_tcp_port();
+    let t = line_topology("echo", backend, port);
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    let (edge, tx) = spawn_node(&snap, dir.path(), "edge", |_| {}).await;
+    let failures = |h: &RouterHandle| {
+        let t = h.telemetry();
+        let n = t.neighbours.iter().find(|n| n.id.as_str() == "transit");
+        (t.snapshot_version, n.map_or(0, |n| n.dial_failures))
+    };
+    wait_until(
+        Duration::from_secs(30),
+        || failures(&edge).1 >= 2,
+        || {
+            format!(
+                "fewer than 2 failed dials to the transit: {:?}",
+                failures(&edge)
+            )
+        },
+    )
+    .await;
+    let mut t = t;
+    let transit = t
+        .nodes
+        .iter_mut()
+        .find(|n| n.id.as_str() == "transit")
+        .unwrap();
+    transit.address = free_udp();
+    tx.send(Arc::new(Snapshot::new(2, Arc::new(t)))).unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        || failures(&edge).0 == 2,
+        || format!("the move was not applied: {:?}", failures(&edge)),
+    )
+    .await;
+    // A new dial fails after its connect timeout (3 s): for the next 2 s the count is the old
+    // one's, whatever dial runs.
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        let (_, n) = failures(&edge);
+        assert!(n >= 2, "the failed dials went back to {n} after the move");
+        let text = edge.metrics_text();
+        let series = "tasman_neighbour_dial_failures_total{node=\"edge\",neighbour=\"transit\"}";
+        assert!(metric(&text, series).unwrap_or(0) >= 2, "{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    edge.shutdown().await;
+}
+
+/// Packets lost to a neighbour are counted since the router started: the count does not go
+/// back when the connection is lost (the neighbour down) nor when a new one is made. (It was
+/// the live connection's count: 0 while the neighbour was down, and from 0 again after it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packets_lost_to_a_neighbour_stay_counted_across_its_reconnects() {
+    use router::netem::LinkProfile;
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let (hs, _txs, link, port) = line_via_emulator(dir.path(), backend, |_| {}).await;
+    wait_for_route(
+        node(&hs, "edge"),
+        "echo",
+        Duration::from_secs(10),
+        "no route",
+    )
+    .await;
+    let transit = node(&hs, "transit");
+    let lost = || {
+        metric(
+            &transit.metrics_text(),
+            "tasman_neighbour_lost_packets_total{node=\"transit\",neighbour=\"site\"}",
+        )
+        .unwrap_or(0)
+    };
+    // Every reading is at least the highest before it.
+    let most = std::sync::atomic::AtomicU64::new(0);
+    let seen = || {
+        let v = lost();
+        let before = most.fetch_max(v, std::sync::atomic::Ordering::Relaxed);
+        assert!(v >= before, "lost packets went from {before} down to {v}");
+        v
+    };
+    link.set_profile(LinkProfile {
+        loss: 0.3,
+        ..LinkProfile::delay(topology::Latency::ZERO)
+    });
+    wait_until(
+        Duration::from_secs(30),
+        || seen() >= 3,
+        || format!("fewer than 3 packets lost: {}", lost()),
+    )
+    .await;
+    // The link cut until the transit closes its connection to the site, then restored.
+    link.set_profile(LinkProfile::cut());
+    wait_until(
+        Duration::from_secs(20),
+        || {
+            seen();
+            transit_downs(transit) >= 1
+                && transit
+                    .telemetry()
+                    .neighbours
+                    .iter()
+                    .any(|n| n.id.as_str() == "site" && !n.up)
+        },
+        || format!("the site never went down: {}", transit.metrics_text()),
+    )
+    .await;
+    // Through the connection's end (1 s after the down) and past it.
+    let until = Instant::now() + Duration::from_millis(2500);
+    while Instant::now() < until {
+        seen();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    link.set_profile(LinkProfile::delay(topology::Latency::ZERO));
+    wait_until(
+        Duration::from_secs(30),
+        || {
+            seen();
+            transit
+                .telemetry()
+                .neighbours
+                .iter()
+                .any(|n| n.id.as_str() == "site" && n.up)
+        },
+        || "the site never came back".into(),
+    )
+    .await;
+    // Through the fabric again once the routes have it back (a try before may be refused).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match echo_roundtrip(port, b"again", Duration::from_secs(10)).await {
+            Ok(back) if back == b"again" => break,
+            r => assert!(Instant::now() < deadline, "no echo after the link came back: {r:?}"),
+        }
+        seen();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    seen();
+    for h in hs {
+        h.shutdown().await;
+    }
+}
+
+// ---- Idle timeout ----
 // ---- Idle timeout ----
 
 /// A short idle timeout, so that the tests run in a few seconds.

@@ -701,7 +701,10 @@ async fn packets_lost_to_a_neighbour_stay_counted_across_its_reconnects() {
     loop {
         match echo_roundtrip(port, b"again", Duration::from_secs(10)).await {
             Ok(back) if back == b"again" => break,
-            r => assert!(Instant::now() < deadline, "no echo after the link came back: {r:?}"),
+            r => assert!(
+                Instant::now() < deadline,
+                "no echo after the link came back: {r:?}"
+            ),
         }
         seen();
         tokio::time::sleep(Duration::from_millis(50)).await;

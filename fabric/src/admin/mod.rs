@@ -179,7 +179,7 @@ const MAX_REFUSAL_TEXT: usize = 64 * 1024;
 /// extractors and router refuse in plain text, or with no body, before any handler runs (413: a
 /// body over [`MAX_BODY`]; 400: malformed JSON; 415: not declared JSON; 422: JSON of the wrong
 /// shape; 404, 405). The status and the other headers stay.
-async fn json_errors(req: Request, next: Next) -> Response {
+pub(crate) async fn json_errors(req: Request, next: Next) -> Response {
     let response = next.run(req).await;
     let status = response.status();
     let is_json = response
@@ -423,6 +423,21 @@ where
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NoQuery {}
+
+/// A query parameter counting `what`: a decimal number; one too large for a `usize` is as
+/// large as one can be (a limit over its maximum counts as the maximum, as documented).
+pub(crate) fn capped_count<'de, D: serde::Deserializer<'de>>(
+    d: D,
+    what: &str,
+) -> Result<Option<usize>, D::Error> {
+    let s = <String as serde::Deserialize>::deserialize(d)?;
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(serde::de::Error::custom(format!(
+            "{s:?} is not a number of {what}"
+        )));
+    }
+    Ok(Some(s.parse().unwrap_or(usize::MAX)))
+}
 
 /// The JSON error body of every refused request.
 #[derive(Debug, Serialize)]
@@ -1265,7 +1280,7 @@ mod tests {
             (get("/v1/status?verbose=1", "tok"), "verbose"),
             (get("/v1/rtt?link=a", "tok"), "link"),
             (get("/v1/circuits?all=true", "tok"), "all"),
-            (get("/v1/archived-circuits?limit=5", "tok"), "limit"),
+            (get("/v1/archived-circuits?limit=5&page=2", "tok"), "page"),
             (get("/v1/circuits/headroom?link=a", "tok"), "link"),
             (get("/v1/circuits/c-000001?x=1", "tok"), "x"),
             (get("/v1/circuits/c-000001/history?limit=5", "tok"), "limit"),

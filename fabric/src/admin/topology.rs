@@ -49,13 +49,7 @@ pub struct HistoryQuery {
 /// with the rest: it was refused 400, where the documentation says a limit over the maximum
 /// counts as the maximum).
 fn capped_limit<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
-    let s = String::deserialize(d)?;
-    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(serde::de::Error::custom(format!(
-            "{s:?} is not a number of versions"
-        )));
-    }
-    Ok(Some(s.parse().unwrap_or(usize::MAX)))
+    crate::admin::capped_count(d, "versions")
 }
 
 /// One history row: the version's metadata ([`VersionMeta`]), never its text.

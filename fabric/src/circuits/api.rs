@@ -4,15 +4,15 @@
 //! |---|---|---|
 //! | POST | /v1/circuits/validate | admission only: `CircuitSpec` -> `Admission` |
 //! | POST | /v1/circuits | create: `{spec, idempotency_key, author}` -> `CreateResponse` |
-//! | GET | /v1/circuits | all circuits (the live table: not the archived ones) |
-//! | GET | /v1/archived-circuits | the circuits archived after the retention period (`Archived`) |
+//! | GET | /v1/circuits | all circuits (the live table: not the archived ones); `?limit=N&after=ID` pages |
+//! | GET | /v1/archived-circuits | the circuits archived after the retention period (`Archived`); pages too |
 //! | GET | /v1/circuits/headroom | per-link capacity, reserved, free |
 //! | GET | /v1/circuits/{id} | one circuit (id or name); 410 Gone, naming when, for an archived id |
 //! | GET | /v1/circuits/{id}/history | its audit trail (an archived circuit's too, by id) |
 //! | POST | /v1/circuits/{id}/resize | `{rate, author}` |
 //! | POST | /v1/circuits/{id}/delete | `{author}` |
 //!
-//! None takes a query parameter: one is refused (400, naming it; [`NoQuery`]).
+//! None but the two lists takes a query parameter: one is refused (400, naming it; [`NoQuery`]).
 //!
 //! A request naming what the topology does not have (an edge, a service, a pool) or that is
 //! malformed is refused with 422; one the fabric's state refuses (no path with room, no pool or
@@ -133,20 +133,64 @@ async fn create(
     Ok(Json(CreateResponse { circuit, created }))
 }
 
+/// The query of the two lists: a page. Without `limit` the whole table is one answer (as
+/// before pages); with it, at most `limit` circuits (capped at [`MAX_PAGE`]) whose ids come after
+/// `after`, in id order (of the ids as strings). A page shorter than its limit is the last. An unknown parameter is
+/// refused (400, naming it).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageQuery {
+    #[serde(default, deserialize_with = "page_limit")]
+    pub limit: Option<usize>,
+    /// The id of the last circuit of the page before.
+    pub after: Option<String>,
+}
+
+/// Most circuits one page holds: a circuit's record is at most a few KiB, so a page stays well
+/// under the CLI's answer limit (64 MiB).
+pub const MAX_PAGE: usize = 1_000;
+
+fn page_limit<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    crate::admin::capped_count(d, "circuits")
+}
+
+impl PageQuery {
+    /// The page's bounds: 0 is refused, as `limit=0` on the topology's history is.
+    fn bounds(self) -> Result<(Option<String>, usize), ApiError> {
+        match self.limit {
+            Some(0) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "query parameter `limit` is 0: expected a number of circuits from 1 to \
+                     {MAX_PAGE}"
+                ),
+            )),
+            Some(n) => Ok((self.after, n.min(MAX_PAGE))),
+            None => Ok((self.after, usize::MAX)),
+        }
+    }
+}
+
 async fn list(
     State(st): State<AdminState>,
-    _: Query<NoQuery>,
+    Query(q): Query<PageQuery>,
 ) -> Result<Json<Vec<Circuit>>, ApiError> {
+    let (after, limit) = q.bounds()?;
     let svc = st.circuits.clone();
-    Ok(Json(off_workers(move || svc.list()).await?))
+    Ok(Json(
+        off_workers(move || svc.list_page(after.as_deref(), limit)).await?,
+    ))
 }
 
 async fn list_archived(
     State(st): State<AdminState>,
-    _: Query<NoQuery>,
+    Query(q): Query<PageQuery>,
 ) -> Result<Json<Vec<Archived>>, ApiError> {
+    let (after, limit) = q.bounds()?;
     let svc = st.circuits.clone();
-    Ok(Json(off_workers(move || svc.list_archived()).await?))
+    Ok(Json(
+        off_workers(move || svc.list_archived_page(after.as_deref(), limit)).await?,
+    ))
 }
 
 #[derive(Debug, Serialize, Deserialize)]

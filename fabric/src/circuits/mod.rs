@@ -471,6 +471,14 @@ pub fn check_circuit_name(name: &str) -> Result<(), CircuitError> {
             "name {name:?} is reserved (/v1/circuits/{name} is a path of the admin API of its own); choose another name"
         )));
     }
+    // A URL's dot segments: clients resolve `/v1/circuits/..` to `/v1/` before sending it, so
+    // a circuit so named could be reached by its id only.
+    if name == "." || name == ".." {
+        return Err(CircuitError::Invalid(format!(
+            "name {name:?} cannot be a part of a URL's path (it means this or the parent \
+             directory there); choose another name"
+        )));
+    }
     Ok(())
 }
 
@@ -599,6 +607,44 @@ fn check_prefix(p: IpNetwork) -> Result<(), CircuitError> {
 /// All circuits, in id order.
 pub fn all(tx: &dyn ReadTxn) -> Result<Vec<Circuit>, StoreError> {
     Ok(CIRCUITS.all(tx)?.into_iter().map(|(_, c)| c).collect())
+}
+
+/// A page of a table keyed by circuit id: up to `limit` records whose ids come after `after`
+/// (all from the first when `None`), in the store's key order. Only those records are read.
+fn page<V: Serialize + serde::de::DeserializeOwned>(
+    table: &Table<V>,
+    tx: &dyn ReadTxn,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<Vec<V>, StoreError> {
+    let from = match after {
+        Some(a) => Excluded(a),
+        None => std::ops::Bound::Unbounded,
+    };
+    Ok(table
+        .scan(tx, (from, std::ops::Bound::Unbounded), limit, false)?
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect())
+}
+
+/// Up to `limit` live circuits whose ids come after `after`, in id order (the admin API's
+/// pages of `GET /v1/circuits`).
+pub fn page_live(
+    tx: &dyn ReadTxn,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<Vec<Circuit>, StoreError> {
+    page(&CIRCUITS, tx, after, limit)
+}
+
+/// Up to `limit` archived circuits whose ids come after `after`, in id order.
+pub fn page_archived(
+    tx: &dyn ReadTxn,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<Vec<Archived>, StoreError> {
+    page(&CIRCUITS_ARCHIVE, tx, after, limit)
 }
 
 /// The circuits of `ids` the live table holds (others are skipped), in the order given: each is
@@ -1666,6 +1712,28 @@ pub(crate) mod tests {
         assert_eq!(h.last().map(|e| e.action.as_str()), Some("delete"));
         let next = store::read(&s, |tx| history(tx, &CircuitId::new("c-000002"))).unwrap();
         assert_eq!(next.len(), 2);
+    }
+
+    /// A name that is a URL's dot segment (`.`, `..`) is refused: clients resolve
+    /// `/v1/circuits/..` to `/v1/` before sending it, so such a circuit could be shown, resized or
+    /// deleted by its id only. Longer runs of dots are names like any other.
+    #[test]
+    fn a_name_that_is_a_dot_segment_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(dir.path()).unwrap();
+        let t = topo(true);
+        for name in [".", ".."] {
+            let err = store::transaction(&s, |tx| {
+                create(tx, &t, &spec(name, "10.2.0.0/24", "1Mbps"), None, "ops")
+            })
+            .unwrap_err();
+            assert!(
+                matches!(&err, CircuitError::Invalid(m) if m.contains("part of a URL's path")),
+                "{name}: {err}"
+            );
+        }
+        created(&s, &t, "...", "10.1.0.0/24", "1Mbps");
+        assert_eq!(store::read(&s, |tx| find(tx, "...")).unwrap().name, "...");
     }
 
     /// A name of the form of a circuit id (`c-` and digits) is refused: commands that take an

@@ -192,6 +192,28 @@ impl CircuitService {
         Ok(store::read(&**self.ctl.store(), |tx| super::all(tx))?)
     }
 
+    /// A page of the live circuits: up to `limit` whose ids come after `after`, in id order.
+    pub fn list_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Circuit>, ServiceError> {
+        Ok(store::read(&**self.ctl.store(), |tx| {
+            super::page_live(tx, after, limit)
+        })?)
+    }
+
+    /// A page of the archive: up to `limit` circuits whose ids come after `after`, in id order.
+    pub fn list_archived_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Archived>, ServiceError> {
+        Ok(store::read(&**self.ctl.store(), |tx| {
+            super::page_archived(tx, after, limit)
+        })?)
+    }
+
     pub fn get(&self, id_or_name: &str) -> Result<Circuit, ServiceError> {
         Ok(store::read(&**self.ctl.store(), |tx| {
             super::find(tx, id_or_name)

@@ -15,7 +15,7 @@ use super::admin_client::{
     AdminArgs, AdminClient, Answer, ClientError, Output as TextOrJson, block_on, report,
 };
 use crate::circuits::api::{
-    CreateRequest, CreateResponse, DeleteRequest, HistoryResponse, ResizeRequest,
+    CreateRequest, CreateResponse, DeleteRequest, HistoryResponse, MAX_PAGE, ResizeRequest,
 };
 use crate::circuits::{AEnd, Admission, Archived, Circuit, CircuitSpec, CircuitState};
 
@@ -389,11 +389,10 @@ fn not_reserved(id: &str) -> Result<(), CmdError> {
     Ok(())
 }
 
-fn id_path(id: &str) -> String {
-    // Ids and names are restricted to URL-safe characters by the controller; anything else
-    // cannot match, so escape it rather than build a wrong path.
-    let enc: String = id
-        .bytes()
+/// `id` escaped for a URL's path or query: ids and names are restricted to URL-safe characters
+/// by the controller; anything else cannot match, so escape it rather than build a wrong URL.
+fn url_escaped(id: &str) -> String {
+    id.bytes()
         .map(|b| {
             if b.is_ascii_alphanumeric() || b"-_.:".contains(&b) {
                 (b as char).to_string()
@@ -401,8 +400,55 @@ fn id_path(id: &str) -> String {
                 format!("%{b:02X}")
             }
         })
-        .collect();
-    format!("/v1/circuits/{enc}")
+        .collect()
+}
+
+fn id_path(id: &str) -> String {
+    format!("/v1/circuits/{}", url_escaped(id))
+}
+
+/// Every circuit of a list (`path`: live or archived), read `page_size` at a time, so
+/// that no answer nears the client's size limit however many circuits there are. Pages are read
+/// one after another, each in its own read: a circuit created or archived meanwhile may be
+/// missed or listed twice (as a `kubectl get` with chunks may). A controller from before pages
+/// refuses `limit` (400, naming it): it is asked for the whole list in one answer, as before.
+async fn all_pages<T: serde::de::DeserializeOwned>(
+    client: &AdminClient,
+    path: &str,
+    page_size: usize,
+    id: impl Fn(&T) -> &str,
+) -> Result<Vec<Answer<T>>, ClientError> {
+    let mut out: Vec<Answer<T>> = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let mut url = format!("{path}?limit={page_size}");
+        if let Some(a) = &after {
+            url.push_str(&format!("&after={}", url_escaped(a)));
+        }
+        let page: Vec<Answer<T>> = match client.get(&url).await {
+            Err(ClientError::Refused {
+                status: 400, error, ..
+            }) if after.is_none() && error.contains("unknown field `limit`") => {
+                return client.get(path).await;
+            }
+            r => r?,
+        };
+        let full = page.len() >= page_size;
+        let last = page.last().map(|c| id(c).to_string());
+        out.extend(page);
+        match last {
+            // Ids must move on, or a wrong answer would be asked for again and again.
+            Some(l) if full => {
+                if after.as_deref().is_some_and(|a| l.as_str() <= a) {
+                    return Err(ClientError::Protocol(format!(
+                        "a page of {path} after {after:?} ended at {l:?}: ids do not move on"
+                    )));
+                }
+                after = Some(l);
+            }
+            _ => return Ok(out),
+        }
+    }
 }
 
 async fn exec(client: &AdminClient, cmd: CircuitCmd, out: Output) -> Result<(), CmdError> {
@@ -474,11 +520,17 @@ async fn exec(client: &AdminClient, cmd: CircuitCmd, out: Output) -> Result<(), 
             print_circuit(out, &c)
         }
         CircuitCmd::List(a) if a.archived => {
-            let v: Vec<Answer<Archived>> = client.get("/v1/archived-circuits").await?;
+            let v = all_pages(client, "/v1/archived-circuits", MAX_PAGE, |a: &Archived| {
+                a.circuit.id.as_str()
+            })
+            .await?;
             print_value(out, &v, || archived_table(&v))
         }
         CircuitCmd::List(a) => {
-            let mut v: Vec<Answer<Circuit>> = client.get("/v1/circuits").await?;
+            let mut v = all_pages(client, "/v1/circuits", MAX_PAGE, |c: &Circuit| {
+                c.id.as_str()
+            })
+            .await?;
             if !a.all {
                 v.retain(|c| c.state != CircuitState::Decommissioned);
             }
@@ -1216,6 +1268,91 @@ mod tests {
             addr,
             server,
         }
+    }
+
+    /// The lists come in pages (`limit`, `after`: in id order, `limit` 0 or not a number
+    /// refused 400 naming it); the CLI reads them all, page after page, and asks a controller
+    /// from before pages (which refuses `limit`) for the whole list. (Lists were one answer
+    /// each, which the CLI could not read past its 64 MiB answer limit.)
+    #[tokio::test]
+    async fn circuit_lists_come_in_pages_and_the_cli_reads_every_page() {
+        let Api {
+            svc, addr, server, ..
+        } = api().await;
+        for i in 1..=5 {
+            svc.create(
+                crate::circuits::tests::spec(&format!("c{i}"), &format!("10.{i}.0.0/24"), "1Mbps"),
+                None,
+                "ops".into(),
+            )
+            .await
+            .unwrap();
+        }
+        let api = client(addr);
+        let ids = |v: &[Circuit]| v.iter().map(|c| c.id.to_string()).collect::<Vec<_>>();
+        let page: Vec<Circuit> = api.get("/v1/circuits?limit=2").await.unwrap();
+        assert_eq!(ids(&page), ["c-000001", "c-000002"]);
+        let page: Vec<Circuit> = api
+            .get("/v1/circuits?limit=2&after=c-000002")
+            .await
+            .unwrap();
+        assert_eq!(ids(&page), ["c-000003", "c-000004"]);
+        let page: Vec<Circuit> = api.get("/v1/circuits?after=c-000003").await.unwrap();
+        assert_eq!(ids(&page), ["c-000004", "c-000005"]);
+        let page: Vec<Archived> = api.get("/v1/archived-circuits?limit=2").await.unwrap();
+        assert_eq!(page, []);
+        for (q, says) in [
+            ("limit=0", "query parameter `limit` is 0"),
+            ("limit=two", "\"two\" is not a number of circuits"),
+            ("page=2", "unknown field `page`"),
+        ] {
+            let err = api
+                .get::<Vec<Circuit>>(&format!("/v1/circuits?{q}"))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&err, ClientError::Refused { status: 400, error, .. } if error.contains(says)),
+                "{q}: {err}"
+            );
+        }
+        for size in [1, 2, 5, 6] {
+            let all = all_pages(&api, "/v1/circuits", size, |c: &Circuit| c.id.as_str())
+                .await
+                .unwrap();
+            let all: Vec<Circuit> = all.iter().map(|c| (**c).clone()).collect();
+            assert_eq!(
+                ids(&all),
+                ["c-000001", "c-000002", "c-000003", "c-000004", "c-000005"],
+                "pages of {size}"
+            );
+        }
+        server.abort();
+
+        // A controller from before pages: its list takes no query parameter.
+        let old = axum::Router::new()
+            .route(
+                "/v1/circuits",
+                axum::routing::get(|_: axum::extract::Query<crate::admin::NoQuery>| async {
+                    axum::Json(serde_json::json!([{"id": "c-000009"}]))
+                }),
+            )
+            .layer(axum::middleware::from_fn(crate::admin::json_errors));
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let old_addr = listener.local_addr().unwrap();
+        let old_server = tokio::spawn(async move {
+            axum::serve(listener, old).await.unwrap();
+        });
+        let all = all_pages(
+            &client(old_addr),
+            "/v1/circuits",
+            2,
+            |v: &serde_json::Value| v["id"].as_str().unwrap_or_default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0]["id"], "c-000009");
+        old_server.abort();
     }
 
     /// A create through the API with an IPv4-mapped prefix is refused (422), naming the IPv4

@@ -1049,6 +1049,10 @@ impl Control {
             error: None,
             relays: kind == Some(NodeKind::Transit),
         };
+        // A service the topology no longer has leaves no choice behind: added back, its sites
+        // are judged afresh (new candidates), not by a preference whose sites settled long ago.
+        let services: HashSet<&ServiceName> = topo.services.iter().map(|s| &s.name).collect();
+        self.incumbents.retain(|name, _| services.contains(name));
         if kind == Some(NodeKind::Edge) {
             match RoutingTable::build(topo, graph, &sh.node, &live) {
                 Ok(table) => {
@@ -1109,6 +1113,8 @@ impl Control {
                             .circuits
                             .iter()
                             .filter(|c| c.edge == sh.node && c.service == svc.name)
+                            // A path from elsewhere is not this edge's to take.
+                            .filter(|c| c.path.first() == Some(&sh.node))
                             .filter(|c| !offered.contains(c.path.as_slice()))
                             .filter_map(|c| {
                                 let first = on_path(graph, &live, svc.name.as_str(), &c.path)?;

@@ -243,6 +243,64 @@ async fn a_circuit_takes_its_reserved_path_when_it_is_not_the_nearest() {
     }
 }
 
+/// A circuit's path that does not start at its edge (a snapshot's mistake: the controller
+/// places paths from the edge) is not taken: the edge's connections take the table's path.
+/// (Such a path was tried first, its first node taken for the edge's own.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reserved_path_from_another_node_is_not_taken() {
+    use topology::NodeKind;
+    use topology::builder::{TopologyBuilder, ms};
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let port = free_tcp_port();
+    let mut b = TopologyBuilder::new();
+    b.node("edge", NodeKind::Edge)
+        .node("t1", NodeKind::Transit)
+        .node("t2", NodeKind::Transit)
+        .node("site", NodeKind::Site)
+        .link("edge", "t1", ms(1.0))
+        .link("t1", "site", ms(1.0))
+        .link("edge", "t2", ms(2.0))
+        .link("t2", "site", ms(2.0))
+        .service("llm");
+    let mut t = addressed(b.build(), port);
+    serve(&mut t, "site", "llm", backend);
+    let mut c = circuit("c-000001", "127.0.0.2/32", None, port, 100);
+    c.path = ["t2", "site"].into_iter().map(NodeId::new).collect();
+    let elsewhere = c.path.clone();
+    let mut snap = Snapshot::new(1, Arc::new(t));
+    snap.circuits = Arc::new(vec![c]);
+    let snap = Arc::new(snap);
+    let (hs, _txs) = spawn_all(&snap, dir.path(), |_, _| {}).await;
+    let edge = hs
+        .iter()
+        .find(|h| h.telemetry().node.as_str() == "edge")
+        .unwrap();
+    let client: IpAddr = Ipv4Addr::new(127, 0, 0, 2).into();
+    let first_path = || {
+        edge.routes()
+            .order("llm", client, Some(&elsewhere))
+            .filter(|(cands, _)| !cands.is_empty())
+            .map(|(cands, order)| cands[order.first()].path.clone())
+    };
+    // Both paths up (the site reached through each transit), so that either could be first.
+    wait_until(
+        Duration::from_secs(20),
+        || first_path().is_some() && ["t1", "t2"].iter().all(|t| common::neighbour_up(edge, t)),
+        || format!("no route for the circuit's service: {:?}", first_path()),
+    )
+    .await;
+    let first = first_path().unwrap();
+    assert_eq!(
+        first.iter().map(|n| n.as_str()).collect::<Vec<_>>(),
+        ["edge", "t1", "site"],
+        "the circuit's first try"
+    );
+    for h in hs {
+        h.shutdown().await;
+    }
+}
+
 /// A circuit's reserved path that the table offers (its path to a site) is not tried first once
 /// that site is drained while another is not: a drained path is for when nothing else works,
 /// reserved or not, as docs/circuits.md says. (It went first, drained: a site drained for

@@ -1704,7 +1704,52 @@ fn near_and_far_topology(
     t
 }
 
-/// Waits until `edge` prefers `near`, with both sites among its candidates.
+/// A service removed by a snapshot and added back by a later one has its sites judged afresh:
+/// the cheapest takes it at once, as a site added by an edit does. (The edge kept the choice it
+/// made before the removal, its sites long settled: the anti-flap margins kept the service on
+/// the site it had, 14 ms away, over one at 10.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_removed_and_added_back_is_judged_afresh() {
+    let dir = ca_dir();
+    let (a, b) = (echo_backend().await, echo_backend().await);
+    let (hs, txs, _port) = near_and_far(dir.path(), a, b, |_| {}).await;
+    let offered = Instant::now();
+    let v1 = (*txs[0].borrow().topology).clone();
+    // To the edge only: the sites keep serving the service (healthy, in their probe replies),
+    // so that both are its candidates again at its first table with the service back.
+    let send = |version: u64, t: topology::Topology| {
+        txs[0]
+            .send(Arc::new(Snapshot::new(version, Arc::new(t))))
+            .unwrap();
+    };
+    let mut without = v1.clone();
+    without.services.clear();
+    send(2, without);
+    wait_until(
+        Duration::from_secs(10),
+        || hs[0].routes().version == 2,
+        || "v2 not applied".into(),
+    )
+    .await;
+    assert!(hs[0].routes().preferred("echo").is_none());
+    // Until the sites offered before the removal would count as settled.
+    let settled = offered + router::routes::SETTLING + Duration::from_millis(500);
+    tokio::time::sleep_until(settled.into()).await;
+    // Back, `far` now the nearer by 4 ms: within the margins (10 ms), so only a fresh choice
+    // takes it.
+    let mut back = v1;
+    for l in &mut back.links {
+        let far = [&l.a, &l.b].iter().any(|n| n.as_str() == "far");
+        l.latency = ms(if far { 10.0 } else { 14.0 });
+    }
+    send(3, back);
+    prefers(&hs[0], "far", 2, "after the service came back").await;
+    for h in hs {
+        h.shutdown().await;
+    }
+}
+
+/// Waits until `edge` prefers `near`, with both sites among its candidates./// Waits until `edge` prefers `near`, with both sites among its candidates.
 async fn prefers_near(edge: &RouterHandle) {
     prefers(edge, "near", 2, "").await;
 }

@@ -505,8 +505,8 @@ impl RoutingTable {
 }
 
 /// The candidate for `service` along the fixed `path` (a circuit's reserved path: its edge
-/// first, its site last), when every part of it can carry a stream now: each node known and
-/// not down (declared or in `live`), each node between the ends a transit, a link between each
+/// first, its site last), when every part of it can carry a stream now: each node known, not
+/// down (declared or in `live`) and on it once, each node between the ends a transit, a link between each
 /// pair and none down, and the site one that may serve `service` (residency included) and not
 /// full, and the path at most [`MAX_PATH_NODES`] long. Its latency and penalty are reckoned as [`RoutingTable::build`] does (measured
 /// latencies in `live` replace declared ones); `drained` when it crosses a drained link or node.
@@ -528,6 +528,10 @@ pub fn on_path(
     let last = nodes.len() - 1;
     for (k, &i) in nodes.iter().enumerate() {
         if graph.node_state(i) == AdminState::Down || live.down_nodes.contains(graph.id(i)) {
+            return None;
+        }
+        // A node twice: the stream would loop through it (and its latency count twice).
+        if nodes[..k].contains(&i) {
             return None;
         }
         if k > 0 && k < last && graph.node_kind(i) != NodeKind::Transit {
@@ -1496,6 +1500,10 @@ mod tests {
         assert!(
             on_path(&g, &live, "chat", &p(&["edge", "t1"])).is_none(),
             "not a site"
+        );
+        assert!(
+            on_path(&g, &live, "chat", &p(&["edge", "t1", "t2", "t1", "s1"])).is_none(),
+            "a transit twice (a loop)"
         );
         assert!(on_path(&g, &live, "chat", &p(&["edge"])).is_none());
     }

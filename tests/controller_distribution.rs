@@ -395,6 +395,14 @@ async fn refusals_and_bad_frames_close_the_connection_with_a_code_and_the_reason
     let (code, reason) = closed(s.conn).await;
     assert_eq!(code, u64::from(close::PROTOCOL), "{reason}");
     assert!(reason.contains("exceeds the limit"), "{reason}");
+
+    // A stream ended before its hello. (The connection was dropped with code 0 and no reason.)
+    let (_ep, conn) = raw_control(d.quic_addr, &tls, "edge-0").await;
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    send.finish().unwrap();
+    let (code, reason) = closed(conn).await;
+    assert_eq!(code, u64::from(close::PROTOCOL), "{reason}");
+    assert!(reason.contains("before its hello"), "{reason}");
     d.shutdown().await;
 }
 
@@ -1132,11 +1140,13 @@ async fn a_rejection_overtaken_by_a_newer_version_offers_nothing_again() {
 }
 
 /// A router that writes its telemetry while the controller writes it a snapshot larger than its
-/// stream window: the controller reads ahead while it writes (here 3 MiB of reports, over the
-/// 1.25 MB stream window quinn grants by default), so the router's writes finish and it can
-/// go back to reading. (The session read nothing while it wrote: the router's report writes
+/// stream window: the controller reads ahead while it writes (here 12 MiB of reports, over the
+/// 1.25 MB stream window quinn grants by default and over the 4 MiB the controller queues), so
+/// the router's writes finish and it can go back to reading. Reports past what it queues are
+/// dropped, counted. (The session read nothing while it wrote: the router's report writes
 /// stopped, so it stopped reading, so the snapshot's write stopped, until both ends' write-stall
-/// timers closed the connection, and the next session did the same.)
+/// timers closed the connection, and the next session did the same. Then it read up to 4 MiB
+/// and stopped: the same, for a write that lasts while a router reports more than that.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_controller_reads_telemetry_while_it_writes_a_large_snapshot() {
     use router::control::proto::{self, FromRouter};
@@ -1167,7 +1177,7 @@ async fn the_controller_reads_telemetry_while_it_writes_a_large_snapshot() {
     )))
     .unwrap();
     assert!(frame.len() > 64 << 10 && frame.len() < proto::MAX_FROM_ROUTER);
-    let total = 3 << 20;
+    let total = 12 << 20;
     let writes = async {
         let mut sent = 0;
         while sent < total {
@@ -1175,9 +1185,9 @@ async fn the_controller_reads_telemetry_while_it_writes_a_large_snapshot() {
             sent += frame.len();
         }
     };
-    tokio::time::timeout(Duration::from_secs(10), writes)
+    tokio::time::timeout(Duration::from_secs(20), writes)
         .await
-        .expect("3 MiB of reports written within 10 s while the controller writes a snapshot");
+        .expect("12 MiB of reports written within 20 s while the controller writes a snapshot");
     // The snapshot then arrives whole, on the same session.
     let snapshot = next_news(&mut s.recv).await;
     assert!(matches!(
@@ -1185,6 +1195,50 @@ async fn the_controller_reads_telemetry_while_it_writes_a_large_snapshot() {
         router::control::proto::ToRouter::Snapshot { .. }
     ));
     assert!(router_status(&d, "edge-0").is_some_and(|r| r.connected));
+    eventually(Duration::from_secs(10), "reports dropped counted", || {
+        router_status(&d, "edge-0").is_some_and(|r| r.reports_dropped > 0)
+    })
+    .await;
+    d.shutdown().await;
+}
+
+/// Empty frames sent while the controller writes a large snapshot are counted against what it
+/// reads ahead: it stops reading them, and the router's writes wait. (An empty frame counted
+/// nothing: the controller read and queued them for as long as its write lasted, 24 bytes of
+/// queue each, 2 GB in a 30 s write-stall window at 100 Mbit/s.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_frames_during_a_write_are_not_read_ahead_without_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, tls) = controller_with_pki(
+        dir.path(),
+        &fabric_nodes(1, 1),
+        &fabric_yaml(75, 300, 2, 10),
+    )
+    .await;
+    let window: u32 = 8 << 10;
+    assert!(d.ctl.published().full.len() > 4 * window as usize);
+    let mut s = raw_hello_with(d.quic_addr, &tls, "edge-0", "edge-0", |t| {
+        t.stream_receive_window(window.into());
+    })
+    .await;
+    eventually(Duration::from_secs(10), "edge-0's session", || {
+        router_status(&d, "edge-0").is_some_and(|r| r.connected)
+    })
+    .await;
+    // 2 M empty frames (8 MB): read whole, they would be written in well under a second. Read
+    // at most 8 MiB's worth of queue (64 bytes each: 131,072 of them, 512 KiB), the rest stays
+    // in the router's stream, past the controller's window (1.25 MB).
+    let chunk = vec![0u8; 4 << 16];
+    let writes = async {
+        for _ in 0..(2 << 20) / (1 << 16) {
+            s.send.write_all(&chunk).await.unwrap();
+        }
+    };
+    let done = tokio::time::timeout(Duration::from_secs(5), writes).await;
+    assert!(
+        done.is_err(),
+        "8 MB of empty frames were all read while the controller wrote"
+    );
     d.shutdown().await;
 }
 

@@ -360,7 +360,12 @@ async fn handshake_and_session(
         .await
         .map_err(|_| ConnError::Timeout)??;
     drop(awaits);
-    let Some(hello) = hello else { return Ok(()) };
+    let Some(hello) = hello else {
+        return Err(proto::ProtoError::Malformed(
+            "the control stream ended before its hello".into(),
+        )
+        .into());
+    };
     let FromRouter::Hello {
         node,
         have_version,
@@ -473,6 +478,9 @@ async fn session(
         // sees the end at its next look, woken by it.
         if rs.is_ended() {
             return std::future::pending().await;
+        }
+        for _ in 0..inbox.take_dropped() {
+            ctl.router_report_dropped(rs);
         }
         if force_full || changed {
             changed = false;
@@ -676,21 +684,32 @@ async fn session(
     }
 }
 
-/// Most bytes of frames a session reads ahead of its handling while it writes ([`Inbox`]).
+/// Most bytes of frames a session reads ahead of its handling while it writes ([`Inbox`]);
+/// past it, telemetry reports are read and dropped, and other frames are kept up to twice it.
 const READ_AHEAD: usize = 4 << 20;
 
+/// What a frame read ahead counts against [`READ_AHEAD`] beyond its payload: its place in the
+/// queue and its allocation. (Counted by payload alone, empty frames cost nothing: a router
+/// sending them during a long write queued them without end.)
+const FRAME_OVERHEAD: usize = 64;
+
 /// What a session reads from its router. While the session writes, it goes on reading: frames
-/// wait here (up to [`READ_AHEAD`] bytes, then reading waits too) and are handled, in order,
-/// before any read anew. A router writing its telemetry while the session writes it a large
-/// snapshot could otherwise block on its write (the session's stream window full), stop
-/// reading, and so block the session's write: neither would move until both write-stall timers
-/// closed the connection.
+/// wait here and are handled, in order, before any read anew. A router writing its telemetry
+/// while the session writes it a large snapshot could otherwise block on its write (the
+/// session's stream window full), stop reading, and so block the session's write: neither
+/// would move until both write-stall timers closed the connection. Past [`READ_AHEAD`] bytes
+/// a telemetry report is dropped as it is read (the next one supersedes it; counted as a
+/// report dropped), so a long write to a slow router does not stop the reading either; other
+/// frames (acknowledgements, requests: few, each answering the session) are kept up to twice
+/// it, then reading waits.
 struct Inbox {
     reader: proto::FrameReader,
     ahead: std::collections::VecDeque<Vec<u8>>,
     bytes: usize,
     /// The router ended its stream (cleanly, between frames) during a write.
     ended: bool,
+    /// Telemetry reports dropped past [`READ_AHEAD`], not yet counted ([`Inbox::take_dropped`]).
+    dropped: u64,
 }
 
 impl Inbox {
@@ -700,7 +719,13 @@ impl Inbox {
             ahead: Default::default(),
             bytes: 0,
             ended: false,
+            dropped: 0,
         }
+    }
+
+    /// The telemetry reports dropped since the last call.
+    fn take_dropped(&mut self) -> u64 {
+        std::mem::take(&mut self.dropped)
     }
 
     /// The next frame: one read ahead, else one from the stream (`None`: it ended). Cancel
@@ -711,7 +736,7 @@ impl Inbox {
         recv: &mut quinn::RecvStream,
     ) -> Result<Option<Vec<u8>>, proto::ProtoError> {
         if let Some(f) = self.ahead.pop_front() {
-            self.bytes -= f.len();
+            self.bytes -= f.len() + FRAME_OVERHEAD;
             return Ok(Some(f));
         }
         if self.ended {
@@ -734,10 +759,13 @@ impl Inbox {
             tokio::select! {
                 biased;
                 res = &mut written => return res,
-                frame = self.reader.next(recv), if !self.ended && self.bytes < READ_AHEAD => {
+                frame = self.reader.next(recv), if !self.ended && self.bytes < 2 * READ_AHEAD => {
                     match frame? {
+                        Some(f) if self.bytes >= READ_AHEAD && proto::is_telemetry(&f) => {
+                            self.dropped += 1;
+                        }
                         Some(f) => {
-                            self.bytes += f.len();
+                            self.bytes += f.len() + FRAME_OVERHEAD;
                             self.ahead.push_back(f);
                         }
                         None => self.ended = true,

@@ -338,6 +338,11 @@ fn kind(payload: &[u8]) -> Result<std::borrow::Cow<'_, str>, ProtoError> {
     Ok(kind)
 }
 
+/// Whether `payload` is a [`FromRouter::Telemetry`] frame (by its `type` alone).
+pub fn is_telemetry(payload: &[u8]) -> bool {
+    kind(payload).is_ok_and(|k| k == "telemetry")
+}
+
 fn unknown_kind(kind: &str, expected: &str) -> ProtoError {
     ProtoError::Malformed(clip(format!(
         "unknown message type `{kind}`, expected one of {expected}"

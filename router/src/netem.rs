@@ -27,18 +27,22 @@
 //! Outages: [`LinkHandle::cut_for`] cuts the link for a fixed time and the emulator restores it
 //! on its own at the deadline (a cut through `set_profile(LinkProfile::cut())` lasts until the
 //! caller sets another profile, so its length is the caller's scheduling, which a loaded machine
-//! can stretch by hundreds of milliseconds). Every datagram on the link at any moment of the cut
-//! is lost: the ones that reach the emulator during it, and the ones it was still holding (delay,
-//! jitter) when it began.
+//! can stretch by hundreds of milliseconds). Every datagram on a link cut by `cut_for` at any
+//! moment of the cut is lost: the ones that reach the emulator during it, and the ones it was
+//! still holding (delay, jitter) when it began. (A cut by `set_profile` drops the datagrams that
+//! reach the emulator during it; those it holds already still leave when due.)
 //!
 //! Bandwidth: a profile with a `rate_bps` serialises each direction's packets one after another
 //! at that rate before their delay, and holds at most `buffer` of queue (tail drop beyond it):
 //! a sender faster than the link builds a standing queue, and its RTT grows by the queueing, as
-//! at a real bottleneck.
+//! at a real bottleneck. Each direction is one queue, whatever the number of clients: the
+//! replies to every client share the way back's rate and buffer.
 //!
 //! Hot path: each reader receives into a shared `BytesMut` slab and hands the scheduler a frozen
-//! `Bytes` slice of it (no per-packet allocation while slabs are recycled); the profile and the
-//! last cut are read lock-free through `ArcSwap`.
+//! `Bytes` slice of it (no per-packet allocation while slabs are recycled); a datagram dropped
+//! (loss, cut, full queue) is not split off, so its room is used by the next. The profile and the
+//! last cut are read lock-free through `ArcSwap`; the way back's queue is behind a mutex that its
+//! flows' readers hold only to schedule a packet.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -253,6 +257,8 @@ struct Shared {
     /// Seeds handed to per-direction RNGs, derived from the options' seed.
     next_seed: AtomicU64,
     target: SocketAddr,
+    /// The return direction (target to clients), shared by every flow's reader.
+    back: Arc<Mutex<Lane>>,
 }
 
 impl Shared {
@@ -271,9 +277,10 @@ impl Shared {
 /// library; the CLI refuses it) holds packets this long.
 pub const MAX_DELAY: Duration = Duration::from_secs(24 * 3600);
 
-/// Per-direction scheduling state, owned by the direction's reader task.
-struct Direction {
-    rng: SmallRng,
+/// One direction of the link as every packet on it shares it: its queue at the bottleneck and
+/// its order. The return direction's is shared by every flow's reader ([`Shared::back`]): the
+/// link has one rate each way, not one per client.
+struct Lane {
     /// Due time without jitter of the last packet: never goes backwards, so zero jitter keeps order.
     base: Instant,
     /// When the last packet accepted on a rate-limited link has been serialised (the end of
@@ -282,6 +289,24 @@ struct Direction {
     /// The rate `busy_until` was reckoned at: a profile with another rate drains what is queued
     /// at its own.
     busy_rate: u64,
+}
+
+impl Lane {
+    fn new() -> Self {
+        Lane {
+            base: Instant::now(),
+            busy_until: Instant::now(),
+            busy_rate: 0,
+        }
+    }
+}
+
+/// A reader's scheduling state: its own draws (loss, jitter: seeded per flow, so that a seed
+/// gives each flow the same draws however the tasks run) on its direction's [`Lane`].
+struct Direction {
+    rng: SmallRng,
+    /// Locked only within [`Direction::schedule`], never across an await.
+    lane: Arc<Mutex<Lane>>,
 }
 
 /// What [`Direction::schedule`] decides for a packet.
@@ -297,12 +322,12 @@ enum Fate {
 
 impl Direction {
     fn new(rng: SmallRng) -> Self {
-        Direction {
-            rng,
-            base: Instant::now(),
-            busy_until: Instant::now(),
-            busy_rate: 0,
-        }
+        Self::on(rng, Arc::new(Mutex::new(Lane::new())))
+    }
+
+    /// A reader on `lane`, shared with others.
+    fn on(rng: SmallRng, lane: Arc<Mutex<Lane>>) -> Self {
+        Direction { rng, lane }
     }
 
     /// Decides the fate of a packet of `len` bytes: lost to the loss draw, dropped at a full
@@ -313,37 +338,43 @@ impl Direction {
         if profile.loss > 0.0 && self.rng.random::<f64>() < profile.loss {
             return Fate::Lost;
         }
-        // What is queued when the rate changes drains at the new rate (none: at once).
-        if profile.rate_bps != self.busy_rate {
-            let queued = self.busy_until.saturating_duration_since(now);
-            let scaled = match profile.rate_bps {
-                0 => Duration::ZERO,
-                r => capped(queued.as_nanos() * u128::from(self.busy_rate) / u128::from(r)),
-            };
-            self.busy_until = now + scaled;
-            self.busy_rate = profile.rate_bps;
-        }
-        // Serialisation: after the packets before it, at the link's rate.
-        let mut sent = now;
-        if profile.rate_bps > 0 {
-            let start = self.busy_until.max(now);
-            if start - now > profile.buffer.as_duration().min(MAX_DELAY) {
-                return Fate::Overflow;
+        let base = {
+            let mut lane = self.lane.lock().unwrap_or_else(|e| e.into_inner());
+            // What is queued when the rate changes drains at the new rate (none: at once).
+            if profile.rate_bps != lane.busy_rate {
+                let queued = lane.busy_until.saturating_duration_since(now);
+                let scaled = match profile.rate_bps {
+                    0 => Duration::ZERO,
+                    r => capped(queued.as_nanos() * u128::from(lane.busy_rate) / u128::from(r)),
+                };
+                lane.busy_until = now + scaled;
+                lane.busy_rate = profile.rate_bps;
             }
-            let nanos = (len as u128 * 8 * 1_000_000_000) / u128::from(profile.rate_bps);
-            self.busy_until = start + capped(nanos);
-            sent = self.busy_until;
-        }
-        self.base = self
-            .base
-            .max(sent + profile.delay.as_duration().min(MAX_DELAY));
+            // Serialisation: after the packets before it, at the link's rate.
+            let mut sent = now;
+            if profile.rate_bps > 0 {
+                let start = lane.busy_until.max(now);
+                if start.saturating_duration_since(now)
+                    > profile.buffer.as_duration().min(MAX_DELAY)
+                {
+                    return Fate::Overflow;
+                }
+                let nanos = (len as u128 * 8 * 1_000_000_000) / u128::from(profile.rate_bps);
+                lane.busy_until = start + capped(nanos);
+                sent = lane.busy_until;
+            }
+            lane.base = lane
+                .base
+                .max(sent + profile.delay.as_duration().min(MAX_DELAY));
+            lane.base
+        };
         let jitter = profile.jitter.as_nanos().min(MAX_DELAY.as_nanos() as u64);
         let extra = if jitter == 0 {
             0
         } else {
             self.rng.random_range(0..=jitter)
         };
-        Fate::Due(self.base + Duration::from_nanos(extra))
+        Fate::Due(base + Duration::from_nanos(extra))
     }
 }
 
@@ -397,6 +428,9 @@ impl LinkHandle {
             .unwrap_or(now);
         let from = match self.shared.cut.load().as_deref() {
             Some(c) if c.from <= now && now < c.until => c.from,
+            // No cut in progress and none asked for: the record of the last one stays, so that
+            // what was held during it is still lost (an empty cut in its place lost nothing).
+            _ if duration.is_zero() => return,
             _ => now,
         };
         self.shared.cut.store(Some(Arc::new(Cut { from, until })));
@@ -479,6 +513,7 @@ impl LinkEmulator {
             next_seed: AtomicU64::new(0),
             target,
             options,
+            back: Arc::new(Mutex::new(Lane::new())),
         });
         let (shutdown, stop) = watch::channel(false);
         let (tx, rx) = mpsc::unbounded_channel();
@@ -530,7 +565,6 @@ async fn client_reader(
                 Err(_) => { slab.clear(); continue; }
             },
         };
-        let data = slab.split().freeze();
         shared.counters.received.fetch_add(1, Ordering::Relaxed);
         let upstream = {
             // Never held across an await: flows are created with a synchronous bind.
@@ -556,9 +590,10 @@ async fn client_reader(
                 .counters
                 .dropped_queue_full
                 .fetch_add(1, Ordering::Relaxed);
+            slab.clear();
             continue;
         };
-        enqueue(&shared, &tx, &mut dir, Dest::Upstream(upstream), data);
+        enqueue(&shared, &tx, &mut dir, Dest::Upstream(upstream), &mut slab);
     }
 }
 
@@ -589,7 +624,7 @@ fn new_flow(
     let upstream = Arc::new(UdpSocket::from_std(std_sock)?);
     let last_seen = Arc::new(AtomicU64::new(stamp(epoch)));
     tokio::spawn(upstream_reader(UpstreamTask {
-        dir: Direction::new(shared.rng()),
+        dir: Direction::on(shared.rng(), shared.back.clone()),
         upstream: upstream.clone(),
         client,
         shared: shared.clone(),
@@ -653,21 +688,29 @@ async fn upstream_reader(mut t: UpstreamTask) {
                 continue;
             }
         }
-        let data = slab.split().freeze();
         t.last_seen.store(stamp(t.epoch), Ordering::Relaxed);
         t.shared.counters.received.fetch_add(1, Ordering::Relaxed);
-        enqueue(&t.shared, &t.tx, &mut t.dir, Dest::Client(t.client), data);
+        enqueue(
+            &t.shared,
+            &t.tx,
+            &mut t.dir,
+            Dest::Client(t.client),
+            &mut slab,
+        );
     }
 }
 
-/// Applies a cut, loss and the queue bound, then hands the packet to the scheduler with its due
-/// time.
+/// Applies a cut, loss and the queue bound to the datagram just received into `slab` (all of
+/// its filled part), then hands the packet to the scheduler with its due time. Only a packet
+/// queued is split from the slab: a dropped one's room is used again by the next receive (split
+/// off too, it kept the whole slab allocated for as long as any packet queued with it was held,
+/// and a slab was allocated anew: memory grew with what was received, not with what is queued).
 fn enqueue(
     shared: &Shared,
     tx: &mpsc::UnboundedSender<Queued>,
     dir: &mut Direction,
     dest: Dest,
-    data: Bytes,
+    slab: &mut BytesMut,
 ) {
     let now = Instant::now();
     if shared
@@ -677,8 +720,10 @@ fn enqueue(
         .is_some_and(|c| c.from <= now && now < c.until)
     {
         shared.counters.dropped_cut.fetch_add(1, Ordering::Relaxed);
+        slab.clear();
         return;
     }
+    let len = slab.len();
     // Reserve a slot in the direction's queue first (a packet dropped for want of one takes no
     // time on a rate-limited link); give it back if the queue was already full, or the packet
     // is dropped on the way.
@@ -686,11 +731,12 @@ fn enqueue(
     let fate = if queued.fetch_add(1, Ordering::AcqRel) >= shared.options.queue_limit {
         Fate::Overflow
     } else {
-        dir.schedule(&shared.profile.load(), now, data.len())
+        dir.schedule(&shared.profile.load(), now, len)
     };
     let due = match fate {
         Fate::Due(due) => due,
         dropped => {
+            slab.clear();
             queued.fetch_sub(1, Ordering::AcqRel);
             let counter = match dropped {
                 Fate::Lost => &shared.counters.dropped_loss,
@@ -700,6 +746,7 @@ fn enqueue(
             return;
         }
     };
+    let data = slab.split().freeze();
     let seq = shared.seq.fetch_add(1, Ordering::Relaxed);
     if tx
         .send(Queued {
@@ -881,7 +928,7 @@ mod tests {
         }
         let faster = LinkProfile::delay(ms(10)).with_rate(32_000_000, Latency::from_micros(1_000));
         assert_eq!(dir.schedule(&faster, t0, 1_000), Fate::Due(t0 + us(13_000)));
-        assert_eq!(dir.busy_until, t0 + us(1_000));
+        assert_eq!(dir.lane.lock().unwrap().busy_until, t0 + us(1_000));
         // Unlimited (rate 0): no serialisation, no buffer.
         let mut dir = Direction::new(SmallRng::seed_from_u64(1));
         for _ in 0..3 {
@@ -1259,6 +1306,88 @@ mod tests {
             "both flows drew the same losses: the test could not tell them apart"
         );
         assert_eq!(apart, together, "the same seed gave other losses");
+    }
+
+    /// The return direction is one bottleneck for every client, as the way out is: a burst
+    /// from the target to two clients at once is held to one buffer's worth in all. (Each
+    /// client's replies had a queue and a rate of their own: twice the link's rate back with two
+    /// clients, and twice its buffer.)
+    #[tokio::test]
+    async fn the_way_back_is_one_bottleneck_for_every_client() {
+        let target = UdpSocket::bind(lo()).await.expect("bind target");
+        let link = LinkEmulator::spawn(
+            lo(),
+            target.local_addr().expect("addr"),
+            LinkProfile::default(),
+        )
+        .await
+        .expect("spawn");
+        let mut clients = Vec::new();
+        let mut flows = Vec::new();
+        let mut buf = [0u8; 2048];
+        for i in 0..2u8 {
+            let c = UdpSocket::bind(lo()).await.expect("bind client");
+            c.send_to(&[i], link.local_addr()).await.expect("send");
+            let (_, from) =
+                tokio::time::timeout(Duration::from_secs(5), target.recv_from(&mut buf))
+                    .await
+                    .expect("hello within 5 s")
+                    .expect("recv");
+            clients.push(c);
+            flows.push(from);
+        }
+        // 800 kbit/s: a 1,000-byte packet takes 10 ms; 100 ms of buffer holds 10 (11 with the
+        // one on the wire), however many clients they are for.
+        link.set_profile(
+            LinkProfile::delay(ms(0)).with_rate(800_000, Latency::from_micros(100_000)),
+        );
+        let before = link.stats();
+        for _ in 0..20 {
+            for flow in &flows {
+                target.send_to(&[7u8; 1000], flow).await.expect("send");
+            }
+        }
+        assert!(
+            eventually(Duration::from_secs(10), || link.stats().received
+                == before.received + 40)
+            .await,
+            "{:?}",
+            link.stats()
+        );
+        let dropped = link.stats().dropped_queue_full - before.dropped_queue_full;
+        // One queue: 40 sent, at most about 11 taken (a slow sender gives it time to drain a
+        // few). One per client: about 22 taken, 18 dropped.
+        assert!(dropped >= 24, "{dropped} of 40 dropped: {:?}", link.stats());
+    }
+
+    /// A cut asked for with no length while none is in progress leaves the last one's record:
+    /// what the link held during that cut is still lost. (It replaced the record with an empty
+    /// cut, which loses nothing: the packets held through the earlier cut were delivered.)
+    #[tokio::test]
+    async fn an_empty_cut_after_a_cut_does_not_bring_back_what_it_held() {
+        let sink = UdpSocket::bind(lo()).await.expect("bind sink");
+        let link = LinkEmulator::spawn(
+            lo(),
+            sink.local_addr().expect("addr"),
+            LinkProfile::delay(ms(1_000)),
+        )
+        .await
+        .expect("spawn");
+        let client = UdpSocket::bind(lo()).await.expect("bind client");
+        client
+            .send_to(b"held", link.local_addr())
+            .await
+            .expect("send");
+        assert!(eventually(Duration::from_secs(5), || link.stats().received == 1).await);
+        link.cut_for(Duration::from_millis(100));
+        assert!(eventually(Duration::from_secs(5), || !link.is_cut()).await);
+        link.cut_for(Duration::ZERO);
+        assert!(
+            eventually(Duration::from_secs(10), || link.stats().dropped_cut == 1).await,
+            "{:?}",
+            link.stats()
+        );
+        assert_eq!(link.stats().forwarded, 0);
     }
 
     #[tokio::test]

@@ -154,6 +154,20 @@ pub enum ClientError {
         status: u16,
         reason: String,
     },
+    /// The controller answered 503 (its changes all running, a transaction to retry, or it is
+    /// stopping) to every try until `--request-timeout`: nothing was changed, so trying again is
+    /// safe (exit 3). Each 503 is tried again after its `Retry-After`.
+    #[error(
+        "{error} (the controller at {addr} was busy for {tries} tries over {}: nothing was \
+         changed; try again)",
+        humantime::format_duration(*.over)
+    )]
+    Busy {
+        addr: String,
+        error: String,
+        tries: u32,
+        over: Duration,
+    },
     /// A token a request header cannot carry (a line break or control character inside it).
     #[error(
         "the admin token has a character a request header cannot carry (a line break or \
@@ -163,13 +177,26 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// Exit code: 1 refused/invalid (a domain failure), 2 unreachable or unusable input.
+    /// Exit code: 1 refused/invalid (a domain failure), 2 unreachable or unusable input (or an
+    /// answer lost: a change may have been made), 3 busy (nothing was changed: safe to retry).
     pub fn exit_code(&self) -> u8 {
         match self {
             ClientError::Refused { .. } => 1,
+            ClientError::Busy { .. } => 3,
             _ => 2,
         }
     }
+}
+
+/// The longest wait between two tries of a request answered 503, whatever its `Retry-After`.
+const MAX_BUSY_WAIT: Duration = Duration::from_secs(5);
+/// The shortest (a `Retry-After: 0` is not a loop).
+const MIN_BUSY_WAIT: Duration = Duration::from_millis(100);
+
+/// A 503 answer as [`AdminClient::exchange`] reads it: its error, and when to try again.
+struct Unavailable {
+    error: String,
+    retry_after: Duration,
 }
 
 #[derive(serde::Deserialize)]
@@ -236,26 +263,57 @@ impl AdminClient {
         self.call("POST", path, Some(bytes)).await
     }
 
+    /// Sends the request, and sends it again after each 503 (nothing was changed: the
+    /// controller answers 503 only before a change starts) at its `Retry-After` (0.1 to 5 s),
+    /// while `--request-timeout` from the first try leaves a quarter of itself (at most 1 s)
+    /// for the answer. The last 503 is then [`ClientError::Busy`]; a try that has not answered
+    /// by the deadline is [`ClientError::TimedOut`].
     async fn call<T: DeserializeOwned>(
         &self,
         method: &str,
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<T, ClientError> {
-        tokio::time::timeout(self.timeout, self.exchange(method, path, body))
-            .await
-            .unwrap_or(Err(ClientError::TimedOut {
-                addr: self.authority.clone(),
-                after: self.timeout,
-            }))
+        let started = tokio::time::Instant::now();
+        let deadline = started + self.timeout;
+        let body = Bytes::from(body.unwrap_or_default());
+        let mut tries = 0u32;
+        loop {
+            tries += 1;
+            let answer =
+                tokio::time::timeout_at(deadline, self.exchange(method, path, body.clone()))
+                    .await
+                    .unwrap_or(Err(ClientError::TimedOut {
+                        addr: self.authority.clone(),
+                        after: self.timeout,
+                    }));
+            let busy = match answer? {
+                Ok(v) => return Ok(v),
+                Err(busy) => busy,
+            };
+            // A try is started only with time left for its answer: one cut off by the
+            // deadline may have made its change (timed out, not busy).
+            let wait = busy.retry_after.clamp(MIN_BUSY_WAIT, MAX_BUSY_WAIT);
+            let answer_time = (self.timeout / 4).min(Duration::from_secs(1));
+            if tokio::time::Instant::now() + wait + answer_time >= deadline {
+                return Err(ClientError::Busy {
+                    addr: self.authority.clone(),
+                    error: busy.error,
+                    tries,
+                    over: started.elapsed(),
+                });
+            }
+            tokio::time::sleep(wait).await;
+        }
     }
 
+    /// One try: the answer (`Ok(Ok(_))`), or the admin API's 503 (`Ok(Err(_))`).
     async fn exchange<T: DeserializeOwned>(
         &self,
         method: &str,
         path: &str,
-        body: Option<Vec<u8>>,
-    ) -> Result<T, ClientError> {
+        body: Bytes,
+    ) -> Result<Result<T, Unavailable>, ClientError> {
         let unreachable = |reason: String| ClientError::Unreachable {
             addr: self.authority.clone(),
             reason,
@@ -278,7 +336,7 @@ impl AdminClient {
             req = req.header(AUTHORIZATION, format!("Bearer {}", self.token));
         }
         let req = req
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .body(Full::new(body))
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         let lost = |reason: String| ClientError::Lost {
             addr: self.authority.clone(),
@@ -294,6 +352,13 @@ impl AdminClient {
             }
         })?;
         let status = resp.status();
+        // Seconds only (the admin API's form); an HTTP date is taken as the default.
+        let retry_after = resp
+            .headers()
+            .get(hyper::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
         // A success answer to a change (anything but a read) that this CLI cannot read: the
         // controller accepted it, as said (as `Lost` says of one whose answer never came: a
         // retry would meet its own change).
@@ -317,21 +382,25 @@ impl AdminClient {
             // Every refusal of the controller is a JSON error body. Anything else came from
             // something that is not its admin API (another service on that port, a proxy): not
             // a refusal of the request (exit 1) but an unusable controller address (exit 2).
-            return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
-                Ok(b) => ClientError::Refused {
+            return match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(b) if status == hyper::StatusCode::SERVICE_UNAVAILABLE => Ok(Err(Unavailable {
+                    error: b.error,
+                    retry_after: retry_after.unwrap_or(Duration::from_secs(1)),
+                })),
+                Ok(b) => Err(ClientError::Refused {
                     status: status.as_u16(),
                     error: b.error,
                     diagnostics: b.diagnostics,
-                },
-                Err(_) => ClientError::Protocol(format!(
+                }),
+                Err(_) => Err(ClientError::Protocol(format!(
                     "HTTP {status} from {} without the admin API's error body ({}): is \
                      --controller the controller's admin address?",
                     self.authority,
                     excerpt(&bytes)
-                )),
-            });
+                ))),
+            };
         }
-        serde_json::from_slice(&bytes).map_err(|e| {
+        serde_json::from_slice(&bytes).map(Ok).map_err(|e| {
             // Only for an answer in JSON, as the admin API's are: another server's page is no
             // acceptance.
             let json = serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_ok();
@@ -425,6 +494,8 @@ pub fn report(e: &ClientError, file: &str) -> std::process::ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// An empty `--token` or `TASMAN_TOKEN` (a CI secret that is unset) counts as unset: the
@@ -614,6 +685,77 @@ mod tests {
         assert!(
             err.to_string()
                 .contains("a change requested may still have been made"),
+            "{err}"
+        );
+    }
+
+    /// A server that answers `busy` 503s with `Retry-After: 0` (the admin API's error body),
+    /// then 200: how many requests it took.
+    async fn busy_then_ok(busy: usize) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let count = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.ends_with(b"{}") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let n = count.fetch_add(1, Ordering::SeqCst);
+                let (status, body) = if n < busy {
+                    (
+                        "503 Service Unavailable",
+                        r#"{"error":"8 changes are running"}"#,
+                    )
+                } else {
+                    ("200 OK", r#"{"ok":true}"#)
+                };
+                let answer = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\nretry-after: 0\r\n\
+                     content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(answer.as_bytes()).await;
+            }
+        });
+        (addr, seen)
+    }
+
+    /// A 503 (nothing was changed) is tried again after its `Retry-After`, until the request
+    /// timeout; busy to the end, the CLI says nothing was changed and exits 3, apart from a
+    /// refusal (1) and an answer lost (2). (A 503 was reported as a refusal, exit 1, at once.)
+    #[tokio::test]
+    async fn a_busy_controller_is_asked_again_then_reported_busy_with_exit_3() {
+        let (addr, seen) = busy_then_ok(2).await;
+        let c = AdminClient::new(&args(&addr.to_string())).unwrap();
+        let v: serde_json::Value = c
+            .post("/v1/circuits", &serde_json::json!({}))
+            .await
+            .unwrap();
+        assert_eq!(v["ok"], true);
+        assert_eq!(seen.load(Ordering::SeqCst), 3);
+
+        let (addr, seen) = busy_then_ok(usize::MAX).await;
+        let mut a = args(&addr.to_string());
+        a.request_timeout = Duration::from_millis(300);
+        let c = AdminClient::new(&a).unwrap();
+        let err = c
+            .post::<_, serde_json::Value>("/v1/circuits", &serde_json::json!({}))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ClientError::Busy { .. }), "{err:?}");
+        assert_eq!(err.exit_code(), 3);
+        let tries = seen.load(Ordering::SeqCst);
+        assert!(tries >= 2, "{tries} tries");
+        assert!(
+            err.to_string()
+                .starts_with("8 changes are running (the controller at")
+                && err.to_string().contains("nothing was changed; try again"),
             "{err}"
         );
     }

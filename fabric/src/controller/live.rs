@@ -10,8 +10,9 @@
 //! Anti-flap: the published weight of a link changes only when the smoothed value moves by
 //! more than `max(abs_threshold, rel_threshold × published)`; smaller wiggles are absorbed, so
 //! they trigger neither a recomputation nor a push. A link gets a weight of its own only when
-//! it is measured more than `abs_threshold` above its declared latency, and loses it (the
-//! declared value applies) once it is back within half of that.
+//! it is measured more than `max(abs_threshold, rel_threshold × declared)` above its declared
+//! latency (the weight in force without one), and loses it (the declared value applies) once it
+//! is back within half of that.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -392,18 +393,23 @@ impl LiveAggregator {
         let excess = measured
             .as_duration()
             .saturating_sub(declared.as_duration());
-        let abs = self.params.abs_threshold;
+        // The weight in force without a published one is the declared latency: a weight of
+        // its own is a move from it, by the same rule as any move (`moved`).
+        let band = self
+            .params
+            .abs_threshold
+            .max(declared.as_duration().mul_f64(self.params.rel_threshold));
         let value = match self.published.link_latency.get(id).copied() {
-            // Back at the floor (within half the threshold): the declared value
-            // applies again, rather than an old excess (e.g. RTTs inflated while the
-            // fabric started) being kept by the anti-flap rule below.
-            Some(_) if excess <= abs / 2 => None,
+            // Back at the floor (within half the band): the declared value applies again,
+            // rather than an old excess (e.g. RTTs inflated while the fabric started) being
+            // kept by the anti-flap rule below.
+            Some(_) if excess <= band / 2 => None,
             // Kept only at or above the declared latency: an apply that raised it past the
             // value published must not leave a weight under the propagation floor (routers
             // take a snapshot's weights as they are).
             Some(p) if p >= declared && !self.moved(p, measured) => Some(p),
-            // Only an excess beyond the threshold is worth a weight of its own.
-            None if excess <= abs => None,
+            // Only an excess beyond the band is worth a weight of its own.
+            None if excess <= band => None,
             _ => Some(measured),
         };
         (down, value)
@@ -725,6 +731,36 @@ mod tests {
             preferred: BTreeMap::new(),
             margins: None,
         }
+    }
+
+    /// A long link gets a weight of its own only past 10 % of its declared latency (the weight
+    /// in force without one), as any weight moves: 2 ms above a 100 ms link is no news. (Past
+    /// 2 ms it was published, and cleared within 1 ms: a link hovering 1-2 ms above its
+    /// declared 100 ms was pushed to every router at each swing.)
+    #[test]
+    fn a_long_link_gets_a_weight_only_past_ten_percent_of_its_latency() {
+        let mut b = TopologyBuilder::new();
+        b.node("e", NodeKind::Edge)
+            .node("t", NodeKind::Transit)
+            .link("e", "t", ms(100.0));
+        let params = LiveParams {
+            alpha: 1.0,
+            ..LiveParams::default()
+        };
+        let mut agg = LiveAggregator::new(params, Arc::new(b.build()));
+        let t0 = Instant::now();
+        let mut swings = 0;
+        for i in 0..10 {
+            let rtt = if i % 2 == 0 { 204.2 } else { 201.8 };
+            if step(&mut agg, rtt, t0).is_some() {
+                swings += 1;
+            }
+        }
+        assert_eq!(swings, 0, "weights published for moves within 10 %");
+        // Past 10 % (110 ms one way): a weight; back within 5 ms of the floor: none.
+        assert_eq!(step(&mut agg, 224.0, t0), Some(112.0));
+        assert_eq!(step(&mut agg, 212.0, t0), Some(112.0), "a move under the band");
+        assert_eq!(step(&mut agg, 209.0, t0), None, "back within half the band");
     }
 
     /// A link's measured weight moving is a gradual change; the link going down or up again is

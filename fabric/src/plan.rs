@@ -124,11 +124,12 @@ impl Plan {
         let diff = topology::diff::diff(old, new);
         // Measured weights never go below a link's declared latency (routers treat it as the
         // propagation floor), so a raised declared latency counts even where it was measured lower.
+        // Sites report the capacity of the topology they run: under the new one, its own.
         let impact = topology::diff::impact_with(
             old,
             &old_live.floored(old),
             new,
-            &new_live.floored(new),
+            &new_live.floored(new).with_capacities_of(new),
             incumbents,
             margins,
         );
@@ -269,6 +270,58 @@ mod tests {
             &Default::default(),
         )
         .with_circuits(old, new, circuits)
+    }
+
+    /// A cut of a busy site's capacity (100 to 10, 50 streams open) makes it full under the
+    /// new topology: the plan moves its edge to the next site, as routers will once the site
+    /// reports the capacity it then runs with. (The plan read the capacity the site reported
+    /// under the old topology, and predicted no change.)
+    #[test]
+    fn a_capacity_cut_under_the_open_streams_moves_the_edge() {
+        use topology::builder::{TopologyBuilder, ms};
+        let build = |cap: u32| {
+            let mut b = TopologyBuilder::new();
+            b.node("edge", topology::NodeKind::Edge)
+                .node("s1", topology::NodeKind::Site)
+                .node("s2", topology::NodeKind::Site)
+                .link("edge", "s1", ms(2.0))
+                .link("edge", "s2", ms(9.0))
+                .service("chat")
+                .serve("s1", "chat", cap)
+                .serve("s2", "chat", 100);
+            b.build()
+        };
+        let (old, new) = (build(100), build(10));
+        let mut live = LiveState::default();
+        let load = topology::route::SiteLoad {
+            active_streams: 50,
+            capacity: 100,
+            healthy: true,
+        };
+        live.site_load.insert(NodeId::new("s1"), load);
+        live.service_load.insert(
+            NodeId::new("s1"),
+            [(topology::ServiceName::new("chat"), load)].into(),
+        );
+        let p = Plan::compute(
+            &old,
+            &new,
+            &live,
+            &live,
+            &Default::default(),
+            &Default::default(),
+        );
+        let moves: Vec<(String, String)> = p
+            .impact
+            .iter()
+            .map(|e| {
+                let site = |c: &Option<topology::route::Candidate>| {
+                    c.as_ref().map_or("-".to_string(), |c| c.site.to_string())
+                };
+                (site(&e.old), site(&e.new))
+            })
+            .collect();
+        assert_eq!(moves, [("s1".to_string(), "s2".to_string())], "{}", p.text);
     }
 
     /// The plan tells the circuits' problems a change causes from those the topology in force

@@ -444,17 +444,17 @@ pub fn impact_with(
                 })
             });
             let old_group = group_of(before.get(service).copied().unwrap_or_default(), o, &[]);
+            // Its members, a group of one's lone site included: routers keep each in the
+            // wider band (`router::routes` passes the last group's members to
+            // `Spread::sticky` whatever their number).
             let (old_shares, old_members) = match &old_group {
-                // A group of one has no members to keep (as before dials: the band is for
-                // sites that share).
-                Some((ordered, spread)) if spread.members() > 1 => (
+                Some((ordered, spread)) => (
                     spread.shares(ordered),
                     ordered[..spread.members()]
                         .iter()
                         .map(|c| c.site.clone())
                         .collect(),
                 ),
-                Some((ordered, spread)) => (spread.shares(ordered), Vec::new()),
                 None => (Vec::new(), Vec::new()),
             };
             // The edge keeps the members of its group in the band (Spread::sticky); the sites
@@ -518,6 +518,33 @@ mod tests {
         assert_eq!(i.len(), 1, "{i:#?}");
         assert_eq!(i[0].kind, ImpactKind::SiteChanged, "{i:#?}");
         assert_eq!(i[0].new.as_ref().unwrap().site.as_str(), "s1");
+    }
+
+    /// A site that served a service alone keeps the band of a member when a nearer site is
+    /// added, as routers keep it: within 4 ms of the new site, the two share. (The plan took a
+    /// group of one for no members, and predicted the new site alone.)
+    #[test]
+    fn a_lone_site_is_a_member_when_a_nearer_one_comes() {
+        let mut b = TopologyBuilder::new();
+        b.node("edge", NodeKind::Edge)
+            .node("s1", NodeKind::Site)
+            .link("edge", "s1", ms(8.0))
+            .service("chat")
+            .serve("s1", "chat", 100);
+        let old = b.build();
+        b.node("s3", NodeKind::Site)
+            .link("edge", "s3", ms(5.0))
+            .serve("s3", "chat", 100);
+        let new = b.build();
+        let i = impact(&old, &new, &LiveState::default());
+        assert_eq!(i.len(), 1, "{i:#?}");
+        assert_eq!(i[0].kind, ImpactKind::SiteChanged, "{i:#?}");
+        let shares: Vec<(&str, f64)> = i[0]
+            .new_shares
+            .iter()
+            .map(|s| (s.site.as_str(), s.share))
+            .collect();
+        assert_eq!(shares, [("s3", 0.5), ("s1", 0.5)], "{i:#?}");
     }
 
     fn base() -> TopologyBuilder {

@@ -71,6 +71,58 @@ impl LiveState {
         out
     }
 
+    /// The same state with each reported capacity replaced by the one `topo` gives the site's
+    /// service (a site reports the capacity it runs with: the topology's it has applied), as
+    /// the sites will report once they run `topo`. Used where one live state meets another
+    /// topology (an apply's impact plan): a capacity the change cuts (100 to 10, 50 streams
+    /// open) makes the site full under it. A capacity not reported (0) stays so; a site's summed
+    /// load is summed again from its services'.
+    pub fn with_capacities_of(&self, topo: &Topology) -> LiveState {
+        let mut out = self.clone();
+        if out.site_load.is_empty() && out.service_load.is_empty() {
+            return out;
+        }
+        // By id, not a scan of the nodes per site reported.
+        let nodes: std::collections::HashMap<&NodeId, &crate::model::Node> =
+            topo.nodes.iter().map(|n| (&n.id, n)).collect();
+        let declared = |site: &NodeId, service: &ServiceName| {
+            nodes.get(site).and_then(|n| {
+                n.serves
+                    .iter()
+                    .find(|s| &s.service == service)
+                    .map(|s| s.capacity)
+            })
+        };
+        for (site, services) in out.service_load.iter_mut() {
+            for (service, load) in services.iter_mut() {
+                if load.capacity > 0
+                    && let Some(c) = declared(site, service)
+                {
+                    load.capacity = c;
+                }
+            }
+            if let Some(sum) = out.site_load.get_mut(site)
+                && sum.capacity > 0
+            {
+                sum.capacity = services
+                    .values()
+                    .fold(0u32, |acc, l| acc.saturating_add(l.capacity));
+            }
+        }
+        for (site, load) in out.site_load.iter_mut() {
+            if load.capacity > 0
+                && !out.service_load.contains_key(site)
+                && let Some(n) = nodes.get(site)
+            {
+                load.capacity = n
+                    .serves
+                    .iter()
+                    .fold(0u32, |acc, s| acc.saturating_add(s.capacity));
+            }
+        }
+        out
+    }
+
     /// The load that decides whether `site` may take a new stream of `service`, and its
     /// penalty: the service's own entry; the site's summed entry only for a site with no
     /// per-service entries at all (an older sender); else none (no telemetry yet: healthy and

@@ -759,7 +759,11 @@ mod tests {
         assert_eq!(swings, 0, "weights published for moves within 10 %");
         // Past 10 % (110 ms one way): a weight; back within 5 ms of the floor: none.
         assert_eq!(step(&mut agg, 224.0, t0), Some(112.0));
-        assert_eq!(step(&mut agg, 212.0, t0), Some(112.0), "a move under the band");
+        assert_eq!(
+            step(&mut agg, 212.0, t0),
+            Some(112.0),
+            "a move under the band"
+        );
         assert_eq!(step(&mut agg, 209.0, t0), None, "back within half the band");
     }
 

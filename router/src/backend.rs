@@ -261,12 +261,24 @@ async fn handle(
     let body = Limited::new(req.into_body(), MAX_BODY).collect();
     match tokio::time::timeout(shared.cfg.header_timeout, body).await {
         Ok(Ok(_)) => {}
-        Ok(Err(_)) => {
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
             return Ok(text(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 &shared,
                 "request body over 64 KiB\n",
             ));
+        }
+        // The body ended short of its length (the client's end came first), or its connection
+        // failed: no size to blame.
+        Ok(Err(_)) => {
+            let mut resp = text(
+                StatusCode::BAD_REQUEST,
+                &shared,
+                "request body ended before its length\n",
+            );
+            resp.headers_mut()
+                .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+            return Ok(resp);
         }
         Err(_) => {
             let mut resp = text(
@@ -427,6 +439,38 @@ mod tests {
         .await
         .expect("the connection is still open");
         assert!(out.starts_with("HTTP/1.1 408"), "{out}");
+    }
+
+    /// A body cut short by the client's end (it half-closes after 2 of 100 bytes) is answered
+    /// 400, not 413: nothing was too large. A body over the limit is still 413.
+    #[tokio::test]
+    async fn a_body_cut_short_is_a_bad_request_and_one_too_large_413() {
+        let b = start().await;
+        let mut s = TcpStream::connect(b.local_addr()).await.expect("connect");
+        s.write_all(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nhi")
+            .await
+            .expect("write");
+        s.shutdown().await.expect("half-close");
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+            .await
+            .expect("answered and closed within 10 s")
+            .expect("read");
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+
+        let mut s = TcpStream::connect(b.local_addr()).await.expect("connect");
+        let big = 65 * 1024;
+        let head = format!(
+            "POST /v1/completions HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: {big}\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).await.expect("write");
+        // The answer may come (and the connection close) before the whole body is sent.
+        let _ = s.write_all(&vec![b'x'; big]).await;
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.starts_with("HTTP/1.1 413"), "{out}");
     }
 
     /// Sends one raw HTTP/1.1 request with `Connection: close` and returns the whole response.

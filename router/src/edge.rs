@@ -580,6 +580,10 @@ async fn tries(
     // past what was tried already ([`newer_table`]).
     let mut made = 0;
     let mut failed: Vec<(NodeId, Vec<NodeId>)> = Vec::new();
+    // A circuit's rate holding back the last chunk read: kept across tries, so that a try that
+    // fails during the hold does not let the next send that chunk (in its replay) before its
+    // turn.
+    let mut hold: Option<Hold> = None;
     // A circuit's connections take its reserved path first when the table still offers it;
     // others start on the site dealt to them among the equally near ones, unless its traffic
     // dial declines them (`Routes::order`). The other candidates, in rank order and the declined
@@ -620,7 +624,11 @@ async fn tries(
                 tracing::info!(node = %shared.node, %service, site = %cand.site, code = %last, "retrying on next candidate");
             }
             made += 1;
-            match attempt(shared, cand, service, client, tcp, buf, replay, circuit).await {
+            match attempt(
+                shared, cand, service, client, tcp, buf, replay, circuit, &mut hold,
+            )
+            .await
+            {
                 Attempt::Accepted(send, recv) => {
                     tracing::debug!(node = %shared.node, %client, %service, site = %cand.site, "site accepted");
                     break 'tables Some((send, recv));
@@ -926,6 +934,7 @@ async fn attempt(
     buf: &mut TcpBuf,
     replay: &mut Replay,
     circuit: Option<&EdgeCircuit>,
+    hold: &mut Option<Hold>,
 ) -> Attempt {
     let Some(first) = cand.next_hop() else {
         return Attempt::Retry(Code::WrongRole, Told::Here);
@@ -981,7 +990,6 @@ async fn attempt(
     // attempt, not only its wait between chunks. No more of the client is read meanwhile
     // (backpressure, as in the splice).
     let mut out = Outgoing::new(replay);
-    let mut hold: Option<Hold> = None;
     let up = circuit.map(|c| &c.limiter.up);
     // The site stopped the client's bytes before its answer was read: nothing more is written
     // (nor read from the client), and the answer still decides. A site that refuses resets the
@@ -1026,7 +1034,7 @@ async fn attempt(
                     }
                     if let Some(c) = circuit {
                         match held_back(&c.limiter.up, n) {
-                            Ok(h) => hold = h,
+                            Ok(h) => *hold = h,
                             Err(Revoked) => break Err(Attempt::Fatal(Code::CircuitRefused)),
                         }
                     }
@@ -1034,7 +1042,7 @@ async fn attempt(
                 }
                 Err(_) => break Err(Attempt::Fatal(Code::ClientAbort)),
             },
-            r = forward(&mut send, &mut out.pending, &mut hold, up), if !out.pending.is_empty() && stopped.is_none() => match r {
+            r = forward(&mut send, &mut out.pending, hold, up), if !out.pending.is_empty() && stopped.is_none() => match r {
                 Ok(n) => out.written(shared, n),
                 Err(Forward::Write(WriteError::Stopped(code))) => stopped = Some(Code::from_peer(code)),
                 Err(Forward::Write(e)) => break Err(write_failed(e)),
@@ -1084,7 +1092,7 @@ async fn attempt(
                 break Ok(());
             }
             match shared
-                .bounded_write(forward(&mut send, &mut out.pending, &mut hold, up))
+                .bounded_write(forward(&mut send, &mut out.pending, hold, up))
                 .await
             {
                 Some(Ok(n)) => out.written(shared, n),

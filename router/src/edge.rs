@@ -810,14 +810,23 @@ fn write_failed(e: WriteError) -> Attempt {
 /// inline would grow every client's attempt, circuit or not, by its size.
 type Hold = Pin<Box<Sleep>>;
 
-/// Takes `n` bytes from `bucket`: the wait before they may be sent, if any. [`Revoked`] once
-/// the circuit is gone, as [`TokenBucket::take`] says it: its bytes go no further.
-fn held_back(bucket: &TokenBucket, n: usize) -> Result<Option<Hold>, Revoked> {
+/// Takes `n` bytes from `bucket` and sets `hold` to the wait before they may be sent, if any
+/// (its timer reset in place when it has one: one allocation per connection, not per chunk
+/// held). [`Revoked`] once the circuit is gone, as [`TokenBucket::take`] says it: its bytes go
+/// no further.
+fn held_back(bucket: &TokenBucket, n: usize, hold: &mut Option<Hold>) -> Result<(), Revoked> {
     if bucket.is_revoked() {
         return Err(Revoked);
     }
     let wait = bucket.reserve(n);
-    Ok((!wait.is_zero()).then(|| Box::pin(tokio::time::sleep(wait))))
+    let until = tokio::time::Instant::now() + wait;
+    match hold {
+        // Elapsed when there is no wait: awaited, it is ready at once.
+        Some(h) => h.as_mut().reset(until),
+        None if wait.is_zero() => {}
+        None => *hold = Some(Box::pin(tokio::time::sleep_until(until))),
+    }
+    Ok(())
 }
 
 /// Waits out `hold`, then hands quinn as much of `pending` as its flow control takes now, cut
@@ -841,8 +850,8 @@ async fn forward(
     circuit: Option<&TokenBucket>,
 ) -> Result<usize, Forward> {
     if let Some(h) = hold {
+        // Kept once elapsed (ready at once when awaited again), for the next chunk held back.
         h.as_mut().await;
-        *hold = None;
         if circuit.is_some_and(TokenBucket::is_revoked) {
             return Err(Forward::Revoked);
         }
@@ -1032,11 +1041,10 @@ async fn attempt(
                             replay.chunks = Vec::new();
                         }
                     }
-                    if let Some(c) = circuit {
-                        match held_back(&c.limiter.up, n) {
-                            Ok(h) => *hold = h,
-                            Err(Revoked) => break Err(Attempt::Fatal(Code::CircuitRefused)),
-                        }
+                    if let Some(c) = circuit
+                        && held_back(&c.limiter.up, n, hold).is_err()
+                    {
+                        break Err(Attempt::Fatal(Code::CircuitRefused));
                     }
                     out.pending = b;
                 }

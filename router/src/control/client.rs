@@ -477,8 +477,8 @@ pub const STORED_READ_LIMIT: Duration = Duration::from_secs(5);
 
 /// [`disk::lock`] on `dir`, on a blocking thread bounded like the stored snapshot's read. Only a
 /// directory that another router holds fails the start; a lock that cannot be taken (a
-/// read-only or stuck disk) is logged and the router goes on without it, as it does with a
-/// snapshot it cannot store: a disk must not stop routing.
+/// read-only or stuck disk) is logged and the router goes on without it, and without storing
+/// anything there, as it does with a snapshot it cannot store: a disk must not stop routing.
 async fn lock_state_dir(dir: PathBuf) -> Result<Option<disk::StateLock>, ControlError> {
     let shown = dir.display().to_string();
     let lock = tokio::task::spawn_blocking(move || disk::lock(&dir));
@@ -486,18 +486,24 @@ async fn lock_state_dir(dir: PathBuf) -> Result<Option<disk::StateLock>, Control
         Ok(Ok(Ok(held))) => Ok(Some(held)),
         Ok(Ok(Err(e @ disk::DiskError::InUse { .. }))) => Err(ControlError::StateDir(e)),
         Ok(Ok(Err(e))) => {
-            tracing::warn!("going on without a lock on the state directory: {e}");
+            tracing::warn!(
+                "going on without a lock on the state directory, and without storing snapshots \
+                 there: {e}"
+            );
             Ok(None)
         }
         Ok(Err(e)) => {
-            tracing::warn!("going on without a lock on the state directory {shown}: {e}");
+            tracing::warn!(
+                "going on without a lock on the state directory {shown}, and without storing \
+                 snapshots there: {e}"
+            );
             Ok(None)
         }
         Err(_) => {
             tracing::warn!(
                 limit = ?STORED_READ_LIMIT,
-                "going on without a lock on the state directory {shown}: not taken in time (a \
-                 stuck state directory?)"
+                "going on without a lock on the state directory {shown}, and without storing \
+                 snapshots there: not taken in time (a stuck state directory?)"
             );
             Ok(None)
         }
@@ -601,6 +607,14 @@ async fn stored_snapshot(dir: PathBuf, node: &NodeId) -> Option<FromDisk> {
         }
     };
     match loaded {
+        // Version 0 is no snapshot (the placeholder), as the controller's is refused: only a
+        // damaged or hand-made file holds one.
+        Ok(Some(s)) if s.version == 0 => {
+            tracing::warn!(
+                "ignoring the stored snapshot (waiting for the controller's): version 0"
+            );
+            None
+        }
         // Checked as the controller's snapshots are (limits, names, what the node serves): a
         // damaged file, or one stored by a release before a check, is not run.
         Ok(Some(s)) if let Err(refusal) = check_topology(node, &s.topology) => {
@@ -666,7 +680,12 @@ impl ControlClient {
             cfg.renew_backoff_max,
         )));
         let mut tasks = Tasks::default();
-        let store = cfg.state_dir.clone().map(|dir| {
+        // Written only under the directory's lock: without it (one that could not be taken for
+        // another reason than a router holding it: a lock file that cannot be opened, a file
+        // system without locks), two routers on one directory would rename over each other's
+        // files, each to start from the other's. The stored snapshot is still read.
+        let writable = cfg.state_dir.clone().filter(|_| state_lock.is_some());
+        let store = writable.clone().map(|dir| {
             let (writer, task) = Writer::spawn("storing the snapshot", move |s: StoredSnapshot| {
                 match disk::save(&dir, &s) {
                     Ok(()) => {
@@ -690,7 +709,7 @@ impl ControlClient {
             tasks.push(task);
             writer
         });
-        let contact = cfg.state_dir.clone().map(|dir| {
+        let contact = writable.map(|dir| {
             let (writer, task) = Writer::spawn("recording the controller's last word", move |ms| {
                 disk::save_contact(&dir, ms)
                     .inspect_err(|e| tracing::warn!("could not record the last contact: {e}"))
@@ -2547,6 +2566,16 @@ mod tests {
         t.nodes.push(twin);
         s.topology = Arc::new(t);
         disk::save(dir.path(), &s).unwrap();
+        assert!(
+            stored_snapshot(dir.path().to_path_buf(), &a)
+                .await
+                .is_none()
+        );
+        // Version 0 is the placeholder, no snapshot: refused from disk as from the controller.
+        // (It was taken, its time and topology version with it, though never run.)
+        let mut zero = stored_a_at("127.0.0.1:0", 0);
+        zero.version = 0;
+        disk::save(dir.path(), &zero).unwrap();
         assert!(
             stored_snapshot(dir.path().to_path_buf(), &a)
                 .await

@@ -819,11 +819,15 @@ fn held_back(bucket: &TokenBucket, n: usize, hold: &mut Option<Hold>) -> Result<
         return Err(Revoked);
     }
     let wait = bucket.reserve(n);
+    if wait.is_zero() {
+        // Left as it is: elapsed (a chunk is read only once the last one went), it is ready at
+        // once when awaited; reset to now, it would wait for the timer's next tick (up to
+        // 1 ms); still running (a failed try's), its turn still comes first.
+        return Ok(());
+    }
     let until = tokio::time::Instant::now() + wait;
     match hold {
-        // Elapsed when there is no wait: awaited, it is ready at once.
         Some(h) => h.as_mut().reset(until),
-        None if wait.is_zero() => {}
         None => *hold = Some(Box::pin(tokio::time::sleep_until(until))),
     }
     Ok(())

@@ -51,7 +51,8 @@ pub struct NeighbourReport {
     /// there is no connection.
     #[serde(default)]
     pub path_mtu: u16,
-    /// Packets the current connection declared lost (restarts at 0 with a new connection).
+    /// Packets QUIC declared lost to the neighbour since the router started, over all its
+    /// connections (never lower than an earlier report).
     #[serde(default)]
     pub lost_packets: u64,
     /// Dial attempts to it that ended without a usable connection (none, or one closed before it

@@ -1749,7 +1749,7 @@ async fn a_service_removed_and_added_back_is_judged_afresh() {
     }
 }
 
-/// Waits until `edge` prefers `near`, with both sites among its candidates./// Waits until `edge` prefers `near`, with both sites among its candidates.
+/// Waits until `edge` prefers `near`, with both sites among its candidates.
 async fn prefers_near(edge: &RouterHandle) {
     prefers(edge, "near", 2, "").await;
 }

@@ -265,8 +265,8 @@ impl AdminClient {
 
     /// Sends the request, and sends it again after each 503 (nothing was changed: the
     /// controller answers 503 only before a change starts) at its `Retry-After` (0.1 to 5 s),
-    /// while `--request-timeout` from the first try leaves a quarter of itself (at most 1 s)
-    /// for the answer. The last 503 is then [`ClientError::Busy`]; a try that has not answered
+    /// while `--request-timeout` from the first try leaves time for the answer: as long as the
+    /// last try took, and at least a quarter of the timeout (at most 1 s). The last 503 is then [`ClientError::Busy`]; a try that has not answered
     /// by the deadline is [`ClientError::TimedOut`].
     async fn call<T: DeserializeOwned>(
         &self,
@@ -280,6 +280,7 @@ impl AdminClient {
         let mut tries = 0u32;
         loop {
             tries += 1;
+            let began = tokio::time::Instant::now();
             let answer =
                 tokio::time::timeout_at(deadline, self.exchange(method, path, body.clone()))
                     .await
@@ -291,10 +292,13 @@ impl AdminClient {
                 Ok(v) => return Ok(v),
                 Err(busy) => busy,
             };
-            // A try is started only with time left for its answer: one cut off by the
-            // deadline may have made its change (timed out, not busy).
+            // A try is started only with time left for its answer, as long as the last one
+            // took (the controller's own 503s come after it waited 5 or 10 s for its turn): one
+            // cut off by the deadline may have made its change (timed out, not busy).
             let wait = busy.retry_after.clamp(MIN_BUSY_WAIT, MAX_BUSY_WAIT);
-            let answer_time = (self.timeout / 4).min(Duration::from_secs(1));
+            let answer_time = began
+                .elapsed()
+                .max((self.timeout / 4).min(Duration::from_secs(1)));
             if tokio::time::Instant::now() + wait + answer_time >= deadline {
                 return Err(ClientError::Busy {
                     addr: self.authority.clone(),
@@ -689,9 +693,13 @@ mod tests {
         );
     }
 
-    /// A server that answers `busy` 503s with `Retry-After: 0` (the admin API's error body),
-    /// then 200: how many requests it took.
-    async fn busy_then_ok(busy: usize) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    /// A server that answers `busy` 503s (the admin API's error body) with `Retry-After:
+    /// retry_after`, each `after` its request, then 200: how many requests it took.
+    async fn busy_then_ok(
+        busy: usize,
+        retry_after: u64,
+        after: Duration,
+    ) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let seen = Arc::new(AtomicUsize::new(0));
@@ -708,6 +716,7 @@ mod tests {
                 }
                 let n = count.fetch_add(1, Ordering::SeqCst);
                 let (status, body) = if n < busy {
+                    tokio::time::sleep(after).await;
                     (
                         "503 Service Unavailable",
                         r#"{"error":"8 changes are running"}"#,
@@ -716,8 +725,9 @@ mod tests {
                     ("200 OK", r#"{"ok":true}"#)
                 };
                 let answer = format!(
-                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\nretry-after: 0\r\n\
-                     content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\n\
+                     retry-after: {retry_after}\r\ncontent-length: {}\r\n\
+                     connection: close\r\n\r\n{body}",
                     body.len()
                 );
                 let _ = s.write_all(answer.as_bytes()).await;
@@ -729,9 +739,9 @@ mod tests {
     /// A 503 (nothing was changed) is tried again after its `Retry-After`, until the request
     /// timeout; busy to the end, the CLI says nothing was changed and exits 3, apart from a
     /// refusal (1) and an answer lost (2). (A 503 was reported as a refusal, exit 1, at once.)
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_busy_controller_is_asked_again_then_reported_busy_with_exit_3() {
-        let (addr, seen) = busy_then_ok(2).await;
+        let (addr, seen) = busy_then_ok(2, 0, Duration::ZERO).await;
         let c = AdminClient::new(&args(&addr.to_string())).unwrap();
         let v: serde_json::Value = c
             .post("/v1/circuits", &serde_json::json!({}))
@@ -740,9 +750,10 @@ mod tests {
         assert_eq!(v["ok"], true);
         assert_eq!(seen.load(Ordering::SeqCst), 3);
 
-        let (addr, seen) = busy_then_ok(usize::MAX).await;
+        // Tries at 0, 1 and 2 s; a fourth would leave less than a quarter of the timeout.
+        let (addr, seen) = busy_then_ok(usize::MAX, 1, Duration::ZERO).await;
         let mut a = args(&addr.to_string());
-        a.request_timeout = Duration::from_millis(300);
+        a.request_timeout = Duration::from_secs(3);
         let c = AdminClient::new(&a).unwrap();
         let err = c
             .post::<_, serde_json::Value>("/v1/circuits", &serde_json::json!({}))
@@ -751,12 +762,33 @@ mod tests {
         assert!(matches!(err, ClientError::Busy { .. }), "{err:?}");
         assert_eq!(err.exit_code(), 3);
         let tries = seen.load(Ordering::SeqCst);
-        assert!(tries >= 2, "{tries} tries");
+        assert!((2..=3).contains(&tries), "{tries} tries");
         assert!(
             err.to_string()
                 .starts_with("8 changes are running (the controller at")
                 && err.to_string().contains("nothing was changed; try again"),
             "{err}"
+        );
+    }
+
+    /// A 503 that comes late (the controller's own come after it waited 5 or 10 s for its
+    /// turn) leaves that long for the next try's answer: the last try is not cut off by the
+    /// request timeout (which would say a change may have been made). (A quarter of the timeout
+    /// was kept, and a try started that could not be answered in time.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_late_503_is_tried_again_only_with_time_for_another_as_late() {
+        let (addr, seen) = busy_then_ok(usize::MAX, 0, Duration::from_millis(800)).await;
+        let mut a = args(&addr.to_string());
+        a.request_timeout = Duration::from_millis(2_500);
+        let c = AdminClient::new(&a).unwrap();
+        let err = c
+            .post::<_, serde_json::Value>("/v1/circuits", &serde_json::json!({}))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ClientError::Busy { .. }),
+            "{err:?} after {} tries",
+            seen.load(Ordering::SeqCst)
         );
     }
 

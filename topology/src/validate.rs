@@ -964,7 +964,25 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
                         "address of {what}: {a} has a zone (%{}), an interface of one host, \
                          which neighbours on other hosts cannot dial (use a global or unique \
                          local address, without a zone)",
-                        zone.unwrap_or_else(|| v6.scope_id().to_string())
+                        zone.clone().unwrap_or_else(|| v6.scope_id().to_string())
+                    ),
+                )
+            {
+                return None;
+            }
+            // A link-local address means nothing without its zone (the interface): the router
+            // could not bind it, nor its neighbours dial it. A rule added after texts were
+            // stored: only a warning on a stored one.
+            if let SocketAddr::V6(v6) = a
+                && v6.ip().is_unicast_link_local()
+                && v6.scope_id() == 0
+                && zone.is_none()
+                && cx.newer(
+                    n.pos,
+                    format!(
+                        "address of {what}: {a} is link-local: it means something only with a \
+                         zone (an interface of one host), which neighbours on other hosts cannot \
+                         dial (use a global or unique local address)"
                     ),
                 )
             {
@@ -1841,10 +1859,58 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
             .enumerate()
             .map(|(i, n)| (n.id.as_str(), i))
             .collect();
+        if !links_of_one_family(cx, &topology, &index, &link_ids) {
+            return None;
+        }
         reachability_warnings(cx, &topology, &index, &ids);
         idle_link_warnings(cx, &topology, &index, &link_ids);
     }
     Some(topology)
+}
+
+/// Whether every link joins two nodes whose addresses are of one family (an IPv4-mapped IPv6
+/// address counts as IPv4): a router listens on its one address, and an IPv4 socket cannot dial
+/// an IPv6 address, nor an IPv6 one bound to a specific address an IPv4 one. Such a link is
+/// refused at its line (a warning on a stored text, which is then taken as it is).
+fn links_of_one_family(
+    cx: &mut Cx,
+    topology: &Topology,
+    index: &HashMap<&str, usize>,
+    link_ids: &HashMap<LinkId, (usize, Pos)>,
+) -> bool {
+    let family = |id: &NodeId| {
+        index.get(id.as_str()).map(|&i| {
+            let a = topology.nodes[i].address;
+            (a, a.ip().to_canonical().is_ipv4())
+        })
+    };
+    let mut ok = true;
+    for l in &topology.links {
+        let (Some((a, a4)), Some((b, b4))) = (family(&l.a), family(&l.b)) else {
+            continue;
+        };
+        if a4 == b4 {
+            continue;
+        }
+        let name = |v4: bool| if v4 { "IPv4" } else { "IPv6" };
+        let id = l.id();
+        let pos = link_ids.get(&id).map(|(_, p)| *p).unwrap_or_default();
+        if cx.newer(
+            pos,
+            format!(
+                "link {id} joins node \"{}\" ({} address {a}) and node \"{}\" ({} address {b}): a \
+                 router listens on its one address, and cannot dial the other family (give both \
+                 ends addresses of one family)",
+                l.a,
+                name(a4),
+                l.b,
+                name(b4)
+            ),
+        ) {
+            ok = false;
+        }
+    }
+    ok
 }
 
 /// A backend that is one of the fabric's own client listeners (a service's port or the
@@ -2343,11 +2409,17 @@ mod tests {
         let stored = crate::load_stored(&text).unwrap_or_else(|d| panic!("{d:?}"));
         let warnings: Vec<String> = stored.warnings.iter().map(ToString::to_string).collect();
         assert_eq!(
-            warnings,
-            [format!(
+            warnings[0],
+            format!(
                 "{} (accepted in this stored version; a new text is refused for it)",
                 errs[0].replace("error", "warning")
-            )]
+            )
+        );
+        // Its link to an IPv4 node, taken as it is too.
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(
+            warnings[1].contains("link e1--s1 joins node \"e1\" (IPv6 address"),
+            "{warnings:?}"
         );
         // Zone 0 too: it parses to scope id 0, as no zone does. (It was accepted.)
         let zero = text.replacen("%2]", "%0]", 1);

@@ -58,6 +58,18 @@ const LATENCY_UNITS: &str =
 const BANDWIDTH_UNITS: &str =
     "a positive number with a unit: bps, Kbps, Mbps, Gbps or Tbps, e.g. \"10Gbps\" or \"500Mbps\"";
 
+/// The significant digits after the decimal point of the number `s` starts with ("1.250ms":
+/// 2), as [`split_number`] reads it.
+fn fraction_digits(s: &str) -> usize {
+    let s = s.trim();
+    let end = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-' || c == '+' || c == '_'))
+        .unwrap_or(s.len());
+    let num: String = s[..end].chars().filter(|c| *c != '_').collect();
+    num.split_once('.')
+        .map_or(0, |(_, f)| f.trim_end_matches('0').len())
+}
+
 /// Splits "12.5ms" into (12.5, "ms"). Accepts optional whitespace between number and unit.
 fn split_number<'a>(s: &'a str, expected: &'static str) -> Result<(f64, &'a str), UnitError> {
     let s = s.trim();
@@ -360,12 +372,12 @@ impl FromStr for Bandwidth {
             };
             return Err(UnitError::UnusableBytesPerSecond { value, why });
         }
-        let mult: f64 = match unit.to_ascii_lowercase().as_str() {
-            "bps" => 1.0,
-            "kbps" => 1e3,
-            "mbps" => 1e6,
-            "gbps" => 1e9,
-            "tbps" => 1e12,
+        let (mult, exp): (f64, usize) = match unit.to_ascii_lowercase().as_str() {
+            "bps" => (1.0, 0),
+            "kbps" => (1e3, 3),
+            "mbps" => (1e6, 6),
+            "gbps" => (1e9, 9),
+            "tbps" => (1e12, 12),
             _ => {
                 return Err(UnitError::UnknownUnit {
                     value: s.trim().to_string(),
@@ -393,10 +405,11 @@ impl FromStr for Bandwidth {
                 max: "1000Tbps",
             });
         }
-        // A fraction of a bit per second is a typo, not a rate ("1.4bps" was 1 bps); the
-        // tolerance covers the float's rounding of a whole rate ("1.1Gbps" is 1.1 x 10^9 and
-        // a little).
-        if (bps - bps.round()).abs() > (bps * 1e-12).max(1e-3) {
+        // A fraction of a bit per second is a typo, not a rate ("1.4bps" was 1 bps). Told from
+        // the decimal digits as written, not the float: a whole rate reads back a little off
+        // ("1.1Gbps" is 1.1 x 10^9 and a little), and a tolerance for that took fractions of
+        // large rates ("1000000000000.5bps").
+        if fraction_digits(s) > exp {
             return Err(UnitError::NotWhole {
                 value: s.trim().to_string(),
             });
@@ -493,6 +506,33 @@ mod tests {
         );
         assert_eq!("1.1Gbps".parse::<Bandwidth>().unwrap().bps(), 1_100_000_000);
         assert!("2.5bps".parse::<Bandwidth>().is_err());
+        // Wholeness is the decimal digits', not a float's within a tolerance: fractions of
+        // large rates, and small fractions of small ones, were taken and rounded.
+        for fraction in [
+            "1000000000000.5bps",
+            "1.0009bps",
+            "1.0000000001Gbps",
+            "3.0000000000001Tbps",
+        ] {
+            assert_eq!(
+                why(fraction, bw),
+                format!("\"{fraction}\" is not a whole number of bits per second")
+            );
+        }
+        assert_eq!(
+            "1.000000001Gbps".parse::<Bandwidth>().unwrap().bps(),
+            1_000_000_001
+        );
+        assert_eq!("2.500000Kbps".parse::<Bandwidth>().unwrap().bps(), 2_500);
+        assert_eq!("1_000.5Kbps".parse::<Bandwidth>().unwrap().bps(), 1_000_500);
+        assert!(
+            "1.15GBps"
+                .parse::<Bandwidth>()
+                .err()
+                .unwrap()
+                .to_string()
+                .contains("9.2Gbps")
+        );
         assert_eq!("0.001Kbps".parse::<Bandwidth>().unwrap().bps(), 1);
         assert_eq!(
             why("200TBps", bw),

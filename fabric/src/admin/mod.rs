@@ -1002,6 +1002,45 @@ mod tests {
     /// The bearer scheme's name is case-insensitive: a client that writes `bearer` or `BEARER`
     /// (some libraries do) with the right token is let in; another scheme or a wrong token is
     /// not. (Only `Bearer ` exactly was taken: `bearer tok` got 401.)
+    /// A router last heard from an hour before the controller started shows as last seen an
+    /// hour ago, from its stored record. (Its age was counted from the controller's start: a
+    /// router silent for a week showed as seen seconds ago.)
+    #[test]
+    fn a_stored_routers_last_seen_counts_from_its_record() {
+        use crate::controller::records::{self, RouterRecord};
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(RedbStore::open(dir.path()).unwrap());
+        let hour_ago = records::now_unix_ms() - 3_600_000;
+        {
+            let ctl = Controller::open(store.clone(), Some((&yaml("1ms"), "t.yaml"))).unwrap();
+            drop(ctl);
+            crate::store::transaction(&*store, |tx| {
+                records::ROUTERS.put(
+                    tx,
+                    "e",
+                    &RouterRecord {
+                        node: "e".into(),
+                        applied_version: 1,
+                        applied_topology: 1,
+                        last_seen_unix_ms: hour_ago,
+                        last_nack: None,
+                    },
+                )
+            })
+            .unwrap();
+        }
+        let ctl = Controller::open(store, None).unwrap();
+        let circuits = circuits_of(&ctl);
+        let status = status::build(&AdminState::new(ctl, "tok", circuits));
+        let e = status.routers.iter().find(|r| r.node == "e").unwrap();
+        assert!(!e.connected);
+        let ago = e.last_seen_ms_ago.unwrap();
+        assert!(
+            (3_600_000..3_700_000).contains(&ago),
+            "last seen {ago} ms ago"
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_bearer_scheme_is_case_insensitive() {
         assert_eq!(bearer("Bearer tok"), Some("tok"));

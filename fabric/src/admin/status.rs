@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
 
 use axum::Json;
 use axum::extract::{Query, State};
@@ -129,7 +128,7 @@ pub fn build(st: &AdminState) -> Status {
     let ctl = &st.ctl;
     let cur = ctl.current();
     let published = ctl.published();
-    let now = Instant::now();
+    let now_ms = crate::controller::records::now_unix_ms();
     let live = published.live.clone();
     let topo = &cur.topology;
     let known: HashMap<String, _> = ctl
@@ -148,9 +147,13 @@ pub fn build(st: &AdminState) -> Status {
                 connected: r.is_some_and(|r| r.connected),
                 applied_version: r.map_or(0, |r| r.record.applied_version),
                 applied_topology: r.map_or(0, |r| r.record.applied_topology),
+                // By the record's wall-clock time, which a restart keeps: the in-memory instant
+                // of a router loaded from the store is the controller's start (a router silent
+                // for a week showed as seen seconds ago), and an instant cannot reach back past
+                // the host's boot.
                 last_seen_ms_ago: r
                     .filter(|r| r.record.last_seen_unix_ms != 0)
-                    .map(|r| now.saturating_duration_since(r.last_seen).as_millis() as u64),
+                    .map(|r| now_ms.saturating_sub(r.record.last_seen_unix_ms)),
                 behind: r.is_none_or(|r| r.record.applied_version != published.version),
                 last_nack: r.and_then(|r| r.record.last_nack.clone()),
                 samples_refused: r.map_or(0, |r| r.samples_refused),

@@ -338,6 +338,23 @@ impl Bandwidth {
 impl FromStr for Bandwidth {
     type Err = UnitError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        parse_bandwidth(s, true)
+    }
+}
+
+impl Bandwidth {
+    /// `s` read as builds before session 41 read it: a fraction of a bit per second within a
+    /// float's tolerance (`1.0009bps`, `1000000000000.5bps`) taken and rounded. For a text
+    /// stored by such a build only, which an upgraded controller must still start on.
+    pub fn parse_as_before(s: &str) -> Result<Bandwidth, UnitError> {
+        parse_bandwidth(s, false)
+    }
+}
+
+/// A rate; `by_digits`: whole by its decimal digits as written (`FromStr`), else within a
+/// float's tolerance ([`Bandwidth::parse_as_before`]).
+fn parse_bandwidth(s: &str, by_digits: bool) -> Result<Bandwidth, UnitError> {
+    {
         let (n, unit) = split_number(s, BANDWIDTH_UNITS)?;
         // Case-insensitive, except the bytes-per-second spelling (`MBps`, `GBps`, `Bps`...):
         // it is refused rather than read as bits, eight times too small. The capital `B` says
@@ -409,7 +426,12 @@ impl FromStr for Bandwidth {
         // the decimal digits as written, not the float: a whole rate reads back a little off
         // ("1.1Gbps" is 1.1 x 10^9 and a little), and a tolerance for that took fractions of
         // large rates ("1000000000000.5bps").
-        if fraction_digits(s) > exp {
+        let fraction = if by_digits {
+            fraction_digits(s) > exp
+        } else {
+            (bps - bps.round()).abs() > (bps * 1e-12).max(1e-3)
+        };
+        if fraction {
             return Err(UnitError::NotWhole {
                 value: s.trim().to_string(),
             });

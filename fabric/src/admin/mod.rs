@@ -999,9 +999,6 @@ mod tests {
         assert!(!token_matches(&off, t));
     }
 
-    /// The bearer scheme's name is case-insensitive: a client that writes `bearer` or `BEARER`
-    /// (some libraries do) with the right token is let in; another scheme or a wrong token is
-    /// not. (Only `Bearer ` exactly was taken: `bearer tok` got 401.)
     /// A router last heard from an hour before the controller started shows as last seen an
     /// hour ago, from its stored record. (Its age was counted from the controller's start: a
     /// router silent for a week showed as seen seconds ago.)
@@ -1041,6 +1038,9 @@ mod tests {
         );
     }
 
+    /// The bearer scheme's name is case-insensitive: a client that writes `bearer` or `BEARER`
+    /// (some libraries do) with the right token is let in; another scheme or a wrong token is
+    /// not. (Only `Bearer ` exactly was taken: `bearer tok` got 401.)
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_bearer_scheme_is_case_insensitive() {
         assert_eq!(bearer("Bearer tok"), Some("tok"));

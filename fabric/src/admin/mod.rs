@@ -1336,6 +1336,10 @@ mod tests {
                 post("/v1/circuits/c-000001/delete?wait=1", "tok", "{}"),
                 "wait",
             ),
+            // A path parameter that is not a number, named too. (It was "Invalid URL: Cannot
+            // parse `x` to a `u64`".)
+            (get("/v1/topology/versions/x", "tok"), "version"),
+            (get("/v1/topology/versions/-1", "tok"), "version"),
         ];
         for (req, name) in refused {
             let line = req.lines().next().unwrap_or_default().to_string();

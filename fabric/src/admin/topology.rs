@@ -111,8 +111,23 @@ async fn history(
 async fn version(
     State(st): State<AdminState>,
     _: Query<NoQuery>,
-    Path(v): Path<u64>,
+    Path(v): Path<String>,
 ) -> Result<Json<TopologyVersion>, ApiError> {
+    // Read here, not by axum's `Path<u64>`, whose refusal ("Cannot parse `x` to a `u64`")
+    // names neither the parameter nor what it takes.
+    let v: u64 = match v.parse() {
+        Ok(n) => n,
+        Err(_) => {
+            return Err(ApiError::new(
+                axum::http::StatusCode::BAD_REQUEST,
+                format!(
+                    "path parameter `version`: {:?} is not a version number (a whole number, \
+                     as `tasman topology history` lists them)",
+                    crate::controller::records::clipped(&v, 64)
+                ),
+            ));
+        }
+    };
     let ctl = st.ctl.clone();
     off_workers(move || ctl.version(v))
         .await?

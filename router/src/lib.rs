@@ -426,14 +426,14 @@ impl Shared {
             .load()
             .values()
             .map(|n| {
-                let path = n.connection().map(|c| c.stats().path);
+                let (path, lost_packets) = n.path();
                 telemetry::NeighbourReport {
                     id: n.id.clone(),
                     rtt_us: n.rtt_us(),
                     up: self.advertised(n.is_up()),
                     srtt_us: n.srtt_us(),
                     path_mtu: path.map_or(0, |p| p.current_mtu),
-                    lost_packets: n.lost_packets(),
+                    lost_packets,
                     dial_failures: n.dial_failures(),
                 }
             })

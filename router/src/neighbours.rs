@@ -101,12 +101,17 @@ impl Neighbour {
     /// `neighbour_lost_packets_total`): those of its ended connections and of the live one.
     /// Never lower than an earlier answer.
     pub fn lost_packets(&self) -> u64 {
+        self.path().1
+    }
+    /// The live connection's path statistics (`None` while down) and
+    /// [`Neighbour::lost_packets`], from one read of the connection's statistics.
+    pub fn path(&self) -> (Option<quinn::PathStats>, u64) {
         // The ended connections' first: a connection that ends between the two reads is then
         // counted in neither (shown no lower than before, below), never in both.
         let before = self.lost_before.load(SeqCst);
-        let live = self.connection().map_or(0, |c| c.stats().path.lost_packets);
-        let v = before.saturating_add(live);
-        self.lost_shown.fetch_max(v, SeqCst).max(v)
+        let path = self.connection().map(|c| c.stats().path);
+        let v = before.saturating_add(path.map_or(0, |p| p.lost_packets));
+        (path, self.lost_shown.fetch_max(v, SeqCst).max(v))
     }
     /// A connection of this neighbour ended (it is down: [`Neighbour::connection`] is `None`):
     /// its lost packets count from now on as [`Neighbour::lost_packets`]'s ended ones.

@@ -920,6 +920,12 @@ impl Control {
             .collect();
         sh.neighbours.store(Arc::new(map));
 
+        // A service the topology no longer has leaves no choice behind: added back, its sites
+        // are judged afresh (new candidates), not by a preference whose sites settled long ago.
+        // (Here, where the topology changes, not at every rebuild.)
+        let services: HashSet<&ServiceName> = topo.services.iter().map(|s| &s.name).collect();
+        self.incumbents.retain(|name, _| services.contains(name));
+
         // The routes of this snapshot, then its listeners: a listener bound (or moved to another
         // service) before the table knew its service reset its first clients `no_route`, and a
         // new VIP's `unknown_service`. Bind errors are logged and tried again at each tick (the
@@ -1049,10 +1055,6 @@ impl Control {
             error: None,
             relays: kind == Some(NodeKind::Transit),
         };
-        // A service the topology no longer has leaves no choice behind: added back, its sites
-        // are judged afresh (new candidates), not by a preference whose sites settled long ago.
-        let services: HashSet<&ServiceName> = topo.services.iter().map(|s| &s.name).collect();
-        self.incumbents.retain(|name, _| services.contains(name));
         if kind == Some(NodeKind::Edge) {
             match RoutingTable::build(topo, graph, &sh.node, &live) {
                 Ok(table) => {

@@ -171,23 +171,23 @@ impl TlsIdentity {
         };
         let cert_path = dir.join(format!("{name}.pem"));
         let staged = dir.join(format!("{name}.pem.{}", pki::STAGED));
+        // `None`: no certificate file, only a staged one.
         let chain = match CertificateDer::pem_file_iter(&cert_path)
             .and_then(|it| it.collect::<Result<Vec<_>, _>>())
         {
-            Ok(chain) => chain,
+            Ok(chain) if chain.is_empty() => {
+                return Err(file_err(&cert_path, "no certificate in file".into()));
+            }
+            Ok(chain) => Some(chain),
             // A first pair cut off between its two renames: the key in place, its certificate
             // still staged (there was no certificate before it). Checked against the key below
             // like any chain, and adopted as a staged one.
             Err(e) if !cert_path.exists() && staged.exists() => {
                 tracing::debug!(node = %name, path = %staged.display(), "no {}: trying the staged certificate ({e})", cert_path.display());
-                Vec::new()
+                None
             }
             Err(e) => return Err(file_err(&cert_path, e.to_string())),
         };
-        let first_install = chain.is_empty() && !cert_path.exists();
-        if chain.is_empty() && !first_install {
-            return Err(file_err(&cert_path, "no certificate in file".into()));
-        }
         let key_path = dir.join(format!("{name}.key"));
         let key = PrivateKeyDer::from_pem_file(&key_path)
             .map_err(|e| file_err(&key_path, e.to_string()))?;
@@ -198,27 +198,26 @@ impl TlsIdentity {
                 .ok()
                 .and_then(|k| pki::is_for_key(chain.first()?, &k))
         };
-        if first_install || for_key(&chain) == Some(false) {
-            if let Some(next) = CertificateDer::pem_file_iter(&staged)
+        if chain.as_deref().is_none_or(|c| for_key(c) == Some(false))
+            && let Some(next) = CertificateDer::pem_file_iter(&staged)
                 .and_then(|it| it.collect::<Result<Vec<_>, _>>())
                 .ok()
                 .filter(|next| for_key(next) == Some(true))
-            {
-                tracing::debug!(node = %name, path = %staged.display(),
-                    "the key is newer than {}: taking the staged certificate for it", cert_path.display());
-                return Ok((next, key, Some(staged)));
-            }
-            if first_install {
-                return Err(file_err(
-                    &cert_path,
-                    format!(
-                        "missing, and {} is not a certificate for {name}.key",
-                        staged.display()
-                    ),
-                ));
-            }
+        {
+            tracing::debug!(node = %name, path = %staged.display(),
+                "the key is newer than {}: taking the staged certificate for it", cert_path.display());
+            return Ok((next, key, Some(staged)));
         }
-        Ok((chain, key, None))
+        match chain {
+            Some(chain) => Ok((chain, key, None)),
+            None => Err(file_err(
+                &cert_path,
+                format!(
+                    "missing, and {} is not a certificate for {name}.key",
+                    staged.display()
+                ),
+            )),
+        }
     }
 }
 

@@ -61,13 +61,18 @@ const BANDWIDTH_UNITS: &str =
 /// The significant digits after the decimal point of the number `s` starts with ("1.250ms":
 /// 2), as [`split_number`] reads it.
 fn fraction_digits(s: &str) -> usize {
-    let s = s.trim();
+    let (num, _) = number_and_rest(s.trim());
+    let num: String = num.chars().filter(|c| *c != '_').collect();
+    num.split_once('.')
+        .map_or(0, |(_, f)| f.trim_end_matches('0').len())
+}
+
+/// `s` (trimmed) split where its number ends: digits, `.`, signs and `_` separators.
+fn number_and_rest(s: &str) -> (&str, &str) {
     let end = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-' || c == '+' || c == '_'))
         .unwrap_or(s.len());
-    let num: String = s[..end].chars().filter(|c| *c != '_').collect();
-    num.split_once('.')
-        .map_or(0, |(_, f)| f.trim_end_matches('0').len())
+    s.split_at(end)
 }
 
 /// Splits "12.5ms" into (12.5, "ms"). Accepts optional whitespace between number and unit.
@@ -76,10 +81,7 @@ fn split_number<'a>(s: &'a str, expected: &'static str) -> Result<(f64, &'a str)
     if s.is_empty() {
         return Err(UnitError::Empty { expected });
     }
-    let end = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-' || c == '+' || c == '_'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(end);
+    let (num, unit) = number_and_rest(s);
     let unit = unit.trim();
     if unit.is_empty() {
         return Err(UnitError::MissingUnit {
@@ -354,90 +356,88 @@ impl Bandwidth {
 /// A rate; `by_digits`: whole by its decimal digits as written (`FromStr`), else within a
 /// float's tolerance ([`Bandwidth::parse_as_before`]).
 fn parse_bandwidth(s: &str, by_digits: bool) -> Result<Bandwidth, UnitError> {
+    let (n, unit) = split_number(s, BANDWIDTH_UNITS)?;
+    // Case-insensitive, except the bytes-per-second spelling (`MBps`, `GBps`, `Bps`...):
+    // it is refused rather than read as bits, eight times too small. The capital `B` says
+    // bytes whatever the prefix's case: `10gBps` and `10mBps` are the same mistake.
+    if let Some(prefix) = unit.strip_suffix("Bps")
+        && matches!(
+            prefix.to_ascii_lowercase().as_str(),
+            "" | "k" | "m" | "g" | "t"
+        )
     {
-        let (n, unit) = split_number(s, BANDWIDTH_UNITS)?;
-        // Case-insensitive, except the bytes-per-second spelling (`MBps`, `GBps`, `Bps`...):
-        // it is refused rather than read as bits, eight times too small. The capital `B` says
-        // bytes whatever the prefix's case: `10gBps` and `10mBps` are the same mistake.
-        if let Some(prefix) = unit.strip_suffix("Bps")
-            && matches!(
-                prefix.to_ascii_lowercase().as_str(),
-                "" | "k" | "m" | "g" | "t"
-            )
-        {
-            let bits = format!("{}{}bps", n * 8.0, prefix.to_ascii_uppercase());
-            let value = s.trim().to_string();
-            // Only a rate in bits that is taken is suggested (one refused in turn helps
-            // nobody): over the limit, the limit is the word; otherwise the reason it is
-            // refused, without the rate.
-            let why = match bits.parse::<Bandwidth>() {
-                Ok(_) => return Err(UnitError::BytesPerSecond { value, bits }),
-                Err(UnitError::OutOfRange { .. }) => {
-                    return Err(UnitError::OutOfRange {
-                        value,
-                        max: "1000Tbps",
-                    });
-                }
-                Err(UnitError::NotWhole { .. }) => {
-                    "is not a whole number of bits per second".to_string()
-                }
-                Err(UnitError::TooSmall { min, .. }) => {
-                    format!("is below the smallest value, {min}")
-                }
-                Err(UnitError::NotPositive { .. }) => "is not greater than zero".to_string(),
-                Err(_) => "is not a rate in bits per second".to_string(),
-            };
-            return Err(UnitError::UnusableBytesPerSecond { value, why });
-        }
-        let (mult, exp): (f64, usize) = match unit.to_ascii_lowercase().as_str() {
-            "bps" => (1.0, 0),
-            "kbps" => (1e3, 3),
-            "mbps" => (1e6, 6),
-            "gbps" => (1e9, 9),
-            "tbps" => (1e12, 12),
-            _ => {
-                return Err(UnitError::UnknownUnit {
-                    value: s.trim().to_string(),
-                    unit: unit.to_string(),
-                    expected: BANDWIDTH_UNITS,
+        let bits = format!("{}{}bps", n * 8.0, prefix.to_ascii_uppercase());
+        let value = s.trim().to_string();
+        // Only a rate in bits that is taken is suggested (one refused in turn helps
+        // nobody): over the limit, the limit is the word; otherwise the reason it is
+        // refused, without the rate.
+        let why = match bits.parse::<Bandwidth>() {
+            Ok(_) => return Err(UnitError::BytesPerSecond { value, bits }),
+            Err(UnitError::OutOfRange { .. }) => {
+                return Err(UnitError::OutOfRange {
+                    value,
+                    max: "1000Tbps",
                 });
             }
+            Err(UnitError::NotWhole { .. }) => {
+                "is not a whole number of bits per second".to_string()
+            }
+            Err(UnitError::TooSmall { min, .. }) => {
+                format!("is below the smallest value, {min}")
+            }
+            Err(UnitError::NotPositive { .. }) => "is not greater than zero".to_string(),
+            Err(_) => "is not a rate in bits per second".to_string(),
         };
-        let bps = n * mult;
-        if bps <= 0.0 {
-            return Err(UnitError::NotPositive {
-                value: s.trim().to_string(),
-            });
-        }
-        if bps < 1.0 {
-            return Err(UnitError::TooSmall {
-                value: s.trim().to_string(),
-                min: "1bps",
-            });
-        }
-        // 1 Pbps: far above any link we model, far below u64 overflow.
-        if bps > 1e15 {
-            return Err(UnitError::OutOfRange {
-                value: s.trim().to_string(),
-                max: "1000Tbps",
-            });
-        }
-        // A fraction of a bit per second is a typo, not a rate ("1.4bps" was 1 bps). Told from
-        // the decimal digits as written, not the float: a whole rate reads back a little off
-        // ("1.1Gbps" is 1.1 x 10^9 and a little), and a tolerance for that took fractions of
-        // large rates ("1000000000000.5bps").
-        let fraction = if by_digits {
-            fraction_digits(s) > exp
-        } else {
-            (bps - bps.round()).abs() > (bps * 1e-12).max(1e-3)
-        };
-        if fraction {
-            return Err(UnitError::NotWhole {
-                value: s.trim().to_string(),
-            });
-        }
-        Ok(Bandwidth(bps.round() as u64))
+        return Err(UnitError::UnusableBytesPerSecond { value, why });
     }
+    let (mult, exp): (f64, usize) = match unit.to_ascii_lowercase().as_str() {
+        "bps" => (1.0, 0),
+        "kbps" => (1e3, 3),
+        "mbps" => (1e6, 6),
+        "gbps" => (1e9, 9),
+        "tbps" => (1e12, 12),
+        _ => {
+            return Err(UnitError::UnknownUnit {
+                value: s.trim().to_string(),
+                unit: unit.to_string(),
+                expected: BANDWIDTH_UNITS,
+            });
+        }
+    };
+    let bps = n * mult;
+    if bps <= 0.0 {
+        return Err(UnitError::NotPositive {
+            value: s.trim().to_string(),
+        });
+    }
+    if bps < 1.0 {
+        return Err(UnitError::TooSmall {
+            value: s.trim().to_string(),
+            min: "1bps",
+        });
+    }
+    // 1 Pbps: far above any link we model, far below u64 overflow.
+    if bps > 1e15 {
+        return Err(UnitError::OutOfRange {
+            value: s.trim().to_string(),
+            max: "1000Tbps",
+        });
+    }
+    // A fraction of a bit per second is a typo, not a rate ("1.4bps" was 1 bps). Told from
+    // the decimal digits as written, not the float: a whole rate reads back a little off
+    // ("1.1Gbps" is 1.1 x 10^9 and a little), and a tolerance for that took fractions of
+    // large rates ("1000000000000.5bps").
+    let fraction = if by_digits {
+        fraction_digits(s) > exp
+    } else {
+        (bps - bps.round()).abs() > (bps * 1e-12).max(1e-3)
+    };
+    if fraction {
+        return Err(UnitError::NotWhole {
+            value: s.trim().to_string(),
+        });
+    }
+    Ok(Bandwidth(bps.round() as u64))
 }
 
 impl fmt::Display for Bandwidth {

@@ -439,6 +439,23 @@ pub(crate) fn capped_count<'de, D: serde::Deserializer<'de>>(
     Ok(Some(s.parse().unwrap_or(usize::MAX)))
 }
 
+/// A page's `limit` as a route takes it: at most `max` of `what` (a larger one counts as
+/// `max`, as documented); 0 is refused (400), as the CLI's `--limit` refuses it: no caller means
+/// to list nothing. `None` when not given.
+pub(crate) fn page_limit(
+    limit: Option<usize>,
+    what: &str,
+    max: usize,
+) -> Result<Option<usize>, ApiError> {
+    match limit {
+        Some(0) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("query parameter `limit` is 0: expected a number of {what} from 1 to {max}"),
+        )),
+        l => Ok(l.map(|n| n.min(max))),
+    }
+}
+
 /// The JSON error body of every refused request.
 #[derive(Debug, Serialize)]
 pub struct ApiError {

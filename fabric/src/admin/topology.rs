@@ -75,18 +75,7 @@ async fn history(
     State(st): State<AdminState>,
     Query(q): Query<HistoryQuery>,
 ) -> Result<Json<Vec<HistoryEntry>>, ApiError> {
-    // 0 is refused, as the CLI's `--limit` refuses it: no caller means to list nothing. A limit
-    // over the maximum is capped (documented as at most that many).
-    if q.limit == Some(0) {
-        return Err(ApiError::new(
-            axum::http::StatusCode::BAD_REQUEST,
-            format!(
-                "query parameter `limit` is 0: expected a number of versions from 1 to \
-                 {MAX_HISTORY_LIMIT}"
-            ),
-        ));
-    }
-    let limit = q.limit.unwrap_or(50).min(MAX_HISTORY_LIMIT);
+    let limit = super::page_limit(q.limit, "versions", MAX_HISTORY_LIMIT)?.unwrap_or(50);
     let ctl = st.ctl.clone();
     // The current version from the same read as the rows: read from memory before it, an
     // apply committed in between was listed but not flagged, and the version before it was.

@@ -155,19 +155,10 @@ fn page_limit<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D
 }
 
 impl PageQuery {
-    /// The page's bounds: 0 is refused, as `limit=0` on the topology's history is.
+    /// The page's bounds ([`crate::admin::page_limit`]); without `limit`, the whole table.
     fn bounds(self) -> Result<(Option<String>, usize), ApiError> {
-        match self.limit {
-            Some(0) => Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "query parameter `limit` is 0: expected a number of circuits from 1 to \
-                     {MAX_PAGE}"
-                ),
-            )),
-            Some(n) => Ok((self.after, n.min(MAX_PAGE))),
-            None => Ok((self.after, usize::MAX)),
-        }
+        let limit = crate::admin::page_limit(self.limit, "circuits", MAX_PAGE)?;
+        Ok((self.after, limit.unwrap_or(usize::MAX)))
     }
 }
 

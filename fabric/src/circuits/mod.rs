@@ -609,9 +609,10 @@ pub fn all(tx: &dyn ReadTxn) -> Result<Vec<Circuit>, StoreError> {
     Ok(CIRCUITS.all(tx)?.into_iter().map(|(_, c)| c).collect())
 }
 
-/// A page of a table keyed by circuit id: up to `limit` records whose ids come after `after`
-/// (all from the first when `None`), in the store's key order. Only those records are read.
-fn page<V: Serialize + serde::de::DeserializeOwned>(
+/// A page of a table keyed by circuit id ([`CIRCUITS`], [`CIRCUITS_ARCHIVE`]): up to `limit`
+/// records whose ids come after `after` (all from the first when `None`), in the store's key
+/// order. Only those records are read.
+pub fn page<V: Serialize + serde::de::DeserializeOwned>(
     table: &Table<V>,
     tx: &dyn ReadTxn,
     after: Option<&str>,
@@ -626,25 +627,6 @@ fn page<V: Serialize + serde::de::DeserializeOwned>(
         .into_iter()
         .map(|(_, v)| v)
         .collect())
-}
-
-/// Up to `limit` live circuits whose ids come after `after`, in id order (the admin API's
-/// pages of `GET /v1/circuits`).
-pub fn page_live(
-    tx: &dyn ReadTxn,
-    after: Option<&str>,
-    limit: usize,
-) -> Result<Vec<Circuit>, StoreError> {
-    page(&CIRCUITS, tx, after, limit)
-}
-
-/// Up to `limit` archived circuits whose ids come after `after`, in id order.
-pub fn page_archived(
-    tx: &dyn ReadTxn,
-    after: Option<&str>,
-    limit: usize,
-) -> Result<Vec<Archived>, StoreError> {
-    page(&CIRCUITS_ARCHIVE, tx, after, limit)
 }
 
 /// The circuits of `ids` the live table holds (others are skipped), in the order given: each is

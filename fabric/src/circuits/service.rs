@@ -199,7 +199,7 @@ impl CircuitService {
         limit: usize,
     ) -> Result<Vec<Circuit>, ServiceError> {
         Ok(store::read(&**self.ctl.store(), |tx| {
-            super::page_live(tx, after, limit)
+            super::page(&super::CIRCUITS, tx, after, limit)
         })?)
     }
 
@@ -210,7 +210,7 @@ impl CircuitService {
         limit: usize,
     ) -> Result<Vec<Archived>, ServiceError> {
         Ok(store::read(&**self.ctl.store(), |tx| {
-            super::page_archived(tx, after, limit)
+            super::page(&super::CIRCUITS_ARCHIVE, tx, after, limit)
         })?)
     }
 

@@ -479,9 +479,7 @@ async fn session(
         if rs.is_ended() {
             return std::future::pending().await;
         }
-        for _ in 0..inbox.take_dropped() {
-            ctl.router_report_dropped(rs);
-        }
+        ctl.router_reports_dropped(rs, inbox.take_dropped());
         if force_full || changed {
             changed = false;
             let p = rx.borrow_and_update().clone();
@@ -614,7 +612,7 @@ async fn session(
                     FromRouter::Telemetry(report) => {
                         ctl.router_seen(rs);
                         if !budget.take(Instant::now()) {
-                            ctl.router_report_dropped(rs);
+                            ctl.router_reports_dropped(rs, 1);
                             if !warned_rate {
                                 warned_rate = true;
                                 tracing::warn!(

@@ -1150,10 +1150,12 @@ impl Controller {
         self.current_router(session, |e| e.samples_refused += n as u64);
     }
 
-    /// A telemetry report of this router on `session` was dropped (over its budget, see
-    /// [`distribute`]).
-    pub fn router_report_dropped(&self, session: &RouterSession) {
-        self.current_router(session, |e| e.reports_dropped += 1);
+    /// `n` telemetry reports of this router on `session` were dropped (over its budget, or
+    /// past what a session reads ahead: see [`distribute`]).
+    pub fn router_reports_dropped(&self, session: &RouterSession, n: u64) {
+        if n > 0 {
+            self.current_router(session, |e| e.reports_dropped += n);
+        }
     }
 
     /// A telemetry report on `session` named another node than the session's and was dropped.
@@ -1776,7 +1778,7 @@ mod tests {
         assert!(!ctl.router_ack(&old, 4, 1));
         assert!(!ctl.router_nack(&old, 6, 1, "late"));
         ctl.router_draining(&old, false);
-        ctl.router_report_dropped(&old);
+        ctl.router_reports_dropped(&old, 1);
         ctl.router_samples_refused(&old, 3);
         ctl.router_seen(&old);
         assert!(!ctl.router_session_current(&old) && ctl.router_session_current(&new));

@@ -794,13 +794,13 @@ impl ControlClient {
             None => {}
         }
         let endpoint = client_endpoint(&shared.cfg, &shared.cert)?;
+        let session = tasks.0.len();
         tasks.push(tokio::spawn(run(shared.clone(), endpoint, tx)));
         tasks.push(tokio::spawn(staleness_watch(shared.clone())));
         // The placeholder (version 0) is never handed out. The session task ending first (it
         // runs until the client is dropped) fails the start, also while the task waiting for a
         // stored snapshot's address still holds a sender. (Watched through `tasks`, which
         // aborts every task if this start is cancelled.)
-        let session = tasks.0.len() - 2;
         let first = tokio::select! {
             r = rx.wait_for(|s| s.version != 0) => r.is_ok(),
             _ = &mut tasks.0[session] => false,

@@ -1191,6 +1191,27 @@ async fn a_rejection_overtaken_by_a_newer_version_offers_nothing_again() {
     d.shutdown().await;
 }
 
+/// A controller whose first snapshot (a fabric of 300 transits) is larger than the stream
+/// window (8 KiB) of a session said hello to by hand as `edge-0`: the session's write of it
+/// stalls for as long as the test reads nothing. Returns once the session is connected.
+async fn session_stuck_writing(
+    dir: &std::path::Path,
+) -> (fabric::controller::daemon::Daemon, RawSession) {
+    let (d, tls) =
+        controller_with_pki(dir, &fabric_nodes(1, 1), &fabric_yaml(75, 300, 2, 10)).await;
+    let window: u32 = 8 << 10;
+    assert!(d.ctl.published().full.len() > 4 * window as usize);
+    let s = raw_hello_with(d.quic_addr, &tls, "edge-0", "edge-0", |t| {
+        t.stream_receive_window(window.into());
+    })
+    .await;
+    eventually(Duration::from_secs(10), "edge-0's session", || {
+        router_status(&d, "edge-0").is_some_and(|r| r.connected)
+    })
+    .await;
+    (d, s)
+}
+
 /// A router that writes its telemetry while the controller writes it a snapshot larger than its
 /// stream window: the controller reads ahead while it writes (here 12 MiB of reports, over the
 /// 1.25 MB stream window quinn grants by default and over the 4 MiB the controller queues), so
@@ -1204,22 +1225,7 @@ async fn the_controller_reads_telemetry_while_it_writes_a_large_snapshot() {
     use router::control::proto::{self, FromRouter};
 
     let dir = tempfile::tempdir().unwrap();
-    let (d, tls) = controller_with_pki(
-        dir.path(),
-        &fabric_nodes(1, 1),
-        &fabric_yaml(75, 300, 2, 10),
-    )
-    .await;
-    let window: u32 = 8 << 10;
-    assert!(d.ctl.published().full.len() > 4 * window as usize);
-    let mut s = raw_hello_with(d.quic_addr, &tls, "edge-0", "edge-0", |t| {
-        t.stream_receive_window(window.into());
-    })
-    .await;
-    eventually(Duration::from_secs(10), "edge-0's session", || {
-        router_status(&d, "edge-0").is_some_and(|r| r.connected)
-    })
-    .await;
+    let (d, mut s) = session_stuck_writing(dir.path()).await;
     // About 100 KiB per report, 30 of them, written without reading.
     let neighbours = (0..1000)
         .map(|i| neighbour(&format!("transit-{i}"), 4_000))
@@ -1257,22 +1263,7 @@ async fn the_controller_reads_telemetry_while_it_writes_a_large_snapshot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn empty_frames_during_a_write_are_not_read_ahead_without_end() {
     let dir = tempfile::tempdir().unwrap();
-    let (d, tls) = controller_with_pki(
-        dir.path(),
-        &fabric_nodes(1, 1),
-        &fabric_yaml(75, 300, 2, 10),
-    )
-    .await;
-    let window: u32 = 8 << 10;
-    assert!(d.ctl.published().full.len() > 4 * window as usize);
-    let mut s = raw_hello_with(d.quic_addr, &tls, "edge-0", "edge-0", |t| {
-        t.stream_receive_window(window.into());
-    })
-    .await;
-    eventually(Duration::from_secs(10), "edge-0's session", || {
-        router_status(&d, "edge-0").is_some_and(|r| r.connected)
-    })
-    .await;
+    let (d, mut s) = session_stuck_writing(dir.path()).await;
     // 2 M empty frames (8 MB): read whole, they would be written in well under a second. Read
     // at most 8 MiB's worth of queue (64 bytes each: 131,072 of them, 512 KiB), the rest stays
     // in the router's stream, past the controller's window (1.25 MB).

@@ -446,17 +446,11 @@ mod tests {
     #[tokio::test]
     async fn a_body_cut_short_is_a_bad_request_and_one_too_large_413() {
         let b = start().await;
-        let mut s = TcpStream::connect(b.local_addr()).await.expect("connect");
-        s.write_all(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nhi")
-            .await
-            .expect("write");
-        s.shutdown().await.expect("half-close");
-        let mut out = Vec::new();
-        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
-            .await
-            .expect("answered and closed within 10 s")
-            .expect("read");
-        let out = String::from_utf8_lossy(&out);
+        let out = half_closed(
+            b.local_addr(),
+            b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nhi",
+        )
+        .await;
         assert!(out.starts_with("HTTP/1.1 400"), "{out}");
 
         let mut s = TcpStream::connect(b.local_addr()).await.expect("connect");
@@ -471,6 +465,20 @@ mod tests {
         let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
         let out = String::from_utf8_lossy(&out);
         assert!(out.starts_with("HTTP/1.1 413"), "{out}");
+    }
+
+    /// Sends `request` as it is, shuts down the write side (as Tasman passes a client's FIN
+    /// on), and returns all that comes back until the backend closes, within 10 s.
+    async fn half_closed(addr: SocketAddr, request: &[u8]) -> String {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(request).await.expect("write");
+        s.shutdown().await.expect("half-close");
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+            .await
+            .expect("answered and closed within 10 s")
+            .expect("read");
+        String::from_utf8(out).expect("utf-8 response")
     }
 
     /// Sends one raw HTTP/1.1 request with `Connection: close` and returns the whole response.
@@ -512,17 +520,11 @@ mod tests {
     #[tokio::test]
     async fn a_client_that_half_closes_after_its_request_gets_the_whole_stream() {
         let b = start().await;
-        let mut s = TcpStream::connect(b.local_addr()).await.expect("connect");
-        s.write_all(b"GET /v1/completions?tokens=20&delay_ms=10 HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await
-            .expect("write");
-        s.shutdown().await.expect("half-close");
-        let mut out = Vec::new();
-        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
-            .await
-            .expect("in time")
-            .expect("read");
-        let resp = String::from_utf8(out).expect("utf-8 response");
+        let resp = half_closed(
+            b.local_addr(),
+            b"GET /v1/completions?tokens=20&delay_ms=10 HTTP/1.1\r\nhost: x\r\n\r\n",
+        )
+        .await;
         assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
         assert_eq!(resp.matches("\"token\"").count(), 20, "{resp}");
         assert!(resp.contains("data: [DONE]"), "{resp}");

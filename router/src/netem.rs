@@ -1366,19 +1366,7 @@ mod tests {
     #[tokio::test]
     async fn an_empty_cut_after_a_cut_does_not_bring_back_what_it_held() {
         let sink = UdpSocket::bind(lo()).await.expect("bind sink");
-        let link = LinkEmulator::spawn(
-            lo(),
-            sink.local_addr().expect("addr"),
-            LinkProfile::delay(ms(1_000)),
-        )
-        .await
-        .expect("spawn");
-        let client = UdpSocket::bind(lo()).await.expect("bind client");
-        client
-            .send_to(b"held", link.local_addr())
-            .await
-            .expect("send");
-        assert!(eventually(Duration::from_secs(5), || link.stats().received == 1).await);
+        let (link, _client) = holding_one(&sink).await;
         link.cut_for(Duration::from_millis(100));
         assert!(eventually(Duration::from_secs(5), || !link.is_cut()).await);
         link.cut_for(Duration::ZERO);
@@ -1617,11 +1605,9 @@ mod tests {
         println!("link back {back_after:?} after a {CUT:?} cut");
     }
 
-    /// A packet the link still holds (its delay) when a cut begins is lost, although it is due
-    /// after the cut: it was on the link during it.
-    #[tokio::test]
-    async fn a_cut_loses_the_packets_the_link_was_holding() {
-        let sink = UdpSocket::bind(lo()).await.expect("bind sink");
+    /// A link to `sink` with 1 s of delay, holding one datagram (`held`) from the client
+    /// returned: received, not yet due.
+    async fn holding_one(sink: &UdpSocket) -> (LinkHandle, UdpSocket) {
         let link = LinkEmulator::spawn(
             lo(),
             sink.local_addr().expect("addr"),
@@ -1639,6 +1625,15 @@ mod tests {
             "{:?}",
             link.stats()
         );
+        (link, client)
+    }
+
+    /// A packet the link still holds (its delay) when a cut begins is lost, although it is due
+    /// after the cut: it was on the link during it.
+    #[tokio::test]
+    async fn a_cut_loses_the_packets_the_link_was_holding() {
+        let sink = UdpSocket::bind(lo()).await.expect("bind sink");
+        let (link, client) = holding_one(&sink).await;
         link.cut_for(Duration::from_millis(100));
         assert!(
             eventually(Duration::from_secs(5), || !link.is_cut()).await,

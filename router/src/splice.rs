@@ -1514,6 +1514,26 @@ mod tests {
         );
     }
 
+    /// A transit's relay between these streams, its next hop never declared down, and its
+    /// count of bytes moved.
+    fn spawn_relay(
+        up_send: SendStream,
+        up_recv: RecvStream,
+        down_send: SendStream,
+        down_recv: RecvStream,
+    ) -> (tokio::task::JoinHandle<Option<Code>>, &'static AtomicU64) {
+        let moved: &'static AtomicU64 = Box::leak(Box::default());
+        let relay = tokio::spawn(relay(
+            up_send,
+            up_recv,
+            down_send,
+            down_recv,
+            std::future::pending(),
+            moved,
+        ));
+        (relay, moved)
+    }
+
     /// A transit has no idle timer: its relay ends when the edge or the site resets the stream
     /// (the reset goes on to the other end, whose splice then resets its own halves, as every
     /// abort does).
@@ -1527,15 +1547,7 @@ mod tests {
             e_send.write_all(b"q").await.unwrap();
             let (up_send, up_recv) = t_up.accept_bi().await.unwrap();
             let (down_send, down_recv) = t_down.open_bi().await.unwrap();
-            let moved: &'static AtomicU64 = Box::leak(Box::default());
-            let relay = tokio::spawn(relay(
-                up_send,
-                up_recv,
-                down_send,
-                down_recv,
-                std::future::pending(),
-                moved,
-            ));
+            let (relay, moved) = spawn_relay(up_send, up_recv, down_send, down_recv);
             let (mut s_send, mut s_recv) = site.accept_bi().await.unwrap();
             let mut b = [0u8; 1];
             s_recv.read_exact(&mut b).await.unwrap();
@@ -1580,15 +1592,7 @@ mod tests {
         e_send.write_all(b"q").await.unwrap();
         let (up_send, up_recv) = t_up.accept_bi().await.unwrap();
         let (down_send, down_recv) = t_down.open_bi().await.unwrap();
-        let moved: &'static AtomicU64 = Box::leak(Box::default());
-        let relay = tokio::spawn(relay(
-            up_send,
-            up_recv,
-            down_send,
-            down_recv,
-            std::future::pending(),
-            moved,
-        ));
+        let (relay, _) = spawn_relay(up_send, up_recv, down_send, down_recv);
         // The site takes the stream and the byte, and then neither answers nor lets go.
         let (s_send, mut s_recv) = site.accept_bi().await.unwrap();
         let mut b = [0u8; 1];
@@ -1625,15 +1629,7 @@ mod tests {
         up_recv.read_exact(&mut b).await.unwrap();
         let (mut down_send, down_recv) = t_down.open_bi().await.unwrap();
         down_send.write_all(b"h").await.unwrap();
-        let moved: &'static AtomicU64 = Box::leak(Box::default());
-        let relay = tokio::spawn(relay(
-            up_send,
-            up_recv,
-            down_send,
-            down_recv,
-            std::future::pending(),
-            moved,
-        ));
+        let (relay, _) = spawn_relay(up_send, up_recv, down_send, down_recv);
         let (mut s_send, mut s_recv) = site.accept_bi().await.unwrap();
         s_recv.read_exact(&mut b).await.unwrap();
         s_send.write_all(b"a").await.unwrap();

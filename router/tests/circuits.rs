@@ -135,18 +135,11 @@ fn send_drained(snap: &Snapshot, node: &str, txs: &[common::Source]) {
     }
 }
 
-/// A circuit whose reserved path is not the edge's nearest path to its site (placement took
-/// the longer one, e.g. because the nearer had no room left) carries its connections on the
-/// reserved path: through `t2`, not `t1`. (The edge's table holds one path per site, the
-/// nearest, and the circuit's connections took it: unreserved links, over their capacity.)
-/// Once the reserved path is drained and another is not, they take the table's path.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_circuit_takes_its_reserved_path_when_it_is_not_the_nearest() {
+/// Edge to site through `t1` (1 ms links) or `t2` (2 ms links), the site serving `llm` at
+/// `backend`; clients on `port`.
+fn two_paths(backend: SocketAddr, port: u16) -> topology::Topology {
     use topology::NodeKind;
     use topology::builder::{TopologyBuilder, ms};
-    let dir = ca_dir();
-    let backend = echo_backend().await;
-    let port = free_tcp_port();
     let mut b = TopologyBuilder::new();
     b.node("edge", NodeKind::Edge)
         .node("t1", NodeKind::Transit)
@@ -159,6 +152,19 @@ async fn a_circuit_takes_its_reserved_path_when_it_is_not_the_nearest() {
         .service("llm");
     let mut t = addressed(b.build(), port);
     serve(&mut t, "site", "llm", backend);
+    t
+}
+
+/// A circuit whose reserved path is not the edge's nearest path to its site (placement took
+/// the longer one, e.g. because the nearer had no room left) carries its connections on the
+/// reserved path: through `t2`, not `t1`. (The edge's table holds one path per site, the
+/// nearest, and the circuit's connections took it: unreserved links, over their capacity.)
+/// Once the reserved path is drained and another is not, they take the table's path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_circuit_takes_its_reserved_path_when_it_is_not_the_nearest() {
+    let dir = ca_dir();
+    let port = free_tcp_port();
+    let mut t = two_paths(echo_backend().await, port);
     t.services[0].requires_circuit = true;
     let mut c = circuit("c-000001", "127.0.0.2/32", None, port, 100);
     c.path = ["edge", "t2", "site"]
@@ -248,23 +254,9 @@ async fn a_circuit_takes_its_reserved_path_when_it_is_not_the_nearest() {
 /// (Such a path was tried first, its first node taken for the edge's own.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reserved_path_from_another_node_is_not_taken() {
-    use topology::NodeKind;
-    use topology::builder::{TopologyBuilder, ms};
     let dir = ca_dir();
-    let backend = echo_backend().await;
     let port = free_tcp_port();
-    let mut b = TopologyBuilder::new();
-    b.node("edge", NodeKind::Edge)
-        .node("t1", NodeKind::Transit)
-        .node("t2", NodeKind::Transit)
-        .node("site", NodeKind::Site)
-        .link("edge", "t1", ms(1.0))
-        .link("t1", "site", ms(1.0))
-        .link("edge", "t2", ms(2.0))
-        .link("t2", "site", ms(2.0))
-        .service("llm");
-    let mut t = addressed(b.build(), port);
-    serve(&mut t, "site", "llm", backend);
+    let mut t = two_paths(echo_backend().await, port);
     let mut c = circuit("c-000001", "127.0.0.2/32", None, port, 100);
     c.path = ["t2", "site"].into_iter().map(NodeId::new).collect();
     let elsewhere = c.path.clone();

@@ -658,6 +658,18 @@ mod tests {
         assert_eq!(err.exit_code(), 1);
     }
 
+    /// Reads a request whose body is `{}` (the tests' POSTs) to its end, or to the connection's.
+    async fn read_request(s: &mut tokio::net::TcpStream) {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !buf.ends_with(b"{}") {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
     /// A connection that ends after the request went out, before any answer (the controller
     /// restarting after its commit), says the change may have been made (exit 2); it said it
     /// could not reach the controller.
@@ -668,14 +680,7 @@ mod tests {
         tokio::spawn(async move {
             while let Ok((mut s, _)) = l.accept().await {
                 // The whole request read, then closed without a word.
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while !buf.ends_with(b"{}") {
-                    match s.read(&mut chunk).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
+                read_request(&mut s).await;
                 drop(s);
             }
         });
@@ -706,14 +711,7 @@ mod tests {
         let count = seen.clone();
         tokio::spawn(async move {
             while let Ok((mut s, _)) = l.accept().await {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while !buf.ends_with(b"{}") {
-                    match s.read(&mut chunk).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
+                read_request(&mut s).await;
                 let n = count.fetch_add(1, Ordering::SeqCst);
                 let (status, body) = if n < busy {
                     tokio::time::sleep(after).await;

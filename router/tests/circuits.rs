@@ -256,7 +256,7 @@ async fn a_circuit_takes_its_reserved_path_when_it_is_not_the_nearest() {
 async fn a_reserved_path_from_another_node_is_not_taken() {
     let dir = ca_dir();
     let port = free_tcp_port();
-    let mut t = two_paths(echo_backend().await, port);
+    let t = two_paths(echo_backend().await, port);
     let mut c = circuit("c-000001", "127.0.0.2/32", None, port, 100);
     c.path = ["t2", "site"].into_iter().map(NodeId::new).collect();
     let elsewhere = c.path.clone();

@@ -216,7 +216,15 @@ pub(crate) fn reconcile(
     let mut new = HashMap::new();
     if let Some(me) = topo.node(shared.node.as_str()) {
         for s in &me.serves {
-            let svc = match old.get(&s.service).or_else(|| retired.get(&s.service)) {
+            // A retired record only while a stream holds one of its slots: once the last is given
+            // back, the service is judged afresh (the record waits for the next snapshot to be
+            // pruned, with the health it had at its removal).
+            let held = || {
+                retired
+                    .get(&s.service)
+                    .filter(|r| r.active.load(Relaxed) > 0)
+            };
+            let svc = match old.get(&s.service).or_else(held) {
                 Some(o)
                     if o.backend == s.backend
                         && o.capacity == s.capacity

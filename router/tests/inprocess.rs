@@ -2831,6 +2831,81 @@ async fn a_service_removed_with_no_stream_open_comes_back_judged_afresh() {
     site.shutdown().await;
 }
 
+/// A service removed while a stream held one of its slots, that stream then ended, and served
+/// again is judged afresh too: unhealthy until its check passes. (Its record, kept aside for the
+/// stream, was taken back at the next snapshot although no slot was held any longer: healthy at
+/// once, with the health it had at its removal.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_removed_while_a_stream_ran_comes_back_judged_afresh_once_it_ended() {
+    use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering::SeqCst};
+    let status = Arc::new(AtomicU16::new(200));
+    let checks = Arc::new(AtomicUsize::new(0));
+    let (backend, http) = http_status_backend(status.clone(), checks.clone()).await;
+    let dir = ca_dir();
+    let port = free_tcp_port();
+    let mut t = (*edge_site("echo", backend, port).topology).clone();
+    site_of(&mut t).serves[0].health_check = Some("/health".into());
+    site_of(&mut t).serves[0].capacity = 10;
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    let (site, tx) = spawn_node(&snap, dir.path(), "site", |_| {}).await;
+    let (edge, _etx) = spawn_node(&snap, dir.path(), "edge", |_| {}).await;
+    let healthy = || site.telemetry().sites.first().map(|s| s.healthy);
+    wait_until(
+        Duration::from_secs(20),
+        || healthy() == Some(true),
+        || format!("never healthy: {:?}", healthy()),
+    )
+    .await;
+    // A request whose head has not ended: the backend waits for the rest, the stream holds
+    // its slot.
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    c.write_all(b"GET /slow HTTP/1.1\r\n").await.unwrap();
+    let active = || site.telemetry().sites.first().map(|s| s.active_streams);
+    wait_until(
+        Duration::from_secs(20),
+        || active() == Some(1),
+        || format!("no stream open at the site: {:?}", active()),
+    )
+    .await;
+    let apply = |version: u64, topo: topology::Topology| {
+        tx.send(Arc::new(Snapshot::new(version, Arc::new(topo))))
+            .unwrap();
+        let site = &site;
+        async move {
+            wait_until(
+                Duration::from_secs(20),
+                || site.telemetry().snapshot_version == version,
+                || format!("snapshot {version} not applied"),
+            )
+            .await;
+        }
+    };
+    let mut without = t.clone();
+    site_of(&mut without).serves.clear();
+    apply(2, without).await;
+    // The stream ends (the slot is given back as its splice returns, right after these two
+    // gauges fall), and no snapshot comes in between.
+    drop(c);
+    let site_metric = |name: &str| common::metric(&site.metrics_text(), name);
+    wait_until(
+        Duration::from_secs(20),
+        || {
+            site_metric("tasman_streams_active{node=\"site\"}") == Some(0)
+                && site_metric("tasman_tcp_lingering{node=\"site\"}") == Some(0)
+        },
+        || "the stream never ended at the site".to_string(),
+    )
+    .await;
+    status.store(503, SeqCst);
+    apply(3, t).await;
+    assert_eq!(healthy(), Some(false), "came back with its old health");
+    http.abort();
+    edge.shutdown().await;
+    site.shutdown().await;
+}
+
 /// With a `health_check` path, the site checks its backend by HTTP: a backend that accepts
 /// connections but answers 503 (a model server loading its weights) is unhealthy from the
 /// start and takes no stream; once it answers 200 it is healthy and serves; 503 again, and it

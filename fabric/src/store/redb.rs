@@ -6,8 +6,8 @@
 use std::cell::Cell;
 use std::ops::Bound;
 use std::panic::{self, AssertUnwindSafe};
-use std::path::Path;
-use std::sync::Once;
+use std::path::{Path, PathBuf};
+use std::sync::{Once, PoisonError, RwLock, RwLockReadGuard};
 
 use redb::{
     Database, DatabaseError, ReadableDatabase, ReadableTable, StorageError, TableDefinition,
@@ -17,11 +17,42 @@ use redb::{
 use super::{ReadTxn, Store, StoreError, WriteTxn};
 
 pub struct RedbStore {
-    db: Database,
+    /// The open file; `None` after it could not be opened again ([`RedbStore::reopen`]): the
+    /// next transaction tries again.
+    db: RwLock<Option<Database>>,
+    /// Opens the file again. redb fails every later transaction after one I/O error ("Previous
+    /// I/O error occurred. Please close and re-open the database."), so one full disk or one
+    /// failed sync would otherwise fail every write until the controller restarted: the
+    /// routers' flushes, the settle loop's retries and every apply.
+    opener: Box<dyn Fn() -> Result<Database, StoreError> + Send + Sync>,
 }
 
-fn be(e: impl std::fmt::Display) -> StoreError {
+thread_local! {
+    /// redb reported an I/O error on this thread since the transaction began ([`be`]): the
+    /// database is to be opened again.
+    static IO_FAILED: Cell<bool> = const { Cell::new(false) };
+}
+
+fn be(e: impl Into<redb::Error>) -> StoreError {
+    let e: redb::Error = e.into();
+    if matches!(e, redb::Error::Io(_) | redb::Error::PreviousIo) {
+        IO_FAILED.set(true);
+    }
     StoreError::Backend(e.to_string())
+}
+
+/// The table of the commit counter, which every write transaction counts up: after a commit
+/// that failed on an I/O error, the file read again says whether it was made anyway (its last
+/// sync failed after the new state reached the disk).
+const COMMITS: &str = "redb_commits";
+const COMMITS_KEY: &str = "n";
+
+/// The commit counter as `tx` sees it (0 before the first counted commit).
+fn commits(tx: &dyn ReadTxn) -> Result<u64, StoreError> {
+    Ok(tx
+        .get(COMMITS, COMMITS_KEY)?
+        .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+        .map_or(0, u64::from_le_bytes))
 }
 
 fn def(name: &str) -> TableDefinition<'_, &'static str, &'static [u8]> {
@@ -51,45 +82,154 @@ impl RedbStore {
             source,
         })?;
         let path = dir.join(FILE);
-        let refused = |problem: String| StoreError::Open {
+        let exists = path.try_exists().map_err(|e| StoreError::Open {
             path: path.display().to_string(),
-            problem,
-        };
-        let exists = path.try_exists().map_err(|e| refused(e.to_string()))?;
-        let mut builder = Database::builder();
-        builder.set_check_integrity_on_open(true);
-        // `open`, not `create`, for a file that exists: `create` makes a new store in an empty
-        // file. `open` refuses one once it holds the file's lock, so a file that another
-        // controller is creating at this instant is refused as in use, not as empty.
-        let opened = without_panicking(|| {
-            if exists {
-                builder.open(&path)
-            } else {
-                builder.create(&path)
-            }
-        });
-        let store = match opened {
-            Ok(Ok(db)) => {
-                if !exists {
-                    router::durable::sync_dir(dir).map_err(|source| StoreError::Io {
-                        path: dir.display().to_string(),
-                        source,
-                    })?;
-                }
-                RedbStore { db }
-            }
-            Ok(Err(e)) => return Err(refused(open_problem(dir, &path, &e))),
-            Err(panicked) => {
-                return Err(refused(format!(
-                    "{DAMAGED_IS} (redb panicked opening it: {panicked}){DAMAGED_DO}"
-                )));
-            }
-        };
+            problem: e.to_string(),
+        })?;
+        let db = open_file(dir, &path, exists)?;
+        if !exists {
+            router::durable::sync_dir(dir).map_err(|source| StoreError::Io {
+                path: dir.display().to_string(),
+                source,
+            })?;
+        }
+        let (dir, file) = (dir.to_path_buf(), path.clone());
+        let path = file.clone();
+        let store = RedbStore::with_opener(db, move || open_file(&dir, &file, true));
         match super::check_schema(&store) {
             Ok(()) => Ok(store),
-            Err(e @ StoreError::Schema { .. }) => Err(refused(e.to_string())),
+            Err(e @ StoreError::Schema { .. }) => Err(StoreError::Open {
+                path: path.display().to_string(),
+                problem: e.to_string(),
+            }),
             Err(e) => Err(e),
         }
+    }
+
+    /// A store of `db`, opened again by `opener` after an I/O error.
+    fn with_opener(
+        db: Database,
+        opener: impl Fn() -> Result<Database, StoreError> + Send + Sync + 'static,
+    ) -> RedbStore {
+        RedbStore {
+            db: RwLock::new(Some(db)),
+            opener: Box::new(opener),
+        }
+    }
+
+    /// The open database, opened again first if an earlier failure closed it.
+    fn usable(&self) -> Result<RwLockReadGuard<'_, Option<Database>>, StoreError> {
+        let g = self.db.read().unwrap_or_else(PoisonError::into_inner);
+        if g.is_some() {
+            return Ok(g);
+        }
+        drop(g);
+        self.reopen()?;
+        let g = self.db.read().unwrap_or_else(PoisonError::into_inner);
+        match *g {
+            Some(_) => Ok(g),
+            None => Err(StoreError::Backend(
+                "the store's file is closed after an I/O error".into(),
+            )),
+        }
+    }
+
+    /// Closes the file (which releases its lock) and opens it again, its integrity checked.
+    /// Waits for the transactions under way.
+    fn reopen(&self) -> Result<(), StoreError> {
+        let mut g = self.db.write().unwrap_or_else(PoisonError::into_inner);
+        *g = None;
+        let db = (self.opener)().inspect_err(|e| {
+            tracing::error!("the store's file could not be opened again after an I/O error: {e}")
+        })?;
+        *g = Some(db);
+        tracing::warn!("the store's file was opened again after an I/O error");
+        Ok(())
+    }
+
+    /// After a failed operation: opens the file again when redb failed an I/O in it (it fails
+    /// every later transaction otherwise). The operation's error stands either way.
+    fn after(&self, e: StoreError) -> StoreError {
+        if IO_FAILED.replace(false) {
+            let _ = self.reopen();
+        }
+        e
+    }
+
+    /// `begin` on the open database; after an I/O error, once more on the file opened again
+    /// (nothing was done yet).
+    fn begin<T>(
+        &self,
+        begin: impl Fn(&Database) -> Result<T, StoreError>,
+    ) -> Result<(RwLockReadGuard<'_, Option<Database>>, T), StoreError> {
+        IO_FAILED.set(false);
+        for last in [false, true] {
+            let g = self.usable()?;
+            let Some(db) = g.as_ref() else {
+                unreachable!("usable() gives an open database")
+            };
+            match begin(db) {
+                Ok(tx) => return Ok((g, tx)),
+                Err(e) if !last && IO_FAILED.replace(false) => {
+                    drop(g);
+                    self.reopen().map_err(|_| e)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        unreachable!("the second try returns")
+    }
+
+    /// Whether the commit that counted `n` is in the file (read again after its commit failed).
+    /// Stops the process when the file cannot tell: the controller's state in memory would
+    /// differ from the store's unseen, and its next start reads what the store holds.
+    fn made(&self, n: u64, failed: &StoreError) -> bool {
+        let seen = self.reopen().and_then(|()| {
+            let mut c = 0;
+            self.read(&mut |tx| {
+                c = commits(tx)?;
+                Ok(())
+            })?;
+            Ok(c)
+        });
+        match seen {
+            Ok(c) => c >= n,
+            Err(e) => {
+                tracing::error!(
+                    "a commit failed ({failed}) and the store's file cannot be read again to \
+                     learn whether it was made ({e}): stopping, so that the next start reads \
+                     what the store holds"
+                );
+                std::process::exit(1);
+            }
+        }
+    }
+}
+
+/// Opens the store's file `path` (in `dir`), its integrity checked; `exists` when it should.
+fn open_file(dir: &Path, path: &PathBuf, exists: bool) -> Result<Database, StoreError> {
+    let refused = |problem: String| StoreError::Open {
+        path: path.display().to_string(),
+        problem,
+    };
+    let mut builder = Database::builder();
+    builder.set_check_integrity_on_open(true);
+    // `open`, not `create`, for a file that exists: `create` makes a new store in an empty
+    // file. `open` refuses one once it holds the file's lock, so a file that another
+    // controller is creating at this instant is refused as in use, not as empty.
+    let opened = without_panicking(|| {
+        if exists {
+            builder.open(path)
+        } else {
+            builder.create(path)
+        }
+    });
+    match opened {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(e)) => Err(refused(open_problem(dir, path, &e))),
+        Err(panicked) => Err(refused(format!(
+            "{DAMAGED_IS} (redb panicked opening it: {panicked}){DAMAGED_DO}"
+        ))),
     }
 }
 
@@ -289,28 +429,52 @@ impl Store for RedbStore {
         &self,
         f: &mut dyn FnMut(&dyn ReadTxn) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
-        let tx = RTxn(self.db.begin_read().map_err(be)?);
-        f(&tx)
+        let (g, tx) = self.begin(|db| db.begin_read().map(RTxn).map_err(be))?;
+        let r = f(&tx);
+        drop((tx, g));
+        r.map_err(|e| self.after(e))
     }
 
     fn write(
         &self,
         f: &mut dyn FnMut(&mut dyn WriteTxn) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
-        let mut tx = WTxn(self.db.begin_write().map_err(be)?);
+        let (g, mut tx) = self.begin(|db| db.begin_write().map(WTxn).map_err(be))?;
         // Two-phase: a commit is made primary only after its pages are synced, so at the next
         // open a damaged primary is refused ("corrupted despite 2-phase commit"). With single-
         // phase commits redb took a primary that does not verify for a commit cut off by the
         // crash and fell back to the one before: an acknowledged commit damaged afterwards was
         // dropped without a word. One more fsync per commit.
         tx.0.set_two_phase_commit(true);
-        match f(&mut tx) {
-            // Durability::Immediate (redb's default): commit returns after fsync.
-            Ok(()) => tx.0.commit().map_err(be),
+        let counted = f(&mut tx).and_then(|()| {
+            let n = commits(&tx)? + 1;
+            tx.put(COMMITS, COMMITS_KEY, &n.to_le_bytes())?;
+            Ok(n)
+        });
+        let n = match counted {
+            Ok(n) => n,
             Err(e) => {
-                tx.0.abort().map_err(be)?;
-                Err(e)
+                let aborted = tx.0.abort().map_err(be);
+                drop(g);
+                return Err(self.after(aborted.err().unwrap_or(e)));
             }
+        };
+        // Durability::Immediate (redb's default): commit returns after fsync.
+        let committed = tx.0.commit().map_err(be);
+        drop(g);
+        match committed {
+            Ok(()) => Ok(()),
+            Err(e) if IO_FAILED.replace(false) => {
+                // Whether it was made is unknown until the file is read again: a sync that
+                // failed may have written it all the same.
+                if self.made(n, &e) {
+                    tracing::warn!("a commit reported failed ({e}) was made: taken as made");
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+            Err(e) => Err(e),
         }
     }
 }
@@ -583,5 +747,153 @@ mod tests {
         );
         // Refused twice alike: the first refusal changed nothing.
         assert_eq!(refusal(dir.path()), e);
+    }
+
+    /// A file whose syncs fail on demand: `fail_at` counts the syncs down, and the one at which
+    /// it reaches zero fails (after it has synced, when `lost_answer`: the data reached the disk
+    /// and only the answer was lost). `syncs` counts them all.
+    #[derive(Default)]
+    struct Faults {
+        fail_at: std::sync::atomic::AtomicI64,
+        lost_answer: std::sync::atomic::AtomicBool,
+        syncs: std::sync::atomic::AtomicI64,
+    }
+
+    #[derive(Debug)]
+    struct Flaky {
+        inner: redb::backends::FileBackend,
+        faults: std::sync::Arc<Faults>,
+    }
+
+    impl std::fmt::Debug for Faults {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Faults")
+        }
+    }
+
+    impl redb::StorageBackend for Flaky {
+        fn len(&self) -> Result<u64, std::io::Error> {
+            self.inner.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+            self.inner.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+            self.inner.set_len(len)
+        }
+        fn sync_data(&self) -> Result<(), std::io::Error> {
+            use std::sync::atomic::Ordering::SeqCst;
+            self.faults.syncs.fetch_add(1, SeqCst);
+            if self.faults.fail_at.fetch_sub(1, SeqCst) != 1 {
+                return self.inner.sync_data();
+            }
+            if self.faults.lost_answer.load(SeqCst) {
+                self.inner.sync_data()?;
+            }
+            Err(std::io::Error::other("injected sync failure (EIO)"))
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+            self.inner.write(offset, data)
+        }
+        fn close(&self) -> Result<(), std::io::Error> {
+            self.inner.close()
+        }
+    }
+
+    /// A store in `dir` whose file's syncs fail as `faults` says, opened again the same way.
+    fn flaky_store(dir: &Path, faults: &std::sync::Arc<Faults>) -> RedbStore {
+        let path = dir.join(FILE);
+        let open = {
+            let faults = faults.clone();
+            move || {
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&path)
+                    .map_err(|e| StoreError::Backend(e.to_string()))?;
+                let inner = redb::backends::FileBackend::new(file).map_err(be)?;
+                let mut b = Database::builder();
+                b.set_check_integrity_on_open(true);
+                b.create_with_backend(Flaky {
+                    inner,
+                    faults: faults.clone(),
+                })
+                .map_err(be)
+            }
+        };
+        RedbStore::with_opener(open().unwrap(), open)
+    }
+
+    fn put(s: &RedbStore, i: u64) -> Result<(), StoreError> {
+        store::transaction(s, |tx| -> Result<(), StoreError> {
+            T.put(tx, &seq_key(i), &format!("v{i}"))
+        })
+    }
+
+    fn keys(dir: &Path) -> Vec<String> {
+        let s = RedbStore::open(dir).unwrap();
+        store::read(&s, |tx| {
+            tx.scan("t", (Bound::Unbounded, Bound::Unbounded), 10, false)
+        })
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect()
+    }
+
+    /// One failed sync fails its commit, and only it: the next commits are made (redb fails
+    /// every transaction after an I/O error until the file is opened again, so one full disk
+    /// stopped every write of the controller until its restart), and reads go on.
+    #[test]
+    fn a_failed_sync_fails_its_commit_and_not_the_next() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().unwrap();
+        let faults = std::sync::Arc::new(Faults::default());
+        let s = flaky_store(dir.path(), &faults);
+        put(&s, 1).unwrap();
+        faults.fail_at.store(1, SeqCst);
+        let e = put(&s, 2).unwrap_err();
+        assert!(e.to_string().contains("injected sync failure"), "{e}");
+        put(&s, 3).unwrap();
+        let n = store::read(&s, |tx| T.all(tx)).unwrap().len();
+        assert_eq!(n, 2);
+        drop(s);
+        assert_eq!(keys(dir.path()), [seq_key(1), seq_key(3)]);
+    }
+
+    /// A commit whose last sync reported a failure after its data reached the disk is made:
+    /// it is reported made (it was reported failed while the file held it, so the controller's
+    /// state in memory and the store's parted, and its next start published a change the
+    /// operator had been told had failed).
+    #[test]
+    fn a_commit_made_though_its_last_sync_failed_is_reported_made() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().unwrap();
+        let faults = std::sync::Arc::new(Faults::default());
+        let s = flaky_store(dir.path(), &faults);
+        put(&s, 1).unwrap();
+        let before = faults.syncs.load(SeqCst);
+        put(&s, 2).unwrap();
+        let per_commit = faults.syncs.load(SeqCst) - before;
+        assert!(
+            per_commit >= 2,
+            "two-phase commits sync twice: {per_commit}"
+        );
+        // The last sync of the next commit: done, and reported failed.
+        faults.lost_answer.store(true, SeqCst);
+        faults.fail_at.store(per_commit, SeqCst);
+        put(&s, 3).unwrap();
+        // A failed first sync: not made, and said so.
+        faults.lost_answer.store(false, SeqCst);
+        faults.fail_at.store(1, SeqCst);
+        assert!(put(&s, 4).is_err());
+        put(&s, 5).unwrap();
+        drop(s);
+        assert_eq!(
+            keys(dir.path()),
+            [seq_key(1), seq_key(2), seq_key(3), seq_key(5)]
+        );
     }
 }

@@ -694,13 +694,15 @@ async fn tries(
 /// run); the wait ends as soon as it is stored.
 const REBUILD_WAIT: Duration = Duration::from_millis(100);
 
-/// Whether this router's neighbour `hop` is up.
+/// Whether this router's neighbour `hop` is up, with a connection that is not closed (one its
+/// dialer has not yet seen closed is down all the same: the table that its verdict rebuilds is
+/// waited for).
 fn first_hop_up(shared: &Shared, hop: &NodeId) -> bool {
     shared
         .neighbours
         .load()
         .get(hop)
-        .is_some_and(|nb| nb.is_up())
+        .is_some_and(|nb| nb.is_up() && nb.connection().is_some())
 }
 
 /// The routing table a client connection goes on with after a try given up on this router's

@@ -81,9 +81,13 @@ impl Neighbour {
             wake: tokio::sync::Notify::new(),
         }
     }
-    /// Hot path: one atomic load. `None` while the neighbour is down.
+    /// Hot path: one atomic load, and the connection's lock to see whether it is closed.
+    /// `None` while the neighbour is down, and once its connection is closed though its dialer
+    /// has not seen it yet (the peer's close, a stateless reset): handed out, it failed every
+    /// stream opened on it at once, so a client connection spent all its tries on candidates
+    /// behind this neighbour in microseconds.
     pub fn connection(&self) -> Option<Arc<quinn::Connection>> {
-        self.conn.load_full()
+        self.conn.load_full().filter(|c| c.close_reason().is_none())
     }
     pub fn is_up(&self) -> bool {
         self.up.load(Relaxed)
@@ -951,6 +955,21 @@ mod tests {
             }
         }
         None
+    }
+
+    /// A neighbour whose connection the peer closed hands it out no more, before its dialer has
+    /// seen the close (and set it down).
+    #[tokio::test]
+    async fn a_closed_connection_is_not_handed_out() {
+        let (a, b, _dir) = crate::splice::tests::quic_pair().await;
+        let nb = Neighbour::new(NodeId::new("b"), a.remote_address());
+        nb.set_up(&a);
+        assert!(nb.connection().is_some());
+        b.close(quinn::VarInt::from_u32(0), b"gone");
+        tokio::time::timeout(Duration::from_secs(10), a.closed())
+            .await
+            .unwrap();
+        assert!(nb.connection().is_none());
     }
 
     #[test]

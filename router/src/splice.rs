@@ -1323,7 +1323,7 @@ pub(crate) fn never<T>() -> T {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -1416,7 +1416,7 @@ mod tests {
     }
 
     /// Two endpoints with the fabric's TLS and transport, and one connection between them.
-    async fn quic_pair() -> (quinn::Connection, quinn::Connection, tempfile::TempDir) {
+    pub(crate) async fn quic_pair() -> (quinn::Connection, quinn::Connection, tempfile::TempDir) {
         use crate::tls::{PeerNames, TlsIdentity};
         let dir = tempfile::tempdir().unwrap();
         crate::pki::init(dir.path()).unwrap();

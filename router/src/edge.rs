@@ -580,6 +580,19 @@ async fn tries(
     // past what was tried already ([`newer_table`]).
     let mut made = 0;
     let mut failed: Vec<(NodeId, Vec<NodeId>)> = Vec::new();
+    // Sites that refused a try themselves (full, service not served, backend refused, shutting
+    // down as the first hop): not tried again by another path (a circuit's candidates hold its site twice, by
+    // its reserved path and by the table's, and the second try was the same refusal, spending
+    // one of `max_tries`). Consulted as the first table's walk goes (it borrows the table's
+    // candidates as they were: `cands` moves on to a newer table).
+    let refused_by: std::sync::Mutex<Vec<NodeId>> = Default::default();
+    let refused = || {
+        refused_by
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
+    let first_cands = cands.clone();
+    let refused_site = |i: usize| refused().contains(&first_cands[i].site);
     // A circuit's rate holding back the last chunk read: kept across tries, so that a try that
     // fails during the hold does not let the next send that chunk (in its replay) before its
     // turn.
@@ -593,15 +606,16 @@ async fn tries(
         let mut first_table;
         let mut next_table;
         let walk: &mut (dyn Iterator<Item = usize> + Send) = if made == 0 {
-            first_table = order.tries(shared.max_tries);
+            first_table = order.tries_past(shared.max_tries, refused_site);
             &mut first_table
         } else {
             // A newer table: the same walk over its candidates not tried yet, with what is left
             // of the budget (the declined sites still after it, outside it).
             let tried = |i: usize| {
-                failed
-                    .iter()
-                    .any(|(site, path)| *site == cands[i].site && *path == cands[i].path)
+                refused().contains(&cands[i].site)
+                    || failed
+                        .iter()
+                        .any(|(site, path)| *site == cands[i].site && *path == cands[i].path)
             };
             next_table = order
                 .tries_past(shared.max_tries.saturating_sub(made), tried)
@@ -636,6 +650,15 @@ async fn tries(
                 Attempt::Retry(code, told) => {
                     last = code;
                     shared.metrics.error(code);
+                    // The site's own refusal (full, not served, its backend refused, and a
+                    // first hop's shutting down): this connection tries it no more, by any path
+                    // (a refused backend connect marks nothing: the site judges its backend).
+                    if told == Told::Path
+                        && (code == Code::BackendRefused
+                            || blame(code, told, &cand.path) == Some(Blame::Site))
+                    {
+                        refused().push(cand.site.clone());
+                    }
                     // Only the path's word marks the site, or the link it names, down ([`blame`]).
                     if let Some(blamed) = blame(code, told, &cand.path) {
                         let until = Instant::now() + shared.probe.hold_down;

@@ -249,6 +249,114 @@ async fn a_circuit_takes_its_reserved_path_when_it_is_not_the_nearest() {
     }
 }
 
+/// A circuit's site that refuses its reserved try itself (its backend refuses the connect) is
+/// not tried again by the table's path: with `--max-tries 2` the second try goes to the next
+/// site, and serves. (A circuit's candidates hold its site twice, by its reserved path and by
+/// the table's: the second try met the same refusal and the client was reset, a healthy site
+/// untried.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_that_refused_a_reserved_try_is_not_tried_again_by_another_path() {
+    use topology::NodeKind;
+    use topology::builder::{TopologyBuilder, ms};
+    let dir = ca_dir();
+    let port = free_tcp_port();
+    let mut b = TopologyBuilder::new();
+    b.node("edge", NodeKind::Edge)
+        .node("t1", NodeKind::Transit)
+        .node("t2", NodeKind::Transit)
+        .node("site", NodeKind::Site)
+        .node("site2", NodeKind::Site)
+        .link("edge", "t1", ms(1.0))
+        .link("t1", "site", ms(1.0))
+        .link("edge", "t2", ms(2.0))
+        .link("t2", "site", ms(2.0))
+        .link("edge", "site2", ms(20.0))
+        .service("llm");
+    let mut t = addressed(b.build(), port);
+    // Nothing listens at the site's backend; its TCP checks a minute apart, so that only the
+    // streams' refused connects tell.
+    let dead = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), free_tcp_port());
+    serve(&mut t, "site", "llm", dead);
+    serve(&mut t, "site2", "llm", echo_backend().await);
+    for n in &mut t.nodes {
+        for s in &mut n.serves {
+            s.health.interval = topology::HealthPolicy::MAX_INTERVAL;
+            s.health.unhealthy_after = 100;
+        }
+    }
+    let mut c = circuit("c-000001", "127.0.0.2/32", None, port, 100);
+    c.path = ["edge", "t2", "site"]
+        .into_iter()
+        .map(NodeId::new)
+        .collect();
+    let reserved = c.path.clone();
+    let mut snap = Snapshot::new(1, Arc::new(t));
+    snap.circuits = Arc::new(vec![c]);
+    let (hs, _txs) = spawn_all(&Arc::new(snap), dir.path(), |_, cfg| cfg.max_tries = 2).await;
+    let node = |name: &str| {
+        hs.iter()
+            .find(|h| h.telemetry().node.as_str() == name)
+            .unwrap()
+    };
+    let edge = node("edge");
+    let client: IpAddr = Ipv4Addr::new(127, 0, 0, 2).into();
+    let tries = || {
+        edge.routes()
+            .order("llm", client, Some(&reserved))
+            .map(|(cands, order)| {
+                order
+                    .tries(usize::MAX)
+                    .map(|i| (cands[i].site.to_string(), cands[i].path.len()))
+                    .collect::<Vec<_>>()
+            })
+    };
+    wait_until(
+        Duration::from_secs(20),
+        || {
+            tries().is_some_and(|t| {
+                t.len() == 3 && t[0] == ("site".into(), 3) && t[1].0 == "site" && t[2].0 == "site2"
+            })
+        },
+        || format!("the circuit's tries: {:?}", tries()),
+    )
+    .await;
+    let listener = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
+    let mut s = connect_from(Ipv4Addr::new(127, 0, 0, 2), listener)
+        .await
+        .unwrap();
+    s.write_all(b"to the next site").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut back))
+        .await
+        .expect("no answer within 10 s")
+        .unwrap_or_else(|e| {
+            let errors = |name: &str| {
+                node(name)
+                    .metrics_text()
+                    .lines()
+                    .filter(|l| l.contains("errors_total{"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            };
+            panic!(
+                "the client was reset ({e}): edge {}; site {}; site2 {}",
+                errors("edge"),
+                errors("site"),
+                errors("site2")
+            )
+        });
+    assert_eq!(back, b"to the next site", "not served by site2");
+    let refusals = metric(
+        &node("site").metrics_text(),
+        "tasman_stream_errors_total{node=\"site\",code=\"backend_refused\"}",
+    );
+    assert_eq!(refusals, Some(1));
+    for h in hs {
+        h.shutdown().await;
+    }
+}
+
 /// A circuit's path that does not start at its edge (a snapshot's mistake: the controller
 /// places paths from the edge) is not taken: the edge's connections take the table's path.
 /// (Such a path was tried first, its first node taken for the edge's own.)

@@ -1305,6 +1305,50 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
         if let Some(n) = f.get("residency") {
             match fields(cx, n, &Of("residency", &what), RESIDENCY_FIELDS) {
                 Some(r) => {
+                    // A residency that restricts nothing (`residency: {}`, its lists empty, or a
+                    // list with nothing after its key) lifted the rule silently, the service then
+                    // served anywhere. Refused as `clients` is; an empty list beside a list that
+                    // restricts stays (the writer spells a residency by regions alone so). A
+                    // rule added after texts were stored: only a warning on a stored one.
+                    let mut lifted = None;
+                    for key in ["regions", "countries"] {
+                        if let Some(YValue::Null) = r.get(key).map(|n| &n.value) {
+                            lifted.get_or_insert((
+                                r.key_pos(key).unwrap_or(n.pos),
+                                format!("empty (nothing follows `{key}:`)"),
+                            ));
+                        }
+                    }
+                    let restricts = |key: &str| {
+                        r.get(key).is_some_and(|n| match &n.value {
+                            YValue::Null => false,
+                            YValue::Seq(s) => !s.is_empty(),
+                            // Not a list: refused as such below.
+                            _ => true,
+                        })
+                    };
+                    // A mapping with other keys (a misspelt `country`, not among the fields
+                    // taken) is refused for them.
+                    let only_known =
+                        matches!(&n.value, YValue::Map(m) if m.len() == r.entries.len());
+                    if lifted.is_none()
+                        && only_known
+                        && !restricts("regions")
+                        && !restricts("countries")
+                    {
+                        lifted = Some((n.pos, "a rule that restricts nothing".to_string()));
+                    }
+                    if let Some((at, how)) = lifted
+                        && cx.newer(
+                            at,
+                            format!(
+                                "residency of {what} is {how}: omit the field to let any site \
+                                 serve it, or list the regions or countries allowed"
+                            ),
+                        )
+                    {
+                        ok = false;
+                    }
                     if let Some(rs) = r.get("regions") {
                         for rn in list(cx, rs, &Of("residency regions", &what)) {
                             match ident(cx, rn, &Of("residency region", &what)) {

@@ -282,7 +282,7 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     s.set_reuse_address(true)?;
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
-    s.listen(1024)?;
+    s.listen(crate::edge::BACKLOG as i32)?;
     TcpListener::from_std(s.into())
 }
 

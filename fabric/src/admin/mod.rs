@@ -18,8 +18,9 @@
 //! | GET | /v1/status | routers, per-service choices, RTT matrix |
 //! | GET | /v1/rtt | the RTT matrix alone (per link: smoothed RTT, declared latency, weight, up, sample age) |
 //!
-//! A query parameter a route does not take (`history`'s `limit` is the only one) is refused with
-//! 400 naming it ([`NoQuery`]), as an unknown field of a request body is refused with 422.
+//! A query parameter a route does not take (only `history` takes `limit` and `before`, and the
+//! circuit lists `limit` and `after`) is refused with 400 naming it ([`NoQuery`]), as an unknown
+//! field of a request body is refused with 422.
 
 pub mod status;
 pub mod topology;

@@ -72,7 +72,8 @@ pub fn raise_nofile() {
 }
 
 /// Entry point of the binary. Exit codes: 0 success, 1 a domain failure (invalid input,
-/// refused request), 2 unreadable input or usage error.
+/// refused request), 2 unreadable input, usage error or controller unreachable, 3 the
+/// controller busy to the end (nothing changed).
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     if !matches!(

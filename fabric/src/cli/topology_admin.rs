@@ -63,8 +63,8 @@ pub struct HistoryArgs {
     pub admin: AdminArgs,
 }
 
-/// `--limit`: 1 to [`MAX_HISTORY_LIMIT`]. The controller caps a larger one and lists one
-/// version for 0, so both are refused here rather than answered with another count.
+/// `--limit`: 1 to [`MAX_HISTORY_LIMIT`]. The controller caps a larger one (another count than
+/// asked) and refuses 0, so both are refused here, before any request.
 fn parse_limit(s: &str) -> Result<usize, String> {
     match s.trim().parse::<usize>() {
         Ok(n) if (1..=MAX_HISTORY_LIMIT).contains(&n) => Ok(n),

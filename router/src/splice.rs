@@ -31,7 +31,7 @@ use std::time::Duration;
 use std::io::IoSlice;
 
 use bytes::{Buf, Bytes, BytesMut};
-use quinn::{ReadError, RecvStream, SendStream, WriteError};
+use quinn::{ReadError, RecvStream, SendStream, VarInt, WriteError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -111,12 +111,13 @@ const STOP_CHECK: Duration = Duration::from_secs(1);
 /// Whether the peer stopped `send` (or its connection is lost): a zero-length write, polled once
 /// and never waited for. (quinn's `SendStream::stopped` keeps an entry per stream it is polled
 /// for until that stream finishes or is stopped: every stream this router reset itself leaked
-/// one on a connection that lives for days.) `Ok`: a stop, with its code; `Err`: the
-/// connection's loss.
-fn stop_of(send: &mut SendStream) -> Option<Result<Code, Code>> {
+/// one on a connection that lives for days.) `Ok`: a stop, with its code as the peer sent it;
+/// `Err`: the connection's loss.
+fn stop_of(send: &mut SendStream) -> Option<Result<VarInt, Code>> {
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     match std::pin::pin!(send.write(&[])).poll(&mut cx) {
-        Poll::Ready(Err(e)) => Some(stop_code(&e).ok_or(Code::UpstreamLost)),
+        Poll::Ready(Err(WriteError::Stopped(c))) => Some(Ok(c)),
+        Poll::Ready(Err(_)) => Some(Err(Code::UpstreamLost)),
         _ => None,
     }
 }
@@ -137,7 +138,7 @@ fn read_unless_stopped<'a, T>(
     send: &'a mut SendStream,
     watch: &'a AtomicBool,
     tick: &'a mut Option<Pin<Box<tokio::time::Sleep>>>,
-) -> impl std::future::Future<Output = Result<T, Result<Code, Code>>> + 'a {
+) -> impl std::future::Future<Output = Result<T, Result<VarInt, Code>>> + 'a {
     std::future::poll_fn(move |cx| {
         if let Poll::Ready(r) = read.as_mut().poll(cx) {
             return Poll::Ready(Ok(r));
@@ -161,6 +162,30 @@ fn read_error_code(e: &ReadError) -> Code {
         ReadError::Reset(c) => Code::from_peer(*c),
         _ => Code::UpstreamLost,
     }
+}
+
+/// What a relay hands on for a failed read: the peer's reset code as it came (one this build
+/// does not know included: a newer router's code crosses an older transit as it is, as the
+/// wire rules want), else `upstream_lost`.
+fn read_error_varint(e: &ReadError) -> VarInt {
+    match e {
+        ReadError::Reset(c) => *c,
+        _ => Code::UpstreamLost.varint(),
+    }
+}
+
+/// [`read_error_varint`] for a failed write: the peer's stop code as it came.
+fn write_error_varint(e: &WriteError) -> VarInt {
+    match e {
+        WriteError::Stopped(c) => *c,
+        _ => Code::UpstreamLost.varint(),
+    }
+}
+
+/// The code a relay hands on when [`read_unless_stopped`] gave up: a stop's as it came, or the
+/// connection's loss.
+fn given_up(r: Result<VarInt, Code>) -> VarInt {
+    r.unwrap_or_else(Code::varint)
 }
 
 /// A read that drains the socket with fewer bytes than this is copied out of its block
@@ -510,7 +535,7 @@ pub(crate) async fn tcp_to_quic(
         };
         let read = match read {
             Ok(r) => r,
-            Err(Ok(code)) => break code,
+            Err(Ok(code)) => break Code::from_peer(code),
             Err(Err(lost)) => return Err(Abort(lost)),
         };
         let chunk = match read {
@@ -1167,8 +1192,8 @@ async fn pump(
     };
     let first = match first {
         Ok(first) => first,
-        Err(Ok(code) | Err(code)) => {
-            let _ = recv.stop(code.varint());
+        Err(r) => {
+            let _ = recv.stop(given_up(r));
             return;
         }
     };
@@ -1194,14 +1219,14 @@ async fn pump_from(
         let n = block.len();
         if n > 0 {
             if let Err(e) = send.write_chunk(block).await {
-                let _ = recv.stop(write_error_code(&e).varint());
+                let _ = recv.stop(write_error_varint(&e));
                 return;
             }
             moved.fetch_add(n as u64, Relaxed);
             fair.moved(n).await;
         }
         if let Some(e) = failed {
-            let _ = send.reset(read_error_code(&e).varint());
+            let _ = send.reset(read_error_varint(&e));
             return;
         }
         if fin {
@@ -1214,8 +1239,8 @@ async fn pump_from(
         };
         got = match next {
             Ok(got) => got,
-            Err(Ok(code) | Err(code)) => {
-                let _ = recv.stop(code.varint());
+            Err(r) => {
+                let _ = recv.stop(given_up(r));
                 return;
             }
         };
@@ -1264,8 +1289,8 @@ pub(crate) async fn relay(
                 Ok(first) => {
                     pump_from(&mut down_recv, &mut up_send, g, first, moved, &down_watch).await
                 }
-                Err(Ok(code) | Err(code)) => {
-                    let _ = down_recv.stop(code.varint());
+                Err(r) => {
+                    let _ = down_recv.stop(given_up(r));
                 }
             }
             false
@@ -1539,8 +1564,14 @@ pub(crate) mod tests {
     /// abort does).
     #[tokio::test]
     async fn a_transit_relay_ends_when_either_end_resets() {
-        let code = Code::IdleTimeout;
-        for edge_resets in [true, false] {
+        // A code this build does not know (a newer router's) crosses as it is: a relay only
+        // hands it on. (It became `internal`, which an edge does not retry.)
+        for (code, edge_resets) in [
+            (Code::IdleTimeout.varint(), true),
+            (Code::IdleTimeout.varint(), false),
+            (quinn::VarInt::from_u32(0x7f), true),
+            (quinn::VarInt::from_u32(0x7f), false),
+        ] {
             let (edge, t_up, _d1) = quic_pair().await;
             let (t_down, site, _d2) = quic_pair().await;
             let (mut e_send, mut e_recv) = edge.open_bi().await.unwrap();
@@ -1559,17 +1590,17 @@ pub(crate) mod tests {
             } else {
                 ((s_send, s_recv), (e_send, e_recv))
             };
-            first.0.reset(code.varint()).unwrap();
-            first.1.stop(code.varint()).unwrap();
+            first.0.reset(code).unwrap();
+            first.1.stop(code).unwrap();
             let seen = tokio::time::timeout(Duration::from_secs(5), other.1.read(&mut b))
                 .await
                 .expect("the reset did not cross the transit");
             assert!(
-                matches!(seen, Err(ReadError::Reset(c)) if c == code.varint()),
+                matches!(seen, Err(ReadError::Reset(c)) if c == code),
                 "{seen:?}"
             );
-            other.0.reset(code.varint()).unwrap();
-            let _ = other.1.stop(code.varint());
+            other.0.reset(code).unwrap();
+            let _ = other.1.stop(code);
             let gave_up = tokio::time::timeout(Duration::from_secs(5), relay)
                 .await
                 .expect("the relay outlived both ends' resets")

@@ -151,8 +151,9 @@ pub struct RouterConfig {
     /// connecting to its backend reads none) or for a circuit's rate do not hold it past this.
     pub reply_timeout: Duration,
     /// A proxied connection on which no byte moved either way for this long is reset with
-    /// `idle_timeout`: the client's or the backend's TCP connection gets an RST, the stream a
-    /// reset, and a site frees its capacity slot (default 1 h; `None`: never). Edge and site each
+    /// `idle_timeout`: the client's or the backend's TCP connection gets an RST (a lingering
+    /// close instead for a side sent everything and a FIN already), the stream a reset, and a
+    /// site frees its capacity slot (default 1 h; `None`: never). Edge and site each
     /// enforce it on their side; it ends between one and 1.5 times this after the last byte.
     pub idle_timeout: Option<Duration>,
     /// A proxied connection whose TCP side takes no byte for this long while bytes wait to be

@@ -572,8 +572,15 @@ pub(crate) async fn tcp_to_quic(
             }
         };
         if let Some(e) = failed {
+            // What quinn took before the failure went: counted (`rest` is cut down as it is
+            // written). The rest of a stopped chunk is dropped, as what follows it is.
+            let left = rest[0].len();
+            count(shared, side, true, n - left);
             match stop_code(&e) {
-                Some(code) => break code,
+                Some(code) => {
+                    (shared.metrics.bytes_discarded).fetch_add(left as u64, Relaxed);
+                    break code;
+                }
                 None => return Err(Abort(Code::UpstreamLost)),
             }
         }

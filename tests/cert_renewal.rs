@@ -166,6 +166,35 @@ async fn a_router_renews_its_certificate_through_the_controller() {
     d2.shutdown().await;
 }
 
+/// A CA directory that does not answer (its lock held: a `tasman pki` command suspended with
+/// Ctrl-Z, a hung mount) gets a renewal refused after the controller's wait, on a session that
+/// goes on. (The session answered the request in its loop without a bound: it sent nothing,
+/// the router dropped it at 20 s of silence and reconnected, and every later request held
+/// another blocking thread until the controller had none left.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_directory_that_hangs_gets_renewals_refused_on_a_session_that_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, tls) = setup(dir.path(), 97, due_now(), true).await;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(tls.join(".tasman-pki.lock"))
+        .unwrap();
+    lock.lock().unwrap();
+    let (r, cert) = start_router(&d, &tls).await;
+    eventually(Duration::from_secs(15), "the renewal is refused", || {
+        cert.renewals(Renewal::Refused) == 1
+    })
+    .await;
+    assert_eq!(r.client.connects(), 1, "the session was dropped");
+    assert!(r.client.is_connected());
+    assert_eq!(cert.renewals(Renewal::Renewed), 0);
+    drop(lock);
+    r.stop().await;
+    d.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controller_without_a_ca_refuses_and_the_router_keeps_its_certificate() {
     let dir = tempfile::tempdir().unwrap();

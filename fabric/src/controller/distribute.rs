@@ -838,13 +838,30 @@ async fn renew(
         tracing::warn!(node, "certificate renewal refused: {reason}");
         return ToRouter::RenewRefused { reason };
     }
-    // The answer takes the CA directory's lock and writes its record: off the async workers.
+    // The answer takes the CA directory's lock and writes its record: off the async workers,
+    // one at a time, and given up (refused, the router asks again later) after
+    // `renew::SIGN_WAIT` rather than silencing this session while the directory hangs. A
+    // blocking thread cannot be stopped: one that hangs keeps the permit, and the requests
+    // after it are refused without a thread of their own.
+    let busy = || {
+        let reason = "the CA directory did not answer in time: asked again later".to_string();
+        tracing::warn!(node, "certificate renewal refused: {reason}");
+        ToRouter::RenewRefused { reason }
+    };
+    let Some(permit) = issuer.signing().await else {
+        return busy();
+    };
     let (i, n, p) = (issuer.clone(), node.to_string(), presented.clone());
-    tokio::task::spawn_blocking(move || i.answer(&n, &req, &p, now))
-        .await
-        .unwrap_or_else(|e| ToRouter::RenewRefused {
+    let answer = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        i.answer(&n, &req, &p, now)
+    });
+    match tokio::time::timeout(super::renew::SIGN_WAIT, answer).await {
+        Ok(answer) => answer.unwrap_or_else(|e| ToRouter::RenewRefused {
             reason: crate::internal(e),
-        })
+        }),
+        Err(_) => busy(),
+    }
 }
 
 /// The versions a session wrote and the router has not answered yet (at most

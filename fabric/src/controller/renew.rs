@@ -67,9 +67,27 @@ pub struct NodeIssuer {
     /// When each node last asked ([`MIN_INTERVAL`]): per node, not per session, so that
     /// reconnecting does not reset it.
     last_asked: Mutex<HashMap<String, Instant>>,
+    /// One answer at a time off the async workers ([`NodeIssuer::signing`]): a CA directory that
+    /// hangs (a hung mount, a `tasman pki` command suspended holding its lock) holds one
+    /// blocking thread, not one more for every request.
+    signing: Arc<tokio::sync::Semaphore>,
 }
 
+/// How long a renewal's answer may take, waiting for the one before it included, before it is
+/// refused as busy: a session answers it in its loop, which sends nothing meanwhile (past the
+/// router's 20 s of silence, the router drops the session).
+pub const SIGN_WAIT: Duration = Duration::from_secs(5);
+
 impl NodeIssuer {
+    /// The permit to answer a request off the async workers, within [`SIGN_WAIT`]; `None`: the
+    /// answer before it still runs (the CA directory hangs).
+    pub async fn signing(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        tokio::time::timeout(SIGN_WAIT, self.signing.clone().acquire_owned())
+            .await
+            .ok()?
+            .ok()
+    }
+
     /// Refuses every request: the controller holds no CA.
     pub fn disabled() -> Self {
         NodeIssuer {
@@ -79,6 +97,7 @@ impl NodeIssuer {
             crl: watch::Sender::new(None),
             trust: std::sync::OnceLock::new(),
             last_asked: Mutex::default(),
+            signing: Arc::new(tokio::sync::Semaphore::new(1)),
         }
     }
 
@@ -93,6 +112,7 @@ impl NodeIssuer {
             crl: watch::Sender::new(None),
             trust: std::sync::OnceLock::new(),
             last_asked: Mutex::default(),
+            signing: Arc::new(tokio::sync::Semaphore::new(1)),
         })
     }
 
@@ -181,7 +201,7 @@ impl NodeIssuer {
             let at = UNIX_EPOCH + Duration::from_secs(due.max(0) as u64);
             return refuse(format!(
                 "not due: the certificate presented (serial {serial}) is due for renewal at {} \
-                 (70 % of its lifetime), ask then",
+                 (70 % of its lifetime, at most 24 h after it became valid), ask then",
                 humantime::format_rfc3339_seconds(at)
             ));
         }

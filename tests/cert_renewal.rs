@@ -174,7 +174,7 @@ async fn a_router_renews_its_certificate_through_the_controller() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ca_directory_that_hangs_gets_renewals_refused_on_a_session_that_goes_on() {
     let dir = tempfile::tempdir().unwrap();
-    let (d, tls) = setup(dir.path(), 97, due_now(), true).await;
+    let (d, tls) = setup(dir.path(), 95, due_now(), true).await;
     let lock = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)

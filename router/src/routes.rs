@@ -296,11 +296,20 @@ enum Heard {
     Relayed,
 }
 
-/// How long an origin's own word ([`Heard::FromOrigin`]) stands against relayed copies: a
-/// neighbour speaks for itself at every probe (100 ms by default), so a relayed copy of it
-/// matters only once it has gone silent; until then one claiming to be younger would be a
+/// How long an origin's own word ([`Heard::FromOrigin`]) stands against relayed copies, at
+/// least: a neighbour speaks for itself at every probe (100 ms by default), so a relayed copy of
+/// it matters only once it has gone silent; until then one claiming to be younger would be a
 /// neighbour's forgery (entries carry no signature), and would replace its word pong after pong.
+/// With longer probe intervals it stands for as long as the neighbour would take to be declared
+/// down ([`own_word`]).
 const OWN_WORD: Duration = Duration::from_secs(1);
+
+/// How long a neighbour's own word stands with probes `p`: [`OWN_WORD`], or its silence until
+/// it is declared down (`interval x (misses + 1)`) when that is longer. (A fixed 1 s let a
+/// forged copy replace it between two pongs with probes 2 s apart, once every interval.)
+fn own_word(p: crate::ProbeConfig) -> Duration {
+    OWN_WORD.max(p.interval.saturating_mul(p.misses.saturating_add(1)))
+}
 
 /// An entry's age now: its age when taken at `at`, and the time since.
 fn age_of(e: &Entry, at: Instant, now: Instant) -> Duration {
@@ -374,9 +383,8 @@ impl Evidence {
     pub fn learn_from(shared: &Shared, peer: &NodeId, entries: Vec<Entry>) -> bool {
         let ttl = Self::ttl(shared);
         let graph = shared.graph.load();
-        shared
-            .evidence
-            .learn(&shared.node, peer, &graph, ttl, entries)
+        let own_word = own_word(shared.probe);
+        (shared.evidence).learn_with(&shared.node, peer, &graph, ttl, own_word, entries)
     }
 
     /// Takes the entries of a probe reply from the neighbour `peer`; returns whether anything
@@ -410,12 +418,26 @@ impl Evidence {
     /// An entry `ttl` old or more is dropped, whoever sends it: ages grow from router to router,
     /// so a copy taken back from a neighbour is as old as it was, and an origin's last entry is
     /// gone everywhere `ttl` after it made it.
+    #[cfg(test)]
     pub fn learn(
         &self,
         me: &NodeId,
         peer: &NodeId,
         graph: &Graph,
         ttl: Duration,
+        entries: Vec<Entry>,
+    ) -> bool {
+        self.learn_with(me, peer, graph, ttl, OWN_WORD, entries)
+    }
+
+    /// [`Evidence::learn`], an origin's own word standing for `own_word` ([`own_word`]).
+    pub fn learn_with(
+        &self,
+        me: &NodeId,
+        peer: &NodeId,
+        graph: &Graph,
+        ttl: Duration,
+        own_word: Duration,
         entries: Vec<Entry>,
     ) -> bool {
         let mut changed = false;
@@ -443,7 +465,7 @@ impl Evidence {
             };
             match map.get_mut(&e.origin) {
                 Some((_, at, Heard::FromOrigin))
-                    if !own && now.saturating_duration_since(*at) < OWN_WORD => {}
+                    if !own && now.saturating_duration_since(*at) < own_word => {}
                 Some((old, at, _)) if !own && !replaces(&e, old, *at, now) => {}
                 Some(slot) => {
                     // An entry `ttl` old was not in use: its successor is news.
@@ -1464,6 +1486,36 @@ mod tests {
         }
         assert!(silent.elapsed() + Duration::from_millis(10) >= OWN_WORD);
         assert_eq!(held(&ev), Some(forged.generation));
+    }
+
+    /// With probes 2 s apart, a neighbour's own word stands until it would be declared down
+    /// (8 s with 3 misses): a forged copy relayed 1.1 s after it is not taken. (A fixed 1 s let
+    /// such a copy replace it between two pongs, once every interval.)
+    #[test]
+    fn an_own_word_stands_as_long_as_the_probes_take_to_miss_it() {
+        let slow = crate::ProbeConfig {
+            interval: Duration::from_secs(2),
+            misses: 3,
+            ..crate::ProbeConfig::default()
+        };
+        assert_eq!(own_word(slow), Duration::from_secs(8));
+        assert_eq!(own_word(crate::ProbeConfig::default()), OWN_WORD);
+        let g = graph();
+        let (transit, site) = (NodeId::new("transit"), NodeId::new("site"));
+        let me = NodeId::new("edge");
+        let ev = Evidence::default();
+        let own = entry("site", now_ns(), &[], &["echo"]);
+        assert!(ev.learn_with(&me, &site, &g, HOUR, own_word(slow), vec![own.clone()]));
+        let forged = Entry {
+            age_ms: 0,
+            ..entry("site", now_ns() + 1, &["transit"], &[])
+        };
+        std::thread::sleep(OWN_WORD + Duration::from_millis(100));
+        assert!(!ev.learn_with(&me, &transit, &g, HOUR, own_word(slow), vec![forged]));
+        assert_eq!(
+            holds(&ev, "site", HOUR).map(|e| e.generation),
+            Some(own.generation)
+        );
     }
 
     /// The site's clock is an hour ahead of the edge's (or the edge's an hour behind): the

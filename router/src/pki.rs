@@ -72,6 +72,14 @@ pub enum PkiError {
     BadCert { path: PathBuf, reason: String },
     #[error("{dir} holds no CA (ca.pem and ca.key): create one with `tasman pki init --dir {dir}`")]
     NoCa { dir: PathBuf },
+    /// `ca.pem` without `ca.key`: a node's TLS directory, or a CA directory whose key is gone
+    /// (`tasman pki init` there would refuse, `ca.pem` being there: removed to follow that
+    /// advice, the fabric's CA would be replaced by a foreign one).
+    #[error(
+        "{dir} holds ca.pem but not ca.key, the CA's private key: a node's TLS directory is not \
+         the CA's; give the directory `tasman pki init` made (it holds ca.key)"
+    )]
+    NoCaKey { dir: PathBuf },
     #[error(
         "{cert}: no CA certificate in it matches the key in {key} (the bundle must hold the \
          issuing CA's certificate)"
@@ -404,8 +412,11 @@ impl CaFiles {
         let key_path = dir.join(CA_KEY);
         let cert_path = dir.join(CA_CERT);
         if !key_path.exists() || !cert_path.exists() {
-            return Err(PkiError::NoCa {
-                dir: dir.to_path_buf(),
+            let dir = dir.to_path_buf();
+            return Err(if cert_path.exists() {
+                PkiError::NoCaKey { dir }
+            } else {
+                PkiError::NoCa { dir }
             });
         }
         let key_pem = fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
@@ -1849,6 +1860,24 @@ mod tests {
             assert!(e.to_string().contains("tasman pki init"), "{e}");
         }
         assert!(!d.path().join(CA_CERT).exists() && !d.path().join(CA_KEY).exists());
+    }
+
+    /// A node's TLS directory (`ca.pem`, no `ca.key`) given where the CA's is wanted is told
+    /// apart: the error names the missing key, not `tasman pki init`, which would refuse there
+    /// (`ca.pem` exists) and, `ca.pem` removed to follow it, make a foreign CA.
+    #[test]
+    fn a_directory_with_the_ca_certificate_but_not_its_key_is_named_so() {
+        let ca = tempfile::tempdir().unwrap();
+        init(ca.path()).unwrap();
+        let node = tempfile::tempdir().unwrap();
+        fs::copy(ca.path().join(CA_CERT), node.path().join(CA_CERT)).unwrap();
+        let e = issue(node.path(), "n1").unwrap_err();
+        assert!(matches!(e, PkiError::NoCaKey { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("not ca.key") && !msg.contains("pki init --dir"),
+            "{msg}"
+        );
     }
 
     fn leaf_serial(dir: &Path, name: &str) -> Serial {

@@ -443,7 +443,8 @@ async fn session(
 ) -> Result<(), ConnError> {
     let node = rs.node();
     let mut rx = ctl.subscribe();
-    // The revocation lists go after the first snapshot, then at each change.
+    // The revocation lists go after the first snapshot (before any, while no published version
+    // carries the stored circuits), then at each change.
     let mut crls = issuer.crl();
     let mut crl_due = takes_crl;
     // Cancel-safe: heartbeats and new versions win the select while a report is arriving.

@@ -48,7 +48,9 @@ pub const MAX_REASON: usize = 256;
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ToRouter {
-    /// A full snapshot. Always the first message of a connection.
+    /// A full snapshot: the first version a connection carries (revocation lists and heartbeats
+    /// may come before it while no version the controller published carries its stored
+    /// circuits yet).
     Snapshot {
         version: u64,
         topology_version: u64,

@@ -727,6 +727,20 @@ async fn apply_and_rollback_with_a_base_version_do_not_overwrite_a_change_made_s
             "{refused:?}: {se}"
         );
     }
+    // A base version that was never in force (a typo, 0) is named so, not as a change made
+    // since it. (It read "the topology changed since version 99 (now 2)".)
+    for never in ["99", "0"] {
+        let (code, so, se) = run(args(&["topology", "apply", &f3, "--base-version", never]))
+            .await
+            .unwrap();
+        assert_eq!(code, Some(1), "{so}{se}");
+        assert!(
+            se.contains(&format!(
+                "the base version {never} was never in force (the version in force is 2)"
+            )),
+            "{se}"
+        );
+    }
     assert_eq!(d.ctl.current().record.version, 2);
     assert!(d.ctl.current().record.text.ends_with(
         "# someone else's change

@@ -45,7 +45,7 @@ pub enum ControllerError {
         version: u64,
         diags: Vec<Diagnostic>,
     },
-    #[error("the topology changed since version {expected} (now {current}); fetch it again")]
+    #[error("{}", conflict(*expected, *current))]
     Conflict { expected: u64, current: u64 },
     #[error("no topology version {0}")]
     NoSuchVersion(u64),
@@ -64,6 +64,20 @@ pub enum ControllerError {
     TooLarge { bytes: usize, max: usize },
     #[error("internal: {0}")]
     Internal(String),
+}
+
+/// A base version that is not the one in force: changed since, or a version that was never in
+/// force (newer than the current one, or 0: a typo, "changed since" would send the operator
+/// looking for a change no one made).
+fn conflict(expected: u64, current: u64) -> String {
+    if expected > current || expected == 0 {
+        format!(
+            "the base version {expected} was never in force (the version in force is {current}); \
+             fetch the topology and give its version"
+        )
+    } else {
+        format!("the topology changed since version {expected} (now {current}); fetch it again")
+    }
 }
 
 /// A blocking task of the controller that panicked or was cancelled ([`crate::task_failed`]:

@@ -339,6 +339,12 @@ impl AdminClient {
         if !self.token.is_empty() {
             req = req.header(AUTHORIZATION, format!("Bearer {}", self.token));
         }
+        // A dry run changes nothing, whatever its method ([`ClientError::UnreadableSuccess`] is
+        // for changes).
+        let dry_run = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("dry_run")?.as_bool())
+            == Some(true);
         let req = req
             .body(Full::new(body))
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
@@ -366,7 +372,7 @@ impl AdminClient {
         // A success answer to a change (anything but a read) that this CLI cannot read: the
         // controller accepted it, as said (as `Lost` says of one whose answer never came: a
         // retry would meet its own change).
-        let change = method != "GET" && method != "HEAD";
+        let change = method != "GET" && method != "HEAD" && !dry_run;
         let unreadable = |reason: String| ClientError::UnreadableSuccess {
             addr: self.authority.clone(),
             status: status.as_u16(),
@@ -608,6 +614,12 @@ mod tests {
         );
         let err = c.get::<Needs>("/v1/topology").await.unwrap_err();
         assert!(matches!(err, ClientError::Protocol(_)), "{err:?}");
+        // A dry run's answer it cannot read (a newer controller's plan) changed nothing, and
+        // says nothing of a change. (It said "a change it asked for was made".)
+        let dry = serde_json::json!({"dry_run": true});
+        let err = c.post::<_, Needs>("/v1/topology", &dry).await.unwrap_err();
+        assert!(matches!(err, ClientError::Protocol(_)), "{err:?}");
+        assert!(!err.to_string().contains("was made"), "{err}");
     }
 
     /// A token a header cannot carry (a two-line token file) is refused before any request,

@@ -120,6 +120,14 @@ impl From<RttEntry> for RttRow {
     }
 }
 
+/// Whether the router of `record` is behind: not on the snapshot published (`snapshot`), or not
+/// on the topology in force (`in_force`) when no snapshot could carry it yet (an apply answered
+/// `not_distributed`: every router on the last snapshot read as current under the new
+/// version's header).
+fn behind(record: &crate::controller::records::RouterRecord, snapshot: u64, in_force: u64) -> bool {
+    record.applied_version != snapshot || record.applied_topology != in_force
+}
+
 /// The status now. Heavy: a routing table (a shortest-path search) per edge, seconds for a
 /// fabric of thousands of nodes, so the handler runs it off the runtime's workers.
 pub fn build(st: &AdminState) -> Status {
@@ -154,7 +162,7 @@ pub fn build(st: &AdminState) -> Status {
                 last_seen_ms_ago: r
                     .filter(|r| r.record.last_seen_unix_ms != 0)
                     .map(|r| now_ms.saturating_sub(r.record.last_seen_unix_ms)),
-                behind: r.is_none_or(|r| r.record.applied_version != published.version),
+                behind: r.is_none_or(|r| behind(&r.record, published.version, cur.record.version)),
                 last_nack: r.and_then(|r| r.record.last_nack.clone()),
                 samples_refused: r.map_or(0, |r| r.samples_refused),
                 reports_dropped: r.map_or(0, |r| r.reports_dropped),
@@ -297,4 +305,28 @@ async fn status(State(st): State<AdminState>, _: Query<NoQuery>) -> Response {
 
 async fn rtt(State(st): State<AdminState>, _: Query<NoQuery>) -> Json<Vec<RttRow>> {
     Json(st.ctl.rtt_matrix().into_iter().map(RttRow::from).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A router on the snapshot published is behind when that snapshot does not carry the
+    /// topology in force (an apply not distributed). (Only the snapshot's version was compared.)
+    #[test]
+    fn a_router_on_a_snapshot_without_the_topology_in_force_is_behind() {
+        let record = |applied_version, applied_topology| crate::controller::records::RouterRecord {
+            node: "e".into(),
+            applied_version,
+            applied_topology,
+            last_seen_unix_ms: 0,
+            last_nack: None,
+        };
+        assert!(!behind(&record(7, 2), 7, 2));
+        assert!(behind(&record(6, 2), 7, 2));
+        assert!(
+            behind(&record(7, 1), 7, 2),
+            "version 2 in force, not distributed"
+        );
+    }
 }

@@ -25,6 +25,16 @@ pub struct RedbStore {
     /// failed sync would otherwise fail every write until the controller restarted: the
     /// routers' flushes, the settle loop's retries and every apply.
     opener: Box<dyn Fn() -> Result<Database, StoreError> + Send + Sync>,
+    /// Called when a commit's outcome cannot be known ([`RedbStore::settled`]): logs and exits
+    /// the process (tests record it instead).
+    fatal: Box<dyn Fn(&str) + Send + Sync>,
+}
+
+/// [`RedbStore::fatal`] outside tests: the controller stops (status 1), its next start
+/// reading what the disk holds.
+fn exit_unknown(why: &str) {
+    tracing::error!("{why}: stopping, so that the next start reads what the store holds");
+    std::process::exit(1);
 }
 
 thread_local! {
@@ -114,6 +124,7 @@ impl RedbStore {
         RedbStore {
             db: RwLock::new(Some(db)),
             opener: Box::new(opener),
+            fatal: Box::new(exit_unknown),
         }
     }
 
@@ -137,14 +148,24 @@ impl RedbStore {
     /// Closes the file (which releases its lock) and opens it again, its integrity checked.
     /// Waits for the transactions under way.
     fn reopen(&self) -> Result<(), StoreError> {
+        self.reopen_reading(|_| Ok(())).map(|_| ())
+    }
+
+    /// [`RedbStore::reopen`], then `read` on the file opened again before any other thread
+    /// can use it (so before any other commit).
+    fn reopen_reading<R>(
+        &self,
+        read: impl FnOnce(&Database) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
         let mut g = self.db.write().unwrap_or_else(PoisonError::into_inner);
         *g = None;
         let db = (self.opener)().inspect_err(|e| {
             tracing::error!("the store's file could not be opened again after an I/O error: {e}")
         })?;
+        let r = read(&db);
         *g = Some(db);
         tracing::warn!("the store's file was opened again after an I/O error");
-        Ok(())
+        r
     }
 
     /// After a failed operation: opens the file again when redb failed an I/O in it (it fails
@@ -180,28 +201,29 @@ impl RedbStore {
         unreachable!("the second try returns")
     }
 
-    /// Whether the commit that counted `n` is in the file (read again after its commit failed).
-    /// Stops the process when the file cannot tell: the controller's state in memory would
-    /// differ from the store's unseen, and its next start reads what the store holds.
-    fn made(&self, n: u64, failed: &StoreError) -> bool {
-        let seen = self.reopen().and_then(|()| {
-            let mut c = 0;
-            self.read(&mut |tx| {
-                c = commits(tx)?;
-                Ok(())
-            })?;
-            Ok(c)
+    /// After the commit that counted `n` failed on an I/O error: `Ok` when the file, opened
+    /// again, shows it was not made (its header never flipped: nothing of it can reach the disk
+    /// later), the failure then standing. Otherwise its outcome is unknown: the file shows it
+    /// (through the page cache), but a sync failed, and Linux may drop pages whose write-back
+    /// failed, so it may not be on the disk; nor can a file that does not open again tell. The
+    /// process then stops ([`RedbStore::fatal`], as PostgreSQL stops on a failed fsync): an
+    /// answer either way could be wrong, and memory would part from the store. The counter is
+    /// read before any other thread can commit (a later commit would count past `n`).
+    fn settled(&self, n: u64, failed: &StoreError) -> Result<(), String> {
+        let seen = self.reopen_reading(|db| {
+            let tx = RTxn(db.begin_read().map_err(be)?);
+            commits(&tx)
         });
         match seen {
-            Ok(c) => c >= n,
-            Err(e) => {
-                tracing::error!(
-                    "a commit failed ({failed}) and the store's file cannot be read again to \
-                     learn whether it was made ({e}): stopping, so that the next start reads \
-                     what the store holds"
-                );
-                std::process::exit(1);
-            }
+            Ok(c) if c < n => Ok(()),
+            Ok(_) => Err(format!(
+                "a commit's sync failed ({failed}) after the file took it: whether it is on the \
+                 disk is unknown"
+            )),
+            Err(e) => Err(format!(
+                "a commit failed ({failed}) and the store's file cannot be read again to learn \
+                 whether it was made ({e})"
+            )),
         }
     }
 }
@@ -464,16 +486,13 @@ impl Store for RedbStore {
         drop(g);
         match committed {
             Ok(()) => Ok(()),
-            Err(e) if IO_FAILED.replace(false) => {
-                // Whether it was made is unknown until the file is read again: a sync that
-                // failed may have written it all the same.
-                if self.made(n, &e) {
-                    tracing::warn!("a commit reported failed ({e}) was made: taken as made");
-                    Ok(())
-                } else {
-                    Err(e)
+            Err(e) if IO_FAILED.replace(false) => match self.settled(n, &e) {
+                Ok(()) => Err(e),
+                Err(why) => {
+                    (self.fatal)(&why);
+                    Err(StoreError::Backend(why))
                 }
-            }
+            },
             Err(e) => Err(e),
         }
     }
@@ -863,16 +882,20 @@ mod tests {
         assert_eq!(keys(dir.path()), [seq_key(1), seq_key(3)]);
     }
 
-    /// A commit whose last sync reported a failure after its data reached the disk is made:
-    /// it is reported made (it was reported failed while the file held it, so the controller's
-    /// state in memory and the store's parted, and its next start published a change the
-    /// operator had been told had failed).
+    /// A commit whose last sync failed is of unknown outcome: the file shows it (the page
+    /// cache does), but Linux may drop pages whose write-back failed, so it may never reach the
+    /// disk. The process is stopped ([`RedbStore::fatal`]) rather than answer either way. (It
+    /// was reported made: an apply answered 200 that a power cut could take back.) A commit
+    /// whose first sync failed is provably not made: refused, and the next goes on.
     #[test]
-    fn a_commit_made_though_its_last_sync_failed_is_reported_made() {
+    fn a_commit_whose_last_sync_failed_stops_the_process() {
         use std::sync::atomic::Ordering::SeqCst;
         let dir = tempfile::tempdir().unwrap();
         let faults = std::sync::Arc::new(Faults::default());
-        let s = flaky_store(dir.path(), &faults);
+        let mut s = flaky_store(dir.path(), &faults);
+        let stops = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let seen = stops.clone();
+        s.fatal = Box::new(move |why| seen.lock().unwrap().push(why.to_string()));
         put(&s, 1).unwrap();
         let before = faults.syncs.load(SeqCst);
         put(&s, 2).unwrap();
@@ -881,19 +904,23 @@ mod tests {
             per_commit >= 2,
             "two-phase commits sync twice: {per_commit}"
         );
-        // The last sync of the next commit: done, and reported failed.
-        faults.lost_answer.store(true, SeqCst);
-        faults.fail_at.store(per_commit, SeqCst);
-        put(&s, 3).unwrap();
-        // A failed first sync: not made, and said so.
-        faults.lost_answer.store(false, SeqCst);
+        // The last sync of the next commit fails, whether or not it wrote.
+        for lost_answer in [true, false] {
+            faults.lost_answer.store(lost_answer, SeqCst);
+            faults.fail_at.store(per_commit, SeqCst);
+            let e = put(&s, 3).unwrap_err();
+            assert!(e.to_string().contains("unknown"), "{e}");
+            let stopped = stops.lock().unwrap().drain(..).collect::<Vec<_>>();
+            assert_eq!(stopped.len(), 1, "lost answer {lost_answer}: {stopped:?}");
+            assert!(stopped[0].contains("injected sync failure"), "{stopped:?}");
+        }
+        // A failed first sync: not made, said so, and no stop.
         faults.fail_at.store(1, SeqCst);
         assert!(put(&s, 4).is_err());
+        assert!(stops.lock().unwrap().is_empty());
         put(&s, 5).unwrap();
         drop(s);
-        assert_eq!(
-            keys(dir.path()),
-            [seq_key(1), seq_key(2), seq_key(3), seq_key(5)]
-        );
+        let k = keys(dir.path());
+        assert!(!k.contains(&seq_key(4)) && k.contains(&seq_key(5)), "{k:?}");
     }
 }

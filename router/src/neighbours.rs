@@ -243,6 +243,7 @@ pub(crate) async fn run_dialer(shared: Arc<Shared>, nb: Arc<Neighbour>) {
             let answered = probe_until_down(&shared, &nb, &conn, &mut down_since).await;
             if nb.is_up() {
                 nb.set_down();
+                shared.evidence.unheard(&nb.id);
                 shared.changed.notify_one();
             }
             nb.connection_ended(&conn);
@@ -798,6 +799,7 @@ async fn probe_until_down(
                         );
                         shared.metrics.neighbour_down_total.fetch_add(1, Relaxed);
                         nb.set_down();
+                        shared.evidence.unheard(&nb.id);
                         shared.changed.notify_one();
                         *down_since = Some(Instant::now());
                     }

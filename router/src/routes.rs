@@ -92,7 +92,9 @@ impl ServiceRoute {
             return base;
         }
         let key = (self.affinity == Affinity::SourceIp).then(|| client_key(client));
-        base.dialled(|i| match (self.candidates[i].dial, key) {
+        let drain_free = self.candidates.iter().any(|c| !c.drained);
+        let dial = |i| topology::route::walk_dial(&self.candidates, i, drain_free);
+        base.dialled(|i| match (dial(i), key) {
             (0, _) => false,
             (d, _) if d >= FULL_DIAL => true,
             (d, Some(key)) => dial_takes_client(d, key, self.dial_keys[i]),
@@ -304,9 +306,11 @@ enum Heard {
 /// down ([`own_word`]).
 const OWN_WORD: Duration = Duration::from_secs(1);
 
-/// How long a neighbour's own word stands with probes `p`: [`OWN_WORD`], or its silence until
-/// it is declared down (`interval x (misses + 1)`) when that is longer. (A fixed 1 s let a
-/// forged copy replace it between two pongs with probes 2 s apart, once every interval.)
+/// How long a neighbour's own word stands with probes `p`: [`OWN_WORD`], or
+/// `interval x (misses + 1)` when that is longer (a fixed 1 s let a forged copy replace it
+/// between two pongs with probes 2 s apart, once every interval). A down verdict ends it at
+/// once ([`Evidence::unheard`]: the neighbour's news then comes only through relays), and it
+/// never outlasts the entries' TTL.
 fn own_word(p: crate::ProbeConfig) -> Duration {
     OWN_WORD.max(p.interval.saturating_mul(p.misses.saturating_add(1)))
 }
@@ -377,6 +381,16 @@ impl Evidence {
         (interval * 20)
             .max(Duration::from_secs(2))
             .max(interval.saturating_mul(rounds))
+    }
+
+    /// The neighbour `origin` was declared down: its own word no longer stands against relayed
+    /// copies ([`own_word`]), which are its only news from now on.
+    pub fn unheard(&self, origin: &NodeId) {
+        if let Ok(mut map) = self.learned.lock()
+            && let Some((_, _, heard)) = map.get_mut(origin)
+        {
+            *heard = Heard::Relayed;
+        }
     }
 
     /// Takes the entries of a pong from the neighbour `peer` ([`Evidence::learn`]).
@@ -465,7 +479,7 @@ impl Evidence {
             };
             match map.get_mut(&e.origin) {
                 Some((_, at, Heard::FromOrigin))
-                    if !own && now.saturating_duration_since(*at) < own_word => {}
+                    if !own && now.saturating_duration_since(*at) < own_word.min(ttl) => {}
                 Some((old, at, _)) if !own && !replaces(&e, old, *at, now) => {}
                 Some(slot) => {
                     // An entry `ttl` old was not in use: its successor is news.
@@ -1511,11 +1525,42 @@ mod tests {
             ..entry("site", now_ns() + 1, &["transit"], &[])
         };
         std::thread::sleep(OWN_WORD + Duration::from_millis(100));
-        assert!(!ev.learn_with(&me, &transit, &g, HOUR, own_word(slow), vec![forged]));
+        assert!(!ev.learn_with(
+            &me,
+            &transit,
+            &g,
+            HOUR,
+            own_word(slow),
+            vec![forged.clone()]
+        ));
         assert_eq!(
             holds(&ev, "site", HOUR).map(|e| e.generation),
             Some(own.generation)
         );
+        // Declared down: its news comes through relays only, taken at once.
+        ev.unheard(&site);
+        assert!(ev.learn_with(
+            &me,
+            &transit,
+            &g,
+            HOUR,
+            own_word(slow),
+            vec![forged.clone()]
+        ));
+        assert_eq!(
+            holds(&ev, "site", HOUR).map(|e| e.generation),
+            Some(forged.generation)
+        );
+        // Never past the TTL: a relayed copy replaces an own word that old.
+        let ev = Evidence::default();
+        assert!(ev.learn_with(&me, &site, &g, HOUR, own_word(slow), vec![own.clone()]));
+        let ttl = Duration::from_millis(50);
+        std::thread::sleep(ttl);
+        let young = Entry {
+            age_ms: 0,
+            ..entry("site", now_ns() + 2, &["transit"], &[])
+        };
+        assert!(ev.learn_with(&me, &transit, &g, ttl, own_word(slow), vec![young]));
     }
 
     /// The site's clock is an hour ahead of the edge's (or the edge's an hour behind): the

@@ -849,7 +849,8 @@ async fn renew(
         tracing::warn!(node, "certificate renewal refused: {reason}");
         ToRouter::RenewRefused { reason }
     };
-    let Some(permit) = issuer.signing().await else {
+    let deadline = tokio::time::Instant::now() + super::renew::SIGN_WAIT;
+    let Some(permit) = issuer.signing(deadline).await else {
         return busy();
     };
     let (i, n, p) = (issuer.clone(), node.to_string(), presented.clone());
@@ -857,7 +858,7 @@ async fn renew(
         let _permit = permit;
         i.answer(&n, &req, &p, now)
     });
-    match tokio::time::timeout(super::renew::SIGN_WAIT, answer).await {
+    match tokio::time::timeout_at(deadline, answer).await {
         Ok(answer) => answer.unwrap_or_else(|e| ToRouter::RenewRefused {
             reason: crate::internal(e),
         }),

@@ -79,10 +79,13 @@ pub struct NodeIssuer {
 pub const SIGN_WAIT: Duration = Duration::from_secs(5);
 
 impl NodeIssuer {
-    /// The permit to answer a request off the async workers, within [`SIGN_WAIT`]; `None`: the
+    /// The permit to answer a request off the async workers, by `deadline`; `None`: the
     /// answer before it still runs (the CA directory hangs).
-    pub async fn signing(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        tokio::time::timeout(SIGN_WAIT, self.signing.clone().acquire_owned())
+    pub async fn signing(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        tokio::time::timeout_at(deadline, self.signing.clone().acquire_owned())
             .await
             .ok()?
             .ok()

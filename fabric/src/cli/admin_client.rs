@@ -339,12 +339,13 @@ impl AdminClient {
         if !self.token.is_empty() {
             req = req.header(AUTHORIZATION, format!("Bearer {}", self.token));
         }
-        // A dry run changes nothing, whatever its method ([`ClientError::UnreadableSuccess`] is
-        // for changes).
-        let dry_run = serde_json::from_slice::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| v.get("dry_run")?.as_bool())
-            == Some(true);
+        // A dry run changes nothing, whatever its method, nor does a circuit's validation
+        // ([`ClientError::UnreadableSuccess`] is for changes).
+        let dry_run = path.ends_with("/validate")
+            || serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("dry_run")?.as_bool())
+                == Some(true);
         let req = req
             .body(Full::new(body))
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
@@ -620,6 +621,11 @@ mod tests {
         let err = c.post::<_, Needs>("/v1/topology", &dry).await.unwrap_err();
         assert!(matches!(err, ClientError::Protocol(_)), "{err:?}");
         assert!(!err.to_string().contains("was made"), "{err}");
+        let err = c
+            .post::<_, Needs>("/v1/circuits/validate", &())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ClientError::Protocol(_)), "{err:?}");
     }
 
     /// A token a header cannot carry (a two-line token file) is refused before any request,

@@ -1315,7 +1315,7 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
                         if let Some(YValue::Null) = r.get(key).map(|n| &n.value) {
                             lifted.get_or_insert((
                                 r.key_pos(key).unwrap_or(n.pos),
-                                format!("empty (nothing follows `{key}:`)"),
+                                format!("`{key}` is empty (nothing follows `{key}:`)"),
                             ));
                         }
                     }
@@ -1336,13 +1336,13 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
                         && !restricts("regions")
                         && !restricts("countries")
                     {
-                        lifted = Some((n.pos, "a rule that restricts nothing".to_string()));
+                        lifted = Some((n.pos, "it restricts nothing".to_string()));
                     }
                     if let Some((at, how)) = lifted
                         && cx.newer(
                             at,
                             format!(
-                                "residency of {what} is {how}: omit the field to let any site \
+                                "residency of {what}: {how}: omit the field to let any site \
                                  serve it, or list the regions or countries allowed"
                             ),
                         )

@@ -1150,13 +1150,15 @@ pub fn install(cert: &CertResolver, key: &rcgen::KeyPair, chain_pem: &str) -> Re
         key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
         dir: Some(dir.to_path_buf()),
     };
-    // Checked before the files are touched: a bad answer leaves them as they are.
-    cert.check(&id)?;
     {
         // Under the adoption lock, which the reload tick reads the pair under: it never reads
         // half of this swap (the old certificate with the new key), which it refused and
         // counted as a failed reload, for an alert to fire on.
         let _one_at_a_time = cert.adopting.lock();
+        // Checked before the files are touched, and under the lock: a bad answer leaves them
+        // as they are, and no bundle or revocation list is adopted between the check and the
+        // write (the files would hold a pair the reload then refused, the old key gone).
+        cert.check(&id)?;
         crate::pki::write_node_files(dir, cert.name(), &key.serialize_pem(), &chain_pem)
             .map_err(|e| e.to_string())?;
     }

@@ -407,6 +407,18 @@ pub fn resize(
             || path_links(&own.path)
                 .iter()
                 .all(|l| room_without_self.get(l).is_some_and(|h| h.free >= req.rate));
+        // A path through a drained element stays only when no drain-free one has room: drained
+        // elements are used only when unavoidable, on a resize as on a create. (A grow or
+        // shrink kept the circuit on a drained transit, its reservation held there while its
+        // traffic went elsewhere.)
+        if usable
+            && fits
+            && path_drained(topo, &own.path)
+            && let Ok(p) = place_with(topo, &room_without_self, req)
+            && !path_drained(topo, &p.path)
+        {
+            return Ok(p);
+        }
         if usable && fits {
             return Ok(Placement {
                 site: site.clone(),
@@ -689,6 +701,17 @@ fn path_usable(topo: &Topology, path: &[NodeId]) -> bool {
             topo.node(n.as_str())
                 .is_some_and(|n| n.kind == NodeKind::Transit)
         })
+}
+
+/// Whether `path` crosses a drained node or link past its edge (as placement counts them: the
+/// elements it enters).
+fn path_drained(topo: &Topology, path: &[NodeId]) -> bool {
+    path.iter().skip(1).any(|n| {
+        topo.node(n.as_str())
+            .is_some_and(|n| n.state == AdminState::Drain)
+    }) || path_links(path)
+        .iter()
+        .any(|l| topo.link(l).is_some_and(|l| l.state == AdminState::Drain))
 }
 
 fn path_latency(topo: &Topology, path: &[NodeId]) -> Latency {
@@ -1648,6 +1671,26 @@ mod tests {
             resize(&t, &rs, &CircuitId::new("zz"), &req("1Mbps")),
             Err(PlacementError::UnknownCircuit(_))
         ));
+    }
+
+    /// A circuit on a path through a transit drained since moves on a resize when a drain-free
+    /// path has room, as a create avoids the drained transit; with no room elsewhere it stays.
+    /// (A resize kept the drained path whenever it fit there.)
+    #[test]
+    fn a_resize_leaves_a_drained_path_for_a_drain_free_one_with_room() {
+        let mut t = topo();
+        let p = place(&t, &[], &req("300Mbps")).unwrap();
+        assert_eq!(p.site.as_str(), "site-a");
+        let rs = vec![resv("c1", &p, "300Mbps")];
+        t.nodes[1].state = AdminState::Drain;
+        for rate in ["200Mbps", "350Mbps"] {
+            let r = resize(&t, &rs, &CircuitId::new("c1"), &req(rate)).unwrap();
+            assert_eq!(r.site.as_str(), "site-b", "{rate}");
+            assert!(!path_drained(&t, &r.path), "{rate}");
+        }
+        // 500M fits only on the drained path (site-b's link has 400M): it stays.
+        let r = resize(&t, &rs, &CircuitId::new("c1"), &req("500Mbps")).unwrap();
+        assert_eq!(r.path, p.path);
     }
 
     /// c1 (600M) and c2 (400M) fill the fast path; an apply lowers t1--site-a to 500M, leaving

@@ -744,9 +744,21 @@ pub fn reservations(circuits: &[Circuit]) -> Vec<Reservation> {
 /// acknowledge its removal (or the acknowledgement timeout passes), but it is leaving and
 /// nothing an apply does fails it, so the plan leaves it out (a link shrunk under what it holds
 /// is over-committed until then; admission and resizes there count it and wait for it).
+///
+/// The path a resize moves a circuit off (held until the new one is acknowledged) that `topo`
+/// breaks is released by the apply, the circuit going on to its new path (`held_broken_by`):
+/// not a circuit that fails, so neither its breaks nor what it held there are counted. (The
+/// plan listed such a circuit as broken.)
 pub fn check(topo: &Topology, circuits: &[Circuit]) -> Vec<placement::ReservationIssue> {
     let live = || circuits.iter().filter(|c| c.state.is_live());
-    let held: Vec<Reservation> = live().flat_map(Circuit::reservations).collect();
+    let held: Vec<Reservation> = live()
+        .flat_map(|c| {
+            let released = !held_broken_by(topo, c).is_empty();
+            c.path_reservation()
+                .into_iter()
+                .chain(c.held_reservation().filter(|_| !released))
+        })
+        .collect();
     let mut issues = placement::check_reservations(topo, &held);
     issues.extend(
         live().filter_map(|c| placement::check_site(topo, &c.id, &c.b_end, c.site.as_ref()?)),
@@ -1359,6 +1371,24 @@ pub fn broken_by(topo: &Topology, c: &Circuit) -> Vec<String> {
         .collect()
 }
 
+/// Whether [`fail_broken`] would change the circuit under `topo`: fail it, release what it
+/// holds, or restore it.
+pub fn changed_by(topo: &Topology, c: &Circuit) -> bool {
+    restored_by(topo, c) || !broken_by(topo, c).is_empty() || !held_broken_by(topo, c).is_empty()
+}
+
+/// Whether the circuit, failed by an earlier topology change, is whole under `topo`: nothing
+/// of it breaks its path, service or site (what [`broken_by`] checks of a live circuit).
+fn restored_by(topo: &Topology, c: &Circuit) -> bool {
+    c.state == CircuitState::Failed
+        && !c.awaits_ack()
+        && !c.path.is_empty()
+        && path_issues(topo, c.path_reservation()).next().is_none()
+        && c.site
+            .as_ref()
+            .is_some_and(|site| placement::check_site(topo, &c.id, &c.b_end, site).is_none())
+}
+
 /// How `topo` breaks what a resize still holds (a node or link of the old path removed or
 /// down), for a circuit whose held reservation [`fail_broken`] would release: empty when it
 /// would not (not live: a decommissioning circuit keeps what it holds until it is
@@ -1390,7 +1420,8 @@ fn path_issues(
 /// reason, and releases what a resize still holds on an old path the topology breaks
 /// ([`held_broken_by`]; the circuit goes on waiting for its new path's acknowledgement). A
 /// circuit failed for its new path keeps what it holds on an old one the topology leaves intact.
-/// Idempotent: a second run with the same topology changes nothing.
+/// A circuit an earlier topology failed that this one leaves whole goes back to provisioning
+/// (history `restore`). Idempotent: a second run with the same topology changes nothing.
 pub fn fail_broken(
     tx: &mut dyn WriteTxn,
     topo: &Topology,
@@ -1398,6 +1429,33 @@ pub fn fail_broken(
 ) -> Result<Vec<Circuit>, StoreError> {
     let mut changed = Vec::new();
     for mut c in all(tx)? {
+        // Failed by an earlier topology change and whole again under this one (the change
+        // undone, a link set up again): provisioning again, for its routers to acknowledge, as
+        // an AWS Direct Connect connection goes from `down` back to `available`. (It stayed
+        // failed for good: a mistaken apply undone a minute later failed every circuit it
+        // crossed, whose only way back was delete and create, on another VIP.) It kept its VIP,
+        // its reservation and its place in the snapshots meanwhile.
+        if restored_by(topo, &c) {
+            let from = c.state;
+            c.state = CircuitState::Provisioning;
+            c.reason = None;
+            c.updated_unix_ms = now_unix_ms();
+            c.revision += 1;
+            record(
+                tx,
+                &c,
+                "controller",
+                "restore",
+                Some(from),
+                format!(
+                    "topology version {version}: its path, service and site are whole again; \
+                     awaiting its routers' acknowledgement"
+                ),
+            )?;
+            save(tx, &c)?;
+            changed.push(c);
+            continue;
+        }
         let issues = broken_by(topo, &c);
         let held_issues = held_broken_by(topo, &c);
         if issues.is_empty() && held_issues.is_empty() {

@@ -745,10 +745,7 @@ fn fail_broken_durably(
     version: u64,
 ) -> Result<Vec<Circuit>, StoreError> {
     let circuits = store::read(store, |tx| super::all(tx))?;
-    if circuits
-        .iter()
-        .all(|c| super::broken_by(topo, c).is_empty() && super::held_broken_by(topo, c).is_empty())
-    {
+    if !circuits.iter().any(|c| super::changed_by(topo, c)) {
         return Ok(Vec::new());
     }
     store::transaction(store, |tx| {
@@ -895,6 +892,47 @@ mod tests {
 
         let restarted = CircuitService::new(ctl.clone(), DEFAULT_PROVISION_TIMEOUT).unwrap();
         assert!(lock(&restarted.pending).is_empty());
+    }
+
+    /// A circuit a topology change failed comes back when a later apply makes its path whole
+    /// again (the change undone): provisioning, then active once its routers acknowledge, on
+    /// its VIP and path. (It stayed failed for good: delete and create gave it another VIP.)
+    #[tokio::test]
+    async fn a_circuit_failed_by_an_apply_comes_back_when_the_apply_is_undone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ctl, svc) = with_c1(FaultyStore::open(dir.path())).await;
+        let _sessions = ack(&ctl, &["e", "s"]);
+        svc.settle_once().await.unwrap();
+        let before = svc.get("c1").unwrap();
+        assert_eq!(before.state, CircuitState::Active);
+        drop_es(&ctl).await;
+        svc.on_topology_applied().await.unwrap();
+        assert!(failed_by_version_2(&svc.get("c1").unwrap()));
+        // Version 3 sets e–s back.
+        ctl.apply(&yaml(POOL, true), "ops", "undo", Origin::Apply, false, None)
+            .await
+            .unwrap();
+        svc.on_topology_applied().await.unwrap();
+        let c = svc.get("c1").unwrap();
+        assert_eq!(
+            (c.state, c.reason.as_ref()),
+            (CircuitState::Provisioning, None)
+        );
+        assert_eq!((c.vip, &c.path), (before.vip, &before.path));
+        let (_, history) = svc.history("c1").unwrap();
+        let last = history.last().unwrap();
+        assert_eq!(last.action, "restore");
+        assert!(
+            last.detail.starts_with("topology version 3:"),
+            "{}",
+            last.detail
+        );
+        // Idempotent: the same topology again changes nothing.
+        svc.on_topology_applied().await.unwrap();
+        assert_eq!(svc.get("c1").unwrap(), c);
+        let _again = ack(&ctl, &["e", "s"]);
+        svc.settle_once().await.unwrap();
+        assert_eq!(svc.get("c1").unwrap().state, CircuitState::Active);
     }
 
     /// A settle pass reads the circuits awaiting acknowledgement only, not every circuit ever
@@ -1359,6 +1397,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (ctl, svc, c, _sessions) = c1_moved_via_t(dir.path()).await;
         assert!(c.held.is_some(), "{c:?}");
+        // The plan says so: c2 (on e–s) breaks, c1 only leaves the path it held. (It listed c1
+        // as reserved on a link the topology no longer has, as a circuit that fails.)
+        let plan = planned(&ctl, &yaml(POOL, false)).await;
+        assert!(plan.iter().any(|i| i.contains("c-000002")), "{plan:?}");
+        assert!(plan.iter().all(|i| !i.contains("c-000001")), "{plan:?}");
         drop_es(&ctl).await;
         svc.on_topology_applied().await.unwrap();
         let c = svc.get("c1").unwrap();

@@ -2856,6 +2856,7 @@ async fn a_service_removed_while_a_stream_ran_comes_back_judged_afresh_once_it_e
         || format!("never healthy: {:?}", healthy()),
     )
     .await;
+    wait_for_route(&edge, "echo", Duration::from_secs(20), "no route").await;
     // A request whose head has not ended: the backend waits for the rest, the stream holds
     // its slot.
     let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port))

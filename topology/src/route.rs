@@ -1058,6 +1058,7 @@ impl Spread {
         } else {
             self.members().clamp(1, n)
         };
+        let drain_free = candidates.iter().any(|c| !c.drained);
         for dealt in 0..dealers {
             let base = TryOrder::new(n, dealt);
             let mut rest = if self.members() > 1 {
@@ -1066,7 +1067,7 @@ impl Spread {
                 1.0
             };
             for i in base.iter() {
-                let take = rest * dial_fraction(candidates[i].dial);
+                let take = rest * dial_fraction(walk_dial(candidates, i, drain_free));
                 out[i] += take;
                 rest -= take;
             }
@@ -1122,6 +1123,15 @@ fn unit_open(hash: u64) -> f64 {
 }
 
 /// `dial` as a chance in `[0, 1]`.
+/// The dial candidate `i` walks with ([`TryOrder::dialled`]): its own, or 0 (it declines every
+/// connection) when it is drained and a candidate is not (`drain_free`: whether one is). A
+/// drained site is used only when no drain-free site can serve, dial or not: its dial took the
+/// first tries that the drain-free sites' dials declined, ahead of those sites.
+pub fn walk_dial(candidates: &[Candidate], i: usize, drain_free: bool) -> u8 {
+    let c = &candidates[i];
+    if c.drained && drain_free { 0 } else { c.dial }
+}
+
 fn dial_fraction(dial: u8) -> f64 {
     f64::from(dial.min(FULL_DIAL)) / f64::from(FULL_DIAL)
 }
@@ -2337,6 +2347,27 @@ mod tests {
             list(&ranked, &spread),
             [("s0".to_string(), 0.85), ("s1".to_string(), 0.15)]
         );
+    }
+
+    #[test]
+    fn a_drained_site_takes_no_first_try_while_a_drain_free_one_can() {
+        // A canary at dial 5, the old site drained for the move at dial 100: every first try
+        // starts on the canary (its dial declining falls back to the base order, which starts
+        // there), none on the drained site. (95 % started on the drained site.)
+        let (mut ranked, _) = spread_of(&[5.0, 6.0], &[1, 1]);
+        ranked[0].dial = 5;
+        ranked[1].drained = true;
+        let spread = Spread::new(&ranked);
+        assert_eq!(spread.expected(&ranked), [1.0, 0.0]);
+        assert_eq!(walk_dial(&ranked, 1, true), 0);
+        assert_eq!(walk_dial(&ranked, 0, true), 5);
+        // Every site drained: the dials stand.
+        ranked[0].drained = true;
+        assert_eq!(walk_dial(&ranked, 1, false), 100);
+        let spread = Spread::new(&ranked);
+        // Both drained share the connections (a group of two): half start on s0's turn, which
+        // takes 5 % of them, the rest go to s1 (dial 100).
+        assert_eq!(spread.expected(&ranked), [0.025, 0.975]);
     }
 
     #[test]

@@ -28,6 +28,10 @@ pub struct RedbStore {
     /// Called when a commit's outcome cannot be known ([`RedbStore::settled`]): logs and exits
     /// the process (tests record it instead).
     fatal: Box<dyn Fn(&str) + Send + Sync>,
+    /// Held by a write transaction from its start to its outcome, [`RedbStore::settled`]
+    /// included (redb runs one write transaction at a time anyway): no other commit can count
+    /// past a failed one before the file is read again.
+    writing: std::sync::Mutex<()>,
 }
 
 /// [`RedbStore::fatal`] outside tests: the controller stops (status 1), its next start
@@ -125,6 +129,7 @@ impl RedbStore {
             db: RwLock::new(Some(db)),
             opener: Box::new(opener),
             fatal: Box::new(exit_unknown),
+            writing: std::sync::Mutex::new(()),
         }
     }
 
@@ -461,6 +466,7 @@ impl Store for RedbStore {
         &self,
         f: &mut dyn FnMut(&mut dyn WriteTxn) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
+        let _one_writer = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
         let (g, mut tx) = self.begin(|db| db.begin_write().map(WTxn).map_err(be))?;
         // Two-phase: a commit is made primary only after its pages are synced, so at the next
         // open a damaged primary is refused ("corrupted despite 2-phase commit"). With single-

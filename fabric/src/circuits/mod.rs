@@ -1434,31 +1434,13 @@ pub fn fail_broken(
         // an AWS Direct Connect connection goes from `down` back to `available`. (It stayed
         // failed for good: a mistaken apply undone a minute later failed every circuit it
         // crossed, whose only way back was delete and create, on another VIP.) It kept its VIP,
-        // its reservation and its place in the snapshots meanwhile.
-        if restored_by(topo, &c) {
-            let from = c.state;
-            c.state = CircuitState::Provisioning;
-            c.reason = None;
-            c.updated_unix_ms = now_unix_ms();
-            c.revision += 1;
-            record(
-                tx,
-                &c,
-                "controller",
-                "restore",
-                Some(from),
-                format!(
-                    "topology version {version}: its path, service and site are whole again; \
-                     awaiting its routers' acknowledgement"
-                ),
-            )?;
-            save(tx, &c)?;
-            changed.push(c);
-            continue;
-        }
+        // its reservation and its place in the snapshots meanwhile. An old path a resize held
+        // that this topology breaks is released in the same pass (below): restored with it,
+        // the circuit would wait for routers the topology no longer has.
+        let restore = restored_by(topo, &c);
         let issues = broken_by(topo, &c);
         let held_issues = held_broken_by(topo, &c);
-        if issues.is_empty() && held_issues.is_empty() {
+        if !restore && issues.is_empty() && held_issues.is_empty() {
             continue;
         }
         c.updated_unix_ms = now_unix_ms();
@@ -1481,7 +1463,22 @@ pub fn fail_broken(
                 ),
             )?;
         }
-        if !issues.is_empty() {
+        if restore {
+            let from = c.state;
+            c.state = CircuitState::Provisioning;
+            c.reason = None;
+            record(
+                tx,
+                &c,
+                "controller",
+                "restore",
+                Some(from),
+                format!(
+                    "topology version {version}: its path, service and site are whole again; \
+                     awaiting its routers' acknowledgement"
+                ),
+            )?;
+        } else if !issues.is_empty() {
             let from = c.state;
             c.state = CircuitState::Failed;
             c.reason = Some(format!("topology version {version}: {}", issues.join("; ")));

@@ -935,6 +935,41 @@ mod tests {
         assert_eq!(svc.get("c1").unwrap().state, CircuitState::Active);
     }
 
+    /// A circuit moved by a resize, failed by a break of its new path (keeping the old one it
+    /// held), then restored by an apply that mends the new path and removes the old one: the
+    /// hold is released in the same pass, so the circuit waits for no router the topology no
+    /// longer has. (Restored first, it kept the hold until a second pass.)
+    #[tokio::test]
+    async fn a_restore_releases_an_old_path_the_same_apply_breaks() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ctl, svc, c, _sessions) = c1_moved_via_t(dir.path()).await;
+        assert!(c.held.is_some(), "{c:?}");
+        drop_t(&ctl).await;
+        svc.on_topology_applied().await.unwrap();
+        let failed = svc.get("c1").unwrap();
+        assert!(failed_by_version_2(&failed), "{failed:?}");
+        assert!(failed.held.is_some(), "the old path, intact, still held");
+        // Version 3: t back, e–s gone.
+        ctl.apply(
+            &yaml(POOL, false),
+            "ops",
+            "t back",
+            Origin::Apply,
+            false,
+            None,
+        )
+        .await
+        .unwrap();
+        svc.on_topology_applied().await.unwrap();
+        let c = svc.get("c1").unwrap();
+        assert_eq!(
+            (c.state, c.held.as_ref()),
+            (CircuitState::Provisioning, None)
+        );
+        svc.on_topology_applied().await.unwrap();
+        assert_eq!(svc.get("c1").unwrap(), c, "a second pass changes nothing");
+    }
+
     /// A settle pass reads the circuits awaiting acknowledgement only, not every circuit ever
     /// created: with 30 circuits active and one provisioning, a pass that activates that one
     /// reads its record (before and inside its transaction), and a pass with nothing pending

@@ -853,6 +853,11 @@ async fn renew(
     let Some(permit) = issuer.signing(deadline).await else {
         return busy();
     };
+    // A permit that came with less than a second left: the answer would likely come too late
+    // and be thrown away, its certificate signed and logged for no one.
+    if deadline.saturating_duration_since(tokio::time::Instant::now()) < Duration::from_secs(1) {
+        return busy();
+    }
     let (i, n, p) = (issuer.clone(), node.to_string(), presented.clone());
     let answer = tokio::task::spawn_blocking(move || {
         let _permit = permit;

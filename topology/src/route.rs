@@ -1122,7 +1122,6 @@ fn unit_open(hash: u64) -> f64 {
     ((hash >> 12) as f64 + 0.5) / (1u64 << 52) as f64
 }
 
-/// `dial` as a chance in `[0, 1]`.
 /// The dial candidate `i` walks with ([`TryOrder::dialled`]): its own, or 0 (it declines every
 /// connection) when it is drained and a candidate is not (`drain_free`: whether one is). A
 /// drained site is used only when no drain-free site can serve, dial or not: its dial took the
@@ -1132,6 +1131,7 @@ pub fn walk_dial(candidates: &[Candidate], i: usize, drain_free: bool) -> u8 {
     if c.drained && drain_free { 0 } else { c.dial }
 }
 
+/// `dial` as a chance in `[0, 1]`.
 fn dial_fraction(dial: u8) -> f64 {
     f64::from(dial.min(FULL_DIAL)) / f64::from(FULL_DIAL)
 }

@@ -126,6 +126,9 @@ pub struct Daemon {
     tasks: Vec<JoinHandle<()>>,
 }
 
+/// How long the shutdown waits for the routers' last records to be stored ([`Daemon::shutdown`]).
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
+
 impl Daemon {
     /// Stops serving (routers see the connection close; admin requests are refused).
     pub async fn shutdown(self) {
@@ -136,8 +139,17 @@ impl Daemon {
         }
         // The routers' last applied versions: lost to a failed write (a restart shows them
         // older until each router answers again), which is said, as the flush loop says it.
-        if let Err(e) = self.ctl.flush_routers().await {
-            tracing::error!("could not store the routers' last records at shutdown: {e}");
+        // Bounded: a store that does not answer (a hung disk, a flush cut off holding its
+        // lock) held the exit for ever, every later SIGTERM caught and ignored.
+        match tokio::time::timeout(SHUTDOWN_FLUSH, self.ctl.flush_routers()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!("could not store the routers' last records at shutdown: {e}")
+            }
+            Err(_) => tracing::error!(
+                "the store did not take the routers' last records within {SHUTDOWN_FLUSH:?} at \
+                 shutdown: stopping without them"
+            ),
         }
         self.endpoint.wait_idle().await;
     }
@@ -426,5 +438,28 @@ mod tests {
         let d = start(config(&state, None)).await.unwrap();
         assert!(state.join("pki").join(router::pki::CA_CERT).is_file());
         d.shutdown().await;
+    }
+
+    /// A store that does not answer (a flush holding its lock on a hung disk) does not hold the
+    /// shutdown for ever: it gives up on the routers' last records after its bound. (It waited
+    /// for the lock without end, every later SIGTERM ignored.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_shutdown_does_not_wait_for_ever_on_a_store_that_hangs() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = start(config(&dir.path().join("state"), None))
+            .await
+            .unwrap();
+        let ctl = d.ctl.clone();
+        let (held, holding) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _flush = ctl.flushing.lock().unwrap();
+            held.send(()).unwrap();
+            std::thread::sleep(Duration::from_secs(15));
+        });
+        holding.recv().unwrap();
+        let bound = SHUTDOWN_FLUSH + Duration::from_secs(7);
+        tokio::time::timeout(bound, d.shutdown())
+            .await
+            .expect("the shutdown waited for the hung store");
     }
 }

@@ -58,6 +58,37 @@ fn a_closed_terminal_during_the_tour_stops_the_fabric_and_removes_its_directory(
     interrupted_during_the_tour(libc::SIGHUP);
 }
 
+/// A demo started with SIGHUP ignored (`nohup tasman ...`) keeps it ignored: a SIGHUP (its
+/// terminal closing) does not stop it, and the tour goes on. (tokio's handler replaced the
+/// disposition the parent had set: a `nohup tasman router` stopped when its terminal closed.)
+#[test]
+fn a_hangup_the_parent_ignored_stays_ignored() {
+    let _one = one_demo_at_a_time();
+    let tmp = tempfile::tempdir().expect("temporary directory");
+    let mut demo = Demo::start_with(&["--quick", "--ephemeral-ports"], Some(tmp.path()), true);
+    assert!(
+        demo.read_until("Requests:"),
+        "the tour did not start:\n{}",
+        demo.out
+    );
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(demo.child.id() as libc::pid_t, libc::SIGHUP);
+    }
+    assert!(
+        demo.read_until("Failover:"),
+        "the tour stopped after the ignored SIGHUP:\n{}",
+        demo.out
+    );
+    // SIGINT is not ignored: it stops the demo, which cleans up.
+    unsafe {
+        libc::kill(demo.child.id() as libc::pid_t, libc::SIGINT);
+    }
+    let status = wait_until(&mut demo.child, Instant::now() + Duration::from_secs(60));
+    assert!(status.is_some(), "still running 60 s after SIGINT");
+    assert!(entries(tmp.path()).is_empty(), "{:?}", entries(tmp.path()));
+}
+
 fn interrupted_during_the_tour(sig: libc::c_int) {
     let _one = one_demo_at_a_time();
     let tmp = tempfile::tempdir().expect("temporary directory");
@@ -111,8 +142,25 @@ struct Demo {
 impl Demo {
     /// Starts `tasman demo ARGS` (with `TMPDIR` set when given), stderr inherited.
     fn start(args: &[&str], tmpdir: Option<&Path>) -> Demo {
+        Demo::start_with(args, tmpdir, false)
+    }
+
+    /// [`Demo::start`], SIGHUP ignored in the child from its start when `nohup` (as `nohup`
+    /// starts a command).
+    fn start_with(args: &[&str], tmpdir: Option<&Path>, nohup: bool) -> Demo {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tasman"));
         cmd.arg("demo").args(args);
+        if nohup {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: signal(2) is async-signal-safe, and nothing else runs between fork and
+            // exec here.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::signal(libc::SIGHUP, libc::SIG_IGN);
+                    Ok(())
+                });
+            }
+        }
         if let Some(dir) = tmpdir {
             cmd.env("TMPDIR", dir);
         }

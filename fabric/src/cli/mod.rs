@@ -176,13 +176,17 @@ pub fn fmt_time(unix_ms: u64) -> String {
 /// them first thing in their runtime: a stop asked for while they start is not lost (routers
 /// and the controller installed them only once they served, and a SIGTERM before that killed
 /// the process by the default action, exit "signal 15", nothing drained nor stored).
+///
+/// A signal the process was started with ignored (`nohup`: SIGHUP; a shell's background job:
+/// SIGINT) stays ignored, as the parent asked: tokio installs a handler whatever the
+/// disposition, and the terminal closing then stopped a `nohup tasman router`.
 pub(crate) struct Signals {
     #[cfg(unix)]
-    interrupt: tokio::signal::unix::Signal,
+    interrupt: Option<tokio::signal::unix::Signal>,
     #[cfg(unix)]
-    terminate: tokio::signal::unix::Signal,
+    terminate: Option<tokio::signal::unix::Signal>,
     #[cfg(unix)]
-    hangup: tokio::signal::unix::Signal,
+    hangup: Option<tokio::signal::unix::Signal>,
 }
 
 impl Signals {
@@ -191,10 +195,27 @@ impl Signals {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{SignalKind, signal};
+            // Whether `sig` came ignored from the parent.
+            fn ignored(sig: libc::c_int) -> bool {
+                // SAFETY: `sigaction` with a null new action only reads the current one into
+                // `old`, a zeroed `sigaction` owned here.
+                unsafe {
+                    let mut old: libc::sigaction = std::mem::zeroed();
+                    libc::sigaction(sig, std::ptr::null(), &mut old) == 0
+                        && old.sa_sigaction == libc::SIG_IGN
+                }
+            }
+            let unless_ignored = |sig: libc::c_int, kind: SignalKind| {
+                if ignored(sig) {
+                    Ok(None)
+                } else {
+                    signal(kind).map(Some)
+                }
+            };
             Ok(Signals {
-                interrupt: signal(SignalKind::interrupt())?,
-                terminate: signal(SignalKind::terminate())?,
-                hangup: signal(SignalKind::hangup())?,
+                interrupt: unless_ignored(libc::SIGINT, SignalKind::interrupt())?,
+                terminate: unless_ignored(libc::SIGTERM, SignalKind::terminate())?,
+                hangup: unless_ignored(libc::SIGHUP, SignalKind::hangup())?,
             })
         }
         #[cfg(not(unix))]
@@ -224,10 +245,20 @@ impl Signals {
     /// Resolves at the next signal.
     pub(crate) async fn next(&mut self) {
         #[cfg(unix)]
-        tokio::select! {
-            _ = self.interrupt.recv() => {}
-            _ = self.terminate.recv() => {}
-            _ = self.hangup.recv() => {}
+        {
+            async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+                match s {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+            tokio::select! {
+                () = recv(&mut self.interrupt) => {}
+                () = recv(&mut self.terminate) => {}
+                () = recv(&mut self.hangup) => {}
+            }
         }
         #[cfg(not(unix))]
         let _ = tokio::signal::ctrl_c().await;

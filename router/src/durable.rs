@@ -15,13 +15,27 @@ use std::path::{Path, PathBuf};
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     #[cfg(test)]
     record::synced(dir);
-    let Ok(d) = fs::File::open(dir) else {
-        return Ok(());
+    let d = match fs::File::open(dir) {
+        Ok(d) => d,
+        Err(e) if open_failure_passed_over(&e) => return Ok(()),
+        Err(e) => return Err(e),
     };
     match d.sync_all() {
         Err(e) if cannot_sync_dirs(&e) => Ok(()),
         r => r,
     }
+}
+
+/// Whether `e`, from opening a directory to sync it, says that this process may not open it (or
+/// it is gone), a lasting state passed over; not a passing want of descriptors or memory
+/// (`EMFILE`, `ENFILE`, `ENOMEM`), which leaves the names unsynced and is returned. (Every
+/// failure was passed over: a process at its descriptor limit reported renames durable that
+/// were never synced.)
+fn open_failure_passed_over(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::PermissionDenied | io::ErrorKind::NotFound
+    )
 }
 
 /// Whether `e`, from syncing a directory, says that its file system does not sync directories
@@ -230,6 +244,19 @@ mod tests {
             assert!(
                 !cannot_sync_dirs(&io::Error::from_raw_os_error(failed)),
                 "errno {failed} passed over"
+            );
+        }
+        // Opening the directory: a lasting refusal is passed over, a passing want of
+        // descriptors or memory is not.
+        for lasting in [libc::EACCES, libc::EPERM, libc::ENOENT] {
+            assert!(open_failure_passed_over(&io::Error::from_raw_os_error(
+                lasting
+            )));
+        }
+        for passing in [libc::EMFILE, libc::ENFILE, libc::ENOMEM] {
+            assert!(
+                !open_failure_passed_over(&io::Error::from_raw_os_error(passing)),
+                "errno {passing} passed over"
             );
         }
     }

@@ -82,7 +82,11 @@ impl AsyncUdpSocket for FabricUdp {
                         return Poll::Ready(Ok(n));
                     }
                 }
-                Err(e) => return Poll::Ready(Err(e)),
+                // Another error is one datagram's or the socket's pending error (a stored
+                // ICMP error, say), taken by this call: polled again, as quinn's own socket
+                // does. Handed to quinn, it ended the endpoint's driver, and with it every
+                // connection of the router until a restart.
+                Err(e) => tracing::debug!("fabric socket: receive error, ignored: {e}"),
             }
         }
     }

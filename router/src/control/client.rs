@@ -1972,7 +1972,8 @@ async fn staleness_watch(shared: Arc<Shared>) {
     loop {
         tokio::time::sleep(period).await;
         let age_ms = now_ms().saturating_sub(shared.last_contact.get());
-        if age_ms > shared.cfg.max_stale.as_millis() as u64 {
+        // Saturated: a limit past `u64::MAX` ms wrapped to a few hundred ms.
+        if age_ms > u64::try_from(shared.cfg.max_stale.as_millis()).unwrap_or(u64::MAX) {
             shared.stale.store(true, Ordering::Relaxed);
             let now = now_ms();
             if now.saturating_sub(last_log) >= 60_000 || last_log == 0 {

@@ -248,7 +248,7 @@ impl VipListeners {
             if bound.contains_key(&addr) {
                 continue;
             }
-            match bind(addr) {
+            match crate::edge::listen(addr) {
                 Ok(l) => {
                     tracing::info!(%addr, %service, "circuit VIP listener");
                     failed.bound(&addr);
@@ -271,19 +271,6 @@ impl VipListeners {
         }
         st.failed.0.clear();
     }
-}
-
-fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let s = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        None,
-    )?;
-    s.set_reuse_address(true)?;
-    s.set_nonblocking(true)?;
-    s.bind(&addr.into())?;
-    s.listen(crate::edge::BACKLOG as i32)?;
-    TcpListener::from_std(s.into())
 }
 
 #[cfg(test)]

@@ -175,12 +175,13 @@ impl Listeners {
     }
 }
 
-/// Accept queue depth of every client listener (services' and circuits' VIPs): bursts of
-/// thousands of client connects must not overflow it (the kernel caps it at
-/// net.core.somaxconn). The circuits' VIP listeners had 1024.
-pub(crate) const BACKLOG: u32 = 8192;
+/// Accept queue depth of every client listener (services' and circuits' VIPs, [`listen`]):
+/// bursts of thousands of client connects must not overflow it (the kernel caps it at
+/// net.core.somaxconn).
+const BACKLOG: u32 = 8192;
 
-fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// A client listener at `addr`: a service's, the transparent port's, or a circuit's VIP.
+pub(crate) fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let sock = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {

@@ -92,8 +92,7 @@ impl ServiceRoute {
             return base;
         }
         let key = (self.affinity == Affinity::SourceIp).then(|| client_key(client));
-        let drain_free = self.candidates.iter().any(|c| !c.drained);
-        let dial = |i| topology::route::walk_dial(&self.candidates, i, drain_free);
+        let dial = |i| topology::route::walk_dial(&self.candidates, i);
         base.dialled(|i| match (dial(i), key) {
             (0, _) => false,
             (d, _) if d >= FULL_DIAL => true,
@@ -1517,50 +1516,34 @@ mod tests {
         let g = graph();
         let (transit, site) = (NodeId::new("transit"), NodeId::new("site"));
         let me = NodeId::new("edge");
+        let learn = |ev: &Evidence, from: &NodeId, ttl, e: &Entry| {
+            ev.learn_with(&me, from, &g, ttl, own_word(slow), vec![e.clone()])
+        };
+        let held = |ev: &Evidence| holds(ev, "site", HOUR).map(|e| e.generation);
         let ev = Evidence::default();
         let own = entry("site", now_ns(), &[], &["echo"]);
-        assert!(ev.learn_with(&me, &site, &g, HOUR, own_word(slow), vec![own.clone()]));
+        assert!(learn(&ev, &site, HOUR, &own));
         let forged = Entry {
             age_ms: 0,
             ..entry("site", now_ns() + 1, &["transit"], &[])
         };
         std::thread::sleep(OWN_WORD + Duration::from_millis(100));
-        assert!(!ev.learn_with(
-            &me,
-            &transit,
-            &g,
-            HOUR,
-            own_word(slow),
-            vec![forged.clone()]
-        ));
-        assert_eq!(
-            holds(&ev, "site", HOUR).map(|e| e.generation),
-            Some(own.generation)
-        );
+        assert!(!learn(&ev, &transit, HOUR, &forged));
+        assert_eq!(held(&ev), Some(own.generation));
         // Declared down: its news comes through relays only, taken at once.
         ev.unheard(&site);
-        assert!(ev.learn_with(
-            &me,
-            &transit,
-            &g,
-            HOUR,
-            own_word(slow),
-            vec![forged.clone()]
-        ));
-        assert_eq!(
-            holds(&ev, "site", HOUR).map(|e| e.generation),
-            Some(forged.generation)
-        );
+        assert!(learn(&ev, &transit, HOUR, &forged));
+        assert_eq!(held(&ev), Some(forged.generation));
         // Never past the TTL: a relayed copy replaces an own word that old.
         let ev = Evidence::default();
-        assert!(ev.learn_with(&me, &site, &g, HOUR, own_word(slow), vec![own.clone()]));
+        assert!(learn(&ev, &site, HOUR, &own));
         let ttl = Duration::from_millis(50);
         std::thread::sleep(ttl);
         let young = Entry {
             age_ms: 0,
             ..entry("site", now_ns() + 2, &["transit"], &[])
         };
-        assert!(ev.learn_with(&me, &transit, &g, ttl, own_word(slow), vec![young]));
+        assert!(learn(&ev, &transit, ttl, &young));
     }
 
     /// The site's clock is an hour ahead of the edge's (or the edge's an hour behind): the

@@ -158,10 +158,7 @@ fn read_unless_stopped<'a, T>(
 }
 
 fn read_error_code(e: &ReadError) -> Code {
-    match e {
-        ReadError::Reset(c) => Code::from_peer(*c),
-        _ => Code::UpstreamLost,
-    }
+    Code::from_peer(read_error_varint(e))
 }
 
 /// What a relay hands on for a failed read: the peer's reset code as it came (one this build

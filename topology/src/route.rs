@@ -1058,7 +1058,6 @@ impl Spread {
         } else {
             self.members().clamp(1, n)
         };
-        let drain_free = candidates.iter().any(|c| !c.drained);
         for dealt in 0..dealers {
             let base = TryOrder::new(n, dealt);
             let mut rest = if self.members() > 1 {
@@ -1067,7 +1066,7 @@ impl Spread {
                 1.0
             };
             for i in base.iter() {
-                let take = rest * dial_fraction(walk_dial(candidates, i, drain_free));
+                let take = rest * dial_fraction(walk_dial(candidates, i));
                 out[i] += take;
                 rest -= take;
             }
@@ -1122,13 +1121,18 @@ fn unit_open(hash: u64) -> f64 {
     ((hash >> 12) as f64 + 0.5) / (1u64 << 52) as f64
 }
 
-/// The dial candidate `i` walks with ([`TryOrder::dialled`]): its own, or 0 (it declines every
-/// connection) when it is drained and a candidate is not (`drain_free`: whether one is). A
-/// drained site is used only when no drain-free site can serve, dial or not: its dial took the
-/// first tries that the drain-free sites' dials declined, ahead of those sites.
-pub fn walk_dial(candidates: &[Candidate], i: usize, drain_free: bool) -> u8 {
+/// The dial candidate `i` of the ranked `candidates` walks with ([`TryOrder::dialled`]): its
+/// own, or 0 (it declines every connection) when it is drained and a candidate is not (the
+/// first: drain-free candidates rank first). A drained site is used only when no drain-free
+/// site can serve, dial or not: its dial took the first tries that the drain-free sites' dials
+/// declined, ahead of those sites.
+pub fn walk_dial(candidates: &[Candidate], i: usize) -> u8 {
     let c = &candidates[i];
-    if c.drained && drain_free { 0 } else { c.dial }
+    if c.drained && !candidates[0].drained {
+        0
+    } else {
+        c.dial
+    }
 }
 
 /// `dial` as a chance in `[0, 1]`.
@@ -2359,11 +2363,11 @@ mod tests {
         ranked[1].drained = true;
         let spread = Spread::new(&ranked);
         assert_eq!(spread.expected(&ranked), [1.0, 0.0]);
-        assert_eq!(walk_dial(&ranked, 1, true), 0);
-        assert_eq!(walk_dial(&ranked, 0, true), 5);
+        assert_eq!(walk_dial(&ranked, 1), 0);
+        assert_eq!(walk_dial(&ranked, 0), 5);
         // Every site drained: the dials stand.
         ranked[0].drained = true;
-        assert_eq!(walk_dial(&ranked, 1, false), 100);
+        assert_eq!(walk_dial(&ranked, 1), 100);
         let spread = Spread::new(&ranked);
         // Both drained share the connections (a group of two): half start on s0's turn, which
         // takes 5 % of them, the rest go to s1 (dial 100).

@@ -189,21 +189,22 @@ impl RedbStore {
         begin: impl Fn(&Database) -> Result<T, StoreError>,
     ) -> Result<(RwLockReadGuard<'_, Option<Database>>, T), StoreError> {
         IO_FAILED.set(false);
-        for last in [false, true] {
-            let g = self.usable()?;
-            let Some(db) = g.as_ref() else {
-                unreachable!("usable() gives an open database")
-            };
-            match begin(db) {
-                Ok(tx) => return Ok((g, tx)),
-                Err(e) if !last && IO_FAILED.replace(false) => {
-                    drop(g);
-                    self.reopen().map_err(|_| e)?;
-                }
-                Err(e) => return Err(e),
+        let g = self.usable()?;
+        match g.as_ref().map(&begin) {
+            Some(Ok(tx)) => return Ok((g, tx)),
+            Some(Err(e)) if IO_FAILED.replace(false) => {
+                drop(g);
+                self.reopen().map_err(|_| e)?;
             }
+            Some(Err(e)) => return Err(e),
+            None => unreachable!("usable() gives an open database"),
         }
-        unreachable!("the second try returns")
+        let g = self.usable()?;
+        let tx = g
+            .as_ref()
+            .map(&begin)
+            .expect("usable() gives an open database")?;
+        Ok((g, tx))
     }
 
     /// After the commit that counted `n` failed on an I/O error: `Ok` when the file, opened

@@ -138,6 +138,15 @@ fn send_drained(snap: &Snapshot, node: &str, txs: &[common::Source]) {
 /// Edge to site through `t1` (1 ms links) or `t2` (2 ms links), the site serving `llm` at
 /// `backend`; clients on `port`.
 fn two_paths(backend: SocketAddr, port: u16) -> topology::Topology {
+    two_paths_and(backend, port, |_| {})
+}
+
+/// [`two_paths`] with what `more` adds to its builder (nodes, links), before the addresses.
+fn two_paths_and(
+    backend: SocketAddr,
+    port: u16,
+    more: impl FnOnce(&mut topology::builder::TopologyBuilder),
+) -> topology::Topology {
     use topology::NodeKind;
     use topology::builder::{TopologyBuilder, ms};
     let mut b = TopologyBuilder::new();
@@ -150,6 +159,7 @@ fn two_paths(backend: SocketAddr, port: u16) -> topology::Topology {
         .link("edge", "t2", ms(2.0))
         .link("t2", "site", ms(2.0))
         .service("llm");
+    more(&mut b);
     let mut t = addressed(b.build(), port);
     serve(&mut t, "site", "llm", backend);
     t
@@ -256,27 +266,16 @@ async fn a_circuit_takes_its_reserved_path_when_it_is_not_the_nearest() {
 /// untried.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_site_that_refused_a_reserved_try_is_not_tried_again_by_another_path() {
-    use topology::NodeKind;
-    use topology::builder::{TopologyBuilder, ms};
+    use topology::builder::ms;
     let dir = ca_dir();
     let port = free_tcp_port();
-    let mut b = TopologyBuilder::new();
-    b.node("edge", NodeKind::Edge)
-        .node("t1", NodeKind::Transit)
-        .node("t2", NodeKind::Transit)
-        .node("site", NodeKind::Site)
-        .node("site2", NodeKind::Site)
-        .link("edge", "t1", ms(1.0))
-        .link("t1", "site", ms(1.0))
-        .link("edge", "t2", ms(2.0))
-        .link("t2", "site", ms(2.0))
-        .link("edge", "site2", ms(20.0))
-        .service("llm");
-    let mut t = addressed(b.build(), port);
     // Nothing listens at the site's backend; its TCP checks a minute apart, so that only the
     // streams' refused connects tell.
     let dead = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), free_tcp_port());
-    serve(&mut t, "site", "llm", dead);
+    let mut t = two_paths_and(dead, port, |b| {
+        b.node("site2", topology::NodeKind::Site)
+            .link("edge", "site2", ms(20.0));
+    });
     serve(&mut t, "site2", "llm", echo_backend().await);
     for n in &mut t.nodes {
         for s in &mut n.serves {

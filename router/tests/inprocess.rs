@@ -2777,6 +2777,18 @@ async fn http_status_backend(
     (backend, http)
 }
 
+/// Sends `h` (through its source `tx`) snapshot `version` of `topo` and waits until it runs it.
+async fn applied(tx: &common::Source, h: &RouterHandle, version: u64, topo: topology::Topology) {
+    tx.send(Arc::new(Snapshot::new(version, Arc::new(topo))))
+        .unwrap();
+    wait_until(
+        Duration::from_secs(20),
+        || h.telemetry().snapshot_version == version,
+        || format!("snapshot {version} not applied"),
+    )
+    .await;
+}
+
 /// A service whose capacity changed, then removed with no stream open, and served again with an
 /// HTTP check is judged afresh: unhealthy until its check passes (its backend, restarted,
 /// answers 503 while it loads). (Its old record stayed aside, taken for one held by a stream,
@@ -2805,19 +2817,7 @@ async fn a_service_removed_with_no_stream_open_comes_back_judged_afresh() {
         || format!("never healthy: {:?}", healthy()),
     )
     .await;
-    let apply = |version: u64, topo: topology::Topology| {
-        tx.send(Arc::new(Snapshot::new(version, Arc::new(topo))))
-            .unwrap();
-        let site = &site;
-        async move {
-            wait_until(
-                Duration::from_secs(20),
-                || site.telemetry().snapshot_version == version,
-                || format!("snapshot {version} not applied"),
-            )
-            .await;
-        }
-    };
+    let apply = |version: u64, topo: topology::Topology| applied(&tx, &site, version, topo);
     let mut bigger = t.clone();
     site_of(&mut bigger).serves[0].capacity = 20;
     apply(2, bigger.clone()).await;
@@ -2870,19 +2870,7 @@ async fn a_service_removed_while_a_stream_ran_comes_back_judged_afresh_once_it_e
         || format!("no stream open at the site: {:?}", active()),
     )
     .await;
-    let apply = |version: u64, topo: topology::Topology| {
-        tx.send(Arc::new(Snapshot::new(version, Arc::new(topo))))
-            .unwrap();
-        let site = &site;
-        async move {
-            wait_until(
-                Duration::from_secs(20),
-                || site.telemetry().snapshot_version == version,
-                || format!("snapshot {version} not applied"),
-            )
-            .await;
-        }
-    };
+    let apply = |version: u64, topo: topology::Topology| applied(&tx, &site, version, topo);
     let mut without = t.clone();
     site_of(&mut without).serves.clear();
     apply(2, without).await;

@@ -810,6 +810,23 @@ mod tests {
         (ctl, svc)
     }
 
+    /// [`with_c1`] in `dir`, its routers' acknowledgement (the sessions: keep them) and a
+    /// settle pass: c1 as it is then.
+    async fn settled_c1(
+        dir: &std::path::Path,
+    ) -> (
+        Arc<Controller>,
+        Arc<CircuitService>,
+        Circuit,
+        Vec<RouterSession>,
+    ) {
+        let (ctl, svc) = with_c1(FaultyStore::open(dir)).await;
+        let sessions = ack(&ctl, &["e", "s"]);
+        svc.settle_once().await.unwrap();
+        let c = svc.get("c1").unwrap();
+        (ctl, svc, c, sessions)
+    }
+
     /// A controller on a [`FaultyStore`] in `dir` that starts with the topology `text`, and its
     /// circuit service with the provisioning timeout `timeout`.
     fn service_on(
@@ -900,10 +917,7 @@ mod tests {
     #[tokio::test]
     async fn a_circuit_failed_by_an_apply_comes_back_when_the_apply_is_undone() {
         let dir = tempfile::tempdir().unwrap();
-        let (ctl, svc) = with_c1(FaultyStore::open(dir.path())).await;
-        let _sessions = ack(&ctl, &["e", "s"]);
-        svc.settle_once().await.unwrap();
-        let before = svc.get("c1").unwrap();
+        let (ctl, svc, before, _sessions) = settled_c1(dir.path()).await;
         assert_eq!(before.state, CircuitState::Active);
         drop_es(&ctl).await;
         svc.on_topology_applied().await.unwrap();
@@ -1309,10 +1323,8 @@ mod tests {
         ];
         for (text, issue) in cases {
             let dir = tempfile::tempdir().unwrap();
-            let (ctl, svc) = with_c1(FaultyStore::open(dir.path())).await;
-            let _sessions = ack(&ctl, &["e", "s"]);
-            svc.settle_once().await.unwrap();
-            assert_eq!(svc.get("c1").unwrap().state, CircuitState::Active);
+            let (ctl, svc, c, _sessions) = settled_c1(dir.path()).await;
+            assert_eq!(c.state, CircuitState::Active);
             let dry = ctl
                 .apply(&text, "ops", "change", Origin::Apply, true, None)
                 .await
@@ -1340,10 +1352,7 @@ mod tests {
     #[tokio::test]
     async fn a_service_vip_over_a_circuit_vip_shows_in_the_plan() {
         let dir = tempfile::tempdir().unwrap();
-        let (ctl, svc) = with_c1(FaultyStore::open(dir.path())).await;
-        let _sessions = ack(&ctl, &["e", "s"]);
-        svc.settle_once().await.unwrap();
-        let c = svc.get("c1").unwrap();
+        let (ctl, svc, c, _sessions) = settled_c1(dir.path()).await;
         assert_eq!(c.vip, Some("127.79.0.1".parse().unwrap()));
         let text = yaml("127.80.0.0/28", true).replace(
             "{name: chat, port: 8080}",
@@ -1365,10 +1374,7 @@ mod tests {
     #[tokio::test]
     async fn a_client_address_on_a_circuit_vip_shows_in_the_plan() {
         let dir = tempfile::tempdir().unwrap();
-        let (ctl, svc) = with_c1(FaultyStore::open(dir.path())).await;
-        let _sessions = ack(&ctl, &["e", "s"]);
-        svc.settle_once().await.unwrap();
-        let c = svc.get("c1").unwrap();
+        let (ctl, _svc, c, _sessions) = settled_c1(dir.path()).await;
         assert_eq!(
             (c.vip, c.port),
             (Some("127.79.0.1".parse().unwrap()), Some(8080))
@@ -1480,10 +1486,8 @@ mod tests {
     #[tokio::test]
     async fn a_break_on_a_shrunk_circuits_path_keeps_the_old_rates_excess() {
         let dir = tempfile::tempdir().unwrap();
-        let (ctl, svc) = with_c1(FaultyStore::open(dir.path())).await;
-        let _sessions = ack(&ctl, &["e", "s"]);
-        svc.settle_once().await.unwrap();
-        assert_eq!(svc.get("c1").unwrap().state, CircuitState::Active);
+        let (ctl, svc, c, _sessions) = settled_c1(dir.path()).await;
+        assert_eq!(c.state, CircuitState::Active);
         let c = svc
             .resize("c1".into(), "40Mbps".parse().unwrap(), "ops".into())
             .await
@@ -2296,10 +2300,7 @@ mod tests {
     async fn a_resize_or_delete_by_a_name_that_moved_publishes_what_it_changed() {
         for op in ["resize", "delete"] {
             let dir = tempfile::tempdir().unwrap();
-            let (ctl, svc) = with_c1(FaultyStore::open(dir.path())).await;
-            let _acks = ack(&ctl, &["e", "s"]);
-            svc.settle_once().await.unwrap();
-            let old = svc.get("c1").unwrap();
+            let (ctl, svc, old, _acks) = settled_c1(dir.path()).await;
             assert_eq!(old.state, CircuitState::Active);
             let ctl2 = ctl.clone();
             *lock(&svc.before_write) = Some(Box::new(move || {

@@ -201,3 +201,47 @@ fn a_router_stopped_while_it_starts_exits_cleanly() {
     let status = terminate(&mut router, log);
     assert!(status.success(), "{status}:\n{}", log());
 }
+
+/// A controller asked to stop while its start is stuck on a file (here its admin token file,
+/// a FIFO nobody writes; as on a hung mount under `--state`) exits, status 0, without waiting
+/// for the file. (The start ran on the thread that polls the signals: the SIGTERM was caught
+/// and not heard until the file answered.)
+#[test]
+fn a_controller_stopped_while_its_start_is_stuck_on_a_file_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let topo = write_topology(dir.path());
+    let token = dir.path().join("admin-token");
+    let stuck = HungFile::at(&token);
+    let log_path = dir.path().join("controller.log");
+    let mut cmd = Command::new(tasman());
+    cmd.args(["controller", "--topology"])
+        .arg(&topo)
+        .arg("--state")
+        .arg(dir.path().join("state"))
+        .arg("--admin-token-file")
+        .arg(&token)
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .env("RUST_LOG", "info")
+        // One runtime worker (as on one CPU): a start stuck on it leaves none to drive the
+        // signals.
+        .env("TOKIO_WORKER_THREADS", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap());
+    common::die_with_parent(&mut cmd);
+    let mut ctl = Proc {
+        name: "controller".into(),
+        child: cmd.spawn().expect("spawn tasman controller"),
+    };
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let pid = ctl.child.id();
+    eventually(DEADLINE, "the controller to read its admin token", || {
+        if let Ok(Some(status)) = ctl.child.try_wait() {
+            panic!("the controller exited early ({status}):\n{}", log());
+        }
+        stuck.read_by(pid)
+    });
+
+    let status = terminate(&mut ctl, log);
+    assert!(status.success(), "{status}:\n{}", log());
+    drop(stuck);
+}

@@ -161,8 +161,19 @@ pub fn run(args: ControllerArgs) -> ExitCode {
             write_stall_timeout: crate::controller::distribute::WRITE_STALL_TIMEOUT,
             circuit_retention: args.circuit_retention.0,
         };
-        let started = match signals.unless(daemon::start(cfg)).await {
-            Ok(started) => started,
+        // The start on a blocking thread of its own: it reads files (the store, the token, the
+        // PKI) with blocking calls, which on this thread kept the signals from being polled
+        // until a stuck file answered (a SIGTERM caught and not heard), and on a runtime worker
+        // could take the only one (one CPU) that drives the signals. Stopped while it starts,
+        // the thread is left to the runtime's bounded shutdown below.
+        let runtime = tokio::runtime::Handle::current();
+        let start = tokio::task::spawn_blocking(move || runtime.block_on(daemon::start(cfg)));
+        let started = match signals.unless(start).await {
+            Ok(Ok(started)) => started,
+            Ok(Err(e)) => {
+                eprintln!("error: the controller's start failed: {e}");
+                return ExitCode::from(1);
+            }
             Err(code) => return code,
         };
         let d = match started {

@@ -569,7 +569,8 @@ fn run_with_controller(args: &RouterArgs, controller: SocketAddr) -> ExitCode {
         ccfg.state_dir = args.state_dir.clone();
         if ccfg.state_dir.is_none() {
             tracing::warn!(
-                "no --state-dir: the last good snapshot is kept in memory only, so a restart                  while the controller is away has nothing to run on"
+                "no --state-dir: the last good snapshot is kept in memory only, so a restart \
+                 while the controller is away has nothing to run on"
             );
         }
         ccfg.max_stale = args.max_stale;

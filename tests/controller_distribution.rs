@@ -849,6 +849,21 @@ async fn a_rejection_reason_is_kept_and_logged_bounded() {
         "{} bytes: {line}",
         line.len()
     );
+    // The router then takes that version (asked for again, its cause gone): the rejection is
+    // no longer shown as its state (the JSON keeps it, with its time).
+    s.say(&FromRouter::Resync { have_version: None }).await;
+    assert_eq!(version_of(&next_news(&mut s.recv).await), version);
+    s.say(&FromRouter::Ack { version }).await;
+    eventually(Duration::from_secs(10), "the version applied", || {
+        router_status(&d, "edge-0").is_some_and(|r| r.record.applied_version == version)
+    })
+    .await;
+    let status = status_text(&d).await;
+    let line = status_line(&status, "edge-0");
+    assert!(
+        !line.contains("rejected"),
+        "status line of edge-0: {line:?}"
+    );
     // The controller logged it, bounded the same way.
     let logged = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
     let line = logged

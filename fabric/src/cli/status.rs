@@ -55,7 +55,14 @@ pub fn run(args: StatusArgs) -> ExitCode {
         } else {
             "current".to_string()
         };
-        if let Some(n) = &r.last_nack {
+        // A rejection the router has since got past (it runs that version or a later one: a
+        // move's port freed, the version offered again) is history, kept in the JSON with its
+        // time, not a state: shown beside "current" it sent operators after a solved problem.
+        if let Some(n) = r
+            .last_nack
+            .as_ref()
+            .filter(|n| n.version > r.applied_version)
+        {
             state.push_str(&format!(
                 "; rejected snapshot {} (topology {}): {}",
                 n.version, n.topology_version, n.reason

@@ -168,10 +168,12 @@ pub enum ClientError {
         tries: u32,
         over: Duration,
     },
-    /// A token a request header cannot carry (a line break or control character inside it).
+    /// A token a request header cannot carry (a line break, a control character or a
+    /// character outside ASCII inside it).
     #[error(
-        "the admin token has a character a request header cannot carry (a line break or \
-         control character inside it): check --token / TASMAN_TOKEN or --token-file"
+        "the admin token has a character a request header cannot carry (a line break, a \
+         control character or one outside ASCII inside it): check --token / TASMAN_TOKEN or \
+         --token-file"
     )]
     BadToken,
 }
@@ -220,7 +222,9 @@ impl AdminClient {
         // if given, is read. It won, and the request went out without one (401).
         let given = args.token.as_ref().filter(|t| !t.trim().is_empty());
         let token = match (given, &args.token_file) {
-            (Some(t), _) => t.clone(),
+            // Spaces around it ignored, as in a token file and by the controller (a secret
+            // mounted with its line break was refused as a token with one inside).
+            (Some(t), _) => t.trim().to_string(),
             (None, Some(p)) => {
                 let t = std::fs::read_to_string(p)
                     .map_err(|source| ClientError::TokenFile {
@@ -638,6 +642,10 @@ mod tests {
         let err = AdminClient::new(&a).err().expect("refused");
         assert!(matches!(err, ClientError::BadToken), "{err:?}");
         assert!(err.to_string().contains("--token-file"), "{err}");
+        // Its line break at the end (a mounted secret) is no part of it, as in a token file.
+        a.token = Some(" abc\n".into());
+        let c = AdminClient::new(&a).expect("a token with spaces around it");
+        assert_eq!(c.token, "abc");
     }
 
     /// Something other than the admin API on --controller's port (a web server's HTML 404)

@@ -88,6 +88,12 @@ pub enum DaemonError {
     #[error("{path} is empty: an admin token is required")]
     EmptyToken { path: PathBuf },
     #[error(
+        "{path}: the admin token has a character no client can send in a request header (a \
+         byte-order mark, a letter outside ASCII or a control character): use printable ASCII \
+         only"
+    )]
+    UnsendableToken { path: PathBuf },
+    #[error(
         "--tls-dir {}: no {} there (a CA is created only in <state>/pki, without --tls-dir; \
          make one with `tasman pki init --dir {}`)",
         dir.display(),
@@ -202,6 +208,11 @@ pub const STORE_MADE: &str = "store-made";
 fn token_at(path: PathBuf, generate: bool) -> Result<String, DaemonError> {
     match std::fs::read_to_string(&path) {
         Ok(t) if t.trim().is_empty() => Err(DaemonError::EmptyToken { path }),
+        // Refused at start rather than answering every request 401: a header carries printable
+        // ASCII only (an editor's byte-order mark is no white space to `trim`).
+        Ok(t) if !t.trim().bytes().all(|b| b == b' ' || b.is_ascii_graphic()) => {
+            Err(DaemonError::UnsendableToken { path })
+        }
         Ok(t) => Ok(t.trim().to_string()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && generate => {
             let mut bytes = [0u8; 24];
@@ -438,6 +449,32 @@ mod tests {
         let d = start(config(&state, None)).await.unwrap();
         assert!(state.join("pki").join(router::pki::CA_CERT).is_file());
         d.shutdown().await;
+    }
+
+    /// A token file no client could present (an editor's byte-order mark before the token, a
+    /// letter outside ASCII) is refused at start naming the file. (The controller started, and
+    /// answered every request 401.)
+    #[tokio::test]
+    async fn an_admin_token_no_client_can_send_is_refused() {
+        for token in ["\u{feff}s3cret\n", "sécret", "s3\u{7}cret"] {
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("token");
+            std::fs::write(&file, token).unwrap();
+            let mut cfg = config(&dir.path().join("state"), None);
+            cfg.admin_token_file = Some(file.clone());
+            let err = match start(cfg).await {
+                Ok(d) => {
+                    d.shutdown().await;
+                    panic!("token {token:?} was accepted");
+                }
+                Err(e) => e,
+            };
+            assert!(
+                matches!(err, DaemonError::UnsendableToken { .. }),
+                "{token:?}: {err:?}"
+            );
+            assert!(err.to_string().starts_with(&file.display().to_string()));
+        }
     }
 
     /// A store that does not answer (a flush holding its lock on a hung disk) does not hold the

@@ -243,9 +243,11 @@ pub(crate) async fn run_dialer(shared: Arc<Shared>, nb: Arc<Neighbour>) {
             let answered = probe_until_down(&shared, &nb, &conn, &mut down_since).await;
             if nb.is_up() {
                 nb.set_down();
-                shared.evidence.unheard(&nb.id);
                 shared.changed.notify_one();
             }
+            // Also when it was not up (in its hold-down, it answered on this connection and so
+            // spoke for itself again): its own word ends with the connection.
+            shared.evidence.unheard(&nb.id);
             nb.connection_ended(&conn);
             if answered {
                 down_since = Some(Instant::now());
@@ -706,9 +708,12 @@ fn frames_in(st: &quinn::ConnectionStats) -> u64 {
 
 /// A neighbour not up failed its probes again: a hold-down running (it was up, then failed on
 /// this connection or lost one) starts over; a neighbour never up has none.
+/// Its own word ends as at a first down verdict: pongs in the hold-down made it the word on
+/// itself again, which kept relayed copies (its only news now) out until it aged.
 fn fail_again(shared: &Shared, nb: &Neighbour, down_since: &mut Option<Instant>) {
     tracing::debug!(node = %shared.node, neighbour = %nb.id,
         holding_down = down_since.is_some(), "missed probes while not up");
+    shared.evidence.unheard(&nb.id);
     if down_since.is_some() {
         *down_since = Some(Instant::now());
     }

@@ -3036,3 +3036,139 @@ async fn a_routers_metrics_show_its_control_session() {
     .await;
     handle.shutdown().await;
 }
+
+/// A neighbour that spoke for itself again in its hold-down (its pongs on a new connection are
+/// its own word) and then went away no longer keeps relayed copies of its entry out: the copy a
+/// transit relays (its link to the transit down) is taken at the transit's next pong. (The own
+/// word ended only when the neighbour was up: in its hold-down it stood against every relayed
+/// copy for interval x (misses + 1) after its last pong, here 9 s.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_neighbour_gone_in_its_hold_down_leaves_its_news_to_relayed_copies() {
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let mut b = TopologyBuilder::new();
+    b.node("edge", NodeKind::Edge)
+        .node("near", NodeKind::Site)
+        .node("transit", NodeKind::Transit)
+        .link("edge", "near", ms(1.0))
+        .link("edge", "transit", ms(0.5))
+        .link("transit", "near", ms(0.5))
+        .service("echo");
+    let mut t = addressed(b.build(), free_tcp_port());
+    serve(&mut t, "near", "echo", backend);
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    let near_link = topology::LinkId::new(&NodeId::new("transit"), &NodeId::new("near"));
+
+    // The near site hands each connection to the test, and answers pings on it with its own
+    // entry (its link to the transit up).
+    let (conns_tx, mut conns) = tokio::sync::mpsc::unbounded_channel();
+    let (near, near_pings) = fake_neighbour(
+        dir.path(),
+        &t,
+        "near",
+        router::transport::transport_config(),
+        move |conn, pings| {
+            let _ = conns_tx.send(conn.clone());
+            async move {
+                let mut generation = 0;
+                while let Ok(d) = conn.read_datagram().await {
+                    if let Ok(Probe::Ping { seq }) = Probe::decode(d) {
+                        pings.fetch_add(1, Relaxed);
+                        generation += 1;
+                        let mut own = own_entry("near", generation);
+                        own.neighbours.push(NeighbourState {
+                            id: NodeId::new("transit"),
+                            up: true,
+                            rtt_us: 500,
+                        });
+                        let (pong, _) = Probe::encode_pong(seq, &[own], 0, 1200);
+                        let _ = conn.send_datagram(pong);
+                    }
+                }
+            }
+        },
+    );
+    // The transit answers with its own entry and, once `relay` is set, a fresh copy of the
+    // near site's saying their link is down.
+    let relay = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let relaying = relay.clone();
+    let (_transit, _) = fake_neighbour(
+        dir.path(),
+        &t,
+        "transit",
+        router::transport::transport_config(),
+        move |conn, _| {
+            let relay = relaying.clone();
+            async move {
+                let mut generation = 0;
+                while let Ok(d) = conn.read_datagram().await {
+                    if let Ok(Probe::Ping { seq }) = Probe::decode(d) {
+                        generation += 1;
+                        let mut entries = vec![own_entry("transit", generation)];
+                        if relay.load(Relaxed) {
+                            let mut copy = own_entry("near", 1_000_000 + generation);
+                            copy.neighbours.push(NeighbourState {
+                                id: NodeId::new("transit"),
+                                up: false,
+                                rtt_us: 0,
+                            });
+                            entries.push(copy);
+                        }
+                        let (pong, _) = Probe::encode_pong(seq, &entries, 0, 1200);
+                        let _ = conn.send_datagram(pong);
+                    }
+                }
+            }
+        },
+    );
+    let (edge, _) = spawn_node(&snap, dir.path(), "edge", |c| {
+        c.probe.interval = Duration::from_secs(1);
+        c.probe.misses = 8;
+        c.probe.hold_down = Duration::from_secs(600);
+    })
+    .await;
+    let first = tokio::time::timeout(Duration::from_secs(20), conns.recv())
+        .await
+        .expect("the edge never dialled the near site")
+        .unwrap();
+    wait_until(
+        Duration::from_secs(20),
+        || common::neighbour_up(&edge, "near") && common::neighbour_up(&edge, "transit"),
+        || format!("neighbours never up: {:?}", edge.telemetry()),
+    )
+    .await;
+    // Down (its connection lost), then back on a new connection in its hold-down, answering.
+    first.close(0u32.into(), b"lost");
+    let second = tokio::time::timeout(Duration::from_secs(20), conns.recv())
+        .await
+        .expect("the edge never dialled the near site again")
+        .unwrap();
+    let answered = near_pings.load(Relaxed);
+    wait_until(
+        Duration::from_secs(20),
+        || near_pings.load(Relaxed) >= answered + 2,
+        || "the near site answered no ping on its new connection".into(),
+    )
+    .await;
+    assert!(!common::neighbour_up(&edge, "near"), "no hold-down");
+    assert!(!edge.routes().live.down_links.contains(&near_link));
+
+    // Gone for good; its news now comes through the transit only.
+    near.close(0u32.into(), b"gone");
+    drop(second);
+    relay.store(true, Relaxed);
+    let gone = Instant::now();
+    wait_until(
+        Duration::from_secs(20),
+        || edge.routes().live.down_links.contains(&near_link),
+        || "the relayed copy was never taken".into(),
+    )
+    .await;
+    // The transit's next pong (1 s away at most, and some slack), not the 9 s own word.
+    assert!(
+        gone.elapsed() < Duration::from_secs(5),
+        "the relayed copy was taken {:?} after the near site went: its own word kept it out",
+        gone.elapsed()
+    );
+    edge.shutdown().await;
+}

@@ -295,8 +295,14 @@ impl Circuit {
         })
     }
 
-    /// What routers get, when the circuit is in the snapshots.
+    /// What routers get, when the circuit is in the snapshots. A circuit a topology change
+    /// failed goes without its path: its edge still classifies and rate-limits its
+    /// connections, and sends them on the best path the topology offers, unreserved. (Routers
+    /// drop a reserved path only when it is down or its site no longer serves; they know
+    /// nothing of a circuit's regions, and sent every connection of a circuit whose site left
+    /// them to that site first.)
     pub fn provisioned(&self) -> Option<ProvisionedCircuit> {
+        let failed_by_topology = self.state == CircuitState::Failed && !self.awaits_ack();
         (self.state.is_live() && !self.path.is_empty()).then(|| ProvisionedCircuit {
             id: self.id.clone(),
             edge: self.a_end.edge.clone(),
@@ -305,7 +311,11 @@ impl Circuit {
             vip: self.vip,
             port: self.port,
             rate: self.requested_rate,
-            path: self.path.clone(),
+            path: if failed_by_topology {
+                Vec::new()
+            } else {
+                self.path.clone()
+            },
         })
     }
 

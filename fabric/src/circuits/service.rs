@@ -1268,6 +1268,59 @@ mod tests {
         assert_ne!(svc.get("c1").unwrap().state, CircuitState::Failed);
     }
 
+    /// A circuit failed by a topology change goes to routers without its path (they send its
+    /// traffic unreserved): routers drop a reserved path only when it is down or its site no
+    /// longer serves, and know nothing of a circuit's regions.
+    #[tokio::test]
+    async fn a_circuit_whose_site_leaves_its_regions_is_shipped_without_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ctl, svc) = service_on(dir.path(), &yaml(POOL, true), DEFAULT_PROVISION_TIMEOUT);
+        let mut s = spec("c1", "10.1.0.0/24", "100Mbps");
+        s.b_end.regions = vec![topology::Region::new("r")];
+        svc.create(s, None, "ops".into()).await.unwrap();
+        let _sessions = ack(&ctl, &["e", "s"]);
+        svc.settle_once().await.unwrap();
+        assert_eq!(svc.get("c1").unwrap().state, CircuitState::Active);
+        let shipped = super::super::provisioned(&svc.list().unwrap());
+        assert_eq!(shipped[0].path, [NodeId::new("e"), NodeId::new("s")]);
+
+        let moved = yaml(POOL, true).replace(
+            "id: s, kind: site, region: r,",
+            "id: s, kind: site, region: r2,",
+        );
+        assert_ne!(moved, yaml(POOL, true));
+        ctl.apply(&moved, "ops", "s to r2", Origin::Apply, false, None)
+            .await
+            .unwrap();
+        svc.on_topology_applied().await.unwrap();
+        let c = svc.get("c1").unwrap();
+        assert!(failed_by_version_2(&c), "{c:?}");
+        assert!(
+            c.reason
+                .as_deref()
+                .is_some_and(|r| r.contains("not among the circuit's regions")),
+            "{c:?}"
+        );
+        // Still at its edge (classified, rate-limited), on no reserved path.
+        let shipped = super::super::provisioned(&svc.list().unwrap());
+        assert_eq!(shipped.len(), 1);
+        assert!(shipped[0].path.is_empty(), "{:?}", shipped[0]);
+        // Back in its regions: restored, on its path again.
+        ctl.apply(
+            &yaml(POOL, true),
+            "ops",
+            "s back",
+            Origin::Apply,
+            false,
+            None,
+        )
+        .await
+        .unwrap();
+        svc.on_topology_applied().await.unwrap();
+        let shipped = super::super::provisioned(&svc.list().unwrap());
+        assert_eq!(shipped[0].path, [NodeId::new("e"), NodeId::new("s")]);
+    }
+
     /// A topology that sets a node of a circuit's path down, removes its service, or leaves
     /// its site no longer serving (or allowed for) the service breaks the circuit as a removed
     /// link does: the apply plan says so, and the apply fails it naming the node or service.

@@ -16,7 +16,7 @@ use fabric::controller::daemon::{self, Daemon};
 use router::control::ClientConfig;
 use router::control::proto::{self, FromRouter, ToRouter};
 use router::pki::{self, Validity};
-use router::tls::{CertResolver, PeerNames, Renewal, TlsIdentity};
+use router::tls::{CertResolver, PeerNames, Reload, Renewal, TlsIdentity};
 use topology::NodeId;
 
 const NODE: &str = "edge-0";
@@ -171,6 +171,38 @@ async fn a_router_renews_its_certificate_through_the_controller() {
 /// goes on. (The session answered the request in its loop without a bound: it sent nothing,
 /// the router dropped it at 20 s of silence and reconnected, and every later request held
 /// another blocking thread until the controller had none left.)
+/// A certificate re-issued by hand and taken up from the files while the control session is
+/// open (the reload, every 10 s) is renewed when due: the session reconnects to present it, since
+/// the controller judges what the session presented. (It asked on the session still presenting
+/// the certificate before, and was refused for as long as that session lived: "not due" here,
+/// "expired" once that one had.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_reloaded_during_a_session_is_renewed_when_due() {
+    let dir = tempfile::tempdir().unwrap();
+    let hour = Validity::for_duration(Duration::from_secs(3600)).unwrap();
+    let (d, tls) = setup(dir.path(), 90, hour, true).await;
+    let (r, cert) = start_router(&d, &tls).await;
+    eventually(Duration::from_secs(20), "the router connected", || {
+        r.client.is_connected()
+    })
+    .await;
+    let connects = r.client.connects();
+    pki::issue_with(&tls, NODE, due_now()).expect("due certificate");
+    assert!(
+        matches!(cert.reload(), Reload::Reloaded { .. }),
+        "the re-issued certificate was not taken up"
+    );
+    eventually(
+        Duration::from_secs(20),
+        "the reloaded certificate renewed",
+        || cert.renewals(Renewal::Renewed) == 1,
+    )
+    .await;
+    assert_eq!(cert.renewals(Renewal::Refused), 0);
+    assert!(r.client.connects() > connects, "no new session");
+    d.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ca_directory_that_hangs_gets_renewals_refused_on_a_session_that_goes_on() {
     let dir = tempfile::tempdir().unwrap();

@@ -152,9 +152,10 @@ pub enum ControlError {
     WriteStalled(Duration),
     #[error("no byte from the controller for {0:?}: its session stopped talking")]
     Silent(Duration),
-    /// The node certificate was renewed during the session: the controller must see the new
-    /// one (it renews only what a session presented, and refuses an expired one).
-    #[error("the node certificate was renewed: reconnecting to present it")]
+    /// The node certificate was renewed (or taken up from its files) during the session: the
+    /// controller must see the new one (it renews only what a session presented, and refuses
+    /// an expired one).
+    #[error("the node certificate changed: reconnecting to present the new one")]
     Renewed,
     /// The client's tasks ended before a snapshot came (a bug: they run until the client is
     /// dropped); starting would hand the data plane the empty placeholder.
@@ -1214,6 +1215,13 @@ async fn converse(
                 // install is not waited for).
                 if renew_due(shared).is_none_or(|due| due > tokio::time::Instant::now()) {
                     continue;
+                }
+                // A certificate taken up from its files since the handshake (re-issued by
+                // hand): the controller judges the one this session presented, so the new one
+                // is presented first, on a new session. (Asked here, it was refused for as long
+                // as this session lived.)
+                if (shared.cert.not_before(), shared.cert.not_after()) != presented {
+                    return Err(ControlError::Renewed);
                 }
                 if pending.take().is_some() {
                     shared.cert.count_renewal(Renewal::NoAnswer);

@@ -1230,8 +1230,8 @@ async fn session_stuck_writing(
 /// A router that writes its telemetry while the controller writes it a snapshot larger than its
 /// stream window: the controller reads ahead while it writes (here 12 MiB of reports, over the
 /// 1.25 MB stream window quinn grants by default and over the 4 MiB the controller queues), so
-/// the router's writes finish and it can go back to reading. Reports past what it queues are
-/// dropped (counted as reports dropped, as those over the rate budget are). (The session read nothing while it wrote: the router's report writes
+/// the router's writes finish and it can go back to reading (each report read takes the place of
+/// the one waiting). (The session read nothing while it wrote: the router's report writes
 /// stopped, so it stopped reading, so the snapshot's write stopped, until both ends' write-stall
 /// timers closed the connection, and the next session did the same. Then it read up to 4 MiB
 /// and stopped: the same, for a write that lasts while a router reports more than that.)
@@ -1268,6 +1268,51 @@ async fn the_controller_reads_telemetry_while_it_writes_a_large_snapshot() {
         router::control::proto::ToRouter::Snapshot { .. }
     ));
     assert!(router_status(&d, "edge-0").is_some_and(|r| r.connected));
+    d.shutdown().await;
+}
+
+/// Reports that queue while the controller writes a long snapshot are superseded by the newest:
+/// only it is merged once the write ends, and none counts as over the rate. (Each queued report
+/// was merged in turn as if it had just come, the rate budget's burst of 20 spent on the oldest
+/// and the rest dropped: the fabric ran on the router's state of the write's start, here a link
+/// up the router had since found down, and an honest router was shown with reports over the rate
+/// dropped.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_queued_during_a_write_are_superseded_by_the_newest() {
+    use router::control::proto::{FromRouter, ToRouter};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (d, mut s) = session_stuck_writing(dir.path()).await;
+    let report = |up: bool| {
+        let mut n = neighbour("transit-0", 4_000);
+        n.up = up;
+        FromRouter::Telemetry(telemetry_report("edge-0", vec![n]))
+    };
+    // 25 s of reports, the last one finding the link down.
+    for _ in 0..24 {
+        s.say(&report(true)).await;
+    }
+    s.say(&report(false)).await;
+    // The write ends (the snapshot read), and the queue is handled.
+    assert!(matches!(
+        next_news(&mut s.recv).await,
+        ToRouter::Snapshot { .. }
+    ));
+    let link_up = || {
+        d.ctl
+            .rtt_matrix()
+            .iter()
+            .find(|r| r.link == "edge-0--transit-0")
+            .map(|r| r.up)
+    };
+    eventually(
+        Duration::from_secs(10),
+        "the newest report (the link down) merged",
+        || link_up() == Some(false),
+    )
+    .await;
+    let r = router_status(&d, "edge-0").unwrap();
+    assert_eq!(r.reports_dropped, 0, "reports counted as over the rate");
     d.shutdown().await;
 }
 

@@ -696,14 +696,18 @@ const FRAME_OVERHEAD: usize = 64;
 /// wait here and are handled, in order, before any read anew. A router writing its telemetry
 /// while the session writes it a large snapshot could otherwise block on its write (the
 /// session's stream window full), stop reading, and so block the session's write: neither
-/// would move until both write-stall timers closed the connection. Past [`READ_AHEAD`] bytes
-/// a telemetry report is dropped as it is read (the next one supersedes it; counted as a
-/// report dropped), so a long write to a slow router does not stop the reading either; other
-/// frames (acknowledgements, requests: few, each answering the session) are kept up to twice
-/// it, then reading waits.
+/// would move until both write-stall timers closed the connection. A telemetry report read
+/// while one waits here takes its place (a report is the router's whole state: the newest
+/// supersedes it; each queued one was merged as if new, the rate budget spent on the oldest and
+/// the newest dropped). Past [`READ_AHEAD`] bytes a telemetry report with none to replace is
+/// dropped as it is read (counted as a report dropped), so a long write to a slow router does
+/// not stop the reading either; other frames (acknowledgements, requests: few, each answering
+/// the session) are kept up to twice it, then reading waits.
 struct Inbox {
     reader: proto::FrameReader,
     ahead: std::collections::VecDeque<Vec<u8>>,
+    /// Where in `ahead` the telemetry report waiting is (at most one waits).
+    telemetry: Option<usize>,
     bytes: usize,
     /// The router ended its stream (cleanly, between frames) during a write.
     ended: bool,
@@ -716,6 +720,7 @@ impl Inbox {
         Inbox {
             reader: proto::FrameReader::new(MAX_FROM_ROUTER),
             ahead: Default::default(),
+            telemetry: None,
             bytes: 0,
             ended: false,
             dropped: 0,
@@ -736,6 +741,7 @@ impl Inbox {
     ) -> Result<Option<Vec<u8>>, proto::ProtoError> {
         if let Some(f) = self.ahead.pop_front() {
             self.bytes -= f.len() + FRAME_OVERHEAD;
+            self.telemetry = self.telemetry.and_then(|i| i.checked_sub(1));
             return Ok(Some(f));
         }
         if self.ended {
@@ -760,9 +766,18 @@ impl Inbox {
                 res = &mut written => return res,
                 frame = self.reader.next(recv), if !self.ended && self.bytes < 2 * READ_AHEAD => {
                     match frame? {
-                        Some(f) if self.bytes >= READ_AHEAD && proto::is_telemetry(&f) => {
-                            self.dropped += 1;
-                        }
+                        Some(f) if proto::is_telemetry(&f) => match self.telemetry {
+                            Some(i) => {
+                                self.bytes = self.bytes - self.ahead[i].len() + f.len();
+                                self.ahead[i] = f;
+                            }
+                            None if self.bytes >= READ_AHEAD => self.dropped += 1,
+                            None => {
+                                self.telemetry = Some(self.ahead.len());
+                                self.bytes += f.len() + FRAME_OVERHEAD;
+                                self.ahead.push_back(f);
+                            }
+                        },
                         Some(f) => {
                             self.bytes += f.len() + FRAME_OVERHEAD;
                             self.ahead.push_back(f);

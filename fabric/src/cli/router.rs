@@ -214,10 +214,18 @@ fn parse_long_duration(s: &str) -> Result<std::time::Duration, String> {
         .map_err(|e| format!("{s:?}: {e} (expected e.g. 24h, 90m, 340s or 500ms)"))
 }
 
-/// `--max-stale`: a duration greater than zero.
+/// The shortest `--max-stale`: five of the controller's 2 s heartbeats. (Below one heartbeat a
+/// router whose controller was there flipped to stale and back between every two, logging each
+/// return at warn; just above one, at every heartbeat a little late.)
+const MIN_STALE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `--max-stale`: a duration of at least [`MIN_STALE`].
 fn parse_stale(s: &str) -> Result<std::time::Duration, String> {
     match parse_long_duration(s)? {
-        d if d.is_zero() => Err(format!("{s:?} must be greater than zero")),
+        d if d < MIN_STALE => Err(format!(
+            "{s:?} is shorter than 10s: the controller's heartbeats come every 2 s, and a router \
+             would call its snapshot stale between two of them"
+        )),
         d => Ok(d),
     }
 }
@@ -666,10 +674,12 @@ mod tests {
         assert_eq!(p("24h"), Ok(Duration::from_secs(24 * 3600)));
         assert_eq!(p("90m"), Ok(Duration::from_secs(5400)));
         assert_eq!(p("600s"), Ok(Duration::from_secs(600)));
-        assert_eq!(p("500ms"), Ok(Duration::from_millis(500)));
-        for bad in ["", "0", "0s", "off", "-1h", "soon"] {
+        assert_eq!(p("10s"), Ok(Duration::from_secs(10)));
+        for bad in ["", "0", "0s", "off", "-1h", "soon", "500ms", "1s", "9s"] {
             assert!(p(bad).is_err(), "{bad:?} accepted");
         }
+        assert!(p("2s").unwrap_err().contains("heartbeats"));
+        assert_eq!(MIN_STALE, 5 * crate::controller::distribute::HEARTBEAT);
     }
 
     /// `tasman router --topology t.yaml --node n` and `extra`, parsed.

@@ -456,23 +456,7 @@ async fn exec(client: &AdminClient, cmd: CircuitCmd, out: Output) -> Result<(), 
         CircuitCmd::Validate(a) => {
             a.check()?;
             let adm: Answer<Admission> = client.post("/v1/circuits/validate", &a.spec()).await?;
-            print_value(out, &adm, || {
-                format!(
-                    "ok: {} fits: path {} ({}) to site {}, VIP {}{} from pool {}\n",
-                    a.rate,
-                    adm.placement
-                        .path
-                        .iter()
-                        .map(|n| n.as_str())
-                        .collect::<Vec<_>>()
-                        .join(" -> "),
-                    adm.placement.latency,
-                    adm.placement.site,
-                    adm.vip,
-                    adm.port.map(|p| format!(":{p}")).unwrap_or_default(),
-                    adm.pool
-                )
-            })
+            print_value(out, &adm, || admission_text(&a.rate, &adm))
         }
         CircuitCmd::Create(a) => {
             a.spec.check()?;
@@ -752,8 +736,31 @@ fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
         .map_or_else(|| "-".to_string(), |v| v.to_string())
 }
 
+/// What `tasman circuit validate` prints of an admission.
+fn admission_text(rate: &impl std::fmt::Display, adm: &Admission) -> String {
+    format!(
+        "ok: {rate} fits: path {} ({}) to site {}, VIP {} from pool {}\n",
+        adm.placement
+            .path
+            .iter()
+            .map(|n| n.as_str())
+            .collect::<Vec<_>>()
+            .join(" -> "),
+        adm.placement.latency,
+        adm.placement.site,
+        vip_at(Some(adm.vip), adm.port),
+        adm.pool
+    )
+}
+
 fn vip(c: &Circuit) -> String {
-    match (c.vip, c.port) {
+    vip_at(c.vip, c.port)
+}
+
+/// A VIP and its port as an address (an IPv6 one in brackets: `2001:db8::1:8443` is another
+/// address, with no port).
+fn vip_at(vip: Option<IpAddr>, port: Option<u16>) -> String {
+    match (vip, port) {
         (Some(IpAddr::V6(ip)), Some(p)) => format!("[{ip}]:{p}"),
         (Some(ip), Some(p)) => format!("{ip}:{p}"),
         (Some(ip), None) => ip.to_string(),
@@ -1572,6 +1579,26 @@ mod tests {
     /// (by clap, as any malformed value), one given twice, more than 64. Nothing is asked of the
     /// controller. (Each went to the controller, which refused it with exit 1 naming the JSON
     /// field `b_end.regions` or `b_end.sites`.)
+    /// `validate` prints an IPv6 VIP with its port as `show` and `list` do, in brackets.
+    /// (`VIP fd00::1:8080` was printed: another address, with no port.)
+    #[test]
+    fn validate_prints_an_ipv6_vip_in_brackets() {
+        let adm = |vip: &str| Admission {
+            placement: topology::circuit::Placement {
+                site: NodeId::new("s"),
+                path: vec![NodeId::new("e"), NodeId::new("s")],
+                latency: "1ms".parse().unwrap(),
+            },
+            pool: topology::PoolName::new("vips"),
+            vip: vip.parse().unwrap(),
+            port: Some(8080),
+        };
+        let text = admission_text(&"100Mbps", &adm("fd00::1"));
+        assert!(text.contains("VIP [fd00::1]:8080 from pool vips"), "{text}");
+        let text = admission_text(&"100Mbps", &adm("10.0.0.1"));
+        assert!(text.contains("VIP 10.0.0.1:8080 from pool vips"), "{text}");
+    }
+
     #[tokio::test]
     async fn malformed_regions_and_sites_are_refused_before_asking_naming_the_flag() {
         let Api {

@@ -233,7 +233,7 @@ pub enum PlacementError {
         reason: String,
     },
     #[error(
-        "no path from \"{edge}\" to any eligible site serving \"{service}\": every route crosses a link or node that is down"
+        "no path from \"{edge}\" to any eligible site serving \"{service}\" over links and nodes that are not down, relayed by transits only (edges and sites never relay)"
     )]
     Unreachable { edge: NodeId, service: ServiceName },
     /// Sites can be reached, but only along paths longer than a stream can name: the
@@ -1422,7 +1422,7 @@ mod tests {
         t.links[2].state = AdminState::Down;
         assert_eq!(
             place(&t, &[], &req("10Mbps")).unwrap_err().to_string(),
-            "no path from \"edge\" to any eligible site serving \"llm\": every route crosses a link or node that is down"
+            "no path from \"edge\" to any eligible site serving \"llm\" over links and nodes that are not down, relayed by transits only (edges and sites never relay)"
         );
     }
 
@@ -1589,10 +1589,14 @@ mod tests {
         t.links[0].state = AdminState::Down;
         let mut r = req("10Mbps");
         r.b_end.sites = vec![NodeId::new("site-a")];
-        assert!(matches!(
-            place(&t, &[], &r),
-            Err(PlacementError::Unreachable { .. })
-        ));
+        let err = place(&t, &[], &r).unwrap_err();
+        assert!(matches!(err, PlacementError::Unreachable { .. }), "{err}");
+        // The refusal names the relay rule, not only down elements: here the only way left
+        // is through a site. (It said every route crossed something down.)
+        assert!(
+            err.to_string().contains("relayed by transits only"),
+            "{err}"
+        );
     }
 
     #[test]

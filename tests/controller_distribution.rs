@@ -474,6 +474,8 @@ async fn a_nodes_connections_awaiting_their_hello_are_bounded() {
     let (d, tls) =
         controller_with_pki(dir.path(), &fabric_nodes(1, 1), &fabric_yaml(67, 1, 1, 10)).await;
     let mut silent = Vec::new();
+    // Their hello timers start after this.
+    let opened = std::time::Instant::now();
     for _ in 0..=MAX_AWAITING_HELLO {
         silent.push(raw_control(d.quic_addr, &tls, "edge-0").await);
     }
@@ -514,12 +516,13 @@ async fn a_nodes_connections_awaiting_their_hello_are_bounded() {
         conn.close(0u32.into(), b"bye");
         ep.wait_idle().await;
     }
-    // (Their ends reach the controller in their own time: tried until a session is served.)
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    // (Their ends reach the controller in their own time: tried until a session is served,
+    // before the hello timeout would have freed their slots anyway.)
+    let deadline = opened + HELLO_TIMEOUT - Duration::from_secs(1);
     loop {
         let mut s = raw_hello(d.quic_addr, &tls, "edge-0", "edge-0").await;
         let first = tokio::time::timeout(
-            Duration::from_secs(10),
+            deadline.saturating_duration_since(std::time::Instant::now()),
             router::control::proto::read_frame(&mut s.recv, router::control::proto::MAX_TO_ROUTER),
         )
         .await;
@@ -528,7 +531,7 @@ async fn a_nodes_connections_awaiting_their_hello_are_bounded() {
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "no session after the silent connections left: {first:?}"
+            "no session within the hello timeout after the silent connections left: {first:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -863,6 +866,13 @@ async fn a_rejection_reason_is_kept_and_logged_bounded() {
     assert!(
         !line.contains("rejected"),
         "status line of edge-0: {line:?}"
+    );
+    let record = router_status(&d, "edge-0").and_then(|r| r.record.last_nack);
+    assert!(
+        record
+            .as_ref()
+            .is_some_and(|n| n.version == version && n.time_unix_ms > 0),
+        "the rejection is no longer kept: {record:?}"
     );
     // The controller logged it, bounded the same way.
     let logged = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();

@@ -769,9 +769,8 @@ mod tests {
         }
     }
 
-    /// Ages ride in an extension after the entries, which routers older than it never read: the
-    /// pong up to the extension is a pong of the same entries (of age 0). An extension of an
-    /// unknown kind is skipped, and one that is broken is ignored.
+    /// A digest made earlier goes out with the ages its entries gained since it was made
+    /// (saturating at `u32::MAX`); the router's own entry is of age 0.
     #[test]
     fn a_reused_digest_goes_out_with_the_ages_it_gained_since() {
         let mut es = [entry("me"), entry("a"), entry("b")];
@@ -789,6 +788,9 @@ mod tests {
         );
     }
 
+    /// Ages ride in an extension after the entries, which routers older than it never read: the
+    /// pong up to the extension is a pong of the same entries (of age 0). An extension of an
+    /// unknown kind is skipped, and one that is broken is ignored.
     #[test]
     fn ages_ride_in_an_extension_older_routers_skip() {
         let mut es = [entry("me"), entry("a"), entry("b")];

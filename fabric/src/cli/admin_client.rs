@@ -208,6 +208,11 @@ struct ErrorBody {
     diagnostics: Vec<Diag>,
 }
 
+/// Said after a `401` to a request that went out with no token: where the controller keeps it.
+const NO_TOKEN_HINT: &str = "no token was given: the controller's is in <state>/admin-token (its \
+     --state directory) unless it runs with --admin-token-file; pass --token-file FILE or set \
+     TASMAN_TOKEN_FILE (or --token / TASMAN_TOKEN)";
+
 /// Not `Debug`: it holds the token.
 #[derive(Clone)]
 pub struct AdminClient {
@@ -404,7 +409,11 @@ impl AdminClient {
                 })),
                 Ok(b) => Err(ClientError::Refused {
                     status: status.as_u16(),
-                    error: b.error,
+                    error: if status == hyper::StatusCode::UNAUTHORIZED && self.token.is_empty() {
+                        format!("{}: {NO_TOKEN_HINT}", b.error)
+                    } else {
+                        b.error
+                    },
                     diagnostics: b.diagnostics,
                 }),
                 Err(_) => Err(ClientError::Protocol(format!(
@@ -682,6 +691,30 @@ mod tests {
             "{err:?}"
         );
         assert_eq!(err.exit_code(), 1);
+    }
+
+    /// A `401` to a request sent with no token says where the controller keeps its token; one
+    /// to a request with a token (a wrong one) is the controller's word alone. (The README's
+    /// tour, run as written, met a bare "missing or wrong bearer token".)
+    #[tokio::test]
+    async fn a_refusal_of_no_token_says_where_the_token_is() {
+        let refusal = r#"{"error":"missing or wrong bearer token (see --token / TASMAN_TOKEN)"}"#;
+        let addr = answering_with("401 Unauthorized", "application/json", refusal).await;
+        let mut a = args(&addr.to_string());
+        a.token = None;
+        let c = AdminClient::new(&a).unwrap();
+        let err = c.get::<serde_json::Value>("/v1/status").await.unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("missing or wrong bearer token")
+                && msg.contains("<state>/admin-token")
+                && msg.contains("--token-file"),
+            "{msg}"
+        );
+        assert_eq!(err.exit_code(), 1);
+        let c = AdminClient::new(&args(&addr.to_string())).unwrap();
+        let err = c.get::<serde_json::Value>("/v1/status").await.unwrap_err();
+        assert!(!err.to_string().contains("admin-token"), "{err}");
     }
 
     /// Reads a request whose body is `{}` (the tests' POSTs) to its end, or to the connection's.

@@ -10,7 +10,8 @@ use topology::route::LiveState;
 /// updates), so there are no ordering hazards between topology and live state.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
-    /// Monotonic per source; reported back in telemetry as the applied version.
+    /// Increasing per source, except after a controller restored from an older backup (taken
+    /// and counted: `version_regressions`); reported back in telemetry as the applied version.
     pub version: u64,
     pub topology: Arc<Topology>,
     /// The source's view of live state (the controller's merged telemetry; empty from a file).

@@ -1349,11 +1349,18 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
                     {
                         ok = false;
                     }
+                    // Each entry once: every check of a site against the residency reads
+                    // the lists (a list repeating one entry a million times made each load,
+                    // and each router's graph, take minutes).
+                    let mut seen_regions = HashSet::new();
+                    let mut seen_countries = HashSet::new();
                     if let Some(rs) = r.get("regions") {
                         for rn in list(cx, rs, &Of("residency regions", &what)) {
                             match ident(cx, rn, &Of("residency region", &what)) {
                                 Some(reg) if regions.contains(&reg) => {
-                                    residency.regions.push(Region::new(reg))
+                                    if seen_regions.insert(reg.clone()) {
+                                        residency.regions.push(Region::new(reg))
+                                    }
                                 }
                                 Some(reg) => {
                                     let known =
@@ -1373,7 +1380,8 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
                     if let Some(cs) = r.get("countries") {
                         for cn in list(cx, cs, &Of("residency countries", &what)) {
                             match country(cx, cn, &Of("residency country", &what)) {
-                                Some(c) => residency.countries.push(c),
+                                Some(c) if seen_countries.insert(c) => residency.countries.push(c),
+                                Some(_) => {}
                                 None => ok = false,
                             }
                         }

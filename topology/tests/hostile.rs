@@ -498,3 +498,52 @@ fn diagnostics_stop_at_a_limit_and_count_the_rest() {
         "3:113: error: missing field \"backend\" in serves entry 1 of node \"s\""
     );
 }
+
+/// A residency list repeating one entry (1,500,000 times, within the document's limits) and
+/// 20,000 sites serving its service: every check of a site against the residency read the
+/// whole list (3 x 10^10 comparisons per pass, minutes; a pass on every load and in every
+/// router's graph). Repeats are taken once.
+#[test]
+fn a_residency_repeating_one_entry_is_read_once() {
+    let (repeats, sites) = (1_500_000usize, 20_000u32);
+    let mut text = String::from(
+        "version: 1\nnodes:\n  - {id: e, kind: edge, region: r, country: AU, location: {lat: 0, lon: 0}, \
+         address: \"127.0.0.1:7000\", client_address: \"127.0.0.1\"}\n",
+    );
+    let mut links = String::from("links:\n");
+    for i in 0..sites {
+        let [_, b, c, d] = i.to_be_bytes();
+        let country = if i == 0 { "AU" } else { "NZ" };
+        text.push_str(&format!(
+            "  - {{id: s{i}, kind: site, region: r, country: {country}, location: {{lat: 0, lon: 0}}, \
+             address: \"127.{}.{c}.{d}:7000\", serves: [{{service: chat, backend: \"10.0.0.1:80\", capacity: 1}}]}}\n",
+            b + 1
+        ));
+        links.push_str(&format!(
+            "  - {{a: e, b: s{i}, latency: 1ms, capacity: 1Gbps}}\n"
+        ));
+    }
+    text.push_str(&links);
+    text.push_str("services:\n  - {name: chat, port: 8080, residency: {countries: [");
+    text.push_str(&"AU, ".repeat(repeats - 1));
+    text.push_str("AU]}}\n");
+    assert!(text.len() < MAX_DOCUMENT_BYTES, "{} bytes", text.len());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let start = Instant::now();
+        let loaded = load(&text).map(|l| {
+            let graph = topology::graph::Graph::new(&l.topology);
+            (
+                l.topology.services[0].residency.countries.len(),
+                graph.node_count(),
+            )
+        });
+        let _ = tx.send((loaded, start.elapsed()));
+    });
+    let (loaded, took) = rx
+        .recv_timeout(HANG_GUARD)
+        .unwrap_or_else(|_| panic!("validation still running after {HANG_GUARD:?}"));
+    eprintln!("validated in {took:?}");
+    let (countries, _) = loaded.unwrap_or_else(|d| panic!("{:?}", &d[..d.len().min(3)]));
+    assert_eq!(countries, 1, "the repeats kept");
+}

@@ -524,6 +524,7 @@ async fn handle_client(
         overflow: false,
         limit: shared.replay_limit,
         eof: false,
+        counted: 0,
     };
     // The tries are a future of their own: their state (the tables, the candidates tried) is
     // let go when the splice starts, so a connection's task keeps only what the splice needs.
@@ -797,6 +798,9 @@ struct Replay {
     limit: usize,
     /// The client half-closed already.
     eof: bool,
+    /// Its bytes counted in `bytes_up`: the furthest any try wrote (a try that failed before
+    /// its chunk left leaves the rest to be counted by the next try that writes it).
+    counted: usize,
 }
 
 /// What one kept chunk costs beyond its bytes, counted against the replay limit (with `len`:
@@ -919,7 +923,8 @@ struct Outgoing {
     /// during this attempt are added to `replay.chunks` after it).
     next_replayed: usize,
     replayed_end: usize,
-    /// Replayed bytes not written yet: counted in `bytes_up` when first sent, not again.
+    /// Replayed bytes a try before this one wrote, not written again yet: counted in
+    /// `bytes_up` when first written, not again.
     uncounted: usize,
     finished: bool,
 }
@@ -930,7 +935,7 @@ impl Outgoing {
             pending: Bytes::new(),
             next_replayed: 0,
             replayed_end: replay.chunks.len(),
-            uncounted: replay.len,
+            uncounted: replay.counted,
             finished: false,
         }
     }
@@ -953,10 +958,13 @@ impl Outgoing {
         }
     }
 
-    /// `n` bytes were written: those not replayed are counted in `bytes_up`.
-    fn written(&mut self, shared: &Shared, n: usize) {
+    /// `n` bytes were written: those no try wrote before are counted in `bytes_up`. (Counted
+    /// whole as the replay when a try began, a chunk the failed try never got out was counted
+    /// by none.)
+    fn written(&mut self, shared: &Shared, replay: &mut Replay, n: usize) {
         let replayed = n.min(self.uncounted);
         self.uncounted -= replayed;
+        replay.counted += n - replayed;
         shared
             .metrics
             .bytes_up
@@ -1082,7 +1090,7 @@ async fn attempt(
                 Err(_) => break Err(Attempt::Fatal(Code::ClientAbort)),
             },
             r = forward(&mut send, &mut out.pending, hold, up), if !out.pending.is_empty() && stopped.is_none() => match r {
-                Ok(n) => out.written(shared, n),
+                Ok(n) => out.written(shared, replay, n),
                 Err(Forward::Write(WriteError::Stopped(code))) => stopped = Some(Code::from_peer(code)),
                 Err(Forward::Write(e)) => break Err(write_failed(e)),
                 Err(Forward::Revoked) => break Err(Attempt::Fatal(Code::CircuitRefused)),
@@ -1134,7 +1142,7 @@ async fn attempt(
                 .bounded_write(forward(&mut send, &mut out.pending, hold, up))
                 .await
             {
-                Some(Ok(n)) => out.written(shared, n),
+                Some(Ok(n)) => out.written(shared, replay, n),
                 Some(Err(Forward::Write(WriteError::Stopped(_)))) => {
                     drop_pending(shared, &mut out.pending);
                     break Ok(());

@@ -328,6 +328,8 @@ enum Withhold {
     Streams,
     /// One stream may be opened, with no flow-control window for its header.
     Window,
+    /// One stream may be opened, with a window for its header and a few bytes more.
+    Narrow,
 }
 
 fn withholding(w: Withhold) -> quinn::TransportConfig {
@@ -339,6 +341,10 @@ fn withholding(w: Withhold) -> quinn::TransportConfig {
         Withhold::Window => {
             t.max_concurrent_bidi_streams(1u32.into())
                 .stream_receive_window(0u32.into());
+        }
+        Withhold::Narrow => {
+            t.max_concurrent_bidi_streams(1u32.into())
+                .stream_receive_window(32u32.into());
         }
     }
     t
@@ -388,10 +394,15 @@ async fn edge_fails_over_from_a_first_hop_that_withholds(w: Withhold) {
     edge_prefers_near_with_far_as_fallback(&edge).await;
 
     let started = Instant::now();
-    let back = echo_roundtrip(port, b"withheld", Duration::from_secs(15)).await;
-    assert_eq!(
-        back.as_deref().ok(),
-        Some(&b"withheld"[..]),
+    // Narrow: more than the window takes after the header, so that the near try gets some of
+    // it out and holds the rest.
+    let msg = match w {
+        Withhold::Narrow => vec![b'x'; 8192],
+        _ => b"withheld".to_vec(),
+    };
+    let back = echo_roundtrip(port, &msg, Duration::from_secs(15)).await;
+    assert!(
+        back.as_deref().ok() == Some(&msg[..]),
         "{w:?}: the client connection did not move to the far site: {back:?}"
     );
     // Well under the default reply timeout (10 s): the 1 s one set here is what moved it.
@@ -407,6 +418,13 @@ async fn edge_fails_over_from_a_first_hop_that_withholds(w: Withhold) {
         "{w:?}: {m}"
     );
     assert!(!m.contains("code=\"next_hop_unreachable\""), "{w:?}: {m}");
+    // The client's bytes are counted once, whichever try got them out. (Counted whole as a
+    // replay when the far site's try began, those the near try held were counted by no try.)
+    assert_eq!(
+        metric(&m, "tasman_bytes_up_total{node=\"edge\"}"),
+        Some(msg.len() as u64),
+        "{w:?}: {m}"
+    );
     // The next connection tries near first again (and moves to far again).
     let r = edge.routes();
     assert_eq!(
@@ -425,6 +443,11 @@ async fn edge_fails_over_from_a_first_hop_that_grants_no_stream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edge_fails_over_from_a_first_hop_that_grants_no_flow_control_window() {
     edge_fails_over_from_a_first_hop_that_withholds(Withhold::Window).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_fails_over_from_a_first_hop_that_grants_a_narrow_window() {
+    edge_fails_over_from_a_first_hop_that_withholds(Withhold::Narrow).await;
 }
 
 /// The near site is further from the edge than a stream header can carry (17 transits, the

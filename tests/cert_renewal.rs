@@ -784,13 +784,15 @@ async fn revocation_lists_reach_routers_through_the_controller() {
         || !r.client.is_connected(),
     )
     .await;
-    // It goes on trying (from 100 ms apart): the controller takes no session of it again.
+    // It goes on trying (from 100 ms apart): the controller takes no session of it again,
+    // refusing its handshake.
     stays(
         Duration::from_secs(3),
         "no new session of the revoked router",
         || router_status(&d, NODE).is_some_and(|s| !s.connected),
     )
     .await;
+    assert_handshake_revoked(&d, &own).await;
 }
 
 /// A leaked key after renewals through the controller: the router (on a TLS directory of its
@@ -869,30 +871,35 @@ async fn revoking_a_node_revokes_the_certificate_it_renewed() {
     )
     .await;
     drop(client);
-    // A handshake with the renewed certificate (the router's files): refused with TLS's
-    // certificate_revoked alert (44). With TLS 1.3 the client may take its handshake as done
-    // before the controller has checked its certificate: the refusal then closes it.
-    let refused = {
-        use fabric::controller::distribute::CONTROLLER_NAME;
-        let id = TlsIdentity::load(&own, NODE).unwrap();
-        assert_eq!(
-            id.chain[0], renewed,
-            "the router's files hold the renewed certificate"
-        );
-        let peers = PeerNames::new([CONTROLLER_NAME.to_string()]);
-        let cfg = router::tls::client_config(&id, &peers, Default::default()).unwrap();
-        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        ep.set_default_client_config(cfg);
-        let attempt = async {
-            match ep.connect(d.quic_addr, CONTROLLER_NAME).unwrap().await {
-                Err(e) => e,
-                Ok(conn) => conn.closed().await,
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(10), attempt)
-            .await
-            .expect("refused within 10 s")
+    // A handshake with the renewed certificate (the router's files): refused.
+    assert_eq!(
+        TlsIdentity::load(&own, NODE).unwrap().chain[0],
+        renewed,
+        "the router's files hold the renewed certificate"
+    );
+    assert_handshake_revoked(&d, &own).await;
+    d.shutdown().await;
+}
+
+/// A handshake with the controller `d` on `NODE`'s files in `tls` is refused with TLS's
+/// certificate_revoked alert (44). With TLS 1.3 the client may take its handshake as done
+/// before the controller has checked its certificate: the refusal then closes it.
+async fn assert_handshake_revoked(d: &Daemon, tls: &Path) {
+    use fabric::controller::distribute::CONTROLLER_NAME;
+    let id = TlsIdentity::load(tls, NODE).unwrap();
+    let peers = PeerNames::new([CONTROLLER_NAME.to_string()]);
+    let cfg = router::tls::client_config(&id, &peers, Default::default()).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(cfg);
+    let attempt = async {
+        match ep.connect(d.quic_addr, CONTROLLER_NAME).unwrap().await {
+            Err(e) => e,
+            Ok(conn) => conn.closed().await,
+        }
     };
+    let refused = tokio::time::timeout(Duration::from_secs(10), attempt)
+        .await
+        .expect("refused within 10 s");
     match &refused {
         quinn::ConnectionError::ConnectionClosed(c) => assert_eq!(
             c.error_code,
@@ -901,7 +908,6 @@ async fn revoking_a_node_revokes_the_certificate_it_renewed() {
         ),
         other => panic!("expected a close with the certificate_revoked alert, got {other}"),
     }
-    d.shutdown().await;
 }
 
 /// A TLS directory of the router's own at `own`: the CA bundle and `NODE`'s pair copied from the

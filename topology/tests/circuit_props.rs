@@ -121,6 +121,70 @@ fn reservations(live: &BTreeMap<u64, Live>) -> Vec<Reservation> {
     live.values().map(|l| l.res.clone()).collect()
 }
 
+/// Every simple path from `edge` to a site relayed by transits only, found by walking
+/// [`LINKS`]: an oracle of its own, not `place`'s view of the graph.
+fn simple_paths(edge: &str) -> Vec<Vec<&'static str>> {
+    fn walk(path: &mut Vec<&'static str>, out: &mut Vec<Vec<&'static str>>) {
+        let at = *path.last().unwrap();
+        for (a, b) in LINKS {
+            let next = if a == at {
+                b
+            } else if b == at {
+                a
+            } else {
+                continue;
+            };
+            if path.contains(&next) || next.starts_with('e') {
+                continue;
+            }
+            path.push(next);
+            if next.starts_with('s') {
+                out.push(path.clone());
+            } else {
+                walk(path, out);
+            }
+            path.pop();
+        }
+    }
+    let edge = LINKS
+        .iter()
+        .flat_map(|(a, b)| [*a, *b])
+        .find(|n| *n == edge)
+        .unwrap();
+    let mut out = Vec::new();
+    walk(&mut vec![edge], &mut out);
+    out
+}
+
+/// Whether `rate` fits on every link of `path` beside the reservations `rs`, by a ledger summed
+/// here (capacity less the rates of the reservations crossing each link).
+fn room_on(t: &Topology, rs: &[Reservation], path: &[&str], rate: Bandwidth) -> bool {
+    path.windows(2).all(|w| {
+        let crosses = |p: &[NodeId]| {
+            p.windows(2).any(|x| {
+                (x[0].as_str(), x[1].as_str()) == (w[0], w[1])
+                    || (x[0].as_str(), x[1].as_str()) == (w[1], w[0])
+            })
+        };
+        let held: u64 = rs
+            .iter()
+            .filter(|r| crosses(&r.path))
+            .map(|r| r.rate.bps())
+            .sum();
+        let cap = t
+            .links
+            .iter()
+            .find(|l| {
+                (l.a.as_str(), l.b.as_str()) == (w[0], w[1])
+                    || (l.a.as_str(), l.b.as_str()) == (w[1], w[0])
+            })
+            .unwrap()
+            .capacity
+            .bps();
+        cap.saturating_sub(held) >= rate.bps()
+    })
+}
+
 /// Runs the ops as the controller would: place, allocate a VIP, record both; delete releases both.
 fn run(t: &Topology, ops: &[Op]) -> BTreeMap<u64, Live> {
     let mut live: BTreeMap<u64, Live> = BTreeMap::new();
@@ -132,18 +196,30 @@ fn run(t: &Topology, ops: &[Op]) -> BTreeMap<u64, Live> {
                 let req = request(*e, *r);
                 // A refusal is allowed only for the reason it gives, and only when it is true:
                 // a placement that refused everything, or a pool that ran dry early, fails here.
+                // Whether some path has room, by a ledger of this test's own (the shortfall's
+                // numbers are `place`'s: a view of the graph hiding a path would agree with them).
+                let fits = simple_paths(req.edge.as_str())
+                    .iter()
+                    .any(|p| room_on(t, &rs, p, req.rate));
                 let p = match place(t, &rs, &req) {
                     Ok(p) => p,
                     Err(PlacementError::InsufficientCapacity(s)) => {
                         assert!(s.free < req.rate && s.max_available < req.rate, "{s}");
+                        assert!(!fits, "refused ({s}) though a path has room");
                         continue;
                     }
                     Err(PlacementError::ExceedsCapacity { capacity, .. }) => {
                         assert!(capacity < req.rate, "refused {} under {capacity}", req.rate);
+                        assert!(!fits, "refused under {capacity} though a path has room");
                         continue;
                     }
                     Err(e) => panic!("unexpected refusal: {e}"),
                 };
+                let path: Vec<&str> = p.path.iter().map(NodeId::as_str).collect();
+                assert!(
+                    room_on(t, &rs, &path, req.rate),
+                    "placed on {path:?} without room"
+                );
                 let used: BTreeSet<IpAddr> = live.values().map(|l| l.vip).collect();
                 let vip = match allocate_vip(t, None, &used) {
                     Ok((_, vip)) => vip,

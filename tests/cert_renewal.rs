@@ -166,11 +166,6 @@ async fn a_router_renews_its_certificate_through_the_controller() {
     d2.shutdown().await;
 }
 
-/// A CA directory that does not answer (its lock held: a `tasman pki` command suspended with
-/// Ctrl-Z, a hung mount) gets a renewal refused after the controller's wait, on a session that
-/// goes on. (The session answered the request in its loop without a bound: it sent nothing,
-/// the router dropped it at 20 s of silence and reconnected, and every later request held
-/// another blocking thread until the controller had none left.)
 /// A certificate re-issued by hand and taken up from the files while the control session is
 /// open (the reload, every 10 s) is renewed when due: the session reconnects to present it, since
 /// the controller judges what the session presented. (It asked on the session still presenting
@@ -203,6 +198,11 @@ async fn a_certificate_reloaded_during_a_session_is_renewed_when_due() {
     d.shutdown().await;
 }
 
+/// A CA directory that does not answer (its lock held: a `tasman pki` command suspended with
+/// Ctrl-Z, a hung mount) gets a renewal refused after the controller's wait, on a session that
+/// goes on. (The session answered the request in its loop without a bound: it sent nothing,
+/// the router dropped it at 20 s of silence and reconnected, and every later request held
+/// another blocking thread until the controller had none left.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ca_directory_that_hangs_gets_renewals_refused_on_a_session_that_goes_on() {
     let dir = tempfile::tempdir().unwrap();

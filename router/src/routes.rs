@@ -934,6 +934,9 @@ impl Control {
                         b"topology changed",
                     );
                 }
+                // Its connection ended here, not in its (aborted) dialer: its own word ends
+                // with it, as there.
+                sh.evidence.unheard(id);
             }
             keep
         });

@@ -619,7 +619,7 @@ pub fn check_vip(
             circuit: circuit.clone(),
             vip: at,
             service: s.name.clone(),
-            service_vip: format!("{}:{}", v.prefix, v.port),
+            service_vip: v.to_string(),
         })
     });
     shadowed.or_else(|| {
@@ -1578,6 +1578,31 @@ mod tests {
         assert_eq!(p.site.as_str(), "site-a");
         assert_eq!(p.path.len(), 10, "{:?}", p.path);
         assert_eq!(p.latency, Latency::from_micros(36_000));
+    }
+
+    /// A service VIP of IPv6 addresses covering a circuit's VIP is named with its port as the
+    /// topology writes it, the prefix in brackets. (`2001:db8::/64:443` was printed.)
+    #[test]
+    fn a_shadowing_ipv6_service_vip_is_named_in_brackets() {
+        let mut t = topo();
+        t.services[0].vips = vec![crate::model::Vip {
+            prefix: "2001:db8::/64".parse().unwrap(),
+            port: 443,
+        }];
+        let issue = check_vip(
+            &t,
+            &CircuitId::new("c-000001"),
+            &NodeId::new("edge"),
+            "2001:db8::7".parse().unwrap(),
+            443,
+        )
+        .expect("shadowed");
+        assert!(
+            issue
+                .to_string()
+                .contains("inside service llm's VIP [2001:db8::/64]:443"),
+            "{issue}"
+        );
     }
 
     #[test]

@@ -1574,11 +1574,6 @@ mod tests {
         server.abort();
     }
 
-    /// `--region` and `--site` of validate and create are checked before asking, as `--name`
-    /// and `--prefix` are, each refused with exit 2 naming the flag: an entry that is not an id
-    /// (by clap, as any malformed value), one given twice, more than 64. Nothing is asked of the
-    /// controller. (Each went to the controller, which refused it with exit 1 naming the JSON
-    /// field `b_end.regions` or `b_end.sites`.)
     /// `validate` prints an IPv6 VIP with its port as `show` and `list` do, in brackets.
     /// (`VIP fd00::1:8080` was printed: another address, with no port.)
     #[test]
@@ -1599,6 +1594,11 @@ mod tests {
         assert!(text.contains("VIP 10.0.0.1:8080 from pool vips"), "{text}");
     }
 
+    /// `--region` and `--site` of validate and create are checked before asking, as `--name`
+    /// and `--prefix` are, each refused with exit 2 naming the flag: an entry that is not an id
+    /// (by clap, as any malformed value), one given twice, more than 64. Nothing is asked of the
+    /// controller. (Each went to the controller, which refused it with exit 1 naming the JSON
+    /// field `b_end.regions` or `b_end.sites`.)
     #[tokio::test]
     async fn malformed_regions_and_sites_are_refused_before_asking_naming_the_flag() {
         let Api {

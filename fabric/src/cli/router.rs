@@ -214,20 +214,34 @@ fn parse_long_duration(s: &str) -> Result<std::time::Duration, String> {
         .map_err(|e| format!("{s:?}: {e} (expected e.g. 24h, 90m, 340s or 500ms)"))
 }
 
-/// The shortest `--max-stale`: five of the controller's 2 s heartbeats. (Below one heartbeat a
-/// router whose controller was there flipped to stale and back between every two, logging each
-/// return at warn; just above one, at every heartbeat a little late.)
-const MIN_STALE: std::time::Duration = std::time::Duration::from_secs(10);
+/// The shortest `--max-stale` in force: three of the controller's 2 s heartbeats, so that one
+/// late by up to 4 s does not make the snapshot stale. (Below one heartbeat a router whose
+/// controller was there flipped to stale and back between every two, logging each return at
+/// warn; just above one, at every heartbeat a little late.)
+const MIN_STALE: std::time::Duration = std::time::Duration::from_secs(6);
 
-/// `--max-stale`: a duration of at least [`MIN_STALE`].
+/// `--max-stale`: a duration greater than zero ([`max_stale_in_force`] raises a short one).
 fn parse_stale(s: &str) -> Result<std::time::Duration, String> {
     match parse_long_duration(s)? {
-        d if d < MIN_STALE => Err(format!(
-            "{s:?} is shorter than 10s: the controller's heartbeats come every 2 s, and a router \
-             would call its snapshot stale between two of them"
-        )),
+        d if d.is_zero() => Err(format!("{s:?} must be greater than zero")),
         d => Ok(d),
     }
+}
+
+/// The `--max-stale` a router runs with: `given`, raised to [`MIN_STALE`] with a warning to say
+/// (refused, a short value taken by earlier builds would stop a router from starting on an
+/// upgrade).
+fn max_stale_in_force(given: std::time::Duration) -> (std::time::Duration, Option<String>) {
+    if given >= MIN_STALE {
+        return (given, None);
+    }
+    let why = format!(
+        "--max-stale {}: raised to {} (the controller's heartbeats come every 2 s: a shorter \
+         one calls the snapshot stale between two of them)",
+        humantime::format_duration(given),
+        humantime::format_duration(MIN_STALE)
+    );
+    (MIN_STALE, Some(why))
 }
 
 /// `--idle-timeout`, `--keep-awake`: a duration; `off` or zero is `Duration::ZERO` (none).
@@ -581,7 +595,11 @@ fn run_with_controller(args: &RouterArgs, controller: SocketAddr) -> ExitCode {
                  while the controller is away has nothing to run on"
             );
         }
-        ccfg.max_stale = args.max_stale;
+        let (max_stale, raised) = max_stale_in_force(args.max_stale);
+        if let Some(why) = raised {
+            tracing::warn!("{why}");
+        }
+        ccfg.max_stale = max_stale;
         // It waits for the controller's first snapshot as long as it takes (none on disk).
         let client = match signals
             .unless(router::control::ControlClient::start(ccfg))
@@ -674,12 +692,20 @@ mod tests {
         assert_eq!(p("24h"), Ok(Duration::from_secs(24 * 3600)));
         assert_eq!(p("90m"), Ok(Duration::from_secs(5400)));
         assert_eq!(p("600s"), Ok(Duration::from_secs(600)));
-        assert_eq!(p("10s"), Ok(Duration::from_secs(10)));
-        for bad in ["", "0", "0s", "off", "-1h", "soon", "500ms", "1s", "9s"] {
+        assert_eq!(p("500ms"), Ok(Duration::from_millis(500)));
+        for bad in ["", "0", "0s", "off", "-1h", "soon"] {
             assert!(p(bad).is_err(), "{bad:?} accepted");
         }
-        assert!(p("2s").unwrap_err().contains("heartbeats"));
-        assert_eq!(MIN_STALE, 5 * crate::controller::distribute::HEARTBEAT);
+        // Shorter than three heartbeats: raised, saying so (a router with its controller there
+        // flipped to stale and back between heartbeats, warning at each).
+        assert_eq!(MIN_STALE, 3 * crate::controller::distribute::HEARTBEAT);
+        let (d, why) = max_stale_in_force(Duration::from_millis(500));
+        assert_eq!(d, MIN_STALE);
+        assert!(why.is_some_and(|w| w.contains("raised to 6s")));
+        assert_eq!(
+            max_stale_in_force(Duration::from_secs(6)),
+            (Duration::from_secs(6), None)
+        );
     }
 
     /// `tasman router --topology t.yaml --node n` and `extra`, parsed.

@@ -5,7 +5,7 @@
 //! of no service's VIP is reset and counted as `unknown_service`. The edge listens dual-stack
 //! (`client_address: "::"`, in a namespace where `net.ipv6.bindv6only` is 1, so that the edge
 //! has to ask for dual stack itself), and ip6tables rules do the same for IPv6 VIPs
-//! (IP6T_SO_ORIGINAL_DST).
+//! (IP6T_SO_ORIGINAL_DST). An edge with a specific client address is reached by DNAT to it.
 //!
 //! It needs root, network namespaces with IPv6, and `ip`, `iptables`, `ip6tables`, `curl` and
 //! `nginx` (`scripts/deps` installs them; CI runs as root). Where any of that is missing the
@@ -367,6 +367,97 @@ fn a_vip_on_the_edge_host_is_served_on_the_transparent_port_without_nat() {
                 "tasman_stream_errors_total",
                 "code=\"unknown_service\""
             ),
+            f.log("edge")
+        ),
+    }
+    assert_eq!(f.metric("edge", "tasman_streams_total", ""), 1);
+    drop(f);
+}
+
+/// An edge with a specific client address (`127.0.0.2` here, as each edge of a shared host has
+/// its own) is reached by iptables DNAT to CLIENT_ADDRESS:TRANSPARENT_PORT, as the topology
+/// reference says (REDIRECT sends a connection made on the host to 127.0.0.1, where such an edge
+/// does not listen): the edge reads the VIP back as the original destination and serves it.
+#[test]
+fn iptables_dnat_to_a_specific_client_address_reaches_the_service() {
+    if !is_root() {
+        unavailable("not root (a network namespace and iptables rules need it)");
+        return;
+    }
+    for tool in ["ip", "iptables"] {
+        if which(tool).is_none() {
+            unavailable(&format!(
+                "{tool} is not installed (scripts/deps installs it)"
+            ));
+            return;
+        }
+    }
+    let ns_name = format!("tasman-tpd-{}", std::process::id());
+    let Some(ns) = NetNs::create(&ns_name) else {
+        unavailable("`ip netns add` failed: no network namespace can be made here");
+        return;
+    };
+    assert!(ns.run(&["ip", "link", "set", "lo", "up"]));
+    assert!(ns.run(&[
+        "ip",
+        "route",
+        "add",
+        "198.18.0.0/24",
+        "dev",
+        "lo",
+        "src",
+        "127.0.0.1"
+    ]));
+    let backend = SocketAddr::new(LOCAL, free_tcp_port(LOCAL));
+    echo_on(
+        in_netns(&ns.0, move || std::net::TcpListener::bind(backend).unwrap()),
+        "",
+    );
+    let tport = free_tcp_port(LOCAL);
+    let to = format!("127.0.0.2:{tport}");
+    assert!(ns.run(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-d",
+        "198.18.0.10",
+        "--dport",
+        "80",
+        "-j",
+        "DNAT",
+        "--to-destination",
+        &to,
+    ]));
+    let mut y = TopoYaml::default();
+    y.edge(
+        "edge",
+        free_udp(LOCAL),
+        IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2)),
+        Some(tport),
+    )
+    .site("site", free_udp(LOCAL), &[("echo", backend, 100)])
+    .link("edge", "site", "1ms")
+    .service("echo", free_tcp_port(LOCAL), &["198.18.0.10/32:80"]);
+    let mut f = Fabric::new(&y);
+    f.wrapper = ns.exec();
+    f.start_all();
+    f.wait_preferred("edge", "echo", "site");
+    let dst: SocketAddr = "198.18.0.10:80".parse().unwrap();
+    let got = in_netns(&ns.0, move || {
+        let mut s = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(10))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(b"through DNAT")?;
+        let mut buf = [0u8; 12];
+        s.read_exact(&mut buf).map(|()| buf.to_vec())
+    });
+    match got {
+        Ok(echoed) => assert_eq!(echoed, b"through DNAT"),
+        Err(e) => panic!(
+            "a client of the VIP {dst}, DNATed to {to}, was not served ({e})\nedge log:\n{}",
             f.log("edge")
         ),
     }

@@ -47,9 +47,19 @@ pub enum Command {
 /// Who a change is recorded as: `$TASMAN_AUTHOR`, else `$USER`, else `unknown` (topology and
 /// circuit commands alike; `--author` overrides it on the circuit commands).
 pub fn author() -> String {
-    std::env::var("TASMAN_AUTHOR")
-        .or_else(|_| std::env::var("USER"))
-        .unwrap_or_else(|_| "unknown".into())
+    author_from(|k| std::env::var(k).ok())
+}
+
+/// [`author`] from the environment `var` reads: an empty or blank variable counts as unset
+/// (`TASMAN_AUTHOR=`, a CI secret not set, recorded every change as `unknown` though `$USER`
+/// was there).
+fn author_from(var: impl Fn(&str) -> Option<String>) -> String {
+    ["TASMAN_AUTHOR", "USER"]
+        .into_iter()
+        .filter_map(|k| var(k))
+        .map(|v| v.trim().to_string())
+        .find(|v| !v.is_empty())
+        .unwrap_or_else(|| "unknown".into())
 }
 
 /// Logs to stderr; `RUST_LOG` filters (default `info`).
@@ -267,6 +277,32 @@ impl Signals {
 
 #[cfg(test)]
 mod tests {
+    /// An empty or blank `TASMAN_AUTHOR` counts as unset, as an empty `TASMAN_TOKEN` does: the
+    /// author is `$USER` then. (Every change of a CI job whose secret was not set was recorded
+    /// as `unknown`.)
+    #[test]
+    fn a_blank_author_variable_counts_as_unset() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let author = super::author_from;
+        assert_eq!(
+            author(env(&[("TASMAN_AUTHOR", ""), ("USER", "alice")])),
+            "alice"
+        );
+        assert_eq!(
+            author(env(&[("TASMAN_AUTHOR", " ops "), ("USER", "alice")])),
+            "ops"
+        );
+        assert_eq!(author(env(&[("USER", "  ")])), "unknown");
+        assert_eq!(author(env(&[])), "unknown");
+    }
+
     /// A message or author with a line break could forge a row of `topology history`, and an
     /// escape sequence rewrite the reader's screen: a cell shows them escaped.
     #[test]

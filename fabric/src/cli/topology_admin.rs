@@ -377,24 +377,34 @@ pub fn rollback(args: RollbackArgs) -> ExitCode {
 /// Marks the lines `edit` adds on top of the text (removed before validation).
 const EDIT_MARK: &str = "# tasman-edit: ";
 
-/// `text` without the [`EDIT_MARK`] lines on top, and how many there were.
+/// The last line of the header [`with_errors`] writes (after [`EDIT_MARK`]).
+const HEADER_END: &str = "(these lines are removed before the topology is checked)";
+
+/// `text` without the header [`with_errors`] wrote on top of it (its [`EDIT_MARK`] lines to
+/// [`HEADER_END`]), and how many lines it had; `text` as it is when it has no whole header on
+/// top. (Every marked line on top was removed: a text in force whose first lines were marked,
+/// as comments of the operator's, lost them at the next `edit`, and an edit that changed
+/// nothing was no longer "no changes".)
 fn strip_header(text: &str) -> (String, usize) {
-    let mut out = String::with_capacity(text.len());
     let mut header = 0;
+    let mut at = 0;
     for line in text.split_inclusive('\n') {
-        if out.is_empty() && line.starts_with(EDIT_MARK) {
-            header += 1;
-            continue;
+        if !line.starts_with(EDIT_MARK) {
+            break;
         }
-        out.push_str(line);
+        header += 1;
+        at += line.len();
+        if line.trim_end_matches(['\n', '\r']) == format!("{EDIT_MARK}{HEADER_END}") {
+            return (text[at..].to_string(), header);
+        }
     }
-    (out, header)
+    (text.to_string(), 0)
 }
 
 /// `text` with `error` and `diags` on top, as [`EDIT_MARK`] lines.
 fn with_errors(text: &str, error: &str, diags: &[crate::admin::Diag]) -> String {
     let first = format!("{error}; fix and save, or save unchanged to give up");
-    let last = "(these lines are removed before the topology is checked)";
+    let last = HEADER_END;
     // A message may hold line breaks (the loader quotes an unknown key as written): the header
     // ends at the first line without the mark, so each of its lines is a marked line.
     let lines = |m: &str| m.split('\n').count();
@@ -519,11 +529,14 @@ async fn edit_loop(c: &AdminClient, args: &EditArgs) -> Result<ExitCode, ClientE
             };
             let plan = match c.post::<_, ApplyOutcome>("/v1/topology", &req).await {
                 Ok(p) => p,
+                // Invalid: its diagnostics shown in the file. A 422 without any (a snapshot over
+                // what a router takes, the circuits' doing as much as the text's) is no fault
+                // of the text to fix there: said as the controller said it.
                 Err(ClientError::Refused {
                     status: 422,
                     error,
                     diagnostics,
-                }) => {
+                }) if !diagnostics.is_empty() => {
                     eprintln!("the topology is invalid; re-opening the editor");
                     std::fs::write(&path, with_errors(&text, &error, &diagnostics))
                         .map_err(io_err)?;
@@ -721,7 +734,10 @@ mod tests {
     /// there, and the rest of the message was sent with the text as YAML.)
     #[test]
     fn the_edit_header_of_messages_of_several_lines_is_removed_whole() {
-        let t = "version: 1\nnodes: []\n# tasman-edit: the operator's own, kept\n";
+        let t = "# tasman-edit: the operator's own, on top, kept\nversion: 1\nnodes: []\n\
+                 # tasman-edit: the operator's own, kept\n";
+        // A text with no header of edit's is left whole.
+        assert_eq!(strip_header(t), (t.to_string(), 0));
         let diags = [
             crate::admin::Diag {
                 line: 2,

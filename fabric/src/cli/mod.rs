@@ -56,7 +56,7 @@ pub fn author() -> String {
 fn author_from(var: impl Fn(&str) -> Option<String>) -> String {
     ["TASMAN_AUTHOR", "USER"]
         .into_iter()
-        .filter_map(|k| var(k))
+        .filter_map(&var)
         .map(|v| v.trim().to_string())
         .find(|v| !v.is_empty())
         .unwrap_or_else(|| "unknown".into())

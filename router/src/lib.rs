@@ -422,6 +422,21 @@ impl Shared {
     /// What the router reports (to the controller, on `/telemetry`). Draining, it reports its
     /// links down and its services unhealthy, as its probe replies do.
     pub fn telemetry(&self) -> TelemetryReport {
+        let mut t = self.observed();
+        for n in &mut t.neighbours {
+            n.up = self.advertised(n.up);
+        }
+        for s in &mut t.sites {
+            s.healthy = self.advertised(s.healthy);
+        }
+        t
+    }
+
+    /// The router's state as it sees it, a drain not applied: what its metrics show (while it
+    /// drains, its links are still up and its backends still healthy, and it still probes
+    /// them; a drain showed every neighbour down and every service unhealthy on `/metrics`, an
+    /// alert at every rolling restart).
+    pub fn observed(&self) -> TelemetryReport {
         let mut neighbours: Vec<_> = self
             .neighbours
             .load()
@@ -431,7 +446,7 @@ impl Shared {
                 telemetry::NeighbourReport {
                     id: n.id.clone(),
                     rtt_us: n.rtt_us(),
-                    up: self.advertised(n.is_up()),
+                    up: n.is_up(),
                     srtt_us: n.srtt_us(),
                     path_mtu: path.map_or(0, |p| p.current_mtu),
                     lost_packets,
@@ -440,16 +455,7 @@ impl Shared {
             })
             .collect();
         neighbours.sort_by(|a, b| a.id.cmp(&b.id));
-        let mut sites: Vec<_> = self
-            .sites
-            .load()
-            .values()
-            .map(|s| {
-                let mut r = s.report();
-                r.healthy = self.advertised(r.healthy);
-                r
-            })
-            .collect();
+        let mut sites: Vec<_> = self.sites.load().values().map(|s| s.report()).collect();
         sites.sort_by(|a, b| a.service.cmp(&b.service));
         let snapshot = self.snapshot.load();
         let edge = snapshot
@@ -616,9 +622,8 @@ impl Router {
         if let Some(listener) = metrics_listener {
             let s = shared.clone();
             let report = Arc::new(move || {
-                let t = s.telemetry();
-                let json = serde_json::to_string_pretty(&t).unwrap_or_default();
-                (s.render_metrics(&t), json)
+                let json = serde_json::to_string_pretty(&s.telemetry()).unwrap_or_default();
+                (s.render_metrics(&s.observed()), json)
             });
             metrics_task = Some(tokio::spawn(metrics::serve(listener, report)));
         }
@@ -665,7 +670,7 @@ impl RouterHandle {
     }
     /// Prometheus text of this router's metrics.
     pub fn metrics_text(&self) -> String {
-        self.shared.render_metrics(&self.shared.telemetry())
+        self.shared.render_metrics(&self.shared.observed())
     }
     /// What this router presents in its handshakes (and reloads).
     pub fn cert(&self) -> Arc<tls::CertResolver> {

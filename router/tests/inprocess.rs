@@ -2038,6 +2038,18 @@ async fn a_draining_transit_still_declares_a_silent_neighbour_down() {
     let downs = |h: &RouterHandle| transit_downs(h);
     assert_eq!(downs(&transit), 0);
     transit.begin_drain();
+    // Draining, it tells others its links are down (its telemetry), while its metrics show
+    // them as they are: up, and then the site's down once the link is cut. (Its metrics showed
+    // every neighbour down from the drain's start, an alert at every rolling restart.)
+    let up = |h: &RouterHandle, n: &str| {
+        common::metric(
+            &h.metrics_text(),
+            &format!("tasman_neighbour_up{{node=\"transit\",neighbour=\"{n}\"}}"),
+        )
+    };
+    assert_eq!(up(&transit, "site"), Some(1), "{}", transit.metrics_text());
+    assert_eq!(up(&transit, "edge"), Some(1), "{}", transit.metrics_text());
+    assert!(transit.telemetry().neighbours.iter().all(|n| !n.up));
     link.set_profile(LinkProfile::cut());
     wait_until(
         Duration::from_secs(20),
@@ -2050,6 +2062,7 @@ async fn a_draining_transit_still_declares_a_silent_neighbour_down() {
         },
     )
     .await;
+    assert_eq!(up(&transit, "site"), Some(0), "{}", transit.metrics_text());
     // The stream on the silent connection ends, and the client with it: the transit resets the
     // stream, and the edge resets the client connection (a FIN would claim a complete answer).
     let mut b = [0u8; 1];

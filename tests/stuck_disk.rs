@@ -1,7 +1,8 @@
 //! `tasman router` and `tasman controller` exit after SIGTERM while a blocking thread of theirs
 //! is stuck on a file that never answers, as on a hung disk: the runtime is shut down with a
 //! bound (5 s), not waited for until that thread returns. The stuck file is a FIFO that this test
-//! holds open and never writes.
+//! holds open and never writes. Also what a router says when the controller is away and it has
+//! no snapshot at all.
 
 mod common;
 
@@ -244,4 +245,31 @@ fn a_controller_stopped_while_its_start_is_stuck_on_a_file_exits() {
     let status = terminate(&mut ctl, log);
     assert!(status.success(), "{status}:\n{}", log());
     drop(stuck);
+}
+
+/// A router with no snapshot yet (none stored, its controller gone) says so past `--max-stale`,
+/// not that it forwards on a last good snapshot. (It said "still forwarding on the last good
+/// snapshot", with no data plane started.)
+#[test]
+fn a_router_with_no_snapshot_yet_does_not_claim_to_forward() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pki, mut ctl) = fabric_controller(dir.path(), "e1");
+    // The controller gone: the router's start waits for it, on nothing.
+    ctl.proc.child.kill().unwrap();
+    ctl.proc.child.wait().unwrap();
+    let log_path = dir.path().join("e1.log");
+    let _router = controlled_router(&ctl, "e1", &pki, &log_path, |cmd| {
+        cmd.args(["--max-stale", "6s"]);
+    });
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    eventually(
+        DEADLINE,
+        "the router to say it has heard nothing for --max-stale",
+        || log().contains("STALE SNAPSHOT"),
+    );
+    let log = log();
+    assert!(
+        log.contains("no snapshot yet: nothing is forwarded") && !log.contains("still forwarding"),
+        "{log}"
+    );
 }

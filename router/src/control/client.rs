@@ -797,7 +797,7 @@ impl ControlClient {
         let endpoint = client_endpoint(&shared.cfg, &shared.cert)?;
         let session = tasks.0.len();
         tasks.push(tokio::spawn(run(shared.clone(), endpoint, tx)));
-        tasks.push(tokio::spawn(staleness_watch(shared.clone())));
+        tasks.push(tokio::spawn(staleness_watch(shared.clone(), rx.clone())));
         // The placeholder (version 0) is never handed out. The session task ending first (it
         // runs until the client is dropped) fails the start, also while the task waiting for a
         // stored snapshot's address still holds a sender. (Watched through `tasks`, which
@@ -1973,12 +1973,18 @@ fn contacted(shared: &Shared, now: u64) {
     }
 }
 
-async fn staleness_watch(shared: Arc<Shared>) {
+async fn staleness_watch(shared: Arc<Shared>, snapshots: watch::Receiver<Arc<Snapshot>>) {
     let period =
         (shared.cfg.max_stale / 10).clamp(Duration::from_millis(100), Duration::from_secs(60));
     let mut last_log = 0u64;
+    // Looked at once at start too: a router started from a snapshot stored long ago is stale
+    // at once (its gauge read 0 for up to a minute).
+    let mut first = true;
     loop {
-        tokio::time::sleep(period).await;
+        if !first {
+            tokio::time::sleep(period).await;
+        }
+        first = false;
         let age_ms = now_ms().saturating_sub(shared.last_contact.get());
         // Saturated: a limit past `u64::MAX` ms wrapped to a few hundred ms.
         if age_ms > u64::try_from(shared.cfg.max_stale.as_millis()).unwrap_or(u64::MAX) {
@@ -1986,10 +1992,17 @@ async fn staleness_watch(shared: Arc<Shared>) {
             let now = now_ms();
             if now.saturating_sub(last_log) >= 60_000 || last_log == 0 {
                 last_log = now;
+                // No snapshot yet (none stored, or one waiting for its address): nothing is
+                // forwarded, on a last good snapshot or otherwise.
+                let running = if snapshots.borrow().version == 0 {
+                    "and no snapshot yet: nothing is forwarded until the controller's first one"
+                } else {
+                    "still forwarding on the last good snapshot"
+                };
                 tracing::error!(
                     age_s = age_ms / 1000,
                     max_stale_s = shared.cfg.max_stale.as_secs(),
-                    "STALE SNAPSHOT: no word from the controller for {}s (limit {}s); still forwarding on the last good snapshot",
+                    "STALE SNAPSHOT: no word from the controller for {}s (limit {}s); {running}",
                     age_ms / 1000,
                     shared.cfg.max_stale.as_secs()
                 );

@@ -494,6 +494,37 @@ fi
         row3.contains(&format!(" {} ", v1.len())) && row3.contains(&sha256(&v1)[..12]),
         "{table}"
     );
+
+    // A text in force topped by a whole header of edit's (a file kept after a refused round,
+    // applied as it was): an edit that changes nothing is "no changes", the header kept. (It
+    // was removed as edit's own: a plan and a prompt, and with a "y" a version without it.)
+    let kept_header = format!(
+        "# tasman-edit: invalid topology; fix and save, or save unchanged to give up\n\
+         # tasman-edit: (these lines are removed before the topology is checked)\n{}",
+        d.ctl.current().record.text
+    );
+    let f = dir.path().join("with-header.yaml");
+    std::fs::write(&f, &kept_header).unwrap();
+    let (e, f) = (env.clone(), f.display().to_string());
+    let out = tokio::task::spawn_blocking(move || tasman(&e, &["topology", "apply", &f], &[], ""))
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let version = d.ctl.current().record.version;
+    assert_eq!(d.ctl.current().record.text, kept_header);
+    let e = env.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        tasman(&e, &["topology", "edit"], &[("EDITOR", "true")], "y\n")
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("no changes"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_eq!(d.ctl.current().record.version, version);
     d.shutdown().await;
 }
 

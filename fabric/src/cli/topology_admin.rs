@@ -511,7 +511,12 @@ async fn edit_loop(c: &AdminClient, args: &EditArgs) -> Result<ExitCode, ClientE
                 return Ok(ExitCode::from(2));
             }
             let edited = std::fs::read_to_string(&path).map_err(io_err)?;
-            let (text, header) = strip_header(&edited);
+            // A header is removed only once this edit wrote one (a text in force may carry a
+            // whole one itself: a file kept after a refused round, applied as it was).
+            let (text, header) = match &last_invalid {
+                Some(_) => strip_header(&edited),
+                None => (edited, 0),
+            };
             if text == cur.record.text {
                 println!("no changes");
                 return Ok(ExitCode::SUCCESS);

@@ -86,11 +86,18 @@ async fn serve_connection(
     incoming: quinn::Incoming,
     ticket: crate::transport::HandshakeTicket,
 ) {
-    let conn = incoming.await;
+    let conn = tokio::time::timeout(crate::transport::HANDSHAKE_TIMEOUT, incoming).await;
     drop(ticket);
     let conn = match conn {
-        Ok(c) => c,
-        Err(e) => {
+        Ok(Ok(c)) => c,
+        // Dropped, the handshake's connection closes.
+        Err(_) => {
+            shared.metrics.refused_peers_total.fetch_add(1, Relaxed);
+            tracing::info!(node = %shared.node, "incoming handshake not done within {:?}: dropped",
+                crate::transport::HANDSHAKE_TIMEOUT);
+            return;
+        }
+        Ok(Err(e)) => {
             // Certificate refusals (wrong CA, name not in the topology) end here.
             shared.metrics.refused_peers_total.fetch_add(1, Relaxed);
             tracing::info!(node = %shared.node, error = %e, "incoming connection refused");

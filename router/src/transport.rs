@@ -30,6 +30,11 @@ pub const SEND_WINDOW: u64 = 128 * 1024 * 1024;
 pub const MAX_CONCURRENT_STREAMS: u32 = 1 << 14;
 pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest an incoming handshake may take, whatever the peer sends: quinn bounds one only by
+/// the idle timeout, which every packet it decrypts restarts, an Initial sent again included, so
+/// a peer that never finished but resent its Initial every few seconds held its slot of the
+/// [`HandshakeGate`] for as long as it liked (1,024 such, and every new peer was turned away).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const UDP_BUFFER: usize = 8 * 1024 * 1024;
 /// Largest UDP payload path MTU discovery tries (and the endpoint accepts from peers).
 /// Cross-connects and data-centre fabrics commonly carry jumbo frames; where a path does not, the

@@ -128,3 +128,52 @@ async fn a_handshake_in_progress_holds_no_stream_state() {
     );
     edge.shutdown().await;
 }
+
+/// A handshake that never completes is dropped after the handshake timeout however often its
+/// peer sends its Initial again (a client with no idle timeout of its own resends it at each
+/// probe timeout, 1, 2, 4 and 8 s apart), and counted as a refused peer. (quinn bounds a
+/// handshake only by the idle timeout, which each of those Initials restarted: such peers kept
+/// their slots of the handshake gate for as long as they liked, and 1,024 of them turned every
+/// new peer away.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_kept_alive_by_its_initials_is_dropped_after_the_timeout() {
+    use router::transport::HANDSHAKE_TIMEOUT;
+    let dir = ca_dir();
+    let t = edge_and_near(echo_backend().await);
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    let (edge, _) = spawn_node(&snap, dir.path(), "edge", |_| {}).await;
+    let other_ca = ca_dir();
+    router::pki::issue(other_ca.path(), "mallory").unwrap();
+    let id = router::tls::TlsIdentity::load(other_ca.path(), "mallory").unwrap();
+    let peers = router::tls::PeerNames::new(["edge".to_string()]);
+    let mut transport = router::transport::dial_transport_config();
+    transport.max_idle_timeout(None);
+    let client = router::tls::client_config(&id, &peers, Arc::new(transport)).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(client);
+    let (at, answers) = black_hole(t.node("edge").unwrap().address).await;
+    let refused = || {
+        common::metric(
+            &edge.metrics_text(),
+            "tasman_refused_peers_total{node=\"edge\"}",
+        )
+        .unwrap_or(0)
+    };
+    assert_eq!(refused(), 0);
+    let started = std::time::Instant::now();
+    let _connecting = tokio::spawn(ep.connect(at, "edge").unwrap());
+    wait_until(
+        Duration::from_secs(40),
+        || refused() >= 1,
+        || "the handshake was never dropped".into(),
+    )
+    .await;
+    assert!(answers.load(Relaxed) > 0, "the router never answered");
+    // Its Initials kept the idle timer going until about 25 s.
+    assert!(
+        started.elapsed() < HANDSHAKE_TIMEOUT + Duration::from_secs(5),
+        "dropped {:?} after it began",
+        started.elapsed()
+    );
+    edge.shutdown().await;
+}

@@ -172,8 +172,14 @@ pub async fn serve(
         let cert = cert.clone();
         let awaiting = awaiting.clone();
         tokio::spawn(async move {
-            let conn = incoming.await;
+            // Bounded whatever the peer sends (router::transport::HANDSHAKE_TIMEOUT).
+            let conn = tokio::time::timeout(router::transport::HANDSHAKE_TIMEOUT, incoming).await;
             drop(ticket);
+            let Ok(conn) = conn else {
+                tracing::debug!(%remote, "handshake not done within {:?}: dropped",
+                    router::transport::HANDSHAKE_TIMEOUT);
+                return;
+            };
             match conn {
                 Ok(conn) => {
                     let _trust_watch = tls::watch_trust(cert, conn.clone());

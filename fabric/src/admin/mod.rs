@@ -1056,6 +1056,36 @@ mod tests {
         );
     }
 
+    /// A router's last report is what a restart shows as when it was last seen, not its last
+    /// answer to a snapshot: its session's end stores it. (Only answers to snapshots were
+    /// stored: a fabric that published nothing for days showed a router gone two minutes before
+    /// the restart as last seen days ago.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_routers_last_report_is_when_a_restart_shows_it_last_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(RedbStore::open(dir.path()).unwrap());
+        {
+            let ctl = Controller::open(store.clone(), Some((&yaml("1ms"), "t.yaml"))).unwrap();
+            let (s, _) = ctl.router_session_start("e");
+            let p = ctl.published();
+            assert!(ctl.router_ack(&s, p.version, p.topology_version));
+            ctl.flush_routers().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            ctl.router_seen(&s);
+            assert!(ctl.router_session_end(&s));
+            ctl.flush_routers().await.unwrap();
+        }
+        let ctl = Controller::open(store, None).unwrap();
+        let circuits = circuits_of(&ctl);
+        let status = status::build(&AdminState::new(ctl, "tok", circuits));
+        let e = status.routers.iter().find(|r| r.node == "e").unwrap();
+        let ago = e.last_seen_ms_ago.unwrap();
+        assert!(
+            ago < 1000,
+            "last seen {ago} ms ago: its last answer, not its last report"
+        );
+    }
+
     /// The bearer scheme's name is case-insensitive: a client that writes `bearer` or `BEARER`
     /// (some libraries do) with the right token is let in; another scheme or a wrong token is
     /// not. (Only `Bearer ` exactly was taken: `bearer tok` got 401.)

@@ -147,6 +147,7 @@ impl Daemon {
         // older until each router answers again), which is said, as the flush loop says it.
         // Bounded: a store that does not answer (a hung disk, a flush cut off holding its
         // lock) held the exit for ever, every later SIGTERM caught and ignored.
+        self.ctl.note_connected_routers();
         match tokio::time::timeout(SHUTDOWN_FLUSH, self.ctl.flush_routers()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {

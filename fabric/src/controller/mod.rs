@@ -1083,18 +1083,40 @@ impl Controller {
     /// longer draining), and forgotten if the topology in force no longer has it; the end of a
     /// superseded session changes nothing. Returns whether it was the current one.
     pub fn router_session_end(&self, session: &RouterSession) -> bool {
+        let mut rec = None;
         let current = self.current_router(session, |e| {
             e.session = None;
             e.connected = false;
             e.draining = false;
             e.last_seen = Instant::now();
             e.record.last_seen_unix_ms = records::now_unix_ms();
+            rec = Some(e.record.clone());
         });
         if current && !self.is_node(&session.node) {
             self.routers
                 .remove_if(&session.node, |_, e| e.session.is_none());
+        } else if let Some(rec) = rec {
+            // When it was last seen, for a restart to show (its record was stored only at its
+            // answers to snapshots: after a restart, a router gone since showed as last seen
+            // at its last answer, hours or days before).
+            lock(&self.dirty_routers).insert(session.node.clone(), rec);
         }
         current
+    }
+
+    /// Queues the records of the routers connected now, for the store to hold when each was
+    /// last seen (a shutdown's last flush: see [`Self::router_session_end`]).
+    pub fn note_connected_routers(&self) {
+        let connected: Vec<(String, RouterRecord)> = self
+            .routers
+            .iter()
+            .filter(|e| e.connected)
+            .map(|e| (e.key().clone(), e.record.clone()))
+            .collect();
+        let mut dirty = lock(&self.dirty_routers);
+        for (node, rec) in connected {
+            dirty.insert(node, rec);
+        }
     }
 
     /// Ends the control sessions of the routers `topology` does not have (it is in force from

@@ -48,28 +48,32 @@ fn unavailable(why: &str) {
     );
 }
 
-#[test]
-fn iptables_redirect_to_a_vip_reaches_the_backend_through_the_edge() {
+/// A network namespace of its own (`tasman-NAME-PID`), its loopback up, for a test that needs
+/// `tools` too; `None` when this machine cannot run it (said by [`unavailable`]).
+fn namespace(name: &str, tools: &[&str]) -> Option<NetNs> {
     if !is_root() {
         unavailable("not root (a network namespace and iptables rules need it)");
-        return;
+        return None;
     }
-    for tool in ["ip", "iptables", "ip6tables", "curl", "nginx"] {
+    for tool in tools {
         if which(tool).is_none() {
             unavailable(&format!(
                 "{tool} is not installed (scripts/deps installs it)"
             ));
-            return;
+            return None;
         }
     }
-    let ns_name = format!("tasman-tp-{}", std::process::id());
-    let Some(ns) = NetNs::create(&ns_name) else {
+    let Some(ns) = NetNs::create(&format!("tasman-{name}-{}", std::process::id())) else {
         unavailable("`ip netns add` failed: no network namespace can be made here");
-        return;
+        return None;
     };
     assert!(ns.run(&["ip", "link", "set", "lo", "up"]));
-    // The VIP is not an address of the namespace: a route makes it reachable, and the NAT rule
-    // redirects it before it leaves.
+    Some(ns)
+}
+
+/// Makes the test VIPs' 198.18.0.0/24 reachable in `ns` (on `lo`; not addresses of it): the NAT
+/// rules take connections to them before they leave.
+fn route_test_vips(ns: &NetNs) {
     assert!(ns.run(&[
         "ip",
         "route",
@@ -80,6 +84,14 @@ fn iptables_redirect_to_a_vip_reaches_the_backend_through_the_edge() {
         "src",
         "127.0.0.1"
     ]));
+}
+
+#[test]
+fn iptables_redirect_to_a_vip_reaches_the_backend_through_the_edge() {
+    let Some(ns) = namespace("tp", &["ip", "iptables", "ip6tables", "curl", "nginx"]) else {
+        return;
+    };
+    route_test_vips(&ns);
 
     // IPv6 in the namespace: loopback has ::1 once it is up, unless IPv6 is disabled here.
     let v6 = std::path::Path::new("/proc/sys/net/ipv6").exists()
@@ -305,16 +317,9 @@ fn iptables_redirect_to_a_vip_reaches_the_backend_through_the_edge() {
 /// `unknown_service`: only a connection conntrack happened to track had a destination.)
 #[test]
 fn a_vip_on_the_edge_host_is_served_on_the_transparent_port_without_nat() {
-    if !is_root() {
-        unavailable("not root (a network namespace needs it)");
-        return;
-    }
-    let ns_name = format!("tasman-tpl-{}", std::process::id());
-    let Some(ns) = NetNs::create(&ns_name) else {
-        unavailable("`ip netns add` failed: no network namespace can be made here");
+    let Some(ns) = namespace("tpl", &["ip"]) else {
         return;
     };
-    assert!(ns.run(&["ip", "link", "set", "lo", "up"]));
     // What the test is about: here conntrack has no entry for a connection no NAT rule took.
     let tracked = in_netns(&ns.0, || {
         let l = std::net::TcpListener::bind("127.0.0.3:0").unwrap();
@@ -380,34 +385,10 @@ fn a_vip_on_the_edge_host_is_served_on_the_transparent_port_without_nat() {
 /// does not listen): the edge reads the VIP back as the original destination and serves it.
 #[test]
 fn iptables_dnat_to_a_specific_client_address_reaches_the_service() {
-    if !is_root() {
-        unavailable("not root (a network namespace and iptables rules need it)");
-        return;
-    }
-    for tool in ["ip", "iptables"] {
-        if which(tool).is_none() {
-            unavailable(&format!(
-                "{tool} is not installed (scripts/deps installs it)"
-            ));
-            return;
-        }
-    }
-    let ns_name = format!("tasman-tpd-{}", std::process::id());
-    let Some(ns) = NetNs::create(&ns_name) else {
-        unavailable("`ip netns add` failed: no network namespace can be made here");
+    let Some(ns) = namespace("tpd", &["ip", "iptables"]) else {
         return;
     };
-    assert!(ns.run(&["ip", "link", "set", "lo", "up"]));
-    assert!(ns.run(&[
-        "ip",
-        "route",
-        "add",
-        "198.18.0.0/24",
-        "dev",
-        "lo",
-        "src",
-        "127.0.0.1"
-    ]));
+    route_test_vips(&ns);
     let backend = SocketAddr::new(LOCAL, free_tcp_port(LOCAL));
     echo_on(
         in_netns(&ns.0, move || std::net::TcpListener::bind(backend).unwrap()),

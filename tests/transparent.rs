@@ -71,6 +71,17 @@ fn namespace(name: &str, tools: &[&str]) -> Option<NetNs> {
     Some(ns)
 }
 
+/// Sends `msg` to `dst` from a client in `ns` and reads as many bytes back (an echo's answer).
+fn echo_in(ns: &NetNs, dst: SocketAddr, msg: &'static [u8]) -> std::io::Result<Vec<u8>> {
+    in_netns(&ns.0, move || {
+        let mut s = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(10))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(msg)?;
+        let mut buf = vec![0u8; msg.len()];
+        s.read_exact(&mut buf).map(|()| buf)
+    })
+}
+
 /// Makes the test VIPs' 198.18.0.0/24 reachable in `ns` (on `lo`; not addresses of it): the NAT
 /// rules take connections to them before they leave.
 fn route_test_vips(ns: &NetNs) {
@@ -356,13 +367,7 @@ fn a_vip_on_the_edge_host_is_served_on_the_transparent_port_without_nat() {
     f.start_all();
     f.wait_preferred("edge", "echo", "site");
     let dst: SocketAddr = format!("127.0.0.2:{tport}").parse().unwrap();
-    let got = in_netns(&ns.0, move || {
-        let mut s = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(10))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        s.write_all(b"straight to the VIP")?;
-        let mut buf = [0u8; 19];
-        s.read_exact(&mut buf).map(|()| buf.to_vec())
-    });
+    let got = echo_in(&ns, dst, b"straight to the VIP");
     match got {
         Ok(echoed) => assert_eq!(echoed, b"straight to the VIP"),
         Err(e) => panic!(
@@ -428,13 +433,7 @@ fn iptables_dnat_to_a_specific_client_address_reaches_the_service() {
     f.start_all();
     f.wait_preferred("edge", "echo", "site");
     let dst: SocketAddr = "198.18.0.10:80".parse().unwrap();
-    let got = in_netns(&ns.0, move || {
-        let mut s = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(10))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        s.write_all(b"through DNAT")?;
-        let mut buf = [0u8; 12];
-        s.read_exact(&mut buf).map(|()| buf.to_vec())
-    });
+    let got = echo_in(&ns, dst, b"through DNAT");
     match got {
         Ok(echoed) => assert_eq!(echoed, b"through DNAT"),
         Err(e) => panic!(

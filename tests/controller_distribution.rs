@@ -461,6 +461,57 @@ async fn a_router_that_never_opens_its_stream_is_closed_after_the_hello_timeout(
     d.shutdown().await;
 }
 
+/// A router handshake that never finishes is dropped 10 s after it began however often its peer
+/// sends its Initial again (a client with no idle timeout of its own, behind a relay that drops
+/// every answer), and counted. (quinn bounds a handshake only by its idle timeout, which each
+/// Initial restarted: the slot of the handshake gate stayed taken for ever.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_kept_alive_by_its_initials_is_dropped_after_the_timeout() {
+    use fabric::controller::distribute::CONTROLLER_NAME;
+    use router::transport::HANDSHAKE_TIMEOUT;
+    use std::sync::atomic::Ordering::Relaxed;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (d, tls) =
+        controller_with_pki(dir.path(), &fabric_nodes(1, 1), &fabric_yaml(68, 1, 1, 10)).await;
+    // A relay that passes the client's packets on and drops every answer.
+    let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let back = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let at = front.local_addr().unwrap();
+    let to = d.quic_addr;
+    tokio::spawn(async move {
+        let (mut a, mut b) = (vec![0u8; 65536], vec![0u8; 65536]);
+        loop {
+            tokio::select! {
+                r = front.recv_from(&mut a) => {
+                    let Ok((n, _)) = r else { return };
+                    let _ = back.send_to(&a[..n], to).await;
+                }
+                r = back.recv(&mut b) => if r.is_err() { return },
+            }
+        }
+    });
+    let id = router::tls::TlsIdentity::load(&tls, "edge-0").unwrap();
+    let peers = router::tls::PeerNames::new([CONTROLLER_NAME.to_string()]);
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_idle_timeout(None);
+    let cfg = router::tls::client_config(&id, &peers, std::sync::Arc::new(transport)).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(cfg);
+    let started = std::time::Instant::now();
+    let _connecting = tokio::spawn(ep.connect(at, CONTROLLER_NAME).unwrap());
+    eventually(Duration::from_secs(40), "the handshake dropped", || {
+        d.ctl.handshakes_turned.timed_out.load(Relaxed) >= 1
+    })
+    .await;
+    assert!(
+        started.elapsed() < HANDSHAKE_TIMEOUT + Duration::from_secs(5),
+        "dropped {:?} after it began",
+        started.elapsed()
+    );
+    d.shutdown().await;
+}
+
 /// One node's connections awaiting their hello are bounded: past [`MAX_AWAITING_HELLO`], the
 /// next is closed at once (`refused`), not held for the hello timeout; once they leave, the node
 /// connects as usual. (Each was held, with its task, for the hello timeout: one certificate

@@ -269,7 +269,8 @@ fn a_router_with_no_snapshot_yet_does_not_claim_to_forward() {
     );
     let log = log();
     assert!(
-        log.contains("no snapshot yet: nothing is forwarded") && !log.contains("still forwarding"),
+        log.contains("no snapshot in force yet: nothing is forwarded")
+            && !log.contains("still forwarding"),
         "{log}"
     );
 }

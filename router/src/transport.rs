@@ -337,7 +337,7 @@ mod tests {
 
 /// Bounds the QUIC handshakes an endpoint runs at once. Each accepted handshake costs an ECDHE
 /// and a certificate signature and holds its state until it completes or times out
-/// ([`IDLE_TIMEOUT`]); a flood of Initials from spoofed sources (which never complete) would
+/// ([`HANDSHAKE_TIMEOUT`], as its caller bounds it); a flood of Initials from spoofed sources (which never complete) would
 /// otherwise make the endpoint sign for every one and hold them all, with up to three times
 /// their bytes sent back to the forged addresses. Above `validate_above` handshakes in
 /// progress, a peer that has not proven its address is sent a Retry first (one round trip more

@@ -176,6 +176,7 @@ pub async fn serve(
             let conn = tokio::time::timeout(router::transport::HANDSHAKE_TIMEOUT, incoming).await;
             drop(ticket);
             let Ok(conn) = conn else {
+                ctl.handshakes_turned.timed_out.fetch_add(1, Relaxed);
                 tracing::debug!(%remote, "handshake not done within {:?}: dropped",
                     router::transport::HANDSHAKE_TIMEOUT);
                 return;
@@ -968,11 +969,14 @@ impl SessionCloses {
 /// Retry (more than [`HandshakeGate::CONTROLLER`]`.0` in progress, the peer's address not yet
 /// proven) or refused (at [`HandshakeGate::CONTROLLER`]`.1`). Served as
 /// `tasman_controller_handshakes_retried_total` and `tasman_controller_handshakes_refused_total`:
-/// a flood of forged Initials shows there, not only in debug logs.
+/// a flood of forged Initials shows there, not only in debug logs. Also the handshakes admitted
+/// and dropped unfinished at [`router::transport::HANDSHAKE_TIMEOUT`]
+/// (`tasman_controller_handshakes_timed_out_total`).
 #[derive(Debug, Default)]
 pub struct HandshakesTurned {
     pub retried: AtomicU64,
     pub refused: AtomicU64,
+    pub timed_out: AtomicU64,
 }
 
 impl HandshakesTurned {

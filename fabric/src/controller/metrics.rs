@@ -191,7 +191,7 @@ fn sessions_closed(s: &mut String, ctl: &Controller) {
     }
 }
 
-/// `tasman_controller_handshakes_{retried,refused}_total`.
+/// `tasman_controller_handshakes_{retried,refused,timed_out}_total`.
 fn handshakes_turned(s: &mut String, ctl: &Controller) {
     let (validate_above, max) = router::transport::HandshakeGate::CONTROLLER;
     let t = &ctl.handshakes_turned;
@@ -207,6 +207,14 @@ fn handshakes_turned(s: &mut String, ctl: &Controller) {
             "handshakes_refused_total",
             format!("Incoming router handshakes refused: {max} were in progress."),
             &t.refused,
+        ),
+        (
+            "handshakes_timed_out_total",
+            format!(
+                "Incoming router handshakes dropped unfinished {}s after they began.",
+                router::transport::HANDSHAKE_TIMEOUT.as_secs()
+            ),
+            &t.timed_out,
         ),
     ] {
         header(s, name, "counter", &help);
@@ -350,6 +358,7 @@ mod tests {
         );
         assert_eq!(v("tasman_controller_handshakes_retried_total"), 2.0);
         assert_eq!(v("tasman_controller_handshakes_refused_total"), 1.0);
+        assert_eq!(v("tasman_controller_handshakes_timed_out_total"), 0.0);
         for reason in SessionCloses::REASONS.map(SessionCloses::reason) {
             assert_eq!(
                 v(&format!(

@@ -1115,7 +1115,8 @@ impl Controller {
             .collect();
         let mut dirty = lock(&self.dirty_routers);
         for (node, rec) in connected {
-            dirty.insert(node, rec);
+            // A record an answer queued meanwhile is as new or newer.
+            dirty.entry(node).or_insert(rec);
         }
     }
 

@@ -1973,16 +1973,24 @@ fn contacted(shared: &Shared, now: u64) {
     }
 }
 
-async fn staleness_watch(shared: Arc<Shared>, snapshots: watch::Receiver<Arc<Snapshot>>) {
+async fn staleness_watch(shared: Arc<Shared>, mut snapshots: watch::Receiver<Arc<Snapshot>>) {
     let period =
         (shared.cfg.max_stale / 10).clamp(Duration::from_millis(100), Duration::from_secs(60));
     let mut last_log = 0u64;
-    // Looked at once at start too: a router started from a snapshot stored long ago is stale
-    // at once (its gauge read 0 for up to a minute).
+    // Looked at once at start too, and whenever a snapshot comes (a stored one adopted once its
+    // address appeared brings its old contact time): a router started from a snapshot stored
+    // long ago is stale at once (its gauge read 0 for up to a minute).
     let mut first = true;
     loop {
         if !first {
-            tokio::time::sleep(period).await;
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {}
+                changed = snapshots.changed() => {
+                    if changed.is_err() {
+                        tokio::time::sleep(period).await;
+                    }
+                }
+            }
         }
         first = false;
         let age_ms = now_ms().saturating_sub(shared.last_contact.get());
@@ -1995,7 +2003,7 @@ async fn staleness_watch(shared: Arc<Shared>, snapshots: watch::Receiver<Arc<Sna
                 // No snapshot yet (none stored, or one waiting for its address): nothing is
                 // forwarded, on a last good snapshot or otherwise.
                 let running = if snapshots.borrow().version == 0 {
-                    "and no snapshot yet: nothing is forwarded until the controller's first one"
+                    "and no snapshot in force yet: nothing is forwarded until one is"
                 } else {
                     "still forwarding on the last good snapshot"
                 };

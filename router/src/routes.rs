@@ -916,6 +916,11 @@ impl Control {
             let other = graph.id(e.to);
             let n = &topo.nodes[graph.topology_position(e.to)];
             let addr = sh.dial_overrides.get(other).copied().unwrap_or(n.address);
+            // An IPv4-mapped address (a stored text's, taken with a warning as the same
+            // endpoint) dialled in its IPv4 form: quinn refuses an IPv6 address on an IPv4
+            // socket, so every dial failed and the node dropped out of routing; and a respelling
+            // is no move.
+            let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
             want.insert(other.clone(), addr);
         }
         // A neighbour whose address changed is replaced by one at the new address that goes on

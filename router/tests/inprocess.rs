@@ -4,7 +4,7 @@
 mod common;
 
 use std::collections::HashSet;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -560,6 +560,40 @@ async fn a_neighbour_that_starts_late_is_up_without_a_hold_down() {
     wait_for_route(&edge, "echo", Duration::from_secs(20), what).await;
     let back = echo_roundtrip(port, b"late", Duration::from_secs(10)).await;
     assert_eq!(back.unwrap(), b"late");
+}
+
+/// A node whose QUIC address a stored topology writes IPv4-mapped (`[::ffff:127.x.y.z]:p`, taken
+/// with a warning as the same endpoint) is dialled by its IPv4 neighbours in the IPv4 form, and
+/// carries traffic. (Its neighbours dialled the mapped form, which quinn refuses on an IPv4
+/// socket: every dial failed, and the node dropped out of routing.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_neighbour_at_an_ipv4_mapped_address_is_dialled() {
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let port = free_tcp_port();
+    let mut t = line_topology("echo", backend, port);
+    let site = t
+        .nodes
+        .iter_mut()
+        .find(|n| n.id.as_str() == "site")
+        .unwrap();
+    let SocketAddr::V4(v4) = site.address else {
+        panic!("an IPv4 test address")
+    };
+    site.address = SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port());
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    let (hs, _txs) = spawn_all(&snap, dir.path(), |_, _| {}).await;
+    wait_for_route(
+        &hs[0],
+        "echo",
+        Duration::from_secs(20),
+        "edge never got a route through the transit to the mapped site",
+    )
+    .await;
+    let back = echo_roundtrip(port, b"mapped", Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(back, b"mapped");
 }
 
 /// A snapshot that moves a neighbour to another address keeps its failed dials counted: the

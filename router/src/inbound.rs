@@ -86,18 +86,15 @@ async fn serve_connection(
     incoming: quinn::Incoming,
     ticket: crate::transport::HandshakeTicket,
 ) {
-    let conn = tokio::time::timeout(crate::transport::HANDSHAKE_TIMEOUT, incoming).await;
-    drop(ticket);
-    let conn = match conn {
-        Ok(Ok(c)) => c,
-        // Dropped, the handshake's connection closes.
-        Err(_) => {
+    let conn = match ticket.complete(incoming).await {
+        Some(Ok(c)) => c,
+        None => {
             shared.metrics.refused_peers_total.fetch_add(1, Relaxed);
             tracing::info!(node = %shared.node, "incoming handshake not done within {:?}: dropped",
                 crate::transport::HANDSHAKE_TIMEOUT);
             return;
         }
-        Ok(Err(e)) => {
+        Some(Err(e)) => {
             // Certificate refusals (wrong CA, name not in the topology) end here.
             shared.metrics.refused_peers_total.fetch_add(1, Relaxed);
             tracing::info!(node = %shared.node, error = %e, "incoming connection refused");

@@ -337,7 +337,7 @@ mod tests {
 
 /// Bounds the QUIC handshakes an endpoint runs at once. Each accepted handshake costs an ECDHE
 /// and a certificate signature and holds its state until it completes or times out
-/// ([`HANDSHAKE_TIMEOUT`], as its caller bounds it); a flood of Initials from spoofed sources (which never complete) would
+/// ([`HANDSHAKE_TIMEOUT`], [`HandshakeTicket::complete`]); a flood of Initials from spoofed sources (which never complete) would
 /// otherwise make the endpoint sign for every one and hold them all, with up to three times
 /// their bytes sent back to the forged addresses. Above `validate_above` handshakes in
 /// progress, a peer that has not proven its address is sent a Retry first (one round trip more
@@ -350,6 +350,17 @@ pub struct HandshakeGate {
 
 /// One handshake counted by a [`HandshakeGate`] until dropped.
 pub struct HandshakeTicket(Arc<std::sync::atomic::AtomicUsize>);
+
+impl HandshakeTicket {
+    /// The admitted handshake, run to its end or for [`HANDSHAKE_TIMEOUT`] at most (`None`: not
+    /// done in time; dropped, its connection closes); counted by the gate until then.
+    pub async fn complete(
+        self,
+        incoming: quinn::Incoming,
+    ) -> Option<Result<quinn::Connection, quinn::ConnectionError>> {
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await.ok()
+    }
+}
 
 impl Drop for HandshakeTicket {
     fn drop(&mut self) {

@@ -172,10 +172,7 @@ pub async fn serve(
         let cert = cert.clone();
         let awaiting = awaiting.clone();
         tokio::spawn(async move {
-            // Bounded whatever the peer sends (router::transport::HANDSHAKE_TIMEOUT).
-            let conn = tokio::time::timeout(router::transport::HANDSHAKE_TIMEOUT, incoming).await;
-            drop(ticket);
-            let Ok(conn) = conn else {
+            let Some(conn) = ticket.complete(incoming).await else {
                 ctl.handshakes_turned.timed_out.fetch_add(1, Relaxed);
                 tracing::debug!(%remote, "handshake not done within {:?}: dropped",
                     router::transport::HANDSHAKE_TIMEOUT);

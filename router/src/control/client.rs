@@ -1980,19 +1980,7 @@ async fn staleness_watch(shared: Arc<Shared>, mut snapshots: watch::Receiver<Arc
     // Looked at once at start too, and whenever a snapshot comes (a stored one adopted once its
     // address appeared brings its old contact time): a router started from a snapshot stored
     // long ago is stale at once (its gauge read 0 for up to a minute).
-    let mut first = true;
     loop {
-        if !first {
-            tokio::select! {
-                _ = tokio::time::sleep(period) => {}
-                changed = snapshots.changed() => {
-                    if changed.is_err() {
-                        tokio::time::sleep(period).await;
-                    }
-                }
-            }
-        }
-        first = false;
         let age_ms = now_ms().saturating_sub(shared.last_contact.get());
         // Saturated: a limit past `u64::MAX` ms wrapped to a few hundred ms.
         if age_ms > u64::try_from(shared.cfg.max_stale.as_millis()).unwrap_or(u64::MAX) {
@@ -2014,6 +2002,14 @@ async fn staleness_watch(shared: Arc<Shared>, mut snapshots: watch::Receiver<Arc
                     age_ms / 1000,
                     shared.cfg.max_stale.as_secs()
                 );
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            changed = snapshots.changed() => {
+                if changed.is_err() {
+                    tokio::time::sleep(period).await;
+                }
             }
         }
     }

@@ -422,7 +422,11 @@ impl Shared {
     /// What the router reports (to the controller, on `/telemetry`). Draining, it reports its
     /// links down and its services unhealthy, as its probe replies do.
     pub fn telemetry(&self) -> TelemetryReport {
-        let mut t = self.observed();
+        self.advertise(self.observed())
+    }
+
+    /// `t` (this router's [`Self::observed`] state) as it tells others of it ([`Self::advertised`]).
+    fn advertise(&self, mut t: TelemetryReport) -> TelemetryReport {
         for n in &mut t.neighbours {
             n.up = self.advertised(n.up);
         }
@@ -622,8 +626,11 @@ impl Router {
         if let Some(listener) = metrics_listener {
             let s = shared.clone();
             let report = Arc::new(move || {
-                let json = serde_json::to_string_pretty(&s.telemetry()).unwrap_or_default();
-                (s.render_metrics(&s.observed()), json)
+                // One look at the router's state for both.
+                let seen = s.observed();
+                let json =
+                    serde_json::to_string_pretty(&s.advertise(seen.clone())).unwrap_or_default();
+                (s.render_metrics(&seen), json)
             });
             metrics_task = Some(tokio::spawn(metrics::serve(listener, report)));
         }

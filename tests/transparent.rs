@@ -71,6 +71,27 @@ fn namespace(name: &str, tools: &[&str]) -> Option<NetNs> {
     Some(ns)
 }
 
+/// An edge (client address `client`, transparent port `tport`) and a site serving `echo` (VIP
+/// `vip`) from an echo backend, all in `ns`, running and the edge's route in place.
+fn echo_fabric(ns: &NetNs, client: IpAddr, tport: u16, vip: &str) -> Fabric {
+    // The backend in the namespace (the site connects to it from there).
+    let backend = SocketAddr::new(LOCAL, free_tcp_port(LOCAL));
+    echo_on(
+        in_netns(&ns.0, move || std::net::TcpListener::bind(backend).unwrap()),
+        "",
+    );
+    let mut y = TopoYaml::default();
+    y.edge("edge", free_udp(LOCAL), client, Some(tport))
+        .site("site", free_udp(LOCAL), &[("echo", backend, 100)])
+        .link("edge", "site", "1ms")
+        .service("echo", free_tcp_port(LOCAL), &[vip]);
+    let mut f = Fabric::new(&y);
+    f.wrapper = ns.exec();
+    f.start_all();
+    f.wait_preferred("edge", "echo", "site");
+    f
+}
+
 /// Sends `msg` to `dst` from a client in `ns` and reads as many bytes back (an echo's answer).
 fn echo_in(ns: &NetNs, dst: SocketAddr, msg: &'static [u8]) -> std::io::Result<Vec<u8>> {
     in_netns(&ns.0, move || {
@@ -343,29 +364,15 @@ fn a_vip_on_the_edge_host_is_served_on_the_transparent_port_without_nat() {
         "conntrack tracks connections in a fresh namespace on this machine ({tracked:?}): \
          the edge's fallback to the local address cannot be shown here"
     );
-    // An echo backend in the namespace (the site connects to it from there).
-    let backend = SocketAddr::new(LOCAL, free_tcp_port(LOCAL));
-    echo_on(
-        in_netns(&ns.0, move || std::net::TcpListener::bind(backend).unwrap()),
-        "",
-    );
     let tport = free_tcp_port(LOCAL);
     // 127.0.0.2 is an address of the namespace (all of 127/8 is, on `lo`).
     let vip = format!("127.0.0.2/32:{tport}");
-    let mut y = TopoYaml::default();
-    y.edge(
-        "edge",
-        free_udp(LOCAL),
+    let f = echo_fabric(
+        &ns,
         IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
-        Some(tport),
-    )
-    .site("site", free_udp(LOCAL), &[("echo", backend, 100)])
-    .link("edge", "site", "1ms")
-    .service("echo", free_tcp_port(LOCAL), &[&vip]);
-    let mut f = Fabric::new(&y);
-    f.wrapper = ns.exec();
-    f.start_all();
-    f.wait_preferred("edge", "echo", "site");
+        tport,
+        &vip,
+    );
     let dst: SocketAddr = format!("127.0.0.2:{tport}").parse().unwrap();
     let got = echo_in(&ns, dst, b"straight to the VIP");
     match got {
@@ -394,11 +401,6 @@ fn iptables_dnat_to_a_specific_client_address_reaches_the_service() {
         return;
     };
     route_test_vips(&ns);
-    let backend = SocketAddr::new(LOCAL, free_tcp_port(LOCAL));
-    echo_on(
-        in_netns(&ns.0, move || std::net::TcpListener::bind(backend).unwrap()),
-        "",
-    );
     let tport = free_tcp_port(LOCAL);
     let to = format!("127.0.0.2:{tport}");
     assert!(ns.run(&[
@@ -418,20 +420,12 @@ fn iptables_dnat_to_a_specific_client_address_reaches_the_service() {
         "--to-destination",
         &to,
     ]));
-    let mut y = TopoYaml::default();
-    y.edge(
-        "edge",
-        free_udp(LOCAL),
+    let f = echo_fabric(
+        &ns,
         IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2)),
-        Some(tport),
-    )
-    .site("site", free_udp(LOCAL), &[("echo", backend, 100)])
-    .link("edge", "site", "1ms")
-    .service("echo", free_tcp_port(LOCAL), &["198.18.0.10/32:80"]);
-    let mut f = Fabric::new(&y);
-    f.wrapper = ns.exec();
-    f.start_all();
-    f.wait_preferred("edge", "echo", "site");
+        tport,
+        "198.18.0.10/32:80",
+    );
     let dst: SocketAddr = "198.18.0.10:80".parse().unwrap();
     let got = echo_in(&ns, dst, b"through DNAT");
     match got {

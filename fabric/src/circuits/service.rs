@@ -839,6 +839,14 @@ mod tests {
         (ctl, svc)
     }
 
+    /// Applies `text` as an operator would, and the circuits' follow-up to it.
+    async fn apply_settled(ctl: &Controller, svc: &Arc<CircuitService>, text: &str, message: &str) {
+        ctl.apply(text, "ops", message, Origin::Apply, false, None)
+            .await
+            .unwrap();
+        svc.on_topology_applied().await.unwrap();
+    }
+
     /// Applies the topology without the link e–s (version 2), as an operator would; the
     /// circuits' follow-up is left to the caller.
     async fn drop_es(ctl: &Controller) {
@@ -923,10 +931,7 @@ mod tests {
         svc.on_topology_applied().await.unwrap();
         assert!(failed_by_version_2(&svc.get("c1").unwrap()));
         // Version 3 sets e–s back.
-        ctl.apply(&yaml(POOL, true), "ops", "undo", Origin::Apply, false, None)
-            .await
-            .unwrap();
-        svc.on_topology_applied().await.unwrap();
+        apply_settled(&ctl, &svc, &yaml(POOL, true), "undo").await;
         let c = svc.get("c1").unwrap();
         assert_eq!(
             (c.state, c.reason.as_ref()),
@@ -1289,10 +1294,7 @@ mod tests {
             "id: s, kind: site, region: r2,",
         );
         assert_ne!(moved, yaml(POOL, true));
-        ctl.apply(&moved, "ops", "s to r2", Origin::Apply, false, None)
-            .await
-            .unwrap();
-        svc.on_topology_applied().await.unwrap();
+        apply_settled(&ctl, &svc, &moved, "s to r2").await;
         let c = svc.get("c1").unwrap();
         assert!(failed_by_version_2(&c), "{c:?}");
         assert!(
@@ -1385,10 +1387,7 @@ mod tests {
             let listed: Vec<String> = dry.plan.circuits.iter().map(|i| i.to_string()).collect();
             assert_eq!(listed, [issue], "plan");
             assert!(dry.plan.text.contains(issue), "{}", dry.plan.text);
-            ctl.apply(&text, "ops", "change", Origin::Apply, false, None)
-                .await
-                .unwrap();
-            svc.on_topology_applied().await.unwrap();
+            apply_settled(&ctl, &svc, &text, "change").await;
             let c = svc.get("c1").unwrap();
             assert!(failed_by_version_2(&c), "{issue}: {c:?}");
             assert_eq!(
@@ -1414,10 +1413,7 @@ mod tests {
         let issue = "circuit c-000001's VIP 127.79.0.1:8080 is inside service chat's VIP \
                      127.79.0.0/28:8080: the edge would take those connections for the circuit";
         assert_eq!(planned(&ctl, &text).await, [issue], "plan");
-        ctl.apply(&text, "ops", "move the pool", Origin::Apply, false, None)
-            .await
-            .unwrap();
-        svc.on_topology_applied().await.unwrap();
+        apply_settled(&ctl, &svc, &text, "move the pool").await;
         assert_eq!(svc.get("c1").unwrap().state, CircuitState::Active);
     }
 
@@ -1745,10 +1741,7 @@ mod tests {
         // apply fails nothing, c1 still awaiting its routers.
         let shrunk = yaml(POOL, false).replacen("capacity: 1Gbps", "capacity: 700Mbps", 1);
         assert_eq!(planned(&ctl, &shrunk).await, Vec::<String>::new());
-        ctl.apply(&shrunk, "ops", "shrink", Origin::Apply, false, None)
-            .await
-            .unwrap();
-        svc.on_topology_applied().await.unwrap();
+        apply_settled(&ctl, &svc, &shrunk, "shrink").await;
         assert_eq!(svc.get("c1").unwrap().state, CircuitState::Decommissioning);
         assert_eq!(svc.get("c2").unwrap().state, CircuitState::Provisioning);
         // The routers acknowledge: c1 is decommissioned, its capacity and VIP free again.

@@ -3,6 +3,9 @@
 //! files and presents it; a controller without a CA refuses, and the router keeps its old one; a
 //! controller that does not answer is asked again after the back-off, and the router keeps its
 //! certificate meanwhile; a late answer to an earlier request is ignored.
+//!
+//! Each test has a loopback net of its own (`127.N.0.0/16`, the `net` argument): libtest runs as
+//! many tests at once as the machine has cores, and two on one net bind the same addresses.
 
 mod controller_common;
 
@@ -276,7 +279,7 @@ async fn a_controller_refuses_to_start_with_a_ca_it_does_not_trust() {
     pki::init(&other).unwrap();
     let res = daemon::start(daemon::DaemonConfig {
         ca_dir: Some(other),
-        ..import_config(&dir.path().join("state"), &tls, &fabric_yaml(93, 1, 1, 10))
+        ..import_config(&dir.path().join("state"), &tls, &fabric_yaml(102, 1, 1, 10))
     })
     .await;
     refused_ca_mismatch(res);
@@ -324,12 +327,12 @@ async fn the_ca_dir_check_looks_for_the_issuing_ca_in_the_trust_bundle() {
 
     // The controller trusts only the old CA; the CA directory lists the old CA first.
     std::fs::write(ca_dir.join(pki::CA_CERT), format!("{old}{new}")).unwrap();
-    refused_ca_mismatch(start(95, "state-1").await);
+    refused_ca_mismatch(start(100, "state-1").await);
 
     // The controller trusts the old then the new CA; the CA directory as rotate-ca wrote it.
     std::fs::write(ca_dir.join(pki::CA_CERT), &rotated).unwrap();
     std::fs::write(tls.join(pki::CA_CERT), format!("{old}{new}")).unwrap();
-    let d = start(96, "state-2")
+    let d = start(101, "state-2")
         .await
         .expect("the controller starts with a CA it trusts");
     d.shutdown().await;
@@ -705,7 +708,7 @@ async fn a_late_answer_to_an_earlier_request_does_not_spoil_the_current_one() {
 /// renewal asked for.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_refusal_of_an_earlier_request_does_not_use_up_the_current_one() {
-    let (_dir, stub, r, cert) = stub_and_router(99, Answers::RefuseFirstThenCertifySecond).await;
+    let (_dir, stub, r, cert) = stub_and_router(103, Answers::RefuseFirstThenCertifySecond).await;
     let old_leaf = cert.current().cert[0].to_vec();
     eventually(
         Duration::from_secs(60),

@@ -9,8 +9,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use common::{
-    ControllerProc, LOCAL, circuit_cli, circuit_create_args as create_args, eventually,
-    free_tcp_port, free_udp, spawn_controller, tasman,
+    ControllerProc, LOCAL, admin_command, circuit_cli, circuit_create_args as create_args,
+    eventually, free_tcp_port, free_udp, spawn_controller, tasman,
 };
 
 /// e1 -- t1 -- s1 (1 Gbit/s, fast) and t1 -- s2 (400 Mbit/s, slow); e1 -- t1 is 10 Gbit/s.
@@ -293,7 +293,7 @@ fn placement_refuses_what_does_not_fit_naming_the_link_also_beside_a_deleted_cir
     );
     let smaller = dir.path().join("smaller.yaml");
     std::fs::write(&smaller, text).unwrap();
-    let out = Command::new(tasman())
+    let out = admin_command()
         .args(["topology", "apply"])
         .arg(&smaller)
         .args(["--dry-run", "--controller", &c.admin, "--token-file"])
@@ -330,7 +330,7 @@ fn placement_refuses_what_does_not_fit_naming_the_link_also_beside_a_deleted_cir
 
     // Shared automation sets TASMAN_AUTHOR, as for topology changes: it names the author of a
     // circuit change too (over $USER).
-    let out = Command::new(tasman())
+    let out = admin_command()
         .args(["circuit", "resize", "beta", "--rate", "40Mbps"])
         .args(["--controller", &c.admin, "--token-file"])
         .arg(c.state.join("admin-token"))
@@ -358,7 +358,7 @@ fn concurrent_creates_with_one_idempotency_key_yield_one_circuit_and_survive_a_r
         .map(|_| {
             let mut args = create_args("acme", "10.1.0.0/24", "100Mbps");
             args.extend(["--idempotency-key", "order-1234", "-o", "json"]);
-            Command::new(tasman())
+            admin_command()
                 .arg("circuit")
                 .args(&args)
                 .args(["--controller", &c.admin, "--token-file"])

@@ -6,6 +6,8 @@
 //! on SIGTERM. Ctrl-C in the middle of the tour stops the fabric and leaves nothing in the
 //! temporary directory; a `--fail` that would show no failover is refused.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -150,6 +152,7 @@ impl Demo {
     fn start_with(args: &[&str], tmpdir: Option<&Path>, nohup: bool) -> Demo {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tasman"));
         cmd.arg("demo").args(args);
+        common::die_with_parent(&mut cmd);
         if nohup {
             use std::os::unix::process::CommandExt;
             // SAFETY: signal(2) is async-signal-safe, and nothing else runs between fork and

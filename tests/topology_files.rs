@@ -88,7 +88,7 @@ fn a_controller_restarts_from_its_store_when_the_import_file_is_gone() {
     std::fs::remove_file(&topo).unwrap();
     let again = controller(&state, &topo);
     // It serves the imported topology from its store.
-    let got = Command::new(BIN)
+    let got = common::admin_command()
         .args([
             "topology",
             "get",

@@ -158,12 +158,18 @@ impl TopoYaml {
     }
 }
 
-/// The child gets SIGKILL if the test process dies without running destructors.
+/// The child gets SIGKILL if the test process dies without running destructors, and starts
+/// with SIGHUP, SIGINT and SIGTERM at their default action whatever the test process came with
+/// (ignored under `nohup`, or SIGINT in a shell's background job, which `tasman` keeps ignored
+/// as asked: the tests that send them would wait in vain).
 pub fn die_with_parent(cmd: &mut Command) {
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    // SAFETY: prctl and signal are async-signal-safe; nothing else runs between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            for sig in [libc::SIGHUP, libc::SIGINT, libc::SIGTERM] {
+                libc::signal(sig, libc::SIG_DFL);
+            }
             Ok(())
         });
     }
@@ -315,10 +321,8 @@ impl Fabric {
             .arg(self.tls_dir(node))
             .args(["--metrics", &metrics.to_string()])
             .args(extra)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
+            // Not the caller's RUST_LOG: tests read info-level lines of these logs.
+            .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -664,15 +668,25 @@ pub fn greet(port: u16) -> std::io::Result<(BufReader<TcpStream>, String)> {
 /// Runs `tasman circuit ARGS` against the controller at `admin`, with the admin token in `state`,
 /// as user "tester".
 pub fn circuit_cli(admin: &str, state: &Path, args: &[&str]) -> Output {
-    Command::new(tasman())
+    admin_command()
         .arg("circuit")
         .args(args)
         .args(["--controller", admin, "--token-file"])
         .arg(state.join("admin-token"))
         .env("USER", "tester")
-        .env_remove("TASMAN_AUTHOR")
         .output()
         .expect("run tasman circuit")
+}
+
+/// `tasman`, for a command to a test's controller: without the caller's `TASMAN_TOKEN` (which
+/// wins over `--token-file`; `tasman demo --keep` prints an `export` of it), `TASMAN_AUTHOR`
+/// (over `$USER`) and `TASMAN_REQUEST_TIMEOUT`.
+pub fn admin_command() -> Command {
+    let mut cmd = Command::new(tasman());
+    for var in ["TASMAN_TOKEN", "TASMAN_AUTHOR", "TASMAN_REQUEST_TIMEOUT"] {
+        cmd.env_remove(var);
+    }
+    cmd
 }
 
 /// The arguments of `tasman circuit create` for circuit `name`: `prefix` on edge e1 to service

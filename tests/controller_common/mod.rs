@@ -551,6 +551,7 @@ pub fn tasman(env: &Env, args: &[&str], extra_env: &[(&str, &str)], stdin: &str)
         .env("TASMAN_CONTROLLER", &env.admin)
         .env("TASMAN_TOKEN", &env.token)
         .env("TASMAN_AUTHOR", "tester")
+        .env_remove("TASMAN_REQUEST_TIMEOUT")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

@@ -251,8 +251,10 @@ impl<'a> Builder<'a> {
                 } else {
                     YValue::Str(text)
                 };
+                // Text an alias copies: a string's, and an integer too long to read (kept as
+                // written, and quoted by the messages about it).
                 let bytes = match &value {
-                    YValue::Str(s) => s.len(),
+                    YValue::Str(s) | YValue::TooBig(s) => s.len(),
                     _ => 0,
                 };
                 (YNode { pos: p, value }, Size { nodes: 1, bytes }, anchor)

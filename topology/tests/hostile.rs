@@ -138,6 +138,31 @@ fn aliases_to_a_long_scalar_are_refused_by_the_bytes_they_copy() {
     assert!(!d.iter().any(|d| d.message.contains("copy more")), "{d:?}");
 }
 
+/// An integer too long to read is copied by its aliases as text is, and counted so: 40
+/// aliases to a 256 KiB run of digits are refused as 40 to a 256 KiB string are (they were
+/// taken, and each use's message quoted the digits whole: about 10 MiB of messages here, 16 GB
+/// from a 16 MiB file).
+#[test]
+fn aliases_to_a_long_integer_are_refused_by_the_bytes_they_copy() {
+    let big = "1".repeat(256 * 1024);
+    let text = format!(
+        "version: 1\nx: &big {big}\nlinks:\n{}",
+        "  - {a: e, b: s, latency: *big}\n".repeat(40)
+    );
+    let d = refused(&text);
+    assert!(
+        d[0].message
+            .contains("anchors and aliases copy more than 4 MiB of text"),
+        "{}",
+        d[0].message
+    );
+    assert!(
+        d.iter().map(|d| d.message.len()).sum::<usize>() < 1 << 20,
+        "{} bytes of messages",
+        d.iter().map(|d| d.message.len()).sum::<usize>()
+    );
+}
+
 #[test]
 fn many_aliases_to_one_anchor_are_refused() {
     let mut text = String::from("version: 1\nx: &big [1, 2, 3, 4, 5, 6, 7, 8]\nnodes:\n");

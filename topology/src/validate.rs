@@ -252,7 +252,7 @@ fn fields<'a>(
             cx.err(
                 k.pos,
                 format!(
-                    "unknown field \"{key}\" in {what} (expected one of: {}{hint})",
+                    "unknown field {key:?} in {what} (expected one of: {}{hint})",
                     allowed.join(", ")
                 ),
             );
@@ -262,7 +262,7 @@ fn fields<'a>(
             cx.err(
                 k.pos,
                 format!(
-                    "field \"{key}\" repeated in {what} (first at line {})",
+                    "field {key:?} repeated in {what} (first at line {})",
                     first.line
                 ),
             );
@@ -1368,7 +1368,7 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
                                     cx.err(
                                         rn.pos,
                                         format!(
-                                            "residency of {what}: unknown region \"{reg}\" {known}"
+                                            "residency of {what}: unknown region {reg:?} {known}"
                                         ),
                                     );
                                     ok = false;
@@ -1596,7 +1596,7 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
                 Some((NodeId::new(s), n.pos))
             } else {
                 let known = cx.known_list(s, ids.keys().map(String::as_str));
-                cx.err(n.pos, format!("unknown node \"{s}\" in {what} {known}"));
+                cx.err(n.pos, format!("unknown node {s:?} in {what} {known}"));
                 None
             }
         };
@@ -2313,6 +2313,28 @@ mod tests {
                 ", serves: [{service: chat, backend: \"127.30.0.1:9001\", capacity: 8}]"
             ),
         )
+    }
+
+    /// Names the reader takes as any string (a field name, a link's end) are quoted escaped: a control character in them reached the terminal (an ANSI
+    /// escape, or a newline starting a forged `FILE:LINE:COL: error:` line).
+    #[test]
+    fn names_quoted_in_messages_carry_no_control_characters() {
+        let text = two_edges("127.20.0.1", "127.20.0.2")
+            .replace(
+                "links:\n",
+                "\"\\e]0;x\\a\": 1\nlinks:\n  - {a: \"e1\\nt.yaml:1:1: error: forged\", b: s1, latency: 1ms, capacity: 1Gbps}\n",
+            );
+        let errs = load_errors(&text);
+        for want in [
+            "unknown field \"\\u{1b}]0;x\\u{7}\"",
+            "unknown node \"e1\\nt.yaml:1:1: error: forged\"",
+        ] {
+            assert!(errs.iter().any(|m| m.contains(want)), "{want}: {errs:#?}");
+        }
+        assert!(
+            errs.iter().all(|m| !m.chars().any(char::is_control)),
+            "{errs:#?}"
+        );
     }
 
     #[test]

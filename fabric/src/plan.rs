@@ -27,17 +27,20 @@ pub struct Plan {
     pub circuits_already: Vec<topology::circuit::ReservationIssue>,
 }
 
+/// `site (1.00 ms via e > s)`, and `, drained` inside the brackets when the path crosses a drained
+/// element (a drain alone changes nothing else the line shows: `tasman topology diff` says so too).
 fn cand(c: &Option<Candidate>) -> String {
     match c {
         Some(c) => format!(
-            "{} ({:.2} ms via {})",
+            "{} ({:.2} ms via {}{})",
             c.site,
             c.cost.as_millis_f64(),
             c.path
                 .iter()
                 .map(|n| n.as_str())
                 .collect::<Vec<_>>()
-                .join(" > ")
+                .join(" > "),
+            if c.drained { ", drained" } else { "" }
         ),
         None => "no site".into(),
     }
@@ -276,6 +279,43 @@ mod tests {
     /// new topology: the plan moves its edge to the next site, as routers will once the site
     /// reports the capacity it then runs with. (The plan read the capacity the site reported
     /// under the old topology, and predicted no change.)
+    /// Draining the only path to a site: the edge's new connections still cross it (nothing
+    /// else reaches the site), and the plan says so. (It printed "cost changes: s (1.00 ms via
+    /// e > s) -> s (1.00 ms via e > s) [+0.00 ms]", nothing visibly different.)
+    #[test]
+    fn a_drain_the_edge_cannot_avoid_is_shown_in_the_plan() {
+        use topology::builder::{TopologyBuilder, ms};
+        let build = |state: topology::AdminState| {
+            let mut b = TopologyBuilder::new();
+            b.node("e", topology::NodeKind::Edge)
+                .node("s", topology::NodeKind::Site)
+                .link_with("e", "s", ms(1.0), state)
+                .service("chat")
+                .serve("s", "chat", 100);
+            b.build()
+        };
+        let (old, new) = (
+            build(topology::AdminState::Up),
+            build(topology::AdminState::Drain),
+        );
+        let live = LiveState::default();
+        let p = Plan::compute(
+            &old,
+            &new,
+            &live,
+            &live,
+            &Default::default(),
+            &Default::default(),
+        );
+        assert!(
+            p.text.contains(
+                "e chat: cost changes: s (1.00 ms via e > s) -> s (1.00 ms via e > s, drained)"
+            ),
+            "{}",
+            p.text
+        );
+    }
+
     #[test]
     fn a_capacity_cut_under_the_open_streams_moves_the_edge() {
         use topology::builder::{TopologyBuilder, ms};

@@ -94,13 +94,40 @@ pub(crate) fn parse_controller(s: &str) -> Result<String, String> {
 /// `--request-timeout`'s default.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// `--request-timeout`: a duration above zero.
+/// `--request-timeout`'s greatest value.
+const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// `--request-timeout`: a duration above zero, at most a day. (Any humantime duration was
+/// taken, and one past the monotonic clock's range panicked every command at its deadline's
+/// sum.)
 pub(crate) fn parse_request_timeout(s: &str) -> Result<Duration, String> {
     match humantime::parse_duration(s.trim()) {
-        Ok(d) if !d.is_zero() => Ok(d),
-        Ok(_) => Err(format!("{s:?} must be greater than zero")),
+        Ok(d) if d.is_zero() => Err(format!("{s:?} must be greater than zero")),
+        Ok(d) if d > MAX_REQUEST_TIMEOUT => Err(format!("{s:?} must be at most 1day")),
+        Ok(d) => Ok(d),
         Err(e) => Err(format!("{s:?}: {e} (expected e.g. 30s, 2m or 500ms)")),
     }
+}
+
+/// What [`ClientError::Lost`] and [`ClientError::TimedOut`] add for a request that changes
+/// something.
+fn maybe_made(changes: bool) -> &'static str {
+    if changes {
+        "; a change requested may still have been made: check before retrying"
+    } else {
+        ""
+    }
+}
+
+/// Whether a request may change something: anything but a read, a dry run (whatever its
+/// method) or a circuit's validation.
+fn changes(method: &str, path: &str, body: &[u8]) -> bool {
+    let dry_run = path.ends_with("/validate")
+        || serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v.get("dry_run")?.as_bool())
+            == Some(true);
+    method != "GET" && method != "HEAD" && !dry_run
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -111,19 +138,29 @@ pub enum ClientError {
     /// controller restarting, a proxy cutting it): like [`ClientError::TimedOut`], the change
     /// may have been made. (It was reported as unreachable, which reads as "nothing happened":
     /// a create retried without an idempotency key then met its own circuit's name.)
+    /// `changes`: the request was one that changes something (not a read, a dry run or a
+    /// validation), the only kind the message warns of.
     #[error(
-        "the connection to the controller at {addr} ended before its answer ({reason}); a change \
-         requested may still have been made: check before retrying"
+        "the connection to the controller at {addr} ended before its answer ({reason}){}",
+        maybe_made(*.changes)
     )]
-    Lost { addr: String, reason: String },
+    Lost {
+        addr: String,
+        reason: String,
+        changes: bool,
+    },
     /// No complete answer in time. A change may still be made: the request may have reached
     /// the controller.
     #[error(
-        "the controller at {addr} did not answer within {} (--request-timeout); a change \
-         requested may still have been made: check before retrying",
-        humantime::format_duration(*.after)
+        "the controller at {addr} did not answer within {} (--request-timeout){}",
+        humantime::format_duration(*.after),
+        maybe_made(*.changes)
     )]
-    TimedOut { addr: String, after: Duration },
+    TimedOut {
+        addr: String,
+        after: Duration,
+        changes: bool,
+    },
     #[error("{path}: {source}")]
     TokenFile {
         path: PathBuf,
@@ -284,19 +321,23 @@ impl AdminClient {
         body: Option<Vec<u8>>,
     ) -> Result<T, ClientError> {
         let started = tokio::time::Instant::now();
-        let deadline = started + self.timeout;
+        let deadline = started + self.timeout.min(MAX_REQUEST_TIMEOUT);
         let body = Bytes::from(body.unwrap_or_default());
+        let changes = changes(method, path, &body);
         let mut tries = 0u32;
         loop {
             tries += 1;
             let began = tokio::time::Instant::now();
-            let answer =
-                tokio::time::timeout_at(deadline, self.exchange(method, path, body.clone()))
-                    .await
-                    .unwrap_or(Err(ClientError::TimedOut {
-                        addr: self.authority.clone(),
-                        after: self.timeout,
-                    }));
+            let answer = tokio::time::timeout_at(
+                deadline,
+                self.exchange(method, path, body.clone(), changes),
+            )
+            .await
+            .unwrap_or(Err(ClientError::TimedOut {
+                addr: self.authority.clone(),
+                after: self.timeout,
+                changes,
+            }));
             let busy = match answer? {
                 Ok(v) => return Ok(v),
                 Err(busy) => busy,
@@ -320,12 +361,14 @@ impl AdminClient {
         }
     }
 
-    /// One try: the answer (`Ok(Ok(_))`), or the admin API's 503 (`Ok(Err(_))`).
+    /// One try: the answer (`Ok(Ok(_))`), or the admin API's 503 (`Ok(Err(_))`). `change`: the
+    /// request may change something ([`changes`]).
     async fn exchange<T: DeserializeOwned>(
         &self,
         method: &str,
         path: &str,
         body: Bytes,
+        change: bool,
     ) -> Result<Result<T, Unavailable>, ClientError> {
         let unreachable = |reason: String| ClientError::Unreachable {
             addr: self.authority.clone(),
@@ -348,19 +391,13 @@ impl AdminClient {
         if !self.token.is_empty() {
             req = req.header(AUTHORIZATION, format!("Bearer {}", self.token));
         }
-        // A dry run changes nothing, whatever its method, nor does a circuit's validation
-        // ([`ClientError::UnreadableSuccess`] is for changes).
-        let dry_run = path.ends_with("/validate")
-            || serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v.get("dry_run")?.as_bool())
-                == Some(true);
         let req = req
             .body(Full::new(body))
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         let lost = |reason: String| ClientError::Lost {
             addr: self.authority.clone(),
             reason,
+            changes: change,
         };
         // Canceled: the connection ended before the request was sent (nothing reached the
         // controller); any other failure from here on may follow a request it took.
@@ -382,7 +419,6 @@ impl AdminClient {
         // A success answer to a change (anything but a read) that this CLI cannot read: the
         // controller accepted it, as said (as `Lost` says of one whose answer never came: a
         // retry would meet its own change).
-        let change = method != "GET" && method != "HEAD" && !dry_run;
         let unreadable = |reason: String| ClientError::UnreadableSuccess {
             addr: self.authority.clone(),
             status: status.as_u16(),
@@ -755,6 +791,68 @@ mod tests {
                 .contains("a change requested may still have been made"),
             "{err}"
         );
+    }
+
+    /// A request that changes nothing (a read, a dry run) and loses its connection says so
+    /// without the "may have been made" warning of a change (it was said of every request).
+    #[tokio::test]
+    async fn a_lost_read_or_dry_run_does_not_say_a_change_may_have_been_made() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                // The head and the body its Content-Length gives, then closed without a word.
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let text = String::from_utf8_lossy(&buf).to_lowercase();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let len = text
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if buf.len() >= end + 4 + len {
+                            break;
+                        }
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                drop(s);
+            }
+        });
+        let c = AdminClient::new(&args(&addr.to_string())).unwrap();
+        let dry = c
+            .post::<_, serde_json::Value>(
+                "/v1/topology",
+                &serde_json::json!({"text": "x", "dry_run": true}),
+            )
+            .await
+            .unwrap_err();
+        let read = c.get::<serde_json::Value>("/v1/status").await.unwrap_err();
+        for err in [dry, read] {
+            assert!(matches!(err, ClientError::Lost { .. }), "{err:?}");
+            assert_eq!(err.exit_code(), 2);
+            assert!(
+                !err.to_string().contains("may still have been made"),
+                "{err}"
+            );
+        }
+    }
+
+    /// A request timeout is at most a day: a longer one panicked every command (its deadline
+    /// past the monotonic clock's range).
+    #[test]
+    fn a_request_timeout_past_a_day_is_refused() {
+        assert_eq!(
+            parse_request_timeout("1day"),
+            Ok(Duration::from_secs(24 * 3600))
+        );
+        let err = parse_request_timeout("10000000000000000000s").unwrap_err();
+        assert!(err.contains("must be at most 1day"), "{err}");
     }
 
     /// A server that answers `busy` 503s (the admin API's error body) with `Retry-After:

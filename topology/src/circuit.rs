@@ -1112,6 +1112,40 @@ pub enum PoolError {
         prefix: IpNetwork,
         usable: u128,
     },
+    /// The pool asked for holds addresses of the other family than the circuit's prefix: its
+    /// clients could not reach the VIP (an IPv4 client cannot connect to an IPv6 address, and
+    /// an IPv6 one is outside an IPv4 prefix).
+    #[error(
+        "pool {pool} ({prefix}) holds {} addresses, and the circuit's clients ({clients}) are {}: they could not reach its VIP (name a pool of {} addresses)",
+        family(!*.clients_v4), family(*.clients_v4), family(*.clients_v4)
+    )]
+    Family {
+        pool: PoolName,
+        prefix: IpNetwork,
+        clients: IpNetwork,
+        clients_v4: bool,
+    },
+    /// Pools exist, none of the circuit's prefix's family.
+    #[error(
+        "the topology declares no pool of {} addresses for the circuit's clients ({clients}); add one under `pools:` (pools: {})",
+        family(*.clients_v4), list(known)
+    )]
+    NoPoolOfFamily {
+        clients: IpNetwork,
+        clients_v4: bool,
+        known: Vec<PoolName>,
+    },
+}
+
+/// "IPv4" or "IPv6".
+fn family(v4: bool) -> &'static str {
+    if v4 { "IPv4" } else { "IPv6" }
+}
+
+/// Whether `prefix` is IPv4, an IPv4-mapped IPv6 prefix counted as IPv4 (a pool stored before
+/// validation refused them).
+fn is_v4(prefix: IpNetwork) -> bool {
+    prefix.ip().to_canonical().is_ipv4()
 }
 
 /// The usable address range of a pool: for IPv4 the network and broadcast addresses are skipped
@@ -1168,15 +1202,30 @@ fn both_forms(ip: IpAddr) -> [IpAddr; 2] {
 
 /// Allocates the lowest usable address of a pool that is not in `used` (the VIPs of every
 /// circuit the controller holds, from any pool; an IPv4 address and its IPv4-mapped form are
-/// one). `pool` names the pool; `None` takes the first. Costs O(allocated addresses),
-/// whatever the pool's size.
+/// one) for a circuit whose clients are `clients`. `pool` names the pool, which must be of
+/// `clients`' family; `None` takes the first pool of that family (the VIP of another family
+/// would refuse every client: the edge serves a VIP to its circuit's prefix only). Costs
+/// O(allocated addresses), whatever the pool's size.
 pub fn allocate_vip(
     topo: &Topology,
     pool: Option<&str>,
+    clients: IpNetwork,
     used: &BTreeSet<IpAddr>,
 ) -> Result<(PoolName, IpAddr), PoolError> {
+    let clients_v4 = is_v4(clients);
     let p: &Pool = match pool {
-        None => topo.pools.first().ok_or(PoolError::NoPools)?,
+        None => topo
+            .pools
+            .iter()
+            .find(|p| is_v4(p.prefix) == clients_v4)
+            .ok_or_else(|| match topo.pools.is_empty() {
+                true => PoolError::NoPools,
+                false => PoolError::NoPoolOfFamily {
+                    clients,
+                    clients_v4,
+                    known: topo.pools.iter().map(|p| p.name.clone()).collect(),
+                },
+            })?,
         Some(name) => topo
             .pools
             .iter()
@@ -1186,6 +1235,14 @@ pub fn allocate_vip(
                 known: topo.pools.iter().map(|p| p.name.clone()).collect(),
             })?,
     };
+    if is_v4(p.prefix) != clients_v4 {
+        return Err(PoolError::Family {
+            pool: p.name.clone(),
+            prefix: p.prefix,
+            clients,
+            clients_v4,
+        });
+    }
     // An edge's client_address is never handed out: a VIP equal to it would take every
     // connection to that edge's service listeners for the circuit. (Validation refuses a pool
     // holding one; a text stored before that rule may still have it.)
@@ -2003,7 +2060,7 @@ mod tests {
             .unwrap();
         edge.client_address = Some("10.9.0.1".parse().unwrap());
         let mut used = BTreeSet::new();
-        let (_, first) = allocate_vip(&t, None, &used).unwrap();
+        let (_, first) = allocate_vip(&t, None, v4_clients(), &used).unwrap();
         assert_eq!(first.to_string(), "10.9.0.2");
         used.insert(first);
         let edge = t
@@ -2013,8 +2070,16 @@ mod tests {
             .unwrap();
         edge.client_address = Some("::ffff:10.9.0.3".parse().unwrap());
         used.insert("10.9.0.1".parse().unwrap());
-        let (_, next) = allocate_vip(&t, None, &used).unwrap();
+        let (_, next) = allocate_vip(&t, None, v4_clients(), &used).unwrap();
         assert_eq!(next.to_string(), "10.9.0.4");
+    }
+
+    /// Clients of a circuit: an IPv4 prefix, an IPv6 one.
+    fn v4_clients() -> IpNetwork {
+        "203.0.113.0/24".parse().unwrap()
+    }
+    fn v6_clients() -> IpNetwork {
+        "2001:db8::/32".parse().unwrap()
     }
 
     #[test]
@@ -2023,7 +2088,7 @@ mod tests {
         let mut used = BTreeSet::new();
         let mut got = Vec::new();
         for _ in 0..6 {
-            let (_, ip) = allocate_vip(&t, None, &used).unwrap();
+            let (_, ip) = allocate_vip(&t, None, v4_clients(), &used).unwrap();
             used.insert(ip);
             got.push(ip.to_string());
         }
@@ -2034,16 +2099,21 @@ mod tests {
             ]
         );
         assert_eq!(
-            allocate_vip(&t, None, &used).unwrap_err().to_string(),
+            allocate_vip(&t, None, v4_clients(), &used)
+                .unwrap_err()
+                .to_string(),
             "pool vips (10.9.0.0/29) is exhausted: all 6 usable addresses are allocated"
         );
         used.remove(&"10.9.0.3".parse::<IpAddr>().unwrap());
         assert_eq!(
-            allocate_vip(&t, None, &used).unwrap().1.to_string(),
+            allocate_vip(&t, None, v4_clients(), &used)
+                .unwrap()
+                .1
+                .to_string(),
             "10.9.0.3"
         );
         assert_eq!(
-            allocate_vip(&t, Some("other"), &used)
+            allocate_vip(&t, Some("other"), v4_clients(), &used)
                 .unwrap_err()
                 .to_string(),
             "unknown pool \"other\" (pools: vips)"
@@ -2054,7 +2124,7 @@ mod tests {
             prefix: "fd00::/126".parse().unwrap(),
         }];
         assert_eq!(
-            allocate_vip(&v6, None, &BTreeSet::new())
+            allocate_vip(&v6, None, v6_clients(), &BTreeSet::new())
                 .unwrap()
                 .1
                 .to_string(),
@@ -2062,7 +2132,7 @@ mod tests {
         );
         v6.pools[0].prefix = "10.0.0.4/31".parse().unwrap();
         assert_eq!(
-            allocate_vip(&v6, None, &BTreeSet::new())
+            allocate_vip(&v6, None, v4_clients(), &BTreeSet::new())
                 .unwrap()
                 .1
                 .to_string(),
@@ -2070,8 +2140,42 @@ mod tests {
         );
         v6.pools.clear();
         assert_eq!(
-            allocate_vip(&v6, None, &BTreeSet::new()).unwrap_err(),
+            allocate_vip(&v6, None, v4_clients(), &BTreeSet::new()).unwrap_err(),
             PoolError::NoPools
+        );
+    }
+
+    /// A circuit's VIP is of its clients' family: the first pool of that family unless one is
+    /// named, and a named pool of the other family refused. (The first pool was taken whatever
+    /// its family: an IPv6 VIP for IPv4 clients, which the edge serves only to the circuit's
+    /// prefix, refused every client.)
+    #[test]
+    fn a_vip_is_of_the_family_of_the_circuits_clients() {
+        let mut t = topo();
+        t.pools.insert(
+            0,
+            Pool {
+                name: PoolName::new("v6"),
+                prefix: "fd00:9::/120".parse().unwrap(),
+            },
+        );
+        let none = BTreeSet::new();
+        let got = |clients: IpNetwork| {
+            allocate_vip(&t, None, clients, &none).map(|(p, ip)| (p.to_string(), ip.to_string()))
+        };
+        assert_eq!(got(v4_clients()), Ok(("vips".into(), "10.9.0.1".into())));
+        assert_eq!(got(v6_clients()), Ok(("v6".into(), "fd00:9::1".into())));
+        let err = allocate_vip(&t, Some("v6"), v4_clients(), &none).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "pool v6 (fd00:9::/120) holds IPv6 addresses, and the circuit's clients (203.0.113.0/24) are IPv4: they could not reach its VIP (name a pool of IPv4 addresses)"
+        );
+        t.pools.truncate(1);
+        assert_eq!(
+            allocate_vip(&t, None, v4_clients(), &none)
+                .unwrap_err()
+                .to_string(),
+            "the topology declares no pool of IPv4 addresses for the circuit's clients (203.0.113.0/24); add one under `pools:` (pools: v6)"
         );
     }
 
@@ -2084,11 +2188,11 @@ mod tests {
     fn vips_in_use_count_in_their_ipv4_and_ipv4_mapped_forms() {
         let mut t = topo();
         let mapped: BTreeSet<IpAddr> = ["::ffff:10.9.0.1".parse().unwrap()].into();
-        let (_, ip) = allocate_vip(&t, None, &mapped).unwrap();
+        let (_, ip) = allocate_vip(&t, None, v4_clients(), &mapped).unwrap();
         assert_eq!(ip.to_string(), "10.9.0.2");
         t.pools[0].prefix = "::ffff:10.9.0.0/125".parse().unwrap();
         let v4: BTreeSet<IpAddr> = ["10.9.0.1".parse().unwrap()].into();
-        let (_, ip) = allocate_vip(&t, None, &v4).unwrap();
+        let (_, ip) = allocate_vip(&t, None, v4_clients(), &v4).unwrap();
         assert_eq!(ip.to_string(), "::ffff:10.9.0.2");
     }
 }

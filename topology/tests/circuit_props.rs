@@ -221,7 +221,7 @@ fn run(t: &Topology, ops: &[Op]) -> BTreeMap<u64, Live> {
                     "placed on {path:?} without room"
                 );
                 let used: BTreeSet<IpAddr> = live.values().map(|l| l.vip).collect();
-                let vip = match allocate_vip(t, None, &used) {
+                let vip = match allocate_vip(t, None, t.pools[0].prefix, &used) {
                     Ok((_, vip)) => vip,
                     Err(PoolError::Exhausted { usable, .. }) => {
                         assert_eq!(usable, used.len() as u128, "pool called full too early");

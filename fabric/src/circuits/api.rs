@@ -56,13 +56,14 @@ impl From<ServiceError> for ApiError {
                 }
                 _ => StatusCode::CONFLICT,
             },
-            // A pool the topology does not have is a typo in the request, as an unknown edge
-            // or service is; no pools, or none with an address free, is the fabric's state.
+            // A pool the topology does not have, or one of the other family than the prefix, is
+            // a mistake in the request, as an unknown edge or service is; no pools (of the
+            // prefix's family), or none with an address free, is the fabric's state.
             ServiceError::Circuit(CircuitError::Pool(p)) => match p {
-                topology::circuit::PoolError::UnknownPool { .. } => {
-                    StatusCode::UNPROCESSABLE_ENTITY
-                }
+                topology::circuit::PoolError::UnknownPool { .. }
+                | topology::circuit::PoolError::Family { .. } => StatusCode::UNPROCESSABLE_ENTITY,
                 topology::circuit::PoolError::NoPools
+                | topology::circuit::PoolError::NoPoolOfFamily { .. }
                 | topology::circuit::PoolError::Exhausted { .. } => StatusCode::CONFLICT,
             },
             // The fabric's state, as a pool with no address free is.

@@ -891,7 +891,8 @@ pub fn admit(
         .filter(|c| c.state.holds_capacity())
         .filter_map(|c| c.vip)
         .collect();
-    let (pool, vip) = placement::allocate_vip(topo, spec.pool.as_deref(), &used)?;
+    let (pool, vip) =
+        placement::allocate_vip(topo, spec.pool.as_deref(), spec.a_end.prefix, &used)?;
     let port = topo
         .service(spec.b_end.service.as_str())
         .and_then(|s| s.port.or(s.vips.first().map(|v| v.port)));
@@ -1939,6 +1940,32 @@ pub(crate) mod tests {
         for ok in ["::/0", "::fffe:0:0/95", "2001:db8::/32", "10.0.0.0/8"] {
             parse_prefix(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
         }
+    }
+
+    /// A circuit of IPv6 clients on a fabric whose only pool is IPv4 is refused, nothing
+    /// stored (it got an IPv4 VIP, which the edge serves to the circuit's prefix only, so no
+    /// client could use it); naming an IPv4 pool for it is refused the same way.
+    #[test]
+    fn a_circuit_gets_no_vip_of_the_other_family() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(dir.path()).unwrap();
+        let t = topo(true);
+        let mut v6 = spec("acme", "10.1.0.0/24", "1Mbps");
+        v6.a_end.prefix = "2001:db8:1::/48".parse().unwrap();
+        let err = store::transaction(&s, |tx| create(tx, &t, &v6, None, "ops")).unwrap_err();
+        assert!(
+            matches!(&err, CircuitError::Pool(PoolError::NoPoolOfFamily { .. })),
+            "{err}"
+        );
+        let pool = t.pools[0].name.to_string();
+        v6.pool = Some(pool.clone());
+        let err = store::transaction(&s, |tx| create(tx, &t, &v6, None, "ops")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains(&format!("pool {pool} (127.79.0.0/26) holds IPv4 addresses")),
+            "{err}"
+        );
+        assert_eq!(store::read(&s, |tx| all(tx)).unwrap(), []);
     }
 
     /// A replayed create is compared with the request its idempotency key was first used

@@ -126,7 +126,8 @@ pub struct SpecArgs {
     // (A leading `-` is taken as the value, so that `-5Mbps` is refused as not positive.)
     #[arg(long, allow_hyphen_values = true)]
     pub rate: Bandwidth,
-    /// Address pool for the VIP (default: the topology's first pool).
+    /// Address pool for the VIP, of the prefix's family (default: the topology's first pool of
+    /// that family).
     #[arg(long, value_parser = parse_id)]
     pub pool: Option<String>,
     #[command(flatten)]

@@ -222,9 +222,15 @@ pub mod close {
     /// (`control::client::SILENCE_TIMEOUT`, 20 s: ten heartbeats) on a connection still up: the
     /// controller's session stopped talking.
     pub const CONTROLLER_SILENT: u32 = 11;
+    /// A router heard nothing on a neighbour's incoming connection for
+    /// `inbound::PEER_SILENCE` (3 s; a live neighbour's probes come every 100 ms and its
+    /// keep-alives every 2 s): the neighbour crashed or its path is cut, and the streams it
+    /// opened (a site's capacity slots and backend connections) end now rather than at the
+    /// 10 s idle timeout.
+    pub const PEER_SILENT: u32 = 12;
 
     /// Every close code with its name (snake case, for logs and docs), in number order.
-    pub const ALL: [(u32, &str); 12] = [
+    pub const ALL: [(u32, &str); 13] = [
         (NORMAL, "normal"),
         (NOT_ALLOWED, "not_allowed"),
         (DECLARED_DOWN, "declared_down"),
@@ -237,6 +243,7 @@ pub mod close {
         (WRITE_STALLED, "write_stalled"),
         (SUPERSEDED, "superseded"),
         (CONTROLLER_SILENT, "controller_silent"),
+        (PEER_SILENT, "peer_silent"),
     ];
 
     /// The name of close code `code`, if it is one.

@@ -37,6 +37,51 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>) {
 /// (`superseded`), so that a peer (a leaked node certificate) cannot make the router hold more.
 pub(crate) const MAX_CONNECTIONS_PER_PEER: usize = 4;
 
+/// Silence after which an incoming connection is closed (`peer_silent`): a live neighbour sends
+/// on it at least every [`crate::transport::KEEP_ALIVE`] (its probes every 100 ms by default),
+/// so this much means it crashed or its path is cut. The streams it opened end then, a site's
+/// capacity slots and backend connections with them; they were held until QUIC's idle timeout
+/// ([`crate::transport::IDLE_TIMEOUT`], 10 s), as the probes that close a dead neighbour's
+/// connection close only this router's own dial.
+pub(crate) const PEER_SILENCE: std::time::Duration =
+    crate::transport::KEEP_ALIVE.saturating_add(crate::neighbours::DEAD_AFTER);
+
+/// How often an incoming connection's silence is looked at.
+const SILENCE_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Tells when nothing has come on a connection for [`PEER_SILENCE`], by its count of UDP
+/// datagrams received, looked at every [`SILENCE_CHECK`]. A look that comes late (this router
+/// was starved of CPU or paused: what came may still be unread in the socket) starts the
+/// silence over instead of judging it.
+struct Silence {
+    datagrams: u64,
+    heard: tokio::time::Instant,
+    looked: tokio::time::Instant,
+}
+
+impl Silence {
+    fn new(conn: &quinn::Connection, now: tokio::time::Instant) -> Silence {
+        Silence {
+            datagrams: conn.stats().udp_rx.datagrams,
+            heard: now,
+            looked: now,
+        }
+    }
+
+    /// Whether `conn` has been silent for [`PEER_SILENCE`] at `now`.
+    fn silent(&mut self, conn: &quinn::Connection, now: tokio::time::Instant) -> bool {
+        let datagrams = conn.stats().udp_rx.datagrams;
+        let late = now.saturating_duration_since(self.looked) > SILENCE_CHECK * 4;
+        self.looked = now;
+        if datagrams != self.datagrams || late {
+            self.datagrams = datagrams;
+            self.heard = now;
+            return false;
+        }
+        now.saturating_duration_since(self.heard) >= PEER_SILENCE
+    }
+}
+
 /// The authenticated incoming connections, by peer name.
 #[derive(Default)]
 pub(crate) struct PeerConnections(Mutex<HashMap<String, Vec<quinn::Connection>>>);
@@ -165,8 +210,19 @@ async fn serve_connection(
         conn.close(quinn::VarInt::from_u32(code), why);
         true
     };
+    let mut silence = Silence::new(&conn, tokio::time::Instant::now());
+    let mut look = tokio::time::interval(SILENCE_CHECK);
+    look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            now = look.tick() => if silence.silent(&conn, now) {
+                shared.metrics.peer_connections_silent_total.fetch_add(1, Relaxed);
+                tracing::warn!(node = %shared.node, %peer, remote = %conn.remote_address(),
+                    silent_ms = PEER_SILENCE.as_millis() as u64,
+                    "nothing came on a neighbour's connection: closing it and the streams it opened");
+                conn.close(quinn::VarInt::from_u32(close::PEER_SILENT), b"nothing heard");
+                break;
+            },
             s = conn.accept_bi() => match s {
                 Ok(_) if removed() => break,
                 Ok((send, recv)) => { tokio::spawn(serve_stream(shared.clone(), peer_id.clone(), send, recv)); }

@@ -77,6 +77,9 @@ pub struct Metrics {
     /// Connections of a peer closed because it opened a newer one past
     /// [`crate::inbound::MAX_CONNECTIONS_PER_PEER`].
     pub peer_connections_superseded_total: AtomicU64,
+    /// Incoming connections closed because nothing came on them for
+    /// [`crate::inbound::PEER_SILENCE`] (`peer_silent`).
+    pub peer_connections_silent_total: AtomicU64,
     /// Incoming connections refused: every failed handshake (a refused certificate, but also
     /// a timeout or a protocol error), a certificate name that is not a node of the topology,
     /// and a connection closed because a snapshot removed its peer.
@@ -306,6 +309,13 @@ impl Metrics {
             "Incoming connections closed because their peer (the same node name) opened a newer one past the cap of 4 at once.",
             "counter",
             self.peer_connections_superseded_total.load(Relaxed),
+        );
+        counter(
+            &mut s,
+            "peer_connections_silent_total",
+            "Incoming connections of neighbours closed because nothing came on them for 3 s (the neighbour crashed or its path is cut): the streams it opened end then, not at the 10 s idle timeout.",
+            "counter",
+            self.peer_connections_silent_total.load(Relaxed),
         );
         counter(
             &mut s,

@@ -2046,6 +2046,69 @@ fn transit_downs(transit: &RouterHandle) -> u64 {
     .unwrap_or(0)
 }
 
+/// A neighbour whose connection goes silent (it crashed, or its path was cut) loses the
+/// streams it opened at the site after 3 s of silence (`peer_silent`), not at QUIC's 10 s idle
+/// timeout: the site's capacity slot and its backend connection are released. (The probes close
+/// only the site's own dial to the neighbour, which here still answers: the site held them
+/// until the idle timeout, refusing others `site_full` meanwhile when near its capacity.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_neighbours_streams_release_the_site_before_the_idle_timeout() {
+    use router::netem::LinkProfile;
+    let dir = ca_dir();
+    let backend = tracked_echo_backend().await;
+    let (hs, _txs, link, port) = line_via_emulator(dir.path(), backend.addr, |_| {}).await;
+    wait_for_route(
+        node(&hs, "edge"),
+        "echo",
+        Duration::from_secs(10),
+        "edge never got a route",
+    )
+    .await;
+    let _held = held_connection(port, b"before").await;
+    let site = node(&hs, "site");
+    let active = |h: &RouterHandle| {
+        common::metric(
+            &h.metrics_text(),
+            "tasman_site_active_streams{node=\"site\",service=\"echo\"}",
+        )
+    };
+    assert_eq!(active(site), Some(1), "{}", site.metrics_text());
+    wait_until(
+        Duration::from_secs(5),
+        || backend.held() == 1,
+        || "the backend connection is not held".to_string(),
+    )
+    .await;
+    // The transit's dial to the site (the one its streams use) goes silent both ways.
+    link.set_profile(LinkProfile::cut());
+    let cut = std::time::Instant::now();
+    // Well before the 10 s idle timeout; the silence bound is 3 s.
+    wait_until(
+        Duration::from_secs(8),
+        || active(site) == Some(0) && backend.ended_after_held() == 1,
+        || {
+            format!(
+                "the silent neighbour's stream still holds the site after {:?}: {}",
+                cut.elapsed(),
+                site.metrics_text()
+            )
+        },
+    )
+    .await;
+    assert!(
+        common::metric(
+            &site.metrics_text(),
+            "tasman_peer_connections_silent_total{node=\"site\"}"
+        )
+        .is_some_and(|n| n >= 1),
+        "{}",
+        site.metrics_text()
+    );
+    for h in hs {
+        h.shutdown().await;
+    }
+}
+
 /// A draining transit keeps probing its neighbours for the streams still open through it: when
 /// the link to its next hop goes silent during the drain, it declares that neighbour down, and
 /// the stream on it ends (a reset for its client) instead of waiting for QUIC's idle timeout. (The

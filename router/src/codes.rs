@@ -51,6 +51,11 @@ pub enum Code {
     /// waited: the stream is reset, so that it stops holding its connection's flow-control
     /// window, which the other streams on that neighbour connection share.
     WriteStalled = 0x44,
+    /// The next hop's connection had no stream to give: the streams open on it reached the
+    /// next hop's grant (`RouterConfig::peer_streams`, 16,384 by default) and none freed up
+    /// within `splice::STREAM_GRANT_WAIT`. Retryable, and it blames neither the site nor a link:
+    /// they answer, they are busy.
+    StreamLimit = 0x45,
     /// The router is shutting down.
     ShuttingDown = 0x50,
     /// An internal error (a bug or resource exhaustion).
@@ -65,7 +70,7 @@ pub enum Code {
 }
 
 impl Code {
-    pub const ALL: [Code; 23] = [
+    pub const ALL: [Code; 24] = [
         Code::NoError,
         Code::MalformedHeader,
         Code::UnsupportedVersion,
@@ -84,6 +89,7 @@ impl Code {
         Code::UpstreamLost,
         Code::IdleTimeout,
         Code::WriteStalled,
+        Code::StreamLimit,
         Code::ShuttingDown,
         Code::Internal,
         Code::RateLimited,
@@ -126,6 +132,7 @@ impl Code {
             Code::UpstreamLost => "upstream_lost",
             Code::IdleTimeout => "idle_timeout",
             Code::WriteStalled => "write_stalled",
+            Code::StreamLimit => "stream_limit",
             Code::ShuttingDown => "shutting_down",
             Code::Internal => "internal",
             Code::RateLimited => "rate_limited",
@@ -157,6 +164,7 @@ impl Code {
                 | Code::SiteFull
                 | Code::ServiceNotServed
                 | Code::UpstreamLost
+                | Code::StreamLimit
                 | Code::ShuttingDown
                 | Code::UnknownService
         )

@@ -1016,17 +1016,30 @@ async fn attempt(
     // take the stream leaves the connection to the next candidate.
     let deadline = tokio::time::sleep(shared.reply_timeout);
     tokio::pin!(deadline);
-    let Some((mut send, mut recv)) =
-        splice::open_next_hop(&conn, &mut out, deadline.as_mut(), went_down.as_mut()).await
-    else {
+    let (mut send, mut recv) = match splice::open_next_hop(
+        &conn,
+        &mut out,
+        deadline.as_mut(),
+        went_down.as_mut(),
+    )
+    .await
+    {
+        Ok(streams) => streams,
+        // The first hop's connection is at its grant of streams: busy, not down.
+        Err(splice::Unopened::NoStream) => {
+            tracing::debug!(node = %shared.node, site = %cand.site, first_hop = %cand.path[1], "the first hop's connection has no stream to give: trying the next candidate");
+            return Attempt::Retry(Code::StreamLimit, Told::Here);
+        }
         // At the deadline, like a site that does not answer in time; else the first hop was
         // declared down.
-        let code = if deadline.is_elapsed() {
-            Code::UpstreamLost
-        } else {
-            Code::NextHopUnreachable
-        };
-        return Attempt::Retry(code, Told::Here);
+        Err(splice::Unopened::NotTaken) => {
+            let code = if deadline.is_elapsed() {
+                Code::UpstreamLost
+            } else {
+                Code::NextHopUnreachable
+            };
+            return Attempt::Retry(code, Told::Here);
+        }
     };
     let mut reply = [0u8; REPLY_OK.len()];
     let mut got = 0;

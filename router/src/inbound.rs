@@ -178,9 +178,7 @@ async fn serve_connection(
     }
     // Streams only now: none were granted at the handshake, before the peer was known
     // (`transport::accept_transport_config_with`).
-    conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(
-        crate::transport::MAX_CONCURRENT_STREAMS,
-    ));
+    conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(shared.peer_streams));
     // It is back: our own dial to it need not wait out its backoff.
     if let Some(nb) = shared.neighbours.load().get(peer.as_str()) {
         nb.peer_connected();
@@ -386,15 +384,22 @@ async fn relay(
     tokio::pin!(deadline);
     // Counted from here: a drain waits for a stream being handed on as for one relayed.
     let starting = crate::metrics::Held::count(&shared.metrics.streams_starting);
-    let Some((dsend, drecv)) = splice::open_next_hop(
+    let (dsend, drecv) = match splice::open_next_hop(
         &conn,
         &mut [buf.freeze()],
         deadline.as_mut(),
         next_hop_down.as_mut(),
     )
     .await
-    else {
-        return refuse(&shared, &mut send, &mut recv, Code::NextHopUnreachable);
+    {
+        Ok(streams) => streams,
+        // Busy, not down: the edge tries its next candidate and blames nothing.
+        Err(splice::Unopened::NoStream) => {
+            return refuse(&shared, &mut send, &mut recv, Code::StreamLimit);
+        }
+        Err(splice::Unopened::NotTaken) => {
+            return refuse(&shared, &mut send, &mut recv, Code::NextHopUnreachable);
+        }
     };
     shared.metrics.relayed_total.fetch_add(1, Relaxed);
     let _open = crate::metrics::Held::count(&shared.metrics.relays_active);

@@ -143,6 +143,11 @@ pub struct RouterConfig {
     /// transit's next hop may take to take the stream and its header; past that the transit resets
     /// it with `next_hop_unreachable`, which the edge retries if this is below `reply_timeout`.
     pub header_timeout: Duration,
+    /// Streams a neighbour may have open at once on its connection to this router (default
+    /// 16,384, [`transport::MAX_CONCURRENT_STREAMS`]; quinn allocates their state when it grants
+    /// them, 1.45 MB a connection at the default). A router whose next hop's connection has none
+    /// left to give moves the stream on after [`splice::STREAM_GRANT_WAIT`] (`stream_limit`).
+    pub peer_streams: u32,
     /// Bound on how long an edge waits for a site's reply, from opening the stream on, before
     /// failing the attempt (default 10 s) and retrying on the next candidate (`upstream_lost`;
     /// each try has its own: `max_tries` of them, plus one per site a traffic dial declined,
@@ -210,6 +215,7 @@ impl RouterConfig {
             max_tries: 3,
             backend_connect_timeout: Duration::from_secs(2),
             header_timeout: Duration::from_secs(5),
+            peer_streams: transport::MAX_CONCURRENT_STREAMS,
             reply_timeout: Duration::from_secs(10),
             idle_timeout: Some(Duration::from_secs(3600)),
             write_stall_timeout: Some(Duration::from_secs(30)),
@@ -254,6 +260,7 @@ pub(crate) struct Shared {
     pub max_tries: usize,
     pub backend_connect_timeout: Duration,
     pub header_timeout: Duration,
+    pub peer_streams: u32,
     pub reply_timeout: Duration,
     pub idle_timeout: Option<Duration>,
     pub write_stall_timeout: Option<Duration>,
@@ -564,6 +571,7 @@ impl Router {
             max_tries: cfg.max_tries.max(1),
             backend_connect_timeout: cfg.backend_connect_timeout,
             header_timeout: cfg.header_timeout,
+            peer_streams: cfg.peer_streams,
             reply_timeout: cfg.reply_timeout,
             idle_timeout: cfg.idle_timeout,
             write_stall_timeout: cfg.write_stall_timeout,

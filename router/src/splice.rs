@@ -1069,21 +1069,41 @@ fn unacked(_tcp: &TcpStream) -> Option<u32> {
     Some(0)
 }
 
+/// How long a stream waits for its next hop's connection to have a stream to give (the streams
+/// open on it at the next hop's grant, `RouterConfig::peer_streams`) before it is moved on
+/// ([`Unopened::NoStream`], `stream_limit`). A stream is opened at once while the connection has
+/// one to give; at the limit one frees up whenever a stream ends (the next hop's grant comes
+/// back within a round trip).
+pub const STREAM_GRANT_WAIT: Duration = Duration::from_millis(500);
+
+/// Why [`open_next_hop`] did not hand a stream on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unopened {
+    /// The next hop's connection had no stream to give for [`STREAM_GRANT_WAIT`].
+    NoStream,
+    /// The deadline passed, the next hop was declared down, or its connection failed.
+    NotTaken,
+}
+
 /// Opens a stream on the next hop `conn` and writes `chunks` (the header, and an edge's replay) to
 /// it, giving up at `deadline` or when `down` (the next hop's down verdict) fires: a next hop that
-/// answers probes but grants no stream (its limit of concurrent streams reached) or no
-/// flow-control window would otherwise hold the stream forever. A stream opened but not written
-/// is reset with `next_hop_unreachable`; `None` means the next hop did not take it.
+/// answers probes but grants no flow-control window would otherwise hold the stream forever, and
+/// one whose connection has no stream to give for [`STREAM_GRANT_WAIT`] (it waited until the
+/// deadline, which at a transit blamed the link to a site that was only busy). A stream opened but
+/// not written is reset with `next_hop_unreachable`.
 pub(crate) async fn open_next_hop(
     conn: &quinn::Connection,
     chunks: &mut [Bytes],
     mut deadline: std::pin::Pin<&mut tokio::time::Sleep>,
     mut down: std::pin::Pin<&mut impl std::future::Future>,
-) -> Option<(SendStream, RecvStream)> {
+) -> Result<(SendStream, RecvStream), Unopened> {
+    let grant = tokio::time::sleep(STREAM_GRANT_WAIT);
+    tokio::pin!(grant);
     let (mut send, mut recv) = tokio::select! {
-        r = conn.open_bi() => r.ok()?,
-        _ = &mut deadline => return None,
-        _ = &mut down => return None,
+        r = conn.open_bi() => r.map_err(|_| Unopened::NotTaken)?,
+        _ = &mut deadline => return Err(Unopened::NotTaken),
+        _ = &mut down => return Err(Unopened::NotTaken),
+        _ = &mut grant => return Err(Unopened::NoStream),
     };
     let written = tokio::select! {
         r = send.write_all_chunks(chunks) => r.is_ok(),
@@ -1094,9 +1114,9 @@ pub(crate) async fn open_next_hop(
         let code = Code::NextHopUnreachable;
         let _ = send.reset(code.varint());
         let _ = recv.stop(code.varint());
-        return None;
+        return Err(Unopened::NotTaken);
     }
-    Some((send, recv))
+    Ok((send, recv))
 }
 
 /// The most a transit gathers into one block before handing it on (see [`pump`]).

@@ -2046,6 +2046,88 @@ fn transit_downs(transit: &RouterHandle) -> u64 {
     .unwrap_or(0)
 }
 
+/// A next hop whose connection has no stream left to give (the streams open on it reached its
+/// grant, `peer_streams`) is busy, not down: a transit refuses the stream `stream_limit` at once,
+/// the edge serves the client from the next candidate, and the near site and its link are not
+/// marked down. (The transit waited for a stream until its header timeout, 5 s, then answered
+/// `next_hop_unreachable`, and the edge marked the transit's link to the near site down.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_next_hop_with_no_stream_to_give_sends_the_client_on_without_blame() {
+    let dir = ca_dir();
+    let (near_backend, far_backend) = (echo_backend().await, echo_backend().await);
+    let port = free_tcp_port();
+    let mut tb = TopologyBuilder::new();
+    tb.node("edge", NodeKind::Edge)
+        .node("transit", NodeKind::Transit)
+        .node("near", NodeKind::Site)
+        .node("far", NodeKind::Site)
+        .link("edge", "transit", ms(1.0))
+        .link("transit", "near", ms(5.0))
+        .link("transit", "far", ms(40.0))
+        .service("chat");
+    let mut t = addressed(tb.build(), port);
+    serve(&mut t, "near", "chat", near_backend);
+    serve(&mut t, "far", "chat", far_backend);
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t)));
+    // The near site grants each neighbour two streams at once.
+    let (hs, _txs) = spawn_all(&snap, dir.path(), |id, cfg| {
+        if id == "near" {
+            cfg.peer_streams = 2;
+        }
+    })
+    .await;
+    let edge = node(&hs, "edge");
+    let preferred = || edge.routes().preferred("chat").map(|c| c.site.to_string());
+    wait_until(
+        Duration::from_secs(20),
+        || preferred().as_deref() == Some("near"),
+        || format!("edge prefers {:?}", preferred()),
+    )
+    .await;
+    let _held = [
+        held_connection(port, b"first").await,
+        held_connection(port, b"second").await,
+    ];
+    // The third: moved on well before the transit's 5 s header timeout.
+    let started = std::time::Instant::now();
+    let third = tokio::time::timeout(Duration::from_secs(4), held_connection(port, b"third"))
+        .await
+        .unwrap_or_else(|_| panic!("the third client was not served within 4 s"));
+    drop(third);
+    let count = |h: &RouterHandle, code: &str| {
+        let id = h.telemetry().node.to_string();
+        common::metric(
+            &h.metrics_text(),
+            &format!("tasman_stream_errors_total{{node=\"{id}\",code=\"{code}\"}}"),
+        )
+        .unwrap_or(0)
+    };
+    let transit = node(&hs, "transit");
+    assert!(
+        count(transit, "stream_limit") >= 1,
+        "{}",
+        transit.metrics_text()
+    );
+    assert_eq!(
+        count(transit, "next_hop_unreachable"),
+        0,
+        "{}",
+        transit.metrics_text()
+    );
+    assert!(count(edge, "stream_limit") >= 1, "{}", edge.metrics_text());
+    // Nothing was marked down: the near site is still the edge's choice.
+    assert_eq!(
+        preferred().as_deref(),
+        Some("near"),
+        "after {:?}",
+        started.elapsed()
+    );
+    drop(_held);
+    for h in hs {
+        h.shutdown().await;
+    }
+}
+
 /// A neighbour whose connection goes silent (it crashed, or its path was cut) loses the
 /// streams it opened at the site after 3 s of silence (`peer_silent`), not at QUIC's 10 s idle
 /// timeout: the site's capacity slot and its backend connection are released. (The probes close

@@ -1099,7 +1099,10 @@ pub(crate) async fn open_next_hop(
 ) -> Result<(SendStream, RecvStream), Unopened> {
     let grant = tokio::time::sleep(STREAM_GRANT_WAIT);
     tokio::pin!(grant);
+    // Biased: a stream the connection has to give is taken at the first poll, before the grant's
+    // timer is polled (and registered).
     let (mut send, mut recv) = tokio::select! {
+        biased;
         r = conn.open_bi() => r.map_err(|_| Unopened::NotTaken)?,
         _ = &mut deadline => return Err(Unopened::NotTaken),
         _ = &mut down => return Err(Unopened::NotTaken),

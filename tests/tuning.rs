@@ -9,6 +9,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::time::Duration;
 
 use common::*;
 
@@ -142,4 +143,65 @@ fn edge_and_site() -> Fabric {
         .link("edge", "site", "1ms")
         .service("chat", free_tcp_port(LOCAL), &[]);
     Fabric::new(&y)
+}
+
+/// A site out of file descriptors (its open-file limit lower than its capacity asks) refuses a
+/// stream it has no descriptor for as full (`site_full`, which the edge retries elsewhere) and
+/// keeps its service healthy: the descriptors come back when connections end. (The failed
+/// backend connect was counted as the backend's, `backend_refused`, and five in a row, or three
+/// health checks that could not connect either, marked the service down for every edge.)
+#[test]
+fn a_site_out_of_file_descriptors_is_full_not_unhealthy() {
+    raise_nofile();
+    let backend = echo_backend("hi\n");
+    let port = free_tcp_port(LOCAL);
+    let mut y = TopoYaml::default();
+    y.edge("edge", free_udp(LOCAL), LOCAL, None)
+        .site("site", free_udp(LOCAL), &[("chat", backend, 1000)])
+        .link("edge", "site", "1ms")
+        .service("chat", port, &[]);
+    let mut f = Fabric::new(&y);
+    f.wrapper = ["prlimit", "--nofile=64:64", "--"]
+        .map(String::from)
+        .to_vec();
+    f.start("site");
+    f.wrapper.clear();
+    f.start("edge");
+    f.wait_preferred("edge", "chat", "site");
+    // Held until one is refused: each takes one of the site's 64 descriptors.
+    let mut held = Vec::new();
+    loop {
+        match greet(port) {
+            Ok((r, line)) if line == "hi" => held.push(r),
+            _ => break,
+        }
+        assert!(held.len() < 64, "64 connections held under a limit of 64");
+    }
+    // Room again for the metrics page (and the health checks).
+    held.truncate(held.len() / 2);
+    let errors = |code: &str| {
+        f.metric(
+            "site",
+            "tasman_stream_errors_total",
+            &format!("code=\"{code}\""),
+        )
+    };
+    assert!(errors("site_full") >= 1, "{}", f.metrics_text("site"));
+    assert_eq!(errors("backend_refused"), 0, "{}", f.metrics_text("site"));
+    assert_eq!(
+        f.metric("site", "tasman_site_healthy", "service=\"chat\""),
+        1,
+        "{}",
+        f.log("site")
+    );
+    assert!(
+        f.log("site")
+            .contains("no file descriptor for a backend connection"),
+        "{}",
+        f.log("site")
+    );
+    // Served again once the edge's hold-down of the full site has passed.
+    eventually(Duration::from_secs(30), "a new connection served", || {
+        greet(port).is_ok_and(|(_, line)| line == "hi")
+    });
 }

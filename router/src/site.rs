@@ -329,6 +329,12 @@ async fn check_loop(shared: Arc<Shared>, svc: Arc<SiteService>) {
             shared.backend_connect_timeout,
         )
         .await;
+        if r.no_descriptor {
+            tracing::warn!(node = %shared.node, service = %svc.service, backend = %svc.backend,
+                "health check not run: this router is out of file descriptors (raise its open-file limit, or lower the site's capacity)");
+            tokio::time::sleep(every).await;
+            continue;
+        }
         // Down for dropping streams: a connect alone would bring it back at once, to drop the
         // next five streams (an HTTP check fails on such a backend by itself).
         if r.failure.is_none()
@@ -379,6 +385,15 @@ struct CheckResult {
     connected: bool,
     /// Why the check failed; `None`: healthy.
     failure: Option<String>,
+    /// The check could not run: this router is out of file descriptors (its own fault, not the
+    /// backend's), so it counts neither way.
+    no_descriptor: bool,
+}
+
+/// Whether a socket call failed because this process (`EMFILE`) or the system (`ENFILE`) has no
+/// file descriptor to give: the router's fault, not its backend's.
+pub(crate) fn out_of_descriptors(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
 
 /// The most of an HTTP answer a check reads: its status line must be in it.
@@ -390,10 +405,12 @@ const MAX_CHECK_ANSWER: usize = 1024;
 async fn check_once(backend: SocketAddr, path: Option<&str>, within: Duration) -> CheckResult {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut connected = false;
+    let mut no_descriptor = false;
     let run = async {
-        let mut tcp = tokio::net::TcpStream::connect(backend)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
+        let mut tcp = tokio::net::TcpStream::connect(backend).await.map_err(|e| {
+            no_descriptor = out_of_descriptors(&e);
+            format!("connect: {e}")
+        })?;
         connected = true;
         let Some(path) = path else {
             return Ok(());
@@ -421,7 +438,11 @@ async fn check_once(backend: SocketAddr, path: Option<&str>, within: Duration) -
         Ok(Err(why)) => Some(why),
         Err(_) => Some(format!("no answer within {within:?}")),
     };
-    CheckResult { connected, failure }
+    CheckResult {
+        connected,
+        failure,
+        no_descriptor,
+    }
 }
 
 /// The final answer in `head`, from its status line on, once that line is whole: interim
@@ -576,6 +597,14 @@ pub(crate) async fn serve(
     .await
     {
         Ok(Ok(t)) => t,
+        // This router has no descriptor for the connection: it is full, not its backend
+        // refusing (counted as the backend's, five in a row marked the service down for every
+        // edge).
+        Ok(Err(e)) if out_of_descriptors(&e) => {
+            tracing::warn!(node = %shared.node, service = %svc.service,
+                "no file descriptor for a backend connection: refused as full (raise this router's open-file limit, or lower the site's capacity)");
+            return refuse(&mut send, &mut recv, Code::SiteFull);
+        }
         r => {
             let why = match r {
                 Ok(Err(e)) => e.to_string(),

@@ -64,7 +64,8 @@ pub struct RouterArgs {
     #[arg(long, default_value = "1s", value_name = "LATENCY")]
     pub hold_down: Latency,
     /// Reset a proxied connection on which no byte moved either way for this long (the client
-    /// and the backend get a TCP reset; the site frees its capacity slot). A duration
+    /// and the backend get a TCP reset, or a lingering close where they were sent everything and
+    /// a FIN already; the site frees its capacity slot). A duration
     /// (e.g. 1h, 30m, 340s, 1h 30m); `off` or 0 never times out.
     #[arg(long, default_value = "1h", value_parser = parse_duration_or_off, value_name = "DURATION")]
     pub idle_timeout: std::time::Duration,

@@ -1079,7 +1079,8 @@ pub const STREAM_GRANT_WAIT: Duration = Duration::from_millis(500);
 /// Why [`open_next_hop`] did not hand a stream on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Unopened {
-    /// The next hop's connection had no stream to give for [`STREAM_GRANT_WAIT`].
+    /// The next hop's connection had no stream to give for [`STREAM_GRANT_WAIT`] (or until the
+    /// deadline, when that came first).
     NoStream,
     /// The deadline passed, the next hop was declared down, or its connection failed.
     NotTaken,
@@ -1104,8 +1105,9 @@ pub(crate) async fn open_next_hop(
     let (mut send, mut recv) = tokio::select! {
         biased;
         r = conn.open_bi() => r.map_err(|_| Unopened::NotTaken)?,
-        _ = &mut deadline => return Err(Unopened::NotTaken),
         _ = &mut down => return Err(Unopened::NotTaken),
+        // Waiting here means the connection has no stream to give, whichever bound ends it.
+        _ = &mut deadline => return Err(Unopened::NoStream),
         _ = &mut grant => return Err(Unopened::NoStream),
     };
     let written = tokio::select! {

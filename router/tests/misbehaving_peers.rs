@@ -539,9 +539,11 @@ async fn a_path_too_long_for_a_header_moves_on_to_the_next_site() {
     assert!(!m.contains("code=\"no_route\""), "{m}");
 }
 
-/// A transit's next hop answers probes but grants no stream: the transit resets the relayed
-/// stream with `next_hop_unreachable` within its header timeout, before the edge's reply timeout,
-/// so the edge retries the far site instead of failing the client.
+/// A transit's next hop answers probes but takes no byte of a stream (it grants no flow-control
+/// window): the transit resets the relayed stream with `next_hop_unreachable` within its header
+/// timeout, before the edge's reply timeout, so the edge retries the far site instead of failing
+/// the client. (A next hop that grants no stream at all is busy: `stream_limit`, in
+/// `inprocess::a_next_hop_with_no_stream_to_give_sends_the_client_on_without_blame`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transit_hands_back_a_stream_its_next_hop_will_not_take() {
     let dir = ca_dir();
@@ -553,7 +555,7 @@ async fn transit_hands_back_a_stream_its_next_hop_will_not_take() {
         dir.path(),
         &t,
         "near",
-        withholding(Withhold::Streams),
+        withholding(Withhold::Window),
         |c, p| answer_pings("near", c, p),
     );
     let (edge, _) = spawn_node(&snap, dir.path(), "edge", |c| {

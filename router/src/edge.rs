@@ -637,7 +637,10 @@ async fn tries(
                 break 'tables None;
             }
             if made > 0 {
-                shared.metrics.failovers_total.fetch_add(1, Relaxed);
+                // A client connection counts once, however many candidates it moves past.
+                if made == 1 {
+                    shared.metrics.failovers_total.fetch_add(1, Relaxed);
+                }
                 tracing::info!(node = %shared.node, %service, site = %cand.site, code = %last, "retrying on next candidate");
             }
             made += 1;

@@ -278,7 +278,7 @@ impl Metrics {
         counter(
             &mut s,
             "failovers_total",
-            "Client connections retried on another candidate.",
+            "Client connections retried on another candidate (once each, however many candidates one moves past).",
             "counter",
             self.failovers_total.load(Relaxed),
         );

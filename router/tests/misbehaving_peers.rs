@@ -666,6 +666,78 @@ async fn a_stream_refused_for_its_header_is_tried_on_the_next_site() {
     }
 }
 
+/// A site (a fake here) that answers probes and resets every stream with `header_timeout`.
+async fn refuse_headers(name: &'static str, conn: quinn::Connection, pings: Arc<AtomicU64>) {
+    let refuse = async {
+        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+            let code = router::codes::Code::HeaderTimeout.varint();
+            let _ = send.reset(code);
+            let _ = recv.stop(code);
+        }
+    };
+    tokio::join!(answer_pings(name, conn.clone(), pings), refuse);
+}
+
+/// A client connection that moves past two candidates counts as one failover (both failed tries
+/// are in the stream errors). (Each retry was counted: 2, where the metric says client
+/// connections.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_moved_past_two_sites_is_one_failover() {
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let port = free_tcp_port();
+    let mut b = TopologyBuilder::new();
+    b.node("edge", NodeKind::Edge)
+        .node("near", NodeKind::Site)
+        .node("next", NodeKind::Site)
+        .node("far", NodeKind::Site)
+        .link("edge", "near", ms(1.0))
+        .link("edge", "next", ms(2.0))
+        .link("edge", "far", ms(30.0))
+        .service("echo");
+    let mut t = addressed(b.build(), port);
+    for site in ["near", "next", "far"] {
+        serve(&mut t, site, "echo", backend);
+    }
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    // Both near sites refuse every stream for its header: retried, and marked down for nothing.
+    let transport = router::transport::transport_config;
+    let _near = fake_neighbour(dir.path(), &t, "near", transport(), |c, p| {
+        refuse_headers("near", c, p)
+    });
+    let _next = fake_neighbour(dir.path(), &t, "next", transport(), |c, p| {
+        refuse_headers("next", c, p)
+    });
+    let (edge, _) = spawn_node(&snap, dir.path(), "edge", |_| {}).await;
+    let (_far, _) = spawn_node(&snap, dir.path(), "far", |_| {}).await;
+    wait_until(
+        Duration::from_secs(20),
+        || {
+            edge.routes()
+                .candidates("echo")
+                .is_some_and(|c| c.len() == 3 && c[0].site.as_str() == "near")
+        },
+        || format!("edge candidates: {:?}", edge.routes().candidates("echo")),
+    )
+    .await;
+    let back = echo_roundtrip(port, b"third time", Duration::from_secs(10)).await;
+    assert_eq!(back.as_deref().ok(), Some(&b"third time"[..]), "{back:?}");
+    let m = edge.metrics_text();
+    assert_eq!(
+        metric(
+            &m,
+            "tasman_stream_errors_total{node=\"edge\",code=\"header_timeout\"}"
+        ),
+        Some(2),
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "tasman_failovers_total{node=\"edge\"}"),
+        Some(1),
+        "{m}"
+    );
+}
+
 /// A site marked down by a reset code is back in the edge's table when the mark ends, not at the
 /// next periodic rebuild, up to a second later. The mark is made just after a periodic rebuild
 /// (the table is otherwise quiet: nothing the edge learns changes), so that it ends just after

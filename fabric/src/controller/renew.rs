@@ -300,8 +300,17 @@ impl NodeIssuer {
         if last.as_deref() == Some(text.as_str()) {
             return;
         }
+        // The CA directory is the controller's TLS directory (`--tls-dir pki --ca-dir pki`, or
+        // `<state>/pki`): the file is the controller's own list, judged as its reload tick
+        // judges it (one memory of a refusal: judged as lists installed as well, a refused file
+        // was counted and logged twice).
+        let own = cert.dir().is_some_and(|d| same_dir(d, path.parent()));
         let (c, t) = (cert.clone(), text.clone());
-        let got = tokio::task::spawn_blocking(move || tls::install_crl(&c, &t)).await;
+        let got = tokio::task::spawn_blocking(move || match own {
+            true => c.reload_crl(),
+            false => tls::install_crl(&c, &t),
+        })
+        .await;
         match got {
             // Looked at again next time (logged and counted once): refused against the bundle
             // in force, it may check out once the controller adopts the next `ca.pem` (a list
@@ -313,6 +322,16 @@ impl NodeIssuer {
                 self.crl.send_replace(Some(text.into()));
             }
         }
+    }
+}
+
+/// Whether `a` and `b` are one directory (by their canonical paths; as written when either
+/// cannot be resolved).
+fn same_dir(a: &Path, b: Option<&Path>) -> bool {
+    let Some(b) = b else { return false };
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
     }
 }
 
@@ -975,5 +994,44 @@ mod tests {
         }
         assert_eq!(cert.crl_failures(), 2, "each refused list counted once");
         assert_eq!(cert.crls(), in_force, "the list in force stays");
+    }
+
+    /// With the CA directory as its TLS directory (`--tls-dir pki --ca-dir pki`, the
+    /// recommended set-up), a refused `ca.crl.pem` is the controller's own file: counted and
+    /// logged once, and sent to no router; an adopted one is sent. (It was judged twice, as the
+    /// node's file and as lists installed: counted 2.)
+    #[tokio::test]
+    async fn a_refused_list_is_counted_once_when_the_ca_dir_is_the_tls_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        pki::init(dir.path()).unwrap();
+        pki::issue(dir.path(), "controller").unwrap();
+        let other = tempfile::tempdir().unwrap();
+        pki::init(other.path()).unwrap();
+        pki::issue(other.path(), "x").unwrap();
+        let revoke = |d: &Path, node: &str| {
+            let target = pki::RevokeTarget::Node(node.into());
+            pki::revoke(d, &target, pki::RevokeReason::KeyCompromise).unwrap();
+        };
+        revoke(other.path(), "x");
+        let file = dir.path().join(pki::CA_CRL);
+        std::fs::copy(other.path().join(pki::CA_CRL), &file).unwrap();
+        let i = NodeIssuer::load(dir.path(), DEFAULT_VALIDITY).unwrap();
+        let id = router::tls::TlsIdentity::load(dir.path(), "controller").unwrap();
+        let cert = CertResolver::new(&id).unwrap();
+        let mut last = None;
+        for _ in 0..5 {
+            i.send_if_new(&cert, &file, &mut last).await;
+            cert.reload_tick();
+        }
+        assert_eq!(cert.crl_failures(), 1, "the refused file counted once");
+        assert!(i.crl().borrow().is_none(), "refused: nothing sent");
+        // A list of the fabric's own CA is adopted and sent.
+        pki::issue(dir.path(), "leaked").unwrap();
+        std::fs::remove_file(&file).unwrap();
+        revoke(dir.path(), "leaked");
+        i.send_if_new(&cert, &file, &mut last).await;
+        assert_eq!(cert.crls().len(), 1, "adopted");
+        assert!(i.crl().borrow().is_some(), "sent to routers");
+        assert_eq!(cert.crl_failures(), 1);
     }
 }

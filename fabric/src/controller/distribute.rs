@@ -530,8 +530,11 @@ async fn session(
                 // router a full snapshot it has, or is answering).
                 if let Some(r) = &mut rejected {
                     r.retry_at = None;
-                    if r.offers(&rx.borrow()) {
-                        tracing::info!(node, version = r.version, "offering a rejected version again");
+                    let current = rx.borrow().clone();
+                    if r.offers(&current) {
+                        // The version sent: the rejected one, or a later one of the same offer
+                        // (a live update of its content).
+                        tracing::info!(node, version = current.version, rejected = r.version, "offering a rejected version again");
                         force_full = true;
                     }
                 }

@@ -54,7 +54,9 @@ pub enum Code {
     /// The next hop's connection had no stream to give: the streams open on it reached the
     /// next hop's grant (`RouterConfig::peer_streams`, 16,384 by default) and none freed up
     /// within `splice::STREAM_GRANT_WAIT`. Retryable, and it blames neither the site nor a link:
-    /// they answer, they are busy.
+    /// they answer, they are busy. Counted by the edge or transit that waited, never sent: a
+    /// transit hands such a stream back as `upstream_lost`, which edges built before this code
+    /// retry too.
     StreamLimit = 0x45,
     /// The router is shutting down.
     ShuttingDown = 0x50,

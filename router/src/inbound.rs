@@ -393,9 +393,15 @@ async fn relay(
     .await
     {
         Ok(streams) => streams,
-        // Busy, not down: the edge tries its next candidate and blames nothing.
+        // Busy, not down: counted here as `stream_limit`, and handed back as `upstream_lost`,
+        // which every edge retries and blames nothing for (an edge built before `stream_limit`
+        // would take that code, unknown to it, as `internal` and reset its client).
         Err(splice::Unopened::NoStream) => {
-            return refuse(&shared, &mut send, &mut recv, Code::StreamLimit);
+            shared.metrics.error(Code::StreamLimit);
+            let code = Code::UpstreamLost.varint();
+            let _ = send.reset(code);
+            let _ = recv.stop(code);
+            return;
         }
         Err(splice::Unopened::NotTaken) => {
             return refuse(&shared, &mut send, &mut recv, Code::NextHopUnreachable);

@@ -130,7 +130,8 @@ pub struct CircuitSpec {
     #[serde(deserialize_with = "StrictBEnd::deserialize")]
     pub b_end: BEnd,
     pub rate: Bandwidth,
-    /// The pool to take the VIP from (default: the topology's first pool).
+    /// The pool to take the VIP from, of the prefix's address family (default: the topology's
+    /// first pool of that family).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,
 }

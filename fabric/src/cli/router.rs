@@ -124,7 +124,8 @@ pub struct RouterArgs {
     pub backend_connect_timeout: std::time::Duration,
     /// How long a peer's stream may take to send its header, and on a transit how long the next
     /// hop may take to take the stream and its header, which the transit then hands back to the
-    /// edge (`next_hop_unreachable`) to retry on its next candidate. Keep it below the edges'
+    /// edge (`next_hop_unreachable`) to retry on its next candidate (one whose connection has
+    /// no stream to give at all is handed back after 0.5 s). Keep it below the edges'
     /// --reply-timeout, or the edge gives up on the try first (the router warns when it is not
     /// below its own --reply-timeout). 1ms to 10m.
     #[arg(long, default_value = "5s", value_parser = parse_timeout, value_name = "DURATION")]

@@ -330,8 +330,10 @@ async fn check_loop(shared: Arc<Shared>, svc: Arc<SiteService>) {
         )
         .await;
         if r.no_descriptor {
-            tracing::warn!(node = %shared.node, service = %svc.service, backend = %svc.backend,
-                "health check not run: this router is out of file descriptors (raise its open-file limit, or lower the site's capacity)");
+            if let Some(skipped) = own_fault_warning_due() {
+                tracing::warn!(node = %shared.node, service = %svc.service, backend = %svc.backend, skipped,
+                    "health check not run: this router is out of file descriptors or local ports (raise its open-file limit, or lower the site's capacity)");
+            }
             tokio::time::sleep(every).await;
             continue;
         }
@@ -390,10 +392,35 @@ struct CheckResult {
     no_descriptor: bool,
 }
 
-/// Whether a socket call failed because this process (`EMFILE`) or the system (`ENFILE`) has no
-/// file descriptor to give: the router's fault, not its backend's.
+/// Whether a backend connect failed for want of this host's own resources: no file descriptor
+/// for the process (`EMFILE`) or the system (`ENFILE`), or no local port left towards the
+/// backend (`EADDRNOTAVAIL`: connections in `TIME_WAIT` under heavy churn): the router's fault,
+/// not its backend's.
 pub(crate) fn out_of_descriptors(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::EADDRNOTAVAIL)
+    )
+}
+
+/// Whether a warning of this router's own lack of descriptors or ports is due: at most one a
+/// second in the process (at such a moment every new stream and every check would log one);
+/// with the number of warnings left out since the last one.
+fn own_fault_warning_due() -> Option<u64> {
+    static LAST: std::sync::Mutex<(Option<Instant>, u64)> = std::sync::Mutex::new((None, 0));
+    let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+    let now = Instant::now();
+    match last.0 {
+        Some(at) if now.duration_since(at) < Duration::from_secs(1) => {
+            last.1 += 1;
+            None
+        }
+        _ => {
+            let skipped = std::mem::take(&mut last.1);
+            last.0 = Some(now);
+            Some(skipped)
+        }
+    }
 }
 
 /// The most of an HTTP answer a check reads: its status line must be in it.
@@ -601,8 +628,10 @@ pub(crate) async fn serve(
         // refusing (counted as the backend's, five in a row marked the service down for every
         // edge).
         Ok(Err(e)) if out_of_descriptors(&e) => {
-            tracing::warn!(node = %shared.node, service = %svc.service,
-                "no file descriptor for a backend connection: refused as full (raise this router's open-file limit, or lower the site's capacity)");
+            if let Some(skipped) = own_fault_warning_due() {
+                tracing::warn!(node = %shared.node, service = %svc.service, error = %e, skipped,
+                    "no file descriptor or local port for a backend connection: refused as full (raise this router's open-file limit, or lower the site's capacity)");
+            }
             return refuse(&mut send, &mut recv, Code::SiteFull);
         }
         r => {
@@ -659,6 +688,31 @@ pub(crate) async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A connect that failed for want of this host's descriptors or local ports is the router's
+    /// own fault (`EADDRNOTAVAIL` was counted as the backend's); a refusal is the backend's.
+    #[test]
+    fn a_connect_short_of_descriptors_or_ports_is_the_routers_own_fault() {
+        for own in [libc::EMFILE, libc::ENFILE, libc::EADDRNOTAVAIL] {
+            assert!(
+                out_of_descriptors(&std::io::Error::from_raw_os_error(own)),
+                "{own}"
+            );
+        }
+        for backend in [libc::ECONNREFUSED, libc::ETIMEDOUT, libc::EHOSTUNREACH] {
+            assert!(!out_of_descriptors(&std::io::Error::from_raw_os_error(
+                backend
+            )));
+        }
+    }
+
+    /// The warnings of a router short of descriptors come at most once a second, each with the
+    /// count of those left out (every stream and check logged one).
+    #[test]
+    fn own_fault_warnings_come_at_most_once_a_second() {
+        let due: Vec<bool> = (0..50).map(|_| own_fault_warning_due().is_some()).collect();
+        assert!(due.iter().filter(|d| **d).count() <= 1, "{due:?}");
+    }
 
     fn service() -> SiteService {
         SiteService {

@@ -189,3 +189,50 @@ fn a_closed_stdout_pipe_ends_it_quietly() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}", out.status);
 }
+
+/// The errors quoted in `tasman topology validate --help` and in the operator guide are what
+/// validate prints for the files they describe (the help's said `(known: ...)` of nodes its
+/// file could not have, the guide's a line of a comment).
+#[test]
+fn the_errors_the_help_and_the_guide_quote_are_what_validate_prints() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = |id: &str, kind: &str, n: u8, extra: &str| {
+        format!(
+            "  - {{id: {id}, kind: {kind}, region: au-south, country: AU, location: {{lat: -37.8, lon: 145.0}}, address: \"127.10.0.{n}:7000\"{extra}}}\n"
+        )
+    };
+    let broken = format!(
+        "version: 1\nnodes:\n{}{}links:\n  - {{a: mel-edge-1, b: mel-site-9, latency: 1ms, capacity: 10Gbps}}\nservices:\n  - {{name: chat, port: 8443}}\n",
+        node("mel-edge-1", "edge", 1, ", client_address: 127.20.0.1"),
+        node(
+            "mel-site-1",
+            "site",
+            2,
+            ", serves: [{service: chat, backend: \"127.30.0.1:9001\", capacity: 64}]"
+        ),
+    );
+    let apac = std::fs::read_to_string(repo("examples/apac.yaml")).unwrap();
+    let edited = apac.replacen("b: mel-site-1, latency", "b: mel-site-9, latency", 1);
+    assert_ne!(apac, edited);
+    let help = Command::new(env!("CARGO_BIN_EXE_tasman"))
+        .args(["topology", "validate", "--help"])
+        .output()
+        .unwrap();
+    let guide = std::fs::read_to_string(repo("docs/operator-guide.md")).unwrap();
+    for (name, body, quoted_in, quoted) in [
+        ("broken.yaml", broken, "--help", text(&help.stdout)),
+        ("apac.yaml", edited, "the operator guide", guide),
+    ] {
+        std::fs::write(dir.path().join(name), body).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_tasman"))
+            .current_dir(dir.path())
+            .args(["topology", "validate", name])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+        let err = text(&out.stderr);
+        let line = err.lines().next().unwrap_or_default();
+        assert!(line.contains("error: unknown node"), "{err}");
+        assert!(quoted.contains(line), "{quoted_in} does not quote {line:?}");
+    }
+}

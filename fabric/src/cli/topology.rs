@@ -62,7 +62,7 @@ Example:
   $ tasman topology validate examples/apac.yaml
   examples/apac.yaml: valid: 21 nodes, 27 links, 4 services, 1 pool
   $ tasman topology validate broken.yaml
-  broken.yaml:23:9: error: unknown node \"mel-site-9\" in link 4 (known: mel-site-1, mel-site-2)
+  broken.yaml:6:24: error: unknown node \"mel-site-9\" in link 1 (known: mel-edge-1, mel-site-1)
   broken.yaml: invalid: 1 error, 0 warnings
 
 The format is documented in docs/topology.md.";

@@ -238,6 +238,46 @@ fn run_demo(args: &[&str], within: Duration) -> (Option<ExitStatus>, String, Str
     )
 }
 
+/// A topology whose first service has one site for the first edge has nothing to fail over to,
+/// nor to drain around: the tour says so and skips both, and exits 0. (It stopped the only site,
+/// printed "no failover within 10 s", then failed the maintenance on a reset: exit 1.)
+#[test]
+fn a_topology_with_one_site_skips_the_failover_and_the_maintenance() {
+    let _one = one_demo_at_a_time();
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let node = |id: &str, kind: &str, n: u8, extra: &str| {
+        format!(
+            "  - {{id: {id}, kind: {kind}, region: au-east, country: AU, location: {{lat: -33.9, lon: 151.2}}, address: \"127.10.0.{n}:7000\"{extra}}}\n"
+        )
+    };
+    let text = format!(
+        "version: 1\nnodes:\n{}{}links:\n  - {{a: syd-edge-1, b: syd-site-1, latency: 1ms, capacity: 10Gbps}}\nservices:\n  - {{name: chat, port: 8443}}\n",
+        node("syd-edge-1", "edge", 1, ", client_address: 127.20.0.1"),
+        node(
+            "syd-site-1",
+            "site",
+            3,
+            ", serves: [{service: chat, backend: \"127.30.0.1:9001\", capacity: 64}]"
+        ),
+    );
+    let topo = dir.path().join("one-site.yaml");
+    std::fs::write(&topo, text).unwrap();
+    let topo = topo.to_str().unwrap();
+    let (status, out, err) = run_demo(
+        &["--quick", "--ephemeral-ports", "--topology", topo],
+        Duration::from_secs(150),
+    );
+    let status = status.unwrap_or_else(|| panic!("still running after 150 s:\n{out}\n{err}"));
+    assert_eq!(status.code(), Some(0), "{out}\n{err}");
+    for said in [
+        "Failover: syd-site-1 is the only site syd-edge-1 has for chat: nothing to fail over to (skipped).",
+        "Planned maintenance: syd-site-1 is the only site syd-edge-1 has for chat (skipped).",
+        "Demo complete.",
+    ] {
+        assert!(out.contains(said), "{said}\n{out}");
+    }
+}
+
 /// `--fail` must name the site the first edge uses for the first service: stopping another
 /// moves nothing there, and the failover would be "shown" at once without happening. A node
 /// that is no site is refused before the fabric starts.

@@ -515,130 +515,149 @@ async fn steps(
         *verdict = Some(false);
         return Ok(());
     }
-    let before: BTreeMap<(NodeId, String), (NodeId, Vec<NodeId>)> = all_edges
-        .iter()
-        .flat_map(|e| services.iter().map(move |s| (e.clone(), s.clone())))
-        .filter_map(|(e, s)| preferred(fabric, &e, &s).map(|p| ((e, s), p)))
-        .collect();
-    println!("Failover: {victim} goes dark now (its links drop everything, as in a power cut).");
-    println!("Every 10 ms a new client connection asks {first_edge} for {first_service}.");
-    let t0 = Instant::now();
-    fabric.isolate_node(&victim);
-    let addr = fabric.service_addr(first_edge, first_service);
-    let detect = async {
-        let deadline = t0 + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if preferred(fabric, first_edge, first_service).is_some_and(|(s, _)| s != victim) {
-                return Some(t0.elapsed());
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        None
-    };
-    let first_new = async {
-        let addr = addr?;
-        let mut set = tokio::task::JoinSet::new();
-        let mut tick = tokio::time::interval(Duration::from_millis(10));
-        let (mut tried, mut failed, mut first) = (0usize, 0usize, None);
-        let give_up = t0 + Duration::from_secs(10);
-        while first.is_none() {
-            tokio::select! {
-                _ = tick.tick(), if Instant::now() < give_up => {
-                    tried += 1;
-                    set.spawn(async move {
-                        let started = Instant::now();
-                        (started, client::complete(addr, 8, Duration::from_secs(10)).await)
-                    });
+    // A service with one site for the first edge has nowhere to fail over to: stopping it would
+    // show nothing but errors (and leave the live edit and the maintenance nothing either).
+    let alternatives = fabric
+        .router(first_edge)
+        .and_then(|r| r.routes().candidates(first_service))
+        .map_or(0, |c| c.len().saturating_sub(1));
+    let failover_ok = if alternatives == 0 {
+        println!(
+            "Failover: {victim} is the only site {first_edge} has for {first_service}: nothing to fail over to (skipped)."
+        );
+        true
+    } else {
+        let before: BTreeMap<(NodeId, String), (NodeId, Vec<NodeId>)> = all_edges
+            .iter()
+            .flat_map(|e| services.iter().map(move |s| (e.clone(), s.clone())))
+            .filter_map(|(e, s)| preferred(fabric, &e, &s).map(|p| ((e, s), p)))
+            .collect();
+        println!(
+            "Failover: {victim} goes dark now (its links drop everything, as in a power cut)."
+        );
+        println!("Every 10 ms a new client connection asks {first_edge} for {first_service}.");
+        let t0 = Instant::now();
+        fabric.isolate_node(&victim);
+        let addr = fabric.service_addr(first_edge, first_service);
+        let detect = async {
+            let deadline = t0 + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if preferred(fabric, first_edge, first_service).is_some_and(|(s, _)| s != victim) {
+                    return Some(t0.elapsed());
                 }
-                Some(done) = set.join_next() => match done {
-                    // When its first byte came: the connection's start plus its time to it.
-                    Ok((started, Ok(r))) if r.site != victim.as_str() => {
-                        first = Some((started.duration_since(t0) + r.ttfb, r));
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            None
+        };
+        let first_new = async {
+            let addr = addr?;
+            let mut set = tokio::task::JoinSet::new();
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            let (mut tried, mut failed, mut first) = (0usize, 0usize, None);
+            let give_up = t0 + Duration::from_secs(10);
+            while first.is_none() {
+                tokio::select! {
+                    _ = tick.tick(), if Instant::now() < give_up => {
+                        tried += 1;
+                        set.spawn(async move {
+                            let started = Instant::now();
+                            (started, client::complete(addr, 8, Duration::from_secs(10)).await)
+                        });
                     }
-                    Ok((_, Ok(_))) => {}
-                    _ => failed += 1,
-                },
-                else => break,
+                    Some(done) = set.join_next() => match done {
+                        // When its first byte came: the connection's start plus its time to it.
+                        Ok((started, Ok(r))) if r.site != victim.as_str() => {
+                            first = Some((started.duration_since(t0) + r.ttfb, r));
+                        }
+                        Ok((_, Ok(_))) => {}
+                        _ => failed += 1,
+                    },
+                    else => break,
+                }
+            }
+            // Connections still in flight finish too: none may hang.
+            while let Some(done) = set.join_next().await {
+                if !matches!(done, Ok((_, Ok(_)))) {
+                    failed += 1;
+                }
+            }
+            first.map(|f| (f, tried, failed))
+        };
+        let (detected, first) = tokio::join!(detect, first_new);
+        let failover_ok = match (&detected, &first) {
+            (Some(d), Some(((at, r), tried, failed))) => {
+                println!(
+                    "  {first_edge}'s routing table moved {first_service} away from {victim} after {} (probes every {} ms, down after {} misses).",
+                    fmt_ms(*d),
+                    DemoOptions::default().probe.interval.as_millis(),
+                    DemoOptions::default().probe.misses
+                );
+                println!(
+                    "  First new connection served by {}: its first byte {} after the stop (TTFB {}); {tried} connections tried, {failed} failed.",
+                    r.site,
+                    fmt_ms(*at),
+                    fmt_ms(r.ttfb)
+                );
+                // Every connection started after the stop is served: those waiting on the dark
+                // site are tried again elsewhere (their first try handed nothing back). (The count
+                // was printed, never checked.)
+                if *failed > 0 {
+                    println!("  FAILED: {failed} connection(s) were not served.");
+                }
+                *failed == 0
+            }
+            _ => {
+                println!(
+                    "  no failover within 10 s: detection {detected:?}, first byte from another site {:?}",
+                    first.map(|f| f.0.0)
+                );
+                false
+            }
+        };
+        fabric.stop_node(&victim).await?;
+        // Other edges learn of the loss through their neighbours' probes; give them a moment.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline
+            && before.iter().any(|((e, s), (site, _))| {
+                *site == victim && preferred(fabric, e, s).is_some_and(|(now, _)| now == victim)
+            })
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        println!("\nRoutes that moved (every edge, every service; the edges' routing tables):");
+        for ((e, s), (site, _)) in &before {
+            if *site != victim {
+                continue;
+            }
+            match preferred(fabric, e, s) {
+                // Still on the stopped site 10 s on: the loss never reached this edge. (It was
+                // printed as a route that moved, `X ⇒ X`, and passed.)
+                Some((now, _)) if now == victim => {
+                    println!(
+                        "  {e:12} {s:12} {site} ⇒ still {now}: FAILED, the loss never reached it"
+                    );
+                    all_ok = false;
+                }
+                Some((now, path)) => {
+                    println!("  {e:12} {s:12} {site} ⇒ {now}  ({})", path_str(&path))
+                }
+                None => println!("  {e:12} {s:12} {site} ⇒ no site left"),
             }
         }
-        // Connections still in flight finish too: none may hang.
-        while let Some(done) = set.join_next().await {
-            if !matches!(done, Ok((_, Ok(_)))) {
-                failed += 1;
-            }
+        println!("\n{first_edge} after the failover");
+        let mut rows = Vec::new();
+        for s in services {
+            let (row, ok) = measure(fabric, first_edge, s, n).await;
+            all_ok &= ok
+                || fabric
+                    .topology()
+                    .sites_serving(s)
+                    .all(|(site, _)| site.id == victim);
+            rows.push(row);
         }
-        first.map(|f| (f, tried, failed))
+        print_rows(&rows);
+        failover_ok
     };
-    let (detected, first) = tokio::join!(detect, first_new);
-    let failover_ok = match (&detected, &first) {
-        (Some(d), Some(((at, r), tried, failed))) => {
-            println!(
-                "  {first_edge}'s routing table moved {first_service} away from {victim} after {} (probes every {} ms, down after {} misses).",
-                fmt_ms(*d),
-                DemoOptions::default().probe.interval.as_millis(),
-                DemoOptions::default().probe.misses
-            );
-            println!(
-                "  First new connection served by {}: its first byte {} after the stop (TTFB {}); {tried} connections tried, {failed} failed.",
-                r.site,
-                fmt_ms(*at),
-                fmt_ms(r.ttfb)
-            );
-            // Every connection started after the stop is served: those waiting on the dark
-            // site are tried again elsewhere (their first try handed nothing back). (The count
-            // was printed, never checked.)
-            if *failed > 0 {
-                println!("  FAILED: {failed} connection(s) were not served.");
-            }
-            *failed == 0
-        }
-        _ => {
-            println!(
-                "  no failover within 10 s: detection {detected:?}, first byte from another site {:?}",
-                first.map(|f| f.0.0)
-            );
-            false
-        }
-    };
-    fabric.stop_node(&victim).await?;
-    // Other edges learn of the loss through their neighbours' probes; give them a moment.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline
-        && before.iter().any(|((e, s), (site, _))| {
-            *site == victim && preferred(fabric, e, s).is_some_and(|(now, _)| now == victim)
-        })
-    {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    println!("\nRoutes that moved (every edge, every service; the edges' routing tables):");
-    for ((e, s), (site, _)) in &before {
-        if *site != victim {
-            continue;
-        }
-        match preferred(fabric, e, s) {
-            // Still on the stopped site 10 s on: the loss never reached this edge. (It was
-            // printed as a route that moved, `X ⇒ X`, and passed.)
-            Some((now, _)) if now == victim => {
-                println!("  {e:12} {s:12} {site} ⇒ still {now}: FAILED, the loss never reached it");
-                all_ok = false;
-            }
-            Some((now, path)) => println!("  {e:12} {s:12} {site} ⇒ {now}  ({})", path_str(&path)),
-            None => println!("  {e:12} {s:12} {site} ⇒ no site left"),
-        }
-    }
-    println!("\n{first_edge} after the failover");
-    let mut rows = Vec::new();
-    for s in services {
-        let (row, ok) = measure(fabric, first_edge, s, n).await;
-        all_ok &= ok
-            || fabric
-                .topology()
-                .sites_serving(s)
-                .all(|(site, _)| site.id == victim);
-        rows.push(row);
-    }
-    print_rows(&rows);
-
     let edit_ok = live_edit(fabric, edges, first_service, n).await;
     let (drain_ok, drained) = maintenance(fabric, first_edge, first_service).await;
     let passed = all_ok && failover_ok && edit_ok && drain_ok;
@@ -698,27 +717,50 @@ async fn maintenance(
     let Some(addr) = fabric.service_addr(edge, service) else {
         return (true, None);
     };
-    // The site that serves the edge's connections now (asked, not read off the table: sites
-    // that are equally near share them).
-    let site = match client::complete(addr, 1, Duration::from_secs(10)).await {
-        Ok(r) => NodeId::new(&r.site),
-        Err(e) => {
-            println!("\nPlanned maintenance: error: {e}");
-            return (false, None);
-        }
-    };
-    let alternatives = fabric
+    let sites: Vec<NodeId> = fabric
         .router(edge)
         .and_then(|r| r.routes().candidates(service))
-        .map_or(0, |c| c.len().saturating_sub(1));
-    if alternatives == 0 {
-        println!(
-            "\nPlanned maintenance: {site} is the only site {edge} has for {service} (skipped)."
-        );
-        return (true, None);
+        .map(|c| c.iter().map(|c| c.site.clone()).collect())
+        .unwrap_or_default();
+    match sites.as_slice() {
+        [] => {
+            println!("\nPlanned maintenance: {edge} has no site for {service} now (skipped).");
+            return (true, None);
+        }
+        [only] => {
+            println!(
+                "\nPlanned maintenance: {only} is the only site {edge} has for {service} (skipped)."
+            );
+            return (true, None);
+        }
+        _ => {}
     }
     const TOKENS: usize = 100;
     const PACE: Duration = Duration::from_millis(10);
+    // The site to drain is the one the completion reached (seen at its backend, nothing else
+    // asks them now): sites equally near share an edge's connections, so one asked before it
+    // may not be the one it goes to.
+    let svc = ServiceName::new(service);
+    let requests = |site: &NodeId| fabric.backend(site, &svc).map_or(0, |b| b.requests());
+    let before: Vec<u64> = sites.iter().map(requests).collect();
+    let long = tokio::spawn(client::complete_paced(
+        addr,
+        TOKENS,
+        Some(PACE),
+        Duration::from_secs(15),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let site = loop {
+        if let Some(i) = (0..sites.len()).find(|&i| requests(&sites[i]) != before[i]) {
+            break sites[i].clone();
+        }
+        if Instant::now() >= deadline || long.is_finished() {
+            println!("\nPlanned maintenance: error: the completion reached no site's backend");
+            long.abort();
+            return (false, None);
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
     println!(
         "\nPlanned maintenance: {site} stops the way `tasman router` stops on SIGTERM: it drains."
     );
@@ -727,23 +769,6 @@ async fn maintenance(
         PACE.as_millis()
     );
     println!("meanwhile a new client connection asks {edge} for {service} every 10 ms.");
-    let long = tokio::spawn(client::complete_paced(
-        addr,
-        TOKENS,
-        Some(PACE),
-        Duration::from_secs(15),
-    ));
-    // Drain once the completion has reached the site's backend (nothing else asks it now).
-    let requests = || {
-        fabric
-            .backend(&site, &ServiceName::new(service))
-            .map_or(0, |b| b.requests())
-    };
-    let before = requests();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while requests() == before && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
     let drain = match fabric.drain_node(&site) {
         Ok(d) => d,
         Err(e) => {

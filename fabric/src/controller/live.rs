@@ -200,14 +200,18 @@ type SiteView = (SiteLoad, BTreeMap<ServiceName, SiteLoad>);
 /// What a telemetry report changed in the live state to publish ([`LiveAggregator::observe`]),
 /// least first. The controller throttles each kind with a back-off of its own: loads and RTTs
 /// of a busy fabric move every few seconds and keep theirs in its long wait (5 s), which must
-/// not delay a link going down or a site filling up.
+/// not delay a site filling up; and a site hovering at its capacity (full, then one stream
+/// short, at every report of an overloaded service) keeps the sites' back-off in its long wait,
+/// which must not delay a link going down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Change {
     None,
     /// Only costs move: a link's measured weight, a site's load within its room.
     Gradual,
-    /// Where traffic may go: a link up or down, a site or service healthy or not, full or not.
+    /// Where traffic may go at a site: a site or service healthy or not, full or not.
     Urgent,
+    /// Where traffic may go over the links: a link up or down.
+    Link,
 }
 
 /// What routing reads of a site's view for `service` (as [`LiveState::load_of`]): the service's
@@ -488,14 +492,14 @@ impl LiveAggregator {
     }
 
     /// How [`Self::merged`] differs from what is published for this link (of the topology):
-    /// up or down is [`Change::Urgent`], a weight [`Change::Gradual`].
+    /// up or down is [`Change::Link`], a weight [`Change::Gradual`].
     fn link_change(&self, id: &LinkId, now: Instant) -> Change {
         let (down, weight) = match (self.links.get(id), self.index.links.get(id)) {
             (Some(obs), Some(declared)) => self.link_view(id, obs, *declared, now),
             _ => (false, None),
         };
         if down != self.published.down_links.contains(id) {
-            Change::Urgent
+            Change::Link
         } else if weight != self.published.link_latency.get(id).copied() {
             Change::Gradual
         } else {
@@ -537,7 +541,7 @@ impl LiveAggregator {
             return Change::None;
         }
         if merged.down_links != self.published.down_links {
-            return Change::Urgent;
+            return Change::Link;
         }
         // The sites by the rule of the reports' ([`Self::site_change`]); anything else (weights)
         // only moves costs.
@@ -782,13 +786,13 @@ mod tests {
         assert_eq!(up(&mut agg, 200), Change::Gradual);
         assert_eq!(
             agg.observe(Sample::one_link("e", "t", None, false), t1),
-            Change::Urgent
+            Change::Link
         );
         agg.publish(agg.merged(t1));
         let t2 = t1 + Duration::from_secs(30);
         assert_eq!(
             agg.observe(Sample::one_link("e", "t", rtt(80), true), t2),
-            Change::Urgent,
+            Change::Link,
             "up again"
         );
     }
@@ -825,13 +829,13 @@ mod tests {
         // The link goes down; its reports stop, and age out.
         assert_eq!(
             agg.observe(Sample::one_link("t", "s", None, false), t0),
-            Change::Urgent
+            Change::Link
         );
         agg.publish(agg.merged(t0));
         let later = t0 + Duration::from_secs(60);
         assert_eq!(
             agg.pending_change(later),
-            Change::Urgent,
+            Change::Link,
             "back up as it ages out"
         );
     }

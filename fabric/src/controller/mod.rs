@@ -362,6 +362,9 @@ struct Inner {
     /// not), kept apart: a busy fabric's loads hold `backoff` in its long wait (5 s), and a link
     /// going down behind them waited as long (`live::Change`).
     urgent: Backoff,
+    /// The back-off of links going up or down, kept apart from `urgent`: a site hovering at its
+    /// capacity flips full and not full at its reports and holds `urgent` in its long wait.
+    links: Backoff,
     seq: u64,
 }
 
@@ -372,12 +375,13 @@ impl Inner {
             live::Change::None => None,
             live::Change::Gradual => Some(&mut self.backoff),
             live::Change::Urgent => Some(&mut self.urgent),
+            live::Change::Link => Some(&mut self.links),
         }
     }
 
-    /// When the next recomputation is due, of either kind.
+    /// When the next recomputation is due, of any kind.
     fn due(&self) -> Option<Instant> {
-        [self.backoff.due(), self.urgent.due()]
+        [self.backoff.due(), self.urgent.due(), self.links.due()]
             .into_iter()
             .flatten()
             .min()
@@ -489,6 +493,7 @@ impl Controller {
                 live,
                 backoff: Backoff::new(BackoffParams::default()),
                 urgent: Backoff::new(BackoffParams::default()),
+                links: Backoff::new(BackoffParams::default()),
                 seq: 1,
             }),
             published,
@@ -1006,6 +1011,7 @@ impl Controller {
                 // One publication carries every change observed so far, of either kind.
                 inner.backoff.ran(now);
                 inner.urgent.ran(now);
+                inner.links.ran(now);
                 if inner.live.expired(now)
                     && let Err(e) = self.publish_locked(&mut inner, false)
                 {
@@ -2050,7 +2056,7 @@ mod tests {
         let ctl = Controller::open(store, Some((&yaml("10ms"), "t.yaml"))).unwrap();
         let dues = || {
             let inner = lock(&ctl.inner);
-            (inner.backoff.due(), inner.urgent.due())
+            (inner.backoff.due(), inner.links.due())
         };
         // RTTs keep moving (no recompute loop runs here): only the gradual back-off is due.
         ctl.on_telemetry(Sample::one_link(
@@ -2104,6 +2110,61 @@ mod tests {
         recompute.abort();
     }
 
+    /// A site hovering at its capacity (full, then a stream short, at its reports: an
+    /// overloaded service) keeps the sites' urgent back-off in its long wait; a link going down
+    /// meanwhile is due on a back-off of its own, not 5 s on. (Both shared one: the link waited.)
+    #[tokio::test]
+    async fn a_link_down_is_not_held_behind_a_site_hovering_at_its_capacity() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RedbStore::open(dir.path()).unwrap());
+        let ctl = Controller::open(store, Some((&yaml("10ms"), "t.yaml"))).unwrap();
+        // s1 serves chat with a capacity of 10 (`yaml`).
+        let capacity = 10;
+        let service = topology::ServiceName::new("chat");
+        let site_report = |active: u32| {
+            let load = topology::route::SiteLoad {
+                active_streams: active,
+                capacity,
+                healthy: true,
+            };
+            let mut s = Sample::one_link("s1", "t", Some(Duration::from_millis(20)), true);
+            s.site = Some(load);
+            s.services = [(service.clone(), load)].into();
+            s
+        };
+        let t = Instant::now();
+        for (i, active) in [capacity, capacity - 1, capacity, capacity - 1]
+            .into_iter()
+            .enumerate()
+        {
+            ctl.on_telemetry(site_report(active));
+            let mut inner = lock(&ctl.inner);
+            ctl.publish_locked(&mut inner, false).unwrap();
+            let at = t + Duration::from_millis([0, 100, 700, 800][i]);
+            inner.urgent.ran(at);
+            inner.backoff.ran(at);
+            inner.links.ran(at);
+            if i + 1 < 4 {
+                inner.urgent.event(at + Duration::from_millis(50));
+            }
+        }
+        {
+            let mut inner = lock(&ctl.inner);
+            let due = inner.urgent.event(t + Duration::from_millis(900));
+            assert!(
+                due >= t + Duration::from_secs(5),
+                "the sites' back-off is not in its long wait"
+            );
+        }
+        let before = Instant::now();
+        ctl.on_telemetry(Sample::one_link("t", "s1", None, false));
+        let due = lock(&ctl.inner).due().expect("the link down is due");
+        assert!(
+            due <= before + Duration::from_secs(1),
+            "{due:?} from {before:?}"
+        );
+    }
+
     /// A change that observations ageing out make (a down link's reports expire: it comes
     /// back) is looked at every second and scheduled on its kind's back-off, also while the
     /// gradual back-off is due: it was looked at only when nothing was due, and on a busy
@@ -2118,7 +2179,7 @@ mod tests {
         let gradual_due = {
             let mut inner = lock(&ctl.inner);
             ctl.publish_locked(&mut inner, false).unwrap();
-            inner.urgent = Backoff::new(BackoffParams::default());
+            inner.links = Backoff::new(BackoffParams::default());
             // The gradual back-off in its long wait, due 9 s from now (loads keep moving).
             let t = Instant::now();
             inner.backoff.event(t);

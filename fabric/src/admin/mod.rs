@@ -1338,6 +1338,22 @@ mod tests {
         }
     }
 
+    /// `GET /v1/rtt` answers the RTT matrix as JSON, a row per link of the topology (built off
+    /// the runtime's workers).
+    #[tokio::test]
+    async fn the_rtt_matrix_is_a_row_per_link() {
+        let StatusServer { addr, server, .. } = status_server().await;
+        let back = exchange(addr, &get("/v1/rtt", "tok")).await;
+        assert!(back.starts_with("HTTP/1.1 200"), "{back}");
+        assert!(back.contains("content-type: application/json"), "{back}");
+        let body = back.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        let rows: Vec<serde_json::Value> = serde_json::from_str(body).expect(body);
+        // `yaml`'s fabric: e--s.
+        assert_eq!(rows.len(), 1, "{body}");
+        assert_eq!(rows[0]["link"], "e--s", "{body}");
+        server.abort();
+    }
+
     /// `GET /v1/topology/history?limit=0` is refused (400, naming `limit`), as the CLI's
     /// `--limit` refuses 0 (it listed one version). A query parameter a route does not take is
     /// refused (400, naming it) rather than ignored, as an unknown field of a request body is:

@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use axum::Json;
 use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -303,8 +302,17 @@ async fn status(State(st): State<AdminState>, _: Query<NoQuery>) -> Response {
     }
 }
 
-async fn rtt(State(st): State<AdminState>, _: Query<NoQuery>) -> Json<Vec<RttRow>> {
-    Json(st.ctl.rtt_matrix().into_iter().map(RttRow::from).collect())
+/// The RTT matrix, built and encoded off the runtime's workers (a row per link of the topology,
+/// up to 250,000: it was built on a worker, under the controller's lock, for every call).
+async fn rtt(State(st): State<AdminState>, _: Query<NoQuery>) -> Result<Response, ApiError> {
+    let ctl = st.ctl.clone();
+    let body = super::off_workers(move || {
+        let rows: Vec<RttRow> = ctl.rtt_matrix().into_iter().map(RttRow::from).collect();
+        serde_json::to_vec(&rows)
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+    })
+    .await?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 #[cfg(test)]

@@ -196,7 +196,7 @@ fn a_site_out_of_file_descriptors_is_full_not_unhealthy() {
     );
     assert!(
         f.log("site")
-            .contains("no file descriptor or local port for a backend connection"),
+            .contains("no file descriptor for a backend connection"),
         "{}",
         f.log("site")
     );

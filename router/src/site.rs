@@ -330,9 +330,9 @@ async fn check_loop(shared: Arc<Shared>, svc: Arc<SiteService>) {
         )
         .await;
         if r.no_descriptor {
-            if let Some(skipped) = own_fault_warning_due() {
+            if let Some(skipped) = CHECKS_NOT_RUN.due(Instant::now()) {
                 tracing::warn!(node = %shared.node, service = %svc.service, backend = %svc.backend, skipped,
-                    "health check not run: this router is out of file descriptors or local ports (raise its open-file limit, or lower the site's capacity)");
+                    "health check not run: this router is out of file descriptors (raise its open-file limit, or lower the site's capacity)");
             }
             tokio::time::sleep(every).await;
             continue;
@@ -392,33 +392,41 @@ struct CheckResult {
     no_descriptor: bool,
 }
 
-/// Whether a backend connect failed for want of this host's own resources: no file descriptor
-/// for the process (`EMFILE`) or the system (`ENFILE`), or no local port left towards the
-/// backend (`EADDRNOTAVAIL`: connections in `TIME_WAIT` under heavy churn): the router's fault,
-/// not its backend's.
+/// Whether a backend connect failed for want of a file descriptor, in the process (`EMFILE`)
+/// or the system (`ENFILE`): the router's fault, not its backend's. (Not `EADDRNOTAVAIL`: it
+/// means no local port left under heavy churn, but also, at every try, an address this host can
+/// never connect from, `[::1]` without IPv6 on its loopback, which must count as the backend's.)
 pub(crate) fn out_of_descriptors(e: &std::io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::EADDRNOTAVAIL)
-    )
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
 
-/// Whether a warning of this router's own lack of descriptors or ports is due: at most one a
-/// second in the process (at such a moment every new stream and every check would log one);
-/// with the number of warnings left out since the last one.
-fn own_fault_warning_due() -> Option<u64> {
-    static LAST: std::sync::Mutex<(Option<Instant>, u64)> = std::sync::Mutex::new((None, 0));
-    let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
-    let now = Instant::now();
-    match last.0 {
-        Some(at) if now.duration_since(at) < Duration::from_secs(1) => {
-            last.1 += 1;
-            None
-        }
-        _ => {
-            let skipped = std::mem::take(&mut last.1);
-            last.0 = Some(now);
-            Some(skipped)
+/// A warning of this router's own lack of descriptors, at most one a second in the process (at
+/// such a moment every new stream, or every check, would log one): one for streams refused, one
+/// for checks not run.
+struct Throttle(std::sync::Mutex<(Option<Instant>, u64)>);
+
+/// [`Throttle`]s of the warnings of streams refused and of checks not run.
+static STREAMS_REFUSED: Throttle = Throttle::new();
+static CHECKS_NOT_RUN: Throttle = Throttle::new();
+
+impl Throttle {
+    const fn new() -> Throttle {
+        Throttle(std::sync::Mutex::new((None, 0)))
+    }
+
+    /// Whether the warning is due at `now`; with the number left out since the last one.
+    fn due(&self, now: Instant) -> Option<u64> {
+        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match last.0 {
+            Some(at) if now.duration_since(at) < Duration::from_secs(1) => {
+                last.1 += 1;
+                None
+            }
+            _ => {
+                let skipped = std::mem::take(&mut last.1);
+                last.0 = Some(now);
+                Some(skipped)
+            }
         }
     }
 }
@@ -628,9 +636,9 @@ pub(crate) async fn serve(
         // refusing (counted as the backend's, five in a row marked the service down for every
         // edge).
         Ok(Err(e)) if out_of_descriptors(&e) => {
-            if let Some(skipped) = own_fault_warning_due() {
+            if let Some(skipped) = STREAMS_REFUSED.due(Instant::now()) {
                 tracing::warn!(node = %shared.node, service = %svc.service, error = %e, skipped,
-                    "no file descriptor or local port for a backend connection: refused as full (raise this router's open-file limit, or lower the site's capacity)");
+                    "no file descriptor for a backend connection: refused as full (raise this router's open-file limit, or lower the site's capacity)");
             }
             return refuse(&mut send, &mut recv, Code::SiteFull);
         }
@@ -689,17 +697,23 @@ pub(crate) async fn serve(
 mod tests {
     use super::*;
 
-    /// A connect that failed for want of this host's descriptors or local ports is the router's
-    /// own fault (`EADDRNOTAVAIL` was counted as the backend's); a refusal is the backend's.
+    /// A connect that failed for want of this host's descriptors is the router's own fault; a
+    /// refusal, and an address this host cannot connect from (`EADDRNOTAVAIL`, which local
+    /// ports running out also give), the backend's.
     #[test]
-    fn a_connect_short_of_descriptors_or_ports_is_the_routers_own_fault() {
-        for own in [libc::EMFILE, libc::ENFILE, libc::EADDRNOTAVAIL] {
+    fn a_connect_short_of_descriptors_is_the_routers_own_fault() {
+        for own in [libc::EMFILE, libc::ENFILE] {
             assert!(
                 out_of_descriptors(&std::io::Error::from_raw_os_error(own)),
                 "{own}"
             );
         }
-        for backend in [libc::ECONNREFUSED, libc::ETIMEDOUT, libc::EHOSTUNREACH] {
+        for backend in [
+            libc::ECONNREFUSED,
+            libc::ETIMEDOUT,
+            libc::EHOSTUNREACH,
+            libc::EADDRNOTAVAIL,
+        ] {
             assert!(!out_of_descriptors(&std::io::Error::from_raw_os_error(
                 backend
             )));
@@ -710,8 +724,17 @@ mod tests {
     /// count of those left out (every stream and check logged one).
     #[test]
     fn own_fault_warnings_come_at_most_once_a_second() {
-        let due: Vec<bool> = (0..50).map(|_| own_fault_warning_due().is_some()).collect();
-        assert!(due.iter().filter(|d| **d).count() <= 1, "{due:?}");
+        let t = Throttle::new();
+        let t0 = Instant::now();
+        assert_eq!(t.due(t0), Some(0), "the first is due");
+        let ms = Duration::from_millis;
+        assert!((0..49).all(|i| t.due(t0 + ms(i * 20)).is_none()));
+        assert_eq!(
+            t.due(t0 + ms(1000)),
+            Some(49),
+            "the next, with the count left out"
+        );
+        assert_eq!(t.due(t0 + ms(1500)), None);
     }
 
     fn service() -> SiteService {

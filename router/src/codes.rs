@@ -41,7 +41,8 @@ pub enum Code {
     ClientAbort = 0x40,
     /// The backend's TCP connection was reset or failed mid-stream.
     BackendAbort = 0x41,
-    /// A connection further along the path was lost.
+    /// A connection further along the path was lost; also what a transit hands back for a next
+    /// hop whose connection had no stream to give (counted [`Code::StreamLimit`] there).
     UpstreamLost = 0x42,
     /// No byte moved either way for the idle timeout (`RouterConfig::idle_timeout`) at the edge or
     /// the site that reset the stream.

@@ -259,24 +259,6 @@ pub async fn start(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
             source: e.source,
         })?;
     }
-    // The file is read only for the first import: afterwards the store is the truth, and the
-    // file may be gone.
-    let stored = crate::store::read(&*store, |tx| super::records::current(tx))?.is_some();
-    let import = match &cfg.topology_file {
-        Some(f) if !stored => Some((
-            crate::topology_file::read(f).map_err(io(f))?,
-            f.display().to_string(),
-        )),
-        Some(f) => {
-            tracing::info!(file = %f.display(), "the store holds a topology: --topology not read");
-            None
-        }
-        None => None,
-    };
-    let ctl = Controller::open(
-        store,
-        import.as_ref().map(|(t, f)| (t.as_str(), f.as_str())),
-    )?;
     let tls_dir = cfg
         .tls_dir
         .clone()
@@ -302,11 +284,6 @@ pub async fn start(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
         None => super::renew::NodeIssuer::disabled(),
     };
     let cert = router::tls::CertResolver::new(&id)?;
-    let endpoint = distribute::endpoint(&ctl, &cert, cfg.listen)?;
-    let quic_addr = endpoint.local_addr().map_err(|source| DaemonError::Admin {
-        addr: cfg.listen,
-        source,
-    })?;
     let token = token(&cfg)?;
     let read_token = read_token(&cfg)?;
     if read_token == token {
@@ -340,6 +317,40 @@ pub async fn start(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
         }
         None => None,
     };
+    // The routers' QUIC socket is bound here, before the import: everything a first start can
+    // fail on (the PKI, the CA directory, the tokens, the three addresses) is checked before
+    // `Controller::open` commits `--topology` as version 1. (A start that failed after the
+    // import stored the file as it then was, and every later start served that text, ignoring a
+    // corrected file, with one info line.)
+    let quic_socket = std::net::UdpSocket::bind(cfg.listen).map_err(|source| {
+        DaemonError::from(distribute::DistributeError::Bind {
+            addr: cfg.listen,
+            source,
+        })
+    })?;
+    // The file is read only for the first import: afterwards the store is the truth, and the
+    // file may be gone.
+    let stored = crate::store::read(&*store, |tx| super::records::current(tx))?.is_some();
+    let import = match &cfg.topology_file {
+        Some(f) if !stored => Some((
+            crate::topology_file::read(f).map_err(io(f))?,
+            f.display().to_string(),
+        )),
+        Some(f) => {
+            tracing::info!(file = %f.display(), "the store holds a topology: --topology not read");
+            None
+        }
+        None => None,
+    };
+    let ctl = Controller::open(
+        store,
+        import.as_ref().map(|(t, f)| (t.as_str(), f.as_str())),
+    )?;
+    let endpoint = distribute::endpoint_on(&ctl, &cert, quic_socket)?;
+    let quic_addr = endpoint.local_addr().map_err(|source| DaemonError::Admin {
+        addr: cfg.listen,
+        source,
+    })?;
     let circuits = crate::circuits::service::CircuitService::with_retention(
         ctl.clone(),
         crate::circuits::service::DEFAULT_PROVISION_TIMEOUT,
@@ -476,6 +487,30 @@ mod tests {
             );
             assert!(err.to_string().starts_with(&file.display().to_string()));
         }
+    }
+
+    /// A first start that fails (here its token file is missing) imports nothing: the next
+    /// start imports `--topology` as it is then, corrected meanwhile. (The import was committed
+    /// before the start's other steps, so every later start served the text of the one that
+    /// failed and ignored the file.)
+    #[tokio::test]
+    async fn a_failed_first_start_imports_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let file = dir.path().join("token");
+        let mut cfg = config(&state, None);
+        cfg.admin_token_file = Some(file.clone());
+        assert!(
+            start(cfg.clone()).await.is_err(),
+            "started without its token file"
+        );
+        let corrected = YAML.replace("latency: 1ms", "latency: 2ms");
+        assert_ne!(corrected, YAML);
+        std::fs::write(cfg.topology_file.as_ref().unwrap(), &corrected).unwrap();
+        std::fs::write(&file, "s3cret\n").unwrap();
+        let d = start(cfg).await.expect("starts");
+        assert_eq!(d.ctl.current().record.text, corrected);
+        d.shutdown().await;
     }
 
     /// A store that does not answer (a flush holding its lock on a hung disk) does not hold the

@@ -124,6 +124,18 @@ pub fn endpoint(
     cert: &Arc<tls::CertResolver>,
     listen: SocketAddr,
 ) -> Result<quinn::Endpoint, DistributeError> {
+    let cfg = server_config(ctl, cert)?;
+    quinn::Endpoint::server(cfg, listen).map_err(|source| DistributeError::Bind {
+        addr: listen,
+        source,
+    })
+}
+
+/// The controller's QUIC server configuration (mutual TLS with the current node ids).
+fn server_config(
+    ctl: &Controller,
+    cert: &Arc<tls::CertResolver>,
+) -> Result<quinn::ServerConfig, DistributeError> {
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(Duration::from_secs(1)));
     transport.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(
@@ -134,11 +146,35 @@ pub fn endpoint(
     // sends into it (up to a stream window) until the connection ends.
     transport.max_concurrent_bidi_streams(CONTROL_STREAMS.into());
     transport.max_concurrent_uni_streams(0u32.into());
-    let cfg = tls::server_config_with(cert, &ctl.peers, Arc::new(transport))?;
-    quinn::Endpoint::server(cfg, listen).map_err(|source| DistributeError::Bind {
-        addr: listen,
-        source,
-    })
+    Ok(tls::server_config_with(
+        cert,
+        &ctl.peers,
+        Arc::new(transport),
+    )?)
+}
+
+/// [`endpoint`] on a socket bound already (the controller's start binds it before anything is
+/// stored).
+pub fn endpoint_on(
+    ctl: &Controller,
+    cert: &Arc<tls::CertResolver>,
+    socket: std::net::UdpSocket,
+) -> Result<quinn::Endpoint, DistributeError> {
+    let addr = socket
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let server = server_config(ctl, cert)?;
+    let runtime = quinn::default_runtime().ok_or_else(|| DistributeError::Bind {
+        addr,
+        source: std::io::Error::other("no async runtime"),
+    })?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server),
+        socket,
+        runtime,
+    )
+    .map_err(|source| DistributeError::Bind { addr, source })
 }
 
 /// Accepts router connections until the endpoint closes; `issuer` answers their certificate

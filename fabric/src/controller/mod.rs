@@ -388,6 +388,37 @@ impl Inner {
     }
 }
 
+/// The most warnings of rules added since the text in force was stored that a start logs.
+const MAX_NEWER_RULES_LOGGED: usize = 20;
+
+/// Logs the warnings of rules added since the text in force (`version`) was stored
+/// (`topology::load_stored` says "accepted in this stored version"), each as
+/// `stored-version-N:LINE:COL: ...`, at most [`MAX_NEWER_RULES_LOGGED`] and a count of the rest.
+fn log_newer_rules(version: u64, warnings: &[Diagnostic]) {
+    let newer: Vec<&Diagnostic> = warnings
+        .iter()
+        .filter(|w| w.message.contains("accepted in this stored version"))
+        .collect();
+    let file = format!("stored-version-{version}");
+    for w in newer.iter().take(MAX_NEWER_RULES_LOGGED) {
+        tracing::warn!(
+            "the topology in force breaks a rule added since it was stored: {}",
+            w.display(&file)
+        );
+    }
+    if newer.len() > MAX_NEWER_RULES_LOGGED {
+        tracing::warn!(
+            more = newer.len() - MAX_NEWER_RULES_LOGGED,
+            "more rules added since the topology in force was stored are broken by it"
+        );
+    }
+    if !newer.is_empty() {
+        tracing::warn!(
+            "apply a fixed text when you can: a new text, or a rollback to this one, is refused for these"
+        );
+    }
+}
+
 /// Validates topology text with the one loader (line:column diagnostics on failure).
 pub fn validate(text: &str) -> Result<(Arc<Topology>, Vec<Diagnostic>), ControllerError> {
     loaded(topology::load(text))
@@ -448,6 +479,11 @@ impl Controller {
             },
             e => e,
         })?;
+        // Said at every start: a rule added since this text was stored (a newer build's) is a
+        // warning here and an error for any new text, the text in force included when it is
+        // applied again or rolled back to. (It was kept for tests only: the operator learnt of it
+        // at the first unrelated apply, refused.)
+        log_newer_rules(record.version, &warnings);
         // Versions stored by an earlier build have no metadata record, which history reads:
         // written once, in the transaction (one fsync) that bumps the epoch.
         let (backfilled, epoch) = store::transaction(&*store, |tx| -> Result<_, StoreError> {
@@ -2431,7 +2467,32 @@ mod tests {
             )
         })
         .unwrap();
-        let ctl = Controller::open(store, None).expect("the controller opens");
+        // Said at the start, in the log.
+        let log = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+        struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || Sink(sink.clone()))
+            .finish();
+        let ctl = tracing::subscriber::with_default(subscriber, || Controller::open(store, None))
+            .expect("the controller opens");
+        let said = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+        assert!(
+            said.contains(
+                "the topology in force breaks a rule added since it was stored: stored-version-"
+            ) && said.contains("accepted in this stored version"),
+            "{said}"
+        );
         let cur = ctl.current();
         assert_eq!(cur.record.text, text);
         assert!(

@@ -215,7 +215,25 @@ pub(crate) fn reconcile(
     let old = shared.sites.load_full();
     let mut new = HashMap::new();
     if let Some(me) = topo.node(shared.node.as_str()) {
-        for s in &me.serves {
+        // A service whose residency this site is outside of is not served here, whatever its
+        // serves entry says: an edge still on an older snapshot (cut off from the controller,
+        // or not reached yet) would send its streams on, and they are refused
+        // `service_not_served`, which the edge retries elsewhere. (Only the edges' tables
+        // applied the rule: the site served them.)
+        let excluded: std::collections::HashSet<&str> = if me.serves.is_empty() {
+            Default::default()
+        } else {
+            topo.services
+                .iter()
+                .filter(|svc| !svc.residency.allows(me))
+                .map(|svc| svc.name.as_str())
+                .collect()
+        };
+        for s in me
+            .serves
+            .iter()
+            .filter(|s| !excluded.contains(s.service.as_str()))
+        {
             // A retired record only while a stream holds one of its slots: once the last is given
             // back, the service is judged afresh (the record waits for the next snapshot to be
             // pruned, with the health it had at its removal).

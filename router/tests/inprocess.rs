@@ -1783,6 +1783,44 @@ async fn a_service_removed_and_added_back_is_judged_afresh() {
     }
 }
 
+/// A site outside a service's residency does not serve it, whatever an edge on an older
+/// snapshot asks: the stream is refused `service_not_served` and the edge serves its client from
+/// the next site. (Only the edges' tables applied residency: the site served them.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_outside_a_services_residency_refuses_it() {
+    let dir = ca_dir();
+    let (a, b) = (echo_backend().await, echo_backend().await);
+    let (hs, txs, port) = near_and_far(dir.path(), a, b, |_| {}).await;
+    // To the near site only (the edge stays on version 1): it moved to NZ, and echo is AU's.
+    let mut moved = (*txs[1].borrow().topology).clone();
+    for n in &mut moved.nodes {
+        if n.id.as_str() == "near" {
+            n.country = topology::CountryCode::parse("NZ").unwrap();
+        }
+    }
+    moved.services[0].residency.countries = vec![topology::CountryCode::parse("AU").unwrap()];
+    txs[1]
+        .send(Arc::new(Snapshot::new(2, Arc::new(moved))))
+        .unwrap();
+    let near = node(&hs, "near");
+    wait_until(
+        Duration::from_secs(10),
+        || near.routes().version == 2,
+        || "v2 not applied at near".into(),
+    )
+    .await;
+    let back = echo_roundtrip(port, b"resident", Duration::from_secs(10)).await;
+    assert_eq!(back.as_deref().ok(), Some(&b"resident"[..]), "{back:?}");
+    assert!(
+        errors(near, "service_not_served") >= 1,
+        "{}",
+        near.metrics_text()
+    );
+    for h in hs {
+        h.shutdown().await;
+    }
+}
+
 /// Waits until `edge` prefers `near`, with both sites among its candidates.
 async fn prefers_near(edge: &RouterHandle) {
     prefers(edge, "near", 2, "").await;

@@ -678,13 +678,11 @@ impl Preference {
         window: Duration,
     ) -> Option<&'a Candidate> {
         // A site hysteresis may keep: a candidate, and not drained unless the best one is.
-        let selectable = |id: &NodeId| {
-            let best_drained = cands.first().is_some_and(|c| c.drained);
-            cands
-                .iter()
-                .find(|c| &c.site == id)
-                .filter(|c| !c.drained || best_drained)
-        };
+        // (Candidates are taken as they are where the walk has them: looking each one up again
+        // by its site cost n^2 per service and rebuild, 2 x 10^8 comparisons for 20,000 sites.)
+        let best_drained = cands.first().is_some_and(|c| c.drained);
+        let keepable = |c: &Candidate| !c.drained || best_drained;
+        let selectable = |id: &NodeId| cands.iter().find(|c| &c.site == id).filter(|c| keepable(c));
         if self
             .displaced
             .as_ref()
@@ -699,11 +697,10 @@ impl Preference {
             // What it must beat: the site that replaced it, or, that one gone too, the best
             // other site there is (a site back from full, still dear, is not taken back over a
             // cheaper one because the one that replaced it left).
-            let replaced_by = incumbent.as_ref().and_then(&selectable).or_else(|| {
-                cands
-                    .iter()
-                    .find(|c| &c.site != back && selectable(&c.site).is_some())
-            });
+            let replaced_by = incumbent
+                .as_ref()
+                .and_then(&selectable)
+                .or_else(|| cands.iter().find(|c| &c.site != back && keepable(c)));
             // Back and cheaper: the incumbent again. Back but dearer (a site returning from
             // `site_full` is still busy, its load penalty high) it stays remembered, to be
             // taken back once cheaper within the window: forgotten at its first look, it was
@@ -733,7 +730,7 @@ impl Preference {
         let offered = std::mem::take(&mut self.offered);
         self.offered = cands
             .iter()
-            .filter(|c| selectable(&c.site).is_some())
+            .filter(|c| keepable(c))
             .map(|c| (c.site.clone(), offered.get(&c.site).copied().unwrap_or(now)))
             .collect();
         chosen

@@ -100,17 +100,6 @@ impl ServiceRoute {
             (d, None) => dial_takes_turn(d, self.dial_turns[i].fetch_add(1, Ordering::Relaxed)),
         })
     }
-
-    /// The turn counter of `site`'s dial in this table, if it has one.
-    /// Each candidate site's dial turns (empty when no dial is set), the first of a site
-    /// winning.
-    fn dial_turns_by_site(&self) -> HashMap<&NodeId, &Arc<AtomicU64>> {
-        let mut by_site = HashMap::with_capacity(self.dial_turns.len());
-        for (c, turns) in self.candidates.iter().zip(self.dial_turns.iter()) {
-            by_site.entry(&c.site).or_insert(turns);
-        }
-        by_site
-    }
 }
 
 impl Routes {
@@ -744,6 +733,12 @@ pub(crate) struct Control {
     checkers: HashMap<ServiceName, AbortHandle>,
     retired_services: crate::site::Retired,
     incumbents: HashMap<ServiceName, Preference>,
+    /// Each site's traffic-dial turn counter, by service: kept here, not only in the last
+    /// table, so that a site missing from one table (a hold-down after `site_full`, a version
+    /// with it down) goes on counting where it was when it comes back. (Carried from the last
+    /// table only, it restarted at 0, whose turn a dial always takes: a `dial: 1` site back
+    /// from `site_full` once a second took a connection each time.) Pruned at snapshot change.
+    dial_turns: HashMap<ServiceName, HashMap<NodeId, Arc<AtomicU64>>>,
     graph: Option<(Arc<Topology>, Arc<Graph>)>,
     listeners: crate::edge::Listeners,
 }
@@ -767,6 +762,7 @@ impl Control {
             checkers: HashMap::new(),
             retired_services: HashMap::new(),
             incumbents: HashMap::new(),
+            dial_turns: HashMap::new(),
             graph: None,
             listeners: Default::default(),
         }
@@ -965,6 +961,14 @@ impl Control {
         // (Here, where the topology changes, not at every rebuild.)
         let services: HashSet<&ServiceName> = topo.services.iter().map(|s| &s.name).collect();
         self.incumbents.retain(|name, _| services.contains(name));
+        // Dial counters of services gone, and of sites that no longer serve theirs.
+        self.dial_turns.retain(|name, _| services.contains(name));
+        for (name, by_site) in &mut self.dial_turns {
+            by_site.retain(|site, _| {
+                topo.node(site.as_str())
+                    .is_some_and(|n| n.serves.iter().any(|s| &s.service == name))
+            });
+        }
 
         // The routes of this snapshot, then its listeners: a listener bound (or moved to another
         // service) before the table knew its service reset its first clients `no_route`, and a
@@ -1130,17 +1134,14 @@ impl Control {
                             })
                             .unwrap_or_default();
                         let was_member = |site: &NodeId| members.contains(site);
-                        // Dials: each site's turns go on from the last table's count.
+                        // Dials: each site's turns go on from its count, kept across tables
+                        // (also one the site was missing from).
                         let (dial_turns, dial_keys) = if cands.iter().any(|c| c.dial < FULL_DIAL) {
-                            let turns_by_site =
-                                before.map(|r| r.dial_turns_by_site()).unwrap_or_default();
+                            let kept = self.dial_turns.entry(svc.name.clone()).or_default();
                             cands
                                 .iter()
                                 .map(|c| {
-                                    let turns = turns_by_site
-                                        .get(&c.site)
-                                        .map(|&t| t.clone())
-                                        .unwrap_or_default();
+                                    let turns = kept.entry(c.site.clone()).or_default().clone();
                                     (turns, dial_site_key(&c.site))
                                 })
                                 .unzip()

@@ -2796,6 +2796,65 @@ async fn dial_turns_survive_table_rebuilds() {
     }
 }
 
+/// A dialled site's turns go on where they were after a table it was missing from (a version
+/// with it down): a site dialled to 10 takes 1 of 10 connections offered to it across that gap.
+/// (Its counter came from the last table only, so it restarted at 0, whose turn a dial always
+/// takes: 2 of 10, and a `dial: 1` site back from each `site_full` hold-down took one.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dial_turns_survive_a_table_without_the_site() {
+    let dir = ca_dir();
+    let (a, b) = (echo_backend().await, echo_backend().await);
+    let (hs, txs, _) = near_and_far(dir.path(), a, b, |_| {}).await;
+    let mut dialled = (*txs[0].borrow().topology).clone();
+    dialled
+        .nodes
+        .iter_mut()
+        .filter(|n| n.id.as_str() == "near")
+        .for_each(|n| n.serves[0].dial = 10);
+    let mut down = dialled.clone();
+    down.nodes
+        .iter_mut()
+        .filter(|n| n.id.as_str() == "near")
+        .for_each(|n| n.state = topology::AdminState::Down);
+    let mut version = 1;
+    let mut apply = async |t: &topology::Topology, sites: usize| {
+        version += 1;
+        txs[0]
+            .send(Arc::new(Snapshot::new(version, Arc::new(t.clone()))))
+            .unwrap();
+        let v = version;
+        wait_until(
+            Duration::from_secs(10),
+            || {
+                hs[0].routes().version == v
+                    && hs[0]
+                        .routes()
+                        .candidates("echo")
+                        .is_some_and(|c| c.len() == sites)
+            },
+            || format!("table {v} not built with {sites} sites"),
+        )
+        .await;
+    };
+    let client = std::net::Ipv4Addr::LOCALHOST.into();
+    let near_first = || {
+        let (cands, order) = hs[0].routes().order("echo", client, None).unwrap();
+        usize::from(cands[order.first()].site.as_str() == "near")
+    };
+    apply(&dialled, 2).await;
+    let mut near = (0..5).map(|_| near_first()).sum::<usize>();
+    apply(&down, 1).await;
+    apply(&dialled, 2).await;
+    near += (0..5).map(|_| near_first()).sum::<usize>();
+    assert_eq!(
+        near, 1,
+        "near (dial 10) took {near} of 10 connections, want 1"
+    );
+    for h in hs {
+        h.shutdown().await;
+    }
+}
+
 /// Dropping a `RouterHandle` does not stop the router (as its documentation says): the dropped
 /// handle's drain signal is gone, not sent, so the edge keeps applying snapshots and serving
 /// clients. (A drain fix read the closed channel as a drain: the edge closed its listeners and

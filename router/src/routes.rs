@@ -961,13 +961,22 @@ impl Control {
         // (Here, where the topology changes, not at every rebuild.)
         let services: HashSet<&ServiceName> = topo.services.iter().map(|s| &s.name).collect();
         self.incumbents.retain(|name, _| services.contains(name));
-        // Dial counters of services gone, and of sites that no longer serve theirs.
+        // Dial counters of services gone, and of sites that no longer serve theirs (a set of
+        // who serves what, made once: a lookup of each site's node was a scan of the nodes).
         self.dial_turns.retain(|name, _| services.contains(name));
-        for (name, by_site) in &mut self.dial_turns {
-            by_site.retain(|site, _| {
-                topo.node(site.as_str())
-                    .is_some_and(|n| n.serves.iter().any(|s| &s.service == name))
-            });
+        if !self.dial_turns.is_empty() {
+            let serving: HashSet<(&str, &str)> = topo
+                .nodes
+                .iter()
+                .flat_map(|n| {
+                    n.serves
+                        .iter()
+                        .map(move |s| (s.service.as_str(), n.id.as_str()))
+                })
+                .collect();
+            for (name, by_site) in &mut self.dial_turns {
+                by_site.retain(|site, _| serving.contains(&(name.as_str(), site.as_str())));
+            }
         }
 
         // The routes of this snapshot, then its listeners: a listener bound (or moved to another

@@ -742,6 +742,13 @@ mod tests {
     /// count of those left out (every stream and check logged one).
     #[test]
     fn own_fault_warnings_come_at_most_once_a_second() {
+        // The streams' and the checks' apart: one due does not hold the other back.
+        let later = Instant::now() + Duration::from_secs(3600);
+        assert!(STREAMS_REFUSED.due(later).is_some());
+        assert!(
+            CHECKS_NOT_RUN.due(later).is_some(),
+            "held back by the streams'"
+        );
         let t = Throttle::new();
         let t0 = Instant::now();
         assert_eq!(t.due(t0), Some(0), "the first is due");

@@ -1081,6 +1081,22 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
             {
                 return None;
             }
+            // A link-local address binds only with its zone (the interface), which a
+            // client_address cannot carry: the edge could bind no listener on it. A rule added
+            // after texts were stored: only a warning on a stored one.
+            if let IpAddr::V6(v6) = ip
+                && v6.is_unicast_link_local()
+                && cx.newer(
+                    n.pos,
+                    format!(
+                        "client_address of {what}: {ip} is link-local: it can be bound only with a zone (an \
+                         interface), which a client_address has none of (use a global or unique \
+                         local address)"
+                    ),
+                )
+            {
+                return None;
+            }
             Some(ip)
         });
         let transparent_port = f

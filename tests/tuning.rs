@@ -205,3 +205,55 @@ fn a_site_out_of_file_descriptors_is_full_not_unhealthy() {
         greet(port).is_ok_and(|(_, line)| line == "hi")
     });
 }
+
+/// An edge out of file descriptors before its client cap (here the cap is set above its
+/// open-file limit; listeners and circuit VIPs can take its reserve too) resets the client that
+/// waits in its backlog, with a descriptor it keeps spare, so that the client can try another
+/// edge at once, and counts it over the cap. (The client waited unanswered.)
+#[test]
+fn an_edge_out_of_file_descriptors_resets_the_client_waiting() {
+    raise_nofile();
+    let backend = echo_backend("hi\n");
+    let port = free_tcp_port(LOCAL);
+    let mut y = TopoYaml::default();
+    y.edge("edge", free_udp(LOCAL), LOCAL, None)
+        .site("site", free_udp(LOCAL), &[("chat", backend, 1000)])
+        .link("edge", "site", "1ms")
+        .service("chat", port, &[]);
+    let mut f = Fabric::new(&y);
+    f.start("site");
+    f.wrapper = ["prlimit", "--nofile=96:96", "--"]
+        .map(String::from)
+        .to_vec();
+    f.start_with(
+        "edge",
+        &[
+            "--max-client-connections",
+            "10000",
+            "--max-client-connections-per-source",
+            "off",
+        ],
+    );
+    f.wrapper.clear();
+    f.wait_preferred("edge", "chat", "site");
+    let mut held = Vec::new();
+    let refused = loop {
+        match greet(port) {
+            Ok((r, line)) if line == "hi" => held.push(r),
+            Ok((_, line)) => panic!("answered {line:?}"),
+            Err(e) => break e,
+        }
+        assert!(held.len() < 96, "96 connections held under a limit of 96");
+    };
+    assert_eq!(
+        refused.kind(),
+        std::io::ErrorKind::ConnectionReset,
+        "{refused:?} after {} held",
+        held.len()
+    );
+    held.clear();
+    eventually(Duration::from_secs(10), "counted over the cap", || {
+        f.get("edge", "/metrics")
+            .is_some_and(|m| metric_sum(&m, "tasman_edge_clients_over_cap_total", "") >= 1)
+    });
+}

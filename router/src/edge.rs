@@ -249,6 +249,43 @@ fn client_service(
     }
 }
 
+/// One descriptor the process keeps spare (`/dev/null`, opened as the first client listener
+/// starts): an edge out of descriptors gives it up to accept the client waiting and reset it at
+/// once, then takes it back. Without it such a client waited unanswered in the listen backlog,
+/// where the client cap's reset would have sent it to another edge.
+static SPARE_DESCRIPTOR: std::sync::Mutex<Option<std::fs::File>> = std::sync::Mutex::new(None);
+
+/// Opens the spare descriptor if it is not open (at a listener's start, and after each use).
+fn keep_spare() {
+    let mut spare = SPARE_DESCRIPTOR.lock().unwrap_or_else(|p| p.into_inner());
+    if spare.is_none() {
+        *spare = std::fs::File::open("/dev/null").ok();
+    }
+}
+
+/// Gives up the spare descriptor to accept one waiting client on `listener` and reset it;
+/// whether one was. (Another task may take the freed descriptor first: then nothing is reset.)
+async fn shed_one(listener: &TcpListener) -> bool {
+    let freed = SPARE_DESCRIPTOR
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .is_some();
+    if !freed {
+        return false;
+    }
+    // The backlog holds the connection the failed accept was for: this does not wait.
+    let shed = match tokio::time::timeout(Duration::from_millis(100), listener.accept()).await {
+        Ok(Ok((tcp, _))) => {
+            splice::reset_tcp(&tcp);
+            true
+        }
+        _ => false,
+    };
+    keep_spare();
+    shed
+}
+
 /// Accepts the clients of one listener. `circuit_vip`: the listener is a circuit's VIP (one
 /// customer's address), whose clients are that circuit's or refused: never carried as plain
 /// clients of its service (between a circuit's deletion and its listener's close, those from
@@ -262,6 +299,7 @@ async fn accept_loop(
     let local_v6 = listener.local_addr().is_ok_and(|a| a.is_ipv6());
     let wildcard = listener.local_addr().is_ok_and(|a| a.ip().is_unspecified());
     let mut backoff = crate::http_serve::AcceptBackoff::new();
+    keep_spare();
     loop {
         let (tcp, client) = match listener.accept().await {
             Ok(x) => {
@@ -269,6 +307,13 @@ async fn accept_loop(
                 x
             }
             Err(e) => {
+                // Out of descriptors (listeners, circuit VIPs and the metrics endpoint's clients
+                // took the edge's reserve before its client cap was reached): the client waiting
+                // is reset now, with the spare descriptor, rather than left unanswered in the
+                // backlog, so that it tries another edge at once.
+                if crate::site::out_of_descriptors(&e) && shed_one(&listener).await {
+                    shared.metrics.clients_over_cap.fetch_add(1, Relaxed);
+                }
                 // EMFILE and friends: a pause that doubles up to 1 s (logged about once a
                 // second), not a spin nor 100 warnings a second.
                 backoff.failed("edge", &e).await;

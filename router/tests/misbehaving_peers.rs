@@ -584,16 +584,20 @@ async fn transit_hands_back_a_stream_its_next_hop_will_not_take() {
     assert!(m.contains("tasman_failovers_total{node=\"edge\"} 1"), "{m}");
 }
 
-/// A site (a fake here) that answers probes and refuses every stream with `site_full`.
-async fn always_full(conn: quinn::Connection, pings: Arc<AtomicU64>) {
+/// A site (a fake here), `name`, that answers probes and resets every stream with `code`.
+async fn refusing(
+    name: &'static str,
+    code: router::codes::Code,
+    conn: quinn::Connection,
+    pings: Arc<AtomicU64>,
+) {
     let refuse = async {
         while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-            let code = router::codes::Code::SiteFull.varint();
-            let _ = send.reset(code);
-            let _ = recv.stop(code);
+            let _ = send.reset(code.varint());
+            let _ = recv.stop(code.varint());
         }
     };
-    tokio::join!(answer_pings("near", conn.clone(), pings), refuse);
+    tokio::join!(answer_pings(name, conn.clone(), pings), refuse);
 }
 
 /// A first hop that resets a stream for its header (it did not arrive in time, or it is of a
@@ -666,18 +670,6 @@ async fn a_stream_refused_for_its_header_is_tried_on_the_next_site() {
     }
 }
 
-/// A site (a fake here) that answers probes and resets every stream with `header_timeout`.
-async fn refuse_headers(name: &'static str, conn: quinn::Connection, pings: Arc<AtomicU64>) {
-    let refuse = async {
-        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-            let code = router::codes::Code::HeaderTimeout.varint();
-            let _ = send.reset(code);
-            let _ = recv.stop(code);
-        }
-    };
-    tokio::join!(answer_pings(name, conn.clone(), pings), refuse);
-}
-
 /// A client connection that moves past two candidates counts as one failover (both failed tries
 /// are in the stream errors). (Each retry was counted: 2, where the metric says client
 /// connections.)
@@ -703,10 +695,10 @@ async fn a_connection_moved_past_two_sites_is_one_failover() {
     // Both near sites refuse every stream for its header: retried, and marked down for nothing.
     let transport = router::transport::transport_config;
     let _near = fake_neighbour(dir.path(), &t, "near", transport(), |c, p| {
-        refuse_headers("near", c, p)
+        refusing("near", router::codes::Code::HeaderTimeout, c, p)
     });
     let _next = fake_neighbour(dir.path(), &t, "next", transport(), |c, p| {
-        refuse_headers("next", c, p)
+        refusing("next", router::codes::Code::HeaderTimeout, c, p)
     });
     let (edge, _) = spawn_node(&snap, dir.path(), "edge", |_| {}).await;
     let (_far, _) = spawn_node(&snap, dir.path(), "far", |_| {}).await;
@@ -767,7 +759,7 @@ async fn a_site_mark_ends_at_its_hold_down() {
         &t,
         "near",
         router::transport::transport_config(),
-        always_full,
+        |c, p| refusing("near", router::codes::Code::SiteFull, c, p),
     );
     let (edge, _) = spawn_node(&snap, dir.path(), "edge", |_| {}).await;
     let (_far, _) = spawn_node(&snap, dir.path(), "far", |_| {}).await;

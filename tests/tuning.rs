@@ -152,15 +152,7 @@ fn edge_and_site() -> Fabric {
 /// health checks that could not connect either, marked the service down for every edge.)
 #[test]
 fn a_site_out_of_file_descriptors_is_full_not_unhealthy() {
-    raise_nofile();
-    let backend = echo_backend("hi\n");
-    let port = free_tcp_port(LOCAL);
-    let mut y = TopoYaml::default();
-    y.edge("edge", free_udp(LOCAL), LOCAL, None)
-        .site("site", free_udp(LOCAL), &[("chat", backend, 1000)])
-        .link("edge", "site", "1ms")
-        .service("chat", port, &[]);
-    let mut f = Fabric::new(&y);
+    let (mut f, port) = greeting_edge_and_site();
     f.wrapper = ["prlimit", "--nofile=64:64", "--"]
         .map(String::from)
         .to_vec();
@@ -212,15 +204,7 @@ fn a_site_out_of_file_descriptors_is_full_not_unhealthy() {
 /// edge at once, and counts it over the cap. (The client waited unanswered.)
 #[test]
 fn an_edge_out_of_file_descriptors_resets_the_client_waiting() {
-    raise_nofile();
-    let backend = echo_backend("hi\n");
-    let port = free_tcp_port(LOCAL);
-    let mut y = TopoYaml::default();
-    y.edge("edge", free_udp(LOCAL), LOCAL, None)
-        .site("site", free_udp(LOCAL), &[("chat", backend, 1000)])
-        .link("edge", "site", "1ms")
-        .service("chat", port, &[]);
-    let mut f = Fabric::new(&y);
+    let (mut f, port) = greeting_edge_and_site();
     f.start("site");
     f.wrapper = ["prlimit", "--nofile=96:96", "--"]
         .map(String::from)
@@ -256,4 +240,19 @@ fn an_edge_out_of_file_descriptors_resets_the_client_waiting() {
         f.get("edge", "/metrics")
             .is_some_and(|m| metric_sum(&m, "tasman_edge_clients_over_cap_total", "") >= 1)
     });
+}
+
+/// An edge and a site serving `chat` (capacity 1,000, a backend that greets `hi`), 1 ms apart;
+/// the service's port; nothing started yet. Raises this process's open-file limit (the tests
+/// hold many connections).
+fn greeting_edge_and_site() -> (Fabric, u16) {
+    raise_nofile();
+    let backend = echo_backend("hi\n");
+    let port = free_tcp_port(LOCAL);
+    let mut y = TopoYaml::default();
+    y.edge("edge", free_udp(LOCAL), LOCAL, None)
+        .site("site", free_udp(LOCAL), &[("chat", backend, 1000)])
+        .link("edge", "site", "1ms")
+        .service("chat", port, &[]);
+    (Fabric::new(&y), port)
 }

@@ -235,6 +235,25 @@ fn an_edge_out_of_file_descriptors_resets_the_client_waiting() {
         "{refused:?} after {} held",
         held.len()
     );
+    // A burst waiting at once: every one reset, not one a second (a shed paid the accept
+    // back-off, up to 1 s, and the rest waited unanswered).
+    let burst: Vec<_> = (0..20)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect((LOCAL, port))?;
+                s.set_read_timeout(Some(Duration::from_secs(3)))?;
+                let mut b = [0u8; 1];
+                s.read(&mut b).map(|_| ())
+            })
+        })
+        .collect();
+    for (i, t) in burst.into_iter().enumerate() {
+        let got = t.join().unwrap();
+        assert!(
+            matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "connection {i} of the burst: {got:?}"
+        );
+    }
     held.clear();
     eventually(Duration::from_secs(10), "counted over the cap", || {
         f.get("edge", "/metrics")

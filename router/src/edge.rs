@@ -255,12 +255,18 @@ fn client_service(
 /// where the client cap's reset would have sent it to another edge.
 static SPARE_DESCRIPTOR: std::sync::Mutex<Option<std::fs::File>> = std::sync::Mutex::new(None);
 
-/// Opens the spare descriptor if it is not open (at a listener's start, and after each use).
+/// The spare descriptor is not open (its reopen failed: another task took the descriptor it
+/// gave up): opened again at the next accept that goes through, not only at a listener's start.
+static SPARE_MISSING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Opens the spare descriptor if it is not open (at a listener's start, after each use, and
+/// after an accept while it is missing).
 fn keep_spare() {
     let mut spare = SPARE_DESCRIPTOR.lock().unwrap_or_else(|p| p.into_inner());
     if spare.is_none() {
         *spare = std::fs::File::open("/dev/null").ok();
     }
+    SPARE_MISSING.store(spare.is_none(), Relaxed);
 }
 
 /// Gives up the spare descriptor to accept one waiting client on `listener` and reset it;
@@ -272,9 +278,11 @@ async fn shed_one(listener: &TcpListener) -> bool {
         .take()
         .is_some();
     if !freed {
+        keep_spare();
         return false;
     }
-    // The backlog holds the connection the failed accept was for: this does not wait.
+    // The backlog holds the connection the failed accept was for (unless accept fails for want
+    // of a descriptor with an empty backlog: then this waits its bound, and nothing is reset).
     let shed = match tokio::time::timeout(Duration::from_millis(100), listener.accept()).await {
         Ok(Ok((tcp, _))) => {
             splice::reset_tcp(&tcp);
@@ -304,15 +312,21 @@ async fn accept_loop(
         let (tcp, client) = match listener.accept().await {
             Ok(x) => {
                 backoff.accepted();
+                if SPARE_MISSING.load(Relaxed) {
+                    keep_spare();
+                }
                 x
             }
             Err(e) => {
                 // Out of descriptors (listeners, circuit VIPs and the metrics endpoint's clients
                 // took the edge's reserve before its client cap was reached): the client waiting
                 // is reset now, with the spare descriptor, rather than left unanswered in the
-                // backlog, so that it tries another edge at once.
+                // backlog, so that it tries another edge at once; and the next one at once after
+                // it (no pause: each turn takes one connection off the backlog, and one that
+                // finds none pauses below).
                 if crate::site::out_of_descriptors(&e) && shed_one(&listener).await {
                     shared.metrics.clients_over_cap.fetch_add(1, Relaxed);
+                    continue;
                 }
                 // EMFILE and friends: a pause that doubles up to 1 s (logged about once a
                 // second), not a spin nor 100 warnings a second.
@@ -1237,6 +1251,22 @@ async fn attempt(
 
 #[cfg(test)]
 mod tests {
+    /// A spare descriptor whose reopen failed is opened again at the next shed: the one after it
+    /// resets its client. (Lost once, it stayed lost until a listener started.)
+    #[tokio::test]
+    async fn a_lost_spare_descriptor_is_opened_again() {
+        let _ = super::SPARE_DESCRIPTOR.lock().unwrap().take();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert!(!super::shed_one(&l).await, "shed without a spare");
+        assert!(
+            super::shed_one(&l).await,
+            "the client not shed with the reopened spare"
+        );
+        assert!(super::SPARE_DESCRIPTOR.lock().unwrap().is_some());
+    }
+
     use super::*;
     use crate::splice::{assert_future_within, future_size, never};
 

@@ -173,7 +173,7 @@ impl Metrics {
         counter(
             &mut s,
             "edge_clients_over_cap_total",
-            "Client connections an edge reset at once because --max-client-connections were open.",
+            "Client connections an edge reset at once because --max-client-connections were open, or because it was out of file descriptors.",
             "counter",
             self.clients_over_cap.load(Relaxed),
         );

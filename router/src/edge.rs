@@ -1259,9 +1259,12 @@ mod tests {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
-        assert!(!super::shed_one(&l).await, "shed without a spare");
+        // Without a spare the first sheds nothing and opens it again (unless another test's
+        // listener opened it meanwhile: then the first sheds the client).
+        let first = super::shed_one(&l).await;
+        let second = super::shed_one(&l).await;
         assert!(
-            super::shed_one(&l).await,
+            first || second,
             "the client not shed with the reopened spare"
         );
         assert!(super::SPARE_DESCRIPTOR.lock().unwrap().is_some());

@@ -269,29 +269,49 @@ fn keep_spare() {
     SPARE_MISSING.store(spare.is_none(), Relaxed);
 }
 
-/// Gives up the spare descriptor to accept one waiting client on `listener` and reset it;
-/// whether one was. (Another task may take the freed descriptor first: then nothing is reset.)
-async fn shed_one(listener: &TcpListener) -> bool {
-    let freed = SPARE_DESCRIPTOR
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take()
-        .is_some();
-    if !freed {
+/// What [`shed_one`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shed {
+    /// A waiting client was accepted with the spare descriptor and reset.
+    One,
+    /// The backlog was empty (an accept fails for want of a descriptor before it looks at the
+    /// backlog): the wait for it cleared the listener's readiness, so the next accept waits for
+    /// a client rather than failing at once.
+    Empty,
+    /// No spare to give up, or its descriptor was taken by another task first: the accept loop
+    /// pauses (it would fail again at once).
+    NoSpare,
+}
+
+/// Opens the spare descriptor again when dropped: after a shed, and when the task shedding is
+/// aborted mid-way (its listener closed by a snapshot or a drain).
+struct Reopen;
+
+impl Drop for Reopen {
+    fn drop(&mut self) {
         keep_spare();
-        return false;
     }
-    // The backlog holds the connection the failed accept was for (unless accept fails for want
-    // of a descriptor with an empty backlog: then this waits its bound, and nothing is reset).
-    let shed = match tokio::time::timeout(Duration::from_millis(100), listener.accept()).await {
+}
+
+/// Gives up the spare descriptor to accept one waiting client on `listener` and reset it.
+async fn shed_one(listener: &TcpListener) -> Shed {
+    let freed = {
+        let mut spare = SPARE_DESCRIPTOR.lock().unwrap_or_else(|p| p.into_inner());
+        SPARE_MISSING.store(true, Relaxed);
+        spare.take().is_some()
+    };
+    let _reopen = Reopen;
+    if !freed {
+        return Shed::NoSpare;
+    }
+    match tokio::time::timeout(Duration::from_millis(100), listener.accept()).await {
         Ok(Ok((tcp, _))) => {
             splice::reset_tcp(&tcp);
-            true
+            Shed::One
         }
-        _ => false,
-    };
-    keep_spare();
-    shed
+        Ok(Err(_)) => Shed::NoSpare,
+        Err(_) => Shed::Empty,
+    }
 }
 
 /// Accepts the clients of one listener. `circuit_vip`: the listener is a circuit's VIP (one
@@ -322,11 +342,21 @@ async fn accept_loop(
                 // took the edge's reserve before its client cap was reached): the client waiting
                 // is reset now, with the spare descriptor, rather than left unanswered in the
                 // backlog, so that it tries another edge at once; and the next one at once after
-                // it (no pause: each turn takes one connection off the backlog, and one that
-                // finds none pauses below).
-                if crate::site::out_of_descriptors(&e) && shed_one(&listener).await {
-                    shared.metrics.clients_over_cap.fetch_add(1, Relaxed);
-                    continue;
+                // it, the accept back-off reset (each turn takes one connection off the backlog,
+                // and one that finds none waits for the next client: neither can spin).
+                if crate::site::out_of_descriptors(&e) {
+                    match shed_one(&listener).await {
+                        Shed::One => {
+                            shared.metrics.clients_over_cap.fetch_add(1, Relaxed);
+                            backoff.accepted();
+                            continue;
+                        }
+                        Shed::Empty => {
+                            backoff.accepted();
+                            continue;
+                        }
+                        Shed::NoSpare => {}
+                    }
                 }
                 // EMFILE and friends: a pause that doubles up to 1 s (logged about once a
                 // second), not a spin nor 100 warnings a second.
@@ -1264,8 +1294,8 @@ mod tests {
         let first = super::shed_one(&l).await;
         let second = super::shed_one(&l).await;
         assert!(
-            first || second,
-            "the client not shed with the reopened spare"
+            first == super::Shed::One || second == super::Shed::One,
+            "the client not shed with the reopened spare: {first:?}, {second:?}"
         );
         assert!(super::SPARE_DESCRIPTOR.lock().unwrap().is_some());
     }

@@ -18,6 +18,11 @@ mod counting;
 #[global_allocator]
 static ALLOCATOR: counting::Counting = counting::Counting;
 
+/// Held by each test of this binary for its whole run: the allocator counts the process's heap,
+/// so a second test allocating meanwhile (a router's receive buffers, 13 MB) would be counted
+/// against the handshakes measured.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A UDP relay in front of `to` that passes what it is sent on to `to` and drops every answer,
 /// as for a client that sent its Initial and went away (or forged its source address). Returns
 /// its address and the count of answers dropped.
@@ -95,6 +100,7 @@ async fn held_handshakes(to: SocketAddr, n: usize) -> (isize, quinn::Endpoint) {
 /// once, was over a GiB held by anyone who can send Initials.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handshake_in_progress_holds_no_stream_state() {
+    let _one = ONE_AT_A_TIME.lock().await;
     const N: usize = 16;
     let dir = ca_dir();
     let t = edge_and_near(echo_backend().await);
@@ -137,6 +143,7 @@ async fn a_handshake_in_progress_holds_no_stream_state() {
 /// new peer away.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handshake_kept_alive_by_its_initials_is_dropped_after_the_timeout() {
+    let _one = ONE_AT_A_TIME.lock().await;
     use router::transport::HANDSHAKE_TIMEOUT;
     let dir = ca_dir();
     let t = edge_and_near(echo_backend().await);

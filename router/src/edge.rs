@@ -348,18 +348,14 @@ async fn accept_loop(
                 // backlog, so that it tries another edge at once; and the next one at once after
                 // it, the accept back-off reset (each turn takes one connection off the backlog,
                 // and one that finds none waits for the next client: neither can spin).
-                if crate::site::out_of_descriptors(&e) {
-                    match shed_one(&listener).await {
-                        Shed::One => {
-                            shared.metrics.clients_over_cap.fetch_add(1, Relaxed);
-                            backoff.accepted();
-                            continue;
-                        }
-                        Shed::Empty => {
-                            backoff.accepted();
-                            continue;
-                        }
-                        Shed::NoSpare => {}
+                if crate::limits::out_of_descriptors(&e) {
+                    let shed = shed_one(&listener).await;
+                    if shed == Shed::One {
+                        shared.metrics.clients_over_cap.fetch_add(1, Relaxed);
+                    }
+                    if shed != Shed::NoSpare {
+                        backoff.accepted();
+                        continue;
                     }
                 }
                 // EMFILE and friends: a pause that doubles up to 1 s (logged about once a

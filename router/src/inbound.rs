@@ -302,9 +302,20 @@ pub(crate) async fn read_header(recv: &mut RecvStream) -> Result<Header, NoHeade
 
 /// Ends a stream both ways with `code`, counted.
 pub(crate) fn refuse(shared: &Shared, send: &mut SendStream, recv: &mut RecvStream, code: Code) {
-    shared.metrics.error(code);
-    let _ = send.reset(code.varint());
-    let _ = recv.stop(code.varint());
+    refuse_as(shared, send, recv, code, code);
+}
+
+/// [`refuse`], counted as `counted` and sent as `sent` (a code peers of every build know).
+fn refuse_as(
+    shared: &Shared,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    counted: Code,
+    sent: Code,
+) {
+    shared.metrics.error(counted);
+    let _ = send.reset(sent.varint());
+    let _ = recv.stop(sent.varint());
 }
 
 /// Whether the hops a stream still has to visit could be a path from `peer` through this node:
@@ -397,11 +408,13 @@ async fn relay(
         // which every edge retries and blames nothing for (an edge built before `stream_limit`
         // would take that code, unknown to it, as `internal` and reset its client).
         Err(splice::Unopened::NoStream) => {
-            shared.metrics.error(Code::StreamLimit);
-            let code = Code::UpstreamLost.varint();
-            let _ = send.reset(code);
-            let _ = recv.stop(code);
-            return;
+            return refuse_as(
+                &shared,
+                &mut send,
+                &mut recv,
+                Code::StreamLimit,
+                Code::UpstreamLost,
+            );
         }
         Err(splice::Unopened::NotTaken) => {
             return refuse(&shared, &mut send, &mut recv, Code::NextHopUnreachable);

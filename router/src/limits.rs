@@ -37,3 +37,12 @@ pub fn nofile() -> std::io::Result<libc::rlimit> {
     }
     Ok(lim)
 }
+
+/// Whether a socket call failed for want of a file descriptor, in the process (`EMFILE`) or
+/// the system (`ENFILE`): the router's own fault (a site's backend connect, an edge's accept).
+/// (Not `EADDRNOTAVAIL`: it means no local port left under heavy churn, but also, at every try,
+/// an address this host can never connect from, `[::1]` without IPv6 on its loopback, which must
+/// count as the backend's.)
+pub(crate) fn out_of_descriptors(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}

@@ -410,14 +410,6 @@ struct CheckResult {
     no_descriptor: bool,
 }
 
-/// Whether a backend connect failed for want of a file descriptor, in the process (`EMFILE`)
-/// or the system (`ENFILE`): the router's fault, not its backend's. (Not `EADDRNOTAVAIL`: it
-/// means no local port left under heavy churn, but also, at every try, an address this host can
-/// never connect from, `[::1]` without IPv6 on its loopback, which must count as the backend's.)
-pub(crate) fn out_of_descriptors(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
-}
-
 /// A warning of this router's own lack of descriptors, at most one a second in the process (at
 /// such a moment every new stream, or every check, would log one): one for streams refused, one
 /// for checks not run.
@@ -461,7 +453,7 @@ async fn check_once(backend: SocketAddr, path: Option<&str>, within: Duration) -
     let mut no_descriptor = false;
     let run = async {
         let mut tcp = tokio::net::TcpStream::connect(backend).await.map_err(|e| {
-            no_descriptor = out_of_descriptors(&e);
+            no_descriptor = crate::limits::out_of_descriptors(&e);
             format!("connect: {e}")
         })?;
         connected = true;
@@ -653,7 +645,7 @@ pub(crate) async fn serve(
         // This router has no descriptor for the connection: it is full, not its backend
         // refusing (counted as the backend's, five in a row marked the service down for every
         // edge).
-        Ok(Err(e)) if out_of_descriptors(&e) => {
+        Ok(Err(e)) if crate::limits::out_of_descriptors(&e) => {
             if let Some(skipped) = STREAMS_REFUSED.due(Instant::now()) {
                 tracing::warn!(node = %shared.node, service = %svc.service, error = %e, skipped,
                     "no file descriptor for a backend connection: refused as full (raise this router's open-file limit, or lower the site's capacity)");
@@ -722,7 +714,7 @@ mod tests {
     fn a_connect_short_of_descriptors_is_the_routers_own_fault() {
         for own in [libc::EMFILE, libc::ENFILE] {
             assert!(
-                out_of_descriptors(&std::io::Error::from_raw_os_error(own)),
+                crate::limits::out_of_descriptors(&std::io::Error::from_raw_os_error(own)),
                 "{own}"
             );
         }
@@ -732,9 +724,9 @@ mod tests {
             libc::EHOSTUNREACH,
             libc::EADDRNOTAVAIL,
         ] {
-            assert!(!out_of_descriptors(&std::io::Error::from_raw_os_error(
-                backend
-            )));
+            assert!(!crate::limits::out_of_descriptors(
+                &std::io::Error::from_raw_os_error(backend)
+            ));
         }
     }
 

@@ -2117,10 +2117,19 @@ async fn a_next_hop_with_no_stream_to_give_sends_the_client_on_without_blame() {
     .await;
     let edge = node(&hs, "edge");
     let preferred = || edge.routes().preferred("chat").map(|c| c.site.to_string());
+    let candidates = || edge.routes().candidates("chat").map_or(0, |c| c.len());
+    // The far site in the table too: the transit's link to it up (else the third client had
+    // nowhere to go but the near site, and was reset).
     wait_until(
         Duration::from_secs(20),
-        || preferred().as_deref() == Some("near"),
-        || format!("edge prefers {:?}", preferred()),
+        || preferred().as_deref() == Some("near") && candidates() == 2,
+        || {
+            format!(
+                "edge prefers {:?} of {} candidates",
+                preferred(),
+                candidates()
+            )
+        },
     )
     .await;
     let _held = [

@@ -460,7 +460,18 @@ impl Store for RedbStore {
         let (g, tx) = self.begin(|db| db.begin_read().map(RTxn).map_err(be))?;
         let r = f(&tx);
         drop((tx, g));
-        r.map_err(|e| self.after(e))
+        // Whatever `f` returned: `store::read` hands the caller's own result back through `Ok`,
+        // and redb fails every later read of the file after an I/O error in one (its
+        // `begin_read` does not say so, so `begin` would never open the file again).
+        match r {
+            Err(e) => Err(self.after(e)),
+            Ok(()) => {
+                if IO_FAILED.replace(false) {
+                    let _ = self.reopen();
+                }
+                Ok(())
+            }
+        }
     }
 
     fn write(
@@ -777,10 +788,12 @@ mod tests {
 
     /// A file whose syncs fail on demand: `fail_at` counts the syncs down, and the one at which
     /// it reaches zero fails (after it has synced, when `lost_answer`: the data reached the disk
-    /// and only the answer was lost). `syncs` counts them all.
+    /// and only the answer was lost). `syncs` counts them all. `fail_read_at` counts reads
+    /// down alike.
     #[derive(Default)]
     struct Faults {
         fail_at: std::sync::atomic::AtomicI64,
+        fail_read_at: std::sync::atomic::AtomicI64,
         lost_answer: std::sync::atomic::AtomicBool,
         syncs: std::sync::atomic::AtomicI64,
     }
@@ -802,6 +815,10 @@ mod tests {
             self.inner.len()
         }
         fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+            use std::sync::atomic::Ordering::SeqCst;
+            if self.faults.fail_read_at.fetch_sub(1, SeqCst) == 1 {
+                return Err(std::io::Error::other("injected read failure (EIO)"));
+            }
             self.inner.read(offset, out)
         }
         fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
@@ -887,6 +904,34 @@ mod tests {
         assert_eq!(n, 2);
         drop(s);
         assert_eq!(keys(dir.path()), [seq_key(1), seq_key(3)]);
+    }
+
+    /// A failed read fails that read alone: the next reads the file opened again. (redb fails
+    /// every later read of the file after an I/O error in one, and `store::read` hid the error
+    /// from the store, which opened the file again only after a failed write: history, circuit
+    /// reads, and every apply and rollback, which read before they write, failed until some
+    /// other write came.)
+    #[test]
+    fn a_failed_read_fails_that_read_and_not_the_next() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().unwrap();
+        let faults = std::sync::Arc::new(Faults::default());
+        let s = flaky_store(dir.path(), &faults);
+        for i in 1..=3 {
+            put(&s, i).unwrap();
+        }
+        // Opened again, nothing of the file in memory, then a read transaction begun, which
+        // brings what a beginning reads into the cache: a read of the table then goes to the
+        // file past the beginning (which opened the file again after an error already).
+        drop(s);
+        let s = flaky_store(dir.path(), &faults);
+        store::read(&s, |_| Ok::<_, StoreError>(())).unwrap();
+        faults.fail_read_at.store(1, SeqCst);
+        let e = store::read(&s, |tx| T.all(tx)).unwrap_err();
+        assert!(e.to_string().contains("injected read failure"), "{e}");
+        let n = store::read(&s, |tx| T.all(tx)).unwrap().len();
+        assert_eq!(n, 3);
+        put(&s, 4).unwrap();
     }
 
     /// A commit whose last sync failed is of unknown outcome: the file shows it (the page

@@ -1310,6 +1310,9 @@ pub(crate) async fn relay(
                 let read = std::pin::pin!(gather(&mut down_recv, &mut g));
                 let read = read_unless_stopped(read, &mut up_send, &down_watch, &mut tick);
                 tokio::select! {
+                    // An answer already there wins over a down verdict in the same poll: the
+                    // site's backend has the request, which a retry would send to another.
+                    biased;
                     got = read => got,
                     () = next_hop_down => return true,
                 }
@@ -1636,6 +1639,56 @@ pub(crate) mod tests {
                 .unwrap();
             assert_eq!(gave_up, None);
             assert_eq!(moved.load(Relaxed), 2, "one byte each way was forwarded");
+        }
+    }
+
+    /// An answer already at the transit when its next hop's down verdict comes, in the same
+    /// poll, wins: the stream is relayed, not reset. (The two were picked at random: half the
+    /// time the edge was told `next_hop_unreachable` and sent the request, which the site's
+    /// backend had, to another site.)
+    #[tokio::test]
+    async fn an_answer_already_there_wins_over_a_down_verdict() {
+        for _ in 0..16 {
+            let (edge, t_up, _d1) = quic_pair().await;
+            let (t_down, site, _d2) = quic_pair().await;
+            let (mut e_send, mut e_recv) = edge.open_bi().await.unwrap();
+            e_send.write_all(b"q").await.unwrap();
+            let (up_send, up_recv) = t_up.accept_bi().await.unwrap();
+            let (mut down_send, down_recv) = t_down.open_bi().await.unwrap();
+            down_send.write_all(b"h").await.unwrap();
+            let (mut s_send, mut s_recv) = site.accept_bi().await.unwrap();
+            let mut b = [0u8; 1];
+            s_recv.read_exact(&mut b).await.unwrap();
+            s_send.write_all(b"ok").await.unwrap();
+            // The answer is at the transit before its relay starts.
+            tokio::time::timeout(Duration::from_secs(5), async {
+                while t_down.stats().frame_rx.stream == 0 {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            })
+            .await
+            .expect("the answer never reached the transit");
+            let moved: &'static AtomicU64 = Box::leak(Box::default());
+            let relay = tokio::spawn(relay(
+                up_send,
+                up_recv,
+                down_send,
+                down_recv,
+                std::future::ready(()),
+                moved,
+            ));
+            let mut answer = [0u8; 2];
+            let got = tokio::time::timeout(Duration::from_secs(5), e_recv.read_exact(&mut answer))
+                .await
+                .expect("the answer did not cross the transit");
+            assert!(got.is_ok() && &answer == b"ok", "{got:?}");
+            e_send.finish().unwrap();
+            s_send.finish().unwrap();
+            let gave_up = tokio::time::timeout(Duration::from_secs(5), relay)
+                .await
+                .expect("the relay outlived both ends")
+                .unwrap();
+            assert_eq!(gave_up, None);
         }
     }
 

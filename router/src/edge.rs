@@ -1032,6 +1032,19 @@ impl Outgoing {
         }
     }
 
+    /// The site stopped the stream: what is pending and the replay not written again on this
+    /// try are dropped, and counted so.
+    fn drop_rest(&mut self, shared: &Shared, replay: &Replay) {
+        let end = self.replayed_end.min(replay.chunks.len());
+        let unsent: usize = replay.chunks[self.next_replayed.min(end)..end]
+            .iter()
+            .map(Bytes::len)
+            .sum();
+        self.next_replayed = end;
+        (shared.metrics.bytes_discarded).fetch_add(unsent as u64, Relaxed);
+        drop_pending(shared, &mut self.pending);
+    }
+
     /// With nothing pending: the next replay chunk, else (all written and the client
     /// half-closed) the stream's finish.
     fn refill(&mut self, replay: &Replay, send: &mut SendStream) {
@@ -1235,7 +1248,7 @@ async fn attempt(
     // further bytes the splice drops (`splice::tcp_to_quic` meets the same stop).
     let outcome = match outcome {
         Ok(()) if stopped.is_some() => {
-            drop_pending(shared, &mut out.pending);
+            out.drop_rest(shared, replay);
             Ok(())
         }
         Ok(()) => loop {
@@ -1249,7 +1262,7 @@ async fn attempt(
             {
                 Some(Ok(n)) => out.written(shared, replay, n),
                 Some(Err(Forward::Write(WriteError::Stopped(_)))) => {
-                    drop_pending(shared, &mut out.pending);
+                    out.drop_rest(shared, replay);
                     break Ok(());
                 }
                 Some(Err(Forward::Revoked)) => break Err(Attempt::Fatal(Code::CircuitRefused)),

@@ -871,9 +871,17 @@ pub(crate) async fn tcp_quic_with(
         Err(Abort(code)) => Some(code),
         Ok(()) => None,
     };
+    // A stop that no write met (the TCP side's bytes were all out, its FIN read, before the
+    // stop came; or an edge's attempt met it before the answer, and the client's FIN came
+    // before its next bytes): counted all the same, so that the count does not follow the
+    // order in which the two ends' last packets came.
+    let unmet = match (stopped, outcome) {
+        (None, Ok(())) => stop_arrived(&send),
+        _ => None,
+    };
     // A far end's stop and reset with the same code count once: a site that lost its backend
     // both stops the upload and resets the answer.
-    if let Some(code) = stopped
+    if let Some(code) = stopped.or(unmet)
         && !matches!(outcome, Err(Abort(c)) if c == code)
     {
         shared.metrics.error(code);
@@ -919,6 +927,18 @@ pub(crate) async fn tcp_quic_with(
         aborted,
         tcp_sent: buf.read_any(),
         tcp_closed_first: tcp_eof_first || refused.is_some(),
+    }
+}
+
+/// The code the far end stopped `send` with, if its stop has come: looked at once, not waited
+/// for. (After `finish`, quinn drops what it keeps for the look once the peer has acknowledged
+/// the stream's end, or stopped it.)
+fn stop_arrived(send: &SendStream) -> Option<Code> {
+    let stopped = std::pin::pin!(send.stopped());
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match stopped.poll(&mut cx) {
+        std::task::Poll::Ready(Ok(Some(code))) => Some(Code::from_peer(code)),
+        _ => None,
     }
 }
 

@@ -3270,3 +3270,89 @@ async fn a_neighbour_gone_in_its_hold_down_leaves_its_news_to_relayed_copies() {
     );
     edge.shutdown().await;
 }
+
+/// A site that stops the client's bytes (its backend answered early and closed: `backend_abort`)
+/// has the stop counted once, also when no write of the edge met it: the client's last bytes
+/// and its FIN were out before the stop came. (Counted only when a write met it, the count
+/// followed the order in which the two ends' packets came.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_no_write_met_is_counted() {
+    use router::codes::Code;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let port = free_tcp_port();
+    let t = two_sites(backend, port, false);
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    // The site says when it has stopped the stream; the test, when the client's FIN is out.
+    let (stopped_tx, mut stopped_rx) = tokio::sync::watch::channel(false);
+    let (fin_tx, fin_rx) = tokio::sync::watch::channel(false);
+    let _near = fake_neighbour(
+        dir.path(),
+        &t,
+        "near",
+        router::transport::transport_config(),
+        move |conn, pings| {
+            let mut fin = fin_rx.clone();
+            let stopped = stopped_tx.clone();
+            async move {
+                let answer = async {
+                    let Ok((mut send, mut recv)) = conn.accept_bi().await else {
+                        return;
+                    };
+                    // The header and the client's bytes, then the stop (before the client's
+                    // FIN: a stream whose end came is not stopped), then, the stop ahead of it
+                    // on the connection, the answer.
+                    let mut got = Vec::new();
+                    let mut b = [0u8; 256];
+                    while !got.ends_with(b"request") {
+                        match recv.read(&mut b).await {
+                            Ok(Some(n)) => got.extend_from_slice(&b[..n]),
+                            _ => return,
+                        }
+                    }
+                    let _ = recv.stop(Code::BackendAbort.varint());
+                    let _ = stopped.send(true);
+                    let _ = fin.wait_for(|f| *f).await;
+                    let _ = send.write_all(&router::header::REPLY_OK).await;
+                    let _ = send.write_all(b"answer").await;
+                    let _ = send.finish();
+                    let _ = send.stopped().await;
+                };
+                tokio::join!(answer_pings("near", conn.clone(), pings), answer);
+            }
+        },
+    );
+    let (edge, _) = spawn_node(&snap, dir.path(), "edge", |_| {}).await;
+    let (_far, _) = spawn_node(&snap, dir.path(), "far", |_| {}).await;
+    edge_prefers_near_with_far_as_fallback(&edge).await;
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    c.write_all(b"request").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), stopped_rx.wait_for(|s| *s))
+        .await
+        .expect("the site never got the request")
+        .unwrap();
+    c.shutdown().await.unwrap();
+    fin_tx.send(true).unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut back))
+        .await
+        .expect("the answer never came")
+        .unwrap();
+    assert_eq!(back, b"answer");
+    wait_until(
+        Duration::from_secs(5),
+        || {
+            let m = edge.metrics_text();
+            metric(
+                &m,
+                "tasman_stream_errors_total{node=\"edge\",code=\"backend_abort\"}",
+            ) == Some(1)
+        },
+        || format!("the stop was not counted once: {}", edge.metrics_text()),
+    )
+    .await;
+    edge.shutdown().await;
+}

@@ -187,15 +187,33 @@ impl Plan {
 
 /// Whether the old topology has `issue` already. An over-committed link counts when the change
 /// does not lower its capacity (the circuits' reservations are the same on both sides; a lower
-/// capacity makes the over-commitment worse, and that is the change's doing).
+/// capacity makes the over-commitment worse, and that is the change's doing). A link or node
+/// removed counts when the circuit was cut there already: the link down, or (for a link) either
+/// of its ends down or gone; a node down, for a node (a decommission in two applies, down then
+/// removed: the second was said to cause the problems of a circuit the first had failed).
 fn was_there(
     issue: &topology::circuit::ReservationIssue,
     before: &[topology::circuit::ReservationIssue],
 ) -> bool {
-    use topology::circuit::ReservationIssue::OverCommitted;
+    use topology::circuit::ReservationIssue::{
+        LinkDown, LinkRemoved, NodeDown, NodeRemoved, OverCommitted,
+    };
     match issue {
         OverCommitted { link, capacity, .. } => before.iter().any(|b| {
             matches!(b, OverCommitted { link: l, capacity: c, .. } if l == link && c <= capacity)
+        }),
+        LinkRemoved { circuit, link } => before.iter().any(|b| match b {
+            LinkRemoved { circuit: c, link: l } | LinkDown { circuit: c, link: l } => {
+                c == circuit && l == link
+            }
+            NodeDown { circuit: c, node: n } | NodeRemoved { circuit: c, node: n } => {
+                c == circuit && (&link.0 == n || &link.1 == n)
+            }
+            _ => false,
+        }),
+        NodeRemoved { circuit, node } => before.iter().any(|b| {
+            matches!(b, NodeRemoved { circuit: c, node: n } | NodeDown { circuit: c, node: n }
+                if c == circuit && n == node)
         }),
         _ => before.contains(issue),
     }
@@ -428,5 +446,53 @@ mod tests {
         // And from 1000 Mbps to 100: caused.
         let p = plan(&v1, &small, &circuits);
         assert!(p.circuits.iter().any(over), "{:?}", p.circuits);
+    }
+
+    /// A decommission in two applies, the element set down first (the circuit over it failed
+    /// then), removed next: the removal causes no problem of that circuit. (A link down, then
+    /// removed, gave "this change causes 1 problem(s)"; a node, three: the node's and each of
+    /// its links'.)
+    #[test]
+    fn removing_what_was_down_already_causes_no_circuit_problem() {
+        let circuits = [circuit("c-2", &["e", "t", "s"], CircuitState::Failed, 10)];
+        let t_s = LinkId::new(&NodeId::new("t"), &NodeId::new("s"));
+        // The link t--s: down, then removed.
+        let down = topo(1000, AdminState::Down);
+        let mut removed = down.clone();
+        removed.links.retain(|l| l.id() != t_s);
+        let p = plan(&down, &removed, &circuits);
+        assert!(p.circuits.is_empty(), "{}", p.text);
+        assert!(
+            p.circuits_already
+                .iter()
+                .any(|i| matches!(i, ReservationIssue::LinkRemoved { link, .. } if *link == t_s)),
+            "{}",
+            p.text
+        );
+        // The node t: down, then removed with its links.
+        let mut t_down = topo(1000, AdminState::Up);
+        for n in t_down.nodes.iter_mut().filter(|n| n.id.as_str() == "t") {
+            n.state = AdminState::Down;
+        }
+        let mut t_gone = t_down.clone();
+        t_gone.nodes.retain(|n| n.id.as_str() != "t");
+        t_gone
+            .links
+            .retain(|l| l.a.as_str() != "t" && l.b.as_str() != "t");
+        let p = plan(&t_down, &t_gone, &circuits);
+        assert!(p.circuits.is_empty(), "{}", p.text);
+        assert!(!p.circuits_already.is_empty(), "{}", p.text);
+        // Removing what was up is still the change's doing.
+        let up = topo(1000, AdminState::Up);
+        let mut gone = up.clone();
+        gone.links.retain(|l| l.id() != t_s);
+        let p = plan(&up, &gone, &circuits);
+        assert!(
+            p.circuits
+                .iter()
+                .any(|i| matches!(i, ReservationIssue::LinkRemoved { .. })),
+            "{}",
+            p.text
+        );
     }
 }

@@ -1860,13 +1860,15 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
                 Some(n) => {
                     // A wildcard (0.0.0.0 or ::) binds every address of the edge's own host, so
                     // edges on different hosts may all use it.
+                    // In the IPv4 form of a mapped address (`::ffff:a.b.c.d`, kept with a
+                    // warning in a stored text): the same listener as the address it maps.
                     if let Some(Some(ip)) = e.node.as_ref().map(|n| n.client_address)
-                        && !ip.is_unspecified()
+                        && !ip.to_canonical().is_unspecified()
                     {
-                        if let Some(other) = client_addrs.get(&ip) {
+                        if let Some(other) = client_addrs.get(&ip.to_canonical()) {
                             cx.err(n.pos, format!("client_address of node \"{id}\": {ip} is already used by edge node \"{other}\""));
                         } else {
-                            client_addrs.insert(ip, id.clone());
+                            client_addrs.insert(ip.to_canonical(), id.clone());
                         }
                     }
                 }
@@ -2366,6 +2368,30 @@ mod tests {
             let loaded = crate::load(&two_edges(any, any));
             assert!(loaded.is_ok(), "{any} on two edges: {:?}", loaded.err());
         }
+    }
+
+    /// An IPv4-mapped client address (kept, with a warning, in a stored text) is the address it
+    /// maps: the same as another edge's IPv4 one, and a wildcard when it maps 0.0.0.0. (Compared
+    /// as written, two edges on one listener loaded without a word, and two mapped wildcards
+    /// were "already used".)
+    #[test]
+    fn a_mapped_client_address_is_compared_as_the_address_it_maps() {
+        let errs = crate::load_stored(&two_edges("127.20.0.1", "::ffff:127.20.0.1")).unwrap_err();
+        assert!(
+            errs.iter().any(|d| d
+                .to_string()
+                .contains("is already used by edge node \"e1\"")),
+            "{errs:?}"
+        );
+        let loaded = crate::load_stored(&two_edges("::ffff:0.0.0.0", "::ffff:0.0.0.0"));
+        assert!(
+            loaded.as_ref().is_ok_and(|l| l
+                .warnings
+                .iter()
+                .all(|w| !w.to_string().contains("already used"))),
+            "{:?}",
+            loaded.err()
+        );
     }
 
     /// An integer too long for any integer type is out of range, like a shorter one (it was

@@ -116,6 +116,11 @@ pub struct Index {
 }
 
 impl Index {
+    /// Whether the topology has node `id` (`Topology::node` scans every node).
+    pub fn has_node(&self, id: &str) -> bool {
+        self.nodes.contains_key(id)
+    }
+
     pub fn new(topology: Arc<Topology>) -> Index {
         Index {
             links: topology.links.iter().map(|l| (l.id(), l.latency)).collect(),
@@ -260,13 +265,19 @@ impl LiveAggregator {
         }
     }
 
+    /// The topology in force, indexed.
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
     /// The topology reports are matched against from now on (after an apply). Observations of
     /// links and nodes it no longer has are dropped: the state kept is bounded by the topology
     /// in force, however many ids come and go.
     /// What sites reported is kept as the new topology takes it ([`Index::site_report`]), and
-    /// edges' sites in use only where the site still serves the service.
-    pub fn set_topology(&mut self, topology: Arc<Topology>) {
-        self.index = Index::new(topology);
+    /// edges' sites in use only where the site still serves the service. `index` is of the new
+    /// topology, built by the caller (off the controller's lock).
+    pub fn set_topology(&mut self, index: Index) {
+        self.index = index;
         let index = &self.index;
         self.links.retain(|id, _| index.links.contains_key(id));
         self.sites.retain(
@@ -1115,7 +1126,7 @@ mod tests {
         b.node("s", NodeKind::Site)
             .service("embed")
             .serve("s", "embed", 100);
-        agg.set_topology(Arc::new(b.build()));
+        agg.set_topology(Index::new(Arc::new(b.build())));
         assert_eq!(agg.merged(now), LiveState::default());
     }
 
@@ -1146,7 +1157,7 @@ mod tests {
         assert_eq!(agg.links.len(), 1);
         let mut b = TopologyBuilder::new();
         b.node("e", NodeKind::Edge);
-        agg.set_topology(Arc::new(b.build()));
+        agg.set_topology(Index::new(Arc::new(b.build())));
         assert!(agg.links.is_empty());
     }
 
@@ -1200,7 +1211,7 @@ mod tests {
         );
         let mut raised = topo();
         raised.links[0].latency = topology::Latency::from_micros(10_000);
-        agg.set_topology(Arc::new(raised));
+        agg.set_topology(Index::new(Arc::new(raised)));
         // 1.5 ms above the new floor: a weight of its own, the measurement.
         let weight = step(&mut agg, 23.0, now);
         assert_eq!(weight, Some(11.5), "not held under the declared 10 ms");

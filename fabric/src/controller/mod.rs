@@ -497,8 +497,10 @@ impl Controller {
         }
         // The routers of the topology in force (the store keeps the records of removed nodes).
         let routers = DashMap::new();
+        let nodes: std::collections::HashSet<&str> =
+            topology.nodes.iter().map(|n| n.id.as_str()).collect();
         for (node, rec) in store::read(&*store, |tx| records::ROUTERS.all(tx))? {
-            if topology.node(&node).is_some() {
+            if nodes.contains(node.as_str()) {
                 routers.insert(node, RouterLive::new(rec, false));
             }
         }
@@ -776,9 +778,9 @@ impl Controller {
             .set(topology.nodes.iter().map(|n| n.id.to_string()));
         let not_distributed = {
             let mut inner = lock(&self.inner);
-            inner.live.set_topology(topology.clone());
+            inner.live.set_topology(index);
             inner.current = current;
-            self.end_removed(&topology, version);
+            self.end_removed(inner.live.index(), version);
             // Committed: it is the version in force whatever happens now, so a failure to
             // publish it is told with it, not as the apply's failure (which said the change
             // was refused while history showed it).
@@ -1167,9 +1169,9 @@ impl Controller {
     /// version (which carries the whole topology, backends and circuits), no certificate, and
     /// no line in the controller's records. Called with the topology's lock held, before the
     /// version without the node is published.
-    fn end_removed(&self, topology: &Topology, topology_version: u64) {
+    fn end_removed(&self, topology: &live::Index, topology_version: u64) {
         self.routers.retain(|node, e| {
-            if topology.node(node).is_some() {
+            if topology.has_node(node) {
                 return true;
             }
             match &e.session {
@@ -1338,7 +1340,7 @@ impl Controller {
     }
 
     pub fn is_node(&self, node: &str) -> bool {
-        lock(&self.inner).current.topology.node(node).is_some()
+        lock(&self.inner).live.index().has_node(node)
     }
 
     pub fn node_ids(&self) -> Vec<NodeId> {

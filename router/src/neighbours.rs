@@ -55,6 +55,12 @@ pub(crate) struct Neighbour {
     /// The most [`Neighbour::lost_packets`] has answered: a read that races a connection's end
     /// (the connection gone, its count not yet added) is not shown lower than the one before.
     lost_shown: AtomicU64,
+    /// Since when it is held down after a down verdict ([`ProbeConfig::hold_down`]; `None`:
+    /// no hold-down runs). Here, not in its dialer: a neighbour a snapshot moves goes on with
+    /// the hold-down of the one it replaces ([`Neighbour::succeed`]).
+    ///
+    /// [`ProbeConfig::hold_down`]: crate::ProbeConfig::hold_down
+    down_since: std::sync::Mutex<Option<Instant>>,
     /// Woken when the neighbour is declared down: streams still waiting for their first answer
     /// through it give up and try the next candidate instead of waiting for the connection to
     /// close ([`DEAD_AFTER`]).
@@ -77,6 +83,7 @@ impl Neighbour {
             dial_failures: AtomicU64::new(0),
             lost_before: AtomicU64::new(0),
             lost_shown: AtomicU64::new(0),
+            down_since: std::sync::Mutex::new(None),
             went_down: tokio::sync::Notify::new(),
             wake: tokio::sync::Notify::new(),
         }
@@ -124,10 +131,25 @@ impl Neighbour {
             .fetch_add(conn.stats().path.lost_packets, SeqCst);
     }
     /// This neighbour replaces `old`, the same node at another address (a snapshot moved it):
-    /// its counters go on from `old`'s instead of falling back to 0 under the same labels.
+    /// its counters go on from `old`'s instead of falling back to 0 under the same labels, and
+    /// its hold-down too (a neighbour that went down a moment before stays down for the rest of
+    /// it, wherever it is reached now). `old`'s live connection is read before it is closed.
     pub fn succeed(&self, old: &Neighbour) {
         self.dial_failures.store(old.dial_failures(), Relaxed);
         self.lost_before.store(old.lost_packets(), SeqCst);
+        self.set_down_since(old.down_since());
+    }
+    fn down_since(&self) -> Option<Instant> {
+        *self
+            .down_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+    fn set_down_since(&self, t: Option<Instant>) {
+        *self
+            .down_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = t;
     }
     fn set_up(&self, conn: &quinn::Connection) {
         self.conn.store(Some(Arc::new(conn.clone())));
@@ -196,7 +218,6 @@ impl Drop for CloseOnDrop<'_> {
 /// [`ProbeConfig::hold_down`]: crate::ProbeConfig::hold_down
 pub(crate) async fn run_dialer(shared: Arc<Shared>, nb: Arc<Neighbour>) {
     let mut backoff = BACKOFF_MIN;
-    let mut down_since: Option<Instant> = None;
     // Cleared when a wake is acted on, set again when a dial makes a connection.
     let mut heed_wakes = true;
     loop {
@@ -240,7 +261,7 @@ pub(crate) async fn run_dialer(shared: Arc<Shared>, nb: Arc<Neighbour>) {
             // on unprobed and unwatched. (Ended here, it is closed already.)
             let _close = CloseOnDrop(&conn);
             let began = Instant::now();
-            let answered = probe_until_down(&shared, &nb, &conn, &mut down_since).await;
+            let answered = probe_until_down(&shared, &nb, &conn).await;
             if nb.is_up() {
                 nb.set_down();
                 shared.changed.notify_one();
@@ -250,7 +271,7 @@ pub(crate) async fn run_dialer(shared: Arc<Shared>, nb: Arc<Neighbour>) {
             shared.evidence.unheard(&nb.id);
             nb.connection_ended(&conn);
             if answered {
-                down_since = Some(Instant::now());
+                nb.set_down_since(Some(Instant::now()));
                 if began.elapsed() >= STABLE_FOR {
                     backoff = BACKOFF_MIN;
                     heed_wakes = true;
@@ -710,12 +731,12 @@ fn frames_in(st: &quinn::ConnectionStats) -> u64 {
 /// this connection or lost one) starts over; a neighbour never up has none.
 /// Its own word ends as at a first down verdict: pongs in the hold-down made it the word on
 /// itself again, which kept relayed copies (its only news now) out until it aged.
-fn fail_again(shared: &Shared, nb: &Neighbour, down_since: &mut Option<Instant>) {
-    tracing::debug!(node = %shared.node, neighbour = %nb.id,
-        holding_down = down_since.is_some(), "missed probes while not up");
+fn fail_again(shared: &Shared, nb: &Neighbour) {
+    let holding_down = nb.down_since().is_some();
+    tracing::debug!(node = %shared.node, neighbour = %nb.id, holding_down, "missed probes while not up");
     shared.evidence.unheard(&nb.id);
-    if down_since.is_some() {
-        *down_since = Some(Instant::now());
+    if holding_down {
+        nb.set_down_since(Some(Instant::now()));
     }
 }
 
@@ -729,12 +750,7 @@ fn answers(sent: u64, answered: u64, echoed: u64) -> bool {
 /// Probes the connection every interval. A `Down` verdict marks the neighbour down (no new
 /// streams); returns when it is `Dead` (the connection is closed) or the connection closes:
 /// whether any probe was answered.
-async fn probe_until_down(
-    shared: &Shared,
-    nb: &Neighbour,
-    conn: &quinn::Connection,
-    down_since: &mut Option<Instant>,
-) -> bool {
+async fn probe_until_down(shared: &Shared, nb: &Neighbour, conn: &quinn::Connection) -> bool {
     let p = shared.probe;
     let mut tick = tokio::time::interval(p.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -786,8 +802,8 @@ async fn probe_until_down(
                 match live.at_deadline(now, probe_left, probe_timeout(conn.rtt())) {
                     // Failing again before it is up: in its hold-down, the hold-down starts
                     // over; never up, it has none to start (and nothing to take down).
-                    Some(Verdict::Relapse) => fail_again(shared, nb, down_since),
-                    Some(Verdict::Down) if !nb.is_up() => fail_again(shared, nb, down_since),
+                    Some(Verdict::Relapse) => fail_again(shared, nb),
+                    Some(Verdict::Down) if !nb.is_up() => fail_again(shared, nb),
                     Some(Verdict::Down) => {
                         let path = &st.path;
                         tracing::warn!(
@@ -806,7 +822,7 @@ async fn probe_until_down(
                         nb.set_down();
                         shared.evidence.unheard(&nb.id);
                         shared.changed.notify_one();
-                        *down_since = Some(Instant::now());
+                        nb.set_down_since(Some(Instant::now()));
                     }
                     Some(Verdict::Dead) => {
                         tracing::warn!(node = %shared.node, neighbour = %nb.id, "neighbour silent: closing its connection");
@@ -872,9 +888,9 @@ async fn probe_until_down(
                 nb.rtt_us.store(rtt.as_micros() as u64, Relaxed);
                 nb.srtt_us.store(srtt.as_micros() as u64, Relaxed);
                 let mut changed = crate::routes::Evidence::learn_from(shared, &nb.id, entries);
-                if !nb.is_up() && down_since.is_none_or(|t| t.elapsed() >= p.hold_down) {
+                if !nb.is_up() && nb.down_since().is_none_or(|t| t.elapsed() >= p.hold_down) {
                     nb.set_up(conn);
-                    *down_since = None;
+                    nb.set_down_since(None);
                     live.recovered();
                     tracing::info!(node = %shared.node, neighbour = %nb.id, rtt_us = nb.rtt_us(), "neighbour up");
                     changed = true;
@@ -890,6 +906,24 @@ async fn probe_until_down(
 
 #[cfg(test)]
 mod tests {
+    /// A neighbour a snapshot moves goes on with the hold-down of the one it replaces (its
+    /// dialer reads it there): moved a moment after a down verdict, it stayed down for no time.
+    #[test]
+    fn a_moved_neighbour_keeps_its_hold_down() {
+        let id = topology::NodeId::new("transit");
+        let old = Neighbour::new(id.clone(), "127.0.0.1:1".parse().unwrap());
+        let since = Instant::now();
+        old.set_down_since(Some(since));
+        let new = Neighbour::new(id, "127.0.0.1:2".parse().unwrap());
+        new.succeed(&old);
+        assert_eq!(new.down_since(), Some(since));
+        // One that was not held down is not held down at its new address either.
+        let fresh = Neighbour::new(topology::NodeId::new("t2"), "127.0.0.1:3".parse().unwrap());
+        let moved = Neighbour::new(topology::NodeId::new("t2"), "127.0.0.1:4".parse().unwrap());
+        moved.succeed(&fresh);
+        assert_eq!(moved.down_since(), None);
+    }
+
     use super::*;
     use crate::ProbeConfig;
     use tokio::time::Instant as T;

@@ -926,6 +926,9 @@ impl Control {
                     moved.insert(id.clone(), nb.clone());
                 }
                 h.abort();
+                // Its live connection's losses are read before it is closed (a closed one is
+                // read no more: they were lost to the counter its successor goes on from).
+                let _ = nb.lost_packets();
                 if let Some(c) = nb.connection() {
                     c.close(
                         quinn::VarInt::from_u32(crate::codes::close::NORMAL),

@@ -150,14 +150,18 @@ impl SiteService {
             shared.changed.notify_one();
         }
     }
-    /// Records `now_ms` (ms since router start) as the last time the service was marked down.
+    /// Records `now_ms` (ms since router start) as the last time the service was marked down
+    /// (at least 1: 0 says never).
     fn mark_down_at(&self, now_ms: u64) {
-        self.down_at_ms.store(now_ms, Relaxed);
+        self.down_at_ms.store(now_ms.max(1), Relaxed);
     }
-    /// Whether `hold_down` has passed since the service was last marked down, at `now_ms`.
+    /// Whether `hold_down` has passed since the service was last marked down, at `now_ms`; at
+    /// once when it never was (a service with an HTTP check starts unhealthy, not held down:
+    /// it was held for the hold-down from the router's start, a minute with `--hold-down 60s`).
     fn held_down_long_enough(&self, now_ms: u64, hold_down: Duration) -> bool {
-        let since = now_ms.saturating_sub(self.down_at_ms.load(Relaxed));
-        u128::from(since) >= hold_down.as_millis()
+        let down_at = self.down_at_ms.load(Relaxed);
+        let since = now_ms.saturating_sub(down_at);
+        down_at == 0 || u128::from(since) >= hold_down.as_millis()
     }
     /// Takes one slot of capacity, or `None` when full.
     fn acquire(self: &Arc<Self>) -> Option<Slot> {
@@ -978,6 +982,23 @@ mod tests {
         assert_eq!(c.observe(&svc, false, 3000, hold), None);
         assert_eq!(c.observe(&svc, false, 3500, hold), None);
         assert_eq!(c.observe(&svc, false, 4000, hold), Some(false));
+    }
+
+    /// A service with an HTTP check starts unhealthy and is healthy once its checks pass, with
+    /// no hold-down: it was never marked down. (The hold-down ran from the router's start.)
+    #[test]
+    fn a_service_never_marked_down_is_not_held_down() {
+        let hold = Duration::from_secs(30);
+        let mut svc = service();
+        svc.health_check = Some("/health".into());
+        let mut c = Checker::default();
+        assert_eq!(c.observe(&svc, true, 100, hold), None, "up on one check");
+        assert_eq!(c.observe(&svc, true, 600, hold), Some(true));
+        // Marked down (even at the router's first millisecond): held down from then.
+        svc.healthy.store(false, Relaxed);
+        svc.mark_down_at(0);
+        assert!(!svc.held_down_long_enough(600, hold));
+        assert!(svc.held_down_long_enough(30_001, hold));
     }
 
     /// The serves entry's thresholds decide: down at the first failure with `unhealthy_after:

@@ -189,13 +189,15 @@ pub async fn start_controller(state: &Path, tls: &Path, yaml: &str) -> Daemon {
 }
 
 /// [`daemon_config`] (control listener on a free port) that imports `yaml`, written beside
-/// `state`, on first start.
+/// `state`, on first start. The port is below the ephemeral range ([`testkit::free_udp`]): a
+/// controller restarted on it ([`restart_controller`]) binds it again, which a kernel-chosen
+/// one, handed meanwhile to another endpoint of the process, could refuse (`AddrInUse`).
 pub fn import_config(state: &Path, tls: &Path, yaml: &str) -> DaemonConfig {
     let file = state.with_extension("import.yaml");
     std::fs::write(&file, yaml).expect("write topology");
     DaemonConfig {
         topology_file: Some(file),
-        ..daemon_config(state, tls, "127.0.0.1:0".parse().unwrap())
+        ..daemon_config(state, tls, testkit::free_udp([127, 0, 0, 1].into()))
     }
 }
 

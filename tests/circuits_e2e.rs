@@ -299,3 +299,45 @@ fn a_decommissioned_circuit_is_archived_after_the_retention_and_stays_so_after_a
     let h = String::from_utf8_lossy(&cli(&ctl.admin, &["history", "c-000001"]).stdout).into_owned();
     assert!(h.contains("archive") && h.contains(", archived "), "{h}");
 }
+
+/// A create whose `--wait` ends with the circuit not active (here no router runs to acknowledge
+/// it: still provisioning at the timeout) prints the circuit, which exists, and exits 4, not 1:
+/// a script has its id to delete it or wait on, and tells it from a refused create (which
+/// changed nothing). (It printed nothing and exited 1, the circuit's id only in an English
+/// message on stderr: a retry without an idempotency key was refused for the name, and the
+/// capacity and VIP stayed reserved.)
+#[test]
+fn a_create_whose_wait_ends_unfinished_prints_the_circuit_and_exits_4() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    make_pki(&pki, &["controller", "e1", "t1", "s1"]);
+    let backend = SocketAddr::new(LOCAL, free_tcp_port(LOCAL));
+    let topo = dir.path().join("topology.yaml");
+    std::fs::write(&topo, topology(free_tcp_port(LOCAL), backend)).unwrap();
+    let state = dir.path().join("state");
+    let ctl = controller(&topo, &state, &pki, &[]);
+    let mut create = circuit_create_args("acme", "127.0.0.2/32", "10Mbps");
+    create.extend(["--wait", "--timeout", "1", "-o", "json"]);
+    let out = circuit_cli(&ctl.admin, &state, &create);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(err.contains("is still provisioning after"), "{err}");
+    let c: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the circuit, as JSON");
+    assert_eq!(
+        (c["id"].as_str(), c["state"].as_str()),
+        (Some("c-000001"), Some("provisioning")),
+        "{c}"
+    );
+    // A refused create still exits 1 (the name is taken).
+    let again = circuit_cli(
+        &ctl.admin,
+        &state,
+        &circuit_create_args("acme", "127.0.0.3/32", "10Mbps"),
+    );
+    assert_eq!(
+        again.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+}

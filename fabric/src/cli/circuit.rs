@@ -328,6 +328,10 @@ enum CmdError {
         state: CircuitState,
         waited: Duration,
     },
+    /// A create whose `--wait` ended with the circuit failed or not active yet: the circuit
+    /// exists (printed, with its id), so its exit differs from a refused create's (exit 4).
+    #[error("{0}")]
+    NotActive(Box<CmdError>),
     #[error("cannot print {0}")]
     Print(String),
     /// Flags the controller would refuse as malformed, checked before asking (exit 2).
@@ -348,6 +352,7 @@ impl CmdError {
         match self {
             CmdError::Client(e) => e.exit_code(),
             CmdError::Usage(_) => 2,
+            CmdError::NotActive(_) => 4,
             _ => 1,
         }
     }
@@ -491,14 +496,22 @@ async fn exec(client: &AdminClient, cmd: CircuitCmd, out: Output) -> Result<(), 
                 }
             }
             let c = if a.wait.wait {
-                wait(
-                    client,
-                    resp.circuit.id.as_str(),
-                    resp.circuit.state,
-                    &a.wait,
-                    false,
-                )
-                .await?
+                let id = resp.circuit.id.as_str();
+                match wait(client, id, resp.circuit.state, &a.wait, false).await {
+                    Ok(c) => c,
+                    // The circuit exists, failed or still provisioning: printed (as it is now
+                    // when the controller says, else as created) so that a script has its id
+                    // to delete or wait on, and told apart from a refused create by its exit.
+                    Err(e @ (CmdError::Failed { .. } | CmdError::Timeout { .. })) => {
+                        let c = match current(client, id).await {
+                            Ok(c) => c,
+                            Err(_) => resp.field("circuit")?,
+                        };
+                        print_circuit(out, &c)?;
+                        return Err(CmdError::NotActive(Box::new(e)));
+                    }
+                    Err(e) => return Err(e),
+                }
             } else {
                 resp.field("circuit")?
             };
@@ -770,101 +783,109 @@ fn vip_at(vip: Option<IpAddr>, port: Option<u16>) -> String {
 }
 
 fn print_circuit(out: Output, c: &Answer<Circuit>) -> Result<(), CmdError> {
-    print_value(out, c, || {
-        let path = if c.path.is_empty() {
-            "-".to_string()
-        } else {
-            c.path
+    print_value(out, c, || circuit_text(c))
+}
+
+/// A circuit as `show` prints it, a field a line; text stored as given (its author, reason and
+/// idempotency key) is shown escaped ([`super::one_line`]), as in `history`.
+fn circuit_text(c: &Circuit) -> String {
+    let path = if c.path.is_empty() {
+        "-".to_string()
+    } else {
+        c.path
+            .iter()
+            .map(|n| n.as_str())
+            .collect::<Vec<_>>()
+            .join(" -> ")
+    };
+    let mut s = String::new();
+    let mut row = |k: &str, v: String| s.push_str(&format!("{k:<16}{v}\n"));
+    row("id", c.id.to_string());
+    row("name", c.name.clone());
+    row("state", c.state.to_string());
+    if let Some(r) = &c.reason {
+        row("reason", super::one_line(r).into_owned());
+    }
+    row("a-end", format!("{} from {}", c.a_end.edge, c.a_end.prefix));
+    let mut b = c.b_end.service.to_string();
+    if !c.b_end.regions.is_empty() {
+        b.push_str(&format!(
+            " in regions {}",
+            c.b_end
+                .regions
                 .iter()
-                .map(|n| n.as_str())
+                .map(|r| r.as_str())
                 .collect::<Vec<_>>()
-                .join(" -> ")
-        };
-        let mut s = String::new();
-        let mut row = |k: &str, v: String| s.push_str(&format!("{k:<16}{v}\n"));
-        row("id", c.id.to_string());
-        row("name", c.name.clone());
-        row("state", c.state.to_string());
-        if let Some(r) = &c.reason {
-            row("reason", r.clone());
-        }
-        row("a-end", format!("{} from {}", c.a_end.edge, c.a_end.prefix));
-        let mut b = c.b_end.service.to_string();
-        if !c.b_end.regions.is_empty() {
-            b.push_str(&format!(
-                " in regions {}",
-                c.b_end
-                    .regions
+                .join(",")
+        ));
+    }
+    if !c.b_end.sites.is_empty() {
+        b.push_str(&format!(
+            " at sites {}",
+            c.b_end
+                .sites
+                .iter()
+                .map(|r| r.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        ));
+    }
+    row("b-end", b);
+    row("requested rate", c.requested_rate.to_string());
+    row("assigned rate", opt(&c.assigned_rate));
+    row(
+        "vip",
+        format!(
+            "{}{}",
+            vip(c),
+            c.pool
+                .as_ref()
+                .map(|p| format!(" (pool {p})"))
+                .unwrap_or_default()
+        ),
+    );
+    row("site", opt(&c.site));
+    row(
+        "path",
+        format!(
+            "{path}{}",
+            c.latency.map(|l| format!(" ({l})")).unwrap_or_default()
+        ),
+    );
+    if let Some(h) = &c.held {
+        row(
+            "still holding",
+            format!(
+                "{} on {}",
+                h.rate,
+                h.path
                     .iter()
-                    .map(|r| r.as_str())
+                    .map(|n| n.as_str())
                     .collect::<Vec<_>>()
-                    .join(",")
-            ));
-        }
-        if !c.b_end.sites.is_empty() {
-            b.push_str(&format!(
-                " at sites {}",
-                c.b_end
-                    .sites
-                    .iter()
-                    .map(|r| r.as_str())
-                    .collect::<Vec<_>>()
-                    .join(",")
-            ));
-        }
-        row("b-end", b);
-        row("requested rate", c.requested_rate.to_string());
-        row("assigned rate", opt(&c.assigned_rate));
-        row(
-            "vip",
-            format!(
-                "{}{}",
-                vip(c),
-                c.pool
-                    .as_ref()
-                    .map(|p| format!(" (pool {p})"))
-                    .unwrap_or_default()
+                    .join(" -> ")
             ),
         );
-        row("site", opt(&c.site));
-        row(
-            "path",
-            format!(
-                "{path}{}",
-                c.latency.map(|l| format!(" ({l})")).unwrap_or_default()
-            ),
-        );
-        if let Some(h) = &c.held {
-            row(
-                "still holding",
-                format!(
-                    "{} on {}",
-                    h.rate,
-                    h.path
-                        .iter()
-                        .map(|n| n.as_str())
-                        .collect::<Vec<_>>()
-                        .join(" -> ")
-                ),
-            );
-        }
-        if let Some(k) = &c.idempotency_key {
-            row("idempotency key", k.clone());
-        }
-        row(
-            "created",
-            format!("{} by {}", super::fmt_time(c.created_unix_ms), c.created_by),
-        );
-        row(
-            "updated",
-            format!(
-                "{} (revision {})",
-                super::fmt_time(c.updated_unix_ms),
-                c.revision
-            ),
-        );
-        s
-    })
+    }
+    if let Some(k) = &c.idempotency_key {
+        row("idempotency key", super::one_line(k).into_owned());
+    }
+    row(
+        "created",
+        format!(
+            "{} by {}",
+            super::fmt_time(c.created_unix_ms),
+            super::one_line(&c.created_by)
+        ),
+    );
+    row(
+        "updated",
+        format!(
+            "{} (revision {})",
+            super::fmt_time(c.updated_unix_ms),
+            c.revision
+        ),
+    );
+    s
 }
 
 fn table(v: &[impl std::ops::Deref<Target = Circuit>]) -> String {
@@ -958,6 +979,39 @@ mod tests {
     /// `--timeout` bounds `--wait`: given without it, it is refused instead of ignored; it takes
     /// seconds as before and a duration with a unit (`2m` was refused as "invalid digit found
     /// in string").
+    /// `show` prints a circuit's author (stored as given), reason and idempotency key escaped: a
+    /// token holder's `--author` with a terminal escape and a line break cleared the operator's
+    /// screen and printed a forged field.
+    #[test]
+    fn show_escapes_text_stored_as_given() {
+        let mut c: Circuit = serde_json::from_value(serde_json::json!({
+            "id": "c-000001", "name": "acme",
+            "a_end": {"edge": "e1", "prefix": "10.1.0.0/24"},
+            "b_end": {"service": "chat"},
+            "requested_rate": "10Mbps",
+            "state": "active",
+            "created_by": "x", "created_unix_ms": 0, "updated_unix_ms": 0, "revision": 1
+        }))
+        .unwrap();
+        c.created_by = "eve\u{1b}[2J\nstate           failed".into();
+        c.reason = Some("r\u{1b}]0;x\u{7}".into());
+        let text = circuit_text(&c);
+        assert!(
+            !text.contains('\u{1b}') && !text.contains('\u{7}'),
+            "{text:?}"
+        );
+        let created: Vec<_> = text.lines().filter(|l| l.starts_with("created")).collect();
+        assert!(
+            created.len() == 1 && created[0].contains("eve\\u{1b}[2J\\nstate"),
+            "{text}"
+        );
+        assert_eq!(
+            text.lines().filter(|l| l.starts_with("state")).count(),
+            1,
+            "{text}"
+        );
+    }
+
     #[test]
     fn timeout_needs_wait_and_takes_a_duration() {
         let parse = |extra: &[&str]| {

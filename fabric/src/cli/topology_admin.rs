@@ -442,10 +442,17 @@ fn with_errors(text: &str, error: &str, diags: &[crate::admin::Diag]) -> String 
     out
 }
 
+/// The editor to run: `$EDITOR`, else `$VISUAL`, else `vi`; a variable empty (or blank) counts
+/// as unset, as elsewhere in the CLI (an empty `EDITOR` ran the file itself, exit 126).
+fn editor_from(var: impl Fn(&str) -> Option<String>) -> String {
+    ["EDITOR", "VISUAL"]
+        .iter()
+        .find_map(|v| var(v).filter(|e| !e.trim().is_empty()))
+        .unwrap_or_else(|| "vi".into())
+}
+
 fn run_editor(path: &Path) -> Result<(), String> {
-    let editor = std::env::var("EDITOR")
-        .or_else(|_| std::env::var("VISUAL"))
-        .unwrap_or_else(|_| "vi".into());
+    let editor = editor_from(|v| std::env::var(v).ok());
     // Through the shell, so EDITOR may carry arguments ("code --wait").
     let status = std::process::Command::new("sh")
         .arg("-c")
@@ -602,6 +609,29 @@ async fn edit_loop(c: &AdminClient, args: &EditArgs) -> Result<ExitCode, ClientE
 
 #[cfg(test)]
 mod tests {
+    /// An empty or blank `$EDITOR` counts as unset: `$VISUAL`, else `vi`, is run.
+    #[test]
+    fn an_empty_editor_variable_counts_as_unset() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |v: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == v)
+                    .map(|(_, val)| val.to_string())
+            }
+        };
+        assert_eq!(
+            editor_from(env(&[("EDITOR", ""), ("VISUAL", "nano")])),
+            "nano"
+        );
+        assert_eq!(editor_from(env(&[("EDITOR", " "), ("VISUAL", "")])), "vi");
+        assert_eq!(
+            editor_from(env(&[("EDITOR", "code --wait"), ("VISUAL", "nano")])),
+            "code --wait"
+        );
+        assert_eq!(editor_from(env(&[])), "vi");
+    }
+
     use super::*;
 
     /// A version committed but not distributed is an error for the operator (exit 1, told

@@ -514,6 +514,11 @@ impl CertResolver {
     /// certificate chains to a CA of the bundle in force, is valid now and is for our name (for
     /// both server and client use). The checked pair on success.
     pub fn check(&self, id: &TlsIdentity) -> Result<CertifiedKey, String> {
+        self.check_with(id, &self.trust.load())
+    }
+
+    /// [`CertResolver::check`] against `trust` (a bundle about to be adopted).
+    fn check_with(&self, id: &TlsIdentity, trust: &Trust) -> Result<CertifiedKey, String> {
         let leaf = id.chain.first().ok_or("no certificate in file")?;
         let ck = CertifiedKey::from_der(id.chain.clone(), id.key.clone_key(), &self.provider)
             .map_err(|e| format!("key does not match the certificate: {e}"))?;
@@ -522,7 +527,6 @@ impl CertResolver {
         let now = UnixTime::now();
         let sn = ServerName::try_from(self.name.as_str())
             .map_err(|e| format!("node name {:?}: {e}", self.name))?;
-        let trust = self.trust.load();
         trust
             .verify_server(leaf, &id.chain[1..], &sn, now)
             .map_err(|e| format!("certificate refused: {e}"))?;
@@ -696,12 +700,28 @@ impl CertResolver {
             })
             .collect();
         let next = Trust::build(&cas, crls, &self.provider).map_err(|e| e.to_string())?;
-        // Revoked is fine here: the question is whether the node's issuer stays trusted.
+        // Revoked is fine here: the question is whether the node's issuer stays trusted. A
+        // bundle that does not is refused even when the node's pair on disk chains to it (a
+        // foreign CA's files copied in by mistake would cut the node off from every peer), but
+        // then the refusal says so: a node that missed a rotation's first step, given the final
+        // bundle and its new pair, takes both at a restart.
         if let Standing::Untrusted(e) = next.standing(&self.current.load().cert) {
+            let pair_chains = self.dir.as_deref().is_some_and(|d| {
+                self.load_own(d)
+                    .map_err(|e| e.to_string())
+                    .and_then(|id| self.check_with(&id, &next))
+                    .is_ok()
+            });
+            let hint = if pair_chains {
+                "; the node's certificate file does chain to it: if this node missed the first \
+                 step of a CA rotation, restart it to take both"
+            } else {
+                ""
+            };
             return Err(format!(
                 "the certificate this node presents does not chain to a CA of it ({e}): it would \
                  cut this node off from its peers on that CA (give the node a certificate from \
-                 a CA of both bundles first)"
+                 a CA of both bundles first){hint}"
             ));
         }
         let gone: Vec<usize> = (0..cur.cas.len())
@@ -2603,6 +2623,48 @@ mod tests {
             pushed,
             "and saved"
         );
+    }
+
+    /// A node that missed a rotation's first step (its bundle still the old CA alone), given the
+    /// final state (the pruned bundle, the new CA alone, and its pair from the new CA), refuses
+    /// the bundle, which does not trust the certificate it presents (as it would a foreign CA's
+    /// files copied in by mistake), but says that a restart takes both, and a restart does.
+    /// (The refusal said only to give the node a certificate from a CA of both bundles, which
+    /// the node, given one, refused for not chaining to the bundle in force.)
+    #[test]
+    fn a_node_that_missed_a_rotation_is_told_a_restart_takes_the_final_state() {
+        let ca = tempfile::tempdir().unwrap();
+        pki::init(ca.path()).unwrap();
+        pki::issue(ca.path(), "n1").unwrap();
+        let node = tempfile::tempdir().unwrap();
+        let sync = || {
+            for f in [pki::CA_CERT, "n1.pem", "n1.key"] {
+                fs::copy(ca.path().join(f), node.path().join(f)).unwrap();
+            }
+        };
+        sync();
+        let r = CertResolver::new(&TlsIdentity::load(node.path(), "n1").unwrap()).unwrap();
+        let old_leaf = leaf_in(node.path(), "n1");
+        pki::rotate_ca(ca.path()).unwrap();
+        pki::issue(ca.path(), "n1").unwrap();
+        pki::retire_ca(ca.path()).unwrap();
+        // The pruned bundle alone: refused, no hint (the pair on disk is the old CA's).
+        fs::copy(ca.path().join(pki::CA_CERT), node.path().join(pki::CA_CERT)).unwrap();
+        match r.reload_tick().trust {
+            TrustReload::Refused(why) => assert!(!why.contains("restart"), "{why}"),
+            t => panic!("{t:?}"),
+        }
+        // With its new pair: refused, and told.
+        sync();
+        let tick = r.reload_tick();
+        match &tick.trust {
+            TrustReload::Refused(why) => assert!(why.contains("restart it to take both"), "{why}"),
+            t => panic!("{t:?}"),
+        }
+        assert_eq!(r.current().cert[0], old_leaf);
+        // A restart takes both.
+        let restarted = CertResolver::new(&TlsIdentity::load(node.path(), "n1").unwrap()).unwrap();
+        assert_eq!(restarted.current().cert[0], leaf_in(ca.path(), "n1"));
     }
 
     /// Two endpoints, `a` dialling `b`, each with its own TLS directory: `a` on a certificate of

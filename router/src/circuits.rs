@@ -92,11 +92,20 @@ impl CircuitTable {
         };
         for spec in snap.circuits.iter().filter(|c| &c.edge == node) {
             let limiter = match old.get(spec.id.as_str()) {
-                Some(o) => {
+                Some(o) if o.spec.path == spec.path => {
                     if o.limiter.rate() != spec.rate {
                         o.limiter.set_rate(spec.rate);
                     }
                     o.limiter.clone()
+                }
+                // Moved to another path (a resize the old path had no room for): the
+                // connections open on the old path end at their next bytes, as a removed
+                // circuit's do, and the new ones take the new path under a limiter of their
+                // own. (They went on over the old path at the new rate, and, once the move was
+                // active, over links whose reservation the move had given back to others.)
+                Some(o) => {
+                    o.limiter.revoke();
+                    CircuitLimiter::new(spec.rate)
                 }
                 None => CircuitLimiter::new(spec.rate),
             };
@@ -336,6 +345,29 @@ mod tests {
     /// listener (a VIP's).
     fn by_vip(t: &CircuitTable, client: &str, dest: &str) -> String {
         id(&t.classify(None, client.parse().unwrap(), Some(dest.parse().unwrap())))
+    }
+
+    /// A circuit whose rate changes on its path keeps its limiter (its open connections go on
+    /// at the new rate); one moved to another path ends the connections open on the old path
+    /// (its old limiter revoked, as a removed circuit's) and starts a limiter of its own.
+    #[test]
+    fn a_circuit_moved_to_another_path_ends_its_connections_on_the_old_one() {
+        let me = NodeId::new("syd");
+        let c = circuit("c-1", "syd", "10.0.0.0/8", "llm", Some("127.77.0.1"), 100);
+        let t1 = CircuitTable::build(&me, &snap(vec![c.clone()], true), &CircuitTable::default());
+        let first = t1.by_service[&ServiceName::new("llm")][0].limiter.clone();
+        let mut faster = c.clone();
+        faster.rate = Bandwidth::from_mbps(200);
+        let t2 = CircuitTable::build(&me, &snap(vec![faster.clone()], true), &t1);
+        let kept = t2.by_service[&ServiceName::new("llm")][0].limiter.clone();
+        assert!(Arc::ptr_eq(&first, &kept) && !first.up.is_revoked());
+        assert_eq!(kept.rate(), Bandwidth::from_mbps(200));
+        let mut moved = faster;
+        moved.path = vec![NodeId::new("syd"), NodeId::new("t2"), NodeId::new("site")];
+        let t3 = CircuitTable::build(&me, &snap(vec![moved], true), &t2);
+        let new = t3.by_service[&ServiceName::new("llm")][0].limiter.clone();
+        assert!(first.up.is_revoked(), "the old path's connections end");
+        assert!(!Arc::ptr_eq(&first, &new) && !new.up.is_revoked());
     }
 
     #[test]

@@ -445,14 +445,15 @@ impl Throttle {
     }
 }
 
-/// The most of an HTTP answer a check reads: its status line must be in it.
-const MAX_CHECK_ANSWER: usize = 1024;
+/// The most of an HTTP answer a check reads: interim (1xx) answers, then the final status line,
+/// which must be whole in it.
+const MAX_CHECK_ANSWER: usize = 16 * 1024;
 
 /// One health check of `backend`, within `within`: a TCP connect, then, with a `path`, an
 /// HTTP/1.1 `GET` of it whose status must be 2xx or 3xx (as Envoy's and AWS's HTTP checks).
 /// Only the status line is read, at most [`MAX_CHECK_ANSWER`] bytes.
 async fn check_once(backend: SocketAddr, path: Option<&str>, within: Duration) -> CheckResult {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let mut connected = false;
     let mut no_descriptor = false;
     let run = async {
@@ -471,16 +472,7 @@ async fn check_once(backend: SocketAddr, path: Option<&str>, within: Duration) -
         tcp.write_all(request.as_bytes())
             .await
             .map_err(|e| format!("sending the request: {e}"))?;
-        let mut buf = [0u8; MAX_CHECK_ANSWER];
-        let mut n = 0;
-        while n < buf.len() && final_answer(&buf[..n]).is_none() {
-            match tcp.read(&mut buf[n..]).await {
-                Ok(0) => break,
-                Ok(k) => n += k,
-                Err(e) => return Err(format!("reading the answer: {e}")),
-            }
-        }
-        http_status_ok(final_answer(&buf[..n]).unwrap_or(&buf[..n]))
+        judge_answer(tokio::io::BufReader::with_capacity(1024, tcp)).await
     };
     let failure = match tokio::time::timeout(within, run).await {
         Ok(Ok(())) => None,
@@ -494,34 +486,53 @@ async fn check_once(backend: SocketAddr, path: Option<&str>, within: Duration) -
     }
 }
 
-/// The final answer in `head`, from its status line on, once that line is whole: interim
-/// (1xx) answers before it, each ended by an empty line, are skipped, as RFC 9110 (15.2) asks
-/// of a client (a backend may send `103 Early Hints` first). `None` while more bytes are
-/// needed.
-fn final_answer(head: &[u8]) -> Option<&[u8]> {
-    let mut at = 0;
-    loop {
-        let rest = &head[at..];
-        let line = &rest[..rest.iter().position(|&b| b == b'\n')?];
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let interim = line.starts_with(b"HTTP/")
-            && line
-                .split(|&b| b == b' ')
-                .nth(1)
-                .is_some_and(|code| code.len() == 3 && code[0] == b'1');
-        if !interim {
-            return Some(rest);
-        }
-        let end = [&b"\r\n\r\n"[..], b"\n\n"]
-            .iter()
-            .filter_map(|blank| {
-                rest.windows(blank.len())
-                    .position(|w| w == *blank)
-                    .map(|p| p + blank.len())
-            })
-            .min()?;
-        at += end;
+/// Reads an HTTP answer from `r` up to its final status line, skipping interim (1xx) answers,
+/// each ended by an empty line, as RFC 9110 (15.2) asks of a client (a backend may send `103
+/// Early Hints` first, with a page of `Link` headers), and judges that line
+/// ([`http_status_ok`]); at most [`MAX_CHECK_ANSWER`] bytes in all. An answer that ends within an
+/// interim one is judged by its status line (a failure). (The answer was read into a 1 KiB
+/// buffer: interim answers that filled it had their status line judged, and a backend that
+/// sent one never became healthy.)
+async fn judge_answer(r: impl tokio::io::AsyncBufRead + Unpin) -> Result<(), String> {
+    use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt};
+    async fn read_line(
+        r: &mut (impl AsyncBufRead + Unpin),
+        line: &mut Vec<u8>,
+    ) -> Result<usize, String> {
+        line.clear();
+        r.read_until(b'\n', line)
+            .await
+            .map_err(|e| format!("reading the answer: {e}"))
     }
+    let mut r = r.take(MAX_CHECK_ANSWER as u64);
+    let mut status = Vec::new();
+    let mut header = Vec::new();
+    loop {
+        read_line(&mut r, &mut status).await?;
+        if !is_interim(&status) {
+            return http_status_ok(&status);
+        }
+        // Its header lines, to the empty one.
+        loop {
+            if read_line(&mut r, &mut header).await? == 0 {
+                return http_status_ok(&status);
+            }
+            if header == b"\r\n" || header == b"\n" {
+                break;
+            }
+        }
+    }
+}
+
+/// Whether `line` is an interim answer's status line (`HTTP/1.1 103 Early Hints`).
+fn is_interim(line: &[u8]) -> bool {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    line.starts_with(b"HTTP/")
+        && line
+            .split(|&b| b == b' ')
+            .nth(1)
+            .is_some_and(|code| code.len() == 3 && code[0] == b'1')
 }
 
 /// Whether an HTTP answer's status line (`HTTP/1.1 200 OK`) says 2xx or 3xx.
@@ -776,35 +787,72 @@ mod tests {
 
     /// Interim answers (1xx) before the final one are skipped: a `103 Early Hints` then `200`
     /// is healthy, a `100 Continue` then `503` is not. (The 103 failed the check.)
-    #[test]
-    fn an_http_check_judges_the_final_answer_after_interim_ones() {
-        let judge = |head: &[u8]| http_status_ok(final_answer(head).unwrap_or(head));
+    #[tokio::test]
+    async fn an_http_check_judges_the_final_answer_after_interim_ones() {
+        let judge = |head: &'static [u8]| judge_answer(head);
         assert_eq!(
-            judge(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\n"),
+            judge(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\n").await,
             Ok(())
         );
         assert_eq!(
-            judge(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 503 Busy\r\n"),
+            judge(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 503 Busy\r\n").await,
             Err("HTTP status 503".to_string())
         );
         // No reason phrase: the code is still read whole (the line's CR is not part of it).
-        assert_eq!(judge(b"HTTP/1.1 100\r\n\r\nHTTP/1.1 200 OK\r\n"), Ok(()));
-        // Still waiting: an interim answer whose end, or whose final answer's status line,
-        // has not come.
         assert_eq!(
-            final_answer(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n"),
-            None
+            judge(b"HTTP/1.1 100\r\n\r\nHTTP/1.1 200 OK\r\n").await,
+            Ok(())
         );
-        assert_eq!(final_answer(b"HTTP/1.1 103 X\r\n\r\nHTTP/1.1 200"), None);
+        assert_eq!(judge(b"HTTP/1.1 200 OK\r\n").await, Ok(()));
+        // Cut off within or after the interim answer, or inside the final status line: a
+        // failure.
         assert_eq!(
-            final_answer(b"HTTP/1.1 200 OK\r\n"),
-            Some(&b"HTTP/1.1 200 OK\r\n"[..])
-        );
-        // Cut off after the interim answer: judged by what came (a failure).
-        assert_eq!(
-            judge(b"HTTP/1.1 103 Early Hints\r\n"),
+            judge(b"HTTP/1.1 103 Early Hints\r\n").await,
             Err("HTTP status 103".to_string())
         );
+        assert_eq!(
+            judge(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n").await,
+            Err("HTTP status 103".to_string())
+        );
+        assert!(judge(b"HTTP/1.1 103 X\r\n\r\nHTTP/1.1 200").await.is_err());
+        assert!(judge(b"").await.is_err());
+    }
+
+    /// Interim answers longer than 1 KiB (a `103` with a page of `Link` headers) are read past
+    /// and the final answer judged; endless ones fail at the bound.
+    #[tokio::test]
+    async fn interim_answers_longer_than_a_kilobyte_are_read_past() {
+        let mut early = b"HTTP/1.1 103 Early Hints\r\n".to_vec();
+        for i in 0..40 {
+            early.extend_from_slice(
+                format!("Link: </assets/style-{i:04}.css>; rel=preload\r\n").as_bytes(),
+            );
+        }
+        early.extend_from_slice(b"\r\n");
+        assert!(early.len() > 1024);
+        let answer = |interim: usize| {
+            let mut a = early.repeat(interim);
+            a.extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+            a
+        };
+        assert_eq!(judge_answer(&answer(1)[..]).await, Ok(()));
+        assert!(answer(40).len() > MAX_CHECK_ANSWER);
+        assert!(judge_answer(&answer(40)[..]).await.is_err());
+        // Through a real connection too (its reads split anywhere).
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let bytes = answer(3);
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let (mut c, _) = l.accept().await.unwrap();
+            let mut req = [0u8; 512];
+            let _ = c.read(&mut req).await;
+            for chunk in bytes.chunks(700) {
+                let _ = c.write_all(chunk).await;
+            }
+        });
+        let r = check_once(addr, Some("/health"), Duration::from_secs(10)).await;
+        assert_eq!(r.failure, None);
     }
 
     #[test]

@@ -843,6 +843,19 @@ impl IssuedRecord {
 
 /// The identifier of a CA in [`ISSUED`]: the hex of the first 20 bytes of the SHA-256 of its
 /// public key (as rcgen derives a subject key identifier). CAs share their name, not their key.
+/// [`ca_id`] of the CA certificate `der` (from its public key), `None` when it does not parse.
+fn spki_ca_id(der: &CertificateDer<'_>) -> Option<String> {
+    let (_, x) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    let spki = rcgen::SubjectPublicKeyInfo::from_der(x.tbs_certificate.subject_pki.raw).ok()?;
+    Some(
+        CertificateParams::default()
+            .key_identifier(&spki)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    )
+}
+
 fn ca_id(key: &KeyPair) -> String {
     CertificateParams::default()
         .key_identifier(key)
@@ -1490,18 +1503,28 @@ fn node_serials(
         let (_, issuing) = x509_parser::parse_x509_certificate(issuing_der.as_ref())
             .map_err(|e| bad(format!("the issuing CA certificate: {e}")))?;
         let serial = Serial::from_der_content(x.raw_serial());
+        // Of another CA still in the bundle (else of one retired: accepted nowhere).
+        let of_bundle = || {
+            ca.bundle.iter().any(|c| {
+                x509_parser::parse_x509_certificate(c.der.as_ref())
+                    .is_ok_and(|(_, b)| x.verify_signature(Some(b.public_key())).is_ok())
+            })
+        };
         Ok((
             serial,
             x.verify_signature(Some(issuing.public_key())).is_ok(),
+            of_bundle(),
         ))
     })();
     let file_problem = match from_file {
-        Ok((serial, true)) => {
+        Ok((serial, true, _)) => {
             mine.push(serial);
             None
         }
-        Ok((serial, false)) => {
-            others.push(serial);
+        Ok((serial, false, of_bundle)) => {
+            if of_bundle {
+                others.push(serial);
+            }
             Some(not_issuing())
         }
         Err(e) => Some(e),
@@ -1510,6 +1533,13 @@ fn node_serials(
     // which `<name>.pem` here never holds.
     let (records, unreadable) = read_issued(dir)?;
     let issuing_id = ca_id(&ca.key);
+    // The other CAs still in the bundle: a certificate of a CA retired since is accepted
+    // nowhere any more (it was reported as staying accepted until `retire-ca`, long after it).
+    let bundle_ids: Vec<String> = ca
+        .bundle
+        .iter()
+        .filter_map(|c| spki_ca_id(&c.der))
+        .collect();
     let now = unix(SystemTime::now());
     for r in records {
         if !r.node.eq_ignore_ascii_case(name) || r.not_after <= now {
@@ -1517,8 +1547,10 @@ fn node_serials(
         }
         let list = if r.ca == issuing_id {
             &mut mine
-        } else {
+        } else if bundle_ids.contains(&r.ca) {
             &mut others
+        } else {
+            continue;
         };
         if !list.contains(&r.serial) {
             list.push(r.serial);
@@ -2070,6 +2102,11 @@ mod tests {
         let r = revoke(d.path(), &node("n1"), RevokeReason::Unspecified).unwrap();
         assert_eq!(r.added, [new]);
         assert_eq!(r.other_ca, [old_file, old_renewal]);
+        // Once the old CA is retired, its certificates are accepted nowhere: not reported as
+        // staying accepted until `retire-ca`.
+        retire_ca(d.path()).unwrap();
+        let r = revoke(d.path(), &node("n1"), RevokeReason::Unspecified).unwrap();
+        assert!(r.other_ca.is_empty(), "{:?}", r.other_ca);
     }
 
     /// webpki matches a list to a certificate by issuer name, byte for byte: the list's issuer

@@ -499,18 +499,20 @@ async fn exec(client: &AdminClient, cmd: CircuitCmd, out: Output) -> Result<(), 
                 let id = resp.circuit.id.as_str();
                 match wait(client, id, resp.circuit.state, &a.wait, false).await {
                     Ok(c) => c,
-                    // The circuit exists, failed or still provisioning: printed (as it is now
-                    // when the controller says, else as created) so that a script has its id
-                    // to delete or wait on, and told apart from a refused create by its exit.
-                    Err(e @ (CmdError::Failed { .. } | CmdError::Timeout { .. })) => {
-                        let c = match current(client, id).await {
-                            Ok(c) => c,
-                            Err(_) => resp.field("circuit")?,
+                    // The circuit exists, whatever ended the wait (it failed, was still
+                    // provisioning, was deleted meanwhile, or the controller could not be
+                    // asked): printed (as it is now when the controller says so within a few
+                    // seconds, else as created) so that a script has its id to delete or look
+                    // at, and told apart from a refused create by its exit.
+                    Err(e) => {
+                        let now = tokio::time::timeout(LAST_LOOK, current(client, id)).await;
+                        let c = match now {
+                            Ok(Ok(c)) => c,
+                            _ => resp.field("circuit")?,
                         };
                         print_circuit(out, &c)?;
                         return Err(CmdError::NotActive(Box::new(e)));
                     }
-                    Err(e) => return Err(e),
                 }
             } else {
                 resp.field("circuit")?
@@ -725,6 +727,10 @@ async fn wait(
         tokio::time::sleep(POLL.min(left)).await;
     }
 }
+
+/// How long a create whose `--wait` ended unfinished looks at its circuit once more (past
+/// `--timeout`) before it prints the circuit as created.
+const LAST_LOOK: Duration = Duration::from_secs(2);
 
 /// How often `--wait` looks at the circuit.
 const POLL: Duration = Duration::from_millis(100);

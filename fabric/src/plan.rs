@@ -159,7 +159,7 @@ impl Plan {
         let before = crate::circuits::check(old, circuits);
         let (already, caused): (Vec<_>, Vec<_>) = crate::circuits::check(new, circuits)
             .into_iter()
-            .partition(|i| was_there(i, &before));
+            .partition(|i| was_there(i, &before, new));
         (self.circuits, self.circuits_already) = (caused, already);
         if !self.circuits.is_empty() {
             let _ = writeln!(
@@ -194,7 +194,14 @@ impl Plan {
 fn was_there(
     issue: &topology::circuit::ReservationIssue,
     before: &[topology::circuit::ReservationIssue],
+    new: &Topology,
 ) -> bool {
+    // A node still down, or gone, in the new topology (a link removed where its end was down
+    // is the change's doing when the change brings that end back up).
+    let still_cut = |n: &topology::NodeId| {
+        new.node(n.as_str())
+            .is_none_or(|node| node.state == topology::AdminState::Down)
+    };
     use topology::circuit::ReservationIssue::{
         LinkDown, LinkRemoved, NodeDown, NodeRemoved, OverCommitted,
     };
@@ -207,7 +214,7 @@ fn was_there(
                 c == circuit && l == link
             }
             NodeDown { circuit: c, node: n } | NodeRemoved { circuit: c, node: n } => {
-                c == circuit && (&link.0 == n || &link.1 == n)
+                c == circuit && (&link.0 == n || &link.1 == n) && still_cut(n)
             }
             _ => false,
         }),
@@ -482,6 +489,21 @@ mod tests {
         let p = plan(&t_down, &t_gone, &circuits);
         assert!(p.circuits.is_empty(), "{}", p.text);
         assert!(!p.circuits_already.is_empty(), "{}", p.text);
+        // The node t brought back up and its link to s removed in one change: the removal,
+        // which keeps the circuit cut, is the change's doing.
+        let mut back = t_down.clone();
+        for n in back.nodes.iter_mut().filter(|n| n.id.as_str() == "t") {
+            n.state = AdminState::Up;
+        }
+        back.links.retain(|l| l.id() != t_s);
+        let p = plan(&t_down, &back, &circuits);
+        assert!(
+            p.circuits
+                .iter()
+                .any(|i| matches!(i, ReservationIssue::LinkRemoved { link, .. } if *link == t_s)),
+            "{}",
+            p.text
+        );
         // Removing what was up is still the change's doing.
         let up = topo(1000, AdminState::Up);
         let mut gone = up.clone();

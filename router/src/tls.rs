@@ -748,7 +748,10 @@ impl CertResolver {
         Ok(TrustReload::Adopted { cas: cas.len() })
     }
 
-    fn bundle_refused(&self, bytes: Vec<u8>, why: String) -> TrustReload {
+    fn bundle_refused(&self, mut bytes: Vec<u8>, why: String) -> TrustReload {
+        // Told again when the reason changes for the same file (the node's pair on disk came
+        // to chain to it: the refusal then says a restart takes both).
+        bytes.extend_from_slice(why.as_bytes());
         let new = match self.last_bundle.lock() {
             Ok(mut l) => {
                 let new = !matches!(l.as_ref(), Some((seen, true)) if *seen == bytes);
@@ -769,7 +772,8 @@ impl CertResolver {
     pub fn trust_reloads(&self) -> u64 {
         self.trust_reloads.load(Relaxed)
     }
-    /// Distinct `ca.pem` files refused since start.
+    /// Distinct `ca.pem` files refused since start (a file refused again for another reason counts
+    /// again).
     pub fn trust_reload_failures(&self) -> u64 {
         self.trust_failures.load(Relaxed)
     }
@@ -2654,13 +2658,18 @@ mod tests {
             TrustReload::Refused(why) => assert!(!why.contains("restart"), "{why}"),
             t => panic!("{t:?}"),
         }
-        // With its new pair: refused, and told.
+        assert_eq!(r.trust_reload_failures(), 1);
+        // With its new pair: refused, and told (logged, counted: the same file refused for
+        // another reason).
         sync();
         let tick = r.reload_tick();
         match &tick.trust {
             TrustReload::Refused(why) => assert!(why.contains("restart it to take both"), "{why}"),
             t => panic!("{t:?}"),
         }
+        assert_eq!(r.trust_reload_failures(), 2);
+        r.reload_tick();
+        assert_eq!(r.trust_reload_failures(), 2, "told once");
         assert_eq!(r.current().cert[0], old_leaf);
         // A restart takes both.
         let restarted = CertResolver::new(&TlsIdentity::load(node.path(), "n1").unwrap()).unwrap();

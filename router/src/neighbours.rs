@@ -38,6 +38,11 @@ pub(crate) struct Neighbour {
     pub addr: SocketAddr,
     /// Set only while the neighbour is up (connected, answering probes, past its hold-down).
     conn: ArcSwapOption<quinn::Connection>,
+    /// The dialer's connection, up or not (down after a verdict, or answering in a hold-down):
+    /// its lost packets are added to `lost_before` once, by whoever takes it out
+    /// ([`Neighbour::end_live`]: the dialer at the connection's end, or a snapshot that moves
+    /// the neighbour and aborts the dialer).
+    live: ArcSwapOption<quinn::Connection>,
     up: AtomicBool,
     /// The link's RTT as routing takes it: the lowest sampled over the last [`MIN_RTT_WINDOW`]
     /// ([`MinRtt`]), in microseconds (0 until the first connection).
@@ -77,6 +82,7 @@ impl Neighbour {
             id,
             addr,
             conn: ArcSwapOption::empty(),
+            live: ArcSwapOption::empty(),
             up: AtomicBool::new(false),
             rtt_us: AtomicU64::new(0),
             srtt_us: AtomicU64::new(0),
@@ -129,6 +135,13 @@ impl Neighbour {
     fn connection_ended(&self, conn: &quinn::Connection) {
         self.lost_before
             .fetch_add(conn.stats().path.lost_packets, SeqCst);
+    }
+    /// The dialer's connection ended, or is about to be closed with the dialer aborted: its
+    /// lost packets count from now on as ended ones (once: the first caller takes it).
+    pub(crate) fn end_live(&self) {
+        if let Some(c) = self.live.swap(None) {
+            self.connection_ended(&c);
+        }
     }
     /// This neighbour replaces `old`, the same node at another address (a snapshot moved it):
     /// its counters go on from `old`'s instead of falling back to 0 under the same labels, and
@@ -260,6 +273,7 @@ pub(crate) async fn run_dialer(shared: Arc<Shared>, nb: Arc<Neighbour>) {
             // it holds the connection closes it, down or up: streams still on it must not run
             // on unprobed and unwatched. (Ended here, it is closed already.)
             let _close = CloseOnDrop(&conn);
+            nb.live.store(Some(Arc::new(conn.clone())));
             let began = Instant::now();
             let answered = probe_until_down(&shared, &nb, &conn).await;
             if nb.is_up() {
@@ -269,7 +283,7 @@ pub(crate) async fn run_dialer(shared: Arc<Shared>, nb: Arc<Neighbour>) {
             // Also when it was not up (in its hold-down, it answered on this connection and so
             // spoke for itself again): its own word ends with the connection.
             shared.evidence.unheard(&nb.id);
-            nb.connection_ended(&conn);
+            nb.end_live();
             if answered {
                 nb.set_down_since(Some(Instant::now()));
                 if began.elapsed() >= STABLE_FOR {

@@ -926,15 +926,17 @@ impl Control {
                     moved.insert(id.clone(), nb.clone());
                 }
                 h.abort();
-                // Its live connection's losses are read before it is closed (a closed one is
-                // read no more: they were lost to the counter its successor goes on from).
-                let _ = nb.lost_packets();
                 if let Some(c) = nb.connection() {
                     c.close(
                         quinn::VarInt::from_u32(crate::codes::close::NORMAL),
                         b"topology changed",
                     );
                 }
+                // Its dialer's connection's losses are counted here (its aborted dialer will
+                // not: they were lost to the counter its successor goes on from), up or not (a
+                // neighbour moved just after a down verdict had its burst of losses left out);
+                // after the close, so that no reading counts them twice meanwhile.
+                nb.end_live();
                 // Its connection ended here, not in its (aborted) dialer: its own word ends
                 // with it, as there.
                 sh.evidence.unheard(id);

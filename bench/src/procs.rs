@@ -378,7 +378,7 @@ impl Haproxy {
             .into_iter()
             .find(|p| !p.starts_with('/') || std::path::Path::new(p).exists())
             .unwrap_or("haproxy");
-        let child = Command::new(bin)
+        let mut child = Command::new(bin)
             .arg("-db")
             .arg("-f")
             .arg(&cfg)
@@ -389,6 +389,9 @@ impl Haproxy {
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(listen).is_err() {
             if Instant::now() > deadline {
+                // Not left running behind the failed run.
+                let _ = child.kill();
+                let _ = child.wait();
                 bail!("haproxy did not listen on {listen}");
             }
             std::thread::sleep(Duration::from_millis(20));

@@ -92,7 +92,14 @@ impl CircuitTable {
         };
         for spec in snap.circuits.iter().filter(|c| &c.edge == node) {
             let limiter = match old.get(spec.id.as_str()) {
-                Some(o) if o.spec.path == spec.path => {
+                // The same path, or no path on either side (a circuit a topology change
+                // failed is published without one, its connections carried unreserved; and
+                // with one again when restored): no move.
+                Some(o)
+                    if o.spec.path == spec.path
+                        || o.spec.path.is_empty()
+                        || spec.path.is_empty() =>
+                {
                     if o.limiter.rate() != spec.rate {
                         o.limiter.set_rate(spec.rate);
                     }
@@ -368,6 +375,14 @@ mod tests {
         let new = t3.by_service[&ServiceName::new("llm")][0].limiter.clone();
         assert!(first.up.is_revoked(), "the old path's connections end");
         assert!(!Arc::ptr_eq(&first, &new) && !new.up.is_revoked());
+        // Failed by a topology change (published without a path: carried unreserved), then
+        // restored on a path: no move either way, its connections go on.
+        let mut failed = c.clone();
+        failed.path = Vec::new();
+        let t4 = CircuitTable::build(&me, &snap(vec![failed], true), &t3);
+        let t5 = CircuitTable::build(&me, &snap(vec![c], true), &t4);
+        let last = t5.by_service[&ServiceName::new("llm")][0].limiter.clone();
+        assert!(Arc::ptr_eq(&new, &last) && !new.up.is_revoked());
     }
 
     #[test]

@@ -216,21 +216,24 @@ impl RedbStore {
     ) -> Result<(RwLockReadGuard<'_, Option<Database>>, T), StoreError> {
         IO_FAILED.set(false);
         let g = self.usable()?;
+        // Read with the file's lock held: no reopening in between.
+        let seen = self.reopened.load(std::sync::atomic::Ordering::SeqCst);
         match g.as_ref().map(&begin) {
             Some(Ok(tx)) => return Ok((g, tx)),
             Some(Err(e)) if IO_FAILED.replace(false) => {
                 drop(g);
-                self.reopen().map_err(|_| e)?;
+                // Unless another transaction that met the error opened it again already.
+                self.reopen_since(seen);
+                let g = self.usable().map_err(|_| e)?;
+                let tx = g
+                    .as_ref()
+                    .map(&begin)
+                    .expect("usable() gives an open database")?;
+                return Ok((g, tx));
             }
             Some(Err(e)) => return Err(e),
             None => unreachable!("usable() gives an open database"),
         }
-        let g = self.usable()?;
-        let tx = g
-            .as_ref()
-            .map(&begin)
-            .expect("usable() gives an open database")?;
-        Ok((g, tx))
     }
 
     /// After the commit that counted `n` failed on an I/O error: `Ok` when the file, opened

@@ -52,7 +52,17 @@ fn pick(ip: IpAddr, probe: impl Fn(SocketAddr) -> std::io::Result<SocketAddr>) -
             return addr;
         }
     }
-    // No usable range (or all of it busy): fall back to a kernel-chosen port.
+    // No usable range (or all of it busy): fall back to a kernel-chosen port, said once (a
+    // router started late may then find its port taken: tests may fail with AddrInUse).
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| {
+        eprintln!(
+            "testkit: no free port below the kernel's ephemeral range (it starts at {}): using \
+             kernel-chosen ports, which a late bind may find taken (widen the range below it in \
+             /proc/sys/net/ipv4/ip_local_port_range)",
+            ephemeral_low()
+        )
+    });
     probe(SocketAddr::new(ip, 0)).expect("no free loopback port")
 }
 

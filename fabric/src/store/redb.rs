@@ -219,7 +219,7 @@ impl RedbStore {
         // Read with the file's lock held: no reopening in between.
         let seen = self.reopened.load(std::sync::atomic::Ordering::SeqCst);
         match g.as_ref().map(&begin) {
-            Some(Ok(tx)) => return Ok((g, tx)),
+            Some(Ok(tx)) => Ok((g, tx)),
             Some(Err(e)) if IO_FAILED.replace(false) => {
                 drop(g);
                 // Unless another transaction that met the error opened it again already.
@@ -229,9 +229,9 @@ impl RedbStore {
                     .as_ref()
                     .map(&begin)
                     .expect("usable() gives an open database")?;
-                return Ok((g, tx));
+                Ok((g, tx))
             }
-            Some(Err(e)) => return Err(e),
+            Some(Err(e)) => Err(e),
             None => unreachable!("usable() gives an open database"),
         }
     }

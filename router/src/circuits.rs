@@ -35,6 +35,10 @@ pub struct EdgeCircuit {
     /// The circuit id as the stream header carries it.
     pub id: String,
     pub limiter: Arc<CircuitLimiter>,
+    /// The last path the circuit was published with (kept while it is published without one:
+    /// failed by a topology change), which its connections took: a path other than this one
+    /// is a move ([`CircuitTable::build`]).
+    placed: Vec<NodeId>,
 }
 
 /// What a connection is, after classification.
@@ -91,15 +95,17 @@ impl CircuitTable {
             ..CircuitTable::default()
         };
         for spec in snap.circuits.iter().filter(|c| &c.edge == node) {
+            // The path its connections took: the last one it was published with.
+            let placed = match old.get(spec.id.as_str()) {
+                Some(o) if spec.path.is_empty() => o.placed.clone(),
+                _ => spec.path.clone(),
+            };
             let limiter = match old.get(spec.id.as_str()) {
-                // The same path, or no path on either side (a circuit a topology change
-                // failed is published without one, its connections carried unreserved; and
-                // with one again when restored): no move.
-                Some(o)
-                    if o.spec.path == spec.path
-                        || o.spec.path.is_empty()
-                        || spec.path.is_empty() =>
-                {
+                // The same path as the last one, or none now (a circuit a topology change failed
+                // is published without one, its connections carried unreserved) or before (a
+                // new edge's first sight of it): no move. Restored on another path than the one
+                // it had before it failed, it has moved.
+                Some(o) if o.placed == placed || o.placed.is_empty() => {
                     if o.limiter.rate() != spec.rate {
                         o.limiter.set_rate(spec.rate);
                     }
@@ -120,6 +126,7 @@ impl CircuitTable {
                 id: spec.id.to_string(),
                 spec: spec.clone(),
                 limiter,
+                placed,
             });
             if let (Some(ip), Some(port)) = (spec.vip, spec.port) {
                 // Keyed as `classify` looks it up: a VIP from an IPv4-mapped pool (refused in a
@@ -369,20 +376,26 @@ mod tests {
         let kept = t2.by_service[&ServiceName::new("llm")][0].limiter.clone();
         assert!(Arc::ptr_eq(&first, &kept) && !first.up.is_revoked());
         assert_eq!(kept.rate(), Bandwidth::from_mbps(200));
-        let mut moved = faster;
+        let mut moved = faster.clone();
         moved.path = vec![NodeId::new("syd"), NodeId::new("t2"), NodeId::new("site")];
-        let t3 = CircuitTable::build(&me, &snap(vec![moved], true), &t2);
+        let t3 = CircuitTable::build(&me, &snap(vec![moved.clone()], true), &t2);
         let new = t3.by_service[&ServiceName::new("llm")][0].limiter.clone();
         assert!(first.up.is_revoked(), "the old path's connections end");
         assert!(!Arc::ptr_eq(&first, &new) && !new.up.is_revoked());
         // Failed by a topology change (published without a path: carried unreserved), then
-        // restored on a path: no move either way, its connections go on.
-        let mut failed = c.clone();
+        // restored on the path it had: no move either way, its connections go on.
+        let mut failed = moved.clone();
         failed.path = Vec::new();
-        let t4 = CircuitTable::build(&me, &snap(vec![failed], true), &t3);
-        let t5 = CircuitTable::build(&me, &snap(vec![c], true), &t4);
+        let t4 = CircuitTable::build(&me, &snap(vec![failed.clone()], true), &t3);
+        let t5 = CircuitTable::build(&me, &snap(vec![moved], true), &t4);
         let last = t5.by_service[&ServiceName::new("llm")][0].limiter.clone();
         assert!(Arc::ptr_eq(&new, &last) && !new.up.is_revoked());
+        // Failed again, and restored on another path (the edge missed the version between):
+        // a move, its connections on the old path end.
+        let t6 = CircuitTable::build(&me, &snap(vec![failed], true), &t5);
+        let t7 = CircuitTable::build(&me, &snap(vec![c], true), &t6);
+        let other = t7.by_service[&ServiceName::new("llm")][0].limiter.clone();
+        assert!(new.up.is_revoked() && !Arc::ptr_eq(&new, &other));
     }
 
     #[test]

@@ -1134,7 +1134,20 @@ async fn live_updates_after_a_rejection_wait_with_the_rejected_version() {
         nacked.elapsed()
     );
     // Rejected again, then a new topology: sent at once, before the back-off (2 x 2 s) ends.
+    // The apply after the controller took the rejection (before, a delta on the rejected
+    // version could go out first, which the router answers with a resync: a race of the test's
+    // own, failed under a loaded machine).
     s.say(&nack(offered, "still taken")).await;
+    eventually(
+        Duration::from_secs(10),
+        "the second rejection recorded",
+        || {
+            router_status(&d, "edge-0")
+                .and_then(|r| r.record.last_nack)
+                .is_some_and(|n| n.version == offered)
+        },
+    )
+    .await;
     let applied = std::time::Instant::now();
     apply(&d, &fabric_yaml(83, 1, 2, 20), "newer").await;
     let newer = version_of(&next_news(&mut s.recv).await);

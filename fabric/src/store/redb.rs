@@ -942,6 +942,21 @@ mod tests {
         assert_eq!(keys(dir.path()), [seq_key(1), seq_key(3)]);
     }
 
+    /// A flaky store in `dir` holding three records, opened again (nothing of the file in
+    /// memory), then a read transaction begun, which brings what a beginning reads into the
+    /// cache: a read of the table then goes to the file past the beginning (which opens the file
+    /// again after an error already).
+    fn three_records_cold(dir: &Path, faults: &std::sync::Arc<Faults>) -> RedbStore {
+        let s = flaky_store(dir, faults);
+        for i in 1..=3 {
+            put(&s, i).unwrap();
+        }
+        drop(s);
+        let s = flaky_store(dir, faults);
+        store::read(&s, |_| Ok::<_, StoreError>(())).unwrap();
+        s
+    }
+
     /// A failed read fails that read alone: the next reads the file opened again. (redb fails
     /// every later read of the file after an I/O error in one, and `store::read` hid the error
     /// from the store, which opened the file again only after a failed write: history, circuit
@@ -952,16 +967,7 @@ mod tests {
         use std::sync::atomic::Ordering::SeqCst;
         let dir = tempfile::tempdir().unwrap();
         let faults = std::sync::Arc::new(Faults::default());
-        let s = flaky_store(dir.path(), &faults);
-        for i in 1..=3 {
-            put(&s, i).unwrap();
-        }
-        // Opened again, nothing of the file in memory, then a read transaction begun, which
-        // brings what a beginning reads into the cache: a read of the table then goes to the
-        // file past the beginning (which opened the file again after an error already).
-        drop(s);
-        let s = flaky_store(dir.path(), &faults);
-        store::read(&s, |_| Ok::<_, StoreError>(())).unwrap();
+        let s = three_records_cold(dir.path(), &faults);
         faults.fail_read_at.store(1, SeqCst);
         let e = store::read(&s, |tx| T.all(tx)).unwrap_err();
         assert!(e.to_string().contains("injected read failure"), "{e}");
@@ -978,13 +984,7 @@ mod tests {
         use std::sync::atomic::Ordering::SeqCst;
         let dir = tempfile::tempdir().unwrap();
         let faults = std::sync::Arc::new(Faults::default());
-        let s = flaky_store(dir.path(), &faults);
-        for i in 1..=3 {
-            put(&s, i).unwrap();
-        }
-        drop(s);
-        let s = flaky_store(dir.path(), &faults);
-        store::read(&s, |_| Ok::<_, StoreError>(())).unwrap();
+        let s = three_records_cold(dir.path(), &faults);
         let opens = faults.opens.load(SeqCst);
         faults.fail_read_at.store(1, SeqCst);
         let both_in = std::sync::Barrier::new(2);

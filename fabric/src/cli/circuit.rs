@@ -74,7 +74,7 @@ pub enum CircuitCmd {
     Validate(SpecArgs),
     /// Create a circuit: place it, reserve its rate on every link of the path, allocate a VIP.
     #[command(
-        after_help = "Example:\n  tasman circuit create --name acme-syd --edge syd-edge-1 --prefix 203.0.113.0/24 \\\n      --service llm-chat --region au-east --rate 500Mbps --idempotency-key order-1234 --wait\n\nA retried create with the same --idempotency-key (and the same request) returns the same\ncircuit, as it is now. --wait blocks until the circuit is active (every router on its path\nacknowledged it) or failed (exit 1), and exits 1 at once when the key's circuit was deleted."
+        after_help = "Example:\n  tasman circuit create --name acme-syd --edge syd-edge-1 --prefix 203.0.113.0/24 \\\n      --service llm-chat --region au-east --rate 500Mbps --idempotency-key order-1234 --wait\n\nA retried create with the same --idempotency-key (and the same request) returns the same\ncircuit, as it is now. --wait blocks until the circuit is active (every router on its path\nacknowledged it); a wait that ends otherwise (failed, deleted meanwhile, --timeout, the\ncontroller unreachable) prints the circuit and exits 4; a replayed key whose circuit was\ndeleted exits 1 at once."
     )]
     Create(CreateArgs),
     /// List circuits.

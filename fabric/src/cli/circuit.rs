@@ -1810,10 +1810,13 @@ mod tests {
         let start = Instant::now();
         let err = waiting.await.unwrap().unwrap_err();
         assert!(start.elapsed() < Duration::from_secs(5), "{err}");
+        // The circuit was created: told apart from a refused create (exit 4, printed).
         assert!(
-            matches!(&err, CmdError::Deleted { id, .. } if id == "c-000002"),
+            matches!(&err, CmdError::NotActive(e)
+                if matches!(&**e, CmdError::Deleted { id, .. } if id == "c-000002")),
             "{err}"
         );
+        assert_eq!(err.exit_code(), 4);
         server.abort();
     }
 }

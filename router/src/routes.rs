@@ -741,6 +741,9 @@ pub(crate) struct Control {
     dial_turns: HashMap<ServiceName, HashMap<NodeId, Arc<AtomicU64>>>,
     graph: Option<(Arc<Topology>, Arc<Graph>)>,
     listeners: crate::edge::Listeners,
+    /// The QUIC endpoint could not follow the node's new address (`Some`: the error was logged
+    /// for that address); tried again every second ([`Control::follow_address`]).
+    endpoint_stuck: Option<SocketAddr>,
 }
 
 impl Drop for Control {
@@ -765,6 +768,7 @@ impl Control {
             dial_turns: HashMap::new(),
             graph: None,
             listeners: Default::default(),
+            endpoint_stuck: None,
         }
     }
 
@@ -830,9 +834,13 @@ impl Control {
                 _ = mark_ended, if mark_ends.is_some() => {}
                 _ = tick.tick() => {
                     // Listeners that could not be bound are tried again (a closed listener's
-                    // port is free once its task has run).
+                    // port is free once its task has run), and so is the endpoint's move.
                     if !draining {
                         self.resync_listeners();
+                        if self.endpoint_stuck.is_some() {
+                            let snap = self.shared.snapshot.load_full();
+                            self.follow_address(&snap);
+                        }
                     }
                 }
             }
@@ -857,27 +865,44 @@ impl Control {
         crate::edge::bind_vips(&self.shared, &self.listeners);
     }
 
+    /// A topology that moved this node: the endpoint follows (the control client refused a
+    /// version whose address cannot be bound here, so this seldom fails; something that took the
+    /// address between its check and this move is waited out: tried again every second, the
+    /// error logged once per address).
+    fn follow_address(&mut self, snap: &Snapshot) {
+        let sh = &self.shared;
+        let Some(me) = snap.topology.node(sh.node.as_str()) else {
+            self.endpoint_stuck = None;
+            return;
+        };
+        let Ok(bound) = sh.endpoint.local_addr() else {
+            return;
+        };
+        if crate::transport::bound_at(bound, me.address) {
+            self.endpoint_stuck = None;
+            return;
+        }
+        match crate::transport::rebind(&sh.endpoint, me.address) {
+            Ok(()) => {
+                self.endpoint_stuck = None;
+                tracing::info!(node = %sh.node, addr = %me.address, "QUIC endpoint moved to the topology's new address");
+            }
+            Err(e) => {
+                if self.endpoint_stuck != Some(me.address) {
+                    tracing::error!(node = %sh.node, addr = %me.address, "cannot move the QUIC endpoint to the topology's new address (it stays where it is; tried again every second): {e}");
+                }
+                self.endpoint_stuck = Some(me.address);
+            }
+        }
+    }
+
     /// Makes `snap` the router's snapshot: peers, site services, circuits, dialers, the routing
     /// table ([`Control::rebuild`]), then listeners.
     /// A draining router binds no listener (client or circuit VIP).
     pub fn apply_snapshot(&mut self, snap: Arc<Snapshot>) {
         let sh = self.shared.clone();
         let topo = snap.topology.clone();
-        // A topology that moved this node: the endpoint follows (the control client refused a
-        // version whose address cannot be bound here, so this seldom fails).
-        if let Some(me) = topo.node(sh.node.as_str())
-            && let Ok(bound) = sh.endpoint.local_addr()
-            && !crate::transport::bound_at(bound, me.address)
-        {
-            match crate::transport::rebind(&sh.endpoint, me.address) {
-                Ok(()) => {
-                    tracing::info!(node = %sh.node, addr = %me.address, "QUIC endpoint moved to the topology's new address")
-                }
-                Err(e) => {
-                    tracing::error!(node = %sh.node, addr = %me.address, "cannot move the QUIC endpoint to the topology's new address (it stays where it is): {e}")
-                }
-            }
-        }
+        self.follow_address(&snap);
         let mut names: Vec<String> = topo.nodes.iter().map(|n| n.id.to_string()).collect();
         names.extend(sh.extra_peer_names.iter().cloned());
         sh.peers.set(names);

@@ -4597,3 +4597,44 @@ async fn an_early_answer_still_in_the_sites_socket_outlives_the_backends_reset()
         h.shutdown().await;
     }
 }
+
+/// A snapshot that moves this node to an address something else holds: the endpoint stays
+/// where it is, and moves once the address is free (tried again every second). (It was tried
+/// once, at the snapshot: the node stayed at its old address until another snapshot came, its
+/// neighbours dialling the new one in vain, with the version acknowledged.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_that_could_not_move_moves_once_its_address_is_free() {
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let port = free_tcp_port();
+    let t = line_topology("echo", backend, port);
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    let (edge, tx) = spawn_node(&snap, dir.path(), "edge", |_| {}).await;
+    let old = edge.quic_addr().unwrap();
+    let new = free_udp();
+    let held = std::net::UdpSocket::bind(new).unwrap();
+    let mut moved = t;
+    moved
+        .nodes
+        .iter_mut()
+        .find(|n| n.id.as_str() == "edge")
+        .unwrap()
+        .address = new;
+    tx.send(Arc::new(Snapshot::new(2, Arc::new(moved))))
+        .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        || edge.telemetry().snapshot_version == 2,
+        || "version 2 was not applied".to_string(),
+    )
+    .await;
+    assert_eq!(edge.quic_addr(), Some(old), "the address is held");
+    drop(held);
+    wait_until(
+        Duration::from_secs(10),
+        || edge.quic_addr() == Some(new),
+        || format!("the endpoint stayed at {:?}", edge.quic_addr()),
+    )
+    .await;
+    edge.shutdown().await;
+}

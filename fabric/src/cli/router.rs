@@ -621,7 +621,12 @@ fn run_with_controller(args: &RouterArgs, controller: SocketAddr) -> ExitCode {
         cfg.cert_reload_interval = None;
         let handle = match spawn(cfg, &mut signals).await {
             Ok(h) => h,
-            Err(code) => return code,
+            Err(code) => {
+                // The snapshot the client took (and may have acknowledged) is on disk before
+                // the process goes, as after a run (dropped, the client's writer was aborted).
+                client.close(STORE_ON_EXIT).await;
+                return code;
+            }
         };
         client.attach(&handle);
         if let Some(addr) = handle.quic_addr() {

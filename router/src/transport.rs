@@ -118,11 +118,13 @@ fn fabric_socket(addr: SocketAddr) -> std::io::Result<Arc<crate::udp::FabricUdp>
         socket2::Domain::IPV6
     };
     let sock = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
-    size_buffers(&sock);
     if addr.is_ipv6() {
         let _ = sock.set_only_v6(false);
     }
     sock.bind(&addr.into())?;
+    // Once bound: a bind that fails (a move retried every second while its address is held)
+    // warns of no buffer it did not get.
+    size_buffers(&sock);
     Ok(Arc::new(crate::udp::FabricUdp::new(sock.into())?))
 }
 

@@ -1440,7 +1440,12 @@ fn check_with(
         return Err(Refusal::new(format!("node {node} is not in topology")));
     };
     match bound {
-        Some(bound) if !crate::transport::bound_at(bound, me.address) => {
+        // A move to an address the version in force names already (the data plane's move is
+        // being retried, its address held meanwhile) is no new move: checked again, every
+        // later version, a live update included, was refused while the address was held.
+        Some(bound)
+            if !crate::transport::bound_at(bound, me.address) && running != Some(me.address) =>
+        {
             if let Err(e) = std::net::UdpSocket::bind(me.address) {
                 return Err(Refusal::binding(
                     me.address,
@@ -2250,6 +2255,20 @@ mod tests {
         assert_eq!(check(&a, &same, None, None), Ok(()));
         drop(held);
         assert_eq!(check(&a, &same, None, None), Ok(()));
+    }
+
+    /// An attached router whose endpoint could not move yet to the address the version in force
+    /// gives it (held by something else; the data plane retries) takes later versions at that
+    /// address, a live update included; a new move to a held address is still refused.
+    #[test]
+    fn versions_at_an_address_the_endpoint_is_still_moving_to_are_taken() {
+        let a = NodeId::new("a");
+        let held = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let x = held.local_addr().unwrap();
+        let old: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let at_x = with_a_at(&x.to_string());
+        assert_eq!(check(&a, &at_x, Some(old), Some(x)), Ok(()));
+        assert!(check(&a, &at_x, Some(old), Some(old)).is_err());
     }
 
     /// A topology over the limits a topology document has (nodes, links, services) is refused,

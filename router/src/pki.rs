@@ -847,16 +847,15 @@ impl IssuedRecord {
 fn spki_ca_id(der: &CertificateDer<'_>) -> Option<String> {
     let (_, x) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
     let spki = rcgen::SubjectPublicKeyInfo::from_der(x.tbs_certificate.subject_pki.raw).ok()?;
-    Some(
-        CertificateParams::default()
-            .key_identifier(&spki)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect(),
-    )
+    Some(key_id(&spki))
 }
 
 fn ca_id(key: &KeyPair) -> String {
+    key_id(key)
+}
+
+/// The key identifier of a public key, in hex (what [`ISSUED`] records as a CA's id).
+fn key_id(key: &impl rcgen::PublicKeyData) -> String {
     CertificateParams::default()
         .key_identifier(key)
         .iter()

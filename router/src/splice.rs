@@ -1599,13 +1599,30 @@ pub(crate) mod tests {
         down_send: SendStream,
         down_recv: RecvStream,
     ) -> (tokio::task::JoinHandle<Option<Code>>, &'static AtomicU64) {
+        spawn_relay_until(
+            up_send,
+            up_recv,
+            down_send,
+            down_recv,
+            std::future::pending(),
+        )
+    }
+
+    /// [`spawn_relay`], its next hop declared down when `next_hop_down` ends.
+    fn spawn_relay_until(
+        up_send: SendStream,
+        up_recv: RecvStream,
+        down_send: SendStream,
+        down_recv: RecvStream,
+        next_hop_down: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> (tokio::task::JoinHandle<Option<Code>>, &'static AtomicU64) {
         let moved: &'static AtomicU64 = Box::leak(Box::default());
         let relay = tokio::spawn(relay(
             up_send,
             up_recv,
             down_send,
             down_recv,
-            std::future::pending(),
+            next_hop_down,
             moved,
         ));
         (relay, moved)
@@ -1688,15 +1705,13 @@ pub(crate) mod tests {
             })
             .await
             .expect("the answer never reached the transit");
-            let moved: &'static AtomicU64 = Box::leak(Box::default());
-            let relay = tokio::spawn(relay(
+            let (relay, _) = spawn_relay_until(
                 up_send,
                 up_recv,
                 down_send,
                 down_recv,
                 std::future::ready(()),
-                moved,
-            ));
+            );
             let mut answer = [0u8; 2];
             let got = tokio::time::timeout(Duration::from_secs(5), e_recv.read_exact(&mut answer))
                 .await

@@ -314,7 +314,8 @@ fn list<T: fmt::Display>(items: &[T]) -> String {
         .join(", ")
 }
 
-fn arrows(path: &[NodeId]) -> String {
+/// A path as operators read it, `a -> b -> c` (messages, the CLI, circuit history).
+pub fn arrows(path: &[NodeId]) -> String {
     path.iter()
         .map(|n| n.as_str())
         .collect::<Vec<_>>()

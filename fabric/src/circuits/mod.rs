@@ -30,6 +30,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::ops::Bound::{Excluded, Included};
 use std::str::FromStr;
+use topology::circuit::arrows;
 
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
@@ -1039,13 +1040,6 @@ pub fn carried_if_created(
     let mut carried = provisioned(circuits);
     carried.extend(admitted(spec, adm, next_number(tx)?, None, "").provisioned());
     Ok(carried)
-}
-
-fn arrows(path: &[NodeId]) -> String {
-    path.iter()
-        .map(|n| n.as_str())
-        .collect::<Vec<_>>()
-        .join(" -> ")
 }
 
 /// Changes a circuit's rate, re-checking admission. Make before break: the circuit keeps its

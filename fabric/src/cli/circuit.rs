@@ -760,12 +760,7 @@ fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
 fn admission_text(rate: &impl std::fmt::Display, adm: &Admission) -> String {
     format!(
         "ok: {rate} fits: path {} ({}) to site {}, VIP {} from pool {}\n",
-        adm.placement
-            .path
-            .iter()
-            .map(|n| n.as_str())
-            .collect::<Vec<_>>()
-            .join(" -> "),
+        topology::circuit::arrows(&adm.placement.path),
         adm.placement.latency,
         adm.placement.site,
         vip_at(Some(adm.vip), adm.port),
@@ -798,11 +793,7 @@ fn circuit_text(c: &Circuit) -> String {
     let path = if c.path.is_empty() {
         "-".to_string()
     } else {
-        c.path
-            .iter()
-            .map(|n| n.as_str())
-            .collect::<Vec<_>>()
-            .join(" -> ")
+        topology::circuit::arrows(&c.path)
     };
     let mut s = String::new();
     let mut row = |k: &str, v: String| s.push_str(&format!("{k:<16}{v}\n"));
@@ -861,15 +852,7 @@ fn circuit_text(c: &Circuit) -> String {
     if let Some(h) = &c.held {
         row(
             "still holding",
-            format!(
-                "{} on {}",
-                h.rate,
-                h.path
-                    .iter()
-                    .map(|n| n.as_str())
-                    .collect::<Vec<_>>()
-                    .join(" -> ")
-            ),
+            format!("{} on {}", h.rate, topology::circuit::arrows(&h.path)),
         );
     }
     if let Some(k) = &c.idempotency_key {

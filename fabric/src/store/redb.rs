@@ -199,13 +199,13 @@ impl RedbStore {
         }
     }
 
-    /// After a failed operation: opens the file again when redb failed an I/O in it (it fails
-    /// every later transaction otherwise). The operation's error stands either way.
-    fn after(&self, e: StoreError, seen: u64) -> StoreError {
+    /// After an operation (its transaction begun when [`RedbStore::reopen_since`]'s count was
+    /// `seen`): opens the file again when redb failed an I/O in it (it fails every later
+    /// transaction otherwise). The operation's outcome stands either way.
+    fn reopen_if_failed(&self, seen: u64) {
         if IO_FAILED.replace(false) {
             self.reopen_since(seen);
         }
-        e
     }
 
     /// `begin` on the open database; after an I/O error, once more on the file opened again
@@ -493,15 +493,8 @@ impl Store for RedbStore {
         // Whatever `f` returned: `store::read` hands the caller's own result back through `Ok`,
         // and redb fails every later read of the file after an I/O error in one (its
         // `begin_read` does not say so, so `begin` would never open the file again).
-        match r {
-            Err(e) => Err(self.after(e, seen)),
-            Ok(()) => {
-                if IO_FAILED.replace(false) {
-                    self.reopen_since(seen);
-                }
-                Ok(())
-            }
-        }
+        self.reopen_if_failed(seen);
+        r
     }
 
     fn write(
@@ -527,7 +520,8 @@ impl Store for RedbStore {
             Err(e) => {
                 let aborted = tx.0.abort().map_err(be);
                 drop(g);
-                return Err(self.after(aborted.err().unwrap_or(e), seen));
+                self.reopen_if_failed(seen);
+                return Err(aborted.err().unwrap_or(e));
             }
         };
         // Durability::Immediate (redb's default): commit returns after fsync.

@@ -1174,24 +1174,22 @@ pub fn install(cert: &CertResolver, key: &rcgen::KeyPair, chain_pem: &str) -> Re
         key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
         dir: Some(dir.to_path_buf()),
     };
-    {
-        // Under the adoption lock, which the reload tick reads the pair under: it never reads
-        // half of this swap (the old certificate with the new key), which it refused and
-        // counted as a failed reload, for an alert to fire on.
-        let _one_at_a_time = cert.adopting.lock();
-        // Checked before the files are touched, and under the lock: a bad answer leaves them
-        // as they are, and no bundle or revocation list is adopted between the check and the
-        // write (the files would hold a pair the reload then refused, the old key gone).
-        cert.check(&id)?;
-        crate::pki::write_node_files(dir, cert.name(), &key.serialize_pem(), &chain_pem)
-            .map_err(|e| e.to_string())?;
-    }
-    match cert.reload() {
-        Reload::Refused(why) => Err(why),
-        // Unchanged: a periodic reload took the new files first.
-        _ if cert.current().cert.first() == Some(&leaf) => Ok(cert.not_after()),
-        other => Err(format!("the new files were not taken: {other:?}")),
-    }
+    // Under the adoption lock, which the reload tick reads the pair under: it never reads half
+    // of this swap (the old certificate with the new key), which it refused and counted as a
+    // failed reload, for an alert to fire on. Checked before the files are touched, written,
+    // and presented, all under the lock: a bad answer leaves the files as they are, and no
+    // bundle or revocation list is adopted between the check and the write or between the
+    // write and the swap (the files would hold a pair the node then refused, the old key gone,
+    // and it would present that pair after a restart).
+    let _one_at_a_time = cert.adopting.lock();
+    let ck = cert.check(&id)?;
+    crate::pki::write_node_files(dir, cert.name(), &key.serialize_pem(), &chain_pem)
+        .map_err(|e| e.to_string())?;
+    #[cfg(test)]
+    tests::AFTER_INSTALL_WRITE.with(|h| h.borrow().as_ref().map(|h| h()));
+    cert.present(ck);
+    debug_assert_eq!(cert.current().cert.first(), Some(&leaf));
+    Ok(cert.not_after())
 }
 
 fn fmt_unix(t: i64) -> String {
@@ -1751,6 +1749,73 @@ mod tests {
             .unwrap()
             .chain_pem;
         (key, chain)
+    }
+
+    thread_local! {
+        /// Run by [`install`] once it has written the new pair, on the installing thread.
+        pub(super) static AFTER_INSTALL_WRITE: std::cell::RefCell<Option<Box<dyn Fn()>>> =
+            std::cell::RefCell::new(None);
+    }
+
+    /// A renewal is checked, written and presented under one hold of the adoption lock: a
+    /// bundle the reload tick adopts as the files are written (here one without the renewal's
+    /// CA, the node's current certificate still chaining to it) cannot leave them holding a
+    /// pair the node refuses, its old key gone (and presented after a restart). The tick's
+    /// adoption waits for the swap, and is then refused (it would not trust what the node
+    /// presents).
+    #[test]
+    fn a_bundle_adopted_as_an_install_writes_never_leaves_a_refused_pair_on_disk() {
+        let d = tempfile::tempdir().unwrap();
+        pki::init(d.path()).unwrap();
+        let old_ca = pki::CaSigner::load(d.path()).unwrap();
+        pki::rotate_ca(d.path()).unwrap();
+        pki::issue(d.path(), "n1").unwrap();
+        let r = CertResolver::new(&TlsIdentity::load(d.path(), "n1").unwrap()).unwrap();
+        let ca_pem = d.path().join(pki::CA_CERT);
+        let bundle = pki::read_ca_bundle(&ca_pem).unwrap();
+        assert_eq!(bundle.len(), 2, "the new CA and the old");
+        // An old-CA renewal (a controller not restarted after the rotation), installed as the
+        // operator's next step takes the old CA out of ca.pem and the tick reads it.
+        let key = rcgen::KeyPair::generate().unwrap();
+        let v = pki::Validity::for_duration(Duration::from_secs(30 * 86_400)).unwrap();
+        let chain = old_ca.sign("n1", v, &key).unwrap().chain_pem;
+        fs::write(&ca_pem, &bundle[0].pem).unwrap();
+        let tick = r.clone();
+        let adopted = Arc::new(Mutex::new(None));
+        let seen = adopted.clone();
+        AFTER_INSTALL_WRITE.with(|h| {
+            *h.borrow_mut() = Some(Box::new(move || {
+                let (tick, seen) = (tick.clone(), seen.clone());
+                let t = std::thread::spawn(move || {
+                    *seen.lock().unwrap() = Some(tick.reload_trust());
+                });
+                // Given time to run, if nothing holds it back.
+                let until = std::time::Instant::now() + Duration::from_millis(300);
+                while !t.is_finished() && std::time::Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }))
+        });
+        let installed = install(&r, &key, &chain);
+        AFTER_INSTALL_WRITE.with(|h| h.borrow_mut().take());
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while adopted.lock().unwrap().is_none() && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let on_disk = TlsIdentity::load(d.path(), "n1").unwrap();
+        assert_eq!(
+            on_disk.chain[0],
+            r.current().cert[0],
+            "the files hold another pair than the one presented (install: {installed:?}, the \
+             tick: {:?})",
+            adopted.lock().unwrap()
+        );
+        assert!(installed.is_ok(), "{installed:?}");
+        assert!(
+            matches!(*adopted.lock().unwrap(), Some(TrustReload::Refused(_))),
+            "{:?}",
+            adopted.lock().unwrap()
+        );
     }
 
     /// A renewal that cannot write its certificate (a full disk; here a directory where its

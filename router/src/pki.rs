@@ -1049,22 +1049,27 @@ impl CaSigner {
     /// the CA): a new key, a certificate for `cert`'s name valid for `validity`, installed as a
     /// renewal from the controller is ([`crate::tls::install`], checked against what `cert`
     /// trusts). The new expiry.
+    ///
+    /// An error says how it ended for `tasman_tls_cert_renewals_total{result}`: `Refused` when
+    /// nothing was signed, `Invalid` when the signed pair could not be installed.
     pub fn renew(
         &self,
         cert: &crate::tls::CertResolver,
         validity: Validity,
-    ) -> Result<i64, String> {
-        let key = KeyPair::generate().map_err(|e| e.to_string())?;
+    ) -> Result<i64, (crate::tls::Renewal, String)> {
+        use crate::tls::Renewal;
+        let refused = |e: String| (Renewal::Refused, e);
+        let key = KeyPair::generate().map_err(|e| refused(e.to_string()))?;
         let presented = cert
             .current()
             .cert
             .first()
             .and_then(serial_of)
-            .ok_or("the certificate presented does not parse")?;
+            .ok_or_else(|| refused("the certificate presented does not parse".into()))?;
         let signed = self
             .sign_renewal(cert.name(), validity, &key, &presented)
-            .map_err(|e| e.to_string())?;
-        crate::tls::install(cert, &key, &signed.chain_pem)
+            .map_err(|e| refused(e.to_string()))?;
+        crate::tls::install(cert, &key, &signed.chain_pem).map_err(|e| (Renewal::Invalid, e))
     }
 }
 

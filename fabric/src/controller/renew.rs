@@ -343,8 +343,8 @@ pub const OWN_RETRY_MAX: Duration = Duration::from_secs(600);
 
 impl NodeIssuer {
     /// Renews the controller's own certificate (`cert`, loaded from its TLS directory) with the
-    /// CA, on the routers' schedule ([`pki::renew_at`]: 70 % of its lifetime, 10 s to 24 h
-    /// before expiry), for [`NodeIssuer`]'s lifetime. Returns at once without a CA or when the
+    /// CA, on the routers' schedule ([`pki::renew_at`]: at 70 % of its lifetime, but 10 s to 24 h
+    /// after it became valid), for [`NodeIssuer`]'s lifetime. Returns at once without a CA or when the
     /// certificate was not loaded from files; otherwise runs until aborted.
     pub async fn renew_own(self: Arc<Self>, cert: Arc<CertResolver>) {
         if self.ca.is_none() || cert.dir().is_none() {
@@ -375,7 +375,7 @@ impl NodeIssuer {
             let (me, c) = (self.clone(), cert.clone());
             let res = tokio::task::spawn_blocking(move || me.renew_own_now(&c))
                 .await
-                .unwrap_or_else(|e| Err(e.to_string()));
+                .unwrap_or_else(|e| Err((Renewal::Invalid, e.to_string())));
             match res {
                 Ok(not_after) => {
                     cert.count_renewal(Renewal::Renewed);
@@ -385,8 +385,8 @@ impl NodeIssuer {
                     backoff = OWN_RETRY_MIN;
                     not_before = Some(tokio::time::Instant::now() + OWN_RETRY_MIN);
                 }
-                Err(e) => {
-                    cert.count_renewal(Renewal::Invalid);
+                Err((how, e)) => {
+                    cert.count_renewal(how);
                     tracing::warn!(retry_in = ?backoff, "could not renew the controller's own certificate: {e}");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(OWN_RETRY_MAX);
@@ -395,12 +395,16 @@ impl NodeIssuer {
         }
     }
 
-    fn renew_own_now(&self, cert: &CertResolver) -> Result<i64, String> {
-        let signer = self.ca.as_ref().ok_or("no CA")?;
+    /// One renewal of the controller's own certificate; an error says how it ended (`Refused`:
+    /// nothing signed; `Invalid`: signed but not installed) and why.
+    fn renew_own_now(&self, cert: &CertResolver) -> Result<i64, (Renewal, String)> {
+        let refused = |e: String| (Renewal::Refused, e);
+        let signer = self.ca.as_ref().ok_or_else(|| refused("no CA".into()))?;
         if let Some(why) = self.untrusted_ca() {
-            return Err(why);
+            return Err(refused(why));
         }
-        let validity = Validity::for_duration(self.valid_for).map_err(|e| e.to_string())?;
+        let validity =
+            Validity::for_duration(self.valid_for).map_err(|e| refused(e.to_string()))?;
         signer.renew(cert, validity)
     }
 }
@@ -521,7 +525,13 @@ mod tests {
         let later = now + MIN_INTERVAL;
         let why = refused(&i.answer("edge-1", &raw_key(), &edge, later)).to_string();
         assert!(why.contains("no longer in its trust bundle"), "{why}");
-        assert!(i.renew_own_now(&cert).unwrap_err().contains("restart it"));
+        let (how, why) = i.renew_own_now(&cert).unwrap_err();
+        assert!(why.contains("restart it"), "{why}");
+        assert_eq!(
+            how,
+            Renewal::Refused,
+            "nothing was signed: counted as refused"
+        );
     }
 
     /// With a rotated CA directory (the bundle of the new and the old CA), an answer carries the
@@ -791,12 +801,12 @@ mod tests {
         pki::issue_with(dir, "controller", due).unwrap();
     }
 
-    /// Sleeps (paused clock) until `at` after `t0`, then checks the failed and the successful
-    /// renewals counted so far.
+    /// Sleeps (paused clock) until `at` after `t0`, then checks the failed (refused: nothing
+    /// signed, or invalid: not installed) and the successful renewals counted so far.
     async fn at(t0: tokio::time::Instant, at: u64, cert: &CertResolver, failed: u64, ok: u64) {
         tokio::time::sleep_until(t0 + S(at)).await;
         let got = (
-            cert.renewals(Renewal::Invalid),
+            cert.renewals(Renewal::Invalid) + cert.renewals(Renewal::Refused),
             cert.renewals(Renewal::Renewed),
         );
         assert_eq!(got, (failed, ok), "(failed, renewed) at {at} s");

@@ -13,7 +13,7 @@
 //! acknowledging, telemetry or the session's timers; a write slower than [`SLOW_WRITE`] is logged.
 //!
 //! It also renews the node certificate through the controller: once the presented certificate
-//! is due ([`pki::renew_at`]: 70 % of its lifetime, 10 s to 24 h before expiry) it makes a new
+//! is due ([`pki::renew_at`]: at 70 % of its lifetime, but 10 s to 24 h after it became valid) it makes a new
 //! key, sends `Renew` with its public key and a proof that it holds the key (a signature over
 //! the session's TLS binding, [`pki::prove_possession`]), and installs the certificate that comes back (checked
 //! by the [`tls::CertResolver`] first, then written to the node's files, then reloaded: the
@@ -1559,11 +1559,21 @@ fn names(t: &topology::Topology) -> Result<(), Refusal> {
             )));
         }
     }
+    // One link per pair of ends, none from a node to itself: the graph keeps every copy, but
+    // a link's live state (down, measured latency) reaches only the first, so a copy of a link
+    // reported down stayed usable at its declared latency.
+    let mut pairs: HashSet<topology::LinkId> = HashSet::with_capacity(t.links.len());
     for l in &t.links {
         for end in [&l.a, &l.b] {
             if !topology::is_valid_id(end.as_str()) {
                 return Err(invalid("link end", end.as_str()));
             }
+        }
+        if l.a == l.b {
+            return Err(Refusal::new(format!("a link joins node {} to itself", l.a)));
+        }
+        if !pairs.insert(l.id()) {
+            return Err(Refusal::new(format!("two links join {} and {}", l.a, l.b)));
         }
     }
     if let Some(s) = t
@@ -2367,6 +2377,29 @@ mod tests {
         let e = check(&a, &link, None, None).unwrap_err();
         assert!(e.reason.starts_with("link end \"yyy"), "{e:?}");
         assert!(e.reason.len() < 200, "{e:?}");
+        // Two links between one pair of nodes (either way round), or one from a node to itself.
+        let joining = |x: &str, y: &str| topology::Link {
+            a: NodeId::new(x),
+            b: NodeId::new(y),
+            latency: topology::Latency::from_micros(1_000),
+            capacity: topology::Bandwidth::from_mbps(1_000),
+            state: Default::default(),
+        };
+        let mut dup = good.clone();
+        let t = Arc::make_mut(&mut dup.topology);
+        t.links.push(joining("a", "b"));
+        assert_eq!(check(&a, &dup, None, None), Ok(()), "one link a--b");
+        Arc::make_mut(&mut dup.topology)
+            .links
+            .push(joining("b", "a"));
+        let e = check(&a, &dup, None, None).unwrap_err();
+        assert_eq!(e.reason, "two links join b and a");
+        let mut to_itself = good.clone();
+        Arc::make_mut(&mut to_itself.topology)
+            .links
+            .push(joining("a", "a"));
+        let e = check(&a, &to_itself, None, None).unwrap_err();
+        assert_eq!(e.reason, "a link joins node a to itself");
 
         let mut hc = good.clone();
         let t = Arc::make_mut(&mut hc.topology);

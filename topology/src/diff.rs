@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::graph::Graph;
-use crate::model::{Link, NodeId, NodeKind, ServiceName, Topology};
+use crate::model::{Link, NodeId, NodeKind, Pool, ServiceName, Topology};
 use crate::route::{
     Candidate, Hysteresis, LiveState, RouteError, RoutingTable, Share, Spread, preferred_first,
 };
@@ -89,8 +89,46 @@ pub fn diff(old: &Topology, new: &Topology) -> TopologyDiff {
             l.id().to_string()
         }),
         services: section(&old.services, &new.services, |s| s.name.to_string()),
-        pools: section(&old.pools, &new.pools, |p| p.name.to_string()),
+        pools: section(&ranked(&old.pools), &ranked(&new.pools), |p| {
+            p.get("name")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string()
+        }),
     }
+}
+
+/// The pools, each with its `order`: its place among the pools of its address family (1: the
+/// pool a circuit that names none takes its VIP from). Pools are matched by name, so without it
+/// swapping two pools of a family, which changes where new circuits' VIPs come from, would be
+/// no change.
+fn ranked(pools: &[Pool]) -> Vec<Value> {
+    let (mut v4, mut v6) = (0u32, 0u32);
+    pools
+        .iter()
+        .map(|p| {
+            let n = match p.prefix {
+                ipnetwork::IpNetwork::V4(_) => &mut v4,
+                ipnetwork::IpNetwork::V6(_) => &mut v6,
+            };
+            *n += 1;
+            let mut v = to_value(p);
+            if let Value::Object(m) = &mut v {
+                m.insert("order".into(), Value::from(*n));
+            }
+            v
+        })
+        .collect()
+}
+
+/// The lists of the model whose order means something, by field name: a service's `vips` (a
+/// circuit to a service with no `port` is reached at its first VIP's port). Every other list is
+/// a set.
+const ORDERED_LISTS: &[&str] = &["vips"];
+
+fn is_ordered(path: &str) -> bool {
+    let last = path.rsplit('.').next().unwrap_or(path);
+    ORDERED_LISTS.contains(&last)
 }
 
 /// A link's ends in the order its id names them: a link is undirected, so `a: x, b: y` and
@@ -134,7 +172,8 @@ fn section<T: Serialize>(old: &[T], new: &[T], id: impl Fn(&T) -> String) -> Sec
                 let mut fields = Vec::new();
                 fields_diff(String::new(), ov, nv, &mut fields);
                 // Nothing but the order of a list changed (a site's `serves`, a service's
-                // `clients`...): every list of the model is a set.
+                // `clients`...): a set, as every list of the model but those [`is_ordered`]
+                // names (and the pools, whose order [`ranked`] makes a field).
                 if !fields.is_empty() {
                     d.changed.push(ChangedItem {
                         id: k.clone(),
@@ -238,7 +277,7 @@ fn fields_diff(path: String, old: &Value, new: &Value, out: &mut Vec<FieldChange
                     fields_diff(format!("{path}[{k}]"), ov, nv, out);
                 }
             }
-            _ if same_set(o, n) => {}
+            _ if !is_ordered(&path) && same_set(o, n) => {}
             _ => out.push(FieldChange {
                 field: path,
                 old: old.clone(),
@@ -664,6 +703,57 @@ mod tests {
         // JSON round trip: the CLI prints this.
         let text = serde_json::to_string(&d).unwrap();
         assert_eq!(serde_json::from_str::<TopologyDiff>(&text).unwrap(), d);
+    }
+
+    /// The order of the pools of a family (a circuit that names none takes the first) and of
+    /// a service's VIPs (one with no `port` is reached at its first VIP's) is a change; a pool
+    /// of the other family added in front is not a change of the others.
+    #[test]
+    fn reordered_pools_of_a_family_and_reordered_vips_are_changes() {
+        let pool = |name: &str, prefix: &str| Pool {
+            name: PoolName::new(name),
+            prefix: prefix.parse().unwrap(),
+        };
+        let mut old = base().build();
+        old.pools = vec![pool("a", "198.18.0.0/24"), pool("b", "198.18.1.0/24")];
+        old.services[0].vips = vec![
+            crate::model::Vip {
+                prefix: "100.64.0.1/32".parse().unwrap(),
+                port: 443,
+            },
+            crate::model::Vip {
+                prefix: "100.64.0.2/32".parse().unwrap(),
+                port: 8443,
+            },
+        ];
+        let mut new = old.clone();
+        new.pools.reverse();
+        new.services[0].vips.reverse();
+        let d = diff(&old, &new);
+        let orders: Vec<(&str, &str, &Value, &Value)> = d
+            .pools
+            .changed
+            .iter()
+            .flat_map(|c| {
+                c.fields
+                    .iter()
+                    .map(|f| (c.id.as_str(), f.field.as_str(), &f.old, &f.new))
+            })
+            .collect();
+        assert_eq!(
+            orders,
+            [
+                ("a", "order", &json!(1), &json!(2)),
+                ("b", "order", &json!(2), &json!(1))
+            ]
+        );
+        assert_eq!(d.services.changed.len(), 1, "{d:#?}");
+        assert_eq!(d.services.changed[0].fields[0].field, "vips");
+        let mut v6_first = old.clone();
+        v6_first.pools.insert(0, pool("six", "fd00::/64"));
+        let d = diff(&old, &v6_first);
+        assert!(d.pools.changed.is_empty(), "{d:#?}");
+        assert_eq!(d.pools.added[0].value["order"], json!(1));
     }
 
     #[test]

@@ -1420,6 +1420,17 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
                 Affinity::None
             }),
         };
+        // Edges listen on a service's port; transparent mode and circuits take its VIPs (a
+        // circuit's VIP gets the port, or the first VIP's). With neither, nothing reaches it.
+        if ok && port.is_none() && service_vips.is_empty() && f.get("port").is_none() {
+            cx.warn(
+                name_pos,
+                format!(
+                    "{what} has no port and no vips: no client can reach it (edges listen on a \
+                     service's port, transparent mode and circuits map its VIPs)"
+                ),
+            );
+        }
         if let (true, Some(name)) = (ok, name) {
             services.push((
                 Service {
@@ -1507,6 +1518,22 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
             let backend = sf
                 .required(cx, "backend")
                 .and_then(|n| socket_addr(cx, n, &Of("backend", &sw), "127.30.0.1:8000"));
+            // The site connects to it: one host's address (the unspecified address is the
+            // site's own host, as `connect` reads it). A rule added after texts were stored:
+            // only a warning on a stored one.
+            let backend = backend.filter(|b| {
+                let not = not_unicast(b.ip()).filter(|_| !b.ip().to_canonical().is_unspecified());
+                match (not, backend_pos) {
+                    (Some(not), Some(pos)) => !cx.newer(
+                        pos,
+                        format!(
+                            "{}: {b} is {not}, which the site cannot connect to",
+                            Of("backend", &sw)
+                        ),
+                    ),
+                    _ => true,
+                }
+            });
             let capacity = sf
                 .required(cx, "capacity")
                 .and_then(|n| integer(cx, n, &Of("capacity", &sw), 1, u32::MAX.into()))
@@ -2499,6 +2526,55 @@ mod tests {
                 "{rate}: {diags:?}"
             );
         }
+    }
+
+    /// A backend the site cannot connect to (multicast, broadcast) is refused at its line, a
+    /// warning on a stored text; the unspecified address (the site's own host) is taken.
+    #[test]
+    fn a_multicast_or_broadcast_backend_is_refused() {
+        for (backend, not) in [
+            ("224.0.0.1:9000", "a multicast address"),
+            ("255.255.255.255:9000", "the broadcast address"),
+            ("[ff02::1]:9000", "a multicast address"),
+        ] {
+            let text = two_edges("127.20.0.1", "127.20.0.2").replace("127.30.0.1:9001", backend);
+            let errs = load_errors(&text);
+            assert_eq!(errs.len(), 1, "{errs:?}");
+            assert!(
+                errs[0].contains("backend of serves entry 1 of node \"s1\": ")
+                    && errs[0].ends_with(&format!("is {not}, which the site cannot connect to")),
+                "{errs:?}"
+            );
+            let stored = crate::load_stored(&text).unwrap_or_else(|d| panic!("{d:?}"));
+            assert_eq!(stored.warnings.len(), 1, "{:?}", stored.warnings);
+        }
+        let text = two_edges("127.20.0.1", "127.20.0.2").replace("127.30.0.1:9001", "0.0.0.0:9001");
+        crate::load(&text).unwrap_or_else(|d| panic!("{d:?}"));
+    }
+
+    /// A service with neither a port nor VIPs loads with a warning naming it: no listener, no
+    /// transparent mapping and no circuit reaches it.
+    #[test]
+    fn a_service_without_port_or_vips_is_a_warning() {
+        let text = two_edges("127.20.0.1", "127.20.0.2")
+            .replace("{name: chat, port: 8443}", "{name: chat}");
+        let loaded = crate::load(&text).unwrap_or_else(|d| panic!("{d:?}"));
+        let warnings: Vec<String> = loaded.warnings.iter().map(ToString::to_string).collect();
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.contains("service \"chat\" has no port and no vips")),
+            "{warnings:?}"
+        );
+        let with_port = crate::load(&two_edges("127.20.0.1", "127.20.0.2")).unwrap();
+        assert!(
+            !with_port
+                .warnings
+                .iter()
+                .any(|w| w.to_string().contains("no port")),
+            "{:?}",
+            with_port.warnings
+        );
     }
 
     /// `nodes: []` is refused like a `nodes:` with nothing after it (tests/invalid/empty_nodes),

@@ -898,6 +898,15 @@ pub fn admit(
     let port = topo
         .service(spec.b_end.service.as_str())
         .and_then(|s| s.port.or(s.vips.first().map(|v| v.port)));
+    // The edge serves a circuit at its VIP and this port: without one, nothing would reach the
+    // circuit while it held its capacity.
+    if port.is_none() {
+        return Err(CircuitError::Invalid(format!(
+            "b_end.service: service {:?} has no port and no vips, so a circuit's VIP would have \
+             no port to be reached at (give the service a port in the topology)",
+            spec.b_end.service.as_str()
+        )));
+    }
     Ok(Admission {
         placement,
         pool,
@@ -1627,6 +1636,25 @@ pub(crate) mod tests {
                 ""
             },
         )
+    }
+
+    /// A service with no port and no VIPs: a circuit to it is refused (its VIP would have no
+    /// port, so no edge would serve it), nothing reserved or allocated.
+    #[test]
+    fn a_circuit_to_a_service_without_a_port_is_refused() {
+        let text = yaml("127.79.0.0/26", true).replace("{name: chat, port: 8080}", "{name: chat}");
+        let t = crate::controller::validate(&text).unwrap().0;
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(dir.path()).unwrap();
+        let sp = spec("acme", "10.1.0.0/24", "1Mbps");
+        let err = admit(&t, &[], &sp).unwrap_err();
+        assert!(
+            matches!(&err, CircuitError::Invalid(m) if m.contains("has no port and no vips")),
+            "{err}"
+        );
+        let err = store::transaction(&s, |tx| create(tx, &t, &sp, None, "ops")).unwrap_err();
+        assert!(matches!(&err, CircuitError::Invalid(_)), "{err}");
+        assert_eq!(store::read(&s, |tx| all(tx)).unwrap(), []);
     }
 
     pub(crate) fn spec(name: &str, prefix: &str, rate: &str) -> CircuitSpec {

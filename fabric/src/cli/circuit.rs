@@ -772,6 +772,21 @@ fn vip(c: &Circuit) -> String {
     vip_at(c.vip, c.port)
 }
 
+/// Whether `c`'s VIP, kept in its record for history, went back to its pool (a decommissioned
+/// circuit's: another circuit may hold it now).
+fn released(c: &Circuit) -> bool {
+    c.vip.is_some() && !c.state.holds_capacity()
+}
+
+/// The VIP column of `list`: a released one marked, so two circuits that held the same address
+/// (one decommissioned) do not read as sharing it.
+fn vip_column(c: &Circuit) -> String {
+    match released(c) {
+        true => format!("({} released)", vip(c)),
+        false => vip(c),
+    }
+}
+
 /// A VIP and its port as an address (an IPv6 one in brackets: `2001:db8::1:8443` is another
 /// address, with no port).
 fn vip_at(vip: Option<IpAddr>, port: Option<u16>) -> String {
@@ -833,12 +848,17 @@ fn circuit_text(c: &Circuit) -> String {
     row(
         "vip",
         format!(
-            "{}{}",
+            "{}{}{}",
             vip(c),
             c.pool
                 .as_ref()
                 .map(|p| format!(" (pool {p})"))
-                .unwrap_or_default()
+                .unwrap_or_default(),
+            if released(c) {
+                " released: the pool hands it out again"
+            } else {
+                ""
+            }
         ),
     );
     row("site", opt(&c.site));
@@ -892,7 +912,7 @@ fn table(v: &[impl std::ops::Deref<Target = Circuit>]) -> String {
             c.b_end.service.to_string(),
             c.requested_rate.to_string(),
             opt(&c.assigned_rate),
-            vip(c),
+            vip_column(c),
             c.path
                 .iter()
                 .map(|n| n.as_str())
@@ -998,6 +1018,46 @@ mod tests {
             text.lines().filter(|l| l.starts_with("state")).count(),
             1,
             "{text}"
+        );
+    }
+
+    /// A decommissioned circuit's VIP, kept for history, is shown released (`show` and `list`):
+    /// the pool hands it out again, and `list --all` showed it as held beside its new holder.
+    #[test]
+    fn a_decommissioned_circuits_vip_is_shown_released() {
+        let circuit = |state: &str| -> Circuit {
+            serde_json::from_value(serde_json::json!({
+                "id": "c-000001", "name": "acme",
+                "a_end": {"edge": "e1", "prefix": "10.1.0.0/24"},
+                "b_end": {"service": "chat"},
+                "requested_rate": "10Mbps",
+                "state": state, "vip": "100.64.0.1", "port": 8443, "pool": "vips",
+                "created_by": "x", "created_unix_ms": 0, "updated_unix_ms": 0, "revision": 1
+            }))
+            .unwrap()
+        };
+        let (live, gone) = (circuit("active"), circuit("decommissioned"));
+        let vip_line = |c: &Circuit| {
+            circuit_text(c)
+                .lines()
+                .find(|l| l.starts_with("vip"))
+                .unwrap()
+                .to_string()
+        };
+        assert!(!vip_line(&live).contains("released"), "{}", vip_line(&live));
+        assert!(
+            vip_line(&gone).contains("100.64.0.1:8443 (pool vips) released"),
+            "{}",
+            vip_line(&gone)
+        );
+        let rows = table(&[&live, &gone]);
+        assert!(!rows.lines().nth(1).unwrap().contains("released"), "{rows}");
+        assert!(
+            rows.lines()
+                .nth(2)
+                .unwrap()
+                .contains("(100.64.0.1:8443 released)"),
+            "{rows}"
         );
     }
 

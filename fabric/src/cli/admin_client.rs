@@ -328,16 +328,31 @@ impl AdminClient {
         loop {
             tries += 1;
             let began = tokio::time::Instant::now();
+            // Whether this try got a connection to send its request on: a deadline that comes
+            // first (a controller address that drops packets) sent nothing, and no change can
+            // have been made.
+            let connected = std::sync::atomic::AtomicBool::new(false);
             let answer = tokio::time::timeout_at(
                 deadline,
-                self.exchange(method, path, body.clone(), changes),
+                self.exchange(method, path, body.clone(), changes, &connected),
             )
             .await
-            .unwrap_or(Err(ClientError::TimedOut {
-                addr: self.authority.clone(),
-                after: self.timeout,
-                changes,
-            }));
+            .unwrap_or_else(|_| {
+                Err(match connected.load(std::sync::atomic::Ordering::Relaxed) {
+                    true => ClientError::TimedOut {
+                        addr: self.authority.clone(),
+                        after: self.timeout,
+                        changes,
+                    },
+                    false => ClientError::Unreachable {
+                        addr: self.authority.clone(),
+                        reason: format!(
+                            "no connection within {} (--request-timeout)",
+                            humantime::format_duration(self.timeout)
+                        ),
+                    },
+                })
+            });
             let busy = match answer? {
                 Ok(v) => return Ok(v),
                 Err(busy) => busy,
@@ -362,13 +377,15 @@ impl AdminClient {
     }
 
     /// One try: the answer (`Ok(Ok(_))`), or the admin API's 503 (`Ok(Err(_))`). `change`: the
-    /// request may change something ([`changes`]).
+    /// request may change something ([`changes`]). Sets `connected` once it has a connection
+    /// to send the request on.
     async fn exchange<T: DeserializeOwned>(
         &self,
         method: &str,
         path: &str,
         body: Bytes,
         change: bool,
+        connected: &std::sync::atomic::AtomicBool,
     ) -> Result<Result<T, Unavailable>, ClientError> {
         let unreachable = |reason: String| ClientError::Unreachable {
             addr: self.authority.clone(),
@@ -383,6 +400,7 @@ impl AdminClient {
         tokio::spawn(async move {
             let _ = conn.await;
         });
+        connected.store(true, std::sync::atomic::Ordering::Relaxed);
         let mut req = Request::builder()
             .method(method)
             .uri(path)
@@ -675,6 +693,40 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, ClientError::Protocol(_)), "{err:?}");
+    }
+
+    /// A controller address whose connect never completes (its SYNs dropped: here a listener
+    /// whose accept queue is full) is unreachable when the timeout comes, not "a change may
+    /// have been made": nothing was sent.
+    #[tokio::test]
+    async fn a_connect_the_timeout_cuts_off_is_unreachable_not_a_possible_change() {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let l = sock.listen(0).unwrap();
+        let addr = l.local_addr().unwrap();
+        // Fill the accept queue (never accepted): later SYNs are dropped.
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            if let Ok(Ok(s)) = tokio::time::timeout(
+                Duration::from_millis(500),
+                tokio::net::TcpStream::connect(addr),
+            )
+            .await
+            {
+                held.push(s);
+            }
+        }
+        let mut a = args(&addr.to_string());
+        a.request_timeout = Duration::from_millis(300);
+        let c = AdminClient::new(&a).unwrap();
+        let apply = serde_json::json!({"yaml": "x", "dry_run": false});
+        let err = c
+            .post::<_, serde_json::Value>("/v1/topology", &apply)
+            .await
+            .unwrap_err();
+        assert!(matches!(&err, ClientError::Unreachable { .. }), "{err:?}");
+        assert!(!err.to_string().contains("may still"), "{err}");
+        drop(held);
     }
 
     /// A token a header cannot carry (a two-line token file) is refused before any request,

@@ -422,6 +422,13 @@ async fn refusals_and_bad_frames_close_the_connection_with_a_code_and_the_reason
     assert_eq!(code, u64::from(close::PROTOCOL), "{reason}");
     assert!(reason.contains("malformed"), "{reason}");
 
+    // A second hello once the session had its hello (each was decoded and ignored).
+    let mut s = raw_hello(d.quic_addr, &tls, "edge-0", "edge-0").await;
+    s.send.write_all(&hello_frame("edge-0")).await.unwrap();
+    let (code, reason) = closed(s.conn).await;
+    assert_eq!(code, u64::from(close::PROTOCOL), "{reason}");
+    assert!(reason.contains("a second hello"), "{reason}");
+
     // A frame announced over the limit.
     let mut s = raw_hello(d.quic_addr, &tls, "edge-0", "edge-0").await;
     s.send.write_all(&u32::MAX.to_be_bytes()).await.unwrap();

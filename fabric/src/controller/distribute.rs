@@ -262,6 +262,8 @@ enum ConnError {
     Stalled(Duration),
     #[error("session {id} superseded by a newer control session of this node")]
     Superseded { id: u64 },
+    #[error("a second hello on a session that had its hello")]
+    SecondHello,
     #[error("node {node} is not in the topology since version {topology_version}")]
     Removed { node: String, topology_version: u64 },
 }
@@ -278,7 +280,8 @@ impl ConnError {
             ConnError::Removed { .. } => Some(close::NOT_ALLOWED),
             ConnError::Proto(proto::ProtoError::TooLarge { .. })
             | ConnError::Proto(proto::ProtoError::Malformed(_))
-            | ConnError::NotSent { .. } => Some(close::PROTOCOL),
+            | ConnError::NotSent { .. }
+            | ConnError::SecondHello => Some(close::PROTOCOL),
             ConnError::Proto(proto::ProtoError::Io(_))
             | ConnError::Connection(_)
             | ConnError::Write(_) => None,
@@ -587,6 +590,21 @@ async fn session(
             }
             frame = inbox.next(recv) => {
                 let Some(payload) = frame? else { return Ok(()) };
+                // A report over the budget is dropped on its type alone: the full decode (up to
+                // MAX_FROM_ROUTER bytes of JSON) is the work the budget is there to bound.
+                if proto::is_telemetry(&payload) && !budget.take(Instant::now()) {
+                    ctl.router_seen(rs);
+                    ctl.router_reports_dropped(rs, 1);
+                    if !warned_rate {
+                        warned_rate = true;
+                        tracing::warn!(
+                            node,
+                            "dropping telemetry beyond {TELEMETRY_PER_SEC} reports a \
+                             second (counted in status)"
+                        );
+                    }
+                    continue;
+                }
                 match proto::decode::<FromRouter>(&payload)? {
                     FromRouter::Ack { version } => {
                         let (tv, _) = unanswered
@@ -654,18 +672,9 @@ async fn session(
                         }
                     }
                     FromRouter::Telemetry(report) => {
+                        // Within the budget (taken above, on the frame's type).
                         ctl.router_seen(rs);
-                        if !budget.take(Instant::now()) {
-                            ctl.router_reports_dropped(rs, 1);
-                            if !warned_rate {
-                                warned_rate = true;
-                                tracing::warn!(
-                                    node,
-                                    "dropping telemetry beyond {TELEMETRY_PER_SEC} reports a \
-                                     second (counted in status)"
-                                );
-                            }
-                        } else if report_node(&report) == node && ctl.router_session_current(rs) {
+                        if report_node(&report) == node && ctl.router_session_current(rs) {
                             ctl.router_draining(rs, report.draining);
                             let (sample, refused) = sample_of(&report);
                             if refused > 0 {
@@ -696,7 +705,9 @@ async fn session(
                             }
                         }
                     }
-                    FromRouter::Hello { .. } => {}
+                    // Sent once, first: another is a misbehaving router (each one was decoded,
+                    // up to MAX_FROM_ROUTER bytes, and ignored, without a limit or a trace).
+                    FromRouter::Hello { .. } => return Err(ConnError::SecondHello),
                     FromRouter::Renew { public_key, proof } => {
                         let now = Instant::now();
                         let reply = if renewals.take(now) {

@@ -417,6 +417,90 @@ where
     }
 }
 
+/// Most bytes of large answers (a topology version's text, a page of history) waiting to be
+/// sent at once, over every connection. An answer holds its share until hyper has sent its last
+/// byte (its body dropped), not only while it was read ([`off_workers`]'s permit ends there): a
+/// client reading at a few KiB/s held each 32 MiB answer for minutes, and 256 connections with
+/// the read-only token could pin 8 GiB.
+pub const MAX_ANSWER_BYTES_HELD: usize = 256 << 20;
+
+/// What a permit of [`ANSWERS`] stands for.
+const ANSWER_UNIT: usize = 1024;
+
+/// The budget of [`MAX_ANSWER_BYTES_HELD`], in [`ANSWER_UNIT`]s.
+static ANSWERS: tokio::sync::Semaphore =
+    tokio::sync::Semaphore::const_new(MAX_ANSWER_BYTES_HELD / ANSWER_UNIT);
+
+/// `v` as a JSON answer holding its size of [`MAX_ANSWER_BYTES_HELD`] until it has been sent;
+/// a 503 (`Retry-After: 1`, nothing was changed) when the budget is spent.
+pub(crate) fn held_json<T: Serialize>(v: &T) -> Result<Response, ApiError> {
+    held_json_in(&ANSWERS, MAX_ANSWER_BYTES_HELD / ANSWER_UNIT, v)
+}
+
+/// [`held_json`] against `budget`, of `units` [`ANSWER_UNIT`]s.
+fn held_json_in<T: Serialize>(
+    budget: &'static tokio::sync::Semaphore,
+    units: usize,
+    v: &T,
+) -> Result<Response, ApiError> {
+    let body = serde_json::to_vec(v).map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("internal: encoding the answer: {e}"),
+        )
+    })?;
+    // An answer larger than the whole budget takes all of it.
+    let need = body.len().div_ceil(ANSWER_UNIT).clamp(1, units);
+    let held = u32::try_from(need)
+        .ok()
+        .and_then(|n| budget.try_acquire_many(n).ok())
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "too many large answers are being sent ({} MiB at most at once): try again",
+                    (units * ANSWER_UNIT) >> 20
+                ),
+            )
+        })?;
+    let body = Held {
+        body: http_body_util::Full::new(Bytes::from(body)),
+        _held: held,
+    };
+    Ok((
+        [(header::CONTENT_TYPE, "application/json")],
+        axum::body::Body::new(body),
+    )
+        .into_response())
+}
+
+/// An answer's body with its share of [`MAX_ANSWER_BYTES_HELD`], given back when hyper drops
+/// it (sent, or the connection gone).
+struct Held {
+    body: http_body_util::Full<Bytes>,
+    _held: tokio::sync::SemaphorePermit<'static>,
+}
+
+impl hyper::body::Body for Held {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// The query of a route that takes none (every route but `GET /v1/topology/history`): a
 /// parameter is refused (400, naming it) rather than ignored, as an unknown field of a request
 /// body is. A client that believes it asked for something (`?dry_run=true` on an apply) must not
@@ -578,6 +662,36 @@ mod tests {
     use tokio::net::TcpStream;
 
     use super::*;
+
+    /// An answer holds its size of the budget until its body is dropped (sent, or the client
+    /// gone), not only while it was built: past the budget, a 503 that says to try again.
+    #[tokio::test]
+    async fn a_large_answer_holds_its_bytes_until_it_has_been_sent() {
+        static BUDGET: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(100);
+        let big = "x".repeat(60 * ANSWER_UNIT);
+        let first = held_json_in(&BUDGET, 100, &big).unwrap();
+        assert_eq!(
+            BUDGET.available_permits(),
+            100 - 61,
+            "60 KiB and its quotes"
+        );
+        let err = held_json_in(&BUDGET, 100, &big).unwrap_err();
+        assert_eq!(err.status, StatusCode::SERVICE_UNAVAILABLE, "{}", err.error);
+        // Sent: the body read to its end, then dropped, as hyper does.
+        let body = axum::body::to_bytes(first.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        assert_eq!(body.len(), big.len() + 2);
+        assert_eq!(BUDGET.available_permits(), 100);
+        let second = held_json_in(&BUDGET, 100, &big).unwrap();
+        // One larger than the whole budget takes all of it (and is not refused for good).
+        drop(second);
+        let huge = "x".repeat(200 * ANSWER_UNIT);
+        let all = held_json_in(&BUDGET, 100, &huge).unwrap();
+        assert_eq!(BUDGET.available_permits(), 0);
+        drop(all);
+        assert_eq!(BUDGET.available_permits(), 100);
+    }
     use crate::store::redb::RedbStore;
     use crate::store::{self, Store, StoreError};
 

@@ -2,10 +2,11 @@
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
+use axum::response::Response;
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 
-use super::{AdminState, ApiError, NoQuery, off_workers};
+use super::{AdminState, ApiError, NoQuery, held_json, off_workers};
 use crate::circuits::api::actor;
 use crate::controller::ApplyOutcome;
 use crate::controller::records::{Origin, TopologyVersion, VersionMeta};
@@ -26,9 +27,9 @@ pub struct CurrentResponse {
     pub snapshot_version: u64,
 }
 
-async fn current(State(st): State<AdminState>, _: Query<NoQuery>) -> Json<CurrentResponse> {
+async fn current(State(st): State<AdminState>, _: Query<NoQuery>) -> Result<Response, ApiError> {
     let cur = st.ctl.current();
-    Json(CurrentResponse {
+    held_json(&CurrentResponse {
         record: cur.record.clone(),
         snapshot_version: st.ctl.published().version,
     })
@@ -74,15 +75,16 @@ pub const MAX_HISTORY_LIMIT: usize = 10_000;
 async fn history(
     State(st): State<AdminState>,
     Query(q): Query<HistoryQuery>,
-) -> Result<Json<Vec<HistoryEntry>>, ApiError> {
+) -> Result<Response, ApiError> {
     let limit = super::page_limit(q.limit, "versions", MAX_HISTORY_LIMIT)?.unwrap_or(50);
     let ctl = st.ctl.clone();
     // The current version from the same read as the rows: read from memory before it, an
     // apply committed in between was listed but not flagged, and the version before it was.
     let before = q.before;
     let (cur, rows) = off_workers(move || ctl.history_with_current(limit, before)).await?;
-    Ok(Json(
-        rows.into_iter()
+    held_json(
+        &rows
+            .into_iter()
             .map(|r: VersionMeta| HistoryEntry {
                 version: r.version,
                 current: Some(r.version) == cur,
@@ -93,15 +95,15 @@ async fn history(
                 origin: r.origin,
                 sha256: r.sha256,
             })
-            .collect(),
-    ))
+            .collect::<Vec<_>>(),
+    )
 }
 
 async fn version(
     State(st): State<AdminState>,
     _: Query<NoQuery>,
     Path(v): Path<String>,
-) -> Result<Json<TopologyVersion>, ApiError> {
+) -> Result<Response, ApiError> {
     // Read here, not by axum's `Path<u64>`, whose refusal ("Cannot parse `x` to a `u64`")
     // names neither the parameter nor what it takes.
     let v: u64 = match v.parse() {
@@ -118,15 +120,13 @@ async fn version(
         }
     };
     let ctl = st.ctl.clone();
-    off_workers(move || ctl.version(v))
-        .await?
-        .map(Json)
-        .ok_or_else(|| {
-            ApiError::new(
-                axum::http::StatusCode::NOT_FOUND,
-                format!("no topology version {v}"),
-            )
-        })
+    let record = off_workers(move || ctl.version(v)).await?.ok_or_else(|| {
+        ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            format!("no topology version {v}"),
+        )
+    })?;
+    held_json(&record)
 }
 
 /// The body of `POST /v1/topology`. An unknown field is refused (422, naming it): a misspelt

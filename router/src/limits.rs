@@ -8,21 +8,43 @@
 /// thousand connections. The hard limit is the operator's ceiling (`LimitNOFILE=`, `ulimit
 /// -Hn`); going up to it needs no privilege.
 pub fn raise_nofile() -> std::io::Result<u64> {
-    let mut lim = nofile()?;
-    // SAFETY: setrlimit on a local struct; no other effect.
-    unsafe {
-        if lim.rlim_cur < lim.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: lim.rlim_max,
-                rlim_max: lim.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            lim.rlim_cur = lim.rlim_max;
+    let lim = nofile()?;
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    raise_with(lim.rlim_cur, lim.rlim_max, nr_open, |soft| {
+        let raised = libc::rlimit {
+            rlim_cur: soft,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit on a local struct; no other effect.
+        match unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } {
+            0 => Ok(()),
+            _ => Err(std::io::Error::last_os_error()),
         }
+    })
+}
+
+/// [`raise_nofile`] from the limits `soft` and `hard`, `set` setting the soft limit: to the
+/// hard limit, or, where that is refused, to the kernel's most descriptors a process may have
+/// (`nr_open`: a hard limit above it, `nr_open` lowered after the limit was inherited, or
+/// unlimited, is refused whole, and the soft limit stayed at 1,024).
+fn raise_with(
+    soft: u64,
+    hard: u64,
+    nr_open: Option<u64>,
+    mut set: impl FnMut(u64) -> std::io::Result<()>,
+) -> std::io::Result<u64> {
+    if soft >= hard {
+        return Ok(soft);
     }
-    Ok(lim.rlim_cur)
+    match set(hard) {
+        Ok(()) => Ok(hard),
+        Err(e) => match nr_open.filter(|&n| n > soft && n < hard) {
+            Some(n) => set(n).map(|()| n),
+            None => Err(e),
+        },
+    }
 }
 
 /// The open-file limits (soft and hard) now.
@@ -45,4 +67,35 @@ pub fn nofile() -> std::io::Result<libc::rlimit> {
 /// count as the backend's.)
 pub(crate) fn out_of_descriptors(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hard limit the kernel refuses as a soft one (above `nr_open`, or unlimited) raises the
+    /// soft limit as far as `nr_open`; it stayed at 1,024.
+    #[test]
+    fn a_refused_hard_limit_raises_the_soft_limit_to_nr_open() {
+        let eperm = || std::io::Error::from_raw_os_error(libc::EPERM);
+        let mut asked = Vec::new();
+        let got = raise_with(1024, u64::MAX, Some(1 << 20), |soft| {
+            asked.push(soft);
+            if soft > 1 << 20 { Err(eperm()) } else { Ok(()) }
+        });
+        assert_eq!(got.unwrap(), 1 << 20);
+        assert_eq!(asked, [u64::MAX, 1 << 20]);
+        // Taken: the hard limit, once.
+        assert_eq!(
+            raise_with(1024, 4096, Some(1 << 20), |_| Ok(())).unwrap(),
+            4096
+        );
+        // Refused with no lower ceiling to try: the error.
+        assert!(raise_with(1024, 4096, None, |_| Err(eperm())).is_err());
+        // Already at the hard limit: nothing set.
+        assert_eq!(
+            raise_with(4096, 4096, None, |_| panic!("set")).unwrap(),
+            4096
+        );
+    }
 }

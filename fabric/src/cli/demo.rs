@@ -15,7 +15,7 @@ use crate::demo::{APAC_YAML, DemoFabric, DemoOptions};
 
 #[derive(clap::Args, Debug)]
 #[command(after_help = "Examples:\n  \
-    tasman demo                      # controller + APAC fabric: measure, fail a site over, edit live, exit\n  \
+    tasman demo                      # controller + APAC fabric: measure, fail over, edit live, drain, exit\n  \
     tasman demo --keep               # ... then keep it up; prints curl and `tasman status` commands\n  \
     tasman demo --edges syd-edge-1,lax-edge-1 --fail syd-site-1\n  \
     scripts/demo                     # the same as the first, in a release build")]

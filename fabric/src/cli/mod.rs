@@ -18,7 +18,11 @@ pub mod topology_admin;
 #[command(
     name = "tasman",
     version,
-    about = "Tasman: a latency-aware interconnect fabric for AI inference traffic"
+    about = "Tasman: a latency-aware interconnect fabric for AI inference traffic",
+    after_help = "Examples:\n  \
+    tasman demo                                  # the local Asia-Pacific demo fabric\n  \
+    tasman topology validate examples/apac.yaml  # line:column diagnostics\n  \
+    tasman circuit create --help                 # each command's own examples"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -27,7 +31,7 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Run the local Asia-Pacific demo fabric: measure, fail a site over, exit.
+    /// Run the local Asia-Pacific demo fabric: measure, fail a site over, edit live, drain, exit.
     Demo(demo::DemoArgs),
     /// Work with topology files: validate, route, diff.
     Topology(topology::TopologyArgs),
@@ -40,7 +44,13 @@ pub enum Command {
     /// Routers, per-service choices and the live RTT matrix, from the controller.
     Status(status::StatusArgs),
     /// Circuits: validate, create, list, show, resize, delete, history, headroom.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  \
+        tasman circuit create --name acme-syd --edge syd-edge-1 --prefix 203.0.113.0/24 --service llm-chat --rate 500Mbps --wait\n  \
+        tasman circuit list\n  \
+        tasman circuit create --help     # each subcommand's own examples"
+    )]
     Circuit(circuit::CircuitCmd),
 }
 

@@ -437,6 +437,11 @@ pub(crate) fn held_json<T: Serialize>(v: &T) -> Result<Response, ApiError> {
     held_json_in(&ANSWERS, MAX_ANSWER_BYTES_HELD / ANSWER_UNIT, v)
 }
 
+/// A JSON answer already encoded, held as [`held_json`]'s.
+pub(crate) fn held_body(body: impl Into<Bytes>) -> Result<Response, ApiError> {
+    held_body_in(&ANSWERS, MAX_ANSWER_BYTES_HELD / ANSWER_UNIT, body.into())
+}
+
 /// [`held_json`] against `budget`, of `units` [`ANSWER_UNIT`]s.
 fn held_json_in<T: Serialize>(
     budget: &'static tokio::sync::Semaphore,
@@ -449,6 +454,15 @@ fn held_json_in<T: Serialize>(
             format!("internal: encoding the answer: {e}"),
         )
     })?;
+    held_body_in(budget, units, body.into())
+}
+
+/// [`held_body`] against `budget`, of `units` [`ANSWER_UNIT`]s.
+fn held_body_in(
+    budget: &'static tokio::sync::Semaphore,
+    units: usize,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     // An answer larger than the whole budget takes all of it.
     let need = body.len().div_ceil(ANSWER_UNIT).clamp(1, units);
     let held = u32::try_from(need)
@@ -464,7 +478,7 @@ fn held_json_in<T: Serialize>(
             )
         })?;
     let body = Held {
-        body: http_body_util::Full::new(Bytes::from(body)),
+        rest: body,
         _held: held,
     };
     Ok((
@@ -475,11 +489,17 @@ fn held_json_in<T: Serialize>(
 }
 
 /// An answer's body with its share of [`MAX_ANSWER_BYTES_HELD`], given back when hyper drops
-/// it (sent, or the connection gone).
+/// it: handed to hyper [`HELD_CHUNK`] bytes at a time, as its write buffer drains, so that it is
+/// dropped once the last chunk is taken, near the end of the sending (or when the connection is
+/// gone). (In one frame, hyper took it all into its own buffer and dropped the body at once:
+/// the share went back before a slow client had read a byte.)
 struct Held {
-    body: http_body_util::Full<Bytes>,
+    rest: Bytes,
     _held: tokio::sync::SemaphorePermit<'static>,
 }
+
+/// The most bytes of a [`Held`] answer handed to hyper at a time (a slice, not a copy).
+const HELD_CHUNK: usize = 64 * 1024;
 
 impl hyper::body::Body for Held {
     type Data = Bytes;
@@ -487,17 +507,18 @@ impl hyper::body::Body for Held {
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
+        _: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
-        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+        let n = self.rest.len().min(HELD_CHUNK);
+        std::task::Poll::Ready((n > 0).then(|| Ok(hyper::body::Frame::data(self.rest.split_to(n)))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.rest.is_empty()
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
-        self.body.size_hint()
+        hyper::body::SizeHint::with_exact(self.rest.len() as u64)
     }
 }
 
@@ -691,6 +712,58 @@ mod tests {
         assert_eq!(BUDGET.available_permits(), 0);
         drop(all);
         assert_eq!(BUDGET.available_permits(), 100);
+    }
+
+    /// Served by hyper to a client that does not read, an answer keeps its share until the
+    /// client has taken it: hyper asks for the body a chunk at a time as its buffer drains. (A
+    /// body of one frame was dropped as hyper took it, the share given back at once.)
+    #[tokio::test]
+    async fn a_slow_client_holds_its_answers_share_until_it_read_it() {
+        const UNITS: usize = 64 * 1024; // 64 MiB
+        static BUDGET: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(UNITS);
+        let big = std::sync::Arc::new("x".repeat(32 << 20));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let svc = hyper::service::service_fn(move |_req| {
+                let big = big.clone();
+                async move {
+                    Ok::<_, std::convert::Infallible>(held_json_in(&BUDGET, UNITS, &*big).unwrap())
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                .await;
+        });
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut head = [0u8; 1024];
+        let mut got = c.read(&mut head).await.unwrap();
+        assert!(head.starts_with(b"HTTP/1.1 200"), "{:?}", &head[..got]);
+        let held = UNITS - BUDGET.available_permits();
+        assert!(held >= 32 * 1024, "the answer's share: {held} KiB");
+        // The client reads nothing more for a while: the share stays taken (the kernel's
+        // buffers and hyper's hold a few MiB of the 32).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            UNITS - BUDGET.available_permits(),
+            held,
+            "given back unread"
+        );
+        // Read to the end: given back.
+        let mut buf = vec![0u8; 1 << 20];
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while got < (32 << 20) && Instant::now() < deadline {
+            got += c.read(&mut buf).await.unwrap();
+        }
+        while BUDGET.available_permits() < UNITS && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(BUDGET.available_permits(), UNITS, "given back once read");
+        server.abort();
     }
     use crate::store::redb::RedbStore;
     use crate::store::{self, Store, StoreError};

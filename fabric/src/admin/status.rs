@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::extract::{Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bytes::Bytes;
@@ -292,7 +292,7 @@ async fn status(State(st): State<AdminState>, _: Query<NoQuery>) -> Response {
         Err(_) => None,
     };
     match built {
-        Some(Ok(body)) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Some(Ok(body)) => super::held_body(body).into_response(),
         Some(Err(error)) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, error).into_response(),
         None => ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -312,7 +312,7 @@ async fn rtt(State(st): State<AdminState>, _: Query<NoQuery>) -> Result<Response
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
     })
     .await?;
-    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+    super::held_body(body)
 }
 
 #[cfg(test)]

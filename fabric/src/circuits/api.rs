@@ -21,14 +21,15 @@
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
+use axum::response::Response;
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use topology::Bandwidth;
 use topology::circuit::LinkHeadroom;
 
 use super::service::ServiceError;
-use super::{Admission, Archived, Circuit, CircuitError, CircuitSpec, HistoryEntry};
-use crate::admin::{AdminState, ApiError, NoQuery, off_workers};
+use super::{Admission, Circuit, CircuitError, CircuitSpec, HistoryEntry};
+use crate::admin::{AdminState, ApiError, NoQuery, held_json, off_workers};
 use crate::controller::records::{MAX_META_FIELD, clipped};
 
 pub fn routes() -> axum::Router<AdminState> {
@@ -166,23 +167,19 @@ impl PageQuery {
 async fn list(
     State(st): State<AdminState>,
     Query(q): Query<PageQuery>,
-) -> Result<Json<Vec<Circuit>>, ApiError> {
+) -> Result<Response, ApiError> {
     let (after, limit) = q.bounds()?;
     let svc = st.circuits.clone();
-    Ok(Json(
-        off_workers(move || svc.list_page(after.as_deref(), limit)).await?,
-    ))
+    held_json(&off_workers(move || svc.list_page(after.as_deref(), limit)).await?)
 }
 
 async fn list_archived(
     State(st): State<AdminState>,
     Query(q): Query<PageQuery>,
-) -> Result<Json<Vec<Archived>>, ApiError> {
+) -> Result<Response, ApiError> {
     let (after, limit) = q.bounds()?;
     let svc = st.circuits.clone();
-    Ok(Json(
-        off_workers(move || svc.list_archived_page(after.as_deref(), limit)).await?,
-    ))
+    held_json(&off_workers(move || svc.list_archived_page(after.as_deref(), limit)).await?)
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -192,18 +189,15 @@ pub struct HeadroomRow {
     pub headroom: LinkHeadroom,
 }
 
-async fn headroom(
-    State(st): State<AdminState>,
-    _: Query<NoQuery>,
-) -> Result<Json<Vec<HeadroomRow>>, ApiError> {
+async fn headroom(State(st): State<AdminState>, _: Query<NoQuery>) -> Result<Response, ApiError> {
     let svc = st.circuits.clone();
-    Ok(Json(
-        off_workers(move || svc.headroom())
+    held_json(
+        &off_workers(move || svc.headroom())
             .await?
             .into_iter()
             .map(|(link, headroom)| HeadroomRow { link, headroom })
-            .collect(),
-    ))
+            .collect::<Vec<_>>(),
+    )
 }
 
 async fn show(
@@ -228,11 +222,9 @@ async fn history(
     State(st): State<AdminState>,
     _: Query<NoQuery>,
     Path(id): Path<String>,
-) -> Result<Json<HistoryResponse>, ApiError> {
+) -> Result<Response, ApiError> {
     let svc = st.circuits.clone();
-    Ok(Json(
-        off_workers(move || svc.history_with_archive(&id)).await?,
-    ))
+    held_json(&off_workers(move || svc.history_with_archive(&id)).await?)
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -591,8 +591,10 @@ async fn session(
             frame = inbox.next(recv) => {
                 let Some(payload) = frame? else { return Ok(()) };
                 // A report over the budget is dropped on its type alone: the full decode (up to
-                // MAX_FROM_ROUTER bytes of JSON) is the work the budget is there to bound.
-                if proto::is_telemetry(&payload) && !budget.take(Instant::now()) {
+                // MAX_FROM_ROUTER bytes of JSON) is the work the budget is there to bound. The
+                // type is looked at only then (it is a pass over the frame too); a report within
+                // it spends it below.
+                if !budget.has(Instant::now()) && proto::is_telemetry(&payload) {
                     ctl.router_seen(rs);
                     ctl.router_reports_dropped(rs, 1);
                     if !warned_rate {
@@ -672,8 +674,9 @@ async fn session(
                         }
                     }
                     FromRouter::Telemetry(report) => {
-                        // Within the budget (taken above, on the frame's type).
+                        // Within the budget (looked at above, on the frame's type).
                         ctl.router_seen(rs);
+                        budget.take(Instant::now());
                         if report_node(&report) == node && ctl.router_session_current(rs) {
                             ctl.router_draining(rs, report.draining);
                             let (sample, refused) = sample_of(&report);
@@ -1069,15 +1072,20 @@ impl Budget {
 
     /// True when a request arriving at `now` is within the budget (and spends it).
     fn take(&mut self, now: Instant) -> bool {
-        let refill = now.saturating_duration_since(self.last).as_secs_f64() * self.per_sec;
-        self.last = now;
-        self.tokens = (self.tokens + refill).min(self.burst);
-        if self.tokens >= 1.0 {
+        if self.has(now) {
             self.tokens -= 1.0;
             true
         } else {
             false
         }
+    }
+
+    /// True when a request arriving at `now` would be within the budget (spending nothing).
+    fn has(&mut self, now: Instant) -> bool {
+        let refill = now.saturating_duration_since(self.last).as_secs_f64() * self.per_sec;
+        self.last = now;
+        self.tokens = (self.tokens + refill).min(self.burst);
+        self.tokens >= 1.0
     }
 }
 

@@ -12,10 +12,10 @@ pub fn raise_nofile() -> std::io::Result<u64> {
     let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok());
-    raise_with(lim.rlim_cur, lim.rlim_max, nr_open, |soft| {
+    raise_with(lim.rlim_cur, lim.rlim_max, nr_open, |soft, hard| {
         let raised = libc::rlimit {
             rlim_cur: soft,
-            rlim_max: lim.rlim_max,
+            rlim_max: hard,
         };
         // SAFETY: setrlimit on a local struct; no other effect.
         match unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } {
@@ -25,23 +25,24 @@ pub fn raise_nofile() -> std::io::Result<u64> {
     })
 }
 
-/// [`raise_nofile`] from the limits `soft` and `hard`, `set` setting the soft limit: to the
-/// hard limit, or, where that is refused, to the kernel's most descriptors a process may have
-/// (`nr_open`: a hard limit above it, `nr_open` lowered after the limit was inherited, or
-/// unlimited, is refused whole, and the soft limit stayed at 1,024).
+/// [`raise_nofile`] from the limits `soft` and `hard`, `set` setting both: the soft limit to
+/// the hard limit, or, where that is refused, both to the kernel's most descriptors a process
+/// may have (`nr_open`): the kernel refuses any limits whose hard one is above it (`nr_open`
+/// lowered after the limit was inherited, or unlimited), and the soft limit stayed at 1,024.
+/// Lowering the hard limit needs no privilege.
 fn raise_with(
     soft: u64,
     hard: u64,
     nr_open: Option<u64>,
-    mut set: impl FnMut(u64) -> std::io::Result<()>,
+    mut set: impl FnMut(u64, u64) -> std::io::Result<()>,
 ) -> std::io::Result<u64> {
     if soft >= hard {
         return Ok(soft);
     }
-    match set(hard) {
+    match set(hard, hard) {
         Ok(()) => Ok(hard),
         Err(e) => match nr_open.filter(|&n| n > soft && n < hard) {
-            Some(n) => set(n).map(|()| n),
+            Some(n) => set(n, n).map(|()| n),
             None => Err(e),
         },
     }
@@ -73,28 +74,34 @@ pub(crate) fn out_of_descriptors(e: &std::io::Error) -> bool {
 mod tests {
     use super::*;
 
-    /// A hard limit the kernel refuses as a soft one (above `nr_open`, or unlimited) raises the
-    /// soft limit as far as `nr_open`; it stayed at 1,024.
+    /// A hard limit above `nr_open` (or unlimited), which the kernel refuses in any call that
+    /// passes it (`do_prlimit`), raises both limits to `nr_open`; the soft limit stayed at 1,024.
     #[test]
     fn a_refused_hard_limit_raises_the_soft_limit_to_nr_open() {
         let eperm = || std::io::Error::from_raw_os_error(libc::EPERM);
+        let nr_open = 1 << 20;
         let mut asked = Vec::new();
-        let got = raise_with(1024, u64::MAX, Some(1 << 20), |soft| {
-            asked.push(soft);
-            if soft > 1 << 20 { Err(eperm()) } else { Ok(()) }
+        // As the kernel: a hard limit above nr_open is refused, whatever the soft one.
+        let got = raise_with(1024, u64::MAX, Some(nr_open), |soft, hard| {
+            asked.push((soft, hard));
+            if hard > nr_open || soft > hard {
+                Err(eperm())
+            } else {
+                Ok(())
+            }
         });
-        assert_eq!(got.unwrap(), 1 << 20);
-        assert_eq!(asked, [u64::MAX, 1 << 20]);
+        assert_eq!(got.unwrap(), nr_open);
+        assert_eq!(asked, [(u64::MAX, u64::MAX), (nr_open, nr_open)]);
         // Taken: the hard limit, once.
         assert_eq!(
-            raise_with(1024, 4096, Some(1 << 20), |_| Ok(())).unwrap(),
+            raise_with(1024, 4096, Some(nr_open), |_, _| Ok(())).unwrap(),
             4096
         );
         // Refused with no lower ceiling to try: the error.
-        assert!(raise_with(1024, 4096, None, |_| Err(eperm())).is_err());
+        assert!(raise_with(1024, 4096, None, |_, _| Err(eperm())).is_err());
         // Already at the hard limit: nothing set.
         assert_eq!(
-            raise_with(4096, 4096, None, |_| panic!("set")).unwrap(),
+            raise_with(4096, 4096, None, |_, _| panic!("set")).unwrap(),
             4096
         );
     }

@@ -21,7 +21,10 @@
 //!
 //! Ordering: each direction keeps a monotonic base time, so with zero jitter packets leave in the
 //! order they arrived, even across a live profile change, and with jitter J two packets can only swap
-//! when they arrived less than J apart. The queue is bounded; a packet that finds it full is dropped
+//! when their base times (arrival plus delay, after the packets queued ahead of them on a
+//! bandwidth-limited link) are less than J apart: on an idle link, those that arrived less than J
+//! apart; behind a queue, or just after a live cut of the delay, packets that arrived further
+//! apart than J share nearly one base time and may swap, as under real netem. The queue is bounded; a packet that finds it full is dropped
 //! and counted, as a real router's buffer would.
 //!
 //! Outages: [`LinkHandle::cut_for`] cuts the link for a fixed time and the emulator restores it

@@ -341,13 +341,36 @@ pub struct ImpactEntry {
 }
 
 /// `site 75% + site 25%` for shares; `one site` when there are none (one site takes all).
+/// Whole percents that add up to 100 (largest remainders: rounded one by one, 1, 1, 4 read
+/// `17% + 17% + 67%`); a share above nothing that rounds to 0 reads `<1%`, not the `0%` of a
+/// site that takes nothing.
 pub fn shares_text(shares: &[Share]) -> String {
     if shares.is_empty() {
         return "one site".to_string();
     }
+    let exact: Vec<f64> = shares
+        .iter()
+        .map(|s| (s.share * 100.0).clamp(0.0, 100.0))
+        .collect();
+    let mut whole: Vec<u32> = exact.iter().map(|e| e.floor() as u32).collect();
+    let total: f64 = exact.iter().sum();
+    let target = total.round() as u32;
+    let mut by_remainder: Vec<usize> = (0..exact.len()).collect();
+    by_remainder.sort_by(|&a, &b| {
+        let (ra, rb) = (exact[a] - exact[a].floor(), exact[b] - exact[b].floor());
+        rb.total_cmp(&ra).then(a.cmp(&b))
+    });
+    let short = target.saturating_sub(whole.iter().sum());
+    for &i in by_remainder.iter().take(short as usize) {
+        whole[i] += 1;
+    }
     shares
         .iter()
-        .map(|s| format!("{} {:.0}%", s.site, s.share * 100.0))
+        .zip(whole.iter().zip(&exact))
+        .map(|(s, (&w, &e))| match (w, e > 0.0) {
+            (0, true) => format!("{} <1%", s.site),
+            _ => format!("{} {w}%", s.site),
+        })
         .collect::<Vec<_>>()
         .join(" + ")
 }
@@ -703,6 +726,33 @@ mod tests {
         // JSON round trip: the CLI prints this.
         let text = serde_json::to_string(&d).unwrap();
         assert_eq!(serde_json::from_str::<TopologyDiff>(&text).unwrap(), d);
+    }
+
+    /// Shares print as whole percents that add up to 100, and one above nothing as `<1%`.
+    #[test]
+    fn shares_print_as_percents_that_add_up_to_100() {
+        let share = |site: &str, share: f64| Share {
+            site: NodeId::new(site),
+            share,
+        };
+        let text = shares_text(&[
+            share("a", 1.0 / 6.0),
+            share("b", 1.0 / 6.0),
+            share("c", 4.0 / 6.0),
+        ]);
+        assert_eq!(text, "a 17% + b 17% + c 66%");
+        let thirds = [
+            share("a", 1.0 / 3.0),
+            share("b", 1.0 / 3.0),
+            share("c", 1.0 / 3.0),
+        ];
+        assert_eq!(shares_text(&thirds), "a 34% + b 33% + c 33%");
+        let text = shares_text(&[share("a", 0.996), share("b", 0.004), share("c", 0.0)]);
+        assert_eq!(text, "a 100% + b <1% + c 0%");
+        assert_eq!(
+            shares_text(&[share("a", 0.75), share("b", 0.25)]),
+            "a 75% + b 25%"
+        );
     }
 
     /// The order of the pools of a family (a circuit that names none takes the first) and of

@@ -429,7 +429,11 @@ fn isolated_edges(services: u32, edges: u32) -> String {
     }
     text.push_str("services:\n");
     for i in 0..services {
-        text.push_str(&format!("  - {{name: svc-{i}}}\n"));
+        // A VIP each (a service with neither a port nor VIPs is a warning of its own).
+        let [_, b, c, d] = i.to_be_bytes();
+        text.push_str(&format!(
+            "  - {{name: svc-{i}, vips: [\"10.{b}.{c}.{d}:443\"]}}\n"
+        ));
     }
     text
 }
@@ -513,7 +517,7 @@ fn diagnostics_stop_at_a_limit_and_count_the_rest() {
     assert_eq!((last.line, last.column), (0, 0));
     assert_eq!(
         last.message,
-        "999001 more problems not shown (999001 errors, 0 warnings): only the first 1000 by \
+        "999002 more problems not shown (999001 errors, 1 warnings): only the first 1000 by \
          position are listed"
     );
     // The ones shown are the first: the site's first serves entries, in order.

@@ -84,9 +84,40 @@ impl Silence {
 
 /// The authenticated incoming connections, by peer name.
 #[derive(Default)]
-pub(crate) struct PeerConnections(Mutex<HashMap<String, Vec<quinn::Connection>>>);
+pub(crate) struct PeerConnections(Mutex<Peers>);
+
+/// [`PeerConnections`]' state.
+#[derive(Default)]
+struct Peers {
+    live: HashMap<String, Vec<quinn::Connection>>,
+    /// Per peer, the packets QUIC declared lost on its connections that ended (peers are
+    /// topology nodes that authenticated: bounded by the names a topology held).
+    ended_lost: HashMap<String, u64>,
+}
+
+impl Peers {
+    fn ended(&mut self, peer: &str, conn: &quinn::Connection) {
+        *self.ended_lost.entry(peer.to_string()).or_default() += conn.stats().path.lost_packets;
+    }
+}
 
 impl PeerConnections {
+    /// Packets QUIC declared lost on `peer`'s connections to this router since it started,
+    /// ended and live (part of its `neighbour_lost_packets_total`: what this router sent on
+    /// them, the answers to the peer's streams most of all).
+    pub(crate) fn lost_packets(&self, peer: &str) -> u64 {
+        let p = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let live: u64 = p
+            .live
+            .get(peer)
+            .map_or(0, |c| c.iter().map(|c| c.stats().path.lost_packets).sum());
+        p.ended_lost
+            .get(peer)
+            .copied()
+            .unwrap_or(0)
+            .saturating_add(live)
+    }
+
     /// Counts `conn` as `peer`'s newest connection until the returned guard drops; returns the
     /// oldest of its connections past [`MAX_CONNECTIONS_PER_PEER`], for the caller to close.
     fn register<'a>(
@@ -94,10 +125,13 @@ impl PeerConnections {
         peer: &str,
         conn: &quinn::Connection,
     ) -> (Registered<'a>, Option<quinn::Connection>) {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let conns = map.entry(peer.to_string()).or_default();
+        let mut p = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let conns = p.live.entry(peer.to_string()).or_default();
         conns.push(conn.clone());
         let oldest = (conns.len() > MAX_CONNECTIONS_PER_PEER).then(|| conns.remove(0));
+        if let Some(old) = &oldest {
+            p.ended(peer, old);
+        }
         let registered = Registered {
             set: self,
             peer: peer.to_string(),
@@ -116,11 +150,15 @@ struct Registered<'a> {
 
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
-        let mut map = self.set.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(conns) = map.get_mut(&self.peer) {
-            conns.retain(|c| c.stable_id() != self.id);
+        let mut p = self.set.0.lock().unwrap_or_else(|e| e.into_inner());
+        let p = &mut *p;
+        if let Some(conns) = p.live.get_mut(&self.peer) {
+            if let Some(i) = conns.iter().position(|c| c.stable_id() == self.id) {
+                let c = conns.remove(i);
+                *p.ended_lost.entry(self.peer.clone()).or_default() += c.stats().path.lost_packets;
+            }
             if conns.is_empty() {
-                map.remove(&self.peer);
+                p.live.remove(&self.peer);
             }
         }
     }

@@ -379,7 +379,7 @@ impl Metrics {
             (
                 "neighbour_lost_packets_total",
                 "counter",
-                "Packets QUIC declared lost to the neighbour since the router started (its connections summed).",
+                "Packets QUIC declared lost to the neighbour since the router started (its connections summed, those it dialled and those the neighbour dialled).",
                 |n| n.lost_packets as f64,
             ),
             (

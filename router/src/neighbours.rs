@@ -114,21 +114,28 @@ impl Neighbour {
     pub fn dial_failures(&self) -> u64 {
         self.dial_failures.load(Relaxed)
     }
-    /// Packets QUIC declared lost to this neighbour since the router started (its
-    /// `neighbour_lost_packets_total`): those of its ended connections and of the live one.
-    /// Never lower than an earlier answer.
-    pub fn lost_packets(&self) -> u64 {
-        self.path().1
+    /// The live connection's path statistics (`None` while down) and the packets QUIC
+    /// declared lost to this neighbour since the router started (its
+    /// `neighbour_lost_packets_total`): on the connections this router dialled, ended and live,
+    /// and `incoming_lost` on those the neighbour dialled ([`crate::inbound::PeerConnections::
+    /// lost_packets`]: the answers to its streams go back on those). Never lower than an earlier
+    /// answer.
+    pub fn path(&self, incoming_lost: u64) -> (Option<quinn::PathStats>, u64) {
+        let (path, dialled) = self.dialled_lost();
+        let v = dialled.saturating_add(incoming_lost);
+        (path, self.lost_shown.fetch_max(v, SeqCst).max(v))
     }
-    /// The live connection's path statistics (`None` while down) and
-    /// [`Neighbour::lost_packets`], from one read of the connection's statistics.
-    pub fn path(&self) -> (Option<quinn::PathStats>, u64) {
+    /// The live connection's path statistics and the packets lost on the connections this
+    /// router dialled, ended and live.
+    fn dialled_lost(&self) -> (Option<quinn::PathStats>, u64) {
         // The ended connections' first: a connection that ends between the two reads is then
-        // counted in neither (shown no lower than before, below), never in both.
+        // counted in neither (shown no lower than before, in `path`), never in both.
         let before = self.lost_before.load(SeqCst);
         let path = self.connection().map(|c| c.stats().path);
-        let v = before.saturating_add(path.map_or(0, |p| p.lost_packets));
-        (path, self.lost_shown.fetch_max(v, SeqCst).max(v))
+        (
+            path,
+            before.saturating_add(path.map_or(0, |p| p.lost_packets)),
+        )
     }
     /// A connection of this neighbour ended (it is down: [`Neighbour::connection`] is `None`):
     /// its lost packets count from now on as [`Neighbour::lost_packets`]'s ended ones.
@@ -149,7 +156,7 @@ impl Neighbour {
     /// it, wherever it is reached now). `old`'s live connection is read before it is closed.
     pub fn succeed(&self, old: &Neighbour) {
         self.dial_failures.store(old.dial_failures(), Relaxed);
-        self.lost_before.store(old.lost_packets(), SeqCst);
+        self.lost_before.store(old.dialled_lost().1, SeqCst);
         self.set_down_since(old.down_since());
     }
     fn down_since(&self) -> Option<Instant> {

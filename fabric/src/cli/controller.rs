@@ -1,5 +1,6 @@
 //! `tasman controller`: the daemon.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -204,9 +205,12 @@ pub fn run(args: ControllerArgs) -> ExitCode {
         let metrics = d
             .metrics_addr
             .map_or(String::new(), |a| format!(" metrics={a}"));
-        println!(
+        // Not `println!`: it panics on a stdout that cannot be written.
+        let _ = writeln!(
+            std::io::stdout(),
             "controller listening quic={} admin={}{metrics}",
-            d.quic_addr, d.admin_addr
+            d.quic_addr,
+            d.admin_addr
         );
         signals.next().await;
         d.shutdown().await;

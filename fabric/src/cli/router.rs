@@ -1,6 +1,7 @@
 //! `tasman router`: run one node of the fabric in the role its kind in the topology gives.
 
 use std::collections::HashMap;
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -78,8 +79,10 @@ pub struct RouterArgs {
     pub write_stall_timeout: std::time::Duration,
     /// On SIGTERM or Ctrl-C, let open connections finish for up to this long before closing
     /// them (new ones go to other sites at once; a second signal stops without waiting). A
-    /// duration (e.g. 30s, 10m); 0 does not wait.
-    #[arg(long, default_value = "30s", value_parser = parse_long_duration, value_name = "DURATION")]
+    /// duration (e.g. 30s, 10m); 0 does not wait. The default, 20s, leaves the close and the
+    /// stores that follow (up to 10 s) inside the 30 s an orchestrator such as Kubernetes
+    /// waits before it kills.
+    #[arg(long, default_value = "20s", value_parser = parse_long_duration, value_name = "DURATION")]
     pub drain_timeout: std::time::Duration,
     /// Re-read this node's certificate, key, CA bundle and revocation list from `--tls-dir` this
     /// often, and adopt what passes the checks (no restart for a re-issued certificate, a CA
@@ -387,6 +390,11 @@ fn parse_dial(s: &str) -> Result<(String, SocketAddr), String> {
     let (n, a) = s
         .split_once('=')
         .ok_or_else(|| format!("{s:?}: expected NODE=ADDR"))?;
+    if !topology::is_valid_id(n) {
+        return Err(format!(
+            "{n:?} is not a node id (1 to 63 lowercase letters, digits and single hyphens)"
+        ));
+    }
     let addr = a.parse().map_err(|e| format!("{a:?}: {e}"))?;
     Ok((n.to_string(), addr))
 }
@@ -518,6 +526,14 @@ pub fn run(args: RouterArgs) -> ExitCode {
         );
         return ExitCode::from(1);
     }
+    // A misspelt node would be dialled at its topology address instead, silently.
+    if let Some((n, _)) = args.dial.iter().find(|(n, _)| topo.node(n).is_none()) {
+        eprintln!(
+            "error: --dial {n:?}: no such node in {}",
+            topology_file.display()
+        );
+        return ExitCode::from(1);
+    }
     let (_tx, rx) = tokio::sync::watch::channel(Arc::new(Snapshot::new(1, Arc::new(topo))));
     let cfg = match args.config(rx) {
         Ok(c) => c,
@@ -540,7 +556,13 @@ pub fn run(args: RouterArgs) -> ExitCode {
             Err(code) => return code,
         };
         if let Some(addr) = handle.quic_addr() {
-            println!("router {} listening on {addr}", args.node);
+            // Not `println!`: a stdout that cannot be written (a reader gone, a full disk)
+            // made it panic, and the router, serving by then, exit 101 without a drain.
+            let _ = writeln!(
+                std::io::stdout(),
+                "router {} listening on {addr}",
+                args.node
+            );
         }
         drain_on_signal(handle, &mut signals).await;
         ExitCode::SUCCESS
@@ -630,7 +652,8 @@ fn run_with_controller(args: &RouterArgs, controller: SocketAddr) -> ExitCode {
         };
         client.attach(&handle);
         if let Some(addr) = handle.quic_addr() {
-            println!(
+            let _ = writeln!(
+                std::io::stdout(),
                 "router {} listening on {addr} (controller {controller})",
                 args.node
             );
@@ -727,8 +750,23 @@ mod tests {
         Cli::try_parse_from(base.iter().chain(extra)).map(|c| c.router)
     }
 
+    /// `--dial` names a node by its id: an empty or malformed one is refused naming the flag
+    /// (it was taken, and the node it meant dialled at its topology address).
     #[test]
-    fn idle_and_drain_timeout_flags_default_to_one_hour_and_30_s() {
+    fn dial_takes_a_node_id_and_an_address() {
+        let dial = |v: &str| parse(&["--dial", v]).map(|a| a.dial);
+        assert_eq!(
+            dial("syd-transit-1=127.0.0.1:9").unwrap(),
+            [("syd-transit-1".to_string(), "127.0.0.1:9".parse().unwrap())]
+        );
+        for bad in ["=127.0.0.1:9", "Syd=127.0.0.1:9", "a b=127.0.0.1:9", "n=x"] {
+            let e = dial(bad).unwrap_err().to_string();
+            assert!(e.contains("--dial"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn idle_and_drain_timeout_flags_default_to_one_hour_and_20_s() {
         let args = |extra: &[&str]| parse(extra).unwrap();
         assert_eq!(args(&[]).idle_timeout, Duration::from_secs(3600));
         assert_eq!(
@@ -739,7 +777,7 @@ mod tests {
             args(&["--idle-timeout", "off"]).idle_timeout,
             Duration::ZERO
         );
-        assert_eq!(args(&[]).drain_timeout, Duration::from_secs(30));
+        assert_eq!(args(&[]).drain_timeout, Duration::from_secs(20));
         assert_eq!(
             args(&["--drain-timeout", "10m"]).drain_timeout,
             Duration::from_secs(600)

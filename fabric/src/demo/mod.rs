@@ -724,7 +724,8 @@ impl DemoFabric {
         loop {
             match self.spawn_router(node).await {
                 Err(DemoError::Router {
-                    source: router::RouterError::Bind { .. },
+                    source:
+                        router::RouterError::Bind { .. } | router::RouterError::MetricsBind { .. },
                     ..
                 }) if Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(100)).await;

@@ -673,9 +673,12 @@ impl Controller {
         // first and computes the plan while routers are already applying the new version.
         #[cfg(test)]
         let plan_panics = self.plan_panics.load(Relaxed);
-        let plan_of = {
+        // The plan, on the new side from the live state given: the one published with the new
+        // version when it went out (telemetry merged during the commit is in it, and the plan
+        // tells what routers were sent), else the one merged above.
+        let plan_with = {
             let (old_topology, new_topology) = (old.topology.clone(), topology.clone());
-            move || {
+            move |new_live: LiveState| {
                 #[cfg(test)]
                 assert!(!plan_panics, "injected failure of the plan");
                 crate::plan::Plan::compute(
@@ -705,7 +708,7 @@ impl Controller {
             .await??;
         }
         if dry_run || unchanged {
-            let plan = tokio::task::spawn_blocking(plan_of).await?;
+            let plan = tokio::task::spawn_blocking(move || plan_with(new_live)).await?;
             // The version in force that was committed but could not be published (a retry of
             // that apply, whose answer was lost) is published again now, and still told when
             // it cannot be: "unchanged" alone said it was in force on the routers.
@@ -793,9 +796,13 @@ impl Controller {
             })
         };
         let published = started.elapsed();
+        let sent_live = match &not_distributed {
+            None => self.published.borrow().live.clone(),
+            Some(_) => new_live,
+        };
         // Committed and published: a plan that fails now (a bug) is told in the plan, not as
         // the apply's failure, which would say a change in force was refused.
-        let plan = tokio::task::spawn_blocking(plan_of)
+        let plan = tokio::task::spawn_blocking(move || plan_with(sent_live))
             .await
             .unwrap_or_else(|e| {
                 // Logged there, with the panic's message.
@@ -1477,6 +1484,42 @@ mod tests {
             node("s1", "site", 3, &serves(9001)),
             node("s2", "site", 4, &serves(9002)),
         )
+    }
+
+    /// The plan an apply answers tells the live state it published: a link reported down while
+    /// the version was committed is in the plan's new side as it is in what routers were sent.
+    /// (The plan used the live state merged before the commit: the edge shown staying on a site
+    /// the published version had it leave.)
+    #[tokio::test]
+    async fn the_plan_tells_the_live_state_the_apply_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RedbStore::open(dir.path()).unwrap());
+        let ctl = Controller::open(store, Some((&yaml("10ms"), "t.yaml"))).unwrap();
+        let c = ctl.clone();
+        *lock(&ctl.before_commit) = Some(Box::new(move || {
+            c.on_telemetry(Sample::one_link("t", "s1", None, false));
+        }));
+        let out = ctl
+            .apply(&yaml("8ms"), "me", "", Origin::Apply, false, None)
+            .await
+            .unwrap();
+        assert!(out.not_distributed.is_none(), "{out:?}");
+        assert!(
+            !ctl.published().live.down_links.is_empty(),
+            "the version went out with t--s1 down"
+        );
+        let e = out
+            .plan
+            .impact
+            .iter()
+            .find(|i| i.edge.as_str() == "e" && i.service.as_str() == "chat")
+            .unwrap_or_else(|| panic!("no entry for e/chat: {}", out.plan.text));
+        assert_eq!(
+            e.new.as_ref().map(|n| n.site.as_str()),
+            Some("s2"),
+            "{}",
+            out.plan.text
+        );
     }
 
     /// A circuit whose path names a node id of `id_len` bytes (only its size matters here).

@@ -148,8 +148,10 @@ async fn a_port_given_to_another_service_keeps_being_served() {
 async fn an_edge_starts_with_a_client_port_held_and_serves_it_once_free() {
     let dir = ca_dir();
     let backend = echo_backend().await;
-    let held = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).unwrap();
-    let port = held.local_addr().unwrap().port();
+    // Below the ephemeral range (`free_tcp_port`): a kernel-chosen port, once let go, may be
+    // any outgoing connection's source port before the edge binds it.
+    let port = free_tcp_port();
+    let held = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, port)).unwrap();
     let t = line_topology("echo", backend, port);
     let snap = Arc::new(Snapshot::new(1, Arc::new(t)));
     let (hs, _txs) = spawn_all(&snap, dir.path(), |_, _| {}).await;
@@ -650,6 +652,53 @@ async fn a_neighbour_moved_to_another_address_keeps_its_failed_dials() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     edge.shutdown().await;
+}
+
+/// Packets lost on a connection the neighbour dialled count too: a site's answers go back on
+/// the transit's connection to it, and their losses were counted by no router.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packets_lost_on_a_connection_the_neighbour_dialled_are_counted() {
+    use router::netem::LinkProfile;
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    // The transit dials the site through the emulator; the site's own dial is direct.
+    let (hs, _txs, link, port) = line_via_emulator(dir.path(), backend, |_| {}).await;
+    wait_for_route(
+        node(&hs, "edge"),
+        "echo",
+        Duration::from_secs(10),
+        "no route",
+    )
+    .await;
+    let site = node(&hs, "site");
+    let lost = || {
+        metric(
+            &site.metrics_text(),
+            "tasman_neighbour_lost_packets_total{node=\"site\",neighbour=\"transit\"}",
+        )
+        .unwrap_or(0)
+    };
+    link.set_profile(LinkProfile {
+        loss: 0.05,
+        ..LinkProfile::delay(topology::Latency::ZERO)
+    });
+    // Answers of 4 MiB, until the site has seen some of them lost (about one in twenty of its
+    // packets on that connection).
+    let msg = vec![7u8; 4 << 20];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while lost() < 20 && Instant::now() < deadline {
+        if let Ok(back) = echo_roundtrip(port, &msg, Duration::from_secs(30)).await {
+            assert_eq!(back.len(), msg.len(), "the echo came back whole");
+        }
+    }
+    assert!(
+        lost() >= 20,
+        "the site counted {} lost packets to the transit",
+        lost()
+    );
+    for h in hs {
+        h.shutdown().await;
+    }
 }
 
 /// Packets lost to a neighbour are counted since the router started: the count does not go
@@ -3276,7 +3325,11 @@ async fn one_refused_backend_connect_leaves_the_service_healthy() {
         }
     }
     let dir = ca_dir();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // Below the ephemeral range: the backend is bound again at this address below, which a
+    // kernel-chosen port, once let go, may no longer be free for.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", free_tcp_port()))
+        .await
+        .unwrap();
     let backend = listener.local_addr().unwrap();
     let echo = tokio::spawn(echo_on(listener));
     let port = free_tcp_port();

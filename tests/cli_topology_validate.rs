@@ -68,7 +68,7 @@ fn invalid_file_exits_one_with_every_diagnostic_as_file_line_col() {
             "missing {line:?} in:\n{stderr}"
         );
     }
-    assert!(text(&out.stdout).contains("invalid: 3 errors, 0 warnings"));
+    assert!(text(&out.stdout).contains("invalid: 3 errors, 1 warning"));
 }
 
 /// A document with more problems than are listed (the first 1,000, then a line counting the

@@ -191,8 +191,9 @@ pub struct RouterConfig {
     /// pair that passes the checks of [`tls::CertResolver::check`] (default 10 s; `None`: never).
     pub cert_reload_interval: Option<Duration>,
     /// How long [`RouterHandle::shutdown`] lets open connections finish before it closes them
-    /// (default 20 s: with the close and the stores after it, up to 10 s more, within the 30 s
-    /// grace period an orchestrator such as Kubernetes gives by default, before its SIGKILL).
+    /// (default 20 s: with the close, 0.5 s, and a controller-mode router's snapshot store, 5 s
+    /// at most, within the 30 s grace period an orchestrator such as Kubernetes gives by
+    /// default before its SIGKILL).
     pub drain_timeout: Duration,
     /// Keep cores out of their idle halt while traffic flows (trades CPU for latency; see
     /// [`keep_awake`]). Default `None`: off.

@@ -2020,7 +2020,7 @@ async fn a_site_that_shuts_down_drains_its_open_connections_and_sends_new_ones_a
 
     let near = hs.remove(1);
     assert_eq!(near.telemetry().node.as_str(), "near");
-    let draining = tokio::spawn(near.shutdown()); // the default drain timeout: 30 s
+    let draining = tokio::spawn(near.shutdown()); // the default drain timeout: 20 s
     wait_until(
         Duration::from_secs(10),
         || {

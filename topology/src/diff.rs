@@ -341,25 +341,25 @@ pub struct ImpactEntry {
 }
 
 /// `site 75% + site 25%` for shares; `one site` when there are none (one site takes all).
-/// Whole percents that add up to 100 (largest remainders: rounded one by one, 1, 1, 4 read
-/// `17% + 17% + 67%`); a share above nothing that rounds to 0 reads `<1%`, not the `0%` of a
-/// site that takes nothing.
+/// Whole percents that add up to 100: each share's floor, then a point more to the largest
+/// remainders, in millionths of a percent, equal ones to the first listed (rounded one by one,
+/// 1, 1, 4 read `17% + 17% + 67%`, 101 %). A share above nothing that rounds to 0 reads `<1%`,
+/// not the `0%` of a site that takes nothing.
 pub fn shares_text(shares: &[Share]) -> String {
     if shares.is_empty() {
         return "one site".to_string();
     }
-    let exact: Vec<f64> = shares
+    const UNIT: u64 = 1_000_000;
+    // In millionths of a percent: float noise (1/6 and 4/6 of 100 differ in their last bits)
+    // does not decide which of two equal remainders gets the point.
+    let exact: Vec<u64> = shares
         .iter()
-        .map(|s| (s.share * 100.0).clamp(0.0, 100.0))
+        .map(|s| ((s.share.clamp(0.0, 1.0) * 100.0) * UNIT as f64).round() as u64)
         .collect();
-    let mut whole: Vec<u32> = exact.iter().map(|e| e.floor() as u32).collect();
-    let total: f64 = exact.iter().sum();
-    let target = total.round() as u32;
+    let mut whole: Vec<u64> = exact.iter().map(|e| e / UNIT).collect();
+    let target = (exact.iter().sum::<u64>() + UNIT / 2) / UNIT;
     let mut by_remainder: Vec<usize> = (0..exact.len()).collect();
-    by_remainder.sort_by(|&a, &b| {
-        let (ra, rb) = (exact[a] - exact[a].floor(), exact[b] - exact[b].floor());
-        rb.total_cmp(&ra).then(a.cmp(&b))
-    });
+    by_remainder.sort_by_key(|&i| (std::cmp::Reverse(exact[i] % UNIT), i));
     let short = target.saturating_sub(whole.iter().sum());
     for &i in by_remainder.iter().take(short as usize) {
         whole[i] += 1;
@@ -367,7 +367,7 @@ pub fn shares_text(shares: &[Share]) -> String {
     shares
         .iter()
         .zip(whole.iter().zip(&exact))
-        .map(|(s, (&w, &e))| match (w, e > 0.0) {
+        .map(|(s, (&w, &e))| match (w, e > 0) {
             (0, true) => format!("{} <1%", s.site),
             _ => format!("{} {w}%", s.site),
         })
@@ -741,6 +741,13 @@ mod tests {
             share("c", 4.0 / 6.0),
         ]);
         assert_eq!(text, "a 17% + b 17% + c 66%");
+        // Equal remainders take the point in the order listed, whatever the float noise.
+        let text = shares_text(&[
+            share("a", 4.0 / 6.0),
+            share("b", 1.0 / 6.0),
+            share("c", 1.0 / 6.0),
+        ]);
+        assert_eq!(text, "a 67% + b 17% + c 16%");
         let thirds = [
             share("a", 1.0 / 3.0),
             share("b", 1.0 / 3.0),

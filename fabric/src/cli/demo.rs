@@ -820,7 +820,7 @@ async fn maintenance(
     println!("  {tried} new connections during the drain: served by {by_site}; {failed} failed.");
     match drained_in {
         Ok(router::Drain::Emptied(d)) => println!(
-            "  {site}'s drain ended {} after it began, when its last connection closed (drain timeout 2 s here, 30 s by default).",
+            "  {site}'s drain ended {} after it began, when its last connection closed (drain timeout 2 s here, 20 s by default).",
             fmt_ms(d)
         ),
         Ok(d) => {

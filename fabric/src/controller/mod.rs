@@ -26,6 +26,15 @@ use serde::Serialize;
 use tokio::sync::{Notify, watch};
 use topology::circuit::ProvisionedCircuit;
 use topology::route::LiveState;
+
+/// The observations an apply's plan compares: the live state merged for the topology in force
+/// and for the new one, the sites edges use, and their margins, all of one instant.
+type Observed = (
+    LiveState,
+    LiveState,
+    topology::diff::Incumbents,
+    topology::diff::Margins,
+);
 use topology::{Diagnostic, NodeId, Topology};
 
 use crate::store::{self, Store, StoreError};
@@ -673,12 +682,13 @@ impl Controller {
         // first and computes the plan while routers are already applying the new version.
         #[cfg(test)]
         let plan_panics = self.plan_panics.load(Relaxed);
-        // The plan, on the new side from the live state given: the one published with the new
-        // version when it went out (telemetry merged during the commit is in it, and the plan
-        // tells what routers were sent), else the one merged above.
+        // The plan, on both sides from one instant's observations: those merged above for a
+        // dry run or an unchanged text, those of the instant the new version is published for
+        // a change (telemetry merged during the commit is in what routers were sent; the plan
+        // told the state before it).
         let plan_with = {
             let (old_topology, new_topology) = (old.topology.clone(), topology.clone());
-            move |new_live: LiveState| {
+            move |(live, new_live, incumbents, margins): Observed| {
                 #[cfg(test)]
                 assert!(!plan_panics, "injected failure of the plan");
                 crate::plan::Plan::compute(
@@ -708,7 +718,8 @@ impl Controller {
             .await??;
         }
         if dry_run || unchanged {
-            let plan = tokio::task::spawn_blocking(move || plan_with(new_live)).await?;
+            let observed = (live, new_live, incumbents, margins);
+            let plan = tokio::task::spawn_blocking(move || plan_with(observed)).await?;
             // The version in force that was committed but could not be published (a retry of
             // that apply, whose answer was lost) is published again now, and still told when
             // it cannot be: "unchanged" alone said it was in force on the routers.
@@ -779,30 +790,35 @@ impl Controller {
         // handshake, and their sessions end now, before the new version goes out.
         self.peers
             .set(topology.nodes.iter().map(|n| n.id.to_string()));
-        let not_distributed = {
+        let (not_distributed, observed) = {
             let mut inner = lock(&self.inner);
+            // What the plan compares: the observations as the new version is published.
+            let now = Instant::now();
+            let observed = (
+                inner.live.merged(now),
+                inner.live.merged_for(&index, now),
+                inner.live.incumbents(now),
+                inner.live.margins(now),
+            );
             inner.live.set_topology(index);
             inner.current = current;
             self.end_removed(inner.live.index(), version);
             // Committed: it is the version in force whatever happens now, so a failure to
             // publish it is told with it, not as the apply's failure (which said the change
             // was refused while history showed it).
-            self.publish_locked(&mut inner, true).err().map(|e| {
+            let not_distributed = self.publish_locked(&mut inner, true).err().map(|e| {
                 tracing::error!(
                     version,
                     "topology version {version} committed but not distributed (routers keep the one before): {e}"
                 );
                 e.to_string()
-            })
+            });
+            (not_distributed, observed)
         };
         let published = started.elapsed();
-        let sent_live = match &not_distributed {
-            None => self.published.borrow().live.clone(),
-            Some(_) => new_live,
-        };
         // Committed and published: a plan that fails now (a bug) is told in the plan, not as
         // the apply's failure, which would say a change in force was refused.
-        let plan = tokio::task::spawn_blocking(move || plan_with(sent_live))
+        let plan = tokio::task::spawn_blocking(move || plan_with(observed))
             .await
             .unwrap_or_else(|e| {
                 // Logged there, with the panic's message.
@@ -1520,6 +1536,25 @@ mod tests {
             "{}",
             out.plan.text
         );
+        // Both sides from that instant: the link is down on the old side too, so a text that
+        // changes nothing but a comment, applied as a link goes down, plans no change (with the
+        // new side alone from the publication, it showed e moving, the apply's doing).
+        let c = ctl.clone();
+        *lock(&ctl.before_commit) = Some(Box::new(move || {
+            c.on_telemetry(Sample::one_link("t", "s2", None, false));
+        }));
+        let out = ctl
+            .apply(
+                &format!("# a comment\n{}", yaml("8ms")),
+                "me",
+                "",
+                Origin::Apply,
+                false,
+                None,
+            )
+            .await
+            .unwrap();
+        assert!(out.plan.impact.is_empty(), "{}", out.plan.text);
     }
 
     /// A circuit whose path names a node id of `id_len` bytes (only its size matters here).

@@ -654,15 +654,13 @@ async fn a_neighbour_moved_to_another_address_keeps_its_failed_dials() {
     edge.shutdown().await;
 }
 
-/// Packets lost on a connection the neighbour dialled count too: a site's answers go back on
-/// the transit's connection to it, and their losses were counted by no router.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn packets_lost_on_a_connection_the_neighbour_dialled_are_counted() {
-    use router::netem::LinkProfile;
-    let dir = ca_dir();
+/// [`line_via_emulator`] to an echo backend, once the edge has a route: the routers, the
+/// transit-to-site link and the service's port.
+async fn routed_line_via_emulator(
+    dir: &std::path::Path,
+) -> (Vec<RouterHandle>, router::netem::LinkHandle, u16) {
     let backend = echo_backend().await;
-    // The transit dials the site through the emulator; the site's own dial is direct.
-    let (hs, _txs, link, port) = line_via_emulator(dir.path(), backend, |_| {}).await;
+    let (hs, _txs, link, port) = line_via_emulator(dir, backend, |_| {}).await;
     wait_for_route(
         node(&hs, "edge"),
         "echo",
@@ -670,14 +668,28 @@ async fn packets_lost_on_a_connection_the_neighbour_dialled_are_counted() {
         "no route",
     )
     .await;
-    let site = node(&hs, "site");
-    let lost = || {
-        metric(
-            &site.metrics_text(),
-            "tasman_neighbour_lost_packets_total{node=\"site\",neighbour=\"transit\"}",
-        )
-        .unwrap_or(0)
-    };
+    (hs, link, port)
+}
+
+/// `h`'s `tasman_neighbour_lost_packets_total` for `neighbour` (0 before it is shown).
+fn lost_packets(h: &RouterHandle, neighbour: &str) -> u64 {
+    let t = h.telemetry();
+    let series = format!(
+        "tasman_neighbour_lost_packets_total{{node=\"{}\",neighbour=\"{neighbour}\"}}",
+        t.node
+    );
+    metric(&h.metrics_text(), &series).unwrap_or(0)
+}
+
+/// Packets lost on a connection the neighbour dialled count too: a site's answers go back on
+/// the transit's connection to it, and their losses were counted by no router.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packets_lost_on_a_connection_the_neighbour_dialled_are_counted() {
+    use router::netem::LinkProfile;
+    let dir = ca_dir();
+    // The transit dials the site through the emulator; the site's own dial is direct.
+    let (hs, link, port) = routed_line_via_emulator(dir.path()).await;
+    let lost = || lost_packets(node(&hs, "site"), "transit");
     link.set_profile(LinkProfile {
         loss: 0.05,
         ..LinkProfile::delay(topology::Latency::ZERO)
@@ -708,23 +720,9 @@ async fn packets_lost_on_a_connection_the_neighbour_dialled_are_counted() {
 async fn packets_lost_to_a_neighbour_stay_counted_across_its_reconnects() {
     use router::netem::LinkProfile;
     let dir = ca_dir();
-    let backend = echo_backend().await;
-    let (hs, _txs, link, port) = line_via_emulator(dir.path(), backend, |_| {}).await;
-    wait_for_route(
-        node(&hs, "edge"),
-        "echo",
-        Duration::from_secs(10),
-        "no route",
-    )
-    .await;
+    let (hs, link, port) = routed_line_via_emulator(dir.path()).await;
     let transit = node(&hs, "transit");
-    let lost = || {
-        metric(
-            &transit.metrics_text(),
-            "tasman_neighbour_lost_packets_total{node=\"transit\",neighbour=\"site\"}",
-        )
-        .unwrap_or(0)
-    };
+    let lost = || lost_packets(transit, "site");
     // Every reading is at least the highest before it.
     let most = std::sync::atomic::AtomicU64::new(0);
     let seen = || {

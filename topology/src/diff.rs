@@ -366,8 +366,8 @@ pub fn shares_text(shares: &[Share]) -> String {
     }
     shares
         .iter()
-        .zip(whole.iter().zip(&exact))
-        .map(|(s, (&w, &e))| match (w, e > 0) {
+        .zip(&whole)
+        .map(|(s, &w)| match (w, s.share > 0.0) {
             (0, true) => format!("{} <1%", s.site),
             _ => format!("{} {w}%", s.site),
         })
@@ -756,6 +756,9 @@ mod tests {
         assert_eq!(shares_text(&thirds), "a 34% + b 33% + c 33%");
         let text = shares_text(&[share("a", 0.996), share("b", 0.004), share("c", 0.0)]);
         assert_eq!(text, "a 100% + b <1% + c 0%");
+        // Below a millionth of a percent (behind several 99 % dials) is still above nothing.
+        let text = shares_text(&[share("a", 1.0 - 1e-10), share("b", 1e-10)]);
+        assert_eq!(text, "a 100% + b <1%");
         assert_eq!(
             shares_text(&[share("a", 0.75), share("b", 0.25)]),
             "a 75% + b 25%"

@@ -463,6 +463,43 @@ fn held_body_in(
     units: usize,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    Ok(shared_in(budget, units, body)?.response())
+}
+
+/// An answer built once for several calls (`/v1/status`'s calls that share a build), holding
+/// its size of [`MAX_ANSWER_BYTES_HELD`] once, until the last of its bodies is dropped.
+#[derive(Clone)]
+pub(crate) struct SharedAnswer {
+    body: Bytes,
+    held: Arc<tokio::sync::SemaphorePermit<'static>>,
+}
+
+impl SharedAnswer {
+    /// `body` with its share of the budget; a 503 when the budget is spent.
+    pub(crate) fn new(body: Bytes) -> Result<SharedAnswer, ApiError> {
+        shared_in(&ANSWERS, MAX_ANSWER_BYTES_HELD / ANSWER_UNIT, body)
+    }
+
+    /// The answer to one call: the bytes, not copied, handed out as [`Held`] does.
+    pub(crate) fn response(&self) -> Response {
+        let body = Held {
+            rest: self.body.clone(),
+            _held: self.held.clone(),
+        };
+        (
+            [(header::CONTENT_TYPE, "application/json")],
+            axum::body::Body::new(body),
+        )
+            .into_response()
+    }
+}
+
+/// [`SharedAnswer::new`] against `budget`, of `units` [`ANSWER_UNIT`]s.
+fn shared_in(
+    budget: &'static tokio::sync::Semaphore,
+    units: usize,
+    body: Bytes,
+) -> Result<SharedAnswer, ApiError> {
     // An answer larger than the whole budget takes all of it.
     let need = body.len().div_ceil(ANSWER_UNIT).clamp(1, units);
     let held = u32::try_from(need)
@@ -477,15 +514,10 @@ fn held_body_in(
                 ),
             )
         })?;
-    let body = Held {
-        rest: body,
-        _held: held,
-    };
-    Ok((
-        [(header::CONTENT_TYPE, "application/json")],
-        axum::body::Body::new(body),
-    )
-        .into_response())
+    Ok(SharedAnswer {
+        body,
+        held: Arc::new(held),
+    })
 }
 
 /// An answer's body with its share of [`MAX_ANSWER_BYTES_HELD`], given back when hyper drops
@@ -495,7 +527,7 @@ fn held_body_in(
 /// the share went back before a slow client had read a byte.)
 struct Held {
     rest: Bytes,
-    _held: tokio::sync::SemaphorePermit<'static>,
+    _held: Arc<tokio::sync::SemaphorePermit<'static>>,
 }
 
 /// The most bytes of a [`Held`] answer handed to hyper at a time (a slice, not a copy).
@@ -711,6 +743,24 @@ mod tests {
         let all = held_json_in(&BUDGET, 100, &huge).unwrap();
         assert_eq!(BUDGET.available_permits(), 0);
         drop(all);
+        assert_eq!(BUDGET.available_permits(), 100);
+    }
+
+    /// An answer shared by several calls holds its size once, until the last of its bodies
+    /// is dropped.
+    #[tokio::test]
+    async fn a_shared_answer_holds_its_size_once_until_its_last_body_goes() {
+        static BUDGET: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(100);
+        let shared = shared_in(&BUDGET, 100, Bytes::from(vec![b'x'; 60 * ANSWER_UNIT])).unwrap();
+        let (a, b) = (shared.response(), shared.response());
+        assert_eq!(BUDGET.available_permits(), 40, "held once for both");
+        drop(shared);
+        drop(a);
+        assert_eq!(BUDGET.available_permits(), 40, "one body still to send");
+        let body = axum::body::to_bytes(b.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        assert_eq!(body.len(), 60 * ANSWER_UNIT);
         assert_eq!(BUDGET.available_permits(), 100);
     }
 

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::extract::{Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bytes::Bytes;
@@ -211,8 +211,9 @@ pub fn build(st: &AdminState) -> Status {
     }
 }
 
-/// A status build's answer: the JSON body, or why there is none.
-type Answer = Result<Bytes, String>;
+/// A status build's answer: the JSON body with its share of the answers' budget, or the
+/// status and reason there is none.
+type Answer = Result<super::SharedAnswer, (StatusCode, String)>;
 
 /// The build running: its number, the topology version it started at, and its answer.
 type Running = (u64, u64, watch::Receiver<Option<Answer>>);
@@ -270,8 +271,8 @@ async fn status(State(st): State<AdminState>, _: Query<NoQuery>) -> Response {
                         })
                     })
                     .await
-                    .map(Bytes::from)
-                    .map_err(|e| e.error);
+                    .and_then(|body| super::SharedAnswer::new(Bytes::from(body)))
+                    .map_err(|e| (e.status, e.error));
                     // Cleared before the answer goes (unless a newer build took the place): a
                     // call from now on starts a new build.
                     let mut running = builds.running.lock().unwrap_or_else(|p| p.into_inner());
@@ -292,11 +293,10 @@ async fn status(State(st): State<AdminState>, _: Query<NoQuery>) -> Response {
         Err(_) => None,
     };
     match built {
-        // Not held against the answers' budget: concurrent calls share one build (one
-        // allocation), and each taking its whole size would turn dashboards polling together
-        // into 503s.
-        Some(Ok(body)) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
-        Some(Err(error)) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, error).into_response(),
+        // Held against the answers' budget once per build: the calls that share it share one
+        // allocation.
+        Some(Ok(answer)) => answer.response(),
+        Some(Err((status, error))) => ApiError::new(status, error).into_response(),
         None => ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal: the status build ended without an answer",

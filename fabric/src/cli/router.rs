@@ -80,8 +80,8 @@ pub struct RouterArgs {
     /// On SIGTERM or Ctrl-C, let open connections finish for up to this long before closing
     /// them (new ones go to other sites at once; a second signal stops without waiting). A
     /// duration (e.g. 30s, 10m); 0 does not wait. The default, 20s, leaves the close and the
-    /// snapshot's store that follow (5.5 s at most) inside the 30 s an orchestrator such as
-    /// Kubernetes waits before it kills.
+    /// stores that follow (5.5 s at most, 5 s more on a hung disk) inside the 30 s an
+    /// orchestrator such as Kubernetes waits before it kills.
     #[arg(long, default_value = "20s", value_parser = parse_long_duration, value_name = "DURATION")]
     pub drain_timeout: std::time::Duration,
     /// Re-read this node's certificate, key, CA bundle and revocation list from `--tls-dir` this

@@ -1018,7 +1018,9 @@ async fn run(shared: Arc<Shared>, endpoint: quinn::Endpoint, tx: watch::Sender<A
     let mut superseded = 0u32;
     loop {
         let started = tokio::time::Instant::now();
+        let heard = shared.last_contact.get();
         let res = session(&shared, &endpoint, &tx, &mut pending).await;
+        let spoke = shared.last_contact.get() != heard;
         shared.connected.store(false, Ordering::Relaxed);
         // The answer would have come on that session: the request is lost with it.
         if pending.take().is_some() {
@@ -1061,9 +1063,19 @@ async fn run(shared: Arc<Shared>, endpoint: quinn::Endpoint, tx: watch::Sender<A
                 0
             }
         };
-        let long = superseded == 0 && started.elapsed() > Duration::from_secs(10);
+        let long = was_long(superseded, spoke, started.elapsed());
         tokio::time::sleep(next_delay(&mut backoff, long)).await;
     }
+}
+
+/// Whether a session that ended after `elapsed` counts as long ([`next_delay`]): not taken over
+/// by another process of this node (`superseded` 0), the controller heard on it (`spoke`), more
+/// than 10 s. A session the controller never answered (its hello timeout, 10 s after its accept;
+/// this router's silence timeout) is a failed connect: the back-off grows. (Counted long, such
+/// sessions after a controller restart brought every router back within a second, in step,
+/// again and again, while the controller was too busy to read their hellos.)
+fn was_long(superseded: u32, spoke: bool, elapsed: Duration) -> bool {
+    superseded == 0 && spoke && elapsed > Duration::from_secs(10)
 }
 
 /// The wait before the next control connection. After a session of more than 10 s (not taken
@@ -2036,6 +2048,18 @@ mod tests {
     /// come back spread over a second, not within the first back-off's 50-100 ms all at once,
     /// and the back-off starts over; after a short one, the back-off grows. Handshake timeouts
     /// differ by up to a second.
+    /// A session counts as long (the back-off starts over, the reconnect spread over a second)
+    /// only if the controller spoke on it: one closed by its hello timeout, 10 s on, unanswered,
+    /// is a failed connect.
+    #[test]
+    fn a_session_the_controller_never_answered_is_not_long() {
+        let s = Duration::from_secs;
+        assert!(super::was_long(0, true, s(11)));
+        assert!(!super::was_long(0, false, s(11)), "never answered");
+        assert!(!super::was_long(0, true, s(9)), "short");
+        assert!(!super::was_long(1, true, s(60)), "superseded");
+    }
+
     #[test]
     fn reconnects_after_a_controller_close_are_spread() {
         let mut b = super::Backoff {

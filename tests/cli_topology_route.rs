@@ -435,6 +435,32 @@ fn route_shows_the_weighted_share_of_equally_near_sites() {
         ]
     );
 
+    // A share above nothing that rounds to 0 reads `<1%` (it read `0%`, as a site taking none
+    // would), as the plan and `tasman status` write it.
+    let lopsided = dir.path().join("lopsided.yaml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&lopsided, text.replace("weight: 300", "weight: 1000000")).unwrap();
+    let o = tasman(&[
+        "topology",
+        "route",
+        lopsided.to_str().unwrap(),
+        "--from",
+        "edge",
+        "--service",
+        "chat",
+    ]);
+    let out = stdout(&o);
+    let row = |site: &str| {
+        out.lines()
+            .find(|l| l.contains(&format!(" {site} ")))
+            .unwrap_or_else(|| panic!("no row for {site}: {out}"))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(&row("site-a")[5..7], ["1000000", "100%"], "{out}");
+    assert_eq!(&row("site-b")[5..7], ["100", "<1%"], "{out}");
+
     // With affinity, the table says that each client keeps to one site.
     y.service_field("chat", "affinity", "source_ip");
     let sticky = dir.path().join("sticky.yaml");

@@ -525,6 +525,31 @@ fi
         text(&out.stdout)
     );
     assert_eq!(d.ctl.current().record.version, version);
+    // An editor that fails before any edit (`EDITOR` misspelt) leaves nothing behind: the copy
+    // held only the text in force (it was kept, and said to hold "your edit").
+    let tmp = tempfile::tempdir().unwrap();
+    let (e, t) = (env.clone(), tmp.path().display().to_string());
+    let out = tokio::task::spawn_blocking(move || {
+        tasman(
+            &e,
+            &["topology", "edit"],
+            &[("EDITOR", "false"), ("TMPDIR", t.as_str())],
+            "",
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stderr).contains("kept in"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        0,
+        "left behind"
+    );
     d.shutdown().await;
 }
 

@@ -340,21 +340,32 @@ pub struct ImpactEntry {
     pub new_shares: Vec<Share>,
 }
 
-/// `site 75% + site 25%` for shares; `one site` when there are none (one site takes all).
-/// Whole percents that add up to 100: each share's floor, then a point more to the largest
-/// remainders, in millionths of a percent, equal ones to the first listed (rounded one by one,
-/// 1, 1, 4 read `17% + 17% + 67%`, 101 %). A share above nothing that rounds to 0 reads `<1%`,
-/// not the `0%` of a site that takes nothing.
+/// `site 75% + site 25%` for shares; `one site` when there are none (one site takes all),
+/// each share as [`share_percents`] writes it.
 pub fn shares_text(shares: &[Share]) -> String {
     if shares.is_empty() {
         return "one site".to_string();
     }
+    let values: Vec<f64> = shares.iter().map(|s| s.share).collect();
+    shares
+        .iter()
+        .zip(share_percents(&values))
+        .map(|(s, p)| format!("{} {p}", s.site))
+        .collect::<Vec<_>>()
+        .join(" + ")
+}
+
+/// Shares (each in `[0, 1]`) as whole percents that add up to 100: each share's floor, then a
+/// point more to the largest remainders, in millionths of a percent, equal ones to the first
+/// listed (rounded one by one, 1, 1, 4 read `17% + 17% + 67%`, 101 %). A share above nothing
+/// that rounds to 0 reads `<1%`, not the `0%` of a site that takes nothing.
+pub fn share_percents(shares: &[f64]) -> Vec<String> {
     const UNIT: u64 = 1_000_000;
     // In millionths of a percent: float noise (1/6 and 4/6 of 100 differ in their last bits)
     // does not decide which of two equal remainders gets the point.
     let exact: Vec<u64> = shares
         .iter()
-        .map(|s| ((s.share.clamp(0.0, 1.0) * 100.0) * UNIT as f64).round() as u64)
+        .map(|s| ((s.clamp(0.0, 1.0) * 100.0) * UNIT as f64).round() as u64)
         .collect();
     let mut whole: Vec<u64> = exact.iter().map(|e| e / UNIT).collect();
     let target = (exact.iter().sum::<u64>() + UNIT / 2) / UNIT;
@@ -367,12 +378,11 @@ pub fn shares_text(shares: &[Share]) -> String {
     shares
         .iter()
         .zip(&whole)
-        .map(|(s, &w)| match (w, s.share > 0.0) {
-            (0, true) => format!("{} <1%", s.site),
-            _ => format!("{} {w}%", s.site),
+        .map(|(&s, &w)| match (w, s > 0.0) {
+            (0, true) => "<1%".to_string(),
+            _ => format!("{w}%"),
         })
-        .collect::<Vec<_>>()
-        .join(" + ")
+        .collect()
 }
 
 /// The expected shares of the edge's first tries ([`Spread::shares`]) when it uses `chosen`

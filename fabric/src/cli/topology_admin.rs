@@ -594,9 +594,18 @@ async fn edit_loop(c: &AdminClient, args: &EditArgs) -> Result<ExitCode, ClientE
         }
     }
     .await;
-    // Removed once applied (or unchanged), even if not distributed; kept on any other end, the operator's work in it
-    // (a refusal, a conflict with another apply, a controller away), and said where.
-    if in_force || matches!(&result, Ok(code) if *code == ExitCode::SUCCESS) {
+    // Removed once applied (or unchanged), even if not distributed, or when it holds nothing
+    // but the text in force (an editor that failed to start: `EDITOR` misspelt); kept on any
+    // other end, the operator's work in it (a refusal, a conflict with another apply, a
+    // controller away), and said where.
+    let untouched = || {
+        std::fs::read_to_string(&path)
+            .is_ok_and(|t| t == cur.record.text || strip_header(&t).0 == cur.record.text)
+    };
+    if in_force
+        || matches!(&result, Ok(code) if *code == ExitCode::SUCCESS)
+        || (!told && untouched())
+    {
         let _ = dir.close();
     } else {
         let _ = dir.keep();

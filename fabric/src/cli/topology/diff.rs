@@ -149,14 +149,12 @@ fn table_text(changes: &TopologyDiff, impact: &[ImpactEntry]) -> String {
         }
         for c in &section.changed {
             for f in &c.fields {
-                let _ = writeln!(
-                    s,
-                    "  ~ {} {}: {} -> {}",
-                    c.id,
-                    f.field,
-                    short(&f.old),
-                    short(&f.new)
-                );
+                // Cut, two values that differ past the cut would read the same: then whole.
+                let (old, new) = match (short(&f.old), short(&f.new)) {
+                    (o, n) if o == n => (f.old.to_string(), f.new.to_string()),
+                    cut => cut,
+                };
+                let _ = writeln!(s, "  ~ {} {}: {} -> {}", c.id, f.field, old, new);
             }
         }
     }

@@ -216,6 +216,8 @@ fn table_text(
         if dials { "dial  " } else { "" },
         "share"
     );
+    // As the plan and `tasman status` write them: adding up to 100, `<1%` above nothing.
+    let percents = topology::diff::share_percents(shares);
     for (i, c) in candidates.iter().enumerate() {
         let path = c
             .path
@@ -226,7 +228,7 @@ fn table_text(
         let drained = if c.drained { "  (drained)" } else { "" };
         let share = match shares.get(i).copied().unwrap_or(0.0) {
             0.0 => "-".to_string(),
-            x => format!("{:.0}%", x * 100.0),
+            _ => percents[i].clone(),
         };
         let dial = if dials {
             format!("{:>4}  ", format!("{}%", c.dial))

@@ -363,6 +363,16 @@ fn route_and_diff_help_show_examples() {
     }
 }
 
+/// The words of `site`'s row of a `topology route` table in `out`.
+fn table_row(out: &str, site: &str) -> Vec<String> {
+    out.lines()
+        .find(|l| l.contains(&format!(" {site} ")))
+        .unwrap_or_else(|| panic!("no row for {site}: {out}"))
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
 /// Two sites 1 ms apart from the edge share its new connections by weight; the route command
 /// shows each site's weight and share, in the table and in JSON.
 #[test]
@@ -385,22 +395,17 @@ fn route_shows_the_weighted_share_of_equally_near_sites() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("t.yaml");
     std::fs::write(&file, y.render()).unwrap();
-    let args = |extra: &[&'static str]| {
-        let mut a = vec!["topology", "route", file.to_str().unwrap()];
+    let route = |f: &std::path::Path, extra: &[&'static str]| {
+        let mut a = vec!["topology", "route", f.to_str().unwrap()];
         a.extend(["--from", "edge", "--service", "chat"]);
         a.extend(extra);
         tasman(&a)
     };
+    let args = |extra: &[&'static str]| route(&file, extra);
     let o = args(&[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
-    let row = |site: &str| {
-        out.lines()
-            .find(|l| l.contains(&format!(" {site} ")))
-            .unwrap_or_else(|| panic!("no row for {site}: {out}"))
-            .split_whitespace()
-            .collect::<Vec<_>>()
-    };
+    let row = |site: &str| table_row(&out, site);
     // # site cost latency penalty weight share path
     assert_eq!(&row("site-a")[5..7], ["300", "75%"], "{out}");
     assert_eq!(&row("site-b")[5..7], ["100", "25%"], "{out}");
@@ -440,40 +445,19 @@ fn route_shows_the_weighted_share_of_equally_near_sites() {
     let lopsided = dir.path().join("lopsided.yaml");
     let text = std::fs::read_to_string(&file).unwrap();
     std::fs::write(&lopsided, text.replace("weight: 300", "weight: 1000000")).unwrap();
-    let o = tasman(&[
-        "topology",
-        "route",
-        lopsided.to_str().unwrap(),
-        "--from",
-        "edge",
-        "--service",
-        "chat",
-    ]);
-    let out = stdout(&o);
-    let row = |site: &str| {
-        out.lines()
-            .find(|l| l.contains(&format!(" {site} ")))
-            .unwrap_or_else(|| panic!("no row for {site}: {out}"))
-            .split_whitespace()
-            .map(str::to_string)
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(&row("site-a")[5..7], ["1000000", "100%"], "{out}");
-    assert_eq!(&row("site-b")[5..7], ["100", "<1%"], "{out}");
+    let out = stdout(&route(&lopsided, &[]));
+    assert_eq!(
+        &table_row(&out, "site-a")[5..7],
+        ["1000000", "100%"],
+        "{out}"
+    );
+    assert_eq!(&table_row(&out, "site-b")[5..7], ["100", "<1%"], "{out}");
 
     // With affinity, the table says that each client keeps to one site.
     y.service_field("chat", "affinity", "source_ip");
     let sticky = dir.path().join("sticky.yaml");
     std::fs::write(&sticky, y.render()).unwrap();
-    let o = tasman(&[
-        "topology",
-        "route",
-        sticky.to_str().unwrap(),
-        "--from",
-        "edge",
-        "--service",
-        "chat",
-    ]);
+    let o = route(&sticky, &[]);
     assert!(
         stdout(&o).contains("; each client address keeps to one (affinity: source_ip)"),
         "{}",

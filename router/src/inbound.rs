@@ -153,11 +153,16 @@ impl Drop for Registered<'_> {
         let mut p = self.set.0.lock().unwrap_or_else(|e| e.into_inner());
         let p = &mut *p;
         if let Some(conns) = p.live.get_mut(&self.peer) {
-            if let Some(i) = conns.iter().position(|c| c.stable_id() == self.id) {
-                let c = conns.remove(i);
-                *p.ended_lost.entry(self.peer.clone()).or_default() += c.stats().path.lost_packets;
+            // Gone already if `register` evicted it (counted as ended there).
+            let gone = conns
+                .iter()
+                .position(|c| c.stable_id() == self.id)
+                .map(|i| conns.remove(i));
+            let empty = conns.is_empty();
+            if let Some(c) = gone {
+                p.ended(&self.peer, &c);
             }
-            if conns.is_empty() {
+            if empty {
                 p.live.remove(&self.peer);
             }
         }

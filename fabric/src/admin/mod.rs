@@ -439,7 +439,7 @@ pub(crate) fn held_json<T: Serialize>(v: &T) -> Result<Response, ApiError> {
 
 /// A JSON answer already encoded, held as [`held_json`]'s.
 pub(crate) fn held_body(body: impl Into<Bytes>) -> Result<Response, ApiError> {
-    held_body_in(&ANSWERS, MAX_ANSWER_BYTES_HELD / ANSWER_UNIT, body.into())
+    Ok(SharedAnswer::new(body.into())?.response())
 }
 
 /// [`held_json`] against `budget`, of `units` [`ANSWER_UNIT`]s.
@@ -454,16 +454,7 @@ fn held_json_in<T: Serialize>(
             format!("internal: encoding the answer: {e}"),
         )
     })?;
-    held_body_in(budget, units, body.into())
-}
-
-/// [`held_body`] against `budget`, of `units` [`ANSWER_UNIT`]s.
-fn held_body_in(
-    budget: &'static tokio::sync::Semaphore,
-    units: usize,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    Ok(shared_in(budget, units, body)?.response())
+    Ok(shared_in(budget, units, body.into())?.response())
 }
 
 /// An answer built once for several calls (`/v1/status`'s calls that share a build), holding

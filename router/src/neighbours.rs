@@ -57,7 +57,7 @@ pub(crate) struct Neighbour {
     /// one ends, after it is taken down): with the live connection's, a counter that does not
     /// go back to 0 at each reconnect.
     lost_before: AtomicU64,
-    /// The most [`Neighbour::lost_packets`] has answered: a read that races a connection's end
+    /// The most [`Neighbour::path`] has answered for the lost packets: a read that races a connection's end
     /// (the connection gone, its count not yet added) is not shown lower than the one before.
     lost_shown: AtomicU64,
     /// Since when it is held down after a down verdict ([`ProbeConfig::hold_down`]; `None`:
@@ -138,7 +138,7 @@ impl Neighbour {
         )
     }
     /// A connection of this neighbour ended (it is down: [`Neighbour::connection`] is `None`):
-    /// its lost packets count from now on as [`Neighbour::lost_packets`]'s ended ones.
+    /// its lost packets count from now on as the ended ones of [`Neighbour::path`].
     fn connection_ended(&self, conn: &quinn::Connection) {
         self.lost_before
             .fetch_add(conn.stats().path.lost_packets, SeqCst);

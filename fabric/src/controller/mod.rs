@@ -35,6 +35,16 @@ type Observed = (
     topology::diff::Incumbents,
     topology::diff::Margins,
 );
+
+/// What `live` has observed at `now`, for an apply's plan onto the topology of `new`.
+fn observe(live: &LiveAggregator, new: &live::Index, now: Instant) -> Observed {
+    (
+        live.merged(now),
+        live.merged_for(new, now),
+        live.incumbents(now),
+        live.margins(now),
+    )
+}
 use topology::{Diagnostic, NodeId, Topology};
 
 use crate::store::{self, Store, StoreError};
@@ -646,21 +656,10 @@ impl Controller {
         // The new side merges the same observations against the new topology, as the first
         // version published after the apply does (a measurement below the old declared latency
         // is no excess there, but it is above a lowered one).
-        let (old, live, new_live, incumbents, margins, provisioned) = {
+        let (old, (live, new_live, incumbents, margins), provisioned) = {
             let inner = lock(&self.inner);
-            let now = Instant::now();
-            let merged = inner.live.merged(now);
-            let new_live = inner.live.merged_for(&index, now);
-            let (incumbents, margins) = (inner.live.incumbents(now), inner.live.margins(now));
-            let provisioned = inner.circuits.clone();
-            (
-                inner.current.clone(),
-                merged,
-                new_live,
-                incumbents,
-                margins,
-                provisioned,
-            )
+            let observed = observe(&inner.live, &index, Instant::now());
+            (inner.current.clone(), observed, inner.circuits.clone())
         };
         // A text already in force changes nothing whatever the base (below: `unchanged`): a
         // retried `--base-version N` apply whose first attempt made N+1 is answered as done,
@@ -793,13 +792,7 @@ impl Controller {
         let (not_distributed, observed) = {
             let mut inner = lock(&self.inner);
             // What the plan compares: the observations as the new version is published.
-            let now = Instant::now();
-            let observed = (
-                inner.live.merged(now),
-                inner.live.merged_for(&index, now),
-                inner.live.incumbents(now),
-                inner.live.margins(now),
-            );
+            let observed = observe(&inner.live, &index, Instant::now());
             inner.live.set_topology(index);
             inner.current = current;
             self.end_removed(inner.live.index(), version);

@@ -111,6 +111,51 @@ fn a_capped_list_is_summed_up_with_every_problem() {
     );
 }
 
+/// A valid document with more warnings than are listed is summed up with its own count too.
+/// (It said "1001 warnings": the listed ones, and the line counting the others as one.)
+#[test]
+fn a_capped_list_of_warnings_is_summed_up_with_every_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("many.yaml");
+    // 1,200 sites that serve nothing: a warning each, and nothing else wrong.
+    let mut doc = String::from(
+        "version: 1\nnodes:\n  - {id: e, kind: edge, region: r, country: AU, \
+         location: {lat: 0, lon: 0}, address: \"127.0.0.1:7000\", client_address: \"127.0.0.1\"}\n",
+    );
+    for i in 0..1200 {
+        doc.push_str(&format!(
+            "  - {{id: s{i}, kind: site, region: r, country: AU, location: {{lat: 0, lon: 0}}, \
+             address: \"127.1.{}.{}:7000\"}}\n",
+            i / 200,
+            i % 200 + 1
+        ));
+    }
+    std::fs::write(&f, doc).unwrap();
+    let out = validate(&[&f, &f]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains(" more problems not shown ("), "{stderr}");
+    // Each file's list: its listed warnings, then the line counting the rest.
+    let total = stderr.matches("serves no service").count() / 2
+        + stderr
+            .lines()
+            .find_map(|l| l.split_once(" more problems not shown (0 errors, "))
+            .and_then(|(_, rest)| rest.split_once(" warnings")?.0.parse::<usize>().ok())
+            .expect("a line counting the warnings not listed");
+    assert!(total >= 1200, "{total}: {stderr}");
+    assert!(
+        stdout.contains(&format!(", 0 pools ({total} warnings)\n")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "2 files checked: 2 valid, 0 invalid, 0 unreadable; 0 errors, {} warnings",
+            2 * total
+        )),
+        "{stdout}"
+    );
+}
+
 #[test]
 fn unreadable_files_exit_two() {
     let dir = tempfile::tempdir().expect("tempdir");

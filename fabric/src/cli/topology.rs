@@ -189,15 +189,14 @@ fn validate(args: &ValidateArgs) -> ExitCode {
         match result {
             Ok(loaded) => {
                 valid += 1;
-                warnings += loaded.warnings.len();
+                // As for an invalid one: a capped list's last line counts those not listed.
+                let (_, w) = topology::tally(&loaded.warnings);
+                warnings += w;
                 let t = &loaded.topology;
-                let w = if loaded.warnings.is_empty() {
+                let w = if w == 0 {
                     String::new()
                 } else {
-                    format!(
-                        " ({})",
-                        plural(loaded.warnings.len(), "warning", "warnings")
-                    )
+                    format!(" ({})", plural(w, "warning", "warnings"))
                 };
                 println!(
                     "{file}: valid: {}, {}, {}, {}{w}",

@@ -1188,6 +1188,8 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
     // Each service kept, with the positions of its name and of its `residency` key (the name's
     // when it has none), where problems with it are reported.
     let mut services: Vec<(Service, Pos, Pos)> = Vec::new();
+    // Services reserved to circuits, with their flag's position (a circuit needs a pool).
+    let mut circuit_only: Vec<(String, Pos)> = Vec::new();
     let mut service_names: HashMap<String, Pos> = HashMap::new();
     let mut ports: HashMap<u16, String> = HashMap::new();
     // Every VIP that parses, with its position and its service (the index into `owners`); their
@@ -1432,6 +1434,12 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
             );
         }
         if let (true, Some(name)) = (ok, name) {
+            if requires_circuit {
+                circuit_only.push((
+                    name.clone(),
+                    f.key_pos("requires_circuit").unwrap_or(name_pos),
+                ));
+            }
             services.push((
                 Service {
                     name: ServiceName::new(name),
@@ -1943,6 +1951,20 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
                     "residency of service \"{}\" allows none of the sites that serve it ({})",
                     s.name,
                     sites.join(", ")
+                ),
+            );
+        }
+    }
+
+    // Every circuit takes its VIP from a pool: without one, none can be created, and a service
+    // only circuits may reach is out of every client's reach (`circuit_refused`).
+    if pools_ok && pools.is_empty() {
+        for (name, pos) in &circuit_only {
+            cx.warn(
+                *pos,
+                format!(
+                    "requires_circuit of service \"{name}\": the topology has no pools, so no \
+                     circuit can get a VIP and no client can reach it (add a pool)"
                 ),
             );
         }
@@ -2574,6 +2596,38 @@ mod tests {
                 .any(|w| w.to_string().contains("no port")),
             "{:?}",
             with_port.warnings
+        );
+    }
+
+    /// A service only circuits may reach, in a topology without pools, loads with a warning at
+    /// its flag: no circuit can get a VIP, so no client reaches it. With a pool, none.
+    #[test]
+    fn a_circuit_only_service_without_pools_is_a_warning() {
+        let text = two_edges("127.20.0.1", "127.20.0.2").replace(
+            "{name: chat, port: 8443}",
+            "{name: chat, port: 8443, requires_circuit: true}",
+        );
+        let loaded = crate::load(&text).unwrap_or_else(|d| panic!("{d:?}"));
+        let warnings: Vec<String> = loaded.warnings.iter().map(ToString::to_string).collect();
+        let line = text
+            .lines()
+            .position(|l| l.contains("requires_circuit"))
+            .unwrap()
+            + 1;
+        assert!(
+            warnings.iter().any(|w| w.starts_with(&format!("{line}:"))
+                && w.contains("requires_circuit of service \"chat\": the topology has no pools")),
+            "{warnings:?}"
+        );
+        let pooled = format!("{text}pools:\n  - {{name: vips, prefix: 10.99.0.0/24}}\n");
+        let loaded = crate::load(&pooled).unwrap_or_else(|d| panic!("{d:?}"));
+        assert!(
+            !loaded
+                .warnings
+                .iter()
+                .any(|w| w.to_string().contains("no pools")),
+            "{:?}",
+            loaded.warnings
         );
     }
 

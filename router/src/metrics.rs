@@ -292,7 +292,7 @@ impl Metrics {
         counter(
             &mut s,
             "neighbour_down_total",
-            "Neighbours declared down after missed probes.",
+            "Neighbours declared down: after missed probes, or when their connection ended while up.",
             "counter",
             self.neighbour_down_total.load(Relaxed),
         );
@@ -361,7 +361,7 @@ impl Metrics {
             (
                 "neighbour_rtt_seconds",
                 "gauge",
-                "RTT to the neighbour as routing takes it: the lowest of the last 10 s.",
+                "RTT to the neighbour as this router measures it: the lowest of the last 10 s (routing takes the larger of both ends' figures for the link, at least its declared latency).",
                 |n| n.rtt_us as f64 / 1e6,
             ),
             (

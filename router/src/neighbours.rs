@@ -284,6 +284,18 @@ pub(crate) async fn run_dialer(shared: Arc<Shared>, nb: Arc<Neighbour>) {
             let began = Instant::now();
             let answered = probe_until_down(&shared, &nb, &conn).await;
             if nb.is_up() {
+                // Down because its connection ended (the neighbour restarted or drained, a
+                // stateless reset, the idle timeout): logged and counted as a missed-probes
+                // verdict is (it went down with neither).
+                let reason = conn.close_reason();
+                let orderly = matches!(&reason, Some(quinn::ConnectionError::ApplicationClosed(c))
+                    if c.error_code == quinn::VarInt::from_u32(close::NORMAL));
+                if orderly {
+                    tracing::info!(node = %shared.node, neighbour = %nb.id, "neighbour down: it closed its connection");
+                } else {
+                    tracing::warn!(node = %shared.node, neighbour = %nb.id, reason = ?reason, "neighbour down: its connection ended");
+                }
+                shared.metrics.neighbour_down_total.fetch_add(1, Relaxed);
                 nb.set_down();
                 shared.changed.notify_one();
             }

@@ -870,6 +870,41 @@ async fn line_fabric(
     (hs, txs, port, dir)
 }
 
+/// A neighbour whose connection ends while it is up (here the transit shut down, which closes
+/// its connections) is counted down and logged, as a missed-probes verdict is. (It went down
+/// with neither: `tasman_neighbour_down_total` missed every restart of a neighbour.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_neighbour_whose_connection_ends_is_counted_down() {
+    let (mut hs, _txs, _port, _dir) = line_fabric(echo_backend().await, |_, _| {}).await;
+    let downs = |h: &RouterHandle| {
+        metric(
+            &h.metrics_text(),
+            "tasman_neighbour_down_total{node=\"edge\"}",
+        )
+        .unwrap_or(0)
+    };
+    let edge_at = hs
+        .iter()
+        .position(|h| h.telemetry().node.as_str() == "edge")
+        .unwrap();
+    let before = downs(&hs[edge_at]);
+    let transit_at = hs
+        .iter()
+        .position(|h| h.telemetry().node.as_str() == "transit")
+        .unwrap();
+    hs.remove(transit_at).shutdown().await;
+    let edge = node(&hs, "edge");
+    wait_until(
+        Duration::from_secs(10),
+        || downs(edge) > before && !common::neighbour_up(edge, "transit"),
+        || format!("the transit's end was not counted: {}", edge.metrics_text()),
+    )
+    .await;
+    for h in hs {
+        h.shutdown().await;
+    }
+}
+
 /// [`line_fabric`], each node with the idle timeout `idle_at(id)`.
 async fn idle_fabric(
     backend: SocketAddr,

@@ -716,13 +716,12 @@ impl RouterHandle {
             .metrics
             .draining
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        // The accept loop stops (its task is aborted), the control task closes the client
-        // listeners (it sees the drain) and applies no more snapshots; streams in flight and the
-        // connections they use keep running, and so do the tasks answering probes, the dialers
-        // probing the neighbours and the certificate reload.
-        for t in &self.tasks {
-            t.abort();
-        }
+        // The accept loop refuses every new connection from here on (it sees the drain: a
+        // neighbour that dials is told at once, and no handshake waits in quinn's queue, where
+        // the handshake gate no longer bounds it; with the loop aborted, nothing answered them),
+        // the control task closes the client listeners (it sees the drain) and applies no more
+        // snapshots; streams in flight and the connections they use keep running, and so do the
+        // tasks answering probes, the dialers probing the neighbours and the certificate reload.
         self.shared.vip_listeners.close_all();
     }
 
@@ -773,6 +772,9 @@ impl RouterHandle {
         sh.vip_listeners.close_all();
         sh.endpoint
             .close(quinn::VarInt::from_u32(codes::close::NORMAL), b"shutdown");
+        for t in &self.tasks {
+            t.abort();
+        }
         let _ = tokio::time::timeout(Duration::from_millis(500), sh.endpoint.wait_idle()).await;
         for t in self.metrics_task.iter().chain(&self.reload_task) {
             t.abort();

@@ -1607,6 +1607,41 @@ async fn a_client_of_a_service_with_no_site_left_is_counted_as_no_route() {
     }
 }
 
+/// A draining router refuses a neighbour that dials it, at once: the neighbour counts a failed
+/// dial and tries elsewhere. (The drain aborted the accept loop, so nothing answered: each dial
+/// waited out its connect timeout, and handshakes piled up in quinn's queue, past the gate.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_router_refuses_new_connections_at_once() {
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let port = free_tcp_port();
+    let snap = edge_site("echo", backend, port);
+    let (hs, _txs) = spawn_all(&snap, dir.path(), |_, _| {}).await;
+    wait_for_route(&hs[0], "echo", Duration::from_secs(10), "no route").await;
+    let site_addr = hs[1].quic_addr().unwrap();
+    hs[1].begin_drain();
+    let id = router::tls::TlsIdentity::load(dir.path(), "edge").unwrap();
+    let peers = router::tls::PeerNames::new(["site".to_string()]);
+    let cfg = router::tls::client_config(&id, &peers, Arc::new(quinn::TransportConfig::default()))
+        .unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(cfg);
+    let got = tokio::time::timeout(
+        Duration::from_secs(2),
+        ep.connect(site_addr, "site").unwrap(),
+    )
+    .await
+    .expect("the draining site left the handshake unanswered");
+    assert!(
+        matches!(&got, Err(quinn::ConnectionError::ConnectionClosed(c))
+            if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED),
+        "{got:?}"
+    );
+    for h in hs {
+        h.shutdown().await;
+    }
+}
+
 /// A draining router keeps reloading its files: a drain can last `--drain-timeout` (minutes, for
 /// long inference streams), and a revocation list or a renewed certificate copied in meanwhile
 /// must still take effect on the connections it keeps.

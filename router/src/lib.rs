@@ -551,6 +551,19 @@ impl Router {
             Some(c) => c.clone(),
             None => tls::CertResolver::new(&cfg.tls)?,
         };
+        match cert.at_start() {
+            Ok(None) => {}
+            Ok(Some(why)) => tracing::warn!(node = %cfg.node, path = %cert.cert_path().display(),
+                "starting with a certificate neighbours will refuse: {why} (a re-issued pair is \
+                 taken up when it is copied in)"),
+            Err(why) => {
+                return Err(tls::TlsError::File {
+                    path: cert.cert_path(),
+                    reason: why,
+                }
+                .into());
+            }
+        }
         let server = tls::server_config_with(&cert, &peers, transport)?;
         let dial = Arc::new(transport::dial_transport_config_with(cfg.windows));
         let client = tls::client_config_with(&cert, &peers, dial)?;
@@ -827,6 +840,66 @@ mod tests {
             }
         }
         assert_eq!(ProbeConfig::default().check(), Ok(()));
+    }
+
+    /// A node whose certificate is another node's (its files copied in under this node's name)
+    /// does not start, the error naming the file and both names; one from a CA outside the
+    /// bundle starts (a reload takes a re-issued pair), with a warning. (Both started without a
+    /// word, and every neighbour refused them.)
+    #[tokio::test]
+    async fn a_certificate_for_another_node_is_refused_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        pki::init(dir.path()).unwrap();
+        pki::issue(dir.path(), "site").unwrap();
+        for ext in ["pem", "key"] {
+            std::fs::copy(
+                dir.path().join(format!("site.{ext}")),
+                dir.path().join(format!("edge.{ext}")),
+            )
+            .unwrap();
+        }
+        let quic = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let text = format!(
+            "version: 1\nnodes:\n\
+             - {{id: edge, kind: edge, region: r, country: AU, location: {{lat: 0, lon: 0}}, address: \"{quic}\", client_address: \"127.0.0.1\"}}\n\
+             - {{id: site, kind: site, region: r, country: AU, location: {{lat: 0, lon: 0}}, address: \"127.0.0.1:2\", serves: [{{service: chat, backend: \"127.0.0.1:3\", capacity: 10}}]}}\n\
+             links:\n\
+             - {{a: edge, b: site, latency: 1ms, capacity: 1Gbps}}\n\
+             services:\n\
+             - {{name: chat, vips: [\"10.9.9.9:443\"]}}\n"
+        );
+        let t = Arc::new(topology::load(&text).expect("valid topology").topology);
+        let spawn = || {
+            let (_tx, rx) = tokio::sync::watch::channel(Arc::new(Snapshot::new(1, t.clone())));
+            let tls = tls::TlsIdentity::load(dir.path(), "edge").unwrap();
+            Router::spawn(RouterConfig::new(topology::NodeId::new("edge"), tls, rx))
+        };
+        match spawn().await {
+            Err(e) => {
+                let e = e.to_string();
+                assert!(
+                    e.contains("edge.pem") && e.contains("is for site, not for node edge"),
+                    "{e}"
+                );
+            }
+            Ok(_) => panic!("started with the site's certificate"),
+        }
+        // Another fabric's CA: refused by every neighbour, but fixed by a reload.
+        let other = tempfile::tempdir().unwrap();
+        pki::init(other.path()).unwrap();
+        pki::issue(other.path(), "edge").unwrap();
+        for ext in ["pem", "key"] {
+            std::fs::copy(
+                other.path().join(format!("edge.{ext}")),
+                dir.path().join(format!("edge.{ext}")),
+            )
+            .unwrap();
+        }
+        let h = spawn().await.expect("starts, with a warning");
+        h.shutdown().await;
     }
 
     /// A router whose start fails (here its metrics port is taken) leaves nothing running: its

@@ -228,6 +228,27 @@ pub fn not_after(cert: &CertificateDer<'_>) -> Result<i64, String> {
     Ok(parsed.validity().not_after.timestamp())
 }
 
+/// The DNS names a DER certificate is for (its subject alternative names).
+pub fn dns_names(cert: &CertificateDer<'_>) -> Result<Vec<String>, String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| format!("unparsable certificate: {e}"))?;
+    let san = parsed
+        .subject_alternative_name()
+        .map_err(|e| format!("unreadable subject alternative names: {e}"))?;
+    Ok(san
+        .map(|ext| {
+            ext.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
 /// The start of validity (`notBefore`, unix seconds) of a DER certificate.
 pub fn not_before(cert: &CertificateDer<'_>) -> Result<i64, String> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
@@ -519,21 +540,62 @@ impl CertResolver {
 
     /// [`CertResolver::check`] against `trust` (a bundle about to be adopted).
     fn check_with(&self, id: &TlsIdentity, trust: &Trust) -> Result<CertifiedKey, String> {
-        let leaf = id.chain.first().ok_or("no certificate in file")?;
+        id.chain.first().ok_or("no certificate in file")?;
         let ck = CertifiedKey::from_der(id.chain.clone(), id.key.clone_key(), &self.provider)
             .map_err(|e| format!("key does not match the certificate: {e}"))?;
         ck.keys_match()
             .map_err(|e| format!("key does not match the certificate: {e}"))?;
+        self.verify_chain(&id.chain, trust)?;
+        Ok(ck)
+    }
+
+    /// Whether `chain` is this node's, valid now, and chains to a CA of `trust`, for both ends
+    /// of a connection.
+    fn verify_chain(&self, chain: &[CertificateDer<'static>], trust: &Trust) -> Result<(), String> {
+        let leaf = chain.first().ok_or("no certificate in file")?;
         let now = UnixTime::now();
         let sn = ServerName::try_from(self.name.as_str())
             .map_err(|e| format!("node name {:?}: {e}", self.name))?;
         trust
-            .verify_server(leaf, &id.chain[1..], &sn, now)
+            .verify_server(leaf, &chain[1..], &sn, now)
             .map_err(|e| format!("certificate refused: {e}"))?;
         trust
-            .verify_client(leaf, &id.chain[1..], now)
+            .verify_client(leaf, &chain[1..], now)
             .map_err(|e| format!("certificate refused for client use: {e}"))?;
-        Ok(ck)
+        Ok(())
+    }
+
+    /// The presented certificate, judged at start. `Err`: it is not for this node (another
+    /// node's files copied in): no reload or renewal makes it so, and every neighbour refuses
+    /// it, so the node does not start. `Ok(Some(why))`: the reload's check refuses it for
+    /// another reason (expired, not yet valid, a CA outside the bundle): the node starts with it
+    /// (a re-issued pair is taken up by a reload; the controller renews only a node it can
+    /// reach), and says why. (It started on either without a word; the same files copied in
+    /// while it ran were refused with a warning.)
+    pub fn at_start(&self) -> Result<Option<String>, String> {
+        let ck = self.current.load_full();
+        let leaf = ck.cert.first().ok_or("no certificate in file")?;
+        let names = dns_names(leaf)?;
+        if !names.iter().any(|n| n == &self.name) {
+            return Err(format!(
+                "the certificate is for {}, not for node {} (another node's files?)",
+                if names.is_empty() {
+                    "no name".to_string()
+                } else {
+                    names.join(", ")
+                },
+                self.name
+            ));
+        }
+        Ok(self.verify_chain(&ck.cert, &self.trust.load()).err())
+    }
+
+    /// Where the presented certificate was read (`NAME.pem` in the directory), for messages.
+    pub fn cert_path(&self) -> PathBuf {
+        let file = format!("{}.pem", self.name);
+        self.dir
+            .as_ref()
+            .map_or_else(|| PathBuf::from(&file), |d| d.join(&file))
     }
 
     /// Re-reads `<name>.pem` and `<name>.key` from the directory the identity came from and

@@ -603,6 +603,12 @@ fn run_with_controller(args: &RouterArgs, controller: SocketAddr) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
+        // Another node's files are refused before the controller is dialled (it would refuse
+        // the session, and the router waited for a first snapshot for ever).
+        if let Err(why) = cert.at_start() {
+            eprintln!("error: {}: {why}", cert.cert_path().display());
+            return ExitCode::from(2);
+        }
         // Re-read from now on, not from the router's start: a router the controller refuses
         // (an expired certificate, a bundle without the controller's new CA) gets no first
         // snapshot, and its re-issued files must be taken up without a restart all the same.

@@ -443,6 +443,22 @@ async fn refusals_and_bad_frames_close_the_connection_with_a_code_and_the_reason
     let (code, reason) = closed(conn).await;
     assert_eq!(code, u64::from(close::PROTOCOL), "{reason}");
     assert!(reason.contains("before its hello"), "{reason}");
+
+    // A stream finished inside a frame: after the hello, and inside the hello itself. (Both
+    // were dropped with code 0 and no reason, uncounted.)
+    let mut s = raw_hello(d.quic_addr, &tls, "edge-0", "edge-0").await;
+    s.send.write_all(&[0, 0, 0, 9, b'{']).await.unwrap();
+    s.send.finish().unwrap();
+    let (code, reason) = closed(s.conn).await;
+    assert_eq!(code, u64::from(close::PROTOCOL), "{reason}");
+    assert!(reason.contains("inside a frame"), "{reason}");
+    let (_ep, conn) = raw_control(d.quic_addr, &tls, "edge-0").await;
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    send.write_all(&[0, 0, 0, 9, b'{']).await.unwrap();
+    send.finish().unwrap();
+    let (code, reason) = closed(conn).await;
+    assert_eq!(code, u64::from(close::PROTOCOL), "{reason}");
+    assert!(reason.contains("inside a frame"), "{reason}");
     d.shutdown().await;
 }
 

@@ -282,6 +282,13 @@ impl ConnError {
             | ConnError::Proto(proto::ProtoError::Malformed(_))
             | ConnError::NotSent { .. }
             | ConnError::SecondHello => Some(close::PROTOCOL),
+            // The router finished its stream inside a frame: its doing, not a lost link (as
+            // the router's client takes the controller's).
+            ConnError::Proto(proto::ProtoError::Io(e))
+                if e.kind() == std::io::ErrorKind::UnexpectedEof =>
+            {
+                Some(close::PROTOCOL)
+            }
             ConnError::Proto(proto::ProtoError::Io(_))
             | ConnError::Connection(_)
             | ConnError::Write(_) => None,

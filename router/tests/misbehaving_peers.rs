@@ -1649,6 +1649,52 @@ async fn a_snapshot_arriving_slowly_is_not_silence() {
     assert_eq!(client.snapshots().borrow().version, 1);
 }
 
+/// A snapshot arriving slowly is word from the controller for the staleness watch too, as for
+/// the silence bound: bytes count, not whole frames. (A transfer longer than `--max-stale`
+/// raised `STALE SNAPSHOT` while its bytes kept coming.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_arriving_slowly_does_not_make_the_router_stale() {
+    let dir = ca_dir();
+    let first = edge_snapshot(dir.path());
+    let second = edge_snapshot_at(dir.path(), 2);
+    let max_stale = Duration::from_millis(600);
+    let (addr, _conns) = fake_controller(
+        dir.path(),
+        quinn::TransportConfig::default(),
+        move |mut send, recv| {
+            let (first, second) = (first.clone(), second.clone());
+            async move {
+                tokio::spawn(drain(recv));
+                if send.write_all(&first).await.is_err() {
+                    return;
+                }
+                // 3 s of the second snapshot, a piece every 200 ms, and no heartbeat.
+                let mut every = tokio::time::interval(Duration::from_millis(200));
+                every.tick().await;
+                for piece in second.chunks(second.len().div_ceil(15)) {
+                    every.tick().await;
+                    if send.write_all(piece).await.is_err() {
+                        return;
+                    }
+                }
+                std::future::pending::<()>().await;
+            }
+        },
+    );
+    let client = control_client(dir.path(), addr, |c| {
+        c.max_stale = max_stale;
+        c.telemetry_interval = Duration::from_millis(100);
+        c.silence_timeout = Duration::from_secs(20);
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while client.snapshots().borrow().version != 2 {
+        assert!(!client.is_stale(), "stale while the snapshot was arriving");
+        assert!(Instant::now() < deadline, "the second snapshot never came");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A controller that grants the router no stream for its session: the client's open waited for
 /// one for as long as the connection stayed up. It is silence too: the router closes with
 /// `close::CONTROLLER_SILENT` after its bound and connects again, on the snapshot it stored.

@@ -1211,7 +1211,27 @@ async fn converse(
     let mut awaited: Option<SocketAddr> = None;
     let mut late = tokio::time::interval(LATE_ADDRESS_EVERY);
     late.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The last progress of a frame told to the staleness watch.
+    let mut told = None;
     loop {
+        // Bytes of a frame still arriving are word from the controller for the staleness watch
+        // too, as for the silence bound (looked at whenever the loop turns: at each telemetry
+        // tick at least). Counted only once whole, a snapshot arriving for longer than
+        // `--max-stale` made the router stale while its bytes kept coming.
+        if let Some(p) = frames.last_progress()
+            && told != Some(p)
+        {
+            told = Some(p);
+            let ago = u64::try_from(p.elapsed().as_millis()).unwrap_or(u64::MAX);
+            let at = now_ms().saturating_sub(ago);
+            // Not before a whole frame already told (it would set the contact back).
+            if at > shared.last_contact.get() {
+                contacted(shared, at);
+                if shared.stale.swap(false, Ordering::Relaxed) {
+                    tracing::warn!("controller reachable again; snapshot no longer stale");
+                }
+            }
+        }
         let renew = renew_due(shared);
         let far = tokio::time::Instant::now() + Duration::from_secs(3600);
         let silent_at = frames.last_progress().unwrap_or(opened) + silence;

@@ -136,7 +136,7 @@ async fn create(
 }
 
 /// The query of the two lists: a page. Without `limit` the whole table is one answer (as
-/// before pages); with it, at most `limit` circuits (capped at [`MAX_PAGE`]) whose ids come after
+/// before pages), if it has at most [`MAX_PAGE`] circuits (refused, 400, beyond); with it, at most `limit` circuits (capped at [`MAX_PAGE`]) whose ids come after
 /// `after`, in id order (of the ids as strings). A page shorter than its limit is the last. An unknown parameter is
 /// refused (400, naming it).
 #[derive(Debug, Deserialize)]
@@ -157,29 +157,54 @@ fn page_limit<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D
 }
 
 impl PageQuery {
-    /// The page's bounds ([`crate::admin::page_limit`]); without `limit`, the whole table.
-    fn bounds(self) -> Result<(Option<String>, usize), ApiError> {
+    /// The page's bounds ([`crate::admin::page_limit`]): how many to read, and whether the
+    /// answer is the whole table (no `limit`), read one past [`MAX_PAGE`] to tell one too long
+    /// for a single answer ([`whole_or_refused`]).
+    fn bounds(self) -> Result<(Option<String>, usize, bool), ApiError> {
         let limit = crate::admin::page_limit(self.limit, "circuits", MAX_PAGE)?;
-        Ok((self.after, limit.unwrap_or(usize::MAX)))
+        Ok(match limit {
+            Some(l) => (self.after, l, false),
+            None => (self.after, MAX_PAGE + 1, true),
+        })
     }
+}
+
+/// A list asked for whole (no `limit`): answered if it has at most `max` circuits, else
+/// refused (400) with the way to page through it. (The whole table was read, decoded and
+/// encoded before the answers' budget was asked: a large archive, which only grows, cost
+/// gigabytes per call to any holder of the read-only token.)
+fn whole_or_refused<T>(rows: Vec<T>, whole: bool, max: usize) -> Result<Vec<T>, ApiError> {
+    if whole && rows.len() > max {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the list has more than {max} circuits, too many for one answer: read it in \
+                 pages with `?limit={max}&after=ID` (the id of the last circuit of the page \
+                 before), as `tasman circuit list` does"
+            ),
+        ));
+    }
+    Ok(rows)
 }
 
 async fn list(
     State(st): State<AdminState>,
     Query(q): Query<PageQuery>,
 ) -> Result<Response, ApiError> {
-    let (after, limit) = q.bounds()?;
+    let (after, limit, whole) = q.bounds()?;
     let svc = st.circuits.clone();
-    held_json(&off_workers(move || svc.list_page(after.as_deref(), limit)).await?)
+    let rows = off_workers(move || svc.list_page(after.as_deref(), limit)).await?;
+    held_json(&whole_or_refused(rows, whole, MAX_PAGE)?)
 }
 
 async fn list_archived(
     State(st): State<AdminState>,
     Query(q): Query<PageQuery>,
 ) -> Result<Response, ApiError> {
-    let (after, limit) = q.bounds()?;
+    let (after, limit, whole) = q.bounds()?;
     let svc = st.circuits.clone();
-    held_json(&off_workers(move || svc.list_archived_page(after.as_deref(), limit)).await?)
+    let rows = off_workers(move || svc.list_archived_page(after.as_deref(), limit)).await?;
+    held_json(&whole_or_refused(rows, whole, MAX_PAGE)?)
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -260,4 +285,27 @@ async fn delete(
     Json(req): Json<DeleteRequest>,
 ) -> Result<Json<Circuit>, ApiError> {
     Ok(Json(st.circuits.delete(id, actor(&req.author)).await?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A list asked for whole is answered up to its bound and refused past it, with the way to
+    /// page through it; a page is never refused for its length.
+    #[test]
+    fn a_whole_list_past_its_bound_is_refused_with_the_way_to_page() {
+        assert_eq!(whole_or_refused(vec![1, 2], true, 2).unwrap(), [1, 2]);
+        let e = whole_or_refused(vec![1, 2, 3], true, 2).unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert!(e.error.contains("more than 2 circuits") && e.error.contains("?limit=2&after=ID"));
+        assert_eq!(
+            whole_or_refused(vec![1, 2, 3], false, 2).unwrap(),
+            [1, 2, 3]
+        );
+        let q = |limit| PageQuery { limit, after: None };
+        assert_eq!(q(None).bounds().unwrap(), (None, MAX_PAGE + 1, true));
+        assert_eq!(q(Some(5)).bounds().unwrap(), (None, 5, false));
+        assert_eq!(q(Some(5_000)).bounds().unwrap(), (None, MAX_PAGE, false));
+    }
 }

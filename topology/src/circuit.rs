@@ -1113,6 +1113,12 @@ pub enum PoolError {
         prefix: IpNetwork,
         usable: u128,
     },
+    /// No pool named, and every pool of the circuit's family is full.
+    #[error(
+        "every pool of the circuit's address family is exhausted ({}): add a pool under `pools:`",
+        list(pools)
+    )]
+    AllExhausted { pools: Vec<PoolName> },
     /// The pool asked for holds addresses of the other family than the circuit's prefix: its
     /// clients could not reach the VIP (an IPv4 client cannot connect to an IPv6 address, and
     /// an IPv6 one is outside an IPv4 prefix).
@@ -1215,18 +1221,39 @@ pub fn allocate_vip(
 ) -> Result<(PoolName, IpAddr), PoolError> {
     let clients_v4 = is_v4(clients);
     let p: &Pool = match pool {
-        None => topo
-            .pools
-            .iter()
-            .find(|p| is_v4(p.prefix) == clients_v4)
-            .ok_or_else(|| match topo.pools.is_empty() {
-                true => PoolError::NoPools,
-                false => PoolError::NoPoolOfFamily {
-                    clients,
-                    clients_v4,
-                    known: topo.pools.iter().map(|p| p.name.clone()).collect(),
+        None => {
+            // Each pool of the family in turn: a pool added when the first filled up is used
+            // (only the first was, and the create refused as long as it stayed full).
+            let mut family = topo.pools.iter().filter(|p| is_v4(p.prefix) == clients_v4);
+            let Some(first) = family.next() else {
+                return Err(match topo.pools.is_empty() {
+                    true => PoolError::NoPools,
+                    false => PoolError::NoPoolOfFamily {
+                        clients,
+                        clients_v4,
+                        known: topo.pools.iter().map(|p| p.name.clone()).collect(),
+                    },
+                });
+            };
+            let mut full = Vec::new();
+            for p in std::iter::once(first).chain(family) {
+                match allocate_vip(topo, Some(p.name.as_str()), clients, used) {
+                    Err(PoolError::Exhausted { .. }) => full.push(p.name.clone()),
+                    r => return r,
+                }
+            }
+            return Err(match full.len() {
+                1 => PoolError::Exhausted {
+                    pool: first.name.clone(),
+                    prefix: first.prefix,
+                    usable: {
+                        let (lo, hi) = usable_range(first.prefix);
+                        addr_u128(hi) - addr_u128(lo) + 1
+                    },
                 },
-            })?,
+                _ => PoolError::AllExhausted { pools: full },
+            });
+        }
         Some(name) => topo
             .pools
             .iter()
@@ -2144,6 +2171,38 @@ mod tests {
             allocate_vip(&v6, None, v4_clients(), &BTreeSet::new()).unwrap_err(),
             PoolError::NoPools
         );
+    }
+
+    /// With no pool named, a full pool gives way to the next of the family: a pool added when
+    /// the first filled up is used. All full, the refusal names them all. (Only the first was
+    /// tried: every create without `--pool` was refused while a pool added for it stood empty.)
+    #[test]
+    fn a_full_pool_gives_way_to_the_next_of_its_family() {
+        let mut t = topo();
+        t.pools.push(Pool {
+            name: PoolName::new("more"),
+            prefix: "10.9.1.0/30".parse().unwrap(),
+        });
+        let mut used = BTreeSet::new();
+        let mut got = Vec::new();
+        for _ in 0..8 {
+            let (pool, ip) = allocate_vip(&t, None, v4_clients(), &used).unwrap();
+            used.insert(ip);
+            got.push(format!("{pool} {ip}"));
+        }
+        assert_eq!(got[5], "vips 10.9.0.6");
+        assert_eq!(got[6..], ["more 10.9.1.1", "more 10.9.1.2"]);
+        assert_eq!(
+            allocate_vip(&t, None, v4_clients(), &used)
+                .unwrap_err()
+                .to_string(),
+            "every pool of the circuit's address family is exhausted (vips, more): add a pool under `pools:`"
+        );
+        // Named, a full pool is refused as before.
+        assert!(matches!(
+            allocate_vip(&t, Some("vips"), v4_clients(), &used),
+            Err(PoolError::Exhausted { .. })
+        ));
     }
 
     /// A circuit's VIP is of its clients' family: the first pool of that family unless one is

@@ -65,7 +65,8 @@ impl From<ServiceError> for ApiError {
                 | topology::circuit::PoolError::Family { .. } => StatusCode::UNPROCESSABLE_ENTITY,
                 topology::circuit::PoolError::NoPools
                 | topology::circuit::PoolError::NoPoolOfFamily { .. }
-                | topology::circuit::PoolError::Exhausted { .. } => StatusCode::CONFLICT,
+                | topology::circuit::PoolError::Exhausted { .. }
+                | topology::circuit::PoolError::AllExhausted { .. } => StatusCode::CONFLICT,
             },
             // The fabric's state, as a pool with no address free is.
             ServiceError::Circuit(CircuitError::Conflict(_) | CircuitError::TooLarge { .. }) => {

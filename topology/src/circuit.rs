@@ -225,6 +225,17 @@ pub enum PlacementError {
         service: ServiceName,
         serving: Vec<NodeId>,
     },
+    /// The request pins sites and names regions, and no pinned site is in those regions: it
+    /// contradicts itself, whatever the fabric's state.
+    #[error(
+        "no pinned site is in the requested regions ({}): {}",
+        list(regions),
+        pinned.iter().map(|(s, r)| format!("{s} is in region {r}")).collect::<Vec<_>>().join("; ")
+    )]
+    PinnedOutsideRegions {
+        pinned: Vec<(NodeId, Region)>,
+        regions: Vec<Region>,
+    },
     #[error("no site serving \"{service}\" is allowed{}: {reason}", constraint_suffix(.regions, .sites))]
     NoEligibleSite {
         service: ServiceName,
@@ -769,6 +780,22 @@ fn eligible_sites(
                 site: pinned.clone(),
                 service: service.name.clone(),
                 serving: serving.clone(),
+            });
+        }
+    }
+    if !b.sites.is_empty() && !b.regions.is_empty() {
+        let pinned: Vec<(NodeId, Region)> = b
+            .sites
+            .iter()
+            .filter_map(|id| {
+                topo.node(id.as_str())
+                    .map(|n| (n.id.clone(), n.region.clone()))
+            })
+            .collect();
+        if !pinned.iter().any(|(_, r)| b.regions.contains(r)) {
+            return Err(PlacementError::PinnedOutsideRegions {
+                pinned,
+                regions: b.regions.clone(),
             });
         }
     }
@@ -1481,6 +1508,22 @@ mod tests {
             place(&t, &[], &r).unwrap_err().to_string(),
             "no site serving \"llm\" is allowed in regions nz: site-a is in region au-east; site-b is in region au-south"
         );
+        // Pins and regions that exclude each other: the request's own contradiction (it was
+        // `NoEligibleSite`, which the API answers 409, the fabric's state, and clients retry).
+        let mut r = req("1Mbps");
+        r.b_end.sites = vec![NodeId::new("site-a")];
+        r.b_end.regions = vec![Region::new("au-south")];
+        let err = place(&t, &[], &r).unwrap_err();
+        assert!(
+            matches!(err, PlacementError::PinnedOutsideRegions { .. }),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "no pinned site is in the requested regions (au-south): site-a is in region au-east"
+        );
+        r.b_end.sites.push(NodeId::new("site-b"));
+        assert_eq!(place(&t, &[], &r).unwrap().site.as_str(), "site-b");
     }
 
     #[test]

@@ -52,7 +52,8 @@ impl From<ServiceError> for ApiError {
                 topology::circuit::PlacementError::UnknownEdge { .. }
                 | topology::circuit::PlacementError::NotAnEdge { .. }
                 | topology::circuit::PlacementError::UnknownService { .. }
-                | topology::circuit::PlacementError::SiteDoesNotServe { .. } => {
+                | topology::circuit::PlacementError::SiteDoesNotServe { .. }
+                | topology::circuit::PlacementError::PinnedOutsideRegions { .. } => {
                     StatusCode::UNPROCESSABLE_ENTITY
                 }
                 _ => StatusCode::CONFLICT,

@@ -887,6 +887,20 @@ pub fn admit(
         b_end: spec.b_end.clone(),
         rate: spec.rate,
     };
+    let port = topo
+        .service(spec.b_end.service.as_str())
+        .and_then(|s| s.port.or(s.vips.first().map(|v| v.port)));
+    // The edge serves a circuit at its VIP and this port: without one, nothing would reach the
+    // circuit while it held its capacity. Checked before placement and pools: a mistake in the
+    // request (422) whatever the fabric's state (a full fabric answered 409, which clients
+    // retry). An unknown service is placement's to name.
+    if port.is_none() && topo.service(spec.b_end.service.as_str()).is_some() {
+        return Err(CircuitError::Invalid(format!(
+            "b_end.service: service {:?} has no port and no vips, so a circuit's VIP would have \
+             no port to be reached at (give the service a port in the topology)",
+            spec.b_end.service.as_str()
+        )));
+    }
     let placement = placement::place(topo, &reservations(circuits), &req)?;
     let used: BTreeSet<IpAddr> = circuits
         .iter()
@@ -895,18 +909,6 @@ pub fn admit(
         .collect();
     let (pool, vip) =
         placement::allocate_vip(topo, spec.pool.as_deref(), spec.a_end.prefix, &used)?;
-    let port = topo
-        .service(spec.b_end.service.as_str())
-        .and_then(|s| s.port.or(s.vips.first().map(|v| v.port)));
-    // The edge serves a circuit at its VIP and this port: without one, nothing would reach the
-    // circuit while it held its capacity.
-    if port.is_none() {
-        return Err(CircuitError::Invalid(format!(
-            "b_end.service: service {:?} has no port and no vips, so a circuit's VIP would have \
-             no port to be reached at (give the service a port in the topology)",
-            spec.b_end.service.as_str()
-        )));
-    }
     Ok(Admission {
         placement,
         pool,
@@ -1655,6 +1657,14 @@ pub(crate) mod tests {
         let err = store::transaction(&s, |tx| create(tx, &t, &sp, None, "ops")).unwrap_err();
         assert!(matches!(&err, CircuitError::Invalid(_)), "{err}");
         assert_eq!(store::read(&s, |tx| all(tx)).unwrap(), []);
+        // Whatever the fabric's state: a rate no link has room for is still the request's
+        // mistake (422), not a conflict (409) a client would retry until room freed up.
+        let wide = spec("acme", "10.1.0.0/24", "5Gbps");
+        let err = admit(&t, &[], &wide).unwrap_err();
+        assert!(
+            matches!(&err, CircuitError::Invalid(m) if m.contains("has no port and no vips")),
+            "{err}"
+        );
     }
 
     pub(crate) fn spec(name: &str, prefix: &str, rate: &str) -> CircuitSpec {

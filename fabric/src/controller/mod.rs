@@ -365,6 +365,9 @@ pub struct Controller {
     /// Tests: run once by an apply just before it commits.
     #[cfg(test)]
     before_commit: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// Tests: taken by the next apply's plan, which runs it first (it may block).
+    #[cfg(test)]
+    plan_gate: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 struct Inner {
@@ -571,6 +574,8 @@ impl Controller {
             plan_panics: false.into(),
             #[cfg(test)]
             before_commit: Mutex::new(None),
+            #[cfg(test)]
+            plan_gate: Mutex::new(None),
         }))
     }
 
@@ -681,6 +686,8 @@ impl Controller {
         // first and computes the plan while routers are already applying the new version.
         #[cfg(test)]
         let plan_panics = self.plan_panics.load(Relaxed);
+        #[cfg(test)]
+        let plan_gate = lock(&self.plan_gate).take();
         // The plan, on both sides from one instant's observations: those merged above for a
         // dry run or an unchanged text, those of the instant the new version is published for
         // a change (telemetry merged during the commit is in what routers were sent; the plan
@@ -690,6 +697,10 @@ impl Controller {
             move |(live, new_live, incumbents, margins): Observed| {
                 #[cfg(test)]
                 assert!(!plan_panics, "injected failure of the plan");
+                #[cfg(test)]
+                if let Some(gate) = plan_gate {
+                    gate();
+                }
                 crate::plan::Plan::compute(
                     &old_topology,
                     &new_topology,
@@ -718,7 +729,6 @@ impl Controller {
         }
         if dry_run || unchanged {
             let observed = (live, new_live, incumbents, margins);
-            let plan = tokio::task::spawn_blocking(move || plan_with(observed)).await?;
             // The version in force that was committed but could not be published (a retry of
             // that apply, whose answer was lost) is published again now, and still told when
             // it cannot be: "unchanged" alone said it was in force on the routers.
@@ -741,6 +751,10 @@ impl Controller {
                     });
                 }
             }
+            // The plan reads only what it captured: the next apply or rollback does not wait
+            // for it (a dry run's plan, seconds on a large fabric, held every change behind it).
+            drop(_serial);
+            let plan = tokio::task::spawn_blocking(move || plan_with(observed)).await?;
             return Ok(ApplyOutcome {
                 version: None,
                 previous_version: old.record.version,
@@ -809,6 +823,8 @@ impl Controller {
             (not_distributed, observed)
         };
         let published = started.elapsed();
+        // Committed and published: the next change need not wait for this one's plan.
+        drop(_serial);
         // Committed and published: a plan that fails now (a bug) is told in the plan, not as
         // the apply's failure, which would say a change in force was refused.
         let plan = tokio::task::spawn_blocking(move || plan_with(observed))
@@ -1641,6 +1657,45 @@ mod tests {
                 "a delta of {} bytes went out for a snapshot of {full}",
                 d.len()
             );
+        }
+    }
+
+    /// A change's plan, computed after its commit, or a dry run's, holds no other change up:
+    /// an apply (or rollback) goes ahead while another's plan is still being computed. (The
+    /// apply lock was held through the plan: seconds on a large fabric, per dry run queued.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_plan_being_computed_holds_no_other_change_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RedbStore::open(dir.path()).unwrap());
+        let ctl = Controller::open(store, Some((&yaml("5ms"), "t.yaml"))).unwrap();
+        for dry_run in [true, false] {
+            let (entered_tx, entered) = std::sync::mpsc::channel::<()>();
+            let (release, released) = std::sync::mpsc::channel::<()>();
+            *lock(&ctl.plan_gate) = Some(Box::new(move || {
+                let _ = entered_tx.send(());
+                let _ = released.recv();
+            }));
+            let c = ctl.clone();
+            let first = tokio::spawn(async move {
+                c.apply(&yaml("50ms"), "me", "", Origin::Apply, dry_run, None)
+                    .await
+            });
+            tokio::task::spawn_blocking(move || entered.recv())
+                .await
+                .unwrap()
+                .expect("the first apply's plan never started");
+            let other = if dry_run { "7ms" } else { "9ms" };
+            let second = tokio::time::timeout(
+                Duration::from_secs(10),
+                ctl.apply(&yaml(other), "me", "", Origin::Apply, false, None),
+            )
+            .await;
+            release.send(()).unwrap();
+            let second = second
+                .unwrap_or_else(|_| panic!("dry run {dry_run}: the apply waited for a plan"))
+                .unwrap();
+            assert!(second.version.is_some());
+            first.await.unwrap().unwrap();
         }
     }
 

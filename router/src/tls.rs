@@ -2372,6 +2372,20 @@ mod tests {
         assert_eq!(again.crls(), r.crls(), "a restart keeps both lists");
         assert_eq!(accepts(&again, d.path(), "old"), REVOKED);
         assert_eq!(accepts(&again, d.path(), "new"), REVOKED);
+        // A newer list of the new CA alone, adopted: the node's file is written with it and
+        // the old CA's list, which stays in force. (Above, nothing was adopted, so nothing was
+        // written: a save of the pushed lists only would have passed.)
+        let before = fs::read_to_string(d.path().join(pki::CA_CRL)).unwrap();
+        pki::issue(d.path(), "new2").unwrap();
+        revoke(d.path(), "new2");
+        let text = fs::read_to_string(d.path().join(pki::CA_CRL)).unwrap();
+        let newer = &text[..text.find(end).unwrap() + end.len()];
+        fs::write(d.path().join(pki::CA_CRL), &before).unwrap();
+        assert_eq!(install_crl(&r, newer), CrlReload::Adopted);
+        let after = CertResolver::new(&TlsIdentity::load(d.path(), "n1").unwrap()).unwrap();
+        assert_eq!(after.crls().len(), 2, "a restart keeps both lists");
+        assert_eq!(accepts(&after, d.path(), "old"), REVOKED);
+        assert_eq!(accepts(&after, d.path(), "new2"), REVOKED);
     }
 
     /// A CA directory whose old CA (which revoked `old`) was rotated out and retired

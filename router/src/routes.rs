@@ -1877,6 +1877,48 @@ mod tests {
         );
     }
 
+    /// The revert decides where settling does not: with a window longer than [`SETTLING`]
+    /// (`--hold-down` above 1 s), a site back dearer that has been on offer long enough to be
+    /// settled is taken back once cheaper, within the window, where the margins alone keep the
+    /// site that replaced it. (The test above uses a 10 s window, inside which a returning site
+    /// is unsettled and taken when cheapest anyway: it passed with the revert taken out.)
+    #[test]
+    fn a_site_back_and_settled_is_taken_back_within_a_long_window() {
+        let h = Hysteresis::default();
+        let w = Duration::from_secs(50);
+        let t0 = Instant::now();
+        let (near, far) = (cand("near", 2.0), cand("far", 8.0));
+        let both = [near.clone(), far.clone()];
+        let pick = |p: &mut Preference, c: &[Candidate], at: Duration| {
+            p.select(&h, c, t0 + at, w).map(|c| c.site.to_string())
+        };
+        let mut p = Preference::default();
+        assert_eq!(pick(&mut p, &both, Duration::ZERO).as_deref(), Some("near"));
+        assert_eq!(
+            pick(&mut p, &[far.clone()], Duration::from_secs(1)).as_deref(),
+            Some("far")
+        );
+        let busy_near = [far.clone(), cand("near", 41.0)];
+        assert_eq!(
+            pick(&mut p, &busy_near, Duration::from_secs(2)).as_deref(),
+            Some("far")
+        );
+        // Settled by now (on offer since 2 s): the margins alone keep `far`...
+        let mut settled = Preference::default();
+        pick(&mut settled, &[far.clone()], Duration::ZERO);
+        pick(&mut settled, &busy_near, Duration::from_secs(2));
+        assert_eq!(
+            pick(&mut settled, &both, Duration::from_secs(15)).as_deref(),
+            Some("far"),
+            "the margins keep the incumbent against a settled site"
+        );
+        // ... and the revert takes `near` back, within the window.
+        assert_eq!(
+            pick(&mut p, &both, Duration::from_secs(15)).as_deref(),
+            Some("near")
+        );
+    }
+
     #[test]
     fn a_preferred_site_that_left_for_a_moment_is_preferred_again_within_the_window() {
         let h = Hysteresis::default();

@@ -1226,10 +1226,11 @@ async fn attempt(
             _ = &mut went_down => break Err(Attempt::Retry(Code::NextHopUnreachable, Told::Here)),
         }
     };
-    // The site answered while a chunk was still on its way: it goes before the splice reads
-    // more of the client. Not under the deadline: the site is connected and reads its stream
-    // now; but each write must take a byte within the idle timeout, as no splice timer runs
-    // yet (a peer that withholds its window would hold the client for ever). The backend
+    // The site answered while a chunk was still on its way (and, on a retry, replayed chunks
+    // after it): they go to the splice, which writes them before it reads more of the client
+    // while the answer is carried to the client ([`TcpBuf::queue`]). (Written here first, with
+    // nothing read of the answer, an early answer of a backend that stopped reading the upload,
+    // a 413, waited behind them until the site's write-stall timeout reset it.) The backend
     // has taken the request: a failure from here on is not retried (another site would get the
     // request a second time), whatever its code.
     // A stop with a code that is no refusal (`backend_abort`: the site's backend has the
@@ -1251,30 +1252,17 @@ async fn attempt(
             out.drop_rest(shared, replay);
             Ok(())
         }
-        Ok(()) => loop {
-            out.refill(replay, &mut send);
-            if out.pending.is_empty() {
-                break Ok(());
-            }
-            match shared
-                .bounded_write(forward(&mut send, &mut out.pending, hold, up))
-                .await
-            {
-                Some(Ok(n)) => out.written(shared, replay, n),
-                Some(Err(Forward::Write(WriteError::Stopped(_)))) => {
-                    out.drop_rest(shared, replay);
-                    break Ok(());
-                }
-                Some(Err(Forward::Revoked)) => break Err(Attempt::Fatal(Code::CircuitRefused)),
-                Some(Err(Forward::Write(e))) => {
-                    break Err(match write_failed(e) {
-                        Attempt::Retry(code, _) => Attempt::Fatal(code),
-                        a => a,
-                    });
-                }
-                None => break Err(Attempt::Fatal(Code::IdleTimeout)),
-            }
-        },
+        Ok(()) => {
+            let end = out.replayed_end.min(replay.chunks.len());
+            let mut rest = vec![std::mem::take(&mut out.pending)];
+            rest.extend(
+                replay.chunks[out.next_replayed.min(end)..end]
+                    .iter()
+                    .cloned(),
+            );
+            buf.queue(rest, out.uncounted);
+            Ok(())
+        }
         e => e,
     };
     match outcome {

@@ -212,6 +212,11 @@ pub(crate) struct TcpBuf {
     drained: bool,
     /// A read returned a byte ([`TcpBuf::read_any`]).
     read_any: bool,
+    /// Chunks the edge read before the splice and still has to write (last first): written
+    /// before anything more is read ([`TcpBuf::queue`]).
+    queued: Vec<Bytes>,
+    /// Bytes at the head of `queued` already counted in `bytes_up` (a try before wrote them).
+    queued_counted: usize,
     /// Memory the last chunk of a read that drained the socket keeps alive (tests).
     #[cfg(test)]
     pinned: usize,
@@ -241,9 +246,39 @@ impl TcpBuf {
             want: TCP_BUF,
             drained: false,
             read_any: false,
+            queued: Vec::new(),
+            queued_counted: 0,
             #[cfg(test)]
             pinned: 0,
         }
+    }
+
+    /// `chunks`, in order, go to the stream before the next read of the socket: what an edge
+    /// read and had not written when its site answered. The splice writes them (its answer
+    /// direction running meanwhile), already paid to a circuit's rate; their first `counted`
+    /// bytes are counted in `bytes_up` already.
+    pub fn queue(&mut self, chunks: Vec<Bytes>, counted: usize) {
+        self.queued = chunks;
+        self.queued.retain(|c| !c.is_empty());
+        self.queued.reverse();
+        self.queued_counted = counted;
+    }
+
+    /// The next queued chunk, with how many of its bytes were counted already.
+    fn next_queued(&mut self) -> Option<(Bytes, usize)> {
+        let c = self.queued.pop()?;
+        let counted = self.queued_counted.min(c.len());
+        self.queued_counted -= counted;
+        Some((c, counted))
+    }
+
+    /// Drops what is still queued (the stream was stopped or lost): its bytes.
+    fn drop_queued(&mut self) -> usize {
+        self.queued_counted = 0;
+        std::mem::take(&mut self.queued)
+            .iter()
+            .map(Bytes::len)
+            .sum()
     }
 
     /// Reads once; an empty chunk is EOF. Cancel safe (nothing is consumed unless it returns).
@@ -523,12 +558,21 @@ pub(crate) async fn tcp_to_quic(
     let mut pace = crate::ratelimit::Pace::default();
     let mut tick = None;
     let code = loop {
-        // The read future ends here, so that it shares its place in this future's state with
-        // the write below (left alive to the end of the loop's body, it cost 192 bytes in every
-        // open connection's future).
-        let read = {
-            let read = std::pin::pin!(buf.read(rd, bucket.is_none()));
-            read_unless_stopped(read, send, watch_stop, &mut tick).await
+        // What the edge read before the splice goes first: already paid to the circuit's rate,
+        // and part of it maybe counted.
+        let (read, paid, precounted) = match buf.next_queued() {
+            Some((c, counted)) => (Ok(Ok(c)), true, counted),
+            // The read future ends here, so that it shares its place in this future's state
+            // with the write below (left alive to the end of the loop's body, it cost 192 bytes
+            // in every open connection's future).
+            None => {
+                let read = std::pin::pin!(buf.read(rd, bucket.is_none()));
+                (
+                    read_unless_stopped(read, send, watch_stop, &mut tick).await,
+                    false,
+                    0,
+                )
+            }
         };
         let read = match read {
             Ok(r) => r,
@@ -548,7 +592,8 @@ pub(crate) async fn tcp_to_quic(
             }
         };
         let n = chunk.len();
-        if let Some(b) = bucket
+        if !paid
+            && let Some(b) = bucket
             && b.take(n, &mut pace).await.is_err()
         {
             let code = Code::CircuitRefused;
@@ -570,18 +615,20 @@ pub(crate) async fn tcp_to_quic(
         };
         if let Some(e) = failed {
             // What quinn took before the failure went: counted (`rest` is cut down as it is
-            // written). The rest of a stopped chunk is dropped, as what follows it is.
+            // written). The rest of a stopped chunk is dropped, as what follows it is (what
+            // was queued included).
             let left = rest[0].len();
-            count(shared, side, true, n - left);
+            count(shared, side, true, (n - left).saturating_sub(precounted));
+            let queued = buf.drop_queued();
             match stop_code(&e) {
                 Some(code) => {
-                    (shared.metrics.bytes_discarded).fetch_add(left as u64, Relaxed);
+                    (shared.metrics.bytes_discarded).fetch_add((left + queued) as u64, Relaxed);
                     break code;
                 }
                 None => return Err(Abort(Code::UpstreamLost)),
             }
         }
-        count(shared, side, true, n);
+        count(shared, side, true, n - precounted);
         fair.moved(n).await;
     };
     // Stopped: the other direction sees it, and, while the answer is still going out, what the

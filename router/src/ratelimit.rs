@@ -135,6 +135,11 @@ impl TokenBucket {
     /// Takes `bytes` from the bucket and says how long the caller must wait before sending them
     /// (zero when there was credit). Never blocks; one CAS loop.
     pub fn reserve(&self, bytes: usize) -> Duration {
+        self.reserve_cost(bytes).0
+    }
+
+    /// [`TokenBucket::reserve`], and what it charged (ns at the rate then).
+    fn reserve_cost(&self, bytes: usize) -> (Duration, u64) {
         let cost = bytes_to_ns(bytes as u64, self.bps.load(Ordering::Relaxed));
         let burst = self.burst_ns.load(Ordering::Relaxed);
         let now = self.now_ns();
@@ -148,8 +153,26 @@ impl TokenBucket {
                 .compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Relaxed)
             {
                 Ok(_) => {
-                    return Duration::from_nanos(next.saturating_sub(burst).saturating_sub(now));
+                    let wait = next.saturating_sub(burst).saturating_sub(now);
+                    return (Duration::from_nanos(wait), cost);
                 }
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    /// Gives back `cost` ns charged for bytes that will never be sent (the wait for them was
+    /// given up). Those reserved after them keep their waits; the next reservation gets the
+    /// time back. One CAS loop.
+    fn refund(&self, cost: u64) {
+        let mut cur = self.tat_ns.load(Ordering::Relaxed);
+        loop {
+            let next = cur.saturating_sub(cost);
+            match self
+                .tat_ns
+                .compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return,
                 Err(actual) => cur = actual,
             }
         }
@@ -158,13 +181,26 @@ impl TokenBucket {
     /// Takes `bytes` and waits until they may be sent, on `pace`'s timer. Call before writing a
     /// chunk. [`Revoked`] once the circuit is gone, before the wait and after one: the
     /// connection ends.
+    ///
+    /// Dropped during its wait (its connection ended: the other direction failed, a timer fired),
+    /// it gives its charge back: the bytes are never sent, and charged they held up every other
+    /// connection of the circuit for their time (a hundred clients reset at once left a slow
+    /// circuit idle for seconds).
     pub async fn take(&self, bytes: usize, pace: &mut Pace) -> Result<(), Revoked> {
         if self.is_revoked() {
             return Err(Revoked);
         }
-        let wait = self.reserve(bytes);
+        let (wait, cost) = self.reserve_cost(bytes);
         if !wait.is_zero() {
+            struct Refund<'a>(&'a TokenBucket, u64);
+            impl Drop for Refund<'_> {
+                fn drop(&mut self) {
+                    self.0.refund(self.1);
+                }
+            }
+            let refund = Refund(self, cost);
             pace.wait(wait).await;
+            std::mem::forget(refund);
             if self.is_revoked() {
                 return Err(Revoked);
             }
@@ -267,6 +303,37 @@ where
 mod tests {
     use super::*;
     use tokio::net::{TcpListener, TcpStream};
+
+    /// A wait given up (its connection ended) gives its charge back: later connections of the
+    /// circuit do not wait for bytes that were never sent. One that ran to its end keeps it.
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_given_up_gives_its_charge_back() {
+        let b = TokenBucket::new(Bandwidth::from_mbps(8)); // 1 byte per us, burst 131 ms.
+        tokio::time::advance(Duration::from_millis(200)).await; // full
+        // The burst spent by one connection that sent.
+        let mut pace = Pace::default();
+        b.take(MIN_BURST_BYTES as usize, &mut pace).await.unwrap();
+        // Ten connections each charge a chunk and end during their wait.
+        for _ in 0..10 {
+            let mut pace = Pace::default();
+            let gave_up =
+                tokio::time::timeout(Duration::from_micros(1), b.take(CHUNK, &mut pace)).await;
+            assert!(gave_up.is_err(), "the chunk went at once");
+        }
+        // The next chunk waits for its own cost only (not ten chunks more).
+        let wait = b.reserve(CHUNK);
+        assert!(
+            wait <= Duration::from_micros(CHUNK as u64 + 10),
+            "waits {wait:?} for bytes never sent"
+        );
+        // A wait that ran to its end: the chunk went, its charge stays.
+        let before = b.tat_ns.load(Ordering::Relaxed);
+        tokio::time::timeout(Duration::from_secs(1), b.take(CHUNK, &mut Pace::default()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(b.tat_ns.load(Ordering::Relaxed) >= before + CHUNK as u64 * 1000);
+    }
 
     /// A copy loop at its circuit's rate waits before nearly every chunk: on one timer, made at
     /// the first wait and reset after, not one allocated per chunk (as `take` did).

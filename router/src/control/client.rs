@@ -617,12 +617,15 @@ async fn stored_snapshot(dir: PathBuf, node: &NodeId) -> Option<FromDisk> {
             None
         }
         // Checked as the controller's snapshots are (limits, names, what the node serves): a
-        // damaged file, or one stored by a release before a check, is not run.
-        Ok(Some(s)) if let Err(refusal) = check_topology(node, &s.topology) => {
-            tracing::warn!(
-                "ignoring the stored snapshot (waiting for the controller's): {}",
-                refusal.reason
-            );
+        // damaged file, or one stored by a release before a check, is not run. (Not an `if let`
+        // guard: those need Rust 1.95, and the workspace builds with 1.91.)
+        Ok(Some(s)) if check_topology(node, &s.topology).is_err() => {
+            if let Err(refusal) = check_topology(node, &s.topology) {
+                tracing::warn!(
+                    "ignoring the stored snapshot (waiting for the controller's): {}",
+                    refusal.reason
+                );
+            }
             None
         }
         Ok(Some(s)) => match s

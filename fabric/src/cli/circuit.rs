@@ -127,7 +127,7 @@ pub struct SpecArgs {
     #[arg(long, allow_hyphen_values = true)]
     pub rate: Bandwidth,
     /// Address pool for the VIP, of the prefix's family (default: the topology's first pool of
-    /// that family).
+    /// that family with a free address).
     #[arg(long, value_parser = parse_id)]
     pub pool: Option<String>,
     #[command(flatten)]
@@ -678,6 +678,13 @@ async fn wait(
     // The last poll's failure for want of the controller, the answer if the deadline comes
     // before a poll goes through.
     let mut failed: Option<ClientError> = None;
+    // A busy controller (503 past the client's own retries) is looked at again too, and at the
+    // deadline the wait ends as timed out (exit 1), not as busy: busy's exit 3 says nothing was
+    // changed, and the change was made before the wait began.
+    let ended = |e: ClientError, state| match e {
+        ClientError::Busy { .. } => timed_out(state),
+        e => e.into(),
+    };
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let c = match tokio::time::timeout(left, current(client, id)).await {
@@ -685,18 +692,21 @@ async fn wait(
             Ok(Err(
                 e @ (ClientError::Unreachable { .. }
                 | ClientError::Lost { .. }
-                | ClientError::TimedOut { .. }),
+                | ClientError::TimedOut { .. }
+                | ClientError::Busy { .. }),
             )) => {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
-                    return Err(e.into());
+                    return Err(ended(e, state));
                 }
                 failed = Some(e);
                 tokio::time::sleep(POLL.min(left)).await;
                 continue;
             }
             Ok(Err(e)) => return Err(e.into()),
-            Err(_) => return Err(failed.map_or_else(|| timed_out(state), CmdError::from)),
+            Err(_) => {
+                return Err(failed.map_or_else(|| timed_out(state), |e| ended(e, state)));
+            }
         };
         failed = None;
         state = c.state;
@@ -1253,6 +1263,67 @@ mod tests {
         );
         let n = accepted.load(std::sync::atomic::Ordering::SeqCst);
         assert!(n >= 2, "looked {n} time(s)");
+        server.abort();
+    }
+
+    /// A controller busy (503) at every poll of a wait: looked at again until the deadline,
+    /// which ends the wait as timed out (exit 1). (The first busy answer ended it with busy's
+    /// exit 3, "nothing was changed", after a resize or delete that was made.)
+    #[tokio::test]
+    async fn a_wait_looks_again_while_the_controller_is_busy() {
+        let busy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = busy.local_addr().unwrap();
+        let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = asked.clone();
+        let server = tokio::spawn(async move {
+            while let Ok((mut c, _)) = busy.accept().await {
+                let count = count.clone();
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buf = [0u8; 4096];
+                    let body = r#"{"error":"busy"}"#;
+                    while matches!(c.read(&mut buf).await, Ok(n) if n > 0) {
+                        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let answer = format!(
+                            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+                             retry-after: 0\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if c.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let w = WaitArgs {
+            wait: true,
+            timeout: Duration::from_secs(3),
+        };
+        let client = AdminClient::new(&AdminArgs {
+            controller: addr.to_string(),
+            token: Some("tok".into()),
+            token_file: None,
+            output: TextOrJson::Text,
+            request_timeout: Duration::from_secs(1),
+        })
+        .unwrap();
+        let err = wait(&client, "c-000001", CircuitState::Provisioning, &w, false)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                CmdError::Timeout {
+                    state: CircuitState::Provisioning,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(err.exit_code(), 1);
+        let n = asked.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(n >= 2, "asked {n} time(s)");
         server.abort();
     }
 

@@ -282,7 +282,13 @@ impl AdminClient {
             }
             (None, None) => String::new(),
         };
-        if hyper::header::HeaderValue::from_str(&format!("Bearer {token}")).is_err() {
+        // What the controller takes as a token (its own check of its token files): visible
+        // ASCII and spaces. A header value may also hold a tab or bytes past ASCII (a token
+        // file saved with a byte-order mark), which the controller reads as no token at all: a
+        // 401 that sent the operator looking for a wrong token, not at the file.
+        if !token.bytes().all(|b| b == b' ' || b.is_ascii_graphic())
+            || hyper::header::HeaderValue::from_str(&format!("Bearer {token}")).is_err()
+        {
             return Err(ClientError::BadToken);
         }
         // Normally normalised by clap already ([`parse_controller`]); a value built in code
@@ -743,6 +749,14 @@ mod tests {
         a.token = Some(" abc\n".into());
         let c = AdminClient::new(&a).expect("a token with spaces around it");
         assert_eq!(c.token, "abc");
+        // What a header carries but the controller reads as no token (a byte-order mark, a
+        // letter past ASCII, a tab inside) is refused here too, not met with a 401.
+        for bad in ["\u{feff}tok", "s\u{e9}cret", "a\tb"] {
+            a.token = Some(bad.into());
+            let err = AdminClient::new(&a).err().expect("refused");
+            assert!(matches!(err, ClientError::BadToken), "{bad:?}: {err:?}");
+            assert_eq!(err.exit_code(), 2, "{bad:?}");
+        }
     }
 
     /// Something other than the admin API on --controller's port (a web server's HTML 404)

@@ -264,9 +264,16 @@ pub(super) fn parse_reload_interval(s: &str) -> Result<std::time::Duration, Stri
         d if !d.is_zero() && d < std::time::Duration::from_millis(100) => {
             Err(format!("{s:?} must be at least 100ms (or off)"))
         }
+        // Bounded as the other durations are: tokio's interval panicked on one past what an
+        // `Instant` can add (the reload task died at its first tick, and no re-issued
+        // certificate, bundle or revocation list was taken up again, with one panic line).
+        d if d > MAX_RELOAD_INTERVAL => Err(format!("{s:?} must be at most 24h (or off)")),
         d => Ok(d),
     }
 }
+
+/// Longest `--tls-reload-interval`.
+const MAX_RELOAD_INTERVAL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// Shortest `--probe-interval`: the router's own bound.
 const MIN_PROBE_INTERVAL: std::time::Duration = ::router::ProbeConfig::MIN_INTERVAL;
@@ -702,6 +709,20 @@ async fn spawn(cfg: RouterConfig, signals: &mut super::Signals) -> Result<Router
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    /// `--tls-reload-interval` takes 100ms to 24h, or off; past 24h it is refused (one past
+    /// what an `Instant` can add panicked the reload task at its first tick).
+    #[test]
+    fn the_reload_interval_is_bounded() {
+        let p = parse_reload_interval;
+        assert_eq!(p("off"), Ok(Duration::ZERO));
+        assert_eq!(p("100ms"), Ok(Duration::from_millis(100)));
+        assert_eq!(p("24h"), Ok(Duration::from_secs(86_400)));
+        assert!(p("50ms").unwrap_err().contains("at least 100ms"));
+        for long in ["25h", "300000000000y"] {
+            assert!(p(long).unwrap_err().contains("at most 24h"), "{long}");
+        }
+    }
 
     #[test]
     fn idle_timeout_takes_hours_minutes_seconds_and_off() {

@@ -286,16 +286,23 @@ pub(crate) async fn run_dialer(shared: Arc<Shared>, nb: Arc<Neighbour>) {
             if nb.is_up() {
                 // Down because its connection ended (the neighbour restarted or drained, a
                 // stateless reset, the idle timeout): logged and counted as a missed-probes
-                // verdict is (it went down with neither).
+                // verdict is (it went down with neither). Not when this router closed it (its
+                // own stop, or its trust watch): nothing is wrong with the neighbour.
                 let reason = conn.close_reason();
+                let ours = matches!(&reason, Some(quinn::ConnectionError::LocallyClosed))
+                    || *shared.shutdown.borrow();
                 let orderly = matches!(&reason, Some(quinn::ConnectionError::ApplicationClosed(c))
                     if c.error_code == quinn::VarInt::from_u32(close::NORMAL));
-                if orderly {
+                if ours {
+                    tracing::debug!(node = %shared.node, neighbour = %nb.id, "connection to the neighbour closed by this router");
+                } else if orderly {
                     tracing::info!(node = %shared.node, neighbour = %nb.id, "neighbour down: it closed its connection");
                 } else {
                     tracing::warn!(node = %shared.node, neighbour = %nb.id, reason = ?reason, "neighbour down: its connection ended");
                 }
-                shared.metrics.neighbour_down_total.fetch_add(1, Relaxed);
+                if !ours {
+                    shared.metrics.neighbour_down_total.fetch_add(1, Relaxed);
+                }
                 nb.set_down();
                 shared.changed.notify_one();
             }

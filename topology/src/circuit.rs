@@ -1237,7 +1237,7 @@ fn both_forms(ip: IpAddr) -> [IpAddr; 2] {
 /// Allocates the lowest usable address of a pool that is not in `used` (the VIPs of every
 /// circuit the controller holds, from any pool; an IPv4 address and its IPv4-mapped form are
 /// one) for a circuit whose clients are `clients`. `pool` names the pool, which must be of
-/// `clients`' family; `None` takes the first pool of that family (the VIP of another family
+/// `clients`' family; `None` takes the first pool of that family with a free address (the VIP of another family
 /// would refuse every client: the edge serves a VIP to its circuit's prefix only). Costs
 /// O(allocated addresses), whatever the pool's size.
 pub fn allocate_vip(

@@ -99,7 +99,7 @@ pub fn diff(old: &Topology, new: &Topology) -> TopologyDiff {
 }
 
 /// The pools, each with its `order`: its place among the pools of its address family (1: the
-/// pool a circuit that names none takes its VIP from). Pools are matched by name, so without it
+/// first a circuit that names none tries for its VIP). Pools are matched by name, so without it
 /// swapping two pools of a family, which changes where new circuits' VIPs come from, would be
 /// no change.
 fn ranked(pools: &[Pool]) -> Vec<Value> {
@@ -775,7 +775,7 @@ mod tests {
         );
     }
 
-    /// The order of the pools of a family (a circuit that names none takes the first) and of
+    /// The order of the pools of a family (a circuit that names none takes the first with a free address) and of
     /// a service's VIPs (one with no `port` is reached at its first VIP's) is a change; a pool
     /// of the other family added in front is not a change of the others.
     #[test]

@@ -132,7 +132,7 @@ pub struct CircuitSpec {
     pub b_end: BEnd,
     pub rate: Bandwidth,
     /// The pool to take the VIP from, of the prefix's address family (default: the topology's
-    /// first pool of that family).
+    /// first pool of that family with a free address).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,
 }

@@ -1260,7 +1260,10 @@ async fn attempt(
                     .iter()
                     .cloned(),
             );
-            buf.queue(rest, out.uncounted);
+            // The chunk's hold (a circuit's rate) goes with it: not waited out here, it went
+            // at line rate, and the circuit was not looked at again.
+            let until = hold.as_ref().map(|h| h.deadline());
+            buf.queue(rest, out.uncounted, until);
             Ok(())
         }
         e => e,

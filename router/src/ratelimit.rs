@@ -209,6 +209,24 @@ impl TokenBucket {
     }
 }
 
+impl TokenBucket {
+    /// For a chunk charged already (read before the splice, and held back until `until` by
+    /// the charge): waits until then on `pace`'s timer, then says whether the circuit is still
+    /// there, as [`TokenBucket::take`] does after its wait.
+    pub async fn wait_paid(&self, until: Option<Instant>, pace: &mut Pace) -> Result<(), Revoked> {
+        if let Some(until) = until {
+            let now = Instant::now();
+            if until > now {
+                pace.wait(until - now).await;
+            }
+        }
+        if self.is_revoked() {
+            return Err(Revoked);
+        }
+        Ok(())
+    }
+}
+
 /// One copy loop's timer for [`TokenBucket::take`]: made at the first wait and reset for each
 /// one after, so that a circuit at its rate, which waits before nearly every chunk, allocates
 /// no timer per chunk. Boxed, and made only when needed: a timer inline would grow every

@@ -1895,7 +1895,7 @@ mod tests {
         let mut p = Preference::default();
         assert_eq!(pick(&mut p, &both, Duration::ZERO).as_deref(), Some("near"));
         assert_eq!(
-            pick(&mut p, &[far.clone()], Duration::from_secs(1)).as_deref(),
+            pick(&mut p, std::slice::from_ref(&far), Duration::from_secs(1)).as_deref(),
             Some("far")
         );
         let busy_near = [far.clone(), cand("near", 41.0)];
@@ -1905,7 +1905,7 @@ mod tests {
         );
         // Settled by now (on offer since 2 s): the margins alone keep `far`...
         let mut settled = Preference::default();
-        pick(&mut settled, &[far.clone()], Duration::ZERO);
+        pick(&mut settled, std::slice::from_ref(&far), Duration::ZERO);
         pick(&mut settled, &busy_near, Duration::from_secs(2));
         assert_eq!(
             pick(&mut settled, &both, Duration::from_secs(15)).as_deref(),

@@ -217,6 +217,8 @@ pub(crate) struct TcpBuf {
     queued: Vec<Bytes>,
     /// Bytes at the head of `queued` already counted in `bytes_up` (a try before wrote them).
     queued_counted: usize,
+    /// Until when a circuit's rate holds the first queued chunk back (charged when read).
+    queued_until: Option<tokio::time::Instant>,
     /// Memory the last chunk of a read that drained the socket keeps alive (tests).
     #[cfg(test)]
     pinned: usize,
@@ -248,6 +250,7 @@ impl TcpBuf {
             read_any: false,
             queued: Vec::new(),
             queued_counted: 0,
+            queued_until: None,
             #[cfg(test)]
             pinned: 0,
         }
@@ -256,12 +259,19 @@ impl TcpBuf {
     /// `chunks`, in order, go to the stream before the next read of the socket: what an edge
     /// read and had not written when its site answered. The splice writes them (its answer
     /// direction running meanwhile), already paid to a circuit's rate; their first `counted`
-    /// bytes are counted in `bytes_up` already.
-    pub fn queue(&mut self, chunks: Vec<Bytes>, counted: usize) {
+    /// bytes are counted in `bytes_up` already; a circuit's rate holds the first back until
+    /// `until` (and each waits for the circuit to be still there).
+    pub fn queue(
+        &mut self,
+        chunks: Vec<Bytes>,
+        counted: usize,
+        until: Option<tokio::time::Instant>,
+    ) {
         self.queued = chunks;
         self.queued.retain(|c| !c.is_empty());
         self.queued.reverse();
         self.queued_counted = counted;
+        self.queued_until = until;
     }
 
     /// The next queued chunk, with how many of its bytes were counted already.
@@ -275,6 +285,7 @@ impl TcpBuf {
     /// Drops what is still queued (the stream was stopped or lost): its bytes.
     fn drop_queued(&mut self) -> usize {
         self.queued_counted = 0;
+        self.queued_until = None;
         std::mem::take(&mut self.queued)
             .iter()
             .map(Bytes::len)
@@ -592,9 +603,14 @@ pub(crate) async fn tcp_to_quic(
             }
         };
         let n = chunk.len();
-        if !paid
-            && let Some(b) = bucket
-            && b.take(n, &mut pace).await.is_err()
+        if let Some(b) = bucket
+            && match paid {
+                // Charged when the edge read it: what is left of its hold, and the circuit
+                // looked at again (deleted meanwhile, the chunk goes no further).
+                true => b.wait_paid(buf.queued_until.take(), &mut pace).await,
+                false => b.take(n, &mut pace).await,
+            }
+            .is_err()
         {
             let code = Code::CircuitRefused;
             let _ = send.reset(code.varint());

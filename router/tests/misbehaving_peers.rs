@@ -2544,6 +2544,19 @@ fn tcp_queues(local: u16, remote: u16) -> Option<(u64, u64)> {
 /// hold: only the next read looked at the circuit.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunk_held_back_by_a_deleted_circuits_rate_goes_no_further() {
+    held_back_chunk_of_a_deleted_circuit(false).await;
+}
+
+/// As above, the site answering (`ok`) while the chunk is still held back, after the circuit
+/// was deleted: the chunk goes to the splice with what is left of its hold, and no further.
+/// (Handed to the splice, it went at once at line rate, and the circuit was not looked at.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_held_back_when_the_site_answers_keeps_its_hold() {
+    held_back_chunk_of_a_deleted_circuit(true).await;
+}
+
+/// The chunk's test: `answers`, the near site sends `ok` once the circuit is deleted.
+async fn held_back_chunk_of_a_deleted_circuit(answers: bool) {
     use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = ca_dir();
@@ -2557,12 +2570,19 @@ async fn a_chunk_held_back_by_a_deleted_circuits_rate_goes_no_further() {
     let (got_tx, mut got_rx) = tokio::sync::mpsc::unbounded_channel();
     let marked = Arc::new(AtomicBool::new(false));
     let near_marked = marked.clone();
-    let _near = fake_near(dir.path(), &t, move |send, mut recv| {
+    let (answer_tx, answer_rx) = tokio::sync::watch::channel(false);
+    let _near = fake_near(dir.path(), &t, move |mut send, mut recv| {
         let (got, marked) = (got_tx.clone(), near_marked.clone());
+        let mut answer = answer_rx.clone();
         async move {
-            let _held = send;
             let all = read_until(&mut recv, |b| holds(b, b"request")).await;
             let _ = got.send(());
+            tokio::spawn(async move {
+                if answer.wait_for(|a| *a).await.is_ok() {
+                    let _ = send.write_all(&router::header::REPLY_OK).await;
+                }
+                std::future::pending::<()>().await;
+            });
             let rest = read_until(&mut recv, |b| holds(b, b"MARKER!!")).await;
             if holds(&all, b"MARKER!!") || holds(&rest, b"MARKER!!") {
                 marked.store(true, SeqCst);
@@ -2619,6 +2639,20 @@ async fn a_chunk_held_back_by_a_deleted_circuits_rate_goes_no_further() {
     let mut without = Snapshot::new(3, Arc::new(t.clone()));
     without.circuits = Arc::new(Vec::new());
     etx.send(Arc::new(without)).unwrap();
+    if answers {
+        wait_until(
+            Duration::from_secs(20),
+            || {
+                metric(
+                    &edge.metrics_text(),
+                    "tasman_snapshot_version{node=\"edge\"}",
+                ) == Some(3)
+            },
+            || edge.metrics_text(),
+        )
+        .await;
+        answer_tx.send(true).unwrap();
+    }
     let mut back = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(60), client.read_to_end(&mut back))
         .await

@@ -369,6 +369,17 @@ async fn the_controller_renews_its_own_certificate_with_the_ca() {
         || d.cert.renewals(Renewal::Renewed) == 1,
     )
     .await;
+    // Before it expired, at the first try: a renewal that failed and came after the expiry
+    // (the retry is 30 s on) passed the 40 s wait above.
+    assert!(
+        unix_now() < old_not_after,
+        "renewed only after the old certificate expired"
+    );
+    assert_eq!(
+        d.cert.renewals(Renewal::Invalid) + d.cert.renewals(Renewal::Refused),
+        0,
+        "a renewal failed first"
+    );
     assert_ne!(own(&tls), old_file, "a new certificate in the file");
     assert_eq!(
         TlsIdentity::load(&tls, "controller").unwrap().chain[0],

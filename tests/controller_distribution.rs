@@ -279,8 +279,11 @@ async fn a_restart_from_disk_counts_staleness_from_the_last_heartbeat() {
 
     let restarted = start_client_with(ctl_addr, "edge-0", &tls, tune).await;
     assert!(!restarted.is_connected());
-    assert!(
-        restarted.last_contact_unix_ms() >= last,
+    // Exactly the recorded contact: not the restart (a client that ignored the file would
+    // count from its own start, and pass a `>=`).
+    assert_eq!(
+        restarted.last_contact_unix_ms(),
+        last,
         "staleness counts from {} (the version came at {came}, the last heartbeat recorded at {last})",
         restarted.last_contact_unix_ms()
     );
@@ -1160,6 +1163,9 @@ async fn live_updates_after_a_rejection_wait_with_the_rejected_version() {
     // The apply after the controller took the rejection (before, a delta on the rejected
     // version could go out first, which the router answers with a resync: a race of the test's
     // own, failed under a loaded machine).
+    // Timed from before the rejection: a version held until the back-off's end comes 4 s after
+    // it, which a clock started after the rejection was seen recorded could pass as "at once".
+    let renacked = std::time::Instant::now();
     s.say(&nack(offered, "still taken")).await;
     eventually(
         Duration::from_secs(10),
@@ -1171,14 +1177,14 @@ async fn live_updates_after_a_rejection_wait_with_the_rejected_version() {
         },
     )
     .await;
-    let applied = std::time::Instant::now();
     apply(&d, &fabric_yaml(83, 1, 2, 20), "newer").await;
     let newer = version_of(&next_news(&mut s.recv).await);
     assert!(newer > live_only, "{newer} after {live_only}");
     assert!(
-        applied.elapsed() < 2 * NACK_RETRY_FIRST,
-        "sent {:?} after the apply",
-        applied.elapsed()
+        renacked.elapsed() < NACK_RETRY_FIRST,
+        "sent {:?} after the second rejection (its back-off: {:?})",
+        renacked.elapsed(),
+        2 * NACK_RETRY_FIRST
     );
     d.shutdown().await;
 }

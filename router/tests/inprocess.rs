@@ -1046,9 +1046,12 @@ async fn a_stream_given_up_by_the_edge_after_its_fin_is_freed_at_the_site() {
 
 /// A byte each way every 100 ms keeps a connection open through several idle timeouts: the
 /// exchanges go on until the connection has lived four idle timeouts and made at least ten of
-/// them, however long each took on a busy machine.
+/// them, however long each took on a busy machine. The idle timeout here is 1.5 s, fifteen
+/// exchanges long (at [`IDLE`], 300 ms, a stall of the test's own tasks of about 200 ms on a
+/// loaded 2-core host was a reset).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_exchanging_a_byte_every_100ms_outlives_the_idle_timeout() {
+    const IDLE: Duration = Duration::from_millis(1500);
     let backend = tracked_echo_backend().await;
     let (hs, _txs, port, _dir) = idle_fabric(backend.addr, |_| Some(IDLE)).await;
     let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port))

@@ -192,12 +192,6 @@ impl TokenBucket {
         }
         let (wait, cost) = self.reserve_cost(bytes);
         if !wait.is_zero() {
-            struct Refund<'a>(&'a TokenBucket, u64);
-            impl Drop for Refund<'_> {
-                fn drop(&mut self) {
-                    self.0.refund(self.1);
-                }
-            }
             let refund = Refund(self, cost);
             pace.wait(wait).await;
             std::mem::forget(refund);
@@ -213,17 +207,37 @@ impl TokenBucket {
     /// For a chunk charged already (read before the splice, and held back until `until` by
     /// the charge): waits until then on `pace`'s timer, then says whether the circuit is still
     /// there, as [`TokenBucket::take`] does after its wait.
-    pub async fn wait_paid(&self, until: Option<Instant>, pace: &mut Pace) -> Result<(), Revoked> {
+    ///
+    /// Dropped during its wait, it gives the `bytes`' charge back, as [`TokenBucket::take`]
+    /// does (at the rate now).
+    pub async fn wait_paid(
+        &self,
+        bytes: usize,
+        until: Option<Instant>,
+        pace: &mut Pace,
+    ) -> Result<(), Revoked> {
         if let Some(until) = until {
             let now = Instant::now();
             if until > now {
+                let cost = bytes_to_ns(bytes as u64, self.bps.load(Ordering::Relaxed));
+                let refund = Refund(self, cost);
                 pace.wait(until - now).await;
+                std::mem::forget(refund);
             }
         }
         if self.is_revoked() {
             return Err(Revoked);
         }
         Ok(())
+    }
+}
+
+/// Gives a charge back when dropped (a wait given up); forgotten once the wait is over.
+struct Refund<'a>(&'a TokenBucket, u64);
+
+impl Drop for Refund<'_> {
+    fn drop(&mut self) {
+        self.0.refund(self.1);
     }
 }
 
@@ -351,6 +365,34 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(b.tat_ns.load(Ordering::Relaxed) >= before + CHUNK as u64 * 1000);
+    }
+
+    /// A chunk charged when read, whose wait in the splice is given up (its connection ended),
+    /// gives its charge back too.
+    #[tokio::test(start_paused = true)]
+    async fn a_paid_wait_given_up_gives_its_charge_back() {
+        let b = TokenBucket::new(Bandwidth::from_mbps(8)); // 1 byte per us, burst 131 ms.
+        tokio::time::advance(Duration::from_millis(200)).await;
+        b.take(MIN_BURST_BYTES as usize, &mut Pace::default())
+            .await
+            .unwrap();
+        for _ in 0..10 {
+            // Charged at read (as an edge's `held_back` does), then waited for in the splice.
+            let wait = b.reserve(CHUNK);
+            let until = Some(Instant::now() + wait);
+            let mut pace = Pace::default();
+            let gave_up = tokio::time::timeout(
+                Duration::from_micros(1),
+                b.wait_paid(CHUNK, until, &mut pace),
+            )
+            .await;
+            assert!(gave_up.is_err(), "the chunk went at once");
+        }
+        let wait = b.reserve(CHUNK);
+        assert!(
+            wait <= Duration::from_micros(CHUNK as u64 + 10),
+            "waits {wait:?} for bytes never sent"
+        );
     }
 
     /// A copy loop at its circuit's rate waits before nearly every chunk: on one timer, made at

@@ -607,7 +607,7 @@ pub(crate) async fn tcp_to_quic(
             && match paid {
                 // Charged when the edge read it: what is left of its hold, and the circuit
                 // looked at again (deleted meanwhile, the chunk goes no further).
-                true => b.wait_paid(buf.queued_until.take(), &mut pace).await,
+                true => b.wait_paid(n, buf.queued_until.take(), &mut pace).await,
                 false => b.take(n, &mut pace).await,
             }
             .is_err()

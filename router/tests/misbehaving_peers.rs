@@ -2599,7 +2599,11 @@ async fn held_back_chunk_of_a_deleted_circuit(answers: bool) {
     let (_far, _ftx) = spawn_node(&snap, dir.path(), "far", |_| {}).await;
     edge_prefers_near_with_far_as_fallback(&edge).await;
     // The circuit comes now, so that its bucket has earned next to no credit: 32 kbit/s, 4 KB/s.
-    let circuit = local_circuit(port, topology::Bandwidth::from_bps(32_000));
+    // Answering, 8 kbit/s: the hold (about 12 s) outlasts the set-up and the delete on a loaded
+    // host, so the answer comes while it runs (it ended first, the attempt refused the chunk
+    // itself, and the splice's wait went untested).
+    let bps = if answers { 8_000 } else { 32_000 };
+    let circuit = local_circuit(port, topology::Bandwidth::from_bps(bps));
     let mut with = Snapshot::new(2, Arc::new(t.clone()));
     with.circuits = Arc::new(vec![circuit]);
     etx.send(Arc::new(with)).unwrap();
@@ -2621,7 +2625,7 @@ async fn held_back_chunk_of_a_deleted_circuit(answers: bool) {
     tokio::time::timeout(Duration::from_secs(20), got_rx.recv())
         .await
         .expect("the near site got no request");
-    // One chunk of 12 KiB (one read of the edge's), held back ~3 s at the circuit's rate.
+    // One chunk of 12 KiB (one read of the edge's), held back ~3 s at the circuit's rate (~12 s answering).
     let mut chunk = vec![b'.'; 12 * 1024];
     let at = chunk.len() - 8;
     chunk[at..].copy_from_slice(b"MARKER!!");
@@ -2670,6 +2674,14 @@ async fn held_back_chunk_of_a_deleted_circuit(answers: bool) {
         "tasman_stream_errors_total{node=\"edge\",code=\"circuit_refused\"}",
     );
     assert!(refused.unwrap_or(0) >= 1, "{m}");
+    if answers {
+        // The splice began (it alone counts a stream): the chunk went there, with its hold.
+        assert_eq!(
+            metric(&m, "tasman_streams_total{node=\"edge\"}"),
+            Some(1),
+            "{m}"
+        );
+    }
 }
 
 /// One byte of the site's 2-byte answer came, then nothing (the other split off by a transit

@@ -2557,6 +2557,21 @@ async fn a_chunk_held_back_when_the_site_answers_keeps_its_hold() {
     held_back_chunk_of_a_deleted_circuit(true).await;
 }
 
+/// Waits until `edge` runs snapshot `version`.
+async fn snapshot_applied(edge: &RouterHandle, version: u64) {
+    wait_until(
+        Duration::from_secs(20),
+        || {
+            metric(
+                &edge.metrics_text(),
+                "tasman_snapshot_version{node=\"edge\"}",
+            ) == Some(version)
+        },
+        || edge.metrics_text(),
+    )
+    .await;
+}
+
 /// The chunk's test: `answers`, the near site sends `ok` once the circuit is deleted.
 async fn held_back_chunk_of_a_deleted_circuit(answers: bool) {
     use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
@@ -2607,17 +2622,7 @@ async fn held_back_chunk_of_a_deleted_circuit(answers: bool) {
     let mut with = Snapshot::new(2, Arc::new(t.clone()));
     with.circuits = Arc::new(vec![circuit]);
     etx.send(Arc::new(with)).unwrap();
-    wait_until(
-        Duration::from_secs(20),
-        || {
-            metric(
-                &edge.metrics_text(),
-                "tasman_snapshot_version{node=\"edge\"}",
-            ) == Some(2)
-        },
-        || edge.metrics_text(),
-    )
-    .await;
+    snapshot_applied(&edge, 2).await;
     let mut client = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
@@ -2646,17 +2651,7 @@ async fn held_back_chunk_of_a_deleted_circuit(answers: bool) {
     without.circuits = Arc::new(Vec::new());
     etx.send(Arc::new(without)).unwrap();
     if answers {
-        wait_until(
-            Duration::from_secs(20),
-            || {
-                metric(
-                    &edge.metrics_text(),
-                    "tasman_snapshot_version{node=\"edge\"}",
-                ) == Some(3)
-            },
-            || edge.metrics_text(),
-        )
-        .await;
+        snapshot_applied(&edge, 3).await;
         answer_tx.send(true).unwrap();
     }
     let mut back = Vec::new();

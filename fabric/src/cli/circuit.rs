@@ -1173,6 +1173,21 @@ mod tests {
         }
     }
 
+    /// A wait that ended at its deadline with the circuit still provisioning: exit 1.
+    fn timed_out_provisioning(err: &CmdError) {
+        assert!(
+            matches!(
+                err,
+                CmdError::Timeout {
+                    state: CircuitState::Provisioning,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(err.exit_code(), 1);
+    }
+
     /// A client of `addr` that waits up to 20 s for each answer.
     fn patient_client(addr: std::net::SocketAddr) -> AdminClient {
         AdminClient::new(&AdminArgs {
@@ -1212,17 +1227,7 @@ mod tests {
         )
         .await
         .unwrap_err();
-        assert!(
-            matches!(
-                &err,
-                CmdError::Timeout {
-                    state: CircuitState::Provisioning,
-                    ..
-                }
-            ),
-            "{err}"
-        );
-        assert_eq!(err.exit_code(), 1);
+        timed_out_provisioning(&err);
         assert!(started.elapsed() < Duration::from_secs(10), "{err}");
         held.abort();
     }
@@ -1311,17 +1316,7 @@ mod tests {
         let err = wait(&client, "c-000001", CircuitState::Provisioning, &w, false)
             .await
             .unwrap_err();
-        assert!(
-            matches!(
-                &err,
-                CmdError::Timeout {
-                    state: CircuitState::Provisioning,
-                    ..
-                }
-            ),
-            "{err}"
-        );
-        assert_eq!(err.exit_code(), 1);
+        timed_out_provisioning(&err);
         let n = asked.load(std::sync::atomic::Ordering::SeqCst);
         assert!(n >= 2, "asked {n} time(s)");
         server.abort();

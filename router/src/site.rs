@@ -603,7 +603,11 @@ impl Checker {
         } else {
             self.ok = 0;
             self.fail += 1;
-            (self.fail >= svc.health.unhealthy_after.max(1)).then_some(false)
+            // Not a service unhealthy since the start that was never marked down (a model
+            // server with an HTTP check, still loading): marked, its first pass after a long
+            // load waited out the whole hold-down from its last 503, which the start has none of.
+            let marked = svc.healthy.load(Relaxed) || svc.down_at_ms.load(Relaxed) != 0;
+            (self.fail >= svc.health.unhealthy_after.max(1) && marked).then_some(false)
         }
     }
 }
@@ -1047,6 +1051,20 @@ mod tests {
         svc.mark_down_at(0);
         assert!(!svc.held_down_long_enough(600, hold));
         assert!(svc.held_down_long_enough(30_001, hold));
+        // Failing at the start for longer than `unhealthy_after` checks (a model server still
+        // loading, its health path answering 503) is no mark-down either: healthy at its
+        // `healthy_after`-th pass. (Each failure from the third marked it down again, as
+        // `check_loop` does on `Some(false)`, and it waited out the hold-down after loading.)
+        let mut svc = service();
+        svc.health_check = Some("/health".into());
+        let mut c = Checker::default();
+        for t in [100, 600, 1100, 1600] {
+            if c.observe(&svc, false, t, hold) == Some(false) {
+                svc.mark_down_at(t);
+            }
+        }
+        assert_eq!(c.observe(&svc, true, 2100, hold), None, "up on one check");
+        assert_eq!(c.observe(&svc, true, 2600, hold), Some(true));
     }
 
     /// The serves entry's thresholds decide: down at the first failure with `unhealthy_after:

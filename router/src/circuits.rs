@@ -41,6 +41,16 @@ pub struct EdgeCircuit {
     placed: Vec<NodeId>,
 }
 
+impl EdgeCircuit {
+    /// Whether `dst` is this circuit's VIP (at its port), as a VIP listener's connections see
+    /// it: such a listener carries its own circuit's clients only.
+    pub fn is_vip(&self, dst: Option<SocketAddr>) -> bool {
+        let vip = (self.spec.vip.zip(self.spec.port))
+            .map(|(ip, port)| canonical_sock(SocketAddr::new(ip, port)));
+        vip.is_some() && vip == dst.map(canonical_sock)
+    }
+}
+
 /// What a connection is, after classification.
 #[derive(Debug, Clone)]
 pub enum Classified {
@@ -359,6 +369,31 @@ mod tests {
     /// listener (a VIP's).
     fn by_vip(t: &CircuitTable, client: &str, dest: &str) -> String {
         id(&t.classify(None, client.parse().unwrap(), Some(dest.parse().unwrap())))
+    }
+
+    /// A client of a deleted circuit's VIP (its listener not closed yet) whose address is in
+    /// another circuit's prefix classifies as that circuit: the VIP listener must refuse it
+    /// (`EdgeCircuit::is_vip`), not carry it as another customer's.
+    #[test]
+    fn a_deleted_circuits_vip_client_is_not_another_circuits() {
+        let me = NodeId::new("syd");
+        let c2 = circuit("c-2", "syd", "127.0.0.0/8", "llm", Some("127.77.0.2"), 100);
+        let t = CircuitTable::build(&me, &snap(vec![c2], true), &CircuitTable::default());
+        let dst: SocketAddr = "127.77.0.1:8080".parse().unwrap();
+        let Classified::Circuit(_, other) = t.classify(
+            Some(&ServiceName::new("llm")),
+            "127.1.2.3".parse().unwrap(),
+            Some(dst),
+        ) else {
+            panic!("classified as no circuit");
+        };
+        assert_eq!(other.id, "c-2");
+        assert!(
+            !other.is_vip(Some(dst)),
+            "c-2's VIP is not the deleted one's"
+        );
+        assert!(other.is_vip(Some("127.77.0.2:8080".parse().unwrap())));
+        assert!(!other.is_vip(None));
     }
 
     /// A circuit whose rate changes on its path keeps its limiter (its open connections go on

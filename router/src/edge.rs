@@ -82,6 +82,36 @@ impl Drop for Listeners {
     }
 }
 
+/// The client listeners `topology` asks `node` for, with their service (`None`: the
+/// transparent port): each service's port and the transparent port, on the edge's
+/// `client_address` (127.0.0.1 without one).
+fn wanted_listeners(
+    topology: &topology::Topology,
+    node: &NodeId,
+) -> HashMap<SocketAddr, Option<ServiceName>> {
+    let mut want = HashMap::new();
+    if let Some(me) = topology.node(node.as_str())
+        && me.kind == NodeKind::Edge
+    {
+        // In the IPv4 form of a mapped address (`::ffff:a.b.c.d`, kept with a warning in a
+        // stored text), as validation reads it: bound as written, it failed on a host with
+        // `net.ipv6.bindv6only=1`, and `::ffff:0.0.0.0` was not taken for the wildcard.
+        let ip = me
+            .client_address
+            .map(|ip| ip.to_canonical())
+            .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        for svc in &topology.services {
+            if let Some(port) = svc.port {
+                want.insert(SocketAddr::new(ip, port), Some(svc.name.clone()));
+            }
+        }
+        if let Some(port) = me.transparent_port {
+            want.insert(SocketAddr::new(ip, port), None);
+        }
+    }
+    want
+}
+
 impl Listeners {
     /// Binds what the snapshot asks for and closes the rest. Returns the first bind error (the
     /// other listeners are still brought in line).
@@ -90,20 +120,7 @@ impl Listeners {
         shared: &Arc<Shared>,
         snap: &crate::Snapshot,
     ) -> Result<(), RouterError> {
-        let mut want: HashMap<SocketAddr, Option<ServiceName>> = HashMap::new();
-        if let Some(me) = snap.topology.node(shared.node.as_str())
-            && me.kind == NodeKind::Edge
-        {
-            let ip = me.client_address.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
-            for svc in &snap.topology.services {
-                if let Some(port) = svc.port {
-                    want.insert(SocketAddr::new(ip, port), Some(svc.name.clone()));
-                }
-            }
-            if let Some(port) = me.transparent_port {
-                want.insert(SocketAddr::new(ip, port), None);
-            }
-        }
+        let want = wanted_listeners(&snap.topology, &shared.node);
         self.open.retain(|addr, (svc, h)| match want.get(addr) {
             Some(wanted) => {
                 if svc.load().as_deref() != wanted.as_ref() {
@@ -388,18 +405,28 @@ async fn accept_loop(
         let service = client_service(service, wildcard, dst, |d| {
             shared.routes.load().service_for(d).cloned()
         });
-        let (service, circuit) = match shared.circuits.load().classify(
-            service.as_ref(),
-            client.ip(),
-            dst,
-        ) {
+        let classified = shared
+            .circuits
+            .load()
+            .classify(service.as_ref(), client.ip(), dst);
+        // A circuit VIP's listener carries its own circuit's clients only: its circuit deleted
+        // (the table already without it, the listener not yet closed), a client found by its
+        // prefix on another circuit of the service is not moved onto that one (another
+        // customer's, charged to its rate).
+        let foreign = circuit_vip
+            && match &classified {
+                Classified::Circuit(_, c) => !c.is_vip(dst),
+                Classified::Plain(_) => true,
+                Classified::Refused(_) => false,
+            };
+        if foreign {
+            shared.metrics.error(Code::CircuitRefused);
+            tracing::debug!(node = %shared.node, %client, ?dst, "client of a circuit VIP no circuit holds: refused");
+            splice::reset_tcp(&tcp);
+            continue;
+        }
+        let (service, circuit) = match classified {
             Classified::Circuit(s, c) => (s, Some(c)),
-            Classified::Plain(_) if circuit_vip => {
-                shared.metrics.error(Code::CircuitRefused);
-                tracing::debug!(node = %shared.node, %client, ?dst, "client of a circuit VIP no circuit holds: refused");
-                splice::reset_tcp(&tcp);
-                continue;
-            }
             Classified::Plain(s) => (s, None),
             Classified::Refused(code) => {
                 shared.metrics.error(code);
@@ -1438,6 +1465,28 @@ mod tests {
         assert!(covers(&l, "[fd00::1]:7000"));
         l.close_all();
         assert!(!covers(&l, "10.1.0.1:8443"));
+    }
+
+    /// An IPv4-mapped `client_address` (a stored text's) is listened on in its IPv4 form, as
+    /// validation reads it: `::ffff:0.0.0.0` is the IPv4 wildcard, which covers VIPs on its
+    /// ports. (Bound as written, it failed on hosts with `bindv6only=1`.)
+    #[test]
+    fn a_mapped_client_address_is_listened_on_in_its_ipv4_form() {
+        let text = "version: 1\nnodes:\n\
+             - {id: e, kind: edge, region: r, country: AU, location: {lat: 0, lon: 0}, address: \"127.0.0.1:7000\", client_address: \"::ffff:0.0.0.0\", transparent_port: 15001}\n\
+             - {id: s, kind: site, region: r, country: AU, location: {lat: 0, lon: 0}, address: \"127.0.0.1:7001\", serves: [{service: chat, backend: \"127.0.0.9:9000\", capacity: 10}]}\n\
+             links:\n  - {a: e, b: s, latency: 1ms, capacity: 1Gbps}\n\
+             services:\n  - {name: chat, port: 8443}\n";
+        let t = topology::load_stored(text)
+            .unwrap_or_else(|d| panic!("{d:?}"))
+            .topology;
+        let want = wanted_listeners(&t, &NodeId::new("e"));
+        let mut got: Vec<String> = want.keys().map(ToString::to_string).collect();
+        got.sort();
+        assert_eq!(got, ["0.0.0.0:15001", "0.0.0.0:8443"]);
+        let mut l = Listeners::default();
+        l.wanted.extend(want.keys().copied());
+        assert!(l.covers("10.1.0.1:8443".parse().unwrap()));
     }
 
     #[test]

@@ -617,24 +617,21 @@ async fn stored_snapshot(dir: PathBuf, node: &NodeId) -> Option<FromDisk> {
             None
         }
         // Checked as the controller's snapshots are (limits, names, what the node serves): a
-        // damaged file, or one stored by a release before a check, is not run. (Not an `if let`
-        // guard: those need Rust 1.95, and the workspace builds with 1.91.)
-        Ok(Some(s)) if check_topology(node, &s.topology).is_err() => {
-            if let Err(refusal) = check_topology(node, &s.topology) {
+        // damaged file, or one stored by a release before a check, is not run.
+        Ok(Some(s)) => match check_topology(node, &s.topology).map(|()| {
+            s.topology
+                .node(node.as_str())
+                .map(|n| (n.address, try_bind(n.address)))
+        }) {
+            Err(refusal) => {
                 tracing::warn!(
                     "ignoring the stored snapshot (waiting for the controller's): {}",
                     refusal.reason
                 );
+                None
             }
-            None
-        }
-        Ok(Some(s)) => match s
-            .topology
-            .node(node.as_str())
-            .map(|n| (n.address, try_bind(n.address)))
-        {
-            Some((_, Ok(()))) => Some(FromDisk::Ready(s)),
-            Some((addr, Err(std::io::ErrorKind::AddrNotAvailable))) => {
+            Ok(Some((_, Ok(())))) => Some(FromDisk::Ready(s)),
+            Ok(Some((addr, Err(std::io::ErrorKind::AddrNotAvailable)))) => {
                 tracing::warn!(
                     "node {node}'s QUIC address {addr} in the stored snapshot is not on this host \
                      (yet): running on that snapshot once it is, unless the controller's comes first"
@@ -642,13 +639,13 @@ async fn stored_snapshot(dir: PathBuf, node: &NodeId) -> Option<FromDisk> {
                 Some(FromDisk::Late(s, addr))
             }
             // The router would exit at every start, before the controller could send it another.
-            Some((_, Err(kind))) => {
+            Ok(Some((_, Err(kind)))) => {
                 tracing::warn!(
                     "ignoring the stored snapshot (waiting for the controller's): node {node}'s QUIC address in it cannot be bound on this host: {kind}"
                 );
                 None
             }
-            None => {
+            Ok(None) => {
                 tracing::warn!(node = %node, "stored snapshot does not contain this node; ignoring it");
                 None
             }
@@ -1230,9 +1227,6 @@ async fn converse(
             // Not before a whole frame already told (it would set the contact back).
             if at > shared.last_contact.get() {
                 contacted(shared, at);
-                if shared.stale.swap(false, Ordering::Relaxed) {
-                    tracing::warn!("controller reachable again; snapshot no longer stale");
-                }
             }
         }
         let renew = renew_due(shared);
@@ -1325,9 +1319,6 @@ async fn converse(
                 // node removed, a certificate for another name) grows stale, and says so.
                 if !matches!(msg, ToRouter::Refused { .. }) {
                     contacted(shared, now_ms());
-                    if shared.stale.swap(false, Ordering::Relaxed) {
-                        tracing::warn!("controller reachable again; snapshot no longer stale");
-                    }
                 }
                 // Renewal answers come in the order of the requests: with more than one waiting,
                 // this one is for an earlier request, not `pending`'s.
@@ -2010,9 +2001,12 @@ impl LastContact {
     }
 }
 
-/// The controller was heard from at `now` (unix ms).
+/// The controller was heard from at `now` (unix ms): a stale snapshot is stale no more.
 fn contacted(shared: &Shared, now: u64) {
     shared.last_contact.heard(now);
+    if shared.stale.swap(false, Ordering::Relaxed) {
+        tracing::warn!("controller reachable again; snapshot no longer stale");
+    }
     if let Some(contact) = &shared.contact {
         let every = contact_every(shared.cfg.max_stale).as_millis() as u64;
         let sent = shared.contact_sent_ms.load(Ordering::Relaxed);

@@ -585,6 +585,13 @@ pub(crate) fn page_limit(
     }
 }
 
+/// Whether `token` (trimmed) can be a bearer token: printable ASCII and spaces. The controller
+/// reads any other header value as no token at all; the controller's token files and the
+/// CLI's tokens are both held to it.
+pub fn sendable_token(token: &str) -> bool {
+    token.bytes().all(|b| b == b' ' || b.is_ascii_graphic())
+}
+
 /// The JSON error body of every refused request.
 #[derive(Debug, Serialize)]
 pub struct ApiError {

@@ -282,13 +282,12 @@ impl AdminClient {
             }
             (None, None) => String::new(),
         };
-        // What the controller takes as a token (its own check of its token files): visible
-        // ASCII and spaces. A header value may also hold a tab or bytes past ASCII (a token
+        // What the controller takes as a token ([`crate::admin::sendable_token`], its own
+        // check of its token files): a header may also hold a tab or bytes past ASCII (a token
         // file saved with a byte-order mark), which the controller reads as no token at all: a
-        // 401 that sent the operator looking for a wrong token, not at the file.
-        if !token.bytes().all(|b| b == b' ' || b.is_ascii_graphic())
-            || hyper::header::HeaderValue::from_str(&format!("Bearer {token}")).is_err()
-        {
+        // 401 that sent the operator looking for a wrong token, not at the file. (A header
+        // carries every such token.)
+        if !crate::admin::sendable_token(&token) {
             return Err(ClientError::BadToken);
         }
         // Normally normalised by clap already ([`parse_controller`]); a value built in code

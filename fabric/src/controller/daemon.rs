@@ -211,7 +211,7 @@ fn token_at(path: PathBuf, generate: bool) -> Result<String, DaemonError> {
         Ok(t) if t.trim().is_empty() => Err(DaemonError::EmptyToken { path }),
         // Refused at start rather than answering every request 401: a header carries printable
         // ASCII only (an editor's byte-order mark is no white space to `trim`).
-        Ok(t) if !t.trim().bytes().all(|b| b == b' ' || b.is_ascii_graphic()) => {
+        Ok(t) if !crate::admin::sendable_token(t.trim()) => {
             Err(DaemonError::UnsendableToken { path })
         }
         Ok(t) => Ok(t.trim().to_string()),

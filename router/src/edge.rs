@@ -1062,14 +1062,16 @@ impl Outgoing {
     /// The site stopped the stream: what is pending and the replay not written again on this
     /// try are dropped, and counted so.
     fn drop_rest(&mut self, shared: &Shared, replay: &Replay) {
-        let end = self.replayed_end.min(replay.chunks.len());
-        let unsent: usize = replay.chunks[self.next_replayed.min(end)..end]
-            .iter()
-            .map(Bytes::len)
-            .sum();
-        self.next_replayed = end;
+        let unsent: usize = self.unsent(replay).iter().map(Bytes::len).sum();
+        self.next_replayed = self.replayed_end.min(replay.chunks.len());
         (shared.metrics.bytes_discarded).fetch_add(unsent as u64, Relaxed);
         drop_pending(shared, &mut self.pending);
+    }
+
+    /// The replay's chunks this try has not written again yet.
+    fn unsent<'a>(&self, replay: &'a Replay) -> &'a [Bytes] {
+        let end = self.replayed_end.min(replay.chunks.len());
+        &replay.chunks[self.next_replayed.min(end)..end]
     }
 
     /// With nothing pending: the next replay chunk, else (all written and the client
@@ -1280,13 +1282,8 @@ async fn attempt(
             Ok(())
         }
         Ok(()) => {
-            let end = out.replayed_end.min(replay.chunks.len());
             let mut rest = vec![std::mem::take(&mut out.pending)];
-            rest.extend(
-                replay.chunks[out.next_replayed.min(end)..end]
-                    .iter()
-                    .cloned(),
-            );
+            rest.extend(out.unsent(replay).iter().cloned());
             // The chunk's hold (a circuit's rate) goes with it: not waited out here, it went
             // at line rate, and the circuit was not looked at again.
             let until = hold.as_ref().map(|h| h.deadline());

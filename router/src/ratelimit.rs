@@ -201,9 +201,7 @@ impl TokenBucket {
         }
         Ok(())
     }
-}
 
-impl TokenBucket {
     /// For a chunk charged already (read before the splice, and held back until `until` by
     /// the charge): waits until then on `pace`'s timer, then says whether the circuit is still
     /// there, as [`TokenBucket::take`] does after its wait.

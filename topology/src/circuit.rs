@@ -1262,23 +1262,19 @@ pub fn allocate_vip(
                     },
                 });
             };
+            // Each pool's own refusal; the only one's is the answer as it is.
             let mut full = Vec::new();
             for p in std::iter::once(first).chain(family) {
                 match allocate_vip(topo, Some(p.name.as_str()), clients, used) {
-                    Err(PoolError::Exhausted { .. }) => full.push(p.name.clone()),
+                    Err(e @ PoolError::Exhausted { .. }) => full.push((p.name.clone(), e)),
                     r => return r,
                 }
             }
             return Err(match full.len() {
-                1 => PoolError::Exhausted {
-                    pool: first.name.clone(),
-                    prefix: first.prefix,
-                    usable: {
-                        let (lo, hi) = usable_range(first.prefix);
-                        addr_u128(hi) - addr_u128(lo) + 1
-                    },
+                1 => full.remove(0).1,
+                _ => PoolError::AllExhausted {
+                    pools: full.into_iter().map(|(name, _)| name).collect(),
                 },
-                _ => PoolError::AllExhausted { pools: full },
             });
         }
         Some(name) => topo

@@ -359,13 +359,10 @@ pub struct Controller {
     /// The largest snapshot published, in bytes: [`proto::MAX_TO_ROUTER`], a router's frame
     /// limit (tests lower it, [`Controller::set_snapshot_limit`]).
     snapshot_limit: AtomicUsize,
-    /// Tests: an apply's plan panics.
-    #[cfg(test)]
-    pub(crate) plan_panics: std::sync::atomic::AtomicBool,
     /// Tests: run once by an apply just before it commits.
     #[cfg(test)]
     before_commit: Mutex<Option<Box<dyn FnOnce() + Send>>>,
-    /// Tests: taken by the next apply's plan, which runs it first (it may block).
+    /// Tests: taken by the next apply's plan, which runs it first (it may block, or panic).
     #[cfg(test)]
     plan_gate: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
@@ -571,8 +568,6 @@ impl Controller {
             last_session: AtomicU64::new(0),
             snapshot_limit: AtomicUsize::new(proto::MAX_TO_ROUTER),
             #[cfg(test)]
-            plan_panics: false.into(),
-            #[cfg(test)]
             before_commit: Mutex::new(None),
             #[cfg(test)]
             plan_gate: Mutex::new(None),
@@ -685,8 +680,6 @@ impl Controller {
         // informational, it never blocks an apply; so a real apply commits and distributes
         // first and computes the plan while routers are already applying the new version.
         #[cfg(test)]
-        let plan_panics = self.plan_panics.load(Relaxed);
-        #[cfg(test)]
         let plan_gate = lock(&self.plan_gate).take();
         // The plan, on both sides from one instant's observations: those merged above for a
         // dry run or an unchanged text, those of the instant the new version is published for
@@ -695,8 +688,6 @@ impl Controller {
         let plan_with = {
             let (old_topology, new_topology) = (old.topology.clone(), topology.clone());
             move |(live, new_live, incumbents, margins): Observed| {
-                #[cfg(test)]
-                assert!(!plan_panics, "injected failure of the plan");
                 #[cfg(test)]
                 if let Some(gate) = plan_gate {
                     gate();
@@ -1707,7 +1698,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(RedbStore::open(dir.path()).unwrap());
         let ctl = Controller::open(store, Some((&yaml("5ms"), "t.yaml"))).unwrap();
-        ctl.plan_panics.store(true, Relaxed);
+        *lock(&ctl.plan_gate) = Some(Box::new(|| panic!("injected failure of the plan")));
         let out = ctl
             .apply(&yaml("50ms"), "me", "", Origin::Apply, false, None)
             .await

@@ -887,14 +887,13 @@ pub fn admit(
         b_end: spec.b_end.clone(),
         rate: spec.rate,
     };
-    let port = topo
-        .service(spec.b_end.service.as_str())
-        .and_then(|s| s.port.or(s.vips.first().map(|v| v.port)));
+    let service = topo.service(spec.b_end.service.as_str());
+    let port = service.and_then(|s| s.port.or(s.vips.first().map(|v| v.port)));
     // The edge serves a circuit at its VIP and this port: without one, nothing would reach the
     // circuit while it held its capacity. Checked before placement and pools: a mistake in the
     // request (422) whatever the fabric's state (a full fabric answered 409, which clients
     // retry). An unknown service is placement's to name.
-    if port.is_none() && topo.service(spec.b_end.service.as_str()).is_some() {
+    if port.is_none() && service.is_some() {
         return Err(CircuitError::Invalid(format!(
             "b_end.service: service {:?} has no port and no vips, so a circuit's VIP would have \
              no port to be reached at (give the service a port in the topology)",

@@ -849,6 +849,16 @@ fn a_router_refused_before_its_first_snapshot_takes_up_a_reissued_certificate() 
     });
     let mut router = router;
     let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    // Said at start, naming the file (not only once a first snapshot came, which the
+    // controller's refusal keeps from coming).
+    eventually(DEADLINE, "the start-up warning", || {
+        log().contains("starting with a certificate the controller and neighbours will refuse")
+    });
+    assert!(
+        log().contains("e1.pem") && log().contains("expired"),
+        "{}",
+        log()
+    );
     eventually(
         DEADLINE,
         "the controller to refuse the expired certificate",
@@ -877,5 +887,39 @@ fn a_router_refused_before_its_first_snapshot_takes_up_a_reissued_certificate() 
             }
             http_get(metrics, "/metrics").is_some()
         },
+    );
+}
+
+/// A router in controller mode whose `--tls-dir` holds another node's certificate under its own
+/// name does not start: exit 2 before the controller is dialled, the error naming the file and
+/// both names (the controller would refuse the session, and the router waited for a first
+/// snapshot for ever).
+#[test]
+fn a_router_in_controller_mode_with_another_nodes_certificate_does_not_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pki, ctl) = fabric_controller(dir.path(), "e1");
+    let own = dir.path().join("own");
+    std::fs::create_dir(&own).unwrap();
+    std::fs::copy(pki.join("ca.pem"), own.join("ca.pem")).unwrap();
+    for ext in ["pem", "key"] {
+        std::fs::copy(
+            pki.join(format!("controller.{ext}")),
+            own.join(format!("e1.{ext}")),
+        )
+        .unwrap();
+    }
+    let log_path = dir.path().join("e1.log");
+    let mut router = controlled_router(&ctl, "e1", &own, &log_path, |_| {});
+    let mut status = None;
+    eventually(DEADLINE, "the router to exit", || {
+        status = router.child.try_wait().ok().flatten();
+        status.is_some()
+    });
+    let status = status.expect("exited");
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(
+        log.contains("e1.pem") && log.contains("is for controller, not for node e1"),
+        "{log}"
     );
 }

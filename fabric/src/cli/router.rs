@@ -611,10 +611,18 @@ fn run_with_controller(args: &RouterArgs, controller: SocketAddr) -> ExitCode {
             }
         };
         // Another node's files are refused before the controller is dialled (it would refuse
-        // the session, and the router waited for a first snapshot for ever).
-        if let Err(why) = cert.at_start() {
-            eprintln!("error: {}: {why}", cert.cert_path().display());
-            return ExitCode::from(2);
+        // the session, and the router waited for a first snapshot for ever). One the controller
+        // will refuse for another reason (expired, another CA) is said now, not only once a
+        // first snapshot came (which that refusal keeps from coming).
+        match cert.at_start() {
+            Ok(None) => {}
+            Ok(Some(why)) => tracing::warn!(node = %args.node, path = %cert.cert_path().display(),
+                "starting with a certificate the controller and neighbours will refuse: {why} (a \
+                 re-issued pair is taken up when it is copied in)"),
+            Err(why) => {
+                eprintln!("error: {}: {why}", cert.cert_path().display());
+                return ExitCode::from(2);
+            }
         }
         // Re-read from now on, not from the router's start: a router the controller refuses
         // (an expired certificate, a bundle without the controller's new CA) gets no first

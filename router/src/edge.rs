@@ -825,6 +825,9 @@ async fn tries(
         break None;
     };
     if accepted.is_none() {
+        if let Some(c) = circuit {
+            give_back_hold(&c.limiter.up, &hold);
+        }
         if made == 0 && last != Code::CircuitRefused {
             shared.metrics.error(Code::NoRoute);
         }
@@ -956,9 +959,14 @@ fn write_failed(e: WriteError) -> Attempt {
     }
 }
 
-/// A circuit's rate limit holding a chunk back. Boxed, as in `TokenBucket::take`: a timer
-/// inline would grow every client's attempt, circuit or not, by its size.
-type Hold = Pin<Box<Sleep>>;
+/// A circuit's rate limit holding a chunk back: its timer, boxed as in `TokenBucket::take` (a
+/// timer inline would grow every client's attempt, circuit or not, by its size), and what the
+/// chunk was charged (ns), given back if the connection ends before its hold did
+/// ([`give_back_hold`]).
+struct Hold {
+    timer: Pin<Box<Sleep>>,
+    cost: u64,
+}
 
 /// Takes `n` bytes from `bucket` and sets `hold` to the wait before they may be sent, if any
 /// (its timer reset in place when it has one: one allocation per connection, not per chunk
@@ -968,7 +976,7 @@ fn held_back(bucket: &TokenBucket, n: usize, hold: &mut Option<Hold>) -> Result<
     if bucket.is_revoked() {
         return Err(Revoked);
     }
-    let wait = bucket.reserve(n);
+    let (wait, cost) = bucket.reserve_cost(n);
     if wait.is_zero() {
         // Left as it is: elapsed (a chunk is read only once the last one went), it is ready at
         // once when awaited; reset to now, it would wait for the timer's next tick (up to
@@ -977,10 +985,31 @@ fn held_back(bucket: &TokenBucket, n: usize, hold: &mut Option<Hold>) -> Result<
     }
     let until = tokio::time::Instant::now() + wait;
     match hold {
-        Some(h) => h.as_mut().reset(until),
-        None => *hold = Some(Box::pin(tokio::time::sleep_until(until))),
+        Some(h) => {
+            h.timer.as_mut().reset(until);
+            h.cost = cost;
+        }
+        None => {
+            *hold = Some(Hold {
+                timer: Box::pin(tokio::time::sleep_until(until)),
+                cost,
+            })
+        }
     }
     Ok(())
+}
+
+/// A client connection that no try carried: the chunk its circuit's rate still holds back was
+/// never written (a try writes it only once the hold is over), so its charge is given back, as
+/// the splice's waits give theirs ([`TokenBucket::wait_paid`]). Kept, it held up every other
+/// connection of the circuit for its time (a slow circuit's clients failing while its sites were
+/// down left it idle for seconds each once they came back).
+fn give_back_hold(bucket: &TokenBucket, hold: &Option<Hold>) {
+    if let Some(h) = hold
+        && h.timer.deadline() > tokio::time::Instant::now()
+    {
+        bucket.refund(h.cost);
+    }
 }
 
 /// Waits out `hold`, then hands quinn as much of `pending` as its flow control takes now, cut
@@ -1005,7 +1034,7 @@ async fn forward(
 ) -> Result<usize, Forward> {
     if let Some(h) = hold {
         // Kept once elapsed (ready at once when awaited again), for the next chunk held back.
-        h.as_mut().await;
+        h.timer.as_mut().await;
         if circuit.is_some_and(TokenBucket::is_revoked) {
             return Err(Forward::Revoked);
         }
@@ -1286,7 +1315,7 @@ async fn attempt(
             rest.extend(out.unsent(replay).iter().cloned());
             // The chunk's hold (a circuit's rate) goes with it: not waited out here, it went
             // at line rate, and the circuit was not looked at again.
-            let until = hold.as_ref().map(|h| h.deadline());
+            let until = hold.as_ref().map(|h| h.timer.deadline());
             buf.queue(rest, out.uncounted, until);
             Ok(())
         }

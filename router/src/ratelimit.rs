@@ -139,7 +139,7 @@ impl TokenBucket {
     }
 
     /// [`TokenBucket::reserve`], and what it charged (ns at the rate then).
-    fn reserve_cost(&self, bytes: usize) -> (Duration, u64) {
+    pub fn reserve_cost(&self, bytes: usize) -> (Duration, u64) {
         let cost = bytes_to_ns(bytes as u64, self.bps.load(Ordering::Relaxed));
         let burst = self.burst_ns.load(Ordering::Relaxed);
         let now = self.now_ns();
@@ -164,7 +164,7 @@ impl TokenBucket {
     /// Gives back `cost` ns charged for bytes that will never be sent (the wait for them was
     /// given up). Those reserved after them keep their waits; the next reservation gets the
     /// time back. One CAS loop.
-    fn refund(&self, cost: u64) {
+    pub fn refund(&self, cost: u64) {
         let mut cur = self.tat_ns.load(Ordering::Relaxed);
         loop {
             let next = cur.saturating_sub(cost);

@@ -2679,6 +2679,87 @@ async fn held_back_chunk_of_a_deleted_circuit(answers: bool) {
     }
 }
 
+/// A circuit's client connection that no try carries (its site resets the try with a code not
+/// to be retried) while the circuit's rate still holds its chunk back gives that chunk's charge
+/// back: the circuit's next connection is not held up for bytes that were never sent. (The
+/// charge was kept: the next client waited out the failed one's hold, ~25 s here.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_fails_during_its_hold_gives_its_charge_back() {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let port = free_tcp_port();
+    let mut t = two_sites(backend, port, false);
+    t.services[0].requires_circuit = true;
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    // The near site: the first stream is reset (`backend_abort`, not retried elsewhere) once the
+    // test says so; the second says when its request came.
+    let streams = Arc::new(AtomicUsize::new(0));
+    let (got_tx, mut got_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (fail_tx, fail_rx) = tokio::sync::watch::channel(false);
+    let _near = fake_near(dir.path(), &t, move |mut send, mut recv| {
+        let (streams, got) = (streams.clone(), got_tx.clone());
+        let mut fail = fail_rx.clone();
+        async move {
+            let k = streams.fetch_add(1, SeqCst);
+            let _ = read_until(&mut recv, |b| holds(b, b"request")).await;
+            let _ = got.send(k);
+            if k == 0 {
+                let _ = fail.wait_for(|f| *f).await;
+                let _ = send.reset(router::codes::Code::BackendAbort.varint());
+                let _ = recv.stop(router::codes::Code::BackendAbort.varint());
+            }
+            read_until(&mut recv, |_| false).await;
+        }
+    });
+    let (edge, etx) = spawn_node(&snap, dir.path(), "edge", |c| {
+        c.reply_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let (_far, _ftx) = spawn_node(&snap, dir.path(), "far", |_| {}).await;
+    edge_prefers_near_with_far_as_fallback(&edge).await;
+    // 4 kbit/s (500 B/s), from now: next to no credit earned.
+    let circuit = local_circuit(port, topology::Bandwidth::from_bps(4_000));
+    let mut with = Snapshot::new(2, Arc::new(t.clone()));
+    with.circuits = Arc::new(vec![circuit]);
+    etx.send(Arc::new(with)).unwrap();
+    snapshot_applied(&edge, 2).await;
+    let mut first = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    first.write_all(b"request").await.unwrap();
+    let k = tokio::time::timeout(Duration::from_secs(20), got_rx.recv()).await;
+    assert_eq!(k.ok().flatten(), Some(0), "the near site got no request");
+    // One chunk of 12 KiB (one read of the edge's), held back ~25 s at the circuit's rate.
+    first.write_all(&[b'.'; 12 * 1024]).await.unwrap();
+    let me = first.local_addr().unwrap().port();
+    wait_until(
+        Duration::from_secs(20),
+        || tcp_queues(me, port) == Some((0, 0)) && tcp_queues(port, me) == Some((0, 0)),
+        || format!("{:?} {:?}", tcp_queues(me, port), tcp_queues(port, me)),
+    )
+    .await;
+    // The site resets the try during the hold: the connection ends, not retried.
+    fail_tx.send(true).unwrap();
+    let mut back = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), first.read_to_end(&mut back))
+        .await
+        .expect("the first connection stayed open");
+    assert!(back.is_empty(), "answered: {back:?}");
+    // The next connection's request goes at once, not after the first one's hold.
+    let mut second = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    second.write_all(b"request").await.unwrap();
+    let k = tokio::time::timeout(Duration::from_secs(10), got_rx.recv()).await;
+    assert_eq!(
+        k.ok().flatten(),
+        Some(1),
+        "the second connection's request was held back by the first one's unsent chunk"
+    );
+}
+
 /// One byte of the site's 2-byte answer came, then nothing (the other split off by a transit
 /// or lost): the site had its backend connected, so the try is not retried on another site at
 /// the reply deadline: the client is reset, and no other backend gets the request. (Only a

@@ -67,8 +67,8 @@ impl Diagnostic {
     /// and `warnings` it left out (an error if any error was).
     pub(crate) fn not_shown(errors: usize, warnings: usize) -> Self {
         let message = format!(
-            "{} more problems not shown ({errors} errors, {warnings} warnings): only the first {} \
-             by position are listed",
+            "{} more problems not shown ({errors} errors, {warnings} warnings): only {} are \
+             listed, errors first",
             errors + warnings,
             crate::MAX_DIAGNOSTICS
         );

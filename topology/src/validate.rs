@@ -73,9 +73,10 @@ impl fmt::Display for Of<'_> {
 }
 
 struct Cx {
-    /// The first [`MAX_DIAGNOSTICS`] by position (the greatest on top, to be dropped for a
-    /// smaller one), so that a document with millions of problems holds a thousand.
-    diags: BinaryHeap<Diagnostic>,
+    /// [`MAX_DIAGNOSTICS`] kept, so that a document with millions of problems holds a
+    /// thousand: errors before warnings, then the first by position ([`Kept`]; the one to drop
+    /// for a better one on top).
+    diags: BinaryHeap<Kept>,
     /// Every error found, kept or not: the document is invalid if any.
     errors: usize,
     /// Dropped past [`MAX_DIAGNOSTICS`]: errors and warnings.
@@ -138,13 +139,13 @@ impl Cx {
     fn warn(&mut self, pos: Pos, msg: impl Into<String>) {
         self.push(Diagnostic::warning(pos.line, pos.column, msg));
     }
-    /// Keeps `d` if it is among the first [`MAX_DIAGNOSTICS`] by position so far, and counts
-    /// the one dropped.
+    /// Keeps `d` if it is among the [`MAX_DIAGNOSTICS`] kept so far ([`Kept`]), and counts the
+    /// one dropped.
     fn push(&mut self, d: Diagnostic) {
         self.errors += usize::from(d.is_error());
-        self.diags.push(d);
+        self.diags.push(Kept(d));
         if self.diags.len() > MAX_DIAGNOSTICS
-            && let Some(last) = self.diags.pop()
+            && let Some(Kept(last)) = self.diags.pop()
         {
             if last.is_error() {
                 self.dropped.0 += 1;
@@ -155,12 +156,31 @@ impl Cx {
     }
     /// The diagnostics kept, sorted, and then one counting those dropped (an error if any was).
     fn finish(self) -> Vec<Diagnostic> {
-        let mut diags = self.diags.into_sorted_vec();
+        let mut diags: Vec<Diagnostic> = self.diags.into_iter().map(|k| k.0).collect();
+        diags.sort();
         let (errors, warnings) = self.dropped;
         if errors + warnings > 0 {
             diags.push(Diagnostic::not_shown(errors, warnings));
         }
         diags
+    }
+}
+
+/// A diagnostic as a capped list ranks it: an error above any warning (a file refused for an
+/// error shows where it is, however many warnings come before it), then by position. The
+/// greatest is dropped first.
+#[derive(Debug, PartialEq, Eq)]
+struct Kept(Diagnostic);
+
+impl Ord for Kept {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (!self.0.is_error(), &self.0).cmp(&(!other.0.is_error(), &other.0))
+    }
+}
+
+impl PartialOrd for Kept {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
     }
 }
 
@@ -1743,7 +1763,7 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
         pool_entries.push(PoolEntry {
             name,
             what,
-            prefix_diags: aside.diags.into_vec(),
+            prefix_diags: aside.diags.into_iter().map(|k| k.0).collect(),
             prefix,
         });
     }

@@ -517,8 +517,8 @@ fn diagnostics_stop_at_a_limit_and_count_the_rest() {
     assert_eq!((last.line, last.column), (0, 0));
     assert_eq!(
         last.message,
-        "999002 more problems not shown (999001 errors, 1 warnings): only the first 1000 by \
-         position are listed"
+        "999002 more problems not shown (999001 errors, 1 warnings): only 1000 are listed, \
+         errors first"
     );
     // The ones shown are the first: the site's first serves entries, in order.
     assert!(d[..MAX_DIAGNOSTICS].windows(2).all(|w| w[0] <= w[1]));
@@ -575,4 +575,41 @@ fn a_residency_repeating_one_entry_is_read_once() {
     eprintln!("validated in {took:?}");
     let (countries, _) = loaded.unwrap_or_else(|d| panic!("{:?}", &d[..d.len().min(3)]));
     assert_eq!(countries, 1, "the repeats kept");
+}
+
+/// A refused file whose warnings alone would fill the list shows its errors all the same, at
+/// their line and column: errors are kept before warnings. (The first 1,000 by position were
+/// kept: 1,001 edges without a `client_address` before a bad link showed 1,000 warnings, and
+/// the error only as a count.)
+#[test]
+fn errors_are_listed_however_many_warnings_come_before_them() {
+    let mut text = String::from("version: 1\nnodes:\n");
+    for i in 0..1_001 {
+        text.push_str(&format!(
+            "  - {{id: e{i}, kind: edge, region: r, country: AU, location: {{lat: 0, lon: 0}}, \
+             address: \"127.0.{}.{}:7000\", transparent_port: 15001}}\n",
+            i / 250,
+            i % 250 + 1
+        ));
+    }
+    text.push_str(
+        "  - {id: s, kind: site, region: r, country: AU, location: {lat: 0, lon: 0}, \
+         address: \"127.1.0.1:7000\", serves: [{service: chat, backend: \"127.1.0.1:80\", \
+         capacity: 10}]}\nservices:\n  - {name: chat, vips: [\"10.9.9.9:443\"]}\n\
+         links:\n  - {a: e0, b: s, latency: fast, capacity: 1Gbps}\n",
+    );
+    let d = refused(&text);
+    let warnings = d.iter().filter(|x| !x.is_error()).count();
+    assert!(
+        warnings >= 900,
+        "the test needs the warnings to fill the list: {warnings}"
+    );
+    let bad = d
+        .iter()
+        .find(|x| x.is_error() && x.line > 0)
+        .unwrap_or_else(|| panic!("no error located: {:?}", &d[d.len() - 2..]));
+    assert!(bad.message.contains("latency"), "{bad}");
+    // Still listed in position order.
+    let shown = &d[..d.len() - 1];
+    assert!(shown.windows(2).all(|w| w[0] <= w[1]));
 }

@@ -126,12 +126,15 @@ impl Neighbour {
         (path, self.lost_shown.fetch_max(v, SeqCst).max(v))
     }
     /// The live connection's path statistics and the packets lost on the connections this
-    /// router dialled, ended and live.
+    /// router dialled, ended and live. The live one is the dialer's, up or not: a neighbour in
+    /// its hold-down, whose connection is open and answering probes, shows the loss and path MTU
+    /// measured on it (read only while it was up, they stood still while the hold-down ran, the
+    /// time an operator looks at loss, then jumped once it ended).
     fn dialled_lost(&self) -> (Option<quinn::PathStats>, u64) {
         // The ended connections' first: a connection that ends between the two reads is then
         // counted in neither (shown no lower than before, in `path`), never in both.
         let before = self.lost_before.load(SeqCst);
-        let path = self.connection().map(|c| c.stats().path);
+        let path = self.live.load_full().map(|c| c.stats().path);
         (
             path,
             before.saturating_add(path.map_or(0, |p| p.lost_packets)),

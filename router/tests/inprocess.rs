@@ -2548,6 +2548,75 @@ async fn a_flapping_neighbour_stays_down_until_it_answers_for_a_whole_hold_down(
     }
 }
 
+/// A neighbour in its hold-down, its connection open and answering probes, shows the loss and
+/// the path MTU measured on that connection. (Read only while it was up, they stood still for
+/// the whole hold-down, the MTU at 0, and the loss jumped once the connection ended.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_neighbour_in_its_hold_down_shows_its_connections_loss_and_mtu() {
+    use router::netem::LinkProfile;
+    let dir = ca_dir();
+    let backend = tracked_echo_backend().await;
+    let (hs, _txs, link, _port) = line_via_emulator(dir.path(), backend.addr, |cfg| {
+        cfg.probe.hold_down = Duration::from_secs(600);
+    })
+    .await;
+    let transit = node(&hs, "transit");
+    wait_until(
+        Duration::from_secs(20),
+        || neighbour_up(transit, "site"),
+        || format!("site never up at the transit: {:?}", transit.telemetry()),
+    )
+    .await;
+    // Short cuts (shorter than the 1 s of silence that ends a connection) until one is a down
+    // verdict: the site is in its hold-down, its connection still open.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while transit_downs(transit) == 0 {
+        assert!(Instant::now() < deadline, "no down verdict");
+        link.cut_for(Duration::from_millis(350));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let site = || {
+        transit
+            .telemetry()
+            .neighbours
+            .into_iter()
+            .find(|n| n.id.as_str() == "site")
+            .expect("the site is a neighbour of the transit")
+    };
+    wait_until(
+        Duration::from_secs(10),
+        || site().path_mtu > 0,
+        || format!("no path MTU during the hold-down: {:?}", site()),
+    )
+    .await;
+    let before = lost_packets(transit, "site");
+    link.set_profile(LinkProfile {
+        loss: 0.3,
+        ..LinkProfile::delay(topology::Latency::ZERO)
+    });
+    wait_until(
+        Duration::from_secs(30),
+        || lost_packets(transit, "site") >= before + 3 && site().lost_packets >= before + 3,
+        || {
+            format!(
+                "no loss counted during the hold-down: {before} then {:?}",
+                site()
+            )
+        },
+    )
+    .await;
+    assert!(!site().up, "the site came up during its hold-down");
+    assert_eq!(
+        transit_downs(transit),
+        1,
+        "the connection ended: {:?}",
+        site()
+    );
+    for h in hs {
+        h.shutdown().await;
+    }
+}
+
 /// The drain is bounded: a connection still open at the drain timeout is cut, and the shutdown
 /// completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -168,7 +168,7 @@ fn changes(s: &mut String, kind: &str, what: &str, n: ChangeCount) {
         &name,
         "counter",
         &format!(
-            "{what} since the controller started: accepted (committed), or rejected (invalid, conflicting or failed); dry runs are not counted."
+            "{what} since the controller started: accepted (committed and distributed), or rejected (invalid, conflicting, failed, or committed but not distributed); dry runs are not counted."
         ),
     );
     for (result, v) in [("accepted", n.accepted), ("rejected", n.rejected)] {

@@ -759,9 +759,6 @@ fn eligible_sites(
                 known: edges,
             });
         }
-        Some(n) if n.state == AdminState::Down => {
-            return Err(PlacementError::EdgeDown { node: edge.clone() });
-        }
         Some(_) => {}
     }
     let Some(service) = topo.service(b.service.as_str()) else {
@@ -798,6 +795,15 @@ fn eligible_sites(
                 regions: b.regions.clone(),
             });
         }
+    }
+    // The fabric's state, after the request's own mistakes (an unknown service, a pinned site
+    // that does not serve it: 422 whatever the state; behind this, a misspelt service came back
+    // as a 409 a client retries for as long as the edge stayed down).
+    if topo
+        .node(edge.as_str())
+        .is_some_and(|n| n.state == AdminState::Down)
+    {
+        return Err(PlacementError::EdgeDown { node: edge.clone() });
     }
     let no_site = |reason: String| PlacementError::NoEligibleSite {
         service: service.name.clone(),
@@ -1169,6 +1175,18 @@ pub enum PoolError {
         clients_v4: bool,
         known: Vec<PoolName>,
     },
+}
+
+impl PoolError {
+    /// A mistake in the request (a pool the topology does not have, or one of the other family
+    /// than the prefix), not the fabric's state (no pools of the family, or none with an
+    /// address free): refused as such (422) whatever the fabric's state.
+    pub fn in_request(&self) -> bool {
+        matches!(
+            self,
+            PoolError::UnknownPool { .. } | PoolError::Family { .. }
+        )
+    }
 }
 
 /// "IPv4" or "IPv6".

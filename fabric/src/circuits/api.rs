@@ -61,13 +61,9 @@ impl From<ServiceError> for ApiError {
             // A pool the topology does not have, or one of the other family than the prefix, is
             // a mistake in the request, as an unknown edge or service is; no pools (of the
             // prefix's family), or none with an address free, is the fabric's state.
-            ServiceError::Circuit(CircuitError::Pool(p)) => match p {
-                topology::circuit::PoolError::UnknownPool { .. }
-                | topology::circuit::PoolError::Family { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-                topology::circuit::PoolError::NoPools
-                | topology::circuit::PoolError::NoPoolOfFamily { .. }
-                | topology::circuit::PoolError::Exhausted { .. }
-                | topology::circuit::PoolError::AllExhausted { .. } => StatusCode::CONFLICT,
+            ServiceError::Circuit(CircuitError::Pool(p)) => match p.in_request() {
+                true => StatusCode::UNPROCESSABLE_ENTITY,
+                false => StatusCode::CONFLICT,
             },
             // The fabric's state, as a pool with no address free is.
             ServiceError::Circuit(CircuitError::Conflict(_) | CircuitError::TooLarge { .. }) => {

@@ -900,14 +900,21 @@ pub fn admit(
             spec.b_end.service.as_str()
         )));
     }
-    let placement = placement::place(topo, &reservations(circuits), &req)?;
     let used: BTreeSet<IpAddr> = circuits
         .iter()
         .filter(|c| c.state.holds_capacity())
         .filter_map(|c| c.vip)
         .collect();
-    let (pool, vip) =
-        placement::allocate_vip(topo, spec.pool.as_deref(), spec.a_end.prefix, &used)?;
+    // The pool named, before placement: a misspelt one, or one of the other family, is the
+    // request's mistake (422) however full the fabric is (a full fabric answered 409, naming a
+    // link's capacity, for as long as it stayed full). A pool with no address free is the
+    // fabric's state, told after placement's.
+    let vip = match placement::allocate_vip(topo, spec.pool.as_deref(), spec.a_end.prefix, &used) {
+        Err(e) if e.in_request() => return Err(e.into()),
+        v => v,
+    };
+    let placement = placement::place(topo, &reservations(circuits), &req)?;
+    let (pool, vip) = vip?;
     Ok(Admission {
         placement,
         pool,
@@ -1662,6 +1669,70 @@ pub(crate) mod tests {
         let err = admit(&t, &[], &wide).unwrap_err();
         assert!(
             matches!(&err, CircuitError::Invalid(m) if m.contains("has no port and no vips")),
+            "{err}"
+        );
+    }
+
+    /// A mistake in the request (a misspelt pool or service, a pool of the other family, a
+    /// pinned site that does not serve the service) is refused as such (422) whatever the
+    /// fabric's state: no path with room for the rate, or the edge down. (A full fabric answered
+    /// 409 for a misspelt pool, and a down edge 409 for a misspelt service: refusals a client
+    /// retries for as long as the state lasts, naming something other than the mistake.)
+    #[test]
+    fn a_mistake_in_the_request_is_told_whatever_the_fabrics_state() {
+        use topology::circuit::{PlacementError, PoolError};
+        let t = topo(true);
+        // No path carries 5 Gbit/s (the links have 1).
+        let mut typo = spec("acme", "10.1.0.0/24", "5Gbps");
+        typo.pool = Some("vipz".into());
+        let err = admit(&t, &[], &typo).unwrap_err();
+        assert!(
+            matches!(&err, CircuitError::Pool(PoolError::UnknownPool { .. })),
+            "{err}"
+        );
+        let mut v6 = spec("acme", "2001:db8::/48", "5Gbps");
+        v6.pool = Some("vips".into());
+        let err = admit(&t, &[], &v6).unwrap_err();
+        assert!(
+            matches!(&err, CircuitError::Pool(PoolError::Family { .. })),
+            "{err}"
+        );
+        // Without a pool named, the rate is the answer.
+        let err = admit(&t, &[], &spec("acme", "10.1.0.0/24", "5Gbps")).unwrap_err();
+        assert!(matches!(&err, CircuitError::Placement(_)), "{err}");
+        // The edge down: a misspelt service, or a pinned site that does not serve it.
+        let text = yaml("127.79.0.0/26", true).replace(
+            "address: \"127.0.0.1:7000\", client_address",
+            "address: \"127.0.0.1:7000\", state: down, client_address",
+        );
+        let down = crate::controller::validate(&text).unwrap().0;
+        let mut svc = spec("acme", "10.1.0.0/24", "1Mbps");
+        svc.b_end.service = topology::ServiceName::new("chta");
+        let err = admit(&down, &[], &svc).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                CircuitError::Placement(PlacementError::UnknownService { .. })
+            ),
+            "{err}"
+        );
+        let mut pinned = spec("acme", "10.1.0.0/24", "1Mbps");
+        pinned.b_end.sites = vec![NodeId::new("t")];
+        let err = admit(&down, &[], &pinned).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                CircuitError::Placement(PlacementError::SiteDoesNotServe { .. })
+            ),
+            "{err}"
+        );
+        // A request with no mistake: the edge's state is the answer.
+        let err = admit(&down, &[], &spec("acme", "10.1.0.0/24", "1Mbps")).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                CircuitError::Placement(PlacementError::EdgeDown { .. })
+            ),
             "{err}"
         );
     }

@@ -1315,7 +1315,7 @@ async fn attempt(
             rest.extend(out.unsent(replay).iter().cloned());
             // The chunk's hold (a circuit's rate) goes with it: not waited out here, it went
             // at line rate, and the circuit was not looked at again.
-            let until = hold.as_ref().map(|h| h.timer.deadline());
+            let until = hold.as_ref().map(|h| (h.timer.deadline(), h.cost));
             buf.queue(rest, out.uncounted, until);
             Ok(())
         }

@@ -202,22 +202,21 @@ impl TokenBucket {
         Ok(())
     }
 
-    /// For a chunk charged already (read before the splice, and held back until `until` by
-    /// the charge): waits until then on `pace`'s timer, then says whether the circuit is still
-    /// there, as [`TokenBucket::take`] does after its wait.
+    /// For chunks charged already (read before the splice): `hold`, until when the charge of
+    /// the one held back holds them, and what it was charged (ns, [`TokenBucket::reserve_cost`]).
+    /// Waits until then on `pace`'s timer, then says whether the circuit is still there, as
+    /// [`TokenBucket::take`] does after its wait.
     ///
-    /// Dropped during its wait, it gives the `bytes`' charge back, as [`TokenBucket::take`]
-    /// does (at the rate now).
+    /// Dropped during its wait, it gives that charge back, as [`TokenBucket::take`] does: the
+    /// held chunk's, which need not be the first waiting (a retry's replay goes before it).
     pub async fn wait_paid(
         &self,
-        bytes: usize,
-        until: Option<Instant>,
+        hold: Option<(Instant, u64)>,
         pace: &mut Pace,
     ) -> Result<(), Revoked> {
-        if let Some(until) = until {
+        if let Some((until, cost)) = hold {
             let now = Instant::now();
             if until > now {
-                let cost = bytes_to_ns(bytes as u64, self.bps.load(Ordering::Relaxed));
                 let refund = Refund(self, cost);
                 pace.wait(until - now).await;
                 std::mem::forget(refund);
@@ -376,14 +375,11 @@ mod tests {
             .unwrap();
         for _ in 0..10 {
             // Charged at read (as an edge's `held_back` does), then waited for in the splice.
-            let wait = b.reserve(CHUNK);
-            let until = Some(Instant::now() + wait);
+            let (wait, cost) = b.reserve_cost(CHUNK);
+            let hold = Some((Instant::now() + wait, cost));
             let mut pace = Pace::default();
-            let gave_up = tokio::time::timeout(
-                Duration::from_micros(1),
-                b.wait_paid(CHUNK, until, &mut pace),
-            )
-            .await;
+            let gave_up =
+                tokio::time::timeout(Duration::from_micros(1), b.wait_paid(hold, &mut pace)).await;
             assert!(gave_up.is_err(), "the chunk went at once");
         }
         let wait = b.reserve(CHUNK);

@@ -217,8 +217,10 @@ pub(crate) struct TcpBuf {
     queued: Vec<Bytes>,
     /// Bytes at the head of `queued` already counted in `bytes_up` (a try before wrote them).
     queued_counted: usize,
-    /// Until when a circuit's rate holds the first queued chunk back (charged when read).
-    queued_until: Option<tokio::time::Instant>,
+    /// Until when a circuit's rate holds the queued chunks back (the last one read was
+    /// charged when read, and is held), and what that charge was (ns: given back if the wait
+    /// is given up, [`TokenBucket::wait_paid`]).
+    queued_until: Option<(tokio::time::Instant, u64)>,
     /// Memory the last chunk of a read that drained the socket keeps alive (tests).
     #[cfg(test)]
     pinned: usize,
@@ -259,13 +261,14 @@ impl TcpBuf {
     /// `chunks`, in order, go to the stream before the next read of the socket: what an edge
     /// read and had not written when its site answered. The splice writes them (its answer
     /// direction running meanwhile), already paid to a circuit's rate; their first `counted`
-    /// bytes are counted in `bytes_up` already; a circuit's rate holds the first back until
-    /// `until` (and each waits for the circuit to be still there).
+    /// bytes are counted in `bytes_up` already; a circuit's rate holds them back until
+    /// `until`'s instant, for the charge it says (and each waits for the circuit to be still
+    /// there).
     pub fn queue(
         &mut self,
         chunks: Vec<Bytes>,
         counted: usize,
-        until: Option<tokio::time::Instant>,
+        until: Option<(tokio::time::Instant, u64)>,
     ) {
         self.queued = chunks;
         self.queued.retain(|c| !c.is_empty());
@@ -607,7 +610,7 @@ pub(crate) async fn tcp_to_quic(
             && match paid {
                 // Charged when the edge read it: what is left of its hold, and the circuit
                 // looked at again (deleted meanwhile, the chunk goes no further).
-                true => b.wait_paid(n, buf.queued_until.take(), &mut pace).await,
+                true => b.wait_paid(buf.queued_until.take(), &mut pace).await,
                 false => b.take(n, &mut pace).await,
             }
             .is_err()

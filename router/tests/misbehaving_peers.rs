@@ -2760,6 +2760,91 @@ async fn a_connection_that_fails_during_its_hold_gives_its_charge_back() {
     );
 }
 
+/// A circuit connection retried on another site, which answers while the chunk read last is
+/// still held back by the circuit's rate: the splice waits the hold out before writing the
+/// replay and that chunk, and, ended during the wait (its idle timeout here), gives back that
+/// chunk's charge, not the first replayed chunk's. (It gave back the 7 bytes of `request`: the
+/// 12 KiB charge held every other connection of the circuit up for ~25 s.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_connection_ended_during_its_hold_gives_back_the_held_chunks_charge() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = ca_dir();
+    let backend = echo_backend().await;
+    let port = free_tcp_port();
+    let mut t = two_sites(backend, port, false);
+    t.services[0].requires_circuit = true;
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    // The near site: each stream is refused (`site_full`: retried on the far site) once the
+    // test says so.
+    let (got_tx, mut got_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (fail_tx, fail_rx) = tokio::sync::watch::channel(false);
+    let _near = fake_near(dir.path(), &t, move |mut send, mut recv| {
+        let got = got_tx.clone();
+        let mut fail = fail_rx.clone();
+        async move {
+            let _ = read_until(&mut recv, |b| holds(b, b"request")).await;
+            let _ = got.send(());
+            let _ = fail.wait_for(|f| *f).await;
+            let _ = send.reset(router::codes::Code::SiteFull.varint());
+            let _ = recv.stop(router::codes::Code::SiteFull.varint());
+        }
+    });
+    let (edge, etx) = spawn_node(&snap, dir.path(), "edge", |c| {
+        c.reply_timeout = Duration::from_secs(60);
+        c.idle_timeout = Some(Duration::from_secs(2));
+    })
+    .await;
+    let (_far, _ftx) = spawn_node(&snap, dir.path(), "far", |_| {}).await;
+    edge_prefers_near_with_far_as_fallback(&edge).await;
+    // 4 kbit/s (500 B/s), from now: next to no credit earned.
+    let circuit = local_circuit(port, topology::Bandwidth::from_bps(4_000));
+    let mut with = Snapshot::new(2, Arc::new(t.clone()));
+    with.circuits = Arc::new(vec![circuit]);
+    etx.send(Arc::new(with)).unwrap();
+    snapshot_applied(&edge, 2).await;
+    let mut first = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    first.write_all(b"request").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), got_rx.recv())
+        .await
+        .expect("the near site got no request");
+    // One chunk of 12 KiB (one read of the edge's), held back ~25 s at the circuit's rate.
+    first.write_all(&[b'.'; 12 * 1024]).await.unwrap();
+    let me = first.local_addr().unwrap().port();
+    wait_until(
+        Duration::from_secs(20),
+        || tcp_queues(me, port) == Some((0, 0)) && tcp_queues(port, me) == Some((0, 0)),
+        || format!("{:?} {:?}", tcp_queues(me, port), tcp_queues(port, me)),
+    )
+    .await;
+    // The near site refuses during the hold; the far one answers, and the splice waits out
+    // the hold until its idle timeout ends it.
+    fail_tx.send(true).unwrap();
+    let mut back = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), first.read_to_end(&mut back))
+        .await
+        .expect("the first connection outlived its idle timeout");
+    assert!(back.is_empty(), "answered: {back:?}");
+    let m = edge.metrics_text();
+    assert_eq!(
+        metric(&m, "tasman_failovers_total{node=\"edge\"}"),
+        Some(1),
+        "{m}"
+    );
+    // The next connection (on the far site: the near one is held down) goes at once.
+    let mut second = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    second.write_all(b"request").await.unwrap();
+    let mut echo = [0u8; 7];
+    let got = tokio::time::timeout(Duration::from_secs(10), second.read_exact(&mut echo)).await;
+    assert!(
+        matches!(got, Ok(Ok(_))) && &echo == b"request",
+        "the second connection's request was held back by the first one's unsent chunk: {got:?}"
+    );
+}
+
 /// One byte of the site's 2-byte answer came, then nothing (the other split off by a transit
 /// or lost): the site had its backend connected, so the try is not retried on another site at
 /// the reply deadline: the client is reset, and no other backend gets the request. (Only a

@@ -36,7 +36,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -381,6 +381,10 @@ pub struct CertResolver {
     /// after the bundle changes (the controller sends them once, and they may be for a CA the
     /// node did not trust yet).
     refused_push: Mutex<Option<String>>,
+    /// The lists the controller sent are in force but the last write of them failed (a full
+    /// disk, a read-only directory): the same push again writes them ([`install_crl`]), or a
+    /// restart would read the older file and trust a certificate revoked since.
+    crls_unsaved: AtomicBool,
     /// The lists of CAs that left the bundle, by CA certificate: put back in force if that CA
     /// comes back (so putting a retired CA back into `ca.pem` does not un-revoke anything).
     retired_crls: Mutex<Vec<(CertificateDer<'static>, pki::CheckedCrl)>>,
@@ -464,6 +468,7 @@ impl CertResolver {
             revoked_closed: AtomicU64::new(0),
             last_crl: Mutex::new([None, None]),
             refused_push: Mutex::new(None),
+            crls_unsaved: AtomicBool::new(false),
             retired_crls: Mutex::new(Vec::new()),
             trust_reloads: AtomicU64::new(0),
             trust_failures: AtomicU64::new(0),
@@ -986,6 +991,11 @@ impl CertResolver {
     pub fn crls(&self) -> Vec<pki::CheckedCrl> {
         self.trust.load().crls.iter().flatten().cloned().collect()
     }
+    /// Whether the controller's lists in force are not saved yet: their last write failed
+    /// ([`install_crl`] writes them at the next push).
+    pub fn crls_unsaved(&self) -> bool {
+        self.crls_unsaved.load(SeqCst)
+    }
     /// Revocation lists adopted since start (at start included).
     pub fn crl_updates(&self) -> u64 {
         self.crl_updates.load(Relaxed)
@@ -1165,14 +1175,19 @@ impl CertResolver {
 /// adoption lock is held through the write, so two installs cannot leave an older file over a
 /// newer one. A refused list leaves the file and the lists in force alone, and is tried again
 /// after the next change of bundle ([`CertResolver::reload_tick`]: it may be a list of a CA the
-/// node does not trust yet, and the controller sends it only once).
+/// node does not trust yet, and the controller sends it only once). Lists put in force whose
+/// write failed are written by the next push, the same one included ([`crls_unsaved`]: the
+/// control client tries it again until the write succeeds).
+///
+/// [`crls_unsaved`]: CertResolver::crls_unsaved
 pub fn install_crl(cert: &CertResolver, pem: &str) -> CrlReload {
     let _one_at_a_time = cert.adopting.lock();
     let got = cert.adopt_crl(pem.as_bytes().to_vec(), CrlSource::Installed);
     if let Ok(mut p) = cert.refused_push.lock() {
         *p = matches!(got, CrlReload::Refused(_)).then(|| pem.to_string());
     }
-    if got != CrlReload::Adopted {
+    let unsaved = cert.crls_unsaved();
+    if got != CrlReload::Adopted && !(got == CrlReload::Unchanged && unsaved) {
         return got;
     }
     let in_force: Vec<_> = {
@@ -1184,10 +1199,12 @@ pub fn install_crl(cert: &CertResolver, pem: &str) -> CrlReload {
             .filter_map(|(crl, ca)| Some((ca.clone(), crl.clone()?)))
             .collect()
     };
-    if let Some(dir) = cert.dir()
-        && let Err(e) = pki::save_crls_in_force(dir, &in_force)
-    {
-        tracing::warn!(node = %cert.name, "revocation lists in force but not saved: {e}");
+    if let Some(dir) = cert.dir() {
+        let saved = pki::save_crls_in_force(dir, &in_force);
+        if let Err(e) = &saved {
+            tracing::warn!(node = %cert.name, "revocation lists in force but not saved (tried again): {e}");
+        }
+        cert.crls_unsaved.store(saved.is_err(), SeqCst);
     }
     got
 }
@@ -2343,6 +2360,44 @@ mod tests {
         assert!(
             one.verify_client_cert(&old[0], &old[1..], UnixTime::now())
                 .is_err()
+        );
+    }
+
+    /// A pushed list put in force whose write failed (a full disk; here a directory where its
+    /// temporary goes) is written by the same push sent again: `crls_unsaved` says so until
+    /// then, and the control client tries the push again on that word. (The push was said done:
+    /// never written, a restart read the older file and accepted the revoked certificate.)
+    #[test]
+    fn a_pushed_list_whose_write_failed_is_written_when_tried_again() {
+        let ca = tempfile::tempdir().unwrap();
+        pki::init(ca.path()).unwrap();
+        pki::issue(ca.path(), "n1").unwrap();
+        pki::issue(ca.path(), "x").unwrap();
+        let node = tempfile::tempdir().unwrap();
+        for f in [pki::CA_CERT, "n1.pem", "n1.key"] {
+            fs::copy(ca.path().join(f), node.path().join(f)).unwrap();
+        }
+        let r = CertResolver::new(&TlsIdentity::load(node.path(), "n1").unwrap()).unwrap();
+        revoke(ca.path(), "x");
+        let pushed = fs::read_to_string(ca.path().join(pki::CA_CRL)).unwrap();
+        let tmp = node
+            .path()
+            .join(format!("{}.{}.tmp", pki::CA_CRL, std::process::id()));
+        fs::create_dir(&tmp).unwrap();
+        assert_eq!(install_crl(&r, &pushed), CrlReload::Adopted);
+        assert!(r.crls_unsaved(), "a failed write said done");
+        assert!(!node.path().join(pki::CA_CRL).exists());
+        // Still failing: still unsaved.
+        assert_eq!(install_crl(&r, &pushed), CrlReload::Unchanged);
+        assert!(r.crls_unsaved());
+        fs::remove_dir(&tmp).unwrap();
+        assert_eq!(install_crl(&r, &pushed), CrlReload::Unchanged);
+        assert!(!r.crls_unsaved());
+        let again = CertResolver::new(&TlsIdentity::load(node.path(), "n1").unwrap()).unwrap();
+        assert_eq!(
+            accepts(&again, ca.path(), "x"),
+            REVOKED,
+            "a restart trusts x again"
         );
     }
 

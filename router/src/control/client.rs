@@ -724,8 +724,10 @@ impl ControlClient {
         let c = cert.clone();
         let (crls, task) = Writer::spawn("installing the revocation lists", move |pem: String| {
             tls::install_crl(&c, &pem);
-            // Its own errors are logged and counted; a newer list is sent in full.
-            true
+            // A refusal is logged and counted (a newer list is sent in full); lists put in
+            // force but not written are tried again (the same push writes them), so that a
+            // restart does not go back to an older file.
+            !c.crls_unsaved()
         });
         tasks.push(task);
         let installed = Arc::new(tokio::sync::Notify::new());

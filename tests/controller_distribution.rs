@@ -289,6 +289,70 @@ async fn a_restart_from_disk_counts_staleness_from_the_last_heartbeat() {
     );
 }
 
+/// The controller's last word is recorded only while the stored snapshot is the one in force:
+/// a version applied that the disk refuses to store (a full disk, here a directory where its
+/// temporary goes) leaves the record where it was, so that a restart from disk, which runs the
+/// older stored version, does not call it fresh. (The small record went on being written: a
+/// restart ran the version stored before and dated it with the latest heartbeat.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_contact_is_recorded_while_the_version_in_force_is_not_stored() {
+    use router::control::disk;
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (d, tls) =
+        controller_with_pki(dir.path(), &fabric_nodes(1, 1), &fabric_yaml(88, 1, 1, 10)).await;
+    let state = dir.path().join("router-edge-0");
+    let tune = |cfg: &mut router::control::ClientConfig| {
+        cfg.state_dir = Some(state.clone());
+        cfg.max_stale = Duration::from_secs(10);
+    };
+    let client = start_client_with(d.quic_addr, "edge-0", &tls, tune).await;
+    let stored = || disk::load(&state).ok().flatten();
+    eventually(Duration::from_secs(10), "the snapshot is stored", || {
+        stored().is_some()
+    })
+    .await;
+    let first = stored().unwrap().version;
+    // Every store from here on fails.
+    std::fs::create_dir(state.join(format!("{}.tmp", disk::FILE_NAME))).unwrap();
+    let out = apply(&d, &fabric_yaml(88, 1, 2, 20), "raise ring latency").await;
+    let v2 = out.version.expect("applied");
+    eventually(
+        Duration::from_secs(10),
+        "the new version is applied",
+        || client.topology_version() == v2,
+    )
+    .await;
+    let applied = now_ms();
+    // Heartbeats (every 2 s) are heard, and none is recorded.
+    eventually(
+        Duration::from_secs(20),
+        "a heartbeat heard after the version came",
+        || client.last_contact_unix_ms() >= applied + 2_500,
+    )
+    .await;
+    assert!(
+        !client.close(Duration::from_secs(3)).await,
+        "a store that failed was said written"
+    );
+    assert_eq!(
+        stored().unwrap().version,
+        first,
+        "the new version was stored"
+    );
+    let last = disk::load_contact(&state).unwrap_or(0);
+    assert!(
+        last <= applied,
+        "a contact recorded at {last}, after the version stored was replaced in force at {applied}"
+    );
+    d.shutdown().await;
+}
+
 /// Two routers on one state directory would overwrite each other's stored snapshot and share its
 /// temporary file: a second client on a directory in use is refused, naming the directory and
 /// the process that holds it, and the directory is free again once the first client is gone.

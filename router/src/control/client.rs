@@ -348,6 +348,12 @@ impl<T: Clone + Send + Sync + 'static> Writer<T> {
         });
     }
 
+    /// Whether the latest value sent is written (or none was sent).
+    fn caught_up(&self) -> bool {
+        let last = self.tx.borrow().as_ref().map_or(0, |(n, _)| *n);
+        *self.written.borrow() >= last
+    }
+
     /// Waits until the latest value sent is written, for at most `within`. False when it was
     /// not written by then (a stuck disk, or the writer's task is gone).
     async fn flush(&self, within: Duration) -> bool {
@@ -2009,7 +2015,13 @@ fn contacted(shared: &Shared, now: u64) {
     if shared.stale.swap(false, Ordering::Relaxed) {
         tracing::warn!("controller reachable again; snapshot no longer stale");
     }
-    if let Some(contact) = &shared.contact {
+    // Recorded only while the stored snapshot is the one in force: the record dates the
+    // stored version at a restart. (A version applied but not stored, a full disk refusing its
+    // write while the small record still went, left a restart running the older stored version
+    // and calling it fresh.)
+    if let Some(contact) = &shared.contact
+        && shared.store.as_ref().is_none_or(Writer::caught_up)
+    {
         let every = contact_every(shared.cfg.max_stale).as_millis() as u64;
         let sent = shared.contact_sent_ms.load(Ordering::Relaxed);
         if now.saturating_sub(sent) >= every {

@@ -620,6 +620,17 @@ fn not_unicast(ip: IpAddr) -> Option<&'static str> {
     }
 }
 
+/// The last address of `p` (its broadcast address, for IPv4).
+fn last_address(p: IpNetwork) -> IpAddr {
+    match p {
+        IpNetwork::V4(n) => IpAddr::V4(n.broadcast()),
+        IpNetwork::V6(n) => {
+            let host = u128::MAX.checked_shr(u32::from(n.prefix())).unwrap_or(0);
+            IpAddr::V6((u128::from(n.network()) | host).into())
+        }
+    }
+}
+
 /// A prefix with no host bits set (`10.0.0.0/8`, not `10.0.0.1/8`).
 fn prefix(cx: &mut Cx, node: &YNode, what: &dyn fmt::Display) -> Option<IpNetwork> {
     let p = parse_with(cx, node, what, |s| {
@@ -1825,6 +1836,24 @@ fn walk(cx: &mut Cx, root: &YNode) -> Option<Topology> {
                 pos,
                 format!("prefix of {what}: {p} overlaps VIP {vip} of service \"{owner}\""),
             );
+            pools_ok = false;
+            continue;
+        }
+        // A pool hands its addresses out as VIPs the edges bind and clients dial: one holding
+        // the unspecified address (`0.0.0.0/32` handed out `0.0.0.0`, a wildcard listener that
+        // took the port from every other VIP), multicast or broadcast addresses is none of
+        // those. Its first and last addresses tell (the special ranges are prefixes).
+        if let Some((ip, not)) = [p.network(), last_address(p)]
+            .into_iter()
+            .find_map(|ip| Some((ip, not_unicast(ip)?)))
+            && cx.newer(
+                pos,
+                format!(
+                    "prefix of {what}: {p} holds {ip}, {not}: a pool's addresses are VIPs that \
+                     edges bind and clients dial (use a unicast prefix)"
+                ),
+            )
+        {
             pools_ok = false;
             continue;
         }

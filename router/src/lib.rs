@@ -238,8 +238,6 @@ impl RouterConfig {
 pub enum RouterError {
     #[error("node {0:?} is not in the topology")]
     UnknownNode(NodeId),
-    #[error("the snapshot source closed before sending a topology")]
-    NoSnapshot,
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
     #[error("starting the keep-awake threads: {0}")]
@@ -367,8 +365,8 @@ impl SourceCap {
 }
 
 impl Shared {
-    /// `write`, a stream's QUIC write before its splice (a site's answer, the rest of an edge's
-    /// chunk after it), for the idle timeout at most: `None` if it took longer. No splice timer
+    /// `write`, a stream's QUIC write before its splice (a site's answer), for the idle
+    /// timeout at most: `None` if it took longer. No splice timer
     /// runs yet, and a peer that withholds its flow-control window would otherwise hold the
     /// stream (a client's slot, or a site's capacity slot and its backend connection) for ever.
     /// The idle timeout, as the splice gives its own QUIC writes, not the write-stall one: the
@@ -527,8 +525,9 @@ pub struct RouterHandle {
 }
 
 impl Router {
-    /// Starts a router on the current tokio runtime: waits for the first snapshot, binds the QUIC
-    /// endpoint on the node's address, the edge listeners and the metrics endpoint, and returns
+    /// Starts a router on the current tokio runtime: takes the snapshot `cfg.snapshots` holds now
+    /// as its first (the caller waits for one first: `tasman router` for the controller's, or the
+    /// one on disk), binds the QUIC endpoint on the node's address, the edge listeners and the metrics endpoint, and returns
     /// once everything is bound (so callers can connect right away).
     pub async fn spawn(mut cfg: RouterConfig) -> Result<RouterHandle, RouterError> {
         cfg.probe.check().map_err(RouterError::Config)?;

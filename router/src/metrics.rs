@@ -236,7 +236,7 @@ impl Metrics {
         counter(
             &mut s,
             "streams_starting",
-            "Client connections (edge) or streams (site) being set up now, before the site accepted.",
+            "Client connections (edge) or streams (site) being set up now, before the site accepted; streams a transit is handing on to its next hop.",
             "gauge",
             self.streams_starting.load(Relaxed),
         );
@@ -285,7 +285,7 @@ impl Metrics {
         counter(
             &mut s,
             "table_rebuilds_total",
-            "Routing table rebuilds.",
+            "Routing table rebuilds: at each new snapshot or local evidence, and at least every second (routers without a table included).",
             "counter",
             self.table_rebuilds.load(Relaxed),
         );

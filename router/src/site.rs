@@ -18,10 +18,11 @@ use crate::splice::{self, Side};
 use crate::telemetry::SiteReport;
 
 /// The serving path marks the service down after this many of its backend connects in a row
-/// failed (Envoy's outlier detection ejects after 5 consecutive connect failures); any
-/// connect that succeeds, a stream's or a check's, ends the run. One failure refuses only its
-/// stream: a backend behind a load balancer with one dead target of four refused a quarter of
-/// connects, and each marked the whole service down for the hold-down, for every edge.
+/// failed (Envoy's outlier detection ejects after 5 consecutive connect failures), confirmed by
+/// [`refuses_connects`]; any connect that succeeds, a stream's or a check's, ends the run. One
+/// failure refuses only its stream: a backend behind a load balancer with one dead target of
+/// four refused a quarter of connects, and each marked the whole service down for the
+/// hold-down, for every edge.
 /// As many streams in a row whose backend accepted and then reset the connection before it sent
 /// a byte ([`SiteService::stream_ended`]) have the site confirm the fault
 /// ([`closes_unprompted`]) and mark the service down if it holds: a TCP check connects to a
@@ -64,6 +65,39 @@ async fn closes_unprompted(backend: SocketAddr, connect_within: Duration) -> Opt
     }
 }
 
+/// How many connects, made at once, confirm [`SERVE_DOWN_AFTER`] failed stream connects in a
+/// row ([`refuses_connects`]).
+const CONFIRM_CONNECTS: usize = 4;
+
+/// Whether every one of [`CONFIRM_CONNECTS`] connects to `backend`, made at once, fails within
+/// `within` (why, if so): the confirmation of [`SERVE_DOWN_AFTER`] stream connects in a row
+/// failed. A run of five says little at a high rate of connects to a backend behind a load
+/// balancer with one dead target of four: one begins about every 1,365 connects (at 1,000 a
+/// second the service went down for every edge every 1.4 s, though three connects in four
+/// succeeded); four more failing with it, once in 256 runs. A dead backend fails them all at
+/// once (refused), or within the connect timeout. A connect this router has no descriptor for
+/// says nothing of the backend.
+async fn refuses_connects(backend: SocketAddr, within: Duration) -> Option<String> {
+    let mut tries = tokio::task::JoinSet::new();
+    for _ in 0..CONFIRM_CONNECTS {
+        tries.spawn(tokio::time::timeout(
+            within,
+            tokio::net::TcpStream::connect(backend),
+        ));
+    }
+    let mut why = None;
+    while let Some(r) = tries.join_next().await {
+        match r {
+            Ok(Ok(Ok(_))) => return None,
+            Ok(Ok(Err(e))) if crate::limits::out_of_descriptors(&e) => return None,
+            Ok(Ok(Err(e))) => why = Some(e.to_string()),
+            Ok(Err(_)) => why = Some("connect timeout".to_string()),
+            Err(_) => return None,
+        }
+    }
+    why.map(|why| format!("{CONFIRM_CONNECTS} more made at once failed too: {why}"))
+}
+
 pub(crate) struct SiteService {
     pub service: ServiceName,
     pub backend: SocketAddr,
@@ -94,10 +128,15 @@ pub(crate) struct SiteService {
 }
 
 impl SiteService {
-    /// Counts a failed backend connect of a stream: whether the service is to be marked down
-    /// ([`SERVE_DOWN_AFTER`] in a row).
+    /// Counts a failed backend connect of a stream: whether the run reached
+    /// [`SERVE_DOWN_AFTER`] in a row, for the caller to confirm ([`refuses_connects`]); the run
+    /// then starts again, whatever the confirmation finds (of failures together only the one
+    /// that reaches the count confirms).
     fn connect_failed(&self) -> bool {
-        self.failed_connects.fetch_add(1, Relaxed).saturating_add(1) >= SERVE_DOWN_AFTER
+        let before = self.failed_connects.fetch_update(Relaxed, Relaxed, |n| {
+            Some(if n + 1 >= SERVE_DOWN_AFTER { 0 } else { n + 1 })
+        });
+        matches!(before, Ok(n) if n + 1 >= SERVE_DOWN_AFTER)
     }
     /// A backend connect (a stream's or a check's) succeeded: the run of failures ends.
     fn connect_succeeded(&self) {
@@ -677,10 +716,23 @@ pub(crate) async fn serve(
                 _ => "connect timeout".to_string(),
             };
             if svc.connect_failed() {
-                svc.mark_unhealthy(
-                    &shared,
-                    &format!("{SERVE_DOWN_AFTER} stream connects in a row failed, the last: {why}"),
-                );
+                // Confirmed apart: the stream is refused now (its edge tries the next site).
+                let (shared, svc) = (shared.clone(), svc.clone());
+                tokio::spawn(async move {
+                    match refuses_connects(svc.backend, shared.backend_connect_timeout).await {
+                        Some(confirmed) => svc.mark_unhealthy(
+                            &shared,
+                            &format!(
+                                "{SERVE_DOWN_AFTER} stream connects in a row failed, the last: \
+                                 {why}; {confirmed}"
+                            ),
+                        ),
+                        None => {
+                            tracing::info!(node = %shared.node, service = %svc.service, backend = %svc.backend,
+                            "{SERVE_DOWN_AFTER} stream connects in a row failed, the last: {why}; one of {CONFIRM_CONNECTS} more made at once succeeded: left in service")
+                        }
+                    }
+                });
             } else {
                 tracing::debug!(node = %shared.node, service = %svc.service, backend = %svc.backend, "a stream's backend connect failed: {why}");
             }
@@ -893,7 +945,34 @@ mod tests {
             assert!(!svc.connect_failed());
         }
         assert!(svc.connect_failed());
-        assert!(svc.connect_failed(), "and at each failure after");
+        // The run starts again: the next confirmation is five failures later.
+        for _ in 0..4 {
+            assert!(!svc.connect_failed());
+        }
+        assert!(svc.connect_failed());
+    }
+
+    /// The confirmation of five failed connects: all of [`CONFIRM_CONNECTS`] fail at a port
+    /// nothing listens on; one succeeds at a listening one (a load balancer with a dead target
+    /// among live ones), and the service is left in service.
+    #[tokio::test]
+    async fn failed_connects_are_confirmed_by_more_made_at_once() {
+        let within = Duration::from_secs(5);
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let why = refuses_connects(closed, within).await;
+        assert!(
+            why.as_deref()
+                .is_some_and(|w| w.starts_with("4 more made at once failed too: ")),
+            "{why:?}"
+        );
+        let open = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        assert_eq!(
+            refuses_connects(open.local_addr().unwrap(), within).await,
+            None
+        );
     }
 
     /// Streams whose backend reset before it answered: down at the fifth in a row; a stream it

@@ -674,8 +674,6 @@ impl Controller {
             });
         }
         let circuits = self.read_off_workers(crate::circuits::all).await?;
-        let new_live_probe = new_live.clone();
-        let new_live_commit = new_live.clone();
         // The impact plan (one shortest-path tree per edge: ~0.3 s at 1,000 edges) is
         // informational, it never blocks an apply; so a real apply commits and distributes
         // first and computes the plan while routers are already applying the new version.
@@ -713,10 +711,7 @@ impl Controller {
         if !unchanged {
             let (max, probe, at) = (self.snapshot_limit(), topology.clone(), old.record.version);
             let provisioned = provisioned.clone();
-            tokio::task::spawn_blocking(move || {
-                fits(at, &probe, &provisioned, new_live_probe, max)
-            })
-            .await??;
+            tokio::task::spawn_blocking(move || fits(at, &probe, &provisioned, max)).await??;
         }
         if dry_run || unchanged {
             let observed = (live, new_live, incumbents, margins);
@@ -777,7 +772,7 @@ impl Controller {
                 // published at the controller's next start.
                 let stored = Arc::new(crate::circuits::provisioned(&crate::circuits::all(tx)?));
                 if stored != provisioned {
-                    fits(at, &topo2, &stored, new_live_commit, max)?;
+                    fits(at, &topo2, &stored, max)?;
                 }
                 records::commit_topology(tx, &text2, &topo2, &author2, &message2, origin)
                     .map_err(ControllerError::from)
@@ -989,7 +984,7 @@ impl Controller {
     }
 
     /// Whether a snapshot carrying `circuits` instead of those in force, with the topology in
-    /// force and the live state last published, is within the limit a router takes: a circuit
+    /// force and the largest live state it can have, is within the limit a router takes: a circuit
     /// operation checks its change before it commits it, so that what it commits can be sent
     /// ([`ControllerError::TooLarge`] when not). A full encode, as a publication does: run it
     /// off the runtime's workers.
@@ -998,15 +993,8 @@ impl Controller {
         circuits: &Arc<Vec<ProvisionedCircuit>>,
     ) -> Result<(), ControllerError> {
         let current = lock(&self.inner).current.clone();
-        let live = self.published.borrow().live.clone();
         let max = self.snapshot_limit();
-        fits(
-            current.record.version,
-            &current.topology,
-            circuits,
-            live,
-            max,
-        )
+        fits(current.record.version, &current.topology, circuits, max)
     }
 
     /// Replaces the provisioned circuits and distributes them at once (a full snapshot).
@@ -1381,19 +1369,53 @@ fn diags(d: &[Diagnostic]) -> Vec<crate::admin::Diag> {
     d.iter().map(crate::admin::Diag::from).collect()
 }
 
-/// Whether the full snapshot of `topology` (at `topology_version`), `circuits` and `live` would
-/// be within `max` bytes ([`ControllerError::TooLarge`] when not), checked before a change is
+/// Whether the full snapshot of `topology` (at `topology_version`) and `circuits` would be
+/// within `max` bytes ([`ControllerError::TooLarge`] when not), checked before a change is
 /// committed. Its snapshot version is counted at its longest (`u64::MAX`), so that the check
 /// never passes a snapshot its real version makes too large (a real one is `epoch << 32 | seq`,
-/// 13 digits and more).
+/// 13 digits and more), and its live state at its largest ([`largest_live`]): checked with the
+/// live state of the moment, a change that left the snapshot a few bytes under the limit on a
+/// quiet fabric stopped every publication once a link went down or a site filled up (each
+/// adds an entry), live updates included, exactly while the fabric degraded.
 fn fits(
     topology_version: u64,
     topology: &Arc<Topology>,
     circuits: &Arc<Vec<ProvisionedCircuit>>,
-    live: LiveState,
     max: usize,
 ) -> Result<(), ControllerError> {
+    let live = largest_live(topology);
     full_frame(u64::MAX, topology_version, topology, circuits, live, max).map(drop)
+}
+
+/// The largest live state `topology` can have: every node and link down, every link measured
+/// at the longest latency text, every site and service loaded with the longest figures. What a
+/// merged live state holds is within it (its entries are the topology's nodes, links, sites
+/// and services).
+fn largest_live(topology: &Topology) -> LiveState {
+    use topology::route::SiteLoad;
+    let load = SiteLoad {
+        active_streams: u32::MAX,
+        capacity: u32::MAX,
+        healthy: false,
+    };
+    // Not a multiple of 1,000 ns: printed whole, in 20 digits ("...ns"), the longest form.
+    let latency = topology::Latency::from_nanos(u64::MAX);
+    let mut live = LiveState::default();
+    for n in &topology.nodes {
+        live.down_nodes.insert(n.id.clone());
+        if !n.serves.is_empty() {
+            live.site_load.insert(n.id.clone(), load);
+            live.service_load.insert(
+                n.id.clone(),
+                n.serves.iter().map(|s| (s.service.clone(), load)).collect(),
+            );
+        }
+    }
+    for l in &topology.links {
+        live.down_links.insert(l.id());
+        live.link_latency.insert(l.id(), latency);
+    }
+    live
 }
 
 /// The full snapshot's frame, refused when its payload is over `max` bytes.
@@ -1612,6 +1634,39 @@ mod tests {
         assert_eq!(ctl.history(10).unwrap().len(), 1);
     }
 
+    /// A circuit change is checked with room for the live state at its largest: circuits that
+    /// left the snapshot 20 bytes under the limit on a quiet fabric are refused, and those
+    /// accepted at the limit as checked are still published once the fabric degrades (a link
+    /// down adds live entries). (Checked with the live state of the moment, they were taken,
+    /// and every publication after a link went down, live updates included, was refused.)
+    #[tokio::test]
+    async fn circuits_are_checked_with_room_for_the_largest_live_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RedbStore::open(dir.path()).unwrap());
+        let ctl = Controller::open(store, Some((&yaml("5ms"), "t.yaml"))).unwrap();
+        let max = proto::MAX_TO_ROUTER;
+        let (base, checked) = ctl
+            .publish_circuits(Arc::new(vec![bulky_circuit(0)]))
+            .map(|_| (ctl.published().full.len() - 4, checked_len(&ctl)))
+            .unwrap();
+        assert!(checked > base + 100, "{checked} {base}");
+        let tight = Arc::new(vec![bulky_circuit(max - 20 - base)]);
+        match ctl.check_circuits_fit(&tight) {
+            Err(ControllerError::TooLarge { .. }) => {}
+            other => panic!("no room left for the live state: {other:?}"),
+        }
+        let fits = Arc::new(vec![bulky_circuit(max - checked)]);
+        ctl.check_circuits_fit(&fits)
+            .expect("at the limit as checked");
+        ctl.publish_circuits(fits).unwrap();
+        // The fabric degrades: each down link and node is published.
+        ctl.on_telemetry(Sample::one_link("t", "s1", None, false));
+        ctl.on_telemetry(Sample::one_link("t", "s2", None, false));
+        ctl.publish_locked(&mut lock(&ctl.inner), false)
+            .expect("published with its live state");
+        assert_eq!(ctl.published().live.down_links.len(), 2);
+    }
+
     /// A topology change goes out as a delta only when the delta is smaller than the full
     /// snapshot: one that replaces most of the topology (every node renamed) carries more than
     /// the snapshot (the new elements and every removed id), and one near the frame limit would
@@ -1714,6 +1769,24 @@ mod tests {
         assert_eq!(ctl.published().topology_version, 2);
     }
 
+    /// The payload bytes of the snapshot in force as a change's size check counts them: its
+    /// version at the longest, its live state at the largest ([`fits`]).
+    fn checked_len(ctl: &Controller) -> usize {
+        let p = ctl.published();
+        let current = ctl.current();
+        full_frame(
+            u64::MAX,
+            current.record.version,
+            &current.topology,
+            &p.circuits,
+            largest_live(&current.topology),
+            usize::MAX,
+        )
+        .unwrap()
+        .len()
+            - 4
+    }
+
     /// Circuits published between an apply's size check and its commit can make the committed
     /// version's snapshot too large to publish: the apply says it applied that version (it is
     /// in force, history shows it) and that it was not distributed, and why. (It answered the
@@ -1724,12 +1797,13 @@ mod tests {
         let store = Arc::new(RedbStore::open(dir.path()).unwrap());
         let ctl = Controller::open(store, Some((&yaml("5ms"), "t.yaml"))).unwrap();
         let max = proto::MAX_TO_ROUTER;
-        let base = ctl
+        // The snapshot's size, and the size its checks count (the live state at its largest).
+        let (base, checked) = ctl
             .publish_circuits(Arc::new(vec![bulky_circuit(0)]))
-            .map(|_| ctl.published().full.len() - 4)
+            .map(|_| (ctl.published().full.len() - 4, checked_len(&ctl)))
             .unwrap();
-        // 200 bytes under the limit: a topology some 50 bytes larger fits...
-        ctl.publish_circuits(Arc::new(vec![bulky_circuit(max - 200 - base)]))
+        // 200 bytes under the limit as checked: a topology some 50 bytes larger fits...
+        ctl.publish_circuits(Arc::new(vec![bulky_circuit(max - 200 - checked)]))
             .unwrap();
         let bigger = yaml("5ms").replace("lat: 0,", "lat: -33.86881971234,");
         ctl.apply(&bigger, "me", "", Origin::Apply, true, None)
@@ -1804,7 +1878,7 @@ mod tests {
         ctl.publish_circuits(Arc::new(crate::circuits::provisioned(&stored)))
             .unwrap();
         // Room for a few more bytes, not for another circuit.
-        ctl.set_snapshot_limit(ctl.published().full.len() + 16);
+        ctl.set_snapshot_limit(checked_len(&ctl) + 16);
         let edited = yaml(pool, true).replace("latency: 1ms", "latency: 2ms");
         ctl.apply(&edited, "me", "", Origin::Apply, true, None)
             .await

@@ -1186,8 +1186,10 @@ pub fn install_crl(cert: &CertResolver, pem: &str) -> CrlReload {
     if let Ok(mut p) = cert.refused_push.lock() {
         *p = matches!(got, CrlReload::Refused(_)).then(|| pem.to_string());
     }
-    let unsaved = cert.crls_unsaved();
-    if got != CrlReload::Adopted && !(got == CrlReload::Unchanged && unsaved) {
+    // Lists in force whose write failed are written by any push after, refused ones included
+    // (one of a CA not trusted yet, which the control client then tries again: waiting for an
+    // adopted one, the unsaved lists stayed unsaved until the bundle changed).
+    if got != CrlReload::Adopted && !cert.crls_unsaved() {
         return got;
     }
     let in_force: Vec<_> = {
@@ -2391,7 +2393,14 @@ mod tests {
         assert_eq!(install_crl(&r, &pushed), CrlReload::Unchanged);
         assert!(r.crls_unsaved());
         fs::remove_dir(&tmp).unwrap();
-        assert_eq!(install_crl(&r, &pushed), CrlReload::Unchanged);
+        // The next push is refused (a list of a CA this node does not trust yet): the lists in
+        // force are written all the same.
+        let other = tempfile::tempdir().unwrap();
+        pki::init(other.path()).unwrap();
+        pki::issue(other.path(), "y").unwrap();
+        revoke(other.path(), "y");
+        let foreign = fs::read_to_string(other.path().join(pki::CA_CRL)).unwrap();
+        assert!(matches!(install_crl(&r, &foreign), CrlReload::Refused(_)));
         assert!(!r.crls_unsaved());
         let again = CertResolver::new(&TlsIdentity::load(node.path(), "n1").unwrap()).unwrap();
         assert_eq!(

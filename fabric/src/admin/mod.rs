@@ -592,6 +592,28 @@ pub fn sendable_token(token: &str) -> bool {
     token.bytes().all(|b| b == b' ' || b.is_ascii_graphic())
 }
 
+/// The most bytes a token file may hold (a token is tens of characters; with its line breaks
+/// and spaces, far less than this).
+pub const MAX_TOKEN_FILE: u64 = 4096;
+
+/// The text of the token file at `path`, refused when over [`MAX_TOKEN_FILE`] bytes: `/dev/zero`
+/// or a log file named by mistake is read no further (read whole, it grew the process until
+/// it was killed, before any timeout ran), and no megabyte is taken as a token.
+pub fn read_token_file(path: &std::path::Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(MAX_TOKEN_FILE + 1)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_TOKEN_FILE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("over {MAX_TOKEN_FILE} bytes: not a token file"),
+        ));
+    }
+    Ok(text)
+}
+
 /// The JSON error body of every refused request.
 #[derive(Debug, Serialize)]
 pub struct ApiError {

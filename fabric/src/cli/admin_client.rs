@@ -268,7 +268,7 @@ impl AdminClient {
             // mounted with its line break was refused as a token with one inside).
             (Some(t), _) => t.trim().to_string(),
             (None, Some(p)) => {
-                let t = std::fs::read_to_string(p)
+                let t = crate::admin::read_token_file(p)
                     .map_err(|source| ClientError::TokenFile {
                         path: p.clone(),
                         source,
@@ -1033,6 +1033,21 @@ mod tests {
         );
         std::fs::write(&path, "tok\n").unwrap();
         assert_eq!(AdminClient::new(&a).unwrap().token, "tok");
+        // Read no further than a token file's bound: not `/dev/zero` whole (the client grew
+        // until it was killed), and no megabyte taken as a token.
+        for big in [std::path::PathBuf::from("/dev/zero"), path.clone()] {
+            std::fs::write(&path, "a".repeat(1 << 20)).unwrap();
+            a.token_file = Some(big.clone());
+            let err = AdminClient::new(&a).err().expect("refused");
+            assert_eq!(err.exit_code(), 2);
+            assert!(
+                err.to_string().contains(&format!("{}: ", big.display()))
+                    && err
+                        .to_string()
+                        .contains("over 4096 bytes: not a token file"),
+                "{err}"
+            );
+        }
     }
 
     /// `--controller` takes HOST:PORT or http://HOST:PORT; https, a path or no port are refused

@@ -207,7 +207,7 @@ pub const STORE_MADE: &str = "store-made";
 /// The token in the file at `path`; one is generated there when the file is missing and
 /// `generate` (a default path) says so.
 fn token_at(path: PathBuf, generate: bool) -> Result<String, DaemonError> {
-    match std::fs::read_to_string(&path) {
+    match crate::admin::read_token_file(&path) {
         Ok(t) if t.trim().is_empty() => Err(DaemonError::EmptyToken { path }),
         // Refused at start rather than answering every request 401: a header carries printable
         // ASCII only (an editor's byte-order mark is no white space to `trim`).
@@ -486,6 +486,32 @@ mod tests {
                 "{token:?}: {err:?}"
             );
             assert!(err.to_string().starts_with(&file.display().to_string()));
+        }
+    }
+
+    /// A token file over 4 KiB (a log file named by mistake, `/dev/zero`) is refused at start
+    /// naming it, read no further. (Read whole: `/dev/zero` grew the controller until it was
+    /// killed, and a megabyte of letters was the admin token.)
+    #[tokio::test]
+    async fn a_token_file_over_its_bound_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "a".repeat(1 << 20)).unwrap();
+        for path in [file, std::path::PathBuf::from("/dev/zero")] {
+            let mut cfg = config(&dir.path().join("state"), None);
+            cfg.admin_token_file = Some(path.clone());
+            let err = match start(cfg).await {
+                Ok(d) => {
+                    d.shutdown().await;
+                    panic!("{} was accepted", path.display());
+                }
+                Err(e) => e,
+            };
+            assert!(
+                err.to_string().contains(&path.display().to_string())
+                    && err.to_string().contains("over 4096 bytes"),
+                "{err}"
+            );
         }
     }
 

@@ -5,8 +5,8 @@
 //! snapshot and waited for the controller to offer it again, after a back-off that doubles to
 //! 5 minutes).
 //!
-//! The address comes and goes in a network namespace that the test makes, so it needs root and
-//! `ip` (`scripts/deps`; CI runs as root); set `TASMAN_SKIP_NETNS=1` to skip it on a machine
+//! The address comes and goes in a network namespace that the test makes, so it needs root,
+//! `ip` and `curl` (`scripts/deps`; CI runs as root); set `TASMAN_SKIP_NETNS=1` to skip it on a machine
 //! that cannot make network namespaces.
 
 mod common;
@@ -43,10 +43,19 @@ struct Fabric {
 impl Fabric {
     /// `None` when the machine cannot make one (and [`netns::OPT_OUT`] says to skip).
     fn new(test: &str) -> Option<Fabric> {
-        let unavailable = |why| netns::unavailable(why, "root, network namespaces and ip");
+        let unavailable = |why| netns::unavailable(why, "root, network namespaces, ip and curl");
         if !is_root() {
             unavailable("not root (a network namespace needs it)");
             return None;
+        }
+        // `ip` makes the namespace; `curl`, run in it, reads the router's metrics.
+        for tool in ["ip", "curl"] {
+            if which(tool).is_none() {
+                unavailable(&format!(
+                    "{tool} is not installed (scripts/deps installs it)"
+                ));
+                return None;
+            }
         }
         let Some(ns) = NetNs::create(&format!("tasman-{test}-{}", std::process::id())) else {
             unavailable("`ip netns add` failed: no network namespace can be made here");

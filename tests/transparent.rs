@@ -349,7 +349,7 @@ fn iptables_redirect_to_a_vip_reaches_the_backend_through_the_edge() {
 /// `unknown_service`: only a connection conntrack happened to track had a destination.)
 #[test]
 fn a_vip_on_the_edge_host_is_served_on_the_transparent_port_without_nat() {
-    let Some(ns) = namespace("tpl", &["ip"]) else {
+    let Some(ns) = namespace("tpl", &["ip", "curl"]) else {
         return;
     };
     // What the test is about: here conntrack has no entry for a connection no NAT rule took.
@@ -397,7 +397,7 @@ fn a_vip_on_the_edge_host_is_served_on_the_transparent_port_without_nat() {
 /// does not listen): the edge reads the VIP back as the original destination and serves it.
 #[test]
 fn iptables_dnat_to_a_specific_client_address_reaches_the_service() {
-    let Some(ns) = namespace("tpd", &["ip", "iptables"]) else {
+    let Some(ns) = namespace("tpd", &["ip", "iptables", "curl"]) else {
         return;
     };
     route_test_vips(&ns);

@@ -108,6 +108,14 @@ fn equally_near_sites_share_new_connections_by_weight() {
     });
     let got = deal(port, 20);
     assert_eq!(got, BTreeMap::from([("SITE=site-b".to_string(), 20)]));
+
+    // Without either, the farther site takes over.
+    f.kill("site-b");
+    eventually(DEADLINE, "the edge to give site-far all of chat", || {
+        shares(&f, "chat") == BTreeMap::from([("site-far".to_string(), 1.0)])
+    });
+    let got = deal(port, 20);
+    assert_eq!(got, BTreeMap::from([("SITE=site-far".to_string(), 20)]));
 }
 
 /// The greeting of a connection to the edge's `port` from source address `src`.

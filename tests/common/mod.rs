@@ -628,8 +628,26 @@ pub fn spawn_controller(cmd: &mut Command) -> ControllerProc {
     cmd.stdout(Stdio::piped());
     die_with_parent(cmd);
     let mut child = cmd.spawn().expect("spawn tasman controller");
-    let mut line = String::new();
-    let _ = std::io::BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line);
+    // Read on a thread of its own, for at most the deadline: a start that hangs (a file it
+    // waits on for ever) fails the test, where a blocking read hung the suite.
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = match rx.recv_timeout(DEADLINE) {
+        Ok(line) => line,
+        Err(_) => {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("controller output");
+            panic!(
+                "controller gave no ready line within {DEADLINE:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    };
     let field = |k: &str| {
         line.split_whitespace()
             .find_map(|w| w.strip_prefix(k))

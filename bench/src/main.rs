@@ -817,7 +817,7 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
     // The report.
     let mut md = String::new();
     let cmd = format!(
-        "bench/run   # = cargo build --release -p tasman-bench && target/release/tasman-bench all --mib {} --rounds {} --pings {} --conns {} --failovers {}",
+        "bench/run   # = cargo run --release -p tasman-bench -- all --mib {} --rounds {} --pings {} --conns {} --failovers {}",
         args.mib, args.rounds, args.pings, args.conns, args.failovers
     );
     writeln!(md, "## Data plane: whole system\n")?;

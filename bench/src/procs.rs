@@ -374,11 +374,7 @@ impl Haproxy {
                  listen bench\n  bind {listen}\n  server s1 {target}\n"
             ),
         )?;
-        let bin = ["/usr/sbin/haproxy", "/usr/local/sbin/haproxy", "haproxy"]
-            .into_iter()
-            .find(|p| !p.starts_with('/') || std::path::Path::new(p).exists())
-            .unwrap_or("haproxy");
-        let mut child = Command::new(bin)
+        let mut child = Command::new(Self::bin())
             .arg("-db")
             .arg("-f")
             .arg(&cfg)
@@ -403,8 +399,17 @@ impl Haproxy {
         self.child.id()
     }
 
+    /// The HAProxy binary: in the sbin directories a user's `PATH` may lack, else on `PATH`.
+    /// The run and its version read the same one.
+    fn bin() -> &'static str {
+        ["/usr/sbin/haproxy", "/usr/local/sbin/haproxy", "haproxy"]
+            .into_iter()
+            .find(|p| !p.starts_with('/') || std::path::Path::new(p).exists())
+            .unwrap_or("haproxy")
+    }
+
     pub fn version() -> String {
-        Command::new("haproxy")
+        Command::new(Self::bin())
             .arg("-v")
             .output()
             .ok()

@@ -407,6 +407,23 @@ impl Inner {
     }
 }
 
+/// The most warnings of an imported `--topology` file that its import logs.
+const MAX_IMPORT_WARNINGS_LOGGED: usize = 20;
+
+/// Logs the warnings of the `--topology` file imported at a first start, each as
+/// `FILE:LINE:COL: warning: ...`, at most [`MAX_IMPORT_WARNINGS_LOGGED`] and a count of the rest.
+fn log_import_warnings(file: &str, warnings: &[Diagnostic]) {
+    for w in warnings.iter().take(MAX_IMPORT_WARNINGS_LOGGED) {
+        tracing::warn!("{}", w.display(file));
+    }
+    if warnings.len() > MAX_IMPORT_WARNINGS_LOGGED {
+        tracing::warn!(
+            more = warnings.len() - MAX_IMPORT_WARNINGS_LOGGED,
+            "more warnings in {file}: `tasman topology validate {file}` lists them all"
+        );
+    }
+}
+
 /// The most warnings of rules added since the text in force was stored that a start logs.
 const MAX_NEWER_RULES_LOGGED: usize = 20;
 
@@ -473,7 +490,10 @@ impl Controller {
         if cur.is_none()
             && let Some((text, file)) = import
         {
-            let (topo, _) = validate(text)?;
+            let (topo, warnings) = validate(text)?;
+            // Said as `tasman topology validate` and an apply say them: a start imports the
+            // file once, and no later start names its warnings again.
+            log_import_warnings(file, &warnings);
             let rec = store::transaction(&*store, |tx| {
                 records::commit_topology(
                     tx,
@@ -1667,6 +1687,55 @@ mod tests {
         assert_eq!(ctl.published().live.down_links.len(), 2);
     }
 
+    /// What `f` returns, and what it logged.
+    fn logged<T>(f: impl FnOnce() -> T) -> (T, String) {
+        let log = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+        struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || Sink(sink.clone()))
+            .finish();
+        let out = tracing::subscriber::with_default(subscriber, f);
+        let said = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+        (out, said)
+    }
+
+    /// The `--topology` file a first start imports has its warnings logged, naming the file,
+    /// line and column, as `tasman topology validate` and an apply give them. (They were
+    /// dropped: the file was served and no start ever named them.)
+    #[test]
+    fn an_imported_files_warnings_are_logged() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RedbStore::open(dir.path()).unwrap());
+        // A link between two sites: no path can use it.
+        let text = yaml("5ms").replace(
+            "services:",
+            "  - {a: s1, b: s2, latency: 1ms, capacity: 1Gbps}\nservices:",
+        );
+        let (ctl, said) = logged(|| Controller::open(store, Some((&text, "t.yaml"))));
+        let ctl = ctl.expect("imported");
+        assert!(!ctl.current().warnings.is_empty());
+        let line = text
+            .lines()
+            .position(|l| l.contains("a: s1, b: s2"))
+            .unwrap()
+            + 1;
+        assert!(
+            said.contains(&format!("t.yaml:{line}:")) && said.contains("warning"),
+            "{said}"
+        );
+    }
+
     /// A topology change goes out as a delta only when the delta is smaller than the full
     /// snapshot: one that replaces most of the topology (every node renamed) carries more than
     /// the snapshot (the new elements and every removed id), and one near the frame limit would
@@ -2661,25 +2730,8 @@ mod tests {
         })
         .unwrap();
         // Said at the start, in the log.
-        let log = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
-        struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
-        impl std::io::Write for Sink {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let sink = log.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_ansi(false)
-            .with_writer(move || Sink(sink.clone()))
-            .finish();
-        let ctl = tracing::subscriber::with_default(subscriber, || Controller::open(store, None))
-            .expect("the controller opens");
-        let said = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+        let (ctl, said) = logged(|| Controller::open(store, None));
+        let ctl = ctl.expect("the controller opens");
         assert!(
             said.contains(
                 "the topology in force breaks a rule added since it was stored: stored-version-"

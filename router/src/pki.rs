@@ -244,17 +244,11 @@ fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), PkiError>
 }
 
 /// Renames `from` to `to`, then syncs `to`'s directory so that the rename survives a power
-/// loss. Every change of a name in a PKI or TLS directory goes through here (or
-/// [`remove_synced`]): a rename left in the page cache can be rolled back by a crash after the
+/// loss. Every change of a name in a PKI or TLS directory goes through here: a rename left in the page cache can be rolled back by a crash after the
 /// command reported success, e.g. `ca.crl.pem` back to a list without the certificate just
 /// revoked, whose CRL number the next `revoke` would then reuse for another list.
 pub(crate) fn rename_synced(from: &Path, to: &Path) -> Result<(), PkiError> {
     durable::rename(from, to).map_err(io_err(to))
-}
-
-/// Removes `path`, then syncs its directory ([`rename_synced`]).
-fn remove_synced(path: &Path) -> Result<(), PkiError> {
-    durable::remove_file(path).map_err(io_err(path))
 }
 
 /// The file whose lock the commands that read, change and write a CA directory's files
@@ -486,11 +480,15 @@ pub fn retire_ca(dir: &Path) -> Result<usize, PkiError> {
                 .filter(|c| c.ca == ca.issuing)
                 .map(|c| c.pem.as_str())
                 .collect();
-            if kept.is_empty() {
-                remove_synced(&dir.join(CA_CRL))?;
-            } else {
-                write_crl(dir, &kept)?;
-            }
+            // Only retired CAs had lists: the file holds an empty list of the issuing CA, not
+            // nothing. Removed, it left every node with the retired CA's list in its own copy,
+            // refused at each reload and start once the pruned bundle was adopted (and the
+            // controller went on pushing that list), with no file to copy over it.
+            let kept = match kept.is_empty() {
+                true => sign_crl(dir, &ca, &[], 1, SystemTime::now())?,
+                false => kept,
+            };
+            write_crl(dir, &kept)?;
         }
         write_file(&dir.join(CA_CERT), &ca.bundle[ca.issuing].pem, false)?;
     }
@@ -1584,7 +1582,6 @@ pub fn revoke(
 ) -> Result<Revoked, PkiError> {
     let _turn = lock_dir(dir)?;
     let ca = CaFiles::read(dir)?;
-    let issuing_der = ca.bundle[ca.issuing].der.clone();
     let (serials, other_ca, unreadable) = match target {
         RevokeTarget::Serial(s) => (vec![s.clone()], Vec::new(), 0),
         RevokeTarget::Node(name) => node_serials(dir, name, &ca)?,
@@ -1617,6 +1614,33 @@ pub fn revoke(
         });
     }
     let number = mine.as_ref().map_or(0, |m| m.number) + 1;
+    let mut text = sign_crl(dir, &ca, &entries, number, now)?;
+    for o in &others {
+        text.push_str(&o.pem);
+    }
+    write_file(&path, &text, false)?;
+    Ok(Revoked {
+        added,
+        already,
+        other_ca,
+        unreadable,
+        number,
+        entries: entries.len(),
+        path,
+    })
+}
+
+/// The issuing CA's revocation list (PEM) of `entries`, numbered `number`, made at `now`:
+/// signed by `ca.key`, its issuer exactly the issuing certificate's subject (as in every leaf
+/// it signed).
+fn sign_crl(
+    dir: &Path,
+    ca: &CaFiles,
+    entries: &[RevokedEntry],
+    number: u64,
+    now: SystemTime,
+) -> Result<String, PkiError> {
+    let issuing_der = ca.bundle[ca.issuing].der.clone();
     let revoked_certs = entries
         .iter()
         .map(|e| {
@@ -1637,24 +1661,12 @@ pub fn revoke(
         revoked_certs,
         key_identifier_method: key_id_method(&issuing_der),
     };
-    let issuer = Issuer::from_ca_cert_der(&issuing_der, ca.key).map_err(|e| PkiError::BadCert {
-        path: dir.join(CA_CERT),
-        reason: format!("the issuing CA certificate: {e}"),
-    })?;
-    let mut text = params.signed_by(&issuer)?.pem()?;
-    for o in &others {
-        text.push_str(&o.pem);
-    }
-    write_file(&path, &text, false)?;
-    Ok(Revoked {
-        added,
-        already,
-        other_ca,
-        unreadable,
-        number,
-        entries: entries.len(),
-        path,
-    })
+    let issuer =
+        Issuer::from_ca_cert_der(&issuing_der, &ca.key).map_err(|e| PkiError::BadCert {
+            path: dir.join(CA_CERT),
+            reason: format!("the issuing CA certificate: {e}"),
+        })?;
+    Ok(params.signed_by(&issuer)?.pem()?)
 }
 
 /// The CRL's authority key identifier: the issuing certificate's subject key identifier when
@@ -2157,14 +2169,24 @@ mod tests {
         issue(d.path(), "n3").unwrap();
         let r = revoke(d.path(), &node("n3"), RevokeReason::Unspecified).unwrap();
         assert_eq!((r.number, r.entries), (2, 2));
-        // Only the retired CA had a list: the file goes.
+        // Only the retired CA had a list: the file holds an empty list of the issuing CA (one
+        // a node copies over its own, whose retired list the pruned bundle refuses), and the
+        // next revocation follows it.
         let d = tempfile::tempdir().unwrap();
         init(d.path()).unwrap();
         issue(d.path(), "old").unwrap();
         revoke(d.path(), &node("old"), RevokeReason::KeyCompromise).unwrap();
         rotate_ca(d.path()).unwrap();
         retire_ca(d.path()).unwrap();
-        assert!(read_crls(d.path()).unwrap().is_empty());
+        let crls = read_crls(d.path()).unwrap();
+        assert_eq!(crls.len(), 1);
+        assert_eq!(
+            (crls[0].ca, crls[0].number, crls[0].entries.len()),
+            (0, 1, 0)
+        );
+        issue(d.path(), "n3").unwrap();
+        let r = revoke(d.path(), &node("n3"), RevokeReason::Unspecified).unwrap();
+        assert_eq!((r.number, r.entries), (2, 1));
     }
 
     /// Leaves signed before `CaSigner` took its issuer from the CA certificate (it rebuilt it
@@ -2316,13 +2338,14 @@ mod tests {
         // The retired CA's list goes, the issuing CA's is written again.
         retire_ca(&dir).unwrap();
         check("retire_ca");
-        // Only the retired CA had a list: the file is removed.
+        // Only the retired CA had a list: the file holds an empty list of the issuing CA.
         fs::remove_file(dir.join(CA_KEY_OLD)).unwrap();
         rotate_ca(&dir).unwrap();
         take();
         retire_ca(&dir).unwrap();
-        check("retire_ca (the list removed)");
-        assert!(!dir.join(CA_CRL).exists());
+        check("retire_ca (an empty list)");
+        let crls = read_crls(&dir).unwrap();
+        assert_eq!((crls.len(), crls[0].entries.len()), (1, 0));
     }
 
     #[test]

@@ -2470,6 +2470,37 @@ mod tests {
         (d, r)
     }
 
+    /// A rotation whose old CA alone had revoked anything: once `retire-ca` ran and the node
+    /// took its pruned files (both, as the guide says), the node refuses nothing, at its next
+    /// tick or a restart. (`retire-ca` removed the list file: there was none to copy, the
+    /// node's own copy kept the retired CA's list, and that was refused at every reload and
+    /// start.)
+    #[test]
+    fn a_node_takes_the_files_of_a_retire_ca_whose_old_ca_alone_revoked() {
+        let ca = tempfile::tempdir().unwrap();
+        pki::init(ca.path()).unwrap();
+        pki::issue(ca.path(), "old").unwrap();
+        revoke(ca.path(), "old");
+        pki::rotate_ca(ca.path()).unwrap();
+        pki::issue(ca.path(), "n1").unwrap();
+        let node = tempfile::tempdir().unwrap();
+        for f in [pki::CA_CERT, pki::CA_CRL, "n1.pem", "n1.key"] {
+            fs::copy(ca.path().join(f), node.path().join(f)).unwrap();
+        }
+        let r = CertResolver::new(&TlsIdentity::load(node.path(), "n1").unwrap()).unwrap();
+        assert_eq!(r.crls().len(), 1);
+        pki::retire_ca(ca.path()).unwrap();
+        for f in [pki::CA_CRL, pki::CA_CERT] {
+            fs::copy(ca.path().join(f), node.path().join(f)).expect("the file to copy");
+        }
+        let tick = r.reload_tick();
+        assert!(!matches!(tick.crl, CrlReload::Refused(_)), "{:?}", tick.crl);
+        assert_eq!(r.crl_failures(), 0);
+        let again = CertResolver::new(&TlsIdentity::load(node.path(), "n1").unwrap()).unwrap();
+        assert_eq!(again.crl_failures(), 0);
+        assert_eq!(again.trusted().len(), 1);
+    }
+
     /// `retire-ca` writes the pruned files while the node still has the retired CA's list in
     /// force (it adopts the pruned bundle at its next tick): a controller's push that changes
     /// nothing must not write that list back over the pruned file (it would be refused at the
@@ -2746,12 +2777,17 @@ mod tests {
         assert!(matches!(r.reload(), Reload::Reloaded { .. }));
         pki::issue(d.path(), "new").unwrap();
         pki::retire_ca(d.path()).unwrap();
+        let left = pki::read_crls(d.path()).unwrap();
         assert!(
-            !d.path().join(pki::CA_CRL).exists(),
-            "retire-ca took it out"
+            left.len() == 1 && left[0].entries.is_empty(),
+            "retire-ca left an empty list of the issuing CA: {left:?}"
         );
         assert_eq!(r.reload_trust(), TrustReload::Adopted { cas: 1 });
-        assert_eq!(r.crls(), vec![], "the old CA's list left with it");
+        assert!(
+            r.crls().iter().all(|c| c.entries.is_empty()),
+            "the old CA's list left with it: {:?}",
+            r.crls()
+        );
         assert!(accepts(&r, d.path(), "old1").is_err());
         assert_eq!(accepts(&r, d.path(), "new"), Ok(()));
         assert_eq!(metric(&r, "tasman_tls_trusted_cas{node=\"n1\"}"), "1");

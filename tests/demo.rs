@@ -91,6 +91,45 @@ fn a_hangup_the_parent_ignored_stays_ignored() {
     assert!(entries(tmp.path()).is_empty(), "{:?}", entries(tmp.path()));
 }
 
+/// The tour's reader gone (`tasman demo | head`) stops the demo as Ctrl-C does: exit 1, its
+/// directory removed, no panic. (`println!` panicked: exit 101, and the directory was removed
+/// while the routers still ran.)
+#[test]
+fn a_reader_gone_stops_the_demo_as_ctrl_c_does() {
+    let _one = one_demo_at_a_time();
+    let tmp = tempfile::tempdir().expect("temporary directory");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tasman"));
+    cmd.args(["demo", "--quick", "--ephemeral-ports"])
+        .env("TMPDIR", tmp.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    common::die_with_parent(&mut cmd);
+    let mut child = cmd.spawn().expect("run tasman demo");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut out = String::new();
+    let touring = lines.by_ref().map_while(Result::ok).any(|l| {
+        out.push_str(&l);
+        out.push('\n');
+        l.starts_with("Requests:")
+    });
+    assert!(touring, "the tour did not start:\n{out}");
+    // The reader goes.
+    drop(lines);
+    let status = wait_until(&mut child, Instant::now() + Duration::from_secs(120));
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    let status = status.unwrap_or_else(|| panic!("still running 120 s after its reader went"));
+    assert_eq!(status.code(), Some(1), "{status:?}\n{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        entries(tmp.path()).is_empty(),
+        "left behind in TMPDIR: {:?}",
+        entries(tmp.path())
+    );
+}
+
 fn interrupted_during_the_tour(sig: libc::c_int) {
     let _one = one_demo_at_a_time();
     let tmp = tempfile::tempdir().expect("temporary directory");

@@ -2144,9 +2144,9 @@ mod tests {
         let (c, created) = svc.create(c1(), None, "ops".into()).await.unwrap();
         assert!(created);
         // Room for the snapshot with c1 as it is, as the check counts it (a version number of
-        // 20 digits, the longest): "100.5Mbps" is two bytes longer, "50Mbps" one shorter.
-        let digits = ctl.published().version.to_string().len();
-        ctl.set_snapshot_limit(size() + 20 - digits);
+        // 20 digits, the longest; the live state at its largest): "100.5Mbps" is two bytes
+        // longer, "50Mbps" one shorter.
+        ctl.set_snapshot_limit(ctl.checked_len());
         let before = ctl.published().version;
         let err = svc
             .resize("c1".into(), "100.5Mbps".parse().unwrap(), "ops".into())

@@ -13,6 +13,34 @@ use crate::demo::client::{self, Reply};
 use crate::demo::edit::{EdgeChoice, choose_latency_edit, set_link_latency};
 use crate::demo::{APAC_YAML, DemoFabric, DemoOptions};
 
+/// The tour's lines on stdout, as `std::println!` writes them, without its panic once the
+/// reader is gone (`tasman demo | head`): that stops the demo as Ctrl-C does ([`say`]).
+macro_rules! println {
+    () => {
+        say(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        say(format_args!($($arg)*))
+    };
+}
+
+/// Writes one line of the tour. A stdout that no longer takes it (its reader gone) stops the
+/// demo as Ctrl-C does, once: the fabric shut down and its directory removed. (`println!`
+/// panicked inside the runtime: the process ended with 101, its directory, the demo CA's key
+/// in it, removed while the routers still ran.)
+fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static GONE: AtomicBool = AtomicBool::new(false);
+    if writeln!(std::io::stdout().lock(), "{line}").is_err() && !GONE.swap(true, Ordering::SeqCst) {
+        // SAFETY: raise(3) only sends a signal to this process, whose handler (`Signals`) the
+        // tour installed before anything was written.
+        unsafe {
+            libc::raise(libc::SIGTERM);
+        }
+    }
+}
+
 #[derive(clap::Args, Debug)]
 #[command(after_help = "Examples:\n  \
     tasman demo                      # controller + APAC fabric: measure, fail over, edit live, drain, exit\n  \

@@ -997,6 +997,25 @@ impl Controller {
         self.snapshot_limit.load(Relaxed)
     }
 
+    /// Tests: the payload bytes of the snapshot published as a change's size check counts them:
+    /// its version at the longest, its live state at the largest ([`fits`]).
+    #[cfg(test)]
+    pub(crate) fn checked_len(&self) -> usize {
+        let p = self.published();
+        let current = self.current();
+        full_frame(
+            u64::MAX,
+            current.record.version,
+            &current.topology,
+            &p.circuits,
+            largest_live(&current.topology),
+            usize::MAX,
+        )
+        .unwrap()
+        .len()
+            - 4
+    }
+
     /// Tests: publish no snapshot over `bytes` (instead of [`proto::MAX_TO_ROUTER`]).
     #[cfg(test)]
     pub(crate) fn set_snapshot_limit(&self, bytes: usize) {
@@ -1838,22 +1857,8 @@ mod tests {
         assert_eq!(ctl.published().topology_version, 2);
     }
 
-    /// The payload bytes of the snapshot in force as a change's size check counts them: its
-    /// version at the longest, its live state at the largest ([`fits`]).
     fn checked_len(ctl: &Controller) -> usize {
-        let p = ctl.published();
-        let current = ctl.current();
-        full_frame(
-            u64::MAX,
-            current.record.version,
-            &current.topology,
-            &p.circuits,
-            largest_live(&current.topology),
-            usize::MAX,
-        )
-        .unwrap()
-        .len()
-            - 4
+        ctl.checked_len()
     }
 
     /// Circuits published between an apply's size check and its commit can make the committed

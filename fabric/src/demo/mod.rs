@@ -151,6 +151,9 @@ pub struct DemoFabric {
     /// When every router had all its neighbours up at the start: each edge's sites were offered
     /// by then ([`DemoFabric::wait_preferences_settled`]).
     converged: Instant,
+    /// Nodes whose links [`DemoFabric::isolate_node`] cut (stopped ones included): a restart of
+    /// a neighbour leaves its link to them cut.
+    isolated: std::sync::Mutex<std::collections::BTreeSet<NodeId>>,
 }
 
 impl DemoFabric {
@@ -281,6 +284,7 @@ impl DemoFabric {
             links,
             backends,
             converged: Instant::now(),
+            isolated: Default::default(),
         };
         // The core (transits and sites) first, until its RTT measurements, and the controller's
         // weights smoothed from them, have settled; then the edges. Every router's first RTT
@@ -489,9 +493,22 @@ impl DemoFabric {
     }
 
     /// What is not ready yet: `"a -> b"` for every running neighbour pair that is not up, and
-    /// `"edge: service"` for every edge without a route to a service that a running site serves.
+    /// `"edge: service"` for every edge without a route to a service that routing gives it over
+    /// the running routers (a site `state: down`, one outside the service's residency or one the
+    /// edge cannot reach is no route to wait for: a topology validation accepts with a warning
+    /// about them waited for ever).
     fn not_converged(&self) -> Vec<String> {
         let mut missing = Vec::new();
+        let stopped = topology::route::LiveState {
+            down_nodes: self
+                .topology
+                .nodes
+                .iter()
+                .filter(|n| !self.routers.contains_key(&n.id))
+                .map(|n| n.id.clone())
+                .collect(),
+            ..Default::default()
+        };
         for (id, r) in &self.routers {
             let r = &r.handle;
             let t = r.telemetry();
@@ -512,12 +529,9 @@ impl DemoFabric {
                     .iter()
                     .filter(|s| !s.requires_circuit)
                 {
-                    let served = self
-                        .topology
-                        .sites_serving(s.name.as_str())
-                        .any(|(site, _)| {
-                            self.routers.contains_key(&site.id) && s.residency.allows(site)
-                        });
+                    let served =
+                        topology::route::route(&self.topology, id, s.name.as_str(), &stopped)
+                            .is_ok_and(|c| !c.is_empty());
                     if served && routes.preferred(s.name.as_str()).is_none() {
                         missing.push(format!("{id}: no route for {}", s.name));
                     }
@@ -662,6 +676,10 @@ impl DemoFabric {
     /// Makes every link of `node` drop everything: to its neighbours it is as if it crashed or
     /// lost power (it keeps running, unreachable). Returns at once.
     pub fn isolate_node(&self, node: &NodeId) {
+        self.isolated
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(node.clone());
         for ((from, to), h) in &self.links {
             if from == node || to == node {
                 h.set_profile(LinkProfile::cut());
@@ -711,7 +729,20 @@ impl DemoFabric {
         if self.topology.node(node.as_str()).is_none() {
             return Err(DemoError::UnknownNode(node.clone()));
         }
+        // Its links back to their declared profiles, but those to a neighbour still isolated
+        // (that one is still, to its neighbours, as if it crashed).
+        let isolated = {
+            let mut i = self
+                .isolated
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            i.remove(node);
+            i.clone()
+        };
         for l in self.topology.links_of(node) {
+            if isolated.contains(&l.a) || isolated.contains(&l.b) {
+                continue;
+            }
             let profile = LinkProfile {
                 jitter: self.options.jitter,
                 ..LinkProfile::delay(l.latency)

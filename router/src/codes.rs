@@ -177,7 +177,8 @@ impl Code {
     /// transit may send the last two; its `next_hop_unreachable` marks its link to the site).
     /// Not `backend_refused`: one backend connect refused says little of the next (a load
     /// balancer with a dead target refuses a share of them), and the site itself advertises the
-    /// service down after 5 in a row (`site::SERVE_DOWN_AFTER`) or its failed checks; marked at
+    /// service down after 5 in a row (`site::SERVE_DOWN_AFTER`) that 4 more connects confirm, or
+    /// after its failed checks; marked at
     /// the first, a service with one site was `no_route` at that edge for the whole hold-down.
     pub fn marks_site_down(self) -> bool {
         matches!(

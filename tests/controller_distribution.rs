@@ -426,16 +426,38 @@ async fn telemetry_naming_another_node_is_dropped_and_counted() {
         controller_with_pki(dir.path(), &fabric_nodes(1, 1), &fabric_yaml(80, 1, 1, 10)).await;
     let (_ep, conn, mut send, _) = hello_with_first_snapshot(&d, &tls, "edge-0").await;
 
-    // Three reports speaking for transit-0 (within the rate budget).
+    // Three reports speaking for transit-0's link to site-0, at 40 ms (merged, they would weigh
+    // that link; within the rate budget), then one of edge-0's own.
     for _ in 0..3 {
-        send.write_all(&telemetry_frame("transit-0", "site-0", 4_000))
+        send.write_all(&telemetry_frame("transit-0", "site-0", 40_000))
             .await
             .unwrap();
     }
-    eventually(Duration::from_secs(15), "the three reports counted", || {
-        router_status(&d, "edge-0").is_some_and(|r| r.reports_misnamed == 3)
-    })
+    send.write_all(&telemetry_frame("edge-0", "transit-0", 4_000))
+        .await
+        .unwrap();
+    let measured = |a: &str, b: &str| {
+        d.ctl
+            .rtt_matrix()
+            .into_iter()
+            .any(|e| ((e.a == a && e.b == b) || (e.a == b && e.b == a)) && e.rtt_ms.is_some())
+    };
+    // The stream is read in order: edge-0's own report merged, the three before it were handled.
+    eventually(
+        Duration::from_secs(15),
+        "edge-0's own report merged",
+        || measured("edge-0", "transit-0"),
+    )
     .await;
+    assert!(
+        !measured("site-0", "transit-0"),
+        "a report naming transit-0 measured its link: {:?}",
+        d.ctl.rtt_matrix()
+    );
+    assert_eq!(
+        router_status(&d, "edge-0").map(|r| r.reports_misnamed),
+        Some(3)
+    );
     let text = status_text(&d).await;
     assert!(
         status_line(&text, "edge-0").contains("3 reports naming another node dropped"),

@@ -300,10 +300,6 @@ mod tests {
         .with_circuits(old, new, circuits)
     }
 
-    /// A cut of a busy site's capacity (100 to 10, 50 streams open) makes it full under the
-    /// new topology: the plan moves its edge to the next site, as routers will once the site
-    /// reports the capacity it then runs with. (The plan read the capacity the site reported
-    /// under the old topology, and predicted no change.)
     /// Draining the only path to a site: the edge's new connections still cross it (nothing
     /// else reaches the site), and the plan says so. (It printed "cost changes: s (1.00 ms via
     /// e > s) -> s (1.00 ms via e > s) [+0.00 ms]", nothing visibly different.)
@@ -341,6 +337,10 @@ mod tests {
         );
     }
 
+    /// A cut of a busy site's capacity (100 to 10, 50 streams open) makes it full under the
+    /// new topology: the plan moves its edge to the next site, as routers will once the site
+    /// reports the capacity it then runs with. (The plan read the capacity the site reported
+    /// under the old topology, and predicted no change.)
     #[test]
     fn a_capacity_cut_under_the_open_streams_moves_the_edge() {
         use topology::builder::{TopologyBuilder, ms};

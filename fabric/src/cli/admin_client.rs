@@ -997,19 +997,23 @@ mod tests {
     /// was kept, and a try started that could not be answered in time.)
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_late_503_is_tried_again_only_with_time_for_another_as_late() {
-        let (addr, seen) = busy_then_ok(usize::MAX, 0, Duration::from_millis(800)).await;
+        // 503s 3 s late, a 9 s timeout: the second ends at ~6.1 s, and a third as late would
+        // end past the timeout, so none is started. (A quarter of the timeout kept, 2.25 s,
+        // started it at ~6.2 s, and the timeout cut it: 0.55 s of slack for a loaded machine.)
+        let (addr, seen) = busy_then_ok(usize::MAX, 0, Duration::from_secs(3)).await;
         let mut a = args(&addr.to_string());
-        a.request_timeout = Duration::from_millis(2_500);
+        a.request_timeout = Duration::from_secs(9);
         let c = AdminClient::new(&a).unwrap();
         let err = c
             .post::<_, serde_json::Value>("/v1/circuits", &serde_json::json!({}))
             .await
             .unwrap_err();
+        let tries = seen.load(Ordering::SeqCst);
         assert!(
             matches!(err, ClientError::Busy { .. }),
-            "{err:?} after {} tries",
-            seen.load(Ordering::SeqCst)
+            "{err:?} after {tries} tries"
         );
+        assert_eq!(tries, 2, "tried again once");
     }
 
     /// An empty token file is refused before any request (exit 2, naming the file); it sent no

@@ -206,11 +206,12 @@ async fn an_edge_resets_clients_beyond_its_cap_and_serves_again_below_it() {
         )
     };
     assert_eq!(over(&hs[0]), Some(0));
-    // A fourth: reset, nothing echoed.
-    let back = echo_roundtrip(port, b"four", Duration::from_secs(10)).await;
-    assert!(
-        back.as_ref().map_or(true, |b| b.is_empty()),
-        "a fourth client was served: {back:?}"
+    // A fourth: reset at accept (a client that sent nothing reads a reset, not a close).
+    let got = reset_at_accept(Ipv4Addr::LOCALHOST, port).await;
+    assert_eq!(
+        got,
+        Err(std::io::ErrorKind::ConnectionReset),
+        "a fourth client"
     );
     assert_eq!(over(&hs[0]), Some(1));
     // One ends: a new client is served once the edge has seen it go.
@@ -261,11 +262,12 @@ async fn an_edge_resets_a_source_beyond_its_cap_and_serves_other_sources() {
     let count = |series: &str| metric(&hs[0].metrics_text(), &format!("{series}{{node=\"edge\"}}"));
     let over_source = || count("tasman_edge_clients_over_source_cap_total");
     assert_eq!(over_source(), Some(0));
-    // A fourth from 127.0.0.1: reset, nothing echoed, counted against its source.
-    let back = roundtrip_from(one, port, b"four").await;
-    assert!(
-        back.as_ref().map_or(true, |b| b.is_empty()),
-        "a fourth client from {one} was served: {back:?}"
+    // A fourth from 127.0.0.1: reset at accept, counted against its source.
+    let got = reset_at_accept(one, port).await;
+    assert_eq!(
+        got,
+        Err(std::io::ErrorKind::ConnectionReset),
+        "a fourth client from {one}"
     );
     assert_eq!(over_source(), Some(1));
     assert_eq!(
@@ -321,6 +323,18 @@ async fn echoed_from(
     tokio::time::timeout(Duration::from_secs(10), c.read_exact(&mut b)).await??;
     assert_eq!(b[0], byte);
     Ok(c)
+}
+
+/// What a client from `from` that sends nothing reads: a reset at accept is
+/// `Err(ConnectionReset)` (a close would be `Ok(0)`; a client served, nothing within 10 s,
+/// `Err(TimedOut)`).
+async fn reset_at_accept(from: Ipv4Addr, port: u16) -> Result<usize, std::io::ErrorKind> {
+    let mut c = connect_from(from, port).await.map_err(|e| e.kind())?;
+    let mut b = [0u8; 1];
+    match tokio::time::timeout(Duration::from_secs(10), c.read(&mut b)).await {
+        Ok(r) => r.map_err(|e| e.kind()),
+        Err(_) => Err(std::io::ErrorKind::TimedOut),
+    }
 }
 
 /// [`common::echo_roundtrip`] from address `from`: sends `msg`, closes its side, and returns
@@ -923,9 +937,11 @@ async fn a_silent_client_is_reset(idle_at: impl Fn(&str) -> Option<Duration>) {
     let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
+    // Held, or held and already ended by the idle reset: the state lasts ~200 ms, which a stall
+    // of this task on a loaded host can skip; the fact does not go away.
     wait_until(
         Duration::from_secs(10),
-        || backend.held() == 1,
+        || backend.held() + backend.ended_after_held() >= 1,
         || "the site never connected to the backend".into(),
     )
     .await;

@@ -3027,17 +3027,19 @@ async fn health_checks_after_an_outage_of_slow_connects_do_not_come_in_a_burst()
     )
     .await;
     let first = accepted.lock().unwrap()[1];
-    // The whole window observed (a burst would have come by its first millisecond).
-    tokio::time::sleep_until((first + Duration::from_millis(400)).into()).await;
+    // The whole window observed (a burst comes within its first millisecond; checks an
+    // interval apart, 500 ms, leave 400 ms of slack for this task's own delays on a loaded
+    // host, which the times it records include).
+    tokio::time::sleep_until((first + Duration::from_millis(100)).into()).await;
     let times = accepted.lock().unwrap().clone();
     let early = times
         .iter()
         .skip(1)
-        .filter(|t| t.duration_since(first) < Duration::from_millis(400))
+        .filter(|t| t.duration_since(first) < Duration::from_millis(100))
         .count();
     assert!(
         early <= 1,
-        "{early} checks within 400 ms of the first after the backend recovered: {:?}",
+        "{early} checks within 100 ms of the first after the backend recovered: {:?}",
         times
             .iter()
             .map(|t| t.duration_since(recovered))

@@ -130,10 +130,37 @@ async fn a_port_given_to_another_service_keeps_being_served() {
         s.service = ServiceName::new("echo-v2");
     }
     let snap2 = Arc::new(Snapshot::new(2, Arc::new(t2)));
+    // Connects all through the change, and a second and a half past it: none refused (closed
+    // and bound again, the port refused connects until the listeners' next resync, a second
+    // later; a test that only waited to be served passed that).
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let connects = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let (mut made, mut refused) = (0usize, 0usize);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                    Ok(_) => made += 1,
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => refused += 1,
+                    Err(_) => {}
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (made, refused)
+        })
+    };
     for tx in &txs {
         tx.send(snap2.clone()).unwrap();
     }
     wait_for_route(&hs[0], "echo-v2", Duration::from_secs(10), "no route v2").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (made, refused) = connects.await.unwrap();
+    assert!(made > 0);
+    assert_eq!(
+        refused, 0,
+        "connects refused during the change ({made} made)"
+    );
     served_with_every_listener_bound(&hs[0], port, b"v2", "after the rename").await;
     for h in hs {
         h.shutdown().await;

@@ -67,8 +67,9 @@ pub struct RouterArgs {
     /// Reset a proxied connection on which no byte moved either way for this long (the client
     /// and the backend get a TCP reset, or a lingering close where they were sent everything and
     /// a FIN already; the site frees its capacity slot). A duration
-    /// (e.g. 1h, 30m, 340s, 1h 30m); `off` or 0 never times out.
-    #[arg(long, default_value = "1h", value_parser = parse_duration_or_off, value_name = "DURATION")]
+    /// (e.g. 1h, 30m, 340s, 1h 30m; at least 1s, so that a backend a moment slow to its first
+    /// byte is not reset); `off` or 0 never times out.
+    #[arg(long, default_value = "1h", value_parser = parse_idle_timeout, value_name = "DURATION")]
     pub idle_timeout: std::time::Duration,
     /// Reset a proxied connection whose client (at an edge) or backend (at a site) takes no
     /// byte for this long while bytes wait for it: its stream would otherwise keep holding part
@@ -288,6 +289,17 @@ fn parse_probe_interval(s: &str) -> Result<Latency, String> {
         ));
     }
     Ok(l)
+}
+
+/// `--idle-timeout`: `off` or 0 (none), else at least a second (300 ms would reset every
+/// stream whose backend took longer than that to its first byte).
+fn parse_idle_timeout(s: &str) -> Result<std::time::Duration, String> {
+    match parse_duration_or_off(s)? {
+        d if !d.is_zero() && d < std::time::Duration::from_secs(1) => {
+            Err(format!("{s:?} must be at least 1s (or off)"))
+        }
+        d => Ok(d),
+    }
 }
 
 /// `--write-stall-timeout`: `off` or 0 (none), else at least a second.
@@ -811,6 +823,13 @@ mod tests {
         assert_eq!(
             args(&["--idle-timeout", "off"]).idle_timeout,
             Duration::ZERO
+        );
+        // Under a second is refused naming the flag (300 ms reset every backend slow to its
+        // first byte).
+        let e = parse(&["--idle-timeout", "300ms"]).unwrap_err().to_string();
+        assert!(
+            e.contains("--idle-timeout") && e.contains("at least 1s"),
+            "{e}"
         );
         assert_eq!(args(&[]).drain_timeout, Duration::from_secs(20));
         assert_eq!(

@@ -217,7 +217,7 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
 }
 
 /// Constant-time comparison: the token must not leak through timing, its length included
-/// (an operator's `--admin-token-file` may hold any length). The SHA-256 digests of both are
+/// (an operator's `--admin-token-file` may hold any length up to its 4 KiB). The SHA-256 digests of both are
 /// compared, all 32 bytes whatever the inputs.
 fn token_matches(given: &[u8], expected: &[u8]) -> bool {
     use sha2::Digest;

@@ -25,14 +25,18 @@ macro_rules! println {
 }
 
 /// Writes one line of the tour. A stdout that no longer takes it (its reader gone) stops the
-/// demo as Ctrl-C does, once: the fabric shut down and its directory removed. (`println!`
-/// panicked inside the runtime: the process ended with 101, its directory, the demo CA's key
-/// in it, removed while the routers still ran.)
+/// demo as Ctrl-C does, once, unless a signal is stopping it already (raised then, it would be
+/// taken for a second one, which stops without the drain): the fabric shut down and its
+/// directory removed. (`println!` panicked inside the runtime: the process ended with 101, its
+/// directory, the demo CA's key in it, removed while the routers still ran.)
 fn say(line: std::fmt::Arguments<'_>) {
     use std::io::Write;
     use std::sync::atomic::{AtomicBool, Ordering};
     static GONE: AtomicBool = AtomicBool::new(false);
-    if writeln!(std::io::stdout().lock(), "{line}").is_err() && !GONE.swap(true, Ordering::SeqCst) {
+    if writeln!(std::io::stdout().lock(), "{line}").is_err()
+        && !GONE.swap(true, Ordering::SeqCst)
+        && !Signals::received()
+    {
         // SAFETY: raise(3) only sends a signal to this process, whose handler (`Signals`) the
         // tour installed before anything was written.
         unsafe {

@@ -200,6 +200,9 @@ pub fn fmt_time(unix_ms: u64) -> String {
 /// A signal the process was started with ignored (`nohup`: SIGHUP; a shell's background job:
 /// SIGINT) stays ignored, as the parent asked: tokio installs a handler whatever the
 /// disposition, and the terminal closing then stopped a `nohup tasman router`.
+/// Set once [`Signals::next`] resolved.
+static SIGNAL_RECEIVED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 pub(crate) struct Signals {
     #[cfg(unix)]
     interrupt: Option<tokio::signal::unix::Signal>,
@@ -262,8 +265,18 @@ impl Signals {
         }
     }
 
+    /// Whether a signal was received ([`Signals::next`] resolved) in this process.
+    pub(crate) fn received() -> bool {
+        SIGNAL_RECEIVED.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Resolves at the next signal.
     pub(crate) async fn next(&mut self) {
+        self.next_signal().await;
+        SIGNAL_RECEIVED.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    async fn next_signal(&mut self) {
         #[cfg(unix)]
         {
             async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {

@@ -2679,6 +2679,42 @@ async fn held_back_chunk_of_a_deleted_circuit(answers: bool) {
     }
 }
 
+/// A client of a circuit of 4 kbit/s (500 B/s) put on `edge` now (snapshot 2: next to no
+/// credit earned), connected to `port` and having sent `request`.
+async fn a_slow_circuits_client(
+    edge: &RouterHandle,
+    etx: &tokio::sync::watch::Sender<Arc<Snapshot>>,
+    t: &Topology,
+    port: u16,
+) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let circuit = local_circuit(port, topology::Bandwidth::from_bps(4_000));
+    let mut with = Snapshot::new(2, Arc::new(t.clone()));
+    with.circuits = Arc::new(vec![circuit]);
+    etx.send(Arc::new(with)).unwrap();
+    snapshot_applied(edge, 2).await;
+    let mut client = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    client.write_all(b"request").await.unwrap();
+    client
+}
+
+/// `client` (of [`a_slow_circuits_client`]) sends one chunk of 12 KiB (one read of the
+/// edge's), held back ~25 s at the circuit's rate; returns once the edge has read it (nothing
+/// left in either socket's queue).
+async fn chunk_held_back(client: &mut tokio::net::TcpStream, port: u16) {
+    use tokio::io::AsyncWriteExt;
+    client.write_all(&[b'.'; 12 * 1024]).await.unwrap();
+    let me = client.local_addr().unwrap().port();
+    wait_until(
+        Duration::from_secs(20),
+        || tcp_queues(me, port) == Some((0, 0)) && tcp_queues(port, me) == Some((0, 0)),
+        || format!("{:?} {:?}", tcp_queues(me, port), tcp_queues(port, me)),
+    )
+    .await;
+}
+
 /// A circuit's client connection that no try carries (its site resets the try with a code not
 /// to be retried) while the circuit's rate still holds its chunk back gives that chunk's charge
 /// back: the circuit's next connection is not held up for bytes that were never sent. (The
@@ -2719,27 +2755,10 @@ async fn a_connection_that_fails_during_its_hold_gives_its_charge_back() {
     .await;
     let (_far, _ftx) = spawn_node(&snap, dir.path(), "far", |_| {}).await;
     edge_prefers_near_with_far_as_fallback(&edge).await;
-    // 4 kbit/s (500 B/s), from now: next to no credit earned.
-    let circuit = local_circuit(port, topology::Bandwidth::from_bps(4_000));
-    let mut with = Snapshot::new(2, Arc::new(t.clone()));
-    with.circuits = Arc::new(vec![circuit]);
-    etx.send(Arc::new(with)).unwrap();
-    snapshot_applied(&edge, 2).await;
-    let mut first = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    first.write_all(b"request").await.unwrap();
+    let mut first = a_slow_circuits_client(&edge, &etx, &t, port).await;
     let k = tokio::time::timeout(Duration::from_secs(20), got_rx.recv()).await;
     assert_eq!(k.ok().flatten(), Some(0), "the near site got no request");
-    // One chunk of 12 KiB (one read of the edge's), held back ~25 s at the circuit's rate.
-    first.write_all(&[b'.'; 12 * 1024]).await.unwrap();
-    let me = first.local_addr().unwrap().port();
-    wait_until(
-        Duration::from_secs(20),
-        || tcp_queues(me, port) == Some((0, 0)) && tcp_queues(port, me) == Some((0, 0)),
-        || format!("{:?} {:?}", tcp_queues(me, port), tcp_queues(port, me)),
-    )
-    .await;
+    chunk_held_back(&mut first, port).await;
     // The site resets the try during the hold: the connection ends, not retried.
     fail_tx.send(true).unwrap();
     let mut back = Vec::new();
@@ -2796,28 +2815,11 @@ async fn a_retried_connection_ended_during_its_hold_gives_back_the_held_chunks_c
     .await;
     let (_far, _ftx) = spawn_node(&snap, dir.path(), "far", |_| {}).await;
     edge_prefers_near_with_far_as_fallback(&edge).await;
-    // 4 kbit/s (500 B/s), from now: next to no credit earned.
-    let circuit = local_circuit(port, topology::Bandwidth::from_bps(4_000));
-    let mut with = Snapshot::new(2, Arc::new(t.clone()));
-    with.circuits = Arc::new(vec![circuit]);
-    etx.send(Arc::new(with)).unwrap();
-    snapshot_applied(&edge, 2).await;
-    let mut first = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    first.write_all(b"request").await.unwrap();
+    let mut first = a_slow_circuits_client(&edge, &etx, &t, port).await;
     tokio::time::timeout(Duration::from_secs(20), got_rx.recv())
         .await
         .expect("the near site got no request");
-    // One chunk of 12 KiB (one read of the edge's), held back ~25 s at the circuit's rate.
-    first.write_all(&[b'.'; 12 * 1024]).await.unwrap();
-    let me = first.local_addr().unwrap().port();
-    wait_until(
-        Duration::from_secs(20),
-        || tcp_queues(me, port) == Some((0, 0)) && tcp_queues(port, me) == Some((0, 0)),
-        || format!("{:?} {:?}", tcp_queues(me, port), tcp_queues(port, me)),
-    )
-    .await;
+    chunk_held_back(&mut first, port).await;
     // The near site refuses during the hold; the far one answers, and the splice waits out
     // the hold until its idle timeout ends it.
     fail_tx.send(true).unwrap();

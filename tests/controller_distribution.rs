@@ -433,6 +433,15 @@ async fn telemetry_naming_another_node_is_dropped_and_counted() {
             .await
             .unwrap();
     }
+    eventually(Duration::from_secs(15), "the three reports counted", || {
+        router_status(&d, "edge-0").is_some_and(|r| r.reports_misnamed == 3)
+    })
+    .await;
+    // No telemetry of edge-0's yet: its age is not reset by them.
+    assert_eq!(
+        router_status(&d, "edge-0").and_then(|r| r.last_telemetry),
+        None
+    );
     send.write_all(&telemetry_frame("edge-0", "transit-0", 4_000))
         .await
         .unwrap();

@@ -682,9 +682,12 @@ async fn session(
                     }
                     FromRouter::Telemetry(report) => {
                         // Within the budget (looked at above, on the frame's type).
-                        ctl.router_seen(rs);
                         budget.take(Instant::now());
                         if report_node(&report) == node && ctl.router_session_current(rs) {
+                            // Its telemetry's age counts from reports merged: one naming
+                            // another node only was no telemetry (the age stayed near 0, and the
+                            // alert on it silent, while nothing of the router was merged).
+                            ctl.router_seen(rs);
                             ctl.router_draining(rs, report.draining);
                             let (sample, refused) = sample_of(&report);
                             if refused > 0 {

@@ -1129,10 +1129,14 @@ pub fn sample_of(r: &router::telemetry::TelemetryReport) -> (Sample, usize) {
         .collect();
     // Saturating: the numbers are the router's word, and a sum must not overflow (a panic).
     let site = super::live::summed(&services);
+    // One sample per neighbour, its first in the report: a report naming one 30,000 times
+    // (a 1 MiB frame's worth) cost as many merges under the controller's lock.
+    let mut named = std::collections::HashSet::new();
     let neighbours: Vec<NeighbourSample> = r
         .neighbours
         .iter()
         .filter(|n| Duration::from_micros(n.rtt_us) <= MAX_RTT)
+        .filter(|n| named.insert(&n.id))
         .map(|n| NeighbourSample {
             neighbour: n.id.clone(),
             rtt: (n.rtt_us > 0).then(|| Duration::from_micros(n.rtt_us)),
@@ -1143,7 +1147,11 @@ pub fn sample_of(r: &router::telemetry::TelemetryReport) -> (Sample, usize) {
                 .filter(|d| *d <= MAX_RTT),
         })
         .collect();
-    let refused = r.neighbours.len() - neighbours.len();
+    let refused = r
+        .neighbours
+        .iter()
+        .filter(|n| Duration::from_micros(n.rtt_us) > MAX_RTT)
+        .count();
     let sample = Sample {
         node: r.node.clone(),
         neighbours,
@@ -1341,6 +1349,39 @@ mod tests {
         let (sample, _) = sample_of(&report);
         let load = sample.site.expect("a site's load");
         assert_eq!((load.active_streams, load.capacity), (u32::MAX, u32::MAX));
+    }
+
+    /// A neighbour named many times in one report is one sample (its first); an RTT over the
+    /// bound is counted refused, a repeat is not. (Each copy was merged in turn under the
+    /// controller's lock: 30,000 of one neighbour fit in a 1 MiB report.)
+    #[test]
+    fn a_neighbour_named_many_times_is_one_sample() {
+        use router::telemetry::NeighbourReport;
+        let n = |id: &str, rtt_us: u64| NeighbourReport {
+            id: NodeId::new(id),
+            rtt_us,
+            srtt_us: 0,
+            up: true,
+            path_mtu: 0,
+            lost_packets: 0,
+            dial_failures: 0,
+        };
+        let mut neighbours = vec![n("t", 1_000)];
+        neighbours.extend((0..30_000).map(|_| n("t", 9_000)));
+        neighbours.push(n("u", u64::MAX));
+        let report = TelemetryReport {
+            node: NodeId::new("e"),
+            snapshot_version: 0,
+            neighbours,
+            sites: Vec::new(),
+            preferred: Default::default(),
+            draining: false,
+            hysteresis: None,
+        };
+        let (sample, refused) = sample_of(&report);
+        assert_eq!(sample.neighbours.len(), 1);
+        assert_eq!(sample.neighbours[0].rtt, Some(Duration::from_micros(1_000)));
+        assert_eq!(refused, 1);
     }
 
     /// An edge's margins are taken as `tasman router` accepts them; any other is the router's

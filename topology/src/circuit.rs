@@ -1219,6 +1219,16 @@ pub fn usable_range(prefix: IpNetwork) -> (IpAddr, IpAddr) {
         IpNetwork::V6(n) => {
             let lo = u128::from(n.network());
             let hi = lo | (u128::MAX.checked_shr(u32::from(n.prefix())).unwrap_or(0));
+            // An IPv4-mapped pool (a stored text's) is IPv4 to routers: its last address is
+            // the broadcast address, skipped as in its IPv4 form.
+            if let Some(v4) = crate::model::ipv4_mapped(prefix)
+                && v4.prefix() < 31
+            {
+                return (
+                    IpAddr::V6(Ipv6Addr::from(lo + 1)),
+                    IpAddr::V6(Ipv6Addr::from(hi - 1)),
+                );
+            }
             let lo = if n.prefix() < 127 { lo + 1 } else { lo };
             (
                 IpAddr::V6(Ipv6Addr::from(lo)),
@@ -1332,6 +1342,16 @@ pub fn allocate_vip(
         .flat_map(both_forms)
         .collect();
     let (lo, hi) = usable_range(p.prefix);
+    // The unspecified and broadcast addresses are never handed out (validation refuses a pool
+    // holding one; a text stored before that rule may still have it): taken, as an edge's
+    // client address is. They sit at a pool's first or last address.
+    let taken: BTreeSet<IpAddr> = taken
+        .into_iter()
+        .chain([lo, hi].into_iter().filter(|ip| {
+            let c = ip.to_canonical();
+            c.is_unspecified() || matches!(c, IpAddr::V4(v4) if v4.is_broadcast())
+        }))
+        .collect();
     let v4 = lo.is_ipv4();
     let mut candidate = addr_u128(lo);
     let end = addr_u128(hi);
@@ -1350,7 +1370,16 @@ pub fn allocate_vip(
             break;
         }
     }
-    Ok((p.name.clone(), addr_from(v4, candidate)))
+    let vip = addr_from(v4, candidate);
+    // A multicast pool (a stored text's) has no address to hand out.
+    if vip.to_canonical().is_multicast() {
+        return Err(PoolError::Exhausted {
+            pool: p.name.clone(),
+            prefix: p.prefix,
+            usable: 0,
+        });
+    }
+    Ok((p.name.clone(), vip))
 }
 
 #[cfg(test)]
@@ -2157,6 +2186,40 @@ mod tests {
         used.insert("10.9.0.1".parse().unwrap());
         let (_, next) = allocate_vip(&t, None, v4_clients(), &used).unwrap();
         assert_eq!(next.to_string(), "10.9.0.4");
+    }
+
+    /// A pool a stored text kept from before validation refused it hands out no unspecified,
+    /// broadcast or multicast address (`0.0.0.0` was a wildcard listener no client could dial),
+    /// and one stored in IPv4-mapped form skips its broadcast address as its IPv4 form does.
+    #[test]
+    fn stored_pools_hand_out_only_unicast_vips() {
+        let mut t = topo();
+        let vip = |t: &Topology, used: &BTreeSet<IpAddr>| {
+            allocate_vip(t, None, v4_clients(), used).map(|(_, ip)| ip)
+        };
+        t.pools[0].prefix = "0.0.0.0/31".parse().unwrap();
+        assert_eq!(vip(&t, &BTreeSet::new()).unwrap().to_string(), "0.0.0.1");
+        t.pools[0].prefix = "255.255.255.254/31".parse().unwrap();
+        let first = vip(&t, &BTreeSet::new()).unwrap();
+        assert_eq!(first.to_string(), "255.255.255.254");
+        assert!(matches!(
+            vip(&t, &BTreeSet::from([first])),
+            Err(PoolError::Exhausted { .. })
+        ));
+        t.pools[0].prefix = "224.0.0.0/30".parse().unwrap();
+        assert!(matches!(
+            vip(&t, &BTreeSet::new()),
+            Err(PoolError::Exhausted { .. })
+        ));
+        t.pools[0].prefix = "::ffff:10.9.0.0/125".parse().unwrap();
+        let mut used = BTreeSet::new();
+        for _ in 0..6 {
+            used.insert(vip(&t, &used).unwrap());
+        }
+        assert!(
+            matches!(vip(&t, &used), Err(PoolError::Exhausted { .. })),
+            "{used:?}"
+        );
     }
 
     /// Clients of a circuit: an IPv4 prefix, an IPv6 one.

@@ -478,6 +478,77 @@ async fn telemetry_naming_another_node_is_dropped_and_counted() {
     d.shutdown().await;
 }
 
+/// A router's telemetry budget is its node's, not its session's: a router that sends a burst,
+/// then reconnects and sends another, gets no second burst (a burst of 20, then 10 a second,
+/// across its sessions). (Each session had a full burst of its own: reconnecting in a loop
+/// refilled it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnecting_does_not_refill_the_telemetry_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, tls) =
+        controller_with_pki(dir.path(), &fabric_nodes(1, 1), &fabric_yaml(81, 1, 1, 10)).await;
+    let dropped = || router_status(&d, "edge-0").map_or(0, |r| r.reports_dropped);
+    const SENT: u64 = 100;
+    // The first session spends the burst and more.
+    let (_ep, _conn, mut send, _) = hello_with_first_snapshot(&d, &tls, "edge-0").await;
+    for _ in 0..SENT {
+        send.write_all(&telemetry_frame("edge-0", "transit-0", 4_000))
+            .await
+            .unwrap();
+    }
+    eventually(
+        Duration::from_secs(15),
+        "reports over the burst dropped",
+        || dropped() >= SENT - 20 - 30,
+    )
+    .await;
+    // The budget refills from here on (at most: some of the first session's reports may still
+    // be taken after it).
+    let began = std::time::Instant::now();
+    // Read until the count settles: the session took every report.
+    let mut settled = dropped();
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = dropped();
+        if now == settled {
+            break;
+        }
+        settled = now;
+    }
+    // A second session: the budget goes on from where the first left it.
+    let (_ep2, _conn2, mut send2, _) = hello_with_first_snapshot(&d, &tls, "edge-0").await;
+    for _ in 0..SENT {
+        send2
+            .write_all(&telemetry_frame("edge-0", "transit-0", 4_000))
+            .await
+            .unwrap();
+    }
+    // Read until the count settles again (it moved, then 300 ms without a change).
+    let mut last = settled;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = dropped();
+        if now == last && now > settled {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no report of the second session dropped"
+        );
+        last = now;
+    }
+    // Within the budget since the first session's burst: what refilled at 10 a second by then
+    // (and one part). A fresh burst of 20 would have let 20 more through than that.
+    let allowed = (began.elapsed().as_secs_f64() * 10.0).ceil() as u64 + 1;
+    let second = dropped() - settled;
+    assert!(
+        second + allowed >= SENT,
+        "{second} of {SENT} dropped, {allowed} allowed by the rate since the first burst"
+    );
+    d.shutdown().await;
+}
+
 /// The controller ends a control connection it refuses, or whose frames do not decode, with an
 /// application close code and the reason, after the `Refused` frame has reached the router.
 /// (It dropped the connection: quinn closed it with code 0 and no reason, possibly discarding

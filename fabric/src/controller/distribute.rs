@@ -456,6 +456,13 @@ async fn handshake_and_session(
         ?superseded,
         "router connected"
     );
+    // The node's budgets, shared by its sessions, one taking over from another included (full
+    // at its first).
+    let budgets = ctl
+        .session_budgets
+        .entry(node.clone())
+        .or_insert_with(|| Arc::new(std::sync::Mutex::new(Budgets::new(Instant::now()))))
+        .clone();
     // Ended wherever it waits (a write to a dead path included) once a newer session took over
     // or the node left the topology; the connection is closed next, so nothing half-written
     // matters.
@@ -471,7 +478,7 @@ async fn handshake_and_session(
                 topology_version,
             },
         }),
-        res = session(ctl, issuer, &rs, (&presented, binding), crl, &mut send, &mut recv, write_stall) => res,
+        res = session(ctl, issuer, &rs, (&presented, binding), crl, &mut send, &mut recv, write_stall, &budgets) => res,
     };
     ctl.router_session_end(&rs);
     res
@@ -490,6 +497,7 @@ async fn session(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     stall: Duration,
+    budgets: &std::sync::Mutex<Budgets>,
 ) -> Result<(), ConnError> {
     let node = rs.node();
     let mut rx = ctl.subscribe();
@@ -516,8 +524,12 @@ async fn session(
     let mut warned_rtt = false;
     let mut warned_rate = false;
     let mut warned_name = false;
-    let mut budget = Budget::reports(Instant::now());
-    let mut renewals = Budget::renewals(Instant::now());
+    // Held for one look or take at a time, never across an await.
+    let budget = || {
+        budgets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
     let mut warned_renewals = false;
     // The version this session's router rejected last (see [`NACK_RETRY_FIRST`]).
     let mut rejected: Option<Rejected> = None;
@@ -601,7 +613,7 @@ async fn session(
                 // MAX_FROM_ROUTER bytes of JSON) is the work the budget is there to bound. The
                 // type is looked at only then (it is a pass over the frame too); a report within
                 // it spends it below.
-                if !budget.has(Instant::now()) && proto::is_telemetry(&payload) {
+                if !budget().reports.has(Instant::now()) && proto::is_telemetry(&payload) {
                     ctl.router_seen(rs);
                     ctl.router_reports_dropped(rs, 1);
                     if !warned_rate {
@@ -682,7 +694,7 @@ async fn session(
                     }
                     FromRouter::Telemetry(report) => {
                         // Within the budget (looked at above, on the frame's type).
-                        budget.take(Instant::now());
+                        budget().reports.take(Instant::now());
                         if report_node(&report) == node && ctl.router_session_current(rs) {
                             // Its telemetry's age counts from reports merged: one naming
                             // another node only was no telemetry (the age stayed near 0, and the
@@ -723,7 +735,7 @@ async fn session(
                     FromRouter::Hello { .. } => return Err(ConnError::SecondHello),
                     FromRouter::Renew { public_key, proof } => {
                         let now = Instant::now();
-                        let reply = if renewals.take(now) {
+                        let reply = if budget().renewals.take(now) {
                             // The name certified is the one this session authenticated.
                             let req = Request { public_key, proof, binding };
                             renew(ctl, issuer, node, req, presented, now).await
@@ -1049,7 +1061,23 @@ impl HandshakesTurned {
     }
 }
 
-/// A token bucket of a session's requests of one kind: telemetry reports
+/// A node's budgets across its sessions ([`Controller::session_budgets`]).
+#[derive(Debug)]
+pub(crate) struct Budgets {
+    reports: Budget,
+    renewals: Budget,
+}
+
+impl Budgets {
+    fn new(now: Instant) -> Self {
+        Budgets {
+            reports: Budget::reports(now),
+            renewals: Budget::renewals(now),
+        }
+    }
+}
+
+/// A token bucket of a router's requests of one kind: telemetry reports
 /// ([`TELEMETRY_PER_SEC`], [`TELEMETRY_BURST`]), renewal requests ([`RENEW_EVERY`],
 /// [`RENEW_BURST`]).
 #[derive(Debug)]

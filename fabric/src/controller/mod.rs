@@ -341,6 +341,10 @@ pub struct Controller {
     routers: DashMap<String, RouterLive>,
     /// Routers whose record changed since the last flush to the store.
     dirty_routers: Mutex<BTreeMap<String, RouterRecord>>,
+    /// Each node's telemetry and renewal budgets, shared by its sessions: a router that
+    /// reconnects goes on with them (a new session's full burst, each time, let a router
+    /// reconnecting in a loop send at will).
+    pub(crate) session_budgets: DashMap<String, Arc<Mutex<distribute::Budgets>>>,
     /// Held by the flush writing `dirty_routers` ([`Controller::flush_routers`]).
     flushing: Mutex<()>,
     recompute: Notify,
@@ -576,6 +580,7 @@ impl Controller {
             published,
             routers,
             dirty_routers: Mutex::new(BTreeMap::new()),
+            session_budgets: DashMap::new(),
             flushing: Mutex::new(()),
             recompute: Notify::new(),
             apply_lock: tokio::sync::Mutex::new(()),

@@ -478,6 +478,33 @@ async fn telemetry_naming_another_node_is_dropped_and_counted() {
     d.shutdown().await;
 }
 
+/// Reports naming another node, sent over the rate, leave the router's telemetry age alone:
+/// none was merged. (Each one the budget dropped refreshed it: the age stayed near 0, and the
+/// alert on it silent, for a router none of whose reports counted.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_dropped_over_the_rate_do_not_refresh_the_telemetry_age() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, tls) =
+        controller_with_pki(dir.path(), &fabric_nodes(1, 1), &fabric_yaml(82, 1, 1, 10)).await;
+    let (_ep, _conn, mut send, _) = hello_with_first_snapshot(&d, &tls, "edge-0").await;
+    for _ in 0..40 {
+        send.write_all(&telemetry_frame("transit-0", "site-0", 40_000))
+            .await
+            .unwrap();
+    }
+    eventually(
+        Duration::from_secs(15),
+        "reports over the rate dropped",
+        || router_status(&d, "edge-0").is_some_and(|r| r.reports_dropped > 0),
+    )
+    .await;
+    assert_eq!(
+        router_status(&d, "edge-0").and_then(|r| r.last_telemetry),
+        None
+    );
+    d.shutdown().await;
+}
+
 /// A router's telemetry budget is its node's, not its session's: a router that sends a burst,
 /// then reconnects and sends another, gets no second burst (a burst of 20, then 10 a second,
 /// across its sessions). (Each session had a full burst of its own: reconnecting in a loop
@@ -508,7 +535,7 @@ async fn reconnecting_does_not_refill_the_telemetry_budget() {
     // Read until the count settles: the session took every report.
     let mut settled = dropped();
     loop {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
         let now = dropped();
         if now == settled {
             break;
@@ -523,11 +550,12 @@ async fn reconnecting_does_not_refill_the_telemetry_budget() {
             .await
             .unwrap();
     }
-    // Read until the count settles again (it moved, then 300 ms without a change).
+    // Read until the count settles again (it moved, then 50 ms without a change: polls short
+    // enough that the test's own waits leave most of the 2 s a fresh burst would buy, below).
     let mut last = settled;
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     loop {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
         let now = dropped();
         if now == last && now > settled {
             break;

@@ -70,7 +70,8 @@ pub const MAX_RTT: Duration = Latency::MAX.as_duration().saturating_mul(2);
 /// publishes; reports beyond the budget are dropped (counted per router, `reports_dropped`).
 pub const TELEMETRY_PER_SEC: u32 = 10;
 pub const TELEMETRY_BURST: u32 = 20;
-/// Certificate renewal requests a session answers through the issuer in a burst, then one every
+/// Certificate renewal requests a router's sessions answer through the issuer in a burst (the
+/// budget is the node's, across its sessions), then one every
 /// [`RENEW_EVERY`]; the others get a refusal that costs nothing (a router asks once when its
 /// certificate is due, then again only when unanswered).
 pub const RENEW_BURST: u32 = 4;
@@ -614,7 +615,8 @@ async fn session(
                 // type is looked at only then (it is a pass over the frame too); a report within
                 // it spends it below.
                 if !budget().reports.has(Instant::now()) && proto::is_telemetry(&payload) {
-                    ctl.router_seen(rs);
+                    // Not seen: a dropped report is no telemetry, and its name is not looked
+                    // at (one naming another node, over the rate, kept the age near 0).
                     ctl.router_reports_dropped(rs, 1);
                     if !warned_rate {
                         warned_rate = true;

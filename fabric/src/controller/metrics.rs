@@ -124,7 +124,7 @@ fn per_router(s: &mut String, routers: &[RouterLive]) {
         (
             "router_telemetry_age_seconds",
             "gauge",
-            "Seconds since the router's last telemetry report (routers send one a second; reports naming another node do not count; no series before its first report since the controller started).",
+            "Seconds since the router's last telemetry report (routers send one a second; only reports merged count, not those over the rate or naming another node; no series before its first report since the controller started).",
             |r, now| {
                 r.last_telemetry
                     .map(|t| format!("{:.3}", now.saturating_duration_since(t).as_secs_f64()))

@@ -1194,6 +1194,7 @@ impl Controller {
         if current && !self.is_node(&session.node) {
             self.routers
                 .remove_if(&session.node, |_, e| e.session.is_none());
+            self.session_budgets.remove(&session.node);
         } else if let Some(rec) = rec {
             // When it was last seen, for a restart to show (its record was stored only at its
             // answers to snapshots: after a restart, a router gone since showed as last seen
@@ -1238,6 +1239,9 @@ impl Controller {
                 None => false,
             }
         });
+        // Its budgets go with it (a node added again starts with full ones).
+        self.session_budgets
+            .retain(|node, _| topology.has_node(node) || self.routers.contains_key(node));
     }
 
     /// Whether `session` is its node's current one (what it reports counts).
@@ -1269,8 +1273,8 @@ impl Controller {
         });
     }
 
-    /// A telemetry report of this router arrived on `session` (whether or not it is within its
-    /// budget).
+    /// A telemetry report of this router, naming it, was merged on `session`: its telemetry's
+    /// age counts from here.
     pub fn router_seen(&self, session: &RouterSession) {
         self.current_router(session, |e| {
             let now = Instant::now();

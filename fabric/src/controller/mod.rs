@@ -1194,7 +1194,9 @@ impl Controller {
         if current && !self.is_node(&session.node) {
             self.routers
                 .remove_if(&session.node, |_, e| e.session.is_none());
-            self.session_budgets.remove(&session.node);
+            // Unless a newer session of the node (added again meanwhile) kept its entry.
+            self.session_budgets
+                .remove_if(&session.node, |node, _| !self.routers.contains_key(node));
         } else if let Some(rec) = rec {
             // When it was last seen, for a restart to show (its record was stored only at its
             // answers to snapshots: after a restart, a router gone since showed as last seen
@@ -1239,7 +1241,7 @@ impl Controller {
                 None => false,
             }
         });
-        // Its budgets go with it (a node added again starts with full ones).
+        // Its budgets go with it, unless its session still runs (then at that session's end).
         self.session_budgets
             .retain(|node, _| topology.has_node(node) || self.routers.contains_key(node));
     }

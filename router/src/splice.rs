@@ -59,6 +59,20 @@ impl Side {
             Side::Site => Code::BackendAbort,
         }
     }
+
+    /// The code a reset of the stream by the far end counts as here: its own, except this
+    /// side's TCP abort code, which names this router's own TCP peer (a site's backend, an
+    /// edge's client) and no far end can say (a transit relays each end's code to the other):
+    /// taken for `upstream_lost`. (A peer resetting a site's streams with `backend_abort` had
+    /// them counted as the backend's resets, and joining the run that has the site check the
+    /// backend and take it out of service.)
+    fn peer_reset_code(self, code: Code) -> Code {
+        if code == self.tcp_abort_code() {
+            Code::UpstreamLost
+        } else {
+            code
+        }
+    }
 }
 
 /// Why a pump stopped abnormally; the caller tears down the whole splice.
@@ -788,7 +802,7 @@ pub(crate) async fn quic_to_tcp(
                 let _ = wr.shutdown().await;
                 return Ok(Delivered::Whole);
             }
-            Err(e) => return Err(Abort(read_error_code(&e))),
+            Err(e) => return Err(Abort(side.peer_reset_code(read_error_code(&e)))),
         }
     }
 }

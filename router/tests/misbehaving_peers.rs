@@ -3105,6 +3105,56 @@ async fn a_site_resets_a_stream_whose_edge_grants_no_window_for_its_answer() {
     assert_eq!(backend.ended_after_held(), 1);
 }
 
+/// An edge that resets its streams to a site with `backend_abort`, a code naming the site's own
+/// backend that no far end can say, is counted `upstream_lost`, not as the backend's resets: its
+/// streams neither count as `backend_abort` nor join the run of silent resets that has the site
+/// check its backend and take it out of service. (Five such resets had the site check a backend
+/// that had done nothing.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_far_end_resetting_with_the_backends_code_is_not_the_backends_reset() {
+    use router::codes::Code;
+    let dir = ca_dir();
+    let backend = common::tracked_echo_backend().await;
+    let t = edge_and_near(backend.addr);
+    let snap = Arc::new(Snapshot::new(1, Arc::new(t.clone())));
+    let (near, _) = spawn_node(&snap, dir.path(), "near", |_| {}).await;
+    router::pki::issue(dir.path(), "edge").unwrap();
+    let near_addr = t.node("near").unwrap().address;
+    let (_ep, conn) = common::connect_as(dir.path(), "edge", near_addr, "near").await;
+    for _ in 0..6 {
+        let (mut send, mut recv) = common::open_data_stream(&conn, "echo").await;
+        let mut ok = [0u8; 2];
+        tokio::time::timeout(Duration::from_secs(10), recv.read_exact(&mut ok))
+            .await
+            .expect("the site did not answer")
+            .unwrap();
+        assert_eq!(ok, router::header::REPLY_OK);
+        let _ = send.reset(Code::BackendAbort.varint());
+    }
+    let count = |code: &str| {
+        metric(
+            &near.metrics_text(),
+            &format!("tasman_stream_errors_total{{node=\"near\",code=\"{code}\"}}"),
+        )
+        .unwrap_or(0)
+    };
+    wait_until(
+        Duration::from_secs(10),
+        || count("upstream_lost") >= 6,
+        || near.metrics_text(),
+    )
+    .await;
+    assert_eq!(count("backend_abort"), 0, "{}", near.metrics_text());
+    // Still in service: its state says healthy.
+    let healthy = "tasman_site_healthy{node=\"near\",service=\"echo\"}";
+    assert_eq!(
+        metric(&near.metrics_text(), healthy),
+        Some(1),
+        "{}",
+        near.metrics_text()
+    );
+}
+
 /// A neighbour that sends pings in a burst (thousands in a few packets) gets a connection's
 /// budget of pongs, not one per ping: each pong costs the router its own entry, a digest and up
 /// to a datagram of upload. The ignored pings are counted. (The edge answered every one.)

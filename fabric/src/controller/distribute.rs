@@ -1161,11 +1161,13 @@ pub fn sample_of(r: &router::telemetry::TelemetryReport) -> (Sample, usize) {
     let site = super::live::summed(&services);
     // One sample per neighbour, its first in the report: a report naming one 30,000 times
     // (a 1 MiB frame's worth) cost as many merges under the controller's lock.
+    let plausible =
+        |n: &&router::telemetry::NeighbourReport| Duration::from_micros(n.rtt_us) <= MAX_RTT;
     let mut named = std::collections::HashSet::new();
     let neighbours: Vec<NeighbourSample> = r
         .neighbours
         .iter()
-        .filter(|n| Duration::from_micros(n.rtt_us) <= MAX_RTT)
+        .filter(plausible)
         .filter(|n| named.insert(&n.id))
         .map(|n| NeighbourSample {
             neighbour: n.id.clone(),
@@ -1177,11 +1179,7 @@ pub fn sample_of(r: &router::telemetry::TelemetryReport) -> (Sample, usize) {
                 .filter(|d| *d <= MAX_RTT),
         })
         .collect();
-    let refused = r
-        .neighbours
-        .iter()
-        .filter(|n| Duration::from_micros(n.rtt_us) > MAX_RTT)
-        .count();
+    let refused = r.neighbours.iter().filter(|n| !plausible(n)).count();
     let sample = Sample {
         node: r.node.clone(),
         neighbours,
